@@ -1,0 +1,179 @@
+"""Classify leaves: layer kind, stacked (scanned) dims, and the linear-layer view.
+
+Pure functions over :class:`tpflax.tree.Leaf`. The kinds are:
+``embedding``, ``dense``, ``attention``, ``conv``, ``norm``, ``bias``, ``expert``,
+``recurrent``, ``router``, ``scalar``, ``state`` (non-param collections),
+``int`` (integer/bool/PRNG-key leaves) and ``other``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .tree import Leaf
+
+# Name fragments. Matched against single path components, lower-cased.
+NORM = re.compile(r"norm|^(ln|bn)(_\w+|\d+)?$", re.I)
+EMBED = re.compile(r"(embed|embedding|wte|wpe|tok|token|vocab|shared|pos)", re.I)
+POS_EMBED = re.compile(r"(wpe|pos|position)", re.I)
+ATTN = re.compile(r"(attn|attention|self_attn|cross_attn|mha|multihead)", re.I)
+ATTN_PROJ = re.compile(r"^(q|k|v|o|qkv|query|key|value|out|q_proj|k_proj|v_proj|o_proj|out_proj|"
+                       r"c_attn|wq|wk|wv|wo|in_proj|kv|kv_proj|qkv_proj)$", re.I)
+CONV = re.compile(r"(conv|patch)", re.I)
+EXPERT = re.compile(r"(moe|expert|experts|mixture)", re.I)
+ROUTER = re.compile(r"(router|gate_logits|gating|switch)", re.I)
+RECURRENT = re.compile(r"(lstm|gru|rnn|cell|recurrent|mgu)", re.I)
+HEAD = re.compile(r"^(head|lm_head|logits|output|classifier|unembed|out_head|output_projection)$", re.I)
+# Column-parallel names (producers of the hidden/feature dim) and row-parallel
+# names (consumers); used only when shapes cannot decide.
+COLUMN_NAMES = re.compile(
+    r"^(q|k|v|qkv|query|key|value|q_proj|k_proj|v_proj|kv_proj|qkv_proj|c_attn|in_proj|wq|wk|wv|"
+    r"up|gate|up_proj|gate_proj|fc1|fc_1|c_fc|fc_in|wi|wi_0|wi_1|w1|w3|intermediate|dense_h_to_4h|"
+    r"linear1|lin1|ff1|ffn_up|mlp_up|in|input_proj|proj_in|gate_up)$", re.I)
+ROW_NAMES = re.compile(
+    r"^(o|out|o_proj|out_proj|c_proj|proj|wo|w2|down|down_proj|fc2|fc_2|fc_out|dense_4h_to_h|"
+    r"linear2|lin2|ff2|ffn_down|mlp_down|output|dense_out|proj_out|attn_out)$", re.I)
+SCAN_NAMES = re.compile(r"(layers|scan|stack|stacked|blocks|repeat|scanned)", re.I)
+KERNEL_LEAVES = frozenset({"kernel", "w", "weight", "weights"})
+
+
+@dataclass(frozen=True)
+class Facts:
+    """A leaf plus what classification found.
+
+    Attributes:
+        leaf: the :class:`~tpflax.tree.Leaf`.
+        kind: layer kind (see module docstring).
+        stacked: number of leading stacked (``nn.scan``) dims; never sharded.
+        unit: path of the layer the leaf belongs to (``.../mlp/up`` for
+            ``.../mlp/up/kernel``; the leaf path itself for raw einsum params).
+        group: parent of ``unit``: the block in which pairing happens.
+    """
+
+    leaf: Leaf
+    kind: str
+    stacked: int
+    unit: str
+    group: str
+
+    @property
+    def path(self) -> str:
+        return self.leaf.path
+
+    @property
+    def body(self) -> tuple[int, ...]:
+        """The shape without stacked dims."""
+        return self.leaf.shape[self.stacked:]
+
+    @property
+    def name(self) -> str:
+        return self.leaf.parts[-1]
+
+    @property
+    def unit_name(self) -> str:
+        return self.unit.rsplit("/", 1)[-1]
+
+
+def _parent(path: str) -> str:
+    return path.rsplit("/", 1)[0] if "/" in path else ""
+
+
+def _is_norm_part(part: str) -> bool:
+    return bool(NORM.search(part.lower()))
+
+
+def is_norm_leaf(leaf: Leaf) -> bool:
+    parts = leaf.parts
+    return parts[-1] in ("scale", "bias", "mean", "var", "weight") and any(
+        _is_norm_part(p) for p in parts[-3:-1])
+
+
+def detect_stacked(leaves: Sequence[Leaf], stacked: str | None = None) -> dict[str, int]:
+    """Number of leading stacked dims per leaf path (0 or 1).
+
+    A subtree is taken as an ``nn.scan`` stack when all its leaves share one
+    leading dim L >= 2 and either a norm parameter in it has rank >= 2 (norm
+    params are 1-D unless stacked), or its name looks like a layer stack
+    (``layers``, ``scan``, ``blocks``...) and it holds >= 4 leaves. Flax
+    metadata naming dim 0 ``layers`` also marks it. ``stacked`` (a regex on the
+    path) forces it.
+    """
+    out = {leaf.path: 0 for leaf in leaves}
+    forced = re.compile(stacked) if stacked else None
+    by_prefix: dict[str, list[Leaf]] = defaultdict(list)
+    for leaf in leaves:
+        parts = leaf.parts
+        for i in range(1, len(parts)):
+            by_prefix["/".join(parts[:i])].append(leaf)
+    for leaf in leaves:
+        if forced is not None and forced.search(leaf.path) and leaf.shape:
+            out[leaf.path] = 1
+        elif leaf.names and leaf.names[0] in ("layers", "layer", "stack", "scan") and len(leaf.shape) > 1:
+            out[leaf.path] = 1
+    if forced is not None:
+        return out
+    for prefix in sorted(by_prefix, key=lambda p: p.count("/")):
+        group = by_prefix[prefix]
+        if len(group) < 2 or any(out[leaf.path] for leaf in group):
+            continue
+        leads = {leaf.shape[0] if leaf.shape else None for leaf in group}
+        if len(leads) != 1 or None in leads or next(iter(leads)) < 2:
+            continue
+        norm_signal = any(is_norm_leaf(leaf) and len(leaf.shape) >= 2 for leaf in group)
+        name_signal = bool(SCAN_NAMES.search(prefix.rsplit("/", 1)[-1])) and len(group) >= 4
+        if norm_signal or name_signal:
+            for leaf in group:
+                out[leaf.path] = 1
+    return out
+
+
+def classify(leaves: Sequence[Leaf], stacked: str | None = None) -> list[Facts]:
+    """Classify every leaf. Pure; the order of the result follows ``leaves``."""
+    stack = detect_stacked(leaves, stacked)
+    return [_classify_one(leaf, stack[leaf.path]) for leaf in leaves]
+
+
+def _classify_one(leaf: Leaf, stacked: int) -> Facts:
+    parts = leaf.parts
+    name = parts[-1]
+    unit = _parent(leaf.path) if name.lower() in KERNEL_LEAVES | {"bias", "b", "embedding", "scale"} else leaf.path
+    group = _parent(unit)
+    body = leaf.shape[stacked:]
+    lower_path = leaf.path.lower()
+    unit_parts = unit.lower().split("/")
+
+    def facts(kind: str) -> Facts:
+        return Facts(leaf=leaf, kind=kind, stacked=stacked, unit=unit, group=group)
+
+    if leaf.numeric in ("int", "bool", "key"):
+        return facts("int")
+    if leaf.collection and leaf.collection != "params":
+        return facts("state")
+    if len(body) == 0:
+        return facts("scalar")
+    if is_norm_leaf(leaf) or (len(body) == 1 and any(_is_norm_part(p) for p in unit_parts[-2:])):
+        return facts("norm")
+    if name.lower() in ("bias", "b"):
+        return facts("bias")
+    if name == "embedding" or (len(body) == 2 and name.lower() not in KERNEL_LEAVES
+                               and EMBED.search(name)):
+        return facts("embedding")
+    if len(body) == 1:
+        return facts("other")
+    if EXPERT.search(lower_path) and ROUTER.search(unit.rsplit("/", 1)[-1]):
+        return facts("router")
+    if len(body) == 3 and EXPERT.search(lower_path) and not ATTN.search(lower_path):
+        return facts("expert")
+    if len(body) == 4 or (len(body) == 3 and any(CONV.search(p) for p in unit_parts[-2:])):
+        return facts("conv")
+    if RECURRENT.search(lower_path) and len(body) == 2:
+        return facts("recurrent")
+    if len(body) in (2, 3) and (ATTN.search(lower_path) and ATTN_PROJ.match(unit.rsplit("/", 1)[-1])
+                                or len(body) == 3 and ATTN_PROJ.match(unit.rsplit("/", 1)[-1])):
+        return facts("attention")
+    if len(body) in (2, 3):
+        return facts("dense")
+    return facts("other")

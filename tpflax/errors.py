@@ -1,0 +1,67 @@
+"""tpflax's exception types.
+
+Every mistake tpflax can catch raises a subclass of :class:`TpflaxError`, so a
+caller can ``except tpflax.TpflaxError`` once. Errors about a tree collect every
+offending leaf and raise once; each line names the path, the shape, the mesh
+axis and its size, and ends with a fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class TpflaxError(Exception):
+    """Base class of every error tpflax raises for bad input.
+
+    Attributes:
+        problems: one line per problem found (the message lists them all).
+    """
+
+    def __init__(self, message: str, problems: Iterable[str] = ()):
+        self.problems = tuple(problems)
+        if self.problems:
+            message = message.rstrip(":") + ":\n" + "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(message)
+
+
+class MeshError(TpflaxError, ValueError):
+    """A mesh shape is malformed: zero/negative sizes, duplicate or unknown axis names."""
+
+
+class DeviceError(TpflaxError, RuntimeError):
+    """The mesh needs more devices than this process can see."""
+
+
+class RuleError(TpflaxError, ValueError):
+    """A user rule is malformed or names a mesh axis the mesh does not have."""
+
+
+class SpecError(TpflaxError, ValueError):
+    """A forced PartitionSpec does not fit its leaf (rank, divisibility, repeated axis)."""
+
+
+class TreeError(TpflaxError, ValueError):
+    """The parameter tree is empty or holds leaves that are not arrays."""
+
+
+class PlanMismatchError(TpflaxError, ValueError):
+    """A tree or mesh does not match the plan it is being used with."""
+
+
+class PlanFormatError(TpflaxError, ValueError):
+    """Serialized plan JSON is malformed or from an unsupported format version."""
+
+
+class ModelLoadError(TpflaxError, ValueError):
+    """A model name or ``package.module:factory`` string could not be loaded."""
+
+
+class CompileError(TpflaxError, RuntimeError):
+    """XLA could not compile a program built from a plan."""
+
+
+def raise_if(problems: list[str], error: type[TpflaxError], message: str) -> None:
+    """Raise ``error`` listing ``problems`` when there are any."""
+    if problems:
+        raise error(message, problems)

@@ -1,0 +1,226 @@
+"""Mesh shapes, axis roles and real meshes.
+
+Planning needs only a mesh *shape*: an ordered ``{axis name: size}``. This module
+turns whatever the user gave (a dict, ``"data=2,model=4"``, a ``jax.sharding.Mesh``
+or ``AbstractMesh``) into that shape, decides the role of every axis (tensor,
+fsdp, data, expert), and builds real meshes with Auto axis types for apply.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from .errors import DeviceError, MeshError
+
+TENSOR, FSDP, DATA, EXPERT = "tensor", "fsdp", "data", "expert"
+ROLES = (TENSOR, FSDP, DATA, EXPERT)
+
+# Axis names recognised without help. Anything else needs ``axis_roles=``.
+DEFAULT_ROLE_NAMES: Mapping[str, str] = MappingProxyType({
+    "model": TENSOR, "tensor": TENSOR, "tp": TENSOR, "mp": TENSOR,
+    "fsdp": FSDP,
+    "data": DATA, "dp": DATA, "batch": DATA, "replica": DATA,
+    "expert": EXPERT, "ep": EXPERT,
+})
+
+
+@dataclass(frozen=True)
+class MeshShape:
+    """An ordered mesh shape with a role for every axis.
+
+    Attributes:
+        axes: ``((name, size), ...)`` in mesh order.
+        roles: ``((name, role), ...)``; role is one of ``ROLES``.
+    """
+
+    axes: tuple[tuple[str, int], ...]
+    roles: tuple[tuple[str, str], ...]
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return dict(self.axes)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.axes)
+
+    @property
+    def size(self) -> int:
+        return math.prod(s for _, s in self.axes)
+
+    def role_of(self, name: str) -> str:
+        return dict(self.roles)[name]
+
+    def axes_with(self, role: str) -> tuple[str, ...]:
+        """Axes of one role with size > 1, in mesh order (size-1 axes shard nothing)."""
+        sizes = self.sizes
+        return tuple(n for n, r in self.roles if r == role and sizes[n] > 1)
+
+    def group(self, role: str) -> tuple[str | tuple[str, ...] | None, int]:
+        """The PartitionSpec entry and total size for all axes of ``role``."""
+        axes = self.axes_with(role)
+        size = math.prod(self.sizes[a] for a in axes)
+        if not axes:
+            return None, 1
+        return (axes[0] if len(axes) == 1 else axes), size
+
+    def __str__(self) -> str:
+        return ",".join(f"{n}={s}" for n, s in self.axes)
+
+
+def parse_mesh_string(text: str) -> dict[str, int]:
+    """Parse ``"data=2,model=4"`` (also ``data:2 model:4``) into a dict."""
+    out: dict[str, int] = {}
+    problems = []
+    parts = [p for p in re.split(r"[,\s]+", text.strip()) if p]
+    if not parts:
+        raise MeshError(f"mesh {text!r} is empty; write it as name=size pairs, e.g. 'data=2,model=4'")
+    for part in parts:
+        m = re.fullmatch(r"([A-Za-z_][\w-]*)\s*[=:]\s*(-?\d+)", part)
+        if not m:
+            problems.append(f"{part!r} is not name=size; write e.g. 'model=4'")
+            continue
+        name, size = m.group(1), int(m.group(2))
+        if name in out:
+            problems.append(f"axis {name!r} appears twice; give each axis once")
+        out[name] = size
+    if problems:
+        raise MeshError(f"cannot parse mesh {text!r}", problems)
+    return out
+
+
+def mesh_shape(mesh: Any, axis_roles: Mapping[str, str] | None = None) -> MeshShape:
+    """Normalise a mesh description into a :class:`MeshShape`.
+
+    Args:
+        mesh: a ``{name: size}`` mapping, a ``"name=size,..."`` string, a sequence of
+            ``(name, size)`` pairs, a ``jax.sharding.Mesh``/``AbstractMesh``, or a MeshShape.
+        axis_roles: roles for axis names tpflax does not recognise (or to override
+            the defaults), e.g. ``{"x": "tensor", "y": "fsdp"}``.
+
+    >>> str(mesh_shape({"data": 2, "model": 4}))
+    'data=2,model=4'
+    """
+    if isinstance(mesh, MeshShape):
+        if not axis_roles:
+            return mesh
+        mesh = mesh.sizes
+    pairs = _pairs(mesh)
+    problems = []
+    seen = set()
+    for name, size in pairs:
+        if not isinstance(name, str) or not name:
+            problems.append(f"axis name {name!r} is not a non-empty string")
+        if name in seen:
+            problems.append(f"axis {name!r} appears twice; mesh axis names must be unique")
+        seen.add(name)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            problems.append(f"axis {name!r} has size {size!r}; sizes must be integers >= 1")
+    if not pairs:
+        problems.append("the mesh has no axes; give at least one, e.g. {'model': 8}")
+    overrides = dict(axis_roles or {})
+    for name, role in overrides.items():
+        if role not in ROLES:
+            problems.append(f"axis_roles[{name!r}] = {role!r} is not one of {', '.join(ROLES)}")
+        elif name not in seen:
+            problems.append(f"axis_roles names axis {name!r}, which the mesh {dict(pairs)} does not have")
+    roles = []
+    for name, _ in pairs:
+        role = overrides.get(name) or DEFAULT_ROLE_NAMES.get(str(name).lower())
+        if role is None:
+            problems.append(
+                f"axis {name!r} has no known role; name it model/tensor/tp/mp, fsdp, data/dp/batch/replica "
+                f"or expert/ep, or pass axis_roles={{{name!r}: 'tensor'|'fsdp'|'data'|'expert'}}")
+        roles.append((name, role))
+    if problems:
+        raise MeshError("invalid mesh", problems)
+    return MeshShape(axes=tuple((n, int(s)) for n, s in pairs), roles=tuple(roles))
+
+
+def _pairs(mesh: Any) -> list[tuple[Any, Any]]:
+    if isinstance(mesh, str):
+        return list(parse_mesh_string(mesh).items())
+    if isinstance(mesh, Mapping):
+        return list(mesh.items())
+    # jax.sharding.Mesh and AbstractMesh both expose axis_names and a shape mapping.
+    names = getattr(mesh, "axis_names", None)
+    if names is not None and hasattr(mesh, "shape"):
+        shape = mesh.shape
+        return [(n, int(shape[n])) for n in names]
+    if isinstance(mesh, Sequence) and all(isinstance(p, Sequence) and len(p) == 2 for p in mesh):
+        return [tuple(p) for p in mesh]
+    raise MeshError(
+        f"cannot read a mesh from {type(mesh).__name__}; pass a dict like {{'data': 2, 'model': 4}}, "
+        "a 'data=2,model=4' string, or a jax.sharding.Mesh / AbstractMesh")
+
+
+def abstract_mesh(mesh: Any):
+    """A ``jax.sharding.AbstractMesh`` (Auto axis types) with the same shape: no devices needed."""
+    import jax
+
+    shape = mesh_shape(mesh)
+    auto = (jax.sharding.AxisType.Auto,) * len(shape.axes)
+    return jax.sharding.AbstractMesh(
+        tuple(s for _, s in shape.axes), shape.names, axis_types=auto)
+
+
+def make_mesh(mesh: Any, devices: Sequence[Any] | None = None, *, explicit: bool = False):
+    """Build a ``jax.sharding.Mesh`` over real (or CPU-emulated) devices.
+
+    Axis types are Auto unless ``explicit=True``: jax 0.10's ``jax.make_mesh``
+    defaults to Explicit, under which unannotated Flax models fail to trace.
+
+    Args:
+        mesh: a mesh description accepted by :func:`mesh_shape`.
+        devices: devices to use, in order; defaults to the first ``prod(sizes)``
+            of ``jax.devices()``.
+        explicit: use Explicit axis types instead of Auto.
+
+    >>> m = make_mesh({"model": 1})
+    >>> m.axis_names
+    ('model',)
+    """
+    import jax
+    import numpy as np
+
+    if isinstance(mesh, jax.sharding.Mesh):
+        return mesh  # already a concrete jax Mesh
+    shape = mesh_shape(mesh)
+    need = shape.size
+    pool = list(jax.devices() if devices is None else devices)
+    if len(pool) < need:
+        raise DeviceError(
+            f"mesh {shape} needs {need} devices but only {len(pool)} are available "
+            f"({pool[0].platform if pool else 'none'}); on CPU set "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={need} before jax starts "
+            f"(or run `tpflax ... --devices {need}`), or plan against an abstract mesh")
+    sizes = tuple(s for _, s in shape.axes)
+    kind = jax.sharding.AxisType.Explicit if explicit else jax.sharding.AxisType.Auto
+    try:
+        if devices is None:
+            return jax.make_mesh(sizes, shape.names, axis_types=(kind,) * len(sizes))
+    except Exception:  # noqa: BLE001 - fall back to a plain reshape of the device list
+        pass
+    grid = np.array(pool[:need], dtype=object).reshape(sizes)
+    return jax.sharding.Mesh(grid, shape.names, axis_types=(kind,) * len(sizes))
+
+
+def emulate_cpu_devices(n: int) -> None:
+    """Ask XLA for ``n`` CPU devices. Works only before jax initialises its backend."""
+    import os
+
+    flag = f"--xla_force_host_platform_device_count={n}"
+    flags = os.environ.get("XLA_FLAGS", "")
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags).strip()
+    os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
+    try:
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", n)
+    except Exception:  # noqa: BLE001 - backend already up; the caller checks the device count
+        pass

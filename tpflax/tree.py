@@ -1,0 +1,215 @@
+"""Walk a parameter tree: paths, shapes, dtypes and annotations of every leaf.
+
+Accepts linen variable dicts and FrozenDicts, trees of arrays or
+``jax.ShapeDtypeStruct``, trees boxed in flax metadata (``nn.Partitioned``,
+``nn.LogicallyPartitioned``) and NNX state (``nnx.State`` of ``nnx.Variable``).
+Nothing is allocated and the caller's tree is never modified.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+
+from .errors import TreeError
+
+# Collections a linen variable dict may hold at its top level.
+COLLECTIONS = frozenset({"params", "batch_stats", "cache", "intermediates", "constants",
+                         "losses", "aux_loss", "spectral", "perturbations"})
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """What the planner knows about one leaf before deciding anything.
+
+    Attributes:
+        path: ``"params/layers_0/mlp/up/kernel"`` (keystr, simple, ``/``-separated).
+        shape: the leaf's shape.
+        dtype: numpy dtype name (``"float32"``, ``"bfloat16"``, ``"key<fry>"``).
+        itemsize: bytes per element.
+        collection: linen collection (``"params"``, ``"batch_stats"``...) or ``""``.
+        names: axis names from flax metadata, one per dim, or None.
+        logical: True when ``names`` are logical (``LogicallyPartitioned``) rather
+            than mesh axis names (``Partitioned``, NNX ``out_sharding``).
+        numeric: "float", "int", "bool", "key" (PRNG key) or "complex".
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    itemsize: int
+    collection: str = ""
+    names: tuple[Any, ...] | None = None
+    logical: bool = False
+    numeric: str = "float"
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.itemsize
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return tuple(self.path.split("/"))
+
+
+def keystr(path) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def is_box(x: Any) -> bool:
+    """True for flax metadata boxes (linen AxisMetadata, nnx.Variable)."""
+    from flax.core import meta
+
+    if isinstance(x, meta.AxisMetadata):
+        return True
+    nnx_variable = _nnx_variable_type()
+    return nnx_variable is not None and isinstance(x, nnx_variable)
+
+
+def _nnx_variable_type():
+    try:
+        from flax import nnx
+    except Exception:  # noqa: BLE001 - very old flax without nnx
+        return None
+    return nnx.Variable
+
+
+def unbox(x: Any) -> Any:
+    """The array inside a flax box (or ``x`` itself)."""
+    if not is_box(x):
+        return x
+    nnx_variable = _nnx_variable_type()
+    if nnx_variable is not None and isinstance(x, nnx_variable):
+        return x.get_value() if hasattr(x, "get_value") else x.value
+    return x.value
+
+
+def box_names(x: Any) -> tuple[tuple[Any, ...] | None, bool]:
+    """(axis names, logical?) carried by a box, or (None, False)."""
+    from flax.core import meta
+
+    if isinstance(x, meta.AxisMetadata):
+        names = getattr(x, "names", None)
+        if names is None:
+            return None, False
+        import flax.linen as nn
+
+        return tuple(names), isinstance(x, nn.LogicallyPartitioned)
+    nnx_variable = _nnx_variable_type()
+    if nnx_variable is not None and isinstance(x, nnx_variable):
+        md = x.get_metadata() if hasattr(x, "get_metadata") else {}
+        for key in ("out_sharding", "sharding_names", "sharding"):
+            names = md.get(key)
+            if names is not None and not hasattr(names, "mesh"):
+                return tuple(names), False
+    return None, False
+
+
+def unboxed(tree: Any) -> Any:
+    """The tree with every flax box replaced by the array inside it (a new tree)."""
+    return jax.tree_util.tree_map(unbox, tree, is_leaf=is_box)
+
+
+def _shape_dtype(x: Any) -> tuple[tuple[int, ...], np.dtype] | None:
+    if isinstance(x, (str, bytes)):
+        return None
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        try:
+            return tuple(int(d) for d in x.shape), x.dtype
+        except TypeError:
+            return None
+    if isinstance(x, (bool, np.bool_)):
+        return (), np.dtype(bool)
+    if isinstance(x, numbers.Number):
+        return (), np.asarray(x).dtype
+    return None
+
+
+def numeric_kind(dtype: Any) -> str:
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return "key"
+    if jax.dtypes.issubdtype(dtype, np.bool_):
+        return "bool"
+    if jax.dtypes.issubdtype(dtype, np.complexfloating):
+        return "complex"
+    if jax.dtypes.issubdtype(dtype, np.floating):
+        return "float"
+    return "int"
+
+
+def walk(tree: Any) -> tuple[list[Leaf], Any]:
+    """Describe every leaf of ``tree``.
+
+    Returns:
+        ``(leaves, treedef)`` where ``treedef`` treats flax boxes as leaves, so a
+        list of per-leaf values in the same order unflattens into a tree shaped
+        like the user's with each box replaced by its value.
+
+    Raises:
+        TreeError: the tree is empty or has leaves that are not arrays.
+
+    >>> leaves, _ = walk({"params": {"w": jax.ShapeDtypeStruct((4, 8), "float32")}})
+    >>> leaves[0].path, leaves[0].shape
+    ('params/w', (4, 8))
+    """
+    boxed, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)
+    if not boxed:
+        raise TreeError(
+            "the parameter tree is empty (no array leaves); pass the params returned by "
+            "model.init(...), jax.eval_shape(model.init, ...), or nnx.state(model)")
+    top_keys = _top_keys(tree)
+    is_collections = bool(top_keys) and ("params" in top_keys or top_keys <= COLLECTIONS)
+    leaves, problems = [], []
+    for path, x in boxed:
+        p = keystr(path)
+        names, logical = box_names(x)
+        sd = _shape_dtype(unbox(x))
+        if sd is None:
+            problems.append(
+                f"{p}: leaf of type {type(unbox(x)).__name__} is not an array; parameter trees must hold "
+                "arrays or jax.ShapeDtypeStruct (remove it, or keep it outside the tree you plan)")
+            continue
+        shape, dtype = sd
+        if names is not None and len(names) != len(shape):
+            names = None  # malformed metadata: ignore it rather than guess
+        leaves.append(Leaf(
+            path=p, shape=shape, dtype=str(dtype), itemsize=_itemsize(dtype),
+            collection=p.split("/", 1)[0] if is_collections else "",
+            names=names, logical=logical, numeric=numeric_kind(dtype)))
+    if problems:
+        raise TreeError("the parameter tree has leaves that are not arrays", problems)
+    paths = [leaf.path for leaf in leaves]
+    if len(set(paths)) != len(paths):
+        dup = sorted({q for q in paths if paths.count(q) > 1})
+        raise TreeError("two leaves print to the same path", [f"{q}: rename one of them" for q in dup])
+    return leaves, treedef
+
+
+def _itemsize(dtype: Any) -> int:
+    try:
+        return int(np.dtype(dtype).itemsize)
+    except TypeError:
+        return int(getattr(dtype, "itemsize", 4))
+
+
+def _top_keys(tree: Any) -> frozenset[str]:
+    if hasattr(tree, "keys"):
+        try:
+            return frozenset(str(k) for k in tree.keys())
+        except Exception:  # noqa: BLE001 - odd mapping types: no collections
+            return frozenset()
+    return frozenset()
+
+
+def structure(tree: Any):
+    """Tree structure with boxes treated as leaves (what ``walk`` paths refer to)."""
+    return jax.tree_util.tree_structure(tree, is_leaf=is_box)
