@@ -87,7 +87,9 @@ def _is_norm_part(part: str) -> bool:
 
 def is_norm_leaf(leaf: Leaf) -> bool:
     parts = leaf.parts
-    return parts[-1] in ("scale", "bias", "mean", "var", "weight") and any(
+    if parts[-1] == "scale":  # flax norms name their gain `scale`; dense layers never do
+        return True
+    return parts[-1] in ("bias", "mean", "var", "weight") and any(
         _is_norm_part(p) for p in parts[-3:-1])
 
 
@@ -158,11 +160,11 @@ def _classify_one(leaf: Leaf, stacked: int) -> Facts:
         return facts("norm")
     if name.lower() in ("bias", "b"):
         return facts("bias")
-    if name == "embedding" or (len(body) == 2 and name.lower() not in KERNEL_LEAVES
-                               and EMBED.search(name)):
+    raw = name.lower() not in KERNEL_LEAVES and name != "embedding"
+    if name == "embedding" or (raw and EMBED.search(name)):
         return facts("embedding")
-    if len(body) == 1:
-        return facts("other")
+    if len(body) == 1 or (raw and body[0] == 1):
+        return facts("other")  # e.g. a learned class token (1, 1, d)
     if EXPERT.search(lower_path) and ROUTER.search(unit.rsplit("/", 1)[-1]):
         return facts("router")
     if len(body) == 3 and EXPERT.search(lower_path) and not ATTN.search(lower_path):

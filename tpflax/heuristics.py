@@ -114,6 +114,7 @@ class _State:
     opts: Options
     out: dict[str, Proposal] = field(default_factory=dict)
     pairs: list[Pair] = field(default_factory=list)
+    forced: set[str] = field(default_factory=set)  # decided by rules/annotations: never overwritten
 
     @property
     def tensor(self) -> tuple[Entry, int]:
@@ -121,6 +122,8 @@ class _State:
 
     def put(self, f: Facts, body_spec: Sequence[Entry], strategy: str, reason: str,
             pair: int | None = None) -> None:
+        if f.path in self.forced:
+            return
         spec = (None,) * f.stacked + tuple(body_spec)
         if f.stacked and strategy != "replicate":
             reason += f"; leading layers dim ({f.leaf.shape[0]}) from nn.scan kept unsharded"
@@ -146,11 +149,11 @@ def _natural(s: str) -> list:
 def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options,
             skip: Iterable[str] = ()) -> tuple[dict[str, Proposal], list[Pair]]:
     """Propose a spec for every leaf not in ``skip`` (already decided by rules or annotations)."""
-    skip = set(skip)
-    st = _State(mesh, opts)
-    todo = [f for f in facts if f.path not in skip]
+    st = _State(mesh, opts, forced=set(skip))
+    todo = [f for f in facts if f.path not in st.forced]
     widths = _residual_widths(facts)
-    _pair_linears(st, todo, widths)
+    # Pairing looks at forced leaves too, so a forced partner still pairs its sibling.
+    _pair_linears(st, facts, widths)
     _experts(st, todo, widths)
     _conv_chains(st, todo)
     _embeddings(st, todo)
@@ -405,9 +408,14 @@ def _heads(st: _State, todo: Sequence[Facts], widths: set[int]) -> None:
         if f.kind != "dense" or f.path in st.out or len(f.body) != 2 or not HEAD.match(f.unit_name):
             continue
         d, v = f.body
-        if t_size > 1 and v % t_size == 0 and (not widths or d in widths or v not in widths):
-            st.put(f, (None, t_entry), "vocab",
+        if t_size == 1 or (widths and d not in widths and v in widths):
+            continue
+        if v % t_size == 0:
+            st.put(f, (None, t_entry), "column",
                    f"output head: {v} outputs split over {_axis(t_entry, t_size)} (vocab-parallel logits)")
+        else:
+            st.put(f, (None, None), "replicate",
+                   f"output head: {v} outputs not divisible by {_axis(t_entry, t_size)}, kept whole")
 
 
 def _biases(st: _State, todo: Sequence[Facts]) -> None:
@@ -451,7 +459,7 @@ _LEFTOVER_REASON = {
     "attention": "attention kernel without a partner",
     "embedding": "embedding whose dims do not divide the tensor axis",
     "expert": "expert tensor without a partner",
-    "other": "no strategy applies",
+    "other": "small parameter outside the known layer patterns (class token, gate, scalar table)",
 }
 
 
@@ -459,6 +467,8 @@ def _leftovers(st: _State, todo: Sequence[Facts]) -> None:
     for f in todo:
         if f.path not in st.out:
             reason = _LEFTOVER_REASON.get(f.kind, "no strategy applies")
+            if f.kind == "embedding" and len(f.body) != 2:
+                reason = "learned positional table: small and added to every token"
             if st.mesh.group(TENSOR)[1] == 1 and f.kind in ("dense", "attention", "conv", "embedding"):
                 reason = f"{f.kind}: no tensor axis in the mesh"
             st.put(f, (None,) * len(f.body), "replicate", reason)

@@ -8,6 +8,7 @@ fsdp, data, expert), and builds real meshes with Auto axis types for apply.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -41,7 +42,7 @@ class MeshShape:
     axes: tuple[tuple[str, int], ...]
     roles: tuple[tuple[str, str], ...]
 
-    @property
+    @functools.cached_property
     def sizes(self) -> dict[str, int]:
         return dict(self.axes)
 
@@ -52,9 +53,6 @@ class MeshShape:
     @property
     def size(self) -> int:
         return math.prod(s for _, s in self.axes)
-
-    def role_of(self, name: str) -> str:
-        return dict(self.roles)[name]
 
     def axes_with(self, role: str) -> tuple[str, ...]:
         """Axes of one role with size > 1, in mesh order (size-1 axes shard nothing)."""

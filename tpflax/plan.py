@@ -255,7 +255,7 @@ def _parse_rules(rules: Any, mesh: MeshShape) -> list[_Rule]:
         if unknown:
             problems.append(f"rule {i} ({pattern!r}): spec {to_pspec(spec)} names mesh axis "
                             f"{', '.join(map(repr, unknown))}, but the mesh is {mesh}; use one of "
-                            f"{', '.join(mesh.sizes)}")
+                            f"{', '.join(mesh.sizes)} (or a strategy: {', '.join(STRATEGIES)})")
             continue
         out.append(_Rule(i, rx, spec, None))
     if problems:

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax.core import meta
 
 from .errors import TreeError
 
@@ -67,12 +68,7 @@ def keystr(path) -> str:
 
 def is_box(x: Any) -> bool:
     """True for flax metadata boxes (linen AxisMetadata, nnx.Variable)."""
-    from flax.core import meta
-
-    if isinstance(x, meta.AxisMetadata):
-        return True
-    nnx_variable = _nnx_variable_type()
-    return nnx_variable is not None and isinstance(x, nnx_variable)
+    return isinstance(x, _BOXES)
 
 
 def _nnx_variable_type():
@@ -81,6 +77,9 @@ def _nnx_variable_type():
     except Exception:  # noqa: BLE001 - very old flax without nnx
         return None
     return nnx.Variable
+
+
+_BOXES = (meta.AxisMetadata,) + ((_nnx_variable_type(),) if _nnx_variable_type() else ())
 
 
 def unbox(x: Any) -> Any:
@@ -95,8 +94,6 @@ def unbox(x: Any) -> Any:
 
 def box_names(x: Any) -> tuple[tuple[Any, ...] | None, bool]:
     """(axis names, logical?) carried by a box, or (None, False)."""
-    from flax.core import meta
-
     if isinstance(x, meta.AxisMetadata):
         names = getattr(x, "names", None)
         if names is None:

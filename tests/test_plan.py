@@ -1,0 +1,533 @@
+"""The planner: strategies, pairing, divisibility, overrides, annotations, errors, JSON."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.core import freeze
+from jax.sharding import PartitionSpec as P
+
+import tpflax
+from tpflax import zoo
+from tpflax.mesh import mesh_shape
+from tpflax.specs import entries, spec_problems
+
+S = jax.ShapeDtypeStruct
+F32 = "float32"
+
+MESHES = [{"model": 8}, {"data": 2, "model": 4}, {"fsdp": 4, "model": 2},
+          {"data": 16, "fsdp": 16, "model": 8}]
+
+
+def spec(p: tpflax.Plan, path: str) -> P:
+    return p.decisions[path].spec
+
+
+def assert_valid(p: tpflax.Plan) -> None:
+    problems = []
+    for path, d in p.decisions.items():
+        problems += spec_problems(path, d.shape, entries(d.spec), p.mesh)
+        assert len(tuple(d.spec)) <= len(d.shape), path
+    assert not problems, problems
+
+
+# --------------------------------------------------------------------------- zoo at real size
+
+@pytest.fixture(scope="module")
+def real_trees():
+    names = ["mlp", "cnn", "gpt2", "llama", "llama-scan", "vit", "lstm", "gru", "moe", "nnx-mlp"]
+    return {n: zoo.get(n, size="real").abstract_variables() for n in names}
+
+
+@pytest.mark.parametrize("mesh", MESHES, ids=lambda m: ",".join(f"{k}={v}" for k, v in m.items()))
+def test_every_real_size_zoo_spec_is_valid(real_trees, mesh):
+    for name, tree in real_trees.items():
+        p = tpflax.plan(tree, mesh)
+        assert_valid(p)
+        assert len(p.decisions) == len(jax.tree_util.tree_leaves(tpflax.tree.unboxed(tree))), name
+
+
+@pytest.mark.parametrize("mesh", MESHES, ids=lambda m: ",".join(f"{k}={v}" for k, v in m.items()))
+def test_llama_7b_is_megatron_layout(real_trees, mesh):
+    p = tpflax.plan(real_trees["llama"], mesh)
+    t = "model"
+    layer = "params/layers_3"
+    assert spec(p, f"{layer}/attn/q_proj/kernel")[1] == t
+    assert spec(p, f"{layer}/attn/k_proj/kernel")[1] == t
+    assert spec(p, f"{layer}/attn/v_proj/kernel")[1] == t
+    assert spec(p, f"{layer}/attn/o_proj/kernel")[0] == t
+    assert spec(p, f"{layer}/mlp/gate_proj/kernel")[1] == t
+    assert spec(p, f"{layer}/mlp/up_proj/kernel")[1] == t
+    assert spec(p, f"{layer}/mlp/down_proj/kernel")[0] == t
+    for norm in (f"{layer}/attention_norm/scale", f"{layer}/ffn_norm/scale", "params/norm/scale"):
+        assert p.decisions[norm].strategy.startswith("replicate") or p.decisions[norm].strategy == "fsdp"
+        assert t not in tpflax.specs.used_axes(entries(spec(p, norm)))
+    emb = p.decisions["params/embed/embedding"]
+    assert emb.strategy.startswith("vocab") and t in tuple(emb.spec)
+    for path, d in p.decisions.items():  # the pair ids tie column and row of each block
+        if "/mlp/" in path and path.endswith("kernel"):
+            assert d.pair is not None, path
+    if "fsdp" in mesh:  # big kernels also shard over fsdp, on the other dim
+        assert spec(p, f"{layer}/mlp/up_proj/kernel") == P("fsdp", "model")
+        assert spec(p, f"{layer}/mlp/down_proj/kernel") == P("model", "fsdp")
+
+
+def test_gpt2_small_vocab_does_not_divide_so_embed_dim_is_split():
+    p = tpflax.plan(zoo.get("gpt2-small").abstract_variables(), {"data": 2, "model": 4})
+    d = p.decisions["params/wte/embedding"]
+    assert d.shape == (50257, 768)
+    assert d.spec == P(None, "model")
+    assert "50257" in d.reason and "not divisible by 4" in d.reason and "embedding dim" in d.reason
+
+
+# --------------------------------------------------------------------------- tiny zoo, spec by spec
+
+def test_llama_tiny_blocks_spec_by_spec():
+    p = tpflax.plan(zoo.get("llama").abstract_variables(), {"data": 2, "model": 4})
+    for i in range(2):
+        b = f"params/layers_{i}"
+        assert spec(p, f"{b}/attn/q_proj/kernel") == P(None, "model", None)
+        # GQA: 2 kv heads do not divide model=4, so k/v stay whole; the reason says so.
+        assert spec(p, f"{b}/attn/k_proj/kernel") == P(None, None, None)
+        assert "GQA" in p.decisions[f"{b}/attn/k_proj/kernel"].reason
+        assert spec(p, f"{b}/attn/o_proj/kernel") == P("model", None, None)
+        assert spec(p, f"{b}/mlp/gate_proj/kernel") == P(None, "model")
+        assert spec(p, f"{b}/mlp/up_proj/kernel") == P(None, "model")
+        assert spec(p, f"{b}/mlp/down_proj/kernel") == P("model", None)
+        assert spec(p, f"{b}/attention_norm/scale") == P(None)
+        up = p.decisions[f"{b}/mlp/up_proj/kernel"]
+        down = p.decisions[f"{b}/mlp/down_proj/kernel"]
+        assert up.pair == down.pair is not None
+        assert f"pair {up.pair}" in up.reason and "down_proj" in up.reason
+    assert spec(p, "params/lm_head/kernel") == P(None, "model")
+    # With 2-way tensor parallelism the kv heads divide and are split too.
+    p2 = tpflax.plan(zoo.get("llama").abstract_variables(), {"model": 2})
+    assert spec(p2, "params/layers_0/attn/k_proj/kernel") == P(None, "model", None)
+
+
+def test_llama_scan_keeps_the_layers_dim_unsharded():
+    p = tpflax.plan(zoo.get("llama-scan").abstract_variables(), {"fsdp": 2, "model": 4},
+                    fsdp_min_bytes=0)
+    assert spec(p, "params/layers/mlp/up_proj/kernel") == P(None, "fsdp", "model")
+    assert spec(p, "params/layers/mlp/down_proj/kernel") == P(None, "model", "fsdp")
+    assert spec(p, "params/layers/attn/q_proj/kernel") == P(None, "fsdp", "model", None)
+    assert spec(p, "params/layers/attn/o_proj/kernel") == P(None, "model", None, "fsdp")
+    for path, d in p.decisions.items():
+        if path.startswith("params/layers/"):
+            assert tuple(d.spec)[0] is None, path
+            assert "nn.scan" in d.reason or d.strategy in ("replicate", "fsdp"), path
+
+
+@pytest.mark.parametrize("name,prefix", [("gpt2", "params/h_0"), ("moe", "params/layers_0")])
+def test_two_d_attention_pairs_q_k_v_with_out(name, prefix):
+    p = tpflax.plan(zoo.get(name).abstract_variables(), {"model": 4})
+    for proj in ("query", "key", "value"):
+        assert spec(p, f"{prefix}/attn/{proj}/kernel") == P(None, "model")
+    assert spec(p, f"{prefix}/attn/out/kernel") == P("model", None)
+    ids = {p.decisions[f"{prefix}/attn/{x}/kernel"].pair for x in ("query", "key", "value", "out")}
+    assert len(ids) == 1 and None not in ids
+
+
+def test_gpt2_mlp_and_biases_follow_their_kernels():
+    p = tpflax.plan(zoo.get("gpt2").abstract_variables(), {"model": 4})
+    assert spec(p, "params/h_1/mlp/c_fc/kernel") == P(None, "model")
+    assert spec(p, "params/h_1/mlp/c_fc/bias") == P("model")
+    assert spec(p, "params/h_1/mlp/c_proj/kernel") == P("model", None)
+    assert spec(p, "params/h_1/mlp/c_proj/bias") == P(None)
+    assert spec(p, "params/h_1/attn/query/bias") == P("model")
+    assert spec(p, "params/h_1/attn/out/bias") == P(None)
+    assert spec(p, "params/wte/embedding") == P("model", None)  # 256 divides: vocab split
+
+
+def test_vit_heads_from_3d_kernels():
+    p = tpflax.plan(zoo.get("vit").abstract_variables(), {"model": 4})
+    b = "params/encoderblock_0"
+    for proj in ("query", "key", "value"):
+        assert spec(p, f"{b}/attn/{proj}/kernel") == P(None, "model", None)
+        assert spec(p, f"{b}/attn/{proj}/bias") == P("model", None)
+        assert p.decisions[f"{b}/attn/{proj}/kernel"].strategy == "heads"
+    assert spec(p, f"{b}/attn/out/kernel") == P("model", None, None)
+    assert spec(p, f"{b}/mlp/fc1/kernel") == P(None, "model")
+    assert spec(p, f"{b}/mlp/fc2/kernel") == P("model", None)
+    assert spec(p, "params/cls") == P(None, None, None)
+
+
+def test_moe_experts_on_expert_axis_and_ffn_on_tensor_axis():
+    tree = zoo.get("moe").abstract_variables()
+    p = tpflax.plan(tree, {"expert": 4, "model": 2})
+    assert spec(p, "params/layers_0/moe/wi") == P("expert", None, "model")
+    assert spec(p, "params/layers_0/moe/wo") == P("expert", "model", None)
+    assert p.decisions["params/layers_0/moe/wi"].strategy == "expert"
+    assert spec(p, "params/layers_0/moe/router/kernel") == P(None, None)
+    p = tpflax.plan(tree, {"model": 4})  # no expert axis: tensor parallel inside each expert
+    assert spec(p, "params/layers_0/moe/wi") == P(None, None, "model")
+    assert spec(p, "params/layers_0/moe/wo") == P(None, "model", None)
+
+
+def test_resnet_conv_chain_is_channel_then_input_channel():
+    p = tpflax.plan(zoo.get("cnn", size="real").abstract_variables(), {"model": 8})
+    assert spec(p, "params/block_0/conv1/kernel") == P(None, None, None, "model")
+    assert p.decisions["params/block_0/conv1/kernel"].strategy == "channel"
+    assert spec(p, "params/block_0/conv2/kernel") == P(None, None, "model", None)
+    assert "input-channel" in p.decisions["params/block_0/conv2/kernel"].reason
+    assert spec(p, "params/conv_init/kernel") == P(None, None, None, None)
+    assert spec(p, "batch_stats/block_0/bn1/mean") == P(None)
+
+
+def test_conv_channel_threshold_is_an_option():
+    tree = zoo.get("cnn").abstract_variables()  # tiny: 16/32/64 channels
+    default = tpflax.plan(tree, {"model": 4})
+    assert default.decisions["params/block_0/conv1/kernel"].strategy == "replicate"
+    assert "min_channels=64" in default.decisions["params/block_0/conv1/kernel"].reason
+    low = tpflax.plan(tree, {"model": 4}, min_channels=16)
+    assert low.decisions["params/block_0/conv1/kernel"].strategy == "channel"
+
+
+def test_mlp_and_nnx_mlp_pair_up_down():
+    for name, prefix in (("mlp", "params/block_0/mlp/"), ("nnx-mlp", "blocks/0/")):
+        p = tpflax.plan(zoo.get(name).abstract_variables(), {"data": 2, "model": 4})
+        assert spec(p, prefix + "up/kernel") == P(None, "model"), name
+        assert spec(p, prefix + "down/kernel") == P("model", None), name
+        assert spec(p, prefix + "up/bias") == P("model"), name
+        assert spec(p, prefix + "down/bias") == P(None), name
+
+
+def test_recurrent_kernels_are_not_tensor_split():
+    p = tpflax.plan(zoo.get("lstm").abstract_variables(), {"model": 4})
+    rec = [d for path, d in p.decisions.items() if "/cell/" in path and path.endswith("kernel")]
+    assert rec and all(d.kind == "recurrent" and d.strategy == "replicate" for d in rec)
+    assert "time step" in rec[0].reason
+
+
+def test_pairing_uses_shapes_not_names():
+    """Meaningless names: the residual width (from the norm) decides column vs row."""
+    tree = {"params": {
+        "blk": {"n": {"scale": S((64,), F32)},
+                "x1": {"kernel": S((64, 256), F32), "bias": S((256,), F32)},
+                "x2": {"kernel": S((256, 64), F32), "bias": S((64,), F32)}}}}
+    p = tpflax.plan(tree, {"model": 4})
+    assert spec(p, "params/blk/x1/kernel") == P(None, "model")
+    assert spec(p, "params/blk/x2/kernel") == P("model", None)
+    assert "residual width 64" in p.decisions["params/blk/x1/kernel"].reason
+    # Without a norm, a mirrored pair still pairs: the widening side is column.
+    bare = {"a": {"kernel": S((64, 256), F32)}, "b": {"kernel": S((256, 64), F32)}}
+    p = tpflax.plan(bare, {"model": 4})
+    assert spec(p, "a/kernel") == P(None, "model") and spec(p, "b/kernel") == P("model", None)
+
+
+def test_never_row_then_column_for_a_standard_block():
+    for name in ("mlp", "gpt2", "llama", "vit", "moe"):
+        p = tpflax.plan(zoo.get(name).abstract_variables(), {"model": 2})
+        for pair in p.pairs:
+            for c in pair.columns:
+                assert p.decisions[c].strategy in ("column", "heads", "channel", "expert", "replicate"), c
+            for r in pair.rows:
+                assert p.decisions[r].strategy in ("row", "heads", "expert", "replicate"), r
+
+
+# --------------------------------------------------------------------------- divisibility
+
+def test_pair_whose_hidden_dim_does_not_divide_is_left_whole():
+    tree = {"n": {"scale": S((64,), F32)}, "mlp": {"up": {"kernel": S((64, 100), F32)},
+                                                   "down": {"kernel": S((100, 64), F32)}}}
+    p = tpflax.plan(tree, {"model": 8})
+    for k in ("mlp/up/kernel", "mlp/down/kernel"):
+        assert spec(p, k) == P(None, None)
+        assert "100 not divisible by model=8" in p.decisions[k].reason
+    assert not p.pairs[0].sharded
+
+
+def test_fsdp_fallback_threshold_and_free_dims():
+    tree = {"big": S((1024, 30), F32), "small": S((16, 16), F32), "odd": S((1023, 7), F32)}
+    p = tpflax.plan(tree, {"fsdp": 4}, fsdp_min_bytes=1 << 14)
+    assert spec(p, "big") == P("fsdp", None) and p.decisions["big"].strategy == "fsdp"
+    assert spec(p, "small") == P(None, None) and "below fsdp_min_bytes" in p.decisions["small"].reason
+    assert spec(p, "odd") == P(None, None) and "no free dim divisible" in p.decisions["odd"].reason
+    assert p.decisions["big"].bytes_per_device == 1024 * 30 * 4 // 4
+
+
+def test_integer_bool_and_key_leaves_are_replicated():
+    tree = {"step": jnp.zeros((), jnp.int32), "mask": S((1024, 1024), jnp.bool_),
+            "ids": S((4096, 64), jnp.int32), "rng": jax.random.key(0)}
+    p = tpflax.plan(tree, {"fsdp": 2, "model": 4}, fsdp_min_bytes=0)
+    for path in tree:
+        assert spec(p, path) == P(*([None] * len(p.decisions[path].shape))), path
+    assert p.decisions["rng"].kind == "int"
+
+
+def test_multiple_tensor_axes_combine():
+    tree = {"n": {"scale": S((64,), F32)}, "mlp": {"up": {"kernel": S((64, 256), F32)},
+                                                   "down": {"kernel": S((256, 64), F32)}}}
+    p = tpflax.plan(tree, {"tp": 2, "model": 4})
+    assert spec(p, "mlp/up/kernel") == P(None, ("tp", "model"))
+    assert p.decisions["mlp/up/kernel"].bytes_per_device == 64 * 256 * 4 // 8
+
+
+# --------------------------------------------------------------------------- user control
+
+LLAMA = None
+
+
+def llama_tree():
+    global LLAMA
+    if LLAMA is None:
+        LLAMA = zoo.get("llama").abstract_variables()
+    return LLAMA
+
+
+def test_rules_beat_heuristics_first_match_wins():
+    rules = [(r"mlp/up_proj/kernel$", P("model", None)), (r"mlp/", "replicate"),
+             (r"embed/embedding", "replicate")]
+    p = tpflax.plan(llama_tree(), {"model": 4}, rules=rules)
+    d = p.decisions["params/layers_0/mlp/up_proj/kernel"]
+    assert d.spec == P("model", None) and d.source == "rule" and "rule 0" in d.reason
+    assert spec(p, "params/layers_0/mlp/down_proj/kernel") == P(None, None)
+    assert p.decisions["params/layers_0/mlp/down_proj/kernel"].strategy == "replicate"
+    assert spec(p, "params/embed/embedding") == P(None, None)
+    assert not p.warnings
+
+
+def test_strategy_rules_and_warnings_for_unmatched_and_shadowed_rules():
+    rules = [(r"lm_head", "row"), (r"nothing_matches_this", "replicate"), (r"lm_head/kernel", "column")]
+    p = tpflax.plan(llama_tree(), {"model": 4}, rules=rules)
+    assert spec(p, "params/lm_head/kernel") == P("model", None)
+    text = "\n".join(p.warnings)
+    assert "nothing_matches_this" in text and "matches no leaf" in text
+    assert "never wins" in text and "lm_head/kernel" in text
+
+
+def test_invalid_forced_specs_are_collected_into_one_error():
+    rules = [(r"q_proj/kernel", P(None, None, "model")),        # head_dim 16 ok... on model=4
+             (r"lm_head/kernel", P(None, None, None)),          # rank 3 > 2
+             (r"down_proj/kernel", P("model", "model"))]        # axis twice
+    p_ok = tpflax.plan(llama_tree(), {"model": 4}, rules=rules[:1])
+    assert spec(p_ok, "params/layers_0/attn/q_proj/kernel") == P(None, None, "model")
+    with pytest.raises(tpflax.SpecError) as e:
+        tpflax.plan(llama_tree(), {"model": 3}, rules=rules)
+    msg = str(e.value)
+    assert "params/layers_0/attn/q_proj/kernel" in msg and "not divisible" in msg and "model=3" in msg
+    assert "params/lm_head/kernel" in msg and "rank 2" in msg
+    assert "params/layers_1/mlp/down_proj/kernel" in msg and "twice" in msg
+    assert len(e.value.problems) >= 5
+
+
+def test_rule_naming_unknown_axis_or_strategy():
+    with pytest.raises(tpflax.RuleError, match="'tensor'.*mesh is model=4"):
+        tpflax.plan(llama_tree(), {"model": 4}, rules=[("up", P(None, "tensor"))])
+    with pytest.raises(tpflax.RuleError, match="strategy 'colum' is unknown"):
+        tpflax.plan(llama_tree(), {"model": 4}, rules=[("up", "colum")])
+    with pytest.raises(tpflax.RuleError, match="does not compile"):
+        tpflax.plan(llama_tree(), {"model": 4}, rules=[("up(", "column")])
+    with pytest.raises(tpflax.SpecError, match="no fsdp axis"):
+        tpflax.plan(llama_tree(), {"model": 4}, rules=[("up_proj", "fsdp")])
+
+
+class _Annotated(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(256, kernel_init=nn.with_logical_partitioning(
+            nn.initializers.lecun_normal(), ("embed", "mlp")), name="wi")(x)
+        h = nn.Dense(64, kernel_init=nn.with_logical_partitioning(
+            nn.initializers.lecun_normal(), ("mlp", "embed")), name="wo")(h)
+        return nn.Dense(64, kernel_init=nn.with_partitioning(
+            nn.initializers.lecun_normal(), ("model", None)), name="direct")(h)
+
+
+def test_logical_and_mesh_axis_annotations():
+    tree = jax.eval_shape(_Annotated().init, jax.random.key(0), S((2, 64), F32))
+    p = tpflax.plan(tree, {"fsdp": 2, "model": 4})
+    assert spec(p, "params/wi/kernel") == P("fsdp", "model")
+    assert spec(p, "params/wo/kernel") == P("model", "fsdp")
+    assert spec(p, "params/direct/kernel") == P("model", None)
+    assert p.decisions["params/wi/kernel"].source == "annotation"
+    assert "logical annotation ('embed', 'mlp')" in p.decisions["params/wi/kernel"].reason
+    # User logical rules replace the defaults; the specs tree has boxes unwrapped.
+    p = tpflax.plan(tree, {"fsdp": 2, "model": 4}, logical_rules=[("embed", None), ("mlp", "model")])
+    assert spec(p, "params/wi/kernel") == P(None, "model")
+    assert p.specs["params"]["wi"]["kernel"] == P(None, "model")
+    # Rules still beat annotations.
+    p = tpflax.plan(tree, {"fsdp": 2, "model": 4}, rules=[("wi", "replicate")])
+    assert spec(p, "params/wi/kernel") == P(None, None)
+
+
+def test_annotations_that_do_not_divide_are_dropped_with_a_warning():
+    tree = jax.eval_shape(_Annotated().init, jax.random.key(0), S((2, 64), F32))
+    p = tpflax.plan(tree, {"model": 3})
+    assert spec(p, "params/wi/kernel") == P(None, None)
+    assert any("params/wi/kernel" in w and "not divisible" in w for w in p.warnings)
+
+
+def test_nnx_state_with_partitioning_metadata():
+    from flax import nnx
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.up = nnx.Linear(64, 256, rngs=rngs, kernel_init=nnx.with_partitioning(
+                nnx.initializers.lecun_normal(), (None, "model")))
+            self.down = nnx.Linear(256, 64, rngs=rngs)
+            self.norm = nnx.LayerNorm(64, rngs=rngs)
+
+    abstract = jax.sharding.AbstractMesh((4,), ("model",),
+                                         axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.sharding.use_abstract_mesh(abstract):
+        model = nnx.eval_shape(lambda: Model(nnx.Rngs(0)))
+    state = nnx.state(model)
+    p = tpflax.plan(state, abstract)
+    assert spec(p, "up/kernel") == P(None, "model") and p.decisions["up/kernel"].source == "annotation"
+    assert spec(p, "down/kernel") == P("model", None)  # paired by the heuristics
+    assert isinstance(p.specs, nnx.State)
+    assert p.specs["down"]["kernel"] == P("model", None)
+
+
+# --------------------------------------------------------------------------- inputs
+
+def test_inputs_concrete_frozen_boxed_and_collections_agree():
+    m = zoo.get("mlp")
+    concrete = m.init(0)
+    abstract = m.abstract_variables()
+    before = jax.tree_util.tree_map(np.asarray, concrete)
+    plans = [tpflax.plan(t, {"data": 2, "model": 4}) for t in
+             (concrete, abstract, freeze(abstract), abstract["params"])]
+    base = {k.removeprefix("params/"): v.spec for k, v in plans[0].decisions.items()}
+    for p in plans[1:]:
+        assert {k.removeprefix("params/"): v.spec for k, v in p.decisions.items()} == base
+    # The caller's tree is untouched.
+    jax.tree_util.tree_map(np.testing.assert_array_equal, before,
+                           jax.tree_util.tree_map(np.asarray, concrete))
+
+
+def test_variable_collections_include_batch_stats():
+    p = tpflax.plan(zoo.get("cnn").abstract_variables(), {"model": 4})
+    assert any(k.startswith("batch_stats/") for k in p.decisions)
+    assert p.decisions["batch_stats/block_0/bn1/mean"].kind == "state"
+
+
+def test_plan_is_deterministic_and_ignores_insertion_order():
+    tree = llama_tree()["params"]
+    shuffled = {k: tree[k] for k in reversed(list(tree))}
+    a = tpflax.plan(tree, {"fsdp": 2, "model": 4})
+    b = tpflax.plan(shuffled, {"fsdp": 2, "model": 4})
+    assert a.to_json() == b.to_json()
+
+
+def test_tree_is_not_mutated_and_deepcopy_equal():
+    tree = {"a": {"kernel": np.ones((8, 16), np.float32)}, "b": {"kernel": np.ones((16, 8), np.float32)}}
+    snapshot = copy.deepcopy(tree)
+    tpflax.plan(tree, {"model": 2})
+    assert tree.keys() == snapshot.keys()
+    for k in tree:
+        np.testing.assert_array_equal(tree[k]["kernel"], snapshot[k]["kernel"])
+
+
+# --------------------------------------------------------------------------- errors
+
+@pytest.mark.parametrize("mesh,words", [
+    ({"model": 0}, "sizes must be integers >= 1"),
+    ({"model": -2}, "sizes must be integers >= 1"),
+    ([("model", 2), ("model", 2)], "appears twice"),
+    ({"weird": 2}, "axis_roles"),
+    ({}, "no axes"),
+    ("model=two", "is not name=size"),
+    (42, "cannot read a mesh"),
+])
+def test_bad_meshes(mesh, words):
+    with pytest.raises(tpflax.MeshError, match=words):
+        tpflax.plan({"w": S((8, 8), F32)}, mesh)
+
+
+def test_axis_roles_override_unknown_names():
+    tree = {"n": {"scale": S((64,), F32)}, "up": {"kernel": S((64, 256), F32)},
+            "down": {"kernel": S((256, 64), F32)}}
+    p = tpflax.plan(tree, {"x": 2, "y": 4}, axis_roles={"x": "data", "y": "tensor"})
+    assert spec(p, "up/kernel") == P(None, "y")
+
+
+def test_empty_tree_and_non_array_leaves():
+    with pytest.raises(tpflax.TreeError, match="empty"):
+        tpflax.plan({}, {"model": 2})
+    with pytest.raises(tpflax.TreeError) as e:
+        tpflax.plan({"a": "hello", "b": {"c": object()}, "ok": S((2,), F32)}, {"model": 2})
+    assert "a: leaf of type str" in str(e.value) and "b/c: leaf of type object" in str(e.value)
+
+
+def test_every_error_is_a_tpflax_error():
+    for cls in (tpflax.MeshError, tpflax.RuleError, tpflax.SpecError, tpflax.TreeError,
+                tpflax.PlanMismatchError, tpflax.PlanFormatError, tpflax.DeviceError,
+                tpflax.ModelLoadError, tpflax.CompileError):
+        assert issubclass(cls, tpflax.TpflaxError)
+
+
+# --------------------------------------------------------------------------- JSON and report
+
+def test_json_round_trip():
+    p = tpflax.plan(llama_tree(), {"fsdp": 2, "model": 4}, fsdp_min_bytes=0,
+                    rules=[("lm_head", "replicate")])
+    q = tpflax.Plan.from_json(p.to_json())
+    assert q.decisions == p.decisions
+    assert q.pairs == p.pairs and q.warnings == p.warnings and q.mesh == p.mesh
+    assert q.specs["params"]["layers_0"]["mlp"]["up_proj"]["kernel"] == P("fsdp", "model")
+    assert q.to_json() == p.to_json()
+    # The rebuilt plan lays out on the original tree by path.
+    laid = q.specs_for(llama_tree())
+    assert laid["params"]["lm_head"]["kernel"] == P(None, None)
+
+
+@pytest.mark.parametrize("mutate,words", [
+    (lambda d: d.update(version=99), "version 99 is not supported"),
+    (lambda d: d.update(format="other"), "not a tpflax plan"),
+    (lambda d: d["decisions"][0].update(spec=["nope", "nope"]), "invalid"),
+    (lambda d: d["decisions"][0].pop("shape"), "malformed"),
+])
+def test_bad_plan_json(mutate, words):
+    data = json.loads(tpflax.plan(llama_tree(), {"model": 4}).to_json())
+    mutate(data)
+    with pytest.raises(tpflax.PlanFormatError, match=words):
+        tpflax.Plan.from_json(json.dumps(data))
+    with pytest.raises(tpflax.PlanFormatError, match="does not parse"):
+        tpflax.Plan.from_json("{not json")
+
+
+def test_specs_for_a_changed_tree_names_the_difference():
+    p = tpflax.plan(llama_tree(), {"model": 4})
+    changed = jax.tree_util.tree_map(lambda x: x, llama_tree())
+    changed["params"]["lm_head"]["kernel"] = S((64, 512), F32)
+    del changed["params"]["norm"]
+    with pytest.raises(tpflax.PlanMismatchError) as e:
+        p.specs_for(changed)
+    assert "params/lm_head/kernel: shape (64, 512)" in str(e.value)
+    assert "params/norm/scale: in the plan but missing" in str(e.value)
+
+
+def test_report_has_table_totals_and_warnings():
+    tree = {"big": S((2048, 1000), F32), "n": {"scale": S((64,), F32)}}
+    p = tpflax.plan(tree, {"model": 8}, rules=[("zzz", "replicate")])
+    text = tpflax.report(p, pairs=True)
+    for word in ("path", "kind", "shape", "dtype", "strategy", "spec", "per device", "reason",
+                 "parameters without sharding", "fullest device", "savings per device", "warnings",
+                 "zzz", "replicated on every device"):
+        assert word in text, word
+    data = json.loads(tpflax.report(p, fmt="json"))
+    assert data["totals"]["bytes"] == p.total_bytes
+    assert 0 <= p.savings < 100
+
+
+def test_savings_and_bytes_per_device_are_exact():
+    p = tpflax.plan({"n": {"scale": S((64,), F32)}, "up": {"kernel": S((64, 256), F32)},
+                     "down": {"kernel": S((256, 64), F32)}}, {"model": 4})
+    assert p.total_bytes == (64 + 2 * 64 * 256) * 4
+    assert p.bytes_per_device == (64 + 2 * 64 * 256 // 4) * 4
+
+
+def test_mesh_shape_reads_jax_meshes():
+    m = tpflax.make_mesh({"data": 2, "model": 4})
+    assert m.axis_types == (jax.sharding.AxisType.Auto,) * 2
+    assert mesh_shape(m).sizes == {"data": 2, "model": 4}
+    assert mesh_shape(tpflax.abstract_mesh("data=2,model=4")).sizes == {"data": 2, "model": 4}
+    with pytest.raises(tpflax.DeviceError, match="xla_force_host_platform_device_count=64"):
+        tpflax.make_mesh({"data": 8, "model": 8})
