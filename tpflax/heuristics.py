@@ -28,7 +28,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .classify import (ATTN, COLUMN_NAMES, CONV, HEAD, POS_EMBED, ROW_NAMES, Facts)
+from .classify import ATTN, COLUMN_NAMES, HEAD, POS_EMBED, ROW_NAMES, Facts
 from .mesh import EXPERT, FSDP, TENSOR, MeshShape
 from .specs import Entry, entry_axes, used_axes
 
@@ -235,13 +235,21 @@ def _pair_linears(st: _State, todo: Sequence[Facts], widths: set[int]) -> None:
         rows = [x for x in lins if x.role == "row"]
         if not cols or not rows:
             continue
-        attention = any(x.f.kind == "attention" for x in lins) or bool(ATTN.search(group))
+        matched = {id(r): [c for c in cols if c.out_size == r.in_size] for r in rows}
+        # GQA key/value projections are narrower than the output projection's input:
+        # in an attention block they join the attention row.
+        loose = [c for c in cols if not any(c in m for m in matched.values())]
+        attn_rows = [r for r in rows if r.f.kind == "attention"] or (rows if ATTN.search(group) else [])
+        if loose and attn_rows:
+            matched[id(attn_rows[0])] += [c for c in loose if c.f.kind == "attention" or ATTN.search(group)]
+        claimed: set[int] = set()
         for row in rows:
-            mine = [c for c in cols if c.out_size == row.in_size or attention]
+            mine = [c for c in matched[id(row)] if id(c) not in claimed]
             if not mine:
                 continue
-            cols = [c for c in cols if c not in mine]
-            _shard_pair(st, "attention" if attention else "mlp", mine, row, t_entry, t_size)
+            claimed.update(id(c) for c in mine)
+            kind = "attention" if row.f.kind == "attention" or ATTN.search(group) else "mlp"
+            _shard_pair(st, kind, mine, row, t_entry, t_size)
 
 
 def _shard_pair(st: _State, kind: str, cols: list[_Linear], row: _Linear, t_entry: Entry,

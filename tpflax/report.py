@@ -63,7 +63,7 @@ def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool
            + ", ".join(f"{n}:{r}" for n, r in plan.mesh.roles)]
 
     def line(cells):
-        return "  ".join(c.ljust(w) if i < len(cells) - 1 else c for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(c.ljust(w) if i < len(cells) - 1 else c for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
 
     out.append(line(header))
     out.append(line(["-" * w for w in widths]))
