@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 from typing import Any, NamedTuple
 
@@ -77,6 +78,17 @@ def get(name: str, size: str | None = None, **overrides: Any) -> ZooModel:
       >>> zoo.get("llama", n_layers=1).config.n_layers
       1
     """
+    key = tuple(sorted(overrides.items()))
+    try:
+        hash(key)
+    except TypeError:  # e.g. a list-valued override: build uncached
+        return _get.__wrapped__(name, size, key)
+    return _get(name, size, key)
+
+
+@functools.cache
+def _get(name: str, size: str | None, overrides: tuple[tuple[str, Any], ...]) -> ZooModel:
+    # Cached: a ZooModel is immutable, and reusing it reuses its jitted init and graphdef.
     try:
         entry = _REGISTRY[name]
     except KeyError:
@@ -93,11 +105,11 @@ def get(name: str, size: str | None = None, **overrides: Any) -> ZooModel:
     cfg = module.PRESETS[entry.presets[size]]
     if overrides:
         fields = {f.name for f in dataclasses.fields(cfg)}
-        unknown = sorted(set(overrides) - fields)
+        unknown = sorted({k for k, _ in overrides} - fields)
         if unknown:
             raise ValueError(
                 f"zoo model {name!r}: unknown config field(s) {unknown}; "
                 f"{type(cfg).__name__} has {sorted(fields)}"
             )
-        cfg = dataclasses.replace(cfg, **overrides)
+        cfg = dataclasses.replace(cfg, **dict(overrides))
     return module.build(name, entry.family, size, cfg)

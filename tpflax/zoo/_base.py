@@ -125,9 +125,13 @@ class ZooModel:
         """
         return jax.eval_shape(self._init_fn(), jax.random.key(0))
 
+    @functools.cached_property
+    def _jitted_init(self) -> Callable[[jax.Array], Any]:
+        return jax.jit(self._init_fn())
+
     def init(self, rng: Any) -> Any:
         """Concrete variables (linen: ``module.init`` dict; nnx: ``nnx.state(model)``)."""
-        return jax.jit(self._init_fn())(_as_key(rng))
+        return self._jitted_init(_as_key(rng))
 
     # -- nnx helpers ----------------------------------------------------------
 
@@ -151,14 +155,19 @@ class ZooModel:
 
     # -- forward and loss -----------------------------------------------------
 
-    def apply(self, variables: Any, *inputs: jax.Array) -> jax.Array:
-        """Forward pass returning logits (eval mode for BatchNorm)."""
+    def apply(self, variables: Any, *inputs: jax.Array, **kwargs: Any) -> Any:
+        """Forward pass returning logits (eval mode for BatchNorm).
+
+        ``kwargs`` override :attr:`apply_kwargs` and, for linen, reach
+        ``module.apply`` too: ``m.apply(v, x, train=True, mutable=["batch_stats"])``.
+        """
+        kwargs = {**self.apply_kwargs, **kwargs}
         if self.framework == "nnx":
             from flax import nnx
 
             model = nnx.merge(self.graphdef, variables)
-            return model(*inputs, **self.apply_kwargs)
-        return self.module.apply(variables, *inputs, **self.apply_kwargs)
+            return model(*inputs, **kwargs)
+        return self.module.apply(variables, *inputs, **kwargs)
 
     def loss(self, variables: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
         """Scalar float32 cross-entropy; a pure function of ``(variables, batch)``."""

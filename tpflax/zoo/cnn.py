@@ -120,9 +120,7 @@ def build(name: str, family: str, size: str, cfg: CNNConfig) -> ZooModel:
         return (jax.ShapeDtypeStruct(shape, cfg.dtype),)
 
     def batch_fn(rng, batch: int):
-        return image_batch(
-            rng, batch, cfg.image_size, cfg.in_channels, cfg.n_classes, cfg.dtype
-        )
+        return image_batch(rng, batch, cfg.image_size, cfg.in_channels, cfg.n_classes, cfg.dtype)
 
     return ZooModel(
         name, family, size, "linen", cfg, ResNet(cfg), input_specs, batch_fn, {"train": False}

@@ -46,7 +46,12 @@ PRESETS = {
     "tiny": ViTConfig(),
     # ViT-B/16: 86.57M params.
     "vit-b16": ViTConfig(
-        image_size=224, patch_size=16, d_model=768, n_heads=12, n_layers=12, d_ff=3072,
+        image_size=224,
+        patch_size=16,
+        d_model=768,
+        n_heads=12,
+        n_layers=12,
+        d_ff=3072,
         n_classes=1000,
     ),
 }
@@ -92,8 +97,13 @@ class ViT(nn.Module):
         c = self.config
         p = c.patch_size
         x = nn.Conv(
-            c.d_model, (p, p), (p, p), padding="VALID", name="patch_embed",
-            dtype=c.dtype, param_dtype=c.param_dtype,
+            c.d_model,
+            (p, p),
+            (p, p),
+            padding="VALID",
+            name="patch_embed",
+            dtype=c.dtype,
+            param_dtype=c.param_dtype,
         )(images)
         b = x.shape[0]
         x = x.reshape(b, -1, c.d_model)
@@ -115,8 +125,6 @@ def build(name: str, family: str, size: str, cfg: ViTConfig) -> ZooModel:
         return (jax.ShapeDtypeStruct(shape, cfg.dtype),)
 
     def batch_fn(rng, batch: int):
-        return image_batch(
-            rng, batch, cfg.image_size, cfg.in_channels, cfg.n_classes, cfg.dtype
-        )
+        return image_batch(rng, batch, cfg.image_size, cfg.in_channels, cfg.n_classes, cfg.dtype)
 
     return ZooModel(name, family, size, "linen", cfg, ViT(cfg), input_specs, batch_fn)
