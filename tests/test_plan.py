@@ -127,8 +127,13 @@ def test_llama_scan_keeps_the_layers_dim_unsharded():
 @pytest.mark.parametrize("name,prefix", [("gpt2", "params/h_0"), ("moe", "params/layers_0")])
 def test_two_d_attention_pairs_q_k_v_with_out(name, prefix):
     p = tpflax.plan(zoo.get(name).abstract_variables(), {"model": 4})
-    for proj in ("query", "key", "value"):
-        assert spec(p, f"{prefix}/attn/{proj}/kernel") == P(None, "model")
+    assert spec(p, f"{prefix}/attn/query/kernel") == P(None, "model")
+    for proj in ("key", "value"):
+        if name == "moe":  # GQA: 2-D key/value kernels narrower than the output stay whole
+            assert spec(p, f"{prefix}/attn/{proj}/kernel") == P(None, None)
+            assert "GQA" in p.decisions[f"{prefix}/attn/{proj}/kernel"].reason
+        else:
+            assert spec(p, f"{prefix}/attn/{proj}/kernel") == P(None, "model")
     assert spec(p, f"{prefix}/attn/out/kernel") == P("model", None)
     ids = {p.decisions[f"{prefix}/attn/{x}/kernel"].pair for x in ("query", "key", "value", "out")}
     assert len(ids) == 1 and None not in ids

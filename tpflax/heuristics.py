@@ -89,6 +89,9 @@ class _Linear:
     heads: int | None = None  # body dim holding attention heads
     role: str | None = None
     why: str = ""
+    # Largest size the dataflow lets the column dim be split by (a reshape into
+    # fewer heads, say); None: the dim's own size. Set by tpflax.trace.
+    limit: int | None = None
 
     def size(self, dims: Iterable[int]) -> int:
         return math.prod(self.f.body[d] for d in dims)
@@ -115,6 +118,7 @@ class _State:
     out: dict[str, Proposal] = field(default_factory=dict)
     pairs: list[Pair] = field(default_factory=list)
     forced: set[str] = field(default_factory=set)  # decided by rules/annotations: never overwritten
+    first_pair: int = 1  # pair ids continue after those of an earlier pass (tpflax.trace)
 
     @property
     def tensor(self) -> tuple[Entry, int]:
@@ -131,7 +135,7 @@ class _State:
 
     def new_pair(self, kind: str, columns: Sequence[Facts], rows: Sequence[Facts], size: int,
                  sharded: bool, note: str = "") -> Pair:
-        p = Pair(len(self.pairs) + 1, kind, tuple(c.path for c in columns),
+        p = Pair(self.first_pair + len(self.pairs), kind, tuple(c.path for c in columns),
                  tuple(r.path for r in rows), size, sharded, note)
         self.pairs.append(p)
         return p
@@ -147,9 +151,9 @@ def _natural(s: str) -> list:
 
 
 def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options,
-            skip: Iterable[str] = ()) -> tuple[dict[str, Proposal], list[Pair]]:
+            skip: Iterable[str] = (), first_pair: int = 1) -> tuple[dict[str, Proposal], list[Pair]]:
     """Propose a spec for every leaf not in ``skip`` (already decided by rules or annotations)."""
-    st = _State(mesh, opts, forced=set(skip))
+    st = _State(mesh, opts, forced=set(skip), first_pair=first_pair)
     todo = [f for f in facts if f.path not in st.forced]
     widths = _residual_widths(facts)
     # Pairing looks at forced leaves too, so a forced partner still pairs its sibling.
@@ -284,8 +288,19 @@ def _shard_pair(st: _State, kind: str, cols: list[_Linear], row: _Linear, t_entr
         cdim = col.shard_dim("column")
         n = col.f.body[cdim]
         cunit = "heads" if col.heads is not None else "features"
-        if n % t_size:
+        if kind == "attention" and col.heads is None and col.limit is None and col.out_size < row.in_size:
+            # A 2-D key/value kernel narrower than the attention output is GQA: its head
+            # count is not in the tree, and a split that cuts heads costs a gather.
+            st.put(col.f, (None,) * len(col.f.body), "replicate",
+                   f"column of pair {pair.id}: {n} features narrower than the attention output "
+                   f"({row.in_size}): GQA key/value heads whose count a 2-D kernel does not show, "
+                   f"kept whole so no head is cut (pass model= to trace the heads); feeds "
+                   f"{_short(row.f.path)}", pair.id)
+            continue
+        if n % t_size or (col.limit or n) % t_size:
             gqa = " (GQA key/value heads)" if col.heads is not None else ""
+            if (col.limit or n) != n:
+                gqa = f" (reshaped into {col.limit} on the way, e.g. GQA key/value heads)"
             st.put(col.f, (None,) * len(col.f.body), "replicate",
                    f"column of pair {pair.id}: {cunit} {n}{gqa} not divisible by {_axis(t_entry, t_size)}, "
                    f"kept whole on every tensor rank; feeds {_short(row.f.path)}", pair.id)
@@ -366,30 +381,38 @@ def _conv_chains(st: _State, todo: Sequence[Facts]) -> None:
             if b.body[-2] != ch:
                 i += 1
                 continue
-            note = ""
-            if t_size == 1:
-                note = "no tensor axis in the mesh"
-            elif ch < st.opts.min_channels:
-                note = f"{ch} channels < min_channels={st.opts.min_channels}"
-            elif ch % t_size:
-                note = f"{ch} channels not divisible by {_axis(t_entry, t_size)}"
-            pair = st.new_pair("conv", [a], [b], ch, not note, note)
-            if note:
-                for f, role in ((a, "channel"), (b, "input-channel")):
-                    st.put(f, (None,) * len(f.body), "replicate",
-                           f"{role} of conv pair {pair.id}, but {note}: tensor split skipped", pair.id)
-            else:
-                spec_a = [None] * len(a.body)
-                spec_a[-1] = t_entry
-                spec_b = [None] * len(b.body)
-                spec_b[-2] = t_entry
-                st.put(a, spec_a, "channel",
-                       f"channel: {ch} output channels split over {_axis(t_entry, t_size)}, feed "
-                       f"{_short(b.path)} (conv pair {pair.id})", pair.id)
-                st.put(b, spec_b, "row",
-                       f"input-channel: {ch} input channels split over {_axis(t_entry, t_size)}, fed by "
-                       f"{_short(a.path)} (conv pair {pair.id}); one all-reduce per pass", pair.id)
+            _shard_conv_pair(st, a, b, len(a.body) - 1, len(b.body) - 2)
             i += 2
+
+
+def _shard_conv_pair(st: _State, a: Facts, b: Facts, a_dim: int, b_dim: int, why: str = "") -> None:
+    """Conv ``a`` (output channels, body dim ``a_dim``) feeding conv ``b`` (input channels, ``b_dim``)."""
+    t_entry, t_size = st.tensor
+    ch = a.body[a_dim]
+    note = ""
+    if t_size == 1:
+        note = "no tensor axis in the mesh"
+    elif ch < st.opts.min_channels:
+        note = f"{ch} channels < min_channels={st.opts.min_channels}"
+    elif ch % t_size:
+        note = f"{ch} channels not divisible by {_axis(t_entry, t_size)}"
+    pair = st.new_pair("conv", [a], [b], ch, not note, note)
+    why = f"{why}; " if why else ""
+    if note:
+        for f, role in ((a, "channel"), (b, "input-channel")):
+            st.put(f, (None,) * len(f.body), "replicate",
+                   f"{role} of conv pair {pair.id}, but {note}: {why}tensor split skipped", pair.id)
+        return
+    spec_a = [None] * len(a.body)
+    spec_a[a_dim] = t_entry
+    spec_b = [None] * len(b.body)
+    spec_b[b_dim] = t_entry
+    st.put(a, spec_a, "channel",
+           f"channel: {why}{ch} output channels split over {_axis(t_entry, t_size)}, feed "
+           f"{_short(b.path)} (conv pair {pair.id})", pair.id)
+    st.put(b, spec_b, "row",
+           f"input-channel: {ch} input channels split over {_axis(t_entry, t_size)}, fed by "
+           f"{_short(a.path)} (conv pair {pair.id}); one all-reduce per pass", pair.id)
 
 
 def _embeddings(st: _State, todo: Sequence[Facts]) -> None:

@@ -26,8 +26,17 @@ from .classify import Facts, classify
 from .errors import PlanFormatError, PlanMismatchError, RuleError, SpecError
 from .heuristics import Options, Pair, Proposal
 from .mesh import DATA, EXPERT, FSDP, TENSOR, MeshShape, mesh_shape
-from .specs import (Entry, bytes_per_device, describe, entries, spec_from_json, spec_problems, spec_to_json,
-                    to_pspec, used_axes)
+from .specs import (
+    Entry,
+    bytes_per_device,
+    describe,
+    entries,
+    spec_from_json,
+    spec_problems,
+    spec_to_json,
+    to_pspec,
+    used_axes,
+)
 from .tree import Leaf, walk
 
 FORMAT = "tpflax.plan"
@@ -48,7 +57,7 @@ class Decision:
         bytes: total bytes of the leaf.
         bytes_per_device: bytes on the fullest device.
         kind: layer kind from classification.
-        source: rule, annotation, heuristic.
+        source: rule, annotation, trace (dataflow, with ``model=``), heuristic.
         pair: id of the column/row pair the leaf belongs to, if any.
     """
 
@@ -91,6 +100,8 @@ class Plan:
         pairs: column->row pairs found.
         warnings: replicated large leaves, unmatched rules, ignored annotations.
         options: the knobs used.
+        disagreements: with ``model=``, leaves where the traced plan and the tree
+            heuristics differ (the trace wins).
     """
 
     mesh: MeshShape
@@ -99,6 +110,7 @@ class Plan:
     pairs: tuple[Pair, ...] = ()
     warnings: tuple[str, ...] = ()
     options: Mapping[str, Any] = field(default_factory=dict)
+    disagreements: tuple[str, ...] = ()
 
     @property
     def mesh_shape(self) -> dict[str, int]:
@@ -143,6 +155,7 @@ class Plan:
             "decisions": [d.to_json(p) for p, d in self.decisions.items()],
             "pairs": [p.to_json() for p in self.pairs],
             "warnings": list(self.warnings),
+            "disagreements": list(self.disagreements),
         }, indent=indent)
 
     @classmethod
@@ -164,6 +177,7 @@ class Plan:
             decisions = {d["path"]: Decision.from_json(d) for d in data["decisions"]}
             pairs = tuple(Pair.from_json(p) for p in data.get("pairs", []))
             warnings = tuple(str(w) for w in data.get("warnings", []))
+            disagreements = tuple(str(w) for w in data.get("disagreements", []))
             options = dict(data.get("options", {}))
         except (KeyError, TypeError, ValueError) as e:
             raise PlanFormatError(f"plan JSON is malformed ({type(e).__name__}: {e}); re-create it with "
@@ -181,6 +195,7 @@ class Plan:
                 node = node.setdefault(part, {})
             node[parts[-1]] = d.spec
         return cls(mesh=mesh, specs=specs, decisions=decisions, pairs=pairs, warnings=warnings,
+                   disagreements=disagreements,
                    options=options)
 
 
@@ -371,7 +386,7 @@ def _annotation(f: Facts, mesh: MeshShape, logical_rules) -> tuple[tuple[Entry, 
 def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tuple[str, Any]] | None = None,
          axis_roles: Mapping[str, str] | None = None, fsdp_min_bytes: int = 1 << 18,
          min_channels: int = 64, tensor_min_bytes: int = 0, stacked: str | None = None,
-         use_annotations: bool = True) -> Plan:
+         use_annotations: bool = True, model: Any = None, sample: Any = None) -> Plan:
     """Plan a PartitionSpec for every leaf of ``tree``.
 
     Args:
@@ -390,12 +405,17 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
         tensor_min_bytes: column/row pairs whose kernels are all smaller stay replicated.
         stacked: regex forcing leaves to be treated as ``nn.scan`` stacks.
         use_annotations: honour flax partitioning metadata.
+        model: a linen ``nn.Module``, an ``nnx.Module`` or a ``tpflax.zoo`` model
+            whose forward pass is traced (abstractly) to decide column/row pairs,
+            heads, experts, conv chains, embeddings and output heads from the
+            dataflow rather than from names; see :mod:`tpflax.trace`.
+        sample: example inputs for ``model`` (``jax.ShapeDtypeStruct`` suffice).
 
     Returns:
         A :class:`Plan`.
 
     Raises:
-        MeshError, RuleError, SpecError, TreeError: see their docs.
+        MeshError, RuleError, SpecError, TreeError, TraceError: see their docs.
 
     >>> import jax
     >>> p = plan({"mlp": {"up": {"kernel": jax.ShapeDtypeStruct((64, 256), "float32")},
@@ -454,7 +474,20 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
             warnings.append(f"{r.describe()} never wins: every leaf it matches is taken by an earlier rule")
         claimed.update(matched[r.index])
 
-    proposals, pairs = heuristics.propose(facts, ms, opts, skip=forced)
+    traced: dict[str, Proposal] = {}
+    tpairs: list[Pair] = []
+    disagreements: list[str] = []
+    if model is not None:  # dataflow first; the tree heuristics handle what it does not explain
+        from . import trace
+
+        flow = trace.dataflow(model, sample, tree)
+        traced, tpairs = trace.propose(facts, ms, opts, flow, skip=forced)
+        disagreements = trace.disagreements(traced, heuristics.propose(facts, ms, opts, skip=forced)[0])
+        sources.update({path: "trace" for path in traced})
+    proposals, pairs = heuristics.propose([f for f in facts if f.path not in traced], ms, opts,
+                                          skip=forced, first_pair=len(tpairs) + 1)
+    pairs = tpairs + pairs
+    proposals.update(traced)
     proposals.update(forced)
 
     decisions: dict[str, Decision] = {}
@@ -477,7 +510,8 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
                "tensor_min_bytes": opts.tensor_min_bytes, "stacked": stacked,
                "rules": [[r.pattern.pattern, r.strategy or spec_to_json(r.spec or ())] for r in parsed]}
     return Plan(mesh=ms, specs=jax.tree_util.tree_unflatten(treedef, specs), decisions=decisions,
-                pairs=tuple(pairs), warnings=tuple(warnings), options=options)
+                pairs=tuple(pairs), warnings=tuple(warnings), options=options,
+                disagreements=tuple(disagreements))
 
 
 def _replication_warnings(decisions: Mapping[str, Decision], mesh: MeshShape) -> list[str]:
