@@ -1,0 +1,174 @@
+"""HLO collective parsing: hand-made snippets for every spelling, and real compiled programs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from tpflax.hlo import (
+    Collective,
+    group_axes,
+    parse_collectives,
+    parse_replica_groups,
+    ring_bytes,
+    summarize,
+)
+
+MESH = {"data": 2, "model": 4}
+
+
+def module(*lines, header="HloModule m, num_partitions=8"):
+    return "\n".join([header, "", "ENTRY %main (p: f32[8]) -> f32[8] {", *[f"  {x}" for x in lines], "}"])
+
+
+def test_tuple_all_reduce_explicit_groups():
+    hlo = module("%ar = (f32[16,32]{1,0}, bf16[32,16]{1,0}) all-reduce(%a, %b), channel_id=2, "
+                 "replica_groups={{0,4},{1,5},{2,6},{3,7}}, use_global_device_ids=true, to_apply=%add, "
+                 'metadata={op_name="jit(f)/dot"}')
+    (c,) = parse_collectives(hlo, MESH)
+    assert c.kind == "all-reduce" and c.shapes == ((16, 32), (32, 16)) and c.dtypes == ("f32", "bf16")
+    assert c.bytes == 16 * 32 * 4 + 32 * 16 * 2
+    assert c.group_size == 2 and c.axes == ("data",)
+    assert c.ring_bytes == pytest.approx(2 * (1 / 2) * c.bytes)
+    assert c.op_name == "jit(f)/dot"
+
+
+def test_iota_groups_with_transpose_map_to_axes():
+    assert parse_replica_groups("[2,4]<=[8]") == ((0, 1, 2, 3), (4, 5, 6, 7))
+    groups = parse_replica_groups("[4,2]<=[2,4]T(1,0)")
+    assert groups == ((0, 4), (1, 5), (2, 6), (3, 7))
+    assert group_axes(groups, MESH) == ("data",)
+    assert group_axes(parse_replica_groups("[1,8]<=[8]"), MESH) == ("data", "model")
+
+
+def test_mesh_axes_groups_and_sub_axes():
+    assert parse_replica_groups("mesh['axis_0'=2,'axis_1'=4] {'axis_0'}") == ((0, 4), (1, 5), (2, 6), (3, 7))
+    assert parse_replica_groups("mesh['axis_0'=2,'axis_1'=4] {'axis_1'}") == ((0, 1, 2, 3), (4, 5, 6, 7))
+    # sub-axis 'a':(pre)size: pre is the product of the sub-axes major to it, so
+    # 'axis_1':(1)2 is the major half of axis_1 and 'axis_1':(2)2 the minor half
+    assert parse_replica_groups("mesh['axis_0'=2,'axis_1'=4] {'axis_1':(1)2}") == (
+        (0, 2), (1, 3), (4, 6), (5, 7))
+    assert parse_replica_groups("mesh['axis_0'=2,'axis_1'=4] {'axis_1':(2)2}") == (
+        (0, 1), (2, 3), (4, 5), (6, 7))
+    hlo = module("%ag = f32[32,16]{1,0} all-gather(%p), channel_id=1, "
+                 "replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0'}, dimensions={0}, "
+                 "use_global_device_ids=true")
+    (c,) = parse_collectives(hlo, MESH)
+    assert (c.kind, c.group_size, c.axes, c.dimensions) == ("all-gather", 2, ("data",), (0,))
+    assert c.ring_bytes == pytest.approx(0.5 * 32 * 16 * 4)
+
+
+@given(st.lists(st.integers(1, 3), min_size=1, max_size=3), st.data())
+def test_iota_matches_numpy_reference(dims, data):
+    perm = data.draw(st.permutations(range(len(dims))))
+    n = int(np.prod(dims))
+    group = data.draw(st.sampled_from([d for d in range(1, n + 1) if n % d == 0]))
+    text = f"[{n // group},{group}]<=[{','.join(map(str, dims))}]T({','.join(map(str, perm))})"
+    want = np.arange(n).reshape(dims).transpose(perm).reshape(n // group, group)
+    assert parse_replica_groups(text) == tuple(tuple(int(x) for x in r) for r in want)
+
+
+def test_async_pairs_count_once_with_done_shape():
+    hlo = module(
+        "%ars = f32[64]{0} all-reduce-start(%p), replica_groups=[2,4]<=[8], to_apply=%add",
+        "%ard = f32[64]{0} all-reduce-done(%ars)",
+        "%ags = (f32[8,4]{1,0}, f32[32,4]{1,0}) all-gather-start(%q), replica_groups={{0,1,2,3},{4,5,6,7}}, "
+        "dimensions={0}",
+        "%agd = f32[32,4]{1,0} all-gather-done(%ags)",
+        "%cps = (f32[16]{0}, f32[16]{0}, u32[], u32[]) collective-permute-start(%r), "
+        "source_target_pairs={{0,1},{1,0}}",
+        "%cpd = f32[16]{0} collective-permute-done(%cps)")
+    cs = parse_collectives(hlo, MESH)
+    assert [c.kind for c in cs] == ["all-reduce", "all-gather", "collective-permute"]
+    assert all(c.is_async for c in cs)
+    assert cs[0].bytes == 256 and cs[0].axes == ("model",)
+    assert cs[1].shapes == ((32, 4),) and cs[1].ring_bytes == pytest.approx(0.75 * 32 * 4 * 4)
+    assert cs[2].ring_bytes == 64 and cs[2].axes == ("model",)
+
+
+def test_reduce_scatter_all_to_all_and_empty_groups():
+    hlo = module(
+        "%rs = f32[4,32]{1,0} reduce-scatter(%p), replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}, "
+        "to_apply=%add",
+        "%a2a = (f32[4,32]{1,0}, f32[4,32]{1,0}) all-to-all(%a, %b), replica_groups={{0,1},{2,3},{4,5},{6,7}}",
+        "%ar = f32[10]{0} all-reduce(%p), replica_groups={}, to_apply=%add")
+    rs, a2a, ar = parse_collectives(hlo, MESH)
+    assert rs.bytes == 512 and rs.ring_bytes == pytest.approx(3 / 4 * 512 * 4)
+    assert a2a.group_size == 2 and a2a.ring_bytes == pytest.approx(0.5 * 1024)
+    assert ar.group_size == 8 and ar.axes == ("data", "model")
+
+
+def test_while_trip_count_and_async_wrapper():
+    hlo = "\n".join([
+        "HloModule m, num_partitions=8",
+        "%body (x: f32[8]) -> f32[8] {",
+        "  %ar = f32[8]{0} all-reduce(%x), replica_groups=[4,2]<=[8], to_apply=%add",
+        "}",
+        "%wrapped (y: f32[8]) -> f32[2] {",
+        "  %rs = f32[2]{0} reduce-scatter(%y), replica_groups=[2,4]<=[8], dimensions={0}, to_apply=%add",
+        "}",
+        "ENTRY %main (p: f32[8]) -> f32[8] {",
+        '  %w = f32[8]{0} while(%p), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}',
+        "  %s = ((f32[8]), f32[2]) async-start(%p), calls=%wrapped",
+        "  %d = f32[2]{0} async-done(%s), calls=%wrapped",
+        "}"])
+    ar, rs = parse_collectives(hlo, MESH)
+    assert ar.count == 5 and ar.total_ring_bytes == pytest.approx(5 * ar.ring_bytes)
+    assert rs.count == 1 and rs.is_async
+    assert summarize([ar, rs]) == {"all-reduce": pytest.approx(5 * ar.ring_bytes),
+                                   "reduce-scatter": pytest.approx(rs.ring_bytes)}
+
+
+def test_ring_bytes_convention_and_bad_args():
+    assert ring_bytes("all-reduce", 800, 8) == pytest.approx(1400)
+    assert ring_bytes("reduce-scatter", 800, 8) == pytest.approx(700)
+    assert ring_bytes("all-gather", 800, 1) == 0
+    with pytest.raises(ValueError, match="unknown collective"):
+        ring_bytes("broadcast", 1, 2)
+    c = Collective("all-gather", "x", ((4,),), ("f32",), 16, ((0, 1),), 2, 8.0, axes=("model",))
+    assert summarize([c], by="axis") == {("all-gather", "model"): 8.0}
+    with pytest.raises(ValueError):
+        summarize([c], by="nope")
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def test_real_shard_map_program(mesh):
+    def f(x):
+        a = jax.lax.psum_scatter(x, "model", scatter_dimension=0, tiled=True)
+        b = jax.lax.all_gather(a, "data", axis=0, tiled=True)
+        c = jax.lax.all_to_all(x, "model", 0, 1, tiled=True)
+        d = jax.lax.ppermute(x, "model", [(i, (i + 1) % 4) for i in range(4)])
+        e = jax.lax.psum(x, ("data", "model"))
+        return a.sum() + b.sum() + c.sum() + d.sum() + e.sum()
+
+    g = jax.shard_map(f, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False)
+    text = jax.jit(g).lower(jax.ShapeDtypeStruct((16, 32), jnp.float32)).compile().as_text()
+    got = {c.kind: c for c in parse_collectives(text, mesh)}
+    assert set(got) == {"all-reduce", "reduce-scatter", "all-gather", "all-to-all", "collective-permute"}
+    full = 16 * 32 * 4
+    assert got["reduce-scatter"].axes == ("model",) and got["reduce-scatter"].ring_bytes == pytest.approx(0.75 * full)
+    assert got["all-gather"].axes == ("data",) and got["all-gather"].bytes == full // 2
+    assert got["all-to-all"].axes == ("model",) and got["all-to-all"].ring_bytes == pytest.approx(0.75 * full)
+    assert got["collective-permute"].ring_bytes == full
+    assert got["all-reduce"].axes == ("data", "model") and got["all-reduce"].group_size == 8
+
+
+def test_real_gspmd_program_in_a_scan(mesh):
+    def loss(w, x):
+        def body(h, wi):
+            return jnp.tanh(h @ wi), None
+        return jax.lax.scan(body, x, w)[0].sum()
+
+    w = jax.ShapeDtypeStruct((3, 32, 32), jnp.float32, sharding=NamedSharding(mesh, P(None, None, "model")))
+    x = jax.ShapeDtypeStruct((16, 32), jnp.float32, sharding=NamedSharding(mesh, P("data", None)))
+    cs = parse_collectives(jax.jit(jax.grad(loss)).lower(w, x).compile().as_text(), mesh)
+    assert cs and all(c.count == 3 for c in cs if c.computation != "main")
+    assert {c.axis_label for c in cs} <= {"model", "data", "data+model"}

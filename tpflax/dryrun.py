@@ -1,0 +1,582 @@
+"""Dry run: compile a training step on the mesh and read what XLA decided.
+
+``dry_run(step, plan, mesh, example_args)`` lowers and compiles
+``jax.jit(step, in_shardings=..., out_shardings=...)`` on ``ShapeDtypeStruct``
+arguments that carry their shardings: no data exists and nothing runs. The
+compiled program gives XLA's own per-device memory (``memory_analysis()``), its
+FLOP count (``cost_analysis()``) and its collectives (parsed from the HLO text
+by :mod:`tpflax.hlo`), which :meth:`DryRun.compare` sets beside an
+:func:`tpflax.estimate`.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import CompileError, PlanMismatchError, SpecError
+from .estimate import Estimate, opt_state_specs, split_params
+from .hlo import Collective, parse_collectives, summarize
+from .mesh import DATA, FSDP
+
+MEMORY_KEYS = ("argument", "output", "temp", "alias", "generated_code")
+
+
+@dataclass(frozen=True)
+class TrainStep:
+    """A step function with abstract, sharded example arguments, ready for :func:`dry_run`.
+
+    Attributes:
+        fn: ``(variables, opt_state, batch) -> (variables, opt_state, loss)``.
+        args: ``(variables, opt_state, batch)`` as ``ShapeDtypeStruct`` trees with shardings.
+        in_shardings, out_shardings: NamedSharding trees for ``jax.jit``.
+        donate_argnums: arguments whose buffers the outputs reuse.
+    """
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    in_shardings: Any
+    out_shardings: Any
+    donate_argnums: tuple[int, ...] = (0, 1)
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """What XLA compiled for one step.
+
+    Attributes:
+        memory: ``{"argument", "output", "temp", "alias", "generated_code"}`` bytes
+            per device; a value is None when XLA did not report it (0 or -1).
+        collectives: every collective in the compiled HLO.
+        flops: per-device FLOPs from the cost analysis, or None if not reported.
+        compile_seconds: lowering + compilation wall time.
+        mesh: the mesh shape.
+        warnings: what XLA did not report, and similar caveats.
+        platform: the device platform compiled for.
+    """
+
+    memory: Mapping[str, int | None]
+    collectives: tuple[Collective, ...]
+    flops: float | None
+    compile_seconds: float
+    mesh: Any
+    warnings: tuple[str, ...] = ()
+    platform: str = ""
+    hlo_text: str = field(default="", repr=False)
+
+    def comm(self) -> dict[str, dict[str, float]]:
+        """``{kind: {axis label: bytes per step}}``, the estimate's convention."""
+        out: dict[str, dict[str, float]] = {}
+        for (kind, axis), v in summarize(self.collectives, by="axis").items():
+            if v > 0:
+                out.setdefault(kind, {})[axis] = v
+        return out
+
+    @property
+    def comm_total(self) -> float:
+        return sum(v for by_axis in self.comm().values() for v in by_axis.values())
+
+    def compare(self, est: Estimate) -> Comparison:
+        """The estimate beside the compiled program, with relative errors.
+
+        Rows whose compiled value XLA did not report are kept, marked, and never
+        compared against zero.
+        """
+        rows: list[Row] = []
+        mem = self.memory
+        rows.append(_row("memory", "arguments (params+state+opt+batch)", est.per_device.arguments,
+                         mem.get("argument")))
+        rows.append(_row("memory", "outputs (params+state+opt+loss)",
+                         est.per_device.params + est.per_device.model_state + est.per_device.opt_state,
+                         mem.get("output")))
+        rows.append(_row("memory", "temp (grads+activations, XLA's buffers)",
+                         est.per_device.grads + est.per_device.activations, mem.get("temp"), bound=False))
+        got = self.comm()
+        keys = sorted({(k, a) for k, v in est.comm.items() for a in v} | {(k, a) for k, v in got.items()
+                                                                          for a in v})
+        for kind, axis in keys:
+            rows.append(_row("comm", f"{kind} over {axis}", est.comm.get(kind, {}).get(axis, 0.0),
+                             got.get(kind, {}).get(axis, 0.0), bound=False, reported=True))
+        rows.append(_row("comm", "total collective bytes per step", est.comm_total, self.comm_total,
+                         reported=True))
+        return Comparison(tuple(rows), self.warnings)
+
+    def report_lines(self) -> list[str]:
+        from .plan import _fmt_bytes as fmt
+
+        out = [f"dry run on {self.platform or '?'} mesh {self.mesh}: compiled in {self.compile_seconds:.1f}s"]
+        for k in MEMORY_KEYS:
+            v = self.memory.get(k)
+            out.append(f"  {k + ' bytes':<22}{fmt(v) if v is not None else 'not reported by XLA':>16}")
+        out.append(f"  {'flops per device':<22}{self.flops if self.flops is not None else 'not reported':>16}")
+        out.append(f"  collectives: {len(self.collectives)}")
+        for (kind, axis), v in sorted(summarize(self.collectives, by="axis").items()):
+            n = sum(c.count for c in self.collectives if c.kind == kind and c.axis_label == axis)
+            out.append(f"    {kind:<19}{axis:<16}{n:>5}x {fmt(v):>12}")
+        out += [f"  note: {w}" for w in self.warnings]
+        return out
+
+    def to_dict(self) -> dict:
+        return {"memory": dict(self.memory), "flops": self.flops, "compile_seconds": self.compile_seconds,
+                "platform": self.platform, "comm_bytes_per_step": self.comm(),
+                "collectives": [c.to_dict() for c in self.collectives], "warnings": list(self.warnings)}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One estimate-vs-compiled line. ``rel_error`` is None when XLA reported nothing."""
+
+    section: str
+    name: str
+    estimated: float
+    compiled: float | None
+    rel_error: float | None
+    bounded: bool
+
+
+def _row(section: str, name: str, est: float, got: float | None, *, bound: bool = True,
+         reported: bool = False) -> Row:
+    if got is None:
+        return Row(section, name, float(est), None, None, bound)
+    if got == 0:
+        rel = 0.0 if est == 0 else (math.inf if not reported else math.inf)
+    else:
+        rel = (est - got) / got
+    return Row(section, name, float(est), float(got), rel, bound)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Estimate vs compiled, row by row (see :meth:`DryRun.compare`)."""
+
+    rows: tuple[Row, ...]
+    warnings: tuple[str, ...] = ()
+
+    def row(self, name: str) -> Row:
+        for r in self.rows:
+            if r.name == name or r.name.startswith(name):
+                return r
+        raise KeyError(name)
+
+    @property
+    def memory_error(self) -> float | None:
+        """Relative error of params + state + optimizer state + batch vs XLA's argument bytes."""
+        return self.row("arguments").rel_error
+
+    @property
+    def comm_error(self) -> float | None:
+        """Relative error of total collective bytes per step vs the compiled HLO."""
+        return self.row("total collective").rel_error
+
+    def report_lines(self) -> list[str]:
+        from .plan import _fmt_bytes as fmt
+
+        out = ["estimated vs compiled (per device)",
+               f"  {'':<44}{'estimated':>12}{'compiled':>14}{'error':>9}"]
+        for r in self.rows:
+            got = fmt(r.compiled) if r.compiled is not None else "not reported"
+            if r.rel_error is None:
+                err = "n/a"
+            elif math.isinf(r.rel_error):
+                err = "new"
+            else:
+                err = f"{100 * r.rel_error:+.1f}%"
+            out.append(f"  {r.name:<44}{fmt(r.estimated):>12}{got:>14}{err:>9}")
+        out += [f"  note: {w}" for w in self.warnings]
+        return out
+
+    def to_dict(self) -> dict:
+        return {"rows": [{"section": r.section, "name": r.name, "estimated": r.estimated,
+                          "compiled": r.compiled, "rel_error": r.rel_error} for r in self.rows],
+                "warnings": list(self.warnings)}
+
+
+# ---------------------------------------------------------------------------
+# shardings for a step's arguments
+
+def batch_axes(plan) -> tuple[str, ...]:
+    """Mesh axes the batch dim is split over: every data and fsdp axis larger than 1."""
+    roles = dict(plan.mesh.roles)
+    return tuple(a for a in plan.mesh.names if roles[a] in (DATA, FSDP) and plan.mesh.sizes[a] > 1)
+
+
+def _batch_shardings(plan, mesh, batch: Any) -> Any:
+    """NamedShardings splitting dim 0 of every batch leaf over the batch axes.
+
+    Raises:
+        SpecError: a leaf's batch dim does not divide the batch axes (before compiling).
+    """
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    axes = batch_axes(plan)
+    n = math.prod(plan.mesh.sizes[a] for a in axes)
+    problems = []
+    flat, treedef = jax.tree_util.tree_flatten_with_path(batch)
+    out = []
+    for path, leaf in flat:
+        shape = tuple(getattr(leaf, "shape", ()))
+        name = jax.tree_util.keystr(path, simple=True, separator="/") or "batch"
+        if not axes or not shape:
+            out.append(NamedSharding(mesh, PartitionSpec()))
+            continue
+        if shape[0] % n:
+            problems.append(f"batch leaf {name} shape {shape}: dim 0 ({shape[0]}) is not divisible by "
+                            f"{'*'.join(f'{a}={plan.mesh.sizes[a]}' for a in axes)} = {n}; use a global "
+                            f"batch that is a multiple of {n}")
+            out.append(None)
+            continue
+        out.append(NamedSharding(mesh, PartitionSpec(axes if len(axes) > 1 else axes[0])))
+    if problems:
+        raise SpecError("the batch does not divide over the mesh's batch axes", problems)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _named(mesh, specs: Any) -> Any:
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
+                                  is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def _with_shardings(tree: Any, shardings: Any) -> Any:
+    """``tree``'s leaves as ShapeDtypeStructs carrying the matching sharding.
+
+    Leaves are matched in order, so a sharding may stand where ``tree`` has a
+    one-leaf node (an ``nnx.Param`` holding its value).
+    """
+    import jax
+    from jax.sharding import Sharding
+
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    sh = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, Sharding))
+    if len(sh) != len(leaves):
+        raise PlanMismatchError(f"{len(sh)} shardings for a tree of {len(leaves)} leaves; build the "
+                                "shardings from the same tree (plan.specs_for(tree))")
+    return jax.tree_util.tree_unflatten(treedef, [
+        jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) for x, s in zip(leaves, sh, strict=True)])
+
+
+def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: int | Any = 8, *,
+               variables: Any = None, gather_fsdp: bool = True) -> TrainStep:
+    """A standard training step for a zoo model: forward, backward, optax update.
+
+    Args:
+        model: a :class:`tpflax.zoo.ZooModel` (linen or nnx).
+        plan: a plan for ``model.abstract_variables()``.
+        mesh: a ``jax.sharding.Mesh`` matching the plan.
+        optimizer: an ``optax.GradientTransformation``.
+        batch: the global batch size, or an abstract batch ``{"x": ..., "y": ...}``.
+        variables: abstract variables (default: ``model.abstract_variables()``).
+        gather_fsdp: implement fsdp as ZeRO-3: inside the step, constrain the
+            parameters to their specs without the fsdp axes, so XLA all-gathers
+            them for compute (and reduces the gradients back to the shards).
+            Without it GSPMD may instead keep weights in place and move
+            activations, which is not what an fsdp plan means.
+
+    Returns:
+        A :class:`TrainStep`; ``dry_run(ts.fn, plan, mesh, ts.args)`` compiles it.
+
+    >>> import optax, tpflax
+    >>> from tpflax import zoo
+    >>> m = zoo.get("mlp")
+    >>> p = tpflax.plan(m.abstract_variables(), {"model": 1})
+    >>> ts = make_train_step(m, p, tpflax.make_mesh({"model": 1}), optax.sgd(0.1), 4)
+    >>> ts.args[2]["x"].shape
+    (4, 32)
+    """
+    import jax
+    import optax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from .apply import check_mesh
+
+    check_mesh(plan, mesh)
+    if variables is None:
+        variables = model.abstract_variables()
+    abstract_batch = jax.eval_shape(lambda: model.make_batch(0, batch)) if isinstance(batch, int) else batch
+    params, _ = split_params(plan, variables)
+    opt_state, opt_specs = opt_state_specs(plan, optimizer, params)
+    try:
+        var_specs = plan.specs_for(variables)
+    except PlanMismatchError:
+        raise
+    var_sh = _named(mesh, var_specs)
+    opt_sh = _named(mesh, opt_specs)
+    batch_sh = _batch_shardings(plan, mesh, abstract_batch)
+    loss_sh = NamedSharding(mesh, PartitionSpec())
+    gather = _fsdp_gather(plan, mesh, split_params(plan, var_specs)[0]) if gather_fsdp else None
+
+    def step(variables, opt_state, batch):
+        params, merge = split_params(plan, variables)
+
+        def loss_fn(p):
+            if gather is not None:
+                p = gather(p)
+            return model.loss(merge(variables, p), batch)
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return merge(variables, optax.apply_updates(params, updates)), opt_state, loss
+
+    args = (_with_shardings(variables, var_sh), _with_shardings(opt_state, opt_sh),
+            _with_shardings(abstract_batch, batch_sh))
+    return TrainStep(step, args, (var_sh, opt_sh, batch_sh), (var_sh, opt_sh, loss_sh))
+
+
+def _fsdp_gather(plan, mesh, param_specs: Any) -> Callable[[Any], Any] | None:
+    """``params -> params`` constrained to their specs without fsdp axes, or None."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    roles = dict(plan.mesh.roles)
+    fsdp = {a for a, r in roles.items() if r == FSDP}
+    if not any(plan.mesh.sizes[a] > 1 for a in fsdp):
+        return None
+
+    def drop(spec):
+        out = []
+        for e in tuple(spec):
+            axes = () if e is None else ((e,) if isinstance(e, str) else tuple(e))
+            kept = tuple(a for a in axes if a not in fsdp)
+            out.append(None if not kept else (kept[0] if len(kept) == 1 else kept))
+        return NamedSharding(mesh, PartitionSpec(*out))
+
+    compute = jax.tree_util.tree_map(drop, param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+    targets = jax.tree_util.tree_leaves(compute, is_leaf=lambda x: isinstance(x, NamedSharding))
+
+    def gather(params):
+        leaves, treedef = jax.tree_util.tree_flatten(params)  # nnx Params hold one leaf each
+        return jax.tree_util.tree_unflatten(treedef, [
+            jax.lax.with_sharding_constraint(x, s) for x, s in zip(leaves, targets, strict=True)])
+
+    return gather
+
+
+# ---------------------------------------------------------------------------
+# the dry run
+
+class _Progress:
+    """Progress on stderr: a rich spinner when rich is installed, plain lines otherwise."""
+
+    def __init__(self, enabled: bool, what: str):
+        self.enabled, self.what, self._status, self.t0 = enabled, what, None, time.perf_counter()
+        if not enabled:
+            return
+        try:
+            from rich.console import Console
+
+            self._status = Console(stderr=True).status(f"{what}: lowering")
+            self._status.start()
+        except ImportError:
+            print(f"tpflax: {what}: lowering ...", file=sys.stderr, flush=True)
+
+    def step(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._status is not None:
+            self._status.update(f"{self.what}: {text}")
+        else:
+            print(f"tpflax: {self.what}: {text} ...", file=sys.stderr, flush=True)
+
+    def done(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._status is not None:
+            self._status.stop()
+        print(f"tpflax: {self.what}: {text} ({time.perf_counter() - self.t0:.1f}s)", file=sys.stderr,
+              flush=True)
+
+
+def dry_run(step: Callable[..., Any] | TrainStep, plan, mesh: Any, example_args: Sequence[Any] = (), *,
+            in_shardings: Any = None, out_shardings: Any = None, donate_argnums: Sequence[int] | None = None,
+            optimizer: Any = None, progress: bool = False, keep_hlo: bool = False) -> DryRun:
+    """Compile ``step`` on the mesh with sharded abstract arguments; run nothing.
+
+    Args:
+        step: the training step, or a :class:`TrainStep` (which carries its
+            arguments and shardings).
+        plan: the plan the parameters follow.
+        mesh: a ``jax.sharding.Mesh`` (or a shape to build one) matching the plan.
+        example_args: the step's arguments: arrays or ``ShapeDtypeStruct`` trees.
+            A tree matching the plan gets the plan's shardings; an optimizer state
+            (with ``optimizer=``) gets specs derived from the parameters';
+            leaves carrying a ``.sharding`` keep it; anything else is treated as
+            batch (dim 0 split over the data/fsdp axes; checked before compiling).
+        in_shardings, out_shardings: override what ``jax.jit`` gets.
+        donate_argnums: donated arguments (TrainStep default: variables and opt state).
+        optimizer: the optax optimizer, to shard its state argument.
+        progress: show progress on stderr while compiling.
+        keep_hlo: keep the compiled HLO text on the result.
+
+    Returns:
+        A :class:`DryRun`.
+
+    Raises:
+        SpecError: the batch does not divide over the batch axes.
+        CompileError: lowering or compiling failed; lists leaves whose sharding
+            does not fit and XLA's message.
+
+    >>> import optax, tpflax
+    >>> from tpflax import zoo
+    >>> m = zoo.get("mlp")
+    >>> p = tpflax.plan(m.abstract_variables(), {"model": 1})
+    >>> mesh = tpflax.make_mesh({"model": 1})
+    >>> dr = dry_run(make_train_step(m, p, mesh, optax.sgd(0.1), 4), p, mesh)
+    >>> dr.memory["argument"] > 0
+    True
+    """
+    import jax
+
+    from .apply import check_mesh
+    from .mesh import make_mesh
+
+    if not isinstance(mesh, jax.sharding.Mesh):
+        mesh = make_mesh(mesh)
+    check_mesh(plan, mesh)
+    if isinstance(step, TrainStep):
+        fn, args = step.fn, tuple(step.args)
+        in_sh = step.in_shardings if in_shardings is None else in_shardings
+        out_sh = step.out_shardings if out_shardings is None else out_shardings
+        donate = tuple(step.donate_argnums if donate_argnums is None else donate_argnums)
+    else:
+        fn = step
+        args, derived = _shard_args(plan, mesh, tuple(example_args), optimizer)
+        in_sh = derived if in_shardings is None else in_shardings
+        out_sh = out_shardings
+        donate = tuple(donate_argnums or ())
+    abstract = tuple(_with_shardings(jax.tree_util.tree_map(_abstract_leaf, a), s)
+                     for a, s in zip(args, in_sh, strict=True))
+    jit_kwargs: dict[str, Any] = {"in_shardings": in_sh, "donate_argnums": donate}
+    if out_sh is not None:
+        jit_kwargs["out_shardings"] = out_sh
+    bar = _Progress(progress, f"dry run on mesh {plan.mesh}")
+    t0 = time.perf_counter()
+    try:
+        lowered = jax.jit(fn, **jit_kwargs).lower(*abstract)
+        bar.step("compiling with XLA")
+        compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 - reported as one CompileError naming the leaves
+        bar.done("failed")
+        raise _compile_error(plan, abstract, e) from e
+    seconds = time.perf_counter() - t0
+    bar.done("compiled")
+    warnings: list[str] = []
+    memory = _memory(compiled, warnings)
+    flops = _flops(compiled, warnings)
+    text = compiled.as_text() or ""
+    if not text:
+        warnings.append("XLA returned no HLO text; collectives unknown")
+    collectives = tuple(parse_collectives(text, mesh, num_devices=mesh.devices.size))
+    return DryRun(memory=memory, collectives=collectives, flops=flops, compile_seconds=seconds,
+                  mesh=plan.mesh, warnings=tuple(warnings), platform=mesh.devices.flat[0].platform,
+                  hlo_text=text if keep_hlo else "")
+
+
+def _abstract_leaf(x: Any) -> Any:
+    import jax
+
+    return jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") and hasattr(x, "dtype") else x
+
+
+def _shard_args(plan, mesh, args: tuple[Any, ...], optimizer: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    import jax
+    from jax.sharding import NamedSharding
+
+    shardings = []
+    params_tree = None
+    for a in args:
+        try:
+            specs = plan.specs_for(a)
+        except Exception:  # noqa: BLE001 - not the planned tree; try the other roles
+            specs = None
+        if specs is not None:
+            params_tree = a
+            shardings.append(_named(mesh, specs))
+            continue
+        leaves = jax.tree_util.tree_leaves(a)
+        if leaves and all(isinstance(getattr(x, "sharding", None), NamedSharding) for x in leaves):
+            shardings.append(jax.tree_util.tree_map(lambda x: x.sharding, a))
+            continue
+        if optimizer is not None and params_tree is not None:
+            params, _ = split_params(plan, params_tree)
+            state, ospecs = opt_state_specs(plan, optimizer, jax.tree_util.tree_map(_abstract_leaf, params))
+            if jax.tree_util.tree_structure(state) == jax.tree_util.tree_structure(a):
+                shardings.append(_named(mesh, ospecs))
+                continue
+        shardings.append(_batch_shardings(plan, mesh, a))
+    return args, tuple(shardings)
+
+
+def _memory(compiled: Any, warnings: list[str]) -> dict[str, int | None]:
+    try:
+        ma = compiled.memory_analysis()
+    except Exception as e:  # noqa: BLE001 - some backends do not implement it
+        warnings.append(f"XLA memory_analysis() is unavailable on this backend ({type(e).__name__})")
+        ma = None
+    out: dict[str, int | None] = {}
+    missing = []
+    for k in MEMORY_KEYS:
+        v = getattr(ma, f"{k}_size_in_bytes", None) if ma is not None else None
+        if v is None or v < 0 or (v == 0 and k in ("argument", "output", "generated_code")):
+            out[k] = None
+            if ma is not None:
+                missing.append(k)
+        else:
+            out[k] = int(v)
+    if missing == ["generated_code"]:
+        pass  # XLA:CPU never reports generated code size; nothing to compare it with anyway
+    elif missing:
+        warnings.append("XLA reported zero or -1 for " + ", ".join(missing)
+                        + " bytes; those are not compared")
+    return out
+
+
+def _flops(compiled: Any, warnings: list[str]) -> float | None:
+    try:
+        ca = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - optional on some backends
+        ca = None
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else None
+    flops = (ca or {}).get("flops") if isinstance(ca, Mapping) else None
+    if flops is None or flops <= 0:
+        warnings.append("XLA reported no FLOP count for this program")
+        return None
+    return float(flops)
+
+
+def _compile_error(plan, args: tuple[Any, ...], e: Exception) -> CompileError:
+    import jax
+
+    problems = []
+    for i, a in enumerate(args):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(a)[0]:
+            sh = getattr(leaf, "sharding", None)
+            spec = getattr(sh, "spec", None)
+            if spec is None:
+                continue
+            name = jax.tree_util.keystr(path, simple=True, separator="/")
+            shape = tuple(leaf.shape)
+            mesh_sizes = dict(sh.mesh.shape)
+            for dim, entry in enumerate(tuple(spec)):
+                axes = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+                n = math.prod(mesh_sizes.get(a_, 1) for a_ in axes)
+                if dim >= len(shape):
+                    problems.append(f"argument {i} leaf {name} shape {shape}: spec {spec} has more entries "
+                                    "than the leaf has dims; fix the rule that produced it")
+                    break
+                if n > 1 and shape[dim] % n:
+                    problems.append(f"argument {i} leaf {name} shape {shape}: dim {dim} ({shape[dim]}) is not "
+                                    f"divisible by {'*'.join(f'{x}={mesh_sizes[x]}' for x in axes)}; change "
+                                    "the rule or the mesh")
+    msg = str(e).strip().splitlines()
+    head = " ".join(msg[:6])[:1500] if msg else type(e).__name__
+    problems.append(f"XLA/jax said ({type(e).__name__}): {head}")
+    return CompileError(f"the step did not compile on mesh {plan.mesh}", problems)
