@@ -1,0 +1,373 @@
+"""The converter: placement, init, optimizer state, NNX, batches, jit_step, errors.
+
+Real Flax modules, real optax optimizers, real compiled programs on 8 CPU-emulated
+devices. Bit-exactness is checked on the raw bytes.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from flax.training import train_state
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import tpflax
+from tpflax import zoo
+from tpflax.apply import _put
+from tpflax.specs import local_shape
+
+DP_TP = {"data": 2, "model": 4}
+
+
+def same_bytes(a, b) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def assert_bit_exact(got, want):
+    g, w = jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)
+    assert len(g) == len(w)
+    for a, b in zip(g, w, strict=True):
+        assert same_bytes(a, b), (np.asarray(a).dtype, np.asarray(b).dtype)
+
+
+def assert_placed(tree, plan, mesh):
+    """Every leaf carries the plan's sharding and each device holds only its shard."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    assert len(flat) == len(plan.decisions)
+    for path, x in flat:
+        key = jax.tree_util.keystr(path, simple=True, separator="/")
+        d = plan.decisions[key]
+        assert x.sharding == NamedSharding(mesh, d.spec), key
+        want = local_shape(d.shape, d.spec, plan.mesh)
+        assert all(s.data.shape == want for s in x.addressable_shards), key
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return tpflax.make_mesh(DP_TP)
+
+
+def mixed_dtype_tree():
+    rng = np.random.default_rng(0)
+    f = rng.standard_normal((16, 32)).astype(np.float32)
+    return {
+        "f32": {"kernel": f},
+        "bf16": {"kernel": f.astype(ml_dtypes.bfloat16)},
+        "f16": {"kernel": f.astype(np.float16)},
+        "i8": {"kernel": rng.integers(-128, 127, (16, 32), dtype=np.int8)},
+        "e4m3": {"kernel": f.astype(ml_dtypes.float8_e4m3fn)},
+        "e5m2": {"kernel": f.astype(ml_dtypes.float8_e5m2)},
+        "norm": {"scale": np.ones((32,), np.float32)},
+    }
+
+
+MIXED_RULES = [(r"f32|bf16|i8", P("data", "model")), (r"f16|e4m3", P(None, "model")),
+               (r"e5m2", P("model", "data"))]
+
+
+@pytest.mark.parametrize("source", ["numpy", "device0", "per_shard"])
+def test_shard_is_bit_exact_for_every_dtype(mesh, source):
+    host = mixed_dtype_tree()
+    plan = tpflax.plan(host, DP_TP, rules=MIXED_RULES)
+    tree = host if source != "device0" else jax.device_put(host, jax.devices()[0])
+    before = jax.tree_util.tree_leaves(tree)
+    out = tpflax.shard(tree, plan, mesh, per_shard=source == "per_shard")
+    assert_placed(out, plan, mesh)
+    assert_bit_exact(tpflax.unshard(out), host)
+    # The caller's tree is untouched: same leaf objects, still readable.
+    assert all(a is b for a, b in zip(before, jax.tree_util.tree_leaves(tree), strict=True))
+    assert_bit_exact(tree, host)
+
+
+def test_make_array_from_callback_path_reads_memmaps_by_slice(mesh, tmp_path):
+    """The multi-host code path, single-process: every leaf built from per-device slices."""
+    data = np.arange(64 * 48, dtype=np.float32).reshape(64, 48)
+    np.save(tmp_path / "w.npy", data)
+    mm = np.load(tmp_path / "w.npy", mmap_mode="r")
+    plan = tpflax.plan({"w": mm}, DP_TP, rules=[("w", P("data", "model"))])
+    out = tpflax.shard({"w": mm}, plan, mesh)
+    assert same_bytes(tpflax.unshard(out)["w"], data)
+    assert out["w"].addressable_shards[0].data.shape == (32, 12)
+    s = NamedSharding(mesh, P("model", None))
+    (a,) = _put([data], [s], per_shard=True)
+    assert a.sharding == s and same_bytes(np.asarray(a), data)
+
+
+def test_shard_keeps_flax_boxes():
+    class Boxed(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
+            return nn.Dense(32, kernel_init=init, use_bias=False)(x)
+
+    v = Boxed().init(jax.random.key(0), jnp.ones((1, 16)))
+    plan = tpflax.plan(v, DP_TP)
+    out = tpflax.shard(v, plan, tpflax.make_mesh(DP_TP))
+    box = out["params"]["Dense_0"]["kernel"]
+    assert isinstance(box, nn.LogicallyPartitioned) and box.names == ("embed", "mlp")
+    assert box.value.sharding.spec == P(None, "model")
+    assert same_bytes(box.value, v["params"]["Dense_0"]["kernel"].value)
+
+
+def test_init_sharded_matches_plain_init_bit_exact(mesh):
+    m = zoo.get("llama")
+    x = jnp.zeros((1, m.config.seq_len), jnp.int32)
+    plan = tpflax.plan(m.abstract_variables(), DP_TP)
+    got = tpflax.init_sharded(m.module.init, plan, mesh, jax.random.key(0), x)
+    assert_placed(got, plan, mesh)
+    assert_bit_exact(tpflax.unshard(got), jax.device_get(m.module.init(jax.random.key(0), x)))
+
+
+def test_init_sharded_nnx_module_comes_back_merged(mesh):
+    m = zoo.get("nnx-mlp")
+    plan = tpflax.plan(m.abstract_variables(), DP_TP)
+    model = tpflax.init_sharded(lambda k: m.module(nnx.Rngs(params=k)), plan, mesh,
+                                jax.random.key(3))
+    assert isinstance(model, nnx.Module)
+    assert_placed(nnx.state(model).to_pure_dict(), plan, mesh)
+    ref = m.init(jax.random.key(3))
+    assert_bit_exact(tpflax.unshard(model), jax.device_get(ref))
+
+
+# ---------------------------------------------------------------------------
+# optimizer state
+
+
+def small_params():
+    r = np.random.default_rng(1)
+    return {"up": {"kernel": r.standard_normal((16, 64)).astype(np.float32),
+                   "bias": np.zeros((64,), np.float32)},
+            "down": {"kernel": r.standard_normal((64, 16)).astype(np.float32)},
+            "norm": {"scale": np.ones((16,), np.float32)}}
+
+
+LABELS = {"up": {"kernel": "a", "bias": "b"}, "down": {"kernel": "a"}, "norm": {"scale": "b"}}
+MASK = {"up": {"kernel": True, "bias": False}, "down": {"kernel": True}, "norm": {"scale": False}}
+
+OPTIMIZERS = {
+    "adamw": lambda: optax.adamw(1e-3),
+    "adafactor": lambda: optax.adafactor(1e-3, min_dim_size_to_factor=8),
+    "sgd_momentum": lambda: optax.sgd(1e-2, momentum=0.9),
+    "chain": lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3)),
+    "masked": lambda: optax.masked(optax.adam(1e-3), MASK),
+    "multi_transform": lambda: optax.multi_transform(
+        {"a": optax.adam(1e-3), "b": optax.sgd(1e-2, momentum=0.9)}, LABELS),
+    "multisteps": lambda: optax.MultiSteps(optax.adam(1e-3), 2),
+}
+
+
+def expected_spec(path: str, shape, plan) -> P:
+    """What a state leaf should get: its parameter's spec, adapted; replicated otherwise."""
+    for ppath, d in plan.decisions.items():
+        if path.endswith("/" + ppath):
+            if tuple(shape) == d.shape:
+                return d.spec
+            if len(shape) == len(d.shape) - 1:  # adafactor factored moment: one dim reduced
+                for k in range(len(d.shape)):
+                    if d.shape[:k] + d.shape[k + 1:] == tuple(shape):
+                        return P(*(tuple(d.spec)[:k] + tuple(d.spec)[k + 1:]))
+            return P(*[None] * len(shape))
+    return P()
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_optimizer_state_specs_follow_params(name, mesh):
+    params = small_params()
+    plan = tpflax.plan(params, DP_TP, rules=[("up/kernel", "column"), ("up/bias", P("model")),
+                                             ("down/kernel", "row")])
+    tx = OPTIMIZERS[name]()
+    ref_state = jax.device_get(tx.init(params))
+    # Created sharded from nothing, and placed from an existing state: same layout, same values.
+    created = tpflax.shard_optimizer_state(tx, None, plan, mesh, params=params)
+    placed = tpflax.shard_optimizer_state(tx, ref_state, plan, mesh)
+    zeros_init = tpflax.shard_optimizer_state(tx, None, plan, mesh)
+    for state in (created, placed, zeros_init):
+        flat = jax.tree_util.tree_flatten_with_path(state)[0]
+        assert flat, name
+        for path, x in flat:
+            key = jax.tree_util.keystr(path, simple=True, separator="/")
+            assert x.sharding.spec == expected_spec(key, x.shape, plan), (name, key)
+        assert_bit_exact(tpflax.unshard(state), ref_state)
+    n_sharded = sum(1 for _, x in jax.tree_util.tree_flatten_with_path(created)[0]
+                    if any(e is not None for e in x.sharding.spec))
+    assert n_sharded >= 2, name
+    if name == "adafactor":  # factored moments really are there, with reduced shapes
+        vr = created[0].v_row["up"]["kernel"]
+        assert vr.shape == (16,) and vr.sharding.spec == P(None)
+        vc = created[0].v_col["up"]["kernel"]
+        assert vc.shape == (64,) and vc.sharding.spec == P("model")
+    # One real update under jit with the derived shardings.
+    sp = tpflax.shard(params, plan, mesh)
+    grads = jax.tree_util.tree_map(lambda a: jnp.full(a.shape, 0.5, a.dtype), sp)
+    s_opt = tpflax.optimizer_shardings(tx, plan, mesh)
+    upd = jax.jit(tx.update, out_shardings=(tpflax.shardings(plan, mesh), s_opt))
+    u, new_state = upd(grads, created, sp)
+    ref_u, _ = tx.update(jax.device_get(grads), ref_state, params)
+    np.testing.assert_allclose(np.asarray(u["down"]["kernel"]), ref_u["down"]["kernel"], rtol=1e-6)
+    assert new_state is not None
+
+
+def test_train_state_is_sharded_and_steps(mesh):
+    m = zoo.get("mlp")
+    v = m.init(0)
+    plan = tpflax.plan(v["params"], DP_TP, fsdp_min_bytes=0)
+    tx = optax.adamw(1e-3)
+    ts = train_state.TrainState.create(apply_fn=m.module.apply, params=v["params"], tx=tx)
+    sts = tpflax.shard_train_state(ts, plan, mesh)
+    assert_placed(sts.params, plan, mesh)
+    assert sts.opt_state[0].mu["head"]["kernel"].sharding == sts.params["head"]["kernel"].sharding
+    assert sts.step.sharding.spec == P()
+    shard_tree = tpflax.train_state_shardings(ts, plan, mesh)
+    batch = m.make_batch(1, 4)
+
+    def step(state, batch):
+        loss, g = jax.value_and_grad(lambda p: m.loss({"params": p}, batch))(state.params)
+        return state.apply_gradients(grads=g), loss
+
+    run = jax.jit(step, in_shardings=(shard_tree, tpflax.batch_sharding(mesh)),
+                  out_shardings=(shard_tree, None), donate_argnums=0)
+    new, loss = run(sts, batch)
+    ref_new, ref_loss = jax.jit(step)(ts, batch)
+    assert int(new.step) == 1
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
+    assert_placed(new.params, plan, mesh)
+    np.testing.assert_allclose(np.asarray(new.params["head"]["kernel"]),
+                               np.asarray(ref_new.params["head"]["kernel"]), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# NNX
+
+
+def test_nnx_module_and_optimizer_shard_and_train(mesh):
+    m = zoo.get("nnx-mlp")
+    model = m.make_model(0)
+    ref_model = m.make_model(0)
+    plan = tpflax.plan(nnx.state(model), DP_TP, fsdp_min_bytes=0)
+    sharded = tpflax.shard(model, plan, mesh)
+    assert sharded is not model
+    assert model.blocks[0].up.kernel.get_value().sharding.num_devices == 1  # untouched
+    assert_placed(nnx.state(sharded).to_pure_dict(), plan, mesh)
+    tx = optax.adamw(1e-3)
+    opt = tpflax.shard_optimizer_state(nnx.Optimizer(sharded, tx, wrt=nnx.Param), None, plan, mesh)
+    mu = opt.opt_state[0].mu["blocks"][0]["up"]["kernel"].get_value()
+    assert mu.sharding.spec == plan.decisions["blocks/0/up/kernel"].spec
+    batch = m.make_batch(1, 4)
+
+    @nnx.jit
+    def train_step(model, opt, batch):
+        def loss_fn(model):
+            return optax.softmax_cross_entropy_with_integer_labels(model(batch["x"]),
+                                                                   batch["y"]).mean()
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        opt.update(model, grads)
+        return loss
+
+    loss = train_step(sharded, opt, tpflax.shard_batch(batch, mesh))
+    ref_loss = train_step(ref_model, nnx.Optimizer(ref_model, tx, wrt=nnx.Param), batch)
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
+    k = sharded.blocks[0].up.kernel.get_value()
+    assert k.sharding.spec == plan.decisions["blocks/0/up/kernel"].spec
+    np.testing.assert_allclose(np.asarray(k), np.asarray(ref_model.blocks[0].up.kernel.get_value()),
+                               rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# batches and jit_step
+
+
+def test_batch_sharding_and_constraints():
+    assert tpflax.batch_sharding(tpflax.make_mesh({"model": 8})).spec == P()
+    assert tpflax.batch_sharding(tpflax.make_mesh({"fsdp": 2, "model": 4})).spec == P("fsdp")
+    mesh = tpflax.make_mesh({"data": 2, "fsdp": 2, "model": 2})
+    assert tpflax.batch_sharding(mesh).spec == P(("data", "fsdp"))
+    b = tpflax.shard_batch({"x": np.ones((8, 3), np.float32), "n": np.int32(2)}, mesh)
+    assert b["x"].sharding.spec == P(("data", "fsdp")) and b["n"].sharding.spec == P()
+    local = tpflax.shard_batch({"x": np.ones((8, 3), np.float32)}, mesh, process_local=True)
+    assert local["x"].sharding.spec == P(("data", "fsdp")) and local["x"].shape == (8, 3)
+    with pytest.raises(tpflax.SpecError, match=r"x: batch dim .* 6, not divisible by .*data=2\*fsdp=2"):
+        tpflax.shard_batch({"x": np.ones((6, 3))}, mesh)
+    f = jax.jit(lambda b: tpflax.constrain_batch(b, mesh)["x"] * 2)
+    assert f({"x": jnp.ones((8, 3))}).sharding.spec == P(("data", "fsdp"))
+
+
+def test_jit_step_shardings_and_donation(mesh):
+    m = zoo.get("mlp")
+    v = m.init(0)
+    plan = tpflax.plan(v, DP_TP)
+    tx = optax.sgd(0.1, momentum=0.9)
+
+    def step(variables, opt_state, batch):
+        p = variables["params"]
+        loss, g = jax.value_and_grad(lambda q: m.loss({"params": q}, batch))(p)
+        u, opt_state = tx.update(g, opt_state, p)
+        return {"params": optax.apply_updates(p, u)}, opt_state, loss
+
+    sv = tpflax.shard(v, plan, mesh)
+    so = tpflax.shard_optimizer_state(tx, None, plan, mesh)
+    run = tpflax.jit_step(step, plan, mesh, optimizer=tx)
+    batch = m.make_batch(2, 4)
+    nv, no, loss = run(sv, so, batch)
+    assert_placed(nv, plan, mesh)
+    assert no[0].trace["head"]["kernel"].sharding == nv["params"]["head"]["kernel"].sharding
+    assert jax.tree_util.tree_leaves(sv)[0].is_deleted()  # donated
+    assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(v))  # the caller's stay
+    assert np.isfinite(float(loss))
+    nv2, no2, _ = run(nv, no, batch)  # cached: compiled once
+    assert len(run.cache) == 1 and jax.tree_util.tree_leaves(nv2)[0].sharding.mesh == mesh
+    hlo = run.lower(nv2, no2, batch).as_text()
+    assert "sharding" in hlo
+    with pytest.raises(tpflax.PlanMismatchError, match="2 outputs"):
+        tpflax.jit_step(step, plan, mesh, out_roles=("params", "state"))(nv2, no2, batch)
+    with pytest.raises(tpflax.PlanMismatchError, match="unknown role"):
+        tpflax.jit_step(step, plan, mesh, in_roles=("params", "bogus", "batch"))
+
+
+# ---------------------------------------------------------------------------
+# errors: every difference named, nothing placed
+
+
+def test_tree_mismatch_names_every_difference_and_places_nothing(mesh):
+    params = small_params()
+    plan = tpflax.plan(params, DP_TP)
+    bad = {"up": {"kernel": params["up"]["kernel"][:, :32],            # shape changed
+                  "bias": params["up"]["bias"].astype(np.float16)},    # dtype changed
+           "down": {"kernel": params["down"]["kernel"]},
+           "extra": {"w": np.zeros((4,), np.float32)}}                 # extra; norm missing
+    live = len(jax.live_arrays())
+    with pytest.raises(tpflax.PlanMismatchError) as e:
+        tpflax.shard(bad, plan, mesh)
+    msg = str(e.value)
+    for needle in ("up/kernel: shape (16, 32) but the plan has (16, 64)",
+                   "up/bias: dtype float16 but the plan has float32",
+                   "extra/w: in the tree but not in the plan",
+                   "norm/scale: in the plan but missing from the tree"):
+        assert needle in msg, msg
+    assert len(e.value.problems) == 4
+    assert len(jax.live_arrays()) == live  # nothing placed halfway
+    with pytest.raises(tpflax.PlanMismatchError):
+        tpflax.init_sharded(lambda: bad, plan, mesh)
+    with pytest.raises(tpflax.PlanMismatchError):
+        tpflax.shard_train_state(train_state.TrainState.create(
+            apply_fn=None, params=bad, tx=optax.sgd(0.1)), plan, mesh)
+
+
+def test_mesh_mismatch_and_too_few_devices():
+    params = small_params()
+    plan = tpflax.plan(params, DP_TP)
+    with pytest.raises(tpflax.PlanMismatchError, match=r"'model': 8.*differs from the plan's mesh"):
+        tpflax.shard(params, plan, tpflax.make_mesh({"model": 8}))
+    with pytest.raises(tpflax.PlanMismatchError, match="AbstractMesh"):
+        tpflax.shard(params, plan, tpflax.abstract_mesh(DP_TP))
+    big = tpflax.plan(params, {"data": 4, "model": 4})
+    with pytest.raises(tpflax.DeviceError, match="needs 16 devices but only 8"):
+        tpflax.shard(params, big)
+    assert isinstance(tpflax.DeviceError("x"), tpflax.TpflaxError)

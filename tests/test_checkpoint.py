@@ -1,0 +1,170 @@
+"""Checkpoints: sharded save, restore onto other meshes bit-exact, conversion, atomicity."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+import tpflax
+from tpflax import zoo
+
+WORKER = Path(__file__).with_name("_ckpt_kill_worker.py")
+
+
+def same_bytes(a, b) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def assert_bit_exact(got, want):
+    g, w = jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)
+    assert len(g) == len(w)
+    assert all(same_bytes(a, b) for a, b in zip(g, w, strict=True))
+
+
+@pytest.fixture(scope="module")
+def host_tree():
+    """A tiny Llama's variables plus leaves of every narrow dtype, on the host."""
+    v = jax.device_get(zoo.get("llama").init(0))
+    f = np.random.default_rng(0).standard_normal((16, 32)).astype(np.float32)
+    v["extra"] = {"bf16": f.astype(ml_dtypes.bfloat16), "f16": f.astype(np.float16),
+                  "i8": (f * 20).astype(np.int8), "e4m3": f.astype(ml_dtypes.float8_e4m3fn)}
+    return v
+
+
+RULES = [(r"extra/(bf16|i8)", P(None, "model")), (r"extra/(f16|e4m3)", P("model", None))]
+
+
+def test_restore_onto_other_meshes_bit_exact(host_tree, tmp_path):
+    plan_a = tpflax.plan(host_tree, {"data": 2, "model": 4}, rules=RULES)
+    mesh_a = tpflax.make_mesh({"data": 2, "model": 4})
+    sharded = tpflax.shard(host_tree, plan_a, mesh_a)
+    path = tpflax.save_checkpoint(tmp_path / "a", sharded, plan=plan_a)
+    assert (path / "tpflax.json").exists()
+
+    plan_b = tpflax.plan(host_tree, {"model": 8}, rules=RULES)
+    mesh_b = tpflax.make_mesh({"model": 8})
+    on_b = tpflax.restore_checkpoint(path, plan_b, mesh_b)
+    for key, d in plan_b.decisions.items():
+        node = on_b
+        for part in key.split("/"):
+            node = node[part]
+        assert node.sharding.spec == d.spec and node.sharding.mesh == mesh_b, key
+    assert any(e is not None for d in plan_b.decisions.values() for e in d.spec)
+    assert_bit_exact(tpflax.unshard(on_b), host_tree)
+
+    # {model: 8} -> save -> one device.
+    path_b = tpflax.save_checkpoint(tmp_path / "b", on_b)
+    one = tpflax.restore_checkpoint(path_b)
+    assert all(x.sharding.num_devices == 1 for x in jax.tree_util.tree_leaves(one))
+    assert_bit_exact(one, host_tree)
+    # like= gives the caller's structure back.
+    like = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), host_tree)
+    assert jax.tree_util.tree_structure(tpflax.restore_checkpoint(path_b, like=like)) == \
+        jax.tree_util.tree_structure(host_tree)
+
+
+def test_unsharded_checkpoint_converts_into_plan_layout(host_tree, tmp_path):
+    src = tpflax.save_checkpoint(tmp_path / "plain", host_tree)  # numpy: no sharding at all
+    stored = tpflax.checkpoint_tree(src)
+    assert stored["params"]["embed"]["embedding"].shape == (256, 64)
+    plan = tpflax.plan(host_tree, {"fsdp": 2, "model": 4}, rules=RULES, fsdp_min_bytes=0)
+    mesh = tpflax.make_mesh({"fsdp": 2, "model": 4})
+    dst = tpflax.convert_checkpoint(src, tmp_path / "sharded", plan, mesh)
+    back = tpflax.restore_checkpoint(dst, plan, mesh)
+    emb = back["params"]["embed"]["embedding"]
+    assert emb.sharding.spec == plan.decisions["params/embed/embedding"].spec
+    # Each device holds only its slice: no full copy was assembled on one device.
+    assert all(s.data.size < emb.size for s in emb.addressable_shards)
+    assert_bit_exact(tpflax.unshard(back), host_tree)
+
+
+def test_nnx_state_round_trip(tmp_path):
+    m = zoo.get("nnx-mlp")
+    state = m.init(0)
+    plan = tpflax.plan(state, {"model": 8})
+    mesh = tpflax.make_mesh({"model": 8})
+    path = tpflax.save_checkpoint(tmp_path / "nnx", tpflax.shard(state, plan, mesh))
+    back = tpflax.restore_checkpoint(path, plan, mesh, like=m.abstract_variables())
+    assert isinstance(back, nnx.State)
+    assert back["blocks"][0]["up"]["kernel"].get_value().sharding.spec == \
+        plan.decisions["blocks/0/up/kernel"].spec
+    assert_bit_exact(tpflax.unshard(back), jax.device_get(state))
+
+
+def test_checkpoint_errors(host_tree, tmp_path):
+    path = tpflax.save_checkpoint(tmp_path / "c", {"w": np.ones((8, 4), np.float32)})
+    with pytest.raises(tpflax.CheckpointError, match="already exists; pass overwrite=True"):
+        tpflax.save_checkpoint(path, {"w": np.ones((8, 4), np.float32)})
+    with pytest.raises(tpflax.CheckpointError, match="no checkpoint at"):
+        tpflax.restore_checkpoint(tmp_path / "missing")
+    (tmp_path / "half").mkdir()
+    with pytest.raises(tpflax.CheckpointError, match="not a complete checkpoint"):
+        tpflax.restore_checkpoint(tmp_path / "half")
+    other = tpflax.plan({"w": np.ones((8, 8), np.float32), "v": np.ones(3, np.float32)},
+                        {"model": 8})
+    with pytest.raises(tpflax.PlanMismatchError) as e:
+        tpflax.restore_checkpoint(path, other, tpflax.make_mesh({"model": 8}))
+    assert "w: shape (8, 4) but the plan has (8, 8)" in str(e.value)
+    assert "v: in the plan but missing from the tree" in str(e.value)
+    with pytest.raises(tpflax.PlanMismatchError, match="u: expected by the target tree"):
+        tpflax.restore_checkpoint(path, like={"w": np.ones((8, 4), np.float32),
+                                              "u": np.ones(2, np.float32)})
+
+
+def _spawn(path: Path, mode: str) -> subprocess.Popen:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    return subprocess.Popen([sys.executable, str(WORKER), str(path), mode], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+OLD = {"w": np.full((64, 64), 3.0, np.float32), "b": np.arange(8, dtype=np.int8)}
+
+
+def test_killed_save_leaves_the_previous_checkpoint(tmp_path):
+    path = tpflax.save_checkpoint(tmp_path / "ck", OLD)
+    proc = _spawn(path, "external")
+    try:
+        assert proc.stdout.readline().strip() == "SAVING"
+        tmp = tmp_path / ".ck.tpflax-tmp"
+        deadline = time.monotonic() + 60
+        while not any(tmp.parent.glob(".ck.tpflax-tmp*")) and time.monotonic() < deadline:
+            time.sleep(0.005)  # kill as soon as orbax starts writing the hidden directory
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert "SAVED" not in out, "the save finished before the kill; the test did not interrupt it"
+    assert any(tmp_path.glob(".ck.tpflax-tmp*")), "the kill came before the save started writing"
+    assert_bit_exact(tpflax.restore_checkpoint(path), OLD)
+    # The next save cleans up the dead one's leftovers and succeeds.
+    new = {"w": np.full((64, 64), 5.0, np.float32), "b": np.arange(8, dtype=np.int8)}
+    tpflax.save_checkpoint(path, new, overwrite=True)
+    assert_bit_exact(tpflax.restore_checkpoint(path), new)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_save_killed_between_renames_never_restores_wrong(tmp_path):
+    path = tpflax.save_checkpoint(tmp_path / "ck", OLD)
+    proc = _spawn(path, "between-renames")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    assert "SAVED" not in out
+    # The path is gone, the previous checkpoint is intact beside it, and restore says so.
+    with pytest.raises(tpflax.CheckpointError, match="previous complete checkpoint is at"):
+        tpflax.restore_checkpoint(path)
+    old = tmp_path / ".ck.tpflax-old"
+    assert_bit_exact(tpflax.restore_checkpoint(old), OLD)

@@ -1,0 +1,57 @@
+"""Apply a plan to NNX objects: split, place, merge back.
+
+An unannotated ``nnx.Module`` (or an ``nnx.Optimizer``) is split into its
+graph definition and state, the state's arrays are placed on the mesh, and a
+*new* object is merged from them, so its variables carry the shardings and an
+``nnx.jit`` step runs on the mesh. The object passed in is left as it was.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jax.sharding import NamedSharding
+
+from .plan import Plan
+
+
+def shard_module(obj: Any, plan: Plan, mesh: Any = None, *, per_shard: bool = False,
+                 derived: bool = False) -> Any:
+    """A copy of an nnx Module / Optimizer whose arrays are placed on the mesh.
+
+    Args:
+        obj: an ``nnx.Module`` whose ``nnx.state`` the plan was made for, or an
+            ``nnx.Optimizer`` (with ``derived=True``).
+        plan: the plan.
+        mesh: the mesh (or a shape; defaults to the plan's).
+        per_shard: build leaves from per-device slices (see :func:`tpflax.shard`).
+        derived: the state is derived from the planned parameters (an
+            optimizer's moments and step), not the planned tree itself: specs
+            are carried over by path as in :func:`tpflax.state_shardings`.
+
+    Raises:
+        PlanMismatchError: a module's state does not match the plan.
+
+    >>> import tpflax
+    >>> from flax import nnx
+    >>> m = nnx.Linear(4, 8, rngs=nnx.Rngs(0))
+    >>> p = tpflax.plan(nnx.state(m), {"model": 2}, rules=[("kernel", "column")])
+    >>> shard_module(m, p, tpflax.make_mesh({"model": 2})).kernel.get_value().sharding.spec
+    P(None, 'model')
+    """
+    import jax
+    from flax import nnx
+
+    from .apply import _mesh_for, _put, _rebox, _state_specs, shard
+    from .tree import unbox
+
+    graphdef, state = nnx.split(obj)
+    if not derived:
+        return nnx.merge(graphdef, shard(state, plan, mesh, per_shard=per_shard))
+    mesh = _mesh_for(plan, mesh)
+    boxes, treedef, specs = _state_specs(state, plan, mesh)
+    placed = _put([unbox(b) for b in boxes], [NamedSharding(mesh, s) for s in specs],
+                  per_shard=per_shard)
+    state = jax.tree_util.tree_unflatten(treedef, [_rebox(b, v) for b, v in zip(boxes, placed,
+                                                                                strict=True)])
+    return nnx.merge(graphdef, state)
