@@ -6,12 +6,46 @@
 ['w']
 """
 
-from .errors import (CompileError, DeviceError, MeshError, ModelLoadError, PlanFormatError,
-                     PlanMismatchError, RuleError, SpecError, TpflaxError, TreeError)
+from .apply import (
+                     Step,
+                     batch_sharding,
+                     batch_spec,
+                     constrain,
+                     constrain_batch,
+                     init_sharded,
+                     jit_step,
+                     optimizer_shardings,
+                     shard,
+                     shard_batch,
+                     shard_optimizer_state,
+                     shard_train_state,
+                     shardings,
+                     state_shardings,
+                     train_state_shardings,
+                     unshard,
+)
+from .checkpoint import checkpoint_tree, convert_checkpoint, restore_checkpoint, save_checkpoint
+from .dryrun import DryRun, TrainStep, dry_run, make_train_step
+from .errors import (
+                     CheckpointError,
+                     CompileError,
+                     DeviceError,
+                     MeshError,
+                     ModelLoadError,
+                     PlanFormatError,
+                     PlanMismatchError,
+                     RuleError,
+                     SpecError,
+                     TpflaxError,
+                     TraceError,
+                     TreeError,
+)
+from .estimate import Estimate, estimate, trace_activations
 from .heuristics import Pair
 from .mesh import MeshShape, abstract_mesh, make_mesh, mesh_shape
 from .plan import Decision, Plan, default_logical_rules, plan
 from .report import fmt_bytes, report
+from .trace import Dataflow, dataflow
 
 __version__ = "0.1.0"
 
@@ -20,4 +54,13 @@ __all__ = [
     "Plan", "PlanFormatError", "PlanMismatchError", "RuleError", "SpecError", "TpflaxError",
     "TreeError", "abstract_mesh", "default_logical_rules", "fmt_bytes", "make_mesh", "mesh_shape",
     "plan", "report",
+    # dataflow-aware planning (plan(..., model=, sample=))
+    "Dataflow", "TraceError", "dataflow",
+    # apply (the converter) and checkpoints
+    "CheckpointError", "Step", "batch_sharding", "batch_spec", "checkpoint_tree", "constrain",
+    "constrain_batch", "convert_checkpoint", "init_sharded", "jit_step", "optimizer_shardings",
+    "restore_checkpoint", "save_checkpoint", "shard", "shard_batch", "shard_optimizer_state",
+    "shard_train_state", "shardings", "state_shardings", "train_state_shardings", "unshard",
+    # estimates and dry runs
+    "DryRun", "Estimate", "TrainStep", "dry_run", "estimate", "make_train_step", "trace_activations",
 ]

@@ -18,6 +18,9 @@ EXAMPLES = """examples:
   tpflax plan llama-70b --mesh data=16,fsdp=16,model=8 --json > plan.json
   tpflax plan mypkg.models:make --mesh model=8 --rule 'embed=replicate' --rule 'mlp/up=None,model'
   tpflax plan gpt2 --mesh data=2,model=4 --devices 8     # also bind the plan to 8 CPU-emulated devices
+  tpflax estimate llama --mesh fsdp=4,model=2 --optimizer adamw --batch 32
+  tpflax dry-run gpt2 --mesh data=2,model=4 --devices 8 --batch 16
+  tpflax plan llama --mesh data=2,model=4 --trace --pairs  # pair layers from the traced dataflow
 """
 
 
@@ -85,9 +88,15 @@ def plan_from_args(args: argparse.Namespace):
     from .plan import plan
 
     loaded = load_model(args.model, size=args.size)
+    model = None
+    if getattr(args, "trace", False):
+        if loaded.model is None:
+            raise UsageError(f"--trace needs a model to trace: {args.model!r} gave only a variable tree; use a "
+                             "zoo name or a factory returning a tpflax.zoo.ZooModel")
+        model = loaded.model
     p = plan(loaded.variables, args.mesh, rules=[parse_rule(r) for r in args.rule],
              axis_roles=parse_roles(args.axis_role) or None, fsdp_min_bytes=args.fsdp_min_bytes,
-             min_channels=args.min_channels)
+             min_channels=args.min_channels, model=model)
     return loaded, p
 
 
@@ -115,6 +124,114 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 1 if args.strict and p.warnings else 0
 
 
+OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "adafactor", "lion", "rmsprop", "adagrad")
+
+
+def optimizer_from_name(name: str, lr: float = 1e-3):
+    """An optax optimizer by name (the state shapes are what matter here, not the rate)."""
+    import optax
+
+    if name == "momentum":
+        return optax.sgd(lr, momentum=0.9)
+    if name not in OPTIMIZERS:
+        raise UsageError(f"--optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}")
+    return getattr(optax, name)(lr)
+
+
+def _estimate_inputs(args: argparse.Namespace, loaded):
+    """(abstract batch or batch spec, global batch size) from --batch."""
+    import jax
+
+    try:
+        dims = [int(x) for x in str(args.batch).lower().split("x")]
+    except ValueError:
+        raise UsageError(f"--batch {args.batch!r} must be N or NxM..., e.g. 32 or 32x1024") from None
+    if not dims or any(d < 1 for d in dims):
+        raise UsageError(f"--batch {args.batch!r} must hold positive sizes")
+    model = loaded.model
+    if model is None:
+        return "x".join(map(str, dims)), dims[0]
+    seq = getattr(model.config, "seq_len", None)
+    if len(dims) > 1 and seq is not None and dims[1] != seq:
+        raise UsageError(f"{args.model} has seq_len {seq}; pass --batch {dims[0]}x{seq} or just --batch "
+                         f"{dims[0]} (zoo configs fix the sequence length)")
+    return jax.eval_shape(lambda: model.make_batch(0, dims[0])), dims[0]
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from .estimate import estimate
+    from .report import report
+
+    loaded, p = plan_from_args(args)
+    batch, _ = _estimate_inputs(args, loaded)
+    est = estimate(p, optimizer_from_name(args.optimizer), batch, model=loaded.model, remat=args.remat,
+                   backend=args.backend, act_dtype=args.act_dtype, grad_dtype=args.grad_dtype,
+                   optimizer_name=args.optimizer)
+    if args.json:
+        print(report(p, est, fmt="json"))
+    elif args.table:
+        print(report(p, est, reasons=False))
+    else:
+        print(f"tpflax estimate  {args.model}  mesh {p.mesh}")
+        print("\n".join(est.report_lines()))
+    return 1 if args.strict and p.warnings else 0
+
+
+def cmd_dry_run(args: argparse.Namespace) -> int:
+    from .mesh import emulate_cpu_devices, mesh_shape
+
+    need = mesh_shape(args.mesh, parse_roles(args.axis_role) or None).size
+    if not args.devices:
+        # only the CPU backend honours this, and only before jax starts; on real
+        # accelerators the mesh uses the devices that are there
+        emulate_cpu_devices(need)
+    from .dryrun import dry_run, make_train_step
+    from .estimate import estimate
+    from .mesh import make_mesh
+    from .report import report
+
+    loaded, p = plan_from_args(args)
+    if loaded.model is None:
+        raise UsageError(f"dry-run needs a model with a loss to build the train step: {args.model!r} gave "
+                         "only a variable tree; use a zoo name or a factory returning a tpflax.zoo.ZooModel")
+    batch, size = _estimate_inputs(args, loaded)
+    mesh = make_mesh(p.mesh)
+    opt = optimizer_from_name(args.optimizer)
+    ts = make_train_step(loaded.model, p, mesh, opt, batch, gather_fsdp=not args.no_gather_fsdp)
+    dr = dry_run(ts, p, mesh, progress=not args.json)
+    backend = args.backend or mesh.devices.flat[0].platform
+    est = estimate(p, opt, batch, model=loaded.model, remat=args.remat,
+                   backend=backend if backend in ("tpu", "gpu", "cpu") else "tpu",
+                   optimizer_name=args.optimizer)
+    if args.json:
+        print(report(p, est, fmt="json", dry_run=dr))
+        return 0
+    print(f"tpflax dry-run  {args.model}  mesh {p.mesh}  batch {size}  optimizer {args.optimizer}")
+    print("\n".join(est.report_lines()))
+    print()
+    print("\n".join(dr.report_lines()))
+    print()
+    print("\n".join(dr.compare(est).report_lines()))
+    return 1 if args.strict and p.warnings else 0
+
+
+def _add_estimate_args(p: argparse.ArgumentParser, *, dry: bool) -> None:
+    p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="optax optimizer (default adamw)")
+    p.add_argument("--batch", default="8" if dry else "32",
+                   help="global batch: N, or NxSEQ / NxFEATURES (default %(default)s)")
+    p.add_argument("--remat", action="store_true", help="activations are rematerialised")
+    p.add_argument("--backend", choices=["tpu", "gpu", "cpu"], default=None if dry else "tpu",
+                   help="how XLA lowers fsdp gradient reduction (default: "
+                        + ("the devices' platform)" if dry else "tpu)"))
+    if dry:
+        p.add_argument("--no-gather-fsdp", action="store_true",
+                       help="do not constrain parameters to be gathered for compute (let GSPMD choose)")
+    else:
+        p.add_argument("--act-dtype", default=None, help="activation dtype (default: the model's)")
+        p.add_argument("--grad-dtype", default=None, help="gradient dtype (default: the parameter's)")
+        p.add_argument("--table", action="store_true", help="also print the per-leaf plan table")
+
+
 def cmd_zoo(args: argparse.Namespace) -> int:
     from . import zoo
 
@@ -132,8 +249,22 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--pairs", action="store_true", help="list the column->row pairs")
+    p.add_argument("--trace", action="store_true",
+                   help="trace the model's forward pass (abstractly) and pair layers by dataflow, not names")
     p.add_argument("--no-reasons", action="store_true", help="omit the reason column")
     p.set_defaults(func=cmd_plan)
+    e = sub.add_parser("estimate", help="memory per device and communication per training step (pure)",
+                       epilog="example: tpflax estimate gpt2 --mesh data=2,model=4 --optimizer adamw --batch 32",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(e)
+    _add_estimate_args(e, dry=False)
+    e.set_defaults(func=cmd_estimate)
+    d = sub.add_parser("dry-run", help="compile the train step on the (CPU-emulated) mesh and compare",
+                       epilog="example: tpflax dry-run llama --mesh fsdp=4,model=2 --devices 8 --batch 16",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(d)
+    _add_estimate_args(d, dry=True)
+    d.set_defaults(func=cmd_dry_run)
     z = sub.add_parser("zoo", help="list the built-in models")
     z.set_defaults(func=cmd_zoo)
     return parser

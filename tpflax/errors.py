@@ -61,6 +61,14 @@ class CompileError(TpflaxError, RuntimeError):
     """XLA could not compile a program built from a plan."""
 
 
+class TraceError(TpflaxError, ValueError):
+    """A model's forward pass could not be traced with the given sample inputs and variables."""
+
+
+class CheckpointError(TpflaxError, RuntimeError):
+    """A checkpoint is missing, incomplete (an interrupted save), or could not be written."""
+
+
 def raise_if(problems: list[str], error: type[TpflaxError], message: str) -> None:
     """Raise ``error`` listing ``problems`` when there are any."""
     if problems:

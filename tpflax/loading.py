@@ -59,9 +59,9 @@ def load_model(name: str, size: str | None = None) -> Loaded:
 
 
 def _to_variables(made: Any, name: str) -> tuple[Any, Any]:
+    import flax.linen as nn
     import jax
     import jax.numpy as jnp
-    import flax.linen as nn
 
     from .zoo import ZooModel
 

@@ -31,7 +31,7 @@ HEADER = ["path", "kind", "shape", "dtype", "strategy", "spec", "bytes", "per de
 
 
 def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool = True,
-           pairs: bool = False) -> str:
+           pairs: bool = False, dry_run: Any = None) -> str:
     """Render a plan (and optionally an estimate) as text or JSON.
 
     Args:
@@ -41,6 +41,8 @@ def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool
         fmt: ``"text"`` or ``"json"``.
         reasons: include the reason column in text.
         pairs: list the column/row pairs in text.
+        dry_run: a ``tpflax.dry_run`` result: what XLA compiled, set beside the
+            estimate (memory and collectives, with relative errors) when both are given.
 
     >>> import jax
     >>> from tpflax import plan
@@ -52,6 +54,10 @@ def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool
         data = json.loads(plan.to_json())
         if estimate is not None and hasattr(estimate, "to_dict"):
             data["estimate"] = estimate.to_dict()
+        if dry_run is not None and hasattr(dry_run, "to_dict"):
+            data["dry_run"] = dry_run.to_dict()
+            if estimate is not None and hasattr(dry_run, "compare"):
+                data["estimate_vs_compiled"] = dry_run.compare(estimate).to_dict()
         return json.dumps(data, indent=2)
     if fmt != "text":
         raise ValueError(f"fmt must be 'text' or 'json', not {fmt!r}")
@@ -87,6 +93,16 @@ def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool
     if estimate is not None and hasattr(estimate, "report_lines"):
         out.append("")
         out += estimate.report_lines()
+    if dry_run is not None and hasattr(dry_run, "report_lines"):
+        out.append("")
+        out += dry_run.report_lines()
+        if estimate is not None and hasattr(dry_run, "compare"):
+            out.append("")
+            out += dry_run.compare(estimate).report_lines()
+    if plan.disagreements:
+        out.append("")
+        out.append(f"traced plan vs tree heuristics ({len(plan.disagreements)} disagreements, the trace wins):")
+        out += [f"  ~ {d}" for d in plan.disagreements]
     if plan.warnings:
         out.append("")
         out.append(f"warnings ({len(plan.warnings)}):")
