@@ -377,7 +377,7 @@ def _chunks(abstract: Sequence[Any], shards: Sequence[NamedSharding],
 
 
 def _adapt(spec: PartitionSpec, pshape: tuple[int, ...], shape: tuple[int, ...],
-           mesh: jax.sharding.Mesh) -> PartitionSpec:
+           sizes: Mapping[str, int]) -> PartitionSpec:
     """The parameter's spec carried over to a leaf derived from it, whose shape may differ.
 
     Same shape: the same spec. Same rank: dims of equal size keep their entry.
@@ -397,7 +397,6 @@ def _adapt(spec: PartitionSpec, pshape: tuple[int, ...], shape: tuple[int, ...],
                 break
     else:
         out = [None] * len(shape)
-    sizes = dict(mesh.shape)
     for i, e in enumerate(out):
         n = math.prod(sizes[a] for a in entry_axes(e))
         if n > 1 and shape[i] % n:
@@ -463,9 +462,12 @@ class _Id:
 _OTHER = _Id(-1)  # a state leaf that belongs to no parameter
 
 
-def _state_specs(tree: Any, plan: Plan, mesh: jax.sharding.Mesh, *, optimizer: Any = None,
+def _state_specs(tree: Any, plan: Plan, *, optimizer: Any = None,
                  params: Any = None) -> tuple[list[Any], Any, list[PartitionSpec]]:
-    """(boxes, treedef, spec per leaf) for a tree derived from the planned parameters."""
+    """(boxes, treedef, spec per leaf) for a tree derived from the planned parameters.
+
+    Pure: needs only the plan's mesh shape, so the estimator uses it too.
+    """
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)
     boxes = [b for _, b in flat]
     positional = None
@@ -493,7 +495,7 @@ def _state_specs(tree: Any, plan: Plan, mesh: jax.sharding.Mesh, *, optimizer: A
             specs.append(PartitionSpec())  # counts, step numbers, rng state: replicated
             continue
         d = plan.decisions[target]
-        specs.append(_adapt(d.spec, tuple(d.shape), shape, mesh))
+        specs.append(_adapt(d.spec, tuple(d.shape), shape, plan.mesh.sizes))
     if problems:
         raise TreeError("the state has leaves that are not arrays", problems)
     return boxes, treedef, specs
@@ -528,8 +530,24 @@ def state_shardings(tree: Any, plan: Plan, mesh: Any = None, *, optimizer: Any =
     (P('model', None), P())
     """
     mesh = _mesh_for(plan, mesh)
-    boxes, treedef, specs = _state_specs(tree, plan, mesh, optimizer=optimizer, params=params)
+    boxes, treedef, specs = _state_specs(tree, plan, optimizer=optimizer, params=params)
     return jax.tree_util.tree_unflatten(treedef, [NamedSharding(mesh, s) for s in specs])
+
+
+def state_specs(tree: Any, plan: Plan, *, optimizer: Any = None, params: Any = None) -> Any:
+    """PartitionSpec tree for a tree derived from the planned parameters (no mesh needed).
+
+    The spec-level twin of :func:`state_shardings`; see it for how leaves are
+    tied to parameters.
+
+    >>> import jax, optax, tpflax
+    >>> params = {"w": jax.ShapeDtypeStruct((8, 4), "float32")}
+    >>> p = tpflax.plan(params, {"model": 2}, rules=[("w", "row")])
+    >>> state_specs(jax.eval_shape(optax.adam(1e-3).init, params), p)[0].mu["w"]
+    P('model', None)
+    """
+    _, treedef, specs = _state_specs(tree, plan, optimizer=optimizer, params=params)
+    return jax.tree_util.tree_unflatten(treedef, specs)
 
 
 def _abstract_params(plan: Plan, params: Any = None) -> Any:
@@ -617,7 +635,7 @@ def shard_optimizer_state(optimizer: Any, opt_state: Any, plan: Plan, mesh: Any 
     mesh = _mesh_for(plan, mesh)
     abstract = _abstract_params(plan, params)
     if opt_state is not None:
-        boxes, treedef, specs = _state_specs(opt_state, plan, mesh, optimizer=optimizer,
+        boxes, treedef, specs = _state_specs(opt_state, plan, optimizer=optimizer,
                                              params=abstract)
         placed = _put([unbox(b) for b in boxes], [NamedSharding(mesh, s) for s in specs])
         return jax.tree_util.tree_unflatten(treedef, [_rebox(b, v) for b, v in
@@ -662,7 +680,7 @@ def shard_train_state(state: Any, plan: Plan, mesh: Any = None) -> Any:
     params = getattr(state, "params", None)
     if params is not None:
         _check_params_subtree(plan, params)
-    boxes, treedef, specs = _state_specs(state, plan, mesh, optimizer=getattr(state, "tx", None),
+    boxes, treedef, specs = _state_specs(state, plan, optimizer=getattr(state, "tx", None),
                                          params=params)
     placed = _put([unbox(b) for b in boxes], [NamedSharding(mesh, s) for s in specs])
     return jax.tree_util.tree_unflatten(treedef, [_rebox(b, v) for b, v in zip(boxes, placed,

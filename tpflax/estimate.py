@@ -264,9 +264,10 @@ def split_params(plan, tree: Any) -> tuple[Any, Callable[[Any, Any], Any]]:
 def opt_state_specs(plan, optimizer, params: Any = None) -> tuple[Any, Any]:
     """The optimizer state's shapes and a PartitionSpec for each of its leaves.
 
-    State leaves shaped like their parameter take the parameter's spec; factored
-    moments (adafactor's row/column statistics) keep the spec entries of the
-    dims they kept; anything else (step counts, scalars) is replicated.
+    The specs are :func:`tpflax.apply.state_specs`'s: state leaves shaped like
+    their parameter take its spec; factored moments (adafactor's row/column
+    statistics) keep the entries of the dims they kept; step counts and other
+    scalars are replicated.
 
     Args:
         plan: the plan.
@@ -284,44 +285,18 @@ def opt_state_specs(plan, optimizer, params: Any = None) -> tuple[Any, Any]:
     (None, 'model')
     """
     import jax
-    import optax
-    from jax.sharding import PartitionSpec
+
+    from .apply import state_specs
 
     if params is None:
         params, _ = split_params(plan, abstract_tree(plan))
-    specs_tree, _ = split_params(plan, plan.specs)
     try:
         state = jax.eval_shape(optimizer.init, params)
     except Exception as e:  # noqa: BLE001 - any optax failure is the user's optimizer/params mismatch
         raise EstimateError(f"optimizer.init failed on the planned parameters: {type(e).__name__}: {e}; "
                             "pass an optax.GradientTransformation built for this parameter tree") from e
-
-    def fit(leaf, param, spec):
-        shape = tuple(getattr(leaf, "shape", ()))
-        pshape = tuple(param.shape)
-        spec = entries(spec, len(pshape))
-        if shape == pshape:
-            return PartitionSpec(*spec)
-        # factored statistics drop one dim; keep the entries of the dims that survive
-        for drop in range(len(pshape)):
-            if shape == pshape[:drop] + pshape[drop + 1:]:
-                return PartitionSpec(*(spec[:drop] + spec[drop + 1:]))
-        return PartitionSpec()
-
-    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
-    # Lay the specs out exactly like the params (leaf order is the plan's walk order),
-    # so wrapper nodes such as nnx.Param line up with the optimizer state's copies.
-    p_leaves, p_def = jax.tree_util.tree_flatten(params)
-    s_leaves = jax.tree_util.tree_leaves(specs_tree, is_leaf=is_spec)
-    if len(s_leaves) == len(p_leaves):
-        specs_tree = jax.tree_util.tree_unflatten(p_def, s_leaves)
-    try:
-        specs = optax.tree_map_params(optimizer, fit, state, params, specs_tree,
-                                      transform_non_params=lambda _: PartitionSpec(), is_leaf=is_spec)
-    except Exception:  # noqa: BLE001 - exotic states: fall back to matching leaves by shape order
-        specs = jax.tree_util.tree_map(lambda _: PartitionSpec(), state)
-    # optax leaves None/empty-tuple placeholders (MaskedNode) untouched; keep the trees aligned
-    return state, specs
+    # One derivation for the converter and the estimate: what is counted is what is placed.
+    return state, state_specs(state, plan, optimizer=optimizer, params=params)
 
 
 # ---------------------------------------------------------------------------

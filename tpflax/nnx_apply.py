@@ -49,7 +49,7 @@ def shard_module(obj: Any, plan: Plan, mesh: Any = None, *, per_shard: bool = Fa
     if not derived:
         return nnx.merge(graphdef, shard(state, plan, mesh, per_shard=per_shard))
     mesh = _mesh_for(plan, mesh)
-    boxes, treedef, specs = _state_specs(state, plan, mesh)
+    boxes, treedef, specs = _state_specs(state, plan)
     placed = _put([unbox(b) for b in boxes], [NamedSharding(mesh, s) for s in specs],
                   per_shard=per_shard)
     state = jax.tree_util.tree_unflatten(treedef, [_rebox(b, v) for b, v in zip(boxes, placed,

@@ -6,31 +6,17 @@
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ._base import F32, ZooModel
+from ._base import ZooModel
+from .mlp import PRESETS as MLP_PRESETS
+from .mlp import MLPConfig
 
-
-@dataclasses.dataclass(frozen=True)
-class NNXMLPConfig:
-    d_in: int = 32
-    d_model: int = 64
-    d_ff: int = 256
-    n_classes: int = 10
-    n_layers: int = 2
-    dtype: Any = F32
-    param_dtype: Any = F32
-
-
-PRESETS = {
-    "tiny": NNXMLPConfig(),
-    "real": NNXMLPConfig(d_in=1024, d_model=4096, d_ff=16384, n_classes=1000, n_layers=8),
-}
+# The same sizes as the linen MLP, so the two plans can be compared leaf for leaf.
+NNXMLPConfig = MLPConfig
+PRESETS = MLP_PRESETS
 
 
 class Block(nnx.Module):
