@@ -1,15 +1,9 @@
-"""Test set-up: 8 CPU-emulated devices, configured before anything imports jax."""
+"""Test fixtures and hypothesis profiles (the 8 CPU devices are set up in ../conftest.py)."""
 
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-import jax  # noqa: E402
-import pytest  # noqa: E402
-
-jax.config.update("jax_num_cpu_devices", 8)
+import jax
+import pytest
 
 try:  # hypothesis profiles: CI default, and a longer local run
     from hypothesis import HealthCheck, settings

@@ -422,7 +422,7 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
     ...                   "down": {"kernel": jax.ShapeDtypeStruct((256, 64), "float32")}},
     ...           "norm": {"scale": jax.ShapeDtypeStruct((64,), "float32")}}, {"model": 4})
     >>> p.decisions["mlp/up/kernel"].spec, p.decisions["mlp/down/kernel"].spec
-    (PartitionSpec(None, 'model'), PartitionSpec('model', None))
+    (P(None, 'model'), P('model', None))
     """
     ms = mesh_shape(mesh, axis_roles)
     parsed = _parse_rules(rules, ms)
