@@ -1,0 +1,217 @@
+"""Mesh suggestion: enumeration, filtering, ranking, presets, errors, CLI, verify."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import tpflax
+from tpflax import hardware, zoo
+from tpflax.cli import main
+from tpflax.suggest import _signature, suggest_mesh
+
+F32 = "float32"
+
+
+def sds(*shape):
+    return jax.ShapeDtypeStruct(shape, F32)
+
+
+def mlp_tree(d=256, f=1024):
+    return {"params": {"norm": {"scale": sds(d)},
+                       "mlp": {"up": {"kernel": sds(d, f)}, "down": {"kernel": sds(f, d)}}}}
+
+
+def _ordered_triples(n, k):
+    if k == 1:
+        return [(n,)]
+    return [(d,) + r for d in range(1, n + 1) if n % d == 0 for r in _ordered_triples(n // d, k - 1)]
+
+
+def _check_exact(s):
+    """Every estimated candidate's ranking numbers equal the full plan + estimate."""
+    checked = 0
+    for c in s.candidates:
+        if c.memory is None:
+            continue
+        pat = c._ctx.patterns[_signature(c._ctx, c.mesh.sizes)]
+        assert [d.spec for d in c.plan.decisions.values()] == [P(*x) for x in pat.specs], str(c.mesh)
+        e = c.estimate
+        assert e.per_device == c.memory, (str(c.mesh), e.per_device, c.memory)
+        keys = {(k, a) for k, v in e.comm.items() for a in v} | {(k, a) for k, v in c.comm.items() for a in v}
+        for k, a in keys:
+            assert math.isclose(e.comm.get(k, {}).get(a, 0.0), c.comm.get(k, {}).get(a, 0.0),
+                                rel_tol=1e-9, abs_tol=1e-6), (str(c.mesh), k, a)
+        checked += 1
+    assert checked
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("llama", {}),                                    # repeated blocks collapse; GQA pairs
+    ("llama-scan", {"optimizer": optax.adafactor(1e-3)}),  # nn.scan stack, factored moments
+    ("moe", {}),                                      # expert axis enumerated
+    ("gpt2", {"grad_dtype": "bfloat16"}),
+    ("lstm", {}),                                     # recurrent: grads reduced per time step
+    ("cnn", {"optimizer": optax.sgd(0.1, momentum=0.9)}),  # batch_stats, conv chains
+])
+def test_ranking_numbers_equal_full_plan_and_estimate(name, kw):
+    kw = {"optimizer": optax.adamw(1e-3), **kw}
+    s = suggest_mesh(zoo.get(name), 8, "8GiB", batch=16, fsdp_min_bytes=1024, raise_if_none=False, **kw)
+    _check_exact(s)
+
+
+def test_exact_with_traced_activations_and_rules():
+    m = zoo.get("llama")
+    s = suggest_mesh(m, 8, "8GiB", optimizer=optax.adam(1e-3), batch=8, trace=True, fsdp_min_bytes=1024)
+    assert s.settings["activations"] == "traced"
+    _check_exact(s)
+    # user rules: the real planner runs once per signature of every axis and product of axes
+    r = suggest_mesh(m, 8, "8GiB", optimizer=optax.adam(1e-3), batch=8, rules=[("embed", "replicate"),
+                                                                                ("lm_head", P(None, "model"))])
+    _check_exact(r)
+    assert all(c.plan.decisions["params/embed/embedding"].source == "rule" for c in r.ranked)
+    bad = suggest_mesh({"params": {"w": sds(6, 8)}}, 8, "8GiB", batch=8, rules=[("w", P("model", None))],
+                       raise_if_none=False)
+    why = {c.mesh.sizes["model"]: c.rejected for c in bad.candidates if c.mesh.sizes["fsdp"] == 1}
+    assert why[1] == why[2] == "" and "cannot be planned" in why[4] and "cannot be planned" in why[8]
+
+
+def test_enumerates_every_factorisation_and_keeps_reasons():
+    s = suggest_mesh(mlp_tree(), 12, "1GiB", batch=12, raise_if_none=False)
+    got = sorted(tuple(c.mesh.sizes.values()) for c in s.candidates)
+    assert got == sorted(_ordered_triples(12, 3))
+    assert all(c.rejected for c in s.rejected) and not any(c.rejected for c in s.ranked)
+    assert [c.rank for c in s.ranked] == list(range(1, len(s.ranked) + 1))
+    moe = suggest_mesh(zoo.get("moe"), 4, "1GiB", batch=4, raise_if_none=False)
+    assert moe[0].mesh.names == ("data", "fsdp", "expert", "model")
+    assert len(moe.candidates) == len(_ordered_triples(4, 4))
+
+
+def test_filters_batch_axis_waste_and_memory():
+    s = suggest_mesh(mlp_tree(), 8, "1.5MiB", batch=4, raise_if_none=False, fsdp_min_bytes=1 << 40)
+    why = {str(c.mesh): c.rejected for c in s.rejected}
+    assert "does not split over data x fsdp = 8" in why["data=8,fsdp=1,model=1"]
+    assert "shards no parameter" in why["data=1,fsdp=4,model=2"]   # nothing reaches fsdp_min_bytes
+    assert why["data=4,fsdp=1,model=2"].startswith("does not fit: needs")
+    assert [str(c.mesh) for c in s.ranked] == ["data=1,fsdp=1,model=8", "data=2,fsdp=1,model=4"]
+
+
+def test_model_that_fits_only_with_tensor_parallelism():
+    # 2 x 4 MiB kernels (+grads, adam moments: 32 MiB whole); no leaf may use fsdp
+    s = suggest_mesh(mlp_tree(1024, 1024), 8, "12MiB", optimizer=optax.adam(1e-3), batch=8,
+                     fsdp_min_bytes=1 << 40, chips_per_host=8, raise_if_none=False)
+    assert s.ranked and all(c.degree("tensor") >= 4 for c in s.ranked)
+    # by hand: model=8 only all-reduces (8, 1024) activations; data=2 x model=4 also all-reduces its
+    # 2 MiB (+ 4 KiB norm) of gradients over data=2
+    assert [c.mesh_shape for c in s.ranked] == [{"data": 1, "fsdp": 1, "model": 8},
+                                                {"data": 2, "fsdp": 1, "model": 4}]
+    assert s[1].comm["all-reduce"]["data"] == pytest.approx(2 * 1 / 2 * (2 * 1024 * 1024 * 4 / 4 + 4096))
+    assert s[0].plan.decisions["params/mlp/up/kernel"].spec == P(None, "model")
+    assert s[0].per_device == s[0].estimate.per_device.total <= 12 << 20
+
+
+def test_pure_data_parallelism_wins_for_a_small_model():
+    # 128 KiB of weights and 4096 rows of 64 features: gradients (DP) are smaller than the
+    # activations a tensor split would all-reduce (2 x 4096 x 64 x 4 B = 2 MiB)
+    tree = mlp_tree(64, 256)
+    s = suggest_mesh(tree, 8, "16GiB", batch={"x": (4096, 64)}, hardware="h100")
+    best = s[0]
+    assert best.mesh_shape == {"data": 8, "fsdp": 1, "model": 1}
+    grads = (64 * 256 * 2 + 64) * 4
+    assert best.comm == {"all-reduce": {"data": pytest.approx(2 * 7 / 8 * grads)}}  # by hand: ring all-reduce
+    assert best.comm_time == pytest.approx(2 * 7 / 8 * grads / hardware.PRESETS["h100"].fast_bandwidth)
+    assert "least estimated communication" in best.why
+    assert all("the communication time of #1" in c.why or "ties" in c.why for c in s.ranked[1:])
+
+
+def test_tensor_stays_within_a_host_unless_nothing_else_fits():
+    s = suggest_mesh(mlp_tree(1024, 1024), 8, "12MiB", optimizer=optax.adam(1e-3), batch=8,
+                     fsdp_min_bytes=1 << 40, chips_per_host=4, raise_if_none=False)
+    assert [c.degree("tensor") for c in s.ranked] == [4, 8]
+    assert not s[1].tensor_local and "crosses hosts" in s[1].why
+    only = suggest_mesh(mlp_tree(1024, 1024), 8, "6MiB", optimizer=optax.adam(1e-3), batch=8,
+                        fsdp_min_bytes=1 << 40, chips_per_host=4)
+    assert [c.degree("tensor") for c in only.ranked] == [8]
+    assert "crosses hosts" in only[0].why and any("crosses hosts" in n for n in only.notes)
+
+
+def test_links_follow_hosts():
+    s = suggest_mesh(mlp_tree(), 16, hardware="h100", batch=16, fsdp_min_bytes=1 << 40)
+    c = next(c for c in s.candidates if c.mesh_shape == {"data": 8, "fsdp": 1, "model": 2})
+    assert c.links == {"data": "InfiniBand", "model": "NVLink"}   # data groups span the two 8-GPU hosts
+    c = next(c for c in s.candidates if c.mesh_shape == {"data": 2, "fsdp": 1, "model": 8})
+    assert c.links["model"] == "NVLink" and c.tensor_local
+
+
+def test_presets_and_overrides():
+    assert hardware.known() == ["tpu-v4", "tpu-v5e", "tpu-v5p", "tpu-v6e", "a100", "h100", "h200"]
+    for name, hw in hardware.PRESETS.items():
+        assert hw.device_memory > 0 and hw.fast_bandwidth > hw.slow_bandwidth > 0 and hw.source, name
+    assert hardware.get_hardware("v5p") == hardware.PRESETS["tpu-v5p"]
+    assert hardware.PRESETS["tpu-v5p"].device_memory == 95 * 2**30
+    hw = hardware.get_hardware("h100", device_memory="40GB", slow_bandwidth="200Gbps", chips_per_host=4)
+    assert (hw.device_memory, hw.slow_bandwidth, hw.chips_per_host) == (40 * 10**9, 25e9, 4)
+    s = suggest_mesh(mlp_tree(), 8, hardware="tpu-v5e", ici_bandwidth="1GB/s", batch=8)
+    assert s.hardware.fast_bandwidth == 1e9 and s.hardware.device_memory == 16 * 10**9
+    assert s.settings["backend"] == "tpu"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"devices": 0, "device_memory": "1GiB"}, "devices must be a positive integer"),
+    ({"devices": -4, "device_memory": "1GiB"}, "devices must be a positive integer"),
+    ({"devices": 8, "device_memory": "lots"}, "cannot be parsed"),
+    ({"devices": 8, "device_memory": "-3GB"}, "cannot be parsed|positive"),
+    ({"devices": 8}, "no device memory"),
+    ({"devices": 8, "hardware": "tpu-v9"}, "known presets: tpu-v4, tpu-v5e, tpu-v5p, tpu-v6e, a100, h100, h200"),
+])
+def test_bad_input_errors(kwargs, match):
+    with pytest.raises(tpflax.SuggestError, match=match):
+        suggest_mesh(mlp_tree(), **kwargs)
+
+
+def test_fits_nowhere_says_how_far_and_what_helps():
+    with pytest.raises(tpflax.NoFitError) as e:
+        suggest_mesh(zoo.get("llama-2-7b"), 8, "16GiB", optimizer=optax.adamw(1e-3), batch=8)
+    text = str(e.value)
+    assert "fits on no mesh shape of 8 devices" in text and "over" in text
+    for hint in ("more devices", "smaller global batch", "remat", "cheaper optimizer"):
+        assert hint in text
+    assert e.value.suggestion.rejected and not e.value.suggestion.ranked
+
+
+def test_degrees_and_padding():
+    s = suggest_mesh(mlp_tree(), 8, "1GiB", batch=8, config={"n_heads": 28, "vocab": 50257, "d_model": 256})
+    deg = {d.name: d for d in s.degrees}
+    assert deg["heads"].allowed == (1, 2, 4, 7)   # divisors of 28 up to the device count
+    assert deg["heads"].blocked == (8,) and deg["heads"].pad_to == 32
+    assert deg["vocab"].blocked == (2, 4, 8) and deg["vocab"].pad_to == 50264
+    assert "pad to 50264" in "\n".join(s.report_lines())
+    assert not deg["hidden"].blocked
+
+
+def test_cli_suggest_table_json_and_errors(capsys):
+    assert main(["suggest", "llama", "--devices", "8", "--device-memory", "1GiB", "--batch", "8",
+                 "--all"]) == 0
+    out = capsys.readouterr().out
+    assert "rank  mesh" in out and "#1:" in out and "tensor-parallel degrees" in out
+    assert main(["suggest", "llama", "--devices", "8", "--device-memory", "1GiB", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["ranked"][0]["rank"] == 1 and data["devices"] == 8
+    assert main(["suggest", "llama", "--devices", "8", "--device-memory", "huge"]) == 2
+    assert "cannot be parsed" in capsys.readouterr().err
+    assert main(["suggest", "llama", "--devices", "0", "--device-memory", "1GiB"]) == 2
+    assert main(["suggest", "llama", "--devices", "8", "--hardware", "tpu-v1"]) == 2
+    assert "known presets" in capsys.readouterr().err
+
+
+def test_verify_compiles_the_top_candidate():
+    s = suggest_mesh(zoo.get("llama"), 8, "1GiB", optimizer=optax.sgd(0.1), batch=8, verify=1)
+    (v,) = s.verified
+    assert v.compiled and v.compiled > 0 and v.agree is True, v
+    assert v.estimated == s[0].per_device
+    assert "XLA agrees on the fit" in "\n".join(s.report_lines())
