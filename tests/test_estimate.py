@@ -147,3 +147,14 @@ def test_estimate_is_pure_and_does_not_touch_the_plan():
     e1 = estimate(p, optax.adamw(1e-3), (8, 64))
     e2 = estimate(p, optax.adamw(1e-3), (8, 64))
     assert p.to_json() == before and e1.to_dict() == e2.to_dict()
+
+
+def test_bare_batch_size_uses_the_models_sequence_length():
+    from tpflax.estimate import parse_batch
+
+    assert parse_batch(8, {"vocab": 100, "seq_len": 16}).leaves == (
+        ("x", (8, 16), "int32"), ("y", (8, 16), "int32"))
+    with pytest.raises(EstimateError, match="needs the model"):
+        parse_batch(8)
+    with pytest.raises(EstimateError, match=">= 1"):
+        parse_batch(0, {"seq_len": 16})
