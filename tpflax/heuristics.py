@@ -271,6 +271,12 @@ def _shard_pair(st: _State, kind: str, cols: list[_Linear], row: _Linear, t_entr
         note = f"all kernels < tensor_min_bytes={st.opts.tensor_min_bytes}"
     elif not ok_row:
         note = f"{unit} {size} not divisible by {_axis(t_entry, t_size)}"
+    blocked = {id(c): _column_blocked(c, kind, row, t_entry, t_size) for c in cols}
+    if ok_row and all(blocked.values()):
+        # Splitting only the row would all-reduce activations that no column split: skip both.
+        ok_row = False
+        note = "no column of the pair can be split (" + "; ".join(
+            f"{_short(c.f.path)}: {blocked[id(c)]}" for c in cols) + ")"
     pair = st.new_pair(kind, [c.f for c in cols], [row.f], size, ok_row, note)
     partner = ", ".join(_short(c.f.path) for c in cols)
     strat = "heads" if row.heads is not None else "row"
@@ -288,28 +294,34 @@ def _shard_pair(st: _State, kind: str, cols: list[_Linear], row: _Linear, t_entr
         cdim = col.shard_dim("column")
         n = col.f.body[cdim]
         cunit = "heads" if col.heads is not None else "features"
-        if kind == "attention" and col.heads is None and col.limit is None and col.out_size < row.in_size:
-            # A 2-D key/value kernel narrower than the attention output is GQA: its head
-            # count is not in the tree, and a split that cuts heads costs a gather.
+        if blocked[id(col)]:
             st.put(col.f, (None,) * len(col.f.body), "replicate",
-                   f"column of pair {pair.id}: {n} features narrower than the attention output "
-                   f"({row.in_size}): GQA key/value heads whose count a 2-D kernel does not show, "
-                   f"kept whole so no head is cut (pass model= to trace the heads); feeds "
-                   f"{_short(row.f.path)}", pair.id)
-            continue
-        if n % t_size or (col.limit or n) % t_size:
-            gqa = " (GQA key/value heads)" if col.heads is not None else ""
-            if (col.limit or n) != n:
-                gqa = f" (reshaped into {col.limit} on the way, e.g. GQA key/value heads)"
-            st.put(col.f, (None,) * len(col.f.body), "replicate",
-                   f"column of pair {pair.id}: {cunit} {n}{gqa} not divisible by {_axis(t_entry, t_size)}, "
-                   f"kept whole on every tensor rank; feeds {_short(row.f.path)}", pair.id)
+                   f"column of pair {pair.id}: {blocked[id(col)]}, kept whole on every tensor rank; "
+                   f"feeds {_short(row.f.path)}", pair.id)
             continue
         cspec = [None] * len(col.f.body)
         cspec[cdim] = t_entry
         st.put(col.f, cspec, "heads" if col.heads is not None else "column",
                f"column: {col.why}; output {cunit} ({n}) split over {_axis(t_entry, t_size)}, feeds "
                f"{_short(row.f.path)} (pair {pair.id})", pair.id)
+
+
+def _column_blocked(col: _Linear, kind: str, row: _Linear, t_entry: Entry, t_size: int) -> str:
+    """Why a column of a pair cannot be split over the tensor axis ('' when it can)."""
+    n = col.f.body[col.shard_dim("column")]
+    cunit = "heads" if col.heads is not None else "features"
+    if kind == "attention" and col.heads is None and col.limit is None and col.out_size < row.in_size:
+        # A 2-D key/value kernel narrower than the attention output is GQA: its head
+        # count is not in the tree, and a split that cuts heads costs a gather.
+        return (f"{n} features narrower than the attention output ({row.in_size}): GQA key/value "
+                "heads whose count a 2-D kernel does not show, so no head is cut (pass model= to trace "
+                "the heads)")
+    if n % t_size or (col.limit or n) % t_size:
+        gqa = " (GQA key/value heads)" if col.heads is not None else ""
+        if (col.limit or n) != n:
+            gqa = f" (reshaped into {col.limit} on the way, e.g. attention heads)"
+        return f"{cunit} {n}{gqa} not divisible by {_axis(t_entry, t_size)}"
+    return ""
 
 
 def _axis(entry: Entry, size: int) -> str:
