@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from .errors import PlanMismatchError, SpecError, TreeError
+from .errors import OptionError, PlanMismatchError, SpecError, TpflaxWarning, TreeError
 from .mesh import DATA, FSDP, _pairs, make_mesh, mesh_shape
 from .plan import Plan, check_tree_matches
 from .specs import entries, entry_axes, to_pspec
@@ -54,6 +54,10 @@ def check_mesh(plan: Plan, mesh: Any) -> None:
 
 def _mesh_for(plan: Plan, mesh: Any) -> jax.sharding.Mesh:
     """A concrete mesh matching the plan: builds one from a shape (DeviceError if too few devices)."""
+    if not isinstance(plan, Plan):
+        raise OptionError(
+            f"expected a tpflax.Plan, got {type(plan).__name__}; make one with tpflax.plan(tree, mesh) or "
+            "tpflax.Plan.from_json(text) (the order is shard(tree, plan, mesh), shardings(plan, mesh))")
     if mesh is None:
         mesh = plan.mesh.sizes
     if isinstance(mesh, jax.sharding.AbstractMesh):
@@ -154,6 +158,10 @@ def _host_value(x: Any) -> Any:
 
 def _from_callback(x: Any, sharding: NamedSharding) -> jax.Array:
     """Build a global array from the slices this process's devices hold (the multi-host path)."""
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        # typed PRNG keys have no numpy form: place their key data (one trailing dim more), rewrap
+        data = _from_callback(jax.random.key_data(x), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
     host = _host_value(x)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: np.asarray(host[index]))
 
@@ -207,7 +215,7 @@ def _unalias(src: Any, out: jax.Array) -> jax.Array:
 
 
 def shard(tree: Any, plan: Plan, mesh: Any = None, *, per_shard: bool = False,
-          donate: bool = False) -> Any:
+          donate: bool = False, check_finite: bool | None = None) -> Any:
     """Place an existing tree on the mesh, bit-exact, laid out as the plan says.
 
     Args:
@@ -222,6 +230,11 @@ def shard(tree: Any, plan: Plan, mesh: Any = None, *, per_shard: bool = False,
             sharding spans other processes, and for ``np.memmap`` leaves (only
             the slices are read).
         donate: let jax reuse the input buffers (the input arrays are deleted).
+        check_finite: warn (:class:`tpflax.TpflaxWarning`) about float leaves
+            holding NaN or inf; they are still placed exactly as given. None
+            (default): check values already in host memory (numpy, and jax arrays
+            on CPU devices); True: also arrays on accelerators (one reduction
+            per leaf); False: skip.
 
     Returns:
         A new tree of the same structure (flax boxes and nnx Variables kept)
@@ -230,6 +243,8 @@ def shard(tree: Any, plan: Plan, mesh: Any = None, *, per_shard: bool = False,
     Raises:
         PlanMismatchError: the tree's paths, shapes or dtypes, or the mesh,
             differ from the plan. Nothing is placed.
+        TreeError: a leaf was deleted (donated), or is 64-bit while
+            ``jax_enable_x64`` is off (jax would cast it, losing bits).
         DeviceError: too few devices for a mesh given as a shape.
 
     >>> import jax.numpy as jnp, tpflax
@@ -244,9 +259,68 @@ def shard(tree: Any, plan: Plan, mesh: Any = None, *, per_shard: bool = False,
         return nnx_apply.shard_module(tree, plan, mesh, per_shard=per_shard)
     mesh = _mesh_for(plan, mesh)
     boxes, treedef, shards = _plan_leaf_shardings(plan, mesh, tree)
-    placed = _put([unbox(b) for b in boxes], shards, per_shard=per_shard, donate=donate)
+    values = [unbox(b) for b in boxes]
+    problems = _value_problems(tree, values)
+    if problems:  # raised before anything moves: never a partially placed tree
+        raise TreeError("the tree cannot be placed bit-exact", problems)
+    if check_finite is not False:
+        _warn_nonfinite(tree, values, everywhere=bool(check_finite))
+    placed = _put(values, shards, per_shard=per_shard, donate=donate)
     return jax.tree_util.tree_unflatten(treedef, [_rebox(b, v) for b, v in zip(boxes, placed,
                                                                                strict=True)])
+
+
+def _value_problems(tree: Any, values: Sequence[Any]) -> list[str]:
+    """Leaves that cannot be placed bit-exact: deleted arrays, 64-bit values jax would narrow."""
+    suspects = [i for i, x in enumerate(values) if isinstance(x, (jax.Array, np.ndarray, np.generic))
+                and (x.is_deleted() if isinstance(x, jax.Array)
+                     else jax.dtypes.canonicalize_dtype(x.dtype) != x.dtype)]
+    if not suspects:
+        return []
+    leaves, _ = walk(tree)  # paths for the message; walked only when something is wrong
+    problems = []
+    for i in suspects:
+        leaf, x = leaves[i], values[i]
+        if isinstance(x, jax.Array):
+            problems.append(f"{leaf.path}: the array (shape {leaf.shape}) was deleted, e.g. donated to a "
+                            "jitted step; pass the step's output or a live copy")
+        else:
+            canon = jax.dtypes.canonicalize_dtype(x.dtype)
+            problems.append(
+                f"{leaf.path}: {x.dtype} array of shape {leaf.shape} would become {canon} on device "
+                f"(jax_enable_x64 is off), losing bits; cast it with .astype('{canon}') and re-plan, "
+                "or enable jax.config.update('jax_enable_x64', True)")
+    return problems
+
+
+def _warn_nonfinite(tree: Any, values: Sequence[Any], *, everywhere: bool) -> None:
+    """Warn once, naming every float leaf that holds NaN or inf."""
+    import warnings
+
+    bad = []
+    for i, x in enumerate(values):
+        dtype = getattr(x, "dtype", None)
+        if dtype is None or not jax.dtypes.issubdtype(dtype, np.inexact) or not np.size(x):
+            continue
+        if isinstance(x, jax.Array):
+            on_host = x.is_fully_addressable and all(d.platform == "cpu" for d in x.sharding.device_set)
+            if not on_host:
+                if everywhere:
+                    n = int(jax.numpy.sum(~jax.numpy.isfinite(x)))
+                    if n:
+                        bad.append((i, n))
+                continue
+        with np.errstate(invalid="ignore"):  # NaN is what we are counting, not an error
+            n = np.size(x) - np.count_nonzero(np.isfinite(np.asarray(x)))
+        if n:
+            bad.append((i, n))
+    if bad:
+        leaves, _ = walk(tree)
+        bad = [f"{leaves[i].path} (shape {leaves[i].shape}, {leaves[i].dtype}): {n} NaN/inf value(s)"
+               for i, n in bad]
+        warnings.warn("placing leaves that hold NaN or inf, bit-exact as given (check the checkpoint or the "
+                      "init if this is unexpected; check_finite=False skips this check): "
+                      + "; ".join(bad), TpflaxWarning, stacklevel=3)
 
 
 def unshard(tree: Any) -> Any:

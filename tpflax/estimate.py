@@ -345,6 +345,14 @@ def parse_batch(batch: Any, config: Any = None, act_dtype: str | None = None) ->
             batch = tuple(int(x) for x in batch.lower().replace("*", "x").split("x"))
         except ValueError:
             raise EstimateError(f"batch {batch!r} is not NxM...; write e.g. '32x1024'") from None
+    if isinstance(batch, int) and not isinstance(batch, bool):
+        seq = _cfg(config, "seq_len")
+        if batch < 1:
+            raise EstimateError(f"batch size {batch} must be >= 1")
+        if seq is None:
+            raise EstimateError(f"a bare batch size ({batch}) needs the model (for its sequence length); "
+                                f"pass model=, or a shape such as ({batch}, 1024)")
+        batch = (batch, int(seq))
     if isinstance(batch, (tuple, list)) and batch and all(isinstance(x, int) for x in batch):
         batch = {"x": tuple(batch)}
     if isinstance(batch, Mapping) and all(isinstance(v, (tuple, list, str)) for v in batch.values()):
@@ -504,8 +512,15 @@ def estimate(plan, optimizer: Any = None, batch: Any = None, *, config: Any = No
     ['data', 'model']
     """
     from .classify import classify
+    from .plan import Plan
     from .tree import Leaf
 
+    if not isinstance(plan, Plan):
+        raise EstimateError(f"expected a tpflax.Plan, got {type(plan).__name__}; make one with "
+                            "tpflax.plan(tree, mesh) or tpflax.Plan.from_json(text)")
+    for name, value in (("act_dtype", act_dtype), ("grad_dtype", grad_dtype)):
+        if value is not None and _dtype_name(value) is None:
+            raise EstimateError(f"{name}={value!r} is not a dtype jax knows; use e.g. 'bfloat16' or 'float32'")
     if backend not in BACKENDS:
         raise EstimateError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     if expert_dispatch not in ("all-to-all", "dense"):

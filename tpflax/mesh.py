@@ -197,6 +197,11 @@ def make_mesh(mesh: Any, devices: Sequence[Any] | None = None, *, explicit: bool
             f"({pool[0].platform if pool else 'none'}); on CPU set "
             f"XLA_FLAGS=--xla_force_host_platform_device_count={need} before jax starts "
             f"(or run `tpflax ... --devices {need}`), or plan against an abstract mesh")
+    ids = [getattr(d, "id", i) for i, d in enumerate(pool[:need])]
+    if devices is not None and len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        raise DeviceError(f"devices for mesh {shape} repeat device id(s) {dup}; a mesh needs {need} distinct "
+                          "devices (pass e.g. jax.devices()[:n])")
     sizes = tuple(s for _, s in shape.axes)
     kind = jax.sharding.AxisType.Explicit if explicit else jax.sharding.AxisType.Auto
     try:

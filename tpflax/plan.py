@@ -13,6 +13,8 @@ the tree's arrays.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +25,7 @@ from jax.sharding import PartitionSpec
 
 from . import heuristics
 from .classify import Facts, classify
-from .errors import PlanFormatError, PlanMismatchError, RuleError, SpecError
+from .errors import OptionError, PlanFormatError, PlanMismatchError, RuleError, SpecError
 from .heuristics import Options, Pair, Proposal
 from .mesh import DATA, EXPERT, FSDP, TENSOR, MeshShape, mesh_shape
 from .specs import (
@@ -174,19 +176,33 @@ class Plan:
                 f"{FORMAT_VERSION}); upgrade tpflax or re-plan with this version")
         try:
             mesh = mesh_shape([tuple(p) for p in data["mesh"]], axis_roles=data.get("axis_roles"))
-            decisions = {d["path"]: Decision.from_json(d) for d in data["decisions"]}
+            raw = data["decisions"]
+            if not isinstance(raw, list) or not raw:
+                raise PlanFormatError("plan JSON 'decisions' must be a non-empty list of per-leaf objects; "
+                                      "re-create it with Plan.to_json()")
+            paths = [d.get("path") if isinstance(d, dict) else None for d in raw]
+            bad = [f"decisions[{i}]: path {p!r} is not a string" for i, p in enumerate(paths)
+                   if not isinstance(p, str)]
+            bad += [f"{p}: listed {paths.count(p)} times; keep one entry per leaf"
+                    for p in dict.fromkeys(paths) if isinstance(p, str) and paths.count(p) > 1]
+            if bad:
+                raise PlanFormatError("plan JSON has malformed decisions", bad)
+            decisions = {d["path"]: Decision.from_json(d) for d in raw}
             pairs = tuple(Pair.from_json(p) for p in data.get("pairs", []))
             warnings = tuple(str(w) for w in data.get("warnings", []))
             disagreements = tuple(str(w) for w in data.get("disagreements", []))
             options = dict(data.get("options", {}))
+        except PlanFormatError:
+            raise
         except (KeyError, TypeError, ValueError) as e:
             raise PlanFormatError(f"plan JSON is malformed ({type(e).__name__}: {e}); re-create it with "
                                   "Plan.to_json()") from e
         problems = []
         for path, d in decisions.items():
-            problems += spec_problems(path, d.shape, entries(d.spec), mesh)
+            problems += _decision_problems(path, d, mesh)
         if problems:
-            raise PlanFormatError("plan JSON holds specs that are invalid for its own mesh", problems)
+            raise PlanFormatError("plan JSON holds decisions that are invalid for its own mesh (hand-edited?); "
+                                  "re-plan, or fix these entries", problems)
         specs: dict = {}
         for path, d in decisions.items():
             node = specs
@@ -197,6 +213,39 @@ class Plan:
         return cls(mesh=mesh, specs=specs, decisions=decisions, pairs=pairs, warnings=warnings,
                    disagreements=disagreements,
                    options=options)
+
+
+def _decision_problems(path: str, d: Decision, mesh: MeshShape) -> list[str]:
+    """A decision read from JSON whose shape, dtype or byte counts are not self-consistent."""
+    import numpy as np
+
+    if any(n < 0 for n in d.shape):
+        return [f"{path}: shape {d.shape} has a negative dim; shapes are non-negative ints"]
+    if d.dtype.startswith("key<"):  # typed PRNG keys: no numpy dtype to check the byte counts against
+        return spec_problems(path, d.shape, entries(d.spec), mesh)
+    try:
+        item = np.dtype(jax.numpy.dtype(d.dtype)).itemsize
+    except TypeError:
+        return [f"{path}: dtype {d.dtype!r} is not a dtype jax knows; use e.g. 'float32' or 'bfloat16'"]
+    bad_spec = spec_problems(path, d.shape, entries(d.spec), mesh)
+    if bad_spec:
+        return bad_spec
+    want = math.prod(d.shape) * item
+    if d.bytes != want:
+        return [f"{path}: bytes {d.bytes} but shape {d.shape} of {d.dtype} holds {want}; re-plan"]
+    per = bytes_per_device(d.shape, item, entries(d.spec, len(d.shape)), mesh)
+    if d.bytes_per_device != per:
+        return [f"{path}: bytes_per_device {d.bytes_per_device} but spec {d.spec} on mesh {mesh} gives "
+                f"{per}; re-plan"]
+    return []
+
+
+def _check_options(**values: Any) -> None:
+    """Byte and channel thresholds must be non-negative numbers."""
+    problems = [f"{k}={v!r} must be a non-negative number, e.g. {k}=262144" for k, v in values.items()
+                if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0]
+    if problems:
+        raise OptionError("invalid planner options", problems)
 
 
 def check_tree_matches(plan: Plan, leaves: Sequence[Leaf]) -> None:
@@ -425,7 +474,18 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
     (P(None, 'model'), P('model', None))
     """
     ms = mesh_shape(mesh, axis_roles)
+    _check_options(fsdp_min_bytes=fsdp_min_bytes, min_channels=min_channels, tensor_min_bytes=tensor_min_bytes)
     parsed = _parse_rules(rules, ms)
+    if stacked is not None:
+        try:
+            re.compile(stacked)
+        except (re.error, TypeError) as e:
+            raise RuleError(f"stacked={stacked!r} is not a regex ({e}); pass e.g. stacked=r'layers'") from None
+    if logical_rules is not None:
+        bad = [f"logical_rules[{i}] = {r!r} is not a (logical name, mesh axes) pair"
+               for i, r in enumerate(logical_rules) if not (isinstance(r, (tuple, list)) and len(r) == 2)]
+        if bad:
+            raise RuleError("invalid logical_rules; write e.g. [('mlp', 'model'), ('embed', None)]", bad)
     leaves, treedef = walk(tree)
     facts = classify(leaves, stacked)
     opts = Options(fsdp_min_bytes=int(fsdp_min_bytes), min_channels=int(min_channels),

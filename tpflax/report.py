@@ -60,7 +60,9 @@ def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool
                 data["estimate_vs_compiled"] = dry_run.compare(estimate).to_dict()
         return json.dumps(data, indent=2)
     if fmt != "text":
-        raise ValueError(f"fmt must be 'text' or 'json', not {fmt!r}")
+        from .errors import OptionError
+
+        raise OptionError(f"fmt must be 'text' or 'json', not {fmt!r}")
     header = HEADER if reasons else HEADER[:-1]
     rows = [r if reasons else r[:-1] for r in table_rows(plan)]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]

@@ -176,6 +176,11 @@ def walk(tree: Any) -> tuple[list[Leaf], Any]:
                 "arrays or jax.ShapeDtypeStruct (remove it, or keep it outside the tree you plan)")
             continue
         shape, dtype = sd
+        if _non_numeric(dtype):  # jax cannot hold these: catch them before device_put does
+            problems.append(
+                f"{p}: array of dtype {dtype} (shape {shape}) is not numeric; jax arrays hold numbers, "
+                "bools or PRNG keys (drop the leaf, or encode it as numbers before planning)")
+            continue
         if names is not None and len(names) != len(shape):
             names = None  # malformed metadata: ignore it rather than guess
         leaves.append(Leaf(
@@ -189,6 +194,14 @@ def walk(tree: Any) -> tuple[list[Leaf], Any]:
         dup = sorted({q for q in paths if paths.count(q) > 1})
         raise TreeError("two leaves print to the same path", [f"{q}: rename one of them" for q in dup])
     return leaves, treedef
+
+
+def _non_numeric(dtype: Any) -> bool:
+    """True for object, string, bytes, structured and datetime dtypes (ml_dtypes' bf16/fp8 are numeric)."""
+    try:
+        return not any(jax.dtypes.issubdtype(dtype, t) for t in (np.number, np.bool_, jax.dtypes.prng_key))
+    except TypeError:
+        return False  # anything jax cannot even classify: leave it to jax's own message
 
 
 def _itemsize(dtype: Any) -> int:

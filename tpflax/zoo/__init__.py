@@ -19,6 +19,7 @@ import functools
 import importlib
 from typing import Any, NamedTuple
 
+from ..errors import ModelLoadError
 from ._base import ZooModel, count_params, params_of
 
 __all__ = ["ZooModel", "count_params", "get", "names", "params_of"]
@@ -92,13 +93,13 @@ def _get(name: str, size: str | None, overrides: tuple[tuple[str, Any], ...]) ->
     try:
         entry = _REGISTRY[name]
     except KeyError:
-        raise ValueError(
+        raise ModelLoadError(
             f"unknown zoo model {name!r}; known models: {', '.join(_REGISTRY)}"
         ) from None
     if size is None:
         size = "tiny" if "tiny" in entry.presets else next(iter(entry.presets))
     if size not in entry.presets:
-        raise ValueError(
+        raise ModelLoadError(
             f"zoo model {name!r} has no size {size!r}; available: {', '.join(entry.presets)}"
         )
     module = importlib.import_module(f"{__name__}.{entry.module}")
@@ -107,7 +108,7 @@ def _get(name: str, size: str | None, overrides: tuple[tuple[str, Any], ...]) ->
         fields = {f.name for f in dataclasses.fields(cfg)}
         unknown = sorted({k for k, _ in overrides} - fields)
         if unknown:
-            raise ValueError(
+            raise ModelLoadError(
                 f"zoo model {name!r}: unknown config field(s) {unknown}; "
                 f"{type(cfg).__name__} has {sorted(fields)}"
             )
