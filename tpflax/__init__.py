@@ -32,24 +32,31 @@ from .errors import (
                      DeviceError,
                      MeshError,
                      ModelLoadError,
+                     NoFitError,
+                     OptionError,
                      PlanFormatError,
                      PlanMismatchError,
                      RuleError,
                      SpecError,
+                     SuggestError,
                      TpflaxError,
+                     TpflaxWarning,
                      TraceError,
                      TreeError,
 )
 from .estimate import Estimate, estimate, trace_activations
+from .hardware import Hardware
 from .heuristics import Pair
 from .mesh import MeshShape, abstract_mesh, make_mesh, mesh_shape
 from .plan import Decision, Plan, default_logical_rules, plan
 from .report import fmt_bytes, report
+from .suggest import Candidate, Degree, Suggestion, Verification, suggest_mesh, verify_suggestion
 from .trace import Dataflow, dataflow
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "OptionError", "TpflaxWarning",
     "CompileError", "Decision", "DeviceError", "MeshError", "MeshShape", "ModelLoadError", "Pair",
     "Plan", "PlanFormatError", "PlanMismatchError", "RuleError", "SpecError", "TpflaxError",
     "TreeError", "abstract_mesh", "default_logical_rules", "fmt_bytes", "make_mesh", "mesh_shape",
@@ -63,4 +70,7 @@ __all__ = [
     "shard_train_state", "shardings", "state_shardings", "train_state_shardings", "unshard",
     # estimates and dry runs
     "DryRun", "Estimate", "TrainStep", "dry_run", "estimate", "make_train_step", "trace_activations",
+    # mesh suggestion
+    "Candidate", "Degree", "Hardware", "NoFitError", "SuggestError", "Suggestion", "Verification",
+    "suggest_mesh", "verify_suggestion",
 ]

@@ -21,6 +21,7 @@ EXAMPLES = """examples:
   tpflax estimate llama --mesh fsdp=4,model=2 --optimizer adamw --batch 32
   tpflax dry-run gpt2 --mesh data=2,model=4 --devices 8 --batch 16
   tpflax plan llama --mesh data=2,model=4 --trace --pairs  # pair layers from the traced dataflow
+  tpflax suggest llama-2-7b --devices 64 --hardware tpu-v5p --batch 64   # which mesh, and does it fit
 """
 
 
@@ -232,6 +233,41 @@ def _add_estimate_args(p: argparse.ArgumentParser, *, dry: bool) -> None:
         p.add_argument("--table", action="store_true", help="also print the per-leaf plan table")
 
 
+def cmd_suggest(args: argparse.Namespace) -> int:
+    """Rank mesh shapes for ``--devices`` devices of ``--device-memory`` each."""
+    import json
+
+    from .errors import SuggestError
+    from .suggest import EMULABLE
+
+    if args.world <= 0:
+        raise SuggestError(f"--devices must be a positive integer, got {args.world}")
+    if args.verify and args.world <= EMULABLE:
+        from .mesh import emulate_cpu_devices
+
+        emulate_cpu_devices(args.world)  # before jax starts: the dry run needs that many CPU devices
+    from .loading import load_model
+    from .suggest import suggest_mesh
+
+    loaded = load_model(args.model, size=args.size)
+    if args.batch is None:
+        args.batch = str(args.world)
+    batch, _ = _estimate_inputs(args, loaded)
+    s = suggest_mesh(loaded.model if loaded.model is not None else loaded.variables, args.world,
+                     args.device_memory, args.hardware, optimizer=optimizer_from_name(args.optimizer),
+                     batch=batch, config=getattr(loaded.model, "config", None), trace=args.trace,
+                     remat=args.remat, optimizer_name=args.optimizer, ici_bandwidth=args.ici_bandwidth,
+                     dcn_bandwidth=args.dcn_bandwidth, chips_per_host=args.chips_per_host,
+                     reserve=args.reserve, rules=[parse_rule(r) for r in args.rule] or None,
+                     fsdp_min_bytes=args.fsdp_min_bytes, verify=min(args.top, 3) if args.verify else 0)
+    if args.json:
+        print(json.dumps(s.to_dict(), indent=2, default=str))
+    else:
+        print(f"tpflax suggest  {args.model}")
+        print("\n".join(s.report_lines(top=args.top, show_all=args.all)))
+    return 1 if args.strict and any(v.agree is False for v in s.verified) else 0
+
+
 def cmd_zoo(args: argparse.Namespace) -> int:
     from . import zoo
 
@@ -265,7 +301,42 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(d)
     _add_estimate_args(d, dry=True)
     d.set_defaults(func=cmd_dry_run)
-    z = sub.add_parser("zoo", help="list the built-in models")
+    g = sub.add_parser("suggest", help="rank (data, fsdp, tensor) mesh shapes for N devices and say what fits",
+                       epilog="examples:\n  tpflax suggest llama-2-7b --devices 64 --hardware tpu-v5p --batch 64\n"
+                              "  tpflax suggest llama-70b --devices 256 --device-memory 95GiB --top 5\n"
+                              "  tpflax suggest llama --devices 8 --device-memory 1GiB --verify",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    g.add_argument("model", help="zoo name (see `tpflax zoo`) or package.module:factory")
+    g.add_argument("--devices", dest="world", type=int, required=True,
+                   help="how many devices to plan for (emulated only for --verify, up to 64)")
+    g.add_argument("--device-memory", default=None,
+                   help="memory per device, e.g. 95GiB or 16GB (default: the --hardware preset's)")
+    g.add_argument("--hardware", default=None, help="preset: tpu-v4, tpu-v5e, tpu-v5p, tpu-v6e, a100, h100, h200")
+    g.add_argument("--top", type=int, default=5, help="show this many ranked shapes (default 5)")
+    g.add_argument("--all", action="store_true", help="show every ranked shape and every rejected one, with why")
+    g.add_argument("--size", choices=["tiny", "real"], default=None,
+                   help="zoo family size (default: tiny for family names, real for named sizes)")
+    g.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="optax optimizer (default adamw)")
+    g.add_argument("--batch", default=None, help="global batch: N or NxSEQ (default: one per device)")
+    g.add_argument("--remat", action="store_true", help="activations are rematerialised")
+    g.add_argument("--trace", action="store_true", help="trace the model's layer shapes for exact activations")
+    g.add_argument("--ici-bandwidth", default=None,
+                   help="override: bytes/s each device sends within a host/slice, e.g. 400GB/s or 1600Gbps")
+    g.add_argument("--dcn-bandwidth", default=None, help="override: bytes/s each device sends between hosts")
+    g.add_argument("--chips-per-host", type=int, default=None, help="override: devices per host")
+    g.add_argument("--reserve", type=float, default=0.0, help="fraction of device memory to keep free (default 0)")
+    g.add_argument("--rule", action="append", default=[], metavar="REGEX=TARGET",
+                   help="planner override, as for `tpflax plan`")
+    g.add_argument("--fsdp-min-bytes", type=int, default=1 << 18,
+                   help="leaves this large also shard over fsdp axes (default 262144)")
+    g.add_argument("--verify", action="store_true",
+                   help="compile the top shapes (at most 3) on a CPU-emulated mesh (<= 64 devices) and compare")
+    g.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    g.add_argument("--strict", action="store_true", help="exit 1 when XLA disagrees with the estimate on a fit")
+    g.set_defaults(func=cmd_suggest)
+    z = sub.add_parser("zoo", help="list the built-in models",
+                       epilog="example: tpflax zoo   # then e.g. tpflax plan llama-2-7b --mesh fsdp=8,model=4",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     z.set_defaults(func=cmd_zoo)
     return parser
 

@@ -69,6 +69,26 @@ class CheckpointError(TpflaxError, RuntimeError):
     """A checkpoint is missing, incomplete (an interrupted save), or could not be written."""
 
 
+class OptionError(TpflaxError, ValueError):
+    """An argument has the wrong type or an out-of-range value (``fsdp_min_bytes="big"``, a dict as plan)."""
+
+
+class TpflaxWarning(UserWarning):
+    """Something suspicious that tpflax handled anyway (e.g. NaN/inf in placed parameters)."""
+
+
+class SuggestError(TpflaxError, ValueError):
+    """Bad input to the mesh suggestion: device count, memory, hardware name, or nothing fits."""
+
+
+class NoFitError(SuggestError):
+    """No mesh shape fits the model in device memory; ``suggestion`` holds every candidate and why."""
+
+    def __init__(self, message: str, problems: Iterable[str] = (), suggestion=None):
+        super().__init__(message, problems)
+        self.suggestion = suggestion
+
+
 def raise_if(problems: list[str], error: type[TpflaxError], message: str) -> None:
     """Raise ``error`` listing ``problems`` when there are any."""
     if problems:
