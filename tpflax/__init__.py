@@ -30,6 +30,7 @@ from .errors import (
                      CheckpointError,
                      CompileError,
                      DeviceError,
+                     EstimateError,
                      MeshError,
                      ModelLoadError,
                      NoFitError,
@@ -56,7 +57,7 @@ from .trace import Dataflow, dataflow
 __version__ = "0.1.0"
 
 __all__ = [
-    "OptionError", "TpflaxWarning",
+    "EstimateError", "OptionError", "TpflaxWarning",
     "CompileError", "Decision", "DeviceError", "MeshError", "MeshShape", "ModelLoadError", "Pair",
     "Plan", "PlanFormatError", "PlanMismatchError", "RuleError", "SpecError", "TpflaxError",
     "TreeError", "abstract_mesh", "default_logical_rules", "fmt_bytes", "make_mesh", "mesh_shape",

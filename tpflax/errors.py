@@ -69,6 +69,10 @@ class CheckpointError(TpflaxError, RuntimeError):
     """A checkpoint is missing, incomplete (an interrupted save), or could not be written."""
 
 
+class EstimateError(TpflaxError, ValueError):
+    """Inputs to :func:`tpflax.estimate` are malformed (batch, optimizer, dtypes)."""
+
+
 class OptionError(TpflaxError, ValueError):
     """An argument has the wrong type or an out-of-range value (``fsdp_min_bytes="big"``, a dict as plan)."""
 

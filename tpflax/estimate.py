@@ -37,16 +37,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import PlanMismatchError, TpflaxError
+from .errors import EstimateError, PlanMismatchError
 from .hlo import ring_bytes
 from .mesh import DATA, EXPERT, FSDP, TENSOR, MeshShape
 from .specs import bytes_per_device, entries, entry_axes, used_axes
 
 BACKENDS = ("tpu", "gpu", "cpu")
-
-
-class EstimateError(TpflaxError, ValueError):
-    """Inputs to :func:`estimate` are malformed (batch, optimizer, dtypes)."""
 
 
 # ---------------------------------------------------------------------------

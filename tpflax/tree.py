@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import jax
 import numpy as np
-from flax.core import meta
 
 from .errors import TreeError
 
@@ -66,49 +66,66 @@ def keystr(path) -> str:
     return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
+_BOXES: tuple[type, ...] | None = None
+
+
+def _box_types() -> tuple[type, ...]:
+    """flax's box types, once flax is loaded.
+
+    A tree can hold flax boxes only if its owner imported flax, so tpflax does
+    not import flax itself: ``import tpflax`` stays as light as jax.
+    """
+    global _BOXES
+    if _BOXES is None and "flax" in sys.modules:
+        from flax.core import meta
+
+        types: list[type] = [meta.AxisMetadata]
+        try:
+            from flax import nnx
+
+            types.append(nnx.Variable)
+        except ImportError:  # pragma: no cover - flax without nnx
+            pass
+        _BOXES = tuple(types)
+    return _BOXES or ()
+
+
 def is_box(x: Any) -> bool:
     """True for flax metadata boxes (linen AxisMetadata, nnx.Variable)."""
-    return isinstance(x, _BOXES)
+    return isinstance(x, _box_types())
 
 
-def _nnx_variable_type():
-    try:
-        from flax import nnx
-    except Exception:  # noqa: BLE001 - very old flax without nnx
-        return None
-    return nnx.Variable
-
-
-_BOXES = (meta.AxisMetadata,) + ((_nnx_variable_type(),) if _nnx_variable_type() else ())
+def _is_nnx_variable(x: Any) -> bool:
+    boxes = _box_types()
+    return len(boxes) > 1 and isinstance(x, boxes[1])
 
 
 def unbox(x: Any) -> Any:
     """The array inside a flax box (or ``x`` itself)."""
     if not is_box(x):
         return x
-    nnx_variable = _nnx_variable_type()
-    if nnx_variable is not None and isinstance(x, nnx_variable):
+    if _is_nnx_variable(x):
         return x.get_value() if hasattr(x, "get_value") else x.value
     return x.value
 
 
 def box_names(x: Any) -> tuple[tuple[Any, ...] | None, bool]:
     """(axis names, logical?) carried by a box, or (None, False)."""
-    if isinstance(x, meta.AxisMetadata):
-        names = getattr(x, "names", None)
-        if names is None:
-            return None, False
-        import flax.linen as nn
-
-        return tuple(names), isinstance(x, nn.LogicallyPartitioned)
-    nnx_variable = _nnx_variable_type()
-    if nnx_variable is not None and isinstance(x, nnx_variable):
+    if not is_box(x):
+        return None, False
+    if _is_nnx_variable(x):
         md = x.get_metadata() if hasattr(x, "get_metadata") else {}
         for key in ("out_sharding", "sharding_names", "sharding"):
             names = md.get(key)
             if names is not None and not hasattr(names, "mesh"):
                 return tuple(names), False
-    return None, False
+        return None, False
+    names = getattr(x, "names", None)
+    if names is None:
+        return None, False
+    import flax.linen as nn
+
+    return tuple(names), isinstance(x, nn.LogicallyPartitioned)
 
 
 def unboxed(tree: Any) -> Any:
