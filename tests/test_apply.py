@@ -13,6 +13,7 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
+from _util import assert_bit_exact, same_bytes
 from flax import nnx
 from flax.training import train_state
 from jax.sharding import NamedSharding
@@ -24,18 +25,6 @@ from tpflax.apply import _put
 from tpflax.specs import local_shape
 
 DP_TP = {"data": 2, "model": 4}
-
-
-def same_bytes(a, b) -> bool:
-    a, b = np.asarray(a), np.asarray(b)
-    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
-
-
-def assert_bit_exact(got, want):
-    g, w = jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)
-    assert len(g) == len(w)
-    for a, b in zip(g, w, strict=True):
-        assert same_bytes(a, b), (np.asarray(a).dtype, np.asarray(b).dtype)
 
 
 def assert_placed(tree, plan, mesh):

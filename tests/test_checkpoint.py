@@ -13,6 +13,7 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
+from _util import assert_bit_exact
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -20,17 +21,6 @@ import tpflax
 from tpflax import zoo
 
 WORKER = Path(__file__).with_name("_ckpt_kill_worker.py")
-
-
-def same_bytes(a, b) -> bool:
-    a, b = np.asarray(a), np.asarray(b)
-    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
-
-
-def assert_bit_exact(got, want):
-    g, w = jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)
-    assert len(g) == len(w)
-    assert all(same_bytes(a, b) for a, b in zip(g, w, strict=True))
 
 
 @pytest.fixture(scope="module")

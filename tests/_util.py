@@ -1,0 +1,17 @@
+"""Helpers shared by test modules (not collected: the name starts with an underscore)."""
+
+import jax
+import numpy as np
+
+
+def same_bytes(a, b) -> bool:
+    """Same dtype, shape and bytes: bit-exact, NaN payloads included."""
+    a, b = np.asarray(a), np.asarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def assert_bit_exact(got, want):
+    g, w = jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)
+    assert len(g) == len(w)
+    for a, b in zip(g, w, strict=True):
+        assert same_bytes(a, b), (np.asarray(a).dtype, np.asarray(b).dtype)
