@@ -43,7 +43,7 @@ MESHES = ({"model": 8}, {"data": 2, "model": 4}, {"fsdp": 4, "model": 2})
 # of moving activations; compiling costs the same at any batch (nothing runs).
 BATCH = {"mlp": 2048, "cnn": 64, "gpt2": 64, "llama": 64, "llama-scan": 64, "moe": 64, "vit": 64,
          "lstm": 64, "gru": 64, "nnx-mlp": 2048}
-MODELS = ("mlp", "cnn", "gpt2", "llama", "moe", "vit", "lstm")
+MODELS = ("mlp", "cnn", "gpt2", "llama", "moe", "vit", "lstm", "gru", "llama-scan", "nnx-mlp")
 FSDP_MIN_BYTES = 1024
 MEM_BOUND, COMM_BOUND = 0.02, 0.15
 KNOWN = """## Known deviations (not hidden: these rows are out of bound)
