@@ -46,18 +46,20 @@ BATCH = {"mlp": 2048, "cnn": 64, "gpt2": 64, "llama": 64, "llama-scan": 64, "moe
 MODELS = ("mlp", "cnn", "gpt2", "llama", "moe", "vit", "lstm", "gru", "llama-scan", "nnx-mlp")
 FSDP_MIN_BYTES = 1024
 MEM_BOUND, COMM_BOUND = 0.02, 0.15
-KNOWN = """## Known deviations (not hidden: these rows are out of bound)
+# Why the known out-of-bound rows are off (the figures themselves come from the table above).
+KNOWN = """## Known deviations
 
-- **moe on model=8**: the planner splits the tiny MoE's 4 attention heads 8 ways, so
-  head_dim is split and XLA reshards attention with collective-permutes and all-to-alls
-  that the estimate does not model (the estimate says so in its notes). Keeping the
-  attention whole on the same mesh (`rules=[("attn/(query|key|value|out)", "replicate")]`)
-  brings the row to -4% (`tests/test_dryrun.py::test_moe_with_whole_heads_matches`).
-  gpt2 on model=8 has the same plan issue and lands at -7.5%.
+Rows marked OUT OF BOUND above, and why (explanations; every figure is in the table):
+
+- **moe on model=8**: the tree planner splits the tiny MoE's 4 attention heads 8 ways (a
+  2-D kernel does not show its head count), so head_dim is split and XLA reshards attention
+  with collective-permutes and all-to-alls the estimate does not model (the estimate says so
+  in its notes). With the attention kept whole on the same mesh, as `plan(..., model=)`
+  does, the row is within bounds: `tests/test_dryrun.py::test_moe_with_whole_heads_matches`.
+  gpt2 on model=8 has the same plan issue.
 - **llama-scan on data=2,model=4**: in the `nn.scan` + `nn.remat` variant XLA handles the
   GQA key/value projections (replicated, 2 kv heads on model=4) with extra all-reduces over
-  model instead of the all-gathers it uses in the unrolled Llama (which matches to -3%).
-  Not modelled yet.
+  model instead of the all-gathers it uses in the unrolled Llama. Not modelled yet.
 - Activations and XLA's temp bytes are shown but not bounded: temp holds XLA's own
   buffers (fusion outputs, gathered weights), so the activation estimate is a guide only.
 """

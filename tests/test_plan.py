@@ -536,3 +536,30 @@ def test_mesh_shape_reads_jax_meshes():
     assert mesh_shape(tpflax.abstract_mesh("data=2,model=4")).sizes == {"data": 2, "model": 4}
     with pytest.raises(tpflax.DeviceError, match="xla_force_host_platform_device_count=64"):
         tpflax.make_mesh({"data": 8, "model": 8})
+
+
+def test_a_norm_inside_the_ffn_does_not_flip_the_pair():
+    """NormFormer-style FFN norm over the hidden width: names win, and the plan says so."""
+    tree = {"mlp": {"up": {"kernel": S((512, 2048), F32)}, "ffn_ln": {"scale": S((2048,), F32)},
+                    "down": {"kernel": S((2048, 512), F32)}}}
+    p = tpflax.plan(tree, {"model": 4})
+    assert spec(p, "mlp/up/kernel") == P(None, "model")
+    assert spec(p, "mlp/down/kernel") == P("model", None)
+    assert any("mlp/up/kernel" in w and "pass model=" in w for w in p.warnings)
+    # With residual norms around it, the most common norm width is the residual one.
+    tree["ln_1"] = {"scale": S((512,), F32)}
+    tree["ln_2"] = {"scale": S((512,), F32)}
+    p = tpflax.plan(tree, {"model": 4})
+    assert spec(p, "mlp/up/kernel") == P(None, "model") and not p.warnings
+
+
+def test_two_mlps_in_one_block_pair_by_name():
+    blk = {"n": {"scale": S((64,), F32)}}
+    for m in ("a", "b"):
+        blk[f"{m}_up"] = {"kernel": S((64, 256), F32)}
+        blk[f"{m}_down"] = {"kernel": S((256, 64), F32)}
+    p = tpflax.plan({"blk": blk}, {"model": 4})
+    assert p.decisions["blk/a_up/kernel"].pair == p.decisions["blk/a_down/kernel"].pair
+    assert p.decisions["blk/b_up/kernel"].pair == p.decisions["blk/b_down/kernel"].pair
+    assert p.decisions["blk/a_up/kernel"].pair != p.decisions["blk/b_up/kernel"].pair
+    assert spec(p, "blk/b_down/kernel") == P("model", None)

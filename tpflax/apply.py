@@ -394,6 +394,8 @@ def init_sharded(init_fn: Callable[..., Any], plan: Plan, mesh: Any = None, *arg
     P(None, 'model')
     """
     mesh = _mesh_for(plan, mesh)
+    if not callable(init_fn):
+        raise OptionError(f"init_fn must be callable (e.g. model.init), got {type(init_fn).__name__}")
     graphdefs: list[Any] = []
 
     def as_tree(*a):
@@ -707,10 +709,14 @@ def shard_optimizer_state(optimizer: Any, opt_state: Any, plan: Plan, mesh: Any 
 
         return nnx_apply.shard_module(optimizer, plan, mesh, derived=True)
     mesh = _mesh_for(plan, mesh)
+    if not callable(getattr(optimizer, "init", None)):
+        raise OptionError(f"optimizer {optimizer!r} has no init(); pass an optax GradientTransformation "
+                          "(e.g. optax.adamw(1e-3)) or an nnx.Optimizer")
     abstract = _abstract_params(plan, params)
     if opt_state is not None:
         boxes, treedef, specs = _state_specs(opt_state, plan, optimizer=optimizer,
                                              params=abstract)
+        _check_state_matches(optimizer, opt_state, abstract)
         placed = _put([unbox(b) for b in boxes], [NamedSharding(mesh, s) for s in specs])
         return jax.tree_util.tree_unflatten(treedef, [_rebox(b, v) for b, v in
                                                       zip(boxes, placed, strict=True)])
@@ -724,6 +730,30 @@ def shard_optimizer_state(optimizer: Any, opt_state: Any, plan: Plan, mesh: Any 
         return optimizer.init(jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), abstract))
 
     return jax.jit(init_from_zeros, out_shardings=out_shardings)()
+
+
+def _check_state_matches(optimizer: Any, opt_state: Any, abstract_params: Any) -> None:
+    """The given state must be the one ``optimizer.init`` makes for the planned parameters.
+
+    Otherwise its leaves would silently fall back to replicated (an OOM on a pod).
+    """
+    want = jax.eval_shape(optimizer.init, abstract_params)
+    got_leaves = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=is_box)[0]
+    want_leaves = jax.tree_util.tree_flatten_with_path(want, is_leaf=is_box)[0]
+    problems = []
+    if len(got_leaves) != len(want_leaves):
+        problems.append(f"the state has {len(got_leaves)} leaves; optimizer.init on the planned parameters "
+                        f"makes {len(want_leaves)}")
+    else:
+        for (path, g), (wpath, w) in zip(got_leaves, want_leaves, strict=True):
+            gs, ws = tuple(np.shape(unbox(g))), tuple(np.shape(unbox(w)))
+            if keystr(path) != keystr(wpath):
+                problems.append(f"{keystr(path)}: the planned parameters give {keystr(wpath)} here")
+            elif gs != ws:
+                problems.append(f"{keystr(path)}: shape {gs}, but the planned parameters give {ws}")
+    if problems:
+        raise PlanMismatchError("the optimizer state was not made for the planned parameters; "
+                                "re-create it with optimizer.init(params) or pass opt_state=None", problems)
 
 
 def train_state_shardings(state: Any, plan: Plan, mesh: Any = None) -> Any:

@@ -92,6 +92,7 @@ class _Linear:
     # Largest size the dataflow lets the column dim be split by (a reshape into
     # fewer heads, say); None: the dim's own size. Set by tpflax.trace.
     limit: int | None = None
+    doubt: str = ""  # shapes and names disagreed: said in a plan warning
 
     def size(self, dims: Iterable[int]) -> int:
         return math.prod(self.f.body[d] for d in dims)
@@ -118,6 +119,7 @@ class _State:
     out: dict[str, Proposal] = field(default_factory=dict)
     pairs: list[Pair] = field(default_factory=list)
     forced: set[str] = field(default_factory=set)  # decided by rules/annotations: never overwritten
+    doubts: list[str] = field(default_factory=list)  # roles where names and shapes disagreed
     first_pair: int = 1  # pair ids continue after those of an earlier pass (tpflax.trace)
 
     @property
@@ -151,8 +153,12 @@ def _natural(s: str) -> list:
 
 
 def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options,
-            skip: Iterable[str] = (), first_pair: int = 1) -> tuple[dict[str, Proposal], list[Pair]]:
-    """Propose a spec for every leaf not in ``skip`` (already decided by rules or annotations)."""
+            skip: Iterable[str] = (), first_pair: int = 1,
+            doubts: list[str] | None = None) -> tuple[dict[str, Proposal], list[Pair]]:
+    """Propose a spec for every leaf not in ``skip`` (already decided by rules or annotations).
+
+    ``doubts``, when given, collects the layers whose names and shapes disagreed.
+    """
     st = _State(mesh, opts, forced=set(skip), first_pair=first_pair)
     todo = [f for f in facts if f.path not in st.forced]
     widths = _residual_widths(facts)
@@ -165,6 +171,8 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options,
     _biases(st, todo)
     _leftovers(st, todo)
     _fsdp(st, todo)
+    if doubts is not None:
+        doubts.extend(st.doubts)
     return st.out, st.pairs
 
 
@@ -172,13 +180,21 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options,
 # residual width and linear layout
 
 def _residual_widths(facts: Sequence[Facts]) -> set[int]:
-    """Sizes of the residual stream: norm widths and embedding dims."""
+    """Sizes of the residual stream: embedding dims and the most common norm width.
+
+    Residual norms come twice per block (plus a final one); a norm inside the
+    FFN (NormFormer-style) comes once, so the most common width is the residual.
+    """
     widths = set()
+    norms: dict[int, int] = defaultdict(int)
     for f in facts:
-        if f.kind == "norm" and f.body:
-            widths.add(f.body[-1])
+        if f.kind == "norm" and f.body and f.leaf.collection in ("", "params") and f.name == "scale":
+            norms[f.body[-1]] += 1
         elif f.kind == "embedding" and len(f.body) == 2 and not POS_EMBED.search(f.unit_name):
             widths.add(f.body[-1])
+    if norms:
+        top = max(norms.values())
+        widths |= {w for w, n in norms.items() if n == top}
     return widths
 
 
@@ -206,8 +222,18 @@ def _assign_roles(lins: list[_Linear], widths: set[int]) -> None:
             continue
         name = lin.f.unit_name
         i, o = lin.in_size, lin.out_size
+        named = "column" if COLUMN_NAMES.match(name) else ("row" if ROW_NAMES.match(name) else None)
         if widths and (i in widths) != (o in widths):
-            lin.role = "column" if i in widths else "row"
+            by_shape = "column" if i in widths else "row"
+            if named and named != by_shape:
+                # A norm inside the FFN, or a kernel stored (out, in): the name is the
+                # safer witness for a flax (in, out) kernel; the trace settles it.
+                lin.role = named
+                lin.doubt = (f"'{name}' reads as {named} but ({i} -> {o}) looks like {by_shape} against "
+                             f"the norm widths {sorted(widths)}; going by the name (pass model= to trace it)")
+                lin.why = f"'{name}' is an {'input' if named == 'column' else 'output'} projection ({i} -> {o})"
+                continue
+            lin.role = by_shape
             lin.why = (f"({i} -> {o}) widens the residual width {i}" if lin.role == "column"
                        else f"({i} -> {o}) narrows back to the residual width {o}")
         elif COLUMN_NAMES.match(name):
@@ -239,7 +265,15 @@ def _pair_linears(st: _State, todo: Sequence[Facts], widths: set[int]) -> None:
         rows = [x for x in lins if x.role == "row"]
         if not cols or not rows:
             continue
-        matched = {id(r): [c for c in cols if c.out_size == r.in_size] for r in rows}
+        for lin in lins:
+            if lin.doubt:
+                st.doubts.append(f"{lin.f.path}: {lin.doubt}")
+        matched: dict[int, list[_Linear]] = {id(r): [] for r in rows}
+        for c in cols:
+            fits = [r for r in rows if r.in_size == c.out_size]
+            if fits:  # two MLPs in one block: a_up feeds a_down, not b_down
+                best = max(fits, key=lambda r: _common_prefix(r.f.unit_name, c.f.unit_name))
+                matched[id(best)].append(c)
         # GQA key/value projections are narrower than the output projection's input:
         # in an attention block they join the attention row.
         loose = [c for c in cols if not any(c in m for m in matched.values())]
@@ -254,6 +288,15 @@ def _pair_linears(st: _State, todo: Sequence[Facts], widths: set[int]) -> None:
             claimed.update(id(c) for c in mine)
             kind = "attention" if row.f.kind == "attention" or ATTN.search(group) else "mlp"
             _shard_pair(st, kind, mine, row, t_entry, t_size)
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _shard_pair(st: _State, kind: str, cols: list[_Linear], row: _Linear, t_entry: Entry,
@@ -288,7 +331,7 @@ def _shard_pair(st: _State, kind: str, cols: list[_Linear], row: _Linear, t_entr
     spec = [None] * len(row.f.body)
     spec[rdim] = t_entry
     st.put(row.f, spec, strat,
-           f"row: {row.why}; input {unit} ({size}) split over {_axis(t_entry, t_size)}, fed by "
+           f"{'heads (row side)' if strat == 'heads' else 'row'}: {row.why}; input {unit} ({size}) split over {_axis(t_entry, t_size)}, fed by "
            f"{partner} (pair {pair.id}); one all-reduce of activations per pass", pair.id)
     for col in cols:
         cdim = col.shard_dim("column")
@@ -302,7 +345,7 @@ def _shard_pair(st: _State, kind: str, cols: list[_Linear], row: _Linear, t_entr
         cspec = [None] * len(col.f.body)
         cspec[cdim] = t_entry
         st.put(col.f, cspec, "heads" if col.heads is not None else "column",
-               f"column: {col.why}; output {cunit} ({n}) split over {_axis(t_entry, t_size)}, feeds "
+               f"{'heads (column side)' if col.heads is not None else 'column'}: {col.why}; output {cunit} ({n}) split over {_axis(t_entry, t_size)}, feeds "
                f"{_short(row.f.path)} (pair {pair.id})", pair.id)
 
 

@@ -544,8 +544,10 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
         traced, tpairs = trace.propose(facts, ms, opts, flow, skip=forced)
         disagreements = trace.disagreements(traced, heuristics.propose(facts, ms, opts, skip=forced)[0])
         sources.update({path: "trace" for path in traced})
+    doubts: list[str] = []
     proposals, pairs = heuristics.propose([f for f in facts if f.path not in traced], ms, opts,
-                                          skip=forced, first_pair=len(tpairs) + 1)
+                                          skip=forced, first_pair=len(tpairs) + 1, doubts=doubts)
+    warnings += doubts
     pairs = tpairs + pairs
     proposals.update(traced)
     proposals.update(forced)

@@ -50,6 +50,11 @@ def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool
     >>> "savings" in report(p)
     True
     """
+    from .errors import OptionError
+
+    if not isinstance(plan, Plan):
+        raise OptionError(f"report() expects a tpflax.Plan, got {type(plan).__name__}; make one with "
+                          "tpflax.plan(tree, mesh)")
     if fmt == "json":
         data = json.loads(plan.to_json())
         if estimate is not None and hasattr(estimate, "to_dict"):
@@ -60,8 +65,6 @@ def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool
                 data["estimate_vs_compiled"] = dry_run.compare(estimate).to_dict()
         return json.dumps(data, indent=2)
     if fmt != "text":
-        from .errors import OptionError
-
         raise OptionError(f"fmt must be 'text' or 'json', not {fmt!r}")
     header = HEADER if reasons else HEADER[:-1]
     rows = [r if reasons else r[:-1] for r in table_rows(plan)]
