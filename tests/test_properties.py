@@ -351,3 +351,32 @@ def test_405b_decoder_plan_estimate_report_on_2048_abstract_devices():
     assert weights < 64 * 2**30  # params, grads and adamw moments fit one accelerator
     text = tpflax.report(p, est)
     assert "savings per device" in text and "all-gather" in text
+
+
+# ---------------------------------------------------------------------------
+# pairing direction: never row -> column for an MLP block, whatever its names
+
+UP_NAMES = st.sampled_from(["up", "fc1", "wi", "c_fc", "dense_0", "x", "layer_3", "proj_a"])
+DOWN_NAMES = st.sampled_from(["down", "fc2", "wo", "c_proj", "dense_1", "y", "layer_4", "proj_b"])
+
+
+@given(d=st.sampled_from([64, 96, 128, 512, 768]), mult=st.sampled_from([2, 3, 4, 8]),
+       up=UP_NAMES, down=DOWN_NAMES, blocks=st.integers(1, 3), t=st.sampled_from([2, 4, 8]),
+       fsdp=st.sampled_from([1, 2]))
+def test_mlp_blocks_pair_column_then_row(d, mult, up, down, blocks, t, fsdp):
+    f = d * mult
+    tree = {"embed": {"embedding": jax.ShapeDtypeStruct((1000, d), jnp.float32)}}
+    for i in range(blocks):
+        tree[f"block_{i}"] = {
+            "ln_1": {"scale": jax.ShapeDtypeStruct((d,), jnp.float32)},
+            "ln_2": {"scale": jax.ShapeDtypeStruct((d,), jnp.float32)},
+            "mlp": {up: {"kernel": jax.ShapeDtypeStruct((d, f), jnp.float32)},
+                    down: {"kernel": jax.ShapeDtypeStruct((f, d), jnp.float32)}}}
+    mesh = {"fsdp": fsdp, "model": t} if fsdp > 1 else {"model": t}
+    p = tpflax.plan(tree, mesh, fsdp_min_bytes=0)
+    for i in range(blocks):
+        u = p.decisions[f"block_{i}/mlp/{up}/kernel"]
+        w = p.decisions[f"block_{i}/mlp/{down}/kernel"]
+        assert tuple(u.spec)[1] == "model" and tuple(u.spec)[0] != "model", (u.spec, u.reason)
+        assert tuple(w.spec)[0] == "model" and tuple(w.spec)[1] != "model", (w.spec, w.reason)
+        assert u.pair == w.pair is not None
