@@ -91,9 +91,3 @@ class NoFitError(SuggestError):
     def __init__(self, message: str, problems: Iterable[str] = (), suggestion=None):
         super().__init__(message, problems)
         self.suggestion = suggestion
-
-
-def raise_if(problems: list[str], error: type[TpflaxError], message: str) -> None:
-    """Raise ``error`` listing ``problems`` when there are any."""
-    if problems:
-        raise error(message, problems)
