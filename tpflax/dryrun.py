@@ -106,7 +106,7 @@ class DryRun:
         return Comparison(tuple(rows), self.warnings)
 
     def report_lines(self) -> list[str]:
-        from .plan import _fmt_bytes as fmt
+        from .specs import fmt_bytes as fmt
 
         out = [f"dry run on {self.platform or '?'} mesh {self.mesh}: compiled in {self.compile_seconds:.1f}s"]
         for k in MEMORY_KEYS:
@@ -173,7 +173,7 @@ class Comparison:
         return self.row("total collective").rel_error
 
     def report_lines(self) -> list[str]:
-        from .plan import _fmt_bytes as fmt
+        from .specs import fmt_bytes as fmt
 
         out = ["estimated vs compiled (per device)",
                f"  {'':<44}{'estimated':>12}{'compiled':>14}{'error':>9}"]

@@ -190,7 +190,7 @@ class Estimate:
                 "batch": dict(self.batch), "notes": list(self.notes), "settings": dict(self.settings)}
 
     def report_lines(self) -> list[str]:
-        from .plan import _fmt_bytes as fmt
+        from .specs import fmt_bytes as fmt
 
         s = self.settings
         out = [f"estimate per training step  (optimizer {s.get('optimizer')}, batch "

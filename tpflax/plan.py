@@ -33,6 +33,7 @@ from .specs import (
     bytes_per_device,
     describe,
     entries,
+    fmt_bytes,
     spec_from_json,
     spec_problems,
     spec_to_json,
@@ -584,14 +585,6 @@ def _replication_warnings(decisions: Mapping[str, Decision], mesh: MeshShape) ->
     out = []
     for path, d in decisions.items():
         if d.bytes >= limit and d.bytes_per_device == d.bytes:
-            out.append(f"{path} {d.shape} ({_fmt_bytes(d.bytes)}, {100 * d.bytes / total:.1f}% of the model) "
+            out.append(f"{path} {d.shape} ({fmt_bytes(d.bytes)}, {100 * d.bytes / total:.1f}% of the model) "
                        f"is replicated on every device: {d.reason}")
     return out
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"

@@ -5,12 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .plan import Plan, _fmt_bytes
-
-
-def fmt_bytes(n: float) -> str:
-    """``1536`` -> ``'1.5 KiB'``."""
-    return _fmt_bytes(n)
+from .plan import Plan
+from .specs import fmt_bytes
 
 
 def _spec_str(spec) -> str:

@@ -117,3 +117,16 @@ def spec_from_json(data: Any) -> tuple[Entry, ...]:
         else:
             raise TypeError(f"spec entry {e!r} is not null, an axis name or a list of axis names")
     return tuple(out)
+
+
+def fmt_bytes(n: float) -> str:
+    """``1536`` -> ``'1.5 KiB'``: the one byte formatter every report uses.
+
+    >>> fmt_bytes(1536)
+    '1.5 KiB'
+    """
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

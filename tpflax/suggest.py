@@ -194,7 +194,7 @@ class Verification:
     note: str = ""
 
     def line(self) -> str:
-        from .plan import _fmt_bytes as fmt
+        from .specs import fmt_bytes as fmt
 
         if self.compiled is None:
             return f"  {str(self.mesh):<32} not verified: {self.note}"
@@ -255,7 +255,7 @@ class Suggestion:
                               "agree": v.agree, "seconds": v.seconds, "note": v.note} for v in self.verified]}
 
     def report_lines(self, top: int = 5, show_all: bool = False) -> list[str]:
-        from .plan import _fmt_bytes as fmt
+        from .specs import fmt_bytes as fmt
 
         hw, s = self.hardware, self.settings
         n_enum = len(self.ranked) + len(self.rejected)
@@ -962,7 +962,7 @@ def _opt_name(optimizer) -> str:
 
 
 def _candidate(ctx: _Ctx, ms: MeshShape, mem_limit: int) -> Candidate:
-    from .plan import _fmt_bytes as fmt
+    from .specs import fmt_bytes as fmt
 
     base = Candidate(mesh=ms, device_memory=mem_limit, _ctx=ctx)
     shards = math.prod(ms.sizes[n] for n, r in zip(ctx.axis_names, ctx.roles, strict=True) if r in (DATA, FSDP))
@@ -994,7 +994,7 @@ def _candidate(ctx: _Ctx, ms: MeshShape, mem_limit: int) -> Candidate:
 
 
 def _biggest(memory) -> str:
-    from .plan import _fmt_bytes as fmt
+    from .specs import fmt_bytes as fmt
 
     parts = {"params": memory.params, "grads": memory.grads, "optimizer state": memory.opt_state,
              "activations": memory.activations}
@@ -1022,7 +1022,7 @@ def _term_times(c: Candidate) -> dict[tuple[str, str], float]:
 
 
 def _why(c: Candidate, first: Candidate, n: int, hw: Hardware) -> str:
-    from .plan import _fmt_bytes as fmt
+    from .specs import fmt_bytes as fmt
 
     t_deg = c.degree(TENSOR)
     if c.rank == 1:
@@ -1058,7 +1058,7 @@ def _why(c: Candidate, first: Candidate, n: int, hw: Hardware) -> str:
 
 
 def _no_fit(s: Suggestion, ctx: _Ctx, mem_limit: int) -> NoFitError:
-    from .plan import _fmt_bytes as fmt
+    from .specs import fmt_bytes as fmt
 
     est = [c for c in s.rejected if c.memory is not None]
     if not est:
