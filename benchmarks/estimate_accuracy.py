@@ -34,8 +34,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import tpflax  # noqa: E402
 from tpflax import zoo  # noqa: E402
-from tpflax.dryrun import dry_run, make_train_step  # noqa: E402
-from tpflax.estimate import estimate, trace_activations  # noqa: E402
+from tpflax._src.dryrun import dry_run, make_train_step  # noqa: E402
+from tpflax._src.cost.estimate import estimate, trace_activations  # noqa: E402
 
 MESHES = ({"model": 8}, {"data": 2, "model": 4}, {"fsdp": 4, "model": 2})
 # Global batch per model: large enough that tokens per device exceed the hidden

@@ -26,7 +26,7 @@ import optax
 
 import tpflax
 from tpflax import zoo
-from tpflax.suggest import _signature
+from tpflax._src.suggest.search import _signature
 
 
 def main() -> None:

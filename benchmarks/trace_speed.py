@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 import tpflax
-from tpflax import trace, zoo
+from tpflax import zoo
+from tpflax._src.trace import dataflow as trace
 
 MESH = {"data": 16, "fsdp": 16, "model": 8}  # a 2048-chip abstract mesh
 MODELS = ("llama-2-7b", "llama-2-7b-scan", "resnet18")

@@ -21,8 +21,8 @@ from jax.sharding import PartitionSpec as P
 
 import tpflax
 from tpflax import zoo
-from tpflax.apply import _put
-from tpflax.specs import local_shape
+from tpflax._src.apply.place import _put
+from tpflax._src.specs import local_shape
 
 DP_TP = {"data": 2, "model": 4}
 

@@ -28,8 +28,8 @@ from jax.sharding import PartitionSpec as P
 
 import tpflax
 from tpflax.cli import main
-from tpflax.estimate import EstimateError
-from tpflax.loading import load_model
+from tpflax._src.cost.estimate import EstimateError
+from tpflax._src.loading import load_model
 
 S = jax.ShapeDtypeStruct
 

@@ -8,7 +8,7 @@ import pytest
 
 import tpflax
 from tpflax import zoo
-from tpflax.estimate import EstimateError, estimate, opt_state_specs, parse_batch, trace_activations
+from tpflax._src.cost.estimate import EstimateError, estimate, opt_state_specs, parse_batch, trace_activations
 
 F32 = "float32"
 
@@ -150,7 +150,7 @@ def test_estimate_is_pure_and_does_not_touch_the_plan():
 
 
 def test_bare_batch_size_uses_the_models_sequence_length():
-    from tpflax.estimate import parse_batch
+    from tpflax._src.cost.estimate import parse_batch
 
     assert parse_batch(8, {"vocab": 100, "seq_len": 16}).leaves == (
         ("x", (8, 16), "int32"), ("y", (8, 16), "int32"))

@@ -15,8 +15,8 @@ from jax.sharding import PartitionSpec as P
 
 import tpflax
 from tpflax import zoo
-from tpflax.mesh import mesh_shape
-from tpflax.specs import entries, spec_problems
+from tpflax._src.mesh import mesh_shape
+from tpflax._src.specs import entries, spec_problems
 
 S = jax.ShapeDtypeStruct
 F32 = "float32"
@@ -50,7 +50,7 @@ def test_every_real_size_zoo_spec_is_valid(real_trees, mesh):
     for name, tree in real_trees.items():
         p = tpflax.plan(tree, mesh)
         assert_valid(p)
-        assert len(p.decisions) == len(jax.tree_util.tree_leaves(tpflax.tree.unboxed(tree))), name
+        assert len(p.decisions) == len(jax.tree_util.tree_leaves(tpflax._src.facts.tree.unboxed(tree))), name
 
 
 @pytest.mark.parametrize("mesh", MESHES, ids=lambda m: ",".join(f"{k}={v}" for k, v in m.items()))
@@ -67,7 +67,7 @@ def test_llama_7b_is_megatron_layout(real_trees, mesh):
     assert spec(p, f"{layer}/mlp/down_proj/kernel")[0] == t
     for norm in (f"{layer}/attention_norm/scale", f"{layer}/ffn_norm/scale", "params/norm/scale"):
         assert p.decisions[norm].strategy.startswith("replicate") or p.decisions[norm].strategy == "fsdp"
-        assert t not in tpflax.specs.used_axes(entries(spec(p, norm)))
+        assert t not in tpflax._src.specs.used_axes(entries(spec(p, norm)))
     emb = p.decisions["params/embed/embedding"]
     assert emb.strategy.startswith("vocab") and t in tuple(emb.spec)
     for path, d in p.decisions.items():  # the pair ids tie column and row of each block

@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 from jax.sharding import PartitionSpec
 
 import tpflax
-from tpflax.specs import entries, entry_axes, spec_problems
+from tpflax._src.specs import entries, entry_axes, spec_problems
 
 SIZES = st.sampled_from([1, 2, 3, 4, 5, 7, 8, 12, 13, 16, 24, 31, 32, 48, 64, 96, 97, 128, 250, 256,
                          384, 1000, 1024, 4096])
@@ -81,7 +81,7 @@ def meshes(draw):
 
 
 def _has_leaves(tree) -> bool:
-    return bool(jax.tree_util.tree_leaves(tree, is_leaf=tpflax.tree.is_box))
+    return bool(jax.tree_util.tree_leaves(tree, is_leaf=tpflax._src.facts.tree.is_box))
 
 
 @given(tree=trees, mesh=meshes(), fsdp_min=st.sampled_from([0, 1024, 1 << 18]))
@@ -89,7 +89,7 @@ def test_every_spec_is_valid(tree, mesh, fsdp_min):
     if not _has_leaves(tree):
         return
     p = tpflax.plan(tree, mesh, fsdp_min_bytes=fsdp_min)
-    leaves_, _ = tpflax.tree.walk(tree)
+    leaves_, _ = tpflax._src.facts.tree.walk(tree)
     assert set(p.decisions) == {leaf.path for leaf in leaves_}
     sizes = p.mesh.sizes
     for path, d in p.decisions.items():
@@ -216,7 +216,7 @@ def _random_spec(data, shape, sizes):
 def _plan_with_random_rules(data, tree, axes):
     sizes = dict(axes)
     rules = []
-    for leaf in tpflax.tree.walk(tree)[0]:
+    for leaf in tpflax._src.facts.tree.walk(tree)[0]:
         if data.draw(st.integers(0, 2)) == 0:
             rules.append(("^" + re.escape(leaf.path) + "$", _random_spec(data, leaf.shape, sizes)))
     return tpflax.plan(tree, sizes, rules=rules,
@@ -240,12 +240,12 @@ def _nonfinite(x) -> bool:
 
 @given(tree=small_trees, axes=device_meshes(), data=st.data())
 def test_shard_then_gather_is_bit_exact(tree, axes, data):
-    boxed = jax.tree_util.tree_leaves(tree, is_leaf=tpflax.tree.is_box)
+    boxed = jax.tree_util.tree_leaves(tree, is_leaf=tpflax._src.facts.tree.is_box)
     if not boxed:
         return
     mesh = _mesh(axes)
     p = _plan_with_random_rules(data, tree, axes)
-    values = [tpflax.tree.unbox(b) for b in boxed]
+    values = [tpflax._src.facts.tree.unbox(b) for b in boxed]
     before = [_bits(v) for v in values]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -254,14 +254,14 @@ def test_shard_then_gather_is_bit_exact(tree, axes, data):
     assert bool(nan_warnings) == any(_nonfinite(v) for v in values)
 
     assert jax.tree_util.tree_structure(placed) == jax.tree_util.tree_structure(tree)
-    leaves = tpflax.tree.walk(tree)[0]
-    out = [tpflax.tree.unbox(b) for b in jax.tree_util.tree_leaves(placed, is_leaf=tpflax.tree.is_box)]
+    leaves = tpflax._src.facts.tree.walk(tree)[0]
+    out = [tpflax._src.facts.tree.unbox(b) for b in jax.tree_util.tree_leaves(placed, is_leaf=tpflax._src.facts.tree.is_box)]
     for leaf, x in zip(leaves, out, strict=True):
         assert isinstance(x, jax.Array) and x.sharding.mesh == mesh, leaf.path
         assert entries(x.sharding.spec, x.ndim) == entries(p.decisions[leaf.path].spec, x.ndim), leaf.path
 
     gathered = tpflax.unshard(placed)
-    back = [tpflax.tree.unbox(b) for b in jax.tree_util.tree_leaves(gathered, is_leaf=tpflax.tree.is_box)]
+    back = [tpflax._src.facts.tree.unbox(b) for b in jax.tree_util.tree_leaves(gathered, is_leaf=tpflax._src.facts.tree.is_box)]
     for leaf, v, g, b in zip(leaves, values, back, before, strict=True):
         assert np.shape(g) == np.shape(v) and g.dtype == v.dtype, leaf.path
         assert _bits(g) == b, leaf.path
@@ -284,7 +284,7 @@ OPTIMIZERS = {"none": None, "sgd+momentum": optax.sgd(0.1, momentum=0.9), "adam"
 
 @given(tree=small_trees, axes=device_meshes(), opt=st.sampled_from(sorted(OPTIMIZERS)), data=st.data())
 def test_estimated_bytes_equal_bytes_on_the_fullest_device(tree, axes, opt, data):
-    if not jax.tree_util.tree_leaves(tree, is_leaf=tpflax.tree.is_box):
+    if not jax.tree_util.tree_leaves(tree, is_leaf=tpflax._src.facts.tree.is_box):
         return
     mesh = _mesh(axes)
     p = _plan_with_random_rules(data, tree, axes)
@@ -297,7 +297,7 @@ def test_estimated_bytes_equal_bytes_on_the_fullest_device(tree, axes, opt, data
     assert est.per_device.params + est.per_device.model_state == p.bytes_per_device
     if optimizer is None:
         return
-    params = tpflax.tree.unboxed(tree)
+    params = tpflax._src.facts.tree.unboxed(tree)
     if any(jax.dtypes.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key)
            for x in jax.tree_util.tree_leaves(params)):
         return  # optax cannot build moments of PRNG keys

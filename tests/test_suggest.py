@@ -11,9 +11,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import tpflax
-from tpflax import hardware, zoo
+from tpflax import zoo
+from tpflax._src import hardware
 from tpflax.cli import main
-from tpflax.suggest import _signature, suggest_mesh
+from tpflax._src.suggest.search import _signature, suggest_mesh
 
 F32 = "float32"
 

@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 import tpflax
 from tpflax import cli, hlo, zoo
-from tpflax.trace import dataflow
+from tpflax._src.trace.dataflow import dataflow
 
 F32 = jnp.float32
 

@@ -30,7 +30,7 @@ import pytest
 
 import tpflax
 from tpflax import zoo
-from tpflax.tree import is_box, unbox
+from tpflax._src.facts.tree import is_box, unbox
 
 MODELS = ["mlp", "cnn", "gpt2", "llama", "llama-scan", "vit", "lstm", "gru", "moe", "nnx-mlp"]
 MESHES = {"model8": {"model": 8}, "data2_model4": {"data": 2, "model": 4},

@@ -6,7 +6,7 @@
 ['w']
 """
 
-from .apply import (
+from tpflax._src.apply.place import (
                      Step,
                      batch_sharding,
                      batch_spec,
@@ -24,9 +24,9 @@ from .apply import (
                      train_state_shardings,
                      unshard,
 )
-from .checkpoint import checkpoint_tree, convert_checkpoint, restore_checkpoint, save_checkpoint
-from .dryrun import DryRun, TrainStep, dry_run, make_train_step
-from .errors import (
+from tpflax._src.checkpoint import checkpoint_tree, convert_checkpoint, restore_checkpoint, save_checkpoint
+from tpflax._src.dryrun import DryRun, TrainStep, dry_run, make_train_step
+from tpflax._src.errors import (
                      CheckpointError,
                      CompileError,
                      DeviceError,
@@ -45,14 +45,14 @@ from .errors import (
                      TraceError,
                      TreeError,
 )
-from .estimate import Estimate, estimate, trace_activations
-from .hardware import Hardware
-from .heuristics import Pair
-from .mesh import MeshShape, abstract_mesh, make_mesh, mesh_shape
-from .plan import Decision, Plan, default_logical_rules, plan
-from .report import fmt_bytes, report
-from .suggest import Candidate, Degree, Suggestion, Verification, suggest_mesh, verify_suggestion
-from .trace import Dataflow, dataflow
+from tpflax._src.cost.estimate import Estimate, estimate, trace_activations
+from tpflax._src.hardware import Hardware
+from tpflax._src.planner.heuristics import Pair
+from tpflax._src.mesh import MeshShape, abstract_mesh, make_mesh, mesh_shape
+from tpflax._src.planner.plan import Decision, Plan, default_logical_rules, plan
+from tpflax._src.report import fmt_bytes, report
+from tpflax._src.suggest.search import Candidate, Degree, Suggestion, Verification, suggest_mesh, verify_suggestion
+from tpflax._src.trace.dataflow import Dataflow, dataflow
 
 __version__ = "0.1.0"
 

@@ -28,9 +28,9 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .classify import ATTN, COLUMN_NAMES, HEAD, POS_EMBED, ROW_NAMES, Facts
-from .mesh import EXPERT, FSDP, TENSOR, MeshShape
-from .specs import Entry, entry_axes, used_axes
+from tpflax._src.facts.classify import ATTN, COLUMN_NAMES, HEAD, POS_EMBED, ROW_NAMES, Facts
+from tpflax._src.mesh import EXPERT, FSDP, TENSOR, MeshShape
+from tpflax._src.specs import Entry, entry_axes, used_axes
 
 
 @dataclass(frozen=True)

@@ -23,12 +23,12 @@ from typing import Any
 import jax
 from jax.sharding import PartitionSpec
 
-from . import heuristics
-from .classify import Facts, classify
-from .errors import OptionError, PlanFormatError, PlanMismatchError, RuleError, SpecError
-from .heuristics import Options, Pair, Proposal
-from .mesh import DATA, EXPERT, FSDP, TENSOR, MeshShape, mesh_shape
-from .specs import (
+from tpflax._src.planner import heuristics
+from tpflax._src.facts.classify import Facts, classify
+from tpflax._src.errors import OptionError, PlanFormatError, PlanMismatchError, RuleError, SpecError
+from tpflax._src.planner.heuristics import Options, Pair, Proposal
+from tpflax._src.mesh import DATA, EXPERT, FSDP, TENSOR, MeshShape, mesh_shape
+from tpflax._src.specs import (
     Entry,
     bytes_per_device,
     describe,
@@ -40,7 +40,8 @@ from .specs import (
     to_pspec,
     used_axes,
 )
-from .tree import Leaf, walk
+from tpflax._src.facts.tree import Leaf, walk
+from tpflax._src.vocab import Role
 
 FORMAT = "tpflax.plan"
 FORMAT_VERSION = 1
@@ -62,6 +63,12 @@ class Decision:
         kind: layer kind from classification.
         source: rule, annotation, trace (dataflow, with ``model=``), heuristic.
         pair: id of the column/row pair the leaf belongs to, if any.
+        role: the leaf's side of that pair (``"column"`` or ``"row"``), if any.
+        layers_dim: index of the stacked-layers dim (``nn.scan``), never sharded; None if none.
+        unit: path of the layer the leaf belongs to (``.../mlp/up`` for ``.../mlp/up/kernel``).
+        group: the repeated-layer pattern the leaf belongs to (layer indices replaced
+            by ``*``: ``params/layers_*/mlp/up/kernel``); leaves of one group are alike.
+        trainable: True for parameters the optimizer updates.
     """
 
     spec: PartitionSpec
@@ -74,12 +81,19 @@ class Decision:
     kind: str = ""
     source: str = "heuristic"
     pair: int | None = None
+    role: Role | None = None
+    layers_dim: int | None = None
+    unit: str = ""
+    group: str = ""
+    trainable: bool = True
 
     def to_json(self, path: str) -> dict:
         return {"path": path, "spec": spec_to_json(entries(self.spec)), "strategy": self.strategy,
                 "reason": self.reason, "shape": list(self.shape), "dtype": self.dtype,
                 "bytes": self.bytes, "bytes_per_device": self.bytes_per_device, "kind": self.kind,
-                "source": self.source, "pair": self.pair}
+                "source": self.source, "pair": self.pair, "role": self.role,
+                "layers_dim": self.layers_dim, "unit": self.unit, "group": self.group,
+                "trainable": self.trainable}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Decision:
@@ -88,7 +102,11 @@ class Decision:
                    dtype=str(d["dtype"]), bytes=int(d["bytes"]),
                    bytes_per_device=int(d["bytes_per_device"]), kind=str(d.get("kind", "")),
                    source=str(d.get("source", "heuristic")),
-                   pair=None if d.get("pair") is None else int(d["pair"]))
+                   pair=None if d.get("pair") is None else int(d["pair"]),
+                   role=d.get("role"),
+                   layers_dim=None if d.get("layers_dim") is None else int(d["layers_dim"]),
+                   unit=str(d.get("unit", "")), group=str(d.get("group", "")),
+                   trainable=bool(d.get("trainable", True)))
 
 
 @dataclass(frozen=True)
@@ -539,7 +557,7 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
     tpairs: list[Pair] = []
     disagreements: list[str] = []
     if model is not None:  # dataflow first; the tree heuristics handle what it does not explain
-        from . import trace
+        from tpflax._src.trace import dataflow as trace
 
         flow = trace.dataflow(model, sample, tree)
         traced, tpairs = trace.propose(facts, ms, opts, flow, skip=forced)
@@ -555,6 +573,8 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
 
     decisions: dict[str, Decision] = {}
     specs = []
+    roles = {p: "column" for pr in pairs for p in pr.columns}
+    roles.update({p: "row" for pr in pairs for p in pr.rows})
     for f in facts:
         p = proposals[f.path]
         spec = entries(p.spec, len(f.leaf.shape))
@@ -566,7 +586,10 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
         decisions[f.path] = Decision(
             spec=pspec, strategy=p.strategy, reason=p.reason, shape=f.leaf.shape, dtype=f.leaf.dtype,
             bytes=f.leaf.nbytes, bytes_per_device=bytes_per_device(f.leaf.shape, f.leaf.itemsize, spec, ms),
-            kind=f.kind, source=sources.get(f.path, "heuristic"), pair=p.pair)
+            kind=f.kind, source=sources.get(f.path, "heuristic"), pair=p.pair,
+            role=roles.get(f.path) if p.pair is not None else None,
+            layers_dim=0 if f.stacked else None, unit=f.unit, group=layer_group(f.path),
+            trainable=f.leaf.collection in ("", "params") and f.leaf.numeric in ("float", "complex"))
         specs.append(pspec)
     warnings += _replication_warnings(decisions, ms)
     options = {"fsdp_min_bytes": opts.fsdp_min_bytes, "min_channels": opts.min_channels,
@@ -575,6 +598,18 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
     return Plan(mesh=ms, specs=jax.tree_util.tree_unflatten(treedef, specs), decisions=decisions,
                 pairs=tuple(pairs), warnings=tuple(warnings), options=options,
                 disagreements=tuple(disagreements))
+
+
+_INDEXED = re.compile(r"^(\D*?)(_?)(\d+)$")
+
+
+def layer_group(path: str) -> str:
+    """``params/layers_3/mlp/up/kernel`` -> ``params/layers_*/mlp/up/kernel``: the repeated-layer pattern.
+
+    >>> layer_group("params/h/11/attn/c_attn/kernel")
+    'params/h/*/attn/c_attn/kernel'
+    """
+    return "/".join(_INDEXED.sub(lambda m: m.group(1) + m.group(2) + "*", part) for part in path.split("/"))
 
 
 def _replication_warnings(decisions: Mapping[str, Decision], mesh: MeshShape) -> list[str]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from .errors import DeviceError, MeshError
+from tpflax._src.errors import DeviceError, MeshError
 
 TENSOR, FSDP, DATA, EXPERT = "tensor", "fsdp", "data", "expert"
 ROLES = (TENSOR, FSDP, DATA, EXPERT)

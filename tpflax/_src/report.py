@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .plan import Plan
-from .specs import fmt_bytes
+from tpflax._src.planner.plan import Plan
+from tpflax._src.specs import fmt_bytes
 
 
 def _spec_str(spec) -> str:
@@ -46,7 +46,7 @@ def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool
     >>> "savings" in report(p)
     True
     """
-    from .errors import OptionError
+    from tpflax._src.errors import OptionError
 
     if not isinstance(plan, Plan):
         raise OptionError(f"report() expects a tpflax.Plan, got {type(plan).__name__}; make one with "

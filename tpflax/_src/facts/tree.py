@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from .errors import TreeError
+from tpflax._src.errors import TreeError
 
 # Collections a linen variable dict may hold at its top level.
 COLLECTIONS = frozenset({"params", "batch_stats", "cache", "intermediates", "constants",

@@ -12,7 +12,7 @@ from typing import Any
 
 from jax.sharding import PartitionSpec
 
-from .mesh import MeshShape
+from tpflax._src.mesh import MeshShape
 
 Entry = Any  # None | str | tuple[str, ...]
 

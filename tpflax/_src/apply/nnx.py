@@ -12,7 +12,7 @@ from typing import Any
 
 from jax.sharding import NamedSharding
 
-from .plan import Plan
+from tpflax._src.planner.plan import Plan
 
 
 def shard_module(obj: Any, plan: Plan, mesh: Any = None, *, per_shard: bool = False,
@@ -42,8 +42,8 @@ def shard_module(obj: Any, plan: Plan, mesh: Any = None, *, per_shard: bool = Fa
     import jax
     from flax import nnx
 
-    from .apply import _mesh_for, _put, _rebox, _state_specs, shard
-    from .tree import unbox
+    from tpflax._src.apply.place import _mesh_for, _put, _rebox, _state_specs, shard
+    from tpflax._src.facts.tree import unbox
 
     graphdef, state = nnx.split(obj)
     if not derived:

@@ -33,11 +33,11 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from .errors import OptionError, PlanMismatchError, SpecError, TpflaxWarning, TreeError
-from .mesh import DATA, FSDP, _pairs, make_mesh, mesh_shape
-from .plan import Plan, check_tree_matches
-from .specs import entries, entry_axes, to_pspec
-from .tree import COLLECTIONS, is_box, keystr, unbox, walk
+from tpflax._src.errors import OptionError, PlanMismatchError, SpecError, TpflaxWarning, TreeError
+from tpflax._src.mesh import DATA, FSDP, _pairs, make_mesh, mesh_shape
+from tpflax._src.planner.plan import Plan, check_tree_matches
+from tpflax._src.specs import entries, entry_axes, to_pspec
+from tpflax._src.facts.tree import COLLECTIONS, is_box, keystr, unbox, walk
 
 # ---------------------------------------------------------------------------
 # meshes
@@ -254,7 +254,7 @@ def shard(tree: Any, plan: Plan, mesh: Any = None, *, per_shard: bool = False,
     P('model', None)
     """
     if _nnx_graph_node(tree):
-        from . import nnx_apply
+        from tpflax._src.apply import nnx as nnx_apply
 
         return nnx_apply.shard_module(tree, plan, mesh, per_shard=per_shard)
     mesh = _mesh_for(plan, mesh)
@@ -705,7 +705,7 @@ def shard_optimizer_state(optimizer: Any, opt_state: Any, plan: Plan, mesh: Any 
     P('model', None)
     """
     if _nnx_graph_node(optimizer):
-        from . import nnx_apply
+        from tpflax._src.apply import nnx as nnx_apply
 
         return nnx_apply.shard_module(optimizer, plan, mesh, derived=True)
     mesh = _mesh_for(plan, mesh)

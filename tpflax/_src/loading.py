@@ -6,7 +6,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ModelLoadError
+from tpflax._src.errors import ModelLoadError
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ def load_model(name: str, size: str | None = None) -> Loaded:
     ``package.module:factory`` where ``factory()`` returns a ZooModel, a
     ``(linen module, *sample inputs)`` tuple, an ``nnx.Module``, or a variable tree.
     """
-    from . import zoo
+    from tpflax import zoo
 
     if ":" not in name:
         if name not in zoo.names():
@@ -63,7 +63,7 @@ def _to_variables(made: Any, name: str) -> tuple[Any, Any]:
     import jax
     import jax.numpy as jnp
 
-    from .zoo import ZooModel
+    from tpflax.zoo import ZooModel
 
     if isinstance(made, ZooModel):
         return made.abstract_variables(), made

@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .tree import Leaf
+from tpflax._src.facts.tree import Leaf
 
 # Name fragments. Matched against single path components, lower-cased.
 NORM = re.compile(r"norm|^(ln|bn)(_\w+|\d+)?$", re.I)

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .errors import SuggestError
+from tpflax._src.errors import SuggestError
 
 GiB = 1 << 30
 GB = 10**9

@@ -18,10 +18,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import CompileError, PlanMismatchError, SpecError
-from .estimate import Estimate, opt_state_specs, split_params
-from .hlo import Collective, parse_collectives, summarize
-from .mesh import DATA, FSDP
+from tpflax._src.errors import CompileError, PlanMismatchError, SpecError
+from tpflax._src.cost.estimate import Estimate, opt_state_specs, split_params
+from tpflax._src.hlo import Collective, parse_collectives, summarize
+from tpflax._src.mesh import DATA, FSDP
 
 MEMORY_KEYS = ("argument", "output", "temp", "alias", "generated_code")
 
@@ -106,7 +106,7 @@ class DryRun:
         return Comparison(tuple(rows), self.warnings)
 
     def report_lines(self) -> list[str]:
-        from .specs import fmt_bytes as fmt
+        from tpflax._src.specs import fmt_bytes as fmt
 
         out = [f"dry run on {self.platform or '?'} mesh {self.mesh}: compiled in {self.compile_seconds:.1f}s"]
         for k in MEMORY_KEYS:
@@ -173,7 +173,7 @@ class Comparison:
         return self.row("total collective").rel_error
 
     def report_lines(self) -> list[str]:
-        from .specs import fmt_bytes as fmt
+        from tpflax._src.specs import fmt_bytes as fmt
 
         out = ["estimated vs compiled (per device)",
                f"  {'':<44}{'estimated':>12}{'compiled':>14}{'error':>9}"]
@@ -294,7 +294,7 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: int | An
     import optax
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from .apply import check_mesh
+    from tpflax._src.apply.place import check_mesh
 
     check_mesh(plan, mesh)
     if variables is None:
@@ -434,8 +434,8 @@ def dry_run(step: Callable[..., Any] | TrainStep, plan, mesh: Any, example_args:
     """
     import jax
 
-    from .apply import check_mesh
-    from .mesh import make_mesh
+    from tpflax._src.apply.place import check_mesh
+    from tpflax._src.mesh import make_mesh
 
     if not isinstance(mesh, jax.sharding.Mesh):
         mesh = make_mesh(mesh)

@@ -48,8 +48,8 @@ from typing import Any
 
 import jax
 
-from .errors import TraceError
-from .tree import unboxed, walk
+from tpflax._src.errors import TraceError
+from tpflax._src.facts.tree import unboxed, walk
 
 # ---------------------------------------------------------------------------
 # records
@@ -148,7 +148,7 @@ def _sds(x: Any) -> Any:
 
 
 def _is_zoo(model: Any) -> bool:
-    from .zoo import ZooModel
+    from tpflax.zoo import ZooModel
 
     return isinstance(model, ZooModel)
 
@@ -839,9 +839,9 @@ def propose(facts: Sequence[Any], mesh: Any, opts: Any, flow: Dataflow, skip: It
     about are left to the tree heuristics. Uses the heuristics' pair, conv-pair,
     expert and fsdp helpers so both planners speak the same vocabulary.
     """
-    from . import heuristics as H
-    from .heuristics import Proposal, _axis, _short
-    from .mesh import EXPERT
+    from tpflax._src.planner import heuristics as H
+    from tpflax._src.planner.heuristics import Proposal, _axis, _short
+    from tpflax._src.mesh import EXPERT
 
     st = H._State(mesh, opts, forced=set(skip))
     t_entry, t_size = st.tensor
@@ -1049,7 +1049,7 @@ def propose(facts: Sequence[Any], mesh: Any, opts: Any, flow: Dataflow, skip: It
 
 
 def _why_not_column(u: Use, flow: Dataflow, st: Any, out_edges) -> str:
-    from .heuristics import _short
+    from tpflax._src.planner.heuristics import _short
 
     for k in u.kept:
         if (u.id, k) in flow.escapes:
@@ -1063,7 +1063,7 @@ def _why_not_column(u: Use, flow: Dataflow, st: Any, out_edges) -> str:
 
 
 def _why_not_row(u: Use, in_edges, st: Any) -> str:
-    from .heuristics import _short
+    from tpflax._src.planner.heuristics import _short
 
     srcs = sorted({e.src for e in in_edges.get(u.id, ())})
     if not srcs:
@@ -1073,7 +1073,7 @@ def _why_not_row(u: Use, in_edges, st: Any) -> str:
 
 def disagreements(traced: Mapping[str, Any], tree: Mapping[str, Any]) -> list[str]:
     """One line per leaf where the traced proposal and the tree heuristics' differ."""
-    from .specs import entries, to_pspec
+    from tpflax._src.specs import entries, to_pspec
 
     out = []
     for path, p in traced.items():

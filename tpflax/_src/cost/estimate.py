@@ -37,10 +37,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import EstimateError, PlanMismatchError
-from .hlo import ring_bytes
-from .mesh import DATA, EXPERT, FSDP, TENSOR, MeshShape
-from .specs import bytes_per_device, entries, entry_axes, used_axes
+from tpflax._src.errors import EstimateError, PlanMismatchError
+from tpflax._src.hlo import ring_bytes
+from tpflax._src.mesh import DATA, EXPERT, FSDP, TENSOR, MeshShape
+from tpflax._src.specs import bytes_per_device, entries, entry_axes, used_axes
 
 BACKENDS = ("tpu", "gpu", "cpu")
 
@@ -190,7 +190,7 @@ class Estimate:
                 "batch": dict(self.batch), "notes": list(self.notes), "settings": dict(self.settings)}
 
     def report_lines(self) -> list[str]:
-        from .specs import fmt_bytes as fmt
+        from tpflax._src.specs import fmt_bytes as fmt
 
         s = self.settings
         out = [f"estimate per training step  (optimizer {s.get('optimizer')}, batch "
@@ -282,7 +282,7 @@ def opt_state_specs(plan, optimizer, params: Any = None) -> tuple[Any, Any]:
     """
     import jax
 
-    from .apply import state_specs
+    from tpflax._src.apply.place import state_specs
 
     if params is None:
         params, _ = split_params(plan, abstract_tree(plan))
@@ -507,9 +507,9 @@ def estimate(plan, optimizer: Any = None, batch: Any = None, *, config: Any = No
     >>> sorted(e.comm["all-reduce"])
     ['data', 'model']
     """
-    from .classify import classify
-    from .plan import Plan
-    from .tree import Leaf
+    from tpflax._src.facts.classify import classify
+    from tpflax._src.planner.plan import Plan
+    from tpflax._src.facts.tree import Leaf
 
     if not isinstance(plan, Plan):
         raise EstimateError(f"expected a tpflax.Plan, got {type(plan).__name__}; make one with "
@@ -855,7 +855,7 @@ def _comm_items(plan, facts, train, activations, b: Batch, config, mesh: MeshSha
 
 
 def _is_head(f) -> bool:
-    from .classify import HEAD
+    from tpflax._src.facts.classify import HEAD
 
     return f.kind == "head" or bool(HEAD.match(f.unit_name))
 

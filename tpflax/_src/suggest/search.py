@@ -48,9 +48,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import NoFitError, SuggestError, TpflaxError
-from .hardware import Hardware, get_hardware
-from .mesh import DATA, EXPERT, FSDP, TENSOR, MeshShape, mesh_shape
+from tpflax._src.errors import NoFitError, SuggestError, TpflaxError
+from tpflax._src.hardware import Hardware, get_hardware
+from tpflax._src.mesh import DATA, EXPERT, FSDP, TENSOR, MeshShape, mesh_shape
 
 # Mesh axis order: data outermost (its traffic is one gradient reduction per step,
 # the cheapest to send over the slow network), the tensor axis innermost so its
@@ -127,7 +127,7 @@ class Candidate:
     @functools.cached_property
     def estimate(self):
         """The real :func:`tpflax.estimate` for this shape (computed on first access)."""
-        from .estimate import estimate
+        from tpflax._src.cost.estimate import estimate
 
         c = self._ctx
         return estimate(self.plan, c.optimizer, c.batch, config=c.config, activations=c.activations,
@@ -194,7 +194,7 @@ class Verification:
     note: str = ""
 
     def line(self) -> str:
-        from .specs import fmt_bytes as fmt
+        from tpflax._src.specs import fmt_bytes as fmt
 
         if self.compiled is None:
             return f"  {str(self.mesh):<32} not verified: {self.note}"
@@ -255,7 +255,7 @@ class Suggestion:
                               "agree": v.agree, "seconds": v.seconds, "note": v.note} for v in self.verified]}
 
     def report_lines(self, top: int = 5, show_all: bool = False) -> list[str]:
-        from .specs import fmt_bytes as fmt
+        from tpflax._src.specs import fmt_bytes as fmt
 
         hw, s = self.hardware, self.settings
         n_enum = len(self.ranked) + len(self.rejected)
@@ -424,8 +424,8 @@ def _families(leaves, facts, activations, est_facts_ok) -> _Families:
 
 def _est_leaves(paths, shapes, dtypes):
     """Leaves as :func:`tpflax.estimate` rebuilds them from a plan's decisions."""
-    from .estimate import _itemsize
-    from .tree import Leaf
+    from tpflax._src.cost.estimate import _itemsize
+    from tpflax._src.facts.tree import Leaf
 
     return [Leaf(p, tuple(s), d, _itemsize(d),
                  collection=p.split("/", 1)[0] if p.startswith(("params/", "batch_stats/")) else "")
@@ -436,8 +436,8 @@ def _prepare(tree, model, hw: Hardware, *, optimizer, batch, config, trace_acts,
              act_dtype, backend, expert_dispatch, optimizer_name, plan_kwargs, devices) -> tuple[_Ctx, list[str]]:
     import jax
 
-    from .classify import classify
-    from .estimate import (
+    from tpflax._src.facts.classify import classify
+    from tpflax._src.cost.estimate import (
         _cfg,
         _dtype_name,
         _itemsize,
@@ -445,8 +445,8 @@ def _prepare(tree, model, hw: Hardware, *, optimizer, batch, config, trace_acts,
         trace_activations,
         trainable_paths,
     )
-    from .heuristics import Options
-    from .tree import walk
+    from tpflax._src.planner.heuristics import Options
+    from tpflax._src.facts.tree import walk
 
     notes: list[str] = []
     if config is None and model is not None:
@@ -550,7 +550,7 @@ def _opt_layout(treedef, leaves, optimizer) -> _OptLayout:
     import jax
     import optax
 
-    from .estimate import EstimateError, _np_dtype, split_params
+    from tpflax._src.cost.estimate import EstimateError, _np_dtype, split_params
 
     # the planned tree as ShapeDtypeStructs, laid out as tpflax.estimate.abstract_tree does
     sds = [jax.ShapeDtypeStruct(lf.shape, _np_dtype(lf.dtype)) for lf in leaves]
@@ -636,18 +636,18 @@ def _signature(ctx: _Ctx, sizes: Mapping[str, int]) -> tuple:
 
 
 def _full_plan(ctx: _Ctx, ms: MeshShape):
-    from .plan import plan
+    from tpflax._src.planner.plan import plan
 
     kw = dict(ctx.plan_kwargs)
     return plan(ctx.tree, ms, **kw)
 
 
 def _pattern(ctx: _Ctx, ms: MeshShape) -> _Pattern:
-    from .plan import Decision
-    from .specs import entries, entry_axes, to_pspec
+    from tpflax._src.planner.plan import Decision
+    from tpflax._src.specs import entries, entry_axes, to_pspec
 
     if ctx.heuristic_only:
-        from . import heuristics
+        from tpflax._src.planner import heuristics
 
         props, pairs = heuristics.propose(ctx.facts, ms, ctx.opts)
         specs = tuple(entries(props[lf.path].spec, len(lf.shape)) for lf in ctx.leaves)
@@ -738,8 +738,8 @@ def _bytes(shapes: np.ndarray, itemsize: np.ndarray, mask: np.ndarray, sizes: np
 
 
 def _score(ctx: _Ctx, pat: _Pattern, ms: MeshShape):
-    from .estimate import Memory, _activation_bytes, _dtype_name, _itemsize, estimate, parse_batch
-    from .plan import Plan
+    from tpflax._src.cost.estimate import Memory, _activation_bytes, _dtype_name, _itemsize, estimate, parse_batch
+    from tpflax._src.planner.plan import Plan
 
     sizes = np.array([ms.sizes[n] for n in ctx.axis_names], dtype=np.int64)
     bpd = _bytes(ctx.shapes, ctx.itemsize, pat.mask, sizes)
@@ -956,13 +956,13 @@ def suggest_mesh(model_or_tree: Any, devices: int, device_memory: Any = None, ha
 
 
 def _opt_name(optimizer) -> str:
-    from .estimate import _opt_name as name
+    from tpflax._src.cost.estimate import _opt_name as name
 
     return name(optimizer)
 
 
 def _candidate(ctx: _Ctx, ms: MeshShape, mem_limit: int) -> Candidate:
-    from .specs import fmt_bytes as fmt
+    from tpflax._src.specs import fmt_bytes as fmt
 
     base = Candidate(mesh=ms, device_memory=mem_limit, _ctx=ctx)
     shards = math.prod(ms.sizes[n] for n, r in zip(ctx.axis_names, ctx.roles, strict=True) if r in (DATA, FSDP))
@@ -994,7 +994,7 @@ def _candidate(ctx: _Ctx, ms: MeshShape, mem_limit: int) -> Candidate:
 
 
 def _biggest(memory) -> str:
-    from .specs import fmt_bytes as fmt
+    from tpflax._src.specs import fmt_bytes as fmt
 
     parts = {"params": memory.params, "grads": memory.grads, "optimizer state": memory.opt_state,
              "activations": memory.activations}
@@ -1022,7 +1022,7 @@ def _term_times(c: Candidate) -> dict[tuple[str, str], float]:
 
 
 def _why(c: Candidate, first: Candidate, n: int, hw: Hardware) -> str:
-    from .specs import fmt_bytes as fmt
+    from tpflax._src.specs import fmt_bytes as fmt
 
     t_deg = c.degree(TENSOR)
     if c.rank == 1:
@@ -1058,7 +1058,7 @@ def _why(c: Candidate, first: Candidate, n: int, hw: Hardware) -> str:
 
 
 def _no_fit(s: Suggestion, ctx: _Ctx, mem_limit: int) -> NoFitError:
-    from .specs import fmt_bytes as fmt
+    from tpflax._src.specs import fmt_bytes as fmt
 
     est = [c for c in s.rejected if c.memory is not None]
     if not est:
@@ -1104,7 +1104,7 @@ def _divisors(n: int) -> list[int]:
 
 
 def _degrees(ctx: _Ctx, devices: int, hw: Hardware) -> tuple[Degree, ...]:
-    from .estimate import _cfg
+    from tpflax._src.cost.estimate import _cfg
 
     cfg = ctx.config
     sizes: list[tuple[str, int]] = []
@@ -1175,8 +1175,8 @@ def verify_suggestion(s: Suggestion, top: int = 2) -> tuple[Verification, ...]:
             continue
         import optax
 
-        from .dryrun import dry_run, make_train_step
-        from .mesh import make_mesh
+        from tpflax._src.dryrun import dry_run, make_train_step
+        from tpflax._src.mesh import make_mesh
 
         mesh = make_mesh(c.mesh)
         opt = ctx.optimizer if ctx.optimizer is not None else optax.sgd(0.0)

@@ -1,0 +1,361 @@
+"""The ``tpflax`` command: parse, call the library, print.
+
+Exit codes: 0 success; 1 the plan has warnings and ``--strict`` was given;
+2 bad input (any :class:`tpflax.TpflaxError`). Messages go to stderr; ``--json``
+output alone goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+EXAMPLES = """examples:
+  tpflax plan gpt2-small --mesh data=2,model=4
+  tpflax plan llama --size real --mesh fsdp=4,model=2 --pairs
+  tpflax plan llama-70b --mesh data=16,fsdp=16,model=8 --json > plan.json
+  tpflax plan mypkg.models:make --mesh model=8 --rule 'embed=replicate' --rule 'mlp/up=None,model'
+  tpflax plan gpt2 --mesh data=2,model=4 --devices 8     # also bind the plan to 8 CPU-emulated devices
+  tpflax estimate llama --mesh fsdp=4,model=2 --optimizer adamw --batch 32
+  tpflax dry-run gpt2 --mesh data=2,model=4 --devices 8 --batch 16
+  tpflax plan llama --mesh data=2,model=4 --trace --pairs  # pair layers from the traced dataflow
+  tpflax suggest llama-2-7b --devices 64 --hardware tpu-v5p --batch 64   # which mesh, and does it fit
+"""
+
+
+class UsageError(Exception):
+    """Bad command-line input that argparse itself cannot see (exit code 2)."""
+
+
+def parse_rule(text: str) -> tuple[str, Any]:
+    """``REGEX=TARGET``: a strategy name, or comma-separated axes (``None``/``-`` for
+    an unsharded dim, ``a+b`` for several axes on one dim)."""
+    from jax.sharding import PartitionSpec
+
+    from tpflax._src.planner.plan import STRATEGIES
+
+    if "=" not in text:
+        raise UsageError(f"--rule {text!r} must be REGEX=TARGET, e.g. 'mlp/up=None,model' or 'norm=replicate'")
+    pattern, _, target = text.rpartition("=")
+    target = target.strip()
+    if target in STRATEGIES:
+        return pattern, target
+    dims = []
+    for part in target.split(","):
+        part = part.strip()
+        if part in ("", "None", "none", "-"):
+            dims.append(None)
+        elif "+" in part:
+            dims.append(tuple(p.strip() for p in part.split("+")))
+        else:
+            dims.append(part)
+    return pattern, PartitionSpec(*dims)
+
+
+def parse_roles(items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, role = item.partition("=")
+        if not sep:
+            raise UsageError(f"--axis-role {item!r} must be NAME=ROLE, e.g. 'x=tensor'")
+        out[name.strip()] = role.strip()
+    return out
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Arguments every model command shares."""
+    p.add_argument("model", help="zoo name (see `tpflax zoo`) or package.module:factory")
+    p.add_argument("--mesh", required=True, help="mesh shape, e.g. data=2,model=4")
+    p.add_argument("--size", choices=["tiny", "real"], default=None,
+                   help="zoo family size (default: tiny for family names, real for named sizes)")
+    p.add_argument("--axis-role", action="append", default=[], metavar="NAME=ROLE",
+                   help="role of a mesh axis with an unknown name (tensor, fsdp, data, expert)")
+    p.add_argument("--rule", action="append", default=[], metavar="REGEX=TARGET",
+                   help="override: first matching rule wins (strategy name or axes like None,model)")
+    p.add_argument("--fsdp-min-bytes", type=int, default=1 << 18,
+                   help="leaves this large also shard over fsdp axes (default 262144)")
+    p.add_argument("--min-channels", type=int, default=64, help="narrowest conv chain to split (default 64)")
+    p.add_argument("--devices", type=int, default=None,
+                   help="emulate this many CPU devices (set before jax starts)")
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    p.add_argument("--strict", action="store_true", help="exit 1 when the plan has warnings")
+
+
+def plan_from_args(args: argparse.Namespace):
+    """Load the model and plan it; returns (Loaded, Plan)."""
+    from tpflax._src.loading import load_model
+    from tpflax._src.planner.plan import plan
+
+    loaded = load_model(args.model, size=args.size)
+    model = None
+    if getattr(args, "trace", False):
+        if loaded.model is None:
+            raise UsageError(f"--trace needs a model to trace: {args.model!r} gave only a variable tree; use a "
+                             "zoo name or a factory returning a tpflax.zoo.ZooModel")
+        model = loaded.model
+    p = plan(loaded.variables, args.mesh, rules=[parse_rule(r) for r in args.rule],
+             axis_roles=parse_roles(args.axis_role) or None, fsdp_min_bytes=args.fsdp_min_bytes,
+             min_channels=args.min_channels, model=model)
+    return loaded, p
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from tpflax._src.report import report
+
+    loaded, p = plan_from_args(args)
+    bound = None
+    if args.devices:
+        import jax
+
+        from tpflax._src.apply.place import shardings
+        from tpflax._src.mesh import make_mesh
+
+        mesh = make_mesh(p.mesh)
+        tree = shardings(p, mesh)
+        bound = f"bound to {len(jax.tree_util.tree_leaves(tree))} NamedShardings on {mesh.devices.size} " \
+                f"{jax.devices()[0].platform} devices"
+    if args.json:
+        print(report(p, fmt="json"))
+    else:
+        print(report(p, reasons=not args.no_reasons, pairs=args.pairs))
+        if bound:
+            print(bound)
+    return 1 if args.strict and p.warnings else 0
+
+
+OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "adafactor", "lion", "rmsprop", "adagrad")
+
+
+def optimizer_from_name(name: str, lr: float = 1e-3):
+    """An optax optimizer by name (the state shapes are what matter here, not the rate)."""
+    import optax
+
+    if name == "momentum":
+        return optax.sgd(lr, momentum=0.9)
+    if name not in OPTIMIZERS:
+        raise UsageError(f"--optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}")
+    return getattr(optax, name)(lr)
+
+
+def _estimate_inputs(args: argparse.Namespace, loaded):
+    """(abstract batch or batch spec, global batch size) from --batch."""
+    import jax
+
+    try:
+        dims = [int(x) for x in str(args.batch).lower().split("x")]
+    except ValueError:
+        raise UsageError(f"--batch {args.batch!r} must be N or NxM..., e.g. 32 or 32x1024") from None
+    if not dims or any(d < 1 for d in dims):
+        raise UsageError(f"--batch {args.batch!r} must hold positive sizes")
+    model = loaded.model
+    if model is None:
+        return "x".join(map(str, dims)), dims[0]
+    seq = getattr(model.config, "seq_len", None)
+    if len(dims) > 1 and seq is not None and dims[1] != seq:
+        raise UsageError(f"{args.model} has seq_len {seq}; pass --batch {dims[0]}x{seq} or just --batch "
+                         f"{dims[0]} (zoo configs fix the sequence length)")
+    return jax.eval_shape(lambda: model.make_batch(0, dims[0])), dims[0]
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from tpflax._src.cost.estimate import estimate
+    from tpflax._src.report import report
+
+    loaded, p = plan_from_args(args)
+    batch, _ = _estimate_inputs(args, loaded)
+    est = estimate(p, optimizer_from_name(args.optimizer), batch, model=loaded.model, remat=args.remat,
+                   backend=args.backend, act_dtype=args.act_dtype, grad_dtype=args.grad_dtype,
+                   optimizer_name=args.optimizer)
+    if args.json:
+        print(report(p, est, fmt="json"))
+    elif args.table:
+        print(report(p, est, reasons=False))
+    else:
+        print(f"tpflax estimate  {args.model}  mesh {p.mesh}")
+        print("\n".join(est.report_lines()))
+    return 1 if args.strict and p.warnings else 0
+
+
+def cmd_dry_run(args: argparse.Namespace) -> int:
+    from tpflax._src.mesh import emulate_cpu_devices, mesh_shape
+
+    need = mesh_shape(args.mesh, parse_roles(args.axis_role) or None).size
+    if not args.devices:
+        # only the CPU backend honours this, and only before jax starts; on real
+        # accelerators the mesh uses the devices that are there
+        emulate_cpu_devices(need)
+    from tpflax._src.dryrun import dry_run, make_train_step
+    from tpflax._src.cost.estimate import estimate
+    from tpflax._src.mesh import make_mesh
+    from tpflax._src.report import report
+
+    loaded, p = plan_from_args(args)
+    if loaded.model is None:
+        raise UsageError(f"dry-run needs a model with a loss to build the train step: {args.model!r} gave "
+                         "only a variable tree; use a zoo name or a factory returning a tpflax.zoo.ZooModel")
+    batch, size = _estimate_inputs(args, loaded)
+    mesh = make_mesh(p.mesh)
+    opt = optimizer_from_name(args.optimizer)
+    ts = make_train_step(loaded.model, p, mesh, opt, batch, gather_fsdp=not args.no_gather_fsdp)
+    dr = dry_run(ts, p, mesh, progress=not args.json)
+    backend = args.backend or mesh.devices.flat[0].platform
+    est = estimate(p, opt, batch, model=loaded.model, remat=args.remat,
+                   backend=backend if backend in ("tpu", "gpu", "cpu") else "tpu",
+                   optimizer_name=args.optimizer)
+    if args.json:
+        print(report(p, est, fmt="json", dry_run=dr))
+        return 0
+    print(f"tpflax dry-run  {args.model}  mesh {p.mesh}  batch {size}  optimizer {args.optimizer}")
+    print("\n".join(est.report_lines()))
+    print()
+    print("\n".join(dr.report_lines()))
+    print()
+    print("\n".join(dr.compare(est).report_lines()))
+    return 1 if args.strict and p.warnings else 0
+
+
+def _add_estimate_args(p: argparse.ArgumentParser, *, dry: bool) -> None:
+    p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="optax optimizer (default adamw)")
+    p.add_argument("--batch", default="8" if dry else "32",
+                   help="global batch: N, or NxSEQ / NxFEATURES (default %(default)s)")
+    p.add_argument("--remat", action="store_true", help="activations are rematerialised")
+    p.add_argument("--backend", choices=["tpu", "gpu", "cpu"], default=None if dry else "tpu",
+                   help="how XLA lowers fsdp gradient reduction (default: "
+                        + ("the devices' platform)" if dry else "tpu)"))
+    if dry:
+        p.add_argument("--no-gather-fsdp", action="store_true",
+                       help="do not constrain parameters to be gathered for compute (let GSPMD choose)")
+    else:
+        p.add_argument("--act-dtype", default=None, help="activation dtype (default: the model's)")
+        p.add_argument("--grad-dtype", default=None, help="gradient dtype (default: the parameter's)")
+        p.add_argument("--table", action="store_true", help="also print the per-leaf plan table")
+
+
+def cmd_suggest(args: argparse.Namespace) -> int:
+    """Rank mesh shapes for ``--devices`` devices of ``--device-memory`` each."""
+    import json
+
+    from tpflax._src.errors import SuggestError
+    from tpflax._src.suggest.search import EMULABLE
+
+    if args.world <= 0:
+        raise SuggestError(f"--devices must be a positive integer, got {args.world}")
+    if args.verify and args.world <= EMULABLE:
+        from tpflax._src.mesh import emulate_cpu_devices
+
+        emulate_cpu_devices(args.world)  # before jax starts: the dry run needs that many CPU devices
+    from tpflax._src.loading import load_model
+    from tpflax._src.suggest.search import suggest_mesh
+
+    loaded = load_model(args.model, size=args.size)
+    if args.batch is None:
+        args.batch = str(args.world)
+    batch, _ = _estimate_inputs(args, loaded)
+    s = suggest_mesh(loaded.model if loaded.model is not None else loaded.variables, args.world,
+                     args.device_memory, args.hardware, optimizer=optimizer_from_name(args.optimizer),
+                     batch=batch, config=getattr(loaded.model, "config", None), trace=args.trace,
+                     remat=args.remat, optimizer_name=args.optimizer, ici_bandwidth=args.ici_bandwidth,
+                     dcn_bandwidth=args.dcn_bandwidth, chips_per_host=args.chips_per_host,
+                     reserve=args.reserve, rules=[parse_rule(r) for r in args.rule] or None,
+                     fsdp_min_bytes=args.fsdp_min_bytes, verify=min(args.top, 3) if args.verify else 0)
+    if args.json:
+        print(json.dumps(s.to_dict(), indent=2, default=str))
+    else:
+        print(f"tpflax suggest  {args.model}")
+        print("\n".join(s.report_lines(top=args.top, show_all=args.all)))
+    return 1 if args.strict and any(v.agree is False for v in s.verified) else 0
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from tpflax import zoo
+
+    for name in zoo.names():
+        print(name)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tpflax", description="Plan and apply tensor-parallel / FSDP sharding for Flax models.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plan", help="plan a PartitionSpec for every parameter, with reasons",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--pairs", action="store_true", help="list the column->row pairs")
+    p.add_argument("--trace", action="store_true",
+                   help="trace the model's forward pass (abstractly) and pair layers by dataflow, not names")
+    p.add_argument("--no-reasons", action="store_true", help="omit the reason column")
+    p.set_defaults(func=cmd_plan)
+    e = sub.add_parser("estimate", help="memory per device and communication per training step (pure)",
+                       epilog="example: tpflax estimate gpt2 --mesh data=2,model=4 --optimizer adamw --batch 32",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(e)
+    _add_estimate_args(e, dry=False)
+    e.set_defaults(func=cmd_estimate)
+    d = sub.add_parser("dry-run", help="compile the train step on the (CPU-emulated) mesh and compare",
+                       epilog="example: tpflax dry-run llama --mesh fsdp=4,model=2 --devices 8 --batch 16",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(d)
+    _add_estimate_args(d, dry=True)
+    d.set_defaults(func=cmd_dry_run)
+    g = sub.add_parser("suggest", help="rank (data, fsdp, tensor) mesh shapes for N devices and say what fits",
+                       epilog="examples:\n  tpflax suggest llama-2-7b --devices 64 --hardware tpu-v5p --batch 64\n"
+                              "  tpflax suggest llama-70b --devices 256 --device-memory 95GiB --top 5\n"
+                              "  tpflax suggest llama --devices 8 --device-memory 1GiB --verify",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    g.add_argument("model", help="zoo name (see `tpflax zoo`) or package.module:factory")
+    g.add_argument("--devices", dest="world", type=int, required=True,
+                   help="how many devices to plan for (emulated only for --verify, up to 64)")
+    g.add_argument("--device-memory", default=None,
+                   help="memory per device, e.g. 95GiB or 16GB (default: the --hardware preset's)")
+    g.add_argument("--hardware", default=None, help="preset: tpu-v4, tpu-v5e, tpu-v5p, tpu-v6e, a100, h100, h200")
+    g.add_argument("--top", type=int, default=5, help="show this many ranked shapes (default 5)")
+    g.add_argument("--all", action="store_true", help="show every ranked shape and every rejected one, with why")
+    g.add_argument("--size", choices=["tiny", "real"], default=None,
+                   help="zoo family size (default: tiny for family names, real for named sizes)")
+    g.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="optax optimizer (default adamw)")
+    g.add_argument("--batch", default=None, help="global batch: N or NxSEQ (default: one per device)")
+    g.add_argument("--remat", action="store_true", help="activations are rematerialised")
+    g.add_argument("--trace", action="store_true", help="trace the model's layer shapes for exact activations")
+    g.add_argument("--ici-bandwidth", default=None,
+                   help="override: bytes/s each device sends within a host/slice, e.g. 400GB/s or 1600Gbps")
+    g.add_argument("--dcn-bandwidth", default=None, help="override: bytes/s each device sends between hosts")
+    g.add_argument("--chips-per-host", type=int, default=None, help="override: devices per host")
+    g.add_argument("--reserve", type=float, default=0.0, help="fraction of device memory to keep free (default 0)")
+    g.add_argument("--rule", action="append", default=[], metavar="REGEX=TARGET",
+                   help="planner override, as for `tpflax plan`")
+    g.add_argument("--fsdp-min-bytes", type=int, default=1 << 18,
+                   help="leaves this large also shard over fsdp axes (default 262144)")
+    g.add_argument("--verify", action="store_true",
+                   help="compile the top shapes (at most 3) on a CPU-emulated mesh (<= 64 devices) and compare")
+    g.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    g.add_argument("--strict", action="store_true", help="exit 1 when XLA disagrees with the estimate on a fit")
+    g.set_defaults(func=cmd_suggest)
+    z = sub.add_parser("zoo", help="list the built-in models",
+                       epilog="example: tpflax zoo   # then e.g. tpflax plan llama-2-7b --mesh fsdp=8,model=4",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    z.set_defaults(func=cmd_zoo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from tpflax._src.errors import TpflaxError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "devices", None):
+        from tpflax._src.mesh import emulate_cpu_devices
+
+        emulate_cpu_devices(args.devices)
+    try:
+        return int(args.func(args) or 0)
+    except (TpflaxError, UsageError) as e:
+        print(f"tpflax: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

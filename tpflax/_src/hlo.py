@@ -1,0 +1,571 @@
+"""Collectives in compiled HLO text, and the byte convention used to count them.
+
+``jax.jit(f).lower(*args).compile().as_text()`` is the program XLA will run;
+its ``all-reduce`` / ``all-gather`` / ``reduce-scatter`` / ``all-to-all`` /
+``collective-permute`` instructions are the step's real communication. This
+module parses them (tuple all-reduces, ``-start``/``-done`` async pairs counted
+once, ops wrapped in ``async-start`` computations, collectives inside ``while``
+bodies multiplied by the loop's known trip count) and prices each one with the
+**same** per-device convention the estimator uses, so the two can be compared.
+
+Counting convention (ring algorithm, bytes one device sends, n = group size):
+
+=====================  ==========================  =========================
+kind                   ``S`` is                    bytes sent per device
+=====================  ==========================  =========================
+all-reduce             the buffer (result)         ``2 (n-1)/n * S``
+all-gather             the gathered (result) buf.  ``(n-1)/n * S``
+reduce-scatter         the full (operand) buffer   ``(n-1)/n * S``
+all-to-all             the buffer (result)         ``(n-1)/n * S``
+collective-permute     the buffer (result)         ``S``
+=====================  ==========================  =========================
+
+Replica groups are written three ways in HLO text: explicit
+``{{0,1},{2,3}}``, iota ``[2,4]<=[8]`` / ``[4,2]<=[2,4]T(1,0)``, and mesh axes
+``mesh['axis_0'=2,'axis_1'=4] {'axis_0'}``. All three become explicit tuples of
+logical device ids; :func:`group_axes` maps them back to the mesh axes they
+span (logical id ``i`` is position ``i`` of ``mesh.devices.flat``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+
+# Bytes per element of HLO primitive types; sub-byte types count fractionally.
+_DTYPE_BITS = {
+    "pred": 8, "s2": 2, "u2": 2, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16, "u16": 16,
+    "s32": 32, "u32": 32, "s64": 64, "u64": 64, "f16": 16, "bf16": 16, "f32": 32, "f64": 64,
+    "c64": 64, "c128": 128, "token": 0, "tf32": 32,
+}
+
+
+def dtype_bytes(dtype: str) -> float:
+    """Bytes per element of an HLO type name (``f8e4m3fn`` and friends are 1)."""
+    if dtype in _DTYPE_BITS:
+        return _DTYPE_BITS[dtype] / 8
+    if dtype.startswith("f8") or dtype.startswith("f6") or dtype.startswith("f4"):
+        return int(dtype[1]) / 8
+    raise ValueError(f"unknown HLO element type {dtype!r}")
+
+
+def ring_bytes(kind: str, size: float, n: int) -> float:
+    """Bytes one device sends for a collective under the ring algorithm.
+
+    Args:
+        kind: one of :data:`KINDS`.
+        size: ``S`` as defined per kind in the module docstring (the full
+            buffer: the all-reduce buffer, the gathered result, the unscattered
+            operand, the all-to-all buffer, the permuted buffer).
+        n: devices in the group.
+
+    >>> ring_bytes("all-reduce", 1024, 4), ring_bytes("all-gather", 1024, 4)
+    (1536.0, 768.0)
+    """
+    if kind == "collective-permute":
+        return float(size) if n > 1 else 0.0
+    if n <= 1:
+        return 0.0
+    factor = 2.0 if kind == "all-reduce" else 1.0
+    if kind not in KINDS:
+        raise ValueError(f"unknown collective kind {kind!r}; use one of {', '.join(KINDS)}")
+    return factor * (n - 1) / n * float(size)
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One collective instruction of a compiled program.
+
+    Attributes:
+        kind: all-reduce, all-gather, reduce-scatter, all-to-all or collective-permute.
+        name: the HLO instruction name (of the ``-start`` op for async pairs).
+        shapes: result shapes per device (several for a tuple all-reduce).
+        dtypes: element types of ``shapes``.
+        bytes: result bytes per device.
+        replica_groups: logical device ids of every group (``()`` if unknown).
+        group_size: devices per group.
+        ring_bytes: bytes one device sends per execution (module convention).
+        count: executions per program run (``while`` trip counts multiply).
+        axes: mesh axes the groups span, when parsed with a mesh.
+        dimensions: gather/scatter/split dimensions, if any.
+        source_target_pairs: collective-permute pairs.
+        is_async: came from a ``-start``/``-done`` pair or an ``async-start`` wrapper.
+        op_name: jax provenance from the instruction's metadata.
+        computation: the HLO computation holding the instruction.
+    """
+
+    kind: str
+    name: str
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[str, ...]
+    bytes: int
+    replica_groups: tuple[tuple[int, ...], ...]
+    group_size: int
+    ring_bytes: float
+    count: int = 1
+    axes: tuple[str, ...] = ()
+    dimensions: tuple[int, ...] = ()
+    source_target_pairs: tuple[tuple[int, int], ...] = ()
+    is_async: bool = False
+    op_name: str = ""
+    computation: str = ""
+
+    @property
+    def dtype(self) -> str:
+        """The element type (the first one for a tuple all-reduce)."""
+        return self.dtypes[0] if self.dtypes else ""
+
+    @property
+    def total_ring_bytes(self) -> float:
+        """``ring_bytes * count``: what this instruction sends per program run."""
+        return self.ring_bytes * self.count
+
+    @property
+    def axis_label(self) -> str:
+        """``"model"``, ``"data+model"``, or ``"?"`` when the axes are unknown."""
+        return "+".join(self.axes) if self.axes else "?"
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "name": self.name, "shapes": [list(s) for s in self.shapes],
+                "dtypes": list(self.dtypes), "bytes": self.bytes, "group_size": self.group_size,
+                "replica_groups": [list(g) for g in self.replica_groups], "ring_bytes": self.ring_bytes,
+                "count": self.count, "axes": list(self.axes), "op_name": self.op_name}
+
+
+# ---------------------------------------------------------------------------
+# text scanning
+
+@dataclass(frozen=True)
+class _Instr:
+    name: str
+    shape: str
+    opcode: str
+    operands: str
+    attrs: str
+    computation: str
+
+
+_COMP_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*(\(.*)?\{\s*$")
+_INSTR_HEAD = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*")
+_SHAPE = re.compile(r"([a-z][a-z0-9]*)\[([<=0-9,]*)\]")
+
+
+def _balanced(text: str, start: int) -> int:
+    """Index just past the bracket group opening at ``text[start]``."""
+    pairs = {"(": ")", "{": "}", "[": "]"}
+    stack = []
+    i = start
+    while i < len(text):
+        c = text[i]
+        if c in pairs:
+            stack.append(pairs[c])
+        elif stack and c == stack[-1]:
+            stack.pop()
+            if not stack:
+                return i + 1
+        elif c == '"':  # skip string literals (metadata, backend_config)
+            j = i + 1
+            while j < len(text) and text[j] != '"':
+                j += 2 if text[j] == "\\" else 1
+            i = j
+        i += 1
+    return len(text)
+
+
+def _scan(hlo_text: str) -> tuple[list[_Instr], dict[str, bool], int | None]:
+    """Instructions with their computation, which computations are ENTRY, and num_partitions."""
+    instrs: list[_Instr] = []
+    entries: dict[str, bool] = {}
+    current = ""
+    partitions = None
+    for line in hlo_text.splitlines():
+        if line.startswith("HloModule"):
+            m = re.search(r"num_partitions=(\d+)", line)
+            partitions = int(m.group(1)) if m else None
+            continue
+        if line and not line[0].isspace() and line.rstrip().endswith("{"):
+            m = _COMP_HEADER.match(line)
+            if m:
+                current = m.group(2)
+                entries[current] = bool(m.group(1))
+            continue
+        m = _INSTR_HEAD.match(line)
+        if not m:
+            continue
+        rest = line[m.end():]
+        if rest.startswith("("):
+            end = _balanced(rest, 0)
+            shape, rest = rest[:end], rest[end:].lstrip()
+        else:
+            sp = rest.find(" ")
+            if sp < 0:
+                continue
+            shape, rest = rest[:sp], rest[sp + 1:].lstrip()
+        op = re.match(r"([\w\-]+)\(", rest)
+        if not op:
+            continue
+        close = _balanced(rest, op.end() - 1)
+        instrs.append(_Instr(m.group(1), shape, op.group(1), rest[op.end():close - 1],
+                             rest[close:], current))
+    return instrs, entries, partitions
+
+
+def _attr(attrs: str, key: str) -> str | None:
+    """The raw value of ``key=`` in an attribute string (bracket-balanced)."""
+    m = re.search(r"(?:^|[,\s])" + re.escape(key) + r"=", attrs)
+    if not m:
+        return None
+    i = m.end()
+    if i < len(attrs) and attrs[i] in "{[(":
+        if key == "replica_groups" and attrs[i] == "[":
+            # iota form: [2,4]<=[8] or [4,2]<=[2,4]T(1,0)
+            mm = re.match(r"\[[\d,]*\]<=\[[\d,]*\](?:T\([\d,]*\))?", attrs[i:])
+            if mm:
+                return mm.group(0)
+        return attrs[i:_balanced(attrs, i)]
+    if key == "replica_groups" and attrs.startswith("mesh[", i):
+        end = _balanced(attrs, i + 4)
+        brace = attrs.find("{", end)
+        if brace >= 0:
+            return attrs[i:_balanced(attrs, brace)]
+        return attrs[i:end]
+    mm = re.match(r'"(?:[^"\\]|\\.)*"|[^,\s]+', attrs[i:])
+    return mm.group(0) if mm else None
+
+
+def _shapes(shape_text: str) -> tuple[tuple[tuple[int, ...], ...], tuple[str, ...]]:
+    shapes, dtypes = [], []
+    for dt, dims in _SHAPE.findall(shape_text):
+        if dt == "token":
+            continue
+        dims = [d.replace("<=", "") for d in dims.split(",") if d]
+        shapes.append(tuple(int(d) for d in dims))
+        dtypes.append(dt)
+    return tuple(shapes), tuple(dtypes)
+
+
+def _nbytes(shapes, dtypes) -> int:
+    return int(sum(math.prod(s) * dtype_bytes(d) for s, d in zip(shapes, dtypes, strict=True)))
+
+
+# ---------------------------------------------------------------------------
+# replica groups
+
+def parse_replica_groups(text: str | None, num_devices: int | None = None) -> tuple[tuple[int, ...], ...]:
+    """Explicit groups from any of HLO's replica-group spellings.
+
+    Args:
+        text: ``{{0,1},{2,3}}``, ``[2,4]<=[8]``, ``[4,2]<=[2,4]T(1,0)``,
+            ``mesh['axis_0'=2,'axis_1'=4] {'axis_0'}`` or ``{}``.
+        num_devices: devices in the program, for ``{}`` (one group of all).
+
+    >>> parse_replica_groups("[2,2]<=[2,2]T(1,0)")
+    ((0, 2), (1, 3))
+    """
+    import numpy as np
+
+    if text is None:
+        return ()
+    text = text.strip()
+    if text.startswith("mesh["):
+        return _mesh_groups(text)
+    m = re.fullmatch(r"\[([\d,]*)\]<=\[([\d,]*)\](?:T\(([\d,]*)\))?", text)
+    if m:
+        out_dims = [int(x) for x in m.group(1).split(",") if x]
+        dims = [int(x) for x in m.group(2).split(",") if x]
+        ids = np.arange(math.prod(dims)).reshape(dims)
+        if m.group(3):
+            ids = ids.transpose([int(x) for x in m.group(3).split(",")])
+        ids = ids.reshape(-1, out_dims[-1]) if out_dims else ids.reshape(1, -1)
+        return tuple(tuple(int(x) for x in row) for row in ids)
+    groups = tuple(tuple(int(x) for x in g.split(",") if x.strip())
+                   for g in re.findall(r"\{([\d,\s]*)\}", text))
+    groups = tuple(g for g in groups if g)
+    if not groups and num_devices:
+        return (tuple(range(num_devices)),)
+    return groups
+
+
+def _mesh_groups(text: str) -> tuple[tuple[int, ...], ...]:
+    """Groups from ``mesh['a'=2,'b'=4] {'a'}`` (sub-axes ``'a':(pre)size`` too)."""
+    import numpy as np
+
+    head = re.match(r"mesh\[(.*?)\]", text)
+    axes = re.findall(r"'?([\w.\-]+)'?\s*=\s*(\d+)", head.group(1)) if head else []
+    names = [a for a, _ in axes]
+    sizes = [int(s) for _, s in axes]
+    ids = np.arange(math.prod(sizes)).reshape(sizes) if sizes else np.arange(1)
+    dev = re.search(r"device_ids=\[([\d,\s]*)\]", text)
+    if dev:
+        listed = [int(x) for x in dev.group(1).split(",") if x.strip()]
+        if len(listed) == ids.size:
+            ids = np.array(listed).reshape(sizes)
+    brace = text.rfind("{")
+    wanted = re.findall(r"'?([\w.\-]+)'?(?::\((\d+)\)(\d+))?", text[brace + 1:text.rfind("}")]) \
+        if brace >= 0 else []
+    # Split every axis into (pre, size, post) pieces so sub-axes become real dims.
+    split: list[list[tuple[int, int]]] = [[(0, s)] for s in sizes]  # per axis: [(pre, size)] minor pieces
+    for name, pre, size in wanted:
+        if pre and name in names:
+            i = names.index(name)
+            split[i] = sorted(set(split[i]) | {(int(pre), int(size))})
+    dims, keys = [], []
+    for i, s in enumerate(sizes):
+        pieces = [p for p in split[i] if p[0] > 0]
+        if not pieces:
+            dims.append(s)
+            keys.append((names[i], None))
+            continue
+        # one sub-axis only is supported per axis: (pre, size, rest)
+        pre, size = pieces[0]
+        rest = s // (pre * size)
+        dims += [pre, size, rest]
+        keys += [(names[i], "pre"), (names[i], (pre, size)), (names[i], "post")]
+    ids = ids.reshape(dims)
+    chosen = []
+    for name, pre, size in wanted:
+        key = (name, (int(pre), int(size))) if pre else (name, None)
+        if key in keys:
+            chosen.append(keys.index(key))
+    if not chosen:
+        return (tuple(int(x) for x in ids.reshape(-1)),)
+    others = [d for d in range(len(dims)) if d not in chosen]
+    flat = ids.transpose(others + chosen).reshape(-1, math.prod(dims[d] for d in chosen))
+    return tuple(tuple(int(x) for x in row) for row in flat)
+
+
+def group_axes(groups: Iterable[Sequence[int]], mesh: Any) -> tuple[str, ...]:
+    """Mesh axes a set of device groups spans, in mesh order.
+
+    Logical device id ``i`` is the ``i``-th device of the mesh in row-major
+    order (``mesh.devices.flat``), which is how jax assigns devices to a
+    program compiled with shardings on that mesh.
+
+    Args:
+        groups: device id groups (or collective-permute ``(source, target)`` pairs).
+        mesh: anything :func:`tpflax.mesh_shape` accepts.
+
+    >>> group_axes([(0, 4), (1, 5), (2, 6), (3, 7)], {"data": 2, "model": 4})
+    ('data',)
+    """
+    axes = mesh_axes(mesh)
+    sizes = [s for _, s in axes]
+    total = math.prod(sizes)
+    varying = set()
+    for g in groups:
+        coords = [_unravel(i % total, sizes) for i in g]
+        for d in range(len(sizes)):
+            if len({c[d] for c in coords}) > 1:
+                varying.add(d)
+    return tuple(axes[d][0] for d in sorted(varying))
+
+
+def mesh_axes(mesh: Any) -> tuple[tuple[str, int], ...]:
+    """``((name, size), ...)`` of a mesh given in any common form (no role checks).
+
+    >>> mesh_axes("data=2,model=4")
+    (('data', 2), ('model', 4))
+    """
+    from tpflax._src.mesh import MeshShape, parse_mesh_string
+
+    if isinstance(mesh, MeshShape):
+        return mesh.axes
+    if isinstance(mesh, str):
+        return tuple(parse_mesh_string(mesh).items())
+    if isinstance(mesh, Mapping):
+        return tuple((str(k), int(v)) for k, v in mesh.items())
+    names = getattr(mesh, "axis_names", None)
+    if names is not None and hasattr(mesh, "shape"):
+        return tuple((n, int(mesh.shape[n])) for n in names)
+    return tuple((str(n), int(s)) for n, s in mesh)
+
+
+def _unravel(i: int, sizes: Sequence[int]) -> tuple[int, ...]:
+    out = []
+    for s in reversed(sizes):
+        out.append(i % s)
+        i //= s
+    return tuple(reversed(out))
+
+
+# ---------------------------------------------------------------------------
+# parsing
+
+_ASYNC_PAIRS = {f"{k}-start": k for k in ("all-reduce", "all-gather", "collective-permute",
+                                          "reduce-scatter", "all-to-all")}
+
+
+def _multipliers(instrs: list[_Instr], entries: Mapping[str, bool]) -> dict[str, int]:
+    """How often each computation runs per program run (while trip counts multiply)."""
+    edges: dict[str, list[tuple[str, int]]] = {}
+    for ins in instrs:
+        if ins.opcode in ("async-done", "async-update"):
+            continue  # the wrapped computation is counted once, at async-start
+        trip = 1
+        if ins.opcode == "while":
+            m = re.search(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"?(\d+)', ins.attrs)
+            trip = int(m.group(1)) if m else 1
+        for key in ("body", "calls", "to_apply", "condition", "true_computation", "false_computation"):
+            v = _attr(ins.attrs, key)
+            if v:
+                for callee in re.findall(r"%?([\w.\-]+)", v):
+                    edges.setdefault(ins.computation, []).append((callee, trip if key == "body" else 1))
+        v = _attr(ins.attrs, "branch_computations")
+        if v:
+            for callee in re.findall(r"%?([\w.\-]+)", v):
+                edges.setdefault(ins.computation, []).append((callee, 1))
+    mult: dict[str, int] = {}
+
+    def visit(comp: str, factor: int, depth: int = 0) -> None:
+        if depth > 64:
+            return
+        mult[comp] = mult.get(comp, 0) + factor
+        for callee, trip in edges.get(comp, ()):
+            visit(callee, factor * trip, depth + 1)
+
+    roots = [c for c, is_entry in entries.items() if is_entry] or list(entries)[-1:]
+    for r in roots:
+        visit(r, 1)
+    return mult
+
+
+def parse_collectives(hlo_text: str, mesh: Any = None, *, num_devices: int | None = None) -> list[Collective]:
+    """Every collective of an HLO module, priced with the module's ring convention.
+
+    Args:
+        hlo_text: ``compiled.as_text()`` (or any HLO module text, or lines of it).
+        mesh: optional mesh (shape, dict, ``jax.sharding.Mesh``) to fill ``axes``.
+        num_devices: devices in the program, for ``replica_groups={}``; read
+            from ``num_partitions=`` in the module header when present.
+
+    Returns:
+        Collectives in program order; async ``-start``/``-done`` pairs appear once.
+
+    >>> hlo = ("ENTRY %main {\\n"
+    ...        "  %ar = f32[8,32]{1,0} all-reduce(f32[8,32]{1,0} %x), replica_groups=[2,4]<=[8], to_apply=%add\\n"
+    ...        "}")
+    >>> c = parse_collectives(hlo, {"data": 2, "model": 4})[0]
+    >>> c.kind, c.bytes, c.group_size, c.ring_bytes, c.axes
+    ('all-reduce', 1024, 4, 1536.0, ('model',))
+    """
+    instrs, entries, partitions = _scan(hlo_text)
+    n_dev = num_devices or partitions
+    if n_dev is None and mesh is not None:
+        n_dev = math.prod(s for _, s in mesh_axes(mesh))
+    mult = _multipliers(instrs, entries) if entries else {}
+    done_of: dict[str, _Instr] = {}
+    for ins in instrs:
+        if ins.opcode.endswith("-done") and ins.opcode[:-5] + "-start" in _ASYNC_PAIRS:
+            src = re.match(r"\s*(?:[^%]*\s)?%?([\w.\-]+)", ins.operands)
+            if src:
+                done_of[src.group(1)] = ins
+    out = []
+    for ins in instrs:
+        op = ins.opcode
+        is_async = False
+        if op in _ASYNC_PAIRS:
+            kind, is_async = _ASYNC_PAIRS[op], True
+            done = done_of.get(ins.name)
+            shape_text = done.shape if done is not None else _start_result(kind, ins.shape)
+        elif op in KINDS:
+            kind, shape_text = op, ins.shape
+            is_async = bool(ins.computation) and _called_by_async(ins.computation, instrs)
+        else:
+            continue
+        shapes, dtypes = _shapes(shape_text)
+        nbytes = _nbytes(shapes, dtypes)
+        pairs: tuple[tuple[int, int], ...] = ()
+        if kind == "collective-permute":
+            raw = _attr(ins.attrs, "source_target_pairs") or "{}"
+            pairs = tuple((int(a), int(b)) for a, b in re.findall(r"\{\s*(\d+)\s*,\s*(\d+)\s*\}", raw))
+            groups: tuple[tuple[int, ...], ...] = pairs
+            n = 2 if any(a != b for a, b in pairs) else 1
+        else:
+            groups = parse_replica_groups(_attr(ins.attrs, "replica_groups"), n_dev)
+            n = len(groups[0]) if groups else (n_dev or 1)
+        dims_raw = _attr(ins.attrs, "dimensions") or ""
+        dims = tuple(int(x) for x in re.findall(r"\d+", dims_raw))
+        size = nbytes * n if kind == "reduce-scatter" else nbytes
+        op_name = ""
+        meta = re.search(r'op_name="((?:[^"\\]|\\.)*)"', ins.attrs)
+        if meta:
+            op_name = meta.group(1)
+        axes: tuple[str, ...] = ()
+        if mesh is not None and groups:
+            try:
+                axes = group_axes(groups, mesh)
+            except Exception:  # noqa: BLE001 - a mesh that does not fit leaves axes unknown
+                axes = ()
+        out.append(Collective(
+            kind=kind, name=ins.name, shapes=shapes, dtypes=dtypes, bytes=nbytes,
+            replica_groups=groups if kind != "collective-permute" else (), group_size=n,
+            ring_bytes=ring_bytes(kind, size, n) if kind != "collective-permute" or pairs else 0.0,
+            count=max(1, mult.get(ins.computation, 1)), axes=axes, dimensions=dims,
+            source_target_pairs=pairs, is_async=is_async, op_name=op_name,
+            computation=ins.computation))
+    return out
+
+
+def _start_result(kind: str, shape_text: str) -> str:
+    """Result shape of a ``-start`` op with no ``-done``: its tuple's second half."""
+    if kind == "all-reduce" or not shape_text.startswith("("):
+        return shape_text
+    inner = shape_text[1:-1]
+    parts, depth, cur = [], 0, ""
+    for c in inner:
+        if c in "({[":
+            depth += 1
+        elif c in ")}]":
+            depth -= 1
+        if c == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += c
+    parts.append(cur)
+    arrays = [p for p in parts if _SHAPE.search(p) and not re.match(r"\s*[su]32\[\]", p)]
+    return ",".join(arrays[len(arrays) // 2:]) if len(arrays) > 1 else ",".join(arrays)
+
+
+def _called_by_async(comp: str, instrs: list[_Instr]) -> bool:
+    return any(i.opcode == "async-start" and re.search(r"%?" + re.escape(comp) + r"\b", i.attrs)
+               for i in instrs)
+
+
+def summarize(collectives: Iterable[Collective], *, by: str = "kind", field: str = "ring_bytes") -> dict:
+    """Total bytes per collective kind (or per ``(kind, axes)``).
+
+    Args:
+        collectives: from :func:`parse_collectives`.
+        by: ``"kind"`` -> ``{kind: bytes}``; ``"axis"`` -> ``{(kind, "data+model"): bytes}``.
+        field: ``"ring_bytes"`` (bytes each device sends, times ``count``) or
+            ``"bytes"`` (result bytes, times ``count``).
+
+    >>> c = Collective("all-gather", "ag", ((8,),), ("f32",), 32, ((0, 1),), 2, 16.0)
+    >>> summarize([c, c])
+    {'all-gather': 32.0}
+    """
+    if by not in ("kind", "axis"):
+        raise ValueError(f"by must be 'kind' or 'axis', not {by!r}")
+    if field not in ("ring_bytes", "bytes"):
+        raise ValueError(f"field must be 'ring_bytes' or 'bytes', not {field!r}")
+    out: dict = {}
+    for c in collectives:
+        key = c.kind if by == "kind" else (c.kind, c.axis_label)
+        value = (c.ring_bytes if field == "ring_bytes" else c.bytes) * c.count
+        out[key] = out.get(key, 0.0) + float(value)
+    return out
+
+
+def with_axes(collectives: Iterable[Collective], mesh: Any) -> list[Collective]:
+    """The same collectives with ``axes`` filled in for ``mesh``."""
+    out = []
+    for c in collectives:
+        groups = c.source_target_pairs if c.kind == "collective-permute" else c.replica_groups
+        out.append(replace(c, axes=group_axes(groups, mesh) if groups else ()))
+    return out
