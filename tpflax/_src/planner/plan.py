@@ -557,11 +557,12 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
     tpairs: list[Pair] = []
     disagreements: list[str] = []
     if model is not None:  # dataflow first; the tree heuristics handle what it does not explain
-        from tpflax._src.trace import dataflow as trace
+        from tpflax._src.planner import dataflow_rules
+        from tpflax._src.trace.dataflow import dataflow
 
-        flow = trace.dataflow(model, sample, tree)
-        traced, tpairs = trace.propose(facts, ms, opts, flow, skip=forced)
-        disagreements = trace.disagreements(traced, heuristics.propose(facts, ms, opts, skip=forced)[0])
+        flow = dataflow(model, sample, tree)
+        traced, tpairs = dataflow_rules.propose(facts, ms, opts, flow, skip=forced)
+        disagreements = dataflow_rules.disagreements(traced, heuristics.propose(facts, ms, opts, skip=forced)[0])
         sources.update({path: "trace" for path in traced})
     doubts: list[str] = []
     proposals, pairs = heuristics.propose([f for f in facts if f.path not in traced], ms, opts,

@@ -1,0 +1,196 @@
+"""Any model as one thing: a pure forward function, example inputs and variables.
+
+Every stage that runs a model (the trace, activation sizes, the train step, the
+dry run, the mesh suggestion, the CLI) takes what the user has and calls
+:func:`as_model` once. Accepted:
+
+* a ``tpflax.zoo`` model (sample and variables default to its own);
+* a linen ``nn.Module`` with ``sample=`` (variables default to
+  ``jax.eval_shape(module.init, key, *sample)``);
+* an ``nnx.Module`` with ``sample=`` (its own state is the variable tree);
+* a plain callable ``fn(variables, *sample)``, the way Hugging Face Flax models
+  are called (``lambda v, ids: hf_model(ids, params=v)``), with ``sample=`` and
+  the variable tree (the one being planned).
+
+Nothing here allocates: samples become ``jax.ShapeDtypeStruct``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import jax
+
+from tpflax._src.errors import TraceError
+
+Framework = Literal["zoo", "linen", "nnx", "callable"]
+
+
+@dataclass(frozen=True)
+class Model:
+    """A model reduced to what tpflax needs.
+
+    Attributes:
+        forward: ``forward(variables, *sample) -> output``, pure and traceable.
+        sample: example inputs as ``jax.ShapeDtypeStruct`` (batch first).
+        variables: the variable tree ``forward`` takes (abstract is fine), or None
+            when it has to come from the caller (a plain callable without one).
+        framework: ``"zoo"``, ``"linen"``, ``"nnx"`` or ``"callable"``.
+        name: for messages.
+        module: the linen module (for per-layer activation shapes), else None.
+        kwargs: keyword arguments the forward pass passes to ``module.apply``.
+        config: the zoo model's config (sequence length, vocab...), else None.
+        zoo: the zoo model itself, else None.
+    """
+
+    forward: Callable[..., Any]
+    sample: tuple[Any, ...]
+    variables: Any
+    framework: Framework
+    name: str
+    module: Any = None
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    config: Any = None
+    zoo: Any = None
+
+    def with_batch(self, batch: int) -> Model:
+        """The same model with every sample input's leading (batch) dim set to ``batch``."""
+        if self.zoo is not None:
+            return replace(self, sample=tuple(self.zoo.sample_inputs(batch)))
+        return replace(self, sample=tuple(
+            jax.ShapeDtypeStruct((batch, *s.shape[1:]), s.dtype) if s.shape else s for s in self.sample))
+
+    def with_variables(self, variables: Any) -> Model:
+        return replace(self, variables=variables)
+
+    @property
+    def batch_size(self) -> int | None:
+        """Leading dim of the first sample input."""
+        first = self.sample[0] if self.sample else None
+        return int(first.shape[0]) if first is not None and first.shape else None
+
+
+def abstract(x: Any) -> Any:
+    """``x`` as a ``jax.ShapeDtypeStruct`` when it is array-like (anything else unchanged)."""
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
+    return x
+
+
+def is_zoo(model: Any) -> bool:
+    from tpflax.zoo import ZooModel
+
+    return isinstance(model, ZooModel)
+
+
+def is_nnx(model: Any) -> bool:
+    import sys
+
+    if "flax" not in sys.modules:
+        return False
+    from flax import nnx
+
+    return isinstance(model, nnx.Module)
+
+
+def is_linen(model: Any) -> bool:
+    import sys
+
+    if "flax" not in sys.modules:
+        return False
+    import flax.linen as nn
+
+    return isinstance(model, nn.Module)
+
+
+def _samples(sample: Any, what: str) -> tuple[Any, ...]:
+    if sample is None:
+        raise TraceError(f"{what} needs sample inputs: pass sample=(x,) (shapes suffice: "
+                         "jax.ShapeDtypeStruct((batch, ...), dtype))")
+    if not isinstance(sample, (tuple, list)):
+        sample = (sample,)
+    return tuple(jax.tree_util.tree_map(abstract, s) for s in sample)
+
+
+def as_model(model: Any, sample: Any = None, variables: Any = None) -> Model:
+    """Wrap ``model`` (zoo, linen, nnx or a plain ``fn(variables, *sample)``) as a :class:`Model`.
+
+    Args:
+        model: the model (see the module docstring), or a :class:`Model` (returned
+            as is, with ``sample``/``variables`` replaced when given).
+        sample: example forward inputs (arrays or ``jax.ShapeDtypeStruct``); a
+            single array is taken as a 1-tuple. Zoo models default to their own.
+        variables: the variable tree; defaults as described in the module docstring.
+
+    Raises:
+        TraceError: the model type is not one of these, or ``sample`` is missing.
+
+    >>> import jax, jax.numpy as jnp
+    >>> m = as_model(lambda v, x: x @ v["w"], (jax.ShapeDtypeStruct((2, 4), jnp.float32),),
+    ...              {"w": jax.ShapeDtypeStruct((4, 3), jnp.float32)})
+    >>> m.framework, jax.eval_shape(m.forward, m.variables, *m.sample).shape
+    ('callable', (2, 3))
+    """
+    if isinstance(model, Model):
+        out = model
+        if sample is not None:
+            out = replace(out, sample=_samples(sample, out.name))
+        return out.with_variables(variables) if variables is not None else out
+    if is_zoo(model):
+        return _zoo(model, sample, variables)
+    if is_nnx(model):
+        return _nnx(model, sample, variables)
+    if is_linen(model):
+        return _linen(model, sample, variables)
+    if callable(model):
+        name = getattr(model, "__name__", type(model).__name__)
+        return Model(forward=model, sample=_samples(sample, f"the model function {name}"),
+                     variables=variables, framework="callable", name=name)
+    raise TraceError(f"model= must be a flax linen Module, an nnx.Module, a tpflax.zoo model or a "
+                     f"function fn(variables, *sample), not {type(model).__name__}")
+
+
+def _zoo(model: Any, sample: Any, variables: Any) -> Model:
+    sample = _samples(sample, model.name) if sample is not None else tuple(model.sample_inputs(1))
+    if variables is None:
+        variables = model.abstract_variables()
+    module = model.module if model.framework == "linen" else None
+    forward = model.apply if module is None else _with_collections(model.apply)
+    return Model(forward=forward, sample=sample, variables=variables, framework="zoo",
+                 name=model.name, module=module, kwargs=dict(model.apply_kwargs),
+                 config=model.config, zoo=model)
+
+
+def _nnx(model: Any, sample: Any, variables: Any) -> Model:
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+
+    def forward(v, *x):
+        return nnx.merge(graphdef, v)(*x)
+
+    return Model(forward=forward, sample=_samples(sample, type(model).__name__),
+                 variables=state if variables is None else variables, framework="nnx",
+                 name=type(model).__name__)
+
+
+def _linen(module: Any, sample: Any, variables: Any) -> Model:
+    sample = _samples(sample, type(module).__name__)
+    if variables is None:
+        variables = jax.eval_shape(lambda *x: module.init(jax.random.key(0), *x), *sample)
+
+    return Model(forward=_with_collections(module.apply), sample=sample, variables=variables, framework="linen",
+                 name=type(module).__name__, module=module)
+
+
+def _with_collections(apply: Callable[..., Any]) -> Callable[..., Any]:
+    """linen ``apply`` that also takes a bare params tree (it wants ``{"params": ...}``)."""
+
+    def forward(v, *x):
+        if hasattr(v, "keys") and "params" not in v:
+            v = {"params": v}
+        return apply(v, *x)
+
+    return forward
