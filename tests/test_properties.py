@@ -331,7 +331,7 @@ def test_100k_leaves_plan_on_2048_abstract_devices():
     by_unit = {}
     for path, d in p.decisions.items():
         assert not spec_problems(path, d.shape, entries(d.spec), p.mesh), path
-        by_unit.setdefault(path.split("/", 2)[2], set()).add((d.spec, d.strategy))
+        by_unit.setdefault(path.split("/", 2)[2], set()).add((d.spec, d.label))
     assert all(len(v) == 1 for v in by_unit.values())  # every layer planned alike
     assert by_unit["mlp/up_proj/kernel"] == {(PartitionSpec("fsdp", "model"), "column+fsdp")}
     assert p.bytes_per_device * 64 < p.total_bytes

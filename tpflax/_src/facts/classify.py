@@ -81,6 +81,31 @@ def _parent(path: str) -> str:
     return path.rsplit("/", 1)[0] if "/" in path else ""
 
 
+# Leaf names that hold a layer's parameter: the layer is the parent path.
+_LAYER_LEAVES = KERNEL_LEAVES | {"bias", "b", "embedding", "scale"}
+
+
+def unit_of(path: str) -> str:
+    """The layer a leaf belongs to: its parent for kernels, biases, scales; else the leaf itself.
+
+    >>> unit_of("params/mlp/up/kernel"), unit_of("params/pos_embed")
+    ('params/mlp/up', 'params/pos_embed')
+    """
+    return _parent(path) if path.rsplit("/", 1)[-1].lower() in _LAYER_LEAVES else path
+
+
+_INDEXED = re.compile(r"^(\D*?)(_?)(\d+)$")
+
+
+def layer_group(path: str) -> str:
+    """``params/layers_3/mlp/up/kernel`` -> ``params/layers_*/mlp/up/kernel``: the repeated-layer pattern.
+
+    >>> layer_group("params/h/11/attn/c_attn/kernel")
+    'params/h/*/attn/c_attn/kernel'
+    """
+    return "/".join(_INDEXED.sub(lambda m: m.group(1) + m.group(2) + "*", part) for part in path.split("/"))
+
+
 def _is_norm_part(part: str) -> bool:
     return bool(NORM.search(part.lower()))
 
@@ -141,7 +166,7 @@ def classify(leaves: Sequence[Leaf], stacked: str | None = None) -> list[Facts]:
 def _classify_one(leaf: Leaf, stacked: int) -> Facts:
     parts = leaf.parts
     name = parts[-1]
-    unit = _parent(leaf.path) if name.lower() in KERNEL_LEAVES | {"bias", "b", "embedding", "scale"} else leaf.path
+    unit = unit_of(leaf.path)
     group = _parent(unit)
     body = leaf.shape[stacked:]
     lower_path = leaf.path.lower()

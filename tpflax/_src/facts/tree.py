@@ -8,6 +8,7 @@ Nothing is allocated and the caller's tree is never modified.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import sys
@@ -201,7 +202,7 @@ def walk(tree: Any) -> tuple[list[Leaf], Any]:
         if names is not None and len(names) != len(shape):
             names = None  # malformed metadata: ignore it rather than guess
         leaves.append(Leaf(
-            path=p, shape=shape, dtype=str(dtype), itemsize=_itemsize(dtype),
+            path=p, shape=shape, dtype=str(dtype), itemsize=itemsize(dtype),
             collection=p.split("/", 1)[0] if is_collections else "",
             names=names, logical=logical, numeric=numeric_kind(dtype)))
     if problems:
@@ -221,11 +222,38 @@ def _non_numeric(dtype: Any) -> bool:
         return False  # anything jax cannot even classify: leave it to jax's own message
 
 
-def _itemsize(dtype: Any) -> int:
-    try:
-        return int(np.dtype(dtype).itemsize)
-    except TypeError:
-        return int(getattr(dtype, "itemsize", 4))
+def itemsize(dtype: Any) -> int:
+    """Bytes per element of ``dtype``: a numpy/jax dtype, its name, or a typed PRNG key dtype.
+
+    A typed PRNG key holds its implementation's key data: ``key<fry>`` (threefry)
+    is 2 uint32 = 8 bytes, ``key<rbg>`` and ``key<urbg>`` 4 uint32 = 16 bytes,
+    as ``jax.random.key_data(key).nbytes`` says. Names work too, since plans
+    store dtypes as strings.
+
+    Raises:
+        TypeError: ``dtype`` is not a dtype jax knows.
+
+    >>> itemsize("bfloat16"), itemsize("key<fry>"), itemsize(jax.random.key(0).dtype)
+    (2, 8, 8)
+    """
+    if isinstance(dtype, str) and dtype.startswith("key<"):
+        sizes = _key_itemsizes()
+        if dtype not in sizes:
+            raise TypeError(f"unknown PRNG key dtype {dtype!r}; known: {', '.join(sizes)}")
+        return sizes[dtype]
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return int(dtype.itemsize)
+    return int(np.dtype(jax.numpy.dtype(dtype)).itemsize)
+
+
+@functools.cache
+def _key_itemsizes() -> dict[str, int]:
+    """``{"key<fry>": 8, ...}`` for jax's PRNG implementations (abstract: nothing is allocated)."""
+    out = {}
+    for impl in ("threefry2x32", "rbg", "unsafe_rbg"):
+        key = jax.eval_shape(lambda impl=impl: jax.random.key(0, impl=impl))
+        out[str(key.dtype)] = int(key.dtype.itemsize)
+    return out
 
 
 def _top_keys(tree: Any) -> frozenset[str]:

@@ -1,7 +1,10 @@
 """Dataflow rules: proposals for the leaves the traced forward pass explains.
 
-Reads a :class:`tpflax._src.trace.dataflow.Dataflow` and speaks the tree
-heuristics' vocabulary (pairs, conv pairs, experts, fsdp).
+Reads a :class:`tpflax._src.trace.dataflow.Dataflow` and builds specs with the
+shared builders (:mod:`tpflax._src.planner.builders`), so the traced plan and
+the tree heuristics speak the same vocabulary. The rules, in order: recurrent
+cells, embeddings, column -> row pairs (and conv pairs, experts), output
+heads and unpaired contractions, biases, elementwise scales, fsdp.
 """
 
 from __future__ import annotations
@@ -10,8 +13,26 @@ import dataclasses
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass, field
 
+from tpflax._src.facts.classify import Facts
+from tpflax._src.mesh import MeshShape
+from tpflax._src.planner.builders import (
+    Linear,
+    Options,
+    Proposal,
+    State,
+    bias_follows,
+    fsdp,
+    shard_conv_pair,
+    shard_embedding,
+    shard_experts,
+    shard_output_head,
+    shard_pair,
+    short,
+)
+from tpflax._src.planner.decision import Pair
+from tpflax._src.specs import entries, to_pspec
 from tpflax._src.trace.dataflow import Dataflow, Edge, Use
 
 _CONTRACT = ("dot", "conv")
@@ -21,22 +42,43 @@ def _via(via: Sequence[str]) -> str:
     return "through " + ", ".join(via) if via else "directly"
 
 
-def propose(facts: Sequence[Any], mesh: Any, opts: Any, flow: Dataflow, skip: Iterable[str] = ()):
+@dataclass
+class _Flow:
+    """One pass: the state, the traced leaves (with the trace's scan dims) and their uses."""
+
+    st: State
+    flow: Dataflow
+    fx: dict[str, Facts]
+    uses: dict[str, list[Use]]
+    # contractions of kernels used exactly once, and the edges between them
+    cand: dict[int, Use] = field(default_factory=dict)
+    out_edges: dict[tuple[int, int], list[Edge]] = field(default_factory=lambda: defaultdict(list))
+    in_edges: dict[int, list[Edge]] = field(default_factory=lambda: defaultdict(list))
+
+
+def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Dataflow,
+            skip: Iterable[str] = ()) -> tuple[dict[str, Proposal], list[Pair]]:
     """Proposals for the leaves the dataflow explains; ``(proposals, pairs)``.
 
     Leaves in ``skip`` (rules, annotations) and leaves the trace says nothing
-    about are left to the tree heuristics. Uses the heuristics' pair, conv-pair,
-    expert and fsdp helpers so both planners speak the same vocabulary.
+    about are left to the tree heuristics.
     """
-    from tpflax._src.planner import heuristics as H
-    from tpflax._src.planner.heuristics import Proposal, _axis, _short
-    from tpflax._src.mesh import EXPERT
+    c = _start(facts, State(mesh, opts, forced=set(skip)), flow)
+    _recurrent(c)
+    _embeddings(c)
+    _link(c)
+    for rid in sorted(c.cand):
+        _pair_row(c, rid)
+    _outputs(c)
+    _biases(c)
+    _elementwise(c)
+    fsdp(c.st, [f for p, f in c.fx.items() if p in c.st.out])
+    return {p: q for p, q in c.st.out.items() if p not in c.st.forced}, list(c.st.pairs)
 
-    st = H._State(mesh, opts, forced=set(skip))
-    t_entry, t_size = st.tensor
-    e_entry, e_size = mesh.group(EXPERT)
+
+def _start(facts: Sequence[Facts], st: State, flow: Dataflow) -> _Flow:
     known = set(flow.paths)
-    fx: dict[str, Any] = {}
+    fx: dict[str, Facts] = {}
     for f in facts:
         if f.path not in known or f.path in st.forced:
             continue
@@ -47,25 +89,27 @@ def propose(facts: Sequence[Any], mesh: Any, opts: Any, flow: Dataflow, skip: It
     for u in flow.uses:
         if u.path in fx:
             uses[u.path].append(u)
+    return _Flow(st, flow, fx, uses)
 
-    def replicate(f, reason: str, pair: int | None = None) -> None:
-        st.put(f, (None,) * len(f.body), "replicate", reason, pair)
 
-    # 1. recurrent cells: a kernel applied at every step of a loop.
-    for path, us in uses.items():
+def _recurrent(c: _Flow) -> None:
+    """Recurrent cells: a kernel contracted at every step of a loop stays whole."""
+    for path, us in c.uses.items():
         steps = [u.scan_length for u in us if u.op in _CONTRACT and u.scan_length]
         if steps:
-            back = any(u.id in flow.recurrent for u in us)
-            replicate(fx[path], f"recurrent cell kernel (traced): contracted inside a loop body at each of "
-                                f"its {steps[0]} steps" + ("; its output returns through the carry" if back
-                                                          else "") +
-                      "; a tensor split would need a collective at every step, so kept whole")
+            back = any(u.id in c.flow.recurrent for u in us)
+            c.st.replicate(c.fx[path], f"recurrent cell kernel (traced): contracted inside a loop body at each "
+                                       f"of its {steps[0]} steps" + ("; its output returns through the carry"
+                                                                     if back else "") +
+                           "; a tensor split would need a collective at every step, so kept whole")
 
-    # 2. embeddings: gathered rows or one-hot matmuls; tied when also the logits kernel.
-    for path, us in uses.items():
+
+def _embeddings(c: _Flow) -> None:
+    """Gathered rows or one-hot matmuls; tied when also contracted as the logits kernel."""
+    for path, us in c.uses.items():
         look = [u for u in us if u.op in ("gather", "onehot")]
-        f = fx[path]
-        if not look or path in st.out or len(f.body) != 2 or len(look[0].contracted) != 1:
+        f = c.fx[path]
+        if not look or path in c.st.out or len(f.body) != 2 or len(look[0].contracted) != 1:
             continue
         u = look[0]
         v = u.contracted[0] - f.stacked
@@ -75,195 +119,175 @@ def propose(facts: Sequence[Any], mesh: Any, opts: Any, flow: Dataflow, skip: It
         ev = f"looked up by integer ids ({how} over dim {v}, {f.body[v]} rows)"
         if tied:
             ev += f"; also contracted over dim {d} as the logits kernel (tied output projection)"
-        if t_size == 1:
-            replicate(f, f"embedding (traced): {ev}; no tensor axis in the mesh")
-        elif f.body[v] % t_size == 0:
-            spec = [None, None]
-            spec[v] = t_entry
-            st.put(f, spec, "vocab", f"vocab: {ev}; {f.body[v]} rows split over {_axis(t_entry, t_size)} "
-                                     f"(vocab-parallel lookup{' and logits' if tied else ''})")
-        elif f.body[d] % t_size == 0:
-            spec = [None, None]
-            spec[d] = t_entry
-            st.put(f, spec, "vocab", f"vocab: {ev}; {f.body[v]} rows not divisible by {t_size}, so the "
-                                     f"embedding dim {f.body[d]} is split over {_axis(t_entry, t_size)}")
-        else:
-            replicate(f, f"embedding (traced): {ev}; neither dim divides {_axis(t_entry, t_size)}")
+        shard_embedding(c.st, f, v, f"{ev} (traced)", tied)
 
-    # 3. column -> row pairs, in program order of the row.
-    counts = {p: sum(u.op in _CONTRACT for u in us) for p, us in uses.items()}
-    cand = {u.id: u for p, us in uses.items() for u in us if u.op in _CONTRACT and counts[p] == 1}
-    out_edges: dict[tuple[int, int], list[Edge]] = defaultdict(list)
-    in_edges: dict[int, list[Edge]] = defaultdict(list)
-    for e in flow.edges:
-        if e.src_use in cand and e.dst_use in cand:
-            out_edges[(e.src_use, e.src_dim)].append(e)
-            in_edges[e.dst_use].append(e)
 
-    def col_ok(uid: int, dim: int) -> bool:
-        return (uid, dim) not in flow.escapes and (uid, dim) not in flow.outputs
+def _link(c: _Flow) -> None:
+    """Candidate contractions (kernels used once) and the dataflow edges between them."""
+    counts = {p: sum(u.op in _CONTRACT for u in us) for p, us in c.uses.items()}
+    c.cand.update({u.id: u for p, us in c.uses.items() for u in us if u.op in _CONTRACT and counts[p] == 1})
+    for e in c.flow.edges:
+        if e.src_use in c.cand and e.dst_use in c.cand:
+            c.out_edges[(e.src_use, e.src_dim)].append(e)
+            c.in_edges[e.dst_use].append(e)
 
-    for rid in sorted(cand):
-        R = cand[rid]
-        if R.path in st.out:
-            continue
-        fR = fx[R.path]
-        by_rdim: dict[int, dict[int, Edge]] = defaultdict(dict)
-        for e in in_edges[rid]:
-            S = cand[e.src_use]
-            if S.path in st.out or S.path == R.path or not col_ok(S.id, e.src_dim):
-                continue
-            if {x.dst_use for x in out_edges[(S.id, e.src_dim)]} != {rid}:
-                continue  # its output also feeds another contraction: not a clean pair
-            prev = by_rdim[e.dst_dim].get(S.id)
-            if prev is None or e.src_dim < prev.src_dim:
-                by_rdim[e.dst_dim][S.id] = e
-        if not by_rdim:
-            continue
-        # An expert dim: the leading dim of both kernels, kept by the column and summed by
-        # the row together with the features (or a dot_general batch dim).
-        lead = fR.stacked
-        expert = None
-        if len(fR.body) == 3 and len(by_rdim) >= 2 and lead in by_rdim and all(
-                e.src_dim == fx[e.src].stacked and len(fx[e.src].body) == 3 for e in by_rdim[lead].values()):
-            expert = lead
-        if R.batch and len(fR.body) == 3:
-            expert = R.batch[0]
-        choices = [d for d in by_rdim if d != expert]
-        if not choices:
-            continue
-        rdim = max(choices, key=lambda d: (len(by_rdim[d]), -d))
-        cols = by_rdim[rdim]
-        vias = sorted({_via(e.via) for e in cols.values()}, key=len)
-        rb = rdim - fR.stacked
-        if expert is not None and len(cols) == 1:
-            (sid, e), = cols.items()
-            fS = fx[cand[sid].path]
-            cb = e.src_dim - fS.stacked
-            E = fR.body[expert - fR.stacked]
-            if fS.body[0] == E and cb == 2 and rb == 1 and fS.body[2] == fR.body[1]:
-                H._shard_experts(st, fS, fR, E, fS.body[2], t_entry, t_size, e_entry, e_size)
-                for p in (fS.path, fR.path):
-                    q = st.out[p]
-                    st.out[p] = Proposal(q.spec, q.strategy, q.reason + (
-                        f"; traced: dim 0 ({E}) is kept by {_short(fS.path)} and summed by "
-                        f"{_short(fR.path)} with the ffn dim, {_via(e.via)} (experts)"), q.pair)
-                continue
-        lins = []
-        for sid, e in sorted(cols.items()):
-            S = cand[sid]
-            fS = fx[S.path]
-            cb = e.src_dim - fS.stacked
-            limit = 0
-            for x in out_edges[(sid, e.src_dim)]:
-                limit = math.gcd(limit, x.limit)
-            lins.append(H._Linear(
-                fS, tuple(c - fS.stacked for c in S.contracted), (cb,),
-                heads=cb if len(fS.body) == 3 else None, role="column",
-                why=f"traced: its output reaches {_short(R.path)} {_via(e.via)}",
-                limit=limit if limit and limit != fS.body[cb] else None))
-        row = H._Linear(fR, (rb,), tuple(k - fR.stacked for k in R.kept),
-                        heads=rb if len(fR.body) == 3 else None, role="row",
-                        why=f"traced: its contraction sums kernel dim {rb} against that output")
-        if R.op == "conv" and len(lins) == 1 and cand[next(iter(cols))].op == "conv":
-            H._shard_conv_pair(st, lins[0].f, fR, lins[0].out_dims[0], rb,
-                               why=f"traced: output channels reach {_short(R.path)} {vias[0]}")
-            continue
-        kind = "attention" if any("dot" in e.via for e in cols.values()) else "mlp"
-        H._shard_pair(st, kind, lins, row, t_entry, t_size)
 
-    # 4. output projections and unpaired contractions.
-    for path, f in fx.items():
-        if path in st.out:
+def _sources_by_dim(c: _Flow, rid: int) -> dict[int, dict[int, Edge]]:
+    """Columns whose output reaches only the row ``rid``, by the row's kernel dim they meet."""
+    R = c.cand[rid]
+    by_rdim: dict[int, dict[int, Edge]] = defaultdict(dict)
+    for e in c.in_edges[rid]:
+        S = c.cand[e.src_use]
+        if S.path in c.st.out or S.path == R.path:
             continue
-        cu = [u for u in uses[path] if u.op in _CONTRACT]
+        if (S.id, e.src_dim) in c.flow.escapes or (S.id, e.src_dim) in c.flow.outputs:
+            continue
+        if {x.dst_use for x in c.out_edges[(S.id, e.src_dim)]} != {rid}:
+            continue  # its output also feeds another contraction: not a clean pair
+        prev = by_rdim[e.dst_dim].get(S.id)
+        if prev is None or e.src_dim < prev.src_dim:
+            by_rdim[e.dst_dim][S.id] = e
+    return by_rdim
+
+
+def _expert_dim(c: _Flow, R: Use, by_rdim: Mapping[int, Mapping[int, Edge]]) -> int | None:
+    """The expert dim: the leading dim of both kernels, kept by the column and summed by the
+    row together with the features (or a dot_general batch dim)."""
+    fR = c.fx[R.path]
+    lead = fR.stacked
+    expert = None
+    if len(fR.body) == 3 and len(by_rdim) >= 2 and lead in by_rdim and all(
+            e.src_dim == c.fx[e.src].stacked and len(c.fx[e.src].body) == 3 for e in by_rdim[lead].values()):
+        expert = lead
+    if R.batch and len(fR.body) == 3:
+        expert = R.batch[0]
+    return expert
+
+
+def _pair_row(c: _Flow, rid: int) -> None:
+    """Column -> row pairs, in program order of the row."""
+    R = c.cand[rid]
+    if R.path in c.st.out:
+        return
+    by_rdim = _sources_by_dim(c, rid)
+    expert = _expert_dim(c, R, by_rdim) if by_rdim else None
+    choices = [d for d in by_rdim if d != expert]
+    if not choices:
+        return
+    fR = c.fx[R.path]
+    rdim = max(choices, key=lambda d: (len(by_rdim[d]), -d))
+    cols = by_rdim[rdim]
+    rb = rdim - fR.stacked
+    if expert is not None and len(cols) == 1 and _experts(c, fR, expert, rb, next(iter(cols.values()))):
+        return
+    lins = [_column(c, sid, e, R.path) for sid, e in sorted(cols.items())]
+    if R.op == "conv" and len(lins) == 1 and c.cand[next(iter(cols))].op == "conv":
+        via = sorted({_via(e.via) for e in cols.values()}, key=len)[0]
+        shard_conv_pair(c.st, lins[0].f, fR, lins[0].out_dims[0], rb,
+                        why=f"traced: output channels reach {short(R.path)} {via}")
+        return
+    row = Linear(fR, (rb,), tuple(k - fR.stacked for k in R.kept), heads=rb if len(fR.body) == 3 else None,
+                 role="row", why=f"traced: its contraction sums kernel dim {rb} against that output")
+    kind = "attention" if any("dot" in e.via for e in cols.values()) else "mlp"
+    shard_pair(c.st, kind, lins, row)
+
+
+def _experts(c: _Flow, fR: Facts, expert: int, rb: int, e: Edge) -> bool:
+    """An expert pair (E, d, f) -> (E, f, d); False when the shapes do not say experts."""
+    fS = c.fx[e.src]
+    cb = e.src_dim - fS.stacked
+    E = fR.body[expert - fR.stacked]
+    if not (fS.body[0] == E and cb == 2 and rb == 1 and fS.body[2] == fR.body[1]):
+        return False
+    shard_experts(c.st, fS, fR, E, fS.body[2],
+                  f"traced: dim 0 ({E}) is kept by {short(fS.path)} and summed by {short(fR.path)} with the "
+                  f"ffn dim, {_via(e.via)} (experts)")
+    return True
+
+
+def _column(c: _Flow, sid: int, e: Edge, row_path: str) -> Linear:
+    S = c.cand[sid]
+    fS = c.fx[S.path]
+    cb = e.src_dim - fS.stacked
+    limit = 0
+    for x in c.out_edges[(sid, e.src_dim)]:
+        limit = math.gcd(limit, x.limit)
+    return Linear(fS, tuple(k - fS.stacked for k in S.contracted), (cb,),
+                  heads=cb if len(fS.body) == 3 else None, role="column",
+                  why=f"traced: its output reaches {short(row_path)} {_via(e.via)}",
+                  limit=limit if limit and limit != fS.body[cb] else None)
+
+
+def _outputs(c: _Flow) -> None:
+    """Output heads (logits) and contractions left without a partner."""
+    for path, f in c.fx.items():
+        if path in c.st.out:
+            continue
+        cu = [u for u in c.uses[path] if u.op in _CONTRACT]
         if not cu:
             continue
         if len(cu) > 1:
-            replicate(f, f"shared weights (traced): contracted {len(cu)} times in the forward pass; "
-                         "kept whole")
+            c.st.replicate(f, f"shared weights (traced): contracted {len(cu)} times in the forward pass; "
+                              "kept whole")
             continue
         u = cu[0]
-        heads = [k for k in u.kept if (u.id, k) in flow.outputs and not out_edges.get((u.id, k))]
-        kind = "conv" if u.op == "conv" else "dense"
+        heads = [k for k in u.kept if (u.id, k) in c.flow.outputs and not c.out_edges.get((u.id, k))]
         if heads and u.op == "dot":
             b = heads[0] - f.stacked
-            n = f.body[b]
-            ev = f"output projection (traced): its {n} outputs (dim {b}) are the model's output, with no " \
-                 "later contraction"
-            if t_size > 1 and n % t_size == 0:
-                spec = [None] * len(f.body)
-                spec[b] = t_entry
-                st.put(f, spec, "column", f"{ev}; split over {_axis(t_entry, t_size)} (vocab-parallel logits)")
-            else:
-                replicate(f, f"{ev}; " + ("no tensor axis in the mesh" if t_size == 1 else
-                                          f"{n} not divisible by {_axis(t_entry, t_size)}, kept whole"))
+            shard_output_head(c.st, f, b, f"output projection (traced): its {f.body[b]} outputs (dim {b}) "
+                                          "are the model's output, with no later contraction")
             continue
-        replicate(f, f"{kind} without a partner (traced): {_why_not_column(u, flow, st, out_edges)}; "
-                     f"{_why_not_row(u, in_edges, st)}")
+        c.st.replicate(f, f"{'conv' if u.op == 'conv' else 'dense'} without a partner (traced): "
+                          f"{_why_not_column(c, u)}; {_why_not_row(c, u)}")
 
-    # 5. biases follow the contraction whose output they are added to.
-    for path, (uid, align) in flow.biases.items():
-        if path not in fx or path in st.out:
+
+def _biases(c: _Flow) -> None:
+    """Biases follow the contraction whose output they are added to."""
+    for path, (uid, align) in c.flow.biases.items():
+        if path not in c.fx or path in c.st.out:
             continue
-        f = fx[path]
-        kpath = flow.uses[uid].path
-        kp = st.out.get(kpath)
+        f = c.fx[path]
+        kpath = c.flow.uses[uid].path
+        kp = c.st.out.get(kpath)
         if kp is None:
             continue
         spec = [None] * len(f.leaf.shape)
         for ld, kd in align.items():
             if ld < len(spec) and kd < len(kp.spec):
                 spec[ld] = kp.spec[kd]
-        if any(spec) and kp.strategy.split("+")[0] in ("column", "heads", "channel", "vocab", "expert"):
-            strategy = "channel" if kp.strategy.startswith("channel") else "column"
-            st.out[path] = Proposal(tuple(spec), strategy,
-                                    f"bias (traced: added to the output of {_short(kpath)}, "
-                                    f"{kp.strategy}): split like that output", kp.pair)
-        else:
-            st.out[path] = Proposal((None,) * len(f.leaf.shape), "replicate",
-                                    f"bias (traced: added to the output of {_short(kpath)}, "
-                                    f"{kp.strategy}): added after the reduction, so replicated", kp.pair)
+        bias_follows(c.st, f, spec[f.stacked:], kp, f"bias (traced: added to the output of {short(kpath)})")
 
-    # 6. small parameters combined elementwise with activations (norm scales and shifts).
-    for path, f in fx.items():
-        if path in st.out or path not in flow.elementwise or len(f.body) != 1:
+
+def _elementwise(c: _Flow) -> None:
+    """Small parameters combined elementwise with activations (norm scales and shifts)."""
+    for path, f in c.fx.items():
+        if path in c.st.out or path not in c.flow.elementwise or len(f.body) != 1:
             continue
-        replicate(f, "scale/shift (traced): combined elementwise with activations (a norm's or a "
-                     "cell's parameter); tiny and needed whole by every device")
-
-    H._fsdp(st, [f for p, f in fx.items() if p in st.out])
-    out = {p: q for p, q in st.out.items() if p not in st.forced}
-    return out, list(st.pairs)
+        c.st.replicate(f, "scale/shift (traced): combined elementwise with activations (a norm's or a "
+                          "cell's parameter); tiny and needed whole by every device")
 
 
-def _why_not_column(u: Use, flow: Dataflow, st: Any, out_edges) -> str:
-    from tpflax._src.planner.heuristics import _short
-
+def _why_not_column(c: _Flow, u: Use) -> str:
     for k in u.kept:
-        if (u.id, k) in flow.escapes:
-            return f"its output (dim {k}) {flow.escapes[(u.id, k)]}"
-        dsts = sorted({e.dst for e in out_edges.get((u.id, k), ())})
+        if (u.id, k) in c.flow.escapes:
+            return f"its output (dim {k}) {c.flow.escapes[(u.id, k)]}"
+        dsts = sorted({e.dst for e in c.out_edges.get((u.id, k), ())})
         if len(dsts) > 1:
-            return f"its output feeds {len(dsts)} contractions ({', '.join(_short(d) for d in dsts[:3])})"
-        if dsts and dsts[0] in st.out:
-            return f"its output feeds {_short(dsts[0])}, already {st.out[dsts[0]].strategy}"
+            return f"its output feeds {len(dsts)} contractions ({', '.join(short(d) for d in dsts[:3])})"
+        if dsts and dsts[0] in c.st.out:
+            return f"its output feeds {short(dsts[0])}, already {c.st.out[dsts[0]].strategy}"
     return "its output is not summed by another parameter's contraction"
 
 
-def _why_not_row(u: Use, in_edges, st: Any) -> str:
-    from tpflax._src.planner.heuristics import _short
-
-    srcs = sorted({e.src for e in in_edges.get(u.id, ())})
+def _why_not_row(c: _Flow, u: Use) -> str:
+    srcs = sorted({e.src for e in c.in_edges.get(u.id, ())})
     if not srcs:
         return "its input is not a split-able output of another kernel (model input, lookup or norm)"
-    return f"its input comes from {', '.join(_short(s) for s in srcs[:3])}, which cannot stay split"
+    return f"its input comes from {', '.join(short(s) for s in srcs[:3])}, which cannot stay split"
 
 
-def disagreements(traced: Mapping[str, Any], tree: Mapping[str, Any]) -> list[str]:
+def disagreements(traced: Mapping[str, Proposal], tree: Mapping[str, Proposal]) -> list[str]:
     """One line per leaf where the traced proposal and the tree heuristics' differ."""
-    from tpflax._src.specs import entries, to_pspec
-
     out = []
     for path, p in traced.items():
         b = tree.get(path)

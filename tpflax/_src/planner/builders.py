@@ -1,0 +1,347 @@
+"""The spec builders both rule sets share: tree heuristics and dataflow rules.
+
+A rule set finds *what* a leaf is (the column of a pair, an embedding, an
+output head, a bias of some kernel); these builders decide *how* it is split,
+and word the reason, so the two rule sets cannot drift apart. Each builder
+writes :class:`Proposal` s into a :class:`State`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+
+from tpflax._src.facts.classify import Facts
+from tpflax._src.mesh import EXPERT, FSDP, TENSOR, MeshShape
+from tpflax._src.planner.decision import Pair
+from tpflax._src.specs import Entry, entry_axes, used_axes
+from tpflax._src.vocab import Kind, Role, Strategy
+
+# Strategies that split a kernel's output: a bias added to that output splits alike.
+OUTPUT_SPLITS: tuple[str, ...] = ("column", "heads", "channel", "vocab", "expert")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Planner knobs.
+
+    Attributes:
+        fsdp_min_bytes: leaves at least this large are also sharded over fsdp axes.
+        min_channels: conv chains are channel-split only from this many channels.
+        tensor_min_bytes: pairs whose kernels are all smaller stay replicated.
+    """
+
+    fsdp_min_bytes: int = 1 << 18
+    min_channels: int = 64
+    tensor_min_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """A rule's answer for one leaf: the spec and the facts the rule knows.
+
+    ``kind`` overrides the classified kind when the rule knows better (an output
+    head); ``layers_dim`` is the scan dim the rule saw (the trace's, when traced);
+    ``fsdp`` says the fsdp fallback also split a dim.
+    """
+
+    spec: tuple[Entry, ...]
+    strategy: Strategy
+    reason: str
+    pair: int | None = None
+    role: Role | None = None
+    fsdp: bool = False
+    kind: Kind | None = None
+    layers_dim: int | None = None
+
+
+@dataclass
+class Linear:
+    """A linear layer's view of a kernel: which body dims it reads and writes."""
+
+    f: Facts
+    in_dims: tuple[int, ...]
+    out_dims: tuple[int, ...]
+    heads: int | None = None  # body dim holding attention heads
+    role: Role | None = None
+    why: str = ""
+    # Largest size the dataflow lets the column dim be split by (a reshape into
+    # fewer heads, say); None: the dim's own size. Set by the dataflow rules.
+    limit: int | None = None
+    doubt: str = ""  # shapes and names disagreed: said in a plan warning
+
+    def size(self, dims: Iterable[int]) -> int:
+        return math.prod(self.f.body[d] for d in dims)
+
+    @property
+    def in_size(self) -> int:
+        return self.size(self.in_dims)
+
+    @property
+    def out_size(self) -> int:
+        return self.size(self.out_dims)
+
+    def shard_dim(self, role: Role) -> int:
+        """Body dim that the tensor axis splits for this role."""
+        if self.heads is not None:
+            return self.heads
+        return self.out_dims[-1] if role == "column" else self.in_dims[0]
+
+
+@dataclass
+class State:
+    """Proposals and pairs of one rule set's pass over the leaves."""
+
+    mesh: MeshShape
+    opts: Options
+    out: dict[str, Proposal] = field(default_factory=dict)
+    pairs: list[Pair] = field(default_factory=list)
+    forced: set[str] = field(default_factory=set)  # decided by rules/annotations: never overwritten
+    doubts: list[str] = field(default_factory=list)  # roles where names and shapes disagreed
+    first_pair: int = 1  # pair ids continue after those of an earlier pass (the dataflow rules)
+
+    @property
+    def tensor(self) -> tuple[Entry, int]:
+        return self.mesh.group(TENSOR)
+
+    def put(self, f: Facts, body_spec: Sequence[Entry], strategy: Strategy, reason: str,
+            pair: int | None = None, role: Role | None = None, kind: Kind | None = None) -> None:
+        if f.path in self.forced:
+            return
+        spec = (None,) * f.stacked + tuple(body_spec)
+        if f.stacked and strategy != "replicate":
+            reason += f"; leading layers dim ({f.leaf.shape[0]}) from nn.scan kept unsharded"
+        self.out[f.path] = Proposal(spec, strategy, reason, pair, role, kind=kind,
+                                    layers_dim=0 if f.stacked else None)
+
+    def replicate(self, f: Facts, reason: str, pair: int | None = None, role: Role | None = None,
+                  kind: Kind | None = None) -> None:
+        self.put(f, (None,) * len(f.body), "replicate", reason, pair, role, kind)
+
+    def new_pair(self, kind: str, columns: Sequence[Facts], rows: Sequence[Facts], size: int,
+                 sharded: bool, note: str = "") -> Pair:
+        p = Pair(self.first_pair + len(self.pairs), kind, tuple(c.path for c in columns),
+                 tuple(r.path for r in rows), size, sharded, note)
+        self.pairs.append(p)
+        return p
+
+
+def short(path: str) -> str:
+    """Path without the collection prefix, for reasons.
+
+    >>> short("params/mlp/up/kernel")
+    'mlp/up/kernel'
+    """
+    return path.split("/", 1)[1] if path.startswith("params/") else path
+
+
+def axis_label(entry: Entry, size: int) -> str:
+    """``model=4`` (or ``tensor=1`` without an axis), for reasons.
+
+    >>> axis_label(("data", "fsdp"), 8)
+    'data*fsdp=8'
+    """
+    return f"{'*'.join(entry_axes(entry)) or 'tensor'}={size}"
+
+
+def _body_spec(rank: int, dim: int, entry: Entry) -> list[Entry]:
+    spec: list[Entry] = [None] * rank
+    spec[dim] = entry
+    return spec
+
+
+# ---------------------------------------------------------------------------
+# column -> row pairs
+
+
+def shard_pair(st: State, kind: str, cols: list[Linear], row: Linear) -> None:
+    """Column kernels ``cols`` feeding ``row``: one all-reduce per pass when split."""
+    t_entry, t_size = st.tensor
+    rdim = row.shard_dim("row")
+    size = row.f.body[rdim]
+    unit = "heads" if row.heads is not None else "features"
+    small = max(x.f.leaf.nbytes for x in [*cols, row]) < st.opts.tensor_min_bytes
+    ok_row = t_size > 1 and size % t_size == 0 and not small
+    note = ""
+    if t_size == 1:
+        note = "no tensor axis in the mesh"
+    elif small:
+        note = f"all kernels < tensor_min_bytes={st.opts.tensor_min_bytes}"
+    elif not ok_row:
+        note = f"{unit} {size} not divisible by {axis_label(t_entry, t_size)}"
+    blocked = {id(c): column_blocked(c, kind, row, t_entry, t_size) for c in cols}
+    if ok_row and all(blocked.values()):
+        # Splitting only the row would all-reduce activations that no column split: skip both.
+        ok_row = False
+        note = "no column of the pair can be split (" + "; ".join(
+            f"{short(c.f.path)}: {blocked[id(c)]}" for c in cols) + ")"
+    pair = st.new_pair(kind, [c.f for c in cols], [row.f], size, ok_row, note)
+    if not ok_row:
+        for lin in [*cols, row]:
+            st.replicate(lin.f, f"{lin.role} of pair {pair.id} ({lin.why}) but {note}: tensor split skipped",
+                         pair.id, lin.role)
+        return
+    partner = ", ".join(short(c.f.path) for c in cols)
+    heads = row.heads is not None
+    st.put(row.f, _body_spec(len(row.f.body), rdim, t_entry), "heads" if heads else "row",
+           f"{'heads (row side)' if heads else 'row'}: {row.why}; input {unit} ({size}) split over "
+           f"{axis_label(t_entry, t_size)}, fed by {partner} (pair {pair.id}); one all-reduce of "
+           "activations per pass", pair.id, "row")
+    for col in cols:
+        if blocked[id(col)]:
+            st.replicate(col.f, f"column of pair {pair.id}: {blocked[id(col)]}, kept whole on every tensor "
+                                f"rank; feeds {short(row.f.path)}", pair.id, "column")
+            continue
+        cdim = col.shard_dim("column")
+        cheads = col.heads is not None
+        st.put(col.f, _body_spec(len(col.f.body), cdim, t_entry), "heads" if cheads else "column",
+               f"{'heads (column side)' if cheads else 'column'}: {col.why}; output "
+               f"{'heads' if cheads else 'features'} ({col.f.body[cdim]}) split over "
+               f"{axis_label(t_entry, t_size)}, feeds {short(row.f.path)} (pair {pair.id})", pair.id, "column")
+
+
+def column_blocked(col: Linear, kind: str, row: Linear, t_entry: Entry, t_size: int) -> str:
+    """Why a column of a pair cannot be split over the tensor axis ('' when it can)."""
+    n = col.f.body[col.shard_dim("column")]
+    cunit = "heads" if col.heads is not None else "features"
+    if kind == "attention" and col.heads is None and col.limit is None and col.out_size < row.in_size:
+        # A 2-D key/value kernel narrower than the attention output is GQA: its head
+        # count is not in the tree, and a split that cuts heads costs a gather.
+        return (f"{n} features narrower than the attention output ({row.in_size}): GQA key/value "
+                "heads whose count a 2-D kernel does not show, so no head is cut (pass model= to trace "
+                "the heads)")
+    if n % t_size or (col.limit or n) % t_size:
+        gqa = " (GQA key/value heads)" if col.heads is not None else ""
+        if (col.limit or n) != n:
+            gqa = f" (reshaped into {col.limit} on the way, e.g. attention heads)"
+        return f"{cunit} {n}{gqa} not divisible by {axis_label(t_entry, t_size)}"
+    return ""
+
+
+def shard_experts(st: State, col: Facts, row: Facts, n_exp: int, ffn: int, evidence: str = "") -> None:
+    """Expert kernels ``col`` (E, d, f) feeding ``row`` (E, f, d): E over experts, f over tensor."""
+    t_entry, t_size = st.tensor
+    e_entry, e_size = st.mesh.group(EXPERT)
+    e_ok = e_size > 1 and n_exp % e_size == 0
+    t_ok = t_size > 1 and ffn % t_size == 0
+    pair = st.new_pair("expert", [col], [row], ffn, t_ok or e_ok,
+                       "" if t_ok else f"ffn {ffn} not divisible by {axis_label(t_entry, t_size)}")
+    e_spec = e_entry if e_ok else None
+    e_txt = (f"{n_exp} experts over {axis_label(e_entry, e_size)}" if e_ok else
+             ("no expert axis" if e_size == 1 else f"{n_exp} experts not divisible by "
+              f"{axis_label(e_entry, e_size)}"))
+    t_spec = t_entry if t_ok else None
+    t_txt = f"ffn {ffn} split over {axis_label(t_entry, t_size)}" if t_ok else "ffn dim whole"
+    tail = f"; {evidence}" if evidence else ""
+    st.put(col, (e_spec, None, t_spec), "expert" if e_ok else ("column" if t_ok else "replicate"),
+           f"expert column: {e_txt}; {t_txt}; feeds {short(row.path)} (pair {pair.id}){tail}", pair.id, "column")
+    st.put(row, (e_spec, t_spec, None), "expert" if e_ok else ("row" if t_ok else "replicate"),
+           f"expert row: {e_txt}; {t_txt}; fed by {short(col.path)} (pair {pair.id}){tail}", pair.id, "row")
+
+
+def shard_conv_pair(st: State, a: Facts, b: Facts, a_dim: int, b_dim: int, why: str = "") -> None:
+    """Conv ``a`` (output channels, body dim ``a_dim``) feeding conv ``b`` (input channels, ``b_dim``)."""
+    t_entry, t_size = st.tensor
+    ch = a.body[a_dim]
+    note = ""
+    if t_size == 1:
+        note = "no tensor axis in the mesh"
+    elif ch < st.opts.min_channels:
+        note = f"{ch} channels < min_channels={st.opts.min_channels}"
+    elif ch % t_size:
+        note = f"{ch} channels not divisible by {axis_label(t_entry, t_size)}"
+    pair = st.new_pair("conv", [a], [b], ch, not note, note)
+    why = f"{why}; " if why else ""
+    if note:
+        for f, side, role in ((a, "channel", "column"), (b, "input-channel", "row")):
+            st.replicate(f, f"{side} of conv pair {pair.id}, but {note}: {why}tensor split skipped", pair.id, role)
+        return
+    over = axis_label(t_entry, t_size)
+    st.put(a, _body_spec(len(a.body), a_dim, t_entry), "channel",
+           f"channel: {why}{ch} output channels split over {over}, feed {short(b.path)} (conv pair "
+           f"{pair.id})", pair.id, "column")
+    st.put(b, _body_spec(len(b.body), b_dim, t_entry), "row",
+           f"input-channel: {ch} input channels split over {over}, fed by {short(a.path)} (conv pair "
+           f"{pair.id}); one all-reduce per pass", pair.id, "row")
+
+
+# ---------------------------------------------------------------------------
+# embeddings, output heads, biases
+
+
+def shard_embedding(st: State, f: Facts, vdim: int, evidence: str = "", tied: bool = False) -> None:
+    """A 2-D embedding looked up over body dim ``vdim``: split the vocab, else the embedding dim."""
+    t_entry, t_size = st.tensor
+    v, d = f.body[vdim], f.body[1 - vdim]
+    ev = f"{evidence}; " if evidence else ""
+    if t_size == 1:
+        st.replicate(f, f"embedding: {ev}no tensor axis in the mesh")
+    elif v % t_size == 0:
+        st.put(f, _body_spec(2, vdim, t_entry), "vocab",
+               f"vocab: {ev}{v} rows split over {axis_label(t_entry, t_size)} (vocab-parallel lookup"
+               f"{' and logits' if tied else ''})")
+    elif d % t_size == 0:
+        st.put(f, _body_spec(2, 1 - vdim, t_entry), "vocab",
+               f"vocab: {ev}{v} rows not divisible by {t_size}, so the embedding dim {d} is split over "
+               f"{axis_label(t_entry, t_size)} instead")
+    else:
+        st.replicate(f, f"embedding: {ev}neither dim divides {axis_label(t_entry, t_size)}")
+
+
+def shard_output_head(st: State, f: Facts, dim: int, evidence: str) -> None:
+    """An output head (logits): column over its output body dim ``dim``; kind ``head``."""
+    t_entry, t_size = st.tensor
+    n = f.body[dim]
+    if t_size > 1 and n % t_size == 0:
+        st.put(f, _body_spec(len(f.body), dim, t_entry), "column",
+               f"{evidence}; {n} outputs split over {axis_label(t_entry, t_size)} (vocab-parallel logits)",
+               kind="head")
+    else:
+        st.replicate(f, f"{evidence}; " + ("no tensor axis in the mesh" if t_size == 1 else
+                                           f"{n} outputs not divisible by {axis_label(t_entry, t_size)}, "
+                                           "kept whole"), kind="head")
+
+
+def bias_follows(st: State, f: Facts, body_spec: Sequence[Entry], kernel: Proposal, evidence: str) -> None:
+    """A bias added to a kernel's output: split like that output, or replicated after a reduction."""
+    if any(body_spec) and kernel.strategy in OUTPUT_SPLITS:
+        st.put(f, body_spec, "channel" if kernel.strategy == "channel" else "column",
+               f"{evidence} ({kernel.strategy}): split like that output", kernel.pair)
+    else:
+        st.replicate(f, f"{evidence} ({kernel.strategy}): added after the reduction, so replicated", kernel.pair)
+
+
+# ---------------------------------------------------------------------------
+# the fsdp fallback
+
+
+def fsdp(st: State, facts: Sequence[Facts]) -> None:
+    """Large float leaves also split their largest free divisible dim over the fsdp axes."""
+    f_entry, f_size = st.mesh.group(FSDP)
+    if f_size == 1:
+        return
+    for f in facts:
+        p = st.out[f.path]
+        if f.leaf.numeric not in ("float", "complex") or f.kind in ("int", "state"):
+            continue
+        if f.leaf.nbytes < st.opts.fsdp_min_bytes:
+            if p.strategy == "replicate":
+                st.out[f.path] = replace(p, reason=p.reason + f"; below fsdp_min_bytes ({f.leaf.nbytes} < "
+                                                               f"{st.opts.fsdp_min_bytes})")
+            continue
+        if used_axes(p.spec) & set(entry_axes(f_entry)):
+            continue
+        free = [d for d in range(f.stacked, len(f.leaf.shape))
+                if p.spec[d] is None and f.leaf.shape[d] % f_size == 0]
+        if not free:
+            st.out[f.path] = replace(p, reason=p.reason + f"; no free dim divisible by "
+                                                           f"{axis_label(f_entry, f_size)} for fsdp")
+            continue
+        dim = max(free, key=lambda d: (f.leaf.shape[d], -d))
+        spec = list(p.spec)
+        spec[dim] = f_entry
+        st.out[f.path] = replace(
+            p, spec=tuple(spec), strategy="fsdp" if p.strategy == "replicate" else p.strategy, fsdp=True,
+            reason=p.reason + f"; fsdp: dim {dim - f.stacked} ({f.leaf.shape[dim]}) split over "
+                              f"{axis_label(f_entry, f_size)} (leaf {f.leaf.nbytes} B >= fsdp_min_bytes)")

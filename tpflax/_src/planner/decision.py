@@ -1,0 +1,318 @@
+"""The planner's records: Pair, Decision and Plan, and the plan's JSON form.
+
+JSON format 2 writes every fact a decision carries (role, layers dim, unit,
+group, trainable, fsdp). Format 1 (tpflax 0.1: strategies such as
+``"column+fsdp"``, none of the newer fields) still loads: the combined strategy
+is split into ``strategy`` and ``fsdp``, and the missing facts are rebuilt
+from the paths and pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import jax
+from jax.sharding import PartitionSpec
+
+from tpflax._src.errors import PlanFormatError, PlanMismatchError
+from tpflax._src.facts.classify import layer_group, unit_of
+from tpflax._src.facts.tree import Leaf, itemsize, walk
+from tpflax._src.mesh import MeshShape, mesh_shape
+from tpflax._src.specs import (
+    bytes_per_device,
+    entries,
+    spec_from_json,
+    spec_problems,
+    spec_to_json,
+    to_pspec,
+)
+from tpflax._src.vocab import Kind, Role, Source, Strategy
+
+FORMAT = "tpflax.plan"
+FORMAT_VERSION = 2
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A column->row (or channel->input-channel) pair found in one block."""
+
+    id: int
+    kind: str
+    columns: tuple[str, ...]
+    rows: tuple[str, ...]
+    size: int
+    sharded: bool
+    note: str = ""
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "kind": self.kind, "columns": list(self.columns),
+                "rows": list(self.rows), "size": self.size, "sharded": self.sharded, "note": self.note}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Pair:
+        return cls(id=int(d["id"]), kind=str(d["kind"]), columns=tuple(d["columns"]),
+                   rows=tuple(d["rows"]), size=int(d["size"]), sharded=bool(d["sharded"]),
+                   note=str(d.get("note", "")))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Why one leaf gets its spec.
+
+    Attributes:
+        spec: the PartitionSpec (one entry per dim).
+        strategy: the primary strategy: column, row, heads, channel, vocab, expert,
+            fsdp, replicate; ``rule``/``annotation`` for specs forced by a PartitionSpec.
+        reason: the evidence, in words.
+        shape, dtype: the leaf's.
+        bytes: total bytes of the leaf.
+        bytes_per_device: bytes on the fullest device.
+        kind: layer kind (:data:`tpflax._src.vocab.Kind`); ``head`` for output heads.
+        source: rule, annotation, trace (dataflow, with ``model=``), heuristic.
+        pair: id of the column/row pair the leaf belongs to, if any.
+        role: the leaf's side of that pair (``"column"`` or ``"row"``), if any.
+        layers_dim: index of the stacked-layers dim (``nn.scan``), never sharded; None if none.
+        unit: path of the layer the leaf belongs to (``.../mlp/up`` for ``.../mlp/up/kernel``).
+        group: the repeated-layer pattern the leaf belongs to (layer indices replaced
+            by ``*``: ``params/layers_*/mlp/up/kernel``); leaves of one group are alike.
+        trainable: True for parameters the optimizer updates.
+        fsdp: True when the fsdp fallback also split a dim over the fsdp axes.
+    """
+
+    spec: PartitionSpec
+    strategy: Strategy
+    reason: str
+    shape: tuple[int, ...]
+    dtype: str
+    bytes: int
+    bytes_per_device: int
+    kind: Kind | str = ""
+    source: Source = "heuristic"
+    pair: int | None = None
+    role: Role | None = None
+    layers_dim: int | None = None
+    unit: str = ""
+    group: str = ""
+    trainable: bool = True
+    fsdp: bool = False
+
+    @property
+    def label(self) -> str:
+        """The strategy for display: ``"column+fsdp"`` when fsdp also splits the leaf.
+
+        >>> Decision(PartitionSpec("fsdp", "model"), "column", "", (8, 8), "float32", 256, 64, fsdp=True).label
+        'column+fsdp'
+        """
+        return f"{self.strategy}+fsdp" if self.fsdp and self.strategy != "fsdp" else self.strategy
+
+    def to_json(self, path: str) -> dict:
+        return {"path": path, "spec": spec_to_json(entries(self.spec)), "strategy": self.strategy,
+                "fsdp": self.fsdp, "reason": self.reason, "shape": list(self.shape), "dtype": self.dtype,
+                "bytes": self.bytes, "bytes_per_device": self.bytes_per_device, "kind": self.kind,
+                "source": self.source, "pair": self.pair, "role": self.role,
+                "layers_dim": self.layers_dim, "unit": self.unit, "group": self.group,
+                "trainable": self.trainable}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Decision:
+        """Read one decision of format 2, or of format 1 (combined strategies, fewer fields)."""
+        strategy, _, extra = str(d["strategy"]).partition("+")
+        path = str(d.get("path", ""))
+        kind = str(d.get("kind", ""))
+        return cls(spec=to_pspec(spec_from_json(d["spec"])), strategy=strategy,
+                   reason=str(d["reason"]), shape=tuple(int(x) for x in d["shape"]),
+                   dtype=str(d["dtype"]), bytes=int(d["bytes"]),
+                   bytes_per_device=int(d["bytes_per_device"]), kind=kind,
+                   source=str(d.get("source", "heuristic")), pair=_int_or_none(d.get("pair")),
+                   role=d.get("role"), layers_dim=_int_or_none(d.get("layers_dim")),
+                   unit=str(d.get("unit") or unit_of(path)), group=str(d.get("group") or layer_group(path)),
+                   trainable=bool(d.get("trainable", kind not in ("int", "state"))),
+                   fsdp=bool(d.get("fsdp", strategy == "fsdp" or extra == "fsdp")))
+
+
+def _int_or_none(x: Any) -> int | None:
+    return None if x is None else int(x)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A sharding plan.
+
+    Attributes:
+        mesh: the mesh shape and axis roles planned for.
+        specs: PartitionSpec tree shaped like the planned tree (boxes unwrapped);
+            after ``from_json``, a nested dict keyed by path components.
+        decisions: ``{path: Decision}`` in tree order.
+        pairs: column->row pairs found.
+        warnings: replicated large leaves, unmatched rules, ignored annotations.
+        options: the knobs used.
+        disagreements: with ``model=``, leaves where the traced plan and the tree
+            heuristics differ (the trace wins).
+    """
+
+    mesh: MeshShape
+    specs: Any
+    decisions: Mapping[str, Decision]
+    pairs: tuple[Pair, ...] = ()
+    warnings: tuple[str, ...] = ()
+    options: Mapping[str, Any] = field(default_factory=dict)
+    disagreements: tuple[str, ...] = ()
+
+    @property
+    def mesh_shape(self) -> dict[str, int]:
+        return self.mesh.sizes
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(d.bytes for d in self.decisions.values())
+
+    @property
+    def bytes_per_device(self) -> int:
+        """Parameter bytes on the fullest device."""
+        return sum(d.bytes_per_device for d in self.decisions.values())
+
+    @property
+    def savings(self) -> float:
+        """Percent of parameter bytes each device saves against holding everything."""
+        total = self.total_bytes
+        return 100.0 * (1 - self.bytes_per_device / total) if total else 0.0
+
+    def spec(self, path: str) -> PartitionSpec:
+        return self.decisions[path].spec
+
+    def specs_for(self, tree: Any) -> Any:
+        """The plan's specs laid out on ``tree`` (matched by path).
+
+        Raises:
+            PlanMismatchError: paths missing or extra, or shapes/dtypes changed.
+        """
+        leaves, treedef = walk(tree)
+        check_tree_matches(self, leaves)
+        return jax.tree_util.tree_unflatten(treedef, [self.decisions[x.path].spec for x in leaves])
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps({
+            "format": FORMAT, "version": FORMAT_VERSION,
+            "mesh": [[n, s] for n, s in self.mesh.axes],
+            "axis_roles": dict(self.mesh.roles),
+            "options": dict(self.options),
+            "totals": {"bytes": self.total_bytes, "bytes_per_device": self.bytes_per_device,
+                       "savings_percent": round(self.savings, 3)},
+            "decisions": [d.to_json(p) for p, d in self.decisions.items()],
+            "pairs": [p.to_json() for p in self.pairs],
+            "warnings": list(self.warnings),
+            "disagreements": list(self.disagreements),
+        }, indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        """Rebuild a plan written by :meth:`to_json` (format 1 or 2); ``specs`` becomes a nested dict."""
+        data = _parse_document(text)
+        try:
+            mesh = mesh_shape([tuple(p) for p in data["mesh"]], axis_roles=data.get("axis_roles"))
+            decisions = _read_decisions(data["decisions"])
+            pairs = tuple(Pair.from_json(p) for p in data.get("pairs", []))
+            warnings = tuple(str(w) for w in data.get("warnings", []))
+            disagreements = tuple(str(w) for w in data.get("disagreements", []))
+            options = dict(data.get("options", {}))
+        except PlanFormatError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise PlanFormatError(f"plan JSON is malformed ({type(e).__name__}: {e}); re-create it with "
+                                  "Plan.to_json()") from e
+        if data["version"] == 1:  # format 1 has no roles: the pairs name each side
+            decisions = _roles_from_pairs(decisions, pairs)
+        problems = [x for path, d in decisions.items() for x in _decision_problems(path, d, mesh)]
+        if problems:
+            raise PlanFormatError("plan JSON holds decisions that are invalid for its own mesh (hand-edited?); "
+                                  "re-plan, or fix these entries", problems)
+        specs: dict = {}
+        for path, d in decisions.items():
+            node = specs
+            parts = path.split("/")
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = d.spec
+        return cls(mesh=mesh, specs=specs, decisions=decisions, pairs=pairs, warnings=warnings,
+                   disagreements=disagreements, options=options)
+
+
+def _parse_document(text: str) -> dict:
+    try:
+        data = json.loads(text)
+    except (TypeError, ValueError) as e:
+        raise PlanFormatError(f"plan JSON does not parse: {e}; pass the text of Plan.to_json()") from e
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise PlanFormatError(f"not a tpflax plan: expected an object with format={FORMAT!r}")
+    version = data.get("version")
+    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        raise PlanFormatError(
+            f"plan format version {version!r} is not supported by this tpflax (reads versions 1.."
+            f"{FORMAT_VERSION}); upgrade tpflax or re-plan with this version")
+    return data
+
+
+def _read_decisions(raw: Any) -> dict[str, Decision]:
+    if not isinstance(raw, list) or not raw:
+        raise PlanFormatError("plan JSON 'decisions' must be a non-empty list of per-leaf objects; "
+                              "re-create it with Plan.to_json()")
+    paths = [d.get("path") if isinstance(d, dict) else None for d in raw]
+    bad = [f"decisions[{i}]: path {p!r} is not a string" for i, p in enumerate(paths) if not isinstance(p, str)]
+    bad += [f"{p}: listed {paths.count(p)} times; keep one entry per leaf"
+            for p in dict.fromkeys(paths) if isinstance(p, str) and paths.count(p) > 1]
+    if bad:
+        raise PlanFormatError("plan JSON has malformed decisions", bad)
+    return {d["path"]: Decision.from_json(d) for d in raw}
+
+
+def _roles_from_pairs(decisions: dict[str, Decision], pairs: Sequence[Pair]) -> dict[str, Decision]:
+    roles = {p: "column" for pr in pairs for p in pr.columns}
+    roles.update({p: "row" for pr in pairs for p in pr.rows})
+    return {path: replace(d, role=roles.get(path)) if d.pair is not None and d.role is None else d
+            for path, d in decisions.items()}
+
+
+def _decision_problems(path: str, d: Decision, mesh: MeshShape) -> list[str]:
+    """A decision read from JSON whose shape, dtype or byte counts are not self-consistent."""
+    if any(n < 0 for n in d.shape):
+        return [f"{path}: shape {d.shape} has a negative dim; shapes are non-negative ints"]
+    try:
+        item = itemsize(d.dtype)
+    except TypeError:
+        return [f"{path}: dtype {d.dtype!r} is not a dtype jax knows; use e.g. 'float32' or 'bfloat16'"]
+    bad_spec = spec_problems(path, d.shape, entries(d.spec), mesh)
+    if bad_spec:
+        return bad_spec
+    want = math.prod(d.shape) * item
+    if d.bytes != want:
+        return [f"{path}: bytes {d.bytes} but shape {d.shape} of {d.dtype} holds {want}; re-plan"]
+    per = bytes_per_device(d.shape, item, entries(d.spec, len(d.shape)), mesh)
+    if d.bytes_per_device != per:
+        return [f"{path}: bytes_per_device {d.bytes_per_device} but spec {d.spec} on mesh {mesh} gives "
+                f"{per}; re-plan"]
+    return []
+
+
+def check_tree_matches(plan: Plan, leaves: Sequence[Leaf]) -> None:
+    """Raise PlanMismatchError listing every difference between a tree and the plan."""
+    problems = []
+    seen = set()
+    for leaf in leaves:
+        seen.add(leaf.path)
+        d = plan.decisions.get(leaf.path)
+        if d is None:
+            problems.append(f"{leaf.path}: in the tree but not in the plan (shape {leaf.shape}); re-plan")
+        elif tuple(d.shape) != tuple(leaf.shape):
+            problems.append(f"{leaf.path}: shape {leaf.shape} but the plan has {tuple(d.shape)}; re-plan")
+        elif d.dtype != leaf.dtype:
+            problems.append(f"{leaf.path}: dtype {leaf.dtype} but the plan has {d.dtype}; re-plan "
+                            "or cast the tree back")
+    for path in plan.decisions:
+        if path not in seen:
+            problems.append(f"{path}: in the plan but missing from the tree; re-plan or pass the full tree")
+    if problems:
+        raise PlanMismatchError("the tree does not match the plan", problems)

@@ -1,0 +1,260 @@
+"""The first two rule sets: the user's rules, then the model's annotations.
+
+A user rule is ``(regex, PartitionSpec | strategy name)``, matched with
+``re.search`` against leaf paths; the first match wins and beats everything
+else. Flax partitioning metadata (mesh-axis or logical names) comes next.
+Both produce :class:`~tpflax._src.planner.builders.Proposal` s that the later
+rule sets never overwrite.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from jax.sharding import PartitionSpec
+
+from tpflax._src.errors import RuleError, SpecError
+from tpflax._src.facts.classify import Facts
+from tpflax._src.mesh import DATA, EXPERT, FSDP, TENSOR, MeshShape
+from tpflax._src.planner.builders import Proposal
+from tpflax._src.specs import Entry, describe, entries, spec_problems, to_pspec, used_axes
+from tpflax._src.vocab import RULE_STRATEGIES, Source
+
+ROW_LIKE = re.compile(r"^(o|out|o_proj|out_proj|c_proj|proj|wo)$", re.I)
+
+
+@dataclass(frozen=True)
+class UserRule:
+    """One parsed user rule: a spec, or a strategy to build for each matching leaf."""
+
+    index: int
+    pattern: re.Pattern
+    spec: tuple[Entry, ...] | None
+    strategy: str | None
+
+    def describe(self) -> str:
+        target = self.strategy if self.strategy else str(to_pspec(self.spec or ()))
+        return f"rule {self.index} ({self.pattern.pattern!r} -> {target})"
+
+
+def parse_rules(rules: Any, mesh: MeshShape) -> list[UserRule]:
+    """Check and compile ``rules`` (a list of pairs or a mapping); collect every problem, then raise.
+
+    Raises:
+        RuleError: a rule is not a pair, its regex does not compile, its strategy is
+            unknown, or its spec names an axis the mesh lacks.
+
+    >>> from tpflax._src.mesh import mesh_shape
+    >>> [r.describe() for r in parse_rules([("mlp", "column")], mesh_shape({"model": 2}))]
+    ["rule 0 ('mlp' -> column)"]
+    """
+    if rules is None:
+        return []
+    if isinstance(rules, Mapping):
+        rules = list(rules.items())
+    out, problems = [], []
+    for i, rule in enumerate(rules):
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+            problems.append(f"rule {i}: {rule!r} is not a (regex, PartitionSpec or strategy) pair")
+            continue
+        try:
+            rx = re.compile(rule[0])
+        except re.error as e:
+            problems.append(f"rule {i}: regex {rule[0]!r} does not compile: {e}")
+            continue
+        parsed, problem = _parse_target(i, rx, rule[1], mesh)
+        if problem:
+            problems.append(problem)
+        else:
+            out.append(parsed)
+    if problems:
+        raise RuleError("invalid sharding rules", problems)
+    return out
+
+
+def _parse_target(i: int, rx: re.Pattern, target: Any, mesh: MeshShape) -> tuple[UserRule | None, str]:
+    where = f"rule {i} ({rx.pattern!r})"
+    if isinstance(target, str):
+        if target not in RULE_STRATEGIES:
+            return None, (f"{where}: strategy {target!r} is unknown; use one of {', '.join(RULE_STRATEGIES)} "
+                          "or a PartitionSpec")
+        return UserRule(i, rx, None, target), ""
+    if target is not None and not isinstance(target, (PartitionSpec, tuple, list)):
+        return None, f"{where}: target {target!r} is neither a PartitionSpec nor a strategy name"
+    spec = entries(target)
+    unknown = [a for a in used_axes(spec) if a not in mesh.sizes]
+    if unknown:
+        return None, (f"{where}: spec {to_pspec(spec)} names mesh axis {', '.join(map(repr, unknown))}, but "
+                      f"the mesh is {mesh}; use one of {', '.join(mesh.sizes)} (or a strategy: "
+                      f"{', '.join(RULE_STRATEGIES)})")
+    return UserRule(i, rx, spec, None), ""
+
+
+def forced_strategy(f: Facts, strategy: str, mesh: MeshShape) -> tuple[tuple[Entry, ...] | None, str]:
+    """Spec for a strategy forced by a user rule, or (None, why not)."""
+    t_entry, t_size = mesh.group(TENSOR)
+    body, k = f.body, f.stacked
+    if strategy == "replicate":
+        return (None,) * len(f.leaf.shape), ""
+
+    def at(dim: int, entry: Entry, size: int, label: str):
+        if entry is None:
+            return None, f"the mesh has no {label} axis"
+        if not body or dim >= len(body) or dim < -len(body):
+            return None, f"rank {len(body)} has no dim for {strategy}"
+        d = dim % len(body)
+        if body[d] % size:
+            return None, f"dim {d} ({body[d]}) is not divisible by {describe(entry, mesh)}"
+        spec = [None] * len(f.leaf.shape)
+        spec[k + d] = entry
+        return tuple(spec), ""
+
+    if strategy in ("column", "channel"):
+        return at(1 if f.kind == "attention" and len(body) == 3 else -1, t_entry, t_size, "tensor")
+    if strategy == "row":
+        return at(-2 if f.kind == "conv" else 0, t_entry, t_size, "tensor")
+    if strategy == "heads":
+        if len(body) != 3:
+            return None, "heads needs a 3-D (d, heads, head_dim) or (heads, head_dim, d) kernel"
+        return at(0 if ROW_LIKE.match(f.unit_name) else 1, t_entry, t_size, "tensor")
+    if strategy == "vocab":
+        spec, why = at(0, t_entry, t_size, "tensor")
+        return (spec, why) if spec else at(-1, t_entry, t_size, "tensor")
+    if strategy == "expert":
+        return at(0, *mesh.group(EXPERT), "expert")
+    # fsdp: the largest divisible dim
+    f_entry, f_size = mesh.group(FSDP)
+    if f_entry is None:
+        return None, "the mesh has no fsdp axis"
+    free = [d for d in range(len(body)) if body[d] % f_size == 0]
+    if not free:
+        return None, f"no dim of {body} is divisible by fsdp={f_size}"
+    return at(max(free, key=lambda d: body[d]), f_entry, f_size, "fsdp")
+
+
+def default_logical_rules(mesh: MeshShape) -> list[tuple[str, Any]]:
+    """Logical-axis rules derived from the mesh roles (the MaxText/T5X vocabulary).
+
+    >>> from tpflax._src.mesh import mesh_shape
+    >>> dict(default_logical_rules(mesh_shape({"data": 2, "model": 4})))["mlp"]
+    'model'
+    """
+    t = mesh.group(TENSOR)[0]
+    f = mesh.group(FSDP)[0]
+    e = mesh.group(EXPERT)[0]
+    d = mesh.group(DATA)[0]
+    return [("batch", d), ("embed", f), ("mlp", t), ("heads", t), ("q_heads", t), ("kv_heads", t),
+            ("vocab", t), ("joined_kv", t), ("exp", e), ("expert", e), ("kv", None), ("head_dim", None),
+            ("norm", None), ("layers", None), ("length", None), ("seq", None)]
+
+
+def annotation(f: Facts, mesh: MeshShape, logical_rules) -> tuple[tuple[Entry, ...], str, list[str]]:
+    """Spec from flax metadata; drops axes the mesh lacks or that do not divide (with warnings)."""
+    leaf = f.leaf
+    warnings: list[str] = []
+    spec: list[Entry] = []
+    used: set[str] = set()
+    for dim, name in enumerate(leaf.names or ()):
+        if leaf.logical:
+            candidates = [axes for lname, axes in logical_rules if lname == name] if name is not None else []
+        else:
+            candidates = [name]
+        chosen = None
+        for axes in candidates:
+            e = entries((axes,))[0]
+            ax = [a for a in (e if isinstance(e, tuple) else (e,)) if a is not None]
+            if not ax:
+                break
+            if any(a not in mesh.sizes for a in ax):
+                if not leaf.logical:
+                    warnings.append(f"{leaf.path}: annotation names mesh axis {name!r} the mesh {mesh} lacks; "
+                                    f"dim {dim} left unsharded")
+                continue
+            if used & set(ax):
+                continue
+            size = 1
+            for a in ax:
+                size *= mesh.sizes[a]
+            if leaf.shape[dim] % size:
+                warnings.append(f"{leaf.path}: annotated dim {dim} ({leaf.shape[dim]}) is not divisible by "
+                                f"{'*'.join(ax)}={size}; left unsharded")
+                continue
+            chosen = e
+            used |= set(ax)
+            break
+        spec.append(chosen)
+    kind = "logical" if leaf.logical else "mesh-axis"
+    reason = f"{kind} annotation {tuple(leaf.names or ())} -> {to_pspec(spec)}"
+    return tuple(spec), reason, warnings
+
+
+@dataclass
+class Forced:
+    """What the user rules and annotations decided: never overwritten by later rule sets."""
+
+    proposals: dict[str, Proposal] = field(default_factory=dict)
+    sources: dict[str, Source] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def force(facts: Sequence[Facts], rules: Sequence[UserRule], mesh: MeshShape, use_annotations: bool,
+          logical_rules: Sequence[tuple[str, Any]]) -> Forced:
+    """Apply the user rules, then the annotations, to every leaf.
+
+    Raises:
+        SpecError: a rule's spec or strategy cannot apply to a leaf it matches (all listed).
+    """
+    out = Forced()
+    problems: list[str] = []
+    matched: dict[int, list[str]] = {r.index: [] for r in rules}
+    for f in facts:
+        hits = [r for r in rules if r.pattern.search(f.path)]
+        for r in hits:
+            matched[r.index].append(f.path)
+        layers_dim = 0 if f.stacked else None
+        if hits:
+            proposal, errs = _from_rule(f, hits[0], mesh)
+            problems += errs
+            if proposal is not None:
+                out.proposals[f.path] = Proposal(*proposal, layers_dim=layers_dim)
+                out.sources[f.path] = "rule"
+        elif use_annotations and f.leaf.names is not None:
+            spec, reason, warns = annotation(f, mesh, logical_rules)
+            out.warnings += warns
+            out.proposals[f.path] = Proposal(spec, "annotation", reason, layers_dim=layers_dim)
+            out.sources[f.path] = "annotation"
+    if problems:
+        raise SpecError("sharding rules produce invalid specs", problems)
+    out.warnings += _unused_rule_warnings(rules, matched)
+    return out
+
+
+def _from_rule(f: Facts, rule: UserRule, mesh: MeshShape) -> tuple[tuple | None, list[str]]:
+    """``((spec, strategy, reason, pair, role, fsdp), [])`` or ``(None, problems)``."""
+    why = f"forced by {rule.describe()}"
+    if rule.spec is not None:
+        spec = entries(rule.spec, len(f.leaf.shape)) if len(rule.spec) <= len(f.leaf.shape) else rule.spec
+        errs = spec_problems(f.path, f.leaf.shape, spec, mesh)
+        if errs:
+            return None, [e + f" [from {rule.describe()}]" for e in errs]
+        return (spec, "rule", why, None, None, False), []
+    spec, problem = forced_strategy(f, rule.strategy, mesh)
+    if spec is None:
+        return None, [f"{f.path}: {rule.describe()} cannot apply to shape {f.leaf.shape} on mesh {mesh}: "
+                      f"{problem}; use another strategy or a PartitionSpec"]
+    return (spec, rule.strategy, why, None, None, rule.strategy == "fsdp"), []
+
+
+def _unused_rule_warnings(rules: Sequence[UserRule], matched: Mapping[int, list[str]]) -> list[str]:
+    out: list[str] = []
+    claimed: set[str] = set()
+    for r in rules:
+        if not matched[r.index]:
+            out.append(f"{r.describe()} matches no leaf; check the regex against Plan.decisions paths")
+        elif all(p in claimed for p in matched[r.index]):
+            out.append(f"{r.describe()} never wins: every leaf it matches is taken by an earlier rule")
+        claimed.update(matched[r.index])
+    return out
