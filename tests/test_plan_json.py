@@ -1,0 +1,73 @@
+"""Plan JSON: format 2 writes every fact a decision carries; format 1 still loads."""
+
+import json
+import pathlib
+
+import jax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import tpflax
+
+S = jax.ShapeDtypeStruct
+V1 = pathlib.Path(__file__).parent / "data" / "plan_v1.json"
+
+
+def _tree():
+    """The tree tests/data/plan_v1.json was planned from (fsdp=2, model=2, fsdp_min_bytes=16384)."""
+    f = "float32"
+    return {"params": {
+        "embed": {"embedding": S((512, 64), f)},
+        "layers_0": {"attn": {"q": {"kernel": S((64, 4, 16), f)}, "o": {"kernel": S((4, 16, 64), f)}},
+                     "mlp": {"up": {"kernel": S((64, 256), f), "bias": S((256,), f)},
+                             "down": {"kernel": S((256, 64), f), "bias": S((64,), f)}},
+                     "norm": {"scale": S((64,), f)}},
+        "head": {"kernel": S((64, 512), f)}}}
+
+
+@pytest.fixture(scope="module")
+def fresh():
+    return tpflax.plan(_tree(), {"fsdp": 2, "model": 2}, fsdp_min_bytes=1 << 14)
+
+
+def test_format_1_loads_with_combined_strategies_split(fresh):
+    text = V1.read_text()
+    assert json.loads(text)["version"] == 1 and '"column+fsdp"' in text
+    old = tpflax.Plan.from_json(text)
+    up = old.decisions["params/layers_0/mlp/up/kernel"]
+    assert (up.strategy, up.fsdp, up.label, up.spec) == ("column", True, "column+fsdp", P("fsdp", "model"))
+    # the facts format 1 lacks are rebuilt from the paths and the pairs
+    assert (up.role, up.unit, up.group) == ("column", "params/layers_0/mlp/up", "params/layers_*/mlp/up/kernel")
+    assert old.decisions["params/layers_0/attn/o/kernel"].role == "row"
+    assert old.decisions["params/layers_0/norm/scale"].fsdp is False
+    # every spec, strategy and byte count is what this tpflax plans for the same tree
+    for path, d in fresh.decisions.items():
+        o = old.decisions[path]
+        assert (o.spec, o.label, o.bytes, o.bytes_per_device, o.pair) == (
+            d.spec, d.label, d.bytes, d.bytes_per_device, d.pair), path
+        assert (o.role, o.unit, o.group, o.trainable) == (d.role, d.unit, d.group, d.trainable), path
+    assert old.specs_for(_tree())["params"]["head"]["kernel"] == fresh.decisions["params/head/kernel"].spec
+
+
+def test_format_2_round_trips_every_field(fresh):
+    data = json.loads(fresh.to_json())
+    assert data["version"] == 2
+    row = next(d for d in data["decisions"] if d["path"] == "params/layers_0/mlp/up/kernel")
+    assert (row["strategy"], row["fsdp"], row["role"]) == ("column", True, "column")
+    assert not any("+" in d["strategy"] for d in data["decisions"])
+    back = tpflax.Plan.from_json(fresh.to_json())
+    assert back.decisions == fresh.decisions
+    assert back.pairs == fresh.pairs and back.warnings == fresh.warnings
+
+
+def test_prng_key_bytes_are_the_key_data_bytes():
+    from tpflax._src.facts.tree import itemsize
+
+    key = jax.random.key(0)
+    assert itemsize(key.dtype) == itemsize(str(key.dtype)) == jax.random.key_data(key).nbytes == 8
+    rbg = jax.random.key(0, impl="rbg")
+    assert itemsize(str(rbg.dtype)) == jax.random.key_data(rbg).nbytes == 16
+    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), 1024))
+    p = tpflax.plan({"rng": keys, "w": S((8, 8), "float32")}, {"model": 2})
+    assert p.decisions["rng"].bytes == p.decisions["rng"].bytes_per_device == 1024 * 8
+    assert tpflax.Plan.from_json(p.to_json()).decisions["rng"].bytes == 8192  # byte counts are checked on load
