@@ -71,3 +71,12 @@ def test_prng_key_bytes_are_the_key_data_bytes():
     p = tpflax.plan({"rng": keys, "w": S((8, 8), "float32")}, {"model": 2})
     assert p.decisions["rng"].bytes == p.decisions["rng"].bytes_per_device == 1024 * 8
     assert tpflax.Plan.from_json(p.to_json()).decisions["rng"].bytes == 8192  # byte counts are checked on load
+
+
+def test_unknown_vocabulary_in_json_is_named(fresh):
+    data = json.loads(fresh.to_json())
+    data["decisions"][0]["strategy"] = "diagonal"
+    data["decisions"][1]["role"] = "sideways"
+    with pytest.raises(tpflax.PlanFormatError) as e:
+        tpflax.Plan.from_json(json.dumps(data))
+    assert "strategy 'diagonal' is not one of" in str(e.value) and "role 'sideways'" in str(e.value)

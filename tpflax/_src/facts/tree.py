@@ -263,8 +263,3 @@ def _top_keys(tree: Any) -> frozenset[str]:
         except Exception:  # noqa: BLE001 - odd mapping types: no collections
             return frozenset()
     return frozenset()
-
-
-def structure(tree: Any):
-    """Tree structure with boxes treated as leaves (what ``walk`` paths refer to)."""
-    return jax.tree_util.tree_structure(tree, is_leaf=is_box)

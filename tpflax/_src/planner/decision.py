@@ -30,7 +30,7 @@ from tpflax._src.specs import (
     spec_to_json,
     to_pspec,
 )
-from tpflax._src.vocab import Kind, Role, Source, Strategy
+from tpflax._src.vocab import KINDS, ROLES, SOURCES, STRATEGIES, Kind, Role, Source, Strategy
 
 FORMAT = "tpflax.plan"
 FORMAT_VERSION = 2
@@ -163,10 +163,6 @@ class Plan:
     disagreements: tuple[str, ...] = ()
 
     @property
-    def mesh_shape(self) -> dict[str, int]:
-        return self.mesh.sizes
-
-    @property
     def total_bytes(self) -> int:
         return sum(d.bytes for d in self.decisions.values())
 
@@ -277,7 +273,13 @@ def _roles_from_pairs(decisions: dict[str, Decision], pairs: Sequence[Pair]) -> 
 
 
 def _decision_problems(path: str, d: Decision, mesh: MeshShape) -> list[str]:
-    """A decision read from JSON whose shape, dtype or byte counts are not self-consistent."""
+    """A decision read from JSON whose vocabulary, shape, dtype or byte counts are not self-consistent."""
+    words = [(name, value, allowed) for name, value, allowed in (
+        ("strategy", d.strategy, STRATEGIES), ("kind", d.kind, ("", *KINDS)), ("source", d.source, SOURCES),
+        ("role", d.role, (None, *ROLES))) if value not in allowed]
+    if words:
+        return [f"{path}: {name} {value!r} is not one of {', '.join(map(repr, allowed))}"
+                for name, value, allowed in words]
     if any(n < 0 for n in d.shape):
         return [f"{path}: shape {d.shape} has a negative dim; shapes are non-negative ints"]
     try:
