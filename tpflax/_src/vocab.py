@@ -17,6 +17,8 @@ STRATEGIES: tuple[str, ...] = get_args(Strategy)
 RULE_STRATEGIES: tuple[str, ...] = ("column", "row", "heads", "channel", "vocab", "expert", "fsdp",
                                     "replicate")
 
+# Layer kinds. classify() gives all but "head": the planner marks the output heads
+# it identifies (an output-head name in the tree, the logits in a trace).
 Kind = Literal["embedding", "dense", "attention", "conv", "norm", "bias", "expert", "recurrent",
                "router", "head", "scalar", "state", "int", "other"]
 KINDS: tuple[str, ...] = get_args(Kind)
