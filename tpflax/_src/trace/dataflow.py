@@ -56,9 +56,6 @@ from tpflax._src.trace.records import Dataflow, Edge, Use
 __all__ = ["Dataflow", "Edge", "Use", "analyze", "dataflow", "trace_jaxpr"]
 
 
-# ---------------------------------------------------------------------------
-# tracing
-
 def trace_jaxpr(model: Any, sample: Any = None, variables: Any = None):
     """``(closed jaxpr, parameter paths of its first invars, n parameter invars)``.
 
@@ -68,18 +65,14 @@ def trace_jaxpr(model: Any, sample: Any = None, variables: Any = None):
     """
     m = as_model(model, sample, variables)
     if m.variables is None:
-        raise TraceError(f"tracing {m.name} needs its variables: pass the tree you plan")
+        raise TraceError(f"tracing {m.name} needs its variables: pass variables= (the tree you plan)")
     leaves, _ = walk(m.variables)
     tree = unboxed(m.variables)
     abstract_tree = jax.tree_util.tree_map(abstract, tree)
     try:
         closed = jax.make_jaxpr(m.forward)(abstract_tree, *m.sample)
     except Exception as e:  # noqa: BLE001 - any failure here is a model/sample mismatch
-        shapes = ", ".join(f"{getattr(s, 'shape', '?')}:{getattr(s, 'dtype', '?')}" for s in m.sample)
-        raise TraceError(
-            f"could not trace the forward pass of {m.name} with sample inputs ({shapes}): "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; pass sample= matching "
-            "the model's __call__ and the full variable tree it was initialised with") from e
+        raise TraceError(_untraceable(m, e)) from e
     n = len(jax.tree_util.tree_leaves(abstract_tree))
     if n != len(leaves):
         raise TraceError(f"the variable tree flattens to {n} arrays but walks to {len(leaves)} leaves; "
@@ -87,16 +80,26 @@ def trace_jaxpr(model: Any, sample: Any = None, variables: Any = None):
     return closed, [leaf.path for leaf in leaves], n
 
 
+def _untraceable(m: Any, e: Exception) -> str:
+    shapes = ", ".join(f"{getattr(s, 'shape', '?')}:{getattr(s, 'dtype', '?')}" for s in m.sample)
+    called = ("; a function model is called as fn(variables, *sample)" if m.framework == "callable" else "")
+    return (f"could not trace the forward pass of {m.name} with sample inputs ({shapes}): "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; pass sample= matching "
+            f"the model's __call__ and the full variable tree it was initialised with{called}")
+
+
 def dataflow(model: Any, sample: Any = None, variables: Any = None) -> Dataflow:
     """Trace ``model`` on ``sample`` and analyse which parameter feeds which.
 
     Args:
-        model: a linen ``nn.Module`` (with ``variables``), a ``tpflax.zoo`` model,
-            or an ``nnx.Module``.
+        model: anything :func:`tpflax._src.model.as_model` accepts: a
+            ``tpflax.zoo`` model, a linen ``nn.Module`` or an ``nnx.Module`` (with
+            ``sample``), or a plain function ``fn(variables, *sample)``.
         sample: example forward inputs; ``jax.ShapeDtypeStruct`` suffice. A
             ZooModel defaults to its own sample inputs (batch 1).
-        variables: the variable tree (linen); paths in the result match
-            ``tpflax.plan(variables, ...).decisions``.
+        variables: the variable tree ``model`` takes (needed for a function;
+            a linen module defaults to its abstract init); paths in the result
+            match ``tpflax.plan(variables, ...).decisions``.
 
     Returns:
         A :class:`Dataflow`.
@@ -109,7 +112,7 @@ def dataflow(model: Any, sample: Any = None, variables: Any = None) -> Dataflow:
     >>> sorted({(e.src, e.dst) for e in flow.edges})[0]
     ('params/block_0/mlp/up/kernel', 'params/block_0/mlp/down/kernel')
     """
-    closed, paths, n = trace_jaxpr(model, sample, variables)
+    closed, paths, _ = trace_jaxpr(model, sample, variables)
     return analyze(closed, paths)
 
 
