@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 import tpflax
 from tpflax import cli, hlo, zoo
-from tpflax._src.trace.dataflow import dataflow
+from tpflax._src.trace.dataflow import analyze, dataflow, trace_jaxpr
 
 F32 = jnp.float32
 
@@ -140,6 +140,62 @@ def test_recurrent_kernels_inside_a_scan_are_kept_whole():
         assert p.decisions[k].spec == P(None, None)
         assert "recurrent" in p.decisions[k].reason and "5 steps" in p.decisions[k].reason
     assert "carry" in p.decisions["params/p1"].reason
+
+
+class Loops(nn.Module):
+    """One kernel applied in a static-bound fori_loop (a scan), a while_loop and around a cond."""
+
+    @nn.compact
+    def __call__(self, x):  # (b, 16)
+        w = self.param("w", nn.initializers.lecun_normal(), (16, 16))
+        h = jax.lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ w), x)
+        h = jax.lax.while_loop(lambda c: c[0] < 2, lambda c: (c[0] + 1, jnp.tanh(c[1] @ w)), (0, h))[1]
+        h = jax.lax.cond(h.sum() > 0, lambda h: h, lambda h: -h, h)
+        return nn.Dense(8, name="z")(jax.nn.relu(nn.Dense(32, name="u")(h)))
+
+
+def test_fori_while_and_cond_bodies_are_followed():
+    m, x = Loops(), sds(2, 16)
+    p = tpflax.plan(abstract(m, x), {"model": 4}, model=m, sample=(x,))
+    d = p.decisions
+    assert d["params/w"].spec == P(None, None) and "3 steps" in d["params/w"].reason
+    assert d["params/u/kernel"].spec == P(None, "model") and d["params/z/kernel"].spec == P("model", None)
+    assert all(k.source == "trace" for k in d.values())
+
+
+# jax 0.12's scan has no num_consts/num_carry (and a while may one day lose its
+# nconsts): the walk derives them from the body's and the equation's shapes.
+DROPPED = ("num_consts", "num_carry", "cond_nconsts", "body_nconsts")
+
+
+def _without(j, keys=DROPPED):
+    """The jaxpr ``j`` (open or closed) with ``keys`` dropped from every equation, bodies included."""
+    inner = getattr(j, "jaxpr", None)
+    if inner is not None and inner is not j and hasattr(inner, "eqns"):  # a ClosedJaxpr
+        return j.replace(jaxpr=_without(inner, keys))
+    if hasattr(j, "eqns"):
+        return j.replace(eqns=[e.replace(params={k: _without(v, keys) for k, v in e.params.items()
+                                                 if k not in keys}) for e in j.eqns])
+    return tuple(_without(b, keys) for b in j) if type(j) is tuple else j  # cond branches
+
+
+@pytest.mark.parametrize("name", ["llama-scan", "lstm", "gru", "Loops", "HandRNN", "Scanned"])
+def test_loop_counts_derived_when_jax_leaves_them_out(name):
+    if name in ("Loops", "HandRNN", "Scanned"):
+        m = {"Loops": Loops, "HandRNN": HandRNN, "Scanned": Scanned}[name]()
+        x = sds(2, 5, 16) if name == "HandRNN" else sds(2, 16)
+        closed, paths, _ = trace_jaxpr(m, (x,), abstract(m, x))
+    else:
+        closed, paths, _ = trace_jaxpr(zoo.get(name))
+    assert analyze(_without(closed), paths) == analyze(closed, paths)
+
+
+def test_a_parameter_jax_renamed_ends_the_chain_instead_of_failing():
+    m, x = Scanned(), sds(2, 16)
+    closed, paths, _ = trace_jaxpr(m, (x,), abstract(m, x))
+    flow = analyze(_without(closed, ("dimension_numbers",)), paths)
+    assert flow.uses == () and flow.edges == ()
+    assert "params/s/u/kernel" in flow.elementwise  # opaque: the tree heuristics decide it
 
 
 class OneHotTied(nn.Module):

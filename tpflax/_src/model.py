@@ -148,8 +148,19 @@ def as_model(model: Any, sample: Any = None, variables: Any = None) -> Model:
         name = getattr(model, "__name__", type(model).__name__)
         return Model(forward=model, sample=_samples(sample, f"the model function {name}"),
                      variables=variables, framework="callable", name=name)
-    raise TraceError(f"model= must be a flax linen Module, an nnx.Module, a tpflax.zoo model or a "
-                     f"function fn(variables, *sample), not {type(model).__name__}")
+    raise TraceError(_not_a_model(model))
+
+
+def _not_a_model(model: Any) -> str:
+    shown = repr(model)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    hint = ""
+    if isinstance(model, str):
+        hint = f"; for a built-in model pass tpflax.zoo.get({model!r})"
+    return (f"model= must be a flax linen Module or an nnx.Module (with sample=), a tpflax.zoo model, "
+            f"or a function fn(variables, *sample) (with sample=), not {shown} "
+            f"({type(model).__name__}){hint}; wrap anything else as a function, e.g. a Hugging Face "
+            "Flax model as model=lambda v, ids: hf_model(ids, params=v)")
 
 
 def _zoo(model: Any, sample: Any, variables: Any) -> Model:

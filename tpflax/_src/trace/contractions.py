@@ -1,0 +1,132 @@
+"""Handlers for the ops that contract or look up parameters: uses, and the edges between them.
+
+A ``dot_general`` or ``conv_general_dilated`` with a parameter operand is a
+*use*: each kept parameter dim tags the activation dim it produces, and each
+tagged activation dim it sums over closes an *edge* from the tag's use. A
+``gather`` from a parameter (or a matmul with a one-hot) is a lookup.
+
+>>> import jax, jax.numpy as jnp
+>>> from tpflax._src.trace.handlers import new_walk
+>>> from tpflax._src.trace.interpreter import Val
+>>> j = jax.make_jaxpr(lambda a, b, x: (x @ a) @ b)(
+...     jnp.zeros((4, 8)), jnp.zeros((8, 4)), jnp.zeros((2, 4))).jaxpr
+>>> w = new_walk()
+>>> _ = w.run(j, [Val(2, origin=(("a", (0, 1)),)), Val(2, origin=(("b", (0, 1)),)), Val(2)])
+>>> [(u.path, u.contracted, u.kept) for u in w.uses], list(w.edges)
+([('a', (0,), (1,)), ('b', (0,), (1,))], [(0, 1, 1, 0)])
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from tpflax._src.trace.interpreter import TagMap, Val, Walk, opaque
+
+
+def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    lhs, rhs = ins
+    lf = [d for d in range(lhs.rank) if d not in lc and d not in lb]
+    rf = [d for d in range(rhs.rank) if d not in rc and d not in rb]
+    out_rank = ranks[0]
+    lp, rp = bool(lhs.origin), bool(rhs.origin)
+    if lp and rp:  # a weight computed from weights (x @ (a @ b)): still parameters
+        origin = []
+        for p, dims in lhs.origin:
+            origin.append((p, tuple(dims[d] for d in lb) + tuple(dims[d] for d in lf)
+                           + (None,) * len(rf)))
+        for p, dims in rhs.origin:
+            origin.append((p, tuple(dims[d] for d in rb) + (None,) * len(lf)
+                           + tuple(dims[d] for d in rf)))
+        return [Val(out_rank, origin=tuple(origin))]
+    if not lp and not rp:
+        return [_act_dot(w, lhs, rhs, (lc, rc), (lb, rb), lf, rf, out_rank)]
+    if lp:  # weight on the left: mirror so the activation is on the left
+        act, par, ac, pc, ab, pb, af, pf = rhs, lhs, rc, lc, rb, lb, rf, lf
+    else:
+        act, par, ac, pc, ab, pb, af, pf = lhs, rhs, lc, rc, lb, rb, lf, rf
+    shape_p = tuple(eqn.invars[0 if lp else 1].aval.shape)
+    tag_b: list[TagMap] = [dict(w.merge([act.dim_tags(a)])) for a in ab]
+    tag_pf: list[TagMap] = [{} for _ in pf]
+    fresh = None
+    for path, dims in par.origin:
+        op = "onehot" if act.onehot else "dot"
+        uid = w.use(ctx, eqn, path, op, [dims[d] for d in pc if dims[d] is not None],
+                    [dims[d] for d in pf if dims[d] is not None],
+                    [dims[d] for d in pb if dims[d] is not None], par.const_of)
+        fresh = uid if len(par.origin) == 1 else None
+        if op == "onehot":
+            continue
+        for a, p in zip(ac, pc, strict=True):
+            if dims[p] is None:
+                continue
+            for k, (limit, via) in w.merge([act.dim_tags(a)]).items():
+                w.edge(k, uid, dims[p], math.gcd(limit, shape_p[p]), via)
+        for i, p in enumerate(pb):
+            if dims[p] is not None:
+                tag_b[i][(uid, dims[p])] = (shape_p[p], ())
+        for i, p in enumerate(pf):
+            if dims[p] is not None:
+                tag_pf[i][(uid, dims[p])] = (shape_p[p], ())
+    if act.onehot:
+        return [Val(out_rank)]  # an embedding lookup: its rows are not a column's output
+    tag_af = [w.merge([act.dim_tags(a)]) for a in af]
+    # dot_general's output dims: batch, then lhs free, then rhs free.
+    tags = tag_b + (tag_pf + tag_af if lp else tag_af + tag_pf)
+    return [Val(out_rank, tags=tuple(tags) if any(tags) else None, fresh=fresh)]
+
+
+def _act_dot(w: Walk, lhs: Val, rhs: Val, contract, batch, lf, rf, out_rank: int) -> Val:
+    """A product of two activations (attention scores, ...): summed tags end, others pass."""
+    (lc, rc), (lb, rb) = contract, batch
+    for v, cs in ((lhs, lc), (rhs, rc)):
+        for d in cs:
+            w.escape(v.dim_tags(d), "summed by a product of two activations (needs an all-reduce)")
+    tags = [w.merge([lhs.dim_tags(a), rhs.dim_tags(b)], "dot") for a, b in zip(lb, rb, strict=True)]
+    tags += [w.merge([lhs.dim_tags(a)], "dot") for a in lf]
+    tags += [w.merge([rhs.dim_tags(b)], "dot") for b in rf]
+    return Val(out_rank, tags=tuple(tags) if any(tags) else None)
+
+
+def conv_general_dilated(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    lhs, rhs = ins
+    dn = eqn.params["dimension_numbers"]
+    lspec, rspec, ospec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+    groups = eqn.params.get("feature_group_count", 1)
+    out_rank = ranks[0]
+    if lhs.origin or not rhs.origin:
+        return opaque(w, eqn, ins, ctx, ranks)
+    shape_p = tuple(eqn.invars[1].aval.shape)
+    tags: list[TagMap] = [{} for _ in range(out_rank)]
+    tags[ospec[0]] = w.merge([lhs.dim_tags(lspec[0])])
+    for d in lspec[2:]:
+        w.escape(lhs.dim_tags(d), "a spatial dim of a convolution window")
+    fresh = None
+    for path, dims in rhs.origin:
+        o, i = dims[rspec[0]], dims[rspec[1]]
+        contracted = [dims[d] for d in rspec[1:] if dims[d] is not None]
+        uid = w.use(ctx, eqn, path, "conv", contracted, [o] if o is not None else [], [], rhs.const_of)
+        fresh = uid if len(rhs.origin) == 1 else None
+        if groups == 1 and i is not None:
+            for k, (limit, via) in w.merge([lhs.dim_tags(lspec[1])]).items():
+                w.edge(k, uid, i, math.gcd(limit, shape_p[rspec[1]]), via)
+        if o is not None:
+            tags[ospec[1]][(uid, o)] = (shape_p[rspec[0]], ())
+    if groups != 1:
+        w.escape(lhs.dim_tags(lspec[1]), f"a grouped convolution ({groups} groups)")
+    return [Val(out_rank, tags=tuple(tags) if any(tags) else None, fresh=fresh)]
+
+
+def gather(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    operand = ins[0]
+    if not operand.origin:
+        w.escape_all(operand, "gathered (indexed by data)")
+        return [Val(r) for r in ranks]
+    dn = eqn.params["dimension_numbers"]
+    indexed = set(dn.start_index_map) | set(dn.collapsed_slice_dims)
+    for path, dims in operand.origin:
+        w.use(ctx, eqn, path, "gather", [dims[d] for d in sorted(indexed) if dims[d] is not None],
+              [dims[d] for d in range(operand.rank) if d not in indexed and dims[d] is not None],
+              [], operand.const_of)
+    return [Val(r) for r in ranks]

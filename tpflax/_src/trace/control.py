@@ -1,0 +1,144 @@
+"""Handlers for control flow (``scan``, ``while``, ``cond``) and calls (jit, remat, custom_jvp/vjp).
+
+Parameters are read defensively: primitive parameters change between jax
+versions (jax 0.12's ``scan`` carries ``{jaxpr, length, reverse, unroll,
+ft_in, ft_out}`` without ``num_consts``/``num_carry``, and its ``jaxpr`` is an
+open ``Jaxpr`` rather than a ``ClosedJaxpr``). Counts that a version leaves out
+are derived from what every version has: the body's and the equation's
+invars and outvars and their shapes.
+
+>>> import jax, jax.numpy as jnp
+>>> eqn = jax.make_jaxpr(lambda w, h, xs: jax.lax.scan(lambda c, x: (c @ w + x, c), h, xs))(
+...     jnp.zeros((4, 4)), jnp.zeros((2, 4)), jnp.zeros((5, 2, 4))).jaxpr.eqns[0]
+>>> scan_counts(eqn, body_of(eqn.params["jaxpr"]))
+(1, 1)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from tpflax._src.trace.interpreter import Val, Walk, opaque, same_tags
+
+# Primitives whose body takes the equation's (trailing) inputs and gives its outputs.
+CALLS = ("pjit", "jit", "closed_call", "core_call", "remat", "remat2", "checkpoint",
+         "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "custom_lin")
+_CALL_KEYS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+
+
+def body_of(j: Any) -> Any:
+    """The open jaxpr of a ``ClosedJaxpr`` or ``Jaxpr`` parameter (None when it is neither)."""
+    inner = getattr(j, "jaxpr", j)
+    return inner if hasattr(inner, "eqns") else None
+
+
+def _shape(v: Any) -> tuple:
+    return tuple(getattr(v.aval, "shape", ()))
+
+
+def call(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    """Walk into the body of a call-like primitive; anything else is opaque."""
+    for key in _CALL_KEYS:
+        inner = body_of(eqn.params.get(key))
+        if inner is None:
+            continue
+        skip = len(eqn.invars) - len(inner.invars)
+        if skip >= 0:
+            return w.run(inner, ins[skip:], ctx + (id(eqn),))
+    return opaque(w, eqn, ins, ctx, ranks)
+
+
+def scan_counts(eqn: Any, body: Any) -> tuple[int, int]:
+    """``(num consts, num carry)`` of a scan equation.
+
+    The body takes consts + carry + one slice of each xs and returns carry + one
+    slice of each ys; the equation's xs and ys have a leading length dim the
+    body's do not, and its consts and carries have the body's shapes. So the
+    trailing inputs whose shapes differ are xs, the leading outputs whose
+    shapes agree are carries, and the rest of the inputs are consts.
+    """
+    p = eqn.params
+    if "num_consts" in p and "num_carry" in p:
+        return int(p["num_consts"]), int(p["num_carry"])
+    n_x = 0
+    for outer, inner in zip(reversed(eqn.invars), reversed(body.invars), strict=False):
+        if _shape(outer) == _shape(inner):
+            break
+        n_x += 1
+    n_carry = 0
+    for outer, inner in zip(eqn.outvars, body.outvars, strict=False):
+        if _shape(outer) != _shape(inner):
+            break
+        n_carry += 1
+    return len(eqn.invars) - n_x - n_carry, n_carry
+
+
+def _loop(w: Walk, body: Any, consts: list[Val], carry: list[Val], xs: list[Val], length: int,
+          ctx: tuple) -> tuple[list[Val], list[Val]]:
+    """Walk a loop body until the carry's tags stop growing; returns (carry out, ys)."""
+    consts = [dataclasses.replace(c, const_of=length or 1) if c.origin else c for c in consts]
+    state = list(carry)
+    outs: list[Val] = []
+    for _ in range(4):
+        outs = w.run(body, consts + state + xs, ctx)
+        new = [w.join(a, b) for a, b in zip(carry, outs[:len(carry)], strict=True)]
+        if all(same_tags(a, b) for a, b in zip(new, state, strict=True)):
+            break
+        state = new
+    for v in outs[:len(carry)]:
+        for m in v.tags or ():
+            for uid, _ in m:
+                if w.uses[uid].scan_length:  # applied every step and fed back: a cell
+                    w.recurrent.add(uid)
+    return outs[:len(carry)], outs[len(carry):]
+
+
+def _scan_length(eqn: Any, n_in: int) -> int:
+    if "length" in eqn.params:
+        return int(eqn.params["length"])
+    xs = [_shape(v) for v in eqn.invars[n_in:]]
+    return xs[0][0] if xs and xs[0] else 0
+
+
+def scan(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    body = body_of(eqn.params["jaxpr"])
+    if body is None:
+        return opaque(w, eqn, ins, ctx, ranks, why="no body jaxpr")
+    nc, ncarry = scan_counts(eqn, body)
+    length = _scan_length(eqn, nc + ncarry)
+    consts, carry, xs = ins[:nc], ins[nc:nc + ncarry], ins[nc + ncarry:]
+    sliced = []
+    for x in xs:
+        for path, dims in x.origin:
+            if dims and dims[0] is not None:
+                w.scanned.setdefault(path, dims[0])
+        if x.tags is not None:
+            w.escape(x.tags[0], "scanned over (each step sees one slice)")
+        sliced.append(w.moved(x, list(range(1, x.rank)), x.rank - 1))
+    c_out, ys = _loop(w, body, consts, carry, sliced, length, ctx + (id(eqn),))
+    ys = [w.moved(y, [None] + list(range(y.rank)), y.rank + 1) for y in ys]
+    return c_out + ys
+
+
+def while_(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    p = eqn.params
+    body, cond_body = body_of(p["body_jaxpr"]), body_of(p["cond_jaxpr"])
+    n_carry = len(eqn.outvars)
+    # cond takes cond consts + carry, body takes body consts + carry.
+    cn = int(p.get("cond_nconsts", len(cond_body.invars) - n_carry))
+    bn = int(p.get("body_nconsts", len(body.invars) - n_carry))
+    cconsts, bconsts, carry = ins[:cn], ins[cn:cn + bn], ins[cn + bn:]
+    c_out, _ = _loop(w, body, bconsts, carry, [], 0, ctx + (id(eqn),))
+    w.run(cond_body, cconsts + c_out, ctx + (id(eqn), "cond"))
+    return c_out
+
+
+def cond(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    outs: list[Val] | None = None
+    for i, br in enumerate(eqn.params["branches"]):
+        body = body_of(br)
+        # The first input is the branch index; the branches take the rest.
+        o = w.run(body, ins[len(ins) - len(body.invars):], ctx + (id(eqn), i))
+        outs = o if outs is None else [w.join(a, b) for a, b in zip(outs, o, strict=True)]
+    return outs or [Val(r) for r in ranks]

@@ -1,0 +1,286 @@
+"""The ``{primitive name: handler}`` table, and the handlers for values that keep their dims.
+
+Every handler is ``handler(walk, eqn, ins, ctx, ranks) -> outs``: ``ins`` are
+the :class:`~tpflax._src.trace.interpreter.Val` of the equation's inputs,
+``ranks`` the ranks of its outputs, ``ctx`` identifies the enclosing loop
+bodies (a use inside a loop body is one use however often the body is walked).
+Here: elementwise ops, reductions, and the layout ops (reshape, transpose,
+broadcast, squeeze, slice, split, concatenate, pad...). Contractions live in
+:mod:`tpflax._src.trace.contractions`, control flow and calls in
+:mod:`tpflax._src.trace.control`. A primitive not in the table goes to
+:func:`tpflax._src.trace.control.call` (a body to walk into) or ends every
+chain through it.
+
+>>> [HANDLERS[k].__name__ for k in ("add", "reduce_sum", "reshape", "dot_general", "scan", "jit")]
+['elementwise', 'reduce', 'reshape', 'dot_general', 'scan', 'call']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from tpflax._src.trace import contractions, control
+from tpflax._src.trace.interpreter import Handler, Val, Walk
+
+# Ops that keep every dim in place (n-ary, equal shapes up to rank-0 operands).
+ELEMENTWISE = frozenset("""
+add sub mul div rem pow integer_pow max min neg sign floor ceil round is_finite exp exp2 log log1p
+expm1 tanh logistic sin cos tan asin acos atan sinh cosh asinh acosh atanh atan2 sqrt rsqrt cbrt
+square abs erf erfc erf_inv lgamma digamma igamma select_n clamp convert_element_type copy copy_p
+stop_gradient reduce_precision and or not xor eq ne lt le gt ge nextafter real imag conj
+shift_left shift_right_logical shift_right_arithmetic population_count clz optimization_barrier
+""".split())
+# Ops that only change the dtype or identity of a value: a parameter stays a parameter.
+VIEW = frozenset({"convert_element_type", "copy", "copy_p", "stop_gradient", "reduce_precision",
+                  "optimization_barrier"})
+REDUCE = frozenset({"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and",
+                    "reduce_or", "reduce_xor", "argmax", "argmin"})
+CUMULATIVE = frozenset({"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"})
+
+
+# -- elementwise -------------------------------------------------------------
+
+def elementwise(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    name = eqn.primitive.name
+    rank = ranks[0]
+    full = [v for v in ins if v.rank == rank and rank > 0]
+    params = [v for v in full if v.origin]
+    acts = [v for v in full if not v.origin]
+    if name in VIEW or (params and not acts):
+        # A view of parameters (a cast, a weight computed from weights) is still a parameter.
+        origin = tuple(o for v in params for o in v.origin)
+        tags = w.pointwise([v for v in full if v.tags is not None], rank, name)
+        base = full[0] if full else Val(rank)
+        return [dataclasses.replace(base, origin=origin, tags=tags,
+                                    const_of=max([v.const_of for v in params] or [0]))
+                for _ in ranks]
+    if params:
+        _note_params(w, name, params, acts)
+    tags = w.pointwise([v for v in acts if v.tags is not None], rank, name)
+    onehot = name == "eq" and any(v.iota for v in ins) and not all(v.iota for v in ins)
+    onehot = onehot or (name in VIEW and any(v.onehot for v in ins))
+    iota = all(v.iota or v.rank == 0 for v in ins) and any(v.iota for v in ins) and name in (
+        "add", "sub", "mul", "convert_element_type", "copy")
+    return [Val(r, tags=tags, onehot=onehot, iota=iota) for r in ranks]
+
+
+def _note_params(w: Walk, name: str, params: list[Val], acts: list[Val]) -> None:
+    """Parameters combined with activations: elementwise, and a bias when added to a fresh use."""
+    fresh = [v for v in acts if v.fresh is not None]
+    for p in params:
+        for path, dims in p.origin:
+            w.elementwise.add(path)
+            if name == "add" and len(fresh) == 1 and len(acts) == 1:
+                # Added straight to a contraction's output: that contraction's bias.
+                uid = fresh[0].fresh
+                align = {ld: kd for d, ld in enumerate(dims) if ld is not None
+                         for (u, kd) in fresh[0].dim_tags(d) if u == uid}
+                w.biases.setdefault(path, (uid, align))
+
+
+# -- reductions --------------------------------------------------------------
+
+def reduce(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    name = eqn.primitive.name
+    axes = tuple(eqn.params.get("axes", ()))
+    v = ins[0]
+    for a in axes:
+        w.escape(v.dim_tags(a), f"{name} reduces over it (a norm, a mean or a softmax over "
+                                "features needs the whole dim)")
+    if v.tags is None:
+        return [Val(r) for r in ranks]
+    tags = tuple(w.merge([v.tags[d]]) for d in range(v.rank) if d not in axes)
+    return [Val(ranks[0], tags=tags if any(tags) else None)]
+
+
+def variadic_reduce(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    """``lax.reduce`` with a computation of its own: operands then init values, n outputs."""
+    axes = tuple(eqn.params.get("dimensions", ()))
+    operands = ins[:len(ranks)]
+    for v in operands:
+        for a in axes:
+            w.escape(v.dim_tags(a), "reduce reduces over it")
+    tags = w.pointwise([v for v in operands if v.tags is not None], operands[0].rank, "") if operands else None
+    kept = tuple(t for d, t in enumerate(tags) if d not in axes) if tags is not None else ()
+    return [Val(r, tags=kept if any(kept) and len(kept) == r else None) for r in ranks]
+
+
+def cumulative(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    axis = eqn.params.get("axis", 0)
+    w.escape(ins[0].dim_tags(axis), f"{eqn.primitive.name} runs along it")
+    return [dataclasses.replace(ins[0], origin=(), fresh=None)]
+
+
+# -- layout ops --------------------------------------------------------------
+
+def _same_dims(w: Walk, v: Val, rank: int) -> Val:
+    return w.moved(v, list(range(v.rank)), rank)
+
+
+def transpose(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    return [w.moved(ins[0], list(eqn.params["permutation"]), ranks[0])]
+
+
+def broadcast_in_dim(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    mapping: list[int | None] = [None] * ranks[0]
+    for i, d in enumerate(eqn.params["broadcast_dimensions"]):
+        mapping[d] = i
+    return [w.moved(ins[0], mapping, ranks[0])]
+
+
+def squeeze(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    dims = set(d % max(ins[0].rank, 1) for d in eqn.params["dimensions"])
+    return [w.moved(ins[0], [d for d in range(ins[0].rank) if d not in dims], ranks[0])]
+
+
+def reshape(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    v = ins[0]
+    src = tuple(eqn.invars[0].aval.shape)
+    dst = tuple(eqn.outvars[0].aval.shape)
+    mapping: list[int | None] = [None] * len(dst)
+    limits: dict[int, int] = {}
+    for gin, gout in reshape_groups(src, dst):
+        big_in = [d for d in gin if src[d] != 1]
+        big_out = [d for d in gout if dst[d] != 1]
+        if len(big_in) == 1 and len(big_out) == 1:
+            mapping[big_out[0]] = big_in[0]
+            continue
+        if not big_in or not big_out:
+            continue
+        # Split or merge: the major input dim maps to the major output dim; a
+        # tag on any other input dim is interleaved with its neighbours.
+        mapping[big_out[0]] = big_in[0]
+        limits[big_out[0]] = dst[big_out[0]]
+        for d in big_in[1:]:
+            w.escape(v.dim_tags(d), f"a reshape {src} -> {dst} merges it as a minor dim")
+    # For a reshaped parameter the major dim of a merged group stands for the group.
+    return [w.moved(v, mapping, ranks[0], limit=limits)]
+
+
+def reshape_groups(src: Sequence[int], dst: Sequence[int]) -> list[tuple[list[int], list[int]]]:
+    """Pair runs of input and output dims with equal products (row-major reshape).
+
+    >>> reshape_groups((2, 12), (2, 3, 4))
+    [([0], [0]), ([1], [1, 2])]
+    """
+    groups = []
+    i = j = 0
+    while i < len(src) or j < len(dst):
+        gi, gj = [], []
+        pi = pj = 1
+        while True:
+            if i < len(src) and (pi <= pj or j >= len(dst)) and not (gi and gj and pi == pj):
+                gi.append(i)
+                pi *= src[i]
+                i += 1
+            elif j < len(dst) and not (gi and gj and pi == pj):
+                gj.append(j)
+                pj *= dst[j]
+                j += 1
+            else:
+                break
+            if gi and gj and pi == pj:
+                # absorb trailing size-1 dims into this group
+                while i < len(src) and src[i] == 1 and (j >= len(dst) or dst[j] != 1):
+                    gi.append(i)
+                    i += 1
+                while j < len(dst) and dst[j] == 1 and (i >= len(src) or src[i] != 1):
+                    gj.append(j)
+                    j += 1
+                break
+        groups.append((gi, gj))
+    return groups
+
+
+def slice_(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    v = ins[0]
+    src = tuple(eqn.invars[0].aval.shape)
+    dst = tuple(getattr(eqn.outvars[0].aval, "shape", ()))
+    for d in range(v.rank):
+        if src[d] != dst[d]:
+            w.escape(v.dim_tags(d), "sliced (a split of the dim needs its other shards)")
+    return [_same_dims(w, v, ranks[0])]
+
+
+def split(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    v = ins[0]
+    w.escape(v.dim_tags(eqn.params["axis"]), "split into pieces (a fused kernel sliced along its output)")
+    return [_same_dims(w, v, r) for r in ranks]
+
+
+def dynamic_slice(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    v = ins[0]
+    src = tuple(eqn.invars[0].aval.shape)
+    sizes = tuple(eqn.params["slice_sizes"])
+    for d in range(v.rank):
+        if src[d] != sizes[d]:
+            w.escape(v.dim_tags(d), "dynamically sliced")
+    return [_same_dims(w, v, ranks[0])]
+
+
+def concatenate(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    dim = eqn.params["dimension"]
+    rank = ranks[0]
+    for v in ins:
+        w.escape(v.dim_tags(dim), "concatenated with other values along it")
+    origin = tuple(o for v in ins for o in v.origin)
+    tags = w.pointwise([v for v in ins if v.tags is not None], rank, "")
+    if tags is not None:
+        tags = tuple({} if d == dim else t for d, t in enumerate(tags))
+    return [Val(rank, origin=origin, tags=tags if tags and any(tags) else None,
+                const_of=max([v.const_of for v in ins] or [0]))]
+
+
+def pad(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    v = ins[0]
+    for d, (lo, hi, inner) in enumerate(eqn.params["padding_config"]):
+        if lo or hi or inner:
+            w.escape(v.dim_tags(d), "padded")
+    return [_same_dims(w, v, ranks[0])]
+
+
+def rev(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    v = ins[0]
+    for d in eqn.params["dimensions"]:
+        w.escape(v.dim_tags(d), "reversed")
+    return [_same_dims(w, v, ranks[0])]
+
+
+def iota(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    return [Val(ranks[0], iota=True)]
+
+
+def sort(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    d = eqn.params.get("dimension", 0)
+    for v in ins:
+        w.escape(v.dim_tags(d), "sorted along it")
+    return [_same_dims(w, ins[i], r) if i < len(ins) else Val(r) for i, r in enumerate(ranks)]
+
+
+def top_k(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    v = ins[0]
+    w.escape(v.dim_tags(v.rank - 1), "top_k picks along it")
+    return [Val(r, tags=tuple(w.merge([t]) for t in v.tags[:-1]) + ({},)
+                if v.tags is not None else None) for r in ranks]
+
+
+HANDLERS: dict[str, Handler] = {
+    **{name: cumulative for name in CUMULATIVE},
+    **{name: reduce for name in REDUCE},
+    "reduce": variadic_reduce,
+    "transpose": transpose, "broadcast_in_dim": broadcast_in_dim, "squeeze": squeeze,
+    "reshape": reshape, "slice": slice_, "split": split, "dynamic_slice": dynamic_slice,
+    "concatenate": concatenate, "pad": pad, "rev": rev, "iota": iota, "sort": sort, "top_k": top_k,
+    "dot_general": contractions.dot_general, "conv_general_dilated": contractions.conv_general_dilated,
+    "gather": contractions.gather,
+    "scan": control.scan, "while": control.while_, "cond": control.cond,
+    **{name: control.call for name in control.CALLS},
+    **{name: elementwise for name in ELEMENTWISE},  # last: wins over any name above
+}
+
+
+def new_walk() -> Walk:
+    """A :class:`Walk` with the full table; primitives not in it go to :func:`control.call`."""
+    return Walk(handlers=HANDLERS, fallback=control.call)

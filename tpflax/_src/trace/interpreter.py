@@ -1,0 +1,223 @@
+"""The jaxpr walk: what is known about each value, and the loop that visits equations.
+
+A :class:`Walk` visits a jaxpr once (loop bodies to a fixed point). For every
+equation it reads what it knows about the inputs (:class:`Val`), looks the
+primitive up in its ``{primitive name: handler}`` table
+(:data:`tpflax._src.trace.handlers.HANDLERS`) and stores what the handler says
+about the outputs. The handlers record uses, edges and escapes on the walk.
+
+A *tag* is one kept parameter dim of one use: ``(use id, param dim) -> (limit,
+via)``, where ``limit`` is the gcd of the activation dim sizes along the way and
+``via`` the notable ops passed.
+
+>>> w = Walk(handlers={}, fallback=opaque)
+>>> w.merge([{(0, 1): (64, ())}, {(0, 1): (48, ("mul",))}], "tanh")
+{(0, 1): (16, ('mul', 'tanh'))}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tpflax._src.trace.records import Use
+
+TagMap = dict  # (use id, param dim) -> (limit, via)
+
+EMPTY: TagMap = {}
+
+# Names worth reporting in a reason ("through logistic, mul").
+NOTABLE = frozenset({"mul", "div", "logistic", "tanh", "exp", "erf", "erfc", "max", "min",
+                     "dot", "integer_pow", "square", "sqrt", "rsqrt", "log"})
+
+
+@dataclass(frozen=True)
+class Val:
+    """What the walk knows about one jaxpr value.
+
+    Attributes:
+        rank: the value's rank.
+        origin: ``(path, leaf dim per value dim)`` for values that are parameters
+            (or views of them, or weights computed from weights).
+        tags: per value dim, the tags it carries; None when it carries none.
+        onehot: a one-hot encoding (``iota == ids``): a matmul with it is a lookup.
+        iota: an ``iota`` (or arithmetic on one).
+        fresh: use id whose raw output this is (bias detection).
+        const_of: scan trip count when a parameter enters a loop body unchanged.
+    """
+
+    rank: int
+    origin: tuple[tuple[str, tuple[int | None, ...]], ...] = ()
+    tags: tuple[TagMap, ...] | None = None
+    onehot: bool = False
+    iota: bool = False
+    fresh: int | None = None
+    const_of: int = 0
+
+    def dim_tags(self, d: int) -> TagMap:
+        return self.tags[d] if self.tags is not None else EMPTY
+
+
+def rank_of(v: Any) -> int:
+    return len(getattr(v.aval, "shape", ()))
+
+
+Handler = Callable[["Walk", Any, list[Val], tuple, list[int]], list[Val]]
+
+
+@dataclass
+class Walk:
+    """The walk's state: the handler table and what it has recorded so far.
+
+    Attributes:
+        handlers: ``{primitive name: handler(walk, eqn, ins, ctx, out ranks)}``.
+        fallback: the handler for primitives not in the table.
+        uses, edges, escapes, outputs, recurrent, biases, elementwise, scanned,
+            n_eqns: the findings (see :class:`tpflax._src.trace.records.Dataflow`).
+    """
+
+    handlers: Mapping[str, Handler]
+    fallback: Handler
+    uses: list[Use] = field(default_factory=list)
+    use_key: dict[Any, int] = field(default_factory=dict)
+    edges: dict[tuple[int, int, int, int], tuple[int, tuple[str, ...]]] = field(default_factory=dict)
+    escapes: dict[tuple[int, int], str] = field(default_factory=dict)
+    outputs: set[tuple[int, int]] = field(default_factory=set)
+    recurrent: set[int] = field(default_factory=set)
+    biases: dict[str, tuple[int, dict[int, int]]] = field(default_factory=dict)
+    elementwise: set[str] = field(default_factory=set)
+    scanned: dict[str, int] = field(default_factory=dict)
+    n_eqns: int = 0
+
+    # -- the run loop ----------------------------------------------------
+
+    def run(self, jaxpr: Any, args: Sequence[Val], ctx: tuple = ()) -> list[Val]:
+        """Walk ``jaxpr`` on ``args``; returns what is known about its outputs."""
+        env: dict[Any, Val] = {}
+        for v, a in zip(jaxpr.invars, args, strict=True):
+            env[v] = a
+        for v in jaxpr.constvars:
+            env[v] = Val(rank_of(v))
+
+        def read(v: Any) -> Val:
+            if type(v).__name__ == "Literal":
+                return Val(rank_of(v))
+            return env.get(v) or Val(rank_of(v))
+
+        for eqn in jaxpr.eqns:
+            self.n_eqns += 1
+            outs = self.eqn(eqn, [read(v) for v in eqn.invars], ctx)
+            for v, o in zip(eqn.outvars, outs, strict=True):
+                if type(v).__name__ != "DropVar":
+                    env[v] = o
+        return [read(v) for v in jaxpr.outvars]
+
+    def eqn(self, eqn: Any, ins: list[Val], ctx: tuple) -> list[Val]:
+        ranks = [rank_of(v) for v in eqn.outvars]
+        handler = self.handlers.get(eqn.primitive.name, self.fallback)
+        try:
+            return handler(self, eqn, ins, ctx, ranks)
+        except KeyError as e:
+            # A parameter this jax version names differently: end the chains through
+            # it (the tree heuristics decide those leaves) rather than fail the plan.
+            return opaque(self, eqn, ins, ctx, ranks, why=f"unreadable parameter {e}")
+
+    # -- recording -------------------------------------------------------
+
+    def escape(self, m: TagMap, why: str) -> None:
+        for k in m:
+            self.escapes.setdefault(k, why)
+
+    def escape_all(self, val: Val, why: str) -> None:
+        if val.tags is not None:
+            for m in val.tags:
+                self.escape(m, why)
+
+    def use(self, ctx: tuple, eqn: Any, path: str, op: str, contracted, kept, batch, scan_length) -> int:
+        key = (ctx, id(eqn), path)
+        if key in self.use_key:
+            return self.use_key[key]
+        u = Use(len(self.uses), path, op, tuple(contracted), tuple(kept), tuple(batch), scan_length)
+        self.uses.append(u)
+        self.use_key[key] = u.id
+        return u.id
+
+    def edge(self, k: tuple[int, int], dst: int, dst_dim: int, limit: int, via) -> None:
+        if k[0] == dst:
+            return
+        key = (k[0], k[1], dst, dst_dim)
+        old = self.edges.get(key)
+        if old is None:
+            self.edges[key] = (limit, tuple(via))
+        else:
+            self.edges[key] = (math.gcd(old[0], limit), old[1])
+
+    # -- tags ------------------------------------------------------------
+
+    def merge(self, maps: Iterable[TagMap], op: str | None = None) -> TagMap:
+        """The union of tag maps (gcd of limits), noting ``op`` in ``via`` when notable."""
+        out: TagMap = {}
+        for m in maps:
+            for k, (limit, via) in m.items():
+                if k in self.escapes:
+                    continue  # its chain already ended: no column can come of it
+                if op and (not via or via[-1] != op) and op in NOTABLE and len(via) < 6:
+                    via = via + (op,)
+                old = out.get(k)
+                if old is None:
+                    out[k] = (limit, via)
+                else:
+                    out[k] = (math.gcd(old[0], limit), old[1] if len(old[1]) >= len(via) else via)
+        return out
+
+    def moved(self, v: Val, mapping: Sequence[int | None], rank: int, *, keep_flags=True,
+              limit: Mapping[int, int] | None = None) -> Val:
+        """``v`` with output dim ``i`` taken from input dim ``mapping[i]`` (None: new dim)."""
+        origin = tuple((p, tuple(dims[m] if m is not None else None for m in mapping))
+                       for p, dims in v.origin)
+        tags = None
+        if v.tags is not None:
+            out = []
+            for i, m in enumerate(mapping):
+                t = self.merge([v.tags[m]]) if m is not None else {}
+                if t and limit and i in limit:
+                    t = {k: (math.gcd(lim, limit[i]), via) for k, (lim, via) in t.items()}
+                out.append(t)
+            tags = tuple(out) if any(out) else None
+        return Val(rank, origin=origin, tags=tags, onehot=v.onehot and keep_flags,
+                   iota=v.iota and keep_flags, fresh=v.fresh, const_of=v.const_of)
+
+    def pointwise(self, vals: list[Val], rank: int, name: str):
+        """Per-dim merged tags of same-rank values combined elementwise, or None."""
+        if not vals:
+            return None
+        tags = tuple(self.merge((v.tags[d] for v in vals), name) for d in range(rank))
+        return tags if any(tags) else None
+
+    def join(self, a: Val, b: Val) -> Val:
+        """What is known about a value that is ``a`` or ``b`` (loop carries, cond branches)."""
+        if a.tags is None and b.tags is None:
+            return dataclasses.replace(a, fresh=None)
+        rank = a.rank
+        tags = tuple(self.merge([a.dim_tags(d), b.dim_tags(d)]) for d in range(rank))
+        return Val(rank, origin=a.origin, tags=tags if any(tags) else None)
+
+
+def opaque(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int], *,
+           why: str = "") -> list[Val]:
+    """An op tpflax does not follow: every tag through it ends, parameters count as elementwise."""
+    name = eqn.primitive.name
+    for v in ins:
+        w.escape_all(v, f"passed to {name}" + (f" ({why})" if why else ""))
+        for path, _ in v.origin:
+            w.elementwise.add(path)
+    return [Val(r) for r in ranks]
+
+
+def same_tags(a: Val, b: Val) -> bool:
+    ta = [set(m) for m in a.tags] if a.tags is not None else []
+    tb = [set(m) for m in b.tags] if b.tags is not None else []
+    return ta == tb

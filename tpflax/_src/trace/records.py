@@ -1,0 +1,94 @@
+"""What the trace finds, as immutable records: :class:`Use`, :class:`Edge`, :class:`Dataflow`.
+
+The planner's dataflow rules (``tpflax._src.planner.dataflow_rules``) read these;
+nothing here knows how they were found.
+
+>>> u = Use(id=0, path="params/a/kernel", op="dot", contracted=(0,), kept=(1,))
+>>> Edge("params/a/kernel", u.id, 1, "params/b/kernel", 1, 0, limit=32).limit
+32
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Use:
+    """One contraction or lookup of a parameter in the forward pass.
+
+    Attributes:
+        id: index in :attr:`Dataflow.uses`.
+        path: the parameter's path (as in ``Plan.decisions``).
+        op: ``dot``, ``conv``, ``gather`` (embedding lookup) or ``onehot``
+            (one-hot matmul lookup).
+        contracted: parameter dims summed over (for lookups: the indexed dims).
+        kept: parameter dims that survive into the output.
+        batch: parameter dims that are ``dot_general`` batch dims (experts).
+        scan_length: trip count when the parameter enters a ``scan``/``while``
+            body unchanged at every step (a cell's kernel), else 0.
+    """
+
+    id: int
+    path: str
+    op: str
+    contracted: tuple[int, ...]
+    kept: tuple[int, ...]
+    batch: tuple[int, ...] = ()
+    scan_length: int = 0
+
+
+@dataclass(frozen=True)
+class Edge:
+    """A tagged activation dim produced by one use and summed by another.
+
+    Attributes:
+        src, dst: parameter paths of the producing and consuming use.
+        src_use, dst_use: their :class:`Use` ids.
+        src_dim, dst_dim: parameter dims on both sides.
+        limit: gcd of the activation dim sizes along the way; a split of the
+            producer's dim over ``n`` devices stays local only when ``n`` divides it.
+        via: the ops passed on the way (``("logistic", "mul")`` for SwiGLU).
+    """
+
+    src: str
+    src_use: int
+    src_dim: int
+    dst: str
+    dst_use: int
+    dst_dim: int
+    limit: int
+    via: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Dataflow:
+    """What tracing a model's forward pass found.
+
+    Attributes:
+        paths: every parameter path, in tree order.
+        uses: contractions and lookups of parameters, in program order.
+        edges: producer -> consumer links along summed dims.
+        escapes: ``{(use id, param dim): why}`` for kept dims whose activation is
+            reduced, sliced or mixed before any parameter contraction sums it.
+        outputs: ``(use id, param dim)`` whose activation dim reaches the model output.
+        recurrent: use ids whose output returns to the carry of the scan that
+            applies them at every step (recurrent cells).
+        biases: ``{path: (use id, {param dim: kept param dim of the use})}`` for
+            parameters added straight to a use's output.
+        elementwise: paths combined elementwise with activations (norm scales...).
+        scanned: ``{path: leaf dim}`` for parameters sliced by a ``scan`` (``nn.scan`` stacks).
+        n_eqns: equations visited (sub-jaxprs included).
+    """
+
+    paths: tuple[str, ...]
+    uses: tuple[Use, ...]
+    edges: tuple[Edge, ...]
+    escapes: Mapping[tuple[int, int], str]
+    outputs: frozenset[tuple[int, int]]
+    recurrent: frozenset[int]
+    biases: Mapping[str, tuple[int, Mapping[int, int]]]
+    elementwise: frozenset[str]
+    scanned: Mapping[str, int]
+    n_eqns: int = 0
