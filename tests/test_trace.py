@@ -254,7 +254,7 @@ def test_experts_on_an_expert_axis_and_fsdp_on_traced_leaves():
     assert wi.spec == P("expert", "fsdp", "model") and wo.spec == P("expert", "model", "fsdp")
     assert "experts" in wi.reason and "traced" in wi.reason
     up = p.decisions["params/layers_0/attn/query/kernel"]
-    assert up.source == "trace" and "fsdp" in up.strategy
+    assert up.source == "trace" and up.fsdp
 
 
 def test_nnx_module_and_zoo_default_sample():
