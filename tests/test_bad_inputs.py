@@ -27,9 +27,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import tpflax
-from tpflax.cli import main
 from tpflax._src.cost.estimate import EstimateError
 from tpflax._src.loading import load_model
+from tpflax.cli import main
 
 S = jax.ShapeDtypeStruct
 

@@ -186,10 +186,11 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
         # only the CPU backend honours this, and only before jax starts; on real
         # accelerators the mesh uses the devices that are there
         emulate_cpu_devices(need)
-    from tpflax._src.dryrun import dry_run, make_train_step
     from tpflax._src.cost.estimate import estimate
+    from tpflax._src.dryrun import dry_run
     from tpflax._src.mesh import make_mesh
     from tpflax._src.report import report
+    from tpflax._src.step import make_train_step
 
     loaded, p = plan_from_args(args)
     if loaded.model is None:
