@@ -68,6 +68,7 @@ CASES = [pytest.param(n, tuple(s.items()), id=f"{n}-{','.join(f'{k}={v}' for k, 
          for n in MODELS for s in MESHES]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, mesh_key", CASES)
 def test_estimate_matches_compiled_program(name, mesh_key):
     p, est, dr = case(name, mesh_key)
@@ -78,6 +79,7 @@ def test_estimate_matches_compiled_program(name, mesh_key):
     assert abs(cmp.comm_error) <= COMM_BOUND, "\n".join(cmp.report_lines())
 
 
+@pytest.mark.slow
 def test_moe_with_whole_heads_matches():
     m, variables, acts = _acts("moe")
     p = tpflax.plan(variables, {"model": 8}, fsdp_min_bytes=1024,
