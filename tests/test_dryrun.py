@@ -19,10 +19,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import tpflax
-from tpflax import cli, zoo
-from tpflax._src.cost.estimate import estimate, trace_activations
-from tpflax._src.dryrun import DryRun, dry_run
-from tpflax._src.step import make_train_step
+from tpflax import DryRun, cli, dry_run, estimate, make_train_step, trace_activations, zoo
 
 MESHES = ({"model": 8}, {"data": 2, "model": 4}, {"fsdp": 4, "model": 2})
 MODELS = ("mlp", "cnn", "gpt2", "llama", "llama-scan", "moe", "vit", "lstm", "gru", "nnx-mlp")

@@ -23,7 +23,17 @@ from tpflax._src.errors import CompileError
 from tpflax._src.hlo import Collective, parse_collectives, summarize
 from tpflax._src.model import abstract
 from tpflax._src.specs import entry_axes
-from tpflax._src.step import TrainStep, batch_shardings, named_shardings, with_shardings
+from tpflax._src.step import (
+    TrainStep,
+    batch_shardings,
+    make_train_step,
+    named_shardings,
+    with_shardings,
+)
+
+# make_train_step moved to tpflax._src.step; re-exported until suggest/search.py and
+# benchmarks/estimate_accuracy.py import it from there (or from tpflax).
+__all__ = ["Comparison", "DryRun", "Row", "dry_run", "make_train_step"]
 
 MEMORY_KEYS = ("argument", "output", "temp", "alias", "generated_code")
 
