@@ -27,9 +27,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import tpflax
-from tpflax.cli import main
 from tpflax._src.cost.estimate import EstimateError
 from tpflax._src.loading import load_model
+from tpflax.cli import main
 
 S = jax.ShapeDtypeStruct
 
@@ -419,9 +419,9 @@ CLI = [
     Cli("--act-dtype unknown", ("estimate", "gpt2", "--mesh", "model=2", "--act-dtype", "float99"), 2,
         ("act_dtype='float99'",)),
     Cli("--trace on a bare tree", ("plan", "test_bad_inputs:bare_tree", "--mesh", "model=2", "--trace"), 2,
-        ("--trace needs a model", "tpflax.zoo.ZooModel")),
+        ("--trace needs a model", "(fn, variables, *sample)")),
     Cli("dry-run of a bare tree", ("dry-run", "test_bad_inputs:bare_tree", "--mesh", "model=2"), 2,
-        ("dry-run needs a model", "tpflax.zoo.ZooModel")),
+        ("dry-run needs a model", "(linen_module, *sample)")),
     Cli("--json with a bad input", ("plan", "gpt2", "--mesh", "model=0", "--json"), 2, ("size 0",)),
 ]
 

@@ -71,3 +71,81 @@ def test_console_script_help_and_devices():
                         "--devices", "8", "--no-reasons"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "bound to" in r.stdout and "8 cpu devices" in r.stdout
+
+
+USERPKG = '''
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+S = jax.ShapeDtypeStruct
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        h = nn.Embed(64, 32, name="tok")(ids)
+        h = h + nn.Dense(32, name="b")(nn.relu(nn.Dense(128, name="a")(h)))
+        return nn.Dense(64, name="out")(h)
+
+
+def make_linen():
+    return Block(), S((8, 16), jnp.int32)
+
+
+def apply_fn(variables, ids):
+    h = variables["wte"][ids]
+    return (h + jnp.tanh(h @ variables["w_in"]) @ variables["w_out"]) @ variables["wte"].T
+
+
+def make_fn():
+    variables = {"wte": S((64, 32), jnp.float32), "w_in": S((32, 128), jnp.float32),
+                 "w_out": S((128, 32), jnp.float32)}
+    return apply_fn, variables, S((8, 16), jnp.int32)
+
+
+def make_half():
+    return (apply_fn,)
+'''
+
+
+@pytest.fixture
+def userpkg(tmp_path, monkeypatch):
+    (tmp_path / "userpkg_any.py").write_text(USERPKG)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "userpkg_any"
+
+
+@pytest.mark.parametrize("factory", ["make_linen", "make_fn"])
+def test_trace_accepts_a_user_model(userpkg, factory, capsys):
+    assert main(["plan", f"{userpkg}:{factory}", "--mesh", "model=4", "--trace", "--json"]) == 0
+    d = {x["path"]: x for x in json.loads(capsys.readouterr().out)["decisions"]}
+    up, down = ("params/a/kernel", "params/b/kernel") if factory == "make_linen" else ("w_in", "w_out")
+    assert d[up]["spec"] == [None, "model"] and d[down]["spec"] == ["model", None]
+    assert d[up]["source"] == "trace"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("factory", ["make_linen", "make_fn"])
+def test_dry_run_accepts_a_user_model(userpkg, factory, capsys):
+    assert main(["dry-run", f"{userpkg}:{factory}", "--mesh", "data=2,model=4", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["dry_run"]["memory"]["argument"] > 0
+    assert main(["dry-run", f"{userpkg}:{factory}", "--mesh", "data=2,model=4", "--batch", "4x9"]) == 2
+    assert "give only the batch size" in capsys.readouterr().err
+
+
+def test_user_model_mistakes_are_named(userpkg, capsys):
+    assert main(["plan", f"{userpkg}:make_half", "--mesh", "model=4"]) == 2
+    assert "return (fn, variables, *sample)" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    import tpflax
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"tpflax {tpflax.__version__}"
+    r = subprocess.run([sys.executable, "-m", "tpflax.cli", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == f"tpflax {tpflax.__version__}"

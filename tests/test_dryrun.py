@@ -19,9 +19,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import tpflax
-from tpflax import cli, zoo
-from tpflax._src.dryrun import DryRun, dry_run, make_train_step
-from tpflax._src.cost.estimate import estimate, trace_activations
+from tpflax import DryRun, cli, dry_run, estimate, make_train_step, trace_activations, zoo
 
 MESHES = ({"model": 8}, {"data": 2, "model": 4}, {"fsdp": 4, "model": 2})
 MODELS = ("mlp", "cnn", "gpt2", "llama", "llama-scan", "moe", "vit", "lstm", "gru", "nnx-mlp")
@@ -67,6 +65,7 @@ CASES = [pytest.param(n, tuple(s.items()), id=f"{n}-{','.join(f'{k}={v}' for k, 
          for n in MODELS for s in MESHES]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, mesh_key", CASES)
 def test_estimate_matches_compiled_program(name, mesh_key):
     p, est, dr = case(name, mesh_key)
@@ -77,6 +76,7 @@ def test_estimate_matches_compiled_program(name, mesh_key):
     assert abs(cmp.comm_error) <= COMM_BOUND, "\n".join(cmp.report_lines())
 
 
+@pytest.mark.slow
 def test_moe_with_whole_heads_matches():
     m, variables, acts = _acts("moe")
     p = tpflax.plan(variables, {"model": 8}, fsdp_min_bytes=1024,

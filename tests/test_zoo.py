@@ -104,6 +104,7 @@ def test_aliases_are_real_family_sizes():
     assert zoo.get("llama-2-7b-scan").config.scan_layers
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TINY)
 def test_tiny_forward_grad_deterministic(name):
     m = zoo.get(name)

@@ -24,8 +24,14 @@ from tpflax._src.apply.place import (
                      train_state_shardings,
                      unshard,
 )
-from tpflax._src.checkpoint import checkpoint_tree, convert_checkpoint, restore_checkpoint, save_checkpoint
-from tpflax._src.dryrun import DryRun, TrainStep, dry_run, make_train_step
+from tpflax._src.checkpoint import (
+                     checkpoint_tree,
+                     convert_checkpoint,
+                     restore_checkpoint,
+                     save_checkpoint,
+)
+from tpflax._src.cost.estimate import Estimate, estimate, trace_activations
+from tpflax._src.dryrun import DryRun, dry_run
 from tpflax._src.errors import (
                      CheckpointError,
                      CompileError,
@@ -45,12 +51,19 @@ from tpflax._src.errors import (
                      TraceError,
                      TreeError,
 )
-from tpflax._src.cost.estimate import Estimate, estimate, trace_activations
 from tpflax._src.hardware import Hardware
 from tpflax._src.mesh import MeshShape, abstract_mesh, make_mesh, mesh_shape
 from tpflax._src.planner.plan import Decision, Pair, Plan, default_logical_rules, plan
 from tpflax._src.report import fmt_bytes, report
-from tpflax._src.suggest.search import Candidate, Degree, Suggestion, Verification, suggest_mesh, verify_suggestion
+from tpflax._src.step import TrainStep, make_train_step
+from tpflax._src.suggest.search import (
+                     Candidate,
+                     Degree,
+                     Suggestion,
+                     Verification,
+                     suggest_mesh,
+                     verify_suggestion,
+)
 from tpflax._src.trace.dataflow import Dataflow, dataflow
 
 __version__ = "0.1.0"

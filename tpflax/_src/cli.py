@@ -89,16 +89,22 @@ def plan_from_args(args: argparse.Namespace):
     from tpflax._src.planner.plan import plan
 
     loaded = load_model(args.model, size=args.size)
-    model = None
+    traced = {}
     if getattr(args, "trace", False):
-        if loaded.model is None:
-            raise UsageError(f"--trace needs a model to trace: {args.model!r} gave only a variable tree; use a "
-                             "zoo name or a factory returning a tpflax.zoo.ZooModel")
-        model = loaded.model
+        need_model(loaded, "--trace needs a model to trace")
+        traced = {"model": loaded.model, "sample": loaded.sample}
     p = plan(loaded.variables, args.mesh, rules=[parse_rule(r) for r in args.rule],
              axis_roles=parse_roles(args.axis_role) or None, fsdp_min_bytes=args.fsdp_min_bytes,
-             min_channels=args.min_channels, model=model)
+             min_channels=args.min_channels, **traced)
     return loaded, p
+
+
+def need_model(loaded, what: str) -> None:
+    """A UsageError when ``loaded`` is a bare variable tree."""
+    if loaded.model is None:
+        raise UsageError(f"{what}: {loaded.name!r} gave only a variable tree; use a zoo name or a factory "
+                         "returning a zoo model, (linen_module, *sample), (nnx_module, *sample) or "
+                         "(fn, variables, *sample)")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -140,23 +146,44 @@ def optimizer_from_name(name: str, lr: float = 1e-3):
 
 
 def _estimate_inputs(args: argparse.Namespace, loaded):
-    """(abstract batch or batch spec, global batch size) from --batch."""
+    """(abstract batch, sample or batch spec; global batch size) from --batch.
+
+    A zoo model gets its own batch; a user model its sample with the leading dim
+    set to N; a bare tree the spec string.
+    """
     import jax
 
+    from tpflax._src.model import as_model
+
+    if args.batch is None and loaded.sample is not None:
+        return loaded.sample, int(loaded.sample[0].shape[0])
     try:
-        dims = [int(x) for x in str(args.batch).lower().split("x")]
+        dims = [int(x) for x in str(args.batch or 8).lower().split("x")]
     except ValueError:
         raise UsageError(f"--batch {args.batch!r} must be N or NxM..., e.g. 32 or 32x1024") from None
     if not dims or any(d < 1 for d in dims):
         raise UsageError(f"--batch {args.batch!r} must hold positive sizes")
     model = loaded.model
-    if model is None:
+    if loaded.sample is None and _zoo(loaded) is None:
         return "x".join(map(str, dims)), dims[0]
+    if loaded.sample is not None:
+        if len(dims) > 1:
+            raise UsageError(f"--batch {args.batch!r}: for {args.model} give only the batch size N; the "
+                             "other dims come from the model's sample inputs")
+        sample = as_model(model, loaded.sample, loaded.variables).with_batch(dims[0]).sample
+        return sample, dims[0]
     seq = getattr(model.config, "seq_len", None)
     if len(dims) > 1 and seq is not None and dims[1] != seq:
         raise UsageError(f"{args.model} has seq_len {seq}; pass --batch {dims[0]}x{seq} or just --batch "
                          f"{dims[0]} (zoo configs fix the sequence length)")
     return jax.eval_shape(lambda: model.make_batch(0, dims[0])), dims[0]
+
+
+def _zoo(loaded):
+    """The model estimate() can read activations from: a zoo model (others: from the batch alone)."""
+    from tpflax._src.model import is_zoo
+
+    return loaded.model if is_zoo(loaded.model) else None
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
@@ -165,7 +192,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
     loaded, p = plan_from_args(args)
     batch, _ = _estimate_inputs(args, loaded)
-    est = estimate(p, optimizer_from_name(args.optimizer), batch, model=loaded.model, remat=args.remat,
+    est = estimate(p, optimizer_from_name(args.optimizer), batch, model=_zoo(loaded), remat=args.remat,
                    backend=args.backend, act_dtype=args.act_dtype, grad_dtype=args.grad_dtype,
                    optimizer_name=args.optimizer)
     if args.json:
@@ -186,22 +213,23 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
         # only the CPU backend honours this, and only before jax starts; on real
         # accelerators the mesh uses the devices that are there
         emulate_cpu_devices(need)
-    from tpflax._src.dryrun import dry_run, make_train_step
     from tpflax._src.cost.estimate import estimate
+    from tpflax._src.dryrun import dry_run
     from tpflax._src.mesh import make_mesh
     from tpflax._src.report import report
+    from tpflax._src.step import make_train_step
 
     loaded, p = plan_from_args(args)
-    if loaded.model is None:
-        raise UsageError(f"dry-run needs a model with a loss to build the train step: {args.model!r} gave "
-                         "only a variable tree; use a zoo name or a factory returning a tpflax.zoo.ZooModel")
+    need_model(loaded, "dry-run needs a model to build the train step")
     batch, size = _estimate_inputs(args, loaded)
     mesh = make_mesh(p.mesh)
     opt = optimizer_from_name(args.optimizer)
-    ts = make_train_step(loaded.model, p, mesh, opt, batch, gather_fsdp=not args.no_gather_fsdp)
+    step_batch = {"batch": batch} if loaded.sample is None else {"sample": batch}
+    ts = make_train_step(loaded.model, p, mesh, opt, variables=loaded.variables,
+                         gather_fsdp=not args.no_gather_fsdp, **step_batch)
     dr = dry_run(ts, p, mesh, progress=not args.json)
     backend = args.backend or mesh.devices.flat[0].platform
-    est = estimate(p, opt, batch, model=loaded.model, remat=args.remat,
+    est = estimate(p, opt, batch, model=_zoo(loaded), remat=args.remat,
                    backend=backend if backend in ("tpu", "gpu", "cpu") else "tpu",
                    optimizer_name=args.optimizer)
     if args.json:
@@ -218,8 +246,9 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
 
 def _add_estimate_args(p: argparse.ArgumentParser, *, dry: bool) -> None:
     p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="optax optimizer (default adamw)")
-    p.add_argument("--batch", default="8" if dry else "32",
-                   help="global batch: N, or NxSEQ / NxFEATURES (default %(default)s)")
+    p.add_argument("--batch", default=None if dry else "32",
+                   help="global batch: N, or NxSEQ / NxFEATURES (default: "
+                        + ("8, or a factory model's own sample)" if dry else "32)"))
     p.add_argument("--remat", action="store_true", help="activations are rematerialised")
     p.add_argument("--backend", choices=["tpu", "gpu", "cpu"], default=None if dry else "tpu",
                    help="how XLA lowers fsdp gradient reduction (default: "
@@ -253,7 +282,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     if args.batch is None:
         args.batch = str(args.world)
     batch, _ = _estimate_inputs(args, loaded)
-    s = suggest_mesh(loaded.model if loaded.model is not None else loaded.variables, args.world,
+    s = suggest_mesh(_zoo(loaded) or loaded.variables, args.world,
                      args.device_memory, args.hardware, optimizer=optimizer_from_name(args.optimizer),
                      batch=batch, config=getattr(loaded.model, "config", None), trace=args.trace,
                      remat=args.remat, optimizer_name=args.optimizer, ici_bandwidth=args.ici_bandwidth,
@@ -276,10 +305,17 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from tpflax import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tpflax", description="Plan and apply tensor-parallel / FSDP sharding for Flax models.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"tpflax {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plan", help="plan a PartitionSpec for every parameter, with reasons",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -18,30 +18,24 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tpflax._src.errors import CompileError, PlanMismatchError, SpecError
 from tpflax._src.cost.estimate import Estimate, opt_state_specs, split_params
+from tpflax._src.errors import CompileError
 from tpflax._src.hlo import Collective, parse_collectives, summarize
-from tpflax._src.mesh import DATA, FSDP
+from tpflax._src.model import abstract
+from tpflax._src.specs import entry_axes
+from tpflax._src.step import (
+    TrainStep,
+    batch_shardings,
+    make_train_step,
+    named_shardings,
+    with_shardings,
+)
+
+# make_train_step moved to tpflax._src.step; re-exported until suggest/search.py and
+# benchmarks/estimate_accuracy.py import it from there (or from tpflax).
+__all__ = ["Comparison", "DryRun", "Row", "dry_run", "make_train_step"]
 
 MEMORY_KEYS = ("argument", "output", "temp", "alias", "generated_code")
-
-
-@dataclass(frozen=True)
-class TrainStep:
-    """A step function with abstract, sharded example arguments, ready for :func:`dry_run`.
-
-    Attributes:
-        fn: ``(variables, opt_state, batch) -> (variables, opt_state, loss)``.
-        args: ``(variables, opt_state, batch)`` as ``ShapeDtypeStruct`` trees with shardings.
-        in_shardings, out_shardings: NamedSharding trees for ``jax.jit``.
-        donate_argnums: arguments whose buffers the outputs reuse.
-    """
-
-    fn: Callable[..., Any]
-    args: tuple[Any, ...]
-    in_shardings: Any
-    out_shardings: Any
-    donate_argnums: tuple[int, ...] = (0, 1)
 
 
 @dataclass(frozen=True)
@@ -94,15 +88,14 @@ class DryRun:
                          est.per_device.params + est.per_device.model_state + est.per_device.opt_state,
                          mem.get("output")))
         rows.append(_row("memory", "temp (grads+activations, XLA's buffers)",
-                         est.per_device.grads + est.per_device.activations, mem.get("temp"), bound=False))
+                         est.per_device.grads + est.per_device.activations, mem.get("temp")))
         got = self.comm()
         keys = sorted({(k, a) for k, v in est.comm.items() for a in v} | {(k, a) for k, v in got.items()
                                                                           for a in v})
         for kind, axis in keys:
             rows.append(_row("comm", f"{kind} over {axis}", est.comm.get(kind, {}).get(axis, 0.0),
-                             got.get(kind, {}).get(axis, 0.0), bound=False, reported=True))
-        rows.append(_row("comm", "total collective bytes per step", est.comm_total, self.comm_total,
-                         reported=True))
+                             got.get(kind, {}).get(axis, 0.0)))
+        rows.append(_row("comm", "total collective bytes per step", est.comm_total, self.comm_total))
         return Comparison(tuple(rows), self.warnings)
 
     def report_lines(self) -> list[str]:
@@ -135,18 +128,13 @@ class Row:
     estimated: float
     compiled: float | None
     rel_error: float | None
-    bounded: bool
 
 
-def _row(section: str, name: str, est: float, got: float | None, *, bound: bool = True,
-         reported: bool = False) -> Row:
+def _row(section: str, name: str, est: float, got: float | None) -> Row:
     if got is None:
-        return Row(section, name, float(est), None, None, bound)
-    if got == 0:
-        rel = 0.0 if est == 0 else (math.inf if not reported else math.inf)
-    else:
-        rel = (est - got) / got
-    return Row(section, name, float(est), float(got), rel, bound)
+        return Row(section, name, float(est), None, None)
+    rel = (0.0 if est == 0 else math.inf) if got == 0 else (est - got) / got
+    return Row(section, name, float(est), float(got), rel)
 
 
 @dataclass(frozen=True)
@@ -193,170 +181,6 @@ class Comparison:
         return {"rows": [{"section": r.section, "name": r.name, "estimated": r.estimated,
                           "compiled": r.compiled, "rel_error": r.rel_error} for r in self.rows],
                 "warnings": list(self.warnings)}
-
-
-# ---------------------------------------------------------------------------
-# shardings for a step's arguments
-
-def batch_axes(plan) -> tuple[str, ...]:
-    """Mesh axes the batch dim is split over: every data and fsdp axis larger than 1."""
-    roles = dict(plan.mesh.roles)
-    return tuple(a for a in plan.mesh.names if roles[a] in (DATA, FSDP) and plan.mesh.sizes[a] > 1)
-
-
-def _batch_shardings(plan, mesh, batch: Any) -> Any:
-    """NamedShardings splitting dim 0 of every batch leaf over the batch axes.
-
-    Raises:
-        SpecError: a leaf's batch dim does not divide the batch axes (before compiling).
-    """
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    axes = batch_axes(plan)
-    n = math.prod(plan.mesh.sizes[a] for a in axes)
-    problems = []
-    flat, treedef = jax.tree_util.tree_flatten_with_path(batch)
-    out = []
-    for path, leaf in flat:
-        shape = tuple(getattr(leaf, "shape", ()))
-        name = jax.tree_util.keystr(path, simple=True, separator="/") or "batch"
-        if not axes or not shape:
-            out.append(NamedSharding(mesh, PartitionSpec()))
-            continue
-        if shape[0] % n:
-            problems.append(f"batch leaf {name} shape {shape}: dim 0 ({shape[0]}) is not divisible by "
-                            f"{'*'.join(f'{a}={plan.mesh.sizes[a]}' for a in axes)} = {n}; use a global "
-                            f"batch that is a multiple of {n}")
-            out.append(None)
-            continue
-        out.append(NamedSharding(mesh, PartitionSpec(axes if len(axes) > 1 else axes[0])))
-    if problems:
-        raise SpecError("the batch does not divide over the mesh's batch axes", problems)
-    return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def _named(mesh, specs: Any) -> Any:
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
-                                  is_leaf=lambda x: isinstance(x, PartitionSpec))
-
-
-def _with_shardings(tree: Any, shardings: Any) -> Any:
-    """``tree``'s leaves as ShapeDtypeStructs carrying the matching sharding.
-
-    Leaves are matched in order, so a sharding may stand where ``tree`` has a
-    one-leaf node (an ``nnx.Param`` holding its value).
-    """
-    import jax
-    from jax.sharding import Sharding
-
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    sh = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, Sharding))
-    if len(sh) != len(leaves):
-        raise PlanMismatchError(f"{len(sh)} shardings for a tree of {len(leaves)} leaves; build the "
-                                "shardings from the same tree (plan.specs_for(tree))")
-    return jax.tree_util.tree_unflatten(treedef, [
-        jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) for x, s in zip(leaves, sh, strict=True)])
-
-
-def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: int | Any = 8, *,
-               variables: Any = None, gather_fsdp: bool = True) -> TrainStep:
-    """A standard training step for a zoo model: forward, backward, optax update.
-
-    Args:
-        model: a :class:`tpflax.zoo.ZooModel` (linen or nnx).
-        plan: a plan for ``model.abstract_variables()``.
-        mesh: a ``jax.sharding.Mesh`` matching the plan.
-        optimizer: an ``optax.GradientTransformation``.
-        batch: the global batch size, or an abstract batch ``{"x": ..., "y": ...}``.
-        variables: abstract variables (default: ``model.abstract_variables()``).
-        gather_fsdp: implement fsdp as ZeRO-3: inside the step, constrain the
-            parameters to their specs without the fsdp axes, so XLA all-gathers
-            them for compute (and reduces the gradients back to the shards).
-            Without it GSPMD may instead keep weights in place and move
-            activations, which is not what an fsdp plan means.
-
-    Returns:
-        A :class:`TrainStep`; ``dry_run(ts.fn, plan, mesh, ts.args)`` compiles it.
-
-    >>> import optax, tpflax
-    >>> from tpflax import zoo
-    >>> m = zoo.get("mlp")
-    >>> p = tpflax.plan(m.abstract_variables(), {"model": 1})
-    >>> ts = make_train_step(m, p, tpflax.make_mesh({"model": 1}), optax.sgd(0.1), 4)
-    >>> ts.args[2]["x"].shape
-    (4, 32)
-    """
-    import jax
-    import optax
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from tpflax._src.apply.place import check_mesh
-
-    check_mesh(plan, mesh)
-    if variables is None:
-        variables = model.abstract_variables()
-    abstract_batch = jax.eval_shape(lambda: model.make_batch(0, batch)) if isinstance(batch, int) else batch
-    params, _ = split_params(plan, variables)
-    opt_state, opt_specs = opt_state_specs(plan, optimizer, params)
-    try:
-        var_specs = plan.specs_for(variables)
-    except PlanMismatchError:
-        raise
-    var_sh = _named(mesh, var_specs)
-    opt_sh = _named(mesh, opt_specs)
-    batch_sh = _batch_shardings(plan, mesh, abstract_batch)
-    loss_sh = NamedSharding(mesh, PartitionSpec())
-    gather = _fsdp_gather(plan, mesh, split_params(plan, var_specs)[0]) if gather_fsdp else None
-
-    def step(variables, opt_state, batch):
-        params, merge = split_params(plan, variables)
-
-        def loss_fn(p):
-            if gather is not None:
-                p = gather(p)
-            return model.loss(merge(variables, p), batch)
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return merge(variables, optax.apply_updates(params, updates)), opt_state, loss
-
-    args = (_with_shardings(variables, var_sh), _with_shardings(opt_state, opt_sh),
-            _with_shardings(abstract_batch, batch_sh))
-    return TrainStep(step, args, (var_sh, opt_sh, batch_sh), (var_sh, opt_sh, loss_sh))
-
-
-def _fsdp_gather(plan, mesh, param_specs: Any) -> Callable[[Any], Any] | None:
-    """``params -> params`` constrained to their specs without fsdp axes, or None."""
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    roles = dict(plan.mesh.roles)
-    fsdp = {a for a, r in roles.items() if r == FSDP}
-    if not any(plan.mesh.sizes[a] > 1 for a in fsdp):
-        return None
-
-    def drop(spec):
-        out = []
-        for e in tuple(spec):
-            axes = () if e is None else ((e,) if isinstance(e, str) else tuple(e))
-            kept = tuple(a for a in axes if a not in fsdp)
-            out.append(None if not kept else (kept[0] if len(kept) == 1 else kept))
-        return NamedSharding(mesh, PartitionSpec(*out))
-
-    compute = jax.tree_util.tree_map(drop, param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
-
-    targets = jax.tree_util.tree_leaves(compute, is_leaf=lambda x: isinstance(x, NamedSharding))
-
-    def gather(params):
-        leaves, treedef = jax.tree_util.tree_flatten(params)  # nnx Params hold one leaf each
-        return jax.tree_util.tree_unflatten(treedef, [
-            jax.lax.with_sharding_constraint(x, s) for x, s in zip(leaves, targets, strict=True)])
-
-    return gather
 
 
 # ---------------------------------------------------------------------------
@@ -428,7 +252,7 @@ def dry_run(step: Callable[..., Any] | TrainStep, plan, mesh: Any, example_args:
     >>> m = zoo.get("mlp")
     >>> p = tpflax.plan(m.abstract_variables(), {"model": 1})
     >>> mesh = tpflax.make_mesh({"model": 1})
-    >>> dr = dry_run(make_train_step(m, p, mesh, optax.sgd(0.1), 4), p, mesh)
+    >>> dr = dry_run(tpflax.make_train_step(m, p, mesh, optax.sgd(0.1), 4), p, mesh)
     >>> dr.memory["argument"] > 0
     True
     """
@@ -451,7 +275,7 @@ def dry_run(step: Callable[..., Any] | TrainStep, plan, mesh: Any, example_args:
         in_sh = derived if in_shardings is None else in_shardings
         out_sh = out_shardings
         donate = tuple(donate_argnums or ())
-    abstract = tuple(_with_shardings(jax.tree_util.tree_map(_abstract_leaf, a), s)
+    sharded = tuple(with_shardings(jax.tree_util.tree_map(abstract, a), s)
                      for a, s in zip(args, in_sh, strict=True))
     jit_kwargs: dict[str, Any] = {"in_shardings": in_sh, "donate_argnums": donate}
     if out_sh is not None:
@@ -459,12 +283,12 @@ def dry_run(step: Callable[..., Any] | TrainStep, plan, mesh: Any, example_args:
     bar = _Progress(progress, f"dry run on mesh {plan.mesh}")
     t0 = time.perf_counter()
     try:
-        lowered = jax.jit(fn, **jit_kwargs).lower(*abstract)
+        lowered = jax.jit(fn, **jit_kwargs).lower(*sharded)
         bar.step("compiling with XLA")
         compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - reported as one CompileError naming the leaves
         bar.done("failed")
-        raise _compile_error(plan, abstract, e) from e
+        raise _compile_error(plan, sharded, e) from e
     seconds = time.perf_counter() - t0
     bar.done("compiled")
     warnings: list[str] = []
@@ -477,12 +301,6 @@ def dry_run(step: Callable[..., Any] | TrainStep, plan, mesh: Any, example_args:
     return DryRun(memory=memory, collectives=collectives, flops=flops, compile_seconds=seconds,
                   mesh=plan.mesh, warnings=tuple(warnings), platform=mesh.devices.flat[0].platform,
                   hlo_text=text if keep_hlo else "")
-
-
-def _abstract_leaf(x: Any) -> Any:
-    import jax
-
-    return jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") and hasattr(x, "dtype") else x
 
 
 def _shard_args(plan, mesh, args: tuple[Any, ...], optimizer: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
@@ -498,7 +316,7 @@ def _shard_args(plan, mesh, args: tuple[Any, ...], optimizer: Any) -> tuple[tupl
             specs = None
         if specs is not None:
             params_tree = a
-            shardings.append(_named(mesh, specs))
+            shardings.append(named_shardings(mesh, specs))
             continue
         leaves = jax.tree_util.tree_leaves(a)
         if leaves and all(isinstance(getattr(x, "sharding", None), NamedSharding) for x in leaves):
@@ -506,11 +324,11 @@ def _shard_args(plan, mesh, args: tuple[Any, ...], optimizer: Any) -> tuple[tupl
             continue
         if optimizer is not None and params_tree is not None:
             params, _ = split_params(plan, params_tree)
-            state, ospecs = opt_state_specs(plan, optimizer, jax.tree_util.tree_map(_abstract_leaf, params))
+            state, ospecs = opt_state_specs(plan, optimizer, jax.tree_util.tree_map(abstract, params))
             if jax.tree_util.tree_structure(state) == jax.tree_util.tree_structure(a):
-                shardings.append(_named(mesh, ospecs))
+                shardings.append(named_shardings(mesh, ospecs))
                 continue
-        shardings.append(_batch_shardings(plan, mesh, a))
+        shardings.append(batch_shardings(plan, mesh, a))
     return args, tuple(shardings)
 
 
@@ -566,7 +384,7 @@ def _compile_error(plan, args: tuple[Any, ...], e: Exception) -> CompileError:
             shape = tuple(leaf.shape)
             mesh_sizes = dict(sh.mesh.shape)
             for dim, entry in enumerate(tuple(spec)):
-                axes = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+                axes = entry_axes(entry)
                 n = math.prod(mesh_sizes.get(a_, 1) for a_ in axes)
                 if dim >= len(shape):
                     problems.append(f"argument {i} leaf {name} shape {shape}: spec {spec} has more entries "

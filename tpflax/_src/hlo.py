@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -561,11 +561,3 @@ def summarize(collectives: Iterable[Collective], *, by: str = "kind", field: str
         out[key] = out.get(key, 0.0) + float(value)
     return out
 
-
-def with_axes(collectives: Iterable[Collective], mesh: Any) -> list[Collective]:
-    """The same collectives with ``axes`` filled in for ``mesh``."""
-    out = []
-    for c in collectives:
-        groups = c.source_target_pairs if c.kind == "collective-permute" else c.replica_groups
-        out.append(replace(c, axes=group_axes(groups, mesh) if groups else ()))
-    return out

@@ -15,22 +15,36 @@ class Loaded:
 
     Attributes:
         name: as given on the command line.
-        variables: the variable tree (abstract when it came from the zoo).
-        model: the :class:`tpflax.zoo.ZooModel`, when there is one (needed for
-            dry runs and tracing); None for a bare tree.
+        variables: the variable tree (abstract when tpflax built it).
+        model: the model, in any form :func:`tpflax._src.model.as_model` takes (a
+            zoo model, a linen or nnx Module, a function ``fn(variables, *sample)``),
+            or None for a bare tree (then it can be planned but not traced or run).
+        sample: the model's example inputs (``ShapeDtypeStruct``), None for a zoo
+            model (it has its own) or a bare tree.
     """
 
     name: str
     variables: Any
     model: Any = None
+    sample: tuple[Any, ...] | None = None
 
 
 def load_model(name: str, size: str | None = None) -> Loaded:
-    """Resolve ``name`` to abstract variables, never allocating the model.
+    """Resolve ``name`` to abstract variables (and the model when there is one), never allocating it.
 
-    ``name`` is a zoo name (``gpt2-small``, ``llama``...) or
-    ``package.module:factory`` where ``factory()`` returns a ZooModel, a
-    ``(linen module, *sample inputs)`` tuple, an ``nnx.Module``, or a variable tree.
+    ``name`` is a zoo name (``gpt2-small``, ``llama``...) or ``package.module:factory``
+    where ``factory()`` returns one of:
+
+    * a ``tpflax.zoo`` model;
+    * ``(linen_module, *sample)`` or ``(nnx_module, *sample)``, the sample inputs as
+      arrays or ``jax.ShapeDtypeStruct`` (an nnx Module alone can be planned only);
+    * ``(fn, variables, *sample)`` for a plain ``fn(variables, *sample)`` (a Hugging
+      Face-style apply function);
+    * a variable tree (plan and estimate only).
+
+    >>> loaded = load_model("mlp")
+    >>> loaded.model.name, loaded.sample is None
+    ('mlp', True)
     """
     from tpflax import zoo
 
@@ -55,33 +69,31 @@ def load_model(name: str, size: str | None = None) -> Loaded:
         made = factory()
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"{name}() raised {type(e).__name__}: {e}") from e
-    return Loaded(name, *_to_variables(made, name))
+    return _loaded(name, made)
 
 
-def _to_variables(made: Any, name: str) -> tuple[Any, Any]:
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
+def _loaded(name: str, made: Any) -> Loaded:
+    from tpflax._src.model import as_model, is_linen, is_nnx, is_zoo
 
-    from tpflax.zoo import ZooModel
-
-    if isinstance(made, ZooModel):
-        return made.abstract_variables(), made
-    if isinstance(made, tuple) and made and isinstance(made[0], nn.Module):
-        module, *sample = made
-
-        def init(rng):
-            return module.init(rng, *[jnp.zeros(s.shape, s.dtype) for s in sample])
-
-        return jax.eval_shape(init, jax.random.key(0)), None
-    if isinstance(made, nn.Module):
+    if is_zoo(made):
+        return Loaded(name, made.abstract_variables(), made)
+    if is_linen(made):
         raise ModelLoadError(f"{name}() returned a linen Module without sample inputs; return "
                              "(module, jax.ShapeDtypeStruct(...), ...) so tpflax can init it abstractly")
+    if is_nnx(made):
+        return Loaded(name, as_model(made, ()).variables, made)
+    head = made[0] if isinstance(made, tuple) and made else None
     try:
-        from flax import nnx
-
-        if isinstance(made, nnx.Module):
-            return nnx.state(made), None
-    except ImportError:  # pragma: no cover
-        pass
-    return made, None
+        if is_linen(head) or is_nnx(head):
+            m = as_model(head, tuple(made[1:]))
+            return Loaded(name, m.variables, head, m.sample)
+        if callable(head) and len(made) >= 3:
+            m = as_model(head, tuple(made[2:]), made[1])
+            return Loaded(name, m.variables, head, m.sample)
+    except Exception as e:  # noqa: BLE001 - the user's module failed to init on its sample
+        raise ModelLoadError(f"{name}(): could not build the model from what it returned: "
+                             f"{type(e).__name__}: {e}") from e
+    if callable(head):
+        raise ModelLoadError(f"{name}() returned ({type(head).__name__}, ...) with {len(made) - 1} more "
+                             "item(s); return (fn, variables, *sample) for a function fn(variables, *sample)")
+    return Loaded(name, made)
