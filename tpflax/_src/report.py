@@ -18,7 +18,7 @@ def _spec_str(spec) -> str:
 def table_rows(plan: Plan) -> list[list[str]]:
     rows = []
     for path, d in plan.decisions.items():
-        rows.append([path, d.kind, "x".join(map(str, d.shape)) or "()", d.dtype, d.strategy,
+        rows.append([path, d.kind, "x".join(map(str, d.shape)) or "()", d.dtype, d.label,
                      _spec_str(d.spec), fmt_bytes(d.bytes), fmt_bytes(d.bytes_per_device), d.reason])
     return rows
 
@@ -78,7 +78,7 @@ def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool
     n = len(plan.decisions)
     counts: dict[str, int] = {}
     for d in plan.decisions.values():
-        counts[d.strategy] = counts.get(d.strategy, 0) + 1
+        counts[d.label] = counts.get(d.label, 0) + 1
     out.append("")
     out.append(f"leaves: {n}   strategies: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     out.append(f"parameters without sharding: {fmt_bytes(plan.total_bytes)}")
