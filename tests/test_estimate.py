@@ -7,8 +7,9 @@ import optax
 import pytest
 
 import tpflax
-from tpflax import zoo
-from tpflax._src.cost.estimate import EstimateError, estimate, opt_state_specs, parse_batch, trace_activations
+from tpflax import EstimateError, estimate, trace_activations, zoo
+from tpflax._src.cost.batch import parse_batch
+from tpflax._src.cost.optstate import opt_state_specs
 
 F32 = "float32"
 
@@ -150,8 +151,6 @@ def test_estimate_is_pure_and_does_not_touch_the_plan():
 
 
 def test_bare_batch_size_uses_the_models_sequence_length():
-    from tpflax._src.cost.estimate import parse_batch
-
     assert parse_batch(8, {"vocab": 100, "seq_len": 16}).leaves == (
         ("x", (8, 16), "int32"), ("y", (8, 16), "int32"))
     with pytest.raises(EstimateError, match="needs the model"):
