@@ -45,13 +45,17 @@ from tpflax._src.errors import (
                      TraceError,
                      TreeError,
 )
-from tpflax._src.cost.estimate import Estimate, estimate, trace_activations
+from tpflax._src.cost.activations import trace_activations
+from tpflax._src.cost.estimate import estimate
+from tpflax._src.cost.records import Estimate
 from tpflax._src.hardware import Hardware
 from tpflax._src.planner.heuristics import Pair
 from tpflax._src.mesh import MeshShape, abstract_mesh, make_mesh, mesh_shape
 from tpflax._src.planner.plan import Decision, Plan, default_logical_rules, plan
 from tpflax._src.report import fmt_bytes, report
-from tpflax._src.suggest.search import Candidate, Degree, Suggestion, Verification, suggest_mesh, verify_suggestion
+from tpflax._src.suggest.records import Candidate, Degree, Suggestion, Verification
+from tpflax._src.suggest.search import suggest_mesh
+from tpflax._src.suggest.verify import verify_suggestion
 from tpflax._src.trace.dataflow import Dataflow, dataflow
 
 __version__ = "0.1.0"

@@ -161,3 +161,27 @@ def _from_tree(batch: Any, act_dtype: str | None, dtype: str) -> Batch:
         raise EstimateError("the batch has no array leaves")
     floats = [d for _, _, d in leaves if dtype_name(d) and np_dtype(d).kind == "f"]
     return Batch(tuple(leaves), act_dtype or (floats[0] if floats else dtype))
+
+
+def resolve_batch(batch: Any, zoo: Any = None) -> Any:
+    """A zoo model's batch size (or ``(size, seq_len)``) as its real abstract batch (tokens and labels).
+
+    Anything else is returned unchanged for :func:`parse_batch`.
+
+    >>> from tpflax import zoo
+    >>> sorted(resolve_batch(4, zoo.get("mlp")))
+    ['x', 'y']
+    """
+    if zoo is None or not hasattr(zoo, "make_batch"):
+        return batch
+    dims = (batch,) if isinstance(batch, int) else tuple(batch) if isinstance(batch, (tuple, list)) else None
+    seq = config_value(getattr(zoo, "config", None), "seq_len")
+    if not dims or not all(isinstance(x, int) and not isinstance(x, bool) for x in dims):
+        return batch
+    if len(dims) == 1 or (seq is not None and len(dims) == 2 and dims[1] == seq):
+        if dims[0] < 1:
+            raise EstimateError(f"batch {batch!r} must be positive")
+        import jax
+
+        return jax.eval_shape(lambda: zoo.make_batch(0, dims[0]))
+    return batch
