@@ -9,7 +9,7 @@ from typing import Any
 from tpflax._src.cost.batch import Batch, config_value, np_dtype
 from tpflax._src.cost.records import Act
 from tpflax._src.mesh import EXPERT, TENSOR, MeshShape
-from tpflax._src.specs import entries, entry_axes
+from tpflax._src.specs import Entry, entry_axes
 
 COLLECTION_PREFIXES = ("params/", "batch_stats/")
 
@@ -101,12 +101,15 @@ def token_rows(b: Batch, config: Any) -> int:
     return b.size
 
 
-def activation_bytes(decisions: Mapping[str, Any], activations: Mapping[str, Sequence[Act]], b: Batch,
-                     config: Any, mesh: MeshShape, shards: int, remat: bool, act_item: int,
+def activation_bytes(column_units: Mapping[str, Sequence[Entry]], activations: Mapping[str, Sequence[Act]],
+                     b: Batch, config: Any, mesh: MeshShape, shards: int, remat: bool, act_item: int,
                      notes: list[str]) -> tuple[int, int]:
-    """Saved activations on the fullest device and unsharded (an estimate)."""
+    """Saved activations on the fullest device and unsharded (an estimate).
+
+    ``column_units``: per traced layer path, the entries of its leaves' split last dims.
+    """
     if activations:
-        return _traced_bytes(decisions, activations, mesh, shards, remat, act_item)
+        return _traced_bytes(column_units, activations, mesh, shards, remat, act_item)
     d_model, n_layers = config_value(config, "d_model"), config_value(config, "n_layers")
     seq = config_value(config, "seq_len")
     if not (d_model and n_layers and seq):
@@ -129,14 +132,14 @@ def activation_bytes(decisions: Mapping[str, Any], activations: Mapping[str, Seq
     return int(per_layer(t, shards) * n_layers), int(per_layer(1, 1) * n_layers)
 
 
-def _traced_bytes(decisions, activations, mesh: MeshShape, shards: int, remat: bool,
+def _traced_bytes(column_units, activations, mesh: MeshShape, shards: int, remat: bool,
                   act_item: int) -> tuple[int, int]:
     roles = dict(mesh.roles)
-    col_units = {}  # layers whose output features are split over tensor/expert axes
-    for d in decisions.values():
-        spec = entries(d.spec, len(d.shape))
-        if spec and spec[-1] is not None and any(roles[a] in (TENSOR, EXPERT) for a in entry_axes(spec[-1])):
-            col_units[layer_key(d.unit)] = math.prod(mesh.sizes[a] for a in entry_axes(spec[-1]))
+    col_units = {}  # layers whose output features are split over tensor/expert axes (the last such leaf)
+    for unit, ents in column_units.items():
+        split = [e for e in ents if any(roles[a] in (TENSOR, EXPERT) for a in entry_axes(e))]
+        if split:
+            col_units[unit] = math.prod(mesh.sizes[a] for a in entry_axes(split[-1]))
     full = dev = 0.0
     for path, calls in activations.items():
         if remat and "/" in path:

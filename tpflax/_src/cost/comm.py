@@ -4,7 +4,9 @@ Each source of collectives has its own function: gradients (fsdp and data
 parallelism), column -> row pairs, embeddings and output heads (and tensor-split
 layers without a partner), experts. They read only the decisions (spec, shape,
 kind, pair, role, layers dim, unit, trainable) and the mesh axis roles, through
-a :class:`Scope` that holds what one (plan, mesh) shares.
+a :class:`Scope` that holds what one (plan, mesh) shares. Alike leaves of
+repeated layers are priced once (:mod:`tpflax._src.cost.leaves`): an item's
+``count`` includes how many there are, and its ``source`` names their group.
 
 Rematerialisation does not re-issue collectives in what XLA compiles: the
 recomputed forward reuses the gathered weights / reduced activations (measured
@@ -21,9 +23,11 @@ from typing import Any
 
 from tpflax._src.cost.activations import acts_for, token_rows
 from tpflax._src.cost.batch import Batch, config_value, itemsize
+from tpflax._src.cost.leaves import Leaves
 from tpflax._src.cost.optstate import shard_bytes
 from tpflax._src.cost.records import Act, CommItem
 from tpflax._src.mesh import EXPERT, FSDP, TENSOR, MeshShape
+from tpflax._src.planner.plan import layer_group
 from tpflax._src.specs import Entry, used_axes
 
 
@@ -59,7 +63,7 @@ class Scope:
     """What every collective of one (plan, mesh) shares."""
 
     mesh: MeshShape
-    specs: Mapping[str, tuple[Entry, ...]]
+    lv: Leaves
     batch: Batch
     batch_axes: tuple[str, ...]
     shards: int
@@ -76,7 +80,7 @@ class Scope:
 
     def axes(self, path: str, role: str) -> tuple[str, ...]:
         """Mesh axes of ``role`` (size > 1) that split the leaf at ``path``."""
-        return _axes_of(self.specs[path], self.mesh, role)
+        return _axes_of(self.lv.specs[path], self.mesh, role)
 
     def size(self, axes: Sequence[str]) -> int:
         return math.prod(self.mesh.sizes[a] for a in axes)
@@ -87,7 +91,7 @@ class Scope:
         return math.prod(shape) * self.act_item * local
 
     def leaf_bytes(self, path: str, d: Any) -> int:
-        return shard_bytes(tuple(d.shape), leaf_itemsize(d), self.specs[path], self.mesh)
+        return shard_bytes(tuple(d.shape), leaf_itemsize(d), self.lv.specs[path], self.mesh)
 
 
 @functools.lru_cache(maxsize=1 << 14)
@@ -96,35 +100,30 @@ def _axes_of(spec: tuple[Entry, ...], mesh: MeshShape, role: str) -> tuple[str, 
     return tuple(a for a in mesh.names if a in used and roles[a] == role and mesh.sizes[a] > 1)
 
 
-def comm_items(decisions: Mapping[str, Any], scope: Scope, notes: list[str]) -> list[CommItem]:
+def comm_items(scope: Scope, notes: list[str]) -> list[CommItem]:
     """Every modelled collective of one training step."""
-    items = gradient_items(decisions, scope)
-    pair_list, in_pair = pairs(decisions)
-    items += pair_items(decisions, pair_list, scope, notes)
-    items += layer_items(decisions, in_pair, scope, notes)
-    items += expert_items(decisions, scope)
-    return items
+    return (gradient_items(scope) + pair_items(scope, notes) + layer_items(scope, notes)
+            + expert_items(scope))
 
 
 # ---------------------------------------------------------------------------
 # gradients: fsdp gather / reduce-scatter, data-parallel all-reduce
 
-def gradient_items(decisions: Mapping[str, Any], s: Scope) -> list[CommItem]:
+def gradient_items(s: Scope) -> list[CommItem]:
     """fsdp all-gathers and gradient reductions of every trainable leaf."""
     # A scanned recurrence's weights get a partial gradient at every time step; XLA
     # reduces it inside the backward loop, once per step of the sequence.
-    recurrent = {d.unit for d in decisions.values() if d.kind == "recurrent"}
     x_shape = s.batch.leaves[0][1]
     steps = int(config_value(s.config, "seq_len", 0) or (x_shape[1] if len(x_shape) >= 2 else 1))
     items: list[CommItem] = []
-    for path, d in decisions.items():
+    for path, d in s.lv.decisions.items():
         if not d.trainable:
             continue
-        reps = steps if d.unit in recurrent else 1
+        reps, k, label = steps if d.unit in s.lv.recurrent else 1, s.lv.count[path], s.lv.label[path]
         for kind, axes, size, n, count, why in _gradient_templates(
-                s.specs[path], s.mesh, s.batch_axes, s.leaf_bytes(path, d), leaf_itemsize(d), s.g_item,
+                s.lv.specs[path], s.mesh, s.batch_axes, s.leaf_bytes(path, d), leaf_itemsize(d), s.g_item,
                 s.backend, reps):
-            items.append(CommItem(kind, axes, size, n, count, path, why))
+            items.append(CommItem(kind, axes, size, n, count * k, label, why))
     return items
 
 
@@ -156,39 +155,32 @@ def _gradient_templates(spec, mesh: MeshShape, batch_axes, nbytes: int, item: in
 # ---------------------------------------------------------------------------
 # column -> row pairs
 
-def pairs(decisions: Mapping[str, Any]) -> tuple[dict[int, tuple[list[str], list[str]]], set[str]]:
-    """``{pair id: (columns, rows)}`` from the decisions' pair and role, and every member path."""
-    out: dict[int, tuple[list[str], list[str]]] = {}
-    for path, d in decisions.items():
-        if d.pair is not None and d.role in ("column", "row"):
-            cols, rows = out.setdefault(d.pair, ([], []))
-            (cols if d.role == "column" else rows).append(path)
-    return dict(sorted(out.items())), {p for cols, rows in out.values() for p in cols + rows}
-
-
-def pair_items(decisions: Mapping[str, Any], pair_list, s: Scope, notes: list[str]) -> list[CommItem]:
+def pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
     """A split pair sums the row side's partial outputs forward and the column side's input gradients back."""
     items: list[CommItem] = []
-    for pid, (cols, rows) in pair_list.items():
+    dec, label = s.lv.decisions, s.lv.label
+    for pc in s.lv.pairs:
+        cols, rows = list(pc.columns), list(pc.rows)
         axes = tuple(dict.fromkeys(a for p in cols + rows for a in s.axes(p, TENSOR)))
         if not axes:
             continue
         n = s.size(axes)
-        stack = max(layers(decisions[p]) for p in cols + rows)
+        count = max(layers(dec[p]) for p in cols + rows) * pc.count
+        source = f"pair {pc.id}" + (f" and {pc.count - 1} alike" if pc.count > 1 else "")
         for r in rows:
             if s.axes(r, TENSOR):
-                items.append(CommItem("all-reduce", axes, _pair_act(decisions[r], "out", s), n, stack,
-                                      f"pair {pid}", f"row {r}: sum partial outputs (forward)"))
+                items.append(CommItem("all-reduce", axes, _pair_act(dec[r], "out", s), n, count, source,
+                                      f"row {label[r]}: sum partial outputs (forward)"))
         # XLA reduces the column inputs' gradients one by one (q, k and v are three all-reduces)
         for c in cols:
             if s.axes(c, TENSOR):
-                items.append(CommItem("all-reduce", axes, _pair_act(decisions[c], "in", s), n, stack,
-                                      f"pair {pid}", f"column {c}: sum partial input gradients (backward)"))
+                items.append(CommItem("all-reduce", axes, _pair_act(dec[c], "in", s), n, count, source,
+                                      f"column {label[c]}: sum partial input gradients (backward)"))
             else:  # GQA key/value with fewer heads than the tensor degree: its output gradient is gathered
-                items.append(CommItem("all-gather", axes, _pair_act(decisions[c], "out", s), n, stack,
-                                      f"pair {pid}", f"replicated column {c} in a split pair: gather its "
-                                      "output gradient (backward)"))
-        _heads_note(decisions, pid, cols, s, notes)
+                items.append(CommItem("all-gather", axes, _pair_act(dec[c], "out", s), n, count, source,
+                                      f"replicated column {label[c]} in a split pair: gather its output "
+                                      "gradient (backward)"))
+        _heads_note(dec, pc.id, cols, s, notes)
     return items
 
 
@@ -220,21 +212,26 @@ def _pair_act(d: Any, side: str, s: Scope) -> float:
 # ---------------------------------------------------------------------------
 # embeddings, output heads and tensor-split layers without a partner
 
-def layer_items(decisions: Mapping[str, Any], in_pair: set[str], s: Scope, notes: list[str]) -> list[CommItem]:
+def layer_items(s: Scope, notes: list[str]) -> list[CommItem]:
     """Collectives of tensor-split leaves outside pairs."""
-    has_head = any(is_output_head(d) for d in decisions.values())
+    lv = s.lv
+    has_head = any(is_output_head(d) for d in lv.decisions.values())
     any_attend = any(k.endswith(":attend") for k in s.activations)
     items: list[CommItem] = []
-    for path, d in decisions.items():
+    for path, d in lv.decisions.items():
         axes = s.axes(path, TENSOR)
-        if path in in_pair or not d.trainable or not axes or d.kind == "bias":
+        if path in lv.in_pair or not d.trainable or not axes or d.kind == "bias":
             continue
         if d.kind == "embedding":
-            items += embedding_items(path, d, axes, s, tied_guess=not has_head and not any_attend, notes=notes)
-        elif d.kind in ("dense", "head") and s.specs[path][-1] is not None:
-            items += _column_items(path, d, axes, s)
-        elif d.kind in ("dense", "conv") and any(e is not None for e in body_spec(d, s.specs[path])):
-            notes.append(f"{path}: {d.strategy} split without a partner is not modelled")
+            new = embedding_items(path, d, axes, s, tied_guess=not has_head and not any_attend, notes=notes)
+        elif d.kind in ("dense", "head") and lv.specs[path][-1] is not None:
+            new = _column_items(path, d, axes, s)
+        else:
+            if d.kind in ("dense", "conv") and any(e is not None for e in body_spec(d, lv.specs[path])):
+                notes.append(f"{lv.label[path]}: {d.strategy} split without a partner is not modelled")
+            continue
+        k = lv.count[path]
+        items += [CommItem(i.kind, i.axes, i.size, i.group_size, i.count * k, lv.label[path], i.why) for i in new]
     return items
 
 
@@ -245,7 +242,7 @@ def body_spec(d: Any, spec: tuple[Entry, ...]) -> tuple[Entry, ...]:
 def embedding_items(path: str, d: Any, axes: tuple[str, ...], s: Scope, *, tied_guess: bool,
                     notes: list[str]) -> list[CommItem]:
     """A vocab-split lookup sums its rows; a feature-split one gathers them; a tied output adds the head's."""
-    n, b, spec = s.size(axes), body(d), s.specs[path]
+    n, b, spec = s.size(axes), body(d), s.lv.specs[path]
     acts = acts_for(s.activations, d.unit)
     size = s.nbytes(acts[0].output) if acts else s.rows_local * b[-1] * s.act_item
     split_vocab = body_spec(d, spec)[0] is not None
@@ -298,21 +295,23 @@ def _head_items(axes, n: int, in_size: float, out_shape, s: Scope, path: str, wh
 # ---------------------------------------------------------------------------
 # experts
 
-def expert_items(decisions: Mapping[str, Any], s: Scope) -> list[CommItem]:
+def expert_items(s: Scope) -> list[CommItem]:
     """Routed tokens move to their experts and back (all-to-all), or every expert sees them (dense)."""
     e_axes = s.mesh.axes_with(EXPERT)
     if not e_axes:
         return []
     blocks: dict[str, list[str]] = {}  # expert leaves by the block holding them
-    for path, d in decisions.items():
+    for path, d in s.lv.decisions.items():
         if d.kind == "expert" and s.axes(path, EXPERT):
             blocks.setdefault(d.unit.rsplit("/", 1)[0], []).append(path)
     n = s.size(e_axes)
     top_k = config_value(s.config, "top_k", 1) or 1
     items = []
     for block, paths in blocks.items():
-        d0 = decisions[paths[0]]
-        d_model, stack = body(d0)[1], layers(d0)
+        d0 = s.lv.decisions[paths[0]]
+        d_model, stack = body(d0)[1], layers(d0) * s.lv.count[paths[0]]
+        if s.lv.count[paths[0]] > 1:
+            block = layer_group(block)
         if s.dispatch == "all-to-all":
             size = s.rows_local * top_k * d_model * s.act_item
             items.append(CommItem("all-to-all", e_axes, size, n, 2 * stack, block,

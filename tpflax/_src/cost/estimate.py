@@ -44,17 +44,17 @@ from typing import Any
 
 from tpflax._src.cost.activations import trace_activations
 from tpflax._src.cost.comm import Scope, comm_items
+from tpflax._src.cost.leaves import Leaves, merge
 from tpflax._src.cost.memory import memory
 from tpflax._src.cost.optstate import opt_state_specs, split_params
 from tpflax._src.cost.records import MEMORY_FIELDS, Act, Estimate, comm_table
 from tpflax._src.cost.workload import Workload, prepare
 from tpflax._src.errors import EstimateError
 from tpflax._src.mesh import DATA, FSDP, MeshShape
-from tpflax._src.specs import entries
 
 # Estimate, trace_activations, opt_state_specs and split_params are re-exported for the dry run and
 # tests that import them from here (their homes: records, activations, optstate).
-__all__ = ["Estimate", "batch_axes", "estimate", "opt_state_specs", "price", "split_params", "trace_activations"]
+__all__ = ["Estimate", "batch_axes", "estimate", "opt_state_specs", "price", "price_leaves", "split_params", "trace_activations"]
 
 
 def batch_axes(mesh: MeshShape) -> tuple[str, ...]:
@@ -76,6 +76,11 @@ def price(decisions: Mapping[str, Any], mesh: MeshShape, w: Workload) -> Estimat
     >>> price(p.decisions, p.mesh, prepare(p, optax.sgd(0.1), (4, 8))).comm
     {'all-reduce': {'data': 128.0}}
     """
+    return price_leaves(merge(decisions, w.activations, w.opt), mesh, w)
+
+
+def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
+    """:func:`price` of already merged leaves (the mesh suggestion merges a shared plan once)."""
     b = w.batch
     axes = batch_axes(mesh)
     shards = math.prod(mesh.sizes[a] for a in axes)
@@ -84,15 +89,14 @@ def price(decisions: Mapping[str, Any], mesh: MeshShape, w: Workload) -> Estimat
             f"the global batch {b.size} does not divide over the batch axes "
             f"{', '.join(f'{a}={mesh.sizes[a]}' for a in axes)} (product {shards}); use a batch "
             f"that is a multiple of {shards}")
-    specs = {p: entries(d.spec, len(d.shape)) for p, d in decisions.items()}
     notes: list[str] = []
-    per_device, unsharded = memory(decisions, specs, mesh, w, shards, notes)
+    per_device, unsharded = memory(lv, mesh, w, shards, notes)
     savings = {name: (100.0 * (1 - getattr(per_device, name) / getattr(unsharded, name))
                       if getattr(unsharded, name) else 0.0) for name in MEMORY_FIELDS + ("total",)}
-    scope = Scope(mesh=mesh, specs=specs, batch=b, batch_axes=axes, shards=shards, act_item=w.act_item,
+    scope = Scope(mesh=mesh, lv=lv, batch=b, batch_axes=axes, shards=shards, act_item=w.act_item,
                   g_item=w.g_item, backend=w.backend, dispatch=w.dispatch, activations=w.activations,
                   config=w.config)
-    items = tuple(i for i in comm_items(decisions, scope, notes) if i.total > 0)
+    items = tuple(i for i in comm_items(scope, notes) if i.total > 0)
     return Estimate(
         per_device=per_device, unsharded=unsharded, savings=savings, comm=comm_table(items), items=items,
         mesh=mesh, batch={"size": b.size, "shards": shards, "axes": list(axes),

@@ -33,7 +33,8 @@ from typing import Any
 
 from tpflax._src.cost.activations import trace_activations
 from tpflax._src.cost.batch import config_value, parse_batch, resolve_batch
-from tpflax._src.cost.estimate import estimate, price
+from tpflax._src.cost.estimate import estimate, price_leaves
+from tpflax._src.cost.leaves import merge
 from tpflax._src.cost.workload import Workload, prepare
 from tpflax._src.errors import SuggestError, TpflaxError
 from tpflax._src.hardware import Hardware, get_hardware
@@ -61,6 +62,7 @@ class Shared:
     """The plan shared by every mesh of one divisibility signature (or why it cannot be planned)."""
 
     plan: Any = None
+    leaves: Any = None  # the plan's decisions merged for pricing (cost.leaves.Leaves)
     used: frozenset[str] = frozenset()
     error: str = ""
 
@@ -107,7 +109,8 @@ class Context:
                 self.plans[sig] = Shared(error=str(e).splitlines()[0] + more)
             else:
                 used = set().union(*(used_axes(entries(d.spec, len(d.shape))) for d in p.decisions.values()))
-                self.plans[sig] = Shared(p, frozenset(used))
+                lv = merge(p.decisions, self.workload.activations, self.workload.opt)
+                self.plans[sig] = Shared(p, lv, frozenset(used))
         return self.plans[sig]
 
 
@@ -228,7 +231,7 @@ def candidate(ctx: Context, ms: MeshShape, mem_limit: int) -> Candidate:
     for name, role in zip(ctx.axis_names, ctx.roles, strict=True):
         if role in WASTE and ms.sizes[name] > 1 and name not in shared.used:
             return replace(base, rejected=f"{name}={ms.sizes[name]} shards no parameter ({WASTE[role]})")
-    est = price(shared.plan.decisions, ms, ctx.workload)
+    est = price_leaves(shared.leaves, ms, ctx.workload)
     memory = est.per_device
     t, by_axis, links = comm_times(ctx.hw, ms, est.comm)
     t_axes = [n for n, r in zip(ctx.axis_names, ctx.roles, strict=True) if r == TENSOR and ms.sizes[n] > 1]
