@@ -178,12 +178,6 @@ def opt_entries(layout: OptLayout, spec_of: Mapping[str, tuple[Entry, ...]]) -> 
     return [tuple(spec_of[f[0]][f[1]] if f is not None else None for f in x.follows) for x in layout.leaves]
 
 
-def opt_bytes(layout: OptLayout, spec_of: Mapping[str, tuple[Entry, ...]], mesh: MeshShape) -> int:
-    """Optimizer-state bytes on the fullest device under a plan's specs."""
-    return sum(shard_bytes(x.shape, x.itemsize, e, mesh)
-               for x, e in zip(layout.leaves, opt_entries(layout, spec_of), strict=True))
-
-
 @functools.lru_cache(maxsize=1 << 16)
 def shard_bytes(shape: tuple[int, ...], item: int, spec: tuple[Entry, ...], mesh: MeshShape) -> int:
     """:func:`tpflax._src.specs.bytes_per_device`, cached: repeated layers repeat these arguments."""
