@@ -80,16 +80,30 @@ def _record(out: dict[str, list[Act]], context: Any, args: Sequence[Any], result
 
 
 def layer_key(unit: str) -> str:
-    """A decision's unit as traced layer paths spell it (without the linen collection)."""
+    """A decision's unit as traced layer paths spell it (without the linen collection).
+
+    >>> layer_key("params/block_0/mlp/up")
+    'block_0/mlp/up'
+    """
     return unit.split("/", 1)[1] if unit.startswith(COLLECTION_PREFIXES) else unit
 
 
 def acts_for(activations: Mapping[str, Sequence[Act]], unit: str) -> list[Act]:
+    """The traced calls of a decision's unit (none when untraced).
+
+    >>> acts_for({"mlp/up": [Act(((2, 4),), (2, 8), "float32", 4)]}, "params/mlp/up")[0].output
+    (2, 8)
+    """
     return list(activations.get(layer_key(unit), ()))
 
 
 def token_rows(b: Batch, config: Any) -> int:
-    """Activation rows through the residual stream for the global batch."""
+    """Activation rows through the residual stream for the global batch.
+
+    >>> from tpflax._src.cost.batch import parse_batch
+    >>> token_rows(parse_batch("8x16", {"vocab": 100}), None)  # tokens
+    128
+    """
     x = b.leaves[0][1]
     if len(x) >= 2 and np_dtype(b.leaves[0][2]).kind in "iu":
         return math.prod(x)  # tokens

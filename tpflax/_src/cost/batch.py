@@ -29,7 +29,11 @@ def itemsize(dtype: Any) -> int:
 
 
 def np_dtype(name: Any):
-    """``name`` as a numpy/jax dtype; PRNG-key and other opaque dtypes as the key data (uint32)."""
+    """``name`` as a numpy/jax dtype; a PRNG key's name as jax's key dtype; anything else as uint32.
+
+    >>> str(np_dtype("bfloat16")), str(np_dtype("key<fry>"))
+    ('bfloat16', 'key<fry>')
+    """
     import jax
     import jax.numpy as jnp
 
@@ -42,7 +46,12 @@ def np_dtype(name: Any):
 
 
 def dtype_name(dtype: Any) -> str | None:
-    """The canonical name of ``dtype`` (``"bfloat16"``), or None when jax does not know it."""
+    """The canonical name of ``dtype`` (``"bfloat16"``), or None when jax does not know it.
+
+    >>> import jax.numpy as jnp
+    >>> dtype_name(jnp.bfloat16), dtype_name("nope")
+    ('bfloat16', None)
+    """
     if dtype is None:
         return None
     import jax.numpy as jnp

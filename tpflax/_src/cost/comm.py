@@ -36,6 +36,11 @@ def is_output_head(d: Any) -> bool:
 
     TODO(lead): once the planner marks output heads with ``kind == "head"``,
     this is that test alone and the name match below goes.
+
+    >>> import jax, tpflax
+    >>> p = tpflax.plan({"lm_head": {"kernel": jax.ShapeDtypeStruct((64, 100), "float32")}}, {"model": 2})
+    >>> is_output_head(p.decisions["lm_head/kernel"])
+    True
     """
     from tpflax._src.facts.classify import HEAD
 
@@ -43,18 +48,31 @@ def is_output_head(d: Any) -> bool:
 
 
 def leaf_itemsize(d: Any) -> int:
-    """Bytes per element of a decision's leaf, from the bytes the planner counted."""
+    """Bytes per element of a decision's leaf, from the bytes the planner counted.
+
+    >>> import jax, tpflax
+    >>> keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), 4))
+    >>> leaf_itemsize(tpflax.plan({"rng": keys}, {"data": 1}).decisions["rng"])  # a PRNG key: 2 x uint32
+    8
+    """
     n = math.prod(d.shape)
     return d.bytes // n if n else itemsize(d.dtype)
 
 
-def layers(d: Any) -> int:
+def _layers(d: Any) -> int:
     """How many stacked layers (``nn.scan``) the leaf holds: its collectives repeat that often."""
     return math.prod(d.shape[:d.layers_dim + 1]) if d.layers_dim is not None else 1
 
 
 def body(d: Any) -> tuple[int, ...]:
-    """The leaf's shape without its stacked-layers dim."""
+    """The leaf's shape without its stacked-layers dim.
+
+    >>> import jax, tpflax
+    >>> w = jax.ShapeDtypeStruct((4, 64, 256), "float32")
+    >>> p = tpflax.plan({"layers": {"up": {"kernel": w}}}, {"data": 1}, stacked="layers")
+    >>> body(p.decisions["layers/up/kernel"])
+    (64, 256)
+    """
     return tuple(d.shape[d.layers_dim + 1:]) if d.layers_dim is not None else tuple(d.shape)
 
 
@@ -101,15 +119,15 @@ def _axes_of(spec: tuple[Entry, ...], mesh: MeshShape, role: str) -> tuple[str, 
 
 
 def comm_items(scope: Scope, notes: list[str]) -> list[CommItem]:
-    """Every modelled collective of one training step."""
-    return (gradient_items(scope) + pair_items(scope, notes) + layer_items(scope, notes)
-            + expert_items(scope))
+    """Every modelled collective of one training step (see :func:`tpflax._src.cost.estimate.price_leaves`)."""
+    return (_gradient_items(scope) + _pair_items(scope, notes) + _layer_items(scope, notes)
+            + _expert_items(scope))
 
 
 # ---------------------------------------------------------------------------
 # gradients: fsdp gather / reduce-scatter, data-parallel all-reduce
 
-def gradient_items(s: Scope) -> list[CommItem]:
+def _gradient_items(s: Scope) -> list[CommItem]:
     """fsdp all-gathers and gradient reductions of every trainable leaf."""
     # A scanned recurrence's weights get a partial gradient at every time step; XLA
     # reduces it inside the backward loop, once per step of the sequence.
@@ -155,7 +173,7 @@ def _gradient_templates(spec, mesh: MeshShape, batch_axes, nbytes: int, item: in
 # ---------------------------------------------------------------------------
 # column -> row pairs
 
-def pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
+def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
     """A split pair sums the row side's partial outputs forward and the column side's input gradients back."""
     items: list[CommItem] = []
     dec, label = s.lv.decisions, s.lv.label
@@ -165,7 +183,7 @@ def pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
         if not axes:
             continue
         n = s.size(axes)
-        count = max(layers(dec[p]) for p in cols + rows) * pc.count
+        count = max(_layers(dec[p]) for p in cols + rows) * pc.count
         source = f"pair {pc.id}" + (f" and {pc.count - 1} alike" if pc.count > 1 else "")
         for r in rows:
             if s.axes(r, TENSOR):
@@ -212,7 +230,7 @@ def _pair_act(d: Any, side: str, s: Scope) -> float:
 # ---------------------------------------------------------------------------
 # embeddings, output heads and tensor-split layers without a partner
 
-def layer_items(s: Scope, notes: list[str]) -> list[CommItem]:
+def _layer_items(s: Scope, notes: list[str]) -> list[CommItem]:
     """Collectives of tensor-split leaves outside pairs."""
     lv = s.lv
     has_head = any(is_output_head(d) for d in lv.decisions.values())
@@ -223,11 +241,11 @@ def layer_items(s: Scope, notes: list[str]) -> list[CommItem]:
         if path in lv.in_pair or not d.trainable or not axes or d.kind == "bias":
             continue
         if d.kind == "embedding":
-            new = embedding_items(path, d, axes, s, tied_guess=not has_head and not any_attend, notes=notes)
+            new = _embedding_items(path, d, axes, s, tied_guess=not has_head and not any_attend, notes=notes)
         elif d.kind in ("dense", "head") and lv.specs[path][-1] is not None:
             new = _column_items(path, d, axes, s)
         else:
-            if d.kind in ("dense", "conv") and any(e is not None for e in body_spec(d, lv.specs[path])):
+            if d.kind in ("dense", "conv") and any(e is not None for e in _body_spec(d, lv.specs[path])):
                 notes.append(f"{lv.label[path]}: {d.strategy} split without a partner is not modelled")
             continue
         k = lv.count[path]
@@ -235,17 +253,17 @@ def layer_items(s: Scope, notes: list[str]) -> list[CommItem]:
     return items
 
 
-def body_spec(d: Any, spec: tuple[Entry, ...]) -> tuple[Entry, ...]:
+def _body_spec(d: Any, spec: tuple[Entry, ...]) -> tuple[Entry, ...]:
     return spec[d.layers_dim + 1:] if d.layers_dim is not None else spec
 
 
-def embedding_items(path: str, d: Any, axes: tuple[str, ...], s: Scope, *, tied_guess: bool,
+def _embedding_items(path: str, d: Any, axes: tuple[str, ...], s: Scope, *, tied_guess: bool,
                     notes: list[str]) -> list[CommItem]:
     """A vocab-split lookup sums its rows; a feature-split one gathers them; a tied output adds the head's."""
     n, b, spec = s.size(axes), body(d), s.lv.specs[path]
     acts = acts_for(s.activations, d.unit)
     size = s.nbytes(acts[0].output) if acts else s.rows_local * b[-1] * s.act_item
-    split_vocab = body_spec(d, spec)[0] is not None
+    split_vocab = _body_spec(d, spec)[0] is not None
     items = [CommItem("all-reduce", axes, size, n, 1, path, "vocab-split embedding: sum the looked-up rows "
                       "(forward)") if split_vocab else
              CommItem("all-gather", axes, size, n, 1, path, "embedding split on its features: gather them (forward)")]
@@ -273,9 +291,9 @@ def _column_items(path: str, d: Any, axes: tuple[str, ...], s: Scope) -> list[Co
     if is_output_head(d):
         return _head_items(axes, n, in_size, (a.output if a else None), s, path, "vocab-split output head")
     out_size = s.nbytes(a.output) if a else s.rows_local * b[-1] * s.act_item
-    return [CommItem("all-gather", axes, out_size, n, layers(d), path,
+    return [CommItem("all-gather", axes, out_size, n, _layers(d), path,
                      "column layer without a row partner: gather its split output (forward)"),
-            CommItem("all-reduce", axes, in_size, n, layers(d), path,
+            CommItem("all-reduce", axes, in_size, n, _layers(d), path,
                      "column layer without a row partner: sum input gradients (backward)")]
 
 
@@ -295,7 +313,7 @@ def _head_items(axes, n: int, in_size: float, out_shape, s: Scope, path: str, wh
 # ---------------------------------------------------------------------------
 # experts
 
-def expert_items(s: Scope) -> list[CommItem]:
+def _expert_items(s: Scope) -> list[CommItem]:
     """Routed tokens move to their experts and back (all-to-all), or every expert sees them (dense)."""
     e_axes = s.mesh.axes_with(EXPERT)
     if not e_axes:
@@ -309,7 +327,7 @@ def expert_items(s: Scope) -> list[CommItem]:
     items = []
     for block, paths in blocks.items():
         d0 = s.lv.decisions[paths[0]]
-        d_model, stack = body(d0)[1], layers(d0) * s.lv.count[paths[0]]
+        d_model, stack = body(d0)[1], _layers(d0) * s.lv.count[paths[0]]
         if s.lv.count[paths[0]] > 1:
             block = layer_group(block)
         if s.dispatch == "all-to-all":

@@ -58,7 +58,12 @@ __all__ = ["Estimate", "batch_axes", "estimate", "opt_state_specs", "price", "pr
 
 
 def batch_axes(mesh: MeshShape) -> tuple[str, ...]:
-    """Mesh axes the global batch is split over (data and fsdp roles, size > 1)."""
+    """Mesh axes the global batch is split over (data and fsdp roles, size > 1).
+
+    >>> from tpflax._src.mesh import mesh_shape
+    >>> batch_axes(mesh_shape({"data": 2, "fsdp": 1, "model": 4}))
+    ('data',)
+    """
     roles = dict(mesh.roles)
     return tuple(a for a in mesh.names if roles[a] in (DATA, FSDP) and mesh.sizes[a] > 1)
 

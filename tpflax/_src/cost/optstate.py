@@ -24,7 +24,7 @@ from tpflax._src.specs import Entry, bytes_per_device, entries
 
 
 def state_specs(state: Any, plan, *, optimizer: Any = None, params: Any = None) -> Any:
-    """The one derivation of optimizer-state specs (placement uses it too)."""
+    """The one derivation of optimizer-state specs (placement uses it too); see :func:`opt_state_specs`."""
     # TODO(lead): import from tpflax._src.planner.state
     from tpflax._src.apply.place import state_specs as derive
 
@@ -68,7 +68,7 @@ def split_params(plan, tree: Any) -> tuple[Any, Callable[[Any, Any], Any]]:
     return tree, lambda t, p: p
 
 
-def abstract_state(plan, optimizer: Any, params: Any = None) -> tuple[Any, Any]:
+def _abstract_state(plan, optimizer: Any, params: Any = None) -> tuple[Any, Any]:
     """``(abstract optimizer state, the abstract params it was made for)``."""
     import jax
 
@@ -103,7 +103,7 @@ def opt_state_specs(plan, optimizer, params: Any = None) -> tuple[Any, Any]:
     >>> tuple(specs[0].mu["w"])
     (None, 'model')
     """
-    state, params = abstract_state(plan, optimizer, params)
+    state, params = _abstract_state(plan, optimizer, params)
     return state, state_specs(state, plan, optimizer=optimizer, params=params)
 
 
@@ -150,7 +150,7 @@ def opt_layout(plan, optimizer: Any, params: Any = None) -> OptLayout:
     import jax
     from jax.sharding import PartitionSpec
 
-    state, params = abstract_state(plan, optimizer, params)
+    state, params = _abstract_state(plan, optimizer, params)
     paths = list(plan.decisions)
     probe = replace(plan, mesh=_ProbeMesh(_Ones()), decisions={
         path: replace(d, spec=PartitionSpec(*(f"#{i}.{k}" for k in range(len(d.shape)))))
@@ -174,18 +174,34 @@ def _follow(entry: Entry, paths: Sequence[str]) -> tuple[str, int] | None:
 
 
 def opt_entries(layout: OptLayout, spec_of: Mapping[str, tuple[Entry, ...]]) -> list[tuple[Entry, ...]]:
-    """Each state leaf's spec entries under a plan (``spec_of``: param path -> its entries)."""
+    """Each state leaf's spec entries under a plan (``spec_of``: param path -> its entries).
+
+    >>> import jax, optax, tpflax
+    >>> p = tpflax.plan({"w": jax.ShapeDtypeStruct((8, 4), "float32")}, {"model": 2}, rules=[("w", "row")])
+    >>> opt_entries(opt_layout(p, optax.adam(1e-3)), {"w": ("model", None)})
+    [(), ('model', None), ('model', None)]
+    """
     return [tuple(spec_of[f[0]][f[1]] if f is not None else None for f in x.follows) for x in layout.leaves]
 
 
 @functools.lru_cache(maxsize=1 << 16)
 def shard_bytes(shape: tuple[int, ...], item: int, spec: tuple[Entry, ...], mesh: MeshShape) -> int:
-    """:func:`tpflax._src.specs.bytes_per_device`, cached: repeated layers repeat these arguments."""
+    """:func:`tpflax._src.specs.bytes_per_device`, cached: repeated layers repeat these arguments.
+
+    >>> from tpflax._src.mesh import mesh_shape
+    >>> shard_bytes((10, 4), 4, ("model", None), mesh_shape({"model": 4}))  # ceil(10 / 4) rows
+    48
+    """
     return bytes_per_device(shape, item, spec, mesh)
 
 
 def optimizer_name(optimizer: Any) -> str:
-    """A short name for reports: ``adamw`` for ``optax.adamw(...)``, else the init's qualname."""
+    """A short name for reports: ``adamw`` for ``optax.adamw(...)``, else the init's qualname.
+
+    >>> import optax
+    >>> optimizer_name(optax.scale_by_adam())
+    'scale_by_adam'
+    """
     name = getattr(optimizer, "__name__", None)
     if name:
         return name

@@ -49,7 +49,7 @@ class Workload:
     settings: Mapping[str, Any]
 
 
-def check_options(act_dtype: Any, grad_dtype: Any, backend: str, expert_dispatch: str) -> None:
+def _check_options(act_dtype: Any, grad_dtype: Any, backend: str, expert_dispatch: str) -> None:
     """Raise :class:`EstimateError` for an unknown dtype, backend or dispatch."""
     for name, value in (("act_dtype", act_dtype), ("grad_dtype", grad_dtype)):
         if value is not None and dtype_name(value) is None:
@@ -72,7 +72,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
     >>> w.batch.size, w.opt.full_bytes
     (4, 260)
     """
-    check_options(act_dtype, grad_dtype, backend, expert_dispatch)
+    _check_options(act_dtype, grad_dtype, backend, expert_dispatch)
     m = _model(plan, model, sample)
     if m is not None and config is None:
         config = m.config

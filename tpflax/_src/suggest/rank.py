@@ -19,15 +19,21 @@ from tpflax._src.suggest.records import Candidate, Degree, Suggestion, fmt_time
 
 
 def link_local(ms: MeshShape, axes: Sequence[str], domain: int) -> bool:
-    """True when every group of ``axes`` lies within one aligned block of ``domain`` devices."""
+    """True when every group of ``axes`` lies within one aligned block of ``domain`` devices.
+
+    >>> from tpflax._src.mesh import mesh_shape
+    >>> ms = mesh_shape({"data": 2, "model": 4})
+    >>> link_local(ms, ["model"], 4), link_local(ms, ["data"], 4)
+    (True, False)
+    """
     n = ms.size
     if domain >= n:
         return True
-    return within_block(tuple(s for _, s in ms.axes), tuple(ms.names.index(a) for a in axes), domain)
+    return _within_block(tuple(s for _, s in ms.axes), tuple(ms.names.index(a) for a in axes), domain)
 
 
 @functools.lru_cache(maxsize=4096)
-def within_block(shape: tuple[int, ...], idx: tuple[int, ...], domain: int) -> bool:
+def _within_block(shape: tuple[int, ...], idx: tuple[int, ...], domain: int) -> bool:
     n = math.prod(shape)
     strides = [math.prod(shape[k + 1:]) for k in range(len(shape))]
     span = sum((shape[k] - 1) * strides[k] for k in idx)
@@ -41,7 +47,14 @@ def within_block(shape: tuple[int, ...], idx: tuple[int, ...], domain: int) -> b
 
 
 def comm_times(hw: Hardware, ms: MeshShape, comm) -> tuple[float, dict[str, float], dict[str, str]]:
-    """Seconds per step (no overlap), seconds per axis label, and the link each label uses."""
+    """Seconds per step (no overlap), seconds per axis label, and the link each label uses.
+
+    >>> from tpflax._src.hardware import get_hardware
+    >>> from tpflax._src.mesh import mesh_shape
+    >>> t, _, links = comm_times(get_hardware("h100"), mesh_shape({"data": 2}), {"all-reduce": {"data": 1e9}})
+    >>> links
+    {'data': 'NVLink'}
+    """
     by_axis: dict[str, float] = {}
     links: dict[str, str] = {}
     for kind_axes in comm.values():
@@ -58,6 +71,12 @@ def comm_times(hw: Hardware, ms: MeshShape, comm) -> tuple[float, dict[str, floa
 
 
 def biggest(memory) -> str:
+    """The largest part of a :class:`tpflax._src.cost.records.Memory`, for a rejection reason.
+
+    >>> from tpflax._src.cost.records import Memory
+    >>> biggest(Memory(params=10, grads=10, opt_state=20 << 20))
+    'largest: optimizer state 20.0 MiB'
+    """
     parts = {"params": memory.params, "grads": memory.grads, "optimizer state": memory.opt_state,
              "activations": memory.activations}
     name = max(parts, key=parts.get)
@@ -84,6 +103,7 @@ def _term_times(c: Candidate) -> dict[tuple[str, str], float]:
 
 
 def why(c: Candidate, first: Candidate, n: int, hw: Hardware) -> str:
+    """One line on a ranked candidate's place (against #1 for the runners-up); see :func:`tpflax.suggest_mesh`."""
     t_deg = c.degree(TENSOR)
     if c.rank == 1:
         kind, label, t = _top_term(c)
@@ -118,7 +138,7 @@ def why(c: Candidate, first: Candidate, n: int, hw: Hardware) -> str:
 
 
 def no_fit(s: Suggestion, batch_size: int, mem_limit: int) -> NoFitError:
-    """The error when nothing fits: how far the best shape was, and what would help."""
+    """The error when nothing fits: how far the best shape was, and what would help (see ``NoFitError``)."""
     est = [c for c in s.rejected if c.memory is not None]
     if not est:
         reasons = list(dict.fromkeys(c.rejected for c in s.rejected))[:8]
@@ -163,7 +183,12 @@ def _divisors(n: int) -> list[int]:
 
 
 def degrees(config: Any, decisions: Mapping[str, Any], devices: int, hw: Hardware) -> tuple[Degree, ...]:
-    """Tensor-parallel degrees the model's sizes (config, else its embedding) allow."""
+    """Tensor-parallel degrees the model's sizes (config, else its embedding) allow.
+
+    >>> from tpflax._src.hardware import get_hardware
+    >>> degrees({"n_heads": 12}, {}, 8, get_hardware("h100"))[0].line()
+    'heads 12 allow {1, 2, 3, 4, 6}; blocks model=8: pad to 16 (+4) to allow them'
+    """
     cfg = config
     sizes: list[tuple[str, int]] = []
     for name, key in (("heads", "n_heads"), ("kv heads", "n_kv_heads"), ("vocab", "vocab"),

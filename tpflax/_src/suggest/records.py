@@ -229,7 +229,7 @@ class Suggestion:
         elif self.rejected:
             kinds: dict[str, int] = {}
             for c in self.rejected:
-                kinds[reason_kind(c.rejected)] = kinds.get(reason_kind(c.rejected), 0) + 1
+                kinds[_reason_kind(c.rejected)] = kinds.get(_reason_kind(c.rejected), 0) + 1
             out.append(f"  rejected {len(self.rejected)}: "
                        + ", ".join(f"{n} {k}" for k, n in kinds.items()) + " (--all lists them)")
         if self.degrees:
@@ -242,7 +242,7 @@ class Suggestion:
         return out
 
 
-def reason_kind(text: str) -> str:
+def _reason_kind(text: str) -> str:
     for key in ("does not fit", "batch", "shards no parameter", "cannot be planned"):
         if key in text:
             return {"batch": "batch does not split", "shards no parameter": "axis shards nothing"}.get(key, key)

@@ -45,8 +45,7 @@ from tpflax._src.suggest.records import Candidate, Suggestion
 from tpflax._src.suggest.verify import EMULABLE, verify_suggestion
 
 # EMULABLE and verify_suggestion are re-exported for the CLI (their home: verify).
-__all__ = ["AXES", "EMULABLE", "Context", "candidate", "factorisations", "signature", "suggest_mesh",
-           "verify_suggestion"]
+__all__ = ["AXES", "EMULABLE", "Context", "Shared", "suggest_mesh", "verify_suggestion"]
 
 # Mesh axis order: data outermost (its traffic is one gradient reduction per step,
 # the cheapest to send over the slow network), the tensor axis innermost so its
@@ -100,7 +99,7 @@ class Context:
                         **self.est_kwargs)
 
     def shared(self, ms: MeshShape) -> Shared:
-        sig = signature(self, ms.sizes)
+        sig = _signature(self, ms.sizes)
         if sig not in self.plans:
             try:
                 p = self.plan_for(ms)
@@ -114,7 +113,7 @@ class Context:
         return self.plans[sig]
 
 
-def signature(ctx: Context, sizes) -> tuple:
+def _signature(ctx: Context, sizes) -> tuple:
     """What the planner can see of a mesh: per axis (or product of axes), which leaf dims it divides."""
     def divides(x: int):
         return (x > 1, frozenset(s for s in ctx.dims if s % x == 0))
@@ -129,14 +128,14 @@ def signature(ctx: Context, sizes) -> tuple:
                  for k in range(1, len(names) + 1) for sub in itertools.combinations(names, k))
 
 
-def factorisations(n: int, k: int):
+def _factorisations(n: int, k: int):
     """Every ordered ``k``-tuple of positive ints whose product is ``n``."""
     if k == 1:
         yield (n,)
         return
     for d in range(1, n + 1):
         if n % d == 0:
-            for rest in factorisations(n // d, k - 1):
+            for rest in _factorisations(n // d, k - 1):
                 yield (d,) + rest
 
 
@@ -215,7 +214,7 @@ def _context(model_or_tree: Any, hw: Hardware, devices: int, *, sample, variable
     return ctx, notes
 
 
-def candidate(ctx: Context, ms: MeshShape, mem_limit: int) -> Candidate:
+def _candidate(ctx: Context, ms: MeshShape, mem_limit: int) -> Candidate:
     """Plan (shared by signature), price with the estimate's code, and judge one mesh shape."""
     from tpflax._src.specs import fmt_bytes as fmt
 
@@ -319,8 +318,8 @@ def suggest_mesh(model_or_tree: Any, devices: int, device_memory: Any = None, ha
     if hardware is None:
         notes.append(hw.source)
     ranked, rejected = [], []
-    for shape in factorisations(devices, len(ctx.axis_names)):
-        c = candidate(ctx, mesh_shape(dict(zip(ctx.axis_names, shape, strict=True))), mem_limit)
+    for shape in _factorisations(devices, len(ctx.axis_names)):
+        c = _candidate(ctx, mesh_shape(dict(zip(ctx.axis_names, shape, strict=True))), mem_limit)
         (ranked if not c.rejected else rejected).append(c)
     if ranked and not any(c.tensor_local for c in ranked):
         notes.append(f"no shape with the tensor axis inside one host ({hw.chips_per_host} devices) fits: "
