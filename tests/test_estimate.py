@@ -7,8 +7,9 @@ import optax
 import pytest
 
 import tpflax
-from tpflax import zoo
-from tpflax._src.cost.estimate import EstimateError, estimate, opt_state_specs, parse_batch, trace_activations
+from tpflax import EstimateError, estimate, trace_activations, zoo
+from tpflax._src.cost.batch import parse_batch
+from tpflax._src.cost.optstate import opt_state_specs
 
 F32 = "float32"
 
@@ -150,11 +151,84 @@ def test_estimate_is_pure_and_does_not_touch_the_plan():
 
 
 def test_bare_batch_size_uses_the_models_sequence_length():
-    from tpflax._src.cost.estimate import parse_batch
-
     assert parse_batch(8, {"vocab": 100, "seq_len": 16}).leaves == (
         ("x", (8, 16), "int32"), ("y", (8, 16), "int32"))
     with pytest.raises(EstimateError, match="needs the model"):
         parse_batch(8)
     with pytest.raises(EstimateError, match=">= 1"):
         parse_batch(0, {"seq_len": 16})
+
+
+def _linen_mlp():
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(64, name="down")(nn.relu(nn.Dense(256, name="up")(x)))
+
+    return Net()
+
+
+def test_linen_module_with_a_sample_takes_the_batch_from_it():
+    # regression: model=<linen Module> raised a bare TypeError ('int' object is not iterable)
+    net, x = _linen_mlp(), jax.ShapeDtypeStruct((8, 64), "float32")
+    variables = jax.eval_shape(lambda x: net.init(jax.random.key(0), x), x)
+    p = tpflax.plan(variables, {"data": 2, "model": 4})
+    e = estimate(p, optax.adam(1e-3), model=net, sample=(x,))
+    assert e.batch["size"] == 8 and e.batch["leaves"] == [["0", [8, 64], "float32"]]
+    assert e.settings["activations"] == "traced"  # linen layers are intercepted
+    assert e.per_device.activations > 0 and e.per_device.inputs == 8 * 64 * 4 // 2
+    # the same numbers as with the batch spelled out and the layer shapes traced separately
+    acts = trace_activations(net, sample=(x,))
+    assert acts["up"][0].output == (8, 256)
+    same = estimate(p, optax.adam(1e-3), (x,), activations=acts)
+    assert same.per_device == e.per_device and same.comm == e.comm
+
+
+def test_plain_function_model_with_a_sample():
+    net, x = _linen_mlp(), jax.ShapeDtypeStruct((16, 64), "float32")
+    variables = jax.eval_shape(lambda x: net.init(jax.random.key(0), x), x)
+    p = tpflax.plan(variables, {"data": 4})
+    e = estimate(p, optax.sgd(0.1), model=lambda v, x: net.apply(v, x), sample=(x,))
+    assert e.batch["size"] == 16 and e.batch["shards"] == 4
+    assert e.settings["activations"] == "formula"  # a plain function has no layers to intercept
+    grads = (64 * 256 + 256 + 256 * 64 + 64) * 4
+    assert e.comm == {"all-reduce": {"data": pytest.approx(2 * 3 / 4 * grads)}}  # ring all-reduce, by hand
+
+
+def test_prng_key_bytes_agree_with_the_plan():
+    # regression: a 1,024-key leaf counted 4,096 bytes here and 8,192 in the plan
+    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), 1024))
+    p = tpflax.plan({**mlp_tree(), "rng": keys}, {"model": 4})
+    e = estimate(p, optax.adam(1e-3), (8, 64))
+    assert p.decisions["rng"].bytes == 1024 * 8
+    assert e.per_device.model_state == e.unsharded.model_state == 1024 * 8
+
+
+def test_optimizer_state_layout_matches_the_placed_specs():
+    # the estimate reads the state layout once; it must give the specs the state is placed with
+    from jax.sharding import PartitionSpec
+
+    from tpflax._src.cost.optstate import opt_entries, opt_layout
+    from tpflax._src.specs import entries
+
+    m = zoo.get("llama-scan")
+    for mesh in ({"fsdp": 2, "model": 4}, {"data": 2, "model": 2}):
+        p = tpflax.plan(m.abstract_variables(), mesh, fsdp_min_bytes=1024)
+        for opt in (optax.adamw(1e-3), optax.adafactor(1e-3)):
+            state, specs = opt_state_specs(p, opt)
+            placed = [entries(s, len(x.shape)) for s, x in zip(
+                jax.tree_util.tree_leaves(specs, is_leaf=lambda s: isinstance(s, PartitionSpec)),
+                jax.tree_util.tree_leaves(state), strict=True)]
+            spec_of = {k: entries(d.spec, len(d.shape)) for k, d in p.decisions.items()}
+            assert opt_entries(opt_layout(p, opt), spec_of) == placed
+
+
+def test_repeated_layers_are_priced_once_and_counted():
+    m = zoo.get("llama")
+    p = tpflax.plan(m.abstract_variables(), {"data": 2, "model": 4})
+    e = estimate(p, None, "8x32", config=m.config)
+    n_layers = m.config.n_layers
+    rows = [i for i in e.items if "mlp" in i.why and i.why.startswith("row")]
+    assert len(rows) == 1 and rows[0].count == n_layers and "and" in rows[0].source

@@ -30,7 +30,8 @@ from tpflax._src.checkpoint import (
                      restore_checkpoint,
                      save_checkpoint,
 )
-from tpflax._src.cost.estimate import Estimate, estimate, trace_activations
+from tpflax._src.cost.activations import trace_activations
+from tpflax._src.cost.records import Estimate
 from tpflax._src.dryrun import DryRun, dry_run
 from tpflax._src.errors import (
                      CheckpointError,
@@ -56,14 +57,9 @@ from tpflax._src.mesh import MeshShape, abstract_mesh, make_mesh, mesh_shape
 from tpflax._src.planner.plan import Decision, Pair, Plan, default_logical_rules, plan
 from tpflax._src.report import fmt_bytes, report
 from tpflax._src.step import TrainStep, make_train_step
-from tpflax._src.suggest.search import (
-                     Candidate,
-                     Degree,
-                     Suggestion,
-                     Verification,
-                     suggest_mesh,
-                     verify_suggestion,
-)
+from tpflax._src.suggest.records import Candidate, Degree, Suggestion, Verification
+from tpflax._src.suggest.search import suggest_mesh
+from tpflax._src.suggest.verify import verify_suggestion
 from tpflax._src.trace.dataflow import Dataflow, dataflow
 
 __version__ = "0.1.0"

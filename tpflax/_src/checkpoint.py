@@ -24,8 +24,8 @@ import jax
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from tpflax._src.errors import CheckpointError, PlanMismatchError
-from tpflax._src.planner.plan import Plan, check_tree_matches
 from tpflax._src.facts.tree import Leaf, is_box, keystr, unbox, unboxed, walk
+from tpflax._src.planner.plan import Plan, check_tree_matches
 
 MARKER = "tpflax.json"
 FORMAT = "tpflax.checkpoint"

@@ -20,6 +20,7 @@ import importlib
 from typing import Any, NamedTuple
 
 from tpflax._src.errors import ModelLoadError
+
 from ._base import ZooModel, count_params, params_of
 
 __all__ = ["ZooModel", "count_params", "get", "names", "params_of"]

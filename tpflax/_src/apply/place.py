@@ -34,10 +34,10 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tpflax._src.errors import OptionError, PlanMismatchError, SpecError, TpflaxWarning, TreeError
+from tpflax._src.facts.tree import COLLECTIONS, is_box, keystr, unbox, walk
 from tpflax._src.mesh import DATA, FSDP, _pairs, make_mesh, mesh_shape
 from tpflax._src.planner.plan import Plan, check_tree_matches
 from tpflax._src.specs import entries, entry_axes, to_pspec
-from tpflax._src.facts.tree import COLLECTIONS, is_box, keystr, unbox, walk
 
 # ---------------------------------------------------------------------------
 # meshes

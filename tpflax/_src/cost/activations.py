@@ -1,0 +1,165 @@
+"""Activations: exact layer shapes from an abstract trace, and the bytes saved for the backward pass."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from tpflax._src.cost.batch import Batch, config_value, np_dtype
+from tpflax._src.cost.records import Act
+from tpflax._src.mesh import EXPERT, TENSOR, MeshShape
+from tpflax._src.specs import Entry, entry_axes
+
+COLLECTION_PREFIXES = ("params/", "batch_stats/")
+
+
+def trace_activations(model: Any, batch: Any = None, variables: Any = None, *,
+                      sample: Any = None) -> dict[str, list[Act]]:
+    """Input and output shapes of every layer call, for a global batch.
+
+    Uses ``jax.eval_shape`` with ``flax.linen.intercept_methods``, so nothing is
+    allocated or compiled. Compute it once per (model, batch) and pass it as
+    ``activations=`` to every :func:`tpflax.estimate` call.
+
+    Args:
+        model: anything :func:`tpflax._src.model.as_model` accepts (a zoo model, a
+            linen or nnx Module, a plain ``fn(variables, *sample)``).
+        batch: a batch size (sets the sample's leading dim), or the sample inputs
+            themselves (a tuple of arrays / ``ShapeDtypeStruct``).
+        variables: variables (abstract is fine); defaults to the model's.
+        sample: the sample inputs (default: a zoo model's own).
+
+    Returns:
+        ``{layer path: [Act, ...]}`` (one Act per call; ``attend`` calls are
+        keyed ``path:attend``). Empty for models without linen layers (nnx, plain
+        functions): their activations come from the formula.
+
+    >>> from tpflax import zoo
+    >>> acts = trace_activations(zoo.get("mlp"), 4)
+    >>> acts["block_0/mlp/up"][0].output
+    (4, 256)
+    """
+    import flax.linen as nn
+    import jax
+
+    from tpflax._src.model import as_model
+
+    if sample is None and isinstance(batch, (tuple, list)):
+        sample, batch = batch, None
+    m = as_model(model, sample, variables)
+    if isinstance(batch, int) and not isinstance(batch, bool):
+        m = m.with_batch(batch)
+    if m.module is None or m.variables is None:
+        return {}
+    out: dict[str, list[Act]] = {}
+
+    def interceptor(next_fun, args, kw, context):
+        result = next_fun(*args, **kw)
+        if context.module.path and context.method_name in ("__call__", "attend"):
+            _record(out, context, args, result)
+        return result
+
+    def run(v, *xs):
+        with nn.intercept_methods(interceptor):
+            return m.module.apply(v, *xs, **dict(m.kwargs))
+
+    jax.eval_shape(run, m.variables, *m.sample)
+    return out
+
+
+def _record(out: dict[str, list[Act]], context: Any, args: Sequence[Any], result: Any) -> None:
+    path = "/".join(str(p) for p in context.module.path)
+    if context.method_name != "__call__":
+        path += ":" + context.method_name
+    arrays = [a for a in args if hasattr(a, "shape") and hasattr(a, "dtype")]
+    res = result[0] if isinstance(result, tuple) and result and hasattr(result[0], "shape") else result
+    if hasattr(res, "shape") and arrays:
+        out.setdefault(path, []).append(Act(tuple(tuple(a.shape) for a in arrays), tuple(res.shape),
+                                            str(res.dtype), int(res.dtype.itemsize)))
+
+
+def layer_key(unit: str) -> str:
+    """A decision's unit as traced layer paths spell it (without the linen collection).
+
+    >>> layer_key("params/block_0/mlp/up")
+    'block_0/mlp/up'
+    """
+    return unit.split("/", 1)[1] if unit.startswith(COLLECTION_PREFIXES) else unit
+
+
+def acts_for(activations: Mapping[str, Sequence[Act]], unit: str) -> list[Act]:
+    """The traced calls of a decision's unit (none when untraced).
+
+    >>> acts_for({"mlp/up": [Act(((2, 4),), (2, 8), "float32", 4)]}, "params/mlp/up")[0].output
+    (2, 8)
+    """
+    return list(activations.get(layer_key(unit), ()))
+
+
+def token_rows(b: Batch, config: Any) -> int:
+    """Activation rows through the residual stream for the global batch.
+
+    >>> from tpflax._src.cost.batch import parse_batch
+    >>> token_rows(parse_batch("8x16", {"vocab": 100}), None)  # tokens
+    128
+    """
+    x = b.leaves[0][1]
+    if len(x) >= 2 and np_dtype(b.leaves[0][2]).kind in "iu":
+        return math.prod(x)  # tokens
+    image, patch = config_value(config, "image_size"), config_value(config, "patch_size")
+    if image and patch:
+        return b.size * ((image // patch) ** 2 + (1 if config_value(config, "cls_token", True) else 0))
+    if len(x) == 3:
+        return x[0] * x[1]  # (batch, seq, features)
+    return b.size
+
+
+def activation_bytes(column_units: Mapping[str, Sequence[Entry]], activations: Mapping[str, Sequence[Act]],
+                     b: Batch, config: Any, mesh: MeshShape, shards: int, remat: bool, act_item: int,
+                     notes: list[str]) -> tuple[int, int]:
+    """Saved activations on the fullest device and unsharded (an estimate).
+
+    ``column_units``: per traced layer path, the entries of its leaves' split last dims.
+    """
+    if activations:
+        return _traced_bytes(column_units, activations, mesh, shards, remat, act_item)
+    d_model, n_layers = config_value(config, "d_model"), config_value(config, "n_layers")
+    seq = config_value(config, "seq_len")
+    if not (d_model and n_layers and seq):
+        notes.append("activations not estimated: pass model= / activations=trace_activations(...) or a "
+                     "config with d_model, n_layers and seq_len")
+        return 0, 0
+    heads = config_value(config, "n_heads", 1) or 1
+    tokens = token_rows(b, config)
+    scale = act_item / 2  # the per-layer formula below counts 16-bit activations
+    t = math.prod(mesh.sizes[a] for a in mesh.axes_with(TENSOR))
+
+    def per_layer(tp: int, sh: int) -> float:
+        # Korthikanti et al. 2022: s*b*h*(10 + 24/t + 5*a*s/(h*t)) bytes per layer (16-bit).
+        return tokens / sh * d_model * (10 + 24 / tp + 5 * heads * seq / (d_model * tp)) * scale
+
+    if remat:
+        return int(tokens / shards * d_model * act_item * n_layers), int(tokens * d_model * act_item * n_layers)
+    notes.append("activations from the transformer formula (Korthikanti et al.); trace the model for "
+                 "exact layer shapes")
+    return int(per_layer(t, shards) * n_layers), int(per_layer(1, 1) * n_layers)
+
+
+def _traced_bytes(column_units, activations, mesh: MeshShape, shards: int, remat: bool,
+                  act_item: int) -> tuple[int, int]:
+    roles = dict(mesh.roles)
+    col_units = {}  # layers whose output features are split over tensor/expert axes (the last such leaf)
+    for unit, ents in column_units.items():
+        split = [e for e in ents if any(roles[a] in (TENSOR, EXPERT) for a in entry_axes(e))]
+        if split:
+            col_units[unit] = math.prod(mesh.sizes[a] for a in entry_axes(split[-1]))
+    full = dev = 0.0
+    for path, calls in activations.items():
+        if remat and "/" in path:
+            continue  # only top-level (block) outputs are kept under remat
+        for a in calls:
+            nbytes = math.prod(a.output) * act_item
+            full += nbytes
+            dev += nbytes / shards / col_units.get(path.split(":")[0], 1)
+    return int(dev), int(full)

@@ -1,0 +1,185 @@
+"""The one batch parser: every stage that needs a training batch's shapes reads it here.
+
+A batch is a pytree of arrays / ``jax.ShapeDtypeStruct`` (a zoo model's
+``make_batch``, or a model's sample inputs), a mapping of name to shape, a bare
+shape, a ``"32x1024"`` string, or a batch size with a config that knows the
+sequence length. :func:`parse_batch` turns each into a :class:`Batch`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from tpflax._src.errors import EstimateError
+from tpflax._src.facts.tree import itemsize
+
+
+def np_dtype(name: Any):
+    """``name`` as a numpy/jax dtype; a PRNG key's name as jax's key dtype; anything else as uint32.
+
+    >>> str(np_dtype("bfloat16")), str(np_dtype("key<fry>"))
+    ('bfloat16', 'key<fry>')
+    """
+    import jax
+    import jax.numpy as jnp
+
+    try:
+        return jnp.dtype(name)
+    except TypeError:
+        if isinstance(name, str) and name.startswith("key<"):
+            return jax.eval_shape(lambda: jax.random.key(0)).dtype
+        return jnp.dtype("uint32")  # opaque leaves: a shape-only stand-in
+
+
+def dtype_name(dtype: Any) -> str | None:
+    """The canonical name of ``dtype`` (``"bfloat16"``), or None when jax does not know it.
+
+    >>> import jax.numpy as jnp
+    >>> dtype_name(jnp.bfloat16), dtype_name("nope")
+    ('bfloat16', None)
+    """
+    if dtype is None:
+        return None
+    import jax.numpy as jnp
+
+    try:
+        return jnp.dtype(dtype).name
+    except TypeError:
+        return None
+
+
+def config_value(config: Any, name: str, default: Any = None) -> Any:
+    """``config[name]`` or ``config.name`` (a dict of hints or a model config), else ``default``.
+
+    >>> config_value({"seq_len": 16}, "seq_len"), config_value(None, "vocab", 0)
+    (16, 0)
+    """
+    if config is None:
+        return default
+    if isinstance(config, Mapping):
+        return config.get(name, default)
+    return getattr(config, name, default)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A training batch's leaves, as ``(name, shape, dtype name)``, and the activation dtype."""
+
+    leaves: tuple[tuple[str, tuple[int, ...], str], ...]
+    act_dtype: str
+
+    @property
+    def size(self) -> int:
+        return self.leaves[0][1][0] if self.leaves and self.leaves[0][1] else 1
+
+    def nbytes(self) -> int:
+        return sum(math.prod(s) * itemsize(d) for _, s, d in self.leaves)
+
+    def label(self) -> str:
+        """``"32x1024"``: the first leaf's shape."""
+        return "x".join(map(str, self.leaves[0][1])) if self.leaves else str(self.size)
+
+
+def parse_batch(batch: Any, config: Any = None, act_dtype: str | None = None) -> Batch:
+    """Normalise a batch description.
+
+    Accepts a pytree of arrays / ``ShapeDtypeStruct`` (e.g.
+    ``jax.eval_shape(lambda: model.make_batch(0, 32))`` or a model's sample
+    inputs), a mapping of name to shape with an optional ``"dtype"`` entry
+    (``{"x": (32, 1024), "dtype": "bfloat16"}``), a bare shape ``(32, 1024)``, a
+    ``"32x1024"`` string, or a batch size when ``config`` has ``seq_len``. Token
+    models (a config with ``vocab``) get int32 inputs and shifted int32 labels.
+
+    Raises:
+        EstimateError: the batch is missing or malformed.
+
+    >>> parse_batch("8x16", {"vocab": 100}).leaves
+    (('x', (8, 16), 'int32'), ('y', (8, 16), 'int32'))
+    """
+    dtype = act_dtype or dtype_name(config_value(config, "dtype")) or "float32"
+    if batch is None:
+        raise EstimateError("estimate needs a batch: e.g. batch={'x': (32, 1024)}, sample=(x,) with model=, "
+                            "or jax.eval_shape(lambda: model.make_batch(0, 32))")
+    batch = _as_shape(batch, config)
+    if isinstance(batch, Mapping) and all(isinstance(v, (tuple, list, str)) for v in batch.values()):
+        return _from_shapes(dict(batch), config, act_dtype, dtype)
+    return _from_tree(batch, act_dtype, dtype)
+
+
+def _as_shape(batch: Any, config: Any) -> Any:
+    """A string or a bare size as a shape mapping; anything else unchanged."""
+    if isinstance(batch, str):
+        try:
+            batch = tuple(int(x) for x in batch.lower().replace("*", "x").split("x"))
+        except ValueError:
+            raise EstimateError(f"batch {batch!r} is not NxM...; write e.g. '32x1024'") from None
+    if isinstance(batch, int) and not isinstance(batch, bool):
+        seq = config_value(config, "seq_len")
+        if batch < 1:
+            raise EstimateError(f"batch size {batch} must be >= 1")
+        if seq is None:
+            raise EstimateError(f"a bare batch size ({batch}) needs the model (for its sequence length); "
+                                f"pass model=, or a shape such as ({batch}, 1024)")
+        batch = (batch, int(seq))
+    if isinstance(batch, (tuple, list)) and batch and all(isinstance(x, int) for x in batch):
+        batch = {"x": tuple(batch)}
+    return batch
+
+
+def _from_shapes(spec: dict, config: Any, act_dtype: str | None, dtype: str) -> Batch:
+    vocab = config_value(config, "vocab")
+    dtype = act_dtype or str(spec.pop("dtype", dtype))
+    leaves = []
+    for name, shape in spec.items():
+        if not (isinstance(shape, (tuple, list)) and all(isinstance(s, int) and s > 0 for s in shape)):
+            raise EstimateError(f"batch[{name!r}] = {shape!r} is not a shape of positive ints")
+        shape = tuple(shape)
+        leaf_dtype = "int32" if (vocab and len(shape) == 2) or name == "y" else dtype
+        leaves.append((name, shape, leaf_dtype))
+    if "y" not in spec and leaves:
+        x_shape = leaves[0][1]
+        y = x_shape if vocab and len(x_shape) == 2 else x_shape[:1]
+        leaves.append(("y", y, "int32"))
+    return Batch(tuple(leaves), dtype)
+
+
+def _from_tree(batch: Any, act_dtype: str | None, dtype: str) -> Batch:
+    import jax
+
+    flat, _ = jax.tree_util.tree_flatten_with_path(batch)
+    leaves = []
+    for path, leaf in flat:
+        shape = tuple(int(s) for s in getattr(leaf, "shape", ()))
+        leaves.append((jax.tree_util.keystr(path, simple=True, separator="/") or "x", shape,
+                       str(getattr(leaf, "dtype", "float32"))))
+    if not leaves:
+        raise EstimateError("the batch has no array leaves")
+    floats = [d for _, _, d in leaves if dtype_name(d) and np_dtype(d).kind == "f"]
+    return Batch(tuple(leaves), act_dtype or (floats[0] if floats else dtype))
+
+
+def resolve_batch(batch: Any, zoo: Any = None) -> Any:
+    """A zoo model's batch size (or ``(size, seq_len)``) as its real abstract batch (tokens and labels).
+
+    Anything else is returned unchanged for :func:`parse_batch`.
+
+    >>> from tpflax import zoo
+    >>> sorted(resolve_batch(4, zoo.get("mlp")))
+    ['x', 'y']
+    """
+    if zoo is None or not hasattr(zoo, "make_batch"):
+        return batch
+    dims = (batch,) if isinstance(batch, int) else tuple(batch) if isinstance(batch, (tuple, list)) else None
+    seq = config_value(getattr(zoo, "config", None), "seq_len")
+    if not dims or not all(isinstance(x, int) and not isinstance(x, bool) for x in dims):
+        return batch
+    if len(dims) == 1 or (seq is not None and len(dims) == 2 and dims[1] == seq):
+        if dims[0] < 1:
+            raise EstimateError(f"batch {batch!r} must be positive")
+        import jax
+
+        return jax.eval_shape(lambda: zoo.make_batch(0, dims[0]))
+    return batch

@@ -1,0 +1,339 @@
+"""Communication per training step, modelled per collective from the plan's decisions.
+
+Each source of collectives has its own function: gradients (fsdp and data
+parallelism), column -> row pairs, embeddings and output heads (and tensor-split
+layers without a partner), experts. They read only the decisions (spec, shape,
+kind, pair, role, layers dim, unit, trainable) and the mesh axis roles, through
+a :class:`Scope` that holds what one (plan, mesh) shares. Alike leaves of
+repeated layers are priced once (:mod:`tpflax._src.cost.leaves`): an item's
+``count`` includes how many there are, and its ``source`` names their group.
+
+Rematerialisation does not re-issue collectives in what XLA compiles: the
+recomputed forward reuses the gathered weights / reduced activations (measured
+on the zoo's nn.remat-inside-nn.scan Llama), so forward counts are 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tpflax._src.cost.activations import acts_for, token_rows
+from tpflax._src.cost.batch import Batch, config_value
+from tpflax._src.cost.leaves import Leaves
+from tpflax._src.cost.optstate import shard_bytes
+from tpflax._src.cost.records import Act, CommItem
+from tpflax._src.facts.classify import layer_group
+from tpflax._src.facts.tree import itemsize
+from tpflax._src.mesh import EXPERT, FSDP, TENSOR, MeshShape
+from tpflax._src.specs import Entry, used_axes
+
+
+def is_output_head(d: Any) -> bool:
+    """True for an output head (logits over the vocabulary or the classes).
+
+    >>> import jax, tpflax
+    >>> p = tpflax.plan({"lm_head": {"kernel": jax.ShapeDtypeStruct((64, 100), "float32")}}, {"model": 2})
+    >>> is_output_head(p.decisions["lm_head/kernel"])
+    True
+    """
+    return d.kind == "head"
+
+
+def leaf_itemsize(d: Any) -> int:
+    """Bytes per element of a decision's leaf, from the bytes the planner counted.
+
+    >>> import jax, tpflax
+    >>> keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), 4))
+    >>> leaf_itemsize(tpflax.plan({"rng": keys}, {"data": 1}).decisions["rng"])  # a PRNG key: 2 x uint32
+    8
+    """
+    n = math.prod(d.shape)
+    return d.bytes // n if n else itemsize(d.dtype)
+
+
+def _layers(d: Any) -> int:
+    """How many stacked layers (``nn.scan``) the leaf holds: its collectives repeat that often."""
+    return math.prod(d.shape[:d.layers_dim + 1]) if d.layers_dim is not None else 1
+
+
+def body(d: Any) -> tuple[int, ...]:
+    """The leaf's shape without its stacked-layers dim.
+
+    >>> import jax, tpflax
+    >>> w = jax.ShapeDtypeStruct((4, 64, 256), "float32")
+    >>> p = tpflax.plan({"layers": {"up": {"kernel": w}}}, {"data": 1}, stacked="layers")
+    >>> body(p.decisions["layers/up/kernel"])
+    (64, 256)
+    """
+    return tuple(d.shape[d.layers_dim + 1:]) if d.layers_dim is not None else tuple(d.shape)
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What every collective of one (plan, mesh) shares."""
+
+    mesh: MeshShape
+    lv: Leaves
+    batch: Batch
+    batch_axes: tuple[str, ...]
+    shards: int
+    act_item: int
+    g_item: int | None
+    backend: str
+    dispatch: str
+    activations: Mapping[str, Sequence[Act]]
+    config: Any
+
+    @functools.cached_property
+    def rows_local(self) -> float:
+        return token_rows(self.batch, self.config) / self.shards
+
+    def axes(self, path: str, role: str) -> tuple[str, ...]:
+        """Mesh axes of ``role`` (size > 1) that split the leaf at ``path``."""
+        return _axes_of(self.lv.specs[path], self.mesh, role)
+
+    def size(self, axes: Sequence[str]) -> int:
+        return math.prod(self.mesh.sizes[a] for a in axes)
+
+    def nbytes(self, shape: Sequence[int]) -> float:
+        """Bytes of a traced activation on one device: batch-major shapes split over the batch axes."""
+        local = 1 / self.shards if shape and shape[0] == self.batch.size else 1.0
+        return math.prod(shape) * self.act_item * local
+
+    def leaf_bytes(self, path: str, d: Any) -> int:
+        return shard_bytes(tuple(d.shape), leaf_itemsize(d), self.lv.specs[path], self.mesh)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _axes_of(spec: tuple[Entry, ...], mesh: MeshShape, role: str) -> tuple[str, ...]:
+    roles, used = dict(mesh.roles), used_axes(spec)
+    return tuple(a for a in mesh.names if a in used and roles[a] == role and mesh.sizes[a] > 1)
+
+
+def comm_items(scope: Scope, notes: list[str]) -> list[CommItem]:
+    """Every modelled collective of one training step (see :func:`tpflax._src.cost.estimate.price_leaves`)."""
+    return (_gradient_items(scope) + _pair_items(scope, notes) + _layer_items(scope, notes)
+            + _expert_items(scope))
+
+
+# ---------------------------------------------------------------------------
+# gradients: fsdp gather / reduce-scatter, data-parallel all-reduce
+
+def _gradient_items(s: Scope) -> list[CommItem]:
+    """fsdp all-gathers and gradient reductions of every trainable leaf."""
+    # A scanned recurrence's weights get a partial gradient at every time step; XLA
+    # reduces it inside the backward loop, once per step of the sequence.
+    x_shape = s.batch.leaves[0][1]
+    steps = int(config_value(s.config, "seq_len", 0) or (x_shape[1] if len(x_shape) >= 2 else 1))
+    items: list[CommItem] = []
+    for path, d in s.lv.decisions.items():
+        if not d.trainable:
+            continue
+        reps, k, label = steps if d.unit in s.lv.recurrent else 1, s.lv.count[path], s.lv.label[path]
+        for kind, axes, size, n, count, why in _gradient_templates(
+                s.lv.specs[path], s.mesh, s.batch_axes, s.leaf_bytes(path, d), leaf_itemsize(d), s.g_item,
+                s.backend, reps):
+            items.append(CommItem(kind, axes, size, n, count * k, label, why))
+    return items
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _gradient_templates(spec, mesh: MeshShape, batch_axes, nbytes: int, item: int, g_item, backend: str,
+                        reps: int) -> tuple:
+    """The gradient collectives of one leaf, without its path (repeated layers share them)."""
+    why_rep = f" at each of {reps} time steps (inside the scanned recurrence)" if reps > 1 else ""
+    f_axes = _axes_of(spec, mesh, FSDP)
+    free = tuple(a for a in batch_axes if a not in used_axes(spec))
+    gbytes = nbytes if g_item is None else nbytes // item * g_item
+    nf = math.prod(mesh.sizes[a] for a in f_axes)
+    out = []
+    if f_axes:
+        out.append(("all-gather", f_axes, nbytes * nf, nf, 1,
+                    "fsdp: gather the parameter for compute (the backward reuses it)"))
+        if backend == "cpu":
+            group = tuple(a for a in mesh.names if a in f_axes or a in free)
+            return tuple(out) + (("all-reduce", group, gbytes * nf, math.prod(mesh.sizes[a] for a in group), reps,
+                                  "fsdp gradient: XLA:CPU all-reduces the whole gradient, then slices" + why_rep),)
+        out.append(("reduce-scatter", f_axes, gbytes * nf, nf, reps,
+                    "fsdp gradient: reduce-scatter to the owning shard" + why_rep))
+    if free:
+        out.append(("all-reduce", free, gbytes, math.prod(mesh.sizes[a] for a in free), reps,
+                    "data parallel: sum the gradient over the batch axes" + why_rep))
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------
+# column -> row pairs
+
+def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
+    """A split pair sums the row side's partial outputs forward and the column side's input gradients back."""
+    items: list[CommItem] = []
+    dec, label = s.lv.decisions, s.lv.label
+    for pc in s.lv.pairs:
+        cols, rows = list(pc.columns), list(pc.rows)
+        axes = tuple(dict.fromkeys(a for p in cols + rows for a in s.axes(p, TENSOR)))
+        if not axes:
+            continue
+        n = s.size(axes)
+        count = max(_layers(dec[p]) for p in cols + rows) * pc.count
+        source = f"pair {pc.id}" + (f" and {pc.count - 1} alike" if pc.count > 1 else "")
+        for r in rows:
+            if s.axes(r, TENSOR):
+                items.append(CommItem("all-reduce", axes, _pair_act(dec[r], "out", s), n, count, source,
+                                      f"row {label[r]}: sum partial outputs (forward)"))
+        # XLA reduces the column inputs' gradients one by one (q, k and v are three all-reduces)
+        for c in cols:
+            if s.axes(c, TENSOR):
+                items.append(CommItem("all-reduce", axes, _pair_act(dec[c], "in", s), n, count, source,
+                                      f"column {label[c]}: sum partial input gradients (backward)"))
+            else:  # GQA key/value with fewer heads than the tensor degree: its output gradient is gathered
+                items.append(CommItem("all-gather", axes, _pair_act(dec[c], "out", s), n, count, source,
+                                      f"replicated column {label[c]} in a split pair: gather its output "
+                                      "gradient (backward)"))
+        _heads_note(dec, pc.id, cols, s, notes)
+    return items
+
+
+def _heads_note(decisions, pid: int, cols: list[str], s: Scope, notes: list[str]) -> None:
+    # attention split finer than its heads: the score contraction crosses devices and
+    # XLA reshards attention in ways this model does not predict; say so
+    n_heads = config_value(s.config, "n_heads")
+    if not n_heads or not any(decisions[c].kind == "attention" for c in cols):
+        return
+    degree = max((s.size(s.axes(c, TENSOR)) for c in cols), default=1)
+    if degree > 1 and n_heads % degree:
+        notes.append(f"attention pair {pid}: {n_heads} heads do not divide the tensor degree {degree}, so "
+                     "head_dim is split and XLA adds resharding collectives that are not modelled; use a "
+                     "tensor degree that divides the heads")
+
+
+def _pair_act(d: Any, side: str, s: Scope) -> float:
+    acts = acts_for(s.activations, d.unit)
+    if acts:
+        return s.nbytes(acts[0].output if side == "out" else acts[0].inputs[0])
+    b = body(d)
+    if d.kind == "expert" and len(b) == 3:
+        width = b[1] if side == "in" else b[-1]
+    else:
+        width = b[0] if side == "in" else b[-1]
+    return s.rows_local * width * s.act_item
+
+
+# ---------------------------------------------------------------------------
+# embeddings, output heads and tensor-split layers without a partner
+
+def _layer_items(s: Scope, notes: list[str]) -> list[CommItem]:
+    """Collectives of tensor-split leaves outside pairs."""
+    lv = s.lv
+    has_head = any(is_output_head(d) for d in lv.decisions.values())
+    any_attend = any(k.endswith(":attend") for k in s.activations)
+    items: list[CommItem] = []
+    for path, d in lv.decisions.items():
+        axes = s.axes(path, TENSOR)
+        if path in lv.in_pair or not d.trainable or not axes or d.kind == "bias":
+            continue
+        if d.kind == "embedding":
+            new = _embedding_items(path, d, axes, s, tied_guess=not has_head and not any_attend, notes=notes)
+        elif d.kind in ("dense", "head") and lv.specs[path][-1] is not None:
+            new = _column_items(path, d, axes, s)
+        else:
+            if d.kind in ("dense", "conv") and any(e is not None for e in _body_spec(d, lv.specs[path])):
+                notes.append(f"{lv.label[path]}: {d.strategy} split without a partner is not modelled")
+            continue
+        k = lv.count[path]
+        items += [CommItem(i.kind, i.axes, i.size, i.group_size, i.count * k, lv.label[path], i.why) for i in new]
+    return items
+
+
+def _body_spec(d: Any, spec: tuple[Entry, ...]) -> tuple[Entry, ...]:
+    return spec[d.layers_dim + 1:] if d.layers_dim is not None else spec
+
+
+def _embedding_items(path: str, d: Any, axes: tuple[str, ...], s: Scope, *, tied_guess: bool,
+                    notes: list[str]) -> list[CommItem]:
+    """A vocab-split lookup sums its rows; a feature-split one gathers them; a tied output adds the head's."""
+    n, b, spec = s.size(axes), body(d), s.lv.specs[path]
+    acts = acts_for(s.activations, d.unit)
+    size = s.nbytes(acts[0].output) if acts else s.rows_local * b[-1] * s.act_item
+    split_vocab = _body_spec(d, spec)[0] is not None
+    items = [CommItem("all-reduce", axes, size, n, 1, path, "vocab-split embedding: sum the looked-up rows "
+                      "(forward)") if split_vocab else
+             CommItem("all-gather", axes, size, n, 1, path, "embedding split on its features: gather them (forward)")]
+    attend = acts_for(s.activations, d.unit + ":attend")
+    if not (split_vocab and (attend or (tied_guess and config_value(s.config, "vocab") == b[0]))):
+        return items
+    a = attend[0] if attend else None
+    in_size = s.nbytes(a.inputs[0]) if a else s.rows_local * b[-1] * s.act_item
+    items += _head_items(axes, n, in_size, (a.output if a else None), s, path, "tied output embedding")
+    free = tuple(x for x in s.batch_axes if x not in used_axes(spec))
+    if free:  # the lookup's and the output's gradients are reduced separately
+        items.append(CommItem("all-reduce", free, s.leaf_bytes(path, d), s.size(free), 1, path,
+                              "tied embedding: its second gradient (output use) is summed separately over "
+                              "the batch axes"))
+    if not attend:
+        notes.append(f"{path}: assumed tied to the output (no head layer found)")
+    return items
+
+
+def _column_items(path: str, d: Any, axes: tuple[str, ...], s: Scope) -> list[CommItem]:
+    n, b = s.size(axes), body(d)
+    acts = acts_for(s.activations, d.unit)
+    a = acts[0] if acts else None
+    in_size = s.nbytes(a.inputs[0]) if a else s.rows_local * b[0] * s.act_item
+    if is_output_head(d):
+        return _head_items(axes, n, in_size, (a.output if a else None), s, path, "vocab-split output head")
+    out_size = s.nbytes(a.output) if a else s.rows_local * b[-1] * s.act_item
+    return [CommItem("all-gather", axes, out_size, n, _layers(d), path,
+                     "column layer without a row partner: gather its split output (forward)"),
+            CommItem("all-reduce", axes, in_size, n, _layers(d), path,
+                     "column layer without a row partner: sum input gradients (backward)")]
+
+
+def _head_items(axes, n: int, in_size: float, out_shape, s: Scope, path: str, what: str) -> list[CommItem]:
+    if out_shape:
+        local = 1 / s.shards if out_shape[0] == s.batch.size else 1.0
+        rows = math.prod(out_shape[:-1]) * local
+    else:
+        rows = s.rows_local
+    # softmax cross-entropy over a split vocabulary: max, sum of exp and the label's
+    # logit are reduced across the split (float32 per row), then the input gradient
+    return [CommItem("all-reduce", axes, rows * 4, n, 3, path,
+                     f"{what}: max, sum and label logit of the split softmax (forward)"),
+            CommItem("all-reduce", axes, in_size, n, 1, path, f"{what}: sum input gradients (backward)")]
+
+
+# ---------------------------------------------------------------------------
+# experts
+
+def _expert_items(s: Scope) -> list[CommItem]:
+    """Routed tokens move to their experts and back (all-to-all), or every expert sees them (dense)."""
+    e_axes = s.mesh.axes_with(EXPERT)
+    if not e_axes:
+        return []
+    blocks: dict[str, list[str]] = {}  # expert leaves by the block holding them
+    for path, d in s.lv.decisions.items():
+        if d.kind == "expert" and s.axes(path, EXPERT):
+            blocks.setdefault(d.unit.rsplit("/", 1)[0], []).append(path)
+    n = s.size(e_axes)
+    top_k = config_value(s.config, "top_k", 1) or 1
+    items = []
+    for block, paths in blocks.items():
+        d0 = s.lv.decisions[paths[0]]
+        d_model, stack = body(d0)[1], _layers(d0) * s.lv.count[paths[0]]
+        if s.lv.count[paths[0]] > 1:
+            block = layer_group(block)
+        if s.dispatch == "all-to-all":
+            size = s.rows_local * top_k * d_model * s.act_item
+            items.append(CommItem("all-to-all", e_axes, size, n, 2 * stack, block,
+                                  "expert parallel: dispatch and return routed tokens (forward)"))
+            items.append(CommItem("all-to-all", e_axes, size, n, 2 * stack, block,
+                                  "expert parallel: the same, for gradients (backward)"))
+        else:
+            items.append(CommItem("all-reduce", e_axes, s.rows_local * d_model * s.act_item, n, 2 * stack, block,
+                                  "dense expert dispatch: sum expert outputs (forward) and input gradients "
+                                  "(backward)"))
+    return items

@@ -1,0 +1,117 @@
+"""A plan's decisions as the cost model reads them: repeated identical layers merged.
+
+An 80-layer model has 80 copies of each layer's leaves, alike in everything the
+cost depends on (spec, shape, dtype, kind, pair role, layers dim, trainable,
+traced activation shapes). :func:`merge` keeps one representative of each class
+of alike leaves (the first, in tree order) with its count; memory and
+collectives are priced once per class and multiplied. Pairs merge the same way
+when their members are alike one for one. Nothing here depends on the mesh's
+sizes, so one merge serves every mesh that shares the plan's specs.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tpflax._src.cost.activations import acts_for, layer_key
+from tpflax._src.cost.optstate import OptLayout, opt_entries
+from tpflax._src.cost.records import Act
+from tpflax._src.specs import Entry, entries
+
+
+@dataclass(frozen=True)
+class PairClass:
+    """Column -> row pairs alike one for one: the first one's members, and how many pairs."""
+
+    id: int
+    columns: tuple[str, ...]
+    rows: tuple[str, ...]
+    count: int
+
+
+@dataclass(frozen=True)
+class Leaves:
+    """Representative decisions and what pricing needs about all of them.
+
+    Attributes:
+        decisions: one decision per class of alike leaves, in tree order.
+        count: leaves in each representative's class.
+        label: the source to report: the path, or the layer group when repeated.
+        specs: each representative's spec entries.
+        pairs: pair classes, by first pair id.
+        in_pair: representatives that are members of a pair.
+        column_units: per layer (traced path), the entries of its leaves' last dims
+            that are split, in tree order (for activation sizes).
+        recurrent: units of recurrent layers.
+        opt: optimizer-state leaves alike under this plan, as ``(shape, itemsize,
+            entries, count)`` (empty without an optimizer).
+    """
+
+    decisions: Mapping[str, Any]
+    count: Mapping[str, int]
+    label: Mapping[str, str]
+    specs: Mapping[str, tuple[Entry, ...]]
+    pairs: tuple[PairClass, ...]
+    in_pair: frozenset[str]
+    column_units: Mapping[str, tuple[Entry, ...]]
+    recurrent: frozenset[str]
+    opt: tuple[tuple[tuple[int, ...], int, tuple[Entry, ...], int], ...] = ()
+
+
+def merge(decisions: Mapping[str, Any], activations: Mapping[str, Sequence[Act]],
+          opt: OptLayout | None = None) -> Leaves:
+    """Merge a plan's alike leaves (see the module docstring).
+
+    >>> import jax, tpflax
+    >>> sds = jax.ShapeDtypeStruct((64, 64), "float32")
+    >>> p = tpflax.plan({f"layers_{i}": {"w": sds} for i in range(3)}, {"data": 2})
+    >>> lv = merge(p.decisions, {})
+    >>> list(lv.count.items()), lv.label["layers_0/w"]
+    ([('layers_0/w', 3)], 'layers_*/w')
+    """
+    specs = {p: entries(d.spec, len(d.shape)) for p, d in decisions.items()}
+    recurrent = frozenset(d.unit for d in decisions.values() if d.kind == "recurrent")
+    members: dict[int, tuple[list[str], list[str]]] = {}
+    for path, d in decisions.items():
+        if d.pair is not None and d.role in ("column", "row"):
+            cols, rows = members.setdefault(d.pair, ([], []))
+            (cols if d.role == "column" else rows).append(path)
+    paired = {p for cols, rows in members.values() for p in cols + rows}
+    rep_of: dict[str, str] = {}
+    reps: dict[tuple, str] = {}
+    count: dict[str, int] = {}
+    for path, d in decisions.items():
+        key = (d.group or path, specs[path], tuple(d.shape), d.bytes, d.dtype, d.kind, d.strategy, d.role,
+               path in paired, d.layers_dim, d.trainable, d.unit in recurrent,
+               tuple(acts_for(activations, d.unit)), tuple(acts_for(activations, d.unit + ":attend")))
+        rep = reps.setdefault(key, path)
+        rep_of[path] = rep
+        count[rep] = count.get(rep, 0) + 1
+    pair_classes: dict[tuple, PairClass] = {}
+    for pid, (cols, rows) in sorted(members.items()):
+        sig = (tuple(rep_of[c] for c in cols), tuple(rep_of[r] for r in rows))
+        old = pair_classes.get(sig)
+        pair_classes[sig] = PairClass(old.id if old else pid, sig[0], sig[1], (old.count if old else 0) + 1)
+    return Leaves(decisions={r: decisions[r] for r in count}, count=count,
+                  label={r: (decisions[r].group or r) if n > 1 else r for r, n in count.items()},
+                  specs={r: specs[r] for r in count}, pairs=tuple(pair_classes.values()),
+                  in_pair=frozenset(rep_of[p] for p in paired), column_units=_column_units(decisions, specs),
+                  recurrent=recurrent, opt=_opt_classes(opt, specs) if opt is not None else ())
+
+
+def _opt_classes(opt: OptLayout, specs: Mapping[str, tuple[Entry, ...]]) -> tuple:
+    classes = Counter((x.shape, x.itemsize, e) for x, e in zip(opt.leaves, opt_entries(opt, specs), strict=True))
+    return tuple((shape, item, e, n) for (shape, item, e), n in classes.items())
+
+
+def _column_units(decisions: Mapping[str, Any], specs: Mapping[str, tuple[Entry, ...]]) -> dict[str, tuple]:
+    out: dict[str, tuple[Entry, ...]] = {}
+    for path, d in decisions.items():
+        spec = specs[path]
+        if spec and spec[-1] is not None:
+            key = layer_key(d.unit)
+            out[key] = out.get(key, ()) + (spec[-1],)
+    return out

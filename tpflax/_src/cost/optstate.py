@@ -1,0 +1,211 @@
+"""The optimizer state: its shapes (once per model) and its specs (per plan).
+
+``jax.eval_shape(optimizer.init, params)`` runs once on the unsharded abstract
+parameters. Which parameter dim each state dim follows is read once from the
+one derivation of optimizer-state specs (``state_specs``, shared with the code
+that places the state), by asking it about a probe plan whose every parameter
+dim is split over its own size-1 axis. Any plan of the same tree then gives
+each state leaf its parameter's entries on the dims it follows: pure lookups,
+no optax call per mesh.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from tpflax._src.cost.batch import np_dtype
+from tpflax._src.errors import EstimateError, PlanMismatchError
+from tpflax._src.facts.tree import itemsize
+from tpflax._src.mesh import MeshShape
+from tpflax._src.specs import Entry, bytes_per_device, entries
+
+
+def state_specs(state: Any, plan, *, optimizer: Any = None, params: Any = None) -> Any:
+    """The one derivation of optimizer-state specs (placement uses it too); see :func:`opt_state_specs`."""
+    # TODO(lead): import from tpflax._src.planner.state
+    from tpflax._src.apply.place import state_specs as derive
+
+    return derive(state, plan, optimizer=optimizer, params=params)
+
+
+def abstract_tree(plan) -> Any:
+    """The planned tree as ``jax.ShapeDtypeStruct`` leaves, shaped like ``plan.specs``.
+
+    >>> import jax, tpflax
+    >>> p = tpflax.plan({"w": jax.ShapeDtypeStruct((4, 2), "float32")}, {"data": 1})
+    >>> abstract_tree(p)["w"].shape
+    (4, 2)
+    """
+    import jax
+    from jax.sharding import PartitionSpec
+
+    leaves, treedef = jax.tree_util.tree_flatten(plan.specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    if len(leaves) != len(plan.decisions):
+        raise PlanMismatchError(f"plan.specs has {len(leaves)} leaves but plan.decisions has "
+                                f"{len(plan.decisions)}; re-plan")
+    sds = [jax.ShapeDtypeStruct(d.shape, np_dtype(d.dtype)) for d in plan.decisions.values()]
+    return jax.tree_util.tree_unflatten(treedef, sds)
+
+
+def split_params(plan, tree: Any) -> tuple[Any, Callable[[Any, Any], Any]]:
+    """``(params subtree, merge(tree, new_params))`` for a tree shaped like the plan.
+
+    The plan says whether the tree holds linen collections (its paths start with
+    ``params/``): then the optimizer sees ``tree["params"]``, else the whole tree.
+
+    >>> import jax, tpflax
+    >>> tree = {"params": {"w": jax.ShapeDtypeStruct((4,), "float32")}}
+    >>> p = tpflax.plan(tree, {"data": 1})
+    >>> list(split_params(p, tree)[0])
+    ['w']
+    """
+    collections = any(path.startswith("params/") for path in plan.decisions)
+    if collections and isinstance(tree, Mapping) and "params" in tree:
+        return tree["params"], lambda t, p: {**t, "params": p}
+    return tree, lambda t, p: p
+
+
+def _abstract_state(plan, optimizer: Any, params: Any = None) -> tuple[Any, Any]:
+    """``(abstract optimizer state, the abstract params it was made for)``."""
+    import jax
+
+    if params is None:
+        params, _ = split_params(plan, abstract_tree(plan))
+    try:
+        return jax.eval_shape(optimizer.init, params), params
+    except Exception as e:  # noqa: BLE001 - any optax failure is the user's optimizer/params mismatch
+        raise EstimateError(f"optimizer.init failed on the planned parameters: {type(e).__name__}: {e}; "
+                            "pass an optax.GradientTransformation built for this parameter tree") from e
+
+
+def opt_state_specs(plan, optimizer, params: Any = None) -> tuple[Any, Any]:
+    """The optimizer state's shapes and a PartitionSpec for each of its leaves.
+
+    State leaves shaped like their parameter take its spec; factored moments
+    (adafactor's row/column statistics) keep the entries of the dims they kept;
+    step counts and other scalars are replicated.
+
+    Args:
+        plan: the plan.
+        optimizer: an ``optax.GradientTransformation``.
+        params: the parameter tree (abstract is fine); defaults to the plan's.
+
+    Returns:
+        ``(abstract state, spec tree)``.
+
+    >>> import jax, optax, tpflax
+    >>> p = tpflax.plan({"params": {"w": jax.ShapeDtypeStruct((8, 8), "float32")}}, {"model": 2},
+    ...                 rules=[("w", "column")])
+    >>> state, specs = opt_state_specs(p, optax.adam(1e-3))
+    >>> tuple(specs[0].mu["w"])
+    (None, 'model')
+    """
+    state, params = _abstract_state(plan, optimizer, params)
+    return state, state_specs(state, plan, optimizer=optimizer, params=params)
+
+
+@dataclass(frozen=True)
+class OptLeaf:
+    """One optimizer-state leaf: shape, bytes per element, and per dim the (param path, dim) it follows."""
+
+    shape: tuple[int, ...]
+    itemsize: int
+    follows: tuple[tuple[str, int] | None, ...]
+
+
+@dataclass(frozen=True)
+class OptLayout:
+    """The optimizer state of one model, independent of the mesh."""
+
+    leaves: tuple[OptLeaf, ...]
+
+    @property
+    def full_bytes(self) -> int:
+        return sum(math.prod(x.shape) * x.itemsize for x in self.leaves)
+
+
+class _Ones(dict):
+    """Mesh sizes of the probe: every axis has size 1, so no entry is dropped for divisibility."""
+
+    def __missing__(self, key: str) -> int:
+        return 1
+
+
+@dataclass(frozen=True)
+class _ProbeMesh:
+    sizes: Mapping[str, int]
+
+
+def opt_layout(plan, optimizer: Any, params: Any = None) -> OptLayout:
+    """Which parameter dim every optimizer-state dim follows, for any plan of ``plan``'s tree.
+
+    >>> import jax, optax, tpflax
+    >>> p = tpflax.plan({"w": jax.ShapeDtypeStruct((8, 4), "float32")}, {"data": 1})
+    >>> [x.follows for x in opt_layout(p, optax.adam(1e-3)).leaves]
+    [(), (('w', 0), ('w', 1)), (('w', 0), ('w', 1))]
+    """
+    import jax
+    from jax.sharding import PartitionSpec
+
+    state, params = _abstract_state(plan, optimizer, params)
+    paths = list(plan.decisions)
+    probe = replace(plan, mesh=_ProbeMesh(_Ones()), decisions={
+        path: replace(d, spec=PartitionSpec(*(f"#{i}.{k}" for k in range(len(d.shape)))))
+        for i, (path, d) in enumerate(plan.decisions.items())})
+    specs = state_specs(state, probe, optimizer=optimizer, params=params)
+    s_leaves = jax.tree_util.tree_leaves(state)
+    p_leaves = jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    out = []
+    for leaf, spec in zip(s_leaves, p_leaves, strict=True):
+        shape = tuple(int(s) for s in leaf.shape)
+        follows = tuple(_follow(e, paths) for e in entries(spec, len(shape)))
+        out.append(OptLeaf(shape, itemsize(leaf.dtype), follows))
+    return OptLayout(tuple(out))
+
+
+def _follow(entry: Entry, paths: Sequence[str]) -> tuple[str, int] | None:
+    if not isinstance(entry, str):
+        return None
+    i, k = entry[1:].split(".")
+    return paths[int(i)], int(k)
+
+
+def opt_entries(layout: OptLayout, spec_of: Mapping[str, tuple[Entry, ...]]) -> list[tuple[Entry, ...]]:
+    """Each state leaf's spec entries under a plan (``spec_of``: param path -> its entries).
+
+    >>> import jax, optax, tpflax
+    >>> p = tpflax.plan({"w": jax.ShapeDtypeStruct((8, 4), "float32")}, {"model": 2}, rules=[("w", "row")])
+    >>> opt_entries(opt_layout(p, optax.adam(1e-3)), {"w": ("model", None)})
+    [(), ('model', None), ('model', None)]
+    """
+    return [tuple(spec_of[f[0]][f[1]] if f is not None else None for f in x.follows) for x in layout.leaves]
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def shard_bytes(shape: tuple[int, ...], item: int, spec: tuple[Entry, ...], mesh: MeshShape) -> int:
+    """:func:`tpflax._src.specs.bytes_per_device`, cached: repeated layers repeat these arguments.
+
+    >>> from tpflax._src.mesh import mesh_shape
+    >>> shard_bytes((10, 4), 4, ("model", None), mesh_shape({"model": 4}))  # ceil(10 / 4) rows
+    48
+    """
+    return bytes_per_device(shape, item, spec, mesh)
+
+
+def optimizer_name(optimizer: Any) -> str:
+    """A short name for reports: ``adamw`` for ``optax.adamw(...)``, else the init's qualname.
+
+    >>> import optax
+    >>> optimizer_name(optax.scale_by_adam())
+    'scale_by_adam'
+    """
+    name = getattr(optimizer, "__name__", None)
+    if name:
+        return name
+    init = getattr(optimizer, "init", None)
+    qual = getattr(init, "__qualname__", "") or ""
+    return qual.split(".")[0].replace("_init", "") or type(optimizer).__name__

@@ -1,0 +1,184 @@
+"""The cost model's records: memory per device, modelled collectives, the estimate."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tpflax._src.hlo import ring_bytes
+from tpflax._src.mesh import MeshShape
+from tpflax._src.specs import fmt_bytes
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes on one device for one training step.
+
+    Attributes:
+        params: trainable parameters.
+        grads: their gradients.
+        opt_state: optimizer state (from optax's real state shapes).
+        activations: activations saved for the backward pass (an estimate).
+        model_state: non-trainable variables (BatchNorm statistics, ...).
+        inputs: the batch.
+    """
+
+    params: int = 0
+    grads: int = 0
+    opt_state: int = 0
+    activations: int = 0
+    model_state: int = 0
+    inputs: int = 0
+
+    @property
+    def total(self) -> int:
+        return (self.params + self.grads + self.opt_state + self.activations + self.model_state
+                + self.inputs)
+
+    @property
+    def arguments(self) -> int:
+        """What a train step receives: params, model state, optimizer state and batch.
+
+        This is what XLA reports as ``argument_size_in_bytes``.
+        """
+        return self.params + self.model_state + self.opt_state + self.inputs
+
+    def to_dict(self) -> dict:
+        return {"params": self.params, "grads": self.grads, "opt_state": self.opt_state,
+                "activations": self.activations, "model_state": self.model_state,
+                "inputs": self.inputs, "total": self.total}
+
+
+MEMORY_FIELDS = ("params", "grads", "opt_state", "activations", "model_state", "inputs")
+
+
+@dataclass(frozen=True)
+class CommItem:
+    """One modelled collective.
+
+    Attributes:
+        kind: all-reduce, all-gather, reduce-scatter or all-to-all.
+        axes: mesh axes of the group.
+        size: ``S`` of :func:`tpflax.hlo.ring_bytes` (per device, one execution).
+        group_size: devices per group.
+        count: executions per step (forward + backward, stacked layers, remat).
+        source: the leaf path or pair it comes from.
+        why: the rule that produced it.
+    """
+
+    kind: str
+    axes: tuple[str, ...]
+    size: float
+    group_size: int
+    count: int
+    source: str
+    why: str
+
+    @property
+    def ring_bytes(self) -> float:
+        """Bytes one device sends per execution."""
+        return ring_bytes(self.kind, self.size, self.group_size)
+
+    @property
+    def total(self) -> float:
+        return self.ring_bytes * self.count
+
+    @property
+    def axis_label(self) -> str:
+        return "+".join(self.axes) if self.axes else "?"
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "axes": list(self.axes), "size": self.size,
+                "group_size": self.group_size, "count": self.count, "ring_bytes": self.ring_bytes,
+                "total": self.total, "source": self.source, "why": self.why}
+
+
+@dataclass(frozen=True)
+class Act:
+    """Shapes at one layer call (global batch), from :func:`trace_activations`."""
+
+    inputs: tuple[tuple[int, ...], ...]
+    output: tuple[int, ...]
+    dtype: str
+    itemsize: int
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Memory per device and communication per training step.
+
+    Attributes:
+        per_device: :class:`Memory` on the fullest device.
+        unsharded: the same for one device holding everything.
+        savings: percent saved per device, per field and ``"total"``.
+        comm: ``{kind: {axis label: bytes per step}}`` (ring bytes one device sends).
+        items: every modelled collective.
+        mesh: the plan's mesh shape.
+        batch: ``{"size", "shards", "axes"}`` of the global batch.
+        notes: assumptions and anything that could not be modelled.
+        settings: optimizer, backend, remat, dtypes used.
+    """
+
+    per_device: Memory
+    unsharded: Memory
+    savings: Mapping[str, float]
+    comm: Mapping[str, Mapping[str, float]]
+    items: tuple[CommItem, ...]
+    mesh: MeshShape
+    batch: Mapping[str, Any]
+    notes: tuple[str, ...] = ()
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def comm_total(self) -> float:
+        """Bytes one device sends per step, all collectives."""
+        return sum(v for by_axis in self.comm.values() for v in by_axis.values())
+
+    def to_dict(self) -> dict:
+        return {"per_device": self.per_device.to_dict(), "unsharded": self.unsharded.to_dict(),
+                "savings_percent": {k: round(v, 3) for k, v in self.savings.items()},
+                "comm_bytes_per_step": {k: dict(v) for k, v in self.comm.items()},
+                "comm_total": self.comm_total, "items": [i.to_dict() for i in self.items],
+                "batch": dict(self.batch), "notes": list(self.notes), "settings": dict(self.settings)}
+
+    def report_lines(self) -> list[str]:
+        fmt = fmt_bytes
+        s = self.settings
+        out = [f"estimate per training step  (optimizer {s.get('optimizer')}, batch "
+               f"{self.batch.get('size')} over {self.batch.get('shards')} shard(s), backend "
+               f"{s.get('backend')}, remat {'on' if s.get('remat') else 'off'})",
+               f"  {'':<14}{'per device':>14}{'unsharded':>14}{'savings':>10}"]
+        for name in MEMORY_FIELDS + ("total",):
+            a = getattr(self.per_device, name)
+            b = getattr(self.unsharded, name)
+            if name in ("model_state", "inputs") and not b:
+                continue
+            out.append(f"  {name:<14}{fmt(a):>14}{fmt(b):>14}{self.savings.get(name, 0.0):>9.1f}%")
+        out.append("  communication per step (bytes each device sends, ring algorithm):")
+        if not self.items:
+            out.append("    none: every leaf and the batch are whole on every device")
+        for kind, by_axis in self.comm.items():
+            for axis, v in by_axis.items():
+                out.append(f"    {kind:<19}{axis:<16}{fmt(v):>12}")
+        if self.items:
+            out.append(f"    {'total':<35}{fmt(self.comm_total):>12}")
+        for n in self.notes:
+            out.append(f"  note: {n}")
+        return out
+
+
+def comm_table(items: Iterable[CommItem]) -> dict[str, dict[str, float]]:
+    """``{kind: {axis label: bytes per step}}`` summed over ``items`` (zero-byte items dropped).
+
+    >>> comm_table([CommItem("all-reduce", ("data",), 8.0, 2, 1, "w", "dp")])
+    {'all-reduce': {'data': 8.0}}
+    """
+    comm: dict[str, dict[str, float]] = {}
+    for it in items:
+        total = it.total
+        if total <= 0:
+            continue
+        by_axis = comm.setdefault(it.kind, {})
+        by_axis[it.axis_label] = by_axis.get(it.axis_label, 0.0) + total
+    return comm

@@ -1,0 +1,105 @@
+"""The per-model half of the estimate: what a step costs whatever the mesh.
+
+:func:`prepare` reads the batch, traces the activations and asks optax for the
+optimizer state's shapes once. :func:`tpflax._src.cost.estimate.price` then
+prices any plan of the same tree on any mesh with arithmetic over decisions,
+so :func:`tpflax.estimate` and :func:`tpflax.suggest_mesh` share every number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tpflax._src.cost.activations import trace_activations
+from tpflax._src.cost.batch import Batch, config_value, dtype_name, parse_batch
+from tpflax._src.cost.optstate import OptLayout, abstract_tree, opt_layout
+from tpflax._src.cost.optstate import optimizer_name as name_of
+from tpflax._src.cost.records import Act
+from tpflax._src.errors import EstimateError
+from tpflax._src.facts.tree import itemsize
+
+BACKENDS = ("tpu", "gpu", "cpu")
+DISPATCHES = ("all-to-all", "dense")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One (model, optimizer, batch) to price: independent of the plan's specs and of the mesh.
+
+    Attributes:
+        batch: the global batch.
+        config: model config or hints (``vocab``, ``seq_len``, ``d_model``, ...).
+        activations: traced layer shapes (empty: the transformer formula).
+        opt: the optimizer state's layout (None: no optimizer).
+        remat, backend, dispatch: as :func:`tpflax.estimate` takes them.
+        act_item, g_item: activation and gradient bytes per element (g_item None: the parameter's).
+        settings: what the estimate reports it used.
+    """
+
+    batch: Batch
+    config: Any
+    activations: Mapping[str, Sequence[Act]]
+    opt: OptLayout | None
+    remat: bool
+    backend: str
+    dispatch: str
+    act_item: int
+    g_item: int | None
+    settings: Mapping[str, Any]
+
+
+def _check_options(act_dtype: Any, grad_dtype: Any, backend: str, expert_dispatch: str) -> None:
+    """Raise :class:`EstimateError` for an unknown dtype, backend or dispatch."""
+    for name, value in (("act_dtype", act_dtype), ("grad_dtype", grad_dtype)):
+        if value is not None and dtype_name(value) is None:
+            raise EstimateError(f"{name}={value!r} is not a dtype jax knows; use e.g. 'bfloat16' or 'float32'")
+    if backend not in BACKENDS:
+        raise EstimateError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if expert_dispatch not in DISPATCHES:
+        raise EstimateError(f"expert_dispatch {expert_dispatch!r} must be 'all-to-all' or 'dense'")
+
+
+def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = None,
+            activations: Mapping[str, Sequence[Act]] | None = None, model: Any = None, sample: Any = None,
+            remat: bool = False, grad_dtype: Any = None, act_dtype: Any = None, backend: str = "tpu",
+            expert_dispatch: str = "all-to-all", optimizer_name: str | None = None) -> Workload:
+    """The per-model part of :func:`tpflax.estimate`, for any plan of ``plan``'s tree (see its args).
+
+    >>> import jax, optax, tpflax
+    >>> p = tpflax.plan({"w": jax.ShapeDtypeStruct((8, 4), "float32")}, {"data": 2})
+    >>> w = prepare(p, optax.adam(1e-3), (4, 8))
+    >>> w.batch.size, w.opt.full_bytes
+    (4, 260)
+    """
+    _check_options(act_dtype, grad_dtype, backend, expert_dispatch)
+    m = _model(plan, model, sample)
+    if m is not None and config is None:
+        config = m.config
+    if batch is None and m is not None and (sample is not None or m.zoo is None):
+        batch = m.sample  # a model's own inputs are the batch (no labels: its loss takes the output)
+    b = parse_batch(batch, config, dtype_name(act_dtype))
+    if activations is None and m is not None:
+        activations = trace_activations(m, b.size)
+    activations = activations or {}
+    remat = bool(remat or config_value(config, "remat", False))  # e.g. nn.remat'd scanned layers
+    opt = opt_layout(plan, optimizer) if optimizer is not None else None
+    name = (optimizer_name or name_of(optimizer)) if optimizer is not None else "none"
+    settings = {"optimizer": name, "backend": backend, "remat": remat, "act_dtype": b.act_dtype,
+                "grad_dtype": dtype_name(grad_dtype) or "param", "expert_dispatch": expert_dispatch,
+                "activations": "traced" if activations else "formula"}
+    return Workload(batch=b, config=config, activations=activations, opt=opt, remat=remat, backend=backend,
+                    dispatch=expert_dispatch, act_item=itemsize(b.act_dtype),
+                    g_item=itemsize(dtype_name(grad_dtype)) if grad_dtype is not None else None,
+                    settings=settings)
+
+
+def _model(plan, model: Any, sample: Any):
+    """``model`` as a :class:`tpflax._src.model.Model` (variables: the planned tree if it has none)."""
+    if model is None:
+        return None
+    from tpflax._src.model import as_model
+
+    m = as_model(model, sample)
+    return m if m.variables is not None else m.with_variables(abstract_tree(plan))
