@@ -33,9 +33,13 @@ jax.config.update("jax_num_cpu_devices", 8)
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import tpflax  # noqa: E402
-from tpflax import zoo  # noqa: E402
-from tpflax._src.dryrun import dry_run, make_train_step  # noqa: E402
-from tpflax._src.cost.estimate import estimate, trace_activations  # noqa: E402
+from tpflax import (  # noqa: E402
+    dry_run,
+    estimate,
+    make_train_step,
+    trace_activations,
+    zoo,  # noqa: E402
+)
 
 MESHES = ({"model": 8}, {"data": 2, "model": 4}, {"fsdp": 4, "model": 2})
 # Global batch per model: large enough that tokens per device exceed the hidden

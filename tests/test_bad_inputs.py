@@ -27,7 +27,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import tpflax
-from tpflax._src.cost.estimate import EstimateError
+from tpflax import EstimateError
 from tpflax._src.loading import load_model
 from tpflax.cli import main
 

@@ -267,7 +267,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     import json
 
     from tpflax._src.errors import SuggestError
-    from tpflax._src.suggest.search import EMULABLE
+    from tpflax._src.suggest.verify import EMULABLE
 
     if args.world <= 0:
         raise SuggestError(f"--devices must be a positive integer, got {args.world}")

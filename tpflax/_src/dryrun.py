@@ -18,7 +18,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tpflax._src.cost.estimate import Estimate, opt_state_specs, split_params
+from tpflax._src.cost.optstate import opt_state_specs, split_params
+from tpflax._src.cost.records import Estimate
 from tpflax._src.errors import CompileError
 from tpflax._src.hlo import Collective, parse_collectives, summarize
 from tpflax._src.model import abstract
@@ -26,14 +27,11 @@ from tpflax._src.specs import entry_axes
 from tpflax._src.step import (
     TrainStep,
     batch_shardings,
-    make_train_step,
     named_shardings,
     with_shardings,
 )
 
-# make_train_step moved to tpflax._src.step; re-exported until suggest/search.py and
-# benchmarks/estimate_accuracy.py import it from there (or from tpflax).
-__all__ = ["Comparison", "DryRun", "Row", "dry_run", "make_train_step"]
+__all__ = ["Comparison", "DryRun", "Row", "dry_run"]
 
 MEMORY_KEYS = ("argument", "output", "temp", "alias", "generated_code")
 

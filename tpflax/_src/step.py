@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tpflax._src.cost.estimate import abstract_tree, opt_state_specs, split_params
+from tpflax._src.cost.optstate import abstract_tree, opt_state_specs, split_params
 from tpflax._src.errors import OptionError, PlanMismatchError, SpecError
 from tpflax._src.mesh import DATA, FSDP
 from tpflax._src.model import Model, as_model, is_zoo

@@ -42,19 +42,15 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tpflax._src.cost.activations import trace_activations
 from tpflax._src.cost.comm import Scope, comm_items
 from tpflax._src.cost.leaves import Leaves, merge
 from tpflax._src.cost.memory import memory
-from tpflax._src.cost.optstate import opt_state_specs, split_params
 from tpflax._src.cost.records import MEMORY_FIELDS, Act, Estimate, comm_table
 from tpflax._src.cost.workload import Workload, prepare
 from tpflax._src.errors import EstimateError
 from tpflax._src.mesh import DATA, FSDP, MeshShape
 
-# Estimate, trace_activations, opt_state_specs and split_params are re-exported for the dry run and
-# tests that import them from here (their homes: records, activations, optstate).
-__all__ = ["Estimate", "batch_axes", "estimate", "opt_state_specs", "price", "price_leaves", "split_params", "trace_activations"]
+__all__ = ["batch_axes", "estimate", "price", "price_leaves"]
 
 
 def batch_axes(mesh: MeshShape) -> tuple[str, ...]:

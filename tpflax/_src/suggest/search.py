@@ -42,10 +42,9 @@ from tpflax._src.mesh import DATA, EXPERT, FSDP, TENSOR, MeshShape, mesh_shape
 from tpflax._src.specs import entries, used_axes
 from tpflax._src.suggest.rank import biggest, comm_times, degrees, link_local, no_fit, why
 from tpflax._src.suggest.records import Candidate, Suggestion
-from tpflax._src.suggest.verify import EMULABLE, verify_suggestion
+from tpflax._src.suggest.verify import verify_suggestion
 
-# EMULABLE and verify_suggestion are re-exported for the CLI (their home: verify).
-__all__ = ["AXES", "EMULABLE", "Context", "Shared", "suggest_mesh", "verify_suggestion"]
+__all__ = ["AXES", "Context", "Shared", "suggest_mesh"]
 
 # Mesh axis order: data outermost (its traffic is one gradient reduction per step,
 # the cheapest to send over the slow network), the tensor axis innermost so its

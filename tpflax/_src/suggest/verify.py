@@ -44,8 +44,9 @@ def verify_suggestion(s: Suggestion, top: int = 2) -> tuple[Verification, ...]:
             continue
         import optax
 
-        from tpflax._src.dryrun import dry_run, make_train_step
+        from tpflax._src.dryrun import dry_run
         from tpflax._src.mesh import make_mesh
+        from tpflax._src.step import make_train_step
 
         mesh = make_mesh(c.mesh)
         opt = ctx.optimizer if ctx.optimizer is not None else optax.sgd(0.0)
