@@ -31,6 +31,7 @@ from tpflax._src.checkpoint import (
                      save_checkpoint,
 )
 from tpflax._src.cost.activations import trace_activations
+from tpflax._src.cost.estimate import estimate
 from tpflax._src.cost.records import Estimate
 from tpflax._src.dryrun import DryRun, dry_run
 from tpflax._src.errors import (
