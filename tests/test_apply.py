@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 import tpflax
 from tpflax import zoo
-from tpflax._src.apply.place import _put
+from tpflax._src.apply.put import put
 from tpflax._src.specs import local_shape
 
 DP_TP = {"data": 2, "model": 4}
@@ -86,7 +86,7 @@ def test_make_array_from_callback_path_reads_memmaps_by_slice(mesh, tmp_path):
     assert same_bytes(tpflax.unshard(out)["w"], data)
     assert out["w"].addressable_shards[0].data.shape == (32, 12)
     s = NamedSharding(mesh, P("model", None))
-    (a,) = _put([data], [s], per_shard=True)
+    (a,) = put([data], [s], per_shard=True)
     assert a.sharding == s and same_bytes(np.asarray(a), data)
 
 

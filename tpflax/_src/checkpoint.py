@@ -23,9 +23,10 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
+from tpflax._src.apply.bind import bind_mesh, rebox_all
 from tpflax._src.errors import CheckpointError, PlanMismatchError
-from tpflax._src.planner.plan import Plan, check_tree_matches
 from tpflax._src.facts.tree import Leaf, is_box, keystr, unbox, unboxed, walk
+from tpflax._src.planner.plan import Plan, check_tree_matches
 
 MARKER = "tpflax.json"
 FORMAT = "tpflax.checkpoint"
@@ -232,9 +233,7 @@ def restore_checkpoint(path: str | os.PathLike, plan: Plan | None = None, mesh: 
             raise PlanMismatchError(f"shardings has {len(shard_list)} leaves but the tree has "
                                     f"{len(paths)}; lay it out like `like`")
     elif plan is not None:
-        from tpflax._src.apply.place import _mesh_for
-
-        mesh = _mesh_for(plan, mesh)
+        mesh = bind_mesh(plan, mesh)
         leaves = [Leaf(path=p, shape=tuple(stored_leaves[p].shape), dtype=str(stored_leaves[p].dtype),
                        itemsize=jax.numpy.dtype(stored_leaves[p].dtype).itemsize) for p in paths]
         check_tree_matches(plan, leaves)
@@ -252,11 +251,7 @@ def restore_checkpoint(path: str | os.PathLike, plan: Plan | None = None, mesh: 
         raise CheckpointError(f"restoring {final} failed: {type(e).__name__}: {e}") from e
     if like is None:
         return restored
-    from tpflax._src.apply.place import _rebox
-
-    values = treedef.flatten_up_to(restored)
-    return jax.tree_util.tree_unflatten(treedef, [_rebox(b, v) for (_, b), v in zip(boxes, values,
-                                                                                    strict=True)])
+    return rebox_all([b for _, b in boxes], treedef.flatten_up_to(restored), treedef)
 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, plan: Plan, mesh: Any = None,
