@@ -64,6 +64,18 @@ def _collection_prefix(plan: Plan, leaves: list[Leaf]) -> str:
     return ""
 
 
+def _prefix_hint(plan: Plan, leaves: list[Leaf]) -> str:
+    """One line when most differences are only a missing collection prefix (else "")."""
+    if any(x.path in plan.decisions for x in leaves):
+        return ""
+    counts = {c: sum(f"{c}/{x.path}" in plan.decisions for x in leaves) for c in sorted(COLLECTIONS)}
+    best = max(counts, key=counts.__getitem__)
+    if not counts[best]:
+        return ""
+    return (f"{counts[best]} of the tree's {len(leaves)} paths are in the plan with the prefix {best}/: "
+            f"the plan is for full variables; pass them, or variables[{best!r}] exactly as planned")
+
+
 def match_plan(plan: Plan, leaves: list[Leaf]) -> list[str]:
     """The plan path of every leaf; raise PlanMismatchError naming every difference.
 
@@ -73,7 +85,13 @@ def match_plan(plan: Plan, leaves: list[Leaf]) -> list[str]:
     """
     prefix = _collection_prefix(plan, leaves)
     if not prefix:
-        check_tree_matches(plan, leaves)
+        try:
+            check_tree_matches(plan, leaves)
+        except PlanMismatchError as e:
+            hint = _prefix_hint(plan, leaves)
+            if not hint:
+                raise
+            raise PlanMismatchError(f"the tree does not match the plan ({hint})", e.problems) from None
         return [x.path for x in leaves]
     sub = {k: v for k, v in plan.decisions.items() if k.startswith(prefix)}
     prefixed = [dataclasses.replace(x, path=prefix + x.path) for x in leaves]
