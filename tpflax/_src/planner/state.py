@@ -184,11 +184,18 @@ def state_specs(tree: Any, plan: Plan, *, optimizer: Any = None, params: Any = N
     return jax.tree_util.tree_unflatten(treedef, specs)
 
 
+def _sds(shape: tuple[int, ...], dtype: str) -> jax.ShapeDtypeStruct:
+    try:
+        return jax.ShapeDtypeStruct(shape, np.dtype(jax.numpy.dtype(dtype)))
+    except TypeError:  # PRNG keys and other opaque leaves: a shape-only stand-in
+        return jax.ShapeDtypeStruct(shape, np.uint32)
+
+
 def planned_tree(plan: Plan) -> Any:
     """The planned tree as ``jax.ShapeDtypeStruct`` leaves (full variables if those were planned).
 
     The plan's own structure (``plan.specs``), or nested dicts after
-    ``Plan.from_json``.
+    ``Plan.from_json``. PRNG-key leaves become uint32 stand-ins of their shape.
 
     >>> import jax, tpflax
     >>> p = tpflax.plan({"params": {"w": jax.ShapeDtypeStruct((8, 4), "float32")}}, {"model": 2})
@@ -200,14 +207,14 @@ def planned_tree(plan: Plan) -> Any:
     paths = [keystr(p) for p, _ in flat]
     if sorted(paths) == sorted(plan.decisions):
         return jax.tree_util.tree_unflatten(treedef, [
-            jax.ShapeDtypeStruct(plan.decisions[p].shape, plan.decisions[p].dtype) for p in paths])
+            _sds(plan.decisions[p].shape, plan.decisions[p].dtype) for p in paths])
     tree: dict[str, Any] = {}
     for path, d in plan.decisions.items():
         node = tree
         parts = path.split("/")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = jax.ShapeDtypeStruct(d.shape, d.dtype)
+        node[parts[-1]] = _sds(d.shape, d.dtype)
     return tree
 
 
