@@ -6,6 +6,8 @@ devices. Bit-exactness is checked on the raw bytes.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -204,6 +206,12 @@ def test_optimizer_state_specs_follow_params(name, mesh):
     assert new_state is not None
 
 
+@functools.cache
+def zoo_variables(name):
+    """A zoo model's variables on the host, initialised once per session."""
+    return jax.device_get(zoo.get(name).init(0))
+
+
 def flat_specs(tree, prefix=""):
     return {prefix + jax.tree_util.keystr(p, simple=True, separator="/"): x.sharding.spec
             for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
@@ -212,8 +220,7 @@ def flat_specs(tree, prefix=""):
 @pytest.mark.parametrize("name", ["gpt2", "cnn"])  # cnn carries batch_stats, gpt2 only params
 def test_optimizer_state_for_planned_variables_or_their_params(name, mesh):
     """Regression: opt.init(variables) for plan(variables) was refused ("0/nu/params/...")."""
-    m = zoo.get(name)
-    v = jax.device_get(m.init(0))
+    v = zoo_variables(name)
     assert ("batch_stats" in v) == (name == "cnn")
     plan = tpflax.plan(v, DP_TP)
     tx = optax.adam(1e-3)
@@ -231,7 +238,7 @@ def test_optimizer_state_for_planned_variables_or_their_params(name, mesh):
 @pytest.mark.parametrize("name", ["gpt2", "cnn"])
 def test_params_of_planned_variables_are_accepted(name, mesh):
     """variables["params"] for a plan of the full variables: placed as planned, not 58 mismatches."""
-    v = jax.device_get(zoo.get(name).init(0))
+    v = zoo_variables(name)
     plan = tpflax.plan(v, DP_TP)
     placed = tpflax.shard(v["params"], plan, mesh)
     assert_bit_exact(tpflax.unshard(placed), v["params"])

@@ -18,7 +18,12 @@ from tpflax._src.apply.put import put
 from tpflax._src.errors import OptionError, PlanMismatchError
 from tpflax._src.facts.tree import is_box, keystr, unbox, walk
 from tpflax._src.planner.plan import Plan
-from tpflax._src.planner.state import abstract_params, planned_tree, state_leaf_specs
+from tpflax._src.planner.state import (
+    abstract_params,
+    check_state_leaves,
+    planned_tree,
+    state_leaf_specs,
+)
 
 
 def state_shardings(tree: Any, plan: Plan, mesh: Any = None, *, optimizer: Any = None,
@@ -89,9 +94,11 @@ def params_for_state(optimizer: Any, opt_state: Any, plan: Plan, params: Any = N
     leaves (an OOM on a pod), so it is refused.
 
     Raises:
+        TreeError: a state leaf is not an array.
         PlanMismatchError: naming every leaf that differs from what the
             optimizer makes for the planned parameters.
     """
+    check_state_leaves(opt_state)  # a non-array leaf is the clearer error than a mismatch
     candidates = [abstract_params(plan)]
     if params is not None:
         candidates.insert(0, abstract_params(plan, params))

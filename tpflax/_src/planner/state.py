@@ -137,26 +137,39 @@ def state_leaf_specs(tree: Any, plan: Plan, *, optimizer: Any = None,
     >>> specs
     [P('model', None)]
     """
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)
+    flat, treedef = check_state_leaves(tree)
     positional = None
     if optimizer is not None and params is not None:
         positional = _positional_matches(optimizer, tree, params)
     index = _suffix_index(plan)
-    specs, problems = [], []
+    specs = []
     for i, (path, box) in enumerate(flat):
         value = unbox(box)
-        if getattr(value, "shape", None) is None:
-            if not isinstance(value, (int, float, complex, bool, np.generic)):
-                problems.append(f"{keystr(path)}: leaf of type {type(value).__name__} is not an array")
+        if getattr(value, "shape", None) is None:  # a Python/numpy scalar
             specs.append(PartitionSpec())
             continue
         target = index.get(positional[i]) if positional is not None and i in positional else None
         if target is None:
             target = _match_suffix(keystr(path), index)
         specs.append(_leaf_spec(plan, value, target))
+    return [b for _, b in flat], treedef, specs
+
+
+def check_state_leaves(tree: Any) -> tuple[list[tuple[Any, Any]], Any]:
+    """``tree_flatten_with_path`` of a state (boxes as leaves); TreeError naming non-array leaves.
+
+    >>> check_state_leaves({"note": "x"})
+    Traceback (most recent call last):
+    tpflax._src.errors.TreeError: the state has leaves that are not arrays:
+      - note: leaf of type str is not an array
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)
+    problems = [f"{keystr(path)}: leaf of type {type(unbox(b)).__name__} is not an array"
+                for path, b in flat if getattr(unbox(b), "shape", None) is None
+                and not isinstance(unbox(b), (int, float, complex, bool, np.generic))]
     if problems:
         raise TreeError("the state has leaves that are not arrays", problems)
-    return [b for _, b in flat], treedef, specs
+    return flat, treedef
 
 
 def state_specs(tree: Any, plan: Plan, *, optimizer: Any = None, params: Any = None) -> Any:
@@ -239,4 +252,4 @@ def abstract_params(plan: Plan, params: Any = None) -> Any:
     return tree
 
 
-__all__ = ["abstract_params", "adapt_spec", "planned_tree", "state_leaf_specs", "state_specs"]
+__all__ = ["abstract_params", "adapt_spec", "check_state_leaves", "planned_tree", "state_leaf_specs", "state_specs"]
