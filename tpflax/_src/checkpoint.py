@@ -170,6 +170,25 @@ def _stored_leaves(stored: Any) -> dict[str, jax.ShapeDtypeStruct]:
     return {keystr(p): x for p, x in flat}
 
 
+def _target_problems(paths: list[str], boxes: list[Any],
+                     stored_leaves: dict[str, jax.ShapeDtypeStruct]) -> list[str]:
+    """The target tree must be exactly the stored tree: every difference, named at once."""
+    problems = []
+    for p, b in zip(paths, boxes, strict=True):
+        s = stored_leaves.get(p)
+        v = unbox(b)
+        if s is None:
+            problems.append(f"{p}: expected by the target tree but not in the checkpoint")
+        elif tuple(s.shape) != tuple(getattr(v, "shape", s.shape)) or (
+                hasattr(v, "dtype") and jax.numpy.dtype(v.dtype) != jax.numpy.dtype(s.dtype)):
+            problems.append(f"{p}: the checkpoint holds {tuple(s.shape)} {s.dtype} but the target "
+                            f"tree has {tuple(v.shape)} {v.dtype}")
+    known = set(paths)
+    problems += [f"{p}: in the checkpoint but not in the target tree; pass like= with the full tree"
+                 for p in stored_leaves if p not in known]
+    return problems
+
+
 def restore_checkpoint(path: str | os.PathLike, plan: Plan | None = None, mesh: Any = None, *,
                        like: Any = None, shardings: Any = None) -> Any:
     """Restore a checkpoint onto the plan's layout on ``mesh``, bit-exact.
@@ -209,21 +228,7 @@ def restore_checkpoint(path: str | os.PathLike, plan: Plan | None = None, mesh: 
     structure = stored if like is None else like
     boxes, treedef = jax.tree_util.tree_flatten_with_path(structure, is_leaf=is_box)
     paths = [keystr(p) for p, _ in boxes]
-    # The target tree must be exactly the stored tree: name every difference at once.
-    problems = []
-    for p, (_, b) in zip(paths, boxes, strict=True):
-        s = stored_leaves.get(p)
-        v = unbox(b)
-        if s is None:
-            problems.append(f"{p}: expected by the target tree but not in the checkpoint")
-        elif tuple(s.shape) != tuple(getattr(v, "shape", s.shape)) or (
-                hasattr(v, "dtype") and jax.numpy.dtype(v.dtype) != jax.numpy.dtype(s.dtype)):
-            problems.append(f"{p}: the checkpoint holds {tuple(s.shape)} {s.dtype} but the target "
-                            f"tree has {tuple(v.shape)} {v.dtype}")
-    for p in stored_leaves:
-        if p not in set(paths):
-            problems.append(f"{p}: in the checkpoint but not in the target tree; pass like= with "
-                            "the full tree")
+    problems = _target_problems(paths, [b for _, b in boxes], stored_leaves)
     if problems:
         raise PlanMismatchError(f"the checkpoint {final} does not match the tree to restore", problems)
     if shardings is not None:
