@@ -6,30 +6,18 @@
 ['w']
 """
 
-from tpflax._src.apply.place import (
-                     Step,
-                     batch_sharding,
-                     batch_spec,
-                     constrain,
-                     constrain_batch,
-                     init_sharded,
-                     jit_step,
+from tpflax._src.apply.batch import batch_sharding, batch_spec, constrain_batch, shard_batch
+from tpflax._src.apply.init import init_sharded
+from tpflax._src.apply.place import constrain, shard, shardings, unshard
+from tpflax._src.apply.state import (
                      optimizer_shardings,
-                     shard,
-                     shard_batch,
                      shard_optimizer_state,
                      shard_train_state,
-                     shardings,
                      state_shardings,
                      train_state_shardings,
-                     unshard,
 )
-from tpflax._src.checkpoint import (
-                     checkpoint_tree,
-                     convert_checkpoint,
-                     restore_checkpoint,
-                     save_checkpoint,
-)
+from tpflax._src.apply.step import Step, jit_step
+from tpflax._src.checkpoint import checkpoint_tree, convert_checkpoint, restore_checkpoint, save_checkpoint
 from tpflax._src.cost.activations import trace_activations
 from tpflax._src.cost.estimate import estimate
 from tpflax._src.cost.records import Estimate

@@ -23,6 +23,7 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
+from tpflax._src.apply.bind import bind_mesh, rebox_all
 from tpflax._src.errors import CheckpointError, PlanMismatchError
 from tpflax._src.facts.tree import Leaf, is_box, keystr, unbox, unboxed, walk
 from tpflax._src.planner.plan import Plan, check_tree_matches
@@ -169,6 +170,25 @@ def _stored_leaves(stored: Any) -> dict[str, jax.ShapeDtypeStruct]:
     return {keystr(p): x for p, x in flat}
 
 
+def _target_problems(paths: list[str], boxes: list[Any],
+                     stored_leaves: dict[str, jax.ShapeDtypeStruct]) -> list[str]:
+    """The target tree must be exactly the stored tree: every difference, named at once."""
+    problems = []
+    for p, b in zip(paths, boxes, strict=True):
+        s = stored_leaves.get(p)
+        v = unbox(b)
+        if s is None:
+            problems.append(f"{p}: expected by the target tree but not in the checkpoint")
+        elif tuple(s.shape) != tuple(getattr(v, "shape", s.shape)) or (
+                hasattr(v, "dtype") and jax.numpy.dtype(v.dtype) != jax.numpy.dtype(s.dtype)):
+            problems.append(f"{p}: the checkpoint holds {tuple(s.shape)} {s.dtype} but the target "
+                            f"tree has {tuple(v.shape)} {v.dtype}")
+    known = set(paths)
+    problems += [f"{p}: in the checkpoint but not in the target tree; pass like= with the full tree"
+                 for p in stored_leaves if p not in known]
+    return problems
+
+
 def restore_checkpoint(path: str | os.PathLike, plan: Plan | None = None, mesh: Any = None, *,
                        like: Any = None, shardings: Any = None) -> Any:
     """Restore a checkpoint onto the plan's layout on ``mesh``, bit-exact.
@@ -208,21 +228,7 @@ def restore_checkpoint(path: str | os.PathLike, plan: Plan | None = None, mesh: 
     structure = stored if like is None else like
     boxes, treedef = jax.tree_util.tree_flatten_with_path(structure, is_leaf=is_box)
     paths = [keystr(p) for p, _ in boxes]
-    # The target tree must be exactly the stored tree: name every difference at once.
-    problems = []
-    for p, (_, b) in zip(paths, boxes, strict=True):
-        s = stored_leaves.get(p)
-        v = unbox(b)
-        if s is None:
-            problems.append(f"{p}: expected by the target tree but not in the checkpoint")
-        elif tuple(s.shape) != tuple(getattr(v, "shape", s.shape)) or (
-                hasattr(v, "dtype") and jax.numpy.dtype(v.dtype) != jax.numpy.dtype(s.dtype)):
-            problems.append(f"{p}: the checkpoint holds {tuple(s.shape)} {s.dtype} but the target "
-                            f"tree has {tuple(v.shape)} {v.dtype}")
-    for p in stored_leaves:
-        if p not in set(paths):
-            problems.append(f"{p}: in the checkpoint but not in the target tree; pass like= with "
-                            "the full tree")
+    problems = _target_problems(paths, [b for _, b in boxes], stored_leaves)
     if problems:
         raise PlanMismatchError(f"the checkpoint {final} does not match the tree to restore", problems)
     if shardings is not None:
@@ -232,9 +238,7 @@ def restore_checkpoint(path: str | os.PathLike, plan: Plan | None = None, mesh: 
             raise PlanMismatchError(f"shardings has {len(shard_list)} leaves but the tree has "
                                     f"{len(paths)}; lay it out like `like`")
     elif plan is not None:
-        from tpflax._src.apply.place import _mesh_for
-
-        mesh = _mesh_for(plan, mesh)
+        mesh = bind_mesh(plan, mesh)
         leaves = [Leaf(path=p, shape=tuple(stored_leaves[p].shape), dtype=str(stored_leaves[p].dtype),
                        itemsize=jax.numpy.dtype(stored_leaves[p].dtype).itemsize) for p in paths]
         check_tree_matches(plan, leaves)
@@ -252,11 +256,7 @@ def restore_checkpoint(path: str | os.PathLike, plan: Plan | None = None, mesh: 
         raise CheckpointError(f"restoring {final} failed: {type(e).__name__}: {e}") from e
     if like is None:
         return restored
-    from tpflax._src.apply.place import _rebox
-
-    values = treedef.flatten_up_to(restored)
-    return jax.tree_util.tree_unflatten(treedef, [_rebox(b, v) for (_, b), v in zip(boxes, values,
-                                                                                    strict=True)])
+    return rebox_all([b for _, b in boxes], treedef.flatten_up_to(restored), treedef)
 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, plan: Plan, mesh: Any = None,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from tpflax._src.errors import DeviceError, MeshError
+from tpflax._src.errors import DeviceError, MeshError, PlanMismatchError
 
 TENSOR, FSDP, DATA, EXPERT = "tensor", "fsdp", "data", "expert"
 ROLES = (TENSOR, FSDP, DATA, EXPERT)
@@ -138,6 +138,74 @@ def mesh_shape(mesh: Any, axis_roles: Mapping[str, str] | None = None) -> MeshSh
     if problems:
         raise MeshError("invalid mesh", problems)
     return MeshShape(axes=tuple((n, int(s)) for n, s in pairs), roles=tuple(roles))
+
+
+def batch_axes(shape: MeshShape) -> tuple[str, ...]:
+    """Mesh axes a step's batch dim splits over: every data and fsdp axis larger than 1, mesh order.
+
+    The one batch-layout rule: apply places batches with it, and the cost model
+    and dry run count activations with it.
+
+    >>> batch_axes(mesh_shape({"data": 2, "fsdp": 2, "model": 2, "dp": 1}))
+    ('data', 'fsdp')
+    """
+    sizes = shape.sizes
+    return tuple(n for n, r in shape.roles if r in (DATA, FSDP) and sizes[n] > 1)
+
+
+def batch_pspec(shape: MeshShape):
+    """The ``PartitionSpec`` of a batch leaf's dims: dim 0 over :func:`batch_axes` (empty if none).
+
+    >>> batch_pspec(mesh_shape({"data": 2, "fsdp": 2, "model": 2}))
+    P(('data', 'fsdp'),)
+    """
+    from jax.sharding import PartitionSpec
+
+    axes = batch_axes(shape)
+    if not axes:
+        return PartitionSpec()
+    return PartitionSpec(axes[0] if len(axes) == 1 else axes)
+
+
+def check_mesh_matches(mesh: Any, want: MeshShape) -> None:
+    """Raise PlanMismatchError if ``mesh``'s axis names and sizes differ from ``want``'s.
+
+    >>> check_mesh_matches({"model": 2}, mesh_shape({"model": 2}))
+    """
+    got = tuple((str(n), int(v)) for n, v in _pairs(mesh))  # names and sizes only: roles are the plan's
+    if got != tuple(want.axes):
+        raise PlanMismatchError(
+            f"the mesh {dict(got)} differs from the plan's mesh {want.sizes}; build it with "
+            f"tpflax.make_mesh({want.sizes}) or re-plan for this mesh")
+
+
+def device_mesh(mesh: Any = None, want: MeshShape | None = None):
+    """THE coercion to a ``jax.sharding.Mesh``: a Mesh as is, anything else built with :func:`make_mesh`.
+
+    Args:
+        mesh: a ``jax.sharding.Mesh``, or anything :func:`mesh_shape` reads;
+            None means ``want``.
+        want: the shape the mesh must have (a plan's ``plan.mesh``); then an
+            ``AbstractMesh`` is refused (it has no devices to place on).
+
+    Raises:
+        PlanMismatchError: the mesh differs from ``want``, or is abstract.
+        DeviceError: a shape needs more devices than there are.
+
+    >>> device_mesh({"model": 1}).axis_names
+    ('model',)
+    """
+    import jax
+
+    if mesh is None and want is not None:
+        mesh = want.sizes
+    if want is not None:
+        if isinstance(mesh, jax.sharding.AbstractMesh):
+            raise PlanMismatchError(
+                "an AbstractMesh has no devices to place arrays on; pass a jax.sharding.Mesh, e.g. "
+                f"tpflax.make_mesh({want.sizes})")
+        check_mesh_matches(mesh, want)
+    return mesh if isinstance(mesh, jax.sharding.Mesh) else make_mesh(mesh)
 
 
 def _pairs(mesh: Any) -> list[tuple[Any, Any]]:

@@ -12,7 +12,11 @@ from typing import Any
 
 from jax.sharding import NamedSharding
 
+from tpflax._src.apply.bind import bind_mesh, rebox_all
+from tpflax._src.apply.put import place_tree, put
+from tpflax._src.facts.tree import unbox
 from tpflax._src.planner.plan import Plan
+from tpflax._src.planner.state import state_leaf_specs
 
 
 def shard_module(obj: Any, plan: Plan, mesh: Any = None, *, per_shard: bool = False,
@@ -39,19 +43,15 @@ def shard_module(obj: Any, plan: Plan, mesh: Any = None, *, per_shard: bool = Fa
     >>> shard_module(m, p, tpflax.make_mesh({"model": 2})).kernel.get_value().sharding.spec
     P(None, 'model')
     """
-    import jax
     from flax import nnx
-
-    from tpflax._src.apply.place import _mesh_for, _put, _rebox, _state_specs, shard
-    from tpflax._src.facts.tree import unbox
 
     graphdef, state = nnx.split(obj)
     if not derived:
-        return nnx.merge(graphdef, shard(state, plan, mesh, per_shard=per_shard))
-    mesh = _mesh_for(plan, mesh)
-    boxes, treedef, specs = _state_specs(state, plan)
-    placed = _put([unbox(b) for b in boxes], [NamedSharding(mesh, s) for s in specs],
-                  per_shard=per_shard)
-    state = jax.tree_util.tree_unflatten(treedef, [_rebox(b, v) for b, v in zip(boxes, placed,
-                                                                                strict=True)])
-    return nnx.merge(graphdef, state)
+        return nnx.merge(graphdef, place_tree(state, plan, mesh, per_shard=per_shard))
+    mesh = bind_mesh(plan, mesh)
+    boxes, treedef, specs = state_leaf_specs(state, plan)
+    placed = put([unbox(b) for b in boxes], [NamedSharding(mesh, s) for s in specs], per_shard=per_shard)
+    return nnx.merge(graphdef, rebox_all(boxes, placed, treedef))
+
+
+__all__ = ["shard_module"]

@@ -1,0 +1,113 @@
+"""A step's inputs: the batch dim split over the data and fsdp axes of the mesh.
+
+The layout rule itself (which axes) is :func:`tpflax._src.mesh.batch_axes`,
+shared with the cost model and the dry run; this module checks divisibility
+and places or constrains the arrays.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from tpflax._src.apply.put import put
+from tpflax._src.errors import SpecError
+from tpflax._src.facts.tree import keystr
+from tpflax._src.mesh import batch_pspec, device_mesh, mesh_shape
+from tpflax._src.specs import entry_axes
+
+
+def batch_spec(mesh: Any, *, axis_roles: Mapping[str, str] | None = None) -> PartitionSpec:
+    """``PartitionSpec`` splitting dim 0 over every data and fsdp axis of ``mesh`` (mesh order).
+
+    >>> batch_spec({"data": 2, "fsdp": 2, "model": 2})
+    P(('data', 'fsdp'),)
+    """
+    return batch_pspec(mesh_shape(mesh, axis_roles))
+
+
+def batch_sharding(mesh: Any, *, axis_roles: Mapping[str, str] | None = None) -> NamedSharding:
+    """The ``NamedSharding`` for a training step's inputs: batch dim over the data/fsdp axes.
+
+    Use it as ``jax.jit`` in_shardings for the batch, or with :func:`shard_batch`.
+    On a mesh with no data or fsdp axis the batch is replicated.
+
+    >>> import tpflax
+    >>> batch_sharding(tpflax.make_mesh({"data": 2, "model": 4})).spec
+    P('data',)
+    """
+    mesh = device_mesh(mesh)
+    return NamedSharding(mesh, batch_spec(mesh, axis_roles=axis_roles))
+
+
+def batch_shardings(batch: Any, mesh: jax.sharding.Mesh, spec: PartitionSpec) -> Any:
+    """One ``NamedSharding`` per batch leaf: ``spec`` for arrays, replicated for scalars.
+
+    Raises:
+        SpecError: a leaf's batch dim does not divide over the batch axes.
+    """
+    sizes = dict(mesh.shape)
+    n = math.prod(sizes[a] for e in spec for a in entry_axes(e))
+    problems = []
+    for path, x in jax.tree_util.tree_flatten_with_path(batch)[0]:
+        shape = np.shape(x)
+        if shape and n > 1 and shape[0] % n:
+            axes = "*".join(f"{a}={sizes[a]}" for e in spec for a in entry_axes(e))
+            problems.append(f"{keystr(path) or '<batch>'}: batch dim of shape {tuple(shape)} is "
+                            f"{shape[0]}, not divisible by mesh axes {axes}; use a batch size that "
+                            f"is a multiple of {n}")
+    if problems:
+        raise SpecError("the batch does not split over the mesh", problems)
+    return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, spec if np.ndim(x) else PartitionSpec()),
+                                  batch)
+
+
+def shard_batch(batch: Any, mesh: Any, *, process_local: bool = False,
+                axis_roles: Mapping[str, str] | None = None) -> Any:
+    """Place a batch with its leading dim split over the data/fsdp axes (scalars replicated).
+
+    Args:
+        batch: a tree of arrays with a leading batch dim.
+        mesh: the mesh.
+        process_local: each process passes only its own part of the global
+            batch (``jax.make_array_from_process_local_data``); by default every
+            process passes the same global batch.
+        axis_roles: roles for mesh axes tpflax does not recognise by name.
+
+    Raises:
+        SpecError: a leaf's batch dim does not divide over the batch axes.
+
+    >>> import numpy as np, tpflax
+    >>> b = shard_batch({"x": np.ones((4, 3))}, tpflax.make_mesh({"data": 2}))
+    >>> b["x"].sharding.spec
+    P('data',)
+    """
+    mesh = device_mesh(mesh)
+    spec = batch_spec(mesh, axis_roles=axis_roles)
+    flat, treedef = jax.tree_util.tree_flatten(batch)
+    if process_local:  # local parts: the global dim is checked by jax when it assembles them
+        shards = [NamedSharding(mesh, spec if np.ndim(x) else PartitionSpec()) for x in flat]
+        out = [jax.make_array_from_process_local_data(s, np.asarray(x)) for x, s in
+               zip(flat, shards, strict=True)]
+    else:
+        out = put(flat, jax.tree_util.tree_leaves(batch_shardings(batch, mesh, spec)))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def constrain_batch(batch: Any, mesh: Any, *, axis_roles: Mapping[str, str] | None = None) -> Any:
+    """``with_sharding_constraint`` a batch's leading dim to the data/fsdp axes (inside jit).
+
+    Raises:
+        SpecError: a leaf's batch dim does not divide over the batch axes.
+    """
+    mesh = device_mesh(mesh)
+    shards = batch_shardings(batch, mesh, batch_spec(mesh, axis_roles=axis_roles))
+    return jax.tree_util.tree_map(jax.lax.with_sharding_constraint, batch, shards)
+
+
+__all__ = ["batch_sharding", "batch_shardings", "batch_spec", "constrain_batch", "shard_batch"]

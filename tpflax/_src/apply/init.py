@@ -1,0 +1,106 @@
+"""Create parameters already sharded: ``jax.jit(init, out_shardings=...)``, in chunks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+from tpflax._src.apply.bind import bind_mesh, is_graph_node, leaf_count, plan_leaf_shardings
+from tpflax._src.errors import OptionError
+from tpflax._src.planner.plan import Plan
+
+DEFAULT_CHUNK_BYTES = 32 << 20
+
+
+def init_sharded(init_fn: Callable[..., Any], plan: Plan, mesh: Any = None, *args: Any,
+                 chunk_bytes: int | None = DEFAULT_CHUNK_BYTES, **kwargs: Any) -> Any:
+    """Create parameters already sharded: no device ever holds the whole model.
+
+    ``init_fn(*args, **kwargs)`` is traced abstractly, checked against the plan,
+    then compiled with ``jax.jit(..., out_shardings=...)`` so each device computes
+    only its own shards (random initialisers included: jax's threefry is
+    partitionable).
+
+    Args:
+        init_fn: e.g. ``model.init`` (linen), or a function returning
+            ``nnx.state(...)`` or an ``nnx.Module`` (a Module comes back merged).
+        plan: the plan for the tree ``init_fn`` returns.
+        mesh: the mesh (or a shape; defaults to the plan's).
+        *args: positional arguments of ``init_fn`` (arrays: rng, sample inputs).
+        chunk_bytes: compile the init as several programs, each creating leaves
+            worth at most this many bytes per device (XLA drops the rest of the
+            init from each). Random initialisers need ~3x their output in
+            temporaries; one program for a whole model keeps several leaves'
+            temporaries alive on every device at once. None: one program.
+        **kwargs: keyword arguments, closed over as static values (e.g. ``train=False``).
+
+    Raises:
+        PlanMismatchError: ``init_fn``'s output differs from the plan.
+
+    >>> import jax, flax.linen as nn, tpflax
+    >>> model = nn.Dense(8)
+    >>> x = jax.numpy.ones((1, 4))
+    >>> p = tpflax.plan(jax.eval_shape(model.init, jax.random.key(0), x), {"model": 2},
+    ...                 rules=[("kernel", "column")])
+    >>> v = tpflax.init_sharded(model.init, p, tpflax.make_mesh({"model": 2}), jax.random.key(0), x)
+    >>> v["params"]["kernel"].sharding.spec
+    P(None, 'model')
+    """
+    mesh = bind_mesh(plan, mesh)
+    if not callable(init_fn):
+        raise OptionError(f"init_fn must be callable (e.g. model.init), got {type(init_fn).__name__}")
+    graphdefs: list[Any] = []
+
+    def as_tree(*a):
+        out = init_fn(*a, **kwargs)
+        if is_graph_node(out):
+            from flax import nnx
+
+            graphdef, state = nnx.split(out)
+            graphdefs[:] = [graphdef]
+            return state
+        return out
+
+    abstract = jax.eval_shape(as_tree, *args)
+    boxes, _, shards = plan_leaf_shardings(plan, mesh, abstract)
+    flat_shards = [s for b, s in zip(boxes, shards, strict=True) for _ in range(leaf_count(b))]
+    out: list[Any] = [None] * len(flat_shards)
+    for chunk in _chunks(jax.tree_util.tree_leaves(abstract), flat_shards, chunk_bytes):
+        def chunk_init(*a, chunk=chunk):
+            leaves = jax.tree_util.tree_leaves(as_tree(*a))
+            return [leaves[i] for i in chunk]
+
+        made = jax.jit(chunk_init, out_shardings=[flat_shards[i] for i in chunk])(*args)
+        for i, x in zip(chunk, made, strict=True):
+            out[i] = x
+    tree = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract), out)
+    if graphdefs:
+        from flax import nnx
+
+        return nnx.merge(graphdefs[0], tree)
+    return tree
+
+
+def _chunks(abstract: Sequence[Any], shards: Sequence[NamedSharding],
+            chunk_bytes: int | None) -> list[list[int]]:
+    """Consecutive leaf indices grouped to at most ``chunk_bytes`` per device each."""
+    if not chunk_bytes:
+        return [list(range(len(abstract)))]
+    groups: list[list[int]] = [[]]
+    size = 0
+    for i, (a, s) in enumerate(zip(abstract, shards, strict=True)):
+        local = math.prod(s.shard_shape(tuple(a.shape))) * np.dtype(a.dtype).itemsize
+        if groups[-1] and size + local > chunk_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += local
+    return groups
+
+
+__all__ = ["DEFAULT_CHUNK_BYTES", "init_sharded"]

@@ -1,0 +1,162 @@
+"""Move values onto shardings: one batched ``device_put``, or per-shard callbacks across hosts.
+
+Placement works with ``jax.process_count() > 1``: a leaf whose sharding spans
+devices of other processes is built with ``jax.make_array_from_callback`` from
+the slices this process's devices hold, so each process supplies only its
+addressable shards.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+from tpflax._src.apply.bind import bind_mesh, plan_leaf_shardings, rebox_all
+from tpflax._src.errors import TpflaxWarning, TreeError
+from tpflax._src.facts.tree import unbox, walk
+from tpflax._src.planner.plan import Plan
+
+
+def _host_value(x: Any) -> Any:
+    """A host array to slice per shard: numpy (memmaps stay lazy) or a gathered jax array."""
+    if isinstance(x, np.ndarray):
+        return x
+    if isinstance(x, jax.Array):
+        return np.asarray(jax.device_get(x))
+    return np.asarray(x)
+
+
+def _from_callback(x: Any, sharding: NamedSharding) -> jax.Array:
+    """Build a global array from the slices this process's devices hold (the multi-host path)."""
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        # typed PRNG keys have no numpy form: place their key data (one trailing dim more), rewrap
+        data = _from_callback(jax.random.key_data(x), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    host = _host_value(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: np.asarray(host[index]))
+
+
+def _needs_callback(x: Any, sharding: NamedSharding) -> bool:
+    if isinstance(x, np.memmap):
+        return True  # read only the slices each device holds, never the whole file
+    if sharding.is_fully_addressable:
+        return False
+    # A global array that spans processes already: device_put reshards it collectively.
+    return not (isinstance(x, jax.Array) and not x.is_fully_addressable)
+
+
+def _unalias(src: Any, out: jax.Array) -> jax.Array:
+    """``out`` with no buffer shared with ``src``.
+
+    ``jax.device_put`` (even with ``may_alias=False``, jax 0.10) reuses the
+    source buffer for the shard on the source's own device. Donating the placed
+    tree in a step would then delete the caller's array: copy those shards.
+    """
+    if not isinstance(src, jax.Array) or not src.is_fully_addressable:
+        return out
+    src_ptrs = {s.data.unsafe_buffer_pointer() for s in src.addressable_shards}
+    shards = out.addressable_shards
+    if not any(s.data.unsafe_buffer_pointer() in src_ptrs for s in shards):
+        return out
+    arrays = [s.data.copy() if s.data.unsafe_buffer_pointer() in src_ptrs else s.data for s in shards]
+    return jax.make_array_from_single_device_arrays(out.shape, out.sharding, arrays)
+
+
+def put(values: Sequence[Any], shards: Sequence[NamedSharding], *, per_shard: bool = False,
+        donate: bool = False) -> list[jax.Array]:
+    """Place every value on its sharding; one batched ``jax.device_put`` for the local ones.
+
+    ``per_shard=True`` builds every leaf with ``jax.make_array_from_callback``
+    even on one host (what multi-host placement does everywhere). Without
+    ``donate`` no output shares a buffer with its input.
+
+    >>> import numpy as np, tpflax
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> s = NamedSharding(tpflax.make_mesh({"model": 2}), P("model"))
+    >>> put([np.arange(4.0)], [s], per_shard=True)[0].sharding.spec
+    P('model',)
+    """
+    out: list[Any] = [None] * len(values)
+    batch_idx = []
+    for i, (x, s) in enumerate(zip(values, shards, strict=True)):
+        if per_shard or _needs_callback(x, s):
+            out[i] = _from_callback(x, s)
+        else:
+            batch_idx.append(i)
+    if batch_idx:
+        placed = jax.device_put([values[i] for i in batch_idx], [shards[i] for i in batch_idx],
+                                donate=donate)
+        for i, a in zip(batch_idx, placed, strict=True):
+            out[i] = a if donate else _unalias(values[i], a)
+    return out
+
+
+def place_tree(tree: Any, plan: Plan, mesh: Any = None, *, per_shard: bool = False,
+               donate: bool = False, check_finite: bool | None = None) -> Any:
+    """:func:`tpflax.shard` for a tree (not an nnx graph node): checked, then placed bit-exact."""
+    mesh = bind_mesh(plan, mesh)
+    boxes, treedef, shards = plan_leaf_shardings(plan, mesh, tree)
+    values = [unbox(b) for b in boxes]
+    problems = _value_problems(tree, values)
+    if problems:  # raised before anything moves: never a partially placed tree
+        raise TreeError("the tree cannot be placed bit-exact", problems)
+    if check_finite is not False:
+        _warn_nonfinite(tree, values, everywhere=bool(check_finite))
+    return rebox_all(boxes, put(values, shards, per_shard=per_shard, donate=donate), treedef)
+
+
+def _value_problems(tree: Any, values: Sequence[Any]) -> list[str]:
+    """Leaves that cannot be placed bit-exact: deleted arrays, 64-bit values jax would narrow."""
+    suspects = [i for i, x in enumerate(values) if isinstance(x, (jax.Array, np.ndarray, np.generic))
+                and (x.is_deleted() if isinstance(x, jax.Array)
+                     else jax.dtypes.canonicalize_dtype(x.dtype) != x.dtype)]
+    if not suspects:
+        return []
+    leaves, _ = walk(tree)  # paths for the message; walked only when something is wrong
+    problems = []
+    for i in suspects:
+        leaf, x = leaves[i], values[i]
+        if isinstance(x, jax.Array):
+            problems.append(f"{leaf.path}: the array (shape {leaf.shape}) was deleted, e.g. donated to a "
+                            "jitted step; pass the step's output or a live copy")
+        else:
+            canon = jax.dtypes.canonicalize_dtype(x.dtype)
+            problems.append(
+                f"{leaf.path}: {x.dtype} array of shape {leaf.shape} would become {canon} on device "
+                f"(jax_enable_x64 is off), losing bits; cast it with .astype('{canon}') and re-plan, "
+                "or enable jax.config.update('jax_enable_x64', True)")
+    return problems
+
+
+def _nonfinite_count(x: Any, everywhere: bool) -> int:
+    """NaN/inf count of a float leaf; 0 for others, and for device arrays unless ``everywhere``."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None or not jax.dtypes.issubdtype(dtype, np.inexact) or not np.size(x):
+        return 0
+    if isinstance(x, jax.Array):
+        on_host = x.is_fully_addressable and all(d.platform == "cpu" for d in x.sharding.device_set)
+        if not on_host:
+            return int(jax.numpy.sum(~jax.numpy.isfinite(x))) if everywhere else 0
+    with np.errstate(invalid="ignore"):  # NaN is what we are counting, not an error
+        return int(np.size(x) - np.count_nonzero(np.isfinite(np.asarray(x))))
+
+
+def _warn_nonfinite(tree: Any, values: Sequence[Any], *, everywhere: bool) -> None:
+    """Warn once, naming every float leaf that holds NaN or inf."""
+    bad = [(i, n) for i, x in enumerate(values) if (n := _nonfinite_count(x, everywhere))]
+    if not bad:
+        return
+    leaves, _ = walk(tree)
+    lines = [f"{leaves[i].path} (shape {leaves[i].shape}, {leaves[i].dtype}): {n} NaN/inf value(s)"
+             for i, n in bad]
+    warnings.warn("placing leaves that hold NaN or inf, bit-exact as given (check the checkpoint or the "
+                  "init if this is unexpected; check_finite=False skips this check): "
+                  + "; ".join(lines), TpflaxWarning, stacklevel=4)
+
+
+__all__ = ["place_tree", "put"]

@@ -1,0 +1,235 @@
+"""Place trees derived from the planned parameters: optimizer state, TrainState, nnx.Optimizer.
+
+The specs come from :mod:`tpflax._src.planner.state` (pure, shared with the
+cost model); this module binds them to a mesh and moves the arrays.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+from tpflax._src.apply import nnx as nnx_apply
+from tpflax._src.apply.bind import bind_mesh, is_graph_node, match_plan, rebox_all
+from tpflax._src.apply.put import put
+from tpflax._src.errors import OptionError, PlanMismatchError
+from tpflax._src.facts.tree import is_box, keystr, unbox, walk
+from tpflax._src.planner.plan import Plan
+from tpflax._src.planner.state import (
+    abstract_params,
+    check_state_leaves,
+    planned_tree,
+    state_leaf_specs,
+)
+
+
+def state_shardings(tree: Any, plan: Plan, mesh: Any = None, *, optimizer: Any = None,
+                    params: Any = None) -> Any:
+    """``NamedSharding`` tree for any tree derived from the planned parameters.
+
+    Optimizer states (any optax optimizer, chains, ``masked``,
+    ``multi_transform``, ``MultiSteps``), ``TrainState``, ``nnx.Optimizer`` state,
+    gradients, EMA copies: every leaf that belongs to a parameter gets that
+    parameter's spec, carried over to its own shape (adafactor's factored
+    moments lose the reduced dim's entry); scalars such as ``count`` and leaves
+    belonging to no parameter are replicated. Leaves are tied to parameters by
+    ``optax.tree_map_params`` when ``optimizer`` and ``params`` are given and
+    it applies, else by path: the state leaf's path ends with the parameter's.
+
+    Args:
+        tree: the state, concrete or abstract (``jax.eval_shape`` output).
+        plan: the parameters' plan.
+        mesh: the mesh (or a shape).
+        optimizer: the optax optimizer that made the state (optional).
+        params: the parameter tree the optimizer was initialised with (optional).
+
+    >>> import jax, optax, tpflax
+    >>> params = {"w": jax.ShapeDtypeStruct((8, 4), "float32")}
+    >>> p = tpflax.plan(params, {"model": 2}, rules=[("w", "row")])
+    >>> st = jax.eval_shape(optax.adam(1e-3).init, params)
+    >>> s = state_shardings(st, p, tpflax.make_mesh({"model": 2}))
+    >>> s[0].mu["w"].spec, s[0].count.spec
+    (P('model', None), P())
+    """
+    mesh = bind_mesh(plan, mesh)
+    _, treedef, specs = state_leaf_specs(tree, plan, optimizer=optimizer, params=params)
+    return jax.tree_util.tree_unflatten(treedef, [NamedSharding(mesh, s) for s in specs])
+
+
+def _init_shape(optimizer: Any, params: Any) -> Any:
+    try:
+        return jax.eval_shape(optimizer.init, params)
+    except Exception:  # noqa: BLE001 - an init built for another tree (masks, labels): no match
+        return None
+
+
+def _state_problems(got: Any, want: Any) -> list[str]:
+    """Every leaf where ``got`` differs from ``want`` (paths, shapes); [] when the same."""
+    if want is None:
+        return ["optimizer.init fails on this parameter tree"]
+    got_leaves = jax.tree_util.tree_flatten_with_path(got, is_leaf=is_box)[0]
+    want_leaves = jax.tree_util.tree_flatten_with_path(want, is_leaf=is_box)[0]
+    if len(got_leaves) != len(want_leaves):
+        return [f"the state has {len(got_leaves)} leaves; optimizer.init on the planned parameters "
+                f"makes {len(want_leaves)}"]
+    problems = []
+    for (path, g), (wpath, w) in zip(got_leaves, want_leaves, strict=True):
+        gs, ws = tuple(np.shape(unbox(g))), tuple(np.shape(unbox(w)))
+        if keystr(path) != keystr(wpath):
+            problems.append(f"{keystr(path)}: the planned parameters give {keystr(wpath)} here")
+        elif gs != ws:
+            problems.append(f"{keystr(path)}: shape {gs}, but the planned parameters give {ws}")
+    return problems
+
+
+def params_for_state(optimizer: Any, opt_state: Any, plan: Plan, params: Any = None) -> Any:
+    """The parameter tree ``opt_state`` was made from: ``params``, the plan's params, or its full tree.
+
+    A plan of full linen variables serves states made with
+    ``optimizer.init(variables)`` and with ``optimizer.init(variables["params"])``.
+    A state that none of them makes would silently fall back to replicated
+    leaves (an OOM on a pod), so it is refused.
+
+    Raises:
+        TreeError: a state leaf is not an array.
+        PlanMismatchError: naming every leaf that differs from what the
+            optimizer makes for the planned parameters.
+    """
+    check_state_leaves(opt_state)  # a non-array leaf is the clearer error than a mismatch
+    candidates = [abstract_params(plan)]
+    if params is not None:
+        candidates.insert(0, abstract_params(plan, params))
+    full = planned_tree(plan)
+    if jax.tree_util.tree_structure(full) != jax.tree_util.tree_structure(candidates[-1]):
+        candidates.append(full)
+    first = None
+    for cand in candidates:
+        problems = _state_problems(opt_state, _init_shape(optimizer, cand))
+        if not problems:
+            return cand
+        first = first or problems
+    raise PlanMismatchError(
+        "the optimizer state was not made for the planned parameters (tried optimizer.init of the "
+        f"{'given params, ' if params is not None else ''}planned params"
+        f"{' and the full planned variables' if len(candidates) > 1 + (params is not None) else ''}); "
+        "re-create it with optimizer.init(params) or pass opt_state=None", first)
+
+
+def optimizer_shardings(optimizer: Any, plan: Plan, mesh: Any = None, *, opt_state: Any = None,
+                        params: Any = None) -> Any:
+    """``NamedSharding`` tree for ``optimizer``'s state (for ``jax.jit`` in/out shardings).
+
+    Args:
+        optimizer: an optax ``GradientTransformation`` (or anything with ``init``).
+        plan: the parameters' plan.
+        mesh: the mesh (or a shape).
+        opt_state: the state (concrete or abstract); derived with
+            ``jax.eval_shape(optimizer.init, params)`` when omitted.
+        params: the parameters (concrete or abstract); default: from the plan.
+
+    >>> import jax, optax, tpflax
+    >>> p = tpflax.plan({"w": jax.ShapeDtypeStruct((8, 4), "float32")}, {"model": 2},
+    ...                 rules=[("w", "row")])
+    >>> optimizer_shardings(optax.sgd(0.1, momentum=0.9), p)[0].trace["w"].spec
+    P('model', None)
+    """
+    if opt_state is None:
+        abstract = abstract_params(plan, params)
+        opt_state = jax.eval_shape(optimizer.init, abstract)
+    else:
+        abstract = params_for_state(optimizer, opt_state, plan, params)
+    return state_shardings(opt_state, plan, mesh, optimizer=optimizer, params=abstract)
+
+
+def shard_optimizer_state(optimizer: Any, opt_state: Any, plan: Plan, mesh: Any = None, *,
+                          params: Any = None) -> Any:
+    """Optimizer state on the mesh, its specs derived from the parameter specs.
+
+    Args:
+        optimizer: an optax ``GradientTransformation``, or an ``nnx.Optimizer``
+            (then ``opt_state`` is ignored and a new, sharded ``nnx.Optimizer``
+            is returned; the given one is untouched).
+        opt_state: an existing state to place (made with ``optimizer.init`` of
+            the planned tree, or of its ``params`` collection when full linen
+            variables were planned), or None to create it sharded with
+            ``jax.jit(optimizer.init, out_shardings=...)``.
+        plan: the parameters' plan.
+        mesh: the mesh (or a shape).
+        params: the parameters to initialise from when ``opt_state`` is None
+            (needed by optimizers whose state copies the parameters, such as
+            lookahead); default: zeros of the planned shapes, which is what
+            adam, adafactor, sgd and friends start from anyway.
+
+    Raises:
+        PlanMismatchError: ``opt_state`` is not what ``optimizer.init`` makes
+            for the planned parameters.
+
+    >>> import jax, optax, tpflax
+    >>> p = tpflax.plan({"w": jax.ShapeDtypeStruct((8, 4), "float32")}, {"model": 2},
+    ...                 rules=[("w", "row")])
+    >>> st = shard_optimizer_state(optax.adam(1e-3), None, p, tpflax.make_mesh({"model": 2}))
+    >>> st[0].nu["w"].sharding.spec
+    P('model', None)
+    """
+    if is_graph_node(optimizer):
+        return nnx_apply.shard_module(optimizer, plan, mesh, derived=True)
+    mesh = bind_mesh(plan, mesh)
+    if not callable(getattr(optimizer, "init", None)):
+        raise OptionError(f"optimizer {optimizer!r} has no init(); pass an optax GradientTransformation "
+                          "(e.g. optax.adamw(1e-3)) or an nnx.Optimizer")
+    if opt_state is not None:
+        made_from = params_for_state(optimizer, opt_state, plan, params)
+        boxes, treedef, specs = state_leaf_specs(opt_state, plan, optimizer=optimizer, params=made_from)
+        placed = put([unbox(b) for b in boxes], [NamedSharding(mesh, s) for s in specs])
+        return rebox_all(boxes, placed, treedef)
+    abstract = abstract_params(plan, params)
+    out_shardings = optimizer_shardings(optimizer, plan, mesh, params=abstract)
+    if params is not None:
+        return jax.jit(optimizer.init, out_shardings=out_shardings)(params)
+
+    def init_from_zeros():
+        return optimizer.init(jax.tree_util.tree_map(lambda s: jax.numpy.zeros(s.shape, s.dtype), abstract))
+
+    return jax.jit(init_from_zeros, out_shardings=out_shardings)()
+
+
+def train_state_shardings(state: Any, plan: Plan, mesh: Any = None) -> Any:
+    """``NamedSharding`` tree for a ``flax.training.train_state.TrainState`` (or abstract one).
+
+    ``params`` take the plan's specs, ``opt_state`` is derived through
+    ``state.tx``, ``step`` is replicated.
+    """
+    return state_shardings(state, plan, mesh, optimizer=getattr(state, "tx", None),
+                           params=getattr(state, "params", None))
+
+
+def shard_train_state(state: Any, plan: Plan, mesh: Any = None) -> Any:
+    """A ``TrainState`` placed on the mesh: params per plan, optimizer state derived, step replicated.
+
+    ``state.params`` is checked against the plan first (the planned tree, or
+    its ``params`` collection; a mismatch raises PlanMismatchError and nothing
+    is placed).
+
+    >>> import jax, jax.numpy as jnp, optax, tpflax
+    >>> from flax.training import train_state
+    >>> params = {"w": jnp.ones((8, 4))}
+    >>> p = tpflax.plan(params, {"model": 2}, rules=[("w", "row")])
+    >>> ts = train_state.TrainState.create(apply_fn=None, params=params, tx=optax.adam(1e-3))
+    >>> shard_train_state(ts, p, tpflax.make_mesh({"model": 2})).opt_state[0].mu["w"].sharding.spec
+    P('model', None)
+    """
+    mesh = bind_mesh(plan, mesh)
+    params = getattr(state, "params", None)
+    if params is not None:
+        match_plan(plan, walk(params)[0])
+    boxes, treedef, specs = state_leaf_specs(state, plan, optimizer=getattr(state, "tx", None),
+                                             params=params)
+    placed = put([unbox(b) for b in boxes], [NamedSharding(mesh, s) for s in specs])
+    return rebox_all(boxes, placed, treedef)
+
+
+__all__ = ["optimizer_shardings", "params_for_state", "shard_optimizer_state", "shard_train_state",
+           "state_shardings", "train_state_shardings"]

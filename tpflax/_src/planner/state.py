@@ -1,0 +1,255 @@
+"""Specs for trees derived from the planned parameters: optimizer state, TrainState, EMA.
+
+Pure: it reads only the plan (specs, shapes, mesh shape) and the state's
+shapes, never devices, so the cost model counts exactly what apply places.
+Every leaf that belongs to a parameter takes that parameter's spec, carried
+over to its own shape; everything else (step counts, rng state) is replicated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from tpflax._src.errors import TreeError
+from tpflax._src.facts.tree import COLLECTIONS, is_box, keystr, unbox, walk
+from tpflax._src.planner.plan import Plan
+from tpflax._src.specs import entries, entry_axes, to_pspec
+
+
+def adapt_spec(spec: PartitionSpec, pshape: tuple[int, ...], shape: tuple[int, ...],
+               sizes: Mapping[str, int]) -> PartitionSpec:
+    """The parameter's spec carried over to a leaf derived from it, whose shape may differ.
+
+    Same shape: the same spec. Same rank: dims of equal size keep their entry.
+    One dim fewer (adafactor's factored moments drop a reduced dim): the dropped
+    dim's entry goes. Anything else, or an entry that would not divide: replicated.
+
+    >>> adapt_spec(PartitionSpec(None, "model"), (16, 64), (64,), {"model": 4})
+    P('model',)
+    """
+    ent = entries(spec, len(pshape))
+    if tuple(shape) == tuple(pshape):
+        out = list(ent)
+    elif len(shape) == len(pshape):
+        out = [e if a == b else None for e, a, b in zip(ent, shape, pshape, strict=True)]
+    elif len(shape) == len(pshape) - 1:
+        out = [None] * len(shape)
+        for k in range(len(pshape)):
+            if tuple(pshape[:k] + pshape[k + 1:]) == tuple(shape):
+                out = list(ent[:k] + ent[k + 1:])
+                break
+    else:
+        out = [None] * len(shape)
+    for i, e in enumerate(out):
+        n = math.prod(sizes[a] for a in entry_axes(e))
+        if n > 1 and shape[i] % n:
+            out[i] = None
+    return to_pspec(out)
+
+
+def _suffix_index(plan: Plan) -> dict[str, str]:
+    """Plan paths keyed also without a leading linen collection, for suffix matching."""
+    index: dict[str, str] = {}
+    for path in plan.decisions:
+        index.setdefault(path, path)
+    for path in plan.decisions:
+        head, _, rest = path.partition("/")
+        if rest and head in COLLECTIONS:
+            index.setdefault(rest, path)
+    return index
+
+
+def _match_suffix(path: str, index: Mapping[str, str]) -> str | None:
+    """The plan path that is the longest '/'-aligned suffix of ``path``."""
+    cur = path
+    while True:
+        if cur in index:
+            return index[cur]
+        if "/" not in cur:
+            return None
+        cur = cur.split("/", 1)[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Id:
+    """Marks a state leaf as a copy of parameter number ``i`` (an unregistered type: a leaf)."""
+
+    i: int
+
+
+_OTHER = _Id(-1)  # a state leaf that belongs to no parameter
+
+
+def _positional_matches(optimizer: Any, state: Any, params: Any) -> dict[int, str] | None:
+    """{state leaf index: plan-relative param path} from ``optax.tree_map_params``, or None.
+
+    tree_map_params initialises the optimizer on a placeholder, so it finds the
+    params-shaped subtrees exactly; it fails for optimizers whose init inspects
+    the params (masked, multi_transform), and then path matching takes over.
+    """
+    import optax
+
+    param_leaves, _ = walk(params)
+    ids = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params, is_leaf=is_box),
+                                       [_Id(i) for i in range(len(param_leaves))])
+    try:
+        tagged = optax.tree_map_params(optimizer, lambda _, i: i, state, ids,
+                                       transform_non_params=lambda _: _OTHER, is_leaf=is_box)
+        flat_tagged = jax.tree_util.tree_leaves(tagged, is_leaf=lambda x: isinstance(x, _Id))
+        flat_state = jax.tree_util.tree_leaves(state, is_leaf=is_box)
+    except Exception:  # noqa: BLE001 - optimizer init needs real params: fall back to paths
+        return None
+    if len(flat_tagged) != len(flat_state):
+        return None
+    return {i: param_leaves[t.i].path for i, t in enumerate(flat_tagged)
+            if isinstance(t, _Id) and t.i >= 0}
+
+
+def _leaf_spec(plan: Plan, value: Any, target: str | None) -> PartitionSpec:
+    shape = tuple(int(d) for d in value.shape)
+    if target is None:
+        return PartitionSpec()  # counts, step numbers, rng state: replicated
+    d = plan.decisions[target]
+    return adapt_spec(d.spec, tuple(d.shape), shape, plan.mesh.sizes)
+
+
+def state_leaf_specs(tree: Any, plan: Plan, *, optimizer: Any = None,
+                     params: Any = None) -> tuple[list[Any], Any, list[PartitionSpec]]:
+    """(boxed leaves, treedef, one spec per leaf) for a tree derived from the planned parameters.
+
+    The flat form of :func:`state_specs`, for code that places the leaves:
+    ``treedef`` treats flax boxes and nnx Variables as leaves.
+
+    Raises:
+        TreeError: a leaf is neither an array nor a Python/numpy scalar.
+
+    >>> import jax, optax, tpflax
+    >>> params = {"w": jax.ShapeDtypeStruct((8, 4), "float32")}
+    >>> p = tpflax.plan(params, {"model": 2}, rules=[("w", "row")])
+    >>> _, _, specs = state_leaf_specs(jax.eval_shape(optax.sgd(0.1, 0.9).init, params), p)
+    >>> specs
+    [P('model', None)]
+    """
+    flat, treedef = check_state_leaves(tree)
+    positional = None
+    if optimizer is not None and params is not None:
+        positional = _positional_matches(optimizer, tree, params)
+    index = _suffix_index(plan)
+    specs = []
+    for i, (path, box) in enumerate(flat):
+        value = unbox(box)
+        if getattr(value, "shape", None) is None:  # a Python/numpy scalar
+            specs.append(PartitionSpec())
+            continue
+        target = index.get(positional[i]) if positional is not None and i in positional else None
+        if target is None:
+            target = _match_suffix(keystr(path), index)
+        specs.append(_leaf_spec(plan, value, target))
+    return [b for _, b in flat], treedef, specs
+
+
+def check_state_leaves(tree: Any) -> tuple[list[tuple[Any, Any]], Any]:
+    """``tree_flatten_with_path`` of a state (boxes as leaves); TreeError naming non-array leaves.
+
+    >>> check_state_leaves({"note": "x"})
+    Traceback (most recent call last):
+    tpflax._src.errors.TreeError: the state has leaves that are not arrays:
+      - note: leaf of type str is not an array
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)
+    problems = [f"{keystr(path)}: leaf of type {type(unbox(b)).__name__} is not an array"
+                for path, b in flat if getattr(unbox(b), "shape", None) is None
+                and not isinstance(unbox(b), (int, float, complex, bool, np.generic))]
+    if problems:
+        raise TreeError("the state has leaves that are not arrays", problems)
+    return flat, treedef
+
+
+def state_specs(tree: Any, plan: Plan, *, optimizer: Any = None, params: Any = None) -> Any:
+    """PartitionSpec tree for a tree derived from the planned parameters (no mesh needed).
+
+    Leaves are tied to parameters by ``optax.tree_map_params`` when
+    ``optimizer`` and ``params`` are given and it applies, else by path: the
+    state leaf's path ends with the parameter's (with or without the plan's
+    linen collection, so states made from full variables or from
+    ``variables["params"]`` both work).
+
+    Args:
+        tree: the state, concrete or abstract (``jax.eval_shape`` output).
+        plan: the parameters' plan.
+        optimizer: the optax optimizer that made the state (optional).
+        params: the parameter tree the optimizer was initialised with (optional).
+
+    >>> import jax, optax, tpflax
+    >>> params = {"w": jax.ShapeDtypeStruct((8, 4), "float32")}
+    >>> p = tpflax.plan(params, {"model": 2}, rules=[("w", "row")])
+    >>> state_specs(jax.eval_shape(optax.adam(1e-3).init, params), p)[0].mu["w"]
+    P('model', None)
+    """
+    _, treedef, specs = state_leaf_specs(tree, plan, optimizer=optimizer, params=params)
+    return jax.tree_util.tree_unflatten(treedef, specs)
+
+
+def _sds(shape: tuple[int, ...], dtype: str) -> jax.ShapeDtypeStruct:
+    try:
+        return jax.ShapeDtypeStruct(shape, np.dtype(jax.numpy.dtype(dtype)))
+    except TypeError:  # PRNG keys and other opaque leaves: a shape-only stand-in
+        return jax.ShapeDtypeStruct(shape, np.uint32)
+
+
+def planned_tree(plan: Plan) -> Any:
+    """The planned tree as ``jax.ShapeDtypeStruct`` leaves (full variables if those were planned).
+
+    The plan's own structure (``plan.specs``), or nested dicts after
+    ``Plan.from_json``. PRNG-key leaves become uint32 stand-ins of their shape.
+
+    >>> import jax, tpflax
+    >>> p = tpflax.plan({"params": {"w": jax.ShapeDtypeStruct((8, 4), "float32")}}, {"model": 2})
+    >>> planned_tree(p)["params"]["w"].shape
+    (8, 4)
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(
+        plan.specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    paths = [keystr(p) for p, _ in flat]
+    if sorted(paths) == sorted(plan.decisions):
+        return jax.tree_util.tree_unflatten(treedef, [
+            _sds(plan.decisions[p].shape, plan.decisions[p].dtype) for p in paths])
+    tree: dict[str, Any] = {}
+    for path, d in plan.decisions.items():
+        node = tree
+        parts = path.split("/")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = _sds(d.shape, d.dtype)
+    return tree
+
+
+def abstract_params(plan: Plan, params: Any = None) -> Any:
+    """The parameter tree an optimizer sees: ``params`` (abstracted), else built from the plan.
+
+    From the plan alone: :func:`planned_tree`, or its ``params`` collection
+    when the plan was made for full linen variables.
+
+    >>> import jax, tpflax
+    >>> p = tpflax.plan({"params": {"w": jax.ShapeDtypeStruct((8, 4), "float32")}}, {"model": 2})
+    >>> list(abstract_params(p))
+    ['w']
+    """
+    if params is not None:
+        return jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), getattr(x, "dtype", np.asarray(x).dtype)),
+            params)
+    tree = planned_tree(plan)
+    if isinstance(tree, Mapping) and "params" in tree and {str(k) for k in tree} <= COLLECTIONS:
+        return tree["params"]
+    return tree
+
+
+__all__ = ["abstract_params", "adapt_spec", "check_state_leaves", "planned_tree", "state_leaf_specs", "state_specs"]
