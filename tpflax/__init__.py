@@ -17,7 +17,12 @@ from tpflax._src.apply.state import (
                      train_state_shardings,
 )
 from tpflax._src.apply.step import Step, jit_step
-from tpflax._src.checkpoint import checkpoint_tree, convert_checkpoint, restore_checkpoint, save_checkpoint
+from tpflax._src.checkpoint import (
+                     checkpoint_tree,
+                     convert_checkpoint,
+                     restore_checkpoint,
+                     save_checkpoint,
+)
 from tpflax._src.cost.activations import trace_activations
 from tpflax._src.cost.estimate import estimate
 from tpflax._src.cost.records import Estimate

@@ -256,7 +256,7 @@ def dry_run(step: Callable[..., Any] | TrainStep, plan, mesh: Any, example_args:
     """
     import jax
 
-    from tpflax._src.apply.place import check_mesh
+    from tpflax._src.apply.bind import check_mesh
     from tpflax._src.mesh import make_mesh
 
     if not isinstance(mesh, jax.sharding.Mesh):

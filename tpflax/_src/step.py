@@ -16,14 +16,13 @@ The batch the step takes:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from tpflax._src.cost.optstate import abstract_tree, opt_state_specs, split_params
-from tpflax._src.errors import OptionError, PlanMismatchError, SpecError
-from tpflax._src.mesh import DATA, FSDP
+from tpflax._src.errors import OptionError, PlanMismatchError
+from tpflax._src.mesh import FSDP, batch_pspec
 from tpflax._src.model import Model, as_model, is_zoo
 from tpflax._src.specs import entry_axes
 
@@ -49,42 +48,15 @@ class TrainStep:
 # ---------------------------------------------------------------------------
 # shardings for a step's arguments
 
-def batch_axes(plan) -> tuple[str, ...]:
-    """Mesh axes the batch dim is split over: every data and fsdp axis larger than 1."""
-    roles = dict(plan.mesh.roles)
-    return tuple(a for a in plan.mesh.names if roles[a] in (DATA, FSDP) and plan.mesh.sizes[a] > 1)
-
-
 def batch_shardings(plan, mesh, batch: Any) -> Any:
-    """NamedShardings splitting dim 0 of every batch leaf over the batch axes.
+    """NamedShardings splitting dim 0 of every batch leaf over the plan's batch axes.
 
     Raises:
         SpecError: a leaf's batch dim does not divide the batch axes (before compiling).
     """
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
+    from tpflax._src.apply.batch import batch_shardings as place
 
-    axes = batch_axes(plan)
-    n = math.prod(plan.mesh.sizes[a] for a in axes)
-    problems = []
-    flat, treedef = jax.tree_util.tree_flatten_with_path(batch)
-    out = []
-    for path, leaf in flat:
-        shape = tuple(getattr(leaf, "shape", ()))
-        name = jax.tree_util.keystr(path, simple=True, separator="/") or "batch"
-        if not axes or not shape:
-            out.append(NamedSharding(mesh, PartitionSpec()))
-            continue
-        if shape[0] % n:
-            problems.append(f"batch leaf {name} shape {shape}: dim 0 ({shape[0]}) is not divisible by "
-                            f"{'*'.join(f'{a}={plan.mesh.sizes[a]}' for a in axes)} = {n}; use a global "
-                            f"batch that is a multiple of {n}")
-            out.append(None)
-            continue
-        out.append(NamedSharding(mesh, PartitionSpec(axes if len(axes) > 1 else axes[0])))
-    if problems:
-        raise SpecError("the batch does not divide over the mesh's batch axes", problems)
-    return jax.tree_util.tree_unflatten(treedef, out)
+    return place(batch, mesh, batch_pspec(plan.mesh))
 
 
 def named_shardings(mesh, specs: Any) -> Any:
@@ -243,7 +215,7 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
     import optax
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from tpflax._src.apply.place import check_mesh
+    from tpflax._src.apply.bind import check_mesh
 
     check_mesh(plan, mesh)
     variables, abstract_batch, loss_of = _resolve(model, plan, batch, sample, loss, variables)

@@ -18,7 +18,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tpflax._src.apply import nnx as nnx_apply
 from tpflax._src.apply.bind import (
     bind_mesh,
-    check_mesh,
     is_graph_node,
     match_plan,
     plan_leaf_shardings,
@@ -28,7 +27,6 @@ from tpflax._src.apply.bind import (
 from tpflax._src.apply.put import place_tree
 from tpflax._src.facts.tree import is_box, unbox, walk
 from tpflax._src.planner.plan import Plan
-from tpflax._src.planner.state import state_specs
 
 
 def shardings(plan: Plan, mesh: Any, tree: Any = None) -> Any:
@@ -157,6 +155,4 @@ def constrain(tree: Any, plan: Plan, mesh: Any = None) -> Any:
     return rebox_all(boxes, values, treedef)
 
 
-# Re-exported for dryrun (check_mesh) and the cost model (state_specs) until they import
-# tpflax._src.apply.bind / tpflax._src.planner.state directly; drop these two then.
-__all__ = ["check_mesh", "constrain", "shard", "shardings", "state_specs", "unshard"]
+__all__ = ["constrain", "shard", "shardings", "unshard"]

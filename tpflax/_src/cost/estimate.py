@@ -48,20 +48,9 @@ from tpflax._src.cost.memory import memory
 from tpflax._src.cost.records import MEMORY_FIELDS, Act, Estimate, comm_table
 from tpflax._src.cost.workload import Workload, prepare
 from tpflax._src.errors import EstimateError
-from tpflax._src.mesh import DATA, FSDP, MeshShape
+from tpflax._src.mesh import MeshShape, batch_axes
 
-__all__ = ["batch_axes", "estimate", "price", "price_leaves"]
-
-
-def batch_axes(mesh: MeshShape) -> tuple[str, ...]:
-    """Mesh axes the global batch is split over (data and fsdp roles, size > 1).
-
-    >>> from tpflax._src.mesh import mesh_shape
-    >>> batch_axes(mesh_shape({"data": 2, "fsdp": 1, "model": 4}))
-    ('data',)
-    """
-    roles = dict(mesh.roles)
-    return tuple(a for a in mesh.names if roles[a] in (DATA, FSDP) and mesh.sizes[a] > 1)
+__all__ = ["estimate", "price", "price_leaves"]
 
 
 def price(decisions: Mapping[str, Any], mesh: MeshShape, w: Workload) -> Estimate:

@@ -21,15 +21,8 @@ from tpflax._src.cost.batch import np_dtype
 from tpflax._src.errors import EstimateError, PlanMismatchError
 from tpflax._src.facts.tree import itemsize
 from tpflax._src.mesh import MeshShape
+from tpflax._src.planner.state import state_specs
 from tpflax._src.specs import Entry, bytes_per_device, entries
-
-
-def state_specs(state: Any, plan, *, optimizer: Any = None, params: Any = None) -> Any:
-    """The one derivation of optimizer-state specs (placement uses it too); see :func:`opt_state_specs`."""
-    # TODO(lead): import from tpflax._src.planner.state
-    from tpflax._src.apply.place import state_specs as derive
-
-    return derive(state, plan, optimizer=optimizer, params=params)
 
 
 def abstract_tree(plan) -> Any:
