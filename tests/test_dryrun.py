@@ -141,7 +141,7 @@ def test_user_step_with_plain_args_and_optimizer():
 def test_batch_that_does_not_divide_fails_before_compiling():
     m = zoo.get("mlp")
     p = tpflax.plan(m.abstract_variables(), {"data": 2, "model": 4})
-    with pytest.raises(tpflax.SpecError, match=r"dim 0 \(7\) is not divisible by data=2"):
+    with pytest.raises(tpflax.SpecError, match=r"is 7, not divisible by mesh axes data=2"):
         make_train_step(m, p, tpflax.make_mesh(p.mesh), optax.sgd(0.1), 7)
 
 

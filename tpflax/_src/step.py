@@ -20,10 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tpflax._src.cost.optstate import abstract_tree, opt_state_specs, split_params
+from tpflax._src.cost.optstate import opt_state_specs, split_params
 from tpflax._src.errors import OptionError, PlanMismatchError
 from tpflax._src.mesh import FSDP, batch_pspec
 from tpflax._src.model import Model, as_model, is_zoo
+from tpflax._src.planner.state import planned_tree
 from tpflax._src.specs import entry_axes
 
 
@@ -163,7 +164,7 @@ def _resolve(model: Any, plan, batch: Any, sample: Any, loss: Any, variables: An
         batch, sample = None, batch  # a tuple batch is the sample inputs
     m = as_model(model, sample, variables)
     if m.variables is None:
-        m = m.with_variables(abstract_tree(plan))  # a plain function: the tree that was planned
+        m = m.with_variables(planned_tree(plan))  # a plain function: the tree that was planned
     if isinstance(batch, int):
         m = m.with_batch(batch)
     elif batch is not None:

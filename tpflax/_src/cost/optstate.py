@@ -17,31 +17,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from tpflax._src.cost.batch import np_dtype
-from tpflax._src.errors import EstimateError, PlanMismatchError
+from tpflax._src.errors import EstimateError
 from tpflax._src.facts.tree import itemsize
 from tpflax._src.mesh import MeshShape
-from tpflax._src.planner.state import state_specs
+from tpflax._src.planner.state import planned_tree, state_specs
 from tpflax._src.specs import Entry, bytes_per_device, entries
-
-
-def abstract_tree(plan) -> Any:
-    """The planned tree as ``jax.ShapeDtypeStruct`` leaves, shaped like ``plan.specs``.
-
-    >>> import jax, tpflax
-    >>> p = tpflax.plan({"w": jax.ShapeDtypeStruct((4, 2), "float32")}, {"data": 1})
-    >>> abstract_tree(p)["w"].shape
-    (4, 2)
-    """
-    import jax
-    from jax.sharding import PartitionSpec
-
-    leaves, treedef = jax.tree_util.tree_flatten(plan.specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
-    if len(leaves) != len(plan.decisions):
-        raise PlanMismatchError(f"plan.specs has {len(leaves)} leaves but plan.decisions has "
-                                f"{len(plan.decisions)}; re-plan")
-    sds = [jax.ShapeDtypeStruct(d.shape, np_dtype(d.dtype)) for d in plan.decisions.values()]
-    return jax.tree_util.tree_unflatten(treedef, sds)
 
 
 def split_params(plan, tree: Any) -> tuple[Any, Callable[[Any, Any], Any]]:
@@ -67,7 +47,7 @@ def _abstract_state(plan, optimizer: Any, params: Any = None) -> tuple[Any, Any]
     import jax
 
     if params is None:
-        params, _ = split_params(plan, abstract_tree(plan))
+        params, _ = split_params(plan, planned_tree(plan))
     try:
         return jax.eval_shape(optimizer.init, params), params
     except Exception as e:  # noqa: BLE001 - any optax failure is the user's optimizer/params mismatch

@@ -14,11 +14,12 @@ from typing import Any
 
 from tpflax._src.cost.activations import trace_activations
 from tpflax._src.cost.batch import Batch, config_value, dtype_name, parse_batch
-from tpflax._src.cost.optstate import OptLayout, abstract_tree, opt_layout
+from tpflax._src.cost.optstate import OptLayout, opt_layout
 from tpflax._src.cost.optstate import optimizer_name as name_of
 from tpflax._src.cost.records import Act
 from tpflax._src.errors import EstimateError
 from tpflax._src.facts.tree import itemsize
+from tpflax._src.planner.state import planned_tree
 
 BACKENDS = ("tpu", "gpu", "cpu")
 DISPATCHES = ("all-to-all", "dense")
@@ -102,4 +103,4 @@ def _model(plan, model: Any, sample: Any):
     from tpflax._src.model import as_model
 
     m = as_model(model, sample)
-    return m if m.variables is not None else m.with_variables(abstract_tree(plan))
+    return m if m.variables is not None else m.with_variables(planned_tree(plan))
