@@ -123,6 +123,12 @@ class ZooModel:
         Uses ``jax.eval_shape`` only, so it never allocates and works for 405B.
         Linen: ``{"params": ..., ["batch_stats": ...]}``; nnx: an ``nnx.State``.
         """
+        # Traced once per model (estimate, trace and suggest all ask); a fresh tree each call, so
+        # a caller that edits its copy never changes what the next caller gets.
+        return jax.tree_util.tree_map(lambda x: x, self._abstract)
+
+    @functools.cached_property
+    def _abstract(self) -> Any:
         return jax.eval_shape(self._init_fn(), jax.random.key(0))
 
     @functools.cached_property
