@@ -46,6 +46,7 @@ from tpflax._src.errors import (
                      TraceError,
                      TreeError,
 )
+from tpflax._src.from_rules import from_rules
 from tpflax._src.hardware import Hardware
 from tpflax._src.mesh import MeshShape, abstract_mesh, make_mesh, mesh_shape
 from tpflax._src.planner.plan import Decision, Pair, Plan, default_logical_rules, plan
@@ -76,4 +77,6 @@ __all__ = [
     # mesh suggestion
     "Candidate", "Degree", "Hardware", "NoFitError", "SuggestError", "Suggestion", "Verification",
     "suggest_mesh", "verify_suggestion",
+    # exports, imports and diffs of plans
+    "from_rules",
 ]

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 from jax.sharding import PartitionSpec
 
+from tpflax._src import export
 from tpflax._src.errors import PlanFormatError, PlanMismatchError
 from tpflax._src.facts.classify import layer_group, unit_of
 from tpflax._src.facts.tree import Leaf, itemsize, walk
@@ -235,6 +236,14 @@ class Plan:
             node[parts[-1]] = d.spec
         return cls(mesh=mesh, specs=specs, decisions=decisions, pairs=pairs, warnings=warnings,
                    disagreements=disagreements, options=options)
+
+    def to_rules(self) -> list[tuple[str, PartitionSpec]]:
+        """Ordered ``(regex, PartitionSpec)`` rules that reproduce this plan: see :func:`tpflax._src.export.to_rules`."""
+        return export.to_rules(self)
+
+    def to_logical_axis_rules(self) -> export.LogicalAxes:
+        """Logical axis names per dim and ``(logical, mesh)`` rules: see :func:`tpflax._src.export.to_logical_axis_rules`."""
+        return export.to_logical_axis_rules(self)
 
 
 def _parse_document(text: str) -> dict:
