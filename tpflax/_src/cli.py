@@ -125,7 +125,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(report(p, fmt="json"))
     else:
-        print(report(p, reasons=not args.no_reasons, pairs=args.pairs))
+        print(report(p, reasons=not args.no_reasons, pairs=args.pairs, full=args.full))
         if bound:
             print(bound)
     return 1 if args.strict and p.warnings else 0
@@ -324,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", action="store_true",
                    help="trace the model's forward pass (abstractly) and pair layers by dataflow, not names")
     p.add_argument("--no-reasons", action="store_true", help="omit the reason column")
+    p.add_argument("--full", action="store_true", help="one row per leaf at full width (default: alike layers grouped)")
     p.set_defaults(func=cmd_plan)
     e = sub.add_parser("estimate", help="memory per device and communication per training step (pure)",
                        epilog="example: tpflax estimate gpt2 --mesh data=2,model=4 --optimizer adamw --batch 32",

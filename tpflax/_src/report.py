@@ -1,11 +1,21 @@
-"""Plan reports: a per-layer text table with totals and warnings, or JSON."""
+"""Plan reports: a per-layer text table with totals and warnings, or JSON.
+
+The text table groups repeated layers by default (``h_{0..11}/mlp/c_fc/kernel
+×12`` is one row) and fits the terminal; ``full=True`` lists every leaf at full
+width. The JSON form records the tpflax, jax and flax versions, so a plan saved
+as a lockfile says what made it (see :func:`tpflax.diff`).
+"""
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import textwrap
+from collections.abc import Sequence
 from typing import Any
 
-from tpflax._src.planner.plan import Plan
+from tpflax._src.planner.plan import Decision, Plan
 from tpflax._src.specs import fmt_bytes
 
 
@@ -15,19 +25,183 @@ def _spec_str(spec) -> str:
     return f"P({inner})"
 
 
-def table_rows(plan: Plan) -> list[list[str]]:
-    rows = []
+def versions() -> dict[str, str]:
+    """The versions that decide a plan: tpflax's, jax's and flax's.
+
+    >>> sorted(versions())
+    ['flax', 'jax', 'tpflax']
+    """
+    import flax
+    import jax
+
+    from tpflax import __version__
+
+    return {"tpflax": __version__, "jax": jax.__version__, "flax": flax.__version__}
+
+
+def index_set(values: Sequence[int]) -> str:
+    """``{0..11}``, ``{0,2,5}`` or ``{0..3,8}``: a set of layer indices, runs collapsed.
+
+    >>> index_set([3, 0, 1, 2, 8])
+    '{0..3,8}'
+    """
+    xs = sorted(set(values))
+    runs: list[list[int]] = []
+    for x in xs:
+        if runs and x == runs[-1][-1] + 1:
+            runs[-1].append(x)
+        else:
+            runs.append([x])
+    return "{" + ",".join(f"{r[0]}..{r[-1]}" if len(r) > 2 else ",".join(map(str, r)) for r in runs) + "}"
+
+
+_INDEX = re.compile(r"^(.*?)(\d+)$")
+
+
+def compact_paths(paths: Sequence[str]) -> str:
+    """Paths of one repeated-layer group as one pattern.
+
+    >>> compact_paths(["params/h_0/mlp/kernel", "params/h_1/mlp/kernel", "params/h_2/mlp/kernel"])
+    'params/h_{0..2}/mlp/kernel'
+    """
+    split = [p.split("/") for p in paths]
+    if len({len(s) for s in split}) != 1:
+        return paths[0]
+    out = []
+    for column in zip(*split, strict=True):
+        if len(set(column)) == 1:
+            out.append(column[0])
+            continue
+        found = [_INDEX.match(c) for c in column]
+        prefixes = {m.group(1) for m in found if m}
+        if all(found) and len(prefixes) == 1:
+            out.append(prefixes.pop() + index_set([int(m.group(2)) for m in found if m]))
+        else:
+            out.append("{" + ",".join(dict.fromkeys(column)) + "}")
+    return "/".join(out)
+
+
+def grouped(plan: Plan) -> list[tuple[list[str], Decision]]:
+    """Leaves of one repeated-layer group with the same kind, shape, dtype, strategy and spec, in tree order."""
+    groups: dict[tuple, list[str]] = {}
     for path, d in plan.decisions.items():
-        rows.append([path, d.kind, "x".join(map(str, d.shape)) or "()", d.dtype, d.label,
-                     _spec_str(d.spec), fmt_bytes(d.bytes), fmt_bytes(d.bytes_per_device), d.reason])
+        key = (d.group or path, d.kind, d.shape, d.dtype, d.label, tuple(d.spec))
+        groups.setdefault(key, []).append(path)
+    return [(paths, plan.decisions[paths[0]]) for paths in groups.values()]
+
+
+def _group_reason(plan: Plan, paths: list[str], name: str) -> str:
+    """The first leaf's reason, with its layer indices and pair id widened to the group's."""
+    first = plan.decisions[paths[0]]
+    reason = first.reason
+    for mine, theirs in zip(paths[0].split("/"), name.split("/"), strict=False):
+        if mine != theirs:
+            reason = re.sub(rf"(?<![\w]){re.escape(mine)}(?![\w])", theirs, reason)
+    ids = [plan.decisions[p].pair for p in paths]
+    if first.pair is not None and len(set(ids)) > 1:
+        reason = re.sub(rf"\bpair {first.pair}\b", "pairs " + index_set([i for i in ids if i is not None]), reason)
+    return reason
+
+
+def table_rows(plan: Plan, full: bool = True) -> list[list[str]]:
+    """One row per leaf (``full``), or per group of alike repeated layers (``path ×n``)."""
+    rows = []
+    for paths, d in ([([p], d) for p, d in plan.decisions.items()] if full else grouped(plan)):
+        name = compact_paths(paths)
+        reason = d.reason if len(paths) == 1 else _group_reason(plan, paths, name)
+        rows.append([name + (f" ×{len(paths)}" if len(paths) > 1 else ""), d.kind,
+                     "x".join(map(str, d.shape)) or "()", d.dtype, d.label, _spec_str(d.spec),
+                     fmt_bytes(d.bytes), fmt_bytes(d.bytes_per_device), reason])
     return rows
 
 
 HEADER = ["path", "kind", "shape", "dtype", "strategy", "spec", "bytes", "per device", "reason"]
 
 
+def _clip(text: str, width: int, middle: bool = False) -> str:
+    if len(text) <= width:
+        return text
+    if middle:  # a path: keep its start and its leaf name
+        head = (width - 1) // 2
+        return text[:head] + "…" + text[len(text) - (width - 1 - head):]
+    return text[:width - 1] + "…"
+
+
+def _common_root(paths: Sequence[str]) -> str:
+    """``params/`` when every path starts with it (and goes deeper): said once, in the title."""
+    roots = {p.split("/", 1)[0] for p in paths}
+    return f"{roots.pop()}/" if len(roots) == 1 and all("/" in p for p in paths) else ""
+
+
+def table_lines(plan: Plan, *, reasons: bool = True, full: bool = False, width: int | None = None) -> list[str]:
+    """The per-leaf table: every leaf at full width (``full``), or alike layers grouped to fit ``width``.
+
+    The compact table leaves out what the title or the totals already say (one
+    dtype, the common ``params/`` root, total bytes) and puts each reason on its
+    own indented lines when the row leaves less than 30 columns for it.
+    """
+    rows = table_rows(plan, full)
+    title = f"tpflax plan  mesh {plan.mesh}  roles " + ", ".join(f"{n}:{r}" for n, r in plan.mesh.roles)
+    keep = list(HEADER if reasons else HEADER[:-1])
+    dtypes = {d.dtype for d in plan.decisions.values()}
+    root = "" if full else _common_root(list(plan.decisions))
+    if not full:
+        keep.remove("bytes")
+        if len(dtypes) == 1:  # one dtype for every leaf: say it once
+            keep.remove("dtype")
+            title += f"  dtype {next(iter(dtypes))}"
+        if root:
+            title += f"  paths under {root}"
+            rows = [[r[0][len(root):], *r[1:]] for r in rows]
+    cols = [HEADER.index(h) for h in keep]
+    rows = [[r[i] for i in cols] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(keep)]
+    notes: list[str] = []  # reasons on lines of their own
+    if full:
+        widths[0] = min(widths[0], 60)
+    elif width is not None:
+        if reasons:
+            room = width - sum(widths[1:-1]) - 2 * (len(keep) - 1) - widths[0]
+            if room >= 30:
+                widths[-1] = room
+            else:
+                notes = [r[-1] for r in rows]
+                keep, rows, widths = keep[:-1], [r[:-1] for r in rows], widths[:-1]
+        if not reasons or notes:
+            widths[0] = min(widths[0], width - sum(widths[1:]) - 2 * (len(keep) - 1))
+    stacked = not full and width is not None and widths[0] < 24  # narrow: the path gets a line of its own
+    if stacked:
+        paths = [r[0] for r in rows]
+        keep, rows, widths = keep[1:], [r[1:] for r in rows], widths[1:]
+    last = len(keep) - 1
+
+    def line(cells):
+        if not full and width is not None:
+            cells = [_clip(c, w, middle=i == 0) for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+        return "  ".join(c.ljust(w) if i < last else c for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+
+    indent = "  " if stacked else ""
+    out = [title, *(["path"] if stacked else []), indent + line(keep), *(["    reason"] if notes else []),
+           indent + line(["-" * w for w in widths])]
+    for i, r in enumerate(rows):
+        if stacked:
+            out.append(_clip(paths[i], width or 0, middle=True))
+        out.append(indent + line(r))
+        if notes:
+            out += textwrap.wrap(notes[i], width or 80, initial_indent="    ", subsequent_indent="    ",
+                                 break_on_hyphens=False)
+    return [*_wrap(out[:1], width), *out[1:]]
+
+
+def _wrap(lines: list[str], width: int | None, indent: str = "      ") -> list[str]:
+    if width is None:
+        return lines
+    return [w for x in lines for w in textwrap.wrap(x, width, subsequent_indent=indent, break_on_hyphens=False)
+            or [""]]
+
+
 def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool = True,
-           pairs: bool = False, dry_run: Any = None) -> str:
+           pairs: bool = False, dry_run: Any = None, full: bool = False, width: int | None = None) -> str:
     """Render a plan (and optionally an estimate) as text or JSON.
 
     Args:
@@ -39,6 +213,9 @@ def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool
         pairs: list the column/row pairs in text.
         dry_run: a ``tpflax.dry_run`` result: what XLA compiled, set beside the
             estimate (memory and collectives, with relative errors) when both are given.
+        full: one row per leaf at full width; by default repeated layers share a
+            row (``h_{0..11}/mlp/c_fc/kernel ×12``) and lines fit ``width``.
+        width: columns to fit (default: the terminal's, else 100).
 
     >>> import jax
     >>> from tpflax import plan
@@ -53,6 +230,7 @@ def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool
                           "tpflax.plan(tree, mesh)")
     if fmt == "json":
         data = json.loads(plan.to_json())
+        data["versions"] = versions()
         if estimate is not None and hasattr(estimate, "to_dict"):
             data["estimate"] = estimate.to_dict()
         if dry_run is not None and hasattr(dry_run, "to_dict"):
@@ -62,25 +240,21 @@ def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool
         return json.dumps(data, indent=2)
     if fmt != "text":
         raise OptionError(f"fmt must be 'text' or 'json', not {fmt!r}")
-    header = HEADER if reasons else HEADER[:-1]
-    rows = [r if reasons else r[:-1] for r in table_rows(plan)]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    widths[0] = min(widths[0], 60)
-    out = [f"tpflax plan  mesh {plan.mesh}  roles "
-           + ", ".join(f"{n}:{r}" for n, r in plan.mesh.roles)]
-
-    def line(cells):
-        return "  ".join(c.ljust(w) if i < len(cells) - 1 else c for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
-
-    out.append(line(header))
-    out.append(line(["-" * w for w in widths]))
-    out += [line(r) for r in rows]
+    if not full and width is None:
+        width = shutil.get_terminal_size((100, 24)).columns
+    width = None if full else width
+    out = table_lines(plan, reasons=reasons, full=full, width=width)
+    shown = len(plan.decisions) if full else len(grouped(plan))
     n = len(plan.decisions)
     counts: dict[str, int] = {}
     for d in plan.decisions.values():
         counts[d.label] = counts.get(d.label, 0) + 1
     out.append("")
-    out.append(f"leaves: {n}   strategies: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    out += _wrap([f"leaves: {n}   strategies: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))],
+                 width)
+    if shown < n:
+        out += _wrap([f"rows: {shown} (alike repeated layers share a row; --full / full=True lists every leaf)"],
+                     width)
     out.append(f"parameters without sharding: {fmt_bytes(plan.total_bytes)}")
     out.append(f"parameters on the fullest device: {fmt_bytes(plan.bytes_per_device)}")
     out.append(f"savings per device: {plan.savings:.1f}%")
@@ -89,8 +263,8 @@ def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool
         out.append("pairs:")
         for p in plan.pairs:
             state = "sharded" if p.sharded else f"not sharded ({p.note})"
-            out.append(f"  {p.id:>3} {p.kind:<9} {', '.join(p.columns)} -> {', '.join(p.rows)}  "
-                       f"[{p.size}, {state}]")
+            out += _wrap([f"  {p.id:>3} {p.kind:<9} {', '.join(p.columns)} -> {', '.join(p.rows)}  "
+                          f"[{p.size}, {state}]"], width, " " * 16)
     if estimate is not None and hasattr(estimate, "report_lines"):
         out.append("")
         out += estimate.report_lines()
@@ -103,9 +277,9 @@ def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool
     if plan.disagreements:
         out.append("")
         out.append(f"traced plan vs tree heuristics ({len(plan.disagreements)} disagreements, the trace wins):")
-        out += [f"  ~ {d}" for d in plan.disagreements]
+        out += _wrap([f"  ~ {d}" for d in plan.disagreements], width)
     if plan.warnings:
         out.append("")
         out.append(f"warnings ({len(plan.warnings)}):")
-        out += [f"  ! {w}" for w in plan.warnings]
+        out += _wrap([f"  ! {w}" for w in plan.warnings], width)
     return "\n".join(out)

@@ -1,0 +1,60 @@
+"""The text report: repeated layers grouped into one row, lines that fit the terminal, --full for every leaf."""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+import tpflax
+from tpflax import zoo
+from tpflax.cli import main
+
+
+@pytest.fixture(scope="module")
+def gpt2_small():
+    return tpflax.plan(zoo.get("gpt2-small").abstract_variables(), "data=2,model=4")
+
+
+def test_gpt2_small_groups_its_layers_and_fits_100_columns(gpt2_small):
+    text = tpflax.report(gpt2_small, width=100)
+    lines = text.splitlines()
+    assert max(len(x) for x in lines) <= 100
+    # 12 layers x 16 leaves become 16 rows (the old report had one row per leaf: 196 rows, 205 lines)
+    assert len(lines) < 70
+    assert "h_{0..11}/mlp/c_fc/kernel ×12" in text and "h_{0..11}/ln_{1,2}/scale ×24" in text
+    assert "h_3/" not in text  # no per-layer rows
+    assert "rows: 18" in text and "leaves: 196" in text
+    # a group's reason names the group, not its first layer
+    assert "feeds h_{0..11}/mlp/c_proj/kernel" in text
+
+
+@pytest.mark.parametrize("width", [80, 100, 160])
+def test_every_line_fits_the_width_asked(gpt2_small, width):
+    p = tpflax.plan(zoo.get("llama").abstract_variables(), "fsdp=2,model=4", rules=[("zzz", "replicate")])
+    for plan in (gpt2_small, p):
+        lines = tpflax.report(plan, width=width, pairs=True).splitlines()
+        assert max(len(x) for x in lines) <= width, [x for x in lines if len(x) > width]
+
+
+def test_full_lists_every_leaf_unclipped(gpt2_small):
+    text = tpflax.report(gpt2_small, full=True)
+    for path, d in gpt2_small.decisions.items():
+        assert path in text and d.reason in text
+    assert "×" not in text and "rows:" not in text
+
+
+def test_leaves_that_differ_within_a_group_get_their_own_rows():
+    S = jax.ShapeDtypeStruct
+    tree = {f"layers_{i}": {"up": {"kernel": S((64, 256), "float32")}} for i in range(4)}
+    p = tpflax.plan(tree, {"model": 4}, rules=[("layers_2/", "replicate"), ("up", "column")])
+    text = tpflax.report(p, width=100)
+    assert "layers_{0,1,3}/up/kernel ×3" in text and "layers_2/up/kernel " in text
+
+
+def test_cli_plan_is_compact_by_default_and_full_on_request(capsys):
+    assert main(["plan", "gpt2-small", "--mesh", "data=2,model=4"]) == 0
+    compact = capsys.readouterr().out.splitlines()
+    assert main(["plan", "gpt2-small", "--mesh", "data=2,model=4", "--full"]) == 0
+    full = capsys.readouterr().out.splitlines()
+    assert max(map(len, compact)) <= 100 and len(compact) < 70  # piped: the 100-column default
+    assert len(full) > 196 and any("params/h_7/mlp/c_fc/kernel" in x for x in full)
