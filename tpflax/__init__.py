@@ -26,6 +26,7 @@ from tpflax._src.checkpoint import (
 from tpflax._src.cost.activations import trace_activations
 from tpflax._src.cost.estimate import estimate
 from tpflax._src.cost.records import Estimate
+from tpflax._src.diff import PlanDiff, diff
 from tpflax._src.dryrun import DryRun, dry_run
 from tpflax._src.errors import (
                      CheckpointError,
@@ -78,5 +79,5 @@ __all__ = [
     "Candidate", "Degree", "Hardware", "NoFitError", "SuggestError", "Suggestion", "Verification",
     "suggest_mesh", "verify_suggestion",
     # exports, imports and diffs of plans
-    "from_rules",
+    "PlanDiff", "diff", "from_rules",
 ]

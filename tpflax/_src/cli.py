@@ -375,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example: tpflax zoo   # then e.g. tpflax plan llama-2-7b --mesh fsdp=8,model=4",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     z.set_defaults(func=cmd_zoo)
+    from tpflax._src import cli_diff
+
+    cli_diff.add_parser(sub)
     return parser
 
 

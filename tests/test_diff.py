@@ -1,0 +1,85 @@
+"""tpflax.diff and `tpflax diff`: the leaves that differ, what each side costs, and a plan lockfile for CI."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import jax
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import tpflax
+from tpflax import zoo
+from tpflax.cli import main
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return zoo.get("gpt2")
+
+
+@pytest.fixture(scope="module")
+def plans(gpt2):
+    tree = gpt2.abstract_variables()
+    return (tpflax.plan(tree, "data=2,model=4"),
+            tpflax.plan(tree, "data=2,model=4", rules=[("mlp/c_fc", "replicate")]))
+
+
+def test_diff_groups_the_changed_leaves_and_prices_both_sides(plans, gpt2):
+    a, b = plans
+    d = tpflax.diff(a, b)
+    assert d.changed and not d.version_changes
+    changed = {p for c in d.changes for p in c.paths}
+    assert changed == {p for p in a.decisions if "mlp/c_fc" in p}
+    kernel = next(c for c in d.changes if c.paths[0].endswith("c_fc/kernel"))
+    assert len(kernel.paths) == gpt2.config.n_layers and kernel.b == str(P(None, None))
+    assert kernel.bytes_b == 4 * kernel.bytes_a  # model=4 no longer splits it
+    assert (d.a.bytes_per_device, d.b.bytes_per_device) == (a.bytes_per_device, b.bytes_per_device)
+    assert d.a.comm is None  # no batch: no communication estimate
+    text = str(d)
+    assert "h_{0,1}/mlp/c_fc/kernel ×2" in text and "parameters on the fullest device" in text
+    assert not tpflax.diff(a, a).changed and not tpflax.diff(a, a).changes
+
+
+def test_with_a_batch_each_side_gets_the_estimates_communication(plans, gpt2):
+    a, b = plans
+    batch = jax.eval_shape(lambda: gpt2.make_batch(0, 8))
+    d = tpflax.diff(a, b, optimizer=optax.adamw(1e-3), batch=batch, model=gpt2)
+    assert d.a.comm == tpflax.estimate(a, optax.adamw(1e-3), batch, model=gpt2).comm_total
+    assert d.b.comm == tpflax.estimate(b, optax.adamw(1e-3), batch, model=gpt2).comm_total
+    assert d.a.comm != d.b.comm and "communication per step" in str(d)
+
+
+def test_diff_reads_json_and_reports_version_changes(plans):
+    a, _ = plans
+    doc = json.loads(tpflax.report(a, fmt="json"))
+    assert set(doc["versions"]) == {"tpflax", "jax", "flax"}
+    old = dict(doc, versions=dict(doc["versions"], jax="0.0.1"))
+    d = tpflax.diff(json.dumps(old), tpflax.report(a, fmt="json"))
+    assert not d.changed and d.version_changes == {"jax": ("0.0.1", jax.__version__)}
+    assert f"jax changed: 0.0.1 -> {jax.__version__}" in str(d)
+    with pytest.raises(tpflax.OptionError, match="takes a tpflax.Plan"):
+        tpflax.diff(a, 3)
+
+
+def test_cli_lockfile_recipe(tmp_path, capsys, monkeypatch):
+    lock = tmp_path / "plan.lock.json"
+    assert main(["plan", "gpt2", "--mesh", "data=2,model=4", "--json"]) == 0
+    lock.write_text(capsys.readouterr().out)
+    assert main(["plan", "gpt2", "--mesh", "data=2,model=4", "--json"]) == 0
+    monkeypatch.setattr(sys, "stdin", io.StringIO(capsys.readouterr().out))
+    assert main(["diff", str(lock), "-", "--fail-on-change"]) == 0
+    assert "same specs for every leaf" in capsys.readouterr().out
+    assert main(["plan", "gpt2", "--mesh", "data=2,model=4", "--rule", "wte=replicate", "--json"]) == 0
+    changed = tmp_path / "b.json"
+    changed.write_text(capsys.readouterr().out)
+    assert main(["diff", str(lock), str(changed)]) == 0  # a report, not a gate
+    assert main(["diff", str(lock), str(changed), "--fail-on-change"]) == 1
+    assert "wte/embedding" in capsys.readouterr().out
+    assert main(["diff", str(lock), str(changed), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["changed"] is True
+    assert main(["diff", str(lock), str(tmp_path / "missing.json")]) == 2
+    assert "cannot read plan file" in capsys.readouterr().err
