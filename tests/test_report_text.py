@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import sys
+
 import jax
 import pytest
 
@@ -58,3 +61,23 @@ def test_cli_plan_is_compact_by_default_and_full_on_request(capsys):
     full = capsys.readouterr().out.splitlines()
     assert max(map(len, compact)) <= 100 and len(compact) < 70  # piped: the 100-column default
     assert len(full) > 196 and any("params/h_7/mlp/c_fc/kernel" in x for x in full)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_shows_on_a_terminal_only(monkeypatch):
+    from tpflax._src import progress
+
+    for stream, quiet, shown in ((_Terminal(), False, True), (_Terminal(), True, False), (io.StringIO(), False, False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        progress.set_quiet(quiet)
+        try:
+            bar = progress.Progress("dry run on mesh model=2")
+            bar.step("compiling with XLA")
+            bar.done("compiled")
+        finally:
+            progress.set_quiet(False)
+        assert ("dry run on mesh model=2: compiled" in stream.getvalue()) == shown, stream.getvalue()

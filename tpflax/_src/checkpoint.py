@@ -27,6 +27,7 @@ from tpflax._src.apply.bind import bind_mesh, rebox_all
 from tpflax._src.errors import CheckpointError, PlanMismatchError
 from tpflax._src.facts.tree import Leaf, is_box, keystr, unbox, unboxed, walk
 from tpflax._src.planner.plan import Plan, check_tree_matches
+from tpflax._src.progress import Progress
 
 MARKER = "tpflax.json"
 FORMAT = "tpflax.checkpoint"
@@ -266,8 +267,12 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, plan: Pla
     Restores straight onto the mesh (each device reads its slices) and saves
     from there, so the whole tree never sits on one device.
     """
+    bar = Progress(f"converting checkpoint {src} -> {dst}")  # shown on a terminal only
     tree = restore_checkpoint(src, plan, mesh)
-    return save_checkpoint(dst, tree, plan=plan, overwrite=overwrite)
+    bar.step("saving")
+    out = save_checkpoint(dst, tree, plan=plan, overwrite=overwrite)
+    bar.done("converted")
+    return out
 
 
 __all__ = ["checkpoint_tree", "convert_checkpoint", "restore_checkpoint", "save_checkpoint"]

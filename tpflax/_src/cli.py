@@ -386,6 +386,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    from tpflax._src.progress import set_quiet
+
+    set_quiet(getattr(args, "json", False))  # --json output: no progress even on a terminal
     if getattr(args, "devices", None):
         from tpflax._src.mesh import emulate_cpu_devices
 

@@ -12,7 +12,6 @@ by :mod:`tpflax.hlo`), which :meth:`DryRun.compare` sets beside an
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from tpflax._src.cost.records import Estimate
 from tpflax._src.errors import CompileError
 from tpflax._src.hlo import Collective, parse_collectives, summarize
 from tpflax._src.model import abstract
+from tpflax._src.progress import Progress
 from tpflax._src.specs import entry_axes
 from tpflax._src.step import (
     TrainStep,
@@ -184,38 +184,6 @@ class Comparison:
 # ---------------------------------------------------------------------------
 # the dry run
 
-class _Progress:
-    """Progress on stderr: a rich spinner when rich is installed, plain lines otherwise."""
-
-    def __init__(self, enabled: bool, what: str):
-        self.enabled, self.what, self._status, self.t0 = enabled, what, None, time.perf_counter()
-        if not enabled:
-            return
-        try:
-            from rich.console import Console
-
-            self._status = Console(stderr=True).status(f"{what}: lowering")
-            self._status.start()
-        except ImportError:
-            print(f"tpflax: {what}: lowering ...", file=sys.stderr, flush=True)
-
-    def step(self, text: str) -> None:
-        if not self.enabled:
-            return
-        if self._status is not None:
-            self._status.update(f"{self.what}: {text}")
-        else:
-            print(f"tpflax: {self.what}: {text} ...", file=sys.stderr, flush=True)
-
-    def done(self, text: str) -> None:
-        if not self.enabled:
-            return
-        if self._status is not None:
-            self._status.stop()
-        print(f"tpflax: {self.what}: {text} ({time.perf_counter() - self.t0:.1f}s)", file=sys.stderr,
-              flush=True)
-
-
 def dry_run(step: Callable[..., Any] | TrainStep, plan, mesh: Any, example_args: Sequence[Any] = (), *,
             in_shardings: Any = None, out_shardings: Any = None, donate_argnums: Sequence[int] | None = None,
             optimizer: Any = None, progress: bool = False, keep_hlo: bool = False) -> DryRun:
@@ -278,9 +246,10 @@ def dry_run(step: Callable[..., Any] | TrainStep, plan, mesh: Any, example_args:
     jit_kwargs: dict[str, Any] = {"in_shardings": in_sh, "donate_argnums": donate}
     if out_sh is not None:
         jit_kwargs["out_shardings"] = out_sh
-    bar = _Progress(progress, f"dry run on mesh {plan.mesh}")
+    bar = Progress(f"dry run on mesh {plan.mesh}", progress)
     t0 = time.perf_counter()
     try:
+        bar.step("lowering")
         lowered = jax.jit(fn, **jit_kwargs).lower(*sharded)
         bar.step("compiling with XLA")
         compiled = lowered.compile()

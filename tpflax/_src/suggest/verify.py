@@ -51,7 +51,7 @@ def verify_suggestion(s: Suggestion, top: int = 2) -> tuple[Verification, ...]:
         mesh = make_mesh(c.mesh)
         opt = ctx.optimizer if ctx.optimizer is not None else optax.sgd(0.0)
         ts = make_train_step(ctx.zoo, c.plan, mesh, opt, ctx.batch)
-        dr = dry_run(ts, c.plan, mesh)
+        dr = dry_run(ts, c.plan, mesh, progress=True)  # on a terminal: shows the compile of each shape
         m = dr.memory
         if m.get("argument") is None or m.get("temp") is None:
             out.append(Verification(c.mesh, est, None, fits_est, None, None, dr.compile_seconds,
