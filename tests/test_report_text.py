@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import sys
 
 import jax
@@ -81,3 +82,29 @@ def test_progress_shows_on_a_terminal_only(monkeypatch):
         finally:
             progress.set_quiet(False)
         assert ("dry run on mesh model=2: compiled" in stream.getvalue()) == shown, stream.getvalue()
+
+
+def test_zoo_lists_parameters_and_real_size_bytes(capsys):
+    assert main(["zoo"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    row = {x.split()[0]: x for x in lines[1:-1]}
+    assert set(row) == set(zoo.names())
+    assert "124,439,808" in row["gpt2-small"] and "474.7 MiB" in row["gpt2-small"]
+    # 405B is extrapolated from 1 and 2 layers; the count is exact (the published 405,853,388,800)
+    assert "405,853,388,800" in row["llama-405b"]
+    assert max(map(len, lines)) <= 100
+
+
+def test_suggest_takes_world_size_and_the_old_devices_with_a_note(capsys):
+    argv = ["suggest", "mlp", "--device-memory", "1GiB", "--json"]
+    assert main([*argv, "--world-size", "8"]) == 0
+    new = capsys.readouterr()
+    assert main([*argv, "--devices", "8"]) == 0
+    old = capsys.readouterr()
+    def ranked(out):
+        return [r["mesh"] for r in json.loads(out)["ranked"]]
+
+    assert ranked(old.out) == ranked(new.out) and new.err == ""
+    assert "--devices is deprecated: use --world-size" in old.err
+    assert main(["suggest", "mlp", "--device-memory", "1GiB"]) == 2
+    assert "--world-size" in capsys.readouterr().err

@@ -21,7 +21,7 @@ EXAMPLES = """examples:
   tpflax estimate llama --mesh fsdp=4,model=2 --optimizer adamw --batch 32
   tpflax dry-run gpt2 --mesh data=2,model=4 --devices 8 --batch 16
   tpflax plan llama --mesh data=2,model=4 --trace --pairs  # pair layers from the traced dataflow
-  tpflax suggest llama-2-7b --devices 64 --hardware tpu-v5p --batch 64   # which mesh, and does it fit
+  tpflax suggest llama-2-7b --world-size 64 --hardware tpu-v5p --batch 64   # which mesh, and does it fit
 """
 
 
@@ -263,14 +263,15 @@ def _add_estimate_args(p: argparse.ArgumentParser, *, dry: bool) -> None:
 
 
 def cmd_suggest(args: argparse.Namespace) -> int:
-    """Rank mesh shapes for ``--devices`` devices of ``--device-memory`` each."""
+    """Rank mesh shapes for ``--world-size`` devices of ``--device-memory`` each."""
     import json
 
     from tpflax._src.errors import SuggestError
     from tpflax._src.suggest.verify import EMULABLE
 
+    args.world = world_size(args)
     if args.world <= 0:
-        raise SuggestError(f"--devices must be a positive integer, got {args.world}")
+        raise SuggestError(f"--world-size must be a positive integer, got {args.world}")
     if args.verify and args.world <= EMULABLE:
         from tpflax._src.mesh import emulate_cpu_devices
 
@@ -297,11 +298,21 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     return 1 if args.strict and any(v.agree is False for v in s.verified) else 0
 
 
-def cmd_zoo(args: argparse.Namespace) -> int:
-    from tpflax import zoo
+def world_size(args: argparse.Namespace) -> int:
+    """suggest's device count: ``--world-size``, or the old ``--devices`` with a deprecation note."""
+    if args.world_devices is not None:
+        print("tpflax: suggest --devices is deprecated: use --world-size (--devices means 'emulate N CPU "
+              "devices' in plan, estimate and dry-run)", file=sys.stderr)
+    world = args.world if args.world is not None else args.world_devices
+    if world is None:
+        raise UsageError("suggest needs --world-size N: how many devices to plan for")
+    return world
 
-    for name in zoo.names():
-        print(name)
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from tpflax._src.zoo_table import zoo_lines
+
+    print("\n".join(zoo_lines()))
     return 0
 
 
@@ -339,13 +350,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_estimate_args(d, dry=True)
     d.set_defaults(func=cmd_dry_run)
     g = sub.add_parser("suggest", help="rank (data, fsdp, tensor) mesh shapes for N devices and say what fits",
-                       epilog="examples:\n  tpflax suggest llama-2-7b --devices 64 --hardware tpu-v5p --batch 64\n"
-                              "  tpflax suggest llama-70b --devices 256 --device-memory 95GiB --top 5\n"
-                              "  tpflax suggest llama --devices 8 --device-memory 1GiB --verify",
+                       epilog="examples:\n  tpflax suggest llama-2-7b --world-size 64 --hardware tpu-v5p --batch 64\n"
+                              "  tpflax suggest llama-70b --world-size 256 --device-memory 95GiB --top 5\n"
+                              "  tpflax suggest llama --world-size 8 --device-memory 1GiB --verify",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     g.add_argument("model", help="zoo name (see `tpflax zoo`) or package.module:factory")
-    g.add_argument("--devices", dest="world", type=int, required=True,
+    g.add_argument("--world-size", dest="world", type=int, default=None,
                    help="how many devices to plan for (emulated only for --verify, up to 64)")
+    g.add_argument("--devices", dest="world_devices", type=int, default=None,
+                   help="deprecated spelling of --world-size (--devices emulates CPU devices elsewhere)")
     g.add_argument("--device-memory", default=None,
                    help="memory per device, e.g. 95GiB or 16GB (default: the --hardware preset's)")
     g.add_argument("--hardware", default=None, help="preset: tpu-v4, tpu-v5e, tpu-v5p, tpu-v6e, a100, h100, h200")
@@ -371,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     g.add_argument("--strict", action="store_true", help="exit 1 when XLA disagrees with the estimate on a fit")
     g.set_defaults(func=cmd_suggest)
-    z = sub.add_parser("zoo", help="list the built-in models",
+    z = sub.add_parser("zoo", help="list the built-in models with their parameter counts and real-size bytes",
                        epilog="example: tpflax zoo   # then e.g. tpflax plan llama-2-7b --mesh fsdp=8,model=4",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     z.set_defaults(func=cmd_zoo)
