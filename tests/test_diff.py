@@ -9,7 +9,6 @@ import sys
 import jax
 import optax
 import pytest
-from jax.sharding import PartitionSpec as P
 
 import tpflax
 from tpflax import zoo
@@ -35,7 +34,7 @@ def test_diff_groups_the_changed_leaves_and_prices_both_sides(plans, gpt2):
     changed = {p for c in d.changes for p in c.paths}
     assert changed == {p for p in a.decisions if "mlp/c_fc" in p}
     kernel = next(c for c in d.changes if c.paths[0].endswith("c_fc/kernel"))
-    assert len(kernel.paths) == gpt2.config.n_layers and kernel.b == str(P(None, None))
+    assert len(kernel.paths) == gpt2.config.n_layers and kernel.b == "P(None, None)"
     assert kernel.bytes_b == 4 * kernel.bytes_a  # model=4 no longer splits it
     assert (d.a.bytes_per_device, d.b.bytes_per_device) == (a.bytes_per_device, b.bytes_per_device)
     assert d.a.comm is None  # no batch: no communication estimate

@@ -15,7 +15,7 @@ from typing import Any
 
 from tpflax._src.errors import OptionError
 from tpflax._src.planner.plan import Plan
-from tpflax._src.report import compact_paths, versions
+from tpflax._src.report import compact_paths, spec_str, versions
 from tpflax._src.specs import fmt_bytes
 
 
@@ -113,7 +113,7 @@ def _comm(plan: Plan, optimizer: Any, batch: Any, model: Any) -> float | None:
 
 
 def _spec_text(d: Any) -> str:
-    return "-" if d is None else str(d.spec)
+    return "-" if d is None else spec_str(d.spec)
 
 
 def diff(a: Any, b: Any, *, optimizer: Any = None, batch: Any = None, model: Any = None) -> PlanDiff:

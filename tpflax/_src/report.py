@@ -19,7 +19,13 @@ from tpflax._src.planner.plan import Decision, Plan
 from tpflax._src.specs import fmt_bytes
 
 
-def _spec_str(spec) -> str:
+def spec_str(spec) -> str:
+    """A PartitionSpec as the report shows it.
+
+    >>> from jax.sharding import PartitionSpec
+    >>> spec_str(PartitionSpec("model")), spec_str(PartitionSpec(None, ("data", "fsdp")))
+    ("P('model')", "P(None, ('data', 'fsdp'))")
+    """
     inner = ", ".join("None" if e is None else (repr(e) if isinstance(e, str) else str(tuple(e)))
                       for e in tuple(spec))
     return f"P({inner})"
@@ -110,7 +116,7 @@ def table_rows(plan: Plan, full: bool = True) -> list[list[str]]:
         name = compact_paths(paths)
         reason = d.reason if len(paths) == 1 else _group_reason(plan, paths, name)
         rows.append([name + (f" ×{len(paths)}" if len(paths) > 1 else ""), d.kind,
-                     "x".join(map(str, d.shape)) or "()", d.dtype, d.label, _spec_str(d.spec),
+                     "x".join(map(str, d.shape)) or "()", d.dtype, d.label, spec_str(d.spec),
                      fmt_bytes(d.bytes), fmt_bytes(d.bytes_per_device), reason])
     return rows
 
