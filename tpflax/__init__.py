@@ -47,6 +47,7 @@ from tpflax._src.errors import (
                      TreeError,
 )
 from tpflax._src.hardware import Hardware
+from tpflax._src.html.page import HtmlReport, show
 from tpflax._src.mesh import MeshShape, abstract_mesh, make_mesh, mesh_shape
 from tpflax._src.planner.plan import Decision, Pair, Plan, default_logical_rules, plan
 from tpflax._src.report import fmt_bytes, report
@@ -76,4 +77,6 @@ __all__ = [
     # mesh suggestion
     "Candidate", "Degree", "Hardware", "NoFitError", "SuggestError", "Suggestion", "Verification",
     "suggest_mesh", "verify_suggestion",
+    # the visual report (HTML)
+    "HtmlReport", "show",
 ]
