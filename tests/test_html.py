@@ -172,27 +172,41 @@ def test_cli_plan_writes_the_report(tmp_path, capsys):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+# Run after the report's own script: remember what it did on load, then click as a reader would.
+CLICKS = """<script>
+var root = document.querySelector(".tpflax-report"), table = root.querySelector("table.plan");
+root.setAttribute("data-load-sorted", table.getAttribute("data-sorted"));
+root.setAttribute("data-load-order", Array.from(table.tBodies).map(function (b) {
+  return b.rows[0].cells[0].getAttribute("data-v"); }).join("|"));
+root.setAttribute("data-load-view", root.getAttribute("data-mesh-view"));
+table.querySelector("th[data-col='0']").click();
+table.querySelector("tbody[data-count='24'] tr.head td.num").click();
+table.querySelector("tbody[data-view='1024x768|model,None'] td.spec").click();
+</script>"""
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian package `chromium`)")
 def test_renders_in_headless_chromium(gpt2, tmp_path):
     p, _, page_text = gpt2
     path = tmp_path / "report.html"
-    path.write_text(page_text, encoding="utf-8")
+    path.write_text(page_text.replace("</body>", CLICKS + "</body>"), encoding="utf-8")
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
            "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
            "--dump-dom", path.as_uri()]
     dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
-    root = re.search(r'<div class="tpflax-report"[^>]*>', dom).group(0)
-    assert 'data-ready="1"' in root  # the script ran to its end
-    # it sorted the groups by bytes per device, largest first
-    assert 'data-sorted="per device desc"' in dom
-    order = re.findall(r'<tbody class="group" data-view="[^"]*" data-count="\d+"><tr class="head"><td class="path" '
-                       r'data-v="([^"]+)"', dom)
-    per_device = Counter()
-    for d in p.decisions.values():
-        per_device[d.group] += d.bytes_per_device
-    sizes = [per_device[next(d.group for path, d in p.decisions.items() if g in (path, d.group))]
-             for g in order]
-    assert sizes == sorted(sizes, reverse=True)
-    assert order[0] == "params/wte/embedding" and len(order) == 18
+    root = dict(re.findall(r'([\w-]+)="([^"]*)"', re.search(r'<div class="tpflax-report"[^>]*>', dom).group(0)))
+    assert root["data-ready"] == "1"  # the report's script ran to its end
     assert dom.count("<svg") == page_text.count("<svg")
-    assert 'data-mesh-view="50257x768|None,model"' in root  # the picker showed the largest sharded leaf
+    # on load it sorted the groups by bytes per device, largest first ...
+    assert root["data-load-sorted"] == "per device desc"
+    order = root["data-load-order"].split("|")
+    sizes = [sum(d.bytes_per_device for path, d in p.decisions.items() if g in (path, d.group)) for g in order]
+    assert len(order) == 18 and order[0] == "params/wte/embedding" and sizes == sorted(sizes, reverse=True)
+    assert root["data-load-view"] == "50257x768|None,model"  # the picker showed the largest sharded leaf
+    # ... a click on "path" sorts by path, a click on a row opens its group, one on a spec shows its mesh
+    table = dom[dom.index('<table class="plan"'):]
+    assert re.search(r'<table class="plan"[^>]*data-sorted="path asc"', dom)
+    paths = re.findall(r'<tr class="head"><td class="path" data-v="([^"]+)"', table)
+    assert paths == sorted(paths)
+    assert re.findall(r'<tbody class="group open"[^>]*data-count="(\d+)"', table) == ["24"]
+    assert root["data-mesh-view"] == "1024x768|model,None"

@@ -17,7 +17,7 @@ CSS = """
 .tpflax-report .cards{display:flex;flex-wrap:wrap;gap:12px;margin:12px 0}
 .tpflax-report .card{border:1px solid var(--line);border-radius:8px;padding:10px 14px;flex:1 1 150px;
  background:#fff}
-.tpflax-report .card b{display:block;font-size:20px;font-weight:600}
+.tpflax-report .card b{display:block;font-size:20px;font-weight:600;white-space:nowrap}
 .tpflax-report .card span{color:var(--mute);font-size:12.5px}
 .tpflax-report .card.warn{border-color:#d4a72c;background:#fff8c5}
 .tpflax-report .charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(560px,1fr));gap:24px}
@@ -35,6 +35,9 @@ CSS = """
 .tpflax-report svg .dev{font-size:11px;fill:var(--mute)}
 .tpflax-report svg .slice{font:12.5px ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-weight:600}
 .tpflax-report svg .cell rect{stroke:#8c959f;stroke-width:1}
+.tpflax-report svg .block rect{stroke:#fff;stroke-width:1}
+.tpflax-report svg .outline{fill:none;stroke:#57606a;stroke-width:1.2}
+.tpflax-report svg .blocklabel{text-anchor:middle;font-size:11px;fill:#24292f}
 .tpflax-report .legend{display:flex;flex-wrap:wrap;gap:14px;font-size:12.5px;margin:6px 0}
 .tpflax-report .legend i{display:inline-block;width:11px;height:11px;border-radius:2px;margin-right:5px;
  vertical-align:-1px}
@@ -53,9 +56,10 @@ CSS = """
 .tpflax-report table.plan td.path{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;
  font-size:12.5px;white-space:nowrap}
 .tpflax-report table.plan td.spec{cursor:pointer;white-space:nowrap;color:var(--accent)}
-.tpflax-report table.plan td.reason{color:var(--mute);font-size:12px;max-width:420px;white-space:nowrap;
- overflow:hidden;text-overflow:ellipsis}
-.tpflax-report table.plan tbody.open td.reason{white-space:normal}
+.tpflax-report table.plan td.reason{color:var(--mute);font-size:12px}
+.tpflax-report table.plan td.reason div{max-width:280px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
+.tpflax-report table.plan tbody.open td.reason div{white-space:normal}
+.tpflax-report table.plan tr.head{cursor:pointer}
 .tpflax-report table.plan tr.head:hover td{background:#f6f8fa}
 .tpflax-report table.plan tr.member{display:none}
 .tpflax-report table.plan tr.member td{background:#fbfcfd;font-size:12px;color:var(--mute)}
@@ -124,11 +128,12 @@ JS = """
   table.addEventListener("click", function (e) {
     var tbody = e.target.closest("tbody");
     if (!tbody) return;
-    if (e.target.closest(".toggle")) { tbody.classList.toggle("open"); return; }
     if (e.target.closest("td.spec") && picker) {
       picker.value = tbody.rows[0].cells[0].getAttribute("data-v");
       show(tbody.getAttribute("data-view"));
       picker.scrollIntoView({behavior: "smooth", block: "center"});
+    } else if (e.target.closest("tr.head")) {
+      tbody.classList.toggle("open");  // members, and the whole reason
     }
   });
   sortBy(parseInt(table.getAttribute("data-sort-on-load"), 10), -1);

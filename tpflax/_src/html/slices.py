@@ -88,13 +88,50 @@ def _layout(mesh: MeshShape) -> tuple[tuple[tuple[str, int], ...], tuple[tuple[s
     return axes[:-1], axes[-1:]
 
 
+def _display_dims(shape: Sequence[int], spec) -> tuple[int | None, int]:
+    """(row dim, column dim) to draw a leaf with: its split dims first, else its last dims."""
+    split = [i for i, e in enumerate(entries(spec, len(shape))) if entry_axes(e)]
+    dims = sorted((split + [i for i in reversed(range(len(shape))) if i not in split])[:2])
+    return (None, dims[0]) if len(dims) == 1 else (dims[0], dims[1])
+
+
+def _tensor(shape: Sequence[int], spec, cells, fills: dict, top: int) -> tuple[list[str], int]:
+    """The leaf as a rectangle cut into the blocks devices hold, in their cells' colours; (svg, width)."""
+    if not shape:
+        return [], 0
+    rdim, cdim = _display_dims(shape, spec)
+    n_r, n_c = (shape[rdim] if rdim is not None else 1), shape[cdim]
+    w = 220
+    h = 30 if rdim is None else int(min(max(w * n_r / max(n_c, 1), 60), 240))
+    left = 30
+    blocks: dict[tuple, list[int]] = {}
+    for index, (_, ranges, _) in enumerate(cells):
+        key = (ranges[rdim] if rdim is not None else (0, 1), ranges[cdim], ranges)
+        blocks.setdefault(key[:2], [key[2]]).append(index)
+    out = [f'<text x="{left + w / 2}" y="{top - 9}" class="axislabel">dim {cdim}: {n_c}</text>']
+    if rdim is not None:
+        out.append(f'<text x="{left - 10}" y="{top + h / 2}" class="axislabel" '
+                   f'transform="rotate(-90 {left - 10} {top + h / 2})">dim {rdim}: {n_r}</text>')
+    for ((ra, rb), (ca, cb)), (ranges, *devices) in blocks.items():
+        x, bw = left + w * ca / max(n_c, 1), w * (cb - ca) / max(n_c, 1)
+        y, bh = top + h * ra / max(n_r, 1), h * (rb - ra) / max(n_r, 1)
+        names = ",".join(map(str, devices))
+        label = (f'<text x="{x + bw / 2:.1f}" y="{y + bh / 2 + 4:.1f}" class="blocklabel">{names}</text>'
+                 if bw > 7 * len(names) + 6 and bh > 15 else "")
+        out.append(f'<g class="block"><title>device{"s" if len(devices) > 1 else ""} {", ".join(map(str, devices))}'
+                   f' hold {esc(slice_text(shape, ranges))}</title><rect x="{x:.1f}" y="{y:.1f}" '
+                   f'width="{bw:.1f}" height="{bh:.1f}" fill="{fills[ranges]}"/>{label}</g>')
+    out.append(f'<rect x="{left}" y="{top}" width="{w}" height="{h}" class="outline"/>')
+    return out, left + w + 40
+
+
 def mesh_svg(shape: Sequence[int], spec, mesh: MeshShape) -> str:
-    """The mesh as a grid of devices, each cell labelled with the slice it holds.
+    """The leaf cut into blocks, and the mesh as a grid of devices labelled with the slice each holds.
 
     >>> from tpflax._src.mesh import mesh_shape
     >>> svg = mesh_svg((8, 6), ("model", None), mesh_shape({"data": 2, "model": 2}))
-    >>> svg.count('class="cell"'), "[4:8, :]" in svg
-    (4, True)
+    >>> svg.count('class="cell"'), svg.count('class="block"'), "[4:8, :]" in svg
+    (4, 2, True)
     """
     if mesh.size > MAX_CELLS:
         return (f'<p class="note">{mesh.size} devices: too many to draw (at most {MAX_CELLS}); '
@@ -102,13 +139,18 @@ def mesh_svg(shape: Sequence[int], spec, mesh: MeshShape) -> str:
     rows, cols = _layout(mesh)
     n_rows, n_cols = math.prod(s for _, s in rows), math.prod(s for _, s in cols)
     cells = [(pos, ranges, slice_text(shape, ranges)) for pos, ranges in device_slices(shape, spec, mesh)]
+    fills: dict[tuple, str] = {}
+    for _, ranges, _ in cells:
+        fills.setdefault(ranges, PALETTE[len(fills) % len(PALETTE)])
+    top = 26
+    tensor, x0 = _tensor(shape, spec, cells, fills, top)
     # ~7 user units per monospace character at the slice font size
     cw = max(132, 7 * max(len(t) for _, _, t in cells) + 24)
-    ch, left, top = 50, (104 if rows else 8), 26
-    width, height = left + n_cols * cw + 8, top + n_rows * ch + 8
-    fills: dict[tuple, str] = {}
+    ch, left = 50, x0 + (104 if rows else 8)
+    width = left + n_cols * cw + 8
+    height = max(top + n_rows * ch + 8, top + (250 if len(shape) > 1 else 40))
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="mesh" data-devices="{mesh.size}" '
-           f'viewBox="0 0 {width} {height}" width="{width}" role="img">']
+           f'viewBox="0 0 {width} {height}" width="{width}" role="img">', *tensor]
     for c, pos in enumerate(itertools.product(*(range(s) for _, s in cols))):
         label = " ".join(f"{n}={i}" for (n, _), i in zip(cols, pos, strict=True))
         out.append(f'<text x="{left + c * cw + cw / 2}" y="{top - 9}" class="axislabel">{esc(label)}</text>')
@@ -118,12 +160,11 @@ def mesh_svg(shape: Sequence[int], spec, mesh: MeshShape) -> str:
                    f'{esc(label)}</text>')
     for index, (pos, ranges, text) in enumerate(cells):
         r, c = divmod(index, n_cols)
-        fill = fills.setdefault(ranges, PALETTE[len(fills) % len(PALETTE)])
         where = ", ".join(f"{n}={i}" for n, i in zip(mesh.names, pos, strict=True))
         x, y = left + c * cw, top + r * ch
         out.append(f'<g class="cell" data-device="{index}" data-slice="{esc(text)}">'
                    f'<title>device {index} ({esc(where)}) holds {esc(text)}</title>'
-                   f'<rect x="{x + 2}" y="{y + 2}" width="{cw - 4}" height="{ch - 4}" rx="5" fill="{fill}"/>'
+                   f'<rect x="{x + 2}" y="{y + 2}" width="{cw - 4}" height="{ch - 4}" rx="5" fill="{fills[ranges]}"/>'
                    f'<text x="{x + 10}" y="{y + 19}" class="dev">device {index}</text>'
                    f'<text x="{x + 10}" y="{y + 37}" class="slice">{esc(text)}</text></g>')
     out.append("</svg>")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from tpflax._src.specs import fmt_bytes
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
-_STEPS = (1, 2, 5, 10, 20, 50, 100, 200, 500)
+_STEPS = (0.1, 0.2, 0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500)
 
 
 def esc(text: object) -> str:
@@ -46,10 +46,12 @@ class Bar:
 
 
 def ticks(top: float) -> list[tuple[float, str]]:
-    """Round byte values (1, 2 or 5 times a power of ten, in binary units) from 0 to ``top``.
+    """Round byte values (1, 2, 2.5 or 5 times a power of ten, in binary units) from 0 to ``top``.
 
-    >>> ticks(5 * 2**30)
-    [(0, '0'), (1073741824, '1 GiB'), (2147483648, '2 GiB'), (3221225472, '3 GiB'), (4294967296, '4 GiB'), (5368709120, '5 GiB')]
+    >>> [t for _, t in ticks(5 * 2**30)]
+    ['0', '1 GiB', '2 GiB', '3 GiB', '4 GiB', '5 GiB']
+    >>> [t for _, t in ticks(2**20)]
+    ['0', '0.2 MiB', '0.4 MiB', '0.6 MiB', '0.8 MiB', '1 MiB']
     """
     if top <= 0:
         return [(0, "0")]
@@ -57,7 +59,7 @@ def ticks(top: float) -> list[tuple[float, str]]:
     while top >= 1024 ** (k + 1) and k < len(_UNITS) - 1:
         k += 1
     unit = 1024 ** k
-    step = next((s for s in _STEPS if top / unit / s <= 6), _STEPS[-1])
+    step = next((s for s in _STEPS if top / unit / s <= 6), _STEPS[-1])  # at most 6 gridlines
     out = [(0, "0")]
     n = 1
     while n * step * unit <= top * 1.0001:

@@ -114,7 +114,7 @@ def _cells(d: Decision, path_cell: str, path: str, count: int, share: float | No
         f'<td class="num" data-v="{d.bytes_per_device * count}">{esc(fmt_bytes(d.bytes_per_device * count))}</td>',
         share_cell,
         f'<td class="reason" data-v="{esc(d.reason)}" title="{esc(d.reason)}">'
-        f'{esc(d.reason) if share is not None else ""}</td>',
+        f'<div>{esc(d.reason) if share is not None else ""}</div></td>',
     ]
     return "".join(cells)
 
