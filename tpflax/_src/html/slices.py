@@ -95,14 +95,17 @@ def _display_dims(shape: Sequence[int], spec) -> tuple[int | None, int]:
     return (None, dims[0]) if len(dims) == 1 else (dims[0], dims[1])
 
 
-def _tensor(shape: Sequence[int], spec, cells, fills: dict, top: int) -> tuple[list[str], int]:
-    """The leaf as a rectangle cut into the blocks devices hold, in their cells' colours; (svg, width)."""
+def _tensor(shape: Sequence[int], spec, cells, fills: dict, top: int) -> tuple[list[str], int, int]:
+    """The leaf as a rectangle cut into the blocks devices hold, in their cells' colours.
+
+    Returns (svg parts, width, height) of the drawing.
+    """
     if not shape:
-        return [], 0
+        return [], 0, 0
     rdim, cdim = _display_dims(shape, spec)
     n_r, n_c = (shape[rdim] if rdim is not None else 1), shape[cdim]
     w = 220
-    h = 30 if rdim is None else int(min(max(w * n_r / max(n_c, 1), 60), 240))
+    h = 30 if rdim is None else int(min(max(w * n_r / max(n_c, 1), 100), 240))  # readable, not to scale
     left = 30
     blocks: dict[tuple, list[int]] = {}
     for index, (_, ranges, _) in enumerate(cells):
@@ -122,7 +125,7 @@ def _tensor(shape: Sequence[int], spec, cells, fills: dict, top: int) -> tuple[l
                    f' hold {esc(slice_text(shape, ranges))}</title><rect x="{x:.1f}" y="{y:.1f}" '
                    f'width="{bw:.1f}" height="{bh:.1f}" fill="{fills[ranges]}"/>{label}</g>')
     out.append(f'<rect x="{left}" y="{top}" width="{w}" height="{h}" class="outline"/>')
-    return out, left + w + 40
+    return out, left + w + 40, h
 
 
 def mesh_svg(shape: Sequence[int], spec, mesh: MeshShape) -> str:
@@ -143,12 +146,12 @@ def mesh_svg(shape: Sequence[int], spec, mesh: MeshShape) -> str:
     for _, ranges, _ in cells:
         fills.setdefault(ranges, PALETTE[len(fills) % len(PALETTE)])
     top = 26
-    tensor, x0 = _tensor(shape, spec, cells, fills, top)
+    tensor, x0, tensor_h = _tensor(shape, spec, cells, fills, top)
     # ~7 user units per monospace character at the slice font size
     cw = max(132, 7 * max(len(t) for _, _, t in cells) + 24)
     ch, left = 50, x0 + (104 if rows else 8)
     width = left + n_cols * cw + 8
-    height = max(top + n_rows * ch + 8, top + (250 if len(shape) > 1 else 40))
+    height = top + max(n_rows * ch, tensor_h) + 8
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="mesh" data-devices="{mesh.size}" '
            f'viewBox="0 0 {width} {height}" width="{width}" role="img">', *tensor]
     for c, pos in enumerate(itertools.product(*(range(s) for _, s in cols))):
