@@ -49,6 +49,7 @@ from tpflax._src.errors import (
 )
 from tpflax._src.from_rules import from_rules
 from tpflax._src.hardware import Hardware
+from tpflax._src.html.page import HtmlReport, show
 from tpflax._src.mesh import MeshShape, abstract_mesh, make_mesh, mesh_shape
 from tpflax._src.planner.plan import Decision, Pair, Plan, default_logical_rules, plan
 from tpflax._src.report import fmt_bytes, report
@@ -80,4 +81,6 @@ __all__ = [
     "suggest_mesh", "verify_suggestion",
     # exports, imports and diffs of plans
     "PlanDiff", "diff", "from_rules",
+    # the visual report (HTML)
+    "HtmlReport", "show",
 ]

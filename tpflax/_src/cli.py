@@ -22,6 +22,7 @@ EXAMPLES = """examples:
   tpflax dry-run gpt2 --mesh data=2,model=4 --devices 8 --batch 16
   tpflax plan llama --mesh data=2,model=4 --trace --pairs  # pair layers from the traced dataflow
   tpflax suggest llama-2-7b --world-size 64 --hardware tpu-v5p --batch 64   # which mesh, and does it fit
+  tpflax plan gpt2-small --mesh data=2,model=4 --html report.html   # a visual report, one file
 """
 
 
@@ -128,6 +129,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(report(p, reasons=not args.no_reasons, pairs=args.pairs, full=args.full))
         if bound:
             print(bound)
+    if args.html:
+        from tpflax._src.html.cli import write_cli_report
+        write_cli_report(args.html, p, loaded)
     return 1 if args.strict and p.warnings else 0
 
 
@@ -202,6 +206,9 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     else:
         print(f"tpflax estimate  {args.model}  mesh {p.mesh}")
         print("\n".join(est.report_lines()))
+    if args.html:
+        from tpflax._src.html.cli import write_cli_report
+        write_cli_report(args.html, p, loaded, est)
     return 1 if args.strict and p.warnings else 0
 
 
@@ -336,12 +343,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trace the model's forward pass (abstractly) and pair layers by dataflow, not names")
     p.add_argument("--no-reasons", action="store_true", help="omit the reason column")
     p.add_argument("--full", action="store_true", help="one row per leaf at full width (default: alike layers grouped)")
+    p.add_argument("--html", metavar="FILE", help="also write a self-contained visual report (HTML) to FILE")
     p.set_defaults(func=cmd_plan)
     e = sub.add_parser("estimate", help="memory per device and communication per training step (pure)",
                        epilog="example: tpflax estimate gpt2 --mesh data=2,model=4 --optimizer adamw --batch 32",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(e)
     _add_estimate_args(e, dry=False)
+    e.add_argument("--html", metavar="FILE", help="also write a self-contained visual report (HTML) to FILE")
     e.set_defaults(func=cmd_estimate)
     d = sub.add_parser("dry-run", help="compile the train step on the (CPU-emulated) mesh and compare",
                        epilog="example: tpflax dry-run llama --mesh fsdp=4,model=2 --devices 8 --batch 16",

@@ -244,6 +244,10 @@ def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool
             if estimate is not None and hasattr(dry_run, "compare"):
                 data["estimate_vs_compiled"] = dry_run.compare(estimate).to_dict()
         return json.dumps(data, indent=2)
+    if fmt == "html":  # the visual report: one self-contained page
+        from tpflax._src.html.page import html_report
+
+        return html_report(plan, estimate)
     if fmt != "text":
         raise OptionError(f"fmt must be 'text' or 'json', not {fmt!r}")
     if not full and width is None:
