@@ -184,9 +184,10 @@ def _save_step(root: Path, tree: Any, step: int, keep: int | None, overwrite: bo
 
 
 def _item_tree(ocp: Any, item: Path) -> Any:
-    try:
-        with ocp.StandardCheckpointer() as ckptr:
-            meta = ckptr.metadata(item)
+    from etils import epath  # orbax's own path type (installed with it)
+
+    try:  # the handler, not a Checkpointer: an item inside a manager's step has no step metadata
+        meta = ocp.StandardCheckpointHandler().metadata(epath.Path(item))
     except Exception as e:
         raise CheckpointError(f"cannot read the metadata of {item}: {type(e).__name__}: {e}") from e
     tree = getattr(meta, "item_metadata", meta)
