@@ -10,16 +10,15 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # 8 CPU devices stand in for accelerators
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
-import tempfile  # noqa: E402
+import tempfile
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax.training import train_state  # noqa: E402
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+from flax.training import train_state
 
-import tpflax  # noqa: E402
+import tpflax
 
 
 class TinyLM(nn.Module):
