@@ -1,12 +1,15 @@
 """Checkpoints with orbax: save sharded trees, restore them onto any mesh.
 
-``save_checkpoint`` writes a (sharded) tree with orbax-checkpoint, atomically:
-the tree goes to a hidden sibling directory, a ``tpflax.json`` marker is
-written last, and only then is the directory renamed into place. A save that
-dies part-way leaves the previous checkpoint (or nothing) at ``path``, never a
-checkpoint that restores wrong.
+``save_checkpoint(path, tree)`` writes one tree with orbax-checkpoint,
+atomically: the tree goes to a hidden sibling directory, a ``tpflax.json``
+marker is written last, and only then is the directory renamed into place. A
+save that dies part-way leaves the previous checkpoint (or nothing) at
+``path``, never a checkpoint that restores wrong. ``save_checkpoint(root, tree,
+step=, keep=)`` writes through ``orbax.checkpoint.CheckpointManager`` instead:
+step directories, the last ``keep`` kept, orbax's own layout.
 
-``restore_checkpoint`` reads it straight into a plan's layout on a mesh of any
+``restore_checkpoint`` reads a tree, an orbax step directory or a manager root
+(its latest step, or ``step=``) straight into a plan's layout on a mesh of any
 shape (or onto one device): each device reads only its own slices, so an
 unsharded checkpoint is converted without the whole tree ever sitting on one
 device. orbax is imported only when a function here runs.
@@ -24,16 +27,22 @@ import jax
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from tpflax._src.apply.bind import bind_mesh, rebox_all
-from tpflax._src.errors import CheckpointError, PlanMismatchError
+from tpflax._src.checkpoint_layout import (
+    MARKER,
+    TPFLAX_OLD,
+    TPFLAX_TMP,
+    Located,
+    locate,
+    manager_steps,
+    sibling,
+)
+from tpflax._src.errors import CheckpointError, OptionError, PlanMismatchError
 from tpflax._src.facts.tree import Leaf, is_box, keystr, unbox, unboxed, walk
 from tpflax._src.planner.plan import Plan, check_tree_matches
 from tpflax._src.progress import Progress
 
-MARKER = "tpflax.json"
 FORMAT = "tpflax.checkpoint"
 VERSION = 1
-_TMP = ".tpflax-tmp"
-_OLD = ".tpflax-old"
 
 
 def _ocp():
@@ -42,10 +51,6 @@ def _ocp():
     except ImportError as e:  # pragma: no cover - orbax is in the test and checkpoint extras
         raise CheckpointError("checkpoints need orbax-checkpoint; pip install 'tpflax[checkpoint]'") from e
     return ocp
-
-
-def _siblings(path: Path, tag: str) -> Path:
-    return path.parent / f".{path.name}{tag}"
 
 
 def _sync(name: str) -> None:
@@ -66,56 +71,82 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _marker(tree: Any, plan: Plan | None) -> dict[str, Any]:
+    leaves, _ = walk(tree)
+    return {"format": FORMAT, "version": VERSION,
+            "leaves": [{"path": x.path, "shape": list(x.shape), "dtype": x.dtype} for x in leaves],
+            "plan": json.loads(plan.to_json()) if plan is not None else None}
+
+
 def save_checkpoint(path: str | os.PathLike, tree: Any, *, plan: Plan | None = None,
-                    overwrite: bool = False) -> Path:
-    """Save a tree (sharded or not) with orbax, atomically.
+                    overwrite: bool = False, step: int | None = None,
+                    keep: int | None = None) -> Path:
+    """Save a tree (sharded or not) with orbax, atomically; or as one step of a CheckpointManager.
 
     Every process of a multi-host run must call it with the same ``path`` on a
     shared filesystem; each writes the shards it holds.
 
+    With ``step``, ``path`` is a ``CheckpointManager`` root and the tree is
+    saved by ``orbax.checkpoint.CheckpointManager`` as its single ``default``
+    item: ``path/<step>/default``, the last ``keep`` steps kept. That is
+    orbax's own layout, so a training loop may equally use its own manager
+    (async saves, ``step_prefix``, best-N policies) and restore with
+    :func:`restore_checkpoint` all the same.
+
     Args:
-        path: the checkpoint directory to create.
+        path: the checkpoint directory to create, or the manager root with ``step``.
         tree: arrays (flax boxes and nnx Variables are unwrapped to their values).
-        plan: stored alongside (``tpflax.json``) for reference.
-        overwrite: replace an existing checkpoint at ``path`` (the old one stays
-            in place until the new one is complete).
+        plan: stored alongside (``tpflax.json``, or the step's custom metadata) for reference.
+        overwrite: replace an existing checkpoint at ``path`` (or the existing
+            ``step``; the old one stays in place until the new one is complete
+            without ``step``).
+        step: save as this step of a CheckpointManager at ``path``.
+        keep: with ``step``: keep only the newest ``keep`` steps (orbax's
+            ``max_to_keep``; default: all).
 
     Returns:
-        The absolute checkpoint path.
+        The absolute checkpoint path (the step directory with ``step``).
 
     Raises:
-        CheckpointError: ``path`` exists and ``overwrite`` is False, or the save failed.
+        CheckpointError: ``path`` (or the step) exists and ``overwrite`` is
+            False, or the save failed.
+        OptionError: ``keep`` without ``step``, or ``keep`` < 1.
 
     >>> import jax.numpy as jnp, tempfile, os
     >>> d = tempfile.mkdtemp()
     >>> save_checkpoint(os.path.join(d, "ck"), {"w": jnp.ones(3)}).name
     'ck'
+    >>> [save_checkpoint(os.path.join(d, "run"), {"w": jnp.ones(3) * s}, step=s, keep=2).name
+    ...  for s in range(3)]
+    ['0', '1', '2']
+    >>> sorted(os.listdir(os.path.join(d, "run")))
+    ['1', '2']
     """
+    if keep is not None and (step is None or int(keep) < 1):
+        raise OptionError(f"keep={keep} needs step= (it keeps the newest steps of a CheckpointManager) "
+                          "and must be >= 1")
+    if step is not None:
+        return _save_step(Path(path).absolute(), tree, int(step), keep, overwrite, plan)
     ocp = _ocp()
     final = Path(path).absolute()
     if final.exists() and not overwrite:
         raise CheckpointError(f"{final} already exists; pass overwrite=True or choose a new path")
-    leaves, _ = walk(tree)
-    tmp, old = _siblings(final, _TMP), _siblings(final, _OLD)
+    tmp, old = sibling(final, TPFLAX_TMP), sibling(final, TPFLAX_OLD)
     primary = jax.process_index() == 0
     if primary:
         final.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a save that died
     _sync("tpflax-ckpt-clean")
-    values = unboxed(tree)
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(tmp, values)
+            ckptr.save(tmp, unboxed(tree))
             ckptr.wait_until_finished()
     except Exception as e:
         raise CheckpointError(f"saving {final} failed: {type(e).__name__}: {e}") from e
     _sync("tpflax-ckpt-saved")
     if primary:
-        marker = {"format": FORMAT, "version": VERSION,
-                  "leaves": [{"path": x.path, "shape": list(x.shape), "dtype": x.dtype} for x in leaves],
-                  "plan": json.loads(plan.to_json()) if plan is not None else None}
         with open(tmp / MARKER, "w") as f:
-            json.dump(marker, f)
+            json.dump(_marker(tree, plan), f)
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)
@@ -131,39 +162,63 @@ def save_checkpoint(path: str | os.PathLike, tree: Any, *, plan: Plan | None = N
     return final
 
 
-def _check_complete(final: Path) -> None:
-    if final.is_dir() and ((final / MARKER).exists() or (final / "commit_success.txt").exists()
-                           or (final / "_CHECKPOINT_METADATA").exists()):
-        return
-    old = _siblings(final, _OLD)
-    if not final.exists() and old.is_dir() and (old / MARKER).exists():
-        raise CheckpointError(
-            f"{final} is missing: a save over it was interrupted after the new checkpoint was "
-            f"written; the previous complete checkpoint is at {old}; rename it back or save again")
-    if not final.exists():
-        raise CheckpointError(f"no checkpoint at {final}; check the path")
-    raise CheckpointError(f"{final} is not a complete checkpoint (no {MARKER} or orbax commit "
-                          "marker); it was not written by a finished save")
-
-
-def checkpoint_tree(path: str | os.PathLike) -> Any:
-    """What a checkpoint holds: a tree of ``jax.ShapeDtypeStruct`` (nothing is read).
-
-    Raises:
-        CheckpointError: no complete checkpoint at ``path``.
-    """
+def _save_step(root: Path, tree: Any, step: int, keep: int | None, overwrite: bool,
+               plan: Plan | None) -> Path:
+    """One step through orbax's CheckpointManager (its atomic tmp-dir-and-rename, its layout)."""
     ocp = _ocp()
-    final = Path(path).absolute()
-    _check_complete(final)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False)
     try:
-        with ocp.StandardCheckpointer() as ckptr:
-            meta = ckptr.metadata(final)
+        with ocp.CheckpointManager(root, options=options) as manager:
+            if step in manager.all_steps():
+                if not overwrite:
+                    raise CheckpointError(f"step {step} already exists in {root}; pass overwrite=True "
+                                          "or save a new step")
+                manager.delete(step)
+            manager.save(step, args=ocp.args.StandardSave(unboxed(tree)), force=True,
+                         custom_metadata={"tpflax": _marker(tree, plan)})
+            manager.wait_until_finished()
+    except CheckpointError:
+        raise
     except Exception as e:
-        raise CheckpointError(f"cannot read the metadata of {final}: {type(e).__name__}: {e}") from e
+        raise CheckpointError(f"saving step {step} to {root} failed: {type(e).__name__}: {e}") from e
+    return manager_steps(root)[step]
+
+
+def _item_tree(ocp: Any, item: Path) -> Any:
+    from etils import epath  # orbax's own path type (installed with it)
+
+    try:  # the handler, not a Checkpointer: an item inside a manager's step has no step metadata
+        meta = ocp.StandardCheckpointHandler().metadata(epath.Path(item))
+    except Exception as e:
+        raise CheckpointError(f"cannot read the metadata of {item}: {type(e).__name__}: {e}") from e
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
     return jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree,
                                   is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+
+
+def checkpoint_tree(path: str | os.PathLike, *, step: int | None = None, item: str | None = None) -> Any:
+    """What a checkpoint holds: a tree of ``jax.ShapeDtypeStruct`` (nothing is read).
+
+    Args:
+        path: a saved tree, an orbax step directory, or a CheckpointManager root.
+        step: the manager step (default: the latest).
+        item: the step's item (default: its only one; several give ``{item: tree}``).
+
+    Raises:
+        CheckpointError: nothing restorable at ``path``.
+
+    >>> import jax.numpy as jnp, tempfile, os
+    >>> d = os.path.join(tempfile.mkdtemp(), "run")
+    >>> _ = save_checkpoint(d, {"w": jnp.ones((2, 3))}, step=5)
+    >>> checkpoint_tree(d)["w"].shape
+    (2, 3)
+    """
+    ocp = _ocp()
+    found = locate(Path(path).absolute(), step=step, item=item)
+    if found.items:
+        return {name: _item_tree(ocp, found.path / name) for name in found.items}
+    return _item_tree(ocp, found.path)
 
 
 def _stored_leaves(stored: Any) -> dict[str, jax.ShapeDtypeStruct]:
@@ -190,8 +245,69 @@ def _target_problems(paths: list[str], boxes: list[Any],
     return problems
 
 
+def _shard_list(paths: list[str], stored_leaves: dict[str, Any], plan: Plan | None, mesh: Any,
+                shardings: Any) -> list[Any]:
+    """One sharding per target leaf: the given tree, the plan's specs, or the first local device."""
+    if shardings is not None:
+        shard_list = jax.tree_util.tree_leaves(
+            shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+        if len(shard_list) != len(paths):
+            raise PlanMismatchError(f"shardings has {len(shard_list)} leaves but the tree has "
+                                    f"{len(paths)}; lay it out like `like`")
+        return shard_list
+    if plan is not None:
+        mesh = bind_mesh(plan, mesh)
+        leaves = [Leaf(path=p, shape=tuple(stored_leaves[p].shape), dtype=str(stored_leaves[p].dtype),
+                       itemsize=jax.numpy.dtype(stored_leaves[p].dtype).itemsize) for p in paths]
+        check_tree_matches(plan, leaves)
+        return [NamedSharding(mesh, plan.decisions[p].spec) for p in paths]
+    return [SingleDeviceSharding(jax.local_devices()[0])] * len(paths)
+
+
+def _restore_item(ocp: Any, item: Path, plan: Plan | None, mesh: Any, like: Any,
+                  shardings: Any) -> Any:
+    stored = _item_tree(ocp, item)
+    stored_leaves = _stored_leaves(stored)
+    structure = stored if like is None else like
+    boxes, treedef = jax.tree_util.tree_flatten_with_path(structure, is_leaf=is_box)
+    paths = [keystr(p) for p, _ in boxes]
+    problems = _target_problems(paths, [b for _, b in boxes], stored_leaves)
+    if problems:
+        raise PlanMismatchError(f"the checkpoint {item} does not match the tree to restore", problems)
+    shard_list = _shard_list(paths, stored_leaves, plan, mesh, shardings)
+    target = jax.tree_util.tree_unflatten(treedef, [
+        jax.ShapeDtypeStruct(tuple(stored_leaves[p].shape), stored_leaves[p].dtype, sharding=s)
+        for p, s in zip(paths, shard_list, strict=True)])
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            restored = ckptr.restore(item, target)
+    except Exception as e:
+        raise CheckpointError(f"restoring {item} failed: {type(e).__name__}: {e}") from e
+    if like is None:
+        return restored
+    return rebox_all([b for _, b in boxes], treedef.flatten_up_to(restored), treedef)
+
+
+def _restore_items(ocp: Any, found: Located, plan: Plan | None, mesh: Any, like: Any,
+                   shardings: Any) -> dict[str, Any]:
+    """Every item of a multi-item step as ``{item: tree}``; ``like``/``shardings`` keyed by item."""
+    if plan is not None:
+        raise OptionError(f"{found.path} holds several items {list(found.items)}; a plan lays out one "
+                          "tree: pass item= to restore the one it was made for, or shardings= "
+                          "{item: tpflax.state_shardings(...)} for all of them")
+    for name, given in (("like", like), ("shardings", shardings)):
+        if given is not None and (not isinstance(given, dict) or set(given) != set(found.items)):
+            raise OptionError(f"{found.path} holds the items {list(found.items)}; pass {name}= as a "
+                              "dict with exactly those keys, or item= to restore one")
+    return {name: _restore_item(ocp, found.path / name, None, mesh,
+                                None if like is None else like[name],
+                                None if shardings is None else shardings[name])
+            for name in found.items}
+
+
 def restore_checkpoint(path: str | os.PathLike, plan: Plan | None = None, mesh: Any = None, *,
-                       like: Any = None, shardings: Any = None) -> Any:
+                       like: Any = None, shardings: Any = None, step: int | None = None,
+                       item: str | None = None) -> Any:
     """Restore a checkpoint onto the plan's layout on ``mesh``, bit-exact.
 
     The mesh may differ from the one that saved it (``{data: 2, model: 4}`` ->
@@ -201,18 +317,26 @@ def restore_checkpoint(path: str | os.PathLike, plan: Plan | None = None, mesh: 
 
     Args:
         path: a checkpoint from :func:`save_checkpoint` (or any orbax
-            StandardCheckpointer checkpoint).
+            StandardCheckpointer checkpoint), an orbax step directory, or an
+            ``orbax.checkpoint.CheckpointManager`` root (its latest step).
         plan: the target layout; its tree must match the checkpoint's
             (paths, shapes, dtypes). None: everything on one device.
         mesh: the target mesh (or a shape; defaults to the plan's).
         like: a tree (concrete or abstract) giving the structure to restore
-            into (e.g. ``model.abstract_variables()`` or an ``nnx.State``);
-            default: nested dicts as stored.
+            into (e.g. ``model.abstract_variables()``, an ``nnx.State`` or a
+            flax ``TrainState``); default: nested dicts as stored.
         shardings: a ``Sharding`` tree shaped like ``like`` to restore with
-            instead of a plan (e.g. :func:`tpflax.train_state_shardings`).
+            instead of a plan (e.g. :func:`tpflax.train_state_shardings`, or
+            :func:`tpflax.state_shardings` for ``{"params": ..., "opt_state": ...}``).
+        step: with a manager root: the step to restore (default: the latest).
+        item: with a step of several items (``args.Composite``): the one to
+            restore. Default: the only item; several are restored as
+            ``{item: tree}`` (then ``like`` and ``shardings`` are dicts by item).
 
     Raises:
-        CheckpointError: no complete checkpoint at ``path``.
+        CheckpointError: nothing restorable at ``path``, no such ``step`` or
+            ``item``; only a save that is still in orbax's temporary directory
+            is called unfinished.
         PlanMismatchError: the checkpoint's tree differs from the plan / ``like``.
 
     >>> import jax.numpy as jnp, tempfile, os, tpflax
@@ -223,41 +347,10 @@ def restore_checkpoint(path: str | os.PathLike, plan: Plan | None = None, mesh: 
     P('model',)
     """
     ocp = _ocp()
-    final = Path(path).absolute()
-    stored = checkpoint_tree(final)
-    stored_leaves = _stored_leaves(stored)
-    structure = stored if like is None else like
-    boxes, treedef = jax.tree_util.tree_flatten_with_path(structure, is_leaf=is_box)
-    paths = [keystr(p) for p, _ in boxes]
-    problems = _target_problems(paths, [b for _, b in boxes], stored_leaves)
-    if problems:
-        raise PlanMismatchError(f"the checkpoint {final} does not match the tree to restore", problems)
-    if shardings is not None:
-        shard_list = jax.tree_util.tree_leaves(
-            shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-        if len(shard_list) != len(paths):
-            raise PlanMismatchError(f"shardings has {len(shard_list)} leaves but the tree has "
-                                    f"{len(paths)}; lay it out like `like`")
-    elif plan is not None:
-        mesh = bind_mesh(plan, mesh)
-        leaves = [Leaf(path=p, shape=tuple(stored_leaves[p].shape), dtype=str(stored_leaves[p].dtype),
-                       itemsize=jax.numpy.dtype(stored_leaves[p].dtype).itemsize) for p in paths]
-        check_tree_matches(plan, leaves)
-        shard_list = [NamedSharding(mesh, plan.decisions[p].spec) for p in paths]
-    else:
-        device = jax.local_devices()[0]
-        shard_list = [SingleDeviceSharding(device)] * len(paths)
-    target = jax.tree_util.tree_unflatten(treedef, [
-        jax.ShapeDtypeStruct(tuple(stored_leaves[p].shape), stored_leaves[p].dtype, sharding=s)
-        for p, s in zip(paths, shard_list, strict=True)])
-    try:
-        with ocp.StandardCheckpointer() as ckptr:
-            restored = ckptr.restore(final, target)
-    except Exception as e:
-        raise CheckpointError(f"restoring {final} failed: {type(e).__name__}: {e}") from e
-    if like is None:
-        return restored
-    return rebox_all([b for _, b in boxes], treedef.flatten_up_to(restored), treedef)
+    found = locate(Path(path).absolute(), step=step, item=item)
+    if found.items:
+        return _restore_items(ocp, found, plan, mesh, like, shardings)
+    return _restore_item(ocp, found.path, plan, mesh, like, shardings)
 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, plan: Plan, mesh: Any = None,
