@@ -170,18 +170,23 @@ def _mirrored_experts(facts: list[Facts]) -> list[Facts]:
     An MoE MLP under a plain name (``mlp/wi``, ``ffn/w_up``) has the same layout
     as a named one: E kernels side by side, up ``(E, d, f)`` and down ``(E, f, d)``.
     A DenseGeneral attention pair ``(d, heads, head_dim)``/``(heads, head_dim, d)``
-    is not mirrored this way.
+    is not mirrored this way; an einsum one ``(heads, d, head_dim)``/``(heads,
+    head_dim, d)`` is, but its heads times head_dim make d.
     """
     groups: dict[str, list[int]] = defaultdict(list)
     for i, f in enumerate(facts):
         if f.kind in ("dense", "attention") and len(f.body) == 3 and f.body[1] != f.body[2]:
             groups[f.group].append(i)
+    norms = {f.body[-1] for f in facts if f.kind == "norm" and f.body}
     out = list(facts)
     for idx in groups.values():
         bodies = {facts[i].body for i in idx}
         for i in idx:
             e, x, y = facts[i].body
-            if (e, y, x) in bodies and e not in (x, y):
+            # (heads, d, head_dim)/(heads, head_dim, d) attention mirrors too, but there
+            # heads * head_dim == d, and d (the larger) is the norms' width.
+            heads = e * min(x, y) == max(x, y) and (max(x, y) in norms or not norms)
+            if (e, y, x) in bodies and e not in (x, y) and not heads:
                 out[i] = dataclasses.replace(facts[i], kind="expert")
     return out
 

@@ -116,7 +116,7 @@ def role_name(f: Facts) -> str:
     return parent if COLUMN_NAMES.match(parent) or ROW_NAMES.match(parent) else name
 
 
-def _linear(f: Facts, siblings: Sequence[Facts]) -> Linear:
+def _linear(f: Facts, siblings: Sequence[Facts], widths: set[int] = frozenset()) -> Linear:
     body = f.body
     name = role_name(f)
     if len(body) == 2:
@@ -124,6 +124,11 @@ def _linear(f: Facts, siblings: Sequence[Facts]) -> Linear:
     if len(body) == 4:  # an einsum stack (n, heads, d, head_dim): n projections of d side by side
         return Linear(f, (2,), (1, 3), heads=1, role="column",
                       why=f"stacked ({body[0]}, heads, d, head_dim) projection of d={body[2]}")
+    at = [i for i, n in enumerate(body) if n in widths]
+    if len(at) == 1:  # the residual width says where d is, whatever the layout's name
+        return [Linear(f, (0,), (1, 2), heads=1, role="column", why="layout (d, heads, head_dim)"),
+                Linear(f, (1,), (0, 2), heads=0, role="column", why="einsum layout (heads, d, head_dim)"),
+                Linear(f, (0, 1), (2,), heads=0, role="row", why="layout (heads, head_dim, d)")][at[0]]
     # 3-D DenseGeneral: (d, heads, head_dim) projects in, (heads, head_dim, d) projects out.
     if ROW_NAMES.match(name):
         return Linear(f, (0, 1), (2,), heads=0, role="row", why=f"'{name}' is an output projection")
@@ -192,7 +197,7 @@ def _pair_linears(st: State, todo: Sequence[Facts], widths: set[int], sure: bool
     loose: dict[str, list[Linear]] = defaultdict(list)
     for group in sorted(groups, key=_natural):
         members = groups[group]
-        lins = [_linear(f, members) for f in members]
+        lins = [_linear(f, members, widths) for f in members]
         _assign_roles(lins, widths, sure)
         _pool(loose, group, _pair_group(st, group, lins))
     # Blocks whose layers sit in sibling subtrees (``attention/self/query`` with
@@ -231,8 +236,9 @@ def _pair_group(st: State, group: str, lins: list[Linear]) -> list[Linear]:
     matched: dict[int, list[Linear]] = {id(r): [] for r in rows}
     for c in cols:
         fits = [r for r in rows if r.in_size == c.out_size]
-        if fits:  # two MLPs in one block: a_up feeds a_down, not b_down
-            best = max(fits, key=lambda r: _common_prefix(r.f.unit_name, c.f.unit_name))
+        if fits:  # two MLPs in one block: a_up feeds a_down, not b_down; q_0 feeds o_0, not o_1
+            best = max(fits, key=lambda r: (_common_prefix(r.f.unit_name, c.f.unit_name),
+                                            _common_prefix(r.f.unit_name[::-1], c.f.unit_name[::-1])))
             matched[id(best)].append(c)
     # GQA key/value projections are narrower than the output projection's input:
     # in an attention block they join the attention row.
