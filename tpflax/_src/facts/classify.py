@@ -8,6 +8,7 @@ Pure functions over :class:`tpflax.tree.Leaf`. The kinds are:
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import defaultdict
 from collections.abc import Sequence
@@ -160,7 +161,34 @@ def detect_stacked(leaves: Sequence[Leaf], stacked: str | None = None) -> dict[s
 def classify(leaves: Sequence[Leaf], stacked: str | None = None) -> list[Facts]:
     """Classify every leaf. Pure; the order of the result follows ``leaves``."""
     stack = detect_stacked(leaves, stacked)
-    return [_classify_one(leaf, stack[leaf.path]) for leaf in leaves]
+    return _mirrored_experts([_classify_one(leaf, stack[leaf.path]) for leaf in leaves])
+
+
+def _mirrored_experts(facts: list[Facts]) -> list[Facts]:
+    """3-D kernels ``(E, x, y)`` with an ``(E, y, x)`` sibling are experts, whatever their names.
+
+    An MoE MLP under a plain name (``mlp/wi``, ``ffn/w_up``) has the same layout
+    as a named one: E kernels side by side, up ``(E, d, f)`` and down ``(E, f, d)``.
+    A DenseGeneral attention pair ``(d, heads, head_dim)``/``(heads, head_dim, d)``
+    is not mirrored this way; an einsum one ``(heads, d, head_dim)``/``(heads,
+    head_dim, d)`` is, but its heads times head_dim make d.
+    """
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, f in enumerate(facts):
+        if f.kind in ("dense", "attention") and len(f.body) == 3 and f.body[1] != f.body[2]:
+            groups[f.group].append(i)
+    norms = {f.body[-1] for f in facts if f.kind == "norm" and f.body}
+    out = list(facts)
+    for idx in groups.values():
+        bodies = {facts[i].body for i in idx}
+        for i in idx:
+            e, x, y = facts[i].body
+            # (heads, d, head_dim)/(heads, head_dim, d) attention mirrors too, but there
+            # heads * head_dim == d, and d (the larger) is the norms' width.
+            heads = e * min(x, y) == max(x, y) and (max(x, y) in norms or not norms)
+            if (e, y, x) in bodies and e not in (x, y) and not heads:
+                out[i] = dataclasses.replace(facts[i], kind="expert")
+    return out
 
 
 def _classify_one(leaf: Leaf, stacked: int) -> Facts:
@@ -194,7 +222,12 @@ def _classify_one(leaf: Leaf, stacked: int) -> Facts:
         return facts("router")
     if len(body) == 3 and EXPERT.search(lower_path) and not ATTN.search(lower_path):
         return facts("expert")
-    if len(body) == 4 or (len(body) == 3 and any(CONV.search(p) for p in unit_parts[-2:])):
+    conv_named = any(CONV.search(p) for p in unit_parts[-2:])
+    if len(body) == 4 and not conv_named and body[0] in (2, 3) and body[0] != body[1] <= body[2]:
+        # (3, heads, d, head_dim) q/k/v or (2, kv_heads, d, head_dim) k/v stack of an
+        # einsum: a conv window is square (3, 3, cin, cout), this is not.
+        return facts("attention")
+    if len(body) == 4 or (len(body) == 3 and conv_named):
         return facts("conv")
     if RECURRENT.search(lower_path) and len(body) == 2:
         return facts("recurrent")

@@ -345,3 +345,13 @@ def fsdp(st: State, facts: Sequence[Facts]) -> None:
             p, spec=tuple(spec), strategy="fsdp" if p.strategy == "replicate" else p.strategy, fsdp=True,
             reason=p.reason + f"; fsdp: dim {dim - f.stacked} ({f.leaf.shape[dim]}) split over "
                               f"{axis_label(f_entry, f_size)} (leaf {f.leaf.nbytes} B >= fsdp_min_bytes)")
+
+
+def join_column(st: State, col: Facts, like: Facts, why: str) -> None:
+    """Add ``col`` to the pair ``like`` (a column) is in, split the same way: the second
+    up-projection of a gated MLP (gate and up both feed the down projection)."""
+    p = st.out[like.path]
+    st.put(col, p.spec[like.stacked:], p.strategy, f"{p.reason.split(';')[0]}; {why}", p.pair, "column")
+    for i, q in enumerate(st.pairs):
+        if q.id == p.pair and col.path not in q.columns:
+            st.pairs[i] = replace(q, columns=(*q.columns, col.path))

@@ -24,6 +24,7 @@ from tpflax._src.planner.builders import (
     State,
     bias_follows,
     fsdp,
+    join_column,
     shard_conv_pair,
     shard_embedding,
     shard_experts,
@@ -77,6 +78,7 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Datafl
 
 
 def _start(facts: Sequence[Facts], st: State, flow: Dataflow) -> _Flow:
+    flow = merge_sliced_uses(flow, {f.path: f.leaf.shape for f in facts})
     known = set(flow.paths)
     fx: dict[str, Facts] = {}
     for f in facts:
@@ -87,9 +89,56 @@ def _start(facts: Sequence[Facts], st: State, flow: Dataflow) -> _Flow:
         fx[f.path] = f if stacked == f.stacked else dataclasses.replace(f, stacked=stacked)
     uses: dict[str, list[Use]] = defaultdict(list)
     for u in flow.uses:
-        if u.path in fx:
+        if u.path in fx:  # an ``alias:`` use (see merge_sliced_uses) is no contraction of its own
             uses[u.path].append(u)
     return _Flow(st, flow, fx, uses)
+
+
+def merge_sliced_uses(flow: Dataflow, shapes: Mapping[str, tuple[int, ...]]) -> Dataflow:
+    """One use for a parameter contracted once per slice (``for i in range(E): x @ w[i]``).
+
+    Its uses all read the same dims and leave out the indexed ones; they are one
+    weight split along the index (experts in a Python loop), not a weight shared
+    E times. The other uses become ``alias:<first id>`` and their edges, escapes
+    and outputs move to the first.
+
+    >>> u = [Use(0, "w", "dot", (1,), (2,)), Use(1, "w", "dot", (1,), (2,))]
+    >>> f = Dataflow(("w",), tuple(u), (), {}, frozenset({(1, 2)}), frozenset(), {}, frozenset(), {})
+    >>> g = merge_sliced_uses(f, {"w": (2, 8, 16)})
+    >>> g.uses[1].op, sorted(g.outputs)
+    ('alias:0', [(0, 2)])
+    """
+    by_path: dict[str, list[Use]] = defaultdict(list)
+    for u in flow.uses:
+        if u.op in _CONTRACT:
+            by_path[u.path].append(u)
+    alias: dict[int, int] = {}
+    for path, us in by_path.items():
+        shape = shapes.get(path, ())
+        covered = set(us[0].contracted) | set(us[0].kept) | set(us[0].batch)
+        missing = [d for d in range(len(shape)) if d not in covered]
+        same = all((u.op, u.contracted, u.kept, u.batch) == (us[0].op, us[0].contracted, us[0].kept,
+                                                              us[0].batch) for u in us)
+        if len(us) > 1 and same and missing and len(us) <= math.prod(shape[d] for d in missing):
+            alias.update({u.id: us[0].id for u in us[1:]})
+    if not alias:
+        return flow
+
+    def a(uid: int) -> int:
+        return alias.get(uid, uid)
+
+    edges: dict[tuple, Edge] = {}
+    for e in flow.edges:
+        e2 = dataclasses.replace(e, src_use=a(e.src_use), dst_use=a(e.dst_use))
+        edges.setdefault((e2.src_use, e2.src_dim, e2.dst_use, e2.dst_dim), e2)
+    uses = tuple(dataclasses.replace(u, op=f"alias:{alias[u.id]}") if u.id in alias else u for u in flow.uses)
+    return dataclasses.replace(
+        flow, uses=uses, edges=tuple(edges.values()),
+        escapes={(a(k[0]), k[1]): v for k, v in flow.escapes.items()},
+        outputs=frozenset((a(u), d) for u, d in flow.outputs),
+        recurrent=frozenset(a(u) for u in flow.recurrent),
+        biases={p: (a(u), al) for p, (u, al) in flow.biases.items()},
+        fused={(a(k[0]), k[1]): v for k, v in flow.fused.items()})
 
 
 def _recurrent(c: _Flow) -> None:
@@ -178,7 +227,7 @@ def _pair_row(c: _Flow, rid: int) -> None:
     rdim = max(choices, key=lambda d: (len(by_rdim[d]), -d))
     cols = by_rdim[rdim]
     rb = rdim - fR.stacked
-    if expert is not None and len(cols) == 1 and _experts(c, fR, expert, rb, next(iter(cols.values()))):
+    if expert is not None and _experts(c, fR, expert, rb, list(cols.values())):
         return
     lins = [_column(c, sid, e, R.path) for sid, e in sorted(cols.items())]
     if R.op == "conv" and len(lins) == 1 and c.cand[next(iter(cols))].op == "conv":
@@ -192,16 +241,22 @@ def _pair_row(c: _Flow, rid: int) -> None:
     shard_pair(c.st, kind, lins, row)
 
 
-def _experts(c: _Flow, fR: Facts, expert: int, rb: int, e: Edge) -> bool:
-    """An expert pair (E, d, f) -> (E, f, d); False when the shapes do not say experts."""
-    fS = c.fx[e.src]
-    cb = e.src_dim - fS.stacked
+def _experts(c: _Flow, fR: Facts, expert: int, rb: int, edges: Sequence[Edge]) -> bool:
+    """Expert pairs (E, d, f) -> (E, f, d), gate and up alike; False when the shapes do not say experts."""
     E = fR.body[expert - fR.stacked]
-    if not (fS.body[0] == E and cb == 2 and rb == 1 and fS.body[2] == fR.body[1]):
+    fits = []
+    for e in edges:
+        fS = c.fx[e.src]
+        if fS.body[0] == E and e.src_dim - fS.stacked == 2 and rb == 1 and fS.body[2] == fR.body[1]:
+            fits.append((fS, e))
+    if len(fits) != len(edges):
         return False
+    (fS, e), rest = fits[0], fits[1:]
     shard_experts(c.st, fS, fR, E, fS.body[2],
                   f"traced: dim 0 ({E}) is kept by {short(fS.path)} and summed by {short(fR.path)} with the "
                   f"ffn dim, {_via(e.via)} (experts)")
+    for g, e2 in rest:
+        join_column(c.st, g, fS, f"traced: also feeds {short(fR.path)} {_via(e2.via)} (gated experts)")
     return True
 
 
@@ -212,9 +267,15 @@ def _column(c: _Flow, sid: int, e: Edge, row_path: str) -> Linear:
     limit = 0
     for x in c.out_edges[(sid, e.src_dim)]:
         limit = math.gcd(limit, x.limit)
+    why = f"traced: its output reaches {short(row_path)} {_via(e.via)}"
+    pieces = c.flow.fused.get((sid, e.src_dim), 1)
+    if pieces > 1:
+        why += (f"; fused: cut into {pieces} equal pieces after the matmul, so split naively over the fused "
+                f"dim ({fS.body[cb]}) and XLA reshards the pieces (head-aligned shards need the dim "
+                "permuted at placement or the model to split a (d, pieces, heads, head_dim) view)")
+    # A 3-D or 4-D kernel's traced dim is its heads ((d, heads, head_dim), (3, heads, d, head_dim)).
     return Linear(fS, tuple(k - fS.stacked for k in S.contracted), (cb,),
-                  heads=cb if len(fS.body) == 3 else None, role="column",
-                  why=f"traced: its output reaches {short(row_path)} {_via(e.via)}",
+                  heads=cb if len(fS.body) >= 3 else None, role="column", why=why,
                   limit=limit if limit and limit != fS.body[cb] else None)
 
 

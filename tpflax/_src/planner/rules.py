@@ -157,8 +157,12 @@ def annotation(f: Facts, mesh: MeshShape, logical_rules) -> tuple[tuple[Entry, .
     warnings: list[str] = []
     spec: list[Entry] = []
     used: set[str] = set()
+    known = {lname for lname, _ in logical_rules}
     for dim, name in enumerate(leaf.names or ()):
-        if leaf.logical:
+        # Names the mesh has are mesh axes; others are logical (NNX sharding metadata
+        # holds either kind), looked up in the logical rules.
+        logical = leaf.logical or _logical_name(name, mesh, known)
+        if logical:
             candidates = [axes for lname, axes in logical_rules if lname == name] if name is not None else []
         else:
             candidates = [name]
@@ -169,7 +173,7 @@ def annotation(f: Facts, mesh: MeshShape, logical_rules) -> tuple[tuple[Entry, .
             if not ax:
                 break
             if any(a not in mesh.sizes for a in ax):
-                if not leaf.logical:
+                if not logical:
                     warnings.append(f"{leaf.path}: annotation names mesh axis {name!r} the mesh {mesh} lacks; "
                                     f"dim {dim} left unsharded")
                 continue
@@ -186,9 +190,15 @@ def annotation(f: Facts, mesh: MeshShape, logical_rules) -> tuple[tuple[Entry, .
             used |= set(ax)
             break
         spec.append(chosen)
-    kind = "logical" if leaf.logical else "mesh-axis"
+    kind = "logical" if leaf.logical or any(_logical_name(n, mesh, known) for n in leaf.names or ()) \
+        else "mesh-axis"
     reason = f"{kind} annotation {tuple(leaf.names or ())} -> {to_pspec(spec)}"
     return tuple(spec), reason, warnings
+
+
+def _logical_name(name: Any, mesh: MeshShape, known: set[str]) -> bool:
+    """A name the mesh lacks but the logical rules know (``"embed"``, ``"mlp"``)."""
+    return isinstance(name, str) and name not in mesh.sizes and name in known
 
 
 @dataclass

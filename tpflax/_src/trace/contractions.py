@@ -46,6 +46,8 @@ def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
         act, par, ac, pc, ab, pb, af, pf = rhs, lhs, rc, lc, rb, lb, rf, lf
     else:
         act, par, ac, pc, ab, pb, af, pf = lhs, rhs, lc, rc, lb, rb, lf, rf
+    if not pc and not pf:
+        return [_scale(w, act, par, ab, af, out_rank)]
     shape_p = tuple(eqn.invars[0 if lp else 1].aval.shape)
     tag_b: list[TagMap] = [dict(w.merge([act.dim_tags(a)])) for a in ab]
     tag_pf: list[TagMap] = [{} for _ in pf]
@@ -75,6 +77,15 @@ def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
     # dot_general's output dims: batch, then lhs free, then rhs free.
     tags = tag_b + (tag_pf + tag_af if lp else tag_af + tag_pf)
     return [Val(out_rank, tags=tuple(tags) if any(tags) else None, fresh=fresh)]
+
+
+def _scale(w: Walk, act: Val, par: Val, ab, af, out_rank: int) -> Val:
+    """A parameter that only meets batch dims (``einsum("...k,k->...k")``): an elementwise
+    scale (a norm's gain), not a kernel; the activation's dims pass unchanged."""
+    for path, _ in par.origin:
+        w.elementwise.add(path)
+    tags = [w.merge([act.dim_tags(a)], "mul") for a in ab] + [w.merge([act.dim_tags(a)]) for a in af]
+    return Val(out_rank, tags=tuple(tags) if any(tags) else None)
 
 
 def _act_dot(w: Walk, lhs: Val, rhs: Val, contract, batch, lf, rf, out_rank: int) -> Val:

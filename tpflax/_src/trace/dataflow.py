@@ -138,4 +138,4 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
     return Dataflow(paths=tuple(paths), uses=tuple(w.uses), edges=edges, escapes=dict(w.escapes),
                     outputs=frozenset(w.outputs), recurrent=frozenset(w.recurrent),
                     biases=dict(w.biases), elementwise=frozenset(w.elementwise),
-                    scanned=dict(w.scanned), n_eqns=w.n_eqns)
+                    scanned=dict(w.scanned), n_eqns=w.n_eqns, fused=dict(w.fused))

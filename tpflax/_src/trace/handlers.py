@@ -31,10 +31,13 @@ expm1 tanh logistic sin cos tan asin acos atan sinh cosh asinh acosh atanh atan2
 square abs erf erfc erf_inv lgamma digamma igamma select_n clamp convert_element_type copy copy_p
 stop_gradient reduce_precision and or not xor eq ne lt le gt ge nextafter real imag conj
 shift_left shift_right_logical shift_right_arithmetic population_count clz optimization_barrier
+sharding_constraint name
 """.split())
 # Ops that only change the dtype or identity of a value: a parameter stays a parameter.
+# ``sharding_constraint`` (with_sharding_constraint) and ``name`` (checkpoint_name) are
+# identities for dataflow: a model that annotates its activations keeps its pairs.
 VIEW = frozenset({"convert_element_type", "copy", "copy_p", "stop_gradient", "reduce_precision",
-                  "optimization_barrier"})
+                  "optimization_barrier", "sharding_constraint", "name"})
 REDUCE = frozenset({"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and",
                     "reduce_or", "reduce_xor", "argmax", "argmin"})
 CUMULATIVE = frozenset({"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"})
@@ -198,16 +201,35 @@ def slice_(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> l
     v = ins[0]
     src = tuple(eqn.invars[0].aval.shape)
     dst = tuple(getattr(eqn.outvars[0].aval, "shape", ()))
+    starts = eqn.params["start_indices"]
+    strides = eqn.params.get("strides") or (1,) * len(src)
+    limits: dict[int, int] = {}
     for d in range(v.rank):
-        if src[d] != dst[d]:
+        if src[d] == dst[d]:
+            continue
+        if strides[d] > 1 and starts[d] < strides[d] and dst[d] * strides[d] == src[d]:
+            # Every s-th element (rotate-every-two rotary): a contiguous shard of the
+            # input holds exactly its own elements of the output while n divides it.
+            limits[d] = dst[d]
+        elif strides[d] == 1 and src[d] % dst[d] == 0 and starts[d] % dst[d] == 0:
+            limits[d] = dst[d]  # one of k equal pieces (q of a fused qkv): see split
+            w.fuse(v.dim_tags(d), src[d] // dst[d])
+        else:
             w.escape(v.dim_tags(d), "sliced (a split of the dim needs its other shards)")
-    return [_same_dims(w, v, ranks[0])]
+    return [w.moved(v, list(range(v.rank)), ranks[0], limit=limits)]
 
 
 def split(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
     v = ins[0]
-    w.escape(v.dim_tags(eqn.params["axis"]), "split into pieces (a fused kernel sliced along its output)")
-    return [_same_dims(w, v, r) for r in ranks]
+    axis = eqn.params["axis"]
+    sizes = tuple(int(n) for n in eqn.params["sizes"])
+    if len(set(sizes)) != 1:
+        w.escape(v.dim_tags(axis), "split into unequal pieces")
+        return [_same_dims(w, v, r) for r in ranks]
+    # Equal pieces (a fused qkv kernel's output): the tag goes on, marked fused, so
+    # the column is split over the fused dim (the pieces are resharded by XLA).
+    w.fuse(v.dim_tags(axis), len(sizes))
+    return [w.moved(v, list(range(v.rank)), r, limit={axis: sizes[0]}) for r in ranks]
 
 
 def dynamic_slice(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
@@ -230,6 +252,18 @@ def concatenate(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
     if tags is not None:
         tags = tuple({} if d == dim else t for d, t in enumerate(tags))
     return [Val(rank, origin=origin, tags=tags if tags and any(tags) else None,
+                const_of=max([v.const_of for v in ins] or [0]))]
+
+
+def stack(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    """``jnp.stack``: a new dim at ``axis``; every other dim keeps its tags (interleaved rotary)."""
+    axis = eqn.params["axis"]
+    rank = ranks[0]
+    mapping = [d if d < axis else d - 1 for d in range(rank)]
+    mapping[axis] = None
+    moved = [w.moved(v, mapping, rank) for v in ins]
+    tags = w.pointwise([m for m in moved if m.tags is not None], rank, "")
+    return [Val(rank, origin=tuple(o for m in moved for o in m.origin), tags=tags,
                 const_of=max([v.const_of for v in ins] or [0]))]
 
 
@@ -272,7 +306,7 @@ HANDLERS: dict[str, Handler] = {
     "reduce": variadic_reduce,
     "transpose": transpose, "broadcast_in_dim": broadcast_in_dim, "squeeze": squeeze,
     "reshape": reshape, "slice": slice_, "split": split, "dynamic_slice": dynamic_slice,
-    "concatenate": concatenate, "pad": pad, "rev": rev, "iota": iota, "sort": sort, "top_k": top_k,
+    "concatenate": concatenate, "stack": stack, "pad": pad, "rev": rev, "iota": iota, "sort": sort, "top_k": top_k,
     "dot_general": contractions.dot_general, "conv_general_dilated": contractions.conv_general_dilated,
     "gather": contractions.gather,
     "scan": control.scan, "while": control.while_, "cond": control.cond,

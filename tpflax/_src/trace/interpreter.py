@@ -76,7 +76,7 @@ class Walk:
         handlers: ``{primitive name: handler(walk, eqn, ins, ctx, out ranks)}``.
         fallback: the handler for primitives not in the table.
         uses, edges, escapes, outputs, recurrent, biases, elementwise, scanned,
-            n_eqns: the findings (see :class:`tpflax._src.trace.records.Dataflow`).
+            fused, n_eqns: the findings (see :class:`tpflax._src.trace.records.Dataflow`).
     """
 
     handlers: Mapping[str, Handler]
@@ -90,6 +90,7 @@ class Walk:
     biases: dict[str, tuple[int, dict[int, int]]] = field(default_factory=dict)
     elementwise: set[str] = field(default_factory=set)
     scanned: dict[str, int] = field(default_factory=dict)
+    fused: dict[tuple[int, int], int] = field(default_factory=dict)
     n_eqns: int = 0
 
     # -- the run loop ----------------------------------------------------
@@ -130,6 +131,11 @@ class Walk:
     def escape(self, m: TagMap, why: str) -> None:
         for k in m:
             self.escapes.setdefault(k, why)
+
+    def fuse(self, m: TagMap, pieces: int) -> None:
+        """The tagged dims in ``m`` are cut into ``pieces`` equal parts (a fused qkv's output)."""
+        for k in m:
+            self.fused[k] = max(self.fused.get(k, 1), pieces)
 
     def escape_all(self, val: Val, why: str) -> None:
         if val.tags is not None:

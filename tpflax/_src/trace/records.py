@@ -11,7 +11,7 @@ nothing here knows how they were found.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,9 @@ class Dataflow:
             parameters added straight to a use's output.
         elementwise: paths combined elementwise with activations (norm scales...).
         scanned: ``{path: leaf dim}`` for parameters sliced by a ``scan`` (``nn.scan`` stacks).
+        fused: ``{(use id, param dim): pieces}`` for kept dims whose activation is cut
+            into equal pieces (``split``, aligned slices) that go on separately: a
+            fused q/k/v (or gate/up) kernel.
         n_eqns: equations visited (sub-jaxprs included).
     """
 
@@ -92,3 +95,4 @@ class Dataflow:
     elementwise: frozenset[str]
     scanned: Mapping[str, int]
     n_eqns: int = 0
+    fused: Mapping[tuple[int, int], int] = field(default_factory=dict)
