@@ -154,8 +154,8 @@ def _summary(groups, rows) -> list[str]:
     return out
 
 
-def write_markdown(rows: Sequence[Any], path: Path, seconds: float) -> None:
-    """Write the results file for ``rows`` (``third_party.Numbers``)."""
+def write_markdown(rows: Sequence[Any], path: Path, seconds: float, extra: Sequence[str] = ()) -> None:
+    """Write the results file for ``rows`` (``third_party.Numbers``), then the ``extra`` lines."""
     import jax
     import transformers
 
@@ -191,5 +191,5 @@ def write_markdown(rows: Sequence[Any], path: Path, seconds: float) -> None:
     lines += [f"{i}. {f}" for i, f in enumerate(FOOTNOTES, 1)] + [""]
     lines += _summary(groups, rows)
     lines += ["## Ratios to Megatron (bytes / comm / flops)", ""] + _summary_table(groups) + [""]
-    lines += ["## All numbers", ""] + _detail_table(groups) + [""]
+    lines += ["## All numbers", ""] + _detail_table(groups) + [""] + list(extra)
     path.write_text("\n".join(lines))

@@ -187,6 +187,7 @@ def load(path: Path) -> list[Numbers]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from plan_diff import diff_section
     from results_table import write_markdown
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -198,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="HOOK (not implemented): published widths, 2 layers, abstract params, "
                          "compiled for a TPU topology; needs the TPU compile target (issue 11)")
     ap.add_argument("--table-only", action="store_true", help="rewrite the table from the json")
+    ap.add_argument("--diff", action="store_true",
+                    help="add the leaves where tree-only/model= differ from the hand layout (plans only)")
     args = ap.parse_args(argv)
     if args.tpu_widths:
         print("third_party: --tpu-widths is a hook: published-width TPU compiles are not "
@@ -218,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             run_arch(BY_NAME[name], meshes, done, sink)
         except Exception:  # noqa: BLE001 - keep going; the traceback is in the log
             traceback.print_exc()
-    write_markdown(rows, Path(args.out), time.perf_counter() - t0)
+    extra = diff_section([BY_NAME[n] for n in args.arch], meshes, make_plans, mesh_label) if args.diff else []
+    write_markdown(rows, Path(args.out), time.perf_counter() - t0, extra)
     print(f"wrote {args.out}")
     return 0
 
