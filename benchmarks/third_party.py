@@ -222,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:  # noqa: BLE001 - keep going; the traceback is in the log
             traceback.print_exc()
     extra = diff_section([BY_NAME[n] for n in args.arch], meshes, make_plans, mesh_label) if args.diff else []
-    write_markdown(rows, Path(args.out), time.perf_counter() - t0, extra)
+    write_markdown(rows, Path(args.out), extra)
+    print(f"{time.perf_counter() - t0:.0f}s")
     print(f"wrote {args.out}")
     return 0
 
