@@ -25,7 +25,7 @@ collective bytes beside the compiled ones. Results: ``benchmarks/results/third_p
 (and ``third_party.json``, the raw rows, which also lets a run resume).
 
     pip install -e ".[thirdparty]"
-    python benchmarks/third_party.py                        # everything (~1 h on 2 busy cores)
+    python benchmarks/third_party.py                        # everything (~35 min on 2 shared cores)
     python benchmarks/third_party.py --arch bert gpt2 --mesh data=2,model=4
 
 ``--tpu-widths`` is the hook for published widths compiled for a TPU topology
