@@ -1,0 +1,269 @@
+"""Tiny Hugging Face Flax models (transformers 4.57.x) for the third-party benchmark.
+
+Each :class:`Arch` builds one ``transformers`` Flax model class from a tiny config
+that keeps the published model's ratios: attention heads to K/V heads, the
+divisibility of the vocabulary by the tensor axis (odd vocabularies stay odd,
+``2 * odd`` stays ``2 * odd``), learned position tables with their offsets (OPT's
+and BART's 2, RoBERTa's padding offset), and the MLP width ratio. Sizes are tiny
+(2 layers, width 64) so that 150 compiles fit a shared laptop.
+
+``Arch.build()`` returns a :class:`Built`: the HF model, its parameters (abstract, or
+concrete from ``init_weights``), the sample inputs, ``fn(params, *sample)`` (the model's own
+apply), and ``loss(output, *sample)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+BATCH, SEQ = 8, 32  # batch splits over data=2 / fsdp=2; SEQ <= every tiny position table
+
+
+@dataclass(frozen=True)
+class Built:
+    """One instantiated architecture, ready to plan and compile."""
+
+    name: str
+    model: Any
+    params: Any
+    sample: tuple[Any, ...]
+    fn: Callable[..., Any]
+    loss: Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A transformers Flax class, a tiny config and how to call it.
+
+    Attributes:
+        name: short name in the results table.
+        family: encoder | decoder | encoder-decoder | vision.
+        cls: the ``transformers`` Flax class name.
+        config: the config class name.
+        kwargs: config fields (tiny, real ratios).
+        inputs: ``ids`` (token ids), ``seq2seq`` (ids + decoder ids), ``pixels``
+            (NCHW images), ``clip`` (ids + images), ``audio`` (log-mel features + decoder ids).
+        note: what the tiny config keeps from the published one.
+    """
+
+    name: str
+    family: str
+    cls: str
+    config: str
+    kwargs: dict = field(default_factory=dict)
+    inputs: str = "ids"
+    note: str = ""
+
+    def build(self, seed: int = 0, concrete: bool = False) -> Built:
+        """The model, its parameters (abstract unless ``concrete``), sample, apply and loss.
+
+        The plans and the compiled step read shapes only, so abstract parameters
+        give the same three numbers; ``concrete=True`` runs ``init_weights``.
+        """
+        import jax
+        import transformers
+
+        _jax_compat(self.cls)
+        config = getattr(transformers, self.config)(**self.kwargs)
+        model = getattr(transformers, self.cls)(config, _do_init=False, seed=seed)
+        sample = _sample(self.inputs, config)
+        init = lambda: model.init_weights(jax.random.key(seed), _init_shape(self.inputs, sample))  # noqa: E731
+        params = init() if concrete else jax.eval_shape(init)
+        fn, loss = _apply(self.inputs, model)
+        return Built(self.name, model, params, sample, fn, loss)
+
+
+class _ClipCompat:
+    """``jax.numpy`` whose ``clip`` still takes ``a_min=``/``a_max=`` (removed in jax 0.10).
+
+    transformers 4.57's T5 and LongT5 bucket relative positions with
+    ``jnp.clip(x, a_max=...)``; on jax 0.10 that raises. Their module-level ``jnp``
+    is pointed at this shim, nothing else changes.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        import jax.numpy as jnp
+
+        return getattr(jnp, name)
+
+    @staticmethod
+    def clip(x: Any, a_min: Any = None, a_max: Any = None, **kw: Any) -> Any:
+        import jax.numpy as jnp
+
+        return jnp.clip(x, kw.get("min", a_min), kw.get("max", a_max))
+
+
+def _jax_compat(cls: str) -> None:
+    if "T5" in cls:
+        from transformers.models.longt5 import modeling_flax_longt5
+        from transformers.models.t5 import modeling_flax_t5
+
+        modeling_flax_t5.jnp = modeling_flax_longt5.jnp = _ClipCompat()
+
+
+def _init_shape(inputs: str, sample: tuple[Any, ...]) -> Any:
+    """The ``input_shape`` ``init_weights`` takes: images NHWC (the apply transposes NCHW)."""
+    def nhwc(s):
+        return (s[0], s[2], s[3], s[1])
+
+    if inputs == "clip":
+        return (sample[0].shape, nhwc(sample[1].shape))
+    if inputs == "pixels":
+        return nhwc(sample[0].shape)
+    return sample[0].shape
+
+
+def _sample(inputs: str, config: Any) -> tuple[Any, ...]:
+    import jax
+    import jax.numpy as jnp
+
+    k = jax.random.split(jax.random.key(1), 2)
+    vocab = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None),
+                                                           "vocab_size", 8)
+    ids = jax.random.randint(k[0], (BATCH, SEQ), 3, vocab, dtype=jnp.int32)
+    if inputs == "ids":
+        return (ids,)
+    if inputs == "seq2seq":
+        return (ids, jax.random.randint(k[1], (BATCH, SEQ), 3, vocab, dtype=jnp.int32))
+    if inputs == "pixels":
+        return (jax.random.normal(k[1], (BATCH, 3, config.image_size, config.image_size)),)
+    if inputs == "clip":
+        vc = config.vision_config
+        return (ids, jax.random.normal(k[1], (BATCH, 3, vc.image_size, vc.image_size)))
+    if inputs == "audio":
+        feats = jax.random.normal(k[1], (BATCH, config.num_mel_bins, 2 * config.max_source_positions))
+        dec = jax.random.randint(k[0], (BATCH, config.max_target_positions), 3, vocab, dtype=jnp.int32)
+        return (feats, dec)
+    raise ValueError(inputs)
+
+
+def _xent(logits: Any, labels: Any) -> Any:
+    import jax.numpy as jnp
+    import optax
+
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+
+
+def _apply(inputs: str, model: Any) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """The model's own apply as ``fn(params, *sample)`` and its training loss."""
+    import jax.numpy as jnp
+
+    if inputs == "ids":
+        return (lambda p, ids: model(ids, params=p).logits,
+                lambda out, ids: _xent(out[:, :-1], ids[:, 1:]))
+    if inputs in ("seq2seq", "audio"):
+        return (lambda p, x, dec: model(x, decoder_input_ids=dec, params=p).logits,
+                lambda out, x, dec: _xent(out[:, :-1], dec[:, 1:]))
+    if inputs == "pixels":
+        return (lambda p, px: model(px, params=p).logits,
+                lambda out, px: _xent(out, jnp.zeros(out.shape[0], jnp.int32)))
+    if inputs == "clip":  # the contrastive loss CLIP is trained with
+        return (lambda p, ids, px: model(ids, px, params=p).logits_per_text,
+                lambda out, ids, px: _xent(out, jnp.arange(out.shape[0])))
+    raise ValueError(inputs)
+
+
+_D, _L = 64, 2  # width and layers of every tiny config
+
+_BERTISH = dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=4, intermediate_size=4 * _D,
+                max_position_embeddings=64)
+
+ARCHS: tuple[Arch, ...] = (
+    Arch("bert", "encoder", "FlaxBertForMaskedLM", "BertConfig",
+         dict(_BERTISH, vocab_size=1022, type_vocab_size=2),
+         note="vocab 30522 = 2*odd -> 1022; 2-row token-type table"),
+    Arch("roberta", "encoder", "FlaxRobertaForMaskedLM", "RobertaConfig",
+         dict(_BERTISH, vocab_size=1001, max_position_embeddings=66, type_vocab_size=1, pad_token_id=1),
+         note="vocab 50265 odd -> 1001; positions 512 + padding offset 2 -> 66 rows"),
+    Arch("electra", "encoder", "FlaxElectraForMaskedLM", "ElectraConfig",
+         dict(_BERTISH, vocab_size=1022, embedding_size=32),
+         note="generator: embedding 32 < hidden 64, projected (embeddings_project)"),
+    Arch("distilbert", "encoder", "FlaxDistilBertForMaskedLM", "DistilBertConfig",
+         dict(vocab_size=1022, dim=_D, n_layers=_L, n_heads=4, hidden_dim=4 * _D,
+              max_position_embeddings=64), note="vocab 30522 = 2*odd -> 1022"),
+    Arch("albert", "encoder", "FlaxAlbertForMaskedLM", "AlbertConfig",
+         dict(vocab_size=1000, embedding_size=32, hidden_size=_D, num_hidden_layers=_L,
+              num_attention_heads=4, intermediate_size=4 * _D, max_position_embeddings=64),
+         note="vocab 30000 -> 1000; shared layer group, factorised embedding 32"),
+    Arch("gpt2", "decoder", "FlaxGPT2LMHeadModel", "GPT2Config",
+         dict(vocab_size=1001, n_positions=64, n_embd=_D, n_layer=_L, n_head=4),
+         note="vocab 50257 odd -> 1001; fused c_attn (3d, d) Conv1D stored (out, in); tied head"),
+    Arch("gptj", "decoder", "FlaxGPTJForCausalLM", "GPTJConfig",
+         dict(vocab_size=1000, n_positions=64, n_embd=_D, n_layer=_L, n_head=4, rotary_dim=8),
+         note="vocab 50400 -> 1000; interleaved rotary on 8 of 16 head dims; parallel attn+MLP"),
+    Arch("gpt-neo", "decoder", "FlaxGPTNeoForCausalLM", "GPTNeoConfig",
+         dict(vocab_size=1001, max_position_embeddings=64, hidden_size=_D, num_layers=_L,
+              attention_types=[[["global", "local"], 1]], num_heads=4, window_size=16),
+         note="vocab 50257 odd -> 1001; global+local attention layers"),
+    Arch("opt", "decoder", "FlaxOPTForCausalLM", "OPTConfig",
+         dict(vocab_size=1000, max_position_embeddings=64, hidden_size=_D, num_hidden_layers=_L,
+              ffn_dim=4 * _D, num_attention_heads=4, word_embed_proj_dim=_D),
+         note="vocab 50272 -> 1000; position table offset 2 -> 66 rows"),
+    Arch("bloom", "decoder", "FlaxBloomForCausalLM", "BloomConfig",
+         dict(vocab_size=1000, hidden_size=_D, n_layer=_L, n_head=4),
+         note="vocab 250880 -> 1000; fused query_key_value, head-interleaved; ALiBi"),
+    Arch("llama", "decoder", "FlaxLlamaForCausalLM", "LlamaConfig",
+         dict(vocab_size=1000, hidden_size=_D, intermediate_size=176, num_hidden_layers=_L,
+              num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=64),
+         note="Llama-2-7B ratios: MHA, MLP 11008/4096 -> 176/64; vocab 32000 -> 1000"),
+    Arch("mistral", "decoder", "FlaxMistralForCausalLM", "MistralConfig",
+         dict(vocab_size=1000, hidden_size=_D, intermediate_size=224, num_hidden_layers=_L,
+              num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=64,
+              sliding_window=16),
+         note="Mistral-7B ratios: 32:8 heads -> 8:2 (K/V heads < model=4), MLP 14336/4096 -> 224/64"),
+    Arch("gemma", "decoder", "FlaxGemmaForCausalLM", "GemmaConfig",
+         dict(vocab_size=1000, hidden_size=_D, intermediate_size=512, num_hidden_layers=_L,
+              num_attention_heads=8, num_key_value_heads=1, head_dim=8, max_position_embeddings=64),
+         note="Gemma-2B ratios: MQA (1 K/V head), MLP 16384/2048 -> 512/64; tied head"),
+    Arch("xglm", "decoder", "FlaxXGLMForCausalLM", "XGLMConfig",
+         dict(vocab_size=1002, max_position_embeddings=64, d_model=_D, ffn_dim=4 * _D,
+              num_layers=_L, attention_heads=4),
+         note="vocab 256008 -> 1002 (2*odd); sinusoidal positions, offset 2"),
+    Arch("bart", "encoder-decoder", "FlaxBartForConditionalGeneration", "BartConfig",
+         dict(vocab_size=1001, max_position_embeddings=64, d_model=_D, encoder_layers=_L,
+              decoder_layers=_L, encoder_attention_heads=4, decoder_attention_heads=4,
+              encoder_ffn_dim=4 * _D, decoder_ffn_dim=4 * _D),
+         inputs="seq2seq", note="vocab 50265 odd -> 1001; position tables offset 2 -> 66 rows"),
+    Arch("mbart", "encoder-decoder", "FlaxMBartForConditionalGeneration", "MBartConfig",
+         dict(vocab_size=1001, max_position_embeddings=64, d_model=_D, encoder_layers=_L,
+              decoder_layers=_L, encoder_attention_heads=4, decoder_attention_heads=4,
+              encoder_ffn_dim=4 * _D, decoder_ffn_dim=4 * _D),
+         inputs="seq2seq", note="vocab 250027 odd -> 1001; pre-norm; position offset 2 -> 66 rows"),
+    Arch("t5", "encoder-decoder", "FlaxT5ForConditionalGeneration", "T5Config",
+         dict(vocab_size=1000, d_model=_D, d_kv=16, d_ff=4 * _D, num_layers=_L, num_heads=4,
+              relative_attention_num_buckets=32),
+         inputs="seq2seq", note="vocab 32128 -> 1000; relative position bias (buckets, heads)"),
+    Arch("vit", "vision", "FlaxViTForImageClassification", "ViTConfig",
+         dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=4, intermediate_size=4 * _D,
+              image_size=32, patch_size=8, num_labels=1000),
+         inputs="pixels", note="1000 classes; 16 patches + CLS -> 17 position rows"),
+    Arch("clip", "vision", "FlaxCLIPModel", "CLIPConfig",
+         dict(text_config=dict(vocab_size=1000, hidden_size=_D, intermediate_size=4 * _D,
+                               num_hidden_layers=_L, num_attention_heads=4, max_position_embeddings=64),
+              vision_config=dict(hidden_size=_D, intermediate_size=4 * _D, num_hidden_layers=_L,
+                                 num_attention_heads=4, image_size=32, patch_size=8),
+              projection_dim=32),
+         inputs="clip", note="text + vision towers, contrastive loss; vocab 49408 -> 1000"),
+    Arch("whisper", "encoder-decoder", "FlaxWhisperForConditionalGeneration", "WhisperConfig",
+         dict(vocab_size=1001, num_mel_bins=80, d_model=_D, encoder_layers=_L, decoder_layers=_L,
+              encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=4 * _D,
+              decoder_ffn_dim=4 * _D, max_source_positions=32, max_target_positions=32),
+         inputs="audio", note="vocab 51865 odd -> 1001; conv1d front end over 80 mel bins"),
+)
+
+BY_NAME = {a.name: a for a in ARCHS}
+
+
+def with_layers(arch: Arch, n: int) -> Arch:
+    """``arch`` with ``n`` layers in every stack (the tests compile 1-layer models).
+
+    >>> with_layers(BY_NAME["llama"], 1).kwargs["num_hidden_layers"]
+    1
+    """
+    def fix(kw: dict) -> dict:
+        return {k: (fix(v) if isinstance(v, dict) else n if "layer" in k and v == _L else v)
+                for k, v in kw.items()}
+
+    return replace(arch, kwargs=fix(arch.kwargs))

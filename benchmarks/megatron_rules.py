@@ -1,0 +1,104 @@
+"""Megatron layouts written by hand for the transformers Flax models of the benchmark.
+
+Each layout is a list of ``(regex, PartitionSpec)`` rules for ``tpflax.plan(params,
+mesh, rules=...)``; the first match wins and the last rule replicates everything
+else, so no tpflax heuristic decides any leaf of the hand layout. The choices,
+which the results table repeats as footnotes:
+
+* column (q/k/v, up/gate, fc_in/fc1/intermediate): output features over ``model``;
+  their biases over ``model``. Row (attention output, down, fc_out/fc2): input
+  features over ``model``; row biases replicated.
+* Kernels stored ``(out, in)`` (GPT-2's Conv1D) get the transposed specs.
+* Fused QKV: split on the fused dim. BLOOM's fused dim is head-interleaved
+  (``heads, 3, head_dim``), so that split is head-aligned; GPT-2's is ``[q | k | v]``,
+  so it is the naive split (each rank holds 3/4 of one of q, k, v), the best a rule
+  can do without permuting the kernel.
+* K/V kernels with fewer K/V heads than ``model`` ranks (Mistral 2, Gemma 1):
+  replicated over ``model`` (each rank computes all K/V heads), as Megatron does
+  when ``num_query_groups < tp``.
+* Word embeddings and untied output heads: vocab-parallel when the vocabulary
+  divides ``model``; otherwise replicated over ``model``.
+* Learned position tables, token-type tables, cls tokens, patch and conv
+  front ends, the MLM transform, CLIP's projections, norms: replicated over
+  ``model`` (splitting them buys KiB and costs activation collectives).
+  T5's relative-position bias ``(buckets, heads)`` is split over heads, which the
+  attention scores already are.
+* With an ``fsdp`` axis: every kernel and embedding (not norms, biases or the
+  small tables above) also splits its other dim over ``fsdp``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jax.sharding import PartitionSpec as P
+
+T = "model"
+# the tensor-parallel pattern of each family: (column regex, row regex)
+_COL = (r"(attention/self/(query|key|value)|intermediate/dense|attention/(query|key|value)|albert_layers/\d+/ffn"
+        r"|(q|k|v)_lin|ffn/lin1|(q|k|v|gate|up)_proj|fc_in|fc1|mlp/c_fc|attn/c_attn|dense_h_to_4h|query_key_value"
+        r"|(SelfAttention|EncDecAttention)/(q|k|v)|DenseReluDense/wi(_0|_1)?)/(kernel|bias)$")
+_ROW = (r"(attention/output/dense|/output/dense|attention/dense|ffn_output|out_lin|ffn/lin2|(o|down|out)_proj"
+        r"|fc_out|fc2|mlp/c_proj|attn/c_proj|dense_4h_to_h|self_attention/dense"
+        r"|(SelfAttention|EncDecAttention)/o|DenseReluDense/wo)/kernel$")
+_EMBED = r"(word_embeddings|wte|embed_tokens|shared|token_embedding)/embedding$"
+_HEAD = r"(lm_head|classifier)/kernel$"
+_HEAD_BIAS = r"(lm_head/bias|classifier/bias|predictions/bias|vocab_projector/bias|generator_lm_head/bias)$"
+# (out, in) Conv1D kernels: GPT-2 only (GPT-Neo's c_fc/c_proj are ordinary (in, out) Dense)
+_TRANSPOSED = {"gpt2"}
+
+
+def megatron_rules(arch: str, mesh: dict[str, int], *, vocab: int, kv_heads: int | None = None,
+                   ) -> list[tuple[str, Any]]:
+    """The hand Megatron layout of ``arch`` on ``mesh`` as tpflax rules.
+
+    Args:
+        arch: the benchmark's architecture name (``hf_models.ARCHS``).
+        mesh: the mesh shape; an ``fsdp`` axis adds fsdp to kernels and embeddings.
+        vocab: the vocabulary (or class count) of embeddings and output heads.
+        kv_heads: K/V heads when fewer than ``model`` ranks would split them.
+
+    >>> r = megatron_rules("llama", {"fsdp": 2, "model": 4}, vocab=1000)
+    >>> [s for rx, s in r if "gate" in rx]  # column biases, then column kernels
+    [P('model',), P('fsdp', 'model')]
+    """
+    f = "fsdp" if mesh.get("fsdp", 1) > 1 else None
+    tp = mesh.get(T, 1)
+    vocab_ok = vocab % tp == 0
+    col, row = (P(T, f), P(f, T)) if arch in _TRANSPOSED else (P(f, T), P(T, f))
+    rules: list[tuple[str, Any]] = []
+    if kv_heads is not None and kv_heads % tp:
+        rules.append((r"(k|v)_proj/kernel$", P(f, None)))  # GQA/MQA: K/V replicated over model
+    rules += [
+        (_COL.replace("(kernel|bias)", "bias"), P(T)),
+        (_COL.replace("(kernel|bias)", "kernel"), col),
+        (_ROW, row),
+        (_EMBED, P(T, f) if vocab_ok else P(None, f)),
+        (_HEAD, P(f, T) if vocab_ok else P(f, None)),
+        (_HEAD_BIAS, P(T) if vocab_ok else P()),
+        (r"relative_attention_bias/embedding$", P(None, T)),
+        # small tables, front ends, projections: replicated over model, fsdp where it fits
+        (r"(transform/dense|lm_head/dense|vocab_transform|predictions/dense|embeddings_project"
+         r"|embedding_hidden_mapping_in|text_projection|visual_projection)/kernel$", P(f, None)),
+        (r"(patch_embeddings/projection|patch_embedding|conv1|conv2)/kernel$", P(None, None, None, f)
+         if arch != "whisper" else P(None, None, f)),
+        (r".*", P()),
+    ]
+    return rules
+
+
+FOOTNOTES = (
+    "column: q/k/v, up/gate, fc_in/fc1/intermediate split on output features, their biases too; "
+    "row: attention output, down, fc_out/fc2 split on input features, row biases replicated",
+    "GPT-2's Conv1D kernels are stored (out, in): the same layout, transposed specs",
+    "fused QKV split on the fused dim: head-aligned for BLOOM (heads, 3, head_dim), the naive "
+    "[q|k|v] split for GPT-2 (no permutation)",
+    "K/V kernels with fewer K/V heads than model ranks (Mistral 2, Gemma 1) replicated over model",
+    "embeddings and untied heads vocab-parallel when the vocabulary divides model=4, else "
+    "replicated over model (odd vocabularies: GPT-2, GPT-Neo, RoBERTa, BART, mBART, Whisper; "
+    "2*odd: BERT, Electra, DistilBERT, XGLM)",
+    "position/token-type tables, cls tokens, patch/conv front ends, the MLM transform, CLIP "
+    "projections, norms: replicated over model; T5's relative bias split over heads",
+    "with fsdp=2: kernels and embeddings also split their other dim over fsdp; norms, biases "
+    "and small tables do not",
+)

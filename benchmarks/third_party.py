@@ -1,0 +1,232 @@
+"""tpflax's plans on models nobody here wrote: transformers' Flax classes vs a hand Megatron layout.
+
+For every architecture in ``benchmarks/hf_models.py`` (transformers 4.57.x, tiny
+configs with the published ratios) and every mesh, five plans:
+
+* ``tree``: ``tpflax.plan(params, mesh)`` (the tree heuristics alone);
+* ``model``: ``tpflax.plan(params, mesh, model=fn, sample=...)`` with ``fn`` the
+  model's own apply, ``lambda p, *x: hf_model(*x, params=p).logits``;
+* ``megatron``: the layout written by hand (``benchmarks/megatron_rules.py``);
+* ``replicated``: every leaf whole on every device;
+* ``fsdp``: every leaf's largest dim that divides the fsdp (or data) axis split
+  over it, nothing over ``model``.
+
+Each plan is measured from the compiled adamw train step
+(``tpflax.make_train_step`` + ``tpflax.dry_run`` on 8 CPU-emulated devices):
+
+* bytes per device: XLA's argument + temp + output - alias (outputs that reuse a
+  donated argument's buffer are counted once);
+* collective bytes per step: the compiled HLO's collectives (``tpflax.hlo``),
+  ring-priced like the estimate;
+* flops per device: XLA's cost analysis;
+
+and ``tpflax.estimate(plan, adamw, model=fn, sample=..., backend="cpu")``'s
+collective bytes beside the compiled ones. Results: ``benchmarks/results/third_party.md``
+(and ``third_party.json``, the raw rows, which also lets a run resume).
+
+    pip install -e ".[thirdparty]"
+    python benchmarks/third_party.py                        # everything (~35 min on 2 shared cores)
+    python benchmarks/third_party.py --arch bert gpt2 --mesh data=2,model=4
+
+``--tpu-widths`` is the hook for published widths compiled for a TPU topology
+(issue 11); it is not implemented here (it needs the TPU compile target) and
+exits with a message saying so.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import argparse
+import json
+import re
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from hf_models import ARCHS, BY_NAME, Arch, Built  # noqa: E402
+from megatron_rules import megatron_rules  # noqa: E402
+
+PLANS = ("tree", "model", "megatron", "replicated", "fsdp")
+MESHES = ({"data": 2, "model": 4}, {"fsdp": 2, "model": 4})
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Numbers:
+    """The three numbers of one plan, plus the estimate's collective bytes."""
+
+    arch: str
+    mesh: str
+    plan: str
+    bytes: float | None = None
+    comm: float | None = None
+    flops: float | None = None
+    est_comm: float | None = None
+    error: str = ""
+    seconds: float = 0.0
+    sharded_leaves: int = 0
+
+
+def mesh_label(mesh: dict[str, int]) -> str:
+    return ",".join(f"{k}={v}" for k, v in mesh.items())
+
+
+def vocab_of(arch: Arch) -> int:
+    """The vocabulary (or class count) the hand layout splits."""
+    kw = arch.kwargs
+    return kw.get("vocab_size") or kw.get("text_config", {}).get("vocab_size") or kw["num_labels"]
+
+
+def fsdp_rules(params: Any, mesh: dict[str, int]) -> list[tuple[str, Any]]:
+    """Pure FSDP: each leaf's largest dim dividing the fsdp/data axis, over that axis."""
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    axis = "fsdp" if "fsdp" in mesh else "data"
+    n = mesh[axis]
+    rules = []
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
+        dims = sorted((d for d in range(len(x.shape)) if x.shape[d] % n == 0 and x.shape[d] >= n),
+                      key=lambda d: -x.shape[d])
+        spec = [None] * len(x.shape)
+        if dims:
+            spec[dims[0]] = axis
+        rules.append((f"^{re.escape(name)}$", P(*spec)))
+    return rules
+
+
+def make_plans(arch: Arch, built: Built, params: Any, mesh: dict[str, int]) -> dict[str, Any]:
+    """The five plans, each a Plan or the exception planning raised."""
+    import tpflax
+
+    kv = arch.kwargs.get("num_key_value_heads")
+    rules = {
+        "tree": {},
+        "model": {"model": built.fn, "sample": built.sample},
+        "megatron": {"rules": megatron_rules(arch.name, mesh, vocab=vocab_of(arch), kv_heads=kv)},
+        "replicated": {"rules": [(r".*", "replicate")]},
+        "fsdp": {"rules": fsdp_rules(params, mesh)},
+    }
+    out: dict[str, Any] = {}
+    for name, kw in rules.items():
+        try:
+            out[name] = tpflax.plan(params, mesh, **kw)
+        except Exception as e:  # noqa: BLE001 - a failure is a finding, recorded in the table
+            out[name] = e
+    return out
+
+
+def measure(arch: str, mesh: dict[str, int], name: str, plan: Any, built: Built) -> Numbers:
+    """Compile the adamw step for ``plan`` and read the three numbers (and the estimate)."""
+    import optax
+
+    import tpflax
+
+    label = mesh_label(mesh)
+    if isinstance(plan, Exception):
+        return Numbers(arch, label, name, error=f"plan: {type(plan).__name__}: {str(plan)[:300]}")
+    t0 = time.perf_counter()
+    tx = optax.adamw(1e-3)
+    try:
+        m = tpflax.make_mesh(mesh)
+        ts = tpflax.make_train_step(built.fn, plan, m, tx, sample=built.sample, loss=built.loss)
+        dr = tpflax.dry_run(ts, plan, m)
+    except Exception as e:  # noqa: BLE001 - a failure is a finding, recorded in the table
+        return Numbers(arch, label, name, error=f"step: {type(e).__name__}: {str(e)[:300]}")
+    mem = dr.memory
+    held = (mem["argument"] or 0) + (mem["temp"] or 0) + (mem["output"] or 0) - (mem["alias"] or 0)
+    try:
+        est = tpflax.estimate(plan, tx, model=built.fn, sample=built.sample, backend="cpu").comm_total
+    except Exception as e:  # noqa: BLE001 - recorded, the compiled numbers still count
+        est, err = None, f"estimate: {type(e).__name__}: {str(e)[:200]}"
+    else:
+        err = ""
+    sharded = sum(1 for d in plan.decisions.values() if any(e is not None for e in tuple(d.spec)))
+    return Numbers(arch, label, name, float(held), float(dr.comm_total), dr.flops, est, err,
+                   time.perf_counter() - t0, sharded)
+
+
+def run_arch(arch: Arch, meshes, done: set[tuple[str, str, str]], sink) -> None:
+    """Build ``arch`` once, then plan and measure every (mesh, plan) not already in ``done``."""
+    import jax
+
+    try:
+        built = arch.build()
+    except Exception as e:  # noqa: BLE001 - the model itself did not build
+        for mesh in meshes:
+            for name in PLANS:
+                sink(Numbers(arch.name, mesh_label(mesh), name, error=f"build: {type(e).__name__}: {e}"))
+        return
+    params = jax.eval_shape(lambda: built.params)  # abstract either way: the step reads shapes
+    for mesh in meshes:
+        todo = [n for n in PLANS if (arch.name, mesh_label(mesh), n) not in done]
+        if not todo:
+            continue
+        plans = make_plans(arch, built, params, mesh)
+        for name in todo:
+            row = measure(arch.name, mesh, name, plans[name], built)
+            print(f"{arch.name:<11}{mesh_label(mesh):<18}{name:<11}"
+                  f"{row.error or f'{row.bytes:.0f} B  {row.comm:.0f} B comm  {row.flops:.3g} flops'}"
+                  f"  ({row.seconds:.0f}s)", flush=True)
+            sink(row)
+
+
+def load(path: Path) -> list[Numbers]:
+    if not path.exists():
+        return []
+    return [Numbers(**r) for r in json.loads(path.read_text())]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from plan_diff import diff_section
+    from results_table import write_markdown
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", nargs="*", default=[a.name for a in ARCHS], choices=sorted(BY_NAME))
+    ap.add_argument("--mesh", nargs="*", default=[mesh_label(m) for m in MESHES])
+    ap.add_argument("--fresh", action="store_true", help="ignore rows already in third_party.json")
+    ap.add_argument("--out", default=str(RESULTS / "third_party.md"))
+    ap.add_argument("--tpu-widths", action="store_true",
+                    help="HOOK (not implemented): published widths, 2 layers, abstract params, "
+                         "compiled for a TPU topology; needs the TPU compile target (issue 11)")
+    ap.add_argument("--table-only", action="store_true", help="rewrite the table from the json")
+    ap.add_argument("--diff", action="store_true",
+                    help="add the leaves where tree-only/model= differ from the hand layout (plans only)")
+    args = ap.parse_args(argv)
+    if args.tpu_widths:
+        print("third_party: --tpu-widths is a hook: published-width TPU compiles are not "
+              "implemented yet (they need the TPU compile target); nothing ran", file=sys.stderr)
+        return 2
+    meshes = [{k: int(v) for k, v in (kv.split("=") for kv in m.split(","))} for m in args.mesh]
+    raw = Path(args.out).with_suffix(".json")
+    rows = [] if args.fresh else load(raw)
+    done = {(r.arch, r.mesh, r.plan) for r in rows}
+
+    def sink(row: Numbers) -> None:
+        rows.append(row)
+        raw.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+
+    t0 = time.perf_counter()
+    for name in [] if args.table_only else args.arch:
+        try:
+            run_arch(BY_NAME[name], meshes, done, sink)
+        except Exception:  # noqa: BLE001 - keep going; the traceback is in the log
+            traceback.print_exc()
+    extra = diff_section([BY_NAME[n] for n in args.arch], meshes, make_plans, mesh_label) if args.diff else []
+    write_markdown(rows, Path(args.out), extra)
+    print(f"{time.perf_counter() - t0:.0f}s")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
