@@ -1,0 +1,197 @@
+"""Reading a compiled XLA program: memory per device, the peak, the fit, FLOPs.
+
+The peak is what must fit in one device's memory for the step to run:
+
+* XLA:TPU runs a heap simulation over its buffer assignment and reports the
+  result as ``peak_memory_in_bytes`` (live arguments, outputs and temporaries
+  at the worst point of the program). libtpu 0.0.42 reports
+  ``temp_size_in_bytes`` as 0, so the temporaries are that peak minus the
+  arguments and outputs (``temp = peak - (argument + output - alias)``).
+* XLA:CPU's ``peak_memory_in_bytes`` leaves the temporaries out, so there the
+  peak is ``argument + output + temp - alias``: everything that can be live at
+  once, donated (aliased) buffers counted once.
+
+The fit verdict holds the peak against the device's HBM from the hardware
+presets (:mod:`tpflax._src.hardware`), split between the devices one chip exposes.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from tpflax._src.errors import CompileError
+from tpflax._src.specs import entry_axes, fmt_bytes
+
+MEMORY_KEYS = ("argument", "output", "temp", "alias", "generated_code", "peak")
+
+
+@dataclass(frozen=True)
+class Fit:
+    """Whether the compiled peak fits in one device's memory.
+
+    Attributes:
+        peak: bytes the step needs per device (``DryRun.memory["peak"]``).
+        device_memory: bytes of HBM per device.
+        hardware: the preset the memory comes from (``"tpu-v5e"``).
+    """
+
+    peak: int
+    device_memory: int
+    hardware: str
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.device_memory
+
+    @property
+    def headroom(self) -> int:
+        """Free bytes per device at the peak (negative: how much too much)."""
+        return self.device_memory - self.peak
+
+    def line(self) -> str:
+        """One sentence for reports.
+
+        >>> Fit(3 << 30, 16 << 30, "tpu-v5e").line()
+        'fits: peak 3.0 GiB of 16.0 GiB tpu-v5e HBM per device (81% free)'
+        """
+        share = f"{fmt_bytes(self.peak)} of {fmt_bytes(self.device_memory)} {self.hardware} HBM per device"
+        if self.fits:
+            return f"fits: peak {share} ({100 * self.headroom / self.device_memory:.0f}% free)"
+        return f"DOES NOT FIT: peak {share}, {fmt_bytes(-self.headroom)} over"
+
+    def to_dict(self) -> dict:
+        return {"fits": self.fits, "peak": self.peak, "device_memory": self.device_memory,
+                "hardware": self.hardware, "headroom": self.headroom}
+
+
+def fit_verdict(memory: Mapping[str, int | None], devices: Any) -> Fit | None:
+    """The peak against the HBM of ``devices`` (a TPU preset's), or None off TPU or without a peak."""
+    from tpflax._src.tpu import hbm_per_device
+
+    hbm = hbm_per_device(devices)
+    peak = memory.get("peak")
+    if hbm is None or peak is None:
+        return None
+    return Fit(int(peak), *hbm)
+
+
+def read_memory(compiled: Any, platform: str, warnings: list[str]) -> dict[str, int | None]:
+    """``{argument, output, temp, alias, generated_code, peak}`` bytes per device (None: not reported)."""
+    try:
+        ma = compiled.memory_analysis()
+    except Exception as e:  # noqa: BLE001 - some backends do not implement it
+        warnings.append(f"XLA memory_analysis() is unavailable on this backend ({type(e).__name__})")
+        ma = None
+    out: dict[str, int | None] = {}
+    missing = []
+    for k in MEMORY_KEYS[:-1]:
+        v = getattr(ma, f"{k}_size_in_bytes", None) if ma is not None else None
+        zero_means_unknown = k in ("argument", "output", "generated_code") or (k == "temp" and platform == "tpu")
+        if v is None or v < 0 or (v == 0 and zero_means_unknown):
+            out[k] = None
+            if ma is not None and not (k == "temp" and platform == "tpu"):
+                missing.append(k)
+        else:
+            out[k] = int(v)
+    if missing and missing != ["generated_code"]:  # XLA:CPU never reports generated code size
+        warnings.append("XLA reported zero or -1 for " + ", ".join(missing) + " bytes; those are not compared")
+    out["peak"] = _peak(ma, out, platform, warnings)
+    return out
+
+
+def _peak(ma: Any, out: dict[str, int | None], platform: str, warnings: list[str]) -> int | None:
+    live = None
+    if out.get("argument") is not None and out.get("output") is not None:
+        live = out["argument"] + out["output"] - int(out.get("alias") or 0)
+    reported = int(getattr(ma, "peak_memory_in_bytes", 0) or 0) if ma is not None else 0
+    if platform == "tpu" and reported > 0:
+        if out.get("temp") is None and live is not None:
+            out["temp"] = max(reported - live, 0)
+            warnings.append("XLA:TPU reports no temp bytes: temp = peak - (argument + output - alias)")
+        return reported
+    if live is None or out.get("temp") is None:
+        return None
+    return live + out["temp"]
+
+
+def read_flops(compiled: Any, warnings: list[str]) -> float | None:
+    """Per-device FLOPs from ``cost_analysis()``, or None (with a warning) when not reported."""
+    try:
+        ca = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - optional on some backends
+        ca = None
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else None
+    flops = (ca or {}).get("flops") if isinstance(ca, Mapping) else None
+    if flops is None or flops <= 0:
+        warnings.append("XLA reported no FLOP count for this program")
+        return None
+    return float(flops)
+
+
+class Progress:
+    """Progress on stderr: a rich spinner when rich is installed, plain lines otherwise."""
+
+    def __init__(self, enabled: bool, what: str):
+        self.enabled, self.what, self._status, self.t0 = enabled, what, None, time.perf_counter()
+        if not enabled:
+            return
+        try:
+            from rich.console import Console
+
+            self._status = Console(stderr=True).status(f"{what}: lowering")
+            self._status.start()
+        except ImportError:
+            print(f"tpflax: {what}: lowering ...", file=sys.stderr, flush=True)
+
+    def step(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._status is not None:
+            self._status.update(f"{self.what}: {text}")
+        else:
+            print(f"tpflax: {self.what}: {text} ...", file=sys.stderr, flush=True)
+
+    def done(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._status is not None:
+            self._status.stop()
+        print(f"tpflax: {self.what}: {text} ({time.perf_counter() - self.t0:.1f}s)", file=sys.stderr,
+              flush=True)
+
+
+def compile_error(plan, args: tuple[Any, ...], e: Exception) -> CompileError:
+    """One CompileError naming every argument leaf whose sharding does not divide, and XLA's message."""
+    import jax
+
+    problems = []
+    for i, a in enumerate(args):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(a)[0]:
+            sh = getattr(leaf, "sharding", None)
+            spec = getattr(sh, "spec", None)
+            if spec is None:
+                continue
+            name = jax.tree_util.keystr(path, simple=True, separator="/")
+            shape = tuple(leaf.shape)
+            mesh_sizes = dict(sh.mesh.shape)
+            for dim, entry in enumerate(tuple(spec)):
+                axes = entry_axes(entry)
+                n = math.prod(mesh_sizes.get(a_, 1) for a_ in axes)
+                if dim >= len(shape):
+                    problems.append(f"argument {i} leaf {name} shape {shape}: spec {spec} has more entries "
+                                    "than the leaf has dims; fix the rule that produced it")
+                    break
+                if n > 1 and shape[dim] % n:
+                    problems.append(f"argument {i} leaf {name} shape {shape}: dim {dim} ({shape[dim]}) is not "
+                                    f"divisible by {'*'.join(f'{x}={mesh_sizes[x]}' for x in axes)}; change "
+                                    "the rule or the mesh")
+    msg = str(e).strip().splitlines()
+    head = " ".join(msg[:6])[:1500] if msg else type(e).__name__
+    problems.append(f"XLA/jax said ({type(e).__name__}): {head}")
+    return CompileError(f"the step did not compile on mesh {plan.mesh}", problems)
