@@ -18,6 +18,7 @@ presets (:mod:`tpflax._src.hardware`), split between the devices one chip expose
 from __future__ import annotations
 
 import math
+import re
 import sys
 import time
 from collections.abc import Mapping
@@ -78,6 +79,27 @@ def fit_verdict(memory: Mapping[str, int | None], devices: Any) -> Fit | None:
     if hbm is None or peak is None:
         return None
     return Fit(int(peak), *hbm)
+
+
+_OOM = re.compile(r"Ran out of memory on HBM.*?required for HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds "
+                  r"available HBM \(([\d.]+)([KMGT]?)\)", re.S)
+
+
+def tpu_out_of_memory(error: Exception) -> tuple[int, int] | None:
+    """``(bytes required, bytes available)`` per device when XLA:TPU refused a program that does not fit.
+
+    XLA:TPU does not compile a program whose buffers exceed the device's HBM;
+    its message carries both figures (``G`` is GiB), which is the fit verdict.
+
+    >>> tpu_out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory "
+    ...     "required for HLO temporaries (21.62G) exceeds available HBM (15.75G)."))
+    (23214298234, 16911433728)
+    """
+    m = _OOM.search(str(error))
+    if m is None:
+        return None
+    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    return int(float(m.group(1)) * scale[m.group(2)]), int(float(m.group(3)) * scale[m.group(4)])
 
 
 def read_memory(compiled: Any, platform: str, warnings: list[str]) -> dict[str, int | None]:

@@ -25,6 +25,7 @@ from tpflax._src.compiled import (
     fit_verdict,
     read_flops,
     read_memory,
+    tpu_out_of_memory,
 )
 from tpflax._src.cost.optstate import opt_state_specs, split_params
 from tpflax._src.cost.records import Estimate
@@ -264,8 +265,11 @@ def dry_run(step: Callable[..., Any] | TrainStep, plan, mesh: Any, example_args:
         bar.step("compiling with XLA")
         compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - reported as one CompileError naming the leaves
-        bar.done("failed")
-        raise compile_error(plan, sharded, e) from e
+        oom = tpu_out_of_memory(e)
+        bar.done("does not fit" if oom else "failed")
+        if oom is None:
+            raise compile_error(plan, sharded, e) from e
+        return _refused(plan, mesh, oom, time.perf_counter() - t0)
     seconds = time.perf_counter() - t0
     bar.done("compiled")
     warnings: list[str] = []
@@ -308,3 +312,16 @@ def _shard_args(plan, mesh, args: tuple[Any, ...], optimizer: Any) -> tuple[tupl
                 continue
         shardings.append(batch_shardings(plan, mesh, a))
     return args, tuple(shardings)
+
+
+def _refused(plan, mesh, oom: tuple[int, int], seconds: float) -> DryRun:
+    """XLA:TPU refused the program for lack of HBM: its total is the peak, and the verdict is "no"."""
+    from tpflax._src.specs import fmt_bytes
+
+    need, available = oom
+    memory: dict[str, int | None] = dict.fromkeys(MEMORY_KEYS)
+    memory["peak"] = need
+    note = (f"XLA:TPU refused to compile: the program needs {fmt_bytes(need)} per device and the compiler "
+            f"has {fmt_bytes(available)} of HBM; no memory breakdown, collectives or FLOPs exist")
+    return DryRun(memory=memory, collectives=(), flops=None, compile_seconds=seconds, mesh=plan.mesh,
+                  warnings=(note,), platform="tpu", fit=fit_verdict(memory, mesh.devices.flat))
