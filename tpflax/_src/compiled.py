@@ -2,14 +2,15 @@
 
 The peak is what must fit in one device's memory for the step to run:
 
-* XLA:TPU runs a heap simulation over its buffer assignment and reports the
-  result as ``peak_memory_in_bytes`` (live arguments, outputs and temporaries
-  at the worst point of the program). libtpu 0.0.42 reports
-  ``temp_size_in_bytes`` as 0, so the temporaries are that peak minus the
-  arguments and outputs (``temp = peak - (argument + output - alias)``).
-* XLA:CPU's ``peak_memory_in_bytes`` leaves the temporaries out, so there the
-  peak is ``argument + output + temp - alias``: everything that can be live at
-  once, donated (aliased) buffers counted once.
+* XLA:CPU: ``argument + output + temp - alias``, everything that can be live at
+  once, donated (aliased) buffers counted once (its ``peak_memory_in_bytes``
+  leaves the temporaries out).
+* XLA:TPU: the larger of that sum and ``peak_memory_in_bytes`` (its heap
+  simulation). Big programs report their temporaries as one block
+  (``temp_size_in_bytes``), which can exceed the simulated peak, and XLA:TPU's
+  own out-of-memory check holds that block against the HBM; small programs
+  report ``temp`` as 0 and only the simulated peak, and then
+  ``temp = peak - (argument + output - alias)``.
 
 The fit verdict holds the peak against the device's HBM from the hardware
 presets (:mod:`tpflax._src.hardware`), split between the devices one chip exposes.
@@ -130,15 +131,13 @@ def _peak(ma: Any, out: dict[str, int | None], platform: str, warnings: list[str
     live = None
     if out.get("argument") is not None and out.get("output") is not None:
         live = out["argument"] + out["output"] - int(out.get("alias") or 0)
-    reported = int(getattr(ma, "peak_memory_in_bytes", 0) or 0) if ma is not None else 0
-    if platform == "tpu" and reported > 0:
-        if out.get("temp") is None and live is not None:
-            out["temp"] = max(reported - live, 0)
-            warnings.append("XLA:TPU reports no temp bytes: temp = peak - (argument + output - alias)")
-        return reported
+    reported = int(getattr(ma, "peak_memory_in_bytes", 0) or 0) if ma is not None and platform == "tpu" else 0
+    if reported and out.get("temp") is None and live is not None:
+        out["temp"] = max(reported - live, 0)
+        warnings.append("XLA:TPU reported no temp bytes: temp = peak - (argument + output - alias)")
     if live is None or out.get("temp") is None:
-        return None
-    return live + out["temp"]
+        return reported or None
+    return max(live + out["temp"], reported)
 
 
 def read_flops(compiled: Any, warnings: list[str]) -> float | None:
