@@ -28,28 +28,32 @@ import optax  # noqa: E402
 import tpflax  # noqa: E402
 from tpflax import zoo  # noqa: E402
 
-# label: (zoo name, config overrides, mesh, target, global batch)
+# label: (zoo name, config overrides, mesh, target, global batch[, gather_fsdp])
 CASES = {
     "7b": ("llama-2-7b", {}, {"fsdp": 32, "model": 8}, "tpu-v5e:16x16", 32),
     "7b-scan": ("llama-2-7b-scan", {}, {"fsdp": 32, "model": 8}, "tpu-v5e:16x16", 32),
     "70b-scan": ("llama-70b", {"scan_layers": True, "remat": True, "dtype": jnp.bfloat16},
                  {"fsdp": 32, "model": 8}, "tpu-v5e:16x16", 32),
+    # make_train_step's fsdp gather constrains whole stacked (scanned) weights, i.e. all 80
+    # layers at once; without it GSPMD places the scanned weights itself
+    "70b-scan-nogather": ("llama-70b", {"scan_layers": True, "remat": True, "dtype": jnp.bfloat16},
+                          {"fsdp": 32, "model": 8}, "tpu-v5e:16x16", 32, False),
     "70b-scan-v5p": ("llama-70b", {"scan_layers": True, "remat": True, "dtype": jnp.bfloat16},
                      {"fsdp": 16, "model": 8}, "tpu-v5p:4x4x8", 64),
 }
 
 
 def run(label: str) -> dict:
-    name, overrides, mesh_sizes, target, batch = CASES[label]
+    name, overrides, mesh_sizes, target, batch, *gather = CASES[label]
     model = zoo.get(name, **overrides)
     t0 = time.perf_counter()
     p = tpflax.plan(model.abstract_variables(), mesh_sizes)
     mesh = tpflax.make_mesh(mesh_sizes, target=target)
-    ts = tpflax.make_train_step(model, p, mesh, optax.adamw(1e-4), batch)
+    ts = tpflax.make_train_step(model, p, mesh, optax.adamw(1e-4), batch, gather_fsdp=all(gather))
     dr = tpflax.dry_run(ts, p, mesh)
     total = time.perf_counter() - t0
     params = sum(d.bytes for d in p.decisions.values())
-    return {"label": label, "model": name, "overrides": overrides, "target": target, "mesh": str(p.mesh),
+    return {"label": label, "model": name, "overrides": {**overrides, **({"gather_fsdp": False} if gather else {})}, "target": target, "mesh": str(p.mesh),
             "batch": batch, "params_bytes": params, "dr": dr, "seconds": total}
 
 
