@@ -238,7 +238,9 @@ class Suggestion:
             out += ["", "tensor-parallel degrees (model axis) the model's sizes allow:"]
             out += [f"  {d.line()}" for d in self.degrees]
         if self.verified:
-            out += ["", "verified on CPU-emulated meshes (dry run: compiled, nothing run):"]
+            where = sorted({v.target for v in self.verified if v.target}) or ["cpu"]
+            where = "CPU-emulated meshes" if where == ["cpu"] else "XLA:" + ", ".join(where)
+            out += ["", f"verified on {where} (dry run: compiled, nothing run):"]
             out += [v.line() for v in self.verified]
         out += [f"note: {n}" for n in self.notes]
         return out
