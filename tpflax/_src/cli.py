@@ -216,7 +216,7 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
     from tpflax._src.mesh import emulate_cpu_devices, mesh_shape
 
     need = mesh_shape(args.mesh, parse_roles(args.axis_role) or None).size
-    if not args.devices:
+    if not args.devices and not args.target:
         # only the CPU backend honours this, and only before jax starts; on real
         # accelerators the mesh uses the devices that are there
         emulate_cpu_devices(need)
@@ -229,7 +229,7 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
     loaded, p = plan_from_args(args)
     need_model(loaded, "dry-run needs a model to build the train step")
     batch, size = _estimate_inputs(args, loaded)
-    mesh = make_mesh(p.mesh)
+    mesh = make_mesh(p.mesh, target=args.target)  # a TPU target: libtpu's abstract devices
     opt = optimizer_from_name(args.optimizer)
     step_batch = {"batch": batch} if loaded.sample is None else {"sample": batch}
     ts = make_train_step(loaded.model, p, mesh, opt, variables=loaded.variables,
@@ -274,12 +274,14 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     import json
 
     from tpflax._src.errors import SuggestError
-    from tpflax._src.suggest.verify import EMULABLE
+    from tpflax._src.suggest.verify import EMULABLE, target_hardware
 
     args.world = world_size(args)
     if args.world <= 0:
         raise SuggestError(f"--world-size must be a positive integer, got {args.world}")
-    if args.verify and args.world <= EMULABLE:
+    if args.target:  # the TPU slice --verify compiles on; it names the hardware
+        args.hardware = target_hardware(args.target, args.hardware, args.world)
+    if args.verify and args.world <= EMULABLE and not args.target:
         from tpflax._src.mesh import emulate_cpu_devices
 
         emulate_cpu_devices(args.world)  # before jax starts: the dry run needs that many CPU devices
@@ -357,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(d)
     _add_estimate_args(d, dry=True)
+    d.add_argument("--target", default=None, help="compile for a TPU slice with the TPU compiler, e.g. "
+                   'tpu-v5e:16x16 (needs pip install "tpflax[tpu]"); nothing is allocated')
     d.set_defaults(func=cmd_dry_run)
     g = sub.add_parser("suggest", help="rank (data, fsdp, tensor) mesh shapes for N devices and say what fits",
                        epilog="examples:\n  tpflax suggest llama-2-7b --world-size 64 --hardware tpu-v5p --batch 64\n"
@@ -390,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leaves this large also shard over fsdp axes (default 262144)")
     g.add_argument("--verify", action="store_true",
                    help="compile the top shapes (at most 3) on a CPU-emulated mesh (<= 64 devices) and compare")
+    g.add_argument("--target", default=None, help="TPU slice for --verify, e.g. tpu-v5e:8x8 (sets --hardware; "
+                   "default: the --hardware preset's topology with --devices devices)")
     g.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     g.add_argument("--strict", action="store_true", help="exit 1 when XLA disagrees with the estimate on a fit")
     g.set_defaults(func=cmd_suggest)

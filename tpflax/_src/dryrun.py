@@ -17,13 +17,20 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tpflax._src.compiled import (
+    MEMORY_KEYS,
+    Fit,
+    compile_error,
+    fit_verdict,
+    read_flops,
+    read_memory,
+    tpu_out_of_memory,
+)
 from tpflax._src.cost.optstate import opt_state_specs, split_params
 from tpflax._src.cost.records import Estimate
-from tpflax._src.errors import CompileError
 from tpflax._src.hlo import Collective, parse_collectives, summarize
 from tpflax._src.model import abstract
 from tpflax._src.progress import Progress
-from tpflax._src.specs import entry_axes
 from tpflax._src.step import (
     TrainStep,
     batch_shardings,
@@ -33,22 +40,23 @@ from tpflax._src.step import (
 
 __all__ = ["Comparison", "DryRun", "Row", "dry_run"]
 
-MEMORY_KEYS = ("argument", "output", "temp", "alias", "generated_code")
-
 
 @dataclass(frozen=True)
 class DryRun:
     """What XLA compiled for one step.
 
     Attributes:
-        memory: ``{"argument", "output", "temp", "alias", "generated_code"}`` bytes
-            per device; a value is None when XLA did not report it (0 or -1).
+        memory: ``{"argument", "output", "temp", "alias", "generated_code", "peak"}``
+            bytes per device; a value is None when XLA did not report it (0 or -1).
+            ``"peak"`` is what must fit in one device's memory
+            (:mod:`tpflax._src.compiled` says how it is read per compiler).
         collectives: every collective in the compiled HLO.
         flops: per-device FLOPs from the cost analysis, or None if not reported.
         compile_seconds: lowering + compilation wall time.
         mesh: the mesh shape.
         warnings: what XLA did not report, and similar caveats.
         platform: the device platform compiled for.
+        fit: the peak against the device's HBM (TPU presets), or None off TPU.
     """
 
     memory: Mapping[str, int | None]
@@ -59,6 +67,7 @@ class DryRun:
     warnings: tuple[str, ...] = ()
     platform: str = ""
     hlo_text: str = field(default="", repr=False)
+    fit: Fit | None = None
 
     def comm(self) -> dict[str, dict[str, float]]:
         """``{kind: {axis label: bytes per step}}``, the estimate's convention."""
@@ -103,6 +112,8 @@ class DryRun:
         for k in MEMORY_KEYS:
             v = self.memory.get(k)
             out.append(f"  {k + ' bytes':<22}{fmt(v) if v is not None else 'not reported by XLA':>16}")
+        if self.fit is not None:
+            out.append(f"  {self.fit.line()}")
         out.append(f"  {'flops per device':<22}{self.flops if self.flops is not None else 'not reported':>16}")
         out.append(f"  collectives: {len(self.collectives)}")
         for (kind, axis), v in sorted(summarize(self.collectives, by="axis").items()):
@@ -114,6 +125,7 @@ class DryRun:
     def to_dict(self) -> dict:
         return {"memory": dict(self.memory), "flops": self.flops, "compile_seconds": self.compile_seconds,
                 "platform": self.platform, "comm_bytes_per_step": self.comm(),
+                "fit": self.fit.to_dict() if self.fit is not None else None,
                 "collectives": [c.to_dict() for c in self.collectives], "warnings": list(self.warnings)}
 
 
@@ -254,20 +266,24 @@ def dry_run(step: Callable[..., Any] | TrainStep, plan, mesh: Any, example_args:
         bar.step("compiling with XLA")
         compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - reported as one CompileError naming the leaves
-        bar.done("failed")
-        raise _compile_error(plan, sharded, e) from e
+        oom = tpu_out_of_memory(e)
+        bar.done("does not fit" if oom else "failed")
+        if oom is None:
+            raise compile_error(plan, sharded, e) from e
+        return _refused(plan, mesh, oom, time.perf_counter() - t0)
     seconds = time.perf_counter() - t0
     bar.done("compiled")
     warnings: list[str] = []
-    memory = _memory(compiled, warnings)
-    flops = _flops(compiled, warnings)
+    platform = mesh.devices.flat[0].platform
+    memory = read_memory(compiled, platform, warnings)
+    flops = read_flops(compiled, warnings)
     text = compiled.as_text() or ""
     if not text:
         warnings.append("XLA returned no HLO text; collectives unknown")
     collectives = tuple(parse_collectives(text, mesh, num_devices=mesh.devices.size))
     return DryRun(memory=memory, collectives=collectives, flops=flops, compile_seconds=seconds,
-                  mesh=plan.mesh, warnings=tuple(warnings), platform=mesh.devices.flat[0].platform,
-                  hlo_text=text if keep_hlo else "")
+                  mesh=plan.mesh, warnings=tuple(warnings), platform=platform,
+                  hlo_text=text if keep_hlo else "", fit=fit_verdict(memory, mesh.devices.flat))
 
 
 def _shard_args(plan, mesh, args: tuple[Any, ...], optimizer: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
@@ -299,69 +315,14 @@ def _shard_args(plan, mesh, args: tuple[Any, ...], optimizer: Any) -> tuple[tupl
     return args, tuple(shardings)
 
 
-def _memory(compiled: Any, warnings: list[str]) -> dict[str, int | None]:
-    try:
-        ma = compiled.memory_analysis()
-    except Exception as e:  # noqa: BLE001 - some backends do not implement it
-        warnings.append(f"XLA memory_analysis() is unavailable on this backend ({type(e).__name__})")
-        ma = None
-    out: dict[str, int | None] = {}
-    missing = []
-    for k in MEMORY_KEYS:
-        v = getattr(ma, f"{k}_size_in_bytes", None) if ma is not None else None
-        if v is None or v < 0 or (v == 0 and k in ("argument", "output", "generated_code")):
-            out[k] = None
-            if ma is not None:
-                missing.append(k)
-        else:
-            out[k] = int(v)
-    if missing == ["generated_code"]:
-        pass  # XLA:CPU never reports generated code size; nothing to compare it with anyway
-    elif missing:
-        warnings.append("XLA reported zero or -1 for " + ", ".join(missing)
-                        + " bytes; those are not compared")
-    return out
+def _refused(plan, mesh, oom: tuple[int, int], seconds: float) -> DryRun:
+    """XLA:TPU refused the program for lack of HBM: its total is the peak, and the verdict is "no"."""
+    from tpflax._src.specs import fmt_bytes
 
-
-def _flops(compiled: Any, warnings: list[str]) -> float | None:
-    try:
-        ca = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 - optional on some backends
-        ca = None
-    if isinstance(ca, (list, tuple)):
-        ca = ca[0] if ca else None
-    flops = (ca or {}).get("flops") if isinstance(ca, Mapping) else None
-    if flops is None or flops <= 0:
-        warnings.append("XLA reported no FLOP count for this program")
-        return None
-    return float(flops)
-
-
-def _compile_error(plan, args: tuple[Any, ...], e: Exception) -> CompileError:
-    import jax
-
-    problems = []
-    for i, a in enumerate(args):
-        for path, leaf in jax.tree_util.tree_flatten_with_path(a)[0]:
-            sh = getattr(leaf, "sharding", None)
-            spec = getattr(sh, "spec", None)
-            if spec is None:
-                continue
-            name = jax.tree_util.keystr(path, simple=True, separator="/")
-            shape = tuple(leaf.shape)
-            mesh_sizes = dict(sh.mesh.shape)
-            for dim, entry in enumerate(tuple(spec)):
-                axes = entry_axes(entry)
-                n = math.prod(mesh_sizes.get(a_, 1) for a_ in axes)
-                if dim >= len(shape):
-                    problems.append(f"argument {i} leaf {name} shape {shape}: spec {spec} has more entries "
-                                    "than the leaf has dims; fix the rule that produced it")
-                    break
-                if n > 1 and shape[dim] % n:
-                    problems.append(f"argument {i} leaf {name} shape {shape}: dim {dim} ({shape[dim]}) is not "
-                                    f"divisible by {'*'.join(f'{x}={mesh_sizes[x]}' for x in axes)}; change "
-                                    "the rule or the mesh")
-    msg = str(e).strip().splitlines()
-    head = " ".join(msg[:6])[:1500] if msg else type(e).__name__
-    problems.append(f"XLA/jax said ({type(e).__name__}): {head}")
-    return CompileError(f"the step did not compile on mesh {plan.mesh}", problems)
+    need, available = oom
+    memory: dict[str, int | None] = dict.fromkeys(MEMORY_KEYS)
+    memory["peak"] = need
+    note = (f"XLA:TPU refused to compile: the program needs {fmt_bytes(need)} per device and the compiler "
+            f"has {fmt_bytes(available)} of HBM; no memory breakdown, collectives or FLOPs exist")
+    return DryRun(memory=memory, collectives=(), flops=None, compile_seconds=seconds, mesh=plan.mesh,
+                  warnings=(note,), platform="tpu", fit=fit_verdict(memory, mesh.devices.flat))

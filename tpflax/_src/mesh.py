@@ -235,8 +235,9 @@ def abstract_mesh(mesh: Any):
         tuple(s for _, s in shape.axes), shape.names, axis_types=auto)
 
 
-def make_mesh(mesh: Any, devices: Sequence[Any] | None = None, *, explicit: bool = False):
-    """Build a ``jax.sharding.Mesh`` over real (or CPU-emulated) devices.
+def make_mesh(mesh: Any, devices: Sequence[Any] | None = None, *, explicit: bool = False,
+              target: Any = None):
+    """Build a ``jax.sharding.Mesh`` over real (or CPU-emulated) devices, or a TPU target's.
 
     Axis types are Auto unless ``explicit=True``: jax 0.10's ``jax.make_mesh``
     defaults to Explicit, under which unannotated Flax models fail to trace.
@@ -246,6 +247,15 @@ def make_mesh(mesh: Any, devices: Sequence[Any] | None = None, *, explicit: bool
         devices: devices to use, in order; defaults to the first ``prod(sizes)``
             of ``jax.devices()``.
         explicit: use Explicit axis types instead of Auto.
+        target: a TPU topology such as ``"tpu-v5e:16x16"``: the mesh is over
+            that slice's abstract devices (libtpu, ``pip install "tpflax[tpu]"``),
+            for :func:`tpflax.dry_run` with the TPU compiler. Nothing can be
+            allocated on them. The mesh must use every device of the topology.
+
+    Raises:
+        MeshError: an unknown target (the known ones are listed), or a mesh whose
+            size differs from the target's device count.
+        DeviceError: too few devices, or libtpu missing for a target.
 
     >>> m = make_mesh({"model": 1})
     >>> m.axis_names
@@ -257,6 +267,8 @@ def make_mesh(mesh: Any, devices: Sequence[Any] | None = None, *, explicit: bool
     if isinstance(mesh, jax.sharding.Mesh):
         return mesh  # already a concrete jax Mesh
     shape = mesh_shape(mesh)
+    if target is not None:
+        return _target_mesh(shape, target, explicit)
     need = shape.size
     pool = list(jax.devices() if devices is None else devices)
     if len(pool) < need:
@@ -279,6 +291,31 @@ def make_mesh(mesh: Any, devices: Sequence[Any] | None = None, *, explicit: bool
         pass
     grid = np.array(pool[:need], dtype=object).reshape(sizes)
     return jax.sharding.Mesh(grid, shape.names, axis_types=(kind,) * len(sizes))
+
+
+def _target_mesh(shape: MeshShape, target: Any, explicit: bool):
+    """A mesh over a TPU topology's abstract devices, laid out along the torus when jax can."""
+    import jax
+    import numpy as np
+
+    from tpflax._src.tpu import parse_topology, topology_devices, topology_for
+
+    topo = parse_topology(target)
+    if shape.size != topo.devices:
+        fit = topology_for(topo.generation, shape.size)
+        hint = f"use --target {fit.name}" if fit else f"no {topo.generation} topology has {shape.size} devices"
+        raise MeshError(f"mesh {shape} has {shape.size} devices but target {topo.name} has {topo.devices}; "
+                        f"make the axis sizes multiply to {topo.devices}, or {hint}")
+    pool = topology_devices(topo)
+    sizes = tuple(s for _, s in shape.axes)
+    kind = jax.sharding.AxisType.Explicit if explicit else jax.sharding.AxisType.Auto
+    try:
+        # ICI-aware order; refused when an axis is no product of physical axes, or
+        # for v4's two devices per chip
+        return jax.make_mesh(sizes, shape.names, axis_types=(kind,) * len(sizes), devices=pool)
+    except (AssertionError, NotImplementedError, ValueError):
+        grid = np.array(pool, dtype=object).reshape(sizes)  # id order: neighbouring chips stay together
+        return jax.sharding.Mesh(grid, shape.names, axis_types=(kind,) * len(sizes))
 
 
 def emulate_cpu_devices(n: int) -> None:

@@ -123,12 +123,12 @@ class Degree:
 
 @dataclass(frozen=True)
 class Verification:
-    """XLA's verdict on one candidate (``--verify``): compiled on a CPU-emulated mesh.
+    """XLA's verdict on one candidate (``--verify``): compiled for a TPU topology or a CPU-emulated mesh.
 
     Attributes:
         mesh: the shape.
         estimated: the estimate's bytes per device.
-        compiled: XLA's bytes per device (arguments + outputs + temporaries - aliased), or None.
+        compiled: XLA's peak bytes per device (``DryRun.memory["peak"]``), or None.
         fits_estimate, fits_compiled: each side's verdict against the device memory.
         agree: the verdicts agree.
         seconds: compile time.
@@ -143,13 +143,15 @@ class Verification:
     agree: bool | None
     seconds: float = 0.0
     note: str = ""
+    target: str = ""  # what XLA compiled for: a TPU topology ("tpu-v5e:8x8") or "cpu"
 
     def line(self) -> str:
         fmt = fmt_bytes
         if self.compiled is None:
             return f"  {str(self.mesh):<32} not verified: {self.note}"
         verdict = "agrees" if self.agree else "DISAGREES"
-        return (f"  {str(self.mesh):<32} estimate {fmt(self.estimated):>10}  XLA {fmt(self.compiled):>10}  "
+        return (f"  {str(self.mesh):<32} estimate {fmt(self.estimated):>10}  XLA:{self.target or 'cpu'} "
+                f"{fmt(self.compiled):>10}  "
                 f"({self.compiled / max(self.estimated, 1):.2f}x)  XLA {verdict} on the fit "
                 f"({'fits' if self.fits_compiled else 'does not fit'}; compiled in {self.seconds:.1f}s)")
 
@@ -236,7 +238,9 @@ class Suggestion:
             out += ["", "tensor-parallel degrees (model axis) the model's sizes allow:"]
             out += [f"  {d.line()}" for d in self.degrees]
         if self.verified:
-            out += ["", "verified on CPU-emulated meshes (dry run: compiled, nothing run):"]
+            where = sorted({v.target for v in self.verified if v.target}) or ["cpu"]
+            where = "CPU-emulated meshes" if where == ["cpu"] else "XLA:" + ", ".join(where)
+            out += ["", f"verified on {where} (dry run: compiled, nothing run):"]
             out += [v.line() for v in self.verified]
         out += [f"note: {n}" for n in self.notes]
         return out

@@ -1,19 +1,76 @@
-"""``--verify``: compile the top candidates on CPU-emulated meshes and compare XLA's memory."""
+"""``--verify``: compile the top candidates and hold XLA's peak memory against the estimate.
+
+With a TPU hardware preset and libtpu installed (``pip install "tpflax[tpu]"``),
+the candidates compile with the TPU compiler for the preset's topology with that
+many devices (64 devices of ``tpu-v5e`` -> ``tpu-v5e:8x8``); nothing is
+allocated. Otherwise they compile on a CPU-emulated mesh of the same shape.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+
+from tpflax._src.errors import SuggestError
+from tpflax._src.hardware import get_hardware
 from tpflax._src.suggest.records import Suggestion, Verification
+from tpflax._src.tpu import INSTALL, TOPOLOGIES, Topology, parse_topology, topology_for
 
 EMULABLE = 64  # --verify compiles on CPU-emulated meshes up to this many devices
 
 
-def verify_suggestion(s: Suggestion, top: int = 2) -> tuple[Verification, ...]:
-    """Compile the top candidates on a CPU-emulated mesh of the same shape (``--verify``).
+def target_hardware(target: str, hardware: str | None, devices: int) -> str:
+    """The hardware preset a ``--target`` topology names, checked against ``--hardware`` and ``--devices``.
 
-    Needs a :mod:`tpflax.zoo` model, ``devices <= 64``, and that many jax devices
-    (set ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before jax starts;
-    the CLI does it). XLA's bytes are arguments + outputs + temporaries minus
-    aliased (donated) buffers, per device.
+    >>> target_hardware("tpu-v5e:8x8", None, 64)
+    'tpu-v5e'
+    """
+    topo = parse_topology(target)
+    if hardware is not None and get_hardware(hardware).name != topo.generation:
+        raise SuggestError(f"--target {target} is {topo.generation} but --hardware is {hardware!r}; drop "
+                           "--hardware or pick a matching target")
+    if topo.devices != devices:
+        raise SuggestError(f"--target {topo.name} has {topo.devices} devices but --devices is {devices}; "
+                           f"pass --devices {topo.devices}")
+    return topo.generation
+
+
+def verify_target(s: Suggestion) -> Topology | None:
+    """The TPU topology ``--verify`` compiles for: the preset's with ``s.devices`` devices, or None.
+
+    >>> import tpflax
+    >>> from tpflax import zoo
+    >>> verify_target(tpflax.suggest_mesh(zoo.get("mlp"), 64, hardware="tpu-v5e", batch=64)).name
+    'tpu-v5e:8x8'
+    """
+    if s.hardware.name not in TOPOLOGIES:
+        return None
+    return topology_for(s.hardware.name, s.devices)
+
+
+def _skip(s: Suggestion, topo: Topology | None, tpu: bool) -> str:
+    """Why the CPU fallback cannot compile, or ''."""
+    import jax
+
+    why = ""
+    if topo is not None and not tpu:
+        why = f"libtpu is missing ({INSTALL} to compile for {topo.name}); "
+    if s.devices > EMULABLE:
+        return why + f"{s.devices} devices: CPU emulation is limited to {EMULABLE}"
+    if len(jax.devices()) < s.devices:
+        return why + (f"only {len(jax.devices())} jax devices; set XLA_FLAGS="
+                      f"--xla_force_host_platform_device_count={s.devices} before jax starts")
+    return ""
+
+
+def verify_suggestion(s: Suggestion, top: int = 2) -> tuple[Verification, ...]:
+    """Compile the top candidates for the TPU topology (or a CPU-emulated mesh) and compare (``--verify``).
+
+    Needs a :mod:`tpflax.zoo` model. For a TPU preset (:func:`verify_target`)
+    with libtpu installed, the TPU compiler's peak is compared; otherwise
+    ``devices <= 64`` and that many jax devices (set
+    ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before jax starts; the
+    CLI does it), and XLA:CPU's peak (arguments + outputs + temporaries minus
+    aliased buffers, per device).
 
     >>> import tpflax
     >>> from tpflax import zoo
@@ -21,45 +78,33 @@ def verify_suggestion(s: Suggestion, top: int = 2) -> tuple[Verification, ...]:
     >>> verify_suggestion(s, top=1)[0].note
     '128 devices: CPU emulation is limited to 64'
     """
-    import jax
+    import optax
 
+    from tpflax._src.dryrun import dry_run
+    from tpflax._src.mesh import make_mesh
+    from tpflax._src.step import make_train_step
+
+    topo = verify_target(s)
+    tpu = topo is not None and importlib.util.find_spec("libtpu") is not None
     out = []
-    cands = list(s.ranked[:max(top, 0)])
-    for c in cands:
-        ctx = c.context
-        est = c.per_device
-        fits_est = c.fits
-        if ctx is None or ctx.zoo is None:
-            out.append(Verification(c.mesh, est, None, fits_est, None, None,
-                                    note="needs a tpflax.zoo model to build the training step"))
+    for c in s.ranked[:max(top, 0)]:
+        ctx, est, fits_est = c.context, c.per_device, c.fits
+        skip = "needs a tpflax.zoo model to build the training step" if ctx is None or ctx.zoo is None \
+            else ("" if tpu else _skip(s, topo, tpu))
+        if skip:
+            out.append(Verification(c.mesh, est, None, fits_est, None, None, note=skip))
             continue
-        if s.devices > EMULABLE:
-            out.append(Verification(c.mesh, est, None, fits_est, None, None,
-                                    note=f"{s.devices} devices: CPU emulation is limited to {EMULABLE}"))
-            continue
-        if len(jax.devices()) < s.devices:
-            out.append(Verification(c.mesh, est, None, fits_est, None, None,
-                                    note=f"only {len(jax.devices())} jax devices; set XLA_FLAGS="
-                                         f"--xla_force_host_platform_device_count={s.devices} before jax starts"))
-            continue
-        import optax
-
-        from tpflax._src.dryrun import dry_run
-        from tpflax._src.mesh import make_mesh
-        from tpflax._src.step import make_train_step
-
-        mesh = make_mesh(c.mesh)
+        mesh = make_mesh(c.mesh, target=topo) if tpu else make_mesh(c.mesh)
         opt = ctx.optimizer if ctx.optimizer is not None else optax.sgd(0.0)
-        ts = make_train_step(ctx.zoo, c.plan, mesh, opt, ctx.batch)
-        dr = dry_run(ts, c.plan, mesh, progress=True)  # on a terminal: shows the compile of each shape
-        m = dr.memory
-        if m.get("argument") is None or m.get("temp") is None:
+        dr = dry_run(make_train_step(ctx.zoo, c.plan, mesh, opt, ctx.batch), c.plan, mesh,
+                     progress=True)  # on a terminal: shows the compile of each shape
+        where = topo.name if tpu else "cpu"
+        peak = dr.memory.get("peak")
+        if peak is None:
             out.append(Verification(c.mesh, est, None, fits_est, None, None, dr.compile_seconds,
-                                    note="XLA reported no memory analysis"))
+                                    note="XLA reported no memory analysis", target=where))
             continue
-        compiled = int(m.get("argument") or 0) + int(m.get("output") or 0) + int(m.get("temp") or 0) \
-            - int(m.get("alias") or 0)
-        fits_xla = compiled <= c.device_memory
-        out.append(Verification(c.mesh, est, compiled, fits_est, fits_xla, fits_xla == fits_est,
-                                dr.compile_seconds))
+        fits_xla = peak <= c.device_memory
+        out.append(Verification(c.mesh, est, int(peak), fits_est, fits_xla, fits_xla == fits_est,
+                                dr.compile_seconds, target=where))
     return tuple(out)

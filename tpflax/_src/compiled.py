@@ -1,0 +1,185 @@
+"""Reading a compiled XLA program: memory per device, the peak, the fit, FLOPs.
+
+The peak is what must fit in one device's memory for the step to run:
+
+* XLA:CPU: ``argument + output + temp - alias``, everything that can be live at
+  once, donated (aliased) buffers counted once (its ``peak_memory_in_bytes``
+  leaves the temporaries out).
+* XLA:TPU: the larger of that sum and ``peak_memory_in_bytes`` (its heap
+  simulation). Big programs report their temporaries as one block
+  (``temp_size_in_bytes``), which can exceed the simulated peak, and XLA:TPU's
+  own out-of-memory check holds that block against the HBM; small programs
+  report ``temp`` as 0 and only the simulated peak, and then
+  ``temp = peak - (argument + output - alias)``.
+
+The fit verdict holds the peak against the device's HBM from the hardware
+presets (:mod:`tpflax._src.hardware`), split between the devices one chip exposes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from tpflax._src.errors import CompileError
+from tpflax._src.specs import entry_axes, fmt_bytes
+
+MEMORY_KEYS = ("argument", "output", "temp", "alias", "generated_code", "peak")
+
+
+@dataclass(frozen=True)
+class Fit:
+    """Whether the compiled peak fits in one device's memory.
+
+    Attributes:
+        peak: bytes the step needs per device (``DryRun.memory["peak"]``).
+        device_memory: bytes of HBM per device.
+        hardware: the preset the memory comes from (``"tpu-v5e"``).
+    """
+
+    peak: int
+    device_memory: int
+    hardware: str
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.device_memory
+
+    @property
+    def headroom(self) -> int:
+        """Free bytes per device at the peak (negative: how much too much)."""
+        return self.device_memory - self.peak
+
+    def line(self) -> str:
+        """One sentence for reports.
+
+        >>> Fit(3 << 30, 16 << 30, "tpu-v5e").line()
+        'fits: peak 3.0 GiB of 16.0 GiB tpu-v5e HBM per device (81% free)'
+        """
+        share = f"{fmt_bytes(self.peak)} of {fmt_bytes(self.device_memory)} {self.hardware} HBM per device"
+        if self.fits:
+            return f"fits: peak {share} ({100 * self.headroom / self.device_memory:.0f}% free)"
+        return f"DOES NOT FIT: peak {share}, {fmt_bytes(-self.headroom)} over"
+
+    def to_dict(self) -> dict:
+        return {"fits": self.fits, "peak": self.peak, "device_memory": self.device_memory,
+                "hardware": self.hardware, "headroom": self.headroom}
+
+
+def fit_verdict(memory: Mapping[str, int | None], devices: Any) -> Fit | None:
+    """The peak against the HBM of ``devices`` (a TPU preset's), or None off TPU or without a peak."""
+    from tpflax._src.tpu import hbm_per_device
+
+    hbm = hbm_per_device(devices)
+    peak = memory.get("peak")
+    if hbm is None or peak is None:
+        return None
+    return Fit(int(peak), *hbm)
+
+
+_OOM = re.compile(r"Ran out of memory on HBM.*?required for HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds "
+                  r"available HBM \(([\d.]+)([KMGT]?)\)", re.S)
+
+
+def tpu_out_of_memory(error: Exception) -> tuple[int, int] | None:
+    """``(bytes required, bytes available)`` per device when XLA:TPU refused a program that does not fit.
+
+    XLA:TPU does not compile a program whose buffers exceed the device's HBM;
+    its message carries both figures (``G`` is GiB), which is the fit verdict.
+
+    >>> tpu_out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory "
+    ...     "required for HLO temporaries (21.62G) exceeds available HBM (15.75G)."))
+    (23214298234, 16911433728)
+    """
+    m = _OOM.search(str(error))
+    if m is None:
+        return None
+    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    return int(float(m.group(1)) * scale[m.group(2)]), int(float(m.group(3)) * scale[m.group(4)])
+
+
+def read_memory(compiled: Any, platform: str, warnings: list[str]) -> dict[str, int | None]:
+    """``{argument, output, temp, alias, generated_code, peak}`` bytes per device (None: not reported)."""
+    try:
+        ma = compiled.memory_analysis()
+    except Exception as e:  # noqa: BLE001 - some backends do not implement it
+        warnings.append(f"XLA memory_analysis() is unavailable on this backend ({type(e).__name__})")
+        ma = None
+    out: dict[str, int | None] = {}
+    missing = []
+    for k in MEMORY_KEYS[:-1]:
+        v = getattr(ma, f"{k}_size_in_bytes", None) if ma is not None else None
+        zero_means_unknown = k in ("argument", "output", "generated_code") or (k == "temp" and platform == "tpu")
+        if v is None or v < 0 or (v == 0 and zero_means_unknown):
+            out[k] = None
+            if ma is not None and not (k == "temp" and platform == "tpu"):
+                missing.append(k)
+        else:
+            out[k] = int(v)
+    if missing and missing != ["generated_code"]:  # XLA:CPU never reports generated code size
+        warnings.append("XLA reported zero or -1 for " + ", ".join(missing) + " bytes; those are not compared")
+    out["peak"] = _peak(ma, out, platform, warnings)
+    return out
+
+
+def _peak(ma: Any, out: dict[str, int | None], platform: str, warnings: list[str]) -> int | None:
+    live = None
+    if out.get("argument") is not None and out.get("output") is not None:
+        live = out["argument"] + out["output"] - int(out.get("alias") or 0)
+    reported = int(getattr(ma, "peak_memory_in_bytes", 0) or 0) if ma is not None and platform == "tpu" else 0
+    if reported and out.get("temp") is None and live is not None:
+        out["temp"] = max(reported - live, 0)
+        warnings.append("XLA:TPU reported no temp bytes: temp = peak - (argument + output - alias)")
+    if live is None or out.get("temp") is None:
+        return reported or None
+    return max(live + out["temp"], reported)
+
+
+def read_flops(compiled: Any, warnings: list[str]) -> float | None:
+    """Per-device FLOPs from ``cost_analysis()``, or None (with a warning) when not reported."""
+    try:
+        ca = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - optional on some backends
+        ca = None
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else None
+    flops = (ca or {}).get("flops") if isinstance(ca, Mapping) else None
+    if flops is None or flops <= 0:
+        warnings.append("XLA reported no FLOP count for this program")
+        return None
+    return float(flops)
+
+
+
+def compile_error(plan, args: tuple[Any, ...], e: Exception) -> CompileError:
+    """One CompileError naming every argument leaf whose sharding does not divide, and XLA's message."""
+    import jax
+
+    problems = []
+    for i, a in enumerate(args):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(a)[0]:
+            sh = getattr(leaf, "sharding", None)
+            spec = getattr(sh, "spec", None)
+            if spec is None:
+                continue
+            name = jax.tree_util.keystr(path, simple=True, separator="/")
+            shape = tuple(leaf.shape)
+            mesh_sizes = dict(sh.mesh.shape)
+            for dim, entry in enumerate(tuple(spec)):
+                axes = entry_axes(entry)
+                n = math.prod(mesh_sizes.get(a_, 1) for a_ in axes)
+                if dim >= len(shape):
+                    problems.append(f"argument {i} leaf {name} shape {shape}: spec {spec} has more entries "
+                                    "than the leaf has dims; fix the rule that produced it")
+                    break
+                if n > 1 and shape[dim] % n:
+                    problems.append(f"argument {i} leaf {name} shape {shape}: dim {dim} ({shape[dim]}) is not "
+                                    f"divisible by {'*'.join(f'{x}={mesh_sizes[x]}' for x in axes)}; change "
+                                    "the rule or the mesh")
+    msg = str(e).strip().splitlines()
+    head = " ".join(msg[:6])[:1500] if msg else type(e).__name__
+    problems.append(f"XLA/jax said ({type(e).__name__}): {head}")
+    return CompileError(f"the step did not compile on mesh {plan.mesh}", problems)

@@ -1,0 +1,206 @@
+"""TPU topologies for compiling with the real TPU compiler on a machine without TPUs.
+
+``libtpu`` (``pip install "tpflax[tpu]"``) describes any TPU slice as abstract,
+compile-only devices: ``jax.experimental.topologies.get_topology_desc``. A mesh
+over them lowers and compiles with the TPU compiler, so memory, collectives and
+FLOPs are the TPU's, while nothing is allocated and nothing runs.
+
+A target is named ``"tpu-<generation>:<chip grid>"``, e.g. ``"tpu-v5e:16x16"``
+(256 chips), ``"tpu-v4:4x4x4"`` or ``"tpu-v5p:4x4x4"`` (64 chips). TPU v4
+topologies expose each chip's two TensorCores as two devices, so
+``tpu-v4:4x4x4`` has 128 devices, each with half the chip's HBM.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from tpflax._src.errors import DeviceError, MeshError
+from tpflax._src.hardware import PRESETS
+
+# Chip grids per generation: the slice shapes Cloud TPU documents (v5e and v6e are
+# 2D tori of up to 256 chips; v4 and v5p are 3D).
+TOPOLOGIES: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "tpu-v4": ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8", "8x8x12",
+               "8x8x16", "8x16x16", "12x16x16", "16x16x16"),
+    "tpu-v5e": ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16"),
+    "tpu-v5p": ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8", "8x8x16",
+                "8x16x16", "16x16x16", "16x16x24"),
+    "tpu-v6e": ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16"),
+})
+# Abstract devices per chip in libtpu's topology description (v4: one per TensorCore).
+DEVICES_PER_CHIP: Mapping[str, int] = MappingProxyType({"tpu-v4": 2})
+# jax ``device_kind`` -> hardware preset, for the HBM of a mesh's devices.
+DEVICE_KINDS: Mapping[str, str] = MappingProxyType({
+    "TPU v4": "tpu-v4", "TPU v5 lite": "tpu-v5e", "TPU v5e": "tpu-v5e", "TPU v5": "tpu-v5p",
+    "TPU v5p": "tpu-v5p", "TPU v6 lite": "tpu-v6e", "TPU v6e": "tpu-v6e"})
+INSTALL = 'pip install "tpflax[tpu]"'
+
+
+@dataclass(frozen=True)
+class Topology:
+    """One TPU slice the compiler can target.
+
+    Attributes:
+        generation: the hardware preset name, e.g. ``"tpu-v5e"``.
+        grid: the chip grid, e.g. ``"16x16"``.
+    """
+
+    generation: str
+    grid: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.generation}:{self.grid}"
+
+    @property
+    def libtpu_name(self) -> str:
+        """The name libtpu knows: ``"v5e:16x16"``."""
+        return f"{self.generation.removeprefix('tpu-')}:{self.grid}"
+
+    @property
+    def chips(self) -> int:
+        return math.prod(int(x) for x in self.grid.split("x"))
+
+    @property
+    def devices(self) -> int:
+        """How many jax devices the topology has (chips x devices per chip)."""
+        return self.chips * DEVICES_PER_CHIP.get(self.generation, 1)
+
+    @property
+    def hbm_per_device(self) -> int:
+        """Bytes of HBM one device owns: the preset's per-chip HBM over devices per chip."""
+        return PRESETS[self.generation].device_memory // DEVICES_PER_CHIP.get(self.generation, 1)
+
+
+def known_topologies() -> list[str]:
+    """Every target name :func:`parse_topology` accepts.
+
+    >>> known_topologies()[:2]
+    ['tpu-v4:2x2x1', 'tpu-v4:2x2x2']
+    """
+    return [f"{g}:{t}" for g, grids in TOPOLOGIES.items() for t in grids]
+
+
+def parse_topology(target: Any) -> Topology:
+    """Validate a target name (``"tpu-v5e:16x16"``; the ``tpu-`` prefix is optional).
+
+    Raises:
+        MeshError: an unknown generation or grid; lists the known ones.
+
+    >>> parse_topology("v5e:2x4").devices, parse_topology("tpu-v4:2x2x1").devices
+    (8, 8)
+    """
+    if isinstance(target, Topology):
+        return target
+    text = str(target).strip().lower()
+    gen, sep, grid = text.partition(":")
+    gen = gen if gen.startswith("tpu-") else f"tpu-{gen}"
+    if not sep or gen not in TOPOLOGIES:
+        raise MeshError(f"unknown TPU target {target!r}; write tpu-<generation>:<chip grid>, e.g. "
+                        f"tpu-v5e:16x16 (generations: {', '.join(TOPOLOGIES)})")
+    if grid not in TOPOLOGIES[gen]:
+        raise MeshError(f"unknown {gen} topology {grid!r} in target {target!r}; known {gen} topologies: "
+                        f"{', '.join(TOPOLOGIES[gen])}")
+    return Topology(gen, grid)
+
+
+def topology_for(generation: str, devices: int) -> Topology | None:
+    """The known topology of ``generation`` with exactly ``devices`` devices, or None.
+
+    >>> topology_for("tpu-v5e", 64).name, topology_for("tpu-v4", 64).name
+    ('tpu-v5e:8x8', 'tpu-v4:2x4x4')
+    """
+    gen = generation if generation.startswith("tpu-") else f"tpu-{generation}"
+    for grid in TOPOLOGIES.get(gen, ()):
+        if Topology(gen, grid).devices == devices:
+            return Topology(gen, grid)
+    return None
+
+
+def topology_devices(target: Any) -> list[Any]:
+    """The abstract (compile-only) devices of a target topology, in id order.
+
+    Raises:
+        MeshError: an unknown target.
+        DeviceError: libtpu is not installed (says ``pip install "tpflax[tpu]"``).
+    """
+    return list(_devices(parse_topology(target).libtpu_name))
+
+
+def hbm_per_device(devices: Any) -> tuple[int, str] | None:
+    """``(bytes of HBM per device, preset name)`` for TPU devices, or None when unknown.
+
+    A chip's HBM is split between the devices it exposes (libtpu's v4 topologies
+    give each TensorCore its own device).
+    """
+    devs = list(devices)
+    preset = DEVICE_KINDS.get(getattr(devs[0], "device_kind", "")) if devs else None
+    if preset is None:
+        return None
+    per_chip = 1 + max(int(getattr(d, "core_on_chip", 0) or 0) for d in devs)
+    return PRESETS[preset].device_memory // per_chip, preset
+
+
+@functools.cache
+def _devices(libtpu_name: str) -> tuple[Any, ...]:
+    import importlib.util
+
+    if importlib.util.find_spec("libtpu") is None:
+        raise DeviceError(f"compiling for TPU target {libtpu_name!r} needs libtpu, which is not installed; "
+                          f"run {INSTALL} (it installs the libtpu matching your jax)")
+    from jax.experimental import topologies
+
+    _quiet_environment()
+    with _CapturedStderr() as err:
+        try:
+            desc = topologies.get_topology_desc(platform="tpu", topology_name=libtpu_name)
+        except Exception as e:  # noqa: BLE001 - reported with what libtpu printed
+            raise DeviceError(f"libtpu could not describe topology {libtpu_name!r}: {e}; libtpu said: "
+                              f"{err.text()[-800:] or 'nothing'}") from e
+    return tuple(sorted(desc.devices, key=lambda d: d.id))
+
+
+def _quiet_environment() -> None:
+    """On a machine without TPUs, let several processes load libtpu for compiling.
+
+    libtpu takes an exclusive lock file meant to keep two processes off one TPU;
+    with no TPU attached there is nothing to guard, and the lock would stop two
+    dry runs (or two test workers) from running side by side.
+    """
+    if not any(os.path.exists(p) for p in ("/dev/accel0", "/dev/vfio")):
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+class _CapturedStderr:
+    """Send file descriptor 2 to a temp file: libtpu's C++ start-up writes there directly.
+
+    Without a TPU it warns that TPU_ACCELERATOR_TYPE and the worker hostnames are
+    unset; compiling does not need them, so the warnings are dropped (and quoted
+    only if the topology call fails).
+    """
+
+    def __enter__(self):
+        import sys
+
+        sys.stderr.flush()
+        self._file = tempfile.TemporaryFile()
+        self._saved = os.dup(2)
+        os.dup2(self._file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._file.close()
+
+    def text(self) -> str:
+        self._file.seek(0)
+        return self._file.read().decode(errors="replace").strip()
