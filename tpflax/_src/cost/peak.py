@@ -1,0 +1,150 @@
+"""The estimate's per-device peak for one training step, from how XLA schedules it.
+
+A compiled train step (forward, backward, optimizer update, with the
+parameters and optimizer state donated) holds, per device:
+
+* for the whole step: its arguments (params, optimizer state, model state,
+  batch), updated in place through donation;
+* growing through the forward pass and freed by the backward pass as it goes:
+  the saved activations, including each attention layer's softmax output
+  (``batch x heads x seq x seq``, float32) unless the layer is rematerialised;
+* growing through the backward pass: the gradients (sharded like the params);
+* one layer at a time: the working set of the layer in flight: its weights
+  gathered over the fsdp axes (two layers: XLA gathers the next while one
+  computes), its attention scores and their gradients, and under remat its
+  recomputed activations;
+* once, at the loss: the logits and their gradient (float32, the loss's dtype).
+
+Saved activations and gradients are both linear in the layer count and move in
+opposite directions through the backward pass, so the peak is at one end of
+it: ``arguments + max(saved activations + working set, gradients + the last
+layer's gathered weights)``, where the working set is the larger of the loss's
+(logits) and a layer's. Every term is in :class:`Peak` and the report prints it.
+The coefficients (how many score-sized buffers a layer holds) were measured on
+the TPU compiler (``benchmarks/results/tpu_aot.md``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from tpflax._src.cost.activations import activation_bytes, token_rows
+from tpflax._src.cost.batch import config_value
+from tpflax._src.cost.comm import body, leaf_itemsize
+from tpflax._src.cost.leaves import Leaves
+from tpflax._src.cost.optstate import shard_bytes
+from tpflax._src.cost.records import Memory, Peak
+from tpflax._src.cost.workload import Workload
+from tpflax._src.mesh import EXPERT, FSDP, TENSOR, MeshShape
+from tpflax._src.specs import entry_axes
+
+# float32 buffers of batch x heads x seq x seq per attention layer, measured on the TPU compiler:
+SCORES_SAVED = 1  # the softmax output, kept for the backward pass (none under remat)
+SCORES_WORKING = 2  # the scores in flight while a layer runs: forward logits / backward gradients
+LOGITS_BUFFERS = 2  # float32 logits and their gradient at the loss
+GATHERED_LAYERS = 2  # fsdp: the layer computing and the next one being gathered
+
+_INDEXED = re.compile(r"^(.*?_)\d+$")
+
+
+def tensor_degree(mesh: MeshShape, entry: Any) -> int:
+    """How many ways a spec entry splits its dim over tensor or expert axes.
+
+    >>> from tpflax._src.mesh import mesh_shape
+    >>> tensor_degree(mesh_shape({"fsdp": 2, "model": 4}), ("fsdp", "model"))
+    4
+    """
+    roles = dict(mesh.roles)
+    return math.prod(mesh.sizes[a] for a in entry_axes(entry) if roles[a] in (TENSOR, EXPERT))
+
+
+def block_of(path: str) -> str:
+    """The repeated block a leaf belongs to (``params/layers_3``), else its own path.
+
+    >>> block_of("params/layers_3/mlp/up/kernel"), block_of("params/lm_head/kernel")
+    ('params/layers_3', 'params/lm_head/kernel')
+    """
+    parts = path.split("/")
+    for i, p in enumerate(parts):
+        if _INDEXED.match(p):
+            return "/".join(parts[:i + 1])
+    return path
+
+
+def gathered_bytes(lv: Leaves, mesh: MeshShape) -> tuple[int, int]:
+    """``(largest block, two largest blocks)``: one layer's weights gathered over the fsdp axes.
+
+    A scanned stack gathers one layer's slice (the leaf without its layers dim).
+    Zero when the mesh has no fsdp axis larger than one.
+    """
+    roles = dict(mesh.roles)
+    fsdp = {a for a in mesh.names if roles[a] == FSDP and mesh.sizes[a] > 1}
+    if not fsdp:
+        return 0, 0
+    blocks: dict[str, int] = {}
+    for path, d in lv.decisions.items():
+        spec = lv.specs[path]
+        if not any(a in fsdp for e in spec for a in entry_axes(e)):
+            continue
+        kept = tuple(_drop(e, fsdp) for e in spec)
+        shape, kept = (body(d), kept[d.layers_dim + 1:]) if d.layers_dim is not None else (tuple(d.shape), kept)
+        key = block_of(path) if d.layers_dim is None else path.rsplit("/", 1)[0]
+        blocks[key] = blocks.get(key, 0) + shard_bytes(shape, leaf_itemsize(d), kept, mesh)
+    top = sorted(blocks.values(), reverse=True)
+    return top[0], sum(top[:GATHERED_LAYERS])
+
+
+def _drop(entry: Any, axes: set[str]) -> Any:
+    kept = tuple(a for a in entry_axes(entry) if a not in axes)
+    return None if not kept else kept[0] if len(kept) == 1 else kept
+
+
+def _heads_split(lv: Leaves, mesh: MeshShape) -> int:
+    """Tensor degree of the attention heads: the largest split of an attention kernel's dims."""
+    best = 1
+    for path, d in lv.decisions.items():
+        if d.kind == "attention":
+            best = max([best] + [tensor_degree(mesh, e) for e in lv.specs[path]])
+    return best
+
+
+def scores_bytes(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -> tuple[int, int]:
+    """``(one attention layer's float32 scores on a device, attention layers)``; zeros without attention."""
+    cfg = w.config
+    heads, layers, seq = (config_value(cfg, k) for k in ("n_heads", "n_layers", "seq_len"))
+    if not (heads and layers and seq) or not any(d.kind == "attention" for d in lv.decisions.values()):
+        return 0, 0
+    per_example = token_rows(w.batch, cfg) // max(w.batch.size, 1)  # the sequence a layer attends over
+    split = _heads_split(lv, mesh)
+    return int(w.batch.size / shards * math.ceil(heads / split) * per_example * per_example * 4), int(layers)
+
+
+def logits_bytes(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -> int:
+    """The float32 logits on a device (rows on this device x the head's local width), 0 without a head."""
+    heads = [(p, d) for p, d in lv.decisions.items() if d.kind == "head" and len(d.shape) >= 2]
+    if not heads:
+        return 0
+    path, d = heads[-1]
+    width = math.ceil(d.shape[-1] / tensor_degree(mesh, lv.specs[path][-1]))
+    rows = token_rows(w.batch, w.config) if w.batch.leaves and len(w.batch.leaves[0][1]) == 2 else w.batch.size
+    return int(rows / shards * width * 4)
+
+
+def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> Peak:
+    """The per-device peak of one training step (see the module docstring) for merged leaves on ``mesh``."""
+    one, two = gathered_bytes(lv, mesh)
+    scores, n_attn = scores_bytes(lv, mesh, w, shards)
+    saved_scores = 0 if w.remat else SCORES_SAVED * scores * n_attn
+    recompute = 0
+    if w.remat:
+        # the backward pass of one layer recomputes what it would have saved without remat
+        full, _ = activation_bytes(lv.column_units, w.activations, w.batch, w.config, mesh, shards, False,
+                                   w.act_item, [])
+        layers = config_value(w.config, "n_layers") or 1
+        recompute = int(max(full - dev.activations, 0) / layers + SCORES_SAVED * scores)
+    return Peak(arguments=dev.arguments, grads=dev.grads, activations=dev.activations, scores=saved_scores,
+                gathered=two, attention=SCORES_WORKING * scores, recompute=recompute,
+                logits=LOGITS_BUFFERS * logits_bytes(lv, mesh, w, shards), gathered_last=one)
+
