@@ -40,10 +40,10 @@ from tpflax._src.cost.workload import Workload
 from tpflax._src.mesh import EXPERT, FSDP, TENSOR, MeshShape
 from tpflax._src.specs import entry_axes
 
-# float32 buffers of batch x heads x seq x seq per attention layer, measured on the TPU compiler:
-SCORES_SAVED = 1  # the softmax output, kept for the backward pass (none under remat)
-SCORES_WORKING = 2  # the scores in flight while a layer runs: forward logits / backward gradients
-LOGITS_BUFFERS = 2  # float32 logits and their gradient at the loss
+# batch x heads x seq x seq buffers (activation dtype) per attention layer, measured on the TPU compiler:
+SCORES_SAVED = 1  # the probabilities, kept for the backward pass (none under remat)
+SCORES_WORKING = 2  # in flight while a layer runs: scores and their gradient
+LOGITS_BUFFERS = 1  # float32 logits at the loss; XLA forms their gradient in the same buffer
 GATHERED_LAYERS = 2  # fsdp: the layer computing and the next one being gathered
 
 _INDEXED = re.compile(r"^(.*?_)\d+$")
@@ -111,14 +111,17 @@ def _heads_split(lv: Leaves, mesh: MeshShape) -> int:
 
 
 def scores_bytes(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -> tuple[int, int]:
-    """``(one attention layer's float32 scores on a device, attention layers)``; zeros without attention."""
+    """``(one attention layer's scores on a device, attention layers)``; zeros without attention.
+
+    The scores are in the activation dtype (XLA keeps the softmax's float32 inside its fusions).
+    """
     cfg = w.config
     heads, layers, seq = (config_value(cfg, k) for k in ("n_heads", "n_layers", "seq_len"))
     if not (heads and layers and seq) or not any(d.kind == "attention" for d in lv.decisions.values()):
         return 0, 0
     per_example = token_rows(w.batch, cfg) // max(w.batch.size, 1)  # the sequence a layer attends over
     split = _heads_split(lv, mesh)
-    return int(w.batch.size / shards * math.ceil(heads / split) * per_example * per_example * 4), int(layers)
+    return int(w.batch.size / shards * math.ceil(heads / split) * per_example * per_example * w.act_item), int(layers)
 
 
 def logits_bytes(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -> int:

@@ -112,11 +112,11 @@ class Peak:
         arguments: params, model state, optimizer state and batch (donated, updated in place).
         grads: the gradients, all live at the end of the backward pass.
         activations: saved for the backward pass (layer outputs).
-        scores: attention softmax outputs saved for the backward pass (none under remat).
+        scores: attention probabilities saved for the backward pass (none under remat).
         gathered: fsdp: the weights of the two largest layers gathered at once.
-        attention: one attention layer's float32 scores in flight.
+        attention: one attention layer's scores in flight (scores and their gradient).
         recompute: remat: one layer's activations recomputed in its backward pass.
-        logits: float32 logits and their gradient at the loss.
+        logits: the float32 logits at the loss (their gradient is formed in place).
         gathered_last: fsdp: the last layer's gathered weights while its gradients form.
     """
 
@@ -137,8 +137,8 @@ class Peak:
 
     @property
     def working(self) -> int:
-        """The larger working set: a layer's or the loss's."""
-        return max(self.layer, self.logits)
+        """What is in flight when the backward pass starts: the loss's logits and the last layer's set."""
+        return self.layer + self.logits
 
     @property
     def total(self) -> int:
@@ -161,17 +161,15 @@ class Peak:
         start = self.activations + self.scores + self.working
         end = self.grads + self.gathered_last
         at = "backward start" if start >= end else "backward end"
-        out = [f"  peak per device{fmt(self.total):>13}  (at the {at}; arguments + max(saved + working set, "
+        out = [f"  peak per device{fmt(self.total):>13}  (at the {at}; arguments + max(saved + layer + logits, "
                "grads + last gathered layer))",
                f"    {'arguments':<36}{fmt(self.arguments):>12}  params, optimizer and model state, batch",
                f"    {'saved activations':<36}{fmt(self.activations):>12}  layer outputs kept for backward",
                f"    {'saved attention scores':<36}{fmt(self.scores):>12}  softmax outputs (none under remat)"]
-        layer_mark = "*" if self.layer >= self.logits else " "
-        logit_mark = " " if layer_mark == "*" else "*"
-        out += [f"    {'working set: one layer' + layer_mark:<36}{fmt(self.layer):>12}  gathered fsdp weights "
+        out += [f"    {'working set: one layer':<36}{fmt(self.layer):>12}  gathered fsdp weights "
                 f"{fmt(self.gathered)}, attention scores {fmt(self.attention)}, remat recompute "
                 f"{fmt(self.recompute)}",
-                f"    {'working set: logits + grad' + logit_mark:<36}{fmt(self.logits):>12}  float32, at the loss",
+                f"    {'working set: logits':<36}{fmt(self.logits):>12}  float32, at the loss",
                 f"    {'gradients (at the end)':<36}{fmt(self.grads):>12}  + last gathered layer "
                 f"{fmt(self.gathered_last)}"]
         return out
