@@ -84,6 +84,7 @@ def gathered_bytes(lv: Leaves, mesh: MeshShape) -> tuple[int, int]:
     if not fsdp:
         return 0, 0
     blocks: dict[str, int] = {}
+    repeats: dict[str, int] = {}  # merged leaves stand for this many alike layers
     for path, d in lv.decisions.items():
         spec = lv.specs[path]
         if not any(a in fsdp for e in spec for a in entry_axes(e)):
@@ -92,7 +93,8 @@ def gathered_bytes(lv: Leaves, mesh: MeshShape) -> tuple[int, int]:
         shape, kept = (body(d), kept[d.layers_dim + 1:]) if d.layers_dim is not None else (tuple(d.shape), kept)
         key = block_of(path) if d.layers_dim is None else path.rsplit("/", 1)[0]
         blocks[key] = blocks.get(key, 0) + shard_bytes(shape, leaf_itemsize(d), kept, mesh)
-    top = sorted(blocks.values(), reverse=True)
+        repeats[key] = min(repeats.get(key, lv.count[path]), lv.count[path])
+    top = sorted((n for k, n in blocks.items() for _ in range(min(repeats[k], GATHERED_LAYERS))), reverse=True)
     return top[0], sum(top[:GATHERED_LAYERS])
 
 
