@@ -53,6 +53,12 @@ def test_attention_scores_and_logits_exact():
     assert e.breakdown.logits == 8 // 4 * c.seq_len * (c.vocab // tp) * 4
 
 
+def test_tied_embedding_makes_the_logits():
+    m, p, e = _estimate("gpt2", {"fsdp": 2, "model": 4})  # wte/attend: the logits over the vocabulary
+    tp = 4 if "model" in str(p.decisions["params/wte/embedding"].spec[0]) else 1
+    assert e.breakdown.logits == 8 // 2 * m.config.seq_len * math.ceil(m.config.vocab / tp) * 4
+
+
 def test_scores_follow_the_activation_dtype():
     _, _, f32 = _estimate("llama", {"fsdp": 8})
     _, _, bf16 = _estimate("llama", {"fsdp": 8}, dtype=jnp.bfloat16)

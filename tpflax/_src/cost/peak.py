@@ -30,7 +30,7 @@ import math
 import re
 from typing import Any
 
-from tpflax._src.cost.activations import activation_bytes, token_rows
+from tpflax._src.cost.activations import activation_bytes, acts_for, token_rows
 from tpflax._src.cost.batch import config_value
 from tpflax._src.cost.comm import body, leaf_itemsize
 from tpflax._src.cost.leaves import Leaves
@@ -127,12 +127,18 @@ def scores_bytes(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -> tuple
 
 
 def logits_bytes(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -> int:
-    """The float32 logits on a device (rows on this device x the head's local width), 0 without a head."""
-    heads = [(p, d) for p, d in lv.decisions.items() if d.kind == "head" and len(d.shape) >= 2]
+    """The float32 logits on a device (rows on this device x the head's local width), 0 without a head.
+
+    The head is the output layer, or an embedding whose ``attend`` makes the logits (tied weights).
+    """
+    heads = [(d.shape[-1], lv.specs[p][-1]) for p, d in lv.decisions.items()
+             if d.kind == "head" and len(d.shape) >= 2]
+    heads += [(d.shape[0], lv.specs[p][0]) for p, d in lv.decisions.items()
+              if d.kind == "embedding" and acts_for(w.activations, d.unit + ":attend")]
     if not heads:
         return 0
-    path, d = heads[-1]
-    width = math.ceil(d.shape[-1] / tensor_degree(mesh, lv.specs[path][-1]))
+    vocab, entry = heads[-1]
+    width = math.ceil(vocab / tensor_degree(mesh, entry))
     rows = token_rows(w.batch, w.config) if w.batch.leaves and len(w.batch.leaves[0][1]) == 2 else w.batch.size
     return int(rows / shards * width * 4)
 
