@@ -56,7 +56,7 @@ def _cpu_rows(tpu: dict, cpu: dict) -> list[str]:
             if r is None:
                 continue
             comm = "; ".join(f"{k} {a}: {v / G:.2f}" for k, by in sorted(r["comm"].items()) for a, v in by.items())
-            lines.append(f"| {key} | {label} | " + " | ".join(f"{r[k] / G:.3f}" for k in
+            lines.append(f"| {key.replace('|', ' ')} | {label} | " + " | ".join(f"{r[k] / G:.3f}" for k in
                                                           ("argument", "output", "alias", "temp", "peak"))
                          + f" | {comm} |")
     return lines

@@ -6,22 +6,25 @@ parameters and optimizer state donated) holds, per device:
 * for the whole step: its arguments (params, optimizer state, model state,
   batch), updated in place through donation;
 * growing through the forward pass and freed by the backward pass as it goes:
-  the saved activations, including each attention layer's softmax output
-  (``batch x heads x seq x seq``, float32) unless the layer is rematerialised;
+  the saved activations, including each attention layer's probabilities
+  (``batch x heads x seq x seq`` in the activation dtype) unless the layer is
+  rematerialised;
 * growing through the backward pass: the gradients (sharded like the params);
 * one layer at a time: the working set of the layer in flight: its weights
   gathered over the fsdp axes (two layers: XLA gathers the next while one
-  computes), its attention scores and their gradients, and under remat its
+  computes), its attention scores and their gradient, and under remat its
   recomputed activations;
-* once, at the loss: the logits and their gradient (float32, the loss's dtype).
+* at the loss, still live when the last layer's backward pass starts: the
+  float32 logits (their gradient is formed in the same buffer).
 
 Saved activations and gradients are both linear in the layer count and move in
 opposite directions through the backward pass, so the peak is at one end of
-it: ``arguments + max(saved activations + working set, gradients + the last
-layer's gathered weights)``, where the working set is the larger of the loss's
-(logits) and a layer's. Every term is in :class:`Peak` and the report prints it.
-The coefficients (how many score-sized buffers a layer holds) were measured on
-the TPU compiler (``benchmarks/results/tpu_aot.md``).
+it: ``arguments + max(saved activations + logits + one layer's working set,
+gradients + the last layer's gathered weights)``. Every term is in
+:class:`Peak` and the report prints it. The coefficients (how many score-sized
+buffers a layer holds, one logits buffer) were read off the TPU compiler's
+buffer assignment of a 2-layer Llama-2-7B step and checked across the zoo in
+``benchmarks/results/tpu_aot.md``.
 """
 
 from __future__ import annotations
