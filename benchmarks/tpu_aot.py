@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -91,14 +92,14 @@ def load(path: Path) -> dict:
     return {r["key"]: r for r in rows}
 
 
-def compile_all(cpu: bool) -> None:
+def compile_all(cpu: bool, only: str = "") -> None:
     from tpu_compile import compile_step, tpu_mesh
 
     import tpflax
 
     path = CPU_CACHE if cpu else CACHE
     done = load(path)
-    todo = [c for c in grid() if key(c) not in done]
+    todo = [c for c in grid() if key(c) not in done and re.search(only, key(c))]
     if cpu:  # the side-by-side table: one mesh, bf16, remat off
         todo = [c for c in todo if c[1] == "fsdp=8" and c[3] == "bf16" and not c[2]]
     for cfg in todo:
@@ -116,11 +117,12 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--only", default="", help="compile only configs whose key matches this regex")
     args = ap.parse_args()
     if args.compile or args.cpu:
         if args.cpu:
             os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-        compile_all(args.cpu)
+        compile_all(args.cpu, args.only)
         return 0
     from tpu_aot_report import write_report
 

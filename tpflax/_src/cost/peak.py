@@ -33,7 +33,12 @@ import math
 import re
 from typing import Any
 
-from tpflax._src.cost.activations import activation_bytes, acts_for, token_rows
+from tpflax._src.cost.activations import (
+    activation_bytes,
+    acts_for,
+    formula_scores_bytes,
+    token_rows,
+)
 from tpflax._src.cost.batch import config_value
 from tpflax._src.cost.comm import body, leaf_itemsize
 from tpflax._src.cost.leaves import Leaves
@@ -158,7 +163,10 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
                                    w.act_item, [])
         layers = config_value(w.config, "n_layers") or 1
         recompute = int(max(full - dev.activations, 0) / layers + SCORES_SAVED * scores)
-    return Peak(arguments=dev.arguments, grads=dev.grads, activations=dev.activations, scores=saved_scores,
+    saved = dev.activations
+    if not w.activations:  # the transformer formula counts scores too (5as/ht): they are counted above
+        saved -= formula_scores_bytes(w.batch, w.config, mesh, shards, w.remat, w.act_item)
+    return Peak(arguments=dev.arguments, grads=dev.grads, activations=saved, scores=saved_scores,
                 gathered=two, attention=SCORES_WORKING * scores, recompute=recompute,
                 logits=LOGITS_BUFFERS * logits_bytes(lv, mesh, w, shards), gathered_last=one)
 

@@ -165,7 +165,7 @@ class Peak:
                "grads + last gathered layer))",
                f"    {'arguments':<36}{fmt(self.arguments):>12}  params, optimizer and model state, batch",
                f"    {'saved activations':<36}{fmt(self.activations):>12}  layer outputs kept for backward",
-               f"    {'saved attention scores':<36}{fmt(self.scores):>12}  softmax outputs (none under remat)"]
+               f"    {'saved attention scores':<36}{fmt(self.scores):>12}  attention probabilities (none under remat)"]
         out += [f"    {'working set: one layer':<36}{fmt(self.layer):>12}  gathered fsdp weights "
                 f"{fmt(self.gathered)}, attention scores {fmt(self.attention)}, remat recompute "
                 f"{fmt(self.recompute)}",
