@@ -59,6 +59,19 @@ def test_tied_embedding_makes_the_logits():
     assert e.breakdown.logits == 8 // 2 * m.config.seq_len * math.ceil(m.config.vocab / tp) * 4
 
 
+@pytest.mark.parametrize("dispatch", ["dense", "all-to-all"])
+def test_expert_hidden_exact(dispatch):
+    m = zoo.get("moe")  # 8 experts, d_ff 128, top_k 2, 2 layers, seq 16
+    p = tpflax.plan(m.abstract_variables(), {"fsdp": 2, "expert": 2, "model": 2}, fsdp_min_bytes=1024)
+    e = tpflax.estimate(p, ADAM, jax.eval_shape(lambda: m.make_batch(0, 8)), model=m, expert_dispatch=dispatch)
+    c, wi = m.config, p.decisions["params/layers_0/moe/wi"]
+    e_split = 2 if "expert" in str(wi.spec[0]) else 1
+    f_split = 2 if "model" in str(wi.spec[-1]) else 1
+    per_token = c.n_experts // e_split if dispatch == "dense" else c.top_k
+    hidden = 8 // 2 * c.seq_len * per_token * (c.d_ff // f_split) * 4  # batch over fsdp only
+    assert e.breakdown.experts == 2 * c.n_layers * hidden and e.breakdown.expert_work == hidden
+
+
 def test_scores_follow_the_activation_dtype():
     _, _, f32 = _estimate("llama", {"fsdp": 8})
     _, _, bf16 = _estimate("llama", {"fsdp": 8}, dtype=jnp.bfloat16)

@@ -53,6 +53,10 @@ SCORES_SAVED = 1  # the probabilities, kept for the backward pass (none under re
 SCORES_WORKING = 2  # in flight while a layer runs: scores and their gradient
 LOGITS_BUFFERS = 1  # float32 logits at the loss; XLA forms their gradient in the same buffer
 GATHERED_LAYERS = 2  # fsdp: the layer computing and the next one being gathered
+# tokens x experts (or top_k) x d_ff buffers per expert layer: pre-activation and gated hidden saved,
+# one gradient in flight
+EXPERT_SAVED = 2
+EXPERT_WORKING = 1
 
 _INDEXED = re.compile(r"^(.*?_)\d+$")
 
@@ -151,6 +155,25 @@ def logits_bytes(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -> int:
     return int(rows / shards * width * 4)
 
 
+def expert_hidden_bytes(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -> tuple[int, int]:
+    """``(one expert layer's hidden activations on a device, expert layers)``; zeros without experts.
+
+    The hidden width is the expert up-projection's last dim; with dense dispatch every token
+    visits every expert on the device, routed (all-to-all) each token visits ``top_k``.
+    """
+    ups = [(p, d) for p, d in lv.decisions.items() if d.kind == "expert" and len(body(d)) == 3]
+    if not ups:
+        return 0, 0
+    path, d = ups[0]
+    spec = lv.specs[path][-3:]
+    experts, width = body(d)[0], body(d)[-1]
+    per_token = (math.ceil(experts / tensor_degree(mesh, spec[0])) if w.dispatch == "dense"
+                 else config_value(w.config, "top_k", 2))
+    tokens = token_rows(w.batch, w.config) / shards
+    layers = sum(lv.count[p] for p, x in ups if body(x) == body(d))  # the up-projections, one per layer
+    return int(tokens * per_token * math.ceil(width / tensor_degree(mesh, spec[-1])) * w.act_item), layers
+
+
 def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> Peak:
     """The per-device peak of one training step (see the module docstring) for merged leaves on ``mesh``."""
     one, two = gathered_bytes(lv, mesh)
@@ -163,10 +186,12 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
                                    w.act_item, [])
         layers = config_value(w.config, "n_layers") or 1
         recompute = int(max(full - dev.activations, 0) / layers + SCORES_SAVED * scores)
+    hidden, n_exp = expert_hidden_bytes(lv, mesh, w, shards)
     saved = dev.activations
     if not w.activations:  # the transformer formula counts scores too (5as/ht): they are counted above
         saved -= formula_scores_bytes(w.batch, w.config, mesh, shards, w.remat, w.act_item)
     return Peak(arguments=dev.arguments, grads=dev.grads, activations=saved, scores=saved_scores,
                 gathered=two, attention=SCORES_WORKING * scores, recompute=recompute,
-                logits=LOGITS_BUFFERS * logits_bytes(lv, mesh, w, shards), gathered_last=one)
+                logits=LOGITS_BUFFERS * logits_bytes(lv, mesh, w, shards), gathered_last=one,
+                experts=0 if w.remat else EXPERT_SAVED * hidden * n_exp, expert_work=EXPERT_WORKING * hidden)
 

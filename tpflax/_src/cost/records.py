@@ -118,6 +118,9 @@ class Peak:
         recompute: remat: one layer's activations recomputed in its backward pass.
         logits: the float32 logits at the loss (their gradient is formed in place).
         gathered_last: fsdp: the last layer's gathered weights while its gradients form.
+        experts: expert layers' hidden activations saved for the backward pass (every
+            expert's for dense dispatch, ``top_k`` per token routed).
+        expert_work: one expert layer's hidden activations in flight (their gradient).
     """
 
     arguments: int = 0
@@ -129,11 +132,13 @@ class Peak:
     recompute: int = 0
     logits: int = 0
     gathered_last: int = 0
+    experts: int = 0
+    expert_work: int = 0
 
     @property
     def layer(self) -> int:
         """The working set of the layer in flight."""
-        return self.gathered + self.attention + self.recompute
+        return self.gathered + self.attention + self.recompute + self.expert_work
 
     @property
     def working(self) -> int:
@@ -147,18 +152,18 @@ class Peak:
         >>> Peak(arguments=10, grads=4, activations=6, logits=3).total  # 10 + max(6 + 3, 4)
         19
         """
-        return self.arguments + max(self.activations + self.scores + self.working,
+        return self.arguments + max(self.activations + self.scores + self.experts + self.working,
                                     self.grads + self.gathered_last)
 
     def to_dict(self) -> dict:
         return {"arguments": self.arguments, "grads": self.grads, "activations": self.activations,
                 "scores": self.scores, "gathered": self.gathered, "attention": self.attention,
                 "recompute": self.recompute, "logits": self.logits, "gathered_last": self.gathered_last,
-                "total": self.total}
+                "experts": self.experts, "expert_work": self.expert_work, "total": self.total}
 
     def report_lines(self) -> list[str]:
         fmt = fmt_bytes
-        start = self.activations + self.scores + self.working
+        start = self.activations + self.scores + self.experts + self.working
         end = self.grads + self.gathered_last
         at = "backward start" if start >= end else "backward end"
         out = [f"  peak per device{fmt(self.total):>13}  (at the {at}; arguments + max(saved + layer + logits, "
@@ -166,6 +171,8 @@ class Peak:
                f"    {'arguments':<36}{fmt(self.arguments):>12}  params, optimizer and model state, batch",
                f"    {'saved activations':<36}{fmt(self.activations):>12}  layer outputs kept for backward",
                f"    {'saved attention scores':<36}{fmt(self.scores):>12}  attention probabilities (none under remat)"]
+        if self.experts or self.expert_work:
+            out.append(f"    {'saved expert hidden':<36}{fmt(self.experts):>12}  in flight {fmt(self.expert_work)}")
         out += [f"    {'working set: one layer':<36}{fmt(self.layer):>12}  gathered fsdp weights "
                 f"{fmt(self.gathered)}, attention scores {fmt(self.attention)}, remat recompute "
                 f"{fmt(self.recompute)}",
