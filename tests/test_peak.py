@@ -34,9 +34,9 @@ def test_peak_is_its_breakdown(name, mesh):
     _, _, e = _estimate(name, mesh)
     b, dev = e.breakdown, e.per_device
     assert b.arguments == dev.arguments and b.grads == dev.grads and b.activations == dev.activations
-    assert e.peak == b.total == b.arguments + max(b.activations + b.scores + b.layer + b.logits,
+    assert e.peak == b.total == b.arguments + max(b.activations + b.scores + b.experts + b.layer + b.logits,
                                                   b.grads + b.gathered_last)
-    assert b.layer == b.gathered + b.attention + b.recompute
+    assert b.layer == b.gathered + b.attention + b.recompute + b.expert_work
     assert e.to_dict()["peak"] == e.peak and e.to_dict()["peak_breakdown"]["total"] == e.peak
     assert e.peak >= dev.arguments + dev.activations  # the peak holds at least what the step keeps
 
