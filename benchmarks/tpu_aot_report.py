@@ -79,12 +79,12 @@ live set at the peak summed to 5.2 GiB of the 6.8 GiB temp); the coefficients ab
 
 ## Where the CPU and TPU compilers differ
 
-- Temp bytes: XLA:CPU needs 2.2x (Llama) and 2x (GPT-2) the TPU's temp for the same step: it
-  materialises float32 score and softmax buffers that the TPU fuses away, and does not
-  rematerialise broadcasts; a peak calibrated on the CPU compiler overstates the TPU's.
+- Temp bytes: XLA:CPU needs 2.3x (Llama: 15.6 vs 6.8 GiB) and 2x (GPT-2) the TPU's temp for the
+  same step (its buffers were not broken down here; the TPU's hold the scores in bf16 with the
+  softmax's float32 fused away); a peak calibrated on the CPU compiler overstates the TPU's.
 - Gradient reduction over fsdp: neither compiler emits a reduce-scatter for this step; both
-  all-reduce the full gradient and slice it. The TPU all-reduces in bf16 with one all-reduce per
-  gradient; XLA:CPU moves twice the bytes (4.35 vs 2.17 GiB for Llama).
+  all-reduce the full gradient and slice it. XLA:CPU's all-reduces move twice the TPU's bytes
+  (4.35 vs 2.17 GiB for Llama), and it gathers less (2.17 vs 2.89 GiB).
 - Weight gathers: at real size both compilers gather the fsdp weights again in the backward
   pass (forward + backward, not once as the estimate assumes for small models).
 - The TPU HLO splits collectives into async collective fusions (`async-collective-start` and
