@@ -90,6 +90,13 @@ def gathered_bytes(lv: Leaves, mesh: MeshShape) -> tuple[int, int]:
 
     A scanned stack gathers one layer's slice (the leaf without its layers dim).
     Zero when the mesh has no fsdp axis larger than one.
+
+    >>> import jax, tpflax
+    >>> from tpflax._src.cost.leaves import merge
+    >>> w = jax.ShapeDtypeStruct((1024, 1024), "float32")  # 4 MiB per layer
+    >>> p = tpflax.plan({f"layers_{i}": {"w": w} for i in range(3)}, {"fsdp": 4})
+    >>> gathered_bytes(merge(p.decisions, {}), p.mesh)  # one layer whole, and two
+    (4194304, 8388608)
     """
     roles = dict(mesh.roles)
     fsdp = {a for a in mesh.names if roles[a] == FSDP and mesh.sizes[a] > 1}
@@ -175,7 +182,19 @@ def expert_hidden_bytes(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -
 
 
 def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> Peak:
-    """The per-device peak of one training step (see the module docstring) for merged leaves on ``mesh``."""
+    """The per-device peak of one training step (see the module docstring) for merged leaves on ``mesh``.
+
+    ``dev`` is the estimate's :class:`Memory` on the fullest device; :func:`tpflax.estimate` calls
+    this and keeps the result as ``Estimate.breakdown`` (``Estimate.peak`` is its total).
+
+    >>> import optax, tpflax
+    >>> from tpflax import zoo
+    >>> m = zoo.get("llama")
+    >>> p = tpflax.plan(m.abstract_variables(), {"fsdp": 8}, fsdp_min_bytes=1024)
+    >>> e = tpflax.estimate(p, optax.adam(1e-3), 8, model=m)
+    >>> e.peak == e.breakdown.total > e.per_device.arguments + e.per_device.activations
+    True
+    """
     one, two = gathered_bytes(lv, mesh)
     scores, n_attn = scores_bytes(lv, mesh, w, shards)
     saved_scores = 0 if w.remat else SCORES_SAVED * scores * n_attn
