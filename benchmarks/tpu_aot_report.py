@@ -76,6 +76,11 @@ flight), one f32 `[1, 4096, 32000]` logits buffer, and the gathered bf16 weights
 layers plus the output head. The TPU keeps the softmax's float32 inside its fusions: scores are
 stored in the activation dtype. XLA's temp bytes also include allocator fragmentation (the
 live set at the peak summed to 5.2 GiB of the 6.8 GiB temp); the coefficients absorb it.
+Two more rules came from compiles: with the heads split over a tensor axis (fsdp=2,model=4, a
+second buffer dump) the scores in flight are two float32 buffers `f32[4, 8, 4096, 4096]`; in a
+float32 model one score buffer is in flight (the gradient is formed in place). Fitted on: Llama
+fsdp=8 bf16, fsdp=2,model=4 bf16 and fsdp=8 f32. Predicted before being compiled (held out):
+Llama data=2,fsdp=4 bf16, Llama remat on, GPT-2.
 
 ## Where the CPU and TPU compilers differ
 

@@ -47,7 +47,7 @@ def test_attention_scores_and_logits_exact():
     c = m.config
     scores = 8 // 4 * (c.n_heads // 2) * c.seq_len * c.seq_len * 4  # float32 model: 4 bytes
     assert e.breakdown.scores == c.n_layers * scores  # one saved per layer
-    assert e.breakdown.attention == 2 * scores  # scores and their gradient in flight
+    assert e.breakdown.attention == 2 * scores  # heads split over model: two float32 buffers in flight
     head = p.decisions["params/lm_head/kernel"]
     tp = 2 if "model" in str(head.spec[-1]) else 1
     assert e.breakdown.logits == 8 // 4 * c.seq_len * (c.vocab // tp) * 4
@@ -77,6 +77,10 @@ def test_scores_follow_the_activation_dtype():
     _, _, bf16 = _estimate("llama", {"fsdp": 8}, dtype=jnp.bfloat16)
     assert bf16.breakdown.scores * 2 == f32.breakdown.scores
     assert bf16.breakdown.logits == f32.breakdown.logits  # the loss is float32 either way
+    # in flight: two 16-bit buffers (probabilities' and scores' gradients), one float32 (in place)
+    layers = zoo.get("llama").config.n_layers
+    assert bf16.breakdown.attention == 2 * bf16.breakdown.scores // layers
+    assert f32.breakdown.attention == f32.breakdown.scores // layers
 
 
 def test_gathered_fsdp_weights_exact():

@@ -50,7 +50,9 @@ from tpflax._src.specs import entry_axes
 
 # batch x heads x seq x seq buffers (activation dtype) per attention layer, measured on the TPU compiler:
 SCORES_SAVED = 1  # the probabilities, kept for the backward pass (none under remat)
-SCORES_WORKING = 2  # in flight while a layer runs: scores and their gradient
+# in flight while a layer runs: 16-bit scores need the probabilities' gradient and the scores' gradient
+# (the float32 softmax between them stays in a fusion); float32 ones are updated in place
+SCORES_WORKING = {2: 2, 4: 1}
 LOGITS_BUFFERS = 1  # float32 logits at the loss; XLA forms their gradient in the same buffer
 GATHERED_LAYERS = 2  # fsdp: the layer computing and the next one being gathered
 # tokens x experts (or top_k) x d_ff buffers per expert layer: pre-activation and gated hidden saved,
@@ -131,18 +133,15 @@ def _heads_split(lv: Leaves, mesh: MeshShape) -> int:
     return best
 
 
-def scores_bytes(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -> tuple[int, int]:
-    """``(one attention layer's scores on a device, attention layers)``; zeros without attention.
-
-    The scores are in the activation dtype (XLA keeps the softmax's float32 inside its fusions).
-    """
+def score_elements(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -> tuple[int, int]:
+    """``(elements of one attention layer's scores on a device, attention layers)``; zeros without attention."""
     cfg = w.config
     heads, layers, seq = (config_value(cfg, k) for k in ("n_heads", "n_layers", "seq_len"))
     if not (heads and layers and seq) or not any(d.kind == "attention" for d in lv.decisions.values()):
         return 0, 0
     per_example = token_rows(w.batch, cfg) // max(w.batch.size, 1)  # the sequence a layer attends over
     split = _heads_split(lv, mesh)
-    return int(w.batch.size / shards * math.ceil(heads / split) * per_example * per_example * w.act_item), int(layers)
+    return int(w.batch.size / shards * math.ceil(heads / split) * per_example * per_example), int(layers)
 
 
 def logits_bytes(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -> int:
@@ -196,7 +195,10 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
     True
     """
     one, two = gathered_bytes(lv, mesh)
-    scores, n_attn = scores_bytes(lv, mesh, w, shards)
+    elems, n_attn = score_elements(lv, mesh, w, shards)
+    scores = elems * w.act_item  # saved in the activation dtype: XLA keeps the softmax's float32 in a fusion
+    # with the heads split over a tensor axis the TPU compiler keeps the scores in flight in float32 (measured)
+    working = elems * 4 * 2 if _heads_split(lv, mesh) > 1 else scores * SCORES_WORKING.get(w.act_item, 2)
     saved_scores = 0 if w.remat else SCORES_SAVED * scores * n_attn
     recompute = 0
     if w.remat:
@@ -210,7 +212,7 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
     if not w.activations:  # the transformer formula counts scores too (5as/ht): they are counted above
         saved -= formula_scores_bytes(w.batch, w.config, mesh, shards, w.remat, w.act_item)
     return Peak(arguments=dev.arguments, grads=dev.grads, activations=saved, scores=saved_scores,
-                gathered=two, attention=SCORES_WORKING * scores, recompute=recompute,
+                gathered=two, attention=working, recompute=recompute,
                 logits=LOGITS_BUFFERS * logits_bytes(lv, mesh, w, shards), gathered_last=one,
                 experts=0 if w.remat else EXPERT_SAVED * hidden * n_exp, expert_work=EXPERT_WORKING * hidden)
 
