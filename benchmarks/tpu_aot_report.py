@@ -102,6 +102,15 @@ Llama data=2,fsdp=4 bf16, Llama remat on, GPT-2.
   estimate exactly (0.466 GiB for the 2-layer 7B step).
 - `cost_analysis()["optimal_seconds"]` is negative on the AOT path: no step time from it.
 
+## ResNet-18: not within 10% (open)
+
+The TPU compiler partitions ResNet's stem convolution spatially, not over the batch the step
+shards: its buffer assignment holds a 98 MiB `bf16[224, 32, 32, 3, 7]` (image rows, the whole
+batch of 32, a width slice of 28 columns plus halo, channels, kernel taps) and a 42 MiB
+`bf16[224, 32, 32, 3, 1]`, more than the step's saved activations (44 MiB of traced conv and
+BatchNorm outputs per device). The estimate does not model a re-partitioned convolution; the
+step would need its image batch constrained to the batch axes inside the model to stop it.
+
 ## Communication: not within 10% (open)
 
 The estimate models fsdp as one all-gather per weight and a reduce-scatter of each gradient.
