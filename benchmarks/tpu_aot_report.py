@@ -104,12 +104,13 @@ Llama data=2,fsdp=4 bf16, Llama remat on, GPT-2.
 
 ## ResNet-18: not within 10% (open)
 
-The TPU compiler partitions ResNet's stem convolution spatially, not over the batch the step
-shards: its buffer assignment holds a 98 MiB `bf16[224, 32, 32, 3, 7]` (image rows, the whole
-batch of 32, a width slice of 28 columns plus halo, channels, kernel taps) and a 42 MiB
-`bf16[224, 32, 32, 3, 1]`, more than the step's saved activations (44 MiB of traced conv and
-BatchNorm outputs per device). The estimate does not model a re-partitioned convolution; the
-step would need its image batch constrained to the batch axes inside the model to stop it.
+The TPU compiler partitions ResNet over image width, not over the batch the step shards: its
+buffers are `[rows, the whole batch of 32, a width slice (+ halo), channels]`, and it
+materialises kernel-tap-expanded copies for the convolutions (four `bf16[56, 32, 8, 64, 3]` of
+10.5 MiB each among the largest buffers; the stem's `bf16[224, 32, 32, 3, 7]`). The estimate
+counts the traced conv and BatchNorm outputs (44 MiB per device) and no tap-expanded buffers.
+Modelling a re-partitioned convolution is left open; constraining the images to the batch axes
+inside the model would make the compiler follow the estimate's layout.
 
 ## Communication: not within 10% (open)
 
