@@ -242,3 +242,47 @@ def test_any_model_with_a_sample():
     s = suggest_mesh(Net(), 8, "1GiB", sample=(x,), optimizer=optax.sgd(0.1), raise_if_none=False)
     assert s.settings["batch"] == "8x64" and s.ranked
     _check_exact(s, optax.sgd(0.1), batch=(x,))
+
+
+# ---------------------------------------------------------------------------
+# the "smaller global batch" hint is itself checked to fit (issue 12)
+
+_HINT = r"a smaller global batch: (\d+) instead of (\d+) fits on (\S+) \(([^;]+) per device; .* data x fsdp = (\d+)\)"
+
+
+def _batch_hint(err):
+    import re
+
+    hits = [re.search(_HINT, p) for p in err.problems]
+    hits = [h for h in hits if h]
+    assert len(hits) == 1, err.problems
+    size, _, mesh, _, shards = hits[0].groups()
+    return int(size), dict(kv.split("=") for kv in mesh.split(",")), int(shards)
+
+
+@pytest.mark.parametrize("memory", ["1MiB", "2MiB", "3MiB"])
+def test_smaller_batch_hint_fits_on_the_mesh_it_names(memory):
+    m, adam = zoo.get("llama"), optax.adam(1e-3)
+    with pytest.raises(tpflax.NoFitError) as err:
+        suggest_mesh(m, 8, memory, optimizer=adam, batch=64)
+    size, mesh, shards = _batch_hint(err.value)
+    assert size < 64 and size % shards == 0
+    assert shards == int(mesh["data"]) * int(mesh["fsdp"])  # the multiple it names is that mesh's
+    # the suggestion at the hinted batch ranks the hinted mesh: it fits, by the same estimate
+    s = suggest_mesh(m, 8, memory, optimizer=adam, batch=size)
+    named = [c for c in s.ranked if {k: str(v) for k, v in c.mesh_shape.items()} == mesh]
+    assert named and named[0].per_device <= s.settings["memory_limit"]
+    # and it is the largest: the next multiple of data x fsdp no longer fits on that mesh
+    bigger = suggest_mesh(m, 8, memory, optimizer=adam, batch=size + shards, raise_if_none=False)
+    assert not [c for c in bigger.ranked if {k: str(v) for k, v in c.mesh_shape.items()} == mesh]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [64, 4, 2])
+def test_llama_7b_on_64_devices_hint_is_checked(batch):
+    # the issue's example: the hint said "about 4" (23.1 GiB), "about 2" (17.3 GiB), "about 1" (45.9 GiB)
+    with pytest.raises(tpflax.NoFitError) as err:
+        suggest_mesh(zoo.get("llama-2-7b"), 64, "16GiB", batch=batch)
+    hint = [p for p in err.value.problems if "smaller global batch" in p]
+    # no batch of 1..batch-1 fits 64 x 16 GiB: every smaller one was priced on every mesh shape
+    assert len(hint) == 1 and hint[0].startswith("a smaller global batch alone will not do"), hint

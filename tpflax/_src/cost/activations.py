@@ -146,6 +146,26 @@ def activation_bytes(column_units: Mapping[str, Sequence[Entry]], activations: M
     return int(per_layer(t, shards) * n_layers), int(per_layer(1, 1) * n_layers)
 
 
+def formula_scores_bytes(b: Batch, config: Any, mesh: MeshShape, shards: int, remat: bool, act_item: int) -> int:
+    """The attention-score part (``5as/ht``) of the formula's saved activations on a device (0 when traced
+    shapes or remat are used, or the config lacks the sizes).
+
+    :mod:`tpflax._src.cost.peak` counts the scores itself, so it takes this part out.
+
+    >>> from tpflax._src.cost.batch import parse_batch
+    >>> from tpflax._src.mesh import mesh_shape
+    >>> cfg = {"d_model": 8, "n_layers": 1, "seq_len": 4, "n_heads": 2, "vocab": 10}
+    >>> formula_scores_bytes(parse_batch("1x4", cfg), cfg, mesh_shape({"data": 1}), 1, False, 2)
+    160
+    """
+    d_model, n_layers = config_value(config, "d_model"), config_value(config, "n_layers")
+    seq, heads = config_value(config, "seq_len"), config_value(config, "n_heads", 1) or 1
+    if remat or not (d_model and n_layers and seq):
+        return 0
+    t = math.prod(mesh.sizes[a] for a in mesh.axes_with(TENSOR))
+    return int(token_rows(b, config) / shards * 5 * heads * seq / t * act_item / 2 * n_layers)
+
+
 def _traced_bytes(column_units, activations, mesh: MeshShape, shards: int, remat: bool,
                   act_item: int) -> tuple[int, int]:
     roles = dict(mesh.roles)

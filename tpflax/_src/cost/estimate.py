@@ -45,6 +45,7 @@ from typing import Any
 from tpflax._src.cost.comm import Scope, comm_items
 from tpflax._src.cost.leaves import Leaves, merge
 from tpflax._src.cost.memory import memory
+from tpflax._src.cost.peak import peak
 from tpflax._src.cost.records import MEMORY_FIELDS, Act, Estimate, comm_table
 from tpflax._src.cost.workload import Workload, prepare
 from tpflax._src.errors import EstimateError
@@ -91,7 +92,8 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
         per_device=per_device, unsharded=unsharded, savings=savings, comm=comm_table(items), items=items,
         mesh=mesh, batch={"size": b.size, "shards": shards, "axes": list(axes),
                           "leaves": [[n, list(s), d] for n, s, d in b.leaves]},
-        notes=tuple(dict.fromkeys(notes)), settings=dict(w.settings))
+        notes=tuple(dict.fromkeys(notes)), settings=dict(w.settings),
+        breakdown=peak(lv, mesh, w, shards, per_device))
 
 
 def estimate(plan, optimizer: Any = None, batch: Any = None, *, config: Any = None,

@@ -105,6 +105,84 @@ class Act:
 
 
 @dataclass(frozen=True)
+class Peak:
+    """The per-device peak of one training step, term by term (see :mod:`tpflax._src.cost.peak`).
+
+    Attributes:
+        arguments: params, model state, optimizer state and batch (donated, updated in place).
+        grads: the gradients, all live at the end of the backward pass.
+        activations: saved for the backward pass (layer outputs).
+        scores: attention probabilities saved for the backward pass (none under remat).
+        gathered: fsdp: the weights of the two largest layers gathered at once.
+        attention: one attention layer's scores in flight (scores and their gradient).
+        recompute: remat: one layer's activations recomputed in its backward pass.
+        logits: the float32 logits at the loss (their gradient is formed in place).
+        gathered_last: fsdp: the last layer's gathered weights while its gradients form.
+        experts: expert layers' hidden activations saved for the backward pass (every
+            expert's for dense dispatch, ``top_k`` per token routed).
+        expert_work: one expert layer's hidden activations in flight (their gradient).
+    """
+
+    arguments: int = 0
+    grads: int = 0
+    activations: int = 0
+    scores: int = 0
+    gathered: int = 0
+    attention: int = 0
+    recompute: int = 0
+    logits: int = 0
+    gathered_last: int = 0
+    experts: int = 0
+    expert_work: int = 0
+
+    @property
+    def layer(self) -> int:
+        """The working set of the layer in flight."""
+        return self.gathered + self.attention + self.recompute + self.expert_work
+
+    @property
+    def working(self) -> int:
+        """What is in flight when the backward pass starts: the loss's logits and the last layer's set."""
+        return self.layer + self.logits
+
+    @property
+    def total(self) -> int:
+        """Bytes that must fit on the device: the larger end of the backward pass.
+
+        >>> Peak(arguments=10, grads=4, activations=6, logits=3).total  # 10 + max(6 + 3, 4)
+        19
+        """
+        return self.arguments + max(self.activations + self.scores + self.experts + self.working,
+                                    self.grads + self.gathered_last)
+
+    def to_dict(self) -> dict:
+        return {"arguments": self.arguments, "grads": self.grads, "activations": self.activations,
+                "scores": self.scores, "gathered": self.gathered, "attention": self.attention,
+                "recompute": self.recompute, "logits": self.logits, "gathered_last": self.gathered_last,
+                "experts": self.experts, "expert_work": self.expert_work, "total": self.total}
+
+    def report_lines(self) -> list[str]:
+        fmt = fmt_bytes
+        start = self.activations + self.scores + self.experts + self.working
+        end = self.grads + self.gathered_last
+        at = "backward start" if start >= end else "backward end"
+        out = [f"  peak per device{fmt(self.total):>13}  (at the {at}; arguments + max(saved + layer + logits, "
+               "grads + last gathered layer))",
+               f"    {'arguments':<36}{fmt(self.arguments):>12}  params, optimizer and model state, batch",
+               f"    {'saved activations':<36}{fmt(self.activations):>12}  layer outputs kept for backward",
+               f"    {'saved attention scores':<36}{fmt(self.scores):>12}  attention probabilities (none under remat)"]
+        if self.experts or self.expert_work:
+            out.append(f"    {'saved expert hidden':<36}{fmt(self.experts):>12}  in flight {fmt(self.expert_work)}")
+        out += [f"    {'working set: one layer':<36}{fmt(self.layer):>12}  gathered fsdp weights "
+                f"{fmt(self.gathered)}, attention scores {fmt(self.attention)}, remat recompute "
+                f"{fmt(self.recompute)}",
+                f"    {'working set: logits':<36}{fmt(self.logits):>12}  float32, at the loss",
+                f"    {'gradients (at the end)':<36}{fmt(self.grads):>12}  + last gathered layer "
+                f"{fmt(self.gathered_last)}"]
+        return out
+
+
+@dataclass(frozen=True)
 class Estimate:
     """Memory per device and communication per training step.
 
@@ -118,6 +196,7 @@ class Estimate:
         batch: ``{"size", "shards", "axes"}`` of the global batch.
         notes: assumptions and anything that could not be modelled.
         settings: optimizer, backend, remat, dtypes used.
+        breakdown: the per-device peak term by term (:class:`Peak`).
     """
 
     per_device: Memory
@@ -129,6 +208,12 @@ class Estimate:
     batch: Mapping[str, Any]
     notes: tuple[str, ...] = ()
     settings: Mapping[str, Any] = field(default_factory=dict)
+    breakdown: Peak = field(default_factory=Peak)
+
+    @property
+    def peak(self) -> int:
+        """Bytes per device that must fit in memory at once during one step (see :class:`Peak`)."""
+        return self.breakdown.total
 
     @property
     def comm_total(self) -> float:
@@ -140,7 +225,8 @@ class Estimate:
                 "savings_percent": {k: round(v, 3) for k, v in self.savings.items()},
                 "comm_bytes_per_step": {k: dict(v) for k, v in self.comm.items()},
                 "comm_total": self.comm_total, "items": [i.to_dict() for i in self.items],
-                "batch": dict(self.batch), "notes": list(self.notes), "settings": dict(self.settings)}
+                "batch": dict(self.batch), "notes": list(self.notes), "settings": dict(self.settings),
+                "peak": self.peak, "peak_breakdown": self.breakdown.to_dict()}
 
     def report_lines(self) -> list[str]:
         fmt = fmt_bytes
@@ -155,6 +241,7 @@ class Estimate:
             if name in ("model_state", "inputs") and not b:
                 continue
             out.append(f"  {name:<14}{fmt(a):>14}{fmt(b):>14}{self.savings.get(name, 0.0):>9.1f}%")
+        out += self.breakdown.report_lines()
         out.append("  communication per step (bytes each device sends, ring algorithm):")
         if not self.items:
             out.append("    none: every leaf and the batch are whole on every device")

@@ -104,3 +104,28 @@ def _model(plan, model: Any, sample: Any):
 
     m = as_model(model, sample)
     return m if m.variables is not None else m.with_variables(planned_tree(plan))
+
+
+def with_batch_size(w: Workload, size: int) -> Workload:
+    """``w`` for a global batch of ``size`` examples: every batch-major shape's leading dim replaced.
+
+    Batch leaves and traced activations whose first dim is the batch size are
+    resized (what a re-trace at ``size`` gives for batch-major models); the
+    optimizer state does not depend on the batch.
+
+    >>> import jax, optax, tpflax
+    >>> p = tpflax.plan({"w": jax.ShapeDtypeStruct((8, 4), "float32")}, {"data": 2})
+    >>> with_batch_size(prepare(p, optax.adam(1e-3), (4, 8)), 2).batch.leaves[0]
+    ('x', (2, 8), 'float32')
+    """
+    from dataclasses import replace
+
+    old = w.batch.size
+
+    def resize(shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (size, *shape[1:]) if shape and shape[0] == old else shape
+
+    leaves = tuple((n, resize(s), d) for n, s, d in w.batch.leaves)
+    acts = {k: [replace(a, inputs=tuple(resize(x) for x in a.inputs), output=resize(a.output)) for a in v]
+            for k, v in w.activations.items()}
+    return replace(w, batch=replace(w.batch, leaves=leaves), activations=acts)

@@ -137,8 +137,12 @@ def why(c: Candidate, first: Candidate, n: int, hw: Hardware) -> str:
             f"{fmt_bytes(c.headroom)} headroom")
 
 
-def no_fit(s: Suggestion, batch_size: int, mem_limit: int) -> NoFitError:
-    """The error when nothing fits: how far the best shape was, and what would help (see ``NoFitError``)."""
+def no_fit(s: Suggestion, batch_size: int, mem_limit: int, shrink: Any = None) -> NoFitError:
+    """The error when nothing fits: how far the best shape was, and what would help (see ``NoFitError``).
+
+    ``shrink``: the largest smaller batch that fits (:func:`tpflax._src.suggest.shrink.smaller_batch`),
+    or None when none does.
+    """
     est = [c for c in s.rejected if c.memory is not None]
     if not est:
         reasons = list(dict.fromkeys(c.rejected for c in s.rejected))[:8]
@@ -156,13 +160,13 @@ def no_fit(s: Suggestion, batch_size: int, mem_limit: int) -> NoFitError:
     else:
         helps.append(f"more devices alone will not do: params, grads and optimizer state are only {fmt_bytes(states)} "
                      "per device; the rest is activations")
-    flexible = m.activations + m.inputs
-    if flexible > over:
-        b = int(batch_size * (1 - over / flexible))
-        helps.append(f"a smaller global batch: activations and inputs are {fmt_bytes(flexible)} per device; about "
-                     f"{max(b, 1)} instead of {batch_size} (rounded to a multiple of data x fsdp) would fit")
+    if shrink is not None:
+        helps.append(f"a smaller global batch: {shrink.batch} instead of {batch_size} fits on {shrink.mesh} "
+                     f"({fmt_bytes(shrink.needs)} per device; the batch must be a multiple of its data x fsdp = "
+                     f"{shrink.shards}); checked with the same estimate")
     elif m.activations:
-        helps.append(f"a smaller global batch: saves up to {fmt_bytes(flexible)} (activations and inputs)")
+        helps.append("a smaller global batch alone will not do: none below "
+                     f"{batch_size} fits on any mesh shape (activations are {fmt_bytes(m.activations)} per device)")
     if m.activations and not s.settings.get("remat"):
         helps.append(f"remat (rematerialise activations; they are {fmt_bytes(m.activations)} per device)")
     if m.opt_state:

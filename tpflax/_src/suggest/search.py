@@ -42,6 +42,7 @@ from tpflax._src.mesh import DATA, EXPERT, FSDP, TENSOR, MeshShape, mesh_shape
 from tpflax._src.specs import entries, used_axes
 from tpflax._src.suggest.rank import biggest, comm_times, degrees, link_local, no_fit, why
 from tpflax._src.suggest.records import Candidate, Suggestion
+from tpflax._src.suggest.shrink import smaller_batch
 from tpflax._src.suggest.verify import verify_suggestion
 
 __all__ = ["AXES", "Context", "Shared", "suggest_mesh"]
@@ -337,7 +338,9 @@ def suggest_mesh(model_or_tree: Any, devices: int, device_memory: Any = None, ha
     s = Suggestion(tuple(order), tuple(rejected), degrees(ctx.config, ctx.base.decisions, devices, hw), hw,
                    devices, tuple(dict.fromkeys(notes)), settings, time.perf_counter() - t0)
     if not order and raise_if_none:
-        raise no_fit(s, w.batch.size, mem_limit)
+        retry = [c.mesh for c in rejected if c.rejected.startswith(("does not fit", "global batch"))]
+        raise no_fit(s, w.batch.size, mem_limit,
+                     smaller_batch(ctx, retry, mem_limit, lambda e: e.per_device.total))
     if verify:
         s = replace(s, verified=verify_suggestion(s, top=verify))
     return s

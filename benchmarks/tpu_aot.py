@@ -1,0 +1,134 @@
+"""Estimate.peak and the estimated collectives against the TPU compiler (no TPU needed).
+
+Every zoo model at real width (Llama-2-7B, GPT-2, ViT-B/16, ResNet-18, the
+Mixtral-like MoE) on three meshes of a v5e:2x4 topology, remat on and off
+(Llama: its config's ``remat``; the other zoo models have none), bf16 and f32.
+The transformers are compiled with 2 layers of their real width and length
+(a compile of a 2-layer 7B step takes 1-3 minutes on 2 busy cores); the
+estimate is priced for the same config. Everything the estimate counts per layer
+is linear in the layer count (saved activations, params, grads, optimizer
+state) and the transient terms are per layer or per step, so the error at 2
+layers is the error of the per-step terms plus that of one repeated layer.
+
+    python benchmarks/tpu_aot.py --compile   # TPU compiles, cached in results/tpu_aot.jsonl
+    python benchmarks/tpu_aot.py --cpu       # the same steps on 8 CPU devices (side-by-side table)
+    python benchmarks/tpu_aot.py             # writes results/tpu_aot.md from the cache
+
+Needs libtpu: ``pip install "jax[tpu]==<your jax>"`` (``tpflax[tpu]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+HERE = Path(__file__).parent
+CACHE = HERE / "results" / "tpu_aot.jsonl"
+CPU_CACHE = HERE / "results" / "tpu_aot_cpu.jsonl"
+OUT = HERE / "results" / "tpu_aot.md"
+G = 2 ** 30
+
+MODELS = {  # name: (zoo name, layer override, global batch)
+    "llama-2-7b": ("llama-2-7b", 2, 8),
+    "gpt2": ("gpt2-small", 2, 16),
+    "vit-b16": ("vit-b16", 2, 32),
+    "resnet18": ("resnet18", None, 32),
+    "moe": ("moe", 2, 8),
+}
+MESHES = ("fsdp=8", "data=2,fsdp=4", "fsdp=2,model=4")
+
+
+def grid():
+    """Configs in the order they are compiled (most informative first)."""
+    out = []
+    for dtype in ("bf16", "f32"):
+        for mesh in MESHES:
+            for name in MODELS:
+                out.append((name, mesh, False, dtype))
+            out.append(("llama-2-7b", mesh, True, dtype))
+    return out
+
+
+def key(cfg) -> str:
+    name, mesh, remat, dtype = cfg
+    return f"{name}|{mesh}|remat={'on' if remat else 'off'}|{dtype}"
+
+
+def build(cfg):
+    """(zoo model, plan, mesh shape dict, batch size) for one config."""
+    import jax.numpy as jnp
+
+    import tpflax
+    from tpflax import zoo
+
+    name, mesh, remat, dtype = cfg
+    zname, layers, batch = MODELS[name]
+    kw = {} if layers is None else {"n_layers": layers}
+    if dtype == "bf16":
+        kw.update(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    if remat:
+        kw.update(remat=True)
+    m = zoo.get(zname, "real", **kw)
+    shape = {k: int(v) for k, v in (x.split("=") for x in mesh.split(","))}
+    return m, tpflax.plan(m.abstract_variables(), shape), shape, batch
+
+
+def optimizer():
+    import optax
+
+    return optax.adamw(1e-4)
+
+
+def load(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return {r["key"]: r for r in rows}
+
+
+def compile_all(cpu: bool, only: str = "") -> None:
+    from tpu_compile import compile_step, tpu_mesh
+
+    import tpflax
+
+    path = CPU_CACHE if cpu else CACHE
+    done = load(path)
+    todo = [c for c in grid() if key(c) not in done and re.search(only, key(c))]
+    if cpu:  # the side-by-side table: one mesh, bf16, remat off
+        todo = [c for c in todo if c[1] == "fsdp=8" and c[3] == "bf16" and not c[2]]
+    for cfg in todo:
+        m, p, shape, batch = build(cfg)
+        mesh = tpflax.make_mesh(shape) if cpu else tpu_mesh(shape)
+        c = compile_step(tpflax.make_train_step(m, p, mesh, optimizer(), batch), mesh)
+        row = {"key": key(cfg), "argument": c.argument, "output": c.output, "temp": c.temp, "alias": c.alias,
+               "peak": c.peak, "comm": c.comm, "flops": c.flops, "seconds": round(c.seconds, 1)}
+        with path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(key(cfg), f"peak {c.peak / G:.3f} GiB in {c.seconds:.0f}s", flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--only", default="", help="compile only configs whose key matches this regex")
+    args = ap.parse_args()
+    if args.compile or args.cpu:
+        if args.cpu:
+            os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+        compile_all(args.cpu, args.only)
+        return 0
+    from tpu_aot_report import write_report
+
+    write_report(OUT, load(CACHE), load(CPU_CACHE))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""Compile a tpflax train step with the TPU compiler, with no TPU attached (libtpu's AOT path).
+
+The one place the benchmarks build a TPU topology mesh and read the compiled
+program; retarget it to ``tpflax.make_mesh(shape, target=...)`` and
+``tpflax.dry_run`` once those accept a target.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+# libtpu warns about TPU_ACCELERATOR_TYPE and worker hostnames on a machine without TPUs: harmless
+os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# libtpu takes a machine-wide lock file; compiling for an abstract topology needs no exclusive chip
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """What the TPU compiler decided for one step (bytes per device)."""
+
+    argument: int
+    output: int
+    temp: int
+    alias: int
+    peak: int  # argument + output - alias + temp: what must fit in HBM at once
+    comm: dict  # {kind: {axis label: ring bytes per step}}
+    flops: float
+    seconds: float
+    hlo: str
+
+
+def tpu_mesh(shape: dict, topology: str = "v5e:2x4"):
+    """A ``jax.sharding.Mesh`` over the abstract devices of a TPU topology (nothing allocated)."""
+    import numpy as np
+    from jax.experimental import topologies
+    from jax.sharding import Mesh
+
+    topo = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+    devices = np.array(topo.devices)
+    return Mesh(devices.reshape(tuple(shape.values())), tuple(shape))
+
+
+def compile_step(ts, mesh) -> Compiled:
+    """Lower and compile a :class:`tpflax.TrainStep` for ``mesh``'s (TPU) devices."""
+    import jax
+
+    from tpflax.hlo import parse_collectives, summarize
+
+    t0 = time.perf_counter()
+    c = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings,
+                donate_argnums=ts.donate_argnums).lower(*ts.args).compile()
+    seconds = time.perf_counter() - t0
+    ma = c.memory_analysis()
+    text = c.as_text()
+    comm: dict = {}
+    for (kind, axis), v in summarize(parse_collectives(text, mesh, num_devices=mesh.devices.size),
+                                     by="axis").items():
+        if v > 0:
+            comm.setdefault(kind, {})[axis] = v
+    ca = c.cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    arg, out, temp, alias = (int(getattr(ma, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp",
+                                                                               "alias"))
+    return Compiled(arg, out, temp, alias, arg + out - alias + temp, comm, float((ca or {}).get("flops", 0)),
+                    seconds, text)

@@ -1,0 +1,218 @@
+"""The estimate's per-device peak for one training step, from how XLA schedules it.
+
+A compiled train step (forward, backward, optimizer update, with the
+parameters and optimizer state donated) holds, per device:
+
+* for the whole step: its arguments (params, optimizer state, model state,
+  batch), updated in place through donation;
+* growing through the forward pass and freed by the backward pass as it goes:
+  the saved activations, including each attention layer's probabilities
+  (``batch x heads x seq x seq`` in the activation dtype) unless the layer is
+  rematerialised;
+* growing through the backward pass: the gradients (sharded like the params);
+* one layer at a time: the working set of the layer in flight: its weights
+  gathered over the fsdp axes (two layers: XLA gathers the next while one
+  computes), its attention scores and their gradient, and under remat its
+  recomputed activations;
+* at the loss, still live when the last layer's backward pass starts: the
+  float32 logits (their gradient is formed in the same buffer).
+
+Saved activations and gradients are both linear in the layer count and move in
+opposite directions through the backward pass, so the peak is at one end of
+it: ``arguments + max(saved activations + logits + one layer's working set,
+gradients + the last layer's gathered weights)``. Every term is in
+:class:`Peak` and the report prints it. The coefficients (how many score-sized
+buffers a layer holds, one logits buffer) were read off the TPU compiler's
+buffer assignment of a 2-layer Llama-2-7B step and checked across the zoo in
+``benchmarks/results/tpu_aot.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from tpflax._src.cost.activations import (
+    activation_bytes,
+    acts_for,
+    formula_scores_bytes,
+    token_rows,
+)
+from tpflax._src.cost.batch import config_value
+from tpflax._src.cost.comm import body, leaf_itemsize
+from tpflax._src.cost.leaves import Leaves
+from tpflax._src.cost.optstate import shard_bytes
+from tpflax._src.cost.records import Memory, Peak
+from tpflax._src.cost.workload import Workload
+from tpflax._src.mesh import EXPERT, FSDP, TENSOR, MeshShape
+from tpflax._src.specs import entry_axes
+
+# batch x heads x seq x seq buffers (activation dtype) per attention layer, measured on the TPU compiler:
+SCORES_SAVED = 1  # the probabilities, kept for the backward pass (none under remat)
+# in flight while a layer runs: 16-bit scores need the probabilities' gradient and the scores' gradient
+# (the float32 softmax between them stays in a fusion); float32 ones are updated in place
+SCORES_WORKING = {2: 2, 4: 1}
+LOGITS_BUFFERS = 1  # float32 logits at the loss; XLA forms their gradient in the same buffer
+GATHERED_LAYERS = 2  # fsdp: the layer computing and the next one being gathered
+# tokens x experts (or top_k) x d_ff buffers per expert layer: pre-activation and gated hidden saved,
+# one gradient in flight
+EXPERT_SAVED = 2
+EXPERT_WORKING = 1
+
+_INDEXED = re.compile(r"^(.*?_)\d+$")
+
+
+def tensor_degree(mesh: MeshShape, entry: Any) -> int:
+    """How many ways a spec entry splits its dim over tensor or expert axes.
+
+    >>> from tpflax._src.mesh import mesh_shape
+    >>> tensor_degree(mesh_shape({"fsdp": 2, "model": 4}), ("fsdp", "model"))
+    4
+    """
+    roles = dict(mesh.roles)
+    return math.prod(mesh.sizes[a] for a in entry_axes(entry) if roles[a] in (TENSOR, EXPERT))
+
+
+def block_of(path: str) -> str:
+    """The repeated block a leaf belongs to (``params/layers_3``), else its own path.
+
+    >>> block_of("params/layers_3/mlp/up/kernel"), block_of("params/lm_head/kernel")
+    ('params/layers_3', 'params/lm_head/kernel')
+    """
+    parts = path.split("/")
+    for i, p in enumerate(parts):
+        if _INDEXED.match(p):
+            return "/".join(parts[:i + 1])
+    return path
+
+
+def gathered_bytes(lv: Leaves, mesh: MeshShape) -> tuple[int, int]:
+    """``(largest block, two largest blocks)``: one layer's weights gathered over the fsdp axes.
+
+    A scanned stack gathers one layer's slice (the leaf without its layers dim).
+    Zero when the mesh has no fsdp axis larger than one.
+
+    >>> import jax, tpflax
+    >>> from tpflax._src.cost.leaves import merge
+    >>> w = jax.ShapeDtypeStruct((1024, 1024), "float32")  # 4 MiB per layer
+    >>> p = tpflax.plan({f"layers_{i}": {"w": w} for i in range(3)}, {"fsdp": 4})
+    >>> gathered_bytes(merge(p.decisions, {}), p.mesh)  # one layer whole, and two
+    (4194304, 8388608)
+    """
+    roles = dict(mesh.roles)
+    fsdp = {a for a in mesh.names if roles[a] == FSDP and mesh.sizes[a] > 1}
+    if not fsdp:
+        return 0, 0
+    blocks: dict[str, int] = {}
+    repeats: dict[str, int] = {}  # merged leaves stand for this many alike layers
+    for path, d in lv.decisions.items():
+        spec = lv.specs[path]
+        if not any(a in fsdp for e in spec for a in entry_axes(e)):
+            continue
+        kept = tuple(_drop(e, fsdp) for e in spec)
+        shape, kept = (body(d), kept[d.layers_dim + 1:]) if d.layers_dim is not None else (tuple(d.shape), kept)
+        key = block_of(path) if d.layers_dim is None else path.rsplit("/", 1)[0]
+        blocks[key] = blocks.get(key, 0) + shard_bytes(shape, leaf_itemsize(d), kept, mesh)
+        repeats[key] = min(repeats.get(key, lv.count[path]), lv.count[path])
+    top = sorted((n for k, n in blocks.items() for _ in range(min(repeats[k], GATHERED_LAYERS))), reverse=True)
+    return top[0], sum(top[:GATHERED_LAYERS])
+
+
+def _drop(entry: Any, axes: set[str]) -> Any:
+    kept = tuple(a for a in entry_axes(entry) if a not in axes)
+    return None if not kept else kept[0] if len(kept) == 1 else kept
+
+
+def _heads_split(lv: Leaves, mesh: MeshShape) -> int:
+    """Tensor degree of the attention heads: the largest split of an attention kernel's dims."""
+    best = 1
+    for path, d in lv.decisions.items():
+        if d.kind == "attention":
+            best = max([best] + [tensor_degree(mesh, e) for e in lv.specs[path]])
+    return best
+
+
+def score_elements(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -> tuple[int, int]:
+    """``(elements of one attention layer's scores on a device, attention layers)``; zeros without attention."""
+    cfg = w.config
+    heads, layers, seq = (config_value(cfg, k) for k in ("n_heads", "n_layers", "seq_len"))
+    if not (heads and layers and seq) or not any(d.kind == "attention" for d in lv.decisions.values()):
+        return 0, 0
+    per_example = token_rows(w.batch, cfg) // max(w.batch.size, 1)  # the sequence a layer attends over
+    split = _heads_split(lv, mesh)
+    return int(w.batch.size / shards * math.ceil(heads / split) * per_example * per_example), int(layers)
+
+
+def logits_bytes(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -> int:
+    """The float32 logits on a device (rows on this device x the head's local width), 0 without a head.
+
+    The head is the output layer, or an embedding whose ``attend`` makes the logits (tied weights).
+    """
+    heads = [(d.shape[-1], lv.specs[p][-1]) for p, d in lv.decisions.items()
+             if d.kind == "head" and len(d.shape) >= 2]
+    heads += [(d.shape[0], lv.specs[p][0]) for p, d in lv.decisions.items()
+              if d.kind == "embedding" and acts_for(w.activations, d.unit + ":attend")]
+    if not heads:
+        return 0
+    vocab, entry = heads[-1]
+    width = math.ceil(vocab / tensor_degree(mesh, entry))
+    rows = token_rows(w.batch, w.config) if w.batch.leaves and len(w.batch.leaves[0][1]) == 2 else w.batch.size
+    return int(rows / shards * width * 4)
+
+
+def expert_hidden_bytes(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -> tuple[int, int]:
+    """``(one expert layer's hidden activations on a device, expert layers)``; zeros without experts.
+
+    The hidden width is the expert up-projection's last dim; with dense dispatch every token
+    visits every expert on the device, routed (all-to-all) each token visits ``top_k``.
+    """
+    ups = [(p, d) for p, d in lv.decisions.items() if d.kind == "expert" and len(body(d)) == 3]
+    if not ups:
+        return 0, 0
+    path, d = ups[0]
+    spec = lv.specs[path][-3:]
+    experts, width = body(d)[0], body(d)[-1]
+    per_token = (math.ceil(experts / tensor_degree(mesh, spec[0])) if w.dispatch == "dense"
+                 else config_value(w.config, "top_k", 2))
+    tokens = token_rows(w.batch, w.config) / shards
+    layers = sum(lv.count[p] for p, x in ups if body(x) == body(d))  # the up-projections, one per layer
+    return int(tokens * per_token * math.ceil(width / tensor_degree(mesh, spec[-1])) * w.act_item), layers
+
+
+def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> Peak:
+    """The per-device peak of one training step (see the module docstring) for merged leaves on ``mesh``.
+
+    ``dev`` is the estimate's :class:`Memory` on the fullest device; :func:`tpflax.estimate` calls
+    this and keeps the result as ``Estimate.breakdown`` (``Estimate.peak`` is its total).
+
+    >>> import optax, tpflax
+    >>> from tpflax import zoo
+    >>> m = zoo.get("llama")
+    >>> p = tpflax.plan(m.abstract_variables(), {"fsdp": 8}, fsdp_min_bytes=1024)
+    >>> e = tpflax.estimate(p, optax.adam(1e-3), 8, model=m)
+    >>> e.peak == e.breakdown.total > e.per_device.arguments + e.per_device.activations
+    True
+    """
+    one, two = gathered_bytes(lv, mesh)
+    elems, n_attn = score_elements(lv, mesh, w, shards)
+    scores = elems * w.act_item  # saved in the activation dtype: XLA keeps the softmax's float32 in a fusion
+    # with the heads split over a tensor axis the TPU compiler keeps the scores in flight in float32 (measured)
+    working = elems * 4 * 2 if _heads_split(lv, mesh) > 1 else scores * SCORES_WORKING.get(w.act_item, 2)
+    saved_scores = 0 if w.remat else SCORES_SAVED * scores * n_attn
+    recompute = 0
+    if w.remat:
+        # the backward pass of one layer recomputes what it would have saved without remat
+        full, _ = activation_bytes(lv.column_units, w.activations, w.batch, w.config, mesh, shards, False,
+                                   w.act_item, [])
+        layers = config_value(w.config, "n_layers") or 1
+        recompute = int(max(full - dev.activations, 0) / layers + SCORES_SAVED * scores)
+    hidden, n_exp = expert_hidden_bytes(lv, mesh, w, shards)
+    saved = dev.activations
+    if not w.activations:  # the transformer formula counts scores too (5as/ht): they are counted above
+        saved -= formula_scores_bytes(w.batch, w.config, mesh, shards, w.remat, w.act_item)
+    return Peak(arguments=dev.arguments, grads=dev.grads, activations=saved, scores=saved_scores,
+                gathered=two, attention=working, recompute=recompute,
+                logits=LOGITS_BUFFERS * logits_bytes(lv, mesh, w, shards), gathered_last=one,
+                experts=0 if w.remat else EXPERT_SAVED * hidden * n_exp, expert_work=EXPERT_WORKING * hidden)
+
