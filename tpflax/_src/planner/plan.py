@@ -125,7 +125,7 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
     opts = Options(fsdp_min_bytes=None if fsdp_min_bytes is None else int(fsdp_min_bytes),
                    min_channels=int(min_channels), tensor_min_bytes=int(tensor_min_bytes),
                    tied_guess=not any(f.kind == "dense" and HEAD.match(f.unit_name) for f in facts),
-                   **pricing(hardware, batch if batch is not None else sample, device_memory))
+                   **pricing(hardware, batch, device_memory, _example(model, sample)))
     lrules = list(logical_rules) if logical_rules is not None else default_logical_rules(ms)
     forced = force(facts, parsed, ms, use_annotations, lrules)
     proposals, pairs, sources, disagreements, doubts = _propose(facts, ms, opts, forced, model, sample, tree)
@@ -139,6 +139,13 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
     return Plan(mesh=ms, specs=jax.tree_util.tree_unflatten(treedef, specs), decisions=decisions,
                 pairs=tuple(pairs), warnings=tuple(warnings), options=options,
                 disagreements=tuple(disagreements))
+
+
+def _example(model: Any, sample: Any) -> Any:
+    """The model's example inputs, when known without tracing: ``sample``, or a zoo model's own."""
+    if sample is not None or model is None or not hasattr(model, "sample_inputs"):
+        return sample
+    return tuple(model.sample_inputs(1))
 
 
 def _check_stacked_and_logical(stacked: Any, logical_rules: Any) -> None:
