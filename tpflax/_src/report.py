@@ -27,7 +27,7 @@ HEADER = ["path", "kind", "shape", "dtype", "strategy", "spec", "bytes", "per de
 
 
 def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool = True,
-           pairs: bool = False, dry_run: Any = None) -> str:
+           pairs: bool = False, dry_run: Any = None, why: Any = None) -> str:
     """Render a plan (and optionally an estimate) as text or JSON.
 
     Args:
@@ -39,6 +39,8 @@ def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool
         pairs: list the column/row pairs in text.
         dry_run: a ``tpflax.dry_run`` result: what XLA compiled, set beside the
             estimate (memory and collectives, with relative errors) when both are given.
+        why: a file path: also write there every candidate layout the chooser
+            priced for each leaf, with its cost (see :mod:`tpflax._src.why`).
 
     >>> import jax
     >>> from tpflax import plan
@@ -51,6 +53,10 @@ def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool
     if not isinstance(plan, Plan):
         raise OptionError(f"report() expects a tpflax.Plan, got {type(plan).__name__}; make one with "
                           "tpflax.plan(tree, mesh)")
+    if why is not None:
+        from tpflax._src.why import write_why
+
+        write_why(plan, why)
     if fmt == "json":
         data = json.loads(plan.to_json())
         if estimate is not None and hasattr(estimate, "to_dict"):

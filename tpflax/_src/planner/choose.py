@@ -128,9 +128,13 @@ def _write(st: Any, ch: Chosen) -> None:
     ranked = sorted((i for i in range(len(ch.options)) if i != ch.index), key=lambda i: ch.costs[i].step_time)
     runner = ranked[0]
     hw = st.context.hardware
+    out = ""
+    if ch.costs[runner].step_time < c.step_time and ch.options[runner].whole:
+        out = (" (ruled out: it repeats the group's matmuls on every tensor rank, holding more bytes and "
+               "flops per device; a mesh without that tensor axis is the faster choice)")
     words = (f"; chosen by cost over {len(ch.options)} {ch.kind} layouts ({', '.join(x.name for x in ch.options)};"
              f" step time on {hw.name}, {st.context.tokens} tokens per step): runner-up "
-             f"{compare(ch.options[runner].name, ch.costs[runner], c)}")
+             f"{compare(ch.options[runner].name, ch.costs[runner], c)}{out}")
     for path, p in o.proposals:
         alts = tuple(_alternative(x, k, path, ch) for k, x in enumerate(ch.options))
         prev = st.out.get(path)

@@ -28,8 +28,8 @@ from tpflax._src.facts.tree import walk
 from tpflax._src.mesh import EXPERT, FSDP, TENSOR, MeshShape, mesh_shape
 from tpflax._src.planner import heuristics
 from tpflax._src.planner.builders import Options, Proposal
-from tpflax._src.planner.pricing import pricing
 from tpflax._src.planner.decision import Decision, Pair, Plan, check_tree_matches
+from tpflax._src.planner.pricing import pricing
 from tpflax._src.planner.rules import Forced, default_logical_rules, force, parse_rules
 from tpflax._src.specs import (
     bytes_per_device,
