@@ -47,6 +47,8 @@ from tpflax._src.errors import (
                      TreeError,
 )
 from tpflax._src.hardware import Hardware
+from tpflax._src.hardware import get_hardware as get_hardware
+from tpflax._src.planner.decision import Alternative as Alternative
 from tpflax._src.mesh import MeshShape, abstract_mesh, make_mesh, mesh_shape
 from tpflax._src.planner.plan import Decision, Pair, Plan, default_logical_rules, plan
 from tpflax._src.report import fmt_bytes, report
@@ -76,4 +78,6 @@ __all__ = [
     # mesh suggestion
     "Candidate", "Degree", "Hardware", "NoFitError", "SuggestError", "Suggestion", "Verification",
     "suggest_mesh", "verify_suggestion",
+    # plans chosen by cost (plan(..., hardware=, batch=, device_memory=), report(plan, why=))
+    "Alternative", "get_hardware",
 ]

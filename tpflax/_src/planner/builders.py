@@ -436,10 +436,8 @@ def fsdp(st: State, facts: Sequence[Facts]) -> None:
     leaves at least that large split.
     """
     f_entry, f_size = st.mesh.group(FSDP)
-    if f_size == 1:
-        return
     by_cost = st.opts.fsdp_min_bytes is None
-    for f in facts:
+    for f in facts if f_size > 1 else ():
         p = st.out[f.path]
         if f.leaf.numeric not in ("float", "complex") or f.kind in ("int", "state"):
             continue
