@@ -137,20 +137,24 @@ TABLE_IDS = ["token_type", "position_offset_2", "raw_pos_param"]
 # what the chooser decides and records (abstract, fast)
 
 @pytest.mark.parametrize("cls,path", TABLES, ids=TABLE_IDS)
-def test_small_tables_stay_whole_with_every_candidate_priced(cls, path):
+def test_small_tables_are_priced_every_way(cls, path):
     d = _plan(cls, DP_TP).decisions[path]
-    assert d.spec == P(None, None) and d.strategy == "replicate"
     names = [a.name for a in d.alternatives]
     rows = d.shape[0]
-    # 2 and 66 rows do not divide model=4: only the embedding-dim split is a candidate
+    # 2 and 66 rows do not divide model=4: only the embedding-dim split is a split candidate
     assert names == (["vocab split"] if rows % 4 == 0 else []) + ["embed-dim split", "replicate"]
     chosen = [a for a in d.alternatives if a.chosen]
-    assert [a.name for a in chosen] == ["replicate"]
-    for a in d.alternatives:
-        if not a.chosen:  # a split saves bytes but moves activations every step
-            assert a.bytes_per_device < chosen[0].bytes_per_device and a.comm_bytes > chosen[0].comm_bytes
-            assert a.step_time > chosen[0].step_time
-    assert "runner-up" in d.reason and "per device" in d.reason and "collectives per step" in d.reason
+    assert len(chosen) == 1 and d.spec == chosen[0].spec
+    assert all(a.step_time >= chosen[0].step_time for a in d.alternatives)
+    assert "runner-up" in d.reason and "per device" in d.reason
+    whole = next(a for a in d.alternatives if a.name == "replicate")
+    # a table every tensor rank holds has its adam update split over the ranks by XLA and
+    # gathered back: three all-gathers of the table per step, priced with the split's collectives
+    assert any("gather the updated slices back" in c for c in whole.collectives)
+    if rows == 2:  # 2 x 64 floats: nothing to gather worth a collective of activations
+        assert chosen[0].name == "replicate"
+    else:  # the table's update gathers cost more than the split: it is split
+        assert chosen[0].name != "replicate" and d.bytes_per_device < d.bytes
 
 
 @pytest.mark.parametrize("traced", [False, True], ids=["tree", "traced"])
@@ -176,7 +180,8 @@ def test_fsdp_is_decided_by_cost_not_size():
     assert d.fsdp and "fsdp" in tpflax._src.specs.used_axes(tuple(d.spec))
     fs = {a.name: a for a in d.alternatives if a.group == "fsdp"}
     # on TPU the gather and the reduce-scatter cost what the data-parallel all-reduce they replace costs
-    assert fs["fsdp"].comm_bytes == pytest.approx(fs["no fsdp"].comm_bytes, rel=1e-9)
+    # no more than the data-parallel reduction (and XLA's update gathers) it replaces
+    assert fs["fsdp"].comm_bytes <= fs["no fsdp"].comm_bytes
     assert fs["fsdp"].bytes_per_device < fs["no fsdp"].bytes_per_device and fs["fsdp"].chosen
 
 
@@ -221,12 +226,11 @@ def test_small_table_choice_holds_when_compiled(cls, path):
         if a.chosen:
             continue
         alt = _three(cls, _key(DP_TP), rules=((f"^{path}$", a.spec),))
-        # keeping the table whole removes the split's activation collectives and adds no flops;
-        # it holds at most the table's params and two adam moments more per device
-        assert chosen.comm < alt.comm, (a.name, chosen, alt)
+        # the compiled numbers, scored like the chooser scores its estimates, rank the
+        # chosen layout first; a table's layout does not change the matmuls
+        assert chosen.step_time(hw) <= alt.step_time(hw), (a.name, chosen, alt)
         assert chosen.flops <= alt.flops * 1.001, (a.name, chosen, alt)
-        assert chosen.args - alt.args <= 3 * d.bytes
-        assert chosen.step_time(hw) < alt.step_time(hw), (a.name, chosen, alt)
+        assert chosen.comm <= alt.comm, (a.name, chosen, alt)
 
 
 @pytest.mark.slow

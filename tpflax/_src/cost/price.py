@@ -38,7 +38,7 @@ DEFAULT_TOKENS = 16 * 512
 OPT_COPIES = 2  # adam's two moments per parameter; sgd-like optimizers hold fewer
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # interned by the planner: identity is equality, and hashing is free
 class LeafLayout:
     """One leaf of a candidate layout.
 
@@ -98,7 +98,7 @@ class Cost:
         return sum(b for _, b in self.comm)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # one per plan() pass: identity keys the price cache
 class Context:
     """Where candidates are priced: the mesh, the hardware, the global tokens per step."""
 
@@ -188,7 +188,16 @@ def price(leaves: tuple[LeafLayout, ...], acts: tuple[ActComm, ...], ctx: Contex
             add("all-gather", f_axes, shard * nf, 1, "fsdp: gather the parameter")
             add("reduce-scatter", f_axes, shard * nf, 1, "fsdp: scatter its gradient")
         free = tuple(a for a in ctx.batch_axes if a not in used_axes(x.spec))
-        if free:
+        t_axes = tuple(a for a in mesh.names if r[a] == TENSOR and mesh.sizes[a] > 1 and a not in used_axes(x.spec))
+        if free and t_axes and not f_axes:
+            # XLA shards the update of a leaf the tensor ranks all hold: each reduces and updates
+            # 1/t of it, then gathers the parameter and both adam moments back (measured on
+            # XLA:CPU, tests/test_choose.py)
+            nt = math.prod(mesh.sizes[a] for a in t_axes)
+            add("all-reduce", free, shard / nt, 1, "sum its slice of the gradient over the batch")
+            group = tuple(a for a in mesh.names if a in free or a in t_axes)
+            add("all-gather", group, shard, 1 + OPT_COPIES, "gather the updated slices back")
+        elif free:
             add("all-reduce", free, shard, 1, "sum the gradient over the batch")
     for a in acts:
         add(a.kind, _live(a.entry, mesh), ctx.tokens_local * a.width * ctx.act_item, a.count, a.why)
@@ -210,6 +219,7 @@ def fmt_flops(n: float) -> str:
     return f"{n:.0f} flop"
 
 
+@functools.lru_cache(maxsize=1 << 12)
 def compare(name: str, other: Cost, chosen: Cost) -> str:
     """``other`` against ``chosen`` in words: what taking ``name`` instead would change.
 

@@ -249,7 +249,7 @@ def _megatron(st: State, cols: list[Linear], row: Linear, pair: Pair, unit: str,
         f"{'heads (row side)' if heads else 'row'}: {row.why}; input {unit} ({size}) split over "
         f"{axis_label(t_entry, t_size)}, fed by {partner} (pair {pair.id}); one all-reduce of "
         "activations per pass", pair.id, "row"))]
-    acts = [ActComm("all-reduce", t_entry, row.out_size, 1, f"row {short(row.f.path)}: sum partial outputs")]
+    acts = [ActComm("all-reduce", t_entry, row.out_size, 1, "row: sum partial outputs (forward)")]
     for col in cols:
         why = blocked[id(col)]
         if why and kv_split:
@@ -261,14 +261,14 @@ def _megatron(st: State, cols: list[Linear], row: Linear, pair: Pair, unit: str,
                 f"column of pair {pair.id}: {why}, so its last dim ({col.f.body[last]}, head_dim) is split over "
                 f"{axis_label(t_entry, t_size)} instead; feeds {short(row.f.path)}", pair.id, "column")))
             acts += [ActComm("all-gather", t_entry, col.out_size, 1,
-                             f"{short(col.f.path)}: gather the head_dim-split output for whole heads (forward)"),
+                             "head_dim-split key/value: gather whole heads (forward)"),
                      ActComm("all-reduce", t_entry, col.in_size, 1,
-                             f"column {short(col.f.path)}: sum partial input gradients (backward)")]
+                             "head_dim-split key/value: sum partial input gradients (backward)")]
         elif why:
             props.append((col.f.path, st.whole(col.f, f"column of pair {pair.id}: {why}, kept whole on every "
                                                       f"tensor rank; feeds {short(row.f.path)}", pair.id, "column")))
             acts.append(ActComm("all-gather", t_entry, col.out_size, 1,
-                                f"replicated column {short(col.f.path)}: gather its output gradient (backward)"))
+                                "replicated key/value column: gather its output gradient (backward)"))
         else:
             cdim = col.shard_dim("column")
             cheads = col.heads is not None
@@ -278,7 +278,7 @@ def _megatron(st: State, cols: list[Linear], row: Linear, pair: Pair, unit: str,
                 f"{'heads' if cheads else 'features'} ({col.f.body[cdim]}) split over "
                 f"{axis_label(t_entry, t_size)}, feeds {short(row.f.path)} (pair {pair.id})", pair.id, "column")))
             acts.append(ActComm("all-reduce", t_entry, col.in_size, 1,
-                                f"column {short(col.f.path)}: sum partial input gradients (backward)"))
+                                "column: sum partial input gradients (backward)"))
     name = ("Megatron, K/V head_dim split" if kv_split else
             "Megatron, K/V replicated" if any(blocked.values()) else "Megatron split")
     return Option(name, tuple(props), tuple(acts), frozenset(p for p, _ in props))

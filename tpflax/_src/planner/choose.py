@@ -16,6 +16,7 @@ parameters, gradients and optimizer moments fit ``device_memory``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -61,9 +62,19 @@ class Chosen:
 def layout(f: Any, p: Any, matmul: bool) -> LeafLayout:
     """A leaf's :class:`LeafLayout` under proposal ``p``."""
     shape = tuple(f.leaf.shape)
-    return LeafLayout(shape, f.leaf.itemsize, entries(p.spec, len(shape)),
-                      trainable=f.leaf.collection in ("", "params") and f.leaf.numeric in ("float", "complex"),
-                      matmul=matmul, layers=math.prod(shape[:f.stacked]))
+    spec = p.spec if len(p.spec) == len(shape) else entries(p.spec, len(shape))
+    return _layout(shape, f.leaf.itemsize, spec,
+                   f.leaf.collection in ("", "params") and f.leaf.numeric in ("float", "complex"), matmul, f.stacked)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _layout(shape, item, spec, trainable, matmul, stacked) -> LeafLayout:
+    return LeafLayout(shape, item, spec, trainable=trainable, matmul=matmul, layers=math.prod(shape[:stacked]))
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _pspec(spec):
+    return to_pspec(spec)
 
 
 def cost_of(o: Option, facts: Mapping[str, Any], ctx: Context) -> Cost:
@@ -145,7 +156,7 @@ def _write(st: Any, ch: Chosen) -> None:
 def _alternative(o: Option, k: int, path: str, ch: Chosen) -> Alternative:
     spec = dict(o.proposals)[path].spec
     c = ch.costs[k]
-    return Alternative(name=o.name, group=ch.kind, spec=to_pspec(spec), bytes_per_device=c.bytes_per_device,
+    return Alternative(name=o.name, group=ch.kind, spec=_pspec(tuple(spec)), bytes_per_device=c.bytes_per_device,
                        comm_bytes=c.comm_bytes, flops=c.flops, step_time=c.step_time, chosen=k == ch.index,
                        collectives=c.collectives)
 
