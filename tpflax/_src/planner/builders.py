@@ -15,12 +15,12 @@ from functools import cached_property
 from typing import Any
 
 from tpflax._src.cost.price import DEFAULT_TOKENS, ActComm, Context
-from tpflax._src.facts.classify import POS_EMBED, Facts
+from tpflax._src.facts.classify import Facts
 from tpflax._src.hardware import DEFAULT_PLAN_HARDWARE, get_hardware
-from tpflax._src.mesh import EXPERT, FSDP, TENSOR, MeshShape
-from tpflax._src.planner.choose import Chosen, Option, fit, pick
+from tpflax._src.mesh import EXPERT, TENSOR, MeshShape
+from tpflax._src.planner.choose import Chosen, Option, pick
 from tpflax._src.planner.decision import Alternative, Pair
-from tpflax._src.specs import Entry, entry_axes, used_axes
+from tpflax._src.specs import Entry, entry_axes
 from tpflax._src.vocab import Kind, Role, Strategy
 
 # Strategies that split a kernel's output: a bias added to that output splits alike.
@@ -185,7 +185,12 @@ def axis_label(entry: Entry, size: int) -> str:
     return f"{'*'.join(entry_axes(entry)) or 'tensor'}={size}"
 
 
-def _body_spec(rank: int, dim: int, entry: Entry) -> list[Entry]:
+def body_spec(rank: int, dim: int, entry: Entry) -> list[Entry]:
+    """A body spec splitting only ``dim`` over ``entry``.
+
+    >>> body_spec(3, 1, "model")
+    [None, 'model', None]
+    """
     spec: list[Entry] = [None] * rank
     spec[dim] = entry
     return spec
@@ -245,7 +250,7 @@ def _megatron(st: State, cols: list[Linear], row: Linear, pair: Pair, unit: str,
     partner = ", ".join(short(c.f.path) for c in cols)
     heads = row.heads is not None
     props = [(row.f.path, st.proposal(
-        row.f, _body_spec(len(row.f.body), rdim, t_entry), "heads" if heads else "row",
+        row.f, body_spec(len(row.f.body), rdim, t_entry), "heads" if heads else "row",
         f"{'heads (row side)' if heads else 'row'}: {row.why}; input {unit} ({size}) split over "
         f"{axis_label(t_entry, t_size)}, fed by {partner} (pair {pair.id}); one all-reduce of "
         "activations per pass", pair.id, "row"))]
@@ -257,7 +262,7 @@ def _megatron(st: State, cols: list[Linear], row: Linear, pair: Pair, unit: str,
             if col.f.body[last] % t_size:
                 return None
             props.append((col.f.path, st.proposal(
-                col.f, _body_spec(len(col.f.body), last, t_entry), "column",
+                col.f, body_spec(len(col.f.body), last, t_entry), "column",
                 f"column of pair {pair.id}: {why}, so its last dim ({col.f.body[last]}, head_dim) is split over "
                 f"{axis_label(t_entry, t_size)} instead; feeds {short(row.f.path)}", pair.id, "column")))
             acts += [ActComm("all-gather", t_entry, col.out_size, 1,
@@ -273,7 +278,7 @@ def _megatron(st: State, cols: list[Linear], row: Linear, pair: Pair, unit: str,
             cdim = col.shard_dim("column")
             cheads = col.heads is not None
             props.append((col.f.path, st.proposal(
-                col.f, _body_spec(len(col.f.body), cdim, t_entry), "heads" if cheads else "column",
+                col.f, body_spec(len(col.f.body), cdim, t_entry), "heads" if cheads else "column",
                 f"{'heads (column side)' if cheads else 'column'}: {col.why}; output "
                 f"{'heads' if cheads else 'features'} ({col.f.body[cdim]}) split over "
                 f"{axis_label(t_entry, t_size)}, feeds {short(row.f.path)} (pair {pair.id})", pair.id, "column")))
@@ -341,77 +346,16 @@ def shard_conv_pair(st: State, a: Facts, b: Facts, a_dim: int, b_dim: int, why: 
             st.replicate(f, f"{side} of conv pair {pair.id}, but {note}: {why}tensor split skipped", pair.id, role)
         return
     over = axis_label(t_entry, t_size)
-    st.put(a, _body_spec(len(a.body), a_dim, t_entry), "channel",
+    st.put(a, body_spec(len(a.body), a_dim, t_entry), "channel",
            f"channel: {why}{ch} output channels split over {over}, feed {short(b.path)} (conv pair "
            f"{pair.id})", pair.id, "column")
-    st.put(b, _body_spec(len(b.body), b_dim, t_entry), "row",
+    st.put(b, body_spec(len(b.body), b_dim, t_entry), "row",
            f"input-channel: {ch} input channels split over {over}, fed by {short(a.path)} (conv pair "
            f"{pair.id}); one all-reduce per pass", pair.id, "row")
 
 
 # ---------------------------------------------------------------------------
-# embeddings, output heads, biases
-
-
-def shard_embedding(st: State, f: Facts, vdim: int, evidence: str = "", tied: bool = False) -> None:
-    """A 2-D table looked up over body dim ``vdim``: vocab split, embedding-dim split or whole, by cost."""
-    t_entry, t_size = st.tensor
-    v, d = f.body[vdim], f.body[1 - vdim]
-    ev = f"{evidence}; " if evidence else ""
-    if t_size == 1:
-        st.replicate(f, f"embedding: {ev}no tensor axis in the mesh")
-        return
-    over = axis_label(t_entry, t_size)
-    if not evidence and st.opts.tied_guess and not POS_EMBED.search(f.unit_name):
-        tied, ev = True, "no output head in the tree, so priced as tied to the logits; "
-    mm = frozenset({f.path}) if tied else frozenset()
-    options = []
-    if v % t_size == 0:
-        acts = (ActComm("all-reduce", t_entry, d, 1, "sum the looked-up rows (forward)"),)
-        if tied:
-            acts += _logit_acts(t_entry, d, "tied output embedding")
-        options.append(Option("vocab split", ((f.path, st.proposal(
-            f, _body_spec(2, vdim, t_entry), "vocab",
-            f"vocab: {ev}{v} rows split over {over} (vocab-parallel lookup{' and logits' if tied else ''})")),),
-            acts, mm))
-    if d % t_size == 0:
-        acts = (ActComm("all-gather", t_entry, d, 1, "gather the looked-up features (forward)"),)
-        if tied:
-            acts += (ActComm("all-reduce", t_entry, v, 1, "sum partial logits over the split features"),)
-        options.append(Option("embed-dim split", ((f.path, st.proposal(
-            f, _body_spec(2, 1 - vdim, t_entry), "vocab",
-            f"vocab: {ev}" + (f"the embedding dim {d} is split over {over}" if v % t_size == 0 else
-                              f"{v} rows not divisible by {t_size}, so the embedding dim {d} is split over "
-                              f"{over} instead"))),), acts, mm))
-    options.append(Option("replicate", ((f.path, st.whole(
-        f, f"embedding: {ev}{v} x {d} table kept whole on every tensor rank")),), (), mm, whole=True))
-    st.choose("embedding", options, [f])
-
-
-def _logit_acts(t_entry: Entry, d: int, what: str) -> tuple[ActComm, ...]:
-    """A vocab-split output: the split softmax's three per-token reductions and the input gradients."""
-    return (ActComm("all-reduce", t_entry, 1, 3, f"{what}: max, sum and label logit of the split softmax"),
-            ActComm("all-reduce", t_entry, d, 1, f"{what}: sum input gradients (backward)"))
-
-
-def shard_output_head(st: State, f: Facts, dim: int, evidence: str) -> None:
-    """An output head (logits): column over its output body dim ``dim`` or whole, by cost; kind ``head``."""
-    t_entry, t_size = st.tensor
-    n = f.body[dim]
-    if t_size > 1 and n % t_size == 0:
-        d = math.prod(f.body) // n
-        mm = frozenset({f.path})
-        split = Option("vocab split", ((f.path, st.proposal(
-            f, _body_spec(len(f.body), dim, t_entry), "column",
-            f"{evidence}; {n} outputs split over {axis_label(t_entry, t_size)} (vocab-parallel logits)",
-            kind="head")),), _logit_acts(t_entry, d, "vocab-split output head"), mm)
-        whole = Option("replicate", ((f.path, st.whole(f, f"{evidence}; kept whole on every tensor rank",
-                                                       kind="head")),), (), mm, whole=True)
-        st.choose("head", [split, whole], [f])
-    else:
-        st.replicate(f, f"{evidence}; " + ("no tensor axis in the mesh" if t_size == 1 else
-                                           f"{n} outputs not divisible by {axis_label(t_entry, t_size)}, "
-                                           "kept whole"), kind="head")
+# biases
 
 
 def bias_follows(st: State, f: Facts, body_spec: Sequence[Entry], kernel: Proposal, evidence: str) -> None:
@@ -421,48 +365,3 @@ def bias_follows(st: State, f: Facts, body_spec: Sequence[Entry], kernel: Propos
                f"{evidence} ({kernel.strategy}): split like that output", kernel.pair)
     else:
         st.replicate(f, f"{evidence} ({kernel.strategy}): added after the reduction, so replicated", kernel.pair)
-
-
-# ---------------------------------------------------------------------------
-# the fsdp fallback
-
-
-def fsdp(st: State, facts: Sequence[Facts]) -> None:
-    """Float leaves also split their largest free divisible dim over the fsdp axes.
-
-    With ``fsdp_min_bytes`` None the chooser decides each leaf by cost (on TPU
-    and GPU the gather and the reduce-scatter cost what the data-parallel
-    all-reduce they replace costs, so the split wins on memory); with a number,
-    leaves at least that large split.
-    """
-    f_entry, f_size = st.mesh.group(FSDP)
-    by_cost = st.opts.fsdp_min_bytes is None
-    for f in facts if f_size > 1 else ():
-        p = st.out[f.path]
-        if f.leaf.numeric not in ("float", "complex") or f.kind in ("int", "state"):
-            continue
-        if not by_cost and f.leaf.nbytes < st.opts.fsdp_min_bytes:
-            if p.strategy == "replicate":
-                st.out[f.path] = replace(p, reason=p.reason + f"; below fsdp_min_bytes ({f.leaf.nbytes} < "
-                                                               f"{st.opts.fsdp_min_bytes})")
-            continue
-        if used_axes(p.spec) & set(entry_axes(f_entry)):
-            continue
-        free = [d for d in range(f.stacked, len(f.leaf.shape))
-                if p.spec[d] is None and f.leaf.shape[d] % f_size == 0]
-        if not free:
-            st.out[f.path] = replace(p, reason=p.reason + f"; no free dim divisible by "
-                                                           f"{axis_label(f_entry, f_size)} for fsdp")
-            continue
-        dim = max(free, key=lambda d: (f.leaf.shape[d], -d))
-        spec = list(p.spec)
-        spec[dim] = f_entry
-        on = replace(p, spec=tuple(spec), strategy="fsdp" if p.strategy == "replicate" else p.strategy, fsdp=True,
-                     reason=p.reason + f"; fsdp: dim {dim - f.stacked} ({f.leaf.shape[dim]}) split over "
-                                       f"{axis_label(f_entry, f_size)}" +
-                            ("" if by_cost else f" (leaf {f.leaf.nbytes} B >= fsdp_min_bytes)"))
-        if by_cost:
-            st.choose("fsdp", [Option("fsdp", ((f.path, on),)), Option("no fsdp", ((f.path, p),))], [f])
-        else:
-            st.out[f.path] = on
-    st.doubts.extend(fit(st, st.opts.device_memory))
