@@ -93,7 +93,7 @@ class Cost:
     step_time: float
     collectives: tuple[str, ...] = ()
 
-    @property
+    @functools.cached_property
     def comm_bytes(self) -> float:
         return sum(b for _, b in self.comm)
 

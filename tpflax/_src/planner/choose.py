@@ -154,10 +154,14 @@ def _write(st: Any, ch: Chosen) -> None:
 
 
 def _alternative(o: Option, k: int, path: str, ch: Chosen) -> Alternative:
-    spec = dict(o.proposals)[path].spec
-    c = ch.costs[k]
-    return Alternative(name=o.name, group=ch.kind, spec=_pspec(tuple(spec)), bytes_per_device=c.bytes_per_device,
-                       comm_bytes=c.comm_bytes, flops=c.flops, step_time=c.step_time, chosen=k == ch.index,
+    return _alt(o.name, ch.kind, tuple(dict(o.proposals)[path].spec), ch.costs[k], k == ch.index)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _alt(name: str, kind: str, spec: tuple, c: Cost, chosen: bool) -> Alternative:
+    """One Alternative per distinct (candidate, spec, cost): repeated layers share it."""
+    return Alternative(name=name, group=kind, spec=_pspec(spec), bytes_per_device=c.bytes_per_device,
+                       comm_bytes=c.comm_bytes, flops=c.flops, step_time=c.step_time, chosen=chosen,
                        collectives=c.collectives)
 
 
