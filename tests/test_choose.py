@@ -141,8 +141,8 @@ def test_small_tables_are_priced_every_way(cls, path):
     d = _plan(cls, DP_TP).decisions[path]
     names = [a.name for a in d.alternatives]
     rows = d.shape[0]
-    # 2 and 66 rows do not divide model=4: only the embedding-dim split is a split candidate
-    assert names == (["vocab split"] if rows % 4 == 0 else []) + ["embed-dim split", "replicate"]
+    # the rows split when they divide model=4; 2 and 66 rows do not: the embedding dim splits
+    assert names == (["vocab split"] if rows % 4 == 0 else ["embed-dim split"]) + ["replicate"]
     chosen = [a for a in d.alternatives if a.chosen]
     assert len(chosen) == 1 and d.spec == chosen[0].spec
     assert all(a.step_time >= chosen[0].step_time for a in d.alternatives)
@@ -151,10 +151,8 @@ def test_small_tables_are_priced_every_way(cls, path):
     # a table every tensor rank holds has its adam update split over the ranks by XLA and
     # gathered back: three all-gathers of the table per step, priced with the split's collectives
     assert any("gather the updated slices back" in c for c in whole.collectives)
-    if rows == 2:  # 2 x 64 floats: nothing to gather worth a collective of activations
-        assert chosen[0].name == "replicate"
-    else:  # the table's update gathers cost more than the split: it is split
-        assert chosen[0].name != "replicate" and d.bytes_per_device < d.bytes
+    # a few KiB of table: its update gathers cost less than the split's activation collectives
+    assert chosen[0].name == "replicate"
 
 
 @pytest.mark.parametrize("traced", [False, True], ids=["tree", "traced"])
@@ -231,7 +229,8 @@ def test_small_table_choice_holds_when_compiled(cls, path):
         # folds into the summed embeddings' collectives), so keeping it whole costs its three
         # update gathers, 1152 B of 720 KiB; the chooser prices the split a gather of activations.
         assert chosen.step_time(hw) <= alt.step_time(hw) * 1.01, (a.name, chosen, alt)
-        assert chosen.flops <= alt.flops * 1.001, (a.name, chosen, alt)
+        # a table's layout changes no matmul; XLA moves a few elementwise adds between ranks
+        assert chosen.flops <= alt.flops * 1.02, (a.name, chosen, alt)
         assert chosen.comm <= alt.comm * 1.01, (a.name, chosen, alt)
 
 

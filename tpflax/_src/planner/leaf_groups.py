@@ -40,8 +40,15 @@ def shard_embedding(st: State, f: Facts, vdim: int, evidence: str = "", tied: bo
             f, body_spec(2, vdim, t_entry), "vocab",
             f"vocab: {ev}{v} rows split over {over} (vocab-parallel lookup{' and logits' if tied else ''})")),),
             acts, mm))
-    if d % t_size == 0:
-        acts = (ActComm("all-gather", t_entry, d, 1, "gather the looked-up features (forward)"),)
+    # The embedding-dim split only where the rows do not divide: measured on a GQA block
+    # (tests/test_choose.py), splitting a 128-row token table on its features instead of its rows
+    # cost XLA 60% more collectives than the priced gather (its feature-split output feeds a norm).
+    if d % t_size == 0 and not options:
+        # A feature-split table hands XLA a feature-split activation to add to the residual
+        # stream: besides the gather, measured, it reshards that stream and its gradient about
+        # twice more (tests/test_choose.py, benchmarks/results/estimate_accuracy.md).
+        acts = (ActComm("all-gather", t_entry, d, 1, "gather the looked-up features (forward)"),
+                ActComm("all-reduce", t_entry, d, 2, "reshard the residual stream and its gradient"))
         if tied:
             acts += (ActComm("all-reduce", t_entry, v, 1, "sum partial logits over the split features"),)
         options.append(Option("embed-dim split", ((f.path, st.proposal(
