@@ -90,15 +90,15 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
             heads, experts, conv chains, embeddings and output heads from the
             dataflow rather than from names; see :mod:`tpflax.trace`.
         sample: example inputs for ``model`` (``jax.ShapeDtypeStruct`` suffice);
-            also the batch candidate layouts are priced with.
+            a tracing example only: the plan is priced for ``batch``.
         hardware: the preset (``"tpu-v5e"``, the default) or
             :class:`tpflax.Hardware` the chooser prices candidate layouts on: each
             decision group (pair, embedding, output head, GQA key/value set, fsdp
             split) takes its candidate with the least step time (flops / peak +
             collective bytes per mesh axis / that axis's bandwidth).
         batch: the global batch candidates are priced with (anything
-            :func:`tpflax.estimate` takes); default: ``sample``, else
-            16 sequences of 512 tokens.
+            :func:`tpflax.estimate` takes); default 16 sequences of 512 tokens,
+            so that a plan with and without ``model=`` prices alike.
         device_memory: bytes per device (or ``"16GB"``) the parameters, gradients
             and adam moments must fit; the chooser then moves groups to smaller
             candidates. Default: no constraint.
@@ -125,7 +125,7 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
     opts = Options(fsdp_min_bytes=None if fsdp_min_bytes is None else int(fsdp_min_bytes),
                    min_channels=int(min_channels), tensor_min_bytes=int(tensor_min_bytes),
                    tied_guess=not any(f.kind == "dense" and HEAD.match(f.unit_name) for f in facts),
-                   **pricing(hardware, batch, device_memory, _example(model, sample)))
+                   **pricing(hardware, batch, device_memory))
     lrules = list(logical_rules) if logical_rules is not None else default_logical_rules(ms)
     forced = force(facts, parsed, ms, use_annotations, lrules)
     proposals, pairs, sources, disagreements, doubts = _propose(facts, ms, opts, forced, model, sample, tree)
@@ -139,13 +139,6 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
     return Plan(mesh=ms, specs=jax.tree_util.tree_unflatten(treedef, specs), decisions=decisions,
                 pairs=tuple(pairs), warnings=tuple(warnings), options=options,
                 disagreements=tuple(disagreements))
-
-
-def _example(model: Any, sample: Any) -> Any:
-    """The model's example inputs, when known without tracing: ``sample``, or a zoo model's own."""
-    if sample is not None or model is None or not hasattr(model, "sample_inputs"):
-        return sample
-    return tuple(model.sample_inputs(1))
 
 
 def _check_stacked_and_logical(stacked: Any, logical_rules: Any) -> None:

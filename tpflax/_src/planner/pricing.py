@@ -11,24 +11,20 @@ from tpflax._src.errors import OptionError, TpflaxError
 from tpflax._src.facts.tree import itemsize
 from tpflax._src.hardware import DEFAULT_PLAN_HARDWARE, get_hardware, parse_bytes
 
-# Sequences per step when only a sample (one example) is known: DEFAULT_TOKENS' 16.
-SEQUENCES = 16
 
-
-def pricing(hardware: Any, batch: Any, device_memory: Any, sample: Any = None) -> dict[str, Any]:
+def pricing(hardware: Any, batch: Any, device_memory: Any) -> dict[str, Any]:
     """The chooser's knobs for :class:`tpflax._src.planner.builders.Options`.
 
     ``batch`` (the global batch) sets the tokens per step and the activation
-    dtype. Without it, a ``sample`` (a tracing example, whose batch dim says
-    nothing about training) gives the tokens per row, times
-    :data:`SEQUENCES`; without either, :data:`tpflax._src.cost.price.DEFAULT_TOKENS`.
+    dtype; without it, :data:`tpflax._src.cost.price.DEFAULT_TOKENS` float32
+    tokens (a model's ``sample`` is a tracing example, not the training batch).
 
     >>> import jax
     >>> k = pricing(None, (jax.ShapeDtypeStruct((8, 16), "int32"),), "16GB")
     >>> k["hardware"].name, k["tokens"], k["act_item"], k["device_memory"]
     ('tpu-v5e', 128, 4, 16000000000)
-    >>> pricing(None, None, None, (jax.ShapeDtypeStruct((2, 64), "int32"),))["tokens"]
-    1024
+    >>> pricing(None, None, None)["tokens"]
+    8192
     """
     try:
         hw = get_hardware(hardware if hardware is not None else DEFAULT_PLAN_HARDWARE)
@@ -39,7 +35,4 @@ def pricing(hardware: Any, batch: Any, device_memory: Any, sample: Any = None) -
     if batch is not None:
         b = parse_batch(batch, None, None)
         tokens, act_item = max(1, token_rows(b, None)), itemsize(b.act_dtype)
-    elif sample is not None:
-        b = parse_batch(tuple(sample), None, None)
-        tokens = SEQUENCES * max(1, token_rows(b, None) // max(1, b.size))
     return {"hardware": hw, "tokens": int(tokens), "act_item": act_item, "device_memory": memory}
