@@ -227,7 +227,7 @@ BAD = [
     # --- plan JSON
     Bad("plan JSON from a newer format version",
         lambda: tpflax.Plan.from_json(json.dumps({**json.loads(PLAN.to_json()), "version": 99})),
-        tpflax.PlanFormatError, ("version 99", "reads versions 1..2", "upgrade tpflax or re-plan")),
+        tpflax.PlanFormatError, ("version 99", "reads versions 1..3", "upgrade tpflax or re-plan")),
     Bad("plan JSON that does not parse", lambda: tpflax.Plan.from_json("{nope"),
         tpflax.PlanFormatError, ("does not parse", "Plan.to_json()")),
     Bad("JSON that is not a plan", lambda: tpflax.Plan.from_json("[]"),

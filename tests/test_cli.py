@@ -61,7 +61,7 @@ def test_rule_parsing_and_factory_models(tmp_path, monkeypatch, capsys):
                  "--rule", "up/kernel=fsdp,model"]) == 0
     d = {x["path"]: x for x in json.loads(capsys.readouterr().out)["decisions"]}
     assert d["up/kernel"]["spec"] == ["fsdp", "model"]
-    assert d["down/kernel"]["spec"] == ["model", None]
+    assert d["down/kernel"]["spec"] == ["model", "fsdp"]  # fsdp decided by cost (no size threshold)
 
 
 def test_console_script_help_and_devices():

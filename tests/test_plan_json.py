@@ -25,6 +25,11 @@ def _tree():
         "head": {"kernel": S((64, 512), f)}}}
 
 
+# The v1 file split this 512-row table over model (a rule); the chooser now prices it and keeps
+# so small a table whole (no all-reduce of activations per step; tests/test_choose.py).
+CHOSEN_BY_COST = "params/embed/embedding"
+
+
 @pytest.fixture(scope="module")
 def fresh():
     return tpflax.plan(_tree(), {"fsdp": 2, "model": 2}, fsdp_min_bytes=1 << 14)
@@ -42,6 +47,8 @@ def test_format_1_loads_with_combined_strategies_split(fresh):
     assert old.decisions["params/layers_0/norm/scale"].fsdp is False
     # every spec, strategy and byte count is what this tpflax plans for the same tree
     for path, d in fresh.decisions.items():
+        if path == CHOSEN_BY_COST:
+            continue
         o = old.decisions[path]
         assert (o.spec, o.label, o.bytes, o.bytes_per_device, o.pair) == (
             d.spec, d.label, d.bytes, d.bytes_per_device, d.pair), path
@@ -51,7 +58,7 @@ def test_format_1_loads_with_combined_strategies_split(fresh):
 
 def test_format_2_round_trips_every_field(fresh):
     data = json.loads(fresh.to_json())
-    assert data["version"] == 2
+    assert data["version"] == 3
     row = next(d for d in data["decisions"] if d["path"] == "params/layers_0/mlp/up/kernel")
     assert (row["strategy"], row["fsdp"], row["role"]) == ("column", True, "column")
     assert not any("+" in d["strategy"] for d in data["decisions"])

@@ -49,8 +49,10 @@ from tpflax._src.errors import (
 )
 from tpflax._src.from_rules import from_rules
 from tpflax._src.hardware import Hardware
+from tpflax._src.hardware import get_hardware as get_hardware
 from tpflax._src.html.page import HtmlReport, show
 from tpflax._src.mesh import MeshShape, abstract_mesh, make_mesh, mesh_shape
+from tpflax._src.planner.decision import Alternative as Alternative
 from tpflax._src.planner.plan import Decision, Pair, Plan, default_logical_rules, plan
 from tpflax._src.report import fmt_bytes, report
 from tpflax._src.step import TrainStep, make_train_step
@@ -83,4 +85,6 @@ __all__ = [
     "PlanDiff", "diff", "from_rules",
     # the visual report (HTML)
     "HtmlReport", "show",
+    # plans chosen by cost (plan(..., hardware=, batch=, device_memory=), report(plan, why=))
+    "Alternative", "get_hardware",
 ]

@@ -75,8 +75,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="role of a mesh axis with an unknown name (tensor, fsdp, data, expert)")
     p.add_argument("--rule", action="append", default=[], metavar="REGEX=TARGET",
                    help="override: first matching rule wins (strategy name or axes like None,model)")
-    p.add_argument("--fsdp-min-bytes", type=int, default=1 << 18,
-                   help="leaves this large also shard over fsdp axes (default 262144)")
+    p.add_argument("--fsdp-min-bytes", type=int, default=None,
+                   help="leaves this large also shard over fsdp axes (default: decided by cost per leaf)")
     p.add_argument("--min-channels", type=int, default=64, help="narrowest conv chain to split (default 64)")
     p.add_argument("--devices", type=int, default=None,
                    help="emulate this many CPU devices (set before jax starts)")
@@ -124,9 +124,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         bound = f"bound to {len(jax.tree_util.tree_leaves(tree))} NamedShardings on {mesh.devices.size} " \
                 f"{jax.devices()[0].platform} devices"
     if args.json:
-        print(report(p, fmt="json"))
+        print(report(p, fmt="json", why=args.why))
     else:
-        print(report(p, reasons=not args.no_reasons, pairs=args.pairs, full=args.full))
+        print(report(p, reasons=not args.no_reasons, pairs=args.pairs, full=args.full, why=args.why))
         if bound:
             print(bound)
     if args.html:
@@ -346,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-reasons", action="store_true", help="omit the reason column")
     p.add_argument("--full", action="store_true", help="one row per leaf at full width (default: alike layers grouped)")
     p.add_argument("--html", metavar="FILE", help="also write a self-contained visual report (HTML) to FILE")
+    p.add_argument("--why", default=None, metavar="PATH",
+                   help="write every candidate layout the chooser priced, with its cost, to PATH")
     p.set_defaults(func=cmd_plan)
     e = sub.add_parser("estimate", help="memory per device and communication per training step (pure)",
                        epilog="example: tpflax estimate gpt2 --mesh data=2,model=4 --optimizer adamw --batch 32",

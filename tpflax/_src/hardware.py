@@ -46,6 +46,10 @@ class Hardware:
         fast_name, slow_name: what to call the two links in reports.
         kind: ``"tpu"`` or ``"gpu"`` (decides how fsdp gradients are reduced).
         source: where the numbers come from.
+        peak_flops: dense bf16 matmul flops/s of one device (spec sheet); the
+            planner's chooser scores layouts by flops / peak + bytes / bandwidth.
+        hbm_bandwidth: bytes/s of device memory (spec sheet): the optimizer
+            update streams every parameter, gradient and moment byte per step.
     """
 
     name: str
@@ -58,6 +62,8 @@ class Hardware:
     slow_name: str = "DCN"
     kind: str = "tpu"
     source: str = ""
+    peak_flops: float = 100e12
+    hbm_bandwidth: float = 1000 * GB
 
     def describe(self) -> str:
         return (f"{self.name}: {self.device_memory / GiB:.0f} GiB/device, {self.fast_name} "
@@ -72,43 +78,48 @@ class Hardware:
 #  GPU figures: NVIDIA A100 / H100 / H200 SXM data sheets (memory, NVLink bidirectional bandwidth)
 #  and the DGX A100 / DGX H100 / HGX H200 reference designs (one 200 Gb/s HDR or 400 Gb/s NDR
 #  InfiniBand port per GPU, 8 GPUs per host).
+#  peak_flops, hbm_bandwidth: the same pages' dense bf16 (TPU) / dense BF16 tensor-core (GPU, without
+#  sparsity) figure and memory bandwidth per chip.
 PRESETS: Mapping[str, Hardware] = {
     "tpu-v4": Hardware(
         "tpu-v4", 32 * GiB, 135 * GB, 6.25 * GB, 4, 4096,
         source="cloud.google.com/tpu/docs/v4: 32 GiB HBM2, 4096-chip pod, 4 chips per host; the page "
                "gives no per-chip ICI figure: 6 ICI links x 45 GB/s one way (How to Scale Your Model, "
                "TPU chapter) = 270 GB/s, halved as for the other presets; DCN not listed, assumed 50 Gbps "
-               "per chip like v5p"),
+               "per chip like v5p", peak_flops=275e12, hbm_bandwidth=1200 * GB),
     "tpu-v5e": Hardware(
         "tpu-v5e", 16 * GB, 200 * GB, 3.125 * GB, 8, 256,
         source="cloud.google.com/tpu/docs/v5e: 16 GB HBM2, 400 GBps bidirectional ICI per chip, 8 chips "
-               "per host, 256-chip pod, 2 x 100 Gbps NIC per host (= 25 Gbps per chip)"),
+               "per host, 256-chip pod, 2 x 100 Gbps NIC per host (= 25 Gbps per chip)", peak_flops=197e12, hbm_bandwidth=819 * GB),
     "tpu-v5p": Hardware(
         "tpu-v5p", 95 * GiB, 600 * GB, 6.25 * GB, 4, 6144,
         source="cloud.google.com/tpu/docs/v5p: 95 GiB HBM2e, 1200 GBps bidirectional ICI per chip, "
-               "50 Gbps DCN per chip, 4 chips per host, largest single slice 6144 chips"),
+               "50 Gbps DCN per chip, 4 chips per host, largest single slice 6144 chips", peak_flops=459e12, hbm_bandwidth=2765 * GB),
     "tpu-v6e": Hardware(
         "tpu-v6e", 32 * GB, 400 * GB, 12.5 * GB, 8, 256,
         source="cloud.google.com/tpu/docs/v6e: 32 GB HBM, 800 GBps bidirectional ICI per chip, 8 chips "
-               "per host, 256-chip pod; DCN not listed, assumed 100 Gbps per chip"),
+               "per host, 256-chip pod; DCN not listed, assumed 100 Gbps per chip", peak_flops=918e12, hbm_bandwidth=1640 * GB),
     "a100": Hardware(
         "a100", 80 * GiB, 300 * GB, 25 * GB, 8, 8, "NVLink", "InfiniBand", "gpu",
         source="NVIDIA A100 80GB SXM data sheet: 80 GB HBM2e, NVLink 600 GB/s bidirectional; DGX A100: "
-               "8 GPUs per host, one 200 Gb/s HDR InfiniBand port per GPU"),
+               "8 GPUs per host, one 200 Gb/s HDR InfiniBand port per GPU", peak_flops=312e12, hbm_bandwidth=2039 * GB),
     "h100": Hardware(
         "h100", 80 * GiB, 450 * GB, 50 * GB, 8, 8, "NVLink", "InfiniBand", "gpu",
         source="NVIDIA H100 SXM data sheet: 80 GB HBM3, NVLink 900 GB/s bidirectional; DGX H100: 8 GPUs "
-               "per host, one 400 Gb/s NDR InfiniBand port per GPU"),
+               "per host, one 400 Gb/s NDR InfiniBand port per GPU", peak_flops=989e12, hbm_bandwidth=3350 * GB),
     "h200": Hardware(
         "h200", 141 * GB, 450 * GB, 50 * GB, 8, 8, "NVLink", "InfiniBand", "gpu",
         source="NVIDIA H200 SXM data sheet: 141 GB HBM3e, NVLink 900 GB/s bidirectional; HGX H200: 8 GPUs "
-               "per host, one 400 Gb/s NDR InfiniBand port per GPU"),
+               "per host, one 400 Gb/s NDR InfiniBand port per GPU", peak_flops=989e12, hbm_bandwidth=4800 * GB),
 }
 
 # Used when no hardware is named: a plain 8-device host with a 10x slower network.
 GENERIC = Hardware("generic", 0, 100 * GB, 12.5 * GB, 8, 8, "intra-host", "inter-host", "tpu",
                    source="no hardware given: assumed 8 devices per host, 100 GB/s within a host and "
-                          "12.5 GB/s (100 Gbps) between hosts; pass hardware= for real numbers")
+                          "12.5 GB/s (100 Gbps) between hosts, 100 Tflop/s, 1 TB/s HBM; pass hardware= for real numbers")
+
+# What plan() prices its candidate layouts on when no hardware is named.
+DEFAULT_PLAN_HARDWARE = "tpu-v5e"
 
 _ALIASES = {"v4": "tpu-v4", "v5e": "tpu-v5e", "v5litepod": "tpu-v5e", "v5p": "tpu-v5p", "v6e": "tpu-v6e",
             "trillium": "tpu-v6e", "a100-80gb": "a100", "h100-sxm": "h100", "h200-sxm": "h200"}

@@ -207,7 +207,8 @@ def _wrap(lines: list[str], width: int | None, indent: str = "      ") -> list[s
 
 
 def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool = True,
-           pairs: bool = False, dry_run: Any = None, full: bool = False, width: int | None = None) -> str:
+           pairs: bool = False, dry_run: Any = None, full: bool = False, width: int | None = None,
+           why: Any = None) -> str:
     """Render a plan (and optionally an estimate) as text or JSON.
 
     Args:
@@ -222,6 +223,8 @@ def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool
         full: one row per leaf at full width; by default repeated layers share a
             row (``h_{0..11}/mlp/c_fc/kernel ×12``) and lines fit ``width``.
         width: columns to fit (default: the terminal's, else 100).
+        why: a file path: also write there every candidate layout the chooser
+            priced for each leaf, with its cost (see :mod:`tpflax._src.why`).
 
     >>> import jax
     >>> from tpflax import plan
@@ -234,6 +237,10 @@ def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool
     if not isinstance(plan, Plan):
         raise OptionError(f"report() expects a tpflax.Plan, got {type(plan).__name__}; make one with "
                           "tpflax.plan(tree, mesh)")
+    if why is not None:
+        from tpflax._src.why import write_why
+
+        write_why(plan, why)
     if fmt == "json":
         data = json.loads(plan.to_json())
         data["versions"] = versions()

@@ -11,11 +11,16 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
+from typing import Any
 
+from tpflax._src.cost.price import DEFAULT_TOKENS, ActComm, Context
 from tpflax._src.facts.classify import Facts
-from tpflax._src.mesh import EXPERT, FSDP, TENSOR, MeshShape
-from tpflax._src.planner.decision import Pair
-from tpflax._src.specs import Entry, entry_axes, used_axes
+from tpflax._src.hardware import DEFAULT_PLAN_HARDWARE, get_hardware
+from tpflax._src.mesh import EXPERT, TENSOR, MeshShape
+from tpflax._src.planner.choose import Chosen, Option, pick
+from tpflax._src.planner.decision import Alternative, Pair
+from tpflax._src.specs import Entry, entry_axes
 from tpflax._src.vocab import Kind, Role, Strategy
 
 # Strategies that split a kernel's output: a bias added to that output splits alike.
@@ -27,14 +32,26 @@ class Options:
     """Planner knobs.
 
     Attributes:
-        fsdp_min_bytes: leaves at least this large are also sharded over fsdp axes.
+        fsdp_min_bytes: leaves at least this large are also sharded over fsdp
+            axes; None: the chooser decides each leaf's fsdp split by cost.
         min_channels: conv chains are channel-split only from this many channels.
         tensor_min_bytes: pairs whose kernels are all smaller stay replicated.
+        hardware: the :class:`tpflax._src.hardware.Hardware` candidates are priced on.
+        tokens: global tokens per step the activation collectives are priced with.
+        act_item: bytes per activation element.
+        device_memory: bytes per device the plan must fit (None: no constraint).
+        tied_guess: the tree has no output head, so a token table found by the
+            tree heuristics is priced as tied (it also computes the logits).
     """
 
-    fsdp_min_bytes: int = 1 << 18
+    fsdp_min_bytes: int | None = None
     min_channels: int = 64
     tensor_min_bytes: int = 0
+    hardware: Any = None
+    tokens: int = DEFAULT_TOKENS
+    act_item: int = 4
+    device_memory: int | None = None
+    tied_guess: bool = False
 
 
 @dataclass(frozen=True)
@@ -54,6 +71,7 @@ class Proposal:
     fsdp: bool = False
     kind: Kind | None = None
     layers_dim: int | None = None
+    alternatives: tuple[Alternative, ...] = ()
 
 
 @dataclass
@@ -100,6 +118,31 @@ class State:
     forced: set[str] = field(default_factory=set)  # decided by rules/annotations: never overwritten
     doubts: list[str] = field(default_factory=list)  # roles where names and shapes disagreed
     first_pair: int = 1  # pair ids continue after those of an earlier pass (the dataflow rules)
+    chosen: list[Chosen] = field(default_factory=list)  # groups the chooser priced
+    facts: dict[str, Facts] = field(default_factory=dict)  # every leaf a builder wrote, by path
+
+    @cached_property
+    def context(self) -> Context:
+        hw = self.opts.hardware or get_hardware(DEFAULT_PLAN_HARDWARE)
+        return Context(self.mesh, hw, self.opts.tokens, self.opts.act_item)
+
+    def proposal(self, f: Facts, body_spec: Sequence[Entry], strategy: Strategy, reason: str,
+                 pair: int | None = None, role: Role | None = None, kind: Kind | None = None) -> Proposal:
+        """What :meth:`put` would write, without writing it (a candidate)."""
+        spec = (None,) * f.stacked + tuple(body_spec)
+        if f.stacked and strategy != "replicate":
+            reason += f"; leading layers dim ({f.leaf.shape[0]}) from nn.scan kept unsharded"
+        return Proposal(spec, strategy, reason, pair, role, kind=kind, layers_dim=0 if f.stacked else None)
+
+    def whole(self, f: Facts, reason: str, pair: int | None = None, role: Role | None = None,
+              kind: Kind | None = None) -> Proposal:
+        return self.proposal(f, (None,) * len(f.body), "replicate", reason, pair, role, kind)
+
+    def choose(self, kind: str, options: Sequence[Option], facts: Sequence[Facts]) -> None:
+        """Let the chooser pick among ``options`` (see :mod:`tpflax._src.planner.choose`)."""
+        fx = {f.path: f for f in facts}
+        self.facts.update(fx)
+        pick(self, kind, options, fx)
 
     @property
     def tensor(self) -> tuple[Entry, int]:
@@ -109,11 +152,8 @@ class State:
             pair: int | None = None, role: Role | None = None, kind: Kind | None = None) -> None:
         if f.path in self.forced:
             return
-        spec = (None,) * f.stacked + tuple(body_spec)
-        if f.stacked and strategy != "replicate":
-            reason += f"; leading layers dim ({f.leaf.shape[0]}) from nn.scan kept unsharded"
-        self.out[f.path] = Proposal(spec, strategy, reason, pair, role, kind=kind,
-                                    layers_dim=0 if f.stacked else None)
+        self.facts[f.path] = f
+        self.out[f.path] = self.proposal(f, body_spec, strategy, reason, pair, role, kind)
 
     def replicate(self, f: Facts, reason: str, pair: int | None = None, role: Role | None = None,
                   kind: Kind | None = None) -> None:
@@ -145,7 +185,12 @@ def axis_label(entry: Entry, size: int) -> str:
     return f"{'*'.join(entry_axes(entry)) or 'tensor'}={size}"
 
 
-def _body_spec(rank: int, dim: int, entry: Entry) -> list[Entry]:
+def body_spec(rank: int, dim: int, entry: Entry) -> list[Entry]:
+    """A body spec splitting only ``dim`` over ``entry``.
+
+    >>> body_spec(3, 1, "model")
+    [None, 'model', None]
+    """
     spec: list[Entry] = [None] * rank
     spec[dim] = entry
     return spec
@@ -177,28 +222,71 @@ def shard_pair(st: State, kind: str, cols: list[Linear], row: Linear) -> None:
         note = "no column of the pair can be split (" + "; ".join(
             f"{short(c.f.path)}: {blocked[id(c)]}" for c in cols) + ")"
     pair = st.new_pair(kind, [c.f for c in cols], [row.f], size, ok_row, note)
+    lins = [*cols, row]
     if not ok_row:
-        for lin in [*cols, row]:
+        for lin in lins:
             st.replicate(lin.f, f"{lin.role} of pair {pair.id} ({lin.why}) but {note}: tensor split skipped",
                          pair.id, lin.role)
         return
+    split = _megatron(st, cols, row, pair, unit, size, blocked, kv_split=False)
+    options = [split]
+    if any(blocked.values()):
+        options.append(_megatron(st, cols, row, pair, unit, size, blocked, kv_split=True))
+    options.append(Option("replicate", tuple(
+        (lin.f.path, st.whole(lin.f, f"{lin.role} of pair {pair.id} ({lin.why}): kept whole on every tensor "
+                                     "rank", pair.id, lin.role)) for lin in lins),
+        matmul=frozenset(lin.f.path for lin in lins), whole=True))
+    st.choose("pair", [o for o in options if o is not None], [lin.f for lin in lins])
+    chosen = st.out.get(row.f.path)
+    if chosen is not None and chosen.strategy == "replicate":  # the chooser kept the pair whole
+        st.pairs[st.pairs.index(pair)] = replace(pair, sharded=False, note="kept whole: cheaper by cost")
+
+
+def _megatron(st: State, cols: list[Linear], row: Linear, pair: Pair, unit: str, size: int,
+              blocked: dict[int, str], kv_split: bool) -> Option | None:
+    """The Megatron layout of a pair; ``kv_split``: blocked (GQA) columns split their last dim instead."""
+    t_entry, t_size = st.tensor
+    rdim = row.shard_dim("row")
     partner = ", ".join(short(c.f.path) for c in cols)
     heads = row.heads is not None
-    st.put(row.f, _body_spec(len(row.f.body), rdim, t_entry), "heads" if heads else "row",
-           f"{'heads (row side)' if heads else 'row'}: {row.why}; input {unit} ({size}) split over "
-           f"{axis_label(t_entry, t_size)}, fed by {partner} (pair {pair.id}); one all-reduce of "
-           "activations per pass", pair.id, "row")
+    props = [(row.f.path, st.proposal(
+        row.f, body_spec(len(row.f.body), rdim, t_entry), "heads" if heads else "row",
+        f"{'heads (row side)' if heads else 'row'}: {row.why}; input {unit} ({size}) split over "
+        f"{axis_label(t_entry, t_size)}, fed by {partner} (pair {pair.id}); one all-reduce of "
+        "activations per pass", pair.id, "row"))]
+    acts = [ActComm("all-reduce", t_entry, row.out_size, 1, "row: sum partial outputs (forward)")]
     for col in cols:
-        if blocked[id(col)]:
-            st.replicate(col.f, f"column of pair {pair.id}: {blocked[id(col)]}, kept whole on every tensor "
-                                f"rank; feeds {short(row.f.path)}", pair.id, "column")
-            continue
-        cdim = col.shard_dim("column")
-        cheads = col.heads is not None
-        st.put(col.f, _body_spec(len(col.f.body), cdim, t_entry), "heads" if cheads else "column",
-               f"{'heads (column side)' if cheads else 'column'}: {col.why}; output "
-               f"{'heads' if cheads else 'features'} ({col.f.body[cdim]}) split over "
-               f"{axis_label(t_entry, t_size)}, feeds {short(row.f.path)} (pair {pair.id})", pair.id, "column")
+        why = blocked[id(col)]
+        if why and kv_split:
+            last = len(col.f.body) - 1
+            if col.f.body[last] % t_size:
+                return None
+            props.append((col.f.path, st.proposal(
+                col.f, body_spec(len(col.f.body), last, t_entry), "column",
+                f"column of pair {pair.id}: {why}, so its last dim ({col.f.body[last]}, head_dim) is split over "
+                f"{axis_label(t_entry, t_size)} instead; feeds {short(row.f.path)}", pair.id, "column")))
+            acts += [ActComm("all-gather", t_entry, col.out_size, 1,
+                             "head_dim-split key/value: gather whole heads (forward)"),
+                     ActComm("all-reduce", t_entry, col.in_size, 1,
+                             "head_dim-split key/value: sum partial input gradients (backward)")]
+        elif why:
+            props.append((col.f.path, st.whole(col.f, f"column of pair {pair.id}: {why}, kept whole on every "
+                                                      f"tensor rank; feeds {short(row.f.path)}", pair.id, "column")))
+            acts.append(ActComm("all-gather", t_entry, col.out_size, 1,
+                                "replicated key/value column: gather its output gradient (backward)"))
+        else:
+            cdim = col.shard_dim("column")
+            cheads = col.heads is not None
+            props.append((col.f.path, st.proposal(
+                col.f, body_spec(len(col.f.body), cdim, t_entry), "heads" if cheads else "column",
+                f"{'heads (column side)' if cheads else 'column'}: {col.why}; output "
+                f"{'heads' if cheads else 'features'} ({col.f.body[cdim]}) split over "
+                f"{axis_label(t_entry, t_size)}, feeds {short(row.f.path)} (pair {pair.id})", pair.id, "column")))
+            acts.append(ActComm("all-reduce", t_entry, col.in_size, 1,
+                                "column: sum partial input gradients (backward)"))
+    name = ("Megatron, K/V head_dim split" if kv_split else
+            "Megatron, K/V replicated" if any(blocked.values()) else "Megatron split")
+    return Option(name, tuple(props), tuple(acts), frozenset(p for p, _ in props))
 
 
 def column_blocked(col: Linear, kind: str, row: Linear, t_entry: Entry, t_size: int) -> str:
@@ -258,49 +346,16 @@ def shard_conv_pair(st: State, a: Facts, b: Facts, a_dim: int, b_dim: int, why: 
             st.replicate(f, f"{side} of conv pair {pair.id}, but {note}: {why}tensor split skipped", pair.id, role)
         return
     over = axis_label(t_entry, t_size)
-    st.put(a, _body_spec(len(a.body), a_dim, t_entry), "channel",
+    st.put(a, body_spec(len(a.body), a_dim, t_entry), "channel",
            f"channel: {why}{ch} output channels split over {over}, feed {short(b.path)} (conv pair "
            f"{pair.id})", pair.id, "column")
-    st.put(b, _body_spec(len(b.body), b_dim, t_entry), "row",
+    st.put(b, body_spec(len(b.body), b_dim, t_entry), "row",
            f"input-channel: {ch} input channels split over {over}, fed by {short(a.path)} (conv pair "
            f"{pair.id}); one all-reduce per pass", pair.id, "row")
 
 
 # ---------------------------------------------------------------------------
-# embeddings, output heads, biases
-
-
-def shard_embedding(st: State, f: Facts, vdim: int, evidence: str = "", tied: bool = False) -> None:
-    """A 2-D embedding looked up over body dim ``vdim``: split the vocab, else the embedding dim."""
-    t_entry, t_size = st.tensor
-    v, d = f.body[vdim], f.body[1 - vdim]
-    ev = f"{evidence}; " if evidence else ""
-    if t_size == 1:
-        st.replicate(f, f"embedding: {ev}no tensor axis in the mesh")
-    elif v % t_size == 0:
-        st.put(f, _body_spec(2, vdim, t_entry), "vocab",
-               f"vocab: {ev}{v} rows split over {axis_label(t_entry, t_size)} (vocab-parallel lookup"
-               f"{' and logits' if tied else ''})")
-    elif d % t_size == 0:
-        st.put(f, _body_spec(2, 1 - vdim, t_entry), "vocab",
-               f"vocab: {ev}{v} rows not divisible by {t_size}, so the embedding dim {d} is split over "
-               f"{axis_label(t_entry, t_size)} instead")
-    else:
-        st.replicate(f, f"embedding: {ev}neither dim divides {axis_label(t_entry, t_size)}")
-
-
-def shard_output_head(st: State, f: Facts, dim: int, evidence: str) -> None:
-    """An output head (logits): column over its output body dim ``dim``; kind ``head``."""
-    t_entry, t_size = st.tensor
-    n = f.body[dim]
-    if t_size > 1 and n % t_size == 0:
-        st.put(f, _body_spec(len(f.body), dim, t_entry), "column",
-               f"{evidence}; {n} outputs split over {axis_label(t_entry, t_size)} (vocab-parallel logits)",
-               kind="head")
-    else:
-        st.replicate(f, f"{evidence}; " + ("no tensor axis in the mesh" if t_size == 1 else
-                                           f"{n} outputs not divisible by {axis_label(t_entry, t_size)}, "
-                                           "kept whole"), kind="head")
+# biases
 
 
 def bias_follows(st: State, f: Facts, body_spec: Sequence[Entry], kernel: Proposal, evidence: str) -> None:
@@ -310,41 +365,6 @@ def bias_follows(st: State, f: Facts, body_spec: Sequence[Entry], kernel: Propos
                f"{evidence} ({kernel.strategy}): split like that output", kernel.pair)
     else:
         st.replicate(f, f"{evidence} ({kernel.strategy}): added after the reduction, so replicated", kernel.pair)
-
-
-# ---------------------------------------------------------------------------
-# the fsdp fallback
-
-
-def fsdp(st: State, facts: Sequence[Facts]) -> None:
-    """Large float leaves also split their largest free divisible dim over the fsdp axes."""
-    f_entry, f_size = st.mesh.group(FSDP)
-    if f_size == 1:
-        return
-    for f in facts:
-        p = st.out[f.path]
-        if f.leaf.numeric not in ("float", "complex") or f.kind in ("int", "state"):
-            continue
-        if f.leaf.nbytes < st.opts.fsdp_min_bytes:
-            if p.strategy == "replicate":
-                st.out[f.path] = replace(p, reason=p.reason + f"; below fsdp_min_bytes ({f.leaf.nbytes} < "
-                                                               f"{st.opts.fsdp_min_bytes})")
-            continue
-        if used_axes(p.spec) & set(entry_axes(f_entry)):
-            continue
-        free = [d for d in range(f.stacked, len(f.leaf.shape))
-                if p.spec[d] is None and f.leaf.shape[d] % f_size == 0]
-        if not free:
-            st.out[f.path] = replace(p, reason=p.reason + f"; no free dim divisible by "
-                                                           f"{axis_label(f_entry, f_size)} for fsdp")
-            continue
-        dim = max(free, key=lambda d: (f.leaf.shape[d], -d))
-        spec = list(p.spec)
-        spec[dim] = f_entry
-        st.out[f.path] = replace(
-            p, spec=tuple(spec), strategy="fsdp" if p.strategy == "replicate" else p.strategy, fsdp=True,
-            reason=p.reason + f"; fsdp: dim {dim - f.stacked} ({f.leaf.shape[dim]}) split over "
-                              f"{axis_label(f_entry, f_size)} (leaf {f.leaf.nbytes} B >= fsdp_min_bytes)")
 
 
 def join_column(st: State, col: Facts, like: Facts, why: str) -> None:

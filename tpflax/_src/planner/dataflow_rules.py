@@ -23,16 +23,14 @@ from tpflax._src.planner.builders import (
     Proposal,
     State,
     bias_follows,
-    fsdp,
     join_column,
     shard_conv_pair,
-    shard_embedding,
     shard_experts,
-    shard_output_head,
     shard_pair,
     short,
 )
 from tpflax._src.planner.decision import Pair
+from tpflax._src.planner.leaf_groups import fsdp, shard_embedding, shard_output_head
 from tpflax._src.specs import entries, to_pspec
 from tpflax._src.trace.dataflow import Dataflow, Edge, Use
 

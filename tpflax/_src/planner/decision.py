@@ -1,6 +1,7 @@
 """The planner's records: Pair, Decision and Plan, and the plan's JSON form.
 
-JSON format 2 writes every fact a decision carries (role, layers dim, unit,
+JSON format 3 adds each decision's priced alternatives (the candidate layouts
+the chooser compared). Format 2 writes every fact a decision carries (role, layers dim, unit,
 group, trainable, fsdp). Format 1 (tpflax 0.1: strategies such as
 ``"column+fsdp"``, none of the newer fields) still loads: the combined strategy
 is split into ``strategy`` and ``fsdp``, and the missing facts are rebuilt
@@ -34,7 +35,47 @@ from tpflax._src.specs import (
 from tpflax._src.vocab import KINDS, ROLES, SOURCES, STRATEGIES, Kind, Role, Source, Strategy
 
 FORMAT = "tpflax.plan"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """One candidate layout the chooser priced for a leaf's decision group.
+
+    Attributes:
+        name: the candidate (``"vocab split"``, ``"replicate"``, ``"fsdp"``...).
+        group: the decision group's kind (pair, embedding, head, kv, fsdp).
+        spec: this leaf's spec under the candidate.
+        bytes_per_device: the group's parameters, gradients and optimizer moments per device.
+        comm_bytes: collective bytes one device sends per step for the group.
+        flops: the group's matmul flops per device per step.
+        step_time: seconds per step for the group on the priced hardware.
+        chosen: True for the candidate the plan took.
+        collectives: the collectives in words.
+    """
+
+    name: str
+    group: str
+    spec: PartitionSpec
+    bytes_per_device: int
+    comm_bytes: float
+    flops: float
+    step_time: float
+    chosen: bool = False
+    collectives: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "group": self.group, "spec": spec_to_json(entries(self.spec)),
+                "bytes_per_device": self.bytes_per_device, "comm_bytes": self.comm_bytes,
+                "flops": self.flops, "step_time": self.step_time, "chosen": self.chosen,
+                "collectives": list(self.collectives)}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Alternative:
+        return cls(name=str(d["name"]), group=str(d["group"]), spec=to_pspec(spec_from_json(d["spec"])),
+                   bytes_per_device=int(d["bytes_per_device"]), comm_bytes=float(d["comm_bytes"]),
+                   flops=float(d["flops"]), step_time=float(d["step_time"]), chosen=bool(d["chosen"]),
+                   collectives=tuple(str(x) for x in d.get("collectives", ())))
 
 
 @dataclass(frozen=True)
@@ -82,6 +123,8 @@ class Decision:
             by ``*``: ``params/layers_*/mlp/up/kernel``); leaves of one group are alike.
         trainable: True for parameters the optimizer updates.
         fsdp: True when the fsdp fallback also split a dim over the fsdp axes.
+        alternatives: every candidate layout the chooser priced for the leaf's
+            decision groups, with its cost (empty when a rule decided alone).
     """
 
     spec: PartitionSpec
@@ -100,6 +143,7 @@ class Decision:
     group: str = ""
     trainable: bool = True
     fsdp: bool = False
+    alternatives: tuple[Alternative, ...] = ()
 
     @property
     def label(self) -> str:
@@ -116,11 +160,11 @@ class Decision:
                 "bytes": self.bytes, "bytes_per_device": self.bytes_per_device, "kind": self.kind,
                 "source": self.source, "pair": self.pair, "role": self.role,
                 "layers_dim": self.layers_dim, "unit": self.unit, "group": self.group,
-                "trainable": self.trainable}
+                "trainable": self.trainable, "alternatives": [a.to_json() for a in self.alternatives]}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Decision:
-        """Read one decision of format 2, or of format 1 (combined strategies, fewer fields)."""
+        """Read one decision of format 3 or 2, or of format 1 (combined strategies, fewer fields)."""
         strategy, _, extra = str(d["strategy"]).partition("+")
         path = str(d.get("path", ""))
         kind = str(d.get("kind", ""))
@@ -132,7 +176,8 @@ class Decision:
                    role=d.get("role"), layers_dim=_int_or_none(d.get("layers_dim")),
                    unit=str(d.get("unit") or unit_of(path)), group=str(d.get("group") or layer_group(path)),
                    trainable=bool(d.get("trainable", kind not in ("int", "state"))),
-                   fsdp=bool(d.get("fsdp", strategy == "fsdp" or extra == "fsdp")))
+                   fsdp=bool(d.get("fsdp", strategy == "fsdp" or extra == "fsdp")),
+                   alternatives=tuple(Alternative.from_json(a) for a in d.get("alternatives", ())))
 
 
 def _int_or_none(x: Any) -> int | None:
@@ -207,7 +252,7 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
-        """Rebuild a plan written by :meth:`to_json` (format 1 or 2); ``specs`` becomes a nested dict."""
+        """Rebuild a plan written by :meth:`to_json` (format 1, 2 or 3); ``specs`` becomes a nested dict."""
         data = _parse_document(text)
         try:
             mesh = mesh_shape([tuple(p) for p in data["mesh"]], axis_roles=data.get("axis_roles"))

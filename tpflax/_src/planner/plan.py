@@ -23,13 +23,14 @@ from typing import Any
 import jax
 
 from tpflax._src.errors import OptionError, RuleError
-from tpflax._src.facts.classify import Facts, classify, layer_group
+from tpflax._src.facts.classify import HEAD, Facts, classify, layer_group
 from tpflax._src.facts.tree import walk
 from tpflax._src.mesh import EXPERT, FSDP, TENSOR, MeshShape, mesh_shape
 from tpflax._src.planner import heuristics
 from tpflax._src.planner.builders import Options, Proposal
 from tpflax._src.planner.checks import plan_checks
 from tpflax._src.planner.decision import Decision, Pair, Plan, check_tree_matches
+from tpflax._src.planner.pricing import pricing
 from tpflax._src.planner.rules import Forced, default_logical_rules, force, parse_rules
 from tpflax._src.specs import (
     bytes_per_device,
@@ -49,9 +50,10 @@ __all__ = ["STRATEGIES", "Decision", "Pair", "Plan", "check_tree_matches", "defa
 
 
 def _check_options(**values: Any) -> None:
-    """Byte and channel thresholds must be non-negative numbers."""
+    """Byte and channel thresholds must be non-negative numbers (``fsdp_min_bytes`` may be None)."""
     problems = [f"{k}={v!r} must be a non-negative number, e.g. {k}=262144" for k, v in values.items()
-                if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0]
+                if not (k == "fsdp_min_bytes" and v is None) and (
+                    isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0)]
     if problems:
         raise OptionError("invalid planner options", problems)
 
@@ -61,9 +63,10 @@ def _check_options(**values: Any) -> None:
 
 
 def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tuple[str, Any]] | None = None,
-         axis_roles: Mapping[str, str] | None = None, fsdp_min_bytes: int = 1 << 18,
+         axis_roles: Mapping[str, str] | None = None, fsdp_min_bytes: int | None = None,
          min_channels: int = 64, tensor_min_bytes: int = 0, stacked: str | None = None,
-         use_annotations: bool = True, model: Any = None, sample: Any = None) -> Plan:
+         use_annotations: bool = True, model: Any = None, sample: Any = None, hardware: Any = None,
+         batch: Any = None, device_memory: Any = None) -> Plan:
     """Plan a PartitionSpec for every leaf of ``tree``.
 
     Args:
@@ -77,7 +80,8 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
         logical_rules: ``(logical name, mesh axes)`` pairs for flax logical
             annotations; defaults to :func:`default_logical_rules`.
         axis_roles: roles for mesh axes with unrecognised names.
-        fsdp_min_bytes: leaves this large or larger also shard over fsdp axes.
+        fsdp_min_bytes: leaves this large or larger also shard over fsdp axes;
+            None (the default): the chooser decides every leaf's fsdp split by cost.
         min_channels: conv chains narrower than this stay replicated.
         tensor_min_bytes: column/row pairs whose kernels are all smaller stay replicated.
         stacked: regex forcing leaves to be treated as ``nn.scan`` stacks.
@@ -86,7 +90,19 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
             whose forward pass is traced (abstractly) to decide column/row pairs,
             heads, experts, conv chains, embeddings and output heads from the
             dataflow rather than from names; see :mod:`tpflax.trace`.
-        sample: example inputs for ``model`` (``jax.ShapeDtypeStruct`` suffice).
+        sample: example inputs for ``model`` (``jax.ShapeDtypeStruct`` suffice);
+            a tracing example only: the plan is priced for ``batch``.
+        hardware: the preset (``"tpu-v5e"``, the default) or
+            :class:`tpflax.Hardware` the chooser prices candidate layouts on: each
+            decision group (pair, embedding, output head, GQA key/value set, fsdp
+            split) takes its candidate with the least step time (flops / peak +
+            collective bytes per mesh axis / that axis's bandwidth).
+        batch: the global batch candidates are priced with (anything
+            :func:`tpflax.estimate` takes); default 16 sequences of 512 tokens,
+            so that a plan with and without ``model=`` prices alike.
+        device_memory: bytes per device (or ``"16GB"``) the parameters, gradients
+            and adam moments must fit; the chooser then moves groups to smaller
+            candidates. Default: no constraint.
 
     Returns:
         A :class:`Plan`.
@@ -107,8 +123,10 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
     _check_stacked_and_logical(stacked, logical_rules)
     leaves, treedef = walk(tree)
     facts = classify(leaves, stacked)
-    opts = Options(fsdp_min_bytes=int(fsdp_min_bytes), min_channels=int(min_channels),
-                   tensor_min_bytes=int(tensor_min_bytes))
+    opts = Options(fsdp_min_bytes=None if fsdp_min_bytes is None else int(fsdp_min_bytes),
+                   min_channels=int(min_channels), tensor_min_bytes=int(tensor_min_bytes),
+                   tied_guess=not any(f.kind == "dense" and HEAD.match(f.unit_name) for f in facts),
+                   **pricing(hardware, batch, device_memory))
     lrules = list(logical_rules) if logical_rules is not None else default_logical_rules(ms)
     forced = force(facts, parsed, ms, use_annotations, lrules)
     proposals, pairs, sources, disagreements, doubts = _propose(facts, ms, opts, forced, model, sample, tree)
@@ -116,6 +134,7 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
     warnings = [*forced.warnings, *doubts, *_replication_warnings(decisions, ms)]
     warnings += plan_checks(facts, decisions, lrules, ms)  # unknown logical names, idle mesh axes
     options = {"fsdp_min_bytes": opts.fsdp_min_bytes, "min_channels": opts.min_channels,
+               "hardware": opts.hardware.name, "tokens": opts.tokens, "device_memory": opts.device_memory,
                "tensor_min_bytes": opts.tensor_min_bytes, "stacked": stacked,
                "rules": [[r.pattern.pattern, r.strategy or spec_to_json(r.spec or ())] for r in parsed]}
     specs = [decisions[f.path].spec for f in facts]
@@ -171,7 +190,7 @@ def _decision(f: Facts, p: Proposal, source: str, ms: MeshShape) -> Decision:
         spec=to_pspec(spec), strategy=p.strategy, reason=p.reason, shape=f.leaf.shape, dtype=f.leaf.dtype,
         bytes=f.leaf.nbytes, bytes_per_device=bytes_per_device(f.leaf.shape, f.leaf.itemsize, spec, ms),
         kind=p.kind or f.kind, source=source, pair=p.pair, role=p.role, layers_dim=p.layers_dim,
-        unit=f.unit, group=layer_group(f.path), fsdp=p.fsdp,
+        unit=f.unit, group=layer_group(f.path), fsdp=p.fsdp, alternatives=p.alternatives,
         trainable=f.leaf.collection in ("", "params") and f.leaf.numeric in ("float", "complex"))
 
 

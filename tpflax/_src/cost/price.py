@@ -1,0 +1,242 @@
+"""Price a candidate layout of one decision group: the planner's view of the one cost model.
+
+The planner proposes several layouts for a decision group (a column -> row
+pair, an embedding, an output head, a GQA key/value set, one leaf's fsdp
+split); :func:`price` gives each the three numbers the estimate and the dry run
+report — bytes per device, collective bytes per step per mesh axis, flops per
+device — and a step time in seconds on a hardware preset: ``flops / peak +
+bytes per device / HBM bandwidth (the optimizer update streams them) + sum over
+axes of collective bytes / that axis's bandwidth``. Pure
+arithmetic over shapes and specs, cached by value, so a model's repeated layers
+are priced once.
+
+Conventions (shared with :mod:`tpflax._src.cost.comm` and :mod:`tpflax.hlo`):
+ring bytes one device sends; a trainable leaf holds itself, its gradient and
+:data:`OPT_COPIES` optimizer moments (adam-like); activations move at
+``act_item`` bytes per element; a matmul kernel costs ``6 * tokens * size``
+flops per step (forward and the two backward products), divided by the tensor
+and expert axes that split it (fsdp splits are gathered before use).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tpflax._src.hardware import Hardware
+from tpflax._src.hlo import ring_bytes
+from tpflax._src.mesh import DATA, EXPERT, FSDP, TENSOR, MeshShape
+from tpflax._src.specs import Entry, entry_axes, fmt_bytes, used_axes
+
+# The global batch plan() prices activation collectives with when neither batch= nor
+# sample= says: 16 sequences of 512 tokens. Flops and activation bytes both scale
+# with it, so it shifts only trade-offs between activations and parameters (fsdp,
+# data-parallel gradients, memory).
+DEFAULT_TOKENS = 16 * 512
+OPT_COPIES = 2  # adam's two moments per parameter; sgd-like optimizers hold fewer
+
+
+@dataclass(frozen=True, eq=False)  # interned by the planner: identity is equality, and hashing is free
+class LeafLayout:
+    """One leaf of a candidate layout.
+
+    Attributes:
+        shape: the leaf's shape (with any stacked-layers dim).
+        itemsize: bytes per element.
+        spec: PartitionSpec entries, one per dim.
+        trainable: the optimizer updates it (gradient and moments cost memory).
+        matmul: contracted with activations: flops follow its size and split.
+        layers: stacked layers it holds (its collectives and flops repeat).
+    """
+
+    shape: tuple[int, ...]
+    itemsize: int
+    spec: tuple[Entry, ...]
+    trainable: bool = True
+    matmul: bool = False
+    layers: int = 1
+
+
+@dataclass(frozen=True)
+class ActComm:
+    """An activation collective a layout causes: ``width`` elements per token over ``entry``'s axes.
+
+    >>> ActComm("all-reduce", "model", 64, 1, "sum partial outputs").kind
+    'all-reduce'
+    """
+
+    kind: str
+    entry: Entry
+    width: float
+    count: int
+    why: str
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What one candidate layout costs per step.
+
+    Attributes:
+        bytes_per_device: parameters, gradients and optimizer moments on the fullest device.
+        comm: ``((axis label, bytes one device sends), ...)`` per step.
+        flops: matmul flops per device per step.
+        step_time: seconds on the priced hardware (flops / peak + bytes per device / HBM
+            bandwidth + collective bytes / bandwidth per axis).
+        collectives: the collectives in words, e.g. ``"all-reduce 64 KiB over model x2"``.
+    """
+
+    bytes_per_device: int
+    comm: tuple[tuple[str, float], ...]
+    flops: float
+    step_time: float
+    collectives: tuple[str, ...] = ()
+
+    @functools.cached_property
+    def comm_bytes(self) -> float:
+        return sum(b for _, b in self.comm)
+
+
+@dataclass(frozen=True, eq=False)  # one per plan() pass: identity keys the price cache
+class Context:
+    """Where candidates are priced: the mesh, the hardware, the global tokens per step."""
+
+    mesh: MeshShape
+    hardware: Hardware
+    tokens: int = DEFAULT_TOKENS
+    act_item: int = 4
+
+    @functools.cached_property
+    def batch_axes(self) -> tuple[str, ...]:
+        return tuple(n for n, r in self.mesh.roles if r in (DATA, FSDP) and self.mesh.sizes[n] > 1)
+
+    @functools.cached_property
+    def tokens_local(self) -> float:
+        return self.tokens / math.prod(self.mesh.sizes[a] for a in self.batch_axes)
+
+    def bandwidth(self, axes: Sequence[str]) -> float:
+        """Bytes/s one device sends over ``axes``: the slow link once the group leaves the fast domain.
+
+        Mesh axes are laid out major to minor, so an axis spans the devices of
+        every axis after it; an axis whose span exceeds the fast domain crosses
+        the slow link.
+        """
+        names = list(self.mesh.names)
+        slow = False
+        for a in axes:
+            span = math.prod(self.mesh.sizes[n] for n in names[names.index(a):])
+            slow |= span > self.hardware.fast_domain
+        return self.hardware.slow_bandwidth if slow else self.hardware.fast_bandwidth
+
+
+def _live(entry: Entry, mesh: MeshShape) -> tuple[str, ...]:
+    return tuple(a for a in entry_axes(entry) if mesh.sizes[a] > 1)
+
+
+def _split(spec: Sequence[Entry], mesh: MeshShape, roles: tuple[str, ...]) -> int:
+    r = dict(mesh.roles)
+    return math.prod(mesh.sizes[a] for a in used_axes(spec) if r[a] in roles)
+
+
+def _shard_bytes(x: LeafLayout, mesh: MeshShape) -> int:
+    n = x.itemsize
+    for dim, e in zip(x.shape, x.spec, strict=False):
+        n *= -(-dim // math.prod(mesh.sizes[a] for a in entry_axes(e)))
+    for dim in x.shape[len(x.spec):]:
+        n *= dim
+    return n
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def price(leaves: tuple[LeafLayout, ...], acts: tuple[ActComm, ...], ctx: Context) -> Cost:
+    """The three numbers of one candidate layout, and its step time on ``ctx.hardware``.
+
+    >>> from tpflax._src.hardware import get_hardware
+    >>> from tpflax._src.mesh import mesh_shape
+    >>> ctx = Context(mesh_shape({"data": 2, "model": 4}), get_hardware("tpu-v5e"), tokens=1024)
+    >>> up = LeafLayout((64, 256), 4, (None, "model"), matmul=True)
+    >>> c = price((up,), (ActComm("all-reduce", "model", 64, 1, "input gradients"),), ctx)
+    >>> c.bytes_per_device, c.comm, c.flops
+    (65536, (('data', 16384.0), ('model', 196608.0)), 12582912.0)
+    """
+    mesh, by_axis, words = ctx.mesh, {}, []
+    mem = 0
+    flops = 0.0
+
+    def add(kind: str, axes: tuple[str, ...], size: float, count: int, why: str) -> None:
+        n = math.prod(mesh.sizes[a] for a in axes)
+        sent = ring_bytes(kind, size, n) * count
+        if sent <= 0:
+            return
+        label = "+".join(axes)
+        by_axis[label] = by_axis.get(label, 0.0) + sent
+        words.append(f"{kind} {fmt_bytes(size)} over {label}{f' x{count}' if count > 1 else ''} ({why})")
+
+    for x in leaves:
+        shard = _shard_bytes(x, mesh)
+        mem += shard * (2 + OPT_COPIES) if x.trainable else shard
+        if x.matmul:
+            per_layer = math.prod(x.shape) / x.layers
+            flops += 6 * ctx.tokens_local * per_layer * x.layers / _split(x.spec, mesh, (TENSOR, EXPERT))
+        if not x.trainable:
+            continue
+        r = dict(mesh.roles)
+        f_axes = tuple(a for a in mesh.names if a in used_axes(x.spec) and r[a] == FSDP and mesh.sizes[a] > 1)
+        nf = math.prod(mesh.sizes[a] for a in f_axes)
+        if f_axes:
+            add("all-gather", f_axes, shard * nf, 1, "fsdp: gather the parameter")
+            add("reduce-scatter", f_axes, shard * nf, 1, "fsdp: scatter its gradient")
+        free = tuple(a for a in ctx.batch_axes if a not in used_axes(x.spec))
+        t_axes = tuple(a for a in mesh.names if r[a] == TENSOR and mesh.sizes[a] > 1 and a not in used_axes(x.spec))
+        if free and t_axes and not f_axes:
+            # XLA shards the update of a leaf the tensor ranks all hold: each reduces and updates
+            # 1/t of it, then gathers the parameter and both adam moments back (measured on
+            # XLA:CPU, tests/test_choose.py)
+            nt = math.prod(mesh.sizes[a] for a in t_axes)
+            add("all-reduce", free, shard / nt, 1, "sum its slice of the gradient over the batch")
+            group = tuple(a for a in mesh.names if a in free or a in t_axes)
+            add("all-gather", group, shard, 1 + OPT_COPIES, "gather the updated slices back")
+        elif free:
+            add("all-reduce", free, shard, 1, "sum the gradient over the batch")
+    for a in acts:
+        add(a.kind, _live(a.entry, mesh), ctx.tokens_local * a.width * ctx.act_item, a.count, a.why)
+    comm = tuple(sorted(by_axis.items()))
+    hw = ctx.hardware
+    time = flops / hw.peak_flops + mem / hw.hbm_bandwidth + sum(b / ctx.bandwidth(label.split("+")) for label, b in comm)
+    return Cost(mem, comm, flops, time, tuple(words))
+
+
+def fmt_flops(n: float) -> str:
+    """``1.2 Gflop`` style.
+
+    >>> fmt_flops(1.5e9)
+    '1.5 Gflop'
+    """
+    for unit, scale in (("Tflop", 1e12), ("Gflop", 1e9), ("Mflop", 1e6), ("kflop", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} flop"
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def compare(name: str, other: Cost, chosen: Cost) -> str:
+    """``other`` against ``chosen`` in words: what taking ``name`` instead would change.
+
+    >>> a = Cost(1024, (("model", 4096.0),), 0.0, 2e-8)
+    >>> b = Cost(4096, (), 0.0, 0.0)
+    >>> compare("replicate", b, a)
+    'replicate: +3.0 KiB per device, saves 4.0 KiB of collectives per step, step time -0.02 us'
+    """
+    parts = [f"{name}:"]
+    db = other.bytes_per_device - chosen.bytes_per_device
+    parts.append(f"{'+' if db >= 0 else '-'}{fmt_bytes(abs(db))} per device,")
+    dc = other.comm_bytes - chosen.comm_bytes
+    if dc:
+        parts.append(f"{'saves' if dc < 0 else 'adds'} {fmt_bytes(abs(dc))} of collectives per step,")
+    df = other.flops - chosen.flops
+    if df:
+        parts.append(f"{'+' if df > 0 else '-'}{fmt_flops(abs(df))} per device,")
+    dt = (other.step_time - chosen.step_time) * 1e6
+    parts.append(f"step time {'+' if dt >= 0 else '-'}{abs(dt):.2f} us")
+    return " ".join(parts)

@@ -1,0 +1,200 @@
+"""The one chooser: price every candidate layout of a decision group, keep the cheapest that fits.
+
+The rule sets find the decision groups (a column -> row pair, an embedding, an
+output head, a GQA key/value set, one leaf's fsdp split) and propose candidate
+layouts for each (:class:`Option`); :func:`pick` prices every candidate with
+:func:`tpflax._src.cost.price.price` and scores it by step time on the target
+hardware (:class:`tpflax._src.cost.price.Context`). Ties (equal step time to
+1e-9) go to fewer bytes per device, then to the rule's own order. Every
+candidate's cost is kept on the decisions (:class:`Alternative`), and the reason
+says what the runner-up would have changed.
+
+Memory is a constraint: :func:`fit` switches groups to their smallest
+candidate, cheapest step time lost per byte saved first, until the pass's
+parameters, gradients and optimizer moments fit ``device_memory``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from tpflax._src.cost.price import ActComm, Context, Cost, LeafLayout, compare, price
+from tpflax._src.planner.decision import Alternative
+from tpflax._src.specs import entries, fmt_bytes, to_pspec
+
+_TIE = 1e-9
+
+
+@dataclass(frozen=True)
+class Option:
+    """One candidate layout of a group.
+
+    Attributes:
+        name: what it is called in reasons (``"vocab split"``, ``"replicate"``).
+        proposals: ``((path, Proposal), ...)`` for every leaf of the group.
+        acts: the activation collectives it causes per step.
+        matmul: paths contracted with activations (their flops follow their split).
+        whole: the group kept whole on every tensor rank (see :func:`best`).
+    """
+
+    name: str
+    proposals: tuple[tuple[str, Any], ...]
+    acts: tuple[ActComm, ...] = ()
+    matmul: frozenset[str] = frozenset()
+    whole: bool = False
+
+
+@dataclass
+class Chosen:
+    """A group after :func:`pick`: its options, their costs and the chosen index."""
+
+    kind: str
+    options: tuple[Option, ...]
+    costs: tuple[Cost, ...]
+    index: int
+    facts: Mapping[str, Any] = field(default_factory=dict)
+
+
+def layout(f: Any, p: Any, matmul: bool) -> LeafLayout:
+    """A leaf's :class:`LeafLayout` under proposal ``p``."""
+    shape = tuple(f.leaf.shape)
+    spec = p.spec if len(p.spec) == len(shape) else entries(p.spec, len(shape))
+    return _layout(shape, f.leaf.itemsize, spec,
+                   f.leaf.collection in ("", "params") and f.leaf.numeric in ("float", "complex"), matmul, f.stacked)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _layout(shape, item, spec, trainable, matmul, stacked) -> LeafLayout:
+    return LeafLayout(shape, item, spec, trainable=trainable, matmul=matmul, layers=math.prod(shape[:stacked]))
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _pspec(spec):
+    return to_pspec(spec)
+
+
+def cost_of(o: Option, facts: Mapping[str, Any], ctx: Context) -> Cost:
+    """The priced cost of one option (cached by value: alike layers are priced once)."""
+    leaves = tuple(layout(facts[path], p, path in o.matmul) for path, p in o.proposals)
+    return price(leaves, o.acts, ctx)
+
+
+def _duplicates(a: Cost, b: Cost) -> bool:
+    """``a`` holds more bytes *and* computes more flops per device than ``b``."""
+    return (a.bytes_per_device > b.bytes_per_device * (1 + _TIE)
+            and a.flops > b.flops * (1 + _TIE))
+
+
+def best(costs: Sequence[Cost], whole: Sequence[bool] = ()) -> int:
+    """Index of the cheapest cost: step time, then bytes per device, then order.
+
+    A candidate that keeps the whole group on every tensor rank (``whole``) and
+    so holds more bytes *and* computes more flops per device than another is
+    out: it repeats, on every rank of the tensor axis, the matmuls that axis
+    exists to divide (on a tiny layer the interconnect may make that faster, but
+    then the mesh should not have the axis: that is :func:`tpflax.suggest_mesh`'s
+    call, not the planner's).
+
+    >>> best([Cost(10, (), 0.0, 1.0), Cost(5, (), 0.0, 1.0), Cost(1, (), 0.0, 2.0)])
+    1
+    >>> best([Cost(10, (), 8.0, 1.0), Cost(5, (), 2.0, 3.0)], whole=[True, False])
+    1
+    """
+    whole = tuple(whole) or (False,) * len(costs)
+    keep = [i for i, c in enumerate(costs) if not (whole[i] and any(_duplicates(c, o) for o in costs))]
+    low = min(costs[i].step_time for i in keep)
+    near = [i for i in keep if costs[i].step_time <= low * (1 + _TIE) + 1e-18]
+    return min(near, key=lambda i: (costs[i].bytes_per_device, i))
+
+
+def pick(st: Any, kind: str, options: Sequence[Option], facts: Mapping[str, Any]) -> None:
+    """Price ``options``, write the cheapest one's proposals into ``st.out`` with every alternative.
+
+    A group with a leaf forced by a rule or annotation, or with one option, takes
+    the first option unpriced.
+    """
+    options = tuple(o for o in options if o.proposals)
+    if not options:
+        return
+    paths = [path for path, _ in options[0].proposals]
+    if len(options) == 1 or any(p in st.forced for p in paths):
+        for path, p in options[0].proposals:
+            if path not in st.forced:
+                st.out[path] = p
+        return
+    ctx = st.context
+    costs = tuple(cost_of(o, facts, ctx) for o in options)
+    index = best(costs, [o.whole for o in options])
+    ch = Chosen(kind, options, costs, index, {p: facts[p] for p in paths})
+    st.chosen.append(ch)
+    _write(st, ch)
+
+
+def _write(st: Any, ch: Chosen) -> None:
+    o, c = ch.options[ch.index], ch.costs[ch.index]
+    ranked = sorted((i for i in range(len(ch.options)) if i != ch.index), key=lambda i: ch.costs[i].step_time)
+    runner = ranked[0]
+    hw = st.context.hardware
+    out = ""
+    if ch.costs[runner].step_time < c.step_time and ch.options[runner].whole:
+        out = (" (ruled out: it repeats the group's matmuls on every tensor rank, holding more bytes and "
+               "flops per device; a mesh without that tensor axis is the faster choice)")
+    words = (f"; chosen by cost over {len(ch.options)} {ch.kind} layouts ({', '.join(x.name for x in ch.options)};"
+             f" step time on {hw.name}, {st.context.tokens} tokens per step): runner-up "
+             f"{compare(ch.options[runner].name, ch.costs[runner], c)}{out}")
+    for path, p in o.proposals:
+        alts = tuple(_alternative(x, k, path, ch) for k, x in enumerate(ch.options))
+        prev = st.out.get(path)
+        kept = prev.alternatives if prev is not None and ch.kind == "fsdp" else ()
+        st.out[path] = replace(p, reason=p.reason + words, alternatives=kept + alts)
+
+
+def _alternative(o: Option, k: int, path: str, ch: Chosen) -> Alternative:
+    return _alt(o.name, ch.kind, tuple(dict(o.proposals)[path].spec), ch.costs[k], k == ch.index)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _alt(name: str, kind: str, spec: tuple, c: Cost, chosen: bool) -> Alternative:
+    """One Alternative per distinct (candidate, spec, cost): repeated layers share it."""
+    return Alternative(name=name, group=kind, spec=_pspec(spec), bytes_per_device=c.bytes_per_device,
+                       comm_bytes=c.comm_bytes, flops=c.flops, step_time=c.step_time, chosen=chosen,
+                       collectives=c.collectives)
+
+
+def fit(st: Any, budget: int | None) -> list[str]:
+    """Switch groups to their smallest option until the pass fits ``budget`` bytes; warnings in words.
+
+    fsdp groups move first (they never change the compute); a tensor group moves
+    only if none of its leaves has an fsdp choice on top.
+    """
+    if not budget:
+        return []
+    total = sum(cost_of(Option("", ((p, st.out[p]),)), st.facts, st.context).bytes_per_device
+                for p in st.out if p in st.facts)
+    if total <= budget:
+        return []
+    fsdp_paths = {p for ch in st.chosen if ch.kind == "fsdp" for p in ch.facts}
+    moves = []
+    for ch in st.chosen:
+        if ch.kind != "fsdp" and fsdp_paths & set(ch.facts):
+            continue
+        small = min(range(len(ch.costs)), key=lambda i: (ch.costs[i].bytes_per_device, ch.costs[i].step_time))
+        saved = ch.costs[ch.index].bytes_per_device - ch.costs[small].bytes_per_device
+        if saved > 0:
+            lost = (ch.costs[small].step_time - ch.costs[ch.index].step_time) / saved
+            moves.append((ch.kind != "fsdp", lost, id(ch), ch, small, saved))
+    for *_, ch, small, saved in sorted(moves, key=lambda m: m[:3]):
+        if total <= budget:
+            break
+        ch.index = small
+        _write(st, ch)
+        total -= saved
+    if total > budget:
+        return [f"the plan's parameters, gradients and optimizer state need {fmt_bytes(total)} per device, "
+                f"more than device_memory={fmt_bytes(budget)} even with the smallest candidate layouts; "
+                "use a larger mesh"]
+    return []

@@ -1,0 +1,128 @@
+"""Decision groups of one leaf: embeddings (and other lookup tables), output heads, fsdp splits.
+
+Each builder proposes the leaf's candidate layouts and lets the chooser
+(:mod:`tpflax._src.planner.choose`) price them; the rule sets call these the
+way they call the pair builders of :mod:`tpflax._src.planner.builders`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+
+from tpflax._src.cost.price import ActComm
+from tpflax._src.facts.classify import POS_EMBED, Facts
+from tpflax._src.mesh import FSDP
+from tpflax._src.planner.builders import State, axis_label, body_spec
+from tpflax._src.planner.choose import Option, fit
+from tpflax._src.specs import Entry, entry_axes, used_axes
+
+
+def shard_embedding(st: State, f: Facts, vdim: int, evidence: str = "", tied: bool = False) -> None:
+    """A 2-D table looked up over body dim ``vdim``: vocab split, embedding-dim split or whole, by cost."""
+    t_entry, t_size = st.tensor
+    v, d = f.body[vdim], f.body[1 - vdim]
+    ev = f"{evidence}; " if evidence else ""
+    if t_size == 1:
+        st.replicate(f, f"embedding: {ev}no tensor axis in the mesh")
+        return
+    over = axis_label(t_entry, t_size)
+    if not evidence and st.opts.tied_guess and not POS_EMBED.search(f.unit_name):
+        tied, ev = True, "no output head in the tree, so priced as tied to the logits; "
+    mm = frozenset({f.path}) if tied else frozenset()
+    options = []
+    if v % t_size == 0:
+        acts = (ActComm("all-reduce", t_entry, d, 1, "sum the looked-up rows (forward)"),)
+        if tied:
+            acts += _logit_acts(t_entry, d, "tied output embedding")
+        options.append(Option("vocab split", ((f.path, st.proposal(
+            f, body_spec(2, vdim, t_entry), "vocab",
+            f"vocab: {ev}{v} rows split over {over} (vocab-parallel lookup{' and logits' if tied else ''})")),),
+            acts, mm))
+    # The embedding-dim split only where the rows do not divide: measured on a GQA block
+    # (tests/test_choose.py), splitting a 128-row token table on its features instead of its rows
+    # cost XLA 60% more collectives than the priced gather (its feature-split output feeds a norm).
+    if d % t_size == 0 and not options:
+        # A feature-split table hands XLA a feature-split activation to add to the residual
+        # stream: besides the gather, measured, it reshards that stream and its gradient about
+        # twice more (tests/test_choose.py, benchmarks/results/estimate_accuracy.md).
+        acts = (ActComm("all-gather", t_entry, d, 1, "gather the looked-up features (forward)"),
+                ActComm("all-reduce", t_entry, d, 2, "reshard the residual stream and its gradient"))
+        if tied:
+            acts += (ActComm("all-reduce", t_entry, v, 1, "sum partial logits over the split features"),)
+        options.append(Option("embed-dim split", ((f.path, st.proposal(
+            f, body_spec(2, 1 - vdim, t_entry), "vocab",
+            f"vocab: {ev}" + (f"the embedding dim {d} is split over {over}" if v % t_size == 0 else
+                              f"{v} rows not divisible by {t_size}, so the embedding dim {d} is split over "
+                              f"{over} instead"))),), acts, mm))
+    options.append(Option("replicate", ((f.path, st.whole(
+        f, f"embedding: {ev}{v} x {d} table kept whole on every tensor rank")),), (), mm, whole=True))
+    st.choose("embedding", options, [f])
+
+
+def _logit_acts(t_entry: Entry, d: int, what: str) -> tuple[ActComm, ...]:
+    """A vocab-split output: the split softmax's three per-token reductions and the input gradients."""
+    return (ActComm("all-reduce", t_entry, 1, 3, f"{what}: max, sum and label logit of the split softmax"),
+            ActComm("all-reduce", t_entry, d, 1, f"{what}: sum input gradients (backward)"))
+
+
+def shard_output_head(st: State, f: Facts, dim: int, evidence: str) -> None:
+    """An output head (logits): column over its output body dim ``dim`` or whole, by cost; kind ``head``."""
+    t_entry, t_size = st.tensor
+    n = f.body[dim]
+    if t_size > 1 and n % t_size == 0:
+        d = math.prod(f.body) // n
+        mm = frozenset({f.path})
+        split = Option("vocab split", ((f.path, st.proposal(
+            f, body_spec(len(f.body), dim, t_entry), "column",
+            f"{evidence}; {n} outputs split over {axis_label(t_entry, t_size)} (vocab-parallel logits)",
+            kind="head")),), _logit_acts(t_entry, d, "vocab-split output head"), mm)
+        whole = Option("replicate", ((f.path, st.whole(f, f"{evidence}; kept whole on every tensor rank",
+                                                       kind="head")),), (), mm, whole=True)
+        st.choose("head", [split, whole], [f])
+    else:
+        st.replicate(f, f"{evidence}; " + ("no tensor axis in the mesh" if t_size == 1 else
+                                           f"{n} outputs not divisible by {axis_label(t_entry, t_size)}, "
+                                           "kept whole"), kind="head")
+
+
+def fsdp(st: State, facts: Sequence[Facts]) -> None:
+    """Float leaves also split their largest free divisible dim over the fsdp axes.
+
+    With ``fsdp_min_bytes`` None the chooser decides each leaf by cost (on TPU
+    and GPU the gather and the reduce-scatter cost what the data-parallel
+    all-reduce they replace costs, so the split wins on memory); with a number,
+    leaves at least that large split.
+    """
+    f_entry, f_size = st.mesh.group(FSDP)
+    by_cost = st.opts.fsdp_min_bytes is None
+    for f in facts if f_size > 1 else ():
+        p = st.out[f.path]
+        if f.leaf.numeric not in ("float", "complex") or f.kind in ("int", "state"):
+            continue
+        if not by_cost and f.leaf.nbytes < st.opts.fsdp_min_bytes:
+            if p.strategy == "replicate":
+                st.out[f.path] = replace(p, reason=p.reason + f"; below fsdp_min_bytes ({f.leaf.nbytes} < "
+                                                               f"{st.opts.fsdp_min_bytes})")
+            continue
+        if used_axes(p.spec) & set(entry_axes(f_entry)):
+            continue
+        free = [d for d in range(f.stacked, len(f.leaf.shape))
+                if p.spec[d] is None and f.leaf.shape[d] % f_size == 0]
+        if not free:
+            st.out[f.path] = replace(p, reason=p.reason + f"; no free dim divisible by "
+                                                           f"{axis_label(f_entry, f_size)} for fsdp")
+            continue
+        dim = max(free, key=lambda d: (f.leaf.shape[d], -d))
+        spec = list(p.spec)
+        spec[dim] = f_entry
+        on = replace(p, spec=tuple(spec), strategy="fsdp" if p.strategy == "replicate" else p.strategy, fsdp=True,
+                     reason=p.reason + f"; fsdp: dim {dim - f.stacked} ({f.leaf.shape[dim]}) split over "
+                                       f"{axis_label(f_entry, f_size)}" +
+                            ("" if by_cost else f" (leaf {f.leaf.nbytes} B >= fsdp_min_bytes)"))
+        if by_cost:
+            st.choose("fsdp", [Option("fsdp", ((f.path, on),)), Option("no fsdp", ((f.path, p),))], [f])
+        else:
+            st.out[f.path] = on
+    st.doubts.extend(fit(st, st.opts.device_memory))

@@ -1,0 +1,68 @@
+"""Why a plan chose each layout: every candidate the chooser priced, with its cost.
+
+``tpflax.report(plan, why=PATH)`` and ``tpflax plan MODEL --mesh ... --why PATH``
+write this text. Leaves of one repeated-layer group (``Decision.group``) with
+the same candidates are shown once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tpflax._src.specs import fmt_bytes
+
+
+def _spec(spec: Any) -> str:
+    inner = ", ".join("None" if e is None else (repr(e) if isinstance(e, str) else str(tuple(e)))
+                      for e in tuple(spec))
+    return f"P({inner})"
+
+
+def why_text(plan: Any) -> str:
+    """Every priced candidate of every decision group, leaf by leaf (repeated layers once).
+
+    >>> import jax, tpflax
+    >>> S = jax.ShapeDtypeStruct
+    >>> p = tpflax.plan({"pos": {"embedding": S((66, 32), "float32")}}, {"data": 2, "model": 4})
+    >>> print(why_text(p).splitlines()[2])
+    pos/embedding  (66, 32) float32: P(None, None)
+    """
+    opts = plan.options
+    out = [f"tpflax plan: candidate layouts and their costs  (mesh {plan.mesh}; priced on "
+           f"{opts.get('hardware', '?')}, {opts.get('tokens', '?')} tokens per step)", ""]
+    seen: dict[tuple, list[str]] = {}
+    for path, d in plan.decisions.items():
+        if not d.alternatives:
+            continue
+        # members of one group (a pair's kernels) and alike layers share the candidates' costs
+        key = tuple((a.group, a.name, a.bytes_per_device, a.comm_bytes, a.flops) for a in d.alternatives)
+        if key in seen:
+            seen[key].append(path)
+            continue
+        seen[key] = [path]
+        out.append(f"{path}  {tuple(d.shape)} {d.dtype}: {_spec(d.spec)}")
+        out.append(f"  {'':2}{'group':<10}{'candidate':<30}{'spec':<28}{'bytes/device':>14}{'comm/step':>12}"
+                   f"{'flops':>12}{'step time':>12}")
+        for a in d.alternatives:
+            out.append(f"  {'*' if a.chosen else ' ':2}{a.group:<10}{a.name:<30}{_spec(a.spec):<28}"
+                       f"{fmt_bytes(a.bytes_per_device):>14}{fmt_bytes(a.comm_bytes):>12}{a.flops:>12.3g}"
+                       f"{a.step_time * 1e6:>9.2f} us")
+            for c in dict.fromkeys(a.collectives):
+                n = a.collectives.count(c)
+                out.append(f"  {'':42}{c}{f'  (x{n})' if n > 1 else ''}")
+        out.append(f"  reason: {d.reason}")
+        out.append("")
+    for paths in seen.values():
+        if len(paths) > 1:
+            out.append(f"{paths[0]}: the same candidates and costs for {len(paths) - 1} more leaves "
+                       f"({', '.join(paths[1:4])}{', ...' if len(paths) > 4 else ''})")
+    if not seen:
+        out.append("no decision group had more than one candidate (rules, annotations or a 1-device tensor "
+                   "axis decided every leaf)")
+    return "\n".join(out) + "\n"
+
+
+def write_why(plan: Any, path: Any) -> None:
+    """Write :func:`why_text` to ``path``."""
+    Path(path).write_text(why_text(plan))
