@@ -27,6 +27,10 @@ def add_parser(subparsers) -> None:
     d.add_argument("b", help="plan JSON file, or - for stdin")
     d.add_argument("--fail-on-change", action="store_true", help="exit 1 when the plans differ")
     d.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    d.add_argument("--batch", default=None, metavar="BxT",
+                   help="a global batch shape such as 8x1024: also show each side's communication per "
+                        "step (tpflax.estimate; token ids in, the next token out)")
+    d.add_argument("--optimizer", default="adamw", help="optax optimizer for --batch (default adamw)")
     d.set_defaults(func=run)
 
 
@@ -45,7 +49,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.a == "-" and args.b == "-":
         raise PlanFormatError("only one of the two plans can come from stdin (-)")
-    result = diff(_read(args.a), _read(args.b))
+    opt = None
+    if args.batch is not None:
+        from tpflax._src.cli import optimizer_from_name
+
+        opt = optimizer_from_name(args.optimizer)
+    result = diff(_read(args.a), _read(args.b), optimizer=opt, batch=args.batch)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
