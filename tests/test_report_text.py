@@ -23,8 +23,9 @@ def test_gpt2_small_groups_its_layers_and_fits_100_columns(gpt2_small):
     text = tpflax.report(gpt2_small, width=100)
     lines = text.splitlines()
     assert max(len(x) for x in lines) <= 100
-    # 12 layers x 16 leaves become 16 rows (the old report had one row per leaf: 196 rows, 205 lines)
-    assert len(lines) < 70
+    # 12 layers x 16 leaves become 16 rows (the old report had one row per leaf: 196 rows, 205 lines);
+    # the rows' wrapped reasons (each cost-chosen group names its runner-up) keep it under 100 lines
+    assert len(lines) < 100
     assert "h_{0..11}/mlp/c_fc/kernel ×12" in text and "h_{0..11}/ln_{1,2}/scale ×24" in text
     assert "h_3/" not in text  # no per-layer rows
     assert "rows: 18" in text and "leaves: 196" in text
@@ -60,7 +61,7 @@ def test_cli_plan_is_compact_by_default_and_full_on_request(capsys):
     compact = capsys.readouterr().out.splitlines()
     assert main(["plan", "gpt2-small", "--mesh", "data=2,model=4", "--full"]) == 0
     full = capsys.readouterr().out.splitlines()
-    assert max(map(len, compact)) <= 100 and len(compact) < 70  # piped: the 100-column default
+    assert max(map(len, compact)) <= 100 and len(compact) < 100  # piped: the 100-column default
     assert len(full) > 196 and any("params/h_7/mlp/c_fc/kernel" in x for x in full)
 
 

@@ -10,7 +10,19 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any
+
+from tpflax._src.cli_args import (
+    OPTIMIZERS,
+    UsageError,
+    add_model_args,
+    estimate_inputs,
+    need_model,
+    optimizer_from_name,
+    parse_roles,
+    parse_rule,
+    plan_from_args,
+    zoo_of,
+)
 
 EXAMPLES = """examples:
   tpflax plan gpt2-small --mesh data=2,model=4
@@ -24,88 +36,6 @@ EXAMPLES = """examples:
   tpflax suggest llama-2-7b --world-size 64 --hardware tpu-v5p --batch 64   # which mesh, and does it fit
   tpflax plan gpt2-small --mesh data=2,model=4 --html report.html   # a visual report, one file
 """
-
-
-class UsageError(Exception):
-    """Bad command-line input that argparse itself cannot see (exit code 2)."""
-
-
-def parse_rule(text: str) -> tuple[str, Any]:
-    """``REGEX=TARGET``: a strategy name, or comma-separated axes (``None``/``-`` for
-    an unsharded dim, ``a+b`` for several axes on one dim)."""
-    from jax.sharding import PartitionSpec
-
-    from tpflax._src.planner.plan import STRATEGIES
-
-    if "=" not in text:
-        raise UsageError(f"--rule {text!r} must be REGEX=TARGET, e.g. 'mlp/up=None,model' or 'norm=replicate'")
-    pattern, _, target = text.rpartition("=")
-    target = target.strip()
-    if target in STRATEGIES:
-        return pattern, target
-    dims = []
-    for part in target.split(","):
-        part = part.strip()
-        if part in ("", "None", "none", "-"):
-            dims.append(None)
-        elif "+" in part:
-            dims.append(tuple(p.strip() for p in part.split("+")))
-        else:
-            dims.append(part)
-    return pattern, PartitionSpec(*dims)
-
-
-def parse_roles(items: Sequence[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        name, sep, role = item.partition("=")
-        if not sep:
-            raise UsageError(f"--axis-role {item!r} must be NAME=ROLE, e.g. 'x=tensor'")
-        out[name.strip()] = role.strip()
-    return out
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """Arguments every model command shares."""
-    p.add_argument("model", help="zoo name (see `tpflax zoo`) or package.module:factory")
-    p.add_argument("--mesh", required=True, help="mesh shape, e.g. data=2,model=4")
-    p.add_argument("--size", choices=["tiny", "real"], default=None,
-                   help="zoo family size (default: tiny for family names, real for named sizes)")
-    p.add_argument("--axis-role", action="append", default=[], metavar="NAME=ROLE",
-                   help="role of a mesh axis with an unknown name (tensor, fsdp, data, expert)")
-    p.add_argument("--rule", action="append", default=[], metavar="REGEX=TARGET",
-                   help="override: first matching rule wins (strategy name or axes like None,model)")
-    p.add_argument("--fsdp-min-bytes", type=int, default=None,
-                   help="leaves this large also shard over fsdp axes (default: decided by cost per leaf)")
-    p.add_argument("--min-channels", type=int, default=64, help="narrowest conv chain to split (default 64)")
-    p.add_argument("--devices", type=int, default=None,
-                   help="emulate this many CPU devices (set before jax starts)")
-    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
-    p.add_argument("--strict", action="store_true", help="exit 1 when the plan has warnings")
-
-
-def plan_from_args(args: argparse.Namespace):
-    """Load the model and plan it; returns (Loaded, Plan)."""
-    from tpflax._src.loading import load_model
-    from tpflax._src.planner.plan import plan
-
-    loaded = load_model(args.model, size=args.size)
-    traced = {}
-    if getattr(args, "trace", False):
-        need_model(loaded, "--trace needs a model to trace")
-        traced = {"model": loaded.model, "sample": loaded.sample}
-    p = plan(loaded.variables, args.mesh, rules=[parse_rule(r) for r in args.rule],
-             axis_roles=parse_roles(args.axis_role) or None, fsdp_min_bytes=args.fsdp_min_bytes,
-             min_channels=args.min_channels, **traced)
-    return loaded, p
-
-
-def need_model(loaded, what: str) -> None:
-    """A UsageError when ``loaded`` is a bare variable tree."""
-    if loaded.model is None:
-        raise UsageError(f"{what}: {loaded.name!r} gave only a variable tree; use a zoo name or a factory "
-                         "returning a zoo model, (linen_module, *sample), (nnx_module, *sample) or "
-                         "(fn, variables, *sample)")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -135,68 +65,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 1 if args.strict and p.warnings else 0
 
 
-OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "adafactor", "lion", "rmsprop", "adagrad")
-
-
-def optimizer_from_name(name: str, lr: float = 1e-3):
-    """An optax optimizer by name (the state shapes are what matter here, not the rate)."""
-    import optax
-
-    if name == "momentum":
-        return optax.sgd(lr, momentum=0.9)
-    if name not in OPTIMIZERS:
-        raise UsageError(f"--optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}")
-    return getattr(optax, name)(lr)
-
-
-def _estimate_inputs(args: argparse.Namespace, loaded):
-    """(abstract batch, sample or batch spec; global batch size) from --batch.
-
-    A zoo model gets its own batch; a user model its sample with the leading dim
-    set to N; a bare tree the spec string.
-    """
-    import jax
-
-    from tpflax._src.model import as_model
-
-    if args.batch is None and loaded.sample is not None:
-        return loaded.sample, int(loaded.sample[0].shape[0])
-    try:
-        dims = [int(x) for x in str(args.batch or 8).lower().split("x")]
-    except ValueError:
-        raise UsageError(f"--batch {args.batch!r} must be N or NxM..., e.g. 32 or 32x1024") from None
-    if not dims or any(d < 1 for d in dims):
-        raise UsageError(f"--batch {args.batch!r} must hold positive sizes")
-    model = loaded.model
-    if loaded.sample is None and _zoo(loaded) is None:
-        return "x".join(map(str, dims)), dims[0]
-    if loaded.sample is not None:
-        if len(dims) > 1:
-            raise UsageError(f"--batch {args.batch!r}: for {args.model} give only the batch size N; the "
-                             "other dims come from the model's sample inputs")
-        sample = as_model(model, loaded.sample, loaded.variables).with_batch(dims[0]).sample
-        return sample, dims[0]
-    seq = getattr(model.config, "seq_len", None)
-    if len(dims) > 1 and seq is not None and dims[1] != seq:
-        raise UsageError(f"{args.model} has seq_len {seq}; pass --batch {dims[0]}x{seq} or just --batch "
-                         f"{dims[0]} (zoo configs fix the sequence length)")
-    return jax.eval_shape(lambda: model.make_batch(0, dims[0])), dims[0]
-
-
-def _zoo(loaded):
-    """The model estimate() can read activations from: a zoo model (others: from the batch alone)."""
-    from tpflax._src.model import is_zoo
-
-    return loaded.model if is_zoo(loaded.model) else None
-
-
 def cmd_estimate(args: argparse.Namespace) -> int:
     from tpflax._src.cost.estimate import estimate
     from tpflax._src.report import report
 
     loaded, p = plan_from_args(args)
-    batch, _ = _estimate_inputs(args, loaded)
-    est = estimate(p, optimizer_from_name(args.optimizer), batch, model=_zoo(loaded), remat=args.remat,
+    batch, _ = estimate_inputs(args, loaded)
+    est = estimate(p, optimizer_from_name(args.optimizer), batch, model=zoo_of(loaded), remat=args.remat,
                    backend=args.backend, act_dtype=args.act_dtype, grad_dtype=args.grad_dtype,
                    optimizer_name=args.optimizer)
     if args.json:
@@ -228,7 +103,7 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
 
     loaded, p = plan_from_args(args)
     need_model(loaded, "dry-run needs a model to build the train step")
-    batch, size = _estimate_inputs(args, loaded)
+    batch, size = estimate_inputs(args, loaded)
     mesh = make_mesh(p.mesh, target=args.target)  # a TPU target: libtpu's abstract devices
     opt = optimizer_from_name(args.optimizer)
     step_batch = {"batch": batch} if loaded.sample is None else {"sample": batch}
@@ -236,7 +111,7 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
                          gather_fsdp=not args.no_gather_fsdp, **step_batch)
     dr = dry_run(ts, p, mesh, progress=not args.json)
     backend = args.backend or mesh.devices.flat[0].platform
-    est = estimate(p, opt, batch, model=_zoo(loaded), remat=args.remat,
+    est = estimate(p, opt, batch, model=zoo_of(loaded), remat=args.remat,
                    backend=backend if backend in ("tpu", "gpu", "cpu") else "tpu",
                    optimizer_name=args.optimizer)
     if args.json:
@@ -291,8 +166,8 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, size=args.size)
     if args.batch is None:
         args.batch = str(args.world)
-    batch, _ = _estimate_inputs(args, loaded)
-    s = suggest_mesh(_zoo(loaded) or loaded.variables, args.world,
+    batch, _ = estimate_inputs(args, loaded)
+    s = suggest_mesh(zoo_of(loaded) or loaded.variables, args.world,
                      args.device_memory, args.hardware, optimizer=optimizer_from_name(args.optimizer),
                      batch=batch, config=getattr(loaded.model, "config", None), trace=args.trace,
                      remat=args.remat, optimizer_name=args.optimizer, ici_bandwidth=args.ici_bandwidth,

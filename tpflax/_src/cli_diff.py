@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         raise PlanFormatError("only one of the two plans can come from stdin (-)")
     opt = None
     if args.batch is not None:
-        from tpflax._src.cli import optimizer_from_name
+        from tpflax._src.cli_args import optimizer_from_name
 
         opt = optimizer_from_name(args.optimizer)
     result = diff(_read(args.a), _read(args.b), optimizer=opt, batch=args.batch)

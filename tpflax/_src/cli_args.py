@@ -1,0 +1,148 @@
+"""Command-line argument helpers: rules, roles, model loading, optimizers and batches.
+
+The subcommands in :mod:`tpflax._src.cli` (and ``cli_diff``) parse with these and
+hand the library what it takes; nothing here prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+
+class UsageError(Exception):
+    """Bad command-line input that argparse itself cannot see (exit code 2)."""
+
+
+def parse_rule(text: str) -> tuple[str, Any]:
+    """``REGEX=TARGET``: a strategy name, or comma-separated axes (``None``/``-`` for
+    an unsharded dim, ``a+b`` for several axes on one dim)."""
+    from jax.sharding import PartitionSpec
+
+    from tpflax._src.planner.plan import STRATEGIES
+
+    if "=" not in text:
+        raise UsageError(f"--rule {text!r} must be REGEX=TARGET, e.g. 'mlp/up=None,model' or 'norm=replicate'")
+    pattern, _, target = text.rpartition("=")
+    target = target.strip()
+    if target in STRATEGIES:
+        return pattern, target
+    dims = []
+    for part in target.split(","):
+        part = part.strip()
+        if part in ("", "None", "none", "-"):
+            dims.append(None)
+        elif "+" in part:
+            dims.append(tuple(p.strip() for p in part.split("+")))
+        else:
+            dims.append(part)
+    return pattern, PartitionSpec(*dims)
+
+
+def parse_roles(items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, role = item.partition("=")
+        if not sep:
+            raise UsageError(f"--axis-role {item!r} must be NAME=ROLE, e.g. 'x=tensor'")
+        out[name.strip()] = role.strip()
+    return out
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Arguments every model command shares."""
+    p.add_argument("model", help="zoo name (see `tpflax zoo`) or package.module:factory")
+    p.add_argument("--mesh", required=True, help="mesh shape, e.g. data=2,model=4")
+    p.add_argument("--size", choices=["tiny", "real"], default=None,
+                   help="zoo family size (default: tiny for family names, real for named sizes)")
+    p.add_argument("--axis-role", action="append", default=[], metavar="NAME=ROLE",
+                   help="role of a mesh axis with an unknown name (tensor, fsdp, data, expert)")
+    p.add_argument("--rule", action="append", default=[], metavar="REGEX=TARGET",
+                   help="override: first matching rule wins (strategy name or axes like None,model)")
+    p.add_argument("--fsdp-min-bytes", type=int, default=None,
+                   help="leaves this large also shard over fsdp axes (default: decided by cost per leaf)")
+    p.add_argument("--min-channels", type=int, default=64, help="narrowest conv chain to split (default 64)")
+    p.add_argument("--devices", type=int, default=None,
+                   help="emulate this many CPU devices (set before jax starts)")
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    p.add_argument("--strict", action="store_true", help="exit 1 when the plan has warnings")
+
+
+def plan_from_args(args: argparse.Namespace):
+    """Load the model and plan it; returns (Loaded, Plan)."""
+    from tpflax._src.loading import load_model
+    from tpflax._src.planner.plan import plan
+
+    loaded = load_model(args.model, size=args.size)
+    traced = {}
+    if getattr(args, "trace", False):
+        need_model(loaded, "--trace needs a model to trace")
+        traced = {"model": loaded.model, "sample": loaded.sample}
+    p = plan(loaded.variables, args.mesh, rules=[parse_rule(r) for r in args.rule],
+             axis_roles=parse_roles(args.axis_role) or None, fsdp_min_bytes=args.fsdp_min_bytes,
+             min_channels=args.min_channels, **traced)
+    return loaded, p
+
+
+def need_model(loaded, what: str) -> None:
+    """A UsageError when ``loaded`` is a bare variable tree."""
+    if loaded.model is None:
+        raise UsageError(f"{what}: {loaded.name!r} gave only a variable tree; use a zoo name or a factory "
+                         "returning a zoo model, (linen_module, *sample), (nnx_module, *sample) or "
+                         "(fn, variables, *sample)")
+
+
+OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "adafactor", "lion", "rmsprop", "adagrad")
+
+
+def optimizer_from_name(name: str, lr: float = 1e-3):
+    """An optax optimizer by name (the state shapes are what matter here, not the rate)."""
+    import optax
+
+    if name == "momentum":
+        return optax.sgd(lr, momentum=0.9)
+    if name not in OPTIMIZERS:
+        raise UsageError(f"--optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}")
+    return getattr(optax, name)(lr)
+
+
+def estimate_inputs(args: argparse.Namespace, loaded):
+    """(abstract batch, sample or batch spec; global batch size) from --batch.
+
+    A zoo model gets its own batch; a user model its sample with the leading dim
+    set to N; a bare tree the spec string.
+    """
+    import jax
+
+    from tpflax._src.model import as_model
+
+    if args.batch is None and loaded.sample is not None:
+        return loaded.sample, int(loaded.sample[0].shape[0])
+    try:
+        dims = [int(x) for x in str(args.batch or 8).lower().split("x")]
+    except ValueError:
+        raise UsageError(f"--batch {args.batch!r} must be N or NxM..., e.g. 32 or 32x1024") from None
+    if not dims or any(d < 1 for d in dims):
+        raise UsageError(f"--batch {args.batch!r} must hold positive sizes")
+    model = loaded.model
+    if loaded.sample is None and zoo_of(loaded) is None:
+        return "x".join(map(str, dims)), dims[0]
+    if loaded.sample is not None:
+        if len(dims) > 1:
+            raise UsageError(f"--batch {args.batch!r}: for {args.model} give only the batch size N; the "
+                             "other dims come from the model's sample inputs")
+        sample = as_model(model, loaded.sample, loaded.variables).with_batch(dims[0]).sample
+        return sample, dims[0]
+    seq = getattr(model.config, "seq_len", None)
+    if len(dims) > 1 and seq is not None and dims[1] != seq:
+        raise UsageError(f"{args.model} has seq_len {seq}; pass --batch {dims[0]}x{seq} or just --batch "
+                         f"{dims[0]} (zoo configs fix the sequence length)")
+    return jax.eval_shape(lambda: model.make_batch(0, dims[0])), dims[0]
+
+
+def zoo_of(loaded):
+    """The model estimate() can read activations from: a zoo model (others: from the batch alone)."""
+    from tpflax._src.model import is_zoo
+
+    return loaded.model if is_zoo(loaded.model) else None
