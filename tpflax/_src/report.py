@@ -46,19 +46,31 @@ def versions() -> dict[str, str]:
 
 
 def index_set(values: Sequence[int]) -> str:
-    """``{0..11}``, ``{0,2,5}`` or ``{0..3,8}``: a set of layer indices, runs collapsed.
+    """``{0..11}``, ``{0,2,5}``, ``{0..3,8}`` or ``{1..23 step 2}``: a set of indices, runs collapsed.
 
-    >>> index_set([3, 0, 1, 2, 8])
-    '{0..3,8}'
+    Runs of three or more with one stride collapse, so the pair ids of 10,000
+    alike layers stay one short token instead of 10,000 numbers.
+
+    >>> index_set([3, 0, 1, 2, 8]), index_set([1, 3, 5, 7, 9])
+    ('{0..3,8}', '{1..9 step 2}')
     """
     xs = sorted(set(values))
     runs: list[list[int]] = []
     for x in xs:
-        if runs and x == runs[-1][-1] + 1:
-            runs[-1].append(x)
+        r = runs[-1] if runs else None
+        if r and (len(r) == 1 or x - r[-1] == r[1] - r[0]):
+            r.append(x)
         else:
             runs.append([x])
-    return "{" + ",".join(f"{r[0]}..{r[-1]}" if len(r) > 2 else ",".join(map(str, r)) for r in runs) + "}"
+    # a run shorter than three is written out: {1,2} is clearer than {1..2}
+    out: list[str] = []
+    for r in runs:
+        if len(r) >= 3:
+            step = r[1] - r[0]
+            out.append(f"{r[0]}..{r[-1]}" + (f" step {step}" if step != 1 else ""))
+        else:
+            out.extend(map(str, r))
+    return "{" + ",".join(out) + "}"
 
 
 _INDEX = re.compile(r"^(.*?)(\d+)$")

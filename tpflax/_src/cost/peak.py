@@ -116,6 +116,8 @@ def gathered_bytes(lv: Leaves, mesh: MeshShape) -> tuple[int, int]:
         blocks[key] = blocks.get(key, 0) + shard_bytes(shape, leaf_itemsize(d), kept, mesh)
         repeats[key] = min(repeats.get(key, lv.count[path]), lv.count[path])
     top = sorted((n for k, n in blocks.items() for _ in range(min(repeats[k], GATHERED_LAYERS))), reverse=True)
+    if not top:  # an fsdp axis that splits no leaf (a scalar tree, say): nothing is gathered
+        return 0, 0
     return top[0], sum(top[:GATHERED_LAYERS])
 
 
