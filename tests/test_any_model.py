@@ -114,7 +114,7 @@ IDS = S((2, 8), jnp.int32)
 
 
 def test_hugging_face_style_function():
-    p = tpflax.plan(hf_params(), MESH, model=hf_forward, sample=(IDS,))
+    p = tpflax.plan(hf_params(), MESH, model=hf_forward, sample=(IDS,), batch=(IDS,))
     want = {"wte/weight": P("model", None), "lm_head/weight": P("model", None), "ln_f/weight": P(None)}
     for i in range(LAYERS):
         want.update({f"h.{i}/ln/weight": P(None),

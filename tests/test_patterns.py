@@ -3,7 +3,8 @@
 Every class is a layout third-party models use that tpflax used to miss: the
 plan's specs are asserted exactly; for the important ones the compiled adamw
 step (8 CPU devices, data=2 x model=4) is held against a Megatron layout written
-by hand with ``tpflax.plan(params, mesh, rules=[...])``: bytes per device
+by hand with ``tpflax.plan(params, mesh, rules=[...])`` (both priced at the compiled batch,
+``batch=``, since the chooser prices 8,192 tokens by default): bytes per device
 (arguments + temporaries), collective bytes per step and flops per device.
 """
 
@@ -147,8 +148,8 @@ def test_sibling_subtrees_pair_in_the_tree(bert):
 @pytest.mark.slow
 def test_sibling_subtrees_compile_like_megatron(bert, mesh):
     m, v = bert
-    got = numbers(m, tpflax.plan(v, MESH), mesh, (TOK,))
-    hand = numbers(m, tpflax.plan(v, MESH, rules=BERT_HAND), mesh, (TOK,))
+    got = numbers(m, tpflax.plan(v, MESH, batch=(TOK,)), mesh, (TOK,))
+    hand = numbers(m, tpflax.plan(v, MESH, batch=(TOK,), rules=BERT_HAND), mesh, (TOK,))
     no_worse(got, hand)  # the same Megatron layout, found without rules: equal up to XLA's choices
 
 
@@ -185,13 +186,13 @@ def test_fused_qkv_is_split_over_its_fused_dim(fused):
 @pytest.mark.slow
 def test_fused_qkv_compiles_better_than_replicated(fused, mesh):
     m, v = fused
-    got = numbers(m, tpflax.plan(v, MESH, model=m, sample=(TOK,)), mesh, (TOK,))
+    got = numbers(m, tpflax.plan(v, MESH, model=m, sample=(TOK,), batch=(TOK,)), mesh, (TOK,))
     # The hand layout a user writes for a fused kernel: column on 3d, row on proj, vocab head.
-    hand = numbers(m, tpflax.plan(v, MESH, rules=[(r"attn_\d/kernel", P(None, "model")),
+    hand = numbers(m, tpflax.plan(v, MESH, batch=(TOK,), rules=[(r"attn_\d/kernel", P(None, "model")),
                                                   (r"attn_\d/bias", P("model")),
                                                   (r"proj_\d/kernel", P("model", None)),
                                                   (r"lm/kernel", P(None, "model"))]), mesh, (TOK,))
-    old = numbers(m, tpflax.plan(v, MESH, rules=[(r"attn_\d/", "replicate"), (r"proj_\d/", "replicate")],
+    old = numbers(m, tpflax.plan(v, MESH, batch=(TOK,), rules=[(r"attn_\d/", "replicate"), (r"proj_\d/", "replicate")],
                                  model=m, sample=(TOK,)), mesh, (TOK,))
     no_worse(got, hand)
     assert got[0] < old[0] and got[2] < old[2]  # the old replicated fused kernel: more bytes and flops
@@ -240,8 +241,8 @@ def test_interleaved_rotary_keeps_heads(rotary):
 @pytest.mark.slow
 def test_interleaved_rotary_compiles_like_megatron(rotary, mesh):
     m, v = rotary
-    got = numbers(m, tpflax.plan(v, MESH, model=m, sample=(TOK,)), mesh, (TOK,))
-    hand = numbers(m, tpflax.plan(v, MESH, rules=MEGATRON), mesh, (TOK,))
+    got = numbers(m, tpflax.plan(v, MESH, model=m, sample=(TOK,), batch=(TOK,)), mesh, (TOK,))
+    hand = numbers(m, tpflax.plan(v, MESH, batch=(TOK,), rules=MEGATRON), mesh, (TOK,))
     no_worse(got, hand)  # the trace finds exactly the Megatron pairs: equal numbers
 
 
@@ -296,8 +297,8 @@ def test_sharding_constraints_and_names_keep_pairs(annotated):
 @pytest.mark.slow
 def test_sharding_constraints_compile_like_megatron(annotated, mesh):
     m, v = annotated
-    got = numbers(m, tpflax.plan(v, MESH, model=m, sample=(TOK,)), mesh, (TOK,))
-    hand = numbers(m, tpflax.plan(v, MESH, rules=MEGATRON + [(r"up_\d/kernel", P(None, "model")),
+    got = numbers(m, tpflax.plan(v, MESH, model=m, sample=(TOK,), batch=(TOK,)), mesh, (TOK,))
+    hand = numbers(m, tpflax.plan(v, MESH, batch=(TOK,), rules=MEGATRON + [(r"up_\d/kernel", P(None, "model")),
                                                              (r"down_\d/kernel", P("model", None))]),
                    mesh, (TOK,))
     no_worse(got, hand)  # same pairs as the hand layout: equal numbers
@@ -416,8 +417,8 @@ def test_kv_stack_is_split_over_its_heads(stacked):
 @pytest.mark.slow
 def test_kv_stack_compiles_like_megatron(stacked, mesh):
     m, v = stacked
-    got = numbers(m, tpflax.plan(v, MESH, model=m, sample=(TOK,)), mesh, (TOK,))
-    hand = numbers(m, tpflax.plan(v, MESH, rules=[
+    got = numbers(m, tpflax.plan(v, MESH, model=m, sample=(TOK,), batch=(TOK,)), mesh, (TOK,))
+    hand = numbers(m, tpflax.plan(v, MESH, batch=(TOK,), rules=[
         (r"kv_\d", P(None, "model", None, None)), (r"q_\d", P("model", None, None)),
         (r"o_\d", P("model", None, None)), (r"up_\d/kernel", P(None, "model")), (r"up_\d/bias", P("model")),
         (r"down_\d/kernel", P("model", None)), (r"lm_head", P(None, "model"))]), mesh, (TOK,))
@@ -481,7 +482,7 @@ def test_experts_compile_like_megatron(moe, mesh):
     ts_args = dict(sample=(X,))
     got = tpflax.dry_run(tpflax.make_train_step(m, p := tpflax.plan(v, MESH, model=m, **ts_args), mesh,
                                                 optax.adamw(1e-3), loss=moe_loss, **ts_args), p, mesh)
-    h = tpflax.plan(v, MESH, rules=MOE_HAND)
+    h = tpflax.plan(v, MESH, batch=(TOK,), rules=MOE_HAND)
     hand = tpflax.dry_run(tpflax.make_train_step(m, h, mesh, optax.adamw(1e-3), loss=moe_loss, **ts_args),
                           h, mesh)
     three = [(r.memory["argument"] + (r.memory["temp"] or 0), r.comm_total, r.flops) for r in (got, hand)]
