@@ -335,8 +335,7 @@ def test_100k_leaves_plan_on_2048_abstract_devices():
     assert all(len(v) == 1 for v in by_unit.values())  # every layer planned alike
     assert by_unit["mlp/up_proj/kernel"] == {(PartitionSpec("fsdp", "model"), "column+fsdp")}
     assert p.bytes_per_device * 64 < p.total_bytes
-    assert tpflax.report(p, full=True).count("\n") > 100_000  # one row per leaf
-    assert tpflax.report(p).count("\n") < 200  # alike layers share a row
+    assert tpflax.report(p).count("\n") < 200  # alike layers share a row (full=True: one per leaf)
 
 
 def test_405b_decoder_plan_estimate_report_on_2048_abstract_devices():
