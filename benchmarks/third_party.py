@@ -110,8 +110,9 @@ def make_plans(arch: Arch, built: Built, params: Any, mesh: dict[str, int]) -> d
 
     kv = arch.kwargs.get("num_key_value_heads")
     rules = {
-        "tree": {},
-        "model": {"model": built.fn, "sample": built.sample},
+        # tpflax prices candidates at the batch it is told (plan(..., batch=)); this is the one compiled
+        "tree": {"batch": built.sample},
+        "model": {"model": built.fn, "sample": built.sample, "batch": built.sample},
         "megatron": {"rules": megatron_rules(arch.name, mesh, vocab=vocab_of(arch), kv_heads=kv)},
         "replicated": {"rules": [(r".*", "replicate")]},
         "fsdp": {"rules": fsdp_rules(params, mesh)},
