@@ -246,7 +246,10 @@ def write_markdown(rows: Sequence[Any], path: Path, extra: Sequence[str] = ()) -
         "",
     ]
     lines += [f"{i}. {f}" for i, f in enumerate(FOOTNOTES, 1)] + [""]
-    lines += ["## What the table shows", ""] + [f"- {f}" for f in FINDINGS] + [""]
+    # FINDINGS are prose written by hand about one run: say which, so a regenerated table never
+    # passes off old observations as describing its own numbers.
+    lines += ["## Observations on the run of 2026-11-30 (planner before issue 11's fixes; written by "
+              "hand, not regenerated with the table)", ""] + [f"- {f}" for f in FINDINGS] + [""]
     lines += _summary(groups, rows)
     lines += ["## Ratios to Megatron (bytes / comm / flops)", ""] + _summary_table(groups) + [""]
     lines += ["## All numbers", ""] + _detail_table(groups) + [""] + list(extra)

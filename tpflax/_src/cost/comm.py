@@ -32,17 +32,6 @@ from tpflax._src.mesh import EXPERT, FSDP, TENSOR, MeshShape
 from tpflax._src.specs import Entry, used_axes
 
 
-def is_output_head(d: Any) -> bool:
-    """True for an output head (logits over the vocabulary or the classes).
-
-    >>> import jax, tpflax
-    >>> p = tpflax.plan({"lm_head": {"kernel": jax.ShapeDtypeStruct((64, 100), "float32")}}, {"model": 2})
-    >>> is_output_head(p.decisions["lm_head/kernel"])
-    True
-    """
-    return d.kind == "head"
-
-
 def leaf_itemsize(d: Any) -> int:
     """Bytes per element of a decision's leaf, from the bytes the planner counted.
 
@@ -229,7 +218,7 @@ def _pair_act(d: Any, side: str, s: Scope) -> float:
 def _layer_items(s: Scope, notes: list[str]) -> list[CommItem]:
     """Collectives of tensor-split leaves outside pairs."""
     lv = s.lv
-    has_head = any(is_output_head(d) for d in lv.decisions.values())
+    has_head = any(d.kind == "head" for d in lv.decisions.values())
     any_attend = any(k.endswith(":attend") for k in s.activations)
     items: list[CommItem] = []
     for path, d in lv.decisions.items():
@@ -284,7 +273,7 @@ def _column_items(path: str, d: Any, axes: tuple[str, ...], s: Scope) -> list[Co
     acts = acts_for(s.activations, d.unit)
     a = acts[0] if acts else None
     in_size = s.nbytes(a.inputs[0]) if a else s.rows_local * b[0] * s.act_item
-    if is_output_head(d):
+    if d.kind == "head":  # the planner marks output heads
         return _head_items(axes, n, in_size, (a.output if a else None), s, path, "vocab-split output head")
     out_size = s.nbytes(a.output) if a else s.rows_local * b[-1] * s.act_item
     return [CommItem("all-gather", axes, out_size, n, _layers(d), path,
