@@ -388,6 +388,17 @@ def test_batch_sharding_and_constraints():
     assert f({"x": jnp.ones((8, 3))}).sharding.spec == P(("data", "fsdp"))
 
 
+def test_constrain_gathered_drops_only_fsdp_axes():
+    # the README's hand-written step: params pinned for compute without their fsdp split
+    w = {"params": {"up": {"kernel": jax.ShapeDtypeStruct((64, 256), jnp.float32)}}}
+    plan = tpflax.plan(w, {"fsdp": 2, "model": 4}, rules=[("kernel", P("fsdp", "model"))])
+    mesh = tpflax.make_mesh({"fsdp": 2, "model": 4})
+    x = tpflax.shard({"params": {"up": {"kernel": np.ones((64, 256), np.float32)}}}, plan, mesh)
+    for gathered, spec in ((False, P("fsdp", "model")), (True, P(None, "model"))):
+        out = jax.jit(lambda t, g=gathered: tpflax.constrain(t, plan, mesh, gathered=g))(x["params"])
+        assert out["up"]["kernel"].sharding.spec == spec
+
+
 def test_jit_step_shardings_and_donation(mesh):
     m = zoo.get("mlp")
     v = m.init(0)

@@ -101,6 +101,26 @@ def used_axes(spec: Sequence[Entry]) -> set[str]:
     return {a for e in spec for a in entry_axes(e)}
 
 
+def without_axes(spec: Any, axes: set[str] | frozenset[str]) -> PartitionSpec:
+    """``spec`` with ``axes`` removed from every entry: the layout of a leaf gathered over them.
+
+    >>> without_axes(PartitionSpec(("fsdp", "model"), "fsdp"), {"fsdp"}) == PartitionSpec("model", None)
+    True
+    """
+    out = []
+    for e in tuple(spec):
+        kept = tuple(a for a in entry_axes(e) if a not in axes)
+        out.append(None if not kept else (kept[0] if len(kept) == 1 else kept))
+    return PartitionSpec(*out)
+
+
+def fsdp_axes(plan: Any) -> frozenset[str]:
+    """The plan's fsdp-role mesh axes of size > 1 (what ZeRO-3 gathers for compute)."""
+    from tpflax._src.mesh import FSDP
+
+    return frozenset(a for a, r in dict(plan.mesh.roles).items() if r == FSDP and plan.mesh.sizes[a] > 1)
+
+
 def spec_to_json(spec: Sequence[Entry]) -> list[Any]:
     return [list(e) if isinstance(e, tuple) else e for e in spec]
 

@@ -22,10 +22,10 @@ from typing import Any
 
 from tpflax._src.cost.optstate import opt_state_specs, split_params
 from tpflax._src.errors import OptionError, PlanMismatchError
-from tpflax._src.mesh import FSDP, batch_pspec
+from tpflax._src.mesh import batch_pspec
 from tpflax._src.model import Model, as_model, is_zoo
 from tpflax._src.planner.state import planned_tree
-from tpflax._src.specs import entry_axes
+from tpflax._src.specs import fsdp_axes, without_axes
 
 
 @dataclass(frozen=True)
@@ -248,19 +248,11 @@ def fsdp_gather(plan, mesh, param_specs: Any) -> Callable[[Any], Any] | None:
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
-    fsdp = {a for a, r in dict(plan.mesh.roles).items() if r == FSDP}
-    if not any(plan.mesh.sizes[a] > 1 for a in fsdp):
+    fsdp = fsdp_axes(plan)
+    if not fsdp:
         return None
-
-    def drop(spec):
-        out = []
-        for e in tuple(spec):
-            kept = tuple(a for a in entry_axes(e) if a not in fsdp)
-            out.append(None if not kept else (kept[0] if len(kept) == 1 else kept))
-        return NamedSharding(mesh, PartitionSpec(*out))
-
-    compute = jax.tree_util.tree_map(drop, param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
-    targets = jax.tree_util.tree_leaves(compute, is_leaf=lambda x: isinstance(x, NamedSharding))
+    targets = [NamedSharding(mesh, without_axes(s, fsdp)) for s in jax.tree_util.tree_leaves(
+        param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))]
 
     def gather(params):
         leaves, treedef = jax.tree_util.tree_flatten(params)  # nnx Params hold one leaf each

@@ -27,6 +27,7 @@ from tpflax._src.apply.bind import (
 from tpflax._src.apply.put import place_tree
 from tpflax._src.facts.tree import is_box, unbox, walk
 from tpflax._src.planner.plan import Plan
+from tpflax._src.specs import fsdp_axes, without_axes
 
 
 def shardings(plan: Plan, mesh: Any, tree: Any = None) -> Any:
@@ -136,11 +137,24 @@ def _gather(x: Any) -> Any:
     return x
 
 
-def constrain(tree: Any, plan: Plan, mesh: Any = None) -> Any:
+def constrain(tree: Any, plan: Plan, mesh: Any = None, *, gathered: bool = False) -> Any:
     """``with_sharding_constraint`` every leaf to the plan's spec (use inside ``jax.jit``).
 
     Pins the layout of updated parameters (or of an nnx model's state) so XLA
     cannot pick another one for the step's outputs.
+
+    Args:
+        tree: params (or variables) matching the plan.
+        plan: the plan.
+        mesh: the mesh (or a shape; default: the plan's).
+        gathered: pin the layout for compute instead: the plan's specs without
+            the fsdp axes, so XLA all-gathers the fsdp shards before use and
+            reduces the gradients back to them (ZeRO-3). Apply it to the params
+            inside the loss of a hand-written step: that is the step
+            :func:`tpflax.make_train_step` builds and :func:`tpflax.estimate`
+            models. Without it XLA chooses per op whether to gather weights or
+            move activations, and its collectives can differ from the estimate
+            several-fold (``benchmarks/results/plain_step.md``).
 
     >>> import jax, jax.numpy as jnp, tpflax
     >>> p = tpflax.plan({"w": jnp.ones((8, 4))}, {"model": 2}, rules=[("w", "row")])
@@ -151,6 +165,8 @@ def constrain(tree: Any, plan: Plan, mesh: Any = None) -> Any:
     """
     mesh = bind_mesh(plan, mesh)
     boxes, treedef, shards = plan_leaf_shardings(plan, mesh, tree)
+    if gathered and fsdp_axes(plan):
+        shards = [NamedSharding(s.mesh, without_axes(s.spec, fsdp_axes(plan))) for s in shards]
     values = [jax.lax.with_sharding_constraint(unbox(b), s) for b, s in zip(boxes, shards, strict=True)]
     return rebox_all(boxes, values, treedef)
 
