@@ -29,7 +29,7 @@ from tpflax._src.cost.records import Act, CommItem
 from tpflax._src.facts.classify import layer_group
 from tpflax._src.facts.tree import itemsize
 from tpflax._src.mesh import DATA, EXPERT, FSDP, TENSOR, MeshShape
-from tpflax._src.specs import Entry, used_axes
+from tpflax._src.specs import Entry, entry_axes, used_axes
 
 
 def leaf_itemsize(d: Any) -> int:
@@ -143,12 +143,12 @@ def _gradient_items(s: Scope) -> list[CommItem]:
 
 def is_tied(path: str, d: Any, s: Scope) -> bool:
     """The token table also computes the logits (an ``attend`` call, the trace, or no head to be found)."""
+    if s.tied is not None:  # the trace saw the table both looked up and contracted
+        return path in s.tied
     if d.kind != "embedding":
         return False
     if acts_for(s.activations, d.unit + ":attend"):
         return True
-    if s.tied is not None:
-        return path in s.tied
     return s.tied_guess and config_value(s.config, "vocab") == body(d)[0]
 
 
@@ -232,7 +232,8 @@ def _pair_act(path: str, d: Any, side: str, s: Scope) -> float:
     if acts:
         return s.nbytes(acts[0].output if side == "out" else acts[0].inputs[0])
     b = body(d)
-    split = [i for i, e in enumerate(_body_spec(d, s.lv.specs[path])) if e is not None]
+    t_axes = set(s.axes(path, TENSOR))
+    split = [i for i, e in enumerate(_body_spec(d, s.lv.specs[path])) if t_axes & set(entry_axes(e))]
     if d.kind == "expert" and len(b) == 3:
         width = b[1] if side == "in" else b[-1]
     elif len(b) == 2 and len(split) == 1 and d.role in ("column", "row"):
