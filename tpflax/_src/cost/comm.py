@@ -28,8 +28,8 @@ from tpflax._src.cost.optstate import shard_bytes
 from tpflax._src.cost.records import Act, CommItem
 from tpflax._src.facts.classify import layer_group
 from tpflax._src.facts.tree import itemsize
-from tpflax._src.mesh import EXPERT, FSDP, TENSOR, MeshShape
-from tpflax._src.specs import Entry, used_axes
+from tpflax._src.mesh import DATA, EXPERT, FSDP, TENSOR, MeshShape
+from tpflax._src.specs import Entry, entry_axes, used_axes
 
 
 def leaf_itemsize(d: Any) -> int:
@@ -76,10 +76,17 @@ class Scope:
     dispatch: str
     activations: Mapping[str, Sequence[Act]]
     config: Any
+    tied: frozenset[str] | None = None  # traced tied tables (None: not traced)
 
     @functools.cached_property
     def rows_local(self) -> float:
         return token_rows(self.batch, self.config) / self.shards
+
+    @functools.cached_property
+    def tied_guess(self) -> bool:
+        """No output head and no ``attend`` call: a table of the config's vocabulary computes the logits."""
+        return (not any(d.kind == "head" for d in self.lv.decisions.values())
+                and not any(k.endswith(":attend") for k in self.activations))
 
     def axes(self, path: str, role: str) -> tuple[str, ...]:
         """Mesh axes of ``role`` (size > 1) that split the leaf at ``path``."""
@@ -123,11 +130,31 @@ def _gradient_items(s: Scope) -> list[CommItem]:
         if not d.trainable:
             continue
         reps, k, label = steps if d.unit in s.lv.recurrent else 1, s.lv.count[path], s.lv.label[path]
+        tied = is_tied(path, d, s)
         for kind, axes, size, n, count, why in _gradient_templates(
                 s.lv.specs[path], s.mesh, s.batch_axes, s.leaf_bytes(path, d), leaf_itemsize(d), s.g_item,
                 s.backend, reps):
             items.append(CommItem(kind, axes, size, n, count * k, label, why))
+            if tied and kind != "all-gather":  # measured: XLA reduces the lookup's and the logits' gradients apart
+                items.append(CommItem(kind, axes, size, n, count * k, label,
+                                      "tied embedding: its second gradient (the logits') is reduced separately"))
     return items
+
+
+def is_tied(path: str, d: Any, s: Scope) -> bool:
+    """The token table also computes the logits (an ``attend`` call, the trace, or no head to be found)."""
+    if s.tied is not None:  # the trace saw the table both looked up and contracted
+        return path in s.tied
+    if d.kind != "embedding":
+        return False
+    if acts_for(s.activations, d.unit + ":attend"):
+        return True
+    return s.tied_guess and config_value(s.config, "vocab") == body(d)[0]
+
+
+def _split_axes(spec, mesh: MeshShape) -> tuple[str, ...]:
+    """Axes that split a parameter and are gathered for compute: fsdp axes, and batch (data) axes."""
+    return tuple(a for a in mesh.names if a in _axes_of(spec, mesh, FSDP) + _axes_of(spec, mesh, DATA))
 
 
 @functools.lru_cache(maxsize=1 << 14)
@@ -135,7 +162,7 @@ def _gradient_templates(spec, mesh: MeshShape, batch_axes, nbytes: int, item: in
                         reps: int) -> tuple:
     """The gradient collectives of one leaf, without its path (repeated layers share them)."""
     why_rep = f" at each of {reps} time steps (inside the scanned recurrence)" if reps > 1 else ""
-    f_axes = _axes_of(spec, mesh, FSDP)
+    f_axes = _split_axes(spec, mesh)  # a parameter split over a data axis is gathered like fsdp
     free = tuple(a for a in batch_axes if a not in used_axes(spec))
     gbytes = nbytes if g_item is None else nbytes // item * g_item
     nf = math.prod(mesh.sizes[a] for a in f_axes)
@@ -172,15 +199,15 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
         source = f"pair {pc.id}" + (f" and {pc.count - 1} alike" if pc.count > 1 else "")
         for r in rows:
             if s.axes(r, TENSOR):
-                items.append(CommItem("all-reduce", axes, _pair_act(dec[r], "out", s), n, count, source,
+                items.append(CommItem("all-reduce", axes, _pair_act(r, dec[r], "out", s), n, count, source,
                                       f"row {label[r]}: sum partial outputs (forward)"))
         # XLA reduces the column inputs' gradients one by one (q, k and v are three all-reduces)
         for c in cols:
             if s.axes(c, TENSOR):
-                items.append(CommItem("all-reduce", axes, _pair_act(dec[c], "in", s), n, count, source,
+                items.append(CommItem("all-reduce", axes, _pair_act(c, dec[c], "in", s), n, count, source,
                                       f"column {label[c]}: sum partial input gradients (backward)"))
             else:  # GQA key/value with fewer heads than the tensor degree: its output gradient is gathered
-                items.append(CommItem("all-gather", axes, _pair_act(dec[c], "out", s), n, count, source,
+                items.append(CommItem("all-gather", axes, _pair_act(c, dec[c], "out", s), n, count, source,
                                       f"replicated column {label[c]} in a split pair: gather its output "
                                       "gradient (backward)"))
         _heads_note(dec, pc.id, cols, s, notes)
@@ -200,13 +227,19 @@ def _heads_note(decisions, pid: int, cols: list[str], s: Scope, notes: list[str]
                      "tensor degree that divides the heads")
 
 
-def _pair_act(d: Any, side: str, s: Scope) -> float:
+def _pair_act(path: str, d: Any, side: str, s: Scope) -> float:
     acts = acts_for(s.activations, d.unit)
     if acts:
         return s.nbytes(acts[0].output if side == "out" else acts[0].inputs[0])
     b = body(d)
+    t_axes = set(s.axes(path, TENSOR))
+    split = [i for i, e in enumerate(_body_spec(d, s.lv.specs[path])) if t_axes & set(entry_axes(e))]
     if d.kind == "expert" and len(b) == 3:
         width = b[1] if side == "in" else b[-1]
+    elif len(b) == 2 and len(split) == 1 and d.role in ("column", "row"):
+        # the split dim is a column's output and a row's input, however the kernel is stored
+        # ((out, in) Conv1D kernels too): the other dim is the activation's width
+        width = b[1 - split[0]] if (side == "in") == (d.role == "column") else b[split[0]]
     else:
         width = b[0] if side == "in" else b[-1]
     return s.rows_local * width * s.act_item
@@ -218,15 +251,13 @@ def _pair_act(d: Any, side: str, s: Scope) -> float:
 def _layer_items(s: Scope, notes: list[str]) -> list[CommItem]:
     """Collectives of tensor-split leaves outside pairs."""
     lv = s.lv
-    has_head = any(d.kind == "head" for d in lv.decisions.values())
-    any_attend = any(k.endswith(":attend") for k in s.activations)
     items: list[CommItem] = []
     for path, d in lv.decisions.items():
         axes = s.axes(path, TENSOR)
         if path in lv.in_pair or not d.trainable or not axes or d.kind == "bias":
             continue
         if d.kind == "embedding":
-            new = _embedding_items(path, d, axes, s, tied_guess=not has_head and not any_attend, notes=notes)
+            new = _embedding_items(path, d, axes, s, notes=notes)
         elif d.kind in ("dense", "head") and lv.specs[path][-1] is not None:
             new = _column_items(path, d, axes, s)
         else:
@@ -242,8 +273,7 @@ def _body_spec(d: Any, spec: tuple[Entry, ...]) -> tuple[Entry, ...]:
     return spec[d.layers_dim + 1:] if d.layers_dim is not None else spec
 
 
-def _embedding_items(path: str, d: Any, axes: tuple[str, ...], s: Scope, *, tied_guess: bool,
-                    notes: list[str]) -> list[CommItem]:
+def _embedding_items(path: str, d: Any, axes: tuple[str, ...], s: Scope, *, notes: list[str]) -> list[CommItem]:
     """A vocab-split lookup sums its rows; a feature-split one gathers them; a tied output adds the head's."""
     n, b, spec = s.size(axes), body(d), s.lv.specs[path]
     acts = acts_for(s.activations, d.unit)
@@ -253,17 +283,20 @@ def _embedding_items(path: str, d: Any, axes: tuple[str, ...], s: Scope, *, tied
                       "(forward)") if split_vocab else
              CommItem("all-gather", axes, size, n, 1, path, "embedding split on its features: gather them (forward)")]
     attend = acts_for(s.activations, d.unit + ":attend")
-    if not (split_vocab and (attend or (tied_guess and config_value(s.config, "vocab") == b[0]))):
+    if not is_tied(path, d, s):
         return items
+    if not split_vocab:  # the logits contract the split features: every device holds partial logits
+        rows = math.prod(attend[0].output[:-1]) * (1 / s.shards if attend[0].output[0] == s.batch.size else 1) \
+            if attend else s.rows_local
+        return items + [
+            CommItem("all-reduce", axes, rows * b[0] * s.act_item, n, 1, path,
+                     "tied embedding split on its features: sum the partial logits (forward)"),
+            CommItem("all-gather", axes, size, n, 1, path,
+                     "tied embedding split on its features: gather the logits' input gradient (backward)")]
     a = attend[0] if attend else None
     in_size = s.nbytes(a.inputs[0]) if a else s.rows_local * b[-1] * s.act_item
     items += _head_items(axes, n, in_size, (a.output if a else None), s, path, "tied output embedding")
-    free = tuple(x for x in s.batch_axes if x not in used_axes(spec))
-    if free:  # the lookup's and the output's gradients are reduced separately
-        items.append(CommItem("all-reduce", free, s.leaf_bytes(path, d), s.size(free), 1, path,
-                              "tied embedding: its second gradient (output use) is summed separately over "
-                              "the batch axes"))
-    if not attend:
+    if not attend and s.tied is None:
         notes.append(f"{path}: assumed tied to the output (no head layer found)")
     return items
 

@@ -49,6 +49,7 @@ class Workload:
     act_item: int
     g_item: int | None
     settings: Mapping[str, Any]
+    tied: frozenset[str] | None = None
 
 
 def _check_options(act_dtype: Any, grad_dtype: Any, backend: str, expert_dispatch: str) -> None:
@@ -84,6 +85,8 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
     if activations is None and m is not None:
         activations = trace_activations(m, b.size)
     activations = activations or {}
+    # without linen layers there is no ``attend`` call to see: the dataflow says which table is tied
+    tied = tied_tables(m) if m is not None and not activations else None
     remat = bool(remat or config_value(config, "remat", False))  # e.g. nn.remat'd scanned layers
     opt = opt_layout(plan, optimizer) if optimizer is not None else None
     name = (optimizer_name or name_of(optimizer)) if optimizer is not None else "none"
@@ -93,7 +96,32 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
     return Workload(batch=b, config=config, activations=activations, opt=opt, remat=remat, backend=backend,
                     dispatch=expert_dispatch, act_item=itemsize(b.act_dtype),
                     g_item=itemsize(dtype_name(grad_dtype)) if grad_dtype is not None else None,
-                    settings=settings)
+                    settings=settings, tied=tied)
+
+
+def tied_tables(m: Any) -> frozenset[str] | None:
+    """Paths of lookup tables the traced forward also contracts (the logits of a tied embedding).
+
+    None when the model cannot be traced (the estimate then guesses from the config's vocabulary).
+
+    >>> import jax, jax.numpy as jnp
+    >>> from tpflax._src.model import as_model
+    >>> emb = jax.ShapeDtypeStruct((10, 4), "float32")
+    >>> fn = lambda v, ids: v["emb"][ids] @ v["emb"].T
+    >>> sorted(tied_tables(as_model(fn, (jax.ShapeDtypeStruct((2, 3), "int32"),), {"emb": emb})))
+    ['emb']
+    """
+    from tpflax._src.errors import TraceError
+    from tpflax._src.trace.dataflow import dataflow
+
+    try:
+        flow = dataflow(m)
+    except TraceError:
+        return None
+    uses: dict[str, set[str]] = {}
+    for u in flow.uses:
+        uses.setdefault(u.path, set()).add(u.op)
+    return frozenset(p for p, ops in uses.items() if ops & {"gather", "onehot"} and "dot" in ops)
 
 
 def _model(plan, model: Any, sample: Any):

@@ -18,6 +18,7 @@ import math
 import numbers
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import jax
@@ -176,8 +177,28 @@ def _propose(facts: Sequence[Facts], ms: MeshShape, opts: Options, forced: Force
     proposals, pairs = heuristics.propose([f for f in facts if f.path not in traced], ms, opts,
                                           skip=forced.proposals, first_pair=len(tpairs) + 1, doubts=doubts)
     proposals.update(traced)
-    proposals.update(forced.proposals)
+    proposals.update(_forced_facts(forced.proposals, facts, tpairs + pairs))
     return proposals, tpairs + pairs, sources, disagreements, doubts
+
+
+def _forced_facts(forced: Mapping[str, Proposal], facts: Sequence[Facts],
+                  pairs: Sequence[Pair]) -> dict[str, Proposal]:
+    """Forced proposals with the facts the rule sets found about their leaves.
+
+    A rule forces the spec, not what the leaf is: a forced kernel in a pair the
+    heuristics (or the trace) found keeps that pair and its side, and a forced
+    dense layer named like an output head is one, so that a spec costs the same
+    whether a rule or the planner chose it.
+    """
+    side = {p: (pair.id, "column") for pair in pairs for p in pair.columns}
+    side.update({p: (pair.id, "row") for pair in pairs for p in pair.rows})
+    heads = {f.path for f in facts if f.kind == "dense" and HEAD.match(f.unit_name)}
+    out = {}
+    for path, p in forced.items():
+        pid, role = side.get(path, (None, None))
+        out[path] = replace(p, pair=p.pair if p.pair is not None else pid, role=p.role or role,
+                            kind=p.kind or ("head" if path in heads and pid is None else None))
+    return out
 
 
 def _decision(f: Facts, p: Proposal, source: str, ms: MeshShape) -> Decision:
