@@ -39,6 +39,10 @@ class Option:
         acts: the activation collectives it causes per step.
         matmul: paths contracted with activations (their flops follow their split).
         whole: the group kept whole on every tensor rank (see :func:`best`).
+        sums_output: its collectives move the whole output of what it divides
+            (a contraction-dim split summing partial logits, a feature-split
+            lookup gathering its rows), so it does not rule a whole option out
+            (see :func:`best`).
     """
 
     name: str
@@ -46,6 +50,7 @@ class Option:
     acts: tuple[ActComm, ...] = ()
     matmul: frozenset[str] = frozenset()
     whole: bool = False
+    sums_output: bool = False
 
 
 @dataclass
@@ -89,7 +94,7 @@ def _duplicates(a: Cost, b: Cost) -> bool:
             and a.flops > b.flops * (1 + _TIE))
 
 
-def best(costs: Sequence[Cost], whole: Sequence[bool] = ()) -> int:
+def best(costs: Sequence[Cost], whole: Sequence[bool] = (), sums_output: Sequence[bool] = ()) -> int:
     """Index of the cheapest cost: step time, then bytes per device, then order.
 
     A candidate that keeps the whole group on every tensor rank (``whole``) and
@@ -97,15 +102,22 @@ def best(costs: Sequence[Cost], whole: Sequence[bool] = ()) -> int:
     out: it repeats, on every rank of the tensor axis, the matmuls that axis
     exists to divide (on a tiny layer the interconnect may make that faster, but
     then the mesh should not have the axis: that is :func:`tpflax.suggest_mesh`'s
-    call, not the planner's).
+    call, not the planner's). Only a split whose collectives are narrower than
+    the outputs it divides rules it out this way: against a split that must
+    move the whole output (``sums_output``: partial logits summed over a split
+    embedding dim) step time decides, at any width.
 
     >>> best([Cost(10, (), 0.0, 1.0), Cost(5, (), 0.0, 1.0), Cost(1, (), 0.0, 2.0)])
     1
     >>> best([Cost(10, (), 8.0, 1.0), Cost(5, (), 2.0, 3.0)], whole=[True, False])
     1
+    >>> best([Cost(10, (), 8.0, 1.0), Cost(5, (), 2.0, 3.0)], whole=[True, False], sums_output=[False, True])
+    0
     """
     whole = tuple(whole) or (False,) * len(costs)
-    keep = [i for i, c in enumerate(costs) if not (whole[i] and any(_duplicates(c, o) for o in costs))]
+    sums = tuple(sums_output) or (False,) * len(costs)
+    keep = [i for i, c in enumerate(costs)
+            if not (whole[i] and any(_duplicates(c, o) for o, s in zip(costs, sums, strict=True) if not s))]
     low = min(costs[i].step_time for i in keep)
     near = [i for i in keep if costs[i].step_time <= low * (1 + _TIE) + 1e-18]
     return min(near, key=lambda i: (costs[i].bytes_per_device, i))
@@ -128,7 +140,7 @@ def pick(st: Any, kind: str, options: Sequence[Option], facts: Mapping[str, Any]
         return
     ctx = st.context
     costs = tuple(cost_of(o, facts, ctx) for o in options)
-    index = best(costs, [o.whole for o in options])
+    index = best(costs, [o.whole for o in options], [o.sums_output for o in options])
     ch = Chosen(kind, options, costs, index, {p: facts[p] for p in paths})
     st.chosen.append(ch)
     _write(st, ch)

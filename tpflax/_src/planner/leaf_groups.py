@@ -55,7 +55,7 @@ def shard_embedding(st: State, f: Facts, vdim: int, evidence: str = "", tied: bo
             f, body_spec(2, 1 - vdim, t_entry), "vocab",
             f"vocab: {ev}" + (f"the embedding dim {d} is split over {over}" if v % t_size == 0 else
                               f"{v} rows not divisible by {t_size}, so the embedding dim {d} is split over "
-                              f"{over} instead"))),), acts, mm))
+                              f"{over} instead"))),), acts, mm, sums_output=True))
     options.append(Option("replicate", ((f.path, st.whole(
         f, f"embedding: {ev}{v} x {d} table kept whole on every tensor rank")),), (), mm, whole=True))
     st.choose("embedding", options, [f])
