@@ -183,6 +183,35 @@ def test_fused_qkv_is_split_over_its_fused_dim(fused):
     assert "fused: cut into 3 equal pieces" in p.decisions["params/attn_0/kernel"].reason
 
 
+FUSED_SPECS = {"attn_0/kernel": P(None, "model"), "attn_0/bias": P("model"), "proj_0/kernel": P("model", None),
+               "attn_1/kernel": P(None, "model"), "proj_1/kernel": P("model", None)}
+
+
+def test_fused_qkv_pairs_in_the_tree(fused):
+    m, v = fused
+    p = tpflax.plan(v, MESH)  # no model=: (d, 3d) is three projections of d, proj (d, d) their partner
+    assert specs(p, FUSED_SPECS) == FUSED_SPECS
+    assert "fused dim is split contiguously" in p.decisions["params/attn_1/kernel"].reason
+    assert "(heads, 3, head_dim)" in p.decisions["params/attn_1/kernel"].reason
+
+
+def test_fused_conv1d_kernels_pair_in_the_tree():
+    """GPT-2's Conv1D: c_attn (3d, d) and c_proj (d, d) stored (out, in); BLOOM's unnamed partner."""
+    def block(qkv, out, stored_out_in):
+        k = (lambda i, o: sds(o, i)) if stored_out_in else (lambda i, o: sds(i, o))
+        return {"ln_1": {"scale": sds(D)}, "ln_2": {"scale": sds(D)},
+                "attn": {qkv: {"kernel": k(D, 3 * D), "bias": sds(3 * D)}, out: {"kernel": k(D, D), "bias": sds(D)}}}
+    p = tpflax.plan({"wte": {"embedding": sds(V, D)}, "h": {str(i): block("c_attn", "c_proj", True) for i in range(2)}},
+                    MESH)
+    assert specs(p, ["0/attn/c_attn/kernel", "0/attn/c_attn/bias", "0/attn/c_proj/kernel", "0/attn/c_proj/bias"]) == {
+        "0/attn/c_attn/kernel": P("model", None), "0/attn/c_attn/bias": P("model"),
+        "0/attn/c_proj/kernel": P(None, "model"), "0/attn/c_proj/bias": P(None)}
+    p = tpflax.plan({"wte": {"embedding": sds(V, D)}, "h": {str(i): block("query_key_value", "dense", False)
+                                                             for i in range(2)}}, MESH)
+    assert specs(p, ["0/attn/query_key_value/kernel", "0/attn/dense/kernel"]) == {
+        "0/attn/query_key_value/kernel": P(None, "model"), "0/attn/dense/kernel": P("model", None)}
+
+
 @pytest.mark.slow
 def test_fused_qkv_compiles_better_than_replicated(fused, mesh):
     m, v = fused
@@ -196,6 +225,8 @@ def test_fused_qkv_compiles_better_than_replicated(fused, mesh):
                                  model=m, sample=(TOK,)), mesh, (TOK,))
     no_worse(got, hand)
     assert got[0] < old[0] and got[2] < old[2]  # the old replicated fused kernel: more bytes and flops
+    tree = numbers(m, tpflax.plan(v, MESH, batch=(TOK,)), mesh, (TOK,))
+    no_worse(tree, hand)  # tree-only finds the same pairs: equal numbers
 
 
 # -- 4: interleaved rotary embeddings (stack, strided slices) --------------------

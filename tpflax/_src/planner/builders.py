@@ -88,6 +88,7 @@ class Linear:
     # fewer heads, say); None: the dim's own size. Set by the dataflow rules.
     limit: int | None = None
     doubt: str = ""  # shapes and names disagreed: said in a plan warning
+    pieces: int = 1  # a fused kernel's output holds this many projections side by side (q|k|v)
 
     def size(self, dims: Iterable[int]) -> int:
         return math.prod(self.f.body[d] for d in dims)
@@ -120,6 +121,7 @@ class State:
     first_pair: int = 1  # pair ids continue after those of an earlier pass (the dataflow rules)
     chosen: list[Chosen] = field(default_factory=list)  # groups the chooser priced
     facts: dict[str, Facts] = field(default_factory=dict)  # every leaf a builder wrote, by path
+    out_first: set[str] = field(default_factory=set)  # 2-D kernels stored (out, in): biases follow dim 0
 
     @cached_property
     def context(self) -> Context:

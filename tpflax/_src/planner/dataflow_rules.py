@@ -31,6 +31,7 @@ from tpflax._src.planner.builders import (
 )
 from tpflax._src.planner.decision import Pair
 from tpflax._src.planner.leaf_groups import fsdp, shard_embedding, shard_output_head
+from tpflax._src.planner.repeats import merge_uses
 from tpflax._src.specs import entries, to_pspec
 from tpflax._src.trace.dataflow import Dataflow, Edge, Use
 
@@ -76,7 +77,7 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Datafl
 
 
 def _start(facts: Sequence[Facts], st: State, flow: Dataflow) -> _Flow:
-    flow = merge_sliced_uses(flow, {f.path: f.leaf.shape for f in facts})
+    flow = merge_uses(flow, {f.path: f.leaf.shape for f in facts})
     known = set(flow.paths)
     fx: dict[str, Facts] = {}
     for f in facts:
@@ -87,56 +88,9 @@ def _start(facts: Sequence[Facts], st: State, flow: Dataflow) -> _Flow:
         fx[f.path] = f if stacked == f.stacked else dataclasses.replace(f, stacked=stacked)
     uses: dict[str, list[Use]] = defaultdict(list)
     for u in flow.uses:
-        if u.path in fx:  # an ``alias:`` use (see merge_sliced_uses) is no contraction of its own
+        if u.path in fx:  # an ``alias:``/``repeat:`` use (see merge_uses) is no contraction of its own
             uses[u.path].append(u)
     return _Flow(st, flow, fx, uses)
-
-
-def merge_sliced_uses(flow: Dataflow, shapes: Mapping[str, tuple[int, ...]]) -> Dataflow:
-    """One use for a parameter contracted once per slice (``for i in range(E): x @ w[i]``).
-
-    Its uses all read the same dims and leave out the indexed ones; they are one
-    weight split along the index (experts in a Python loop), not a weight shared
-    E times. The other uses become ``alias:<first id>`` and their edges, escapes
-    and outputs move to the first.
-
-    >>> u = [Use(0, "w", "dot", (1,), (2,)), Use(1, "w", "dot", (1,), (2,))]
-    >>> f = Dataflow(("w",), tuple(u), (), {}, frozenset({(1, 2)}), frozenset(), {}, frozenset(), {})
-    >>> g = merge_sliced_uses(f, {"w": (2, 8, 16)})
-    >>> g.uses[1].op, sorted(g.outputs)
-    ('alias:0', [(0, 2)])
-    """
-    by_path: dict[str, list[Use]] = defaultdict(list)
-    for u in flow.uses:
-        if u.op in _CONTRACT:
-            by_path[u.path].append(u)
-    alias: dict[int, int] = {}
-    for path, us in by_path.items():
-        shape = shapes.get(path, ())
-        covered = set(us[0].contracted) | set(us[0].kept) | set(us[0].batch)
-        missing = [d for d in range(len(shape)) if d not in covered]
-        same = all((u.op, u.contracted, u.kept, u.batch) == (us[0].op, us[0].contracted, us[0].kept,
-                                                              us[0].batch) for u in us)
-        if len(us) > 1 and same and missing and len(us) <= math.prod(shape[d] for d in missing):
-            alias.update({u.id: us[0].id for u in us[1:]})
-    if not alias:
-        return flow
-
-    def a(uid: int) -> int:
-        return alias.get(uid, uid)
-
-    edges: dict[tuple, Edge] = {}
-    for e in flow.edges:
-        e2 = dataclasses.replace(e, src_use=a(e.src_use), dst_use=a(e.dst_use))
-        edges.setdefault((e2.src_use, e2.src_dim, e2.dst_use, e2.dst_dim), e2)
-    uses = tuple(dataclasses.replace(u, op=f"alias:{alias[u.id]}") if u.id in alias else u for u in flow.uses)
-    return dataclasses.replace(
-        flow, uses=uses, edges=tuple(edges.values()),
-        escapes={(a(k[0]), k[1]): v for k, v in flow.escapes.items()},
-        outputs=frozenset((a(u), d) for u, d in flow.outputs),
-        recurrent=frozenset(a(u) for u in flow.recurrent),
-        biases={p: (a(u), al) for p, (u, al) in flow.biases.items()},
-        fused={(a(k[0]), k[1]): v for k, v in flow.fused.items()})
 
 
 def _recurrent(c: _Flow) -> None:
@@ -234,9 +188,16 @@ def _pair_row(c: _Flow, rid: int) -> None:
                         why=f"traced: output channels reach {short(R.path)} {via}")
         return
     row = Linear(fR, (rb,), tuple(k - fR.stacked for k in R.kept), heads=rb if len(fR.body) == 3 else None,
-                 role="row", why=f"traced: its contraction sums kernel dim {rb} against that output")
+                 role="row", why=f"traced: its contraction sums kernel dim {rb} against that output"
+                                 f"{_shared(c, R.path)}")
     kind = "attention" if any("dot" in e.via for e in cols.values()) else "mlp"
     shard_pair(c.st, kind, lins, row)
+
+
+def _shared(c: _Flow, path: str) -> str:
+    """Words for a weight that one layer, called several times, contracts at the same place each call."""
+    n = 1 + sum(u.op.startswith("repeat:") for u in c.uses[path])
+    return f"; shared by {n} calls of its layer, at the same place in each, so split alike in all" if n > 1 else ""
 
 
 def _experts(c: _Flow, fR: Facts, expert: int, rb: int, edges: Sequence[Edge]) -> bool:
@@ -265,7 +226,7 @@ def _column(c: _Flow, sid: int, e: Edge, row_path: str) -> Linear:
     limit = 0
     for x in c.out_edges[(sid, e.src_dim)]:
         limit = math.gcd(limit, x.limit)
-    why = f"traced: its output reaches {short(row_path)} {_via(e.via)}"
+    why = f"traced: its output reaches {short(row_path)} {_via(e.via)}{_shared(c, S.path)}"
     pieces = c.flow.fused.get((sid, e.src_dim), 1)
     if pieces > 1:
         why += (f"; fused: cut into {pieces} equal pieces after the matmul, so split naively over the fused "
