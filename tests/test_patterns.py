@@ -229,6 +229,55 @@ def test_fused_qkv_compiles_better_than_replicated(fused, mesh):
     no_worse(tree, hand)  # tree-only finds the same pairs: equal numbers
 
 
+# -- weights reused across layers: one Block called twice (ALBERT's shared layer group) --
+
+class SharedBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        b, t, _ = x.shape
+        h = nn.LayerNorm(name="ln1")(x)
+        q, k, v = (nn.Dense(D, name=n)(h).reshape(b, t, H, HD) for n in ("query", "key", "value"))
+        x = x + nn.Dense(D, name="dense")(attend(q, k, v).reshape(b, t, D))
+        return x + nn.Dense(D, name="ffn_output")(jax.nn.gelu(nn.Dense(F, name="ffn")(nn.LayerNorm(name="ln2")(x))))
+
+
+class SharedLayers(nn.Module):
+    @nn.compact
+    def __call__(self, tok):
+        x = nn.Embed(V, D, name="wte")(tok)
+        block = SharedBlock(name="group")
+        for _ in range(2):
+            x = block(x)
+        return nn.Dense(V, use_bias=False, name="lm")(nn.LayerNorm(name="ln_f")(x))
+
+
+SHARED_HAND = [(r"(query|key|value|ffn)/kernel", P(None, "model")), (r"(query|key|value|ffn)/bias", P("model")),
+               (r"(dense|ffn_output)/kernel", P("model", None)), (r"lm/kernel", P(None, "model"))]
+
+
+@pytest.fixture(scope="module")
+def shared():
+    m = SharedLayers()
+    return m, abstract(m, TOK)
+
+
+def test_weights_shared_by_calls_pair(shared):
+    m, v = shared
+    p = tpflax.plan(v, MESH, model=m, sample=(TOK,))
+    want = {"group/query/kernel": P(None, "model"), "group/dense/kernel": P("model", None),
+            "group/ffn/kernel": P(None, "model"), "group/ffn_output/kernel": P("model", None)}
+    assert specs(p, want) == want
+    assert "shared by 2 calls of its layer" in p.decisions["params/group/ffn/kernel"].reason
+
+
+@pytest.mark.slow
+def test_weights_shared_by_calls_compile_like_megatron(shared, mesh):
+    m, v = shared
+    got = numbers(m, tpflax.plan(v, MESH, model=m, sample=(TOK,), batch=(TOK,)), mesh, (TOK,))
+    hand = numbers(m, tpflax.plan(v, MESH, batch=(TOK,), rules=SHARED_HAND), mesh, (TOK,))
+    no_worse(got, hand)  # the same pairs as the hand layout, in both calls: equal numbers
+
+
 # -- 4: interleaved rotary embeddings (stack, strided slices) --------------------
 
 def rotate_every_two(x):
