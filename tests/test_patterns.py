@@ -270,12 +270,78 @@ def test_weights_shared_by_calls_pair(shared):
     assert "shared by 2 calls of its layer" in p.decisions["params/group/ffn/kernel"].reason
 
 
+def test_albert_attention_output_pairs_in_the_tree():
+    """ALBERT's attention/{query,key,value,dense}: the one unnamed square kernel is the output."""
+    dense = {"kernel": sds(D, D), "bias": sds(D)}
+    layer = {"attention": {n: dense for n in ("query", "key", "value", "dense")} | {"LayerNorm": {"scale": sds(D)}},
+             "ffn": {"kernel": sds(D, F), "bias": sds(F)}, "ffn_output": {"kernel": sds(F, D), "bias": sds(D)},
+             "full_layer_layer_norm": {"scale": sds(D)}}
+    p = tpflax.plan({"embeddings": {"word_embeddings": {"embedding": sds(V, D)}}, "albert_layers": {"0": layer}}, MESH)
+    assert specs(p, ["query/kernel", "attention/dense/kernel", "ffn/kernel"]) == {
+        "query/kernel": P(None, "model"), "attention/dense/kernel": P("model", None), "ffn/kernel": P(None, "model")}
+
+
 @pytest.mark.slow
 def test_weights_shared_by_calls_compile_like_megatron(shared, mesh):
     m, v = shared
     got = numbers(m, tpflax.plan(v, MESH, model=m, sample=(TOK,), batch=(TOK,)), mesh, (TOK,))
     hand = numbers(m, tpflax.plan(v, MESH, batch=(TOK,), rules=SHARED_HAND), mesh, (TOK,))
     no_worse(got, hand)  # the same pairs as the hand layout, in both calls: equal numbers
+
+
+# -- 13: scan stacks whose layers dim is not first (variable_axes={'params': 1}) ------
+
+class ScanLayer(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        b, t, _ = x.shape
+        h = nn.LayerNorm(name="ln1")(x)
+        q, k, v = (nn.Dense(D, use_bias=False, name=n)(h).reshape(b, t, H, HD) for n in "qkv")
+        x = x + nn.Dense(D, use_bias=False, name="o")(attend(q, k, v).reshape(b, t, D))
+        return x + nn.Dense(D, name="down")(jax.nn.gelu(nn.Dense(F, name="up")(nn.LayerNorm(name="ln2")(x)))), None
+
+
+class ScanAxis1(nn.Module):
+    @nn.compact
+    def __call__(self, tok):
+        x = nn.Embed(V, D, name="wte")(tok)
+        stack = nn.scan(ScanLayer, variable_axes={"params": 1}, split_rngs={"params": True}, length=3)
+        x, _ = stack(name="blocks")(x, None)
+        return nn.Dense(V, use_bias=False, name="lm")(nn.LayerNorm(name="ln_f")(x))
+
+
+# (in, layers, out) kernels, (out, layers) biases: the layers dim 1 is never split.
+SCAN_SPECS = {"blocks/q/kernel": P(None, None, "model"), "blocks/o/kernel": P("model", None, None),
+              "blocks/up/kernel": P(None, None, "model"), "blocks/up/bias": P("model", None),
+              "blocks/down/kernel": P("model", None, None), "blocks/down/bias": P(None, None)}
+SCAN_HAND = [(r"/(q|k|v|up)/kernel", P(None, None, "model")), (r"/up/bias", P("model", None)),
+             (r"/(o|down)/kernel", P("model", None, None)), (r"lm/kernel", P(None, "model"))]
+
+
+@pytest.fixture(scope="module")
+def scan1():
+    m = ScanAxis1()
+    return m, abstract(m, TOK)
+
+
+def test_scan_stack_with_layers_dim_one(scan1):
+    m, v = scan1
+    stacked = "params/blocks/up/kernel"
+    for p in (tpflax.plan(v, MESH, model=m, sample=(TOK,)), tpflax.plan(v, MESH),
+              tpflax.plan(v, MESH, stacked="blocks:1"), tpflax.plan(v, MESH, stacked={"blocks": 1})):
+        assert specs(p, SCAN_SPECS) == SCAN_SPECS
+        assert p.decisions[stacked].layers_dim == 1 and p.decisions["params/blocks/ln1/scale"].layers_dim == 1
+        assert "layers dim 1 (3) from nn.scan kept unsharded" in p.decisions[stacked].reason
+    # The old regex form still means a leading layers dim.
+    assert tpflax.plan({"blocks": {"w": sds(3, D, F)}}, MESH, stacked="blocks").decisions["blocks/w"].layers_dim == 0
+
+
+@pytest.mark.slow
+def test_scan_stack_with_layers_dim_one_compiles_like_megatron(scan1, mesh):
+    m, v = scan1
+    got = numbers(m, tpflax.plan(v, MESH, model=m, sample=(TOK,), batch=(TOK,)), mesh, (TOK,))
+    hand = numbers(m, tpflax.plan(v, MESH, batch=(TOK,), rules=SCAN_HAND), mesh, (TOK,))
+    no_worse(got, hand)  # the Megatron split of every layer of the stack: equal numbers
 
 
 # -- 4: interleaved rotary embeddings (stack, strided slices) --------------------

@@ -131,10 +131,11 @@ class State:
     def proposal(self, f: Facts, body_spec: Sequence[Entry], strategy: Strategy, reason: str,
                  pair: int | None = None, role: Role | None = None, kind: Kind | None = None) -> Proposal:
         """What :meth:`put` would write, without writing it (a candidate)."""
-        spec = (None,) * f.stacked + tuple(body_spec)
+        spec = f.leaf_of(body_spec)
         if f.stacked and strategy != "replicate":
-            reason += f"; leading layers dim ({f.leaf.shape[0]}) from nn.scan kept unsharded"
-        return Proposal(spec, strategy, reason, pair, role, kind=kind, layers_dim=0 if f.stacked else None)
+            where = "leading layers dim" if f.layers_at == 0 else f"layers dim {f.layers_at}"
+            reason += f"; {where} ({f.leaf.shape[f.layers_at]}) from nn.scan kept unsharded"
+        return Proposal(spec, strategy, reason, pair, role, kind=kind, layers_dim=f.layers_dim)
 
     def whole(self, f: Facts, reason: str, pair: int | None = None, role: Role | None = None,
               kind: Kind | None = None) -> Proposal:
@@ -373,7 +374,7 @@ def join_column(st: State, col: Facts, like: Facts, why: str) -> None:
     """Add ``col`` to the pair ``like`` (a column) is in, split the same way: the second
     up-projection of a gated MLP (gate and up both feed the down projection)."""
     p = st.out[like.path]
-    st.put(col, p.spec[like.stacked:], p.strategy, f"{p.reason.split(';')[0]}; {why}", p.pair, "column")
+    st.put(col, like.body_of(p.spec), p.strategy, f"{p.reason.split(';')[0]}; {why}", p.pair, "column")
     for i, q in enumerate(st.pairs):
         if q.id == p.pair and col.path not in q.columns:
             st.pairs[i] = replace(q, columns=(*q.columns, col.path))

@@ -83,9 +83,12 @@ def _start(facts: Sequence[Facts], st: State, flow: Dataflow) -> _Flow:
     for f in facts:
         if f.path not in known or f.path in st.forced:
             continue
-        # The trace knows which dim a scan slices: that, not a name, makes a stack.
-        stacked = 1 if flow.scanned.get(f.path) == 0 else 0
-        fx[f.path] = f if stacked == f.stacked else dataclasses.replace(f, stacked=stacked)
+        # The trace knows which dim a scan slices (0, or 1 for ``variable_axes={'params': 1}``):
+        # that, not a name, makes a stack.
+        at = flow.scanned.get(f.path)
+        stacked = int(at is not None)
+        same = stacked == f.stacked and (at or 0) == f.layers_at
+        fx[f.path] = f if same else dataclasses.replace(f, stacked=stacked, layers_at=at or 0)
     uses: dict[str, list[Use]] = defaultdict(list)
     for u in flow.uses:
         if u.path in fx:  # an ``alias:``/``repeat:`` use (see merge_uses) is no contraction of its own
@@ -113,9 +116,9 @@ def _embeddings(c: _Flow) -> None:
         if not look or path in c.st.out or len(f.body) != 2 or len(look[0].contracted) != 1:
             continue
         u = look[0]
-        v = u.contracted[0] - f.stacked
+        v = f.body_dim(u.contracted[0])
         d = 1 - v
-        tied = any(w.op == "dot" and (d + f.stacked) in w.contracted for w in us)
+        tied = any(w.op == "dot" and f.leaf_dim(d) in w.contracted for w in us)
         how = "one-hot matmul" if u.op == "onehot" else "gather"
         ev = f"looked up by integer ids ({how} over dim {v}, {f.body[v]} rows)"
         if tied:
@@ -155,10 +158,10 @@ def _expert_dim(c: _Flow, R: Use, by_rdim: Mapping[int, Mapping[int, Edge]]) -> 
     """The expert dim: the leading dim of both kernels, kept by the column and summed by the
     row together with the features (or a dot_general batch dim)."""
     fR = c.fx[R.path]
-    lead = fR.stacked
+    lead = fR.leaf_dim(0)
     expert = None
     if len(fR.body) == 3 and len(by_rdim) >= 2 and lead in by_rdim and all(
-            e.src_dim == c.fx[e.src].stacked and len(c.fx[e.src].body) == 3 for e in by_rdim[lead].values()):
+            e.src_dim == c.fx[e.src].leaf_dim(0) and len(c.fx[e.src].body) == 3 for e in by_rdim[lead].values()):
         expert = lead
     if R.batch and len(fR.body) == 3:
         expert = R.batch[0]
@@ -178,7 +181,7 @@ def _pair_row(c: _Flow, rid: int) -> None:
     fR = c.fx[R.path]
     rdim = max(choices, key=lambda d: (len(by_rdim[d]), -d))
     cols = by_rdim[rdim]
-    rb = rdim - fR.stacked
+    rb = fR.body_dim(rdim)
     if expert is not None and _experts(c, fR, expert, rb, list(cols.values())):
         return
     lins = [_column(c, sid, e, R.path) for sid, e in sorted(cols.items())]
@@ -187,7 +190,7 @@ def _pair_row(c: _Flow, rid: int) -> None:
         shard_conv_pair(c.st, lins[0].f, fR, lins[0].out_dims[0], rb,
                         why=f"traced: output channels reach {short(R.path)} {via}")
         return
-    row = Linear(fR, (rb,), tuple(k - fR.stacked for k in R.kept), heads=rb if len(fR.body) == 3 else None,
+    row = Linear(fR, (rb,), tuple(fR.body_dim(k) for k in R.kept), heads=rb if len(fR.body) == 3 else None,
                  role="row", why=f"traced: its contraction sums kernel dim {rb} against that output"
                                  f"{_shared(c, R.path)}")
     kind = "attention" if any("dot" in e.via for e in cols.values()) else "mlp"
@@ -202,11 +205,11 @@ def _shared(c: _Flow, path: str) -> str:
 
 def _experts(c: _Flow, fR: Facts, expert: int, rb: int, edges: Sequence[Edge]) -> bool:
     """Expert pairs (E, d, f) -> (E, f, d), gate and up alike; False when the shapes do not say experts."""
-    E = fR.body[expert - fR.stacked]
+    E = fR.body[fR.body_dim(expert)]
     fits = []
     for e in edges:
         fS = c.fx[e.src]
-        if fS.body[0] == E and e.src_dim - fS.stacked == 2 and rb == 1 and fS.body[2] == fR.body[1]:
+        if fS.body[0] == E and fS.body_dim(e.src_dim) == 2 and rb == 1 and fS.body[2] == fR.body[1]:
             fits.append((fS, e))
     if len(fits) != len(edges):
         return False
@@ -222,7 +225,7 @@ def _experts(c: _Flow, fR: Facts, expert: int, rb: int, edges: Sequence[Edge]) -
 def _column(c: _Flow, sid: int, e: Edge, row_path: str) -> Linear:
     S = c.cand[sid]
     fS = c.fx[S.path]
-    cb = e.src_dim - fS.stacked
+    cb = fS.body_dim(e.src_dim)
     limit = 0
     for x in c.out_edges[(sid, e.src_dim)]:
         limit = math.gcd(limit, x.limit)
@@ -233,7 +236,7 @@ def _column(c: _Flow, sid: int, e: Edge, row_path: str) -> Linear:
                 f"dim ({fS.body[cb]}) and XLA reshards the pieces (head-aligned shards need the dim "
                 "permuted at placement or the model to split a (d, pieces, heads, head_dim) view)")
     # A 3-D or 4-D kernel's traced dim is its heads ((d, heads, head_dim), (3, heads, d, head_dim)).
-    return Linear(fS, tuple(k - fS.stacked for k in S.contracted), (cb,),
+    return Linear(fS, tuple(fS.body_dim(k) for k in S.contracted), (cb,),
                   heads=cb if len(fS.body) >= 3 else None, role="column", why=why,
                   limit=limit if limit and limit != fS.body[cb] else None)
 
@@ -253,7 +256,7 @@ def _outputs(c: _Flow) -> None:
         u = cu[0]
         heads = [k for k in u.kept if (u.id, k) in c.flow.outputs and not c.out_edges.get((u.id, k))]
         if heads and u.op == "dot":
-            b = heads[0] - f.stacked
+            b = f.body_dim(heads[0])
             shard_output_head(c.st, f, b, f"output projection (traced): its {f.body[b]} outputs (dim {b}) "
                                           "are the model's output, with no later contraction")
             continue
@@ -275,7 +278,7 @@ def _biases(c: _Flow) -> None:
         for ld, kd in align.items():
             if ld < len(spec) and kd < len(kp.spec):
                 spec[ld] = kp.spec[kd]
-        bias_follows(c.st, f, spec[f.stacked:], kp, f"bias (traced: added to the output of {short(kpath)})")
+        bias_follows(c.st, f, f.body_of(spec), kp, f"bias (traced: added to the output of {short(kpath)})")
 
 
 def _elementwise(c: _Flow) -> None:

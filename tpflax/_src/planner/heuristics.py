@@ -43,7 +43,13 @@ from tpflax._src.planner.builders import (
 )
 from tpflax._src.planner.decision import Pair
 from tpflax._src.planner.leaf_groups import fsdp, shard_embedding, shard_output_head
-from tpflax._src.planner.roles import assign_roles, fused_partners, linear_view, residual_widths
+from tpflax._src.planner.roles import (
+    assign_roles,
+    attention_output,
+    fused_partners,
+    linear_view,
+    residual_widths,
+)
 
 
 def _natural(s: str) -> list:
@@ -112,6 +118,7 @@ _INDEX = re.compile(r"^\D*?_?\d+$")
 def _pair_group(st: State, group: str, lins: list[Linear]) -> list[Linear]:
     """Pair the columns and rows of one block; returns the layers left unpaired."""
     fused_partners(lins)
+    attention_output(lins, group)
     cols = [x for x in lins if x.role == "column" and not HEAD.match(x.f.unit_name)]
     rows = [x for x in lins if x.role == "row"]
     if not cols or not rows:
@@ -243,7 +250,7 @@ def _biases(st: State, todo: Sequence[Facts]) -> None:
         if f.kind != "bias" or f.path in st.out or k is None:
             continue
         p = st.out[k.path]
-        kbody = p.spec[k.stacked:]
+        kbody = k.body_of(p.spec)
         n = len(f.body)
         spec: tuple = (None,) * n
         # The bias matches the kernel's trailing (output) dims.

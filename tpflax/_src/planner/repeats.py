@@ -25,19 +25,22 @@ from tpflax._src.trace.dataflow import Dataflow, Edge, Use
 CONTRACT = ("dot", "conv")
 
 
-def _position(flow: Dataflow, uid: int) -> tuple:
-    """Where a use sits in its call: its partners and dims, its escapes and outputs."""
-    outs = frozenset((e.src_dim, e.dst, e.dst_dim) for e in flow.edges if e.src_use == uid)
-    ins = frozenset((e.src, e.src_dim, e.dst_dim) for e in flow.edges if e.dst_use == uid)
-    esc = frozenset(d for u, d in flow.escapes if u == uid)
-    out = frozenset(d for u, d in flow.outputs if u == uid)
-    return outs, ins, esc, out
+def _position(flow: Dataflow, uid: int, inside: set[str]) -> tuple:
+    """Where a use sits in its call: its partners inside the repeated layer, and the dims."""
+    outs = frozenset((e.src_dim, e.dst, e.dst_dim) for e in flow.edges if e.src_use == uid and e.dst in inside)
+    ins = frozenset((e.src, e.src_dim, e.dst_dim) for e in flow.edges if e.dst_use == uid and e.src in inside)
+    return outs, ins
 
 
-def repeated(flow: Dataflow, uses: Sequence[Use]) -> bool:
-    """Uses of one weight at the same place of N calls of its layer (with a partner there)."""
-    first = _position(flow, uses[0].id)
-    return bool(first[0] or first[1]) and all(_position(flow, u.id) == first for u in uses[1:])
+def repeated(flow: Dataflow, uses: Sequence[Use], inside: set[str]) -> bool:
+    """Uses of one weight at the same place of N calls of its layer (with a partner there).
+
+    ``inside``: the weights contracted as often, the layer's own. Edges to other
+    weights differ from call to call (the first call reads the embedding's
+    projection, the others the previous call's output) and are not compared.
+    """
+    first = _position(flow, uses[0].id, inside)
+    return bool(first[0] or first[1]) and all(_position(flow, u.id, inside) == first for u in uses[1:])
 
 
 def merge_uses(flow: Dataflow, shapes: Mapping[str, tuple[int, ...]]) -> Dataflow:
@@ -68,7 +71,8 @@ def merge_uses(flow: Dataflow, shapes: Mapping[str, tuple[int, ...]]) -> Dataflo
         same = all((u.op, u.contracted, u.kept, u.batch) == (us[0].op, us[0].contracted, us[0].kept,
                                                               us[0].batch) for u in us)
         sliced = bool(missing) and len(us) <= math.prod(shape[d] for d in missing)
-        if len(us) > 1 and same and (sliced or (not missing and repeated(flow, us))):
+        inside = {p for p, vs in by_path.items() if len(vs) == len(us)}
+        if len(us) > 1 and same and (sliced or (not missing and repeated(flow, us, inside))):
             alias.update({u.id: us[0].id for u in us[1:]})
             tag.update({u.id: "alias" if sliced else "repeat" for u in us[1:]})
     if not alias:

@@ -15,7 +15,7 @@ import re
 from collections import defaultdict
 from collections.abc import Sequence
 
-from tpflax._src.facts.classify import COLUMN_NAMES, POS_EMBED, ROW_NAMES, Facts
+from tpflax._src.facts.classify import ATTN, COLUMN_NAMES, POS_EMBED, ROW_NAMES, Facts
 from tpflax._src.planner.builders import Linear, short
 
 
@@ -199,3 +199,29 @@ def fused_partners(lins: list[Linear]) -> None:
 
 def _affinity(a: str, b: str) -> tuple[int, int]:
     return len(os.path.commonprefix([a, b])), len(os.path.commonprefix([a[::-1], b[::-1]]))
+
+
+def attention_output(lins: list[Linear], group: str) -> None:
+    """The one unnamed square kernel of an attention block with q/k/v columns and no row is its output.
+
+    ALBERT's ``attention/{query,key,value,dense}``: ``dense`` (d, d) can be
+    neither oriented by shape nor named; the columns' output width is its input.
+
+    >>> from tpflax._src.facts.tree import Leaf
+    >>> def lin(name, role=None):
+    ...     path = f"l/attention/{name}/kernel"
+    ...     return Linear(Facts(Leaf(path, (64, 64), "float32", 4), "dense", 0, path[:-7], "l/attention"),
+    ...                   (0,), (1,), role=role)
+    >>> q, out = lin("query", "column"), lin("dense")
+    >>> attention_output([q, out], "l/attention")
+    >>> out.role
+    'row'
+    """
+    if not ATTN.search(group.rsplit("/", 1)[-1]) or any(x.role == "row" for x in lins):
+        return
+    free = [m for m in lins if m.role is None and len(m.f.body) == 2 and m.in_size == m.out_size]
+    cols = [c for c in lins if c.role == "column" and len(free) == 1 and c.out_size == free[0].in_size]
+    if cols:
+        free[0].role = "row"
+        free[0].why = (f"the one unnamed ({free[0].in_size} -> {free[0].out_size}) kernel of an attention block "
+                       f"whose columns ({', '.join(role_name(c.f) for c in cols)}) produce its input width")
