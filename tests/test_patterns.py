@@ -193,6 +193,10 @@ def test_fused_qkv_pairs_in_the_tree(fused):
     assert specs(p, FUSED_SPECS) == FUSED_SPECS
     assert "fused dim is split contiguously" in p.decisions["params/attn_1/kernel"].reason
     assert "(heads, 3, head_dim)" in p.decisions["params/attn_1/kernel"].reason
+    # The traced plan's specs on every fused kernel, bias and partner (its compiled numbers: below).
+    traced = tpflax.plan(v, MESH, model=m, sample=(TOK,))
+    pick = [k for k in p.decisions if "/attn_" in k or "/proj_" in k]
+    assert {k: p.decisions[k].spec for k in pick} == {k: traced.decisions[k].spec for k in pick}
 
 
 def test_fused_conv1d_kernels_pair_in_the_tree():
@@ -225,8 +229,6 @@ def test_fused_qkv_compiles_better_than_replicated(fused, mesh):
                                  model=m, sample=(TOK,)), mesh, (TOK,))
     no_worse(got, hand)
     assert got[0] < old[0] and got[2] < old[2]  # the old replicated fused kernel: more bytes and flops
-    tree = numbers(m, tpflax.plan(v, MESH, batch=(TOK,)), mesh, (TOK,))
-    no_worse(tree, hand)  # tree-only finds the same pairs: equal numbers
 
 
 # -- weights reused across layers: one Block called twice (ALBERT's shared layer group) --
@@ -281,12 +283,14 @@ def test_albert_attention_output_pairs_in_the_tree():
         "query/kernel": P(None, "model"), "attention/dense/kernel": P("model", None), "ffn/kernel": P(None, "model")}
 
 
-@pytest.mark.slow
-def test_weights_shared_by_calls_compile_like_megatron(shared, mesh):
+def test_weights_shared_by_calls_are_the_hand_layout(shared):
     m, v = shared
-    got = numbers(m, tpflax.plan(v, MESH, model=m, sample=(TOK,), batch=(TOK,)), mesh, (TOK,))
-    hand = numbers(m, tpflax.plan(v, MESH, batch=(TOK,), rules=SHARED_HAND), mesh, (TOK,))
-    no_worse(got, hand)  # the same pairs as the hand layout, in both calls: equal numbers
+    got = tpflax.plan(v, MESH, model=m, sample=(TOK,))
+    hand = tpflax.plan(v, MESH, rules=SHARED_HAND)
+    # Every kernel and bias as the hand layout: the compiled step is the hand layout's (ALBERT, measured
+    # in benchmarks/third_party.py, compiles at 0.99x bytes and 1.00x flops of its hand layout).
+    pick = [k for k in hand.decisions if k.startswith("params/group/") and not k.split("/")[2].startswith("ln")]
+    assert {k: got.decisions[k].spec for k in pick} == {k: hand.decisions[k].spec for k in pick}
 
 
 # -- 13: scan stacks whose layers dim is not first (variable_axes={'params': 1}) ------
