@@ -183,6 +183,39 @@ def test_fused_qkv_is_split_over_its_fused_dim(fused):
     assert "fused: cut into 3 equal pieces" in p.decisions["params/attn_0/kernel"].reason
 
 
+FUSED_SPECS = {"attn_0/kernel": P(None, "model"), "attn_0/bias": P("model"), "proj_0/kernel": P("model", None),
+               "attn_1/kernel": P(None, "model"), "proj_1/kernel": P("model", None)}
+
+
+def test_fused_qkv_pairs_in_the_tree(fused):
+    m, v = fused
+    p = tpflax.plan(v, MESH)  # no model=: (d, 3d) is three projections of d, proj (d, d) their partner
+    assert specs(p, FUSED_SPECS) == FUSED_SPECS
+    assert "fused dim is split contiguously" in p.decisions["params/attn_1/kernel"].reason
+    assert "(heads, 3, head_dim)" in p.decisions["params/attn_1/kernel"].reason
+    # The traced plan's specs on every fused kernel, bias and partner (its compiled numbers: below).
+    traced = tpflax.plan(v, MESH, model=m, sample=(TOK,))
+    pick = [k for k in p.decisions if "/attn_" in k or "/proj_" in k]
+    assert {k: p.decisions[k].spec for k in pick} == {k: traced.decisions[k].spec for k in pick}
+
+
+def test_fused_conv1d_kernels_pair_in_the_tree():
+    """GPT-2's Conv1D: c_attn (3d, d) and c_proj (d, d) stored (out, in); BLOOM's unnamed partner."""
+    def block(qkv, out, stored_out_in):
+        k = (lambda i, o: sds(o, i)) if stored_out_in else (lambda i, o: sds(i, o))
+        return {"ln_1": {"scale": sds(D)}, "ln_2": {"scale": sds(D)},
+                "attn": {qkv: {"kernel": k(D, 3 * D), "bias": sds(3 * D)}, out: {"kernel": k(D, D), "bias": sds(D)}}}
+    p = tpflax.plan({"wte": {"embedding": sds(V, D)}, "h": {str(i): block("c_attn", "c_proj", True) for i in range(2)}},
+                    MESH)
+    assert specs(p, ["0/attn/c_attn/kernel", "0/attn/c_attn/bias", "0/attn/c_proj/kernel", "0/attn/c_proj/bias"]) == {
+        "0/attn/c_attn/kernel": P("model", None), "0/attn/c_attn/bias": P("model"),
+        "0/attn/c_proj/kernel": P(None, "model"), "0/attn/c_proj/bias": P(None)}
+    p = tpflax.plan({"wte": {"embedding": sds(V, D)}, "h": {str(i): block("query_key_value", "dense", False)
+                                                             for i in range(2)}}, MESH)
+    assert specs(p, ["0/attn/query_key_value/kernel", "0/attn/dense/kernel"]) == {
+        "0/attn/query_key_value/kernel": P(None, "model"), "0/attn/dense/kernel": P("model", None)}
+
+
 @pytest.mark.slow
 def test_fused_qkv_compiles_better_than_replicated(fused, mesh):
     m, v = fused
@@ -196,6 +229,123 @@ def test_fused_qkv_compiles_better_than_replicated(fused, mesh):
                                  model=m, sample=(TOK,)), mesh, (TOK,))
     no_worse(got, hand)
     assert got[0] < old[0] and got[2] < old[2]  # the old replicated fused kernel: more bytes and flops
+
+
+# -- weights reused across layers: one Block called twice (ALBERT's shared layer group) --
+
+class SharedBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        b, t, _ = x.shape
+        h = nn.LayerNorm(name="ln1")(x)
+        q, k, v = (nn.Dense(D, name=n)(h).reshape(b, t, H, HD) for n in ("query", "key", "value"))
+        x = x + nn.Dense(D, name="dense")(attend(q, k, v).reshape(b, t, D))
+        return x + nn.Dense(D, name="ffn_output")(jax.nn.gelu(nn.Dense(F, name="ffn")(nn.LayerNorm(name="ln2")(x))))
+
+
+class SharedLayers(nn.Module):
+    @nn.compact
+    def __call__(self, tok):
+        x = nn.Embed(V, D, name="wte")(tok)
+        block = SharedBlock(name="group")
+        for _ in range(2):
+            x = block(x)
+        return nn.Dense(V, use_bias=False, name="lm")(nn.LayerNorm(name="ln_f")(x))
+
+
+SHARED_HAND = [(r"(query|key|value|ffn)/kernel", P(None, "model")), (r"(query|key|value|ffn)/bias", P("model")),
+               (r"(dense|ffn_output)/kernel", P("model", None)), (r"lm/kernel", P(None, "model"))]
+
+
+@pytest.fixture(scope="module")
+def shared():
+    m = SharedLayers()
+    return m, abstract(m, TOK)
+
+
+def test_weights_shared_by_calls_pair(shared):
+    m, v = shared
+    p = tpflax.plan(v, MESH, model=m, sample=(TOK,))
+    want = {"group/query/kernel": P(None, "model"), "group/dense/kernel": P("model", None),
+            "group/ffn/kernel": P(None, "model"), "group/ffn_output/kernel": P("model", None)}
+    assert specs(p, want) == want
+    assert "shared by 2 calls of its layer" in p.decisions["params/group/ffn/kernel"].reason
+
+
+def test_albert_attention_output_pairs_in_the_tree():
+    """ALBERT's attention/{query,key,value,dense}: the one unnamed square kernel is the output."""
+    dense = {"kernel": sds(D, D), "bias": sds(D)}
+    layer = {"attention": {n: dense for n in ("query", "key", "value", "dense")} | {"LayerNorm": {"scale": sds(D)}},
+             "ffn": {"kernel": sds(D, F), "bias": sds(F)}, "ffn_output": {"kernel": sds(F, D), "bias": sds(D)},
+             "full_layer_layer_norm": {"scale": sds(D)}}
+    p = tpflax.plan({"embeddings": {"word_embeddings": {"embedding": sds(V, D)}}, "albert_layers": {"0": layer}}, MESH)
+    assert specs(p, ["query/kernel", "attention/dense/kernel", "ffn/kernel"]) == {
+        "query/kernel": P(None, "model"), "attention/dense/kernel": P("model", None), "ffn/kernel": P(None, "model")}
+
+
+def test_weights_shared_by_calls_are_the_hand_layout(shared):
+    m, v = shared
+    got = tpflax.plan(v, MESH, model=m, sample=(TOK,))
+    hand = tpflax.plan(v, MESH, rules=SHARED_HAND)
+    # Every kernel and bias as the hand layout: the compiled step is the hand layout's (ALBERT, measured
+    # in benchmarks/third_party.py, compiles at 0.99x bytes and 1.00x flops of its hand layout).
+    pick = [k for k in hand.decisions if k.startswith("params/group/") and not k.split("/")[2].startswith("ln")]
+    assert {k: got.decisions[k].spec for k in pick} == {k: hand.decisions[k].spec for k in pick}
+
+
+# -- 13: scan stacks whose layers dim is not first (variable_axes={'params': 1}) ------
+
+class ScanLayer(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        b, t, _ = x.shape
+        h = nn.LayerNorm(name="ln1")(x)
+        q, k, v = (nn.Dense(D, use_bias=False, name=n)(h).reshape(b, t, H, HD) for n in "qkv")
+        x = x + nn.Dense(D, use_bias=False, name="o")(attend(q, k, v).reshape(b, t, D))
+        return x + nn.Dense(D, name="down")(jax.nn.gelu(nn.Dense(F, name="up")(nn.LayerNorm(name="ln2")(x)))), None
+
+
+class ScanAxis1(nn.Module):
+    @nn.compact
+    def __call__(self, tok):
+        x = nn.Embed(V, D, name="wte")(tok)
+        stack = nn.scan(ScanLayer, variable_axes={"params": 1}, split_rngs={"params": True}, length=3)
+        x, _ = stack(name="blocks")(x, None)
+        return nn.Dense(V, use_bias=False, name="lm")(nn.LayerNorm(name="ln_f")(x))
+
+
+# (in, layers, out) kernels, (out, layers) biases: the layers dim 1 is never split.
+SCAN_SPECS = {"blocks/q/kernel": P(None, None, "model"), "blocks/o/kernel": P("model", None, None),
+              "blocks/up/kernel": P(None, None, "model"), "blocks/up/bias": P("model", None),
+              "blocks/down/kernel": P("model", None, None), "blocks/down/bias": P(None, None)}
+SCAN_HAND = [(r"/(q|k|v|up)/kernel", P(None, None, "model")), (r"/up/bias", P("model", None)),
+             (r"/(o|down)/kernel", P("model", None, None)), (r"lm/kernel", P(None, "model"))]
+
+
+@pytest.fixture(scope="module")
+def scan1():
+    m = ScanAxis1()
+    return m, abstract(m, TOK)
+
+
+def test_scan_stack_with_layers_dim_one(scan1):
+    m, v = scan1
+    stacked = "params/blocks/up/kernel"
+    for p in (tpflax.plan(v, MESH, model=m, sample=(TOK,)), tpflax.plan(v, MESH),
+              tpflax.plan(v, MESH, stacked="blocks:1"), tpflax.plan(v, MESH, stacked={"blocks": 1})):
+        assert specs(p, SCAN_SPECS) == SCAN_SPECS
+        assert p.decisions[stacked].layers_dim == 1 and p.decisions["params/blocks/ln1/scale"].layers_dim == 1
+        assert "layers dim 1 (3) from nn.scan kept unsharded" in p.decisions[stacked].reason
+    # The old regex form still means a leading layers dim.
+    assert tpflax.plan({"blocks": {"w": sds(3, D, F)}}, MESH, stacked="blocks").decisions["blocks/w"].layers_dim == 0
+
+
+@pytest.mark.slow
+def test_scan_stack_with_layers_dim_one_compiles_like_megatron(scan1, mesh):
+    m, v = scan1
+    got = numbers(m, tpflax.plan(v, MESH, model=m, sample=(TOK,), batch=(TOK,)), mesh, (TOK,))
+    hand = numbers(m, tpflax.plan(v, MESH, batch=(TOK,), rules=SCAN_HAND), mesh, (TOK,))
+    no_worse(got, hand)  # the Megatron split of every layer of the stack: equal numbers
 
 
 # -- 4: interleaved rotary embeddings (stack, strided slices) --------------------

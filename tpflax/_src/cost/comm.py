@@ -46,7 +46,7 @@ def leaf_itemsize(d: Any) -> int:
 
 def _layers(d: Any) -> int:
     """How many stacked layers (``nn.scan``) the leaf holds: its collectives repeat that often."""
-    return math.prod(d.shape[:d.layers_dim + 1]) if d.layers_dim is not None else 1
+    return d.shape[d.layers_dim] if d.layers_dim is not None else 1
 
 
 def body(d: Any) -> tuple[int, ...]:
@@ -58,7 +58,7 @@ def body(d: Any) -> tuple[int, ...]:
     >>> body(p.decisions["layers/up/kernel"])
     (64, 256)
     """
-    return tuple(d.shape[d.layers_dim + 1:]) if d.layers_dim is not None else tuple(d.shape)
+    return _body_spec(d, tuple(d.shape))
 
 
 @dataclass(frozen=True)
@@ -270,7 +270,8 @@ def _layer_items(s: Scope, notes: list[str]) -> list[CommItem]:
 
 
 def _body_spec(d: Any, spec: tuple[Entry, ...]) -> tuple[Entry, ...]:
-    return spec[d.layers_dim + 1:] if d.layers_dim is not None else spec
+    k = d.layers_dim
+    return tuple(spec[:k]) + tuple(spec[k + 1:]) if k is not None else spec
 
 
 def _embedding_items(path: str, d: Any, axes: tuple[str, ...], s: Scope, *, notes: list[str]) -> list[CommItem]:

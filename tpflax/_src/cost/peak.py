@@ -111,7 +111,8 @@ def gathered_bytes(lv: Leaves, mesh: MeshShape) -> tuple[int, int]:
         if not any(a in fsdp for e in spec for a in entry_axes(e)):
             continue
         kept = tuple(_drop(e, fsdp) for e in spec)
-        shape, kept = (body(d), kept[d.layers_dim + 1:]) if d.layers_dim is not None else (tuple(d.shape), kept)
+        k = d.layers_dim
+        shape, kept = (body(d), kept[:k] + kept[k + 1:]) if k is not None else (tuple(d.shape), kept)
         key = block_of(path) if d.layers_dim is None else path.rsplit("/", 1)[0]
         blocks[key] = blocks.get(key, 0) + shard_bytes(shape, leaf_itemsize(d), kept, mesh)
         repeats[key] = min(repeats.get(key, lv.count[path]), lv.count[path])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from tpflax._src.facts.tree import Leaf
@@ -48,10 +48,13 @@ class Facts:
     Attributes:
         leaf: the :class:`~tpflax.tree.Leaf`.
         kind: layer kind (see module docstring).
-        stacked: number of leading stacked (``nn.scan``) dims; never sharded.
+        stacked: number of stacked (``nn.scan``) dims, 0 or 1; never sharded.
         unit: path of the layer the leaf belongs to (``.../mlp/up`` for
             ``.../mlp/up/kernel``; the leaf path itself for raw einsum params).
         group: parent of ``unit``: the block in which pairing happens.
+        layers_at: the stacked dim's index in the leaf's shape: 0 for flax's
+            default ``nn.scan``, 1 for ``variable_axes={'params': 1}``
+            (MaxText's ``param_scan_axis=1``).
     """
 
     leaf: Leaf
@@ -59,15 +62,39 @@ class Facts:
     stacked: int
     unit: str
     group: str
+    layers_at: int = 0
 
     @property
     def path(self) -> str:
         return self.leaf.path
 
     @property
+    def layers_dim(self) -> int | None:
+        """The stacked-layers dim of the leaf, or None."""
+        return self.layers_at if self.stacked else None
+
+    @property
     def body(self) -> tuple[int, ...]:
-        """The shape without stacked dims."""
-        return self.leaf.shape[self.stacked:]
+        """The shape without the stacked dim."""
+        return self.body_of(self.leaf.shape)
+
+    def body_of(self, xs: Sequence) -> tuple:
+        """``xs`` (a shape or a spec, one entry per leaf dim) without the stacked dim."""
+        xs = tuple(xs)
+        return xs[:self.layers_at] + xs[self.layers_at + 1:] if self.stacked else xs
+
+    def leaf_of(self, body: Sequence, fill=None) -> tuple:
+        """A body spec (or shape) with ``fill`` put back at the stacked dim."""
+        body = tuple(body)
+        return body[:self.layers_at] + (fill,) + body[self.layers_at:] if self.stacked else body
+
+    def body_dim(self, dim: int) -> int:
+        """The body index of leaf dim ``dim`` (not the stacked one)."""
+        return dim - 1 if self.stacked and dim > self.layers_at else dim
+
+    def leaf_dim(self, dim: int) -> int:
+        """The leaf index of body dim ``dim``."""
+        return dim + 1 if self.stacked and dim >= self.layers_at else dim
 
     @property
     def name(self) -> str:
@@ -119,46 +146,76 @@ def is_norm_leaf(leaf: Leaf) -> bool:
         _is_norm_part(p) for p in parts[-3:-1])
 
 
-def detect_stacked(leaves: Sequence[Leaf], stacked: str | None = None) -> dict[str, int]:
-    """Number of leading stacked dims per leaf path (0 or 1).
+def stacked_patterns(stacked: str | Mapping[str, int] | None) -> list[tuple[re.Pattern, int]]:
+    """``stacked=`` as ``[(regex, layers dim)]``: a regex (dim 0), ``"regex:dim"`` or ``{regex: dim}``.
+
+    >>> [(r.pattern, d) for r, d in stacked_patterns("layers:1")]
+    [('layers', 1)]
+    >>> [(r.pattern, d) for r, d in stacked_patterns({"blocks": 0, "scan": 1})]
+    [('blocks', 0), ('scan', 1)]
+    """
+    if stacked is None:
+        return []
+    if isinstance(stacked, Mapping):
+        return [(re.compile(k), int(v)) for k, v in stacked.items()]
+    m = _AT_DIM.match(stacked)
+    return [(re.compile(m.group(1)), int(m.group(2)))] if m else [(re.compile(stacked), 0)]
+
+
+_AT_DIM = re.compile(r"^(.*):(\d+)$", re.S)
+
+
+def detect_stacked(leaves: Sequence[Leaf], stacked: str | Mapping[str, int] | None = None) -> dict[str, int | None]:
+    """The stacked-layers dim of each leaf path (None: not stacked).
 
     A subtree is taken as an ``nn.scan`` stack when all its leaves share one
-    leading dim L >= 2 and either a norm parameter in it has rank >= 2 (norm
-    params are 1-D unless stacked), or its name looks like a layer stack
-    (``layers``, ``scan``, ``blocks``...) and it holds >= 4 leaves. Flax
-    metadata naming dim 0 ``layers`` also marks it. ``stacked`` (a regex on the
-    path) forces it.
+    dim L >= 2 at the same index (0, or 1 for ``variable_axes={'params': 1}``,
+    where every leaf has rank >= 2) and either a norm parameter in it has rank
+    >= 2 (norm params are 1-D unless stacked), or its name looks like a layer
+    stack (``layers``, ``scan``, ``blocks``...) and it holds >= 4 leaves. Flax
+    metadata naming a dim ``layers`` also marks it. ``stacked`` (a regex on the
+    path, ``"regex:dim"`` or ``{regex: dim}``) forces it.
+
+    >>> shapes = {"s/ln/scale": (8, 3), "s/up/kernel": (8, 3, 32), "s/down/kernel": (32, 3, 8)}
+    >>> detect_stacked([Leaf(p, x, "float32", 4) for p, x in shapes.items()])
+    {'s/ln/scale': 1, 's/up/kernel': 1, 's/down/kernel': 1}
     """
-    out = {leaf.path: 0 for leaf in leaves}
-    forced = re.compile(stacked) if stacked else None
+    out: dict[str, int | None] = {leaf.path: None for leaf in leaves}
+    forced = stacked_patterns(stacked)
     by_prefix: dict[str, list[Leaf]] = defaultdict(list)
     for leaf in leaves:
         parts = leaf.parts
         for i in range(1, len(parts)):
             by_prefix["/".join(parts[:i])].append(leaf)
     for leaf in leaves:
-        if forced is not None and forced.search(leaf.path) and leaf.shape:
-            out[leaf.path] = 1
-        elif leaf.names and leaf.names[0] in ("layers", "layer", "stack", "scan") and len(leaf.shape) > 1:
-            out[leaf.path] = 1
-    if forced is not None:
+        hit = [d for rx, d in forced if rx.search(leaf.path) and len(leaf.shape) > d]
+        names = [i for i, n in enumerate(leaf.names or ()) if n in ("layers", "layer", "stack", "scan")]
+        if hit:
+            out[leaf.path] = hit[0]
+        elif names and len(leaf.shape) > 1:
+            out[leaf.path] = names[0]
+    if forced:
         return out
     for prefix in sorted(by_prefix, key=lambda p: p.count("/")):
         group = by_prefix[prefix]
-        if len(group) < 2 or any(out[leaf.path] for leaf in group):
+        if len(group) < 2 or any(out[leaf.path] is not None for leaf in group):
             continue
-        leads = {leaf.shape[0] if leaf.shape else None for leaf in group}
-        if len(leads) != 1 or None in leads or next(iter(leads)) < 2:
-            continue
-        norm_signal = any(is_norm_leaf(leaf) and len(leaf.shape) >= 2 for leaf in group)
-        name_signal = bool(SCAN_NAMES.search(prefix.rsplit("/", 1)[-1])) and len(group) >= 4
-        if norm_signal or name_signal:
-            for leaf in group:
-                out[leaf.path] = 1
+        for at in (0, 1):
+            if any(len(leaf.shape) <= at for leaf in group):
+                continue
+            leads = {leaf.shape[at] for leaf in group}
+            if len(leads) != 1 or next(iter(leads)) < 2:
+                continue
+            norm_signal = any(is_norm_leaf(leaf) and len(leaf.shape) >= 2 for leaf in group)
+            name_signal = bool(SCAN_NAMES.search(prefix.rsplit("/", 1)[-1])) and len(group) >= 4
+            if norm_signal or name_signal:
+                for leaf in group:
+                    out[leaf.path] = at
+                break
     return out
 
 
-def classify(leaves: Sequence[Leaf], stacked: str | None = None) -> list[Facts]:
+def classify(leaves: Sequence[Leaf], stacked: str | Mapping[str, int] | None = None) -> list[Facts]:
     """Classify every leaf. Pure; the order of the result follows ``leaves``."""
     stack = detect_stacked(leaves, stacked)
     return _mirrored_experts([_classify_one(leaf, stack[leaf.path]) for leaf in leaves])
@@ -191,17 +248,18 @@ def _mirrored_experts(facts: list[Facts]) -> list[Facts]:
     return out
 
 
-def _classify_one(leaf: Leaf, stacked: int) -> Facts:
+def _classify_one(leaf: Leaf, layers_at: int | None) -> Facts:
     parts = leaf.parts
     name = parts[-1]
     unit = unit_of(leaf.path)
     group = _parent(unit)
-    body = leaf.shape[stacked:]
+    body = Facts(leaf, "", int(layers_at is not None), unit, group, layers_at or 0).body
     lower_path = leaf.path.lower()
     unit_parts = unit.lower().split("/")
 
     def facts(kind: str) -> Facts:
-        return Facts(leaf=leaf, kind=kind, stacked=stacked, unit=unit, group=group)
+        return Facts(leaf=leaf, kind=kind, stacked=int(layers_at is not None), unit=unit, group=group,
+                     layers_at=layers_at or 0)
 
     if leaf.numeric in ("int", "bool", "key"):
         return facts("int")

@@ -88,6 +88,7 @@ class Linear:
     # fewer heads, say); None: the dim's own size. Set by the dataflow rules.
     limit: int | None = None
     doubt: str = ""  # shapes and names disagreed: said in a plan warning
+    pieces: int = 1  # a fused kernel's output holds this many projections side by side (q|k|v)
 
     def size(self, dims: Iterable[int]) -> int:
         return math.prod(self.f.body[d] for d in dims)
@@ -120,6 +121,7 @@ class State:
     first_pair: int = 1  # pair ids continue after those of an earlier pass (the dataflow rules)
     chosen: list[Chosen] = field(default_factory=list)  # groups the chooser priced
     facts: dict[str, Facts] = field(default_factory=dict)  # every leaf a builder wrote, by path
+    out_first: set[str] = field(default_factory=set)  # 2-D kernels stored (out, in): biases follow dim 0
 
     @cached_property
     def context(self) -> Context:
@@ -129,10 +131,11 @@ class State:
     def proposal(self, f: Facts, body_spec: Sequence[Entry], strategy: Strategy, reason: str,
                  pair: int | None = None, role: Role | None = None, kind: Kind | None = None) -> Proposal:
         """What :meth:`put` would write, without writing it (a candidate)."""
-        spec = (None,) * f.stacked + tuple(body_spec)
+        spec = f.leaf_of(body_spec)
         if f.stacked and strategy != "replicate":
-            reason += f"; leading layers dim ({f.leaf.shape[0]}) from nn.scan kept unsharded"
-        return Proposal(spec, strategy, reason, pair, role, kind=kind, layers_dim=0 if f.stacked else None)
+            where = "leading layers dim" if f.layers_at == 0 else f"layers dim {f.layers_at}"
+            reason += f"; {where} ({f.leaf.shape[f.layers_at]}) from nn.scan kept unsharded"
+        return Proposal(spec, strategy, reason, pair, role, kind=kind, layers_dim=f.layers_dim)
 
     def whole(self, f: Facts, reason: str, pair: int | None = None, role: Role | None = None,
               kind: Kind | None = None) -> Proposal:
@@ -371,7 +374,7 @@ def join_column(st: State, col: Facts, like: Facts, why: str) -> None:
     """Add ``col`` to the pair ``like`` (a column) is in, split the same way: the second
     up-projection of a gated MLP (gate and up both feed the down projection)."""
     p = st.out[like.path]
-    st.put(col, p.spec[like.stacked:], p.strategy, f"{p.reason.split(';')[0]}; {why}", p.pair, "column")
+    st.put(col, like.body_of(p.spec), p.strategy, f"{p.reason.split(';')[0]}; {why}", p.pair, "column")
     for i, q in enumerate(st.pairs):
         if q.id == p.pair and col.path not in q.columns:
             st.pairs[i] = replace(q, columns=(*q.columns, col.path))

@@ -17,7 +17,6 @@ parameters, gradients and optimizer moments fit ``device_memory``.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -69,12 +68,13 @@ def layout(f: Any, p: Any, matmul: bool) -> LeafLayout:
     shape = tuple(f.leaf.shape)
     spec = p.spec if len(p.spec) == len(shape) else entries(p.spec, len(shape))
     return _layout(shape, f.leaf.itemsize, spec,
-                   f.leaf.collection in ("", "params") and f.leaf.numeric in ("float", "complex"), matmul, f.stacked)
+                   f.leaf.collection in ("", "params") and f.leaf.numeric in ("float", "complex"), matmul, f.layers_dim)
 
 
 @functools.lru_cache(maxsize=1 << 14)
-def _layout(shape, item, spec, trainable, matmul, stacked) -> LeafLayout:
-    return LeafLayout(shape, item, spec, trainable=trainable, matmul=matmul, layers=math.prod(shape[:stacked]))
+def _layout(shape, item, spec, trainable, matmul, layers_dim) -> LeafLayout:
+    return LeafLayout(shape, item, spec, trainable=trainable, matmul=matmul,
+                      layers=1 if layers_dim is None else shape[layers_dim])
 
 
 @functools.lru_cache(maxsize=1 << 12)

@@ -31,6 +31,7 @@ from tpflax._src.planner.builders import (
 )
 from tpflax._src.planner.decision import Pair
 from tpflax._src.planner.leaf_groups import fsdp, shard_embedding, shard_output_head
+from tpflax._src.planner.repeats import merge_uses
 from tpflax._src.specs import entries, to_pspec
 from tpflax._src.trace.dataflow import Dataflow, Edge, Use
 
@@ -76,67 +77,23 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Datafl
 
 
 def _start(facts: Sequence[Facts], st: State, flow: Dataflow) -> _Flow:
-    flow = merge_sliced_uses(flow, {f.path: f.leaf.shape for f in facts})
+    flow = merge_uses(flow, {f.path: f.leaf.shape for f in facts})
     known = set(flow.paths)
     fx: dict[str, Facts] = {}
     for f in facts:
         if f.path not in known or f.path in st.forced:
             continue
-        # The trace knows which dim a scan slices: that, not a name, makes a stack.
-        stacked = 1 if flow.scanned.get(f.path) == 0 else 0
-        fx[f.path] = f if stacked == f.stacked else dataclasses.replace(f, stacked=stacked)
+        # The trace knows which dim a scan slices (0, or 1 for ``variable_axes={'params': 1}``):
+        # that, not a name, makes a stack.
+        at = flow.scanned.get(f.path)
+        stacked = int(at is not None)
+        same = stacked == f.stacked and (at or 0) == f.layers_at
+        fx[f.path] = f if same else dataclasses.replace(f, stacked=stacked, layers_at=at or 0)
     uses: dict[str, list[Use]] = defaultdict(list)
     for u in flow.uses:
-        if u.path in fx:  # an ``alias:`` use (see merge_sliced_uses) is no contraction of its own
+        if u.path in fx:  # an ``alias:``/``repeat:`` use (see merge_uses) is no contraction of its own
             uses[u.path].append(u)
     return _Flow(st, flow, fx, uses)
-
-
-def merge_sliced_uses(flow: Dataflow, shapes: Mapping[str, tuple[int, ...]]) -> Dataflow:
-    """One use for a parameter contracted once per slice (``for i in range(E): x @ w[i]``).
-
-    Its uses all read the same dims and leave out the indexed ones; they are one
-    weight split along the index (experts in a Python loop), not a weight shared
-    E times. The other uses become ``alias:<first id>`` and their edges, escapes
-    and outputs move to the first.
-
-    >>> u = [Use(0, "w", "dot", (1,), (2,)), Use(1, "w", "dot", (1,), (2,))]
-    >>> f = Dataflow(("w",), tuple(u), (), {}, frozenset({(1, 2)}), frozenset(), {}, frozenset(), {})
-    >>> g = merge_sliced_uses(f, {"w": (2, 8, 16)})
-    >>> g.uses[1].op, sorted(g.outputs)
-    ('alias:0', [(0, 2)])
-    """
-    by_path: dict[str, list[Use]] = defaultdict(list)
-    for u in flow.uses:
-        if u.op in _CONTRACT:
-            by_path[u.path].append(u)
-    alias: dict[int, int] = {}
-    for path, us in by_path.items():
-        shape = shapes.get(path, ())
-        covered = set(us[0].contracted) | set(us[0].kept) | set(us[0].batch)
-        missing = [d for d in range(len(shape)) if d not in covered]
-        same = all((u.op, u.contracted, u.kept, u.batch) == (us[0].op, us[0].contracted, us[0].kept,
-                                                              us[0].batch) for u in us)
-        if len(us) > 1 and same and missing and len(us) <= math.prod(shape[d] for d in missing):
-            alias.update({u.id: us[0].id for u in us[1:]})
-    if not alias:
-        return flow
-
-    def a(uid: int) -> int:
-        return alias.get(uid, uid)
-
-    edges: dict[tuple, Edge] = {}
-    for e in flow.edges:
-        e2 = dataclasses.replace(e, src_use=a(e.src_use), dst_use=a(e.dst_use))
-        edges.setdefault((e2.src_use, e2.src_dim, e2.dst_use, e2.dst_dim), e2)
-    uses = tuple(dataclasses.replace(u, op=f"alias:{alias[u.id]}") if u.id in alias else u for u in flow.uses)
-    return dataclasses.replace(
-        flow, uses=uses, edges=tuple(edges.values()),
-        escapes={(a(k[0]), k[1]): v for k, v in flow.escapes.items()},
-        outputs=frozenset((a(u), d) for u, d in flow.outputs),
-        recurrent=frozenset(a(u) for u in flow.recurrent),
-        biases={p: (a(u), al) for p, (u, al) in flow.biases.items()},
-        fused={(a(k[0]), k[1]): v for k, v in flow.fused.items()})
 
 
 def _recurrent(c: _Flow) -> None:
@@ -159,9 +116,9 @@ def _embeddings(c: _Flow) -> None:
         if not look or path in c.st.out or len(f.body) != 2 or len(look[0].contracted) != 1:
             continue
         u = look[0]
-        v = u.contracted[0] - f.stacked
+        v = f.body_dim(u.contracted[0])
         d = 1 - v
-        tied = any(w.op == "dot" and (d + f.stacked) in w.contracted for w in us)
+        tied = any(w.op == "dot" and f.leaf_dim(d) in w.contracted for w in us)
         how = "one-hot matmul" if u.op == "onehot" else "gather"
         ev = f"looked up by integer ids ({how} over dim {v}, {f.body[v]} rows)"
         if tied:
@@ -201,10 +158,10 @@ def _expert_dim(c: _Flow, R: Use, by_rdim: Mapping[int, Mapping[int, Edge]]) -> 
     """The expert dim: the leading dim of both kernels, kept by the column and summed by the
     row together with the features (or a dot_general batch dim)."""
     fR = c.fx[R.path]
-    lead = fR.stacked
+    lead = fR.leaf_dim(0)
     expert = None
     if len(fR.body) == 3 and len(by_rdim) >= 2 and lead in by_rdim and all(
-            e.src_dim == c.fx[e.src].stacked and len(c.fx[e.src].body) == 3 for e in by_rdim[lead].values()):
+            e.src_dim == c.fx[e.src].leaf_dim(0) and len(c.fx[e.src].body) == 3 for e in by_rdim[lead].values()):
         expert = lead
     if R.batch and len(fR.body) == 3:
         expert = R.batch[0]
@@ -224,7 +181,7 @@ def _pair_row(c: _Flow, rid: int) -> None:
     fR = c.fx[R.path]
     rdim = max(choices, key=lambda d: (len(by_rdim[d]), -d))
     cols = by_rdim[rdim]
-    rb = rdim - fR.stacked
+    rb = fR.body_dim(rdim)
     if expert is not None and _experts(c, fR, expert, rb, list(cols.values())):
         return
     lins = [_column(c, sid, e, R.path) for sid, e in sorted(cols.items())]
@@ -233,19 +190,26 @@ def _pair_row(c: _Flow, rid: int) -> None:
         shard_conv_pair(c.st, lins[0].f, fR, lins[0].out_dims[0], rb,
                         why=f"traced: output channels reach {short(R.path)} {via}")
         return
-    row = Linear(fR, (rb,), tuple(k - fR.stacked for k in R.kept), heads=rb if len(fR.body) == 3 else None,
-                 role="row", why=f"traced: its contraction sums kernel dim {rb} against that output")
+    row = Linear(fR, (rb,), tuple(fR.body_dim(k) for k in R.kept), heads=rb if len(fR.body) == 3 else None,
+                 role="row", why=f"traced: its contraction sums kernel dim {rb} against that output"
+                                 f"{_shared(c, R.path)}")
     kind = "attention" if any("dot" in e.via for e in cols.values()) else "mlp"
     shard_pair(c.st, kind, lins, row)
 
 
+def _shared(c: _Flow, path: str) -> str:
+    """Words for a weight that one layer, called several times, contracts at the same place each call."""
+    n = 1 + sum(u.op.startswith("repeat:") for u in c.uses[path])
+    return f"; shared by {n} calls of its layer, at the same place in each, so split alike in all" if n > 1 else ""
+
+
 def _experts(c: _Flow, fR: Facts, expert: int, rb: int, edges: Sequence[Edge]) -> bool:
     """Expert pairs (E, d, f) -> (E, f, d), gate and up alike; False when the shapes do not say experts."""
-    E = fR.body[expert - fR.stacked]
+    E = fR.body[fR.body_dim(expert)]
     fits = []
     for e in edges:
         fS = c.fx[e.src]
-        if fS.body[0] == E and e.src_dim - fS.stacked == 2 and rb == 1 and fS.body[2] == fR.body[1]:
+        if fS.body[0] == E and fS.body_dim(e.src_dim) == 2 and rb == 1 and fS.body[2] == fR.body[1]:
             fits.append((fS, e))
     if len(fits) != len(edges):
         return False
@@ -261,18 +225,18 @@ def _experts(c: _Flow, fR: Facts, expert: int, rb: int, edges: Sequence[Edge]) -
 def _column(c: _Flow, sid: int, e: Edge, row_path: str) -> Linear:
     S = c.cand[sid]
     fS = c.fx[S.path]
-    cb = e.src_dim - fS.stacked
+    cb = fS.body_dim(e.src_dim)
     limit = 0
     for x in c.out_edges[(sid, e.src_dim)]:
         limit = math.gcd(limit, x.limit)
-    why = f"traced: its output reaches {short(row_path)} {_via(e.via)}"
+    why = f"traced: its output reaches {short(row_path)} {_via(e.via)}{_shared(c, S.path)}"
     pieces = c.flow.fused.get((sid, e.src_dim), 1)
     if pieces > 1:
         why += (f"; fused: cut into {pieces} equal pieces after the matmul, so split naively over the fused "
                 f"dim ({fS.body[cb]}) and XLA reshards the pieces (head-aligned shards need the dim "
                 "permuted at placement or the model to split a (d, pieces, heads, head_dim) view)")
     # A 3-D or 4-D kernel's traced dim is its heads ((d, heads, head_dim), (3, heads, d, head_dim)).
-    return Linear(fS, tuple(k - fS.stacked for k in S.contracted), (cb,),
+    return Linear(fS, tuple(fS.body_dim(k) for k in S.contracted), (cb,),
                   heads=cb if len(fS.body) >= 3 else None, role="column", why=why,
                   limit=limit if limit and limit != fS.body[cb] else None)
 
@@ -292,7 +256,7 @@ def _outputs(c: _Flow) -> None:
         u = cu[0]
         heads = [k for k in u.kept if (u.id, k) in c.flow.outputs and not c.out_edges.get((u.id, k))]
         if heads and u.op == "dot":
-            b = heads[0] - f.stacked
+            b = f.body_dim(heads[0])
             shard_output_head(c.st, f, b, f"output projection (traced): its {f.body[b]} outputs (dim {b}) "
                                           "are the model's output, with no later contraction")
             continue
@@ -314,7 +278,7 @@ def _biases(c: _Flow) -> None:
         for ld, kd in align.items():
             if ld < len(spec) and kd < len(kp.spec):
                 spec[ld] = kp.spec[kd]
-        bias_follows(c.st, f, spec[f.stacked:], kp, f"bias (traced: added to the output of {short(kpath)})")
+        bias_follows(c.st, f, f.body_of(spec), kp, f"bias (traced: added to the output of {short(kpath)})")
 
 
 def _elementwise(c: _Flow) -> None:

@@ -26,7 +26,7 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
-from tpflax._src.facts.classify import ATTN, COLUMN_NAMES, HEAD, POS_EMBED, ROW_NAMES, Facts
+from tpflax._src.facts.classify import ATTN, COLUMN_NAMES, HEAD, POS_EMBED, Facts
 from tpflax._src.mesh import EXPERT, TENSOR, MeshShape
 from tpflax._src.planner.builders import (
     Linear,
@@ -43,6 +43,13 @@ from tpflax._src.planner.builders import (
 )
 from tpflax._src.planner.decision import Pair
 from tpflax._src.planner.leaf_groups import fsdp, shard_embedding, shard_output_head
+from tpflax._src.planner.roles import (
+    assign_roles,
+    attention_output,
+    fused_partners,
+    linear_view,
+    residual_widths,
+)
 
 
 def _natural(s: str) -> list:
@@ -58,7 +65,7 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options,
     """
     st = State(mesh, opts, forced=set(skip), first_pair=first_pair)
     todo = [f for f in facts if f.path not in st.forced]
-    widths, sure = _widths(facts)
+    widths, sure = residual_widths(facts)
     # Pairing looks at forced leaves too, so a forced partner still pairs its sibling.
     _pair_linears(st, facts, widths, sure)
     _experts(st, todo, widths)
@@ -73,120 +80,6 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options,
     return st.out, st.pairs
 
 
-# ---------------------------------------------------------------------------
-# residual width and linear layout
-
-def _widths(facts: Sequence[Facts]) -> tuple[set[int], bool]:
-    """``(residual widths, sure)``: embedding dims and the most common norm width.
-
-    Residual norms come twice per block (plus a final one); a norm inside the
-    FFN (NormFormer-style) comes once, so the most common width is the residual.
-    Sure when an embedding or two norms of one width say so.
-    """
-    widths = set()
-    norms: dict[int, int] = defaultdict(int)
-    for f in facts:
-        if f.kind == "norm" and f.body and f.leaf.collection in ("", "params") and f.name == "scale":
-            norms[f.body[-1]] += 1
-        elif f.kind == "embedding" and len(f.body) == 2 and not POS_EMBED.search(f.unit_name):
-            widths.add(f.body[-1])
-    sure = bool(widths)
-    if norms:
-        top = max(norms.values())
-        widths |= {w for w, n in norms.items() if n == top}
-        sure = sure or top >= 2
-    return widths, sure
-
-
-def role_name(f: Facts) -> str:
-    """The name that tells a layer's role: its own, or its parent's when its own is generic.
-
-    >>> from tpflax._src.facts.tree import Leaf
-    >>> leaf = Leaf("params/layer/attention/output/dense/kernel", (8, 8), "float32", 4)
-    >>> role_name(Facts(leaf, "dense", 0, "params/layer/attention/output/dense", ""))
-    'output'
-    """
-    name = f.unit_name
-    if COLUMN_NAMES.match(name) or ROW_NAMES.match(name):
-        return name
-    parent = f.unit.rsplit("/", 2)[-2] if f.unit.count("/") >= 1 else ""
-    # ``attention/output/dense``, ``intermediate/dense`` (BERT): the parent names the role.
-    return parent if COLUMN_NAMES.match(parent) or ROW_NAMES.match(parent) else name
-
-
-def _linear(f: Facts, siblings: Sequence[Facts], widths: set[int] = frozenset()) -> Linear:
-    body = f.body
-    name = role_name(f)
-    if len(body) == 2:
-        return Linear(f, (0,), (1,))
-    if len(body) == 4:  # an einsum stack (n, heads, d, head_dim): n projections of d side by side
-        return Linear(f, (2,), (1, 3), heads=1, role="column",
-                      why=f"stacked ({body[0]}, heads, d, head_dim) projection of d={body[2]}")
-    at = [i for i, n in enumerate(body) if n in widths]
-    if len(at) == 1:  # the residual width says where d is, whatever the layout's name
-        return [Linear(f, (0,), (1, 2), heads=1, role="column", why="layout (d, heads, head_dim)"),
-                Linear(f, (1,), (0, 2), heads=0, role="column", why="einsum layout (heads, d, head_dim)"),
-                Linear(f, (0, 1), (2,), heads=0, role="row", why="layout (heads, head_dim, d)")][at[0]]
-    # 3-D DenseGeneral: (d, heads, head_dim) projects in, (heads, head_dim, d) projects out.
-    if ROW_NAMES.match(name):
-        return Linear(f, (0, 1), (2,), heads=0, role="row", why=f"'{name}' is an output projection")
-    if COLUMN_NAMES.match(name):
-        return Linear(f, (0,), (1, 2), heads=1, role="column", why=f"'{name}' is an input projection")
-    for s in siblings:
-        if s is not f and len(s.body) == 3 and s.body[1:] == body[:2]:
-            return Linear(f, (0, 1), (2,), heads=0, role="row",
-                           why=f"layout (heads, head_dim, d) mirrors {short(s.path)}")
-    return Linear(f, (0,), (1, 2), heads=1, role="column", why="layout (d, heads, head_dim)")
-
-
-def _assign_roles(lins: list[Linear], widths: set[int], sure: bool = False) -> None:
-    """Decide column/row for 2-D kernels of one block, shapes first, names second."""
-    for lin in lins:
-        if lin.role is not None:
-            continue
-        name = role_name(lin.f)
-        i, o = lin.in_size, lin.out_size
-        named = "column" if COLUMN_NAMES.match(name) else ("row" if ROW_NAMES.match(name) else None)
-        if widths and (i in widths) != (o in widths):
-            by_shape = "column" if i in widths else "row"
-            if named and named != by_shape and len(lin.f.body) == 2 and sure:
-                # The name and the (in, out) reading disagree, and read (out, in) they
-                # agree: a Conv1D-style kernel stored transposed. Orient it by shape, so
-                # the split falls on its non-residual dim whichever way it is stored.
-                lin.in_dims, lin.out_dims = (1,), (0,)
-                lin.role = named
-                lin.doubt = (f"'{name}' reads as {named} and its shape ({i}, {o}) has the residual width "
-                             f"{sorted(widths)} on the {'output' if named == 'column' else 'input'} side: "
-                             "taken as stored (out, in) (pass model= to trace it)")
-                lin.why = (f"'{name}' is an {'input' if named == 'column' else 'output'} projection stored "
-                           f"(out, in) = ({i}, {o})")
-                continue
-            if named and named != by_shape:
-                # One norm of a width only (an FFN norm, NormFormer-style): the widths are
-                # a guess, the name the safer witness; the trace settles it.
-                lin.role = named
-                lin.doubt = (f"'{name}' reads as {named} but ({i} -> {o}) looks like {by_shape} against "
-                             f"the norm widths {sorted(widths)}; going by the name (pass model= to trace it)")
-                lin.why = f"'{name}' is an {'input' if named == 'column' else 'output'} projection ({i} -> {o})"
-                continue
-            lin.role = by_shape
-            lin.why = (f"({i} -> {o}) widens the residual width {i}" if lin.role == "column"
-                       else f"({i} -> {o}) narrows back to the residual width {o}")
-        elif COLUMN_NAMES.match(name):
-            lin.role, lin.why = "column", f"'{name}' is an input projection ({i} -> {o})"
-        elif ROW_NAMES.match(name):
-            lin.role, lin.why = "row", f"'{name}' is an output projection ({i} -> {o})"
-    # Without widths or names, a kernel whose mirror image is in the block pairs by shape.
-    for lin in lins:
-        if lin.role is not None or lin.in_size == lin.out_size:
-            continue
-        mirror = [m for m in lins if m is not lin and m.in_size == lin.out_size and m.out_size == lin.in_size]
-        if mirror:
-            lin.role = "column" if lin.in_size < lin.out_size else "row"
-            lin.why = (f"({lin.in_size} -> {lin.out_size}) is mirrored by {short(mirror[0].f.path)}; "
-                       f"the widening side is column")
-
-
 def _pair_linears(st: State, todo: Sequence[Facts], widths: set[int], sure: bool) -> None:
     groups: dict[str, list[Facts]] = defaultdict(list)
     for f in todo:
@@ -195,8 +88,9 @@ def _pair_linears(st: State, todo: Sequence[Facts], widths: set[int], sure: bool
     loose: dict[str, list[Linear]] = defaultdict(list)
     for group in sorted(groups, key=_natural):
         members = groups[group]
-        lins = [_linear(f, members, widths) for f in members]
-        _assign_roles(lins, widths, sure)
+        lins = [linear_view(f, members, widths) for f in members]
+        assign_roles(lins, widths, sure)
+        st.out_first.update(x.f.path for x in lins if len(x.f.body) == 2 and x.in_dims == (1,))
         _pool(loose, group, _pair_group(st, group, lins))
     # Blocks whose layers sit in sibling subtrees (``attention/self/query`` with
     # ``attention/output/dense``, ``intermediate/dense`` with ``output/dense``): what a
@@ -205,7 +99,7 @@ def _pair_linears(st: State, todo: Sequence[Facts], widths: set[int], sure: bool
         up: dict[str, list[Linear]] = defaultdict(list)
         for group in sorted(loose, key=_natural):
             lins = loose[group]
-            _assign_roles(lins, widths, sure)
+            assign_roles(lins, widths, sure)
             _pool(up, group, _pair_group(st, group, lins))
         loose = up
 
@@ -223,6 +117,8 @@ _INDEX = re.compile(r"^\D*?_?\d+$")
 
 def _pair_group(st: State, group: str, lins: list[Linear]) -> list[Linear]:
     """Pair the columns and rows of one block; returns the layers left unpaired."""
+    fused_partners(lins)
+    attention_output(lins, group)
     cols = [x for x in lins if x.role == "column" and not HEAD.match(x.f.unit_name)]
     rows = [x for x in lins if x.role == "row"]
     if not cols or not rows:
@@ -233,7 +129,7 @@ def _pair_group(st: State, group: str, lins: list[Linear]) -> list[Linear]:
             lin.doubt = ""
     matched: dict[int, list[Linear]] = {id(r): [] for r in rows}
     for c in cols:
-        fits = [r for r in rows if r.in_size == c.out_size]
+        fits = [r for r in rows if r.in_size * c.pieces == c.out_size]
         if fits:  # two MLPs in one block: a_up feeds a_down, not b_down; q_0 feeds o_0, not o_1
             best = max(fits, key=lambda r: (_common_prefix(r.f.unit_name, c.f.unit_name),
                                             _common_prefix(r.f.unit_name[::-1], c.f.unit_name[::-1])))
@@ -354,11 +250,13 @@ def _biases(st: State, todo: Sequence[Facts]) -> None:
         if f.kind != "bias" or f.path in st.out or k is None:
             continue
         p = st.out[k.path]
-        kbody = p.spec[k.stacked:]
+        kbody = k.body_of(p.spec)
         n = len(f.body)
         spec: tuple = (None,) * n
         # The bias matches the kernel's trailing (output) dims.
-        if n <= len(k.body) and tuple(k.body[-n:]) == tuple(f.body):
+        if k.path in st.out_first and f.body == k.body[:1]:  # (out, in): the bias is the output dim 0
+            spec = kbody[:1]
+        elif n <= len(k.body) and tuple(k.body[-n:]) == tuple(f.body):
             spec = (kbody[0], kbody[-1]) if k.kind == "expert" and n == 2 else tuple(kbody[-n:])
         bias_follows(st, f, spec, p, f"bias of {short(k.path)}")
 

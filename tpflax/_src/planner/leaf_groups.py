@@ -108,8 +108,8 @@ def fsdp(st: State, facts: Sequence[Facts]) -> None:
             continue
         if used_axes(p.spec) & set(entry_axes(f_entry)):
             continue
-        free = [d for d in range(f.stacked, len(f.leaf.shape))
-                if p.spec[d] is None and f.leaf.shape[d] % f_size == 0]
+        free = [d for d in range(len(f.leaf.shape)) if d != f.layers_dim
+                and p.spec[d] is None and f.leaf.shape[d] % f_size == 0]
         if not free:
             st.out[f.path] = replace(p, reason=p.reason + f"; no free dim divisible by "
                                                            f"{axis_label(f_entry, f_size)} for fsdp")
@@ -118,7 +118,7 @@ def fsdp(st: State, facts: Sequence[Facts]) -> None:
         spec = list(p.spec)
         spec[dim] = f_entry
         on = replace(p, spec=tuple(spec), strategy="fsdp" if p.strategy == "replicate" else p.strategy, fsdp=True,
-                     reason=p.reason + f"; fsdp: dim {dim - f.stacked} ({f.leaf.shape[dim]}) split over "
+                     reason=p.reason + f"; fsdp: dim {f.body_dim(dim)} ({f.leaf.shape[dim]}) split over "
                                        f"{axis_label(f_entry, f_size)}" +
                             ("" if by_cost else f" (leaf {f.leaf.nbytes} B >= fsdp_min_bytes)"))
         if by_cost:

@@ -24,7 +24,7 @@ from typing import Any
 import jax
 
 from tpflax._src.errors import OptionError, RuleError
-from tpflax._src.facts.classify import HEAD, Facts, classify, layer_group
+from tpflax._src.facts.classify import HEAD, Facts, classify, layer_group, stacked_patterns
 from tpflax._src.facts.tree import walk
 from tpflax._src.mesh import EXPERT, FSDP, TENSOR, MeshShape, mesh_shape
 from tpflax._src.planner import heuristics
@@ -65,7 +65,7 @@ def _check_options(**values: Any) -> None:
 
 def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tuple[str, Any]] | None = None,
          axis_roles: Mapping[str, str] | None = None, fsdp_min_bytes: int | None = None,
-         min_channels: int = 64, tensor_min_bytes: int = 0, stacked: str | None = None,
+         min_channels: int = 64, tensor_min_bytes: int = 0, stacked: str | Mapping[str, int] | None = None,
          use_annotations: bool = True, model: Any = None, sample: Any = None, hardware: Any = None,
          batch: Any = None, device_memory: Any = None) -> Plan:
     """Plan a PartitionSpec for every leaf of ``tree``.
@@ -85,7 +85,9 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
             None (the default): the chooser decides every leaf's fsdp split by cost.
         min_channels: conv chains narrower than this stay replicated.
         tensor_min_bytes: column/row pairs whose kernels are all smaller stay replicated.
-        stacked: regex forcing leaves to be treated as ``nn.scan`` stacks.
+        stacked: regex forcing leaves to be treated as ``nn.scan`` stacks, their layers dim first;
+            ``"regex:1"`` or ``{regex: 1}`` for a layers dim at index 1 (``nn.scan(...,
+            variable_axes={'params': 1})``, MaxText's ``param_scan_axis=1``).
         use_annotations: honour flax partitioning metadata.
         model: a linen ``nn.Module``, an ``nnx.Module`` or a ``tpflax.zoo`` model
             whose forward pass is traced (abstractly) to decide column/row pairs,
@@ -147,9 +149,12 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
 def _check_stacked_and_logical(stacked: Any, logical_rules: Any) -> None:
     if stacked is not None:
         try:
-            re.compile(stacked)
-        except (re.error, TypeError) as e:
-            raise RuleError(f"stacked={stacked!r} is not a regex ({e}); pass e.g. stacked=r'layers'") from None
+            dims = [d for _, d in stacked_patterns(stacked)]
+        except (re.error, TypeError, ValueError, AttributeError) as e:
+            raise RuleError(f"stacked={stacked!r} is not a regex, 'regex:dim' or {{regex: dim}} ({e}); pass e.g. "
+                            "stacked=r'layers' or stacked={'layers': 1}") from None
+        if any(d < 0 for d in dims):
+            raise RuleError(f"stacked={stacked!r}: a layers dim must be >= 0; pass e.g. stacked={{'layers': 1}}")
     if logical_rules is not None:
         bad = [f"logical_rules[{i}] = {r!r} is not a (logical name, mesh axes) pair"
                for i, r in enumerate(logical_rules) if not (isinstance(r, (tuple, list)) and len(r) == 2)]

@@ -96,7 +96,7 @@ def _parse_target(i: int, rx: re.Pattern, target: Any, mesh: MeshShape) -> tuple
 def forced_strategy(f: Facts, strategy: str, mesh: MeshShape) -> tuple[tuple[Entry, ...] | None, str]:
     """Spec for a strategy forced by a user rule, or (None, why not)."""
     t_entry, t_size = mesh.group(TENSOR)
-    body, k = f.body, f.stacked
+    body = f.body
     if strategy == "replicate":
         return (None,) * len(f.leaf.shape), ""
 
@@ -109,7 +109,7 @@ def forced_strategy(f: Facts, strategy: str, mesh: MeshShape) -> tuple[tuple[Ent
         if body[d] % size:
             return None, f"dim {d} ({body[d]}) is not divisible by {describe(entry, mesh)}"
         spec = [None] * len(f.leaf.shape)
-        spec[k + d] = entry
+        spec[f.leaf_dim(d)] = entry
         return tuple(spec), ""
 
     if strategy in ("column", "channel"):
@@ -224,7 +224,7 @@ def force(facts: Sequence[Facts], rules: Sequence[UserRule], mesh: MeshShape, us
         hits = [r for r in rules if r.pattern.search(f.path)]
         for r in hits:
             matched[r.index].append(f.path)
-        layers_dim = 0 if f.stacked else None
+        layers_dim = f.layers_dim
         if hits:
             proposal, errs = _from_rule(f, hits[0], mesh)
             problems += errs

@@ -1,0 +1,95 @@
+"""One use per weight for weights the forward pass contracts several times alike.
+
+Two layouts make one parameter show up as several contractions of the same
+dims in the trace, and both are still one column or row of a pair:
+
+* **sliced**: ``for i in range(E): x @ w[i]`` (experts in a Python loop): each
+  use reads one slice, so the uses leave the indexed dims out;
+* **repeated**: one layer called N times (ALBERT's shared layer group,
+  Universal Transformers): each call contracts the whole weight at the same
+  place in its call's dataflow (the same partners, over the same dims).
+
+:func:`merge_uses` folds such uses into the first, so the dataflow rules pair
+the weight once; a split then holds in every call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+
+from tpflax._src.trace.dataflow import Dataflow, Edge, Use
+
+CONTRACT = ("dot", "conv")
+
+
+def _position(flow: Dataflow, uid: int, inside: set[str]) -> tuple:
+    """Where a use sits in its call: its partners inside the repeated layer, and the dims."""
+    outs = frozenset((e.src_dim, e.dst, e.dst_dim) for e in flow.edges if e.src_use == uid and e.dst in inside)
+    ins = frozenset((e.src, e.src_dim, e.dst_dim) for e in flow.edges if e.dst_use == uid and e.src in inside)
+    return outs, ins
+
+
+def repeated(flow: Dataflow, uses: Sequence[Use], inside: set[str]) -> bool:
+    """Uses of one weight at the same place of N calls of its layer (with a partner there).
+
+    ``inside``: the weights contracted as often, the layer's own. Edges to other
+    weights differ from call to call (the first call reads the embedding's
+    projection, the others the previous call's output) and are not compared.
+    """
+    first = _position(flow, uses[0].id, inside)
+    return bool(first[0] or first[1]) and all(_position(flow, u.id, inside) == first for u in uses[1:])
+
+
+def merge_uses(flow: Dataflow, shapes: Mapping[str, tuple[int, ...]]) -> Dataflow:
+    """One use for a parameter contracted once per slice or once per call of its layer.
+
+    The uses must all read the same dims. Sliced uses leave out the indexed
+    dims (experts in a loop); repeated uses sit at the same place of each call
+    (see :func:`repeated`). A weight used alike in unrelated places (a tied
+    projection used twice) keeps its uses. The other uses become ``alias:<first
+    id>`` (``repeat:<first id>`` for repeated ones) and their edges, escapes and outputs move to the first.
+
+    >>> u = [Use(0, "w", "dot", (1,), (2,)), Use(1, "w", "dot", (1,), (2,))]
+    >>> f = Dataflow(("w",), tuple(u), (), {}, frozenset({(1, 2)}), frozenset(), {}, frozenset(), {})
+    >>> g = merge_uses(f, {"w": (2, 8, 16)})
+    >>> g.uses[1].op, sorted(g.outputs)
+    ('alias:0', [(0, 2)])
+    """
+    by_path: dict[str, list[Use]] = defaultdict(list)
+    for u in flow.uses:
+        if u.op in CONTRACT:
+            by_path[u.path].append(u)
+    alias: dict[int, int] = {}
+    tag: dict[int, str] = {}
+    for path, us in by_path.items():
+        shape = shapes.get(path, ())
+        covered = set(us[0].contracted) | set(us[0].kept) | set(us[0].batch)
+        missing = [d for d in range(len(shape)) if d not in covered]
+        same = all((u.op, u.contracted, u.kept, u.batch) == (us[0].op, us[0].contracted, us[0].kept,
+                                                              us[0].batch) for u in us)
+        sliced = bool(missing) and len(us) <= math.prod(shape[d] for d in missing)
+        inside = {p for p, vs in by_path.items() if len(vs) == len(us)}
+        if len(us) > 1 and same and (sliced or (not missing and repeated(flow, us, inside))):
+            alias.update({u.id: us[0].id for u in us[1:]})
+            tag.update({u.id: "alias" if sliced else "repeat" for u in us[1:]})
+    if not alias:
+        return flow
+
+    def a(uid: int) -> int:
+        return alias.get(uid, uid)
+
+    edges: dict[tuple, Edge] = {}
+    for e in flow.edges:
+        e2 = dataclasses.replace(e, src_use=a(e.src_use), dst_use=a(e.dst_use))
+        edges.setdefault((e2.src_use, e2.src_dim, e2.dst_use, e2.dst_dim), e2)
+    uses = tuple(dataclasses.replace(u, op=f"{tag[u.id]}:{alias[u.id]}") if u.id in alias else u for u in flow.uses)
+    return dataclasses.replace(
+        flow, uses=uses, edges=tuple(edges.values()),
+        escapes={(a(k[0]), k[1]): v for k, v in flow.escapes.items()},
+        outputs=frozenset((a(u), d) for u, d in flow.outputs),
+        recurrent=frozenset(a(u) for u in flow.recurrent),
+        biases={p: (a(u), al) for p, (u, al) in flow.biases.items()},
+        fused={(a(k[0]), k[1]): v for k, v in flow.fused.items()})

@@ -1,0 +1,227 @@
+"""The linear-layer view of a block's kernels: residual width, layout and column/row role.
+
+The tree heuristics (:mod:`tpflax._src.planner.heuristics`) pair what these
+functions orient: which dims a kernel reads and writes (its layout, from the
+residual width, names and siblings) and whether it widens the residual stream
+(column) or narrows it back (row). Fused kernels (``query_key_value``,
+``c_attn``: several projections side by side in one output dim) are found here
+and given their block's output projection as partner.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+
+from tpflax._src.facts.classify import ATTN, COLUMN_NAMES, POS_EMBED, ROW_NAMES, Facts
+from tpflax._src.planner.builders import Linear, short
+
+
+def residual_widths(facts: Sequence[Facts]) -> tuple[set[int], bool]:
+    """``(residual widths, sure)``: embedding dims and the most common norm width.
+
+    Residual norms come twice per block (plus a final one); a norm inside the
+    FFN (NormFormer-style) comes once, so the most common width is the residual.
+    Sure when an embedding or two norms of one width say so.
+    """
+    widths = set()
+    norms: dict[int, int] = defaultdict(int)
+    for f in facts:
+        if f.kind == "norm" and f.body and f.leaf.collection in ("", "params") and f.name == "scale":
+            norms[f.body[-1]] += 1
+        elif f.kind == "embedding" and len(f.body) == 2 and not POS_EMBED.search(f.unit_name):
+            widths.add(f.body[-1])
+    sure = bool(widths)
+    if norms:
+        top = max(norms.values())
+        widths |= {w for w, n in norms.items() if n == top}
+        sure = sure or top >= 2
+    return widths, sure
+
+
+def role_name(f: Facts) -> str:
+    """The name that tells a layer's role: its own, or its parent's when its own is generic.
+
+    >>> from tpflax._src.facts.tree import Leaf
+    >>> leaf = Leaf("params/layer/attention/output/dense/kernel", (8, 8), "float32", 4)
+    >>> role_name(Facts(leaf, "dense", 0, "params/layer/attention/output/dense", ""))
+    'output'
+    """
+    name = f.unit_name
+    if COLUMN_NAMES.match(name) or ROW_NAMES.match(name):
+        return name
+    parent = f.unit.rsplit("/", 2)[-2] if f.unit.count("/") >= 1 else ""
+    # ``attention/output/dense``, ``intermediate/dense`` (BERT): the parent names the role.
+    return parent if COLUMN_NAMES.match(parent) or ROW_NAMES.match(parent) else name
+
+
+def linear_view(f: Facts, siblings: Sequence[Facts], widths: set[int] = frozenset()) -> Linear:
+    body = f.body
+    name = role_name(f)
+    if len(body) == 2:
+        return Linear(f, (0,), (1,))
+    if len(body) == 4:  # an einsum stack (n, heads, d, head_dim): n projections of d side by side
+        return Linear(f, (2,), (1, 3), heads=1, role="column",
+                      why=f"stacked ({body[0]}, heads, d, head_dim) projection of d={body[2]}")
+    at = [i for i, n in enumerate(body) if n in widths]
+    if len(at) == 1:  # the residual width says where d is, whatever the layout's name
+        return [Linear(f, (0,), (1, 2), heads=1, role="column", why="layout (d, heads, head_dim)"),
+                Linear(f, (1,), (0, 2), heads=0, role="column", why="einsum layout (heads, d, head_dim)"),
+                Linear(f, (0, 1), (2,), heads=0, role="row", why="layout (heads, head_dim, d)")][at[0]]
+    # 3-D DenseGeneral: (d, heads, head_dim) projects in, (heads, head_dim, d) projects out.
+    if ROW_NAMES.match(name):
+        return Linear(f, (0, 1), (2,), heads=0, role="row", why=f"'{name}' is an output projection")
+    if COLUMN_NAMES.match(name):
+        return Linear(f, (0,), (1, 2), heads=1, role="column", why=f"'{name}' is an input projection")
+    for s in siblings:
+        if s is not f and len(s.body) == 3 and s.body[1:] == body[:2]:
+            return Linear(f, (0, 1), (2,), heads=0, role="row",
+                           why=f"layout (heads, head_dim, d) mirrors {short(s.path)}")
+    return Linear(f, (0,), (1, 2), heads=1, role="column", why="layout (d, heads, head_dim)")
+
+
+def assign_roles(lins: list[Linear], widths: set[int], sure: bool = False) -> None:
+    """Decide column/row for 2-D kernels of one block, shapes first, names second."""
+    for lin in lins:
+        if lin.role is not None:
+            continue
+        name = role_name(lin.f)
+        i, o = lin.in_size, lin.out_size
+        named = "column" if COLUMN_NAMES.match(name) else ("row" if ROW_NAMES.match(name) else None)
+        if widths and (i in widths) != (o in widths):
+            by_shape = "column" if i in widths else "row"
+            if named and named != by_shape and len(lin.f.body) == 2 and sure:
+                # The name and the (in, out) reading disagree, and read (out, in) they
+                # agree: a Conv1D-style kernel stored transposed. Orient it by shape, so
+                # the split falls on its non-residual dim whichever way it is stored.
+                lin.in_dims, lin.out_dims = (1,), (0,)
+                lin.role = named
+                lin.doubt = (f"'{name}' reads as {named} and its shape ({i}, {o}) has the residual width "
+                             f"{sorted(widths)} on the {'output' if named == 'column' else 'input'} side: "
+                             "taken as stored (out, in) (pass model= to trace it)")
+                lin.why = (f"'{name}' is an {'input' if named == 'column' else 'output'} projection stored "
+                           f"(out, in) = ({i}, {o})")
+                continue
+            if named and named != by_shape:
+                # One norm of a width only (an FFN norm, NormFormer-style): the widths are
+                # a guess, the name the safer witness; the trace settles it.
+                lin.role = named
+                lin.doubt = (f"'{name}' reads as {named} but ({i} -> {o}) looks like {by_shape} against "
+                             f"the norm widths {sorted(widths)}; going by the name (pass model= to trace it)")
+                lin.why = f"'{name}' is an {'input' if named == 'column' else 'output'} projection ({i} -> {o})"
+                continue
+            lin.role = by_shape
+            lin.why = (f"({i} -> {o}) widens the residual width {i}" if lin.role == "column"
+                       else f"({i} -> {o}) narrows back to the residual width {o}")
+        elif COLUMN_NAMES.match(name):
+            lin.role, lin.why = "column", f"'{name}' is an input projection ({i} -> {o})"
+        elif ROW_NAMES.match(name):
+            lin.role, lin.why = "row", f"'{name}' is an output projection ({i} -> {o})"
+    _square_like_flipped(lins)
+    # Without widths or names, a kernel whose mirror image is in the block pairs by shape.
+    for lin in lins:
+        if lin.role is not None or lin.in_size == lin.out_size:
+            continue
+        mirror = [m for m in lins if m is not lin and m.in_size == lin.out_size and m.out_size == lin.in_size]
+        if mirror:
+            lin.role = "column" if lin.in_size < lin.out_size else "row"
+            lin.why = (f"({lin.in_size} -> {lin.out_size}) is mirrored by {short(mirror[0].f.path)}; "
+                       f"the widening side is column")
+
+
+
+
+def _square_like_flipped(lins: list[Linear]) -> None:
+    """Square kernels of a block whose other kernels are stored (out, in) are stored so too.
+
+    A square ``(d, d)`` kernel cannot be oriented by its shape; a Conv1D-style
+    model (GPT-2's ``c_attn``/``c_proj``) stores every kernel alike, so the
+    block's oriented kernels say how.
+    """
+    flipped = [x for x in lins if len(x.f.body) == 2 and x.in_dims == (1,) and x.in_size != x.out_size]
+    if not flipped:
+        return
+    for lin in lins:
+        if len(lin.f.body) == 2 and lin.in_dims == (0,) and lin.in_size == lin.out_size:
+            lin.in_dims, lin.out_dims = (1,), (0,)
+            lin.why += f"; stored (out, in) like {short(flipped[0].f.path)}"
+
+
+FUSED_NAMES = re.compile(r"^(qkv|query_key_value|c_attn|wqkv|w_pack|in_proj|qkv_proj|fused_qkv|kv|kv_proj|wkv|"
+                         r"gate_up|gate_up_proj|w13)$", re.I)
+
+
+def fused_partners(lins: list[Linear]) -> None:
+    """Pair a fused kernel ``(d, k*p)`` (k = 2 or 3) with its block's output projection ``(p, d)``.
+
+    A fused kernel (``query_key_value``, ``c_attn``, ``Wqkv``...) holds k
+    projections side by side in its output dim, and the model cuts that output
+    into k pieces after the matmul, so no kernel of the block reads all ``k*p``
+    features and the usual ``out == in`` match finds no row. Its partner is the
+    kernel that projects one piece's width ``p`` back to the residual width ``d``.
+    Splitting the fused dim contiguously and the partner's input alike is a
+    Megatron pair whatever the layout; a ``(heads, k, head_dim)`` layout
+    (BLOOM) is head-aligned, a ``[q|k|v]`` one is resharded by XLA after the cut.
+
+    >>> from tpflax._src.facts.tree import Leaf
+    >>> def lin(path, shape, role=None):
+    ...     f = Facts(Leaf(path, shape, "float32", 4), "dense", 0, path.rsplit("/", 1)[0], "a")
+    ...     return Linear(f, (0,), (1,), role=role)
+    >>> qkv, out = lin("a/query_key_value/kernel", (64, 192), "column"), lin("a/dense/kernel", (64, 64))
+    >>> fused_partners([qkv, out])
+    >>> qkv.pieces, out.role
+    (3, 'row')
+    """
+    for c in lins:
+        if c.role != "column" or len(c.f.body) != 2 or any(r.role == "row" and r.in_size == c.out_size
+                                                          for r in lins):
+            continue
+        fits = [m for m in lins if m is not c and len(m.f.body) == 2 and m.role != "column"
+                and m.out_size == c.in_size and c.out_size % m.in_size == 0 and c.out_size // m.in_size in (2, 3)]
+        # Several layers in one flat block (``attn_0``, ``proj_0``, ``attn_1``...): the closest name.
+        for m in sorted(fits, key=lambda m: _affinity(m.f.unit_name, c.f.unit_name), reverse=True)[:1]:
+            k = c.out_size // m.in_size
+            name = role_name(c.f)
+            by = f"'{name}' names a fused kernel" if FUSED_NAMES.match(name) else "by shape"
+            c.pieces = k
+            stored = "; stored (out, in)" if c.in_dims == (1,) else ""
+            c.why = (f"fused ({by}): ({c.in_size} -> {c.out_size}) holds {k} projections of {m.in_size} side by "
+                     f"side, cut apart after the matmul; the fused dim is split contiguously, which keeps whole "
+                     f"heads on each rank only for a (heads, {k}, head_dim) layout (BLOOM): a [q|k|v] layout is "
+                     f"resharded by XLA after the cut (pass model= to trace it){stored}")
+            if m.role is None:
+                m.role = "row"
+                m.why = (f"({m.in_size} -> {m.out_size}) projects one piece of the fused {short(c.f.path)} back "
+                         "to the residual width")
+
+
+def _affinity(a: str, b: str) -> tuple[int, int]:
+    return len(os.path.commonprefix([a, b])), len(os.path.commonprefix([a[::-1], b[::-1]]))
+
+
+def attention_output(lins: list[Linear], group: str) -> None:
+    """The one unnamed square kernel of an attention block with q/k/v columns and no row is its output.
+
+    ALBERT's ``attention/{query,key,value,dense}``: ``dense`` (d, d) can be
+    neither oriented by shape nor named; the columns' output width is its input.
+
+    >>> from tpflax._src.facts.tree import Leaf
+    >>> def lin(name, role=None):
+    ...     path = f"l/attention/{name}/kernel"
+    ...     return Linear(Facts(Leaf(path, (64, 64), "float32", 4), "dense", 0, path[:-7], "l/attention"),
+    ...                   (0,), (1,), role=role)
+    >>> q, out = lin("query", "column"), lin("dense")
+    >>> attention_output([q, out], "l/attention")
+    >>> out.role
+    'row'
+    """
+    if not ATTN.search(group.rsplit("/", 1)[-1]) or any(x.role == "row" for x in lins):
+        return
+    free = [m for m in lins if m.role is None and len(m.f.body) == 2 and m.in_size == m.out_size]
+    cols = [c for c in lins if c.role == "column" and len(free) == 1 and c.out_size == free[0].in_size]
+    if cols:
+        free[0].role = "row"
+        free[0].why = (f"the one unnamed ({free[0].in_size} -> {free[0].out_size}) kernel of an attention block "
+                       f"whose columns ({', '.join(role_name(c.f) for c in cols)}) produce its input width")
