@@ -12,7 +12,7 @@ from typing import Any
 
 from jax.sharding import PartitionSpec
 
-from tpflax._src.mesh import MeshShape
+from tpflax._src.mesh import FSDP, MeshShape, batch_axes
 
 Entry = Any  # None | str | tuple[str, ...]
 
@@ -115,10 +115,16 @@ def without_axes(spec: Any, axes: set[str] | frozenset[str]) -> PartitionSpec:
 
 
 def fsdp_axes(plan: Any) -> frozenset[str]:
-    """The plan's fsdp-role mesh axes of size > 1 (what ZeRO-3 gathers for compute)."""
-    from tpflax._src.mesh import FSDP
+    """The axes ZeRO-3 gathers for compute: fsdp-role axes, and batch axes that split a parameter.
 
-    return frozenset(a for a, r in dict(plan.mesh.roles).items() if r == FSDP and plan.mesh.sizes[a] > 1)
+    A parameter split over an axis the batch is also split over (a pure-FSDP
+    plan on a ``data`` axis, a rule naming ``data``) must be whole along it
+    for each shard of the batch, exactly as over an fsdp axis.
+    """
+    batch = set(batch_axes(plan.mesh))
+    used = {a for d in plan.decisions.values() for a in used_axes(d.spec)}
+    return frozenset(a for a, r in dict(plan.mesh.roles).items()
+                     if a in batch and (r == FSDP or a in used))
 
 
 def spec_to_json(spec: Sequence[Entry]) -> list[Any]:
