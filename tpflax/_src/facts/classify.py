@@ -30,13 +30,29 @@ RECURRENT = re.compile(r"(lstm|gru|rnn|cell|recurrent|mgu)", re.I)
 HEAD = re.compile(r"^(head|lm_head|logits|output|classifier|unembed|out_head|output_projection)$", re.I)
 # Column-parallel names (producers of the hidden/feature dim) and row-parallel
 # names (consumers); used only when shapes cannot decide.
-COLUMN_NAMES = re.compile(
+class _Names:
+    """A name pattern that also matches the name without a layer-kind affix (``q_lin`` as ``q``).
+
+    >>> ROW_NAMES.match("out_lin") is not None, COLUMN_NAMES.match("linear_q") is not None
+    (True, True)
+    """
+
+    _AFFIX = re.compile(r"^(?:lin|linear|dense|proj|layer)_(?=\w)|(?<=\w)_(?:lin|linear|dense|layer|weight)$", re.I)
+
+    def __init__(self, pattern: str) -> None:
+        self.rx = re.compile(pattern, re.I)
+
+    def match(self, name: str) -> re.Match | None:
+        return self.rx.match(name) or self.rx.match(self._AFFIX.sub("", name))
+
+
+COLUMN_NAMES = _Names(
     r"^(q|k|v|qkv|query|key|value|q_proj|k_proj|v_proj|kv_proj|qkv_proj|c_attn|in_proj|wq|wk|wv|"
     r"up|gate|up_proj|gate_proj|fc1|fc_1|c_fc|fc_in|wi|wi_0|wi_1|w1|w3|intermediate|dense_h_to_4h|"
-    r"linear1|lin1|ff1|ffn_up|mlp_up|in|input_proj|proj_in|gate_up)$", re.I)
-ROW_NAMES = re.compile(
+    r"linear1|lin1|ff1|ffn_up|mlp_up|in|input_proj|proj_in|gate_up)$")
+ROW_NAMES = _Names(
     r"^(o|out|o_proj|out_proj|c_proj|proj|wo|w2|down|down_proj|fc2|fc_2|fc_out|dense_4h_to_h|"
-    r"linear2|lin2|ff2|ffn_down|mlp_down|output|dense_out|proj_out|attn_out)$", re.I)
+    r"linear2|lin2|ff2|ffn_down|mlp_down|output|dense_out|proj_out|attn_out)$")
 SCAN_NAMES = re.compile(r"(layers|scan|stack|stacked|blocks|repeat|scanned)", re.I)
 KERNEL_LEAVES = frozenset({"kernel", "w", "weight", "weights"})
 
