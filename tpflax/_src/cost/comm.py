@@ -77,6 +77,7 @@ class Scope:
     activations: Mapping[str, Sequence[Act]]
     config: Any
     tied: frozenset[str] | None = None  # traced tied tables (None: not traced)
+    parts: Mapping[str, int] | None = None  # traced gradient parts (see cost.workload.traced_uses)
 
     @functools.cached_property
     def rows_local(self) -> float:
@@ -130,14 +131,17 @@ def _gradient_items(s: Scope) -> list[CommItem]:
         if not d.trainable:
             continue
         reps, k, label = steps if d.unit in s.lv.recurrent else 1, s.lv.count[path], s.lv.label[path]
-        tied = is_tied(path, d, s)
+        # measured: XLA reduces the partial gradient of each whole use apart (a tied table's lookup
+        # and logits, a layer called twice), then adds them
+        parts = s.parts.get(path, 1) if s.parts is not None else (2 if is_tied(path, d, s) else 1)
         for kind, axes, size, n, count, why in _gradient_templates(
                 s.lv.specs[path], s.mesh, s.batch_axes, s.leaf_bytes(path, d), leaf_itemsize(d), s.g_item,
                 s.backend, reps):
             items.append(CommItem(kind, axes, size, n, count * k, label, why))
-            if tied and kind != "all-gather":  # measured: XLA reduces the lookup's and the logits' gradients apart
-                items.append(CommItem(kind, axes, size, n, count * k, label,
-                                      "tied embedding: its second gradient (the logits') is reduced separately"))
+            if parts > 1 and kind != "all-gather":
+                items.append(CommItem(kind, axes, size, n, count * k * (parts - 1), label,
+                                      f"used whole {parts} times (a tied table's lookup and logits, a shared "
+                                      "layer): each use's gradient is reduced separately"))
     return items
 
 
@@ -195,7 +199,9 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
         if not axes:
             continue
         n = s.size(axes)
-        count = max(_layers(dec[p]) for p in cols + rows) * pc.count
+        # a layer called several times (shared weights, ALBERT) sums its partial outputs at each call
+        calls = max((s.parts or {}).get(p, 1) for p in cols + rows)
+        count = max(_layers(dec[p]) for p in cols + rows) * pc.count * calls
         source = f"pair {pc.id}" + (f" and {pc.count - 1} alike" if pc.count > 1 else "")
         for r in rows:
             if s.axes(r, TENSOR):

@@ -37,6 +37,7 @@ class Workload:
         remat, backend, dispatch: as :func:`tpflax.estimate` takes them.
         act_item, g_item: activation and gradient bytes per element (g_item None: the parameter's).
         settings: what the estimate reports it used.
+        tied, parts: from the traced forward (see :func:`traced_uses`); None untraced.
     """
 
     batch: Batch
@@ -50,6 +51,7 @@ class Workload:
     g_item: int | None
     settings: Mapping[str, Any]
     tied: frozenset[str] | None = None
+    parts: Mapping[str, int] | None = None
 
 
 def _check_options(act_dtype: Any, grad_dtype: Any, backend: str, expert_dispatch: str) -> None:
@@ -86,7 +88,9 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
         activations = trace_activations(m, b.size)
     activations = activations or {}
     # without linen layers there is no ``attend`` call to see: the dataflow says which table is tied
-    tied = tied_tables(m) if m is not None and not activations else None
+    shapes = {p: tuple(d.shape) for p, d in plan.decisions.items()}
+    tied, parts = traced_uses(m, shapes) if m is not None else (None, None)
+    tied = tied if not activations else None
     remat = bool(remat or config_value(config, "remat", False))  # e.g. nn.remat'd scanned layers
     opt = opt_layout(plan, optimizer) if optimizer is not None else None
     name = (optimizer_name or name_of(optimizer)) if optimizer is not None else "none"
@@ -96,20 +100,27 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
     return Workload(batch=b, config=config, activations=activations, opt=opt, remat=remat, backend=backend,
                     dispatch=expert_dispatch, act_item=itemsize(b.act_dtype),
                     g_item=itemsize(dtype_name(grad_dtype)) if grad_dtype is not None else None,
-                    settings=settings, tied=tied)
+                    settings=settings, tied=tied, parts=parts)
 
 
-def tied_tables(m: Any) -> frozenset[str] | None:
-    """Paths of lookup tables the traced forward also contracts (the logits of a tied embedding).
+def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> tuple[frozenset[str] | None, Mapping[str, int] | None]:
+    """(tied tables, gradient parts) from the traced forward; (None, None) when it cannot be traced.
 
-    None when the model cannot be traced (the estimate then guesses from the config's vocabulary).
+    Tied tables are lookup tables the forward also contracts (the logits of a
+    tied embedding). Gradient parts: ``{path: n}`` for parameters used whole
+    (every dim read) by ``n > 1`` separate contractions or lookups, a tied table
+    or a layer called twice (ALBERT): each use yields its own partial gradient,
+    and XLA reduces each over the batch axes before adding them (measured).
+    Uses of slices (experts indexed in a loop, a scan's layers) are one part.
 
     >>> import jax, jax.numpy as jnp
     >>> from tpflax._src.model import as_model
     >>> emb = jax.ShapeDtypeStruct((10, 4), "float32")
     >>> fn = lambda v, ids: v["emb"][ids] @ v["emb"].T
-    >>> sorted(tied_tables(as_model(fn, (jax.ShapeDtypeStruct((2, 3), "int32"),), {"emb": emb})))
-    ['emb']
+    >>> tied, parts = traced_uses(as_model(fn, (jax.ShapeDtypeStruct((2, 3), "int32"),), {"emb": emb}),
+    ...                           {"emb": (10, 4)})
+    >>> sorted(tied), parts
+    (['emb'], {'emb': 2})
     """
     from tpflax._src.errors import TraceError
     from tpflax._src.trace.dataflow import dataflow
@@ -117,11 +128,16 @@ def tied_tables(m: Any) -> frozenset[str] | None:
     try:
         flow = dataflow(m)
     except TraceError:
-        return None
-    uses: dict[str, set[str]] = {}
+        return None, None
+    ops: dict[str, set[str]] = {}
+    whole: dict[str, int] = {}
     for u in flow.uses:
-        uses.setdefault(u.path, set()).add(u.op)
-    return frozenset(p for p, ops in uses.items() if ops & {"gather", "onehot"} and "dot" in ops)
+        ops.setdefault(u.path, set()).add(u.op)
+        read = set(u.contracted) | set(u.kept) | set(u.batch)
+        if u.path not in flow.scanned and len(read) == len(shapes.get(u.path, ())):
+            whole[u.path] = whole.get(u.path, 0) + 1
+    tied = frozenset(p for p, o in ops.items() if o & {"gather", "onehot"} and "dot" in o)
+    return tied, {p: n for p, n in whole.items() if n > 1}
 
 
 def _model(plan, model: Any, sample: Any):
