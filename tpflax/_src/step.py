@@ -18,14 +18,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from tpflax._src.cost.optstate import opt_state_specs, split_params
 from tpflax._src.errors import OptionError, PlanMismatchError
+from tpflax._src.facts.tree import walk
 from tpflax._src.mesh import batch_pspec
 from tpflax._src.model import Model, as_model, is_zoo
+from tpflax._src.planner.decision import Decision
 from tpflax._src.planner.state import planned_tree
-from tpflax._src.specs import fsdp_axes, without_axes
+from tpflax._src.scan_fsdp import StackTarget, gather_stacks_in_scans
+from tpflax._src.specs import entries, fsdp_axes, to_pspec, without_axes
 
 
 @dataclass(frozen=True)
@@ -225,15 +229,15 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
     var_specs = plan.specs_for(variables)
     var_sh, opt_sh = named_shardings(mesh, var_specs), named_shardings(mesh, opt_specs)
     batch_sh = batch_shardings(plan, mesh, abstract_batch)
-    gather = fsdp_gather(plan, mesh, split_params(plan, var_specs)[0]) if gather_fsdp else None
+    gather = fsdp_gather(plan, mesh, split_params(plan, plan_decisions(plan, variables))[0]) if gather_fsdp else None
 
     def step(variables, opt_state, batch):
         params, merge = split_params(plan, variables)
 
         def loss_fn(p):
-            return loss_of(merge(variables, gather(p) if gather is not None else p), batch)
+            return loss_of(merge(variables, p), batch)
 
-        value, grads = jax.value_and_grad(loss_fn)(params)
+        value, grads = jax.value_and_grad(gather(loss_fn) if gather is not None else loss_fn)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return merge(variables, optax.apply_updates(params, updates)), opt_state, value
 
@@ -243,20 +247,54 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
     return TrainStep(step, args, (var_sh, opt_sh, batch_sh), (var_sh, opt_sh, loss_sh))
 
 
-def fsdp_gather(plan, mesh, param_specs: Any) -> Callable[[Any], Any] | None:
-    """``params -> params`` constrained to their specs without fsdp axes, or None without fsdp."""
+def plan_decisions(plan, tree: Any) -> Any:
+    """``tree`` with each leaf (or flax box) replaced by its plan Decision."""
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec
+
+    leaves, treedef = walk(tree)
+    return jax.tree_util.tree_unflatten(treedef, [plan.decisions[x.path] for x in leaves])
+
+
+def fsdp_gather(plan, mesh, decisions: Any) -> Callable[[Callable[[Any], Any]], Callable[[Any], Any]] | None:
+    """``loss(params) -> loss(params gathered for compute)`` (ZeRO-3), or None without fsdp.
+
+    A leaf is constrained to its spec without the fsdp axes. A stacked leaf
+    (``Decision.layers_dim``) is gathered one layer at a time inside the scan
+    that reads it (:func:`tpflax._src.scan_fsdp.gather_stacks_in_scans`), not
+    all layers at once.
+    """
+    import jax
+    from jax.sharding import NamedSharding
 
     fsdp = fsdp_axes(plan)
     if not fsdp:
         return None
-    targets = [NamedSharding(mesh, without_axes(s, fsdp)) for s in jax.tree_util.tree_leaves(
-        param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))]
+    decs = jax.tree_util.tree_leaves(decisions, is_leaf=lambda x: isinstance(x, Decision))
+    whole = [NamedSharding(mesh, without_axes(d.spec, fsdp)) if d.layers_dim is None else None for d in decs]
+    stacks = {i: stack_target(d, mesh, fsdp) for i, d in enumerate(decs) if d.layers_dim is not None}
 
-    def gather(params):
-        leaves, treedef = jax.tree_util.tree_flatten(params)  # nnx Params hold one leaf each
-        return jax.tree_util.tree_unflatten(treedef, [
-            jax.lax.with_sharding_constraint(x, s) for x, s in zip(leaves, targets, strict=True)])
+    def wrap(loss_fn):
+        def on_leaves(treedef, *leaves):
+            return loss_fn(jax.tree_util.tree_unflatten(treedef, [
+                x if s is None else jax.lax.with_sharding_constraint(x, s)
+                for x, s in zip(leaves, whole, strict=True)]))
 
-    return gather
+        def gathered(params):
+            leaves, treedef = jax.tree_util.tree_flatten(params)  # nnx Params hold one leaf each
+            fn = partial(on_leaves, treedef)
+            return (gather_stacks_in_scans(fn, stacks) if stacks else fn)(*leaves)
+
+        return gathered
+
+    return wrap
+
+
+def stack_target(d: Decision, mesh, fsdp: frozenset[str]) -> StackTarget:
+    """Shardings of a stacked leaf, whole and per layer, as stored and as gathered over ``fsdp``."""
+    from jax.sharding import NamedSharding
+
+    spec = entries(d.spec, len(d.shape))
+    layer = spec[:d.layers_dim] + spec[d.layers_dim + 1:]
+    return StackTarget(
+        whole=(NamedSharding(mesh, to_pspec(spec)), NamedSharding(mesh, without_axes(spec, fsdp))),
+        layer=(NamedSharding(mesh, to_pspec(layer)), NamedSharding(mesh, without_axes(layer, fsdp))))

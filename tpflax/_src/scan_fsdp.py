@@ -1,0 +1,138 @@
+"""ZeRO-3 for scanned layer stacks: gather one layer's fsdp shards inside the scan, not the whole stack.
+
+A stacked (``nn.scan``) parameter has a leading layers dim. Gathering it over the
+fsdp axes before the scan (what a ``with_sharding_constraint`` on the whole leaf
+does) materialises every layer's weights at once, and the backward scan then
+accumulates the whole stack's gradient unsplit too: the memory of one layer times
+the layer count, which is what made a 70B scanned model need 56.6 GiB per v5e
+chip (``benchmarks/results/tpu_pod.md``).
+
+:func:`gather_stacks_in_scans` instead rewrites the traced loss: where a stacked
+parameter enters a ``scan`` as a scanned-over input, the per-layer slice is
+constrained inside the loop body to the layer's spec and then to that spec
+without the fsdp axes. Forward, XLA all-gathers one layer per iteration; the
+transpose of the pair of constraints reduce-scatters that layer's gradient back
+to its shards inside the backward loop, so the gradient stack stays split. The
+constraints go as deep as the slice only enters rematerialised (``remat``) or
+``jit`` calls, so remat saves the sharded slice, not the gathered one. The
+values computed are unchanged: constraints only choose layouts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+# calls whose body is a jaxpr taking the call's inputs unchanged, in order
+_CALLS = ("jit", "pjit", "remat2", "checkpoint", "closed_call", "core_call")
+
+
+@dataclass(frozen=True)
+class StackTarget:
+    """Where one stacked parameter should live: whole (outside scans) and per layer (inside).
+
+    Attributes:
+        whole: ``(sharded, gathered)`` shardings of the whole stack, used where
+            the stack is read other than by a scan.
+        layer: ``(sharded, gathered)`` shardings of one layer's slice.
+    """
+
+    whole: tuple[Any, Any]
+    layer: tuple[Any, Any]
+
+
+def gather_stacks_in_scans(fn: Callable[..., Any], targets: dict[int, StackTarget]) -> Callable[..., Any]:
+    """``fn(*leaves)`` with each stacked leaf ``targets[i]`` gathered one layer at a time inside scans.
+
+    Args:
+        fn: a function of flat parameter leaves (pytree output allowed).
+        targets: leaf index -> :class:`StackTarget`.
+
+    >>> import jax, jax.numpy as jnp, tpflax
+    >>> mesh = tpflax.make_mesh({"fsdp": 1})
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> s = NamedSharding(mesh, P())
+    >>> f = lambda w: jax.lax.scan(lambda c, x: (c + x.sum(), None), 0.0, w)[0]
+    >>> g = gather_stacks_in_scans(f, {0: StackTarget((s, s), (s, s))})
+    >>> float(jax.jit(g)(jnp.ones((3, 2))))
+    6.0
+    """
+    import jax
+    from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
+
+    def wrapped(*leaves):
+        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*leaves)
+        jaxpr = _place(closed.jaxpr, {i: (t, True) for i, t in targets.items()})
+        outs = jaxpr_as_fun(ClosedJaxpr(jaxpr, closed.consts))(*leaves)
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+
+    return wrapped
+
+
+def _place(jaxpr: Any, tracked: dict[int, tuple[StackTarget, bool]]) -> Any:
+    """``jaxpr`` with constraints for its tracked inputs (index -> (target, still a whole stack)).
+
+    A tracked input read only by scans (as a scanned-over input) or by calls is
+    passed down into their bodies; any other read constrains it here.
+    """
+    uses: dict[int, dict[int, tuple[StackTarget, bool]]] = {}
+    here: dict[Any, tuple[Any, Any]] = {}
+    for i, (target, whole) in tracked.items():
+        var = jaxpr.invars[i]
+        sites = [(k, pos) for k, eqn in enumerate(jaxpr.eqns) for pos, v in enumerate(eqn.invars) if v is var]
+        if var in jaxpr.outvars or not sites or not all(_passes(jaxpr.eqns[k], pos, whole) for k, pos in sites):
+            here[var] = target.whole if whole else target.layer
+            continue
+        for k, pos in sites:
+            inner_whole = whole and jaxpr.eqns[k].primitive.name != "scan"
+            uses.setdefault(k, {})[pos] = (target, inner_whole)
+    eqns = [_descend(eqn, uses[k]) if k in uses else eqn for k, eqn in enumerate(jaxpr.eqns)]
+    jaxpr = jaxpr.replace(eqns=eqns)
+    return _constrain_here(jaxpr, here) if here else jaxpr
+
+
+def _passes(eqn: Any, pos: int, whole: bool) -> bool:
+    """Whether a tracked input at ``eqn.invars[pos]`` may be passed down into the eqn's body."""
+    name = eqn.primitive.name
+    if name == "scan":
+        # a whole stack scanned over: the body sees one layer; a loop-invariant or carried one is read whole
+        return whole and pos >= eqn.params["num_consts"] + eqn.params["num_carry"]
+    return name in _CALLS and "jaxpr" in eqn.params
+
+
+def _descend(eqn: Any, tracked: dict[int, tuple[StackTarget, bool]]) -> Any:
+    from jax.extend.core import ClosedJaxpr
+
+    body = eqn.params["jaxpr"]
+    if isinstance(body, ClosedJaxpr):
+        body = ClosedJaxpr(_place(body.jaxpr, tracked), body.consts)
+    else:
+        body = _place(body, tracked)
+    return eqn.replace(params={**eqn.params, "jaxpr": body})
+
+
+def _constrain_here(jaxpr: Any, here: dict[Any, tuple[Any, Any]]) -> Any:
+    """Prepend ``wsc(wsc(v, sharded), gathered)`` for each ``v`` and read the result instead of ``v``."""
+    import jax
+
+    new_eqns, renamed = [], {}
+    for var, (sharded, gathered) in here.items():
+        aval = var.aval
+        tmpl = jax.make_jaxpr(lambda x, s=sharded, g=gathered: jax.lax.with_sharding_constraint(
+            jax.lax.with_sharding_constraint(x, s), g))(jax.ShapeDtypeStruct(aval.shape, aval.dtype)).jaxpr
+        src = tmpl.invars[0]
+        new_eqns += [e.replace(invars=[var if v is src else v for v in e.invars]) for e in tmpl.eqns]
+        renamed[var] = tmpl.outvars[0]
+
+    def swap(vs):
+        return [renamed.get(v, v) if not _is_literal(v) else v for v in vs]
+
+    eqns = [e.replace(invars=swap(e.invars)) for e in jaxpr.eqns]
+    return jaxpr.replace(eqns=new_eqns + eqns, outvars=swap(jaxpr.outvars))
+
+
+def _is_literal(v: Any) -> bool:
+    from jax.extend.core import Literal
+
+    return isinstance(v, Literal)
