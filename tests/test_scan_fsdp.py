@@ -1,0 +1,116 @@
+"""Scanned layer stacks keep their fsdp split inside the scan (issue 12).
+
+make_train_step gathers a stacked (``nn.scan``) parameter one layer at a time
+inside the scan body, and reduce-scatters that layer's gradient there, instead of
+gathering all layers before the loop. Checked on the CPU mesh: the compiled
+step's all-gathers are per layer, never a whole stack, and the step equals the
+unscanned model's step (same weights, stacked) to the bounds of
+test_train_step.py; on the TPU compiler (when libtpu is installed) the
+temporaries no longer grow with the layer count by a layer's gathered weights.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+import pytest
+from test_train_step import LOSS_ULPS, U, assert_first_sgd_step_close
+
+import tpflax
+from tpflax import zoo
+from tpflax.hlo import parse_collectives
+
+MESH = {"fsdp": 4, "model": 2}
+LAYERS = 3  # not a size any other dim of the tiny Llama has, so a whole stack is recognisable in the HLO
+TX = optax.sgd(0.1, momentum=0.9)
+
+
+FAST = {"xla_backend_optimization_level": 0}  # as test_train_step.py: LLVM time only, same HLO passes
+
+
+def _compiled(m, plan, mesh):
+    ts = tpflax.make_train_step(m, plan, mesh, TX, 8)
+    return jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings).lower(
+        *ts.args).compile(compiler_options=FAST)
+
+
+@pytest.fixture(scope="module")
+def scanned():
+    m = zoo.get("llama", scan_layers=True, remat=True, n_layers=LAYERS)
+    plan = tpflax.plan(m.abstract_variables(), MESH, fsdp_min_bytes=0)
+    mesh = tpflax.make_mesh(MESH)
+    return m, plan, mesh, _compiled(m, plan, mesh)
+
+
+def assert_gathered_per_layer(plan, hlo: str, mesh) -> None:
+    """Every fsdp-split stacked kernel is all-gathered one layer at a time, LAYERS times, never whole.
+
+    XLA:TPU unrolls a short loop, so a layer's gather may appear once per layer
+    (each run once) with the sliced layers dim kept as 1: shapes are compared
+    without leading 1s and counts summed.
+    """
+    runs: dict[tuple[int, ...], int] = {}
+    for c in parse_collectives(hlo, mesh):
+        if c.kind == "all-gather":
+            shape = tuple(c.shapes[0])
+            shape = shape[1:] if len(shape) > 1 and shape[0] == 1 else shape
+            runs[shape] = runs.get(shape, 0) + c.count
+    for path, d in plan.decisions.items():
+        spec = tuple(d.spec) + (None,) * (len(d.shape) - len(d.spec))
+        if d.layers_dim != 0 or "fsdp" not in spec or len(d.shape) < 3:
+            continue
+        # one layer's local shape with its fsdp split gathered (its model split kept)
+        layer = tuple(n // (plan.mesh.sizes["model"] if e == "model" else 1)
+                      for n, e in zip(d.shape[1:], spec[1:], strict=True))
+        assert (LAYERS, *layer) not in runs, (path, "the whole stack is gathered", runs)
+        assert runs.get(layer, 0) >= LAYERS, (path, layer, runs)
+
+
+def test_stacks_are_gathered_per_layer_inside_the_scan(scanned):
+    _, plan, mesh, compiled = scanned
+    assert_gathered_per_layer(plan, compiled.as_text(), mesh)
+
+
+def _stacked(unscanned_params):
+    """The unscanned model's params as the scanned model's tree (layers_i stacked on dim 0)."""
+    layers = [unscanned_params[f"layers_{i}"] for i in range(LAYERS)]
+    rest = {k: v for k, v in unscanned_params.items() if not k.startswith("layers_")}
+    return {**rest, "layers": jax.tree_util.tree_map(lambda *xs: np.stack(xs), *layers)}
+
+
+@pytest.mark.slow
+def test_scanned_step_equals_unscanned_step(scanned):
+    """One sgd step of the scanned model (per-layer gathers) equals the unscanned model's step.
+
+    Both run on the same mesh from the same weights. The scan and the per-layer
+    gathers only reorder float32 sums, so the bounds are test_train_step.py's.
+    """
+    m, plan, mesh, fn = scanned
+    flat = zoo.get("llama", remat=True, n_layers=LAYERS)
+    v_flat = jax.device_get(flat.init(0))
+    v_scan = {**v_flat, "params": _stacked(v_flat["params"])}
+    batch = jax.device_get(m.make_batch(1, 8))
+    p_flat = tpflax.plan(v_flat, MESH, fsdp_min_bytes=0)
+    fn_flat = _compiled(flat, p_flat, mesh)
+
+    def run(f, p, v):
+        sv = tpflax.shard(v, p, mesh)
+        so = tpflax.shard_optimizer_state(TX, None, p, mesh, params=sv["params"])
+        new, opt, loss = f(sv, so, tpflax.shard_batch(batch, mesh))
+        return tpflax.unshard(new)["params"], tpflax.unshard(opt[0].trace), float(loss)
+
+    new_s, g_s, loss_s = run(fn, plan, v_scan)
+    new_f, g_f, loss_f = run(fn_flat, p_flat, v_flat)
+    assert abs(loss_s - loss_f) <= LOSS_ULPS * U * abs(loss_f), (loss_s, loss_f)
+    assert_first_sgd_step_close(v_scan["params"], new_s, _stacked(new_f), g_s, _stacked(g_f))
+
+
+def test_tpu_compiler_gathers_stacks_per_layer():
+    """The same on XLA:TPU (v5e:2x4 compile-only devices), read from the dry run's HLO."""
+    pytest.importorskip("libtpu", reason='needs libtpu (pip install "tpflax[tpu]")')
+    m = zoo.get("llama", scan_layers=True, remat=True, n_layers=LAYERS)
+    plan = tpflax.plan(m.abstract_variables(), MESH, fsdp_min_bytes=0)
+    mesh = tpflax.make_mesh(MESH, target="tpu-v5e:2x4")
+    dr = tpflax.dry_run(tpflax.make_train_step(m, plan, mesh, TX, 8), plan, mesh, keep_hlo=True)
+    assert_gathered_per_layer(plan, dr.hlo_text, mesh)
