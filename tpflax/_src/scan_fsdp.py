@@ -24,8 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-# calls whose body is a jaxpr taking the call's inputs unchanged, in order
-_CALLS = ("jit", "pjit", "remat2", "checkpoint", "closed_call", "core_call")
+# calls whose ``jaxpr`` param takes the call's inputs unchanged, in order (remat2: jax.checkpoint)
+_CALLS = ("jit", "remat2")
 
 
 @dataclass(frozen=True)

@@ -259,7 +259,7 @@ def fsdp_gather(plan, mesh, decisions: Any) -> Callable[[Callable[[Any], Any]], 
     """``loss(params) -> loss(params gathered for compute)`` (ZeRO-3), or None without fsdp.
 
     A leaf is constrained to its spec without the fsdp axes. A stacked leaf
-    (``Decision.layers_dim``) is gathered one layer at a time inside the scan
+    (``Decision.layers_dim`` 0) is gathered one layer at a time inside the scan
     that reads it (:func:`tpflax._src.scan_fsdp.gather_stacks_in_scans`), not
     all layers at once.
     """
@@ -270,8 +270,9 @@ def fsdp_gather(plan, mesh, decisions: Any) -> Callable[[Callable[[Any], Any]], 
     if not fsdp:
         return None
     decs = jax.tree_util.tree_leaves(decisions, is_leaf=lambda x: isinstance(x, Decision))
-    whole = [NamedSharding(mesh, without_axes(d.spec, fsdp)) if d.layers_dim is None else None for d in decs]
-    stacks = {i: stack_target(d, mesh, fsdp) for i, d in enumerate(decs) if d.layers_dim is not None}
+    # lax.scan slices dim 0: a stack scanned over another dim is transposed first, and gathered whole
+    whole = [NamedSharding(mesh, without_axes(d.spec, fsdp)) if d.layers_dim != 0 else None for d in decs]
+    stacks = {i: stack_target(d, mesh, fsdp) for i, d in enumerate(decs) if d.layers_dim == 0}
 
     def wrap(loss_fn):
         def on_leaves(treedef, *leaves):
