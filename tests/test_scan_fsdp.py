@@ -72,6 +72,22 @@ def test_stacks_are_gathered_per_layer_inside_the_scan(scanned):
     assert_gathered_per_layer(plan, compiled.as_text(), mesh)
 
 
+def test_gathered_loss_constrains_inside_the_scan(scanned):
+    """A hand-written step's loss wrapped in tpflax.gathered_loss: the gather sits in the scan body."""
+    m, plan, mesh, _ = scanned
+    v = m.abstract_variables()
+    batch = jax.eval_shape(lambda: m.make_batch(0, 8))
+    loss = tpflax.gathered_loss(lambda p, b: m.loss({**v, "params": p}, b), plan, mesh)
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(v["params"], batch).jaxpr
+    scans = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+    assert len(scans) == 2  # forward and backward loops
+    for e in scans:
+        assert "sharding_constraint" in str(e.params["jaxpr"]), e
+    # outside the loops only unstacked leaves are constrained: none has a layers dim of LAYERS
+    outer = [e for e in jaxpr.eqns if e.primitive.name == "sharding_constraint"]
+    assert outer and all(x.aval.shape[:1] != (LAYERS,) for e in outer for x in e.invars)
+
+
 def _stacked(unscanned_params):
     """The unscanned model's params as the scanned model's tree (layers_i stacked on dim 0)."""
     layers = [unscanned_params[f"layers_{i}"] for i in range(LAYERS)]

@@ -20,9 +20,11 @@ values computed are unchanged: constraints only choose layouts.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from tpflax._src.specs import entries, to_pspec, without_axes
 
 # calls whose ``jaxpr`` param takes the call's inputs unchanged, in order (remat2: jax.checkpoint)
 _CALLS = ("jit", "remat2")
@@ -40,6 +42,47 @@ class StackTarget:
 
     whole: tuple[Any, Any]
     layer: tuple[Any, Any]
+
+
+def zero3(loss_fn: Callable[[Any], Any], params: Any, *, decisions: Sequence[Any], mesh: Any,
+          fsdp: frozenset[str]) -> Any:
+    """``loss_fn(params)`` with every parameter gathered over ``fsdp`` for compute (ZeRO-3).
+
+    A leaf is constrained to its spec without the fsdp axes. A stack
+    (``Decision.layers_dim`` 0) is gathered one layer at a time inside the scan
+    that reads it (:func:`gather_stacks_in_scans`); ``lax.scan`` slices dim 0, so
+    a stack on another dim is gathered whole.
+
+    Args:
+        loss_fn: ``params -> loss``.
+        params: the parameter tree (flax boxes and nnx Params hold one leaf each).
+        decisions: the plan's Decision of each leaf, in ``tree_leaves(params)`` order.
+        mesh: the mesh.
+        fsdp: the fsdp axes to gather over.
+    """
+    import jax
+    from jax.sharding import NamedSharding
+
+    whole = [NamedSharding(mesh, without_axes(d.spec, fsdp)) if d.layers_dim != 0 else None for d in decisions]
+    stacks = {i: stack_target(d, mesh, fsdp) for i, d in enumerate(decisions) if d.layers_dim == 0}
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+
+    def on_leaves(*leaves):
+        return loss_fn(jax.tree_util.tree_unflatten(treedef, [
+            x if s is None else jax.lax.with_sharding_constraint(x, s) for x, s in zip(leaves, whole, strict=True)]))
+
+    return (gather_stacks_in_scans(on_leaves, stacks) if stacks else on_leaves)(*leaves)
+
+
+def stack_target(d: Any, mesh: Any, fsdp: frozenset[str]) -> StackTarget:
+    """Shardings of a stacked leaf (a Decision), whole and per layer, as stored and as gathered over ``fsdp``."""
+    from jax.sharding import NamedSharding
+
+    spec = entries(d.spec, len(d.shape))
+    layer = spec[:d.layers_dim] + spec[d.layers_dim + 1:]
+    return StackTarget(
+        whole=(NamedSharding(mesh, to_pspec(spec)), NamedSharding(mesh, without_axes(spec, fsdp))),
+        layer=(NamedSharding(mesh, to_pspec(layer)), NamedSharding(mesh, without_axes(layer, fsdp))))
 
 
 def gather_stacks_in_scans(fn: Callable[..., Any], targets: dict[int, StackTarget]) -> Callable[..., Any]:

@@ -28,8 +28,8 @@ from tpflax._src.mesh import batch_pspec
 from tpflax._src.model import Model, as_model, is_zoo
 from tpflax._src.planner.decision import Decision
 from tpflax._src.planner.state import planned_tree
-from tpflax._src.scan_fsdp import StackTarget, gather_stacks_in_scans
-from tpflax._src.specs import entries, fsdp_axes, to_pspec, without_axes
+from tpflax._src.scan_fsdp import zero3
+from tpflax._src.specs import fsdp_axes
 
 
 @dataclass(frozen=True)
@@ -258,44 +258,13 @@ def plan_decisions(plan, tree: Any) -> Any:
 def fsdp_gather(plan, mesh, decisions: Any) -> Callable[[Callable[[Any], Any]], Callable[[Any], Any]] | None:
     """``loss(params) -> loss(params gathered for compute)`` (ZeRO-3), or None without fsdp.
 
-    A leaf is constrained to its spec without the fsdp axes. A stacked leaf
-    (``Decision.layers_dim`` 0) is gathered one layer at a time inside the scan
-    that reads it (:func:`tpflax._src.scan_fsdp.gather_stacks_in_scans`), not
-    all layers at once.
+    See :func:`tpflax._src.scan_fsdp.zero3`: scanned stacks are gathered one layer
+    at a time inside the scan that reads them.
     """
     import jax
-    from jax.sharding import NamedSharding
 
     fsdp = fsdp_axes(plan)
     if not fsdp:
         return None
     decs = jax.tree_util.tree_leaves(decisions, is_leaf=lambda x: isinstance(x, Decision))
-    # lax.scan slices dim 0: a stack scanned over another dim is transposed first, and gathered whole
-    whole = [NamedSharding(mesh, without_axes(d.spec, fsdp)) if d.layers_dim != 0 else None for d in decs]
-    stacks = {i: stack_target(d, mesh, fsdp) for i, d in enumerate(decs) if d.layers_dim == 0}
-
-    def wrap(loss_fn):
-        def on_leaves(treedef, *leaves):
-            return loss_fn(jax.tree_util.tree_unflatten(treedef, [
-                x if s is None else jax.lax.with_sharding_constraint(x, s)
-                for x, s in zip(leaves, whole, strict=True)]))
-
-        def gathered(params):
-            leaves, treedef = jax.tree_util.tree_flatten(params)  # nnx Params hold one leaf each
-            fn = partial(on_leaves, treedef)
-            return (gather_stacks_in_scans(fn, stacks) if stacks else fn)(*leaves)
-
-        return gathered
-
-    return wrap
-
-
-def stack_target(d: Decision, mesh, fsdp: frozenset[str]) -> StackTarget:
-    """Shardings of a stacked leaf, whole and per layer, as stored and as gathered over ``fsdp``."""
-    from jax.sharding import NamedSharding
-
-    spec = entries(d.spec, len(d.shape))
-    layer = spec[:d.layers_dim] + spec[d.layers_dim + 1:]
-    return StackTarget(
-        whole=(NamedSharding(mesh, to_pspec(spec)), NamedSharding(mesh, without_axes(spec, fsdp))),
-        layer=(NamedSharding(mesh, to_pspec(layer)), NamedSharding(mesh, without_axes(layer, fsdp))))
+    return lambda loss_fn: partial(zero3, loss_fn, decisions=decs, mesh=mesh, fsdp=fsdp)
