@@ -11,7 +11,9 @@ temporaries no longer grow with the layer count by a layer's gathered weights.
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -86,6 +88,34 @@ def test_gathered_loss_constrains_inside_the_scan(scanned):
     # outside the loops only unstacked leaves are constrained: none has a layers dim of LAYERS
     outer = [e for e in jaxpr.eqns if e.primitive.name == "sharding_constraint"]
     assert outer and all(x.aval.shape[:1] != (LAYERS,) for e in outer for x in e.invars)
+
+
+class _Layer(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return nn.Dense(64)(x), None
+
+
+class _ScanDim1(nn.Module):
+    """MaxText's param_scan_axis=1: nn.scan transposes each stack's layers dim to the front."""
+
+    @nn.compact
+    def __call__(self, x):
+        scan = nn.scan(_Layer, variable_axes={"params": 1}, split_rngs={"params": True}, length=LAYERS)
+        return scan(name="layers")(x, None)[0]
+
+
+def test_stack_on_dim_1_is_followed_through_the_transpose():
+    x = jax.ShapeDtypeStruct((8, 64), jnp.float32)
+    v = jax.eval_shape(_ScanDim1().init, jax.random.key(0), x)
+    plan = tpflax.plan(v, MESH, fsdp_min_bytes=0, stacked="layers:1")
+    assert plan.decisions["params/layers/Dense_0/kernel"].layers_dim == 1
+    loss = tpflax.gathered_loss(lambda p, x: _ScanDim1().apply({"params": p}, x).sum(), plan,
+                                tpflax.make_mesh(MESH))
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(v["params"], x).jaxpr
+    outer = [e for e in jaxpr.eqns if e.primitive.name == "sharding_constraint"]
+    assert not outer, outer  # nothing gathered whole before the loop
+    assert all("sharding_constraint" in str(e.params["jaxpr"]) for e in jaxpr.eqns if e.primitive.name == "scan")
 
 
 def _stacked(unscanned_params):

@@ -38,20 +38,34 @@ class StackTarget:
         whole: ``(sharded, gathered)`` shardings of the whole stack, used where
             the stack is read other than by a scan.
         layer: ``(sharded, gathered)`` shardings of one layer's slice.
+        dim: the layers dim of the whole stack (``lax.scan`` slices dim 0, so
+            a stack on another dim is followed through the transpose that
+            moves it to the front, as ``nn.scan(variable_axes={"params": 1})`` does).
     """
 
     whole: tuple[Any, Any]
     layer: tuple[Any, Any]
+    dim: int = 0
+
+
+def _to_front(target: StackTarget) -> StackTarget:
+    """``target`` for the stack transposed with its layers dim moved to the front."""
+    from jax.sharding import NamedSharding
+
+    def move(s):  # the whole specs are full rank (stack_target)
+        spec = tuple(s.spec)
+        return NamedSharding(s.mesh, to_pspec((spec[target.dim],) + spec[:target.dim] + spec[target.dim + 1:]))
+
+    return StackTarget(whole=tuple(move(s) for s in target.whole), layer=target.layer, dim=0)
 
 
 def zero3(loss_fn: Callable[[Any], Any], params: Any, *, decisions: Sequence[Any], mesh: Any,
           fsdp: frozenset[str]) -> Any:
     """``loss_fn(params)`` with every parameter gathered over ``fsdp`` for compute (ZeRO-3).
 
-    A leaf is constrained to its spec without the fsdp axes. A stack
-    (``Decision.layers_dim`` 0) is gathered one layer at a time inside the scan
-    that reads it (:func:`gather_stacks_in_scans`); ``lax.scan`` slices dim 0, so
-    a stack on another dim is gathered whole.
+    A leaf is constrained to its spec without the fsdp axes. A stack (a
+    ``Decision.layers_dim``) is gathered one layer at a time inside the scan
+    that reads it (:func:`gather_stacks_in_scans`).
 
     Args:
         loss_fn: ``params -> loss``.
@@ -63,8 +77,8 @@ def zero3(loss_fn: Callable[[Any], Any], params: Any, *, decisions: Sequence[Any
     import jax
     from jax.sharding import NamedSharding
 
-    whole = [NamedSharding(mesh, without_axes(d.spec, fsdp)) if d.layers_dim != 0 else None for d in decisions]
-    stacks = {i: stack_target(d, mesh, fsdp) for i, d in enumerate(decisions) if d.layers_dim == 0}
+    whole = [NamedSharding(mesh, without_axes(d.spec, fsdp)) if d.layers_dim is None else None for d in decisions]
+    stacks = {i: stack_target(d, mesh, fsdp) for i, d in enumerate(decisions) if d.layers_dim is not None}
     leaves, treedef = jax.tree_util.tree_flatten(params)
 
     def on_leaves(*leaves):
@@ -82,7 +96,8 @@ def stack_target(d: Any, mesh: Any, fsdp: frozenset[str]) -> StackTarget:
     layer = spec[:d.layers_dim] + spec[d.layers_dim + 1:]
     return StackTarget(
         whole=(NamedSharding(mesh, to_pspec(spec)), NamedSharding(mesh, without_axes(spec, fsdp))),
-        layer=(NamedSharding(mesh, to_pspec(layer)), NamedSharding(mesh, without_axes(layer, fsdp))))
+        layer=(NamedSharding(mesh, to_pspec(layer)), NamedSharding(mesh, without_axes(layer, fsdp))),
+        dim=d.layers_dim)
 
 
 def gather_stacks_in_scans(fn: Callable[..., Any], targets: dict[int, StackTarget]) -> Callable[..., Any]:
@@ -123,24 +138,39 @@ def _place(jaxpr: Any, tracked: dict[int, tuple[StackTarget, bool]]) -> Any:
     here: dict[Any, tuple[Any, Any]] = {}
     for i, (target, whole) in tracked.items():
         var = jaxpr.invars[i]
-        sites = [(k, pos) for k, eqn in enumerate(jaxpr.eqns) for pos, v in enumerate(eqn.invars) if v is var]
-        if var in jaxpr.outvars or not sites or not all(_passes(jaxpr.eqns[k], pos, whole) for k, pos in sites):
+        routes = _routes(jaxpr, var, target, whole)
+        if routes is None:
             here[var] = target.whole if whole else target.layer
-            continue
-        for k, pos in sites:
-            inner_whole = whole and jaxpr.eqns[k].primitive.name != "scan"
-            uses.setdefault(k, {})[pos] = (target, inner_whole)
+        for k, pos, inner in routes or ():
+            uses.setdefault(k, {})[pos] = inner
     eqns = [_descend(eqn, uses[k]) if k in uses else eqn for k, eqn in enumerate(jaxpr.eqns)]
     jaxpr = jaxpr.replace(eqns=eqns)
     return _constrain_here(jaxpr, here) if here else jaxpr
 
 
-def _passes(eqn: Any, pos: int, whole: bool) -> bool:
+def _routes(jaxpr: Any, var: Any, target: StackTarget, whole: bool) -> list[tuple[int, int, Any]] | None:
+    """``[(eqn index, input position, (target, whole) inside)]`` passing ``var`` down, or None to constrain it here."""
+    sites = [(k, pos) for k, eqn in enumerate(jaxpr.eqns) for pos, v in enumerate(eqn.invars) if v is var]
+    if var in jaxpr.outvars or not sites:
+        return None
+    eqns = [jaxpr.eqns[k] for k, _ in sites]
+    if all(_passes(e, pos, whole, target.dim) for e, (_, pos) in zip(eqns, sites, strict=True)):
+        return [(k, pos, (target, whole and e.primitive.name != "scan")) for e, (k, pos) in zip(eqns, sites, strict=True)]
+    front = (target.dim, *(d for d in range(len(var.aval.shape)) if d != target.dim))
+    if whole and target.dim and all(e.primitive.name == "transpose" and tuple(e.params["permutation"]) == front
+                                    for e in eqns):
+        moved = [_routes(jaxpr, e.outvars[0], _to_front(target), True) for e in eqns]
+        return None if any(r is None for r in moved) else [r for rs in moved for r in rs]
+    return None
+
+
+def _passes(eqn: Any, pos: int, whole: bool, dim: int) -> bool:
     """Whether a tracked input at ``eqn.invars[pos]`` may be passed down into the eqn's body."""
     name = eqn.primitive.name
     if name == "scan":
-        # a whole stack scanned over: the body sees one layer; a loop-invariant or carried one is read whole
-        return whole and pos >= eqn.params["num_consts"] + eqn.params["num_carry"]
+        # a whole stack scanned over its layers dim: the body sees one layer; a loop-invariant or
+        # carried one is read whole
+        return whole and dim == 0 and pos >= eqn.params["num_consts"] + eqn.params["num_carry"]
     return name in _CALLS and "jaxpr" in eqn.params
 
 
