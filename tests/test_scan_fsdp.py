@@ -45,12 +45,12 @@ def scanned():
     return m, plan, mesh, _compiled(m, plan, mesh)
 
 
-def assert_gathered_per_layer(plan, hlo: str, mesh) -> None:
+def assert_gathered_per_layer(plan, hlo: str, mesh, min_runs: int = LAYERS) -> None:
     """Every fsdp-split stacked kernel is all-gathered one layer at a time, LAYERS times, never whole.
 
-    XLA:TPU unrolls a short loop, so a layer's gather may appear once per layer
-    (each run once) with the sliced layers dim kept as 1: shapes are compared
-    without leading 1s and counts summed.
+    XLA:TPU may unroll a short loop, so a layer's gather may appear once per layer
+    with the sliced layers dim kept as 1: shapes are compared without leading 1s
+    and counts summed.
     """
     runs: dict[tuple[int, ...], int] = {}
     for c in parse_collectives(hlo, mesh):
@@ -66,7 +66,7 @@ def assert_gathered_per_layer(plan, hlo: str, mesh) -> None:
         layer = tuple(n // (plan.mesh.sizes["model"] if e == "model" else 1)
                       for n, e in zip(d.shape[1:], spec[1:], strict=True))
         assert (LAYERS, *layer) not in runs, (path, "the whole stack is gathered", runs)
-        assert runs.get(layer, 0) >= LAYERS, (path, layer, runs)
+        assert runs.get(layer, 0) >= min_runs, (path, layer, runs)
 
 
 def test_stacks_are_gathered_per_layer_inside_the_scan(scanned):
@@ -159,4 +159,6 @@ def test_tpu_compiler_gathers_stacks_per_layer():
     plan = tpflax.plan(m.abstract_variables(), MESH, fsdp_min_bytes=0)
     mesh = tpflax.make_mesh(MESH, target="tpu-v5e:2x4")
     dr = tpflax.dry_run(tpflax.make_train_step(m, plan, mesh, TX, 8), plan, mesh, keep_hlo=True)
-    assert_gathered_per_layer(plan, dr.hlo_text, mesh)
+    # XLA:TPU's while loops carry no trip count the HLO parser reads (a gather in a loop body
+    # counts once), so only "per layer, never whole" is checked here
+    assert_gathered_per_layer(plan, dr.hlo_text, mesh, min_runs=1)
