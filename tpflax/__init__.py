@@ -8,7 +8,7 @@
 
 from tpflax._src.apply.batch import batch_sharding, batch_spec, constrain_batch, shard_batch
 from tpflax._src.apply.init import init_sharded
-from tpflax._src.apply.place import constrain, shard, shardings, unshard
+from tpflax._src.apply.place import constrain, gathered_loss, shard, shardings, unshard
 from tpflax._src.apply.state import (
                      optimizer_shardings,
                      shard_optimizer_state,
@@ -87,4 +87,6 @@ __all__ = [
     "HtmlReport", "show",
     # plans chosen by cost (plan(..., hardware=, batch=, device_memory=), report(plan, why=))
     "Alternative", "get_hardware",
+    # ZeRO-3 loss for hand-written steps, scanned stacks gathered per layer (issue 12)
+    "gathered_loss",
 ]

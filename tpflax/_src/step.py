@@ -18,14 +18,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from tpflax._src.cost.optstate import opt_state_specs, split_params
 from tpflax._src.errors import OptionError, PlanMismatchError
+from tpflax._src.facts.tree import walk
 from tpflax._src.mesh import batch_pspec
 from tpflax._src.model import Model, as_model, is_zoo
+from tpflax._src.planner.decision import Decision
 from tpflax._src.planner.state import planned_tree
-from tpflax._src.specs import fsdp_axes, without_axes
+from tpflax._src.scan_fsdp import zero3
+from tpflax._src.specs import fsdp_axes
 
 
 @dataclass(frozen=True)
@@ -225,15 +229,15 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
     var_specs = plan.specs_for(variables)
     var_sh, opt_sh = named_shardings(mesh, var_specs), named_shardings(mesh, opt_specs)
     batch_sh = batch_shardings(plan, mesh, abstract_batch)
-    gather = fsdp_gather(plan, mesh, split_params(plan, var_specs)[0]) if gather_fsdp else None
+    gather = fsdp_gather(plan, mesh, split_params(plan, plan_decisions(plan, variables))[0]) if gather_fsdp else None
 
     def step(variables, opt_state, batch):
         params, merge = split_params(plan, variables)
 
         def loss_fn(p):
-            return loss_of(merge(variables, gather(p) if gather is not None else p), batch)
+            return loss_of(merge(variables, p), batch)
 
-        value, grads = jax.value_and_grad(loss_fn)(params)
+        value, grads = jax.value_and_grad(gather(loss_fn) if gather is not None else loss_fn)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return merge(variables, optax.apply_updates(params, updates)), opt_state, value
 
@@ -243,20 +247,24 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
     return TrainStep(step, args, (var_sh, opt_sh, batch_sh), (var_sh, opt_sh, loss_sh))
 
 
-def fsdp_gather(plan, mesh, param_specs: Any) -> Callable[[Any], Any] | None:
-    """``params -> params`` constrained to their specs without fsdp axes, or None without fsdp."""
+def plan_decisions(plan, tree: Any) -> Any:
+    """``tree`` with each leaf (or flax box) replaced by its plan Decision."""
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec
+
+    leaves, treedef = walk(tree)
+    return jax.tree_util.tree_unflatten(treedef, [plan.decisions[x.path] for x in leaves])
+
+
+def fsdp_gather(plan, mesh, decisions: Any) -> Callable[[Callable[[Any], Any]], Callable[[Any], Any]] | None:
+    """``loss(params) -> loss(params gathered for compute)`` (ZeRO-3), or None without fsdp.
+
+    See :func:`tpflax._src.scan_fsdp.zero3`: scanned stacks are gathered one layer
+    at a time inside the scan that reads them.
+    """
+    import jax
 
     fsdp = fsdp_axes(plan)
     if not fsdp:
         return None
-    targets = [NamedSharding(mesh, without_axes(s, fsdp)) for s in jax.tree_util.tree_leaves(
-        param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))]
-
-    def gather(params):
-        leaves, treedef = jax.tree_util.tree_flatten(params)  # nnx Params hold one leaf each
-        return jax.tree_util.tree_unflatten(treedef, [
-            jax.lax.with_sharding_constraint(x, s) for x, s in zip(leaves, targets, strict=True)])
-
-    return gather
+    decs = jax.tree_util.tree_leaves(decisions, is_leaf=lambda x: isinstance(x, Decision))
+    return lambda loss_fn: partial(zero3, loss_fn, decisions=decs, mesh=mesh, fsdp=fsdp)

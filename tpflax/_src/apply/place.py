@@ -9,6 +9,7 @@ the jitted step in ``apply/step.py``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -27,6 +28,7 @@ from tpflax._src.apply.bind import (
 from tpflax._src.apply.put import place_tree
 from tpflax._src.facts.tree import is_box, unbox, walk
 from tpflax._src.planner.plan import Plan
+from tpflax._src.scan_fsdp import zero3
 from tpflax._src.specs import fsdp_axes, without_axes
 
 
@@ -154,7 +156,11 @@ def constrain(tree: Any, plan: Plan, mesh: Any = None, *, gathered: bool = False
             :func:`tpflax.make_train_step` builds and :func:`tpflax.estimate`
             models. Without it XLA chooses per op whether to gather weights or
             move activations, and its collectives can differ from the estimate
-            several-fold (``benchmarks/results/plain_step.md``).
+            several-fold (``benchmarks/results/plain_step.md``). A scanned
+            (``nn.scan``) stack is then gathered whole, every layer at once,
+            before the scan: for such models wrap the loss in
+            :func:`gathered_loss` instead, which gathers one layer at a time
+            inside the scan.
 
     >>> import jax, jax.numpy as jnp, tpflax
     >>> p = tpflax.plan({"w": jnp.ones((8, 4))}, {"model": 2}, rules=[("w", "row")])
@@ -171,4 +177,40 @@ def constrain(tree: Any, plan: Plan, mesh: Any = None, *, gathered: bool = False
     return rebox_all(boxes, values, treedef)
 
 
-__all__ = ["constrain", "shard", "shardings", "unshard"]
+def gathered_loss(loss_fn: Callable[..., Any], plan: Plan, mesh: Any = None) -> Callable[..., Any]:
+    """``loss_fn(params, *args)`` with the params gathered for compute (ZeRO-3), scanned stacks per layer.
+
+    What ``constrain(params, plan, mesh, gathered=True)`` does inside a loss, except
+    that a scanned layer stack (a leaf with ``Decision.layers_dim`` 0, read by a
+    ``lax.scan`` / ``nn.scan``) is all-gathered one layer at a time inside the
+    scan body, and that layer's gradient reduce-scattered there, instead of every
+    layer at once before the loop. This is the step :func:`tpflax.make_train_step`
+    builds; use it in a hand-written step of a scanned model, around the loss
+    you differentiate.
+
+    Args:
+        loss_fn: ``loss_fn(params, *args) -> loss``; ``params`` match the plan.
+        plan: the plan.
+        mesh: the mesh (or a shape; default: the plan's).
+
+    >>> import jax, jax.numpy as jnp, tpflax
+    >>> w = {"w": jnp.ones((3, 8, 4))}
+    >>> p = tpflax.plan(w, {"fsdp": 1}, stacked="w")
+    >>> loss = lambda t, x: jax.lax.scan(lambda c, w: (c @ w @ w.T, None), x, t["w"])[0].sum()
+    >>> float(jax.jit(tpflax.gathered_loss(loss, p))(w, jnp.ones((2, 8))))
+    524288.0
+    """
+    mesh = bind_mesh(plan, mesh)
+    fsdp = fsdp_axes(plan)
+
+    def wrapped(params: Any, *args: Any) -> Any:
+        if not fsdp:
+            return loss_fn(params, *args)
+        leaves, _ = walk(params)
+        decisions = [plan.decisions[p] for p in match_plan(plan, leaves)]
+        return zero3(lambda t: loss_fn(t, *args), params, decisions=decisions, mesh=mesh, fsdp=fsdp)
+
+    return wrapped
+
+
+__all__ = ["constrain", "gathered_loss", "shard", "shardings", "unshard"]
