@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -97,6 +97,10 @@ class Collective:
         is_async: came from a ``-start``/``-done`` pair or an ``async-start`` wrapper.
         op_name: jax provenance from the instruction's metadata.
         computation: the HLO computation holding the instruction.
+        channel_id: the instruction's ``channel_id`` (None when it has none).
+        pieces: how many instructions of the program make up this collective (the TPU compiler
+            splits one collective into an async start, continuation fusions and a done, each
+            holding a copy of it under the same ``channel_id``).
     """
 
     kind: str
@@ -114,6 +118,8 @@ class Collective:
     is_async: bool = False
     op_name: str = ""
     computation: str = ""
+    channel_id: int | None = None
+    pieces: int = 1
 
     @property
     def dtype(self) -> str:
@@ -134,7 +140,8 @@ class Collective:
         return {"kind": self.kind, "name": self.name, "shapes": [list(s) for s in self.shapes],
                 "dtypes": list(self.dtypes), "bytes": self.bytes, "group_size": self.group_size,
                 "replica_groups": [list(g) for g in self.replica_groups], "ring_bytes": self.ring_bytes,
-                "count": self.count, "axes": list(self.axes), "op_name": self.op_name}
+                "count": self.count, "axes": list(self.axes), "op_name": self.op_name,
+                "channel_id": self.channel_id, "pieces": self.pieces}
 
 
 # ---------------------------------------------------------------------------
@@ -495,6 +502,7 @@ def parse_collectives(hlo_text: str, mesh: Any = None, *, num_devices: int | Non
         meta = re.search(r'op_name="((?:[^"\\]|\\.)*)"', ins.attrs)
         if meta:
             op_name = meta.group(1)
+        channel = _attr(ins.attrs, "channel_id")
         axes: tuple[str, ...] = ()
         if mesh is not None and groups:
             try:
@@ -507,7 +515,31 @@ def parse_collectives(hlo_text: str, mesh: Any = None, *, num_devices: int | Non
             ring_bytes=ring_bytes(kind, size, n) if kind != "collective-permute" or pairs else 0.0,
             count=max(1, mult.get(ins.computation, 1)), axes=axes, dimensions=dims,
             source_target_pairs=pairs, is_async=is_async, op_name=op_name,
-            computation=ins.computation))
+            computation=ins.computation, channel_id=int(channel) if channel and channel.isdigit() else None))
+    return _one_per_channel(out)
+
+
+def _one_per_channel(collectives: list[Collective]) -> list[Collective]:
+    """Merge the copies of one collective that share a ``channel_id``: it runs once.
+
+    XLA gives every cross-device collective its own channel id. The TPU compiler
+    splits an fsdp all-gather into an ``async-collective-start`` fusion, several
+    ``async_collective_fusion`` continuations (each overlapping a slice of the
+    transfer with compute) and an ``async-collective-done`` fusion; every one of
+    them holds a copy of the same all-gather, result shape and channel id. Counting
+    each copy overstated the gathers by the number of pieces.
+    """
+    first: dict[tuple[str, int], int] = {}
+    out: list[Collective] = []
+    for c in collectives:
+        k = (c.kind, c.channel_id) if c.channel_id is not None else None
+        if k is None or k not in first:
+            if k is not None:
+                first[k] = len(out)
+            out.append(c)
+            continue
+        i = first[k]
+        out[i] = replace(out[i], pieces=out[i].pieces + 1, is_async=True, count=max(out[i].count, c.count))
     return out
 
 
