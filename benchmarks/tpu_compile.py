@@ -7,16 +7,10 @@ program; retarget it to ``tpflax.make_mesh(shape, target=...)`` and
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 
-# libtpu warns about TPU_ACCELERATOR_TYPE and worker hostnames on a machine without TPUs: harmless
-os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# libtpu takes a machine-wide lock file; compiling for an abstract topology needs no exclusive chip
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+import tpflax  # noqa: F401 - on a machine without TPUs, importing tpflax quiets libtpu's start-up warnings
 
 
 @dataclass(frozen=True)
