@@ -89,10 +89,20 @@ def optimizer():
 
 
 def load(path: Path) -> dict:
+    """Cached rows by key; a row whose HLO is kept has its collectives re-read by today's parser."""
+    from tpu_compile import comm_of
+
     if not path.exists():
         return {}
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    return {r["key"]: r for r in rows}
+    rows = {r["key"]: r for r in (json.loads(x) for x in path.read_text().splitlines() if x.strip())}
+    for k, r in rows.items():
+        hlo = hlo_path(k, path == CPU_CACHE)
+        r["reparsed"] = hlo.exists()
+        if r["reparsed"]:
+            mesh = {a: int(n) for a, n in (x.split("=") for x in k.split("|")[1].split(","))}
+            with gzip.open(hlo, "rt") as f:
+                r["comm"] = comm_of(f.read(), mesh)
+    return rows
 
 
 def hlo_path(k: str, cpu: bool = False) -> Path:

@@ -144,6 +144,20 @@ def test_tpu_async_collective_fusion_counts_once():
     assert grads.ring_bytes == 2 * 7 / 8 * grads.bytes
 
 
+def test_tpu_all_reduce_scatter_fusion_is_a_reduce_scatter():
+    # The same step with its gradients constrained to their fsdp shards: the TPU compiler emits
+    # ``all-reduce-scatter.N`` fusions (an all-reduce, then each device's dynamic-slice). Two of
+    # them share channel 1 with each other and with an all-gather, yet are three collectives.
+    text = (Path(__file__).parent / "data" / "tpu_v5e_fsdp8_llama_reduce_scatter.hlo").read_text()
+    cs = parse_collectives(text, {"fsdp": 8})
+    assert sorted((c.kind, c.channel_id, len(c.shapes)) for c in cs) == [
+        ("all-gather", 1, 1), ("reduce-scatter", 1, 6), ("reduce-scatter", 1, 7), ("reduce-scatter", 42, 1)]
+    head = next(c for c in cs if c.channel_id == 42)
+    assert head.shapes == ((512, 512),) and head.bytes == 512 * 512 * 2  # this device's slice
+    assert head.ring_bytes == 7 / 8 * 512 * 4096 * 2  # a reduce-scatter of the whole bf16[512, 4096]
+    assert all(c.ring_bytes == 7 / 8 * 8 * c.bytes for c in cs if c.kind == "reduce-scatter")
+
+
 def test_ring_bytes_convention_and_bad_args():
     assert ring_bytes("all-reduce", 800, 8) == pytest.approx(1400)
     assert ring_bytes("reduce-scatter", 800, 8) == pytest.approx(700)
