@@ -187,8 +187,8 @@ def lane_padding(lv: Leaves, w: Workload, shards: int) -> int:
 
     XLA:TPU tiles an array's minor dim in 128 lanes, and a conv activation's minor dim is
     its channels: a 64-channel ResNet stage is stored at twice its size. A convolution whose
-    kernel overlaps its steps (kernel > stride, a ResNet stem) and whose input has fewer than
-    128 channels also keeps that input lane-padded for the backward pass: the 7x7 stem's
+    kernel overlaps its steps (kernel > stride, a ResNet stem) on input images of fewer than
+    128 channels also keeps the images lane-padded for the backward pass: the 7x7 stem's
     3-channel images take 128 lanes (``bf16[224, 32, 32, 3, 7]``, 49 MiB for 4 images, in
     the buffer dump of the ResNet-18 step). A patchify convolution (kernel == stride, a ViT's
     patch embedding) is a reshape and a matmul: it keeps no such copy. Zero off TPU, and for
@@ -216,11 +216,13 @@ def lane_padding(lv: Leaves, w: Workload, shards: int) -> int:
         for a in calls:  # feature maps (NHWC) of a conv's width: a conv, its norm, its block
             if len(a.output) == 4 and a.output[-1] in channels:
                 pad += math.prod(a.output) * w.act_item / shards * (_lanes(a.output[-1]) / a.output[-1] - 1)
+    images = tuple(w.batch.leaves[0][1]) if w.batch.leaves else ()
     for d in lv.decisions.values():
         acts = acts_for(w.activations, d.unit) if d.kind == "conv" and len(body(d)) == 4 else []
-        if not acts or len(acts[0].inputs[0]) != 4 or len(acts[0].output) != 4:
+        # a conv on the input images (its other inputs are feature maps, counted above)
+        if not acts or tuple(acts[0].inputs[0]) != images or len(images) != 4 or len(acts[0].output) != 4:
             continue
-        x, y = acts[0].inputs[0], acts[0].output
+        x, y = images, acts[0].output
         if body(d)[0] > max(x[1] // max(y[1], 1), 1) and x[-1] < 128:  # overlapping kernel, few channels
             pad += math.prod(x[:-1]) * _lanes(x[-1]) * w.act_item / shards
     return int(pad)
