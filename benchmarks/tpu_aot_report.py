@@ -30,8 +30,8 @@ def _err(est: float, got: float) -> str:
 
 def _rows(tpu: dict) -> tuple[list[str], list[tuple[float, str]]]:
     lines = ["| model | mesh | remat | dtype | compiled peak | Estimate.peak | error | compiled comm | "
-             "estimated comm | error | peak at | largest terms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "estimated comm | error | by kind (compiled / estimated GiB) | peak at | largest terms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     worst = []
     for key, r in tpu.items():
         e = _estimate(key)
@@ -42,11 +42,20 @@ def _rows(tpu: dict) -> tuple[list[str], list[tuple[float, str]]]:
         perr = (e.peak - r["peak"]) / r["peak"]
         cerr = (e.comm_total - got_comm) / got_comm if got_comm else 0.0
         worst.append((abs(perr), abs(cerr), key, perr, cerr))
+        mark = "" if r.get("reparsed") else " †"
         lines.append("| " + " | ".join(key.split("|")) + f" | {r['peak'] / G:.2f} GiB | {e.peak / G:.2f} GiB | "
-                     f"{_err(e.peak, r['peak'])} | {got_comm / G:.2f} GiB | {e.comm_total / G:.2f} GiB | "
-                     f"{_err(e.comm_total, got_comm)} | {at} | "
+                     f"{_err(e.peak, r['peak'])} | {got_comm / G:.2f} GiB{mark} | {e.comm_total / G:.2f} GiB | "
+                     f"{_err(e.comm_total, got_comm)} | {_by_kind(r['comm'], e.comm)} | {at} | "
                      + ", ".join(f"{k} {v / G:.2f}" for k, v in terms) + " |")
     return lines, worst
+
+
+def _by_kind(got: dict, est: dict) -> str:
+    short = {"all-gather": "AG", "all-reduce": "AR", "reduce-scatter": "RS", "all-to-all": "A2A",
+             "collective-permute": "CP"}
+    kinds = sorted(set(got) | set(est))
+    return ", ".join(f"{short.get(k, k)} {sum(got.get(k, {}).values()) / G:.2f} / {sum(est.get(k, {}).values()) / G:.2f}"
+                     for k in kinds if sum(got.get(k, {}).values()) + sum(est.get(k, {}).values()) >= G / 1000)
 
 
 def _cpu_rows(tpu: dict, cpu: dict) -> list[str]:
