@@ -5,7 +5,10 @@ its ``all-reduce`` / ``all-gather`` / ``reduce-scatter`` / ``all-to-all`` /
 ``collective-permute`` instructions are the step's real communication. This
 module parses them (tuple all-reduces, ``-start``/``-done`` async pairs counted
 once, ops wrapped in ``async-start`` computations, collectives inside ``while``
-bodies multiplied by the loop's known trip count) and prices each one with the
+bodies multiplied by the loop's known trip count; the TPU compiler's async
+collective fusions, whose pieces each hold a copy of one collective under one
+``channel_id``, counted once; its ``all-reduce-scatter`` fusions read as the
+reduce-scatters they are) and prices each one with the
 **same** per-device convention the estimator uses, so the two can be compared.
 
 Counting convention (ring algorithm, bytes one device sends, n = group size):
