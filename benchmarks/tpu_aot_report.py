@@ -136,10 +136,15 @@ layout of the first stage (`bf16[56, 4, 8, 7, 64]`, 18 MiB), which the estimate 
 ## ViT-B/16: over (open)
 
 At 2 layers and 4 images per device ViT's step is small (53 MiB compiled). The estimate counts
-35 MiB of saved activations and 7 MiB of saved scores, plus two whole layers of gathered weights
-(27 MiB); the compiler's temp is 39 MiB. Its compile takes 29 minutes on 2 shared cores, so its
-buffer dump was not read in this round; the likely over-count is the gathered layers and the
-activations of fused elementwise layers (LayerNorm, GELU) that a step this small does not keep.
+35 MiB of saved activations, 7 MiB of saved scores and 7 MiB of scores in flight, plus two
+whole layers of gathered weights (27 MiB); the compiler's temp is 39 MiB. Its buffer assignment
+(the dump is written within a minute; the TPU code generation after it takes 29 minutes on 2
+shared cores, which is why ViT rows are few) holds at most about one layer of gathered weights
+(the attention kernels of both layers, `bf16[768, 12, 64]` x 6 and `[12, 64, 768]` x 2, and one
+MLP kernel `bf16[768, 3072]`: 13.5 MiB, half the estimate's term), one MLP hidden
+`bf16[4, 197, 3072]` at a time, and q, k, v at `bf16[4, 197, 12, 64]`. Counting one gathered
+layer would leave +42%: the rest is in the saved activations of a step this small (the fused
+LayerNorm and GELU outputs it does not keep) and is not modelled yet.
 
 ## Communication
 
