@@ -154,8 +154,11 @@ match to the byte. Open: (1) the MoE step reduce-scatters (see above: under memo
 +50% until modelled, which needs the step's peak next to the gradient rule; (2) with a tensor
 axis (fsdp=2,model=4) XLA:TPU sums the input gradients of a pair's column layers in one
 all-reduce when they share their input (q, k, v: one; gate, up: one), where the estimate counts
-one per column (`_pair_items`, owned elsewhere): +60% on the tensor-axis all-reduces of a
-width-512 Llama, exact once merged.
+one per column (`_pair_items`, owned elsewhere): Llama-2-7B fsdp=2,model=4 reads +48%, and
+counting one column all-reduce per pair makes it exact (2.34 GiB both); (3) a tied embedding
+split over fsdp (GPT-2's `wte`): XLA:TPU all-reduces the gradient of its output use separately,
+whole, over fsdp (0.126 GiB for GPT-2), which the estimate counts only over free batch axes
+(`_embedding_items`): -32.5% until modelled, exact with it.
 
 ## The previous round, for comparison
 
