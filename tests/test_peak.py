@@ -35,7 +35,7 @@ def test_peak_is_its_breakdown(name, mesh):
     b, dev = e.breakdown, e.per_device
     assert b.arguments == dev.arguments and b.grads == dev.grads
     # on TPU conv feature maps (a tiny ViT's 64-wide patch embedding too) are lane-padded (test_conv_feature_maps_take_128_lanes)
-    assert b.activations > dev.activations if name in ("cnn", "vit") else b.activations == dev.activations
+    assert b.activations >= dev.activations if name in ("cnn", "vit") else b.activations == dev.activations
     assert e.peak == b.total == b.arguments + max(b.activations + b.scores + b.experts + b.layer + b.logits,
                                                   b.grads + b.gathered_last)
     assert b.layer == b.gathered + b.attention + b.recompute + b.expert_work
@@ -56,6 +56,9 @@ def test_conv_feature_maps_take_128_lanes():
     assert cpu.breakdown.activations == cpu.per_device.activations == tpu.per_device.activations
     _, _, llama = _estimate("llama", {"fsdp": 8})
     assert llama.breakdown.activations == llama.per_device.activations  # no conv: nothing padded
+    # with a tensor axis the compiler spreads the feature maps over it too: not modelled, no padding
+    _, _, split = _estimate("cnn", {"data": 2, "fsdp": 2, "model": 2})
+    assert split.breakdown.activations == split.per_device.activations
 
 
 def test_attention_scores_and_logits_exact():
