@@ -130,8 +130,11 @@ kernel's taps, `bf16[224, 32, 32, 3, 7]` = 49 MiB (exactly 4 images x 224 x 224 
 at 3.5 MiB, 2x their bytes, plus the width halo). `Estimate.peak` now counts both on TPU
 (`peak.lane_padding`: conv feature maps at 128 lanes; the images of an overlapping-kernel conv
 on the input at 128 lanes; a patchify conv such as ViT's keeps no such copy). Error -57% ->
-about -15%; what remains is the width halo (8/7 of the first stage) and a second tap-expanded
-layout of the first stage (`bf16[56, 4, 8, 7, 64]`, 18 MiB), which the estimate does not model.
+-14.6% (fsdp=8) and -13.5% (data=2,fsdp=4); what remains is the width halo (8/7 of the first
+stage) and a second tap-expanded layout of the first stage (`bf16[56, 4, 8, 7, 64]`, 18 MiB),
+which the estimate does not model. With a tensor axis (fsdp=2,model=4, -20.5%) the compiler
+spreads the feature maps over that axis as well, so no padding is counted there (counting it
+read +120%).
 
 ## ViT-B/16: over (open)
 
