@@ -20,6 +20,7 @@ Needs libtpu: ``pip install "jax[tpu]==<your jax>"`` (``tpflax[tpu]``).
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import re
@@ -31,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 HERE = Path(__file__).parent
 CACHE = HERE / "results" / "tpu_aot.jsonl"
 CPU_CACHE = HERE / "results" / "tpu_aot_cpu.jsonl"
+# compiled HLO per config (gzip), so a parser fix re-reads the collectives without recompiling
+HLO_DIR = HERE / "results" / "tpu_hlo"
 OUT = HERE / "results" / "tpu_aot.md"
 G = 2 ** 30
 
@@ -86,20 +89,34 @@ def optimizer():
 
 
 def load(path: Path) -> dict:
+    """Cached rows by key; a row whose HLO is kept has its collectives re-read by today's parser."""
+    from tpu_compile import comm_of
+
     if not path.exists():
         return {}
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    return {r["key"]: r for r in rows}
+    rows = {r["key"]: r for r in (json.loads(x) for x in path.read_text().splitlines() if x.strip())}
+    for k, r in rows.items():
+        hlo = hlo_path(k, path == CPU_CACHE)
+        r["reparsed"] = hlo.exists()
+        if r["reparsed"]:
+            mesh = {a: int(n) for a, n in (x.split("=") for x in k.split("|")[1].split(","))}
+            with gzip.open(hlo, "rt") as f:
+                r["comm"] = comm_of(f.read(), mesh)
+    return rows
 
 
-def compile_all(cpu: bool, only: str = "") -> None:
+def hlo_path(k: str, cpu: bool = False) -> Path:
+    return HLO_DIR / (re.sub(r"[^\w.=,-]+", "_", k) + (".cpu" if cpu else "") + ".hlo.gz")
+
+
+def compile_all(cpu: bool, only: str = "", redo: bool = False) -> None:
     from tpu_compile import compile_step, tpu_mesh
 
     import tpflax
 
     path = CPU_CACHE if cpu else CACHE
     done = load(path)
-    todo = [c for c in grid() if key(c) not in done and re.search(only, key(c))]
+    todo = [c for c in grid() if (redo or key(c) not in done) and re.search(only, key(c))]
     if cpu:  # the side-by-side table: one mesh, bf16, remat off
         todo = [c for c in todo if c[1] == "fsdp=8" and c[3] == "bf16" and not c[2]]
     for cfg in todo:
@@ -108,7 +125,10 @@ def compile_all(cpu: bool, only: str = "") -> None:
         c = compile_step(tpflax.make_train_step(m, p, mesh, optimizer(), batch), mesh)
         row = {"key": key(cfg), "argument": c.argument, "output": c.output, "temp": c.temp, "alias": c.alias,
                "peak": c.peak, "comm": c.comm, "flops": c.flops, "seconds": round(c.seconds, 1)}
-        with path.open("a") as f:
+        HLO_DIR.mkdir(exist_ok=True)
+        with gzip.open(hlo_path(key(cfg), cpu), "wt") as f:
+            f.write(c.hlo)
+        with path.open("a") as f:  # a later row of the same key replaces an earlier one (load)
             f.write(json.dumps(row) + "\n")
         print(key(cfg), f"peak {c.peak / G:.3f} GiB in {c.seconds:.0f}s", flush=True)
 
@@ -118,11 +138,12 @@ def main() -> int:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--only", default="", help="compile only configs whose key matches this regex")
+    ap.add_argument("--redo", action="store_true", help="compile matching configs again even if cached")
     args = ap.parse_args()
     if args.compile or args.cpu:
         if args.cpu:
             os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-        compile_all(args.cpu, args.only)
+        compile_all(args.cpu, args.only, args.redo)
         return 0
     from tpu_aot_report import write_report
 

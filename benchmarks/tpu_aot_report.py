@@ -30,8 +30,8 @@ def _err(est: float, got: float) -> str:
 
 def _rows(tpu: dict) -> tuple[list[str], list[tuple[float, str]]]:
     lines = ["| model | mesh | remat | dtype | compiled peak | Estimate.peak | error | compiled comm | "
-             "estimated comm | error | peak at | largest terms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "estimated comm | error | by kind (compiled / estimated GiB) | peak at | largest terms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     worst = []
     for key, r in tpu.items():
         e = _estimate(key)
@@ -42,11 +42,20 @@ def _rows(tpu: dict) -> tuple[list[str], list[tuple[float, str]]]:
         perr = (e.peak - r["peak"]) / r["peak"]
         cerr = (e.comm_total - got_comm) / got_comm if got_comm else 0.0
         worst.append((abs(perr), abs(cerr), key, perr, cerr))
+        mark = "" if r.get("reparsed") else " †"
         lines.append("| " + " | ".join(key.split("|")) + f" | {r['peak'] / G:.2f} GiB | {e.peak / G:.2f} GiB | "
-                     f"{_err(e.peak, r['peak'])} | {got_comm / G:.2f} GiB | {e.comm_total / G:.2f} GiB | "
-                     f"{_err(e.comm_total, got_comm)} | {at} | "
+                     f"{_err(e.peak, r['peak'])} | {got_comm / G:.2f} GiB{mark} | {e.comm_total / G:.2f} GiB | "
+                     f"{_err(e.comm_total, got_comm)} | {_by_kind(r['comm'], e.comm)} | {at} | "
                      + ", ".join(f"{k} {v / G:.2f}" for k, v in terms) + " |")
     return lines, worst
+
+
+def _by_kind(got: dict, est: dict) -> str:
+    short = {"all-gather": "AG", "all-reduce": "AR", "reduce-scatter": "RS", "all-to-all": "A2A",
+             "collective-permute": "CP"}
+    kinds = sorted(set(got) | set(est))
+    return ", ".join(f"{short.get(k, k)} {sum(got.get(k, {}).values()) / G:.2f} / {sum(est.get(k, {}).values()) / G:.2f}"
+                     for k in kinds if sum(got.get(k, {}).values()) + sum(est.get(k, {}).values()) >= G / 1000)
 
 
 def _cpu_rows(tpu: dict, cpu: dict) -> list[str]:
@@ -85,48 +94,80 @@ Llama data=2,fsdp=4 bf16, Llama remat on, GPT-2.
 ## Where the CPU and TPU compilers differ
 
 - Temp bytes: XLA:CPU needs 2.3x (Llama: 15.6 vs 6.8 GiB) and 2x (GPT-2) the TPU's temp for the
-  same step (its buffers were not broken down here; the TPU's hold the scores in bf16 with the
-  softmax's float32 fused away); a peak calibrated on the CPU compiler overstates the TPU's.
-- Gradient reduction over fsdp: neither compiler emits a reduce-scatter for this step; both
-  all-reduce the full gradient and slice it. XLA:CPU's all-reduces move twice the TPU's bytes
-  (4.35 vs 2.17 GiB for Llama), and it gathers less (2.17 vs 2.89 GiB).
-- Weight gathers: at real size both compilers gather the fsdp weights again in the backward
-  pass (forward + backward, not once as the estimate assumes for small models).
-- The TPU HLO splits collectives into async collective fusions (`async-collective-start` and
-  `async_collective_fusion.*` computations); several `all-gather` instructions share one
-  `channel_id`. `tpflax.hlo.parse_collectives` counts every instruction at full size, so the
-  compiled comm column over-counts gathers on TPU (it reads 2.65x one gather of every weight for
-  Llama where forward + backward is 2x).
-- Memory layout: TPU tiles arrays in (8, 128) blocks; a toy's small leaves pad (a 1-layer,
-  d_model 256 Llama's arguments are 27% above the exact bytes); at real size arguments match the
-  estimate exactly (0.466 GiB for the 2-layer 7B step).
+  same step (the TPU's buffers hold the scores in bf16 with the softmax's float32 fused away); a
+  peak calibrated on the CPU compiler overstates the TPU's.
+- Gradient reduction over fsdp: in tpflax's train step both compilers all-reduce the whole
+  gradient and slice it (one tuple all-reduce on TPU, over `data+fsdp` when a data axis is
+  free); XLA:CPU's all-reduces move twice the TPU's bytes (4.35 vs 2.17 GiB for Llama).
+  Exception: in the MoE step, whose peak sits at the v5e's 16 GiB, XLA:TPU reduce-scatters every
+  fsdp gradient (`all-reduce-scatter.N` fusions: an all-reduce of the full gradient followed by
+  this device's dynamic-slice, which the TPU runs as a reduce-scatter). Constraining the
+  gradients to their shards in the step (`with_sharding_constraint(grads, param shardings)` after
+  `value_and_grad`) makes the TPU reduce-scatter in the small Llama too (gradient bytes 35.5 ->
+  18.6 MiB); tpflax's step does not do that today.
+- Weight gathers: XLA:TPU gathers each fsdp weight once per step, also at real size (Llama-2-7B:
+  1.09 GiB, the estimate to the byte). XLA:CPU gathers twice at real size (2.17 GiB).
+- Async collective fusions: the TPU splits a gather into an `async-collective-start` fusion,
+  `async_collective_fusion.*` continuations and an `async-collective-done` fusion, each holding a
+  copy of the all-gather with the same `channel_id`, shape and groups. `tpflax.hlo.parse_collectives`
+  now counts such copies once (`Collective.pieces` says how many there were); before, the
+  compiled comm over-counted gathers 2.65x for Llama, which read as a "backward re-gather". Rows
+  marked † were read by that old parser (their HLO was not kept); rows without the mark are
+  re-read from the kept HLO (`benchmarks/results/tpu_hlo/`, not committed).
+- Memory layout: TPU tiles arrays in (8, 128) blocks: a minor dim is padded to 128 lanes. A
+  transformer's widths are multiples of 128; a conv net's channels are not (ResNet's 64-channel
+  stage is stored at twice its size, its 3-channel images at 43x). At real size a transformer's
+  arguments match the estimate exactly (0.466 GiB for the 2-layer 7B step).
 - `cost_analysis()["optimal_seconds"]` is negative on the AOT path: no step time from it.
 
-## ResNet-18: not within 10% (open)
+## ResNet-18
 
 The TPU compiler partitions ResNet over image width, not over the batch the step shards: its
-buffers are `[rows, the whole batch of 32, a width slice (+ halo), channels]`, and it
-materialises kernel-tap-expanded copies for the convolutions (four `bf16[56, 32, 8, 64, 3]` of
-10.5 MiB each among the largest buffers; the stem's `bf16[224, 32, 32, 3, 7]`). The estimate
-counts the traced conv and BatchNorm outputs (44 MiB per device) and no tap-expanded buffers.
-Modelling a re-partitioned convolution is left open; constraining the images to the batch axes
-inside the model would make the compiler follow the estimate's layout.
+buffers are `[rows, the whole batch of 32, a width slice (+ halo), channels]`. From its buffer
+dump (peak live set 121 MiB): the stem's 3-channel input images held lane-padded for the 7x7
+kernel's taps, `bf16[224, 32, 32, 3, 7]` = 49 MiB (exactly 4 images x 224 x 224 x 128 lanes x
+2 bytes), and the 64-channel feature maps of the first stage at 128 lanes (`bf16[56, 32, 8, 64]`
+at 3.5 MiB, 2x their bytes, plus the width halo). `Estimate.peak` now counts both on TPU
+(`peak.lane_padding`: conv feature maps at 128 lanes; the images of an overlapping-kernel conv
+on the input at 128 lanes; a patchify conv such as ViT's keeps no such copy). Error -57% ->
+-14.6% (fsdp=8) and -13.5% (data=2,fsdp=4); what remains is the width halo (8/7 of the first
+stage) and a second tap-expanded layout of the first stage (`bf16[56, 4, 8, 7, 64]`, 18 MiB),
+which the estimate does not model. With a tensor axis (fsdp=2,model=4, -20.5%) the compiler
+spreads the feature maps over that axis as well, so no padding is counted there (counting it
+read +120%).
 
-## ViT-B/16: over by 68% (open)
+## ViT-B/16: over (open)
 
 At 2 layers and 4 images per device ViT's step is small (53 MiB compiled). The estimate counts
-42 MiB of saved activations and scores, plus two whole layers of gathered weights (27 MiB); the
-compiler's temp is 39 MiB. Not broken down (no buffer dump was taken for it in this run); the
-likely over-count is the two gathered layers, which a step this small does not hold at once.
+35 MiB of saved activations, 7 MiB of saved scores and 7 MiB of scores in flight, plus two
+whole layers of gathered weights (27 MiB); the compiler's temp is 39 MiB. Its buffer assignment
+(the dump is written within a minute; the TPU code generation after it takes 29 minutes on 2
+shared cores, which is why ViT rows are few) holds at most about one layer of gathered weights
+(the attention kernels of both layers, `bf16[768, 12, 64]` x 6 and `[12, 64, 768]` x 2, and one
+MLP kernel `bf16[768, 3072]`: 13.5 MiB, half the estimate's term), one MLP hidden
+`bf16[4, 197, 3072]` at a time, and q, k, v at `bf16[4, 197, 12, 64]`. Counting one gathered
+layer would leave +42%: the rest is in the saved activations of a step this small (the fused
+LayerNorm and GELU outputs it does not keep) and is not modelled yet.
 
-## Communication: not within 10% (open)
+## Communication
 
-The estimate models fsdp as one all-gather per weight and a reduce-scatter of each gradient.
-The TPU step all-reduces the gradients (2x the reduce-scatter's ring bytes) and gathers weights
-in the backward pass as well; with the parser over-counting async collective fusions, the
-compiled column is 2.2-2.6x the estimate. Closing it needs (1) `hlo.parse_collectives` to count
-a split collective once (by channel id / async start) and (2) `cost/comm.py` to model the TPU's
-all-reduce of fsdp gradients and the backward re-gather at real size.
+With the parser counting each collective once and the TPU's fsdp gradients modelled as the
+one all-reduce it emits (`cost/comm.py`, `_tpu_fsdp_gradient`), Llama-2-7B fsdp=8 and ResNet-18
+match to the byte. Open: (1) the MoE step reduce-scatters (see above: under memory pressure),
++50% until modelled, which needs the step's peak next to the gradient rule; (2) with a tensor
+axis (fsdp=2,model=4) XLA:TPU sums the input gradients of a pair's column layers in one
+all-reduce when they share their input (q, k, v: one; gate, up: one), where the estimate counts
+one per column (`_pair_items`, owned elsewhere): Llama-2-7B fsdp=2,model=4 reads +48%, and
+counting one column all-reduce per pair makes it exact (2.34 GiB both); (3) a tied embedding
+split over fsdp (GPT-2's `wte`): XLA:TPU all-reduces the gradient of its output use separately,
+whole, over fsdp (0.126 GiB for GPT-2), which the estimate counts only over free batch axes
+(`_embedding_items`): -32.5% until modelled, exact with it.
+
+## The previous round, for comparison
+
+Worst rows before the parser fix, the TPU gradient rule and the lane padding: ViT-B/16 fsdp=8
+peak +67.9%; ResNet-18 fsdp=8 peak -57.2%, comm -62.2%; MoE fsdp=8 comm -67.5%; Llama-2-7B
+fsdp=8 comm -57.1% (then read by the old parser).
 """
 
 

@@ -7,16 +7,11 @@ program; retarget it to ``tpflax.make_mesh(shape, target=...)`` and
 
 from __future__ import annotations
 
-import os
+import math
 import time
 from dataclasses import dataclass
 
-# libtpu warns about TPU_ACCELERATOR_TYPE and worker hostnames on a machine without TPUs: harmless
-os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# libtpu takes a machine-wide lock file; compiling for an abstract topology needs no exclusive chip
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+import tpflax  # noqa: F401 - on a machine without TPUs, importing tpflax quiets libtpu's start-up warnings
 
 
 @dataclass(frozen=True)
@@ -45,11 +40,23 @@ def tpu_mesh(shape: dict, topology: str = "v5e:2x4"):
     return Mesh(devices.reshape(tuple(shape.values())), tuple(shape))
 
 
+def comm_of(hlo: str, mesh) -> dict:
+    """``{kind: {axis label: ring bytes per step}}`` of a compiled program's HLO text on ``mesh``
+    (a ``Mesh`` or ``{axis: size}``)."""
+    from tpflax.hlo import parse_collectives, summarize
+
+    sizes = dict(mesh.shape) if hasattr(mesh, "devices") else dict(mesh)
+    comm: dict = {}
+    for (kind, axis), v in summarize(parse_collectives(hlo, sizes, num_devices=math.prod(sizes.values())),
+                                     by="axis").items():
+        if v > 0:
+            comm.setdefault(kind, {})[axis] = v
+    return comm
+
+
 def compile_step(ts, mesh) -> Compiled:
     """Lower and compile a :class:`tpflax.TrainStep` for ``mesh``'s (TPU) devices."""
     import jax
-
-    from tpflax.hlo import parse_collectives, summarize
 
     t0 = time.perf_counter()
     c = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings,
@@ -57,11 +64,7 @@ def compile_step(ts, mesh) -> Compiled:
     seconds = time.perf_counter() - t0
     ma = c.memory_analysis()
     text = c.as_text()
-    comm: dict = {}
-    for (kind, axis), v in summarize(parse_collectives(text, mesh, num_devices=mesh.devices.size),
-                                     by="axis").items():
-        if v > 0:
-            comm.setdefault(kind, {})[axis] = v
+    comm = comm_of(text, mesh)
     ca = c.cost_analysis()
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca
     arg, out, temp, alias = (int(getattr(ma, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp",

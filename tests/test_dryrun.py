@@ -106,6 +106,9 @@ def test_report_shows_estimated_and_compiled_memory_side_by_side():
     data = json.loads(tpflax.report(p, est, fmt="json", dry_run=dr))
     rows = {r["name"]: r for r in data["estimate_vs_compiled"]["rows"]}
     assert rows["arguments (params+state+opt+batch)"]["compiled"] == dr.memory["argument"]
+    peak = rows["peak (what must fit per device)"]
+    assert peak["estimated"] == est.peak and peak["compiled"] == dr.memory["peak"]
+    assert dr.compare(est).peak_error == pytest.approx((est.peak - dr.memory["peak"]) / dr.memory["peak"])
     assert dr.flops and dr.flops > 0
 
 

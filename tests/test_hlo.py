@@ -1,5 +1,7 @@
 """HLO collective parsing: hand-made snippets for every spelling, and real compiled programs."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -121,6 +123,39 @@ def test_while_trip_count_and_async_wrapper():
     assert rs.count == 1 and rs.is_async
     assert summarize([ar, rs]) == {"all-reduce": pytest.approx(5 * ar.ring_bytes),
                                    "reduce-scatter": pytest.approx(rs.ring_bytes)}
+
+
+def test_tpu_async_collective_fusion_counts_once():
+    # An excerpt of a real TPU HLO (libtpu 0.0.42.1, v5e:2x4, fsdp=8, a 2-layer width-512 bf16
+    # Llama train step): one fsdp all-gather of an MLP kernel split into an async-collective-start
+    # fusion, four continuation fusions and a done fusion (six all-gather copies on channel 9), a
+    # plain async all-gather of the embedding, and the gradients' one tuple all-reduce (the TPU
+    # all-reduces the whole fsdp gradient and slices it inside the optimizer's fusions).
+    text = (Path(__file__).parent / "data" / "tpu_v5e_fsdp8_llama.hlo").read_text()
+    cs = parse_collectives(text, {"fsdp": 8})
+    assert [(c.kind, c.channel_id, c.pieces) for c in cs] == [
+        ("all-gather", 9, 6), ("all-gather", 1, 1), ("all-reduce", 23, 1)]
+    ag, emb, grads = cs
+    assert ag.shapes == ((512, 1408),) and ag.is_async and ag.group_size == 8 and ag.axes == ("fsdp",)
+    assert ag.ring_bytes == 7 / 8 * 512 * 1408 * 2  # one gather of the whole kernel, not six
+    assert emb.shapes == ((4096, 512),) and emb.ring_bytes == 7 / 8 * 4096 * 512 * 2
+    assert len(grads.shapes) == 16 and grads.axes == ("fsdp",)
+    assert grads.bytes == 2 * (4096 * 512 * 2 + 8 * 512 * 512 + 6 * 512 * 1408)  # every trainable matrix
+    assert grads.ring_bytes == 2 * 7 / 8 * grads.bytes
+
+
+def test_tpu_all_reduce_scatter_fusion_is_a_reduce_scatter():
+    # The same step with its gradients constrained to their fsdp shards: the TPU compiler emits
+    # ``all-reduce-scatter.N`` fusions (an all-reduce, then each device's dynamic-slice). Two of
+    # them share channel 1 with each other and with an all-gather, yet are three collectives.
+    text = (Path(__file__).parent / "data" / "tpu_v5e_fsdp8_llama_reduce_scatter.hlo").read_text()
+    cs = parse_collectives(text, {"fsdp": 8})
+    assert sorted((c.kind, c.channel_id, len(c.shapes)) for c in cs) == [
+        ("all-gather", 1, 1), ("reduce-scatter", 1, 6), ("reduce-scatter", 1, 7), ("reduce-scatter", 42, 1)]
+    head = next(c for c in cs if c.channel_id == 42)
+    assert head.shapes == ((512, 512),) and head.bytes == 512 * 512 * 2  # this device's slice
+    assert head.ring_bytes == 7 / 8 * 512 * 4096 * 2  # a reduce-scatter of the whole bf16[512, 4096]
+    assert all(c.ring_bytes == 7 / 8 * 8 * c.bytes for c in cs if c.kind == "reduce-scatter")
 
 
 def test_ring_bytes_convention_and_bad_args():

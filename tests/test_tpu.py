@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import optax
@@ -112,3 +116,18 @@ def test_cli_dry_run_target(capsys):
     assert out["dry_run"]["platform"] == "tpu"
     assert out["dry_run"]["fit"]["fits"] is True
     assert out["dry_run"]["memory"]["peak"] == out["dry_run"]["fit"]["peak"]
+
+
+@needs_libtpu
+@pytest.mark.slow  # a fresh python process: ~5 s
+def test_no_libtpu_start_up_warnings_without_a_tpu():
+    # a fresh process, without the settings this one's `import tpflax` made, runs a CLI plan
+    # (which starts jax's backends, and with them libtpu)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "TPU_SKIP_MDS_QUERY")}
+    env["PYTHONPATH"] = str(Path(__file__).parent.parent)
+    run = subprocess.run([sys.executable, "-m", "tpflax.cli", "plan", "mlp", "--mesh", "model=2"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "tpflax plan" in run.stdout
+    for noise in ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "InitGoogle", "E0000"):
+        assert noise not in run.stderr

@@ -59,7 +59,11 @@ from tpflax._src.step import TrainStep, make_train_step
 from tpflax._src.suggest.records import Candidate, Degree, Suggestion, Verification
 from tpflax._src.suggest.search import suggest_mesh
 from tpflax._src.suggest.verify import verify_suggestion
+from tpflax._src.tpu import quiet_libtpu
 from tpflax._src.trace.dataflow import Dataflow, dataflow
+
+# before jax starts its backends: no libtpu start-up warnings on a machine without TPUs
+quiet_libtpu()
 
 __version__ = "0.1.0"
 

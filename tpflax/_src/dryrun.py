@@ -96,6 +96,8 @@ class DryRun:
                          mem.get("output")))
         rows.append(_row("memory", "temp (grads+activations, XLA's buffers)",
                          est.per_device.grads + est.per_device.activations, mem.get("temp")))
+        # what must fit at once: Estimate.peak (its breakdown) against the compiler's peak
+        rows.append(_row("memory", "peak (what must fit per device)", est.peak, mem.get("peak")))
         got = self.comm()
         keys = sorted({(k, a) for k, v in est.comm.items() for a in v} | {(k, a) for k, v in got.items()
                                                                           for a in v})
@@ -164,6 +166,11 @@ class Comparison:
     def memory_error(self) -> float | None:
         """Relative error of params + state + optimizer state + batch vs XLA's argument bytes."""
         return self.row("arguments").rel_error
+
+    @property
+    def peak_error(self) -> float | None:
+        """Relative error of ``Estimate.peak`` vs the compiled peak (what must fit per device)."""
+        return self.row("peak").rel_error
 
     @property
     def comm_error(self) -> float | None:

@@ -5,7 +5,10 @@ its ``all-reduce`` / ``all-gather`` / ``reduce-scatter`` / ``all-to-all`` /
 ``collective-permute`` instructions are the step's real communication. This
 module parses them (tuple all-reduces, ``-start``/``-done`` async pairs counted
 once, ops wrapped in ``async-start`` computations, collectives inside ``while``
-bodies multiplied by the loop's known trip count) and prices each one with the
+bodies multiplied by the loop's known trip count; the TPU compiler's async
+collective fusions, whose pieces each hold a copy of one collective under one
+``channel_id``, counted once; its ``all-reduce-scatter`` fusions read as the
+reduce-scatters they are) and prices each one with the
 **same** per-device convention the estimator uses, so the two can be compared.
 
 Counting convention (ring algorithm, bytes one device sends, n = group size):
@@ -32,7 +35,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -97,6 +100,10 @@ class Collective:
         is_async: came from a ``-start``/``-done`` pair or an ``async-start`` wrapper.
         op_name: jax provenance from the instruction's metadata.
         computation: the HLO computation holding the instruction.
+        channel_id: the instruction's ``channel_id`` (None when it has none).
+        pieces: how many instructions of the program make up this collective (the TPU compiler
+            splits one collective into an async start, continuation fusions and a done, each
+            holding a copy of it under the same ``channel_id``).
     """
 
     kind: str
@@ -114,6 +121,8 @@ class Collective:
     is_async: bool = False
     op_name: str = ""
     computation: str = ""
+    channel_id: int | None = None
+    pieces: int = 1
 
     @property
     def dtype(self) -> str:
@@ -134,7 +143,8 @@ class Collective:
         return {"kind": self.kind, "name": self.name, "shapes": [list(s) for s in self.shapes],
                 "dtypes": list(self.dtypes), "bytes": self.bytes, "group_size": self.group_size,
                 "replica_groups": [list(g) for g in self.replica_groups], "ring_bytes": self.ring_bytes,
-                "count": self.count, "axes": list(self.axes), "op_name": self.op_name}
+                "count": self.count, "axes": list(self.axes), "op_name": self.op_name,
+                "channel_id": self.channel_id, "pieces": self.pieces}
 
 
 # ---------------------------------------------------------------------------
@@ -464,6 +474,12 @@ def parse_collectives(hlo_text: str, mesh: Any = None, *, num_devices: int | Non
             src = re.match(r"\s*(?:[^%]*\s)?%?([\w.\-]+)", ins.operands)
             if src:
                 done_of[src.group(1)] = ins
+    # the TPU compiler's reduce-scatter: a fusion calling an ``all-reduce-scatter.N`` computation
+    # that all-reduces its inputs and keeps this device's dynamic-slice of each
+    slices: dict[str, list[_Instr]] = {}
+    for ins in instrs:
+        if ins.opcode == "dynamic-slice" and ins.computation.startswith("all-reduce-scatter"):
+            slices.setdefault(ins.computation, []).append(ins)
     out = []
     for ins in instrs:
         op = ins.opcode
@@ -488,6 +504,8 @@ def parse_collectives(hlo_text: str, mesh: Any = None, *, num_devices: int | Non
         else:
             groups = parse_replica_groups(_attr(ins.attrs, "replica_groups"), n_dev)
             n = len(groups[0]) if groups else (n_dev or 1)
+        if kind == "all-reduce" and ins.computation in slices:
+            kind, shapes, dtypes, nbytes = _scattered(shapes, dtypes, nbytes, slices[ins.computation], n)
         dims_raw = _attr(ins.attrs, "dimensions") or ""
         dims = tuple(int(x) for x in re.findall(r"\d+", dims_raw))
         size = nbytes * n if kind == "reduce-scatter" else nbytes
@@ -495,6 +513,7 @@ def parse_collectives(hlo_text: str, mesh: Any = None, *, num_devices: int | Non
         meta = re.search(r'op_name="((?:[^"\\]|\\.)*)"', ins.attrs)
         if meta:
             op_name = meta.group(1)
+        channel = _attr(ins.attrs, "channel_id")
         axes: tuple[str, ...] = ()
         if mesh is not None and groups:
             try:
@@ -507,7 +526,47 @@ def parse_collectives(hlo_text: str, mesh: Any = None, *, num_devices: int | Non
             ring_bytes=ring_bytes(kind, size, n) if kind != "collective-permute" or pairs else 0.0,
             count=max(1, mult.get(ins.computation, 1)), axes=axes, dimensions=dims,
             source_target_pairs=pairs, is_async=is_async, op_name=op_name,
-            computation=ins.computation))
+            computation=ins.computation, channel_id=int(channel) if channel and channel.isdigit() else None))
+    return _one_per_channel(out)
+
+
+def _scattered(shapes, dtypes, nbytes: int, slices: list[_Instr], n: int) -> tuple:
+    """``(kind, shapes, dtypes, bytes)`` of an all-reduce inside an ``all-reduce-scatter`` fusion.
+
+    Each device keeps a ``1/n`` slice of the sum (the fusion's dynamic-slices), so it is a
+    reduce-scatter of the all-reduced buffer (libtpu 0.0.42.1 emits it for fsdp gradients that
+    are constrained to their shards). Left an all-reduce if the slices are not ``1/n`` of it.
+    """
+    got, types = _shapes(",".join(x.shape for x in slices))
+    if not got or _nbytes(got, types) * n != nbytes:
+        return "all-reduce", shapes, dtypes, nbytes
+    return "reduce-scatter", got, types, _nbytes(got, types)
+
+
+def _one_per_channel(collectives: list[Collective]) -> list[Collective]:
+    """Merge the copies of one collective that share a ``channel_id``: it runs once.
+
+    XLA gives every cross-device collective its own channel id. The TPU compiler
+    splits an fsdp all-gather into an ``async-collective-start`` fusion, several
+    ``async_collective_fusion`` continuations (each overlapping a slice of the
+    transfer with compute) and an ``async-collective-done`` fusion; every one of
+    them holds a copy of the same all-gather, result shape and channel id. Counting
+    each copy overstated the gathers by the number of pieces (2.65x for Llama-2-7B).
+    """
+    first: dict[tuple, int] = {}
+    out: list[Collective] = []
+    for c in collectives:
+        # same channel, same buffer, same groups: a copy. Distinct collectives can share a
+        # channel id (two all-reduce-scatter fusions of different gradients did), so the
+        # channel alone is not enough.
+        k = (c.kind, c.channel_id, c.shapes, c.replica_groups) if c.channel_id is not None else None
+        if k is None or k not in first:
+            if k is not None:
+                first[k] = len(out)
+            out.append(c)
+            continue
+        i = first[k]
+        out[i] = replace(out[i], pieces=out[i].pieces + 1, is_async=True, count=max(out[i].count, c.count))
     return out
 
 

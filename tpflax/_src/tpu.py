@@ -158,7 +158,7 @@ def _devices(libtpu_name: str) -> tuple[Any, ...]:
                           f"run {INSTALL} (it installs the libtpu matching your jax)")
     from jax.experimental import topologies
 
-    _quiet_environment()
+    quiet_libtpu()
     with _CapturedStderr() as err:
         try:
             desc = topologies.get_topology_desc(platform="tpu", topology_name=libtpu_name)
@@ -168,15 +168,52 @@ def _devices(libtpu_name: str) -> tuple[Any, ...]:
     return tuple(sorted(desc.devices, key=lambda d: d.id))
 
 
-def _quiet_environment() -> None:
-    """On a machine without TPUs, let several processes load libtpu for compiling.
+# PCI device ids of TPU chips (vendor 0x1ae0, Google), as jax's hardware_utils lists them; newer chips
+# also show up as /dev/accel* or /dev/vfio/<n>, which are checked too
+_TPU_PCI_IDS = frozenset({"0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076"})
 
-    libtpu takes an exclusive lock file meant to keep two processes off one TPU;
-    with no TPU attached there is nothing to guard, and the lock would stop two
-    dry runs (or two test workers) from running side by side.
+
+def tpu_attached() -> bool:
+    """Whether this machine has a TPU chip: a TPU PCI device, ``/dev/accel*`` or ``/dev/vfio/<n>``.
+
+    >>> isinstance(tpu_attached(), bool)
+    True
     """
-    if not any(os.path.exists(p) for p in ("/dev/accel0", "/dev/vfio")):
-        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    import glob
+
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return True
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            with open(vendor) as f, open(os.path.join(os.path.dirname(vendor), "device")) as g:
+                if f.read().strip() == "0x1ae0" and g.read().strip() in _TPU_PCI_IDS:
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def quiet_libtpu() -> None:
+    """On a machine without TPUs, give libtpu the settings it would otherwise warn about.
+
+    With libtpu installed (``tpflax[tpu]``), jax loads it whenever its backends start,
+    even with no TPU attached, and libtpu prints that it cannot determine the
+    accelerator type and the worker hostnames (and "Logging before InitGoogle") on
+    every run. Compiling for a target topology needs neither, so when no TPU chip is
+    attached the two are set to harmless defaults (a one-host v5e slice on
+    localhost; compile-only topologies of every generation ignore them). Values the
+    user set win, and on a TPU host nothing is touched, so libtpu finds its chips
+    as usual. libtpu's lock file, which keeps two processes off one TPU, is not
+    needed either: several processes may load it to compile side by side.
+    Must run before jax starts its backends; ``import tpflax`` calls it.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("libtpu") is None or tpu_attached():
+        return
+    for key, value in (("TPU_ACCELERATOR_TYPE", "v5litepod-8"), ("TPU_WORKER_HOSTNAMES", "localhost"),
+                       ("TPU_SKIP_MDS_QUERY", "1"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
+        os.environ.setdefault(key, value)
 
 
 class _CapturedStderr:

@@ -25,7 +25,8 @@ compiled program (:func:`tpflax.dry_run`), and kept per mesh axis:
 * fsdp: all-gather of the parameter for compute (the backward pass reuses it,
   with or without remat), and a reduce-scatter of its gradient; XLA:CPU has no
   reduce-scatter creator pass and emits a full all-reduce whose result each
-  device slices, so ``backend="cpu"`` models that instead;
+  device slices, so ``backend="cpu"`` models that instead; XLA:TPU (libtpu 0.0.42.1) does
+  the same in the zoo's steps, so ``backend="tpu"`` models it too (``"gpu"``: reduce-scatter);
 * data parallelism: all-reduce of the gradients over the batch axes that do not
   shard the leaf;
 * expert parallelism (``expert_dispatch="all-to-all"``): two all-to-alls of the
@@ -123,8 +124,8 @@ def estimate(plan, optimizer: Any = None, batch: Any = None, *, config: Any = No
             config's ``remat`` field when the model has one.
         grad_dtype: gradient dtype (default: the parameter's).
         act_dtype: activation dtype (default: the batch's float dtype / config dtype).
-        backend: ``"tpu"``/``"gpu"`` (fsdp gradients reduce-scatter) or ``"cpu"``
-            (XLA:CPU all-reduces them and slices).
+        backend: ``"tpu"`` or ``"cpu"`` (XLA:TPU and XLA:CPU all-reduce the whole fsdp
+            gradient and slice it, measured) or ``"gpu"`` (fsdp gradients reduce-scatter).
         expert_dispatch: ``"all-to-all"`` (routed tokens move to their experts) or
             ``"dense"`` (every expert sees every token; expert-split like a pair).
         optimizer_name: how to name the optimizer in reports (default: from optax).
