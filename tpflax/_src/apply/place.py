@@ -28,7 +28,7 @@ from tpflax._src.apply.bind import (
 from tpflax._src.apply.put import place_tree
 from tpflax._src.facts.tree import is_box, unbox, walk
 from tpflax._src.planner.plan import Plan
-from tpflax._src.scan_fsdp import zero3
+from tpflax._src.scan_fsdp import pin, zero3
 from tpflax._src.specs import fsdp_axes, without_axes
 
 
@@ -171,8 +171,10 @@ def constrain(tree: Any, plan: Plan, mesh: Any = None, *, gathered: bool = False
     """
     mesh = bind_mesh(plan, mesh)
     boxes, treedef, shards = plan_leaf_shardings(plan, mesh, tree)
-    if gathered and fsdp_axes(plan):
-        shards = [NamedSharding(s.mesh, without_axes(s.spec, fsdp_axes(plan))) for s in shards]
+    if gathered and fsdp_axes(plan):  # stored, then gathered: the gradient is reduce-scattered back
+        values = [pin(unbox(b), s, NamedSharding(s.mesh, without_axes(s.spec, fsdp_axes(plan))))
+                  for b, s in zip(boxes, shards, strict=True)]
+        return rebox_all(boxes, values, treedef)
     values = [jax.lax.with_sharding_constraint(unbox(b), s) for b, s in zip(boxes, shards, strict=True)]
     return rebox_all(boxes, values, treedef)
 

@@ -136,7 +136,7 @@ def _gradient_items(s: Scope) -> list[CommItem]:
         parts = s.parts.get(path, 1) if s.parts is not None else (2 if is_tied(path, d, s) else 1)
         for kind, axes, size, n, count, why in _gradient_templates(
                 s.lv.specs[path], s.mesh, s.batch_axes, s.leaf_bytes(path, d), leaf_itemsize(d), s.g_item,
-                s.backend, reps):
+                s.backend, reps, _gather_item(d, s.backend)):
             items.append(CommItem(kind, axes, size, n, count * k, label, why))
             if parts > 1 and kind != "all-gather":
                 items.append(CommItem(kind, axes, size, n, count * k * (parts - 1), label,
@@ -161,9 +161,20 @@ def _split_axes(spec, mesh: MeshShape) -> tuple[str, ...]:
     return tuple(a for a in mesh.names if a in _axes_of(spec, mesh, FSDP) + _axes_of(spec, mesh, DATA))
 
 
+_MATMUL_KINDS = ("dense", "attention", "expert", "head", "conv")
+
+
+def _gather_item(d: Any, backend: str) -> int:
+    """Bytes per element an fsdp all-gather moves: XLA:TPU gathers a float32 matmul kernel as
+    bfloat16 (default precision multiplies in bfloat16, so it converts before gathering; measured
+    on the zoo Llama, v5e:2x4); lookup tables, norms and every leaf elsewhere move as stored."""
+    item = leaf_itemsize(d)
+    return 2 if backend == "tpu" and item == 4 and d.kind in _MATMUL_KINDS else item
+
+
 @functools.lru_cache(maxsize=1 << 14)
 def _gradient_templates(spec, mesh: MeshShape, batch_axes, nbytes: int, item: int, g_item, backend: str,
-                        reps: int) -> tuple:
+                        reps: int, gather_item: int | None = None) -> tuple:
     """The gradient collectives of one leaf, without its path (repeated layers share them)."""
     why_rep = f" at each of {reps} time steps (inside the scanned recurrence)" if reps > 1 else ""
     f_axes = _split_axes(spec, mesh)  # a parameter split over a data axis is gathered like fsdp
@@ -172,13 +183,14 @@ def _gradient_templates(spec, mesh: MeshShape, batch_axes, nbytes: int, item: in
     nf = math.prod(mesh.sizes[a] for a in f_axes)
     out = []
     if f_axes:
-        out.append(("all-gather", f_axes, nbytes * nf, nf, 1,
+        out.append(("all-gather", f_axes, nbytes // item * (gather_item or item) * nf, nf, 1,
                     "fsdp: gather the parameter for compute (the backward reuses it)"))
         if backend == "cpu":
             group = tuple(a for a in mesh.names if a in f_axes or a in free)
             return tuple(out) + (("all-reduce", group, gbytes * nf, math.prod(mesh.sizes[a] for a in group), reps,
                                   "fsdp gradient: XLA:CPU all-reduces the whole gradient, then slices" + why_rep),)
-        if backend == "tpu":
+        live = {a for a in mesh.names if mesh.sizes[a] > 1}
+        if backend == "tpu" and (len(spec) < 2 or live - set(f_axes)):
             return tuple(out) + (_tpu_fsdp_gradient(mesh, f_axes, free, gbytes * nf, reps, why_rep),)
         out.append(("reduce-scatter", f_axes, gbytes * nf, nf, reps,
                     "fsdp gradient: reduce-scatter to the owning shard" + why_rep))
@@ -190,13 +202,14 @@ def _gradient_templates(spec, mesh: MeshShape, batch_axes, nbytes: int, item: in
 
 def _tpu_fsdp_gradient(mesh: MeshShape, f_axes: tuple[str, ...], free: tuple[str, ...], size: int, reps: int,
                        why_rep: str) -> tuple:
-    """XLA:TPU's reduction of an fsdp gradient: one all-reduce of the whole gradient, then a slice.
+    """XLA:TPU's reduction of an fsdp gradient it cannot reduce-scatter: one all-reduce, then a slice.
 
-    Read off the TPU HLO of zoo train steps (libtpu 0.0.42.1, v5e:2x4; a width-512 Llama and
-    Llama-2-7B, fsdp=8, data=2,fsdp=4 and fsdp=2,model=4): the gradients are summed by one tuple
-    all-reduce over the fsdp axes and the batch axes that do not split the leaf (``data+fsdp``
-    as one group), and each device slices its shard inside the optimizer's fusions; no
-    reduce-scatter is emitted, so the ring moves twice a reduce-scatter's bytes.
+    Read off the TPU HLO of zoo train steps (libtpu 0.0.42.1, v5e:2x4). tpflax's step pins each
+    gradient to its stored shards (:func:`tpflax._src.scan_fsdp.pin`), and XLA:TPU then
+    reduce-scatters a leaf of two or more dims when the fsdp axes it is split over are the whole
+    mesh (fsdp=8). With any other axis in the mesh (a free batch axis: one tuple all-reduce over
+    ``data+fsdp``; a tensor axis: fsdp=2,model=4) and for 1-D leaves (norm scales) it all-reduces
+    the whole gradient and slices it: twice a reduce-scatter's bytes.
     """
     group = tuple(a for a in mesh.names if a in f_axes or a in free)
     return ("all-reduce", group, size, math.prod(mesh.sizes[a] for a in group), reps,
@@ -225,12 +238,16 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
             if s.axes(r, TENSOR):
                 items.append(CommItem("all-reduce", axes, _pair_act(r, dec[r], "out", s), n, count, source,
                                       f"row {label[r]}: sum partial outputs (forward)"))
-        # XLA reduces the column inputs' gradients one by one (q, k and v are three all-reduces)
+        # XLA:CPU reduces the column inputs' gradients one by one (q, k and v are three
+        # all-reduces); XLA:TPU adds them first and reduces their shared input's gradient once
+        split_cols = [c for c in cols if s.axes(c, TENSOR)]
+        for c in split_cols[:1] if s.backend == "tpu" else split_cols:
+            what = (f"columns {', '.join(label[x] for x in split_cols)}" if s.backend == "tpu"
+                    else f"column {label[c]}")
+            items.append(CommItem("all-reduce", axes, _pair_act(c, dec[c], "in", s), n, count, source,
+                                  f"{what}: sum partial input gradients (backward)"))
         for c in cols:
-            if s.axes(c, TENSOR):
-                items.append(CommItem("all-reduce", axes, _pair_act(c, dec[c], "in", s), n, count, source,
-                                      f"column {label[c]}: sum partial input gradients (backward)"))
-            else:  # GQA key/value with fewer heads than the tensor degree: its output gradient is gathered
+            if not s.axes(c, TENSOR):  # GQA key/value with fewer heads than the tensor degree: gather its output gradient
                 items.append(CommItem("all-gather", axes, _pair_act(c, dec[c], "out", s), n, count, source,
                                       f"replicated column {label[c]} in a split pair: gather its output "
                                       "gradient (backward)"))
