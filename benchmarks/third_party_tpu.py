@@ -258,6 +258,37 @@ def run_arch(pub: Published, meshes, done: dict, sink) -> None:
             sink(row)
 
 
+def diff_section(names: list[str], meshes) -> list[str]:
+    """Markdown: per published arch and mesh, the tree-only and model= leaves off the hand layout.
+
+    Planning only (seconds per arch), so it covers the architectures not compiled too.
+    """
+    out = ["## Where tpflax's plans differ from the hand layout (planning only, every published arch)", "",
+           "Leaves (layer indices folded to `*`) whose spec differs from the hand layout's, with tpflax's "
+           "strategy and reason. `same` means the plan is the hand layout, spec for spec: its compiled "
+           "program is the hand layout's.", ""]
+    for name in names:
+        pub = PUBLISHED[name]
+        try:
+            built = pub.build()
+        except Exception as e:  # noqa: BLE001 - a failure is a finding
+            out += [f"- **{name}**: build failed: {type(e).__name__}: {str(e)[:200]}"]
+            continue
+        for mesh in meshes:
+            plans = published_plans(pub, built, mesh)
+            for plan in ("tree", "model"):
+                p, ref = plans[plan], plans["megatron"]
+                if isinstance(p, Exception) or isinstance(ref, Exception):
+                    bad = p if isinstance(p, Exception) else ref
+                    out.append(f"- **{name} {mesh_label(mesh)} {plan}**: planning failed: {type(bad).__name__}")
+                    continue
+                d = diff_plans(p, ref)
+                out.append(f"- **{name} {mesh_label(mesh)} {plan}**: "
+                           + ("same" if not d else f"{len(d)} leaf kinds differ"))
+                out += [f"  - `{x}`" for x in d]
+    return out + [""]
+
+
 def load(path: Path) -> list[Row]:
     if not path.exists():
         return []
@@ -271,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fresh", action="store_true", help="ignore rows already in the json")
     ap.add_argument("--out", default=str(RESULTS / "third_party_tpu.md"))
     ap.add_argument("--table-only", action="store_true", help="rewrite the table from the json")
+    ap.add_argument("--diff", action="store_true", help="add the plan-only leaf diffs of every --arch")
     args = ap.parse_args(argv)
     meshes = [{k: int(v) for k, v in (kv.split("=") for kv in m.split(","))} for m in args.mesh]
     raw = Path(args.out).with_suffix(".json")
@@ -290,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
     from third_party_tpu_table import write_markdown
 
-    write_markdown(rows, Path(args.out), PUBLISHED, TARGET)
+    extra = diff_section(args.arch, meshes) if args.diff else []
+    write_markdown(rows, Path(args.out), PUBLISHED, TARGET, extra)
     print(f"{time.perf_counter() - t0:.0f}s\nwrote {args.out}")
     return 0
 

@@ -98,7 +98,8 @@ def _issue(rows: Sequence[Any]) -> list[str]:
         verdict = ("reproduced" if said != "exact" and worse else
                    "confirmed: exact" if said == "exact" and not any(
                        (ratio(r, ref, k) or 1) != 1.0 for k in ("bytes", "comm", "flops")) else
-                   "no longer holds: equal to the hand layout" if not worse else "differs")
+                   "no longer holds: equal to the hand layout" + (
+                       " (same specs, same program)" if r.same_as == "megatron" else "") if not worse else "differs")
         out.append(f"| {arch} {plan}, {mesh}: {said} | {got} | {verdict} |")
     return out + [""]
 
@@ -119,8 +120,9 @@ def _above(rows: Sequence[Any]) -> list[str]:
     return out + [""]
 
 
-def write_markdown(rows: Sequence[Any], path: Path, published: Mapping[str, Any], target: str) -> None:
-    """Write the results page: setup, issue 11's observations, the table, rows above 1.00x."""
+def write_markdown(rows: Sequence[Any], path: Path, published: Mapping[str, Any], target: str,
+                   extra: Sequence[str] = ()) -> None:
+    """Write the results page: setup, issue 11's observations, rows above 1.00x, the table, ``extra``."""
     import jax
     import transformers
 
@@ -151,6 +153,6 @@ def write_markdown(rows: Sequence[Any], path: Path, published: Mapping[str, Any]
         "Images (ViT, CLIP) set their own token count (224/16: 197; 224/32: 50 + CLIP's 77 text tokens); "
         "Whisper's encoder takes 3000 mel frames (1500 positions), its decoder the 448 of `seq`.", "",
         f"Estimate: {within} of {len(errs)} rows within 10% of the compiled collectives.", "",
-        *_issue(rows), *_above(rows), "## All rows", "", *_table(rows, published), "",
+        *_issue(rows), *_above(rows), "## All rows", "", *_table(rows, published), "", *extra,
     ]
     path.write_text("\n".join(lines) + "\n")
