@@ -147,6 +147,9 @@ class Row:
     error: str = ""
     seconds: float = 0.0
     same_as: str = ""  # the plan whose compile this row reuses (identical specs)
+    comm_by: dict = field(default_factory=dict)  # compiled {kind: {axis: bytes}}
+    est_by: dict = field(default_factory=dict)  # estimated {kind: {axis: bytes}}
+    est_comm_act: float | None = None  # the estimate told the compute dtype (act_dtype=)
     diff: list = field(default_factory=list)  # leaves whose spec differs from the hand layout's
 
     @property
@@ -206,20 +209,21 @@ def compile_row(pub: Published, built: Any, mesh: dict[str, int], name: str, pla
                    seconds=time.perf_counter() - t0)
     mem = {k: float(dr.memory[k] or 0) for k in ("argument", "temp", "output", "alias")}
     return Row(pub.name, label, name, comm=float(dr.comm_total), flops=dr.flops,
-               seconds=time.perf_counter() - t0, **mem)
+               seconds=time.perf_counter() - t0, comm_by=dr.comm(), **mem)
 
 
-def estimate_comm(built: Any, plan: Any) -> tuple[float | None, str]:
-    """The estimate's collective bytes for ``plan`` (TPU backend), or the error."""
+def estimate_comm(built: Any, plan: Any, act_dtype: Any = None) -> tuple[float | None, dict, str]:
+    """The estimate's collective bytes for ``plan`` (TPU backend), by kind and axis, or the error."""
     import optax
 
     import tpflax
 
     try:
-        e = tpflax.estimate(plan, optax.adamw(1e-4), model=built.fn, sample=built.sample, backend="tpu")
+        e = tpflax.estimate(plan, optax.adamw(1e-4), model=built.fn, sample=built.sample, backend="tpu",
+                            act_dtype=act_dtype)
     except Exception as e:  # noqa: BLE001 - recorded; the compiled numbers still count
-        return None, f"estimate: {type(e).__name__}: {str(e)[:200]}"
-    return float(e.comm_total), ""
+        return None, {}, f"estimate: {type(e).__name__}: {str(e)[:200]}"
+    return float(e.comm_total), e.comm, ""
 
 
 def run_arch(pub: Published, meshes, done: dict, sink) -> None:
@@ -249,9 +253,11 @@ def run_arch(pub: Published, meshes, done: dict, sink) -> None:
                 row = (replace(prior, plan=name, same_as=prior.plan, seconds=0.0) if prior
                        else compile_row(pub, built, mesh, name, plan))
                 compiled.setdefault(_specs(plan), row)
-                est, err = estimate_comm(built, plan)
+                est, by, err = estimate_comm(built, plan)
+                # an HF apply hides its compute dtype from the estimate (int ids in, default f32)
+                act = est if pub.dtype == "float32" else estimate_comm(built, plan, pub.dtype)[0]
                 diff = [] if isinstance(ref, Exception) else diff_plans(plan, ref)
-                row = replace(row, est_comm=est, error=row.error or err, diff=diff)
+                row = replace(row, est_comm=est, est_by=by, est_comm_act=act, error=row.error or err, diff=diff)
             print(f"{pub.name:<9}{label:<16}{name:<10}"
                   f"{row.error or f'{row.bytes / 2**20:.0f} MiB  {row.comm / 2**20:.1f} MiB comm  {row.flops:.3g} flops'}"
                   f"  ({row.seconds:.0f}s{', = ' + row.same_as if row.same_as else ''})", flush=True)
@@ -289,6 +295,24 @@ def diff_section(names: list[str], meshes) -> list[str]:
     return out + [""]
 
 
+def reestimate(rows: list[Row]) -> list[Row]:
+    """``rows`` with the estimate's fields recomputed (planning and estimating only, no compile)."""
+    out = list(rows)
+    for name in dict.fromkeys(r.arch for r in rows):
+        pub = PUBLISHED[name]
+        built = pub.build()
+        for label in dict.fromkeys(r.mesh for r in rows if r.arch == name):
+            mesh = {k: int(v) for k, v in (kv.split("=") for kv in label.split(","))}
+            plans = published_plans(pub, built, mesh)
+            for i, r in enumerate(out):
+                if r.arch != name or r.mesh != label or isinstance(plans[r.plan], Exception):
+                    continue
+                est, by, _ = estimate_comm(built, plans[r.plan])
+                act = est if pub.dtype == "float32" else estimate_comm(built, plans[r.plan], pub.dtype)[0]
+                out[i] = replace(r, est_comm=est, est_by=by, est_comm_act=act)
+    return out
+
+
 def load(path: Path) -> list[Row]:
     if not path.exists():
         return []
@@ -303,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(RESULTS / "third_party_tpu.md"))
     ap.add_argument("--table-only", action="store_true", help="rewrite the table from the json")
     ap.add_argument("--diff", action="store_true", help="add the plan-only leaf diffs of every --arch")
+    ap.add_argument("--reestimate", action="store_true",
+                    help="recompute the estimate columns of the json's rows (no compile), then write the table")
     args = ap.parse_args(argv)
     meshes = [{k: int(v) for k, v in (kv.split("=") for kv in m.split(","))} for m in args.mesh]
     raw = Path(args.out).with_suffix(".json")
@@ -314,7 +340,10 @@ def main(argv: list[str] | None = None) -> int:
         raw.write_text(json.dumps([asdict(r) for r in rows], indent=1))
 
     t0 = time.perf_counter()
-    for mesh in [] if args.table_only else meshes:  # one mesh over every arch first: the most rows soonest
+    if args.reestimate:
+        rows = reestimate(rows)
+        raw.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    for mesh in [] if args.table_only or args.reestimate else meshes:  # one mesh over every arch first: the most rows soonest
         for name in args.arch:
             try:
                 run_arch(PUBLISHED[name], [mesh], done, sink)
