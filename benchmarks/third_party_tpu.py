@@ -167,9 +167,10 @@ def mesh_label(mesh: dict[str, int]) -> str:
 def published_plans(pub: Published, built: Any, mesh: dict[str, int]) -> dict[str, Any]:
     """tree, model= and the hand layout for ``pub`` on ``mesh`` (planning only; abstract).
 
-    >>> import tpflax  # doctest: +SKIP
-    >>> p = PUBLISHED["llama"]; b = p.build()  # doctest: +SKIP
-    >>> published_plans(p, b, {"data": 2, "model": 4})["megatron"].mesh.sizes  # doctest: +SKIP
+    >>> p = PUBLISHED["bert"]
+    >>> plans = published_plans(p, p.build(), {"data": 2, "model": 4})
+    >>> plans["megatron"].decisions["bert/encoder/layer/0/attention/self/query/kernel"].spec
+    PartitionSpec(None, 'model')
     """
     import tpflax
 
