@@ -170,7 +170,7 @@ def published_plans(pub: Published, built: Any, mesh: dict[str, int]) -> dict[st
     >>> p = PUBLISHED["bert"]
     >>> plans = published_plans(p, p.build(), {"data": 2, "model": 4})
     >>> plans["megatron"].decisions["bert/encoder/layer/0/attention/self/query/kernel"].spec
-    PartitionSpec(None, 'model')
+    P(None, 'model')
     """
     import tpflax
 
