@@ -56,20 +56,30 @@ class Arch:
     inputs: str = "ids"
     note: str = ""
 
-    def build(self, seed: int = 0, concrete: bool = False) -> Built:
+    def build(self, seed: int = 0, concrete: bool = False, *, batch: int = BATCH, seq: int = SEQ,
+              dtype: Any = None) -> Built:
         """The model, its parameters (abstract unless ``concrete``), sample, apply and loss.
 
         The plans and the compiled step read shapes only, so abstract parameters
         give the same three numbers; ``concrete=True`` runs ``init_weights``.
+        ``batch`` x ``seq`` is the sample's shape (published widths use a realistic
+        one); ``dtype`` (e.g. ``jnp.bfloat16``) is the compute dtype and the
+        parameters' float dtype (None: transformers' float32).
         """
         import jax
         import transformers
 
         _jax_compat(self.cls)
         config = getattr(transformers, self.config)(**self.kwargs)
-        model = getattr(transformers, self.cls)(config, _do_init=False, seed=seed)
-        sample = _sample(self.inputs, config)
-        init = lambda: model.init_weights(jax.random.key(seed), _init_shape(self.inputs, sample))  # noqa: E731
+        model = getattr(transformers, self.cls)(config, _do_init=False, seed=seed,
+                                                **({"dtype": dtype} if dtype is not None else {}))
+        sample = _sample(self.inputs, config, batch, seq)
+
+        def init():
+            p = model.init_weights(jax.random.key(seed), _init_shape(self.inputs, sample))
+            # as released: a bf16 checkpoint holds bf16 weights, not f32 ones computed in bf16
+            return p if dtype is None else jax.tree.map(lambda x: x.astype(dtype), p)
+
         params = init() if concrete else jax.eval_shape(init)
         fn, loss = _apply(self.inputs, model)
         return Built(self.name, model, params, sample, fn, loss)
@@ -115,26 +125,26 @@ def _init_shape(inputs: str, sample: tuple[Any, ...]) -> Any:
     return sample[0].shape
 
 
-def _sample(inputs: str, config: Any) -> tuple[Any, ...]:
+def _sample(inputs: str, config: Any, batch: int = BATCH, seq: int = SEQ) -> tuple[Any, ...]:
     import jax
     import jax.numpy as jnp
 
     k = jax.random.split(jax.random.key(1), 2)
     vocab = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None),
                                                            "vocab_size", 8)
-    ids = jax.random.randint(k[0], (BATCH, SEQ), 3, vocab, dtype=jnp.int32)
+    ids = jax.random.randint(k[0], (batch, seq), 3, vocab, dtype=jnp.int32)
     if inputs == "ids":
         return (ids,)
     if inputs == "seq2seq":
-        return (ids, jax.random.randint(k[1], (BATCH, SEQ), 3, vocab, dtype=jnp.int32))
+        return (ids, jax.random.randint(k[1], (batch, seq), 3, vocab, dtype=jnp.int32))
     if inputs == "pixels":
-        return (jax.random.normal(k[1], (BATCH, 3, config.image_size, config.image_size)),)
+        return (jax.random.normal(k[1], (batch, 3, config.image_size, config.image_size)),)
     if inputs == "clip":
         vc = config.vision_config
-        return (ids, jax.random.normal(k[1], (BATCH, 3, vc.image_size, vc.image_size)))
+        return (ids, jax.random.normal(k[1], (batch, 3, vc.image_size, vc.image_size)))
     if inputs == "audio":
-        feats = jax.random.normal(k[1], (BATCH, config.num_mel_bins, 2 * config.max_source_positions))
-        dec = jax.random.randint(k[0], (BATCH, config.max_target_positions), 3, vocab, dtype=jnp.int32)
+        feats = jax.random.normal(k[1], (batch, config.num_mel_bins, 2 * config.max_source_positions))
+        dec = jax.random.randint(k[0], (batch, min(seq, config.max_target_positions)), 3, vocab, dtype=jnp.int32)
         return (feats, dec)
     raise ValueError(inputs)
 

@@ -28,9 +28,9 @@ collective bytes beside the compiled ones. Results: ``benchmarks/results/third_p
     python benchmarks/third_party.py                        # everything (~35 min on 2 shared cores)
     python benchmarks/third_party.py --arch bert gpt2 --mesh data=2,model=4
 
-``--tpu-widths`` is the hook for published widths compiled for a TPU topology
-(issue 11); it is not implemented here (it needs the TPU compile target) and
-exits with a message saying so.
+``--tpu-widths`` runs ``benchmarks/third_party_tpu.py`` instead: published widths,
+2 layers, abstract parameters, compiled for ``tpu-v5e:2x4`` by the TPU compiler
+(results in ``benchmarks/results/third_party_tpu.md``).
 """
 
 from __future__ import annotations
@@ -197,16 +197,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fresh", action="store_true", help="ignore rows already in third_party.json")
     ap.add_argument("--out", default=str(RESULTS / "third_party.md"))
     ap.add_argument("--tpu-widths", action="store_true",
-                    help="HOOK (not implemented): published widths, 2 layers, abstract params, "
-                         "compiled for a TPU topology; needs the TPU compile target (issue 11)")
+                    help="published widths, 2 layers, abstract params, compiled for tpu-v5e:2x4 "
+                         "(benchmarks/third_party_tpu.py; needs libtpu); --arch keeps the published ones")
     ap.add_argument("--table-only", action="store_true", help="rewrite the table from the json")
     ap.add_argument("--diff", action="store_true",
                     help="add the leaves where tree-only/model= differ from the hand layout (plans only)")
     args = ap.parse_args(argv)
-    if args.tpu_widths:
-        print("third_party: --tpu-widths is a hook: published-width TPU compiles are not "
-              "implemented yet (they need the TPU compile target); nothing ran", file=sys.stderr)
-        return 2
+    if args.tpu_widths:  # published widths on a TPU target: benchmarks/third_party_tpu.py
+        from third_party_tpu import PUBLISHED
+        from third_party_tpu import main as tpu_main
+
+        return tpu_main([*(["--fresh"] if args.fresh else []), *(["--table-only"] if args.table_only else []),
+                         "--mesh", *args.mesh, "--arch", *(a for a in args.arch if a in PUBLISHED)])
     meshes = [{k: int(v) for k, v in (kv.split("=") for kv in m.split(","))} for m in args.mesh]
     raw = Path(args.out).with_suffix(".json")
     rows = [] if args.fresh else load(raw)
