@@ -419,7 +419,7 @@ def _multipliers(instrs: list[_Instr], entries: Mapping[str, bool]) -> dict[str,
         trip = 1
         if ins.opcode == "while":
             m = re.search(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"?(\d+)', ins.attrs)
-            trip = int(m.group(1)) if m else 1
+            trip = int(m.group(1)) if m else _trip_from_condition(ins, instrs)
         for key in ("body", "calls", "to_apply", "condition", "true_computation", "false_computation"):
             v = _attr(ins.attrs, key)
             if v:
@@ -442,6 +442,47 @@ def _multipliers(instrs: list[_Instr], entries: Mapping[str, bool]) -> dict[str,
     for r in roots:
         visit(r, 1)
     return mult
+
+
+def _trip_from_condition(loop: _Instr, instrs: list[_Instr]) -> int:
+    """A ``while`` loop's trip count read from its condition: ``counter < N``, counter starting at c.
+
+    XLA:TPU's optimised HLO drops ``known_trip_count``; a ``lax.scan`` still
+    compares its tuple's counter with a constant. 1 when the shape is not that.
+    """
+    cond = _attr(loop.attrs, "condition")
+    if not cond:
+        return 1
+    cond = cond.lstrip("%")
+    body = [i for i in instrs if i.computation == cond]
+    by_name = {i.name: i for i in body}
+    for cmp in (i for i in body if i.opcode == "compare" and "direction=LT" in i.attrs):
+        names = [x.strip().split()[-1].lstrip("%") for x in cmp.operands.split(",")]
+        if len(names) != 2 or names[1] not in by_name or by_name[names[1]].opcode != "constant":
+            continue
+        gte = by_name.get(names[0])
+        index = re.search(r"index=(\d+)", gte.attrs) if gte is not None else None
+        start = _tuple_constant(loop, int(index.group(1)), instrs) if index else 0
+        try:
+            return max(int(by_name[names[1]].operands.strip()) - start, 1)
+        except ValueError:
+            return 1
+    return 1
+
+
+def _tuple_constant(loop: _Instr, index: int, instrs: list[_Instr]) -> int:
+    """The integer constant at ``index`` of the loop's initial tuple, else 0 (a scan's counter starts there)."""
+    init = loop.operands.split(",")[0].strip().split()[-1].lstrip("%")
+    found = {i.name: i for i in instrs if i.computation == loop.computation}
+    tup = found.get(init)
+    if tup is None or tup.opcode != "tuple":
+        return 0
+    parts = [x.strip().split()[-1].lstrip("%") for x in tup.operands.split(",")]
+    c = found.get(parts[index]) if index < len(parts) else None
+    try:
+        return int(c.operands.strip()) if c is not None and c.opcode == "constant" else 0
+    except ValueError:
+        return 0
 
 
 def parse_collectives(hlo_text: str, mesh: Any = None, *, num_devices: int | None = None) -> list[Collective]:

@@ -8,9 +8,11 @@ a :class:`Scope` that holds what one (plan, mesh) shares. Alike leaves of
 repeated layers are priced once (:mod:`tpflax._src.cost.leaves`): an item's
 ``count`` includes how many there are, and its ``source`` names their group.
 
-Rematerialisation does not re-issue collectives in what XLA compiles: the
-recomputed forward reuses the gathered weights / reduced activations (measured
-on the zoo's nn.remat-inside-nn.scan Llama), so forward counts are 1.
+Rematerialisation does not re-issue tensor collectives in what XLA compiles: the
+recomputed forward reuses the reduced activations (measured on the zoo's
+nn.remat-inside-nn.scan Llama), so forward counts are 1. A scanned stack's fsdp
+weights are the exception: the step gathers them one layer at a time inside the
+scan body, so a remat'd body gathers each layer again in the backward loop.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class Scope:
     activations: Mapping[str, Sequence[Act]]
     config: Any
     tied: frozenset[str] | None = None  # traced tied tables (None: not traced)
+    remat: bool = False
     parts: Mapping[str, int] | None = None  # traced gradient parts (see cost.workload.traced_uses)
 
     @functools.cached_property
@@ -137,6 +140,8 @@ def _gradient_items(s: Scope) -> list[CommItem]:
         for kind, axes, size, n, count, why in _gradient_templates(
                 s.lv.specs[path], s.mesh, s.batch_axes, s.leaf_bytes(path, d), leaf_itemsize(d), s.g_item,
                 s.backend, reps, _gather_item(d, s.backend)):
+            if kind == "all-gather" and s.remat and d.layers_dim is not None:
+                count, why = 2 * count, why.split(" (")[0] + " one layer at a time in the scan, again in the remat'd backward"
             items.append(CommItem(kind, axes, size, n, count * k, label, why))
             if parts > 1 and kind != "all-gather":
                 items.append(CommItem(kind, axes, size, n, count * k * (parts - 1), label,

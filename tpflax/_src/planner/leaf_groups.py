@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from tpflax._src.cost.price import ActComm
-from tpflax._src.facts.classify import POS_EMBED, Facts
+from tpflax._src.facts.classify import ATTN, POS_EMBED, Facts
 from tpflax._src.mesh import FSDP
 from tpflax._src.planner.builders import State, axis_label, body_spec
 from tpflax._src.planner.choose import Option, fit
@@ -28,7 +28,8 @@ def shard_embedding(st: State, f: Facts, vdim: int, evidence: str = "", tied: bo
         st.replicate(f, f"embedding: {ev}no tensor axis in the mesh")
         return
     over = axis_label(t_entry, t_size)
-    if not evidence and st.opts.tied_guess and not POS_EMBED.search(f.unit_name):
+    # a table inside an attention layer (T5's relative-position bias) is never the token table
+    if not evidence and st.opts.tied_guess and not POS_EMBED.search(f.unit_name) and not ATTN.search(f.path):
         tied, ev = True, "no output head in the tree, so priced as tied to the logits; "
     mm = frozenset({f.path}) if tied else frozenset()
     options = []
