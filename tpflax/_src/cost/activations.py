@@ -117,12 +117,17 @@ def token_rows(b: Batch, config: Any) -> int:
 
 def activation_bytes(column_units: Mapping[str, Sequence[Entry]], activations: Mapping[str, Sequence[Act]],
                      b: Batch, config: Any, mesh: MeshShape, shards: int, remat: bool, act_item: int,
-                     notes: list[str]) -> tuple[int, int]:
+                     notes: list[str], stacks: Mapping[str, int] | None = None) -> tuple[int, int]:
     """Saved activations on the fullest device and unsharded (an estimate).
 
     ``column_units``: per traced layer path, the entries of its leaves' split last dims.
+    ``stacks``: traced paths inside a scanned stack and its layer count (a linen trace
+    records a scanned body once or twice, whatever the layer count; it runs once per layer).
     """
     if activations:
+        if stacks:
+            activations = {p: (list(calls[:1]) * stacks[p] if p in stacks else calls)
+                           for p, calls in activations.items()}
         return _traced_bytes(column_units, activations, mesh, shards, remat, act_item)
     d_model, n_layers = config_value(config, "d_model"), config_value(config, "n_layers")
     seq = config_value(config, "seq_len")

@@ -45,6 +45,7 @@ class Leaves:
         in_pair: representatives that are members of a pair.
         column_units: per layer (traced path), the entries of its leaves' last dims
             that are split, in tree order (for activation sizes).
+        stacks: traced layer paths inside a scanned stack, with its layer count.
         recurrent: units of recurrent layers.
         opt: optimizer-state leaves alike under this plan, as ``(shape, itemsize,
             entries, count)`` (empty without an optimizer).
@@ -57,6 +58,7 @@ class Leaves:
     pairs: tuple[PairClass, ...]
     in_pair: frozenset[str]
     column_units: Mapping[str, tuple[Entry, ...]]
+    stacks: Mapping[str, int]
     recurrent: frozenset[str]
     opt: tuple[tuple[tuple[int, ...], int, tuple[Entry, ...], int], ...] = ()
 
@@ -99,12 +101,33 @@ def merge(decisions: Mapping[str, Any], activations: Mapping[str, Sequence[Act]]
                   label={r: (decisions[r].group or r) if n > 1 else r for r, n in count.items()},
                   specs={r: specs[r] for r in count}, pairs=tuple(pair_classes.values()),
                   in_pair=frozenset(rep_of[p] for p in paired), column_units=_column_units(decisions, specs),
+                  stacks=stack_lengths(decisions),
                   recurrent=recurrent, opt=_opt_classes(opt, specs) if opt is not None else ())
 
 
 def _opt_classes(opt: OptLayout, specs: Mapping[str, tuple[Entry, ...]]) -> tuple:
     classes = Counter((x.shape, x.itemsize, e) for x, e in zip(opt.leaves, opt_entries(opt, specs), strict=True))
     return tuple((shape, item, e, n) for (shape, item, e), n in classes.items())
+
+
+def stack_lengths(decisions: Mapping[str, Any]) -> dict[str, int]:
+    """``{traced layer path: layers}`` for layers inside a scanned stack (every leaf below has ``layers_dim``).
+
+    A linen trace records a scanned body's calls once (or twice), not once per layer.
+
+    >>> import jax, tpflax
+    >>> t = {"params": {"layers": {"up": {"kernel": jax.ShapeDtypeStruct((6, 8, 16), "float32")}},
+    ...                 "head": {"kernel": jax.ShapeDtypeStruct((16, 4), "float32")}}}
+    >>> stack_lengths(tpflax.plan(t, {"data": 1}, stacked="layers").decisions)
+    {'layers': 6, 'layers/up': 6}
+    """
+    seen: dict[str, set] = {}
+    for d in decisions.values():
+        parts = layer_key(d.unit).split("/")
+        n = d.shape[d.layers_dim] if d.layers_dim is not None else None
+        for i in range(1, len(parts) + 1):
+            seen.setdefault("/".join(parts[:i]), set()).add(n)
+    return {k: next(iter(v)) for k, v in seen.items() if len(v) == 1 and None not in v}
 
 
 def _column_units(decisions: Mapping[str, Any], specs: Mapping[str, tuple[Entry, ...]]) -> dict[str, tuple]:
