@@ -239,8 +239,9 @@ def write_markdown(rows: Sequence[Any], path: Path, extra: Sequence[str] = ()) -
         "the model's own apply (`lambda p, *x: hf(*x, params=p).logits`); **megatron** the layout by "
         "hand (`benchmarks/megatron_rules.py`); **replicated**; **fsdp** each leaf's largest dim "
         "dividing the fsdp (or, on data=2,model=4, the data) axis split over it, nothing over model.",
-        "- Published widths compiled for a TPU topology: not run (hook `--tpu-widths`, needs the TPU "
-        "compile target).",
+        "- Published widths (2 layers, abstract parameters) compiled by the TPU compiler for "
+        "`tpu-v5e:2x4`: `python benchmarks/third_party.py --tpu-widths`, results in "
+        "`third_party_tpu.md`.",
         "",
         "Hand layout choices:",
         "",

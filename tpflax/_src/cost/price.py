@@ -190,10 +190,22 @@ def price(leaves: tuple[LeafLayout, ...], acts: tuple[ActComm, ...], ctx: Contex
         f_axes = tuple(a for a in mesh.names if a in used_axes(x.spec) and r[a] in (FSDP, DATA)
                        and mesh.sizes[a] > 1)
         nf = math.prod(mesh.sizes[a] for a in f_axes)
-        if f_axes:
-            add("all-gather", f_axes, shard * nf, 1, "fsdp: gather the parameter")
-            add("reduce-scatter", f_axes, shard * nf, 1, "fsdp: scatter its gradient")
         free = tuple(a for a in ctx.batch_axes if a not in used_axes(x.spec))
+        tpu = ctx.hardware.kind == "tpu"
+        if f_axes:
+            # XLA:TPU gathers a float32 matmul kernel as bfloat16 and never reduce-scatters a 1-D
+            # leaf's gradient: it all-reduces it whole (measured; cost.comm models the same). The
+            # reduce-scatter of wider leaves is what it emits on fsdp-only meshes; with another axis
+            # in the mesh it all-reduces those too, which the estimate counts but the chooser does
+            # not, or it would trade every fsdp split away while memory allows (no memory pressure
+            # is modelled here): the fsdp axis is there to save memory.
+            gather = shard // x.itemsize * 2 if tpu and x.matmul and x.itemsize == 4 else shard
+            add("all-gather", f_axes, gather * nf, 1, "fsdp: gather the parameter")
+            if tpu and len(x.shape) - (x.layers > 1) < 2:
+                group = tuple(a for a in mesh.names if a in f_axes or a in free)
+                add("all-reduce", group, shard * nf, 1, "fsdp gradient of a 1-D leaf: all-reduced whole")
+                continue
+            add("reduce-scatter", f_axes, shard * nf, 1, "fsdp: scatter its gradient")
         if free:
             add("all-reduce", free, shard, 1, "sum the gradient over the batch")
     for a in acts:
