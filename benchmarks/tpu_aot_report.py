@@ -96,15 +96,15 @@ Llama data=2,fsdp=4 bf16, Llama remat on, GPT-2.
 - Temp bytes: XLA:CPU needs 2.3x (Llama: 15.6 vs 6.8 GiB) and 2x (GPT-2) the TPU's temp for the
   same step (the TPU's buffers hold the scores in bf16 with the softmax's float32 fused away); a
   peak calibrated on the CPU compiler overstates the TPU's.
-- Gradient reduction over fsdp: in tpflax's train step both compilers all-reduce the whole
-  gradient and slice it (one tuple all-reduce on TPU, over `data+fsdp` when a data axis is
-  free); XLA:CPU's all-reduces move twice the TPU's bytes (4.35 vs 2.17 GiB for Llama).
-  Exception: in the MoE step, whose peak sits at the v5e's 16 GiB, XLA:TPU reduce-scatters every
-  fsdp gradient (`all-reduce-scatter.N` fusions: an all-reduce of the full gradient followed by
-  this device's dynamic-slice, which the TPU runs as a reduce-scatter). Constraining the
-  gradients to their shards in the step (`with_sharding_constraint(grads, param shardings)` after
-  `value_and_grad`) makes the TPU reduce-scatter in the small Llama too (gradient bytes 35.5 ->
-  18.6 MiB); tpflax's step does not do that today.
+- Gradient reduction over fsdp: tpflax's step pins each gradient to its shards (the parameter
+  is constrained to its stored sharding, then to the gathered one). XLA:TPU then reduce-scatters
+  the gradients of leaves of two or more dims on an fsdp-only mesh (Llama-2-7B fsdp=8: 1.11 GiB
+  of reduce-scatter where the step without the pin all-reduced 2.17 GiB); with a free data axis
+  or a tensor axis in the mesh, and for 1-D leaves, it all-reduces the whole gradient and slices
+  it (one tuple all-reduce over `data+fsdp`). XLA:CPU all-reduces whole in every case.
+- Gathers in bfloat16: XLA:TPU gathers a float32 matmul kernel as bfloat16 (default precision
+  multiplies in bfloat16, so it converts before gathering): the f32 Llama row gathers 1.30 GiB,
+  not 2.17. Lookup tables and norms are gathered as stored.
 - Weight gathers: XLA:TPU gathers each fsdp weight once per step, also at real size (Llama-2-7B:
   1.09 GiB, the estimate to the byte). XLA:CPU gathers twice at real size (2.17 GiB).
 - Async collective fusions: the TPU splits a gather into an `async-collective-start` fusion,
@@ -151,17 +151,15 @@ LayerNorm and GELU outputs it does not keep) and is not modelled yet.
 
 ## Communication
 
-With the parser counting each collective once and the TPU's fsdp gradients modelled as the
-one all-reduce it emits (`cost/comm.py`, `_tpu_fsdp_gradient`), Llama-2-7B fsdp=8 and ResNet-18
-match to the byte. Open: (1) the MoE step reduce-scatters (see above: under memory pressure),
-+50% until modelled, which needs the step's peak next to the gradient rule; (2) with a tensor
-axis (fsdp=2,model=4) XLA:TPU sums the input gradients of a pair's column layers in one
-all-reduce when they share their input (q, k, v: one; gate, up: one), where the estimate counts
-one per column (`_pair_items`, owned elsewhere): Llama-2-7B fsdp=2,model=4 reads +48%, and
-counting one column all-reduce per pair makes it exact (2.34 GiB both); (3) a tied embedding
-split over fsdp (GPT-2's `wte`): XLA:TPU all-reduces the gradient of its output use separately,
-whole, over fsdp (0.126 GiB for GPT-2), which the estimate counts only over free batch axes
-(`_embedding_items`): -32.5% until modelled, exact with it.
+With the parser counting each collective once, the pinned gradients' reduce-scatter (fsdp-only
+meshes) or whole all-reduce (any other mesh, 1-D leaves), float32 kernels gathered as bfloat16,
+one input-gradient all-reduce per pair on TPU (q, k, v share their input: XLA:TPU sums their
+partial gradients first) and a tied table's second gradient all-reduced whole, every row compiled
+from kept HLO is within 2% except ResNet-18 fsdp=8 (-3.6%). The MoE step's reduce-scatter is the
+fsdp-only rule. ViT's row (†) predates the parser fix and was not recompiled (its code
+generation takes 29 minutes here). Loops: XLA:TPU's optimised HLO drops `known_trip_count`;
+`tpflax.hlo` reads a scan's trip count from its condition (`counter < N`), so collectives
+inside a scanned stack count once per layer.
 
 ## The previous round, for comparison
 

@@ -143,8 +143,9 @@ def _gradient_items(s: Scope) -> list[CommItem]:
             if kind == "all-gather" and s.remat and d.layers_dim is not None:
                 count, why = 2 * count, why.split(" (")[0] + " one layer at a time in the scan, again in the remat'd backward"
             items.append(CommItem(kind, axes, size, n, count * k, label, why))
-            if parts > 1 and kind != "all-gather":
-                items.append(CommItem(kind, axes, size, n, count * k * (parts - 1), label,
+            if parts > 1 and kind != "all-gather":  # the other uses' gradients: all-reduced whole (XLA:TPU)
+                items.append(CommItem("all-reduce" if kind == "reduce-scatter" else kind, axes, size, n,
+                                      count * k * (parts - 1), label,
                                       f"used whole {parts} times (a tied table's lookup and logits, a shared "
                                       "layer): each use's gradient is reduced separately"))
     return items
