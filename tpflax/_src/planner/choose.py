@@ -147,26 +147,30 @@ def pick(st: Any, kind: str, options: Sequence[Option], facts: Mapping[str, Any]
 
 
 def _write(st: Any, ch: Chosen) -> None:
-    o, c = ch.options[ch.index], ch.costs[ch.index]
+    o = ch.options[ch.index]
     ranked = sorted((i for i in range(len(ch.options)) if i != ch.index), key=lambda i: ch.costs[i].step_time)
-    runner = ranked[0]
-    hw = st.context.hardware
-    out = ""
-    if ch.costs[runner].step_time < c.step_time and ch.options[runner].whole:
-        out = (" (ruled out: it repeats the group's matmuls on every tensor rank, holding more bytes and "
-               "flops per device; a mesh without that tensor axis is the faster choice)")
-    words = (f"; chosen by cost over {len(ch.options)} {ch.kind} layouts ({', '.join(x.name for x in ch.options)};"
-             f" step time on {hw.name}, {st.context.tokens} tokens per step): runner-up "
-             f"{compare(ch.options[runner].name, ch.costs[runner], c)}{out}")
+    words = _words(tuple(x.name for x in ch.options), ch.kind, ch.costs, ch.index, ranked[0],
+                   ch.options[ranked[0]].whole, st.context.hardware.name, st.context.tokens)
+    specs = [dict(x.proposals) for x in ch.options]  # once per group, not once per leaf
     for path, p in o.proposals:
-        alts = tuple(_alternative(x, k, path, ch) for k, x in enumerate(ch.options))
+        alts = tuple(_alt(x.name, ch.kind, tuple(specs[k][path].spec), ch.costs[k], k == ch.index)
+                     for k, x in enumerate(ch.options))
         prev = st.out.get(path)
         kept = prev.alternatives if prev is not None and ch.kind == "fsdp" else ()
         st.out[path] = replace(p, reason=p.reason + words, alternatives=kept + alts)
 
 
-def _alternative(o: Option, k: int, path: str, ch: Chosen) -> Alternative:
-    return _alt(o.name, ch.kind, tuple(dict(o.proposals)[path].spec), ch.costs[k], k == ch.index)
+@functools.lru_cache(maxsize=1 << 12)
+def _words(names: tuple[str, ...], kind: str, costs: tuple[Cost, ...], index: int, runner: int,
+           runner_whole: bool, hardware: str, tokens: int) -> str:
+    """The reason's tail: what the group was chosen over (repeated layers share it)."""
+    c = costs[index]
+    out = ""
+    if costs[runner].step_time < c.step_time and runner_whole:
+        out = (" (ruled out: it repeats the group's matmuls on every tensor rank, holding more bytes and "
+               "flops per device; a mesh without that tensor axis is the faster choice)")
+    return (f"; chosen by cost over {len(names)} {kind} layouts ({', '.join(names)}; step time on {hardware}, "
+            f"{tokens} tokens per step): runner-up {compare(names[runner], costs[runner], c)}{out}")
 
 
 @functools.lru_cache(maxsize=1 << 14)
