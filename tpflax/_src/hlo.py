@@ -413,13 +413,16 @@ _ASYNC_PAIRS = {f"{k}-start": k for k in ("all-reduce", "all-gather", "collectiv
 def _multipliers(instrs: list[_Instr], entries: Mapping[str, bool]) -> dict[str, int]:
     """How often each computation runs per program run (while trip counts multiply)."""
     edges: dict[str, list[tuple[str, int]]] = {}
+    by_comp: dict[str, dict[str, _Instr]] = {}  # computation -> {name: instruction}, built once
+    for ins in instrs:
+        by_comp.setdefault(ins.computation, {})[ins.name] = ins
     for ins in instrs:
         if ins.opcode in ("async-done", "async-update"):
             continue  # the wrapped computation is counted once, at async-start
         trip = 1
         if ins.opcode == "while":
             m = re.search(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"?(\d+)', ins.attrs)
-            trip = int(m.group(1)) if m else _trip_from_condition(ins, instrs)
+            trip = int(m.group(1)) if m else _trip_from_condition(ins, by_comp)
         for key in ("body", "calls", "to_apply", "condition", "true_computation", "false_computation"):
             v = _attr(ins.attrs, key)
             if v:
@@ -444,45 +447,48 @@ def _multipliers(instrs: list[_Instr], entries: Mapping[str, bool]) -> dict[str,
     return mult
 
 
-def _trip_from_condition(loop: _Instr, instrs: list[_Instr]) -> int:
+def _trip_from_condition(loop: _Instr, by_comp: Mapping[str, Mapping[str, _Instr]]) -> int:
     """A ``while`` loop's trip count read from its condition: ``counter < N``, counter starting at c.
 
     XLA:TPU's optimised HLO drops ``known_trip_count``; a ``lax.scan`` still
     compares its tuple's counter with a constant. 1 when the shape is not that.
     """
     cond = _attr(loop.attrs, "condition")
-    if not cond:
-        return 1
-    cond = cond.lstrip("%")
-    body = [i for i in instrs if i.computation == cond]
-    by_name = {i.name: i for i in body}
-    for cmp in (i for i in body if i.opcode == "compare" and "direction=LT" in i.attrs):
-        names = [x.strip().split()[-1].lstrip("%") for x in cmp.operands.split(",")]
+    by_name = by_comp.get(cond.lstrip("%"), {}) if cond else {}
+    for cmp in (i for i in by_name.values() if i.opcode == "compare" and "direction=LT" in i.attrs):
+        names = _operand_names(cmp)
         if len(names) != 2 or names[1] not in by_name or by_name[names[1]].opcode != "constant":
             continue
         gte = by_name.get(names[0])
         index = re.search(r"index=(\d+)", gte.attrs) if gte is not None else None
-        start = _tuple_constant(loop, int(index.group(1)), instrs) if index else 0
-        try:
-            return max(int(by_name[names[1]].operands.strip()) - start, 1)
-        except ValueError:
-            return 1
+        start = _tuple_constant(loop, int(index.group(1)), by_comp.get(loop.computation, {})) if index else 0
+        n = _int_constant(by_name[names[1]])
+        return max(n - start, 1) if n is not None else 1
     return 1
 
 
-def _tuple_constant(loop: _Instr, index: int, instrs: list[_Instr]) -> int:
+def _operand_names(ins: _Instr) -> list[str]:
+    return [x.strip().split()[-1].lstrip("%") for x in ins.operands.split(",")]
+
+
+def _int_constant(ins: _Instr | None) -> int | None:
+    """The value of an integer ``constant`` instruction, else None."""
+    if ins is None or ins.opcode != "constant":
+        return None
+    try:
+        return int(ins.operands.strip())
+    except ValueError:
+        return None
+
+
+def _tuple_constant(loop: _Instr, index: int, found: Mapping[str, _Instr]) -> int:
     """The integer constant at ``index`` of the loop's initial tuple, else 0 (a scan's counter starts there)."""
-    init = loop.operands.split(",")[0].strip().split()[-1].lstrip("%")
-    found = {i.name: i for i in instrs if i.computation == loop.computation}
-    tup = found.get(init)
+    tup = found.get(_operand_names(loop)[0])
     if tup is None or tup.opcode != "tuple":
         return 0
-    parts = [x.strip().split()[-1].lstrip("%") for x in tup.operands.split(",")]
-    c = found.get(parts[index]) if index < len(parts) else None
-    try:
-        return int(c.operands.strip()) if c is not None and c.opcode == "constant" else 0
-    except ValueError:
-        return 0
+    parts = _operand_names(tup)
+    c = _int_constant(found.get(parts[index])) if index < len(parts) else None
+    return c if c is not None else 0
 
 
 def parse_collectives(hlo_text: str, mesh: Any = None, *, num_devices: int | None = None) -> list[Collective]:

@@ -171,8 +171,9 @@ def constrain(tree: Any, plan: Plan, mesh: Any = None, *, gathered: bool = False
     """
     mesh = bind_mesh(plan, mesh)
     boxes, treedef, shards = plan_leaf_shardings(plan, mesh, tree)
-    if gathered and fsdp_axes(plan):  # stored, then gathered: the gradient is reduce-scattered back
-        values = [pin(unbox(b), s, NamedSharding(s.mesh, without_axes(s.spec, fsdp_axes(plan))))
+    fsdp = fsdp_axes(plan) if gathered else frozenset()
+    if fsdp:  # stored, then gathered: the gradient is reduce-scattered back
+        values = [pin(unbox(b), s, NamedSharding(s.mesh, without_axes(s.spec, fsdp)))
                   for b, s in zip(boxes, shards, strict=True)]
         return rebox_all(boxes, values, treedef)
     values = [jax.lax.with_sharding_constraint(unbox(b), s) for b, s in zip(boxes, shards, strict=True)]

@@ -27,6 +27,7 @@ from tpflax._src.cost.activations import acts_for, token_rows
 from tpflax._src.cost.batch import Batch, config_value
 from tpflax._src.cost.leaves import Leaves
 from tpflax._src.cost.optstate import shard_bytes
+from tpflax._src.cost.price import tpu_gather_item, tpu_reduce_scatters
 from tpflax._src.cost.records import Act, CommItem
 from tpflax._src.facts.classify import layer_group
 from tpflax._src.facts.tree import itemsize
@@ -139,7 +140,7 @@ def _gradient_items(s: Scope) -> list[CommItem]:
         parts = s.parts.get(path, 1) if s.parts is not None else (2 if is_tied(path, d, s) else 1)
         for kind, axes, size, n, count, why in _gradient_templates(
                 s.lv.specs[path], s.mesh, s.batch_axes, s.leaf_bytes(path, d), leaf_itemsize(d), s.g_item,
-                s.backend, reps, _gather_item(d, s.backend)):
+                s.backend, reps, _gather_item(d, s.backend), len(body(d))):
             if kind == "all-gather" and s.remat and d.layers_dim is not None:
                 count, why = 2 * count, why.split(" (")[0] + " one layer at a time in the scan, again in the remat'd backward"
             items.append(CommItem(kind, axes, size, n, count * k, label, why))
@@ -171,16 +172,14 @@ _MATMUL_KINDS = ("dense", "attention", "expert", "head", "conv")
 
 
 def _gather_item(d: Any, backend: str) -> int:
-    """Bytes per element an fsdp all-gather moves: XLA:TPU gathers a float32 matmul kernel as
-    bfloat16 (default precision multiplies in bfloat16, so it converts before gathering; measured
-    on the zoo Llama, v5e:2x4); lookup tables, norms and every leaf elsewhere move as stored."""
+    """Bytes per element an fsdp all-gather of the leaf moves (see :func:`tpu_gather_item`)."""
     item = leaf_itemsize(d)
-    return 2 if backend == "tpu" and item == 4 and d.kind in _MATMUL_KINDS else item
+    return tpu_gather_item(item, d.kind in _MATMUL_KINDS) if backend == "tpu" else item
 
 
 @functools.lru_cache(maxsize=1 << 14)
 def _gradient_templates(spec, mesh: MeshShape, batch_axes, nbytes: int, item: int, g_item, backend: str,
-                        reps: int, gather_item: int | None = None) -> tuple:
+                        reps: int, gather_item: int | None = None, body_rank: int | None = None) -> tuple:
     """The gradient collectives of one leaf, without its path (repeated layers share them)."""
     why_rep = f" at each of {reps} time steps (inside the scanned recurrence)" if reps > 1 else ""
     f_axes = _split_axes(spec, mesh)  # a parameter split over a data axis is gathered like fsdp
@@ -196,7 +195,8 @@ def _gradient_templates(spec, mesh: MeshShape, batch_axes, nbytes: int, item: in
             return tuple(out) + (("all-reduce", group, gbytes * nf, math.prod(mesh.sizes[a] for a in group), reps,
                                   "fsdp gradient: XLA:CPU all-reduces the whole gradient, then slices" + why_rep),)
         live = {a for a in mesh.names if mesh.sizes[a] > 1}
-        if backend == "tpu" and (len(spec) < 2 or live - set(f_axes)):
+        rank = len(spec) if body_rank is None else body_rank
+        if backend == "tpu" and not tpu_reduce_scatters(rank, live, f_axes):
             return tuple(out) + (_tpu_fsdp_gradient(mesh, f_axes, free, gbytes * nf, reps, why_rep),)
         out.append(("reduce-scatter", f_axes, gbytes * nf, nf, reps,
                     "fsdp gradient: reduce-scatter to the owning shard" + why_rep))

@@ -148,6 +148,19 @@ def _shard_bytes(x: LeafLayout, mesh: MeshShape) -> int:
     return n
 
 
+def tpu_gather_item(item: int, matmul: bool) -> int:
+    """Bytes per element XLA:TPU's fsdp all-gather moves: a float32 matmul kernel travels as
+    bfloat16 (default precision multiplies in bfloat16, so it converts before gathering;
+    measured on the zoo Llama, v5e:2x4); lookup tables, norms and other leaves as stored."""
+    return 2 if matmul and item == 4 else item
+
+
+def tpu_reduce_scatters(body_rank: int, live: set[str], f_axes: Sequence[str]) -> bool:
+    """Whether XLA:TPU reduce-scatters a pinned fsdp gradient (else it all-reduces it whole, then
+    slices): for leaves of two or more dims (layers dim aside) on a mesh of fsdp axes only."""
+    return body_rank >= 2 and not live - set(f_axes)
+
+
 @functools.lru_cache(maxsize=1 << 14)
 def price(leaves: tuple[LeafLayout, ...], acts: tuple[ActComm, ...], ctx: Context) -> Cost:
     """The three numbers of one candidate layout, and its step time on ``ctx.hardware``.
@@ -199,9 +212,9 @@ def price(leaves: tuple[LeafLayout, ...], acts: tuple[ActComm, ...], ctx: Contex
             # in the mesh it all-reduces those too, which the estimate counts but the chooser does
             # not, or it would trade every fsdp split away while memory allows (no memory pressure
             # is modelled here): the fsdp axis is there to save memory.
-            gather = shard // x.itemsize * 2 if tpu and x.matmul and x.itemsize == 4 else shard
+            gather = shard // x.itemsize * tpu_gather_item(x.itemsize, x.matmul) if tpu else shard
             add("all-gather", f_axes, gather * nf, 1, "fsdp: gather the parameter")
-            if tpu and len(x.shape) - (x.layers > 1) < 2:
+            if tpu and len(x.shape) - (x.layers > 1) < 2:  # only 1-D: see the comment above
                 group = tuple(a for a in mesh.names if a in f_axes or a in free)
                 add("all-reduce", group, shard * nf, 1, "fsdp gradient of a 1-D leaf: all-reduced whole")
                 continue
