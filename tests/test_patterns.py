@@ -278,9 +278,26 @@ def test_albert_attention_output_pairs_in_the_tree():
     layer = {"attention": {n: dense for n in ("query", "key", "value", "dense")} | {"LayerNorm": {"scale": sds(D)}},
              "ffn": {"kernel": sds(D, F), "bias": sds(F)}, "ffn_output": {"kernel": sds(F, D), "bias": sds(D)},
              "full_layer_layer_norm": {"scale": sds(D)}}
-    p = tpflax.plan({"embeddings": {"word_embeddings": {"embedding": sds(V, D)}}, "albert_layers": {"0": layer}}, MESH)
-    assert specs(p, ["query/kernel", "attention/dense/kernel", "ffn/kernel"]) == {
-        "query/kernel": P(None, "model"), "attention/dense/kernel": P("model", None), "ffn/kernel": P(None, "model")}
+    # ALBERT's MLM head: a transform dense, and the tied logits' bias with no kernel of its width
+    predictions = {"dense": {"kernel": sds(D, D // 2), "bias": sds(D // 2)}, "bias": sds(V)}
+    p = tpflax.plan({"embeddings": {"word_embeddings": {"embedding": sds(V, D)}}, "albert_layers": {"0": layer},
+                     "predictions": predictions}, MESH)
+    assert specs(p, ["query/kernel", "attention/dense/kernel", "ffn/kernel", "word_embeddings/embedding",
+                     "predictions/bias", "predictions/dense/bias"]) == {
+        "query/kernel": P(None, "model"), "attention/dense/kernel": P("model", None), "ffn/kernel": P(None, "model"),
+        "word_embeddings/embedding": P("model", None), "predictions/bias": P("model"),
+        "predictions/dense/bias": P(None)}
+
+
+def test_relative_position_bias_splits_with_the_heads():
+    """T5's relative-position bias (buckets, heads) inside an attention layer: one column per head,
+    split over the tensor axis like the scores it is added to (no collective), never as a vocab."""
+    attn = {n: {"kernel": sds(D, D)} for n in ("q", "k", "v", "o")} | {
+        "relative_attention_bias": {"embedding": sds(32, H)}}
+    tree = {"shared": {"embedding": sds(V, D)}, "block": {"0": {"layer": {"0": {"SelfAttention": attn}}}}}
+    p = tpflax.plan(tree, MESH)
+    d = p.decisions["block/0/layer/0/SelfAttention/relative_attention_bias/embedding"]
+    assert (d.spec, d.strategy) == (P(None, "model"), "heads")
 
 
 def test_weights_shared_by_calls_are_the_hand_layout(shared):

@@ -243,10 +243,31 @@ def _heads(st: State, todo: Sequence[Facts], widths: set[int]) -> None:
                                         "embedding's vocabulary")
 
 
+def _vocab_tables(st: State, todo: Sequence[Facts]) -> dict[int, Facts]:
+    """Token tables split over their rows, by row count: their logits are vocab-split."""
+    out = {}
+    for f in todo:
+        p = st.out.get(f.path)
+        if (f.kind == "embedding" and p is not None and len(f.body) == 2 and not POS_EMBED.search(f.unit_name)
+                and f.body_of(p.spec)[0] is not None):
+            out[f.body[0]] = f
+    return out
+
+
 def _biases(st: State, todo: Sequence[Facts]) -> None:
     kernels = {f.unit: f for f in todo if f.name.lower() in ("kernel", "w", "weight") and f.path in st.out}
+    tables = _vocab_tables(st, todo)
     for f in todo:
         k = kernels.get(f.unit)
+        if f.kind == "bias" and f.path not in st.out and len(f.body) == 1 and f.body[0] in tables and (
+                k is None or f.body[0] not in k.body):
+            # a bias with no kernel of its width beside it, as long as a vocab-split token table: the
+            # bias of the tied logits (BERT/ALBERT's ``predictions/bias``), split like those logits
+            t = tables[f.body[0]]
+            tp = st.out[t.path]
+            bias_follows(st, f, t.body_of(tp.spec)[:1], tp, f"bias of the tied logits ({f.body[0]} outputs, "
+                                                            f"the rows of {short(t.path)})")
+            continue
         if f.kind != "bias" or f.path in st.out or k is None:
             continue
         p = st.out[k.path]

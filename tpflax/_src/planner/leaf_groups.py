@@ -57,6 +57,14 @@ def shard_embedding(st: State, f: Facts, vdim: int, evidence: str = "", tied: bo
             f"vocab: {ev}" + (f"the embedding dim {d} is split over {over}" if v % t_size == 0 else
                               f"{v} rows not divisible by {t_size}, so the embedding dim {d} is split over "
                               f"{over} instead"))),), acts, mm, sums_output=True))
+    if ATTN.search(f.path) and d < v and d % t_size == 0:
+        # a table inside an attention layer with fewer columns than rows (T5's relative-position
+        # bias: buckets x heads): each column is one head's bias, added to that head's scores, which
+        # the heads split divides, so it splits with them and moves nothing
+        options.append(Option("heads split", ((f.path, st.proposal(
+            f, body_spec(2, 1 - vdim, t_entry), "heads",
+            f"heads: {ev}a {v} x {d} table inside an attention layer: its {d} columns (one per head) split "
+            f"over {over} like the heads of the scores they are added to")),)))
     options.append(Option("replicate", ((f.path, st.whole(
         f, f"embedding: {ev}{v} x {d} table kept whole on every tensor rank")),), (), mm, whole=True))
     st.choose("embedding", options, [f])
