@@ -82,6 +82,12 @@ class Scope:
     tied: frozenset[str] | None = None  # traced tied tables (None: not traced)
     remat: bool = False
     parts: Mapping[str, int] | None = None  # traced gradient parts (see cost.workload.traced_uses)
+    rows: Mapping[str, float] | None = None  # traced rows per example a parameter's contraction reads
+
+    def rows_of(self, path: str) -> float:
+        """Activation rows on one device that the leaf at ``path`` reads: as traced, else the batch's tokens."""
+        per_example = (self.rows or {}).get(path)
+        return per_example * self.batch.size / self.shards if per_example else self.rows_local
 
     @functools.cached_property
     def rows_local(self) -> float:
@@ -289,7 +295,7 @@ def _pair_act(path: str, d: Any, side: str, s: Scope) -> float:
         width = b[1 - split[0]] if (side == "in") == (d.role == "column") else b[split[0]]
     else:
         width = b[0] if side == "in" else b[-1]
-    return s.rows_local * width * s.act_item
+    return s.rows_of(path) * width * s.act_item
 
 
 # ---------------------------------------------------------------------------
@@ -335,14 +341,14 @@ def _embedding_items(path: str, d: Any, axes: tuple[str, ...], s: Scope, *, note
         return items
     if not split_vocab:  # the logits contract the split features: every device holds partial logits
         rows = math.prod(attend[0].output[:-1]) * (1 / s.shards if attend[0].output[0] == s.batch.size else 1) \
-            if attend else s.rows_local
+            if attend else s.rows_of(path)
         return items + [
             CommItem("all-reduce", axes, rows * b[0] * s.act_item, n, 1, path,
                      "tied embedding split on its features: sum the partial logits (forward)"),
             CommItem("all-gather", axes, size, n, 1, path,
                      "tied embedding split on its features: gather the logits' input gradient (backward)")]
     a = attend[0] if attend else None
-    in_size = s.nbytes(a.inputs[0]) if a else s.rows_local * b[-1] * s.act_item
+    in_size = s.nbytes(a.inputs[0]) if a else s.rows_of(path) * b[-1] * s.act_item
     items += _head_items(axes, n, in_size, (a.output if a else None), s, path, "tied output embedding")
     if not attend and s.tied is None:
         notes.append(f"{path}: assumed tied to the output (no head layer found)")
@@ -353,10 +359,10 @@ def _column_items(path: str, d: Any, axes: tuple[str, ...], s: Scope) -> list[Co
     n, b = s.size(axes), body(d)
     acts = acts_for(s.activations, d.unit)
     a = acts[0] if acts else None
-    in_size = s.nbytes(a.inputs[0]) if a else s.rows_local * b[0] * s.act_item
+    in_size = s.nbytes(a.inputs[0]) if a else s.rows_of(path) * b[0] * s.act_item
     if d.kind == "head":  # the planner marks output heads
         return _head_items(axes, n, in_size, (a.output if a else None), s, path, "vocab-split output head")
-    out_size = s.nbytes(a.output) if a else s.rows_local * b[-1] * s.act_item
+    out_size = s.nbytes(a.output) if a else s.rows_of(path) * b[-1] * s.act_item
     return [CommItem("all-gather", axes, out_size, n, _layers(d), path,
                      "column layer without a row partner: gather its split output (forward)"),
             CommItem("all-reduce", axes, in_size, n, _layers(d), path,
@@ -368,7 +374,7 @@ def _head_items(axes, n: int, in_size: float, out_shape, s: Scope, path: str, wh
         local = 1 / s.shards if out_shape[0] == s.batch.size else 1.0
         rows = math.prod(out_shape[:-1]) * local
     else:
-        rows = s.rows_local
+        rows = s.rows_of(path)
     # softmax cross-entropy over a split vocabulary: max, sum of exp and the label's
     # logit are reduced across the split (float32 per row), then the input gradient
     return [CommItem("all-reduce", axes, rows * 4, n, 3, path,

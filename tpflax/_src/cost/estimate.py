@@ -87,7 +87,7 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
                       if getattr(unsharded, name) else 0.0) for name in MEMORY_FIELDS + ("total",)}
     scope = Scope(mesh=mesh, lv=lv, batch=b, batch_axes=axes, shards=shards, act_item=w.act_item,
                   g_item=w.g_item, backend=w.backend, dispatch=w.dispatch, activations=w.activations,
-                  config=w.config, tied=w.tied, parts=w.parts, remat=w.remat)
+                  config=w.config, tied=w.tied, parts=w.parts, rows=w.rows, remat=w.remat)
     items = tuple(i for i in comm_items(scope, notes) if i.total > 0)
     return Estimate(
         per_device=per_device, unsharded=unsharded, savings=savings, comm=comm_table(items), items=items,

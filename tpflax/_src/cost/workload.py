@@ -37,7 +37,7 @@ class Workload:
         remat, backend, dispatch: as :func:`tpflax.estimate` takes them.
         act_item, g_item: activation and gradient bytes per element (g_item None: the parameter's).
         settings: what the estimate reports it used.
-        tied, parts: from the traced forward (see :func:`traced_uses`); None untraced.
+        tied, parts, rows: from the traced forward (see :func:`traced_uses`); None untraced.
     """
 
     batch: Batch
@@ -52,6 +52,7 @@ class Workload:
     settings: Mapping[str, Any]
     tied: frozenset[str] | None = None
     parts: Mapping[str, int] | None = None
+    rows: Mapping[str, float] | None = None
 
 
 def _check_options(act_dtype: Any, grad_dtype: Any, backend: str, expert_dispatch: str) -> None:
@@ -89,7 +90,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
     activations = activations or {}
     # without linen layers there is no ``attend`` call to see: the dataflow says which table is tied
     shapes = {p: tuple(d.shape) for p, d in plan.decisions.items()}
-    tied, parts = traced_uses(m, shapes) if m is not None else (None, None)
+    tied, parts, rows = traced_uses(m, shapes) if m is not None else (None, None, None)
     tied = tied if not activations else None
     remat = bool(remat or config_value(config, "remat", False))  # e.g. nn.remat'd scanned layers
     opt = opt_layout(plan, optimizer) if optimizer is not None else None
@@ -100,11 +101,11 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
     return Workload(batch=b, config=config, activations=activations, opt=opt, remat=remat, backend=backend,
                     dispatch=expert_dispatch, act_item=itemsize(b.act_dtype),
                     g_item=itemsize(dtype_name(grad_dtype)) if grad_dtype is not None else None,
-                    settings=settings, tied=tied, parts=parts)
+                    settings=settings, tied=tied, parts=parts, rows=rows)
 
 
-def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> tuple[frozenset[str] | None, Mapping[str, int] | None]:
-    """(tied tables, gradient parts) from the traced forward; (None, None) when it cannot be traced.
+def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> tuple[Any, Any, Any]:
+    """(tied tables, gradient parts, rows) from the traced forward; (None, None, None) when it cannot be traced.
 
     Tied tables are lookup tables the forward also contracts (the logits of a
     tied embedding). Gradient parts: ``{path: n}`` for parameters used whole
@@ -112,32 +113,43 @@ def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> tuple[frozense
     or a layer called twice (ALBERT): each use yields its own partial gradient,
     and XLA reduces each over the batch axes before adding them (measured).
     Uses of slices (experts indexed in a loop, a scan's layers) are one part.
+    Rows: ``{path: rows per example}`` of the activation a parameter's first
+    contraction reads, as traced (a ViT layer's patches, a Whisper encoder's
+    frames after its strided convolution): the rows its tensor-parallel
+    collectives move, whatever the batch's own shape.
 
     >>> import jax, jax.numpy as jnp
     >>> from tpflax._src.model import as_model
     >>> emb = jax.ShapeDtypeStruct((10, 4), "float32")
     >>> fn = lambda v, ids: v["emb"][ids] @ v["emb"].T
-    >>> tied, parts = traced_uses(as_model(fn, (jax.ShapeDtypeStruct((2, 3), "int32"),), {"emb": emb}),
-    ...                           {"emb": (10, 4)})
-    >>> sorted(tied), parts
-    (['emb'], {'emb': 2})
+    >>> tied, parts, rows = traced_uses(as_model(fn, (jax.ShapeDtypeStruct((2, 3), "int32"),), {"emb": emb}),
+    ...                                 {"emb": (10, 4)})
+    >>> sorted(tied), parts, rows
+    (['emb'], {'emb': 2}, {'emb': 3.0})
     """
+    import jax
+
     from tpflax._src.errors import TraceError
     from tpflax._src.trace.dataflow import dataflow
 
     try:
         flow = dataflow(m)
     except TraceError:
-        return None, None
+        return None, None, None
+    leaves = jax.tree_util.tree_leaves(m.sample)
+    examples = leaves[0].shape[0] if leaves and getattr(leaves[0], "shape", ()) else 1
     ops: dict[str, set[str]] = {}
     whole: dict[str, int] = {}
+    rows: dict[str, float] = {}
     for u in flow.uses:
         ops.setdefault(u.path, set()).add(u.op)
+        if u.rows and u.path not in rows:
+            rows[u.path] = u.rows / examples
         read = set(u.contracted) | set(u.kept) | set(u.batch)
         if u.path not in flow.scanned and len(read) == len(shapes.get(u.path, ())):
             whole[u.path] = whole.get(u.path, 0) + 1
     tied = frozenset(p for p, o in ops.items() if o & {"gather", "onehot"} and "dot" in o)
-    return tied, {p: n for p, n in whole.items() if n > 1}
+    return tied, {p: n for p, n in whole.items() if n > 1}, rows
 
 
 def _model(plan, model: Any, sample: Any):

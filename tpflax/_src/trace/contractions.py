@@ -52,11 +52,13 @@ def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
     tag_b: list[TagMap] = [dict(w.merge([act.dim_tags(a)])) for a in ab]
     tag_pf: list[TagMap] = [{} for _ in pf]
     fresh = None
+    act_shape = tuple(eqn.invars[1 if lp else 0].aval.shape)
+    rows = math.prod(act_shape[d] for d in af)  # the tokens the layer sees (the cost model's rows)
     for path, dims in par.origin:
         op = "onehot" if act.onehot else "dot"
         uid = w.use(ctx, eqn, path, op, [dims[d] for d in pc if dims[d] is not None],
                     [dims[d] for d in pf if dims[d] is not None],
-                    [dims[d] for d in pb if dims[d] is not None], par.const_of)
+                    [dims[d] for d in pb if dims[d] is not None], par.const_of, rows)
         fresh = uid if len(par.origin) == 1 else None
         if op == "onehot":
             continue

@@ -142,11 +142,12 @@ class Walk:
             for m in val.tags:
                 self.escape(m, why)
 
-    def use(self, ctx: tuple, eqn: Any, path: str, op: str, contracted, kept, batch, scan_length) -> int:
+    def use(self, ctx: tuple, eqn: Any, path: str, op: str, contracted, kept, batch, scan_length,
+            rows: int = 0) -> int:
         key = (ctx, id(eqn), path)
         if key in self.use_key:
             return self.use_key[key]
-        u = Use(len(self.uses), path, op, tuple(contracted), tuple(kept), tuple(batch), scan_length)
+        u = Use(len(self.uses), path, op, tuple(contracted), tuple(kept), tuple(batch), scan_length, rows)
         self.uses.append(u)
         self.use_key[key] = u.id
         return u.id
