@@ -62,9 +62,10 @@ def mesh(devices):
     return tpflax.make_mesh(MESH)
 
 
-def numbers(model, plan, mesh, sample, variables=None):
+def numbers(model, plan, mesh, sample, variables=None, loss=None):
     """(bytes per device, collective bytes per step, flops per device) of the compiled adamw step."""
-    ts = tpflax.make_train_step(model, plan, mesh, optax.adamw(1e-3), sample=sample, variables=variables)
+    ts = tpflax.make_train_step(model, plan, mesh, optax.adamw(1e-3), sample=sample, variables=variables,
+                                loss=loss)
     dr = tpflax.dry_run(ts, plan, mesh)
     return dr.memory["argument"] + (dr.memory["temp"] or 0), dr.comm_total, dr.flops
 
@@ -151,6 +152,61 @@ def test_sibling_subtrees_compile_like_megatron(bert, mesh):
     got = numbers(m, tpflax.plan(v, MESH, batch=(TOK,)), mesh, (TOK,))
     hand = numbers(m, tpflax.plan(v, MESH, batch=(TOK,), rules=BERT_HAND), mesh, (TOK,))
     no_worse(got, hand)  # the same Megatron layout, found without rules: equal up to XLA's choices
+
+
+# -- a dense without a partner on pooled rows (CLIP's projections) ---------------
+
+class Towers(nn.Module):
+    """Two BERT towers, each pooled at its first token and projected; contrastive logits."""
+
+    @nn.compact
+    def __call__(self, tok, patches):
+        def tower(x, name):
+            for i in range(2):
+                x = BertLayer(name=f"{name}_{i}")(x)
+            pooled = nn.LayerNorm(name=f"{name}_ln")(x[:, 0])
+            e = nn.Dense(D // 2, use_bias=False, name=f"{name}_projection")(pooled)
+            return e / jnp.linalg.norm(e, axis=-1, keepdims=True)
+
+        t = tower(nn.Embed(V, D, name="tok")(tok), "text")
+        i = tower(nn.Dense(D, name="patch")(patches), "visual")  # a lone dense on every patch
+        return t @ i.T
+
+
+def contrastive(logits, *_):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.arange(logits.shape[0])).mean()
+
+
+TOWERS_SAMPLE = (TOK, sds(8, 8 * T, 48))  # 64 patches: the patch layer reads 512 rows
+TOWERS_HAND = BERT_HAND + [(r"tok/embedding", P("model", None))]
+
+
+@pytest.fixture(scope="module")
+def towers():
+    m = Towers()
+    return m, abstract(m, *TOWERS_SAMPLE)
+
+
+def test_pooled_projections_split_by_cost(towers):
+    """A dense without a partner that reads one row per example splits its output: its collectives
+    are per example, the bytes, flops and gradient reduction it divides per weight; on every token
+    (the patch embedding) the collectives cost more and it stays whole."""
+    m, v = towers
+    p = tpflax.plan(v, MESH, model=m, sample=TOWERS_SAMPLE, batch=TOWERS_SAMPLE)
+    assert specs(p, ["text_projection/kernel", "visual_projection/kernel", "patch/kernel"]) == {
+        "text_projection/kernel": P(None, "model"), "visual_projection/kernel": P(None, "model"),
+        "patch/kernel": P(None, None)}
+    assert "runner-up replicate" in p.decisions["params/text_projection/kernel"].reason
+
+
+@pytest.mark.slow
+def test_pooled_projections_beat_the_hand_layout(towers, mesh):
+    m, v = towers
+    kw = {"sample": TOWERS_SAMPLE, "loss": contrastive}
+    got = numbers(m, tpflax.plan(v, MESH, model=m, sample=TOWERS_SAMPLE, batch=TOWERS_SAMPLE), mesh, **kw)
+    hand = numbers(m, tpflax.plan(v, MESH, batch=TOWERS_SAMPLE, rules=TOWERS_HAND), mesh, **kw)
+    no_worse(got, hand)
+    assert got[0] < hand[0] and got[2] < hand[2], (got, hand)  # strictly fewer bytes and flops
 
 
 # -- 3: a fused (d, 3d) qkv kernel split after the matmul ------------------------

@@ -30,7 +30,12 @@ from tpflax._src.planner.builders import (
     short,
 )
 from tpflax._src.planner.decision import Pair
-from tpflax._src.planner.leaf_groups import fsdp, shard_embedding, shard_output_head
+from tpflax._src.planner.leaf_groups import (
+    fsdp,
+    shard_embedding,
+    shard_lone_dense,
+    shard_output_head,
+)
 from tpflax._src.planner.repeats import merge_uses
 from tpflax._src.specs import entries, to_pspec
 from tpflax._src.trace.dataflow import Dataflow, Edge, Use
@@ -54,16 +59,21 @@ class _Flow:
     cand: dict[int, Use] = field(default_factory=dict)
     out_edges: dict[tuple[int, int], list[Edge]] = field(default_factory=lambda: defaultdict(list))
     in_edges: dict[int, list[Edge]] = field(default_factory=lambda: defaultdict(list))
+    # the sample's token rows as the chooser counts tokens (0: unknown, the widest layer's rows)
+    sample_rows: int = 0
 
 
 def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Dataflow,
-            skip: Iterable[str] = ()) -> tuple[dict[str, Proposal], list[Pair]]:
+            skip: Iterable[str] = (), sample_rows: int = 0) -> tuple[dict[str, Proposal], list[Pair]]:
     """Proposals for the leaves the dataflow explains; ``(proposals, pairs)``.
 
     Leaves in ``skip`` (rules, annotations) and leaves the trace says nothing
-    about are left to the tree heuristics.
+    about are left to the tree heuristics. ``sample_rows``: the traced sample's
+    tokens as the chooser counts them (its per-token prices scale a layer that
+    reads fewer or more rows).
     """
     c = _start(facts, State(mesh, opts, forced=set(skip)), flow)
+    c.sample_rows = sample_rows
     _recurrent(c)
     _embeddings(c)
     _link(c)
@@ -260,8 +270,13 @@ def _outputs(c: _Flow) -> None:
             shard_output_head(c.st, f, b, f"output projection (traced): its {f.body[b]} outputs (dim {b}) "
                                           "are the model's output, with no later contraction")
             continue
-        c.st.replicate(f, f"{'conv' if u.op == 'conv' else 'dense'} without a partner (traced): "
-                          f"{_why_not_column(c, u)}; {_why_not_row(c, u)}")
+        why = (f"{'conv' if u.op == 'conv' else 'dense'} without a partner (traced): "
+               f"{_why_not_column(c, u)}; {_why_not_row(c, u)}")
+        rows = c.sample_rows or max((x.rows for x in c.flow.uses), default=0)
+        if u.op == "dot" and len(u.kept) == 1 and u.rows and rows and f.stacked == 0:
+            shard_lone_dense(c.st, f, f.body_dim(u.kept[0]), u.rows / rows, why)
+        else:
+            c.st.replicate(f, why)
 
 
 def _biases(c: _Flow) -> None:

@@ -96,6 +96,32 @@ def shard_output_head(st: State, f: Facts, dim: int, evidence: str) -> None:
                                            "kept whole"), kind="head")
 
 
+def shard_lone_dense(st: State, f: Facts, dim: int, share: float, why: str) -> None:
+    """A dense without a partner: whole, or its output body dim ``dim`` split over the tensor axis, by cost.
+
+    ``share`` is the rows it reads per token the chooser prices (traced): a projection of
+    pooled outputs (CLIP's text and image projections, a class token's head) reads one row per
+    example, so gathering its split output and summing its input gradient move next to nothing,
+    while the split divides its bytes, flops and gradient reduction. On every token the
+    collectives cost more than they save and it stays whole (measured: tests/test_patterns.py).
+    """
+    t_entry, t_size = st.tensor
+    keep = Option("replicate", ((f.path, st.whole(f, why)),), (), frozenset({f.path}), whole=True)
+    n = f.body[dim]
+    if t_size == 1 or n % t_size or share <= 0:
+        st.choose("dense", [keep], [f])
+        return
+    over = axis_label(t_entry, t_size)
+    acts = (ActComm("all-gather", t_entry, n * share, 1, "gather its split output (forward)"),
+            ActComm("all-reduce", t_entry, math.prod(f.body) // n * share, 1, "sum its input gradient (backward)"))
+    split = Option("column", ((f.path, st.proposal(
+        f, body_spec(len(f.body), dim, t_entry), "column",
+        f"column: dense without a partner reading {share:.3g} rows per token (traced); its {n} "
+        f"outputs split over {over}, gathered for what reads them whole", role="column")),),
+        acts, frozenset({f.path}), sums_output=True)
+    st.choose("dense", [keep, split], [f])
+
+
 def fsdp(st: State, facts: Sequence[Facts]) -> None:
     """Float leaves also split their largest free divisible dim over the fsdp axes.
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import jax
 
-from tpflax._src.errors import OptionError, RuleError
+from tpflax._src.errors import OptionError, RuleError, TpflaxError
 from tpflax._src.facts.classify import HEAD, Facts, classify, layer_group, stacked_patterns
 from tpflax._src.facts.tree import walk
 from tpflax._src.mesh import EXPERT, FSDP, TENSOR, MeshShape, mesh_shape
@@ -174,7 +174,8 @@ def _propose(facts: Sequence[Facts], ms: MeshShape, opts: Options, forced: Force
         from tpflax._src.trace.dataflow import dataflow
 
         flow = dataflow(model, sample, tree)
-        traced, tpairs = dataflow_rules.propose(facts, ms, opts, flow, skip=forced.proposals)
+        traced, tpairs = dataflow_rules.propose(facts, ms, opts, flow, skip=forced.proposals,
+                                                sample_rows=_sample_rows(sample))
         tree_only = heuristics.propose(facts, ms, opts, skip=forced.proposals)[0]
         disagreements = dataflow_rules.disagreements(traced, tree_only)
         sources.update({path: "trace" for path in traced})
@@ -184,6 +185,17 @@ def _propose(facts: Sequence[Facts], ms: MeshShape, opts: Options, forced: Force
     proposals.update(traced)
     proposals.update(_forced_facts(forced.proposals, facts, tpairs + pairs))
     return proposals, tpairs + pairs, sources, disagreements, doubts
+
+
+def _sample_rows(sample: Any) -> int:
+    """The traced sample's tokens as the chooser counts a batch's (0 where it reads no batch from it)."""
+    from tpflax._src.cost.activations import token_rows
+    from tpflax._src.cost.batch import parse_batch
+
+    try:
+        return max(0, int(token_rows(parse_batch(sample, None, None), None)))
+    except (TpflaxError, TypeError, ValueError, IndexError):  # any sample traces; only per-row prices read it
+        return 0
 
 
 def _forced_facts(forced: Mapping[str, Proposal], facts: Sequence[Facts],
