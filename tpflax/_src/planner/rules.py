@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec
 
 from tpflax._src.errors import RuleError, SpecError
 from tpflax._src.facts.classify import Facts
-from tpflax._src.mesh import DATA, EXPERT, FSDP, TENSOR, MeshShape
+from tpflax._src.mesh import DATA, DEFAULT_ROLE_NAMES, EXPERT, FSDP, TENSOR, MeshShape
 from tpflax._src.planner.builders import Proposal
 from tpflax._src.specs import Entry, describe, entries, spec_problems, to_pspec, used_axes
 from tpflax._src.vocab import RULE_STRATEGIES, Source
@@ -157,6 +157,7 @@ def annotation(f: Facts, mesh: MeshShape, logical_rules) -> tuple[tuple[Entry, .
     warnings: list[str] = []
     spec: list[Entry] = []
     used: set[str] = set()
+    renamed: dict[Any, Any] = {}
     known = {lname for lname, _ in logical_rules}
     for dim, name in enumerate(leaf.names or ()):
         # Names the mesh has are mesh axes; others are logical (NNX sharding metadata
@@ -165,7 +166,9 @@ def annotation(f: Facts, mesh: MeshShape, logical_rules) -> tuple[tuple[Entry, .
         if logical:
             candidates = [axes for lname, axes in logical_rules if lname == name] if name is not None else []
         else:
-            candidates = [name]
+            candidates = [same_role_axes(name, mesh)]
+            if candidates[0] != name:
+                renamed[name] = candidates[0]
         chosen = None
         for axes in candidates:
             e = entries((axes,))[0]
@@ -193,7 +196,32 @@ def annotation(f: Facts, mesh: MeshShape, logical_rules) -> tuple[tuple[Entry, .
     kind = "logical" if leaf.logical or any(_logical_name(n, mesh, known) for n in leaf.names or ()) \
         else "mesh-axis"
     reason = f"{kind} annotation {tuple(leaf.names or ())} -> {to_pspec(spec)}"
+    if renamed:
+        reason += " (" + ", ".join(f"{a!r} read as the mesh's {b!r}, the same role" for a, b in renamed.items()) + ")"
     return tuple(spec), reason, warnings
+
+
+def same_role_axes(name: Any, mesh: MeshShape) -> Any:
+    """The mesh axes an annotation's axis name stands for.
+
+    A library annotates for its own mesh (tunix writes ``'tp'``, MaxText
+    ``'tensor'``): a name the mesh lacks but that is a known spelling of a role
+    the mesh has (``'tp'``, ``'model'``, ``'mp'`` for tensor; ``'dp'`` for data)
+    means that role's axes, so the annotation survives a renamed mesh. Any other
+    name is returned as is (and dropped with a warning later).
+
+    >>> from tpflax._src.mesh import mesh_shape
+    >>> same_role_axes("tp", mesh_shape({"fsdp": 2, "tensor": 4})), same_role_axes("x", mesh_shape({"tensor": 4}))
+    ('tensor', 'x')
+    """
+    if isinstance(name, tuple):  # several axes on one dim: read each
+        parts = [same_role_axes(n, mesh) for n in name]
+        return tuple(a for p in parts for a in (p if isinstance(p, tuple) else (p,)))
+    if not isinstance(name, str) or name in mesh.sizes:
+        return name
+    role = DEFAULT_ROLE_NAMES.get(name.lower())
+    entry = mesh.group(role)[0] if role else None
+    return name if entry is None else entry
 
 
 def _logical_name(name: Any, mesh: MeshShape, known: set[str]) -> bool:

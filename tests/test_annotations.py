@@ -1,0 +1,76 @@
+"""Models that ship their own sharding annotations, written for a mesh named differently.
+
+A library annotates its parameters for its own mesh: tunix writes
+``('fsdp', 'tp')`` on NNX params, other code ``nn.with_partitioning(..., ('model', None))``.
+On a mesh whose tensor axis is called ``tensor`` those names are the same roles,
+so ``tpflax.plan`` reads them as that mesh's axes instead of dropping them.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+import tpflax
+
+S, F32 = jax.ShapeDtypeStruct, "float32"
+MESH = {"fsdp": 2, "tensor": 4}
+
+
+class _TunixLike(nnx.Module):
+    """Tunix's layout: q/k/v (d, heads, head_dim) ``(fsdp, tp, None)``, o ``(tp, None, fsdp)``, mlp."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        init = nnx.initializers.normal()
+        lazy = {"eager_sharding": False}  # metadata only, as tunix does: no mesh needed to build it
+        self.q = nnx.Param(init(rngs.params(), (64, 8, 16)), out_sharding=("fsdp", "tp", None), **lazy)
+        self.o = nnx.Param(init(rngs.params(), (8, 16, 64)), out_sharding=("tp", None, "fsdp"), **lazy)
+        self.up = nnx.Linear(64, 256, use_bias=False, rngs=rngs,
+                             kernel_init=nnx.with_partitioning(init, ("fsdp", "tp"), **lazy))
+        self.down = nnx.Linear(256, 64, use_bias=False, rngs=rngs,
+                               kernel_init=nnx.with_partitioning(init, ("tp", "fsdp"), **lazy))
+        self.norm = nnx.Param(init(rngs.params(), (64,)), out_sharding=("tp",), **lazy)
+
+
+@pytest.fixture(scope="module")
+def state():
+    return nnx.state(nnx.eval_shape(lambda: _TunixLike(nnx.Rngs(0))))
+
+
+def test_a_role_spelled_differently_is_read_as_the_mesh_axis(state):
+    p = tpflax.plan(state, MESH)
+    want = {"q": P("fsdp", "tensor", None), "o": P("tensor", None, "fsdp"), "up/kernel": P("fsdp", "tensor"),
+            "down/kernel": P("tensor", "fsdp"), "norm": P("tensor")}
+    assert {k: p.decisions[k].spec for k in want} == want
+    assert all(p.decisions[k].source == "annotation" for k in want)
+    assert "'tp' read as the mesh's 'tensor'" in p.decisions["q"].reason
+    assert not p.warnings  # nothing was dropped
+    # the same plan as the annotations applied verbatim on a mesh named like the library's
+    verbatim = tpflax.plan(state, {"fsdp": 2, "tp": 4})
+    assert {k: verbatim.decisions[k].spec for k in want} == {
+        k: P(*("tp" if e == "tensor" else e for e in s)) for k, s in want.items()}
+
+
+def test_annotations_off_is_tpflax_own_plan(state):
+    p = tpflax.plan(state, MESH, use_annotations=False)
+    assert all(d.source != "annotation" for d in p.decisions.values())
+    assert p.decisions["up/kernel"].spec != P(None, None)  # still sharded, by tpflax's own rules
+
+
+def test_linen_mesh_axis_names_and_roles_the_mesh_lacks():
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Dense(64, kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(), ("dp", "model")),
+                         name="a")(x)
+            return nn.Dense(64, kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(), ("ep", None)),
+                            name="b")(x)
+
+    tree = jax.eval_shape(M().init, jax.random.key(0), S((2, 64), F32))
+    p = tpflax.plan(tree, {"data": 2, "tensor": 4})
+    assert p.decisions["params/a/kernel"].spec == P("data", "tensor")  # dp -> data, model -> tensor
+    assert p.decisions["params/b/kernel"].spec == P(None, None)  # no expert axis: dropped, with a warning
+    assert any("params/b/kernel" in w and "'ep'" in w for w in p.warnings)
