@@ -84,7 +84,7 @@ def test_plain_function_estimate_matches_the_compiled_step(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("width, pieces, n", [(128, 2, 4), (192, 3, 2), (256, 4, 8)])
+@pytest.mark.parametrize("width, pieces, n", [(128, 2, 4), (192, 3, 2)])  # the compact and the plain exchange
 def test_piece_permutes_follow_xla(width, pieces, n):
     from tpflax._src.cost.reshard import piece_permutes
 
