@@ -157,7 +157,7 @@ def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
     rows: dict[str, float] = {}
     for u in flow.uses:
         ops.setdefault(u.path, set()).add(u.op)
-        if u.rows and u.path not in rows:
+        if u.rows and not u.scan_length and u.path not in rows:  # a cell's rows repeat at every time step
             rows[u.path] = u.rows / examples
         read = set(u.contracted) | set(u.kept) | set(u.batch)
         if u.path not in flow.scanned and len(read) == len(shapes.get(u.path, ())):
