@@ -4,9 +4,9 @@ Each source of collectives has its own function: gradients (fsdp and data
 parallelism), column -> row pairs, embeddings and output heads (and tensor-split
 layers without a partner); experts (:mod:`tpflax._src.cost.experts`) and the
 reshards of fused kernels (:mod:`tpflax._src.cost.reshard`) have their own
-modules. They read only the decisions (spec, shape,
-kind, pair, role, layers dim, unit, trainable) and the mesh axis roles, through
-a :class:`Scope` that holds what one (plan, mesh) shares. Alike leaves of
+modules. They read only the decisions (spec, shape, kind, pair, role, layers
+dim, unit, trainable), the mesh axis roles and the traced rows, through a
+:class:`Scope` that holds what one (plan, mesh) shares. Alike leaves of
 repeated layers are priced once (:mod:`tpflax._src.cost.leaves`): an item's
 ``count`` includes how many there are, and its ``source`` names their group.
 
