@@ -2,9 +2,11 @@
 
 Each source of collectives has its own function: gradients (fsdp and data
 parallelism), column -> row pairs, embeddings and output heads (and tensor-split
-layers without a partner), experts. They read only the decisions (spec, shape,
-kind, pair, role, layers dim, unit, trainable) and the mesh axis roles, through
-a :class:`Scope` that holds what one (plan, mesh) shares. Alike leaves of
+layers without a partner); experts (:mod:`tpflax._src.cost.experts`) and the
+reshards of fused kernels (:mod:`tpflax._src.cost.reshard`) have their own
+modules. They read only the decisions (spec, shape, kind, pair, role, layers
+dim, unit, trainable), the mesh axis roles and the traced rows, through a
+:class:`Scope` that holds what one (plan, mesh) shares. Alike leaves of
 repeated layers are priced once (:mod:`tpflax._src.cost.leaves`): an item's
 ``count`` includes how many there are, and its ``source`` names their group.
 
@@ -29,9 +31,8 @@ from tpflax._src.cost.leaves import Leaves
 from tpflax._src.cost.optstate import shard_bytes
 from tpflax._src.cost.price import tpu_gather_item, tpu_reduce_scatters
 from tpflax._src.cost.records import Act, CommItem
-from tpflax._src.facts.classify import layer_group
 from tpflax._src.facts.tree import itemsize
-from tpflax._src.mesh import DATA, EXPERT, FSDP, TENSOR, MeshShape
+from tpflax._src.mesh import DATA, FSDP, TENSOR, MeshShape
 from tpflax._src.specs import Entry, entry_axes, used_axes
 
 
@@ -47,8 +48,14 @@ def leaf_itemsize(d: Any) -> int:
     return d.bytes // n if n else itemsize(d.dtype)
 
 
-def _layers(d: Any) -> int:
-    """How many stacked layers (``nn.scan``) the leaf holds: its collectives repeat that often."""
+def layers(d: Any) -> int:
+    """How many stacked layers (``nn.scan``) the leaf holds: its collectives repeat that often.
+
+    >>> import jax, tpflax
+    >>> w = jax.ShapeDtypeStruct((4, 64, 256), "float32")
+    >>> layers(tpflax.plan({"layers": {"up": {"kernel": w}}}, {"data": 1}, stacked="layers").decisions["layers/up/kernel"])
+    4
+    """
     return d.shape[d.layers_dim] if d.layers_dim is not None else 1
 
 
@@ -83,6 +90,7 @@ class Scope:
     remat: bool = False
     parts: Mapping[str, int] | None = None  # traced gradient parts (see cost.workload.traced_uses)
     rows: Mapping[str, float] | None = None  # traced rows per example a parameter's contraction reads
+    fused: Mapping[str, tuple[int, int]] | None = None  # traced fused kernels: (param dim, pieces)
 
     def rows_of(self, path: str) -> float:
         """Activation rows on one device that the leaf at ``path`` reads: as traced, else the batch's tokens."""
@@ -122,9 +130,8 @@ def _axes_of(spec: tuple[Entry, ...], mesh: MeshShape, role: str) -> tuple[str, 
 
 
 def comm_items(scope: Scope, notes: list[str]) -> list[CommItem]:
-    """Every modelled collective of one training step (see :func:`tpflax._src.cost.estimate.price_leaves`)."""
-    return (_gradient_items(scope) + _pair_items(scope, notes) + _layer_items(scope, notes)
-            + _expert_items(scope))
+    """The gradient, pair and layer collectives of one training step (see :func:`tpflax._src.cost.estimate.price_leaves`)."""
+    return _gradient_items(scope) + _pair_items(scope, notes) + _layer_items(scope, notes)
 
 
 # ---------------------------------------------------------------------------
@@ -244,7 +251,7 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
         n = s.size(axes)
         # a layer called several times (shared weights, ALBERT) sums its partial outputs at each call
         calls = max((s.parts or {}).get(p, 1) for p in cols + rows)
-        count = max(_layers(dec[p]) for p in cols + rows) * pc.count * calls
+        count = max(layers(dec[p]) for p in cols + rows) * pc.count * calls
         source = f"pair {pc.id}" + (f" and {pc.count - 1} alike" if pc.count > 1 else "")
         for r in rows:
             if s.axes(r, TENSOR):
@@ -363,9 +370,9 @@ def _column_items(path: str, d: Any, axes: tuple[str, ...], s: Scope) -> list[Co
     if d.kind == "head":  # the planner marks output heads
         return _head_items(axes, n, in_size, (a.output if a else None), s, path, "vocab-split output head")
     out_size = s.nbytes(a.output) if a else s.rows_of(path) * b[-1] * s.act_item
-    return [CommItem("all-gather", axes, out_size, n, _layers(d), path,
+    return [CommItem("all-gather", axes, out_size, n, layers(d), path,
                      "column layer without a row partner: gather its split output (forward)"),
-            CommItem("all-reduce", axes, in_size, n, _layers(d), path,
+            CommItem("all-reduce", axes, in_size, n, layers(d), path,
                      "column layer without a row partner: sum input gradients (backward)")]
 
 
@@ -380,36 +387,3 @@ def _head_items(axes, n: int, in_size: float, out_shape, s: Scope, path: str, wh
     return [CommItem("all-reduce", axes, rows * 4, n, 3, path,
                      f"{what}: max, sum and label logit of the split softmax (forward)"),
             CommItem("all-reduce", axes, in_size, n, 1, path, f"{what}: sum input gradients (backward)")]
-
-
-# ---------------------------------------------------------------------------
-# experts
-
-def _expert_items(s: Scope) -> list[CommItem]:
-    """Routed tokens move to their experts and back (all-to-all), or every expert sees them (dense)."""
-    e_axes = s.mesh.axes_with(EXPERT)
-    if not e_axes:
-        return []
-    blocks: dict[str, list[str]] = {}  # expert leaves by the block holding them
-    for path, d in s.lv.decisions.items():
-        if d.kind == "expert" and s.axes(path, EXPERT):
-            blocks.setdefault(d.unit.rsplit("/", 1)[0], []).append(path)
-    n = s.size(e_axes)
-    top_k = config_value(s.config, "top_k", 1) or 1
-    items = []
-    for block, paths in blocks.items():
-        d0 = s.lv.decisions[paths[0]]
-        d_model, stack = body(d0)[1], _layers(d0) * s.lv.count[paths[0]]
-        if s.lv.count[paths[0]] > 1:
-            block = layer_group(block)
-        if s.dispatch == "all-to-all":
-            size = s.rows_local * top_k * d_model * s.act_item
-            items.append(CommItem("all-to-all", e_axes, size, n, 2 * stack, block,
-                                  "expert parallel: dispatch and return routed tokens (forward)"))
-            items.append(CommItem("all-to-all", e_axes, size, n, 2 * stack, block,
-                                  "expert parallel: the same, for gradients (backward)"))
-        else:
-            items.append(CommItem("all-reduce", e_axes, s.rows_local * d_model * s.act_item, n, 2 * stack, block,
-                                  "dense expert dispatch: sum expert outputs (forward) and input gradients "
-                                  "(backward)"))
-    return items

@@ -30,11 +30,16 @@ compiled program (:func:`tpflax.dry_run`), and kept per mesh axis:
 * data parallelism: all-reduce of the gradients over the batch axes that do not
   shard the leaf;
 * expert parallelism (``expert_dispatch="all-to-all"``): two all-to-alls of the
-  routed tokens forward and two backward.
+  routed tokens forward and two backward;
+* a traced fused ``[q|k|v]`` kernel split on its fused dim: XLA's halo-exchange
+  collective-permutes resharding the pieces forward, all-to-alls backward
+  (:mod:`tpflax._src.cost.reshard`).
 
 Activation sizes come from :func:`trace_activations` (exact shapes of every
 layer's input and output, from ``jax.eval_shape``; compute it once and reuse it
-across meshes), or else from the transformer formula and the batch's tokens.
+across meshes), else, for a plain function, from the rows each contraction
+reads in the traced jaxpr (patches, frames), else from the transformer formula
+and the batch's tokens.
 """
 
 from __future__ import annotations
@@ -44,10 +49,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tpflax._src.cost.comm import Scope, comm_items
+from tpflax._src.cost.experts import expert_items
 from tpflax._src.cost.leaves import Leaves, merge
 from tpflax._src.cost.memory import memory
 from tpflax._src.cost.peak import peak
 from tpflax._src.cost.records import MEMORY_FIELDS, Act, Estimate, comm_table
+from tpflax._src.cost.reshard import fused_items
 from tpflax._src.cost.workload import Workload, prepare
 from tpflax._src.errors import EstimateError
 from tpflax._src.mesh import MeshShape, batch_axes
@@ -87,8 +94,9 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
                       if getattr(unsharded, name) else 0.0) for name in MEMORY_FIELDS + ("total",)}
     scope = Scope(mesh=mesh, lv=lv, batch=b, batch_axes=axes, shards=shards, act_item=w.act_item,
                   g_item=w.g_item, backend=w.backend, dispatch=w.dispatch, activations=w.activations,
-                  config=w.config, tied=w.tied, parts=w.parts, rows=w.rows, remat=w.remat)
-    items = tuple(i for i in comm_items(scope, notes) if i.total > 0)
+                  config=w.config, tied=w.tied, parts=w.parts, rows=w.rows, fused=w.fused, remat=w.remat)
+    every = comm_items(scope, notes) + expert_items(scope) + fused_items(scope, notes)
+    items = tuple(i for i in every if i.total > 0)
     return Estimate(
         per_device=per_device, unsharded=unsharded, savings=savings, comm=comm_table(items), items=items,
         mesh=mesh, batch={"size": b.size, "shards": shards, "axes": list(axes),

@@ -37,7 +37,7 @@ class Workload:
         remat, backend, dispatch: as :func:`tpflax.estimate` takes them.
         act_item, g_item: activation and gradient bytes per element (g_item None: the parameter's).
         settings: what the estimate reports it used.
-        tied, parts, rows: from the traced forward (see :func:`traced_uses`); None untraced.
+        tied, parts, rows, fused: from the traced forward (see :class:`Traced`); None untraced.
     """
 
     batch: Batch
@@ -53,6 +53,32 @@ class Workload:
     tied: frozenset[str] | None = None
     parts: Mapping[str, int] | None = None
     rows: Mapping[str, float] | None = None
+    fused: Mapping[str, tuple[int, int]] | None = None
+
+
+@dataclass(frozen=True)
+class Traced:
+    """What the cost model reads from the traced forward (see :func:`traced_uses`).
+
+    Attributes:
+        tied: lookup tables the forward also contracts (the logits of a tied embedding).
+        parts: ``{path: n}`` for parameters used whole (every dim read) by ``n > 1``
+            separate contractions or lookups, a tied table or a layer called twice
+            (ALBERT): each use yields its own partial gradient, and XLA reduces each
+            over the batch axes before adding them (measured). Uses of slices
+            (experts indexed in a loop, a scan's layers) are one part.
+        rows: ``{path: rows per example}`` of the activation a parameter's first
+            contraction reads (a ViT layer's patches, a Whisper encoder's frames after
+            its strided convolution): the rows its tensor-parallel collectives move,
+            whatever the batch's own shape.
+        fused: ``{path: (param dim, pieces)}`` for kernels whose output along that dim
+            is cut into equal pieces (a ``[q|k|v]`` kernel; see :mod:`tpflax._src.cost.reshard`).
+    """
+
+    tied: frozenset[str] | None = None
+    parts: Mapping[str, int] | None = None
+    rows: Mapping[str, float] | None = None
+    fused: Mapping[str, tuple[int, int]] | None = None
 
 
 def _check_options(act_dtype: Any, grad_dtype: Any, backend: str, expert_dispatch: str) -> None:
@@ -90,8 +116,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
     activations = activations or {}
     # without linen layers there is no ``attend`` call to see: the dataflow says which table is tied
     shapes = {p: tuple(d.shape) for p, d in plan.decisions.items()}
-    tied, parts, rows = traced_uses(m, shapes) if m is not None else (None, None, None)
-    tied = tied if not activations else None
+    t = traced_uses(m, shapes) if m is not None else Traced()
     remat = bool(remat or config_value(config, "remat", False))  # e.g. nn.remat'd scanned layers
     opt = opt_layout(plan, optimizer) if optimizer is not None else None
     name = (optimizer_name or name_of(optimizer)) if optimizer is not None else "none"
@@ -101,30 +126,19 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
     return Workload(batch=b, config=config, activations=activations, opt=opt, remat=remat, backend=backend,
                     dispatch=expert_dispatch, act_item=itemsize(b.act_dtype),
                     g_item=itemsize(dtype_name(grad_dtype)) if grad_dtype is not None else None,
-                    settings=settings, tied=tied, parts=parts, rows=rows)
+                    settings=settings, tied=t.tied if not activations else None, parts=t.parts, rows=t.rows,
+                    fused=t.fused)
 
 
-def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> tuple[Any, Any, Any]:
-    """(tied tables, gradient parts, rows) from the traced forward; (None, None, None) when it cannot be traced.
-
-    Tied tables are lookup tables the forward also contracts (the logits of a
-    tied embedding). Gradient parts: ``{path: n}`` for parameters used whole
-    (every dim read) by ``n > 1`` separate contractions or lookups, a tied table
-    or a layer called twice (ALBERT): each use yields its own partial gradient,
-    and XLA reduces each over the batch axes before adding them (measured).
-    Uses of slices (experts indexed in a loop, a scan's layers) are one part.
-    Rows: ``{path: rows per example}`` of the activation a parameter's first
-    contraction reads, as traced (a ViT layer's patches, a Whisper encoder's
-    frames after its strided convolution): the rows its tensor-parallel
-    collectives move, whatever the batch's own shape.
+def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
+    """What the cost model reads from the traced forward (see :class:`Traced`); all None when it cannot be traced.
 
     >>> import jax, jax.numpy as jnp
     >>> from tpflax._src.model import as_model
     >>> emb = jax.ShapeDtypeStruct((10, 4), "float32")
     >>> fn = lambda v, ids: v["emb"][ids] @ v["emb"].T
-    >>> tied, parts, rows = traced_uses(as_model(fn, (jax.ShapeDtypeStruct((2, 3), "int32"),), {"emb": emb}),
-    ...                                 {"emb": (10, 4)})
-    >>> sorted(tied), parts, rows
+    >>> t = traced_uses(as_model(fn, (jax.ShapeDtypeStruct((2, 3), "int32"),), {"emb": emb}), {"emb": (10, 4)})
+    >>> sorted(t.tied), t.parts, t.rows
     (['emb'], {'emb': 2}, {'emb': 3.0})
     """
     import jax
@@ -135,7 +149,7 @@ def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> tuple[Any, Any
     try:
         flow = dataflow(m)
     except TraceError:
-        return None, None, None
+        return Traced()
     leaves = jax.tree_util.tree_leaves(m.sample)
     examples = leaves[0].shape[0] if leaves and getattr(leaves[0], "shape", ()) else 1
     ops: dict[str, set[str]] = {}
@@ -143,13 +157,14 @@ def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> tuple[Any, Any
     rows: dict[str, float] = {}
     for u in flow.uses:
         ops.setdefault(u.path, set()).add(u.op)
-        if u.rows and u.path not in rows:
+        if u.rows and not u.scan_length and u.path not in rows:  # a cell's rows repeat at every time step
             rows[u.path] = u.rows / examples
         read = set(u.contracted) | set(u.kept) | set(u.batch)
         if u.path not in flow.scanned and len(read) == len(shapes.get(u.path, ())):
             whole[u.path] = whole.get(u.path, 0) + 1
     tied = frozenset(p for p, o in ops.items() if o & {"gather", "onehot"} and "dot" in o)
-    return tied, {p: n for p, n in whole.items() if n > 1}, rows
+    fused = {flow.uses[uid].path: (dim, pieces) for (uid, dim), pieces in flow.fused.items()}
+    return Traced(tied, {p: n for p, n in whole.items() if n > 1}, rows, fused)
 
 
 def _model(plan, model: Any, sample: Any):

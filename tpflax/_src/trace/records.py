@@ -28,9 +28,9 @@ class Use:
         batch: parameter dims that are ``dot_general`` batch dims (experts).
         scan_length: trip count when the parameter enters a ``scan``/``while``
             body unchanged at every step (a cell's kernel), else 0.
-        rows: for ``dot``/``onehot``, the rows of the activation it contracts as traced
-            (the product of the activation's dims that are neither contracted nor batch:
-            the tokens, patches or frames the layer sees); else 0.
+        rows: for ``dot``/``onehot`` without batch dims, the rows of the activation it
+            contracts as traced (the product of the activation's dims that are not
+            contracted: the tokens, patches or frames the layer sees); else 0.
     """
 
     id: int

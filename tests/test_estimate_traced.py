@@ -1,0 +1,108 @@
+"""estimate() of plain functions: rows and fused kernels read from the traced forward, checked against XLA:CPU."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import tpflax
+from tpflax.hlo import parse_collectives
+
+F32 = "float32"
+MESH = {"data": 2, "model": 4}
+
+
+def _patches(v, images):
+    """A ViT-shaped plain function: 4x4 patches of a (B, 3, 16, 16) image, one MLP pair, a pooled head."""
+    b = images.shape[0]
+    x = images.reshape(b, 3, 4, 4, 4, 4).transpose(0, 2, 4, 1, 3, 5).reshape(b, 16, 48) @ v["embed"]
+    x = x + jax.nn.gelu(x @ v["up"]) @ v["down"]
+    return x.mean(1) @ v["head"]
+
+
+def _fused(v, x):
+    """A GPT-2-shaped plain function: a fused [q|k|v] kernel stored (out, in), cut into three after the matmul."""
+    x = jnp.tanh(x @ v["inp"])  # the column's input has a gradient to sum, as after an embedding
+    q, k, val = jnp.split(x @ v["qkv"].T, 3, axis=-1)
+    h = x + (jax.nn.tanh(q) * k + val) @ v["proj"]
+    return h @ v["head"]
+
+
+def _loss(out, *_):
+    return jnp.mean(out ** 2)
+
+
+CASES = {
+    "patches": (_patches, {"embed": (48, 64), "up": (64, 256), "down": (256, 64), "head": (64, 10)},
+                (jax.ShapeDtypeStruct((8, 3, 16, 16), F32),)),
+    "fused": (_fused, {"inp": (64, 64), "qkv": (192, 64), "proj": (64, 64), "head": (64, 10)},
+              (jax.ShapeDtypeStruct((8, 16, 64), F32),)),
+}
+
+
+def _case(name):
+    fn, shapes, sample = CASES[name]
+    tree = {k: jax.ShapeDtypeStruct(s, F32) for k, s in shapes.items()}
+    return fn, tpflax.plan(tree, MESH, model=fn, sample=sample), sample
+
+
+def test_plain_function_pairs_move_the_traced_rows():
+    # the pair's layers see 16 patches per image, not the 3 channels of the batch's leading dims
+    fn, p, sample = _case("patches")
+    assert p.decisions["up"].role == "column" and p.decisions["down"].role == "row"
+    e = tpflax.estimate(p, optax.sgd(0.1), model=fn, sample=sample, backend="cpu")
+    row = [i for i in e.items if i.why.startswith("row")]
+    assert [i.size for i in row] == [8 // 2 * 16 * 64 * 4]  # local images x patches x width x f32
+
+
+def test_fused_kernel_reshard_is_priced():
+    fn, p, sample = _case("fused")
+    assert tuple(p.decisions["qkv"].spec) == ("model", None)  # the fused dim split contiguously
+    e = tpflax.estimate(p, optax.sgd(0.1), model=fn, sample=sample, backend="cpu")
+    fused = {i.kind: i for i in e.items if i.source == "qkv" and i.why.startswith("fused")}
+    rows = 8 // 2 * 16  # local rows
+    # XLA's halo exchange of q, k and v (64 each) from shards of 48 into shards of 16:
+    # permutes of 32 + 16, 32 + 32 and 16 + 16 + 16 columns (read off the compiled HLO)
+    assert fused["collective-permute"].size == rows * 160 * 4
+    assert (fused["all-to-all"].size, fused["all-to-all"].count) == (rows * 48 * 4, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_plain_function_estimate_matches_the_compiled_step(name):
+    fn, p, sample = _case(name)
+    mesh = tpflax.make_mesh(MESH)
+    tx = optax.adamw(1e-3)
+    ts = tpflax.make_train_step(fn, p, mesh, tx, sample=sample, loss=_loss)
+    got = tpflax.dry_run(ts, p, mesh).comm_total
+    est = tpflax.estimate(p, tx, model=fn, sample=sample, backend="cpu").comm_total
+    # exact up to the loss scalar XLA reduces with the gradients (4 bytes)
+    assert est == pytest.approx(got, abs=16), (est, got)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("width, pieces, n", [(128, 2, 4), (192, 3, 2)])  # the compact and the plain exchange
+def test_piece_permutes_follow_xla(width, pieces, n):
+    from tpflax._src.cost.reshard import piece_permutes
+
+    mesh = Mesh(np.array(jax.devices()).reshape(8 // n, n), ("data", "model"))
+    b, s, d = 8, 4, 16
+
+    def loss(w, w2, x):
+        parts = jnp.split(x @ w.T, pieces, axis=-1)
+        return sum(((jnp.tanh(q) @ w2) ** 2).sum() for q in parts)
+
+    def sds(shape, spec):
+        return jax.ShapeDtypeStruct(shape, F32, sharding=NamedSharding(mesh, spec))
+
+    args = (sds((width, d), P("model")), sds((width // pieces, d), P("model")), sds((b, s, d), P("data")))
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile().as_text()
+    cs = parse_collectives(text, mesh=mesh)
+    column = b // (8 // n) * s * 4  # bytes of one column of the local rows
+    assert sum(c.ring_bytes * c.count for c in cs if c.kind == "collective-permute") == \
+        sum(piece_permutes(width, pieces, n)) * column
+    # backward: all-to-alls of twice the fused output's shard
+    assert sum(c.bytes * c.count for c in cs if c.kind == "all-to-all") == 2 * width // n * column
