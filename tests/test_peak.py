@@ -48,22 +48,26 @@ def test_peak_is_its_breakdown(name, mesh):
 
 
 def test_conv_nets_keep_what_backward_reads():
-    # on TPU a conv net keeps each overlapping conv's input once per kernel column (3x3: 3 copies) and each
-    # norm's input, channels in 128 lanes; a conv on the input images keeps them lane-padded once; layer
-    # outputs are not counted; exact, f32 activations
-    m, p, tpu = _estimate("cnn", {"fsdp": 8})
+    # on TPU a conv net keeps each overlapping conv's input once per kernel column (3x3: 3 copies), in
+    # bfloat16 (the conv multiplies in it), each norm's input and the max-pool's input, channels in 128
+    # lanes; a conv on the input images keeps them lane-padded once; layer outputs are not counted.
+    # Exact; the toy's activations are float32
+    m, p, tpu = _estimate("cnn", {"fsdp": 8}, max_pool=True)
     cpu = tpflax.estimate(p, ADAM, jax.eval_shape(lambda: m.make_batch(0, 8)), model=m, backend="cpu")
     acts = tpflax.trace_activations(m, 8)
 
-    def lanes(x, copies=1):
-        return math.prod(x[:-1]) * -(-x[-1] // 128) * 128 * 4 / 8 * copies
+    def lanes(x, item, copies=1):
+        return math.prod(x[:-1]) * -(-x[-1] // 128) * 128 * item / 8 * copies
 
     maps = sum(math.prod(a.output) * 4 / 8 for calls in acts.values() for a in calls if len(a.output) == 4)
-    convs = [a for path, calls in acts.items() for a in calls if path.split("/")[-1].startswith(("conv", "stem"))]
+    convs = [a for path, calls in acts.items() for a in calls if path.split("/")[-1].startswith("conv")]
     images = [a for a in convs if a.inputs[0][-1] == 3]
     assert len(images) == 1 and images[0].inputs[0] == (8, 32, 32, 3)
-    kept = lanes(images[0].inputs[0]) + sum(lanes(a.inputs[0], 3) for a in convs if a not in images)
-    kept += sum(lanes(a.inputs[0]) for path, calls in acts.items() for a in calls if "bn" in path.split("/")[-1])
+    kept = lanes(images[0].inputs[0], 2) + sum(lanes(a.inputs[0], 2, 3) for a in convs if a not in images)
+    kept += sum(lanes(a.inputs[0], 4) for path, calls in acts.items() for a in calls if "bn" in path.split("/")[-1])
+    pooled = acts["bn_init"][0].output  # 32x32 maps, max-pooled to 16x16 before block_0
+    assert acts["block_0/conv1"][0].inputs[0][1:3] == (16, 16)
+    kept += lanes(pooled, 4)
     assert tpu.breakdown.activations - tpu.per_device.activations == int(kept) - int(maps)
     assert cpu.breakdown.activations == cpu.per_device.activations == tpu.per_device.activations
     _, _, llama = _estimate("llama", {"fsdp": 8})

@@ -191,10 +191,13 @@ def conv_maps(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> tuple[in
     channels, taps]``), what a conv net keeps is not its layers' outputs but what their backward
     passes read: each norm's input (the conv output it normalises) and each overlapping conv's
     input (kernel wider than its stride, a 3x3 conv) once per kernel column, ``kw`` copies shifted
-    by one tap, from which the weight gradient is a matmul. Channels are stored in 128 lanes (a
-    64-channel stage takes twice its bytes). A conv on the input images of fewer than 128 channels
-    (a 7x7 stem) keeps the images lane-padded (``bf16[224, 32, 32, 3, 7]``, 49 MiB for 4 images).
-    A block's output, a norm's output and a ReLU's are the next conv's input, kept expanded there;
+    by one tap, from which the weight gradient is a matmul; and a max-pool's input (the select-and-
+    scatter of its backward pass reads it). Channels are stored in 128 lanes (a 64-channel stage
+    takes twice its bytes). A conv on the input images of fewer than 128 channels (a 7x7 stem)
+    keeps the images lane-padded (``bf16[224, 32, 32, 3, 7]``, 49 MiB for 4 images). A conv's
+    input is kept in bfloat16 even in a float32 model (the conv multiplies in bfloat16 at default
+    precision: the float32 ResNet-18 step keeps ``bf16[56, 32, 8, 64, 3]`` taps next to ``f32``
+    norm inputs). A block's output, a norm's output and a ReLU's are the next conv's input, kept there;
     a 1x1 or patchify conv (kernel == stride, ViT's patch embedding) reads an input another conv
     keeps, or the images: it keeps nothing of its own. Under remat only block outputs are kept, at
     128 lanes. ``(0, 0)`` off TPU, without traced conv layers, or with a tensor axis (the TPU
@@ -227,19 +230,34 @@ def conv_maps(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> tuple[in
         return int(kept), int(counted)
     kept = 0.0
     images = tuple(w.batch.leaves[0][1]) if w.batch.leaves else ()
+    operand = min(w.act_item, 2) / shards  # conv inputs in bfloat16, as the conv multiplies
     for d, n in convs.values():
         for a in acts_for(w.activations, d.unit):
             x, y = tuple(a.inputs[0]), a.output
             if len(x) != 4 or len(y) != 4 or body(d)[1] <= max(x[2] // max(y[2], 1), 1):
                 continue  # 1x1 or patchify: kernel no wider than its stride
             taps = 1 if x == images else body(d)[1]  # the images: lane-padded once (measured), maps: kw copies
-            kept += math.prod(x[:-1]) * _lanes(x[-1]) * taps * item * n
+            kept += math.prod(x[:-1]) * _lanes(x[-1]) * taps * operand * n
     for unit, n in norms.items():
         for a in acts_for(w.activations, unit):
             x = tuple(a.inputs[0])
             if len(x) == 4 and x[-1] in channels:
                 kept += math.prod(x[:-1]) * _lanes(x[-1]) * item * n
+    kept += sum(math.prod(y[:-1]) * _lanes(y[-1]) * item for y in _pooled(w.activations, channels))
     return int(kept), int(counted)
+
+
+def _pooled(activations: Any, channels: set[int]) -> list[tuple[int, ...]]:
+    """Feature maps a pooling step between two traced layers reads (a max-pool's backward reads its input):
+    a layer's output whose next layer (in trace order) takes the same channels at a smaller size."""
+    out, prev = [], None
+    for calls in activations.values():
+        for a in calls:
+            x = tuple(a.inputs[0]) if a.inputs else ()
+            if prev and len(x) == 4 and x[-1] == prev[-1] in channels and x[0] == prev[0] and x[1] < prev[1]:
+                out.append(prev)
+            prev = a.output if len(a.output) == 4 else None
+    return out
 
 
 def _lanes(n: int) -> int:
