@@ -8,7 +8,9 @@ parameters and optimizer state donated) holds, per device:
 * growing through the forward pass and freed by the backward pass as it goes:
   the saved activations, including each attention layer's probabilities
   (``batch x heads x seq x seq`` in the activation dtype) unless the layer is
-  rematerialised;
+  rematerialised (a conv net on TPU keeps what its layers' backward passes read
+  instead of their outputs: each conv's input once per kernel column, each
+  norm's and max-pool's input; :func:`conv_maps`);
 * growing through the backward pass: the gradients (sharded like the params);
 * one layer at a time: the working set of the layer in flight: its weights
   gathered over the fsdp axes (two layers: XLA gathers the next while one
