@@ -214,7 +214,7 @@ def conv_maps(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> tuple[in
     >>> e.breakdown.activations > e.per_device.activations  # conv inputs x 3 taps, 64 channels in 128 lanes
     True
     >>> cpu = tpflax.estimate(p, optax.sgd(0.1), batch, model=m, backend="cpu")  # the generic count off TPU
-    >>> cpu.breakdown.activations == cpu.per_device.activations
+    >>> cpu.breakdown.activations + cpu.breakdown.logits == cpu.per_device.activations  # f32 head: the logits
     True
     """
     # one representative leaf per layer, with the count of alike layers it stands for
@@ -298,8 +298,13 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
     saved = dev.activations - counted + kept
     if not w.activations:  # the transformer formula counts scores too (5as/ht): they are counted above
         saved -= formula_scores_bytes(w.batch, w.config, mesh, shards, w.remat, w.act_item)
+    logits = logits_bytes(lv, mesh, w, shards)
+    if w.activations and w.act_item == 4:
+        # a float32 head's traced output is the float32 logits buffer counted below: not twice (the f32
+        # GPT-2 step holds one f32[2, 1024, 50257]; a 16-bit step holds its 16-bit logits and the f32 ones)
+        saved -= min(logits, saved)
     return Peak(arguments=dev.arguments, grads=dev.grads, activations=saved, scores=saved_scores,
                 gathered=two, attention=working, recompute=recompute,
-                logits=LOGITS_BUFFERS * logits_bytes(lv, mesh, w, shards), gathered_last=one,
+                logits=LOGITS_BUFFERS * logits, gathered_last=one,
                 experts=0 if w.remat else EXPERT_SAVED * hidden * n_exp, expert_work=EXPERT_WORKING * hidden)
 
