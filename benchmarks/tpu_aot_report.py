@@ -89,7 +89,8 @@ Two more rules came from compiles: with the heads split over a tensor axis (fsdp
 second buffer dump) the scores in flight are two float32 buffers `f32[4, 8, 4096, 4096]`; in a
 float32 model one score buffer is in flight (the gradient is formed in place). Fitted on: Llama
 fsdp=8 bf16, fsdp=2,model=4 bf16 and fsdp=8 f32. Predicted before being compiled (held out):
-Llama data=2,fsdp=4 bf16, Llama remat on, GPT-2.
+Llama data=2,fsdp=4 bf16, Llama remat on, GPT-2. Conv nets on TPU keep their convs' and norms'
+inputs rather than their layers' outputs (`peak.conv_maps`, see ResNet-18 below).
 
 ## Where the CPU and TPU compilers differ
 
@@ -123,31 +124,90 @@ Llama data=2,fsdp=4 bf16, Llama remat on, GPT-2.
 ## ResNet-18
 
 The TPU compiler partitions ResNet over image width, not over the batch the step shards: its
-buffers are `[rows, the whole batch of 32, a width slice (+ halo), channels]`. From its buffer
-dump (peak live set 121 MiB): the stem's 3-channel input images held lane-padded for the 7x7
-kernel's taps, `bf16[224, 32, 32, 3, 7]` = 49 MiB (exactly 4 images x 224 x 224 x 128 lanes x
-2 bytes), and the 64-channel feature maps of the first stage at 128 lanes (`bf16[56, 32, 8, 64]`
-at 3.5 MiB, 2x their bytes, plus the width halo). `Estimate.peak` now counts both on TPU
-(`peak.lane_padding`: conv feature maps at 128 lanes; the images of an overlapping-kernel conv
-on the input at 128 lanes; a patchify conv such as ViT's keeps no such copy). Error -57% ->
--14.6% (fsdp=8) and -13.5% (data=2,fsdp=4); what remains is the width halo (8/7 of the first
-stage) and a second tap-expanded layout of the first stage (`bf16[56, 4, 8, 7, 64]`, 18 MiB),
-which the estimate does not model. With a tensor axis (fsdp=2,model=4, -20.5%) the compiler
-spreads the feature maps over that axis as well, so no padding is counted there (counting it
-read +120%).
+buffers are `[rows, the whole batch of 32, a width slice (+ halo), channels, taps]`. Its buffer
+assignment (`XLA_FLAGS=--xla_dump_to=DIR`; the HBM values live at the peak, from
+`*-live-range.txt` and `*-buffer-assignment.txt`) shows what a conv net keeps for the backward
+pass: not its layers' outputs but what their backward passes read.
+
+- Each 3x3 conv's input, once per kernel column: `bf16[56, 32, 8, 64, 3]` (10.5 MiB, a ReLU
+  output padded for the halo, 3 taps) for each of the five 3x3 convs reading a 56x56 map,
+  `[28, 32, 4, 128, 3]` for the four reading a 28x28 map, `[14, 32, 2, 256, 3]` for the next
+  four: the weight gradient is then one matmul per tap column.
+- Each norm's input (the conv output it normalises), e.g. the stem's `bf16[112, 32, 16, 64]`,
+  and a max-pool's input (its select-and-scatter reads it: `f32[112, 32, 17, 64]` in the f32 step).
+- The stem's 3-channel input images lane-padded for the 7x7 kernel's taps,
+  `bf16[224, 32, 32, 3, 7]` = 49 MiB (exactly 4 images x 224 x 224 x 128 lanes x 2 bytes).
+- Conv inputs in bfloat16 even in the float32 step (the conv multiplies in bfloat16 at default
+  precision, as a float32 kernel is gathered in bfloat16): its taps are `bf16[56, 32, 8, 64, 3]`
+  next to `f32` norm and pool inputs.
+- Channels in 128 lanes: a 64-channel stage takes twice its bytes.
+- Not kept: a block's output, a norm's output, a ReLU's (they are the next conv's input, kept
+  expanded there); a 1x1 projection conv reads the input its block's 3x3 conv keeps.
+
+`peak.conv_maps` counts exactly that on TPU in place of the conv layers' outputs (ResNet-18 bf16,
+4 images per device: 49 MiB of images, 61 MiB of tap-expanded conv inputs, 31 MiB of norm
+inputs, 12 MiB of pool input). Errors: bf16 fsdp=8 -11.7% -> +10.5%, data=2,fsdp=4 -13.4% ->
++6.9%; f32 (new rows; the previous rule read +28.7% on fsdp=8) -5.3% and -10.1%. The bf16 rows
+are over because part of their live set sits in the on-chip memory space `S(1)`, which `temp`
+does not count (in the bf16 step the stem's norm and pool inputs and two of the five 56x56 tap
+buffers are in `S(1)` at the HBM peak; in the f32 step they are in HBM). The data=2,fsdp=4 rows
+hold more than the extra arguments (f32: +32 MiB over fsdp=8 where the arguments add 17);
+probably (its buffer dump was not read) because with a data axis each gradient is all-reduced
+whole in one tuple all-reduce, so the full gradients of the last stages, computed first in the
+backward pass, are live while the first stages' maps still are; not modelled. With a tensor axis (fsdp=2,model=4: -19.4% bf16, -24.3% f32) the compiler does
+something else, not modelled either: the blocks' convs are column/row pairs over `model`, and it
+keeps the stem's maps whole for the 16 images of its fsdp shard (`bf16[16, 112, 112, 64]` twice,
+49 MiB each, 64 channels in 128 lanes), the images in a 49 MiB layout (`bf16[16, 224, 224, 3]`
+with the batch in lanes) and splits other maps by rows (`bf16[16, 28, 112, 64]` slices); its
+HBM peak is dominated by the stem. No padding or taps are counted there (the generic count of
+layer outputs).
 
 ## ViT-B/16: over (open)
 
 At 2 layers and 4 images per device ViT's step is small (53 MiB compiled). The estimate counts
-35 MiB of saved activations, 7 MiB of saved scores and 7 MiB of scores in flight, plus two
+34 MiB of saved activations, 7 MiB of saved probabilities, 7 MiB of scores in flight and two
 whole layers of gathered weights (27 MiB); the compiler's temp is 39 MiB. Its buffer assignment
-(the dump is written within a minute; the TPU code generation after it takes 29 minutes on 2
-shared cores, which is why ViT rows are few) holds at most about one layer of gathered weights
-(the attention kernels of both layers, `bf16[768, 12, 64]` x 6 and `[12, 64, 768]` x 2, and one
-MLP kernel `bf16[768, 3072]`: 13.5 MiB, half the estimate's term), one MLP hidden
-`bf16[4, 197, 3072]` at a time, and q, k, v at `bf16[4, 197, 12, 64]`. Counting one gathered
-layer would leave +42%: the rest is in the saved activations of a step this small (the fused
-LayerNorm and GELU outputs it does not keep) and is not modelled yet.
+(written within a minute; the code generation after it takes 29 minutes on 2 shared cores)
+explains the gap: at the HBM peak only one layer's `q, k, v` (`bf16[4, 197, 12, 64]`), one MLP
+hidden (`bf16[4, 197, 3072]`) and the attention kernels of both layers are in HBM (about 20 MiB
+live); the rest of what the estimate counts is live around the same point of the step in the
+on-chip memory space `S(1)`: both layers' MLP hiddens (before and after the GELU, 4 x 4.7 MiB),
+both layers' probabilities (`bf16[4, 12, 197, 197]`, 2 x 4.7 MiB at 256 lanes), the gathered
+MLP kernels of both layers (4 x 4.5 MiB) and a lane-padded copy of the images (49 MiB).
+So the estimate's terms
+are all there, but the TPU keeps half of them out of HBM. This is a small-step effect: in the
+GPT-2 step (0.98 GiB) the same dump holds 3 MiB in `S(1)` at the HBM peak, and its HBM live set
+(f32 and bf16 logits, two f32 `[2, 12, 1024, 1024]` score buffers, the tied table, one layer's
+weights and activations: 948 MiB) matches the estimate's terms. Which buffers the compiler's
+memory-space assignment moves on chip is not modelled, so for a step whose live set is about
+the size of the on-chip memory (128 MiB on v5e) `Estimate.peak` is an upper bound. ViT's comm
+row is now read from the optimised HLO of that dump (`*after_optimizations.txt`, the same text
+as the compiled `as_text()`: checked on ResNet-18, equal collectives), so it has no † mark; its
+compiled peak is still the earlier compile's.
+
+## GPT-2 float32: over (open)
+
+The first float32 GPT-2 rows read +55%: the f32 logits were counted twice, once as the tied
+head's traced output (the saved activations) and once as the logits buffer. A 16-bit step holds
+both (the bf16 step's HBM peak has `bf16[2, 1024, 50257]` and `f32[2, 1024, 50257]`); a float32
+step holds one (`f32[2, 1024, 50257]`, 393 MiB, in its buffer dump), so `peak.peak` now drops
+the head's output in a float32 model (Llama f32 +1.2% -> -3.1%, GPT-2 f32 -> +14.7% / +13.3%).
+What remains, from the same dump (HBM live at the peak 866 MiB of 892 MiB temp, 12 MiB in
+`S(1)`): the peak is at the loss, before the last layer's backward pass, so no score buffer is in
+flight yet (the estimate adds one f32 `[2, 12, 1024, 1024]`, 96 MiB); and the matmul inputs kept
+for the weight gradients are partly stored in bfloat16 (`bf16[2, 1024, 768]`,
+`bf16[2, 12, 64, 1024]` next to f32 MLP hiddens), as a conv's are. Neither is modelled: taking the
+max of the logits and one layer's working set instead of their sum moves the 16-bit GPT-2 rows to
+-19% (their peak holds both), and Llama f32, the fit of the f32 score coefficient, would need
+refitting with bfloat16 matmul inputs.
+
+## New rows this round, not yet read
+
+MoE data=2,fsdp=4 bf16 is within 4%. MoE fsdp=2,model=4 bf16 reads about +31% (estimate 15.6
+GiB: 4 GiB of scores in flight by the rule "heads split over a tensor axis: two f32 score
+buffers", fitted on Llama, 2 GiB of saved probabilities, 3.5 GiB of saved expert hiddens whose
+width the plan does not split over `model`); its buffer dump was not read. GPT-2 f32
+fsdp=2,model=4 reads about +11% (the double-counted logits fixed; see GPT-2 float32 above).
 
 ## Communication
 
@@ -162,6 +222,14 @@ generation takes 29 minutes here). Loops: XLA:TPU's optimised HLO drops `known_t
 inside a scanned stack count once per layer.
 
 ## The previous round, for comparison
+
+This round: the conv rule above (ResNet-18 bf16 fsdp=8 -11.7% -> +10.5%, data=2,fsdp=4 -13.4% ->
++6.9%; f32 rows new, -5.3% and -10.1%), a ViT-B/16 patchify conv's output no longer counted
+(+67.9% -> +65.7%), a float32 head's output counted once (GPT-2 f32 rows new, +14.7% and +13.3%
+where the double count read +55% and +51%; Llama f32 +1.2% -> -3.1%), ViT's comm re-read from its
+dumped HLO (-65.1% † -> -25.9%: the compiled step all-reduces 37 MiB of gradients that the
+estimate reduce-scatters; cost/comm.py's rule, not changed here). The ResNet-18 bf16 rows were
+recompiled with today's step (fsdp=8: 0.155 GiB where the cached row read 0.156).
 
 Worst rows before the parser fix, the TPU gradient rule and the lane padding: ViT-B/16 fsdp=8
 peak +67.9%; ResNet-18 fsdp=8 peak -57.2%, comm -62.2%; MoE fsdp=8 comm -67.5%; Llama-2-7B

@@ -8,7 +8,9 @@ parameters and optimizer state donated) holds, per device:
 * growing through the forward pass and freed by the backward pass as it goes:
   the saved activations, including each attention layer's probabilities
   (``batch x heads x seq x seq`` in the activation dtype) unless the layer is
-  rematerialised;
+  rematerialised (a conv net on TPU keeps what its layers' backward passes read
+  instead of their outputs: each conv's input once per kernel column, each
+  norm's and max-pool's input; :func:`conv_maps`);
 * growing through the backward pass: the gradients (sharded like the params);
 * one layer at a time: the working set of the layer in flight: its weights
   gathered over the fsdp axes (two layers: XLA gathers the next while one
@@ -183,53 +185,81 @@ def expert_hidden_bytes(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -
     return int(tokens * per_token * math.ceil(width / tensor_degree(mesh, spec[-1])) * w.act_item), layers
 
 
-def lane_padding(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> int:
-    """Bytes the TPU's memory layout adds to the saved activations of a conv net, on a device.
+def conv_maps(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> tuple[int, int]:
+    """``(kept, counted)``: a conv net's feature maps as XLA:TPU keeps them for the backward pass, on a
+    device, and as the generic count of saved activations holds them (every layer's output).
 
-    XLA:TPU tiles an array's minor dim in 128 lanes, and a conv activation's minor dim is
-    its channels: a 64-channel ResNet stage is stored at twice its size. A convolution whose
-    kernel overlaps its steps (kernel > stride, a ResNet stem) on input images of fewer than
-    128 channels also keeps the images lane-padded for the backward pass: the 7x7 stem's
-    3-channel images take 128 lanes (``bf16[224, 32, 32, 3, 7]``, 49 MiB for 4 images, in
-    the buffer dump of the ResNet-18 step). A patchify convolution (kernel == stride, a ViT's
-    patch embedding) is a reshape and a matmul: it keeps no such copy. Zero off TPU, and for
-    models whose widths are multiples of 128 (the transformers).
+    From the TPU buffer assignment of the ResNet-18 step (``bf16`` maps ``[rows, batch, width slice,
+    channels, taps]``), what a conv net keeps is not its layers' outputs but what their backward
+    passes read: each norm's input (the conv output it normalises) and each overlapping conv's
+    input (kernel wider than its stride, a 3x3 conv) once per kernel column, ``kw`` copies shifted
+    by one tap, from which the weight gradient is a matmul; and a max-pool's input (the select-and-
+    scatter of its backward pass reads it). Channels are stored in 128 lanes (a 64-channel stage
+    takes twice its bytes). A conv on the input images of fewer than 128 channels (a 7x7 stem)
+    keeps the images lane-padded (``bf16[224, 32, 32, 3, 7]``, 49 MiB for 4 images). A conv's
+    input is kept in bfloat16 even in a float32 model (the conv multiplies in bfloat16 at default
+    precision: the float32 ResNet-18 step keeps ``bf16[56, 32, 8, 64, 3]`` taps next to ``f32``
+    norm inputs). A block's output, a norm's output and a ReLU's are the next conv's input, kept there;
+    a 1x1 or patchify conv (kernel == stride, ViT's patch embedding) reads an input another conv
+    keeps, or the images: it keeps nothing of its own. Under remat only block outputs are kept, at
+    128 lanes. ``(0, 0)`` off TPU, without traced conv layers, or with a tensor axis (the TPU
+    compiler spreads the maps of ResNet-18 fsdp=2,model=4 over it too, which is not modelled).
 
-    >>> import jax, jax.numpy as jnp, optax, tpflax
+    >>> import jax, optax, tpflax
     >>> from tpflax import zoo
     >>> m = zoo.get("resnet18")
     >>> p = tpflax.plan(m.abstract_variables(), {"data": 2})  # the batch over every device
     >>> batch = jax.eval_shape(lambda: m.make_batch(0, 8))
     >>> e = tpflax.estimate(p, optax.sgd(0.1), batch, model=m)
-    >>> e.breakdown.activations > e.per_device.activations  # 64-channel stages take 128 lanes
+    >>> e.breakdown.activations > e.per_device.activations  # conv inputs x 3 taps, 64 channels in 128 lanes
     True
-    >>> cpu = tpflax.estimate(p, optax.sgd(0.1), batch, model=m, backend="cpu")  # no lanes off TPU
-    >>> cpu.breakdown.activations == cpu.per_device.activations
+    >>> cpu = tpflax.estimate(p, optax.sgd(0.1), batch, model=m, backend="cpu")  # the generic count off TPU
+    >>> cpu.breakdown.activations + cpu.breakdown.logits == cpu.per_device.activations  # f32 head: the logits
     True
     """
-    channels = {body(d)[-1] for d in lv.decisions.values() if d.kind == "conv" and len(body(d)) == 4}
-    # measured with the batch over every device; with a tensor axis the TPU compiler spreads a
-    # conv net's feature maps over that axis too (ResNet-18 fsdp=2,model=4 peaked at 219 MiB,
-    # under the unpadded estimate), which is not modelled: no padding is added then
+    # one representative leaf per layer, with the count of alike layers it stands for
+    convs = {d.unit: (d, lv.count[p]) for p, d in lv.decisions.items() if d.kind == "conv" and len(body(d)) == 4}
+    norms = {d.unit: lv.count[p] for p, d in lv.decisions.items() if d.kind == "norm"}
+    channels = {body(d)[-1] for d, _ in convs.values()}
     if w.backend != "tpu" or not w.activations or not channels or shards < mesh.size:
-        return 0
-    pad = 0.0
-    for path, calls in w.activations.items():
-        if w.remat and "/" in path:
-            continue  # as the saved activations: only block outputs under remat
-        for a in calls:  # feature maps (NHWC) of a conv's width: a conv, its norm, its block
-            if len(a.output) == 4 and a.output[-1] in channels:
-                pad += math.prod(a.output) * w.act_item / shards * (_lanes(a.output[-1]) / a.output[-1] - 1)
+        return 0, 0
+    item = w.act_item / shards
+    counted = sum(math.prod(a.output) * item for path, calls in w.activations.items() for a in calls
+                  if len(a.output) == 4 and a.output[-1] in channels and not (w.remat and "/" in path))
+    if w.remat:  # the block outputs counted above, at 128 lanes
+        kept = sum(math.prod(a.output[:-1]) * _lanes(a.output[-1]) * item for path, calls in w.activations.items()
+                   for a in calls if len(a.output) == 4 and a.output[-1] in channels and "/" not in path)
+        return int(kept), int(counted)
+    kept = 0.0
     images = tuple(w.batch.leaves[0][1]) if w.batch.leaves else ()
-    for d in lv.decisions.values():
-        acts = acts_for(w.activations, d.unit) if d.kind == "conv" and len(body(d)) == 4 else []
-        # a conv on the input images (its other inputs are feature maps, counted above)
-        if not acts or tuple(acts[0].inputs[0]) != images or len(images) != 4 or len(acts[0].output) != 4:
-            continue
-        x, y = images, acts[0].output
-        if body(d)[0] > max(x[1] // max(y[1], 1), 1) and x[-1] < 128:  # overlapping kernel, few channels
-            pad += math.prod(x[:-1]) * _lanes(x[-1]) * w.act_item / shards
-    return int(pad)
+    operand = min(w.act_item, 2) / shards  # conv inputs in bfloat16, as the conv multiplies
+    for d, n in convs.values():
+        for a in acts_for(w.activations, d.unit):
+            x, y = tuple(a.inputs[0]), a.output
+            if len(x) != 4 or len(y) != 4 or body(d)[1] <= max(x[2] // max(y[2], 1), 1):
+                continue  # 1x1 or patchify: kernel no wider than its stride
+            taps = 1 if x == images else body(d)[1]  # the images: lane-padded once (measured), maps: kw copies
+            kept += math.prod(x[:-1]) * _lanes(x[-1]) * taps * operand * n
+    for unit, n in norms.items():
+        for a in acts_for(w.activations, unit):
+            x = tuple(a.inputs[0])
+            if len(x) == 4 and x[-1] in channels:
+                kept += math.prod(x[:-1]) * _lanes(x[-1]) * item * n
+    kept += sum(math.prod(y[:-1]) * _lanes(y[-1]) * item for y in _pooled(w.activations, channels))
+    return int(kept), int(counted)
+
+
+def _pooled(activations: Any, channels: set[int]) -> list[tuple[int, ...]]:
+    """Feature maps a pooling step between two traced layers reads (a max-pool's backward reads its input):
+    a layer's output whose next layer (in trace order) takes the same channels at a smaller size."""
+    out, prev = [], None
+    for calls in activations.values():
+        for a in calls:
+            x = tuple(a.inputs[0]) if a.inputs else ()
+            if prev and len(x) == 4 and x[-1] == prev[-1] in channels and x[0] == prev[0] and x[1] < prev[1]:
+                out.append(prev)
+            prev = a.output if len(a.output) == 4 else None
+    return out
 
 
 def _lanes(n: int) -> int:
@@ -264,11 +294,17 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
         layers = config_value(w.config, "n_layers") or 1
         recompute = int(max(full - dev.activations, 0) / layers + SCORES_SAVED * scores)
     hidden, n_exp = expert_hidden_bytes(lv, mesh, w, shards)
-    saved = dev.activations + lane_padding(lv, w, mesh, shards)
+    kept, counted = conv_maps(lv, w, mesh, shards)
+    saved = dev.activations - counted + kept
     if not w.activations:  # the transformer formula counts scores too (5as/ht): they are counted above
         saved -= formula_scores_bytes(w.batch, w.config, mesh, shards, w.remat, w.act_item)
+    logits = logits_bytes(lv, mesh, w, shards)
+    if w.activations and w.act_item == 4:
+        # a float32 head's traced output is the float32 logits buffer counted below: not twice (the f32
+        # GPT-2 step holds one f32[2, 1024, 50257]; a 16-bit step holds its 16-bit logits and the f32 ones)
+        saved -= min(logits, saved)
     return Peak(arguments=dev.arguments, grads=dev.grads, activations=saved, scores=saved_scores,
                 gathered=two, attention=working, recompute=recompute,
-                logits=LOGITS_BUFFERS * logits_bytes(lv, mesh, w, shards), gathered_last=one,
+                logits=LOGITS_BUFFERS * logits, gathered_last=one,
                 experts=0 if w.remat else EXPERT_SAVED * hidden * n_exp, expert_work=EXPERT_WORKING * hidden)
 
