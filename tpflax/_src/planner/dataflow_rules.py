@@ -59,21 +59,21 @@ class _Flow:
     cand: dict[int, Use] = field(default_factory=dict)
     out_edges: dict[tuple[int, int], list[Edge]] = field(default_factory=lambda: defaultdict(list))
     in_edges: dict[int, list[Edge]] = field(default_factory=lambda: defaultdict(list))
-    # the sample's token rows as the chooser counts tokens (0: unknown, the widest layer's rows)
-    sample_rows: int = 0
+    # the rows of the widest traced layer, which the chooser's tokens count (0: read from the uses)
+    widest_rows: int = 0
 
 
 def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Dataflow,
-            skip: Iterable[str] = (), sample_rows: int = 0) -> tuple[dict[str, Proposal], list[Pair]]:
+            skip: Iterable[str] = (), widest_rows: int = 0) -> tuple[dict[str, Proposal], list[Pair]]:
     """Proposals for the leaves the dataflow explains; ``(proposals, pairs)``.
 
     Leaves in ``skip`` (rules, annotations) and leaves the trace says nothing
-    about are left to the tree heuristics. ``sample_rows``: the traced sample's
-    tokens as the chooser counts them (its per-token prices scale a layer that
-    reads fewer or more rows).
+    about are left to the tree heuristics. ``widest_rows``: the rows the widest
+    traced layer reads, what the chooser's ``tokens`` count (a layer reading
+    fewer, a pooled projection, is priced per row it reads).
     """
     c = _start(facts, State(mesh, opts, forced=set(skip)), flow)
-    c.sample_rows = sample_rows
+    c.widest_rows = widest_rows
     _recurrent(c)
     _embeddings(c)
     _link(c)
@@ -272,7 +272,7 @@ def _outputs(c: _Flow) -> None:
             continue
         why = (f"{'conv' if u.op == 'conv' else 'dense'} without a partner (traced): "
                f"{_why_not_column(c, u)}; {_why_not_row(c, u)}")
-        rows = c.sample_rows or max((x.rows for x in c.flow.uses), default=0)
+        rows = c.widest_rows or max((x.rows for x in c.flow.uses), default=0)
         if u.op == "dot" and len(u.kept) == 1 and u.rows and rows and f.stacked == 0:
             shard_lone_dense(c.st, f, f.body_dim(u.kept[0]), u.rows / rows, why)
         else:

@@ -132,7 +132,8 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
                    **pricing(hardware, batch, device_memory))
     lrules = list(logical_rules) if logical_rules is not None else default_logical_rules(ms)
     forced = force(facts, parsed, ms, use_annotations, lrules)
-    proposals, pairs, sources, disagreements, doubts = _propose(facts, ms, opts, forced, model, sample, tree)
+    proposals, pairs, sources, disagreements, doubts, opts = _propose(facts, ms, opts, forced, model, sample, tree,
+                                                                      batch is not None)
     decisions = {f.path: _decision(f, proposals[f.path], sources.get(f.path, "heuristic"), ms) for f in facts}
     warnings = [*forced.warnings, *doubts, *_replication_warnings(decisions, ms)]
     warnings += plan_checks(facts, decisions, lrules, ms)  # unknown logical names, idle mesh axes
@@ -163,8 +164,10 @@ def _check_stacked_and_logical(stacked: Any, logical_rules: Any) -> None:
 
 
 def _propose(facts: Sequence[Facts], ms: MeshShape, opts: Options, forced: Forced, model: Any, sample: Any,
-             tree: Any) -> tuple[dict[str, Proposal], list[Pair], dict[str, str], list[str], list[str]]:
-    """The dataflow rules (with ``model``), then the tree heuristics for what they leave."""
+             tree: Any, batch_given: bool = False
+             ) -> tuple[dict[str, Proposal], list[Pair], dict[str, str], list[str], list[str], Options]:
+    """The dataflow rules (with ``model``), then the tree heuristics for what they leave; and the
+    options they priced with (``tokens`` read from the trace, see :func:`_traced_tokens`)."""
     traced: dict[str, Proposal] = {}
     tpairs: list[Pair] = []
     disagreements: list[str] = []
@@ -174,8 +177,10 @@ def _propose(facts: Sequence[Facts], ms: MeshShape, opts: Options, forced: Force
         from tpflax._src.trace.dataflow import dataflow
 
         flow = dataflow(model, sample, tree)
-        traced, tpairs = dataflow_rules.propose(facts, ms, opts, flow, skip=forced.proposals,
-                                                sample_rows=_sample_rows(sample))
+        widest = max((u.rows for u in flow.uses), default=0)
+        if batch_given:
+            opts = replace(opts, tokens=_traced_tokens(opts.tokens, widest, _sample_rows(sample)))
+        traced, tpairs = dataflow_rules.propose(facts, ms, opts, flow, skip=forced.proposals, widest_rows=widest)
         tree_only = heuristics.propose(facts, ms, opts, skip=forced.proposals)[0]
         disagreements = dataflow_rules.disagreements(traced, tree_only)
         sources.update({path: "trace" for path in traced})
@@ -184,7 +189,21 @@ def _propose(facts: Sequence[Facts], ms: MeshShape, opts: Options, forced: Force
                                           skip=forced.proposals, first_pair=len(tpairs) + 1, doubts=doubts)
     proposals.update(traced)
     proposals.update(_forced_facts(forced.proposals, facts, tpairs + pairs))
-    return proposals, tpairs + pairs, sources, disagreements, doubts
+    return proposals, tpairs + pairs, sources, disagreements, doubts, opts
+
+
+def _traced_tokens(tokens: int, widest: int, sample_rows: int) -> int:
+    """The batch's tokens as the layers see them: a batch of images or audio features counts its
+    leading dims, while the trace shows the patches or frames its widest layer reads per sample
+    (``widest`` rows for ``sample_rows`` counted the batch's way), so the chooser's per-token
+    prices follow the traced rows as the estimate's do.
+
+    >>> _traced_tokens(16, 16 * 197, 16), _traced_tokens(8192, 8192, 8192), _traced_tokens(64, 0, 8)
+    (3152, 8192, 64)
+    """
+    if widest <= 0 or sample_rows <= 0:
+        return tokens
+    return max(1, round(tokens * widest / sample_rows))
 
 
 def _sample_rows(sample: Any) -> int:
