@@ -162,8 +162,7 @@ class Towers(nn.Module):
     @nn.compact
     def __call__(self, tok, patches):
         def tower(x, name):
-            for i in range(2):
-                x = BertLayer(name=f"{name}_{i}")(x)
+            x = BertLayer(name=f"{name}_0")(x)
             pooled = nn.LayerNorm(name=f"{name}_ln")(x[:, 0])
             e = nn.Dense(D // 2, use_bias=False, name=f"{name}_projection")(pooled)
             return e / jnp.linalg.norm(e, axis=-1, keepdims=True)
