@@ -97,8 +97,11 @@ def test_attention_scores_and_logits_exact():
     m, p, e = _estimate("llama", {"data": 2, "fsdp": 2, "model": 2})
     c = m.config
     scores = 8 // 4 * (c.n_heads // 2) * c.seq_len * c.seq_len * 4  # float32 model: 4 bytes
-    assert e.breakdown.scores == c.n_layers * scores  # one saved per layer
-    assert e.breakdown.attention == 2 * scores  # heads split over model: two float32 buffers in flight
+    assert e.breakdown.scores == c.n_layers * scores  # one saved per layer, float32 (heads split over model)
+    assert e.breakdown.attention == scores  # a float32 model: one buffer in flight (the gradient formed in place)
+    _, _, bf16 = _estimate("llama", {"data": 2, "fsdp": 2, "model": 2}, dtype=jnp.bfloat16)
+    assert bf16.breakdown.scores == e.breakdown.scores  # heads split: saved in float32 in a 16-bit model too
+    assert bf16.breakdown.attention == 2 * scores // 2  # two 16-bit buffers in flight
     head = p.decisions["params/lm_head/kernel"]
     tp = 2 if "model" in str(head.spec[-1]) else 1
     assert e.breakdown.logits == 8 // 4 * c.seq_len * (c.vocab // tp) * 4
