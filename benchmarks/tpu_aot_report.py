@@ -219,6 +219,22 @@ coincidence. "Saved in float32 unless a device holds one sequence" and "the peak
 or in the last layer's backward, whichever holds more" fit the six transformer dumps read, but move
 every transformer row, and the fsdp rows need the temp gap below modelled first: not applied.
 
+## Compiled this round, predicted first
+
+- Llama-2-7B fsdp=2,model=4 remat on bf16: estimate 7.18 GiB (held out), compiled 7.11: +1.0%.
+  The rule read before this round (bf16 probabilities saved, two f32 buffers in flight) gives 8.18
+  GiB (+15%): under remat the probabilities recomputed for the last layer are the float32 ones.
+- Llama-2-7B data=2,fsdp=4 remat on bf16: estimate 5.99 GiB (held out), compiled 6.07: -1.4%.
+- Llama-2-7B fsdp=2,model=4 f32: estimate 13.97 GiB (held out), compiled 11.67: +19.7%
+  (the earlier rule: 15.97 GiB, +37%). Its buffer dump (peak at step 1060 of 2143, the last
+  layer's attention backward; 8226 MiB live of a 10734 MiB temp, a 9587 MiB heap) holds exactly
+  the score buffers the rule counts (`f32[4, 8, 4096, 4096]` saved per layer, one in flight:
+  6 GiB); the excess is the saved activations: the traced layer outputs count 6.2 GiB of float32
+  maps where about 1.7 GiB are live (four `f32[4, 4096, 4096]`, two MLP hiddens, bf16 q/k/v), and
+  the f32 logits (500 MiB) are freed before the last layer's backward. The same over-count of the
+  traced outputs is in the bf16 rows (Llama fsdp=2,model=4: 3.3 GiB counted, about 1.1 live), where
+  the temp beyond the live set (2.1 GiB there, see MoE below) fills it; in float32 it does not.
+
 ## MoE fsdp=2,model=4: over (open)
 
 Its buffer dump (HBM values live at the peak, `*-live-range.txt`): the peak (step 1030 of 2273) is
