@@ -157,7 +157,13 @@ buffers are in `S(1)` at the HBM peak; in the f32 step they are in HBM). The dat
 hold more than the extra arguments (f32: +32 MiB over fsdp=8 where the arguments add 17);
 probably (its buffer dump was not read) because with a data axis each gradient is all-reduced
 whole in one tuple all-reduce, so the full gradients of the last stages, computed first in the
-backward pass, are live while the first stages' maps still are; not modelled. With a tensor axis (fsdp=2,model=4) the compiler keeps
+backward pass, are live while the first stages' maps still are; not modelled. Its f32 dump
+(read this round) confirms it: the HBM peak (220 MiB at step 1609 of 3010, against 210 MiB in
+the fsdp=8 step) is just after the last stage's backward and holds the same maps plus that
+stage's weight gradients whole, `f32[3, 3, 512, 512]` x 2 and `[3, 3, 256, 512]` (22.5 MiB, live
+to the end of the backward, where one tuple all-reduce reduces them). Not modelled: "the last
+block's gradients whole at the backward start" fits this row but would move MoE data=2,fsdp=4
+(-3.2%) to +7.5% and GPT-2 f32 data=2,fsdp=4 further over, whose dumps were not read. With a tensor axis (fsdp=2,model=4) the compiler keeps
 other buffers (read off the bf16 dump and a float32 one, `peak.tensor_conv_maps`): the blocks'
 convs are column/row pairs over `model`; no map is split by width or expanded per kernel column;
 it keeps whole maps for the 16 images of its fsdp shard, with the channels a column-split conv
@@ -224,7 +230,9 @@ every transformer row, and the fsdp rows need the temp gap below modelled first:
 - Llama-2-7B fsdp=2,model=4 remat on bf16: estimate 7.18 GiB (held out), compiled 7.11: +1.0%.
   The rule read before this round (bf16 probabilities saved, two f32 buffers in flight) gives 8.18
   GiB (+15%): under remat the probabilities recomputed for the last layer are the float32 ones.
-- Llama-2-7B data=2,fsdp=4 remat on bf16: estimate 5.99 GiB (held out), compiled 6.07: -1.4%.
+- Llama-2-7B data=2,fsdp=4 remat on bf16: estimate 5.99 GiB (held out), compiled 6.07: -1.3%.
+- Llama-2-7B fsdp=8 remat on f32: estimate 8.08 GiB (held out), compiled 9.22: -12.4% (open, not
+  dumped; no tensor axis, so this round's rules do not touch it).
 - Llama-2-7B fsdp=2,model=4 f32: estimate 13.97 GiB (held out), compiled 11.67: +19.7%
   (the earlier rule: 15.97 GiB, +37%). Its buffer dump (peak at step 1060 of 2143, the last
   layer's attention backward; 8226 MiB live of a 10734 MiB temp, a 9587 MiB heap) holds exactly
