@@ -74,9 +74,22 @@ def test_conv_nets_keep_what_backward_reads():
     assert cpu.breakdown.activations + cpu.breakdown.logits == cpu.per_device.activations == tpu.per_device.activations
     _, _, llama = _estimate("llama", {"fsdp": 8})
     assert llama.breakdown.activations + llama.breakdown.logits == llama.per_device.activations  # no conv
-    # with a tensor axis the compiler spreads the feature maps over it too: not modelled, the generic count
-    _, _, split = _estimate("cnn", {"data": 2, "fsdp": 2, "model": 2})
-    assert split.breakdown.activations + split.breakdown.logits == split.per_device.activations
+    # with a tensor axis (the ResNet-18 fsdp=2,model=4 dumps) it keeps whole maps for the images of the device
+    # instead: each norm's input and the max-pool's input in 128 lanes (whatever the channels left on it), the
+    # images in bfloat16 with the batch in lanes (the 2 images of a device in 128 lanes, 3 channels in 4).
+    # Exact, against the generic count of layer outputs (a column-split conv's output divided by its split)
+    _, p2, split = _estimate("cnn", {"data": 2, "fsdp": 2, "model": 2}, max_pool=True)
+    kept = sum(math.prod(a.inputs[0][:-1]) * 128 * 4 / 4 for path, calls in acts.items() for a in calls
+               if "bn" in path.split("/")[-1])
+    kept += math.prod(pooled[:-1]) * 128 * 4 / 4 + 32 * 32 * 4 * 128 * 2
+
+    def col(path):
+        kernel = p2.decisions.get(f"params/{path}/kernel")
+        return 2 if kernel is not None and "model" in str(kernel.spec[-1]) else 1
+
+    generic = sum(math.prod(a.output) * 4 / 4 / col(path) for path, calls in acts.items() for a in calls
+                  if len(a.output) == 4)
+    assert split.breakdown.activations + split.breakdown.logits - split.per_device.activations == int(kept) - int(generic)
 
 
 def test_attention_scores_and_logits_exact():
@@ -84,8 +97,11 @@ def test_attention_scores_and_logits_exact():
     m, p, e = _estimate("llama", {"data": 2, "fsdp": 2, "model": 2})
     c = m.config
     scores = 8 // 4 * (c.n_heads // 2) * c.seq_len * c.seq_len * 4  # float32 model: 4 bytes
-    assert e.breakdown.scores == c.n_layers * scores  # one saved per layer
-    assert e.breakdown.attention == 2 * scores  # heads split over model: two float32 buffers in flight
+    assert e.breakdown.scores == c.n_layers * scores  # one saved per layer, float32 (heads split over model)
+    assert e.breakdown.attention == scores  # a float32 model: one buffer in flight (the gradient formed in place)
+    _, _, bf16 = _estimate("llama", {"data": 2, "fsdp": 2, "model": 2}, dtype=jnp.bfloat16)
+    assert bf16.breakdown.scores == e.breakdown.scores  # heads split: saved in float32 in a 16-bit model too
+    assert bf16.breakdown.attention == 2 * scores // 2  # two 16-bit buffers in flight
     head = p.decisions["params/lm_head/kernel"]
     tp = 2 if "model" in str(head.spec[-1]) else 1
     assert e.breakdown.logits == 8 // 4 * c.seq_len * (c.vocab // tp) * 4

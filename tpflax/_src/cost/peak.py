@@ -39,6 +39,7 @@ from tpflax._src.cost.activations import (
     activation_bytes,
     acts_for,
     formula_scores_bytes,
+    layer_key,
     token_rows,
 )
 from tpflax._src.cost.batch import config_value
@@ -202,8 +203,8 @@ def conv_maps(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> tuple[in
     norm inputs). A block's output, a norm's output and a ReLU's are the next conv's input, kept there;
     a 1x1 or patchify conv (kernel == stride, ViT's patch embedding) reads an input another conv
     keeps, or the images: it keeps nothing of its own. Under remat only block outputs are kept, at
-    128 lanes. ``(0, 0)`` off TPU, without traced conv layers, or with a tensor axis (the TPU
-    compiler spreads the maps of ResNet-18 fsdp=2,model=4 over it too, which is not modelled).
+    128 lanes. With a tensor axis the compiler keeps other buffers (:func:`tensor_conv_maps`).
+    ``(0, 0)`` off TPU or without traced conv layers.
 
     >>> import jax, optax, tpflax
     >>> from tpflax import zoo
@@ -221,11 +222,15 @@ def conv_maps(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> tuple[in
     convs = {d.unit: (d, lv.count[p]) for p, d in lv.decisions.items() if d.kind == "conv" and len(body(d)) == 4}
     norms = {d.unit: lv.count[p] for p, d in lv.decisions.items() if d.kind == "norm"}
     channels = {body(d)[-1] for d, _ in convs.values()}
-    if w.backend != "tpu" or not w.activations or not channels or shards < mesh.size:
+    if w.backend != "tpu" or not w.activations or not channels:
         return 0, 0
     item = w.act_item / shards
     counted = sum(math.prod(a.output) * item for path, calls in w.activations.items() for a in calls
                   if len(a.output) == 4 and a.output[-1] in channels and not (w.remat and "/" in path))
+    if shards < mesh.size and not w.remat:  # a tensor (or expert) axis: whole maps, split channels
+        if not any(_overlaps(d, a) for d, _ in convs.values() for a in acts_for(w.activations, d.unit)):
+            return 0, 0  # patchify convs only (a ViT): the generic count, as measured on no tensor-axis dump
+        return tensor_conv_maps(lv, w, mesh, shards, channels), _split_count(lv, w, mesh, shards, channels)
     if w.remat:  # the block outputs counted above, at 128 lanes
         kept = sum(math.prod(a.output[:-1]) * _lanes(a.output[-1]) * item for path, calls in w.activations.items()
                    for a in calls if len(a.output) == 4 and a.output[-1] in channels and "/" not in path)
@@ -235,9 +240,9 @@ def conv_maps(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> tuple[in
     operand = min(w.act_item, 2) / shards  # conv inputs in bfloat16, as the conv multiplies
     for d, n in convs.values():
         for a in acts_for(w.activations, d.unit):
-            x, y = tuple(a.inputs[0]), a.output
-            if len(x) != 4 or len(y) != 4 or body(d)[1] <= max(x[2] // max(y[2], 1), 1):
+            if not _overlaps(d, a):
                 continue  # 1x1 or patchify: kernel no wider than its stride
+            x = tuple(a.inputs[0])
             taps = 1 if x == images else body(d)[1]  # the images: lane-padded once (measured), maps: kw copies
             kept += math.prod(x[:-1]) * _lanes(x[-1]) * taps * operand * n
     for unit, n in norms.items():
@@ -247,6 +252,58 @@ def conv_maps(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> tuple[in
                 kept += math.prod(x[:-1]) * _lanes(x[-1]) * item * n
     kept += sum(math.prod(y[:-1]) * _lanes(y[-1]) * item for y in _pooled(w.activations, channels))
     return int(kept), int(counted)
+
+
+def tensor_conv_maps(lv: Leaves, w: Workload, mesh: MeshShape, shards: int, channels: set[int]) -> int:
+    """A conv net's feature maps as XLA:TPU keeps them on a device when a tensor axis splits its convs.
+
+    Read off the TPU buffer assignments of ResNet-18 fsdp=2,model=4, bf16 and f32 (``XLA_FLAGS=
+    --xla_dump_to``, HBM values live at the peak from ``*-live-range.txt``): the compiler does not
+    partition the maps over image width nor expand them per kernel column as it does without a
+    tensor axis (:func:`conv_maps`); it keeps whole maps for the images of the device (``batch /
+    shards``) with the channels a column-split conv leaves on it, in 128 lanes
+    (``bf16[16,56,56,16]`` takes 12.25 MiB, as ``[16,56,56,64]``): each norm's input (the stem's
+    ``f32[16,112,112,64]``, 98 MiB), the max-pool's input (the stem's ReLU output, 98 MiB), and the
+    input images in bfloat16 with the batch in lanes and the channels in 4 sublanes
+    (``bf16[16,224,224,3]{0,3,2,1:T(4,128)}``, 49 MiB, in both steps). A conv's input is the
+    previous norm's output, recomputed: not kept. f32: these buffers sum to 391 MiB, the HBM live
+    set at the backward start is 395 MiB and its peak 411 MiB (the first block's backward working
+    set on top); bf16: 220 MiB against 168 MiB in HBM, as up to 89 MiB of the stage-1 maps sit in
+    the on-chip memory space ``S(1)`` there (not modelled: an upper bound for small steps).
+    """
+    item = w.act_item / shards
+    # a norm normalises the previous traced layer's output: its channels on a device
+    splits, prev = {}, 1
+    for path in w.activations:
+        splits[path], prev = prev, _column_split(lv, mesh, path)
+    kept = 0.0
+    # one representative per class of alike norms (scale and bias: one unit), times the class size
+    for unit, n in {d.unit: lv.count[q] for q, d in lv.decisions.items() if d.kind == "norm"}.items():
+        for a in acts_for(w.activations, unit):
+            x = tuple(a.inputs[0])
+            if len(x) == 4 and x[-1] in channels:
+                kept += math.prod(x[:-1]) * _lanes(math.ceil(x[-1] / splits[layer_key(unit)])) * item * n
+    for calls in w.activations.values():  # a conv on the images keeps them in bf16, the batch in lanes
+        for a in calls:
+            x = tuple(a.inputs[0]) if a.inputs else ()
+            if len(x) == 4 and len(a.output) == 4 and x[-1] < 8 and x[-1] not in channels:
+                kept += math.prod(x[1:3]) * -(-x[-1] // 4) * 4 * _lanes(x[0] // shards) * 2
+    kept += sum(math.prod(y[:-1]) * _lanes(y[-1]) * item for y in _pooled(w.activations, channels))
+    return int(kept)
+
+
+def _column_split(lv: Leaves, mesh: MeshShape, path: str) -> int:
+    """How many ways a traced layer's output features are split (as the saved activations count them)."""
+    roles = dict(mesh.roles)
+    split = [e for e in lv.column_units.get(path, ()) if any(roles[a] in (TENSOR, EXPERT) for a in entry_axes(e))]
+    return math.prod(mesh.sizes[a] for a in entry_axes(split[-1])) if split else 1
+
+
+def _split_count(lv: Leaves, w: Workload, mesh: MeshShape, shards: int, channels: set[int]) -> int:
+    """The generic count of a conv net's maps on a device (layer outputs, column-split ones divided)."""
+    return int(sum(math.prod(a.output) * w.act_item / shards / _column_split(lv, mesh, path)
+                   for path, calls in w.activations.items() for a in calls
+                   if len(a.output) == 4 and a.output[-1] in channels))
 
 
 def _pooled(activations: Any, channels: set[int]) -> list[tuple[int, ...]]:
@@ -260,6 +317,12 @@ def _pooled(activations: Any, channels: set[int]) -> list[tuple[int, ...]]:
                 out.append(prev)
             prev = a.output if len(a.output) == 4 else None
     return out
+
+
+def _overlaps(d: Any, a: Any) -> bool:
+    """Whether a traced 2-D conv call's kernel is wider than its stride (a 3x3 or 7x7 conv, not 1x1 or patchify)."""
+    x, y = tuple(a.inputs[0]) if a.inputs else (), a.output
+    return len(x) == 4 and len(y) == 4 and body(d)[1] > max(x[2] // max(y[2], 1), 1)
 
 
 def _lanes(n: int) -> int:
@@ -282,9 +345,12 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
     """
     one, two = gathered_bytes(lv, mesh)
     elems, n_attn = score_elements(lv, mesh, w, shards)
-    scores = elems * w.act_item  # saved in the activation dtype: XLA keeps the softmax's float32 in a fusion
-    # with the heads split over a tensor axis the TPU compiler keeps the scores in flight in float32 (measured)
-    working = elems * 4 * 2 if _heads_split(lv, mesh) > 1 else scores * SCORES_WORKING.get(w.act_item, 2)
+    # in flight in the activation dtype (XLA keeps the softmax's float32 in a fusion); saved in it too, unless
+    # the heads are split over a tensor axis: then each layer's probabilities are saved in float32, live from
+    # its forward to its backward pass (Llama-2-7B and MoE fsdp=2,model=4 buffer dumps: f32[4,8,4096,4096]
+    # per layer, next to two bf16 ones in flight in the Llama step's last attention backward)
+    working = elems * w.act_item * SCORES_WORKING.get(w.act_item, 2)
+    scores = elems * (4 if _heads_split(lv, mesh) > 1 else w.act_item)
     saved_scores = 0 if w.remat else SCORES_SAVED * scores * n_attn
     recompute = 0
     if w.remat:
