@@ -66,6 +66,21 @@ def test_tensor_pair_all_reduces_forward_and_backward():
     assert by(remat, "all-reduce", "model") == by(e, "all-reduce", "model")
 
 
+def test_remat_on_tpu_sums_the_attention_output_again():
+    """XLA:TPU recomputes a remat'd block's attention output to rebuild its MLP's input, so that row
+    all-reduce runs twice; the MLP's, the block output, once; XLA:CPU re-issues none (measured:
+    benchmarks/results/tpu_aot.md, Llama-2-7B fsdp=2,model=4 remat on)."""
+    sds = jax.ShapeDtypeStruct
+    attn = {n: {"kernel": sds((64, 64), F32)} for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    tree = {"params": {"attn": attn, **mlp_tree()["params"]}}
+    p = tpflax.plan(tree, {"model": 4})
+    act = 8 * 64 * 4 * 3 / 4  # one (rows, d) float32 all-reduce over 4, ring bytes per device
+    for backend, extra in (("tpu", 2 * act), ("cpu", 0.0)):
+        off = estimate(p, None, {"x": (8, 64)}, backend=backend)
+        on = estimate(p, None, {"x": (8, 64)}, backend=backend, remat=True)
+        assert by(on, "all-reduce", "model") - by(off, "all-reduce", "model") == pytest.approx(extra)
+
+
 def test_data_parallel_and_fsdp_gradients():
     p = tpflax.plan(mlp_tree(), {"data": 2, "fsdp": 4}, fsdp_min_bytes=1024)
     up = p.decisions["params/mlp/up/kernel"]

@@ -10,9 +10,10 @@ dim, unit, trainable), the mesh axis roles and the traced rows, through a
 repeated layers are priced once (:mod:`tpflax._src.cost.leaves`): an item's
 ``count`` includes how many there are, and its ``source`` names their group.
 
-Rematerialisation does not re-issue tensor collectives in what XLA compiles: the
+Rematerialisation does not re-issue tensor collectives in what XLA:CPU compiles: the
 recomputed forward reuses the reduced activations (measured on the zoo's
-nn.remat-inside-nn.scan Llama), so forward counts are 1. A scanned stack's fsdp
+nn.remat-inside-nn.scan Llama), so forward counts are 1; XLA:TPU sums a block's
+attention output again to recompute its MLP input (see :func:`_pair_items`). A scanned stack's fsdp
 weights are the exception: the step gathers them one layer at a time inside the
 scan body, so a remat'd body gathers each layer again in the backward loop.
 """
@@ -243,6 +244,10 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
     """A split pair sums the row side's partial outputs forward and the column side's input gradients back."""
     items: list[CommItem] = []
     dec, label = s.lv.decisions, s.lv.label
+    # XLA:TPU recomputes a remat'd block's attention output, whose summed value the MLP's
+    # recomputed input needs, so that row all-reduce runs again in the backward (measured: Llama
+    # fsdp=2,model=4 remat on, v5e:2x4); the MLP's own sum is the block output, saved
+    again = s.remat and s.backend == "tpu" and any(dec[r].kind != "attention" for pc in s.lv.pairs for r in pc.rows)
     for pc in s.lv.pairs:
         cols, rows = list(pc.columns), list(pc.rows)
         axes = tuple(dict.fromkeys(a for p in cols + rows for a in s.axes(p, TENSOR)))
@@ -254,9 +259,11 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
         count = max(layers(dec[p]) for p in cols + rows) * pc.count * calls
         source = f"pair {pc.id}" + (f" and {pc.count - 1} alike" if pc.count > 1 else "")
         for r in rows:
+            redo = again and dec[r].kind == "attention"
             if s.axes(r, TENSOR):
-                items.append(CommItem("all-reduce", axes, _pair_act(r, dec[r], "out", s), n, count, source,
-                                      f"row {label[r]}: sum partial outputs (forward)"))
+                items.append(CommItem("all-reduce", axes, _pair_act(r, dec[r], "out", s), n, count * (1 + redo),
+                                      source, f"row {label[r]}: sum partial outputs (forward"
+                                              f"{', again in the remat recompute' if redo else ''})"))
         # XLA:CPU reduces the column inputs' gradients one by one (q, k and v are three
         # all-reduces); XLA:TPU adds them first and reduces their shared input's gradient once
         split_cols = [c for c in cols if s.axes(c, TENSOR)]
