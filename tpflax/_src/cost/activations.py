@@ -104,9 +104,10 @@ def token_rows(b: Batch, config: Any) -> int:
     >>> token_rows(parse_batch("8x16", {"vocab": 100}), None)  # tokens
     128
     """
+    ids = [leaf[1] for leaf in b.leaves if len(leaf[1]) >= 2 and np_dtype(leaf[2]).kind in "iu"]
+    if ids:  # token ids, wherever they sit in the batch (a speech model's decoder ids follow its features)
+        return math.prod(ids[0])
     x = b.leaves[0][1]
-    if len(x) >= 2 and np_dtype(b.leaves[0][2]).kind in "iu":
-        return math.prod(x)  # tokens
     image, patch = config_value(config, "image_size"), config_value(config, "patch_size")
     if image and patch:
         return b.size * ((image // patch) ** 2 + (1 if config_value(config, "cls_token", True) else 0))

@@ -122,6 +122,8 @@ class State:
     chosen: list[Chosen] = field(default_factory=list)  # groups the chooser priced
     facts: dict[str, Facts] = field(default_factory=dict)  # every leaf a builder wrote, by path
     out_first: set[str] = field(default_factory=set)  # 2-D kernels stored (out, in): biases follow dim 0
+    # traced: rows each leaf's contraction reads, per priced token (a group is priced at its leaves' rows)
+    rows: dict[str, float] = field(default_factory=dict)
 
     @cached_property
     def context(self) -> Context:

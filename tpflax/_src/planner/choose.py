@@ -139,6 +139,10 @@ def pick(st: Any, kind: str, options: Sequence[Option], facts: Mapping[str, Any]
                 st.out[path] = p
         return
     ctx = st.context
+    share = max((st.rows[p] for p in paths if p in st.rows), default=1.0)
+    if share != 1.0:  # traced: a group is priced at the rows its contractions read (a pooled
+        # projection's few, a decoder's shorter sequence), not at the widest layer's
+        ctx = replace(ctx, tokens=max(1, round(ctx.tokens * share)))
     costs = tuple(cost_of(o, facts, ctx) for o in options)
     index = best(costs, [o.whole for o in options], [o.sums_output for o in options])
     ch = Chosen(kind, options, costs, index, {p: facts[p] for p in paths})

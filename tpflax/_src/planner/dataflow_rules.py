@@ -73,7 +73,10 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Datafl
     fewer, a pooled projection, is priced per row it reads).
     """
     c = _start(facts, State(mesh, opts, forced=set(skip)), flow)
-    c.widest_rows = widest_rows
+    c.widest_rows = widest_rows or max((u.rows for u in flow.uses), default=0)
+    for u in flow.uses:  # what each contraction reads, for the chooser (first use of a leaf)
+        if u.rows and c.widest_rows and u.path in c.fx:
+            c.st.rows.setdefault(u.path, u.rows / c.widest_rows)
     _recurrent(c)
     _embeddings(c)
     _link(c)
@@ -272,7 +275,7 @@ def _outputs(c: _Flow) -> None:
             continue
         why = (f"{'conv' if u.op == 'conv' else 'dense'} without a partner (traced): "
                f"{_why_not_column(c, u)}; {_why_not_row(c, u)}")
-        rows = c.widest_rows or max((x.rows for x in c.flow.uses), default=0)
+        rows = c.widest_rows
         if u.op == "dot" and len(u.kept) == 1 and u.rows and rows and f.stacked == 0:
             shard_lone_dense(c.st, f, f.body_dim(u.kept[0]), u.rows / rows, why)
         else:

@@ -99,7 +99,7 @@ def shard_output_head(st: State, f: Facts, dim: int, evidence: str) -> None:
 def shard_lone_dense(st: State, f: Facts, dim: int, share: float, why: str) -> None:
     """A dense without a partner: whole, or its output body dim ``dim`` split over the tensor axis, by cost.
 
-    ``share`` is the rows it reads per token the chooser prices (traced): a projection of
+    ``share`` is the rows it reads per token the chooser prices (traced, ``State.rows``): a projection of
     pooled outputs (CLIP's text and image projections, a class token's head) reads one row per
     example, so gathering its split output and summing its input gradient move next to nothing,
     while the split divides its bytes, flops and gradient reduction. On every token the
@@ -112,8 +112,9 @@ def shard_lone_dense(st: State, f: Facts, dim: int, share: float, why: str) -> N
         st.choose("dense", [keep], [f])
         return
     over = axis_label(t_entry, t_size)
-    acts = (ActComm("all-gather", t_entry, n * share, 1, "gather its split output (forward)"),
-            ActComm("all-reduce", t_entry, math.prod(f.body) // n * share, 1, "sum its input gradient (backward)"))
+    # priced at the rows it reads (the chooser scales the tokens by ``State.rows``)
+    acts = (ActComm("all-gather", t_entry, n, 1, "gather its split output (forward)"),
+            ActComm("all-reduce", t_entry, math.prod(f.body) // n, 1, "sum its input gradient (backward)"))
     split = Option("column", ((f.path, st.proposal(
         f, body_spec(len(f.body), dim, t_entry), "column",
         f"column: dense without a partner reading {share:.3g} rows per token (traced); its {n} "
