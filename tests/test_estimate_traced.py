@@ -49,6 +49,20 @@ def _case(name):
     return fn, tpflax.plan(tree, MESH, model=fn, sample=sample), sample
 
 
+def test_plain_function_activations_take_the_traced_dtype():
+    """A model called on float32 pixels that computes in bfloat16 moves bfloat16 activations."""
+    fn, p, sample = _case("patches")
+
+    def bf16(v, images):
+        return fn(jax.tree.map(lambda w: w.astype(jnp.bfloat16), v), images.astype(jnp.bfloat16))
+
+    e = tpflax.estimate(p, optax.sgd(0.1), model=bf16, sample=sample, backend="cpu")
+    assert e.settings["act_dtype"] == "bfloat16"
+    assert [i.size for i in e.items if i.why.startswith("row")] == [8 // 2 * 16 * 64 * 2]
+    given = tpflax.estimate(p, optax.sgd(0.1), model=bf16, sample=sample, backend="cpu", act_dtype="float32")
+    assert given.settings["act_dtype"] == "float32"  # an explicit act_dtype wins
+
+
 def test_plain_function_pairs_move_the_traced_rows():
     # the pair's layers see 16 patches per image, not the 3 channels of the batch's leading dims
     fn, p, sample = _case("patches")

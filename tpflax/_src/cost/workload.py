@@ -73,12 +73,15 @@ class Traced:
             whatever the batch's own shape.
         fused: ``{path: (param dim, pieces)}`` for kernels whose output along that dim
             is cut into equal pieces (a ``[q|k|v]`` kernel; see :mod:`tpflax._src.cost.reshard`).
+        act_dtype: the dtype most of the contractions' rows come out in (a model that
+            computes in bfloat16 from integer ids or float32 pixels).
     """
 
     tied: frozenset[str] | None = None
     parts: Mapping[str, int] | None = None
     rows: Mapping[str, float] | None = None
     fused: Mapping[str, tuple[int, int]] | None = None
+    act_dtype: str | None = None
 
 
 def _check_options(act_dtype: Any, grad_dtype: Any, backend: str, expert_dispatch: str) -> None:
@@ -110,13 +113,16 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
         config = m.config
     if batch is None and m is not None and (sample is not None or m.zoo is None):
         batch = m.sample  # a model's own inputs are the batch (no labels: its loss takes the output)
-    b = parse_batch(batch, config, dtype_name(act_dtype))
-    if activations is None and m is not None:
-        activations = trace_activations(m, b.size)
-    activations = activations or {}
     # without linen layers there is no ``attend`` call to see: the dataflow says which table is tied
     shapes = {p: tuple(d.shape) for p, d in plan.decisions.items()}
     t = traced_uses(m, shapes) if m is not None else Traced()
+    # a model without a config dtype computes in what its contractions come out in as traced
+    # (an HF bf16 model called on integer ids), not in the batch's float dtype
+    traced_act = t.act_dtype if config_value(config, "dtype") is None else None
+    b = parse_batch(batch, config, dtype_name(act_dtype) or traced_act)
+    if activations is None and m is not None:
+        activations = trace_activations(m, b.size)
+    activations = activations or {}
     remat = bool(remat or config_value(config, "remat", False))  # e.g. nn.remat'd scanned layers
     opt = opt_layout(plan, optimizer) if optimizer is not None else None
     name = (optimizer_name or name_of(optimizer)) if optimizer is not None else "none"
@@ -164,7 +170,12 @@ def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
             whole[u.path] = whole.get(u.path, 0) + 1
     tied = frozenset(p for p, o in ops.items() if o & {"gather", "onehot"} and "dot" in o)
     fused = {flow.uses[uid].path: (dim, pieces) for (uid, dim), pieces in flow.fused.items()}
-    return Traced(tied, {p: n for p, n in whole.items() if n > 1}, rows, fused)
+    by_dtype: dict[str, int] = {}
+    for u in flow.uses:
+        if u.rows and u.dtype:
+            by_dtype[u.dtype] = by_dtype.get(u.dtype, 0) + u.rows
+    act = dtype_name(max(by_dtype, key=by_dtype.get)) if by_dtype else None
+    return Traced(tied, {p: n for p, n in whole.items() if n > 1}, rows, fused, act)
 
 
 def _model(plan, model: Any, sample: Any):

@@ -59,7 +59,8 @@ def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
         op = "onehot" if act.onehot else "dot"
         uid = w.use(ctx, eqn, path, op, [dims[d] for d in pc if dims[d] is not None],
                     [dims[d] for d in pf if dims[d] is not None],
-                    [dims[d] for d in pb if dims[d] is not None], par.const_of, rows)
+                    [dims[d] for d in pb if dims[d] is not None], par.const_of, rows,
+                    str(eqn.outvars[0].aval.dtype))
         fresh = uid if len(par.origin) == 1 else None
         if op == "onehot":
             continue

@@ -31,6 +31,8 @@ class Use:
         rows: for ``dot``/``onehot`` without batch dims, the rows of the activation it
             contracts as traced (the product of the activation's dims that are not
             contracted: the tokens, patches or frames the layer sees); else 0.
+        dtype: for ``dot``/``onehot``, its output's dtype as traced (what its tensor-parallel
+            collectives move: a bf16 model's activations even when its inputs are ids); else "".
     """
 
     id: int
@@ -41,6 +43,7 @@ class Use:
     batch: tuple[int, ...] = ()
     scan_length: int = 0
     rows: int = 0
+    dtype: str = ""
 
 
 @dataclass(frozen=True)
