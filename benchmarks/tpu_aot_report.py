@@ -291,7 +291,10 @@ on TPU (XLA:CPU re-issues none): +0.0%.
 The round after it (this one): ResNet-18 fsdp=2,model=4 bf16 -19.4% -> +8.4%, f32 -24.3% ->
 -8.8% (the tensor-axis conv rule); GPT-2 f32 fsdp=2,model=4 +10.7% -> +6.9% (probabilities saved
 in float32 with the heads split, scores in flight in the activation dtype); every other row
-unchanged; four Llama rows compiled (above).
+unchanged; four Llama rows compiled (above). The MoE float32 configs do not fit a v5e at this
+batch: XLA:TPU refuses MoE fsdp=8 f32 ("the total memory required for HLO temporaries (16.28G)
+exceeds available HBM (15.75G)"), and Estimate.peak says the same (26.7 GiB on fsdp=8, 29.8 on
+data=2,fsdp=4, 23.9 on fsdp=2,model=4, against 16 GB): no compiled peak to hold them to.
 
 This round: the conv rule above (ResNet-18 bf16 fsdp=8 -11.7% -> +10.5%, data=2,fsdp=4 -13.4% ->
 +6.9%; f32 rows new, -5.3% and -10.1%), a ViT-B/16 patchify conv's output no longer counted
