@@ -181,7 +181,7 @@ in HBM, temp 200 MiB). Errors: bf16 -19.4% -> +8.4%, f32 -24.3% -> -8.8%.
 At 2 layers and 4 images per device ViT's step is small (53 MiB compiled). The estimate counts
 34 MiB of saved activations, 7 MiB of saved probabilities, 7 MiB of scores in flight and two
 whole layers of gathered weights (27 MiB); the compiler's temp is 39 MiB. Its buffer assignment
-(written within a minute; the code generation after it takes 29 minutes on 2 shared cores)
+(written within a minute; the whole compile took 29 minutes on 2 contended cores, 4 on quiet ones)
 explains the gap: at the HBM peak only one layer's `q, k, v` (`bf16[4, 197, 12, 64]`), one MLP
 hidden (`bf16[4, 197, 3072]`) and the attention kernels of both layers are in HBM (about 20 MiB
 live); the rest of what the estimate counts is live around the same point of the step in the
@@ -276,8 +276,8 @@ meshes) or whole all-reduce (any other mesh, 1-D leaves), float32 kernels gather
 one input-gradient all-reduce per pair on TPU (q, k, v share their input: XLA:TPU sums their
 partial gradients first) and a tied table's second gradient all-reduced whole, every row compiled
 from kept HLO is within 2% except ResNet-18 fsdp=8 (-3.6%). The MoE step's reduce-scatter is the
-fsdp-only rule. ViT's row (†) predates the parser fix and was not recompiled (its code
-generation takes 29 minutes here). Loops: XLA:TPU's optimised HLO drops `known_trip_count`;
+fsdp-only rule. ViT's fsdp=8 row was recompiled this round (4 minutes on a quiet machine):
+XLA:TPU all-reduces its weight gradients whole on that fsdp-only mesh (-25.9%), why is open. Loops: XLA:TPU's optimised HLO drops `known_trip_count`;
 `tpflax.hlo` reads a scan's trip count from its condition (`counter < N`), so collectives
 inside a scanned stack count once per layer. Remat with a tensor axis (Llama-2-7B fsdp=2,model=4
 remat on, new this round): comm was -13.8%, all-reduce 2.56 GiB compiled against 2.19 estimated;
