@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hf_models import Built  # noqa: E402
 from results_table import fmt_ratio, ratio  # noqa: E402
-from third_party import Numbers, measure, mesh_label  # noqa: E402
+from third_party import Numbers, measure, mesh_label, plan_each  # noqa: E402
 
 PLANS = ("annotations", "tpflax", "tpflax-off")
 MESHES = ({"fsdp": 2, "tensor": 4}, {"fsdp": 2, "tp": 4})
@@ -143,18 +143,9 @@ def verbatim_rules(names: dict[str, Any], mesh: dict[str, int]) -> list[tuple[st
 
 def plans_for(built: Built, names: dict[str, Any], mesh: dict[str, int]) -> dict[str, Any]:
     """The three plans, each a Plan or the exception planning raised."""
-    import tpflax
-
     kw = {"batch": built.sample}  # priced at the batch that is compiled, as third_party.py does
-    calls = {"annotations": {"rules": verbatim_rules(names, mesh), **kw},
-             "tpflax": kw, "tpflax-off": {"use_annotations": False, **kw}}
-    out: dict[str, Any] = {}
-    for plan_name, extra in calls.items():
-        try:
-            out[plan_name] = tpflax.plan(built.params, mesh, **extra)
-        except Exception as e:  # noqa: BLE001 - a failure is a finding, recorded in the table
-            out[plan_name] = e
-    return out
+    return plan_each(built.params, mesh, {"annotations": {"rules": verbatim_rules(names, mesh), **kw},
+                                          "tpflax": kw, "tpflax-off": {"use_annotations": False, **kw}})
 
 
 def differing(a: Any, b: Any) -> list[str]:

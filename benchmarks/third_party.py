@@ -106,8 +106,6 @@ def fsdp_rules(params: Any, mesh: dict[str, int]) -> list[tuple[str, Any]]:
 
 def make_plans(arch: Arch, built: Built, params: Any, mesh: dict[str, int]) -> dict[str, Any]:
     """The five plans, each a Plan or the exception planning raised."""
-    import tpflax
-
     kv = arch.kwargs.get("num_key_value_heads")
     rules = {
         # tpflax prices candidates at the batch it is told (plan(..., batch=)); this is the one compiled
@@ -117,8 +115,15 @@ def make_plans(arch: Arch, built: Built, params: Any, mesh: dict[str, int]) -> d
         "replicated": {"rules": [(r".*", "replicate")]},
         "fsdp": {"rules": fsdp_rules(params, mesh)},
     }
+    return plan_each(params, mesh, rules)
+
+
+def plan_each(params: Any, mesh: dict[str, int], calls: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``{name: tpflax.plan(params, mesh, **calls[name])}``, or the exception planning raised."""
+    import tpflax
+
     out: dict[str, Any] = {}
-    for name, kw in rules.items():
+    for name, kw in calls.items():
         try:
             out[name] = tpflax.plan(params, mesh, **kw)
         except Exception as e:  # noqa: BLE001 - a failure is a finding, recorded in the table

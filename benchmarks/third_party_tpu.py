@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hf_models import BY_NAME, Arch  # noqa: E402
 from megatron_rules import megatron_rules  # noqa: E402
 from plan_diff import diff_plans  # noqa: E402
+from third_party import plan_each  # noqa: E402
 
 TARGET = "tpu-v5e:2x4"
 PLANS = ("tree", "model", "megatron")
@@ -172,20 +173,11 @@ def published_plans(pub: Published, built: Any, mesh: dict[str, int]) -> dict[st
     >>> plans["megatron"].decisions["bert/encoder/layer/0/attention/self/query/kernel"].spec
     P(None, 'model')
     """
-    import tpflax
-
-    kw = {
+    return plan_each(built.params, mesh, {
         "tree": {"batch": built.sample},
         "model": {"model": built.fn, "sample": built.sample, "batch": built.sample},
         "megatron": {"rules": megatron_rules(pub.name, mesh, vocab=pub.vocab, kv_heads=pub.kv_heads)},
-    }
-    out: dict[str, Any] = {}
-    for name, k in kw.items():
-        try:
-            out[name] = tpflax.plan(built.params, mesh, **k)
-        except Exception as e:  # noqa: BLE001 - a failure is a finding, recorded in the table
-            out[name] = e
-    return out
+    })
 
 
 def _specs(plan: Any) -> tuple:

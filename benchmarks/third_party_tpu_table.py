@@ -78,17 +78,17 @@ def _refs(rows: Sequence[Any]) -> dict[tuple[str, str], Any]:
     return {(r.arch, r.mesh): r for r in rows if r.plan == "megatron" and not r.error}
 
 
+def _against_hand(rows: Sequence[Any]) -> list[tuple[Any, dict[str, float | None]]]:
+    """Every tpflax row that compiled, with its ratios to the hand layout of its arch and mesh."""
+    refs = _refs(rows)
+    return [(r, {k: ratio(r, refs[(r.arch, r.mesh)], k) for k in NUMBERS}) for r in rows
+            if r.plan != "megatron" and not r.error and (r.arch, r.mesh) in refs]
+
+
 def above(rows: Sequence[Any]) -> list[tuple[Any, dict[str, float]]]:
     """tpflax rows above 1.00x the hand layout on some number, worst first, with their ratios."""
-    refs = _refs(rows)
-    out = []
-    for r in rows:
-        ref = refs.get((r.arch, r.mesh))
-        if r.plan == "megatron" or r.error or ref is None:
-            continue
-        xs = {k: ratio(r, ref, k) for k in NUMBERS}
-        if any(v is not None and v > 1.0005 for k, v in xs.items() if k in ("bytes", "comm", "flops")):
-            out.append((r, xs))
+    out = [(r, xs) for r, xs in _against_hand(rows)
+           if any(v is not None and v > 1.0005 for k, v in xs.items() if k in ("bytes", "comm", "flops"))]
     return sorted(out, key=lambda t: -max(v for v in t[1].values() if v is not None))
 
 
@@ -134,13 +134,9 @@ def _issue(rows: Sequence[Any]) -> list[str]:
 
 def better(rows: Sequence[Any]) -> list[Any]:
     """tpflax rows strictly better than the hand layout: below it on a number, above it on none."""
-    refs = _refs(rows)
     out = []
-    for r in rows:
-        ref = refs.get((r.arch, r.mesh))
-        if r.plan == "megatron" or r.error or ref is None:
-            continue
-        xs = [ratio(r, ref, k) for k in ("bytes", "comm", "flops")]
+    for r, by in _against_hand(rows):
+        xs = [by[k] for k in ("bytes", "comm", "flops")]
         if None not in xs and max(xs) <= 1.0005 and min(xs) < 0.9995:
             out.append(r)
     return out

@@ -61,6 +61,7 @@ class Chosen:
     costs: tuple[Cost, ...]
     index: int
     facts: Mapping[str, Any] = field(default_factory=dict)
+    tokens: int = 0  # the tokens per step it was priced at
 
 
 def layout(f: Any, p: Any, matmul: bool) -> LeafLayout:
@@ -145,7 +146,7 @@ def pick(st: Any, kind: str, options: Sequence[Option], facts: Mapping[str, Any]
         ctx = replace(ctx, tokens=max(1, round(ctx.tokens * share)))
     costs = tuple(cost_of(o, facts, ctx) for o in options)
     index = best(costs, [o.whole for o in options], [o.sums_output for o in options])
-    ch = Chosen(kind, options, costs, index, {p: facts[p] for p in paths})
+    ch = Chosen(kind, options, costs, index, {p: facts[p] for p in paths}, ctx.tokens)
     st.chosen.append(ch)
     _write(st, ch)
 
@@ -154,7 +155,7 @@ def _write(st: Any, ch: Chosen) -> None:
     o = ch.options[ch.index]
     ranked = sorted((i for i in range(len(ch.options)) if i != ch.index), key=lambda i: ch.costs[i].step_time)
     words = _words(tuple(x.name for x in ch.options), ch.kind, ch.costs, ch.index, ranked[0],
-                   ch.options[ranked[0]].whole, st.context.hardware.name, st.context.tokens)
+                   ch.options[ranked[0]].whole, st.context.hardware.name, ch.tokens)
     specs = [dict(x.proposals) for x in ch.options]  # once per group, not once per leaf
     for path, p in o.proposals:
         alts = tuple(_alt(x.name, ch.kind, tuple(specs[k][path].spec), ch.costs[k], k == ch.index)

@@ -59,8 +59,6 @@ class _Flow:
     cand: dict[int, Use] = field(default_factory=dict)
     out_edges: dict[tuple[int, int], list[Edge]] = field(default_factory=lambda: defaultdict(list))
     in_edges: dict[int, list[Edge]] = field(default_factory=lambda: defaultdict(list))
-    # the rows of the widest traced layer, which the chooser's tokens count (0: read from the uses)
-    widest_rows: int = 0
 
 
 def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Dataflow,
@@ -73,10 +71,10 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Datafl
     fewer, a pooled projection, is priced per row it reads).
     """
     c = _start(facts, State(mesh, opts, forced=set(skip)), flow)
-    c.widest_rows = widest_rows or max((u.rows for u in flow.uses), default=0)
+    widest = widest_rows or max((u.rows for u in flow.uses), default=0)
     for u in flow.uses:  # what each contraction reads, for the chooser (first use of a leaf)
-        if u.rows and c.widest_rows and u.path in c.fx:
-            c.st.rows.setdefault(u.path, u.rows / c.widest_rows)
+        if u.rows and widest and u.path in c.fx:
+            c.st.rows.setdefault(u.path, u.rows / widest)
     _recurrent(c)
     _embeddings(c)
     _link(c)
@@ -275,9 +273,8 @@ def _outputs(c: _Flow) -> None:
             continue
         why = (f"{'conv' if u.op == 'conv' else 'dense'} without a partner (traced): "
                f"{_why_not_column(c, u)}; {_why_not_row(c, u)}")
-        rows = c.widest_rows
-        if u.op == "dot" and len(u.kept) == 1 and u.rows and rows and f.stacked == 0:
-            shard_lone_dense(c.st, f, f.body_dim(u.kept[0]), u.rows / rows, why)
+        if u.op == "dot" and len(u.kept) == 1 and path in c.st.rows and f.stacked == 0:
+            shard_lone_dense(c.st, f, f.body_dim(u.kept[0]), why)
         else:
             c.st.replicate(f, why)
 

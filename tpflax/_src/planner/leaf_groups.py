@@ -96,10 +96,10 @@ def shard_output_head(st: State, f: Facts, dim: int, evidence: str) -> None:
                                            "kept whole"), kind="head")
 
 
-def shard_lone_dense(st: State, f: Facts, dim: int, share: float, why: str) -> None:
+def shard_lone_dense(st: State, f: Facts, dim: int, why: str) -> None:
     """A dense without a partner: whole, or its output body dim ``dim`` split over the tensor axis, by cost.
 
-    ``share`` is the rows it reads per token the chooser prices (traced, ``State.rows``): a projection of
+    It is priced at the rows it reads per token the chooser prices (traced, ``State.rows``): a projection of
     pooled outputs (CLIP's text and image projections, a class token's head) reads one row per
     example, so gathering its split output and summing its input gradient move next to nothing,
     while the split divides its bytes, flops and gradient reduction. On every token the
@@ -108,11 +108,11 @@ def shard_lone_dense(st: State, f: Facts, dim: int, share: float, why: str) -> N
     t_entry, t_size = st.tensor
     keep = Option("replicate", ((f.path, st.whole(f, why)),), (), frozenset({f.path}), whole=True)
     n = f.body[dim]
+    share = st.rows.get(f.path, 0.0)
     if t_size == 1 or n % t_size or share <= 0:
         st.choose("dense", [keep], [f])
         return
     over = axis_label(t_entry, t_size)
-    # priced at the rows it reads (the chooser scales the tokens by ``State.rows``)
     acts = (ActComm("all-gather", t_entry, n, 1, "gather its split output (forward)"),
             ActComm("all-reduce", t_entry, math.prod(f.body) // n, 1, "sum its input gradient (backward)"))
     split = Option("column", ((f.path, st.proposal(
