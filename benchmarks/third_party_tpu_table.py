@@ -31,10 +31,15 @@ FINDINGS = (
     "**fsdp=2,model=4**: BERT (tree and `model=`: 0.94x bytes, 0.99x comm) and CLIP `model=` (0.97x "
     "bytes, 0.98x comm) are strictly better; the rows above 1.00x are the position tables tpflax also "
     "splits over fsdp (at most 1.02x comm, for 0.98-0.99x bytes) and Whisper's front end.",
-    "**Estimate: 65 of 72 rows within 10%** (47 before this round). A plain function's activation "
-    "collectives move the rows its layers read as traced (ViT's 197 patches per image: -86% -> 0%) in "
-    "the dtype its contractions come out in as traced (a bf16 HF model called on int ids: Llama and "
-    "Mistral +33-43% -> 0%). Open: BERT -10% to -12% and BART +10% to +11%.",
+    "**Estimate: 72 of 72 rows within 10%** (65 in the morning, 47 the day before). A plain function's "
+    "activation collectives move the rows its layers read as traced (ViT's 197 patches per image: -86% "
+    "-> 0%) in the dtype its contractions come out in as traced (a bf16 HF model called on int ids: Llama "
+    "and Mistral +33-43% -> 0%). In a post-norm block (BERT, BART) a residual also reads the q/k/v input, "
+    "so XLA:TPU all-reduces q's, k's and v's partial input gradients apart, not summed (BERT -12% -> 0%); "
+    "it adds the scatter-adds of a shared table's encoder and decoder lookups before reducing them (BART "
+    "+9-11% -> -0.5 to +2%), and a vocab-split table looked up twice sums both lookups' rows (T5). Worst: "
+    "T5 data=2,model=4 -9%: XLA:TPU moves the decoder's right-shifted inputs with all-to-alls over data "
+    "(12 MiB, also in BART), which the estimate does not model.",
 )
 # Issue 11's published-width observations (2 layers, v5e:2x4) and the number each one quotes.
 ISSUE = (

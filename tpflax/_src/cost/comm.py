@@ -92,6 +92,8 @@ class Scope:
     parts: Mapping[str, int] | None = None  # traced gradient parts (see cost.workload.traced_uses)
     rows: Mapping[str, float] | None = None  # traced rows per example a parameter's contraction reads
     fused: Mapping[str, tuple[int, int]] | None = None  # traced fused kernels: (param dim, pieces)
+    shared: frozenset[str] | None = None  # traced kernels whose input a residual also reads (trace.sharing)
+    lookups: Mapping[str, int] | None = None  # traced tables looked up by several gathers (cost.workload.Traced)
 
     def rows_of(self, path: str) -> float:
         """Activation rows on one device that the leaf at ``path`` reads: as traced, else the batch's tokens."""
@@ -152,6 +154,8 @@ def _gradient_items(s: Scope) -> list[CommItem]:
         # measured: XLA reduces the partial gradient of each whole use apart (a tied table's lookup
         # and logits, a layer called twice), then adds them
         parts = s.parts.get(path, 1) if s.parts is not None else (2 if is_tied(path, d, s) else 1)
+        if s.backend == "tpu":  # XLA:TPU adds a table's lookups' scatter-adds first: one part for all
+            parts -= max((s.lookups or {}).get(path, 1) - 1, 0)
         for kind, axes, size, n, count, why in _gradient_templates(
                 s.lv.specs[path], s.mesh, s.batch_axes, s.leaf_bytes(path, d), leaf_itemsize(d), s.g_item,
                 s.backend, reps, _gather_item(d, s.backend), len(body(d))):
@@ -265,11 +269,14 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
                                       source, f"row {label[r]}: sum partial outputs (forward"
                                               f"{', again in the remat recompute' if redo else ''})"))
         # XLA:CPU reduces the column inputs' gradients one by one (q, k and v are three
-        # all-reduces); XLA:TPU adds them first and reduces their shared input's gradient once
+        # all-reduces); XLA:TPU adds them first and reduces their shared input's gradient once,
+        # except where a residual also reads that input (post-norm: BERT, BART): the partial
+        # gradients are then added to the residual's one by one, and it reduces each (trace.sharing)
         split_cols = [c for c in cols if s.axes(c, TENSOR)]
-        for c in split_cols[:1] if s.backend == "tpu" else split_cols:
-            what = (f"columns {', '.join(label[x] for x in split_cols)}" if s.backend == "tpu"
-                    else f"column {label[c]}")
+        alone = [c for c in split_cols if s.backend != "tpu" or c in (s.shared or ())]
+        summed = [c for c in split_cols if c not in alone]
+        for c in alone + summed[:1]:
+            what = f"columns {', '.join(label[x] for x in summed)}" if c in summed else f"column {label[c]}"
             items.append(CommItem("all-reduce", axes, _pair_act(c, dec[c], "in", s), n, count, source,
                                   f"{what}: sum partial input gradients (backward)"))
         for c in cols:
@@ -347,9 +354,11 @@ def _embedding_items(path: str, d: Any, axes: tuple[str, ...], s: Scope, *, note
     acts = acts_for(s.activations, d.unit)
     size = s.nbytes(acts[0].output) if acts else s.rows_local * b[-1] * s.act_item
     split_vocab = _body_spec(d, spec)[0] is not None
-    items = [CommItem("all-reduce", axes, size, n, 1, path, "vocab-split embedding: sum the looked-up rows "
+    looks = (s.lookups or {}).get(path, 1)  # a table the encoder and the decoder both look up (T5)
+    items = [CommItem("all-reduce", axes, size, n, looks, path, "vocab-split embedding: sum the looked-up rows "
                       "(forward)") if split_vocab else
-             CommItem("all-gather", axes, size, n, 1, path, "embedding split on its features: gather them (forward)")]
+             CommItem("all-gather", axes, size, n, looks, path, "embedding split on its features: gather them "
+                      "(forward)")]
     attend = acts_for(s.activations, d.unit + ":attend")
     if not is_tied(path, d, s):
         return items

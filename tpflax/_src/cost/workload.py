@@ -37,7 +37,7 @@ class Workload:
         remat, backend, dispatch: as :func:`tpflax.estimate` takes them.
         act_item, g_item: activation and gradient bytes per element (g_item None: the parameter's).
         settings: what the estimate reports it used.
-        tied, parts, rows, fused: from the traced forward (see :class:`Traced`); None untraced.
+        tied, parts, rows, fused, shared, lookups: from the traced forward (see :class:`Traced`); None untraced.
     """
 
     batch: Batch
@@ -54,6 +54,8 @@ class Workload:
     parts: Mapping[str, int] | None = None
     rows: Mapping[str, float] | None = None
     fused: Mapping[str, tuple[int, int]] | None = None
+    shared: frozenset[str] | None = None
+    lookups: Mapping[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,13 @@ class Traced:
             is cut into equal pieces (a ``[q|k|v]`` kernel; see :mod:`tpflax._src.cost.reshard`).
         act_dtype: the dtype most of the contractions' rows come out in (a model that
             computes in bfloat16 from integer ids or float32 pixels).
+        shared: kernels whose input activation something other than a parameter
+            contraction also reads (a post-norm block's residual add: see
+            :mod:`tpflax._src.trace.sharing`).
+        lookups: ``{path: n}`` for tables looked up whole by ``n > 1`` gathers (BART's
+            and T5's shared table: the encoder's and the decoder's lookups); counted in
+            ``parts`` too. XLA:TPU adds their scatter-adds before reducing them (one
+            part for all of them, measured on BART-base, v5e:2x4); XLA:CPU reduces each.
     """
 
     tied: frozenset[str] | None = None
@@ -82,6 +91,8 @@ class Traced:
     rows: Mapping[str, float] | None = None
     fused: Mapping[str, tuple[int, int]] | None = None
     act_dtype: str | None = None
+    shared: frozenset[str] | None = None
+    lookups: Mapping[str, int] | None = None
 
 
 def _check_options(act_dtype: Any, grad_dtype: Any, backend: str, expert_dispatch: str) -> None:
@@ -133,7 +144,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     dispatch=expert_dispatch, act_item=itemsize(b.act_dtype),
                     g_item=itemsize(dtype_name(grad_dtype)) if grad_dtype is not None else None,
                     settings=settings, tied=t.tied if not activations else None, parts=t.parts, rows=t.rows,
-                    fused=t.fused)
+                    fused=t.fused, shared=t.shared, lookups=t.lookups)
 
 
 def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
@@ -161,6 +172,7 @@ def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
     ops: dict[str, set[str]] = {}
     whole: dict[str, int] = {}
     rows: dict[str, float] = {}
+    lookups: dict[str, int] = {}
     for u in flow.uses:
         ops.setdefault(u.path, set()).add(u.op)
         if u.rows and not u.scan_length and u.path not in rows:  # a cell's rows repeat at every time step
@@ -168,6 +180,8 @@ def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
         read = set(u.contracted) | set(u.kept) | set(u.batch)
         if u.path not in flow.scanned and len(read) == len(shapes.get(u.path, ())):
             whole[u.path] = whole.get(u.path, 0) + 1
+            if u.op == "gather":
+                lookups[u.path] = lookups.get(u.path, 0) + 1
     tied = frozenset(p for p, o in ops.items() if o & {"gather", "onehot"} and "dot" in o)
     fused = {flow.uses[uid].path: (dim, pieces) for (uid, dim), pieces in flow.fused.items()}
     by_dtype: dict[str, int] = {}
@@ -175,7 +189,9 @@ def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
         if u.rows and u.dtype:
             by_dtype[u.dtype] = by_dtype.get(u.dtype, 0) + u.rows
     act = dtype_name(max(by_dtype, key=by_dtype.get)) if by_dtype else None
-    return Traced(tied, {p: n for p, n in whole.items() if n > 1}, rows, fused, act)
+    shared = frozenset(flow.uses[u].path for u in flow.shared)
+    return Traced(tied, {p: n for p, n in whole.items() if n > 1}, rows, fused, act, shared,
+                  {p: n for p, n in lookups.items() if n > 1})
 
 
 def _model(plan, model: Any, sample: Any):

@@ -52,6 +52,7 @@ from tpflax._src.model import abstract, as_model
 from tpflax._src.trace.handlers import new_walk
 from tpflax._src.trace.interpreter import Val
 from tpflax._src.trace.records import Dataflow, Edge, Use
+from tpflax._src.trace.sharing import shared_reads
 
 __all__ = ["Dataflow", "Edge", "Use", "analyze", "dataflow", "trace_jaxpr"]
 
@@ -138,4 +139,5 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
     return Dataflow(paths=tuple(paths), uses=tuple(w.uses), edges=edges, escapes=dict(w.escapes),
                     outputs=frozenset(w.outputs), recurrent=frozenset(w.recurrent),
                     biases=dict(w.biases), elementwise=frozenset(w.elementwise),
-                    scanned=dict(w.scanned), n_eqns=w.n_eqns, fused=dict(w.fused))
+                    scanned=dict(w.scanned), n_eqns=w.n_eqns, fused=dict(w.fused),
+                    shared=shared_reads(jaxpr, w.reads))

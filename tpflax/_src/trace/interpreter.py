@@ -76,7 +76,8 @@ class Walk:
         handlers: ``{primitive name: handler(walk, eqn, ins, ctx, out ranks)}``.
         fallback: the handler for primitives not in the table.
         uses, edges, escapes, outputs, recurrent, biases, elementwise, scanned,
-            fused, n_eqns: the findings (see :class:`tpflax._src.trace.records.Dataflow`).
+            fused, n_eqns: the findings
+            (``reads`` feeds :attr:`Dataflow.shared`) (see :class:`tpflax._src.trace.records.Dataflow`).
     """
 
     handlers: Mapping[str, Handler]
@@ -91,6 +92,7 @@ class Walk:
     elementwise: set[str] = field(default_factory=set)
     scanned: dict[str, int] = field(default_factory=dict)
     fused: dict[tuple[int, int], int] = field(default_factory=dict)
+    reads: dict[int, tuple[Any, int]] = field(default_factory=dict)  # use id -> (dot eqn, activation operand)
     n_eqns: int = 0
 
     # -- the run loop ----------------------------------------------------

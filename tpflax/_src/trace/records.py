@@ -90,6 +90,9 @@ class Dataflow:
             into equal pieces (``split``, aligned slices) that go on separately: a
             fused q/k/v (or gate/up) kernel.
         n_eqns: equations visited (sub-jaxprs included).
+        shared: use ids of contractions whose activation input something other than
+            a parameter contraction also reads (a post-norm block's residual add; see
+            :mod:`tpflax._src.trace.sharing`).
     """
 
     paths: tuple[str, ...]
@@ -103,3 +106,4 @@ class Dataflow:
     scanned: Mapping[str, int]
     n_eqns: int = 0
     fused: Mapping[tuple[int, int], int] = field(default_factory=dict)
+    shared: frozenset[int] = frozenset()
