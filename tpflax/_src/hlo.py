@@ -410,8 +410,8 @@ _ASYNC_PAIRS = {f"{k}-start": k for k in ("all-reduce", "all-gather", "collectiv
                                           "reduce-scatter", "all-to-all")}
 
 
-def _multipliers(instrs: list[_Instr], entries: Mapping[str, bool]) -> dict[str, int]:
-    """How often each computation runs per program run (while trip counts multiply)."""
+def _multipliers(instrs: list[_Instr], entries: Mapping[str, bool], *, loops: bool = True) -> dict[str, int]:
+    """How often each computation runs per program run (while trip counts multiply; not with ``loops=False``)."""
     edges: dict[str, list[tuple[str, int]]] = {}
     by_comp: dict[str, dict[str, _Instr]] = {}  # computation -> {name: instruction}, built once
     for ins in instrs:
@@ -423,6 +423,7 @@ def _multipliers(instrs: list[_Instr], entries: Mapping[str, bool]) -> dict[str,
         if ins.opcode == "while":
             m = re.search(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"?(\d+)', ins.attrs)
             trip = int(m.group(1)) if m else _trip_from_condition(ins, by_comp)
+            trip = trip if loops else 1
         for key in ("body", "calls", "to_apply", "condition", "true_computation", "false_computation"):
             v = _attr(ins.attrs, key)
             if v:
@@ -667,3 +668,84 @@ def summarize(collectives: Iterable[Collective], *, by: str = "kind", field: str
         out[key] = out.get(key, 0.0) + float(value)
     return out
 
+
+
+# ---------------------------------------------------------------------------
+# matmul flops
+
+def dot_flops(hlo_text: str, *, loops: bool = True) -> float:
+    """FLOPs of an HLO module's ``dot`` and ``convolution`` instructions, each times its executions.
+
+    A dot does ``2 * output elements * contracted elements`` (a multiply and an
+    add per term, XLA's own convention); a convolution does ``2 * output elements
+    * kernel taps * input features per group`` (read from the kernel's shape and
+    ``dim_labels``; taps that fall in the padding are counted, XLA's cost analysis
+    leaves them out). Dots inside fusions count as often as the fusion runs, and a
+    ``while`` body as often as its trip count (``known_trip_count``, or read from
+    the loop's condition).
+
+    Args:
+        hlo_text: ``compiled.as_text()`` (or any HLO module text).
+        loops: False counts every loop body once, as XLA's ``cost_analysis()``
+            does; the difference is what that analysis misses.
+
+    >>> hlo = ("body {\\n  %p = (s32[], f32[8,16]) parameter(0)\\n"
+    ...        "  %x = f32[8,16]{1,0} get-tuple-element(%p), index=1\\n"
+    ...        "  %w = f32[16,16]{1,0} constant({...})\\n"
+    ...        "  %d = f32[8,16]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}\\n}\\n"
+    ...        "ENTRY main {\\n  %t = (s32[], f32[8,16]) parameter(0)\\n"
+    ...        '  ROOT %l = (s32[], f32[8,16]) while(%t), condition=cond, body=body, '
+    ...        'backend_config={"known_trip_count":{"n":"4"}}\\n}')
+    >>> dot_flops(hlo), dot_flops(hlo, loops=False)
+    (16384.0, 4096.0)
+    """
+    instrs, entries, _ = _scan(hlo_text)
+    mult = _multipliers(instrs, entries, loops=loops) if entries else {}
+    by_comp: dict[str, dict[str, _Instr]] = {}
+    for ins in instrs:
+        by_comp.setdefault(ins.computation, {})[ins.name] = ins
+    total = 0.0
+    for ins in instrs:
+        if ins.opcode in ("dot", "convolution"):
+            shapes = _operand_shapes(ins, by_comp.get(ins.computation, {}))
+            total += _matmul_flops(ins, shapes) * mult.get(ins.computation, 1)
+    return total
+
+
+def _operand_shapes(ins: _Instr, found: Mapping[str, _Instr]) -> list[tuple[int, ...] | None]:
+    """Each operand's dims: written inline (``f32[8,16]{1,0} %x``) or read from its defining instruction."""
+    out: list[tuple[int, ...] | None] = []
+    depth, start, text = 0, 0, ins.operands + ","
+    for i, c in enumerate(text):
+        depth += c in "([{"
+        depth -= c in ")]}"
+        if c == "," and depth == 0:
+            piece, start = text[start:i].strip(), i + 1
+            shapes, _ = _shapes(piece.rsplit(" ", 1)[0] if " " in piece else "")
+            if not shapes:
+                src = found.get(piece.split()[-1].lstrip("%")) if piece else None
+                shapes, _ = _shapes(src.shape) if src is not None else ((), ())
+            out.append(shapes[0] if len(shapes) == 1 else None)
+    return out
+
+
+def _matmul_flops(ins: _Instr, operands: list[tuple[int, ...] | None]) -> float:
+    """One execution's flops of a dot or convolution; 0 when an operand's shape is unknown."""
+    result, _ = _shapes(ins.shape)
+    if len(result) != 1 or len(operands) < 2:
+        return 0.0
+    out = math.prod(result[0])
+    if ins.opcode == "dot":
+        for side, dims in ((0, "lhs_contracting_dims"), (1, "rhs_contracting_dims")):
+            shape = operands[side]
+            if shape is not None:
+                contracted = [int(d) for d in re.findall(r"\d+", _attr(ins.attrs, dims) or "")]
+                return 2.0 * out * math.prod(shape[d] for d in contracted)
+        return 0.0
+    kernel = operands[1]
+    labels = re.search(r"dim_labels=\w+_(\w+)->", ins.attrs)
+    if kernel is None or labels is None or len(labels.group(1)) != len(kernel):
+        return 0.0
+    # the kernel's spatial dims are the window; its ``i`` dim already holds input features / groups
+    per_output = math.prod(n for label, n in zip(labels.group(1), kernel, strict=True) if label != "o")
+    return 2.0 * out * per_output
