@@ -742,10 +742,38 @@ def _matmul_flops(ins: _Instr, operands: list[tuple[int, ...] | None]) -> float:
                 contracted = [int(d) for d in re.findall(r"\d+", _attr(ins.attrs, dims) or "")]
                 return 2.0 * out * math.prod(shape[d] for d in contracted)
         return 0.0
-    kernel = operands[1]
-    labels = re.search(r"dim_labels=\w+_(\w+)->", ins.attrs)
-    if kernel is None or labels is None or len(labels.group(1)) != len(kernel):
+    return _conv_flops(ins, result[0], operands)
+
+
+def _conv_flops(ins: _Instr, result: tuple[int, ...], operands: list[tuple[int, ...] | None]) -> float:
+    """A convolution's flops as XLA's cost analysis counts them: only kernel taps that land on input.
+
+    Per spatial dim, the (output position, kernel tap) pairs that read a real input
+    element (not padding, not a hole of ``lhs_dilate``) are counted; dims are independent,
+    so their counts multiply. Each pair is one multiply-add per input feature of a group.
+    """
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", ins.attrs)
+    lhs, kernel = operands[0], operands[1]
+    if lhs is None or kernel is None or labels is None or len(labels.group(2)) != len(kernel):
         return 0.0
-    # the kernel's spatial dims are the window; its ``i`` dim already holds input features / groups
-    per_output = math.prod(n for label, n in zip(labels.group(1), kernel, strict=True) if label != "o")
-    return 2.0 * out * per_output
+    lhs_l, rhs_l, out_l = labels.groups()
+    window = _window(_attr(ins.attrs, "window") or "", len(lhs_l) - 2)
+    pairs = 1
+    for d, (size, stride, pad, lhs_dil, rhs_dil) in enumerate(window):
+        n_in, n_out = lhs[lhs_l.index(str(d))], result[out_l.index(str(d))]
+        span = (n_in - 1) * lhs_dil
+        pairs *= sum(1 for o in range(n_out) for k in range(size)
+                     if 0 <= (p := o * stride + k * rhs_dil - pad) <= span and p % lhs_dil == 0)
+    per_pair = math.prod(result) // max(math.prod(result[out_l.index(str(d))] for d in range(len(window))), 1)
+    return 2.0 * per_pair * kernel[rhs_l.index("i")] * pairs
+
+
+def _window(text: str, n: int) -> list[tuple[int, int, int, int, int]]:
+    """``(size, stride, low padding, lhs_dilate, rhs_dilate)`` per spatial dim of ``window={...}``."""
+    def field(key: str, default: int) -> list[int]:
+        m = re.search(key + r"=([\d_x\-]+)", text)
+        if not m:
+            return [default] * n
+        return [int(v.split("_")[0]) for v in m.group(1).split("x")]
+    return list(zip(field("size", 1), field("stride", 1), field(r"\bpad", 0), field("lhs_dilate", 1),
+                    field("rhs_dilate", 1), strict=True))
