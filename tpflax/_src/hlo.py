@@ -677,12 +677,12 @@ def dot_flops(hlo_text: str, *, loops: bool = True) -> float:
     """FLOPs of an HLO module's ``dot`` and ``convolution`` instructions, each times its executions.
 
     A dot does ``2 * output elements * contracted elements`` (a multiply and an
-    add per term, XLA's own convention); a convolution does ``2 * output elements
-    * kernel taps * input features per group`` (read from the kernel's shape and
-    ``dim_labels``; taps that fall in the padding are counted, XLA's cost analysis
-    leaves them out). Dots inside fusions count as often as the fusion runs, and a
-    ``while`` body as often as its trip count (``known_trip_count``, or read from
-    the loop's condition).
+    add per term, XLA's own convention); a convolution ``2 * input features per
+    group`` per (output element, kernel tap) pair that reads a real input element
+    (padding and ``lhs_dilate`` holes are not counted, as in XLA's cost analysis).
+    Dots inside fusions count as often as the fusion runs, and a ``while`` body as
+    often as its trip count (``known_trip_count``, or read from the loop's
+    condition; 1 when neither is there).
 
     Args:
         hlo_text: ``compiled.as_text()`` (or any HLO module text).
