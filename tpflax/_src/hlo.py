@@ -425,11 +425,11 @@ def _multipliers(instrs: list[_Instr], entries: Mapping[str, bool], *, loops: bo
             trip = int(m.group(1)) if m else _trip_from_condition(ins, by_comp)
             trip = trip if loops else 1
         for key in ("body", "calls", "to_apply", "condition", "true_computation", "false_computation"):
-            v = _attr(ins.attrs, key)
+            v = _attr(ins.attrs, key) if key + "=" in ins.attrs else None  # substring first: _attr is slow
             if v:
                 for callee in re.findall(r"%?([\w.\-]+)", v):
                     edges.setdefault(ins.computation, []).append((callee, trip if key == "body" else 1))
-        v = _attr(ins.attrs, "branch_computations")
+        v = _attr(ins.attrs, "branch_computations") if "branch_computations=" in ins.attrs else None
         if v:
             for callee in re.findall(r"%?([\w.\-]+)", v):
                 edges.setdefault(ins.computation, []).append((callee, 1))
