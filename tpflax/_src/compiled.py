@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tpflax._src.errors import CompileError
+from tpflax._src.hlo import dot_flops
 from tpflax._src.specs import entry_axes, fmt_bytes
 
 MEMORY_KEYS = ("argument", "output", "temp", "alias", "generated_code", "peak")
@@ -138,8 +139,15 @@ def _peak(ma: Any, out: dict[str, int | None], platform: str, warnings: list[str
     return max(live + out["temp"], reported)
 
 
-def read_flops(compiled: Any, warnings: list[str]) -> float | None:
-    """Per-device FLOPs from ``cost_analysis()``, or None (with a warning) when not reported."""
+def read_flops(compiled: Any, warnings: list[str], hlo_text: str = "") -> float | None:
+    """Per-device FLOPs: ``cost_analysis()`` plus the loop iterations it leaves out, or None if unknown.
+
+    XLA's cost analysis counts a ``while`` body once (CPU and TPU), so a scanned
+    layer stack reads as one layer. The dot and convolution flops of every
+    further iteration are read from ``hlo_text`` (:func:`tpflax.hlo.dot_flops`)
+    and added; a loop body's other operations stay counted once. Without a cost
+    analysis the HLO's dot/convolution flops are the count.
+    """
     try:
         ca = compiled.cost_analysis()
     except Exception:  # noqa: BLE001 - optional on some backends
@@ -148,10 +156,16 @@ def read_flops(compiled: Any, warnings: list[str]) -> float | None:
         ca = ca[0] if ca else None
     flops = (ca or {}).get("flops") if isinstance(ca, Mapping) else None
     if flops is None or flops <= 0:
+        counted = dot_flops(hlo_text) if hlo_text else 0.0
+        if counted > 0:
+            warnings.append("XLA reported no FLOP count for this program; flops are its dot and "
+                            "convolution flops read from the HLO")
+            return counted
         warnings.append("XLA reported no FLOP count for this program")
         return None
+    if hlo_text:
+        flops += dot_flops(hlo_text) - dot_flops(hlo_text, loops=False)
     return float(flops)
-
 
 
 def compile_error(plan, args: tuple[Any, ...], e: Exception) -> CompileError:

@@ -4,8 +4,8 @@
 ``jax.jit(step, in_shardings=..., out_shardings=...)`` on ``ShapeDtypeStruct``
 arguments that carry their shardings: no data exists and nothing runs. The
 compiled program gives XLA's own per-device memory (``memory_analysis()``), its
-FLOP count (``cost_analysis()``) and its collectives (parsed from the HLO text
-by :mod:`tpflax.hlo`), which :meth:`DryRun.compare` sets beside an
+FLOP count (``cost_analysis()``, with loop bodies' matmuls counted per iteration)
+and its collectives (parsed from the HLO text by :mod:`tpflax.hlo`), which :meth:`DryRun.compare` sets beside an
 :func:`tpflax.estimate`.
 """
 
@@ -51,7 +51,12 @@ class DryRun:
             ``"peak"`` is what must fit in one device's memory
             (:mod:`tpflax._src.compiled` says how it is read per compiler).
         collectives: every collective in the compiled HLO.
-        flops: per-device FLOPs from the cost analysis, or None if not reported.
+        flops: per-device FLOPs of one step: XLA's cost analysis, which counts a
+            ``while`` body once, plus the dot and convolution flops of every further
+            loop iteration read from the HLO (:func:`tpflax.hlo.dot_flops`), so a
+            scanned layer stack's matmuls count once per layer; a loop body's other
+            operations stay counted once. The HLO's dot/convolution flops when the
+            cost analysis reports none; None when neither has any.
         compile_seconds: lowering + compilation wall time.
         mesh: the mesh shape.
         warnings: what XLA did not report, and similar caveats.
@@ -283,8 +288,8 @@ def dry_run(step: Callable[..., Any] | TrainStep, plan, mesh: Any, example_args:
     warnings: list[str] = []
     platform = mesh.devices.flat[0].platform
     memory = read_memory(compiled, platform, warnings)
-    flops = read_flops(compiled, warnings)
     text = compiled.as_text() or ""
+    flops = read_flops(compiled, warnings, text)
     if not text:
         warnings.append("XLA returned no HLO text; collectives unknown")
     collectives = tuple(parse_collectives(text, mesh, num_devices=mesh.devices.size))

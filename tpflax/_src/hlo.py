@@ -410,8 +410,8 @@ _ASYNC_PAIRS = {f"{k}-start": k for k in ("all-reduce", "all-gather", "collectiv
                                           "reduce-scatter", "all-to-all")}
 
 
-def _multipliers(instrs: list[_Instr], entries: Mapping[str, bool]) -> dict[str, int]:
-    """How often each computation runs per program run (while trip counts multiply)."""
+def _multipliers(instrs: list[_Instr], entries: Mapping[str, bool], *, loops: bool = True) -> dict[str, int]:
+    """How often each computation runs per program run (while trip counts multiply; not with ``loops=False``)."""
     edges: dict[str, list[tuple[str, int]]] = {}
     by_comp: dict[str, dict[str, _Instr]] = {}  # computation -> {name: instruction}, built once
     for ins in instrs:
@@ -423,12 +423,13 @@ def _multipliers(instrs: list[_Instr], entries: Mapping[str, bool]) -> dict[str,
         if ins.opcode == "while":
             m = re.search(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"?(\d+)', ins.attrs)
             trip = int(m.group(1)) if m else _trip_from_condition(ins, by_comp)
+            trip = trip if loops else 1
         for key in ("body", "calls", "to_apply", "condition", "true_computation", "false_computation"):
-            v = _attr(ins.attrs, key)
+            v = _attr(ins.attrs, key) if key + "=" in ins.attrs else None  # substring first: _attr is slow
             if v:
                 for callee in re.findall(r"%?([\w.\-]+)", v):
                     edges.setdefault(ins.computation, []).append((callee, trip if key == "body" else 1))
-        v = _attr(ins.attrs, "branch_computations")
+        v = _attr(ins.attrs, "branch_computations") if "branch_computations=" in ins.attrs else None
         if v:
             for callee in re.findall(r"%?([\w.\-]+)", v):
                 edges.setdefault(ins.computation, []).append((callee, 1))
@@ -667,3 +668,112 @@ def summarize(collectives: Iterable[Collective], *, by: str = "kind", field: str
         out[key] = out.get(key, 0.0) + float(value)
     return out
 
+
+
+# ---------------------------------------------------------------------------
+# matmul flops
+
+def dot_flops(hlo_text: str, *, loops: bool = True) -> float:
+    """FLOPs of an HLO module's ``dot`` and ``convolution`` instructions, each times its executions.
+
+    A dot does ``2 * output elements * contracted elements`` (a multiply and an
+    add per term, XLA's own convention); a convolution ``2 * input features per
+    group`` per (output element, kernel tap) pair that reads a real input element
+    (padding and ``lhs_dilate`` holes are not counted, as in XLA's cost analysis).
+    Dots inside fusions count as often as the fusion runs, and a ``while`` body as
+    often as its trip count (``known_trip_count``, or read from the loop's
+    condition; 1 when neither is there).
+
+    Args:
+        hlo_text: ``compiled.as_text()`` (or any HLO module text).
+        loops: False counts every loop body once, as XLA's ``cost_analysis()``
+            does; the difference is what that analysis misses.
+
+    >>> hlo = ("body {\\n  %p = (s32[], f32[8,16]) parameter(0)\\n"
+    ...        "  %x = f32[8,16]{1,0} get-tuple-element(%p), index=1\\n"
+    ...        "  %w = f32[16,16]{1,0} constant({...})\\n"
+    ...        "  %d = f32[8,16]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}\\n}\\n"
+    ...        "ENTRY main {\\n  %t = (s32[], f32[8,16]) parameter(0)\\n"
+    ...        '  ROOT %l = (s32[], f32[8,16]) while(%t), condition=cond, body=body, '
+    ...        'backend_config={"known_trip_count":{"n":"4"}}\\n}')
+    >>> dot_flops(hlo), dot_flops(hlo, loops=False)
+    (16384.0, 4096.0)
+    """
+    instrs, entries, _ = _scan(hlo_text)
+    mult = _multipliers(instrs, entries, loops=loops) if entries else {}
+    by_comp: dict[str, dict[str, _Instr]] = {}
+    for ins in instrs:
+        by_comp.setdefault(ins.computation, {})[ins.name] = ins
+    total = 0.0
+    for ins in instrs:
+        if ins.opcode in ("dot", "convolution"):
+            shapes = _operand_shapes(ins, by_comp.get(ins.computation, {}))
+            total += _matmul_flops(ins, shapes) * mult.get(ins.computation, 1)
+    return total
+
+
+def _operand_shapes(ins: _Instr, found: Mapping[str, _Instr]) -> list[tuple[int, ...] | None]:
+    """Each operand's dims: written inline (``f32[8,16]{1,0} %x``) or read from its defining instruction."""
+    out: list[tuple[int, ...] | None] = []
+    depth, start, text = 0, 0, ins.operands + ","
+    for i, c in enumerate(text):
+        depth += c in "([{"
+        depth -= c in ")]}"
+        if c == "," and depth == 0:
+            piece, start = text[start:i].strip(), i + 1
+            shapes, _ = _shapes(piece.rsplit(" ", 1)[0] if " " in piece else "")
+            if not shapes:
+                src = found.get(piece.split()[-1].lstrip("%")) if piece else None
+                shapes, _ = _shapes(src.shape) if src is not None else ((), ())
+            out.append(shapes[0] if len(shapes) == 1 else None)
+    return out
+
+
+def _matmul_flops(ins: _Instr, operands: list[tuple[int, ...] | None]) -> float:
+    """One execution's flops of a dot or convolution; 0 when an operand's shape is unknown."""
+    result, _ = _shapes(ins.shape)
+    if len(result) != 1 or len(operands) < 2:
+        return 0.0
+    out = math.prod(result[0])
+    if ins.opcode == "dot":
+        for side, dims in ((0, "lhs_contracting_dims"), (1, "rhs_contracting_dims")):
+            shape = operands[side]
+            if shape is not None:
+                contracted = [int(d) for d in re.findall(r"\d+", _attr(ins.attrs, dims) or "")]
+                return 2.0 * out * math.prod(shape[d] for d in contracted)
+        return 0.0
+    return _conv_flops(ins, result[0], operands)
+
+
+def _conv_flops(ins: _Instr, result: tuple[int, ...], operands: list[tuple[int, ...] | None]) -> float:
+    """A convolution's flops as XLA's cost analysis counts them: only kernel taps that land on input.
+
+    Per spatial dim, the (output position, kernel tap) pairs that read a real input
+    element (not padding, not a hole of ``lhs_dilate``) are counted; dims are independent,
+    so their counts multiply. Each pair is one multiply-add per input feature of a group.
+    """
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", ins.attrs)
+    lhs, kernel = operands[0], operands[1]
+    if lhs is None or kernel is None or labels is None or len(labels.group(2)) != len(kernel):
+        return 0.0
+    lhs_l, rhs_l, out_l = labels.groups()
+    window = _window(_attr(ins.attrs, "window") or "", len(lhs_l) - 2)
+    pairs = 1
+    for d, (size, stride, pad, lhs_dil, rhs_dil) in enumerate(window):
+        n_in, n_out = lhs[lhs_l.index(str(d))], result[out_l.index(str(d))]
+        span = (n_in - 1) * lhs_dil
+        pairs *= sum(1 for o in range(n_out) for k in range(size)
+                     if 0 <= (p := o * stride + k * rhs_dil - pad) <= span and p % lhs_dil == 0)
+    per_pair = math.prod(result) // max(math.prod(result[out_l.index(str(d))] for d in range(len(window))), 1)
+    return 2.0 * per_pair * kernel[rhs_l.index("i")] * pairs
+
+
+def _window(text: str, n: int) -> list[tuple[int, int, int, int, int]]:
+    """``(size, stride, low padding, lhs_dilate, rhs_dilate)`` per spatial dim of ``window={...}``."""
+    def field(key: str, default: int) -> list[int]:
+        m = re.search(key + r"=([\d_x\-]+)", text)
+        if not m:
+            return [default] * n
+        return [int(v.split("_")[0]) for v in m.group(1).split("x")]
+    return list(zip(field("size", 1), field("stride", 1), field(r"\bpad", 0), field("lhs_dilate", 1),
+                    field("rhs_dilate", 1), strict=True))
