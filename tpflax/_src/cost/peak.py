@@ -10,7 +10,8 @@ parameters and optimizer state donated) holds, per device:
   (``batch x heads x seq x seq`` in the activation dtype) unless the layer is
   rematerialised (a conv net on TPU keeps what its layers' backward passes read
   instead of their outputs: each conv's input once per kernel column, each
-  norm's and max-pool's input; :func:`conv_maps`);
+  norm's and max-pool's input; :func:`conv_maps`), and without a residual block's row projection
+  outputs, which feed only the residual add (:mod:`tpflax._src.cost.residual`);
 * growing through the backward pass: the gradients (sharded like the params);
 * one layer at a time: the working set of the layer in flight: its weights
   gathered over the fsdp axes (two layers: XLA gathers the next while one
