@@ -94,13 +94,15 @@ def test_conv_nets_keep_what_backward_reads():
     assert split.breakdown.activations + split.breakdown.logits - split.per_device.activations == int(kept) - int(generic)
 
 
-def test_row_outputs_are_not_kept():
+@pytest.mark.parametrize("name,rows", [("llama", ("/attn/o_proj", "/attn", "/mlp/down_proj", "/mlp")),
+                                       ("moe", ("/attn/out", "/attn", "/moe"))])  # moe: wo sits on the module
+def test_row_outputs_are_not_kept(name, rows):
     # a row projection's output and the module returning it feed only the residual add: the TPU keeps
     # neither (the Llama-2-7B buffer dumps, tpflax/_src/cost/residual.py); off TPU the generic count stands
-    m, p, e = _estimate("llama", {"fsdp": 8})
+    m, p, e = _estimate(name, {"fsdp": 8})
     acts = tpflax.trace_activations(m, 8)
-    unread = [k for k in acts if k.endswith(("/attn/o_proj", "/attn", "/mlp/down_proj", "/mlp"))]
-    assert len(unread) == 4 * m.config.n_layers
+    unread = [k for k in acts if k.endswith(rows)]
+    assert len(unread) == len(rows) * m.config.n_layers
     nbytes = sum(math.prod(a.output) * 4 for k in unread for a in acts[k]) // 8  # float32, batch over 8
     b, dev = e.breakdown, e.per_device
     assert b.activations + b.logits == dev.activations - nbytes
