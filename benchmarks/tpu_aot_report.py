@@ -93,7 +93,11 @@ flight, the same total at 2 layers but not at 32); in a float32 model one score 
 flight (the gradient is formed in place). Fitted on: Llama
 fsdp=8 bf16, fsdp=2,model=4 bf16 and fsdp=8 f32. Predicted before being compiled (held out):
 Llama data=2,fsdp=4 bf16, Llama remat on, GPT-2. Conv nets on TPU keep their convs' and norms'
-inputs rather than their layers' outputs (`peak.conv_maps`, see ResNet-18 below).
+inputs rather than their layers' outputs (`peak.conv_maps`, see ResNet-18 below). A residual
+block's row projection output (`o_proj`, `down_proj`, an expert layer's combine) and the module
+returning it (`attn`, `mlp`) feed only the residual add, whose backward reads nothing: on TPU they
+leave the saved activations and the recomputed layer under remat (`cost/residual.py`, see "Row
+outputs" below).
 
 ## Where the CPU and TPU compilers differ
 
@@ -285,6 +289,62 @@ the 0.37 GiB missing was one row-parallel all-reduce per layer recomputed in the
 (`bf16[4, 4096, 4096]`, 192 MiB of ring bytes over 4 devices, x 2 layers: the attention output
 feeds the recomputed MLP; the MLP's own output is not needed again). cost/comm.py now counts it
 on TPU (XLA:CPU re-issues none): +0.0%.
+
+## Row outputs: what a transformer layer keeps (this round)
+
+The traced layer outputs counted every call's output. The float32 Llama-2-7B fsdp=2,model=4 dump
+(HBM values live at the peak, step 1060 of 2141, from `*-live-range.txt` and the offsets of
+`*-buffer-assignment.txt`: `python benchmarks/tpu_live.py DUMP_DIR`) keeps per layer: its two norms' inputs in float32 (`f32[4, 4096, 4096]`:
+the embedding's all-reduce for `layers_0/attention_norm`, the `layers_0/ffn_norm` and
+`layers_1/attention_norm` fusions' outputs), the gate and up outputs (`f32[4, 4096, 2752]`), and
+q, k, v and the attention output in bfloat16 (`bf16[4, 4096, 8, 64]` halves,
+`bf16[4, 4096, 8, 128]`); no `o_proj` or `down_proj` output outlives its residual add, and `attn`
+and `mlp` return those same buffers (counted twice before). The bf16 fsdp=8 and fsdp=2,model=4
+dumps keep the same set. `Estimate.peak` now drops those outputs on TPU (a row projection of a
+column -> row pair inside a repeated block holding a norm, and the parent returning it):
+
+| row | before | after |
+|---|---|---|
+| Llama f32 fsdp=2,model=4 remat off / on | +19.7% / +19.9% | +2.6% / +7.1% |
+| Llama bf16 fsdp=2,model=4 remat off / on | +5.8% / +1.0% | -4.3% / -6.0% |
+| Llama fsdp=8 bf16 / f32, data=2,fsdp=4 bf16 / f32 | -2.9% / -3.1%, -2.9% / -4.1% | -6.4% / -7.5%, -6.1% / -8.1% |
+| Llama remat bf16 fsdp=8 / data=2,fsdp=4 | -1.1% / -1.3% | -3.3% / -3.4% |
+| GPT-2 f32 fsdp=8 / data=2,fsdp=4 / fsdp=2,model=4 | +14.7% / +13.3% / +6.9% | +9.8% / +8.7% / -0.6% |
+| MoE bf16 fsdp=2,model=4 / fsdp=8 / data=2,fsdp=4 | +31.2% / -7.1% / -3.2% | +24.8% / -8.3% / -4.3% |
+| ViT-B/16 bf16 fsdp=8 / data=2,fsdp=4 / fsdp=2,model=4 | +72.0% / +42.6% / +130.6% | +53.8% / +29.2% / +76.1% |
+
+Still open, and why: the compiled temp exceeds the live set at the peak by a margin the estimate
+does not model. From the dumps (MiB; heap = the `preallocated-temp` allocation's size):
+
+| step | live at peak | heap | compiled temp | temp - live |
+|---|---|---|---|---|
+| Llama bf16 fsdp=8 | 5282 | 6001 | 6879 | 1597 |
+| Llama bf16 fsdp=2,model=4 | 7351 | 8502 | 9654 | 2303 |
+| Llama f32 fsdp=2,model=4 | 8226 | 9586 | 10992 | 2766 |
+| Llama f32 fsdp=8 remat | 7291 | 7873 | 8486 | 1195 |
+| MoE bf16 fsdp=8 | 10982 | 11504 | 14779 | 3797 |
+| MoE bf16 fsdp=2,model=4 | 9434 | 9750 | 10530 | 1096 |
+| GPT-2 f32 fsdp=8 | 866 | 877 | 892 | 26 |
+
+- Llama f32 fsdp=8 remat (-15.1%) and data=2,fsdp=4 remat (-16.0%): the estimate's terms match the
+  live set (6.90 GiB estimated against 7.12 live): the peak (step 1361 of 2191) is in `layers_0`'s
+  recomputed attention backward, with the recomputed f32 probabilities and their gradient
+  (`f32[32, 4096, 4096]` x 2: the estimate's one in flight plus the recompute's), the float32
+  weight gradients of both layers at full size before their reduce-scatter (`f32[4096, 11008]` x 8,
+  `f32[4096, 32, 128]` x 3: 1.53 GiB, where the estimate's two gathered f32 layers hold 1.51), the
+  head's f32 weight gradient `f32[4096, 32000]` (500 MiB, not counted) and the f32 logits (500 MiB,
+  counted). What is missing is the 1.17 GiB of temp beyond the live set.
+- MoE fsdp=2,model=4 (+24.8%) against MoE fsdp=8 (-8.3%): the fsdp=8 dump (peak step 1054 of 1836,
+  in the last layer's expert backward) holds the saved `bf16[32, 4096, 4096]` probabilities x 2 and
+  no score buffer in flight, the expert hidden `bf16[4096, 8, 14336]` once per layer plus one
+  gradient (the estimate counts two per layer), the gathered `wi`/`wo` of both layers (4 x 896 MiB,
+  the estimate's two gathered layers) and one unreduced `wo` gradient (896 MiB). The fsdp=2,model=4 dump (peak step 1030 of
+  2273, the same point) has the same structure: `f32[4, 8, 4096, 4096]` x 2 saved, none in flight,
+  `bf16[4, 4096, 8, 3584]` x 3 (two saved, one gradient). Counting those live sets term by term (no
+  scores in flight, one saved hidden per layer) moves MoE fsdp=2,model=4 to -6.7% and MoE fsdp=8 to
+  -31.8% (-26.3% with its unreduced expert gradient added), because the fsdp=8 step's temp exceeds
+  its live set by 3.7 GiB where the model=4 step's does by 1.1: one rule cannot hold both until that
+  margin is modelled. Not applied.
 
 ## The previous round, for comparison
 

@@ -41,7 +41,8 @@ def test_peak_is_its_breakdown(name, mesh):
     if name == "cnn":
         assert saved >= dev.activations
     else:
-        assert saved <= dev.activations if name == "vit" else saved == dev.activations
+        # on TPU a residual block's row projection outputs are not kept (test_row_outputs_are_not_kept)
+        assert saved <= dev.activations if name in ("vit", "llama", "gpt2", "moe", "mlp") else saved == dev.activations
     assert e.peak == b.total == b.arguments + max(b.activations + b.scores + b.experts + b.layer + b.logits,
                                                   b.grads + b.gathered_last)
     assert b.layer == b.gathered + b.attention + b.recompute + b.expert_work
@@ -72,8 +73,9 @@ def test_conv_nets_keep_what_backward_reads():
     kept += lanes(pooled, 4)
     assert tpu.breakdown.activations + tpu.breakdown.logits - tpu.per_device.activations == int(kept) - int(maps)
     assert cpu.breakdown.activations + cpu.breakdown.logits == cpu.per_device.activations == tpu.per_device.activations
-    _, _, llama = _estimate("llama", {"fsdp": 8})
-    assert llama.breakdown.activations + llama.breakdown.logits == llama.per_device.activations  # no conv
+    lm, lp, llama = _estimate("llama", {"fsdp": 8})  # no conv: the generic count off TPU (on TPU: row outputs go)
+    llama_cpu = tpflax.estimate(lp, ADAM, jax.eval_shape(lambda: lm.make_batch(0, 8)), model=lm, backend="cpu")
+    assert llama_cpu.breakdown.activations + llama_cpu.breakdown.logits == llama.per_device.activations
     # with a tensor axis (the ResNet-18 fsdp=2,model=4 dumps) it keeps whole maps for the images of the device
     # instead: each norm's input and the max-pool's input in 128 lanes (whatever the channels left on it), the
     # images in bfloat16 with the batch in lanes (the 2 images of a device in 128 lanes, 3 channels in 4).
@@ -90,6 +92,22 @@ def test_conv_nets_keep_what_backward_reads():
     generic = sum(math.prod(a.output) * 4 / 4 / col(path) for path, calls in acts.items() for a in calls
                   if len(a.output) == 4)
     assert split.breakdown.activations + split.breakdown.logits - split.per_device.activations == int(kept) - int(generic)
+
+
+@pytest.mark.parametrize("name,rows", [("llama", ("/attn/o_proj", "/attn", "/mlp/down_proj", "/mlp")),
+                                       ("moe", ("/attn/out", "/attn", "/moe"))])  # moe: wo sits on the module
+def test_row_outputs_are_not_kept(name, rows):
+    # a row projection's output and the module returning it feed only the residual add: the TPU keeps
+    # neither (the Llama-2-7B buffer dumps, tpflax/_src/cost/residual.py); off TPU the generic count stands
+    m, p, e = _estimate(name, {"fsdp": 8})
+    acts = tpflax.trace_activations(m, 8)
+    unread = [k for k in acts if k.endswith(rows)]
+    assert len(unread) == len(rows) * m.config.n_layers
+    nbytes = sum(math.prod(a.output) * 4 for k in unread for a in acts[k]) // 8  # float32, batch over 8
+    b, dev = e.breakdown, e.per_device
+    assert b.activations + b.logits == dev.activations - nbytes
+    cpu = tpflax.estimate(p, ADAM, jax.eval_shape(lambda: m.make_batch(0, 8)), model=m, backend="cpu")
+    assert cpu.breakdown.activations + cpu.breakdown.logits == dev.activations
 
 
 def test_attention_scores_and_logits_exact():

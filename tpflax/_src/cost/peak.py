@@ -10,7 +10,8 @@ parameters and optimizer state donated) holds, per device:
   (``batch x heads x seq x seq`` in the activation dtype) unless the layer is
   rematerialised (a conv net on TPU keeps what its layers' backward passes read
   instead of their outputs: each conv's input once per kernel column, each
-  norm's and max-pool's input; :func:`conv_maps`);
+  norm's and max-pool's input; :func:`conv_maps`), and without a residual block's row projection
+  outputs, which feed only the residual add (:mod:`tpflax._src.cost.residual`);
 * growing through the backward pass: the gradients (sharded like the params);
 * one layer at a time: the working set of the layer in flight: its weights
   gathered over the fsdp axes (two layers: XLA gathers the next while one
@@ -47,6 +48,7 @@ from tpflax._src.cost.comm import body, leaf_itemsize
 from tpflax._src.cost.leaves import Leaves
 from tpflax._src.cost.optstate import shard_bytes
 from tpflax._src.cost.records import Memory, Peak
+from tpflax._src.cost.residual import residual_bytes
 from tpflax._src.cost.workload import Workload
 from tpflax._src.mesh import EXPERT, FSDP, TENSOR, MeshShape
 from tpflax._src.specs import entry_axes
@@ -353,15 +355,17 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
     scores = elems * (4 if _heads_split(lv, mesh) > 1 else w.act_item)
     saved_scores = 0 if w.remat else SCORES_SAVED * scores * n_attn
     recompute = 0
+    # on TPU no row projection's output outlives its residual add (module ``residual``, buffer evidence there)
+    unread = residual_bytes(lv, w.activations, mesh, shards, w.act_item) if w.backend == "tpu" else 0
     if w.remat:
         # the backward pass of one layer recomputes what it would have saved without remat
         full, _ = activation_bytes(lv.column_units, w.activations, w.batch, w.config, mesh, shards, False,
                                    w.act_item, [])
         layers = config_value(w.config, "n_layers") or 1
-        recompute = int(max(full - dev.activations, 0) / layers + SCORES_SAVED * scores)
+        recompute = int(max(full - dev.activations - unread, 0) / layers + SCORES_SAVED * scores)
     hidden, n_exp = expert_hidden_bytes(lv, mesh, w, shards)
     kept, counted = conv_maps(lv, w, mesh, shards)
-    saved = dev.activations - counted + kept
+    saved = dev.activations - counted + kept - (0 if w.remat else unread)
     if not w.activations:  # the transformer formula counts scores too (5as/ht): they are counted above
         saved -= formula_scores_bytes(w.batch, w.config, mesh, shards, w.remat, w.act_item)
     logits = logits_bytes(lv, mesh, w, shards)

@@ -1,0 +1,81 @@
+"""The HBM values live at the peak of a TPU compile, from its XLA dump (no TPU needed).
+
+Compile one step with ``XLA_FLAGS=--xla_dump_to=DIR`` set before jax starts, then
+
+    python benchmarks/tpu_live.py DIR            # the peak step, its live set and the heap
+    python benchmarks/tpu_live.py DIR --step 1060 --min-mib 1
+
+reads the train step's ``*after_optimizations-live-range.txt`` (each value's live range over the
+schedule) and ``*-buffer-assignment.txt`` (each value's offset and size in the preallocated temp,
+the default memory space) and reports the bytes in use at each step as the union of the live
+values' ``[offset, offset + size)`` ranges (values sharing a buffer count once). Used for the
+"Row outputs" section of ``results/tpu_aot.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import re
+
+VALUE = re.compile(r" value: <\d+ (\S+) @\d+> \(size=(\d+),offset=(\d+)\): (\S+)")
+MIB = 2 ** 20
+
+
+def read(dump: str) -> tuple[list[tuple[str, int, int, str, int, int]], int]:
+    """``([(name, offset, size, shape, start, end)], heap bytes)`` of the step's temp values."""
+    (ba,) = glob.glob(f"{dump}/*jit_step*after_optimizations-buffer-assignment.txt")
+    (lr,) = glob.glob(f"{dump}/*jit_step*after_optimizations-live-range.txt")
+    vals, heap, temp = [], 0, False
+    for line in open(ba):
+        if line.startswith("allocation"):
+            temp = line.split(", ", 1)[1].startswith("preallocated-temp")
+            heap = int(line.split("size ")[1].split(",")[0]) if temp else heap
+        elif temp and (m := VALUE.match(line)):
+            vals.append((m.group(1), int(m.group(3)), int(m.group(2)), m.group(4).split("{")[0]))
+    ranges, on = {}, False
+    for line in open(lr):
+        on = on or "BufferLiveRange" in line
+        if "Live ranges at" in line:
+            break
+        if on and re.match(r"^\s+\S+:\d+-\d+$", line):
+            name, r = line.strip().rsplit(":", 1)
+            ranges[name] = tuple(int(x) for x in r.split("-"))
+    out = []
+    for name, offset, size, shape in vals:
+        r = ranges.get(name if "{" in name else name + "{}")
+        if r:
+            out.append((name, offset, size, shape, *r))
+    return out, heap
+
+
+def in_use(vals, step: int) -> int:
+    """Bytes of the heap in use at ``step``: the union of the live values' ranges."""
+    total, end = 0, -1
+    for lo, hi in sorted((o, o + s) for _, o, s, _, a, b in vals if a <= step <= b):
+        if hi > end:
+            total += hi - max(lo, end)
+            end = hi
+    return total
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("dump")
+    ap.add_argument("--step", type=int, default=None, help="the step to list (default: the peak)")
+    ap.add_argument("--min-mib", type=float, default=8.0, help="list values at least this large")
+    args = ap.parse_args()
+    vals, heap = read(args.dump)
+    steps = max(b for *_, b in vals) + 1
+    step = args.step if args.step is not None else max(range(steps), key=lambda t: in_use(vals, t))
+    print(f"step {step} of {steps}: {in_use(vals, step) / MIB:.0f} MiB live, heap {heap / MIB:.0f} MiB")
+    seen = set()
+    for name, offset, size, shape, a, b in sorted(vals, key=lambda v: -v[2]):
+        if a <= step <= b and (offset, size) not in seen and size >= args.min_mib * MIB:
+            seen.add((offset, size))
+            print(f"  {size / MIB:8.1f} MiB {shape:28s} {name:40s} {a}-{b}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
