@@ -208,8 +208,10 @@ def test_head_split_projections_save_their_share():
     # [.., heads / model, head_dim] of its output on a device, though its last dim is whole: the saved
     # activations count that share (before, the whole output). Exact: every traced output over the batch
     # shards (fsdp=2), a column layer's over its split (the q/k/v heads dim, fc1's last dim)
-    m, p, e = _estimate("vit", {"fsdp": 2, "model": 4})
-    acts = tpflax.trace_activations(m, 8)
+    m = zoo.get("vit")
+    p = tpflax.plan(m.abstract_variables(), {"fsdp": 2, "model": 4}, fsdp_min_bytes=1024)
+    acts = tpflax.trace_activations(m, 8)  # traced once, for the estimate and the expected count
+    e = tpflax.estimate(p, ADAM, jax.eval_shape(lambda: m.make_batch(0, 8)), model=m, activations=acts)
     assert tuple(p.decisions["params/encoderblock_0/attn/query/kernel"].spec)[1] == "model"
 
     def split(path):
