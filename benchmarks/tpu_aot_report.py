@@ -216,6 +216,21 @@ model already knows this) but holds the whole float32 gradients of the last MLP 
 reduce-scatter (20 MiB). Both are TPU rules for any float32 transformer (Llama f32 too) and are
 left to the float32 work on `peak.py`.
 
+With the heads over `model` (fsdp=2,model=4 f32, dumped this round; 16 images per device) the
+compiler's total is smaller than the estimate's, not just placed differently: at the end of the
+forward pass (step 664 of 1644) HBM holds 77 MiB of temporaries and `S(1)` 96 MiB: the images
+(`bf16[16, 224, 224, 3]`, 49 MiB, in HBM here, the batch in lanes as in the tensor-axis ResNet-18
+step), the patch embedding's output (`f32[16, 196, 768]`), each layer's probabilities
+(`f32[16, 3, 197, 197]`), q, k, v in bfloat16 (`bf16[16, 197, 3, 64]`, 8 x 1.5 MiB) and nine
+`f32[16, 197, 768]` maps (residual stream, norm outputs and the MLP hiddens split over `model`,
+some in flight): 124 MiB without the images, where the estimate holds 215 (180 of saved
+activations: every traced output of residual width counted, 7 per layer, each whole on the
+device). The residual-width outputs of a row-parallel layer (`attn/out`, `fc2`) and of the
+modules that return them (`attn`, `mlp`) are not kept (their backward passes do not read them),
+the same over-count the Llama-2-7B fsdp=2,model=4 f32 dump shows (6.2 GiB counted, about 1.7
+live); a rule for it changes the saved activations of every transformer and is left to the
+work on those rows.
+
 One term was over-counted and is fixed (`cost/leaves.py`): a q/k/v projection is a DenseGeneral
 with a `(d, heads, head_dim)` kernel; with the heads split over `model` its output on a device is
 `[.., heads / 4, head_dim]`, but the saved activations counted it whole (only a split *last* dim
