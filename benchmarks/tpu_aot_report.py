@@ -210,9 +210,13 @@ The same three bf16 steps compiled with that pass off (`LIBTPU_INIT_ARGS=
 --xla_vf_vmem_memory_space_assignment=false`; each compile then takes 20 s, not 4 to 18
 minutes) peak at 182.5, 186.7 and 184.1 MiB (fsdp=8, data=2,fsdp=4, fsdp=2,model=4; temp 160 to
 169 MiB) where the default compiles peak at 50.7, 69.0 and 67.8: the on-chip placement takes 118
-to 132 MiB off the HBM peak of these steps, more than the estimate's whole error. Without it the
-HBM holds more than the estimate counts (87.2, 98.4, 135.6 MiB): fusion outputs kept whole that
-the default compile streams through `S(1)`.
+to 132 MiB off the HBM peak of these steps, more than the estimate's whole error. The fsdp=8
+one, dumped: 131.5 MiB live at its HBM peak (step 514 of 885, the backward start), all in HBM:
+the lane-padded images (49.0), gathered weights and one whole weight gradient (37.5), both
+layers' MLP hiddens before and after the GELU (18.8), q, k, v and context (12.0), probabilities
+(9.4), residual-width maps (4.9). Less the images that is 82.5 MiB against the estimate's 74.7
+(-9.5%): the estimate's terms are the compiler's live set; its heap is 141 MiB and its temp 168.5
+(the temp beyond the heap, as in the MoE and Llama steps below).
 
 The float32 rows are new this round. fsdp=8 f32: compiled 131.7 MiB (temp 103.7 MiB, of which the
 buffer assignment's HBM heap is 75.7 MiB; the compile took 18 minutes on the shared cores),
