@@ -219,3 +219,23 @@ def test_tpu_compile_small_step_on_v5e():
     assert e.per_device.arguments <= ma.argument_size_in_bytes < 1.5 * e.per_device.arguments
     # a 1-layer toy: XLA's fixed scratch weighs more than at real size, so only the order of magnitude
     assert 0.3 < e.peak / peak < 3, (e.peak, peak)
+
+
+def test_head_split_projections_save_their_share():
+    # a DenseGeneral q/k/v kernel (d, heads, head_dim) split over model on its heads dim leaves
+    # [.., heads / model, head_dim] of its output on a device, though its last dim is whole: the saved
+    # activations count that share (before, the whole output). Exact: every traced output over the batch
+    # shards (fsdp=2), a column layer's over its split (the q/k/v heads dim, fc1's last dim)
+    m = zoo.get("vit")
+    p = tpflax.plan(m.abstract_variables(), {"fsdp": 2, "model": 4}, fsdp_min_bytes=1024)
+    acts = tpflax.trace_activations(m, 8)  # traced once, for the estimate and the expected count
+    e = tpflax.estimate(p, ADAM, jax.eval_shape(lambda: m.make_batch(0, 8)), model=m, activations=acts)
+    assert tuple(p.decisions["params/encoderblock_0/attn/query/kernel"].spec)[1] == "model"
+
+    def split(path):
+        k = p.decisions.get(f"params/{path}/kernel")
+        return 4 if k is not None and k.role == "column" else 1
+
+    item = jnp.dtype(m.config.dtype).itemsize
+    want = sum(math.prod(a.output) * item / 2 / split(path) for path, calls in acts.items() for a in calls)
+    assert e.per_device.activations == int(want)

@@ -100,7 +100,7 @@ def merge(decisions: Mapping[str, Any], activations: Mapping[str, Sequence[Act]]
     return Leaves(decisions={r: decisions[r] for r in count}, count=count,
                   label={r: (decisions[r].group or r) if n > 1 else r for r, n in count.items()},
                   specs={r: specs[r] for r in count}, pairs=tuple(pair_classes.values()),
-                  in_pair=frozenset(rep_of[p] for p in paired), column_units=_column_units(decisions, specs),
+                  in_pair=frozenset(rep_of[p] for p in paired), column_units=_column_units(decisions, specs, activations),
                   stacks=stack_lengths(decisions),
                   recurrent=recurrent, opt=_opt_classes(opt, specs) if opt is not None else ())
 
@@ -130,11 +130,21 @@ def stack_lengths(decisions: Mapping[str, Any]) -> dict[str, int]:
     return {k: next(iter(v)) for k, v in seen.items() if len(v) == 1 and None not in v}
 
 
-def _column_units(decisions: Mapping[str, Any], specs: Mapping[str, tuple[Entry, ...]]) -> dict[str, tuple]:
+def _column_units(decisions: Mapping[str, Any], specs: Mapping[str, tuple[Entry, ...]],
+                  activations: Mapping[str, Sequence[Act]]) -> dict[str, tuple]:
     out: dict[str, tuple[Entry, ...]] = {}
     for path, d in decisions.items():
-        spec = specs[path]
-        if spec and spec[-1] is not None:
-            key = layer_key(d.unit)
-            out[key] = out.get(key, ()) + (spec[-1],)
+        spec, shape, k = specs[path], tuple(d.shape), d.layers_dim
+        if k is not None:
+            spec, shape = spec[:k] + spec[k + 1:], shape[:k] + shape[k + 1:]
+        calls = acts_for(activations, d.unit)
+        if d.role == "column" and len(shape) > 2 and calls and tuple(calls[0].output[1 - len(shape):]) == shape[1:]:
+            # a multi-dim column kernel whose trailing dims are its layer's trailing output dims (a DenseGeneral
+            # q/k/v projection, (d, heads, head_dim) -> [.., heads, head_dim]): a split of its heads dim splits
+            # the output, though its last dim is whole
+            ents = tuple(e for e in spec[1:] if e is not None)
+        else:
+            ents = (spec[-1],) if spec and spec[-1] is not None else ()
+        if ents:
+            out[layer_key(d.unit)] = out.get(layer_key(d.unit), ()) + ents
     return out
