@@ -180,6 +180,45 @@ backward start and peaks at 411 MiB in the first block's backward (temp 429 MiB)
 (220 MiB by the rule) up to 89 MiB of the stage-1 maps sit in `S(1)` at the HBM peak (168 MiB live
 in HBM, temp 200 MiB). Errors: bf16 -19.4% -> +8.4%, f32 -24.3% -> -8.8%.
 
+### Why bf16 reads over and f32 under (this round: no dtype rule is off)
+
+The remaining pattern (bf16 fsdp=8 +10.5%, data=2,fsdp=4 +6.9%; f32 -5.3%, -10.1%) suggested a
+wrong dtype in `peak.conv_maps`. Four buffer dumps (fsdp=8 and data=2,fsdp=4, bf16 and f32,
+`python benchmarks/tpu_spaces.py DIR`: values live at the HBM peak in HBM and in the on-chip
+`S(1)`) show every dtype the rule uses is the compiler's: the tap buffers are bf16 in both steps,
+the norm and pool inputs are in the step's dtype, the images bf16 in both. At the HBM peak (fsdp=8,
+MiB per device; data=2,fsdp=4 holds the same maps, its f32 step adds the last stage's whole f32
+weight gradients, 31.5 MiB, in "other"):
+
+| at the HBM peak | bf16 HBM | bf16 `S(1)` | f32 HBM | f32 `S(1)` | the rule (bf16 / f32) |
+|---|---|---|---|---|---|
+| images `bf16[224, 32, 32, 3, 7]` | 49.0 | 0 | 49.0 | 0 | 49.0 / 49.0 |
+| the stem's norm input `[112, 32, 16, 64]` | 14.0 | 0 | 28.0 | 0 | 12.3 / 24.5 |
+| the max-pool's input `[112, 32, 17, 64]` | 0 | 14.9 | 29.8 | 0 | 12.3 / 24.5 |
+| tap buffers, 56x56 maps (5) | 31.5 | 21.0 | 52.5 | 0 | 45.9 / 45.9 |
+| tap buffers, 28, 14, 7 (4, 4, 3) | 16.4 | 0 | 14.4 | 0 | 15.5 / 15.5 |
+| other: stage-1 to 4 maps, the stem backward's gradients, weight gradients | 11.7 | 35.0 | 36.4 | 51.6 | 18.9 / 37.9 norm inputs + 11.5 / 23.0 gathered |
+| total (compiled temp 148.4 / 232.8, heap 136 / 222) | 122.6 | 70.9 | 210.1 | 51.6 | 165.4 / 220.3 |
+
+The HBM peak is the stem's backward pass: the data gradient has passed every block (the stage-1 to 4
+norm inputs are mostly freed by then) while every conv's taps are still live,
+as the compiler runs the weight-gradient convs after the data-gradient chain. Against the
+compiler's buffers the rule is short in both dtypes by the same share: each width slice is
+`W // 8 + 1` columns (8 for 56, 4 for 28, 2 for 14, 1 for 7; at 160-pixel images 6, 3, 2, 1),
+not `W / 8`, and the pool input keeps a further halo column. What differs by dtype is where the
+kept maps sit: the memory-space assignment keeps 36 MiB of them on chip in the bf16 step (the
+pool input and two 56x56 tap buffers; 39 MiB in data=2,fsdp=4) and none in the f32 step, whose
+stem backward's float32 gradients (`f32[28, 32, 17, 64]` x 4, 29.8 MiB, and the stage-1 ones) fill
+`S(1)` instead. Counting the halo (13.2 / 17.6 MiB more) would take the f32 rows to about
++1.7% and -3.9% and the bf16 ones to +18.8% and +14.6%; dropping the freed later norm inputs as
+well brings bf16 fsdp=8 back to +6.9% and f32 fsdp=8 to -13.3%. No count of what is kept fits both
+dtypes while the bf16 step keeps 36-39 MiB of it on chip and the f32 step none, so the rule is
+unchanged; what remains is a model of the on-chip placement, as for
+ViT. Held out, ResNet-18 at 160-pixel images (fsdp=8 bf16, not in the grid): the compiler splits
+the stem over the batch (`bf16[4, 160, 160, 3]`, no tap-expanded images) and keeps 91 MiB of a 119 MiB live
+set on chip; its HBM peak holds 28 MiB (the images, 25 MiB): compiled 54.5 MiB, estimate 99.1
+(+82%), an upper bound as for ViT.
+
 ## ViT-B/16: over (open): the on-chip memory holds most of a small step
 
 At 2 layers and 4 images per device ViT's step is small (51 MiB compiled in bf16). Two buffer
