@@ -203,9 +203,10 @@ weight gradients, 31.5 MiB, in "other"):
 The HBM peak is the stem's backward pass: the data gradient has passed every block (the stage-1 to 4
 norm inputs are mostly freed by then) while every conv's taps are still live,
 as the compiler runs the weight-gradient convs after the data-gradient chain. Against the
-compiler's buffers the rule is short in both dtypes by the same share: each width slice is
-`W // 8 + 1` columns (8 for 56, 4 for 28, 2 for 14, 1 for 7; at 160-pixel images 6, 3, 2, 1),
-not `W / 8`, and the pool input keeps a further halo column. What differs by dtype is where the
+compiler's buffers the rule is short in both dtypes by the same share: a tap buffer's width
+slice is `W // 8 + 1` columns (8 for 56, 4 for 28, 2 for 14, 1 for 7; at 160-pixel images 6, 3,
+2, 1), not `W / 8`, and the stem's 112-wide maps take 16 (its norm input) and 17 (the pool input)
+columns, not 14. What differs by dtype is where the
 kept maps sit: the memory-space assignment keeps 36 MiB of them on chip in the bf16 step (the
 pool input and two 56x56 tap buffers; 39 MiB in data=2,fsdp=4) and none in the f32 step, whose
 stem backward's float32 gradients (`f32[28, 32, 17, 64]` x 4, 29.8 MiB, and the stage-1 ones) fill

@@ -206,9 +206,10 @@ def conv_maps(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> tuple[in
     a 1x1 or patchify conv (kernel == stride, ViT's patch embedding) reads an input another conv
     keeps, or the images: it keeps nothing of its own. Under remat only block outputs are kept, at
     128 lanes. With a tensor axis the compiler keeps other buffers (:func:`tensor_conv_maps`).
-    Not modelled (measured, ``benchmarks/results/tpu_aot.md``): a width slice over n devices is ``W // n + 1``
-    columns, not ``W / n``, in both dtypes; and where the kept maps sit: a bf16 step keeps 36-39 MiB of
-    them in the on-chip memory ``S(1)`` at its HBM peak, a float32 step none (its gradients fill it).
+    Not modelled (measured, ``benchmarks/results/tpu_aot.md``): a tap buffer's width slice over n
+    devices is ``W // n + 1`` columns, not ``W / n``, in both dtypes; and where the kept maps sit: a
+    bf16 step keeps 36-39 MiB of them in the on-chip memory ``S(1)`` at its HBM peak, a float32 step
+    none (its gradients fill it).
     ``(0, 0)`` off TPU or without traced conv layers.
 
     >>> import jax, optax, tpflax
