@@ -419,6 +419,20 @@ does not model. From the dumps (MiB; heap = the `preallocated-temp` allocation's
 | MoE bf16 fsdp=2,model=4 | 9434 | 9750 | 10530 | 1096 |
 | GPT-2 f32 fsdp=8 | 866 | 877 | 892 | 26 |
 
+What that margin is (issue 12; 13 compiles and 3 earlier dumps, `python benchmarks/tpu_live.py DIR
+--temp BYTES`): not an allocation the dumps show (the pod step's after-codegen HLO has the optimized HLO's
+instructions; the only scoped HBM is 64 MiB per reduce-scatter fusion). `temp - heap = heap - L` with L
+independent of the packing: a buffer-assignment salt (`--xla_tpu_buffer_assignment_randomization_salt=7`)
+moves the gap with the heap (Llama-2-7B 1 layer, 256 tokens, fsdp=8: 226.3 -> 321.7 MiB, L 917.3 both;
+7B scan pod step: 908.3 -> 947.7, L 2177.4 both). L is the HBM live peak in 11 of the 16 (gap against
+heap - live peak: 226.3 / 226.5 MiB; vocab 16k, 64k: 148.4 / 148.6, 444.8 / 445.0; 2 layers 424.2 / 424.6;
+2 scanned layers 118.7 / 118.8; Llama bf16 fsdp=2,model=4 above 1152.0 / 1151.5), the largest live set
+outside the while bodies in the pod step (908.3 / 908.5), the live set one step before the peak with the
+memory-space assignment off (171.3; 141.8 at the peak), and no step's live set in Llama bf16 fsdp=8 (877.9;
+719.4). So the margin is the heap's fragmentation counted twice, a property of the packing, not of a
+program quantity; async-collective fusion off took it to 7 MiB in the 1-layer step, 1051 in the pod step.
+Not modelled.
+
 - Llama f32 fsdp=8 remat (-15.1%) and data=2,fsdp=4 remat (-16.0%): the estimate's terms match the
   live set (6.90 GiB estimated against 7.12 live): the peak (step 1361 of 2191) is in `layers_0`'s
   recomputed attention backward, with the recomputed f32 probabilities and their gradient

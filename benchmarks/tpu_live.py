@@ -4,6 +4,7 @@ Compile one step with ``XLA_FLAGS=--xla_dump_to=DIR`` set before jax starts, the
 
     python benchmarks/tpu_live.py DIR            # the peak step, its live set and the heap
     python benchmarks/tpu_live.py DIR --step 1060 --min-mib 1
+    python benchmarks/tpu_live.py DIR --temp 1436702720   # temp - heap against the heap's fragmentation
 
 reads the train step's ``*after_optimizations-live-range.txt`` (each value's live range over the
 schedule) and ``*-buffer-assignment.txt`` (each value's offset and size in the preallocated temp,
@@ -64,11 +65,18 @@ def main() -> int:
     ap.add_argument("dump")
     ap.add_argument("--step", type=int, default=None, help="the step to list (default: the peak)")
     ap.add_argument("--min-mib", type=float, default=8.0, help="list values at least this large")
+    ap.add_argument("--temp", type=int, default=None,
+                    help="the compile's memory_analysis().temp_size_in_bytes: also print temp - heap next to "
+                         "the heap's fragmentation (heap - live peak), which it equals in flat steps")
     args = ap.parse_args()
     vals, heap = read(args.dump)
     steps = max(b for *_, b in vals) + 1
     step = args.step if args.step is not None else max(range(steps), key=lambda t: in_use(vals, t))
     print(f"step {step} of {steps}: {in_use(vals, step) / MIB:.0f} MiB live, heap {heap / MIB:.0f} MiB")
+    if args.temp is not None:
+        peak = max(in_use(vals, t) for t in range(steps))
+        print(f"temp {args.temp / MIB:.1f} MiB: temp - heap {(args.temp - heap) / MIB:.1f} MiB, "
+              f"heap - live peak {(heap - peak) / MIB:.1f} MiB")
     seen = set()
     for name, offset, size, shape, a, b in sorted(vals, key=lambda v: -v[2]):
         if a <= step <= b and (offset, size) not in seen and size >= args.min_mib * MIB:
