@@ -241,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         from third_party_tpu import main as tpu_main
 
         return tpu_main([*(["--fresh"] if args.fresh else []), *(["--table-only"] if args.table_only else []),
+                         *(["--reestimate"] if args.reestimate else []),
                          "--mesh", *args.mesh, "--arch", *(a for a in args.arch if a in PUBLISHED)])
     meshes = [{k: int(v) for k, v in (kv.split("=") for kv in m.split(","))} for m in args.mesh]
     raw = Path(args.out).with_suffix(".json")

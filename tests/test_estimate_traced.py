@@ -1,5 +1,7 @@
 """estimate() of plain functions: rows and fused kernels read from the traced forward, checked against XLA:CPU."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,3 +122,50 @@ def test_piece_permutes_follow_xla(width, pieces, n):
         sum(piece_permutes(width, pieces, n)) * column
     # backward: all-to-alls of twice the fused output's shard
     assert sum(c.bytes * c.count for c in cs if c.kind == "all-to-all") == 2 * width // n * column
+
+
+def _post_norm(v, x, post=True):
+    """Two attention-like blocks, post-norm (a residual reads the q/k input) or pre-norm."""
+    lin = jax.jit(lambda w, a: a @ w)  # one jaxpr serves every call: the call site decides
+    x = jnp.tanh(x @ v["embed"])
+    for i in range(2):
+        y = x if post else jnp.tanh(x)
+        y = lin(v[f"q{i}"], y) * lin(v[f"k{i}"], y)
+        x = x + lin(v[f"o{i}"], y)
+    return x
+
+
+def test_post_norm_q_k_gradients_are_reduced_apart_on_tpu():
+    # XLA:TPU sums the q/k partial input gradients and all-reduces once, unless a residual also
+    # reads their input (measured exactly on v5e:2x4 in tests/test_tpu.py); XLA:CPU reduces each
+    shapes = {"embed": (16, 64), **{f"{n}{i}": (64, 64) for i in range(2) for n in "qko"}}
+    tree = {k: jax.ShapeDtypeStruct(s, F32) for k, s in shapes.items()}
+    sample = (jax.ShapeDtypeStruct((8, 32, 16), F32),)
+    one = 4 * 32 * 64 * 4 * 2 * 3 / 4  # ring all-reduce over model=4 of one device's f32 activation
+    for post, backward in ((True, 2), (False, 1)):
+        fn = functools.partial(_post_norm, post=post)
+        p = tpflax.plan(tree, MESH, model=fn, sample=sample)
+        assert p.decisions["q0"].spec == P(None, "model") and p.decisions["o0"].spec == P("model", None)
+        for backend, reduced in (("tpu", backward), ("cpu", 2)):
+            est = tpflax.estimate(p, optax.adam(1e-3), model=fn, sample=sample, backend=backend)
+            assert est.comm["all-reduce"]["model"] == 2 * (1 + reduced) * one, (post, backend)
+
+
+def test_a_table_looked_up_twice_is_counted_per_lookup():
+    # an encoder and a decoder share one vocab-split table: each lookup sums its rows over model;
+    # XLA:TPU adds both lookups' scatter-adds before reducing them over data (BART, T5 at v5e:2x4)
+    def fn(v, enc, dec):
+        e = v["table"][enc].mean(1, keepdims=True)
+        return (v["table"][dec] + e) @ v["table"].T
+
+    tree = {"table": jax.ShapeDtypeStruct((64, 32), F32)}
+    ids = jax.ShapeDtypeStruct((8, 16), "int32")
+    p = tpflax.plan(tree, MESH, model=fn, sample=(ids, ids))
+    assert p.decisions["table"].spec == P("model", None)
+    lookups = {}
+    for backend in ("cpu", "tpu"):
+        est = tpflax.estimate(p, optax.adam(1e-3), model=fn, sample=(ids, ids), backend=backend)
+        lookups[backend] = [i for i in est.items if "looked-up rows" in i.why]
+        grads = [i for i in est.items if i.axes == ("data",) and i.source == "table"]
+        assert sum(i.count for i in grads) == (3 if backend == "cpu" else 2), backend  # lookups + logits
+    assert [i.count for i in lookups["cpu"]] == [i.count for i in lookups["tpu"]] == [2]

@@ -41,8 +41,10 @@ def test_peak_is_its_breakdown(name, mesh):
     if name == "cnn":
         assert saved >= dev.activations
     else:
-        # on TPU a residual block's row projection outputs are not kept (test_row_outputs_are_not_kept)
-        assert saved <= dev.activations if name in ("vit", "llama", "gpt2", "moe", "mlp") else saved == dev.activations
+        # on TPU a residual block's row projection outputs are not kept (exact in test_row_outputs_are_not_kept);
+        # a block's row output (and the module returning it) is at most half of what the block saves
+        # besides (its norm's input, the column outputs and their activation), so more than half remains
+        assert dev.activations / 2 < saved < dev.activations, name
     assert e.peak == b.total == b.arguments + max(b.activations + b.scores + b.experts + b.layer + b.logits,
                                                   b.grads + b.gathered_last)
     assert b.layer == b.gathered + b.attention + b.recompute + b.expert_work

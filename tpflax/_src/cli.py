@@ -21,6 +21,7 @@ from tpflax._src.cli_args import (
     parse_roles,
     parse_rule,
     plan_from_args,
+    with_remat,
     zoo_of,
 )
 
@@ -103,6 +104,7 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
 
     loaded, p = plan_from_args(args)
     need_model(loaded, "dry-run needs a model to build the train step")
+    loaded = with_remat(loaded, args.remat)  # the compiled step remats as the estimate assumes
     batch, size = estimate_inputs(args, loaded)
     mesh = make_mesh(p.mesh, target=args.target)  # a TPU target: libtpu's abstract devices
     opt = optimizer_from_name(args.optimizer)

@@ -146,3 +146,25 @@ def zoo_of(loaded):
     from tpflax._src.model import is_zoo
 
     return loaded.model if is_zoo(loaded.model) else None
+
+
+def with_remat(loaded, remat: bool):
+    """``loaded`` whose zoo model rematerialises its layers when ``--remat`` asks and its config can.
+
+    A dry run compiles the model as built; ``--remat`` must change the compiled step too, or the
+    estimate (priced with remat) and the compiled program (without) describe different steps.
+
+    >>> from tpflax._src.loading import load_model
+    >>> with_remat(load_model("llama"), True).model.config.remat
+    True
+    """
+    from dataclasses import replace
+
+    from tpflax import zoo
+
+    config = getattr(loaded.model, "config", None)
+    if not remat or zoo_of(loaded) is None or getattr(config, "remat", True) is not False:
+        return loaded
+    m = zoo.get(loaded.model.name, size=loaded.model.size, remat=True)
+    return replace(loaded, model=m, variables=m.abstract_variables())
+

@@ -330,7 +330,7 @@ def _layer_items(s: Scope, notes: list[str]) -> list[CommItem]:
         axes = s.axes(path, TENSOR)
         if path in lv.in_pair or not d.trainable or not axes or d.kind == "bias":
             continue
-        if d.kind == "embedding":
+        if d.kind == "embedding" or (d.strategy == "vocab" and len(body(d)) == 2):  # a table the trace found
             new = _embedding_items(path, d, axes, s, notes=notes)
         elif d.kind in ("dense", "head") and lv.specs[path][-1] is not None:
             new = _column_items(path, d, axes, s)

@@ -61,7 +61,7 @@ def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
                     [dims[d] for d in pf if dims[d] is not None],
                     [dims[d] for d in pb if dims[d] is not None], par.const_of, rows,
                     str(eqn.outvars[0].aval.dtype))
-        w.reads.setdefault(uid, (eqn, 1 if lp else 0))
+        w.reads.setdefault(uid, (eqn, 1 if lp else 0, ctx))
         fresh = uid if len(par.origin) == 1 else None
         if op == "onehot":
             continue

@@ -24,7 +24,7 @@ from tpflax._src.trace.interpreter import Val, Walk, opaque, same_tags
 # Primitives whose body takes the equation's (trailing) inputs and gives its outputs.
 CALLS = ("pjit", "jit", "closed_call", "core_call", "remat", "remat2", "checkpoint",
          "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "custom_lin")
-_CALL_KEYS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+CALL_KEYS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 
 
 def body_of(j: Any) -> Any:
@@ -39,7 +39,7 @@ def _shape(v: Any) -> tuple:
 
 def call(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
     """Walk into the body of a call-like primitive; anything else is opaque."""
-    for key in _CALL_KEYS:
+    for key in CALL_KEYS:
         inner = body_of(eqn.params.get(key))
         if inner is None:
             continue

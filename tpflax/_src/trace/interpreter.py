@@ -92,7 +92,7 @@ class Walk:
     elementwise: set[str] = field(default_factory=set)
     scanned: dict[str, int] = field(default_factory=dict)
     fused: dict[tuple[int, int], int] = field(default_factory=dict)
-    reads: dict[int, tuple[Any, int]] = field(default_factory=dict)  # use id -> (dot eqn, activation operand)
+    reads: dict[int, tuple[Any, int, tuple]] = field(default_factory=dict)  # use id -> (dot eqn, operand, ctx)
     n_eqns: int = 0
 
     # -- the run loop ----------------------------------------------------

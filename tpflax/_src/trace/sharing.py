@@ -32,12 +32,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from tpflax._src.trace.control import CALLS, body_of
+from tpflax._src.trace.control import CALL_KEYS, CALLS, body_of
 
 # ops that only re-view or re-type a value: a reader through them reads the same activation
-VIEWS = frozenset({"convert_element_type", "reshape", "copy", "copy_p", "squeeze", "expand_dims",
+VIEWS = frozenset({"convert_element_type", "reshape", "copy", "squeeze", "expand_dims",
                    "transpose", "broadcast_in_dim", "sharding_constraint", "name"})
-_CALL_KEYS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+
+# a value inside a call body, with the call stack it was reached through (the walk's ``ctx``): one
+# jaxpr object serves every call of a jitted helper, so its values mean nothing without the call site
+At = tuple  # (var, ctx)
+
+
+def _literal(v: Any) -> bool:
+    return type(v).__name__ == "Literal"
 
 
 class _Index:
@@ -46,16 +53,16 @@ class _Index:
     def __init__(self, jaxpr: Any) -> None:
         self.producer: dict[Any, Any] = {}
         self.readers: dict[Any, list[tuple[Any, int]]] = {}
-        self.outer: dict[Any, Any] = {}  # a call body's input -> the caller's value
+        self.outer: dict[tuple[int, Any], Any] = {}  # (call eqn, body input) -> the caller's value
         self.inner: dict[tuple[int, int], Any] = {}  # (call eqn, input position) -> the body's input
-        self.returned: dict[Any, Any] = {}  # a call body's output -> the caller's output value
+        self.returned: dict[tuple[int, Any], Any] = {}  # (call eqn, body output) -> the caller's output
         self.results = {id(v) for v in jaxpr.outvars}
-        self._add(jaxpr)
+        self._add(jaxpr, set())
 
-    def _add(self, jaxpr: Any) -> None:
+    def _add(self, jaxpr: Any, seen: set[int]) -> None:
         for eqn in jaxpr.eqns:
             for k, v in enumerate(eqn.invars):
-                if type(v).__name__ != "Literal":
+                if not _literal(v):
                     self.readers.setdefault(v, []).append((eqn, k))
             for v in eqn.outvars:
                 self.producer[v] = eqn
@@ -64,57 +71,74 @@ class _Index:
                     inner = body_of(sub)
                     if inner is None:
                         continue
-                    if eqn.primitive.name in CALLS and key in _CALL_KEYS:
+                    if eqn.primitive.name in CALLS and key in CALL_KEYS:
                         skip = len(eqn.invars) - len(inner.invars)
                         for k, v in enumerate(inner.invars):
                             if skip >= 0:
-                                self.outer[v] = eqn.invars[skip + k]
+                                self.outer[(id(eqn), v)] = eqn.invars[skip + k]
                                 self.inner[(id(eqn), skip + k)] = v
                         for v, o in zip(inner.outvars, eqn.outvars, strict=False):
-                            self.returned[v] = o
-                    self._add(inner)
+                            self.returned[(id(eqn), v)] = o
+                    if id(inner) not in seen:  # a jitted helper's body is indexed once
+                        seen.add(id(inner))
+                        self._add(inner, seen)
 
-    def root(self, v: Any) -> Any:
-        """The value ``v`` is a view of (through converts, reshapes and call boundaries)."""
-        for _ in range(64):
-            if v in self.outer:
-                v = self.outer[v]
+    def root(self, v: Any, ctx: tuple) -> At:
+        """The value ``v`` (reached through ``ctx``) is a view of: through converts, reshapes and calls."""
+        for _ in range(256):
+            if _literal(v):
+                return v, ctx
+            if ctx and (ctx[-1], v) in self.outer:
+                v, ctx = self.outer[(ctx[-1], v)], ctx[:-1]
                 continue
             eqn = self.producer.get(v)
             if eqn is None or eqn.primitive.name not in VIEWS:
-                return v
+                return v, ctx
             v = eqn.invars[0]
-        return v
+        return v, ctx
 
-    def other_reader(self, v: Any, contractions: set[int]) -> bool:
-        """Whether anything but the contractions in ``contractions`` (eqn ids) reads ``v`` or a view of it."""
-        todo, seen = [v], set()
+    def other_reader(self, at: At, contractions: set[int]) -> bool:
+        """Whether anything but the contractions in ``contractions`` (eqn ids) reads the value or a view of it."""
+        todo, seen = [at], set()
         while todo:
-            x = todo.pop()
-            if id(x) in seen:
+            x, ctx = todo.pop()
+            if _literal(x) or (id(x), ctx) in seen:
                 continue
-            seen.add(id(x))
-            if id(x) in self.results:
+            seen.add((id(x), ctx))
+            if not ctx and id(x) in self.results:
                 return True  # the model's output: its cotangent is another term of the sum
-            if x in self.returned:
-                todo.append(self.returned[x])
+            if ctx and (ctx[-1], x) in self.returned:
+                todo.append((self.returned[(ctx[-1], x)], ctx[:-1]))
             for eqn, k in self.readers.get(x, ()):
-                name = eqn.primitive.name
-                if name in VIEWS:
-                    todo.append(eqn.outvars[0])
+                if eqn.primitive.name in VIEWS:
+                    todo.append((eqn.outvars[0], ctx))
                 elif (id(eqn), k) in self.inner:
-                    todo.append(self.inner[(id(eqn), k)])
+                    todo.append((self.inner[(id(eqn), k)], ctx + (id(eqn),)))
                 elif id(eqn) not in contractions:
                     return True
         return False
 
 
-def shared_reads(jaxpr: Any, reads: Mapping[int, tuple[Any, int]]) -> frozenset[int]:
-    """Use ids whose activation operand (``reads``: use id -> (dot eqn, operand position)) is also read
-    by an op other than a parameter contraction (a residual add, the model's output)."""
+def shared_reads(jaxpr: Any, reads: Mapping[int, tuple[Any, int, tuple]]) -> frozenset[int]:
+    """Use ids whose activation operand is also read by an op other than a parameter contraction.
+
+    Args:
+        jaxpr: the traced model's (open) jaxpr.
+        reads: use id -> (its ``dot_general`` equation, the activation operand's position, the
+            walk's call stack ``ctx`` there).
+
+    Returns:
+        The use ids whose activation a residual add (or the model's output) also reads.
+
+    >>> import jax, jax.numpy as jnp
+    >>> closed = jax.make_jaxpr(lambda w, x: x + x @ w)(jnp.ones((4, 4)), jnp.ones((2, 4)))
+    >>> dot = closed.jaxpr.eqns[0]
+    >>> shared_reads(closed.jaxpr, {0: (dot, 0, ())})
+    frozenset({0})
+    """
     if not reads:
         return frozenset()
     index = _Index(jaxpr)
-    contractions = {id(eqn) for eqn, _ in reads.values()}
-    return frozenset(uid for uid, (eqn, k) in reads.items()
-                     if index.other_reader(index.root(eqn.invars[k]), contractions))
+    contractions = {id(eqn) for eqn, _, _ in reads.values()}
+    return frozenset(uid for uid, (eqn, k, ctx) in reads.items()
+                     if index.other_reader(index.root(eqn.invars[k], ctx), contractions))
