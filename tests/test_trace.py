@@ -332,3 +332,21 @@ def test_column_row_beats_row_column_when_compiled(devices):
     p = tpflax.plan(v, {"data": 2, "model": 4}, model=m, sample=(x,))
     assert p.decisions["params/l0/kernel"].spec == P(None, "model")
     assert p.decisions["params/l1/kernel"].spec == P("model", None)
+
+
+def test_shared_inputs_follow_each_call_site_and_stop_at_literals():
+    # one jaxpr serves every call of a jitted helper: whether a residual also reads a contraction's
+    # input depends on the call site (q and k here; not o, which reads their product)
+    w = {n: jnp.ones((4, 4)) for n in "koq"}
+    lin = jax.jit(lambda m, a: a @ m)
+
+    def block(w, x):
+        return x + lin(w["o"], lin(w["q"], x) * lin(w["k"], x))
+
+    def cell(w, x):  # a state that starts as literal zeros: nothing to trace back through
+        h = jnp.tanh(jnp.zeros((2, 4)) @ w["q"] + x)
+        return jnp.ones((2, 4)) @ w["k"] + h @ w["o"]
+
+    for fn, shared in ((block, ["k", "q"]), (cell, [])):
+        flow = analyze(jax.make_jaxpr(fn)(w, jnp.ones((2, 4))), ["k", "o", "q"])
+        assert sorted(flow.uses[u].path for u in flow.shared) == shared
