@@ -350,3 +350,17 @@ def test_shared_inputs_follow_each_call_site_and_stop_at_literals():
     for fn, shared in ((block, ["k", "q"]), (cell, [])):
         flow = analyze(jax.make_jaxpr(fn)(w, jnp.ones((2, 4))), ["k", "o", "q"])
         assert sorted(flow.uses[u].path for u in flow.shared) == shared
+
+
+def test_a_scan_carry_read_by_a_contraction_is_shared():
+    # a loop body's output is read beyond the body: its cotangent is one more term of the sum
+    w = {"q": jnp.ones((4, 4)), "k": jnp.ones((4, 4))}
+
+    def fn(w, x):
+        def body(h, _):
+            h = jnp.tanh(h)
+            return h, h @ w["q"] + h @ w["k"]
+        return jax.lax.scan(body, x, None, length=3)[1]
+
+    flow = analyze(jax.make_jaxpr(fn)(w, jnp.ones((2, 4))), ["k", "q"])
+    assert sorted(flow.uses[u].path for u in flow.shared) == ["k", "q"]

@@ -56,7 +56,7 @@ class _Index:
         self.outer: dict[tuple[int, Any], Any] = {}  # (call eqn, body input) -> the caller's value
         self.inner: dict[tuple[int, int], Any] = {}  # (call eqn, input position) -> the body's input
         self.returned: dict[tuple[int, Any], Any] = {}  # (call eqn, body output) -> the caller's output
-        self.results = {id(v) for v in jaxpr.outvars}
+        self.results = {id(v) for v in jaxpr.outvars}  # the model's outputs, and loop bodies' (below)
         self._add(jaxpr, set())
 
     def _add(self, jaxpr: Any, seen: set[int]) -> None:
@@ -79,6 +79,8 @@ class _Index:
                                 self.inner[(id(eqn), skip + k)] = v
                         for v, o in zip(inner.outvars, eqn.outvars, strict=False):
                             self.returned[(id(eqn), v)] = o
+                    else:  # a scan's carry or ys, a cond's result: read beyond this body, like an output
+                        self.results.update(id(v) for v in inner.outvars if not _literal(v))
                     if id(inner) not in seen:  # a jitted helper's body is indexed once
                         seen.add(id(inner))
                         self._add(inner, seen)
@@ -105,8 +107,8 @@ class _Index:
             if _literal(x) or (id(x), ctx) in seen:
                 continue
             seen.add((id(x), ctx))
-            if not ctx and id(x) in self.results:
-                return True  # the model's output: its cotangent is another term of the sum
+            if id(x) in self.results and not (ctx and (ctx[-1], x) in self.returned):
+                return True  # an output (the model's, a loop body's): its cotangent is another term of the sum
             if ctx and (ctx[-1], x) in self.returned:
                 todo.append((self.returned[(ctx[-1], x)], ctx[:-1]))
             for eqn, k in self.readers.get(x, ()):
