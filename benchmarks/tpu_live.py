@@ -23,10 +23,34 @@ VALUE = re.compile(r" value: <\d+ (\S+) @\d+> \(size=(\d+),offset=(\d+)\): (\S+)
 MIB = 2 ** 20
 
 
-def read(dump: str) -> tuple[list[tuple[str, int, int, str, int, int]], int]:
-    """``([(name, offset, size, shape, start, end)], heap bytes)`` of the step's temp values."""
+def step_files(dump: str) -> tuple[str, str]:
+    """The train step's buffer-assignment and live-range files in ``dump``."""
     (ba,) = glob.glob(f"{dump}/*jit_step*after_optimizations-buffer-assignment.txt")
     (lr,) = glob.glob(f"{dump}/*jit_step*after_optimizations-live-range.txt")
+    return ba, lr
+
+
+def live_ranges(path: str) -> dict[str, tuple[int, ...]]:
+    """``{value name: (first step, last step)}`` from a ``*-live-range.txt``."""
+    ranges, on = {}, False
+    for line in open(path):
+        on = on or "BufferLiveRange" in line
+        if "Live ranges at" in line:
+            break
+        if on and re.match(r"^\s+\S+:\d+-\d+$", line):
+            name, r = line.strip().rsplit(":", 1)
+            ranges[name] = tuple(int(x) for x in r.split("-"))
+    return ranges
+
+
+def ranged(name: str, ranges: dict[str, tuple[int, ...]]) -> tuple[int, ...] | None:
+    """The live range of a buffer-assignment value (a whole value is listed as ``name{}``)."""
+    return ranges.get(name if "{" in name else name + "{}")
+
+
+def read(dump: str) -> tuple[list[tuple[str, int, int, str, int, int]], int]:
+    """``([(name, offset, size, shape, start, end)], heap bytes)`` of the step's temp values."""
+    ba, lr = step_files(dump)
     vals, heap, temp = [], 0, False
     for line in open(ba):
         if line.startswith("allocation"):
@@ -34,17 +58,10 @@ def read(dump: str) -> tuple[list[tuple[str, int, int, str, int, int]], int]:
             heap = int(line.split("size ")[1].split(",")[0]) if temp else heap
         elif temp and (m := VALUE.match(line)):
             vals.append((m.group(1), int(m.group(3)), int(m.group(2)), m.group(4).split("{")[0]))
-    ranges, on = {}, False
-    for line in open(lr):
-        on = on or "BufferLiveRange" in line
-        if "Live ranges at" in line:
-            break
-        if on and re.match(r"^\s+\S+:\d+-\d+$", line):
-            name, r = line.strip().rsplit(":", 1)
-            ranges[name] = tuple(int(x) for x in r.split("-"))
+    ranges = live_ranges(lr)
     out = []
     for name, offset, size, shape in vals:
-        r = ranges.get(name if "{" in name else name + "{}")
+        r = ranged(name, ranges)
         if r:
             out.append((name, offset, size, shape, *r))
     return out, heap

@@ -15,18 +15,16 @@ prints the HBM peak step, the bytes in use in each space there, and the values a
 from __future__ import annotations
 
 import argparse
-import glob
 import re
 
-from tpu_live import MIB, VALUE, in_use
+from tpu_live import MIB, VALUE, in_use, live_ranges, ranged, step_files
 
 SPACES = {0: "HBM", 1: "S(1)"}
 
 
 def read(dump: str) -> dict[int, list[tuple[str, int, int, str, int, int]]]:
     """``{color: [(name, offset, size, shape, start, end)]}`` of the step's temp values in HBM and S(1)."""
-    (ba,) = glob.glob(f"{dump}/*jit_step*after_optimizations-buffer-assignment.txt")
-    (lr,) = glob.glob(f"{dump}/*jit_step*after_optimizations-live-range.txt")
+    ba, lr = step_files(dump)
     vals, color = [], None
     for line in open(ba):
         if line.startswith("allocation"):
@@ -34,17 +32,10 @@ def read(dump: str) -> dict[int, list[tuple[str, int, int, str, int, int]]]:
             color = (int(m.group(1)) if m else 0) if "preallocated-temp" in line else None
         elif color in SPACES and (m := VALUE.match(line)):
             vals.append((color, m.group(1), int(m.group(3)), int(m.group(2)), m.group(4).split("{")[0]))
-    ranges, on = {}, False
-    for line in open(lr):
-        on = on or "BufferLiveRange" in line
-        if "Live ranges at" in line:
-            break
-        if on and re.match(r"^\s+\S+:\d+-\d+$", line):
-            name, r = line.strip().rsplit(":", 1)
-            ranges[name] = tuple(int(x) for x in r.split("-"))
+    ranges = live_ranges(lr)
     out: dict[int, list] = {c: [] for c in SPACES}
     for color, name, offset, size, shape in vals:
-        r = ranges.get(name if "{" in name else name + "{}")
+        r = ranged(name, ranges)
         if r:
             out[color].append((name, offset, size, shape, *r))
     return out
