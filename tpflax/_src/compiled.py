@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tpflax._src.errors import CompileError
-from tpflax._src.hlo import dot_flops
+from tpflax._src.hlo import dot_flop_counts
 from tpflax._src.specs import entry_axes, fmt_bytes
 
 MEMORY_KEYS = ("argument", "output", "temp", "alias", "generated_code", "peak")
@@ -156,7 +156,7 @@ def read_flops(compiled: Any, warnings: list[str], hlo_text: str = "") -> float 
         ca = ca[0] if ca else None
     flops = (ca or {}).get("flops") if isinstance(ca, Mapping) else None
     if flops is None or flops <= 0:
-        counted = dot_flops(hlo_text) if hlo_text else 0.0
+        counted = dot_flop_counts(hlo_text)[0] if hlo_text else 0.0
         if counted > 0:
             warnings.append("XLA reported no FLOP count for this program; flops are its dot and "
                             "convolution flops read from the HLO")
@@ -164,7 +164,8 @@ def read_flops(compiled: Any, warnings: list[str], hlo_text: str = "") -> float 
         warnings.append("XLA reported no FLOP count for this program")
         return None
     if hlo_text:
-        flops += dot_flops(hlo_text) - dot_flops(hlo_text, loops=False)
+        looped, once = dot_flop_counts(hlo_text)
+        flops += looped - once
     return float(flops)
 
 

@@ -699,17 +699,30 @@ def dot_flops(hlo_text: str, *, loops: bool = True) -> float:
     >>> dot_flops(hlo), dot_flops(hlo, loops=False)
     (16384.0, 4096.0)
     """
+    looped, once = dot_flop_counts(hlo_text)
+    return looped if loops else once
+
+
+def dot_flop_counts(hlo_text: str) -> tuple[float, float]:
+    """:func:`dot_flops` with and without the loops' trip counts, from one reading of the HLO.
+
+    >>> dot_flop_counts("ENTRY main {\\n  %a = f32[8,16]{1,0} parameter(0)\\n  %b = f32[16,4]{1,0} parameter(1)\\n"
+    ...                 "  ROOT %d = f32[8,4]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}\\n}")
+    (1024.0, 1024.0)
+    """
     instrs, entries, _ = _scan(hlo_text)
-    mult = _multipliers(instrs, entries, loops=loops) if entries else {}
+    looped = _multipliers(instrs, entries) if entries else {}
+    once = _multipliers(instrs, entries, loops=False) if entries else {}
     by_comp: dict[str, dict[str, _Instr]] = {}
     for ins in instrs:
         by_comp.setdefault(ins.computation, {})[ins.name] = ins
-    total = 0.0
+    totals = [0.0, 0.0]
     for ins in instrs:
         if ins.opcode in ("dot", "convolution"):
-            shapes = _operand_shapes(ins, by_comp.get(ins.computation, {}))
-            total += _matmul_flops(ins, shapes) * mult.get(ins.computation, 1)
-    return total
+            flops = _matmul_flops(ins, _operand_shapes(ins, by_comp.get(ins.computation, {})))
+            totals[0] += flops * looped.get(ins.computation, 1)
+            totals[1] += flops * once.get(ins.computation, 1)
+    return totals[0], totals[1]
 
 
 def _operand_shapes(ins: _Instr, found: Mapping[str, _Instr]) -> list[tuple[int, ...] | None]:
