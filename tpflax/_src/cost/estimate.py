@@ -48,7 +48,6 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tpflax._src.cost.batch import config_value
 from tpflax._src.cost.comm import Scope, comm_items
 from tpflax._src.cost.experts import expert_items
 from tpflax._src.cost.leaves import Leaves, merge
@@ -90,7 +89,7 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
             f"{', '.join(f'{a}={mesh.sizes[a]}' for a in axes)} (product {shards}); use a batch "
             f"that is a multiple of {shards}")
     notes: list[str] = []
-    if w.remat and w.backend == "tpu" and (config_value(w.config, "n_layers") or 0) > 2:
+    if w.remat and w.backend == "tpu":
         # measured (dry runs, Llama-2-7B width): XLA:TPU defers weight-gradient matmuls and keeps many
         # layers' recomputed activations and gradients live at once, scanned or not
         notes.append("remat on TPU: XLA:TPU can defer the weight gradients and keep many layers' recomputed "
