@@ -89,14 +89,13 @@ def _block(path: str) -> str | None:
 
 
 def residual_bytes(lv: Leaves, activations: Any, mesh: MeshShape, shards: int, act_item: int) -> int:
-    """Bytes on a device the generic count gives the outputs of :func:`residual_outputs` (one layer's
-    calls times the scan's layer count inside a scanned stack, as that count does)."""
+    """Bytes on a device the generic count gives the outputs of :func:`residual_outputs` (every call of
+    each; a scanned stack's paths carry no layer index, so the rule does not reach it)."""
     roles = dict(mesh.roles)
     total = 0.0
     for path in residual_outputs(lv, activations):
         calls = activations[path]
-        n = lv.stacks.get(path, len(calls))
         split = [e for e in lv.column_units.get(path, ()) if any(roles[a] in (TENSOR, EXPERT) for a in entry_axes(e))]
         degree = math.prod(mesh.sizes[a] for a in entry_axes(split[-1])) if split else 1
-        total += math.prod(calls[0].output) * act_item / shards / degree * n
+        total += math.prod(calls[0].output) * act_item / shards / degree * len(calls)
     return int(total)
