@@ -21,7 +21,7 @@ from test_train_step import LOSS_ULPS, U, assert_first_sgd_step_close
 
 import tpflax
 from tpflax import zoo
-from tpflax.hlo import parse_collectives
+from tpflax.hlo import parse_collectives, summarize
 
 MESH = {"fsdp": 4, "model": 2}
 LAYERS = 3  # not a size any other dim of the tiny Llama has, so a whole stack is recognisable in the HLO
@@ -88,6 +88,32 @@ def test_gathered_loss_constrains_inside_the_scan(scanned):
     # outside the loops only unstacked leaves are constrained: none has a layers dim of LAYERS
     outer = [e for e in jaxpr.eqns if e.primitive.name == "sharding_constraint"]
     assert outer and all(x.aval.shape[:1] != (LAYERS,) for e in outer for x in e.invars)
+
+
+def _fsdp_gathers(m, plan, mesh) -> float:
+    return summarize(parse_collectives(_compiled(m, plan, mesh).as_text(), mesh), by="axis")[("all-gather", "fsdp")]
+
+
+@pytest.mark.slow
+def test_unrolled_remat_layers_gather_inside_the_remat():
+    """Unrolled nn.remat layers: each layer's fsdp weights are gathered inside its remat.
+
+    Remat then saves the shard, not the gathered weight, and the backward's recompute
+    gathers the layer again: exactly the layers' gathers once more than without remat
+    (the embedding, final norm and head are outside the remat, gathered once), which is
+    what the estimate counts, to the byte.
+    """
+    mesh = tpflax.make_mesh(MESH)
+    got = {}
+    for remat in (False, True):
+        m = zoo.get("llama", remat=remat, n_layers=LAYERS)
+        plan = tpflax.plan(m.abstract_variables(), MESH, fsdp_min_bytes=0)
+        got[remat] = _fsdp_gathers(m, plan, mesh)
+        est = tpflax.estimate(plan, TX, 8, model=m, backend="cpu")
+        assert est.comm["all-gather"]["fsdp"] == got[remat], (remat, est.comm, got)
+    layers = sum(d.bytes_per_device * 4 * 3 / 4 for path, d in plan.decisions.items()
+                 if "layers_" in path and "fsdp" in str(d.spec))
+    assert got[True] - got[False] == layers
 
 
 class _Layer(nn.Module):

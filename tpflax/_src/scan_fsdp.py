@@ -16,6 +16,14 @@ to its shards inside the backward loop, so the gradient stack stays split. The
 constraints go as deep as the slice only enters rematerialised (``remat``) or
 ``jit`` calls, so remat saves the sharded slice, not the gathered one. The
 values computed are unchanged: constraints only choose layouts.
+
+Unstacked parameters go the same way (:func:`zero3`): one that only enters
+remat'd calls (the layers of an unrolled ``nn.remat`` model) is gathered inside
+them, so remat saves its shard and the backward's recompute gathers it again.
+Gathered once outside, every layer's gathered weights stayed live from the
+forward pass to that layer's backward: an 8-layer Llama-2-7B-width step (remat,
+fsdp=2,model=4, seq 2048, ``tpu-v5e:2x4``) peaked at 8.16 GiB that way and at
+6.03 GiB this way, for 3.7% more collective bytes (the second gather).
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ _CALLS = ("jit", "remat2")
 
 @dataclass(frozen=True)
 class StackTarget:
-    """Where one stacked parameter should live: whole (outside scans) and per layer (inside).
+    """Where one parameter should live: whole (outside scans) and, for a stack, per layer (inside).
 
     Attributes:
         whole: ``(sharded, gathered)`` shardings of the whole stack, used where
@@ -40,12 +48,13 @@ class StackTarget:
         layer: ``(sharded, gathered)`` shardings of one layer's slice.
         dim: the layers dim of the whole stack (``lax.scan`` slices dim 0, so
             a stack on another dim is followed through the transpose that
-            moves it to the front, as ``nn.scan(variable_axes={"params": 1})`` does).
+            moves it to the front, as ``nn.scan(variable_axes={"params": 1})`` does);
+            None for a leaf that is not a stack (never passed into a scan's body).
     """
 
     whole: tuple[Any, Any]
     layer: tuple[Any, Any]
-    dim: int = 0
+    dim: int | None = 0
 
 
 def _to_front(target: StackTarget) -> StackTarget:
@@ -63,7 +72,9 @@ def zero3(loss_fn: Callable[[Any], Any], params: Any, *, decisions: Sequence[Any
           fsdp: frozenset[str]) -> Any:
     """``loss_fn(params)`` with every parameter gathered over ``fsdp`` for compute (ZeRO-3).
 
-    A leaf is constrained to its spec without the fsdp axes. A stack (a
+    A leaf is constrained to its spec without the fsdp axes where it is read,
+    as deep inside remat'd and ``jit`` calls as all its reads are (so remat saves
+    the shard and gathers again in the backward). A stack (a
     ``Decision.layers_dim``) is gathered one layer at a time inside the scan
     that reads it (:func:`gather_stacks_in_scans`).
 
@@ -75,21 +86,18 @@ def zero3(loss_fn: Callable[[Any], Any], params: Any, *, decisions: Sequence[Any
         fsdp: the fsdp axes to gather over.
     """
     import jax
-    from jax.sharding import NamedSharding
 
     # stored, then gathered: the forward all-gathers; the backward's transpose pins the summed
     # gradient to the stored shards, so XLA reduce-scatters it (without the first constraint
     # XLA:TPU all-reduces the whole gradient and slices it: twice the bytes, measured)
-    whole = [(NamedSharding(mesh, to_pspec(entries(d.spec, len(d.shape)))),
-              NamedSharding(mesh, without_axes(d.spec, fsdp))) if d.layers_dim is None else None for d in decisions]
-    stacks = {i: stack_target(d, mesh, fsdp) for i, d in enumerate(decisions) if d.layers_dim is not None}
+    targets = {i: stack_target(d, mesh, fsdp) if d.layers_dim is not None else _leaf_target(d, mesh, fsdp)
+               for i, d in enumerate(decisions)}
     leaves, treedef = jax.tree_util.tree_flatten(params)
 
     def on_leaves(*leaves):
-        return loss_fn(jax.tree_util.tree_unflatten(treedef, [
-            x if s is None else pin(x, *s) for x, s in zip(leaves, whole, strict=True)]))
+        return loss_fn(jax.tree_util.tree_unflatten(treedef, list(leaves)))
 
-    return (gather_stacks_in_scans(on_leaves, stacks) if stacks else on_leaves)(*leaves)
+    return gather_stacks_in_scans(on_leaves, targets)(*leaves)
 
 
 def pin(x: Any, stored: Any, gathered: Any) -> Any:
@@ -97,6 +105,15 @@ def pin(x: Any, stored: Any, gathered: Any) -> Any:
     import jax
 
     return jax.lax.with_sharding_constraint(jax.lax.with_sharding_constraint(x, stored), gathered)
+
+
+def _leaf_target(d: Any, mesh: Any, fsdp: frozenset[str]) -> StackTarget:
+    """An unstacked leaf (a Decision) as stored and as gathered over ``fsdp``; ``dim=None``: no scan slices it."""
+    from jax.sharding import NamedSharding
+
+    both = (NamedSharding(mesh, to_pspec(entries(d.spec, len(d.shape)))),
+            NamedSharding(mesh, without_axes(d.spec, fsdp)))
+    return StackTarget(whole=both, layer=both, dim=None)
 
 
 def stack_target(d: Any, mesh: Any, fsdp: frozenset[str]) -> StackTarget:
@@ -112,7 +129,7 @@ def stack_target(d: Any, mesh: Any, fsdp: frozenset[str]) -> StackTarget:
 
 
 def gather_stacks_in_scans(fn: Callable[..., Any], targets: dict[int, StackTarget]) -> Callable[..., Any]:
-    """``fn(*leaves)`` with each stacked leaf ``targets[i]`` gathered one layer at a time inside scans.
+    """``fn(*leaves)`` with each leaf ``targets[i]`` gathered where it is read: a stack one layer at a time inside scans.
 
     Args:
         fn: a function of flat parameter leaves (pytree output allowed).

@@ -161,6 +161,8 @@ def _gradient_items(s: Scope) -> list[CommItem]:
                 s.backend, reps, _gather_item(d, s.backend), len(body(d))):
             if kind == "all-gather" and s.remat and d.layers_dim is not None:
                 count, why = 2 * count, why.split(" (")[0] + " one layer at a time in the scan, again in the remat'd backward"
+            elif kind == "all-gather" and s.remat and d.group != path:  # a layer's: gathered inside remat (zero3)
+                count, why = 2 * count, why.split(" (")[0] + " inside the remat'd layer, again in its backward recompute"
             items.append(CommItem(kind, axes, size, n, count * k, label, why))
             if parts > 1 and kind != "all-gather":  # the other uses' gradients: all-reduced whole (XLA:TPU)
                 items.append(CommItem("all-reduce" if kind == "reduce-scatter" else kind, axes, size, n,
