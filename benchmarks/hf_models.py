@@ -261,6 +261,17 @@ ARCHS: tuple[Arch, ...] = (
               encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=4 * _D,
               decoder_ffn_dim=4 * _D, max_source_positions=32, max_target_positions=32),
          inputs="audio", note="vocab 51865 odd -> 1001; conv1d front end over 80 mel bins"),
+    # h1: RoFormer, RoBERTa-PreLayerNorm, BigBird
+    Arch("roformer", "encoder", "FlaxRoFormerForMaskedLM", "RoFormerConfig",
+         dict(_BERTISH, vocab_size=1000, embedding_size=_D, type_vocab_size=2),
+         note="vocab 50000 -> 1000; rotary q/k rotate-every-two (stack/reshape); tied head"),
+    Arch("roberta-preln", "encoder", "FlaxRobertaPreLayerNormForMaskedLM", "RobertaPreLayerNormConfig",
+         dict(_BERTISH, vocab_size=1001, max_position_embeddings=66, type_vocab_size=1, pad_token_id=1),
+         note="vocab 50265 odd -> 1001; pre-norm; positions 512 + padding offset 2 -> 66 rows"),
+    Arch("bigbird", "encoder", "FlaxBigBirdForMaskedLM", "BigBirdConfig",
+         dict(_BERTISH, vocab_size=1022, type_vocab_size=2, attention_type="block_sparse",
+              block_size=4, num_random_blocks=1),
+         note="vocab 50358 = 2*odd -> 1022; block_sparse attention, 8 blocks of 4, 1 random block"),
 )
 
 BY_NAME = {a.name: a for a in ARCHS}

@@ -25,6 +25,10 @@ which the results table repeats as footnotes:
   attention scores already are.
 * With an ``fsdp`` axis: every kernel and embedding (not norms, biases or the
   small tables above) also splits its other dim over ``fsdp``.
+* RoFormer, RoBERTa-PreLayerNorm and BigBird use BERT's module names, so the rules
+  above cover them unchanged: RoFormer's rotary tables are computed, not stored;
+  its head is tied (vocab 1000 divides model=4); RoBERTa-PreLayerNorm's 1001 and
+  BigBird's 1022 vocabularies replicate over model.
 """
 
 from __future__ import annotations
@@ -101,4 +105,6 @@ FOOTNOTES = (
     "projections, norms: replicated over model; T5's relative bias split over heads",
     "with fsdp=2: kernels and embeddings also split their other dim over fsdp; norms, biases "
     "and small tables do not",
+    "RoFormer, RoBERTa-PreLayerNorm, BigBird: BERT's module names, the same rules; vocab 1000 "
+    "(RoFormer) vocab-parallel, 1001 (RoBERTa-PreLN) and 1022 (BigBird) replicated over model",
 )

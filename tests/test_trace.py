@@ -92,6 +92,33 @@ def test_fused_qkv_is_split_over_the_fused_dim():
     assert p.decisions["params/c_proj/kernel"].spec == P("model", None)
 
 
+class GatheredKeys(nn.Module):
+    """BigBird-style: key/value blocks picked per example by data (random blocks)."""
+
+    d: int = 32
+    h: int = 4
+    blocks: int = 4
+
+    @nn.compact
+    def __call__(self, x, idx):
+        b, t, _ = x.shape
+        heads = [nn.Dense(self.d, name=n)(x).reshape(b, t, self.h, -1) for n in ("q", "k", "v")]
+        q, k, v = (y.reshape(b, self.blocks, t // self.blocks, self.h, -1) for y in heads)
+        pick = jax.vmap(lambda blk, i: blk[i])  # per example, blocks indexed by data
+        k, v = pick(k, idx), pick(v, idx)
+        p = jax.nn.softmax(jnp.einsum("bnqhk,bnshk->bnhqs", q, k), axis=-1)
+        y = jnp.einsum("bnhqs,bnshk->bnqhk", p, v).reshape(b, t, self.d)
+        return nn.Dense(self.d, name="o")(y)
+
+
+def test_keys_gathered_by_data_keep_their_head_split():
+    # Issue 11 (BigBird's block_sparse attention): a gather indexing an activation's
+    # blocks leaves its heads whole, so k and v stay columns instead of replicating.
+    m, x, idx = GatheredKeys(), sds(2, 8, 32), sds(2, 4, dtype=jnp.int32)
+    d = tpflax.plan(abstract(m, x, idx), {"model": 4}, model=m, sample=(x, idx)).decisions
+    assert [d[f"params/{n}/kernel"].spec for n in "qkvo"] == [P(None, "model")] * 3 + [P("model", None)]
+
+
 class Scanned(nn.Module):
     """Blocks through nn.remat + nn.scan, a jax.jit'ed activation and a custom_jvp (relu)."""
 

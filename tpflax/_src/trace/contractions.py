@@ -18,6 +18,7 @@ tagged activation dim it sums over closes an *edge* from the tag's use. A
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -137,8 +138,15 @@ def conv_general_dilated(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: l
 def gather(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
     operand = ins[0]
     if not operand.origin:
-        w.escape_all(operand, "gathered (indexed by data)")
-        return [Val(r) for r in ranks]
+        # An activation indexed by data (BigBird's random key blocks): the indexed dims
+        # need every shard, but its batch and whole-slice dims (heads, head features)
+        # pass through untouched, so their tags go on.
+        mapping = gather_passthrough(eqn, operand.rank, ranks[0])
+        for d in range(operand.rank):
+            if d not in mapping:
+                w.escape(operand.dim_tags(d), "gathered (indexed by data)")
+        out = w.moved(operand, mapping, ranks[0], keep_flags=False)
+        return [dataclasses.replace(out, fresh=None)]
     dn = eqn.params["dimension_numbers"]
     indexed = set(dn.start_index_map) | set(dn.collapsed_slice_dims)
     for path, dims in operand.origin:
@@ -146,3 +154,32 @@ def gather(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> l
               [dims[d] for d in range(operand.rank) if d not in indexed and dims[d] is not None],
               [], operand.const_of)
     return [Val(r) for r in ranks]
+
+
+def gather_passthrough(eqn: Any, operand_rank: int, out_rank: int) -> list[int | None]:
+    """Per output dim of a ``gather``, the operand dim it copies whole (None: none).
+
+    Operand batching dims (a vmapped gather) land on the output's batch dims, and
+    slice dims taken whole and not indexed on the offset dims; an indexed or
+    partly sliced dim copies nothing whole.
+
+    >>> import jax, jax.numpy as jnp
+    >>> pick = jax.vmap(lambda x, i: x[i])  # per example, rows picked by data
+    >>> eqn = jax.make_jaxpr(pick)(jnp.zeros((2, 5, 4)), jnp.zeros((2, 3), jnp.int32)).eqns[-1]
+    >>> gather_passthrough(eqn, 3, 3)  # batch and feature dims pass, the rows do not
+    [0, None, 2]
+    """
+    dn = eqn.params["dimension_numbers"]
+    src = tuple(eqn.invars[0].aval.shape)
+    sizes = tuple(eqn.params["slice_sizes"])
+    mapping: list[int | None] = [None] * out_rank
+    sliced = [d for d in range(operand_rank)
+              if d not in dn.collapsed_slice_dims and d not in dn.operand_batching_dims]
+    for o, d in zip(dn.offset_dims, sliced, strict=True):
+        if d not in dn.start_index_map and sizes[d] == src[d]:
+            mapping[o] = d
+    # lax.gather's index vector is the indices' last dim: indices dim i is the i-th batch dim
+    batch_out = [d for d in range(out_rank) if d not in dn.offset_dims]
+    for od, idd in zip(dn.operand_batching_dims, dn.start_indices_batching_dims, strict=True):
+        mapping[batch_out[idd]] = od
+    return mapping
