@@ -135,36 +135,7 @@ def _axes_of(spec: tuple[Entry, ...], mesh: MeshShape, role: str) -> tuple[str, 
 
 def comm_items(scope: Scope, notes: list[str]) -> list[CommItem]:
     """The gradient, pair and layer collectives of one training step (see :func:`tpflax._src.cost.estimate.price_leaves`)."""
-    return (_gradient_items(scope) + _pair_items(scope, notes) + _layer_items(scope, notes)
-            + _grouped_conv_items(scope))
-
-
-def _grouped_conv_items(s: Scope) -> list[CommItem]:
-    """A grouped convolution's gathers: XLA's SPMD partitioner keeps neither its batch nor its groups split.
-
-    Measured on RegNet (XLA:CPU, data=2 and fsdp=2 x model=4): the forward all-gathers the
-    input and the backward the output's gradient over the batch axes (the kernel's gradient is
-    then reduced over every device: :func:`_gradient_items`). A kernel split over a tensor axis
-    (output channels) is gathered whole over that axis in the forward and the backward, and
-    the input and the output's gradient over the tensor axis too (a 4-group conv, data=2 x model=4).
-    """
-    items: list[CommItem] = []
-    n = s.size(s.batch_axes)
-    for path, per_example in (s.grouped or {}).items():
-        d = s.lv.decisions.get(path)
-        if d is None:
-            continue
-        k, label, full = s.lv.count[path], s.lv.label[path], per_example * s.batch.size * s.act_item
-        if n > 1:
-            items.append(CommItem("all-gather", s.batch_axes, full, n, k, label, "a grouped convolution's input "
-                                  "and output gradient, gathered over the batch (XLA does not split its batch)"))
-        t = s.axes(path, TENSOR)
-        if t:
-            items.append(CommItem("all-gather", t, math.prod(d.shape) * leaf_itemsize(d), s.size(t), 2 * k, label,
-                                  "a tensor-split grouped convolution's kernel, gathered whole (forward and backward)"))
-            items.append(CommItem("all-gather", t, full / s.shards, s.size(t), k, label, "a tensor-split "
-                                  "grouped convolution's input and output gradient, gathered over its split"))
-    return items
+    return _gradient_items(scope) + _pair_items(scope, notes) + _layer_items(scope, notes)
 
 
 # ---------------------------------------------------------------------------
@@ -201,8 +172,7 @@ def _gradient_items(s: Scope) -> list[CommItem]:
 
 
 def _reduce_axes(path: str, s: Scope) -> tuple[str, ...]:
-    """The axes a gradient is summed over: the batch axes, and for a grouped convolution every axis
-    that does not split it (its batch was gathered, so each device holds a partial sum)."""
+    """The batch axes; a grouped convolution's (batch gathered: cost.grouped) every axis not splitting it."""
     if path not in (s.grouped or {}):
         return s.batch_axes
     used = used_axes(s.lv.specs[path])

@@ -50,6 +50,7 @@ from typing import Any
 
 from tpflax._src.cost.comm import Scope, comm_items
 from tpflax._src.cost.experts import expert_items
+from tpflax._src.cost.grouped import grouped_conv_items
 from tpflax._src.cost.leaves import Leaves, merge
 from tpflax._src.cost.memory import memory
 from tpflax._src.cost.peak import peak
@@ -105,7 +106,8 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
                   config=w.config, tied=w.tied, parts=w.parts, rows=w.rows, fused=w.fused, remat=w.remat,
                   shared=w.shared, lookups=w.lookups,
                   grouped=w.grouped)
-    every = comm_items(scope, notes) + expert_items(scope) + fused_items(scope, notes)
+    every = (comm_items(scope, notes) + expert_items(scope) + fused_items(scope, notes)
+             + grouped_conv_items(scope))
     items = tuple(i for i in every if i.total > 0)
     return Estimate(
         per_device=per_device, unsharded=unsharded, savings=savings, comm=comm_table(items), items=items,
