@@ -272,6 +272,23 @@ ARCHS: tuple[Arch, ...] = (
          dict(_BERTISH, vocab_size=1022, type_vocab_size=2, attention_type="block_sparse",
               block_size=4, num_random_blocks=1),
          note="vocab 50358 = 2*odd -> 1022; block_sparse attention, 8 blocks of 4, 1 random block"),
+    # h2: vision family (relative position bias, layer scale, grouped convs + BatchNorm)
+    Arch("beit", "vision", "FlaxBeitForImageClassification", "BeitConfig",
+         dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=4, intermediate_size=4 * _D,
+              image_size=32, patch_size=8, num_labels=1000, use_relative_position_bias=True,
+              use_mean_pooling=True, layer_scale_init_value=0.1),
+         inputs="pixels", note="BEiT-base ratios: per-layer relative position bias table "
+                               "((2*4-1)^2+3 = 52, heads), layer-scale lambdas, mean pooling"),
+    Arch("dinov2", "vision", "FlaxDinov2ForImageClassification", "Dinov2Config",
+         dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=4, mlp_ratio=4,
+              image_size=32, patch_size=8, num_labels=1000, layerscale_value=1.0),
+         inputs="pixels", note="DINOv2-S ratios: layer scale, cls + mask tokens, position table "
+                               "interpolated to the grid, head on [cls | mean patch] (2 * width)"),
+    Arch("regnet", "vision", "FlaxRegNetForImageClassification", "RegNetConfig",
+         dict(embedding_size=8, hidden_sizes=[32, 48, 128, 272], depths=[1, 1, 1, 1], groups_width=16,
+              layer_type="y", image_size=32, num_labels=1000),
+         inputs="pixels", note="RegNetY-4GF widths / 4 (32..1088 -> 8..272), the same 2/3/8/17 groups "
+                               "per stage, squeeze-excitation; BatchNorm in inference-stats mode"),
 )
 
 BY_NAME = {a.name: a for a in ARCHS}

@@ -23,6 +23,10 @@ which the results table repeats as footnotes:
   ``model`` (splitting them buys KiB and costs activation collectives).
   T5's relative-position bias ``(buckets, heads)`` is split over heads, which the
   attention scores already are.
+* BEiT's relative position bias tables ``(distances, heads)``: over heads, like T5's.
+  RegNet (a CNN, which Megatron has no layout for): convolutions, squeeze-excitation
+  and BatchNorm replicated over ``model`` (fsdp on output channels); the classifier
+  (``classifier/1``, behind the pooling) vocab-parallel like any head.
 * With an ``fsdp`` axis: every kernel and embedding (not norms, biases or the
   small tables above) also splits its other dim over ``fsdp``.
 * RoFormer, RoBERTa-PreLayerNorm and BigBird use BERT's module names, so the rules
@@ -81,6 +85,10 @@ def megatron_rules(arch: str, mesh: dict[str, int], *, vocab: int, kv_heads: int
         (_HEAD, P(f, T) if vocab_ok else P(f, None)),
         (_HEAD_BIAS, P(T) if vocab_ok else P()),
         (r"relative_attention_bias/embedding$", P(None, T)),
+        (r"relative_position_bias_table$", P(None, T)),  # BEiT: (distances, heads), like T5's
+        (r"classifier/1/kernel$", P(f, T)),  # RegNet's head behind its pooling (classifier/0)
+        (r"classifier/1/bias$", P(T)),
+        (r"(convolution/kernel|attention/[02]/kernel)$", P(None, None, None, f)),  # RegNet: no TP
         # small tables, front ends, projections: replicated over model, fsdp where it fits
         (r"(transform/dense|lm_head/dense|vocab_transform|predictions/dense|embeddings_project"
          r"|embedding_hidden_mapping_in|text_projection|visual_projection)/kernel$", P(f, None)),
@@ -107,4 +115,7 @@ FOOTNOTES = (
     "and small tables do not",
     "RoFormer, RoBERTa-PreLayerNorm, BigBird: BERT's module names, the same rules; vocab 1000 "
     "(RoFormer) vocab-parallel, 1001 (RoBERTa-PreLN) and 1022 (BigBird) replicated over model",
+    "BEiT's relative position bias tables (distances, heads) split over heads like T5's; layer-scale "
+    "lambdas replicated; RegNet's convolutions (grouped 3x3, 1x1, squeeze-excitation) replicated over "
+    "model (a CNN has no Megatron layout; fsdp on output channels), its classifier vocab-parallel",
 )

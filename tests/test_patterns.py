@@ -585,6 +585,32 @@ def test_untied_head_under_a_plain_name_is_found_by_its_vocab():
     assert p.decisions["readout/kernel"].kind == "head"
 
 
+class NumberedHead(nn.Module):
+    """A CNN whose classifier is a container's numbered child (``classifier/1``), as HF's RegNet and
+    ResNet name it (and torch-converted Sequentials, nnx lists): the container names the layer."""
+
+    @nn.compact
+    def __call__(self, img):
+        x = nn.relu(nn.Conv(32, (3, 3), strides=2, name="stem")(img))
+        x = nn.relu(nn.Conv(D, (3, 3), name="body")(x)).mean((1, 2))
+        return Numbered(name="classifier")(x)
+
+
+class Numbered(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(V, name="1")(nn.relu(nn.Dense(D, name="0")(x)))
+
+
+def test_a_numbered_child_of_a_head_container_is_the_output_head():
+    img = sds(8, 16, 16, 3)
+    p = tpflax.plan(abstract(NumberedHead(), img), MESH)
+    assert specs(p, ["classifier/1/kernel", "classifier/1/bias"]) == {
+        "classifier/1/kernel": P(None, "model"), "classifier/1/bias": P("model")}
+    assert p.decisions["params/classifier/1/kernel"].kind == "head"
+    assert p.decisions["params/classifier/0/kernel"].kind != "head"  # d -> d: a hidden layer of the head
+
+
 # -- 11: einsum q/k/v and k/v stacks ------------------------------------------------
 
 class Stacked(nn.Module):

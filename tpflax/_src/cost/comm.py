@@ -94,6 +94,7 @@ class Scope:
     fused: Mapping[str, tuple[int, int]] | None = None  # traced fused kernels: (param dim, pieces)
     shared: frozenset[str] | None = None  # traced kernels whose input a residual also reads (trace.sharing)
     lookups: Mapping[str, int] | None = None  # traced tables looked up by several gathers (cost.workload.Traced)
+    grouped: Mapping[str, float] | None = None  # traced grouped convolutions (cost.workload.Traced)
 
     def rows_of(self, path: str) -> float:
         """Activation rows on one device that the leaf at ``path`` reads: as traced, else the batch's tokens."""
@@ -157,7 +158,7 @@ def _gradient_items(s: Scope) -> list[CommItem]:
         if s.backend == "tpu":  # XLA:TPU adds a table's lookups' scatter-adds first: one part for all
             parts -= max((s.lookups or {}).get(path, 1) - 1, 0)
         for kind, axes, size, n, count, why in _gradient_templates(
-                s.lv.specs[path], s.mesh, s.batch_axes, s.leaf_bytes(path, d), leaf_itemsize(d), s.g_item,
+                s.lv.specs[path], s.mesh, _reduce_axes(path, s), s.leaf_bytes(path, d), leaf_itemsize(d), s.g_item,
                 s.backend, reps, _gather_item(d, s.backend), len(body(d))):
             if kind == "all-gather" and s.remat and d.layers_dim is not None:
                 count, why = 2 * count, why.split(" (")[0] + " one layer at a time in the scan, again in the remat'd backward"
@@ -170,6 +171,14 @@ def _gradient_items(s: Scope) -> list[CommItem]:
                                       f"used whole {parts} times (a tied table's lookup and logits, a shared "
                                       "layer): each use's gradient is reduced separately"))
     return items
+
+
+def _reduce_axes(path: str, s: Scope) -> tuple[str, ...]:
+    """The batch axes; a grouped convolution's (batch gathered: cost.grouped) every axis not splitting it."""
+    if path not in (s.grouped or {}):
+        return s.batch_axes
+    used = used_axes(s.lv.specs[path])
+    return tuple(a for a in s.mesh.names if a in s.batch_axes or (a not in used and s.mesh.sizes[a] > 1))
 
 
 def is_tied(path: str, d: Any, s: Scope) -> bool:

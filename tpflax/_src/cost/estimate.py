@@ -50,6 +50,7 @@ from typing import Any
 
 from tpflax._src.cost.comm import Scope, comm_items
 from tpflax._src.cost.experts import expert_items
+from tpflax._src.cost.grouped import grouped_conv_items
 from tpflax._src.cost.leaves import Leaves, merge
 from tpflax._src.cost.memory import memory
 from tpflax._src.cost.peak import peak
@@ -103,8 +104,10 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
     scope = Scope(mesh=mesh, lv=lv, batch=b, batch_axes=axes, shards=shards, act_item=w.act_item,
                   g_item=w.g_item, backend=w.backend, dispatch=w.dispatch, activations=w.activations,
                   config=w.config, tied=w.tied, parts=w.parts, rows=w.rows, fused=w.fused, remat=w.remat,
-                  shared=w.shared, lookups=w.lookups)
-    every = comm_items(scope, notes) + expert_items(scope) + fused_items(scope, notes)
+                  shared=w.shared, lookups=w.lookups,
+                  grouped=w.grouped)
+    every = (comm_items(scope, notes) + expert_items(scope) + fused_items(scope, notes)
+             + grouped_conv_items(scope))
     items = tuple(i for i in every if i.total > 0)
     return Estimate(
         per_device=per_device, unsharded=unsharded, savings=savings, comm=comm_table(items), items=items,

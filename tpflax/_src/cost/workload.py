@@ -56,6 +56,7 @@ class Workload:
     fused: Mapping[str, tuple[int, int]] | None = None
     shared: frozenset[str] | None = None
     lookups: Mapping[str, int] | None = None
+    grouped: Mapping[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,9 @@ class Traced:
             and T5's shared table: the encoder's and the decoder's lookups); counted in
             ``parts`` too. XLA:TPU adds their scatter-adds before reducing them (one
             part for all of them, measured on BART-base, v5e:2x4); XLA:CPU reduces each.
+        grouped: ``{path: elements per example}`` of a grouped convolution's input plus
+            output: XLA gathers both over the batch axes and reduces the kernel's gradient
+            over every device (measured on RegNet, XLA:CPU).
     """
 
     tied: frozenset[str] | None = None
@@ -93,6 +97,7 @@ class Traced:
     act_dtype: str | None = None
     shared: frozenset[str] | None = None
     lookups: Mapping[str, int] | None = None
+    grouped: Mapping[str, float] | None = None
 
 
 def _check_options(act_dtype: Any, grad_dtype: Any, backend: str, expert_dispatch: str) -> None:
@@ -144,7 +149,8 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     dispatch=expert_dispatch, act_item=itemsize(b.act_dtype),
                     g_item=itemsize(dtype_name(grad_dtype)) if grad_dtype is not None else None,
                     settings=settings, tied=t.tied if not activations else None, parts=t.parts, rows=t.rows,
-                    fused=t.fused, shared=t.shared, lookups=t.lookups)
+                    fused=t.fused, shared=t.shared, lookups=t.lookups,
+                    grouped=t.grouped)
 
 
 def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
@@ -190,8 +196,12 @@ def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
             by_dtype[u.dtype] = by_dtype.get(u.dtype, 0) + u.rows
     act = dtype_name(max(by_dtype, key=by_dtype.get)) if by_dtype else None
     shared = frozenset(flow.uses[u].path for u in flow.shared)
+    grouped: dict[str, float] = {}
+    for u in flow.uses:
+        if u.grouped:
+            grouped[u.path] = grouped.get(u.path, 0) + u.grouped / examples
     return Traced(tied, {p: n for p, n in whole.items() if n > 1}, rows, fused, act, shared,
-                  {p: n for p, n in lookups.items() if n > 1})
+                  {p: n for p, n in lookups.items() if n > 1}, grouped)
 
 
 def _model(plan, model: Any, sample: Any):

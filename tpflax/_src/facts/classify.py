@@ -120,6 +120,16 @@ class Facts:
     def unit_name(self) -> str:
         return self.unit.rsplit("/", 1)[-1]
 
+    @property
+    def layer_name(self) -> str:
+        """The unit's name, or its container's for a numbered child (``nn.Sequential``'s ``classifier/1``).
+
+        A Sequential names its layers by position, so ``1`` says nothing; the
+        container (``classifier``) is the name the model gave the layer.
+        """
+        named = [p for p in self.unit.split("/") if not p.isdigit()]
+        return named[-1] if named else self.unit_name
+
 
 def _parent(path: str) -> str:
     return path.rsplit("/", 1)[0] if "/" in path else ""

@@ -119,10 +119,10 @@ def _pair_group(st: State, group: str, lins: list[Linear]) -> list[Linear]:
     """Pair the columns and rows of one block; returns the layers left unpaired."""
     fused_partners(lins)
     attention_output(lins, group)
-    cols = [x for x in lins if x.role == "column" and not HEAD.match(x.f.unit_name)]
+    cols = [x for x in lins if x.role == "column" and not HEAD.match(x.f.layer_name)]
     rows = [x for x in lins if x.role == "row"]
     if not cols or not rows:
-        return [x for x in lins if not HEAD.match(x.f.unit_name)]
+        return [x for x in lins if not HEAD.match(x.f.layer_name)]
     for lin in lins:
         if lin.doubt:
             st.doubts.append(f"{lin.f.path}: {lin.doubt}")
@@ -149,7 +149,7 @@ def _pair_group(st: State, group: str, lins: list[Linear]) -> list[Linear]:
         claimed.add(id(row))
         kind = "attention" if row.f.kind == "attention" or ATTN.search(group) else "mlp"
         shard_pair(st, kind, mine, row)
-    return [x for x in lins if id(x) not in claimed and not HEAD.match(x.f.unit_name)]
+    return [x for x in lins if id(x) not in claimed and not HEAD.match(x.f.layer_name)]
 
 
 def _common_prefix(a: str, b: str) -> int:
@@ -227,14 +227,19 @@ def _heads(st: State, todo: Sequence[Facts], widths: set[int]) -> None:
     """
     vocabs = {f.body[0] for f in todo if f.kind == "embedding" and len(f.body) == 2
               and not POS_EMBED.search(f.unit_name) and f.body[1] in widths}
+    last = {}  # a numbered container's last dense child: the one a Sequential head outputs from
+    for f in sorted((f for f in todo if f.kind == "dense" and f.unit_name.isdigit()), key=lambda f: int(f.unit_name)):
+        last[f.unit.rsplit("/", 1)[0]] = f.unit
     for f in todo:
         if f.kind != "dense" or f.path in st.out or len(f.body) != 2:
             continue
         d, v = f.body
-        if HEAD.match(f.unit_name):
+        if HEAD.match(f.layer_name):
             if widths and d not in widths and v in widths:
                 continue  # it narrows back to the residual width: not the model's output
-            shard_output_head(st, f, 1, f"output head: '{f.unit_name}' projects {d} -> {v}")
+            if f.layer_name != f.unit_name and f.unit != last.get(f.unit.rsplit("/", 1)[0]):
+                continue  # a numbered hidden layer of a Sequential head (head/0 before head/1), not its output
+            shard_output_head(st, f, 1, f"output head: '{f.layer_name}' projects {d} -> {v}")
         elif d in widths and v in vocabs:
             shard_output_head(st, f, 1, f"output head: projects the residual width {d} onto {v} outputs, the "
                                         "token embedding's vocabulary")

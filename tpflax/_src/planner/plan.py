@@ -128,7 +128,7 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
     facts = classify(leaves, stacked)
     opts = Options(fsdp_min_bytes=None if fsdp_min_bytes is None else int(fsdp_min_bytes),
                    min_channels=int(min_channels), tensor_min_bytes=int(tensor_min_bytes),
-                   tied_guess=not any(f.kind == "dense" and HEAD.match(f.unit_name) for f in facts),
+                   tied_guess=not any(f.kind == "dense" and HEAD.match(f.layer_name) for f in facts),
                    **pricing(hardware, batch, device_memory))
     lrules = list(logical_rules) if logical_rules is not None else default_logical_rules(ms)
     forced = force(facts, parsed, ms, use_annotations, lrules)
@@ -228,7 +228,7 @@ def _forced_facts(forced: Mapping[str, Proposal], facts: Sequence[Facts],
     """
     side = {p: (pair.id, "column") for pair in pairs for p in pair.columns}
     side.update({p: (pair.id, "row") for pair in pairs for p in pair.rows})
-    heads = {f.path for f in facts if f.kind == "dense" and HEAD.match(f.unit_name)}
+    heads = {f.path for f in facts if f.kind == "dense" and HEAD.match(f.layer_name)}
     out = {}
     for path, p in forced.items():
         pid, role = side.get(path, (None, None))

@@ -120,10 +120,13 @@ def conv_general_dilated(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: l
     for d in lspec[2:]:
         w.escape(lhs.dim_tags(d), "a spatial dim of a convolution window")
     fresh = None
+    # a grouped convolution's batch is not partitioned by XLA: its input and output are gathered
+    moved = math.prod(eqn.invars[0].aval.shape) + math.prod(eqn.outvars[0].aval.shape) if groups != 1 else 0
     for path, dims in rhs.origin:
         o, i = dims[rspec[0]], dims[rspec[1]]
         contracted = [dims[d] for d in rspec[1:] if dims[d] is not None]
-        uid = w.use(ctx, eqn, path, "conv", contracted, [o] if o is not None else [], [], rhs.const_of)
+        uid = w.use(ctx, eqn, path, "conv", contracted, [o] if o is not None else [], [], rhs.const_of,
+                    grouped=moved)
         fresh = uid if len(rhs.origin) == 1 else None
         if groups == 1 and i is not None:
             for k, (limit, via) in w.merge([lhs.dim_tags(lspec[1])]).items():

@@ -145,11 +145,12 @@ class Walk:
                 self.escape(m, why)
 
     def use(self, ctx: tuple, eqn: Any, path: str, op: str, contracted, kept, batch, scan_length,
-            rows: int = 0, dtype: str = "") -> int:
+            rows: int = 0, dtype: str = "", grouped: int = 0) -> int:
         key = (ctx, id(eqn), path)
         if key in self.use_key:
             return self.use_key[key]
-        u = Use(len(self.uses), path, op, tuple(contracted), tuple(kept), tuple(batch), scan_length, rows, dtype)
+        u = Use(len(self.uses), path, op, tuple(contracted), tuple(kept), tuple(batch), scan_length, rows, dtype,
+                grouped)
         self.uses.append(u)
         self.use_key[key] = u.id
         return u.id

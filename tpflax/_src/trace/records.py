@@ -33,6 +33,9 @@ class Use:
             contracted: the tokens, patches or frames the layer sees); else 0.
         dtype: for ``dot``/``onehot``, its output's dtype as traced (what its tensor-parallel
             collectives move: a bf16 model's activations even when its inputs are ids); else "".
+        grouped: for a grouped ``conv`` (``feature_group_count > 1``), the elements of its
+            input plus its output as traced: XLA's SPMD partitioner does not split a grouped
+            convolution's batch, so it gathers both over the batch axes; else 0.
     """
 
     id: int
@@ -44,6 +47,7 @@ class Use:
     scan_length: int = 0
     rows: int = 0
     dtype: str = ""
+    grouped: int = 0
 
 
 @dataclass(frozen=True)
