@@ -23,6 +23,11 @@ which the results table repeats as footnotes:
   ``model`` (splitting them buys KiB and costs activation collectives).
   T5's relative-position bias ``(buckets, heads)`` is split over heads, which the
   attention scores already are.
+* Wav2Vec2: ``intermediate_dense`` column, ``output_dense`` row; its conv feature
+  encoder, weight-norm positional conv (``weight_v`` ``(out, in/groups, taps)``,
+  ``weight_g``) and feature projection replicated over ``model``. LongT5's
+  transient-global attention is T5's (its global relative bias split over heads
+  too); Pegasus is BART's layout (its sinusoidal positions are not parameters).
 * With an ``fsdp`` axis: every kernel and embedding (not norms, biases or the
   small tables above) also splits its other dim over ``fsdp``.
 """
@@ -82,6 +87,13 @@ def megatron_rules(arch: str, mesh: dict[str, int], *, vocab: int, kv_heads: int
          r"|embedding_hidden_mapping_in|text_projection|visual_projection)/kernel$", P(f, None)),
         (r"(patch_embeddings/projection|patch_embedding|conv1|conv2)/kernel$", P(None, None, None, f)
          if arch != "whisper" else P(None, None, f)),
+        # wav2vec2 (h3): MLP column/row under its own names; conv front end, positional conv, projection
+        (r"feed_forward/intermediate_dense/bias$", P(T)),
+        (r"feed_forward/intermediate_dense/kernel$", col),
+        (r"feed_forward/output_dense/kernel$", row),
+        (r"conv_layers/\d+/conv/kernel$", P(None, None, f)),
+        (r"pos_conv_embed/conv/weight_v$", P(f, None, None)),
+        (r"feature_projection/projection/kernel$", P(f, None)),
         (r".*", P()),
     ]
     return rules
@@ -101,4 +113,7 @@ FOOTNOTES = (
     "projections, norms: replicated over model; T5's relative bias split over heads",
     "with fsdp=2: kernels and embeddings also split their other dim over fsdp; norms, biases "
     "and small tables do not",
+    "Wav2Vec2: intermediate_dense column, output_dense row; conv feature encoder, weight-norm "
+    "positional conv and feature projection replicated over model; LongT5's global relative bias "
+    "split over heads like T5's",
 )
