@@ -103,7 +103,7 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
     scope = Scope(mesh=mesh, lv=lv, batch=b, batch_axes=axes, shards=shards, act_item=w.act_item,
                   g_item=w.g_item, backend=w.backend, dispatch=w.dispatch, activations=w.activations,
                   config=w.config, tied=w.tied, parts=w.parts, rows=w.rows, fused=w.fused, remat=w.remat,
-                  shared=w.shared, lookups=w.lookups)
+                  shared=w.shared, lookups=w.lookups, joined=w.joined)
     every = comm_items(scope, notes) + expert_items(scope) + fused_items(scope, notes)
     items = tuple(i for i in every if i.total > 0)
     return Estimate(

@@ -37,7 +37,8 @@ class Workload:
         remat, backend, dispatch: as :func:`tpflax.estimate` takes them.
         act_item, g_item: activation and gradient bytes per element (g_item None: the parameter's).
         settings: what the estimate reports it used.
-        tied, parts, rows, fused, shared, lookups: from the traced forward (see :class:`Traced`); None untraced.
+        tied, parts, rows, fused, shared, lookups, joined: from the traced forward (see :class:`Traced`); None
+            untraced.
     """
 
     batch: Batch
@@ -56,6 +57,7 @@ class Workload:
     fused: Mapping[str, tuple[int, int]] | None = None
     shared: frozenset[str] | None = None
     lookups: Mapping[str, int] | None = None
+    joined: Mapping[str, tuple[float, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,10 @@ class Traced:
             and T5's shared table: the encoder's and the decoder's lookups); counted in
             ``parts`` too. XLA:TPU adds their scatter-adds before reducing them (one
             part for all of them, measured on BART-base, v5e:2x4); XLA:CPU reduces each.
+        joined: ``{path: rows of each other use / the first's}`` for a projection applied to
+            several inputs whose outputs reach the same contraction (LongT5's
+            transient-global keys and values; :func:`tpflax._src.planner.repeats.joined`):
+            its pair runs once, and each other input's gradient is summed apart.
     """
 
     tied: frozenset[str] | None = None
@@ -93,6 +99,7 @@ class Traced:
     act_dtype: str | None = None
     shared: frozenset[str] | None = None
     lookups: Mapping[str, int] | None = None
+    joined: Mapping[str, tuple[float, ...]] | None = None
 
 
 def _check_options(act_dtype: Any, grad_dtype: Any, backend: str, expert_dispatch: str) -> None:
@@ -144,7 +151,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     dispatch=expert_dispatch, act_item=itemsize(b.act_dtype),
                     g_item=itemsize(dtype_name(grad_dtype)) if grad_dtype is not None else None,
                     settings=settings, tied=t.tied if not activations else None, parts=t.parts, rows=t.rows,
-                    fused=t.fused, shared=t.shared, lookups=t.lookups)
+                    fused=t.fused, shared=t.shared, lookups=t.lookups, joined=t.joined)
 
 
 def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
@@ -161,6 +168,7 @@ def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
     import jax
 
     from tpflax._src.errors import TraceError
+    from tpflax._src.planner.repeats import merge_uses
     from tpflax._src.trace.dataflow import dataflow
 
     try:
@@ -190,8 +198,12 @@ def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
             by_dtype[u.dtype] = by_dtype.get(u.dtype, 0) + u.rows
     act = dtype_name(max(by_dtype, key=by_dtype.get)) if by_dtype else None
     shared = frozenset(flow.uses[u].path for u in flow.shared)
+    joined: dict[str, tuple[float, ...]] = {}
+    for u in merge_uses(flow, shapes).uses:
+        if u.op.startswith("join:"):
+            joined[u.path] = (*joined.get(u.path, ()), u.rows / examples / rows[u.path] if rows.get(u.path) else 1.0)
     return Traced(tied, {p: n for p, n in whole.items() if n > 1}, rows, fused, act, shared,
-                  {p: n for p, n in lookups.items() if n > 1})
+                  {p: n for p, n in lookups.items() if n > 1}, joined)
 
 
 def _model(plan, model: Any, sample: Any):
