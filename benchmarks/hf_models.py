@@ -14,6 +14,7 @@ apply), and ``loss(output, *sample)``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -44,7 +45,8 @@ class Arch:
         config: the config class name.
         kwargs: config fields (tiny, real ratios).
         inputs: ``ids`` (token ids), ``seq2seq`` (ids + decoder ids), ``pixels``
-            (NCHW images), ``clip`` (ids + images), ``audio`` (log-mel features + decoder ids).
+            (NCHW images), ``clip`` (ids + images), ``audio`` (log-mel features + decoder ids),
+            ``wave`` (raw audio samples, as many as the conv front end turns into ``seq`` frames).
         note: what the tiny config keeps from the published one.
     """
 
@@ -146,6 +148,10 @@ def _sample(inputs: str, config: Any, batch: int = BATCH, seq: int = SEQ) -> tup
         feats = jax.random.normal(k[1], (batch, config.num_mel_bins, 2 * config.max_source_positions))
         dec = jax.random.randint(k[0], (batch, min(seq, config.max_target_positions)), 3, vocab, dtype=jnp.int32)
         return (feats, dec)
+    if inputs == "wave":  # seq frames out of the conv stack: its receptive field + (seq-1) strides
+        hop = math.prod(config.conv_stride)
+        field = 1 + sum((k - 1) * math.prod(config.conv_stride[:i]) for i, k in enumerate(config.conv_kernel))
+        return (jax.random.normal(k[1], (batch, field + (seq - 1) * hop)),)
     raise ValueError(inputs)
 
 
@@ -172,7 +178,20 @@ def _apply(inputs: str, model: Any) -> tuple[Callable[..., Any], Callable[..., A
     if inputs == "clip":  # the contrastive loss CLIP is trained with
         return (lambda p, ids, px: model(ids, px, params=p).logits_per_text,
                 lambda out, ids, px: _xent(out, jnp.arange(out.shape[0])))
+    if inputs == "wave":  # the CTC loss wav2vec2 is fine-tuned with, on fixed transcripts
+        return (lambda p, wav: model(wav, params=p).logits, _ctc)
     raise ValueError(inputs)
+
+
+def _ctc(logits: Any, wav: Any) -> Any:
+    """CTC (blank 0, wav2vec2's pad id) against a fixed transcript of a quarter as many labels as frames."""
+    import jax.numpy as jnp
+    import optax
+
+    b, t, v = logits.shape
+    labels = jnp.arange(b * (t // 4), dtype=jnp.int32).reshape(b, t // 4) % (v - 1) + 1
+    return optax.ctc_loss(logits.astype(jnp.float32), jnp.zeros((b, t)), labels,
+                          jnp.zeros(labels.shape), blank_id=0).mean()
 
 
 _D, _L = 64, 2  # width and layers of every tiny config
@@ -289,6 +308,28 @@ ARCHS: tuple[Arch, ...] = (
               layer_type="y", image_size=32, num_labels=1000),
          inputs="pixels", note="RegNetY-4GF widths / 4 (32..1088 -> 8..272), the same 2/3/8/17 groups "
                                "per stage, squeeze-excitation; BatchNorm in inference-stats mode"),
+    # h3: fixed sinusoidal positions, transient-global attention, a raw-audio conv front end
+    Arch("pegasus", "encoder-decoder", "FlaxPegasusForConditionalGeneration", "PegasusConfig",
+         dict(vocab_size=1001, max_position_embeddings=64, d_model=_D, encoder_layers=_L,
+              decoder_layers=_L, encoder_attention_heads=4, decoder_attention_heads=4,
+              encoder_ffn_dim=4 * _D, decoder_ffn_dim=4 * _D, scale_embedding=True),
+         inputs="seq2seq", note="vocab 96103 odd -> 1001; sinusoidal positions (constants, not "
+         "params); scaled embedding; pre-norm with final layer norms"),
+    Arch("longt5", "encoder-decoder", "FlaxLongT5ForConditionalGeneration", "LongT5Config",
+         dict(vocab_size=1000, d_model=_D, d_kv=16, d_ff=168, num_layers=_L, num_heads=4,
+              relative_attention_num_buckets=32, encoder_attention_type="transient-global",
+              local_radius=8, global_block_size=4, feed_forward_proj="gated-gelu"),
+         inputs="seq2seq", note="long-t5-tglobal-base ratios: vocab 32128 -> 1000, gated-gelu MLP "
+         "2048/768 -> 168/64; local radius 127 -> 8 and global blocks 16 -> 4 so 32 tokens are 4 "
+         "local blocks and 8 global tokens"),
+    Arch("wav2vec2", "encoder", "FlaxWav2Vec2ForCTC", "Wav2Vec2Config",
+         dict(vocab_size=32, hidden_size=_D, num_hidden_layers=_L, num_attention_heads=4,
+              intermediate_size=4 * _D, conv_dim=(32,) * 7, feat_extract_norm="layer",
+              do_stable_layer_norm=True, conv_bias=True, num_conv_pos_embeddings=16,
+              num_conv_pos_embedding_groups=16),
+         inputs="wave", note="wav2vec2-large-lv60 CTC: 7 convs (kernels 10,3,3,3,3,2,2, strides 5,2,...: "
+         "hop 320) 512 -> 32 channels, 10320 samples -> 32 frames; grouped (16) weight-norm "
+         "positional conv 128 -> 16 taps; CTC vocab 32; CTC loss"),
 )
 
 BY_NAME = {a.name: a for a in ARCHS}

@@ -27,6 +27,11 @@ which the results table repeats as footnotes:
   RegNet (a CNN, which Megatron has no layout for): convolutions, squeeze-excitation
   and BatchNorm replicated over ``model`` (fsdp on output channels); the classifier
   (``classifier/1``, behind the pooling) vocab-parallel like any head.
+* Wav2Vec2: ``intermediate_dense`` column, ``output_dense`` row; its conv feature
+  encoder, weight-norm positional conv (``weight_v`` ``(out, in/groups, taps)``,
+  ``weight_g``) and feature projection replicated over ``model``. LongT5's
+  transient-global attention is T5's (its global relative bias split over heads
+  too); Pegasus is BART's layout (its sinusoidal positions are not parameters).
 * With an ``fsdp`` axis: every kernel and embedding (not norms, biases or the
   small tables above) also splits its other dim over ``fsdp``.
 * RoFormer, RoBERTa-PreLayerNorm and BigBird use BERT's module names, so the rules
@@ -94,6 +99,13 @@ def megatron_rules(arch: str, mesh: dict[str, int], *, vocab: int, kv_heads: int
          r"|embedding_hidden_mapping_in|text_projection|visual_projection)/kernel$", P(f, None)),
         (r"(patch_embeddings/projection|patch_embedding|conv1|conv2)/kernel$", P(None, None, None, f)
          if arch != "whisper" else P(None, None, f)),
+        # wav2vec2 (h3): MLP column/row under its own names; conv front end, positional conv, projection
+        (r"feed_forward/intermediate_dense/bias$", P(T)),
+        (r"feed_forward/intermediate_dense/kernel$", col),
+        (r"feed_forward/output_dense/kernel$", row),
+        (r"conv_layers/\d+/conv/kernel$", P(None, None, f)),
+        (r"pos_conv_embed/conv/weight_v$", P(f, None, None)),
+        (r"feature_projection/projection/kernel$", P(f, None)),
         (r".*", P()),
     ]
     return rules
@@ -118,4 +130,7 @@ FOOTNOTES = (
     "BEiT's relative position bias tables (distances, heads) split over heads like T5's; layer-scale "
     "lambdas replicated; RegNet's convolutions (grouped 3x3, 1x1, squeeze-excitation) replicated over "
     "model (a CNN has no Megatron layout; fsdp on output channels), its classifier vocab-parallel",
+    "Wav2Vec2: intermediate_dense column, output_dense row; conv feature encoder, weight-norm "
+    "positional conv and feature projection replicated over model; LongT5's global relative bias "
+    "split over heads like T5's",
 )

@@ -40,6 +40,20 @@ def _grouped(v, images):
     x = jax.nn.relu(jax.lax.conv_general_dilated(x, v["grouped"], (2, 2), "SAME", dimension_numbers=dn,
                                                  feature_group_count=4))
     return x.mean((1, 2)) @ v["head"]
+def _joined(v, x):
+    """Keys and values of the tokens and of 4 per-block summaries, joined along the keys (LongT5's
+    transient-global attention): one attention call, its k and v kernels applied to two inputs."""
+    x = jnp.tanh(x @ v["inp"])
+    g = jnp.tanh(x.reshape(8, 4, 4, 64).sum(2))  # (batch, 4 summaries, width)
+
+    def heads(a):
+        return a.reshape(a.shape[0], a.shape[1], 4, 16)
+
+    q = heads(x @ v["q"])
+    k, val = (jnp.concatenate([heads(x @ v[n]), heads(g @ v[n])], 1) for n in ("k", "v"))
+    s = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k), -1)
+    h = x + jnp.einsum("bhqk,bkhd->bqhd", s, val).reshape(8, 16, 64) @ v["o"]
+    return h @ v["head"]
 
 
 def _loss(out, *_):
@@ -53,6 +67,8 @@ CASES = {
               (jax.ShapeDtypeStruct((8, 16, 64), F32),)),
     "grouped": (_grouped, {"stem": (1, 1, 3, 32), "grouped": (3, 3, 8, 32), "head": (32, 10)},
                 (jax.ShapeDtypeStruct((8, 8, 8, 3), F32),)),
+    "joined": (_joined, {"inp": (64, 64), "q": (64, 64), "k": (64, 64), "v": (64, 64), "o": (64, 64),
+                         "head": (64, 10)}, (jax.ShapeDtypeStruct((8, 16, 64), F32),)),
 }
 
 
@@ -95,6 +111,16 @@ def test_fused_kernel_reshard_is_priced():
     # permutes of 32 + 16, 32 + 32 and 16 + 16 + 16 columns (read off the compiled HLO)
     assert fused["collective-permute"].size == rows * 160 * 4
     assert (fused["all-to-all"].size, fused["all-to-all"].count) == (rows * 48 * 4, 2)
+
+
+def test_joined_inputs_are_one_call_and_their_gradients_summed_apart():
+    fn, p, sample = _case("joined")
+    assert [tuple(p.decisions[n].spec) for n in "qkvo"] == [(None, "model")] * 3 + [("model", None)]
+    e = tpflax.estimate(p, optax.sgd(0.1), model=fn, sample=sample, backend="cpu")
+    pair = sorted((i.size, i.count) for i in e.items if i.source.startswith("pair") and i.axes == ("model",))
+    # one call: the row's forward sum and q, k, v's input gradients over 16 tokens, then k's and v's
+    # over the 4 summaries they also read (local examples x rows x width x f32)
+    assert pair == [(8 // 2 * 4 * 64 * 4, 1)] * 2 + [(8 // 2 * 16 * 64 * 4, 1)] * 4
 
 
 @pytest.mark.slow

@@ -365,6 +365,36 @@ def test_weights_shared_by_calls_are_the_hand_layout(shared):
     assert {k: got.decisions[k].spec for k in pick} == {k: hand.decisions[k].spec for k in pick}
 
 
+
+# -- one projection applied to two inputs joined before one contraction (LongT5's transient-global) --
+
+class JoinedKV(nn.Module):
+    """Local blocks attend to their own tokens and to per-block summaries: key and value apply to
+    both, the summaries' keys and values are tiled over the blocks (``jnp.tile``, a primitive since
+    jax 0.10) and concatenated along the keys, and one output projection sums the heads."""
+
+    @nn.compact
+    def __call__(self, tok):
+        x = nn.Embed(V, D, name="wte")(tok)
+        b, t, nb = x.shape[0], x.shape[1], 2
+        g = nn.LayerNorm(name="global_ln")(x.reshape(b, nb, t // nb, D).sum(2))  # (b, nb, D) summaries
+        q = nn.Dense(D, name="q")(x).reshape(b, nb, t // nb, H, HD)
+        k, v = (jnp.concatenate([f(x).reshape(b, nb, t // nb, H, HD),
+                                 jnp.tile(f(g).reshape(b, 1, nb, H, HD), (1, nb, 1, 1, 1))], 2)
+                for f in (nn.Dense(D, name="k"), nn.Dense(D, name="v")))
+        s = jax.nn.softmax(jnp.einsum("bnqhd,bnkhd->bnhqk", q, k) / HD ** 0.5, -1)
+        x = x + nn.Dense(D, name="o")(jnp.einsum("bnhqk,bnkhd->bnqhd", s, v).reshape(b, t, D))
+        return nn.Dense(V, name="lm")(x)
+
+
+def test_projection_of_joined_inputs_pairs():
+    m = JoinedKV()
+    p = tpflax.plan(abstract(m, TOK), MESH, model=m, sample=(TOK,))
+    want = {"k/kernel": P(None, "model"), "v/kernel": P(None, "model"), "q/kernel": P(None, "model"),
+            "o/kernel": P("model", None)}
+    assert specs(p, want) == want
+    assert "applied to 2 inputs" in p.decisions["params/k/kernel"].reason
+
 # -- 13: scan stacks whose layers dim is not first (variable_axes={'params': 1}) ------
 
 class ScanLayer(nn.Module):

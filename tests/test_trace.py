@@ -391,3 +391,16 @@ def test_a_scan_carry_read_by_a_contraction_is_shared():
 
     flow = analyze(jax.make_jaxpr(fn)(w, jnp.ones((2, 4))), ["k", "q"])
     assert sorted(flow.uses[u].path for u in flow.shared) == ["k", "q"]
+
+
+def test_tile_keeps_the_dims_it_does_not_repeat():
+    # jnp.tile is a primitive since jax 0.10: copies along the tokens keep the features' column tag
+    # (LongT5's global keys tiled over the blocks); copies along the features end it
+    w = {"a": jnp.ones((4, 8)), "b": jnp.ones((8, 4))}
+    for reps, edge in (((3, 1), True), ((1, 2), False)):
+        def fn(w, x, reps=reps):
+            h = jnp.tile(x @ w["a"], reps)
+            return h[:, :8] @ w["b"]
+
+        flow = analyze(jax.make_jaxpr(fn)(w, jnp.ones((2, 4))), ["a", "b"])
+        assert [(e.src, e.dst) for e in flow.edges] == ([("a", "b")] if edge else [])

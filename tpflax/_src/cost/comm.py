@@ -95,6 +95,7 @@ class Scope:
     shared: frozenset[str] | None = None  # traced kernels whose input a residual also reads (trace.sharing)
     lookups: Mapping[str, int] | None = None  # traced tables looked up by several gathers (cost.workload.Traced)
     grouped: Mapping[str, float] | None = None  # traced grouped convolutions (cost.workload.Traced)
+    joined: Mapping[str, tuple[float, ...]] | None = None  # a projection's joined other uses' rows (Traced)
 
     def rows_of(self, path: str) -> float:
         """Activation rows on one device that the leaf at ``path`` reads: as traced, else the batch's tokens."""
@@ -269,8 +270,10 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
         if not axes:
             continue
         n = s.size(axes)
-        # a layer called several times (shared weights, ALBERT) sums its partial outputs at each call
-        calls = max((s.parts or {}).get(p, 1) for p in cols + rows)
+        # a layer called several times (shared weights, ALBERT) sums its partial outputs at each call;
+        # a projection's joined uses (one call, several inputs) are not calls
+        joined = s.joined or {}
+        calls = max((s.parts or {}).get(p, 1) - len(joined.get(p, ())) for p in cols + rows)
         count = max(layers(dec[p]) for p in cols + rows) * pc.count * calls
         source = f"pair {pc.id}" + (f" and {pc.count - 1} alike" if pc.count > 1 else "")
         for r in rows:
@@ -290,6 +293,9 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
             what = f"columns {', '.join(label[x] for x in summed)}" if c in summed else f"column {label[c]}"
             items.append(CommItem("all-reduce", axes, _pair_act(c, dec[c], "in", s), n, count, source,
                                   f"{what}: sum partial input gradients (backward)"))
+        items += [CommItem("all-reduce", axes, _pair_act(j, dec[j], "in", s) * r, n, count, source, f"column "
+                           f"{label[j]}, its joined other input: sum partial input gradients (backward)")
+                  for j in split_cols for r in joined.get(j, ())]  # each other input's gradient, apart
         for c in cols:
             if not s.axes(c, TENSOR):  # GQA key/value with fewer heads than the tensor degree: gather its output gradient
                 items.append(CommItem("all-gather", axes, _pair_act(c, dec[c], "out", s), n, count, source,

@@ -37,7 +37,8 @@ class Workload:
         remat, backend, dispatch: as :func:`tpflax.estimate` takes them.
         act_item, g_item: activation and gradient bytes per element (g_item None: the parameter's).
         settings: what the estimate reports it used.
-        tied, parts, rows, fused, shared, lookups: from the traced forward (see :class:`Traced`); None untraced.
+        tied, parts, rows, fused, shared, lookups, grouped, joined: from the traced forward (see :class:`Traced`); None
+            untraced.
     """
 
     batch: Batch
@@ -57,6 +58,7 @@ class Workload:
     shared: frozenset[str] | None = None
     lookups: Mapping[str, int] | None = None
     grouped: Mapping[str, float] | None = None
+    joined: Mapping[str, tuple[float, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,10 @@ class Traced:
         grouped: ``{path: elements per example}`` of a grouped convolution's input plus
             output: XLA gathers both over the batch axes and reduces the kernel's gradient
             over every device (measured on RegNet, XLA:CPU).
+        joined: ``{path: rows of each other use / the first's}`` for a projection applied to
+            several inputs whose outputs reach the same contraction (LongT5's
+            transient-global keys and values; :func:`tpflax._src.planner.repeats.joined`):
+            its pair runs once, and each other input's gradient is summed apart.
     """
 
     tied: frozenset[str] | None = None
@@ -98,6 +104,7 @@ class Traced:
     shared: frozenset[str] | None = None
     lookups: Mapping[str, int] | None = None
     grouped: Mapping[str, float] | None = None
+    joined: Mapping[str, tuple[float, ...]] | None = None
 
 
 def _check_options(act_dtype: Any, grad_dtype: Any, backend: str, expert_dispatch: str) -> None:
@@ -150,7 +157,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     g_item=itemsize(dtype_name(grad_dtype)) if grad_dtype is not None else None,
                     settings=settings, tied=t.tied if not activations else None, parts=t.parts, rows=t.rows,
                     fused=t.fused, shared=t.shared, lookups=t.lookups,
-                    grouped=t.grouped)
+                    grouped=t.grouped, joined=t.joined)
 
 
 def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
@@ -167,6 +174,7 @@ def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
     import jax
 
     from tpflax._src.errors import TraceError
+    from tpflax._src.planner.repeats import merge_uses
     from tpflax._src.trace.dataflow import dataflow
 
     try:
@@ -200,8 +208,12 @@ def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
     for u in flow.uses:
         if u.grouped:
             grouped[u.path] = grouped.get(u.path, 0) + u.grouped / examples
+    joined: dict[str, tuple[float, ...]] = {}
+    for u in merge_uses(flow, shapes).uses:
+        if u.op.startswith("join:"):
+            joined[u.path] = (*joined.get(u.path, ()), u.rows / examples / rows[u.path] if rows.get(u.path) else 1.0)
     return Traced(tied, {p: n for p, n in whole.items() if n > 1}, rows, fused, act, shared,
-                  {p: n for p, n in lookups.items() if n > 1}, grouped)
+                  {p: n for p, n in lookups.items() if n > 1}, grouped, joined)
 
 
 def _model(plan, model: Any, sample: Any):

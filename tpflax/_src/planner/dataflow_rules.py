@@ -102,7 +102,7 @@ def _start(facts: Sequence[Facts], st: State, flow: Dataflow) -> _Flow:
         fx[f.path] = f if same else dataclasses.replace(f, stacked=stacked, layers_at=at or 0)
     uses: dict[str, list[Use]] = defaultdict(list)
     for u in flow.uses:
-        if u.path in fx:  # an ``alias:``/``repeat:`` use (see merge_uses) is no contraction of its own
+        if u.path in fx:  # an ``alias:``/``repeat:``/``join:`` use (see merge_uses) is no contraction of its own
             uses[u.path].append(u)
     return _Flow(st, flow, fx, uses)
 
@@ -211,6 +211,9 @@ def _pair_row(c: _Flow, rid: int) -> None:
 def _shared(c: _Flow, path: str) -> str:
     """Words for a weight that one layer, called several times, contracts at the same place each call."""
     n = 1 + sum(u.op.startswith("repeat:") for u in c.uses[path])
+    j = 1 + sum(u.op.startswith("join:") for u in c.uses[path])
+    if j > 1:
+        return f"; applied to {j} inputs whose outputs all reach that contraction, so split alike in all"
     return f"; shared by {n} calls of its layer, at the same place in each, so split alike in all" if n > 1 else ""
 
 

@@ -7,7 +7,12 @@ dims in the trace, and both are still one column or row of a pair:
   use reads one slice, so the uses leave the indexed dims out;
 * **repeated**: one layer called N times (ALBERT's shared layer group,
   Universal Transformers): each call contracts the whole weight at the same
-  place in its call's dataflow (the same partners, over the same dims).
+  place in its call's dataflow (the same partners, over the same dims);
+* **joined**: one projection applied to several inputs whose outputs are joined
+  before the same contraction (LongT5's transient-global keys and values, of the
+  tokens and of the per-block summaries, concatenated along the keys): every use
+  reaches the same consumer over the same dims, so a split of the output
+  features is the same split for each.
 
 :func:`merge_uses` folds such uses into the first, so the dataflow rules pair
 the weight once; a split then holds in every call.
@@ -43,14 +48,32 @@ def repeated(flow: Dataflow, uses: Sequence[Use], inside: set[str]) -> bool:
     return bool(first[0] or first[1]) and all(_position(flow, u.id, inside) == first for u in uses[1:])
 
 
+def _sinks(flow: Dataflow, uid: int) -> tuple:
+    """Where a use's output goes: its edges (by consumer use), escapes and model outputs, by dim."""
+    return (frozenset((e.src_dim, e.dst_use, e.dst_dim) for e in flow.edges if e.src_use == uid),
+            frozenset(d for u, d in flow.escapes if u == uid), frozenset(d for u, d in flow.outputs if u == uid))
+
+
+def joined(flow: Dataflow, uses: Sequence[Use]) -> bool:
+    """Uses of one weight whose outputs all reach the same consumer uses over the same dims.
+
+    >>> u = [Use(0, "w", "dot", (0,), (1,)), Use(1, "w", "dot", (0,), (1,)), Use(2, "o", "dot", (0,), (1,))]
+    >>> e = [Edge("w", 0, 1, "o", 2, 0, 4, ()), Edge("w", 1, 1, "o", 2, 0, 4, ())]
+    >>> joined(Dataflow(("w", "o"), tuple(u), tuple(e), {}, frozenset(), frozenset(), {}, frozenset(), {}), u[:2])
+    True
+    """
+    first = _sinks(flow, uses[0].id)
+    return bool(first[0]) and all(_sinks(flow, u.id) == first for u in uses[1:])
+
+
 def merge_uses(flow: Dataflow, shapes: Mapping[str, tuple[int, ...]]) -> Dataflow:
     """One use for a parameter contracted once per slice or once per call of its layer.
 
     The uses must all read the same dims. Sliced uses leave out the indexed
     dims (experts in a loop); repeated uses sit at the same place of each call
-    (see :func:`repeated`). A weight used alike in unrelated places (a tied
+    (see :func:`repeated`); joined uses feed the same consumers (see :func:`joined`). A weight used alike in unrelated places (a tied
     projection used twice) keeps its uses. The other uses become ``alias:<first
-    id>`` (``repeat:<first id>`` for repeated ones) and their edges, escapes and outputs move to the first.
+    id>`` (``repeat:``/``join:<first id>`` for repeated/joined ones) and their edges, escapes and outputs move to the first.
 
     >>> u = [Use(0, "w", "dot", (1,), (2,)), Use(1, "w", "dot", (1,), (2,))]
     >>> f = Dataflow(("w",), tuple(u), (), {}, frozenset({(1, 2)}), frozenset(), {}, frozenset(), {})
@@ -72,9 +95,13 @@ def merge_uses(flow: Dataflow, shapes: Mapping[str, tuple[int, ...]]) -> Dataflo
                                                               us[0].batch) for u in us)
         sliced = bool(missing) and len(us) <= math.prod(shape[d] for d in missing)
         inside = {p for p, vs in by_path.items() if len(vs) == len(us)}
-        if len(us) > 1 and same and (sliced or (not missing and repeated(flow, us, inside))):
+        if len(us) < 2 or not same:
+            continue
+        how = ("alias" if sliced else None if missing else "repeat" if repeated(flow, us, inside)
+               else "join" if joined(flow, us) else None)
+        if how:
             alias.update({u.id: us[0].id for u in us[1:]})
-            tag.update({u.id: "alias" if sliced else "repeat" for u in us[1:]})
+            tag.update({u.id: how for u in us[1:]})
     if not alias:
         return flow
 

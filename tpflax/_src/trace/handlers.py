@@ -282,6 +282,16 @@ def rev(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list
     return [_same_dims(w, v, ranks[0])]
 
 
+def tile(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    """``jnp.tile`` (a primitive since jax 0.10): a dim repeated ``r > 1`` times holds copies, so a
+    split of it is no split of the input; the dims repeated once keep their tags."""
+    v = ins[0]
+    for d, r in enumerate(eqn.params["reps"]):
+        if r != 1:
+            w.escape(v.dim_tags(d), "tiled (repeated copies along it)")
+    return [_same_dims(w, v, ranks[0])]
+
+
 def iota(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
     return [Val(ranks[0], iota=True)]
 
@@ -306,7 +316,7 @@ HANDLERS: dict[str, Handler] = {
     "reduce": variadic_reduce,
     "transpose": transpose, "broadcast_in_dim": broadcast_in_dim, "squeeze": squeeze,
     "reshape": reshape, "slice": slice_, "split": split, "dynamic_slice": dynamic_slice,
-    "concatenate": concatenate, "stack": stack, "pad": pad, "rev": rev, "iota": iota, "sort": sort, "top_k": top_k,
+    "concatenate": concatenate, "stack": stack, "pad": pad, "rev": rev, "tile": tile, "iota": iota, "sort": sort, "top_k": top_k,
     "dot_general": contractions.dot_general, "conv_general_dilated": contractions.conv_general_dilated,
     "gather": contractions.gather,
     "scan": control.scan, "while": control.while_, "cond": control.cond,
