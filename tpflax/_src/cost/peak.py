@@ -356,7 +356,13 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
     # its forward to its backward pass (Llama-2-7B and MoE fsdp=2,model=4 buffer dumps: f32[4,8,4096,4096]
     # per layer, next to two bf16 ones in flight in the Llama step's last attention backward)
     working = elems * w.act_item * SCORES_WORKING.get(w.act_item, 2)
-    scores = elems * (4 if _heads_split(lv, mesh) > 1 else w.act_item)
+    split_heads = _heads_split(lv, mesh) > 1
+    scores = elems * (4 if split_heads else w.act_item)
+    if w.remat and not split_heads and w.act_item == 2:
+        # remat'd 16-bit attention: the recomputed probabilities' buffer (counted in ``recompute``) takes
+        # their gradient in place, so one more is in flight, not two (Llama-2-7B fsdp=8 bf16 remat dump:
+        # two bf16[32,4096,4096] at the peak; float32 and head-split probabilities keep theirs apart)
+        working -= elems * w.act_item
     saved_scores = 0 if w.remat else SCORES_SAVED * scores * n_attn
     recompute = 0
     # on TPU no row projection's output outlives its residual add (module ``residual``, buffer evidence there)
