@@ -229,3 +229,21 @@ def test_a_grouped_convolution_gathers_its_batch():
             assert (got[1].size, got[1].count, got[2].size) == (3 * 3 * 8 * 32 * 4, 2, acts / 2)
         grads = [i for i in est.items if i.kind == "all-reduce" and i.source == "grouped"]
         assert [i.axes for i in grads] == [reduced]
+
+
+def test_a_weight_normed_grouped_convolution_gathers_its_batch_once():
+    # Wav2Vec2's positional conv: the kernel is computed from two weights, v / |v| * g (a weight norm).
+    # The trace keeps v's origin through the norm (a reduction of v) and the division, so the conv is
+    # v's, and the batch gather is counted once, not once per weight
+    def fn(v, x):
+        norm = jnp.linalg.norm(v["v"], axis=(0, 1))[None, None, :]
+        kernel = (v["v"] / norm * v["g"]).T  # (64, 4, 16) -> (16, 4, 64): width, in/groups, out
+        return jax.lax.conv_general_dilated(x, kernel, (1,), "SAME", feature_group_count=16,
+                                            dimension_numbers=("NWC", "WIO", "NWC")).sum()
+
+    tree = {"v": jax.ShapeDtypeStruct((64, 4, 16), F32), "g": jax.ShapeDtypeStruct((1, 1, 16), F32)}
+    x = jax.ShapeDtypeStruct((8, 32, 64), F32)
+    plan = tpflax.plan(tree, MESH, rules=[(".*", P())])
+    est = tpflax.estimate(plan, optax.adam(1e-3), model=fn, sample=(x,), backend="cpu")
+    got = [(i.source, i.axes, i.size) for i in est.items if i.kind == "all-gather"]
+    assert got == [("v", ("data",), 2 * 8 * 32 * 64 * 4)]  # input + output, f32, the whole batch

@@ -52,8 +52,9 @@ def elementwise(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
     params = [v for v in full if v.origin]
     acts = [v for v in full if not v.origin]
     if name in VIEW or (params and not acts):
-        # A view of parameters (a cast, a weight computed from weights) is still a parameter.
-        origin = tuple(o for v in params for o in v.origin)
+        # A view of parameters (a cast, a weight computed from weights) is still a parameter; one
+        # parameter met twice (weight norm: ``v / norm(v)``) is one origin, with its fullest dims
+        origin = _one_per_path(o for v in params for o in v.origin)
         tags = w.pointwise([v for v in full if v.tags is not None], rank, name)
         base = full[0] if full else Val(rank)
         return [dataclasses.replace(base, origin=origin, tags=tags,
@@ -67,6 +68,15 @@ def elementwise(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
     iota = all(v.iota or v.rank == 0 for v in ins) and any(v.iota for v in ins) and name in (
         "add", "sub", "mul", "convert_element_type", "copy")
     return [Val(r, tags=tags, onehot=onehot, iota=iota) for r in ranks]
+
+
+def _one_per_path(origin: Any) -> tuple:
+    """``((path, dims), ...)`` with one entry per path: the one mapping the most dims."""
+    best: dict[str, tuple] = {}
+    for path, dims in origin:
+        if path not in best or sum(d is not None for d in dims) > sum(d is not None for d in best[path]):
+            best[path] = dims
+    return tuple(best.items())
 
 
 def _note_params(w: Walk, name: str, params: list[Val], acts: list[Val]) -> None:
@@ -92,6 +102,10 @@ def reduce(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> l
     for a in axes:
         w.escape(v.dim_tags(a), f"{name} reduces over it (a norm, a mean or a softmax over "
                                 "features needs the whole dim)")
+    if v.origin and v.tags is None and name in ("reduce_sum", "reduce_max", "reduce_min"):
+        # a reduction of a parameter (the norm in a weight norm) is still computed from that parameter
+        return [Val(ranks[0], origin=tuple((p, tuple(d for i, d in enumerate(dims) if i not in axes))
+                                           for p, dims in v.origin))]
     if v.tags is None:
         return [Val(r) for r in ranks]
     tags = tuple(w.merge([v.tags[d]]) for d in range(v.rank) if d not in axes)
