@@ -90,8 +90,7 @@ def zero3(loss_fn: Callable[[Any], Any], params: Any, *, decisions: Sequence[Any
     # stored, then gathered: the forward all-gathers; the backward's transpose pins the summed
     # gradient to the stored shards, so XLA reduce-scatters it (without the first constraint
     # XLA:TPU all-reduces the whole gradient and slices it: twice the bytes, measured)
-    targets = {i: stack_target(d, mesh, fsdp) if d.layers_dim is not None else _leaf_target(d, mesh, fsdp)
-               for i, d in enumerate(decisions)}
+    targets = {i: stack_target(d, mesh, fsdp) for i, d in enumerate(decisions)}
     leaves, treedef = jax.tree_util.tree_flatten(params)
 
     def on_leaves(*leaves):
@@ -107,25 +106,21 @@ def pin(x: Any, stored: Any, gathered: Any) -> Any:
     return jax.lax.with_sharding_constraint(jax.lax.with_sharding_constraint(x, stored), gathered)
 
 
-def _leaf_target(d: Any, mesh: Any, fsdp: frozenset[str]) -> StackTarget:
-    """An unstacked leaf (a Decision) as stored and as gathered over ``fsdp``; ``dim=None``: no scan slices it."""
-    from jax.sharding import NamedSharding
-
-    both = (NamedSharding(mesh, to_pspec(entries(d.spec, len(d.shape)))),
-            NamedSharding(mesh, without_axes(d.spec, fsdp)))
-    return StackTarget(whole=both, layer=both, dim=None)
-
-
 def stack_target(d: Any, mesh: Any, fsdp: frozenset[str]) -> StackTarget:
-    """Shardings of a stacked leaf (a Decision), whole and per layer, as stored and as gathered over ``fsdp``."""
+    """Shardings of a leaf (a Decision) as stored and as gathered over ``fsdp``: whole and, for a stack, per layer.
+
+    A leaf without a layers dim is its own layer (``dim=None``: no scan slices it).
+    """
     from jax.sharding import NamedSharding
+
+    def both(spec):
+        return NamedSharding(mesh, to_pspec(spec)), NamedSharding(mesh, without_axes(spec, fsdp))
 
     spec = entries(d.spec, len(d.shape))
-    layer = spec[:d.layers_dim] + spec[d.layers_dim + 1:]
-    return StackTarget(
-        whole=(NamedSharding(mesh, to_pspec(spec)), NamedSharding(mesh, without_axes(spec, fsdp))),
-        layer=(NamedSharding(mesh, to_pspec(layer)), NamedSharding(mesh, without_axes(layer, fsdp))),
-        dim=d.layers_dim)
+    if d.layers_dim is None:
+        return StackTarget(whole=both(spec), layer=both(spec), dim=None)
+    return StackTarget(whole=both(spec), layer=both(spec[:d.layers_dim] + spec[d.layers_dim + 1:]),
+                       dim=d.layers_dim)
 
 
 def gather_stacks_in_scans(fn: Callable[..., Any], targets: dict[int, StackTarget]) -> Callable[..., Any]:

@@ -161,10 +161,10 @@ def _gradient_items(s: Scope) -> list[CommItem]:
         for kind, axes, size, n, count, why in _gradient_templates(
                 s.lv.specs[path], s.mesh, _reduce_axes(path, s), s.leaf_bytes(path, d), leaf_itemsize(d), s.g_item,
                 s.backend, reps, _gather_item(d, s.backend), len(body(d))):
-            if kind == "all-gather" and s.remat and d.layers_dim is not None:
-                count, why = 2 * count, why.split(" (")[0] + " one layer at a time in the scan, again in the remat'd backward"
-            elif kind == "all-gather" and s.remat and d.group != path:  # a layer's: gathered inside remat (zero3)
-                count, why = 2 * count, why.split(" (")[0] + " inside the remat'd layer, again in its backward recompute"
+            if kind == "all-gather" and s.remat and (d.layers_dim is not None or d.group != path):
+                # a layer's leaf is gathered inside its remat'd call (scan_fsdp.zero3): again in the backward
+                where = "one layer at a time in the scan" if d.layers_dim is not None else "inside the remat'd layer"
+                count, why = 2 * count, f"{why.split(' (')[0]} {where}, again in the remat'd backward"
             items.append(CommItem(kind, axes, size, n, count * k, label, why))
             if parts > 1 and kind != "all-gather":  # the other uses' gradients: all-reduced whole (XLA:TPU)
                 items.append(CommItem("all-reduce" if kind == "reduce-scatter" else kind, axes, size, n,
