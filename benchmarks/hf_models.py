@@ -280,7 +280,7 @@ ARCHS: tuple[Arch, ...] = (
               encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=4 * _D,
               decoder_ffn_dim=4 * _D, max_source_positions=32, max_target_positions=32),
          inputs="audio", note="vocab 51865 odd -> 1001; conv1d front end over 80 mel bins"),
-    # h1: RoFormer, RoBERTa-PreLayerNorm, BigBird
+    # encoders: RoFormer, RoBERTa-PreLayerNorm, BigBird
     Arch("roformer", "encoder", "FlaxRoFormerForMaskedLM", "RoFormerConfig",
          dict(_BERTISH, vocab_size=1000, embedding_size=_D, type_vocab_size=2),
          note="vocab 50000 -> 1000; rotary q/k rotate-every-two (stack/reshape); tied head"),
@@ -291,7 +291,7 @@ ARCHS: tuple[Arch, ...] = (
          dict(_BERTISH, vocab_size=1022, type_vocab_size=2, attention_type="block_sparse",
               block_size=4, num_random_blocks=1),
          note="vocab 50358 = 2*odd -> 1022; block_sparse attention, 8 blocks of 4, 1 random block"),
-    # h2: vision family (relative position bias, layer scale, grouped convs + BatchNorm)
+    # vision (relative position bias, layer scale, grouped convs + BatchNorm)
     Arch("beit", "vision", "FlaxBeitForImageClassification", "BeitConfig",
          dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=4, intermediate_size=4 * _D,
               image_size=32, patch_size=8, num_labels=1000, use_relative_position_bias=True,
@@ -308,7 +308,7 @@ ARCHS: tuple[Arch, ...] = (
               layer_type="y", image_size=32, num_labels=1000),
          inputs="pixels", note="RegNetY-4GF widths / 4 (32..1088 -> 8..272), the same 2/3/8/17 groups "
                                "per stage, squeeze-excitation; BatchNorm in inference-stats mode"),
-    # h3: fixed sinusoidal positions, transient-global attention, a raw-audio conv front end
+    # fixed sinusoidal positions, transient-global attention, a raw-audio conv front end
     Arch("pegasus", "encoder-decoder", "FlaxPegasusForConditionalGeneration", "PegasusConfig",
          dict(vocab_size=1001, max_position_embeddings=64, d_model=_D, encoder_layers=_L,
               decoder_layers=_L, encoder_attention_heads=4, decoder_attention_heads=4,

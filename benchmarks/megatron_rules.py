@@ -99,7 +99,7 @@ def megatron_rules(arch: str, mesh: dict[str, int], *, vocab: int, kv_heads: int
          r"|embedding_hidden_mapping_in|text_projection|visual_projection)/kernel$", P(f, None)),
         (r"(patch_embeddings/projection|patch_embedding|conv1|conv2)/kernel$", P(None, None, None, f)
          if arch != "whisper" else P(None, None, f)),
-        # wav2vec2 (h3): MLP column/row under its own names; conv front end, positional conv, projection
+        # wav2vec2: MLP column/row under its own names; conv front end, positional conv, projection
         (r"feed_forward/intermediate_dense/bias$", P(T)),
         (r"feed_forward/intermediate_dense/kernel$", col),
         (r"feed_forward/output_dense/kernel$", row),
