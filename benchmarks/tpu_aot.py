@@ -45,6 +45,8 @@ MODELS = {  # name: (zoo name, layer override, global batch)
     "moe": ("moe", 2, 8),
 }
 MESHES = ("fsdp=8", "data=2,fsdp=4", "fsdp=2,model=4")
+TOPOLOGY = "v5e:2x4"
+BIG_TOPOLOGY = "v5p:2x2x2"  # 8 chips of 95 GiB, for a config whose step does not fit a v5e
 
 
 def grid():
@@ -121,14 +123,29 @@ def compile_all(cpu: bool, only: str = "", redo: bool = False) -> None:
         todo = [c for c in todo if c[1] == "fsdp=8" and c[3] == "bf16" and not c[2]]
     for cfg in todo:
         m, p, shape, batch = build(cfg)
-        mesh = tpflax.make_mesh(shape) if cpu else tpu_mesh(shape)
-        try:
-            c = compile_step(tpflax.make_train_step(m, p, mesh, optimizer(), batch), mesh)
-        except Exception as e:  # noqa: BLE001 - e.g. XLA:TPU refusing a step that does not fit HBM
-            print(key(cfg), f"not compiled: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+        topology = None if cpu else TOPOLOGY
+        while True:
+            mesh = tpflax.make_mesh(shape) if cpu else tpu_mesh(shape, topology)
+            try:
+                c = compile_step(tpflax.make_train_step(m, p, mesh, optimizer(), batch), mesh)
+                break
+            except Exception as e:  # noqa: BLE001 - e.g. XLA:TPU refusing a step that does not fit HBM
+                msg = str(e).splitlines()[0][:300]
+                if topology == TOPOLOGY and "exceeds available HBM" in str(e):
+                    # a step too large for a v5e's 16 GB still has a compiled peak to hold the
+                    # estimate to: compile it for the same 8 devices of a larger-HBM chip
+                    print(key(cfg), f"does not fit {TOPOLOGY} ({msg}); compiling for {BIG_TOPOLOGY}", flush=True)
+                    topology = BIG_TOPOLOGY
+                    continue
+                print(key(cfg), f"not compiled: {type(e).__name__}: {msg}", flush=True)
+                c = None
+                break
+        if c is None:
             continue
         row = {"key": key(cfg), "argument": c.argument, "output": c.output, "temp": c.temp, "alias": c.alias,
                "peak": c.peak, "comm": c.comm, "flops": c.flops, "seconds": round(c.seconds, 1)}
+        if topology not in (None, TOPOLOGY):
+            row["topology"] = topology
         HLO_DIR.mkdir(exist_ok=True)
         with gzip.open(hlo_path(key(cfg), cpu), "wt") as f:
             f.write(c.hlo)
