@@ -330,6 +330,26 @@ ARCHS: tuple[Arch, ...] = (
          inputs="wave", note="wav2vec2-large-lv60 CTC: 7 convs (kernels 10,3,3,3,3,2,2, strides 5,2,...: "
          "hop 320) 512 -> 32 channels, 10320 samples -> 32 frames; grouped (16) weight-norm "
          "positional conv 128 -> 16 taps; CTC vocab 32; CTC loss"),
+    # h1: T5 v1.1 (gated-gelu, untied head), Marian (static sinusoids), Blenderbot (pre-norm BART)
+    Arch("mt5", "encoder-decoder", "FlaxMT5ForConditionalGeneration", "MT5Config",
+         dict(vocab_size=1000, d_model=_D, d_kv=16, d_ff=168, num_layers=_L, num_heads=4,
+              relative_attention_num_buckets=32, feed_forward_proj="gated-gelu",
+              tie_word_embeddings=False),
+         inputs="seq2seq", note="mt5-base ratios: vocab 250112 (divisible by 4) -> 1000, gated-gelu "
+         "wi_0/wi_1 2048/768 -> 168/64, 12 heads of 64 -> 4 of 16; untied lm_head; relative bias"),
+    Arch("marian", "encoder-decoder", "FlaxMarianMTModel", "MarianConfig",
+         dict(vocab_size=1001, max_position_embeddings=64, d_model=_D, encoder_layers=_L,
+              decoder_layers=_L, encoder_attention_heads=4, decoder_attention_heads=4,
+              encoder_ffn_dim=4 * _D, decoder_ffn_dim=4 * _D, pad_token_id=1000,
+              decoder_start_token_id=1000),
+         inputs="seq2seq", note="opus-mt ratios: vocab 58101 odd -> 1001 (pad = last id); static "
+         "sinusoidal positions; shared embedding tied to the head; final_logits_bias"),
+    Arch("blenderbot", "encoder-decoder", "FlaxBlenderbotForConditionalGeneration", "BlenderbotConfig",
+         dict(vocab_size=1000, max_position_embeddings=64, d_model=_D, encoder_layers=_L,
+              decoder_layers=_L, encoder_attention_heads=4, decoder_attention_heads=4,
+              encoder_ffn_dim=4 * _D, decoder_ffn_dim=4 * _D),
+         inputs="seq2seq", note="blenderbot-400M ratios: vocab 8008 (8 * 1001) -> 1000; pre-norm; "
+         "learned positions without offset 128 -> 64 rows; MLP 4x; tied head, final_logits_bias"),
 )
 
 BY_NAME = {a.name: a for a in ARCHS}

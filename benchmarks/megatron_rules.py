@@ -38,6 +38,10 @@ which the results table repeats as footnotes:
   above cover them unchanged: RoFormer's rotary tables are computed, not stored;
   its head is tied (vocab 1000 divides model=4); RoBERTa-PreLayerNorm's 1001 and
   BigBird's 1022 vocabularies replicate over model.
+* (h1) mT5 is T5's layout (gated ``wi_0``/``wi_1`` column, untied ``lm_head``
+  vocab-parallel); Marian and Blenderbot are BART's. The BART family's
+  ``final_logits_bias`` ``(1, vocab)`` is the head's bias: vocab-parallel when the
+  vocabulary divides ``model`` (Blenderbot's 1000), else replicated (Marian's 1001).
 """
 
 from __future__ import annotations
@@ -89,6 +93,7 @@ def megatron_rules(arch: str, mesh: dict[str, int], *, vocab: int, kv_heads: int
         (_EMBED, P(T, f) if vocab_ok else P(None, f)),
         (_HEAD, P(f, T) if vocab_ok else P(f, None)),
         (_HEAD_BIAS, P(T) if vocab_ok else P()),
+        (r"final_logits_bias$", P(None, T) if vocab_ok else P()),  # h1: BART-family head bias (1, vocab)
         (r"relative_attention_bias/embedding$", P(None, T)),
         (r"relative_position_bias_table$", P(None, T)),  # BEiT: (distances, heads), like T5's
         (r"classifier/1/kernel$", P(f, T)),  # RegNet's head behind its pooling (classifier/0)
@@ -133,4 +138,8 @@ FOOTNOTES = (
     "Wav2Vec2: intermediate_dense column, output_dense row; conv feature encoder, weight-norm "
     "positional conv and feature projection replicated over model; LongT5's global relative bias "
     "split over heads like T5's",
+    # h1
+    "mT5: T5's layout (gated wi_0/wi_1 column, untied lm_head vocab-parallel); Marian, Blenderbot: "
+    "BART's; final_logits_bias (1, vocab) vocab-parallel when the vocabulary divides model=4 "
+    "(Blenderbot 1000), else replicated (Marian 1001)",
 )
