@@ -344,6 +344,25 @@ def test_albert_attention_output_pairs_in_the_tree():
         "predictions/dense/bias": P(None)}
 
 
+class BroadcastLogitsBias(nn.Module):
+    """BART's head: logits tied to the token table plus ``final_logits_bias`` stored ``(1, vocab)``."""
+
+    @nn.compact
+    def __call__(self, tok):
+        emb = nn.Embed(V, D, name="shared")
+        x = nn.Dense(D, name="proj")(emb(tok))
+        return emb.attend(x) + self.param("final_logits_bias", nn.initializers.zeros, (1, V))
+
+
+def test_broadcast_logits_bias_splits_like_the_tied_logits():
+    """A (1, vocab) bias beside a vocab-split table is the tied logits' bias, in the tree and the trace."""
+    m = BroadcastLogitsBias()
+    v = abstract(m, TOK)
+    for p in (tpflax.plan(v, MESH), tpflax.plan(v, MESH, model=m, sample=(TOK,))):
+        assert specs(p, ["shared/embedding", "final_logits_bias"]) == {
+            "shared/embedding": P("model", None), "final_logits_bias": P(None, "model")}
+
+
 def test_relative_position_bias_splits_with_the_heads():
     """T5's relative-position bias (buckets, heads) inside an attention layer: one column per head,
     split over the tensor axis like the scores it is added to (no collective), never as a vocab."""

@@ -264,14 +264,7 @@ def _biases(st: State, todo: Sequence[Facts]) -> None:
     tables = _vocab_tables(st, todo)
     for f in todo:
         k = kernels.get(f.unit)
-        if f.kind == "bias" and f.path not in st.out and len(f.body) == 1 and f.body[0] in tables and (
-                k is None or f.body[0] not in k.body):
-            # a bias with no kernel of its width beside it, as long as a vocab-split token table: the
-            # bias of the tied logits (BERT/ALBERT's ``predictions/bias``), split like those logits
-            t = tables[f.body[0]]
-            tp = st.out[t.path]
-            bias_follows(st, f, t.body_of(tp.spec)[:1], tp, f"bias of the tied logits ({f.body[0]} outputs, "
-                                                            f"the rows of {short(t.path)})")
+        if _tied_logits_bias(st, f, tables, k):
             continue
         if f.kind != "bias" or f.path in st.out or k is None:
             continue
@@ -285,6 +278,28 @@ def _biases(st: State, todo: Sequence[Facts]) -> None:
         elif n <= len(k.body) and tuple(k.body[-n:]) == tuple(f.body):
             spec = (kbody[0], kbody[-1]) if k.kind == "expert" and n == 2 else tuple(kbody[-n:])
         bias_follows(st, f, spec, p, f"bias of {short(k.path)}")
+
+
+def _tied_logits_bias(st: State, f: Facts, tables: dict[int, Facts], k: Facts | None) -> bool:
+    """Split a bias of the tied logits like them; False when ``f`` is not one.
+
+    A bias with no kernel of its width beside it, as long as a vocab-split token table, is the
+    bias of the tied logits (BERT/ALBERT's ``predictions/bias``). Stored broadcast-ready with
+    leading 1s (BART's ``final_logits_bias`` ``(1, vocab)``) it is classified ``other``; its
+    name still says bias, and its one wide dim is the vocabulary.
+    """
+    wide = [i for i, n in enumerate(f.body) if n != 1]
+    named = f.kind == "bias" or (f.kind == "other" and "bias" in f.name.lower())
+    if not named or f.path in st.out or len(wide) != 1 or wide[0] != len(f.body) - 1:
+        return False
+    v = f.body[-1]
+    if v not in tables or (k is not None and v in k.body):
+        return False
+    t = tables[v]
+    tp = st.out[t.path]
+    spec = (None,) * (len(f.body) - 1) + t.body_of(tp.spec)[:1]
+    bias_follows(st, f, spec, tp, f"bias of the tied logits ({v} outputs, the rows of {short(t.path)})")
+    return True
 
 
 _LEFTOVER_REASON = {
