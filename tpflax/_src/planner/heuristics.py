@@ -86,12 +86,13 @@ def _pair_linears(st: State, todo: Sequence[Facts], widths: set[int], sure: bool
         if f.kind in ("dense", "attention"):
             groups[f.group].append(f)
     loose: dict[str, list[Linear]] = defaultdict(list)
+    heads = _table_heads(todo)
     for group in sorted(groups, key=_natural):
         members = groups[group]
         lins = [linear_view(f, members, widths) for f in members]
         assign_roles(lins, widths, sure)
         st.out_first.update(x.f.path for x in lins if len(x.f.body) == 2 and x.in_dims == (1,))
-        _pool(loose, group, _pair_group(st, group, lins))
+        _pool(loose, group, _pair_group(st, group, lins, heads))
     # Blocks whose layers sit in sibling subtrees (``attention/self/query`` with
     # ``attention/output/dense``, ``intermediate/dense`` with ``output/dense``): what a
     # block left unpaired meets its cousins one or two levels up, within the layer.
@@ -100,7 +101,7 @@ def _pair_linears(st: State, todo: Sequence[Facts], widths: set[int], sure: bool
         for group in sorted(loose, key=_natural):
             lins = loose[group]
             assign_roles(lins, widths, sure)
-            _pool(up, group, _pair_group(st, group, lins))
+            _pool(up, group, _pair_group(st, group, lins, heads))
         loose = up
 
 
@@ -115,8 +116,24 @@ def _pool(loose: dict[str, list[Linear]], group: str, left: list[Linear]) -> Non
 _INDEX = re.compile(r"^\D*?_?\d+$")
 
 
-def _pair_group(st: State, group: str, lins: list[Linear]) -> list[Linear]:
-    """Pair the columns and rows of one block; returns the layers left unpaired."""
+def _table_heads(facts: Sequence[Facts]) -> int | None:
+    """The attention head count the tree shows, or None: the columns of its per-head tables.
+
+    A 2-D table inside an attention layer with fewer columns than rows (T5's relative-position
+    bias, buckets x heads) holds one column per head; when every such table agrees, that is the
+    model's head count, which its 2-D q/k/v kernels do not show.
+    """
+    found = {f.body[1] for f in facts
+             if f.kind == "embedding" and len(f.body) == 2 and ATTN.search(f.path) and f.body[1] < f.body[0]}
+    return found.pop() if len(found) == 1 else None
+
+
+def _pair_group(st: State, group: str, lins: list[Linear], heads: int | None = None) -> list[Linear]:
+    """Pair the columns and rows of one block; returns the layers left unpaired.
+
+    ``heads``: the model's head count from its per-head tables (:func:`_table_heads`); a 2-D
+    attention column as wide as the attention output splits by whole heads only.
+    """
     fused_partners(lins)
     attention_output(lins, group)
     cols = [x for x in lins if x.role == "column" and not HEAD.match(x.f.layer_name)]
@@ -148,6 +165,9 @@ def _pair_group(st: State, group: str, lins: list[Linear]) -> list[Linear]:
         claimed.update(id(c) for c in mine)
         claimed.add(id(row))
         kind = "attention" if row.f.kind == "attention" or ATTN.search(group) else "mlp"
+        for c in mine if kind == "attention" and heads else ():
+            if c.heads is None and c.limit is None and c.out_size == row.in_size and c.out_size % heads == 0:
+                c.limit = heads  # whole heads only: a cut head costs XLA a gather of the scores
         shard_pair(st, kind, mine, row)
     return [x for x in lins if id(x) not in claimed and not HEAD.match(x.f.layer_name)]
 
