@@ -350,6 +350,12 @@ ARCHS: tuple[Arch, ...] = (
               encoder_ffn_dim=4 * _D, decoder_ffn_dim=4 * _D),
          inputs="seq2seq", note="blenderbot-400M ratios: vocab 8008 (8 * 1001) -> 1000; pre-norm; "
          "learned positions without offset 128 -> 64 rows; MLP 4x; tied head, final_logits_bias"),
+    Arch("mt5-small", "encoder-decoder", "FlaxMT5ForConditionalGeneration", "MT5Config",
+         dict(vocab_size=1000, d_model=_D, d_kv=8, d_ff=128, num_layers=_L, num_heads=6,
+              relative_attention_num_buckets=32, feed_forward_proj="gated-gelu",
+              tie_word_embeddings=False),
+         inputs="seq2seq", note="mt5-small ratios: 6 heads of 64 (inner 384 = 3/4 of d_model 512) -> 6 of "
+         "8 (48 / 64), so the heads do not divide model=4; d_ff 1024/512 -> 128/64; vocab 250112 -> 1000"),
 )
 
 BY_NAME = {a.name: a for a in ARCHS}

@@ -42,6 +42,8 @@ which the results table repeats as footnotes:
   vocab-parallel); Marian and Blenderbot are BART's. The BART family's
   ``final_logits_bias`` ``(1, vocab)`` is the head's bias: vocab-parallel when the
   vocabulary divides ``model`` (Blenderbot's 1000), else replicated (Marian's 1001).
+  mT5-small's 6 heads do not divide ``model=4``: its q/k/v/o and relative bias are
+  replicated over ``model`` (Megatron needs whole heads per rank), its MLP split as T5's.
 """
 
 from __future__ import annotations
@@ -84,6 +86,10 @@ def megatron_rules(arch: str, mesh: dict[str, int], *, vocab: int, kv_heads: int
     vocab_ok = vocab % tp == 0
     col, row = (P(T, f), P(f, T)) if arch in _TRANSPOSED else (P(f, T), P(T, f))
     rules: list[tuple[str, Any]] = []
+    if arch == "mt5-small" and 6 % tp:  # h1: 6 heads that model does not divide: attention replicated over it
+        rules += [(r"(SelfAttention|EncDecAttention)/(q|k|v)/kernel$", P(f, None)),  # fsdp where Megatron's is
+                  (r"(SelfAttention|EncDecAttention)/o/kernel$", P(None, f)),
+                  (r"relative_attention_bias/embedding$", P())]
     if kv_heads is not None and kv_heads % tp:
         rules.append((r"(k|v)_proj/kernel$", P(f, None)))  # GQA/MQA: K/V replicated over model
     rules += [
@@ -141,5 +147,6 @@ FOOTNOTES = (
     # h1
     "mT5: T5's layout (gated wi_0/wi_1 column, untied lm_head vocab-parallel); Marian, Blenderbot: "
     "BART's; final_logits_bias (1, vocab) vocab-parallel when the vocabulary divides model=4 "
-    "(Blenderbot 1000), else replicated (Marian 1001)",
+    "(Blenderbot 1000), else replicated (Marian 1001); mT5-small's 6 heads do not divide model=4: "
+    "attention and its relative bias replicated over model, the MLP split as T5's",
 )
