@@ -38,6 +38,12 @@ which the results table repeats as footnotes:
   above cover them unchanged: RoFormer's rotary tables are computed, not stored;
   its head is tied (vocab 1000 divides model=4); RoBERTa-PreLayerNorm's 1001 and
   BigBird's 1022 vocabularies replicate over model.
+* Encoder-decoder compositions (vit-gpt2, wav2vec2-bart): each side keeps its own model's
+  layout. GPT-2's cross-attention ``q_attn`` is column and its fused k/v ``c_attn`` ``(2d, d)``
+  (Conv1D, stored ``(out, in)``) takes the naive split on the fused dim like the self-attention
+  ``c_attn`` (ranks 0-1 hold k, 2-3 hold v), its ``c_proj`` row; the ViT encoder's unused
+  pooler is replicated over model. ResNet is RegNet's layout (convolutions replicated over
+  model, fsdp on output channels; the classifier vocab-parallel).
 """
 
 from __future__ import annotations
@@ -79,7 +85,7 @@ def megatron_rules(arch: str, mesh: dict[str, int], *, vocab: int, kv_heads: int
     tp = mesh.get(T, 1)
     vocab_ok = vocab % tp == 0
     col, row = (P(T, f), P(f, T)) if arch in _TRANSPOSED else (P(f, T), P(T, f))
-    rules: list[tuple[str, Any]] = []
+    rules: list[tuple[str, Any]] = list(_composed_rules(arch, f))
     if kv_heads is not None and kv_heads % tp:
         rules.append((r"(k|v)_proj/kernel$", P(f, None)))  # GQA/MQA: K/V replicated over model
     rules += [
@@ -133,4 +139,26 @@ FOOTNOTES = (
     "Wav2Vec2: intermediate_dense column, output_dense row; conv feature encoder, weight-norm "
     "positional conv and feature projection replicated over model; LongT5's global relative bias "
     "split over heads like T5's",
+)
+
+
+# h2: encoder-decoder compositions (a decoder whose kernels are stored differently from its encoder's)
+def _composed_rules(arch: str, f: str | None) -> list[tuple[str, Any]]:
+    """vit-gpt2's GPT-2 decoder: Conv1D kernels ``(out, in)`` (transposed specs), cross-attention too."""
+    if arch != "vit-gpt2":
+        return []
+    gpt2 = r"^decoder/transformer/h/\d+/"
+    return [
+        (gpt2 + r"(attn/c_attn|crossattention/(q_attn|c_attn)|mlp/c_fc)/bias$", P(T)),
+        (gpt2 + r"(attn/c_attn|crossattention/(q_attn|c_attn)|mlp/c_fc)/kernel$", P(T, f)),
+        (gpt2 + r"(attn|crossattention|mlp)/c_proj/kernel$", P(f, T)),
+        (r"pooler/dense/kernel$", P(f, None)),
+    ]
+
+
+FOOTNOTES += (
+    "encoder-decoder compositions (vit-gpt2, wav2vec2-bart): each side its own model's layout; GPT-2's "
+    "cross-attention q_attn column, its fused k/v c_attn (2d, d) the naive split on the fused dim (like "
+    "GPT-2's [q|k|v]), c_proj row; ResNet: RegNet's layout (convolutions replicated over model, fsdp "
+    "on output channels; classifier vocab-parallel)",
 )
