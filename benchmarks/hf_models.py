@@ -46,7 +46,10 @@ class Arch:
         kwargs: config fields (tiny, real ratios).
         inputs: ``ids`` (token ids), ``seq2seq`` (ids + decoder ids), ``pixels``
             (NCHW images), ``clip`` (ids + images), ``audio`` (log-mel features + decoder ids),
-            ``wave`` (raw audio samples, as many as the conv front end turns into ``seq`` frames).
+            ``wave`` (raw audio samples, as many as the conv front end turns into ``seq`` frames),
+            ``pixels2text`` / ``wave2text`` (a vision / speech encoder's input + decoder ids: the
+            ``Flax{Vision,Speech}EncoderDecoderModel`` compositions, whose config nests ``encoder``
+            and ``decoder``).
         note: what the tiny config keeps from the published one.
     """
 
@@ -73,7 +76,8 @@ class Arch:
 
         _jax_compat(self.cls)
         config = getattr(transformers, self.config)(**self.kwargs)
-        model = getattr(transformers, self.cls)(config, _do_init=False, seed=seed,
+        # the encoder-decoder compositions refuse _do_init=False; they init tiny dummies once here
+        model = getattr(transformers, self.cls)(config, _do_init=self.inputs in _COMPOSED, seed=seed,
                                                 **({"dtype": dtype} if dtype is not None else {}))
         sample = _sample(self.inputs, config, batch, seq)
 
@@ -124,6 +128,8 @@ def _init_shape(inputs: str, sample: tuple[Any, ...]) -> Any:
         return (sample[0].shape, nhwc(sample[1].shape))
     if inputs == "pixels":
         return nhwc(sample[0].shape)
+    if inputs in _COMPOSED:  # (encoder input, decoder ids)
+        return (nhwc(sample[0].shape) if inputs == "pixels2text" else sample[0].shape, sample[1].shape)
     return sample[0].shape
 
 
@@ -148,11 +154,23 @@ def _sample(inputs: str, config: Any, batch: int = BATCH, seq: int = SEQ) -> tup
         feats = jax.random.normal(k[1], (batch, config.num_mel_bins, 2 * config.max_source_positions))
         dec = jax.random.randint(k[0], (batch, min(seq, config.max_target_positions)), 3, vocab, dtype=jnp.int32)
         return (feats, dec)
-    if inputs == "wave":  # seq frames out of the conv stack: its receptive field + (seq-1) strides
-        hop = math.prod(config.conv_stride)
-        field = 1 + sum((k - 1) * math.prod(config.conv_stride[:i]) for i, k in enumerate(config.conv_kernel))
-        return (jax.random.normal(k[1], (batch, field + (seq - 1) * hop)),)
+    if inputs == "wave":
+        return (_wave(config, k[1], batch, seq),)
+    if inputs in _COMPOSED:  # the encoder's input (config.encoder), then decoder ids
+        enc = config.encoder
+        x = (jax.random.normal(k[1], (batch, 3, enc.image_size, enc.image_size)) if inputs == "pixels2text"
+             else _wave(enc, k[1], batch, seq))
+        return (x, ids)
     raise ValueError(inputs)
+
+
+def _wave(config: Any, key: Any, batch: int, seq: int) -> Any:
+    """Raw samples the conv stack turns into ``seq`` frames: its receptive field + (seq-1) strides."""
+    import jax
+
+    hop = math.prod(config.conv_stride)
+    field = 1 + sum((k - 1) * math.prod(config.conv_stride[:i]) for i, k in enumerate(config.conv_kernel))
+    return jax.random.normal(key, (batch, field + (seq - 1) * hop))
 
 
 def _xent(logits: Any, labels: Any) -> Any:
@@ -169,7 +187,7 @@ def _apply(inputs: str, model: Any) -> tuple[Callable[..., Any], Callable[..., A
     if inputs == "ids":
         return (lambda p, ids: model(ids, params=p).logits,
                 lambda out, ids: _xent(out[:, :-1], ids[:, 1:]))
-    if inputs in ("seq2seq", "audio"):
+    if inputs in ("seq2seq", "audio", *_COMPOSED):
         return (lambda p, x, dec: model(x, decoder_input_ids=dec, params=p).logits,
                 lambda out, x, dec: _xent(out[:, :-1], dec[:, 1:]))
     if inputs == "pixels":
@@ -195,6 +213,7 @@ def _ctc(logits: Any, wav: Any) -> Any:
 
 
 _D, _L = 64, 2  # width and layers of every tiny config
+_COMPOSED = ("pixels2text", "wave2text")  # encoder-decoder compositions: (encoder input, decoder ids)
 
 _BERTISH = dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=4, intermediate_size=4 * _D,
                 max_position_embeddings=64)
@@ -330,7 +349,7 @@ ARCHS: tuple[Arch, ...] = (
          inputs="wave", note="wav2vec2-large-lv60 CTC: 7 convs (kernels 10,3,3,3,3,2,2, strides 5,2,...: "
          "hop 320) 512 -> 32 channels, 10320 samples -> 32 frames; grouped (16) weight-norm "
          "positional conv 128 -> 16 taps; CTC vocab 32; CTC loss"),
-    # h1: T5 v1.1 (gated-gelu, untied head), Marian (static sinusoids), Blenderbot (pre-norm BART)
+    # T5 v1.1 (gated-gelu, untied head), Marian (static sinusoids), Blenderbot (pre-norm BART)
     Arch("mt5", "encoder-decoder", "FlaxMT5ForConditionalGeneration", "MT5Config",
          dict(vocab_size=1000, d_model=_D, d_kv=16, d_ff=168, num_layers=_L, num_heads=4,
               relative_attention_num_buckets=32, feed_forward_proj="gated-gelu",
@@ -356,6 +375,35 @@ ARCHS: tuple[Arch, ...] = (
               tie_word_embeddings=False),
          inputs="seq2seq", note="mt5-small ratios: 6 heads of 64 (inner 384 = 3/4 of d_model 512) -> 6 of "
          "8 (48 / 64), so the heads do not divide model=4; d_ff 1024/512 -> 128/64; vocab 250112 -> 1000"),
+    # encoder-decoder compositions with cross-attention, a bottleneck CNN. The compositions'
+    # top-level vocab_size is the decoder's (what the sample's ids and the hand layout read)
+    Arch("vit-gpt2", "encoder-decoder", "FlaxVisionEncoderDecoderModel", "VisionEncoderDecoderConfig",
+         dict(encoder=dict(model_type="vit", hidden_size=_D, num_hidden_layers=_L, num_attention_heads=4,
+                           intermediate_size=4 * _D, image_size=32, patch_size=8),
+              decoder=dict(model_type="gpt2", vocab_size=1001, n_positions=64, n_embd=_D, n_layer=_L,
+                           n_head=4, add_cross_attention=True, is_decoder=True),
+              vocab_size=1001),
+         inputs="pixels2text", note="vit-gpt2 captioning (ViT-base + GPT-2, equal widths: no enc_to_dec "
+         "projection): 16 patches + CLS; vocab 50257 odd -> 1001; cross-attention q_attn (d, d) and "
+         "fused k/v c_attn (2d, d), Conv1D stored (out, in); tied head"),
+    Arch("wav2vec2-bart", "encoder-decoder", "FlaxSpeechEncoderDecoderModel", "SpeechEncoderDecoderConfig",
+         dict(encoder=dict(model_type="wav2vec2", hidden_size=_D, num_hidden_layers=_L, num_attention_heads=4,
+                           intermediate_size=4 * _D, conv_dim=(32,) * 7, feat_extract_norm="layer",
+                           do_stable_layer_norm=True, conv_bias=True, num_conv_pos_embeddings=16,
+                           num_conv_pos_embedding_groups=16),
+              decoder=dict(model_type="bart", vocab_size=1001, max_position_embeddings=64, d_model=_D,
+                           encoder_layers=_L, decoder_layers=_L, encoder_attention_heads=4,
+                           decoder_attention_heads=4, encoder_ffn_dim=4 * _D, decoder_ffn_dim=4 * _D,
+                           add_cross_attention=True, is_decoder=True),
+              vocab_size=1001),
+         inputs="wave2text", note="wav2vec2-2-bart (large-lv60 encoder as the wav2vec2 row, 32 frames; BART "
+         "decoder, equal widths: no projection): vocab 50265 odd -> 1001; position table offset 2; "
+         "head tied to the decoder's embedding (its own config)"),
+    Arch("resnet", "vision", "FlaxResNetForImageClassification", "ResNetConfig",
+         dict(embedding_size=8, hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 1, 1], layer_type="bottleneck",
+              image_size=32, num_labels=1000),
+         inputs="pixels", note="ResNet-50 widths / 8 (64, 256..2048 -> 8, 32..256), one bottleneck "
+                               "(reduction 4) per stage; BatchNorm in inference-stats mode"),
 )
 
 BY_NAME = {a.name: a for a in ARCHS}

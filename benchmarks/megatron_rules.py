@@ -38,12 +38,18 @@ which the results table repeats as footnotes:
   above cover them unchanged: RoFormer's rotary tables are computed, not stored;
   its head is tied (vocab 1000 divides model=4); RoBERTa-PreLayerNorm's 1001 and
   BigBird's 1022 vocabularies replicate over model.
-* (h1) mT5 is T5's layout (gated ``wi_0``/``wi_1`` column, untied ``lm_head``
+* mT5 is T5's layout (gated ``wi_0``/``wi_1`` column, untied ``lm_head``
   vocab-parallel); Marian and Blenderbot are BART's. The BART family's
   ``final_logits_bias`` ``(1, vocab)`` is the head's bias: vocab-parallel when the
   vocabulary divides ``model`` (Blenderbot's 1000), else replicated (Marian's 1001).
   mT5-small's 6 heads do not divide ``model=4``: its q/k/v/o and relative bias are
   replicated over ``model`` (Megatron needs whole heads per rank), its MLP split as T5's.
+* Encoder-decoder compositions (vit-gpt2, wav2vec2-bart): each side keeps its own model's
+  layout. GPT-2's cross-attention ``q_attn`` is column and its fused k/v ``c_attn`` ``(2d, d)``
+  (Conv1D, stored ``(out, in)``) takes the naive split on the fused dim like the self-attention
+  ``c_attn`` (ranks 0-1 hold k, 2-3 hold v), its ``c_proj`` row; the ViT encoder's unused
+  pooler is replicated over model. ResNet is RegNet's layout (convolutions replicated over
+  model, fsdp on output channels; the classifier vocab-parallel).
 """
 
 from __future__ import annotations
@@ -85,8 +91,8 @@ def megatron_rules(arch: str, mesh: dict[str, int], *, vocab: int, kv_heads: int
     tp = mesh.get(T, 1)
     vocab_ok = vocab % tp == 0
     col, row = (P(T, f), P(f, T)) if arch in _TRANSPOSED else (P(f, T), P(T, f))
-    rules: list[tuple[str, Any]] = []
-    if arch == "mt5-small" and 6 % tp:  # h1: 6 heads that model does not divide: attention replicated over it
+    rules: list[tuple[str, Any]] = list(_composed_rules(arch, f))
+    if arch == "mt5-small" and 6 % tp:  # 6 heads that model does not divide: attention replicated over it
         rules += [(r"(SelfAttention|EncDecAttention)/(q|k|v)/kernel$", P(f, None)),  # fsdp where Megatron's is
                   (r"(SelfAttention|EncDecAttention)/o/kernel$", P(None, f)),
                   (r"relative_attention_bias/embedding$", P())]
@@ -99,7 +105,7 @@ def megatron_rules(arch: str, mesh: dict[str, int], *, vocab: int, kv_heads: int
         (_EMBED, P(T, f) if vocab_ok else P(None, f)),
         (_HEAD, P(f, T) if vocab_ok else P(f, None)),
         (_HEAD_BIAS, P(T) if vocab_ok else P()),
-        (r"final_logits_bias$", P(None, T) if vocab_ok else P()),  # h1: BART-family head bias (1, vocab)
+        (r"final_logits_bias$", P(None, T) if vocab_ok else P()),  # BART-family head bias (1, vocab)
         (r"relative_attention_bias/embedding$", P(None, T)),
         (r"relative_position_bias_table$", P(None, T)),  # BEiT: (distances, heads), like T5's
         (r"classifier/1/kernel$", P(f, T)),  # RegNet's head behind its pooling (classifier/0)
@@ -144,9 +150,30 @@ FOOTNOTES = (
     "Wav2Vec2: intermediate_dense column, output_dense row; conv feature encoder, weight-norm "
     "positional conv and feature projection replicated over model; LongT5's global relative bias "
     "split over heads like T5's",
-    # h1
     "mT5: T5's layout (gated wi_0/wi_1 column, untied lm_head vocab-parallel); Marian, Blenderbot: "
     "BART's; final_logits_bias (1, vocab) vocab-parallel when the vocabulary divides model=4 "
     "(Blenderbot 1000), else replicated (Marian 1001); mT5-small's 6 heads do not divide model=4: "
     "attention and its relative bias replicated over model, the MLP split as T5's",
+)
+
+
+# encoder-decoder compositions (a decoder whose kernels are stored differently from its encoder's)
+def _composed_rules(arch: str, f: str | None) -> list[tuple[str, Any]]:
+    """vit-gpt2's GPT-2 decoder: Conv1D kernels ``(out, in)`` (transposed specs), cross-attention too."""
+    if arch != "vit-gpt2":
+        return []
+    gpt2 = r"^decoder/transformer/h/\d+/"
+    return [
+        (gpt2 + r"(attn/c_attn|crossattention/(q_attn|c_attn)|mlp/c_fc)/bias$", P(T)),
+        (gpt2 + r"(attn/c_attn|crossattention/(q_attn|c_attn)|mlp/c_fc)/kernel$", P(T, f)),
+        (gpt2 + r"(attn|crossattention|mlp)/c_proj/kernel$", P(f, T)),
+        (r"pooler/dense/kernel$", P(f, None)),
+    ]
+
+
+FOOTNOTES += (
+    "encoder-decoder compositions (vit-gpt2, wav2vec2-bart): each side its own model's layout; GPT-2's "
+    "cross-attention q_attn column, its fused k/v c_attn (2d, d) the naive split on the fused dim (like "
+    "GPT-2's [q|k|v]), c_proj row; ResNet: RegNet's layout (convolutions replicated over model, fsdp "
+    "on output channels; classifier vocab-parallel)",
 )

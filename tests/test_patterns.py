@@ -361,6 +361,22 @@ def test_broadcast_logits_bias_splits_like_the_tied_logits():
     for p in (tpflax.plan(v, MESH), tpflax.plan(v, MESH, model=m, sample=(TOK,))):
         assert specs(p, ["shared/embedding", "final_logits_bias"]) == {
             "shared/embedding": P("model", None), "final_logits_bias": P(None, "model")}
+def test_cross_attention_query_beside_fused_key_value_pairs_in_the_tree():
+    """GPT-2's cross-attention {q_attn (d, d), c_attn [k|v] (2d, d), c_proj}, Conv1D stored (out, in):
+    the square query, named neither way, is a column of the output projection's pair like the fused k/v."""
+    def conv1d(out, inp):
+        return {"kernel": sds(out, inp), "bias": sds(out)}
+
+    cross = {"q_attn": conv1d(D, D), "c_attn": conv1d(2 * D, D), "c_proj": conv1d(D, D)}
+    block = {"attn": {"c_attn": conv1d(3 * D, D), "c_proj": conv1d(D, D)}, "crossattention": cross,
+             "mlp": {"c_fc": conv1d(F, D), "c_proj": conv1d(D, F)}} | {
+        n: {"scale": sds(D), "bias": sds(D)} for n in ("ln_1", "ln_2", "ln_cross_attn")}
+    p = tpflax.plan({"wte": {"embedding": sds(V, D)}, "h": {"0": block}}, MESH)
+    got = {k: p.decisions[f"h/0/crossattention/{k}"].spec for k in ("q_attn/kernel", "q_attn/bias",
+                                                                     "c_attn/kernel", "c_proj/kernel")}
+    assert got == {"q_attn/kernel": P("model", None), "q_attn/bias": P("model"),
+                   "c_attn/kernel": P("model", None), "c_proj/kernel": P(None, "model")}
+    assert p.decisions["h/0/crossattention/q_attn/kernel"].pair == p.decisions["h/0/crossattention/c_proj/kernel"].pair
 
 
 def test_relative_position_bias_splits_with_the_heads():

@@ -45,6 +45,7 @@ from tpflax._src.planner.decision import Pair
 from tpflax._src.planner.leaf_groups import fsdp, shard_embedding, shard_output_head
 from tpflax._src.planner.roles import (
     assign_roles,
+    attention_inputs,
     attention_output,
     fused_partners,
     linear_view,
@@ -136,6 +137,7 @@ def _pair_group(st: State, group: str, lins: list[Linear], heads: int | None = N
     """
     fused_partners(lins)
     attention_output(lins, group)
+    attention_inputs(lins, group)
     cols = [x for x in lins if x.role == "column" and not HEAD.match(x.f.layer_name)]
     rows = [x for x in lins if x.role == "row"]
     if not cols or not rows:

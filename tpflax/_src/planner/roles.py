@@ -225,3 +225,32 @@ def attention_output(lins: list[Linear], group: str) -> None:
         free[0].role = "row"
         free[0].why = (f"the one unnamed ({free[0].in_size} -> {free[0].out_size}) kernel of an attention block "
                        f"whose columns ({', '.join(role_name(c.f) for c in cols)}) produce its input width")
+
+
+def attention_inputs(lins: list[Linear], group: str) -> None:
+    """In an attention block whose output projection is known, the unnamed kernels into it are inputs.
+
+    GPT-2's cross-attention ``crossattention/{q_attn, c_attn, c_proj}``: ``c_attn``
+    is a fused ``[k|v]`` and ``c_proj`` the row, so the square ``q_attn`` (named
+    neither way, so neither shape nor name orients it) is the query: a kernel from
+    the row's output width into its input width is a column of the same pair.
+
+    >>> from tpflax._src.facts.tree import Leaf
+    >>> def lin(name, role=None):
+    ...     path = f"h/crossattention/{name}/kernel"
+    ...     return Linear(Facts(Leaf(path, (64, 64), "float32", 4), "dense", 0, path[:-7], "h/crossattention"),
+    ...                   (0,), (1,), role=role)
+    >>> q, out = lin("q_attn"), lin("c_proj", "row")
+    >>> attention_inputs([q, out], "h/crossattention")
+    >>> q.role
+    'column'
+    """
+    rows = [r for r in lins if r.role == "row"]
+    if not ATTN.search(group.rsplit("/", 1)[-1]) or len(rows) != 1:
+        return
+    row = rows[0]
+    for m in lins:
+        if m.role is None and len(m.f.body) == 2 and (m.in_size, m.out_size) == (row.out_size, row.in_size):
+            m.role = "column"
+            m.why = (f"({m.in_size} -> {m.out_size}) of an attention block projects into the input of its "
+                     f"output projection {short(row.f.path)}: an input projection (query, key or value)")
