@@ -43,7 +43,8 @@ def _rows(tpu: dict) -> tuple[list[str], list[tuple[float, str]]]:
         cerr = (e.comm_total - got_comm) / got_comm if got_comm else 0.0
         worst.append((abs(perr), abs(cerr), key, perr, cerr))
         mark = "" if r.get("reparsed") else " †"
-        lines.append("| " + " | ".join(key.split("|")) + f" | {r['peak'] / G:.2f} GiB | {e.peak / G:.2f} GiB | "
+        on = f" ({r['topology']})" if r.get("topology") else ""
+        lines.append("| " + " | ".join(key.split("|")) + f" | {r['peak'] / G:.2f} GiB{on} | {e.peak / G:.2f} GiB | "
                      f"{_err(e.peak, r['peak'])} | {got_comm / G:.2f} GiB{mark} | {e.comm_total / G:.2f} GiB | "
                      f"{_err(e.comm_total, got_comm)} | {_by_kind(r['comm'], e.comm)} | {at} | "
                      + ", ".join(f"{k} {v / G:.2f}" for k, v in terms) + " |")
@@ -91,7 +92,11 @@ def write_report(out: Path, tpu: dict, cpu: dict) -> None:
             "sequence and vocabulary; the estimate is priced for the same config (its per-layer terms are",
             "linear in the layer count, so a full-depth model adds the same per-layer error per layer).",
             "", f"{len(tpu)} of the {len(grid())} configs of the grid compiled so far (on 2 shared cores a 2-layer 7B",
-            "compile took 4-10 minutes); `--compile` resumes where the cache stops.",
+            "compile took 4-10 minutes); `--compile` resumes where the cache stops. A config XLA:TPU refuses",
+            "for a v5e's 16 GB of HBM is compiled for the 8 devices of a v5p:2x2x2 (95 GiB) instead, marked",
+            "so in its compiled-peak cell.",
+            f"Peak within 10%: {sum(abs(w[3]) <= 0.1 for w in worst)} of {len(worst)} rows; "
+            f"communication within 10%: {sum(abs(w[4]) <= 0.1 for w in worst)} of {len(worst)}.",
             "Worst rows (by peak error, then comm error):", ""]
     for _, _, key, perr, cerr in worst[:5]:
         head.append(f"- {key}: peak {100 * perr:+.1f}%, comm {100 * cerr:+.1f}%")

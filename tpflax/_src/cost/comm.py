@@ -160,7 +160,7 @@ def _gradient_items(s: Scope) -> list[CommItem]:
             parts -= max((s.lookups or {}).get(path, 1) - 1, 0)
         for kind, axes, size, n, count, why in _gradient_templates(
                 s.lv.specs[path], s.mesh, _reduce_axes(path, s), s.leaf_bytes(path, d), leaf_itemsize(d), s.g_item,
-                s.backend, reps, _gather_item(d, s.backend), len(body(d))):
+                s.backend, reps, gather_item(d, s.backend), len(body(d))):
             if kind == "all-gather" and s.remat and (d.layers_dim is not None or d.group != path):
                 # a layer's leaf is gathered inside its remat'd call (scan_fsdp.zero3): again in the backward
                 where = "one layer at a time in the scan" if d.layers_dim is not None else "inside the remat'd layer"
@@ -201,7 +201,7 @@ def _split_axes(spec, mesh: MeshShape) -> tuple[str, ...]:
 _MATMUL_KINDS = ("dense", "attention", "expert", "head", "conv")
 
 
-def _gather_item(d: Any, backend: str) -> int:
+def gather_item(d: Any, backend: str) -> int:
     """Bytes per element an fsdp all-gather of the leaf moves (see :func:`tpu_gather_item`)."""
     item = leaf_itemsize(d)
     return tpu_gather_item(item, d.kind in _MATMUL_KINDS) if backend == "tpu" else item
