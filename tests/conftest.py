@@ -5,10 +5,13 @@ import os
 import jax
 import pytest
 
-try:  # hypothesis profiles: CI default, and a longer local run
+try:  # hypothesis profiles: CI default (the same examples on every machine), and a longer, random local run
     from hypothesis import HealthCheck, settings
 
-    settings.register_profile("ci", max_examples=200, deadline=None,
+    # derandomized: a random draw that finds a new bug on one CI machine and not another would make
+    # landing a lottery; the "thorough" profile keeps exploring (HYPOTHESIS_PROFILE=thorough), and
+    # what it finds becomes an @example
+    settings.register_profile("ci", max_examples=200, deadline=None, derandomize=True,
                               suppress_health_check=[HealthCheck.too_slow])
     settings.register_profile("thorough", max_examples=2000, deadline=None,
                               suppress_health_check=[HealthCheck.too_slow])

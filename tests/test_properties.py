@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import optax
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from jax.sharding import PartitionSpec
 
@@ -127,6 +127,9 @@ def _reverse_dicts(tree):
 
 
 @given(tree=trees, mesh=meshes())
+# found by hypothesis on a clean machine: a candidate with no collectives priced its comm as int 0,
+# which came back from JSON as 0.0 and re-serialised differently
+@example(tree={"kernel": {"head": jax.ShapeDtypeStruct((2, 2), jnp.float32)}}, mesh={"model": 2})
 def test_json_round_trips(tree, mesh):
     if not _has_leaves(tree):
         return

@@ -95,7 +95,7 @@ class Cost:
 
     @functools.cached_property
     def comm_bytes(self) -> float:
-        return sum(b for _, b in self.comm)
+        return float(sum(b for _, b in self.comm))  # a float with no collectives too: JSON writes 0.0
 
 
 @dataclass(frozen=True, eq=False)  # one per plan() pass: identity keys the price cache

@@ -66,8 +66,8 @@ class Alternative:
 
     def to_json(self) -> dict:
         return {"name": self.name, "group": self.group, "spec": spec_to_json(entries(self.spec)),
-                "bytes_per_device": self.bytes_per_device, "comm_bytes": self.comm_bytes,
-                "flops": self.flops, "step_time": self.step_time, "chosen": self.chosen,
+                "bytes_per_device": int(self.bytes_per_device), "comm_bytes": float(self.comm_bytes),
+                "flops": float(self.flops), "step_time": float(self.step_time), "chosen": self.chosen,
                 "collectives": list(self.collectives)}
 
     @classmethod
