@@ -218,6 +218,18 @@ _COMPOSED = ("pixels2text", "wave2text")  # encoder-decoder compositions: (encod
 _BERTISH = dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=4, intermediate_size=4 * _D,
                 max_position_embeddings=64)
 
+# BART's family (BART, mBART, Pegasus, Marian, Blenderbot, the Wav2Vec2+BART decoder): tiny widths
+_BARTISH = dict(max_position_embeddings=64, d_model=_D, encoder_layers=_L, decoder_layers=_L,
+                encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=4 * _D,
+                decoder_ffn_dim=4 * _D)
+# wav2vec2-large-lv60's layout (the Wav2Vec2 CTC row and the Wav2Vec2+BART encoder)
+_W2V = dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=4, intermediate_size=4 * _D,
+            conv_dim=(32,) * 7, feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True,
+            num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=16)
+# mT5 (T5 v1.1): gated-gelu, untied head
+_MT5 = dict(vocab_size=1000, d_model=_D, num_layers=_L, relative_attention_num_buckets=32,
+            feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+
 ARCHS: tuple[Arch, ...] = (
     Arch("bert", "encoder", "FlaxBertForMaskedLM", "BertConfig",
          dict(_BERTISH, vocab_size=1022, type_vocab_size=2),
@@ -270,14 +282,10 @@ ARCHS: tuple[Arch, ...] = (
               num_layers=_L, attention_heads=4),
          note="vocab 256008 -> 1002 (2*odd); sinusoidal positions, offset 2"),
     Arch("bart", "encoder-decoder", "FlaxBartForConditionalGeneration", "BartConfig",
-         dict(vocab_size=1001, max_position_embeddings=64, d_model=_D, encoder_layers=_L,
-              decoder_layers=_L, encoder_attention_heads=4, decoder_attention_heads=4,
-              encoder_ffn_dim=4 * _D, decoder_ffn_dim=4 * _D),
+         dict(_BARTISH, vocab_size=1001),
          inputs="seq2seq", note="vocab 50265 odd -> 1001; position tables offset 2 -> 66 rows"),
     Arch("mbart", "encoder-decoder", "FlaxMBartForConditionalGeneration", "MBartConfig",
-         dict(vocab_size=1001, max_position_embeddings=64, d_model=_D, encoder_layers=_L,
-              decoder_layers=_L, encoder_attention_heads=4, decoder_attention_heads=4,
-              encoder_ffn_dim=4 * _D, decoder_ffn_dim=4 * _D),
+         dict(_BARTISH, vocab_size=1001),
          inputs="seq2seq", note="vocab 250027 odd -> 1001; pre-norm; position offset 2 -> 66 rows"),
     Arch("t5", "encoder-decoder", "FlaxT5ForConditionalGeneration", "T5Config",
          dict(vocab_size=1000, d_model=_D, d_kv=16, d_ff=4 * _D, num_layers=_L, num_heads=4,
@@ -329,9 +337,7 @@ ARCHS: tuple[Arch, ...] = (
                                "per stage, squeeze-excitation; BatchNorm in inference-stats mode"),
     # fixed sinusoidal positions, transient-global attention, a raw-audio conv front end
     Arch("pegasus", "encoder-decoder", "FlaxPegasusForConditionalGeneration", "PegasusConfig",
-         dict(vocab_size=1001, max_position_embeddings=64, d_model=_D, encoder_layers=_L,
-              decoder_layers=_L, encoder_attention_heads=4, decoder_attention_heads=4,
-              encoder_ffn_dim=4 * _D, decoder_ffn_dim=4 * _D, scale_embedding=True),
+         dict(_BARTISH, vocab_size=1001, scale_embedding=True),
          inputs="seq2seq", note="vocab 96103 odd -> 1001; sinusoidal positions (constants, not "
          "params); scaled embedding; pre-norm with final layer norms"),
     Arch("longt5", "encoder-decoder", "FlaxLongT5ForConditionalGeneration", "LongT5Config",
@@ -342,37 +348,25 @@ ARCHS: tuple[Arch, ...] = (
          "2048/768 -> 168/64; local radius 127 -> 8 and global blocks 16 -> 4 so 32 tokens are 4 "
          "local blocks and 8 global tokens"),
     Arch("wav2vec2", "encoder", "FlaxWav2Vec2ForCTC", "Wav2Vec2Config",
-         dict(vocab_size=32, hidden_size=_D, num_hidden_layers=_L, num_attention_heads=4,
-              intermediate_size=4 * _D, conv_dim=(32,) * 7, feat_extract_norm="layer",
-              do_stable_layer_norm=True, conv_bias=True, num_conv_pos_embeddings=16,
-              num_conv_pos_embedding_groups=16),
+         dict(_W2V, vocab_size=32),
          inputs="wave", note="wav2vec2-large-lv60 CTC: 7 convs (kernels 10,3,3,3,3,2,2, strides 5,2,...: "
          "hop 320) 512 -> 32 channels, 10320 samples -> 32 frames; grouped (16) weight-norm "
          "positional conv 128 -> 16 taps; CTC vocab 32; CTC loss"),
     # T5 v1.1 (gated-gelu, untied head), Marian (static sinusoids), Blenderbot (pre-norm BART)
     Arch("mt5", "encoder-decoder", "FlaxMT5ForConditionalGeneration", "MT5Config",
-         dict(vocab_size=1000, d_model=_D, d_kv=16, d_ff=168, num_layers=_L, num_heads=4,
-              relative_attention_num_buckets=32, feed_forward_proj="gated-gelu",
-              tie_word_embeddings=False),
+         dict(_MT5, d_kv=16, d_ff=168, num_heads=4),
          inputs="seq2seq", note="mt5-base ratios: vocab 250112 (divisible by 4) -> 1000, gated-gelu "
          "wi_0/wi_1 2048/768 -> 168/64, 12 heads of 64 -> 4 of 16; untied lm_head; relative bias"),
     Arch("marian", "encoder-decoder", "FlaxMarianMTModel", "MarianConfig",
-         dict(vocab_size=1001, max_position_embeddings=64, d_model=_D, encoder_layers=_L,
-              decoder_layers=_L, encoder_attention_heads=4, decoder_attention_heads=4,
-              encoder_ffn_dim=4 * _D, decoder_ffn_dim=4 * _D, pad_token_id=1000,
-              decoder_start_token_id=1000),
+         dict(_BARTISH, vocab_size=1001, pad_token_id=1000, decoder_start_token_id=1000),
          inputs="seq2seq", note="opus-mt ratios: vocab 58101 odd -> 1001 (pad = last id); static "
          "sinusoidal positions; shared embedding tied to the head; final_logits_bias"),
     Arch("blenderbot", "encoder-decoder", "FlaxBlenderbotForConditionalGeneration", "BlenderbotConfig",
-         dict(vocab_size=1000, max_position_embeddings=64, d_model=_D, encoder_layers=_L,
-              decoder_layers=_L, encoder_attention_heads=4, decoder_attention_heads=4,
-              encoder_ffn_dim=4 * _D, decoder_ffn_dim=4 * _D),
+         dict(_BARTISH, vocab_size=1000),
          inputs="seq2seq", note="blenderbot-400M ratios: vocab 8008 (8 * 1001) -> 1000; pre-norm; "
          "learned positions without offset 128 -> 64 rows; MLP 4x; tied head, final_logits_bias"),
     Arch("mt5-small", "encoder-decoder", "FlaxMT5ForConditionalGeneration", "MT5Config",
-         dict(vocab_size=1000, d_model=_D, d_kv=8, d_ff=128, num_layers=_L, num_heads=6,
-              relative_attention_num_buckets=32, feed_forward_proj="gated-gelu",
-              tie_word_embeddings=False),
+         dict(_MT5, d_kv=8, d_ff=128, num_heads=6),
          inputs="seq2seq", note="mt5-small ratios: 6 heads of 64 (inner 384 = 3/4 of d_model 512) -> 6 of "
          "8 (48 / 64), so the heads do not divide model=4; d_ff 1024/512 -> 128/64; vocab 250112 -> 1000"),
     # encoder-decoder compositions with cross-attention, a bottleneck CNN. The compositions'
@@ -387,14 +381,9 @@ ARCHS: tuple[Arch, ...] = (
          "projection): 16 patches + CLS; vocab 50257 odd -> 1001; cross-attention q_attn (d, d) and "
          "fused k/v c_attn (2d, d), Conv1D stored (out, in); tied head"),
     Arch("wav2vec2-bart", "encoder-decoder", "FlaxSpeechEncoderDecoderModel", "SpeechEncoderDecoderConfig",
-         dict(encoder=dict(model_type="wav2vec2", hidden_size=_D, num_hidden_layers=_L, num_attention_heads=4,
-                           intermediate_size=4 * _D, conv_dim=(32,) * 7, feat_extract_norm="layer",
-                           do_stable_layer_norm=True, conv_bias=True, num_conv_pos_embeddings=16,
-                           num_conv_pos_embedding_groups=16),
-              decoder=dict(model_type="bart", vocab_size=1001, max_position_embeddings=64, d_model=_D,
-                           encoder_layers=_L, decoder_layers=_L, encoder_attention_heads=4,
-                           decoder_attention_heads=4, encoder_ffn_dim=4 * _D, decoder_ffn_dim=4 * _D,
-                           add_cross_attention=True, is_decoder=True),
+         dict(encoder=dict(_W2V, model_type="wav2vec2"),
+              decoder=dict(_BARTISH, model_type="bart", vocab_size=1001, add_cross_attention=True,
+                           is_decoder=True),
               vocab_size=1001),
          inputs="wave2text", note="wav2vec2-2-bart (large-lv60 encoder as the wav2vec2 row, 32 frames; BART "
          "decoder, equal widths: no projection): vocab 50265 odd -> 1001; position table offset 2; "
