@@ -111,35 +111,37 @@ def hlo_path(k: str, cpu: bool = False) -> Path:
     return HLO_DIR / (re.sub(r"[^\w.=,-]+", "_", k) + (".cpu" if cpu else "") + ".hlo.gz")
 
 
-def compile_all(cpu: bool, only: str = "", redo: bool = False) -> None:
+def _compile(cfg, cpu: bool):
+    """``(Compiled or None, topology)``: the step of ``cfg`` compiled on CPU devices, or for
+    :data:`TOPOLOGY`, or for :data:`BIG_TOPOLOGY` when XLA:TPU refuses it for a v5e's HBM (a step
+    too large for 16 GB still has a compiled peak to hold the estimate to)."""
     from tpu_compile import compile_step, tpu_mesh
 
     import tpflax
 
+    m, p, shape, batch = build(cfg)
+    for topology in (None,) if cpu else (TOPOLOGY, BIG_TOPOLOGY):
+        mesh = tpflax.make_mesh(shape) if cpu else tpu_mesh(shape, topology)
+        try:
+            return compile_step(tpflax.make_train_step(m, p, mesh, optimizer(), batch), mesh), topology
+        except Exception as e:  # noqa: BLE001 - e.g. XLA:TPU refusing a step that does not fit HBM
+            msg = str(e).splitlines()[0][:300]
+            if topology == TOPOLOGY and "exceeds available HBM" in str(e):
+                print(key(cfg), f"does not fit {TOPOLOGY} ({msg}); compiling for {BIG_TOPOLOGY}", flush=True)
+                continue
+            print(key(cfg), f"not compiled: {type(e).__name__}: {msg}", flush=True)
+            break
+    return None, None
+
+
+def compile_all(cpu: bool, only: str = "", redo: bool = False) -> None:
     path = CPU_CACHE if cpu else CACHE
     done = load(path)
     todo = [c for c in grid() if (redo or key(c) not in done) and re.search(only, key(c))]
     if cpu:  # the side-by-side table: one mesh, bf16, remat off
         todo = [c for c in todo if c[1] == "fsdp=8" and c[3] == "bf16" and not c[2]]
     for cfg in todo:
-        m, p, shape, batch = build(cfg)
-        topology = None if cpu else TOPOLOGY
-        while True:
-            mesh = tpflax.make_mesh(shape) if cpu else tpu_mesh(shape, topology)
-            try:
-                c = compile_step(tpflax.make_train_step(m, p, mesh, optimizer(), batch), mesh)
-                break
-            except Exception as e:  # noqa: BLE001 - e.g. XLA:TPU refusing a step that does not fit HBM
-                msg = str(e).splitlines()[0][:300]
-                if topology == TOPOLOGY and "exceeds available HBM" in str(e):
-                    # a step too large for a v5e's 16 GB still has a compiled peak to hold the
-                    # estimate to: compile it for the same 8 devices of a larger-HBM chip
-                    print(key(cfg), f"does not fit {TOPOLOGY} ({msg}); compiling for {BIG_TOPOLOGY}", flush=True)
-                    topology = BIG_TOPOLOGY
-                    continue
-                print(key(cfg), f"not compiled: {type(e).__name__}: {msg}", flush=True)
-                c = None
-                break
+        c, topology = _compile(cfg, cpu)
         if c is None:
             continue
         row = {"key": key(cfg), "argument": c.argument, "output": c.output, "temp": c.temp, "alias": c.alias,
