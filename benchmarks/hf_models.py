@@ -49,7 +49,8 @@ class Arch:
             ``wave`` (raw audio samples, as many as the conv front end turns into ``seq`` frames),
             ``pixels2text`` / ``wave2text`` (a vision / speech encoder's input + decoder ids: the
             ``Flax{Vision,Speech}EncoderDecoderModel`` compositions, whose config nests ``encoder``
-            and ``decoder``).
+            and ``decoder``), ``text2text`` (``FlaxEncoderDecoderModel``: encoder ids in its own
+            vocabulary + decoder ids), ``tokens`` (ids, a label per token: token classification).
         note: what the tiny config keeps from the published one.
     """
 
@@ -77,7 +78,8 @@ class Arch:
         _jax_compat(self.cls)
         config = getattr(transformers, self.config)(**self.kwargs)
         # the encoder-decoder compositions refuse _do_init=False; they init tiny dummies once here
-        model = getattr(transformers, self.cls)(config, _do_init=self.inputs in _COMPOSED, seed=seed,
+        model = getattr(transformers, self.cls)(config, _do_init=self.inputs in _COMPOSED or self.cls in _INIT_ONLY,
+                                                seed=seed,
                                                 **({"dtype": dtype} if dtype is not None else {}))
         sample = _sample(self.inputs, config, batch, seq)
 
@@ -141,7 +143,7 @@ def _sample(inputs: str, config: Any, batch: int = BATCH, seq: int = SEQ) -> tup
     vocab = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None),
                                                            "vocab_size", 8)
     ids = jax.random.randint(k[0], (batch, seq), 3, vocab, dtype=jnp.int32)
-    if inputs == "ids":
+    if inputs in ("ids", "tokens"):
         return (ids,)
     if inputs == "seq2seq":
         return (ids, jax.random.randint(k[1], (batch, seq), 3, vocab, dtype=jnp.int32))
@@ -156,6 +158,8 @@ def _sample(inputs: str, config: Any, batch: int = BATCH, seq: int = SEQ) -> tup
         return (feats, dec)
     if inputs == "wave":
         return (_wave(config, k[1], batch, seq),)
+    if inputs == "text2text":  # a text encoder's ids (its own vocabulary), then decoder ids
+        return (jax.random.randint(k[1], (batch, seq), 3, config.encoder.vocab_size, dtype=jnp.int32), ids)
     if inputs in _COMPOSED:  # the encoder's input (config.encoder), then decoder ids
         enc = config.encoder
         x = (jax.random.normal(k[1], (batch, 3, enc.image_size, enc.image_size)) if inputs == "pixels2text"
@@ -196,6 +200,9 @@ def _apply(inputs: str, model: Any) -> tuple[Callable[..., Any], Callable[..., A
     if inputs == "clip":  # the contrastive loss CLIP is trained with
         return (lambda p, ids, px: model(ids, px, params=p).logits_per_text,
                 lambda out, ids, px: _xent(out, jnp.arange(out.shape[0])))
+    if inputs == "tokens":  # token classification: a label per token, fixed by its id
+        return (lambda p, ids: model(ids, params=p).logits,
+                lambda out, ids: _xent(out, ids % out.shape[-1]))
     if inputs == "wave":  # the CTC loss wav2vec2 is fine-tuned with, on fixed transcripts
         return (lambda p, wav: model(wav, params=p).logits, _ctc)
     raise ValueError(inputs)
@@ -213,7 +220,8 @@ def _ctc(logits: Any, wav: Any) -> Any:
 
 
 _D, _L = 64, 2  # width and layers of every tiny config
-_COMPOSED = ("pixels2text", "wave2text")  # encoder-decoder compositions: (encoder input, decoder ids)
+_COMPOSED = ("pixels2text", "wave2text", "text2text")  # encoder-decoder compositions: (encoder input, decoder ids)
+_INIT_ONLY = ("FlaxVisionTextDualEncoderModel",)  # classes that refuse _do_init=False: init tiny dummies once
 
 _BERTISH = dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=4, intermediate_size=4 * _D,
                 max_position_embeddings=64)
@@ -393,6 +401,28 @@ ARCHS: tuple[Arch, ...] = (
               image_size=32, num_labels=1000),
          inputs="pixels", note="ResNet-50 widths / 8 (64, 256..2048 -> 8, 32..256), one bottleneck "
                                "(reduction 4) per stage; BatchNorm in inference-stats mode"),
+    # h2 (seventh round): a dual encoder, a text-to-text composition, per-token classification
+    Arch("vit-bert-dual", "vision", "FlaxVisionTextDualEncoderModel", "VisionTextDualEncoderConfig",
+         dict(vision_config=dict(model_type="vit", hidden_size=_D, num_hidden_layers=_L, num_attention_heads=4,
+                                 intermediate_size=4 * _D, image_size=32, patch_size=8),
+              text_config=dict(_BERTISH, model_type="bert", vocab_size=1022, type_vocab_size=2),
+              projection_dim=32),
+         inputs="clip", note="ViT-B/16 + BERT-base dual encoder (12 heads of 64 -> 4 of 16, MLP 4x; 16 "
+         "patches + CLS), both poolers feeding bias-free visual/text projections 768 -> 512 (64 -> 32), "
+         "logit_scale; vocab 30522 = 2*odd -> 1022; CLIP's contrastive loss"),
+    Arch("bert2gpt2", "encoder-decoder", "FlaxEncoderDecoderModel", "EncoderDecoderConfig",
+         dict(encoder=dict(_BERTISH, model_type="bert", vocab_size=1022, type_vocab_size=2),
+              decoder=dict(model_type="gpt2", vocab_size=1001, n_positions=64, n_embd=_D, n_layer=_L,
+                           n_head=4, add_cross_attention=True, is_decoder=True),
+              vocab_size=1001),
+         inputs="text2text", note="bert2gpt2 (BERT-base encoder + GPT-2 decoder, equal widths: no "
+         "enc_to_dec projection): vocabs 30522 = 2*odd -> 1022 and 50257 odd -> 1001; the encoder's "
+         "unused pooler; cross-attention q_attn (d, d) + fused k/v c_attn (2d, d), Conv1D (out, in)"),
+    Arch("distilbert-tok", "encoder", "FlaxDistilBertForTokenClassification", "DistilBertConfig",
+         dict(vocab_size=1022, dim=_D, n_layers=_L, n_heads=4, hidden_dim=4 * _D,
+              max_position_embeddings=64, num_labels=9),
+         inputs="tokens", note="NER head (CoNLL's 9 labels, which model=4 does not divide): a (d, 9) "
+         "classifier per token, per-token cross-entropy; vocab 30522 = 2*odd -> 1022"),
 )
 
 BY_NAME = {a.name: a for a in ARCHS}

@@ -50,6 +50,10 @@ which the results table repeats as footnotes:
   ``c_attn`` (ranks 0-1 hold k, 2-3 hold v), its ``c_proj`` row; the ViT encoder's unused
   pooler is replicated over model. ResNet is RegNet's layout (convolutions replicated over
   model, fsdp on output channels; the classifier vocab-parallel).
+* vit-bert-dual (a ViT + BERT dual encoder): each tower its own layout; both poolers and the
+  bias-free projections replicated over model (CLIP's). bert2gpt2: BERT's layout for the encoder,
+  vit-gpt2's GPT-2 decoder rules. distilbert-tok: DistilBERT's layout; its (d, 9) token classifier
+  is replicated over model, since model=4 does not divide 9 labels.
 """
 
 from __future__ import annotations
@@ -92,6 +96,7 @@ def megatron_rules(arch: str, mesh: dict[str, int], *, vocab: int, kv_heads: int
     vocab_ok = vocab % tp == 0
     col, row = (P(T, f), P(f, T)) if arch in _TRANSPOSED else (P(f, T), P(T, f))
     rules: list[tuple[str, Any]] = list(_composed_rules(arch, f))
+    rules += _seventh_round_rules(arch, f)
     if arch == "mt5-small" and 6 % tp:  # 6 heads that model does not divide: attention replicated over it
         rules += [(r"(SelfAttention|EncDecAttention)/(q|k|v)/kernel$", P(f, None)),  # fsdp where Megatron's is
                   (r"(SelfAttention|EncDecAttention)/o/kernel$", P(None, f)),
@@ -176,4 +181,24 @@ FOOTNOTES += (
     "cross-attention q_attn column, its fused k/v c_attn (2d, d) the naive split on the fused dim (like "
     "GPT-2's [q|k|v]), c_proj row; ResNet: RegNet's layout (convolutions replicated over model, fsdp "
     "on output channels; classifier vocab-parallel)",
+)
+
+
+def _seventh_round_rules(arch: str, f: str | None) -> list[tuple[str, Any]]:
+    """bert2gpt2's GPT-2 decoder (vit-gpt2's rules), the dual encoder's poolers, a 9-label classifier."""
+    if arch == "bert2gpt2":  # BERT encoder under BERT's names; the GPT-2 decoder as vit-gpt2's, its pooler too
+        return _composed_rules("vit-gpt2", f)
+    if arch == "vit-bert-dual":  # both poolers feed the projections: replicated over model like them
+        return [(r"pooler/dense/kernel$", P(f, None))]
+    if arch == "distilbert-tok":  # 9 labels: model=4 does not divide them, replicated over model
+        return [(r"classifier/kernel$", P(f, None)), (r"classifier/bias$", P())]
+    return []
+
+
+FOOTNOTES += (
+    "vit-bert-dual: ViT's and BERT's layouts side by side; both poolers (whose outputs the bias-free "
+    "visual/text projections read) and the projections replicated over model, like CLIP's; bert2gpt2: "
+    "BERT's layout for the encoder (its unused pooler replicated over model), vit-gpt2's for the GPT-2 "
+    "decoder; distilbert-tok: DistilBERT's layout, the (d, 9) token classifier replicated over model "
+    "(9 labels: model=4 does not divide them)",
 )
