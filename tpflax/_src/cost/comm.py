@@ -30,8 +30,9 @@ from tpflax._src.cost.activations import acts_for, token_rows
 from tpflax._src.cost.batch import Batch, config_value
 from tpflax._src.cost.leaves import Leaves
 from tpflax._src.cost.optstate import shard_bytes
-from tpflax._src.cost.price import tpu_gather_item, tpu_reduce_scatters
+from tpflax._src.cost.price import stream_gathers, tpu_gather_item, tpu_reduce_scatters
 from tpflax._src.cost.records import Act, CommItem
+from tpflax._src.cost.stream import update_gathers
 from tpflax._src.facts.tree import itemsize
 from tpflax._src.mesh import DATA, FSDP, TENSOR, MeshShape
 from tpflax._src.specs import Entry, entry_axes, used_axes
@@ -372,10 +373,15 @@ def _embedding_items(path: str, d: Any, axes: tuple[str, ...], s: Scope, *, note
     size = s.nbytes(acts[0].output) if acts else s.rows_local * b[-1] * s.act_item
     split_vocab = _body_spec(d, spec)[0] is not None
     looks = (s.lookups or {}).get(path, 1)  # a table the encoder and the decoder both look up (T5)
+    lv = s.lv  # a feature-split lookup keeps the residual stream split: gathered behind each norm too
+    stream = 0 if split_vocab else stream_gathers(((p, x.kind, body(x), lv.count[p] * (
+        1 if x.layers_dim is None else x.shape[x.layers_dim])) for p, x in lv.decisions.items()), b[-1]) - 1
     items = [CommItem("all-reduce", axes, size, n, looks, path, "vocab-split embedding: sum the looked-up rows "
                       "(forward)") if split_vocab else
-             CommItem("all-gather", axes, size, n, looks, path, "embedding split on its features: gather them "
-                      "(forward)")]
+             CommItem("all-gather", axes, size, n, looks + stream, path, "embedding split on its features: gather "
+                      "them (forward) and the feature-split residual stream behind each norm")]
+    if not split_vocab:
+        items += update_gathers(s, path, axes, b[-1])
     attend = acts_for(s.activations, d.unit + ":attend")
     if not is_tied(path, d, s):
         return items

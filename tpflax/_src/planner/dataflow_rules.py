@@ -134,7 +134,7 @@ def _embeddings(c: _Flow) -> None:
         ev = f"looked up by integer ids ({how} over dim {v}, {f.body[v]} rows)"
         if tied:
             ev += f"; also contracted over dim {d} as the logits kernel (tied output projection)"
-        shard_embedding(c.st, f, v, f"{ev} (traced)", tied)
+        shard_embedding(c.st, f, v, f"{ev} (traced)", tied, every=list(c.fx.values()))
 
 
 def _link(c: _Flow) -> None:

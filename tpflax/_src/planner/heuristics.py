@@ -71,7 +71,7 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options,
     _pair_linears(st, facts, widths, sure)
     _experts(st, todo, widths)
     _conv_chains(st, todo)
-    _embeddings(st, todo)
+    _embeddings(st, todo, facts)
     _heads(st, todo, widths)
     _biases(st, todo)
     _leftovers(st, todo)
@@ -234,10 +234,10 @@ def _conv_chains(st: State, todo: Sequence[Facts]) -> None:
             i += 2
 
 
-def _embeddings(st: State, todo: Sequence[Facts]) -> None:
+def _embeddings(st: State, todo: Sequence[Facts], every: Sequence[Facts]) -> None:
     for f in todo:
         if f.kind == "embedding" and f.path not in st.out and len(f.body) == 2:
-            shard_embedding(st, f, 0)
+            shard_embedding(st, f, 0, every=every)
 
 
 def _heads(st: State, todo: Sequence[Facts], widths: set[int]) -> None:

@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import replace
 
-from tpflax._src.cost.price import ActComm
+from tpflax._src.cost.price import ActComm, stream_gathers
 from tpflax._src.facts.classify import ATTN, POS_EMBED, Facts
 from tpflax._src.mesh import FSDP
 from tpflax._src.planner.builders import State, axis_label, body_spec
@@ -19,8 +19,13 @@ from tpflax._src.planner.choose import Option, fit
 from tpflax._src.specs import Entry, entry_axes, used_axes
 
 
-def shard_embedding(st: State, f: Facts, vdim: int, evidence: str = "", tied: bool = False) -> None:
-    """A 2-D table looked up over body dim ``vdim``: vocab split, embedding-dim split or whole, by cost."""
+def shard_embedding(st: State, f: Facts, vdim: int, evidence: str = "", tied: bool = False,
+                    every: Sequence[Facts] = ()) -> None:
+    """A 2-D table looked up over body dim ``vdim``: vocab split, embedding-dim split or whole, by cost.
+
+    ``every``: the model's leaves, whose norms of the table's width say how often a feature-split
+    residual stream is gathered (:func:`~tpflax._src.cost.price.stream_gathers`).
+    """
     t_entry, t_size = st.tensor
     v, d = f.body[vdim], f.body[1 - vdim]
     ev = f"{evidence}; " if evidence else ""
@@ -46,10 +51,13 @@ def shard_embedding(st: State, f: Facts, vdim: int, evidence: str = "", tied: bo
     # cost XLA 60% more collectives than the priced gather (its feature-split output feeds a norm).
     if d % t_size == 0 and not options:
         # A feature-split table hands XLA a feature-split activation to add to the residual
-        # stream: besides the gather, measured, it reshards that stream and its gradient about
-        # twice more (tests/test_choose.py, benchmarks/results/estimate_accuracy.md).
-        acts = (ActComm("all-gather", t_entry, d, 1, "gather the looked-up features (forward)"),
-                ActComm("all-reduce", t_entry, d, 2, "reshard the residual stream and its gradient"))
+        # stream, which stays split through every block: gathered behind each of its norms (at least
+        # the 1 gather + 2 reshards measured on one GQA block without norms, tests/test_choose.py)
+        gathers = stream_gathers(((g.path, g.kind, g.body, g.leaf.shape[g.layers_at] if g.stacked else 1)
+                                  for g in every), d)
+        acts = (ActComm("all-gather", t_entry, d, max(gathers, 5),
+                        "gather the looked-up features and the feature-split residual stream behind each "
+                        "norm (forward and for the weight gradients)"),)
         if tied:
             acts += (ActComm("all-reduce", t_entry, v, 1, "sum partial logits over the split features"),)
         options.append(Option("embed-dim split", ((f.path, st.proposal(

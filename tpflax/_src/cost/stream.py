@@ -1,0 +1,57 @@
+"""A feature-split residual stream's update gathers (XLA:CPU), priced for the estimate.
+
+A lookup table split on its features (its rows do not divide the tensor axis) leaves the residual
+stream feature-split through every block (:func:`tpflax._src.cost.price.stream_gathers` prices the
+activation gathers). The gradients of the leaves kept whole on the tensor axis that meet the stream
+on a dim of its width (norms, row biases, position tables, a classifier) then come out split too:
+XLA:CPU runs their optimizer update on the split shard and gathers the parameter and each of its
+moments back whole (measured: 57 such gathers behind a 2-block tagger's split table,
+tests/test_choose.py ``Tagger``; 3 per leaf under adamw). The TPU compiler is not measured here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tpflax._src.cost.records import CommItem
+
+
+def update_gathers(s: Any, table: str, axes: tuple[str, ...], width: int) -> list[CommItem]:
+    """Gathers of the whole-on-``axes`` leaves of ``width`` that a feature-split ``table`` reaches.
+
+    Args:
+        s: the estimate's :class:`~tpflax._src.cost.comm.Scope`.
+        table: the feature-split table's path (itself split, so not gathered).
+        axes: the tensor axes that split the table's features.
+        width: the table's feature width (the residual stream's).
+
+    Returns:
+        One all-gather item per alike class of leaves, or none off the CPU backend.
+
+    >>> import jax, optax, tpflax
+    >>> from jax.sharding import PartitionSpec as P
+    >>> v = {"emb": {"embedding": jax.ShapeDtypeStruct((30, 64), "float32")},
+    ...      "ln": {"scale": jax.ShapeDtypeStruct((64,), "float32")}}
+    >>> p = tpflax.plan(v, {"data": 2, "model": 4}, rules=[("emb", P(None, "model")), (".*", P())])
+    >>> e = tpflax.estimate(p, optax.adamw(1e-3), "8x16", backend="cpu")
+    >>> [(i.kind, i.count, i.size) for i in e.items if i.kind == "all-gather"]  # stream; ln/scale's update
+    [('all-gather', 3, 1024.0), ('all-gather', 3, 256)]
+    """
+    if s.backend != "cpu":
+        return []
+    lv, n = s.lv, s.size(axes)
+    copies = 1 + (len(lv.opt) > 0) * 2  # the parameter and adam's two moments, each gathered
+    items = []
+    for path, d in lv.decisions.items():
+        spec_axes = {a for e in lv.specs[path] if e is not None for a in ((e,) if isinstance(e, str) else e)}
+        if path == table or not d.trainable or spec_axes & set(axes) or width not in _body(d):
+            continue
+        items.append(CommItem("all-gather", axes, s.leaf_bytes(path, d), n, copies * lv.count[path], lv.label[path],
+                              "a leaf whole on the tensor axis whose gradient the feature-split stream splits: "
+                              "its update runs split, then the parameter and its moments are gathered"))
+    return items
+
+
+def _body(d: Any) -> tuple[int, ...]:
+    k = d.layers_dim
+    return tuple(d.shape[:k]) + tuple(d.shape[k + 1:]) if k is not None else tuple(d.shape)
