@@ -371,7 +371,8 @@ def _embedding_items(path: str, d: Any, axes: tuple[str, ...], s: Scope, *, note
     n, b, spec = s.size(axes), body(d), s.lv.specs[path]
     acts = acts_for(s.activations, d.unit)
     size = s.nbytes(acts[0].output) if acts else s.rows_local * b[-1] * s.act_item
-    split_vocab = _body_spec(d, spec)[0] is not None
+    # the rows split over the tensor axes (an fsdp split of the rows is the fsdp gather's, not a vocab split)
+    split_vocab = bool(set(entry_axes(_body_spec(d, spec)[0])) & set(axes))
     looks = (s.lookups or {}).get(path, 1)  # a table the encoder and the decoder both look up (T5)
     lv = s.lv  # a feature-split lookup keeps the residual stream split: gathered behind each norm too
     stream = 0 if split_vocab else stream_gathers(((p, x.kind, body(x), lv.count[p] * (

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from tpflax._src.cost.records import CommItem
+from tpflax._src.specs import used_axes
 
 
 def update_gathers(s: Any, table: str, axes: tuple[str, ...], width: int) -> list[CommItem]:
@@ -43,8 +44,7 @@ def update_gathers(s: Any, table: str, axes: tuple[str, ...], width: int) -> lis
     copies = 1 + (len(lv.opt) > 0) * 2  # the parameter and adam's two moments, each gathered
     items = []
     for path, d in lv.decisions.items():
-        spec_axes = {a for e in lv.specs[path] if e is not None for a in ((e,) if isinstance(e, str) else e)}
-        if path == table or not d.trainable or spec_axes & set(axes) or width not in _body(d):
+        if path == table or not d.trainable or set(used_axes(lv.specs[path])) & set(axes) or width not in _body(d):
             continue
         items.append(CommItem("all-gather", axes, s.leaf_bytes(path, d), n, copies * lv.count[path], lv.label[path],
                               "a leaf whole on the tensor axis whose gradient the feature-split stream splits: "
