@@ -50,7 +50,9 @@ class Arch:
             ``pixels2text`` / ``wave2text`` (a vision / speech encoder's input + decoder ids: the
             ``Flax{Vision,Speech}EncoderDecoderModel`` compositions, whose config nests ``encoder``
             and ``decoder``), ``text2text`` (``FlaxEncoderDecoderModel``: encoder ids in its own
-            vocabulary + decoder ids), ``tokens`` (ids, a label per token: token classification).
+            vocabulary + decoder ids), ``tokens`` (ids, a label per token: token classification),
+            ``cls`` / ``qa`` (token ids into a sequence-classification head, cross-entropy over its
+            labels / a question-answering head, the span loss).
         note: what the tiny config keeps from the published one.
     """
 
@@ -143,7 +145,7 @@ def _sample(inputs: str, config: Any, batch: int = BATCH, seq: int = SEQ) -> tup
     vocab = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None),
                                                            "vocab_size", 8)
     ids = jax.random.randint(k[0], (batch, seq), 3, vocab, dtype=jnp.int32)
-    if inputs in ("ids", "tokens"):
+    if inputs in ("ids", "tokens", *_HEADS):  # token ids; any labels come from the ids (``_apply``)
         return (ids,)
     if inputs == "seq2seq":
         return (ids, jax.random.randint(k[1], (batch, seq), 3, vocab, dtype=jnp.int32))
@@ -205,6 +207,11 @@ def _apply(inputs: str, model: Any) -> tuple[Callable[..., Any], Callable[..., A
                 lambda out, ids: _xent(out, ids % out.shape[-1]))
     if inputs == "wave":  # the CTC loss wav2vec2 is fine-tuned with, on fixed transcripts
         return (lambda p, wav: model(wav, params=p).logits, _ctc)
+    if inputs == "cls":  # sequence classification: (B, num_labels) logits, a label per sequence
+        return (lambda p, ids: model(ids, params=p).logits,
+                lambda out, ids: _xent(out, ids[:, 0] % out.shape[-1]))
+    if inputs == "qa":  # extractive QA: start and end logits (B, S), one span per sequence
+        return (lambda p, ids: (lambda o: (o.start_logits, o.end_logits))(model(ids, params=p)), _span)
     raise ValueError(inputs)
 
 
@@ -219,9 +226,17 @@ def _ctc(logits: Any, wav: Any) -> Any:
                           jnp.zeros(labels.shape), blank_id=0).mean()
 
 
+def _span(out: Any, ids: Any) -> Any:
+    """The span loss of extractive QA: cross-entropy of the start and of the end over the positions."""
+    start, end = out
+    seq = start.shape[-1]
+    return (_xent(start, ids[:, 1] % seq) + _xent(end, ids[:, 2] % seq)) / 2
+
+
 _D, _L = 64, 2  # width and layers of every tiny config
 _COMPOSED = ("pixels2text", "wave2text", "text2text")  # encoder-decoder compositions: (encoder input, decoder ids)
 _INIT_ONLY = ("FlaxVisionTextDualEncoderModel",)  # classes that refuse _do_init=False: init tiny dummies once
+_HEADS = ("cls", "qa")  # token ids into a sequence-classification / question-answering head
 
 _BERTISH = dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=4, intermediate_size=4 * _D,
                 max_position_embeddings=64)
@@ -423,6 +438,22 @@ ARCHS: tuple[Arch, ...] = (
               max_position_embeddings=64, num_labels=9),
          inputs="tokens", note="NER head (CoNLL's 9 labels, which model=4 does not divide): a (d, 9) "
          "classifier per token, per-token cross-entropy; vocab 30522 = 2*odd -> 1022"),
+    # h1 (seventh round): post-norm BART with layernorm_embedding, a classification head, a QA head
+    Arch("blenderbot-small", "encoder-decoder", "FlaxBlenderbotSmallForConditionalGeneration",
+         "BlenderbotSmallConfig", dict(_BARTISH, vocab_size=992, encoder_attention_heads=16,
+                                       decoder_attention_heads=16, scale_embedding=True),
+         inputs="seq2seq", note="blenderbot_small-90M ratios: vocab 54944 (32 * 1717) -> 992 (32 * 31); "
+         "16 heads (of 4); MLP 2048/512 4x; post-norm, layernorm_embedding; learned positions without "
+         "offset 512 -> 64 rows; tied head, final_logits_bias"),
+    Arch("xlm-roberta-cls", "encoder", "FlaxXLMRobertaForSequenceClassification", "XLMRobertaConfig",
+         dict(_BERTISH, vocab_size=1022, max_position_embeddings=66, type_vocab_size=1, pad_token_id=1,
+              num_labels=3),
+         inputs="cls", note="xlm-roberta-base ratios: vocab 250002 = 2*odd -> 1022; positions 512 + "
+         "padding offset 2 -> 66 rows; 3 labels (XNLI): head dense (d, d) + out_proj (d, 3) on <s>"),
+    Arch("bert-qa", "encoder", "FlaxBertForQuestionAnswering", "BertConfig",
+         dict(_BERTISH, vocab_size=1022, type_vocab_size=2),
+         inputs="qa", note="bert-base ratios: vocab 30522 = 2*odd -> 1022; no pooler; qa_outputs (d, 2) "
+         "start/end logits, span loss"),
 )
 
 BY_NAME = {a.name: a for a in ARCHS}

@@ -54,6 +54,12 @@ which the results table repeats as footnotes:
   bias-free projections replicated over model (CLIP's). bert2gpt2: BERT's layout for the encoder,
   vit-gpt2's GPT-2 decoder rules. distilbert-tok: DistilBERT's layout; its (d, 9) token classifier
   is replicated over model, since model=4 does not divide 9 labels.
+* Task heads (xlm-roberta-cls, bert-qa): a label head (XLM-R's ``classifier/out_proj`` ``(d, 3)``,
+  BERT's ``qa_outputs`` ``(d, 2)`` start/end) is split over its labels when their count divides
+  ``model``, else replicated over ``model`` like the other small heads; XLM-R's ``classifier/dense``
+  ``(d, d)`` in front of it replicated over model like the MLM transform (fsdp on its input dim).
+  BlenderbotSmall is BART's layout (post-norm; ``layernorm_embedding`` replicated like every norm;
+  vocab 992 divides model=4, so its tied head and ``final_logits_bias`` are vocab-parallel).
 """
 
 from __future__ import annotations
@@ -97,6 +103,7 @@ def megatron_rules(arch: str, mesh: dict[str, int], *, vocab: int, kv_heads: int
     col, row = (P(T, f), P(f, T)) if arch in _TRANSPOSED else (P(f, T), P(T, f))
     rules: list[tuple[str, Any]] = list(_composed_rules(arch, f))
     rules += _seventh_round_rules(arch, f)
+    rules += _task_head_rules(arch, f, tp)
     if arch == "mt5-small" and 6 % tp:  # 6 heads that model does not divide: attention replicated over it
         rules += [(r"(SelfAttention|EncDecAttention)/(q|k|v)/kernel$", P(f, None)),  # fsdp where Megatron's is
                   (r"(SelfAttention|EncDecAttention)/o/kernel$", P(None, f)),
@@ -201,4 +208,27 @@ FOOTNOTES += (
     "BERT's layout for the encoder (its unused pooler replicated over model), vit-gpt2's for the GPT-2 "
     "decoder; distilbert-tok: DistilBERT's layout, the (d, 9) token classifier replicated over model "
     "(9 labels: model=4 does not divide them)",
+)
+
+# h1 (seventh round): sequence-classification and question-answering heads (label count, not vocabulary)
+_LABELS = {"xlm-roberta-cls": 3, "bert-qa": 2}
+
+
+def _task_head_rules(arch: str, f: str | None, tp: int) -> list[tuple[str, Any]]:
+    """A label head split over its labels when ``model`` divides their count, else replicated over it."""
+    if arch not in _LABELS:
+        return []
+    split = _LABELS[arch] % tp == 0
+    return [
+        (r"(classifier/out_proj|qa_outputs)/kernel$", P(f, T) if split else P(f, None)),
+        (r"(classifier/out_proj|qa_outputs)/bias$", P(T) if split else P()),
+        (r"classifier/dense/kernel$", P(f, None)),  # the (d, d) transform in front: like the MLM one's
+    ]
+
+
+FOOTNOTES += (
+    "task heads: XLM-R's classifier/out_proj (d, 3) and BERT's qa_outputs (d, 2) replicated over model "
+    "(3 and 2 labels do not divide model=4), XLM-R's classifier/dense (d, d) too (like the MLM "
+    "transform); BlenderbotSmall: BART's layout (vocab 992 divides model=4: tied head and "
+    "final_logits_bias vocab-parallel)",
 )
