@@ -127,8 +127,14 @@ PUBLISHED: dict[str, Published] = {p.name: p for p in (
         vocab_size=51865, num_mel_bins=80, d_model=512, encoder_layers=2, decoder_layers=2,
         encoder_attention_heads=8, decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048,
         max_source_positions=1500, max_target_positions=448), 51865, seq=448),
+    # a 2*odd vocabulary whose untied table tpflax splits on its features by cost (the tiny
+    # config's CPU row is above the hand layout on comm; this is the width that decides)
+    Published("distilbert-tok", "distilbert-base-uncased, a 9-label token-classification head", dict(
+        vocab_size=30522, dim=768, n_layers=2, n_heads=12, hidden_dim=3072, max_position_embeddings=512,
+        num_labels=9), 30522),
 )}
-ORDER = ("bert", "gpt2", "llama", "mistral", "opt", "vit", "t5", "bloom", "gemma", "bart", "clip", "whisper")
+ORDER = ("bert", "gpt2", "llama", "mistral", "opt", "vit", "t5", "bloom", "gemma", "bart", "clip", "whisper",
+         "distilbert-tok")
 
 
 @dataclass(frozen=True)
