@@ -238,6 +238,10 @@ _COMPOSED = ("pixels2text", "wave2text", "text2text")  # encoder-decoder composi
 _INIT_ONLY = ("FlaxVisionTextDualEncoderModel",)  # classes that refuse _do_init=False: init tiny dummies once
 _HEADS = ("cls", "qa")  # token ids into a sequence-classification / question-answering head
 
+# GPT-2 as the decoder of an encoder-decoder composition (vit-gpt2, bert2gpt2), cross-attention on; each
+# use takes a copy: the composed configs pop model_type from the dict they are given
+_GPT2_XATTN = dict(model_type="gpt2", vocab_size=1001, n_positions=64, n_embd=_D, n_layer=_L, n_head=4,
+                   add_cross_attention=True, is_decoder=True)
 _BERTISH = dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=4, intermediate_size=4 * _D,
                 max_position_embeddings=64)
 
@@ -397,8 +401,7 @@ ARCHS: tuple[Arch, ...] = (
     Arch("vit-gpt2", "encoder-decoder", "FlaxVisionEncoderDecoderModel", "VisionEncoderDecoderConfig",
          dict(encoder=dict(model_type="vit", hidden_size=_D, num_hidden_layers=_L, num_attention_heads=4,
                            intermediate_size=4 * _D, image_size=32, patch_size=8),
-              decoder=dict(model_type="gpt2", vocab_size=1001, n_positions=64, n_embd=_D, n_layer=_L,
-                           n_head=4, add_cross_attention=True, is_decoder=True),
+              decoder=dict(_GPT2_XATTN),
               vocab_size=1001),
          inputs="pixels2text", note="vit-gpt2 captioning (ViT-base + GPT-2, equal widths: no enc_to_dec "
          "projection): 16 patches + CLS; vocab 50257 odd -> 1001; cross-attention q_attn (d, d) and "
@@ -427,8 +430,7 @@ ARCHS: tuple[Arch, ...] = (
          "logit_scale; vocab 30522 = 2*odd -> 1022; CLIP's contrastive loss"),
     Arch("bert2gpt2", "encoder-decoder", "FlaxEncoderDecoderModel", "EncoderDecoderConfig",
          dict(encoder=dict(_BERTISH, model_type="bert", vocab_size=1022, type_vocab_size=2),
-              decoder=dict(model_type="gpt2", vocab_size=1001, n_positions=64, n_embd=_D, n_layer=_L,
-                           n_head=4, add_cross_attention=True, is_decoder=True),
+              decoder=dict(_GPT2_XATTN),
               vocab_size=1001),
          inputs="text2text", note="bert2gpt2 (BERT-base encoder + GPT-2 decoder, equal widths: no "
          "enc_to_dec projection): vocabs 30522 = 2*odd -> 1022 and 50257 odd -> 1001; the encoder's "

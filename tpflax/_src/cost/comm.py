@@ -375,14 +375,14 @@ def _embedding_items(path: str, d: Any, axes: tuple[str, ...], s: Scope, *, note
     split_vocab = bool(set(entry_axes(_body_spec(d, spec)[0])) & set(axes))
     looks = (s.lookups or {}).get(path, 1)  # a table the encoder and the decoder both look up (T5)
     lv = s.lv  # a feature-split lookup keeps the residual stream split: gathered behind each norm too
-    stream = 0 if split_vocab else stream_gathers(((p, x.kind, body(x), lv.count[p] * (
-        1 if x.layers_dim is None else x.shape[x.layers_dim])) for p, x in lv.decisions.items()), b[-1]) - 1
+    stream = 0 if split_vocab else stream_gathers(
+        ((p, x.kind, body(x), lv.count[p] * layers(x)) for p, x in lv.decisions.items()), b[-1]) - 1
     items = [CommItem("all-reduce", axes, size, n, looks, path, "vocab-split embedding: sum the looked-up rows "
                       "(forward)") if split_vocab else
              CommItem("all-gather", axes, size, n, looks + stream, path, "embedding split on its features: gather "
                       "them (forward) and the feature-split residual stream behind each norm")]
     if not split_vocab:
-        items += update_gathers(s, path, axes, b[-1])
+        items += update_gathers(s, axes, [p for p, x in lv.decisions.items() if p != path and b[-1] in body(x)])
     attend = acts_for(s.activations, d.unit + ":attend")
     if not is_tied(path, d, s):
         return items

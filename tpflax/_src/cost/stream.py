@@ -17,14 +17,13 @@ from tpflax._src.cost.records import CommItem
 from tpflax._src.specs import used_axes
 
 
-def update_gathers(s: Any, table: str, axes: tuple[str, ...], width: int) -> list[CommItem]:
-    """Gathers of the whole-on-``axes`` leaves of ``width`` that a feature-split ``table`` reaches.
+def update_gathers(s: Any, axes: tuple[str, ...], reached: list[str]) -> list[CommItem]:
+    """Gathers of the ``reached`` leaves kept whole on ``axes`` once a feature-split table splits the stream.
 
     Args:
         s: the estimate's :class:`~tpflax._src.cost.comm.Scope`.
-        table: the feature-split table's path (itself split, so not gathered).
         axes: the tensor axes that split the table's features.
-        width: the table's feature width (the residual stream's).
+        reached: the other leaves with a dim of the table's feature width (the residual stream's).
 
     Returns:
         One all-gather item per alike class of leaves, or none off the CPU backend.
@@ -43,15 +42,11 @@ def update_gathers(s: Any, table: str, axes: tuple[str, ...], width: int) -> lis
     lv, n = s.lv, s.size(axes)
     copies = 1 + (len(lv.opt) > 0) * 2  # the parameter and adam's two moments, each gathered
     items = []
-    for path, d in lv.decisions.items():
-        if path == table or not d.trainable or set(used_axes(lv.specs[path])) & set(axes) or width not in _body(d):
-            continue
-        items.append(CommItem("all-gather", axes, s.leaf_bytes(path, d), n, copies * lv.count[path], lv.label[path],
-                              "a leaf whole on the tensor axis whose gradient the feature-split stream splits: "
-                              "its update runs split, then the parameter and its moments are gathered"))
+    for path in reached:
+        d = lv.decisions[path]
+        if d.trainable and not set(used_axes(lv.specs[path])) & set(axes):
+            items.append(CommItem("all-gather", axes, s.leaf_bytes(path, d), n, copies * lv.count[path],
+                                  lv.label[path], "a leaf whole on the tensor axis whose gradient the "
+                                  "feature-split stream splits: its update runs split, then the parameter "
+                                  "and its moments are gathered"))
     return items
-
-
-def _body(d: Any) -> tuple[int, ...]:
-    k = d.layers_dim
-    return tuple(d.shape[:k]) + tuple(d.shape[k + 1:]) if k is not None else tuple(d.shape)
