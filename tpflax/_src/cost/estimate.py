@@ -48,7 +48,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tpflax._src.cost.comm import Scope, comm_items
+from tpflax._src.cost.comm import comm_items
 from tpflax._src.cost.experts import expert_items
 from tpflax._src.cost.grouped import grouped_conv_items
 from tpflax._src.cost.leaves import Leaves, merge
@@ -56,6 +56,7 @@ from tpflax._src.cost.memory import memory
 from tpflax._src.cost.peak import peak
 from tpflax._src.cost.records import MEMORY_FIELDS, Act, Estimate, comm_table
 from tpflax._src.cost.reshard import fused_items
+from tpflax._src.cost.scope import Scope
 from tpflax._src.cost.workload import Workload, prepare
 from tpflax._src.errors import EstimateError
 from tpflax._src.mesh import MeshShape, batch_axes

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from tpflax._src.cost.batch import config_value
-from tpflax._src.cost.comm import Scope, body, layers
 from tpflax._src.cost.records import CommItem
+from tpflax._src.cost.scope import Scope, body, layers
 from tpflax._src.facts.classify import layer_group
 from tpflax._src.mesh import EXPERT
 

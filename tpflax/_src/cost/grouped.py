@@ -4,7 +4,7 @@ XLA's SPMD partitioner splits neither a grouped convolution's batch nor its grou
 measured on RegNet (XLA:CPU, data=2 and fsdp=2 x model=4) the forward all-gathers
 the input and the backward the output's gradient over the batch axes, and every
 device then holds a partial sum of the kernel's gradient (reduced over every axis
-that does not split the kernel: ``tpflax._src.cost.comm``). A kernel split over a
+that does not split the kernel: ``tpflax._src.cost.gradients``). A kernel split over a
 tensor axis (its output channels) is gathered whole over that axis in the forward
 and the backward, and the input and the output's gradient over it too (a 4-group
 convolution on data=2 x model=4). The trace says which convolutions are grouped
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import math
 
-from tpflax._src.cost.comm import Scope, leaf_itemsize
 from tpflax._src.cost.records import CommItem
+from tpflax._src.cost.scope import Scope, leaf_itemsize
 from tpflax._src.mesh import TENSOR
 
 

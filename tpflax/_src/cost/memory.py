@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 from tpflax._src.cost.activations import activation_bytes
-from tpflax._src.cost.comm import leaf_itemsize
 from tpflax._src.cost.leaves import Leaves
 from tpflax._src.cost.optstate import shard_bytes
 from tpflax._src.cost.records import Memory
+from tpflax._src.cost.scope import leaf_itemsize
 from tpflax._src.cost.workload import Workload
 from tpflax._src.facts.tree import itemsize
 from tpflax._src.mesh import MeshShape

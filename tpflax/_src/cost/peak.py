@@ -44,11 +44,12 @@ from tpflax._src.cost.activations import (
     token_rows,
 )
 from tpflax._src.cost.batch import config_value
-from tpflax._src.cost.comm import body, gather_item, leaf_itemsize
+from tpflax._src.cost.gradients import gather_item
 from tpflax._src.cost.leaves import Leaves
 from tpflax._src.cost.optstate import shard_bytes
 from tpflax._src.cost.records import Memory, Peak
 from tpflax._src.cost.residual import residual_bytes
+from tpflax._src.cost.scope import body, leaf_itemsize
 from tpflax._src.cost.workload import Workload
 from tpflax._src.mesh import EXPERT, FSDP, TENSOR, MeshShape
 from tpflax._src.specs import entry_axes
@@ -99,7 +100,7 @@ def gathered_bytes(lv: Leaves, mesh: MeshShape, backend: str = "cpu") -> tuple[i
 
     A scanned stack gathers one layer's slice (the leaf without its layers dim).
     Zero when the mesh has no fsdp axis larger than one. On TPU a float32 matmul kernel is
-    gathered as bfloat16 (:func:`tpflax._src.cost.comm.gather_item`) while its whole gradient
+    gathered as bfloat16 (:func:`tpflax._src.cost.gradients.gather_item`) while its whole gradient
     stays float32: the MoE float32 dumps (fsdp=8 on v5p, fsdp=2,model=4 on v5e) hold
     ``bf16[8, 4096, 14336]`` gathered expert kernels and, at the peak, one
     ``f32[8, 4096, 14336]`` gradient before its reduce-scatter.

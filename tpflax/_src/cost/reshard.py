@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tpflax._src.cost.comm import Scope, layers
 from tpflax._src.cost.records import CommItem
+from tpflax._src.cost.scope import Scope, layers
 from tpflax._src.mesh import TENSOR
 from tpflax._src.specs import entry_axes
 

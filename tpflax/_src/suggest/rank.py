@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from tpflax._src.cost.batch import config_value
-from tpflax._src.cost.comm import body
+from tpflax._src.cost.scope import body
 from tpflax._src.errors import NoFitError
 from tpflax._src.hardware import Hardware
 from tpflax._src.mesh import TENSOR, MeshShape

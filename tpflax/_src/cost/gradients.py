@@ -1,0 +1,115 @@
+"""Gradient collectives of one training step: the fsdp gathers and reductions and the data-parallel
+all-reduce of every trainable leaf, as XLA:CPU, XLA:TPU and GPU compilers emit them."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+from tpflax._src.cost.batch import config_value
+from tpflax._src.cost.price import tpu_gather_item, tpu_reduce_scatters
+from tpflax._src.cost.records import CommItem
+from tpflax._src.cost.scope import Scope, axes_of, body, is_tied, leaf_itemsize
+from tpflax._src.mesh import DATA, FSDP, MeshShape
+from tpflax._src.specs import used_axes
+
+
+def gradient_items(s: Scope) -> list[CommItem]:
+    """fsdp all-gathers and gradient reductions of every trainable leaf."""
+    # A scanned recurrence's weights get a partial gradient at every time step; XLA
+    # reduces it inside the backward loop, once per step of the sequence.
+    x_shape = s.batch.leaves[0][1]
+    steps = int(config_value(s.config, "seq_len", 0) or (x_shape[1] if len(x_shape) >= 2 else 1))
+    items: list[CommItem] = []
+    for path, d in s.lv.decisions.items():
+        if not d.trainable:
+            continue
+        reps, k, label = steps if d.unit in s.lv.recurrent else 1, s.lv.count[path], s.lv.label[path]
+        # measured: XLA reduces the partial gradient of each whole use apart (a tied table's lookup
+        # and logits, a layer called twice), then adds them
+        parts = s.parts.get(path, 1) if s.parts is not None else (2 if is_tied(path, d, s) else 1)
+        if s.backend == "tpu":  # XLA:TPU adds a table's lookups' scatter-adds first: one part for all
+            parts -= max((s.lookups or {}).get(path, 1) - 1, 0)
+        for kind, axes, size, n, count, why in _gradient_templates(
+                s.lv.specs[path], s.mesh, _reduce_axes(path, s), s.leaf_bytes(path, d), leaf_itemsize(d), s.g_item,
+                s.backend, reps, gather_item(d, s.backend), len(body(d))):
+            if kind == "all-gather" and s.remat and (d.layers_dim is not None or d.group != path):
+                # a layer's leaf is gathered inside its remat'd call (scan_fsdp.zero3): again in the backward
+                where = "one layer at a time in the scan" if d.layers_dim is not None else "inside the remat'd layer"
+                count, why = 2 * count, f"{why.split(' (')[0]} {where}, again in the remat'd backward"
+            items.append(CommItem(kind, axes, size, n, count * k, label, why))
+            if parts > 1 and kind != "all-gather":  # the other uses' gradients: all-reduced whole (XLA:TPU)
+                items.append(CommItem("all-reduce" if kind == "reduce-scatter" else kind, axes, size, n,
+                                      count * k * (parts - 1), label,
+                                      f"used whole {parts} times (a tied table's lookup and logits, a shared "
+                                      "layer): each use's gradient is reduced separately"))
+    return items
+
+
+def _reduce_axes(path: str, s: Scope) -> tuple[str, ...]:
+    """The batch axes; a grouped convolution's (batch gathered: cost.grouped) every axis not splitting it."""
+    if path not in (s.grouped or {}):
+        return s.batch_axes
+    used = used_axes(s.lv.specs[path])
+    return tuple(a for a in s.mesh.names if a in s.batch_axes or (a not in used and s.mesh.sizes[a] > 1))
+
+
+def _split_axes(spec, mesh: MeshShape) -> tuple[str, ...]:
+    """Axes that split a parameter and are gathered for compute: fsdp axes, and batch (data) axes."""
+    return tuple(a for a in mesh.names if a in axes_of(spec, mesh, FSDP) + axes_of(spec, mesh, DATA))
+
+
+_MATMUL_KINDS = ("dense", "attention", "expert", "head", "conv")
+
+
+def gather_item(d: Any, backend: str) -> int:
+    """Bytes per element an fsdp all-gather of the leaf moves (see :func:`tpu_gather_item`)."""
+    item = leaf_itemsize(d)
+    return tpu_gather_item(item, d.kind in _MATMUL_KINDS) if backend == "tpu" else item
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _gradient_templates(spec, mesh: MeshShape, batch_axes, nbytes: int, item: int, g_item, backend: str,
+                        reps: int, gather_item: int | None = None, body_rank: int | None = None) -> tuple:
+    """The gradient collectives of one leaf, without its path (repeated layers share them)."""
+    why_rep = f" at each of {reps} time steps (inside the scanned recurrence)" if reps > 1 else ""
+    f_axes = _split_axes(spec, mesh)  # a parameter split over a data axis is gathered like fsdp
+    free = tuple(a for a in batch_axes if a not in used_axes(spec))
+    gbytes = nbytes if g_item is None else nbytes // item * g_item
+    nf = math.prod(mesh.sizes[a] for a in f_axes)
+    out = []
+    if f_axes:
+        out.append(("all-gather", f_axes, nbytes // item * (gather_item or item) * nf, nf, 1,
+                    "fsdp: gather the parameter for compute (the backward reuses it)"))
+        if backend == "cpu":
+            group = tuple(a for a in mesh.names if a in f_axes or a in free)
+            return tuple(out) + (("all-reduce", group, gbytes * nf, math.prod(mesh.sizes[a] for a in group), reps,
+                                  "fsdp gradient: XLA:CPU all-reduces the whole gradient, then slices" + why_rep),)
+        live = {a for a in mesh.names if mesh.sizes[a] > 1}
+        rank = len(spec) if body_rank is None else body_rank
+        if backend == "tpu" and not tpu_reduce_scatters(rank, live, f_axes):
+            return tuple(out) + (_tpu_fsdp_gradient(mesh, f_axes, free, gbytes * nf, reps, why_rep),)
+        out.append(("reduce-scatter", f_axes, gbytes * nf, nf, reps,
+                    "fsdp gradient: reduce-scatter to the owning shard" + why_rep))
+    if free:
+        out.append(("all-reduce", free, gbytes, math.prod(mesh.sizes[a] for a in free), reps,
+                    "data parallel: sum the gradient over the batch axes" + why_rep))
+    return tuple(out)
+
+
+def _tpu_fsdp_gradient(mesh: MeshShape, f_axes: tuple[str, ...], free: tuple[str, ...], size: int, reps: int,
+                       why_rep: str) -> tuple:
+    """XLA:TPU's reduction of an fsdp gradient it cannot reduce-scatter: one all-reduce, then a slice.
+
+    Read off the TPU HLO of zoo train steps (libtpu 0.0.42.1, v5e:2x4). tpflax's step pins each
+    gradient to its stored shards (:func:`tpflax._src.scan_fsdp.pin`), and XLA:TPU then
+    reduce-scatters a leaf of two or more dims when the fsdp axes it is split over are the whole
+    mesh (fsdp=8). With any other axis in the mesh (a free batch axis: one tuple all-reduce over
+    ``data+fsdp``; a tensor axis: fsdp=2,model=4) and for 1-D leaves (norm scales) it all-reduces
+    the whole gradient and slices it: twice a reduce-scatter's bytes.
+    """
+    group = tuple(a for a in mesh.names if a in f_axes or a in free)
+    return ("all-reduce", group, size, math.prod(mesh.sizes[a] for a in group), reps,
+            "fsdp gradient: XLA:TPU all-reduces the whole gradient over the fsdp and batch axes, then "
+            "slices its shard" + why_rep)

@@ -1,0 +1,135 @@
+"""What every modelled collective of one (plan, mesh) shares: the :class:`Scope`, and a leaf's
+bytes per element, stacked layers and body shape as the decisions record them."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tpflax._src.cost.activations import acts_for, token_rows
+from tpflax._src.cost.batch import Batch, config_value
+from tpflax._src.cost.leaves import Leaves
+from tpflax._src.cost.optstate import shard_bytes
+from tpflax._src.cost.records import Act
+from tpflax._src.facts.tree import itemsize
+from tpflax._src.mesh import MeshShape
+from tpflax._src.specs import Entry, used_axes
+
+
+def leaf_itemsize(d: Any) -> int:
+    """Bytes per element of a decision's leaf, from the bytes the planner counted.
+
+    >>> import jax, tpflax
+    >>> keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), 4))
+    >>> leaf_itemsize(tpflax.plan({"rng": keys}, {"data": 1}).decisions["rng"])  # a PRNG key: 2 x uint32
+    8
+    """
+    n = math.prod(d.shape)
+    return d.bytes // n if n else itemsize(d.dtype)
+
+
+def layers(d: Any) -> int:
+    """How many stacked layers (``nn.scan``) the leaf holds: its collectives repeat that often.
+
+    >>> import jax, tpflax
+    >>> w = jax.ShapeDtypeStruct((4, 64, 256), "float32")
+    >>> layers(tpflax.plan({"layers": {"up": {"kernel": w}}}, {"data": 1}, stacked="layers").decisions["layers/up/kernel"])
+    4
+    """
+    return d.shape[d.layers_dim] if d.layers_dim is not None else 1
+
+
+def body(d: Any) -> tuple[int, ...]:
+    """The leaf's shape without its stacked-layers dim.
+
+    >>> import jax, tpflax
+    >>> w = jax.ShapeDtypeStruct((4, 64, 256), "float32")
+    >>> p = tpflax.plan({"layers": {"up": {"kernel": w}}}, {"data": 1}, stacked="layers")
+    >>> body(p.decisions["layers/up/kernel"])
+    (64, 256)
+    """
+    return drop_layers(d, tuple(d.shape))
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What every collective of one (plan, mesh) shares."""
+
+    mesh: MeshShape
+    lv: Leaves
+    batch: Batch
+    batch_axes: tuple[str, ...]
+    shards: int
+    act_item: int
+    g_item: int | None
+    backend: str
+    dispatch: str
+    activations: Mapping[str, Sequence[Act]]
+    config: Any
+    tied: frozenset[str] | None = None  # traced tied tables (None: not traced)
+    remat: bool = False
+    parts: Mapping[str, int] | None = None  # traced gradient parts (see cost.workload.traced_uses)
+    rows: Mapping[str, float] | None = None  # traced rows per example a parameter's contraction reads
+    fused: Mapping[str, tuple[int, int]] | None = None  # traced fused kernels: (param dim, pieces)
+    shared: frozenset[str] | None = None  # traced kernels whose input a residual also reads (trace.sharing)
+    lookups: Mapping[str, int] | None = None  # traced tables looked up by several gathers (cost.workload.Traced)
+    grouped: Mapping[str, float] | None = None  # traced grouped convolutions (cost.workload.Traced)
+    joined: Mapping[str, tuple[float, ...]] | None = None  # a projection's joined other uses' rows (Traced)
+
+    def rows_of(self, path: str) -> float:
+        """Activation rows on one device that the leaf at ``path`` reads: as traced, else the batch's tokens."""
+        per_example = (self.rows or {}).get(path)
+        return per_example * self.batch.size / self.shards if per_example else self.rows_local
+
+    @functools.cached_property
+    def rows_local(self) -> float:
+        return token_rows(self.batch, self.config) / self.shards
+
+    @functools.cached_property
+    def tied_guess(self) -> bool:
+        """No output head and no ``attend`` call: a table of the config's vocabulary computes the logits."""
+        return (not any(d.kind == "head" for d in self.lv.decisions.values())
+                and not any(k.endswith(":attend") for k in self.activations))
+
+    def axes(self, path: str, role: str) -> tuple[str, ...]:
+        """Mesh axes of ``role`` (size > 1) that split the leaf at ``path``."""
+        return axes_of(self.lv.specs[path], self.mesh, role)
+
+    def size(self, axes: Sequence[str]) -> int:
+        return math.prod(self.mesh.sizes[a] for a in axes)
+
+    def nbytes(self, shape: Sequence[int]) -> float:
+        """Bytes of a traced activation on one device: batch-major shapes split over the batch axes."""
+        local = 1 / self.shards if shape and shape[0] == self.batch.size else 1.0
+        return math.prod(shape) * self.act_item * local
+
+    def leaf_bytes(self, path: str, d: Any) -> int:
+        return shard_bytes(tuple(d.shape), leaf_itemsize(d), self.lv.specs[path], self.mesh)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def axes_of(spec: tuple[Entry, ...], mesh: MeshShape, role: str) -> tuple[str, ...]:
+    roles, used = dict(mesh.roles), used_axes(spec)
+    return tuple(a for a in mesh.names if a in used and roles[a] == role and mesh.sizes[a] > 1)
+
+
+
+def drop_layers(d: Any, spec: tuple[Entry, ...]) -> tuple[Entry, ...]:
+    """``spec`` (or a shape) without the leaf's stacked-layers dim."""
+    k = d.layers_dim
+    return tuple(spec[:k]) + tuple(spec[k + 1:]) if k is not None else spec
+
+
+def is_tied(path: str, d: Any, s: Scope) -> bool:
+    """The token table also computes the logits (an ``attend`` call, the trace, or no head to be found)."""
+    if s.tied is not None:  # the trace saw the table both looked up and contracted
+        return path in s.tied
+    if d.kind != "embedding":
+        return False
+    if acts_for(s.activations, d.unit + ":attend"):
+        return True
+    return s.tied_guess and config_value(s.config, "vocab") == body(d)[0]
+
