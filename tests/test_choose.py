@@ -345,3 +345,51 @@ def test_feature_split_span_table_estimate_matches_compiled():
     est = tpflax.estimate(p, optax.adamw(1e-3), SAMPLE, model=SpanEncoder(), sample=SAMPLE, backend="cpu")
     # the estimate's target on compiled collectives (benchmarks/third_party.py): within 10%
     assert est.comm_total == pytest.approx(split.comm, rel=0.10), (est.comm_total, split.comm)
+
+
+# ---------------------------------------------------------------------------
+# a feature-split table feeding blocks without norms of its width
+
+class BareStream(nn.Module):
+    """Two pre-norm MLP blocks on the residual stream of an untied 1022-row table, ``norms`` of them
+    with a LayerNorm (0 or 1): too few norms to say how often XLA gathers the feature-split stream."""
+
+    norms: int = 0
+
+    @nn.compact
+    def __call__(self, ids):
+        x = nn.Embed(1022, 64, name="word_embeddings")(ids)
+        for i in range(2):
+            h = nn.LayerNorm(name=f"ln_{i}")(x) if i < self.norms else x
+            x = x + nn.Dense(64, name=f"down_{i}")(nn.gelu(nn.Dense(256, name=f"up_{i}")(h)))
+        return nn.Dense(9, name="head")(x)
+
+
+class OneNormStream(BareStream):
+    norms: int = 1
+
+
+SHORT = (jax.ShapeDtypeStruct((8, 32), jnp.int32),)  # the third-party benchmark's 8 x 32 tokens
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cls", [BareStream, OneNormStream], ids=["no_norm", "one_norm"])
+def test_feature_split_stream_without_norms_estimate_matches_compiled(cls):
+    rules = [(r"word_embeddings/embedding$", P(None, "model"))]
+    # At 8 x 32 tokens XLA:CPU gathers the split stream for each block's up kernel, forward and
+    # backward (4 gathers), however many norms there are; the estimate and the chooser count at least
+    # 5 with the lookup's (cost.price.stream_gathers); 1 + 2 per norm alone was 18% under. (At 8 x 64
+    # tokens XLA gathers this pre-norm stream 8 times, which neither counts: a known gap.)
+    v = jax.eval_shape(cls().init, jax.random.key(0), *SHORT)
+    chooser = next(a for a in tpflax.plan(v, DP_TP, model=cls(), sample=SHORT, batch=SHORT).decisions[
+        "params/word_embeddings/embedding"].alternatives if a.name == "embed-dim split")
+    assert any(" x5 " in c and "stream" in c for c in chooser.collectives), chooser.collectives
+    p = tpflax.plan(v, DP_TP, model=cls(), sample=SHORT, batch=SHORT, rules=rules)
+    est = tpflax.estimate(p, optax.adamw(1e-3), SHORT, model=cls(), sample=SHORT, backend="cpu")
+    gathers = [i for i in est.items if i.kind == "all-gather" and i.source.endswith("word_embeddings/embedding")
+               and "stream behind" in i.why]
+    assert sum(i.count for i in gathers) == 5, gathers
+    mesh = tpflax.make_mesh(DP_TP)
+    ts = tpflax.make_train_step(cls(), p, mesh, optax.adamw(1e-3), sample=SHORT, variables=v)
+    compiled = tpflax.dry_run(ts, p, mesh).comm_total
+    assert est.comm_total == pytest.approx(compiled, rel=0.10), (est.comm_total, compiled)

@@ -31,6 +31,7 @@ from tpflax._src.cost.price import stream_gathers
 from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.scope import Scope, body, drop_layers, is_tied, layers
 from tpflax._src.cost.stream import update_gathers
+from tpflax._src.facts.classify import ATTN
 from tpflax._src.mesh import TENSOR
 from tpflax._src.specs import entry_axes
 
@@ -156,8 +157,9 @@ def _embedding_items(path: str, d: Any, axes: tuple[str, ...], s: Scope, *, note
     # the rows split over the tensor axes (an fsdp split of the rows is the fsdp gather's, not a vocab split)
     split_vocab = bool(set(entry_axes(drop_layers(d, spec)[0])) & set(axes))
     looks = (s.lookups or {}).get(path, 1)  # a table the encoder and the decoder both look up (T5)
-    lv = s.lv  # a feature-split lookup keeps the residual stream split: gathered behind each norm too
-    stream = 0 if split_vocab else stream_gathers(
+    lv = s.lv  # a feature-split lookup keeps the residual stream split: gathered behind each norm too;
+    # a table inside an attention layer (T5's, BEiT's relative bias) feeds the scores, not the stream
+    stream = 0 if split_vocab or ATTN.search(path) else stream_gathers(
         ((p, x.kind, body(x), lv.count[p] * layers(x)) for p, x in lv.decisions.items()), b[-1]) - 1
     items = [CommItem("all-reduce", axes, size, n, looks, path, "vocab-split embedding: sum the looked-up rows "
                       "(forward)") if split_vocab else

@@ -130,24 +130,34 @@ class Context:
         return self.hardware.slow_bandwidth if slow else self.hardware.fast_bandwidth
 
 
+STREAM_GATHERS_MIN = 5
+
+
 def stream_gathers(leaves: Iterable[tuple[str, str, tuple[int, ...], int]], width: int) -> int:
-    """Gathers of a feature-split residual stream of ``width`` per step: one per lookup, two per norm.
+    """Gathers of a feature-split residual stream of ``width`` per step: one per lookup, two per norm,
+    at least :data:`STREAM_GATHERS_MIN`.
 
     A lookup table split on its features hands XLA a feature-split activation; the residual adds
     propagate that split through every block, each norm of the stream works on the split features
     (its statistics all-reduced, a few bytes), and whatever reads the norm's output whole gathers it:
     once forward and once more backward for the weight gradients (measured on a 2-layer DistilBERT,
-    benchmarks/third_party.py ``distilbert-tok``: 12 stream gathers behind its 5 norms). ``leaves``
-    are ``(path, kind, body shape, copies)``, copies counting a stack's layers; a norm is counted by
-    its gain (its bias, when it has one, is the same norm).
+    benchmarks/third_party.py ``distilbert-tok``: 12 stream gathers behind its 5 norms). Without
+    norms of the stream's width the blocks' own kernels read the split stream and XLA gathers it for
+    them, forward and backward: 4 gathers in two MLP blocks with no norm or one, measured
+    (tests/test_choose.py ``test_feature_split_stream_without_norms_estimate_matches_compiled``);
+    the floor of 5 counts those and the lookup's, so the chooser and the estimate price the same.
+    ``leaves`` are ``(path, kind, body shape, copies)``, copies counting a stack's layers; a norm is
+    counted by its gain (its bias, when it has one, is the same norm).
 
-    >>> stream_gathers([("ln/scale", "norm", (64,), 2), ("ln/bias", "norm", (64,), 2),
-    ...                 ("mlp/kernel", "dense", (64, 256), 2)], 64)
+    >>> stream_gathers([("ln/scale", "norm", (64,), 3), ("ln/bias", "norm", (64,), 3),
+    ...                 ("mlp/kernel", "dense", (64, 256), 3)], 64)
+    7
+    >>> stream_gathers([("mlp/kernel", "dense", (64, 256), 2)], 64)
     5
     """
     norms = sum(n for path, kind, body, n in leaves
                 if kind == "norm" and tuple(body) == (width,) and not path.endswith("bias"))
-    return 1 + 2 * norms
+    return max(1 + 2 * norms, STREAM_GATHERS_MIN)
 
 
 def _live(entry: Entry, mesh: MeshShape) -> tuple[str, ...]:
@@ -215,7 +225,7 @@ def price(leaves: tuple[LeafLayout, ...], acts: tuple[ActComm, ...], ctx: Contex
         if not x.trainable:
             continue
         r = dict(mesh.roles)
-        # as the estimate (:mod:`tpflax._src.cost.comm`): a leaf split over fsdp or data axes is
+        # as the estimate (:mod:`tpflax._src.cost.gradients`): a leaf split over fsdp or data axes is
         # gathered for compute and its gradient scattered back; the batch axes that do not split
         # it sum its gradient. XLA:CPU sometimes also shards the adam update of a leaf every
         # tensor rank holds and gathers it back (seen for 64-element norms of a traced GPT-2, never
@@ -227,7 +237,7 @@ def price(leaves: tuple[LeafLayout, ...], acts: tuple[ActComm, ...], ctx: Contex
         tpu = ctx.hardware.kind == "tpu"
         if f_axes:
             # XLA:TPU gathers a float32 matmul kernel as bfloat16 and never reduce-scatters a 1-D
-            # leaf's gradient: it all-reduces it whole (measured; cost.comm models the same). The
+            # leaf's gradient: it all-reduces it whole (measured; cost.gradients models the same). The
             # reduce-scatter of wider leaves is what it emits on fsdp-only meshes; with another axis
             # in the mesh it all-reduces those too, which the estimate counts but the chooser does
             # not, or it would trade every fsdp split away while memory allows (no memory pressure

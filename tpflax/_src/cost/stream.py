@@ -21,7 +21,7 @@ def update_gathers(s: Any, axes: tuple[str, ...], reached: list[str]) -> list[Co
     """Gathers of the ``reached`` leaves kept whole on ``axes`` once a feature-split table splits the stream.
 
     Args:
-        s: the estimate's :class:`~tpflax._src.cost.comm.Scope`.
+        s: the estimate's :class:`~tpflax._src.cost.scope.Scope`.
         axes: the tensor axes that split the table's features.
         reached: the other leaves with a dim of the table's feature width (the residual stream's).
 
@@ -34,8 +34,8 @@ def update_gathers(s: Any, axes: tuple[str, ...], reached: list[str]) -> list[Co
     ...      "ln": {"scale": jax.ShapeDtypeStruct((64,), "float32")}}
     >>> p = tpflax.plan(v, {"data": 2, "model": 4}, rules=[("emb", P(None, "model")), (".*", P())])
     >>> e = tpflax.estimate(p, optax.adamw(1e-3), "8x16", backend="cpu")
-    >>> [(i.kind, i.count, i.size) for i in e.items if i.kind == "all-gather"]  # stream; ln/scale's update
-    [('all-gather', 3, 1024.0), ('all-gather', 3, 256)]
+    >>> [(i.kind, i.count, i.size) for i in e.items if i.kind == "all-gather"]  # stream (at least 5); ln/scale's update
+    [('all-gather', 5, 1024.0), ('all-gather', 3, 256)]
     """
     if s.backend != "cpu":
         return []

@@ -51,11 +51,11 @@ def shard_embedding(st: State, f: Facts, vdim: int, evidence: str = "", tied: bo
     # cost XLA 60% more collectives than the priced gather (its feature-split output feeds a norm).
     if d % t_size == 0 and not options:
         # A feature-split table hands XLA a feature-split activation to add to the residual
-        # stream, which stays split through every block: gathered behind each of its norms (at least
-        # the 1 gather + 2 reshards measured on one GQA block without norms, tests/test_choose.py)
+        # stream, which stays split through every block: gathered behind each of its norms (the
+        # estimate counts the same gathers, cost.comm)
         gathers = stream_gathers(((g.path, g.kind, g.body, g.leaf.shape[g.layers_at] if g.stacked else 1)
                                   for g in every), d)
-        acts = (ActComm("all-gather", t_entry, d, max(gathers, 5),
+        acts = (ActComm("all-gather", t_entry, d, gathers,
                         "gather the looked-up features and the feature-split residual stream behind each "
                         "norm (forward and for the weight gradients)"),)
         if tied:
