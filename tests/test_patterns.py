@@ -388,6 +388,8 @@ def test_relative_position_bias_splits_with_the_heads():
     p = tpflax.plan(tree, MESH)
     d = p.decisions["block/0/layer/0/SelfAttention/relative_attention_bias/embedding"]
     assert (d.spec, d.strategy) == (P(None, "model"), "heads")
+    # a row split would sum a scores-sized lookup over the tensor axis: not a candidate at all
+    assert [a.name for a in d.alternatives] == ["heads split", "replicate"]
 
 
 class SixHeadAttention(nn.Module):

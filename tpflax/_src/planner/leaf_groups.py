@@ -38,7 +38,13 @@ def shard_embedding(st: State, f: Facts, vdim: int, evidence: str = "", tied: bo
         tied, ev = True, "no output head in the tree, so priced as tied to the logits; "
     mm = frozenset({f.path}) if tied else frozenset()
     options = []
-    if v % t_size == 0:
+    # a table inside an attention layer with fewer columns than rows (T5's relative-position bias:
+    # buckets x heads): each column is one head's bias, added to that head's scores, which the heads
+    # split divides, so it splits with them and moves nothing; split on its rows, every device would
+    # sum the looked-up biases of every query-key pair (a scores-sized all-reduce, where the heads
+    # split moves none), so that split is not offered
+    bias = bool(ATTN.search(f.path)) and d < v and d % t_size == 0
+    if v % t_size == 0 and not bias:
         acts = (ActComm("all-reduce", t_entry, d, 1, "sum the looked-up rows (forward)"),)
         if tied:
             acts += _logit_acts(t_entry, d, "tied output embedding")
@@ -49,7 +55,7 @@ def shard_embedding(st: State, f: Facts, vdim: int, evidence: str = "", tied: bo
     # The embedding-dim split only where the rows do not divide: measured on a GQA block
     # (tests/test_choose.py), splitting a 128-row token table on its features instead of its rows
     # cost XLA 60% more collectives than the priced gather (its feature-split output feeds a norm).
-    if d % t_size == 0 and not options:
+    if d % t_size == 0 and not options and not bias:
         # A feature-split table hands XLA a feature-split activation to add to the residual
         # stream, which stays split through every block: gathered behind each of its norms (the
         # estimate counts the same gathers, cost.comm)
@@ -65,10 +71,7 @@ def shard_embedding(st: State, f: Facts, vdim: int, evidence: str = "", tied: bo
             f"vocab: {ev}" + (f"the embedding dim {d} is split over {over}" if v % t_size == 0 else
                               f"{v} rows not divisible by {t_size}, so the embedding dim {d} is split over "
                               f"{over} instead"))),), acts, mm, sums_output=True))
-    if ATTN.search(f.path) and d < v and d % t_size == 0:
-        # a table inside an attention layer with fewer columns than rows (T5's relative-position
-        # bias: buckets x heads): each column is one head's bias, added to that head's scores, which
-        # the heads split divides, so it splits with them and moves nothing
+    if bias:
         options.append(Option("heads split", ((f.path, st.proposal(
             f, body_spec(2, 1 - vdim, t_entry), "heads",
             f"heads: {ev}a {v} x {d} table inside an attention layer: its {d} columns (one per head) split "
