@@ -27,7 +27,7 @@ from typing import Any
 from tpflax._src.cost.activations import acts_for
 from tpflax._src.cost.batch import config_value
 from tpflax._src.cost.gradients import gradient_items
-from tpflax._src.cost.price import stream_gathers
+from tpflax._src.cost.price import stream_gathers, tpu_gather_item
 from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.scope import Scope, body, drop_layers, is_tied, layers
 from tpflax._src.cost.stream import update_gathers
@@ -159,13 +159,17 @@ def _embedding_items(path: str, d: Any, axes: tuple[str, ...], s: Scope, *, note
     looks = (s.lookups or {}).get(path, 1)  # a table the encoder and the decoder both look up (T5)
     lv = s.lv  # a feature-split lookup keeps the residual stream split: gathered behind each norm too;
     # a table inside an attention layer (T5's, BEiT's relative bias) feeds the scores, not the stream
-    stream = 0 if split_vocab or ATTN.search(path) else stream_gathers(
+    feeds_stream = not split_vocab and not ATTN.search(path)
+    stream = 0 if not feeds_stream else stream_gathers(
         ((p, x.kind, body(x), lv.count[p] * layers(x)) for p, x in lv.decisions.items()), b[-1]) - 1
+    # XLA:TPU gathers the stream for the kernels that read it: a float32 stream as bfloat16
+    gathered = size // s.act_item * tpu_gather_item(s.act_item, True) if s.backend == "tpu" and feeds_stream \
+        else size
     items = [CommItem("all-reduce", axes, size, n, looks, path, "vocab-split embedding: sum the looked-up rows "
                       "(forward)") if split_vocab else
-             CommItem("all-gather", axes, size, n, looks + stream, path, "embedding split on its features: gather "
-                      "them (forward) and the feature-split residual stream behind each norm")]
-    if not split_vocab:
+             CommItem("all-gather", axes, gathered, n, looks + stream, path, "embedding split on its features: "
+                      "gather them (forward) and the feature-split residual stream behind each norm")]
+    if feeds_stream:
         items += update_gathers(s, axes, [p for p, x in lv.decisions.items() if p != path and b[-1] in body(x)])
     attend = acts_for(s.activations, d.unit + ":attend")
     if not is_tied(path, d, s):

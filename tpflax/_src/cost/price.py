@@ -179,9 +179,11 @@ def _shard_bytes(x: LeafLayout, mesh: MeshShape) -> int:
 
 
 def tpu_gather_item(item: int, matmul: bool) -> int:
-    """Bytes per element XLA:TPU's fsdp all-gather moves: a float32 matmul kernel travels as
-    bfloat16 (default precision multiplies in bfloat16, so it converts before gathering;
-    measured on the zoo Llama, v5e:2x4); lookup tables, norms and other leaves as stored."""
+    """Bytes per element XLA:TPU's all-gather moves: a float32 matmul operand travels as bfloat16
+    (default precision multiplies in bfloat16, so it converts before gathering). Measured for fsdp
+    kernels on the zoo Llama and for a feature-split residual stream gathered for the next block's
+    kernels (``tests/test_choose.py`` GQA and Tagger compiled for v5e:2x4, float32: every stream
+    gather ``bf16[4,512,64]``); lookup tables, norms and other leaves travel as stored."""
     return 2 if matmul and item == 4 else item
 
 

@@ -6,7 +6,9 @@ activation gathers). The gradients of the leaves kept whole on the tensor axis t
 on a dim of its width (norms, row biases, position tables, a classifier) then come out split too:
 XLA:CPU runs their optimizer update on the split shard and gathers the parameter and each of its
 moments back whole (measured: 57 such gathers behind a 2-block tagger's split table,
-tests/test_choose.py ``Tagger``; 3 per leaf under adamw). The TPU compiler is not measured here.
+tests/test_choose.py ``Tagger``; 3 per leaf under adamw). XLA:TPU does so for the kernels only
+(the Tagger's classifier and the GQA block's output head, 3 gathers each, compiled for v5e:2x4),
+not for 1-D leaves (norm scales and biases).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from tpflax._src.cost.records import CommItem
+from tpflax._src.cost.scope import body
 from tpflax._src.specs import used_axes
 
 
@@ -26,7 +29,7 @@ def update_gathers(s: Any, axes: tuple[str, ...], reached: list[str]) -> list[Co
         reached: the other leaves with a dim of the table's feature width (the residual stream's).
 
     Returns:
-        One all-gather item per alike class of leaves, or none off the CPU backend.
+        One all-gather item per alike class of leaves (on TPU of two or more dims; none on GPU).
 
     >>> import jax, optax, tpflax
     >>> from jax.sharding import PartitionSpec as P
@@ -37,13 +40,15 @@ def update_gathers(s: Any, axes: tuple[str, ...], reached: list[str]) -> list[Co
     >>> [(i.kind, i.count, i.size) for i in e.items if i.kind == "all-gather"]  # stream (at least 5); ln/scale's update
     [('all-gather', 5, 1024.0), ('all-gather', 3, 256)]
     """
-    if s.backend != "cpu":
+    if s.backend not in ("cpu", "tpu"):
         return []
     lv, n = s.lv, s.size(axes)
     copies = 1 + (len(lv.opt) > 0) * 2  # the parameter and adam's two moments, each gathered
     items = []
     for path in reached:
         d = lv.decisions[path]
+        if s.backend == "tpu" and len(body(d)) < 2:
+            continue
         if d.trainable and not set(used_axes(lv.specs[path])) & set(axes):
             items.append(CommItem("all-gather", axes, s.leaf_bytes(path, d), n, copies * lv.count[path],
                                   lv.label[path], "a leaf whole on the tensor axis whose gradient the "

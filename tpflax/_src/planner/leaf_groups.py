@@ -58,7 +58,11 @@ def shard_embedding(st: State, f: Facts, vdim: int, evidence: str = "", tied: bo
     if d % t_size == 0 and not options and not bias:
         # A feature-split table hands XLA a feature-split activation to add to the residual
         # stream, which stays split through every block: gathered behind each of its norms (the
-        # estimate counts the same gathers, cost.comm)
+        # estimate counts the same gathers, cost.comm). They are priced at the activation dtype:
+        # XLA:TPU moves a float32 stream as bfloat16 (the estimate's TPU backend says so), but it also
+        # pads a split stream narrower than 128 lanes (distilbert-tok at width 64: 3.3x the hand
+        # layout's bytes per device on the TPU compiler), which no term here models; the bfloat16
+        # price alone would split tables whose split the padding makes worse
         gathers = stream_gathers(((g.path, g.kind, g.body, g.leaf.shape[g.layers_at] if g.stacked else 1)
                                   for g in every), d)
         acts = (ActComm("all-gather", t_entry, d, gathers,
