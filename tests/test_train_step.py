@@ -133,3 +133,50 @@ def assert_first_sgd_step_close(old, new_s, new_r, g_s, g_r):
         bound = LR * (e + U * (np.abs(gs) + np.abs(gr))) + ulps
         diff = np.abs((ns - p) - (nr - p))
         assert (diff <= bound).all(), (path, float((diff - bound).max()))
+
+
+def test_nnx_step_trains_params_only_and_keeps_the_forward_state():
+    # an nnx module's state holds BatchNorm statistics and dropout RNG counts next to its Params: the
+    # step differentiates and updates the Params only (the optimizer state is nnx.Optimizer's,
+    # wrt=nnx.Param) and keeps the statistics the forward pass computed, as nnx training does
+    import jax.numpy as jnp
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            # no bias before the norm: its gradient is zero up to rounding, which adam's
+            # normalisation would turn into a +-lr step of either sign
+            self.l1 = nnx.Linear(32, 128, use_bias=False, rngs=rngs)
+            self.bn = nnx.BatchNorm(128, rngs=rngs)
+            self.do, self.l2 = nnx.Dropout(0.1, rngs=rngs), nnx.Linear(128, 10, rngs=rngs)
+
+        def __call__(self, x):
+            return self.l2(self.do(nnx.relu(self.bn(self.l1(x)))))
+
+    x = jax.random.normal(jax.random.key(1), (8, 32))
+    y = jax.random.randint(jax.random.key(2), (8,), 0, 10)
+    loss = lambda out, x: optax.softmax_cross_entropy_with_integer_labels(out, y).mean()  # noqa: E731
+    tx = optax.adamw(0.1, weight_decay=0.5)
+    m = Net(nnx.Rngs(0))
+    state = nnx.state(m)
+    plan = tpflax.plan(state, {"data": 2, "model": 4}, model=m, sample=(x,))
+    assert not plan.decisions["bn/var"].trainable and plan.decisions["bn/scale"].trainable
+    mesh = tpflax.make_mesh(plan.mesh)
+    ts = tpflax.make_train_step(m, plan, mesh, tx, sample=(x,), loss=loss)
+    step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings)
+    v, _, value = step(tpflax.shard(state, plan, mesh), jax.device_put(tx.init(nnx.state(m, nnx.Param)),
+                                                                       ts.in_shardings[1]), (x,))
+    ref = Net(nnx.Rngs(0))
+    opt = nnx.Optimizer(ref, tx, wrt=nnx.Param)
+    ref_loss, grads = nnx.value_and_grad(lambda mod: loss(mod(x), x))(ref)
+    opt.update(ref, grads)
+    # the same float32 program split over 8 devices: a few ulps of the loss and of each updated value
+    np.testing.assert_allclose(float(value), float(ref_loss), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(nnx.state(ref)), strict=True):
+        if jnp.issubdtype(jnp.asarray(b).dtype, jnp.floating):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+        else:
+            assert np.array_equal(np.asarray(jax.random.key_data(a) if jnp.issubdtype(a.dtype, jax.dtypes.prng_key)
+                                             else a),
+                                  np.asarray(jax.random.key_data(b) if jnp.issubdtype(b.dtype, jax.dtypes.prng_key)
+                                             else b))

@@ -43,6 +43,8 @@ class Model:
         kwargs: keyword arguments the forward pass passes to ``module.apply``.
         config: the zoo model's config (sequence length, vocab...), else None.
         zoo: the zoo model itself, else None.
+        forward_state: ``(variables, *sample) -> (output, variables after the call)`` for a
+            model whose call updates its own state (an nnx module), else None.
     """
 
     forward: Callable[..., Any]
@@ -54,6 +56,7 @@ class Model:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     config: Any = None
     zoo: Any = None
+    forward_state: Callable[..., Any] | None = None
 
     def with_batch(self, batch: int) -> Model:
         """The same model with every sample input's leading (batch) dim set to ``batch``."""
@@ -182,9 +185,13 @@ def _nnx(model: Any, sample: Any, variables: Any) -> Model:
     def forward(v, *x):
         return nnx.merge(graphdef, v)(*x)
 
+    def forward_state(v, *x):  # and the state the call left: BatchNorm statistics, RNG counts
+        module = nnx.merge(graphdef, v, copy=True)  # new Variables at this trace level: the call mutates them
+        return module(*x), nnx.state(module)
+
     return Model(forward=forward, sample=_samples(sample, type(model).__name__),
                  variables=state if variables is None else variables, framework="nnx",
-                 name=type(model).__name__)
+                 name=type(model).__name__, forward_state=forward_state)
 
 
 def _linen(module: Any, sample: Any, variables: Any) -> Model:

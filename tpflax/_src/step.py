@@ -143,16 +143,20 @@ def _zoo_parts(model: Any, batch: Any) -> tuple[Any, Callable[..., Any]]:
     import jax
 
     abstract = jax.eval_shape(lambda: model.make_batch(0, batch)) if isinstance(batch, int) else batch
-    return abstract, model.loss
+    return abstract, lambda v, b: (model.loss(v, b), v)
 
 
 def _model_parts(m: Model, loss: Any, variables: Any) -> tuple[Any, Callable[..., Any]]:
-    """The sample tuple as batch, and ``(variables, sample) -> loss(forward(...), *sample)``."""
+    """The sample tuple as batch, and ``(variables, sample) -> (loss(forward(...), *sample), variables
+    after the forward pass)``: an nnx module's call updates its BatchNorm statistics and RNG counts."""
     loss = loss if loss is not None else _default_loss(m, variables)
-    forward = m.forward
+    forward, forward_state = m.forward, m.forward_state
 
     def loss_of(v, sample):
-        return loss(forward(v, *sample), *sample)
+        if forward_state is None:
+            return loss(forward(v, *sample), *sample), v
+        out, state = forward_state(v, *sample)
+        return loss(out, *sample), state
 
     return tuple(m.sample), loss_of
 
@@ -229,7 +233,7 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
     var_specs = plan.specs_for(variables)
     var_sh, opt_sh = named_shardings(mesh, var_specs), named_shardings(mesh, opt_specs)
     batch_sh = batch_shardings(plan, mesh, abstract_batch)
-    gather = fsdp_gather(plan, mesh, split_params(plan, plan_decisions(plan, variables))[0]) if gather_fsdp else None
+    gather = fsdp_gather(plan, mesh, param_decisions(plan, variables)) if gather_fsdp else None
 
     def step(variables, opt_state, batch):
         params, merge = split_params(plan, variables)
@@ -237,14 +241,30 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
         def loss_fn(p):
             return loss_of(merge(variables, p), batch)
 
-        value, grads = jax.value_and_grad(gather(loss_fn) if gather is not None else loss_fn)(params)
+        # the optimizer updates the parameters; the rest of the state is what the forward pass left
+        (value, state), grads = jax.value_and_grad(gather(loss_fn) if gather is not None else loss_fn,
+                                                   has_aux=True)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return merge(variables, optax.apply_updates(params, updates)), opt_state, value
+        return merge(state, optax.apply_updates(params, updates)), opt_state, value
 
     args = (with_shardings(variables, var_sh), with_shardings(opt_state, opt_sh),
             with_shardings(abstract_batch, batch_sh))
     loss_sh = NamedSharding(mesh, PartitionSpec())
     return TrainStep(step, args, (var_sh, opt_sh, batch_sh), (var_sh, opt_sh, loss_sh))
+
+
+def param_decisions(plan, variables: Any) -> list[Decision]:
+    """The plan's Decision of each leaf the optimizer updates, in ``split_params`` leaf order."""
+    import jax
+
+    from tpflax._src.facts.tree import is_box, state_variable
+
+    decs = jax.tree_util.tree_leaves(plan_decisions(plan, variables), is_leaf=lambda x: isinstance(x, Decision))
+    if type(variables).__name__ == "State":  # an nnx module's state: its Params (cost.optstate.split_params)
+        boxes = jax.tree_util.tree_leaves(variables, is_leaf=is_box)
+        return [d for b, d in zip(boxes, decs, strict=True) if not state_variable(b)]
+    return jax.tree_util.tree_leaves(split_params(plan, plan_decisions(plan, variables))[0],
+                                     is_leaf=lambda x: isinstance(x, Decision))
 
 
 def plan_decisions(plan, tree: Any) -> Any:

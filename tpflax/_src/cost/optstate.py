@@ -28,7 +28,8 @@ def split_params(plan, tree: Any) -> tuple[Any, Callable[[Any, Any], Any]]:
     """``(params subtree, merge(tree, new_params))`` for a tree shaped like the plan.
 
     The plan says whether the tree holds linen collections (its paths start with
-    ``params/``): then the optimizer sees ``tree["params"]``, else the whole tree.
+    ``params/``): then the optimizer sees ``tree["params"]``; of an ``nnx.State`` it sees the
+    ``nnx.Param`` variables; else the whole tree.
 
     >>> import jax, tpflax
     >>> tree = {"params": {"w": jax.ShapeDtypeStruct((4,), "float32")}}
@@ -39,6 +40,12 @@ def split_params(plan, tree: Any) -> tuple[Any, Callable[[Any, Any], Any]]:
     collections = any(path.startswith("params/") for path in plan.decisions)
     if collections and isinstance(tree, Mapping) and "params" in tree:
         return tree["params"], lambda t, p: {**t, "params": p}
+    if type(tree).__name__ == "State" and type(tree).__module__.startswith("flax.nnx"):
+        # an nnx module's state: the optimizer sees its Params (nnx.state(model, nnx.Param)); its
+        # BatchStats and RNG counts are model state
+        from flax import nnx
+
+        return tree.filter(nnx.Param), lambda t, p: nnx.merge_state(t, p)
     return tree, lambda t, p: p
 
 

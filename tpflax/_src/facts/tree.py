@@ -101,6 +101,23 @@ def _is_nnx_variable(x: Any) -> bool:
     return len(boxes) > 1 and isinstance(x, boxes[1])
 
 
+def state_variable(x: Any) -> str:
+    """The type of an nnx Variable that is model state, not a parameter (``BatchStat``, ``RngCount``,
+    ``RngKey``, ...), or ``""`` (an ``nnx.Param``, a linen box or an array): the optimizer updates
+    only parameters, so a plan marks such leaves untrainable.
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> state_variable(nnx.BatchStat(jnp.ones(2))), state_variable(nnx.Param(jnp.ones(2)))
+    ('BatchStat', '')
+    """
+    if not _is_nnx_variable(x):
+        return ""
+    from flax import nnx
+
+    return "" if isinstance(x, nnx.Param) else type(x).__name__
+
+
 def unbox(x: Any) -> Any:
     """The array inside a flax box (or ``x`` itself)."""
     if not is_box(x):
@@ -203,7 +220,7 @@ def walk(tree: Any) -> tuple[list[Leaf], Any]:
             names = None  # malformed metadata: ignore it rather than guess
         leaves.append(Leaf(
             path=p, shape=shape, dtype=str(dtype), itemsize=itemsize(dtype),
-            collection=p.split("/", 1)[0] if is_collections else "",
+            collection=p.split("/", 1)[0] if is_collections else state_variable(x),
             names=names, logical=logical, numeric=numeric_kind(dtype)))
     if problems:
         raise TreeError("the parameter tree has leaves that are not arrays", problems)
