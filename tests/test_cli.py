@@ -135,6 +135,14 @@ def test_dry_run_accepts_a_user_model(userpkg, factory, capsys):
     assert "give only the batch size" in capsys.readouterr().err
 
 
+def test_estimate_of_a_user_model_reads_its_activations(userpkg, capsys):
+    # the CLI hands a factory's linen model and sample to estimate(), as the Python API does: its
+    # activations come from the model's layers, not from nothing (they were 0 B)
+    assert main(["estimate", f"{userpkg}:make_linen", "--mesh", "data=2,model=4", "--json"]) == 0
+    est = json.loads(capsys.readouterr().out)["estimate"]
+    assert est["per_device"]["activations"] > 0, est["per_device"]
+
+
 def test_user_model_mistakes_are_named(userpkg, capsys):
     assert main(["plan", f"{userpkg}:make_half", "--mesh", "model=4"]) == 2
     assert "return (fn, variables, *sample)" in capsys.readouterr().err

@@ -16,13 +16,13 @@ from tpflax._src.cli_args import (
     UsageError,
     add_model_args,
     estimate_inputs,
+    model_kwargs,
     need_model,
     optimizer_from_name,
     parse_roles,
     parse_rule,
     plan_from_args,
     with_remat,
-    zoo_of,
 )
 
 EXAMPLES = """examples:
@@ -72,7 +72,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
     loaded, p = plan_from_args(args)
     batch, _ = estimate_inputs(args, loaded)
-    est = estimate(p, optimizer_from_name(args.optimizer), batch, model=zoo_of(loaded), remat=args.remat,
+    est = estimate(p, optimizer_from_name(args.optimizer), batch, **model_kwargs(loaded), remat=args.remat,
                    backend=args.backend, act_dtype=args.act_dtype, grad_dtype=args.grad_dtype,
                    optimizer_name=args.optimizer)
     if args.json:
@@ -113,7 +113,7 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
                          gather_fsdp=not args.no_gather_fsdp, **step_batch)
     dr = dry_run(ts, p, mesh, progress=not args.json)
     backend = args.backend or mesh.devices.flat[0].platform
-    est = estimate(p, opt, batch, model=zoo_of(loaded), remat=args.remat,
+    est = estimate(p, opt, batch, **model_kwargs(loaded), remat=args.remat,
                    backend=backend if backend in ("tpu", "gpu", "cpu") else "tpu",
                    optimizer_name=args.optimizer)
     if args.json:
@@ -169,8 +169,11 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     if args.batch is None:
         args.batch = str(args.world)
     batch, _ = estimate_inputs(args, loaded)
-    s = suggest_mesh(zoo_of(loaded) or loaded.variables, args.world,
-                     args.device_memory, args.hardware, optimizer=optimizer_from_name(args.optimizer),
+    kw = model_kwargs(loaded)  # a factory's model with its sample: traced and verified like a zoo model's
+    if "sample" in kw:
+        kw["variables"] = loaded.variables
+    s = suggest_mesh(kw.pop("model", loaded.variables), args.world,
+                     args.device_memory, args.hardware, **kw, optimizer=optimizer_from_name(args.optimizer),
                      batch=batch, config=getattr(loaded.model, "config", None), trace=args.trace,
                      remat=args.remat, optimizer_name=args.optimizer, ici_bandwidth=args.ici_bandwidth,
                      dcn_bandwidth=args.dcn_bandwidth, chips_per_host=args.chips_per_host,

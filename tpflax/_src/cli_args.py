@@ -148,6 +148,16 @@ def zoo_of(loaded):
     return loaded.model if is_zoo(loaded.model) else None
 
 
+def model_kwargs(loaded) -> dict:
+    """What ``estimate`` reads activations from: a zoo model, or a factory's model with its sample
+    inputs (a bare tree: nothing, activations from the batch alone)."""
+    if zoo_of(loaded) is not None:
+        return {"model": loaded.model}
+    if loaded.model is None or loaded.sample is None:
+        return {}
+    return {"model": loaded.model, "sample": loaded.sample}
+
+
 def with_remat(loaded, remat: bool):
     """``loaded`` whose zoo model rematerialises its layers when ``--remat`` asks and its config can.
 
