@@ -292,3 +292,29 @@ def test_tied_table_and_forced_specs_match_the_compiled_step():
         assert est == pytest.approx(got, abs=16), (name, est, got)
     d = plans["forced"].decisions
     assert (d["up"].role, d["down"].role) == ("column", "row") and d["up"].pair == d["down"].pair
+
+
+def test_a_bare_shape_batch_sets_the_traced_sequence_length():
+    # estimate(batch=(8, 64)) of a model sampled at (8, 16) prices 64 tokens per example, as a
+    # sample of (8, 64) does (it priced 16: a quarter of the activations); a zoo config fixes its
+    # length, so a batch of another length is an error that says how to build the model at it
+    import flax.linen as nn
+
+    class LM(nn.Module):
+        @nn.compact
+        def __call__(self, ids):
+            h = nn.Embed(128, 64, name="embed")(ids)
+            return nn.Dense(128, name="head")(h + nn.Dense(64, name="down")(nn.gelu(nn.Dense(256, name="up")(h))))
+
+    short, long = (jax.ShapeDtypeStruct((8, n), jnp.int32) for n in (16, 64))
+    m = LM()
+    p = tpflax.plan(jax.eval_shape(m.init, jax.random.key(0), short), {"data": 2, "model": 4}, model=m, sample=(short,))
+    by_batch = estimate(p, optax.sgd(0.1), (8, 64), model=m, sample=(short,))
+    by_sample = estimate(p, optax.sgd(0.1), model=m, sample=(long,))
+    assert by_batch.per_device.activations == by_sample.per_device.activations > 0
+    assert by_batch.comm_total == by_sample.comm_total
+    llama = zoo.get("llama")  # seq_len 32
+    lp = tpflax.plan(llama.abstract_variables(), {"data": 2, "model": 4})
+    x = jax.ShapeDtypeStruct((8, 128), jnp.int32)
+    with pytest.raises(EstimateError, match=r"seq_len=128"):
+        estimate(lp, optax.sgd(0.1), {"x": x, "y": x}, model=llama)

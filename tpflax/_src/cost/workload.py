@@ -9,7 +9,7 @@ so :func:`tpflax.estimate` and :func:`tpflax.suggest_mesh` share every number.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tpflax._src.cost.activations import trace_activations
@@ -131,7 +131,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
     (4, 260)
     """
     _check_options(act_dtype, grad_dtype, backend, expert_dispatch)
-    m = _model(plan, model, sample)
+    m = _at_batch_shape(_model(plan, model, sample), batch)
     if m is not None and config is None:
         config = m.config
     if batch is None and m is not None and (sample is not None or m.zoo is None):
@@ -224,6 +224,42 @@ def _model(plan, model: Any, sample: Any):
 
     m = as_model(model, sample)
     return m if m.variables is not None else m.with_variables(planned_tree(plan))
+
+
+def _bare_shape(batch: Any) -> tuple[int, ...] | None:
+    """``batch`` as a shape when it is one (``(8, 64)``, ``"8x64"``, a zoo batch ``{"x": (8, 64), ...}``),
+    else None."""
+    if isinstance(batch, Mapping) and "x" in batch:  # a zoo batch: its inputs' shape
+        x = batch["x"]
+        batch = tuple(x.shape) if hasattr(x, "shape") else x
+    if isinstance(batch, str):
+        try:
+            batch = tuple(int(x) for x in batch.lower().replace("*", "x").split("x"))
+        except ValueError:
+            return None
+    if isinstance(batch, (tuple, list)) and len(batch) > 1 and all(isinstance(x, int) for x in batch):
+        return tuple(batch)
+    return None
+
+
+def _at_batch_shape(m: Any, batch: Any) -> Any:
+    """``m`` traced at the shape it is estimated for: a bare-shape batch ``(8, 64)`` sets the shape of a
+    one-input model's sample (activations and collectives follow the sequence length, not only the
+    batch size). A zoo config fixes its sequence length: a batch of another length is an error."""
+    shape = _bare_shape(batch)
+    if m is None or shape is None or len(m.sample) != 1:
+        return m
+    s = m.sample[0]
+    if len(getattr(s, "shape", ())) != len(shape) or tuple(s.shape[1:]) == shape[1:]:
+        return m
+    if m.zoo is not None:
+        raise EstimateError(f"batch {shape}: {m.name}'s config fixes its inputs at {tuple(s.shape[1:])} per "
+                            f"example, so the estimate would price that length; build the model at the "
+                            f"batch's (zoo.get(name, seq_len={shape[1]}) for a sequence model) or pass a "
+                            f"batch of ({shape[0]}, {', '.join(map(str, s.shape[1:]))})")
+    import jax
+
+    return replace(m, sample=(jax.ShapeDtypeStruct(shape, s.dtype),))
 
 
 def with_batch_size(w: Workload, size: int) -> Workload:
