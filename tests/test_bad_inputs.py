@@ -477,3 +477,14 @@ def test_cli_bad_input_in_a_real_process_has_no_traceback():
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.startswith("tpflax: error:") and "Traceback" not in r.stderr
     assert "params/h_0/mlp/c_fc/kernel" in r.stderr and "not divisible" in r.stderr
+
+
+def test_shard_of_an_abstract_tree_says_what_to_use_instead():
+    # the trees plan() accepts (jax.eval_shape output) cannot be placed: a TreeError names a leaf and
+    # points to init_sharded / shardings, where numpy raised from inside the finiteness check
+    import flax.linen as nn
+
+    v = jax.eval_shape(nn.Dense(8).init, jax.random.key(0), jnp.ones((2, 4)))
+    p = tpflax.plan(v, {"model": 2})
+    with pytest.raises(tpflax.TreeError, match=r"abstract.*\['params'\]\['bias'\].*init_sharded"):
+        tpflax.shard(v, p, tpflax.make_mesh({"model": 2}))

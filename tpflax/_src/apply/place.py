@@ -26,6 +26,7 @@ from tpflax._src.apply.bind import (
     rebox_all,
 )
 from tpflax._src.apply.put import place_tree
+from tpflax._src.errors import TreeError
 from tpflax._src.facts.tree import is_box, unbox, walk
 from tpflax._src.planner.plan import Plan
 from tpflax._src.scan_fsdp import pin, zero3
@@ -102,8 +103,22 @@ def shard(tree: Any, plan: Plan, mesh: Any = None, *, per_shard: bool = False,
     P('model', None)
     """
     if is_graph_node(tree):
+        from flax import nnx
+
+        _no_abstract_leaves(nnx.state(tree))
         return nnx_apply.shard_module(tree, plan, mesh, per_shard=per_shard)
+    _no_abstract_leaves(tree)
     return place_tree(tree, plan, mesh, per_shard=per_shard, donate=donate, check_finite=check_finite)
+
+
+def _no_abstract_leaves(tree: Any) -> None:
+    """Raise :class:`TreeError` naming the abstract leaves (``jax.ShapeDtypeStruct``) of ``tree``."""
+    paths = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)[0]
+             if isinstance(unbox(x), jax.ShapeDtypeStruct)]
+    if paths:
+        raise TreeError(f"shard() places arrays, but {len(paths)} leaves are abstract (jax.ShapeDtypeStruct, "
+                        f"e.g. {paths[0]}): initialise directly sharded with tpflax.init_sharded(init_fn, plan, "
+                        "mesh), or take the shardings for jax.jit with tpflax.shardings(plan, mesh, tree)")
 
 
 def unshard(tree: Any) -> Any:
