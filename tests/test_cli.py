@@ -157,3 +157,9 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"tpflax {tpflax.__version__}"
     r = subprocess.run([sys.executable, "-m", "tpflax.cli", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == f"tpflax {tpflax.__version__}"
+
+
+def test_an_unwritable_output_path_is_a_usage_error(tmp_path, capsys):
+    # exit 2 with one line naming the path (exit 1 means warnings under --strict), no traceback
+    assert main(["plan", "mlp", "--mesh", "model=2", "--why", str(tmp_path / "missing" / "why.txt")]) == 2
+    assert "missing/why.txt: No such file or directory" in capsys.readouterr().err

@@ -308,6 +308,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TpflaxError, UsageError) as e:
         print(f"tpflax: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a path given on the command line (--why, --html) that cannot be used
+        print(f"tpflax: error: {e.filename or 'a file'}: {e.strerror or e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover
