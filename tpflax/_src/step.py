@@ -113,7 +113,7 @@ def _logits(output: Any) -> Any:
     return getattr(output, "logits", output)
 
 
-def _default_loss(m: Model, variables: Any) -> Callable[..., Any]:
+def default_loss(m: Model, variables: Any) -> Callable[..., Any]:
     """Next-token cross-entropy when the output is logits over integer ids, else an error."""
     import jax
     import jax.numpy as jnp
@@ -149,7 +149,7 @@ def _zoo_parts(model: Any, batch: Any) -> tuple[Any, Callable[..., Any]]:
 def _model_parts(m: Model, loss: Any, variables: Any) -> tuple[Any, Callable[..., Any]]:
     """The sample tuple as batch, and ``(variables, sample) -> (loss(forward(...), *sample), variables
     after the forward pass)``: an nnx module's call updates its BatchNorm statistics and RNG counts."""
-    loss = loss if loss is not None else _default_loss(m, variables)
+    loss = loss if loss is not None else default_loss(m, variables)
     forward, forward_state = m.forward, m.forward_state
 
     def loss_of(v, sample):

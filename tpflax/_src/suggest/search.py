@@ -73,6 +73,7 @@ class Context:
     tree: Any
     zoo: Any
     config: Any
+    model: Any  # the Model (tpflax._src.model) of a linen/nnx module or function, for verify; else None
     optimizer: Any
     batch: Any
     activations: dict
@@ -203,7 +204,8 @@ def _context(model_or_tree: Any, hw: Hardware, devices: int, *, sample, variable
     axes = tuple((n, r) for n, r in AXES if r != EXPERT or has_experts)
     annotated = any(d.source == "annotation" for d in base.decisions.values())
     workload = prepare(base, optimizer, batch, config=config, activations=activations, **est_kwargs)
-    ctx = Context(tree=tree, zoo=m.zoo if m is not None else None, config=config, optimizer=optimizer,
+    ctx = Context(tree=tree, zoo=m.zoo if m is not None else None, config=config,
+                  model=m if m is not None and m.zoo is None else None, optimizer=optimizer,
                   batch=batch, activations=activations, est_kwargs=est_kwargs, plan_kwargs=plan_kwargs,
                   heuristic_only=not plan_kwargs.get("rules") and not annotated and "model" not in plan_kwargs,
                   dims=tuple(sorted({s for d in base.decisions.values() for s in d.shape})),

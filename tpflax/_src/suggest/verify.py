@@ -9,6 +9,7 @@ allocated. Otherwise they compile on a CPU-emulated mesh of the same shape.
 from __future__ import annotations
 
 import importlib.util
+from typing import Any
 
 from tpflax._src.errors import SuggestError
 from tpflax._src.hardware import get_hardware
@@ -62,10 +63,46 @@ def _skip(s: Suggestion, topo: Topology | None, tpu: bool) -> str:
     return ""
 
 
+def _step_args(ctx: Any) -> tuple[Any, dict] | None:
+    """``(model, make_train_step keywords)`` for the suggestion's model, or None without one.
+
+    A zoo model trains on its own batch and loss. Another model (a linen or nnx
+    Module, a function) trains on its sample inputs at the suggested batch, with
+    its default loss (next-token cross-entropy over logits), else the mean square
+    of its float outputs: memory and collectives do not depend on which loss.
+    """
+    if ctx is None:
+        return None
+    if ctx.zoo is not None:
+        return ctx.zoo, {"batch": ctx.batch}
+    m = ctx.model
+    sample = ctx.batch if isinstance(ctx.batch, tuple) and all(hasattr(x, "shape") for x in ctx.batch) else None
+    if m is None or sample is None:
+        return None
+    from tpflax._src.errors import OptionError
+    from tpflax._src.step import default_loss
+
+    kw = {"sample": sample, "variables": m.variables}
+    try:
+        default_loss(m, m.variables)
+    except OptionError:
+        kw["loss"] = _mean_square
+    return m.forward, kw
+
+
+def _mean_square(out: Any, *_: Any) -> Any:
+    import jax
+    import jax.numpy as jnp
+
+    floats = [x for x in jax.tree.leaves(getattr(out, "logits", out)) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return sum(jnp.mean(jnp.square(x.astype(jnp.float32))) for x in floats)
+
+
 def verify_suggestion(s: Suggestion, top: int = 2) -> tuple[Verification, ...]:
     """Compile the top candidates for the TPU topology (or a CPU-emulated mesh) and compare (``--verify``).
 
-    Needs a :mod:`tpflax.zoo` model. For a TPU preset (:func:`verify_target`)
+    Needs a model: a :mod:`tpflax.zoo` model, or a linen or nnx Module or a
+    function given with its sample (see :func:`_step_args`). For a TPU preset (:func:`verify_target`)
     with libtpu installed, the TPU compiler's peak is compared; otherwise
     ``devices <= 64`` and that many jax devices (set
     ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before jax starts; the
@@ -89,14 +126,15 @@ def verify_suggestion(s: Suggestion, top: int = 2) -> tuple[Verification, ...]:
     out = []
     for c in s.ranked[:max(top, 0)]:
         ctx, est, fits_est = c.context, c.per_device, c.fits
-        skip = "needs a tpflax.zoo model to build the training step" if ctx is None or ctx.zoo is None \
-            else ("" if tpu else _skip(s, topo, tpu))
+        step_of = _step_args(ctx)
+        skip = "needs a model to build the training step (a tpflax.zoo model, a linen or nnx Module, or a " \
+               "function with sample= and variables=)" if step_of is None else ("" if tpu else _skip(s, topo, tpu))
         if skip:
             out.append(Verification(c.mesh, est, None, fits_est, None, None, note=skip))
             continue
         mesh = make_mesh(c.mesh, target=topo) if tpu else make_mesh(c.mesh)
         opt = ctx.optimizer if ctx.optimizer is not None else optax.sgd(0.0)
-        dr = dry_run(make_train_step(ctx.zoo, c.plan, mesh, opt, ctx.batch), c.plan, mesh,
+        dr = dry_run(make_train_step(step_of[0], c.plan, mesh, opt, **step_of[1]), c.plan, mesh,
                      progress=True)  # on a terminal: shows the compile of each shape
         where = topo.name if tpu else "cpu"
         peak = dr.memory.get("peak")
