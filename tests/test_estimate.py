@@ -318,3 +318,15 @@ def test_a_bare_shape_batch_sets_the_traced_sequence_length():
     x = jax.ShapeDtypeStruct((8, 128), jnp.int32)
     with pytest.raises(EstimateError, match=r"seq_len=128"):
         estimate(lp, optax.sgd(0.1), {"x": x, "y": x}, model=llama)
+
+
+def test_a_bare_batch_size_resizes_the_sample_of_a_model():
+    # estimate(plan, tx, 32, model=m, sample=(x,)) with x of 8 examples prices 32 (it raised that a
+    # bare size needs the model, which was given)
+    import flax.linen as nn
+
+    m, x = nn.Dense(256), jax.ShapeDtypeStruct((8, 64), jnp.float32)
+    p = tpflax.plan(jax.eval_shape(m.init, jax.random.key(0), x), {"data": 2, "model": 4}, model=m, sample=(x,))
+    e8, e32 = (estimate(p, optax.sgd(0.1), n, model=m, sample=(x,)) for n in (8, 32))
+    assert (e8.batch["size"], e32.batch["size"]) == (8, 32)
+    assert e32.per_device.inputs == 4 * e8.per_device.inputs > 0

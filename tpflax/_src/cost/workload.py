@@ -134,6 +134,8 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
     m = _at_batch_shape(_model(plan, model, sample), batch)
     if m is not None and config is None:
         config = m.config
+    if m is not None and m.zoo is None and isinstance(batch, int) and not isinstance(batch, bool):
+        batch = None  # its size is in the model's resized sample (_at_batch_shape)
     if batch is None and m is not None and (sample is not None or m.zoo is None):
         batch = m.sample  # a model's own inputs are the batch (no labels: its loss takes the output)
     # without linen layers there is no ``attend`` call to see: the dataflow says which table is tied
@@ -246,6 +248,8 @@ def _at_batch_shape(m: Any, batch: Any) -> Any:
     """``m`` traced at the shape it is estimated for: a bare-shape batch ``(8, 64)`` sets the shape of a
     one-input model's sample (activations and collectives follow the sequence length, not only the
     batch size). A zoo config fixes its sequence length: a batch of another length is an error."""
+    if m is not None and m.zoo is None and isinstance(batch, int) and not isinstance(batch, bool) and m.sample:
+        return m.with_batch(batch)  # a bare batch size: the model's sample at that many examples
     shape = _bare_shape(batch)
     if m is None or shape is None or len(m.sample) != 1:
         return m

@@ -84,9 +84,17 @@ def trace_jaxpr(model: Any, sample: Any = None, variables: Any = None):
 def _untraceable(m: Any, e: Exception) -> str:
     shapes = ", ".join(f"{getattr(s, 'shape', '?')}:{getattr(s, 'dtype', '?')}" for s in m.sample)
     called = ("; a function model is called as fn(variables, *sample)" if m.framework == "callable" else "")
+    text = f"{type(e).__name__}: {e}"
+    if any(k in text for k in ("rng", "Rng", "mutable", "Mutable", "immutable")):
+        # a linen model in training mode: dropout wants an rng, BatchNorm a mutable batch_stats
+        fix = ("the model's call needs rngs or mutable collections (nn.Dropout(deterministic=False), "
+               "nn.BatchNorm(use_running_average=False)): pass it as a function, e.g. "
+               "fn = lambda v, x: module.apply(v, x, rngs={'dropout': jax.random.key(0)}, "
+               "mutable=['batch_stats'])[0]")
+    else:
+        fix = f"pass sample= matching the model's __call__ and the full variable tree it was initialised with{called}"
     return (f"could not trace the forward pass of {m.name} with sample inputs ({shapes}): "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; pass sample= matching "
-            f"the model's __call__ and the full variable tree it was initialised with{called}")
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; {fix}")
 
 
 def dataflow(model: Any, sample: Any = None, variables: Any = None) -> Dataflow:
