@@ -180,3 +180,17 @@ def test_nnx_step_trains_params_only_and_keeps_the_forward_state():
                                              else a),
                                   np.asarray(jax.random.key_data(b) if jnp.issubdtype(b.dtype, jax.dtypes.prng_key)
                                              else b))
+
+
+def test_a_cast_tree_needs_variables_and_the_error_says_so():
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    m, x = nn.Dense(16), jax.ShapeDtypeStruct((8, 16), jnp.float32)
+    v = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16), jax.eval_shape(m.init, jax.random.key(0), x))
+    p = tpflax.plan(v, {"data": 2})
+    mesh = tpflax.make_mesh(p.mesh)
+    mse = lambda out, x: jnp.mean(out.astype(jnp.float32) ** 2)  # noqa: E731
+    with pytest.raises(tpflax.PlanMismatchError, match="pass variables="):
+        tpflax.make_train_step(m, p, mesh, optax.sgd(0.1), sample=(x,), loss=mse)
+    assert tpflax.make_train_step(m, p, mesh, optax.sgd(0.1), sample=(x,), loss=mse, variables=v).args

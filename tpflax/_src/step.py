@@ -227,10 +227,17 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
     from tpflax._src.apply.bind import check_mesh
 
     check_mesh(plan, mesh)
+    given = variables
     variables, abstract_batch, loss_of = _resolve(model, plan, batch, sample, loss, variables)
+    try:
+        var_specs = plan.specs_for(variables)
+    except PlanMismatchError as e:
+        if given is not None:
+            raise
+        raise PlanMismatchError(f"{e}. make_train_step took the model's own variables (model.init): pass "
+                                "variables= the tree you planned (e.g. one cast to bfloat16)") from e
     params, _ = split_params(plan, variables)
     opt_state, opt_specs = opt_state_specs(plan, optimizer, params)
-    var_specs = plan.specs_for(variables)
     var_sh, opt_sh = named_shardings(mesh, var_specs), named_shardings(mesh, opt_specs)
     batch_sh = batch_shardings(plan, mesh, abstract_batch)
     gather = fsdp_gather(plan, mesh, param_decisions(plan, variables)) if gather_fsdp else None
