@@ -45,7 +45,9 @@ def split_params(plan, tree: Any) -> tuple[Any, Callable[[Any, Any], Any]]:
         # BatchStats and RNG counts are model state
         from flax import nnx
 
-        return tree.filter(nnx.Param), lambda t, p: nnx.merge_state(t, p)
+        from tpflax._src.facts.tree import state_variable
+
+        return tree.filter(lambda _, x: not state_variable(x)), lambda t, p: nnx.merge_state(t, p)
     return tree, lambda t, p: p
 
 
