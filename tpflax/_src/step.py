@@ -143,7 +143,7 @@ def _zoo_parts(model: Any, batch: Any) -> tuple[Any, Callable[..., Any]]:
     import jax
 
     abstract = jax.eval_shape(lambda: model.make_batch(0, batch)) if isinstance(batch, int) else batch
-    return abstract, lambda v, b: (model.loss(v, b), v)
+    return abstract, lambda v, b: (model.loss(v, b), None)
 
 
 def _model_parts(m: Model, loss: Any, variables: Any) -> tuple[Any, Callable[..., Any]]:
@@ -154,7 +154,7 @@ def _model_parts(m: Model, loss: Any, variables: Any) -> tuple[Any, Callable[...
 
     def loss_of(v, sample):
         if forward_state is None:
-            return loss(forward(v, *sample), *sample), v
+            return loss(forward(v, *sample), *sample), None
         out, state = forward_state(v, *sample)
         return loss(out, *sample), state
 
@@ -249,10 +249,12 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
             return loss_of(merge(variables, p), batch)
 
         # the optimizer updates the parameters; the rest of the state is what the forward pass left
+        # (an nnx module's), else the variables passed in (never the gathered parameters: returning
+        # them would make XLA keep every fsdp weight gathered whole)
         (value, state), grads = jax.value_and_grad(gather(loss_fn) if gather is not None else loss_fn,
                                                    has_aux=True)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return merge(state, optax.apply_updates(params, updates)), opt_state, value
+        return merge(variables if state is None else state, optax.apply_updates(params, updates)), opt_state, value
 
     args = (with_shardings(variables, var_sh), with_shardings(opt_state, opt_sh),
             with_shardings(abstract_batch, batch_sh))
