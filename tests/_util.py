@@ -15,3 +15,16 @@ def assert_bit_exact(got, want):
     assert len(g) == len(w)
     for a, b in zip(g, w, strict=True):
         assert same_bytes(a, b), (np.asarray(a).dtype, np.asarray(b).dtype)
+
+
+def tiny_lm():
+    """A linen token model: embed 128 x 64, an MLP on the residual, a 128-way head (untied)."""
+    import flax.linen as nn
+
+    class TinyLM(nn.Module):
+        @nn.compact
+        def __call__(self, ids):
+            h = nn.Embed(128, 64, name="embed")(ids)
+            return nn.Dense(128, name="head")(h + nn.Dense(64, name="down")(nn.gelu(nn.Dense(256, name="up")(h))))
+
+    return TinyLM()

@@ -298,16 +298,10 @@ def test_a_bare_shape_batch_sets_the_traced_sequence_length():
     # estimate(batch=(8, 64)) of a model sampled at (8, 16) prices 64 tokens per example, as a
     # sample of (8, 64) does (it priced 16: a quarter of the activations); a zoo config fixes its
     # length, so a batch of another length is an error that says how to build the model at it
-    import flax.linen as nn
-
-    class LM(nn.Module):
-        @nn.compact
-        def __call__(self, ids):
-            h = nn.Embed(128, 64, name="embed")(ids)
-            return nn.Dense(128, name="head")(h + nn.Dense(64, name="down")(nn.gelu(nn.Dense(256, name="up")(h))))
+    from _util import tiny_lm
 
     short, long = (jax.ShapeDtypeStruct((8, n), jnp.int32) for n in (16, 64))
-    m = LM()
+    m = tiny_lm()
     p = tpflax.plan(jax.eval_shape(m.init, jax.random.key(0), short), {"data": 2, "model": 4}, model=m, sample=(short,))
     by_batch = estimate(p, optax.sgd(0.1), (8, 64), model=m, sample=(short,))
     by_sample = estimate(p, optax.sgd(0.1), model=m, sample=(long,))

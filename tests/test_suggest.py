@@ -291,15 +291,9 @@ def test_llama_7b_on_64_devices_hint_is_checked(batch):
 def test_verify_compiles_a_linen_model_with_its_sample():
     # not only zoo models: a linen module with sample= is trained on its sample inputs with its own
     # default loss (next-token cross-entropy here), and the top candidate is compiled
-    import flax.linen as nn
-
-    class LM(nn.Module):
-        @nn.compact
-        def __call__(self, ids):
-            h = nn.Embed(128, 64, name="embed")(ids)
-            return nn.Dense(128, name="head")(h + nn.Dense(64, name="down")(nn.gelu(nn.Dense(256, name="up")(h))))
+    from _util import tiny_lm
 
     x = jax.ShapeDtypeStruct((8, 16), "int32")
-    s = tpflax.suggest_mesh(LM(), 8, "1GiB", "h100", sample=(x,), optimizer=optax.adamw(1e-3), verify=1)
+    s = tpflax.suggest_mesh(tiny_lm(), 8, "1GiB", "h100", sample=(x,), optimizer=optax.adamw(1e-3), verify=1)
     v = s.verified[0]
     assert v.compiled is not None and v.compiled > 0 and v.note == "", v

@@ -266,10 +266,10 @@ def param_decisions(plan, variables: Any) -> list[Decision]:
     """The plan's Decision of each leaf the optimizer updates, in ``split_params`` leaf order."""
     import jax
 
-    from tpflax._src.facts.tree import is_box, state_variable
+    from tpflax._src.facts.tree import is_box, is_nnx_state, state_variable
 
     decs = jax.tree_util.tree_leaves(plan_decisions(plan, variables), is_leaf=lambda x: isinstance(x, Decision))
-    if type(variables).__name__ == "State":  # an nnx module's state: its Params (cost.optstate.split_params)
+    if is_nnx_state(variables):  # an nnx module's state: its Params (cost.optstate.split_params)
         boxes = jax.tree_util.tree_leaves(variables, is_leaf=is_box)
         return [d for b, d in zip(boxes, decs, strict=True) if not state_variable(b)]
     return jax.tree_util.tree_leaves(split_params(plan, plan_decisions(plan, variables))[0],

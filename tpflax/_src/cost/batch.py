@@ -109,11 +109,20 @@ def parse_batch(batch: Any, config: Any = None, act_dtype: str | None = None) ->
     return _from_tree(batch, act_dtype, dtype)
 
 
+def shape_text(text: str) -> tuple[int, ...]:
+    """A shape written ``"32x1024"`` (or ``"32*1024"``); ValueError when it is not one.
+
+    >>> shape_text("8X64")
+    (8, 64)
+    """
+    return tuple(int(x) for x in text.lower().replace("*", "x").split("x"))
+
+
 def _as_shape(batch: Any, config: Any) -> Any:
     """A string or a bare size as a shape mapping; anything else unchanged."""
     if isinstance(batch, str):
         try:
-            batch = tuple(int(x) for x in batch.lower().replace("*", "x").split("x"))
+            batch = shape_text(batch)
         except ValueError:
             raise EstimateError(f"batch {batch!r} is not NxM...; write e.g. '32x1024'") from None
     if isinstance(batch, int) and not isinstance(batch, bool):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from tpflax._src.errors import EstimateError
-from tpflax._src.facts.tree import itemsize
+from tpflax._src.facts.tree import is_nnx_state, itemsize, state_variable
 from tpflax._src.mesh import MeshShape
 from tpflax._src.planner.state import planned_tree, state_specs
 from tpflax._src.specs import Entry, bytes_per_device, entries
@@ -40,12 +40,10 @@ def split_params(plan, tree: Any) -> tuple[Any, Callable[[Any, Any], Any]]:
     collections = any(path.startswith("params/") for path in plan.decisions)
     if collections and isinstance(tree, Mapping) and "params" in tree:
         return tree["params"], lambda t, p: {**t, "params": p}
-    if type(tree).__name__ == "State" and type(tree).__module__.startswith("flax.nnx"):
+    if is_nnx_state(tree):
         # an nnx module's state: the optimizer sees its Params (nnx.state(model, nnx.Param)); its
         # BatchStats and RNG counts are model state
         from flax import nnx
-
-        from tpflax._src.facts.tree import state_variable
 
         return tree.filter(lambda _, x: not state_variable(x)), lambda t, p: nnx.merge_state(t, p)
     return tree, lambda t, p: p

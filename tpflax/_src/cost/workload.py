@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from tpflax._src.cost.activations import trace_activations
-from tpflax._src.cost.batch import Batch, config_value, dtype_name, parse_batch
+from tpflax._src.cost.batch import Batch, config_value, dtype_name, parse_batch, shape_text
 from tpflax._src.cost.optstate import OptLayout, opt_layout
 from tpflax._src.cost.optstate import optimizer_name as name_of
 from tpflax._src.cost.records import Act
@@ -131,11 +131,9 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
     (4, 260)
     """
     _check_options(act_dtype, grad_dtype, backend, expert_dispatch)
-    m = _at_batch_shape(_model(plan, model, sample), batch)
+    m, batch = _at_batch_shape(_model(plan, model, sample), batch)
     if m is not None and config is None:
         config = m.config
-    if m is not None and m.zoo is None and isinstance(batch, int) and not isinstance(batch, bool):
-        batch = None  # its size is in the model's resized sample (_at_batch_shape)
     if batch is None and m is not None and (sample is not None or m.zoo is None):
         batch = m.sample  # a model's own inputs are the batch (no labels: its loss takes the output)
     # without linen layers there is no ``attend`` call to see: the dataflow says which table is tied
@@ -236,7 +234,7 @@ def _bare_shape(batch: Any) -> tuple[int, ...] | None:
         batch = tuple(x.shape) if hasattr(x, "shape") else x
     if isinstance(batch, str):
         try:
-            batch = tuple(int(x) for x in batch.lower().replace("*", "x").split("x"))
+            batch = shape_text(batch)
         except ValueError:
             return None
     if isinstance(batch, (tuple, list)) and len(batch) > 1 and all(isinstance(x, int) for x in batch):
@@ -244,18 +242,20 @@ def _bare_shape(batch: Any) -> tuple[int, ...] | None:
     return None
 
 
-def _at_batch_shape(m: Any, batch: Any) -> Any:
-    """``m`` traced at the shape it is estimated for: a bare-shape batch ``(8, 64)`` sets the shape of a
-    one-input model's sample (activations and collectives follow the sequence length, not only the
-    batch size). A zoo config fixes its sequence length: a batch of another length is an error."""
+def _at_batch_shape(m: Any, batch: Any) -> tuple[Any, Any]:
+    """``(m, batch)`` with ``m`` traced at the shape it is estimated for: a bare-shape batch ``(8, 64)``
+    sets the shape of a one-input model's sample (activations and collectives follow the sequence
+    length, not only the batch size), a bare batch size its leading dim (then the sample is the
+    batch: None is returned for it). A zoo config fixes its sequence length: a batch of another
+    length is an error."""
     if m is not None and m.zoo is None and isinstance(batch, int) and not isinstance(batch, bool) and m.sample:
-        return m.with_batch(batch)  # a bare batch size: the model's sample at that many examples
+        return m.with_batch(batch), None
     shape = _bare_shape(batch)
     if m is None or shape is None or len(m.sample) != 1:
-        return m
+        return m, batch
     s = m.sample[0]
     if len(getattr(s, "shape", ())) != len(shape) or tuple(s.shape[1:]) == shape[1:]:
-        return m
+        return m, batch
     if m.zoo is not None:
         raise EstimateError(f"batch {shape}: {m.name}'s config fixes its inputs at {tuple(s.shape[1:])} per "
                             f"example, so the estimate would price that length; build the model at the "
@@ -263,7 +263,7 @@ def _at_batch_shape(m: Any, batch: Any) -> Any:
                             f"batch of ({shape[0]}, {', '.join(map(str, s.shape[1:]))})")
     import jax
 
-    return replace(m, sample=(jax.ShapeDtypeStruct(shape, s.dtype),))
+    return replace(m, sample=(jax.ShapeDtypeStruct(shape, s.dtype),)), batch
 
 
 def with_batch_size(w: Workload, size: int) -> Workload:

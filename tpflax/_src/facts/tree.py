@@ -101,6 +101,11 @@ def _is_nnx_variable(x: Any) -> bool:
     return len(boxes) > 1 and isinstance(x, boxes[1])
 
 
+def is_nnx_state(tree: Any) -> bool:
+    """True for an ``nnx.State`` (an nnx module's state, whose leaves may be Params or model state)."""
+    return type(tree).__name__ == "State" and type(tree).__module__.startswith("flax.nnx")
+
+
 def state_variable(x: Any) -> str:
     """The type of an nnx Variable that is model state, not a parameter (``BatchStat``, ``RngCount``,
     ``RngKey``, ...), or ``""`` (an ``nnx.Param``, a linen box or an array): the optimizer updates
