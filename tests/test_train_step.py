@@ -194,3 +194,34 @@ def test_a_cast_tree_needs_variables_and_the_error_says_so():
     with pytest.raises(tpflax.PlanMismatchError, match="pass variables="):
         tpflax.make_train_step(m, p, mesh, optax.sgd(0.1), sample=(x,), loss=mse)
     assert tpflax.make_train_step(m, p, mesh, optax.sgd(0.1), sample=(x,), loss=mse, variables=v).args
+
+
+def test_integer_leaves_of_a_plain_tree_are_carried_through_the_step():
+    # a step counter (or int8 codes, or an RNG key) beside the weights: jax cannot differentiate
+    # it, so the optimizer sees the float leaves only and the step returns the others unchanged
+    import jax.numpy as jnp
+
+    w = {"w1": jax.random.normal(jax.random.key(0), (32, 64)) * 0.1,
+         "w2": jax.random.normal(jax.random.key(1), (64, 32)) * 0.1, "count": jnp.full((), 7, jnp.int32)}
+    x = jax.random.normal(jax.random.key(2), (8, 32))
+    fn = lambda v, x: jnp.tanh(x @ v["w1"]) @ v["w2"] * v["count"].astype(x.dtype)  # noqa: E731
+    mse = lambda out, x: jnp.mean((out - x) ** 2)  # noqa: E731
+    tx = optax.adamw(1e-2)
+    p = tpflax.plan(w, {"data": 2, "model": 4})
+    mesh = tpflax.make_mesh(p.mesh)
+    ts = tpflax.make_train_step(fn, p, mesh, tx, sample=(x,), loss=mse)
+    state = tpflax.shard_optimizer_state(tx, None, p, mesh)
+    assert state[0].mu["count"] is None and state[0].mu["w1"].sharding.spec == p.specs["w1"]
+    # a state made from the whole tree (integer moments included) is still placed, as before
+    assert tpflax.shard_optimizer_state(tx, tx.init(w), p, mesh)[0].mu["count"].shape == ()
+    step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings)
+    new, _, value = step(tpflax.shard(w, p, mesh), state, (x,))
+    assert int(new["count"]) == 7 and new["count"].dtype == jnp.int32
+    floats = {k: w[k] for k in ("w1", "w2")}
+    ref_loss, grads = jax.value_and_grad(lambda f: mse(fn({**f, "count": w["count"]}, x), x))(floats)
+    updates, _ = tx.update(grads, tx.init(floats), floats)
+    ref = optax.apply_updates(floats, updates)
+    # the same float32 program split over 8 devices: a few ulps of the loss and of each updated value
+    np.testing.assert_allclose(float(value), float(ref_loss), rtol=1e-5)
+    for k in ref:
+        np.testing.assert_allclose(np.asarray(new[k]), np.asarray(ref[k]), rtol=1e-4, atol=1e-5)

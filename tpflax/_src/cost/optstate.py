@@ -20,7 +20,7 @@ from typing import Any
 from tpflax._src.errors import EstimateError
 from tpflax._src.facts.tree import is_nnx_state, itemsize, state_variable
 from tpflax._src.mesh import MeshShape
-from tpflax._src.planner.state import planned_tree, state_specs
+from tpflax._src.planner.state import planned_tree, state_specs, trainable
 from tpflax._src.specs import Entry, bytes_per_device, entries
 
 
@@ -29,7 +29,9 @@ def split_params(plan, tree: Any) -> tuple[Any, Callable[[Any, Any], Any]]:
 
     The plan says whether the tree holds linen collections (its paths start with
     ``params/``): then the optimizer sees ``tree["params"]``; of an ``nnx.State`` it sees the
-    ``nnx.Param`` variables; else the whole tree.
+    ``nnx.Param`` variables; else the whole tree. Integer, bool and key leaves of a
+    linen ``params`` collection or a plain tree are left out (set to None, see
+    :func:`~tpflax._src.planner.state.trainable`): ``merge`` carries them through.
 
     >>> import jax, tpflax
     >>> tree = {"params": {"w": jax.ShapeDtypeStruct((4,), "float32")}}
@@ -39,14 +41,15 @@ def split_params(plan, tree: Any) -> tuple[Any, Callable[[Any, Any], Any]]:
     """
     collections = any(path.startswith("params/") for path in plan.decisions)
     if collections and isinstance(tree, Mapping) and "params" in tree:
-        return tree["params"], lambda t, p: {**t, "params": p}
+        params, restore = trainable(tree["params"])
+        return params, lambda t, p: {**t, "params": restore(t["params"], p)}
     if is_nnx_state(tree):
         # an nnx module's state: the optimizer sees its Params (nnx.state(model, nnx.Param)); its
         # BatchStats and RNG counts are model state
         from flax import nnx
 
         return tree.filter(lambda _, x: not state_variable(x)), lambda t, p: nnx.merge_state(t, p)
-    return tree, lambda t, p: p
+    return trainable(tree)
 
 
 def _abstract_state(plan, optimizer: Any, params: Any = None) -> tuple[Any, Any]:

@@ -248,8 +248,43 @@ def abstract_params(plan: Plan, params: Any = None) -> Any:
             params)
     tree = planned_tree(plan)
     if isinstance(tree, Mapping) and "params" in tree and {str(k) for k in tree} <= COLLECTIONS:
-        return tree["params"]
-    return tree
+        return trainable(tree["params"])[0]
+    return trainable(tree)[0]
 
 
-__all__ = ["abstract_params", "adapt_spec", "check_state_leaves", "planned_tree", "state_leaf_specs", "state_specs"]
+def _inexact(leaf: Any) -> bool:
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None:
+        return True
+    try:
+        return bool(jax.numpy.issubdtype(dtype, jax.numpy.inexact))
+    except TypeError:  # a dtype name numpy does not know: a PRNG key's ("key<fry>")
+        return False
+
+
+def trainable(tree: Any) -> tuple[Any, Any]:
+    """``(tree with its integer, bool and key leaves set to None, restore(full, new))``.
+
+    The optimizer sees the float leaves only: jax cannot differentiate the others
+    (step counters, int8 codes, RNG keys), so a train step carries them through
+    unchanged. A tree with only float leaves is returned as it is.
+
+    >>> import jax.numpy as jnp
+    >>> masked, restore = trainable({"w": jnp.ones(2), "n": jnp.zeros((), jnp.int32)})
+    >>> masked["n"] is None, int(restore({"w": 1, "n": 7}, {"w": 2, "n": None})["n"])
+    (True, 7)
+    """
+    leaves = jax.tree_util.tree_leaves(tree)
+    if all(_inexact(x) for x in leaves):
+        return tree, lambda full, new: new
+    masked = jax.tree_util.tree_map(lambda x: x if _inexact(x) else None, tree)
+
+    def restore(full: Any, new: Any) -> Any:
+        return jax.tree_util.tree_map(lambda n, f: f if n is None else n, new, full,
+                                      is_leaf=lambda x: x is None)
+
+    return masked, restore
+
+
+__all__ = ["abstract_params", "adapt_spec", "check_state_leaves", "planned_tree", "state_leaf_specs", "state_specs",
+           "trainable"]
