@@ -219,7 +219,11 @@ def test_plain_function_model_with_a_sample():
     p = tpflax.plan(variables, {"data": 4})
     e = estimate(p, optax.sgd(0.1), model=lambda v, x: net.apply(v, x), sample=(x,))
     assert e.batch["size"] == 16 and e.batch["shards"] == 4
-    assert e.settings["activations"] == "formula"  # a plain function has no layers to intercept
+    # a plain function has no layers to intercept: its parameters' contractions stand for them
+    assert e.settings["activations"] == "contractions"
+    assert e.per_device.activations == (16 * 256 + 16 * 64) * 4 // 4  # up's and down's outputs, by hand
+    # the same bytes as the linen module's own trace (its Dense calls are those contractions)
+    assert e.per_device.activations == estimate(p, optax.sgd(0.1), model=net, sample=(x,)).per_device.activations
     grads = (64 * 256 + 256 + 256 * 64 + 64) * 4
     assert e.comm == {"all-reduce": {"data": pytest.approx(2 * 3 / 4 * grads)}}  # ring all-reduce, by hand
 
@@ -324,3 +328,59 @@ def test_a_bare_batch_size_resizes_the_sample_of_a_model():
     e8, e32 = (estimate(p, optax.sgd(0.1), n, model=m, sample=(x,)) for n in (8, 32))
     assert (e8.batch["size"], e32.batch["size"]) == (8, 32)
     assert e32.per_device.inputs == 4 * e8.per_device.inputs > 0
+
+
+def test_nnx_model_layers_are_traced_like_its_linen_twin():
+    # an nnx module's submodule calls are recorded like linen's intercepted ones: the same saved
+    # activations for the same model written either way (it estimated none before)
+    import flax.linen as nn
+    from flax import nnx
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.ln, self.up = nnx.LayerNorm(64, rngs=rngs), nnx.Linear(64, 256, rngs=rngs)
+            self.down = nnx.Linear(256, 64, rngs=rngs)
+
+        def __call__(self, x):
+            return x + self.down(nnx.gelu(self.up(self.ln(x))))
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.emb, self.blocks = nnx.Embed(100, 64, rngs=rngs), nnx.List([Block(rngs), Block(rngs)])
+            self.head = nnx.Linear(64, 100, rngs=rngs)
+
+        def __call__(self, ids):
+            h = self.emb(ids)
+            for b in self.blocks:
+                h = b(h)
+            return self.head(h)
+
+    class LBlock(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return x + nn.Dense(64, name="down")(nn.gelu(nn.Dense(256, name="up")(nn.LayerNorm(name="ln")(x))))
+
+    class LNet(nn.Module):
+        @nn.compact
+        def __call__(self, ids):
+            h = nn.Embed(100, 64, name="emb")(ids)
+            for i in range(2):
+                h = LBlock(name=f"blocks_{i}")(h)
+            return nn.Dense(100, name="head")(h)
+
+    ids = jax.ShapeDtypeStruct((8, 16), "int32")
+    mesh = {"data": 2, "model": 4}
+    m = nnx.eval_shape(lambda: Net(nnx.Rngs(0)))
+    acts = trace_activations(m, sample=(ids,))
+    assert acts["blocks/1/up"][0].output == (8, 16, 256) and acts["blocks/0"][0].output == (8, 16, 64)
+    # the classes are restored: no wrapper left on a method, none added to a class
+    assert not any(hasattr(getattr(t, "__call__"), "__wrapped__") for t in (nnx.Linear, nnx.LayerNorm, Block, Net))
+    assert "attend" not in Block.__dict__ and "__call__" not in nnx.Module.__dict__
+    p = tpflax.plan(m, mesh, sample=(ids,))
+    lin = LNet()
+    lp = tpflax.plan(jax.eval_shape(lin.init, jax.random.key(0), ids), mesh, model=lin, sample=(ids,))
+    for remat in (False, True):
+        e = estimate(p, optax.adam(1e-3), model=m, sample=(ids,), remat=remat)
+        le = estimate(lp, optax.adam(1e-3), model=lin, sample=(ids,), remat=remat)
+        assert e.settings["activations"] == "traced" and e.per_device.activations > 0
+        assert (e.per_device.activations, e.peak) == (le.per_device.activations, le.peak)

@@ -45,6 +45,7 @@ class Model:
         zoo: the zoo model itself, else None.
         forward_state: ``(variables, *sample) -> (output, variables after the call)`` for a
             model whose call updates its own state (an nnx module), else None.
+        graphdef: an nnx module's ``GraphDef`` (for per-layer activation shapes), else None.
     """
 
     forward: Callable[..., Any]
@@ -57,6 +58,7 @@ class Model:
     config: Any = None
     zoo: Any = None
     forward_state: Callable[..., Any] | None = None
+    graphdef: Any = None
 
     def with_batch(self, batch: int) -> Model:
         """The same model with every sample input's leading (batch) dim set to ``batch``."""
@@ -191,7 +193,7 @@ def _nnx(model: Any, sample: Any, variables: Any) -> Model:
 
     return Model(forward=forward, sample=_samples(sample, type(model).__name__),
                  variables=state if variables is None else variables, framework="nnx",
-                 name=type(model).__name__, forward_state=forward_state)
+                 name=type(model).__name__, forward_state=forward_state, graphdef=graphdef)
 
 
 def _linen(module: Any, sample: Any, variables: Any) -> Model:

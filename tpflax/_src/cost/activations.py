@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from tpflax._src.cost.batch import Batch, config_value, np_dtype
@@ -32,8 +34,12 @@ def trace_activations(model: Any, batch: Any = None, variables: Any = None, *,
 
     Returns:
         ``{layer path: [Act, ...]}`` (one Act per call; ``attend`` calls are
-        keyed ``path:attend``). Empty for models without linen layers (nnx, plain
-        functions): their activations come from the formula.
+        keyed ``path:attend``). A linen model's calls are seen with
+        ``flax.linen.intercept_methods``; an nnx model's by wrapping the
+        ``__call__`` and ``attend`` of its submodules' classes for the trace (a
+        module called inside an nnx transform such as ``nnx.scan`` is a copy, and
+        not seen). Empty for plain functions: their activations come from the
+        formula.
 
     >>> from tpflax import zoo
     >>> acts = trace_activations(zoo.get("mlp"), 4)
@@ -50,14 +56,19 @@ def trace_activations(model: Any, batch: Any = None, variables: Any = None, *,
     m = as_model(model, sample, variables)
     if isinstance(batch, int) and not isinstance(batch, bool):
         m = m.with_batch(batch)
+    out: dict[str, list[Act]] = {}
+    if m.framework == "nnx" and m.graphdef is not None:
+        jax.eval_shape(partial(_nnx_calls, m, out), m.variables, *m.sample)
+        return out
     if m.module is None or m.variables is None:
         return {}
-    out: dict[str, list[Act]] = {}
 
     def interceptor(next_fun, args, kw, context):
         result = next_fun(*args, **kw)
         if context.module.path and context.method_name in ("__call__", "attend"):
-            _record(out, context, args, result)
+            path = "/".join(str(p) for p in context.module.path)
+            _record(out, path if context.method_name == "__call__" else f"{path}:{context.method_name}",
+                    args, result)
         return result
 
     def run(v, *xs):
@@ -68,10 +79,55 @@ def trace_activations(model: Any, batch: Any = None, variables: Any = None, *,
     return out
 
 
-def _record(out: dict[str, list[Act]], context: Any, args: Sequence[Any], result: Any) -> None:
-    path = "/".join(str(p) for p in context.module.path)
-    if context.method_name != "__call__":
-        path += ":" + context.method_name
+_METHODS = ("__call__", "attend")
+
+
+def _nnx_calls(m: Any, out: dict[str, list[Act]], variables: Any, *xs: Any) -> Any:
+    """Run an nnx model's forward, recording each submodule call in ``out`` (under ``eval_shape``)."""
+    from flax import nnx
+
+    module = nnx.merge(m.graphdef, variables, copy=True)
+    paths = {id(n): "/".join(str(k) for k in path) for path, n in nnx.iter_graph(module)
+             if path and isinstance(n, nnx.Module)}
+    kinds = {type(n) for _, n in nnx.iter_graph(module) if id(n) in paths}
+    # every original first: a subclass's inherited method is its base's own, not a wrapper
+    originals = [(t, name, getattr(t, name), t.__dict__.get(name)) for t in kinds for name in _METHODS
+                 if callable(getattr(t, name, None))]
+
+    def wrap(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def call(self, *args, **kw):
+            result = fn(self, *args, **kw)
+            path = paths.get(id(self))
+            if path is not None:
+                _record(out, path if name == "__call__" else f"{path}:{name}", args, result)
+            return result
+        return call
+
+    try:
+        for t, name, fn, _ in originals:
+            setattr(t, name, wrap(fn, name))
+        return module(*xs, **dict(m.kwargs))
+    finally:
+        for t, name, _, own in originals:
+            if own is None:
+                delattr(t, name)
+            else:
+                setattr(t, name, own)
+
+
+def top_level(paths: Any) -> set[str]:
+    """The traced paths no other traced path contains: what remat keeps (block outputs).
+
+    >>> sorted(top_level(["embed", "block_0", "block_0/mlp/up", "blocks/0", "blocks/0/up", "head:attend"]))
+    ['block_0', 'blocks/0', 'embed', 'head:attend']
+    """
+    paths = set(paths)
+    return {p for p in paths
+            if not any(p.split(":")[0].startswith(q + "/") for q in paths if ":" not in q)}
+
+
+def _record(out: dict[str, list[Act]], path: str, args: Sequence[Any], result: Any) -> None:
     arrays = [a for a in args if hasattr(a, "shape") and hasattr(a, "dtype")]
     res = result[0] if isinstance(result, tuple) and result and hasattr(result[0], "shape") else result
     if hasattr(res, "shape") and arrays:
@@ -181,8 +237,9 @@ def _traced_bytes(column_units, activations, mesh: MeshShape, shards: int, remat
         if split:
             col_units[unit] = math.prod(mesh.sizes[a] for a in entry_axes(split[-1]))
     full = dev = 0.0
+    kept = top_level(activations)
     for path, calls in activations.items():
-        if remat and "/" in path:
+        if remat and path not in kept:
             continue  # only top-level (block) outputs are kept under remat
         for a in calls:
             nbytes = math.prod(a.output) * act_item

@@ -40,6 +40,7 @@ from tpflax._src.cost.activations import (
     activation_bytes,
     acts_for,
     formula_scores_bytes,
+    top_level,
     layer_key,
     token_rows,
 )
@@ -241,15 +242,16 @@ def conv_maps(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> tuple[in
     if w.backend != "tpu" or not w.activations or not channels:
         return 0, 0
     item = w.act_item / shards
+    blocks = top_level(w.activations)
     counted = sum(math.prod(a.output) * item for path, calls in w.activations.items() for a in calls
-                  if len(a.output) == 4 and a.output[-1] in channels and not (w.remat and "/" in path))
+                  if len(a.output) == 4 and a.output[-1] in channels and not (w.remat and path not in blocks))
     if shards < mesh.size and not w.remat:  # a tensor (or expert) axis: whole maps, split channels
         if not any(_overlaps(d, a) for d, _ in convs.values() for a in acts_for(w.activations, d.unit)):
             return 0, 0  # patchify convs only (a ViT): the generic count, as measured on no tensor-axis dump
         return tensor_conv_maps(lv, w, mesh, shards, channels), _split_count(lv, w, mesh, shards, channels)
     if w.remat:  # the block outputs counted above, at 128 lanes
         kept = sum(math.prod(a.output[:-1]) * _lanes(a.output[-1]) * item for path, calls in w.activations.items()
-                   for a in calls if len(a.output) == 4 and a.output[-1] in channels and "/" not in path)
+                   for a in calls if len(a.output) == 4 and a.output[-1] in channels and path in blocks)
         return int(kept), int(counted)
     kept = 0.0
     images = tuple(w.batch.leaves[0][1]) if w.batch.leaves else ()
@@ -379,7 +381,7 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
     unread = residual_bytes(lv, w.activations, mesh, shards, w.act_item) if w.backend == "tpu" else 0
     if w.remat:
         # the backward pass of one layer recomputes what it would have saved without remat
-        full, _ = activation_bytes(lv.column_units, w.activations, w.batch, w.config, mesh, shards, False,
+        full, _ = activation_bytes(lv.column_units, w.saved, w.batch, w.config, mesh, shards, False,
                                    w.act_item, [])
         layers = config_value(w.config, "n_layers") or 1
         recompute = int(max(full - dev.activations - unread, 0) / layers + SCORES_SAVED * scores)

@@ -8,8 +8,9 @@ so :func:`tpflax.estimate` and :func:`tpflax.suggest_mesh` share every number.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tpflax._src.cost.activations import trace_activations
@@ -39,6 +40,9 @@ class Workload:
         settings: what the estimate reports it used.
         tied, parts, rows, fused, shared, lookups, grouped, joined: from the traced forward (see :class:`Traced`); None
             untraced.
+        contractions: a plain function's parameter contractions as layer calls (see
+            :func:`contraction_calls`), for the saved-activation bytes only: the collective
+            models keep their shape formulas for it. Empty for a module's trace.
     """
 
     batch: Batch
@@ -59,6 +63,12 @@ class Workload:
     lookups: Mapping[str, int] | None = None
     grouped: Mapping[str, float] | None = None
     joined: Mapping[str, tuple[float, ...]] | None = None
+    contractions: Mapping[str, Sequence[Act]] = field(default_factory=dict)
+
+    @property
+    def saved(self) -> Mapping[str, Sequence[Act]]:
+        """The layer calls whose outputs the backward pass keeps: the traced ones, else the contractions."""
+        return self.activations or self.contractions
 
 
 @dataclass(frozen=True)
@@ -94,6 +104,9 @@ class Traced:
             several inputs whose outputs reach the same contraction (LongT5's
             transient-global keys and values; :func:`tpflax._src.planner.repeats.joined`):
             its pair runs once, and each other input's gradient is summed apart.
+        contractions: ``(path, rows per example, kept dims, dtype)`` of each
+            contraction of a parameter (its output's shape): a plain function's layer
+            calls, where no module boundary shows them.
     """
 
     tied: frozenset[str] | None = None
@@ -105,6 +118,7 @@ class Traced:
     lookups: Mapping[str, int] | None = None
     grouped: Mapping[str, float] | None = None
     joined: Mapping[str, tuple[float, ...]] | None = None
+    contractions: tuple[tuple[str, float, tuple[int, ...], str], ...] = ()  # (path, rows, kept dims, dtype)
 
 
 def _check_options(act_dtype: Any, grad_dtype: Any, backend: str, expert_dispatch: str) -> None:
@@ -152,12 +166,16 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
     settings = {"optimizer": name, "backend": backend, "remat": remat, "act_dtype": b.act_dtype,
                 "grad_dtype": dtype_name(grad_dtype) or "param", "expert_dispatch": expert_dispatch,
                 "activations": "traced" if activations else "formula"}
+    contractions = contraction_calls(plan, t.contractions, b.size) if not activations else {}
+    if contractions:
+        settings["activations"] = "contractions"
     return Workload(batch=b, config=config, activations=activations, opt=opt, remat=remat, backend=backend,
                     dispatch=expert_dispatch, act_item=itemsize(b.act_dtype),
                     g_item=itemsize(dtype_name(grad_dtype)) if grad_dtype is not None else None,
                     settings=settings, tied=t.tied if not activations else None, parts=t.parts, rows=t.rows,
                     fused=t.fused, shared=t.shared, lookups=t.lookups,
-                    grouped=t.grouped, joined=t.joined)
+                    grouped=t.grouped, joined=t.joined,
+                    contractions=contractions)
 
 
 def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
@@ -212,8 +230,32 @@ def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
     for u in merge_uses(flow, shapes).uses:
         if u.op.startswith("join:"):
             joined[u.path] = (*joined.get(u.path, ()), u.rows / examples / rows[u.path] if rows.get(u.path) else 1.0)
+    contractions = tuple((u.path, u.rows / examples, u.kept, u.dtype)
+                         for u in flow.uses if u.op == "dot" and u.rows and not u.batch and u.path in shapes)
     return Traced(tied, {p: n for p, n in whole.items() if n > 1}, rows, fused, act, shared,
-                  {p: n for p, n in lookups.items() if n > 1}, grouped, joined)
+                  {p: n for p, n in lookups.items() if n > 1}, grouped, joined, contractions)
+
+
+def contraction_calls(plan, contractions: Sequence[tuple[str, float, tuple[int, ...], str]],
+                      batch: int) -> dict[str, list[Act]]:
+    """A plain function's layer calls, one per contraction of a parameter, keyed like a linen
+    trace's (the parameter's layer path): ``{path: [Act(inputs=(), output=(rows, *kept))]}``.
+
+    A scan body's contraction of one layer of a stacked parameter (its layers dim neither
+    contracted nor kept) is traced once and runs once per layer: it counts that many times.
+    """
+    from tpflax._src.cost.activations import layer_key
+
+    out: dict[str, list[Act]] = {}
+    for path, rows, kept, dtype in contractions:
+        d, dtype = plan.decisions[path], dtype or "float32"
+        shape = tuple(d.shape)
+        sizes = tuple(shape[i] for i in kept)
+        layers = shape[d.layers_dim] if d.layers_dim is not None and d.layers_dim not in kept else 1
+        out.setdefault(layer_key(d.unit), []).extend(
+            [Act(((max(1, round(rows * batch)), math.prod(shape) // max(1, math.prod(sizes) * layers)),),
+                 (max(1, round(rows * batch)), *sizes), dtype, itemsize(dtype))] * layers)
+    return out
 
 
 def _model(plan, model: Any, sample: Any):
