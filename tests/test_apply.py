@@ -128,6 +128,28 @@ def test_init_sharded_nnx_module_comes_back_merged(mesh):
     assert_bit_exact(tpflax.unshard(model), jax.device_get(ref))
 
 
+def test_init_sharded_nnx_module_with_a_dropout_key(mesh):
+    # nnx.Dropout keeps an RNG key in the state: sizing the init chunks read its dtype with numpy,
+    # which does not know key<fry> (a raw TypeError); the key comes back replicated, bit-exact
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.up, self.drop = nnx.Linear(64, 256, rngs=rngs), nnx.Dropout(0.1, rngs=rngs)
+            self.down = nnx.Linear(256, 64, rngs=rngs)
+
+        def __call__(self, x):
+            return self.down(self.drop(nnx.relu(self.up(x))))
+
+    make = lambda: Net(nnx.Rngs(0, dropout=1))  # noqa: E731
+    plan = tpflax.plan(nnx.state(make()), DP_TP, model=make(), sample=(jnp.ones((16, 64)),))
+    model = tpflax.init_sharded(make, plan, mesh)
+    assert model.up.kernel.get_value().sharding.spec == plan.specs["up"]["kernel"]
+    key = model.drop.rngs.key.get_value()
+    assert key.sharding.spec == P() and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    ref = make()
+    assert same_bytes(jax.random.key_data(key), jax.random.key_data(ref.drop.rngs.key.get_value()))
+    assert same_bytes(model.up.kernel.get_value(), ref.up.kernel.get_value())
+
+
 # ---------------------------------------------------------------------------
 # optimizer state
 

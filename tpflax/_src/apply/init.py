@@ -7,11 +7,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import numpy as np
 from jax.sharding import NamedSharding
 
 from tpflax._src.apply.bind import bind_mesh, is_graph_node, leaf_count, plan_leaf_shardings
 from tpflax._src.errors import OptionError
+from tpflax._src.facts.tree import itemsize
 from tpflax._src.planner.plan import Plan
 
 DEFAULT_CHUNK_BYTES = 32 << 20
@@ -94,7 +94,7 @@ def _chunks(abstract: Sequence[Any], shards: Sequence[NamedSharding],
     groups: list[list[int]] = [[]]
     size = 0
     for i, (a, s) in enumerate(zip(abstract, shards, strict=True)):
-        local = math.prod(s.shard_shape(tuple(a.shape))) * np.dtype(a.dtype).itemsize
+        local = math.prod(s.shard_shape(tuple(a.shape))) * itemsize(a.dtype)
         if groups[-1] and size + local > chunk_bytes:
             groups.append([])
             size = 0
