@@ -493,3 +493,27 @@ def test_mesh_mismatch_and_too_few_devices():
     with pytest.raises(tpflax.DeviceError, match="needs 16 devices but only 8"):
         tpflax.shard(params, big)
     assert isinstance(tpflax.DeviceError("x"), tpflax.TpflaxError)
+
+
+def test_shardings_and_constraints_describe_an_abstract_mesh():
+    # a pod this host does not have: the layout is described on an AbstractMesh (as make_train_step
+    # does) and a step using it lowers; only placing arrays needs devices
+    am = tpflax.abstract_mesh({"data": 16, "model": 8})
+    w = {"up": jax.ShapeDtypeStruct((64, 256), jnp.float32), "down": jax.ShapeDtypeStruct((256, 64), jnp.float32)}
+    plan = tpflax.plan(w, am)
+    sh, bsh = tpflax.shardings(plan, am), tpflax.batch_sharding(am)
+    assert sh["up"].mesh == am and sh["up"].spec == plan.specs["up"] and bsh.spec == P("data")
+
+    def f(w, x):
+        w = tpflax.constrain(w, plan, am)
+        return tpflax.constrain_batch(jnp.tanh(x @ w["up"]) @ w["down"], am)
+
+    args = (jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), w, sh),
+            jax.ShapeDtypeStruct((32, 64), jnp.float32, sharding=bsh))
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cpu",)).as_text()
+    assert 'sdy.mesh @mesh = <["data"=16, "model"=8]>' in text
+    for spec in ('[{}, {"model"}]', '[{"model"}, {}]'):  # up's columns, down's rows, as constrained
+        assert f"sharding_constraint %arg0 <@mesh, {spec}>" in text or f"sharding_constraint %arg1 <@mesh, {spec}>" in text
+    assert '<@mesh, [{"data"}, {}]>' in text  # the batch
+    with pytest.raises(tpflax.PlanMismatchError, match="no devices to place"):
+        tpflax.shard({"up": jnp.ones((64, 256)), "down": jnp.ones((256, 64))}, plan, am)

@@ -208,6 +208,29 @@ def device_mesh(mesh: Any = None, want: MeshShape | None = None):
     return mesh if isinstance(mesh, jax.sharding.Mesh) else make_mesh(mesh)
 
 
+def sharding_mesh(mesh: Any = None, want: MeshShape | None = None):
+    """The mesh to describe a layout on: an ``AbstractMesh`` as is, anything else as :func:`device_mesh`.
+
+    A ``NamedSharding`` needs no devices (``jax.jit(...).lower`` for a pod this
+    host does not have), so only placing arrays refuses an abstract mesh.
+
+    Raises:
+        PlanMismatchError: the mesh differs from ``want``.
+        DeviceError: a shape needs more devices than there are.
+
+    >>> import jax
+    >>> sharding_mesh(jax.sharding.AbstractMesh((16, 8), ("data", "model"))).shape["data"]
+    16
+    """
+    import jax
+
+    if isinstance(mesh, jax.sharding.AbstractMesh):
+        if want is not None:
+            check_mesh_matches(mesh, want)
+        return mesh
+    return device_mesh(mesh, want)
+
+
 def _pairs(mesh: Any) -> list[tuple[Any, Any]]:
     if isinstance(mesh, str):
         return list(parse_mesh_string(mesh).items())

@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tpflax._src.apply.put import put
 from tpflax._src.errors import SpecError
 from tpflax._src.facts.tree import keystr
-from tpflax._src.mesh import batch_pspec, device_mesh, mesh_shape
+from tpflax._src.mesh import batch_pspec, device_mesh, mesh_shape, sharding_mesh
 from tpflax._src.specs import entry_axes
 
 
@@ -41,7 +41,7 @@ def batch_sharding(mesh: Any, *, axis_roles: Mapping[str, str] | None = None) ->
     >>> batch_sharding(tpflax.make_mesh({"data": 2, "model": 4})).spec
     P('data',)
     """
-    mesh = device_mesh(mesh)
+    mesh = sharding_mesh(mesh)
     return NamedSharding(mesh, batch_spec(mesh, axis_roles=axis_roles))
 
 
@@ -105,7 +105,7 @@ def constrain_batch(batch: Any, mesh: Any, *, axis_roles: Mapping[str, str] | No
     Raises:
         SpecError: a leaf's batch dim does not divide over the batch axes.
     """
-    mesh = device_mesh(mesh)
+    mesh = sharding_mesh(mesh)
     shards = batch_shardings(batch, mesh, batch_spec(mesh, axis_roles=axis_roles))
     return jax.tree_util.tree_map(jax.lax.with_sharding_constraint, batch, shards)
 

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding
 
 from tpflax._src.errors import OptionError, PlanMismatchError
 from tpflax._src.facts.tree import COLLECTIONS, Leaf, is_box, walk
-from tpflax._src.mesh import check_mesh_matches, device_mesh
+from tpflax._src.mesh import check_mesh_matches, device_mesh, sharding_mesh
 from tpflax._src.planner.plan import Plan, check_tree_matches
 
 
@@ -29,12 +29,15 @@ def check_mesh(plan: Plan, mesh: Any) -> None:
     check_mesh_matches(mesh, plan.mesh)
 
 
-def bind_mesh(plan: Plan, mesh: Any) -> jax.sharding.Mesh:
+def bind_mesh(plan: Plan, mesh: Any, *, abstract: bool = False) -> jax.sharding.Mesh:
     """The device mesh to apply ``plan`` on: ``mesh`` checked, or built from a shape (or the plan's).
+
+    ``abstract=True``: an ``AbstractMesh`` is accepted and returned (for shardings
+    and constraints, which place nothing).
 
     Raises:
         OptionError: ``plan`` is not a Plan (e.g. arguments swapped).
-        PlanMismatchError: the mesh differs from the plan's, or is abstract.
+        PlanMismatchError: the mesh differs from the plan's, or is abstract (without ``abstract=True``).
         DeviceError: too few devices for a mesh given as a shape.
 
     >>> import jax, tpflax
@@ -46,7 +49,7 @@ def bind_mesh(plan: Plan, mesh: Any) -> jax.sharding.Mesh:
         raise OptionError(
             f"expected a tpflax.Plan, got {type(plan).__name__}; make one with tpflax.plan(tree, mesh) or "
             "tpflax.Plan.from_json(text) (the order is shard(tree, plan, mesh), shardings(plan, mesh))")
-    return device_mesh(mesh, plan.mesh)
+    return sharding_mesh(mesh, plan.mesh) if abstract else device_mesh(mesh, plan.mesh)
 
 
 def _collection_prefix(plan: Plan, leaves: list[Leaf]) -> str:

@@ -38,7 +38,8 @@ def shardings(plan: Plan, mesh: Any, tree: Any = None) -> Any:
 
     Args:
         plan: the plan.
-        mesh: a ``jax.sharding.Mesh`` (or a shape, to build one with :func:`make_mesh`).
+        mesh: a ``jax.sharding.Mesh`` or ``AbstractMesh`` (or a shape, to build a
+            Mesh with :func:`make_mesh`).
         tree: lay the shardings out on this tree (matched by path); defaults to
             ``plan.specs``' own structure. For a plan of full linen variables,
             ``variables["params"]`` is accepted too.
@@ -52,7 +53,7 @@ def shardings(plan: Plan, mesh: Any, tree: Any = None) -> Any:
     >>> shardings(p, tpflax.make_mesh({"model": 1}))["w"].spec
     P(None, None)
     """
-    mesh = bind_mesh(plan, mesh)
+    mesh = bind_mesh(plan, mesh, abstract=True)
     if tree is None:
         return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), plan.specs,
                                       is_leaf=lambda x: isinstance(x, PartitionSpec))
@@ -184,7 +185,7 @@ def constrain(tree: Any, plan: Plan, mesh: Any = None, *, gathered: bool = False
     >>> out["w"].sharding.is_equivalent_to(tpflax.shardings(p, mesh)["w"], 2)
     True
     """
-    mesh = bind_mesh(plan, mesh)
+    mesh = bind_mesh(plan, mesh, abstract=True)
     boxes, treedef, shards = plan_leaf_shardings(plan, mesh, tree)
     fsdp = fsdp_axes(plan) if gathered else frozenset()
     if fsdp:  # stored, then gathered: the gradient is reduce-scattered back
