@@ -4,6 +4,7 @@ import json
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -87,3 +88,29 @@ def test_unknown_vocabulary_in_json_is_named(fresh):
     with pytest.raises(tpflax.PlanFormatError) as e:
         tpflax.Plan.from_json(json.dumps(data))
     assert "strategy 'diagonal' is not one of" in str(e.value) and "role 'sideways'" in str(e.value)
+
+
+def test_specs_keep_the_planned_trees_containers_through_json():
+    # lists, tuples, a FrozenDict and an empty subtree come back as they were planned, so the
+    # reloaded plan's shardings are jit in_shardings for the params themselves
+    from flax.core import FrozenDict
+
+    params = {"layers": [{"up": jnp.ones((64, 256)), "down": jnp.ones((256, 64))} for _ in range(2)],
+              "norm": (jnp.ones(64), None), "extra": {}, "head": FrozenDict({"w": jnp.ones((64, 8))})}
+    plan = tpflax.plan(params, {"data": 2, "model": 4})
+    same = tpflax.Plan.from_json(plan.to_json())
+    assert jax.tree_util.tree_structure(same.specs) == jax.tree_util.tree_structure(plan.specs)
+    assert same.specs == plan.specs and same.decisions == plan.decisions
+    mesh = tpflax.make_mesh(plan.mesh)
+    out = jax.jit(lambda t: t, in_shardings=(tpflax.shardings(same, mesh),))(params)
+    assert out["layers"][1]["down"].sharding.is_equivalent_to(tpflax.shardings(plan, mesh)["layers"][1]["down"], 2)
+    # an nnx State is no builtin container: nested dicts by path, as before
+    from flax import nnx
+
+    state = nnx.state(nnx.Linear(8, 16, rngs=nnx.Rngs(0)))
+    back = tpflax.Plan.from_json(tpflax.plan(state, {"model": 2}).to_json())
+    assert set(back.specs) == {"bias", "kernel"} and isinstance(back.specs, dict)
+    # a skeleton that does not list exactly the decisions' paths (hand-edited) is ignored
+    data = json.loads(plan.to_json())
+    data["tree"]["d"]["extra"] = "no/such/leaf"
+    assert isinstance(tpflax.Plan.from_json(json.dumps(data)).specs["layers"], dict)

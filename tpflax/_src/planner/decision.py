@@ -24,6 +24,7 @@ from tpflax._src.errors import PlanFormatError, PlanMismatchError
 from tpflax._src.facts.classify import layer_group, unit_of
 from tpflax._src.facts.tree import Leaf, itemsize, walk
 from tpflax._src.mesh import MeshShape, mesh_shape
+from tpflax._src.planner.skeleton import rebuild, skeleton
 from tpflax._src.specs import (
     bytes_per_device,
     entries,
@@ -191,7 +192,9 @@ class Plan:
     Attributes:
         mesh: the mesh shape and axis roles planned for.
         specs: PartitionSpec tree shaped like the planned tree (boxes unwrapped);
-            after ``from_json``, a nested dict keyed by path components.
+            ``from_json`` restores its dicts, lists, tuples, FrozenDicts and empty
+            subtrees (see :mod:`tpflax._src.planner.skeleton`), other containers
+            (an ``nnx.State``) as nested dicts keyed by path components.
         decisions: ``{path: Decision}`` in tree order.
         pairs: column->row pairs found.
         warnings: replicated large leaves, unmatched rules, ignored annotations.
@@ -237,6 +240,7 @@ class Plan:
         return jax.tree_util.tree_unflatten(treedef, [self.decisions[x.path].spec for x in leaves])
 
     def to_json(self, indent: int | None = 2) -> str:
+        tree = skeleton(self.specs, {p: d.spec for p, d in self.decisions.items()})
         return json.dumps({
             "format": FORMAT, "version": FORMAT_VERSION,
             "mesh": [[n, s] for n, s in self.mesh.axes],
@@ -248,11 +252,13 @@ class Plan:
             "pairs": [p.to_json() for p in self.pairs],
             "warnings": list(self.warnings),
             "disagreements": list(self.disagreements),
+            **({"tree": tree} if tree is not None else {}),
         }, indent=indent)
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
-        """Rebuild a plan written by :meth:`to_json` (format 1, 2 or 3); ``specs`` becomes a nested dict."""
+        """Rebuild a plan written by :meth:`to_json` (format 1, 2 or 3); ``specs`` takes the planned tree's
+        containers back where the JSON holds them (its ``tree``), else it is a nested dict."""
         data = _parse_document(text)
         try:
             mesh = mesh_shape([tuple(p) for p in data["mesh"]], axis_roles=data.get("axis_roles"))
@@ -272,15 +278,9 @@ class Plan:
         if problems:
             raise PlanFormatError("plan JSON holds decisions that are invalid for its own mesh (hand-edited?); "
                                   "re-plan, or fix these entries", problems)
-        specs: dict = {}
-        for path, d in decisions.items():
-            node = specs
-            parts = path.split("/")
-            for part in parts[:-1]:
-                node = node.setdefault(part, {})
-            node[parts[-1]] = d.spec
-        return cls(mesh=mesh, specs=specs, decisions=decisions, pairs=pairs, warnings=warnings,
-                   disagreements=disagreements, options=options)
+        specs = rebuild(data["tree"], {p: d.spec for p, d in decisions.items()}) if "tree" in data else None
+        return cls(mesh=mesh, specs=_nested(decisions) if specs is None else specs, decisions=decisions,
+                   pairs=pairs, warnings=warnings, disagreements=disagreements, options=options)
 
     def to_rules(self) -> list[tuple[str, PartitionSpec]]:
         """Ordered ``(regex, PartitionSpec)`` rules that reproduce this plan: see :func:`tpflax._src.export.to_rules`."""
@@ -289,6 +289,18 @@ class Plan:
     def to_logical_axis_rules(self) -> export.LogicalAxes:
         """Logical axis names per dim and ``(logical, mesh)`` rules: see :func:`tpflax._src.export.to_logical_axis_rules`."""
         return export.to_logical_axis_rules(self)
+
+
+def _nested(decisions: Mapping[str, Decision]) -> dict:
+    """The specs as nested dicts keyed by path components (a plan JSON without its tree)."""
+    specs: dict = {}
+    for path, d in decisions.items():
+        node = specs
+        parts = path.split("/")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = d.spec
+    return specs
 
 
 def _parse_document(text: str) -> dict:
