@@ -569,3 +569,27 @@ def test_two_mlps_in_one_block_pair_by_name():
     assert p.decisions["blk/b_up/kernel"].pair == p.decisions["blk/b_down/kernel"].pair
     assert p.decisions["blk/a_up/kernel"].pair != p.decisions["blk/b_up/kernel"].pair
     assert spec(p, "blk/b_down/kernel") == P("model", None)
+
+
+def test_tree_only_mirror_pair_follows_linens_numbering_over_a_hidden_norm():
+    # Dense(64 -> 256) -> BatchNorm(256) -> Dense(256 -> 64), a layer per statement: the one norm's
+    # width (256) is no residual width; linen numbers the unnamed layers in creation order, here
+    # call order, so Dense_0 is the column (it was split as a row, "fed" by Dense_1, before), as
+    # the trace says. Both are guesses without the trace: the plan says so.
+    import flax.linen as nn
+
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Dense(256)(x)
+            h = nn.BatchNorm(use_running_average=True)(h)
+            return nn.Dense(64)(nn.relu(h))
+
+    m, x = M(), jax.ShapeDtypeStruct((16, 64), jnp.float32)
+    v = jax.eval_shape(m.init, jax.random.key(0), x)
+    tree = tpflax.plan(v, {"data": 2, "model": 4})
+    traced = tpflax.plan(v, {"data": 2, "model": 4}, model=m, sample=(x,))
+    for k, spec in (("params/Dense_0/kernel", P(None, "model")), ("params/Dense_1/kernel", P("model", None))):
+        assert tree.decisions[k].spec == traced.decisions[k].spec == spec
+    assert "created before its mirror" in tree.decisions["params/Dense_0/kernel"].reason
+    assert any("linen's layer numbering" in w and "pass model=" in w for w in tree.warnings)

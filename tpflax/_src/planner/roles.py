@@ -112,6 +112,12 @@ def assign_roles(lins: list[Linear], widths: set[int], sure: bool = False) -> No
                              f"the norm widths {sorted(widths)}; going by the name (pass model= to trace it)")
                 lin.why = f"'{name}' is an {'input' if named == 'column' else 'output'} projection ({i} -> {o})"
                 continue
+            order = None if sure else _call_order(lin, lins)
+            if order is not None:  # one norm's width is a guess; so is linen's numbering, a better one
+                lin.role, lin.why = order
+                lin.doubt = (f"'{short(lin.f.path)}' ({i} -> {o}) taken as {order[0]} by linen's layer numbering; "
+                             f"the norm widths {sorted(widths)} say {by_shape} (pass model= to trace it)")
+                continue
             lin.role = by_shape
             lin.why = (f"({i} -> {o}) widens the residual width {i}" if lin.role == "column"
                        else f"({i} -> {o}) narrows back to the residual width {o}")
@@ -131,6 +137,37 @@ def assign_roles(lins: list[Linear], widths: set[int], sure: bool = False) -> No
                        f"the widening side is column")
 
 
+
+
+_AUTO_NAME = re.compile(r"^(?P<kind>[A-Za-z]\w*?)_(?P<n>\d+)$")
+
+
+def _call_order(lin: Linear, lins: list[Linear]) -> tuple[str, str] | None:
+    """``(role, why)`` from linen's automatic names, for a kernel whose mirror is its auto-named sibling.
+
+    Linen names unnamed layers ``Dense_0``, ``Dense_1``... in the order they are
+    created, which is the order they are called when each layer is its own
+    statement (``h = nn.Dense(f)(x)``); of two mirrored kernels (``i -> o`` and
+    ``o -> i``) the one called first produces the other's input: it is the
+    column. A nested expression (``nn.Dense(d)(nn.Dense(f)(x))``) creates the
+    outer layer first, so this stays a guess with a doubt (the trace settles it).
+    None without such a sibling.
+    """
+    me = _AUTO_NAME.match(lin.f.unit_name)
+    if me is None or lin.in_size == lin.out_size:
+        return None
+    parent = lin.f.unit.rsplit("/", 1)[0]
+    for other in lins:
+        it = _AUTO_NAME.match(other.f.unit_name)
+        if (other is lin or it is None or it["kind"] != me["kind"] or other.f.unit.rsplit("/", 1)[0] != parent
+                or (other.in_size, other.out_size) != (lin.out_size, lin.in_size)):
+            continue
+        first = int(me["n"]) < int(it["n"])
+        return ("column" if first else "row",
+                f"({lin.in_size} -> {lin.out_size}) is created {'before' if first else 'after'} its mirror "
+                f"{short(other.f.path)} (linen numbers unnamed layers in creation order, which is call order "
+                "for a layer per statement)")
+    return None
 
 
 def _square_like_flipped(lins: list[Linear]) -> None:

@@ -96,6 +96,8 @@ def _positional_matches(optimizer: Any, state: Any, params: Any) -> dict[int, st
     """
     import optax
 
+    if not jax.tree_util.tree_leaves(params, is_leaf=is_box):
+        return {}  # nothing trainable (only keys or integers): no state leaf follows a parameter
     param_leaves, _ = walk(params)
     ids = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params, is_leaf=is_box),
                                        [_Id(i) for i in range(len(param_leaves))])
