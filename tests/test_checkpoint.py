@@ -93,6 +93,27 @@ def test_nnx_state_round_trip(tmp_path):
     assert_bit_exact(tpflax.unshard(back), jax.device_get(state))
 
 
+def test_params_of_planned_linen_variables_restore_with_that_plan(tmp_path):
+    # shard() accepts variables["params"] for a plan of the full variables; so must restore.
+    from _util import tiny_lm
+
+    m, ids = tiny_lm(), np.zeros((8, 16), np.int32)
+    v = jax.device_get(m.init(jax.random.key(0), ids))
+    plan = tpflax.plan(v, {"data": 2, "model": 4}, model=m, sample=(ids,))
+    mesh = tpflax.make_mesh(plan.mesh)
+    path = tpflax.save_checkpoint(tmp_path / "p", tpflax.shard(v["params"], plan, mesh), plan=plan)
+    back = tpflax.restore_checkpoint(path, plan, mesh)
+    for name in ("up", "down"):
+        got = back[name]["kernel"].sharding
+        assert got.mesh == mesh and got.spec == plan.decisions[f"params/{name}/kernel"].spec
+    assert any(e is not None for e in back["up"]["kernel"].sharding.spec)
+    assert_bit_exact(tpflax.unshard(back), v["params"])
+    # A part of the collection is still refused, naming the missing leaf with its prefix.
+    part = tpflax.save_checkpoint(tmp_path / "part", {k: v["params"][k] for k in ("up", "down")})
+    with pytest.raises(tpflax.PlanMismatchError, match="params/head/kernel: in the plan but missing"):
+        tpflax.restore_checkpoint(part, plan, mesh)
+
+
 def _claims_unfinished(error: Exception) -> bool:
     text = str(error).lower()
     return any(w in text for w in ("did not finish", "finished save", "interrupted", "incomplete"))

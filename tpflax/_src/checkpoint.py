@@ -26,7 +26,7 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
-from tpflax._src.apply.bind import bind_mesh, rebox_all
+from tpflax._src.apply.bind import bind_mesh, match_plan, rebox_all
 from tpflax._src.checkpoint_layout import (
     MARKER,
     TPFLAX_OLD,
@@ -38,7 +38,7 @@ from tpflax._src.checkpoint_layout import (
 )
 from tpflax._src.errors import CheckpointError, OptionError, PlanMismatchError
 from tpflax._src.facts.tree import Leaf, is_box, keystr, unbox, unboxed, walk
-from tpflax._src.planner.plan import Plan, check_tree_matches
+from tpflax._src.planner.plan import Plan
 from tpflax._src.progress import Progress
 
 FORMAT = "tpflax.checkpoint"
@@ -259,8 +259,8 @@ def _shard_list(paths: list[str], stored_leaves: dict[str, Any], plan: Plan | No
         mesh = bind_mesh(plan, mesh)
         leaves = [Leaf(path=p, shape=tuple(stored_leaves[p].shape), dtype=str(stored_leaves[p].dtype),
                        itemsize=jax.numpy.dtype(stored_leaves[p].dtype).itemsize) for p in paths]
-        check_tree_matches(plan, leaves)
-        return [NamedSharding(mesh, plan.decisions[p].spec) for p in paths]
+        # as shard() does: the planned tree, or one collection of planned linen variables
+        return [NamedSharding(mesh, plan.decisions[p].spec) for p in match_plan(plan, leaves)]
     return [SingleDeviceSharding(jax.local_devices()[0])] * len(paths)
 
 
