@@ -93,6 +93,83 @@ def test_nnx_state_round_trip(tmp_path):
     assert_bit_exact(tpflax.unshard(back), jax.device_get(state))
 
 
+def _key_data_or_value(x):
+    return jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+
+
+def test_typed_prng_keys_restore_with_the_plan_and_like(tmp_path):
+    # orbax stores a key as its uint32 key data; the plan and like= hold the key itself.
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.up = nnx.Linear(64, 256, rngs=rngs)
+            self.drop = nnx.Dropout(0.1, rngs=rngs)
+            self.down = nnx.Linear(256, 64, rngs=rngs)
+
+        def __call__(self, x):
+            return self.down(self.drop(nnx.relu(self.up(x))))
+
+    model = Net(nnx.Rngs(0, dropout=1))
+    state = nnx.state(model)
+    plan = tpflax.plan(state, {"data": 2, "model": 4}, model=model, sample=(np.ones((16, 64), np.float32),))
+    assert plan.decisions["drop/rngs/key"].dtype == "key<fry>"
+    mesh = tpflax.make_mesh(plan.mesh)
+    path = tpflax.save_checkpoint(tmp_path / "nnx", tpflax.shard(state, plan, mesh), plan=plan)
+    want = jax.tree_util.tree_map(_key_data_or_value, jax.device_get(state))
+    for back in (tpflax.restore_checkpoint(path, plan, mesh),
+                 tpflax.restore_checkpoint(path, plan, mesh, like=state)):
+        key = back["drop"]["rngs"]["key"]
+        key = getattr(key, "get_value", lambda k=key: k)()
+        assert key.dtype == state["drop"]["rngs"]["key"].get_value().dtype
+        for p, d in plan.decisions.items():
+            node = back
+            for part in p.split("/"):
+                node = node[part]
+            x = getattr(node, "get_value", lambda n=node: n)()
+            assert x.sharding.mesh == mesh and x.sharding.spec == d.spec, p
+        assert_bit_exact(jax.tree_util.tree_map(_key_data_or_value, tpflax.unshard(back)), want)
+
+    # Several implementations, and a key array split over the mesh, in a plain tree.
+    tree = {"k": jax.random.key(3, impl="rbg"), "ks": jax.random.split(jax.random.key(1), 8)}
+    plan = tpflax.plan(tree, {"model": 8}, rules=[("ks", P("model"))])
+    mesh = tpflax.make_mesh(plan.mesh)
+    path = tpflax.save_checkpoint(tmp_path / "keys", tpflax.shard(tree, plan, mesh))
+    for back in (tpflax.restore_checkpoint(path, plan, mesh), tpflax.restore_checkpoint(path, like=tree)):
+        for k, x in tree.items():
+            assert back[k].dtype == x.dtype, k
+            assert_bit_exact(jax.random.key_data(back[k]), jax.random.key_data(x))
+    assert tpflax.restore_checkpoint(path, plan, mesh)["ks"].sharding.spec == P("model")
+    # Bare key data (no key metadata from orbax) restores as the key like= asks for.
+    raw = tpflax.save_checkpoint(tmp_path / "raw", {"k": jax.random.key_data(tree["ks"])})
+    got = tpflax.restore_checkpoint(raw, like={"k": tree["ks"]})["k"]
+    assert got.dtype == tree["ks"].dtype
+    assert_bit_exact(jax.random.key_data(got), jax.random.key_data(tree["ks"]))
+    # A key of another implementation is refused, in the form it is stored in.
+    with pytest.raises(tpflax.PlanMismatchError, match=r"k: the checkpoint holds \(4,\) uint32 but the "
+                       r"target tree has \(\) key<fry> \(stored as its key data \(2,\) uint32\)"):
+        tpflax.restore_checkpoint(path, like=dict(tree, k=jax.random.key(0)))
+
+
+def test_params_of_planned_linen_variables_restore_with_that_plan(tmp_path):
+    # shard() accepts variables["params"] for a plan of the full variables; so must restore.
+    from _util import tiny_lm
+
+    m, ids = tiny_lm(), np.zeros((8, 16), np.int32)
+    v = jax.device_get(m.init(jax.random.key(0), ids))
+    plan = tpflax.plan(v, {"data": 2, "model": 4}, model=m, sample=(ids,))
+    mesh = tpflax.make_mesh(plan.mesh)
+    path = tpflax.save_checkpoint(tmp_path / "p", tpflax.shard(v["params"], plan, mesh), plan=plan)
+    back = tpflax.restore_checkpoint(path, plan, mesh)
+    for name in ("up", "down"):
+        got = back[name]["kernel"].sharding
+        assert got.mesh == mesh and got.spec == plan.decisions[f"params/{name}/kernel"].spec
+    assert any(e is not None for e in back["up"]["kernel"].sharding.spec)
+    assert_bit_exact(tpflax.unshard(back), v["params"])
+    # A part of the collection is still refused, naming the missing leaf with its prefix.
+    part = tpflax.save_checkpoint(tmp_path / "part", {k: v["params"][k] for k in ("up", "down")})
+    with pytest.raises(tpflax.PlanMismatchError, match="params/head/kernel: in the plan but missing"):
+        tpflax.restore_checkpoint(part, plan, mesh)
+
+
 def _claims_unfinished(error: Exception) -> bool:
     text = str(error).lower()
     return any(w in text for w in ("did not finish", "finished save", "interrupted", "incomplete"))

@@ -17,6 +17,8 @@ device. orbax is imported only when a function here runs.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -26,7 +28,7 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
-from tpflax._src.apply.bind import bind_mesh, rebox_all
+from tpflax._src.apply.bind import bind_mesh, match_plan, rebox_all
 from tpflax._src.checkpoint_layout import (
     MARKER,
     TPFLAX_OLD,
@@ -38,7 +40,7 @@ from tpflax._src.checkpoint_layout import (
 )
 from tpflax._src.errors import CheckpointError, OptionError, PlanMismatchError
 from tpflax._src.facts.tree import Leaf, is_box, keystr, unbox, unboxed, walk
-from tpflax._src.planner.plan import Plan, check_tree_matches
+from tpflax._src.planner.plan import Plan
 from tpflax._src.progress import Progress
 
 FORMAT = "tpflax.checkpoint"
@@ -226,42 +228,89 @@ def _stored_leaves(stored: Any) -> dict[str, jax.ShapeDtypeStruct]:
     return {keystr(p): x for p, x in flat}
 
 
+@functools.cache
+def _key_kinds() -> dict[str, tuple[str, Any, jax.ShapeDtypeStruct]]:
+    """``{"key<fry>": ("threefry2x32", the key dtype, one key's data), ...}``, all abstract."""
+    out = {}
+    for impl in ("threefry2x32", "rbg", "unsafe_rbg"):
+        key = jax.eval_shape(lambda impl=impl: jax.random.key(0, impl=impl))
+        out[str(key.dtype)] = (impl, key.dtype, jax.eval_shape(jax.random.key_data, key))
+    return out
+
+
+def _stored_form(shape: Any, dtype: Any) -> tuple[tuple[int, ...], Any]:
+    """(shape, dtype) as orbax stores such a leaf: a typed PRNG key as its uint32 key data.
+
+    ``dtype`` may be a key dtype or its name (plans store ``"key<fry>"``); the
+    key data has the key's shape plus the implementation's trailing dimension.
+    """
+    kind = _key_kinds().get(str(dtype))
+    if kind is None:
+        return tuple(shape), dtype
+    data = kind[2]
+    return tuple(shape) + tuple(data.shape), data.dtype
+
+
+def _same_form(a: tuple[tuple[int, ...], Any], b: tuple[tuple[int, ...], Any]) -> bool:
+    return a[0] == b[0] and jax.numpy.dtype(a[1]) == jax.numpy.dtype(b[1])
+
+
+def _wanted(stored: jax.ShapeDtypeStruct, target: Any) -> jax.ShapeDtypeStruct:
+    """The leaf to restore: ``target``'s typed PRNG key if ``stored`` is its key data, else ``stored``."""
+    kind = _key_kinds().get(str(getattr(target, "dtype", None)))
+    if kind is None or not _same_form(_stored_form(target.shape, target.dtype),
+                                      (tuple(stored.shape), stored.dtype)):
+        return stored
+    return jax.ShapeDtypeStruct(tuple(target.shape), kind[1])
+
+
+def _as_key(x: Any, want: jax.ShapeDtypeStruct) -> Any:
+    """``x`` wrapped as ``want``'s typed PRNG key when orbax gave back its raw key data."""
+    kind = _key_kinds().get(str(want.dtype))
+    if kind is None or str(x.dtype) == str(want.dtype):
+        return x
+    return jax.random.wrap_key_data(x, impl=kind[0])
+
+
 def _target_problems(paths: list[str], boxes: list[Any],
                      stored_leaves: dict[str, jax.ShapeDtypeStruct]) -> list[str]:
-    """The target tree must be exactly the stored tree: every difference, named at once."""
+    """The target tree must be exactly the stored tree: every difference, named at once.
+
+    A typed PRNG key of the target matches its key data in the checkpoint.
+    """
     problems = []
     for p, b in zip(paths, boxes, strict=True):
         s = stored_leaves.get(p)
         v = unbox(b)
         if s is None:
             problems.append(f"{p}: expected by the target tree but not in the checkpoint")
-        elif tuple(s.shape) != tuple(getattr(v, "shape", s.shape)) or (
-                hasattr(v, "dtype") and jax.numpy.dtype(v.dtype) != jax.numpy.dtype(s.dtype)):
-            problems.append(f"{p}: the checkpoint holds {tuple(s.shape)} {s.dtype} but the target "
-                            f"tree has {tuple(v.shape)} {v.dtype}")
+            continue
+        held = (tuple(s.shape), s.dtype)
+        form = _stored_form(getattr(v, "shape", s.shape), getattr(v, "dtype", s.dtype))
+        if not _same_form(form, held):
+            stored_as = (f" (stored as its key data {form[0]} {jax.numpy.dtype(form[1])})"
+                         if str(v.dtype) in _key_kinds() else "")
+            problems.append(f"{p}: the checkpoint holds {held[0]} {s.dtype} but the target "
+                            f"tree has {tuple(v.shape)} {v.dtype}{stored_as}")
     known = set(paths)
     problems += [f"{p}: in the checkpoint but not in the target tree; pass like= with the full tree"
                  for p in stored_leaves if p not in known]
     return problems
 
 
-def _shard_list(paths: list[str], stored_leaves: dict[str, Any], plan: Plan | None, mesh: Any,
-                shardings: Any) -> list[Any]:
-    """One sharding per target leaf: the given tree, the plan's specs, or the first local device."""
-    if shardings is not None:
-        shard_list = jax.tree_util.tree_leaves(
-            shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-        if len(shard_list) != len(paths):
-            raise PlanMismatchError(f"shardings has {len(shard_list)} leaves but the tree has "
-                                    f"{len(paths)}; lay it out like `like`")
-        return shard_list
-    if plan is not None:
-        mesh = bind_mesh(plan, mesh)
-        leaves = [Leaf(path=p, shape=tuple(stored_leaves[p].shape), dtype=str(stored_leaves[p].dtype),
-                       itemsize=jax.numpy.dtype(stored_leaves[p].dtype).itemsize) for p in paths]
-        check_tree_matches(plan, leaves)
-        return [NamedSharding(mesh, plan.decisions[p].spec) for p in paths]
-    return [SingleDeviceSharding(jax.local_devices()[0])] * len(paths)
+def _plan_decisions(paths: list[str], stored_leaves: dict[str, Any], plan: Plan) -> list[Any]:
+    """The plan's Decision for every leaf, matched as shard() matches (PlanMismatchError otherwise).
+
+    orbax stores a typed PRNG key as its key data, so the plan's key leaves are
+    compared in that form; differences are named in it too.
+    """
+    stored_plan = dataclasses.replace(plan, decisions={
+        k: dataclasses.replace(d, shape=shape, dtype=str(dtype))
+        for k, d in plan.decisions.items() for shape, dtype in [_stored_form(d.shape, d.dtype)]})
+    leaves = [Leaf(path=p, shape=tuple(stored_leaves[p].shape), dtype=str(stored_leaves[p].dtype),
+                   itemsize=jax.numpy.dtype(stored_leaves[p].dtype).itemsize) for p in paths]
+    # as shard() does: the planned tree, or one collection of planned linen variables
+    return [plan.decisions[q] for q in match_plan(stored_plan, leaves)]
 
 
 def _restore_item(ocp: Any, item: Path, plan: Plan | None, mesh: Any, like: Any,
@@ -271,21 +320,38 @@ def _restore_item(ocp: Any, item: Path, plan: Plan | None, mesh: Any, like: Any,
     structure = stored if like is None else like
     boxes, treedef = jax.tree_util.tree_flatten_with_path(structure, is_leaf=is_box)
     paths = [keystr(p) for p, _ in boxes]
-    problems = _target_problems(paths, [b for _, b in boxes], stored_leaves)
+    values = [unbox(b) for _, b in boxes]
+    problems = _target_problems(paths, values, stored_leaves)
     if problems:
         raise PlanMismatchError(f"the checkpoint {item} does not match the tree to restore", problems)
-    shard_list = _shard_list(paths, stored_leaves, plan, mesh, shardings)
+    targets: list[Any] = values if like is not None else [None] * len(paths)
+    if shardings is not None:
+        shard_list = jax.tree_util.tree_leaves(
+            shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+        if len(shard_list) != len(paths):
+            raise PlanMismatchError(f"shardings has {len(shard_list)} leaves but the tree has "
+                                    f"{len(paths)}; lay it out like `like`")
+    elif plan is not None:
+        mesh = bind_mesh(plan, mesh)
+        decisions = _plan_decisions(paths, stored_leaves, plan)
+        shard_list = [NamedSharding(mesh, d.spec) for d in decisions]
+        targets = decisions if like is None else targets
+    else:
+        shard_list = [SingleDeviceSharding(jax.local_devices()[0])] * len(paths)
+    # a typed PRNG key is read as the key the target (like= or the plan) has, not as its key data
+    wanted = [_wanted(stored_leaves[p], t) for p, t in zip(paths, targets, strict=True)]
     target = jax.tree_util.tree_unflatten(treedef, [
-        jax.ShapeDtypeStruct(tuple(stored_leaves[p].shape), stored_leaves[p].dtype, sharding=s)
-        for p, s in zip(paths, shard_list, strict=True)])
+        jax.ShapeDtypeStruct(w.shape, w.dtype, sharding=s)
+        for w, s in zip(wanted, shard_list, strict=True)])
     try:
         with ocp.StandardCheckpointer() as ckptr:
             restored = ckptr.restore(item, target)
     except Exception as e:
         raise CheckpointError(f"restoring {item} failed: {type(e).__name__}: {e}") from e
+    values = [_as_key(x, w) for x, w in zip(treedef.flatten_up_to(restored), wanted, strict=True)]
     if like is None:
-        return restored
-    return rebox_all([b for _, b in boxes], treedef.flatten_up_to(restored), treedef)
+        return jax.tree_util.tree_unflatten(treedef, values)
+    return rebox_all([b for _, b in boxes], values, treedef)
 
 
 def _restore_items(ocp: Any, found: Located, plan: Plan | None, mesh: Any, like: Any,
@@ -338,6 +404,10 @@ def restore_checkpoint(path: str | os.PathLike, plan: Plan | None = None, mesh: 
             ``item``; only a save that is still in orbax's temporary directory
             is called unfinished.
         PlanMismatchError: the checkpoint's tree differs from the plan / ``like``.
+
+    Typed PRNG keys (an nnx Dropout's ``rngs/key``), which orbax stores as
+    their uint32 key data, match the plan's and ``like``'s keys and come back
+    as keys.
 
     >>> import jax.numpy as jnp, tempfile, os, tpflax
     >>> d = os.path.join(tempfile.mkdtemp(), "ck")
