@@ -37,9 +37,9 @@ def trace_activations(model: Any, batch: Any = None, variables: Any = None, *,
         keyed ``path:attend``). A linen model's calls are seen with
         ``flax.linen.intercept_methods``; an nnx model's by wrapping the
         ``__call__`` and ``attend`` of its submodules' classes for the trace (a
-        module called inside an nnx transform such as ``nnx.scan`` is a copy, and
-        not seen). Empty for plain functions: their activations come from the
-        formula.
+        copy called inside ``nnx.scan`` or ``nnx.vmap`` is placed by its
+        variables' shapes at its stack's path). Empty for plain functions: the
+        estimate counts their parameters' contractions instead.
 
     >>> from tpflax import zoo
     >>> acts = trace_activations(zoo.get("mlp"), 4)
@@ -83,7 +83,13 @@ _METHODS = ("__call__", "attend")
 
 
 def _nnx_calls(m: Any, out: dict[str, list[Act]], variables: Any, *xs: Any) -> Any:
-    """Run an nnx model's forward, recording each submodule call in ``out`` (under ``eval_shape``)."""
+    """Run an nnx model's forward, recording each submodule call in ``out`` (under ``eval_shape``).
+
+    A module called inside an nnx transform (``nnx.scan`` over stacked layers, ``nnx.vmap``) is a
+    copy with one layer's slices of the stacked variables: it is placed by its variables, at the
+    one path whose variables have its shapes plus a layers dim (``blocks`` for a scanned
+    ``Block``), and its submodules below it.
+    """
     from flax import nnx
 
     module = nnx.merge(m.graphdef, variables, copy=True)
@@ -93,10 +99,24 @@ def _nnx_calls(m: Any, out: dict[str, list[Act]], variables: Any, *xs: Any) -> A
     # every original first: a subclass's inherited method is its base's own, not a wrapper
     originals = [(t, name, getattr(t, name), t.__dict__.get(name)) for t in kinds for name in _METHODS
                  if callable(getattr(t, name, None))]
+    full = _variable_shapes(module)
+    prefixes = sorted({p.rsplit("/", k)[0] for p in full for k in range(1, p.count("/") + 1)})
+    seen: list[Any] = []  # copies placed (kept alive: their ids key ``paths``)
+
+    def place(copy: Any) -> None:
+        seen.append(copy)
+        at = _stack_path(_variable_shapes(copy), full, prefixes)
+        if at is not None:
+            for path, n in nnx.iter_graph(copy):
+                if isinstance(n, nnx.Module) and id(n) not in paths:
+                    paths[id(n)] = "/".join([at, *(str(k) for k in path)])
+                    seen.append(n)
 
     def wrap(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
         @functools.wraps(fn)
         def call(self, *args, **kw):
+            if id(self) not in paths and self is not module and not any(self is c for c in seen):
+                place(self)
             result = fn(self, *args, **kw)
             path = paths.get(id(self))
             if path is not None:
@@ -114,6 +134,35 @@ def _nnx_calls(m: Any, out: dict[str, list[Act]], variables: Any, *xs: Any) -> A
                 delattr(t, name)
             else:
                 setattr(t, name, own)
+
+
+def _variable_shapes(node: Any) -> dict[str, tuple[int, ...]]:
+    """``{path: shape}`` of an nnx module's variables (relative to it)."""
+    from flax import nnx
+
+    out = {}
+    for path, v in nnx.iter_graph(node):
+        if isinstance(v, nnx.Variable):
+            value = v.get_value() if hasattr(v, "get_value") else v.value
+            if hasattr(value, "shape"):
+                out["/".join(str(k) for k in path)] = tuple(value.shape)
+    return out
+
+
+def _stack_path(rel: Mapping[str, tuple[int, ...]], full: Mapping[str, tuple[int, ...]],
+                prefixes: Sequence[str]) -> str | None:
+    """The one prefix under which every ``rel`` variable is stored with one more (layers) dim, or None.
+
+    >>> _stack_path({"up/kernel": (4, 8)}, {"blocks/up/kernel": (3, 4, 8), "head/kernel": (4, 8)},
+    ...             ["blocks", "blocks/up", "head"])
+    'blocks'
+    """
+    def stacked(whole: tuple[int, ...] | None, one: tuple[int, ...]) -> bool:
+        return whole is not None and len(whole) == len(one) + 1 and any(
+            whole[:i] + whole[i + 1:] == one for i in range(len(whole)))
+
+    found = [p for p in prefixes if rel and all(stacked(full.get(f"{p}/{r}"), s) for r, s in rel.items())]
+    return found[0] if len(found) == 1 else None
 
 
 def top_level(paths: Any) -> set[str]:

@@ -40,9 +40,9 @@ from tpflax._src.cost.activations import (
     activation_bytes,
     acts_for,
     formula_scores_bytes,
-    top_level,
     layer_key,
     token_rows,
+    top_level,
 )
 from tpflax._src.cost.batch import config_value
 from tpflax._src.cost.gradients import gather_item

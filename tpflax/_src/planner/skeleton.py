@@ -39,7 +39,7 @@ def skeleton(specs: Any, by_path: Mapping[str, PartitionSpec]) -> Any | None:
     is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
     leaves, treedef = jax.tree_util.tree_flatten(specs, is_leaf=is_spec)
     paths = list(by_path)
-    if len(leaves) != len(paths) or any(not is_spec(x) or x != by_path[p] for x, p in zip(leaves, paths)):
+    if len(leaves) != len(paths) or any(not is_spec(x) or x != by_path[p] for x, p in zip(leaves, paths, strict=True)):
         return None
     try:
         return _encode(jax.tree_util.tree_unflatten(treedef, list(paths)))
