@@ -183,6 +183,8 @@ def _nnx(model: Any, sample: Any, variables: Any) -> Model:
     from flax import nnx
 
     graphdef, state = nnx.split(model)
+    if isinstance(variables, nnx.Module):  # the module planned as its own tree: its state
+        variables = nnx.state(variables)
 
     def forward(v, *x):
         return nnx.merge(graphdef, v)(*x)
