@@ -376,9 +376,11 @@ def test_nnx_model_layers_are_traced_like_its_linen_twin():
     # the classes are restored: no wrapper left on a method, none added to a class
     assert not any(hasattr(t.__call__, "__wrapped__") for t in (nnx.Linear, nnx.LayerNorm, Block, Net))
     assert "attend" not in Block.__dict__ and "__call__" not in nnx.Module.__dict__
-    p = tpflax.plan(m, mesh, sample=(ids,))
+    p = tpflax.plan(m, mesh, model=m, sample=(ids,))  # the module as its own tree and as the model
     lin = LNet()
     lp = tpflax.plan(jax.eval_shape(lin.init, jax.random.key(0), ids), mesh, model=lin, sample=(ids,))
+    assert {k.replace("blocks/", "blocks_"): d.spec for k, d in p.decisions.items()} == {
+        k.removeprefix("params/"): d.spec for k, d in lp.decisions.items()}
     for remat in (False, True):
         e = estimate(p, optax.adam(1e-3), model=m, sample=(ids,), remat=remat)
         le = estimate(lp, optax.adam(1e-3), model=lin, sample=(ids,), remat=remat)
