@@ -163,3 +163,32 @@ def test_an_unwritable_output_path_is_a_usage_error(tmp_path, capsys):
     # exit 2 with one line naming the path (exit 1 means warnings under --strict), no traceback
     assert main(["plan", "mlp", "--mesh", "model=2", "--why", str(tmp_path / "missing" / "why.txt")]) == 2
     assert "missing/why.txt: No such file or directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["plan", "gpt2", "--mesh", "data=2,model=4", "--devices", "-1"],
+    ["plan", "gpt2", "--mesh", "data=2,model=4", "--devices", "0"],
+    ["suggest", "mlp", "--world-size", "8", "--top", "-1"],
+    ["suggest", "mlp", "--world-size", "0"],
+])
+def test_non_positive_counts_exit_2_before_jax_starts(capsys, argv):
+    # --devices -1 reached XLA (an 80-line 'vector::reserve' traceback) and 0 was ignored
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert "is below 1" in capsys.readouterr().err
+
+
+def test_dry_run_json_is_strict_json_and_honours_strict(capsys):
+    # an estimated collective XLA did not emit gave rel_error Infinity (not JSON); --strict --json exited 0
+    argv = ["dry-run", "llama", "--mesh", "fsdp=4,model=2", "--backend", "gpu", "--json"]
+    assert main(argv) == 0
+
+    def refuse(c):
+        raise ValueError(f"not JSON: {c}")
+
+    data = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    rows = [r for r in data["estimate_vs_compiled"]["rows"] if r.get("estimate_only")]
+    assert rows and all(r["rel_error"] is None and r["compiled"] == 0 for r in rows)
+    assert main(["dry-run", "gpt2", "--mesh", "model=3", "--json"]) == 0
+    assert main(["dry-run", "gpt2", "--mesh", "model=3", "--json", "--strict"]) == 1

@@ -18,10 +18,12 @@ from tpflax._src.cli_args import (
     estimate_inputs,
     model_kwargs,
     need_model,
+    non_negative_int,
     optimizer_from_name,
     parse_roles,
     parse_rule,
     plan_from_args,
+    positive_int,
     with_remat,
 )
 
@@ -118,7 +120,7 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
                    optimizer_name=args.optimizer)
     if args.json:
         print(report(p, est, fmt="json", dry_run=dr))
-        return 0
+        return 1 if args.strict and p.warnings else 0
     print(f"tpflax dry-run  {args.model}  mesh {p.mesh}  batch {size}  optimizer {args.optimizer}")
     print("\n".join(est.report_lines()))
     print()
@@ -250,29 +252,31 @@ def build_parser() -> argparse.ArgumentParser:
                               "  tpflax suggest llama --world-size 8 --device-memory 1GiB --verify",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     g.add_argument("model", help="zoo name (see `tpflax zoo`) or package.module:factory")
-    g.add_argument("--world-size", dest="world", type=int, default=None,
+    g.add_argument("--world-size", dest="world", type=positive_int, default=None,
                    help="how many devices to plan for (emulated only for --verify, up to 64)")
-    g.add_argument("--devices", dest="world_devices", type=int, default=None,
+    g.add_argument("--devices", dest="world_devices", type=positive_int, default=None,
                    help="deprecated spelling of --world-size (--devices emulates CPU devices elsewhere)")
     g.add_argument("--device-memory", default=None,
                    help="memory per device, e.g. 95GiB or 16GB (default: the --hardware preset's)")
     g.add_argument("--hardware", default=None, help="preset: tpu-v4, tpu-v5e, tpu-v5p, tpu-v6e, a100, h100, h200")
-    g.add_argument("--top", type=int, default=5, help="show this many ranked shapes (default 5)")
+    g.add_argument("--top", type=positive_int, default=5, help="show this many ranked shapes (default 5)")
     g.add_argument("--all", action="store_true", help="show every ranked shape and every rejected one, with why")
     g.add_argument("--size", choices=["tiny", "real"], default=None,
                    help="zoo family size (default: tiny for family names, real for named sizes)")
     g.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="optax optimizer (default adamw)")
     g.add_argument("--batch", default=None, help="global batch: N or NxSEQ (default: one per device)")
     g.add_argument("--remat", action="store_true", help="activations are rematerialised")
-    g.add_argument("--trace", action="store_true", help="trace the model's layer shapes for exact activations")
+    g.add_argument("--trace", action=argparse.BooleanOptionalAction, default=None,
+                   help="trace the model's layer shapes for exact activations (default: on for a model; "
+                        "--no-trace: the transformer formula, faster for very deep unscanned models)")
     g.add_argument("--ici-bandwidth", default=None,
                    help="override: bytes/s each device sends within a host/slice, e.g. 400GB/s or 1600Gbps")
     g.add_argument("--dcn-bandwidth", default=None, help="override: bytes/s each device sends between hosts")
-    g.add_argument("--chips-per-host", type=int, default=None, help="override: devices per host")
+    g.add_argument("--chips-per-host", type=positive_int, default=None, help="override: devices per host")
     g.add_argument("--reserve", type=float, default=0.0, help="fraction of device memory to keep free (default 0)")
     g.add_argument("--rule", action="append", default=[], metavar="REGEX=TARGET",
                    help="planner override, as for `tpflax plan`")
-    g.add_argument("--fsdp-min-bytes", type=int, default=1 << 18,
+    g.add_argument("--fsdp-min-bytes", type=non_negative_int, default=1 << 18,
                    help="leaves this large also shard over fsdp axes (default 262144)")
     g.add_argument("--verify", action="store_true",
                    help="compile the top shapes (at most 3) on a CPU-emulated mesh (<= 64 devices) and compare")

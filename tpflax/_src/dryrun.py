@@ -192,7 +192,7 @@ class Comparison:
             if r.rel_error is None:
                 err = "n/a"
             elif math.isinf(r.rel_error):
-                err = "new"
+                err = "est only"  # the estimate has it; the compiled program has none
             else:
                 err = f"{100 * r.rel_error:+.1f}%"
             out.append(f"  {r.name:<44}{fmt(r.estimated):>12}{got:>14}{err:>9}")
@@ -200,8 +200,13 @@ class Comparison:
         return out
 
     def to_dict(self) -> dict:
+        """Rows as JSON values: a relative error against nothing compiled (infinite) is null, with
+        ``"estimate_only": true``, since JSON has no infinity."""
         return {"rows": [{"section": r.section, "name": r.name, "estimated": r.estimated,
-                          "compiled": r.compiled, "rel_error": r.rel_error} for r in self.rows],
+                          "compiled": r.compiled,
+                          "rel_error": None if r.rel_error is not None and math.isinf(r.rel_error) else r.rel_error,
+                          **({"estimate_only": True} if r.rel_error is not None and math.isinf(r.rel_error) else {})}
+                         for r in self.rows],
                 "warnings": list(self.warnings)}
 
 

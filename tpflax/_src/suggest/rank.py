@@ -123,25 +123,57 @@ def why(c: Candidate, first: Candidate, n: int, hw: Hardware) -> str:
         return (f"ties #1 on communication ({fmt_time(c.comm_time)} per step, within 0.5%); ranked lower for "
                 + (f"{fmt_bytes(more)} more memory per device" if more > 0 else "its mesh order")
                 + f"; {fmt_bytes(c.headroom)} headroom")
-    mine, theirs = _term_times(c), _term_times(first)
-    keys = set(mine) | set(theirs)
-    diff = max(keys, key=lambda k: mine.get(k, 0.0) - theirs.get(k, 0.0), default=None)
+    # by kind of collective, whatever axes it runs over (an all-reduce over data+fsdp replaces one
+    # over data): the kind whose time grew most
+    mine, theirs = _by_kind(_term_times(c)), _by_kind(_term_times(first))
+    diff = max(set(mine) | set(theirs), key=lambda k: _total(mine, k) - _total(theirs, k), default=None)
     ratio = c.comm_time / first.comm_time if first.comm_time else float("inf")
-    if diff is None or mine.get(diff, 0.0) - theirs.get(diff, 0.0) <= 0:
+    if diff is None or _total(mine, diff) - _total(theirs, diff) <= 0:
         if math.isclose(c.comm_time, first.comm_time, rel_tol=1e-9):
             return f"same communication time as #1; {fmt_bytes(c.headroom)} headroom vs {fmt_bytes(first.headroom)}"
         return f"{ratio:.2f}x the communication time of #1"
-    kind, label = diff
-    return (f"{ratio:.2f}x the communication time of #1: {kind} over {label} takes "
-            f"{fmt_time(mine.get(diff, 0.0))} vs {fmt_time(theirs.get(diff, 0.0))}; "
-            f"{fmt_bytes(c.headroom)} headroom")
+    return (f"{ratio:.2f}x the communication time of #1: {diff} takes {_spent(mine, diff)} vs "
+            f"{_spent(theirs, diff)}; {fmt_bytes(c.headroom)} headroom")
 
 
-def no_fit(s: Suggestion, batch_size: int, mem_limit: int, shrink: Any = None) -> NoFitError:
+def _by_kind(times: Mapping[tuple[str, str], float]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for (kind, label), t in times.items():
+        if t > 0:
+            out.setdefault(kind, {})[label] = t
+    return out
+
+
+def _total(by_kind: Mapping[str, Mapping[str, float]], kind: str) -> float:
+    return sum(by_kind.get(kind, {}).values())
+
+
+def _spent(by_kind: Mapping[str, Mapping[str, float]], kind: str) -> str:
+    """``"471.8 ms over data+fsdp"`` (its axes, largest first), or ``"0 us"``."""
+    labels = by_kind.get(kind, {})
+    if not labels:
+        return fmt_time(0.0)
+    return (f"{fmt_time(_total(by_kind, kind))} over "
+            + ", ".join(sorted(labels, key=labels.__getitem__, reverse=True)))
+
+
+def devices_guess(best: Candidate, devices: int, mem_limit: int) -> int | None:
+    """Devices at which the sharded states of ``best`` would shrink enough for its peak to fit (a
+    first guess for :func:`tpflax._src.suggest.search.more_devices` to check), or None when the
+    states alone cannot make up the excess.
+    """
+    m = best.memory
+    over = best.peak - mem_limit
+    states = m.params + m.grads + m.opt_state + m.model_state
+    return math.ceil(devices * states / (states - over)) if states > over else None
+
+
+def no_fit(s: Suggestion, batch_size: int, mem_limit: int, shrink: Any = None, more: Any = None) -> NoFitError:
     """The error when nothing fits: how far the best shape was, and what would help (see ``NoFitError``).
 
     ``shrink``: the largest smaller batch that fits (:func:`tpflax._src.suggest.shrink.smaller_batch`),
-    or None when none does.
+    or None when none does. ``more``: ``(devices, tried)``: the fewest devices some mesh shape fits
+    on (a :class:`Candidate`, or None when none of the ``tried`` counts fits).
     """
     est = [c for c in s.rejected if c.memory is not None]
     if not est:
@@ -150,14 +182,17 @@ def no_fit(s: Suggestion, batch_size: int, mem_limit: int, shrink: Any = None) -
                           suggestion=s)
     best = min(est, key=lambda c: c.per_device)
     m = best.memory
-    over = m.total - mem_limit
+    over = best.peak - mem_limit
     helps = []
     states = m.params + m.grads + m.opt_state + m.model_state
-    if states > over:
-        # sharded states fall with the device count; activations per example do not
-        helps.append(f"more devices: about {math.ceil(s.devices * states / (states - over))} or more (params, "
-                     f"grads and optimizer state, {fmt_bytes(states)} per device, shrink with fsdp over more devices)")
-    else:
+    if more is not None and more[0] is not None:
+        fit = more[0]
+        helps.append(f"more devices: {fit.mesh.size} fit, on {fit.mesh} ({fmt_bytes(fit.peak)} per device at its "
+                     "peak; checked with the same estimate)")
+    elif more is not None:
+        helps.append(f"more devices: none of {', '.join(str(n) for n in more[1])} fits with this batch (checked "
+                     "with the same estimate)")
+    elif states <= over:
         helps.append(f"more devices alone will not do: params, grads and optimizer state are only {fmt_bytes(states)} "
                      "per device; the rest is activations")
     if shrink is not None:
@@ -174,9 +209,9 @@ def no_fit(s: Suggestion, batch_size: int, mem_limit: int, shrink: Any = None) -
                      "moments; sgd keeps none)")
     return NoFitError(
         f"the model fits on no mesh shape of {s.devices} devices with {fmt_bytes(mem_limit)} each: the best, "
-        f"{best.mesh}, needs {fmt_bytes(m.total)} per device ({fmt_bytes(over)} over, {100 * over / mem_limit:.0f}%; params "
-        f"{fmt_bytes(m.params)}, grads {fmt_bytes(m.grads)}, optimizer state {fmt_bytes(m.opt_state)}, activations "
-        f"{fmt_bytes(m.activations)}); what would help", helps, suggestion=s)
+        f"{best.mesh}, needs {fmt_bytes(best.peak)} per device at its peak ({fmt_bytes(over)} over, "
+        f"{100 * over / mem_limit:.0f}%; params {fmt_bytes(m.params)}, grads {fmt_bytes(m.grads)}, optimizer state "
+        f"{fmt_bytes(m.opt_state)}, activations {fmt_bytes(m.activations)}); what would help", helps, suggestion=s)
 
 
 # ---------------------------------------------------------------------------

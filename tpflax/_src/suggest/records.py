@@ -26,7 +26,9 @@ class Candidate:
         comm_time: estimated seconds per step spent in collectives (no overlap).
         time_by_axis: seconds per axis label.
         links: ``{axis label: link name}`` (ICI, DCN, NVLink, ...).
-        fits: per-device memory within the device's.
+        peak: the estimate's peak bytes on the fullest device (``Estimate.peak``: what
+            must fit at once; 0 when not estimated).
+        fits: the peak within the device's memory.
         tensor_local: every tensor-parallel group lies within one host.
         rank: 1-based rank among the ranked shapes; 0 when rejected.
         why: one line on its rank (against #1 for the runners-up).
@@ -37,6 +39,7 @@ class Candidate:
 
     mesh: MeshShape
     memory: Any = None
+    peak: int = 0
     comm: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     comm_time: float = 0.0
     time_by_axis: Mapping[str, float] = field(default_factory=dict)
@@ -55,8 +58,8 @@ class Candidate:
 
     @property
     def per_device(self) -> int:
-        """Bytes on the fullest device (0 when not estimated)."""
-        return self.memory.total if self.memory is not None else 0
+        """Bytes the fullest device must hold at once: the estimate's peak (0 when not estimated)."""
+        return self.peak
 
     @property
     def headroom(self) -> int:

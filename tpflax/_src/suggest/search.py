@@ -40,7 +40,7 @@ from tpflax._src.errors import SuggestError, TpflaxError
 from tpflax._src.hardware import Hardware, get_hardware
 from tpflax._src.mesh import DATA, EXPERT, FSDP, TENSOR, MeshShape, mesh_shape
 from tpflax._src.specs import entries, used_axes
-from tpflax._src.suggest.rank import biggest, comm_times, degrees, link_local, no_fit, why
+from tpflax._src.suggest.rank import biggest, comm_times, degrees, devices_guess, link_local, no_fit, why
 from tpflax._src.suggest.records import Candidate, Suggestion
 from tpflax._src.suggest.shrink import smaller_batch
 from tpflax._src.suggest.verify import verify_suggestion
@@ -192,13 +192,15 @@ def _context(model_or_tree: Any, hw: Hardware, devices: int, *, sample, variable
     except TpflaxError as e:
         raise SuggestError(f"cannot read the batch: {e}") from e
     activations: dict = {}
+    if trace and m is None:
+        raise SuggestError("trace=True needs a model (a tpflax.zoo model, a linen or nnx module)")
+    if trace is None:  # as tpflax.estimate(model=...) does: a model's layers are traced, once for every shape
+        trace = m is not None and m.framework != "callable"
     if trace:
-        if m is None:
-            raise SuggestError("trace=True needs a model (a tpflax.zoo model or a linen module)")
         activations = trace_activations(m, b.size)
     elif m is not None:
-        notes.append("activations from the transformer formula when the config allows (trace=True / "
-                     "--trace for exact layer shapes, traced once for every candidate)")
+        notes.append("activations from the transformer formula when the config allows (trace=False / "
+                     "--no-trace; the default traces the model's layer shapes once for every candidate)")
     base = plan(tree, {n: 1 for n, _ in AXES}, **plan_kwargs)  # leaf kinds and shapes; any plan would do
     has_experts = any(d.kind == "expert" for d in base.decisions.values())
     axes = tuple((n, r) for n, r in AXES if r != EXPERT or has_experts)
@@ -237,16 +239,33 @@ def _candidate(ctx: Context, ms: MeshShape, mem_limit: int) -> Candidate:
     t, by_axis, links = comm_times(ctx.hw, ms, est.comm)
     t_axes = [n for n, r in zip(ctx.axis_names, ctx.roles, strict=True) if r == TENSOR and ms.sizes[n] > 1]
     local = not t_axes or link_local(ms, t_axes, ctx.hw.chips_per_host)
-    c = replace(base, memory=memory, comm=est.comm, comm_time=t, time_by_axis=by_axis, links=links,
-                fits=memory.total <= mem_limit, tensor_local=local)
+    c = replace(base, memory=memory, peak=est.peak, comm=est.comm, comm_time=t, time_by_axis=by_axis, links=links,
+                fits=est.peak <= mem_limit, tensor_local=local)
     if not c.fits:
-        return replace(c, rejected=f"does not fit: needs {fmt(memory.total)} per device, {fmt(-c.headroom)} over "
-                                   f"{fmt(mem_limit)} ({biggest(memory)})")
+        return replace(c, rejected=f"does not fit: needs {fmt(est.peak)} per device at its peak, {fmt(-c.headroom)} "
+                                   f"over {fmt(mem_limit)} ({biggest(memory)})")
     return c
 
 
+def more_devices(ctx: Context, guess: int, devices: int, mem_limit: int) -> tuple[Candidate | None, tuple[int, ...]]:
+    """``(the best-ranked shape that fits on the fewest devices tried, the counts tried)``.
+
+    Tries the powers of two from the first at or above ``guess`` (and above ``devices``), up to 4x
+    it: device counts a slice comes in, each shape planned and priced as the ranking does.
+    """
+    first = 1 << max(guess - 1, devices).bit_length()
+    tried = (first, 2 * first, 4 * first)
+    for n in tried:
+        fits = [c for shape in _factorisations(n, len(ctx.axis_names))
+                if not (c := _candidate(ctx, mesh_shape(dict(zip(ctx.axis_names, shape, strict=True))),
+                                        mem_limit)).rejected]
+        if fits:
+            return min(fits, key=lambda c: (float(f"{c.comm_time:.4g}"), c.per_device, str(c.mesh))), tried
+    return None, tried
+
+
 def suggest_mesh(model_or_tree: Any, devices: int, device_memory: Any = None, hardware: Any = None, *,
-                 optimizer: Any = None, batch: Any = None, config: Any = None, trace: bool = False,
+                 optimizer: Any = None, batch: Any = None, config: Any = None, trace: bool | None = None,
                  remat: bool = False, grad_dtype: Any = None, act_dtype: Any = None, backend: str | None = None,
                  expert_dispatch: str = "all-to-all", optimizer_name: str | None = None,
                  ici_bandwidth: Any = None, dcn_bandwidth: Any = None, chips_per_host: int | None = None,
@@ -270,7 +289,10 @@ def suggest_mesh(model_or_tree: Any, devices: int, device_memory: Any = None, ha
             shapes, an abstract batch); default: the model's sample, else one example
             per device.
         config: model config or hints (``d_model``, ``seq_len``, ...), for activations.
-        trace: trace the model's layer shapes once for exact activation sizes.
+        trace: trace the model's layer shapes once for exact activation sizes, as
+            :func:`tpflax.estimate` does for a model (default: for a zoo, linen or nnx
+            model; False: the transformer formula from the config, faster for very
+            deep unscanned models).
         remat, grad_dtype, act_dtype, backend, expert_dispatch, optimizer_name:
             passed to :func:`tpflax.estimate` (backend defaults to the hardware's kind).
         ici_bandwidth, dcn_bandwidth: bytes/s per device (or ``"400Gbps"``), overriding the preset.
@@ -341,8 +363,10 @@ def suggest_mesh(model_or_tree: Any, devices: int, device_memory: Any = None, ha
                    devices, tuple(dict.fromkeys(notes)), settings, time.perf_counter() - t0)
     if not order and raise_if_none:
         retry = [c.mesh for c in rejected if c.rejected.startswith(("does not fit", "global batch"))]
-        raise no_fit(s, w.batch.size, mem_limit,
-                     smaller_batch(ctx, retry, mem_limit, lambda e: e.per_device.total))
+        priced = [c for c in rejected if c.memory is not None]
+        guess = devices_guess(min(priced, key=lambda c: c.per_device), devices, mem_limit) if priced else None
+        raise no_fit(s, w.batch.size, mem_limit, smaller_batch(ctx, retry, mem_limit, lambda e: e.peak),
+                     more_devices(ctx, guess, devices, mem_limit) if guess else None)
     if verify:
         s = replace(s, verified=verify_suggestion(s, top=verify))
     return s
