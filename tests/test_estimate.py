@@ -449,3 +449,28 @@ def test_nnx_scanned_layers_are_traced_like_linens_scan():
     le = estimate(lp, optax.adam(1e-3), model=lin, sample=(ids,))
     assert e.per_device.activations > layers * 8 * 16 * 4 * d * 4 // 2 // 4  # every layer's up output
     assert (e.per_device.activations, e.peak) == (le.per_device.activations, le.peak)
+
+
+def test_a_sample_input_that_is_no_batch_keeps_its_shape():
+    # a per-layer scale (like HF's head_mask) was resized to the batch too: the estimate's trace
+    # failed with flax's raw ScopeParamNotFoundError, make_train_step(batch=16) built a wrong step
+    import flax.linen as nn
+
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, x, layer_scale):  # layer_scale: (layers, d), one row per layer
+            for i in range(layer_scale.shape[0]):
+                x = x + layer_scale[i] * nn.Dense(16, name=f"d{i}")(x)
+            return x
+
+    x, scale = jax.ShapeDtypeStruct((8, 16), "float32"), jax.ShapeDtypeStruct((2, 16), "float32")
+    m = M()
+    v = jax.eval_shape(m.init, jax.random.key(0), x, scale)
+    p = tpflax.plan(v, {"data": 2, "model": 4}, model=m, sample=(x, scale))
+    e = estimate(p, optax.sgd(0.1), model=m, sample=(x, scale))
+    assert e.settings["activations"] == "traced" and e.per_device.activations > 0
+    assert estimate(p, optax.sgd(0.1), 32, model=m, sample=(x, scale)).per_device.activations == 4 * \
+        e.per_device.activations
+    ts = tpflax.make_train_step(m, p, tpflax.make_mesh(p.mesh), optax.sgd(0.1), 16, sample=(x, scale),
+                                loss=lambda out, x, s: (out ** 2).mean())
+    assert [a.shape for a in ts.args[2]] == [(16, 16), (2, 16)]

@@ -61,11 +61,25 @@ class Model:
     graphdef: Any = None
 
     def with_batch(self, batch: int) -> Model:
-        """The same model with every sample input's leading (batch) dim set to ``batch``."""
+        """The same model with the batch dim of its batched sample inputs set to ``batch``.
+
+        The batched inputs are those whose leading dim is the first input's (the batch
+        size): an input of another leading size (a per-layer mask, like HF's ``head_mask``)
+        is no batch and keeps its shape.
+
+        >>> m = as_model(lambda v, x, s: x, (jax.ShapeDtypeStruct((8, 4), "float32"),
+        ...                                  jax.ShapeDtypeStruct((2, 4), "float32")), {})
+        >>> [x.shape for x in m.with_batch(32).sample]
+        [(32, 4), (2, 4)]
+        """
         if self.zoo is not None:
             return replace(self, sample=tuple(self.zoo.sample_inputs(batch)))
+        now = self.batch_size
+        if now == batch:
+            return self
         return replace(self, sample=tuple(
-            jax.ShapeDtypeStruct((batch, *s.shape[1:]), s.dtype) if s.shape else s for s in self.sample))
+            jax.ShapeDtypeStruct((batch, *s.shape[1:]), s.dtype) if s.shape and s.shape[0] == now else s
+            for s in self.sample))
 
     def with_variables(self, variables: Any) -> Model:
         return replace(self, variables=variables)
