@@ -474,3 +474,36 @@ def test_a_sample_input_that_is_no_batch_keeps_its_shape():
     ts = tpflax.make_train_step(m, p, tpflax.make_mesh(p.mesh), optax.sgd(0.1), 16, sample=(x, scale),
                                 loss=lambda out, x, s: (out ** 2).mean())
     assert [a.shape for a in ts.args[2]] == [(16, 16), (2, 16)]
+
+
+def test_a_traced_models_own_remat_turns_remat_on():
+    # nn.scan(nn.remat(Block)): the step recomputes every block, which the estimate only knew from a
+    # zoo config's remat field (a user's model was priced as saving every activation)
+    import flax.linen as nn
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return x + nn.Dense(64, name="down")(nn.gelu(nn.Dense(256, name="up")(nn.LayerNorm()(x)))), None
+
+    def lm(remat):
+        class LM(nn.Module):
+            @nn.compact
+            def __call__(self, ids):
+                x = nn.Embed(128, 64)(ids)
+                block = nn.remat(Block) if remat else Block
+                x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)(
+                    name="blocks")(x, None)
+                return nn.Dense(128)(x)
+
+        return LM()
+
+    ids = jax.ShapeDtypeStruct((8, 32), "int32")
+    for remat in (True, False):
+        m = lm(remat)
+        v = jax.eval_shape(m.init, jax.random.key(0), ids)
+        p = tpflax.plan(v, {"fsdp": 2, "model": 4}, model=m, sample=(ids,))
+        e = estimate(p, optax.adam(1e-3), model=m, sample=(ids,))
+        assert e.settings["remat"] is remat
+        said = estimate(p, optax.adam(1e-3), model=m, sample=(ids,), remat=True)
+        assert (e.per_device, e.peak, e.comm) == (said.per_device, said.peak, said.comm) or not remat

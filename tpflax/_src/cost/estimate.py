@@ -142,7 +142,9 @@ def estimate(plan, optimizer: Any = None, batch: Any = None, *, config: Any = No
         remat: activations are rematerialised: only layer inputs are saved. It
             does not add collectives (XLA's recompute reuses them; see
             ``benchmarks/results/estimate_accuracy.md``, llama-scan). Read from the
-            config's ``remat`` field when the model has one.
+            config's ``remat`` field when the model has one, and on when most of a
+            ``model=``'s traced contractions run rematerialised (``nn.remat``,
+            ``nnx.remat``, ``jax.checkpoint``).
         grad_dtype: gradient dtype (default: the parameter's).
         act_dtype: activation dtype (default: the batch's float dtype / config dtype).
         backend: ``"tpu"`` or ``"cpu"`` (XLA:TPU and XLA:CPU all-reduce the whole fsdp

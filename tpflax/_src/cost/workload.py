@@ -104,6 +104,8 @@ class Traced:
             several inputs whose outputs reach the same contraction (LongT5's
             transient-global keys and values; :func:`tpflax._src.planner.repeats.joined`):
             its pair runs once, and each other input's gradient is summed apart.
+        remat: most of the model's contractions run inside a rematerialised call
+            (``nn.remat``, ``nnx.remat``, ``jax.checkpoint``): the step recomputes its layers.
         contractions: ``(path, rows per example, kept dims, dtype)`` of each
             contraction of a parameter (its output's shape): a plain function's layer
             calls, where no module boundary shows them.
@@ -119,6 +121,7 @@ class Traced:
     grouped: Mapping[str, float] | None = None
     joined: Mapping[str, tuple[float, ...]] | None = None
     contractions: tuple[tuple[str, float, tuple[int, ...], str], ...] = ()  # (path, rows, kept dims, dtype)
+    remat: bool = False
 
 
 def _check_options(act_dtype: Any, grad_dtype: Any, backend: str, expert_dispatch: str) -> None:
@@ -160,7 +163,8 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
     if activations is None and m is not None:
         activations = trace_activations(m, b.size)
     activations = activations or {}
-    remat = bool(remat or config_value(config, "remat", False))  # e.g. nn.remat'd scanned layers
+    # a config's remat field (a zoo model's), or the traced program's own nn.remat / jax.checkpoint
+    remat = bool(remat or config_value(config, "remat", False) or t.remat)
     opt = opt_layout(plan, optimizer) if optimizer is not None else None
     name = (optimizer_name or name_of(optimizer)) if optimizer is not None else "none"
     settings = {"optimizer": name, "backend": backend, "remat": remat, "act_dtype": b.act_dtype,
@@ -233,7 +237,7 @@ def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
     contractions = tuple((u.path, u.rows / examples, u.kept, u.dtype)
                          for u in flow.uses if u.op == "dot" and u.rows and not u.batch and u.path in shapes)
     return Traced(tied, {p: n for p, n in whole.items() if n > 1}, rows, fused, act, shared,
-                  {p: n for p, n in lookups.items() if n > 1}, grouped, joined, contractions)
+                  {p: n for p, n in lookups.items() if n > 1}, grouped, joined, contractions, flow.remat >= 0.5)
 
 
 def contraction_calls(plan, contractions: Sequence[tuple[str, float, tuple[int, ...], str]],

@@ -148,4 +148,40 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                     outputs=frozenset(w.outputs), recurrent=frozenset(w.recurrent),
                     biases=dict(w.biases), elementwise=frozenset(w.elementwise),
                     scanned=dict(w.scanned), n_eqns=w.n_eqns, fused=dict(w.fused),
-                    shared=shared_reads(jaxpr, w.reads))
+                    shared=shared_reads(jaxpr, w.reads), remat=remat_share(jaxpr))
+
+
+_CONTRACTIONS = ("dot_general", "conv_general_dilated")
+_REMAT = ("checkpoint", "remat", "remat2")
+
+
+def remat_share(jaxpr: Any) -> float:
+    """The share of ``jaxpr``'s contraction equations inside a rematerialised call (0 without any).
+
+    >>> import jax, jax.numpy as jnp
+    >>> f = lambda w, x: jax.checkpoint(lambda x: jnp.tanh(x @ w))(x) @ w
+    >>> remat_share(jax.make_jaxpr(f)(jnp.ones((4, 4)), jnp.ones((2, 4))).jaxpr)
+    0.5
+    """
+    counts = [0, 0]  # contractions, of which rematerialised
+
+    def visit(j: Any, inside: bool) -> None:
+        for eqn in j.eqns:
+            if eqn.primitive.name in _CONTRACTIONS:
+                counts[0] += 1
+                counts[1] += inside
+            for sub in _sub_jaxprs(eqn.params.values()):
+                visit(sub, inside or eqn.primitive.name in _REMAT)
+
+    visit(jaxpr, False)
+    return counts[1] / counts[0] if counts[0] else 0.0
+
+
+def _sub_jaxprs(values: Any):
+    for v in values:
+        if hasattr(v, "eqns"):
+            yield v
+        elif hasattr(v, "jaxpr") and hasattr(v, "consts"):
+            yield v.jaxpr
+        elif isinstance(v, (tuple, list)):
+            yield from _sub_jaxprs(v)

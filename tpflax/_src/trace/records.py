@@ -94,6 +94,9 @@ class Dataflow:
             into equal pieces (``split``, aligned slices) that go on separately: a
             fused q/k/v (or gate/up) kernel.
         n_eqns: equations visited (sub-jaxprs included).
+        remat: the share of the program's contractions (``dot_general`` and convolution
+            equations, a scan body's once) inside a rematerialised call (``jax.checkpoint``,
+            ``nn.remat``, ``nnx.remat``).
         shared: use ids of contractions whose activation input something other than
             a parameter contraction also reads (a post-norm block's residual add; see
             :mod:`tpflax._src.trace.sharing`).
@@ -111,3 +114,4 @@ class Dataflow:
     n_eqns: int = 0
     fused: Mapping[tuple[int, int], int] = field(default_factory=dict)
     shared: frozenset[int] = frozenset()
+    remat: float = 0.0
