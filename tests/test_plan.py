@@ -593,3 +593,19 @@ def test_tree_only_mirror_pair_follows_linens_numbering_over_a_hidden_norm():
         assert tree.decisions[k].spec == traced.decisions[k].spec == spec
     assert "created before its mirror" in tree.decisions["params/Dense_0/kernel"].reason
     assert any("linen's layer numbering" in w and "pass model=" in w for w in tree.warnings)
+
+
+def test_mesh_papercuts():
+    # numpy integer sizes (np.prod, mesh.devices.shape) were "not integers"; report(fmt=) left 'html'
+    # out of its message; make_mesh(a Mesh, target=) returned the Mesh, ignoring the target
+    import importlib.util
+
+    m = tpflax.make_mesh({"data": np.int64(2), "model": 4})
+    assert dict(m.shape) == {"data": 2, "model": 4} and type(tpflax.plan(
+        {"w": jax.ShapeDtypeStruct((8, 8), "float32")}, {"model": np.int32(2)}).mesh.sizes["model"]) is int
+    p = tpflax.plan({"w": jax.ShapeDtypeStruct((8, 8), "float32")}, {"model": 2})
+    with pytest.raises(tpflax.OptionError, match="'text', 'json' or 'html'"):
+        tpflax.report(p, fmt="htm")
+    if importlib.util.find_spec("libtpu") is not None:
+        t = tpflax.make_mesh(tpflax.make_mesh({"data": 2, "model": 4}), target="tpu-v5e:2x4")
+        assert t.devices.flat[0].platform == "tpu" and dict(t.shape) == {"data": 2, "model": 4}

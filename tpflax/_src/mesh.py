@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -117,7 +118,7 @@ def mesh_shape(mesh: Any, axis_roles: Mapping[str, str] | None = None) -> MeshSh
         if name in seen:
             problems.append(f"axis {name!r} appears twice; mesh axis names must be unique")
         seen.add(name)
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
             problems.append(f"axis {name!r} has size {size!r}; sizes must be integers >= 1")
     if not pairs:
         problems.append("the mesh has no axes; give at least one, e.g. {'model': 8}")
@@ -287,7 +288,7 @@ def make_mesh(mesh: Any, devices: Sequence[Any] | None = None, *, explicit: bool
     import jax
     import numpy as np
 
-    if isinstance(mesh, jax.sharding.Mesh):
+    if isinstance(mesh, jax.sharding.Mesh) and target is None:
         return mesh  # already a concrete jax Mesh
     shape = mesh_shape(mesh)
     if target is not None:

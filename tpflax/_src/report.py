@@ -268,7 +268,7 @@ def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool
 
         return html_report(plan, estimate)
     if fmt != "text":
-        raise OptionError(f"fmt must be 'text' or 'json', not {fmt!r}")
+        raise OptionError(f"fmt must be 'text', 'json' or 'html', not {fmt!r}")
     if not full and width is None:
         width = shutil.get_terminal_size((100, 24)).columns
     width = None if full else width
