@@ -82,3 +82,20 @@ def test_cli_lockfile_recipe(tmp_path, capsys, monkeypatch):
     assert json.loads(capsys.readouterr().out)["changed"] is True
     assert main(["diff", str(lock), str(tmp_path / "missing.json")]) == 2
     assert "cannot read plan file" in capsys.readouterr().err
+
+
+def test_cli_batch_is_token_ids_of_that_length(plans, tmp_path, capsys):
+    # --batch 8x32 and 8x1024 printed the same communication: "BxT" was read as float features
+    from tpflax.cli import main
+
+    a, b = plans
+    pa, pb = tmp_path / "a.json", tmp_path / "b.json"
+    pa.write_text(a.to_json())
+    pb.write_text(b.to_json())
+    seen = {}
+    for text in ("8x32", "8x1024"):
+        assert main(["diff", str(pa), str(pb), "--batch", text, "--json"]) == 0
+        seen[text] = json.loads(capsys.readouterr().out)
+        ids = {"x": jax.ShapeDtypeStruct(tuple(int(n) for n in text.split("x")), "int32")}
+        assert seen[text]["a"]["comm"] == tpflax.estimate(a, optax.adamw(1e-3), ids).comm_total
+    assert seen["8x1024"]["a"]["comm"] > seen["8x32"]["a"]["comm"]

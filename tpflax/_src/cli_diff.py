@@ -44,6 +44,22 @@ def _read(name: str) -> str:
                               "`tpflax plan MODEL --mesh ... --json > FILE`") from None
 
 
+def _token_batch(text: str | None):
+    """``--batch BxT`` as the help says it is read: ``B`` sequences of ``T`` token ids (a bare
+    ``"8x1024"`` string would be read as float features, its tokens lost without a model config)."""
+    if text is None:
+        return None
+    import jax
+
+    from tpflax._src.cost.batch import shape_text
+
+    try:
+        dims = shape_text(text)
+    except ValueError:
+        return text  # the estimate's own message names what it accepts
+    return {"x": jax.ShapeDtypeStruct(dims, "int32")} if len(dims) == 2 else text
+
+
 def run(args: argparse.Namespace) -> int:
     from tpflax._src.diff import diff
 
@@ -54,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         from tpflax._src.cli_args import optimizer_from_name
 
         opt = optimizer_from_name(args.optimizer)
-    result = diff(_read(args.a), _read(args.b), optimizer=opt, batch=args.batch)
+    result = diff(_read(args.a), _read(args.b), optimizer=opt, batch=_token_batch(args.batch))
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

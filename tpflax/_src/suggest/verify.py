@@ -30,8 +30,8 @@ def target_hardware(target: str, hardware: str | None, devices: int) -> str:
         raise SuggestError(f"--target {target} is {topo.generation} but --hardware is {hardware!r}; drop "
                            "--hardware or pick a matching target")
     if topo.devices != devices:
-        raise SuggestError(f"--target {topo.name} has {topo.devices} devices but --devices is {devices}; "
-                           f"pass --devices {topo.devices}")
+        raise SuggestError(f"--target {topo.name} has {topo.devices} devices but --world-size is {devices}; "
+                           f"pass --world-size {topo.devices}")
     return topo.generation
 
 
