@@ -507,3 +507,10 @@ def test_a_traced_models_own_remat_turns_remat_on():
         assert e.settings["remat"] is remat
         said = estimate(p, optax.adam(1e-3), model=m, sample=(ids,), remat=True)
         assert (e.per_device, e.peak, e.comm) == (said.per_device, said.peak, said.comm) or not remat
+
+
+def test_cpu_backend_says_16_bit_collectives_run_in_float32():
+    p = tpflax.plan({"w": jax.ShapeDtypeStruct((64, 64), "bfloat16")}, {"data": 2})
+    note = "XLA:CPU runs 16-bit collectives in float32"
+    assert any(note in n for n in estimate(p, optax.sgd(0.1), {"x": (8, 64)}, backend="cpu").notes)
+    assert not any(note in n for n in estimate(p, optax.sgd(0.1), {"x": (8, 64)}).notes)

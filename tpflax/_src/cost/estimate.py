@@ -99,6 +99,10 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
                      "Llama-2-7B width, the compiled peak was 1.35x to 1.65x this estimate while its live values "
                      "stayed below it (8 layers, fsdp=2,model=4: 9.1 GiB against 5.5; llama-2-7b-scan on "
                      "v5e-256: 4.2 against 3.1); check with dry_run before booking")
+    if w.backend == "cpu" and (w.act_item == 2 or any(d.dtype in ("bfloat16", "float16") for d in lv.decisions.values())):
+        notes.append("XLA:CPU runs 16-bit collectives in float32 (it converts their operands; measured on a "
+                     "bfloat16 model: 2x these bytes); the figures are in the tensors' own dtype, as a TPU "
+                     "sends them")
     per_device, unsharded = memory(lv, mesh, w, shards, notes)
     savings = {name: (100.0 * (1 - getattr(per_device, name) / getattr(unsharded, name))
                       if getattr(unsharded, name) else 0.0) for name in MEMORY_FIELDS + ("total",)}
