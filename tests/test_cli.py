@@ -35,6 +35,7 @@ def test_plan_text_with_pairs(capsys):
     (["plan", "gpt2", "--mesh", "model=2", "--rule", "c_fc=colum"], "names mesh axis 'colum'"),
     (["plan", "gpt2", "--mesh", "model=2", "--rule", "nonsense"], "REGEX=TARGET"),
     (["plan", "gpt2", "--mesh", "model=3", "--rule", "c_fc/kernel=None,model"], "not divisible"),
+    (["estimate", "mlp", "--mesh", "data=2,model=4", "--batch", "8x999"], "inputs are 8x32"),  # was ignored
 ])
 def test_bad_input_exits_2_with_message_on_stderr(capsys, argv, words):
     assert main(argv) == 2

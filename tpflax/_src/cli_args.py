@@ -166,7 +166,13 @@ def estimate_inputs(args: argparse.Namespace, loaded):
     if len(dims) > 1 and seq is not None and dims[1] != seq:
         raise UsageError(f"{args.model} has seq_len {seq}; pass --batch {dims[0]}x{seq} or just --batch "
                          f"{dims[0]} (zoo configs fix the sequence length)")
-    return jax.eval_shape(lambda: model.make_batch(0, dims[0])), dims[0]
+    batch = jax.eval_shape(lambda: model.make_batch(0, dims[0]))
+    x = batch["x"] if isinstance(batch, dict) and "x" in batch else None
+    if len(dims) > 1 and x is not None and tuple(dims) != tuple(x.shape):
+        shown = "x".join(map(str, x.shape))
+        raise UsageError(f"--batch {args.batch!r}: {args.model}'s inputs are {shown} for a batch of {dims[0]}; "
+                         f"pass --batch {shown} or just --batch {dims[0]} (zoo configs fix the other dims)")
+    return batch, dims[0]
 
 
 def zoo_of(loaded):
