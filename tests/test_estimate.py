@@ -449,6 +449,8 @@ def test_nnx_scanned_layers_are_traced_like_linens_scan():
     le = estimate(lp, optax.adam(1e-3), model=lin, sample=(ids,))
     assert e.per_device.activations > layers * 8 * 16 * 4 * d * 4 // 2 // 4  # every layer's up output
     assert (e.per_device.activations, e.peak) == (le.per_device.activations, le.peak)
+    # what neither counts, said: a scan without remat saves its residuals (nnx_estimate.md)
+    assert any("scanned layer stack without remat" in n for n in e.notes)
 
 
 def test_a_sample_input_that_is_no_batch_keeps_its_shape():
@@ -505,6 +507,7 @@ def test_a_traced_models_own_remat_turns_remat_on():
         p = tpflax.plan(v, {"fsdp": 2, "model": 4}, model=m, sample=(ids,))
         e = estimate(p, optax.adam(1e-3), model=m, sample=(ids,))
         assert e.settings["remat"] is remat
+        assert any("scanned layer stack without remat" in n for n in e.notes) is not remat
         said = estimate(p, optax.adam(1e-3), model=m, sample=(ids,), remat=True)
         assert (e.per_device, e.peak, e.comm) == (said.per_device, said.peak, said.comm) or not remat
 

@@ -99,6 +99,13 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
                      "Llama-2-7B width, the compiled peak was 1.35x to 1.65x this estimate while its live values "
                      "stayed below it (8 layers, fsdp=2,model=4: 9.1 GiB against 5.5; llama-2-7b-scan on "
                      "v5e-256: 4.2 against 3.1); check with dry_run before booking")
+    if not w.remat and any(d.layers_dim is not None for d in lv.decisions.values()):
+        # measured (benchmarks/results/nnx_estimate.md): one decoder, scanned and unrolled alike here
+        notes.append("a scanned layer stack without remat: jax saves every intermediate its backward needs "
+                     "(norm statistics, softmax, hidden activations) as the scan's stacked residuals, which "
+                     "this estimate's layer outputs do not count; measured at 1.8-2.4x the unrolled step's "
+                     "compiled peak (XLA:TPU, v5e:2x4), this estimate 42-61% under it. Remat the scanned "
+                     "layers, or check with dry_run before booking")
     if w.backend == "cpu" and (w.act_item == 2 or any(d.dtype in ("bfloat16", "float16") for d in lv.decisions.values())):
         notes.append("XLA:CPU runs 16-bit collectives in float32 (it converts their operands; measured on a "
                      "bfloat16 model: 2x these bytes); the figures are in the tensors' own dtype, as a TPU "
