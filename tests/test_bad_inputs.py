@@ -263,7 +263,7 @@ BAD = [
     Bad("zoo size the model does not have", lambda: tpflax.zoo.get("llama-2-7b", size="tiny"),
         tpflax.ModelLoadError, ("'llama-2-7b'", "'tiny'", "available: real")),
     Bad("report in an unknown format", lambda: tpflax.report(PLAN, fmt="xml"),
-        tpflax.OptionError, ("'xml'", "'text' or 'json'")),
+        tpflax.OptionError, ("'xml'", "'text', 'json' or 'html'")),
     Bad("checkpoint that does not exist",
         lambda: tpflax.restore_checkpoint("/nonexistent/tpflax-ckpt", PLAN, mesh(model=2)),
         tpflax.CheckpointError, ("/nonexistent/tpflax-ckpt", "check the path")),

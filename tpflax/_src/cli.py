@@ -18,7 +18,6 @@ from tpflax._src.cli_args import (
     estimate_inputs,
     model_kwargs,
     need_model,
-    non_negative_int,
     optimizer_from_name,
     parse_roles,
     parse_rule,
@@ -276,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reserve", type=float, default=0.0, help="fraction of device memory to keep free (default 0)")
     g.add_argument("--rule", action="append", default=[], metavar="REGEX=TARGET",
                    help="planner override, as for `tpflax plan`")
-    g.add_argument("--fsdp-min-bytes", type=non_negative_int, default=1 << 18,
+    g.add_argument("--fsdp-min-bytes", type=int, default=1 << 18,
                    help="leaves this large also shard over fsdp axes (default 262144)")
     g.add_argument("--verify", action="store_true",
                    help="compile the top shapes (at most 3) on a CPU-emulated mesh (<= 64 devices) and compare")

@@ -40,32 +40,19 @@ def parse_rule(text: str) -> tuple[str, Any]:
     return pattern, PartitionSpec(*dims)
 
 
-def _at_least(text: str, low: int) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if n < low:
-        raise argparse.ArgumentTypeError(f"{n} is below {low}")
-    return n
-
-
 def positive_int(text: str) -> int:
     """An argparse type: an integer of at least 1 (argparse exits 2 with the message otherwise).
 
     >>> positive_int("8")
     8
     """
-    return _at_least(text, 1)
-
-
-def non_negative_int(text: str) -> int:
-    """An argparse type: an integer of at least 0.
-
-    >>> non_negative_int("0")
-    0
-    """
-    return _at_least(text, 0)
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} is below 1")
+    return n
 
 
 def parse_roles(items: Sequence[str]) -> dict[str, str]:
@@ -88,7 +75,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="role of a mesh axis with an unknown name (tensor, fsdp, data, expert)")
     p.add_argument("--rule", action="append", default=[], metavar="REGEX=TARGET",
                    help="override: first matching rule wins (strategy name or axes like None,model)")
-    p.add_argument("--fsdp-min-bytes", type=non_negative_int, default=None,
+    p.add_argument("--fsdp-min-bytes", type=int, default=None,
                    help="leaves this large also shard over fsdp axes (default: decided by cost per leaf)")
     p.add_argument("--min-channels", type=positive_int, default=64, help="narrowest conv chain to split (default 64)")
     p.add_argument("--devices", type=positive_int, default=None,

@@ -40,7 +40,15 @@ from tpflax._src.errors import SuggestError, TpflaxError
 from tpflax._src.hardware import Hardware, get_hardware
 from tpflax._src.mesh import DATA, EXPERT, FSDP, TENSOR, MeshShape, mesh_shape
 from tpflax._src.specs import entries, used_axes
-from tpflax._src.suggest.rank import biggest, comm_times, degrees, devices_guess, link_local, no_fit, why
+from tpflax._src.suggest.rank import (
+    biggest,
+    comm_times,
+    degrees,
+    devices_guess,
+    link_local,
+    no_fit,
+    why,
+)
 from tpflax._src.suggest.records import Candidate, Suggestion
 from tpflax._src.suggest.shrink import smaller_batch
 from tpflax._src.suggest.verify import verify_suggestion
