@@ -63,32 +63,34 @@ class Model:
     def with_batch(self, batch: int) -> Model:
         """The same model with the batch dim of its batched sample inputs set to ``batch``.
 
-        The batched inputs are those whose leading dim is the first input's (the batch
-        size): an input of another leading size (a per-layer mask, like HF's ``head_mask``)
-        is no batch and keeps its shape.
+        The batched inputs are the arrays (in any input's pytree) whose leading dim is the
+        batch size (:attr:`batch_size`): an input of another leading size (a per-layer
+        mask, like HF's ``head_mask``) is no batch and keeps its shape.
 
-        >>> m = as_model(lambda v, x, s: x, (jax.ShapeDtypeStruct((8, 4), "float32"),
+        >>> m = as_model(lambda v, x, s: x, ({"ids": jax.ShapeDtypeStruct((8, 4), "int32")},
         ...                                  jax.ShapeDtypeStruct((2, 4), "float32")), {})
-        >>> [x.shape for x in m.with_batch(32).sample]
+        >>> [x.shape for x in jax.tree_util.tree_leaves(m.with_batch(32).sample)]
         [(32, 4), (2, 4)]
         """
         if self.zoo is not None:
             return replace(self, sample=tuple(self.zoo.sample_inputs(batch)))
         now = self.batch_size
-        if now == batch:
+        if now is None or now == batch:
             return self
-        return replace(self, sample=tuple(
-            jax.ShapeDtypeStruct((batch, *s.shape[1:]), s.dtype) if s.shape and s.shape[0] == now else s
-            for s in self.sample))
+        return replace(self, sample=jax.tree_util.tree_map(
+            lambda s: jax.ShapeDtypeStruct((batch, *s.shape[1:]), s.dtype)
+            if getattr(s, "shape", ()) and s.shape[0] == now else s, self.sample))
 
     def with_variables(self, variables: Any) -> Model:
         return replace(self, variables=variables)
 
     @property
     def batch_size(self) -> int | None:
-        """Leading dim of the first sample input."""
-        first = self.sample[0] if self.sample else None
-        return int(first.shape[0]) if first is not None and first.shape else None
+        """Leading dim of the first sample array that has one (inputs may be pytrees)."""
+        for leaf in jax.tree_util.tree_leaves(self.sample):
+            if getattr(leaf, "shape", ()):
+                return int(leaf.shape[0])
+        return None
 
 
 def abstract(x: Any) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -37,8 +38,8 @@ def trace_activations(model: Any, batch: Any = None, variables: Any = None, *,
         keyed ``path:attend``). A linen model's calls are seen with
         ``flax.linen.intercept_methods``; an nnx model's by wrapping the
         ``__call__`` and ``attend`` of its submodules' classes for the trace (a
-        copy called inside ``nnx.scan`` or ``nnx.vmap`` is placed by its
-        variables' shapes at its stack's path). Empty for plain functions: the
+        copy called inside ``nnx.scan``, ``nnx.vmap``, ``nnx.remat`` or ``nnx.jit``
+        is placed by its variables' shapes). Empty for plain functions: the
         estimate counts their parameters' contractions instead.
 
     >>> from tpflax import zoo
@@ -82,13 +83,18 @@ def trace_activations(model: Any, batch: Any = None, variables: Any = None, *,
 _METHODS = ("__call__", "attend")
 
 
+_PATCHING = threading.Lock()  # the wrappers live on shared classes: one trace at a time
+
+
 def _nnx_calls(m: Any, out: dict[str, list[Act]], variables: Any, *xs: Any) -> Any:
     """Run an nnx model's forward, recording each submodule call in ``out`` (under ``eval_shape``).
 
-    A module called inside an nnx transform (``nnx.scan`` over stacked layers, ``nnx.vmap``) is a
-    copy with one layer's slices of the stacked variables: it is placed by its variables, at the
-    one path whose variables have its shapes plus a layers dim (``blocks`` for a scanned
-    ``Block``), and its submodules below it.
+    A module called inside an nnx transform is a copy. Under ``nnx.scan``/``nnx.vmap`` it holds
+    one layer's slices of the stacked variables: it is placed at the one path whose variables
+    have its shapes plus a layers dim (``blocks`` for a scanned ``Block``). Under ``nnx.remat`` or
+    ``nnx.jit`` it has its original's shapes: it is placed at the first path of that structure
+    not yet taken (layers are called in order). Its submodules go below it. A method that calls
+    its base class's (``super().__call__``) is one call.
     """
     from flax import nnx
 
@@ -96,44 +102,59 @@ def _nnx_calls(m: Any, out: dict[str, list[Act]], variables: Any, *xs: Any) -> A
     paths = {id(n): "/".join(str(k) for k in path) for path, n in nnx.iter_graph(module)
              if path and isinstance(n, nnx.Module)}
     kinds = {type(n) for _, n in nnx.iter_graph(module) if id(n) in paths}
-    # every original first: a subclass's inherited method is its base's own, not a wrapper
-    originals = [(t, name, getattr(t, name), t.__dict__.get(name)) for t in kinds for name in _METHODS
-                 if callable(getattr(t, name, None))]
     full = _variable_shapes(module)
     prefixes = sorted({p.rsplit("/", k)[0] for p in full for k in range(1, p.count("/") + 1)})
-    seen: list[Any] = []  # copies placed (kept alive: their ids key ``paths``)
+    alive: dict[int, Any] = {id(module): module}  # every module seen, kept alive: ids key ``paths``
+    taken: set[str] = set()  # paths an nnx.remat / nnx.jit copy was placed at
+    active: set[int] = set()  # modules inside one of their own methods (a super() chain records once)
 
     def place(copy: Any) -> None:
-        seen.append(copy)
-        at = _stack_path(_variable_shapes(copy), full, prefixes)
+        alive[id(copy)] = copy
+        rel = _variable_shapes(copy)
+        at = _stack_path(rel, full, prefixes)
+        if at is None:
+            same = [p for p in prefixes if rel and p not in taken
+                    and all(full.get(f"{p}/{r}") == shape for r, shape in rel.items())]
+            at = same[0] if same else None
+            taken.update(same[:1])
         if at is not None:
             for path, n in nnx.iter_graph(copy):
                 if isinstance(n, nnx.Module) and id(n) not in paths:
                     paths[id(n)] = "/".join([at, *(str(k) for k in path)])
-                    seen.append(n)
+                    alive[id(n)] = n
 
     def wrap(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
         @functools.wraps(fn)
         def call(self, *args, **kw):
-            if id(self) not in paths and self is not module and not any(self is c for c in seen):
+            if id(self) in active:  # a subclass's method calling its base's: recorded by the outer call
+                return fn(self, *args, **kw)
+            if id(self) not in paths and id(self) not in alive:
                 place(self)
-            result = fn(self, *args, **kw)
+            active.add(id(self))
+            try:
+                result = fn(self, *args, **kw)
+            finally:
+                active.discard(id(self))
             path = paths.get(id(self))
             if path is not None:
                 _record(out, path if name == "__call__" else f"{path}:{name}", args, result)
             return result
         return call
 
-    try:
-        for t, name, fn, _ in originals:
-            setattr(t, name, wrap(fn, name))
-        return module(*xs, **dict(m.kwargs))
-    finally:
-        for t, name, _, own in originals:
-            if own is None:
-                delattr(t, name)
-            else:
-                setattr(t, name, own)
+    with _PATCHING:
+        # every original first: a subclass's inherited method is its base's own, not a wrapper
+        originals = [(t, name, getattr(t, name), t.__dict__.get(name)) for t in kinds for name in _METHODS
+                     if callable(getattr(t, name, None))]
+        try:
+            for t, name, fn, _ in originals:
+                setattr(t, name, wrap(fn, name))
+            return module(*xs, **dict(m.kwargs))
+        finally:
+            for t, name, _, own in originals:
+                if own is None:
+                    delattr(t, name)
+                else:
+                    setattr(t, name, own)
 
 
 def _variable_shapes(node: Any) -> dict[str, tuple[int, ...]]:

@@ -334,4 +334,10 @@ def with_batch_size(w: Workload, size: int) -> Workload:
     leaves = tuple((n, resize(s), d) for n, s, d in w.batch.leaves)
     acts = {k: [replace(a, inputs=tuple(resize(x) for x in a.inputs), output=resize(a.output)) for a in v]
             for k, v in w.activations.items()}
-    return replace(w, batch=replace(w.batch, leaves=leaves), activations=acts)
+
+    def rows(shape: tuple[int, ...]) -> tuple[int, ...]:  # a contraction's (tokens, ...): tokens scale
+        return (max(1, round(shape[0] * size / old)), *shape[1:]) if shape else shape
+
+    contractions = {k: [replace(a, inputs=tuple(rows(x) for x in a.inputs), output=rows(a.output)) for a in v]
+                    for k, v in w.contractions.items()}
+    return replace(w, batch=replace(w.batch, leaves=leaves), activations=acts, contractions=contractions)
