@@ -125,3 +125,40 @@ def test_a_plain_bias_follows_a_kernel_a_rule_set():
     d = p.decisions["params/up/bias"]
     assert d.spec == P(None)  # its output dim is whole
     assert "bias of up/kernel (set by a rule to P('model', None))" in d.reason
+
+
+class _ScannedBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        h = nn.Dense(256, kernel_init=_LOGICAL(_INIT, ("embed", "mlp")), name="up")(nn.LayerNorm()(x))
+        return x + nn.Dense(64, kernel_init=_LOGICAL(_INIT, ("mlp", "embed")), name="down")(nn.gelu(h)), None
+
+
+class _ScannedMLP(nn.Module):
+    axis: int = 0
+
+    @nn.compact
+    def __call__(self, x):
+        scan = nn.scan(_ScannedBlock, variable_axes={"params": self.axis}, split_rngs={"params": True}, length=4,
+                       metadata_params={nn.PARTITION_NAME: "layers"})
+        return scan(name="blocks")(x, None)[0]
+
+
+@pytest.mark.parametrize("mesh", [{"data": 2, "model": 4}, {"fsdp": 2, "model": 4}])
+@pytest.mark.parametrize("axis", [0, 1])  # 1: MaxText's param_scan_axis=1
+@pytest.mark.parametrize("traced", [False, True])
+def test_a_plain_bias_in_an_annotated_scan_is_stacked_and_follows_its_kernel(mesh, axis, traced):
+    """Only the kernels name the ``layers`` dim; the biases beside them are stacked alike (the tree
+    took them for unstacked ``(4, 256)`` tables and split the mlp dim over fsdp)."""
+    m = _ScannedMLP(axis)
+    tree = jax.eval_shape(m.init, jax.random.key(0), _X)
+    p = tpflax.plan(tree, mesh, **({"model": m, "sample": (_X,)} if traced else {}))
+    f = "fsdp" if "fsdp" in mesh else None
+    stack = (lambda *s: P(None, *s)) if axis == 0 else (lambda a, *s: P(a, None, *s))
+    assert p.decisions["params/blocks/up/kernel"].spec == stack(f, "model")
+    assert p.decisions["params/blocks/up/bias"].spec == stack("model")
+    assert p.decisions["params/blocks/down/bias"].spec == stack(None)
+    up = p.decisions["params/blocks/up/bias"]
+    assert up.layers_dim == axis
+    assert ("added to the output of blocks/up/kernel" if traced else "bias of blocks/up/kernel") in up.reason
+    assert "(annotated P(" in up.reason
