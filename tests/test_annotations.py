@@ -74,3 +74,91 @@ def test_linen_mesh_axis_names_and_roles_the_mesh_lacks():
     assert p.decisions["params/a/kernel"].spec == P("data", "tensor")  # dp -> data, model -> tensor
     assert p.decisions["params/b/kernel"].spec == P(None, None)  # no expert axis: dropped, with a warning
     assert any("params/b/kernel" in w and "'ep'" in w for w in p.warnings)
+
+
+# ---------------------------------------------------------------------------
+# an unannotated bias beside an annotated kernel (``kernel_init=nn.with_logical_partitioning``
+# without ``bias_init=``) follows the kernel's spec as it follows a kernel tpflax chose
+
+_LOGICAL = nn.with_logical_partitioning
+_INIT = nn.initializers.lecun_normal()
+
+
+class _AnnotatedMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(256, kernel_init=_LOGICAL(_INIT, ("embed", "mlp")), name="up")(x)
+        return x + nn.Dense(64, kernel_init=_LOGICAL(_INIT, ("mlp", "embed")), name="down")(nn.gelu(h))
+
+
+_X = S((8, 16, 64), F32)
+
+
+@pytest.mark.parametrize("mesh", [{"data": 2, "model": 4}, {"fsdp": 2, "model": 4}])
+@pytest.mark.parametrize("traced", [False, True])
+def test_a_plain_bias_follows_its_annotated_kernel(mesh, traced):
+    tree = jax.eval_shape(_AnnotatedMLP().init, jax.random.key(0), _X)
+    p = tpflax.plan(tree, mesh, **({"model": _AnnotatedMLP(), "sample": (_X,)} if traced else {}))
+    up, f = p.decisions["params/up/kernel"], "fsdp" if "fsdp" in mesh else None
+    assert (up.spec, up.source) == (P(f, "model"), "annotation")
+    assert p.decisions["params/up/bias"].spec == P("model")
+    assert p.decisions["params/down/bias"].spec == P(None)
+    for name in ("up", "down"):
+        why = p.decisions[f"params/{name}/bias"].reason
+        assert (f"added to the output of {name}/kernel" if traced else f"bias of {name}/kernel") in why
+        assert "(annotated P(" in why
+
+
+def test_a_rule_for_the_bias_beats_following_its_annotated_kernel():
+    tree = jax.eval_shape(_AnnotatedMLP().init, jax.random.key(0), _X)
+    for kw in ({}, {"model": _AnnotatedMLP(), "sample": (_X,)}):
+        p = tpflax.plan(tree, {"data": 2, "model": 4}, rules=[("up/bias", P(None))], **kw)
+        d = p.decisions["params/up/bias"]
+        assert (d.spec, d.source) == (P(None), "rule")
+        assert p.decisions["params/up/kernel"].spec == P(None, "model")
+
+
+def test_a_plain_bias_follows_a_kernel_a_rule_set():
+    tree = jax.eval_shape(_AnnotatedMLP().init, jax.random.key(0), _X)
+    p = tpflax.plan(tree, {"data": 2, "model": 4}, rules=[("up/kernel", P("model", None))],
+                    use_annotations=False)
+    d = p.decisions["params/up/bias"]
+    assert d.spec == P(None)  # its output dim is whole
+    assert "bias of up/kernel (set by a rule to P('model', None))" in d.reason
+
+
+class _ScannedBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        h = nn.Dense(256, kernel_init=_LOGICAL(_INIT, ("embed", "mlp")), name="up")(nn.LayerNorm()(x))
+        return x + nn.Dense(64, kernel_init=_LOGICAL(_INIT, ("mlp", "embed")), name="down")(nn.gelu(h)), None
+
+
+class _ScannedMLP(nn.Module):
+    axis: int = 0
+
+    @nn.compact
+    def __call__(self, x):
+        scan = nn.scan(_ScannedBlock, variable_axes={"params": self.axis}, split_rngs={"params": True}, length=4,
+                       metadata_params={nn.PARTITION_NAME: "layers"})
+        return scan(name="blocks")(x, None)[0]
+
+
+@pytest.mark.parametrize("mesh", [{"data": 2, "model": 4}, {"fsdp": 2, "model": 4}])
+@pytest.mark.parametrize("axis", [0, 1])  # 1: MaxText's param_scan_axis=1
+@pytest.mark.parametrize("traced", [False, True])
+def test_a_plain_bias_in_an_annotated_scan_is_stacked_and_follows_its_kernel(mesh, axis, traced):
+    """Only the kernels name the ``layers`` dim; the biases beside them are stacked alike (the tree
+    took them for unstacked ``(4, 256)`` tables and split the mlp dim over fsdp)."""
+    m = _ScannedMLP(axis)
+    tree = jax.eval_shape(m.init, jax.random.key(0), _X)
+    p = tpflax.plan(tree, mesh, **({"model": m, "sample": (_X,)} if traced else {}))
+    f = "fsdp" if "fsdp" in mesh else None
+    stack = (lambda *s: P(None, *s)) if axis == 0 else (lambda a, *s: P(a, None, *s))
+    assert p.decisions["params/blocks/up/kernel"].spec == stack(f, "model")
+    assert p.decisions["params/blocks/up/bias"].spec == stack("model")
+    assert p.decisions["params/blocks/down/bias"].spec == stack(None)
+    up = p.decisions["params/blocks/up/bias"]
+    assert up.layers_dim == axis
+    assert ("added to the output of blocks/up/kernel" if traced else "bias of blocks/up/kernel") in up.reason
+    assert "(annotated P(" in up.reason

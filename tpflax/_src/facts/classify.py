@@ -199,7 +199,8 @@ def detect_stacked(leaves: Sequence[Leaf], stacked: str | Mapping[str, int] | No
     where every leaf has rank >= 2) and either a norm parameter in it has rank
     >= 2 (norm params are 1-D unless stacked), or its name looks like a layer
     stack (``layers``, ``scan``, ``blocks``...) and it holds >= 4 leaves. Flax
-    metadata naming a dim ``layers`` also marks it. ``stacked`` (a regex on the
+    metadata naming a dim ``layers`` also marks it, and the leaves of its subtree
+    without metadata that share that dim. ``stacked`` (a regex on the
     path, ``"regex:dim"`` or ``{regex: dim}``) forces it.
 
     >>> shapes = {"s/ln/scale": (8, 3), "s/up/kernel": (8, 3, 32), "s/down/kernel": (32, 3, 8)}
@@ -224,7 +225,10 @@ def detect_stacked(leaves: Sequence[Leaf], stacked: str | Mapping[str, int] | No
         return out
     for prefix in sorted(by_prefix, key=lambda p: p.count("/")):
         group = by_prefix[prefix]
-        if len(group) < 2 or any(out[leaf.path] is not None for leaf in group):
+        if len(group) < 2:
+            continue
+        if any(out[leaf.path] is not None for leaf in group):
+            _stack_siblings(group, out)
             continue
         for at in (0, 1):
             if any(len(leaf.shape) <= at for leaf in group):
@@ -239,6 +243,21 @@ def detect_stacked(leaves: Sequence[Leaf], stacked: str | Mapping[str, int] | No
                     out[leaf.path] = at
                 break
     return out
+
+
+def _stack_siblings(group: Sequence[Leaf], out: dict[str, int | None]) -> None:
+    """Metadata named the layers dim of some leaves of ``group``: when they agree on one dim and
+    count, and every other leaf of the group has that count there, the group is one ``nn.scan``
+    stack, and its leaves without metadata (``nn.Dense``'s bias beside a kernel given
+    ``with_logical_partitioning``) are stacked alike."""
+    marked = {(out[leaf.path], leaf.shape[out[leaf.path]]) for leaf in group if out[leaf.path] is not None}
+    rest = [leaf for leaf in group if out[leaf.path] is None]
+    if len(marked) != 1 or not rest:
+        return
+    ((at, n),) = marked
+    if all(len(leaf.shape) > at and leaf.shape[at] == n for leaf in rest):
+        for leaf in rest:
+            out[leaf.path] = at
 
 
 def classify(leaves: Sequence[Leaf], stacked: str | Mapping[str, int] | None = None) -> list[Facts]:

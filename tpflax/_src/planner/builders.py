@@ -20,7 +20,7 @@ from tpflax._src.hardware import DEFAULT_PLAN_HARDWARE, get_hardware
 from tpflax._src.mesh import EXPERT, TENSOR, MeshShape
 from tpflax._src.planner.choose import Chosen, Option, pick
 from tpflax._src.planner.decision import Alternative, Pair
-from tpflax._src.specs import Entry, entry_axes
+from tpflax._src.specs import Entry, entry_axes, normalize_entry, to_pspec
 from tpflax._src.vocab import Kind, Role, Strategy
 
 # Strategies that split a kernel's output: a bias added to that output splits alike.
@@ -116,7 +116,8 @@ class State:
     opts: Options
     out: dict[str, Proposal] = field(default_factory=dict)
     pairs: list[Pair] = field(default_factory=list)
-    forced: set[str] = field(default_factory=set)  # decided by rules/annotations: never overwritten
+    # decided by user rules/annotations: never overwritten, but followed (a bias follows its kernel)
+    forced: dict[str, Proposal] = field(default_factory=dict)
     doubts: list[str] = field(default_factory=list)  # roles where names and shapes disagreed
     first_pair: int = 1  # pair ids continue after those of an earlier pass (the dataflow rules)
     chosen: list[Chosen] = field(default_factory=list)  # groups the chooser priced
@@ -148,6 +149,10 @@ class State:
         fx = {f.path: f for f in facts}
         self.facts.update(fx)
         pick(self, kind, options, fx)
+
+    def decided(self, path: str) -> Proposal | None:
+        """This pass's proposal for ``path``, or the user rule's or annotation's that forced it."""
+        return self.out.get(path) or self.forced.get(path)
 
     @property
     def tensor(self) -> tuple[Entry, int]:
@@ -363,13 +368,30 @@ def shard_conv_pair(st: State, a: Facts, b: Facts, a_dim: int, b_dim: int, why: 
 # biases
 
 
-def bias_follows(st: State, f: Facts, body_spec: Sequence[Entry], kernel: Proposal, evidence: str) -> None:
-    """A bias added to a kernel's output: split like that output, or replicated after a reduction."""
-    if any(body_spec) and kernel.strategy in OUTPUT_SPLITS:
-        st.put(f, body_spec, "channel" if kernel.strategy == "channel" else "column",
-               f"{evidence} ({kernel.strategy}): split like that output", kernel.pair)
+def bias_follows(st: State, f: Facts, body_spec: Sequence[Entry], kpath: str, evidence: str) -> None:
+    """A bias added to kernel ``kpath``'s output: split like that output, or replicated after a reduction.
+
+    ``body_spec`` is the kernel's spec at its output dims. A kernel a user rule or an annotation
+    forced says nothing by its strategy, so its spec speaks: the bias takes the tensor and expert
+    axes there (fsdp and data axes only store the kernel in pieces; the fsdp pass splits the bias
+    on its own).
+    """
+    kernel = st.decided(kpath)
+    assert kernel is not None, kpath  # callers pass a decided kernel
+    if kpath in st.forced:
+        roles = dict(st.mesh.roles)
+        body_spec = [normalize_entry(tuple(a for a in entry_axes(e) if roles.get(a) in (TENSOR, EXPERT)))
+                     for e in body_spec]
+        how = f"{'annotated' if kernel.strategy == 'annotation' else 'set by a rule to'} {to_pspec(kernel.spec)}"
+        split, whole = any(body_spec), "its output is not tensor-split, so replicated"
     else:
-        st.replicate(f, f"{evidence} ({kernel.strategy}): added after the reduction, so replicated", kernel.pair)
+        how = kernel.strategy
+        split, whole = any(body_spec) and kernel.strategy in OUTPUT_SPLITS, "added after the reduction, so replicated"
+    if split:
+        st.put(f, body_spec, "channel" if kernel.strategy == "channel" else "column",
+               f"{evidence} ({how}): split like that output", kernel.pair)
+    else:
+        st.replicate(f, f"{evidence} ({how}): {whole}", kernel.pair)
 
 
 def join_column(st: State, col: Facts, like: Facts, why: str) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from tpflax._src.facts.classify import Facts
@@ -62,7 +62,8 @@ class _Flow:
 
 
 def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Dataflow,
-            skip: Iterable[str] = (), widest_rows: int = 0) -> tuple[dict[str, Proposal], list[Pair]]:
+            skip: Mapping[str, Proposal] | None = None,
+            widest_rows: int = 0) -> tuple[dict[str, Proposal], list[Pair]]:
     """Proposals for the leaves the dataflow explains; ``(proposals, pairs)``.
 
     Leaves in ``skip`` (rules, annotations) and leaves the trace says nothing
@@ -70,7 +71,7 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Datafl
     traced layer reads, what the chooser's ``tokens`` count (a layer reading
     fewer, a pooled projection, is priced per row it reads).
     """
-    c = _start(facts, State(mesh, opts, forced=set(skip)), flow)
+    c = _start(facts, State(mesh, opts, forced=dict(skip or {})), flow)
     widest = widest_rows or max((u.rows for u in flow.uses), default=0)
     for u in flow.uses:  # what each contraction reads, for the chooser (first use of a leaf)
         if u.rows and widest and u.path in c.fx:
@@ -289,14 +290,14 @@ def _biases(c: _Flow) -> None:
             continue
         f = c.fx[path]
         kpath = c.flow.uses[uid].path
-        kp = c.st.out.get(kpath)
+        kp = c.st.decided(kpath)  # a kernel a user rule or annotation forced is followed too
         if kp is None:
             continue
         spec = [None] * len(f.leaf.shape)
         for ld, kd in align.items():
             if ld < len(spec) and kd < len(kp.spec):
                 spec[ld] = kp.spec[kd]
-        bias_follows(c.st, f, f.body_of(spec), kp, f"bias (traced: added to the output of {short(kpath)})")
+        bias_follows(c.st, f, f.body_of(spec), kpath, f"bias (traced: added to the output of {short(kpath)})")
 
 
 def _elementwise(c: _Flow) -> None:

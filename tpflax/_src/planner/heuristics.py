@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Mapping, Sequence
 
 from tpflax._src.facts.classify import ATTN, COLUMN_NAMES, HEAD, POS_EMBED, Facts
 from tpflax._src.mesh import EXPERT, TENSOR, MeshShape
@@ -58,13 +58,14 @@ def _natural(s: str) -> list:
 
 
 def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options,
-            skip: Iterable[str] = (), first_pair: int = 1,
+            skip: Mapping[str, Proposal] | None = None, first_pair: int = 1,
             doubts: list[str] | None = None) -> tuple[dict[str, Proposal], list[Pair]]:
-    """Propose a spec for every leaf not in ``skip`` (already decided by rules or annotations).
+    """Propose a spec for every leaf not in ``skip`` (already decided by rules or annotations: their
+    proposals, which a bias of a forced kernel follows).
 
     ``doubts``, when given, collects the layers whose names and shapes disagreed.
     """
-    st = State(mesh, opts, forced=set(skip), first_pair=first_pair)
+    st = State(mesh, opts, forced=dict(skip or {}), first_pair=first_pair)
     todo = [f for f in facts if f.path not in st.forced]
     widths, sure = residual_widths(facts)
     # Pairing looks at forced leaves too, so a forced partner still pairs its sibling.
@@ -73,7 +74,7 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options,
     _conv_chains(st, todo)
     _embeddings(st, todo, facts)
     _heads(st, todo, widths)
-    _biases(st, todo)
+    _biases(st, todo, facts)
     _leftovers(st, todo)
     fsdp(st, todo)
     if doubts is not None:
@@ -281,8 +282,9 @@ def _vocab_tables(st: State, todo: Sequence[Facts]) -> dict[int, Facts]:
     return out
 
 
-def _biases(st: State, todo: Sequence[Facts]) -> None:
-    kernels = {f.unit: f for f in todo if f.name.lower() in ("kernel", "w", "weight") and f.path in st.out}
+def _biases(st: State, todo: Sequence[Facts], facts: Sequence[Facts]) -> None:
+    # a forced kernel (user rule, annotation) is a kernel too: its unannotated bias follows it
+    kernels = {f.unit: f for f in facts if f.name.lower() in ("kernel", "w", "weight") and st.decided(f.path)}
     tables = _vocab_tables(st, todo)
     for f in todo:
         k = kernels.get(f.unit)
@@ -290,7 +292,7 @@ def _biases(st: State, todo: Sequence[Facts]) -> None:
             continue
         if f.kind != "bias" or f.path in st.out or k is None:
             continue
-        p = st.out[k.path]
+        p = st.decided(k.path)
         kbody = k.body_of(p.spec)
         n = len(f.body)
         spec: tuple = (None,) * n
@@ -299,7 +301,7 @@ def _biases(st: State, todo: Sequence[Facts]) -> None:
             spec = kbody[:1]
         elif n <= len(k.body) and tuple(k.body[-n:]) == tuple(f.body):
             spec = (kbody[0], kbody[-1]) if k.kind == "expert" and n == 2 else tuple(kbody[-n:])
-        bias_follows(st, f, spec, p, f"bias of {short(k.path)}")
+        bias_follows(st, f, spec, k.path, f"bias of {short(k.path)}")
 
 
 def _tied_logits_bias(st: State, f: Facts, tables: dict[int, Facts], k: Facts | None) -> bool:
@@ -320,7 +322,7 @@ def _tied_logits_bias(st: State, f: Facts, tables: dict[int, Facts], k: Facts | 
     t = tables[v]
     tp = st.out[t.path]
     spec = (None,) * (len(f.body) - 1) + t.body_of(tp.spec)[:1]
-    bias_follows(st, f, spec, tp, f"bias of the tied logits ({v} outputs, the rows of {short(t.path)})")
+    bias_follows(st, f, spec, t.path, f"bias of the tied logits ({v} outputs, the rows of {short(t.path)})")
     return True
 
 
