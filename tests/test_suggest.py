@@ -332,3 +332,24 @@ def test_more_devices_hint_names_a_count_that_fits():
     assert [c for c in s.ranked if {k: str(v) for k, v in c.mesh_shape.items()} == mesh]
     assert n & (n - 1) == 0 and not suggest_mesh(m, n // 2, "200KiB", optimizer=adam, batch=16,
                                                   raise_if_none=False).ranked
+
+
+def test_a_models_own_remat_is_read_by_suggest_as_by_estimate():
+    import flax.linen as nn
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return x + nn.Dense(64)(nn.gelu(nn.Dense(256)(x)))
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for i in range(3):
+                x = nn.remat(Block)(name=f"b{i}")(x)
+            return x
+
+    x = jax.ShapeDtypeStruct((8, 64), "float32")
+    s = suggest_mesh(Net(), 8, "1GiB", sample=(x,), optimizer=optax.sgd(0.1), raise_if_none=False)
+    assert s.settings["remat"] is True
+    _check_exact(s, optax.sgd(0.1), batch=(x,), model=Net(), sample=(x,))

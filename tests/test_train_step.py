@@ -212,6 +212,8 @@ def test_integer_leaves_of_a_plain_tree_are_carried_through_the_step():
     ts = tpflax.make_train_step(fn, p, mesh, tx, sample=(x,), loss=mse)
     state = tpflax.shard_optimizer_state(tx, None, p, mesh)
     assert state[0].mu["count"] is None and state[0].mu["w1"].sharding.spec == p.specs["w1"]
+    # from the real params too (they had moments for the counter, which the step refused)
+    assert tpflax.shard_optimizer_state(tx, None, p, mesh, params=w)[0].mu["count"] is None
     # a state made from the whole tree (integer moments included) is still placed, as before
     assert tpflax.shard_optimizer_state(tx, tx.init(w), p, mesh)[0].mu["count"].shape == ()
     step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings)

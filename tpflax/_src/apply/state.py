@@ -23,6 +23,7 @@ from tpflax._src.planner.state import (
     check_state_leaves,
     planned_tree,
     state_leaf_specs,
+    trainable,
 )
 
 
@@ -187,8 +188,8 @@ def shard_optimizer_state(optimizer: Any, opt_state: Any, plan: Plan, mesh: Any 
         return rebox_all(boxes, placed, treedef)
     abstract = abstract_params(plan, params)
     out_shardings = optimizer_shardings(optimizer, plan, mesh, params=abstract)
-    if params is not None:
-        return jax.jit(optimizer.init, out_shardings=out_shardings)(params)
+    if params is not None:  # the float leaves, as abstract_params sees them
+        return jax.jit(optimizer.init, out_shardings=out_shardings)(trainable(params)[0])
 
     def init_from_zeros():
         return optimizer.init(jax.tree_util.tree_map(lambda s: jax.numpy.zeros(s.shape, s.dtype), abstract))

@@ -21,7 +21,7 @@ def trace_activations(model: Any, batch: Any = None, variables: Any = None, *,
                       sample: Any = None) -> dict[str, list[Act]]:
     """Input and output shapes of every layer call, for a global batch.
 
-    Uses ``jax.eval_shape`` with ``flax.linen.intercept_methods``, so nothing is
+    Traces abstractly (``jax.make_jaxpr``) with ``flax.linen.intercept_methods``, so nothing is
     allocated or compiled. Compute it once per (model, batch) and pass it as
     ``activations=`` to every :func:`tpflax.estimate` call.
 
@@ -47,9 +47,6 @@ def trace_activations(model: Any, batch: Any = None, variables: Any = None, *,
     >>> acts["block_0/mlp/up"][0].output
     (4, 256)
     """
-    import flax.linen as nn
-    import jax
-
     from tpflax._src.model import as_model
 
     if sample is None and isinstance(batch, (tuple, list)):
@@ -57,12 +54,25 @@ def trace_activations(model: Any, batch: Any = None, variables: Any = None, *,
     m = as_model(model, sample, variables)
     if isinstance(batch, int) and not isinstance(batch, bool):
         m = m.with_batch(batch)
+    return traced_layers(m)[0]
+
+
+def traced_layers(m: Any) -> tuple[dict[str, list[Act]], float]:
+    """``(layer calls, remat share)`` of a :class:`tpflax._src.model.Model` from one abstract trace: the
+    calls as :func:`trace_activations` returns them, and the share of its contractions inside
+    ``jax.checkpoint`` (:func:`tpflax._src.trace.dataflow.remat_share`; 0 without a module to trace).
+    """
+    import flax.linen as nn
+    import jax
+
+    from tpflax._src.trace.dataflow import remat_share
+
     out: dict[str, list[Act]] = {}
     if m.framework == "nnx" and m.graphdef is not None:
-        jax.eval_shape(partial(_nnx_calls, m, out), m.variables, *m.sample)
-        return out
+        closed = jax.make_jaxpr(partial(_nnx_calls, m, out))(m.variables, *m.sample)
+        return out, remat_share(closed.jaxpr)
     if m.module is None or m.variables is None:
-        return {}
+        return {}, 0.0
 
     def interceptor(next_fun, args, kw, context):
         result = next_fun(*args, **kw)
@@ -76,8 +86,8 @@ def trace_activations(model: Any, batch: Any = None, variables: Any = None, *,
         with nn.intercept_methods(interceptor):
             return m.module.apply(v, *xs, **dict(m.kwargs))
 
-    jax.eval_shape(run, m.variables, *m.sample)
-    return out
+    closed = jax.make_jaxpr(run)(m.variables, *m.sample)
+    return out, remat_share(closed.jaxpr)
 
 
 _METHODS = ("__call__", "attend")

@@ -234,7 +234,8 @@ def planned_tree(plan: Plan) -> Any:
 
 
 def abstract_params(plan: Plan, params: Any = None) -> Any:
-    """The parameter tree an optimizer sees: ``params`` (abstracted), else built from the plan.
+    """The parameter tree an optimizer sees: ``params`` (abstracted), else built from the plan; its
+    float leaves only (:func:`trainable`), as tpflax's train step updates them.
 
     From the plan alone: :func:`planned_tree`, or its ``params`` collection
     when the plan was made for full linen variables.
@@ -245,9 +246,9 @@ def abstract_params(plan: Plan, params: Any = None) -> Any:
     ['w']
     """
     if params is not None:
-        return jax.tree_util.tree_map(
+        return trainable(jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct(np.shape(x), getattr(x, "dtype", np.asarray(x).dtype)),
-            params)
+            params))[0]
     tree = planned_tree(plan)
     if isinstance(tree, Mapping) and "params" in tree and {str(k) for k in tree} <= COLLECTIONS:
         return trainable(tree["params"])[0]

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from tpflax._src.cost.activations import trace_activations
+from tpflax._src.cost.activations import traced_layers
 from tpflax._src.cost.batch import config_value, parse_batch, resolve_batch
 from tpflax._src.cost.estimate import estimate, price_leaves
 from tpflax._src.cost.leaves import merge
@@ -205,7 +205,10 @@ def _context(model_or_tree: Any, hw: Hardware, devices: int, *, sample, variable
     if trace is None:  # as tpflax.estimate(model=...) does: a model's layers are traced, once for every shape
         trace = m is not None and m.framework != "callable"
     if trace:
-        activations = trace_activations(m, b.size)
+        traced = m.with_batch(b.size) if isinstance(b.size, int) else m
+        activations, share = traced_layers(traced)
+        if share >= 0.5:  # the model's own nn.remat / jax.checkpoint, as estimate(model=) reads it
+            est_kwargs["remat"] = True
     elif m is not None:
         notes.append("activations from the transformer formula when the config allows (trace=False / "
                      "--no-trace; the default traces the model's layer shapes once for every candidate)")
@@ -372,9 +375,11 @@ def suggest_mesh(model_or_tree: Any, devices: int, device_memory: Any = None, ha
     if not order and raise_if_none:
         retry = [c.mesh for c in rejected if c.rejected.startswith(("does not fit", "global batch"))]
         priced = [c for c in rejected if c.memory is not None]
+        # more devices shrink the sharded states and, at a fixed global batch, the activations too:
+        # the states' proportion is the first count tried, else the next power of two
         guess = devices_guess(min(priced, key=lambda c: c.per_device), devices, mem_limit) if priced else None
         raise no_fit(s, w.batch.size, mem_limit, smaller_batch(ctx, retry, mem_limit, lambda e: e.peak),
-                     more_devices(ctx, guess, devices, mem_limit) if guess else None)
+                     more_devices(ctx, guess or devices + 1, devices, mem_limit) if priced else None)
     if verify:
         s = replace(s, verified=verify_suggestion(s, top=verify))
     return s

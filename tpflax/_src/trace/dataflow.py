@@ -156,7 +156,8 @@ _REMAT = ("checkpoint", "remat", "remat2")
 
 
 def remat_share(jaxpr: Any) -> float:
-    """The share of ``jaxpr``'s contraction equations inside a rematerialised call (0 without any).
+    """The share of ``jaxpr``'s contraction equations inside a rematerialised call (0 without any);
+    a call with a saving policy (``jax.checkpoint_policies.dots_saveable``...) does not count.
 
     >>> import jax, jax.numpy as jnp
     >>> f = lambda w, x: jax.checkpoint(lambda x: jnp.tanh(x @ w))(x) @ w
@@ -170,8 +171,10 @@ def remat_share(jaxpr: Any) -> float:
             if eqn.primitive.name in _CONTRACTIONS:
                 counts[0] += 1
                 counts[1] += inside
+            # a checkpoint with a policy (dots_saveable...) saves what it names: not a full remat
+            remat = eqn.primitive.name in _REMAT and eqn.params.get("policy") is None
             for sub in _sub_jaxprs(eqn.params.values()):
-                visit(sub, inside or eqn.primitive.name in _REMAT)
+                visit(sub, inside or remat)
 
     visit(jaxpr, False)
     return counts[1] / counts[0] if counts[0] else 0.0
