@@ -18,7 +18,6 @@ device. orbax is imported only when a function here runs.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import shutil
@@ -39,7 +38,7 @@ from tpflax._src.checkpoint_layout import (
     sibling,
 )
 from tpflax._src.errors import CheckpointError, OptionError, PlanMismatchError
-from tpflax._src.facts.tree import Leaf, is_box, keystr, unbox, unboxed, walk
+from tpflax._src.facts.tree import Leaf, is_box, key_kinds, keystr, unbox, unboxed, walk
 from tpflax._src.planner.plan import Plan
 from tpflax._src.progress import Progress
 
@@ -228,23 +227,13 @@ def _stored_leaves(stored: Any) -> dict[str, jax.ShapeDtypeStruct]:
     return {keystr(p): x for p, x in flat}
 
 
-@functools.cache
-def _key_kinds() -> dict[str, tuple[str, Any, jax.ShapeDtypeStruct]]:
-    """``{"key<fry>": ("threefry2x32", the key dtype, one key's data), ...}``, all abstract."""
-    out = {}
-    for impl in ("threefry2x32", "rbg", "unsafe_rbg"):
-        key = jax.eval_shape(lambda impl=impl: jax.random.key(0, impl=impl))
-        out[str(key.dtype)] = (impl, key.dtype, jax.eval_shape(jax.random.key_data, key))
-    return out
-
-
 def _stored_form(shape: Any, dtype: Any) -> tuple[tuple[int, ...], Any]:
     """(shape, dtype) as orbax stores such a leaf: a typed PRNG key as its uint32 key data.
 
     ``dtype`` may be a key dtype or its name (plans store ``"key<fry>"``); the
     key data has the key's shape plus the implementation's trailing dimension.
     """
-    kind = _key_kinds().get(str(dtype))
+    kind = key_kinds().get(str(dtype))
     if kind is None:
         return tuple(shape), dtype
     data = kind[2]
@@ -257,7 +246,7 @@ def _same_form(a: tuple[tuple[int, ...], Any], b: tuple[tuple[int, ...], Any]) -
 
 def _wanted(stored: jax.ShapeDtypeStruct, target: Any) -> jax.ShapeDtypeStruct:
     """The leaf to restore: ``target``'s typed PRNG key if ``stored`` is its key data, else ``stored``."""
-    kind = _key_kinds().get(str(getattr(target, "dtype", None)))
+    kind = key_kinds().get(str(getattr(target, "dtype", None)))
     if kind is None or not _same_form(_stored_form(target.shape, target.dtype),
                                       (tuple(stored.shape), stored.dtype)):
         return stored
@@ -266,7 +255,7 @@ def _wanted(stored: jax.ShapeDtypeStruct, target: Any) -> jax.ShapeDtypeStruct:
 
 def _as_key(x: Any, want: jax.ShapeDtypeStruct) -> Any:
     """``x`` wrapped as ``want``'s typed PRNG key when orbax gave back its raw key data."""
-    kind = _key_kinds().get(str(want.dtype))
+    kind = key_kinds().get(str(want.dtype))
     if kind is None or str(x.dtype) == str(want.dtype):
         return x
     return jax.random.wrap_key_data(x, impl=kind[0])
@@ -289,7 +278,7 @@ def _target_problems(paths: list[str], boxes: list[Any],
         form = _stored_form(getattr(v, "shape", s.shape), getattr(v, "dtype", s.dtype))
         if not _same_form(form, held):
             stored_as = (f" (stored as its key data {form[0]} {jax.numpy.dtype(form[1])})"
-                         if str(v.dtype) in _key_kinds() else "")
+                         if str(v.dtype) in key_kinds() else "")
             problems.append(f"{p}: the checkpoint holds {held[0]} {s.dtype} but the target "
                             f"tree has {tuple(v.shape)} {v.dtype}{stored_as}")
     known = set(paths)

@@ -269,13 +269,23 @@ def itemsize(dtype: Any) -> int:
 
 
 @functools.cache
-def _key_itemsizes() -> dict[str, int]:
-    """``{"key<fry>": 8, ...}`` for jax's PRNG implementations (abstract: nothing is allocated)."""
+def key_kinds() -> dict[str, tuple[str, Any, jax.ShapeDtypeStruct]]:
+    """``{"key<fry>": ("threefry2x32", the key dtype, one key's data), ...}`` for jax's PRNG
+    implementations (abstract: nothing is allocated).
+
+    >>> key_kinds()["key<fry>"][2].shape
+    (2,)
+    """
     out = {}
     for impl in ("threefry2x32", "rbg", "unsafe_rbg"):
         key = jax.eval_shape(lambda impl=impl: jax.random.key(0, impl=impl))
-        out[str(key.dtype)] = int(key.dtype.itemsize)
+        out[str(key.dtype)] = (impl, key.dtype, jax.eval_shape(jax.random.key_data, key))
     return out
+
+
+def _key_itemsizes() -> dict[str, int]:
+    """``{"key<fry>": 8, ...}``."""
+    return {name: int(kind[1].itemsize) for name, kind in key_kinds().items()}
 
 
 def _top_keys(tree: Any) -> frozenset[str]:
