@@ -100,10 +100,11 @@ def _nnx_calls(m: Any, out: dict[str, list[Act]], variables: Any, *xs: Any) -> A
     """Run an nnx model's forward, recording each submodule call in ``out`` (under ``eval_shape``).
 
     A module called inside an nnx transform is a copy. Under ``nnx.scan``/``nnx.vmap`` it holds
-    one layer's slices of the stacked variables: it is placed at the one path whose variables
-    have its shapes plus a layers dim (``blocks`` for a scanned ``Block``). Under ``nnx.remat`` or
-    ``nnx.jit`` it has its original's shapes: it is placed at the first path of that structure
-    not yet taken (layers are called in order). Its submodules go below it. A method that calls
+    one layer's slices of the stacked variables: it is placed at a path whose variables have its
+    shapes plus a layers dim (``blocks`` for a scanned ``Block``). Under ``nnx.remat`` or
+    ``nnx.jit`` it has its original's shapes: it is placed at a path of that structure. Of
+    several such paths (alike layers, alike towers) it takes the first not yet taken, since
+    layers are called in order. Its submodules go below it. A method that calls
     its base class's (``super().__call__``) is one call.
     """
     from flax import nnx
@@ -121,12 +122,11 @@ def _nnx_calls(m: Any, out: dict[str, list[Act]], variables: Any, *xs: Any) -> A
     def place(copy: Any) -> None:
         alive[id(copy)] = copy
         rel = _variable_shapes(copy)
-        at = _stack_path(rel, full, prefixes)
-        if at is None:
-            same = [p for p in prefixes if rel and p not in taken
-                    and all(full.get(f"{p}/{r}") == shape for r, shape in rel.items())]
-            at = same[0] if same else None
-            taken.update(same[:1])
+        fits = _stack_paths(rel, full, prefixes) or [
+            p for p in prefixes if rel and all(full.get(f"{p}/{r}") == shape for r, shape in rel.items())]
+        free = [p for p in fits if p not in taken] or fits  # two alike towers: in call order
+        at = free[0] if free else None
+        taken.update(free[:1])
         if at is not None:
             for path, n in nnx.iter_graph(copy):
                 if isinstance(n, nnx.Module) and id(n) not in paths:
@@ -180,20 +180,19 @@ def _variable_shapes(node: Any) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _stack_path(rel: Mapping[str, tuple[int, ...]], full: Mapping[str, tuple[int, ...]],
-                prefixes: Sequence[str]) -> str | None:
-    """The one prefix under which every ``rel`` variable is stored with one more (layers) dim, or None.
+def _stack_paths(rel: Mapping[str, tuple[int, ...]], full: Mapping[str, tuple[int, ...]],
+                 prefixes: Sequence[str]) -> list[str]:
+    """The prefixes under which every ``rel`` variable is stored with one more (layers) dim.
 
-    >>> _stack_path({"up/kernel": (4, 8)}, {"blocks/up/kernel": (3, 4, 8), "head/kernel": (4, 8)},
-    ...             ["blocks", "blocks/up", "head"])
-    'blocks'
+    >>> _stack_paths({"up/kernel": (4, 8)}, {"blocks/up/kernel": (3, 4, 8), "head/kernel": (4, 8)},
+    ...              ["blocks", "blocks/up", "head"])
+    ['blocks']
     """
     def stacked(whole: tuple[int, ...] | None, one: tuple[int, ...]) -> bool:
         return whole is not None and len(whole) == len(one) + 1 and any(
             whole[:i] + whole[i + 1:] == one for i in range(len(whole)))
 
-    found = [p for p in prefixes if rel and all(stacked(full.get(f"{p}/{r}"), s) for r, s in rel.items())]
-    return found[0] if len(found) == 1 else None
+    return [p for p in prefixes if rel and all(stacked(full.get(f"{p}/{r}"), s) for r, s in rel.items())]
 
 
 def top_level(paths: Any) -> set[str]:
