@@ -243,7 +243,7 @@ def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
 def contraction_calls(plan, contractions: Sequence[tuple[str, float, tuple[int, ...], str]],
                       batch: int) -> dict[str, list[Act]]:
     """A plain function's layer calls, one per contraction of a parameter, keyed like a linen
-    trace's (the parameter's layer path): ``{path: [Act(inputs=(), output=(rows, *kept))]}``.
+    trace's (the parameter's layer path): ``{path: [Act(inputs=((rows, contracted),), output=(rows, *kept))]}``.
 
     A scan body's contraction of one layer of a stacked parameter (its layers dim neither
     contracted nor kept) is traced once and runs once per layer: it counts that many times.
@@ -256,9 +256,9 @@ def contraction_calls(plan, contractions: Sequence[tuple[str, float, tuple[int, 
         shape = tuple(d.shape)
         sizes = tuple(shape[i] for i in kept)
         layers = shape[d.layers_dim] if d.layers_dim is not None and d.layers_dim not in kept else 1
+        tokens, contracted = max(1, round(rows * batch)), math.prod(shape) // max(1, math.prod(sizes) * layers)
         out.setdefault(layer_key(d.unit), []).extend(
-            [Act(((max(1, round(rows * batch)), math.prod(shape) // max(1, math.prod(sizes) * layers)),),
-                 (max(1, round(rows * batch)), *sizes), dtype, itemsize(dtype))] * layers)
+            [Act(((tokens, contracted),), (tokens, *sizes), dtype, itemsize(dtype))] * layers)
     return out
 
 
