@@ -206,10 +206,14 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     if not args.no_write:
+        # the notes written by hand below the table ("## What it shows") are kept
+        old = OUT.read_text() if OUT.exists() else ""
+        notes = old[old.index("\n## "):] if "\n## " in old else ""
         OUT.write_text(f"# Estimate.peak of one decoder written five ways\n\n"
-                       f"`python benchmarks/nnx_estimate.py`: d={D}, {HEADS} heads, ffn {F}, vocab {VOCAB}, "
-                       f"{LAYERS} layers, batch {BATCH} x {SEQ} tokens, adamw, float32, abstract parameters.\n\n"
-                       f"{text}\n")
+                       f"`python benchmarks/nnx_estimate.py` (3 min): d={D}, {HEADS} heads, ffn {F}, vocab {VOCAB}, "
+                       f"{LAYERS} layers, batch {BATCH} x {SEQ} tokens, adamw, float32, abstract parameters. The "
+                       f"TPU rows compile for a v5e:2x4 slice with the TPU compiler (libtpu), the CPU rows for 8 "
+                       f"emulated CPU devices.\n\n{text}\n{notes}")
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -251,3 +252,49 @@ def test_head_split_projections_save_their_share():
     item = jnp.dtype(m.config.dtype).itemsize
     want = sum(math.prod(a.output) * item / 2 / split(path) for path, calls in acts.items() for a in calls)
     assert e.per_device.activations == int(want)
+
+
+class _Block(nn.Module):
+    heads: int = 8
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.LayerNorm()(x)
+        x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads, qkv_features=x.shape[-1])(y, y)
+        return x + nn.Dense(x.shape[-1])(nn.gelu(nn.Dense(4 * x.shape[-1])(nn.LayerNorm()(x))))
+
+
+class _Net(nn.Module):
+    layers: int = 3
+    scan: bool = False
+
+    @nn.compact
+    def __call__(self, ids):
+        x = nn.Embed(512, 64)(ids)
+        if self.scan:
+            stack = nn.scan(lambda blk, h, _: (blk(h), None), variable_axes={"params": 0},
+                            split_rngs={"params": True}, length=self.layers)
+            x, _ = stack(_Block(), x, None)
+        else:
+            for _ in range(self.layers):
+                x = _Block()(x)
+        return nn.Dense(512)(nn.LayerNorm()(x))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("mesh", [{"data": 2, "model": 4}, {"fsdp": 8}])
+def test_traced_attention_scores_without_a_config(scan, mesh):
+    # a user's linen model has no config with heads and a sequence length: its q @ k products, read off the
+    # trace, give the scores (before: none, however long the sequence). Exact: batch 16 over the batch
+    # shards, 8 heads over the tensor split of the q/k kernels' heads dim, 128 x 128 per head, float32
+    m = _Net(scan=scan)
+    ids = jax.ShapeDtypeStruct((16, 128), jnp.int32)
+    p = tpflax.plan(jax.eval_shape(m.init, jax.random.key(0), ids), mesh, model=m, sample=(ids,))
+    e = tpflax.estimate(p, ADAM, (16, 128), model=m, sample=(ids,))
+    tp, shards = mesh.get("model", 1), 16 // (mesh.get("data", 1) * mesh.get("fsdp", 1))
+    q = next(d for path, d in p.decisions.items() if path.endswith("query/kernel"))
+    heads_dim = 1 if q.layers_dim is None else 2  # (d, heads, head_dim), scanned (layers, d, heads, head_dim)
+    assert ("model" in str(tuple(q.spec)[heads_dim])) == (tp > 1)  # the heads dim split over model
+    one = shards * (8 // tp) * 128 * 128 * 4
+    assert e.breakdown.scores == 3 * one  # one saved per layer (a scanned layer counts its trip count)
+    assert e.breakdown.attention == one  # a float32 model: one in flight

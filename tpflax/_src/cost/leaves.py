@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tpflax._src.cost.activations import acts_for, layer_key
@@ -49,6 +49,7 @@ class Leaves:
         recurrent: units of recurrent layers.
         opt: optimizer-state leaves alike under this plan, as ``(shape, itemsize,
             entries, count)`` (empty without an optimizer).
+        rep_of: every leaf's representative.
     """
 
     decisions: Mapping[str, Any]
@@ -61,6 +62,7 @@ class Leaves:
     stacks: Mapping[str, int]
     recurrent: frozenset[str]
     opt: tuple[tuple[tuple[int, ...], int, tuple[Entry, ...], int], ...] = ()
+    rep_of: Mapping[str, str] = field(default_factory=dict)
 
 
 def merge(decisions: Mapping[str, Any], activations: Mapping[str, Sequence[Act]],
@@ -102,7 +104,7 @@ def merge(decisions: Mapping[str, Any], activations: Mapping[str, Sequence[Act]]
                   specs={r: specs[r] for r in count}, pairs=tuple(pair_classes.values()),
                   in_pair=frozenset(rep_of[p] for p in paired), column_units=_column_units(decisions, specs, activations),
                   stacks=stack_lengths(decisions),
-                  recurrent=recurrent, opt=_opt_classes(opt, specs) if opt is not None else ())
+                  recurrent=recurrent, opt=_opt_classes(opt, specs) if opt is not None else (), rep_of=rep_of)
 
 
 def _opt_classes(opt: OptLayout, specs: Mapping[str, tuple[Entry, ...]]) -> tuple:

@@ -152,15 +152,37 @@ def _heads_split(lv: Leaves, mesh: MeshShape) -> int:
     return best
 
 
-def score_elements(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -> tuple[int, int]:
-    """``(elements of one attention layer's scores on a device, attention layers)``; zeros without attention."""
+def score_elements(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -> tuple[int, float, bool]:
+    """``(elements of one attention layer's scores on a device, attention layers, heads split over a
+    tensor axis)``; zeros without attention.
+
+    A config's ``n_heads``, ``n_layers`` and ``seq_len`` give them (the zoo); without them, the
+    traced ``q @ k`` products (:attr:`Workload.scores`): each dim split as far as the plan splits
+    the kernel dims it carries (the heads), the batch over its shards. Layers of another size
+    (cross-attention over a shorter memory) count as the share of the largest they hold.
+    """
     cfg = w.config
     heads, layers, seq = (config_value(cfg, k) for k in ("n_heads", "n_layers", "seq_len"))
-    if not (heads and layers and seq) or not any(d.kind == "attention" for d in lv.decisions.values()):
-        return 0, 0
-    per_example = token_rows(w.batch, cfg) // max(w.batch.size, 1)  # the sequence a layer attends over
-    split = _heads_split(lv, mesh)
-    return int(w.batch.size / shards * math.ceil(heads / split) * per_example * per_example), int(layers)
+    if heads and layers and seq:
+        if not any(d.kind == "attention" for d in lv.decisions.values()):
+            return 0, 0, False
+        per_example = token_rows(w.batch, cfg) // max(w.batch.size, 1)  # the sequence a layer attends over
+        split = _heads_split(lv, mesh)
+        return int(w.batch.size / shards * math.ceil(heads / split) * per_example * per_example), int(layers), split > 1
+    sizes, split = [], False
+    for sc in w.scores:
+        local = 1.0
+        for n, tags in sc.dims:
+            specs = [lv.specs.get(lv.rep_of.get(p, p), ()) for p, _ in tags]
+            degree = max([1] + [tensor_degree(mesh, e[d]) for e, (_, d) in zip(specs, tags, strict=True)
+                                if d < len(e)])
+            split |= degree > 1
+            local *= math.ceil(n / degree) / n
+        sizes.append((sc.per_example * w.batch.size / shards * local, sc.count))
+    if not sizes:
+        return 0, 0, False
+    largest = max(e for e, _ in sizes)
+    return int(largest), sum(e * c for e, c in sizes) / largest, split
 
 
 def logits_bytes(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -> int:
@@ -362,20 +384,19 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
     True
     """
     one, two = gathered_bytes(lv, mesh, w.backend)
-    elems, n_attn = score_elements(lv, mesh, w, shards)
+    elems, n_attn, split_heads = score_elements(lv, mesh, w, shards)
     # in flight in the activation dtype (XLA keeps the softmax's float32 in a fusion); saved in it too, unless
     # the heads are split over a tensor axis: then each layer's probabilities are saved in float32, live from
     # its forward to its backward pass (Llama-2-7B and MoE fsdp=2,model=4 buffer dumps: f32[4,8,4096,4096]
     # per layer, next to two bf16 ones in flight in the Llama step's last attention backward)
     working = elems * w.act_item * SCORES_WORKING.get(w.act_item, 2)
-    split_heads = _heads_split(lv, mesh) > 1
     scores = elems * (4 if split_heads else w.act_item)
     if w.remat and not split_heads and w.act_item == 2:
         # remat'd 16-bit attention: the recomputed probabilities' buffer (counted in ``recompute``) takes
         # their gradient in place, so one more is in flight, not two (Llama-2-7B fsdp=8 bf16 remat dump:
         # two bf16[32,4096,4096] at the peak; float32 and head-split probabilities keep theirs apart)
         working -= elems * w.act_item
-    saved_scores = 0 if w.remat else SCORES_SAVED * scores * n_attn
+    saved_scores = 0 if w.remat else int(SCORES_SAVED * scores * n_attn)
     recompute = 0
     # on TPU no row projection's output outlives its residual add (module ``residual``, buffer evidence there)
     unread = residual_bytes(lv, w.activations, mesh, shards, w.act_item) if w.backend == "tpu" else 0

@@ -27,6 +27,22 @@ DISPATCHES = ("all-to-all", "dense")
 
 
 @dataclass(frozen=True)
+class Scores:
+    """One traced attention-score product (``q @ k``, see :class:`tpflax._src.trace.records.Product`).
+
+    Attributes:
+        per_example: its elements per example of the batch.
+        count: how many times a step runs it (its layers: a scan's trip count).
+        dims: per output dim, ``(size, ((param path, param dim), ...))``: the parameter dims
+            it carries (the q and k kernels' head dims), which say how far a plan splits it.
+    """
+
+    per_example: float
+    count: int
+    dims: tuple[tuple[int, tuple[tuple[str, int], ...]], ...]
+
+
+@dataclass(frozen=True)
 class Workload:
     """One (model, optimizer, batch) to price: independent of the plan's specs and of the mesh.
 
@@ -43,6 +59,8 @@ class Workload:
         contractions: a plain function's parameter contractions as layer calls (see
             :func:`contraction_calls`), for the saved-activation bytes only: the collective
             models keep their shape formulas for it. Empty for a module's trace.
+        scores: the traced attention scores (see :class:`Scores`), for the peak of a model
+            without a config's heads and sequence length.
     """
 
     batch: Batch
@@ -64,6 +82,7 @@ class Workload:
     grouped: Mapping[str, float] | None = None
     joined: Mapping[str, tuple[float, ...]] | None = None
     contractions: Mapping[str, Sequence[Act]] = field(default_factory=dict)
+    scores: tuple[Scores, ...] = ()
 
     @property
     def saved(self) -> Mapping[str, Sequence[Act]]:
@@ -109,6 +128,7 @@ class Traced:
         contractions: ``(path, rows per example, kept dims, dtype)`` of each
             contraction of a parameter (its output's shape): a plain function's layer
             calls, where no module boundary shows them.
+        scores: the attention-score products (``q @ k``) the forward forms.
     """
 
     tied: frozenset[str] | None = None
@@ -122,6 +142,7 @@ class Traced:
     joined: Mapping[str, tuple[float, ...]] | None = None
     contractions: tuple[tuple[str, float, tuple[int, ...], str], ...] = ()  # (path, rows, kept dims, dtype)
     remat: bool = False
+    scores: tuple[Scores, ...] = ()
 
 
 def _check_options(act_dtype: Any, grad_dtype: Any, backend: str, expert_dispatch: str) -> None:
@@ -179,7 +200,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     settings=settings, tied=t.tied if not activations else None, parts=t.parts, rows=t.rows,
                     fused=t.fused, shared=t.shared, lookups=t.lookups,
                     grouped=t.grouped, joined=t.joined,
-                    contractions=contractions)
+                    contractions=contractions, scores=t.scores)
 
 
 def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
@@ -236,8 +257,13 @@ def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
             joined[u.path] = (*joined.get(u.path, ()), u.rows / examples / rows[u.path] if rows.get(u.path) else 1.0)
     contractions = tuple((u.path, u.rows / examples, u.kept, u.dtype)
                          for u in flow.uses if u.op == "dot" and u.rows and not u.batch and u.path in shapes)
+    scores = tuple(Scores(math.prod(x.shape) / examples, x.count,
+                          tuple((n, tuple(sorted({(flow.uses[u].path, d) for u, d in tags})))
+                                for n, tags in zip(x.shape, x.tags, strict=True)))
+                   for x in flow.products)
     return Traced(tied, {p: n for p, n in whole.items() if n > 1}, rows, fused, act, shared,
-                  {p: n for p, n in lookups.items() if n > 1}, grouped, joined, contractions, flow.remat >= 0.5)
+                  {p: n for p, n in lookups.items() if n > 1}, grouped, joined, contractions, flow.remat >= 0.5,
+                  scores)
 
 
 def contraction_calls(plan, contractions: Sequence[tuple[str, float, tuple[int, ...], str]],

@@ -23,6 +23,7 @@ import math
 from typing import Any
 
 from tpflax._src.trace.interpreter import TagMap, Val, Walk, opaque
+from tpflax._src.trace.records import Product
 
 
 def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
@@ -42,7 +43,9 @@ def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
                            + tuple(dims[d] for d in rf)))
         return [Val(out_rank, origin=tuple(origin))]
     if not lp and not rp:
-        return [_act_dot(w, lhs, rhs, (lc, rc), (lb, rb), lf, rf, out_rank)]
+        out = _act_dot(w, lhs, rhs, (lc, rc), (lb, rb), lf, rf, out_rank)
+        _note_product(w, eqn, out, ctx, lf, rf)
+        return [out]
     if lp:  # weight on the left: mirror so the activation is on the left
         act, par, ac, pc, ab, pb, af, pf = rhs, lhs, rc, lc, rb, lb, rf, lf
     else:
@@ -104,6 +107,18 @@ def _act_dot(w: Walk, lhs: Val, rhs: Val, contract, batch, lf, rf, out_rank: int
     tags += [w.merge([lhs.dim_tags(a)], "dot") for a in lf]
     tags += [w.merge([rhs.dim_tags(b)], "dot") for b in rf]
     return Val(out_rank, tags=tuple(tags) if any(tags) else None)
+
+
+def _note_product(w: Walk, eqn: Any, out: Val, ctx: tuple, lf, rf) -> None:
+    """Record a product of two activations that expands (attention scores, ``q @ k``): one with free
+    dims on both sides whose output is at least as large as each input (``probs @ v`` shrinks)."""
+    shape = tuple(eqn.outvars[0].aval.shape)
+    ins = [math.prod(v.aval.shape) for v in eqn.invars]
+    if not lf or not rf or len(shape) < 3 or math.prod(shape) < max(ins):
+        return
+    tags = tuple(tuple(sorted(out.dim_tags(d))) for d in range(len(shape)))
+    count = math.prod(w.lengths.get(c, 1) for c in ctx if isinstance(c, int))
+    w.products[(ctx, id(eqn))] = Product(shape, str(eqn.outvars[0].aval.dtype), count, tags)
 
 
 def conv_general_dilated(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:

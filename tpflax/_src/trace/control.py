@@ -108,6 +108,7 @@ def scan(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> lis
     nc, ncarry = scan_counts(eqn, body)
     length = _scan_length(eqn, nc + ncarry)
     consts, carry, xs = ins[:nc], ins[nc:nc + ncarry], ins[nc + ncarry:]
+    w.lengths[id(eqn)] = max(length, 1)
     sliced = []
     for x in xs:
         for path, dims in x.origin:

@@ -148,7 +148,8 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                     outputs=frozenset(w.outputs), recurrent=frozenset(w.recurrent),
                     biases=dict(w.biases), elementwise=frozenset(w.elementwise),
                     scanned=dict(w.scanned), n_eqns=w.n_eqns, fused=dict(w.fused),
-                    shared=shared_reads(jaxpr, w.reads), remat=remat_share(jaxpr))
+                    shared=shared_reads(jaxpr, w.reads), remat=remat_share(jaxpr),
+                    products=tuple(w.products.values()))
 
 
 _CONTRACTIONS = ("dot_general", "conv_general_dilated")

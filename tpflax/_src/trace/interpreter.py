@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tpflax._src.trace.records import Use
+from tpflax._src.trace.records import Product, Use
 
 TagMap = dict  # (use id, param dim) -> (limit, via)
 
@@ -76,7 +76,7 @@ class Walk:
         handlers: ``{primitive name: handler(walk, eqn, ins, ctx, out ranks)}``.
         fallback: the handler for primitives not in the table.
         uses, edges, escapes, outputs, recurrent, biases, elementwise, scanned,
-            fused, n_eqns: the findings
+            fused, products, n_eqns: the findings
             (``reads`` feeds :attr:`Dataflow.shared`) (see :class:`tpflax._src.trace.records.Dataflow`).
     """
 
@@ -93,6 +93,8 @@ class Walk:
     scanned: dict[str, int] = field(default_factory=dict)
     fused: dict[tuple[int, int], int] = field(default_factory=dict)
     reads: dict[int, tuple[Any, int, tuple]] = field(default_factory=dict)  # use id -> (dot eqn, operand, ctx)
+    products: dict[tuple[tuple, int], Product] = field(default_factory=dict)  # (ctx, id(eqn)) -> Product
+    lengths: dict[int, int] = field(default_factory=dict)  # id(scan eqn) -> its trip count
     n_eqns: int = 0
 
     # -- the run loop ----------------------------------------------------

@@ -51,6 +51,26 @@ class Use:
 
 
 @dataclass(frozen=True)
+class Product:
+    """A product of two activations whose output is at least as large as either input: the
+    ``q @ k`` of an attention layer (``batch x heads x queries x keys``), which the backward
+    pass keeps (its softmax) and the forward never contracts a parameter with.
+
+    Attributes:
+        shape: its output's shape as traced.
+        dtype: its output's dtype.
+        count: how many times the program runs it (the trip counts of the scans around it).
+        tags: per output dim, the ``(use id, param dim)`` it carries: the heads dim carries
+            the q and k kernels' head dims, which say how a plan splits it.
+    """
+
+    shape: tuple[int, ...]
+    dtype: str
+    count: int = 1
+    tags: tuple[tuple[tuple[int, int], ...], ...] = ()
+
+
+@dataclass(frozen=True)
 class Edge:
     """A tagged activation dim produced by one use and summed by another.
 
@@ -100,6 +120,8 @@ class Dataflow:
         shared: use ids of contractions whose activation input something other than
             a parameter contraction also reads (a post-norm block's residual add; see
             :mod:`tpflax._src.trace.sharing`).
+        products: the expanding products of two activations (attention scores; see
+            :class:`Product`), in program order.
     """
 
     paths: tuple[str, ...]
@@ -115,3 +137,4 @@ class Dataflow:
     fused: Mapping[tuple[int, int], int] = field(default_factory=dict)
     shared: frozenset[int] = frozenset()
     remat: float = 0.0
+    products: tuple[Product, ...] = ()
