@@ -38,9 +38,10 @@ def trace_activations(model: Any, batch: Any = None, variables: Any = None, *,
         sample: the sample inputs (default: a zoo model's own).
 
     Returns:
-        ``{layer path: [Act, ...]}`` (one Act per call; ``attend`` calls are
-        keyed ``path:attend``). A linen model's calls are seen with
-        ``flax.linen.intercept_methods``; an nnx model's by wrapping the
+        ``{layer path: [Act, ...]}`` (one Act per call, and per member of the
+        vmaps around it: an ``nnx.vmap`` / ``nn.vmap`` ensemble's layer sees one
+        member's shapes; ``attend`` calls are keyed ``path:attend``). A linen
+        model's calls are seen with ``flax.linen.intercept_methods``; an nnx model's by wrapping the
         ``__call__`` and ``attend`` of its submodules' classes for the trace (a
         copy called inside ``nnx.scan``, ``nnx.vmap``, ``nnx.remat`` or ``nnx.jit``
         is placed by its variables' shapes). A transform applied again to alike
@@ -113,7 +114,8 @@ _FRESH_VALUES = itertools.count()  # never reused: a later trace must not be ser
 
 
 class _Calls(contextlib.ExitStack):
-    """The layer calls one abstract trace records: ``out``, ``{path: [Act, ...]}``.
+    """The layer calls one abstract trace records: ``out``, ``{path: [Act, ...]}``, each call counted
+    once per member of the vmaps around it (see :class:`_Members`).
 
     A wrapper applied again to alike inputs (one ``nnx.remat`` / ``nnx.jit`` / ``nn.jit`` function or
     decorated method for every block, one ``nnx.scan`` function for two alike towers) is served its first
@@ -127,8 +129,17 @@ class _Calls(contextlib.ExitStack):
 
     def __init__(self) -> None:
         super().__init__()
-        self.out: dict[str, list[Act]] = {}
+        self._calls: list[tuple[str, Act, list[int]]] = []  # (path, call, [members running it])
         self.fresh()
+
+    @property
+    def out(self) -> dict[str, list[Act]]:
+        """The calls by path, each repeated once per member (read when the trace is done: a vmap around a
+        jit or a checkpoint counts its members when it batches that call's jaxpr, after the call returned)."""
+        out: dict[str, list[Act]] = {}
+        for path, act, members in self._calls:
+            out.setdefault(path, []).extend([act] * members[0])
+        return out
 
     def fresh(self) -> None:
         self.enter_context(_FRESH(next(_FRESH_VALUES)))
@@ -136,10 +147,48 @@ class _Calls(contextlib.ExitStack):
     def done(self, path: str | None, args: Sequence[Any], result: Any, crossed: bool) -> None:
         """A layer call returned: record it at ``path`` (None: not a traced layer); after a call that
         ``crossed`` into a transform, trace the next ones afresh."""
-        if path is not None:
-            _record(self.out, path, args, result)
+        act = _act(args, result) if path is not None else None
+        if act is not None:
+            members = [1]
+            self._calls.append((path, act, members))
+            if isinstance(_output(result), jax.Array):  # a traced array (not a Variable or a NumPy constant)
+                _Members(members).probe(jax.lax.stop_gradient(_output(result)))
         if crossed:
             self.fresh()
+
+
+class _Members:
+    """Counts the members of the vmaps that batch a layer's output: a layer called inside ``nnx.vmap`` /
+    ``nn.vmap`` (an ensemble) sees one member's shapes, but runs once per member.
+
+    :attr:`probe` is an identity with a ``jax.custom_batching.custom_vmap`` rule: a vmap batching its
+    input calls the rule with its axis size (at once, or when it batches a jit's or a checkpoint's jaxpr
+    that holds it), which multiplies ``count[0]`` by it and passes the value on to the next outer vmap's
+    probe. A vmap that does not batch the output (a layer reading nothing per member) adds nothing; a scan's
+    layers are counted by the plan's stacks, not here. The rule counts once though a vmap may batch the
+    same jaxpr again (a loop's batching rule, until its carry's batching settles). The probed value is
+    ``stop_gradient``'s, so a forward that differentiates its layers still traces.
+
+    >>> count = [1]
+    >>> _ = jax.make_jaxpr(jax.vmap(jax.vmap(lambda x: _Members(count).probe(x))))(jax.numpy.ones((2, 3, 4)))
+    >>> count
+    [6]
+    """
+
+    def __init__(self, count: list[int]) -> None:
+        from jax.custom_batching import custom_vmap
+
+        self.count, self.counted, self.outer = count, False, None
+        self.probe = custom_vmap(lambda x: x)
+        self.probe.def_vmap(self._rule)
+
+    def _rule(self, axis_size: int, in_batched: Sequence[bool], x: Any) -> tuple[Any, bool]:
+        if in_batched[0] and not self.counted:
+            self.counted = True
+            self.count[0] *= axis_size
+        if self.outer is None:
+            self.outer = _Members(self.count)
+        return self.outer.probe(x), in_batched[0]
 
 
 def _below(module: Any, caller: Any, kind: type) -> bool:
@@ -280,12 +329,18 @@ def top_level(paths: Any) -> set[str]:
             if not any(p.split(":")[0].startswith(q + "/") for q in paths if ":" not in q)}
 
 
-def _record(out: dict[str, list[Act]], path: str, args: Sequence[Any], result: Any) -> None:
+def _output(result: Any) -> Any:
+    """A layer call's output: its result, or the first of a tuple of arrays (an RNN cell's)."""
+    return result[0] if isinstance(result, tuple) and result and hasattr(result[0], "shape") else result
+
+
+def _act(args: Sequence[Any], result: Any) -> Act | None:
+    """A layer call's :class:`Act` (None unless it took and returned arrays)."""
     arrays = [a for a in args if hasattr(a, "shape") and hasattr(a, "dtype")]
-    res = result[0] if isinstance(result, tuple) and result and hasattr(result[0], "shape") else result
-    if hasattr(res, "shape") and arrays:
-        out.setdefault(path, []).append(Act(tuple(tuple(a.shape) for a in arrays), tuple(res.shape),
-                                            str(res.dtype), int(res.dtype.itemsize)))
+    res = _output(result)
+    if hasattr(res, "shape") and hasattr(res, "dtype") and arrays:
+        return Act(tuple(tuple(a.shape) for a in arrays), tuple(res.shape), str(res.dtype), int(res.dtype.itemsize))
+    return None
 
 
 def layer_key(unit: str) -> str:
