@@ -10,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 import tpflax
 from tpflax import EstimateError, estimate, trace_activations, zoo
+from tpflax._src.cost import activations
 from tpflax._src.cost.batch import parse_batch
 from tpflax._src.cost.optstate import opt_state_specs
 
@@ -557,3 +558,238 @@ def test_nnx_remat_copies_super_calls_and_a_failing_forward():
     with pytest.raises(RuntimeError, match="boom"):
         trace_activations(nnx.eval_shape(lambda: Net(nnx.Rngs(0), fail=True)), sample=(x,))
     assert not any(hasattr(t.__call__, "__wrapped__") for t in (nnx.Linear, Block, Scaled, Net))
+    assert activations._FRESH.value is None  # the trace-cache context is back to its default too
+
+
+def _twin_estimates(m, lin, sample, mesh=None):
+    """The estimates of an nnx model and its linen twin (each planned on its own tree), with and without remat."""
+    mesh = mesh or {"data": 2, "model": 4}
+    p = tpflax.plan(m, mesh, model=m, sample=sample)
+    lp = tpflax.plan(jax.eval_shape(lin.init, jax.random.key(0), *sample), mesh, model=lin, sample=sample)
+    return [(estimate(p, optax.adam(1e-3), model=m, sample=sample, remat=r).per_device.activations,
+             estimate(lp, optax.adam(1e-3), model=lin, sample=sample, remat=r).per_device.activations)
+            for r in (False, True)]
+
+
+@pytest.mark.parametrize("how", ["remat", "jit", "remat method", "jit method"])
+def test_one_remat_or_jit_wrapper_for_every_block_traces_every_block(how):
+    # jax caches a jit's or a checkpoint's jaxpr by its inputs' structure: one nnx.remat / nnx.jit
+    # wrapper applied to alike blocks (a function made once, a decorated method) ran its Python body
+    # for the first block only, and the estimate saved one block's activations (nnx.remat: 0.38x the
+    # linen twin's; nn.jit's linen twin undercounted the same way)
+    import flax.linen as nn
+    from flax import nnx
+
+    d, n = 16, 3
+    wrap = {"remat": (nnx.remat, nn.remat), "jit": (nnx.jit, nn.jit)}[how.split()[0]]
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.up, self.down = nnx.Linear(d, 4 * d, rngs=rngs), nnx.Linear(4 * d, d, rngs=rngs)
+
+        def __call__(self, x):
+            return x + self.mlp(x) if how.endswith("method") else x + self.down(nnx.relu(self.up(x)))
+
+        @wrap[0]
+        def mlp(self, x):
+            return self.down(nnx.relu(self.up(x)))
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.blocks = nnx.List([Block(rngs) for _ in range(n)])
+            self.head = nnx.Linear(d, d, rngs=rngs)
+
+        def __call__(self, x):
+            f = (lambda blk, h: blk(h)) if how.endswith("method") else wrap[0](lambda blk, h: blk(h))
+            for b in self.blocks:
+                x = f(b, x)
+            return self.head(x)
+
+    class LBlock(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return x + self.mlp(x)
+
+        @wrap[1]
+        @nn.compact
+        def mlp(self, x):
+            return nn.Dense(d, name="down")(nn.relu(nn.Dense(4 * d, name="up")(x)))
+
+    class LNet(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            block = LBlock if how.endswith("method") else wrap[1](LBlock)
+            for i in range(n):
+                x = block(name=f"blocks_{i}")(x)
+            return nn.Dense(d, name="head")(x)
+
+    x = jax.ShapeDtypeStruct((4, 8, d), F32)
+    m = nnx.eval_shape(lambda: Net(nnx.Rngs(0)))
+    for model, sep in ((m, "/"), (LNet(), "_")):
+        for _ in range(2):  # a second trace of the same model is not served by the first's caches either
+            acts = trace_activations(model, sample=(x,))
+            assert {k: len(v) for k, v in acts.items()} == {
+                **{f"blocks{sep}{i}{s}": 1 for i in range(n) for s in ("", "/up", "/down")}, "head": 1}, model
+    assert activations._FRESH.value is None  # each trace undoes its settings of jax's trace context
+    (plain, lplain), (rem, lrem) = _twin_estimates(m, LNet(), (x,))
+    up = 4 * 8 * 4 * d * 4 // 2 // 4  # one block's up output on a device: data halves it, model splits it
+    assert plain == lplain > n * up and rem == lrem
+
+
+def test_one_scan_for_two_alike_towers_traces_both():
+    # an encoder and a decoder stack of alike blocks run through one nnx.scan function: jax's cache of
+    # the scan body's jaxpr served the second tower, which was not recorded (and a second trace of the
+    # model recorded neither): the estimate saved the head's activations only (256 B against the linen
+    # twin's 18688 B)
+    import flax.linen as nn
+    from flax import nnx
+
+    d, layers = 16, 3
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.up, self.down = nnx.Linear(d, 4 * d, rngs=rngs), nnx.Linear(4 * d, d, rngs=rngs)
+
+        def __call__(self, x):
+            return x + self.down(nnx.relu(self.up(x)))
+
+    @nnx.split_rngs(splits=layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def tower(rngs):
+        return Block(rngs)
+
+    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+    def run(block, h):
+        return block(h)
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.enc_layers, self.dec_layers = tower(rngs), tower(rngs)
+            self.head = nnx.Linear(d, d, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(run(self.dec_layers, run(self.enc_layers, x)))
+
+    class LBlock(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return x + nn.Dense(d, name="down")(nn.relu(nn.Dense(4 * d, name="up")(x))), None
+
+    class LNet(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            stack = nn.scan(LBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=layers)
+            x, _ = stack(name="enc_layers")(x, None)
+            x, _ = stack(name="dec_layers")(x, None)
+            return nn.Dense(d, name="head")(x)
+
+    x = jax.ShapeDtypeStruct((4, 8, d), F32)
+    m = nnx.eval_shape(lambda: Net(nnx.Rngs(0)))
+    for _ in range(2):
+        assert {k: len(v) for k, v in trace_activations(m, sample=(x,)).items()} == {
+            **{f"{t}_layers{s}": 1 for t in ("enc", "dec") for s in ("", "/up", "/down")}, "head": 1}
+    (plain, lplain), (rem, lrem) = _twin_estimates(m, LNet(), (x,))
+    assert plain == lplain > 2 * layers * 4 * 8 * 4 * d * 4 // 2 // 4 and rem == lrem
+
+
+def test_a_shared_block_called_through_one_remat_wrapper_counts_each_call():
+    # ALBERT-style: one block applied three times through one nnx.remat function; jax's cache served the
+    # second and third calls, recorded once (the linen twin, nn.remat of one instance, records three)
+    import flax.linen as nn
+    from flax import nnx
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.up, self.down = nnx.Linear(16, 64, rngs=rngs), nnx.Linear(64, 16, rngs=rngs)
+
+        def __call__(self, x):
+            return x + self.down(nnx.relu(self.up(x)))
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.shared = Block(rngs)
+
+        def __call__(self, x):
+            f = nnx.remat(lambda blk, h: blk(h))
+            for _ in range(3):
+                x = f(self.shared, x)
+            return x
+
+    class LBlock(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return x + nn.Dense(16, name="down")(nn.relu(nn.Dense(64, name="up")(x)))
+
+    class LNet(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            block = nn.remat(LBlock)(name="shared")
+            for _ in range(3):
+                x = block(x)
+            return x
+
+    x = jax.ShapeDtypeStruct((4, 16), F32)
+    for model in (nnx.eval_shape(lambda: Net(nnx.Rngs(0))), LNet()):
+        assert {k: len(v) for k, v in trace_activations(model, sample=(x,)).items()} == {
+            "shared": 3, "shared/up": 3, "shared/down": 3}
+
+
+@pytest.mark.parametrize("how", ["one input", "an input per member", "remat inside the vmap"])
+def test_a_vmapped_ensemble_counts_every_member(how):
+    # a layer called inside nnx.vmap / nn.vmap sees one member's shapes but runs for every member: the
+    # estimate saved one member's activations (832 B against 3136 B here, for nnx and linen alike)
+    import flax.linen as nn
+    from flax import nnx
+
+    d, members = 16, 4
+    axis = 0 if how == "an input per member" else None
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.up, self.down = nnx.Linear(d, 4 * d, rngs=rngs), nnx.Linear(4 * d, d, rngs=rngs)
+
+        def __call__(self, x):
+            return self.down(nnx.relu(self.up(x)))
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            @nnx.split_rngs(splits=members)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def make(r):
+                return MLP(r)
+
+            self.members, self.head = make(rngs), nnx.Linear(d, d, rngs=rngs)
+
+        def __call__(self, x):
+            def run(m, h):
+                return m(h)
+
+            run = nnx.vmap(nnx.remat(run) if how.startswith("remat") else run, in_axes=(0, axis), out_axes=0)
+            return self.head(run(self.members, x).mean(0))
+
+    class LMLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(d, name="down")(nn.relu(nn.Dense(4 * d, name="up")(x)))
+
+    class LNet(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            member = nn.remat(LMLP) if how.startswith("remat") else LMLP
+            ensemble = nn.vmap(member, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=axis,
+                               out_axes=0, axis_size=members)
+            return nn.Dense(d, name="head")(ensemble(name="members")(x).mean(0))
+
+    x = jax.ShapeDtypeStruct((members, 8, d) if axis == 0 else (8, d), F32)
+    m = nnx.eval_shape(lambda: Net(nnx.Rngs(0)))
+    for model in (m, LNet()):
+        acts = trace_activations(model, sample=(x,))
+        assert {k: [a.output for a in v] for k, v in acts.items()} == {
+            "members/up": [(8, 4 * d)] * members, "members/down": [(8, d)] * members,
+            "members": [(8, d)] * members, "head": [(8, d)]}, model
+    (plain, lplain), (rem, lrem) = _twin_estimates(m, LNet(), (x,))
+    # per member up (split over model), down and its output, then the head's output: f32, data halves
+    full = (members * 8 * (4 * d // 4 + d + d) + 8 * d // 4) * 4 // 2
+    top = (members * 8 * d + 8 * d // 4) * 4 // 2  # under remat: the top-level outputs
+    assert plain == lplain == (top if how.startswith("remat") else full)  # the model's own remat: on
+    assert rem == lrem == top

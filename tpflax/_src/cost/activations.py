@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
 import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
+
+import jax
 
 from tpflax._src.cost.batch import Batch, config_value, np_dtype
 from tpflax._src.cost.records import Act
@@ -34,13 +38,16 @@ def trace_activations(model: Any, batch: Any = None, variables: Any = None, *,
         sample: the sample inputs (default: a zoo model's own).
 
     Returns:
-        ``{layer path: [Act, ...]}`` (one Act per call; ``attend`` calls are
-        keyed ``path:attend``). A linen model's calls are seen with
-        ``flax.linen.intercept_methods``; an nnx model's by wrapping the
+        ``{layer path: [Act, ...]}`` (one Act per call, and per member of the
+        vmaps around it: an ``nnx.vmap`` / ``nn.vmap`` ensemble's layer sees one
+        member's shapes; ``attend`` calls are keyed ``path:attend``). A linen
+        model's calls are seen with ``flax.linen.intercept_methods``; an nnx model's by wrapping the
         ``__call__`` and ``attend`` of its submodules' classes for the trace (a
         copy called inside ``nnx.scan``, ``nnx.vmap``, ``nnx.remat`` or ``nnx.jit``
-        is placed by its variables' shapes). Empty for plain functions: the
-        estimate counts their parameters' contractions instead.
+        is placed by its variables' shapes). A transform applied again to alike
+        layers (one ``nnx.remat`` function for every block) is traced again each
+        time, not served from jax's trace cache, so each call is recorded. Empty
+        for plain functions: the estimate counts their parameters' contractions instead.
 
     >>> from tpflax import zoo
     >>> acts = trace_activations(zoo.get("mlp"), 4)
@@ -63,31 +70,142 @@ def traced_layers(m: Any) -> tuple[dict[str, list[Act]], float]:
     ``jax.checkpoint`` (:func:`tpflax._src.trace.dataflow.remat_share`; 0 without a module to trace).
     """
     import flax.linen as nn
-    import jax
 
     from tpflax._src.trace.dataflow import remat_share
 
-    out: dict[str, list[Act]] = {}
     if m.framework == "nnx" and m.graphdef is not None:
-        closed = jax.make_jaxpr(partial(_nnx_calls, m, out))(m.variables, *m.sample)
-        return out, remat_share(closed.jaxpr)
+        with _Calls() as calls:
+            closed = jax.make_jaxpr(partial(_nnx_calls, m, calls))(m.variables, *m.sample)
+        return calls.out, remat_share(closed.jaxpr)
     if m.module is None or m.variables is None:
         return {}, 0.0
 
+    active: list[Any] = []  # the modules inside one of their methods, innermost last
+
     def interceptor(next_fun, args, kw, context):
-        result = next_fun(*args, **kw)
+        # a module whose parents do not lead to the caller's: a clone inside a lifted transform (nn.jit...)
+        crossed = not active or not _below(context.module, active[-1], nn.Module)
+        active.append(context.module)
+        try:
+            result = next_fun(*args, **kw)
+        finally:
+            active.pop()
+        path = None
         if context.module.path and context.method_name in ("__call__", "attend"):
             path = "/".join(str(p) for p in context.module.path)
-            _record(out, path if context.method_name == "__call__" else f"{path}:{context.method_name}",
-                    args, result)
+            path = path if context.method_name == "__call__" else f"{path}:{context.method_name}"
+        calls.done(path, args, result, crossed)
         return result
 
     def run(v, *xs):
         with nn.intercept_methods(interceptor):
             return m.module.apply(v, *xs, **dict(m.kwargs))
 
-    closed = jax.make_jaxpr(run)(m.variables, *m.sample)
-    return out, remat_share(closed.jaxpr)
+    with _Calls() as calls:
+        closed = jax.make_jaxpr(run)(m.variables, *m.sample)
+    return calls.out, remat_share(closed.jaxpr)
+
+
+# jax caches the jaxpr of a traced function (jax.jit, jax.checkpoint, a scan's body) by its inputs' structure
+# and by jax's trace context, of which a user context's value is part. Made once, here: adding one is not
+# thread-safe; its value is thread-local.
+_FRESH = jax.make_user_context(None)
+_FRESH_VALUES = itertools.count()  # never reused: a later trace must not be served by an earlier one's entries
+
+
+class _Calls(contextlib.ExitStack):
+    """The layer calls one abstract trace records: ``out``, ``{path: [Act, ...]}``, each call counted
+    once per member of the vmaps around it (see :class:`_Members`).
+
+    A wrapper applied again to alike inputs (one ``nnx.remat`` / ``nnx.jit`` / ``nn.jit`` function or
+    decorated method for every block, one ``nnx.scan`` function for two alike towers) is served its first
+    call's jaxpr from jax's cache without running its Python body: its later layers would not be recorded.
+    So the trace starts with :data:`_FRESH` at a value it never had (no earlier trace's entries serve it),
+    and after each call that crossed into a transform (a copy or clone of a module: a wrapper's body ran)
+    :meth:`done` sets another: the wrapper's next call misses the cache. Only then: each setting also makes
+    the jitted ``jnp`` helpers inside the layers trace again. Each setting is undone when the trace leaves
+    the ``with`` block (raised or not).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._calls: list[tuple[str, Act, list[int]]] = []  # (path, call, [members running it])
+        self.fresh()
+
+    @property
+    def out(self) -> dict[str, list[Act]]:
+        """The calls by path, each repeated once per member (read when the trace is done: a vmap around a
+        jit or a checkpoint counts its members when it batches that call's jaxpr, after the call returned)."""
+        out: dict[str, list[Act]] = {}
+        for path, act, members in self._calls:
+            out.setdefault(path, []).extend([act] * members[0])
+        return out
+
+    def fresh(self) -> None:
+        self.enter_context(_FRESH(next(_FRESH_VALUES)))
+
+    def done(self, path: str | None, args: Sequence[Any], result: Any, crossed: bool) -> None:
+        """A layer call returned: record it at ``path`` (None: not a traced layer); after a call that
+        ``crossed`` into a transform, trace the next ones afresh."""
+        act = _act(args, result) if path is not None else None
+        if act is not None:
+            members = [1]
+            self._calls.append((path, act, members))
+            if isinstance(_output(result), jax.Array):  # a traced array (not a Variable or a NumPy constant)
+                _Members(members).probe(jax.lax.stop_gradient(_output(result)))
+        if crossed:
+            self.fresh()
+
+
+class _Members:
+    """Counts the members of the vmaps that batch a layer's output: a layer called inside ``nnx.vmap`` /
+    ``nn.vmap`` (an ensemble) sees one member's shapes, but runs once per member.
+
+    :attr:`probe` is an identity with a ``jax.custom_batching.custom_vmap`` rule: a vmap batching its
+    input calls the rule with its axis size (at once, or when it batches a jit's or a checkpoint's jaxpr
+    that holds it), which multiplies ``count[0]`` by it and passes the value on to the next outer vmap's
+    probe. A vmap that does not batch the output (a layer reading nothing per member) adds nothing; a scan's
+    layers are counted by the plan's stacks, not here. The rule counts once though a vmap may batch the
+    same jaxpr again (a loop's batching rule, until its carry's batching settles). The probed value is
+    ``stop_gradient``'s, so a forward that differentiates its layers still traces.
+
+    >>> count = [1]
+    >>> _ = jax.make_jaxpr(jax.vmap(jax.vmap(lambda x: _Members(count).probe(x))))(jax.numpy.ones((2, 3, 4)))
+    >>> count
+    [6]
+    """
+
+    def __init__(self, count: list[int]) -> None:
+        from jax.custom_batching import custom_vmap
+
+        self.count, self.counted, self.outer = count, False, None
+        self.probe = custom_vmap(lambda x: x)
+        self.probe.def_vmap(self._rule)
+
+    def _rule(self, axis_size: int, in_batched: Sequence[bool], x: Any) -> tuple[Any, bool]:
+        if in_batched[0] and not self.counted:
+            self.counted = True
+            self.count[0] *= axis_size
+        if self.outer is None:
+            self.outer = _Members(self.count)
+        return self.outer.probe(x), in_batched[0]
+
+
+def _below(module: Any, caller: Any, kind: type) -> bool:
+    """Whether ``caller`` is ``module`` or one of its parents (``kind`` instances linked by ``.parent``).
+
+    >>> class M:
+    ...     def __init__(self, parent=None):
+    ...         self.parent = parent
+    >>> top = M(); child = M(top)
+    >>> _below(M(child), top, M), _below(M("a scope"), top, M)
+    (True, False)
+    """
+    while isinstance(module, kind):
+        if module is caller:
+            return True
+        module = module.parent
+    return False
 
 
 _METHODS = ("__call__", "attend")
@@ -96,8 +214,8 @@ _METHODS = ("__call__", "attend")
 _PATCHING = threading.Lock()  # the wrappers live on shared classes: one trace at a time
 
 
-def _nnx_calls(m: Any, out: dict[str, list[Act]], variables: Any, *xs: Any) -> Any:
-    """Run an nnx model's forward, recording each submodule call in ``out`` (under ``eval_shape``).
+def _nnx_calls(m: Any, calls: _Calls, variables: Any, *xs: Any) -> Any:
+    """Run an nnx model's forward, recording each submodule call in ``calls`` (under ``make_jaxpr``).
 
     A module called inside an nnx transform is a copy. Under ``nnx.scan``/``nnx.vmap`` it holds
     one layer's slices of the stacked variables: it is placed at a path whose variables have its
@@ -105,7 +223,8 @@ def _nnx_calls(m: Any, out: dict[str, list[Act]], variables: Any, *xs: Any) -> A
     ``nnx.jit`` it has its original's shapes: it is placed at a path of that structure. Of
     several such paths (alike layers, alike towers) it takes the first not yet taken, since
     layers are called in order. Its submodules go below it. A method that calls
-    its base class's (``super().__call__``) is one call.
+    its base class's (``super().__call__``) is one call. After a copy's call the next calls are
+    traced afresh (see :class:`_Calls`): a transform applied again runs its body again.
     """
     from flax import nnx
 
@@ -116,8 +235,9 @@ def _nnx_calls(m: Any, out: dict[str, list[Act]], variables: Any, *xs: Any) -> A
     full = _variable_shapes(module)
     prefixes = sorted({p.rsplit("/", k)[0] for p in full for k in range(1, p.count("/") + 1)})
     alive: dict[int, Any] = {id(module): module}  # every module seen, kept alive: ids key ``paths``
+    owner = {i: id(module) for i in (*paths, id(module))}  # the graph a module was placed with: the model's or a copy's
     taken: set[str] = set()  # paths an nnx.remat / nnx.jit copy was placed at
-    active: set[int] = set()  # modules inside one of their own methods (a super() chain records once)
+    active: list[int] = []  # modules inside one of their own methods, innermost last
 
     def place(copy: Any) -> None:
         alive[id(copy)] = copy
@@ -132,6 +252,7 @@ def _nnx_calls(m: Any, out: dict[str, list[Act]], variables: Any, *xs: Any) -> A
                 if isinstance(n, nnx.Module) and id(n) not in paths:
                     paths[id(n)] = "/".join([at, *(str(k) for k in path)])
                     alive[id(n)] = n
+                    owner[id(n)] = id(copy)
 
     def wrap(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
         @functools.wraps(fn)
@@ -140,14 +261,16 @@ def _nnx_calls(m: Any, out: dict[str, list[Act]], variables: Any, *xs: Any) -> A
                 return fn(self, *args, **kw)
             if id(self) not in paths and id(self) not in alive:
                 place(self)
-            active.add(id(self))
+            # a module of another graph than its caller's: a copy an nnx transform made (its body ran)
+            crossed = id(self) not in owner or owner[id(self)] != owner.get(active[-1] if active else id(module))
+            active.append(id(self))
             try:
                 result = fn(self, *args, **kw)
             finally:
-                active.discard(id(self))
+                active.pop()
             path = paths.get(id(self))
-            if path is not None:
-                _record(out, path if name == "__call__" else f"{path}:{name}", args, result)
+            calls.done(None if path is None else path if name == "__call__" else f"{path}:{name}", args, result,
+                       crossed)
             return result
         return call
 
@@ -206,12 +329,18 @@ def top_level(paths: Any) -> set[str]:
             if not any(p.split(":")[0].startswith(q + "/") for q in paths if ":" not in q)}
 
 
-def _record(out: dict[str, list[Act]], path: str, args: Sequence[Any], result: Any) -> None:
+def _output(result: Any) -> Any:
+    """A layer call's output: its result, or the first of a tuple of arrays (an RNN cell's)."""
+    return result[0] if isinstance(result, tuple) and result and hasattr(result[0], "shape") else result
+
+
+def _act(args: Sequence[Any], result: Any) -> Act | None:
+    """A layer call's :class:`Act` (None unless it took and returned arrays)."""
     arrays = [a for a in args if hasattr(a, "shape") and hasattr(a, "dtype")]
-    res = result[0] if isinstance(result, tuple) and result and hasattr(result[0], "shape") else result
-    if hasattr(res, "shape") and arrays:
-        out.setdefault(path, []).append(Act(tuple(tuple(a.shape) for a in arrays), tuple(res.shape),
-                                            str(res.dtype), int(res.dtype.itemsize)))
+    res = _output(result)
+    if hasattr(res, "shape") and hasattr(res, "dtype") and arrays:
+        return Act(tuple(tuple(a.shape) for a in arrays), tuple(res.shape), str(res.dtype), int(res.dtype.itemsize))
+    return None
 
 
 def layer_key(unit: str) -> str:
