@@ -298,3 +298,19 @@ def test_traced_attention_scores_without_a_config(scan, mesh):
     one = shards * (8 // tp) * 128 * 128 * 4
     assert e.breakdown.scores == 3 * one  # one saved per layer (a scanned layer counts its trip count)
     assert e.breakdown.attention == one  # a float32 model: one in flight
+
+
+def test_a_bare_batch_shape_is_the_sample_of_a_module():
+    # estimate(model=module, batch=(16, 128)) without sample: one input of the batch's shape, token ids
+    # when the tree has an embedding table (float features otherwise), the same as passing it; said in settings
+    m = _Net(layers=1)
+    ids = jax.ShapeDtypeStruct((16, 128), jnp.int32)
+    p = tpflax.plan(jax.eval_shape(m.init, jax.random.key(0), ids), {"data": 2, "model": 4}, model=m, sample=(ids,))
+    bare = tpflax.estimate(p, ADAM, (16, 128), model=m)
+    assert bare.peak == tpflax.estimate(p, ADAM, (16, 128), model=m, sample=(ids,)).peak
+    assert "int32" in bare.settings["sample"]
+    mlp = nn.Dense(8)
+    x = jax.ShapeDtypeStruct((16, 32), jnp.float32)
+    q = tpflax.plan(jax.eval_shape(mlp.init, jax.random.key(0), x), {"data": 2})
+    assert tpflax.estimate(q, ADAM, (16, 32), model=mlp).peak == tpflax.estimate(q, ADAM, (16, 32), model=mlp,
+                                                                                  sample=(x,)).peak

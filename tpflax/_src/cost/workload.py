@@ -169,6 +169,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
     (4, 260)
     """
     _check_options(act_dtype, grad_dtype, backend, expert_dispatch)
+    sample, assumed = _sample_of(plan, model, sample, batch)
     m, batch = _at_batch_shape(_model(plan, model, sample), batch)
     if m is not None and config is None:
         config = m.config
@@ -191,6 +192,8 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
     settings = {"optimizer": name, "backend": backend, "remat": remat, "act_dtype": b.act_dtype,
                 "grad_dtype": dtype_name(grad_dtype) or "param", "expert_dispatch": expert_dispatch,
                 "activations": "traced" if activations else "formula"}
+    if assumed:
+        settings["sample"] = assumed
     contractions = contraction_calls(plan, t.contractions, b.size) if not activations else {}
     if contractions:
         settings["activations"] = "contractions"
@@ -286,6 +289,23 @@ def contraction_calls(plan, contractions: Sequence[tuple[str, float, tuple[int, 
         out.setdefault(layer_key(d.unit), []).extend(
             [Act(((tokens, contracted),), (tokens, *sizes), dtype, itemsize(dtype))] * layers)
     return out
+
+
+def _sample_of(plan, model: Any, sample: Any, batch: Any) -> tuple[Any, str]:
+    """``(sample, what was assumed)``: a module or function given without ``sample`` but with a
+    bare-shape batch (``(16, 1024)``) takes one input of that shape: token ids (int32) when the
+    tree has an embedding table, else float32 features. Anything else is returned as given."""
+    from tpflax._src.model import is_zoo
+
+    shape = _bare_shape(batch)
+    if sample is not None or model is None or is_zoo(model) or shape is None:
+        return sample, ""
+    import jax
+
+    ids = any(d.kind == "embedding" for d in plan.decisions.values())
+    dtype = "int32" if ids else "float32"
+    why = "token ids: the tree has an embedding table" if ids else "features: the tree has no embedding table"
+    return (jax.ShapeDtypeStruct(shape, dtype),), f"one input {shape} {dtype} ({why}; pass sample= to change it)"
 
 
 def _model(plan, model: Any, sample: Any):
