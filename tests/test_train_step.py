@@ -227,3 +227,55 @@ def test_integer_leaves_of_a_plain_tree_are_carried_through_the_step():
     np.testing.assert_allclose(float(value), float(ref_loss), rtol=1e-5)
     for k in ref:
         np.testing.assert_allclose(np.asarray(new[k]), np.asarray(ref[k]), rtol=1e-4, atol=1e-5)
+
+
+def _values(state):
+    """The arrays of an nnx State (keys as their key data), in leaf order, on the host."""
+    import jax.numpy as jnp
+
+    return [np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
+            for x in jax.tree.leaves(state)]
+
+
+def _assert_values_close(got, want):
+    for a, b in zip(_values(got), _values(want), strict=True):
+        if np.issubdtype(b.dtype, np.floating):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        else:
+            assert np.array_equal(a, b)
+
+
+def test_an_nnx_submodule_named_params_is_no_linen_collection():
+    # nnx.state keys a module's state by attribute: a submodule called "params" made the planner
+    # read the state as linen collections, so every other Param counted as model state (never
+    # trained, replicated like a BatchNorm statistic)
+    import jax.numpy as jnp
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.params = nnx.Linear(32, 64, rngs=rngs)
+            self.bn = nnx.BatchNorm(64, rngs=rngs)
+            self.out = nnx.Linear(64, 16, rngs=rngs)
+
+        def __call__(self, x):
+            return self.out(nnx.relu(self.bn(self.params(x))))
+
+    x = jax.random.normal(jax.random.key(1), (8, 32))
+    mse = lambda out, x: jnp.mean((out - x[:, :16]) ** 2)  # noqa: E731
+    m = Net(nnx.Rngs(0))
+    plan = tpflax.plan(nnx.state(m), {"data": 2, "model": 4})
+    assert plan.decisions["out/kernel"].trainable and plan.decisions["bn/scale"].trainable
+    assert not plan.decisions["bn/mean"].trainable and plan.decisions["out/kernel"].kind == "dense"
+    mesh = tpflax.make_mesh(plan.mesh)
+    tx = optax.sgd(0.1)
+    ts = tpflax.make_train_step(m, plan, mesh, tx, sample=(x,), loss=mse)
+    step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings)
+    opt = jax.device_put(tx.init(nnx.state(m, nnx.Param)), ts.in_shardings[1])
+    v, _, _ = step(tpflax.shard(nnx.state(m), plan, mesh), opt, (x,))
+    ref = Net(nnx.Rngs(0))
+    ref_opt = nnx.Optimizer(ref, tx, wrt=nnx.Param)
+    _, grads = nnx.value_and_grad(lambda mod: mse(mod(x), x))(ref)
+    ref_opt.update(ref, grads)
+    assert not np.allclose(np.asarray(v["out"]["kernel"].get_value()), np.asarray(m.out.kernel.get_value()))
+    _assert_values_close(v, nnx.state(ref))

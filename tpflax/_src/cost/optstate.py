@@ -39,16 +39,16 @@ def split_params(plan, tree: Any) -> tuple[Any, Callable[[Any, Any], Any]]:
     >>> list(split_params(p, tree)[0])
     ['w']
     """
-    collections = any(path.startswith("params/") for path in plan.decisions)
-    if collections and isinstance(tree, Mapping) and "params" in tree:
-        params, restore = trainable(tree["params"])
-        return params, lambda t, p: {**t, "params": restore(t["params"], p)}
-    if is_nnx_state(tree):
+    if is_nnx_state(tree):  # before the linen test: a State is a Mapping and may hold a "params" attribute
         # an nnx module's state: the optimizer sees its Params (nnx.state(model, nnx.Param)); its
         # BatchStats and RNG counts are model state
         from flax import nnx
 
         return tree.filter(lambda _, x: not state_variable(x)), lambda t, p: nnx.merge_state(t, p)
+    collections = any(path.startswith("params/") for path in plan.decisions)
+    if collections and isinstance(tree, Mapping) and "params" in tree:
+        params, restore = trainable(tree["params"])
+        return params, lambda t, p: {**t, "params": restore(t["params"], p)}
     return trainable(tree)
 
 
