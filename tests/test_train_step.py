@@ -340,6 +340,43 @@ def test_integer_nnx_params_are_carried_through_the_step():
     _assert_values_close(v, nnx.state(ref))  # the integer and bool Params unchanged, the rest updated
 
 
+def test_a_state_with_moments_for_integer_leaves_is_refused_by_name():
+    # tx.init over the whole tree gives the int32 counter (and an nnx module's integer Param) adam
+    # moments; the step's optimizer keeps none for leaves it does not differentiate, and optax failed
+    # deep inside update with a bare pytree error. The step names the leaves and the fix instead.
+    import jax.numpy as jnp
+    from flax import nnx
+
+    w = {"w": jax.random.normal(jax.random.key(0), (32, 16)) * 0.1, "count": jnp.full((), 7, jnp.int32)}
+    x = jax.random.normal(jax.random.key(2), (8, 32))
+    mse = lambda out, x: jnp.mean((out - x[:, :16]) ** 2)  # noqa: E731
+    tx = optax.adamw(1e-2)
+    p = tpflax.plan(w, {"data": 2, "model": 4})
+    mesh = tpflax.make_mesh(p.mesh)
+    ts = tpflax.make_train_step(lambda v, x: x @ v["w"], p, mesh, tx, sample=(x,), loss=mse)
+    step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings)
+    with pytest.raises(tpflax.PlanMismatchError, match=r"(?s)tpflax.shard_optimizer_state.*"
+                       r"0/mu/count: shape \(\) int32 is optimizer state of count \(shape \(\) int32\), "
+                       r"which is not trained"):
+        step(tpflax.shard(w, p, mesh), tpflax.shard_optimizer_state(tx, tx.init(w), p, mesh), (x,))
+    assert step(tpflax.shard(w, p, mesh), tpflax.shard_optimizer_state(tx, None, p, mesh), (x,))[2] > 0
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.codes = nnx.Param(jnp.arange(16, dtype=jnp.int32))
+            self.lin = nnx.Linear(32, 16, rngs=rngs)
+
+        def __call__(self, x):
+            return self.lin(x)[:, self.codes[...]]
+
+    m = Net(nnx.Rngs(0))
+    p = tpflax.plan(nnx.state(m), {"data": 2, "model": 4})
+    ts = tpflax.make_train_step(m, p, mesh, tx, sample=(x,), loss=mse)
+    with pytest.raises(tpflax.PlanMismatchError, match=r"0/nu/codes: shape \(16,\) int32 is optimizer "
+                       r"state of codes \(shape \(16,\) int32\)"):
+        jax.jit(ts.fn)(nnx.state(m), tx.init(nnx.state(m, nnx.Param)), (x,))
+
+
 def test_an_nnx_submodule_named_params_is_no_linen_collection():
     # nnx.state keys a module's state by attribute: a submodule called "params" made the planner
     # read the state as linen collections, so every other Param counted as model state (never

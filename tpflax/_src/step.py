@@ -27,7 +27,7 @@ from tpflax._src.facts.tree import is_nnx_state, unboxed, walk
 from tpflax._src.mesh import batch_pspec
 from tpflax._src.model import Model, as_model, is_zoo
 from tpflax._src.planner.decision import Decision
-from tpflax._src.planner.state import planned_tree, split_params
+from tpflax._src.planner.state import opt_state_problems, planned_tree, split_params
 from tpflax._src.scan_fsdp import zero3
 from tpflax._src.specs import fsdp_axes
 
@@ -276,15 +276,24 @@ def param_decisions(plan, variables: Any) -> list[Decision]:
 
 
 def _checked_opt_state(plan, opt_state: Any, made: Any, variables: Any) -> Any:
-    """``opt_state`` as the step's optimizer takes it: an nnx state's Variables unwrapped, as
-    ``tx.init(nnx.state(model, nnx.Param))`` makes them."""
+    """``opt_state`` as the step's optimizer takes it (an nnx state's Variables unwrapped, as
+    ``tx.init(nnx.state(model, nnx.Param))`` makes them), or PlanMismatchError naming every leaf that
+    differs from the state the step's optimizer makes for the parameters it trains."""
     import jax
 
     want = jax.tree_util.tree_structure(made)
     if jax.tree_util.tree_structure(opt_state) == want:
         return opt_state
     bare = unboxed(opt_state) if is_nnx_state(variables) else opt_state
-    return bare if jax.tree_util.tree_structure(bare) == want else opt_state
+    if jax.tree_util.tree_structure(bare) == want:
+        return bare
+    raise PlanMismatchError(
+        "the optimizer state does not fit the step: it differentiates and updates the float parameters "
+        "only (integer, bool and PRNG-key leaves, and an nnx module's BatchStats and RNG state, pass "
+        "through unchanged) and its optimizer keeps state for those alone; build the state with "
+        "tpflax.shard_optimizer_state(optimizer, None, plan, mesh) (params=... for optimizers whose "
+        "state copies the parameters), or optimizer.init of the parameters with the other leaves set "
+        "to None (left out of an nnx State)", opt_state_problems(bare, made, plan))
 
 
 def plan_decisions(plan, tree: Any) -> Any:

@@ -208,6 +208,50 @@ def state_specs(tree: Any, plan: Plan, *, optimizer: Any = None, params: Any = N
     return jax.tree_util.tree_unflatten(treedef, specs)
 
 
+def opt_state_problems(got: Any, want: Any, plan: Plan) -> list[str]:
+    """Every leaf where optimizer state ``got`` differs from ``want`` (what the optimizer makes for the
+    parameters it updates), named by path, shape and dtype, and by the planned leaf it belongs to
+    when that leaf is one the optimizer does not update.
+
+    >>> import jax, jax.numpy as jnp, optax, tpflax
+    >>> w = {"w": jnp.ones((8, 4)), "n": jnp.zeros((), jnp.int32)}
+    >>> p = tpflax.plan(w, {"model": 2})
+    >>> tx = optax.sgd(0.1, momentum=0.9)
+    >>> opt_state_problems(tx.init(w), tx.init(trainable(w)[0]), p)
+    ['0/trace/n: shape () int32 is optimizer state of n (shape () int32), which is not trained']
+    """
+    def flat(tree: Any) -> dict[str, Any]:
+        return {keystr(path): unbox(x) for path, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)[0]}
+
+    def form(x: Any) -> str:
+        return f"shape {tuple(np.shape(x))} {getattr(x, 'dtype', type(x).__name__)}"
+
+    got_leaves, want_leaves = flat(got), flat(want)
+    index = _suffix_index(plan)
+    problems = []
+    for path, x in got_leaves.items():
+        if path in want_leaves:
+            continue
+        target = _match_suffix(path, index)
+        d = plan.decisions.get(target) if target is not None else None
+        if d is not None and not d.trainable:
+            problems.append(f"{path}: {form(x)} is optimizer state of {target} (shape {tuple(d.shape)} "
+                            f"{d.dtype}), which is not trained")
+        else:
+            problems.append(f"{path}: {form(x)} is not in the optimizer state of the trained parameters")
+    problems += [f"{path}: {form(x)} is missing" for path, x in want_leaves.items() if path not in got_leaves]
+    if not problems:
+        problems.append(f"the leaves agree but the containers differ: the state given is "
+                        f"{_short(jax.tree_util.tree_structure(got))}, the optimizer makes "
+                        f"{_short(jax.tree_util.tree_structure(want))}")
+    return problems
+
+
+def _short(treedef: Any, n: int = 300) -> str:
+    text = str(treedef)
+    return text if len(text) <= n else text[:n] + "..."
+
+
 def _sds(shape: tuple[int, ...], dtype: str) -> jax.ShapeDtypeStruct:
     try:
         return jax.ShapeDtypeStruct(shape, np.dtype(jax.numpy.dtype(dtype)))
@@ -379,5 +423,5 @@ def trainable(tree: Any) -> tuple[Any, Any]:
     return masked, restore
 
 
-__all__ = ["abstract_params", "adapt_spec", "check_state_leaves", "optimizer_params", "planned_tree", "split_params",
-           "state_leaf_specs", "state_specs", "trainable"]
+__all__ = ["abstract_params", "adapt_spec", "check_state_leaves", "opt_state_problems", "optimizer_params",
+           "planned_tree", "split_params", "state_leaf_specs", "state_specs", "trainable"]
