@@ -149,6 +149,43 @@ def test_typed_prng_keys_restore_with_the_plan_and_like(tmp_path):
         tpflax.restore_checkpoint(path, like=dict(tree, k=jax.random.key(0)))
 
 
+
+def test_checkpoint_tree_reports_prng_keys_as_keys(tmp_path):
+    # orbax's metadata holds a key as its key data ((2,) uint32 for one threefry key); tpflax's record
+    # of the saved tree knows the key, so checkpoint_tree reports what was saved, as plans and
+    # facts/tree.key_kinds name keys, and restoring without a plan or like= gives the keys back
+    import orbax.checkpoint as ocp
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.up = nnx.Linear(64, 256, rngs=rngs)
+            self.drop = nnx.Dropout(0.1, rngs=rngs)
+
+    state = nnx.state(Net(nnx.Rngs(0, dropout=1)))
+    tree = {"k": jax.random.key(3, impl="rbg"), "ks": jax.random.split(jax.random.key(1), 8),
+            "w": np.ones((8, 4), np.float32)}
+    plan = tpflax.plan(tree, {"model": 8}, rules=[("ks", P("model"))])
+    mesh = tpflax.make_mesh(plan.mesh)
+    want = {"k": "ShapeDtypeStruct(shape=(), dtype=key<rbg>)", "ks": "ShapeDtypeStruct(shape=(8,), dtype=key<fry>)",
+            "w": "ShapeDtypeStruct(shape=(8, 4), dtype=float32)"}
+    for path in (tpflax.save_checkpoint(tmp_path / "keys", tpflax.shard(tree, plan, mesh)),
+                 tpflax.save_checkpoint(tmp_path / "run", tree, step=2).parent):  # a manager root
+        stored = tpflax.checkpoint_tree(path)
+        assert {k: repr(x) for k, x in stored.items()} == want
+        for back in (tpflax.restore_checkpoint(path), tpflax.restore_checkpoint(path, like=stored)):
+            for k in ("k", "ks"):
+                assert back[k].dtype == tree[k].dtype, k
+                assert_bit_exact(jax.random.key_data(back[k]), jax.random.key_data(tree[k]))
+    path = tpflax.save_checkpoint(tmp_path / "nnx", state)
+    key = tpflax.checkpoint_tree(path)["drop"]["rngs"]["key"]
+    assert key.shape == () and str(key.dtype) == "key<fry>"
+    assert tpflax.checkpoint_tree(path)["drop"]["rngs"]["count"].dtype == np.uint32
+    # orbax alone keeps no record of the keys: their key data is what the checkpoint holds
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "bare", {"k": jax.random.key(0)})
+    assert tpflax.checkpoint_tree(tmp_path / "bare")["k"].shape == (2,)
+
+
 def test_params_of_planned_linen_variables_restore_with_that_plan(tmp_path):
     # shard() accepts variables["params"] for a plan of the full variables; so must restore.
     from _util import tiny_lm

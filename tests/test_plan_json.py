@@ -6,6 +6,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import tpflax
@@ -104,13 +105,47 @@ def test_specs_keep_the_planned_trees_containers_through_json():
     mesh = tpflax.make_mesh(plan.mesh)
     out = jax.jit(lambda t: t, in_shardings=(tpflax.shardings(same, mesh),))(params)
     assert out["layers"][1]["down"].sharding.is_equivalent_to(tpflax.shardings(plan, mesh)["layers"][1]["down"], 2)
-    # an nnx State is no builtin container: nested dicts by path, as before
+    # an nnx State comes back as a State (its shardings are jit in_shardings for the state itself)
     from flax import nnx
 
     state = nnx.state(nnx.Linear(8, 16, rngs=nnx.Rngs(0)))
     back = tpflax.Plan.from_json(tpflax.plan(state, {"model": 2}).to_json())
-    assert set(back.specs) == {"bias", "kernel"} and isinstance(back.specs, dict)
+    assert set(back.specs) == {"bias", "kernel"} and isinstance(back.specs, nnx.State)
     # a skeleton that does not list exactly the decisions' paths (hand-edited) is ignored
     data = json.loads(plan.to_json())
     data["tree"]["d"]["extra"] = "no/such/leaf"
     assert isinstance(tpflax.Plan.from_json(json.dumps(data)).specs["layers"], dict)
+
+
+def test_int_keys_and_nnx_state_survive_json():
+    # layers kept in a dict by index, or in an nnx.List (whose state is keyed 0, 1, ...): jax tells the
+    # key 0 from "0", so a reloaded plan whose specs had string keys (or nested dicts for an
+    # nnx.State) gave shardings that jit refused as in_shardings for the very tree that was planned
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.layers = nnx.List([nnx.Linear(32, 32, rngs=rngs) for _ in range(3)])
+            self.norm = nnx.BatchNorm(32, rngs=rngs)
+
+        def __call__(self, x):
+            for layer in self.layers:
+                x = nnx.relu(layer(x))
+            return self.norm(x)
+
+    state = nnx.state(Net(nnx.Rngs(0)))
+    plain = {0: {"up": jnp.ones((32, 128)), "down": jnp.ones((128, 32))},
+             1: {"up": jnp.ones((32, 128)), "down": jnp.ones((128, 32))}}
+    for tree in (plain, state):
+        plan = tpflax.plan(tree, {"data": 2, "model": 4})
+        same = tpflax.Plan.from_json(plan.to_json())
+        assert same.decisions == plan.decisions and same.specs == plan.specs
+        assert jax.tree_util.tree_structure(same.specs) == jax.tree_util.tree_structure(plan.specs)
+        mesh = tpflax.make_mesh(plan.mesh)
+        shardings = tpflax.shardings(same, mesh)
+        assert jax.tree_util.tree_structure(shardings) == jax.tree_util.tree_structure(tpflax.shardings(plan, mesh))
+        out = jax.jit(lambda t: jax.tree.map(lambda a: a * 2, t), in_shardings=(shardings,))(tree)
+        for (path, x), d in zip(jax.tree_util.tree_flatten_with_path(out)[0], plan.decisions.values(), strict=True):
+            assert x.sharding.is_equivalent_to(NamedSharding(mesh, d.spec), x.ndim), jax.tree_util.keystr(path)
+    # JSON object keys are strings: a dict with an int key is written as [key, node] pairs
+    assert json.loads(tpflax.plan(plain, {"model": 2}).to_json())["tree"]["d"][0][0] == 0

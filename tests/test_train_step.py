@@ -227,3 +227,186 @@ def test_integer_leaves_of_a_plain_tree_are_carried_through_the_step():
     np.testing.assert_allclose(float(value), float(ref_loss), rtol=1e-5)
     for k in ref:
         np.testing.assert_allclose(np.asarray(new[k]), np.asarray(ref[k]), rtol=1e-4, atol=1e-5)
+
+
+def _values(state):
+    """The arrays of an nnx State (keys as their key data), in leaf order, on the host."""
+    import jax.numpy as jnp
+
+    return [np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
+            for x in jax.tree.leaves(state)]
+
+
+def _assert_values_close(got, want):
+    for a, b in zip(_values(got), _values(want), strict=True):
+        if np.issubdtype(b.dtype, np.floating):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        else:
+            assert np.array_equal(a, b)
+
+
+def test_optimizer_state_from_the_plan_alone_runs_through_the_nnx_step():
+    # shard_optimizer_state(tx, None, plan, mesh) knows the model only through the plan: it covered
+    # the BatchNorm statistics and an integer counter too, and its leaves had no nnx Variable
+    # wrappers, so the step (which trains the Params) refused it. Both now build the state over what
+    # the step differentiates, the float Params as bare arrays (as nnx.Optimizer hands them to optax)
+    import jax.numpy as jnp
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(32, 128, use_bias=False, rngs=rngs)
+            self.bn = nnx.BatchNorm(128, rngs=rngs)
+            self.l2 = nnx.Linear(128, 16, rngs=rngs)
+            self.calls = nnx.Variable(jnp.zeros((), jnp.int32))
+
+        def __call__(self, x):
+            self.calls[...] += 1
+            return self.l2(nnx.relu(self.bn(self.l1(x))))
+
+    x = jax.random.normal(jax.random.key(1), (8, 32))
+    mse = lambda out, x: jnp.mean((out - x[:, :16]) ** 2)  # noqa: E731
+    tx = optax.adamw(0.01, weight_decay=0.1)
+    m = Net(nnx.Rngs(0))
+    state = nnx.state(m)
+    plan = tpflax.plan(state, {"data": 2, "model": 4}, model=m, sample=(x,))
+    for p in (plan, tpflax.Plan.from_json(plan.to_json())):  # the plan alone, as a job would load it
+        mesh = tpflax.make_mesh(p.mesh)
+        ts = tpflax.make_train_step(m, p, mesh, tx, sample=(x,), loss=mse)
+        opt = tpflax.shard_optimizer_state(tx, None, p, mesh)
+        assert jax.tree.structure(opt) == jax.tree.structure(ts.args[1])
+        assert set(opt[0].mu) == {"l1", "l2", "bn"} and set(opt[0].mu["bn"]) == {"scale", "bias"}
+        assert opt[0].mu["l1"]["kernel"].sharding.spec == p.specs["l1"]["kernel"]
+        step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings)
+        v = tpflax.shard(state, p, mesh)
+        for _ in range(2):
+            v, opt, _ = step(v, opt, (x,))
+        ref = Net(nnx.Rngs(0))
+        ref_opt = nnx.Optimizer(ref, tx, wrt=nnx.Param)
+        for _ in range(2):
+            _, grads = nnx.value_and_grad(lambda mod: mse(mod(x), x))(ref)
+            ref_opt.update(ref, grads)
+        assert int(v["calls"].get_value()) == 2
+        _assert_values_close(v, nnx.state(ref))
+        _assert_values_close(opt, ref_opt.opt_state)
+    # a state made as the README says, tx.init(nnx.state(model, nnx.Param)), still runs, and comes
+    # back in its own form (Variables kept), ready for the next call
+    boxed = jax.device_put(tx.init(nnx.state(m, nnx.Param)), ts.in_shardings[1])
+    _, out, _ = step(tpflax.shard(state, plan, mesh), boxed, (x,))
+    assert jax.tree.structure(out) == jax.tree.structure(boxed)
+
+
+def test_integer_nnx_params_are_carried_through_the_step():
+    # an integer nnx.Param (codes, a lookup table of indices) reached jax.grad; it is now left out of
+    # what the step differentiates and of the optimizer state, as integer leaves of linen params are
+    import jax.numpy as jnp
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.codes = nnx.Param(jnp.array([3, 0, 7, 1], jnp.int32))
+            self.flags = nnx.Param(jnp.array([True, False]))
+            self.up = nnx.Linear(32, 64, rngs=rngs)
+            self.down = nnx.Linear(64, 8, rngs=rngs)
+
+        def __call__(self, x):
+            h = self.up(x)[:, self.codes[...]] * jnp.where(self.flags[0], 1.0, -1.0)
+            return self.down(jnp.tanh(jnp.tile(h, (1, 16))))
+
+    x = jax.random.normal(jax.random.key(1), (8, 32))
+    mse = lambda out, x: jnp.mean((out - x[:, :8]) ** 2)  # noqa: E731
+    tx = optax.adam(0.01)
+    m = Net(nnx.Rngs(0))
+    state = nnx.state(m)
+    plan = tpflax.plan(state, {"data": 2, "model": 4})
+    assert not plan.decisions["codes"].trainable and plan.decisions["up/kernel"].trainable
+    mesh = tpflax.make_mesh(plan.mesh)
+    ts = tpflax.make_train_step(m, plan, mesh, tx, sample=(x,), loss=mse)
+    opt = tpflax.shard_optimizer_state(tx, None, plan, mesh)
+    assert set(opt[0].mu) == {"up", "down"}  # no optimizer state for the integer Params
+    step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings)
+    # from the Params themselves too: the state optimizer.init makes of their float leaves
+    given = tpflax.shard_optimizer_state(tx, None, plan, mesh, params=nnx.state(m, nnx.Param))
+    assert set(given[0].mu) == {"up", "down"}
+    assert step(tpflax.shard(state, plan, mesh), given, (x,))[2] > 0
+    v, opt, value = step(tpflax.shard(state, plan, mesh), opt, (x,))
+    assert v["codes"].get_value().dtype == jnp.int32 and v["flags"].get_value().dtype == jnp.bool_
+    ref = Net(nnx.Rngs(0))
+    floats = nnx.All(nnx.Param, lambda _, x: jnp.issubdtype(x.get_value().dtype, jnp.floating))
+    ref_opt = nnx.Optimizer(ref, tx, wrt=floats)
+    ref_loss, grads = nnx.value_and_grad(lambda mod: mse(mod(x), x), argnums=nnx.DiffState(0, floats))(ref)
+    ref_opt.update(ref, grads)
+    np.testing.assert_allclose(float(value), float(ref_loss), rtol=1e-5)
+    _assert_values_close(v, nnx.state(ref))  # the integer and bool Params unchanged, the rest updated
+
+
+def test_a_state_with_moments_for_integer_leaves_is_refused_by_name():
+    # tx.init over the whole tree gives the int32 counter (and an nnx module's integer Param) adam
+    # moments; the step's optimizer keeps none for leaves it does not differentiate, and optax failed
+    # deep inside update with a bare pytree error. The step names the leaves and the fix instead.
+    import jax.numpy as jnp
+    from flax import nnx
+
+    w = {"w": jax.random.normal(jax.random.key(0), (32, 16)) * 0.1, "count": jnp.full((), 7, jnp.int32)}
+    x = jax.random.normal(jax.random.key(2), (8, 32))
+    mse = lambda out, x: jnp.mean((out - x[:, :16]) ** 2)  # noqa: E731
+    tx = optax.adamw(1e-2)
+    p = tpflax.plan(w, {"data": 2, "model": 4})
+    mesh = tpflax.make_mesh(p.mesh)
+    ts = tpflax.make_train_step(lambda v, x: x @ v["w"], p, mesh, tx, sample=(x,), loss=mse)
+    step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings)
+    with pytest.raises(tpflax.PlanMismatchError, match=r"(?s)tpflax.shard_optimizer_state.*"
+                       r"0/mu/count: shape \(\) int32 is optimizer state of count \(shape \(\) int32\), "
+                       r"which is not trained"):
+        step(tpflax.shard(w, p, mesh), tpflax.shard_optimizer_state(tx, tx.init(w), p, mesh), (x,))
+    assert step(tpflax.shard(w, p, mesh), tpflax.shard_optimizer_state(tx, None, p, mesh), (x,))[2] > 0
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.codes = nnx.Param(jnp.arange(16, dtype=jnp.int32))
+            self.lin = nnx.Linear(32, 16, rngs=rngs)
+
+        def __call__(self, x):
+            return self.lin(x)[:, self.codes[...]]
+
+    m = Net(nnx.Rngs(0))
+    p = tpflax.plan(nnx.state(m), {"data": 2, "model": 4})
+    ts = tpflax.make_train_step(m, p, mesh, tx, sample=(x,), loss=mse)
+    with pytest.raises(tpflax.PlanMismatchError, match=r"0/nu/codes: shape \(16,\) int32 is optimizer "
+                       r"state of codes \(shape \(16,\) int32\)"):
+        jax.jit(ts.fn)(nnx.state(m), tx.init(nnx.state(m, nnx.Param)), (x,))
+
+
+def test_an_nnx_submodule_named_params_is_no_linen_collection():
+    # nnx.state keys a module's state by attribute: a submodule called "params" made the planner
+    # read the state as linen collections, so every other Param counted as model state (never
+    # trained, replicated like a BatchNorm statistic)
+    import jax.numpy as jnp
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.params = nnx.Linear(32, 64, rngs=rngs)
+            self.bn = nnx.BatchNorm(64, rngs=rngs)
+            self.out = nnx.Linear(64, 16, rngs=rngs)
+
+        def __call__(self, x):
+            return self.out(nnx.relu(self.bn(self.params(x))))
+
+    x = jax.random.normal(jax.random.key(1), (8, 32))
+    mse = lambda out, x: jnp.mean((out - x[:, :16]) ** 2)  # noqa: E731
+    m = Net(nnx.Rngs(0))
+    plan = tpflax.plan(nnx.state(m), {"data": 2, "model": 4})
+    assert plan.decisions["out/kernel"].trainable and plan.decisions["bn/scale"].trainable
+    assert not plan.decisions["bn/mean"].trainable and plan.decisions["out/kernel"].kind == "dense"
+    mesh = tpflax.make_mesh(plan.mesh)
+    tx = optax.sgd(0.1)
+    ts = tpflax.make_train_step(m, plan, mesh, tx, sample=(x,), loss=mse)
+    step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings)
+    v, _, _ = step(tpflax.shard(nnx.state(m), plan, mesh), tpflax.shard_optimizer_state(tx, None, plan, mesh), (x,))
+    ref = Net(nnx.Rngs(0))
+    ref_opt = nnx.Optimizer(ref, tx, wrt=nnx.Param)
+    _, grads = nnx.value_and_grad(lambda mod: mse(mod(x), x))(ref)
+    ref_opt.update(ref, grads)
+    assert not np.allclose(np.asarray(v["out"]["kernel"].get_value()), np.asarray(m.out.kernel.get_value()))
+    _assert_values_close(v, nnx.state(ref))

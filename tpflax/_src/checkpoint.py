@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from tpflax._src.apply.bind import bind_mesh, match_plan, rebox_all
 from tpflax._src.checkpoint_layout import (
     MARKER,
+    STEP_METADATA,
     TPFLAX_OLD,
     TPFLAX_TMP,
     Located,
@@ -201,6 +202,12 @@ def _item_tree(ocp: Any, item: Path) -> Any:
 def checkpoint_tree(path: str | os.PathLike, *, step: int | None = None, item: str | None = None) -> Any:
     """What a checkpoint holds: a tree of ``jax.ShapeDtypeStruct`` (nothing is read).
 
+    Typed PRNG keys, which orbax stores as their uint32 key data, are reported
+    as the keys that were saved (``ShapeDtypeStruct(shape=(), dtype=key<fry>)``)
+    when tpflax wrote the checkpoint (its record of the saved tree says so); a
+    checkpoint written by orbax alone holds no such record, and its keys show
+    as key data.
+
     Args:
         path: a saved tree, an orbax step directory, or a CheckpointManager root.
         step: the manager step (default: the latest).
@@ -209,17 +216,50 @@ def checkpoint_tree(path: str | os.PathLike, *, step: int | None = None, item: s
     Raises:
         CheckpointError: nothing restorable at ``path``.
 
-    >>> import jax.numpy as jnp, tempfile, os
+    >>> import jax, jax.numpy as jnp, tempfile, os
     >>> d = os.path.join(tempfile.mkdtemp(), "run")
-    >>> _ = save_checkpoint(d, {"w": jnp.ones((2, 3))}, step=5)
-    >>> checkpoint_tree(d)["w"].shape
-    (2, 3)
+    >>> _ = save_checkpoint(d, {"w": jnp.ones((2, 3)), "rng": jax.random.key(0)}, step=5)
+    >>> checkpoint_tree(d)["w"].shape, checkpoint_tree(d)["rng"]
+    ((2, 3), ShapeDtypeStruct(shape=(), dtype=key<fry>))
     """
     ocp = _ocp()
     found = locate(Path(path).absolute(), step=step, item=item)
     if found.items:
-        return {name: _item_tree(ocp, found.path / name) for name in found.items}
-    return _item_tree(ocp, found.path)
+        return {name: _saved_tree(ocp, found.path / name) for name in found.items}
+    return _saved_tree(ocp, found.path)
+
+
+def _saved_tree(ocp: Any, item: Path) -> Any:
+    """The item's tree as it was saved: orbax's metadata, with key data shown as the recorded keys."""
+    keys = _recorded_keys(item)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(_item_tree(ocp, item))
+    return jax.tree_util.tree_unflatten(treedef, [_wanted(x, keys.get(keystr(p))) for p, x in flat])
+
+
+def _recorded_keys(item: Path) -> dict[str, jax.ShapeDtypeStruct]:
+    """``{path: key}`` for the typed PRNG keys tpflax recorded when it saved ``item`` (its
+    ``tpflax.json``, or the CheckpointManager step's custom metadata); {} without a record."""
+    marker = _read_json(item / MARKER)
+    if marker is None:
+        step_meta = _read_json(item.parent / STEP_METADATA)
+        marker = (step_meta.get("custom_metadata") or {}).get("tpflax") if isinstance(step_meta, dict) else None
+    if not isinstance(marker, dict) or marker.get("format") != FORMAT:
+        return {}
+    kinds = key_kinds()
+    out = {}
+    for leaf in marker.get("leaves") or ():
+        kind = kinds.get(str(leaf.get("dtype"))) if isinstance(leaf, dict) else None
+        if kind is not None and "path" in leaf and isinstance(leaf.get("shape"), list):
+            out[str(leaf["path"])] = jax.ShapeDtypeStruct(tuple(int(d) for d in leaf["shape"]), kind[1])
+    return out
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def _stored_leaves(stored: Any) -> dict[str, jax.ShapeDtypeStruct]:
@@ -313,7 +353,9 @@ def _restore_item(ocp: Any, item: Path, plan: Plan | None, mesh: Any, like: Any,
     problems = _target_problems(paths, values, stored_leaves)
     if problems:
         raise PlanMismatchError(f"the checkpoint {item} does not match the tree to restore", problems)
-    targets: list[Any] = values if like is not None else [None] * len(paths)
+    # without like= or a plan, keys come back as the keys tpflax recorded saving them
+    keys = _recorded_keys(item) if like is None else {}
+    targets: list[Any] = values if like is not None else [keys.get(p) for p in paths]
     if shardings is not None:
         shard_list = jax.tree_util.tree_leaves(
             shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
@@ -396,7 +438,8 @@ def restore_checkpoint(path: str | os.PathLike, plan: Plan | None = None, mesh: 
 
     Typed PRNG keys (an nnx Dropout's ``rngs/key``), which orbax stores as
     their uint32 key data, match the plan's and ``like``'s keys and come back
-    as keys.
+    as keys; without either, as the keys tpflax recorded saving them (see
+    :func:`checkpoint_tree`).
 
     >>> import jax.numpy as jnp, tempfile, os, tpflax
     >>> d = os.path.join(tempfile.mkdtemp(), "ck")

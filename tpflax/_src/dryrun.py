@@ -26,10 +26,12 @@ from tpflax._src.compiled import (
     read_memory,
     tpu_out_of_memory,
 )
-from tpflax._src.cost.optstate import opt_state_specs, split_params
+from tpflax._src.cost.optstate import opt_state_specs
 from tpflax._src.cost.records import Estimate
+from tpflax._src.facts.tree import unboxed
 from tpflax._src.hlo import Collective, parse_collectives, summarize
 from tpflax._src.model import abstract
+from tpflax._src.planner.state import split_params
 from tpflax._src.progress import Progress
 from tpflax._src.step import (
     TrainStep,
@@ -325,7 +327,9 @@ def _shard_args(plan, mesh, args: tuple[Any, ...], optimizer: Any) -> tuple[tupl
         if optimizer is not None and params_tree is not None:
             params, _ = split_params(plan, params_tree)
             state, ospecs = opt_state_specs(plan, optimizer, jax.tree_util.tree_map(abstract, params))
-            if jax.tree_util.tree_structure(state) == jax.tree_util.tree_structure(a):
+            # an nnx model's state made with tx.init(nnx.state(model, nnx.Param)) holds Variables
+            if jax.tree_util.tree_structure(state) in (jax.tree_util.tree_structure(a),
+                                                       jax.tree_util.tree_structure(unboxed(a))):
                 shardings.append(named_shardings(mesh, ospecs))
                 continue
         shardings.append(batch_shardings(plan, mesh, a))

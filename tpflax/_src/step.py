@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from tpflax._src.cost.optstate import opt_state_specs, split_params
+from tpflax._src.cost.optstate import opt_state_specs
 from tpflax._src.errors import OptionError, PlanMismatchError
-from tpflax._src.facts.tree import walk
+from tpflax._src.facts.tree import is_nnx_state, unboxed, walk
 from tpflax._src.mesh import batch_pspec
 from tpflax._src.model import Model, as_model, is_zoo
 from tpflax._src.planner.decision import Decision
-from tpflax._src.planner.state import planned_tree
+from tpflax._src.planner.state import opt_state_problems, planned_tree, split_params
 from tpflax._src.scan_fsdp import zero3
 from tpflax._src.specs import fsdp_axes
 
@@ -238,12 +238,14 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
                                 "variables= the tree you planned (e.g. one cast to bfloat16)") from e
     params, _ = split_params(plan, variables)
     opt_state, opt_specs = opt_state_specs(plan, optimizer, params)
+    made = opt_state  # what the step's optimizer keeps (the step's own opt_state argument shadows it)
     var_sh, opt_sh = named_shardings(mesh, var_specs), named_shardings(mesh, opt_specs)
     batch_sh = batch_shardings(plan, mesh, abstract_batch)
     gather = fsdp_gather(plan, mesh, param_decisions(plan, variables)) if gather_fsdp else None
 
     def step(variables, opt_state, batch):
         params, merge = split_params(plan, variables)
+        bare = _checked_opt_state(plan, opt_state, made, variables)
 
         def loss_fn(p):
             return loss_of(merge(variables, p), batch)
@@ -253,8 +255,11 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
         # them would make XLA keep every fsdp weight gathered whole)
         (value, state), grads = jax.value_and_grad(gather(loss_fn) if gather is not None else loss_fn,
                                                    has_aux=True)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return merge(variables if state is None else state, optax.apply_updates(params, updates)), opt_state, value
+        updates, new_state = optimizer.update(grads, bare, params)
+        if bare is not opt_state:  # unwrapped from nnx Variables: handed back in the caller's form
+            new_state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(opt_state),
+                                                     jax.tree_util.tree_leaves(new_state))
+        return merge(variables if state is None else state, optax.apply_updates(params, updates)), new_state, value
 
     args = (with_shardings(variables, var_sh), with_shardings(opt_state, opt_sh),
             with_shardings(abstract_batch, batch_sh))
@@ -266,14 +271,29 @@ def param_decisions(plan, variables: Any) -> list[Decision]:
     """The plan's Decision of each leaf the optimizer updates, in ``split_params`` leaf order."""
     import jax
 
-    from tpflax._src.facts.tree import is_box, is_nnx_state, state_variable
-
-    decs = jax.tree_util.tree_leaves(plan_decisions(plan, variables), is_leaf=lambda x: isinstance(x, Decision))
-    if is_nnx_state(variables):  # an nnx module's state: its Params (cost.optstate.split_params)
-        boxes = jax.tree_util.tree_leaves(variables, is_leaf=is_box)
-        return [d for b, d in zip(boxes, decs, strict=True) if not state_variable(b)]
     return jax.tree_util.tree_leaves(split_params(plan, plan_decisions(plan, variables))[0],
                                      is_leaf=lambda x: isinstance(x, Decision))
+
+
+def _checked_opt_state(plan, opt_state: Any, made: Any, variables: Any) -> Any:
+    """``opt_state`` as the step's optimizer takes it (an nnx state's Variables unwrapped, as
+    ``tx.init(nnx.state(model, nnx.Param))`` makes them), or PlanMismatchError naming every leaf that
+    differs from the state the step's optimizer makes for the parameters it trains."""
+    import jax
+
+    want = jax.tree_util.tree_structure(made)
+    if jax.tree_util.tree_structure(opt_state) == want:
+        return opt_state
+    bare = unboxed(opt_state) if is_nnx_state(variables) else opt_state
+    if jax.tree_util.tree_structure(bare) == want:
+        return bare
+    raise PlanMismatchError(
+        "the optimizer state does not fit the step: it differentiates and updates the float parameters "
+        "only (integer, bool and PRNG-key leaves, and an nnx module's BatchStats and RNG state, pass "
+        "through unchanged) and its optimizer keeps state for those alone; build the state with "
+        "tpflax.shard_optimizer_state(optimizer, None, plan, mesh) (params=... for optimizers whose "
+        "state copies the parameters), or optimizer.init of the parameters with the other leaves set "
+        "to None (left out of an nnx State)", opt_state_problems(bare, made, plan))
 
 
 def plan_decisions(plan, tree: Any) -> Any:

@@ -21,9 +21,9 @@ from tpflax._src.planner.plan import Plan
 from tpflax._src.planner.state import (
     abstract_params,
     check_state_leaves,
+    optimizer_params,
     planned_tree,
     state_leaf_specs,
-    trainable,
 )
 
 
@@ -189,7 +189,7 @@ def shard_optimizer_state(optimizer: Any, opt_state: Any, plan: Plan, mesh: Any 
     abstract = abstract_params(plan, params)
     out_shardings = optimizer_shardings(optimizer, plan, mesh, params=abstract)
     if params is not None:  # the float leaves, as abstract_params sees them
-        return jax.jit(optimizer.init, out_shardings=out_shardings)(trainable(params)[0])
+        return jax.jit(optimizer.init, out_shardings=out_shardings)(optimizer_params(plan, params))
 
     def init_from_zeros():
         return optimizer.init(jax.tree_util.tree_map(lambda s: jax.numpy.zeros(s.shape, s.dtype), abstract))

@@ -203,7 +203,9 @@ def walk(tree: Any) -> tuple[list[Leaf], Any]:
         raise TreeError(
             "the parameter tree is empty (no array leaves); pass the params returned by "
             "model.init(...), jax.eval_shape(model.init, ...), or nnx.state(model)")
-    top_keys = _top_keys(tree)
+    # linen variables are keyed by collection; an nnx module's state by attribute (a submodule named
+    # "params" is no collection: its Variables' types say what is model state)
+    top_keys = frozenset() if is_nnx_state(tree) else _top_keys(tree)
     is_collections = bool(top_keys) and ("params" in top_keys or top_keys <= COLLECTIONS)
     leaves, problems = [], []
     for path, x in boxed:

@@ -192,9 +192,10 @@ class Plan:
     Attributes:
         mesh: the mesh shape and axis roles planned for.
         specs: PartitionSpec tree shaped like the planned tree (boxes unwrapped);
-            ``from_json`` restores its dicts, lists, tuples, FrozenDicts and empty
-            subtrees (see :mod:`tpflax._src.planner.skeleton`), other containers
-            (an ``nnx.State``) as nested dicts keyed by path components.
+            ``from_json`` restores its dicts (int keys included), lists, tuples,
+            FrozenDicts, ``nnx.State`` and empty subtrees (see
+            :mod:`tpflax._src.planner.skeleton`), other containers as nested
+            dicts keyed by path components.
         decisions: ``{path: Decision}`` in tree order.
         pairs: column->row pairs found.
         warnings: replicated large leaves, unmatched rules, ignored annotations.

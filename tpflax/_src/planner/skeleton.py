@@ -6,12 +6,16 @@ lists decisions by path only, so the containers are written beside them as a
 skeleton whose leaves are those paths:
 
 * ``{"d": {key: node}}`` a dict, ``{"f": {...}}`` a flax ``FrozenDict``,
+  ``{"s": {...}}`` an ``nnx.State``; when a key is an int (an ``nnx.List``'s
+  layers, ``{0: ..., 1: ...}``) the body is ``[[key, node], ...]`` instead, as
+  JSON object keys are strings and jax tells ``0`` from ``"0"``,
 * ``{"l": [node, ...]}`` a list, ``{"t": [...]}`` a tuple, ``{"n": 0}`` None,
 * a string: a leaf, by its path in ``decisions``.
 
-Any other container (an ``nnx.State``, a custom pytree node) or a non-string
-dict key: no skeleton, and ``from_json`` falls back to nested dicts keyed by
-path components, as plans written before the skeleton do.
+Any other container (a custom pytree node) or a key that is neither a string
+nor an int: no skeleton, and ``from_json`` falls back to nested dicts keyed by
+path components, as plans written before the skeleton do (and as tpflax
+versions that do not know a container read a skeleton that has it).
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ from typing import Any
 
 import jax
 from jax.sharding import PartitionSpec
+
+from tpflax._src.facts.tree import is_nnx_state
+
+_MAPPINGS = ("d", "f", "s")  # dict, FrozenDict, nnx.State
 
 
 class _Unwritable(Exception):
@@ -54,11 +62,36 @@ def _encode(node: Any) -> Any:
         return {"n": 0}
     if type(node) is list or type(node) is tuple:
         return {"l" if type(node) is list else "t": [_encode(x) for x in node]}
-    if type(node) is dict or type(node).__name__ == "FrozenDict":
-        if not all(isinstance(k, str) for k in node):
-            raise _Unwritable
-        return {"d" if type(node) is dict else "f": {k: _encode(v) for k, v in node.items()}}
-    raise _Unwritable
+    kind = _mapping_kind(node)
+    if kind is None:
+        raise _Unwritable
+    items = _items(node)
+    if any(not _writable_key(k) for k, _ in items):
+        raise _Unwritable
+    if all(isinstance(k, str) for k, _ in items):
+        return {kind: {k: _encode(v) for k, v in items}}
+    return {kind: [[k, _encode(v)] for k, v in items]}
+
+
+def _mapping_kind(node: Any) -> str | None:
+    if type(node) is dict:
+        return "d"
+    if type(node).__name__ == "FrozenDict":
+        return "f"
+    return "s" if is_nnx_state(node) else None
+
+
+def _items(node: Any) -> list[tuple[Any, Any]]:
+    """A mapping's (key, child) pairs as jax flattens it: an ``nnx.State`` holds plain dicts below
+    its top level (indexing it would wrap them in States)."""
+    if not is_nnx_state(node):
+        return list(node.items())
+    flat, _ = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
+    return [(path[0].key, child) for path, child in flat]
+
+
+def _writable_key(key: Any) -> bool:
+    return isinstance(key, str) or (isinstance(key, int) and not isinstance(key, bool))
 
 
 def rebuild(tree: Any, specs: Mapping[str, PartitionSpec]) -> Any | None:
@@ -86,14 +119,25 @@ def _decode(node: Any, specs: Mapping[str, PartitionSpec], seen: list[str]) -> A
     if kind in ("l", "t"):
         items = [_decode(x, specs, seen) for x in body]
         return items if kind == "l" else tuple(items)
-    if kind in ("d", "f"):
-        d = {str(k): _decode(v, specs, seen) for k, v in body.items()}
+    if kind in _MAPPINGS:
+        pairs = body.items() if isinstance(body, dict) else [(k, v) for k, v in body]
+        d = {_key(k): _decode(v, specs, seen) for k, v in pairs}
         if kind == "f":
             from flax.core import FrozenDict
 
             return FrozenDict(d)
+        if kind == "s":
+            from flax import nnx
+
+            return nnx.State(d)
         return d
     raise ValueError(kind)
+
+
+def _key(key: Any) -> Any:
+    if not _writable_key(key):
+        raise ValueError(f"dict key {key!r}")
+    return key
 
 
 __all__ = ["rebuild", "skeleton"]

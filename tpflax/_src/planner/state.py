@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -18,7 +18,16 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from tpflax._src.errors import TreeError
-from tpflax._src.facts.tree import COLLECTIONS, is_box, keystr, unbox, walk
+from tpflax._src.facts.tree import (
+    COLLECTIONS,
+    is_box,
+    is_nnx_state,
+    keystr,
+    state_variable,
+    unbox,
+    unboxed,
+    walk,
+)
 from tpflax._src.planner.plan import Plan
 from tpflax._src.specs import entries, entry_axes, to_pspec
 
@@ -199,6 +208,50 @@ def state_specs(tree: Any, plan: Plan, *, optimizer: Any = None, params: Any = N
     return jax.tree_util.tree_unflatten(treedef, specs)
 
 
+def opt_state_problems(got: Any, want: Any, plan: Plan) -> list[str]:
+    """Every leaf where optimizer state ``got`` differs from ``want`` (what the optimizer makes for the
+    parameters it updates), named by path, shape and dtype, and by the planned leaf it belongs to
+    when that leaf is one the optimizer does not update.
+
+    >>> import jax, jax.numpy as jnp, optax, tpflax
+    >>> w = {"w": jnp.ones((8, 4)), "n": jnp.zeros((), jnp.int32)}
+    >>> p = tpflax.plan(w, {"model": 2})
+    >>> tx = optax.sgd(0.1, momentum=0.9)
+    >>> opt_state_problems(tx.init(w), tx.init(trainable(w)[0]), p)
+    ['0/trace/n: shape () int32 is optimizer state of n (shape () int32), which is not trained']
+    """
+    def flat(tree: Any) -> dict[str, Any]:
+        return {keystr(path): unbox(x) for path, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)[0]}
+
+    def form(x: Any) -> str:
+        return f"shape {tuple(np.shape(x))} {getattr(x, 'dtype', type(x).__name__)}"
+
+    got_leaves, want_leaves = flat(got), flat(want)
+    index = _suffix_index(plan)
+    problems = []
+    for path, x in got_leaves.items():
+        if path in want_leaves:
+            continue
+        target = _match_suffix(path, index)
+        d = plan.decisions.get(target) if target is not None else None
+        if d is not None and not d.trainable:
+            problems.append(f"{path}: {form(x)} is optimizer state of {target} (shape {tuple(d.shape)} "
+                            f"{d.dtype}), which is not trained")
+        else:
+            problems.append(f"{path}: {form(x)} is not in the optimizer state of the trained parameters")
+    problems += [f"{path}: {form(x)} is missing" for path, x in want_leaves.items() if path not in got_leaves]
+    if not problems:
+        problems.append(f"the leaves agree but the containers differ: the state given is "
+                        f"{_short(jax.tree_util.tree_structure(got))}, the optimizer makes "
+                        f"{_short(jax.tree_util.tree_structure(want))}")
+    return problems
+
+
+def _short(treedef: Any, n: int = 300) -> str:
+    text = str(treedef)
+    return text if len(text) <= n else text[:n] + "..."
+
+
 def _sds(shape: tuple[int, ...], dtype: str) -> jax.ShapeDtypeStruct:
     try:
         return jax.ShapeDtypeStruct(shape, np.dtype(jax.numpy.dtype(dtype)))
@@ -234,11 +287,8 @@ def planned_tree(plan: Plan) -> Any:
 
 
 def abstract_params(plan: Plan, params: Any = None) -> Any:
-    """The parameter tree an optimizer sees: ``params`` (abstracted), else built from the plan; its
-    float leaves only (:func:`trainable`), as tpflax's train step updates them.
-
-    From the plan alone: :func:`planned_tree`, or its ``params`` collection
-    when the plan was made for full linen variables.
+    """The parameter tree an optimizer sees, abstract: :func:`optimizer_params` of ``params``,
+    else of the planned tree, as tpflax's train step updates it.
 
     >>> import jax, tpflax
     >>> p = tpflax.plan({"params": {"w": jax.ShapeDtypeStruct((8, 4), "float32")}}, {"model": 2})
@@ -246,13 +296,93 @@ def abstract_params(plan: Plan, params: Any = None) -> Any:
     ['w']
     """
     if params is not None:
-        return trainable(jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(np.shape(x), getattr(x, "dtype", np.asarray(x).dtype)),
-            params))[0]
-    tree = planned_tree(plan)
-    if isinstance(tree, Mapping) and "params" in tree and {str(k) for k in tree} <= COLLECTIONS:
-        return trainable(tree["params"])[0]
-    return trainable(tree)[0]
+        params = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), getattr(x, "dtype", np.asarray(x).dtype)), params)
+    return optimizer_params(plan, params)
+
+
+def optimizer_params(plan: Plan, params: Any = None) -> Any:
+    """What the optimizer sees of ``params`` (arrays or abstract), or of the planned tree: the
+    float leaves tpflax's train step differentiates (:func:`split_params`).
+
+    ``params`` may be the planned tree or its trainable part (``variables["params"]``,
+    ``nnx.state(model, nnx.Param)``); an ``nnx.State`` keeps its Variables, so the state is what
+    ``optimizer.init`` makes of them (the train step takes it either way). Without ``params`` the
+    planned tree stands in, built from the plan (:func:`planned_tree`), with bare arrays.
+
+    >>> import jax, tpflax
+    >>> p = tpflax.plan({"w": jax.ShapeDtypeStruct((8, 4), "float32"),
+    ...                  "n": jax.ShapeDtypeStruct((), "int32")}, {"model": 2})
+    >>> optimizer_params(p)["n"] is None
+    True
+    """
+    if params is None:
+        return split_params(plan, planned_tree(plan))[0]
+    if is_nnx_state(params):
+        return _nnx_params(params, _plan_trains(plan))[0]
+    return trainable(params)[0]
+
+
+def split_params(plan: Plan, tree: Any) -> tuple[Any, Callable[[Any, Any], Any]]:
+    """``(what the optimizer sees of tree, merge(tree, new_params))`` for a tree shaped like the plan.
+
+    The one definition of what tpflax's train step differentiates and its optimizer state covers
+    (:func:`shard_optimizer_state <tpflax.shard_optimizer_state>` builds the state over the same):
+
+    * full linen variables (the plan's paths start with ``params/``): ``tree["params"]``;
+    * an ``nnx.State``: the leaves the plan marks trainable (``Decision.trainable``: float
+      ``nnx.Param`` s) as bare arrays, as ``nnx.Optimizer`` hands them to optax (so a state built
+      from the plan alone, which keeps no Variable metadata, has the same treedef);
+      ``BatchStat`` s, RNG state and integer, bool or key Params are left out;
+    * else the whole tree.
+
+    Integer, bool and key leaves of a linen ``params`` collection or a plain tree are set to None
+    (:func:`trainable`). ``merge`` carries every leaf the optimizer does not see through.
+
+    >>> import jax, tpflax
+    >>> tree = {"params": {"w": jax.ShapeDtypeStruct((4,), "float32")}}
+    >>> p = tpflax.plan(tree, {"data": 1})
+    >>> list(split_params(p, tree)[0])
+    ['w']
+    """
+    if is_nnx_state(tree):  # before the linen test: a State is a Mapping and may hold a "params" attribute
+        params, merge = _nnx_params(tree, _plan_trains(plan))
+        return unboxed(params), merge
+    collections = any(path.startswith("params/") for path in plan.decisions)
+    if collections and isinstance(tree, Mapping) and "params" in tree:
+        params, restore = trainable(tree["params"])
+        return params, lambda t, p: {**t, "params": restore(t["params"], p)}
+    return trainable(tree)
+
+
+def _plan_trains(plan: Plan) -> Callable[[str, Any], bool]:
+    """``trains(path, leaf)``: the plan's word (``Decision.trainable``), else :func:`_nnx_trains`."""
+    def trains(path: str, x: Any) -> bool:
+        d = plan.decisions.get(path)
+        return d.trainable if d is not None else _nnx_trains(path, x)
+
+    return trains
+
+
+def _nnx_trains(_: str, x: Any) -> bool:
+    """An ``nnx.Param`` (or a bare array) of a float dtype."""
+    return not state_variable(x) and _inexact(unbox(x))
+
+
+def _nnx_params(state: Any, trains: Callable[[str, Any], bool]) -> tuple[Any, Callable[[Any, Any], Any]]:
+    """``(the leaves of an nnx.State that trains(path, leaf) keeps, merge(full, new))``; ``new`` may
+    hold them in their Variables or bare."""
+    from flax import nnx
+
+    def keep(path: tuple[Any, ...], x: Any) -> bool:
+        return trains("/".join(str(k) for k in path), x)
+
+    def merge(full: Any, new: Any) -> Any:
+        boxed = nnx.filter_state(full, keep)  # the same leaves in the same order, in their Variables
+        return nnx.merge_state(full, jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(boxed),
+                                                                  jax.tree_util.tree_leaves(new)))
+
+    return nnx.filter_state(state, keep), merge
 
 
 def _inexact(leaf: Any) -> bool:
@@ -270,13 +400,17 @@ def trainable(tree: Any) -> tuple[Any, Any]:
 
     The optimizer sees the float leaves only: jax cannot differentiate the others
     (step counters, int8 codes, RNG keys), so a train step carries them through
-    unchanged. A tree with only float leaves is returned as it is.
+    unchanged. A tree with only float leaves is returned as it is. Of an
+    ``nnx.State``: its float ``nnx.Param`` s, the rest left out (no None inside
+    a Variable; see :func:`split_params`).
 
     >>> import jax.numpy as jnp
     >>> masked, restore = trainable({"w": jnp.ones(2), "n": jnp.zeros((), jnp.int32)})
     >>> masked["n"] is None, int(restore({"w": 1, "n": 7}, {"w": 2, "n": None})["n"])
     (True, 7)
     """
+    if is_nnx_state(tree):
+        return _nnx_params(tree, _nnx_trains)
     leaves = jax.tree_util.tree_leaves(tree)
     if all(_inexact(x) for x in leaves):
         return tree, lambda full, new: new
@@ -289,5 +423,5 @@ def trainable(tree: Any) -> tuple[Any, Any]:
     return masked, restore
 
 
-__all__ = ["abstract_params", "adapt_spec", "check_state_leaves", "planned_tree", "state_leaf_specs", "state_specs",
-           "trainable"]
+__all__ = ["abstract_params", "adapt_spec", "check_state_leaves", "opt_state_problems", "optimizer_params",
+           "planned_tree", "split_params", "state_leaf_specs", "state_specs", "trainable"]
