@@ -314,3 +314,23 @@ def test_a_bare_batch_shape_is_the_sample_of_a_module():
     q = tpflax.plan(jax.eval_shape(mlp.init, jax.random.key(0), x), {"data": 2})
     assert tpflax.estimate(q, ADAM, (16, 32), model=mlp).peak == tpflax.estimate(q, ADAM, (16, 32), model=mlp,
                                                                                   sample=(x,)).peak
+
+
+def test_tied_logits_of_a_plain_function_are_split_like_its_table():
+    # a plain function's contraction of its lookup table is the tied logits: counted as the logits buffer,
+    # split as the vocab-parallel table splits them (before: an activation of the whole vocabulary, 4x too
+    # large on model=4 for HF OPT and BLOOM, and no logits term)
+    v, d = 512, 64
+    tree = {"emb": jax.ShapeDtypeStruct((v, d), jnp.float32), "w": jax.ShapeDtypeStruct((d, d), jnp.float32)}
+
+    def lm(p, ids):
+        return jnp.tanh(p["emb"][ids] @ p["w"]) @ p["emb"].T
+
+    ids = jax.ShapeDtypeStruct((16, 32), jnp.int32)
+    p = tpflax.plan(tree, {"data": 2, "model": 4}, model=lm, sample=(ids,))
+    assert tuple(p.decisions["emb"].spec)[0] == "model"  # vocab-parallel
+    e = tpflax.estimate(p, ADAM, model=lm, sample=(ids,))
+    rows = 16 // 2 * 32
+    assert e.breakdown.logits == rows * (v // 4) * 4
+    # float32: the logits are that one buffer, not also an activation; the hidden layer (w, d wide) remains
+    assert e.breakdown.activations == rows * d * 4

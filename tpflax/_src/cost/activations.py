@@ -452,5 +452,5 @@ def _traced_bytes(column_units, activations, mesh: MeshShape, shards: int, remat
         for a in calls:
             nbytes = math.prod(a.output) * act_item
             full += nbytes
-            dev += nbytes / shards / col_units.get(path.split(":")[0], 1)
+            dev += nbytes / shards / col_units.get(path, col_units.get(path.split(":")[0], 1))
     return int(dev), int(full)

@@ -149,4 +149,7 @@ def _column_units(decisions: Mapping[str, Any], specs: Mapping[str, tuple[Entry,
             ents = (spec[-1],) if spec and spec[-1] is not None else ()
         if ents:
             out[layer_key(d.unit)] = out.get(layer_key(d.unit), ()) + ents
+        if len(shape) == 2 and spec[0] is not None:
+            # the tied logits (``attend``) come out along the table's rows: a vocab-parallel table splits them
+            out[layer_key(d.unit) + ":attend"] = (spec[0],)
     return out

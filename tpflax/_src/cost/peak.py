@@ -193,7 +193,7 @@ def logits_bytes(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -> int:
     heads = [(d.shape[-1], lv.specs[p][-1]) for p, d in lv.decisions.items()
              if d.kind == "head" and len(d.shape) >= 2]
     heads += [(d.shape[0], lv.specs[p][0]) for p, d in lv.decisions.items()
-              if d.kind == "embedding" and acts_for(w.activations, d.unit + ":attend")]
+              if len(d.shape) == 2 and acts_for(w.saved, d.unit + ":attend")]
     if not heads:
         return 0
     vocab, entry = heads[-1]
@@ -412,7 +412,7 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
     if not w.activations:  # the transformer formula counts scores too (5as/ht): they are counted above
         saved -= formula_scores_bytes(w.batch, w.config, mesh, shards, w.remat, w.act_item)
     logits = logits_bytes(lv, mesh, w, shards)
-    if w.activations and w.act_item == 4:
+    if w.saved and w.act_item == 4:
         # a float32 head's traced output is the float32 logits buffer counted below: not twice (the f32
         # GPT-2 step holds one f32[2, 1024, 50257]; a 16-bit step holds its 16-bit logits and the f32 ones)
         saved -= min(logits, saved)

@@ -194,7 +194,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                 "activations": "traced" if activations else "formula"}
     if assumed:
         settings["sample"] = assumed
-    contractions = contraction_calls(plan, t.contractions, b.size) if not activations else {}
+    contractions = contraction_calls(plan, t.contractions, b.size, t.tied or frozenset()) if not activations else {}
     if contractions:
         settings["activations"] = "contractions"
     return Workload(batch=b, config=config, activations=activations, opt=opt, remat=remat, backend=backend,
@@ -270,12 +270,14 @@ def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
 
 
 def contraction_calls(plan, contractions: Sequence[tuple[str, float, tuple[int, ...], str]],
-                      batch: int) -> dict[str, list[Act]]:
+                      batch: int, tied: frozenset[str] = frozenset()) -> dict[str, list[Act]]:
     """A plain function's layer calls, one per contraction of a parameter, keyed like a linen
     trace's (the parameter's layer path): ``{path: [Act(inputs=((rows, contracted),), output=(rows, *kept))]}``.
 
     A scan body's contraction of one layer of a stacked parameter (its layers dim neither
-    contracted nor kept) is traced once and runs once per layer: it counts that many times.
+    contracted nor kept) is traced once and runs once per layer: it counts that many times. A
+    table's contraction where it is also looked up (``tied``: the logits of tied weights) is keyed
+    ``path:attend``, as a linen ``attend`` call is.
     """
     from tpflax._src.cost.activations import layer_key
 
@@ -286,7 +288,9 @@ def contraction_calls(plan, contractions: Sequence[tuple[str, float, tuple[int, 
         sizes = tuple(shape[i] for i in kept)
         layers = shape[d.layers_dim] if d.layers_dim is not None and d.layers_dim not in kept else 1
         tokens, contracted = max(1, round(rows * batch)), math.prod(shape) // max(1, math.prod(sizes) * layers)
-        out.setdefault(layer_key(d.unit), []).extend(
+        # a lookup table contracted (not looked up) makes the tied logits: keyed as a linen ``attend`` call
+        key = layer_key(d.unit) + (":attend" if path in tied else "")
+        out.setdefault(key, []).extend(
             [Act(((tokens, contracted),), (tokens, *sizes), dtype, itemsize(dtype))] * layers)
     return out
 
