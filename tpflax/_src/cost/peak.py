@@ -189,16 +189,21 @@ def logits_bytes(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -> int:
     """The float32 logits on a device (rows on this device x the head's local width), 0 without a head.
 
     The head is the output layer, or an embedding whose ``attend`` makes the logits (tied weights).
+    Its rows are those of its traced call (a speech model's decoder tokens, not its first input's
+    frames), else the batch's tokens.
     """
-    heads = [(d.shape[-1], lv.specs[p][-1]) for p, d in lv.decisions.items()
+    heads = [(d.shape[-1], lv.specs[p][-1], acts_for(w.saved, d.unit)) for p, d in lv.decisions.items()
              if d.kind == "head" and len(d.shape) >= 2]
-    heads += [(d.shape[0], lv.specs[p][0]) for p, d in lv.decisions.items()
+    heads += [(d.shape[0], lv.specs[p][0], acts_for(w.saved, d.unit + ":attend")) for p, d in lv.decisions.items()
               if len(d.shape) == 2 and acts_for(w.saved, d.unit + ":attend")]
     if not heads:
         return 0
-    vocab, entry = heads[-1]
+    vocab, entry, calls = heads[-1]
     width = math.ceil(vocab / tensor_degree(mesh, entry))
-    rows = token_rows(w.batch, w.config) if w.batch.leaves and len(w.batch.leaves[0][1]) == 2 else w.batch.size
+    if calls and calls[0].output and calls[0].output[-1] == vocab:
+        rows = math.prod(calls[0].output[:-1])
+    else:
+        rows = token_rows(w.batch, w.config) if w.batch.leaves and len(w.batch.leaves[0][1]) == 2 else w.batch.size
     return int(rows / shards * width * 4)
 
 
