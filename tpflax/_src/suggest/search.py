@@ -95,6 +95,7 @@ class Context:
     workload: Workload
     base: Any
     plans: dict = field(default_factory=dict)
+    traced: Any = None  # the Model whose forward the workload read (trace on), else None
 
     def plan_for(self, ms: MeshShape):
         """The real :func:`tpflax.plan` for one mesh shape."""
@@ -105,7 +106,7 @@ class Context:
     def estimate_for(self, p):
         """The real :func:`tpflax.estimate` of a plan, with the suggestion's inputs."""
         return estimate(p, self.optimizer, self.batch, config=self.config, activations=self.activations,
-                        **self.est_kwargs)
+                        model=self.traced, **self.est_kwargs)
 
     def shared(self, ms: MeshShape) -> Shared:
         sig = _signature(self, ms.sizes)
@@ -216,14 +217,16 @@ def _context(model_or_tree: Any, hw: Hardware, devices: int, *, sample, variable
     has_experts = any(d.kind == "expert" for d in base.decisions.values())
     axes = tuple((n, r) for n, r in AXES if r != EXPERT or has_experts)
     annotated = any(d.source == "annotation" for d in base.decisions.values())
-    workload = prepare(base, optimizer, batch, config=config, activations=activations, **est_kwargs)
+    # traced: the model too, for what estimate(model=) reads off its forward (attention scores, tied tables)
+    workload = prepare(base, optimizer, batch, config=config, activations=activations,
+                       model=m if trace else None, **est_kwargs)
     ctx = Context(tree=tree, zoo=m.zoo if m is not None else None, config=config,
                   model=m if m is not None and m.zoo is None else None, optimizer=optimizer,
                   batch=batch, activations=activations, est_kwargs=est_kwargs, plan_kwargs=plan_kwargs,
                   heuristic_only=not plan_kwargs.get("rules") and not annotated and "model" not in plan_kwargs,
                   dims=tuple(sorted({s for d in base.decisions.values() for s in d.shape})),
                   axis_names=tuple(n for n, _ in axes), roles=tuple(r for _, r in axes), hw=hw,
-                  workload=workload, base=base)
+                  workload=workload, base=base, traced=m if trace else None)
     if not has_experts:
         notes.append("no expert (MoE) leaves: the mesh has no expert axis")
     return ctx, notes
