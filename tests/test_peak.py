@@ -334,3 +334,31 @@ def test_tied_logits_of_a_plain_function_are_split_like_its_table():
     assert e.breakdown.logits == rows * (v // 4) * 4
     # float32: the logits are that one buffer, not also an activation; the hidden layer (w, d wide) remains
     assert e.breakdown.activations == rows * d * 4
+
+
+@pytest.mark.parametrize("seq", [4, 8])
+def test_probs_times_values_is_not_a_second_score_product(seq):
+    # a sequence no longer than the head dim (8 here): the q @ k product does not expand and probs @ v does
+    # not shrink; only q @ k is the layer's scores (before: probs @ v counted too, or instead)
+    m = _Net()
+    ids = jax.ShapeDtypeStruct((16, seq), jnp.int32)
+    p = tpflax.plan(jax.eval_shape(m.init, jax.random.key(0), ids), {"data": 2, "model": 4}, model=m, sample=(ids,))
+    e = tpflax.estimate(p, ADAM, (16, seq), model=m, sample=(ids,))
+    assert e.breakdown.scores == 3 * (16 // 2) * (8 // 4) * seq * seq * 4
+
+
+def test_moe_dispatch_and_combine_are_no_attention_scores():
+    class MoE(nn.Module):
+        @nn.compact
+        def __call__(self, x):  # (groups, tokens, d): top-1 routing to 4 experts of capacity 8
+            idx = jnp.argmax(nn.Dense(4, name="router")(x), -1)
+            dispatch = jax.nn.one_hot(jnp.cumsum(jax.nn.one_hot(idx, 4), 1) - 1, 8)  # (g, s, e, c)
+            xe = jnp.einsum("gsec,gsd->egcd", dispatch, x)
+            w = self.param("w", nn.initializers.lecun_normal(), (4, x.shape[-1], x.shape[-1]))
+            return x + jnp.einsum("gsec,egcd->gsd", dispatch, jnp.einsum("egcd,edf->egcf", xe, w))
+
+    x = jax.ShapeDtypeStruct((8, 32, 64), jnp.float32)
+    m = MoE()
+    p = tpflax.plan(jax.eval_shape(m.init, jax.random.key(0), x), {"data": 2}, model=m, sample=(x,))
+    e = tpflax.estimate(p, ADAM, model=m, sample=(x,))
+    assert e.breakdown.scores == e.breakdown.attention == 0

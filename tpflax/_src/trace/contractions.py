@@ -110,12 +110,20 @@ def _act_dot(w: Walk, lhs: Val, rhs: Val, contract, batch, lf, rf, out_rank: int
 
 
 def _note_product(w: Walk, eqn: Any, out: Val, ctx: tuple, lf, rf) -> None:
-    """Record a product of two activations that expands (attention scores, ``q @ k``): one with free
-    dims on both sides whose output is at least as large as each input (``probs @ v`` shrinks)."""
+    """Record the attention scores ``q @ k``: a product of two activations with free dims on both sides
+    and a heads dim (a dim before the last carrying a parameter contraction's output features). The
+    product that reads the last one recorded (``probs @ v``: its probabilities have the scores' shape)
+    is the same layer's second and is not recorded."""
     shape = tuple(eqn.outvars[0].aval.shape)
-    ins = [math.prod(v.aval.shape) for v in eqn.invars]
-    if not lf or not rf or len(shape) < 3 or math.prod(shape) < max(ins):
+    # the heads: a dim before the last that a parameter contraction's output features made (the q and k
+    # projections'); a MoE dispatch or combine einsum keeps none but the features, last
+    heads = any(d in w.uses[u].kept for i in range(len(shape) - 1) for u, d in out.dim_tags(i))
+    if not lf or not rf or len(shape) < 3 or not heads:
         return
+    if w.pending is not None and w.pending in (tuple(v.aval.shape) for v in eqn.invars):
+        w.pending = None
+        return
+    w.pending = shape
     tags = tuple(tuple(sorted(out.dim_tags(d))) for d in range(len(shape)))
     count = math.prod(w.lengths.get(c, 1) for c in ctx if isinstance(c, int))
     w.products[(ctx, id(eqn))] = Product(shape, str(eqn.outvars[0].aval.dtype), count, tags)

@@ -95,6 +95,7 @@ class Walk:
     reads: dict[int, tuple[Any, int, tuple]] = field(default_factory=dict)  # use id -> (dot eqn, operand, ctx)
     products: dict[tuple[tuple, int], Product] = field(default_factory=dict)  # (ctx, id(eqn)) -> Product
     lengths: dict[int, int] = field(default_factory=dict)  # id(scan eqn) -> its trip count
+    pending: tuple[int, ...] | None = None  # the last attention-score shape recorded, until its probs @ v
     n_eqns: int = 0
 
     # -- the run loop ----------------------------------------------------

@@ -52,9 +52,9 @@ class Use:
 
 @dataclass(frozen=True)
 class Product:
-    """A product of two activations whose output is at least as large as either input: the
-    ``q @ k`` of an attention layer (``batch x heads x queries x keys``), which the backward
-    pass keeps (its softmax) and the forward never contracts a parameter with.
+    """A product of two activations with free dims on both sides, other than the one that reads the
+    previous such product's output: the ``q @ k`` of an attention layer (``batch x heads x queries x
+    keys``), whose probabilities the backward pass keeps (``probs @ v`` reads them).
 
     Attributes:
         shape: its output's shape as traced.
