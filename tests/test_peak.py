@@ -352,7 +352,7 @@ def test_moe_dispatch_and_combine_are_no_attention_scores():
         @nn.compact
         def __call__(self, x):  # (groups, tokens, d): top-1 routing to 4 experts of capacity 8
             idx = jnp.argmax(nn.Dense(4, name="router")(x), -1)
-            dispatch = jax.nn.one_hot(jnp.cumsum(jax.nn.one_hot(idx, 4), 1) - 1, 8)  # (g, s, e, c)
+            dispatch = jax.nn.one_hot(jnp.cumsum(jax.nn.one_hot(idx, 4, dtype=jnp.int32), 1) - 1, 8)  # (g, s, e, c)
             xe = jnp.einsum("gsec,gsd->egcd", dispatch, x)
             w = self.param("w", nn.initializers.lecun_normal(), (4, x.shape[-1], x.shape[-1]))
             return x + jnp.einsum("gsec,egcd->gsd", dispatch, jnp.einsum("egcd,edf->egcf", xe, w))
