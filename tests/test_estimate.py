@@ -793,3 +793,69 @@ def test_a_vmapped_ensemble_counts_every_member(how):
     top = (members * 8 * d + 8 * d // 4) * 4 // 2  # under remat: the top-level outputs
     assert plain == lplain == (top if how.startswith("remat") else full)  # the model's own remat: on
     assert rem == lrem == top
+
+
+def test_an_ensemble_in_each_scanned_layer_counts_its_members_per_layer():
+    # nn.scan over layers that each hold an nn.vmap ensemble: a scanned layer's call counts once per layer
+    # (the stack), and each with its members, as in the unrolled twin (before: one member per layer)
+    import flax.linen as nn
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(16, name="down")(nn.relu(nn.Dense(64, name="up")(x)))
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, _=None):
+            ens = nn.vmap(MLP, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=None,
+                          out_axes=0, axis_size=4)
+            return x + ens(name="ens")(x).mean(0), None
+
+    class Net(nn.Module):
+        scan: bool
+
+        @nn.compact
+        def __call__(self, x):
+            if self.scan:
+                x, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                               length=3)(name="layers")(x, None)
+            else:
+                for i in range(3):
+                    x, _ = Block(name=f"layers_{i}")(x)
+            return nn.Dense(16, name="head")(x)
+
+    x = jax.ShapeDtypeStruct((8, 32, 16), F32)
+    got = []
+    for scan in (False, True):
+        m = Net(scan)
+        p = tpflax.plan(jax.eval_shape(m.init, jax.random.key(0), x), {"data": 8}, model=m, sample=(x,))
+        got.append(tpflax.estimate(p, optax.adam(1e-3), model=m, sample=(x,)).per_device.activations)
+    assert got[0] == got[1] > 0
+
+
+def test_a_per_example_vmap_follows_the_batch_size():
+    # an nn.vmap over the examples runs once per example: with_batch_size (suggest_mesh's smaller-batch
+    # search) scales its calls as a re-trace at that size does
+    import flax.linen as nn
+
+    from tpflax._src.cost.workload import prepare, with_batch_size
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):  # one example
+            return nn.Dense(16, name="down")(nn.relu(nn.Dense(64, name="up")(x)))
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            per = nn.vmap(MLP, variable_axes={"params": None}, split_rngs={"params": False}, in_axes=0, out_axes=0)
+            return nn.Dense(16, name="head")(x + per(name="per")(x))
+
+    m = Net()
+    x8 = jax.ShapeDtypeStruct((8, 32, 16), F32)
+    p = tpflax.plan(jax.eval_shape(m.init, jax.random.key(0), x8), {"data": 8}, model=m, sample=(x8,))
+    small = with_batch_size(prepare(p, optax.adam(1e-3), model=m, sample=(x8,)), 32)
+    big = prepare(p, optax.adam(1e-3), model=m, sample=(jax.ShapeDtypeStruct((32, 32, 16), F32),))
+    assert {k: len(v) for k, v in small.activations.items()} == {k: len(v) for k, v in big.activations.items()}
+    assert len(big.activations["per/up"]) == 32

@@ -8,6 +8,7 @@ import itertools
 import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -138,7 +139,7 @@ class _Calls(contextlib.ExitStack):
         jit or a checkpoint counts its members when it batches that call's jaxpr, after the call returned)."""
         out: dict[str, list[Act]] = {}
         for path, act, members in self._calls:
-            out.setdefault(path, []).extend([act] * members[0])
+            out.setdefault(path, []).extend([replace(act, members=members[0])] * members[0])
         return out
 
     def fresh(self) -> None:
@@ -391,7 +392,8 @@ def activation_bytes(column_units: Mapping[str, Sequence[Entry]], activations: M
     """
     if activations:
         if stacks:
-            activations = {p: (list(calls[:1]) * stacks[p] if p in stacks else calls)
+            # one call's members (a vmapped ensemble in each layer) per layer
+            activations = {p: (list(calls[:calls[0].members]) * stacks[p] if p in stacks and calls else calls)
                            for p, calls in activations.items()}
         return _traced_bytes(column_units, activations, mesh, shards, remat, act_item)
     d_model, n_layers = config_value(config, "d_model"), config_value(config, "n_layers")

@@ -96,12 +96,17 @@ class CommItem:
 
 @dataclass(frozen=True)
 class Act:
-    """Shapes at one layer call (global batch), from :func:`trace_activations`."""
+    """Shapes at one layer call (global batch), from :func:`trace_activations`.
+
+    ``members``: the members of the vmaps around the call (an ``nnx.vmap`` ensemble, a per-example
+    ``nn.vmap``): the call runs that many times and its entry repeats that many times in a trace's list.
+    """
 
     inputs: tuple[tuple[int, ...], ...]
     output: tuple[int, ...]
     dtype: str
     itemsize: int
+    members: int = 1
 
 
 @dataclass(frozen=True)

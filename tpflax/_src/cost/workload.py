@@ -366,7 +366,8 @@ def with_batch_size(w: Workload, size: int) -> Workload:
     """``w`` for a global batch of ``size`` examples: every batch-major shape's leading dim replaced.
 
     Batch leaves and traced activations whose first dim is the batch size are
-    resized (what a re-trace at ``size`` gives for batch-major models); the
+    resized (what a re-trace at ``size`` gives for batch-major models), and a layer
+    run once per example (its vmap's members are the batch) runs ``size`` times; the
     optimizer state does not depend on the batch.
 
     >>> import jax, optax, tpflax
@@ -382,8 +383,13 @@ def with_batch_size(w: Workload, size: int) -> Workload:
         return (size, *shape[1:]) if shape and shape[0] == old else shape
 
     leaves = tuple((n, resize(s), d) for n, s, d in w.batch.leaves)
-    acts = {k: [replace(a, inputs=tuple(resize(x) for x in a.inputs), output=resize(a.output)) for a in v]
-            for k, v in w.activations.items()}
+    def calls(v: Sequence[Act]) -> list[Act]:
+        acts = [replace(a, inputs=tuple(resize(x) for x in a.inputs), output=resize(a.output)) for a in v]
+        if old > 1 and acts and acts[0].members == old:  # a per-example vmap: one call per example
+            return [replace(acts[0], members=size)] * (len(acts) // old * size)
+        return acts
+
+    acts = {k: calls(v) for k, v in w.activations.items()}
 
     def rows(shape: tuple[int, ...]) -> tuple[int, ...]:  # a contraction's (tokens, ...): tokens scale
         return (max(1, round(shape[0] * size / old)), *shape[1:]) if shape else shape
