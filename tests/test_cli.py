@@ -107,6 +107,10 @@ def make_fn():
 
 def make_half():
     return (apply_fn,)
+
+
+def make_packed():
+    return Block(), (S((8, 16), jnp.int32),)
 '''
 
 
@@ -142,11 +146,15 @@ def test_estimate_of_a_user_model_reads_its_activations(userpkg, capsys):
     assert main(["estimate", f"{userpkg}:make_linen", "--mesh", "data=2,model=4", "--json"]) == 0
     est = json.loads(capsys.readouterr().out)["estimate"]
     assert est["per_device"]["activations"] > 0, est["per_device"]
+    # without --batch, the factory's own sample (8 examples) is the batch, as for plan and dry-run (it was 32)
+    assert est["batch"]["size"] == 8, est["batch"]
 
 
 def test_user_model_mistakes_are_named(userpkg, capsys):
     assert main(["plan", f"{userpkg}:make_half", "--mesh", "model=4"]) == 2
     assert "return (fn, variables, *sample)" in capsys.readouterr().err
+    assert main(["plan", f"{userpkg}:make_packed", "--mesh", "model=4"]) == 2
+    assert "return the sample inputs unpacked" in capsys.readouterr().err
 
 
 def test_version(capsys):

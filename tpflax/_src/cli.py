@@ -131,9 +131,10 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
 
 def _add_estimate_args(p: argparse.ArgumentParser, *, dry: bool) -> None:
     p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="optax optimizer (default adamw)")
-    p.add_argument("--batch", default=None if dry else "32",
-                   help="global batch: N, or NxSEQ / NxFEATURES (default: "
-                        + ("8, or a factory model's own sample)" if dry else "32)"))
+    p.add_argument("--batch", default=None,
+                   help="global batch: N, or NxSEQ / NxFEATURES (default: a factory model's own sample, else "
+                        + ("8)" if dry else "32)"))
+    p.set_defaults(default_batch=8 if dry else 32)
     p.add_argument("--remat", action="store_true", help="activations are rematerialised")
     p.add_argument("--backend", choices=["tpu", "gpu", "cpu"], default=None if dry else "tpu",
                    help="how XLA lowers fsdp gradient reduction (default: "

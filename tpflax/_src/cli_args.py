@@ -135,7 +135,7 @@ def estimate_inputs(args: argparse.Namespace, loaded):
     if args.batch is None and loaded.sample is not None:
         return loaded.sample, int(loaded.sample[0].shape[0])
     try:
-        dims = [int(x) for x in str(args.batch or 8).lower().split("x")]
+        dims = [int(x) for x in str(args.batch or getattr(args, "default_batch", 8)).lower().split("x")]
     except ValueError:
         raise UsageError(f"--batch {args.batch!r} must be N or NxM..., e.g. 32 or 32x1024") from None
     if not dims or any(d < 1 for d in dims):

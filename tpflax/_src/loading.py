@@ -91,8 +91,11 @@ def _loaded(name: str, made: Any) -> Loaded:
             m = as_model(head, tuple(made[2:]), made[1])
             return Loaded(name, m.variables, head, m.sample)
     except Exception as e:  # noqa: BLE001 - the user's module failed to init on its sample
+        nested = [i for i, x in enumerate(made[1:], 1) if isinstance(x, (tuple, list))]
+        hint = (f"; item {nested[0]} is a {type(made[nested[0]]).__name__}: return the sample inputs unpacked, "
+                "(module, x, ...), not (module, (x, ...))") if nested else ""
         raise ModelLoadError(f"{name}(): could not build the model from what it returned: "
-                             f"{type(e).__name__}: {e}") from e
+                             f"{type(e).__name__}: {e}{hint}") from e
     if callable(head):
         raise ModelLoadError(f"{name}() returned ({type(head).__name__}, ...) with {len(made) - 1} more "
                              "item(s); return (fn, variables, *sample) for a function fn(variables, *sample)")
