@@ -53,7 +53,8 @@ def rows_for(names: list[str]) -> list[dict]:
             b = e.breakdown
             out.append({"arch": name, "mesh": r["mesh"], "dtype": pub.dtype, "compiled": peak, "estimate": e.peak,
                         "error": e.peak / peak - 1, "arguments": b.arguments, "activations": b.activations,
-                        "scores": b.scores + b.attention, "logits": b.logits, "compiled_temp": r["temp"]})
+                        "scores": b.scores + b.attention, "logits": b.logits + b.logits_grad,
+                        "compiled_temp": r["temp"]})
             print(f"{name} {r['mesh']}: compiled {peak / MIB:.1f} MiB, estimate {e.peak / MIB:.1f} MiB "
                   f"({e.peak / peak - 1:+.1%})", flush=True)
     return out
@@ -61,7 +62,7 @@ def rows_for(names: list[str]) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     head = ("| arch | mesh | dtype | compiled peak | Estimate.peak | error | arguments | saved activations | "
-            "scores (saved + in flight) | logits |\n|---|---|---|---|---|---|---|---|---|---|")
+            "scores (saved + in flight) | logits (+ their gradient) |\n|---|---|---|---|---|---|---|---|---|---|")
     body = [f"| {r['arch']} | {r['mesh']} | {r['dtype']} | {r['compiled'] / MIB:.1f} MiB | "
             f"{r['estimate'] / MIB:.1f} MiB | {r['error']:+.1%} | {r['arguments'] / MIB:.1f} | "
             f"{r['activations'] / MIB:.1f} | {r['scores'] / MIB:.1f} | {r['logits'] / MIB:.1f} |" for r in rows]

@@ -362,3 +362,25 @@ def test_moe_dispatch_and_combine_are_no_attention_scores():
     p = tpflax.plan(jax.eval_shape(m.init, jax.random.key(0), x), {"data": 2}, model=m, sample=(x,))
     e = tpflax.estimate(p, ADAM, model=m, sample=(x,))
     assert e.breakdown.scores == e.breakdown.attention == 0
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_next_token_loss_holds_the_logits_gradient_apart(bias):
+    # tpflax's default loss for a model on token ids reads logits[:, :-1]: XLA:TPU then holds the sliced
+    # logits and their gradient (HF BERT-base and GPT-2 buffer dumps), the gradient in bfloat16 unless a bias
+    # added to the logits reads it too; a zoo model's loss (separate labels) forms it in place
+    v, d = 512, 64
+    tree = {"emb": jax.ShapeDtypeStruct((v, d), jnp.float32), "head": jax.ShapeDtypeStruct((d, v), jnp.float32),
+            "b": jax.ShapeDtypeStruct((v,), jnp.float32)}
+
+    def lm(p, ids):
+        logits = jnp.tanh(p["emb"][ids]) @ p["head"]
+        return logits + p["b"] if bias else logits
+
+    ids = jax.ShapeDtypeStruct((16, 32), jnp.int32)
+    p = tpflax.plan(tree, {"data": 2, "model": 4}, model=lm, sample=(ids,))
+    e = tpflax.estimate(p, ADAM, model=lm, sample=(ids,))
+    assert e.breakdown.logits > 0
+    assert e.breakdown.logits_grad == (e.breakdown.logits if bias else e.breakdown.logits // 2)
+    _, _, zoo_est = _estimate("gpt2", {"data": 2, "model": 4})
+    assert zoo_est.breakdown.logits > 0 and zoo_est.breakdown.logits_grad == 0

@@ -18,7 +18,9 @@ parameters and optimizer state donated) holds, per device:
   computes), its attention scores and their gradient, and under remat its
   recomputed activations;
 * at the loss, still live when the last layer's backward pass starts: the
-  float32 logits (their gradient is formed in the same buffer).
+  float32 logits (their gradient is formed in the same buffer, unless the loss
+  reads a slice of them, as tpflax's next-token default loss does: then the
+  gradient is held apart, :func:`logits_grad_bytes`).
 
 Saved activations and gradients are both linear in the layer count and move in
 opposite directions through the backward pass, so the peak is at one end of
@@ -185,26 +187,39 @@ def score_elements(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -> tup
     return int(largest), sum(e * c for e, c in sizes) / largest, split
 
 
-def logits_bytes(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -> int:
-    """The float32 logits on a device (rows on this device x the head's local width), 0 without a head.
+def logits_bytes(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -> tuple[int, str]:
+    """``(the float32 logits on a device, the head's path)``: rows on this device x the head's local
+    width; ``(0, "")`` without a head.
 
     The head is the output layer, or an embedding whose ``attend`` makes the logits (tied weights).
     Its rows are those of its traced call (a speech model's decoder tokens, not its first input's
     frames), else the batch's tokens.
     """
-    heads = [(d.shape[-1], lv.specs[p][-1], acts_for(w.saved, d.unit)) for p, d in lv.decisions.items()
+    heads = [(d.shape[-1], lv.specs[p][-1], acts_for(w.saved, d.unit), p) for p, d in lv.decisions.items()
              if d.kind == "head" and len(d.shape) >= 2]
-    heads += [(d.shape[0], lv.specs[p][0], acts_for(w.saved, d.unit + ":attend")) for p, d in lv.decisions.items()
-              if len(d.shape) == 2 and acts_for(w.saved, d.unit + ":attend")]
+    heads += [(d.shape[0], lv.specs[p][0], acts_for(w.saved, d.unit + ":attend"), p)
+              for p, d in lv.decisions.items() if len(d.shape) == 2 and acts_for(w.saved, d.unit + ":attend")]
     if not heads:
-        return 0
-    vocab, entry, calls = heads[-1]
+        return 0, ""
+    vocab, entry, calls, path = heads[-1]
     width = math.ceil(vocab / tensor_degree(mesh, entry))
     if calls and calls[0].output and calls[0].output[-1] == vocab:
         rows = math.prod(calls[0].output[:-1])
     else:
         rows = token_rows(w.batch, w.config) if w.batch.leaves and len(w.batch.leaves[0][1]) == 2 else w.batch.size
-    return int(rows / shards * width * 4)
+    return int(rows / shards * width * 4), path
+
+
+def logits_grad_bytes(logits: int, head: str, w: Workload) -> int:
+    """The logits' gradient held apart from them (``Peak.logits_grad``): with a next-token loss, which
+    reads a slice of the logits (the TPU buffer dumps of HF BERT-base and GPT-2 at 8 x 512 tokens,
+    data=2,model=4: each peak holds the sliced ``f32[4, 511, vocab]`` logits and their gradient); in
+    bfloat16 on TPU (GPT-2: the head's matmuls read it at default precision) unless a bias added to
+    the logits reads it too (BERT: float32). A loss over whole logits (a zoo model's, with separate
+    labels) forms the gradient in place."""
+    if not (logits and w.next_token):
+        return 0
+    return logits if w.backend != "tpu" or head in w.biased else logits // 2
 
 
 def expert_hidden_bytes(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -> tuple[int, int]:
@@ -416,13 +431,13 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
     saved = dev.activations - counted + kept - (0 if w.remat else unread)
     if not w.activations:  # the transformer formula counts scores too (5as/ht): they are counted above
         saved -= formula_scores_bytes(w.batch, w.config, mesh, shards, w.remat, w.act_item)
-    logits = logits_bytes(lv, mesh, w, shards)
+    logits, head = logits_bytes(lv, mesh, w, shards)
     if w.saved and w.act_item == 4:
         # a float32 head's traced output is the float32 logits buffer counted below: not twice (the f32
         # GPT-2 step holds one f32[2, 1024, 50257]; a 16-bit step holds its 16-bit logits and the f32 ones)
         saved -= min(logits, saved)
     return Peak(arguments=dev.arguments, grads=dev.grads, activations=saved, scores=saved_scores,
                 gathered=two, attention=working, recompute=recompute,
-                logits=LOGITS_BUFFERS * logits, gathered_last=one,
+                logits=LOGITS_BUFFERS * logits, logits_grad=logits_grad_bytes(logits, head, w), gathered_last=one,
                 experts=0 if w.remat else EXPERT_SAVED * hidden * n_exp, expert_work=EXPERT_WORKING * hidden)
 

@@ -122,6 +122,10 @@ class Peak:
         attention: one attention layer's scores in flight (scores and their gradient).
         recompute: remat: one layer's activations recomputed in its backward pass.
         logits: the float32 logits at the loss (their gradient is formed in place).
+        logits_grad: the logits' gradient, held apart from them when the loss reads a slice of the
+            logits (tpflax's next-token default loss, ``logits[:, :-1]``): bfloat16 on TPU (the head's
+            matmuls read it at default precision), float32 when a bias added to the logits also
+            reads it (its gradient sums it).
         gathered_last: fsdp: the last layer's gathered weights while its gradients form.
         experts: expert layers' hidden activations saved for the backward pass (every
             expert's for dense dispatch, ``top_k`` per token routed).
@@ -137,6 +141,7 @@ class Peak:
     recompute: int = 0
     logits: int = 0
     gathered_last: int = 0
+    logits_grad: int = 0
     experts: int = 0
     expert_work: int = 0
 
@@ -148,7 +153,7 @@ class Peak:
     @property
     def working(self) -> int:
         """What is in flight when the backward pass starts: the loss's logits and the last layer's set."""
-        return self.layer + self.logits
+        return self.layer + self.logits + self.logits_grad
 
     @property
     def total(self) -> int:
@@ -163,7 +168,8 @@ class Peak:
     def to_dict(self) -> dict:
         return {"arguments": self.arguments, "grads": self.grads, "activations": self.activations,
                 "scores": self.scores, "gathered": self.gathered, "attention": self.attention,
-                "recompute": self.recompute, "logits": self.logits, "gathered_last": self.gathered_last,
+                "recompute": self.recompute, "logits": self.logits, "logits_grad": self.logits_grad,
+                "gathered_last": self.gathered_last,
                 "experts": self.experts, "expert_work": self.expert_work, "total": self.total}
 
     def report_lines(self) -> list[str]:
@@ -181,7 +187,9 @@ class Peak:
         out += [f"    {'working set: one layer':<36}{fmt(self.layer):>12}  gathered fsdp weights "
                 f"{fmt(self.gathered)}, attention scores {fmt(self.attention)}, remat recompute "
                 f"{fmt(self.recompute)}",
-                f"    {'working set: logits':<36}{fmt(self.logits):>12}  float32, at the loss",
+                f"    {'working set: logits':<36}{fmt(self.logits + self.logits_grad):>12}  float32, at the loss"
+                + (f"; their gradient {fmt(self.logits_grad)} apart (a next-token loss reads a slice)"
+                   if self.logits_grad else ""),
                 f"    {'gradients (at the end)':<36}{fmt(self.grads):>12}  + last gathered layer "
                 f"{fmt(self.gathered_last)}"]
         return out

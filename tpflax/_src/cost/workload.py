@@ -14,7 +14,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tpflax._src.cost.activations import trace_activations
-from tpflax._src.cost.batch import Batch, config_value, dtype_name, parse_batch, shape_text
+from tpflax._src.cost.batch import (
+    Batch,
+    config_value,
+    dtype_name,
+    np_dtype,
+    parse_batch,
+    shape_text,
+)
 from tpflax._src.cost.optstate import OptLayout, opt_layout
 from tpflax._src.cost.optstate import optimizer_name as name_of
 from tpflax._src.cost.records import Act
@@ -61,6 +68,10 @@ class Workload:
             models keep their shape formulas for it. Empty for a module's trace.
         scores: the traced attention scores (see :class:`Scores`), for the peak of a model
             without a config's heads and sequence length.
+        next_token: the step's loss is tpflax's next-token default (a model other than a zoo
+            model, called on token ids ``(batch, seq)``): it reads a slice of the logits, whose
+            gradient is then held apart from them (``Peak.logits_grad``).
+        biased: from the trace (:attr:`Traced.biased`).
     """
 
     batch: Batch
@@ -83,6 +94,8 @@ class Workload:
     joined: Mapping[str, tuple[float, ...]] | None = None
     contractions: Mapping[str, Sequence[Act]] = field(default_factory=dict)
     scores: tuple[Scores, ...] = ()
+    next_token: bool = False
+    biased: frozenset[str] = frozenset()
 
     @property
     def saved(self) -> Mapping[str, Sequence[Act]]:
@@ -129,6 +142,7 @@ class Traced:
             contraction of a parameter (its output's shape): a plain function's layer
             calls, where no module boundary shows them.
         scores: the attention-score products (``q @ k``) the forward forms.
+        biased: parameters whose contraction's output gets a bias added (BERT's and BART's logits).
     """
 
     tied: frozenset[str] | None = None
@@ -143,6 +157,7 @@ class Traced:
     contractions: tuple[tuple[str, float, tuple[int, ...], str], ...] = ()  # (path, rows, kept dims, dtype)
     remat: bool = False
     scores: tuple[Scores, ...] = ()
+    biased: frozenset[str] = frozenset()
 
 
 def _check_options(act_dtype: Any, grad_dtype: Any, backend: str, expert_dispatch: str) -> None:
@@ -203,7 +218,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     settings=settings, tied=t.tied if not activations else None, parts=t.parts, rows=t.rows,
                     fused=t.fused, shared=t.shared, lookups=t.lookups,
                     grouped=t.grouped, joined=t.joined,
-                    contractions=contractions, scores=t.scores)
+                    contractions=contractions, scores=t.scores, next_token=_next_token(m), biased=t.biased)
 
 
 def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
@@ -266,7 +281,7 @@ def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
                    for x in flow.products)
     return Traced(tied, {p: n for p, n in whole.items() if n > 1}, rows, fused, act, shared,
                   {p: n for p, n in lookups.items() if n > 1}, grouped, joined, contractions, flow.remat >= 0.5,
-                  scores)
+                  scores, frozenset(flow.uses[uid].path for uid, _ in flow.biases.values()))
 
 
 def contraction_calls(plan, contractions: Sequence[tuple[str, float, tuple[int, ...], str]],
@@ -293,6 +308,17 @@ def contraction_calls(plan, contractions: Sequence[tuple[str, float, tuple[int, 
         out.setdefault(key, []).extend(
             [Act(((tokens, contracted),), (tokens, *sizes), dtype, itemsize(dtype))] * layers)
     return out
+
+
+def _next_token(m: Any) -> bool:
+    """Whether ``make_train_step``'s default loss for ``m`` is the next-token cross-entropy, which reads
+    ``logits[:, :-1]``: a model other than a zoo model (whose own loss takes separate labels) whose first
+    input is integer ids ``(batch, seq)``."""
+    if m is None or m.zoo is not None or not m.sample:
+        return False
+    x = m.sample[0]
+    shape, dtype = getattr(x, "shape", ()), getattr(x, "dtype", None)
+    return len(shape) == 2 and dtype is not None and np_dtype(str(dtype)).kind in "iu"
 
 
 def _sample_of(plan, model: Any, sample: Any, batch: Any) -> tuple[Any, str]:
