@@ -384,3 +384,16 @@ def test_a_next_token_loss_holds_the_logits_gradient_apart(bias):
     assert e.breakdown.logits_grad == (e.breakdown.logits if bias else e.breakdown.logits // 2)
     _, _, zoo_est = _estimate("gpt2", {"data": 2, "model": 4})
     assert zoo_est.breakdown.logits > 0 and zoo_est.breakdown.logits_grad == 0
+
+
+def test_numbered_list_layers_are_gathered_as_blocks():
+    # HF's model/layers/0/... and an nnx list's blocks/0/... are repeated blocks, as linen's layers_0: two
+    # blocks' weights gathered at once (before: each leaf its own block, so the two largest leaves)
+    from tpflax._src.cost.leaves import merge
+    from tpflax._src.cost.peak import gathered_bytes
+
+    up, down = (jax.ShapeDtypeStruct(s, jnp.float32) for s in ((256, 1024), (1024, 256)))  # 1 MiB each
+    tree = {"model": {"layers": {str(i): {"mlp": {"up_proj": {"kernel": up}, "down_proj": {"kernel": down}}}
+                                 for i in range(3)}}}
+    p = tpflax.plan(tree, {"fsdp": 4}, fsdp_min_bytes=1024)
+    assert gathered_bytes(merge(p.decisions, {}), p.mesh) == (2 * 2**20, 4 * 2**20)

@@ -84,14 +84,17 @@ def tensor_degree(mesh: MeshShape, entry: Any) -> int:
 
 
 def block_of(path: str) -> str:
-    """The repeated block a leaf belongs to (``params/layers_3``), else its own path.
+    """The repeated block a leaf belongs to (``params/layers_3``, or a list's item: HF's
+    ``model/layers/0``, an nnx ``blocks/0``), else its own path.
 
     >>> block_of("params/layers_3/mlp/up/kernel"), block_of("params/lm_head/kernel")
     ('params/layers_3', 'params/lm_head/kernel')
+    >>> block_of("model/layers/0/mlp/gate_proj/kernel")
+    'model/layers/0'
     """
     parts = path.split("/")
-    for i, p in enumerate(parts):
-        if _INDEXED.match(p):
+    for i, p in enumerate(parts[:-1]):
+        if _INDEXED.match(p) or (i and p.isdigit()):
             return "/".join(parts[:i + 1])
     return path
 
