@@ -829,3 +829,20 @@ def test_experts_compile_like_megatron(moe, mesh):
                           h, mesh)
     three = [(r.memory["argument"] + (r.memory["temp"] or 0), r.comm_total, r.flops) for r in (got, hand)]
     no_worse(*three)  # the ffn dim split on gate, up and down alike: the hand layout
+
+
+def test_a_list_of_layers_is_no_scanned_stack():
+    # layers/0, layers/1, ...: each layer's leaves apart (an HF model, an nnx list of blocks). Square kernels
+    # share their leading dim, and "layers" reads as a stack's name: their dim 0 was taken for a layers dim
+    # (kind "other", never split over model, a reason naming dim 0 for a split of dim 1)
+    w = jax.ShapeDtypeStruct((512, 512), jnp.float32)
+    p = tpflax.plan({"layers": {str(i): {"up": w, "down": w} for i in range(3)}}, {"fsdp": 4, "model": 2},
+                    fsdp_min_bytes=1024)
+    up, down = p.decisions["layers/0/up"], p.decisions["layers/0/down"]
+    assert up.layers_dim is None and down.layers_dim is None
+    assert tuple(up.spec) == ("fsdp", "model") and tuple(down.spec) == ("model", "fsdp")
+    # a real stack (one subtree, a leading layers dim) is still one
+    s = jax.ShapeDtypeStruct((4, 512, 512), jnp.float32)
+    n = jax.ShapeDtypeStruct((4, 512), jnp.float32)
+    q = tpflax.plan({"layers": {"up": s, "down": s, "ln1": n, "ln2": n}}, {"fsdp": 4, "model": 2})
+    assert q.decisions["layers/up"].layers_dim == 0

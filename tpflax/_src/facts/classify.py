@@ -237,7 +237,10 @@ def detect_stacked(leaves: Sequence[Leaf], stacked: str | Mapping[str, int] | No
             if len(leads) != 1 or next(iter(leads)) < 2:
                 continue
             norm_signal = any(is_norm_leaf(leaf) and len(leaf.shape) >= 2 for leaf in group)
-            name_signal = bool(SCAN_NAMES.search(prefix.rsplit("/", 1)[-1])) and len(group) >= 4
+            # a list of layers (``layers/0``, ``layers/1``: numbered children) holds each layer apart
+            depth = prefix.count("/") + 1
+            numbered = all(len(leaf.parts) > depth and leaf.parts[depth].isdigit() for leaf in group)
+            name_signal = bool(SCAN_NAMES.search(prefix.rsplit("/", 1)[-1])) and len(group) >= 4 and not numbered
             if norm_signal or name_signal:
                 for leaf in group:
                     out[leaf.path] = at
