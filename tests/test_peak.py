@@ -397,3 +397,26 @@ def test_numbered_list_layers_are_gathered_as_blocks():
                                  for i in range(3)}}}
     p = tpflax.plan(tree, {"fsdp": 4}, fsdp_min_bytes=1024)
     assert gathered_bytes(merge(p.decisions, {}), p.mesh) == (2 * 2**20, 4 * 2**20)
+
+
+def test_one_branch_of_a_cond_holds_its_scores():
+    # lax.cond runs one branch: attention in both branches is one layer's scores, not two
+    d, h = 64, 4
+    tree = {"q": jax.ShapeDtypeStruct((d, d), jnp.float32), "k": jax.ShapeDtypeStruct((d, d), jnp.float32)}
+
+    def attend(p, x):
+        q, k = ((x @ p[n]).reshape(*x.shape[:2], h, d // h) for n in ("q", "k"))
+        return x + jnp.einsum("bhqk,bkd->bqd", jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k)), x)
+
+    def plain(p, x):
+        return attend(p, x)
+
+    def switched(p, x):
+        return jax.lax.cond(x[0, 0, 0] > 0, lambda y: attend(p, y), lambda y: attend(p, 2 * y), x)
+
+    x = jax.ShapeDtypeStruct((8, 32, d), jnp.float32)
+    got = []
+    for fn in (plain, switched):
+        p = tpflax.plan(tree, {"data": 2}, model=fn, sample=(x,))
+        got.append(tpflax.estimate(p, ADAM, model=fn, sample=(x,)).breakdown.scores)
+    assert got[0] == got[1] == (8 // 2) * h * 32 * 32 * 4

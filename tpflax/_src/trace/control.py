@@ -140,6 +140,6 @@ def cond(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> lis
     for i, br in enumerate(eqn.params["branches"]):
         body = body_of(br)
         # The first input is the branch index; the branches take the rest.
-        o = w.run(body, ins[len(ins) - len(body.invars):], ctx + (id(eqn), i))
+        o = w.run(body, ins[len(ins) - len(body.invars):], ctx + (("branch", id(eqn), i),))
         outs = o if outs is None else [w.join(a, b) for a, b in zip(outs, o, strict=True)]
     return outs or [Val(r) for r in ranks]

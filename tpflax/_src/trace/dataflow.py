@@ -149,7 +149,36 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                     biases=dict(w.biases), elementwise=frozenset(w.elementwise),
                     scanned=dict(w.scanned), n_eqns=w.n_eqns, fused=dict(w.fused),
                     shared=shared_reads(jaxpr, w.reads), remat=remat_share(jaxpr),
-                    products=tuple(w.products.values()))
+                    products=_one_branch(w.products))
+
+
+def _one_branch(products: dict) -> tuple:
+    """The score products a step runs: of a ``cond``'s branches, one runs (the largest is kept).
+
+    >>> from tpflax._src.trace.records import Product
+    >>> a, b = Product((2, 4, 8, 8), "float32"), Product((2, 4, 16, 16), "float32")
+    >>> br = lambda i: (("branch", 7, i),)
+    >>> [p.shape for p in _one_branch({(br(0), 1): a, (br(1), 2): b, ((), 3): a})]
+    [(2, 4, 16, 16), (2, 4, 8, 8)]
+    """
+    import math
+
+    size: dict[tuple, int] = {}
+    for (ctx, _), p in products.items():
+        for c in ctx:
+            if isinstance(c, tuple) and c[0] == "branch":  # the outermost cond around it
+                size[c] = size.get(c, 0) + math.prod(p.shape) * p.count
+                break
+    best: dict[int, int] = {}  # cond -> its largest branch
+    for (_, cond, i), n in size.items():
+        if cond not in best or n > size[("branch", cond, best[cond])]:
+            best[cond] = i
+    kept = []
+    for (ctx, _), p in products.items():
+        branch = next((c for c in ctx if isinstance(c, tuple) and c[0] == "branch"), None)
+        if branch is None or best[branch[1]] == branch[2]:
+            kept.append(p)
+    return tuple(kept)
 
 
 _CONTRACTIONS = ("dot_general", "conv_general_dilated")
