@@ -446,13 +446,19 @@ def _traced_bytes(column_units, activations, mesh: MeshShape, shards: int, remat
         split = [e for e in ents if any(roles[a] in (TENSOR, EXPERT) for a in entry_axes(e))]
         if split:
             col_units[unit] = math.prod(mesh.sizes[a] for a in entry_axes(split[-1]))
+    members = {u[:-len(":members")]: n for u, n in col_units.items() if u.endswith(":members")}
+
+    def member_split(path: str) -> int:  # an ensemble's layers, and the vmapped module holding them
+        return max([1] + [n for u, n in members.items() if u == path or u.startswith(path + "/")])
+
     full = dev = 0.0
     kept = top_level(activations)
     for path, calls in activations.items():
         if remat and path not in kept:
             continue  # only top-level (block) outputs are kept under remat
+        split = member_split(path) if members and calls and calls[0].members > 1 else 1
         for a in calls:
             nbytes = math.prod(a.output) * act_item
             full += nbytes
-            dev += nbytes / shards / col_units.get(path, col_units.get(path.split(":")[0], 1))
+            dev += nbytes / shards / col_units.get(path, col_units.get(path.split(":")[0], 1)) / split
     return int(dev), int(full)

@@ -149,6 +149,10 @@ def _column_units(decisions: Mapping[str, Any], specs: Mapping[str, tuple[Entry,
             ents = (spec[-1],) if spec and spec[-1] is not None else ()
         if ents:
             out[layer_key(d.unit)] = out.get(layer_key(d.unit), ()) + ents
+        if calls and calls[0].members > 1 and len(shape) > 1 and shape[0] == calls[0].members and spec[0] is not None:
+            # an ensemble's members stacked on dim 0 (nn.vmap / nnx.vmap) and split over devices: each device
+            # runs its own members' calls
+            out[layer_key(d.unit) + ":members"] = (spec[0],)
         if len(shape) == 2 and spec[0] is not None:
             # the tied logits (``attend``) come out along the table's rows: a vocab-parallel table splits them
             out[layer_key(d.unit) + ":attend"] = (spec[0],)
