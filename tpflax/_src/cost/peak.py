@@ -200,8 +200,8 @@ def logits_bytes(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -> tuple
     """
     heads = [(d.shape[-1], lv.specs[p][-1], acts_for(w.saved, d.unit), p) for p, d in lv.decisions.items()
              if d.kind == "head" and len(d.shape) >= 2]
-    heads += [(d.shape[0], lv.specs[p][0], acts_for(w.saved, d.unit + ":attend"), p)
-              for p, d in lv.decisions.items() if len(d.shape) == 2 and acts_for(w.saved, d.unit + ":attend")]
+    heads += [(d.shape[0], lv.specs[p][0], calls, p) for p, d in lv.decisions.items()
+              if len(d.shape) == 2 and (calls := acts_for(w.saved, d.unit + ":attend"))]
     if not heads:
         return 0, ""
     vocab, entry, calls, path = heads[-1]

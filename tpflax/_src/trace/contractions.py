@@ -126,7 +126,7 @@ def _note_product(w: Walk, eqn: Any, out: Val, ctx: tuple, lf, rf) -> None:
     w.pending = shape
     tags = tuple(tuple(sorted(out.dim_tags(d))) for d in range(len(shape)))
     count = math.prod(w.lengths.get(c, 1) for c in ctx if isinstance(c, int))
-    w.products[(ctx, id(eqn))] = Product(shape, str(eqn.outvars[0].aval.dtype), count, tags)
+    w.products[(ctx, id(eqn))] = Product(shape, count, tags)
 
 
 def conv_general_dilated(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:

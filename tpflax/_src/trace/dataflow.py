@@ -41,6 +41,7 @@ into proposals with reasons that name the evidence. The walk itself is in
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -156,29 +157,24 @@ def _one_branch(products: dict) -> tuple:
     """The score products a step runs: of a ``cond``'s branches, one runs (the largest is kept).
 
     >>> from tpflax._src.trace.records import Product
-    >>> a, b = Product((2, 4, 8, 8), "float32"), Product((2, 4, 16, 16), "float32")
+    >>> a, b = Product((2, 4, 8, 8)), Product((2, 4, 16, 16))
     >>> br = lambda i: (("branch", 7, i),)
     >>> [p.shape for p in _one_branch({(br(0), 1): a, (br(1), 2): b, ((), 3): a})]
     [(2, 4, 16, 16), (2, 4, 8, 8)]
     """
-    import math
+    def branch(ctx: tuple) -> tuple | None:  # the outermost cond branch around a product
+        return next((c for c in ctx if isinstance(c, tuple) and c[0] == "branch"), None)
 
     size: dict[tuple, int] = {}
     for (ctx, _), p in products.items():
-        for c in ctx:
-            if isinstance(c, tuple) and c[0] == "branch":  # the outermost cond around it
-                size[c] = size.get(c, 0) + math.prod(p.shape) * p.count
-                break
-    best: dict[int, int] = {}  # cond -> its largest branch
-    for (_, cond, i), n in size.items():
-        if cond not in best or n > size[("branch", cond, best[cond])]:
-            best[cond] = i
-    kept = []
-    for (ctx, _), p in products.items():
-        branch = next((c for c in ctx if isinstance(c, tuple) and c[0] == "branch"), None)
-        if branch is None or best[branch[1]] == branch[2]:
-            kept.append(p)
-    return tuple(kept)
+        if (b := branch(ctx)) is not None:
+            size[b] = size.get(b, 0) + math.prod(p.shape) * p.count
+    best: dict[int, tuple] = {}  # cond -> its largest branch
+    for b, n in size.items():
+        if b[1] not in best or n > size[best[b[1]]]:
+            best[b[1]] = b
+    return tuple(p for (ctx, _), p in products.items()
+                 if (b := branch(ctx)) is None or best[b[1]] == b)
 
 
 _CONTRACTIONS = ("dot_general", "conv_general_dilated")

@@ -58,14 +58,12 @@ class Product:
 
     Attributes:
         shape: its output's shape as traced.
-        dtype: its output's dtype.
         count: how many times the program runs it (the trip counts of the scans around it).
         tags: per output dim, the ``(use id, param dim)`` it carries: the heads dim carries
             the q and k kernels' head dims, which say how a plan splits it.
     """
 
     shape: tuple[int, ...]
-    dtype: str
     count: int = 1
     tags: tuple[tuple[tuple[int, int], ...], ...] = ()
 
@@ -120,8 +118,8 @@ class Dataflow:
         shared: use ids of contractions whose activation input something other than
             a parameter contraction also reads (a post-norm block's residual add; see
             :mod:`tpflax._src.trace.sharing`).
-        products: the expanding products of two activations (attention scores; see
-            :class:`Product`), in program order.
+        products: the attention scores' ``q @ k`` products (see :class:`Product`), in program
+            order; of a ``cond``'s branches, the largest's.
     """
 
     paths: tuple[str, ...]
