@@ -163,7 +163,8 @@ def estimate_comm(plan: Any, built: Built) -> tuple[float | None, str]:
     import tpflax
 
     try:
-        e = tpflax.estimate(plan, optax.adamw(1e-3), model=built.fn, sample=built.sample, backend="cpu")
+        e = tpflax.estimate(plan, optax.adamw(1e-3), model=built.fn, sample=built.sample, loss=built.loss,
+                            backend="cpu")
     except Exception as e:  # noqa: BLE001 - recorded, the compiled numbers still count
         return None, f"estimate: {type(e).__name__}: {str(e)[:200]}"
     return e.comm_total, ""

@@ -4,7 +4,7 @@
 classes at their published widths (2 layers per stack, abstract parameters) for a v5e:2x4
 topology and kept each step's memory analysis in ``results/third_party_tpu.json``. This script
 reads the compiled peak (argument + output - alias + temp per device) of every ``model=`` plan
-there and prices ``tpflax.estimate(plan, adamw, model=fn, sample=..., backend="tpu")``'s
+there and prices ``tpflax.estimate(plan, adamw, model=fn, sample=..., loss=..., backend="tpu")``'s
 ``Estimate.peak`` for the same plan: no compile, about two minutes. These models have no config
 tpflax knows: their activations come from the traced contractions, their attention scores from
 the traced ``q @ k`` products, their logits from the head or the tied table.
@@ -47,8 +47,8 @@ def rows_for(names: list[str]) -> list[dict]:
         for r in (x for x in compiled if x["arch"] == name):
             mesh = {k: int(v) for k, v in (kv.split("=") for kv in r["mesh"].split(","))}
             plan = published_plans(pub, built, mesh)["model"]
-            e = tpflax.estimate(plan, optax.adamw(1e-4), model=built.fn, sample=built.sample, backend="tpu",
-                                act_dtype=act)
+            e = tpflax.estimate(plan, optax.adamw(1e-4), model=built.fn, sample=built.sample, loss=built.loss,
+                                backend="tpu", act_dtype=act)
             peak = r["argument"] + r["output"] - r["alias"] + r["temp"]
             b = e.breakdown
             out.append({"arch": name, "mesh": r["mesh"], "dtype": pub.dtype, "compiled": peak, "estimate": e.peak,

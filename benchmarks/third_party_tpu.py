@@ -218,8 +218,8 @@ def estimate_comm(built: Any, plan: Any, act_dtype: Any = None) -> tuple[float |
     import tpflax
 
     try:
-        e = tpflax.estimate(plan, optax.adamw(1e-4), model=built.fn, sample=built.sample, backend="tpu",
-                            act_dtype=act_dtype)
+        e = tpflax.estimate(plan, optax.adamw(1e-4), model=built.fn, sample=built.sample, loss=built.loss,
+                            backend="tpu", act_dtype=act_dtype)
     except Exception as e:  # noqa: BLE001 - recorded; the compiled numbers still count
         return None, {}, f"estimate: {type(e).__name__}: {str(e)[:200]}"
     return float(e.comm_total), e.comm, ""

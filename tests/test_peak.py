@@ -386,6 +386,48 @@ def test_a_next_token_loss_holds_the_logits_gradient_apart(bias):
     assert zoo_est.breakdown.logits > 0 and zoo_est.breakdown.logits_grad == 0
 
 
+def _frames_lm():
+    # a decoder over audio-like frames (Whisper's shape of inputs): its first input is float, so the
+    # default loss cannot be inferred and the step's loss is the user's own
+    v, d = 512, 64
+    tree = {"enc": jax.ShapeDtypeStruct((80, d), jnp.float32), "emb": jax.ShapeDtypeStruct((v, d), jnp.float32)}
+
+    def lm(p, frames, ids):  # tied logits, as Whisper's decoder
+        ctx = jnp.tanh(frames @ p["enc"]).mean(1, keepdims=True)
+        return jnp.tanh(p["emb"][ids] + ctx) @ p["emb"].T
+
+    sample = (jax.ShapeDtypeStruct((16, 48, 80), jnp.float32), jax.ShapeDtypeStruct((16, 32), jnp.int32))
+    return tree, lm, sample
+
+
+def _xent(logits, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+
+
+@pytest.mark.parametrize("loss, apart", [
+    (None, False),  # no loss given: the default (none for float frames) holds nothing apart
+    (lambda out, frames, ids: _xent(out[:, :-1], ids[:, 1:]), True),  # reads a slice: held apart
+    (jax.jit(lambda out, frames, ids: _xent(out.astype(jnp.float32)[:, :-1], ids[:, 1:])), True),  # cast, jitted
+    (lambda out, frames, ids: _xent(out, ids), False),  # whole logits: the gradient formed in place
+])
+def test_the_loss_given_says_whether_the_logits_gradient_is_held_apart(loss, apart):
+    # estimate(..., loss=) prices the step make_train_step(..., loss=) compiles: the loss is traced on
+    # the model's abstract output (before: only tpflax's default next-token loss was known to slice)
+    tree, lm, sample = _frames_lm()
+    p = tpflax.plan(tree, {"data": 2, "model": 4}, model=lm, sample=sample)
+    e = tpflax.estimate(p, ADAM, model=lm, sample=sample, loss=loss)
+    assert e.breakdown.logits > 0
+    assert e.breakdown.logits_grad == (e.breakdown.logits // 2 if apart else 0)
+    assert ("loss" in e.settings) == (loss is not None)
+
+
+def test_a_loss_that_fails_on_the_output_is_a_clear_error():
+    tree, lm, sample = _frames_lm()
+    p = tpflax.plan(tree, {"data": 2, "model": 4}, model=lm, sample=sample)
+    with pytest.raises(tpflax.EstimateError, match=r"loss\(output, \*sample\) failed .*make_train_step"):
+        tpflax.estimate(p, ADAM, model=lm, sample=sample, loss=lambda out, ids: out.mean())
+
+
 def test_numbered_list_layers_are_gathered_as_blocks():
     # HF's model/layers/0/... and an nnx list's blocks/0/... are repeated blocks, as linen's layers_0: two
     # blocks' weights gathered at once (before: each leaf its own block, so the two largest leaves)

@@ -375,3 +375,28 @@ def test_a_config_less_model_is_priced_with_its_traced_attention_scores():
     e = tpflax.estimate(top.plan, adam, model=Net(), sample=(x,))
     assert e.breakdown.scores > 0
     assert top.peak == top.estimate.peak == e.peak
+
+
+def test_a_loss_given_is_priced_and_compiled():
+    # suggest_mesh(..., loss=) prices the step that loss makes (estimate(..., loss=)): a loss reading a slice
+    # of the logits holds their gradient apart; verify compiles the same loss
+    import flax.linen as nn
+
+    class Net(nn.Module):  # float frames and token ids in, tied logits out
+        @nn.compact
+        def __call__(self, frames, ids):
+            emb = nn.Embed(512, 32)
+            ctx = nn.Dense(32)(frames).mean(1, keepdims=True)
+            return emb.attend(nn.Dense(32)(emb(ids) + ctx))
+
+    def loss(out, frames, ids):
+        return optax.softmax_cross_entropy_with_integer_labels(out[:, :-1], ids[:, 1:]).mean()
+
+    sample = (jax.ShapeDtypeStruct((8, 24, 16), jnp.float32), jax.ShapeDtypeStruct((8, 16), jnp.int32))
+    adam = optax.adam(1e-3)
+    s = suggest_mesh(Net(), 8, "1GiB", "h100", optimizer=adam, sample=sample, loss=loss, verify=1)
+    top = s.ranked[0]
+    e = tpflax.estimate(top.plan, adam, model=Net(), sample=sample, loss=loss, backend="gpu")
+    assert e.breakdown.logits_grad > 0 and top.peak == e.peak
+    v = s.verified[0]
+    assert v.compiled is not None and v.compiled > 0 and v.note == "", v

@@ -133,7 +133,7 @@ def estimate(plan, optimizer: Any = None, batch: Any = None, *, config: Any = No
              activations: Mapping[str, Sequence[Act]] | None = None, model: Any = None, sample: Any = None,
              remat: bool = False, grad_dtype: Any = None, act_dtype: Any = None,
              backend: str = "tpu", expert_dispatch: str = "all-to-all",
-             optimizer_name: str | None = None) -> Estimate:
+             optimizer_name: str | None = None, loss: Any = None) -> Estimate:
     """Bytes per device and communication per training step for a plan.
 
     Args:
@@ -163,6 +163,11 @@ def estimate(plan, optimizer: Any = None, batch: Any = None, *, config: Any = No
         expert_dispatch: ``"all-to-all"`` (routed tokens move to their experts) or
             ``"dense"`` (every expert sees every token; expert-split like a pair).
         optimizer_name: how to name the optimizer in reports (default: from optax).
+        loss: the ``loss(output, *sample)`` given to :func:`tpflax.make_train_step`, if any:
+            the peak is for that step. A loss that reads a slice of the logits (as the
+            default next-token loss reads ``logits[:, :-1]``) holds their gradient apart
+            from them (``Peak.logits_grad``); one over whole logits forms it in place.
+            Default: the step's default loss.
 
     Returns:
         An :class:`Estimate`.
@@ -184,5 +189,5 @@ def estimate(plan, optimizer: Any = None, batch: Any = None, *, config: Any = No
                             "tpflax.plan(tree, mesh) or tpflax.Plan.from_json(text)")
     w = prepare(plan, optimizer, batch, config=config, activations=activations, model=model, sample=sample,
                 remat=remat, grad_dtype=grad_dtype, act_dtype=act_dtype, backend=backend,
-                expert_dispatch=expert_dispatch, optimizer_name=optimizer_name)
+                expert_dispatch=expert_dispatch, optimizer_name=optimizer_name, loss=loss)
     return price(plan.decisions, plan.mesh, w)

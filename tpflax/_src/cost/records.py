@@ -123,7 +123,8 @@ class Peak:
         recompute: remat: one layer's activations recomputed in its backward pass.
         logits: the float32 logits at the loss (their gradient is formed in place).
         logits_grad: the logits' gradient, held apart from them when the loss reads a slice of the
-            logits (tpflax's next-token default loss, ``logits[:, :-1]``): bfloat16 on TPU (the head's
+            logits (tpflax's next-token default loss, ``logits[:, :-1]``, or a ``loss=`` that does,
+            traced): bfloat16 on TPU (the head's
             matmuls read it at default precision), float32 when a bias added to the logits also
             reads it (its gradient sums it).
         gathered_last: fsdp: the last layer's gathered weights while its gradients form.

@@ -68,9 +68,9 @@ class Workload:
             models keep their shape formulas for it. Empty for a module's trace.
         scores: the traced attention scores (see :class:`Scores`), for the peak of a model
             without a config's heads and sequence length.
-        next_token: the step's loss is tpflax's next-token default (a model other than a zoo
-            model, called on token ids ``(batch, seq)``): it reads a slice of the logits, whose
-            gradient is then held apart from them (``Peak.logits_grad``).
+        next_token: the step's loss reads a slice of the logits, whose gradient is then held
+            apart from them (``Peak.logits_grad``): the ``loss=`` given, traced, else tpflax's
+            next-token default (a model other than a zoo model, called on token ids ``(batch, seq)``).
         biased: from the trace (:attr:`Traced.biased`).
     """
 
@@ -174,7 +174,8 @@ def _check_options(act_dtype: Any, grad_dtype: Any, backend: str, expert_dispatc
 def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = None,
             activations: Mapping[str, Sequence[Act]] | None = None, model: Any = None, sample: Any = None,
             remat: bool = False, grad_dtype: Any = None, act_dtype: Any = None, backend: str = "tpu",
-            expert_dispatch: str = "all-to-all", optimizer_name: str | None = None) -> Workload:
+            expert_dispatch: str = "all-to-all", optimizer_name: str | None = None,
+            loss: Any = None) -> Workload:
     """The per-model part of :func:`tpflax.estimate`, for any plan of ``plan``'s tree (see its args).
 
     >>> import jax, optax, tpflax
@@ -209,6 +210,8 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                 "activations": "traced" if activations else "formula"}
     if assumed:
         settings["sample"] = assumed
+    if loss is not None:
+        settings["loss"] = getattr(loss, "__name__", type(loss).__name__)
     contractions = contraction_calls(plan, t.contractions, b.size, t.tied or frozenset()) if not activations else {}
     if contractions:
         settings["activations"] = "contractions"
@@ -218,7 +221,8 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     settings=settings, tied=t.tied if not activations else None, parts=t.parts, rows=t.rows,
                     fused=t.fused, shared=t.shared, lookups=t.lookups,
                     grouped=t.grouped, joined=t.joined,
-                    contractions=contractions, scores=t.scores, next_token=_next_token(m), biased=t.biased)
+                    contractions=contractions, scores=t.scores,
+                    next_token=_next_token(m) if loss is None else _reads_slice(m, loss), biased=t.biased)
 
 
 def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
@@ -319,6 +323,61 @@ def _next_token(m: Any) -> bool:
     x = m.sample[0]
     shape, dtype = getattr(x, "shape", ()), getattr(x, "dtype", None)
     return len(shape) == 2 and dtype is not None and np_dtype(str(dtype)).kind in "iu"
+
+
+_THROUGH = ("convert_element_type", "copy", "reduce_precision", "optimization_barrier")
+_SLICES = ("slice", "dynamic_slice")
+
+
+def _reads_slice(m: Any, loss: Any) -> bool:
+    """Whether ``loss(output, *sample)`` (the ``loss=`` of :func:`tpflax.make_train_step`) reads a slice
+    of the model's logits (its largest float output), as the next-token loss reads ``logits[:, :-1]``:
+    then the logits' gradient is formed apart from them. Traced abstractly.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from tpflax._src.model import as_model
+    >>> m = as_model(lambda v, ids: v["emb"][ids], (jax.ShapeDtypeStruct((2, 5), "int32"),),
+    ...              {"emb": jax.ShapeDtypeStruct((10, 4), "float32")})
+    >>> _reads_slice(m, lambda out, ids: out[:, :-1].mean()), _reads_slice(m, lambda out, ids: out.mean())
+    (True, False)
+    """
+    import jax
+    import jax.numpy as jnp
+
+    if m is None:
+        return False
+    try:
+        out = jax.eval_shape(m.forward, m.variables, *m.sample)
+        leaves, tree = jax.tree_util.tree_flatten(out)
+        closed = jax.make_jaxpr(lambda o, x: loss(jax.tree_util.tree_unflatten(tree, o), *x))(leaves, m.sample)
+    except Exception as e:  # noqa: BLE001 - the user's loss on the model's output; said once with the fix
+        raise EstimateError(f"loss(output, *sample) failed on {m.name}'s abstract output "
+                            f"({type(e).__name__}: {e}); pass the loss make_train_step is given") from e
+    floats = [i for i, x in enumerate(leaves) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not floats:
+        return False
+    logits = max(floats, key=lambda i: leaves[i].size)
+    return _sliced(closed.jaxpr, closed.jaxpr.invars[logits])
+
+
+def _sliced(jaxpr: Any, var: Any) -> bool:
+    """Whether a slice of at least half of ``var`` reads it in ``jaxpr`` (through dtype casts and nested
+    calls): the part a loss is computed over, not one label's logit picked out."""
+    for eqn in jaxpr.eqns:
+        for i, v in enumerate(eqn.invars):
+            if v is not var:
+                continue
+            name = eqn.primitive.name
+            if name in _SLICES and 2 * math.prod(eqn.outvars[0].aval.shape) >= math.prod(var.aval.shape):
+                return True
+            if name in _THROUGH and _sliced(jaxpr, eqn.outvars[0]):
+                return True
+            sub = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr")
+            inner = getattr(sub, "jaxpr", sub)
+            if inner is not None and hasattr(inner, "invars") and len(inner.invars) == len(eqn.invars) \
+                    and _sliced(inner, inner.invars[i]):
+                return True
+    return False
 
 
 def _sample_of(plan, model: Any, sample: Any, batch: Any) -> tuple[Any, str]:

@@ -287,7 +287,7 @@ def suggest_mesh(model_or_tree: Any, devices: int, device_memory: Any = None, ha
                  fsdp_min_bytes: int = 1 << 18, min_channels: int = 64, tensor_min_bytes: int = 0,
                  stacked: str | None = None, use_annotations: bool = True, trace_plan: bool = False,
                  verify: int = 0, raise_if_none: bool = True, sample: Any = None,
-                 variables: Any = None) -> Suggestion:
+                 variables: Any = None, loss: Any = None) -> Suggestion:
     """Rank every (data, fsdp, tensor[, expert]) mesh shape for ``devices`` devices.
 
     Args:
@@ -321,6 +321,9 @@ def suggest_mesh(model_or_tree: Any, devices: int, device_memory: Any = None, ha
         sample: the model's example inputs (the batch when ``batch`` is None, for
             models other than zoo ones).
         variables: the variable tree of a plain function model.
+        loss: the ``loss(output, *sample)`` the model trains with (as
+            :func:`tpflax.make_train_step` takes it): priced as :func:`tpflax.estimate`
+            prices it, and compiled by ``verify`` (a model other than a zoo model).
 
     Returns:
         A :class:`Suggestion`: ``ranked[0].mesh_shape``, ``.plan``, ``.estimate``, ``.why``.
@@ -350,7 +353,7 @@ def suggest_mesh(model_or_tree: Any, devices: int, device_memory: Any = None, ha
         plan_kwargs["rules"] = rules
     est_kwargs = dict(remat=remat, grad_dtype=grad_dtype, act_dtype=act_dtype,
                       backend=backend or ("gpu" if hw.kind == "gpu" else "tpu"), expert_dispatch=expert_dispatch,
-                      optimizer_name=optimizer_name)
+                      optimizer_name=optimizer_name, loss=loss)
     ctx, notes = _context(model_or_tree, hw, devices, sample=sample, variables=variables, optimizer=optimizer,
                           batch=batch, config=config, trace=trace, plan_kwargs=plan_kwargs, est_kwargs=est_kwargs)
     if hardware is None:

@@ -68,8 +68,10 @@ def _step_args(ctx: Any) -> tuple[Any, dict] | None:
 
     A zoo model trains on its own batch and loss. Another model (a linen or nnx
     Module, a function) trains on its sample inputs at the suggested batch, with
-    its default loss (next-token cross-entropy over logits), else the mean square
-    of its float outputs: memory and collectives do not depend on which loss.
+    the ``loss=`` given to :func:`tpflax.suggest_mesh`, else its default loss
+    (next-token cross-entropy over logits), else the mean square of its float
+    outputs (collectives do not depend on which loss; the peak may, by the logits'
+    gradient).
     """
     if ctx is None:
         return None
@@ -83,6 +85,9 @@ def _step_args(ctx: Any) -> tuple[Any, dict] | None:
     from tpflax._src.step import default_loss
 
     kw = {"sample": sample, "variables": m.variables}
+    if ctx.est_kwargs.get("loss") is not None:
+        kw["loss"] = ctx.est_kwargs["loss"]
+        return m.forward, kw
     try:
         default_loss(m, m.variables)
     except OptionError:
