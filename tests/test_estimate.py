@@ -3,6 +3,7 @@
 import json
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -298,6 +299,61 @@ def test_tied_table_and_forced_specs_match_the_compiled_step():
         assert est == pytest.approx(got, abs=16), (name, est, got)
     d = plans["forced"].decisions
     assert (d["up"].role, d["down"].role) == ("column", "row") and d["up"].pair == d["down"].pair
+
+
+class _AnnotatedLM(nn.Module):
+    """MaxText's names and logical annotations: a token table, one MLP pair, an untied ``logits_dense``."""
+
+    @nn.compact
+    def __call__(self, ids):
+        lp = nn.with_logical_partitioning
+        emb = self.param("token_embedder", lp(nn.initializers.normal(), ("vocab", "embed")), (1000, 64))
+        h = jnp.take(emb, ids, axis=0)
+        up = nn.Dense(256, use_bias=False, kernel_init=lp(nn.initializers.lecun_normal(), ("embed", "mlp")), name="wi")
+        down = nn.Dense(64, use_bias=False, kernel_init=lp(nn.initializers.lecun_normal(), ("mlp", "embed")), name="wo")
+        h = h + down(nn.relu(up(h)))
+        return nn.DenseGeneral(1000, use_bias=False, name="logits_dense",
+                               kernel_init=lp(nn.initializers.lecun_normal(), ("embed", "vocab")))(h)
+
+
+class _Experts(nn.Module):
+    """A gated expert MLP under names without "expert" in them: (E, d, f) up and gate, (E, f, d) down."""
+
+    @nn.compact
+    def __call__(self, x):  # (tokens, d), every expert on every token (dense dispatch)
+        init = nn.initializers.lecun_normal()
+        w_in, w_gate = (self.param(n, init, (4, 64, 128)) for n in ("w_in", "w_gate"))
+        w_out = self.param("w_out", init, (4, 128, 64))
+        h = jax.nn.silu(jnp.einsum("td,edf->etf", x, w_gate)) * jnp.einsum("td,edf->etf", x, w_in)
+        return x + jnp.einsum("etf,efd->td", h, w_out)
+
+
+@pytest.mark.parametrize("case", ["annotated head", "rule-forced experts"])
+def test_a_spec_prices_the_same_whoever_chose_it(case):
+    # a rule or an annotation forces a spec, not what the leaf is: forced (annotated) output heads were priced
+    # as a column without a partner (an all-gather of the whole logits) and rule-forced expert kernels lost
+    # their pair (no pair all-reduces), so the same specs estimated 0.63x-1.25x apart
+    mesh = {"data": 2, "model": 4}
+    if case == "annotated head":
+        m, x = _AnnotatedLM(), jax.ShapeDtypeStruct((8, 32), jnp.int32)
+        rules = [("logits_dense", P(None, "model")), ("token_embedder", P("model", None)),
+                 ("wi", P(None, "model")), ("wo", P("model", None))]
+    else:
+        m, x = _Experts(), jax.ShapeDtypeStruct((64, 64), jnp.float32)
+        rules = [("w_(in|gate)", P(None, None, "model")), ("w_out", P(None, "model", None))]
+    v = jax.eval_shape(m.init, jax.random.key(0), x)
+    traced = {} if case == "annotated head" else {"model": m, "sample": (x,)}
+    plans = {"planner": tpflax.plan(v, mesh, use_annotations=False, **traced),
+             "rules": tpflax.plan(v, mesh, rules=rules, use_annotations=False, **traced)}
+    if case == "annotated head":
+        plans["annotations"] = tpflax.plan(v, mesh)
+    specs = {k: {p: d.spec for p, d in q.decisions.items()} for k, q in plans.items()}
+    assert all(s == specs["planner"] for s in specs.values()), specs
+    facts = {k: {p: (d.kind, d.role) for p, d in q.decisions.items()} for k, q in plans.items()}
+    assert all(f == facts["planner"] for f in facts.values()), facts
+    tx = optax.adamw(1e-3)
+    comm = {k: estimate(q, tx, model=m, sample=(x,), backend="cpu").comm_total for k, q in plans.items()}
+    assert len(set(comm.values())) == 1, comm
 
 
 def test_a_bare_shape_batch_sets_the_traced_sequence_length():

@@ -36,6 +36,7 @@ from tpflax._src.planner.rules import Forced, default_logical_rules, force, pars
 from tpflax._src.specs import (
     bytes_per_device,
     entries,
+    entry_axes,
     fmt_bytes,
     spec_problems,
     spec_to_json,
@@ -172,6 +173,7 @@ def _propose(facts: Sequence[Facts], ms: MeshShape, opts: Options, forced: Force
     tpairs: list[Pair] = []
     disagreements: list[str] = []
     sources = dict(forced.sources)
+    flow = widest = None
     if model is not None:  # dataflow first; the tree heuristics handle what it does not explain
         from tpflax._src.planner import dataflow_rules
         from tpflax._src.trace.dataflow import dataflow
@@ -188,8 +190,26 @@ def _propose(facts: Sequence[Facts], ms: MeshShape, opts: Options, forced: Force
     proposals, pairs = heuristics.propose([f for f in facts if f.path not in traced], ms, opts,
                                           skip=forced.proposals, first_pair=len(tpairs) + 1, doubts=doubts)
     proposals.update(traced)
-    proposals.update(_forced_facts(forced.proposals, facts, tpairs + pairs))
-    return proposals, tpairs + pairs, sources, disagreements, doubts, opts
+    pairs = tpairs + pairs
+    if forced.proposals:
+        own, own_pairs = _unforced(facts, ms, opts, flow, widest)
+        forced_props, pairs = _forced_facts(forced.proposals, facts, pairs, own, own_pairs, ms)
+        proposals.update(forced_props)
+    return proposals, pairs, sources, disagreements, doubts, opts
+
+
+def _unforced(facts: Sequence[Facts], ms: MeshShape, opts: Options, flow: Any,
+              widest: int | None) -> tuple[dict[str, Proposal], list[Pair]]:
+    """The planner's own proposals and pairs for every leaf, as if nothing were forced (the trace's
+    first, then the tree heuristics'): what a forced leaf is, whoever chose its spec."""
+    own: dict[str, Proposal] = {}
+    pairs: list[Pair] = []
+    if flow is not None:
+        from tpflax._src.planner import dataflow_rules
+
+        own, pairs = dataflow_rules.propose(facts, ms, opts, flow, widest_rows=widest)
+    rest, more = heuristics.propose([f for f in facts if f.path not in own], ms, opts, first_pair=len(pairs) + 1)
+    return {**rest, **own}, pairs + more
 
 
 def _traced_tokens(tokens: int, widest: int, sample_rows: int) -> int:
@@ -217,24 +237,51 @@ def _sample_rows(sample: Any) -> int:
         return 0
 
 
-def _forced_facts(forced: Mapping[str, Proposal], facts: Sequence[Facts],
-                  pairs: Sequence[Pair]) -> dict[str, Proposal]:
-    """Forced proposals with the facts the rule sets found about their leaves.
+def _forced_facts(forced: Mapping[str, Proposal], facts: Sequence[Facts], pairs: Sequence[Pair],
+                  own: Mapping[str, Proposal], own_pairs: Sequence[Pair],
+                  ms: MeshShape) -> tuple[dict[str, Proposal], list[Pair]]:
+    """Forced proposals with the facts the rule sets found about their leaves, and the pairs.
 
-    A rule forces the spec, not what the leaf is: a forced kernel in a pair the
-    heuristics (or the trace) found keeps that pair and its side, and a forced
-    dense layer named like an output head is one, so that a spec costs the same
-    whether a rule or the planner chose it.
+    A rule forces the spec, not what the leaf is, so that a spec costs the same
+    whether a rule, an annotation or the planner chose it: a forced kernel in a
+    pair this pass found keeps that pair and its side; else, where the planner's
+    own proposal for it (:func:`_unforced`) splits it over the same tensor and
+    expert axes, it is what the planner says it is: an output head, or a member
+    of a pair whose every member is forced that way (a gated expert MLP forced
+    by rules, an annotated model's blocks). A forced dense layer named like an
+    output head is one.
     """
     side = {p: (pair.id, "column") for pair in pairs for p in pair.columns}
     side.update({p: (pair.id, "row") for pair in pairs for p in pair.rows})
     heads = {f.path for f in facts if f.kind == "dense" and HEAD.match(f.layer_name)}
+    rank = {f.path: len(f.leaf.shape) for f in facts}
+    same = {path for path, p in forced.items() if path in own and path not in side
+            and _tensor_split(entries(p.spec, rank[path]), ms) == _tensor_split(entries(own[path].spec, rank[path]), ms)}
+    pairs = list(pairs)
+    for pair in own_pairs:
+        members = pair.columns + pair.rows
+        if members and all(m in same for m in members):
+            new = replace(pair, id=len(pairs) + 1)
+            pairs.append(new)
+            side.update({m: (new.id, "column" if m in pair.columns else "row") for m in members})
     out = {}
     for path, p in forced.items():
         pid, role = side.get(path, (None, None))
-        out[path] = replace(p, pair=p.pair if p.pair is not None else pid, role=p.role or role,
-                            kind=p.kind or ("head" if path in heads and pid is None else None))
-    return out
+        kind = p.kind or ("head" if path in heads and pid is None else None)
+        if kind is None and path in same and own[path].kind == "head":
+            kind = "head"
+        out[path] = replace(p, pair=p.pair if p.pair is not None else pid, role=p.role or role, kind=kind)
+    return out, pairs
+
+
+def _tensor_split(spec: Sequence[Any], ms: MeshShape) -> tuple:
+    """A spec's tensor and expert axes per dim (fsdp and data axes dropped): what pairs read.
+
+    >>> _tensor_split(("fsdp", ("fsdp", "model")), mesh_shape({"fsdp": 2, "model": 4}))
+    ((), ('model',))
+    """
+    roles = dict(ms.roles)
+    return tuple(tuple(a for a in entry_axes(e) if roles.get(a) in (TENSOR, EXPERT)) for e in spec)
 
 
 def _decision(f: Facts, p: Proposal, source: str, ms: MeshShape) -> Decision:
