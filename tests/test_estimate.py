@@ -536,9 +536,14 @@ def test_a_sample_input_that_is_no_batch_keeps_its_shape():
     assert [a.shape for a in ts.args[2]] == [(16, 16), (2, 16)]
 
 
-def test_a_traced_models_own_remat_turns_remat_on():
+@pytest.mark.parametrize("how, remat", [("remat", True), ("nothing_saveable", True), ("dots_saveable", False),
+                                         ("none", False)])
+def test_a_traced_models_own_remat_turns_remat_on(how, remat):
     # nn.scan(nn.remat(Block)): the step recomputes every block, which the estimate only knew from a
-    # zoo config's remat field (a user's model was priced as saving every activation)
+    # zoo config's remat field (a user's model was priced as saving every activation). A policy that saves
+    # nothing (big_vision's and MaxText's full remat) is a full remat too (it read as none); one that saves
+    # the dots is not. A scan's body counts once per layer against the contractions outside it (a head of
+    # three layers outweighed three scanned blocks counted once)
     import flax.linen as nn
 
     class Block(nn.Module):
@@ -546,28 +551,28 @@ def test_a_traced_models_own_remat_turns_remat_on():
         def __call__(self, x, _):
             return x + nn.Dense(64, name="down")(nn.gelu(nn.Dense(256, name="up")(nn.LayerNorm()(x)))), None
 
-    def lm(remat):
-        class LM(nn.Module):
-            @nn.compact
-            def __call__(self, ids):
-                x = nn.Embed(128, 64)(ids)
-                block = nn.remat(Block) if remat else Block
-                x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)(
-                    name="blocks")(x, None)
-                return nn.Dense(128)(x)
-
-        return LM()
+    class LM(nn.Module):
+        @nn.compact
+        def __call__(self, ids):
+            x = nn.Embed(128, 64)(ids)
+            policy = {"nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+                      "dots_saveable": jax.checkpoint_policies.dots_saveable}.get(how)
+            block = Block if how == "none" else nn.remat(Block, policy=policy)
+            x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)(
+                name="blocks")(x, None)
+            for i in range(2):
+                x = nn.tanh(nn.Dense(64, name=f"pool_{i}")(x))
+            return nn.Dense(128)(x)
 
     ids = jax.ShapeDtypeStruct((8, 32), "int32")
-    for remat in (True, False):
-        m = lm(remat)
-        v = jax.eval_shape(m.init, jax.random.key(0), ids)
-        p = tpflax.plan(v, {"fsdp": 2, "model": 4}, model=m, sample=(ids,))
-        e = estimate(p, optax.adam(1e-3), model=m, sample=(ids,))
-        assert e.settings["remat"] is remat
-        assert any("scanned layer stack without remat" in n for n in e.notes) is not remat
-        said = estimate(p, optax.adam(1e-3), model=m, sample=(ids,), remat=True)
-        assert (e.per_device, e.peak, e.comm) == (said.per_device, said.peak, said.comm) or not remat
+    m = LM()
+    v = jax.eval_shape(m.init, jax.random.key(0), ids)
+    p = tpflax.plan(v, {"fsdp": 2, "model": 4}, model=m, sample=(ids,))
+    e = estimate(p, optax.adam(1e-3), model=m, sample=(ids,))
+    assert e.settings["remat"] is remat
+    assert any("scanned layer stack without remat" in n for n in e.notes) is not remat
+    said = estimate(p, optax.adam(1e-3), model=m, sample=(ids,), remat=True)
+    assert (e.per_device, e.peak, e.comm) == (said.per_device, said.peak, said.comm) or not remat
 
 
 def test_cpu_backend_says_16_bit_collectives_run_in_float32():

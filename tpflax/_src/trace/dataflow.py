@@ -182,27 +182,37 @@ _REMAT = ("checkpoint", "remat", "remat2")
 
 
 def remat_share(jaxpr: Any) -> float:
-    """The share of ``jaxpr``'s contraction equations inside a rematerialised call (0 without any);
-    a call with a saving policy (``jax.checkpoint_policies.dots_saveable``...) does not count.
+    """The share of ``jaxpr``'s contractions, as they run (a scan's body once per iteration), inside a
+    rematerialised call (0 without any). A call whose policy saves nothing
+    (``jax.checkpoint_policies.nothing_saveable``, big_vision's and MaxText's full remat) counts; one
+    with a saving policy (``dots_saveable``...) does not: it keeps what it names.
 
     >>> import jax, jax.numpy as jnp
     >>> f = lambda w, x: jax.checkpoint(lambda x: jnp.tanh(x @ w))(x) @ w
     >>> remat_share(jax.make_jaxpr(f)(jnp.ones((4, 4)), jnp.ones((2, 4))).jaxpr)
     0.5
+    >>> def stack(w, x):  # four remat'd layers in a scan, one contraction outside it
+    ...     body = jax.checkpoint(lambda h, _: (jnp.tanh(h @ w), None), policy=jax.checkpoint_policies.nothing_saveable)
+    ...     return jax.lax.scan(body, x, None, length=4)[0] @ w
+    >>> remat_share(jax.make_jaxpr(stack)(jnp.ones((4, 4)), jnp.ones((2, 4))).jaxpr)
+    0.8
     """
-    counts = [0, 0]  # contractions, of which rematerialised
+    import jax
 
-    def visit(j: Any, inside: bool) -> None:
+    full = (None, jax.checkpoint_policies.nothing_saveable)
+    counts = [0, 0]  # contractions as they run, of which rematerialised
+
+    def visit(j: Any, inside: bool, times: int) -> None:
         for eqn in j.eqns:
             if eqn.primitive.name in _CONTRACTIONS:
-                counts[0] += 1
-                counts[1] += inside
-            # a checkpoint with a policy (dots_saveable...) saves what it names: not a full remat
-            remat = eqn.primitive.name in _REMAT and eqn.params.get("policy") is None
+                counts[0] += times
+                counts[1] += times * inside
+            remat = eqn.primitive.name in _REMAT and eqn.params.get("policy") in full
+            runs = times * int(eqn.params.get("length", 1)) if eqn.primitive.name == "scan" else times
             for sub in _sub_jaxprs(eqn.params.values()):
-                visit(sub, inside or remat)
+                visit(sub, inside or remat, runs)
 
-    visit(jaxpr, False)
+    visit(jaxpr, False, 1)
     return counts[1] / counts[0] if counts[0] else 0.0
 
 
