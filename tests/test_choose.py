@@ -416,3 +416,18 @@ def test_feature_split_stream_estimate_matches_the_tpu_compiler():
     gathers = [c for c in dr.collectives if c.kind == "all-gather" and c.shapes == ((4, 128, 64),)]
     assert gathers and all(c.dtypes == ("bf16",) for c in gathers), gathers
     assert est.comm_total == pytest.approx(dr.comm_total, rel=0.10), (est.comm_total, dr.comm_total)
+
+
+@pytest.mark.parametrize("batch", [(8, 32), "8x32", (jax.ShapeDtypeStruct((8, 32), jnp.int32),)])
+def test_a_bare_batch_shape_of_a_token_model_is_its_ids(batch):
+    # plan(batch=(8, 32)) of a model on token ids priced 8 rows of 32 features, not 256 tokens: a tree
+    # with an embedding table (or a model whose sample is integer ids) reads a bare shape as ids
+    from _util import tiny_lm
+
+    ids = jax.ShapeDtypeStruct((8, 32), jnp.int32)
+    m = tiny_lm()
+    v = jax.eval_shape(m.init, jax.random.key(0), ids)
+    for kw in ({}, {"model": m, "sample": (ids,)}):
+        assert tpflax.plan(v, DP_TP, batch=batch, **kw).options["tokens"] == 256
+    float_rows = tpflax.plan({"w": jax.ShapeDtypeStruct((32, 64), jnp.float32)}, DP_TP, batch=(8, 32))
+    assert float_rows.options["tokens"] == 8  # no table: a batch of 8 feature rows

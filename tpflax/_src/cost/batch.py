@@ -192,3 +192,19 @@ def resolve_batch(batch: Any, zoo: Any = None) -> Any:
 
         return jax.eval_shape(lambda: zoo.make_batch(0, dims[0]))
     return batch
+
+
+def bare_shape(batch: Any) -> tuple[int, ...] | None:
+    """``batch`` as a shape when it is one (``(8, 64)``, ``"8x64"``, a zoo batch ``{"x": (8, 64), ...}``),
+    else None."""
+    if isinstance(batch, Mapping) and "x" in batch:  # a zoo batch: its inputs' shape
+        x = batch["x"]
+        batch = tuple(x.shape) if hasattr(x, "shape") else x
+    if isinstance(batch, str):
+        try:
+            batch = shape_text(batch)
+        except ValueError:
+            return None
+    if isinstance(batch, (tuple, list)) and len(batch) > 1 and all(isinstance(x, int) for x in batch):
+        return tuple(batch)
+    return None

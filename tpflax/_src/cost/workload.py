@@ -16,11 +16,11 @@ from typing import Any
 from tpflax._src.cost.activations import trace_activations
 from tpflax._src.cost.batch import (
     Batch,
+    bare_shape,
     config_value,
     dtype_name,
     np_dtype,
     parse_batch,
-    shape_text,
 )
 from tpflax._src.cost.optstate import OptLayout, opt_layout
 from tpflax._src.cost.optstate import optimizer_name as name_of
@@ -386,7 +386,7 @@ def _sample_of(plan, model: Any, sample: Any, batch: Any) -> tuple[Any, str]:
     tree has an embedding table, else float32 features. Anything else is returned as given."""
     from tpflax._src.model import is_zoo
 
-    shape = _bare_shape(batch)
+    shape = bare_shape(batch)
     if sample is not None or model is None or is_zoo(model) or shape is None:
         return sample, ""
     import jax
@@ -407,22 +407,6 @@ def _model(plan, model: Any, sample: Any):
     return m if m.variables is not None else m.with_variables(planned_tree(plan))
 
 
-def _bare_shape(batch: Any) -> tuple[int, ...] | None:
-    """``batch`` as a shape when it is one (``(8, 64)``, ``"8x64"``, a zoo batch ``{"x": (8, 64), ...}``),
-    else None."""
-    if isinstance(batch, Mapping) and "x" in batch:  # a zoo batch: its inputs' shape
-        x = batch["x"]
-        batch = tuple(x.shape) if hasattr(x, "shape") else x
-    if isinstance(batch, str):
-        try:
-            batch = shape_text(batch)
-        except ValueError:
-            return None
-    if isinstance(batch, (tuple, list)) and len(batch) > 1 and all(isinstance(x, int) for x in batch):
-        return tuple(batch)
-    return None
-
-
 def _at_batch_shape(m: Any, batch: Any) -> tuple[Any, Any]:
     """``(m, batch)`` with ``m`` traced at the shape it is estimated for: a bare-shape batch ``(8, 64)``
     sets the shape of a one-input model's sample (activations and collectives follow the sequence
@@ -431,7 +415,7 @@ def _at_batch_shape(m: Any, batch: Any) -> tuple[Any, Any]:
     length is an error."""
     if m is not None and m.zoo is None and isinstance(batch, int) and not isinstance(batch, bool) and m.sample:
         return m.with_batch(batch), None
-    shape = _bare_shape(batch)
+    shape = bare_shape(batch)
     if m is None or shape is None or len(m.sample) != 1:
         return m, batch
     s = m.sample[0]

@@ -31,7 +31,7 @@ from tpflax._src.planner import heuristics
 from tpflax._src.planner.builders import Options, Proposal
 from tpflax._src.planner.checks import plan_checks
 from tpflax._src.planner.decision import Decision, Pair, Plan, check_tree_matches
-from tpflax._src.planner.pricing import pricing
+from tpflax._src.planner.pricing import pricing, token_batch
 from tpflax._src.planner.rules import Forced, default_logical_rules, force, parse_rules
 from tpflax._src.specs import (
     bytes_per_device,
@@ -103,7 +103,10 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
             collective bytes per mesh axis / that axis's bandwidth).
         batch: the global batch candidates are priced with (anything
             :func:`tpflax.estimate` takes); default 16 sequences of 512 tokens,
-            so that a plan with and without ``model=`` prices alike.
+            so that a plan with and without ``model=`` prices alike. A bare
+            shape (``(8, 512)``, ``"8x512"``) of a model on token ids (its
+            sample's first input is integer, or without one the tree has an
+            embedding table) is that many ids: 4096 tokens.
         device_memory: bytes per device (or ``"16GB"``) the parameters, gradients
             and adam moments must fit; the chooser then moves groups to smaller
             candidates. Default: no constraint.
@@ -130,7 +133,8 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
     opts = Options(fsdp_min_bytes=None if fsdp_min_bytes is None else int(fsdp_min_bytes),
                    min_channels=int(min_channels), tensor_min_bytes=int(tensor_min_bytes),
                    tied_guess=not any(f.kind == "dense" and HEAD.match(f.layer_name) for f in facts),
-                   **pricing(hardware, batch, device_memory))
+                   **pricing(hardware, token_batch(batch, sample, any(f.kind == "embedding" for f in facts)),
+                             device_memory))
     lrules = list(logical_rules) if logical_rules is not None else default_logical_rules(ms)
     forced = force(facts, parsed, ms, use_annotations, lrules)
     proposals, pairs, sources, disagreements, doubts, opts = _propose(facts, ms, opts, forced, model, sample, tree,

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from tpflax._src.cost.activations import token_rows
-from tpflax._src.cost.batch import parse_batch
+from tpflax._src.cost.batch import bare_shape, parse_batch
 from tpflax._src.cost.price import DEFAULT_TOKENS
 from tpflax._src.errors import OptionError, TpflaxError
 from tpflax._src.facts.tree import itemsize
@@ -36,3 +37,30 @@ def pricing(hardware: Any, batch: Any, device_memory: Any) -> dict[str, Any]:
         b = parse_batch(batch, None, None)
         tokens, act_item = max(1, token_rows(b, None)), itemsize(b.act_dtype)
     return {"hardware": hw, "tokens": int(tokens), "act_item": act_item, "device_memory": memory}
+
+
+def token_batch(batch: Any, sample: Any, tables: bool) -> Any:
+    """A bare-shape batch (``(8, 32)``, ``"8x32"``) of a model on token ids as that many ids (256
+    tokens), not 8 rows of 32 features: when the model's first sample input is integer of the same
+    rank, or, without a sample, when the tree has an embedding table (``tables``). Anything else as given.
+
+    >>> import jax
+    >>> ids = (jax.ShapeDtypeStruct((2, 16), "int32"),)
+    >>> pricing(None, token_batch((8, 32), ids, True), None)["tokens"], pricing(None, (8, 32), None)["tokens"]
+    (256, 8)
+    >>> token_batch("8x32", (jax.ShapeDtypeStruct((2, 16), "float32"),), True)
+    '8x32'
+    """
+    import jax
+    import numpy as np
+
+    shape = None if isinstance(batch, Mapping) else bare_shape(batch)
+    if shape is None:
+        return batch
+    first = sample[0] if isinstance(sample, (tuple, list)) and sample else None
+    dtype = getattr(first, "dtype", None)
+    if dtype is not None:
+        ids = np.issubdtype(np.dtype(dtype), np.integer) and len(first.shape) == len(shape)
+    else:
+        ids = tables
+    return (jax.ShapeDtypeStruct(shape, "int32"),) if ids else batch
