@@ -40,6 +40,19 @@ def _grouped(v, images):
     x = jax.nn.relu(jax.lax.conv_general_dilated(x, v["grouped"], (2, 2), "SAME", dimension_numbers=dn,
                                                  feature_group_count=4))
     return x.mean((1, 2)) @ v["head"]
+
+
+def _depthwise(v, images):
+    """A ConvNeXt-shaped plain function: a 1x1 stem, a 7x7 depthwise conv (one channel per group), a 1x1
+    conv, pooled head. XLA splits a depthwise conv's batch (no gathers, unlike 4 groups of 8) and sums
+    its kernel's gradient over every device."""
+    dn = ("NHWC", "HWIO", "NHWC")
+    x = jax.lax.conv_general_dilated(images, v["stem"], (1, 1), "SAME", dimension_numbers=dn)
+    x = jax.lax.conv_general_dilated(x, v["dw"], (1, 1), "SAME", dimension_numbers=dn, feature_group_count=32)
+    x = jax.lax.conv_general_dilated(jax.nn.gelu(x), v["pw"], (1, 1), "SAME", dimension_numbers=dn)
+    return x.mean((1, 2)) @ v["head"]
+
+
 def _joined(v, x):
     """Keys and values of the tokens and of 4 per-block summaries, joined along the keys (LongT5's
     transient-global attention): one attention call, its k and v kernels applied to two inputs."""
@@ -67,6 +80,8 @@ CASES = {
               (jax.ShapeDtypeStruct((8, 16, 64), F32),)),
     "grouped": (_grouped, {"stem": (1, 1, 3, 32), "grouped": (3, 3, 8, 32), "head": (32, 10)},
                 (jax.ShapeDtypeStruct((8, 8, 8, 3), F32),)),
+    "depthwise": (_depthwise, {"stem": (1, 1, 3, 32), "dw": (7, 7, 1, 32), "pw": (1, 1, 32, 32), "head": (32, 10)},
+                  (jax.ShapeDtypeStruct((8, 8, 8, 3), F32),)),
     "joined": (_joined, {"inp": (64, 64), "q": (64, 64), "k": (64, 64), "v": (64, 64), "o": (64, 64),
                          "head": (64, 10)}, (jax.ShapeDtypeStruct((8, 16, 64), F32),)),
 }

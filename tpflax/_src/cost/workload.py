@@ -271,7 +271,7 @@ def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
     shared = frozenset(flow.uses[u].path for u in flow.shared)
     grouped: dict[str, float] = {}
     for u in flow.uses:
-        if u.grouped:
+        if u.grouped is not None:
             grouped[u.path] = grouped.get(u.path, 0) + u.grouped / examples
     joined: dict[str, tuple[float, ...]] = {}
     for u in merge_uses(flow, shapes).uses:

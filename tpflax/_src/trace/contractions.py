@@ -143,14 +143,19 @@ def conv_general_dilated(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: l
     for d in lspec[2:]:
         w.escape(lhs.dim_tags(d), "a spatial dim of a convolution window")
     fresh = None
-    # a grouped convolution's batch is not partitioned by XLA: its input and output are gathered
-    moved = math.prod(eqn.invars[0].aval.shape) + math.prod(eqn.outvars[0].aval.shape) if groups != 1 else 0
+    # a grouped convolution's batch is not partitioned by XLA: its input and output are gathered; a
+    # depthwise one (one input channel per group: ConvNeXt's, MobileNet's) is split over the batch like
+    # any other (measured, XLA:CPU data=2: no gather for a 7x7 depthwise conv, the gathers for 4 groups)
+    moved = None
+    if groups != 1:
+        moved = (0 if shape_p[rspec[1]] == 1 else
+                 math.prod(eqn.invars[0].aval.shape) + math.prod(eqn.outvars[0].aval.shape))
     for n, (path, dims) in enumerate(rhs.origin):
         o, i = dims[rspec[0]], dims[rspec[1]]
         contracted = [dims[d] for d in rspec[1:] if dims[d] is not None]
         # a kernel computed from several weights (a weight norm's v and g) moves its activations once
         uid = w.use(ctx, eqn, path, "conv", contracted, [o] if o is not None else [], [], rhs.const_of,
-                    grouped=moved if n == 0 else 0)
+                    grouped=moved if n == 0 else None)
         fresh = uid if len(rhs.origin) == 1 else None
         if groups == 1 and i is not None:
             for k, (limit, via) in w.merge([lhs.dim_tags(lspec[1])]).items():

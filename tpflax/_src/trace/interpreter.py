@@ -148,7 +148,7 @@ class Walk:
                 self.escape(m, why)
 
     def use(self, ctx: tuple, eqn: Any, path: str, op: str, contracted, kept, batch, scan_length,
-            rows: int = 0, dtype: str = "", grouped: int = 0) -> int:
+            rows: int = 0, dtype: str = "", grouped: int | None = None) -> int:
         key = (ctx, id(eqn), path)
         if key in self.use_key:
             return self.use_key[key]

@@ -35,7 +35,8 @@ class Use:
             collectives move: a bf16 model's activations even when its inputs are ids); else "".
         grouped: for a grouped ``conv`` (``feature_group_count > 1``), the elements of its
             input plus its output as traced: XLA's SPMD partitioner does not split a grouped
-            convolution's batch, so it gathers both over the batch axes; else 0.
+            convolution's batch, so it gathers both over the batch axes; 0 for a depthwise one
+            (one input channel per group), whose batch it splits; else None.
     """
 
     id: int
@@ -47,7 +48,7 @@ class Use:
     scan_length: int = 0
     rows: int = 0
     dtype: str = ""
-    grouped: int = 0
+    grouped: int | None = None
 
 
 @dataclass(frozen=True)
