@@ -767,6 +767,66 @@ def test_kv_stack_compiles_like_megatron(stacked, mesh):
     no_worse(got, hand)  # the same heads split everywhere: equal numbers
 
 
+# -- 11b: a gated MLP's gate and up stacked in one kernel (Gemma) --------------------
+
+class GatingEinsum(nn.Module):
+    """Gemma's feed-forward: gate and up stacked in one ``gating_einsum`` (2, d, f), or (2, f, d)
+    stored (out, in) as google-deepmind/gemma has it, then ``linear`` (f, d)."""
+
+    transposed: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.lecun_normal()
+        w = self.param("gating_einsum", init, (2, F, D) if self.transposed else (2, D, F))
+        gate, up = jnp.einsum("btd,nfd->nbtf" if self.transposed else "btd,ndf->nbtf", x, w)
+        return jnp.einsum("btf,fd->btd", jax.nn.gelu(gate) * up, self.param("linear", init, (F, D)))
+
+
+class Gemma(nn.Module):
+    transposed: bool = False
+
+    @nn.compact
+    def __call__(self, tok):
+        emb = self.param("input_embedding", nn.initializers.normal(), (V, D))
+        x = emb[tok]
+        for i in range(2):
+            x = x + GatingEinsum(self.transposed, name=f"mlp_{i}")(nn.RMSNorm(name=f"pre_ffw_norm_{i}")(x))
+        return nn.RMSNorm(name="final_norm")(x) @ emb.T  # tied logits
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["d_f", "f_d"])
+def gemma(request):
+    m = Gemma(transposed=request.param)
+    return m, abstract(m, TOK), request.param
+
+
+def gemma_specs(transposed):
+    return {"mlp_0/gating_einsum": P(None, "model", None) if transposed else P(None, None, "model"),
+            "mlp_0/linear": P("model", None)}
+
+
+def test_stacked_gate_and_up_pair_in_the_tree(gemma):
+    # Read as a (heads, d, head_dim) einsum kernel with 2 "heads", the stack had no partner: the
+    # whole MLP stayed replicated (about 2x the bytes per device of the Megatron layout)
+    m, v, transposed = gemma
+    want = gemma_specs(transposed)
+    for p in (tpflax.plan(v, MESH), tpflax.plan(v, MESH, model=m, sample=(TOK,))):
+        assert specs(p, want) == want
+        pair = [q for q in p.pairs if "params/mlp_0/linear" in q.rows]
+        assert len(pair) == 1 and pair[0].columns == ("params/mlp_0/gating_einsum",) and pair[0].sharded
+
+
+@pytest.mark.slow
+def test_stacked_gate_and_up_compile_like_megatron(gemma, mesh):
+    m, v, transposed = gemma
+    got = numbers(m, tpflax.plan(v, MESH, batch=(TOK,)), mesh, (TOK,))
+    g = gemma_specs(transposed)["mlp_0/gating_einsum"]
+    hand = numbers(m, tpflax.plan(v, MESH, batch=(TOK,), rules=[
+        (r"gating_einsum", g), (r"mlp_\d/linear", P("model", None))]), mesh, (TOK,))
+    no_worse(got, hand)  # the tree plan is the hand layout: equal numbers
+
+
 # -- 12: MoE under plain names, gated, and as a Python loop --------------------------
 
 E = 4
