@@ -679,6 +679,51 @@ def test_untied_head_under_a_plain_name_is_found_by_its_vocab():
     assert p.decisions["readout/kernel"].kind == "head"
 
 
+def test_a_head_found_by_its_vocab_is_a_head_for_the_table_and_when_forced():
+    # The token table was priced as tied to the logits ("no output head in the tree") beside an
+    # untied head found by its vocabulary, and a rule's spec on that head priced it as a dense
+    m = EinsumNorm()
+    v = abstract(m, TOK)
+    p = tpflax.plan(v, MESH)
+    assert p.decisions["params/readout/kernel"].kind == "head"
+    assert "no output head" not in p.decisions["params/tok/embedding"].reason
+    forced = tpflax.plan(v, MESH, rules=[("readout", P(None, "model"))])
+    assert forced.decisions["params/readout/kernel"].kind == "head"
+    assert "no output head" not in forced.decisions["params/tok/embedding"].reason
+
+
+class MaxTextLM(nn.Module):
+    """MaxText's names and logical annotations: ``token_embedder``, ``wi``/``wo``, ``logits_dense``."""
+
+    @nn.compact
+    def __call__(self, tok):
+        lp, init = nn.with_logical_partitioning, nn.initializers.lecun_normal()
+        emb = self.param("token_embedder", lp(nn.initializers.normal(), ("vocab", "embed")), (V, D))
+        h = jnp.take(emb, tok, axis=0)
+        u = nn.DenseGeneral(F, use_bias=False, kernel_init=lp(init, ("embed", "mlp")), name="wi")(h)
+        h = h + nn.DenseGeneral(D, use_bias=False, kernel_init=lp(init, ("mlp", "embed")), name="wo")(nn.relu(u))
+        return nn.DenseGeneral(V, use_bias=False, kernel_init=lp(init, ("embed", "vocab")), name="logits_dense")(h)
+
+
+def test_maxtext_logits_dense_is_the_head_however_planned():
+    m = MaxTextLM()
+    v = abstract(m, TOK)
+    hand = [("logits_dense", P(None, "model")), ("token_embedder", P("model", None)), ("wi", P(None, "model")),
+            ("wo", P("model", None))]
+    for p in (tpflax.plan(v, MESH), tpflax.plan(v, MESH, use_annotations=False), tpflax.plan(v, MESH, rules=hand)):
+        assert p.decisions["params/logits_dense/kernel"].kind == "head"
+        assert "no output head" not in p.decisions["params/token_embedder"].reason
+        if p.decisions["params/logits_dense/kernel"].spec == P(None, "model"):
+            # priced as the vocab-split logits, not as a column whose split output is gathered whole
+            e = tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=(TOK,), backend="cpu")
+            whys = [it.why for it in e.items if it.source == "params/logits_dense/kernel"]
+            assert any("vocab-split output head" in w for w in whys)
+            assert not any("without a row partner" in w for w in whys), whys
+    # without a table to read its vocabulary from, the name says it
+    alone = tpflax.plan({"decoder": {"logits_dense": {"kernel": sds(D, V)}}}, MESH)
+    assert alone.decisions["decoder/logits_dense/kernel"].kind == "head"
+
+
 class NumberedHead(nn.Module):
     """A CNN whose classifier is a container's numbered child (``classifier/1``), as HF's RegNet and
     ResNet name it (and torch-converted Sequentials, nnx lists): the container names the layer."""

@@ -228,7 +228,9 @@ def _forced_facts(forced: Mapping[str, Proposal], facts: Sequence[Facts],
     """
     side = {p: (pair.id, "column") for pair in pairs for p in pair.columns}
     side.update({p: (pair.id, "row") for pair in pairs for p in pair.rows})
+    # named like a head, or projecting onto the token table's vocabulary whatever its name
     heads = {f.path for f in facts if f.kind == "dense" and HEAD.match(f.layer_name)}
+    heads |= set(heuristics.output_heads(facts))
     out = {}
     for path, p in forced.items():
         pid, role = side.get(path, (None, None))
