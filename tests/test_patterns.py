@@ -644,6 +644,35 @@ def test_nnx_logical_names_go_through_logical_rules():
     assert specs(q, ["up/kernel"]) == {"up/kernel": P("embed", "mlp")}
 
 
+class MaxTextBlock(nn.Module):
+    """A MaxText decoder layer's parameter names: GQA key/value ``kv_head_dim``, a fused ``wi``
+    (``num_activations``), logical names only."""
+
+    @nn.compact
+    def __call__(self, x):
+        lp, init = nn.with_logical_partitioning, nn.initializers.lecun_normal()
+        scale = self.param("scale", lp(nn.initializers.ones, ("norm",)), (D,))
+        h = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * scale
+        q = nn.DenseGeneral((H, HD), kernel_init=lp(init, ("embed", "q_heads", "kv")), name="query")(h)
+        k, v = (nn.DenseGeneral((H, HD), kernel_init=lp(init, ("embed", "kv_heads", "kv_head_dim")), name=n)(h)
+                for n in ("key", "value"))
+        x = x + nn.DenseGeneral(D, axis=(-2, -1), kernel_init=lp(init, ("heads", "kv", "embed")),
+                                name="out")(attend(q, k, v))
+        a = nn.DenseGeneral((2, F), kernel_init=lp(init, ("embed", "num_activations", "mlp")), name="wi")(x)
+        return x + nn.DenseGeneral(D, kernel_init=lp(init, ("mlp", "embed")), name="wo")(jax.nn.silu(a[..., 0, :])
+                                                                                       * a[..., 1, :])
+
+
+def test_maxtext_logical_names_are_all_known():
+    # kv_head_dim and num_activations were in no default logical rule: every default plan of a
+    # MaxText model warned that their dims were replicated (as MaxText maps them: unsharded)
+    p = tpflax.plan(abstract(MaxTextBlock(), X), MESH)
+    assert not p.warnings, p.warnings
+    want = {"query/kernel": P(None, "model", None), "key/kernel": P(None, "model", None),
+            "out/kernel": P("model", None, None), "wi/kernel": P(None, None, "model"), "wo/kernel": P("model", None)}
+    assert specs(p, want) == want
+
+
 # -- 9 and 10: an einsum norm scale; an untied head under a plain name ------------
 
 class EinsumNorm(nn.Module):
