@@ -644,6 +644,35 @@ def test_nnx_logical_names_go_through_logical_rules():
     assert specs(q, ["up/kernel"]) == {"up/kernel": P("embed", "mlp")}
 
 
+class MaxTextBlock(nn.Module):
+    """A MaxText decoder layer's parameter names: GQA key/value ``kv_head_dim``, a fused ``wi``
+    (``num_activations``), logical names only."""
+
+    @nn.compact
+    def __call__(self, x):
+        lp, init = nn.with_logical_partitioning, nn.initializers.lecun_normal()
+        scale = self.param("scale", lp(nn.initializers.ones, ("norm",)), (D,))
+        h = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * scale
+        q = nn.DenseGeneral((H, HD), kernel_init=lp(init, ("embed", "q_heads", "kv")), name="query")(h)
+        k, v = (nn.DenseGeneral((H, HD), kernel_init=lp(init, ("embed", "kv_heads", "kv_head_dim")), name=n)(h)
+                for n in ("key", "value"))
+        x = x + nn.DenseGeneral(D, axis=(-2, -1), kernel_init=lp(init, ("heads", "kv", "embed")),
+                                name="out")(attend(q, k, v))
+        a = nn.DenseGeneral((2, F), kernel_init=lp(init, ("embed", "num_activations", "mlp")), name="wi")(x)
+        return x + nn.DenseGeneral(D, kernel_init=lp(init, ("mlp", "embed")), name="wo")(jax.nn.silu(a[..., 0, :])
+                                                                                       * a[..., 1, :])
+
+
+def test_maxtext_logical_names_are_all_known():
+    # kv_head_dim and num_activations were in no default logical rule: every default plan of a
+    # MaxText model warned that their dims were replicated (as MaxText maps them: unsharded)
+    p = tpflax.plan(abstract(MaxTextBlock(), X), MESH)
+    assert not p.warnings, p.warnings
+    want = {"query/kernel": P(None, "model", None), "key/kernel": P(None, "model", None),
+            "out/kernel": P("model", None, None), "wi/kernel": P(None, None, "model"), "wo/kernel": P("model", None)}
+    assert specs(p, want) == want
+
+
 # -- 9 and 10: an einsum norm scale; an untied head under a plain name ------------
 
 class EinsumNorm(nn.Module):
@@ -677,6 +706,51 @@ def test_untied_head_under_a_plain_name_is_found_by_its_vocab():
     p = tpflax.plan(tree, MESH)
     assert specs(p, ["readout/kernel"]) == {"readout/kernel": P("model", None)}
     assert p.decisions["readout/kernel"].kind == "head"
+
+
+def test_a_head_found_by_its_vocab_is_a_head_for_the_table_and_when_forced():
+    # The token table was priced as tied to the logits ("no output head in the tree") beside an
+    # untied head found by its vocabulary, and a rule's spec on that head priced it as a dense
+    m = EinsumNorm()
+    v = abstract(m, TOK)
+    p = tpflax.plan(v, MESH)
+    assert p.decisions["params/readout/kernel"].kind == "head"
+    assert "no output head" not in p.decisions["params/tok/embedding"].reason
+    forced = tpflax.plan(v, MESH, rules=[("readout", P(None, "model"))])
+    assert forced.decisions["params/readout/kernel"].kind == "head"
+    assert "no output head" not in forced.decisions["params/tok/embedding"].reason
+
+
+class MaxTextLM(nn.Module):
+    """MaxText's names and logical annotations: ``token_embedder``, ``wi``/``wo``, ``logits_dense``."""
+
+    @nn.compact
+    def __call__(self, tok):
+        lp, init = nn.with_logical_partitioning, nn.initializers.lecun_normal()
+        emb = self.param("token_embedder", lp(nn.initializers.normal(), ("vocab", "embed")), (V, D))
+        h = jnp.take(emb, tok, axis=0)
+        u = nn.DenseGeneral(F, use_bias=False, kernel_init=lp(init, ("embed", "mlp")), name="wi")(h)
+        h = h + nn.DenseGeneral(D, use_bias=False, kernel_init=lp(init, ("mlp", "embed")), name="wo")(nn.relu(u))
+        return nn.DenseGeneral(V, use_bias=False, kernel_init=lp(init, ("embed", "vocab")), name="logits_dense")(h)
+
+
+def test_maxtext_logits_dense_is_the_head_however_planned():
+    m = MaxTextLM()
+    v = abstract(m, TOK)
+    hand = [("logits_dense", P(None, "model")), ("token_embedder", P("model", None)), ("wi", P(None, "model")),
+            ("wo", P("model", None))]
+    for p in (tpflax.plan(v, MESH), tpflax.plan(v, MESH, use_annotations=False), tpflax.plan(v, MESH, rules=hand)):
+        assert p.decisions["params/logits_dense/kernel"].kind == "head"
+        assert "no output head" not in p.decisions["params/token_embedder"].reason
+        if p.decisions["params/logits_dense/kernel"].spec == P(None, "model"):
+            # priced as the vocab-split logits, not as a column whose split output is gathered whole
+            e = tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=(TOK,), backend="cpu")
+            whys = [it.why for it in e.items if it.source == "params/logits_dense/kernel"]
+            assert any("vocab-split output head" in w for w in whys)
+            assert not any("without a row partner" in w for w in whys), whys
+    # without a table to read its vocabulary from, the name says it
+    alone = tpflax.plan({"decoder": {"logits_dense": {"kernel": sds(D, V)}}}, MESH)
+    assert alone.decisions["decoder/logits_dense/kernel"].kind == "head"
 
 
 class NumberedHead(nn.Module):
@@ -765,6 +839,66 @@ def test_kv_stack_compiles_like_megatron(stacked, mesh):
         (r"o_\d", P("model", None, None)), (r"up_\d/kernel", P(None, "model")), (r"up_\d/bias", P("model")),
         (r"down_\d/kernel", P("model", None)), (r"lm_head", P(None, "model"))]), mesh, (TOK,))
     no_worse(got, hand)  # the same heads split everywhere: equal numbers
+
+
+# -- 11b: a gated MLP's gate and up stacked in one kernel (Gemma) --------------------
+
+class GatingEinsum(nn.Module):
+    """Gemma's feed-forward: gate and up stacked in one ``gating_einsum`` (2, d, f), or (2, f, d)
+    stored (out, in) as google-deepmind/gemma has it, then ``linear`` (f, d)."""
+
+    transposed: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.lecun_normal()
+        w = self.param("gating_einsum", init, (2, F, D) if self.transposed else (2, D, F))
+        gate, up = jnp.einsum("btd,nfd->nbtf" if self.transposed else "btd,ndf->nbtf", x, w)
+        return jnp.einsum("btf,fd->btd", jax.nn.gelu(gate) * up, self.param("linear", init, (F, D)))
+
+
+class Gemma(nn.Module):
+    transposed: bool = False
+
+    @nn.compact
+    def __call__(self, tok):
+        emb = self.param("input_embedding", nn.initializers.normal(), (V, D))
+        x = emb[tok]
+        for i in range(2):
+            x = x + GatingEinsum(self.transposed, name=f"mlp_{i}")(nn.RMSNorm(name=f"pre_ffw_norm_{i}")(x))
+        return nn.RMSNorm(name="final_norm")(x) @ emb.T  # tied logits
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["d_f", "f_d"])
+def gemma(request):
+    m = Gemma(transposed=request.param)
+    return m, abstract(m, TOK), request.param
+
+
+def gemma_specs(transposed):
+    return {"mlp_0/gating_einsum": P(None, "model", None) if transposed else P(None, None, "model"),
+            "mlp_0/linear": P("model", None)}
+
+
+def test_stacked_gate_and_up_pair_in_the_tree(gemma):
+    # Read as a (heads, d, head_dim) einsum kernel with 2 "heads", the stack had no partner: the
+    # whole MLP stayed replicated (about 2x the bytes per device of the Megatron layout)
+    m, v, transposed = gemma
+    want = gemma_specs(transposed)
+    for p in (tpflax.plan(v, MESH), tpflax.plan(v, MESH, model=m, sample=(TOK,))):
+        assert specs(p, want) == want
+        pair = [q for q in p.pairs if "params/mlp_0/linear" in q.rows]
+        assert len(pair) == 1 and pair[0].columns == ("params/mlp_0/gating_einsum",) and pair[0].sharded
+
+
+@pytest.mark.slow
+def test_stacked_gate_and_up_compile_like_megatron(gemma, mesh):
+    m, v, transposed = gemma
+    got = numbers(m, tpflax.plan(v, MESH, batch=(TOK,)), mesh, (TOK,))
+    g = gemma_specs(transposed)["mlp_0/gating_einsum"]
+    hand = numbers(m, tpflax.plan(v, MESH, batch=(TOK,), rules=[
+        (r"gating_einsum", g), (r"mlp_\d/linear", P("model", None))]), mesh, (TOK,))
+    no_worse(got, hand)  # the tree plan is the hand layout: equal numbers
 
 
 # -- 12: MoE under plain names, gated, and as a Python loop --------------------------

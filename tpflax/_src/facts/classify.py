@@ -27,7 +27,7 @@ CONV = re.compile(r"(conv|patch)", re.I)
 EXPERT = re.compile(r"(moe|expert|experts|mixture)", re.I)
 ROUTER = re.compile(r"(router|gate_logits|gating|switch)", re.I)
 RECURRENT = re.compile(r"(lstm|gru|rnn|cell|recurrent|mgu)", re.I)
-HEAD = re.compile(r"^(head|lm_head|logits|output|classifier|unembed|out_head|output_projection)$", re.I)
+HEAD = re.compile(r"^(head|lm_head|logits|logits_dense|output|classifier|unembed|out_head|output_projection)$", re.I)
 # Column-parallel names (producers of the hidden/feature dim) and row-parallel
 # names (consumers); used only when shapes cannot decide.
 class _Names:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 from tpflax._src.facts.classify import ATTN, COLUMN_NAMES, HEAD, POS_EMBED, Facts
 from tpflax._src.mesh import EXPERT, TENSOR, MeshShape
@@ -70,10 +71,14 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options,
     widths, sure = residual_widths(facts)
     # Pairing looks at forced leaves too, so a forced partner still pairs its sibling.
     _pair_linears(st, facts, widths, sure)
+    paired = {p for q in st.pairs for p in (*q.columns, *q.rows)}
+    heads = {p: h for p, h in output_heads(facts).items() if p not in paired}
+    if heads:  # an untied head computes the logits, whatever its name: the token table is not guessed to
+        st.opts = replace(st.opts, tied_guess=False)
     _experts(st, todo, widths)
     _conv_chains(st, todo)
     _embeddings(st, todo, facts)
-    _heads(st, todo, widths)
+    _heads(st, todo, heads)
     _biases(st, todo, facts)
     _leftovers(st, todo)
     fsdp(st, todo)
@@ -241,20 +246,33 @@ def _embeddings(st: State, todo: Sequence[Facts], every: Sequence[Facts]) -> Non
             shard_embedding(st, f, 0, every=every)
 
 
-def _heads(st: State, todo: Sequence[Facts], widths: set[int]) -> None:
-    """Output projections to a vocab/classes: column over the tensor axis.
+def output_heads(facts: Sequence[Facts]) -> dict[str, tuple[int, str]]:
+    """The model's output heads among ``facts``: ``{path: (vocab body dim, evidence)}``.
 
-    Known by name (``lm_head``...), or, whatever the name, by projecting the
-    residual width onto as many outputs as the token embedding has rows (an
-    untied output head).
+    Known by name (``lm_head``, MaxText's ``logits_dense``...), or, whatever the name, by
+    projecting the residual width onto as many outputs as the token embedding has rows (an
+    untied output head). A leaf a rule or an annotation forced is still what it is: the plan
+    marks it a head, and the token table is not priced as also computing the logits. Pairs are
+    not known here: a column as wide as the vocabulary (GPT-2's ``c_fc`` beside a 256-row table)
+    reads as a head too, so callers drop the leaves of a pair.
+
+    >>> import jax
+    >>> from tpflax._src.facts.classify import classify
+    >>> from tpflax._src.facts.tree import walk
+    >>> s = lambda *shape: jax.ShapeDtypeStruct(shape, "float32")
+    >>> facts = classify(walk({"tok": {"embedding": s(1000, 64)}, "readout": {"kernel": s(64, 1000)}})[0])
+    >>> output_heads(facts)["readout/kernel"][0]
+    1
     """
-    vocabs = {f.body[0] for f in todo if f.kind == "embedding" and len(f.body) == 2
+    widths, _ = residual_widths(facts)
+    vocabs = {f.body[0] for f in facts if f.kind == "embedding" and len(f.body) == 2
               and not POS_EMBED.search(f.unit_name) and f.body[1] in widths}
     last = {}  # a numbered container's last dense child: the one a Sequential head outputs from
-    for f in sorted((f for f in todo if f.kind == "dense" and f.unit_name.isdigit()), key=lambda f: int(f.unit_name)):
+    for f in sorted((f for f in facts if f.kind == "dense" and f.unit_name.isdigit()), key=lambda f: int(f.unit_name)):
         last[f.unit.rsplit("/", 1)[0]] = f.unit
-    for f in todo:
-        if f.kind != "dense" or f.path in st.out or len(f.body) != 2:
+    out = {}
+    for f in facts:
+        if f.kind != "dense" or len(f.body) != 2:
             continue
         d, v = f.body
         if HEAD.match(f.layer_name):
@@ -262,13 +280,21 @@ def _heads(st: State, todo: Sequence[Facts], widths: set[int]) -> None:
                 continue  # it narrows back to the residual width: not the model's output
             if f.layer_name != f.unit_name and f.unit != last.get(f.unit.rsplit("/", 1)[0]):
                 continue  # a numbered hidden layer of a Sequential head (head/0 before head/1), not its output
-            shard_output_head(st, f, 1, f"output head: '{f.layer_name}' projects {d} -> {v}")
+            out[f.path] = (1, f"output head: '{f.layer_name}' projects {d} -> {v}")
         elif d in widths and v in vocabs:
-            shard_output_head(st, f, 1, f"output head: projects the residual width {d} onto {v} outputs, the "
-                                        "token embedding's vocabulary")
+            out[f.path] = (1, f"output head: projects the residual width {d} onto {v} outputs, the token "
+                              "embedding's vocabulary")
         elif v in widths and d in vocabs:
-            shard_output_head(st, f, 0, f"output head stored (vocab, d) = ({d}, {v}): {d} outputs, the token "
-                                        "embedding's vocabulary")
+            out[f.path] = (0, f"output head stored (vocab, d) = ({d}, {v}): {d} outputs, the token "
+                              "embedding's vocabulary")
+    return out
+
+
+def _heads(st: State, todo: Sequence[Facts], heads: Mapping[str, tuple[int, str]]) -> None:
+    """Output projections to a vocab/classes (:func:`output_heads`): column over the tensor axis."""
+    for f in todo:
+        if f.path in heads and f.path not in st.out:
+            shard_output_head(st, f, *heads[f.path])
 
 
 def _vocab_tables(st: State, todo: Sequence[Facts]) -> dict[int, Facts]:

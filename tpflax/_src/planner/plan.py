@@ -257,7 +257,9 @@ def _forced_facts(forced: Mapping[str, Proposal], facts: Sequence[Facts], pairs:
     """
     side = {p: (pair.id, "column") for pair in pairs for p in pair.columns}
     side.update({p: (pair.id, "row") for pair in pairs for p in pair.rows})
+    # named like a head, or projecting onto the token table's vocabulary whatever its name
     heads = {f.path for f in facts if f.kind == "dense" and HEAD.match(f.layer_name)}
+    heads |= set(heuristics.output_heads(facts))
     rank = {f.path: len(f.leaf.shape) for f in facts}
     same = {path for path, p in forced.items() if path in own and path not in side
             and _tensor_split(entries(p.spec, rank[path]), ms) == _tensor_split(entries(own[path].spec, rank[path]), ms)}

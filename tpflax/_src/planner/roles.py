@@ -65,6 +65,9 @@ def linear_view(f: Facts, siblings: Sequence[Facts], widths: set[int] = frozense
     if len(body) == 4:  # an einsum stack (n, heads, d, head_dim): n projections of d side by side
         return Linear(f, (2,), (1, 3), heads=1, role="column",
                       why=f"stacked ({body[0]}, heads, d, head_dim) projection of d={body[2]}")
+    stacked = _stacked_matrix(f, siblings, widths)
+    if stacked is not None:
+        return stacked
     at = [i for i, n in enumerate(body) if n in widths]
     if len(at) == 1:  # the residual width says where d is, whatever the layout's name
         return [Linear(f, (0,), (1, 2), heads=1, role="column", why="layout (d, heads, head_dim)"),
@@ -80,6 +83,49 @@ def linear_view(f: Facts, siblings: Sequence[Facts], widths: set[int] = frozense
             return Linear(f, (0, 1), (2,), heads=0, role="row",
                            why=f"layout (heads, head_dim, d) mirrors {short(s.path)}")
     return Linear(f, (0,), (1, 2), heads=1, role="column", why="layout (d, heads, head_dim)")
+
+
+def _stacked_matrix(f: Facts, siblings: Sequence[Facts], widths: set[int]) -> Linear | None:
+    """A 3-D kernel holding 2 or 3 projections of d stacked on one dim, beside its row partner; else None.
+
+    Gemma's ``gating_einsum`` ``(2, d, f)`` (or ``(2, f, d)``, stored (out, in)) is gate and
+    up stacked on a leading dim, MaxText's fused ``wi`` ``(d, 2, f)`` on a middle one; their
+    block's 2-D ``(f, d)`` kernel narrows their output back to d. Like the ``(n, heads, d,
+    head_dim)`` q/k/v stack, the stack dim is neither read nor written: each piece is a whole
+    column of the pair, and the f dim splits. Read as ``(heads, d, head_dim)`` instead, the
+    stack dim would be two "heads" and the row no partner. d is the residual width, or without
+    one the narrower dim (a gated MLP widens). A genuine ``(heads, d, head_dim)`` attention
+    kernel has no ``(head_dim, d)`` 2-D kernel beside it: its output projection is
+    ``(heads, head_dim, d)`` or ``(heads * head_dim, d)``.
+
+    >>> from tpflax._src.facts.tree import Leaf
+    >>> def facts(path, shape):
+    ...     return Facts(Leaf(path, shape, "float32", 4), "dense", 0, path, "mlp")
+    >>> gate, down = facts("mlp/gating_einsum", (2, 64, 256)), facts("mlp/linear", (256, 64))
+    >>> lin = _stacked_matrix(gate, [gate, down], {64})
+    >>> lin.in_dims, lin.out_dims, lin.role
+    ((1,), (2,), 'column')
+    """
+    body = f.body
+    if len(body) != 3:
+        return None
+    for k in (i for i, n in enumerate(body) if n in (2, 3)):
+        a, b = (n for i, n in enumerate(body) if i != k)
+        if a == b:
+            continue
+        d = (a if a in widths else b) if (a in widths) != (b in widths) else min(a, b)
+        ffw = a + b - d
+        rows = [s for s in siblings if s is not f and len(s.body) == 2 and s.body == (ffw, d)]
+        if not rows:
+            continue
+        dims = [i for i in range(3) if i != k]
+        d_at, f_at = dims if body[dims[0]] == d else dims[::-1]
+        stored = "" if d_at < f_at else ", stored (out, in)"
+        gated = " (gate and up)" if body[k] == 2 else ""
+        return Linear(f, (d_at,), (f_at,), role="column",
+                      why=f"{body[k]} projections of d={d} to {ffw} stacked on dim {k}{gated}{stored}, "
+                          f"narrowed back by {short(rows[0].path)}")
+    return None
 
 
 def assign_roles(lins: list[Linear], widths: set[int], sure: bool = False) -> None:

@@ -138,9 +138,15 @@ def forced_strategy(f: Facts, strategy: str, mesh: MeshShape) -> tuple[tuple[Ent
 def default_logical_rules(mesh: MeshShape) -> list[tuple[str, Any]]:
     """Logical-axis rules derived from the mesh roles (the MaxText/T5X vocabulary).
 
+    Every name MaxText's ``base.yml`` gives a parameter dim is here, mapped by its mesh axis's
+    role: its key/value kernels' ``kv_head_dim``, a fused ``wi``'s ``num_activations``, its MoE
+    kernels' ``embed_no_exp`` and MLA's low-rank ``q_lora``/``kv_lora`` (fsdp, like ``embed``)
+    among them, so a MaxText model's default plan warns of no unknown name.
+
     >>> from tpflax._src.mesh import mesh_shape
-    >>> dict(default_logical_rules(mesh_shape({"data": 2, "model": 4})))["mlp"]
-    'model'
+    >>> rules = dict(default_logical_rules(mesh_shape({"data": 2, "model": 4})))
+    >>> rules["mlp"], rules["kv_head_dim"]
+    ('model', None)
     """
     t = mesh.group(TENSOR)[0]
     f = mesh.group(FSDP)[0]
@@ -148,7 +154,11 @@ def default_logical_rules(mesh: MeshShape) -> list[tuple[str, Any]]:
     d = mesh.group(DATA)[0]
     return [("batch", d), ("embed", f), ("mlp", t), ("heads", t), ("q_heads", t), ("kv_heads", t),
             ("vocab", t), ("joined_kv", t), ("exp", e), ("expert", e), ("kv", None), ("head_dim", None),
-            ("norm", None), ("layers", None), ("length", None), ("seq", None)]
+            ("kv_head_dim", None), ("norm", None), ("layers", None), ("length", None), ("seq", None),
+            # MaxText's other parameter names: fused MLP, MoE, MLA and DeepSeek's two layer stacks
+            ("num_activations", None), ("mlp_no_fsdp", t), ("embed_no_exp", f), ("exp_with_fsdp", f),
+            ("q_lora", f), ("kv_lora", f), ("q_lora_up_proj", None), ("kv_lora_up_proj", None),
+            ("dense_layers", None), ("moe_layers", None)]
 
 
 def annotation(f: Facts, mesh: MeshShape, logical_rules) -> tuple[tuple[Entry, ...], str, list[str]]:
