@@ -404,3 +404,35 @@ def test_tile_keeps_the_dims_it_does_not_repeat():
 
         flow = analyze(jax.make_jaxpr(fn)(w, jnp.ones((2, 4))), ["a", "b"])
         assert [(e.src, e.dst) for e in flow.edges] == ([("a", "b")] if edge else [])
+
+
+class GroupedDense(nn.Module):
+    """GQA with 2-D kernels: the query's features reshaped into (kv heads, groups, head_dim)."""
+
+    heads: int
+    kv: int
+
+    @nn.compact
+    def __call__(self, x):
+        b, t, d = x.shape
+        g = self.heads // self.kv
+        q = nn.Dense(self.heads * 8, name="q")(x).reshape(b, t, self.kv, g, 8)
+        k, v = (nn.Dense(self.kv * 8, name=n)(x).reshape(b, t, self.kv, 8) for n in "kv")
+        p = jax.nn.softmax(jnp.einsum("bqkgd,bskd->bkgqs", q, k), -1)
+        return nn.Dense(d, name="o")(jnp.einsum("bkgqs,bskd->bqkgd", p, v).reshape(b, t, self.heads * 8))
+
+
+@pytest.mark.parametrize("heads, kv, q_limit", [(4, 2, 4), (8, 2, 8), (12, 6, 6), (4, 4, 4)])
+def test_a_split_runs_on_into_the_groups_of_a_cut_heads_dim(heads, kv, q_limit):
+    # n ranks over (kv, g) in row-major order hold shards of both dims when n divides kv, or kv divides
+    # n and n / kv divides g: 4 heads as (2, 2) split 4 ways (the trace said 2, the kv heads). 12 heads
+    # as (6, 2) over 4 ranks would cut a kv head's groups unevenly: a limit says "any divisor", so 6.
+    # The values' head_dim is free in probs @ v but summed into the probabilities' gradient: no head is cut
+    # (4 heads of 4 kv heads: the value's (heads, head_dim) view merged back whole, still 4)
+    m, x = GroupedDense(heads, kv), sds(2, 8, 32)
+    flow = dataflow(m, (x,), abstract(m, x))
+    limit = {e.src: e.limit for e in flow.edges if e.dst == "params/o/kernel"}
+    assert limit == {"params/q/kernel": q_limit, "params/k/kernel": kv, "params/v/kernel": kv}
+    p = tpflax.plan(abstract(m, x), {"model": 4}, model=m, sample=(x,))
+    want = P(None, "model") if q_limit % 4 == 0 else P(None, None)
+    assert p.decisions["params/q/kernel"].spec == want
