@@ -436,3 +436,40 @@ def test_a_split_runs_on_into_the_groups_of_a_cut_heads_dim(heads, kv, q_limit):
     p = tpflax.plan(abstract(m, x), {"model": 4}, model=m, sample=(x,))
     want = P(None, "model") if q_limit % 4 == 0 else P(None, None)
     assert p.decisions["params/q/kernel"].spec == want
+
+
+def rotate_half(x, pos):
+    """Rotary embeddings as Gemma writes them: the halves of head_dim rotated, then concatenated."""
+    a, b = jnp.split(x, 2, axis=-1)
+    ang = pos[:, None] / 10000 ** (jnp.arange(x.shape[-1] // 2) / x.shape[-1])
+    sin, cos = jnp.sin(ang)[:, None], jnp.cos(ang)[:, None]
+    return jnp.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+
+
+class MultiQuery(nn.Module):
+    """Gemma's attention: einsum kernels, one (2, kv heads, d, head_dim) kernel for keys and values,
+    repeated to the query's heads after rotary embeddings."""
+
+    kv: int
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.lecun_normal()
+        pos = jnp.arange(x.shape[1], dtype=F32)
+        q = jnp.einsum("btd,ndh->btnh", x, self.param("q", init, (4, 32, 8)))
+        k, v = jnp.einsum("bsd,ckdh->cbskh", x, self.param("kv", init, (2, self.kv, 32, 8)))
+        k, v = (jnp.repeat(y, 4 // self.kv, axis=-2) for y in (rotate_half(k, pos), v))
+        p = jax.nn.softmax(jnp.einsum("btnh,bsnh->btns", rotate_half(q, pos), k), -1)
+        return jnp.einsum("btnh,nhd->btd", jnp.einsum("btns,bsnh->btnh", p, v), self.param("o", init, (4, 8, 32)))
+
+
+@pytest.mark.parametrize("kv", [1, 2])
+def test_key_value_heads_that_do_not_divide_say_so(kv):
+    # 1 kv head repeated to 4 was lost at the repeat (a size-1 dim merged into the copies): the kernel
+    # had no partner, and its reason named the rotary concatenation along head_dim, not the 1 head
+    m, x = MultiQuery(kv), sds(2, 8, 32)
+    p = tpflax.plan(abstract(m, x), {"model": 4}, model=m, sample=(x,))
+    d = p.decisions["params/kv"]
+    assert d.spec == P(None, None, None, None) and p.decisions["params/q"].spec == P("model", None, None)
+    assert d.reason.startswith(f"column of pair 1: heads {kv} (GQA key/value heads) not divisible by model=4")
+    assert p.pairs[0].columns == ("params/q", "params/kv") and p.pairs[0].rows == ("params/o",)

@@ -170,10 +170,12 @@ def reshape(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> 
     for gin, gout in reshape_groups(src, dst):
         big_in = [d for d in gin if src[d] != 1]
         big_out = [d for d in gout if dst[d] != 1]
+        if not big_in or not big_out:  # size-1 dims only
+            for i, o in zip(gin, gout, strict=False):
+                mapping[o] = i
+            continue
         if len(big_in) == 1 and len(big_out) == 1:
             mapping[big_out[0]] = big_in[0]
-            continue
-        if not big_in or not big_out:
             continue
         mapping[big_out[0]] = big_in[0]
         # the major parts' common size: a tag that ran on into a minor part is back to its major part
@@ -188,9 +190,18 @@ def reshape(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> 
             w.escape(v.dim_tags(d), f"a reshape {src} -> {dst} merges it as a minor dim")
     # For a reshaped parameter the major dim of a merged group stands for the group.
     out = w.moved(v, mapping, ranks[0], limit=limits)
-    if (not cuts and not joins) or v.tags is None:
+    # A size-1 dim dropped before a dim that goes on is its major part, of one element: (1 kv head,
+    # 4 copies) -> 4 heads (an MQA key repeated) splits over no more than 1.
+    ones: list[tuple[int, int]] = []  # (size-1 input dim, output dim)
+    for i in range(len(src)):
+        after = next((j for j in range(i + 1, len(src)) if src[j] != 1), None)
+        if src[i] == 1 and i not in mapping and after is not None and after in mapping:
+            ones.append((i, mapping.index(after)))
+    if (not cuts and not joins and not ones) or v.tags is None:
         return [out]
     tags = list(out.tags or ({},) * ranks[0])
+    for i, o in ones:
+        tags[o] = w.merge([tags[o], {k: (1, via) for k, (_, via) in v.dim_tags(i).items()}])
     for i, o, o2 in cuts:
         for k, (lim, via) in w.merge([v.dim_tags(i)]).items():
             s = 1 if is_minor(k) else spill(lim, dst[o], dst[o2])
