@@ -10,7 +10,7 @@ A *tag* is one kept parameter dim of one use: ``(use id, param dim) -> (limit,
 via)``, where ``limit`` says how far the dim can be split on the way (a split over
 ``n`` stays local while ``n`` divides it: the gcd of the activation dim sizes along
 the way, or more where a reshape cuts the dim and the split runs on into its minor
-part, see :func:`tpflax._src.trace.handlers.reshape`) and ``via`` the notable ops
+part, see :mod:`tpflax._src.trace.reshape`) and ``via`` the notable ops
 passed. The minor part of a cut dim carries the key :func:`minor_key` of the tag.
 
 >>> w = Walk(handlers={}, fallback=opaque)
