@@ -473,3 +473,23 @@ def test_key_value_heads_that_do_not_divide_say_so(kv):
     assert d.spec == P(None, None, None, None) and p.decisions["params/q"].spec == P("model", None, None)
     assert d.reason.startswith(f"column of pair 1: heads {kv} (GQA key/value heads) not divisible by model=4")
     assert p.pairs[0].columns == ("params/q", "params/kv") and p.pairs[0].rows == ("params/o",)
+
+
+class StackedGate(nn.Module):
+    """Gemma's feed-forward: gate and up stacked in one (2, d, ffw) kernel, sliced apart for two dots."""
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("gating", nn.initializers.lecun_normal(), (2, 32, 128))
+        down = self.param("linear", nn.initializers.lecun_normal(), (128, 32))
+        return jnp.dot(jax.nn.gelu(jnp.dot(x, w[0])) * jnp.dot(x, w[1]), down)
+
+
+def test_a_stack_of_two_dimensional_kernels_is_a_column_over_features():
+    # a 3-D kernel's traced dim is its heads only with a head_dim kept after it: (2, d, ffw) keeps ffw last
+    m, x = StackedGate(), sds(2, 8, 32)
+    p = tpflax.plan(abstract(m, x), {"model": 4}, model=m, sample=(x,))
+    gate, down = p.decisions["params/gating"], p.decisions["params/linear"]
+    assert (gate.spec, down.spec) == (P(None, None, "model"), P("model", None))
+    assert (gate.strategy, down.strategy) == ("column", "row")
+    assert gate.reason.startswith("column: traced") and "output features (128) split over model=4" in gate.reason
