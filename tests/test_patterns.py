@@ -965,6 +965,60 @@ def test_experts_compile_like_megatron(moe, mesh):
     no_worse(*three)  # the ffn dim split on gate, up and down alike: the hand layout
 
 
+
+# -- 13: grouped-query attention over a (kv heads, groups) view of the query (MaxText) --------
+
+class GroupedQuery(nn.Module):
+    """MaxText's GQA: the query's heads reshaped into (kv heads, groups); keys and values not repeated."""
+
+    kv: int = 2
+
+    @nn.compact
+    def __call__(self, tok):
+        x = nn.Embed(V, D, name="tok")(tok)
+        b, t, _ = x.shape
+        mask = jnp.tril(jnp.ones((t, t), bool))
+        for i in range(2):
+            h = nn.RMSNorm(name=f"n_{i}")(x)
+            q = nn.DenseGeneral((H, HD), use_bias=False, name=f"query_{i}")(h)
+            k, v = (nn.DenseGeneral((self.kv, HD), use_bias=False, name=f"{n}_{i}")(h) for n in ("key", "value"))
+            s = jnp.einsum("bqkgd,bskd->bkgqs", q.reshape(b, t, self.kv, H // self.kv, HD), k) / HD ** 0.5
+            o = jnp.einsum("bkgqs,bskd->bqkgd", jax.nn.softmax(jnp.where(mask, s, -1e9), -1), v)
+            x = x + nn.DenseGeneral(D, axis=(-2, -1), use_bias=False, name=f"out_{i}")(o.reshape(b, t, H, HD))
+        return nn.Dense(V, use_bias=False, name="lm")(nn.RMSNorm(name="nf")(x))
+
+
+# query heads split, 2 kv heads < model=4 kept whole
+GQA_HAND = [(r"query_\d", P(None, "model", None)), (r"out_\d", P("model", None, None)),
+            (r"(key|value)_\d", P(None, None, None)), (r"lm/kernel", P(None, "model"))]
+GQA_SPECS = {"query_0/kernel": P(None, "model", None), "key_0/kernel": P(None, None, None),
+             "value_0/kernel": P(None, None, None), "out_0/kernel": P("model", None, None)}
+
+
+@pytest.fixture(scope="module")
+def grouped():
+    m = GroupedQuery()
+    return m, abstract(m, TOK)
+
+
+def test_query_heads_reshaped_into_kv_groups_stay_split(grouped):
+    # 4 query heads over model=4 cut into (2 kv heads, 2 groups): one (kv head, group) per rank, a split
+    # of both new dims; the trace read the heads as the 2 kv heads and kept the whole attention replicated
+    m, v = grouped
+    p = tpflax.plan(v, MESH, model=m, sample=(TOK,))
+    assert specs(p, GQA_SPECS) == GQA_SPECS
+    assert p.decisions["params/query_0/kernel"].strategy == "heads"
+    assert not [d for d in p.disagreements if "query" in d or "out_" in d]  # the tree's answer too
+    assert "heads 2 (GQA key/value heads) not divisible by model=4" in p.decisions["params/key_0/kernel"].reason
+
+
+@pytest.mark.slow
+def test_query_heads_reshaped_into_kv_groups_compile_like_megatron(grouped, mesh):
+    m, v = grouped
+    got = numbers(m, tpflax.plan(v, MESH, model=m, sample=(TOK,), batch=(TOK,)), mesh, (TOK,))
+    hand = numbers(m, tpflax.plan(v, MESH, batch=(TOK,), rules=GQA_HAND), mesh, (TOK,))
+    no_worse(got, hand)  # the hand layout: XLA shards the (kv heads, groups) view over both dims, no reshard
+
 def test_a_list_of_layers_is_no_scanned_stack():
     # layers/0, layers/1, ...: each layer's leaves apart (an HF model, an nnx list of blocks). Square kernels
     # share their leading dim, and "layers" reads as a stack's name: their dim 0 was taken for a layers dim

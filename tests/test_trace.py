@@ -404,3 +404,92 @@ def test_tile_keeps_the_dims_it_does_not_repeat():
 
         flow = analyze(jax.make_jaxpr(fn)(w, jnp.ones((2, 4))), ["a", "b"])
         assert [(e.src, e.dst) for e in flow.edges] == ([("a", "b")] if edge else [])
+
+
+class GroupedDense(nn.Module):
+    """GQA with 2-D kernels: the query's features reshaped into (kv heads, groups, head_dim)."""
+
+    heads: int
+    kv: int
+
+    @nn.compact
+    def __call__(self, x):
+        b, t, d = x.shape
+        g = self.heads // self.kv
+        q = nn.Dense(self.heads * 8, name="q")(x).reshape(b, t, self.kv, g, 8)
+        k, v = (nn.Dense(self.kv * 8, name=n)(x).reshape(b, t, self.kv, 8) for n in "kv")
+        p = jax.nn.softmax(jnp.einsum("bqkgd,bskd->bkgqs", q, k), -1)
+        return nn.Dense(d, name="o")(jnp.einsum("bkgqs,bskd->bqkgd", p, v).reshape(b, t, self.heads * 8))
+
+
+@pytest.mark.parametrize("heads, kv, q_limit", [(4, 2, 4), (8, 2, 8), (12, 6, 6), (4, 4, 4)])
+def test_a_split_runs_on_into_the_groups_of_a_cut_heads_dim(heads, kv, q_limit):
+    # n ranks over (kv, g) in row-major order hold shards of both dims when n divides kv, or kv divides
+    # n and n / kv divides g: 4 heads as (2, 2) split 4 ways (the trace said 2, the kv heads). 12 heads
+    # as (6, 2) over 4 ranks would cut a kv head's groups unevenly: a limit says "any divisor", so 6.
+    # The values' head_dim is free in probs @ v but summed into the probabilities' gradient: no head is cut
+    # (4 heads of 4 kv heads: the value's (heads, head_dim) view merged back whole, still 4)
+    m, x = GroupedDense(heads, kv), sds(2, 8, 32)
+    flow = dataflow(m, (x,), abstract(m, x))
+    limit = {e.src: e.limit for e in flow.edges if e.dst == "params/o/kernel"}
+    assert limit == {"params/q/kernel": q_limit, "params/k/kernel": kv, "params/v/kernel": kv}
+    p = tpflax.plan(abstract(m, x), {"model": 4}, model=m, sample=(x,))
+    want = P(None, "model") if q_limit % 4 == 0 else P(None, None)
+    assert p.decisions["params/q/kernel"].spec == want
+
+
+def rotate_half(x, pos):
+    """Rotary embeddings as Gemma writes them: the halves of head_dim rotated, then concatenated."""
+    a, b = jnp.split(x, 2, axis=-1)
+    ang = pos[:, None] / 10000 ** (jnp.arange(x.shape[-1] // 2) / x.shape[-1])
+    sin, cos = jnp.sin(ang)[:, None], jnp.cos(ang)[:, None]
+    return jnp.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+
+
+class MultiQuery(nn.Module):
+    """Gemma's attention: einsum kernels, one (2, kv heads, d, head_dim) kernel for keys and values,
+    repeated to the query's heads after rotary embeddings."""
+
+    kv: int
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.lecun_normal()
+        pos = jnp.arange(x.shape[1], dtype=F32)
+        q = jnp.einsum("btd,ndh->btnh", x, self.param("q", init, (4, 32, 8)))
+        k, v = jnp.einsum("bsd,ckdh->cbskh", x, self.param("kv", init, (2, self.kv, 32, 8)))
+        k, v = (jnp.repeat(y, 4 // self.kv, axis=-2) for y in (rotate_half(k, pos), v))
+        p = jax.nn.softmax(jnp.einsum("btnh,bsnh->btns", rotate_half(q, pos), k), -1)
+        return jnp.einsum("btnh,nhd->btd", jnp.einsum("btns,bsnh->btnh", p, v), self.param("o", init, (4, 8, 32)))
+
+
+@pytest.mark.parametrize("kv", [1, 2])
+def test_key_value_heads_that_do_not_divide_say_so(kv):
+    # 1 kv head repeated to 4 was lost at the repeat (a size-1 dim merged into the copies): the kernel
+    # had no partner, and its reason named the rotary concatenation along head_dim, not the 1 head
+    m, x = MultiQuery(kv), sds(2, 8, 32)
+    p = tpflax.plan(abstract(m, x), {"model": 4}, model=m, sample=(x,))
+    d = p.decisions["params/kv"]
+    assert d.spec == P(None, None, None, None) and p.decisions["params/q"].spec == P("model", None, None)
+    assert d.reason.startswith(f"column of pair 1: heads {kv} (GQA key/value heads) not divisible by model=4")
+    assert p.pairs[0].columns == ("params/q", "params/kv") and p.pairs[0].rows == ("params/o",)
+
+
+class StackedGate(nn.Module):
+    """Gemma's feed-forward: gate and up stacked in one (2, d, ffw) kernel, sliced apart for two dots."""
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("gating", nn.initializers.lecun_normal(), (2, 32, 128))
+        down = self.param("linear", nn.initializers.lecun_normal(), (128, 32))
+        return jnp.dot(jax.nn.gelu(jnp.dot(x, w[0])) * jnp.dot(x, w[1]), down)
+
+
+def test_a_stack_of_two_dimensional_kernels_is_a_column_over_features():
+    # a 3-D kernel's traced dim is its heads only with a head_dim kept after it: (2, d, ffw) keeps ffw last
+    m, x = StackedGate(), sds(2, 8, 32)
+    p = tpflax.plan(abstract(m, x), {"model": 4}, model=m, sample=(x,))
+    gate, down = p.decisions["params/gating"], p.decisions["params/linear"]
+    assert (gate.spec, down.spec) == (P(None, None, "model"), P("model", None))
+    assert (gate.strategy, down.strategy) == ("column", "row")
+    assert gate.reason.startswith("column: traced") and "output features (128) split over model=4" in gate.reason

@@ -250,9 +250,12 @@ def _column(c: _Flow, sid: int, e: Edge, row_path: str) -> Linear:
         why += (f"; fused: cut into {pieces} equal pieces after the matmul, so split naively over the fused "
                 f"dim ({fS.body[cb]}) and XLA reshards the pieces (head-aligned shards need the dim "
                 "permuted at placement or the model to split a (d, pieces, heads, head_dim) view)")
-    # A 3-D or 4-D kernel's traced dim is its heads ((d, heads, head_dim), (3, heads, d, head_dim)).
+    # A 3-D or 4-D kernel's traced dim is its heads when the kernel keeps a dim after it, the head_dim
+    # ((d, heads, head_dim), (3, heads, d, head_dim)); kept last, it is features: a stack of 2-D
+    # kernels ((2, d, ffw), Gemma's gate and up, one sliced out per dot) is a column over features.
+    heads = len(fS.body) >= 3 and any(fS.body_dim(k) > cb for k in S.kept)
     return Linear(fS, tuple(fS.body_dim(k) for k in S.contracted), (cb,),
-                  heads=cb if len(fS.body) >= 3 else None, role="column", why=why,
+                  heads=cb if heads else None, role="column", why=why,
                   limit=limit if limit and limit != fS.body[cb] else None)
 
 

@@ -22,7 +22,7 @@ import dataclasses
 import math
 from typing import Any
 
-from tpflax._src.trace.interpreter import TagMap, Val, Walk, opaque
+from tpflax._src.trace.interpreter import TagMap, Val, Walk, is_minor, opaque
 from tpflax._src.trace.records import Product
 
 
@@ -103,6 +103,16 @@ def _act_dot(w: Walk, lhs: Val, rhs: Val, contract, batch, lf, rf, out_rank: int
     for v, cs in ((lhs, lc), (rhs, rc)):
         for d in cs:
             w.escape(v.dim_tags(d), "summed by a product of two activations (needs an all-reduce)")
+    for v, other, free in ((lhs, rhs, lf), (rhs, lhs, rf)):
+        # The backward sums a free dim of one side into the other side's gradient. A projection's
+        # output (keys, values kept whole: 2 kv heads under 4 query heads) has its gradient summed
+        # over the tensor ranks anyway; a product's (the probabilities) would be all-reduced at the
+        # scores' size: a split running on into a minor part (a cut head's head_dim) stops there.
+        if not any("dot" not in via for m in other.tags or () for _, via in m.values()):
+            for d in free:
+                for k in v.dim_tags(d):
+                    if is_minor(k):
+                        w.cap(k)
     tags = [w.merge([lhs.dim_tags(a), rhs.dim_tags(b)], "dot") for a, b in zip(lb, rb, strict=True)]
     tags += [w.merge([lhs.dim_tags(a)], "dot") for a in lf]
     tags += [w.merge([rhs.dim_tags(b)], "dot") for b in rf]
@@ -124,7 +134,7 @@ def _note_product(w: Walk, eqn: Any, out: Val, ctx: tuple, lf, rf) -> None:
         w.pending = None
         return
     w.pending = shape
-    tags = tuple(tuple(sorted(out.dim_tags(d))) for d in range(len(shape)))
+    tags = tuple(tuple(sorted(k for k in out.dim_tags(d) if not is_minor(k))) for d in range(len(shape)))
     count = math.prod(w.lengths.get(c, 1) for c in ctx if isinstance(c, int))
     w.products[(ctx, id(eqn))] = Product(shape, count, tags)
 

@@ -12,8 +12,9 @@ follows the activations:
   *use*, with the parameter dims it contracts, keeps and batches over;
 * every kept dim of a use **tags** the activation dim it produces. Tags follow
   elementwise ops, reshapes (the major factor of a split dim keeps the tag, so
-  heads survive ``(d) -> (heads, head_dim)``), transposes, broadcasts and
-  activation-activation einsums along batch/free dims, through ``pjit``,
+  heads survive ``(d) -> (heads, head_dim)``, and follows a split that runs on
+  into the minor factor: 4 heads over 4 ranks cut into ``(kv_heads, groups)``),
+  transposes, broadcasts and activation-activation einsums along batch/free dims, through ``pjit``,
   ``remat``, ``custom_jvp``/``custom_vjp`` and ``scan``/``while``/``cond`` bodies;
 * an op that reduces, slices, concatenates or mixes a tagged dim, or any op
   tpflax does not know, **ends** the chain for that tag (an *escape*: a norm over
@@ -51,7 +52,7 @@ from tpflax._src.errors import TraceError
 from tpflax._src.facts.tree import unboxed, walk
 from tpflax._src.model import abstract, as_model
 from tpflax._src.trace.handlers import new_walk
-from tpflax._src.trace.interpreter import Val
+from tpflax._src.trace.interpreter import Val, is_minor
 from tpflax._src.trace.records import Dataflow, Edge, Use
 from tpflax._src.trace.sharing import shared_reads
 
@@ -141,9 +142,13 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
     for v in outs:
         if v.tags is not None:
             for m in v.tags:
-                w.outputs.update(m)
+                for k in m:
+                    if is_minor(k):
+                        w.cap(k)
+                    else:
+                        w.outputs.add(k)
     edges = tuple(
-        Edge(w.uses[s].path, s, sd, w.uses[d].path, d, dd, limit, via)
+        Edge(w.uses[s].path, s, sd, w.uses[d].path, d, dd, math.gcd(limit, w.caps.get((s, sd), 0)), via)
         for (s, sd, d, dd), (limit, via) in sorted(w.edges.items()))
     return Dataflow(paths=tuple(paths), uses=tuple(w.uses), edges=edges, escapes=dict(w.escapes),
                     outputs=frozenset(w.outputs), recurrent=frozenset(w.recurrent),

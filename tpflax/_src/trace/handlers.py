@@ -4,8 +4,9 @@ Every handler is ``handler(walk, eqn, ins, ctx, ranks) -> outs``: ``ins`` are
 the :class:`~tpflax._src.trace.interpreter.Val` of the equation's inputs,
 ``ranks`` the ranks of its outputs, ``ctx`` identifies the enclosing loop
 bodies (a use inside a loop body is one use however often the body is walked).
-Here: elementwise ops, reductions, and the layout ops (reshape, transpose,
-broadcast, squeeze, slice, split, concatenate, pad...). Contractions live in
+Here: elementwise ops, reductions, and the layout ops (transpose, broadcast,
+squeeze, slice, split, concatenate, pad...); reshapes are in
+:mod:`tpflax._src.trace.reshape`. Contractions live in
 :mod:`tpflax._src.trace.contractions`, control flow and calls in
 :mod:`tpflax._src.trace.control`. A primitive not in the table goes to
 :func:`tpflax._src.trace.control.call` (a body to walk into) or ends every
@@ -18,11 +19,11 @@ chain through it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import Any
 
 from tpflax._src.trace import contractions, control
 from tpflax._src.trace.interpreter import Handler, Val, Walk
+from tpflax._src.trace.reshape import reshape
 
 # Ops that keep every dim in place (n-ary, equal shapes up to rank-0 operands).
 ELEMENTWISE = frozenset("""
@@ -150,65 +151,6 @@ def broadcast_in_dim(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[
 def squeeze(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
     dims = set(d % max(ins[0].rank, 1) for d in eqn.params["dimensions"])
     return [w.moved(ins[0], [d for d in range(ins[0].rank) if d not in dims], ranks[0])]
-
-
-def reshape(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
-    v = ins[0]
-    src = tuple(eqn.invars[0].aval.shape)
-    dst = tuple(eqn.outvars[0].aval.shape)
-    mapping: list[int | None] = [None] * len(dst)
-    limits: dict[int, int] = {}
-    for gin, gout in reshape_groups(src, dst):
-        big_in = [d for d in gin if src[d] != 1]
-        big_out = [d for d in gout if dst[d] != 1]
-        if len(big_in) == 1 and len(big_out) == 1:
-            mapping[big_out[0]] = big_in[0]
-            continue
-        if not big_in or not big_out:
-            continue
-        # Split or merge: the major input dim maps to the major output dim; a
-        # tag on any other input dim is interleaved with its neighbours.
-        mapping[big_out[0]] = big_in[0]
-        limits[big_out[0]] = dst[big_out[0]]
-        for d in big_in[1:]:
-            w.escape(v.dim_tags(d), f"a reshape {src} -> {dst} merges it as a minor dim")
-    # For a reshaped parameter the major dim of a merged group stands for the group.
-    return [w.moved(v, mapping, ranks[0], limit=limits)]
-
-
-def reshape_groups(src: Sequence[int], dst: Sequence[int]) -> list[tuple[list[int], list[int]]]:
-    """Pair runs of input and output dims with equal products (row-major reshape).
-
-    >>> reshape_groups((2, 12), (2, 3, 4))
-    [([0], [0]), ([1], [1, 2])]
-    """
-    groups = []
-    i = j = 0
-    while i < len(src) or j < len(dst):
-        gi, gj = [], []
-        pi = pj = 1
-        while True:
-            if i < len(src) and (pi <= pj or j >= len(dst)) and not (gi and gj and pi == pj):
-                gi.append(i)
-                pi *= src[i]
-                i += 1
-            elif j < len(dst) and not (gi and gj and pi == pj):
-                gj.append(j)
-                pj *= dst[j]
-                j += 1
-            else:
-                break
-            if gi and gj and pi == pj:
-                # absorb trailing size-1 dims into this group
-                while i < len(src) and src[i] == 1 and (j >= len(dst) or dst[j] != 1):
-                    gi.append(i)
-                    i += 1
-                while j < len(dst) and dst[j] == 1 and (i >= len(src) or src[i] != 1):
-                    gj.append(j)
-                    j += 1
-                break
-        groups.append((gi, gj))
-    return groups
 
 
 def slice_(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:

@@ -7,8 +7,11 @@ primitive up in its ``{primitive name: handler}`` table
 about the outputs. The handlers record uses, edges and escapes on the walk.
 
 A *tag* is one kept parameter dim of one use: ``(use id, param dim) -> (limit,
-via)``, where ``limit`` is the gcd of the activation dim sizes along the way and
-``via`` the notable ops passed.
+via)``, where ``limit`` says how far the dim can be split on the way (a split over
+``n`` stays local while ``n`` divides it: the gcd of the activation dim sizes along
+the way, or more where a reshape cuts the dim and the split runs on into its minor
+part, see :mod:`tpflax._src.trace.reshape`) and ``via`` the notable ops
+passed. The minor part of a cut dim carries the key :func:`minor_key` of the tag.
 
 >>> w = Walk(handlers={}, fallback=opaque)
 >>> w.merge([{(0, 1): (64, ())}, {(0, 1): (48, ("mul",))}], "tanh")
@@ -30,6 +33,21 @@ TagMap = dict  # (use id, param dim) -> (limit, via)
 EMPTY: TagMap = {}
 
 # Names worth reporting in a reason ("through logistic, mul").
+def minor_key(k: tuple[int, int]) -> tuple[int, int]:
+    """The key of the minor part of a tagged dim a reshape cut (and back: it is its own inverse).
+
+    A negative param dim marks it: ``(use id, ~param dim)``.
+
+    >>> minor_key((3, 1)), minor_key(minor_key((3, 1))), is_minor(minor_key((3, 1)))
+    ((3, -2), (3, 1), True)
+    """
+    return (k[0], ~k[1])
+
+
+def is_minor(k: tuple[int, int]) -> bool:
+    return k[1] < 0
+
+
 NOTABLE = frozenset({"mul", "div", "logistic", "tanh", "exp", "erf", "erfc", "max", "min",
                      "dot", "integer_pow", "square", "sqrt", "rsqrt", "log"})
 
@@ -78,6 +96,10 @@ class Walk:
         uses, edges, escapes, outputs, recurrent, biases, elementwise, scanned,
             fused, products, n_eqns: the findings
             (``reads`` feeds :attr:`Dataflow.shared`) (see :class:`tpflax._src.trace.records.Dataflow`).
+        spills: ``{tag: major size}`` for tags whose split may run on into the minor part
+            of a dim a reshape cut (``(heads) -> (kv_heads, groups)``).
+        caps: ``{tag: size}``: a minor part was reduced, sliced or contracted, so a split of
+            the tag stays within the major part; applied to its edges' limits at the end.
     """
 
     handlers: Mapping[str, Handler]
@@ -92,6 +114,8 @@ class Walk:
     elementwise: set[str] = field(default_factory=set)
     scanned: dict[str, int] = field(default_factory=dict)
     fused: dict[tuple[int, int], int] = field(default_factory=dict)
+    spills: dict[tuple[int, int], int] = field(default_factory=dict)
+    caps: dict[tuple[int, int], int] = field(default_factory=dict)
     reads: dict[int, tuple[Any, int, tuple]] = field(default_factory=dict)  # use id -> (dot eqn, operand, ctx)
     products: dict[tuple[tuple, int], Product] = field(default_factory=dict)  # (ctx, id(eqn)) -> Product
     lengths: dict[int, int] = field(default_factory=dict)  # id(scan eqn) -> its trip count
@@ -135,12 +159,23 @@ class Walk:
 
     def escape(self, m: TagMap, why: str) -> None:
         for k in m:
-            self.escapes.setdefault(k, why)
+            if is_minor(k):
+                self.cap(k)
+            else:
+                self.escapes.setdefault(k, why)
+
+    def cap(self, k: tuple[int, int]) -> None:
+        """The minor part ``k`` of a cut dim needs its other shards: its tag splits only the major part."""
+        major = minor_key(k)
+        self.caps[major] = math.gcd(self.caps.get(major, 0), self.spills.get(major, 1))
 
     def fuse(self, m: TagMap, pieces: int) -> None:
         """The tagged dims in ``m`` are cut into ``pieces`` equal parts (a fused qkv's output)."""
         for k in m:
-            self.fused[k] = max(self.fused.get(k, 1), pieces)
+            if is_minor(k):
+                self.cap(k)
+            else:
+                self.fused[k] = max(self.fused.get(k, 1), pieces)
 
     def escape_all(self, val: Val, why: str) -> None:
         if val.tags is not None:
@@ -159,6 +194,9 @@ class Walk:
         return u.id
 
     def edge(self, k: tuple[int, int], dst: int, dst_dim: int, limit: int, via) -> None:
+        if is_minor(k):  # a kernel sums the minor part alone: the split it allows stays in the major part
+            self.cap(k)
+            return
         if k[0] == dst:
             return
         key = (k[0], k[1], dst, dst_dim)
