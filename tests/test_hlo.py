@@ -64,6 +64,21 @@ def test_mesh_axes_groups_and_sub_axes():
     assert c.ring_bytes == pytest.approx(0.5 * 32 * 16 * 4)
 
 
+def test_mesh_groups_over_devices_in_iota_form():
+    # XLA:CPU lists a reordered mesh's devices as an iota, ``device_ids=([2,4]T(1,0))``: devices 0 4 1 5 2 6 3 7,
+    # so the mesh's axis_0 (4) is the model axis; read as 0..7 it spanned data+model
+    text = "mesh['axis_0'=4,'axis_1'=1,'axis_2'=2], device_ids=([2,4]T(1,0)) {'axis_0'}"
+    assert parse_replica_groups(text) == ((0, 1, 2, 3), (4, 5, 6, 7))
+    assert group_axes(parse_replica_groups(text), MESH) == ("model",)
+    assert parse_replica_groups("mesh['axis_0'=4,'axis_1'=2], device_ids=([2,4]T(1,0)) {'axis_1'}") == (
+        (0, 4), (1, 5), (2, 6), (3, 7))
+    hlo = module("%ar = f32[4,32,64]{2,1,0} all-reduce(%p), channel_id=4, replica_groups=mesh['axis_0'=4,"
+                 "'axis_1'=1,'axis_2'=2], device_ids=([2,4]T(1,0)) {'axis_0'}, use_global_device_ids=true, "
+                 "to_apply=%add")
+    (c,) = parse_collectives(hlo, MESH)
+    assert (c.group_size, c.axes) == (4, ("model",))
+
+
 @given(st.lists(st.integers(1, 3), min_size=1, max_size=3), st.data())
 def test_iota_matches_numpy_reference(dims, data):
     perm = data.draw(st.permutations(range(len(dims))))
@@ -194,6 +209,16 @@ def test_real_shard_map_program(mesh):
     assert got["all-to-all"].axes == ("model",) and got["all-to-all"].ring_bytes == pytest.approx(0.75 * full)
     assert got["collective-permute"].ring_bytes == full
     assert got["all-reduce"].axes == ("data", "model") and got["all-reduce"].group_size == 8
+
+
+def test_real_vocab_split_lookup_sums_over_its_tensor_axis(mesh):
+    # a lookup in a table split over model, ids over data: each device sums its rows' share over model
+    # (XLA:CPU spells the groups with devices in iota form)
+    table = jax.ShapeDtypeStruct((1000, 64), jnp.float32, sharding=NamedSharding(mesh, P("model", None)))
+    ids = jax.ShapeDtypeStruct((8, 32), jnp.int32, sharding=NamedSharding(mesh, P("data", None)))
+    step = jax.jit(lambda t, i: jnp.tanh(t[i]), out_shardings=NamedSharding(mesh, P("data")))
+    (c,) = parse_collectives(step.lower(table, ids).compile().as_text(), mesh)
+    assert (c.kind, c.axes, c.bytes) == ("all-reduce", ("model",), 4 * 32 * 64 * 4)
 
 
 def test_real_gspmd_program_in_a_scan(mesh):

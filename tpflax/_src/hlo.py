@@ -276,6 +276,8 @@ def parse_replica_groups(text: str | None, num_devices: int | None = None) -> tu
 
     >>> parse_replica_groups("[2,2]<=[2,2]T(1,0)")
     ((0, 2), (1, 3))
+    >>> parse_replica_groups("mesh['a'=4,'b'=2], device_ids=([2,4]T(1,0)) {'a'}")  # devices 0 4 1 5 2 6 3 7
+    ((0, 1, 2, 3), (4, 5, 6, 7))
     """
     import numpy as np
 
@@ -311,10 +313,18 @@ def _mesh_groups(text: str) -> tuple[tuple[int, ...], ...]:
     sizes = [int(s) for _, s in axes]
     ids = np.arange(math.prod(sizes)).reshape(sizes) if sizes else np.arange(1)
     dev = re.search(r"device_ids=\[([\d,\s]*)\]", text)
+    iota = re.search(r"device_ids=\(\[([\d,]*)\](?:T\(([\d,]*)\))?\)", text)
     if dev:
         listed = [int(x) for x in dev.group(1).split(",") if x.strip()]
         if len(listed) == ids.size:
             ids = np.array(listed).reshape(sizes)
+    elif iota:  # the devices in iota form: ([2,4]T(1,0)) is arange(8).reshape(2, 4).T, flattened
+        dims = [int(x) for x in iota.group(1).split(",") if x]
+        listed = np.arange(math.prod(dims)).reshape(dims)
+        if iota.group(2):
+            listed = listed.transpose([int(x) for x in iota.group(2).split(",")])
+        if listed.size == ids.size:
+            ids = listed.reshape(sizes)
     brace = text.rfind("{")
     wanted = re.findall(r"'?([\w.\-]+)'?(?::\((\d+)\)(\d+))?", text[brace + 1:text.rfind("}")]) \
         if brace >= 0 else []
