@@ -80,8 +80,12 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
         summed = [c for c in split_cols if c not in alone]
         for c in alone + summed[:1]:
             what = f"columns {', '.join(label[x] for x in summed)}" if c in summed else f"column {label[c]}"
-            items.append(CommItem("all-reduce", axes, _pair_act(c, dec[c], "in", s), n, count, source,
-                                  f"{what}: sum partial input gradients (backward)"))
+            # a kernel contracted in slices (a stacked gate/up kernel used as w[0] and w[1]): one partial
+            # input gradient per slice, each reduced apart
+            k = (s.slices or {}).get(c, 1) if c in alone else 1
+            items.append(CommItem("all-reduce", axes, _pair_act(c, dec[c], "in", s), n, count * k, source,
+                                  f"{what}: sum partial input gradients (backward"
+                                  f"{f', once for each of its {k} contracted slices' if k > 1 else ''})"))
         items += [CommItem("all-reduce", axes, _pair_act(j, dec[j], "in", s) * r, n, count, source, f"column "
                            f"{label[j]}, its joined other input: sum partial input gradients (backward)")
                   for j in split_cols for r in joined.get(j, ())]  # each other input's gradient, apart
@@ -120,8 +124,11 @@ def _pair_act(path: str, d: Any, side: str, s: Scope) -> float:
         # the split dim is a column's output and a row's input, however the kernel is stored
         # ((out, in) Conv1D kernels too): the other dim is the activation's width
         width = b[1 - split[0]] if (side == "in") == (d.role == "column") else b[split[0]]
+    elif side == "in":  # a column's input: as wide as the dims its contraction sums over, as traced (a kernel
+        # stacked (2, d, f) and used as w[0], w[1] reads d), else its first dim
+        width = (s.widths or {}).get(path) or b[0]
     else:
-        width = b[0] if side == "in" else b[-1]
+        width = b[-1]
     return s.rows_of(path) * width * s.act_item
 
 

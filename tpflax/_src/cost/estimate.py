@@ -117,7 +117,7 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
                   g_item=w.g_item, backend=w.backend, dispatch=w.dispatch, activations=w.activations,
                   config=w.config, tied=w.tied, parts=w.parts, rows=w.rows, fused=w.fused, remat=w.remat,
                   shared=w.shared, lookups=w.lookups,
-                  grouped=w.grouped, joined=w.joined)
+                  grouped=w.grouped, joined=w.joined, widths=w.widths, slices=w.slices)
     every = (comm_items(scope, notes) + expert_items(scope) + fused_items(scope, notes)
              + grouped_conv_items(scope))
     items = tuple(i for i in every if i.total > 0)

@@ -78,6 +78,8 @@ class Scope:
     lookups: Mapping[str, int] | None = None  # traced tables looked up by several gathers (cost.workload.Traced)
     grouped: Mapping[str, float] | None = None  # traced grouped convolutions (cost.workload.Traced)
     joined: Mapping[str, tuple[float, ...]] | None = None  # a projection's joined other uses' rows (Traced)
+    widths: Mapping[str, int] | None = None  # traced elements a parameter's contraction sums over (Traced)
+    slices: Mapping[str, int] | None = None  # traced contractions of a parameter's slices (Traced)
 
     def rows_of(self, path: str) -> float:
         """Activation rows on one device that the leaf at ``path`` reads: as traced, else the batch's tokens."""
