@@ -988,3 +988,40 @@ def test_a_kernel_stacked_gate_and_up_sums_each_slices_input_gradient():
     # exact up to the loss scalar XLA reduces with the gradients (4 bytes)
     assert e.comm_total == pytest.approx(run.comm_total, abs=16), (e.comm, run.comm())
 
+
+def test_a_table_contracted_outside_attend_is_tied_though_layers_are_traced():
+    # Gemma's Embedder: ``decode`` is ``x @ table.T``, no ``attend`` call and no layer call for the logits;
+    # the traced tied table counted only when no layer call was traced, so an nnx model (whose layers
+    # are) lost the vocab-split logits' softmax sums and input-gradient all-reduce, and the peak its logits
+    from flax import nnx
+
+    class Embedder(nnx.Module):
+        def __init__(self, rngs):
+            self.table = nnx.Param(nnx.initializers.normal()(rngs.params(), (1000, 64)))
+
+        def encode(self, ids):
+            return self.table[...][ids]
+
+        def decode(self, x):
+            return x @ self.table[...].T
+
+    class TiedLM(nnx.Module):
+        def __init__(self, rngs):
+            self.embedder = Embedder(rngs)
+            self.up, self.down = nnx.Linear(64, 256, rngs=rngs), nnx.Linear(256, 64, rngs=rngs)
+
+        def __call__(self, ids):
+            x = self.embedder.encode(ids)
+            return self.embedder.decode(x + self.down(nnx.gelu(self.up(x))))
+
+    model, ids = TiedLM(nnx.Rngs(0)), jax.ShapeDtypeStruct((8, 16), jnp.int32)
+    p, run, e = _compiled_and_estimated(model, (ids,), {"data": 2, "model": 4})
+    assert p.decisions["embedder/table"].spec == P("model", None)
+    assert e.settings["activations"] == "traced"
+    assert set(run.comm()["all-reduce"]) == {"data", "model"}  # the lookup's sum is over model (tpflax.hlo)
+    assert e.breakdown.logits == 8 // 2 * 16 * 1000 // 4 * 4  # local rows x the table's local rows x f32
+    tied = [i for i in e.items if i.why.startswith("tied output embedding")]
+    assert sorted((i.size, i.count) for i in tied) == [(8 // 2 * 16 * 4, 3), (8 // 2 * 16 * 64 * 4, 1)]
+    # the next-token loss's softmax sums cover 15 of the 16 positions (72 bytes), and the loss scalar (4)
+    assert e.comm_total == pytest.approx(run.comm_total, abs=80), (e.comm, run.comm())
+

@@ -190,27 +190,33 @@ def score_elements(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -> tup
     return int(largest), sum(e * c for e, c in sizes) / largest, split
 
 
-def logits_bytes(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -> tuple[int, str]:
-    """``(the float32 logits on a device, the head's path)``: rows on this device x the head's local
-    width; ``(0, "")`` without a head.
+def logits_bytes(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -> tuple[int, str, bool]:
+    """``(the float32 logits on a device, the head's path, whether the traced layer calls hold them)``:
+    rows on this device x the head's local width; ``(0, "", False)`` without a head.
 
-    The head is the output layer, or an embedding whose ``attend`` makes the logits (tied weights).
+    The head is the output layer, or an embedding whose ``attend`` makes the logits (tied weights), or
+    a table the trace saw looked up and contracted (``x @ table.T`` in a method of its own, Gemma's
+    ``Embedder.decode``: no layer call shows those logits, unless a traced call returns them).
     Its rows are those of its traced call (a speech model's decoder tokens, not its first input's
     frames), else the batch's tokens.
     """
-    heads = [(d.shape[-1], lv.specs[p][-1], acts_for(w.saved, d.unit), p) for p, d in lv.decisions.items()
+    heads = [(d.shape[-1], lv.specs[p][-1], acts_for(w.saved, d.unit), p, True) for p, d in lv.decisions.items()
              if d.kind == "head" and len(d.shape) >= 2]
-    heads += [(d.shape[0], lv.specs[p][0], calls, p) for p, d in lv.decisions.items()
+    heads += [(d.shape[0], lv.specs[p][0], calls, p, True) for p, d in lv.decisions.items()
               if len(d.shape) == 2 and (calls := acts_for(w.saved, d.unit + ":attend"))]
+    heads += [(d.shape[0], lv.specs[p][0], [], p, any(a.output[-1:] == (d.shape[0],) for v in w.saved.values()
+                                                      for a in v))
+              for p, d in lv.decisions.items()
+              if p in (w.tied or ()) and len(d.shape) == 2 and not acts_for(w.saved, d.unit + ":attend")]
     if not heads:
-        return 0, ""
-    vocab, entry, calls, path = heads[-1]
+        return 0, "", False
+    vocab, entry, calls, path, held = heads[-1]
     width = math.ceil(vocab / tensor_degree(mesh, entry))
     if calls and calls[0].output and calls[0].output[-1] == vocab:
         rows = math.prod(calls[0].output[:-1])
     else:
         rows = token_rows(w.batch, w.config) if w.batch.leaves and len(w.batch.leaves[0][1]) == 2 else w.batch.size
-    return int(rows / shards * width * 4), path
+    return int(rows / shards * width * 4), path, held
 
 
 def logits_grad_bytes(logits: int, head: str, w: Workload) -> int:
@@ -434,8 +440,8 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
     saved = dev.activations - counted + kept - (0 if w.remat else unread)
     if not w.activations:  # the transformer formula counts scores too (5as/ht): they are counted above
         saved -= formula_scores_bytes(w.batch, w.config, mesh, shards, w.remat, w.act_item)
-    logits, head = logits_bytes(lv, mesh, w, shards)
-    if w.saved and w.act_item == 4:
+    logits, head, held = logits_bytes(lv, mesh, w, shards)
+    if w.saved and w.act_item == 4 and held:
         # a float32 head's traced output is the float32 logits buffer counted below: not twice (the f32
         # GPT-2 step holds one f32[2, 1024, 50257]; a 16-bit step holds its 16-bit logits and the f32 ones)
         saved -= min(logits, saved)

@@ -201,7 +201,8 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
         config = m.config
     if batch is None and m is not None and (sample is not None or m.zoo is None):
         batch = m.sample  # a model's own inputs are the batch (no labels: its loss takes the output)
-    # without linen layers there is no ``attend`` call to see: the dataflow says which table is tied
+    # the dataflow says which table is tied, whether an ``attend`` call (linen) or ``x @ table.T`` in a
+    # method no layer trace sees (Gemma's ``Embedder.decode``) makes the logits
     shapes = {p: tuple(d.shape) for p, d in plan.decisions.items()}
     t = traced_uses(m, shapes) if m is not None else Traced()
     # a model without a config dtype computes in what its contractions come out in as traced
@@ -228,7 +229,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
     return Workload(batch=b, config=config, activations=activations, opt=opt, remat=remat, backend=backend,
                     dispatch=expert_dispatch, act_item=itemsize(b.act_dtype),
                     g_item=itemsize(dtype_name(grad_dtype)) if grad_dtype is not None else None,
-                    settings=settings, tied=t.tied if not activations else None, parts=t.parts, rows=t.rows,
+                    settings=settings, tied=t.tied, parts=t.parts, rows=t.rows,
                     fused=t.fused, shared=t.shared, lookups=t.lookups,
                     grouped=t.grouped, joined=t.joined, widths=t.widths, slices=t.slices,
                     contractions=contractions, scores=t.scores,
