@@ -1025,3 +1025,58 @@ def test_a_table_contracted_outside_attend_is_tied_though_layers_are_traced():
     # the next-token loss's softmax sums cover 15 of the 16 positions (72 bytes), and the loss scalar (4)
     assert e.comm_total == pytest.approx(run.comm_total, abs=80), (e.comm, run.comm())
 
+
+def _gshard(router_logits, capacity):
+    """GShard's top-1 dispatch and combine ``(batch, seq, experts, capacity)``: one-hot slots in each expert's buffer."""
+    probs = jax.nn.softmax(router_logits, -1)
+    mask = jax.nn.one_hot(jnp.argmax(probs, -1), probs.shape[-1])
+    slot = (jnp.cumsum(mask, axis=1) - 1) * mask
+    dispatch = (mask * (slot < capacity))[..., None] * jax.nn.one_hot(slot.sum(-1).astype(jnp.int32), capacity)[..., None, :]
+    return dispatch, dispatch * (probs * mask).sum(-1)[..., None, None]
+
+
+@pytest.mark.parametrize("mesh", [{"data": 2, "model": 4}, {"fsdp": 2, "model": 4}])
+def test_experts_on_a_dispatched_buffer_move_the_buffer(mesh):
+    # a one-hot dispatch ``btec,btd->ecd`` sums the batch into (experts, capacity, d): the expert pair's
+    # all-reduces move that buffer, whole on every device (not the 128 local tokens: 4x here, 1.63x at
+    # 256 x 32 tokens), XLA sums the buffer over the batch axes at the dispatch and at the combine's
+    # transpose, and the expert weights' gradients, alike on every device of them, are not reduced
+    from flax import nnx
+
+    class Experts(nnx.Module):
+        def __init__(self, rngs):
+            init = nnx.initializers.lecun_normal()
+            self.router = nnx.Linear(64, 4, use_bias=False, rngs=rngs)
+            self.w_in, self.w_gate = (nnx.Param(init(rngs.params(), (4, 64, 128))) for _ in range(2))
+            self.w_out = nnx.Param(init(rngs.params(), (4, 128, 64)))
+
+        def __call__(self, x):
+            dispatch, combine = _gshard(self.router(x), 8)
+            xe = jnp.einsum("btec,btd->ecd", dispatch, x)
+            h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", xe, self.w_gate[...])) * jnp.einsum(
+                "ecd,edf->ecf", xe, self.w_in[...])
+            return x + jnp.einsum("btec,ecd->btd", combine, jnp.einsum("ecf,efd->ecd", h, self.w_out[...]))
+
+    class MoELM(nnx.Module):
+        def __init__(self, rngs):
+            self.embed, self.ffn = nnx.Embed(256, 64, rngs=rngs), Experts(rngs)
+            self.head = nnx.Linear(64, 256, use_bias=False, rngs=rngs)
+
+        def __call__(self, ids):
+            return self.head(self.ffn(self.embed(ids)))
+
+    model, ids = MoELM(nnx.Rngs(0)), jax.ShapeDtypeStruct((16, 16), jnp.int32)
+    p, run, e = _compiled_and_estimated(model, (ids,), mesh)
+    assert [p.decisions[f"ffn/{n}"].role for n in ("w_in", "w_gate", "w_out")] == ["column", "column", "row"]
+    assert p.decisions["ffn/w_out"].spec[1] == "model"
+    buffer = 4 * 8 * 64 * 4  # experts x capacity x d x f32
+    batch = "data" if "data" in mesh else "fsdp"
+    pair = [i for i in e.items if "ffn" in i.why and i.axes == ("model",)]
+    assert [i.size for i in pair] == [buffer] * 3
+    assert sorted(i.size for i in e.items if "batch-free expert" in i.why and i.axes == (batch,)) == [buffer] * 2
+    assert not [i for i in e.items if i.source.startswith("ffn/w_") and i.kind == "all-reduce"]
+    compiled = {a: b for k, x in run.comm().items() for a, b in x.items() if k == "all-reduce"}
+    # the loss scalar (4 bytes) reduces with the gradients; the head's softmax sums for the next-token loss
+    # cover 15 of the 16 positions (144 bytes)
+    for axis, bound in ((batch, 16), ("model", 160)):
+        assert e.comm["all-reduce"][axis] == pytest.approx(compiled[axis], abs=bound), (e.comm, run.comm())

@@ -112,7 +112,8 @@ def _heads_note(decisions, pid: int, cols: list[str], s: Scope, notes: list[str]
 
 
 def _pair_act(path: str, d: Any, side: str, s: Scope) -> float:
-    acts = acts_for(s.activations, d.unit)
+    # an expert kernel reads its buffer, not its layer's input (the tokens before the dispatch)
+    acts = acts_for(s.activations, d.unit) if path not in (s.buffers or {}) else []
     if acts:
         return s.nbytes(acts[0].output if side == "out" else acts[0].inputs[0])
     b = body(d)

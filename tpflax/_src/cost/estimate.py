@@ -49,7 +49,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tpflax._src.cost.comm import comm_items
-from tpflax._src.cost.experts import expert_items
+from tpflax._src.cost.experts import buffer_items, expert_items
 from tpflax._src.cost.grouped import grouped_conv_items
 from tpflax._src.cost.leaves import Leaves, merge
 from tpflax._src.cost.memory import memory
@@ -117,8 +117,9 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
                   g_item=w.g_item, backend=w.backend, dispatch=w.dispatch, activations=w.activations,
                   config=w.config, tied=w.tied, parts=w.parts, rows=w.rows, fused=w.fused, remat=w.remat,
                   shared=w.shared, lookups=w.lookups,
-                  grouped=w.grouped, joined=w.joined, widths=w.widths, slices=w.slices)
-    every = (comm_items(scope, notes) + expert_items(scope) + fused_items(scope, notes)
+                  grouped=w.grouped, joined=w.joined, widths=w.widths, slices=w.slices,
+                  buffers=w.buffers)
+    every = (comm_items(scope, notes) + expert_items(scope) + buffer_items(scope) + fused_items(scope, notes)
              + grouped_conv_items(scope))
     items = tuple(i for i in every if i.total > 0)
     return Estimate(

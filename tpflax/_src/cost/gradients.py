@@ -34,6 +34,10 @@ def gradient_items(s: Scope) -> list[CommItem]:
         for kind, axes, size, n, count, why in _gradient_templates(
                 s.lv.specs[path], s.mesh, _reduce_axes(path, s), s.leaf_bytes(path, d), leaf_itemsize(d), s.g_item,
                 s.backend, reps, gather_item(d, s.backend), len(body(d))):
+            if kind != "all-gather" and path in s.buffered:
+                # an expert kernel reading a batch-free buffer gets the same gradient on every device of the
+                # batch axes: XLA sums the buffers instead (cost.experts.buffer_items) and slices an fsdp shard
+                continue
             if kind == "all-gather" and s.remat and (d.layers_dim is not None or d.group != path):
                 # a layer's leaf is gathered inside its remat'd call (scan_fsdp.zero3): again in the backward
                 where = "one layer at a time in the scan" if d.layers_dim is not None else "inside the remat'd layer"

@@ -80,9 +80,13 @@ class Scope:
     joined: Mapping[str, tuple[float, ...]] | None = None  # a projection's joined other uses' rows (Traced)
     widths: Mapping[str, int] | None = None  # traced elements a parameter's contraction sums over (Traced)
     slices: Mapping[str, int] | None = None  # traced contractions of a parameter's slices (Traced)
+    buffers: Mapping[str, float] | None = None  # traced batch-free expert buffers' rows (Traced)
 
     def rows_of(self, path: str) -> float:
-        """Activation rows on one device that the leaf at ``path`` reads: as traced, else the batch's tokens."""
+        """Activation rows on one device that the leaf at ``path`` reads: as traced (a batch-free expert buffer
+        whole), else the batch's tokens."""
+        if path in (self.buffers or {}):
+            return self.buffers[path]
         per_example = (self.rows or {}).get(path)
         return per_example * self.batch.size / self.shards if per_example else self.rows_local
 
@@ -95,6 +99,14 @@ class Scope:
         """No output head and no ``attend`` call: a table of the config's vocabulary computes the logits."""
         return (not any(d.kind == "head" for d in self.lv.decisions.values())
                 and not any(k.endswith(":attend") for k in self.activations))
+
+    @functools.cached_property
+    def buffered(self) -> frozenset[str]:
+        """Kernels of the pairs whose every kernel reads a batch-free expert buffer (:mod:`tpflax._src.cost.buffers`):
+        the same on every device of the batch axes."""
+        b = self.buffers or {}
+        return frozenset(p for pc in self.lv.pairs if all(x in b for x in pc.columns + pc.rows)
+                         for p in pc.columns + pc.rows)
 
     def axes(self, path: str, role: str) -> tuple[str, ...]:
         """Mesh axes of ``role`` (size > 1) that split the leaf at ``path``."""

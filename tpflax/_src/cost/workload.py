@@ -61,8 +61,8 @@ class Workload:
         remat, backend, dispatch: as :func:`tpflax.estimate` takes them.
         act_item, g_item: activation and gradient bytes per element (g_item None: the parameter's).
         settings: what the estimate reports it used.
-        tied, parts, rows, fused, shared, lookups, grouped, joined, widths, slices: from the traced forward (see
-            :class:`Traced`); None untraced.
+        tied, parts, rows, fused, shared, lookups, grouped, joined, widths, slices, buffers: from the traced
+            forward (see :class:`Traced`); None untraced.
         contractions: a plain function's parameter contractions as layer calls (see
             :func:`contraction_calls`), for the saved-activation bytes only: the collective
             models keep their shape formulas for it. Empty for a module's trace.
@@ -94,6 +94,7 @@ class Workload:
     joined: Mapping[str, tuple[float, ...]] | None = None
     widths: Mapping[str, int] | None = None
     slices: Mapping[str, int] | None = None
+    buffers: Mapping[str, float] | None = None
     contractions: Mapping[str, Sequence[Act]] = field(default_factory=dict)
     scores: tuple[Scores, ...] = ()
     next_token: bool = False
@@ -118,8 +119,12 @@ class Traced:
             (experts indexed in a loop, a scan's layers) are one part.
         rows: ``{path: rows per example}`` of the activation a parameter's first
             contraction reads (a ViT layer's patches, a Whisper encoder's frames after
-            its strided convolution): the rows its tensor-parallel collectives move,
+            its strided convolution; an expert kernel's dispatched tokens, every expert's,
+            :mod:`tpflax._src.cost.buffers`): the rows its tensor-parallel collectives move,
             whatever the batch's own shape.
+        buffers: ``{path: rows}`` of a batch-free buffer an expert kernel's contraction reads
+            (GShard's ``(experts, capacity, d)``, the batch summed away by the dispatch): whole on
+            every device, whatever the batch (:mod:`tpflax._src.cost.buffers`).
         fused: ``{path: (param dim, pieces)}`` for kernels whose output along that dim
             is cut into equal pieces (a ``[q|k|v]`` kernel; see :mod:`tpflax._src.cost.reshard`).
         act_dtype: the dtype most of the contractions' rows come out in (a model that
@@ -164,6 +169,7 @@ class Traced:
     joined: Mapping[str, tuple[float, ...]] | None = None
     widths: Mapping[str, int] | None = None
     slices: Mapping[str, int] | None = None
+    buffers: Mapping[str, float] | None = None
     contractions: tuple[tuple[str, float, tuple[int, ...], str], ...] = ()  # (path, rows, kept dims, dtype)
     remat: bool = False
     scores: tuple[Scores, ...] = ()
@@ -231,7 +237,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     g_item=itemsize(dtype_name(grad_dtype)) if grad_dtype is not None else None,
                     settings=settings, tied=t.tied, parts=t.parts, rows=t.rows,
                     fused=t.fused, shared=t.shared, lookups=t.lookups,
-                    grouped=t.grouped, joined=t.joined, widths=t.widths, slices=t.slices,
+                    grouped=t.grouped, joined=t.joined, widths=t.widths, slices=t.slices, buffers=t.buffers,
                     contractions=contractions, scores=t.scores,
                     next_token=_next_token(m) if loss is None else _reads_slice(m, loss), biased=t.biased)
 
@@ -249,6 +255,7 @@ def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
     """
     import jax
 
+    from tpflax._src.cost.buffers import batched_rows
     from tpflax._src.errors import TraceError
     from tpflax._src.planner.repeats import merge_uses
     from tpflax._src.trace.dataflow import dataflow
@@ -278,6 +285,10 @@ def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
                 lookups[u.path] = lookups.get(u.path, 0) + 1
         elif u.path not in flow.scanned and u.op == "dot":
             slices[u.path] = slices.get(u.path, 0) + 1
+    # an expert kernel's batched contraction records no rows: read them off its activation
+    batched = {u.path for u in flow.uses if u.op == "dot" and u.batch and not u.rows and u.path not in rows}
+    per_example, buffers = batched_rows(m, batched) if batched else ({}, {})
+    rows.update(per_example)
     tied = frozenset(p for p, o in ops.items() if o & {"gather", "onehot"} and "dot" in o)
     fused = {flow.uses[uid].path: (dim, pieces) for (uid, dim), pieces in flow.fused.items()}
     by_dtype: dict[str, int] = {}
@@ -302,7 +313,7 @@ def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
                    for x in flow.products)
     return Traced(tied, {p: n for p, n in whole.items() if n > 1}, rows, fused, act, shared,
                   {p: n for p, n in lookups.items() if n > 1}, grouped, joined, widths,
-                  {p: n for p, n in slices.items() if n > 1}, contractions, flow.remat >= 0.5,
+                  {p: n for p, n in slices.items() if n > 1}, buffers, contractions, flow.remat >= 0.5,
                   scores, frozenset(flow.uses[uid].path for uid, _ in flow.biases.values()))
 
 
