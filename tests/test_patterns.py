@@ -1034,3 +1034,22 @@ def test_a_list_of_layers_is_no_scanned_stack():
     n = jax.ShapeDtypeStruct((4, 512), jnp.float32)
     q = tpflax.plan({"layers": {"up": s, "down": s, "ln1": n, "ln2": n}}, {"fsdp": 4, "model": 2})
     assert q.decisions["layers/up"].layers_dim == 0
+
+
+def test_a_token_type_table_is_no_vocabulary():
+    # BERT's 2-row token_type_embeddings made a (d, 2) question-answering head read as an output head
+    # "onto the token embedding's vocabulary" (2 rows); a token-type or segment table is looked up by
+    # something other than the tokens, like a position table
+    from tpflax._src.facts.classify import classify
+    from tpflax._src.facts.tree import walk
+    from tpflax._src.planner.heuristics import output_heads
+
+    s = lambda *shape: jax.ShapeDtypeStruct(shape, "float32")  # noqa: E731
+    tree = {"embeddings": {"word_embeddings": {"embedding": s(1022, 64)},
+                           "token_type_embeddings": {"embedding": s(2, 64)},
+                           "position_embeddings": {"embedding": s(66, 64)}},
+            "layer": {"up": {"kernel": s(64, 256)}, "down": {"kernel": s(256, 64)}},
+            "qa_outputs": {"kernel": s(64, 2)}}
+    assert output_heads(classify(walk(tree)[0])) == {}
+    tree["lm"] = {"kernel": s(64, 1022)}  # an untied head onto the vocabulary still is one
+    assert list(output_heads(classify(walk(tree)[0]))) == ["lm/kernel"]

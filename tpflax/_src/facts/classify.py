@@ -19,7 +19,9 @@ from tpflax._src.facts.tree import Leaf
 # Name fragments. Matched against single path components, lower-cased.
 NORM = re.compile(r"norm|^(ln|bn)(_\w+|\d+)?$", re.I)
 EMBED = re.compile(r"(embed|embedding|wte|wpe|tok|token|vocab|shared|pos)", re.I)
-POS_EMBED = re.compile(r"(wpe|pos|position)", re.I)
+# tables looked up by something other than the tokens: positions, and token types / segments (BERT's
+# 2-row token_type_embeddings): never the vocabulary, never tied to the logits
+POS_EMBED = re.compile(r"(wpe|pos|position|token_type|segment)", re.I)
 ATTN = re.compile(r"(attn|attention|self_attn|cross_attn|mha|multihead)", re.I)
 ATTN_PROJ = re.compile(r"^(q|k|v|o|qkv|query|key|value|out|q_proj|k_proj|v_proj|o_proj|out_proj|"
                        r"c_attn|wq|wk|wv|wo|in_proj|kv|kv_proj|qkv_proj)$", re.I)
