@@ -493,3 +493,24 @@ def test_a_stack_of_two_dimensional_kernels_is_a_column_over_features():
     assert (gate.spec, down.spec) == (P(None, None, "model"), P("model", None))
     assert (gate.strategy, down.strategy) == ("column", "row")
     assert gate.reason.startswith("column: traced") and "output features (128) split over model=4" in gate.reason
+
+
+class _DepthwiseMixer(nn.Module):
+    """Mamba's mixer without the scan: up, a causal depthwise conv1d (one channel per group), down."""
+
+    @nn.compact
+    def __call__(self, h):
+        x = nn.Dense(256, use_bias=False, name="up")(h)
+        x = nn.Conv(256, (4,), feature_group_count=256, padding=[(3, 0)], name="conv")(x)
+        return h + nn.Dense(64, use_bias=False, name="down")(nn.silu(x))
+
+
+def test_a_depthwise_conv_passes_the_channel_split_through():
+    # output channel c of a depthwise conv reads input channel c alone: the column's split runs on
+    # through it to the row, and the conv's kernel and bias are split with the channels
+    m, x = _DepthwiseMixer(), jnp.zeros((8, 32, 64))
+    p = tpflax.plan(abstract(m, x), {"data": 2, "model": 4}, model=m, sample=(x,))
+    spec = {k.split("/", 1)[1]: (d.spec, d.strategy) for k, d in p.decisions.items()}
+    assert spec == {"up/kernel": (P(None, "model"), "column"), "down/kernel": (P("model", None), "row"),
+                    "conv/kernel": (P(None, None, "model"), "column"), "conv/bias": (P("model"), "column")}
+    assert "depthwise conv (traced" in p.decisions["params/conv/kernel"].reason

@@ -4,7 +4,7 @@ Reads a :class:`tpflax._src.trace.dataflow.Dataflow` and builds specs with the
 shared builders (:mod:`tpflax._src.planner.builders`), so the traced plan and
 the tree heuristics speak the same vocabulary. The rules, in order: recurrent
 cells, embeddings, column -> row pairs (and conv pairs, experts), output
-heads and unpaired contractions, biases, elementwise scales, fsdp.
+heads and unpaired contractions, depthwise convolutions, biases, elementwise scales, fsdp.
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Datafl
     for rid in sorted(c.cand):
         _pair_row(c, rid)
     _outputs(c)
+    _channelwise(c)
     _biases(c)
     _elementwise(c)
     fsdp(c.st, [f for p, f in c.fx.items() if p in c.st.out])
@@ -163,6 +164,10 @@ def _sources_by_dim(c: _Flow, rid: int) -> dict[int, dict[int, Edge]]:
         prev = by_rdim[e.dst_dim].get(S.id)
         if prev is None or e.src_dim < prev.src_dim:
             by_rdim[e.dst_dim][S.id] = e
+    for srcs in by_rdim.values():  # a depthwise kernel between a column and the row follows the column
+        for sid in [s for s in srcs if c.cand[s].path in c.flow.channelwise]:
+            if c.flow.channelwise[c.cand[sid].path][0] in srcs:
+                del srcs[sid]
     return by_rdim
 
 
@@ -265,7 +270,7 @@ def _outputs(c: _Flow) -> None:
         if path in c.st.out:
             continue
         cu = [u for u in c.uses[path] if u.op in _CONTRACT]
-        if not cu:
+        if not cu or (len(cu) == 1 and path in c.flow.channelwise):
             continue
         if len(cu) > 1:
             c.st.replicate(f, f"shared weights (traced): contracted {len(cu)} times in the forward pass; "
@@ -284,6 +289,25 @@ def _outputs(c: _Flow) -> None:
             shard_lone_dense(c.st, f, f.body_dim(u.kept[0]), why)
         else:
             c.st.replicate(f, why)
+
+
+def _channelwise(c: _Flow) -> None:
+    """Depthwise convolution kernels: split like the output their input channels are (a bias's rule)."""
+    for path, (uid, align) in c.flow.channelwise.items():
+        if path not in c.fx or path in c.st.out:
+            continue
+        f, kpath = c.fx[path], c.flow.uses[uid].path
+        kp = c.st.decided(kpath)
+        if kp is None:
+            c.st.replicate(f, f"depthwise conv (traced): its input channels come from {short(kpath)}, "
+                              "which the trace does not decide")
+            continue
+        spec = [None] * len(f.leaf.shape)
+        for ld, kd in align.items():
+            if ld < len(spec) and kd < len(kp.spec):
+                spec[ld] = kp.spec[kd]
+        bias_follows(c.st, f, f.body_of(spec), kpath, f"depthwise conv (traced: one output channel per input "
+                                                      f"channel, which the output of {short(kpath)} makes)")
 
 
 def _biases(c: _Flow) -> None:

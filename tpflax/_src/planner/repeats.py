@@ -119,4 +119,5 @@ def merge_uses(flow: Dataflow, shapes: Mapping[str, tuple[int, ...]]) -> Dataflo
         outputs=frozenset((a(u), d) for u, d in flow.outputs),
         recurrent=frozenset(a(u) for u in flow.recurrent),
         biases={p: (a(u), al) for p, (u, al) in flow.biases.items()},
+        channelwise={p: (a(u), al) for p, (u, al) in flow.channelwise.items()},
         fused={(a(k[0]), k[1]): v for k, v in flow.fused.items()})

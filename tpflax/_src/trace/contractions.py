@@ -160,6 +160,9 @@ def conv_general_dilated(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: l
     if groups != 1:
         moved = (0 if shape_p[rspec[1]] == 1 else
                  math.prod(eqn.invars[0].aval.shape) + math.prod(eqn.outvars[0].aval.shape))
+    channels = lhs.dim_tags(lspec[1])
+    local = _channel_local(w, channels) if groups != 1 and shape_p[rspec[1]] == 1 and shape_p[rspec[0]] == groups \
+        else None
     for n, (path, dims) in enumerate(rhs.origin):
         o, i = dims[rspec[0]], dims[rspec[1]]
         contracted = [dims[d] for d in rspec[1:] if dims[d] is not None]
@@ -172,9 +175,28 @@ def conv_general_dilated(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: l
                 w.edge(k, uid, i, math.gcd(limit, shape_p[rspec[1]]), via)
         if o is not None:
             tags[ospec[1]][(uid, o)] = (shape_p[rspec[0]], ())
-    if groups != 1:
-        w.escape(lhs.dim_tags(lspec[1]), f"a grouped convolution ({groups} groups)")
+            if local is not None:
+                w.channelwise.setdefault(path, (local[0], {o: local[1]}))
+    if local is not None:
+        # depthwise, one output channel per input channel: output channel c reads input channel c
+        # alone, so a split of the channels passes through with no collective (like an elementwise op)
+        tags[ospec[1]].update(w.merge([channels]))
+    elif groups != 1:
+        w.escape(channels, f"a grouped convolution ({groups} groups)")
     return [Val(out_rank, tags=tuple(tags) if any(tags) else None, fresh=fresh)]
+
+
+def _channel_local(w: Walk, channels: TagMap) -> tuple[int, int] | None:
+    """The one ``(use id, param dim)`` a depthwise convolution's input channels carry, or None.
+
+    Its kernel's output channels are then split like that use's output (``Dataflow.channelwise``).
+    Channels carrying several tags (a residual stream) or a cut dim's minor part keep the old answer:
+    the convolution ends their chains.
+    """
+    live = w.merge([channels])
+    if len(live) != 1 or any(is_minor(k) for k in channels):
+        return None
+    return next(iter(live))
 
 
 def gather(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:

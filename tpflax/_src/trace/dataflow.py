@@ -155,7 +155,7 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                     biases=dict(w.biases), elementwise=frozenset(w.elementwise),
                     scanned=dict(w.scanned), n_eqns=w.n_eqns, fused=dict(w.fused),
                     shared=shared_reads(jaxpr, w.reads), remat=remat_share(jaxpr),
-                    products=_one_branch(w.products))
+                    products=_one_branch(w.products), channelwise=dict(w.channelwise))
 
 
 def _one_branch(products: dict) -> tuple:

@@ -107,6 +107,10 @@ class Dataflow:
             applies them at every step (recurrent cells).
         biases: ``{path: (use id, {param dim: kept param dim of the use})}`` for
             parameters added straight to a use's output.
+        channelwise: ``{path: (use id, {param dim: kept param dim of the use})}`` for depthwise
+            convolution kernels (one output channel per input channel: Mamba's conv1d, MobileNet's
+            3x3): their output channels are their input's, which that use's kept dim made, so
+            the kernel is split like that use's output and the split passes through.
         elementwise: paths combined elementwise with activations (norm scales...).
         scanned: ``{path: leaf dim}`` for parameters sliced by a ``scan`` (``nn.scan`` stacks).
         fused: ``{(use id, param dim): pieces}`` for kept dims whose activation is cut
@@ -137,3 +141,4 @@ class Dataflow:
     shared: frozenset[int] = frozenset()
     remat: float = 0.0
     products: tuple[Product, ...] = ()
+    channelwise: Mapping[str, tuple[int, Mapping[int, int]]] = field(default_factory=dict)
