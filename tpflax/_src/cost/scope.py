@@ -71,12 +71,12 @@ class Scope:
     config: Any
     tied: frozenset[str] | None = None  # traced tied tables (None: not traced)
     remat: bool = False
-    parts: Mapping[str, int] | None = None  # traced gradient parts (see cost.workload.traced_uses)
+    parts: Mapping[str, int] | None = None  # traced gradient parts (see cost.traced.traced_uses)
     rows: Mapping[str, float] | None = None  # traced rows per example a parameter's contraction reads
     fused: Mapping[str, tuple[int, int]] | None = None  # traced fused kernels: (param dim, pieces)
     shared: frozenset[str] | None = None  # traced kernels whose input a residual also reads (trace.sharing)
-    lookups: Mapping[str, int] | None = None  # traced tables looked up by several gathers (cost.workload.Traced)
-    grouped: Mapping[str, float] | None = None  # traced grouped convolutions (cost.workload.Traced)
+    lookups: Mapping[str, int] | None = None  # traced tables looked up by several gathers (cost.traced.Traced)
+    grouped: Mapping[str, float] | None = None  # traced grouped convolutions (cost.traced.Traced)
     joined: Mapping[str, tuple[float, ...]] | None = None  # a projection's joined other uses' rows (Traced)
     widths: Mapping[str, int] | None = None  # traced elements a parameter's contraction sums over (Traced)
     slices: Mapping[str, int] | None = None  # traced contractions of a parameter's slices (Traced)

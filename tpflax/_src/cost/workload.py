@@ -25,28 +25,13 @@ from tpflax._src.cost.batch import (
 from tpflax._src.cost.optstate import OptLayout, opt_layout
 from tpflax._src.cost.optstate import optimizer_name as name_of
 from tpflax._src.cost.records import Act
+from tpflax._src.cost.traced import Scores, Traced, reads_slice, traced_uses
 from tpflax._src.errors import EstimateError
 from tpflax._src.facts.tree import itemsize
 from tpflax._src.planner.state import planned_tree
 
 BACKENDS = ("tpu", "gpu", "cpu")
 DISPATCHES = ("all-to-all", "dense")
-
-
-@dataclass(frozen=True)
-class Scores:
-    """One traced attention-score product (``q @ k``, see :class:`tpflax._src.trace.records.Product`).
-
-    Attributes:
-        per_example: its elements per example of the batch.
-        count: how many times a step runs it (its layers: a scan's trip count).
-        dims: per output dim, ``(size, ((param path, param dim), ...))``: the parameter dims
-            it carries (the q and k kernels' head dims), which say how far a plan splits it.
-    """
-
-    per_example: float
-    count: int
-    dims: tuple[tuple[int, tuple[tuple[str, int], ...]], ...]
 
 
 @dataclass(frozen=True)
@@ -62,7 +47,7 @@ class Workload:
         act_item, g_item: activation and gradient bytes per element (g_item None: the parameter's).
         settings: what the estimate reports it used.
         tied, parts, rows, fused, shared, lookups, grouped, joined, widths, slices, buffers: from the traced
-            forward (see :class:`Traced`); None untraced.
+            forward (see :class:`tpflax._src.cost.traced.Traced`); None untraced.
         contractions: a plain function's parameter contractions as layer calls (see
             :func:`contraction_calls`), for the saved-activation bytes only: the collective
             models keep their shape formulas for it. Empty for a module's trace.
@@ -104,76 +89,6 @@ class Workload:
     def saved(self) -> Mapping[str, Sequence[Act]]:
         """The layer calls whose outputs the backward pass keeps: the traced ones, else the contractions."""
         return self.activations or self.contractions
-
-
-@dataclass(frozen=True)
-class Traced:
-    """What the cost model reads from the traced forward (see :func:`traced_uses`).
-
-    Attributes:
-        tied: lookup tables the forward also contracts (the logits of a tied embedding).
-        parts: ``{path: n}`` for parameters used whole (every dim read) by ``n > 1``
-            separate contractions or lookups, a tied table or a layer called twice
-            (ALBERT): each use yields its own partial gradient, and XLA reduces each
-            over the batch axes before adding them (measured). Uses of slices
-            (experts indexed in a loop, a scan's layers) are one part.
-        rows: ``{path: rows per example}`` of the activation a parameter's first
-            contraction reads (a ViT layer's patches, a Whisper encoder's frames after
-            its strided convolution; an expert kernel's dispatched tokens, every expert's,
-            :mod:`tpflax._src.cost.buffers`): the rows its tensor-parallel collectives move,
-            whatever the batch's own shape.
-        buffers: ``{path: rows}`` of a batch-free buffer an expert kernel's contraction reads
-            (GShard's ``(experts, capacity, d)``, the batch summed away by the dispatch): whole on
-            every device, whatever the batch (:mod:`tpflax._src.cost.buffers`).
-        fused: ``{path: (param dim, pieces)}`` for kernels whose output along that dim
-            is cut into equal pieces (a ``[q|k|v]`` kernel; see :mod:`tpflax._src.cost.reshard`).
-        act_dtype: the dtype most of the contractions' rows come out in (a model that
-            computes in bfloat16 from integer ids or float32 pixels).
-        shared: kernels whose input activation something other than a parameter
-            contraction also reads (a post-norm block's residual add: see
-            :mod:`tpflax._src.trace.sharing`).
-        lookups: ``{path: n}`` for tables looked up whole by ``n > 1`` gathers (BART's
-            and T5's shared table: the encoder's and the decoder's lookups); counted in
-            ``parts`` too. XLA:TPU adds their scatter-adds before reducing them (one
-            part for all of them, measured on BART-base, v5e:2x4); XLA:CPU reduces each.
-        grouped: ``{path: elements per example}`` of a grouped convolution's input plus
-            output: XLA gathers both over the batch axes and reduces the kernel's gradient
-            over every device (measured on RegNet, XLA:CPU).
-        joined: ``{path: rows of each other use / the first's}`` for a projection applied to
-            several inputs whose outputs reach the same contraction (LongT5's
-            transient-global keys and values; :func:`tpflax._src.planner.repeats.joined`):
-            its pair runs once, and each other input's gradient is summed apart.
-        widths: ``{path: elements}`` of the parameter dims its first contraction sums over: the width
-            of the activation it reads (``d`` for a gate/up kernel stacked ``(2, d, f)`` and used as
-            ``w[0]`` and ``w[1]``, whose first dim is not its input's).
-        slices: ``{path: n}`` for parameters contracted by ``n > 1`` separate contractions of slices of
-            them (that stacked gate/up kernel): each yields its own partial input gradient, which
-            XLA:CPU all-reduces apart (measured on a Gemma-style MLP, data=2,model=4).
-        remat: most of the model's contractions run inside a rematerialised call
-            (``nn.remat``, ``nnx.remat``, ``jax.checkpoint``): the step recomputes its layers.
-        contractions: ``(path, rows per example, kept dims, dtype)`` of each
-            contraction of a parameter (its output's shape): a plain function's layer
-            calls, where no module boundary shows them.
-        scores: the attention-score products (``q @ k``) the forward forms.
-        biased: parameters whose contraction's output gets a bias added (BERT's and BART's logits).
-    """
-
-    tied: frozenset[str] | None = None
-    parts: Mapping[str, int] | None = None
-    rows: Mapping[str, float] | None = None
-    fused: Mapping[str, tuple[int, int]] | None = None
-    act_dtype: str | None = None
-    shared: frozenset[str] | None = None
-    lookups: Mapping[str, int] | None = None
-    grouped: Mapping[str, float] | None = None
-    joined: Mapping[str, tuple[float, ...]] | None = None
-    widths: Mapping[str, int] | None = None
-    slices: Mapping[str, int] | None = None
-    buffers: Mapping[str, float] | None = None
-    contractions: tuple[tuple[str, float, tuple[int, ...], str], ...] = ()  # (path, rows, kept dims, dtype)
-    remat: bool = False
-    scores: tuple[Scores, ...] = ()
-    biased: frozenset[str] = frozenset()
 
 
 def _check_options(act_dtype: Any, grad_dtype: Any, backend: str, expert_dispatch: str) -> None:
@@ -239,82 +154,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     fused=t.fused, shared=t.shared, lookups=t.lookups,
                     grouped=t.grouped, joined=t.joined, widths=t.widths, slices=t.slices, buffers=t.buffers,
                     contractions=contractions, scores=t.scores,
-                    next_token=_next_token(m) if loss is None else _reads_slice(m, loss), biased=t.biased)
-
-
-def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
-    """What the cost model reads from the traced forward (see :class:`Traced`); all None when it cannot be traced.
-
-    >>> import jax, jax.numpy as jnp
-    >>> from tpflax._src.model import as_model
-    >>> emb = jax.ShapeDtypeStruct((10, 4), "float32")
-    >>> fn = lambda v, ids: v["emb"][ids] @ v["emb"].T
-    >>> t = traced_uses(as_model(fn, (jax.ShapeDtypeStruct((2, 3), "int32"),), {"emb": emb}), {"emb": (10, 4)})
-    >>> sorted(t.tied), t.parts, t.rows
-    (['emb'], {'emb': 2}, {'emb': 3.0})
-    """
-    import jax
-
-    from tpflax._src.cost.buffers import batched_rows
-    from tpflax._src.errors import TraceError
-    from tpflax._src.planner.repeats import merge_uses
-    from tpflax._src.trace.dataflow import dataflow
-
-    try:
-        flow = dataflow(m)
-    except TraceError:
-        return Traced()
-    leaves = jax.tree_util.tree_leaves(m.sample)
-    examples = leaves[0].shape[0] if leaves and getattr(leaves[0], "shape", ()) else 1
-    ops: dict[str, set[str]] = {}
-    whole: dict[str, int] = {}
-    rows: dict[str, float] = {}
-    lookups: dict[str, int] = {}
-    widths: dict[str, int] = {}
-    slices: dict[str, int] = {}
-    for u in flow.uses:
-        ops.setdefault(u.path, set()).add(u.op)
-        if u.rows and not u.scan_length and u.path not in rows:  # a cell's rows repeat at every time step
-            rows[u.path] = u.rows / examples
-        if u.op == "dot" and u.path in shapes and u.path not in widths:
-            widths[u.path] = math.prod(shapes[u.path][d] for d in u.contracted)
-        read = set(u.contracted) | set(u.kept) | set(u.batch)
-        if u.path not in flow.scanned and len(read) == len(shapes.get(u.path, ())):
-            whole[u.path] = whole.get(u.path, 0) + 1
-            if u.op == "gather":
-                lookups[u.path] = lookups.get(u.path, 0) + 1
-        elif u.path not in flow.scanned and u.op == "dot":
-            slices[u.path] = slices.get(u.path, 0) + 1
-    # an expert kernel's batched contraction records no rows: read them off its activation
-    batched = {u.path for u in flow.uses if u.op == "dot" and u.batch and not u.rows and u.path not in rows}
-    per_example, buffers = batched_rows(m, batched) if batched else ({}, {})
-    rows.update(per_example)
-    tied = frozenset(p for p, o in ops.items() if o & {"gather", "onehot"} and "dot" in o)
-    fused = {flow.uses[uid].path: (dim, pieces) for (uid, dim), pieces in flow.fused.items()}
-    by_dtype: dict[str, int] = {}
-    for u in flow.uses:
-        if u.rows and u.dtype:
-            by_dtype[u.dtype] = by_dtype.get(u.dtype, 0) + u.rows
-    act = dtype_name(max(by_dtype, key=by_dtype.get)) if by_dtype else None
-    shared = frozenset(flow.uses[u].path for u in flow.shared)
-    grouped: dict[str, float] = {}
-    for u in flow.uses:
-        if u.grouped is not None:
-            grouped[u.path] = grouped.get(u.path, 0) + u.grouped / examples
-    joined: dict[str, tuple[float, ...]] = {}
-    for u in merge_uses(flow, shapes).uses:
-        if u.op.startswith("join:"):
-            joined[u.path] = (*joined.get(u.path, ()), u.rows / examples / rows[u.path] if rows.get(u.path) else 1.0)
-    contractions = tuple((u.path, u.rows / examples, u.kept, u.dtype)
-                         for u in flow.uses if u.op == "dot" and u.rows and not u.batch and u.path in shapes)
-    scores = tuple(Scores(math.prod(x.shape) / examples, x.count,
-                          tuple((n, tuple(sorted({(flow.uses[u].path, d) for u, d in tags})))
-                                for n, tags in zip(x.shape, x.tags, strict=True)))
-                   for x in flow.products)
-    return Traced(tied, {p: n for p, n in whole.items() if n > 1}, rows, fused, act, shared,
-                  {p: n for p, n in lookups.items() if n > 1}, grouped, joined, widths,
-                  {p: n for p, n in slices.items() if n > 1}, buffers, contractions, flow.remat >= 0.5,
-                  scores, frozenset(flow.uses[uid].path for uid, _ in flow.biases.values()))
+                    next_token=_next_token(m) if loss is None else reads_slice(m, loss), biased=t.biased)
 
 
 def contraction_calls(plan, contractions: Sequence[tuple[str, float, tuple[int, ...], str]],
@@ -352,61 +192,6 @@ def _next_token(m: Any) -> bool:
     x = m.sample[0]
     shape, dtype = getattr(x, "shape", ()), getattr(x, "dtype", None)
     return len(shape) == 2 and dtype is not None and np_dtype(str(dtype)).kind in "iu"
-
-
-_THROUGH = ("convert_element_type", "copy", "reduce_precision", "optimization_barrier")
-_SLICES = ("slice", "dynamic_slice")
-
-
-def _reads_slice(m: Any, loss: Any) -> bool:
-    """Whether ``loss(output, *sample)`` (the ``loss=`` of :func:`tpflax.make_train_step`) reads a slice
-    of the model's logits (its largest float output), as the next-token loss reads ``logits[:, :-1]``:
-    then the logits' gradient is formed apart from them. Traced abstractly.
-
-    >>> import jax, jax.numpy as jnp
-    >>> from tpflax._src.model import as_model
-    >>> m = as_model(lambda v, ids: v["emb"][ids], (jax.ShapeDtypeStruct((2, 5), "int32"),),
-    ...              {"emb": jax.ShapeDtypeStruct((10, 4), "float32")})
-    >>> _reads_slice(m, lambda out, ids: out[:, :-1].mean()), _reads_slice(m, lambda out, ids: out.mean())
-    (True, False)
-    """
-    import jax
-    import jax.numpy as jnp
-
-    if m is None:
-        return False
-    try:
-        out = jax.eval_shape(m.forward, m.variables, *m.sample)
-        leaves, tree = jax.tree_util.tree_flatten(out)
-        closed = jax.make_jaxpr(lambda o, x: loss(jax.tree_util.tree_unflatten(tree, o), *x))(leaves, m.sample)
-    except Exception as e:  # noqa: BLE001 - the user's loss on the model's output; said once with the fix
-        raise EstimateError(f"loss(output, *sample) failed on {m.name}'s abstract output "
-                            f"({type(e).__name__}: {e}); pass the loss make_train_step is given") from e
-    floats = [i for i, x in enumerate(leaves) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    if not floats:
-        return False
-    logits = max(floats, key=lambda i: leaves[i].size)
-    return _sliced(closed.jaxpr, closed.jaxpr.invars[logits])
-
-
-def _sliced(jaxpr: Any, var: Any) -> bool:
-    """Whether a slice of at least half of ``var`` reads it in ``jaxpr`` (through dtype casts and nested
-    calls): the part a loss is computed over, not one label's logit picked out."""
-    for eqn in jaxpr.eqns:
-        for i, v in enumerate(eqn.invars):
-            if v is not var:
-                continue
-            name = eqn.primitive.name
-            if name in _SLICES and 2 * math.prod(eqn.outvars[0].aval.shape) >= math.prod(var.aval.shape):
-                return True
-            if name in _THROUGH and _sliced(jaxpr, eqn.outvars[0]):
-                return True
-            sub = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr")
-            inner = getattr(sub, "jaxpr", sub)
-            if inner is not None and hasattr(inner, "invars") and len(inner.invars) == len(eqn.invars) \
-                    and _sliced(inner, inner.invars[i]):
-                return True
-    return False
 
 
 def _sample_of(plan, model: Any, sample: Any, batch: Any) -> tuple[Any, str]:
