@@ -431,3 +431,9 @@ def test_a_bare_batch_shape_of_a_token_model_is_its_ids(batch):
         assert tpflax.plan(v, DP_TP, batch=batch, **kw).options["tokens"] == 256
     float_rows = tpflax.plan({"w": jax.ShapeDtypeStruct((32, 64), jnp.float32)}, DP_TP, batch=(8, 32))
     assert float_rows.options["tokens"] == 8  # no table: a batch of 8 feature rows
+    # a position table is no token table (a ViT's pos_embedding): its bare batch stays feature rows
+    vit = {"pos_embedding": jax.ShapeDtypeStruct((1, 17, 64), jnp.float32), "w": jax.ShapeDtypeStruct((64, 64), "float32")}
+    assert tpflax.plan(vit, DP_TP, batch=(8, 64)).options["tokens"] == 8
+    # and estimate reads the bare shape as plan does, with or without the model
+    p = tpflax.plan(v, DP_TP, batch=batch)
+    assert tpflax.estimate(p, optax.sgd(0.1), (8, 32)).comm == tpflax.estimate(p, optax.sgd(0.1), (ids,)).comm

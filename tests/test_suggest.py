@@ -400,3 +400,23 @@ def test_a_loss_given_is_priced_and_compiled():
     assert e.breakdown.logits_grad > 0 and top.peak == e.peak
     v = s.verified[0]
     assert v.compiled is not None and v.compiled > 0 and v.note == "", v
+
+
+def test_ranked_numbers_are_the_estimate_of_a_rules_plan_of_unknown_names():
+    # estimate(model=) asks the trace what a plan's forced leaves are (pairs the tree's names do not show);
+    # the ranking priced the same plans without asking, so a candidate's numbers differed from its .estimate
+    import flax.linen as nn
+    from jax.sharding import PartitionSpec as P
+
+    class Block(nn.Module):  # diffusers' names: no pair the tree pass knows
+        @nn.compact
+        def __call__(self, x):
+            h = jnp.tanh(nn.Dense(64, name="to_q")(x))
+            return x + nn.Dense(64, name="to_out_0")(h)
+
+    x = jax.ShapeDtypeStruct((8, 16, 64), jnp.float32)
+    rules = [("to_q/kernel", P(None, "model")), ("to_out_0/kernel", P("model", None))]
+    s = suggest_mesh(Block(), 8, "1GiB", "tpu-v5e", sample=(x,), rules=rules, optimizer=optax.adamw(1e-3),
+                     trace=True)
+    for c in s.ranked:
+        assert (c.comm, c.peak) == (c.estimate.comm, c.estimate.peak), c.mesh

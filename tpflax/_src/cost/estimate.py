@@ -60,8 +60,9 @@ from tpflax._src.cost.scope import Scope
 from tpflax._src.cost.workload import Workload, prepare
 from tpflax._src.errors import EstimateError
 from tpflax._src.mesh import MeshShape, batch_axes
+from tpflax._src.planner.plan import traced_facts
 
-__all__ = ["estimate", "price", "price_leaves", "traced_facts"]
+__all__ = ["estimate", "price", "price_leaves"]
 
 
 def price(decisions: Mapping[str, Any], mesh: MeshShape, w: Workload) -> Estimate:
@@ -195,47 +196,3 @@ def estimate(plan, optimizer: Any = None, batch: Any = None, *, config: Any = No
                 expert_dispatch=expert_dispatch, optimizer_name=optimizer_name, loss=loss)
     return price(plan.decisions, plan.mesh, w)
 
-
-def traced_facts(plan, model: Any, sample: Any = None):
-    """``plan`` with the pairs and output heads the trace of ``model`` finds for its forced leaves.
-
-    A plan made without ``model=`` knows its rule- or annotation-forced leaves only by the
-    tree's names and shapes: a block named as nothing the tree pass knows (diffusers'
-    ``to_q``/``to_out_0``) leaves its forced columns and rows unpaired, and the estimate would
-    price each column as gathering its output. The same specs planned with the trace (every
-    leaf forced to its spec) say what the leaves are; a forced leaf without a pair or head takes
-    that, a pair only when every member had none. A plan made with ``model=`` (it has traced
-    decisions), or without forced leaves, is returned as it is, and so is ``plan`` when its
-    model cannot be traced.
-    """
-    import re
-    from dataclasses import replace
-
-    from tpflax._src.errors import TpflaxError
-    from tpflax._src.planner.plan import plan as make_plan
-    from tpflax._src.planner.state import planned_tree
-
-    ds = plan.decisions
-    loose = {p for p, d in ds.items() if d.source in ("rule", "annotation") and d.pair is None and d.kind != "head"}
-    if not loose or any(d.source == "trace" for d in ds.values()):
-        return plan
-    try:
-        again = make_plan(planned_tree(plan), plan.mesh, rules=[(f"^{re.escape(p)}$", d.spec) for p, d in ds.items()],
-                          model=model, sample=sample, use_annotations=False, stacked=plan.options.get("stacked"),
-                          hardware=plan.options.get("hardware"))
-    except TpflaxError:
-        return plan
-    new = dict(ds)
-    top = max([d.pair for d in ds.values() if d.pair is not None] + [0])
-    members: dict[int, list[str]] = {}
-    for p, d in again.decisions.items():
-        if d.pair is not None:
-            members.setdefault(d.pair, []).append(p)
-    for pid, paths in members.items():
-        if all(p in loose for p in paths):
-            for p in paths:
-                new[p] = replace(ds[p], pair=top + pid, role=again.decisions[p].role)
-    for p in loose:
-        if again.decisions[p].kind == "head" and new[p].pair is None:
-            new[p] = replace(ds[p], kind="head")
-    return replace(plan, decisions=new) if new != ds else plan

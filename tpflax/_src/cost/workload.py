@@ -28,6 +28,7 @@ from tpflax._src.cost.records import Act
 from tpflax._src.cost.traced import Scores, Traced, reads_slice, traced_uses
 from tpflax._src.errors import EstimateError
 from tpflax._src.facts.tree import itemsize
+from tpflax._src.planner.pricing import token_batch, token_tables
 from tpflax._src.planner.state import planned_tree
 
 BACKENDS = ("tpu", "gpu", "cpu")
@@ -118,6 +119,8 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
     _check_options(act_dtype, grad_dtype, backend, expert_dispatch)
     sample, assumed = _sample_of(plan, model, sample, batch)
     m, batch = _at_batch_shape(_model(plan, model, sample), batch)
+    if m is None:  # a bare (batch, seq) of a tree with a token table is ids, as plan(batch=) reads it
+        batch = token_batch(batch, None, _token_tables(plan))
     if m is not None and config is None:
         config = m.config
     if batch is None and m is not None and (sample is not None or m.zoo is None):
@@ -205,10 +208,14 @@ def _sample_of(plan, model: Any, sample: Any, batch: Any) -> tuple[Any, str]:
         return sample, ""
     import jax
 
-    ids = any(d.kind == "embedding" for d in plan.decisions.values())
+    ids = _token_tables(plan)
     dtype = "int32" if ids else "float32"
     why = "token ids: the tree has an embedding table" if ids else "features: the tree has no embedding table"
     return (jax.ShapeDtypeStruct(shape, dtype),), f"one input {shape} {dtype} ({why}; pass sample= to change it)"
+
+
+def _token_tables(plan) -> bool:
+    return token_tables((d.kind, d.unit.rsplit("/", 1)[-1]) for d in plan.decisions.values())
 
 
 def _model(plan, model: Any, sample: Any):

@@ -31,7 +31,7 @@ from tpflax._src.planner import heuristics
 from tpflax._src.planner.builders import Options, Proposal
 from tpflax._src.planner.checks import plan_checks
 from tpflax._src.planner.decision import Decision, Pair, Plan, check_tree_matches
-from tpflax._src.planner.pricing import pricing, token_batch
+from tpflax._src.planner.pricing import pricing, token_batch, token_tables
 from tpflax._src.planner.rules import Forced, default_logical_rules, force, parse_rules
 from tpflax._src.specs import (
     bytes_per_device,
@@ -133,7 +133,7 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
     opts = Options(fsdp_min_bytes=None if fsdp_min_bytes is None else int(fsdp_min_bytes),
                    min_channels=int(min_channels), tensor_min_bytes=int(tensor_min_bytes),
                    tied_guess=not any(f.kind == "dense" and HEAD.match(f.layer_name) for f in facts),
-                   **pricing(hardware, token_batch(batch, sample, any(f.kind == "embedding" for f in facts)),
+                   **pricing(hardware, token_batch(batch, sample, token_tables((f.kind, f.unit_name) for f in facts)),
                              device_memory))
     lrules = list(logical_rules) if logical_rules is not None else default_logical_rules(ms)
     forced = force(facts, parsed, ms, use_annotations, lrules)
@@ -315,3 +315,52 @@ def _replication_warnings(decisions: Mapping[str, Decision], mesh: MeshShape) ->
             out.append(f"{path} {d.shape} ({fmt_bytes(d.bytes)}, {100 * d.bytes / total:.1f}% of the model) "
                        f"is replicated on every device: {d.reason}")
     return out
+
+
+def traced_facts(p: Plan, model: Any, sample: Any = None, flow: Any = None) -> Plan:
+    """``p`` with the pairs and output heads the trace of ``model`` finds for its forced leaves.
+
+    A plan made without ``model=`` knows its rule- or annotation-forced leaves only by the
+    tree's names and shapes: a block named as nothing the tree pass knows (diffusers'
+    ``to_q``/``to_out_0``) leaves its forced columns and rows unpaired, and the estimate would
+    price each column as gathering its output. The planner's own traced proposals
+    (:func:`_unforced`, with the plan's options) say what those leaves are where they split
+    them the same way (:func:`_forced_facts`); a forced leaf without a pair or head takes that,
+    a pair only when every member had none. A plan made with ``model=`` (it has traced
+    decisions), or without such leaves, is returned as it is, and so is ``p`` when ``model``
+    cannot be traced. Linear in the leaves: no rule is matched. ``flow``: the model's
+    :func:`tpflax._src.trace.dataflow.dataflow`, when the caller keeps it (one per model).
+    """
+    from tpflax._src.planner.state import planned_tree
+    from tpflax._src.trace.dataflow import dataflow
+
+    ds = p.decisions
+    loose = {q for q, d in ds.items() if d.source in ("rule", "annotation") and d.pair is None and d.kind != "head"}
+    if not loose or any(d.source == "trace" for d in ds.values()):
+        return p
+    o = p.options
+    tree = planned_tree(p)
+    facts = classify(walk(tree)[0], o.get("stacked"))
+    if {f.path for f in facts} != set(ds):
+        return p
+    try:
+        flow = flow if flow is not None else dataflow(model, sample, tree)
+        opts = Options(fsdp_min_bytes=o.get("fsdp_min_bytes"), min_channels=int(o.get("min_channels", 64)),
+                       tensor_min_bytes=int(o.get("tensor_min_bytes", 0)),
+                       **pricing(o.get("hardware"), None, o.get("device_memory")))
+        opts = replace(opts, tokens=int(o.get("tokens") or opts.tokens))
+    except TpflaxError:
+        return p
+    widest = max((u.rows for u in flow.uses), default=0)
+    own, own_pairs = _unforced(facts, p.mesh, opts, flow, widest)
+    forced = {q: Proposal(entries(ds[q].spec, len(ds[q].shape)), ds[q].strategy, ds[q].reason) for q in loose}
+    found, pairs = _forced_facts(forced, facts, [], own, own_pairs, p.mesh)
+    top = max([d.pair for d in ds.values() if d.pair is not None] + [pr.id for pr in p.pairs] + [0])
+    new = dict(ds)
+    for q, f in found.items():
+        if f.pair is not None or f.kind == "head":
+            new[q] = replace(ds[q], pair=None if f.pair is None else top + f.pair, role=f.role,
+                             kind=f.kind or ds[q].kind)
+    if new == ds:
+        return p
+    return replace(p, decisions=new, pairs=tuple(p.pairs) + tuple(replace(pr, id=top + pr.id) for pr in pairs))

@@ -42,7 +42,8 @@ def pricing(hardware: Any, batch: Any, device_memory: Any) -> dict[str, Any]:
 def token_batch(batch: Any, sample: Any, tables: bool) -> Any:
     """A bare-shape batch (``(8, 32)``, ``"8x32"``) of a model on token ids as that many ids (256
     tokens), not 8 rows of 32 features: when the model's first sample input is integer of the same
-    rank, or, without a sample, when the tree has an embedding table (``tables``). Anything else as given.
+    rank, or, without a sample, when the shape is ``(batch, seq)`` and the tree has a token table
+    (``tables``: an embedding that is no position or token-type table). Anything else as given.
 
     >>> import jax
     >>> ids = (jax.ShapeDtypeStruct((2, 16), "int32"),)
@@ -62,5 +63,12 @@ def token_batch(batch: Any, sample: Any, tables: bool) -> Any:
     if dtype is not None:
         ids = np.issubdtype(np.dtype(dtype), np.integer) and len(first.shape) == len(shape)
     else:
-        ids = tables
+        ids = tables and len(shape) == 2
     return (jax.ShapeDtypeStruct(shape, "int32"),) if ids else batch
+
+
+def token_tables(kinds: Any) -> bool:
+    """Whether ``(kind, unit name)`` pairs include a token table (an embedding no position table)."""
+    from tpflax._src.facts.classify import POS_EMBED
+
+    return any(kind == "embedding" and not POS_EMBED.search(name) for kind, name in kinds)

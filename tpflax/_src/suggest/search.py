@@ -96,6 +96,7 @@ class Context:
     base: Any
     plans: dict = field(default_factory=dict)
     traced: Any = None  # the Model whose forward the workload read (trace on), else None
+    flow: Any = None  # its dataflow, traced once when a plan has forced leaves (planner.plan.traced_facts)
 
     def plan_for(self, ms: MeshShape):
         """The real :func:`tpflax.plan` for one mesh shape."""
@@ -108,6 +109,21 @@ class Context:
         return estimate(p, self.optimizer, self.batch, config=self.config, activations=self.activations,
                         model=self.traced, **self.est_kwargs)
 
+    def _traced_facts(self, p):
+        """What estimate(model=) reads of a plan's forced leaves (:func:`traced_facts`), the model
+        traced once for every candidate."""
+        if self.traced is None or not any(d.source in ("rule", "annotation") for d in p.decisions.values()):
+            return p
+        from tpflax._src.planner.plan import traced_facts
+        from tpflax._src.trace.dataflow import dataflow
+
+        if self.flow is None:
+            try:
+                self.flow = dataflow(self.traced, None, self.tree)
+            except TpflaxError:
+                self.flow = False
+        return traced_facts(p, self.traced, flow=self.flow) if self.flow is not False else p
+
     def shared(self, ms: MeshShape) -> Shared:
         sig = _signature(self, ms.sizes)
         if sig not in self.plans:
@@ -117,6 +133,7 @@ class Context:
                 more = f" ({len(e.problems)} problem(s))" if e.problems else ""
                 self.plans[sig] = Shared(error=str(e).splitlines()[0] + more)
             else:
+                p = self._traced_facts(p)
                 used = set().union(*(used_axes(entries(d.spec, len(d.shape))) for d in p.decisions.values()))
                 lv = merge(p.decisions, self.workload.activations, self.workload.opt)
                 self.plans[sig] = Shared(p, lv, frozenset(used))
