@@ -36,9 +36,9 @@ def update_gathers(s: Any, axes: tuple[str, ...], reached: list[str]) -> list[Co
     >>> v = {"emb": {"embedding": jax.ShapeDtypeStruct((30, 64), "float32")},
     ...      "ln": {"scale": jax.ShapeDtypeStruct((64,), "float32")}}
     >>> p = tpflax.plan(v, {"data": 2, "model": 4}, rules=[("emb", P(None, "model")), (".*", P())])
-    >>> e = tpflax.estimate(p, optax.adamw(1e-3), "8x16", backend="cpu")
+    >>> e = tpflax.estimate(p, optax.adamw(1e-3), "8x16", backend="cpu")  # 8 sequences of 16 token ids
     >>> [(i.kind, i.count, i.size) for i in e.items if i.kind == "all-gather"]  # stream (at least 5); ln/scale's update
-    [('all-gather', 5, 1024.0), ('all-gather', 3, 256)]
+    [('all-gather', 5, 16384.0), ('all-gather', 3, 256)]
     """
     if s.backend not in ("cpu", "tpu"):
         return []

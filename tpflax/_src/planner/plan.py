@@ -335,7 +335,9 @@ def traced_facts(p: Plan, model: Any, sample: Any = None, flow: Any = None) -> P
     from tpflax._src.trace.dataflow import dataflow
 
     ds = p.decisions
-    loose = {q for q, d in ds.items() if d.source in ("rule", "annotation") and d.pair is None and d.kind != "head"}
+    # only a leaf split over a tensor or expert axis has a pair or a head split that collectives follow
+    loose = {q for q, d in ds.items() if d.source in ("rule", "annotation") and d.pair is None and d.kind != "head"
+             and any(_tensor_split(entries(d.spec, len(d.shape)), p.mesh))}
     if not loose or any(d.source == "trace" for d in ds.values()):
         return p
     o = p.options
