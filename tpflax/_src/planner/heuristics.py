@@ -72,7 +72,7 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options,
     # Pairing looks at forced leaves too, so a forced partner still pairs its sibling.
     _pair_linears(st, facts, widths, sure)
     paired = {p for q in st.pairs for p in (*q.columns, *q.rows)}
-    heads = {p: h for p, h in output_heads(facts).items() if p not in paired}
+    heads = {p: h for p, h in output_heads(facts, widths).items() if p not in paired}
     if heads:  # an untied head computes the logits, whatever its name: the token table is not guessed to
         st.opts = replace(st.opts, tied_guess=False)
     _experts(st, todo, widths)
@@ -246,7 +246,7 @@ def _embeddings(st: State, todo: Sequence[Facts], every: Sequence[Facts]) -> Non
             shard_embedding(st, f, 0, every=every)
 
 
-def output_heads(facts: Sequence[Facts]) -> dict[str, tuple[int, str]]:
+def output_heads(facts: Sequence[Facts], widths: set[int] | None = None) -> dict[str, tuple[int, str]]:
     """The model's output heads among ``facts``: ``{path: (vocab body dim, evidence)}``.
 
     Known by name (``lm_head``, MaxText's ``logits_dense``...), or, whatever the name, by
@@ -264,7 +264,8 @@ def output_heads(facts: Sequence[Facts]) -> dict[str, tuple[int, str]]:
     >>> output_heads(facts)["readout/kernel"][0]
     1
     """
-    widths, _ = residual_widths(facts)
+    if widths is None:  # propose() passes the widths it already read
+        widths, _ = residual_widths(facts)
     vocabs = {f.body[0] for f in facts if f.kind == "embedding" and len(f.body) == 2
               and not POS_EMBED.search(f.unit_name) and f.body[1] in widths}
     last = {}  # a numbered container's last dense child: the one a Sequential head outputs from
