@@ -389,17 +389,25 @@ def test_a_loss_given_is_priced_and_compiled():
             ctx = nn.Dense(32)(frames).mean(1, keepdims=True)
             return emb.attend(nn.Dense(32)(emb(ids) + ctx))
 
+    calls = []
+
     def loss(out, frames, ids):
+        calls.append(out.shape)  # at trace time: counts the programs built with this loss
         return optax.softmax_cross_entropy_with_integer_labels(out[:, :-1], ids[:, 1:]).mean()
 
     sample = (jax.ShapeDtypeStruct((8, 24, 16), jnp.float32), jax.ShapeDtypeStruct((8, 16), jnp.int32))
     adam = optax.adam(1e-3)
+    suggest_mesh(Net(), 8, "1GiB", "h100", optimizer=adam, sample=sample, loss=loss)
+    priced = len(calls)  # the ranking traces the loss
+    calls.clear()
     s = suggest_mesh(Net(), 8, "1GiB", "h100", optimizer=adam, sample=sample, loss=loss, verify=1)
+    verified = len(calls)
     top = s.ranked[0]
     e = tpflax.estimate(top.plan, adam, model=Net(), sample=sample, loss=loss, backend="gpu")
     assert e.breakdown.logits_grad > 0 and top.peak == e.peak
     v = s.verified[0]
     assert v.compiled is not None and v.compiled > 0 and v.note == "", v
+    assert 0 < priced < verified  # the verify compile traced this loss too
 
 
 def test_ranked_numbers_are_the_estimate_of_a_rules_plan_of_unknown_names():
