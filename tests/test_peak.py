@@ -143,7 +143,9 @@ def test_expert_hidden_exact(dispatch):
     e_split = 2 if "expert" in str(wi.spec[0]) else 1
     f_split = 2 if "model" in str(wi.spec[-1]) else 1
     per_token = c.n_experts // e_split if dispatch == "dense" else c.top_k
-    hidden = 8 // 2 * c.seq_len * per_token * (c.d_ff // f_split) * 4  # batch over fsdp only
+    # the batch over fsdp and expert; a dense expert layer gathers its tokens over the axes splitting its experts
+    tokens = 8 // (2 * 2) * c.seq_len * (e_split if dispatch == "dense" else 1)
+    hidden = tokens * per_token * (c.d_ff // f_split) * 4
     assert e.breakdown.experts == 2 * c.n_layers * hidden and e.breakdown.expert_work == hidden
 
 

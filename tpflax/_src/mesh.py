@@ -142,30 +142,43 @@ def mesh_shape(mesh: Any, axis_roles: Mapping[str, str] | None = None) -> MeshSh
 
 
 def batch_axes(shape: MeshShape) -> tuple[str, ...]:
-    """Mesh axes a step's batch dim splits over: every data and fsdp axis larger than 1, mesh order.
+    """Mesh axes a step's batch dim splits over: every data, fsdp and expert axis larger than 1, mesh order.
 
     The one batch-layout rule: apply places batches with it, and the cost model
-    and dry run count activations with it.
+    and dry run count activations with it. An expert axis splits the batch too
+    (GShard, Switch, MaxText's ``activation_batch``): the layers outside the
+    experts then run on a slice of the batch on each expert rank instead of the
+    same work on all of them; an expert layer gathers its tokens over that axis.
 
     >>> batch_axes(mesh_shape({"data": 2, "fsdp": 2, "model": 2, "dp": 1}))
     ('data', 'fsdp')
+    >>> batch_axes(mesh_shape({"expert": 4, "data": 2}))
+    ('expert', 'data')
     """
     sizes = shape.sizes
-    return tuple(n for n, r in shape.roles if r in (DATA, FSDP) and sizes[n] > 1)
+    return tuple(n for n, r in shape.roles if r in (DATA, FSDP, EXPERT) and sizes[n] > 1)
 
 
 def batch_pspec(shape: MeshShape):
     """The ``PartitionSpec`` of a batch leaf's dims: dim 0 over :func:`batch_axes` (empty if none).
 
+    The expert axes come last (minor-most), whatever the mesh order: an expert layer
+    gathers its tokens over them alone, leaving each device the data/fsdp slice it
+    had (measured on the zoo MoE, XLA:CPU, expert=4,data=2: with the expert axis
+    major XLA gathered the whole batch at every expert einsum, 1.95x the step's flops).
+
     >>> batch_pspec(mesh_shape({"data": 2, "fsdp": 2, "model": 2}))
     P(('data', 'fsdp'),)
+    >>> batch_pspec(mesh_shape({"expert": 4, "data": 2}))
+    P(('data', 'expert'),)
     """
     from jax.sharding import PartitionSpec
 
-    axes = batch_axes(shape)
+    roles = dict(shape.roles)
+    axes = sorted(batch_axes(shape), key=lambda a: roles[a] == EXPERT)  # stable: mesh order otherwise
     if not axes:
         return PartitionSpec()
-    return PartitionSpec(axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(axes[0] if len(axes) == 1 else tuple(axes))
 
 
 def check_mesh_matches(mesh: Any, want: MeshShape) -> None:

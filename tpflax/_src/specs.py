@@ -12,7 +12,7 @@ from typing import Any
 
 from jax.sharding import PartitionSpec
 
-from tpflax._src.mesh import FSDP, MeshShape, batch_axes
+from tpflax._src.mesh import EXPERT, FSDP, MeshShape, batch_axes
 
 Entry = Any  # None | str | tuple[str, ...]
 
@@ -119,12 +119,13 @@ def fsdp_axes(plan: Any) -> frozenset[str]:
 
     A parameter split over an axis the batch is also split over (a pure-FSDP
     plan on a ``data`` axis, a rule naming ``data``) must be whole along it
-    for each shard of the batch, exactly as over an fsdp axis.
+    for each shard of the batch, exactly as over an fsdp axis. An expert axis
+    is not: an expert layer gathers its tokens over it and keeps its experts split.
     """
     batch = set(batch_axes(plan.mesh))
     used = {a for d in plan.decisions.values() for a in used_axes(d.spec)}
     return frozenset(a for a, r in dict(plan.mesh.roles).items()
-                     if a in batch and (r == FSDP or a in used))
+                     if a in batch and (r == FSDP or (a in used and r != EXPERT)))
 
 
 def spec_to_json(spec: Sequence[Entry]) -> list[Any]:

@@ -444,8 +444,8 @@ def _traced_bytes(column_units, activations, mesh: MeshShape, shards: int, remat
     col_units = {}  # layers whose output features are split over tensor/expert axes (the last such leaf)
     for unit, ents in column_units.items():
         split = [e for e in ents if any(roles[a] in (TENSOR, EXPERT) for a in entry_axes(e))]
-        if split:
-            col_units[unit] = math.prod(mesh.sizes[a] for a in entry_axes(split[-1]))
+        if split:  # an expert axis splits the batch too: the layer gathers its tokens over it, no net split
+            col_units[unit] = math.prod(mesh.sizes[a] for a in entry_axes(split[-1]) if roles[a] == TENSOR)
     members = {u[:-len(":members")]: n for u, n in col_units.items() if u.endswith(":members")}
 
     def member_split(path: str) -> int:  # an ensemble's layers, and the vmapped module holding them

@@ -32,7 +32,7 @@ from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.scope import Scope, body, drop_layers, is_tied, layers
 from tpflax._src.cost.stream import update_gathers
 from tpflax._src.facts.classify import ATTN
-from tpflax._src.mesh import TENSOR
+from tpflax._src.mesh import EXPERT, TENSOR
 from tpflax._src.specs import entry_axes
 
 
@@ -130,7 +130,9 @@ def _pair_act(path: str, d: Any, side: str, s: Scope) -> float:
         width = (s.widths or {}).get(path) or b[0]
     else:
         width = b[-1]
-    return s.rows_of(path) * width * s.act_item
+    # an expert kernel split over expert axes reads its layer's tokens gathered over them (they split the batch)
+    gathered = s.size(s.axes(path, EXPERT)) if d.kind == "expert" and path not in (s.buffers or {}) else 1
+    return s.rows_of(path) * width * s.act_item * gathered
 
 
 # ---------------------------------------------------------------------------

@@ -29,8 +29,10 @@ compiled program (:func:`tpflax.dry_run`), and kept per mesh axis:
   the same in the zoo's steps, so ``backend="tpu"`` models it too (``"gpu"``: reduce-scatter);
 * data parallelism: all-reduce of the gradients over the batch axes that do not
   shard the leaf;
-* expert parallelism (``expert_dispatch="all-to-all"``): two all-to-alls of the
-  routed tokens forward and two backward;
+* expert parallelism: the expert axes split the batch too, so an expert layer
+  gathers its tokens over them and sums its outputs back, forward and backward
+  (``expert_dispatch="dense"``, what XLA compiles for an einsum over every expert);
+  ``"all-to-all"``: two all-to-alls of the routed tokens forward and two backward;
 * a traced fused ``[q|k|v]`` kernel split on its fused dim: XLA's halo-exchange
   collective-permutes resharding the pieces forward, all-to-alls backward
   (:mod:`tpflax._src.cost.reshard`).
@@ -134,7 +136,7 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
 def estimate(plan, optimizer: Any = None, batch: Any = None, *, config: Any = None,
              activations: Mapping[str, Sequence[Act]] | None = None, model: Any = None, sample: Any = None,
              remat: bool = False, grad_dtype: Any = None, act_dtype: Any = None,
-             backend: str = "tpu", expert_dispatch: str = "all-to-all",
+             backend: str = "tpu", expert_dispatch: str = "dense",
              optimizer_name: str | None = None, loss: Any = None) -> Estimate:
     """Bytes per device and communication per training step for a plan.
 
@@ -162,8 +164,11 @@ def estimate(plan, optimizer: Any = None, batch: Any = None, *, config: Any = No
         act_dtype: activation dtype (default: the batch's float dtype / config dtype).
         backend: ``"tpu"`` or ``"cpu"`` (XLA:TPU and XLA:CPU all-reduce the whole fsdp
             gradient and slice it, measured) or ``"gpu"`` (fsdp gradients reduce-scatter).
-        expert_dispatch: ``"all-to-all"`` (routed tokens move to their experts) or
-            ``"dense"`` (every expert sees every token; expert-split like a pair).
+        expert_dispatch: ``"dense"`` (every expert sees every token: an einsum over
+            the experts, which XLA compiles to a gather of the tokens over the expert
+            axes and a sum of the outputs) or ``"all-to-all"`` (routed tokens move to
+            their experts, e.g. a ``shard_map`` dispatch; XLA compiles no all-to-all
+            from an einsum).
         optimizer_name: how to name the optimizer in reports (default: from optax).
         loss: the ``loss(output, *sample)`` given to :func:`tpflax.make_train_step`, if any:
             the peak is for that step. A loss that reads a slice of the logits (as the

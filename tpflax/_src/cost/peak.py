@@ -235,7 +235,8 @@ def expert_hidden_bytes(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -
     """``(one expert layer's hidden activations on a device, expert layers)``; zeros without experts.
 
     The hidden width is the expert up-projection's last dim; with dense dispatch every token
-    visits every expert on the device, routed (all-to-all) each token visits ``top_k``.
+    visits every expert on the device (the tokens gathered over the axes splitting the experts, which
+    split the batch), routed (all-to-all) each token visits ``top_k``.
     """
     ups = [(p, d) for p, d in lv.decisions.items() if d.kind == "expert" and len(body(d)) == 3]
     if not ups:
@@ -243,9 +244,13 @@ def expert_hidden_bytes(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -
     path, d = ups[0]
     spec = lv.specs[path][-3:]
     experts, width = body(d)[0], body(d)[-1]
-    per_token = (math.ceil(experts / tensor_degree(mesh, spec[0])) if w.dispatch == "dense"
-                 else config_value(w.config, "top_k", 2))
     tokens = token_rows(w.batch, w.config) / shards
+    if w.dispatch == "dense":  # every token visits every expert on the device, gathered over the expert axes
+        per_token = math.ceil(experts / tensor_degree(mesh, spec[0]))
+        roles = dict(mesh.roles)
+        tokens *= math.prod(mesh.sizes[a] for a in entry_axes(spec[0]) if roles[a] == EXPERT)
+    else:
+        per_token = config_value(w.config, "top_k", 2)
     layers = sum(lv.count[p] for p, x in ups if body(x) == body(d))  # the up-projections, one per layer
     return int(tokens * per_token * math.ceil(width / tensor_degree(mesh, spec[-1])) * w.act_item), layers
 

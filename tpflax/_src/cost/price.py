@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from tpflax._src.hardware import Hardware
 from tpflax._src.hlo import ring_bytes
-from tpflax._src.mesh import DATA, EXPERT, FSDP, TENSOR, MeshShape
+from tpflax._src.mesh import DATA, FSDP, TENSOR, MeshShape, batch_axes
 from tpflax._src.specs import Entry, entry_axes, fmt_bytes, used_axes
 
 # The global batch plan() prices activation collectives with when neither batch= nor
@@ -109,7 +109,7 @@ class Context:
 
     @functools.cached_property
     def batch_axes(self) -> tuple[str, ...]:
-        return tuple(n for n, r in self.mesh.roles if r in (DATA, FSDP) and self.mesh.sizes[n] > 1)
+        return batch_axes(self.mesh)
 
     @functools.cached_property
     def tokens_local(self) -> float:
@@ -223,7 +223,8 @@ def price(leaves: tuple[LeafLayout, ...], acts: tuple[ActComm, ...], ctx: Contex
         mem += shard * (2 + OPT_COPIES) if x.trainable else shard
         if x.matmul:
             per_layer = math.prod(x.shape) / x.layers
-            flops += 6 * ctx.tokens_local * per_layer * x.layers / _split(x.spec, mesh, (TENSOR, EXPERT))
+            # an expert split gathers the layer's tokens over the expert (batch) axes: no fewer flops
+            flops += 6 * ctx.tokens_local * per_layer * x.layers / _split(x.spec, mesh, (TENSOR,))
         if not x.trainable:
             continue
         r = dict(mesh.roles)

@@ -106,7 +106,7 @@ def _check_options(act_dtype: Any, grad_dtype: Any, backend: str, expert_dispatc
 def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = None,
             activations: Mapping[str, Sequence[Act]] | None = None, model: Any = None, sample: Any = None,
             remat: bool = False, grad_dtype: Any = None, act_dtype: Any = None, backend: str = "tpu",
-            expert_dispatch: str = "all-to-all", optimizer_name: str | None = None,
+            expert_dispatch: str = "dense", optimizer_name: str | None = None,
             loss: Any = None) -> Workload:
     """The per-model part of :func:`tpflax.estimate`, for any plan of ``plan``'s tree (see its args).
 

@@ -38,7 +38,7 @@ from tpflax._src.cost.leaves import merge
 from tpflax._src.cost.workload import Workload, prepare
 from tpflax._src.errors import SuggestError, TpflaxError
 from tpflax._src.hardware import Hardware, get_hardware
-from tpflax._src.mesh import DATA, EXPERT, FSDP, TENSOR, MeshShape, mesh_shape
+from tpflax._src.mesh import DATA, EXPERT, FSDP, TENSOR, MeshShape, batch_axes, mesh_shape
 from tpflax._src.specs import entries, used_axes
 from tpflax._src.suggest.rank import (
     biggest,
@@ -254,10 +254,10 @@ def _candidate(ctx: Context, ms: MeshShape, mem_limit: int) -> Candidate:
     from tpflax._src.specs import fmt_bytes as fmt
 
     base = Candidate(mesh=ms, device_memory=mem_limit, context=ctx)
-    shards = math.prod(ms.sizes[n] for n, r in zip(ctx.axis_names, ctx.roles, strict=True) if r in (DATA, FSDP))
+    shards = math.prod(ms.sizes[n] for n in batch_axes(ms))
     size = ctx.workload.batch.size
     if size % shards:
-        return replace(base, rejected=f"global batch {size} does not split over data x fsdp = {shards}; "
+        return replace(base, rejected=f"global batch {size} does not split over data x fsdp x expert = {shards}; "
                                       f"use a batch that is a multiple of {shards}")
     shared = ctx.shared(ms)
     if shared.error:
@@ -298,7 +298,7 @@ def more_devices(ctx: Context, guess: int, devices: int, mem_limit: int) -> tupl
 def suggest_mesh(model_or_tree: Any, devices: int, device_memory: Any = None, hardware: Any = None, *,
                  optimizer: Any = None, batch: Any = None, config: Any = None, trace: bool | None = None,
                  remat: bool = False, grad_dtype: Any = None, act_dtype: Any = None, backend: str | None = None,
-                 expert_dispatch: str = "all-to-all", optimizer_name: str | None = None,
+                 expert_dispatch: str = "dense", optimizer_name: str | None = None,
                  ici_bandwidth: Any = None, dcn_bandwidth: Any = None, chips_per_host: int | None = None,
                  fast_domain: int | None = None, reserve: float = 0.0, rules: Any = None,
                  fsdp_min_bytes: int = 1 << 18, min_channels: int = 64, tensor_min_bytes: int = 0,

@@ -14,7 +14,7 @@ from typing import Any
 
 from tpflax._src.cost.estimate import price_leaves
 from tpflax._src.cost.workload import with_batch_size
-from tpflax._src.mesh import DATA, FSDP, MeshShape
+from tpflax._src.mesh import MeshShape, batch_axes
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,7 @@ def smaller_batch(ctx: Any, meshes: list[MeshShape], mem_limit: int, needs: Any)
 
     best: Shrink | None = None
     for ms in meshes:
-        shards = math.prod(ms.sizes[n] for n, r in zip(ctx.axis_names, ctx.roles, strict=True)
-                           if r in (DATA, FSDP))
+        shards = math.prod(ms.sizes[n] for n in batch_axes(ms))
         lo, hi = 0, (w0.batch.size - 1) // shards  # multiples of shards below the batch: k in [1, hi]
         if hi < 1 or (best is not None and hi * shards <= best.batch):
             continue
