@@ -257,7 +257,8 @@ def _candidate(ctx: Context, ms: MeshShape, mem_limit: int) -> Candidate:
     shards = math.prod(ms.sizes[n] for n in batch_axes(ms))
     size = ctx.workload.batch.size
     if size % shards:
-        return replace(base, rejected=f"global batch {size} does not split over data x fsdp x expert = {shards}; "
+        over = "data x fsdp x expert" if any(r == EXPERT and ms.sizes[n] > 1 for n, r in ms.roles) else "data x fsdp"
+        return replace(base, rejected=f"global batch {size} does not split over {over} = {shards}; "
                                       f"use a batch that is a multiple of {shards}")
     shared = ctx.shared(ms)
     if shared.error:
