@@ -127,14 +127,14 @@ def _note_product(w: Walk, eqn: Any, out: Val, ctx: tuple, lf, rf) -> None:
     shape = tuple(eqn.outvars[0].aval.shape)
     # the heads: a dim before the last that a parameter contraction's output features made (the q and k
     # projections'); a MoE dispatch or combine einsum keeps none but the features, last
-    heads = any(d in w.uses[u].kept for i in range(len(shape) - 1) for u, d in out.dim_tags(i))
+    heads = any(w.root(k)[1] in w.uses[k[0]].kept for i in range(len(shape) - 1) for k in out.dim_tags(i))
     if not lf or not rf or len(shape) < 3 or not heads:
         return
     if w.pending is not None and w.pending in (tuple(v.aval.shape) for v in eqn.invars):
         w.pending = None
         return
     w.pending = shape
-    tags = tuple(tuple(sorted(k for k in out.dim_tags(d) if not is_minor(k))) for d in range(len(shape)))
+    tags = tuple(tuple(sorted({w.root(k) for k in out.dim_tags(d) if not is_minor(k)})) for d in range(len(shape)))
     count = math.prod(w.lengths.get(c, 1) for c in ctx if isinstance(c, int))
     w.products[(ctx, id(eqn))] = Product(shape, count, tags)
 
