@@ -26,13 +26,19 @@ SIZES = (HEADS * HD, HD, HD, F, F)  # q | k | v | gate | up
 
 
 class Parallel(nn.Module):
+    fused: bool = True  # False: separate q, k, v, gate, up kernels reading the same norm output
+
     @nn.compact
     def __call__(self, ids):
         emb = nn.Embed(VOCAB, D, name="embed")
         x = emb(ids)
         h = nn.RMSNorm(name="norm")(x)
-        z = nn.Dense(sum(SIZES), use_bias=False, name="w_in")(h)
-        q, k, v, gate, up = jnp.split(z, np.cumsum(SIZES)[:-1].tolist(), axis=-1)
+        if self.fused:
+            z = nn.Dense(sum(SIZES), use_bias=False, name="w_in")(h)
+            q, k, v, gate, up = jnp.split(z, np.cumsum(SIZES)[:-1].tolist(), axis=-1)
+        else:
+            q, k, v, gate, up = (nn.Dense(n, use_bias=False, name=name)(h) for n, name in zip(
+                SIZES, ("wq", "wk", "wv", "gate", "up"), strict=True))
         b, s, _ = x.shape
         p = jax.nn.softmax(jnp.einsum("bshd,btd->bhst", q.reshape(b, s, HEADS, HD), k) / 4.0, axis=-1)
         o = jnp.einsum("bhst,btd->bshd", p, v).reshape(b, s, HEADS * HD)
@@ -99,3 +105,18 @@ def test_piece_permutes_of_unequal_pieces_follow_xla():
     column = b // (8 // n) * s * 4  # bytes of one column of the local rows
     assert sum(c.ring_bytes * c.count for c in cs if c.kind == "collective-permute") == \
         sum(piece_permutes(sum(SIZES), SIZES, n)) * column
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_multi_query_scores_are_the_attention_product(fused):
+    # jnp.einsum("bshd,btd->bhst") of an MQA key computes (b, t, s, heads): the heads come last. The scores
+    # are that product, not probs @ v's (b, head_dim, heads, s), which was taken instead (and none at all
+    # behind a fused kernel's unequal split)
+    from tpflax._src.cost.peak import SCORES_SAVED
+
+    model, seq = Parallel(fused), 2 * HD  # a sequence longer than the head dim: probs @ v is smaller
+    ids = (jax.ShapeDtypeStruct((BATCH, seq), jnp.int32),)
+    p = tpflax.plan(jax.eval_shape(model.init, jax.random.key(0), *ids), MESH, model=model, sample=ids)
+    e = tpflax.estimate(p, optax.sgd(0.1), model=model, sample=ids)
+    # batch over data=2, heads over model=4, float32 (split heads save their probabilities in float32)
+    assert e.breakdown.scores == int(SCORES_SAVED * (BATCH // 2) * (HEADS // 4) * seq * seq * 4)
