@@ -26,24 +26,30 @@ from tpflax._src.mesh import TENSOR
 from tpflax._src.specs import entry_axes
 
 
-def piece_permutes(width: int, pieces: int, n: int) -> tuple[int, ...] | None:
+def piece_permutes(width: int, pieces: int | tuple[int, ...], n: int) -> tuple[int, ...] | None:
     """Columns of each collective-permute XLA issues to reshard the ``pieces`` of a ``width``-wide dim split ``n`` ways.
 
-    None when the pieces do not split evenly or XLA would not use a halo exchange.
+    ``pieces``: how many equal pieces, or the sizes of unequal ones in order (a parallel block's
+    ``[q | k | v | gate | up]``). None when a piece or the dim does not split evenly or XLA would not
+    use a halo exchange.
 
     >>> piece_permutes(192, 3, 4)  # GPT-2's c_attn (q|k|v of 64) over model=4
     (32, 16, 32, 32, 16, 16, 16)
     >>> piece_permutes(128, 2, 2)
     (32, 32)
+    >>> sum(piece_permutes(1184, (128, 16, 16, 512, 512), 4))  # MQA q|k|v and SwiGLU gate|up, d=128
+    720
     """
-    if n <= 1 or width % (pieces * n):
+    sizes = pieces if isinstance(pieces, tuple) else (width // pieces,) * pieces
+    if n <= 1 or width % n or sum(sizes) != width or any(s % n for s in sizes):
         return None
-    piece, out = width // pieces, []
-    for i in range(pieces):
-        cps = _halo_exchange(width // n, n, lambda j, o=i * piece: o + j * piece // n, piece // n)
+    out, at = [], 0
+    for piece in sizes:
+        cps = _halo_exchange(width // n, n, lambda j, o=at, p=piece: o + j * p // n, piece // n)
         if cps is None:
             return None
         out += cps
+        at += piece
     return tuple(out)
 
 
@@ -127,8 +133,8 @@ def fused_items(s: Scope, notes: list[str]) -> list[CommItem]:
     """
     items: list[CommItem] = []
     for path, d in s.lv.decisions.items():
-        dim, pieces = (s.fused or {}).get(path, (None, 1))
-        if dim is None or pieces < 2:
+        dim, pieces, whole = (s.fused or {}).get(path, (None, 1, ()))
+        if dim is None or pieces == 1:
             continue
         axes = tuple(a for a in entry_axes(s.lv.specs[path][dim]) if dict(s.mesh.roles)[a] == TENSOR)
         n = s.size(axes)
@@ -136,6 +142,8 @@ def fused_items(s: Scope, notes: list[str]) -> list[CommItem]:
             continue
         width = d.shape[dim]
         cps = piece_permutes(width, pieces, n)
+        sizes = pieces if isinstance(pieces, tuple) else (width // pieces,) * pieces
+        pieces = len(sizes)
         if cps is None:
             notes.append(f"{s.lv.label[path]}: its {pieces} fused pieces of {width} over {n} devices are "
                          "resharded by XLA in a way not modelled")
@@ -148,4 +156,10 @@ def fused_items(s: Scope, notes: list[str]) -> list[CommItem]:
                               f"cut across the {n} shards (forward)"))
         items.append(CommItem("all-to-all", axes, row * width // n, n, 2 * count, label,
                               f"fused {label}: gather the pieces' gradients back into the split layout (backward)"))
+        for i in whole:  # resharded split like the others, then read whole (measured on XLA:CPU, MQA k and v)
+            size = row * sizes[i]
+            items.append(CommItem("all-gather", axes, size, n, count, label,
+                                  f"fused {label}: gather piece {i}, read whole (forward)"))
+            items.append(CommItem("all-reduce", axes, size, n, count, label,
+                                  f"fused {label}: sum piece {i}'s gradient, read whole (backward)"))
     return items

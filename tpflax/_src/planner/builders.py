@@ -394,6 +394,23 @@ def bias_follows(st: State, f: Facts, body_spec: Sequence[Entry], kpath: str, ev
         st.replicate(f, f"{evidence} ({how}): {whole}", kernel.pair)
 
 
+def join_row(st: State, row: Facts, rdim: int, col: Facts, why: str) -> bool:
+    """Add ``row`` to the pair the column ``col`` is in, split on its body dim ``rdim`` when ``col`` is
+    split: a parallel block's fused input projection, whose pieces feed two rows (attention output and
+    MLP down). False (nothing written) when ``col`` is not a split column or ``rdim`` does not divide."""
+    p = st.out.get(col.path)
+    t_entry, t_size = st.tensor
+    if p is None or p.role != "column" or p.strategy == "replicate" or row.body[rdim] % t_size:
+        return False
+    st.put(row, body_spec(len(row.body), rdim, t_entry), "row",
+           f"row: {why}; input features ({row.body[rdim]}) split over {axis_label(t_entry, t_size)}, fed by "
+           f"{short(col.path)} (pair {p.pair}); one all-reduce of activations per pass", p.pair, "row")
+    for i, q in enumerate(st.pairs):
+        if q.id == p.pair and row.path not in q.rows:
+            st.pairs[i] = replace(q, rows=(*q.rows, row.path))
+    return True
+
+
 def join_column(st: State, col: Facts, like: Facts, why: str) -> None:
     """Add ``col`` to the pair ``like`` (a column) is in, split the same way: the second
     up-projection of a gated MLP (gate and up both feed the down projection)."""

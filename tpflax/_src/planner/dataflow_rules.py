@@ -24,6 +24,7 @@ from tpflax._src.planner.builders import (
     State,
     bias_follows,
     join_column,
+    join_row,
     shard_conv_pair,
     shard_experts,
     shard_pair,
@@ -81,6 +82,7 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Datafl
     _link(c)
     for rid in sorted(c.cand):
         _pair_row(c, rid)
+        _join_branches(c, rid)
     _outputs(c)
     _channelwise(c)
     _biases(c)
@@ -159,7 +161,7 @@ def _sources_by_dim(c: _Flow, rid: int) -> dict[int, dict[int, Edge]]:
             continue
         if (S.id, e.src_dim) in c.flow.escapes or (S.id, e.src_dim) in c.flow.outputs:
             continue
-        if {x.dst_use for x in c.out_edges[(S.id, e.src_dim)]} != {rid}:
+        if {x.dst_use for x in c.out_edges[(S.id, e.src_dim)]} != {rid} and not _branched(c, S.id, e.src_dim):
             continue  # its output also feeds another contraction: not a clean pair
         prev = by_rdim[e.dst_dim].get(S.id)
         if prev is None or e.src_dim < prev.src_dim:
@@ -169,6 +171,26 @@ def _sources_by_dim(c: _Flow, rid: int) -> dict[int, dict[int, Edge]]:
             if c.flow.channelwise[c.cand[sid].path][0] in srcs:
                 del srcs[sid]
     return by_rdim
+
+
+def _branched(c: _Flow, sid: int, dim: int) -> bool:
+    """The dim's output is cut into pieces, each reaching one contraction (a parallel block's fused
+    input projection: q to the attention's output projection, gate and up to the MLP's down)."""
+    pieces = c.flow.branches.get((sid, dim))
+    return bool(pieces) and all(len(p) == 1 for p in pieces)
+
+
+def _join_branches(c: _Flow, rid: int) -> None:
+    """A row that another piece of an already split fused column feeds joins that column's pair."""
+    R = c.cand[rid]
+    for e in c.in_edges[rid]:
+        if R.path in c.st.out:
+            return
+        S = c.cand[e.src_use]
+        if S.path in c.st.out and _branched(c, S.id, e.src_dim):
+            fR = c.fx[R.path]
+            join_row(c.st, fR, fR.body_dim(e.dst_dim), c.fx[S.path],
+                     f"traced: another piece of {short(S.path)}'s output reaches it {_via(e.via)}")
 
 
 def _expert_dim(c: _Flow, R: Use, by_rdim: Mapping[int, Mapping[int, Edge]]) -> int | None:
@@ -252,7 +274,8 @@ def _column(c: _Flow, sid: int, e: Edge, row_path: str) -> Linear:
     why = f"traced: its output reaches {short(row_path)} {_via(e.via)}{_shared(c, S.path)}"
     pieces = c.flow.fused.get((sid, e.src_dim), 1)
     if pieces > 1:
-        why += (f"; fused: cut into {pieces} equal pieces after the matmul, so split naively over the fused "
+        cut = "unequal" if (sid, e.src_dim) in c.flow.cuts else "equal"
+        why += (f"; fused: cut into {pieces} {cut} pieces after the matmul, so split naively over the fused "
                 f"dim ({fS.body[cb]}) and XLA reshards the pieces (head-aligned shards need the dim "
                 "permuted at placement or the model to split a (d, pieces, heads, head_dim) view)")
     # A 3-D or 4-D kernel's traced dim is its heads when the kernel keeps a dim after it, the head_dim

@@ -120,4 +120,6 @@ def merge_uses(flow: Dataflow, shapes: Mapping[str, tuple[int, ...]]) -> Dataflo
         recurrent=frozenset(a(u) for u in flow.recurrent),
         biases={p: (a(u), al) for p, (u, al) in flow.biases.items()},
         channelwise={p: (a(u), al) for p, (u, al) in flow.channelwise.items()},
-        fused={(a(k[0]), k[1]): v for k, v in flow.fused.items()})
+        fused={(a(k[0]), k[1]): v for k, v in flow.fused.items()},
+        cuts={(a(k[0]), k[1]): v for k, v in flow.cuts.items()},
+        branches={(a(k[0]), k[1]): tuple(frozenset(map(a, p)) for p in v) for k, v in flow.branches.items()})

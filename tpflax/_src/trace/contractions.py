@@ -43,8 +43,10 @@ def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
                            + tuple(dims[d] for d in rf)))
         return [Val(out_rank, origin=tuple(origin))]
     if not lp and not rp:
+        # sums a head_dim: the minor part of a projection cut into (heads, head_dim)
+        summed = any(is_minor(k) for v, cs in ((lhs, lc), (rhs, rc)) for d in cs for k in v.dim_tags(d))
         out = _act_dot(w, lhs, rhs, (lc, rc), (lb, rb), lf, rf, out_rank)
-        _note_product(w, eqn, out, ctx, lf, rf)
+        _note_product(w, eqn, out, ctx, lf, rf, summed)
         return [out]
     if lp:  # weight on the left: mirror so the activation is on the left
         act, par, ac, pc, ab, pb, af, pf = rhs, lhs, rc, lc, rb, lb, rf, lf
@@ -119,22 +121,25 @@ def _act_dot(w: Walk, lhs: Val, rhs: Val, contract, batch, lf, rf, out_rank: int
     return Val(out_rank, tags=tuple(tags) if any(tags) else None)
 
 
-def _note_product(w: Walk, eqn: Any, out: Val, ctx: tuple, lf, rf) -> None:
+def _note_product(w: Walk, eqn: Any, out: Val, ctx: tuple, lf, rf, summed: bool) -> None:
     """Record the attention scores ``q @ k``: a product of two activations with free dims on both sides
-    and a heads dim (a dim before the last carrying a parameter contraction's output features). The
-    product that reads the last one recorded (``probs @ v``: its probabilities have the scores' shape)
-    is the same layer's second and is not recorded."""
+    and a heads dim (a dim carrying a parameter contraction's output features: before the last, or
+    anywhere when the product sums projected features). The product that reads the last one recorded
+    (``probs @ v``: its probabilities are the scores, maybe transposed) is the same layer's second and
+    is not recorded."""
     shape = tuple(eqn.outvars[0].aval.shape)
-    # the heads: a dim before the last that a parameter contraction's output features made (the q and k
-    # projections'); a MoE dispatch or combine einsum keeps none but the features, last
-    heads = any(d in w.uses[u].kept for i in range(len(shape) - 1) for u, d in out.dim_tags(i))
+    # the heads: a dim that a parameter contraction's output features made (the q projection's). A MoE
+    # dispatch or combine einsum keeps none but the features, last, and sums tokens or experts; ``q @ k``
+    # sums a head_dim, and keeps the heads last when the einsum puts a multi-query key first (b, t, s, h)
+    dims = range(len(shape) if summed else len(shape) - 1)
+    heads = any(w.root(k)[1] in w.uses[k[0]].kept for i in dims for k in out.dim_tags(i))
     if not lf or not rf or len(shape) < 3 or not heads:
         return
-    if w.pending is not None and w.pending in (tuple(v.aval.shape) for v in eqn.invars):
+    if w.pending is not None and sorted(w.pending) in (sorted(v.aval.shape) for v in eqn.invars):
         w.pending = None
         return
     w.pending = shape
-    tags = tuple(tuple(sorted(k for k in out.dim_tags(d) if not is_minor(k))) for d in range(len(shape)))
+    tags = tuple(tuple(sorted({w.root(k) for k in out.dim_tags(d) if not is_minor(k)})) for d in range(len(shape)))
     count = math.prod(w.lengths.get(c, 1) for c in ctx if isinstance(c, int))
     w.products[(ctx, id(eqn))] = Product(shape, count, tags)
 

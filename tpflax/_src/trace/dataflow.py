@@ -147,15 +147,56 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                         w.cap(k)
                     else:
                         w.outputs.add(k)
+    found, branches = _pieces_joined(w)
     edges = tuple(
-        Edge(w.uses[s].path, s, sd, w.uses[d].path, d, dd, math.gcd(limit, w.caps.get((s, sd), 0)), via)
-        for (s, sd, d, dd), (limit, via) in sorted(w.edges.items()))
-    return Dataflow(paths=tuple(paths), uses=tuple(w.uses), edges=edges, escapes=dict(w.escapes),
-                    outputs=frozenset(w.outputs), recurrent=frozenset(w.recurrent),
+        Edge(w.uses[s].path, s, sd, w.uses[d].path, d, dd, math.gcd(limit, found["caps"].get((s, sd), 0)), via)
+        for (s, sd, d, dd), (limit, via) in sorted(found["edges"].items()))
+    return Dataflow(paths=tuple(paths), uses=tuple(w.uses), edges=edges, escapes=found["escapes"],
+                    outputs=frozenset(found["outputs"]), recurrent=frozenset(w.recurrent),
                     biases=dict(w.biases), elementwise=frozenset(w.elementwise),
-                    scanned=dict(w.scanned), n_eqns=w.n_eqns, fused=dict(w.fused),
+                    scanned=dict(w.scanned), n_eqns=w.n_eqns, fused=found["fused"], branches=branches,
+                    cuts=found["cuts"],
                     shared=shared_reads(jaxpr, w.reads), remat=remat_share(jaxpr),
                     products=_one_branch(w.products), channelwise=dict(w.channelwise))
+
+
+def _pieces_joined(w: Any) -> tuple[dict[str, Any], dict[tuple[int, int], tuple[frozenset[int], ...]]]:
+    """The walk's findings with every piece key (:meth:`Walk.piece`) back on its kernel dim.
+
+    A kernel dim escapes only when none of its pieces reaches a contraction: a piece that ends (an MQA
+    key summed against the queries) is resharded with the others by XLA, as a fused kernel split
+    naively is, and then gathered whole (:attr:`Dataflow.cuts` names it). Also returns ``{kernel dim:
+    contractions each piece reaches}`` for dims whose pieces reach more than one contraction
+    (:attr:`Dataflow.branches`).
+    """
+    root = w.root
+    edges: dict[tuple[int, int, int, int], tuple[int, tuple[str, ...]]] = {}
+    reach: dict[tuple[int, int], dict[tuple[int, int], set[int]]] = {}
+    for (s, sd, d, dd), (limit, via) in w.edges.items():
+        r = root((s, sd))
+        old = edges.get((*r, d, dd))
+        edges[(*r, d, dd)] = (limit, via) if old is None else (math.gcd(old[0], limit), old[1])
+        if (s, sd) in w.pieces:
+            reach.setdefault(r, {}).setdefault((s, sd), set()).add(d)
+    escapes: dict[tuple[int, int], str] = {}
+    whole: dict[tuple[int, int], set[int]] = {}  # pieces that end while others reach a contraction
+    for k, why in w.escapes.items():
+        if k not in w.pieces or root(k) not in reach:
+            escapes.setdefault(root(k), why)
+        else:
+            whole.setdefault(root(k), set()).add(w.piece_no[k])
+    caps: dict[tuple[int, int], int] = {}
+    for k, n in w.caps.items():
+        caps[root(k)] = math.gcd(caps.get(root(k), 0), n)
+    fused: dict[tuple[int, int], int] = {}
+    for k, n in w.fused.items():
+        fused[root(k)] = max(fused.get(root(k), 1), n)
+    branches = {r: tuple(frozenset(d) for _, d in sorted(by.items())) for r, by in reach.items()
+                if len(set().union(*by.values())) > 1}
+    cuts = {root(k): (sizes, tuple(sorted(whole.get(root(k), ())))) for k, sizes in w.cuts.items()
+            if not is_minor(k)}
+    return {"edges": edges, "escapes": escapes, "caps": caps, "fused": fused, "cuts": cuts,
+            "outputs": {root(k) for k in w.outputs}}, branches
 
 
 def _one_branch(products: dict) -> tuple:

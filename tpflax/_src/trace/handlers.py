@@ -180,8 +180,13 @@ def split(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> li
     axis = eqn.params["axis"]
     sizes = tuple(int(n) for n in eqn.params["sizes"])
     if len(set(sizes)) != 1:
-        w.escape(v.dim_tags(axis), "split into unequal pieces")
-        return [_same_dims(w, v, r) for r in ranks]
+        # Unequal pieces (a parallel block's fused [q | k | v | gate | up]): split naively over the
+        # fused dim like equal ones, each piece under a key of its own (see Walk.piece)
+        w.fuse(v.dim_tags(axis), len(sizes))
+        for k in v.dim_tags(axis):
+            w.cuts.setdefault(k, sizes)
+        return [w.piece(w.moved(v, list(range(v.rank)), r, limit={axis: n}), axis, id(eqn), i)
+                for i, (r, n) in enumerate(zip(ranks, sizes, strict=True))]
     # Equal pieces (a fused qkv kernel's output): the tag goes on, marked fused, so
     # the column is split over the fused dim (the pieces are resharded by XLA).
     w.fuse(v.dim_tags(axis), len(sizes))

@@ -48,6 +48,10 @@ def is_minor(k: tuple[int, int]) -> bool:
     return k[1] < 0
 
 
+# A piece key (see :meth:`Walk.piece`) is ``(use id, param dim + PIECE * n)``: no kernel has this many dims.
+PIECE = 1 << 16
+
+
 NOTABLE = frozenset({"mul", "div", "logistic", "tanh", "exp", "erf", "erfc", "max", "min",
                      "dot", "integer_pow", "square", "sqrt", "rsqrt", "log"})
 
@@ -121,6 +125,10 @@ class Walk:
     products: dict[tuple[tuple, int], Product] = field(default_factory=dict)  # (ctx, id(eqn)) -> Product
     lengths: dict[int, int] = field(default_factory=dict)  # id(scan eqn) -> its trip count
     pending: tuple[int, ...] | None = None  # the last attention-score shape recorded, until its probs @ v
+    pieces: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)  # piece key -> its kernel dim
+    piece_ids: dict[Any, int] = field(default_factory=dict)  # (kernel dim, piece) -> n of its key
+    cuts: dict[tuple[int, int], tuple[int, ...]] = field(default_factory=dict)  # unequal pieces' sizes
+    piece_no: dict[tuple[int, int], int] = field(default_factory=dict)  # piece key -> its index in the cut
     n_eqns: int = 0
 
     # -- the run loop ----------------------------------------------------
@@ -177,6 +185,35 @@ class Walk:
                 self.cap(k)
             else:
                 self.fused[k] = max(self.fused.get(k, 1), pieces)
+
+    def piece(self, v: Val, axis: int, key: Any, index: int) -> Val:
+        """``v`` with the tags of dim ``axis`` under keys of their own: one piece of an unequal split.
+
+        A parallel block's fused input projection is cut into q, k, v, gate and up; the pieces go to
+        different places (q to the attention's output projection, gate and up to the MLP's down
+        projection, an MQA key into a product that sums it). Each piece keeps a key of its own, so
+        one piece that ends does not end the others and each piece's consumers are told apart;
+        :meth:`root` gives the kernel dim back. ``key`` names the split, ``index`` the piece in it.
+        """
+        if v.tags is None or not v.tags[axis]:
+            return v
+        out = {}
+        for k, lv in v.tags[axis].items():
+            if is_minor(k):
+                self.cap(k)
+                continue
+            root = self.root(k)
+            n = self.piece_ids.setdefault((root, key, index), len(self.piece_ids) + 1)
+            pk = (root[0], root[1] + PIECE * n)
+            self.pieces[pk] = root
+            self.piece_no[pk] = index
+            out[pk] = lv
+        tags = tuple(out if d == axis else t for d, t in enumerate(v.tags))
+        return dataclasses.replace(v, tags=tags if any(tags) else None, fresh=None)
+
+    def root(self, k: tuple[int, int]) -> tuple[int, int]:
+        """The ``(use id, param dim)`` a tag key stands for (a piece key's kernel dim)."""
+        return self.pieces.get(k, k)
 
     def escape_all(self, val: Val, why: str) -> None:
         if val.tags is not None:

@@ -125,6 +125,13 @@ class Dataflow:
             :mod:`tpflax._src.trace.sharing`).
         products: the attention scores' ``q @ k`` products (see :class:`Product`), in program
             order; of a ``cond``'s branches, the largest's.
+        branches: ``{(use id, param dim): (use ids, ...) per piece}`` for kept dims cut into
+            unequal pieces (``jnp.split``) that reach different contractions: a parallel block's
+            fused ``[q | k | v | gate | up]``, whose q reaches the attention's output projection and
+            whose gate and up reach the MLP's down projection.
+        cuts: ``{(use id, param dim): (piece sizes, indices of the pieces read whole)}`` for the
+            :attr:`fused` dims cut into unequal pieces; a piece read whole (an MQA key or value, summed
+            against the queries) ends its chain while the others reach a contraction.
     """
 
     paths: tuple[str, ...]
@@ -142,3 +149,5 @@ class Dataflow:
     remat: float = 0.0
     products: tuple[Product, ...] = ()
     channelwise: Mapping[str, tuple[int, Mapping[int, int]]] = field(default_factory=dict)
+    branches: Mapping[tuple[int, int], tuple[frozenset[int], ...]] = field(default_factory=dict)
+    cuts: Mapping[tuple[int, int], tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
