@@ -153,3 +153,27 @@ def test_experts_split_over_e_by_a_rule_are_priced_as_a_pair(devices):
     # the routed output forward, the gate's and the up's input gradients backward: 3 x (4, 8, 64) f32;
     # XLA also reduces the router softmax's (4, 8) max and sum over the split experts (2 x 128 B), unmodelled
     assert abs(got / want - 1) < 0.02, (got, want, dr.comm())
+
+
+F_SPLIT = [(r"experts_(gate|up)", P(None, None, "model")), (r"experts_down", P(None, "model", None)), (r".*", P())]
+
+
+def test_expert_hidden_counts_split_over_e_as_over_f(devices):
+    # main: a plain function's saved contractions took their split from the kernel's last dim only, so
+    # the (tokens, E, f) hidden of experts split over E counted whole on every device (f split: a
+    # quarter), while XLA holds a quarter either way: the two compiled peaks are within 1%
+    m = MoELM()
+    v = jax.eval_shape(m.init, jax.random.key(0), TOK)
+
+    def fn(variables, tok):
+        return m.apply(variables, tok)
+
+    mesh = tpflax.make_mesh(MESH)
+    peaks, acts = [], []
+    for rules in (EXPERT_SPLIT, F_SPLIT):
+        p = tpflax.plan(v, MESH, rules=rules)
+        dr = tpflax.dry_run(tpflax.make_train_step(fn, p, mesh, optax.adamw(1e-3), sample=(TOK,)), p, mesh)
+        peaks.append(dr.memory["peak"])
+        acts.append(tpflax.estimate(p, optax.adamw(1e-3), model=fn, sample=(TOK,), backend="cpu").breakdown.activations)
+    assert abs(peaks[0] / peaks[1] - 1) < 0.01, peaks
+    assert acts[0] == acts[1], acts
