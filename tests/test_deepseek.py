@@ -101,6 +101,7 @@ def test_latent_attention_pairs_in_the_tree(mla):
     assert specs(tpflax.plan(v, MESH, model=mla[0], sample=(TOK,), batch=(TOK,))) == SPECS
 
 
+@pytest.mark.slow
 def test_latent_attention_compiles_like_megatron(mla, devices):
     m, v = mla
     mesh = tpflax.make_mesh(MESH)
