@@ -66,8 +66,11 @@ class Leaves:
 
 
 def merge(decisions: Mapping[str, Any], activations: Mapping[str, Sequence[Act]],
-          opt: OptLayout | None = None) -> Leaves:
+          opt: OptLayout | None = None, saved: Mapping[str, Sequence[Act]] | None = None) -> Leaves:
     """Merge a plan's alike leaves (see the module docstring).
+
+    ``saved``: the layer calls whose outputs the activation bytes count (``Workload.saved``: a plain
+    function's parameter contractions); their splits are the column units. Default: ``activations``.
 
     >>> import jax, tpflax
     >>> sds = jax.ShapeDtypeStruct((64, 64), "float32")
@@ -102,7 +105,7 @@ def merge(decisions: Mapping[str, Any], activations: Mapping[str, Sequence[Act]]
     return Leaves(decisions={r: decisions[r] for r in count}, count=count,
                   label={r: (decisions[r].group or r) if n > 1 else r for r, n in count.items()},
                   specs={r: specs[r] for r in count}, pairs=tuple(pair_classes.values()),
-                  in_pair=frozenset(rep_of[p] for p in paired), column_units=_column_units(decisions, specs, activations),
+                  in_pair=frozenset(rep_of[p] for p in paired), column_units=_column_units(decisions, specs, activations if saved is None else saved),
                   stacks=stack_lengths(decisions),
                   recurrent=recurrent, opt=_opt_classes(opt, specs) if opt is not None else (), rep_of=rep_of)
 
@@ -140,11 +143,12 @@ def _column_units(decisions: Mapping[str, Any], specs: Mapping[str, tuple[Entry,
         if k is not None:
             spec, shape = spec[:k] + spec[k + 1:], shape[:k] + shape[k + 1:]
         calls = acts_for(activations, d.unit)
-        if d.role == "column" and len(shape) > 2 and calls and tuple(calls[0].output[1 - len(shape):]) == shape[1:]:
-            # a multi-dim column kernel whose trailing dims are its layer's trailing output dims (a DenseGeneral
-            # q/k/v projection, (d, heads, head_dim) -> [.., heads, head_dim]): a split of its heads dim splits
-            # the output, though its last dim is whole
-            ents = tuple(e for e in spec[1:] if e is not None)
+        free = _free_dims(shape, calls[0].output) if d.role == "column" and len(shape) > 2 and calls else None
+        if free is not None:
+            # a multi-dim column kernel whose dims but the one it contracts are its layer's trailing output dims
+            # (a DenseGeneral q/k/v projection, (d, heads, head_dim) -> [.., heads, head_dim]; experts (E, d, f)
+            # -> [.., E, f]): a split of any of them splits the output, though its last dim is whole
+            ents = tuple(spec[i] for i in free if spec[i] is not None)
         else:
             ents = (spec[-1],) if spec and spec[-1] is not None else ()
         if ents:
@@ -157,3 +161,17 @@ def _column_units(decisions: Mapping[str, Any], specs: Mapping[str, tuple[Entry,
             # the tied logits (``attend``) come out along the table's rows: a vocab-parallel table splits them
             out[layer_key(d.unit) + ":attend"] = (spec[0],)
     return out
+
+
+def _free_dims(shape: tuple[int, ...], output: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The kernel dims its layer's output ends with, all but one contracted dim (the first that fits), or None.
+
+    >>> _free_dims((64, 4, 16), (8, 32, 4, 16)), _free_dims((8, 64, 32), (256, 8, 32)), _free_dims((64, 4, 16), (8, 64))
+    ((1, 2), (0, 2), None)
+    """
+    n = len(shape) - 1
+    for i in range(len(shape)):
+        kept = shape[:i] + shape[i + 1:]
+        if tuple(output[-n:]) == kept:
+            return tuple(j for j in range(len(shape)) if j != i)
+    return None

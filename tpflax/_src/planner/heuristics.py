@@ -50,6 +50,7 @@ from tpflax._src.planner.roles import (
     attention_output,
     fused_partners,
     linear_view,
+    low_rank_factors,
     residual_widths,
 )
 
@@ -144,6 +145,8 @@ def _pair_group(st: State, group: str, lins: list[Linear], heads: int | None = N
     fused_partners(lins)
     attention_output(lins, group)
     attention_inputs(lins, group)
+    if any(x.role == "row" for x in lins):
+        lins = _drop_low_rank_downs(st, lins)
     cols = [x for x in lins if x.role == "column" and not HEAD.match(x.f.layer_name)]
     rows = [x for x in lins if x.role == "row"]
     if not cols or not rows:
@@ -178,6 +181,17 @@ def _pair_group(st: State, group: str, lins: list[Linear], heads: int | None = N
                 c.limit = heads  # whole heads only: a cut head costs XLA a gather of the scores
         shard_pair(st, kind, mine, row)
     return [x for x in lins if id(x) not in claimed and not HEAD.match(x.f.layer_name)]
+
+
+def _drop_low_rank_downs(st: State, lins: list[Linear]) -> list[Linear]:
+    """Keep a low-rank factor's down-projection whole and out of the pair; its up-projection is the column."""
+    downs = {}
+    for a, b in low_rank_factors(lins):
+        downs.setdefault(id(a), (a, []))[1].append(short(b.f.path))
+    for a, ups in downs.values():
+        st.replicate(a.f, f"low-rank down-projection ({a.in_size} -> {a.out_size}) read by {', '.join(ups)}: "
+                          "small, and its output is needed whole by the up-projection, the column of the pair")
+    return [x for x in lins if id(x) not in downs]
 
 
 def _common_prefix(a: str, b: str) -> int:

@@ -264,9 +264,12 @@ def _forced_facts(forced: Mapping[str, Proposal], facts: Sequence[Facts], pairs:
     same = {path for path, p in forced.items() if path in own and path not in side
             and _tensor_split(entries(p.spec, rank[path]), ms) == _tensor_split(entries(own[path].spec, rank[path]), ms)}
     pairs = list(pairs)
+    by_path = {f.path: f for f in facts}
     for pair in own_pairs:
         members = pair.columns + pair.rows
-        if members and all(m in same for m in members):
+        if members and (all(m in same for m in members)
+                        or (not side.keys() & set(members)
+                            and _experts_split_alike([by_path[m] for m in members], forced, ms))):
             new = replace(pair, id=len(pairs) + 1)
             pairs.append(new)
             side.update({m: (new.id, "column" if m in pair.columns else "row") for m in members})
@@ -278,6 +281,22 @@ def _forced_facts(forced: Mapping[str, Proposal], facts: Sequence[Facts], pairs:
             kind = "head"
         out[path] = replace(p, pair=p.pair if p.pair is not None else pid, role=p.role or role, kind=kind)
     return out, pairs
+
+
+def _experts_split_alike(members: Sequence[Facts], forced: Mapping[str, Proposal], ms: MeshShape) -> bool:
+    """Every kernel of an expert pair forced with its expert dim, and nothing else, split over the same tensor
+    or expert axes: still a pair (the combine sums over the experts as the row sums over f), whichever dim
+    the planner would have split."""
+    splits = set()
+    for f in members:
+        p = forced.get(f.path)
+        if p is None or f.kind != "expert":
+            return False
+        split = f.body_of(_tensor_split(entries(p.spec, len(f.leaf.shape)), ms))
+        if not split[0] or any(split[1:]):
+            return False
+        splits.add(split[0])
+    return len(members) > 1 and len(splits) == 1
 
 
 def _tensor_split(spec: Sequence[Any], ms: MeshShape) -> tuple:

@@ -337,3 +337,44 @@ def attention_inputs(lins: list[Linear], group: str) -> None:
             m.role = "column"
             m.why = (f"({m.in_size} -> {m.out_size}) of an attention block projects into the input of its "
                      f"output projection {short(row.f.path)}: an input projection (query, key or value)")
+
+
+def low_rank_factors(lins: list[Linear]) -> list[tuple[Linear, Linear]]:
+    """``(down, up)`` pairs of a block's low-rank factored projections; ``up`` becomes a column.
+
+    DeepSeek-V2's multi-head latent attention projects d onto a narrow latent (``q_a``
+    ``(d, r)``, ``kv_a`` ``(d, r + rope)``) and up again per head (``q_b`` ``(r, heads *
+    head_dim)``, ``kv_b``). The down-projection narrows the residual, so by shape it reads as a
+    column, and being narrower than the attention output as a GQA key/value one that blocks its
+    row; the up-projection, widening a width that is not the residual, has no role at all. The
+    heads are in the up-projection's output: it is the column of the block's pair, and the down-
+    projection (small, its output needed whole by the up-projection) stays out of the pair. An
+    unoriented widening kernel reads the latent of the narrowing column whose output holds its
+    input (``kv_b`` reads 32 of ``kv_a``'s 40 features): the same width first, else the closest name.
+
+    >>> from tpflax._src.facts.tree import Leaf
+    >>> def lin(name, shape, role=None):
+    ...     path = f"l/attn/{name}/kernel"
+    ...     return Linear(Facts(Leaf(path, shape, "float32", 4), "dense", 0, path[:-7], "l/attn"),
+    ...                   (0,), (1,), role=role)
+    >>> qa, qb, kva, kvb = lin("q_a", (128, 64), "column"), lin("q_b", (64, 192)), \\
+    ...     lin("kv_a", (128, 40), "column"), lin("kv_b", (32, 256))
+    >>> [(short(a.f.path), short(b.f.path)) for a, b in low_rank_factors([qa, qb, kva, kvb])]
+    [('l/attn/q_a/kernel', 'l/attn/q_b/kernel'), ('l/attn/kv_a/kernel', 'l/attn/kv_b/kernel')]
+    >>> qb.role, kvb.role
+    ('column', 'column')
+    """
+    downs = [a for a in lins if a.role == "column" and len(a.f.body) == 2 and a.out_size < a.in_size]
+    out = []
+    for b in lins:
+        if b.role is not None or len(b.f.body) != 2 or b.in_size >= b.out_size:
+            continue
+        fits = [a for a in downs if b.in_size <= a.out_size]
+        if not fits:
+            continue
+        a = max(fits, key=lambda a: (a.out_size == b.in_size, _affinity(a.f.unit_name, b.f.unit_name)))
+        b.role = "column"
+        b.why = (f"({b.in_size} -> {b.out_size}) up-projects the {b.in_size}-wide latent of {short(a.f.path)} "
+                 f"({a.in_size} -> {a.out_size}), a low-rank factored projection")
+        out.append((a, b))
+    return out

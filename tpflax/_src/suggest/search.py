@@ -135,7 +135,8 @@ class Context:
             else:
                 p = self._traced_facts(p)
                 used = set().union(*(used_axes(entries(d.spec, len(d.shape))) for d in p.decisions.values()))
-                lv = merge(p.decisions, self.workload.activations, self.workload.opt)
+                lv = merge(p.decisions, self.workload.activations, self.workload.opt,
+                           self.workload.saved)
                 self.plans[sig] = Shared(p, lv, frozenset(used))
         return self.plans[sig]
 
