@@ -159,6 +159,16 @@ def batch_axes(shape: MeshShape) -> tuple[str, ...]:
     return tuple(n for n, r in shape.roles if r in (DATA, FSDP, EXPERT) and sizes[n] > 1)
 
 
+def batch_label(shape: MeshShape) -> str:
+    """How messages name the axes a batch splits over: ``"data x fsdp"``, with ``" x expert"`` when the
+    mesh has an expert axis larger than 1.
+
+    >>> batch_label(mesh_shape({"expert": 4, "data": 2})), batch_label(mesh_shape({"fsdp": 8}))
+    ('data x fsdp x expert', 'data x fsdp')
+    """
+    return "data x fsdp" + (" x expert" if any(r == EXPERT and shape.sizes[n] > 1 for n, r in shape.roles) else "")
+
+
 def batch_pspec(shape: MeshShape):
     """The ``PartitionSpec`` of a batch leaf's dims: dim 0 over :func:`batch_axes` (empty if none).
 

@@ -1,4 +1,4 @@
-"""A step's inputs: the batch dim split over the data and fsdp axes of the mesh.
+"""A step's inputs: the batch dim split over the data, fsdp and expert axes of the mesh.
 
 The layout rule itself (which axes) is :func:`tpflax._src.mesh.batch_axes`,
 shared with the cost model and the dry run; this module checks divisibility

@@ -13,7 +13,7 @@ from tpflax._src.cost.batch import config_value
 from tpflax._src.cost.scope import body
 from tpflax._src.errors import NoFitError
 from tpflax._src.hardware import Hardware
-from tpflax._src.mesh import TENSOR, MeshShape
+from tpflax._src.mesh import TENSOR, MeshShape, batch_label
 from tpflax._src.specs import fmt_bytes
 from tpflax._src.suggest.records import Candidate, Degree, Suggestion, fmt_time
 
@@ -197,7 +197,7 @@ def no_fit(s: Suggestion, batch_size: int, mem_limit: int, shrink: Any = None, m
                      "per device; the rest is activations")
     if shrink is not None:
         helps.append(f"a smaller global batch: {shrink.batch} instead of {batch_size} fits on {shrink.mesh} "
-                     f"({fmt_bytes(shrink.needs)} per device; the batch must be a multiple of its data x fsdp = "
+                     f"({fmt_bytes(shrink.needs)} per device; the batch must be a multiple of its {batch_label(shrink.mesh)} = "
                      f"{shrink.shards}); checked with the same estimate")
     elif m.activations:
         helps.append("a smaller global batch alone will not do: none below "

@@ -38,7 +38,16 @@ from tpflax._src.cost.leaves import merge
 from tpflax._src.cost.workload import Workload, prepare
 from tpflax._src.errors import SuggestError, TpflaxError
 from tpflax._src.hardware import Hardware, get_hardware
-from tpflax._src.mesh import DATA, EXPERT, FSDP, TENSOR, MeshShape, batch_axes, mesh_shape
+from tpflax._src.mesh import (
+    DATA,
+    EXPERT,
+    FSDP,
+    TENSOR,
+    MeshShape,
+    batch_axes,
+    batch_label,
+    mesh_shape,
+)
 from tpflax._src.specs import entries, used_axes
 from tpflax._src.suggest.rank import (
     biggest,
@@ -258,8 +267,7 @@ def _candidate(ctx: Context, ms: MeshShape, mem_limit: int) -> Candidate:
     shards = math.prod(ms.sizes[n] for n in batch_axes(ms))
     size = ctx.workload.batch.size
     if size % shards:
-        over = "data x fsdp x expert" if any(r == EXPERT and ms.sizes[n] > 1 for n, r in ms.roles) else "data x fsdp"
-        return replace(base, rejected=f"global batch {size} does not split over {over} = {shards}; "
+        return replace(base, rejected=f"global batch {size} does not split over {batch_label(ms)} = {shards}; "
                                       f"use a batch that is a multiple of {shards}")
     shared = ctx.shared(ms)
     if shared.error:
