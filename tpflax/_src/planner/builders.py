@@ -296,7 +296,11 @@ def _megatron(st: State, cols: list[Linear], row: Linear, pair: Pair, unit: str,
                                 "column: sum partial input gradients (backward)"))
     name = ("Megatron, K/V head_dim split" if kv_split else
             "Megatron, K/V replicated" if any(blocked.values()) else "Megatron split")
-    return Option(name, tuple(props), tuple(acts), frozenset(p for p, _ in props))
+    # a bottleneck pair (a LoRA adapter's (in, r) -> (r, out), an adapter's down -> up) divides a
+    # width narrower than the activations its all-reduces move: step time decides against keeping
+    # it whole, as for any split that moves the whole output (choose.best)
+    narrow = size < min([row.out_size, *(c.in_size for c in cols)])
+    return Option(name, tuple(props), tuple(acts), frozenset(p for p, _ in props), sums_output=narrow)
 
 
 def column_blocked(col: Linear, kind: str, row: Linear, t_entry: Entry, t_size: int) -> str:
