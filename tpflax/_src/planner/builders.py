@@ -238,10 +238,15 @@ def shard_pair(st: State, kind: str, cols: list[Linear], row: Linear) -> None:
             st.replicate(lin.f, f"{lin.role} of pair {pair.id} ({lin.why}) but {note}: tensor split skipped",
                          pair.id, lin.role)
         return
-    split = _megatron(st, cols, row, pair, unit, size, blocked, kv_split=False)
-    options = [split]
+    options = [_megatron(st, cols, row, pair, unit, size, blocked, kv_split=False)]
     if any(blocked.values()):
         options.append(_megatron(st, cols, row, pair, unit, size, blocked, kv_split=True))
+    if kind != "attention" and row.in_size < min([row.out_size, *(c.in_size for c in cols)]):
+        # a bottleneck (a LoRA adapter's (in, r) -> (r, out), an adapter's down -> up) divides only its
+        # narrow inner width, narrower than the activations its all-reduces move: step time decides
+        # against keeping it whole, as for any split that moves the whole output (choose.best). An
+        # attention pair also divides its heads' scores, whatever its width
+        options = [o and replace(o, sums_output=True) for o in options]
     options.append(Option("replicate", tuple(
         (lin.f.path, st.whole(lin.f, f"{lin.role} of pair {pair.id} ({lin.why}): kept whole on every tensor "
                                      "rank", pair.id, lin.role)) for lin in lins),
@@ -296,11 +301,7 @@ def _megatron(st: State, cols: list[Linear], row: Linear, pair: Pair, unit: str,
                                 "column: sum partial input gradients (backward)"))
     name = ("Megatron, K/V head_dim split" if kv_split else
             "Megatron, K/V replicated" if any(blocked.values()) else "Megatron split")
-    # a bottleneck pair (a LoRA adapter's (in, r) -> (r, out), an adapter's down -> up) divides a
-    # width narrower than the activations its all-reduces move: step time decides against keeping
-    # it whole, as for any split that moves the whole output (choose.best)
-    narrow = size < min([row.out_size, *(c.in_size for c in cols)])
-    return Option(name, tuple(props), tuple(acts), frozenset(p for p, _ in props), sums_output=narrow)
+    return Option(name, tuple(props), tuple(acts), frozenset(p for p, _ in props))
 
 
 def column_blocked(col: Linear, kind: str, row: Linear, t_entry: Entry, t_size: int) -> str:
