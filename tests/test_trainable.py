@@ -28,25 +28,36 @@ def _lora_lm():
         return nnx.LoRALinear(i, o, lora_rank=R, use_bias=False, rngs=rngs,
                               b_initializer=nnx.initializers.normal(0.1))
 
+    class Attn(nnx.Module):
+        def __init__(self, rngs):
+            self.q, self.o = lin(D, D, rngs), lin(D, D, rngs)
+            self.k, self.v = lin(D, KV * HD, rngs), lin(D, KV * HD, rngs)
+
+        def __call__(self, h):
+            b, s, _ = h.shape
+            q = self.q(h).reshape(b, s, H, HD)
+            k, v = (jnp.repeat(f(h).reshape(b, s, KV, HD), H // KV, axis=2) for f in (self.k, self.v))
+            p = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / HD ** 0.5, -1)
+            return self.o(jnp.einsum("bhqk,bkhd->bqhd", p, v).reshape(b, s, D))
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.gate, self.up, self.down = lin(D, F, rngs), lin(D, F, rngs), lin(F, D, rngs)
+
+        def __call__(self, h):
+            return self.down(nnx.silu(self.gate(h)) * self.up(h))
+
     class LM(nnx.Module):
         def __init__(self, rngs):
             self.embed = nnx.Embed(V, D, rngs=rngs)
             self.n1, self.n2, self.norm = (nnx.RMSNorm(D, rngs=rngs) for _ in range(3))
-            self.q, self.o = lin(D, D, rngs), lin(D, D, rngs)
-            self.k, self.v = lin(D, KV * HD, rngs), lin(D, KV * HD, rngs)
-            self.gate, self.up, self.down = lin(D, F, rngs), lin(D, F, rngs), lin(F, D, rngs)
+            self.attn, self.mlp = Attn(rngs), MLP(rngs)
             self.head = nnx.Linear(D, V, use_bias=False, rngs=rngs)
 
         def __call__(self, ids):
             x = self.embed(ids)
-            b, s, _ = x.shape
-            h = self.n1(x)
-            q = self.q(h).reshape(b, s, H, HD)
-            k, v = (jnp.repeat(f(h).reshape(b, s, KV, HD), H // KV, axis=2) for f in (self.k, self.v))
-            p = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / HD ** 0.5, -1)
-            x = x + self.o(jnp.einsum("bhqk,bkhd->bqhd", p, v).reshape(b, s, D))
-            h = self.n2(x)
-            x = x + self.down(nnx.silu(self.gate(h)) * self.up(h))
+            x = x + self.attn(self.n1(x))
+            x = x + self.mlp(self.n2(x))
             return self.head(self.norm(x))
 
     return LM(nnx.Rngs(0))
@@ -66,7 +77,8 @@ def lora():
 
 
 DP_TP = {"data": 2, "model": 4}
-LORA = {f"{layer}/lora/lora_{ab}" for layer in ("q", "k", "v", "o", "gate", "up", "down") for ab in "ab"}
+LORA = {f"{layer}/lora/lora_{ab}" for layer in ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/gate", "mlp/up",
+                                                  "mlp/down") for ab in "ab"}
 
 
 def test_the_filter_marks_only_the_adapters_trainable(lora):
@@ -181,7 +193,7 @@ def test_keeping_the_rank_whole_moves_fewer_bytes_when_compiled(lora):
     m, chosen = lora
     split = tpflax.plan(nnx.state(m), DP_TP, trainable=nnx.LoRAParam,
                         rules=[(r"(q|o)/lora/lora_a$", "column"), (r"(q|o)/lora/lora_b$", "row")])
-    assert {p for p, a in _rank_dims(split).items() if a} == {f"{x}/lora/lora_{ab}" for x in "qo" for ab in "ab"}
+    assert {p for p, a in _rank_dims(split).items() if a} == {f"attn/{x}/lora/lora_{ab}" for x in "qo" for ab in "ab"}
     mesh = tpflax.make_mesh(chosen.mesh)
     comm = {}
     for name, p in (("chosen", chosen), ("split", split)):
