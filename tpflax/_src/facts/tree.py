@@ -39,6 +39,7 @@ class Leaf:
         logical: True when ``names`` are logical (``LogicallyPartitioned``) rather
             than mesh axis names (``Partitioned``, NNX ``out_sharding``).
         numeric: "float", "int", "bool", "key" (PRNG key) or "complex".
+        frozen: left out of training by the plan's ``trainable=`` filter (a LoRA base kernel).
     """
 
     path: str
@@ -49,6 +50,12 @@ class Leaf:
     names: tuple[Any, ...] | None = None
     logical: bool = False
     numeric: str = "float"
+    frozen: bool = False
+
+    @property
+    def trainable(self) -> bool:
+        """The optimizer updates it: a float parameter (not model state, not integer) not frozen."""
+        return self.collection in ("", "params") and self.numeric in ("float", "complex") and not self.frozen
 
     @property
     def size(self) -> int:

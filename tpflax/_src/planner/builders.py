@@ -238,10 +238,17 @@ def shard_pair(st: State, kind: str, cols: list[Linear], row: Linear) -> None:
             st.replicate(lin.f, f"{lin.role} of pair {pair.id} ({lin.why}) but {note}: tensor split skipped",
                          pair.id, lin.role)
         return
-    split = _megatron(st, cols, row, pair, unit, size, blocked, kv_split=False)
-    options = [split]
+    options = [_megatron(st, cols, row, pair, unit, size, blocked, kv_split=False)]
     if any(blocked.values()):
         options.append(_megatron(st, cols, row, pair, unit, size, blocked, kv_split=True))
+    # an attention pair divides its heads' scores too, whatever its width: it reads queries and keys
+    # (two columns, or one fused) or sums heads (a 3-D row)
+    scores = kind == "attention" and (len(cols) > 1 or cols[0].pieces > 1 or row.heads is not None)
+    if not scores and row.in_size < min([row.out_size, *(c.in_size for c in cols)]):
+        # a bottleneck (a LoRA adapter's (in, r) -> (r, out), an adapter's down -> up) divides only its
+        # narrow inner width, narrower than the activations its all-reduces move: step time decides
+        # against keeping it whole, as for any split that moves the whole output (choose.best)
+        options = [o and replace(o, sums_output=True) for o in options]
     options.append(Option("replicate", tuple(
         (lin.f.path, st.whole(lin.f, f"{lin.role} of pair {pair.id} ({lin.why}): kept whole on every tensor "
                                      "rank", pair.id, lin.role)) for lin in lins),

@@ -68,8 +68,7 @@ def layout(f: Any, p: Any, matmul: bool) -> LeafLayout:
     """A leaf's :class:`LeafLayout` under proposal ``p``."""
     shape = tuple(f.leaf.shape)
     spec = p.spec if len(p.spec) == len(shape) else entries(p.spec, len(shape))
-    return _layout(shape, f.leaf.itemsize, spec,
-                   f.leaf.collection in ("", "params") and f.leaf.numeric in ("float", "complex"), matmul, f.layers_dim)
+    return _layout(shape, f.leaf.itemsize, spec, f.leaf.trainable, matmul, f.layers_dim)
 
 
 @functools.lru_cache(maxsize=1 << 14)

@@ -25,6 +25,7 @@ import jax
 
 from tpflax._src.errors import OptionError, RuleError, TpflaxError
 from tpflax._src.facts.classify import HEAD, Facts, classify, layer_group, stacked_patterns
+from tpflax._src.facts.trainable import freeze
 from tpflax._src.facts.tree import walk
 from tpflax._src.mesh import EXPERT, FSDP, TENSOR, MeshShape, mesh_shape
 from tpflax._src.planner import heuristics
@@ -68,7 +69,7 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
          axis_roles: Mapping[str, str] | None = None, fsdp_min_bytes: int | None = None,
          min_channels: int = 64, tensor_min_bytes: int = 0, stacked: str | Mapping[str, int] | None = None,
          use_annotations: bool = True, model: Any = None, sample: Any = None, hardware: Any = None,
-         batch: Any = None, device_memory: Any = None) -> Plan:
+         batch: Any = None, device_memory: Any = None, trainable: Any = None) -> Plan:
     """Plan a PartitionSpec for every leaf of ``tree``.
 
     Args:
@@ -110,6 +111,12 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
         device_memory: bytes per device (or ``"16GB"``) the parameters, gradients
             and adam moments must fit; the chooser then moves groups to smaller
             candidates. Default: no constraint.
+        trainable: the parameters the run trains, the rest frozen (fine-tuning LoRA adapters or a
+            head): a regex searched in paths (``r"lora"``) or an nnx filter (``nnx.LoRAParam``, as
+            ``nnx.Optimizer(..., wrt=)`` takes it). Frozen leaves are priced, estimated and stepped
+            without gradients, optimizer state or gradient collectives (``Decision.trainable``
+            False); :func:`tpflax.make_train_step` differentiates only the trainable ones.
+            Default: every float parameter.
 
     Returns:
         A :class:`Plan`.
@@ -129,7 +136,7 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
     parsed = parse_rules(rules, ms)
     _check_stacked_and_logical(stacked, logical_rules)
     leaves, treedef = walk(tree)
-    facts = classify(leaves, stacked)
+    facts = classify(freeze(leaves, tree, trainable), stacked)
     opts = Options(fsdp_min_bytes=None if fsdp_min_bytes is None else int(fsdp_min_bytes),
                    min_channels=int(min_channels), tensor_min_bytes=int(tensor_min_bytes),
                    tied_guess=not any(f.kind == "dense" and HEAD.match(f.layer_name) for f in facts),
@@ -145,6 +152,7 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
     options = {"fsdp_min_bytes": opts.fsdp_min_bytes, "min_channels": opts.min_channels,
                "hardware": opts.hardware.name, "tokens": opts.tokens, "device_memory": opts.device_memory,
                "tensor_min_bytes": opts.tensor_min_bytes, "stacked": stacked,
+               "trainable": trainable if trainable is None or isinstance(trainable, str) else repr(trainable),
                "rules": [[r.pattern.pattern, r.strategy or spec_to_json(r.spec or ())] for r in parsed]}
     specs = [decisions[f.path].spec for f in facts]
     return Plan(mesh=ms, specs=jax.tree_util.tree_unflatten(treedef, specs), decisions=decisions,
@@ -320,7 +328,7 @@ def _decision(f: Facts, p: Proposal, source: str, ms: MeshShape) -> Decision:
         bytes=f.leaf.nbytes, bytes_per_device=bytes_per_device(f.leaf.shape, f.leaf.itemsize, spec, ms),
         kind=p.kind or f.kind, source=source, pair=p.pair, role=p.role, layers_dim=p.layers_dim,
         unit=f.unit, group=layer_group(f.path), fsdp=p.fsdp, alternatives=p.alternatives,
-        trainable=f.leaf.collection in ("", "params") and f.leaf.numeric in ("float", "complex"))
+        trainable=f.leaf.trainable)
 
 
 def _replication_warnings(decisions: Mapping[str, Decision], mesh: MeshShape) -> list[str]:

@@ -320,7 +320,9 @@ def optimizer_params(plan: Plan, params: Any = None) -> Any:
         return split_params(plan, planned_tree(plan))[0]
     if is_nnx_state(params):
         return _nnx_params(params, _plan_trains(plan))[0]
-    return trainable(params)[0]
+    full = isinstance(params, Mapping) and "params" in params
+    prefix = "params/" if not full and any(path.startswith("params/") for path in plan.decisions) else ""
+    return trainable(params, _plan_keeps(plan, prefix))[0]
 
 
 def split_params(plan: Plan, tree: Any) -> tuple[Any, Callable[[Any, Any], Any]]:
@@ -350,9 +352,19 @@ def split_params(plan: Plan, tree: Any) -> tuple[Any, Callable[[Any, Any], Any]]
         return unboxed(params), merge
     collections = any(path.startswith("params/") for path in plan.decisions)
     if collections and isinstance(tree, Mapping) and "params" in tree:
-        params, restore = trainable(tree["params"])
+        params, restore = trainable(tree["params"], _plan_keeps(plan, "params/"))
         return params, lambda t, p: {**t, "params": restore(t["params"], p)}
-    return trainable(tree)
+    return trainable(tree, _plan_keeps(plan, ""))
+
+
+def _plan_keeps(plan: Plan, prefix: str) -> Callable[[str], bool]:
+    """``keeps(path)``: False for a leaf the plan freezes (``plan(..., trainable=)``); paths of a
+    tree inside the planned one (its ``params`` collection) are under ``prefix``."""
+    def keeps(path: str) -> bool:
+        d = plan.decisions.get(prefix + path)
+        return d is None or d.trainable or d.kind in ("int", "state")
+
+    return keeps
 
 
 def _plan_trains(plan: Plan) -> Callable[[str, Any], bool]:
@@ -395,14 +407,15 @@ def _inexact(leaf: Any) -> bool:
         return False
 
 
-def trainable(tree: Any) -> tuple[Any, Any]:
+def trainable(tree: Any, keeps: Callable[[str], bool] | None = None) -> tuple[Any, Any]:
     """``(tree with its integer, bool and key leaves set to None, restore(full, new))``.
 
     The optimizer sees the float leaves only: jax cannot differentiate the others
     (step counters, int8 codes, RNG keys), so a train step carries them through
     unchanged. A tree with only float leaves is returned as it is. Of an
     ``nnx.State``: its float ``nnx.Param`` s, the rest left out (no None inside
-    a Variable; see :func:`split_params`).
+    a Variable; see :func:`split_params`). ``keeps(path)`` False sets a leaf (or a
+    flax box) to None too: one a plan freezes.
 
     >>> import jax.numpy as jnp
     >>> masked, restore = trainable({"w": jnp.ones(2), "n": jnp.zeros((), jnp.int32)})
@@ -410,9 +423,12 @@ def trainable(tree: Any) -> tuple[Any, Any]:
     (True, 7)
     """
     if is_nnx_state(tree):
-        return _nnx_params(tree, _nnx_trains)
+        return _nnx_params(tree, _nnx_trains if keeps is None else lambda p, x: keeps(p) and _nnx_trains(p, x))
+    frozen = keeps is not None and not all(keeps(x.path) for x in walk(tree)[0])
+    if frozen:
+        tree = jax.tree_util.tree_map_with_path(lambda p, x: x if keeps(keystr(p)) else None, tree, is_leaf=is_box)
     leaves = jax.tree_util.tree_leaves(tree)
-    if all(_inexact(x) for x in leaves):
+    if not frozen and all(_inexact(x) for x in leaves):
         return tree, lambda full, new: new
     masked = jax.tree_util.tree_map(lambda x: x if _inexact(x) else None, tree)
 

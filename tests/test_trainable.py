@@ -1,0 +1,205 @@
+"""Fine-tuning a subset: ``plan(..., trainable=)`` freezes the rest (LoRA's base kernels).
+
+A frozen parameter has no gradient, no optimizer state and no gradient collective. Before
+``trainable=`` every float parameter was priced and stepped as trained: for a LoRA model the
+estimate counted the base kernels' gradients and adam moments (2.7x the compiled arguments of a
+LoRA step) and ``make_train_step`` differentiated the base kernels.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import tpflax
+
+D, H, KV, F, V, R = 64, 4, 2, 128, 128, 4
+HD = D // H
+IDS = jax.ShapeDtypeStruct((8, 16), jnp.int32)
+
+
+def _lora_lm():
+    """A one-block Llama-style decoder whose projections are nnx.LoRALinear (GQA: 2 K/V heads)."""
+    from flax import nnx
+
+    def lin(i, o, rngs):
+        # B is zero at init; a random B gives the step's A a gradient to compare
+        return nnx.LoRALinear(i, o, lora_rank=R, use_bias=False, rngs=rngs,
+                              b_initializer=nnx.initializers.normal(0.1))
+
+    class Attn(nnx.Module):
+        def __init__(self, rngs):
+            self.q, self.o = lin(D, D, rngs), lin(D, D, rngs)
+            self.k, self.v = lin(D, KV * HD, rngs), lin(D, KV * HD, rngs)
+
+        def __call__(self, h):
+            b, s, _ = h.shape
+            q = self.q(h).reshape(b, s, H, HD)
+            k, v = (jnp.repeat(f(h).reshape(b, s, KV, HD), H // KV, axis=2) for f in (self.k, self.v))
+            p = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / HD ** 0.5, -1)
+            return self.o(jnp.einsum("bhqk,bkhd->bqhd", p, v).reshape(b, s, D))
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.gate, self.up, self.down = lin(D, F, rngs), lin(D, F, rngs), lin(F, D, rngs)
+
+        def __call__(self, h):
+            return self.down(nnx.silu(self.gate(h)) * self.up(h))
+
+    class LM(nnx.Module):
+        def __init__(self, rngs):
+            self.embed = nnx.Embed(V, D, rngs=rngs)
+            self.n1, self.n2, self.norm = (nnx.RMSNorm(D, rngs=rngs) for _ in range(3))
+            self.attn, self.mlp = Attn(rngs), MLP(rngs)
+            self.head = nnx.Linear(D, V, use_bias=False, rngs=rngs)
+
+        def __call__(self, ids):
+            x = self.embed(ids)
+            x = x + self.attn(self.n1(x))
+            x = x + self.mlp(self.n2(x))
+            return self.head(self.norm(x))
+
+    return LM(nnx.Rngs(0))
+
+
+def _next_token(logits, ids):
+    return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
+
+
+@pytest.fixture(scope="module")
+def lora():
+    from flax import nnx
+
+    m = _lora_lm()
+    plan = tpflax.plan(nnx.state(m), DP_TP, trainable=nnx.LoRAParam)
+    return m, plan
+
+
+DP_TP = {"data": 2, "model": 4}
+LORA = {f"{layer}/lora/lora_{ab}" for layer in ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/gate", "mlp/up",
+                                                  "mlp/down") for ab in "ab"}
+
+
+def test_the_filter_marks_only_the_adapters_trainable(lora):
+    from flax import nnx
+
+    m, plan = lora
+    assert {p for p, d in plan.decisions.items() if d.trainable} == LORA
+    # a regex on the paths says the same
+    again = tpflax.plan(nnx.state(m), DP_TP, trainable=r"lora_[ab]$")
+    assert {p: d.trainable for p, d in again.decisions.items()} == {p: d.trainable for p, d in plan.decisions.items()}
+    with pytest.raises(tpflax.OptionError, match="selects none"):
+        tpflax.plan(nnx.state(m), {"model": 4}, trainable="no-such-path")
+    with pytest.raises(tpflax.RuleError, match="not a regex"):
+        tpflax.plan(nnx.state(m), {"model": 4}, trainable="(")
+
+
+def test_estimate_prices_no_gradient_or_moments_for_frozen_leaves_and_xla_agrees(lora):
+    m, plan = lora
+    tx = optax.adam(1e-2)
+    mesh = tpflax.make_mesh(plan.mesh)
+    e = tpflax.estimate(plan, tx, model=m, sample=(IDS,))
+    trained = sum(d.bytes_per_device for d in plan.decisions.values() if d.trainable)
+    frozen = sum(d.bytes_per_device for d in plan.decisions.values() if not d.trainable)
+    assert (e.per_device.params, e.per_device.grads, e.per_device.model_state) == (trained, trained, frozen)
+    assert e.per_device.opt_state == 2 * trained + 4  # adam's mu and nu, and its int32 count
+    dr = tpflax.dry_run(tpflax.make_train_step(m, plan, mesh, tx, sample=(IDS,)), plan, mesh)
+    # the step's arguments are every leaf, the adapters' optimizer state and the ids: exact
+    assert dr.memory["argument"] == e.per_device.arguments
+
+
+def test_the_step_updates_the_adapters_as_nnx_optimizer_wrt_does_and_keeps_the_base(lora):
+    from flax import nnx
+
+    m, plan = lora
+    tx = optax.sgd(0.5)
+    mesh = tpflax.make_mesh(plan.mesh)
+    ids = jax.random.randint(jax.random.key(1), IDS.shape, 0, V)
+    ts = tpflax.make_train_step(m, plan, mesh, tx, sample=(ids,))
+    step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings)
+    state = nnx.state(m)
+    opt = tpflax.shard_optimizer_state(tx, None, plan, mesh)
+    new, _, value = step(tpflax.shard(state, plan, mesh), opt, (ids,))
+    ref = nnx.clone(m)  # the same initial values (the step did not touch the module)
+    ref_opt = nnx.Optimizer(ref, tx, wrt=nnx.LoRAParam)
+
+    @nnx.jit
+    def ref_step(mod, opt):
+        loss, grads = nnx.value_and_grad(lambda mod: _next_token(mod(ids), ids),
+                                         argnums=nnx.DiffState(0, nnx.LoRAParam))(mod)
+        opt.update(mod, grads)
+        return loss
+
+    ref_loss = ref_step(ref, ref_opt)
+    np.testing.assert_allclose(float(value), float(ref_loss), rtol=1e-5)
+    flat_new, flat_ref, flat_old = (dict(nnx.to_flat_state(s)) for s in (new, nnx.state(ref), state))
+    for path, v in flat_new.items():
+        if isinstance(v, nnx.LoRAParam):
+            assert not np.array_equal(v[...], flat_old[path][...]), path  # it trained
+            # the same float32 program split over 8 devices: reordered sums, a few ulps
+            np.testing.assert_allclose(np.asarray(v[...]), np.asarray(flat_ref[path][...]), rtol=1e-5, atol=1e-6)
+        else:  # frozen: carried through bit for bit
+            np.testing.assert_array_equal(np.asarray(v[...]), np.asarray(flat_old[path][...]))
+
+
+def test_a_plain_tree_freezes_by_regex_in_the_step():
+    # a function over a dict (a Hugging Face apply): the frozen leaf is no parameter of the optimizer
+    # and leaves the step unchanged
+    tree = {"w": jnp.ones((D, D)), "lora_a": jnp.full((D, R), 0.1), "lora_b": jnp.full((R, D), 0.1)}
+
+    def fn(v, x):
+        return x @ v["w"] + x @ v["lora_a"] @ v["lora_b"]
+
+    x = jax.random.normal(jax.random.key(2), (8, D))
+    plan = tpflax.plan(tree, DP_TP, trainable="lora")
+    mesh = tpflax.make_mesh(plan.mesh)
+    tx = optax.adam(1e-2)
+    ts = tpflax.make_train_step(fn, plan, mesh, tx, sample=(x,), loss=lambda out, x: jnp.mean((out - 1.0) ** 2))
+    opt = tpflax.shard_optimizer_state(tx, None, plan, mesh)
+    assert opt[0].mu["w"] is None and opt[0].mu["lora_a"].shape == (D, R)
+    new, _, _ = jax.jit(ts.fn)(tpflax.shard(tree, plan, mesh), opt, (x,))
+    np.testing.assert_array_equal(np.asarray(new["w"]), np.asarray(tree["w"]))
+    assert not np.array_equal(np.asarray(new["lora_b"]), np.asarray(tree["lora_b"]))
+
+
+# ---------------------------------------------------------------------------
+# a bottleneck pair (LoRA's A -> B) is never split over its rank
+
+
+def _rank_dims(plan):
+    """The mesh axes on the rank dim of every LoRA factor (A's dim 1, B's dim 0)."""
+    return {p: d.spec[1 if p.endswith("lora_a") else 0] for p, d in plan.decisions.items() if p in LORA}
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["tree", "traced"])
+def test_a_lora_factor_pair_is_not_split_over_its_rank(lora, traced):
+    # A (in, r) -> B (r, out) looks like a column -> row pair; split over r it all-reduces the whole
+    # (tokens, out) output forward and the (tokens, in) input gradient backward to save r-wide matmuls.
+    # The chooser priced that slower than keeping the pair whole, then ruled the whole option out as
+    # "repeating the matmuls the tensor axis exists to divide": true of a pair that widens, not of one
+    # whose collectives are wider than the dim it divides
+    from flax import nnx
+
+    m, plan = lora
+    if traced:
+        plan = tpflax.plan(nnx.state(m), DP_TP, trainable=nnx.LoRAParam, model=m, sample=(IDS,))
+    assert set(_rank_dims(plan).values()) == {None}, _rank_dims(plan)
+
+
+def test_keeping_the_rank_whole_moves_fewer_bytes_when_compiled(lora):
+    from flax import nnx
+
+    m, chosen = lora
+    split = tpflax.plan(nnx.state(m), DP_TP, trainable=nnx.LoRAParam,
+                        rules=[(r"(q|o)/lora/lora_a$", "column"), (r"(q|o)/lora/lora_b$", "row")])
+    assert {p for p, a in _rank_dims(split).items() if a} == {f"attn/{x}/lora/lora_{ab}" for x in "qo" for ab in "ab"}
+    mesh = tpflax.make_mesh(chosen.mesh)
+    comm = {}
+    for name, p in (("chosen", chosen), ("split", split)):
+        dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, optax.sgd(0.1), sample=(IDS,)), p, mesh)
+        comm[name] = sum(by_axis.get("model", 0.0) for by_axis in dr.comm().values())
+    # split over the rank, q's and o's adapters each move (64 tokens per device, 64) float32 activations
+    # (16 KiB; a ring all-reduce over model=4 sends 2*(4-1)/4 of it, 24 KiB) forward and backward:
+    # at least 4 x 24 KiB more over model (measured 116 KiB more, XLA gathering some of them)
+    assert comm["split"] - comm["chosen"] >= 4 * 24 * 1024, comm
