@@ -125,6 +125,8 @@ def _pair_act(path: str, d: Any, side: str, s: Scope) -> float:
         # the split dim is a column's output and a row's input, however the kernel is stored
         # ((out, in) Conv1D kernels too): the other dim is the activation's width
         width = b[1 - split[0]] if (side == "in") == (d.role == "column") else b[split[0]]
+    elif d.kind == "conv" and len(b) >= 3:  # (..window.., in, out) channels: the window's taps are no width
+        width = b[-2] if side == "in" else b[-1]
     elif side == "in":  # a column's input: as wide as the dims its contraction sums over, as traced (a kernel
         # stacked (2, d, f) and used as w[0], w[1] reads d), else its first dim
         width = (s.widths or {}).get(path) or b[0]
@@ -144,7 +146,8 @@ def _layer_items(s: Scope, notes: list[str]) -> list[CommItem]:
     items: list[CommItem] = []
     for path, d in lv.decisions.items():
         axes = s.axes(path, TENSOR)
-        if path in lv.in_pair or not d.trainable or not axes or d.kind == "bias":
+        # a frozen parameter (plan(trainable=)) computes as a trained one does: its activation collectives stay
+        if path in lv.in_pair or d.kind in ("int", "state") or not axes or d.kind == "bias":
             continue
         if d.kind == "embedding" or (d.strategy == "vocab" and len(body(d)) == 2):  # a table the trace found
             new = _embedding_items(path, d, axes, s, notes=notes)

@@ -16,15 +16,18 @@ from tpflax._src.specs import used_axes
 
 
 def gradient_items(s: Scope) -> list[CommItem]:
-    """fsdp all-gathers and gradient reductions of every trainable leaf."""
+    """fsdp all-gathers of every parameter, and gradient reductions of every trainable one."""
     # A scanned recurrence's weights get a partial gradient at every time step; XLA
     # reduces it inside the backward loop, once per step of the sequence.
     x_shape = s.batch.leaves[0][1]
     steps = int(config_value(s.config, "seq_len", 0) or (x_shape[1] if len(x_shape) >= 2 else 1))
     items: list[CommItem] = []
     for path, d in s.lv.decisions.items():
-        if not d.trainable:
+        if d.kind in ("int", "state"):
             continue
+        # a frozen parameter (plan(trainable=): a LoRA base kernel) has no gradient, but an fsdp split is
+        # still gathered for the forward and backward compute
+        frozen = not d.trainable
         reps, k, label = steps if d.unit in s.lv.recurrent else 1, s.lv.count[path], s.lv.label[path]
         # measured: XLA reduces the partial gradient of each whole use apart (a tied table's lookup
         # and logits, a layer called twice), then adds them
@@ -34,6 +37,8 @@ def gradient_items(s: Scope) -> list[CommItem]:
         for kind, axes, size, n, count, why in _gradient_templates(
                 s.lv.specs[path], s.mesh, _reduce_axes(path, s), s.leaf_bytes(path, d), leaf_itemsize(d), s.g_item,
                 s.backend, reps, gather_item(d, s.backend), len(body(d))):
+            if kind != "all-gather" and frozen:
+                continue
             if kind != "all-gather" and path in s.buffered:
                 # an expert kernel reading a batch-free buffer gets the same gradient on every device of the
                 # batch axes: XLA sums the buffers instead (cost.experts.buffer_items) and slices an fsdp shard

@@ -82,6 +82,7 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Datafl
     _link(c)
     for rid in sorted(c.cand):
         _pair_row(c, rid)
+        _join_readers(c, rid)
         _join_branches(c, rid)
     _outputs(c)
     _channelwise(c)
@@ -161,7 +162,8 @@ def _sources_by_dim(c: _Flow, rid: int) -> dict[int, dict[int, Edge]]:
             continue
         if (S.id, e.src_dim) in c.flow.escapes or (S.id, e.src_dim) in c.flow.outputs:
             continue
-        if {x.dst_use for x in c.out_edges[(S.id, e.src_dim)]} != {rid} and not _branched(c, S.id, e.src_dim):
+        if {x.dst_use for x in c.out_edges[(S.id, e.src_dim)]} != {rid} and not _branched(c, S.id, e.src_dim) \
+                and not _narrow_readers(c, S.id, e.src_dim, rid):
             continue  # its output also feeds another contraction: not a clean pair
         prev = by_rdim[e.dst_dim].get(S.id)
         if prev is None or e.src_dim < prev.src_dim:
@@ -171,6 +173,52 @@ def _sources_by_dim(c: _Flow, rid: int) -> dict[int, dict[int, Edge]]:
             if c.flow.channelwise[c.cand[sid].path][0] in srcs:
                 del srcs[sid]
     return by_rdim
+
+
+def _kept_size(c: _Flow, uid: int) -> int:
+    """Elements of a contraction's kernel that survive into its output (its output features)."""
+    u, f = c.cand[uid], c.fx[c.cand[uid].path]
+    return math.prod(f.leaf.shape[k] for k in u.kept)
+
+
+def _narrow_readers(c: _Flow, sid: int, dim: int, rid: int) -> bool:
+    """The row ``rid`` reads the dim beside contractions of its own layer at most a quarter as wide as it:
+    a LoRA adapter's A ``(in, r)`` next to its base kernel. Split on the same dim they join the row's pair
+    (:func:`_join_readers`), each summing its narrow output; kept whole they would need the column's
+    output gathered."""
+    edges = c.out_edges[(sid, dim)]
+    vias = {x.via for x in edges if x.dst_use == rid}
+    unit = c.fx[c.cand[rid].path].unit
+
+    def adapter(uid: int) -> bool:  # held by the row's own module (nnx.LoRALinear's ``o/lora/lora_a``)
+        u = c.fx[c.cand[uid].path].unit
+        return u == unit or u.startswith(unit + "/")
+
+    # the same activation, read through the same ops as the row reads it, by a narrow kernel of the row's
+    # own layer (a residual stream read again by a narrow output head is no adapter)
+    return bool(vias) and all(x.dst_use == rid or (x.via in vias and adapter(x.dst_use) and
+                                                   4 * _kept_size(c, x.dst_use) <= _kept_size(c, rid))
+                              for x in edges)
+
+
+def _join_readers(c: _Flow, rid: int) -> None:
+    """The narrow contractions reading a paired column's output beside the row ``rid`` join its pair."""
+    R = c.cand[rid]
+    dr = c.st.out.get(R.path)
+    if dr is None or dr.role != "row":
+        return
+    for e in c.in_edges[rid]:
+        S = c.cand[e.src_use]
+        ds = c.st.out.get(S.path)
+        if ds is None or ds.pair != dr.pair or not _narrow_readers(c, S.id, e.src_dim, rid):
+            continue
+        for x in c.out_edges[(S.id, e.src_dim)]:
+            X = c.cand[x.dst_use]
+            if X.path not in c.st.out and X.path != R.path:
+                fX = c.fx[X.path]
+                join_row(c.st, fX, fX.body_dim(x.dst_dim), c.fx[S.path],
+                         f"traced: it reads {short(S.path)}'s split output beside {short(R.path)} {_via(x.via)}, "
+                         "and its own output is narrow (an adapter's down-projection)")
 
 
 def _branched(c: _Flow, sid: int, dim: int) -> bool:
