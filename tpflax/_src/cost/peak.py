@@ -403,6 +403,46 @@ def _lanes(n: int) -> int:
     return -(-n // 128) * 128
 
 
+def held_item(act_item: int, backend: str) -> int:
+    """Bytes per element of the activations the step holds: XLA:CPU computes 16-bit activations in
+    float32 (its float-normalization pass upcasts the elementwise ops and matmuls it has no 16-bit
+    kernels for), so a bfloat16 step holds float32 buffers. Measured on the zoo's tiny configs
+    (``benchmarks/results/cpu_peak.md``): a ``dtype=bfloat16`` step's compiled XLA:CPU peak is its
+    float32 twin's within 4% (mlp, llama, every mesh), the live values at its peak ``f32``.
+
+    >>> held_item(2, "cpu"), held_item(2, "tpu"), held_item(4, "cpu")
+    (4, 2, 4)
+    """
+    return max(act_item, 4) if backend == "cpu" else act_item
+
+
+def norm_broadcasts(lv: Leaves, w: Workload, shards: int) -> int:
+    """XLA:CPU: the buffers each traced norm layer keeps beside its output, on a device.
+
+    XLA:TPU fuses a broadcast into the ops that read it; XLA:CPU materialises it, so the backward pass
+    of ``x * rsqrt(var) * scale`` reads its scale and its per-row inverse deviation broadcast to the
+    input's shape: two buffers of the norm's input per call, float32 (:func:`held_item`), live from its
+    forward to its backward pass. Read off the XLA:CPU buffer assignments of the zoo's mlp (fsdp=8) and
+    llama (model=8): each LayerNorm / RMSNorm holds ``wrapped_broadcast`` (scale) and
+    ``bitcast_broadcast_fusion`` (statistics) of its input's shape next to its output. A norm that keeps
+    running statistics (BatchNorm: model state in its layer) normalises over the batch instead: the cnn
+    (fsdp=8) keeps its centered input (``bn/sub``) and not its output, no more buffers than the count of
+    layer outputs. Zero off CPU.
+    """
+    if w.backend != "cpu":
+        return 0
+    running = {layer_key(p.rsplit("/", 1)[0]) for p, d in lv.decisions.items() if not d.trainable}  # BatchNorm's
+    units = {d.unit: lv.count[p] for p, d in lv.decisions.items()
+             if d.kind == "norm" and d.trainable and layer_key(d.unit) not in running}
+    blocks = top_level(w.activations)
+    total = 0
+    for unit, n in units.items():
+        for a in acts_for(w.activations, unit):
+            if a.inputs and not (w.remat and layer_key(unit) not in blocks):
+                total += 2 * math.prod(a.inputs[0]) * held_item(w.act_item, w.backend) * n // shards
+    return total
+
+
 def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> Peak:
     """The per-device peak of one training step (see the module docstring) for merged leaves on ``mesh``.
 
@@ -419,17 +459,18 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
     """
     one, two = gathered_bytes(lv, mesh, w.backend)
     elems, n_attn, split_heads = score_elements(lv, mesh, w, shards)
+    held = held_item(w.act_item, w.backend)
     # in flight in the activation dtype (XLA keeps the softmax's float32 in a fusion); saved in it too, unless
     # the heads are split over a tensor axis: then each layer's probabilities are saved in float32, live from
     # its forward to its backward pass (Llama-2-7B and MoE fsdp=2,model=4 buffer dumps: f32[4,8,4096,4096]
     # per layer, next to two bf16 ones in flight in the Llama step's last attention backward)
-    working = elems * w.act_item * SCORES_WORKING.get(w.act_item, 2)
-    scores = elems * (4 if split_heads else w.act_item)
-    if w.remat and not split_heads and w.act_item == 2:
+    working = elems * held * SCORES_WORKING.get(held, 2)
+    scores = elems * (4 if split_heads else held)
+    if w.remat and not split_heads and held == 2:
         # remat'd 16-bit attention: the recomputed probabilities' buffer (counted in ``recompute``) takes
         # their gradient in place, so one more is in flight, not two (Llama-2-7B fsdp=8 bf16 remat dump:
         # two bf16[32,4096,4096] at the peak; float32 and head-split probabilities keep theirs apart)
-        working -= elems * w.act_item
+        working -= elems * held
     saved_scores = 0 if w.remat else int(SCORES_SAVED * scores * n_attn)
     recompute = 0
     # on TPU no row projection's output outlives its residual add (module ``residual``, buffer evidence there)
@@ -445,8 +486,10 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
     saved = dev.activations - counted + kept - (0 if w.remat else unread)
     if not w.activations:  # the transformer formula counts scores too (5as/ht): they are counted above
         saved -= formula_scores_bytes(w.batch, w.config, mesh, shards, w.remat, w.act_item)
-    logits, head, held = logits_bytes(lv, mesh, w, shards)
-    if w.saved and w.act_item == 4 and held:
+    saved = saved * held // w.act_item + norm_broadcasts(lv, w, shards)
+    recompute = recompute * held // w.act_item
+    logits, head, in_trace = logits_bytes(lv, mesh, w, shards)
+    if w.saved and held == 4 and in_trace:
         # a float32 head's traced output is the float32 logits buffer counted below: not twice (the f32
         # GPT-2 step holds one f32[2, 1024, 50257]; a 16-bit step holds its 16-bit logits and the f32 ones)
         saved -= min(logits, saved)
