@@ -102,8 +102,13 @@ def test_window_attention_plan_matches_megatron_when_compiled(devices):
     mesh = tpflax.make_mesh(MESH)
     ts = tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), sample=SAMPLE, loss=lambda out, x: jnp.mean(out ** 2))
     dr = tpflax.dry_run(ts, p, mesh)
-    # The plan is the hand layout, so its compiled step is; the estimate prices the qkv pieces'
-    # reshard and the pair's all-reduces: within 10% of XLA's collectives.
+    # The plan is the hand layout, so its compiled step is. 3 pieces over 4 shards are no shards of the
+    # (3, heads, head_dim) view: XLA gathers the qkv output whole before the reshape and its gradient
+    # whole after it (no halo-exchange permutes, no all-to-alls, as for jnp.split of the flat dim).
+    # The estimate's kinds are XLA's; its total is within 3% (the rest: the data-axis reductions of
+    # the small leaves, and the table's, 1.5 KiB; the reshard on main priced 8% under).
     e = tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=SAMPLE, loss=lambda out, x: jnp.mean(out ** 2),
                         backend="cpu")
-    assert abs(e.comm_total / dr.comm_total - 1) < 0.10, (e.comm, dr.comm())
+    assert set(e.comm) == set(dr.comm()) == {"all-gather", "all-reduce"}, (e.comm, dr.comm())
+    assert abs(e.comm["all-gather"]["model"] / dr.comm()["all-gather"]["model"] - 1) < 0.03, (e.comm, dr.comm())
+    assert abs(e.comm_total / dr.comm_total - 1) < 0.03, (e.comm, dr.comm())

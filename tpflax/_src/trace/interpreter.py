@@ -133,6 +133,7 @@ class Walk:
     piece_ids: dict[Any, int] = field(default_factory=dict)  # (kernel dim, piece) -> n of its key
     cuts: dict[tuple[int, int], tuple[int, ...]] = field(default_factory=dict)  # unequal pieces' sizes
     piece_no: dict[tuple[int, int], int] = field(default_factory=dict)  # piece key -> its index in the cut
+    views: set[tuple[int, int]] = field(default_factory=set)  # fused dims cut apart by a reshape (Walk.pick)
     n_eqns: int = 0
 
     # -- the run loop ----------------------------------------------------
@@ -228,6 +229,7 @@ class Walk:
         for a, b, t in v.picks:
             if a == axis and t:
                 self.fuse(t, pieces)
+                self.views.update(self.root(k) for k in t if not is_minor(k))
                 tags[b] = self.merge([tags[b], t])
                 found = True
         if not found:
