@@ -39,31 +39,45 @@ PICKS = {
 class WindowAttention(nn.Module):
     """Swin's window attention, one window per row of the batch."""
 
+    dim: int = C
+    heads: int = HEADS
     pick: str = "index"
 
     @nn.compact
-    def __call__(self, x):  # (windows, N, C)
-        hd = C // HEADS
-        qkv = nn.Dense(3 * C, name="qkv")(x).reshape(-1, N, 3, HEADS, hd).transpose(2, 0, 3, 1, 4)
+    def __call__(self, x):  # (windows, N, dim)
+        c, nh = self.dim, self.heads
+        hd = c // nh
+        qkv = nn.Dense(3 * c, name="qkv")(x).reshape(-1, N, 3, nh, hd).transpose(2, 0, 3, 1, 4)
         q, k, v = PICKS[self.pick](qkv)  # (windows, heads, N, hd)
-        table = self.param("relative_position_bias_table", nn.initializers.normal(0.02),
-                           ((2 * WIN - 1) ** 2, HEADS))
-        bias = table[jnp.asarray(rel_index(WIN))].reshape(N, N, HEADS).transpose(2, 0, 1)
+        table = self.param("relative_position_bias_table", nn.initializers.normal(0.02), ((2 * WIN - 1) ** 2, nh))
+        bias = table[jnp.asarray(rel_index(WIN))].reshape(N, N, nh).transpose(2, 0, 1)
         s = jnp.einsum("bhqd,bhkd->bhqk", q * hd ** -0.5, k) + bias[None]
-        o = jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1), v).transpose(0, 2, 1, 3).reshape(-1, N, C)
-        return nn.Dense(C, name="proj")(o)
+        o = jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1), v).transpose(0, 2, 1, 3).reshape(-1, N, c)
+        return nn.Dense(c, name="proj")(o)
 
 
 class WindowBlock(nn.Module):
     """Pre-norm residual window attention and MLP."""
 
+    dim: int = C
+    heads: int = HEADS
     pick: str = "index"
 
     @nn.compact
     def __call__(self, x):
-        x = x + WindowAttention(self.pick, name="attn")(nn.LayerNorm(name="norm1")(x))
-        h = nn.Dense(4 * C, name="fc1")(nn.LayerNorm(name="norm2")(x))
-        return x + nn.Dense(C, name="fc2")(nn.gelu(h))
+        x = x + WindowAttention(self.dim, self.heads, self.pick, name="attn")(nn.LayerNorm(name="norm1")(x))
+        h = nn.Dense(4 * self.dim, name="fc1")(nn.LayerNorm(name="norm2")(x))
+        return x + nn.Dense(self.dim, name="fc2")(nn.gelu(h))
+
+
+class TwoStages(nn.Module):
+    """Swin's stages' attention: 2 heads of 16, a merge to twice the width, then 4 heads of 16."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = x + WindowAttention(C // 2, HEADS // 2, name="attn0")(x)
+        x = nn.Dense(C, use_bias=False, name="merge")(nn.LayerNorm(name="merge_norm")(x))
+        return x + WindowAttention(C, HEADS, name="attn1")(x)
 
 
 SAMPLE = (jax.ShapeDtypeStruct((16, N, C), jnp.float32),)
@@ -82,7 +96,7 @@ def test_picking_the_pieces_of_a_reshaped_fused_qkv_keeps_its_heads(pick):
     # dim carries the qkv kernel's split on to the output projection, which sums it, as for
     # jnp.split of the fused dim. Before, the tag was dropped with the squeezed 3 (no edge, no escape:
     # "dense without a partner").
-    m = WindowBlock(pick)
+    m = WindowBlock(pick=pick)
     flow = tpflax.dataflow(m, SAMPLE, variables(m))
     assert ("params/attn/qkv/kernel", "params/attn/proj/kernel") in {(e.src, e.dst) for e in flow.edges}
     qkv = next(u.id for u in flow.uses if u.path == "params/attn/qkv/kernel")
@@ -112,3 +126,23 @@ def test_window_attention_plan_matches_megatron_when_compiled(devices):
     assert set(e.comm) == set(dr.comm()) == {"all-gather", "all-reduce"}, (e.comm, dr.comm())
     assert abs(e.comm["all-gather"]["model"] / dr.comm()["all-gather"]["model"] - 1) < 0.03, (e.comm, dr.comm())
     assert abs(e.comm_total / dr.comm_total - 1) < 0.03, (e.comm, dr.comm())
+
+
+def test_each_stage_splits_by_its_own_tables_heads(devices):
+    # Without a model the tree reads the head count off the per-head bias tables; a Swin's stages
+    # have 2, then 4 heads, so the tables of the whole model disagree. Each attention block now
+    # reads its own: the 2-head stage is kept whole on model=4 (as the hand layout keeps it), the
+    # 4-head stage is split. On main both fused qkv kernels were split, cutting the 2 heads.
+    m, x = TwoStages(), (jax.ShapeDtypeStruct((16, N, C // 2), jnp.float32),)
+    v = jax.eval_shape(m.init, jax.random.key(0), *x)
+    tree = tpflax.plan(v, MESH, batch=x)
+    hand = tpflax.plan(v, MESH, rules=[(rf"attn1/{r}", spec) for r, spec in HAND[:4]] + [(r".*", P())])
+    for path, d in hand.decisions.items():
+        assert tree.decisions[path].spec == d.spec, (path, tree.decisions[path].spec, d.spec)
+    # Cutting the 2 heads over 4 ranks (main's plan) splits head_dim too: XLA all-reduces the partial
+    # attention scores (the q.k einsum, and its transpose backward). Whole heads leave the score
+    # einsums no collective, compiled.
+    mesh = tpflax.make_mesh(MESH)
+    ts = tpflax.make_train_step(m, tree, mesh, optax.adamw(1e-3), sample=x, loss=lambda out, x: jnp.mean(out ** 2))
+    dr = tpflax.dry_run(ts, tree, mesh)
+    assert not [c for c in dr.collectives if "bhq" in (c.op_name or "")], dr.collectives
