@@ -133,7 +133,7 @@ def fused_items(s: Scope, notes: list[str]) -> list[CommItem]:
     """
     items: list[CommItem] = []
     for path, d in s.lv.decisions.items():
-        dim, pieces, whole = (s.fused or {}).get(path, (None, 1, ()))
+        dim, pieces, whole, viewed = (s.fused or {}).get(path, (None, 1, (), False))
         if dim is None or pieces == 1:
             continue
         axes = tuple(a for a in entry_axes(s.lv.specs[path][dim]) if dict(s.mesh.roles)[a] == TENSOR)
@@ -141,6 +141,9 @@ def fused_items(s: Scope, notes: list[str]) -> list[CommItem]:
         if n <= 1:
             continue
         width = d.shape[dim]
+        if viewed and isinstance(pieces, int) and pieces % n and n % pieces:
+            items += _view_gathers(s, path, d, width, pieces, n, axes)
+            continue
         cps = piece_permutes(width, pieces, n)
         sizes = pieces if isinstance(pieces, tuple) else (width // pieces,) * pieces
         pieces = len(sizes)
@@ -163,3 +166,21 @@ def fused_items(s: Scope, notes: list[str]) -> list[CommItem]:
             items.append(CommItem("all-reduce", axes, size, n, count, label,
                                   f"fused {label}: sum piece {i}'s gradient, read whole (backward)"))
     return items
+
+
+def _view_gathers(s: Scope, path: str, d, width: int, pieces: int, n: int, axes: tuple[str, ...]) -> list[CommItem]:
+    """A fused output reshaped to ``(pieces, heads, head_dim)`` before it is cut (timm's ``qkv[0]``).
+
+    ``n`` contiguous shards of the fused dim are no shards of a ``(pieces, ...)`` view when ``n``
+    neither divides nor is divided by ``pieces`` (3 pieces over 2 or 4 devices), so XLA gathers the
+    whole output before the reshape (forward) and the pieces' gradients whole before the kernel's
+    transposed matmul (backward). Measured on XLA:CPU: ``C`` 32..128, 2..8 heads, ``n`` 2 and 4.
+    """
+    row = s.rows_of(path) * s.act_item
+    count = layers(d) * s.lv.count[path]
+    label = s.lv.label[path]
+    return [CommItem("all-gather", axes, row * width, n, count, label,
+                     f"fused {label}: gather the output whole, {pieces} pieces of a reshaped view that {n} "
+                     "shards of the fused dim do not follow (forward)"),
+            CommItem("all-gather", axes, row * width, n, count, label,
+                     f"fused {label}: gather the pieces' gradients whole (backward)")]

@@ -73,7 +73,7 @@ class Scope:
     remat: bool = False
     parts: Mapping[str, int] | None = None  # traced gradient parts (see cost.traced.traced_uses)
     rows: Mapping[str, float] | None = None  # traced rows per example a parameter's contraction reads
-    fused: Mapping[str, tuple[int, int | tuple[int, ...], tuple[int, ...]]] | None = None  # traced fused kernels
+    fused: Mapping[str, tuple[int, int | tuple[int, ...], tuple[int, ...], bool]] | None = None  # traced fused kernels
     # (param dim, pieces, pieces read whole): see cost/reshard.py
     shared: frozenset[str] | None = None  # traced kernels whose input a residual also reads (trace.sharing)
     lookups: Mapping[str, int] | None = None  # traced tables looked up by several gathers (cost.traced.Traced)

@@ -55,7 +55,8 @@ class Traced:
         fused: ``{path: (param dim, pieces)}`` for kernels whose output along that dim
             is cut into equal pieces (a ``[q|k|v]`` kernel; see :mod:`tpflax._src.cost.reshard`), or
             ``(param dim, piece sizes)`` for unequal ones (a parallel block's ``[q|k|v|gate|up]``), then
-            the indices of the pieces read whole (an MQA key and value).
+            the indices of the pieces read whole (an MQA key and value), then whether a reshape
+            cut the pieces apart (:attr:`tpflax._src.trace.records.Dataflow.views`).
         act_dtype: the dtype most of the contractions' rows come out in (a model that
             computes in bfloat16 from integer ids or float32 pixels).
         shared: kernels whose input activation something other than a parameter
@@ -90,7 +91,7 @@ class Traced:
     tied: frozenset[str] | None = None
     parts: Mapping[str, int] | None = None
     rows: Mapping[str, float] | None = None
-    fused: Mapping[str, tuple[int, int | tuple[int, ...], tuple[int, ...]]] | None = None
+    fused: Mapping[str, tuple[int, int | tuple[int, ...], tuple[int, ...], bool]] | None = None
     act_dtype: str | None = None
     shared: frozenset[str] | None = None
     lookups: Mapping[str, int] | None = None
@@ -153,8 +154,8 @@ def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
     per_example, buffers = batched_rows(m, batched) if batched else ({}, {})
     rows.update(per_example)
     tied = frozenset(p for p, o in ops.items() if o & {"gather", "onehot"} and "dot" in o)
-    fused = {flow.uses[uid].path: (dim, *flow.cuts.get((uid, dim), (pieces, ()))) for (uid, dim), pieces
-             in flow.fused.items()}
+    fused = {flow.uses[uid].path: (dim, *flow.cuts.get((uid, dim), (pieces, ())), (uid, dim) in flow.views)
+             for (uid, dim), pieces in flow.fused.items()}
     by_dtype: dict[str, int] = {}
     for u in flow.uses:
         if u.rows and u.dtype:

@@ -73,7 +73,7 @@ class Workload:
     tied: frozenset[str] | None = None
     parts: Mapping[str, int] | None = None
     rows: Mapping[str, float] | None = None
-    fused: Mapping[str, tuple[int, int | tuple[int, ...], tuple[int, ...]]] | None = None
+    fused: Mapping[str, tuple[int, int | tuple[int, ...], tuple[int, ...], bool]] | None = None
     shared: frozenset[str] | None = None
     lookups: Mapping[str, int] | None = None
     grouped: Mapping[str, float] | None = None

@@ -94,13 +94,17 @@ def _pair_linears(st: State, todo: Sequence[Facts], widths: set[int], sure: bool
         if f.kind in ("dense", "attention"):
             groups[f.group].append(f)
     loose: dict[str, list[Linear]] = defaultdict(list)
-    heads = _table_heads(todo)
+    every = _table_heads(todo)
+
+    def heads(group: str) -> int | None:  # the block's own tables first, else the model's
+        return _table_heads(todo, group) or every
+
     for group in sorted(groups, key=_natural):
         members = groups[group]
         lins = [linear_view(f, members, widths) for f in members]
         assign_roles(lins, widths, sure)
         st.out_first.update(x.f.path for x in lins if len(x.f.body) == 2 and x.in_dims == (1,))
-        _pool(loose, group, _pair_group(st, group, lins, heads))
+        _pool(loose, group, _pair_group(st, group, lins, heads(group)))
     # Blocks whose layers sit in sibling subtrees (``attention/self/query`` with
     # ``attention/output/dense``, ``intermediate/dense`` with ``output/dense``): what a
     # block left unpaired meets its cousins one or two levels up, within the layer.
@@ -109,7 +113,7 @@ def _pair_linears(st: State, todo: Sequence[Facts], widths: set[int], sure: bool
         for group in sorted(loose, key=_natural):
             lins = loose[group]
             assign_roles(lins, widths, sure)
-            _pool(up, group, _pair_group(st, group, lins, heads))
+            _pool(up, group, _pair_group(st, group, lins, heads(group)))
         loose = up
 
 
@@ -124,15 +128,17 @@ def _pool(loose: dict[str, list[Linear]], group: str, left: list[Linear]) -> Non
 _INDEX = re.compile(r"^\D*?_?\d+$")
 
 
-def _table_heads(facts: Sequence[Facts]) -> int | None:
+def _table_heads(facts: Sequence[Facts], under: str = "") -> int | None:
     """The attention head count the tree shows, or None: the columns of its per-head tables.
 
     A 2-D table inside an attention layer with fewer columns than rows (T5's relative-position
     bias, buckets x heads) holds one column per head; when every such table agrees, that is the
-    model's head count, which its 2-D q/k/v kernels do not show.
+    model's head count, which its 2-D q/k/v kernels do not show. ``under``: only the tables below
+    that path (a Swin stage's attention has heads of its own: 2, then 4, 8, ...).
     """
     found = {f.body[1] for f in facts
-             if f.kind == "embedding" and len(f.body) == 2 and ATTN.search(f.path) and f.body[1] < f.body[0]}
+             if f.kind == "embedding" and len(f.body) == 2 and ATTN.search(f.path) and f.body[1] < f.body[0]
+             and f.path.startswith(f"{under}/" if under else "")}
     return found.pop() if len(found) == 1 else None
 
 
@@ -177,7 +183,8 @@ def _pair_group(st: State, group: str, lins: list[Linear], heads: int | None = N
         claimed.add(id(row))
         kind = "attention" if row.f.kind == "attention" or ATTN.search(group) else "mlp"
         for c in mine if kind == "attention" and heads else ():
-            if c.heads is None and c.limit is None and c.out_size == row.in_size and c.out_size % heads == 0:
+            width = c.out_size // c.pieces  # a fused [q|k|v]'s pieces each hold every head
+            if c.heads is None and c.limit is None and width == row.in_size and width % heads == 0:
                 c.limit = heads  # whole heads only: a cut head costs XLA a gather of the scores
         shard_pair(st, kind, mine, row)
     return [x for x in lins if id(x) not in claimed and not HEAD.match(x.f.layer_name)]

@@ -155,7 +155,7 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                     outputs=frozenset(found["outputs"]), recurrent=frozenset(w.recurrent),
                     biases=dict(w.biases), elementwise=frozenset(w.elementwise),
                     scanned=dict(w.scanned), n_eqns=w.n_eqns, fused=found["fused"], branches=branches,
-                    cuts=found["cuts"],
+                    cuts=found["cuts"], views=frozenset(w.root(k) for k in w.views),
                     shared=shared_reads(jaxpr, w.reads), remat=remat_share(jaxpr),
                     products=_one_branch(w.products), channelwise=dict(w.channelwise))
 

@@ -160,6 +160,7 @@ def slice_(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> l
     starts = eqn.params["start_indices"]
     strides = eqn.params.get("strides") or (1,) * len(src)
     limits: dict[int, int] = {}
+    picked = []
     for d in range(v.rank):
         if src[d] == dst[d]:
             continue
@@ -170,9 +171,14 @@ def slice_(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> l
         elif strides[d] == 1 and src[d] % dst[d] == 0 and starts[d] % dst[d] == 0:
             limits[d] = dst[d]  # one of k equal pieces (q of a fused qkv): see split
             w.fuse(v.dim_tags(d), src[d] // dst[d])
+            if dst[d] == 1:
+                picked.append((d, src[d]))
         else:
             w.escape(v.dim_tags(d), "sliced (a split of the dim needs its other shards)")
-    return [w.moved(v, list(range(v.rank)), ranks[0], limit=limits)]
+    out = w.moved(v, list(range(v.rank)), ranks[0], limit=limits)
+    for d, n in picked:
+        out = w.pick(v, out, d, n)
+    return [out]
 
 
 def split(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
@@ -190,7 +196,17 @@ def split(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> li
     # Equal pieces (a fused qkv kernel's output): the tag goes on, marked fused, so
     # the column is split over the fused dim (the pieces are resharded by XLA).
     w.fuse(v.dim_tags(axis), len(sizes))
-    return [w.moved(v, list(range(v.rank)), r, limit={axis: sizes[0]}) for r in ranks]
+    outs = [w.moved(v, list(range(v.rank)), r, limit={axis: sizes[0]}) for r in ranks]
+    return [w.pick(v, o, axis, len(sizes)) for o in outs] if sizes[0] == 1 else outs
+
+
+def unstack(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    """``jnp.unstack`` (torch's ``qkv.unbind(0)``): single equal pieces along ``axis``, which goes away."""
+    v, axis = ins[0], eqn.params["axis"]
+    w.fuse(v.dim_tags(axis), len(ranks))
+    whole = w.pick(v, w.moved(v, list(range(v.rank)), v.rank, limit={axis: 1}), axis, len(ranks))
+    out = w.moved(whole, [d for d in range(v.rank) if d != axis], ranks[0]) if ranks else None
+    return [out] * len(ranks)
 
 
 def dynamic_slice(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
@@ -276,7 +292,8 @@ HANDLERS: dict[str, Handler] = {
     **{name: reduce for name in REDUCE},
     "reduce": variadic_reduce,
     "transpose": transpose, "broadcast_in_dim": broadcast_in_dim, "squeeze": squeeze,
-    "reshape": reshape, "slice": slice_, "split": split, "dynamic_slice": dynamic_slice,
+    "reshape": reshape, "slice": slice_, "split": split, "unstack": unstack,
+    "dynamic_slice": dynamic_slice,
     "concatenate": concatenate, "stack": stack, "pad": pad, "rev": rev, "tile": tile, "iota": iota, "sort": sort, "top_k": top_k,
     "dot_general": contractions.dot_general, "conv_general_dilated": contractions.conv_general_dilated,
     "gather": contractions.gather,

@@ -69,6 +69,9 @@ class Val:
         iota: an ``iota`` (or arithmetic on one).
         fresh: use id whose raw output this is (bias detection).
         const_of: scan trip count when a parameter enters a loop body unchanged.
+        picks: ``(major dim, minor dim, tags)`` for a tagged dim a reshape cut into
+            ``(pieces, heads, ...)`` (timm's ``qkv.reshape(b, n, 3, heads, head_dim)``): the tags
+            the minor dim takes once the major dim is cut into single pieces (:meth:`Walk.pick`).
     """
 
     rank: int
@@ -78,6 +81,7 @@ class Val:
     iota: bool = False
     fresh: int | None = None
     const_of: int = 0
+    picks: tuple[tuple[int, int, TagMap], ...] = ()
 
     def dim_tags(self, d: int) -> TagMap:
         return self.tags[d] if self.tags is not None else EMPTY
@@ -129,6 +133,7 @@ class Walk:
     piece_ids: dict[Any, int] = field(default_factory=dict)  # (kernel dim, piece) -> n of its key
     cuts: dict[tuple[int, int], tuple[int, ...]] = field(default_factory=dict)  # unequal pieces' sizes
     piece_no: dict[tuple[int, int], int] = field(default_factory=dict)  # piece key -> its index in the cut
+    views: set[tuple[int, int]] = field(default_factory=set)  # fused dims cut apart by a reshape (Walk.pick)
     n_eqns: int = 0
 
     # -- the run loop ----------------------------------------------------
@@ -211,6 +216,27 @@ class Walk:
         tags = tuple(out if d == axis else t for d, t in enumerate(v.tags))
         return dataclasses.replace(v, tags=tags if any(tags) else None, fresh=None)
 
+    def pick(self, v: Val, out: Val, axis: int, pieces: int) -> Val:
+        """``out``, one of ``pieces`` single slices of ``v`` along ``axis``, with the tags of a pick.
+
+        A fused ``[q|k|v]`` output reshaped to ``(3, heads, head_dim)`` and indexed on the 3 (timm's
+        ``q, k, v = qkv[0], qkv[1], qkv[2]``, ``jnp.unstack``) is the fused dim cut into equal pieces,
+        like ``jnp.split`` of it: the heads dim of each piece carries the fused kernel's tags on, and
+        the kernel is marked fused. The dims of ``out`` are those of ``v`` (the sliced dim kept).
+        """
+        tags = list(out.tags or ({},) * out.rank)
+        found = False
+        for a, b, t in v.picks:
+            if a == axis and t:
+                self.fuse(t, pieces)
+                self.views.update(self.root(k) for k in t if not is_minor(k))
+                tags[b] = self.merge([tags[b], t])
+                found = True
+        if not found:
+            return out
+        return dataclasses.replace(out, tags=tuple(tags) if any(tags) else None,
+                                   picks=tuple(p for p in out.picks if p[0] != axis))
+
     def root(self, k: tuple[int, int]) -> tuple[int, int]:
         """The ``(use id, param dim)`` a tag key stands for (a piece key's kernel dim)."""
         return self.pieces.get(k, k)
@@ -276,8 +302,10 @@ class Walk:
                     t = {k: (math.gcd(lim, limit[i]), via) for k, (lim, via) in t.items()}
                 out.append(t)
             tags = tuple(out) if any(out) else None
+        where = {m: i for i, m in enumerate(mapping) if m is not None}
+        picks = tuple((where[a], where[b], t) for a, b, t in v.picks if a in where and b in where)
         return Val(rank, origin=origin, tags=tags, onehot=v.onehot and keep_flags,
-                   iota=v.iota and keep_flags, fresh=v.fresh, const_of=v.const_of)
+                   iota=v.iota and keep_flags, fresh=v.fresh, const_of=v.const_of, picks=picks)
 
     def pointwise(self, vals: list[Val], rank: int, name: str):
         """Per-dim merged tags of same-rank values combined elementwise, or None."""

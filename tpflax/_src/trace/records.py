@@ -132,6 +132,9 @@ class Dataflow:
         cuts: ``{(use id, param dim): (piece sizes, indices of the pieces read whole)}`` for the
             :attr:`fused` dims cut into unequal pieces; a piece read whole (an MQA key or value, summed
             against the queries) ends its chain while the others reach a contraction.
+        views: the :attr:`fused` dims whose pieces a reshape cut apart: the output reshaped to
+            ``(pieces, heads, head_dim)`` and indexed on the pieces (timm's ``qkv[0], qkv[1], qkv[2]``),
+            not split on the flat dim (see :mod:`tpflax._src.cost.reshard`).
     """
 
     paths: tuple[str, ...]
@@ -151,3 +154,4 @@ class Dataflow:
     channelwise: Mapping[str, tuple[int, Mapping[int, int]]] = field(default_factory=dict)
     branches: Mapping[tuple[int, int], tuple[frozenset[int], ...]] = field(default_factory=dict)
     cuts: Mapping[tuple[int, int], tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    views: frozenset[tuple[int, int]] = frozenset()

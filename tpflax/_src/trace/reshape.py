@@ -68,18 +68,26 @@ def reshape(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> 
         after = next((j for j in range(i + 1, len(src)) if src[j] != 1), None)
         if src[i] == 1 and i not in mapping and after is not None and after in mapping:
             ones.append((i, mapping.index(after)))
+    out = dataclasses.replace(out, picks=())
     if (not cuts and not joins and not ones) or v.tags is None:
         return [out]
     tags = list(out.tags or ({},) * ranks[0])
     for i, o in ones:
         tags[o] = w.merge([tags[o], {k: (1, via) for k, (_, via) in v.dim_tags(i).items()}])
+    picks = []
     for i, o, o2 in cuts:
+        later: dict = {}  # the tags o2 takes if o is cut into single pieces (see Walk.pick)
         for k, (lim, via) in w.merge([v.dim_tags(i)]).items():
             s = 1 if is_minor(k) else spill(lim, dst[o], dst[o2])
             if s > 1:
                 tags[o] = {**tags[o], k: (dst[o] * s, via)}
                 tags[o2] = {**tags[o2], minor_key(k): (s, via)}
                 w.spills[k] = math.gcd(w.spills.get(k, 0), dst[o])
+            elif not is_minor(k):
+                later[k] = (math.gcd(lim, src[i] // dst[o], dst[o2]), via)
+        if later:
+            picks.append((o, o2, later))
+    out = dataclasses.replace(out, picks=tuple(picks))
     for i, i2, o in joins:
         minor = w.merge([v.dim_tags(i2)])
         for k, (lim, via) in w.merge([v.dim_tags(i)]).items():
