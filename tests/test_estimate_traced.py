@@ -148,9 +148,37 @@ def test_plain_function_estimate_matches_the_compiled_step(name):
     got = tpflax.dry_run(ts, p, mesh).comm_total
     est = tpflax.estimate(p, tx, model=fn, sample=sample, backend="cpu").comm_total
     # exact up to the loss scalar XLA reduces with the gradients (4 bytes); the grouped conv split over
-    # model: XLA also gathers the stem's kernel (3 x 288 B) and skips the pair's input-gradient all-reduce
-    # (72 B), 0.6% of the step's collectives
+    # model: XLA also gathers the stem's kernel (3 x 288 B), 0.6% of the step's collectives (and, gathering
+    # the conv whole, has no partial input gradient to sum: the estimate prices none either)
     assert est == pytest.approx(got, abs=16 if name != "grouped" else 0.01 * got), (est, got)
+
+
+def _glu(v, frames):
+    """A Conformer-shaped plain function: a stride-4 conv front end (32 frames -> 8), a pointwise conv to
+    2 x 64 channels cut in half by a GLU, a pointwise conv back to 64 on the residual, a per-frame head."""
+    dn = ("NWC", "WIO", "NWC")
+    h = jnp.tanh(jax.lax.conv_general_dilated(frames, v["front"], (4,), "VALID", dimension_numbers=dn))
+    a, g = jnp.split(jax.lax.conv_general_dilated(h, v["pw1"], (1,), "VALID", dimension_numbers=dn), 2, axis=-1)
+    h = h + jax.lax.conv_general_dilated(a * jax.nn.sigmoid(g), v["pw2"], (1,), "VALID", dimension_numbers=dn)
+    return h @ v["head"]
+
+
+def test_convolutions_move_the_positions_they_compute():
+    # a convolution's collectives move its output positions (8 per example behind a stride-4 front end),
+    # not the sample's 32 frames, and its input gradient is as wide as its input channels (not its
+    # window's first dim): the GLU's reshard and the pair's sums were priced 4x and 1/64 of XLA's
+    shapes = {"front": (4, 16, 64), "pw1": (1, 64, 128), "pw2": (1, 64, 64), "head": (64, 10)}
+    sample = (jax.ShapeDtypeStruct((8, 32, 16), F32),)
+    tree = {k: jax.ShapeDtypeStruct(s, F32) for k, s in shapes.items()}
+    rules = [("pw1", P(None, None, "model")), ("pw2", P(None, "model", None)), (".*", "replicate")]
+    p = tpflax.plan(tree, MESH, rules=rules)
+    mesh, tx = tpflax.make_mesh(MESH), optax.adamw(1e-3)
+    dr = tpflax.dry_run(tpflax.make_train_step(_glu, p, mesh, tx, sample=sample, loss=_loss), p, mesh)
+    e = tpflax.estimate(p, tx, model=_glu, sample=sample, backend="cpu")
+    for kind in ("collective-permute", "all-to-all", "all-reduce"):
+        got = sum(c.ring_bytes * c.count for c in dr.collectives if c.kind == kind and c.axes == ("model",))
+        assert sum(i.total for i in e.items if i.kind == kind and i.axes == ("model",)) == got > 0, kind
+    assert e.comm_total == pytest.approx(dr.comm_total, abs=4)  # the loss scalar, reduced with the gradients
 
 
 @pytest.mark.slow

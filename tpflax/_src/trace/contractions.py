@@ -168,12 +168,14 @@ def conv_general_dilated(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: l
     channels = lhs.dim_tags(lspec[1])
     local = _channel_local(w, channels) if groups != 1 and shape_p[rspec[1]] == 1 and shape_p[rspec[0]] == groups \
         else None
+    out_shape = tuple(eqn.outvars[0].aval.shape)
+    positions = math.prod(out_shape) // max(1, out_shape[ospec[1]])  # the rows its collectives move
     for n, (path, dims) in enumerate(rhs.origin):
         o, i = dims[rspec[0]], dims[rspec[1]]
         contracted = [dims[d] for d in rspec[1:] if dims[d] is not None]
         # a kernel computed from several weights (a weight norm's v and g) moves its activations once
         uid = w.use(ctx, eqn, path, "conv", contracted, [o] if o is not None else [], [], rhs.const_of,
-                    grouped=moved if n == 0 else None)
+                    positions, grouped=moved if n == 0 else None)
         fresh = uid if len(rhs.origin) == 1 else None
         if groups == 1 and i is not None:
             for k, (limit, via) in w.merge([lhs.dim_tags(lspec[1])]).items():

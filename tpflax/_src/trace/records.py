@@ -30,7 +30,9 @@ class Use:
             body unchanged at every step (a cell's kernel), else 0.
         rows: for ``dot``/``onehot`` without batch dims, the rows of the activation it
             contracts as traced (the product of the activation's dims that are not
-            contracted: the tokens, patches or frames the layer sees); else 0.
+            contracted: the tokens, patches or frames the layer sees); for ``conv``, the
+            positions of its output (batch times output window positions: a strided
+            front end's are fewer than its input's frames); else 0.
         dtype: for ``dot``/``onehot``, its output's dtype as traced (what its tensor-parallel
             collectives move: a bf16 model's activations even when its inputs are ids); else "".
         grouped: for a grouped ``conv`` (``feature_group_count > 1``), the elements of its
@@ -49,6 +51,12 @@ class Use:
     rows: int = 0
     dtype: str = ""
     grouped: int | None = None
+
+    @property
+    def tokens(self) -> int:
+        """The rows of a matmul (``dot``/``onehot``), else 0: what the planner's chooser prices
+        per token (a convolution's positions are not the model's tokens)."""
+        return self.rows if self.op in ("dot", "onehot") else 0
 
 
 @dataclass(frozen=True)
