@@ -74,8 +74,7 @@ class Traced:
             its pair runs once, and each other input's gradient is summed apart.
         widths: ``{path: elements}`` of the parameter dims its first contraction sums over: the width
             of the activation it reads (``d`` for a gate/up kernel stacked ``(2, d, f)`` and used as
-            ``w[0]`` and ``w[1]``, whose first dim is not its input's); of a convolution, its input
-            channels (not times its window).
+            ``w[0]`` and ``w[1]``, whose first dim is not its input's).
         slices: ``{path: n}`` for parameters contracted by ``n > 1`` separate contractions of slices of
             them (that stacked gate/up kernel): each yields its own partial input gradient, which
             XLA:CPU all-reduces apart (measured on a Gemma-style MLP, data=2,model=4).
@@ -142,9 +141,6 @@ def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
             rows[u.path] = u.rows / examples
         if u.op == "dot" and u.path in shapes and u.path not in widths:
             widths[u.path] = math.prod(shapes[u.path][d] for d in u.contracted)
-        elif u.op == "conv" and u.contracted and u.path in shapes and u.path not in widths:
-            # its input's channels (listed first, then the window's dims): the width of its input gradient
-            widths[u.path] = shapes[u.path][u.contracted[0]]
         read = set(u.contracted) | set(u.kept) | set(u.batch)
         if u.path not in flow.scanned and len(read) == len(shapes.get(u.path, ())):
             whole[u.path] = whole.get(u.path, 0) + 1
