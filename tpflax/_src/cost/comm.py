@@ -113,6 +113,8 @@ def _heads_note(decisions, pid: int, cols: list[str], s: Scope, notes: list[str]
 
 
 def _pair_act(path: str, d: Any, side: str, s: Scope) -> float:
+    if side == "in" and (s.widths or {}).get(path) == 0:
+        return 0.0  # it reads the model's inputs: no input gradient to sum
     # an expert kernel reads its buffer, not its layer's input (the tokens before the dispatch)
     acts = acts_for(s.activations, d.unit) if path not in (s.buffers or {}) else []
     if acts:

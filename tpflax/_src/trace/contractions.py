@@ -66,7 +66,7 @@ def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
         uid = w.use(ctx, eqn, path, op, [dims[d] for d in pc if dims[d] is not None],
                     [dims[d] for d in pf if dims[d] is not None],
                     [dims[d] for d in pb if dims[d] is not None], par.const_of, rows,
-                    str(eqn.outvars[0].aval.dtype))
+                    str(eqn.outvars[0].aval.dtype), from_input=not (act.live or act.origin))
         w.reads.setdefault(uid, (eqn, 1 if lp else 0, ctx))
         fresh = uid if len(par.origin) == 1 else None
         if op == "onehot":
@@ -175,7 +175,7 @@ def conv_general_dilated(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: l
         contracted = [dims[d] for d in rspec[1:] if dims[d] is not None]
         # a kernel computed from several weights (a weight norm's v and g) moves its activations once
         uid = w.use(ctx, eqn, path, "conv", contracted, [o] if o is not None else [], [], rhs.const_of,
-                    positions, grouped=moved if n == 0 else None)
+                    positions, grouped=moved if n == 0 else None, from_input=not lhs.live)
         fresh = uid if len(rhs.origin) == 1 else None
         if groups == 1 and i is not None:
             for k, (limit, via) in w.merge([lhs.dim_tags(lspec[1])]).items():

@@ -39,6 +39,8 @@ class Use:
             input plus its output as traced: XLA's SPMD partitioner does not split a grouped
             convolution's batch, so it gathers both over the batch axes; 0 for a depthwise one
             (one input channel per group), whose batch it splits; else None.
+        from_input: the activation it contracts is computed from no parameter (the model's
+            inputs: mel features, pixels): the backward computes no gradient of it.
     """
 
     id: int
@@ -51,6 +53,7 @@ class Use:
     rows: int = 0
     dtype: str = ""
     grouped: int | None = None
+    from_input: bool = False
 
     @property
     def tokens(self) -> int:
