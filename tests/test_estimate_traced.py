@@ -148,9 +148,54 @@ def test_plain_function_estimate_matches_the_compiled_step(name):
     got = tpflax.dry_run(ts, p, mesh).comm_total
     est = tpflax.estimate(p, tx, model=fn, sample=sample, backend="cpu").comm_total
     # exact up to the loss scalar XLA reduces with the gradients (4 bytes); the grouped conv split over
-    # model: XLA also gathers the stem's kernel (3 x 288 B) and skips the pair's input-gradient all-reduce
-    # (72 B), 0.6% of the step's collectives
+    # model: XLA also gathers the stem's kernel (3 x 288 B), 0.6% of the step's collectives (and, gathering
+    # the conv whole, has no partial input gradient to sum: the estimate prices none either)
     assert est == pytest.approx(got, abs=16 if name != "grouped" else 0.01 * got), (est, got)
+
+
+def _glu(v, frames):
+    """A Conformer-shaped plain function: a stride-4 conv front end (32 frames -> 8), a pointwise conv to
+    2 x 64 channels cut in half by a GLU, a pointwise conv back to 64 on the residual, a per-frame head."""
+    dn = ("NWC", "WIO", "NWC")
+    h = jnp.tanh(jax.lax.conv_general_dilated(frames, v["front"], (4,), "VALID", dimension_numbers=dn))
+    a, g = jnp.split(jax.lax.conv_general_dilated(h, v["pw1"], (1,), "VALID", dimension_numbers=dn), 2, axis=-1)
+    h = h + jax.lax.conv_general_dilated(a * jax.nn.sigmoid(g), v["pw2"], (1,), "VALID", dimension_numbers=dn)
+    return h @ v["head"]
+
+
+def _front(v, mel):
+    """A Whisper-shaped conv front end: a conv on the mel features, a stride-2 conv, a per-frame head."""
+    dn = ("NWC", "WIO", "NWC")
+    h = jax.nn.gelu(jax.lax.conv_general_dilated(mel, v["conv1"], (1,), "SAME", dimension_numbers=dn))
+    h = jax.nn.gelu(jax.lax.conv_general_dilated(h, v["conv2"], (2,), "SAME", dimension_numbers=dn))
+    return h @ v["head"]
+
+
+CONVS = {  # the GLU conv pair split by hand (a naive split of its fused dim); the front end as planned
+    "glu": (_glu, {"front": (4, 16, 64), "pw1": (1, 64, 128), "pw2": (1, 64, 64), "head": (64, 10)},
+            [("pw1", P(None, None, "model")), ("pw2", P(None, "model", None)), (".*", "replicate")]),
+    "front": (_front, {"conv1": (3, 16, 64), "conv2": (3, 64, 64), "head": (64, 10)}, None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONVS))
+def test_convolutions_move_the_positions_they_compute(name):
+    # a convolution's collectives move its output positions (8 per example behind a stride-4 front end),
+    # not the sample's 32 frames: the GLU's reshard and the pair's sums were priced 4x XLA's; its input
+    # gradient is as wide as its input channels (not its window's first dim), and a column reading the
+    # model's own input (the mel features) sums no input gradient: none is computed
+    fn, shapes, rules = CONVS[name]
+    sample = (jax.ShapeDtypeStruct((8, 32, 16), F32),)
+    tree = {k: jax.ShapeDtypeStruct(s, F32) for k, s in shapes.items()}
+    p = tpflax.plan(tree, MESH, rules=rules) if rules else tpflax.plan(tree, MESH, model=fn, sample=sample)
+    assert name == "glu" or [p.decisions[k].role for k in ("conv1", "conv2")] == ["column", "row"]
+    mesh, tx = tpflax.make_mesh(MESH), optax.adamw(1e-3)
+    dr = tpflax.dry_run(tpflax.make_train_step(fn, p, mesh, tx, sample=sample, loss=_loss), p, mesh)
+    e = tpflax.estimate(p, tx, model=fn, sample=sample, backend="cpu")
+    for kind in ("collective-permute", "all-to-all", "all-reduce"):
+        got = sum(c.ring_bytes * c.count for c in dr.collectives if c.kind == kind and c.axes == ("model",))
+        assert sum(i.total for i in e.items if i.kind == kind and i.axes == ("model",)) == got, kind
+    assert e.comm_total == pytest.approx(dr.comm_total, abs=4)  # the loss scalar, reduced with the gradients
 
 
 @pytest.mark.slow

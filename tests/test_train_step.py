@@ -410,3 +410,43 @@ def test_an_nnx_submodule_named_params_is_no_linen_collection():
     ref_opt.update(ref, grads)
     assert not np.allclose(np.asarray(v["out"]["kernel"].get_value()), np.asarray(m.out.kernel.get_value()))
     _assert_values_close(v, nnx.state(ref))
+
+
+def test_linen_step_updates_batch_stats_of_a_training_mode_batchnorm():
+    # a linen module with BatchNorm(use_running_average=False) mutates its batch_stats collection:
+    # applied immutable, planning with model= and compiling the step raised. The step keeps the statistics
+    # the forward pass left (flax's own apply(..., mutable=["batch_stats"])) and updates params only
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.BatchNorm(use_running_average=False, name="bn")(nn.Dense(128, use_bias=False, name="l1")(x))
+            return nn.Dense(10, name="l2")(nn.relu(h))
+
+    x = jax.random.normal(jax.random.key(1), (8, 32))
+    y = jax.random.randint(jax.random.key(2), (8,), 0, 10)
+    loss = lambda out, x: optax.softmax_cross_entropy_with_integer_labels(out, y).mean()  # noqa: E731
+    tx, m = optax.sgd(0.1), Net()
+    v = jax.jit(m.init)(jax.random.key(0), x)
+    plan = tpflax.plan(v, {"data": 2, "model": 4}, model=m, sample=(x,))
+    mesh = tpflax.make_mesh(plan.mesh)
+    ts = tpflax.make_train_step(m, plan, mesh, tx, sample=(x,), loss=loss)
+    step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings)
+    new, _, value = step(tpflax.shard(v, plan, mesh), jax.device_put(tx.init(v["params"]), ts.in_shardings[1]), (x,))
+
+    @jax.jit
+    def ref_step(p):  # flax's own training step on one device
+        def ref_loss(p):
+            out, state = m.apply({**v, "params": p}, x, mutable=["batch_stats"])
+            return loss(out, x), state
+
+        (value, state), grads = jax.value_and_grad(ref_loss, has_aux=True)(p)
+        return value, state, optax.apply_updates(p, tx.update(grads, tx.init(p), p)[0])
+
+    want, state, want_params = ref_step(v["params"])
+    # the same float32 program split over 8 devices: a few ulps of the loss, statistics and updates
+    np.testing.assert_allclose(float(value), float(want), rtol=1e-5)
+    assert not np.allclose(np.asarray(state["batch_stats"]["bn"]["mean"]), 0)  # the statistics moved
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves({**v, **state, "params": want_params}), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

@@ -44,7 +44,8 @@ class Model:
         config: the zoo model's config (sequence length, vocab...), else None.
         zoo: the zoo model itself, else None.
         forward_state: ``(variables, *sample) -> (output, variables after the call)`` for a
-            model whose call updates its own state (an nnx module), else None.
+            model whose call updates its own state (an nnx module, a linen module whose variables
+            hold collections beside ``params``), else None.
         graphdef: an nnx module's ``GraphDef`` (for per-layer activation shapes), else None.
     """
 
@@ -218,17 +219,51 @@ def _linen(module: Any, sample: Any, variables: Any) -> Model:
     sample = _samples(sample, type(module).__name__)
     if variables is None:
         variables = jax.eval_shape(lambda *x: module.init(jax.random.key(0), *x), *sample)
+    # the collections beside params (a training-mode BatchNorm's batch_stats) are the call's to update:
+    # applied immutable, the call raises; the train step keeps what it leaves, as an nnx module's
+    mutable = state_collections(variables)
+    kwargs = {"mutable": mutable} if mutable else {}
+    return Model(forward=_with_collections(module.apply, mutable), sample=sample, variables=variables,
+                 framework="linen", name=type(module).__name__, module=module, kwargs=kwargs,
+                 forward_state=_with_state(module.apply, mutable) if mutable else None)
 
-    return Model(forward=_with_collections(module.apply), sample=sample, variables=variables, framework="linen",
-                 name=type(module).__name__, module=module)
+
+def state_collections(variables: Any) -> list[str]:
+    """The collections of full linen variables other than ``params`` (``batch_stats``, a cache).
+
+    >>> state_collections({"params": {"w": 0}, "batch_stats": {"mean": 0}})
+    ['batch_stats']
+    >>> state_collections({"dense": {"kernel": 0}})  # a bare params tree
+    []
+    """
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        return []
+    return [k for k in variables if k != "params" and jax.tree_util.tree_leaves(variables[k])]
 
 
-def _with_collections(apply: Callable[..., Any]) -> Callable[..., Any]:
-    """linen ``apply`` that also takes a bare params tree (it wants ``{"params": ...}``)."""
+def _full(v: Any) -> Any:
+    """linen variables as ``apply`` wants them: a bare params tree becomes ``{"params": ...}``."""
+    return {"params": v} if hasattr(v, "keys") and "params" not in v else v
+
+
+def _with_collections(apply: Callable[..., Any], mutable: list[str] | None = None) -> Callable[..., Any]:
+    """linen ``apply`` that also takes a bare params tree (it wants ``{"params": ...}``), its
+    ``mutable`` collections updated and dropped (the output alone)."""
 
     def forward(v, *x):
-        if hasattr(v, "keys") and "params" not in v:
-            v = {"params": v}
-        return apply(v, *x)
+        if mutable:
+            return apply(_full(v), *x, mutable=mutable)[0]
+        return apply(_full(v), *x)
 
     return forward
+
+
+def _with_state(apply: Callable[..., Any], mutable: list[str]) -> Callable[..., Any]:
+    """``(v, *x) -> (output, v with the mutable collections the call left)``."""
+
+    def forward_state(v, *x):
+        out, new = apply(v, *x, mutable=mutable)
+        merged = {**v, **new}
+        return out, (type(v)(merged) if type(v) is not dict else merged)
+
+    return forward_state

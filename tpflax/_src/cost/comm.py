@@ -75,7 +75,8 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
         # all-reduces); XLA:TPU adds them first and reduces their shared input's gradient once,
         # except where a residual also reads that input (post-norm: BERT, BART): the partial
         # gradients are then added to the residual's one by one, and it reduces each (trace.sharing)
-        split_cols = [c for c in cols if s.axes(c, TENSOR)]
+        # a tensor-split grouped convolution is gathered whole (cost/grouped.py): its input gradient is whole
+        split_cols = [c for c in cols if s.axes(c, TENSOR) and not (s.grouped or {}).get(c)]
         alone = [c for c in split_cols if s.backend != "tpu" or c in (s.shared or ())]
         summed = [c for c in split_cols if c not in alone]
         for c in alone + summed[:1]:
@@ -112,6 +113,8 @@ def _heads_note(decisions, pid: int, cols: list[str], s: Scope, notes: list[str]
 
 
 def _pair_act(path: str, d: Any, side: str, s: Scope) -> float:
+    if side == "in" and (s.widths or {}).get(path) == 0:
+        return 0.0  # it reads the model's inputs: no input gradient to sum
     # an expert kernel reads its buffer, not its layer's input (the tokens before the dispatch)
     acts = acts_for(s.activations, d.unit) if path not in (s.buffers or {}) else []
     if acts:

@@ -75,7 +75,8 @@ class Traced:
             its pair runs once, and each other input's gradient is summed apart.
         widths: ``{path: elements}`` of the parameter dims its first contraction sums over: the width
             of the activation it reads (``d`` for a gate/up kernel stacked ``(2, d, f)`` and used as
-            ``w[0]`` and ``w[1]``, whose first dim is not its input's).
+            ``w[0]`` and ``w[1]``, whose first dim is not its input's); a convolution's, its input
+            channels; 0 for one reading the model's inputs, whose gradient is not computed.
         slices: ``{path: n}`` for parameters contracted by ``n > 1`` separate contractions of slices of
             them (that stacked gate/up kernel): each yields its own partial input gradient, which
             XLA:CPU all-reduces apart (measured on a Gemma-style MLP, data=2,model=4).
@@ -140,8 +141,11 @@ def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
         ops.setdefault(u.path, set()).add(u.op)
         if u.rows and not u.scan_length and u.path not in rows:  # a cell's rows repeat at every time step
             rows[u.path] = u.rows / examples
-        if u.op == "dot" and u.path in shapes and u.path not in widths:
-            widths[u.path] = math.prod(shapes[u.path][d] for d in u.contracted)
+        if u.op in ("dot", "conv") and u.path in shapes and u.path not in widths:
+            # a conv's input channels are listed first, then its window's dims; none where the model's
+            # inputs are read: their gradient is not computed
+            widths[u.path] = 0 if u.from_input else math.prod(
+                shapes[u.path][d] for d in (u.contracted[:1] if u.op == "conv" else u.contracted))
         read = set(u.contracted) | set(u.kept) | set(u.batch)
         if u.path not in flow.scanned and len(read) == len(shapes.get(u.path, ())):
             whole[u.path] = whole.get(u.path, 0) + 1

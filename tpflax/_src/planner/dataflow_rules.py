@@ -73,10 +73,10 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Datafl
     fewer, a pooled projection, is priced per row it reads).
     """
     c = _start(facts, State(mesh, opts, forced=dict(skip or {})), flow)
-    widest = widest_rows or max((u.rows for u in flow.uses), default=0)
+    widest = widest_rows or max((u.tokens for u in flow.uses), default=0)
     for u in flow.uses:  # what each contraction reads, for the chooser (first use of a leaf)
-        if u.rows and widest and u.path in c.fx:
-            c.st.rows.setdefault(u.path, u.rows / widest)
+        if u.tokens and widest and u.path in c.fx:
+            c.st.rows.setdefault(u.path, u.tokens / widest)
     _recurrent(c)
     _embeddings(c)
     _link(c)

@@ -191,7 +191,7 @@ def _propose(facts: Sequence[Facts], ms: MeshShape, opts: Options, forced: Force
         from tpflax._src.trace.dataflow import dataflow
 
         flow = dataflow(model, sample, tree)
-        widest = max((u.rows for u in flow.uses), default=0)
+        widest = max((u.tokens for u in flow.uses), default=0)
         if batch_given:
             opts = replace(opts, tokens=_traced_tokens(opts.tokens, widest, _sample_rows(sample)))
         traced, tpairs = dataflow_rules.propose(facts, ms, opts, flow, skip=forced.proposals, widest_rows=widest)
@@ -380,7 +380,7 @@ def traced_facts(p: Plan, model: Any, sample: Any = None, flow: Any = None) -> P
         opts = replace(opts, tokens=int(o.get("tokens") or opts.tokens))
     except TpflaxError:
         return p
-    widest = max((u.rows for u in flow.uses), default=0)
+    widest = max((u.tokens for u in flow.uses), default=0)
     own, own_pairs = _unforced(facts, p.mesh, opts, flow, widest)
     forced = {q: Proposal(entries(ds[q].spec, len(ds[q].shape)), ds[q].strategy, ds[q].reason) for q in loose}
     found, pairs = _forced_facts(forced, facts, [], own, own_pairs, p.mesh)

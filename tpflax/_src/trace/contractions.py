@@ -66,7 +66,7 @@ def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
         uid = w.use(ctx, eqn, path, op, [dims[d] for d in pc if dims[d] is not None],
                     [dims[d] for d in pf if dims[d] is not None],
                     [dims[d] for d in pb if dims[d] is not None], par.const_of, rows,
-                    str(eqn.outvars[0].aval.dtype))
+                    str(eqn.outvars[0].aval.dtype), from_input=not (act.live or act.origin))
         w.reads.setdefault(uid, (eqn, 1 if lp else 0, ctx))
         fresh = uid if len(par.origin) == 1 else None
         if op == "onehot":
@@ -168,16 +168,14 @@ def conv_general_dilated(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: l
     channels = lhs.dim_tags(lspec[1])
     local = _channel_local(w, channels) if groups != 1 and shape_p[rspec[1]] == 1 and shape_p[rspec[0]] == groups \
         else None
-    # the rows a tensor split's collectives move: the output's positions (batch x spatial), as a dense
-    # layer's tokens (a row sums its split output there; a strided conv's input has more)
-    out_shape = eqn.outvars[0].aval.shape
-    rows = math.prod(out_shape[d] for d in range(len(out_shape)) if d != ospec[1])
+    out_shape = tuple(eqn.outvars[0].aval.shape)
+    positions = math.prod(out_shape) // max(1, out_shape[ospec[1]])  # the rows its collectives move
     for n, (path, dims) in enumerate(rhs.origin):
         o, i = dims[rspec[0]], dims[rspec[1]]
         contracted = [dims[d] for d in rspec[1:] if dims[d] is not None]
         # a kernel computed from several weights (a weight norm's v and g) moves its activations once
-        uid = w.use(ctx, eqn, path, "conv", contracted, [o] if o is not None else [], [], rhs.const_of, rows,
-                    str(eqn.outvars[0].aval.dtype), grouped=moved if n == 0 else None)
+        uid = w.use(ctx, eqn, path, "conv", contracted, [o] if o is not None else [], [], rhs.const_of,
+                    positions, grouped=moved if n == 0 else None, from_input=not lhs.live)
         fresh = uid if len(rhs.origin) == 1 else None
         if groups == 1 and i is not None:
             for k, (limit, via) in w.merge([lhs.dim_tags(lspec[1])]).items():

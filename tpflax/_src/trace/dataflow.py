@@ -88,11 +88,12 @@ def _untraceable(m: Any, e: Exception) -> str:
     called = ("; a function model is called as fn(variables, *sample)" if m.framework == "callable" else "")
     text = f"{type(e).__name__}: {e}"
     if any(k in text for k in ("rng", "Rng", "mutable", "Mutable", "immutable")):
-        # a linen model in training mode: dropout wants an rng, BatchNorm a mutable batch_stats
-        fix = ("the model's call needs rngs or mutable collections (nn.Dropout(deterministic=False), "
-               "nn.BatchNorm(use_running_average=False)): pass it as a function, e.g. "
-               "fn = lambda v, x: module.apply(v, x, rngs={'dropout': jax.random.key(0)}, "
-               "mutable=['batch_stats'])[0]")
+        # a linen model in training mode: dropout wants an rng; BatchNorm's batch_stats are mutable when
+        # the variables hold them (a linen module's collections beside params are updated by its call)
+        fix = ("the model's call needs rngs (nn.Dropout(deterministic=False)) or a collection the variables "
+               "lack (nn.BatchNorm(use_running_average=False) updates batch_stats): pass the full variables "
+               "module.init made, or the model as a function, e.g. "
+               "fn = lambda v, x: module.apply(v, x, rngs={'dropout': jax.random.key(0)})")
     else:
         fix = f"pass sample= matching the model's __call__ and the full variable tree it was initialised with{called}"
     return (f"could not trace the forward pass of {m.name} with sample inputs ({shapes}): "

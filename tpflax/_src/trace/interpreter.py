@@ -72,6 +72,8 @@ class Val:
         picks: ``(major dim, minor dim, tags)`` for a tagged dim a reshape cut into
             ``(pieces, heads, ...)`` (timm's ``qkv.reshape(b, n, 3, heads, head_dim)``): the tags
             the minor dim takes once the major dim is cut into single pieces (:meth:`Walk.pick`).
+        live: computed from a parameter (the backward computes its gradient); the model's
+            inputs, constants and what only they make are not.
     """
 
     rank: int
@@ -82,6 +84,7 @@ class Val:
     fresh: int | None = None
     const_of: int = 0
     picks: tuple[tuple[int, int, TagMap], ...] = ()
+    live: bool = False
 
     def dim_tags(self, d: int) -> TagMap:
         return self.tags[d] if self.tags is not None else EMPTY
@@ -153,7 +156,10 @@ class Walk:
 
         for eqn in jaxpr.eqns:
             self.n_eqns += 1
-            outs = self.eqn(eqn, [read(v) for v in eqn.invars], ctx)
+            ins = [read(v) for v in eqn.invars]
+            outs = self.eqn(eqn, ins, ctx)
+            if any(i.live or i.origin for i in ins):
+                outs = [o if o.live else dataclasses.replace(o, live=True) for o in outs]
             for v, o in zip(eqn.outvars, outs, strict=True):
                 if type(v).__name__ != "DropVar":
                     env[v] = o
@@ -247,12 +253,12 @@ class Walk:
                 self.escape(m, why)
 
     def use(self, ctx: tuple, eqn: Any, path: str, op: str, contracted, kept, batch, scan_length,
-            rows: int = 0, dtype: str = "", grouped: int | None = None) -> int:
+            rows: int = 0, dtype: str = "", grouped: int | None = None, from_input: bool = False) -> int:
         key = (ctx, id(eqn), path)
         if key in self.use_key:
             return self.use_key[key]
         u = Use(len(self.uses), path, op, tuple(contracted), tuple(kept), tuple(batch), scan_length, rows, dtype,
-                grouped)
+                grouped, from_input)
         self.uses.append(u)
         self.use_key[key] = u.id
         return u.id

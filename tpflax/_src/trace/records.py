@@ -30,13 +30,17 @@ class Use:
             body unchanged at every step (a cell's kernel), else 0.
         rows: for ``dot``/``onehot`` without batch dims, the rows of the activation it
             contracts as traced (the product of the activation's dims that are not
-            contracted: the tokens, patches or frames the layer sees); else 0.
+            contracted: the tokens, patches or frames the layer sees); for ``conv``, the
+            positions of its output (batch times output window positions: a strided
+            front end's are fewer than its input's frames); else 0.
         dtype: for ``dot``/``onehot``, its output's dtype as traced (what its tensor-parallel
             collectives move: a bf16 model's activations even when its inputs are ids); else "".
         grouped: for a grouped ``conv`` (``feature_group_count > 1``), the elements of its
             input plus its output as traced: XLA's SPMD partitioner does not split a grouped
             convolution's batch, so it gathers both over the batch axes; 0 for a depthwise one
             (one input channel per group), whose batch it splits; else None.
+        from_input: the activation it contracts is computed from no parameter (the model's
+            inputs: mel features, pixels): the backward computes no gradient of it.
     """
 
     id: int
@@ -49,6 +53,13 @@ class Use:
     rows: int = 0
     dtype: str = ""
     grouped: int | None = None
+    from_input: bool = False
+
+    @property
+    def tokens(self) -> int:
+        """The rows of a matmul (``dot``/``onehot``), else 0: what the planner's chooser prices
+        per token (a convolution's positions are not the model's tokens)."""
+        return self.rows if self.op in ("dot", "onehot") else 0
 
 
 @dataclass(frozen=True)
