@@ -473,3 +473,33 @@ def test_one_branch_of_a_cond_holds_its_scores():
         p = tpflax.plan(tree, {"data": 2}, model=fn, sample=(x,))
         got.append(tpflax.estimate(p, ADAM, model=fn, sample=(x,)).breakdown.scores)
     assert got[0] == got[1] == (8 // 2) * h * 32 * 32 * 4
+
+
+def test_cpu_norm_broadcasts_count_every_layer_of_a_scanned_stack():
+    # XLA:CPU keeps two input-sized broadcasts per norm call; a scanned stack's norm is one leaf for all its
+    # layers, and its body may be traced once: the estimate counted one layer's (nn.scan: 276 vs 308 MiB
+    # for the layer loop of the same decoder in benchmarks/nnx_estimate.py)
+    class Layer(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return x + nn.Dense(64)(nn.LayerNorm()(x)), None
+
+    class Loop(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for i in range(3):
+                x, _ = Layer(name=f"layers_{i}")(x, None)
+            return x
+
+    class Scan(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            stack = nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+            return stack(name="layers")(x, None)[0]
+
+    x = jax.ShapeDtypeStruct((8, 16, 64), jnp.float32)
+    peaks = {}
+    for name, m in (("loop", Loop()), ("scan", Scan())):
+        p = tpflax.plan(jax.eval_shape(m.init, jax.random.key(0), x), {"data": 2})
+        peaks[name] = tpflax.estimate(p, ADAM, model=m, sample=(x,), backend="cpu").breakdown.activations
+    assert peaks["scan"] == peaks["loop"], peaks

@@ -53,6 +53,7 @@ from tpflax._src.cost.optstate import shard_bytes
 from tpflax._src.cost.records import Memory, Peak
 from tpflax._src.cost.residual import residual_bytes
 from tpflax._src.cost.scope import body, leaf_itemsize
+from tpflax._src.cost.scope import layers as stacked_layers
 from tpflax._src.cost.workload import Workload
 from tpflax._src.mesh import EXPERT, FSDP, TENSOR, MeshShape
 from tpflax._src.specs import entry_axes
@@ -432,14 +433,18 @@ def norm_broadcasts(lv: Leaves, w: Workload, shards: int) -> int:
     if w.backend != "cpu":
         return 0
     running = {layer_key(p.rsplit("/", 1)[0]) for p, d in lv.decisions.items() if not d.trainable}  # BatchNorm's
-    units = {d.unit: lv.count[p] for p, d in lv.decisions.items()
+    # alike leaves merged into one, and the layers a scanned norm holds (a scan's body may be traced once)
+    units = {d.unit: (lv.count[p], stacked_layers(d)) for p, d in lv.decisions.items()
              if d.kind == "norm" and d.trainable and layer_key(d.unit) not in running}
     blocks = top_level(w.activations)
     total = 0
-    for unit, n in units.items():
-        for a in acts_for(w.activations, unit):
-            if a.inputs and not (w.remat and layer_key(unit) not in blocks):
-                total += 2 * math.prod(a.inputs[0]) * held_item(w.act_item, w.backend) * n // shards
+    for unit, (n, stack) in units.items():
+        calls = [a for a in acts_for(w.activations, unit) if a.inputs]
+        if calls and not (w.remat and layer_key(unit) not in blocks):
+            per = sum(math.prod(a.inputs[0]) for a in calls)
+            if stack > 1:  # a linen trace records a scanned body once or twice, whatever the layer count
+                per = per * stack // len(calls)
+            total += 2 * per * held_item(w.act_item, w.backend) * n // shards
     return total
 
 
