@@ -242,3 +242,16 @@ def test_a_frozen_leaf_keeps_its_collectives_in_the_estimate(lora, traced):
     got = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, tx, sample=(IDS,)), p, mesh).comm_total
     # measured -4.8% (tree) and -3.6% (traced): XLA's own choices on a few KiB of adapter gradients
     assert e.comm_total == pytest.approx(got, rel=0.1), (e.comm_total, got)
+
+
+def test_a_tree_of_integers_only_has_no_optimizer_state_to_place():
+    # the optimizer sees the float leaves only; of an int8-only tree it sees None leaves, which the
+    # trainable= filter then walked as a parameter tree and rejected as empty (found by test_properties)
+    tree = {"kernel": jnp.array(95, jnp.int8)}
+    plan = tpflax.plan(tree, {"data": 1})
+    mesh = tpflax.make_mesh(plan.mesh)
+    tx = optax.adafactor(1e-3, min_dim_size_to_factor=4)
+    params = {"kernel": None}
+    state = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(tx.init, params))
+    placed = tpflax.shard_optimizer_state(tx, state, plan, mesh, params=params)
+    assert jax.tree_util.tree_structure(placed) == jax.tree_util.tree_structure(state)

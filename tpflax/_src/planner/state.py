@@ -424,7 +424,9 @@ def trainable(tree: Any, keeps: Callable[[str], bool] | None = None) -> tuple[An
     """
     if is_nnx_state(tree):
         return _nnx_params(tree, _nnx_trains if keeps is None else lambda p, x: keeps(p) and _nnx_trains(p, x))
-    frozen = keeps is not None and not all(keeps(x.path) for x in walk(tree)[0])
+    # the paths as the masking below names them (a tree of integers only has no array leaf to walk)
+    paths = [keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)[0]]
+    frozen = keeps is not None and not all(keeps(p) for p in paths)
     if frozen:
         tree = jax.tree_util.tree_map_with_path(lambda p, x: x if keeps(keystr(p)) else None, tree, is_leaf=is_box)
     leaves = jax.tree_util.tree_leaves(tree)
