@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 
 from tpflax._src.facts.classify import ATTN, COLUMN_NAMES, HEAD, POS_EMBED, Facts
@@ -94,10 +94,11 @@ def _pair_linears(st: State, todo: Sequence[Facts], widths: set[int], sure: bool
         if f.kind in ("dense", "attention"):
             groups[f.group].append(f)
     loose: dict[str, list[Linear]] = defaultdict(list)
-    every = _table_heads(todo)
+    tables = _table_heads(todo)
+    every = _agreed(tables.values())
 
     def heads(group: str) -> int | None:  # the block's own tables first, else the model's
-        return _table_heads(todo, group) or every
+        return _agreed(h for path, h in tables.items() if path.startswith(f"{group}/")) or every
 
     for group in sorted(groups, key=_natural):
         members = groups[group]
@@ -128,17 +129,21 @@ def _pool(loose: dict[str, list[Linear]], group: str, left: list[Linear]) -> Non
 _INDEX = re.compile(r"^\D*?_?\d+$")
 
 
-def _table_heads(facts: Sequence[Facts], under: str = "") -> int | None:
-    """The attention head count the tree shows, or None: the columns of its per-head tables.
+def _table_heads(facts: Sequence[Facts]) -> dict[str, int]:
+    """``{path: heads}`` of the per-head tables the tree shows: the columns of each.
 
     A 2-D table inside an attention layer with fewer columns than rows (T5's relative-position
-    bias, buckets x heads) holds one column per head; when every such table agrees, that is the
-    model's head count, which its 2-D q/k/v kernels do not show. ``under``: only the tables below
-    that path (a Swin stage's attention has heads of its own: 2, then 4, 8, ...).
+    bias, buckets x heads) holds one column per head; where every such table agrees, that is the
+    head count, which the 2-D q/k/v kernels do not show (:func:`_agreed`: of the model, or of one
+    block's tables, as a Swin stage's attention has heads of its own: 2, then 4, 8, ...).
     """
-    found = {f.body[1] for f in facts
-             if f.kind == "embedding" and len(f.body) == 2 and ATTN.search(f.path) and f.body[1] < f.body[0]
-             and f.path.startswith(f"{under}/" if under else "")}
+    return {f.path: f.body[1] for f in facts
+            if f.kind == "embedding" and len(f.body) == 2 and ATTN.search(f.path) and f.body[1] < f.body[0]}
+
+
+def _agreed(heads: Iterable[int]) -> int | None:
+    """The one head count the tables agree on, or None."""
+    found = set(heads)
     return found.pop() if len(found) == 1 else None
 
 
