@@ -1,4 +1,4 @@
-"""How long estimate(model=) takes: traced afresh vs served its traces again (tpflax._src.trace.cache).
+"""How long estimate(model=) takes: traced afresh vs served its traces again (tpflax._src.model_cache).
 
 Run: python benchmarks/estimate_speed.py [--repeat 5]
 Writes benchmarks/results/estimate_speed.md. Per zoo model and mesh: the median time of an estimate
@@ -23,7 +23,7 @@ import optax  # noqa: E402
 
 import tpflax  # noqa: E402
 from tpflax import zoo  # noqa: E402
-from tpflax._src.trace import cache  # noqa: E402
+from tpflax._src import model_cache as cache  # noqa: E402
 
 CASES = (("mlp", {"model": 8}), ("gpt2", {"model": 8}), ("llama", {"data": 2, "model": 4}),
          ("moe", {"data": 2, "model": 4}), ("lstm", {"model": 8}), ("llama-scan", {"model": 8}),

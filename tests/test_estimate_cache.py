@@ -1,4 +1,4 @@
-"""estimate(model=) keeps the model's traces (tpflax._src.trace.cache): a repeated call is served them
+"""estimate(model=) keeps the model's traces (tpflax._src.model_cache): a repeated call is served them
 and prices exactly what a fresh trace prices; a changed batch shape or model traces afresh."""
 
 import dataclasses
@@ -12,7 +12,7 @@ from flax import nnx
 import tpflax
 from tests._util import tiny_lm
 from tpflax import zoo
-from tpflax._src.trace import cache
+from tpflax._src import model_cache as cache
 
 S = jax.ShapeDtypeStruct
 OPT = optax.adamw(1e-3)

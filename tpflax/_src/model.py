@@ -218,7 +218,7 @@ def _nnx(model: Any, sample: Any, variables: Any) -> Model:
 def _linen(module: Any, sample: Any, variables: Any) -> Model:
     sample = _samples(sample, type(module).__name__)
     if variables is None:  # traced once per module and sample shapes; a fresh tree for each caller
-        from tpflax._src.trace.cache import cached
+        from tpflax._src.model_cache import cached
 
         inits = Model(forward=module.init, sample=sample, variables=None, framework="linen",
                       name=type(module).__name__, module=module)

@@ -124,7 +124,7 @@ def dataflow(model: Any, sample: Any = None, variables: Any = None) -> Dataflow:
     >>> sorted({(e.src, e.dst) for e in flow.edges})[0]
     ('params/block_0/mlp/up/kernel', 'params/block_0/mlp/down/kernel')
     """
-    from tpflax._src.trace.cache import cached
+    from tpflax._src.model_cache import cached
 
     m = as_model(model, sample, variables)
 
