@@ -217,8 +217,13 @@ def _nnx(model: Any, sample: Any, variables: Any) -> Model:
 
 def _linen(module: Any, sample: Any, variables: Any) -> Model:
     sample = _samples(sample, type(module).__name__)
-    if variables is None:
-        variables = jax.eval_shape(lambda *x: module.init(jax.random.key(0), *x), *sample)
+    if variables is None:  # traced once per module and sample shapes; a fresh tree for each caller
+        from tpflax._src.model_cache import cached
+
+        inits = Model(forward=module.init, sample=sample, variables=None, framework="linen",
+                      name=type(module).__name__, module=module)
+        variables = jax.tree_util.tree_map(lambda x: x, cached(
+            "init", inits, lambda: jax.eval_shape(lambda *x: module.init(jax.random.key(0), *x), *sample)))
     # the collections beside params (a training-mode BatchNorm's batch_stats) are the call's to update:
     # applied immutable, the call raises; the train step keeps what it leaves, as an nnx module's
     mutable = state_collections(variables)

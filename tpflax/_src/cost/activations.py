@@ -70,6 +70,13 @@ def traced_layers(m: Any) -> tuple[dict[str, list[Act]], float]:
     calls as :func:`trace_activations` returns them, and the share of its contractions inside
     ``jax.checkpoint`` (:func:`tpflax._src.trace.dataflow.remat_share`; 0 without a module to trace).
     """
+    from tpflax._src.model_cache import cached
+
+    calls, share = cached("layers", m, lambda: _traced_layers(m))
+    return {k: list(v) for k, v in calls.items()}, share  # the caller's own lists
+
+
+def _traced_layers(m: Any) -> tuple[dict[str, list[Act]], float]:
     import flax.linen as nn
 
     from tpflax._src.trace.dataflow import remat_share

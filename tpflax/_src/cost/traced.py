@@ -118,6 +118,12 @@ def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
     >>> sorted(t.tied), t.parts, t.rows
     (['emb'], {'emb': 2}, {'emb': 3.0})
     """
+    from tpflax._src.model_cache import cached
+
+    return cached("uses", m, lambda: _traced_uses(m, shapes), tuple(sorted(shapes.items())))
+
+
+def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
     import jax
 
     from tpflax._src.cost.buffers import batched_rows

@@ -124,8 +124,15 @@ def dataflow(model: Any, sample: Any = None, variables: Any = None) -> Dataflow:
     >>> sorted({(e.src, e.dst) for e in flow.edges})[0]
     ('params/block_0/mlp/up/kernel', 'params/block_0/mlp/down/kernel')
     """
-    closed, paths, _ = trace_jaxpr(model, sample, variables)
-    return analyze(closed, paths)
+    from tpflax._src.model_cache import cached
+
+    m = as_model(model, sample, variables)
+
+    def make() -> Dataflow:
+        closed, paths, _ = trace_jaxpr(m)
+        return analyze(closed, paths)
+
+    return cached("dataflow", m, make)  # one trace per model, variables' and sample's shapes
 
 
 def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
