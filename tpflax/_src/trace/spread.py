@@ -23,8 +23,8 @@ GATHERS_PER_TOUCH = 2
 
 
 def spread_streams(flow: Dataflow, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[float, int, int]]:
-    """``{path: (stream rows / its own rows, stream width, gathers)}`` for kernels whose output is
-    combined elementwise with an activation of more rows than the kernel reads.
+    """``{path: (stream rows / its own rows, stream width, gathers)}`` for kernels reading fewer rows than
+    the widest contraction whose output is combined elementwise with an activation of more rows.
 
     The stream's width is the kernel's kept dim over its fused pieces (a shift, a scale or a gate);
     the gathers are :data:`GATHERS_PER_TOUCH` per contraction beside it (under the same parent layer)
@@ -44,9 +44,12 @@ def spread_streams(flow: Dataflow, shapes: Mapping[str, tuple[int, ...]]) -> dic
     {'params/ada/kernel': (8.0, 16, 4)}
     """
     out: dict[str, tuple[float, int, int]] = {}
+    widest = max((u.tokens for u in flow.uses), default=0)
     for (uid, dim), rows in flow.spread.items():
         u = flow.uses[uid]
-        if u.op != "dot" or not u.rows or rows <= u.rows or u.path not in shapes or u.path in out:
+        # a kernel reading every token (q/k/v, whose heads dim the scores broadcast over the keys) is no
+        # small activation: only one reading fewer rows than the widest contraction (one per example)
+        if not u.tokens or u.tokens >= widest or rows <= u.rows or u.path not in shapes or u.path in out:
             continue
         width = shapes[u.path][dim] // flow.fused.get((uid, dim), 1)
         parent = u.path.rsplit("/", 2)[0] + "/"
