@@ -214,10 +214,17 @@ def _column_items(path: str, d: Any, axes: tuple[str, ...], s: Scope) -> list[Co
     if d.kind == "head":  # the planner marks output heads
         return _head_items(axes, n, in_size, (a.output if a else None), s, path, "vocab-split output head")
     out_size = s.nbytes(a.output) if a else s.rows_of(path) * b[-1] * s.act_item
-    return [CommItem("all-gather", axes, out_size, n, layers(d), path,
-                     "column layer without a row partner: gather its split output (forward)"),
-            CommItem("all-reduce", axes, in_size, n, layers(d), path,
-                     "column layer without a row partner: sum input gradients (backward)")]
+    items = [CommItem("all-gather", axes, out_size, n, layers(d), path,
+                      "column layer without a row partner: gather its split output (forward)"),
+             CommItem("all-reduce", axes, in_size, n, layers(d), path,
+                      "column layer without a row partner: sum input gradients (backward)")]
+    stream = (s.streams or {}).get(path)
+    if stream:  # its split output scales a larger activation: XLA splits the residual stream (trace.spread)
+        ratio, width, gathers = stream
+        items.append(CommItem("all-gather", axes, s.rows_of(path) * ratio * width * s.act_item, n,
+                              gathers * layers(d), path, "column layer whose split output scales the residual "
+                              "stream: XLA splits the stream, gathered for each kernel that reads or writes it"))
+    return items
 
 
 def _head_items(axes, n: int, in_size: float, out_shape, s: Scope, path: str, what: str) -> list[CommItem]:

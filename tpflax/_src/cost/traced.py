@@ -87,6 +87,8 @@ class Traced:
             calls, where no module boundary shows them.
         scores: the attention-score products (``q @ k``) the forward forms.
         biased: parameters whose contraction's output gets a bias added (BERT's and BART's logits).
+        streams: ``{path: (stream rows over its own, stream width, gathers)}`` for kernels whose output
+            scales a larger activation elementwise (DiT's adaLN; :func:`tpflax._src.trace.spread.spread_streams`).
     """
 
     tied: frozenset[str] | None = None
@@ -105,6 +107,7 @@ class Traced:
     remat: bool = False
     scores: tuple[Scores, ...] = ()
     biased: frozenset[str] = frozenset()
+    streams: Mapping[str, tuple[float, int, int]] | None = None
 
 
 def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
@@ -130,6 +133,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
     from tpflax._src.errors import TraceError
     from tpflax._src.planner.repeats import merge_uses
     from tpflax._src.trace.dataflow import dataflow
+    from tpflax._src.trace.spread import spread_streams
 
     try:
         flow = dataflow(m)
@@ -189,7 +193,8 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
     return Traced(tied, {p: n for p, n in whole.items() if n > 1}, rows, fused, act, shared,
                   {p: n for p, n in lookups.items() if n > 1}, grouped, joined, widths,
                   {p: n for p, n in slices.items() if n > 1}, buffers, contractions, flow.remat >= 0.5,
-                  scores, frozenset(flow.uses[uid].path for uid, _ in flow.biases.values()))
+                  scores, frozenset(flow.uses[uid].path for uid, _ in flow.biases.values()),
+                  spread_streams(flow, shapes))
 
 
 _THROUGH = ("convert_element_type", "copy", "reduce_precision", "optimization_barrier")

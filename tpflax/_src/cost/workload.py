@@ -47,7 +47,7 @@ class Workload:
         remat, backend, dispatch: as :func:`tpflax.estimate` takes them.
         act_item, g_item: activation and gradient bytes per element (g_item None: the parameter's).
         settings: what the estimate reports it used.
-        tied, parts, rows, fused, shared, lookups, grouped, joined, widths, slices, buffers: from the traced
+        tied, parts, rows, fused, shared, lookups, grouped, joined, widths, slices, buffers, streams: from the traced
             forward (see :class:`tpflax._src.cost.traced.Traced`); None untraced.
         contractions: a plain function's parameter contractions as layer calls (see
             :func:`contraction_calls`), for the saved-activation bytes only: the collective
@@ -81,6 +81,7 @@ class Workload:
     widths: Mapping[str, int] | None = None
     slices: Mapping[str, int] | None = None
     buffers: Mapping[str, float] | None = None
+    streams: Mapping[str, tuple[float, int, int]] | None = None
     contractions: Mapping[str, Sequence[Act]] = field(default_factory=dict)
     scores: tuple[Scores, ...] = ()
     next_token: bool = False
@@ -156,7 +157,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     settings=settings, tied=t.tied, parts=t.parts, rows=t.rows,
                     fused=t.fused, shared=t.shared, lookups=t.lookups,
                     grouped=t.grouped, joined=t.joined, widths=t.widths, slices=t.slices, buffers=t.buffers,
-                    contractions=contractions, scores=t.scores,
+                    streams=t.streams, contractions=contractions, scores=t.scores,
                     next_token=_next_token(m) if loss is None else reads_slice(m, loss), biased=t.biased)
 
 

@@ -40,6 +40,7 @@ from tpflax._src.planner.leaf_groups import (
 from tpflax._src.planner.repeats import merge_uses
 from tpflax._src.specs import entries, to_pspec
 from tpflax._src.trace.dataflow import Dataflow, Edge, Use
+from tpflax._src.trace.spread import spread_streams
 
 _CONTRACT = ("dot", "conv")
 
@@ -60,6 +61,8 @@ class _Flow:
     cand: dict[int, Use] = field(default_factory=dict)
     out_edges: dict[tuple[int, int], list[Edge]] = field(default_factory=lambda: defaultdict(list))
     in_edges: dict[int, list[Edge]] = field(default_factory=lambda: defaultdict(list))
+    # kernels whose few rows scale the residual stream elementwise (trace.spread)
+    streams: dict[str, tuple[float, int, int]] = field(default_factory=dict)
 
 
 def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Dataflow,
@@ -109,7 +112,7 @@ def _start(facts: Sequence[Facts], st: State, flow: Dataflow) -> _Flow:
     for u in flow.uses:
         if u.path in fx:  # an ``alias:``/``repeat:``/``join:`` use (see merge_uses) is no contraction of its own
             uses[u.path].append(u)
-    return _Flow(st, flow, fx, uses)
+    return _Flow(st, flow, fx, uses, streams=spread_streams(flow, {p: f.leaf.shape for p, f in fx.items()}))
 
 
 def _recurrent(c: _Flow) -> None:
@@ -162,6 +165,8 @@ def _sources_by_dim(c: _Flow, rid: int) -> dict[int, dict[int, Edge]]:
             continue
         if (S.id, e.src_dim) in c.flow.escapes or (S.id, e.src_dim) in c.flow.outputs:
             continue
+        if S.path in c.streams:
+            continue  # its output scales the residual stream (DiT's adaLN): split, XLA splits the stream too
         if {x.dst_use for x in c.out_edges[(S.id, e.src_dim)]} != {rid} and not _branched(c, S.id, e.src_dim) \
                 and not _narrow_readers(c, S.id, e.src_dim, rid):
             continue  # its output also feeds another contraction: not a clean pair
@@ -357,7 +362,7 @@ def _outputs(c: _Flow) -> None:
         why = (f"{'conv' if u.op == 'conv' else 'dense'} without a partner (traced): "
                f"{_why_not_column(c, u)}; {_why_not_row(c, u)}")
         if u.op == "dot" and len(u.kept) == 1 and path in c.st.rows and f.stacked == 0:
-            shard_lone_dense(c.st, f, f.body_dim(u.kept[0]), why)
+            shard_lone_dense(c.st, f, f.body_dim(u.kept[0]), why, c.streams.get(path))
         else:
             c.st.replicate(f, why)
 

@@ -111,7 +111,8 @@ def shard_output_head(st: State, f: Facts, dim: int, evidence: str) -> None:
                                            "kept whole"), kind="head")
 
 
-def shard_lone_dense(st: State, f: Facts, dim: int, why: str) -> None:
+def shard_lone_dense(st: State, f: Facts, dim: int, why: str,
+                     stream: tuple[float, int, int] | None = None) -> None:
     """A dense without a partner: whole, or its output body dim ``dim`` split over the tensor axis, by cost.
 
     It is priced at the rows it reads per token the chooser prices (traced, ``State.rows``): a projection of
@@ -119,6 +120,9 @@ def shard_lone_dense(st: State, f: Facts, dim: int, why: str) -> None:
     example, so gathering its split output and summing its input gradient move next to nothing,
     while the split divides its bytes, flops and gradient reduction. On every token the
     collectives cost more than they save and it stays whole (measured: tests/test_patterns.py).
+    ``stream``: ``(rows over its own, width, gathers)`` when its output scales a larger activation
+    elementwise (:func:`~tpflax._src.trace.spread.spread_streams`: DiT's adaLN): split, it leaves XLA a
+    feature-split residual stream, gathered that often.
     """
     t_entry, t_size = st.tensor
     keep = Option("replicate", ((f.path, st.whole(f, why)),), (), frozenset({f.path}), whole=True)
@@ -130,6 +134,10 @@ def shard_lone_dense(st: State, f: Facts, dim: int, why: str) -> None:
     over = axis_label(t_entry, t_size)
     acts = (ActComm("all-gather", t_entry, n, 1, "gather its split output (forward)"),
             ActComm("all-reduce", t_entry, math.prod(f.body) // n, 1, "sum its input gradient (backward)"))
+    if stream:
+        ratio, width, gathers = stream
+        acts += (ActComm("all-gather", t_entry, ratio * width, gathers, "gather the residual stream its split "
+                         "output splits, for each kernel that reads or writes it"),)
     split = Option("column", ((f.path, st.proposal(
         f, body_spec(len(f.body), dim, t_entry), "column",
         f"column: dense without a partner reading {share:.3g} rows per token (traced); its {n} "

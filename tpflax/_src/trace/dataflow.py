@@ -165,7 +165,17 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                     scanned=dict(w.scanned), n_eqns=w.n_eqns, fused=found["fused"], branches=branches,
                     cuts=found["cuts"], views=frozenset(w.root(k) for k in w.views),
                     shared=shared_reads(jaxpr, w.reads), remat=remat_share(jaxpr),
-                    products=_one_branch(w.products), channelwise=dict(w.channelwise))
+                    products=_one_branch(w.products), channelwise=dict(w.channelwise),
+                    spread=_spread(w))
+
+
+def _spread(w: Any) -> dict[tuple[int, int], int]:
+    """:attr:`Walk.spread` with every piece key back on its kernel dim."""
+    out: dict[tuple[int, int], int] = {}
+    for k, rows in w.spread.items():
+        r = w.root(k)
+        out[r] = max(out.get(r, 0), rows)
+    return out
 
 
 def _pieces_joined(w: Any) -> tuple[dict[str, Any], dict[tuple[int, int], tuple[frozenset[int], ...]]]:

@@ -19,10 +19,11 @@ chain through it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from tpflax._src.trace import contractions, control
-from tpflax._src.trace.interpreter import Handler, Val, Walk
+from tpflax._src.trace.interpreter import Handler, Val, Walk, is_minor
 from tpflax._src.trace.reshape import reshape
 
 # Ops that keep every dim in place (n-ary, equal shapes up to rank-0 operands).
@@ -64,11 +65,23 @@ def elementwise(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
     if params:
         _note_params(w, name, params, acts)
     tags = w.pointwise([v for v in acts if v.tags is not None], rank, name)
+    if tags is not None and len(acts) > 1:
+        _note_spread(w, tags, tuple(getattr(eqn.outvars[0].aval, "shape", ())))
     onehot = name == "eq" and any(v.iota for v in ins) and not all(v.iota for v in ins)
     onehot = onehot or (name in VIEW and any(v.onehot for v in ins))
     iota = all(v.iota or v.rank == 0 for v in ins) and any(v.iota for v in ins) and name in (
         "add", "sub", "mul", "convert_element_type", "copy")
     return [Val(r, tags=tags, onehot=onehot, iota=iota) for r in ranks]
+
+
+def _note_spread(w: Walk, tags: tuple, shape: tuple[int, ...]) -> None:
+    """Record the rows (elements over the dim's size) of activations combined along each tagged dim: an
+    adaLN modulation of one row per example scaling a residual stream of every token reaches its rows."""
+    n = math.prod(shape)
+    for d, m in enumerate(tags):
+        for k in m:
+            if not is_minor(k) and shape[d]:
+                w.spread[k] = max(w.spread.get(k, 0), n // shape[d])
 
 
 def _one_per_path(origin: Any) -> tuple:

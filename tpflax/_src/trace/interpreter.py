@@ -111,6 +111,8 @@ class Walk:
             of a dim a reshape cut (``(heads) -> (kv_heads, groups)``).
         caps: ``{tag: size}``: a minor part was reduced, sliced or contracted, so a split of
             the tag stays within the major part; applied to its edges' limits at the end.
+        spread: ``{tag: rows}``: the most rows of an elementwise combination of activations the tag's
+            dim reached (see :attr:`tpflax._src.trace.records.Dataflow.spread`).
     """
 
     handlers: Mapping[str, Handler]
@@ -128,6 +130,7 @@ class Walk:
     fused: dict[tuple[int, int], int] = field(default_factory=dict)
     spills: dict[tuple[int, int], int] = field(default_factory=dict)
     caps: dict[tuple[int, int], int] = field(default_factory=dict)
+    spread: dict[tuple[int, int], int] = field(default_factory=dict)
     reads: dict[int, tuple[Any, int, tuple]] = field(default_factory=dict)  # use id -> (dot eqn, operand, ctx)
     products: dict[tuple[tuple, int], Product] = field(default_factory=dict)  # (ctx, id(eqn)) -> Product
     lengths: dict[int, int] = field(default_factory=dict)  # id(scan eqn) -> its trip count

@@ -146,6 +146,10 @@ class Dataflow:
         views: the :attr:`fused` dims whose pieces a reshape cut apart: the output reshaped to
             ``(pieces, heads, head_dim)`` and indexed on the pieces (timm's ``qkv[0], qkv[1], qkv[2]``),
             not split on the flat dim (see :mod:`tpflax._src.cost.reshard`).
+        spread: ``{(use id, param dim): rows}``: the most rows of an activation that the kept dim's
+            output was combined with elementwise (its size times the rows is the combination's size). More
+            rows than the use reads is a small activation broadcast over a larger one: DiT's adaLN
+            modulation, one row per example, scaling and gating the residual stream of every token.
     """
 
     paths: tuple[str, ...]
@@ -166,3 +170,4 @@ class Dataflow:
     branches: Mapping[tuple[int, int], tuple[frozenset[int], ...]] = field(default_factory=dict)
     cuts: Mapping[tuple[int, int], tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     views: frozenset[tuple[int, int]] = frozenset()
+    spread: Mapping[tuple[int, int], int] = field(default_factory=dict)

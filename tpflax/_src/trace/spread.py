@@ -1,0 +1,62 @@
+"""Small activations broadcast over the residual stream: the feature split they hand XLA.
+
+DiT's adaLN-Zero computes, once per example, a ``(batch, 6 d)`` modulation from the conditioning
+vector, cuts it into shift, scale and gate, and applies them elementwise to the residual stream of
+every token (``x + gate * attn(norm(x) * (1 + scale) + shift)``). Split on its outputs, that kernel
+hands XLA a feature-split modulation, and XLA's sharding propagation carries the split into the
+product and on into the residual stream: the stream stays feature-split, and every kernel that reads
+it whole or writes it gathers it (measured on a 2-block DiT, data=2,model=4: 8 stream-sized gathers per
+block, 2 for each of q/k/v, attention output, MLP up and MLP down). Gathering the small modulation
+would cost next to nothing, but XLA does not choose that.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from tpflax._src.trace.records import Dataflow
+
+# per contraction that reads or writes the feature-split stream: its forward gather and one backward
+# (a reader's input again for its weight gradient; a writer's output gradient, for both products)
+GATHERS_PER_TOUCH = 2
+
+
+def spread_streams(flow: Dataflow, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[float, int, int]]:
+    """``{path: (stream rows / its own rows, stream width, gathers)}`` for kernels reading fewer rows than
+    the widest contraction whose output is combined elementwise with an activation of more rows.
+
+    The stream's width is the kernel's kept dim over its fused pieces (a shift, a scale or a gate);
+    the gathers are :data:`GATHERS_PER_TOUCH` per contraction beside it (under the same parent layer)
+    that reads or writes a dim of that width at the stream's rows.
+
+    >>> import jax, flax.linen as nn
+    >>> class Block(nn.Module):
+    ...     @nn.compact
+    ...     def __call__(self, x, c):
+    ...         gate = nn.Dense(16, name="ada")(c)[:, None]
+    ...         return x + gate * nn.Dense(16, name="out")(nn.relu(nn.Dense(64, name="up")(x)))
+    >>> x, c = jax.ShapeDtypeStruct((2, 8, 16), "float32"), jax.ShapeDtypeStruct((2, 16), "float32")
+    >>> v = jax.eval_shape(Block().init, jax.random.key(0), x, c)
+    >>> from tpflax._src.trace.dataflow import dataflow
+    >>> spread_streams(dataflow(Block(), (x, c), v), {"params/ada/kernel": (16, 16), "params/up/kernel": (16, 64),
+    ...                                                "params/out/kernel": (64, 16)})
+    {'params/ada/kernel': (8.0, 16, 4)}
+    """
+    out: dict[str, tuple[float, int, int]] = {}
+    widest = max((u.tokens for u in flow.uses), default=0)
+    for (uid, dim), rows in flow.spread.items():
+        u = flow.uses[uid]
+        # a kernel reading every token (q/k/v, whose heads dim the scores broadcast over the keys) is no
+        # small activation: only one reading fewer rows than the widest contraction (one per example)
+        if not u.tokens or u.tokens >= widest or rows <= u.rows or u.path not in shapes or u.path in out:
+            continue
+        width = shapes[u.path][dim] // flow.fused.get((uid, dim), 1)
+        parent = u.path.rsplit("/", 2)[0] + "/"
+        touches = sum(1 for w in flow.uses if w.id != uid and w.op == "dot" and w.rows == rows
+                      and w.path.startswith(parent) and w.path in shapes
+                      and width in (math.prod(shapes[w.path][d] for d in w.contracted),
+                                    math.prod(shapes[w.path][d] for d in w.kept)))
+        if touches:
+            out[u.path] = (rows / u.rows, width, GATHERS_PER_TOUCH * touches)
+    return out
