@@ -72,3 +72,31 @@ def test_hand_layout_estimate_follows_the_trace_not_the_tree():
     # the token-mixing row sums (batch 4 per device) x hidden 32 x tokens 16 floats, not x 32
     rows = [i for i in est[1].items if "token_mixing" in i.why and "partial outputs" in i.why]
     assert rows and all(i.size == 4 * HIDDEN * TOKENS * 4 for i in rows)
+
+
+def test_tree_reads_the_token_mlp_by_linen_numbering():
+    """Tree only: the norms' width (32) says the token MLP narrows (32 -> 16); linen's numbering says it widens
+    (16 -> 32), as MLPs do: the numbering wins, so the tree plan is the hand layout (it was row -> column)."""
+    variables = jax.eval_shape(Mixer().init, jax.random.key(0), *SAMPLE)
+    tree = tpflax.plan(variables, MESH)
+    hand = tpflax.plan(variables, MESH, rules=HAND)
+    got = {p: tuple(d.spec) for p, d in tree.decisions.items() if "mixing" in p}
+    assert got == {p: tuple(d.spec) for p, d in hand.decisions.items() if "mixing" in p}
+    assert tree.decisions["params/token_mixing_0/Dense_0/kernel"].role == "column"
+
+
+def test_nested_dense_still_reads_by_widths():
+    """``nn.Dense(d)(gelu(nn.Dense(4 * d)(x)))`` creates the outer (row) layer first: the numbering is wrong
+    there, and the widths' reading widens, so the widths still decide."""
+
+    class Nested(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for _ in range(2):
+                x = x + nn.Dense(32)(nn.gelu(nn.Dense(128)(nn.LayerNorm()(x))))
+            return x
+
+    variables = jax.eval_shape(Nested().init, jax.random.key(0), S((8, 16, 32), jnp.float32))
+    d = tpflax.plan(variables, MESH).decisions
+    assert d["params/Dense_0/kernel"].shape == (128, 32) and d["params/Dense_0/kernel"].role == "row"
+    assert d["params/Dense_1/kernel"].role == "column"

@@ -158,8 +158,12 @@ def assign_roles(lins: list[Linear], widths: set[int], sure: bool = False) -> No
                              f"the norm widths {sorted(widths)}; going by the name (pass model= to trace it)")
                 lin.why = f"'{name}' is an {'input' if named == 'column' else 'output'} projection ({i} -> {o})"
                 continue
-            order = None if sure else _call_order(lin, lins)
-            if order is not None:  # one norm's width is a guess; so is linen's numbering, a better one
+            order = _call_order(lin, lins)
+            # sure widths outvote linen's numbering, unless their reading makes the pair an MLP that narrows
+            # its input while the numbering makes it widen: a mixer's token MLP, over the tokens, whose hidden
+            # width is the model's (the norms' width is then not its residual)
+            narrows = (i > o) if by_shape == "column" else (o > i)
+            if order is not None and (not sure or (narrows and order[0] != by_shape)):
                 lin.role, lin.why = order
                 lin.doubt = (f"'{short(lin.f.path)}' ({i} -> {o}) taken as {order[0]} by linen's layer numbering; "
                              f"the norm widths {sorted(widths)} say {by_shape} (pass model= to trace it)")
