@@ -52,3 +52,39 @@ def test_latent_queries_are_activations():
     # same specs: the same collectives, to the byte (the tree's were the compiled ones in the probe)
     assert est[0].comm == est[1].comm
     assert not any("bias" in i.why for i in est[0].items if i.axes == ("model",))
+
+
+class CrossAttend2D(nn.Module):
+    """Attention written with 2-D kernels: q reads the latents (32 wide), k and v the inputs (24 wide)."""
+
+    @nn.compact
+    def __call__(self, z, x):
+        b, n, m = z.shape[0], z.shape[1], x.shape[1]
+        q = nn.Dense(32, name="q")(z).reshape(b, n, 4, 8)
+        k = nn.Dense(32, name="k")(x).reshape(b, m, 4, 8)
+        v = nn.Dense(32, name="v")(x).reshape(b, m, 4, 8)
+        p = jax.nn.softmax(jnp.einsum("bnhd,bmhd->bhnm", q, k), -1)
+        return nn.Dense(32, name="o")(jnp.einsum("bhnm,bmhd->bnhd", p, v).reshape(b, n, 32))
+
+
+class Perceiver2D(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        lat = self.param("latents", nn.initializers.normal(0.02), (8, 32))
+        z = jnp.broadcast_to(lat, (x.shape[0], *lat.shape))
+        z = z + CrossAttend2D(name="cross")(nn.LayerNorm()(z), nn.LayerNorm()(x))
+        h = nn.LayerNorm()(z)
+        return z + CrossAttend2D(name="self")(h, h)
+
+
+def test_tree_reads_cross_attention_keys_of_another_width_as_stored():
+    """k, v ``(24, 32)``: the norms' width 32 on their output side once made them kernels stored (out, in),
+    and their square q and o flipped with them (q split on its input, o on its output, k and v whole: 1.49x
+    the hand layout's compiled collectives at d=64). Beside a q reading the residual as stored with the same
+    output width, they are stored (in, out): Megatron's column -> row."""
+    variables = jax.eval_shape(Perceiver2D().init, jax.random.key(0), *SAMPLE)
+    d = tpflax.plan(variables, MESH).decisions
+    for name in ("q", "k", "v"):
+        assert tuple(d[f"params/cross/{name}/kernel"].spec) == (None, "model"), name
+        assert tuple(d[f"params/self/{name}/kernel"].spec) == (None, "model"), name
+    assert tuple(d["params/cross/o/kernel"].spec) == ("model", None)
