@@ -362,8 +362,10 @@ def traced_facts(p: Plan, model: Any, sample: Any = None, flow: Any = None) -> P
     from tpflax._src.trace.dataflow import dataflow
 
     ds = p.decisions
-    # only a leaf split over a tensor or expert axis has a pair or a head split that collectives follow
-    loose = {q for q, d in ds.items() if d.source in ("rule", "annotation") and d.pair is None and d.kind != "head"
+    # only a leaf split over a tensor or expert axis has a pair or a head split that collectives follow; a
+    # forced leaf's pair is the tree's reading (no trace made it), which widths can turn around (an MLP over
+    # the tokens, as wide as the model: the tree's residual width): the trace's pair replaces it, whole
+    loose = {q for q, d in ds.items() if d.source in ("rule", "annotation") and d.kind != "head"
              and any(_tensor_split(entries(d.spec, len(d.shape)), p.mesh))}
     if not loose or any(d.source == "trace" for d in ds.values()):
         return p
@@ -385,11 +387,21 @@ def traced_facts(p: Plan, model: Any, sample: Any = None, flow: Any = None) -> P
     forced = {q: Proposal(entries(ds[q].spec, len(ds[q].shape)), ds[q].strategy, ds[q].reason) for q in loose}
     found, pairs = _forced_facts(forced, facts, [], own, own_pairs, p.mesh)
     top = max([d.pair for d in ds.values() if d.pair is not None] + [pr.id for pr in p.pairs] + [0])
+    traced = {q for q, f in found.items() if f.pair is not None or f.kind == "head"}
+    # a tree pair is replaced only when the trace placed every member of it (else it is kept as it was)
+    members: dict[int, set[str]] = {}
+    for q, d in ds.items():
+        if d.pair is not None:
+            members.setdefault(d.pair, set()).add(q)
+    replaced = {pid for pid, ms in members.items() if ms <= traced}
     new = dict(ds)
-    for q, f in found.items():
-        if f.pair is not None or f.kind == "head":
+    for q in traced:
+        f = found[q]
+        if ds[q].pair is None or ds[q].pair in replaced:
             new[q] = replace(ds[q], pair=None if f.pair is None else top + f.pair, role=f.role,
                              kind=f.kind or ds[q].kind)
     if new == ds:
         return p
-    return replace(p, decisions=new, pairs=tuple(p.pairs) + tuple(replace(pr, id=top + pr.id) for pr in pairs))
+    used = {d.pair for d in new.values()}
+    return replace(p, decisions=new, pairs=tuple(pr for pr in p.pairs if pr.id not in replaced)
+                   + tuple(replace(pr, id=top + pr.id) for pr in pairs if top + pr.id in used))

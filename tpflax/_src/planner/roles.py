@@ -138,7 +138,7 @@ def assign_roles(lins: list[Linear], widths: set[int], sure: bool = False) -> No
         named = "column" if COLUMN_NAMES.match(name) else ("row" if ROW_NAMES.match(name) else None)
         if widths and (i in widths) != (o in widths):
             by_shape = "column" if i in widths else "row"
-            if named and named != by_shape and len(lin.f.body) == 2 and sure:
+            if named and named != by_shape and len(lin.f.body) == 2 and sure and not _like_its_query(lin, lins, widths):
                 # The name and the (in, out) reading disagree, and read (out, in) they
                 # agree: a Conv1D-style kernel stored transposed. Orient it by shape, so
                 # the split falls on its non-residual dim whichever way it is stored.
@@ -158,8 +158,12 @@ def assign_roles(lins: list[Linear], widths: set[int], sure: bool = False) -> No
                              f"the norm widths {sorted(widths)}; going by the name (pass model= to trace it)")
                 lin.why = f"'{name}' is an {'input' if named == 'column' else 'output'} projection ({i} -> {o})"
                 continue
-            order = None if sure else _call_order(lin, lins)
-            if order is not None:  # one norm's width is a guess; so is linen's numbering, a better one
+            order = _call_order(lin, lins)
+            # sure widths outvote linen's numbering, unless their reading makes the pair an MLP that narrows
+            # its input while the numbering makes it widen: a mixer's token MLP, over the tokens, whose hidden
+            # width is the model's (the norms' width is then not its residual)
+            narrows = (i > o) if by_shape == "column" else (o > i)
+            if order is not None and (not sure or (narrows and order[0] != by_shape)):
                 lin.role, lin.why = order
                 lin.doubt = (f"'{short(lin.f.path)}' ({i} -> {o}) taken as {order[0]} by linen's layer numbering; "
                              f"the norm widths {sorted(widths)} say {by_shape} (pass model= to trace it)")
@@ -183,6 +187,18 @@ def assign_roles(lins: list[Linear], widths: set[int], sure: bool = False) -> No
                        f"the widening side is column")
 
 
+
+
+def _like_its_query(lin: Linear, lins: list[Linear], widths: set[int]) -> bool:
+    """An unfused input projection as wide out as a sibling of its layer that reads the residual as stored:
+    a key or value of a cross-attention reading a narrower input (a Perceiver's k/v ``(48, 64)`` beside its
+    query ``(64, 64)``), which q . k needs as wide as the query, not a kernel stored (out, in)."""
+    if FUSED_NAMES.match(role_name(lin.f)) or not COLUMN_NAMES.match(role_name(lin.f)):
+        return False
+    parent = lin.f.unit.rsplit("/", 1)[0]
+    return any(m is not lin and len(m.f.body) == 2 and m.f.unit.rsplit("/", 1)[0] == parent and m.in_dims == (0,)
+               and COLUMN_NAMES.match(role_name(m.f)) and m.in_size in widths and m.out_size == lin.out_size
+               for m in lins)
 
 
 _AUTO_NAME = re.compile(r"^(?P<kind>[A-Za-z]\w*?)_(?P<n>\d+)$")

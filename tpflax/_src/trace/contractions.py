@@ -33,6 +33,11 @@ def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
     rf = [d for d in range(rhs.rank) if d not in rc and d not in rb]
     out_rank = ranks[0]
     lp, rp = bool(lhs.origin), bool(rhs.origin)
+    if lp and rp and _per_example(lhs) != _per_example(rhs):
+        # a weight broadcast over a dim no weight has (a learned latent array or query tokens over the batch)
+        # meets a weight: it is the activation of this product, the other the kernel it uses
+        lhs, rhs = (Val(lhs.rank, live=True), rhs) if _per_example(lhs) else (lhs, Val(rhs.rank, live=True))
+        lp, rp = bool(lhs.origin), bool(rhs.origin)
     if lp and rp:  # a weight computed from weights (x @ (a @ b)): still parameters
         origin = []
         for p, dims in lhs.origin:
@@ -88,6 +93,11 @@ def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
     # dot_general's output dims: batch, then lhs free, then rhs free.
     tags = tag_b + (tag_pf + tag_af if lp else tag_af + tag_pf)
     return [Val(out_rank, tags=tuple(tags) if any(tags) else None, fresh=fresh)]
+
+
+def _per_example(v: Val) -> bool:
+    """A weight-made value with a dim that no weight it comes from has: broadcast over it (the batch)."""
+    return any(all(dims[d] is None for _, dims in v.origin) for d in range(v.rank))
 
 
 def _scale(w: Walk, act: Val, par: Val, ab, af, out_rank: int) -> Val:
