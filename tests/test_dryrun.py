@@ -112,6 +112,19 @@ def test_report_shows_estimated_and_compiled_memory_side_by_side():
     assert dr.flops and dr.flops > 0
 
 
+def test_compiler_options_reach_xla_and_leave_the_numbers_alone():
+    # without LLVM's optimisations (what the slow compile tests use) XLA:CPU runs the same HLO
+    # passes: the same buffers, collectives and FLOPs, to the byte
+    p, _, dr = case("mlp", (("model", 8),))
+    m, variables, _ = _acts("mlp")
+    mesh = tpflax.make_mesh(p.mesh)
+    ts = make_train_step(m, p, mesh, optax.adamw(1e-3), BATCH["mlp"], variables=variables)
+    fast = dry_run(ts, p, mesh, compiler_options={"xla_backend_optimization_level": 0})
+    assert (fast.memory, fast.collectives, fast.flops) == (dr.memory, dr.collectives, dr.flops)
+    with pytest.raises(tpflax.CompileError):  # the options are really handed to XLA
+        dry_run(ts, p, mesh, compiler_options={"xla_no_such_option": 1})
+
+
 def test_unreported_memory_is_not_compared_against_zero():
     p, est, dr = case("mlp", (("model", 8),))
     blind = DryRun(memory={"argument": None, "output": None, "temp": None, "alias": None,
