@@ -131,8 +131,12 @@ def plan_each(params: Any, mesh: dict[str, int], calls: dict[str, dict[str, Any]
     return out
 
 
-def measure(arch: str, mesh: dict[str, int], name: str, plan: Any, built: Built) -> Numbers:
-    """Compile the adamw step for ``plan`` and read the three numbers (and the estimate)."""
+def measure(arch: str, mesh: dict[str, int], name: str, plan: Any, built: Built,
+            compiler_options: dict[str, Any] | None = None) -> Numbers:
+    """Compile the adamw step for ``plan`` and read the three numbers (and the estimate).
+
+    ``compiler_options`` go to :func:`tpflax.dry_run` (the tests skip LLVM's optimisations).
+    """
     import optax
 
     import tpflax
@@ -145,7 +149,7 @@ def measure(arch: str, mesh: dict[str, int], name: str, plan: Any, built: Built)
     try:
         m = tpflax.make_mesh(mesh)
         ts = tpflax.make_train_step(built.fn, plan, m, tx, sample=built.sample, loss=built.loss)
-        dr = tpflax.dry_run(ts, plan, m)
+        dr = tpflax.dry_run(ts, plan, m, compiler_options=compiler_options)
     except Exception as e:  # noqa: BLE001 - a failure is a finding, recorded in the table
         return Numbers(arch, label, name, error=f"step: {type(e).__name__}: {str(e)[:300]}")
     mem = dr.memory

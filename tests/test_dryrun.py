@@ -27,6 +27,9 @@ MODELS = ("mlp", "cnn", "gpt2", "llama", "llama-scan", "moe", "vit", "lstm", "gr
 BATCH = {"mlp": 512, "cnn": 16, "gpt2": 32, "llama": 32, "llama-scan": 32, "moe": 32, "vit": 16,
          "lstm": 32, "gru": 32, "nnx-mlp": 512}
 MEM_BOUND, COMM_BOUND = 0.02, 0.15
+# XLA:CPU without LLVM's optimisations: the same HLO passes, so the same memory, collectives and
+# FLOPs (test_compiler_options_reach_xla_and_leave_the_numbers_alone), in ~60% of the compile time
+NO_LLVM_OPT = {"xla_backend_optimization_level": 0}
 
 
 @functools.cache
@@ -43,7 +46,7 @@ def case(name, mesh_key):
     p = tpflax.plan(variables, sizes, fsdp_min_bytes=1024)
     mesh = tpflax.make_mesh(p.mesh)
     ts = make_train_step(m, p, mesh, opt, BATCH[name], variables=variables)
-    dr = dry_run(ts, p, mesh)
+    dr = dry_run(ts, p, mesh, compiler_options=NO_LLVM_OPT)
     est = estimate(p, opt, ts.args[2], model=m, activations=acts, backend="cpu")
     return p, est, dr
 
@@ -83,8 +86,8 @@ def test_moe_with_whole_heads_matches():
                     rules=[("attn/(query|key|value|out)", "replicate")])
     mesh = tpflax.make_mesh(p.mesh)
     ts = make_train_step(m, p, mesh, optax.adamw(1e-3), BATCH["moe"], variables=variables)
-    cmp = dry_run(ts, p, mesh).compare(estimate(p, optax.adamw(1e-3), ts.args[2], model=m,
-                                                activations=acts, backend="cpu"))
+    cmp = dry_run(ts, p, mesh, compiler_options=NO_LLVM_OPT).compare(
+        estimate(p, optax.adamw(1e-3), ts.args[2], model=m, activations=acts, backend="cpu"))
     assert abs(cmp.comm_error) <= COMM_BOUND and abs(cmp.memory_error) <= MEM_BOUND
     split = estimate(tpflax.plan(variables, {"model": 8}), None, ts.args[2], model=m, activations=acts)
     assert any("heads do not divide" in n for n in split.notes)
@@ -110,6 +113,19 @@ def test_report_shows_estimated_and_compiled_memory_side_by_side():
     assert peak["estimated"] == est.peak and peak["compiled"] == dr.memory["peak"]
     assert dr.compare(est).peak_error == pytest.approx((est.peak - dr.memory["peak"]) / dr.memory["peak"])
     assert dr.flops and dr.flops > 0
+
+
+def test_compiler_options_reach_xla_and_leave_the_numbers_alone():
+    # without LLVM's optimisations (what case() and the slow compile tests use) XLA:CPU runs the
+    # same HLO passes: the same buffers, collectives and FLOPs, to the byte
+    p, _, fast = case("mlp", (("model", 8),))
+    m, variables, _ = _acts("mlp")
+    mesh = tpflax.make_mesh(p.mesh)
+    ts = make_train_step(m, p, mesh, optax.adamw(1e-3), BATCH["mlp"], variables=variables)
+    dr = dry_run(ts, p, mesh)  # XLA's defaults
+    assert (fast.memory, fast.collectives, fast.flops) == (dr.memory, dr.collectives, dr.flops)
+    with pytest.raises(tpflax.CompileError):  # the options are really handed to XLA
+        dry_run(ts, p, mesh, compiler_options={"xla_no_such_option": 1})
 
 
 def test_unreported_memory_is_not_compared_against_zero():

@@ -217,7 +217,8 @@ class Comparison:
 
 def dry_run(step: Callable[..., Any] | TrainStep, plan, mesh: Any, example_args: Sequence[Any] = (), *,
             in_shardings: Any = None, out_shardings: Any = None, donate_argnums: Sequence[int] | None = None,
-            optimizer: Any = None, progress: bool = False, keep_hlo: bool = False) -> DryRun:
+            optimizer: Any = None, progress: bool = False, keep_hlo: bool = False,
+            compiler_options: Mapping[str, Any] | None = None) -> DryRun:
     """Compile ``step`` on the mesh with sharded abstract arguments; run nothing.
 
     Args:
@@ -235,6 +236,9 @@ def dry_run(step: Callable[..., Any] | TrainStep, plan, mesh: Any, example_args:
         optimizer: the optax optimizer, to shard its state argument.
         progress: show progress on stderr while compiling.
         keep_hlo: keep the compiled HLO text on the result.
+        compiler_options: XLA options for this compile (as ``jax.jit``'s), e.g.
+            ``{"xla_backend_optimization_level": 0}``: on CPU that skips LLVM's
+            optimisations only, so memory, collectives and FLOPs are unchanged.
 
     Returns:
         A :class:`DryRun`.
@@ -283,7 +287,7 @@ def dry_run(step: Callable[..., Any] | TrainStep, plan, mesh: Any, example_args:
         bar.step("lowering")
         lowered = jax.jit(fn, **jit_kwargs).lower(*sharded)
         bar.step("compiling with XLA")
-        compiled = lowered.compile()
+        compiled = lowered.compile(dict(compiler_options) if compiler_options else None)
     except Exception as e:  # noqa: BLE001 - reported as one CompileError naming the leaves
         oom = tpu_out_of_memory(e)
         bar.done("does not fit" if oom else "failed")
