@@ -3,6 +3,10 @@
 import jax
 import numpy as np
 
+# Compile options for tests that read a compiled step's numbers: XLA:CPU skips LLVM's optimisations
+# only (the same HLO passes), so memory analysis, collectives and FLOPs are the same in less time.
+FAST_XLA = {"xla_backend_optimization_level": 0}
+
 
 def same_bytes(a, b) -> bool:
     """Same dtype, shape and bytes: bit-exact, NaN payloads included."""

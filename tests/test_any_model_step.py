@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _util import FAST_XLA
 
 import tpflax
 
@@ -73,7 +74,7 @@ def case(request):
     plan = tpflax.plan(variables, MESH)
     mesh = tpflax.make_mesh(MESH)
     ts = tpflax.make_train_step(model, plan, mesh, opt, sample=(IDS,))
-    dr = tpflax.dry_run(ts, plan, mesh)
+    dr = tpflax.dry_run(ts, plan, mesh, compiler_options=FAST_XLA)
     params = variables["params"] if "params" in variables else variables
     step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings)
     _, _, loss = step(tpflax.shard(variables, plan, mesh), jax.device_put(opt.init(params), ts.in_shardings[1]),

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
+from _util import FAST_XLA
 from jax.sharding import PartitionSpec as P
 
 import tpflax
@@ -140,7 +141,7 @@ def _three(cls, mesh_key, rules=(), **kw) -> Three:
     p = _plan(cls, mesh_sizes, rules=list(rules), **kw)
     mesh = tpflax.make_mesh(p.mesh)
     ts = tpflax.make_train_step(cls(), p, mesh, optax.adamw(1e-3), sample=SAMPLE, variables=_vars(cls))
-    dr = tpflax.dry_run(ts, p, mesh)
+    dr = tpflax.dry_run(ts, p, mesh, compiler_options=FAST_XLA)
     return Three(dr.memory["argument"], dr.comm_total, dr.flops)
 
 
@@ -392,7 +393,7 @@ def test_feature_split_stream_without_norms_estimate_matches_compiled(cls):
     assert sum(i.count for i in gathers) == 5, gathers
     mesh = tpflax.make_mesh(DP_TP)
     ts = tpflax.make_train_step(cls(), p, mesh, optax.adamw(1e-3), sample=SHORT, variables=v)
-    compiled = tpflax.dry_run(ts, p, mesh).comm_total
+    compiled = tpflax.dry_run(ts, p, mesh, compiler_options=FAST_XLA).comm_total
     assert est.comm_total == pytest.approx(compiled, rel=0.10), (est.comm_total, compiled)
 
 

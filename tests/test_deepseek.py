@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
+from _util import FAST_XLA
 from jax.sharding import PartitionSpec as P
 
 import tpflax
@@ -87,7 +88,7 @@ def specs(plan):
 def numbers(model, plan, mesh):
     """(bytes per device, collective bytes per step, flops per device) of the compiled adamw step."""
     ts = tpflax.make_train_step(model, plan, mesh, optax.adamw(1e-3), sample=(TOK,))
-    dr = tpflax.dry_run(ts, plan, mesh)
+    dr = tpflax.dry_run(ts, plan, mesh, compiler_options=FAST_XLA)
     return dr.memory["argument"] + (dr.memory["temp"] or 0), dr.comm_total, dr.flops
 
 
@@ -148,7 +149,7 @@ def test_experts_split_over_e_by_a_rule_are_priced_as_a_pair(devices):
     p = tpflax.plan(v, MESH, rules=EXPERT_SPLIT)
     assert {p.decisions[f"params/moe/experts_{n}"].role for n in ("gate", "up", "down")} == {"column", "row"}
     mesh = tpflax.make_mesh(MESH)
-    dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), sample=(TOK,)), p, mesh)
+    dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), sample=(TOK,)), p, mesh, compiler_options=FAST_XLA)
     est = tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=(TOK,), backend="cpu")
     got, want = est.comm["all-reduce"]["model"], dr.comm()["all-reduce"]["model"]
     # the routed output forward, the gate's and the up's input gradients backward: 3 x (4, 8, 64) f32;
@@ -173,7 +174,7 @@ def test_expert_hidden_counts_split_over_e_as_over_f(devices):
     peaks, acts = [], []
     for rules in (EXPERT_SPLIT, F_SPLIT):
         p = tpflax.plan(v, MESH, rules=rules)
-        dr = tpflax.dry_run(tpflax.make_train_step(fn, p, mesh, optax.adamw(1e-3), sample=(TOK,)), p, mesh)
+        dr = tpflax.dry_run(tpflax.make_train_step(fn, p, mesh, optax.adamw(1e-3), sample=(TOK,)), p, mesh, compiler_options=FAST_XLA)
         peaks.append(dr.memory["peak"])
         acts.append(tpflax.estimate(p, optax.adamw(1e-3), model=fn, sample=(TOK,), backend="cpu").breakdown.activations)
     assert abs(peaks[0] / peaks[1] - 1) < 0.01, peaks

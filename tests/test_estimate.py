@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
+from _util import FAST_XLA
 from jax.sharding import PartitionSpec as P
 
 import tpflax
@@ -299,7 +300,7 @@ def test_tied_table_and_forced_specs_match_the_compiled_step():
                                                              (".*", P())])}
     for name, p in plans.items():
         ts = tpflax.make_train_step(_tied_lm, p, mesh, tx, sample=sample, loss=_tied_loss)
-        got = tpflax.dry_run(ts, p, mesh).comm_total
+        got = tpflax.dry_run(ts, p, mesh, compiler_options=FAST_XLA).comm_total
         est = estimate(p, tx, model=_tied_lm, sample=sample, backend="cpu").comm_total
         # exact up to the loss scalar XLA reduces with the gradients (4 bytes)
         assert est == pytest.approx(got, abs=16), (name, est, got)
@@ -964,7 +965,7 @@ def _compiled_and_estimated(model, sample, mesh_sizes, loss=None):
     p = tpflax.plan(nnx.state(model), mesh_sizes, model=model, sample=sample)
     mesh = tpflax.make_mesh(mesh_sizes)
     tx = optax.adamw(1e-3)
-    run = tpflax.dry_run(tpflax.make_train_step(model, p, mesh, tx, sample=sample, loss=loss), p, mesh)
+    run = tpflax.dry_run(tpflax.make_train_step(model, p, mesh, tx, sample=sample, loss=loss), p, mesh, compiler_options=FAST_XLA)
     return p, run, estimate(p, tx, model=model, sample=sample, backend="cpu", loss=loss)
 
 
@@ -1119,7 +1120,7 @@ def test_a_rules_only_plan_is_estimated_with_the_pairs_the_trace_finds():
     assert e.comm == traced.comm
     mesh = tpflax.make_mesh(mesh_sizes)
     ts = tpflax.make_train_step(m, p, mesh, tx, sample=(x,), loss=lambda out, x: jnp.mean(out ** 2), variables=v)
-    got = tpflax.dry_run(ts, p, mesh).comm_total
+    got = tpflax.dry_run(ts, p, mesh, compiler_options=FAST_XLA).comm_total
     assert e.comm_total == pytest.approx(got, rel=0.02), (e.comm_total, got)
 
 
@@ -1133,7 +1134,7 @@ def test_an_expert_axis_splits_the_batch_and_the_estimate_prices_the_gathered_to
     p = tpflax.plan(m.abstract_variables(), mesh_sizes, model=m)
     ts = tpflax.make_train_step(m, p, mesh, tx, 8)
     assert ts.in_shardings[2]["x"].spec == P(("data", "expert"))
-    run = tpflax.dry_run(ts, p, mesh)
+    run = tpflax.dry_run(ts, p, mesh, compiler_options=FAST_XLA)
     # the hand GShard layout (experts on E over expert, the rest replicated, the batch over data and expert)
     # compiles to these same numbers (measured: flops, peak and collectives equal); on main the step's
     # expert ranks repeated the attention, embedding and head work

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _util import FAST_XLA
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -145,7 +146,7 @@ def test_plain_function_estimate_matches_the_compiled_step(name):
     mesh = tpflax.make_mesh(MESH)
     tx = optax.adamw(1e-3)
     ts = tpflax.make_train_step(fn, p, mesh, tx, sample=sample, loss=_loss)
-    got = tpflax.dry_run(ts, p, mesh).comm_total
+    got = tpflax.dry_run(ts, p, mesh, compiler_options=FAST_XLA).comm_total
     est = tpflax.estimate(p, tx, model=fn, sample=sample, backend="cpu").comm_total
     # exact up to the loss scalar XLA reduces with the gradients (4 bytes); the grouped conv split over
     # model: XLA also gathers the stem's kernel (3 x 288 B), 0.6% of the step's collectives (and, gathering
@@ -190,7 +191,7 @@ def test_convolutions_move_the_positions_they_compute(name):
     p = tpflax.plan(tree, MESH, rules=rules) if rules else tpflax.plan(tree, MESH, model=fn, sample=sample)
     assert name == "glu" or [p.decisions[k].role for k in ("conv1", "conv2")] == ["column", "row"]
     mesh, tx = tpflax.make_mesh(MESH), optax.adamw(1e-3)
-    dr = tpflax.dry_run(tpflax.make_train_step(fn, p, mesh, tx, sample=sample, loss=_loss), p, mesh)
+    dr = tpflax.dry_run(tpflax.make_train_step(fn, p, mesh, tx, sample=sample, loss=_loss), p, mesh, compiler_options=FAST_XLA)
     e = tpflax.estimate(p, tx, model=fn, sample=sample, backend="cpu")
     for kind in ("collective-permute", "all-to-all", "all-reduce"):
         got = sum(c.ring_bytes * c.count for c in dr.collectives if c.kind == kind and c.axes == ("model",))
@@ -331,7 +332,7 @@ def test_a_depthwise_conv_split_with_its_channels_beats_keeping_it_whole():
     for name, rules in (("traced", None), ("whole", [("conv/", P())])):
         p = tpflax.plan(variables, MESH, model=m, sample=(x,), rules=rules)
         ts = tpflax.make_train_step(m, p, mesh, tx, sample=(x,), variables=variables, loss=_loss)
-        r = tpflax.dry_run(ts, p, mesh)
+        r = tpflax.dry_run(ts, p, mesh, compiler_options=FAST_XLA)
         got[name] = (r.memory["peak"], r.comm_total, r.flops)
         if name == "traced":
             assert tuple(p.decisions["params/conv/kernel"].spec) == (None, None, "model")
@@ -363,5 +364,5 @@ def test_a_conv_pair_moves_its_maps_channels_wide():
     mesh = tpflax.make_mesh(MESH)
     ts = tpflax.make_train_step(fn, p, mesh, optax.adam(1e-3), sample=(x,),
                                 loss=lambda out, x: jnp.mean(out ** 2), variables=tree)
-    got = tpflax.dry_run(ts, p, mesh).comm()
+    got = tpflax.dry_run(ts, p, mesh, compiler_options=FAST_XLA).comm()
     assert sum(k.get("model", 0) for k in got.values()) == pytest.approx(2 * maps * 2 * 3 / 4, rel=0.01), got
