@@ -136,3 +136,39 @@ def test_a_dropped_model_frees_its_entries():
     del fn
     gc.collect()
     assert cache.info()["size"] == 0
+
+
+# An entry whose value or forward holds the last reference to another entry's owner, freed under the cache's
+# lock (cleared here; evicted, or collected by the cycle collector, alike): the owner's weakref callback runs
+# on that thread. Run apart: a hang there would hold the lock for every later test.
+_FREED_UNDER_LOCK = """
+import dataclasses, faulthandler, jax, jax.numpy as jnp
+from tpflax._src import model_cache as cache
+from tpflax._src.model import as_model
+
+@dataclasses.dataclass(slots=True)  # no __weakref__: the cache keeps it strongly
+class Forward:
+    inner: object
+    def __call__(self, v, x):
+        return self.inner(v, x)
+
+inner = lambda v, x: x @ v["w"]
+fwd = Forward(inner)
+s = jax.ShapeDtypeStruct
+args = ((s((8, 64), "float32"),), {"w": s((64, 64), "float32")})
+cache.cached("k", as_model(fwd, *args), lambda: 1)
+cache.cached("k", as_model(inner, *args), lambda: 2)
+del fwd, inner
+faulthandler.dump_traceback_later(30, exit=True)
+cache.clear()
+print(cache.info())
+"""
+
+
+def test_an_owner_freed_under_the_lock_does_not_hang():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _FREED_UNDER_LOCK], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "{'hits': 0, 'misses': 0, 'size': 0}"

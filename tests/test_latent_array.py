@@ -88,3 +88,40 @@ def test_tree_reads_cross_attention_keys_of_another_width_as_stored():
         assert tuple(d[f"params/cross/{name}/kernel"].spec) == (None, "model"), name
         assert tuple(d[f"params/self/{name}/kernel"].spec) == (None, "model"), name
     assert tuple(d["params/cross/o/kernel"].spec) == ("model", None)
+
+
+class _TorchDense(nn.Module):
+    """A kernel stored (out, in), as a tree converted from PyTorch keeps it."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        return x @ self.param("kernel", nn.initializers.normal(), (self.features, x.shape[-1])).T
+
+
+class _TorchGQABlock(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        d, hd = x.shape[-1], 16
+        h = nn.RMSNorm(name="input_layernorm")(x)
+        q = _TorchDense(d, name="q_proj")(h).reshape(*x.shape[:2], -1, hd)
+        k = _TorchDense(hd, name="k_proj")(h).reshape(*x.shape[:2], 1, hd)  # one kv head: (16, d) stored
+        v = _TorchDense(hd, name="v_proj")(h).reshape(*x.shape[:2], 1, hd)
+        s = jax.nn.softmax(jnp.einsum("bqhd,bkgd->bhqk", q, k), -1)
+        x = x + _TorchDense(d, name="o_proj")(jnp.einsum("bhqk,bkgd->bqhd", s, v).reshape(x.shape))
+        h = nn.RMSNorm(name="post_attention_layernorm")(x)
+        return x + _TorchDense(d, name="down_proj")(nn.silu(_TorchDense(256, name="gate_proj")(h))
+                                                      * _TorchDense(256, name="up_proj")(h))
+
+
+def test_a_tree_stored_out_in_keeps_its_mlp_oriented_beside_a_gqa_key():
+    # k_proj (16, 64) beside q_proj (64, 64) looks like a Perceiver's k/v reading a narrower input, but the
+    # block's down_proj (64, 256) says the tree is stored (out, in): gate/up split their 256 outputs (dim 0)
+    x = (jax.ShapeDtypeStruct((8, 16, 64), "float32"),)
+    tree = jax.eval_shape(_TorchGQABlock().init, jax.random.key(0), *x)
+    p = tpflax.plan(tree, {"data": 2, "model": 4})
+    spec = {k.split("/")[-2]: str(d.spec) for k, d in p.decisions.items() if k.endswith("kernel")}
+    assert spec["gate_proj"] == spec["up_proj"] == "P('model', None)", spec
+    assert spec["down_proj"] == "P(None, 'model')", spec
+    assert spec["k_proj"] != "P(None, 'model')", spec  # never its input (the residual) split

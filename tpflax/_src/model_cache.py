@@ -35,6 +35,7 @@ SIZE = 64  # results kept (a few kinds per model and batch shape)
 _lock = threading.Lock()
 _entries: OrderedDict[tuple, tuple[Any, Any]] = OrderedDict()  # key -> (owner ref or None, value)
 _counts = {"hits": 0, "misses": 0}
+_dead: list[tuple] = []  # keys whose owner was freed, dropped at the next call under the lock
 
 
 def _leaf(x: Any) -> tuple:
@@ -89,16 +90,28 @@ def model_key(m: Any) -> tuple[Any, tuple] | None:
 
 
 def _ref(owner: Any, key: tuple) -> Any:
-    """A weak reference to ``owner`` that drops ``key``'s entry when the owner is freed; the owner itself
-    (held by the bounded cache) when it takes no weak reference."""
+    """A weak reference to ``owner`` that marks ``key``'s entry for dropping when the owner is freed; the
+    owner itself (held by the bounded cache) when it takes no weak reference.
+
+    The callback takes no lock: an owner can be freed while this thread holds it (an evicted or cleared
+    entry that held the last reference to another entry's owner; the cycle collector, run by any
+    allocation under the lock), and waiting there would never end."""
     def drop(_: Any) -> None:
-        with _lock:
-            _entries.pop(key, None)
+        _dead.append(key)  # atomic; :func:`_purge` drops it under the lock
 
     try:
         return weakref.ref(owner, drop)
     except TypeError:
         return lambda: owner
+
+
+def _purge() -> None:
+    """Drop the entries whose owner was freed (call with the lock held)."""
+    while _dead:
+        key = _dead.pop()
+        hit = _entries.get(key)
+        if hit is not None and hit[0] is not None and hit[0]() is None:
+            _entries.pop(key)
 
 
 def cached(kind: str, m: Any, make: Callable[[], Any], extra: tuple = ()) -> Any:
@@ -111,6 +124,7 @@ def cached(kind: str, m: Any, make: Callable[[], Any], extra: tuple = ()) -> Any
     owner, key = found
     key = (kind, *key, extra)
     with _lock:
+        _purge()
         hit = _entries.get(key)
         if hit is not None and (hit[0] is None or hit[0]() is owner):
             _entries.move_to_end(key)
@@ -130,10 +144,12 @@ def clear() -> None:
     """Forget every kept result (and the hit and miss counts)."""
     with _lock:
         _entries.clear()
+        _dead.clear()
         _counts.update(hits=0, misses=0)
 
 
 def info() -> dict[str, int]:
     """``{"hits", "misses", "size"}`` since the last :func:`clear`."""
     with _lock:
+        _purge()
         return {**_counts, "size": len(_entries)}

@@ -192,8 +192,14 @@ def assign_roles(lins: list[Linear], widths: set[int], sure: bool = False) -> No
 def _like_its_query(lin: Linear, lins: list[Linear], widths: set[int]) -> bool:
     """An unfused input projection as wide out as a sibling of its layer that reads the residual as stored:
     a key or value of a cross-attention reading a narrower input (a Perceiver's k/v ``(48, 64)`` beside its
-    query ``(64, 64)``), which q . k needs as wide as the query, not a kernel stored (out, in)."""
+    query ``(64, 64)``), which q . k needs as wide as the query, not a kernel stored (out, in).
+
+    Not in a tree whose output projections are stored (out, in) (an ``o``/``down`` reading the residual
+    width and writing another): there a GQA key ``(kv, d)`` beside its query ``(d, d)`` has that shape."""
     if FUSED_NAMES.match(role_name(lin.f)) or not COLUMN_NAMES.match(role_name(lin.f)):
+        return False
+    if any(len(m.f.body) == 2 and ROW_NAMES.match(role_name(m.f)) and m.f.body[0] in widths
+           and m.f.body[1] not in widths for m in lins):  # as stored: an earlier kernel may be turned already
         return False
     parent = lin.f.unit.rsplit("/", 1)[0]
     return any(m is not lin and len(m.f.body) == 2 and m.f.unit.rsplit("/", 1)[0] == parent and m.in_dims == (0,)
