@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from tpflax._src.trace import contractions, control
+from tpflax._src.trace import collectives, contractions, control
 from tpflax._src.trace.interpreter import Handler, Val, Walk
 from tpflax._src.trace.reshape import reshape
 
@@ -299,6 +299,7 @@ HANDLERS: dict[str, Handler] = {
     "gather": contractions.gather,
     "scan": control.scan, "while": control.while_, "cond": control.cond,
     **{name: control.call for name in control.CALLS},
+    **collectives.HANDLERS,
     **{name: elementwise for name in ELEMENTWISE},  # last: wins over any name above
 }
 
