@@ -87,6 +87,8 @@ class Traced:
             calls, where no module boundary shows them.
         scores: the attention-score products (``q @ k``) the forward forms.
         biased: parameters whose contraction's output gets a bias added (BERT's and BART's logits).
+        collectives: the data-moving collectives ``shard_map`` bodies call by hand
+            (:attr:`tpflax._src.trace.records.Dataflow.collectives`).
     """
 
     tied: frozenset[str] | None = None
@@ -105,6 +107,7 @@ class Traced:
     remat: bool = False
     scores: tuple[Scores, ...] = ()
     biased: frozenset[str] = frozenset()
+    collectives: tuple = ()
 
 
 def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
@@ -183,7 +186,7 @@ def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
     return Traced(tied, {p: n for p, n in whole.items() if n > 1}, rows, fused, act, shared,
                   {p: n for p, n in lookups.items() if n > 1}, grouped, joined, widths,
                   {p: n for p, n in slices.items() if n > 1}, buffers, contractions, flow.remat >= 0.5,
-                  scores, frozenset(flow.uses[uid].path for uid, _ in flow.biases.values()))
+                  scores, frozenset(flow.uses[uid].path for uid, _ in flow.biases.values()), flow.collectives)
 
 
 _THROUGH = ("convert_element_type", "copy", "reduce_precision", "optimization_barrier")
