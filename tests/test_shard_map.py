@@ -127,3 +127,19 @@ def test_shard_map_over_another_mesh():
     with pytest.raises(tpflax.PlanMismatchError, match="another mesh"):
         tpflax.make_train_step(fn, plan, tpflax.make_mesh(shape), optax.sgd(0.1), sample=sample,
                                loss=lambda out, x: (out ** 2).mean())
+
+
+def test_hand_row_priced_as_compiled():
+    # the row kernel's use inside the body read one device's rows (the batch split over data): its
+    # pair's all-reduce was priced at half the buffer XLA sums
+    shape = {"data": 2, "model": 4}
+    mesh = tpflax.make_mesh(shape)
+    fn, sample, params = _model(_hand_row(mesh))
+    plan = tpflax.plan(params, shape, model=fn, sample=sample)
+    loss = lambda out, x: (out ** 2).mean()  # noqa: E731
+    dr = tpflax.dry_run(tpflax.make_train_step(fn, plan, mesh, optax.sgd(0.1), sample=sample, loss=loss), plan, mesh)
+    est = tpflax.estimate(plan, optax.sgd(0.1), model=fn, sample=sample, loss=loss, backend="cpu")
+    row = [i.size for i in est.items if i.why.startswith("row params/o:")]
+    assert row == [B * S * D * 4 / 2]  # the whole batch's outputs, f32, over data=2
+    # the rest: the loss's scalar all-reduces, which the estimate prices at their ring size
+    assert abs(est.comm_total - dr.comm_total) <= 0.01 * dr.comm_total

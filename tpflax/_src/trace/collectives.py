@@ -115,7 +115,9 @@ def shard_map(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -
 
     The body's shapes are one device's: a kernel whose in_spec splits its heads over ``model=4``
     shows one head there, which would cap its pair at no split. While the body is walked,
-    ``Walk.split`` says how many shards each parameter dim entering it was cut into.
+    ``Walk.split`` says how many shards each parameter dim entering it was cut into, and
+    ``Walk.row_shards`` how many its activations' rows were (the batch split over data): the rows a
+    kernel's collectives move are the whole batch's.
     """
     body = body_of(eqn.params.get("jaxpr"))
     if body is None or len(body.invars) != len(ins):
@@ -123,17 +125,20 @@ def shard_map(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -
     mesh = eqn.params.get("mesh")
     sizes = dict(getattr(mesh, "shape", {}) or {})
     specs = tuple(eqn.params.get("in_specs") or (None,) * len(ins))
-    saved, outer = dict(w.split), w.axis_sizes
+    saved, outer, rows = dict(w.split), w.axis_sizes, w.row_shards
     w.axis_sizes = {**outer, **sizes}
     for v, spec in zip(ins, specs, strict=False):
-        for d, n in enumerate(_shards(spec, sizes, v.rank)):
+        shards = _shards(spec, sizes, v.rank)
+        if v.tags is not None:  # an activation: its dims without a kernel's features are its rows
+            w.row_shards = max(w.row_shards, rows * math.prod(n for d, n in enumerate(shards) if not v.tags[d]))
+        for d, n in enumerate(shards):
             for path, dims in v.origin:
                 if n > 1 and dims[d] is not None:
                     w.split[(path, dims[d])] = w.split.get((path, dims[d]), 1) * n
     try:
         return w.run(body, ins, ctx + (id(eqn),))
     finally:
-        w.split, w.axis_sizes = saved, outer
+        w.split, w.axis_sizes, w.row_shards = saved, outer, rows
 
 
 HANDLERS["shard_map"] = shard_map

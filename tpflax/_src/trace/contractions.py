@@ -60,7 +60,7 @@ def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
     fresh = None
     act_shape = tuple(eqn.invars[1 if lp else 0].aval.shape)
     # the tokens the layer sees (the cost model's rows); experts' batched kernels see slices of them
-    rows = 0 if pb else math.prod(act_shape[d] for d in af)
+    rows = 0 if pb else math.prod(act_shape[d] for d in af) * w.row_shards
     for path, dims in par.origin:
         op = "onehot" if act.onehot else "dot"
         uid = w.use(ctx, eqn, path, op, [dims[d] for d in pc if dims[d] is not None],
