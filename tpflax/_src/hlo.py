@@ -612,17 +612,23 @@ def _one_per_channel(collectives: list[Collective]) -> list[Collective]:
     each copy overstated the gathers by the number of pieces (2.65x for Llama-2-7B).
     """
     first: dict[tuple, int] = {}
+    seen: dict[tuple, set[str]] = {}
     out: list[Collective] = []
     for c in collectives:
-        # same channel, same buffer, same groups: a copy. Distinct collectives can share a
-        # channel id (two all-reduce-scatter fusions of different gradients did), so the
-        # channel alone is not enough.
-        k = (c.kind, c.channel_id, c.shapes, c.replica_groups) if c.channel_id is not None else None
-        if k is None or k not in first:
+        # same channel, same buffer, same groups (or permute pairs), another computation: a copy.
+        # Distinct collectives can share a channel id (two all-reduce-scatter fusions of different
+        # gradients did; XLA:CPU gives every collective a shard_map body calls channel 1), so the
+        # channel alone is not enough, and two of them in one computation are two.
+        k = ((c.kind, c.channel_id, c.shapes, c.replica_groups, c.source_target_pairs)
+             if c.channel_id is not None else None)
+        if k is None or k not in first or c.computation in seen[k]:
+            if k is not None and k not in first:
+                first[k], seen[k] = len(out), set()
             if k is not None:
-                first[k] = len(out)
+                seen[k].add(c.computation)
             out.append(c)
             continue
+        seen[k].add(c.computation)
         i = first[k]
         out[i] = replace(out[i], pieces=out[i].pieces + 1, is_async=True, count=max(out[i].count, c.count))
     return out

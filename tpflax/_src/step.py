@@ -30,6 +30,7 @@ from tpflax._src.planner.decision import Decision
 from tpflax._src.planner.state import opt_state_problems, planned_tree, split_params
 from tpflax._src.scan_fsdp import zero3
 from tpflax._src.specs import fsdp_axes
+from tpflax._src.trace.collectives import shard_map_meshes
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,14 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
 
     check_mesh(plan, mesh)
     given = variables
-    variables, abstract_batch, loss_of = _resolve(model, plan, batch, sample, loss, variables)
+    try:
+        with mesh_context(mesh):
+            variables, abstract_batch, loss_of = _resolve(model, plan, batch, sample, loss, variables)
+            _check_shard_maps(jax.make_jaxpr(loss_of)(variables, abstract_batch).jaxpr, mesh)
+    except (ValueError, OptionError) as e:  # jax's: "The context mesh ... should match the mesh passed to shard_map"
+        if "passed to shard_map" not in str(e) or isinstance(e, PlanMismatchError):
+            raise
+        raise PlanMismatchError(_MESHES_DIFFER, [f"{str(e).splitlines()[0]}; {_FIX}"]) from e
     try:
         var_specs = plan.specs_for(variables)
     except PlanMismatchError as e:
@@ -248,7 +256,8 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
         bare = _checked_opt_state(plan, opt_state, made, variables)
 
         def loss_fn(p):
-            return loss_of(merge(variables, p), batch)
+            with mesh_context(mesh):  # a jax.shard_map without mesh= runs on the step's
+                return loss_of(merge(variables, p), batch)
 
         # the optimizer updates the parameters; the rest of the state is what the forward pass left
         # (an nnx module's), else the variables passed in (never the gathered parameters: returning
@@ -265,6 +274,31 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
             with_shardings(abstract_batch, batch_sh))
     loss_sh = NamedSharding(mesh, PartitionSpec())
     return TrainStep(step, args, (var_sh, opt_sh, batch_sh), (var_sh, opt_sh, loss_sh))
+
+
+def mesh_context(mesh: Any) -> Any:
+    """``mesh`` as the context mesh unless one is set: a model's ``jax.shard_map`` without ``mesh=`` uses it."""
+    import contextlib
+
+    import jax
+
+    if not jax.sharding.get_abstract_mesh().empty or not hasattr(mesh, "abstract_mesh"):
+        return contextlib.nullcontext()
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
+def _check_shard_maps(jaxpr: Any, mesh: Any) -> None:
+    """Raise PlanMismatchError for a ``shard_map`` in the model over another mesh than the step's."""
+    want = dict(mesh.shape)
+    bad = [m for m in shard_map_meshes(jaxpr) if m != want]
+    if bad:
+        raise PlanMismatchError(_MESHES_DIFFER, [f"shard_map over {m}; the step's mesh is {want}: {_FIX}"
+                                                 for m in dict.fromkeys(map(str, bad))])
+
+
+_MESHES_DIFFER = "the model calls jax.shard_map over another mesh than the one the plan is applied on"
+_FIX = ("build the model's shard_map with mesh=tpflax.make_mesh(plan.mesh) (the mesh given to make_train_step), "
+        "or without mesh= (tpflax runs the step with its mesh as the context mesh)")
 
 
 def param_decisions(plan, variables: Any) -> list[Decision]:

@@ -52,6 +52,7 @@ from typing import Any
 
 from tpflax._src.cost.comm import comm_items
 from tpflax._src.cost.experts import buffer_items, expert_items
+from tpflax._src.cost.explicit import explicit_items
 from tpflax._src.cost.grouped import grouped_conv_items
 from tpflax._src.cost.leaves import Leaves, merge
 from tpflax._src.cost.memory import memory
@@ -123,7 +124,7 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
                   grouped=w.grouped, joined=w.joined, widths=w.widths, slices=w.slices,
                   buffers=w.buffers, streams=w.streams)
     every = (comm_items(scope, notes) + expert_items(scope) + buffer_items(scope) + fused_items(scope, notes)
-             + grouped_conv_items(scope))
+             + grouped_conv_items(scope) + explicit_items(w.collectives, notes))
     items = tuple(i for i in every if i.total > 0)
     return Estimate(
         per_device=per_device, unsharded=unsharded, savings=savings, comm=comm_table(items), items=items,

@@ -89,6 +89,8 @@ class Traced:
         biased: parameters whose contraction's output gets a bias added (BERT's and BART's logits).
         streams: ``{path: (stream rows over its own, stream width, gathers)}`` for kernels whose output
             scales a larger activation elementwise (DiT's adaLN; :func:`tpflax._src.trace.spread.spread_streams`).
+        collectives: the data-moving collectives ``shard_map`` bodies call by hand
+            (:attr:`tpflax._src.trace.records.Dataflow.collectives`).
     """
 
     tied: frozenset[str] | None = None
@@ -108,6 +110,7 @@ class Traced:
     scores: tuple[Scores, ...] = ()
     biased: frozenset[str] = frozenset()
     streams: Mapping[str, tuple[float, int, int]] | None = None
+    collectives: tuple = ()
 
 
 def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
@@ -194,7 +197,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
                   {p: n for p, n in lookups.items() if n > 1}, grouped, joined, widths,
                   {p: n for p, n in slices.items() if n > 1}, buffers, contractions, flow.remat >= 0.5,
                   scores, frozenset(flow.uses[uid].path for uid, _ in flow.biases.values()),
-                  spread_streams(flow, shapes))
+                  spread_streams(flow, shapes), flow.collectives)
 
 
 _THROUGH = ("convert_element_type", "copy", "reduce_precision", "optimization_barrier")

@@ -58,6 +58,7 @@ class Workload:
             apart from them (``Peak.logits_grad``): the ``loss=`` given, traced, else tpflax's
             next-token default (a model other than a zoo model, called on token ids ``(batch, seq)``).
         biased: from the trace (:attr:`Traced.biased`).
+        collectives: from the trace (:attr:`Traced.collectives`): priced as they are, whatever the plan.
     """
 
     batch: Batch
@@ -86,6 +87,7 @@ class Workload:
     scores: tuple[Scores, ...] = ()
     next_token: bool = False
     biased: frozenset[str] = frozenset()
+    collectives: tuple = ()
 
     @property
     def saved(self) -> Mapping[str, Sequence[Act]]:
@@ -158,7 +160,8 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     fused=t.fused, shared=t.shared, lookups=t.lookups,
                     grouped=t.grouped, joined=t.joined, widths=t.widths, slices=t.slices, buffers=t.buffers,
                     streams=t.streams, contractions=contractions, scores=t.scores,
-                    next_token=_next_token(m) if loss is None else reads_slice(m, loss), biased=t.biased)
+                    next_token=_next_token(m) if loss is None else reads_slice(m, loss), biased=t.biased,
+                    collectives=t.collectives)
 
 
 def contraction_calls(plan, contractions: Sequence[tuple[str, float, tuple[int, ...], str]],

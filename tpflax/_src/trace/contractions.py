@@ -65,7 +65,7 @@ def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
     fresh = None
     act_shape = tuple(eqn.invars[1 if lp else 0].aval.shape)
     # the tokens the layer sees (the cost model's rows); experts' batched kernels see slices of them
-    rows = 0 if pb else math.prod(act_shape[d] for d in af)
+    rows = 0 if pb else math.prod(act_shape[d] for d in af) * w.row_shards
     for path, dims in par.origin:
         op = "onehot" if act.onehot else "dot"
         uid = w.use(ctx, eqn, path, op, [dims[d] for d in pc if dims[d] is not None],
@@ -76,17 +76,19 @@ def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
         fresh = uid if len(par.origin) == 1 else None
         if op == "onehot":
             continue
+        # inside a shard_map body the kernel is one shard: its dims are ``split`` times larger outside
+        size = [n * w.split.get((path, dims[p]), 1) if dims[p] is not None else n for p, n in enumerate(shape_p)]
         for a, p in zip(ac, pc, strict=True):
             if dims[p] is None:
                 continue
             for k, (limit, via) in w.merge([act.dim_tags(a)]).items():
-                w.edge(k, uid, dims[p], math.gcd(limit, shape_p[p]), via)
+                w.edge(k, uid, dims[p], math.gcd(limit, size[p]), via)
         for i, p in enumerate(pb):
             if dims[p] is not None:
-                tag_b[i][(uid, dims[p])] = (shape_p[p], ())
+                tag_b[i][(uid, dims[p])] = (size[p], ())
         for i, p in enumerate(pf):
             if dims[p] is not None:
-                tag_pf[i][(uid, dims[p])] = (shape_p[p], ())
+                tag_pf[i][(uid, dims[p])] = (size[p], ())
     if act.onehot:
         return [Val(out_rank)]  # an embedding lookup: its rows are not a column's output
     tag_af = [w.merge([act.dim_tags(a)]) for a in af]

@@ -94,6 +94,10 @@ def _untraceable(m: Any, e: Exception) -> str:
                "lack (nn.BatchNorm(use_running_average=False) updates batch_stats): pass the full variables "
                "module.init made, or the model as a function, e.g. "
                "fn = lambda v, x: module.apply(v, x, rngs={'dropout': jax.random.key(0)})")
+    elif "context mesh" in text:
+        # jax.shard_map(f, in_specs=..., out_specs=...) without mesh= takes the mesh of the context
+        fix = ("the model calls jax.shard_map without mesh=, which needs a context mesh: call tpflax inside "
+               "`with jax.set_mesh(tpflax.make_mesh(mesh_shape)):`, or pass mesh= to jax.shard_map")
     else:
         fix = f"pass sample= matching the model's __call__ and the full variable tree it was initialised with{called}"
     return (f"could not trace the forward pass of {m.name} with sample inputs ({shapes}): "
@@ -166,7 +170,8 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                     cuts=found["cuts"], views=frozenset(w.root(k) for k in w.views),
                     shared=shared_reads(jaxpr, w.reads), remat=remat_share(jaxpr),
                     products=_one_branch(w.products), channelwise=dict(w.channelwise),
-                    spread=_spread(w))
+                    spread=_spread(w),
+                    collectives=tuple(c for cs in w.collectives.values() for c in cs))
 
 
 def _spread(w: Any) -> dict[tuple[int, int], int]:

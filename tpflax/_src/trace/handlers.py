@@ -22,7 +22,7 @@ import dataclasses
 import math
 from typing import Any
 
-from tpflax._src.trace import contractions, control
+from tpflax._src.trace import collectives, contractions, control
 from tpflax._src.trace.interpreter import Handler, Val, Walk, is_minor
 from tpflax._src.trace.reshape import reshape
 
@@ -312,6 +312,7 @@ HANDLERS: dict[str, Handler] = {
     "gather": contractions.gather,
     "scan": control.scan, "while": control.while_, "cond": control.cond,
     **{name: control.call for name in control.CALLS},
+    **collectives.HANDLERS,
     **{name: elementwise for name in ELEMENTWISE},  # last: wins over any name above
 }
 

@@ -140,6 +140,10 @@ class Walk:
     cuts: dict[tuple[int, int], tuple[int, ...]] = field(default_factory=dict)  # unequal pieces' sizes
     piece_no: dict[tuple[int, int], int] = field(default_factory=dict)  # piece key -> its index in the cut
     views: set[tuple[int, int]] = field(default_factory=set)  # fused dims cut apart by a reshape (Walk.pick)
+    split: dict[tuple[str, int], int] = field(default_factory=dict)  # (path, leaf dim) -> shards in a shard_map body
+    axis_sizes: dict[str, int] = field(default_factory=dict)  # the mesh of the shard_map body being walked
+    row_shards: int = 1  # a shard_map body's activations hold 1/row_shards of the rows (its batch split)
+    collectives: dict[tuple, tuple] = field(default_factory=dict)  # (ctx, id(eqn)) -> its Collectives
     n_eqns: int = 0
 
     # -- the run loop ----------------------------------------------------

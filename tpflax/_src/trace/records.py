@@ -104,6 +104,27 @@ class Edge:
 
 
 @dataclass(frozen=True)
+class Collective:
+    """One collective a ``shard_map`` body calls by hand (``all_gather``, ``ppermute``...).
+
+    Attributes:
+        kind: as :data:`tpflax.hlo.KINDS` names it.
+        axes: the mesh axes of its group.
+        size: ``S`` of :func:`tpflax.hlo.ring_bytes`: bytes of the full buffer on one device.
+        group: devices per group.
+        count: executions per step (the trip counts of the loops around it).
+        source: the primitive, and ``(backward)`` for the transpose of one.
+    """
+
+    kind: str
+    axes: tuple[str, ...]
+    size: float
+    group: int
+    count: int
+    source: str
+
+
+@dataclass(frozen=True)
 class Dataflow:
     """What tracing a model's forward pass found.
 
@@ -143,6 +164,8 @@ class Dataflow:
         cuts: ``{(use id, param dim): (piece sizes, indices of the pieces read whole)}`` for the
             :attr:`fused` dims cut into unequal pieces; a piece read whole (an MQA key or value, summed
             against the queries) ends its chain while the others reach a contraction.
+        collectives: the explicit collectives of ``shard_map`` bodies that move data (see
+            :class:`Collective`), forward and, for a value computed from parameters, the backward's.
         views: the :attr:`fused` dims whose pieces a reshape cut apart: the output reshaped to
             ``(pieces, heads, head_dim)`` and indexed on the pieces (timm's ``qkv[0], qkv[1], qkv[2]``),
             not split on the flat dim (see :mod:`tpflax._src.cost.reshard`).
@@ -171,3 +194,4 @@ class Dataflow:
     cuts: Mapping[tuple[int, int], tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     views: frozenset[tuple[int, int]] = frozenset()
     spread: Mapping[tuple[int, int], int] = field(default_factory=dict)
+    collectives: tuple[Collective, ...] = ()

@@ -1,0 +1,145 @@
+"""Models that call ``jax.shard_map`` in their forward pass (MaxText's attention op, context-parallel
+attention, a row layer written by hand with ``psum``): the trace walks the body like a call, with
+the in_specs' shards, and the collectives inside keep what each dim is."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import tpflax
+
+D, H, HD, F, V, S, B = 64, 4, 16, 128, 128, 16, 8
+
+
+def _core(q, k, v):
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), v)
+
+
+def _context_parallel(mesh):
+    """Sequence split over ``model``; keys and values gathered inside the body."""
+    spec = P(tuple(a for a in mesh.axis_names if a != "model"), "model", None, None)
+
+    def body(q, k, v):
+        k = jax.lax.all_gather(k, "model", axis=1, tiled=True)
+        v = jax.lax.all_gather(v, "model", axis=1, tiled=True)
+        return _core(q, k, v)
+
+    return lambda q, k, v, wo: jnp.einsum("bshd,hdm->bsm", jax.shard_map(
+        body, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)(q, k, v), wo)
+
+
+def _hand_row(mesh):
+    """Heads split over ``model``; the out projection a row layer written with ``psum``."""
+    batch = tuple(a for a in mesh.axis_names if a != "model")
+    spec = P(batch, None, "model", None)
+
+    def body(q, k, v, wo):
+        return jax.lax.psum(jnp.einsum("bshd,hdm->bsm", _core(q, k, v), wo), "model")
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(spec,) * 3 + (P("model", None, None),),
+                         out_specs=P(batch, None, None))
+
+
+class _LM(nn.Module):
+    attn: object
+
+    @nn.compact
+    def __call__(self, ids):
+        x = nn.Embed(V, D, name="embed")(ids)
+        h = nn.LayerNorm(name="ln")(x)
+        q, k, v = (nn.DenseGeneral((H, HD), use_bias=False, name=n)(h) for n in "qkv")
+        x = x + self.attn(q, k, v, self.param("o", nn.initializers.lecun_normal(), (H, HD, D)))
+        return nn.Dense(V, use_bias=False, name="head")(x + nn.Dense(D, name="down")(nn.gelu(nn.Dense(F, name="up")(x))))
+
+
+def _model(attn):
+    m = _LM(attn)
+    ids = jax.ShapeDtypeStruct((B, S), jnp.int32)
+    return (lambda p, x: m.apply(p, x)), (ids,), jax.eval_shape(lambda x: m.init(jax.random.key(0), x), ids)
+
+
+MESHES = [{"data": 2, "model": 4}, {"fsdp": 2, "model": 4}]
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=["data", "fsdp"])
+@pytest.mark.parametrize("attn", [_context_parallel, _hand_row], ids=["all_gather", "psum_row"])
+def test_pairs_through_shard_map_collectives(shape, attn):
+    # before: all_gather/pvary ended every chain (k, v or all of q/k/v/o replicated), and the row's
+    # kernel, one head per device inside the body, capped its pair at no split
+    fn, sample, params = _model(attn(tpflax.make_mesh(shape)))
+    plan = tpflax.plan(params, shape, model=fn, sample=sample)
+    specs = {p: tuple(d.spec)[:3] for p, d in plan.decisions.items()}
+    for n in "qkv":
+        assert specs[f"params/{n}/kernel"][1] == "model", plan.decisions[f"params/{n}/kernel"].reason
+    assert specs["params/o"][0] == "model"
+    assert plan.decisions["params/q/kernel"].pair == plan.decisions["params/o"].pair
+
+
+def test_explicit_collectives_priced_as_compiled():
+    # the keys' and values' all_gathers (and their reduce-scatter transposes) were missing from the
+    # estimate; XLA:CPU gives them all channel 1, and the dry run counted one of each
+    shape = {"data": 2, "model": 4}
+    mesh = tpflax.make_mesh(shape)
+    fn, sample, params = _model(_context_parallel(mesh))
+    plan = tpflax.plan(params, shape, model=fn, sample=sample)
+    loss = lambda out, x: (out ** 2).mean()  # noqa: E731
+    dr = tpflax.dry_run(tpflax.make_train_step(fn, plan, mesh, optax.sgd(0.1), sample=sample, loss=loss), plan, mesh)
+    est = tpflax.estimate(plan, optax.sgd(0.1), model=fn, sample=sample, loss=loss, backend="cpu")
+    compiled = sorted((c.kind, c.ring_bytes * c.count) for c in dr.collectives if "shard_map" in (c.op_name or ""))
+    priced = sorted((i.kind, i.total) for i in est.items if "shard_map" in i.why)
+    # local keys (4, 4, 4, 16) f32 gathered over model=4 into S = 16384 B; (4 - 1) / 4 of S sent, both ways
+    assert compiled == priced == [("all-gather", 12288.0)] * 2 + [("reduce-scatter", 12288.0)] * 2
+    assert any("shard_map" in n for n in est.notes)
+
+
+def _no_mesh_fn():
+    """A model whose shard_map has no mesh= (a fresh body: jax has no cached trace of it)."""
+    spec = P("data", None, "model", None)
+    attn = jax.shard_map(lambda q, k, v: _core(q, k, v), in_specs=(spec,) * 3, out_specs=spec)
+    m = _LM(lambda q, k, v, wo: jnp.einsum("bshd,hdm->bsm", attn(q, k, v), wo))
+    return lambda p, x: m.apply(p, x)
+
+
+def test_shard_map_without_mesh_uses_the_steps():
+    shape = {"data": 2, "model": 4}
+    fn = _no_mesh_fn()
+    _, sample, params = _model(_hand_row(tpflax.make_mesh(shape)))  # the same tree
+    with pytest.raises(tpflax.TraceError, match="shard_map without mesh="):
+        tpflax.plan(params, shape, model=fn, sample=sample)
+    mesh = tpflax.make_mesh(shape)
+    with jax.set_mesh(mesh):
+        plan = tpflax.plan(params, shape, model=fn, sample=sample)
+    assert tuple(plan.decisions["params/o"].spec)[0] == "model"
+    loss = lambda out, x: (out ** 2).mean()  # noqa: E731
+    # a fresh model: jax would serve the step the trace made under set_mesh above
+    ts = tpflax.make_train_step(_no_mesh_fn(), plan, mesh, optax.sgd(0.1), sample=sample, loss=loss)
+    assert tpflax.dry_run(ts, plan, mesh).comm_total > 0  # compiled outside any jax.set_mesh
+
+
+def test_shard_map_over_another_mesh():
+    fn, sample, params = _model(_hand_row(tpflax.make_mesh({"data": 2, "model": 4})))
+    shape = {"fsdp": 2, "model": 4}
+    plan = tpflax.plan(params, shape, model=fn, sample=sample)  # a plan for another mesh is fine
+    with pytest.raises(tpflax.PlanMismatchError, match="another mesh"):
+        tpflax.make_train_step(fn, plan, tpflax.make_mesh(shape), optax.sgd(0.1), sample=sample,
+                               loss=lambda out, x: (out ** 2).mean())
+
+
+def test_hand_row_priced_as_compiled():
+    # the row kernel's use inside the body read one device's rows (the batch split over data): its
+    # pair's all-reduce was priced at half the buffer XLA sums
+    shape = {"data": 2, "model": 4}
+    mesh = tpflax.make_mesh(shape)
+    fn, sample, params = _model(_hand_row(mesh))
+    plan = tpflax.plan(params, shape, model=fn, sample=sample)
+    loss = lambda out, x: (out ** 2).mean()  # noqa: E731
+    dr = tpflax.dry_run(tpflax.make_train_step(fn, plan, mesh, optax.sgd(0.1), sample=sample, loss=loss), plan, mesh)
+    est = tpflax.estimate(plan, optax.sgd(0.1), model=fn, sample=sample, loss=loss, backend="cpu")
+    row = [i.size for i in est.items if i.why.startswith("row params/o:")]
+    assert row == [B * S * D * 4 / 2]  # the whole batch's outputs, f32, over data=2
+    # the rest: the loss's scalar all-reduces, which the estimate prices at their ring size
+    assert abs(est.comm_total - dr.comm_total) <= 0.01 * dr.comm_total

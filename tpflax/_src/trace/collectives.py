@@ -1,0 +1,165 @@
+"""Handlers for the collectives a ``shard_map`` body calls (``psum``, ``all_gather``, ``ppermute``...).
+
+A ``shard_map`` equation is walked like any call (:func:`tpflax._src.trace.control.call`): its
+body takes the equation's inputs dim for dim, only each dim is the local shard of the one outside.
+Inside, the collectives move data between the shards but keep what each dim *is*: a ``psum`` of a
+row's partial output is still that output, a sequence ``all_gather`` of keys still carries their
+heads, and ``pvary`` only marks a value as varying over mesh axes (a parameter stays a parameter).
+Ending every chain at them (the fallback for unknown primitives) lost the pairs of context-parallel
+attention and of a hand-written row layer. Each output keeps the tags of the operand it comes from,
+dim for dim; a non-tiled ``all_gather`` adds a new dim (no tags), a non-tiled ``psum_scatter``
+removes its scattered one.
+
+>>> sorted(HANDLERS)[:4]
+['all_gather', 'all_gather_invariant', 'all_to_all', 'axis_index']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from tpflax._src.trace.control import body_of
+from tpflax._src.trace.interpreter import Handler, Val, Walk, opaque
+from tpflax._src.trace.records import Collective
+
+# Marks a value as varying over mesh axes (or not): no data moves, a parameter stays a parameter.
+VIEWS = ("pvary", "pcast", "pbroadcast", "core_pvary")
+# Operands map to outputs one to one, every dim in place.
+IN_PLACE = ("psum", "psum_invariant", "psum2", "pmax", "pmin", "pmean", "ppermute", "all_to_all")
+
+
+# primitive -> (kind forward, kind backward, the buffer S: "in" or "out"); psum and pvary are left
+# out: a psum over the axis a row's contraction is split on is the column -> row pair's all-reduce,
+# and pvary's transpose (a psum of a gradient) the gradient reduction, both priced by the plan's model.
+PRICED = {"all_gather": ("all-gather", "reduce-scatter", "out"),
+          "all_gather_invariant": ("all-gather", "reduce-scatter", "out"),
+          "reduce_scatter": ("reduce-scatter", "all-gather", "in"),
+          "psum_scatter": ("reduce-scatter", "all-gather", "in"),
+          "ppermute": ("collective-permute", "collective-permute", "in"),
+          "all_to_all": ("all-to-all", "all-to-all", "in")}
+
+
+def _note(w: Walk, eqn: Any, ins: list[Val], ctx: tuple) -> None:
+    """Record a data-moving collective (and its transpose, when the gradient flows back through it)."""
+    name = eqn.primitive.name
+    if name not in PRICED:
+        return
+    fwd, bwd, which = PRICED[name]
+    axes = eqn.params.get("axis_name", eqn.params.get("axes", ()))
+    axes = tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
+    group = math.prod(w.axis_sizes.get(a, 1) for a in axes)
+    vars_ = eqn.invars if which == "in" else eqn.outvars
+    size = float(sum(math.prod(v.aval.shape) * v.aval.dtype.itemsize for v in vars_ if hasattr(v.aval, "dtype")))
+    count = math.prod(w.lengths.get(c, 1) for c in ctx if isinstance(c, int))
+    found = [Collective(fwd, axes, size, group, count, name)]
+    if any(v.live or v.origin for v in ins):
+        found.append(Collective(bwd, axes, size, group, count, f"{name} (backward)"))
+    w.collectives[(ctx, id(eqn))] = tuple(found)
+
+
+def view(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    return [ins[i] if i < len(ins) and ins[i].rank == r else Val(r) for i, r in enumerate(ranks)]
+
+
+def in_place(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    _note(w, eqn, ins, ctx)
+    return [w.moved(ins[i], list(range(r)), r) if i < len(ins) and ins[i].rank == r else Val(r)
+            for i, r in enumerate(ranks)]
+
+
+def all_gather(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    _note(w, eqn, ins, ctx)
+    v, r = ins[0], ranks[0]
+    if r == v.rank:  # tiled: the gathered dim grows, still the same dim
+        return [w.moved(v, list(range(r)), r)]
+    new = int(eqn.params.get("all_gather_dimension", 0))
+    return [w.moved(v, [d if d < new else None if d == new else d - 1 for d in range(r)], r)]
+
+
+def reduce_scatter(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    _note(w, eqn, ins, ctx)
+    v, r = ins[0], ranks[0]
+    if r == v.rank:  # tiled: the scattered dim shrinks, still the same dim
+        return [w.moved(v, list(range(r)), r)]
+    gone = int(eqn.params.get("scatter_dimension", 0))
+    return [dataclasses.replace(w.moved(v, [d for d in range(v.rank) if d != gone], r), origin=())]
+
+
+def axis_index(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    return [Val(r) for r in ranks]
+
+
+HANDLERS: dict[str, Handler] = {
+    **{name: view for name in VIEWS},
+    **{name: in_place for name in IN_PLACE},
+    "all_gather": all_gather, "all_gather_invariant": all_gather,
+    "reduce_scatter": reduce_scatter, "psum_scatter": reduce_scatter,
+    "axis_index": axis_index,
+}
+
+
+def _shards(spec: Any, sizes: dict[str, int], rank: int) -> list[int]:
+    """Per dim, how many shards ``spec`` (a PartitionSpec of an in_spec) cuts it into."""
+    out = []
+    for d in range(rank):
+        entry = spec[d] if spec is not None and d < len(spec) else None
+        names = entry if isinstance(entry, tuple) else (entry,) if entry is not None else ()
+        out.append(math.prod(sizes.get(a, 1) for a in names))
+    return out
+
+
+def shard_map(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    """Walk a ``shard_map`` body like a call, its kernels' dims known as the shards of the whole.
+
+    The body's shapes are one device's: a kernel whose in_spec splits its heads over ``model=4``
+    shows one head there, which would cap its pair at no split. While the body is walked,
+    ``Walk.split`` says how many shards each parameter dim entering it was cut into, and
+    ``Walk.row_shards`` how many its activations' rows were (the batch split over data): the rows a
+    kernel's collectives move are the whole batch's.
+    """
+    body = body_of(eqn.params.get("jaxpr"))
+    if body is None or len(body.invars) != len(ins):
+        return opaque(w, eqn, ins, ctx, ranks, why="no body jaxpr")
+    mesh = eqn.params.get("mesh")
+    sizes = dict(getattr(mesh, "shape", {}) or {})
+    specs = tuple(eqn.params.get("in_specs") or (None,) * len(ins))
+    saved, outer, rows = dict(w.split), w.axis_sizes, w.row_shards
+    w.axis_sizes = {**outer, **sizes}
+    for v, spec in zip(ins, specs, strict=False):
+        shards = _shards(spec, sizes, v.rank)
+        if v.tags is not None:  # an activation: its dims without a kernel's features are its rows
+            w.row_shards = max(w.row_shards, rows * math.prod(n for d, n in enumerate(shards) if not v.tags[d]))
+        for d, n in enumerate(shards):
+            for path, dims in v.origin:
+                if n > 1 and dims[d] is not None:
+                    w.split[(path, dims[d])] = w.split.get((path, dims[d]), 1) * n
+    try:
+        return w.run(body, ins, ctx + (id(eqn),))
+    finally:
+        w.split, w.axis_sizes, w.row_shards = saved, outer, rows
+
+
+HANDLERS["shard_map"] = shard_map
+
+
+def shard_map_meshes(jaxpr: Any) -> list[dict[str, int]]:
+    """The meshes (``{axis: size}``) of every ``shard_map`` in ``jaxpr`` and the jaxprs it calls.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jax.sharding import AbstractMesh, PartitionSpec as P
+    >>> f = jax.shard_map(lambda x: x, mesh=AbstractMesh((1,), ("model",)), in_specs=P(), out_specs=P())
+    >>> shard_map_meshes(jax.make_jaxpr(f)(jnp.ones(2)).jaxpr)
+    [{'model': 1}]
+    """
+    found: list[dict[str, int]] = []
+    todo = [jaxpr]
+    while todo:
+        j = body_of(todo.pop())
+        for eqn in j.eqns if j is not None else ():
+            if eqn.primitive.name == "shard_map" and eqn.params.get("mesh") is not None:
+                found.append(dict(eqn.params["mesh"].shape))
+            for p in eqn.params.values():
+                todo.extend(x for x in (p if isinstance(p, (tuple, list)) else (p,)) if body_of(x) is not None)
+    return found
