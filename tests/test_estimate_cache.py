@@ -172,3 +172,41 @@ def test_an_owner_freed_under_the_lock_does_not_hang():
     r = subprocess.run([sys.executable, "-c", _FREED_UNDER_LOCK], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "{'hits': 0, 'misses': 0, 'size': 0}"
+
+
+def test_a_linen_config_edited_in_place_is_traced_afresh():
+    # a linen module keyed by identity alone was served its old trace after its (mutable) config
+    # changed: the estimate kept remat off and one block call after both were turned on
+    import flax.linen as nn
+
+    @dataclasses.dataclass
+    class Cfg:  # a plain, mutable config, as many codebases keep
+        remat: bool = False
+        twice: bool = False
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return x + nn.Dense(64)(nn.gelu(nn.Dense(256)(x)))
+
+    class Net(nn.Module):
+        cfg: Cfg
+
+        @nn.compact
+        def __call__(self, x):
+            b = (nn.remat(Block) if self.cfg.remat else Block)(name="b0")
+            for _ in range(2 if self.cfg.twice else 1):
+                x = b(x)
+            return x
+
+    cfg = Cfg()
+    net = Net(cfg)
+    x = (jax.ShapeDtypeStruct((8, 16, 64), "float32"),)
+    p = tpflax.plan(jax.eval_shape(net.init, jax.random.key(0), *x), {"data": 2, "model": 4})
+    first = tpflax.estimate(p, optax.adam(1e-3), model=net, sample=x, backend="cpu")
+    cfg.remat = cfg.twice = True
+    edited = tpflax.estimate(p, optax.adam(1e-3), model=net, sample=x, backend="cpu")
+    cache.clear()
+    fresh = tpflax.estimate(p, optax.adam(1e-3), model=net, sample=x, backend="cpu")
+    assert edited.settings["remat"] == fresh.settings["remat"] != first.settings["remat"]
+    assert edited.per_device == fresh.per_device != first.per_device

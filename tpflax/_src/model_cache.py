@@ -6,8 +6,10 @@ them many times on one model. :func:`cached` serves a result again when everythi
 is the same:
 
 * the model: the zoo model, linen module or plain function by identity (a weak reference where
-  the object takes one, so a dropped model frees its entries), an nnx module by its ``GraphDef``
-  (its structure and static attributes: a module edited in place traces afresh);
+  the object takes one, so a dropped model frees its entries), a linen module also by its repr (its
+  fields' values: a mutable config edited in place traces afresh), an nnx module by its ``GraphDef``
+  (its structure and static attributes: a module edited in place traces afresh); a plain function's
+  captured state is not read, so one that changes what it computes needs :func:`clear`;
 * the variable tree's structure (with any flax box metadata) and each leaf's shape and dtype;
 * the sample inputs' structure, shapes and dtypes;
 * jax's dtype settings (``jax_enable_x64``, ``jax_numpy_dtype_promotion``).
@@ -56,8 +58,8 @@ def _source(m: Any) -> tuple[Any, Any]:
         return m.zoo, ("zoo",)
     if m.graphdef is not None:
         return None, ("nnx", m.graphdef)
-    if m.module is not None:
-        return m.module, ("linen",)
+    if m.module is not None:  # its repr shows its fields' values: a config edited in place traces afresh
+        return m.module, ("linen", repr(m.module))
     f = m.forward
     if inspect.ismethod(f):  # a bound method is made anew at each attribute read: its instance and function
         return f.__self__, ("method", f.__func__)
