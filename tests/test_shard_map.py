@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
+from _util import FAST_XLA
 from jax.sharding import PartitionSpec as P
 
 import tpflax
@@ -79,16 +80,23 @@ def test_pairs_through_shard_map_collectives(shape, attn):
     assert plan.decisions["params/q/kernel"].pair == plan.decisions["params/o"].pair
 
 
+def _compiled_and_estimated(body):
+    """The sgd step of ``_model(body(mesh))``, planned with ``model=`` on data=2,model=4: its dry run
+    (compiled without LLVM's optimisations: the same HLO) and its estimate."""
+    shape = {"data": 2, "model": 4}
+    mesh = tpflax.make_mesh(shape)
+    fn, sample, params = _model(body(mesh))
+    plan = tpflax.plan(params, shape, model=fn, sample=sample)
+    loss = lambda out, x: (out ** 2).mean()  # noqa: E731
+    ts = tpflax.make_train_step(fn, plan, mesh, optax.sgd(0.1), sample=sample, loss=loss)
+    return (tpflax.dry_run(ts, plan, mesh, compiler_options=FAST_XLA),
+            tpflax.estimate(plan, optax.sgd(0.1), model=fn, sample=sample, loss=loss, backend="cpu"))
+
+
 def test_explicit_collectives_priced_as_compiled():
     # the keys' and values' all_gathers (and their reduce-scatter transposes) were missing from the
     # estimate; XLA:CPU gives them all channel 1, and the dry run counted one of each
-    shape = {"data": 2, "model": 4}
-    mesh = tpflax.make_mesh(shape)
-    fn, sample, params = _model(_context_parallel(mesh))
-    plan = tpflax.plan(params, shape, model=fn, sample=sample)
-    loss = lambda out, x: (out ** 2).mean()  # noqa: E731
-    dr = tpflax.dry_run(tpflax.make_train_step(fn, plan, mesh, optax.sgd(0.1), sample=sample, loss=loss), plan, mesh)
-    est = tpflax.estimate(plan, optax.sgd(0.1), model=fn, sample=sample, loss=loss, backend="cpu")
+    dr, est = _compiled_and_estimated(_context_parallel)
     compiled = sorted((c.kind, c.ring_bytes * c.count) for c in dr.collectives if "shard_map" in (c.op_name or ""))
     priced = sorted((i.kind, i.total) for i in est.items if "shard_map" in i.why)
     # local keys (4, 4, 4, 16) f32 gathered over model=4 into S = 16384 B; (4 - 1) / 4 of S sent, both ways
@@ -132,13 +140,7 @@ def test_shard_map_over_another_mesh():
 def test_hand_row_priced_as_compiled():
     # the row kernel's use inside the body read one device's rows (the batch split over data): its
     # pair's all-reduce was priced at half the buffer XLA sums
-    shape = {"data": 2, "model": 4}
-    mesh = tpflax.make_mesh(shape)
-    fn, sample, params = _model(_hand_row(mesh))
-    plan = tpflax.plan(params, shape, model=fn, sample=sample)
-    loss = lambda out, x: (out ** 2).mean()  # noqa: E731
-    dr = tpflax.dry_run(tpflax.make_train_step(fn, plan, mesh, optax.sgd(0.1), sample=sample, loss=loss), plan, mesh)
-    est = tpflax.estimate(plan, optax.sgd(0.1), model=fn, sample=sample, loss=loss, backend="cpu")
+    dr, est = _compiled_and_estimated(_hand_row)
     row = [i.size for i in est.items if i.why.startswith("row params/o:")]
     assert row == [B * S * D * 4 / 2]  # the whole batch's outputs, f32, over data=2
     # the rest: the loss's scalar all-reduces, which the estimate prices at their ring size
