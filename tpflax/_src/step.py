@@ -232,7 +232,8 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
     try:
         with mesh_context(mesh):
             variables, abstract_batch, loss_of = _resolve(model, plan, batch, sample, loss, variables)
-            _check_shard_maps(jax.make_jaxpr(loss_of)(variables, abstract_batch).jaxpr, mesh)
+            if not is_zoo(model):  # the zoo calls no shard_map: spare the extra trace (0.1 -> 0.8 s, Llama-2-7B)
+                _check_shard_maps(jax.make_jaxpr(loss_of)(variables, abstract_batch).jaxpr, mesh)
     except (ValueError, OptionError) as e:  # jax's: "The context mesh ... should match the mesh passed to shard_map"
         if "passed to shard_map" not in str(e) or isinstance(e, PlanMismatchError):
             raise
