@@ -15,6 +15,7 @@ import re
 import sys
 import types
 
+import jax
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -49,6 +50,14 @@ def test_readme_block_runs(code, monkeypatch):
     monkeypatch.setitem(sys.modules, module.__name__, module)
     monkeypatch.setattr(os, "environ", dict(os.environ))  # a block's XLA_FLAGS set-up stays in it
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        exec(compile(code, str(README), "exec"), module.__dict__)
+    # XLA:CPU without LLVM's optimisations (the same HLO passes, as FAST_XLA in _util.py) while the block
+    # runs; then every kept executable is dropped, so no later test is served one compiled so
+    fast = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        with contextlib.redirect_stdout(out):
+            exec(compile(code, str(README), "exec"), module.__dict__)
+    finally:
+        jax.config.update("jax_disable_most_optimizations", fast)
+        jax.clear_caches()
     assert out.getvalue().strip(), "every README program prints what it shows"

@@ -333,8 +333,13 @@ def top_level(paths: Any) -> set[str]:
     ['block_0', 'blocks/0', 'embed', 'head:attend']
     """
     paths = set(paths)
-    return {p for p in paths
-            if not any(p.split(":")[0].startswith(q + "/") for q in paths if ":" not in q)}
+    plain = {q for q in paths if ":" not in q}
+
+    def inside(p: str) -> bool:  # a plain traced path is a proper "/" prefix of p's (linear, not pairwise)
+        parts = p.split(":")[0].split("/")
+        return any("/".join(parts[:k]) in plain for k in range(1, len(parts)))
+
+    return {p for p in paths if not inside(p)}
 
 
 def _output(result: Any) -> Any:
