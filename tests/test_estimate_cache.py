@@ -218,12 +218,11 @@ def _top_level_pairwise(paths):
     return {p for p in paths if not any(p.split(":")[0].startswith(q + "/") for q in paths if ":" not in q)}
 
 
-def test_top_level_is_linear_in_the_traced_paths_and_keeps_its_answer():
+def test_top_level_by_prefix_lookup_keeps_the_pairwise_answer():
     # remat's kept outputs were found by comparing every traced path with every other, on each of the
     # ~170 estimates a mesh suggestion prices: 3.9 of llama-2-7b's 8.3 CPU s in suggest_mesh on 64
-    # devices. Looking up each path's own prefixes gives the same set
-    import time
-
+    # devices. Looking up each path's own prefixes gives the same set (its speed is a benchmark's matter,
+    # not a timed unit test's: benchmarks/suggest_speed.py)
     from hypothesis import given
     from hypothesis import strategies as st
 
@@ -241,7 +240,5 @@ def test_top_level_is_linear_in_the_traced_paths_and_keeps_its_answer():
     many = [f"blocks_{i}" for i in range(1000)] + [f"blocks_{i}/{s}" for i in range(1000)
                                                    for s in ("attn", "attn/q", "attn/k", "mlp", "mlp/up", "norm:x")]
     many += [f"head_{i}:attend" for i in range(1000)]
-    t = time.process_time()
     kept = top_level(many)
-    assert time.process_time() - t < 1.0
     assert kept == {f"blocks_{i}" for i in range(1000)} | {f"head_{i}:attend" for i in range(1000)}
