@@ -621,16 +621,15 @@ def _one_per_channel(collectives: list[Collective]) -> list[Collective]:
         # channel alone is not enough, and two of them in one computation are two.
         k = ((c.kind, c.channel_id, c.shapes, c.replica_groups, c.source_target_pairs)
              if c.channel_id is not None else None)
-        if k is None or k not in first or c.computation in seen[k]:
-            if k is not None and k not in first:
-                first[k], seen[k] = len(out), set()
-            if k is not None:
-                seen[k].add(c.computation)
-            out.append(c)
+        if k is not None and k in first and c.computation not in seen[k]:  # a copy in another computation
+            seen[k].add(c.computation)
+            i = first[k]
+            out[i] = replace(out[i], pieces=out[i].pieces + 1, is_async=True, count=max(out[i].count, c.count))
             continue
-        seen[k].add(c.computation)
-        i = first[k]
-        out[i] = replace(out[i], pieces=out[i].pieces + 1, is_async=True, count=max(out[i].count, c.count))
+        if k is not None:
+            first.setdefault(k, len(out))
+            seen.setdefault(k, set()).add(c.computation)
+        out.append(c)
     return out
 
 
