@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 G = 2 ** 30
+TOPOLOGY = "v5e:2x4"  # tpu_aot.TOPOLOGY: a row without a topology was compiled for it
 
 
-def _estimate(key: str):
+def _estimate(key: str, topology: str):
     import jax
     from tpu_aot import build, optimizer
 
@@ -17,7 +18,7 @@ def _estimate(key: str):
     m, p, _, batch = build((name, mesh, remat == "remat=on", dtype))
     # the zoo's MoE runs every expert on every token (dense dispatch)
     return tpflax.estimate(p, optimizer(), jax.eval_shape(lambda: m.make_batch(0, batch)), model=m,
-                           expert_dispatch="dense" if name == "moe" else "all-to-all")
+                           expert_dispatch="dense" if name == "moe" else "all-to-all", target=f"tpu-{topology}")
 
 
 def _total(comm: dict) -> float:
@@ -34,7 +35,7 @@ def _rows(tpu: dict) -> tuple[list[str], list[tuple[float, str]]]:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     worst = []
     for key, r in tpu.items():
-        e = _estimate(key)
+        e = _estimate(key, r.get("topology", TOPOLOGY))
         b = e.breakdown
         at = "backward start" if b.activations + b.scores + b.working >= b.grads + b.gathered_last else "end"
         terms = sorted(((k, v) for k, v in b.to_dict().items() if k != "total"), key=lambda kv: -kv[1])[:3]

@@ -105,6 +105,27 @@ def test_fsdp_gradients_reduce_scatter_on_tpu_and_the_estimate_counts_them():
 
 
 @needs_libtpu
+def test_fsdp_gradients_all_reduce_whole_where_the_slice_is_not_one_ring():
+    # the same step as above on v5p:2x2x2: XLA:TPU runs its collectives over the 3-D slice as
+    # N-dimensional all-reduces, which it does not turn into reduce-scatters, so every gradient is
+    # all-reduced whole (twice the bytes); estimate(target=) knows the slice, and its generation too
+    m = zoo.get("llama")
+    p = tpflax.plan(m.abstract_variables(), {"fsdp": 8})
+    mesh = tpflax.make_mesh({"fsdp": 8}, target="tpu-v5p:2x2x2")
+    dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), 8), p, mesh)
+    comm = dr.comm()
+    assert "reduce-scatter" not in comm and comm["all-reduce"]["fsdp"] > 3 * comm["all-gather"]["fsdp"]
+    for target in ("tpu-v5p:2x2x2", "tpu-v5p"):
+        est = tpflax.estimate(p, optax.adamw(1e-3), model=m, batch=8, backend="tpu", target=target)
+        assert abs(est.comm_total - dr.comm_total) <= 0.01 * dr.comm_total
+        assert "reduce-scatter" not in est.comm and est.settings["target"] == target
+    ring = tpflax.estimate(p, optax.adamw(1e-3), model=m, batch=8, backend="tpu", target="tpu-v5e:2x4")
+    assert ring.comm_total < 0.7 * dr.comm_total and "reduce-scatter" in ring.comm
+    with pytest.raises(tpflax.EstimateError, match="unknown TPU target"):
+        tpflax.estimate(p, optax.adamw(1e-3), model=m, batch=8, target="tpu-v9")
+
+
+@needs_libtpu
 @pytest.mark.slow
 def test_v4_devices_are_tensorcores_with_half_a_chips_hbm():
     m = zoo.get("mlp")

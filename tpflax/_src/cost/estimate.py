@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from tpflax._src.cost.comm import comm_items
@@ -61,9 +62,10 @@ from tpflax._src.cost.records import MEMORY_FIELDS, Act, Estimate, comm_table
 from tpflax._src.cost.reshard import fused_items
 from tpflax._src.cost.scope import Scope
 from tpflax._src.cost.workload import Workload, prepare
-from tpflax._src.errors import EstimateError
+from tpflax._src.errors import EstimateError, MeshError
 from tpflax._src.mesh import MeshShape, batch_axes
 from tpflax._src.planner.plan import traced_facts
+from tpflax._src.tpu import one_ring
 
 __all__ = ["estimate", "price", "price_leaves"]
 
@@ -122,7 +124,8 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
                   config=w.config, tied=w.tied, parts=w.parts, rows=w.rows, fused=w.fused, remat=w.remat,
                   shared=w.shared, lookups=w.lookups,
                   grouped=w.grouped, joined=w.joined, widths=w.widths, slices=w.slices,
-                  buffers=w.buffers, streams=w.streams)
+                  buffers=w.buffers, streams=w.streams,
+                  ring=w.backend != "tpu" or one_ring(w.target, math.prod(mesh.sizes.values())))
     every = (comm_items(scope, notes) + expert_items(scope) + buffer_items(scope) + fused_items(scope, notes)
              + grouped_conv_items(scope) + explicit_items(w.collectives, notes))
     items = tuple(i for i in every if i.total > 0)
@@ -138,7 +141,7 @@ def estimate(plan, optimizer: Any = None, batch: Any = None, *, config: Any = No
              activations: Mapping[str, Sequence[Act]] | None = None, model: Any = None, sample: Any = None,
              remat: bool = False, grad_dtype: Any = None, act_dtype: Any = None,
              backend: str = "tpu", expert_dispatch: str = "dense",
-             optimizer_name: str | None = None, loss: Any = None) -> Estimate:
+             optimizer_name: str | None = None, loss: Any = None, target: str | None = None) -> Estimate:
     """Bytes per device and communication per training step for a plan.
 
     Args:
@@ -176,6 +179,11 @@ def estimate(plan, optimizer: Any = None, batch: Any = None, *, config: Any = No
             default next-token loss reads ``logits[:, :-1]``) holds their gradient apart
             from them (``Peak.logits_grad``); one over whole logits forms it in place.
             Default: the step's default loss.
+        target: the TPU slice the step compiles for (``"tpu-v5p:2x2x2"``, as
+            :func:`tpflax.make_mesh` takes it) or a generation (``"tpu-v5p"``: its slice of
+            the mesh's device count). XLA:TPU reduce-scatters fsdp gradients only where it
+            reduces over the mesh on one ring (v5e and v6e 2x2, 2x4; v5p 2x2x1), else it
+            all-reduces them whole (:func:`tpflax._src.tpu.one_ring`). Default: one ring.
 
     Returns:
         An :class:`Estimate`.
@@ -200,5 +208,24 @@ def estimate(plan, optimizer: Any = None, batch: Any = None, *, config: Any = No
     w = prepare(plan, optimizer, batch, config=config, activations=activations, model=model, sample=sample,
                 remat=remat, grad_dtype=grad_dtype, act_dtype=act_dtype, backend=backend,
                 expert_dispatch=expert_dispatch, optimizer_name=optimizer_name, loss=loss)
+    if target is not None:
+        w = replace(w, target=_check_target(target), settings={**w.settings, "target": target})
     return price(plan.decisions, plan.mesh, w)
 
+
+
+def _check_target(target: Any) -> str:
+    """``target`` if it names a known TPU topology or generation, else :class:`EstimateError`."""
+    from tpflax._src.tpu import TOPOLOGIES, parse_topology
+
+    text = str(target).strip().lower()
+    gen = text if text.startswith("tpu-") else f"tpu-{text}"
+    try:
+        if ":" in text:
+            parse_topology(text)
+        elif gen not in TOPOLOGIES:
+            raise EstimateError(f"unknown TPU target {target!r}; a generation ({', '.join(TOPOLOGIES)}) or a "
+                                "topology such as tpu-v5e:2x4")
+    except MeshError as e:
+        raise EstimateError(str(e)) from None
+    return text

@@ -36,7 +36,7 @@ def gradient_items(s: Scope) -> list[CommItem]:
             parts -= max((s.lookups or {}).get(path, 1) - 1, 0)
         for kind, axes, size, n, count, why in _gradient_templates(
                 s.lv.specs[path], s.mesh, _reduce_axes(path, s), s.leaf_bytes(path, d), leaf_itemsize(d), s.g_item,
-                s.backend, reps, gather_item(d, s.backend), len(body(d))):
+                s.backend, reps, gather_item(d, s.backend), len(body(d)), s.ring):
             if kind != "all-gather" and frozen:
                 continue
             if kind != "all-gather" and path in s.buffered:
@@ -80,7 +80,8 @@ def gather_item(d: Any, backend: str) -> int:
 
 @functools.lru_cache(maxsize=1 << 14)
 def _gradient_templates(spec, mesh: MeshShape, batch_axes, nbytes: int, item: int, g_item, backend: str,
-                        reps: int, gather_item: int | None = None, body_rank: int | None = None) -> tuple:
+                        reps: int, gather_item: int | None = None, body_rank: int | None = None,
+                        ring: bool = True) -> tuple:
     """The gradient collectives of one leaf, without its path (repeated layers share them)."""
     why_rep = f" at each of {reps} time steps (inside the scanned recurrence)" if reps > 1 else ""
     f_axes = _split_axes(spec, mesh)  # a parameter split over a data axis is gathered like fsdp
@@ -97,7 +98,7 @@ def _gradient_templates(spec, mesh: MeshShape, batch_axes, nbytes: int, item: in
                                   "fsdp gradient: XLA:CPU all-reduces the whole gradient, then slices" + why_rep),)
         live = {a for a in mesh.names if mesh.sizes[a] > 1}
         rank = len(spec) if body_rank is None else body_rank
-        if backend == "tpu" and not tpu_reduce_scatters(rank, live, f_axes):
+        if backend == "tpu" and not tpu_reduce_scatters(rank, live, f_axes, ring):
             return tuple(out) + (_tpu_fsdp_gradient(mesh, f_axes, free, gbytes * nf, reps, why_rep),)
         out.append(("reduce-scatter", f_axes, gbytes * nf, nf, reps,
                     "fsdp gradient: reduce-scatter to the owning shard" + why_rep))
@@ -114,7 +115,8 @@ def _tpu_fsdp_gradient(mesh: MeshShape, f_axes: tuple[str, ...], free: tuple[str
     Read off the TPU HLO of zoo train steps (libtpu 0.0.42.1, v5e:2x4). tpflax's step pins each
     gradient to its stored shards (:func:`tpflax._src.scan_fsdp.pin`), and XLA:TPU then
     reduce-scatters a leaf of two or more dims when the fsdp axes it is split over are the whole
-    mesh (fsdp=8). With any other axis in the mesh (a free batch axis: one tuple all-reduce over
+    mesh (fsdp=8) and it reduces over them on one ring (v5e:2x4; not v5p:2x2x2, whose
+    all-reduces are 3-D: :func:`tpflax._src.tpu.one_ring`). With any other axis in the mesh (a free batch axis: one tuple all-reduce over
     ``data+fsdp``; a tensor axis: fsdp=2,model=4) and for 1-D leaves (norm scales) it all-reduces
     the whole gradient and slices it: twice a reduce-scatter's bytes.
     """

@@ -187,10 +187,11 @@ def tpu_gather_item(item: int, matmul: bool) -> int:
     return 2 if matmul and item == 4 else item
 
 
-def tpu_reduce_scatters(body_rank: int, live: set[str], f_axes: Sequence[str]) -> bool:
+def tpu_reduce_scatters(body_rank: int, live: set[str], f_axes: Sequence[str], ring: bool = True) -> bool:
     """Whether XLA:TPU reduce-scatters a pinned fsdp gradient (else it all-reduces it whole, then
-    slices): for leaves of two or more dims (layers dim aside) on a mesh of fsdp axes only."""
-    return body_rank >= 2 and not live - set(f_axes)
+    slices): for leaves of two or more dims (layers dim aside) on a mesh of fsdp axes only, whose
+    devices it reduces over on one ring (``ring``: see :func:`tpflax._src.tpu.one_ring`)."""
+    return ring and body_rank >= 2 and not live - set(f_axes)
 
 
 @functools.lru_cache(maxsize=1 << 14)

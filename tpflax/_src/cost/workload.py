@@ -88,6 +88,7 @@ class Workload:
     next_token: bool = False
     biased: frozenset[str] = frozenset()
     collectives: tuple = ()
+    target: str | None = None  # the TPU topology or generation (estimate(target=))
 
     @property
     def saved(self) -> Mapping[str, Sequence[Act]]:
