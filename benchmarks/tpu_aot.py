@@ -99,8 +99,8 @@ def load(path: Path) -> dict:
     rows = {r["key"]: r for r in (json.loads(x) for x in path.read_text().splitlines() if x.strip())}
     for k, r in rows.items():
         hlo = hlo_path(k, path == CPU_CACHE)
-        r["reparsed"] = hlo.exists()
-        if r["reparsed"]:
+        if hlo.exists():  # else the row's own mark: its comm was read by today's parser when compiled
+            r["reparsed"] = True
             mesh = {a: int(n) for a, n in (x.split("=") for x in k.split("|")[1].split(","))}
             with gzip.open(hlo, "rt") as f:
                 r["comm"] = comm_of(f.read(), mesh)

@@ -149,11 +149,17 @@ def test_suggest_verify_compiles_for_the_presets_topology():
 @needs_libtpu
 @pytest.mark.slow
 def test_cli_dry_run_target(capsys):
-    assert main(["dry-run", "mlp", "--mesh", "data=2,model=4", "--target", "tpu-v5e:2x4", "--json"]) == 0
+    assert main(["dry-run", "mlp", "--mesh", "fsdp=8", "--target", "tpu-v5p:2x2x2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["dry_run"]["platform"] == "tpu"
     assert out["dry_run"]["fit"]["fits"] is True
     assert out["dry_run"]["memory"]["peak"] == out["dry_run"]["fit"]["peak"]
+    # the estimate beside it is for the same slice: v5p:2x2x2 all-reduces the fsdp gradients whole
+    # (before, the CLI's estimate priced the reduce-scatter of a one-ring slice)
+    assert out["estimate"]["settings"]["target"] == "tpu-v5p:2x2x2"
+    rows = {r["name"]: r for r in out["estimate_vs_compiled"]["rows"] if r["section"] == "comm"}
+    assert not any("reduce-scatter" in n for n in rows)
+    assert abs(rows["all-reduce over fsdp"]["rel_error"]) < 0.01
 
 
 @needs_libtpu

@@ -116,7 +116,7 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
     backend = args.backend or mesh.devices.flat[0].platform
     est = estimate(p, opt, batch, **model_kwargs(loaded), remat=args.remat,
                    backend=backend if backend in ("tpu", "gpu", "cpu") else "tpu",
-                   optimizer_name=args.optimizer)
+                   optimizer_name=args.optimizer, target=args.target)  # the slice's ring decides fsdp gradients
     if args.json:
         print(report(p, est, fmt="json", dry_run=dr))
         return 1 if args.strict and p.warnings else 0
