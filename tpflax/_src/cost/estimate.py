@@ -126,7 +126,7 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
                   config=w.config, tied=w.tied, parts=w.parts, rows=w.rows, fused=w.fused, remat=w.remat,
                   shared=w.shared, lookups=w.lookups,
                   grouped=w.grouped, joined=w.joined, widths=w.widths, slices=w.slices,
-                  buffers=w.buffers, streams=w.streams)
+                  buffers=w.buffers, streams=w.streams, row_axes=tuple(a for a in caxes if a not in axes))
     every = (comm_items(scope, notes) + expert_items(scope) + buffer_items(scope) + fused_items(scope, notes)
              + grouped_conv_items(scope) + explicit_items(w.collectives, notes))
     items = tuple(i for i in every if i.total > 0)

@@ -15,8 +15,9 @@ activations (measured on XLA:CPU, ``tests/test_shard_map.py``: every kernel spli
 gathered whole before its matmul, every gradient summed over ``model``, and no column -> row pair's
 all-reduce was left). The axis is then a batch axis of the step: :func:`row_split_mesh` gives it the
 fsdp role for the communication model, so a leaf split over it is gathered for compute and its
-gradient reduced, a leaf kept whole over it has its gradient summed over it, and no pair's collective
-runs over it.
+gradient reduced, a leaf kept whole over it has its gradient summed over it (apart from, and before,
+the sum over the other batch axes: :mod:`tpflax._src.cost.gradients`), and no pair's collective runs
+over it.
 
 >>> from tpflax._src.trace.records import Collective
 >>> [i.total for i in explicit_items((Collective("all-gather", ("model",), 1024.0, 4, 2, "all_gather"),), [])]
