@@ -80,10 +80,9 @@ def test_pairs_through_shard_map_collectives(shape, attn):
     assert plan.decisions["params/q/kernel"].pair == plan.decisions["params/o"].pair
 
 
-def _compiled_and_estimated(body):
-    """The sgd step of ``_model(body(mesh))``, planned with ``model=`` on data=2,model=4: its dry run
+def _compiled_and_estimated(body, shape=MESHES[0]):
+    """The sgd step of ``_model(body(mesh))``, planned with ``model=`` on ``shape``: its dry run
     (compiled without LLVM's optimisations: the same HLO) and its estimate."""
-    shape = {"data": 2, "model": 4}
     mesh = tpflax.make_mesh(shape)
     fn, sample, params = _model(body(mesh))
     plan = tpflax.plan(params, shape, model=fn, sample=sample)
@@ -102,6 +101,25 @@ def test_explicit_collectives_priced_as_compiled():
     # local keys (4, 4, 4, 16) f32 gathered over model=4 into S = 16384 B; (4 - 1) / 4 of S sent, both ways
     assert compiled == priced == [("all-gather", 12288.0)] * 2 + [("reduce-scatter", 12288.0)] * 2
     assert any("shard_map" in n for n in est.notes)
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=["data", "fsdp"])
+def test_context_parallel_row_split_priced_as_compiled(shape):
+    # before: the estimate priced the plan's tensor pairs over model (all-reduces of q/k/v/o, up/down,
+    # the head) and none of what XLA compiled: the in_specs' sequence split over model propagates
+    # through the residual stream, so every kernel split over model is gathered whole for its matmul
+    # and every gradient is summed over model; the estimate was 45% under the compiled bytes
+    dr, est = _compiled_and_estimated(_context_parallel, shape)
+    assert not [i.why for i in est.items if i.why.startswith(("row ", "column "))]
+    # the gathers (kernels and biases split over model, fsdp leaves, the body's keys and values) are
+    # exact; a leaf kept whole over model has its gradient summed over model, then over data or fsdp
+    # (two rings, not one of 8: 5% of the total); the rest is the loss's scalar all-reduces
+    gathers = lambda comm: sum(comm.get("all-gather", {}).values())  # noqa: E731
+    assert gathers(est.comm) == gathers(dr.comm())
+    assert abs(est.comm_total - dr.comm_total) <= 0.01 * dr.comm_total
+    assert any("rows over model" in n for n in est.notes)
+    embed = sorted((i.kind, i.axes, i.total) for i in est.items if i.source == "params/embed/embedding")
+    assert embed[-1] == ("all-reduce", ("model",), 1.5 * V * D * 4)  # the whole table's partial gradients
 
 
 def _no_mesh_fn():

@@ -53,7 +53,7 @@ from typing import Any
 
 from tpflax._src.cost.comm import comm_items
 from tpflax._src.cost.experts import buffer_items, expert_items
-from tpflax._src.cost.explicit import explicit_items
+from tpflax._src.cost.explicit import explicit_items, row_split_mesh
 from tpflax._src.cost.grouped import grouped_conv_items
 from tpflax._src.cost.leaves import Leaves, merge
 from tpflax._src.cost.memory import memory
@@ -119,12 +119,16 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
     per_device, unsharded = memory(lv, mesh, w, shards, notes)
     savings = {name: (100.0 * (1 - getattr(per_device, name) / getattr(unsharded, name))
                       if getattr(unsharded, name) else 0.0) for name in MEMORY_FIELDS + ("total",)}
-    scope = Scope(mesh=mesh, lv=lv, batch=b, batch_axes=axes, shards=shards, act_item=w.act_item,
+    # the communication sees a shard_map's row split (cost/explicit.py); the memory above keeps the plan's mesh
+    cmesh = row_split_mesh(mesh, w.row_axes, notes)
+    caxes = batch_axes(cmesh)
+    scope = Scope(mesh=cmesh, lv=lv, batch=b, batch_axes=caxes, shards=math.prod(cmesh.sizes[a] for a in caxes),
+                  act_item=w.act_item,
                   g_item=w.g_item, backend=w.backend, dispatch=w.dispatch, activations=w.activations,
                   config=w.config, tied=w.tied, parts=w.parts, rows=w.rows, fused=w.fused, remat=w.remat,
                   shared=w.shared, lookups=w.lookups,
                   grouped=w.grouped, joined=w.joined, widths=w.widths, slices=w.slices,
-                  buffers=w.buffers, streams=w.streams,
+                  buffers=w.buffers, streams=w.streams, row_axes=tuple(a for a in caxes if a not in axes),
                   ring=w.backend != "tpu" or one_ring(w.target, math.prod(mesh.sizes.values())))
     every = (comm_items(scope, notes) + expert_items(scope) + buffer_items(scope) + fused_items(scope, notes)
              + grouped_conv_items(scope) + explicit_items(w.collectives, notes))

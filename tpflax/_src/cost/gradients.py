@@ -36,7 +36,7 @@ def gradient_items(s: Scope) -> list[CommItem]:
             parts -= max((s.lookups or {}).get(path, 1) - 1, 0)
         for kind, axes, size, n, count, why in _gradient_templates(
                 s.lv.specs[path], s.mesh, _reduce_axes(path, s), s.leaf_bytes(path, d), leaf_itemsize(d), s.g_item,
-                s.backend, reps, gather_item(d, s.backend), len(body(d)), s.ring):
+                s.backend, reps, gather_item(d, s.backend), len(body(d)), s.ring, s.row_axes):
             if kind != "all-gather" and frozen:
                 continue
             if kind != "all-gather" and path in s.buffered:
@@ -81,14 +81,25 @@ def gather_item(d: Any, backend: str) -> int:
 @functools.lru_cache(maxsize=1 << 14)
 def _gradient_templates(spec, mesh: MeshShape, batch_axes, nbytes: int, item: int, g_item, backend: str,
                         reps: int, gather_item: int | None = None, body_rank: int | None = None,
-                        ring: bool = True) -> tuple:
-    """The gradient collectives of one leaf, without its path (repeated layers share them)."""
+                        ring: bool = True, rows: tuple[str, ...] = ()) -> tuple:
+    """The gradient collectives of one leaf, without its path (repeated layers share them).
+
+    ``ring``: XLA:TPU reduces over the whole mesh on one ring (:func:`tpflax._src.tpu.one_ring`).
+    ``rows``: batch axes that are a ``shard_map``'s row split (:func:`tpflax._src.cost.explicit.row_split_mesh`).
+    XLA sums a gradient's partial sums over them at its matmul, apart from the data-parallel or fsdp
+    sum (measured on XLA:CPU: two all-reduces of the whole gradient when they do not split the leaf;
+    when they do, the second sum moves its shard and the two cost what one ring over both does)."""
     why_rep = f" at each of {reps} time steps (inside the scanned recurrence)" if reps > 1 else ""
     f_axes = _split_axes(spec, mesh)  # a parameter split over a data axis is gathered like fsdp
     free = tuple(a for a in batch_axes if a not in used_axes(spec))
     gbytes = nbytes if g_item is None else nbytes // item * g_item
     nf = math.prod(mesh.sizes[a] for a in f_axes)
     out = []
+    apart = tuple(a for a in free if a in rows)  # a row split that does not split the leaf: summed first
+    if apart and len(apart) < len(free) + len(f_axes):
+        out.append(("all-reduce", apart, gbytes * nf, math.prod(mesh.sizes[a] for a in apart), reps,
+                    "rows split by in_specs: sum the partial gradient over the row axes first" + why_rep))
+        free = tuple(a for a in free if a not in rows)
     if f_axes:
         out.append(("all-gather", f_axes, nbytes // item * (gather_item or item) * nf, nf, 1,
                     "fsdp: gather the parameter for compute (the backward reuses it)"))

@@ -84,6 +84,7 @@ class Scope:
     buffers: Mapping[str, float] | None = None  # traced batch-free expert buffers' rows (Traced)
     streams: Mapping[str, tuple[float, int, int]] | None = None  # traced streams split by a small output (Traced)
     ring: bool = True  # XLA:TPU reduces over the whole mesh on one ring (tpflax._src.tpu.one_ring)
+    row_axes: tuple[str, ...] = ()  # batch axes only because a shard_map splits rows over them (cost.explicit)
 
     def rows_of(self, path: str) -> float:
         """Activation rows on one device that the leaf at ``path`` reads: as traced (a batch-free expert buffer

@@ -91,6 +91,8 @@ class Traced:
             scales a larger activation elementwise (DiT's adaLN; :func:`tpflax._src.trace.spread.spread_streams`).
         collectives: the data-moving collectives ``shard_map`` bodies call by hand
             (:attr:`tpflax._src.trace.records.Dataflow.collectives`).
+        row_axes: the mesh axes ``shard_map`` in_specs cut activations' rows over
+            (:attr:`tpflax._src.trace.records.Dataflow.row_axes`).
     """
 
     tied: frozenset[str] | None = None
@@ -111,6 +113,7 @@ class Traced:
     biased: frozenset[str] = frozenset()
     streams: Mapping[str, tuple[float, int, int]] | None = None
     collectives: tuple = ()
+    row_axes: frozenset[str] = frozenset()
 
 
 def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
@@ -197,7 +200,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
                   {p: n for p, n in lookups.items() if n > 1}, grouped, joined, widths,
                   {p: n for p, n in slices.items() if n > 1}, buffers, contractions, flow.remat >= 0.5,
                   scores, frozenset(flow.uses[uid].path for uid, _ in flow.biases.values()),
-                  spread_streams(flow, shapes), flow.collectives)
+                  spread_streams(flow, shapes), flow.collectives, flow.row_axes)
 
 
 _THROUGH = ("convert_element_type", "copy", "reduce_precision", "optimization_barrier")

@@ -59,6 +59,7 @@ class Workload:
             next-token default (a model other than a zoo model, called on token ids ``(batch, seq)``).
         biased: from the trace (:attr:`Traced.biased`).
         collectives: from the trace (:attr:`Traced.collectives`): priced as they are, whatever the plan.
+        row_axes: from the trace (:attr:`Traced.row_axes`): priced as batch axes (:mod:`tpflax._src.cost.explicit`).
     """
 
     batch: Batch
@@ -89,6 +90,7 @@ class Workload:
     biased: frozenset[str] = frozenset()
     collectives: tuple = ()
     target: str | None = None  # the TPU topology or generation (estimate(target=))
+    row_axes: frozenset[str] = frozenset()
 
     @property
     def saved(self) -> Mapping[str, Sequence[Act]]:
@@ -162,7 +164,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     grouped=t.grouped, joined=t.joined, widths=t.widths, slices=t.slices, buffers=t.buffers,
                     streams=t.streams, contractions=contractions, scores=t.scores,
                     next_token=_next_token(m) if loss is None else reads_slice(m, loss), biased=t.biased,
-                    collectives=t.collectives)
+                    collectives=t.collectives, row_axes=t.row_axes)
 
 
 def contraction_calls(plan, contractions: Sequence[tuple[str, float, tuple[int, ...], str]],

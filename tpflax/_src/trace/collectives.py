@@ -100,13 +100,12 @@ HANDLERS: dict[str, Handler] = {
 }
 
 
-def _shards(spec: Any, sizes: dict[str, int], rank: int) -> list[int]:
-    """Per dim, how many shards ``spec`` (a PartitionSpec of an in_spec) cuts it into."""
+def _axes(spec: Any, rank: int) -> list[tuple[str, ...]]:
+    """Per dim, the mesh axes ``spec`` (a PartitionSpec of an in_spec) cuts it over."""
     out = []
     for d in range(rank):
         entry = spec[d] if spec is not None and d < len(spec) else None
-        names = entry if isinstance(entry, tuple) else (entry,) if entry is not None else ()
-        out.append(math.prod(sizes.get(a, 1) for a in names))
+        out.append(tuple(entry) if isinstance(entry, tuple) else (entry,) if entry is not None else ())
     return out
 
 
@@ -117,7 +116,8 @@ def shard_map(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -
     shows one head there, which would cap its pair at no split. While the body is walked,
     ``Walk.split`` says how many shards each parameter dim entering it was cut into, and
     ``Walk.row_shards`` how many its activations' rows were (the batch split over data): the rows a
-    kernel's collectives move are the whole batch's.
+    kernel's collectives move are the whole batch's. ``Walk.row_axes`` keeps the mesh axes the
+    in_specs cut those rows over (context parallelism's sequence over ``model``).
     """
     body = body_of(eqn.params.get("jaxpr"))
     if body is None or len(body.invars) != len(ins):
@@ -128,9 +128,11 @@ def shard_map(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -
     saved, outer, rows = dict(w.split), w.axis_sizes, w.row_shards
     w.axis_sizes = {**outer, **sizes}
     for v, spec in zip(ins, specs, strict=False):
-        shards = _shards(spec, sizes, v.rank)
+        cut = _axes(spec, v.rank)
+        shards = [math.prod(sizes.get(a, 1) for a in names) for names in cut]
         if v.tags is not None:  # an activation: its dims without a kernel's features are its rows
             w.row_shards = max(w.row_shards, rows * math.prod(n for d, n in enumerate(shards) if not v.tags[d]))
+            w.row_axes.update(a for d, names in enumerate(cut) if not v.tags[d] for a in names if sizes.get(a, 1) > 1)
         for d, n in enumerate(shards):
             for path, dims in v.origin:
                 if n > 1 and dims[d] is not None:

@@ -171,7 +171,8 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                     shared=shared_reads(jaxpr, w.reads), remat=remat_share(jaxpr),
                     products=_one_branch(w.products), channelwise=dict(w.channelwise),
                     spread=_spread(w),
-                    collectives=tuple(c for cs in w.collectives.values() for c in cs))
+                    collectives=tuple(c for cs in w.collectives.values() for c in cs),
+                    row_axes=frozenset(w.row_axes))
 
 
 def _spread(w: Any) -> dict[tuple[int, int], int]:

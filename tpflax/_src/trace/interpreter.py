@@ -143,6 +143,7 @@ class Walk:
     split: dict[tuple[str, int], int] = field(default_factory=dict)  # (path, leaf dim) -> shards in a shard_map body
     axis_sizes: dict[str, int] = field(default_factory=dict)  # the mesh of the shard_map body being walked
     row_shards: int = 1  # a shard_map body's activations hold 1/row_shards of the rows (its batch split)
+    row_axes: set[str] = field(default_factory=set)  # mesh axes shard_map in_specs cut activations' rows over
     collectives: dict[tuple, tuple] = field(default_factory=dict)  # (ctx, id(eqn)) -> its Collectives
     n_eqns: int = 0
 

@@ -173,6 +173,8 @@ class Dataflow:
             output was combined with elementwise (its size times the rows is the combination's size). More
             rows than the use reads is a small activation broadcast over a larger one: DiT's adaLN
             modulation, one row per example, scaling and gating the residual stream of every token.
+        row_axes: the mesh axes (size > 1) a ``shard_map``'s in_specs cut an activation's rows over (its
+            dims that carry no kernel's features: context-parallel attention's sequence over ``model``).
     """
 
     paths: tuple[str, ...]
@@ -195,3 +197,4 @@ class Dataflow:
     views: frozenset[tuple[int, int]] = frozenset()
     spread: Mapping[tuple[int, int], int] = field(default_factory=dict)
     collectives: tuple[Collective, ...] = ()
+    row_axes: frozenset[str] = frozenset()
