@@ -111,6 +111,8 @@ class Walk:
             of a dim a reshape cut (``(heads) -> (kv_heads, groups)``).
         caps: ``{tag: size}``: a minor part was reduced, sliced or contracted, so a split of
             the tag stays within the major part; applied to its edges' limits at the end.
+        joined: tags added to an activation that lacks them (a residual add): a reduction over
+            their dim ends them, as over a model input's.
         spread: ``{tag: rows}``: the most rows of an elementwise combination of activations the tag's
             dim reached (see :attr:`tpflax._src.trace.records.Dataflow.spread`).
     """
@@ -131,6 +133,7 @@ class Walk:
     spills: dict[tuple[int, int], int] = field(default_factory=dict)
     caps: dict[tuple[int, int], int] = field(default_factory=dict)
     spread: dict[tuple[int, int], int] = field(default_factory=dict)
+    joined: set[tuple[int, int]] = field(default_factory=set)  # tags added to an activation lacking them
     reads: dict[int, tuple[Any, int, tuple]] = field(default_factory=dict)  # use id -> (dot eqn, operand, ctx)
     products: dict[tuple[tuple, int], Product] = field(default_factory=dict)  # (ctx, id(eqn)) -> Product
     lengths: dict[int, int] = field(default_factory=dict)  # id(scan eqn) -> its trip count
@@ -190,6 +193,12 @@ class Walk:
                 self.cap(k)
             else:
                 self.escapes.setdefault(k, why)
+
+    def cap_minor(self, m: TagMap) -> None:
+        """Cap the minor parts in ``m``; the major ones keep their split."""
+        for k in m:
+            if is_minor(k):
+                self.cap(k)
 
     def cap(self, k: tuple[int, int]) -> None:
         """The minor part ``k`` of a cut dim needs its other shards: its tag splits only the major part."""
