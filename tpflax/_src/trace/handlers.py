@@ -67,6 +67,8 @@ def elementwise(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
     tags = w.pointwise([v for v in acts if v.tags is not None], rank, name)
     if tags is not None and len(acts) > 1:
         _note_spread(w, tags, tuple(getattr(eqn.outvars[0].aval, "shape", ())))
+        if name in ("add", "sub"):
+            _note_joined(w, acts)
     onehot = name == "eq" and any(v.iota for v in ins) and not all(v.iota for v in ins)
     onehot = onehot or (name in VIEW and any(v.onehot for v in ins))
     iota = all(v.iota or v.rank == 0 for v in ins) and any(v.iota for v in ins) and name in (
@@ -82,6 +84,13 @@ def _note_spread(w: Walk, tags: tuple, shape: tuple[int, ...]) -> None:
         for k in m:
             if not is_minor(k) and shape[d]:
                 w.spread[k] = max(w.spread.get(k, 0), n // shape[d])
+
+
+def _note_joined(w: Walk, acts: list[Val]) -> None:
+    """Tags added to an activation that lacks them (a branch onto the residual stream): a norm over their
+    dim after this normalises the stream, whose width no column split carries on."""
+    keys = [{k for m in (v.tags or ()) for k in m} for v in acts]
+    w.joined.update(set.union(*keys) - set.intersection(*keys))
 
 
 def _one_per_path(origin: Any) -> tuple:
@@ -109,13 +118,24 @@ def _note_params(w: Walk, name: str, params: list[Val], acts: list[Val]) -> None
 
 # -- reductions --------------------------------------------------------------
 
+_STATS = ("reduce_sum", "reduce_max", "reduce_min")
+
+
 def reduce(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
     name = eqn.primitive.name
     axes = tuple(eqn.params.get("axes", ()))
     v = ins[0]
     for a in axes:
-        w.escape(v.dim_tags(a), f"{name} reduces over it (a norm, a mean or a softmax over "
-                                "features needs the whole dim)")
+        tags = v.dim_tags(a)
+        if name in _STATS and not any(k in w.joined for k in tags):
+            # a norm's mean square over a projection's own output (OLMo-2's q/k norm over the whole width,
+            # a sandwich norm on a branch before its residual add): each shard reduces its part and XLA
+            # all-reduces the small result, one value per row, so the split carries on past the norm
+            w.cap_minor(tags)
+            w.normed.update(k for k in tags if not is_minor(k))
+        else:
+            w.escape(tags, f"{name} reduces over it (a norm, a mean or a softmax over features needs the "
+                           "whole dim)")
     if v.origin and v.tags is None and name in ("reduce_sum", "reduce_max", "reduce_min"):
         # a reduction of a parameter (the norm in a weight norm) is still computed from that parameter
         return [Val(ranks[0], origin=tuple((p, tuple(d for i, d in enumerate(dims) if i not in axes))

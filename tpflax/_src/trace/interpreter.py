@@ -111,6 +111,9 @@ class Walk:
             of a dim a reshape cut (``(heads) -> (kv_heads, groups)``).
         caps: ``{tag: size}``: a minor part was reduced, sliced or contracted, so a split of
             the tag stays within the major part; applied to its edges' limits at the end.
+        joined: tags added to an activation that lacks them (a residual add): a reduction over
+            their dim ends them, as over a model input's. ``normed``: tags a norm reduced over and let
+            through; they reach a kernel only through an activation product (q.k).
         spread: ``{tag: rows}``: the most rows of an elementwise combination of activations the tag's
             dim reached (see :attr:`tpflax._src.trace.records.Dataflow.spread`).
     """
@@ -131,6 +134,8 @@ class Walk:
     spills: dict[tuple[int, int], int] = field(default_factory=dict)
     caps: dict[tuple[int, int], int] = field(default_factory=dict)
     spread: dict[tuple[int, int], int] = field(default_factory=dict)
+    joined: set[tuple[int, int]] = field(default_factory=set)  # tags added to an activation lacking them
+    normed: set[tuple[int, int]] = field(default_factory=set)  # tags a norm reduced over and let through
     reads: dict[int, tuple[Any, int, tuple]] = field(default_factory=dict)  # use id -> (dot eqn, operand, ctx)
     products: dict[tuple[tuple, int], Product] = field(default_factory=dict)  # (ctx, id(eqn)) -> Product
     lengths: dict[int, int] = field(default_factory=dict)  # id(scan eqn) -> its trip count
@@ -191,6 +196,12 @@ class Walk:
                 self.cap(k)
             else:
                 self.escapes.setdefault(k, why)
+
+    def cap_minor(self, m: TagMap) -> None:
+        """Cap the minor parts in ``m``; the major ones keep their split."""
+        for k in m:
+            if is_minor(k):
+                self.cap(k)
 
     def cap(self, k: tuple[int, int]) -> None:
         """The minor part ``k`` of a cut dim needs its other shards: its tag splits only the major part."""
@@ -276,6 +287,11 @@ class Walk:
             self.cap(k)
             return
         if k[0] == dst:
+            return
+        if k in self.normed and "dot" not in via:
+            # normalised, then contracted straight by a kernel (MLA's q_a -> norm -> q_b): the chain ends as
+            # at any norm; only through an activation product (OLMo-2's q norm, then q.k) does it go on
+            self.escapes.setdefault(k, "a norm over it feeds a kernel directly")
             return
         key = (k[0], k[1], dst, dst_dim)
         old = self.edges.get(key)
