@@ -51,6 +51,7 @@ from tpflax._src.planner.roles import (
     fused_partners,
     linear_view,
     low_rank_factors,
+    numbered_chain,
     residual_widths,
 )
 
@@ -156,6 +157,7 @@ def _pair_group(st: State, group: str, lins: list[Linear], heads: int | None = N
     fused_partners(lins)
     attention_output(lins, group)
     attention_inputs(lins, group)
+    numbered_chain(lins)
     if any(x.role == "row" for x in lins):
         lins = _drop_low_rank_downs(st, lins)
     cols = [x for x in lins if x.role == "column" and not HEAD.match(x.f.layer_name)]

@@ -238,6 +238,52 @@ def _call_order(lin: Linear, lins: list[Linear]) -> tuple[str, str] | None:
     return None
 
 
+_NUMBERED = re.compile(r"^(?P<stem>[A-Za-z]\w*?)_?(?P<n>\d+)$")
+
+
+def numbered_chain(lins: list[Linear]) -> None:
+    """A block of exactly two unoriented 2-D kernels, numbered siblings whose widths chain: column -> row.
+
+    A LLaVA projector (``linear_1`` ``(d_v, d_t)``, GELU, ``linear_2`` ``(d_t, d_t)``) sits alone in its
+    block between two towers: neither names nor the residual widths orient it (both its widths may be
+    residual widths, of the two towers). The layer writing the width the other reads is the column of a
+    Megatron pair, which the chooser prices against keeping both whole. Where the widths chain both ways
+    (square), the author's numbers are the call order (with a doubt); linen's auto-names (``Dense_0``)
+    number creation, which a nested ``Dense(d)(gelu(Dense(d)(x)))`` reverses: those are left alone.
+
+    >>> from tpflax._src.facts.tree import Leaf
+    >>> def lin(name, shape):
+    ...     path = f"p/{name}/kernel"
+    ...     return Linear(Facts(Leaf(path, shape, "float32", 4), "dense", 0, path[:-7], "p"), (0,), (1,))
+    >>> a, b = lin("linear_1", (48, 64)), lin("linear_2", (64, 64))
+    >>> numbered_chain([b, a])
+    >>> a.role, b.role
+    ('column', 'row')
+    """
+    two = [x for x in lins if len(x.f.body) == 2 and x.role is None]
+    if len(lins) != 2 or len(two) != 2:
+        return
+    names = [_NUMBERED.match(x.f.unit_name) for x in two]
+    if None in names or names[0]["stem"] != names[1]["stem"] or names[0]["n"] == names[1]["n"]:
+        return
+    a, b = sorted(two, key=lambda x: int(_NUMBERED.match(x.f.unit_name)["n"]))
+    both = a.out_size == b.in_size and b.out_size == a.in_size
+    if both and _AUTO_NAME.match(a.f.unit_name) and a.f.unit_name[0].isupper():
+        return  # linen's auto-names number creation, not calls: a nested ``Dense(d)(Dense(d)(x))`` is reversed
+    if not both and b.out_size == a.in_size:
+        a, b = b, a  # the widths chain one way only: they, not the numbers, say which reads which
+    if a.out_size != b.in_size:
+        return
+    a.role, b.role = "column", "row"
+    by = "numbered before" if both else "writing the input width of"
+    a.why = (f"({a.in_size} -> {a.out_size}) {by} {short(b.f.path)} ({b.in_size} -> {b.out_size}): the first "
+             "of two chained layers alone in their block (a projector)")
+    b.why = f"({b.in_size} -> {b.out_size}) reads the output of {short(a.f.path)}"
+    if b.out_size == a.in_size:
+        a.doubt = (f"'{short(a.f.path)}' and '{short(b.f.path)}' chain both ways; taken in their numbering's "
+                   "order (pass model= to trace it)")
+
+
 def _square_like_flipped(lins: list[Linear]) -> None:
     """Square kernels of a block whose other kernels are stored (out, in) are stored so too.
 
