@@ -1141,3 +1141,27 @@ def test_an_expert_axis_splits_the_batch_and_the_estimate_prices_the_gathered_to
     assert run.flops < 2.0e7, run.flops  # 1.73e7; main: 2.66e7 (the peak 1.67 MB, main 1.91)
     e = estimate(p, tx, 8, model=m, backend="cpu")
     assert e.comm_total == pytest.approx(run.comm_total, rel=0.1), (e.comm, run.comm())
+
+
+def test_default_tpu_estimate_prices_the_plans_slice_of_the_mesh():
+    # XLA:TPU reduce-scatters a pinned fsdp gradient only where it reduces over the mesh on one ring:
+    # a v5e-8 (2x4) does, a v5e-16 (4x4) all-reduces it whole (tests/test_tpu.py compiles both). With
+    # no target= the estimate takes the plan's hardware preset at the mesh's device count
+    g, norm = 2 * 64 * 256 * 4, 64 * 4  # the two kernels' and the norm scale's gradient bytes
+    batch = {"x": (16, 64)}
+    sixteen = tpflax.plan(mlp_tree(), {"fsdp": 16})  # hardware: tpu-v5e, the default
+    e = estimate(sixteen, optax.sgd(0.1), batch)
+    assert "reduce-scatter" not in e.comm
+    assert by(e, "all-reduce", "fsdp") == 2 * 15 / 16 * (g + norm)  # whole, then sliced
+    assert e.comm == estimate(sixteen, optax.sgd(0.1), batch, target="tpu-v5e:4x4").comm
+    assert any(n.startswith("tpu-v5e:4x4: XLA:TPU reduces over these devices as an N-dimensional") for n in e.notes)
+    eight = estimate(tpflax.plan(mlp_tree(), {"fsdp": 8}), optax.sgd(0.1), batch)
+    assert by(eight, "reduce-scatter", "fsdp") == 7 / 8 * g and not any("N-dimensional" in n for n in eight.notes)
+    # the preset's generation decides: v5p's 4 chips (2x2x1) are one ring, its 8 (2x2x2) are not
+    v5p = {n: estimate(tpflax.plan(mlp_tree(), {"fsdp": n}, hardware="tpu-v5p"), optax.sgd(0.1), batch)
+           for n in (4, 8)}
+    assert by(v5p[4], "reduce-scatter", "fsdp") == 3 / 4 * g and "reduce-scatter" not in v5p[8].comm
+    # a GPU reduce-scatters, whatever the plan's preset; a count with no known slice stays one ring
+    assert by(estimate(sixteen, optax.sgd(0.1), batch, backend="gpu"), "reduce-scatter", "fsdp") == 15 / 16 * g
+    twelve = estimate(tpflax.plan(mlp_tree(96, 384), {"fsdp": 12}), optax.sgd(0.1), {"x": (12, 96)})
+    assert by(twelve, "reduce-scatter", "fsdp") == pytest.approx(11 / 12 * 2 * 96 * 384 * 4)

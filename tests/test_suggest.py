@@ -428,3 +428,19 @@ def test_ranked_numbers_are_the_estimate_of_a_rules_plan_of_unknown_names():
                      trace=True)
     for c in s.ranked:
         assert (c.comm, c.peak) == (c.estimate.comm, c.estimate.peak), c.mesh
+
+
+def test_fsdp_gradients_priced_on_the_presets_slice():
+    # a v5e-16 (4x4) is no one ring: XLA:TPU all-reduces fsdp gradients whole (tests/test_tpu.py), so the
+    # fsdp-only shape pays twice a reduce-scatter's bytes; the 8 devices of a v5e:2x4 reduce-scatter
+    def fsdp_only(n, hw):
+        s = suggest_mesh(mlp_tree(), n, hardware=hw, optimizer=optax.sgd(0.1), batch=(n, 256), trace=False)
+        (c,) = [c for c in s.candidates if c.mesh.sizes["fsdp"] == n]
+        assert c.estimate.comm == c.comm  # the candidate's estimate prices the same slice
+        return c.comm
+
+    g = 2 * 256 * 1024 * 4
+    sixteen = fsdp_only(16, "tpu-v5e")
+    assert "reduce-scatter" not in sixteen and sixteen["all-reduce"]["fsdp"] >= 2 * 15 / 16 * g
+    assert fsdp_only(8, "tpu-v5e")["reduce-scatter"]["fsdp"] == 7 / 8 * g
+    assert fsdp_only(16, "h100")["reduce-scatter"]["fsdp"] == 15 / 16 * g

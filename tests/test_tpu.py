@@ -126,6 +126,19 @@ def test_fsdp_gradients_all_reduce_whole_where_the_slice_is_not_one_ring():
 
 
 @needs_libtpu
+def test_default_estimate_prices_the_plans_slice_of_sixteen_devices():
+    # v5e:4x4 is no one ring (two torus dims of 4): XLA:TPU all-reduces every fsdp gradient whole, and
+    # the estimate with no target= prices the plan's preset (tpu-v5e) at the mesh's 16 devices
+    m = zoo.get("llama")
+    p = tpflax.plan(m.abstract_variables(), {"fsdp": 16})
+    mesh = tpflax.make_mesh({"fsdp": 16}, target="tpu-v5e:4x4")
+    dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), 16), p, mesh)
+    assert "reduce-scatter" not in dr.comm() and dr.comm()["all-reduce"]["fsdp"] > 3 * dr.comm()["all-gather"]["fsdp"]
+    est = tpflax.estimate(p, optax.adamw(1e-3), model=m, batch=16)
+    assert abs(est.comm_total - dr.comm_total) <= 0.01 * dr.comm_total and "reduce-scatter" not in est.comm
+
+
+@needs_libtpu
 @pytest.mark.slow
 def test_v4_devices_are_tensorcores_with_half_a_chips_hbm():
     m = zoo.get("mlp")

@@ -258,11 +258,27 @@ def one_ring(target: Any, devices: int) -> bool:
     >>> one_ring("tpu-v5e:2x4", 8), one_ring("tpu-v5p", 8), one_ring("tpu-v4:2x2x1", 8)
     (True, False, False)
     """
-    if target is None:
-        return True
-    topo = parse_topology(target) if ":" in str(target) else topology_for(str(target), devices)
-    if topo is None or topo.devices != devices:
+    topo = _slice(target, devices)
+    if topo is None:
         return True
     dims = [int(x) for x in topo.grid.split("x")] + [DEVICES_PER_CHIP.get(topo.generation, 1)]
     long = [n for n in dims if n > 1]
     return len(long) <= 2 and sum(n > 2 for n in long) <= 1
+
+
+def _slice(target: Any, devices: int) -> Topology | None:
+    """The topology ``target`` (a topology or a generation) names for ``devices`` devices, or None."""
+    if target is None:
+        return None
+    topo = parse_topology(target) if ":" in str(target) else topology_for(str(target), devices)
+    return topo if topo is not None and topo.devices == devices else None
+
+
+def slice_name(target: Any, devices: int) -> str:
+    """The slice :func:`one_ring` judged: ``"tpu-v5e:4x4"`` for ``("tpu-v5e", 16)``, else ``target``.
+
+    >>> slice_name("tpu-v5e", 16), slice_name("tpu-v5p:2x2x2", 8)
+    ('tpu-v5e:4x4', 'tpu-v5p:2x2x2')
+    """
+    topo = _slice(target, devices)
+    return topo.name if topo is not None else str(target)

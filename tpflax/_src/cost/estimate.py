@@ -63,9 +63,9 @@ from tpflax._src.cost.reshard import fused_items
 from tpflax._src.cost.scope import Scope
 from tpflax._src.cost.workload import Workload, prepare
 from tpflax._src.errors import EstimateError, MeshError
-from tpflax._src.mesh import MeshShape, batch_axes
+from tpflax._src.mesh import FSDP, MeshShape, batch_axes
 from tpflax._src.planner.plan import traced_facts
-from tpflax._src.tpu import one_ring
+from tpflax._src.tpu import one_ring, slice_name
 
 __all__ = ["estimate", "price", "price_leaves"]
 
@@ -122,6 +122,13 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
     # the communication sees a shard_map's row split (cost/explicit.py); the memory above keeps the plan's mesh
     cmesh = row_split_mesh(mesh, w.row_axes, notes)
     caxes = batch_axes(cmesh)
+    n = math.prod(mesh.sizes.values())
+    ring = w.backend != "tpu" or one_ring(w.target, n)
+    live = {role for a, role in mesh.roles if mesh.sizes[a] > 1}
+    if not ring and live == {FSDP}:  # with any other axis XLA:TPU all-reduces them whole on any slice
+        notes.append(f"{slice_name(w.target, n)}: XLA:TPU reduces over these "
+                     "devices as an N-dimensional all-reduce, not one ring, so it all-reduces each fsdp gradient "
+                     "whole and slices it (twice a reduce-scatter's bytes; measured); pass target= for another slice")
     scope = Scope(mesh=cmesh, lv=lv, batch=b, batch_axes=caxes, shards=math.prod(cmesh.sizes[a] for a in caxes),
                   act_item=w.act_item,
                   g_item=w.g_item, backend=w.backend, dispatch=w.dispatch, activations=w.activations,
@@ -129,7 +136,7 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
                   shared=w.shared, lookups=w.lookups,
                   grouped=w.grouped, joined=w.joined, widths=w.widths, slices=w.slices,
                   buffers=w.buffers, streams=w.streams, row_axes=tuple(a for a in caxes if a not in axes),
-                  ring=w.backend != "tpu" or one_ring(w.target, math.prod(mesh.sizes.values())))
+                  ring=ring)
     every = (comm_items(scope, notes) + expert_items(scope) + buffer_items(scope) + fused_items(scope, notes)
              + grouped_conv_items(scope) + explicit_items(w.collectives, notes))
     items = tuple(i for i in every if i.total > 0)
@@ -187,7 +194,10 @@ def estimate(plan, optimizer: Any = None, batch: Any = None, *, config: Any = No
             :func:`tpflax.make_mesh` takes it) or a generation (``"tpu-v5p"``: its slice of
             the mesh's device count). XLA:TPU reduce-scatters fsdp gradients only where it
             reduces over the mesh on one ring (v5e and v6e 2x2, 2x4; v5p 2x2x1), else it
-            all-reduces them whole (:func:`tpflax._src.tpu.one_ring`). Default: one ring.
+            all-reduces them whole (:func:`tpflax._src.tpu.one_ring`). Default (backend ``"tpu"``):
+            the plan's hardware preset (``plan.options["hardware"]``, ``"tpu-v5e"`` unless
+            ``plan(hardware=)`` said otherwise) with the mesh's device count; a count with no
+            known slice of it is priced as one ring.
 
     Returns:
         An :class:`Estimate`.
@@ -214,7 +224,20 @@ def estimate(plan, optimizer: Any = None, batch: Any = None, *, config: Any = No
                 expert_dispatch=expert_dispatch, optimizer_name=optimizer_name, loss=loss)
     if target is not None:
         w = replace(w, target=_check_target(target), settings={**w.settings, "target": target})
+    elif w.backend == "tpu":  # the plan's hardware preset: its slice of the mesh's devices (tpu.one_ring)
+        w = replace(w, target=plan_generation(plan.options.get("hardware")))
     return price(plan.decisions, plan.mesh, w)
+
+
+def plan_generation(hardware: Any) -> str | None:
+    """The TPU generation a plan's ``hardware`` option names (``"tpu-v5e"``), or None (a GPU, unknown).
+
+    >>> plan_generation("tpu-v5p"), plan_generation("h100"), plan_generation(None)
+    ('tpu-v5p', None, None)
+    """
+    from tpflax._src.tpu import TOPOLOGIES
+
+    return hardware if hardware in TOPOLOGIES else None
 
 
 

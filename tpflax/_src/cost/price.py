@@ -242,10 +242,12 @@ def price(leaves: tuple[LeafLayout, ...], acts: tuple[ActComm, ...], ctx: Contex
         if f_axes:
             # XLA:TPU gathers a float32 matmul kernel as bfloat16 and never reduce-scatters a 1-D
             # leaf's gradient: it all-reduces it whole (measured; cost.gradients models the same). The
-            # reduce-scatter of wider leaves is what it emits on fsdp-only meshes; with another axis
-            # in the mesh it all-reduces those too, which the estimate counts but the chooser does
-            # not, or it would trade every fsdp split away while memory allows (no memory pressure
-            # is modelled here): the fsdp axis is there to save memory.
+            # reduce-scatter of wider leaves is what it emits on fsdp-only meshes it reduces over on
+            # one ring; with another axis in the mesh, or on a slice that is no one ring (a v5e-16 and
+            # up: tpflax._src.tpu.one_ring), it all-reduces those too, which the estimate counts but
+            # the chooser does not, or it would trade every fsdp split away while memory allows
+            # (fit() only weighs memory when plan(device_memory=) is given; priced so, the tiny zoo
+            # Llama on fsdp=16 kept 0 of its 16 fsdp splits): the fsdp axis is there to save memory.
             gather = shard // x.itemsize * tpu_gather_item(x.itemsize, x.matmul) if tpu else shard
             add("all-gather", f_axes, gather * nf, 1, "fsdp: gather the parameter")
             if tpu and len(x.shape) - (x.layers > 1) < 2:  # only 1-D: see the comment above

@@ -33,7 +33,7 @@ from typing import Any
 
 from tpflax._src.cost.activations import traced_layers
 from tpflax._src.cost.batch import config_value, parse_batch, resolve_batch
-from tpflax._src.cost.estimate import estimate, price_leaves
+from tpflax._src.cost.estimate import estimate, plan_generation, price_leaves
 from tpflax._src.cost.leaves import merge
 from tpflax._src.cost.workload import Workload, prepare
 from tpflax._src.errors import SuggestError, TpflaxError
@@ -116,7 +116,7 @@ class Context:
     def estimate_for(self, p):
         """The real :func:`tpflax.estimate` of a plan, with the suggestion's inputs."""
         return estimate(p, self.optimizer, self.batch, config=self.config, activations=self.activations,
-                        model=self.traced, **self.est_kwargs)
+                        model=self.traced, target=self.workload.target, **self.est_kwargs)
 
     def _traced_facts(self, p):
         """What estimate(model=) reads of a plan's forced leaves (:func:`traced_facts`), the model
@@ -383,6 +383,8 @@ def suggest_mesh(model_or_tree: Any, devices: int, device_memory: Any = None, ha
                       optimizer_name=optimizer_name, loss=loss)
     ctx, notes = _context(model_or_tree, hw, devices, sample=sample, variables=variables, optimizer=optimizer,
                           batch=batch, config=config, trace=trace, plan_kwargs=plan_kwargs, est_kwargs=est_kwargs)
+    if est_kwargs["backend"] == "tpu":  # the preset's slice of each count: its ring decides fsdp gradients
+        ctx = replace(ctx, workload=replace(ctx.workload, target=plan_generation(hw.name)))
     if hardware is None:
         notes.append(hw.source)
     ranked, rejected = [], []
