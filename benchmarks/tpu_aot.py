@@ -103,8 +103,15 @@ def load(path: Path) -> dict:
             r["reparsed"] = True
             mesh = {a: int(n) for a, n in (x.split("=") for x in k.split("|")[1].split(","))}
             with gzip.open(hlo, "rt") as f:
-                r["comm"] = comm_of(f.read(), mesh)
+                text = f.read()
+            r["comm"], r["xla_remat"] = comm_of(text, mesh), xla_remat(text)
     return rows
+
+
+def xla_remat(hlo: str) -> bool:
+    """Whether XLA:TPU rematerialized values to fit the chip's HBM (its ``*.remat*`` fusions): the
+    compiled peak is then bound by the chip, not by the program the estimate prices."""
+    return re.search(r"%[\w.-]*\.remat\d*\b", hlo) is not None
 
 
 def hlo_path(k: str, cpu: bool = False) -> Path:
@@ -145,7 +152,8 @@ def compile_all(cpu: bool, only: str = "", redo: bool = False) -> None:
         if c is None:
             continue
         row = {"key": key(cfg), "argument": c.argument, "output": c.output, "temp": c.temp, "alias": c.alias,
-               "peak": c.peak, "comm": c.comm, "flops": c.flops, "seconds": round(c.seconds, 1)}
+               "peak": c.peak, "comm": c.comm, "flops": c.flops, "seconds": round(c.seconds, 1),
+               "xla_remat": xla_remat(c.hlo)}
         if topology not in (None, TOPOLOGY):
             row["topology"] = topology
         HLO_DIR.mkdir(exist_ok=True)

@@ -45,6 +45,7 @@ def _rows(tpu: dict) -> tuple[list[str], list[tuple[float, str]]]:
         worst.append((abs(perr), abs(cerr), key, perr, cerr))
         mark = "" if r.get("reparsed") else " †"
         on = f" ({r['topology']})" if r.get("topology") else ""
+        on += " (XLA remat)" if r.get("xla_remat") else ""
         lines.append("| " + " | ".join(key.split("|")) + f" | {r['peak'] / G:.2f} GiB{on} | {e.peak / G:.2f} GiB | "
                      f"{_err(e.peak, r['peak'])} | {got_comm / G:.2f} GiB{mark} | {e.comm_total / G:.2f} GiB | "
                      f"{_err(e.comm_total, got_comm)} | {_by_kind(r['comm'], e.comm)} | {at} | "
@@ -95,7 +96,8 @@ def write_report(out: Path, tpu: dict, cpu: dict) -> None:
             "", f"{len(tpu)} of the {len(grid())} configs of the grid compiled so far (on 2 shared cores a 2-layer 7B",
             "compile took 4-10 minutes); `--compile` resumes where the cache stops. A config XLA:TPU refuses",
             "for a v5e's 16 GB of HBM is compiled for the 8 devices of a v5p:2x2x2 (95 GiB) instead, marked",
-            "so in its compiled-peak cell.",
+            "so in its compiled-peak cell. \"(XLA remat)\" marks a step XLA:TPU fitted into HBM by recomputing",
+            "values itself (`*.remat*` fusions): its compiled peak is bound by the chip, not by the program.",
             f"Peak within 10%: {sum(abs(w[3]) <= 0.1 for w in worst)} of {len(worst)} rows; "
             f"communication within 10%: {sum(abs(w[4]) <= 0.1 for w in worst)} of {len(worst)}.",
             "Worst rows (by peak error, then comm error):", ""]
