@@ -24,6 +24,7 @@ from tpflax._src.planner.builders import (
     State,
     bias_follows,
     join_column,
+    join_column_of,
     join_row,
     shard_conv_pair,
     shard_experts,
@@ -87,6 +88,7 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Datafl
         _pair_row(c, rid)
         _join_readers(c, rid)
         _join_branches(c, rid)
+        _join_columns(c, rid)
     _outputs(c)
     _channelwise(c)
     _biases(c)
@@ -168,8 +170,8 @@ def _sources_by_dim(c: _Flow, rid: int) -> dict[int, dict[int, Edge]]:
         if S.path in c.streams:
             continue  # its output scales the residual stream (DiT's adaLN): split, XLA splits the stream too
         if {x.dst_use for x in c.out_edges[(S.id, e.src_dim)]} != {rid} and not _branched(c, S.id, e.src_dim) \
-                and not _narrow_readers(c, S.id, e.src_dim, rid):
-            continue  # its output also feeds another contraction: not a clean pair
+                and not _narrow_readers(c, S.id, e.src_dim, rid) and not _free_rows(c, S.id, e.src_dim):
+            continue  # its output also feeds a contraction already decided: not a clean pair
         prev = by_rdim[e.dst_dim].get(S.id)
         if prev is None or e.src_dim < prev.src_dim:
             by_rdim[e.dst_dim][S.id] = e
@@ -206,6 +208,18 @@ def _narrow_readers(c: _Flow, sid: int, dim: int, rid: int) -> bool:
                               for x in edges)
 
 
+def _free_rows(c: _Flow, sid: int, dim: int, pair: int | None = None) -> bool:
+    """Every contraction summing the dim is undecided (or in ``pair``) and sums one dim of its kernel: a
+    Mamba block's ``in_proj`` output, read by ``x_proj`` and (through the scan) ``out_proj``. Split, each
+    reader is a row of the pair (the first in program order prices it, the others join it,
+    :func:`_join_readers`)."""
+    def free(uid: int) -> bool:
+        d = c.st.out.get(c.cand[uid].path)
+        return (d is None or (pair is not None and d.pair == pair)) and \
+            len({e.dst_dim for e in c.in_edges[uid]}) == 1
+    return all(free(x.dst_use) for x in c.out_edges[(sid, dim)])
+
+
 def _join_readers(c: _Flow, rid: int) -> None:
     """The narrow contractions reading a paired column's output beside the row ``rid`` join its pair."""
     R = c.cand[rid]
@@ -215,15 +229,35 @@ def _join_readers(c: _Flow, rid: int) -> None:
     for e in c.in_edges[rid]:
         S = c.cand[e.src_use]
         ds = c.st.out.get(S.path)
-        if ds is None or ds.pair != dr.pair or not _narrow_readers(c, S.id, e.src_dim, rid):
+        if ds is None or ds.pair != dr.pair or not (_narrow_readers(c, S.id, e.src_dim, rid)
+                                                    or _free_rows(c, S.id, e.src_dim, dr.pair)):
             continue
         for x in c.out_edges[(S.id, e.src_dim)]:
             X = c.cand[x.dst_use]
             if X.path not in c.st.out and X.path != R.path:
                 fX = c.fx[X.path]
                 join_row(c.st, fX, fX.body_dim(x.dst_dim), c.fx[S.path],
-                         f"traced: it reads {short(S.path)}'s split output beside {short(R.path)} {_via(x.via)}, "
-                         "and its own output is narrow (an adapter's down-projection)")
+                         f"traced: it reads {short(S.path)}'s split output beside {short(R.path)} {_via(x.via)}"
+                         + (", and its own output is narrow (an adapter's down-projection)"
+                            if _narrow_readers(c, S.id, e.src_dim, rid) else ""))
+
+
+def _join_columns(c: _Flow, rid: int) -> None:
+    """An undecided contraction whose output only the split row ``rid`` sums joins the row's pair as a
+    column (Mamba's ``dt_proj``, whose output reaches ``out_proj`` through the scan, after ``out_proj``
+    joined ``in_proj``'s pair)."""
+    dr = c.st.out.get(c.cand[rid].path)
+    if dr is None or dr.role != "row" or dr.strategy == "replicate":
+        return
+    for e in c.in_edges[rid]:
+        S = c.cand[e.src_use]
+        if S.path in c.st.out or S.path in c.streams or S.path in c.flow.channelwise or \
+                (S.id, e.src_dim) in c.flow.escapes or (S.id, e.src_dim) in c.flow.outputs or \
+                {x.dst_use for x in c.out_edges[(S.id, e.src_dim)]} != {rid}:
+            continue
+        fS = c.fx[S.path]
+        join_column_of(c.st, fS, fS.body_dim(e.src_dim), c.fx[c.cand[rid].path],
+                       f"traced: its output reaches {short(c.cand[rid].path)} {_via(e.via)}")
 
 
 def _branched(c: _Flow, sid: int, dim: int) -> bool:
