@@ -22,7 +22,6 @@ from tpflax._src.planner.builders import (
     Options,
     Proposal,
     State,
-    bias_follows,
     join_column,
     join_column_of,
     join_row,
@@ -32,6 +31,7 @@ from tpflax._src.planner.builders import (
     short,
 )
 from tpflax._src.planner.decision import Pair
+from tpflax._src.planner.followers import follow
 from tpflax._src.planner.leaf_groups import (
     fsdp,
     shard_embedding,
@@ -90,9 +90,7 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Datafl
         _join_branches(c, rid)
         _join_columns(c, rid)
     _outputs(c)
-    _channelwise(c)
-    _biases(c)
-    _elementwise(c)
+    follow(c.st, c.flow, c.fx)
     fsdp(c.st, [f for p, f in c.fx.items() if p in c.st.out])
     return {p: q for p, q in c.st.out.items() if p not in c.st.forced}, list(c.st.pairs)
 
@@ -215,9 +213,11 @@ def _free_rows(c: _Flow, sid: int, dim: int, pair: int | None = None) -> bool:
     :func:`_join_readers`)."""
     def free(uid: int) -> bool:
         d = c.st.out.get(c.cand[uid].path)
-        return (d is None or (pair is not None and d.pair == pair)) and \
+        return (d is None or (pair is not None and d.pair == pair)) and c.cand[uid].op == "dot" and \
             len({e.dst_dim for e in c.in_edges[uid]}) == 1
-    return all(free(x.dst_use) for x in c.out_edges[(sid, dim)])
+    # dense layers only: a conv stage's channels reaching its next stage's conv and shortcut projection
+    # are the channel chain's (a ResNet keeps its stream whole between stages)
+    return c.cand[sid].op == "dot" and all(free(x.dst_use) for x in c.out_edges[(sid, dim)])
 
 
 def _join_readers(c: _Flow, rid: int) -> None:
@@ -399,51 +399,6 @@ def _outputs(c: _Flow) -> None:
             shard_lone_dense(c.st, f, f.body_dim(u.kept[0]), why, c.streams.get(path))
         else:
             c.st.replicate(f, why)
-
-
-def _channelwise(c: _Flow) -> None:
-    """Depthwise convolution kernels: split like the output their input channels are (a bias's rule)."""
-    for path, (uid, align) in c.flow.channelwise.items():
-        if path not in c.fx or path in c.st.out:
-            continue
-        f, kpath = c.fx[path], c.flow.uses[uid].path
-        kp = c.st.decided(kpath)
-        if kp is None:
-            c.st.replicate(f, f"depthwise conv (traced): its input channels come from {short(kpath)}, "
-                              "which the trace does not decide")
-            continue
-        spec = [None] * len(f.leaf.shape)
-        for ld, kd in align.items():
-            if ld < len(spec) and kd < len(kp.spec):
-                spec[ld] = kp.spec[kd]
-        bias_follows(c.st, f, f.body_of(spec), kpath, f"depthwise conv (traced: one output channel per input "
-                                                      f"channel, which the output of {short(kpath)} makes)")
-
-
-def _biases(c: _Flow) -> None:
-    """Biases follow the contraction whose output they are added to."""
-    for path, (uid, align) in c.flow.biases.items():
-        if path not in c.fx or path in c.st.out:
-            continue
-        f = c.fx[path]
-        kpath = c.flow.uses[uid].path
-        kp = c.st.decided(kpath)  # a kernel a user rule or annotation forced is followed too
-        if kp is None:
-            continue
-        spec = [None] * len(f.leaf.shape)
-        for ld, kd in align.items():
-            if ld < len(spec) and kd < len(kp.spec):
-                spec[ld] = kp.spec[kd]
-        bias_follows(c.st, f, f.body_of(spec), kpath, f"bias (traced: added to the output of {short(kpath)})")
-
-
-def _elementwise(c: _Flow) -> None:
-    """Small parameters combined elementwise with activations (norm scales and shifts)."""
-    for path, f in c.fx.items():
-        if path in c.st.out or path not in c.flow.elementwise or len(f.body) != 1:
-            continue
-        c.st.replicate(f, "scale/shift (traced): combined elementwise with activations (a norm's or a "
-                          "cell's parameter); tiny and needed whole by every device")
 
 
 def _why_not_column(c: _Flow, u: Use) -> str:

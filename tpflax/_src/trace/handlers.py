@@ -105,6 +105,20 @@ def _note_params(w: Walk, name: str, params: list[Val], acts: list[Val]) -> None
                 align = {ld: kd for d, ld in enumerate(dims) if ld is not None
                          for (u, kd) in fresh[0].dim_tags(d) if u == uid}
                 w.biases.setdefault(path, (uid, align))
+            _note_channels(w, path, dims, acts)
+
+
+def _note_channels(w: Walk, path: str, dims: tuple, acts: list[Val]) -> None:
+    """The uses whose output features the parameter's dims meet, elementwise (``Walk.channels``)."""
+    by = w.channels.setdefault(path, {})
+    for a in acts:
+        for d, ld in enumerate(dims):
+            if ld is None or d >= a.rank:
+                continue
+            for k in a.dim_tags(d):
+                if not is_minor(k):
+                    uid, kd = w.root(k)
+                    by.setdefault(uid, {}).setdefault(ld, kd)
 
 
 # -- reductions --------------------------------------------------------------
