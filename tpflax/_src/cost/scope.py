@@ -83,6 +83,7 @@ class Scope:
     slices: Mapping[str, int] | None = None  # traced contractions of a parameter's slices (Traced)
     buffers: Mapping[str, float] | None = None  # traced batch-free expert buffers' rows (Traced)
     streams: Mapping[str, tuple[float, int, int]] | None = None  # traced streams split by a small output (Traced)
+    meets: tuple = ()  # traced parameter dims that meet on one activation dim (Traced)
 
     def rows_of(self, path: str) -> float:
         """Activation rows on one device that the leaf at ``path`` reads: as traced (a batch-free expert buffer

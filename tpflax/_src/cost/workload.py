@@ -59,6 +59,7 @@ class Workload:
             next-token default (a model other than a zoo model, called on token ids ``(batch, seq)``).
         biased: from the trace (:attr:`Traced.biased`).
         collectives: from the trace (:attr:`Traced.collectives`): priced as they are, whatever the plan.
+        meets: from the trace (:attr:`Traced.meets`).
     """
 
     batch: Batch
@@ -88,6 +89,7 @@ class Workload:
     next_token: bool = False
     biased: frozenset[str] = frozenset()
     collectives: tuple = ()
+    meets: tuple = ()
 
     @property
     def saved(self) -> Mapping[str, Sequence[Act]]:
@@ -161,7 +163,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     grouped=t.grouped, joined=t.joined, widths=t.widths, slices=t.slices, buffers=t.buffers,
                     streams=t.streams, contractions=contractions, scores=t.scores,
                     next_token=_next_token(m) if loss is None else reads_slice(m, loss), biased=t.biased,
-                    collectives=t.collectives)
+                    collectives=t.collectives, meets=t.meets)
 
 
 def contraction_calls(plan, contractions: Sequence[tuple[str, float, tuple[int, ...], str]],

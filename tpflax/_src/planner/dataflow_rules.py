@@ -212,11 +212,13 @@ def _free_rows(c: _Flow, sid: int, dim: int, pair: int | None = None) -> bool:
     reader is a row of the pair (the first in program order prices it, the others join it,
     :func:`_join_readers`)."""
     def free(uid: int) -> bool:
-        d = c.st.out.get(c.cand[uid].path)
-        return (d is None or (pair is not None and d.pair == pair)) and c.cand[uid].op == "dot" and \
-            len({e.dst_dim for e in c.in_edges[uid]}) == 1
-    # dense layers only: a conv stage's channels reaching its next stage's conv and shortcut projection
-    # are the channel chain's (a ResNet keeps its stream whole between stages)
+        d, u = c.st.out.get(c.cand[uid].path), c.cand[uid]
+        summed = math.prod(c.fx[u.path].leaf.shape[k] for k in u.contracted)
+        return (d is None or (pair is not None and d.pair == pair)) and u.op == "dot" and \
+            len({e.dst_dim for e in c.in_edges[uid]}) == 1 and _kept_size(c, uid) < summed
+    # dense layers that narrow only: a reader that widens or keeps the width (an MLP's up, q/k/v) reads a
+    # residual stream, not a column's inner activations; a conv stage's channels reaching its next stage's
+    # conv and shortcut projection are the channel chain's (a ResNet keeps its stream whole between stages)
     return c.cand[sid].op == "dot" and all(free(x.dst_use) for x in c.out_edges[(sid, dim)])
 
 
