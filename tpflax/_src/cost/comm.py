@@ -154,7 +154,8 @@ def _layer_items(s: Scope, notes: list[str]) -> list[CommItem]:
             continue
         if d.kind == "embedding" or (d.strategy == "vocab" and len(body(d)) == 2):  # a table the trace found
             new = _embedding_items(path, d, axes, s, notes=notes)
-        elif d.kind in ("dense", "head") and lv.specs[path][-1] is not None:
+        elif d.kind in ("dense", "head") and set(axes) & set(entry_axes(lv.specs[path][-1])):
+            # its output features split over the tensor axes (an fsdp split of them is the fsdp gather's)
             new = _column_items(path, d, axes, s)
         else:
             if d.kind in ("dense", "conv") and any(e is not None for e in drop_layers(d, lv.specs[path])):

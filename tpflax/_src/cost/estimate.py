@@ -61,6 +61,7 @@ from tpflax._src.cost.peak import peak
 from tpflax._src.cost.records import MEMORY_FIELDS, Act, Estimate, comm_table
 from tpflax._src.cost.reshard import fused_items
 from tpflax._src.cost.scope import Scope
+from tpflax._src.cost.stream import split_grad_items
 from tpflax._src.cost.workload import Workload, prepare
 from tpflax._src.errors import EstimateError, MeshError
 from tpflax._src.mesh import FSDP, MeshShape, batch_axes
@@ -136,9 +137,9 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
                   shared=w.shared, lookups=w.lookups,
                   grouped=w.grouped, joined=w.joined, widths=w.widths, slices=w.slices,
                   buffers=w.buffers, streams=w.streams, row_axes=tuple(a for a in caxes if a not in axes),
-                  ring=ring)
+                  ring=ring, meets=w.meets)
     every = (comm_items(scope, notes) + expert_items(scope) + buffer_items(scope) + fused_items(scope, notes)
-             + grouped_conv_items(scope) + explicit_items(w.collectives, notes))
+             + grouped_conv_items(scope) + explicit_items(w.collectives, notes) + split_grad_items(scope))
     items = tuple(i for i in every if i.total > 0)
     return Estimate(
         per_device=per_device, unsharded=unsharded, savings=savings, comm=comm_table(items), items=items,

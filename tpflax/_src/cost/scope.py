@@ -85,6 +85,7 @@ class Scope:
     streams: Mapping[str, tuple[float, int, int]] | None = None  # traced streams split by a small output (Traced)
     ring: bool = True  # XLA:TPU reduces over the whole mesh on one ring (tpflax._src.tpu.one_ring)
     row_axes: tuple[str, ...] = ()  # batch axes only because a shard_map splits rows over them (cost.explicit)
+    meets: tuple = ()  # traced parameter dims that meet on one activation dim (Traced)
 
     def rows_of(self, path: str) -> float:
         """Activation rows on one device that the leaf at ``path`` reads: as traced (a batch-free expert buffer

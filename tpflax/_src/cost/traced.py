@@ -93,6 +93,10 @@ class Traced:
             (:attr:`tpflax._src.trace.records.Dataflow.collectives`).
         row_axes: the mesh axes ``shard_map`` in_specs cut activations' rows over
             (:attr:`tpflax._src.trace.records.Dataflow.row_axes`).
+        meets: ``(path, dim, other path, other dim)``: the activation dim a parameter dim makes or reads is
+            one another parameter dim makes or reads (a contraction's input and the output it sums, a bias,
+            a depthwise kernel or a per-channel parameter and the output they meet): split on the other's
+            dim, its gradient comes out split there too (:func:`tpflax._src.cost.stream.split_grad_items`).
     """
 
     tied: frozenset[str] | None = None
@@ -114,6 +118,7 @@ class Traced:
     streams: Mapping[str, tuple[float, int, int]] | None = None
     collectives: tuple = ()
     row_axes: frozenset[str] = frozenset()
+    meets: tuple[tuple[str, int, str, int], ...] = ()
 
 
 def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
@@ -200,7 +205,19 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
                   {p: n for p, n in lookups.items() if n > 1}, grouped, joined, widths,
                   {p: n for p, n in slices.items() if n > 1}, buffers, contractions, flow.remat >= 0.5,
                   scores, frozenset(flow.uses[uid].path for uid, _ in flow.biases.values()),
-                  spread_streams(flow, shapes), flow.collectives, flow.row_axes)
+                  spread_streams(flow, shapes), flow.collectives, flow.row_axes, _meets(flow))
+
+
+def _meets(flow: Any) -> tuple[tuple[str, int, str, int], ...]:
+    """Parameter dims that meet on one activation dim (:attr:`Traced.meets`), both ways for an edge."""
+    out = set()
+    for e in flow.edges:
+        out |= {(e.dst, e.dst_dim, e.src, e.src_dim), (e.src, e.src_dim, e.dst, e.dst_dim)}
+    follows = [(p, uid, al) for p, (uid, al) in (*flow.biases.items(), *flow.channelwise.items())]
+    follows += [(p, uid, al) for p, by in flow.channels.items() for uid, al in by.items()]
+    for p, uid, align in follows:
+        out |= {(p, ld, flow.uses[uid].path, kd) for ld, kd in align.items()}
+    return tuple(sorted(out))
 
 
 _THROUGH = ("convert_element_type", "copy", "reduce_precision", "optimization_barrier")

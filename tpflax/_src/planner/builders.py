@@ -418,6 +418,22 @@ def join_row(st: State, row: Facts, rdim: int, col: Facts, why: str) -> bool:
     return True
 
 
+def join_column_of(st: State, col: Facts, cdim: int, row: Facts, why: str) -> bool:
+    """Add ``col`` to the pair the split row ``row`` is in, split on its body dim ``cdim`` (the output the row
+    sums). False (nothing written) when ``row`` is no split row or ``cdim`` does not divide."""
+    p = st.out.get(row.path)
+    t_entry, t_size = st.tensor
+    if p is None or p.role != "row" or p.strategy == "replicate" or col.body[cdim] % t_size:
+        return False
+    st.put(col, body_spec(len(col.body), cdim, t_entry), "column",
+           f"column: {why}; output features ({col.body[cdim]}) split over {axis_label(t_entry, t_size)} "
+           f"(pair {p.pair})", p.pair, "column")
+    for i, q in enumerate(st.pairs):
+        if q.id == p.pair and col.path not in q.columns:
+            st.pairs[i] = replace(q, columns=(*q.columns, col.path))
+    return True
+
+
 def join_column(st: State, col: Facts, like: Facts, why: str) -> None:
     """Add ``col`` to the pair ``like`` (a column) is in, split the same way: the second
     up-projection of a gated MLP (gate and up both feed the down projection)."""

@@ -22,8 +22,8 @@ from tpflax._src.planner.builders import (
     Options,
     Proposal,
     State,
-    bias_follows,
     join_column,
+    join_column_of,
     join_row,
     shard_conv_pair,
     shard_experts,
@@ -31,6 +31,7 @@ from tpflax._src.planner.builders import (
     short,
 )
 from tpflax._src.planner.decision import Pair
+from tpflax._src.planner.followers import follow
 from tpflax._src.planner.leaf_groups import (
     fsdp,
     shard_embedding,
@@ -87,10 +88,9 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Datafl
         _pair_row(c, rid)
         _join_readers(c, rid)
         _join_branches(c, rid)
+        _join_columns(c, rid)
     _outputs(c)
-    _channelwise(c)
-    _biases(c)
-    _elementwise(c)
+    follow(c.st, c.flow, c.fx)
     fsdp(c.st, [f for p, f in c.fx.items() if p in c.st.out])
     return {p: q for p, q in c.st.out.items() if p not in c.st.forced}, list(c.st.pairs)
 
@@ -168,8 +168,8 @@ def _sources_by_dim(c: _Flow, rid: int) -> dict[int, dict[int, Edge]]:
         if S.path in c.streams:
             continue  # its output scales the residual stream (DiT's adaLN): split, XLA splits the stream too
         if {x.dst_use for x in c.out_edges[(S.id, e.src_dim)]} != {rid} and not _branched(c, S.id, e.src_dim) \
-                and not _narrow_readers(c, S.id, e.src_dim, rid):
-            continue  # its output also feeds another contraction: not a clean pair
+                and not _narrow_readers(c, S.id, e.src_dim, rid) and not _free_rows(c, S.id, e.src_dim):
+            continue  # its output also feeds a contraction already decided: not a clean pair
         prev = by_rdim[e.dst_dim].get(S.id)
         if prev is None or e.src_dim < prev.src_dim:
             by_rdim[e.dst_dim][S.id] = e
@@ -206,6 +206,22 @@ def _narrow_readers(c: _Flow, sid: int, dim: int, rid: int) -> bool:
                               for x in edges)
 
 
+def _free_rows(c: _Flow, sid: int, dim: int, pair: int | None = None) -> bool:
+    """Every contraction summing the dim is undecided (or in ``pair``) and sums one dim of its kernel: a
+    Mamba block's ``in_proj`` output, read by ``x_proj`` and (through the scan) ``out_proj``. Split, each
+    reader is a row of the pair (the first in program order prices it, the others join it,
+    :func:`_join_readers`)."""
+    def free(uid: int) -> bool:
+        d, u = c.st.out.get(c.cand[uid].path), c.cand[uid]
+        summed = math.prod(c.fx[u.path].leaf.shape[k] for k in u.contracted)
+        return (d is None or (pair is not None and d.pair == pair)) and u.op == "dot" and \
+            len({e.dst_dim for e in c.in_edges[uid]}) == 1 and _kept_size(c, uid) < summed
+    # dense layers that narrow only: a reader that widens or keeps the width (an MLP's up, q/k/v) reads a
+    # residual stream, not a column's inner activations; a conv stage's channels reaching its next stage's
+    # conv and shortcut projection are the channel chain's (a ResNet keeps its stream whole between stages)
+    return c.cand[sid].op == "dot" and all(free(x.dst_use) for x in c.out_edges[(sid, dim)])
+
+
 def _join_readers(c: _Flow, rid: int) -> None:
     """The narrow contractions reading a paired column's output beside the row ``rid`` join its pair."""
     R = c.cand[rid]
@@ -215,15 +231,35 @@ def _join_readers(c: _Flow, rid: int) -> None:
     for e in c.in_edges[rid]:
         S = c.cand[e.src_use]
         ds = c.st.out.get(S.path)
-        if ds is None or ds.pair != dr.pair or not _narrow_readers(c, S.id, e.src_dim, rid):
+        if ds is None or ds.pair != dr.pair or not (_narrow_readers(c, S.id, e.src_dim, rid)
+                                                    or _free_rows(c, S.id, e.src_dim, dr.pair)):
             continue
         for x in c.out_edges[(S.id, e.src_dim)]:
             X = c.cand[x.dst_use]
             if X.path not in c.st.out and X.path != R.path:
                 fX = c.fx[X.path]
                 join_row(c.st, fX, fX.body_dim(x.dst_dim), c.fx[S.path],
-                         f"traced: it reads {short(S.path)}'s split output beside {short(R.path)} {_via(x.via)}, "
-                         "and its own output is narrow (an adapter's down-projection)")
+                         f"traced: it reads {short(S.path)}'s split output beside {short(R.path)} {_via(x.via)}"
+                         + (", and its own output is narrow (an adapter's down-projection)"
+                            if _narrow_readers(c, S.id, e.src_dim, rid) else ""))
+
+
+def _join_columns(c: _Flow, rid: int) -> None:
+    """An undecided contraction whose output only the split row ``rid`` sums joins the row's pair as a
+    column (Mamba's ``dt_proj``, whose output reaches ``out_proj`` through the scan, after ``out_proj``
+    joined ``in_proj``'s pair)."""
+    dr = c.st.out.get(c.cand[rid].path)
+    if dr is None or dr.role != "row" or dr.strategy == "replicate":
+        return
+    for e in c.in_edges[rid]:
+        S = c.cand[e.src_use]
+        if S.path in c.st.out or S.path in c.streams or S.path in c.flow.channelwise or \
+                (S.id, e.src_dim) in c.flow.escapes or (S.id, e.src_dim) in c.flow.outputs or \
+                {x.dst_use for x in c.out_edges[(S.id, e.src_dim)]} != {rid}:
+            continue
+        fS = c.fx[S.path]
+        join_column_of(c.st, fS, fS.body_dim(e.src_dim), c.fx[c.cand[rid].path],
+                       f"traced: its output reaches {short(c.cand[rid].path)} {_via(e.via)}")
 
 
 def _branched(c: _Flow, sid: int, dim: int) -> bool:
@@ -365,51 +401,6 @@ def _outputs(c: _Flow) -> None:
             shard_lone_dense(c.st, f, f.body_dim(u.kept[0]), why, c.streams.get(path))
         else:
             c.st.replicate(f, why)
-
-
-def _channelwise(c: _Flow) -> None:
-    """Depthwise convolution kernels: split like the output their input channels are (a bias's rule)."""
-    for path, (uid, align) in c.flow.channelwise.items():
-        if path not in c.fx or path in c.st.out:
-            continue
-        f, kpath = c.fx[path], c.flow.uses[uid].path
-        kp = c.st.decided(kpath)
-        if kp is None:
-            c.st.replicate(f, f"depthwise conv (traced): its input channels come from {short(kpath)}, "
-                              "which the trace does not decide")
-            continue
-        spec = [None] * len(f.leaf.shape)
-        for ld, kd in align.items():
-            if ld < len(spec) and kd < len(kp.spec):
-                spec[ld] = kp.spec[kd]
-        bias_follows(c.st, f, f.body_of(spec), kpath, f"depthwise conv (traced: one output channel per input "
-                                                      f"channel, which the output of {short(kpath)} makes)")
-
-
-def _biases(c: _Flow) -> None:
-    """Biases follow the contraction whose output they are added to."""
-    for path, (uid, align) in c.flow.biases.items():
-        if path not in c.fx or path in c.st.out:
-            continue
-        f = c.fx[path]
-        kpath = c.flow.uses[uid].path
-        kp = c.st.decided(kpath)  # a kernel a user rule or annotation forced is followed too
-        if kp is None:
-            continue
-        spec = [None] * len(f.leaf.shape)
-        for ld, kd in align.items():
-            if ld < len(spec) and kd < len(kp.spec):
-                spec[ld] = kp.spec[kd]
-        bias_follows(c.st, f, f.body_of(spec), kpath, f"bias (traced: added to the output of {short(kpath)})")
-
-
-def _elementwise(c: _Flow) -> None:
-    """Small parameters combined elementwise with activations (norm scales and shifts)."""
-    for path, f in c.fx.items():
-        if path in c.st.out or path not in c.flow.elementwise or len(f.body) != 1:
-            continue
-        c.st.replicate(f, "scale/shift (traced): combined elementwise with activations (a norm's or a "
-                          "cell's parameter); tiny and needed whole by every device")
 
 
 def _why_not_column(c: _Flow, u: Use) -> str:

@@ -119,6 +119,7 @@ def merge_uses(flow: Dataflow, shapes: Mapping[str, tuple[int, ...]]) -> Dataflo
         outputs=frozenset((a(u), d) for u, d in flow.outputs),
         recurrent=frozenset(a(u) for u in flow.recurrent),
         biases={p: (a(u), al) for p, (u, al) in flow.biases.items()},
+        channels={p: {a(u): al for u, al in by.items()} for p, by in flow.channels.items()},
         channelwise={p: (a(u), al) for p, (u, al) in flow.channelwise.items()},
         fused={(a(k[0]), k[1]): v for k, v in flow.fused.items()},
         cuts={(a(k[0]), k[1]): v for k, v in flow.cuts.items()},

@@ -166,6 +166,7 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
     return Dataflow(paths=tuple(paths), uses=tuple(w.uses), edges=edges, escapes=found["escapes"],
                     outputs=frozenset(found["outputs"]), recurrent=frozenset(w.recurrent),
                     biases=dict(w.biases), elementwise=frozenset(w.elementwise),
+                    channels={p: by for p, by in w.channels.items() if by},
                     scanned=dict(w.scanned), n_eqns=w.n_eqns, fused=found["fused"], branches=branches,
                     cuts=found["cuts"], views=frozenset(w.root(k) for k in w.views),
                     shared=shared_reads(jaxpr, w.reads), remat=remat_share(jaxpr),

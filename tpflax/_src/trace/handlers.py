@@ -114,6 +114,20 @@ def _note_params(w: Walk, name: str, params: list[Val], acts: list[Val]) -> None
                 align = {ld: kd for d, ld in enumerate(dims) if ld is not None
                          for (u, kd) in fresh[0].dim_tags(d) if u == uid}
                 w.biases.setdefault(path, (uid, align))
+            _note_channels(w, path, dims, acts)
+
+
+def _note_channels(w: Walk, path: str, dims: tuple, acts: list[Val]) -> None:
+    """The uses whose output features the parameter's dims meet, elementwise (``Walk.channels``)."""
+    by = w.channels.setdefault(path, {})
+    for a in acts:
+        for d, ld in enumerate(dims):
+            if ld is None or d >= a.rank:
+                continue
+            for k in a.dim_tags(d):
+                if not is_minor(k):
+                    uid, kd = w.root(k)
+                    by.setdefault(uid, {}).setdefault(ld, kd)
 
 
 # -- reductions --------------------------------------------------------------
@@ -190,6 +204,8 @@ def slice_(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> l
     v = ins[0]
     src = tuple(eqn.invars[0].aval.shape)
     dst = tuple(getattr(eqn.outvars[0].aval, "shape", ()))
+    if 0 in dst:  # an empty slice (associative_scan's odd elements of a length-1 level) holds no data
+        return [Val(ranks[0])]
     starts = eqn.params["start_indices"]
     strides = eqn.params.get("strides") or (1,) * len(src)
     limits: dict[int, int] = {}

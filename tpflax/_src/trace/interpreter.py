@@ -104,7 +104,7 @@ class Walk:
     Attributes:
         handlers: ``{primitive name: handler(walk, eqn, ins, ctx, out ranks)}``.
         fallback: the handler for primitives not in the table.
-        uses, edges, escapes, outputs, recurrent, biases, channelwise, elementwise, scanned,
+        uses, edges, escapes, outputs, recurrent, biases, channelwise, elementwise, channels, scanned,
             fused, products, n_eqns: the findings
             (``reads`` feeds :attr:`Dataflow.shared`) (see :class:`tpflax._src.trace.records.Dataflow`).
         spills: ``{tag: major size}`` for tags whose split may run on into the minor part
@@ -129,6 +129,7 @@ class Walk:
     biases: dict[str, tuple[int, dict[int, int]]] = field(default_factory=dict)
     channelwise: dict[str, tuple[int, dict[int, int]]] = field(default_factory=dict)
     elementwise: set[str] = field(default_factory=set)
+    channels: dict[str, dict[int, dict[int, int]]] = field(default_factory=dict)
     scanned: dict[str, int] = field(default_factory=dict)
     fused: dict[tuple[int, int], int] = field(default_factory=dict)
     spills: dict[tuple[int, int], int] = field(default_factory=dict)

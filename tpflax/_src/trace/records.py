@@ -144,6 +144,9 @@ class Dataflow:
             3x3): their output channels are their input's, which that use's kept dim made, so
             the kernel is split like that use's output and the split passes through.
         elementwise: paths combined elementwise with activations (norm scales...).
+        channels: ``{path: {use id: {param dim: kept param dim of the use}}}`` for parameters combined
+            elementwise with an activation whose dims a use's output features made (Mamba's ``D`` times the
+            conv's output, ``A_log`` times ``dt_proj``'s): per-channel parameters, split like that output.
         scanned: ``{path: leaf dim}`` for parameters sliced by a ``scan`` (``nn.scan`` stacks).
         fused: ``{(use id, param dim): pieces}`` for kept dims whose activation is cut
             into equal pieces (``split``, aligned slices) that go on separately: a
@@ -198,3 +201,4 @@ class Dataflow:
     spread: Mapping[tuple[int, int], int] = field(default_factory=dict)
     collectives: tuple[Collective, ...] = ()
     row_axes: frozenset[str] = frozenset()
+    channels: Mapping[str, Mapping[int, Mapping[int, int]]] = field(default_factory=dict)
