@@ -224,7 +224,8 @@ def estimate(plan, optimizer: Any = None, batch: Any = None, *, config: Any = No
                 remat=remat, grad_dtype=grad_dtype, act_dtype=act_dtype, backend=backend,
                 expert_dispatch=expert_dispatch, optimizer_name=optimizer_name, loss=loss)
     if target is not None:
-        w = replace(w, target=_check_target(target), settings={**w.settings, "target": target})
+        w = replace(w, target=_check_target(target, math.prod(plan.mesh.sizes.values())),
+                    settings={**w.settings, "target": target})
     elif w.backend == "tpu":  # the plan's hardware preset: its slice of the mesh's devices (tpu.one_ring)
         w = replace(w, target=plan_generation(plan.options.get("hardware")))
     return price(plan.decisions, plan.mesh, w)
@@ -262,15 +263,20 @@ def plan_generation(hardware: Any) -> str | None:
 
 
 
-def _check_target(target: Any) -> str:
-    """``target`` if it names a known TPU topology or generation, else :class:`EstimateError`."""
+def _check_target(target: Any, devices: int) -> str:
+    """``target`` if it names a known TPU topology of ``devices`` devices (as :func:`tpflax.make_mesh`
+    requires) or a generation, else :class:`EstimateError`."""
     from tpflax._src.tpu import TOPOLOGIES, parse_topology
 
     text = str(target).strip().lower()
     gen = text if text.startswith("tpu-") else f"tpu-{text}"
     try:
         if ":" in text:
-            parse_topology(text)
+            topo = parse_topology(text)
+            if topo.devices != devices:
+                raise EstimateError(f"target {topo.name} has {topo.devices} devices but the plan's mesh has "
+                                    f"{devices}; pass a topology of {devices} devices or the generation "
+                                    f"({topo.generation})")
         elif gen not in TOPOLOGIES:
             raise EstimateError(f"unknown TPU target {target!r}; a generation ({', '.join(TOPOLOGIES)}) or a "
                                 "topology such as tpu-v5e:2x4")
