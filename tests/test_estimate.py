@@ -1165,3 +1165,12 @@ def test_default_tpu_estimate_prices_the_plans_slice_of_the_mesh():
     assert by(estimate(sixteen, optax.sgd(0.1), batch, backend="gpu"), "reduce-scatter", "fsdp") == 15 / 16 * g
     twelve = estimate(tpflax.plan(mlp_tree(96, 384), {"fsdp": 12}), optax.sgd(0.1), {"x": (12, 96)})
     assert by(twelve, "reduce-scatter", "fsdp") == pytest.approx(11 / 12 * 2 * 96 * 384 * 4)
+
+
+def test_a_target_topology_of_another_device_count_is_an_error():
+    # a v5p:2x2x4 (16 devices, no one ring) given for an 8-device mesh was silently priced as one ring
+    # (reduce-scatters); make_mesh(target=) refuses such a mesh, and so does the estimate now
+    p = tpflax.plan(mlp_tree(), {"fsdp": 8})
+    with pytest.raises(tpflax.EstimateError, match="tpu-v5p:2x2x4 has 16 devices but the plan's mesh has 8"):
+        estimate(p, optax.sgd(0.1), {"x": (16, 64)}, target="tpu-v5p:2x2x4")
+    assert "reduce-scatter" not in estimate(p, optax.sgd(0.1), {"x": (16, 64)}, target="TPU-v5p:2x2x2").comm

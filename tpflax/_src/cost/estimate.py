@@ -137,7 +137,7 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
                   shared=w.shared, lookups=w.lookups,
                   grouped=w.grouped, joined=w.joined, widths=w.widths, slices=w.slices,
                   buffers=w.buffers, streams=w.streams, row_axes=tuple(a for a in caxes if a not in axes),
-                  ring=ring, meets=w.meets)
+                  ring=ring, meets=w.meets, moments=param_moments(w.opt))
     every = (comm_items(scope, notes) + expert_items(scope) + buffer_items(scope) + fused_items(scope, notes)
              + grouped_conv_items(scope) + explicit_items(w.collectives, notes) + split_grad_items(scope))
     items = tuple(i for i in every if i.total > 0)
@@ -224,10 +224,31 @@ def estimate(plan, optimizer: Any = None, batch: Any = None, *, config: Any = No
                 remat=remat, grad_dtype=grad_dtype, act_dtype=act_dtype, backend=backend,
                 expert_dispatch=expert_dispatch, optimizer_name=optimizer_name, loss=loss)
     if target is not None:
-        w = replace(w, target=_check_target(target), settings={**w.settings, "target": target})
+        w = replace(w, target=_check_target(target, math.prod(plan.mesh.sizes.values())),
+                    settings={**w.settings, "target": target})
     elif w.backend == "tpu":  # the plan's hardware preset: its slice of the mesh's devices (tpu.one_ring)
         w = replace(w, target=plan_generation(plan.options.get("hardware")))
     return price(plan.decisions, plan.mesh, w)
+
+
+def param_moments(opt: Any) -> dict[str, int] | None:
+    """Per parameter path, the optimizer-state leaves of its whole shape (adam's two moments, sgd's one
+    momentum trace); None without an optimizer.
+
+    >>> import jax, optax, tpflax
+    >>> from tpflax._src.cost.optstate import opt_layout
+    >>> p = tpflax.plan({"w": jax.ShapeDtypeStruct((8, 4), "float32")}, {"data": 1})
+    >>> param_moments(opt_layout(p, optax.adam(1e-3))), param_moments(opt_layout(p, optax.sgd(1e-3, 0.9)))
+    ({'w': 2}, {'w': 1})
+    """
+    if opt is None:
+        return None
+    out: dict[str, int] = {}
+    for x in opt.leaves:
+        paths = {f[0] for f in x.follows if f is not None}
+        if len(paths) == 1 and x.follows == tuple((*paths, i) for i in range(len(x.follows))):
+            out[next(iter(paths))] = out.get(next(iter(paths)), 0) + 1
+    return out
 
 
 def plan_generation(hardware: Any) -> str | None:
@@ -242,15 +263,20 @@ def plan_generation(hardware: Any) -> str | None:
 
 
 
-def _check_target(target: Any) -> str:
-    """``target`` if it names a known TPU topology or generation, else :class:`EstimateError`."""
+def _check_target(target: Any, devices: int) -> str:
+    """``target`` if it names a known TPU topology of ``devices`` devices (as :func:`tpflax.make_mesh`
+    requires) or a generation, else :class:`EstimateError`."""
     from tpflax._src.tpu import TOPOLOGIES, parse_topology
 
     text = str(target).strip().lower()
     gen = text if text.startswith("tpu-") else f"tpu-{text}"
     try:
         if ":" in text:
-            parse_topology(text)
+            topo = parse_topology(text)
+            if topo.devices != devices:
+                raise EstimateError(f"target {topo.name} has {topo.devices} devices but the plan's mesh has "
+                                    f"{devices}; pass a topology of {devices} devices or the generation "
+                                    f"({topo.generation})")
         elif gen not in TOPOLOGIES:
             raise EstimateError(f"unknown TPU target {target!r}; a generation ({', '.join(TOPOLOGIES)}) or a "
                                 "topology such as tpu-v5e:2x4")

@@ -86,6 +86,7 @@ class Scope:
     ring: bool = True  # XLA:TPU reduces over the whole mesh on one ring (tpflax._src.tpu.one_ring)
     row_axes: tuple[str, ...] = ()  # batch axes only because a shard_map splits rows over them (cost.explicit)
     meets: tuple = ()  # traced parameter dims that meet on one activation dim (Traced)
+    moments: Mapping[str, int] | None = None  # optimizer-state leaves shaped like each parameter (None: no optimizer)
 
     def rows_of(self, path: str) -> float:
         """Activation rows on one device that the leaf at ``path`` reads: as traced (a batch-free expert buffer

@@ -255,8 +255,9 @@ def _join_columns(c: _Flow, rid: int) -> None:
         S = c.cand[e.src_use]
         if S.path in c.st.out or S.path in c.streams or S.path in c.flow.channelwise or \
                 (S.id, e.src_dim) in c.flow.escapes or (S.id, e.src_dim) in c.flow.outputs or \
-                {x.dst_use for x in c.out_edges[(S.id, e.src_dim)]} != {rid}:
-            continue
+                {x.dst_use for x in c.out_edges[(S.id, e.src_dim)]} != {rid} or \
+                e.dst_dim >= len(dr.spec) or dr.spec[e.dst_dim] != c.st.tensor[0]:
+            continue  # (last: it reaches a dim of the row's kernel the pair does not split: its split would be gathered)
         fS = c.fx[S.path]
         join_column_of(c.st, fS, fS.body_dim(e.src_dim), c.fx[c.cand[rid].path],
                        f"traced: its output reaches {short(c.cand[rid].path)} {_via(e.via)}")
