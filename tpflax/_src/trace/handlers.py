@@ -146,7 +146,10 @@ def reduce(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> l
             # a sandwich norm on a branch before its residual add): each shard reduces its part and XLA
             # all-reduces the small result, one value per row, so the split carries on past the norm
             w.cap_minor(tags)
-            w.normed.update(k for k in tags if not is_minor(k))
+            width = eqn.invars[0].aval.shape[a]
+            for k in tags:
+                if not is_minor(k):
+                    w.normed[k] = min(w.normed.get(k, width), width)
         else:
             w.escape(tags, f"{name} reduces over it (a norm, a mean or a softmax over features needs the "
                            "whole dim)")
