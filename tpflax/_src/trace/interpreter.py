@@ -72,6 +72,9 @@ class Val:
         picks: ``(major dim, minor dim, tags)`` for a tagged dim a reshape cut into
             ``(pieces, heads, ...)`` (timm's ``qkv.reshape(b, n, 3, heads, head_dim)``): the tags
             the minor dim takes once the major dim is cut into single pieces (:meth:`Walk.pick`).
+        gains: ``(path, leaf dim per value dim)`` of per-channel parameters combined elementwise with
+            activations that carry no tag along their dims (flax's LayerNorm: ``rsqrt(var) * scale``): when
+            the value meets a tagged activation, they are that activation's channels.
         live: computed from a parameter (the backward computes its gradient); the model's
             inputs, constants and what only they make are not.
     """
@@ -85,6 +88,7 @@ class Val:
     const_of: int = 0
     picks: tuple[tuple[int, int, TagMap], ...] = ()
     live: bool = False
+    gains: tuple[tuple[str, tuple[int | None, ...]], ...] = ()
 
     def dim_tags(self, d: int) -> TagMap:
         return self.tags[d] if self.tags is not None else EMPTY
