@@ -64,6 +64,7 @@ def elementwise(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
                 for _ in ranks]
     if params:
         _note_params(w, name, params, acts)
+    gains = _gains(w, params, acts)
     tags = w.pointwise([v for v in acts if v.tags is not None], rank, name)
     if tags is not None and len(acts) > 1:
         _note_spread(w, tags, tuple(getattr(eqn.outvars[0].aval, "shape", ())))
@@ -73,7 +74,18 @@ def elementwise(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
     onehot = onehot or (name in VIEW and any(v.onehot for v in ins))
     iota = all(v.iota or v.rank == 0 for v in ins) and any(v.iota for v in ins) and name in (
         "add", "sub", "mul", "convert_element_type", "copy")
-    return [Val(r, tags=tags, onehot=onehot, iota=iota) for r in ranks]
+    return [Val(r, tags=tags, onehot=onehot, iota=iota, gains=gains) for r in ranks]
+
+
+def _gains(w: Walk, params: list[Val], acts: list[Val]) -> tuple:
+    """The per-channel parameters a combination carries on (:attr:`Val.gains`); those it carried meet the
+    tagged activations here as their channels."""
+    carried = tuple(g for v in acts for g in v.gains)
+    for path, dims in carried:
+        _note_channels(w, path, dims, [v for v in acts if v.tags is not None])
+    new = tuple(o for p in params for o in p.origin
+                if not any(v.dim_tags(d) for v in acts for d, ld in enumerate(o[1]) if ld is not None))
+    return (carried + new)[:4]
 
 
 def _note_spread(w: Walk, tags: tuple, shape: tuple[int, ...]) -> None:
@@ -146,7 +158,10 @@ def reduce(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> l
             # a sandwich norm on a branch before its residual add): each shard reduces its part and XLA
             # all-reduces the small result, one value per row, so the split carries on past the norm
             w.cap_minor(tags)
-            w.normed.update(k for k in tags if not is_minor(k))
+            width = eqn.invars[0].aval.shape[a]
+            for k in tags:
+                if not is_minor(k):
+                    w.normed[k] = min(w.normed.get(k, width), width)
         else:
             w.escape(tags, f"{name} reduces over it (a norm, a mean or a softmax over features needs the "
                            "whole dim)")

@@ -72,6 +72,9 @@ class Val:
         picks: ``(major dim, minor dim, tags)`` for a tagged dim a reshape cut into
             ``(pieces, heads, ...)`` (timm's ``qkv.reshape(b, n, 3, heads, head_dim)``): the tags
             the minor dim takes once the major dim is cut into single pieces (:meth:`Walk.pick`).
+        gains: ``(path, leaf dim per value dim)`` of per-channel parameters combined elementwise with
+            activations that carry no tag along their dims (flax's LayerNorm: ``rsqrt(var) * scale``): when
+            the value meets a tagged activation, they are that activation's channels.
         live: computed from a parameter (the backward computes its gradient); the model's
             inputs, constants and what only they make are not.
     """
@@ -85,6 +88,7 @@ class Val:
     const_of: int = 0
     picks: tuple[tuple[int, int, TagMap], ...] = ()
     live: bool = False
+    gains: tuple[tuple[str, tuple[int | None, ...]], ...] = ()
 
     def dim_tags(self, d: int) -> TagMap:
         return self.tags[d] if self.tags is not None else EMPTY
@@ -112,8 +116,9 @@ class Walk:
         caps: ``{tag: size}``: a minor part was reduced, sliced or contracted, so a split of
             the tag stays within the major part; applied to its edges' limits at the end.
         joined: tags added to an activation that lacks them (a residual add): a reduction over
-            their dim ends them, as over a model input's. ``normed``: tags a norm reduced over and let
-            through; they reach a kernel only through an activation product (q.k).
+            their dim ends them, as over a model input's. ``normed``: ``{tag: width}``, tags a norm reduced
+            over (a ``width`` wide dim) and let through; see :meth:`edge`. ``widths``: ``{use id: elements
+            it contracts per row}``.
         spread: ``{tag: rows}``: the most rows of an elementwise combination of activations the tag's
             dim reached (see :attr:`tpflax._src.trace.records.Dataflow.spread`).
     """
@@ -136,7 +141,8 @@ class Walk:
     caps: dict[tuple[int, int], int] = field(default_factory=dict)
     spread: dict[tuple[int, int], int] = field(default_factory=dict)
     joined: set[tuple[int, int]] = field(default_factory=set)  # tags added to an activation lacking them
-    normed: set[tuple[int, int]] = field(default_factory=set)  # tags a norm reduced over and let through
+    normed: dict[tuple[int, int], int] = field(default_factory=dict)  # tag -> width a norm reduced it over
+    widths: dict[int, int] = field(default_factory=dict)  # use id -> the elements it contracts per row
     reads: dict[int, tuple[Any, int, tuple]] = field(default_factory=dict)  # use id -> (dot eqn, operand, ctx)
     products: dict[tuple[tuple, int], Product] = field(default_factory=dict)  # (ctx, id(eqn)) -> Product
     lengths: dict[int, int] = field(default_factory=dict)  # id(scan eqn) -> its trip count
@@ -289,10 +295,14 @@ class Walk:
             return
         if k[0] == dst:
             return
-        if k in self.normed and "dot" not in via:
-            # normalised, then contracted straight by a kernel (MLA's q_a -> norm -> q_b): the chain ends as
-            # at any norm; only through an activation product (OLMo-2's q norm, then q.k) does it go on
-            self.escapes.setdefault(k, "a norm over it feeds a kernel directly")
+        if k in self.normed and "dot" not in via and self.normed[k] <= self.widths.get(self.root(k)[0], 0):
+            # normalised, then contracted straight by a kernel: a column that narrows (MLA's low-rank q_a -> norm
+            # -> q_b, rank r << d) ends there as at any norm, its row would all-reduce the wide output of a
+            # projection back up. A column that widens (NormFormer's fc1 -> GELU -> LayerNorm(d_ff) -> fc2,
+            # a sub-LN, Mamba-2's gated norm over d_inner) goes on into its row, Megatron's split: the norm's
+            # statistics cost one small all-reduce per row. Through an activation product (OLMo-2's q norm,
+            # then q.k) it goes on whatever its width.
+            self.escapes.setdefault(k, "a norm over it feeds a kernel directly (a column that does not widen)")
             return
         key = (k[0], k[1], dst, dst_dim)
         old = self.edges.get(key)
