@@ -366,8 +366,9 @@ def _column(c: _Flow, sid: int, e: Edge, row_path: str) -> Linear:
     if pieces > 1:
         cut = "unequal" if (sid, e.src_dim) in c.flow.cuts else "equal"
         why += (f"; fused: cut into {pieces} {cut} pieces after the matmul, so split naively over the fused "
-                f"dim ({fS.body[cb]}) and XLA reshards the pieces (head-aligned shards need the dim "
-                "permuted at placement or the model to split a (d, pieces, heads, head_dim) view)")
+                f"dim ({fS.body[cb]}) and XLA reshards the pieces (aligned shards need the pieces computed "
+                "apart, separate kernels or a (d, pieces, ...) kernel read piece by piece; a permuted "
+                "placement alone reshards more: benchmarks/results/fused_xz.md)")
     # A 3-D or 4-D kernel's traced dim is its heads when the kernel keeps a dim after it, the head_dim
     # ((d, heads, head_dim), (3, heads, d, head_dim)); kept last, it is features: a stack of 2-D
     # kernels ((2, d, ffw), Gemma's gate and up, one sliced out per dot) is a column over features.
