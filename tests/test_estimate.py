@@ -1174,3 +1174,26 @@ def test_a_target_topology_of_another_device_count_is_an_error():
     with pytest.raises(tpflax.EstimateError, match="tpu-v5p:2x2x4 has 16 devices but the plan's mesh has 8"):
         estimate(p, optax.sgd(0.1), {"x": (16, 64)}, target="tpu-v5p:2x2x4")
     assert "reduce-scatter" not in estimate(p, optax.sgd(0.1), {"x": (16, 64)}, target="TPU-v5p:2x2x2").comm
+
+
+def test_default_tpu_estimate_prices_gathers_over_a_whole_pod_slice_as_all_reduces():
+    # XLA:TPU runs an fsdp gather over every device of a slice of 64 or more (v5e:8x8 and up) as an
+    # all-reduce of the zero-padded shard: twice a gather's ring bytes (tests/test_tpu.py compiles one).
+    # A gather over part of the slice, over 32 devices, or of a leaf over 16 MiB (as stored) stays a gather
+    kernel, grads = 64 * 256 * 2, 2 * 64 * 256 * 4 + 64 * 4  # a kernel gathered in bfloat16; the gradients
+    pod = estimate(tpflax.plan(mlp_tree(), {"fsdp": 64}), optax.sgd(0.1), {"x": (64, 64)})
+    assert "all-gather" not in pod.comm
+    assert by(pod, "all-reduce", "fsdp") == 2 * 63 / 64 * (2 * kernel + grads)
+    assert all("zero-padded shard" in i.why for i in pod.items if i.size == kernel)
+    half = estimate(tpflax.plan(mlp_tree(), {"fsdp": 32, "data": 2}), optax.sgd(0.1), {"x": (64, 64)})
+    assert by(half, "all-gather", "fsdp") == 31 / 32 * 2 * kernel
+    v5e32 = estimate(tpflax.plan(mlp_tree(), {"fsdp": 32}), optax.sgd(0.1), {"x": (32, 64)})
+    assert by(v5e32, "all-gather", "fsdp") == 31 / 32 * 2 * kernel
+    # the leaf's stored bytes decide (measured: float32 16 MiB all-reduced, 24 MiB gathered)
+    edge = estimate(tpflax.plan(mlp_tree(1024, 4096), {"fsdp": 64}), optax.sgd(0.1), {"x": (64, 1024)})
+    assert "all-gather" not in edge.comm
+    big = estimate(tpflax.plan(mlp_tree(1024, 6144), {"fsdp": 64}), optax.sgd(0.1), {"x": (64, 1024)})
+    assert by(big, "all-gather", "fsdp") == 63 / 64 * 2 * 1024 * 6144 * 2  # 24 MiB each as stored: gathered
+    # a GPU, or a TPU estimate with backend="cpu", gathers
+    assert "all-gather" in estimate(tpflax.plan(mlp_tree(), {"fsdp": 64}), optax.sgd(0.1), {"x": (64, 64)},
+                                    backend="gpu").comm

@@ -266,6 +266,29 @@ def one_ring(target: Any, devices: int) -> bool:
     return len(long) <= 2 and sum(n > 2 for n in long) <= 1
 
 
+# Measured (libtpu 0.0.42.1, benchmarks/tpu_aot_notes.md): the smallest slice on which XLA:TPU
+# gathers parameters over all of its devices as all-reduces.
+WHOLE_SLICE_GATHER_AR = 64
+
+
+def gathers_reduce(target: Any, devices: int) -> bool:
+    """Whether XLA:TPU runs an all-gather over all ``devices`` devices of ``target`` (as
+    :func:`one_ring` takes it) as an all-reduce of the zero-padded value: on a known slice of 64
+    or more devices (v5e/v6e 8x8 and up, v5p 4x4x4 and up), twice a gather's ring bytes.
+
+    Measured with the zoo Llama's fsdp gathers: on fsdp-only meshes of 64, 128 and 256 devices
+    every gather of a leaf up to 16 MiB (as stored) is combined into one all-reduce of
+    dynamic-update-slices of the shards (``StrategyND``), larger leaves stay gathers
+    (:func:`tpflax._src.cost.gradients.gradient_items`); a gather over part of the slice
+    (``data=2,fsdp=64`` on v5e:8x16, 64 of 128) or over 32 devices (v5e:4x8) stays an all-gather.
+
+    >>> gathers_reduce("tpu-v5e", 64), gathers_reduce("tpu-v5e:4x8", 32), gathers_reduce(None, 64)
+    (True, False, False)
+    """
+    topo = _slice(target, devices)
+    return topo is not None and topo.devices >= WHOLE_SLICE_GATHER_AR
+
+
 def _slice(target: Any, devices: int) -> Topology | None:
     """The topology ``target`` (a topology or a generation) names for ``devices`` devices, or None."""
     if target is None:

@@ -66,7 +66,7 @@ from tpflax._src.cost.workload import Workload, prepare
 from tpflax._src.errors import EstimateError, MeshError
 from tpflax._src.mesh import FSDP, MeshShape, batch_axes
 from tpflax._src.planner.plan import traced_facts
-from tpflax._src.tpu import one_ring, slice_name
+from tpflax._src.tpu import gathers_reduce, one_ring, slice_name
 
 __all__ = ["estimate", "price", "price_leaves"]
 
@@ -137,7 +137,8 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
                   shared=w.shared, lookups=w.lookups,
                   grouped=w.grouped, joined=w.joined, widths=w.widths, slices=w.slices,
                   buffers=w.buffers, streams=w.streams, row_axes=tuple(a for a in caxes if a not in axes),
-                  ring=ring, meets=w.meets, moments=param_moments(w.opt))
+                  ring=ring, gathers_reduce=w.backend == "tpu" and gathers_reduce(w.target, n), meets=w.meets,
+                  moments=param_moments(w.opt))
     every = (comm_items(scope, notes) + expert_items(scope) + buffer_items(scope) + fused_items(scope, notes)
              + grouped_conv_items(scope) + explicit_items(w.collectives, notes) + split_grad_items(scope))
     items = tuple(i for i in every if i.total > 0)

@@ -13,6 +13,10 @@ from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.scope import Scope, axes_of, body, is_tied, leaf_itemsize
 from tpflax._src.mesh import DATA, FSDP, MeshShape
 from tpflax._src.specs import used_axes
+from tpflax._src.tpu import WHOLE_SLICE_GATHER_AR
+
+# the largest leaf (bytes as stored) XLA:TPU gathers as an all-reduce on such a slice (_gathered_as_all_reduce)
+GATHER_AR_BYTES = 16 << 20
 
 
 def gradient_items(s: Scope) -> list[CommItem]:
@@ -47,6 +51,9 @@ def gradient_items(s: Scope) -> list[CommItem]:
                 # a layer's leaf is gathered inside its remat'd call (scan_fsdp.zero3): again in the backward
                 where = "one layer at a time in the scan" if d.layers_dim is not None else "inside the remat'd layer"
                 count, why = 2 * count, f"{why.split(' (')[0]} {where}, again in the remat'd backward"
+            if kind == "all-gather" and _gathered_as_all_reduce(s, d, size, n):
+                kind, why = "all-reduce", (f"{why.split(' (')[0]}: XLA:TPU gathers a leaf over a whole slice of "
+                                           f"{WHOLE_SLICE_GATHER_AR}+ devices as an all-reduce of the zero-padded shard")
             items.append(CommItem(kind, axes, size, n, count * k, label, why))
             if parts > 1 and kind != "all-gather":  # the other uses' gradients: all-reduced whole (XLA:TPU)
                 items.append(CommItem("all-reduce" if kind == "reduce-scatter" else kind, axes, size, n,
@@ -54,6 +61,19 @@ def gradient_items(s: Scope) -> list[CommItem]:
                                       f"used whole {parts} times (a tied table's lookup and logits, a shared "
                                       "layer): each use's gradient is reduced separately"))
     return items
+
+
+def _gathered_as_all_reduce(s: Scope, d: Any, size: int, n: int) -> bool:
+    """Whether XLA:TPU gathers this leaf as an all-reduce (twice a gather's ring bytes): ``s.gathers_reduce``
+    (:func:`tpflax._src.tpu.gathers_reduce`), a gather over every device of the mesh, and one gather (a
+    scanned leaf's layer) of a leaf of at most :data:`GATHER_AR_BYTES` as stored (before a float32 kernel's
+    bfloat16 convert). Measured on fsdp-only zoo Llamas on v5e:8x8 (one layer, width 1024, d_ff 4096 to
+    12288, and width 4096): float32 leaves of 16 MiB and a bfloat16 MLP kernel of 16 MiB all-reduced,
+    float32 MLP kernels of 24 MiB and up gathered (benchmarks/tpu_aot_notes.md)."""
+    if not s.gathers_reduce or n != math.prod(s.mesh.sizes.values()):
+        return False
+    layers = d.shape[d.layers_dim] if d.layers_dim is not None else 1
+    return size // gather_item(d, s.backend) * leaf_itemsize(d) // layers <= GATHER_AR_BYTES
 
 
 def _reduce_axes(path: str, s: Scope) -> tuple[str, ...]:

@@ -248,6 +248,9 @@ def price(leaves: tuple[LeafLayout, ...], acts: tuple[ActComm, ...], ctx: Contex
             # the chooser does not, or it would trade every fsdp split away while memory allows
             # (fit() only weighs memory when plan(device_memory=) is given; priced so, the tiny zoo
             # Llama on fsdp=16 kept 0 of its 16 fsdp splits): the fsdp axis is there to save memory.
+            # Likewise a gather over every device of a 64+ device slice, which XLA:TPU runs as an
+            # all-reduce (tpflax._src.tpu.gathers_reduce): the estimate doubles it, the chooser does not,
+            # as it would only weigh fsdp against no fsdp harder on the pods where memory needs it most.
             gather = shard // x.itemsize * tpu_gather_item(x.itemsize, x.matmul) if tpu else shard
             add("all-gather", f_axes, gather * nf, 1, "fsdp: gather the parameter")
             if tpu and len(x.shape) - (x.layers > 1) < 2:  # only 1-D: see the comment above

@@ -84,6 +84,7 @@ class Scope:
     buffers: Mapping[str, float] | None = None  # traced batch-free expert buffers' rows (Traced)
     streams: Mapping[str, tuple[float, int, int]] | None = None  # traced streams split by a small output (Traced)
     ring: bool = True  # XLA:TPU reduces over the whole mesh on one ring (tpflax._src.tpu.one_ring)
+    gathers_reduce: bool = False  # XLA:TPU gathers over the whole mesh as all-reduces (tpflax._src.tpu.gathers_reduce)
     row_axes: tuple[str, ...] = ()  # batch axes only because a shard_map splits rows over them (cost.explicit)
     meets: tuple = ()  # traced parameter dims that meet on one activation dim (Traced)
     moments: Mapping[str, int] | None = None  # optimizer-state leaves shaped like each parameter (None: no optimizer)
