@@ -89,15 +89,20 @@ def test_dry_run_reports_the_tpu_peak_and_fit(llama_on_v5e):
     assert any(line.strip().startswith("fits: peak") for line in dr.report_lines())
 
 
+def _fsdp_llama(n: int, target: str, batch: int):
+    """The tiny zoo Llama planned fsdp-only over ``n`` devices and its adamw step compiled for ``target``."""
+    m = zoo.get("llama")
+    p = tpflax.plan(m.abstract_variables(), {"fsdp": n})
+    mesh = tpflax.make_mesh({"fsdp": n}, target=target)
+    return m, p, tpflax.dry_run(tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), batch), p, mesh)
+
+
 @needs_libtpu
 def test_fsdp_gradients_reduce_scatter_on_tpu_and_the_estimate_counts_them():
     # tpflax's step pins each gradient to its shards, so XLA:TPU reduce-scatters it (an
     # all-reduce moves twice the bytes) and gathers float32 kernels as bfloat16; the estimate
     # models both. Its error is a few KiB of norm-scale all-reduces (1-D leaves) in ~590 KiB.
-    m = zoo.get("llama")
-    p = tpflax.plan(m.abstract_variables(), {"fsdp": 8})
-    mesh = tpflax.make_mesh({"fsdp": 8}, target="tpu-v5e:2x4")
-    dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), 8), p, mesh)
+    m, p, dr = _fsdp_llama(8, "tpu-v5e:2x4", 8)
     comm = dr.comm()
     assert comm["reduce-scatter"]["fsdp"] > 10 * comm.get("all-reduce", {}).get("fsdp", 0)
     est = tpflax.estimate(p, optax.adamw(1e-3), model=m, batch=8, backend="tpu")
@@ -109,10 +114,7 @@ def test_fsdp_gradients_all_reduce_whole_where_the_slice_is_not_one_ring():
     # the same step as above on v5p:2x2x2: XLA:TPU runs its collectives over the 3-D slice as
     # N-dimensional all-reduces, which it does not turn into reduce-scatters, so every gradient is
     # all-reduced whole (twice the bytes); estimate(target=) knows the slice, and its generation too
-    m = zoo.get("llama")
-    p = tpflax.plan(m.abstract_variables(), {"fsdp": 8})
-    mesh = tpflax.make_mesh({"fsdp": 8}, target="tpu-v5p:2x2x2")
-    dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), 8), p, mesh)
+    m, p, dr = _fsdp_llama(8, "tpu-v5p:2x2x2", 8)
     comm = dr.comm()
     assert "reduce-scatter" not in comm and comm["all-reduce"]["fsdp"] > 3 * comm["all-gather"]["fsdp"]
     for target in ("tpu-v5p:2x2x2", "tpu-v5p"):
@@ -129,10 +131,7 @@ def test_fsdp_gradients_all_reduce_whole_where_the_slice_is_not_one_ring():
 def test_default_estimate_prices_the_plans_slice_of_sixteen_devices():
     # v5e:4x4 is no one ring (two torus dims of 4): XLA:TPU all-reduces every fsdp gradient whole, and
     # the estimate with no target= prices the plan's preset (tpu-v5e) at the mesh's 16 devices
-    m = zoo.get("llama")
-    p = tpflax.plan(m.abstract_variables(), {"fsdp": 16})
-    mesh = tpflax.make_mesh({"fsdp": 16}, target="tpu-v5e:4x4")
-    dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), 16), p, mesh)
+    m, p, dr = _fsdp_llama(16, "tpu-v5e:4x4", 16)
     assert "reduce-scatter" not in dr.comm() and dr.comm()["all-reduce"]["fsdp"] > 3 * dr.comm()["all-gather"]["fsdp"]
     est = tpflax.estimate(p, optax.adamw(1e-3), model=m, batch=16)
     assert abs(est.comm_total - dr.comm_total) <= 0.01 * dr.comm_total and "reduce-scatter" not in est.comm
@@ -143,10 +142,7 @@ def test_default_estimate_prices_gathers_over_a_whole_64_device_slice_as_all_red
     # on v5e:8x8 XLA:TPU compiles the fsdp parameter gathers over all 64 devices as one all-reduce of
     # the zero-padded shards (no all-gather in the HLO: twice the ring bytes); the default estimate
     # prices them so (it was -18.3%)
-    m = zoo.get("llama")
-    p = tpflax.plan(m.abstract_variables(), {"fsdp": 64})
-    mesh = tpflax.make_mesh({"fsdp": 64}, target="tpu-v5e:8x8")
-    dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), 64), p, mesh)
+    m, p, dr = _fsdp_llama(64, "tpu-v5e:8x8", 64)
     assert "all-gather" not in dr.comm() and "reduce-scatter" not in dr.comm()
     est = tpflax.estimate(p, optax.adamw(1e-3), model=m, batch=64)
     assert abs(est.comm_total - dr.comm_total) <= 0.01 * dr.comm_total and "all-gather" not in est.comm

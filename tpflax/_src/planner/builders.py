@@ -405,32 +405,30 @@ def join_row(st: State, row: Facts, rdim: int, col: Facts, why: str) -> bool:
     """Add ``row`` to the pair the column ``col`` is in, split on its body dim ``rdim`` when ``col`` is
     split: a parallel block's fused input projection, whose pieces feed two rows (attention output and
     MLP down). False (nothing written) when ``col`` is not a split column or ``rdim`` does not divide."""
-    p = st.out.get(col.path)
-    t_entry, t_size = st.tensor
-    if p is None or p.role != "column" or p.strategy == "replicate" or row.body[rdim] % t_size:
-        return False
-    st.put(row, body_spec(len(row.body), rdim, t_entry), "row",
-           f"row: {why}; input features ({row.body[rdim]}) split over {axis_label(t_entry, t_size)}, fed by "
-           f"{short(col.path)} (pair {p.pair}); one all-reduce of activations per pass", p.pair, "row")
-    for i, q in enumerate(st.pairs):
-        if q.id == p.pair and row.path not in q.rows:
-            st.pairs[i] = replace(q, rows=(*q.rows, row.path))
-    return True
+    return _join(st, row, rdim, col, "row", lambda label, pair: (
+        f"row: {why}; input features ({row.body[rdim]}) split over {label}, fed by {short(col.path)} "
+        f"(pair {pair}); one all-reduce of activations per pass"))
 
 
 def join_column_of(st: State, col: Facts, cdim: int, row: Facts, why: str) -> bool:
     """Add ``col`` to the pair the split row ``row`` is in, split on its body dim ``cdim`` (the output the row
     sums). False (nothing written) when ``row`` is no split row or ``cdim`` does not divide."""
-    p = st.out.get(row.path)
+    return _join(st, col, cdim, row, "column", lambda label, pair: (
+        f"column: {why}; output features ({col.body[cdim]}) split over {label} (pair {pair})"))
+
+
+def _join(st: State, f: Facts, dim: int, member: Facts, role: str, reason: Any) -> bool:
+    """Add ``f`` as a ``role`` to the pair of the split ``member`` (of the other role), split on body dim ``dim``."""
+    p = st.out.get(member.path)
     t_entry, t_size = st.tensor
-    if p is None or p.role != "row" or p.strategy == "replicate" or col.body[cdim] % t_size:
+    other = "column" if role == "row" else "row"
+    if p is None or p.role != other or p.strategy == "replicate" or f.body[dim] % t_size:
         return False
-    st.put(col, body_spec(len(col.body), cdim, t_entry), "column",
-           f"column: {why}; output features ({col.body[cdim]}) split over {axis_label(t_entry, t_size)} "
-           f"(pair {p.pair})", p.pair, "column")
+    st.put(f, body_spec(len(f.body), dim, t_entry), role, reason(axis_label(t_entry, t_size), p.pair), p.pair, role)
+    field = "rows" if role == "row" else "columns"
     for i, q in enumerate(st.pairs):
-        if q.id == p.pair and col.path not in q.columns:
-            st.pairs[i] = replace(q, columns=(*q.columns, col.path))
+        if q.id == p.pair and f.path not in getattr(q, field):
+            st.pairs[i] = replace(q, **{field: (*getattr(q, field), f.path)})
     return True
 
 
