@@ -66,7 +66,7 @@ from tpflax._src.cost.workload import Workload, prepare
 from tpflax._src.errors import EstimateError, MeshError
 from tpflax._src.mesh import FSDP, MeshShape, batch_axes
 from tpflax._src.planner.plan import traced_facts
-from tpflax._src.tpu import gathers_reduce, one_ring, slice_name
+from tpflax._src.tpu import TOPOLOGIES, gathers_reduce, one_ring, parse_topology, slice_name
 
 __all__ = ["estimate", "price", "price_leaves"]
 
@@ -258,17 +258,12 @@ def plan_generation(hardware: Any) -> str | None:
     >>> plan_generation("tpu-v5p"), plan_generation("h100"), plan_generation(None)
     ('tpu-v5p', None, None)
     """
-    from tpflax._src.tpu import TOPOLOGIES
-
     return hardware if hardware in TOPOLOGIES else None
-
 
 
 def _check_target(target: Any, devices: int) -> str:
     """``target`` if it names a known TPU topology of ``devices`` devices (as :func:`tpflax.make_mesh`
     requires) or a generation, else :class:`EstimateError`."""
-    from tpflax._src.tpu import TOPOLOGIES, parse_topology
-
     text = str(target).strip().lower()
     gen = text if text.startswith("tpu-") else f"tpu-{text}"
     try:

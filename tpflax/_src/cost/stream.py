@@ -45,14 +45,15 @@ def update_gathers(s: Any, axes: tuple[str, ...], reached: list[str]) -> list[Co
         return []
     lv, n = s.lv, s.size(axes)
     # the parameter and each optimizer moment of its shape (adam's two, sgd's momentum trace), each gathered
-    moments = s.moments if s.moments is not None else {p: 2 * (len(lv.opt) > 0) for p in reached}
+    moments = s.moments or {}  # None: no optimizer, no moments
     items = []
     for path in reached:
         d = lv.decisions[path]
         if s.backend == "tpu" and len(body(d)) < 2:
             continue
         if d.trainable and not set(used_axes(lv.specs[path])) & set(axes):
-            items.append(CommItem("all-gather", axes, s.leaf_bytes(path, d), n, (1 + moments.get(path, 0)) * lv.count[path],
+            copies = 1 + moments.get(path, 0)
+            items.append(CommItem("all-gather", axes, s.leaf_bytes(path, d), n, copies * lv.count[path],
                                   lv.label[path], "a leaf whole on the tensor axis whose gradient the "
                                   "feature-split stream splits: its update runs split, then the parameter "
                                   "and its moments are gathered"))

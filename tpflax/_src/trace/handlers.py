@@ -165,7 +165,7 @@ def reduce(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> l
         else:
             w.escape(tags, f"{name} reduces over it (a norm, a mean or a softmax over features needs the "
                            "whole dim)")
-    if v.origin and v.tags is None and name in ("reduce_sum", "reduce_max", "reduce_min"):
+    if v.origin and v.tags is None and name in _STATS:
         # a reduction of a parameter (the norm in a weight norm) is still computed from that parameter
         return [Val(ranks[0], origin=tuple((p, tuple(d for i, d in enumerate(dims) if i not in axes))
                                            for p, dims in v.origin))]
