@@ -10,9 +10,9 @@ from typing import Any
 from tpflax._src.cost.batch import config_value
 from tpflax._src.cost.price import tpu_gather_item, tpu_reduce_scatters
 from tpflax._src.cost.records import CommItem
-from tpflax._src.cost.scope import Scope, axes_of, body, is_tied, leaf_itemsize
+from tpflax._src.cost.scope import Scope, axes_of, body, drop_layers, is_tied, leaf_itemsize
 from tpflax._src.mesh import DATA, FSDP, MeshShape
-from tpflax._src.specs import used_axes
+from tpflax._src.specs import entry_axes, local_shape, used_axes
 from tpflax._src.tpu import WHOLE_SLICE_GATHER_AR
 
 # the largest leaf (bytes as stored) XLA:TPU gathers as an all-reduce on such a slice (_gathered_as_all_reduce)
@@ -38,9 +38,10 @@ def gradient_items(s: Scope) -> list[CommItem]:
         parts = s.parts.get(path, 1) if s.parts is not None else (2 if is_tied(path, d, s) else 1)
         if s.backend == "tpu":  # XLA:TPU adds a table's lookups' scatter-adds first: one part for all
             parts -= max((s.lookups or {}).get(path, 1) - 1, 0)
+        item = gather_item(d, s.backend, s.lv.specs[path], s.mesh)
         for kind, axes, size, n, count, why in _gradient_templates(
                 s.lv.specs[path], s.mesh, _reduce_axes(path, s), s.leaf_bytes(path, d), leaf_itemsize(d), s.g_item,
-                s.backend, reps, gather_item(d, s.backend), len(body(d)), s.ring, s.row_axes):
+                s.backend, reps, item, len(body(d)), s.ring, s.row_axes):
             if kind != "all-gather" and frozen:
                 continue
             if kind != "all-gather" and path in s.buffered:
@@ -51,7 +52,9 @@ def gradient_items(s: Scope) -> list[CommItem]:
                 # a layer's leaf is gathered inside its remat'd call (scan_fsdp.zero3): again in the backward
                 where = "one layer at a time in the scan" if d.layers_dim is not None else "inside the remat'd layer"
                 count, why = 2 * count, f"{why.split(' (')[0]} {where}, again in the remat'd backward"
-            if kind == "all-gather" and _gathered_as_all_reduce(s, d, size, n):
+            if kind == "all-gather" and _gathered_as_all_reduce(s, d, size // item * leaf_itemsize(d), n):
+                # of the whole zero-padded leaf: a float32 kernel as bfloat16 even where its shard has one row
+                size = size // item * gather_item(d, s.backend)
                 kind, why = "all-reduce", (f"{why.split(' (')[0]}: XLA:TPU gathers a leaf over a whole slice of "
                                            f"{WHOLE_SLICE_GATHER_AR}+ devices as an all-reduce of the zero-padded shard")
             items.append(CommItem(kind, axes, size, n, count * k, label, why))
@@ -63,7 +66,7 @@ def gradient_items(s: Scope) -> list[CommItem]:
     return items
 
 
-def _gathered_as_all_reduce(s: Scope, d: Any, size: int, n: int) -> bool:
+def _gathered_as_all_reduce(s: Scope, d: Any, stored: int, n: int) -> bool:
     """Whether XLA:TPU gathers this leaf as an all-reduce (twice a gather's ring bytes): ``s.gathers_reduce``
     (:func:`tpflax._src.tpu.gathers_reduce`), a gather over every device of the mesh, and one gather (a
     scanned leaf's layer) of a leaf of at most :data:`GATHER_AR_BYTES` as stored (before a float32 kernel's
@@ -73,7 +76,7 @@ def _gathered_as_all_reduce(s: Scope, d: Any, size: int, n: int) -> bool:
     if not s.gathers_reduce or n != math.prod(s.mesh.sizes.values()):
         return False
     layers = d.shape[d.layers_dim] if d.layers_dim is not None else 1
-    return size // gather_item(d, s.backend) * leaf_itemsize(d) // layers <= GATHER_AR_BYTES
+    return stored // layers <= GATHER_AR_BYTES
 
 
 def _reduce_axes(path: str, s: Scope) -> tuple[str, ...]:
@@ -92,10 +95,38 @@ def _split_axes(spec, mesh: MeshShape) -> tuple[str, ...]:
 _MATMUL_KINDS = ("dense", "attention", "expert", "head", "conv")
 
 
-def gather_item(d: Any, backend: str) -> int:
-    """Bytes per element an fsdp all-gather of the leaf moves (see :func:`tpu_gather_item`)."""
+def gather_item(d: Any, backend: str, spec: tuple | None = None, mesh: MeshShape | None = None) -> int:
+    """Bytes per element an fsdp all-gather of the leaf moves (see :func:`tpu_gather_item`); with its
+    ``spec`` on ``mesh``, from the rows of one layer's shard too (:func:`gather_rows`; not for
+    convolution kernels)."""
     item = leaf_itemsize(d)
-    return tpu_gather_item(item, d.kind in _MATMUL_KINDS) if backend == "tpu" else item
+    if backend != "tpu":
+        return item
+    # a convolution kernel takes the convolution's own layouts (ResNet-18 on v5e:2x4: the gathered dim minor
+    # as often as major), which the estimate does not model: as bfloat16
+    laid = spec is not None and mesh is not None and d.kind != "conv"
+    rows = gather_rows(body(d), drop_layers(d, spec), mesh) if laid else None
+    return tpu_gather_item(item, d.kind in _MATMUL_KINDS, rows)
+
+
+def gather_rows(shape: tuple[int, ...], spec: tuple, mesh: MeshShape) -> int | None:
+    """The second-minor dim of a leaf's shard as XLA:TPU gathers it: the gathered dim's shard moved
+    major (``f32[64,1,16]`` for a ``(64, 2, 16)`` kernel split 32 and 2 ways on its first two dims;
+    ``f32[128,1,64]`` for a ``(64, 128)`` one split 128 ways on its last), then the second-last dim.
+    None when no dim is gathered.
+
+    >>> from tpflax._src.mesh import mesh_shape
+    >>> mesh = mesh_shape({"fsdp": 64, "model": 2})
+    >>> gather_rows((64, 128), ("fsdp", "model"), mesh), gather_rows((64, 4, 16), ("fsdp", "model", None), mesh)
+    (1, 2)
+    """
+    gathered = set(_split_axes(spec, mesh))
+    dims = [i for i, e in enumerate(spec) if gathered & set(entry_axes(e))]
+    if not dims:
+        return None
+    local = local_shape(shape, spec, mesh)
+    laid = (local[dims[0]],) + local[:dims[0]] + local[dims[0] + 1:]
+    return laid[-2] if len(laid) >= 2 else 1
 
 
 @functools.lru_cache(maxsize=1 << 14)

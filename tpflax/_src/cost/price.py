@@ -178,13 +178,24 @@ def _shard_bytes(x: LeafLayout, mesh: MeshShape) -> int:
     return n
 
 
-def tpu_gather_item(item: int, matmul: bool) -> int:
+def tpu_gather_item(item: int, matmul: bool, rows: int | None = None) -> int:
     """Bytes per element XLA:TPU's all-gather moves: a float32 matmul operand travels as bfloat16
     (default precision multiplies in bfloat16, so it converts before gathering). Measured for fsdp
     kernels on the zoo Llama and for a feature-split residual stream gathered for the next block's
     kernels (``tests/test_choose.py`` GQA and Tagger compiled for v5e:2x4, float32: every stream
-    gather ``bf16[4,512,64]``); lookup tables, norms and other leaves travel as stored."""
-    return 2 if matmul and item == 4 else item
+    gather ``bf16[4,512,64]``); lookup tables, norms and other leaves travel as stored.
+
+    Except where the shard's ``rows`` (its second-minor dim as the gather lays it out:
+    :func:`tpflax._src.cost.gradients.gather_rows`) are 1: a bfloat16 tile packs two rows
+    (``T(2,128)(2,1)``), so a one-row shard takes its float32 tile's bytes and XLA:TPU gathers it
+    as stored, converting after. Measured on the tiny zoo Llama's fsdp gathers
+    (benchmarks/tpu_aot_notes.md): ``f32[64,1,64]`` MLP kernels on fsdp=64,model=2 (v5e:8x16),
+    ``f32[64,1,16]`` key/value kernels with one head per device, ``bf16[64,2,16]`` queries with two.
+
+    >>> tpu_gather_item(4, True), tpu_gather_item(4, True, rows=2), tpu_gather_item(4, True, rows=1)
+    (2, 2, 4)
+    """
+    return 2 if matmul and item == 4 and rows != 1 else item
 
 
 def tpu_reduce_scatters(body_rank: int, live: set[str], f_axes: Sequence[str], ring: bool = True) -> bool:
