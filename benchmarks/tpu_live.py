@@ -4,13 +4,14 @@ Compile one step with ``XLA_FLAGS=--xla_dump_to=DIR`` set before jax starts, the
 
     python benchmarks/tpu_live.py DIR            # the peak step, its live set and the heap
     python benchmarks/tpu_live.py DIR --step 1060 --min-mib 1
-    python benchmarks/tpu_live.py DIR --temp 1436702720   # temp - heap against the heap's fragmentation
+    python benchmarks/tpu_live.py DIR --temp 1436702720   # temp - heap against the heap's slack
 
 reads the train step's ``*after_optimizations-live-range.txt`` (each value's live range over the
-schedule) and ``*-buffer-assignment.txt`` (each value's offset and size in the preallocated temp,
-the default memory space) and reports the bytes in use at each step as the union of the live
-values' ``[offset, offset + size)`` ranges (values sharing a buffer count once). Used for the
-"Row outputs" section of ``results/tpu_aot.md``.
+schedule), ``*-buffer-assignment.txt`` (each value's offset and size in the preallocated temp,
+the default memory space) and the optimized HLO's ``op_name`` metadata (printed next to each value),
+and reports the bytes in use at each step as the union of the live values' ``[offset, offset +
+size)`` ranges (values sharing a buffer count once). Used for the "Row outputs" and later sections
+of ``tpu_aot_notes.md``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,17 @@ def step_files(dump: str) -> tuple[str, str]:
     (ba,) = glob.glob(f"{dump}/*jit_step*after_optimizations-buffer-assignment.txt")
     (lr,) = glob.glob(f"{dump}/*jit_step*after_optimizations-live-range.txt")
     return ba, lr
+
+
+def op_names(dump: str) -> dict[str, str]:
+    """``{instruction: its op_name metadata}`` from the train step's optimized HLO (which jax op, or which
+    argument for a copy of one, made a value), empty without the dump's ``*after_optimizations.txt``."""
+    paths = glob.glob(f"{dump}/*jit_step*after_optimizations.txt")
+    names = {}
+    for line in open(paths[0]) if paths else ():
+        if m := re.match(r'\s+%(\S+) = .*?op_name="([^"]+)"', line):
+            names[m.group(1)] = m.group(2)
+    return names
 
 
 def live_ranges(path: str) -> dict[str, tuple[int, ...]]:
@@ -84,7 +96,8 @@ def main() -> int:
     ap.add_argument("--min-mib", type=float, default=8.0, help="list values at least this large")
     ap.add_argument("--temp", type=int, default=None,
                     help="the compile's memory_analysis().temp_size_in_bytes: also print temp - heap next to "
-                         "the heap's fragmentation (heap - live peak), which it equals in flat steps")
+                         "heap - live peak and heap - the largest live set without async collectives, "
+                         "which it equals (tpu_aot_notes.md, ninth round)")
     args = ap.parse_args()
     vals, heap = read(args.dump)
     steps = max(b for *_, b in vals) + 1
@@ -92,13 +105,16 @@ def main() -> int:
     print(f"step {step} of {steps}: {in_use(vals, step) / MIB:.0f} MiB live, heap {heap / MIB:.0f} MiB")
     if args.temp is not None:
         peak = max(in_use(vals, t) for t in range(steps))
+        sync = [v for v in vals if not v[0].startswith("async-collective")]
+        flat = max(in_use(sync, t) for t in range(steps))  # L': temp = heap + (heap - L') (tpu_aot_notes.md)
         print(f"temp {args.temp / MIB:.1f} MiB: temp - heap {(args.temp - heap) / MIB:.1f} MiB, "
-              f"heap - live peak {(heap - peak) / MIB:.1f} MiB")
-    seen = set()
+              f"heap - live peak {(heap - peak) / MIB:.1f} MiB, heap - the largest live set without "
+              f"async collectives {(heap - flat) / MIB:.1f} MiB")
+    seen, ops = set(), op_names(args.dump)
     for name, offset, size, shape, a, b in sorted(vals, key=lambda v: -v[2]):
         if a <= step <= b and (offset, size) not in seen and size >= args.min_mib * MIB:
             seen.add((offset, size))
-            print(f"  {size / MIB:8.1f} MiB {shape:28s} {name:40s} {a}-{b}")
+            print(f"  {size / MIB:8.1f} MiB {shape:28s} {name:40s} {a}-{b} {ops.get(name.split('{')[0], '')}")
     return 0
 
 

@@ -65,9 +65,11 @@ SCORES_SAVED = 1  # the probabilities, kept for the backward pass (none under re
 SCORES_WORKING = {2: 2, 4: 1}
 LOGITS_BUFFERS = 1  # float32 logits at the loss; XLA forms their gradient in the same buffer
 GATHERED_LAYERS = 2  # fsdp: the layer computing and the next one being gathered
-# tokens x experts (or top_k) x d_ff buffers per expert layer: pre-activation and gated hidden saved,
-# one gradient in flight
-EXPERT_SAVED = 2
+# tokens x experts (or top_k) x d_ff buffers per expert layer saved for the backward pass, by backend: XLA:TPU
+# keeps one, the up-projection's output (SiLU and gate are recomputed in the backward fusion: six MoE buffer
+# dumps, bf16 and f32, fsdp=8, data=2,fsdp=4 and fsdp=2,model=4, hold one per layer plus one gradient at the
+# peak, benchmarks/tpu_aot_notes.md); XLA:CPU keeps the pre-activation and the gated hidden; GPU unmeasured.
+EXPERT_SAVED = {"tpu": 1, "gpu": 2, "cpu": 2}
 EXPERT_WORKING = 1
 
 _INDEXED = re.compile(r"^(.*?_)\d+$")
@@ -501,5 +503,6 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
     return Peak(arguments=dev.arguments, grads=dev.grads, activations=saved, scores=saved_scores,
                 gathered=two, attention=working, recompute=recompute,
                 logits=LOGITS_BUFFERS * logits, logits_grad=logits_grad_bytes(logits, head, w), gathered_last=one,
-                experts=0 if w.remat else EXPERT_SAVED * hidden * n_exp, expert_work=EXPERT_WORKING * hidden)
+                experts=0 if w.remat else EXPERT_SAVED[w.backend] * hidden * n_exp,
+                expert_work=EXPERT_WORKING * hidden)
 
