@@ -305,3 +305,56 @@ def slice_name(target: Any, devices: int) -> str:
     """
     topo = _slice(target, devices)
     return topo.name if topo is not None else str(target)
+
+
+# XLA:TPU's memory tile of a 2-D+ array: 8 sublanes x 128 lanes (fewer sublanes for a dim under 8)
+LANES, SUBLANES = 128, 8
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def device_layout(shape: tuple[int, ...], itemsize: int) -> tuple[int, int]:
+    """The (lane, sublane) dims of the layout XLA:TPU gives an array of this per-device ``shape``:
+    the pair of dims whose tiling pads it least, ties going to the later dims (the row-major
+    ``(-1, -2)``). A sublane dim is tiled by 8, or by the power of two at or above a shorter dim
+    (at least 2 for 16-bit types, which pack two rows per word); the lane dim by 128.
+
+    It is the layout the TPU client gives a parameter (``Compiled.input_formats``: it matched 1000
+    random shapes of 2 to 4 dims, float32 and bfloat16, libtpu 0.0.42.1), and an fsdp parameter's
+    gradient takes it from the optimizer update in XLA's ``layout-assignment``
+    (benchmarks/tpu_aot_notes.md, "What picks the gradient layout").
+
+    >>> device_layout((80, 10, 64), 4), device_layout((64, 8, 64), 4), device_layout((96, 6, 128), 4)
+    ((0, 2), (2, 1), (2, 0))
+    """
+    def padded(lane: int, sub: int) -> int:
+        tile = min(SUBLANES, max(4 // itemsize, 1 << (shape[sub] - 1).bit_length()))
+        rest = math.prod(n for i, n in enumerate(shape) if i not in (lane, sub))
+        return rest * -(-shape[sub] // tile) * tile * -(-shape[lane] // LANES) * LANES
+
+    r = len(shape)
+    pairs = [(lane, sub) for lane in reversed(range(r)) for sub in reversed(range(r)) if sub != lane]
+    return min(pairs, key=lambda p: padded(*p))
+
+
+def whole_tiles(shard: tuple[int, ...], split: tuple[int, ...], itemsize: int, grad_itemsize: int | None = None) -> bool:
+    """Whether each ``split`` dim of a parameter's per-device ``shard`` is whole tiles of its gradient
+    in the parameter's :func:`device_layout`: on the lane dim a multiple of 128, on the sublane dim
+    of 8, both doubled for a 16-bit gradient (``grad_itemsize``, default ``itemsize``); any size on
+    the others. XLA:TPU reduce-scatters a pinned fsdp gradient on one ring (:func:`one_ring`) only
+    then, else it all-reduces it whole: ViT-B's ``[768, 12, 64]`` q/k/v kernels on fsdp=8 keep the
+    split 768 in the lanes (shards of 96), width 512's move it to the sublanes (shards of 64).
+    Measured on v5e:2x4 (benchmarks/tpu_aot_notes.md): bfloat16 lane shards of 128 and 384
+    all-reduced, 256 and 512 reduce-scattered; bfloat16 sublane shards of 8 all-reduced, 16 and 32
+    reduce-scattered.
+
+    >>> whole_tiles((96, 12, 64), (0,), 4), whole_tiles((64, 8, 64), (0,), 4), whole_tiles((768, 384), (1,), 4)
+    (False, True, True)
+    >>> whole_tiles((768, 384), (1,), 2), whole_tiles((8, 64), (0,), 2), whole_tiles((16, 64), (0,), 2)
+    (False, False, True)
+    """
+    if len(shard) < 2:
+        return True
+    lane, sub = device_layout(tuple(shard), itemsize)
+    pack = max(1, 4 // (grad_itemsize or itemsize))
+    return all(not (d == lane and shard[d] % (LANES * pack) or d == sub and shard[d] % (SUBLANES * pack))
+               for d in split)
