@@ -292,3 +292,37 @@ def test_fsdp_gradient_reduce_scatters_only_in_whole_tiles_of_its_layout(d):
     else:
         assert "reduce-scatter" not in compiled and compiled["all-reduce"]["fsdp"] > 2 * kernel
     assert abs(est.comm_total - sum(v for by in compiled.values() for v in by.values())) <= 0.002 * est.comm_total
+
+
+class _Reduced(nn.Module):
+    """Gradients whose fsdp shards are whole tiles but which XLA:TPU all-reduces whole: a position table
+    looked up at ``arange`` positions (GPT-2's ``wpe``), a ``[1, T, d]`` table (ViT's), a ``[64, 16]``
+    kernel whose shard is one tile; the token table (looked up by ids) and the rest reduce-scatter."""
+
+    @nn.compact
+    def __call__(self, ids):
+        t = ids.shape[1]
+        x = nn.Embed(1024, 256, name="tok")(ids) + nn.Embed(t, 256, name="wpe")(jnp.arange(t)[None, :])
+        x = x + jnp.tile(nn.Dense(16, use_bias=False, name="small")(x[..., :64]), 16)
+        x = nn.Dense(256, name="mix")(x) + self.param("pos", nn.initializers.normal(0.02), (1, t, 256))
+        return nn.Dense(1024, name="head")(x)
+
+
+@needs_libtpu
+def test_fsdp_gradients_of_positions_one_tile_and_a_leading_one_all_reduce_whole_on_tpu():
+    # Compiled on v5e:2x4 with fsdp=8: the shards of wpe [128, 32] and pos [1, 128, 32] are whole
+    # (8, 128) tiles (the split 256 on the sublanes), small's [8, 16] is one tile; all three are
+    # all-reduced whole (wpe's gradient is a sum over the batch, as a bias's). The estimate prices
+    # each collective kind to the byte (the loss's scalar all-reduce aside).
+    net, ids = _Reduced(), jax.ShapeDtypeStruct((8, 128), jnp.int32)
+    variables = jax.eval_shape(net.init, jax.random.key(0), ids)
+    p = tpflax.plan(variables, {"fsdp": 8}, model=net, sample=(ids,))
+    mesh = tpflax.make_mesh({"fsdp": 8}, target="tpu-v5e:2x4")
+    loss = lambda out, *_: jnp.mean(out ** 2)  # noqa: E731
+    ts = tpflax.make_train_step(net, p, mesh, optax.adamw(1e-3), sample=(ids,), loss=loss)
+    compiled = tpflax.dry_run(ts, p, mesh).comm()
+    est = tpflax.estimate(p, optax.adamw(1e-3), model=net, sample=(ids,), backend="tpu").comm
+    whole = (128 * 256 * 2 + 64 * 16) * 4 * 2 * 7 / 8  # wpe, pos and small: ring all-reduces over 8 of f32
+    assert est["reduce-scatter"]["fsdp"] == compiled["reduce-scatter"]["fsdp"]
+    assert est["all-reduce"]["fsdp"] - whole == pytest.approx(compiled["all-reduce"]["fsdp"] - whole, abs=8)
+    assert est["all-reduce"]["fsdp"] > whole

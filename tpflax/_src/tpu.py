@@ -358,3 +358,26 @@ def whole_tiles(shard: tuple[int, ...], split: tuple[int, ...], itemsize: int, g
     pack = max(1, 4 // (grad_itemsize or itemsize))
     return all(not (d == lane and shard[d] % (LANES * pack) or d == sub and shard[d] % (SUBLANES * pack))
                for d in split)
+
+
+def scatters(shard: tuple[int, ...], split: tuple[int, ...], itemsize: int, grad_itemsize: int | None = None) -> bool:
+    """Whether XLA:TPU reduce-scatters a pinned fsdp gradient of this per-device ``shard`` on one ring
+    (:func:`one_ring`): its split dims are :func:`whole_tiles`, the shard is more than one row of
+    tiles (one (8, 128) tile of float32: ``[8, 16]`` of a ``[64, 16]`` kernel, the ``[16, 8]`` of a
+    ``(16, 64)`` bias split on its 64; the lanes up to 128 and the other dims' product up to 8) and
+    its first dim is not 1 (a ``(1, 1, c, c')`` convolution kernel, ViT's ``[1, T, d]`` position
+    table, a ``[1, d, d]`` kernel). Measured on v5e:2x4, float32 and bfloat16 (benchmarks/tpu_aot_notes.md,
+    "Which gradients are all-reduced whole"): shards of 16 rows reduce-scatter, of 8 rows and one
+    lane tile do not, in every kernel and bias read.
+
+    >>> scatters((8, 16), (0,), 4), scatters((16, 16), (0,), 4), scatters((8, 4, 16), (0,), 4)
+    (False, True, True)
+    >>> scatters((1, 1, 32, 256), (2,), 4), scatters((3, 3, 32, 256), (2,), 4)
+    (False, True)
+    """
+    if len(shard) < 2:
+        return True
+    if shard[0] == 1 or not whole_tiles(shard, split, itemsize, grad_itemsize):
+        return False
+    lane, _ = device_layout(tuple(shard), itemsize)
+    return shard[lane] > LANES or math.prod(n for i, n in enumerate(shard) if i != lane) > SUBLANES

@@ -13,7 +13,7 @@ from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.scope import Scope, axes_of, body, drop_layers, is_tied, leaf_itemsize
 from tpflax._src.mesh import DATA, FSDP, MeshShape
 from tpflax._src.specs import entry_axes, local_shape, used_axes
-from tpflax._src.tpu import WHOLE_SLICE_GATHER_AR, whole_tiles
+from tpflax._src.tpu import WHOLE_SLICE_GATHER_AR, scatters
 
 # the largest leaf (bytes as stored) XLA:TPU gathers as an all-reduce on such a slice (_gathered_as_all_reduce)
 GATHER_AR_BYTES = 16 << 20
@@ -41,7 +41,7 @@ def gradient_items(s: Scope) -> list[CommItem]:
         item = gather_item(d, s.backend, s.lv.specs[path], s.mesh)
         for kind, axes, size, n, count, why in _gradient_templates(
                 s.lv.specs[path], s.mesh, _reduce_axes(path, s), s.leaf_bytes(path, d), leaf_itemsize(d), s.g_item,
-                s.backend, reps, item, len(body(d)), s.ring, s.row_axes, tuple(d.shape)):
+                s.backend, reps, item, len(body(d)), s.ring, s.row_axes, tuple(d.shape), path in s.positional):
             if kind != "all-gather" and frozen:
                 continue
             if kind != "all-gather" and path in s.buffered:
@@ -132,7 +132,8 @@ def gather_rows(shape: tuple[int, ...], spec: tuple, mesh: MeshShape) -> int | N
 @functools.lru_cache(maxsize=1 << 14)
 def _gradient_templates(spec, mesh: MeshShape, batch_axes, nbytes: int, item: int, g_item, backend: str,
                         reps: int, gather_item: int | None = None, body_rank: int | None = None,
-                        ring: bool = True, rows: tuple[str, ...] = (), shape: tuple[int, ...] | None = None) -> tuple:
+                        ring: bool = True, rows: tuple[str, ...] = (), shape: tuple[int, ...] | None = None,
+                        positional: bool = False) -> tuple:
     """The gradient collectives of one leaf, without its path (repeated layers share them).
 
     ``ring``: XLA:TPU reduces over the whole mesh on one ring (:func:`tpflax._src.tpu.one_ring`).
@@ -141,7 +142,9 @@ def _gradient_templates(spec, mesh: MeshShape, batch_axes, nbytes: int, item: in
     sum (measured on XLA:CPU: two all-reduces of the whole gradient when they do not split the leaf;
     when they do, the second sum moves its shard and the two cost what one ring over both does).
     ``shape``: the leaf's stored shape; on TPU a gradient whose shard is not whole tiles of its
-    layout is all-reduced whole (:func:`_tpu_whole_tiles`)."""
+    layout is all-reduced whole (:func:`_tpu_whole_tiles`). ``positional``: a table looked up at
+    positions only (:attr:`tpflax._src.cost.traced.Traced.positional`), whose gradient XLA reduces
+    over the batch: XLA:TPU all-reduces it whole, whatever its tiles."""
     why_rep = f" at each of {reps} time steps (inside the scanned recurrence)" if reps > 1 else ""
     f_axes = _split_axes(spec, mesh)  # a parameter split over a data axis is gathered like fsdp
     free = tuple(a for a in batch_axes if a not in used_axes(spec))
@@ -162,8 +165,8 @@ def _gradient_templates(spec, mesh: MeshShape, batch_axes, nbytes: int, item: in
                                   "fsdp gradient: XLA:CPU all-reduces the whole gradient, then slices" + why_rep),)
         live = {a for a in mesh.names if mesh.sizes[a] > 1}
         rank = len(spec) if body_rank is None else body_rank
-        if backend == "tpu" and not (tpu_reduce_scatters(rank, live, f_axes, ring)
-                                     and _tpu_whole_tiles(shape, spec, mesh, f_axes, item, g_item)):
+        if backend == "tpu" and (positional or not (tpu_reduce_scatters(rank, live, f_axes, ring)
+                                                    and _tpu_whole_tiles(shape, spec, mesh, f_axes, item, g_item))):
             return tuple(out) + (_tpu_fsdp_gradient(mesh, f_axes, free, gbytes * nf, reps, why_rep),)
         out.append(("reduce-scatter", f_axes, gbytes * nf, nf, reps,
                     "fsdp gradient: reduce-scatter to the owning shard" + why_rep))
@@ -175,14 +178,15 @@ def _gradient_templates(spec, mesh: MeshShape, batch_axes, nbytes: int, item: in
 
 def _tpu_whole_tiles(shape: tuple[int, ...] | None, spec, mesh: MeshShape, f_axes: tuple[str, ...],
                      item: int, g_item: int | None) -> bool:
-    """Whether the leaf's fsdp shard is whole tiles along its split dims in the layout XLA:TPU gives
-    the parameter, which its gradient takes (:func:`tpflax._src.tpu.whole_tiles`); no shape: assumed so."""
+    """Whether XLA:TPU reduce-scatters the leaf's fsdp gradient by its shard's shape: whole tiles along
+    its split dims in the layout XLA:TPU gives the parameter, which its gradient takes, more than one
+    row of tiles, and no leading dim of 1 (:func:`tpflax._src.tpu.scatters`); no shape: assumed so."""
     if shape is None:
         return True
     axes = [entry_axes(e) for e in spec] + [()] * (len(shape) - len(spec))
     shard = tuple(-(-n // math.prod(mesh.sizes[a] for a in ax)) for n, ax in zip(shape, axes, strict=True))
     split = tuple(i for i, ax in enumerate(axes) if set(ax) & set(f_axes))
-    return whole_tiles(shard, split, item, g_item)
+    return scatters(shard, split, item, g_item)
 
 
 def _tpu_fsdp_gradient(mesh: MeshShape, f_axes: tuple[str, ...], free: tuple[str, ...], size: int, reps: int,

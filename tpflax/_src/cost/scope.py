@@ -88,6 +88,7 @@ class Scope:
     row_axes: tuple[str, ...] = ()  # batch axes only because a shard_map splits rows over them (cost.explicit)
     meets: tuple = ()  # traced parameter dims that meet on one activation dim (Traced)
     moments: Mapping[str, int] | None = None  # optimizer-state leaves shaped like each parameter (None: no optimizer)
+    positional: frozenset[str] = frozenset()  # traced tables looked up at positions only (Traced.positional)
 
     def rows_of(self, path: str) -> float:
         """Activation rows on one device that the leaf at ``path`` reads: as traced (a batch-free expert buffer

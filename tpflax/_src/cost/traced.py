@@ -93,6 +93,9 @@ class Traced:
             (:attr:`tpflax._src.trace.records.Dataflow.collectives`).
         row_axes: the mesh axes ``shard_map`` in_specs cut activations' rows over
             (:attr:`tpflax._src.trace.records.Dataflow.row_axes`).
+        positional: tables every use of which is a lookup by indices computed from no model input
+            (GPT-2's ``wpe`` at ``arange`` positions): XLA reduces their gradient over the batch like
+            a bias's, and XLA:TPU all-reduces it whole (benchmarks/tpu_aot_notes.md).
         meets: ``(path, dim, other path, other dim)``: the activation dim a parameter dim makes or reads is
             one another parameter dim makes or reads (a contraction's input and the output it sums, a bias,
             a depthwise kernel or a per-channel parameter and the output they meet): split on the other's
@@ -119,6 +122,7 @@ class Traced:
     collectives: tuple = ()
     row_axes: frozenset[str] = frozenset()
     meets: tuple[tuple[str, int, str, int], ...] = ()
+    positional: frozenset[str] = frozenset()
 
 
 def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
@@ -205,7 +209,8 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
                   {p: n for p, n in lookups.items() if n > 1}, grouped, joined, widths,
                   {p: n for p, n in slices.items() if n > 1}, buffers, contractions, flow.remat >= 0.5,
                   scores, frozenset(flow.uses[uid].path for uid, _ in flow.biases.values()),
-                  spread_streams(flow, shapes), flow.collectives, flow.row_axes, _meets(flow))
+                  spread_streams(flow, shapes), flow.collectives, flow.row_axes, _meets(flow),
+                  frozenset(p for p, o in ops.items() if o == {"gather"}) - {u.path for u in flow.uses if not u.fixed})
 
 
 def _meets(flow: Any) -> tuple[tuple[str, int, str, int], ...]:

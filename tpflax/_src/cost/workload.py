@@ -60,7 +60,7 @@ class Workload:
         biased: from the trace (:attr:`Traced.biased`).
         collectives: from the trace (:attr:`Traced.collectives`): priced as they are, whatever the plan.
         row_axes: from the trace (:attr:`Traced.row_axes`): priced as batch axes (:mod:`tpflax._src.cost.explicit`).
-        meets: from the trace (:attr:`Traced.meets`).
+        meets, positional: from the trace (:attr:`Traced.meets`, :attr:`Traced.positional`).
     """
 
     batch: Batch
@@ -93,6 +93,7 @@ class Workload:
     target: str | None = None  # the TPU topology or generation (estimate(target=))
     row_axes: frozenset[str] = frozenset()
     meets: tuple = ()
+    positional: frozenset[str] = frozenset()
 
     @property
     def saved(self) -> Mapping[str, Sequence[Act]]:
@@ -166,7 +167,8 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     grouped=t.grouped, joined=t.joined, widths=t.widths, slices=t.slices, buffers=t.buffers,
                     streams=t.streams, contractions=contractions, scores=t.scores,
                     next_token=_next_token(m) if loss is None else reads_slice(m, loss), biased=t.biased,
-                    collectives=t.collectives, row_axes=t.row_axes, meets=t.meets)
+                    collectives=t.collectives, row_axes=t.row_axes, meets=t.meets,
+                    positional=t.positional)
 
 
 def contraction_calls(plan, contractions: Sequence[tuple[str, float, tuple[int, ...], str]],

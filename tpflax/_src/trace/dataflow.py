@@ -149,7 +149,7 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
         if i < len(paths):
             args.append(Val(rank, origin=((paths[i], tuple(range(rank))),)))
         else:
-            args.append(Val(rank))
+            args.append(Val(rank, fed=True))
     outs = w.run(jaxpr, args)
     for v in outs:
         if v.tags is not None:

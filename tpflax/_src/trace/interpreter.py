@@ -77,6 +77,8 @@ class Val:
             the value meets a tagged activation, they are that activation's channels.
         live: computed from a parameter (the backward computes its gradient); the model's
             inputs, constants and what only they make are not.
+        fed: computed from the model's inputs (token ids, pixels); parameters, constants and
+            what only they make (``arange`` positions) are not.
     """
 
     rank: int
@@ -88,6 +90,7 @@ class Val:
     const_of: int = 0
     picks: tuple[tuple[int, int, TagMap], ...] = ()
     live: bool = False
+    fed: bool = False
     gains: tuple[tuple[str, tuple[int | None, ...]], ...] = ()
 
     def dim_tags(self, d: int) -> TagMap:
@@ -180,6 +183,8 @@ class Walk:
             outs = self.eqn(eqn, ins, ctx)
             if any(i.live or i.origin for i in ins):
                 outs = [o if o.live else dataclasses.replace(o, live=True) for o in outs]
+            if any(i.fed for i in ins):
+                outs = [o if o.fed else dataclasses.replace(o, fed=True) for o in outs]
             for v, o in zip(eqn.outvars, outs, strict=True):
                 if type(v).__name__ != "DropVar":
                     env[v] = o
@@ -279,12 +284,13 @@ class Walk:
                 self.escape(m, why)
 
     def use(self, ctx: tuple, eqn: Any, path: str, op: str, contracted, kept, batch, scan_length,
-            rows: int = 0, dtype: str = "", grouped: int | None = None, from_input: bool = False) -> int:
+            rows: int = 0, dtype: str = "", grouped: int | None = None, from_input: bool = False,
+            fixed: bool = False) -> int:
         key = (ctx, id(eqn), path)
         if key in self.use_key:
             return self.use_key[key]
         u = Use(len(self.uses), path, op, tuple(contracted), tuple(kept), tuple(batch), scan_length, rows, dtype,
-                grouped, from_input)
+                grouped, from_input, fixed)
         self.uses.append(u)
         self.use_key[key] = u.id
         return u.id

@@ -41,6 +41,8 @@ class Use:
             (one input channel per group), whose batch it splits; else None.
         from_input: the activation it contracts is computed from no parameter (the model's
             inputs: mel features, pixels): the backward computes no gradient of it.
+        fixed: for ``gather``, its indices are computed from no model input (``arange``
+            positions): the same rows whatever the batch, so XLA reduces its gradient over the batch.
     """
 
     id: int
@@ -54,6 +56,7 @@ class Use:
     dtype: str = ""
     grouped: int | None = None
     from_input: bool = False
+    fixed: bool = False
 
     @property
     def tokens(self) -> int:
