@@ -215,10 +215,12 @@ class _Reuse:
 
     def apply(self, st: State, f: Facts, p: Proposal) -> None:
         """Write the choice for alike leaf ``f`` (its proposal ``p``), as :func:`fsdp` would have."""
-        on = revise(p, spec=self.spec, strategy=self.strategy, fsdp=True, reason=p.reason + self.tail)
         ch = self.ch
+        on = (revise(p, spec=self.spec, strategy=self.strategy, fsdp=True, reason=p.reason + self.tail)
+              if ch.index == 0 or st.opts.device_memory else None)
         st.facts[f.path] = f
-        st.chosen.append(Chosen(ch.kind, (Option("fsdp", ((f.path, on),)), Option("no fsdp", ((f.path, p),))),
-                                ch.costs, ch.index, {f.path: f}, ch.tokens))
+        if st.opts.device_memory:  # only fit() reads the groups, and only under a memory budget
+            st.chosen.append(Chosen(ch.kind, (Option("fsdp", ((f.path, on),)), Option("no fsdp", ((f.path, p),))),
+                                    ch.costs, ch.index, {f.path: f}, ch.tokens))
         chosen = on if ch.index == 0 else p
         st.out[f.path] = revise(chosen, reason=chosen.reason + self.words, alternatives=p.alternatives + self.alts)
