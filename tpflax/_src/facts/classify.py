@@ -15,7 +15,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from tpflax._src.facts.tree import Leaf
+from tpflax._src.facts.tree import Leaf, once
 
 # Name fragments. Matched against single path components, lower-cased.
 NORM = re.compile(r"norm|^(ln|bn)(_\w+|\d+)?$", re.I)
@@ -60,20 +60,6 @@ SCAN_NAMES = re.compile(r"(layers|scan|stack|stacked|blocks|repeat|scanned)", re
 KERNEL_LEAVES = frozenset({"kernel", "w", "weight", "weights"})
 
 
-class _once:
-    """A property computed on first read and kept in the instance (``functools.cached_property``
-    without its lock, which costs more than the shape arithmetic it saves)."""
-
-    def __init__(self, fn) -> None:
-        self.fn, self.name, self.__doc__ = fn, fn.__name__, fn.__doc__
-
-    def __get__(self, obj, cls=None):
-        if obj is None:
-            return self
-        value = obj.__dict__[self.name] = self.fn(obj)
-        return value
-
-
 @dataclass(frozen=True)
 class Facts:
     """A leaf plus what classification found.
@@ -106,7 +92,7 @@ class Facts:
         """The stacked-layers dim of the leaf, or None."""
         return self.layers_at if self.stacked else None
 
-    @_once
+    @once
     def body(self) -> tuple[int, ...]:
         """The shape without the stacked dim (computed once per leaf: the rule sets read it often)."""
         return self.body_of(self.leaf.shape)
