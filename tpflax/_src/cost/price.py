@@ -97,6 +97,18 @@ class Cost:
     def comm_bytes(self) -> float:
         return float(sum(b for _, b in self.comm))  # a float with no collectives too: JSON writes 0.0
 
+    def __hash__(self) -> int:
+        """The fields' hash (as the dataclass's own), kept once computed: the chooser keys its word and
+        alternative caches on costs, once per leaf of every repeated layer."""
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = self.__dict__["_hash"] = hash((self.bytes_per_device, self.comm, self.flops, self.step_time,
+                                               self.collectives))
+        return h
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}  # str hashes differ per process
+
 
 @dataclass(frozen=True, eq=False)  # one per plan() pass: identity keys the price cache
 class Context:

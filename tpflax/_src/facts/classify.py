@@ -9,12 +9,13 @@ Pure functions over :class:`tpflax.tree.Leaf`. The kinds are:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from tpflax._src.facts.tree import Leaf
+from tpflax._src.facts.tree import Leaf, once
 
 # Name fragments. Matched against single path components, lower-cased.
 NORM = re.compile(r"norm|^(ln|bn)(_\w+|\d+)?$", re.I)
@@ -91,9 +92,9 @@ class Facts:
         """The stacked-layers dim of the leaf, or None."""
         return self.layers_at if self.stacked else None
 
-    @property
+    @once
     def body(self) -> tuple[int, ...]:
-        """The shape without the stacked dim."""
+        """The shape without the stacked dim (computed once per leaf: the rule sets read it often)."""
         return self.body_of(self.leaf.shape)
 
     def body_of(self, xs: Sequence) -> tuple:
@@ -159,7 +160,13 @@ def layer_group(path: str) -> str:
     >>> layer_group("params/h/11/attn/c_attn/kernel")
     'params/h/*/attn/c_attn/kernel'
     """
-    return "/".join(_INDEXED.sub(lambda m: m.group(1) + m.group(2) + "*", part) for part in path.split("/"))
+    return "/".join(_group_part(part) for part in path.split("/"))
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _group_part(part: str) -> str:
+    """One path component of :func:`layer_group` (repeated layers repeat their components)."""
+    return _INDEXED.sub(lambda m: m.group(1) + m.group(2) + "*", part)
 
 
 def _is_norm_part(part: str) -> bool:
@@ -214,9 +221,14 @@ def detect_stacked(leaves: Sequence[Leaf], stacked: str | Mapping[str, int] | No
     by_prefix: dict[str, list[Leaf]] = defaultdict(list)
     for leaf in leaves:
         parts = leaf.parts
-        for i in range(1, len(parts)):
-            by_prefix["/".join(parts[:i])].append(leaf)
+        prefix = parts[0]
+        for i in range(1, len(parts)):  # "/".join(parts[:i]), built up one part at a time
+            if i > 1:
+                prefix = f"{prefix}/{parts[i - 1]}"
+            by_prefix[prefix].append(leaf)
     for leaf in leaves:
+        if not forced and not leaf.names:
+            continue
         hit = [d for rx, d in forced if rx.search(leaf.path) and len(leaf.shape) > d]
         names = [i for i, n in enumerate(leaf.names or ()) if n in ("layers", "layer", "stack", "scan")]
         if hit:
@@ -306,13 +318,16 @@ def _classify_one(leaf: Leaf, layers_at: int | None) -> Facts:
     name = parts[-1]
     unit = unit_of(leaf.path)
     group = _parent(unit)
-    body = Facts(leaf, "", int(layers_at is not None), unit, group, layers_at or 0).body
+    shape = tuple(leaf.shape)
+    body = shape if layers_at is None else shape[:layers_at] + shape[layers_at + 1:]
     lower_path = leaf.path.lower()
     unit_parts = unit.lower().split("/")
 
     def facts(kind: str) -> Facts:
-        return Facts(leaf=leaf, kind=kind, stacked=int(layers_at is not None), unit=unit, group=group,
-                     layers_at=layers_at or 0)
+        out = Facts(leaf=leaf, kind=kind, stacked=int(layers_at is not None), unit=unit, group=group,
+                    layers_at=layers_at or 0)
+        out.__dict__["body"] = body  # what Facts.body computes
+        return out
 
     if leaf.numeric in ("int", "bool", "key"):
         return facts("int")

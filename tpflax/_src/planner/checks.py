@@ -50,8 +50,8 @@ def idle_axes(decisions: Mapping[str, Any], mesh: MeshShape) -> list[str]:
     Data axes split the batch, not the parameters, so they are left out.
     """
     used: set[str] = set()
-    for d in decisions.values():
-        used |= used_axes(entries(d.spec))
+    for spec in {id(d.spec): d.spec for d in decisions.values()}.values():  # alike leaves share one spec
+        used |= used_axes(entries(spec))
     roles = dict(mesh.roles)
     return [f"mesh axis {name!r} (size {size}, role {roles[name]}) splits no leaf: its {size} devices hold the "
             "same copies; choose a size that divides the layer widths, drop the axis, or give it role data "

@@ -64,6 +64,16 @@ class Chosen:
     tokens: int = 0  # the tokens per step it was priced at
 
 
+def revise(p: Any, **changes: Any) -> Any:
+    """``dataclasses.replace(p, **changes)`` for a frozen dataclass without slots or ``__post_init__``
+    (a :class:`~tpflax._src.planner.builders.Proposal`), without replace's per-call field checks:
+    the chooser and the fsdp pass revise every leaf's proposal, and the checks cost more than the copy."""
+    q = object.__new__(type(p))
+    q.__dict__.update(p.__dict__)
+    q.__dict__.update(changes)
+    return q
+
+
 def layout(f: Any, p: Any, matmul: bool) -> LeafLayout:
     """A leaf's :class:`LeafLayout` under proposal ``p``."""
     shape = tuple(f.leaf.shape)
@@ -161,7 +171,7 @@ def _write(st: Any, ch: Chosen) -> None:
                      for k, x in enumerate(ch.options))
         prev = st.out.get(path)
         kept = prev.alternatives if prev is not None and ch.kind == "fsdp" else ()
-        st.out[path] = replace(p, reason=p.reason + words, alternatives=kept + alts)
+        st.out[path] = revise(p, reason=p.reason + words, alternatives=kept + alts)
 
 
 @functools.lru_cache(maxsize=1 << 12)

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import replace
 
 from tpflax._src.cost.price import ActComm, stream_gathers
 from tpflax._src.facts.classify import ATTN, POS_EMBED, Facts
 from tpflax._src.mesh import FSDP
-from tpflax._src.planner.builders import State, axis_label, body_spec
-from tpflax._src.planner.choose import Option, fit
+from tpflax._src.planner.builders import Proposal, State, axis_label, body_spec
+from tpflax._src.planner.choose import Chosen, Option, fit, revise
 from tpflax._src.specs import Entry, entry_axes, used_axes
 
 
@@ -153,35 +152,75 @@ def fsdp(st: State, facts: Sequence[Facts]) -> None:
     and GPU the gather and the reduce-scatter cost what the data-parallel
     all-reduce they replace costs, so the split wins on memory); with a number,
     leaves at least that large split.
+
+    A model repeats its layers: a leaf alike to one decided before in this pass (same shape,
+    dtype, layers dim, proposal spec and strategy, rows) takes that leaf's choice, its reason's
+    tail and its alternatives (:class:`_Reuse`), with its own proposal's reason before them.
     """
     f_entry, f_size = st.mesh.group(FSDP)
     by_cost = st.opts.fsdp_min_bytes is None
+    f_axes = set(entry_axes(f_entry))
+    label = axis_label(f_entry, f_size)
+    seen: dict[tuple, _Reuse] = {}
     for f in facts if f_size > 1 else ():
         p = st.out[f.path]
         if f.leaf.numeric not in ("float", "complex") or f.kind in ("int", "state"):
             continue
         if not by_cost and f.leaf.nbytes < st.opts.fsdp_min_bytes:
             if p.strategy == "replicate":
-                st.out[f.path] = replace(p, reason=p.reason + f"; below fsdp_min_bytes ({f.leaf.nbytes} < "
+                st.out[f.path] = revise(p, reason=p.reason + f"; below fsdp_min_bytes ({f.leaf.nbytes} < "
                                                                f"{st.opts.fsdp_min_bytes})")
             continue
-        if used_axes(p.spec) & set(entry_axes(f_entry)):
+        if used_axes(p.spec) & f_axes:
+            continue
+        key = (p.spec, p.strategy, f.leaf.shape, f.leaf.itemsize, f.leaf.trainable, f.stacked, f.layers_at,
+               st.rows.get(f.path)) if by_cost and f.path not in st.forced else None
+        reuse = seen.get(key) if key is not None else None
+        if reuse is not None:
+            reuse.apply(st, f, p)
             continue
         free = [d for d in range(len(f.leaf.shape)) if d != f.layers_dim
                 and p.spec[d] is None and f.leaf.shape[d] % f_size == 0]
         if not free:
-            st.out[f.path] = replace(p, reason=p.reason + f"; no free dim divisible by "
-                                                           f"{axis_label(f_entry, f_size)} for fsdp")
+            st.out[f.path] = revise(p, reason=p.reason + f"; no free dim divisible by {label} for fsdp")
             continue
         dim = max(free, key=lambda d: (f.leaf.shape[d], -d))
         spec = list(p.spec)
         spec[dim] = f_entry
-        on = replace(p, spec=tuple(spec), strategy="fsdp" if p.strategy == "replicate" else p.strategy, fsdp=True,
-                     reason=p.reason + f"; fsdp: dim {f.body_dim(dim)} ({f.leaf.shape[dim]}) split over "
-                                       f"{axis_label(f_entry, f_size)}" +
-                            ("" if by_cost else f" (leaf {f.leaf.nbytes} B >= fsdp_min_bytes)"))
+        tail = (f"; fsdp: dim {f.body_dim(dim)} ({f.leaf.shape[dim]}) split over {label}" +
+                ("" if by_cost else f" (leaf {f.leaf.nbytes} B >= fsdp_min_bytes)"))
+        on = revise(p, spec=tuple(spec), strategy="fsdp" if p.strategy == "replicate" else p.strategy, fsdp=True,
+                    reason=p.reason + tail)
         if by_cost:
+            n = len(st.chosen)
             st.choose("fsdp", [Option("fsdp", ((f.path, on),)), Option("no fsdp", ((f.path, p),))], [f])
+            if key is not None and len(st.chosen) == n + 1:
+                seen[key] = _Reuse(st.chosen[-1], tail, p, st.out[f.path])
         else:
             st.out[f.path] = on
     st.doubts.extend(fit(st, st.opts.device_memory))
+
+
+class _Reuse:
+    """One leaf's priced fsdp choice, for the alike leaves after it (:func:`fsdp`): the chooser's
+    costs and pick, the words it added to the chosen proposal's reason and the alternatives it
+    added after the leaf's own, none of which name the leaf."""
+
+    def __init__(self, ch: Chosen, tail: str, p: Proposal, out: Proposal) -> None:
+        on = ch.options[0].proposals[0][1]
+        chosen = ch.options[ch.index].proposals[0][1]
+        self.ch, self.tail, self.spec, self.strategy = ch, tail, on.spec, on.strategy
+        self.words = out.reason[len(chosen.reason):]
+        self.alts = out.alternatives[len(p.alternatives):]
+
+    def apply(self, st: State, f: Facts, p: Proposal) -> None:
+        """Write the choice for alike leaf ``f`` (its proposal ``p``), as :func:`fsdp` would have."""
+        ch = self.ch
+        on = (revise(p, spec=self.spec, strategy=self.strategy, fsdp=True, reason=p.reason + self.tail)
+              if ch.index == 0 or st.opts.device_memory else None)
+        st.facts[f.path] = f
+        if st.opts.device_memory:  # only fit() reads the groups, and only under a memory budget
+            st.chosen.append(Chosen(ch.kind, (Option("fsdp", ((f.path, on),)), Option("no fsdp", ((f.path, p),))),
+                                    ch.costs, ch.index, {f.path: f}, ch.tokens))
+        chosen = on if ch.index == 0 else p
+        st.out[f.path] = revise(chosen, reason=chosen.reason + self.words, alternatives=p.alternatives + self.alts)

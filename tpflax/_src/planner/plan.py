@@ -14,6 +14,7 @@ the tree's arrays.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import re
@@ -319,16 +320,38 @@ def _tensor_split(spec: Sequence[Any], ms: MeshShape) -> tuple:
 
 def _decision(f: Facts, p: Proposal, source: str, ms: MeshShape) -> Decision:
     spec = entries(p.spec, len(f.leaf.shape))
-    # The planner must never emit an invalid spec: this guards the rule sets.
-    errs = spec_problems(f.path, f.leaf.shape, spec, ms)
-    if errs:  # pragma: no cover - a rule-set bug; fail loudly rather than emit it
-        raise AssertionError("tpflax produced an invalid spec:\n" + "\n".join(errs))
+    pspec, per_device = _checked(f.path, tuple(f.leaf.shape), f.leaf.itemsize, spec, ms)
     return Decision(
-        spec=to_pspec(spec), strategy=p.strategy, reason=p.reason, shape=f.leaf.shape, dtype=f.leaf.dtype,
-        bytes=f.leaf.nbytes, bytes_per_device=bytes_per_device(f.leaf.shape, f.leaf.itemsize, spec, ms),
+        spec=pspec, strategy=p.strategy, reason=p.reason, shape=f.leaf.shape, dtype=f.leaf.dtype,
+        bytes=f.leaf.nbytes, bytes_per_device=per_device,
         kind=p.kind or f.kind, source=source, pair=p.pair, role=p.role, layers_dim=p.layers_dim,
         unit=f.unit, group=layer_group(f.path), fsdp=p.fsdp, alternatives=p.alternatives,
         trainable=f.leaf.trainable)
+
+
+def _checked(path: str, shape: tuple[int, ...], item: int, spec: tuple, ms: MeshShape) -> tuple[Any, int]:
+    """``spec`` as a PartitionSpec and the leaf's bytes per device; the planner must never emit an
+    invalid spec, so this guards the rule sets. Repeated layers repeat shapes and specs: see
+    :func:`_valid`."""
+    try:
+        found = _valid(shape, item, spec, ms)
+    except TypeError:  # an unhashable entry: never cached
+        found = None
+    if found is None:
+        errs = spec_problems(path, shape, spec, ms)
+        if errs:  # pragma: no cover - a rule-set bug; fail loudly rather than emit it
+            raise AssertionError("tpflax produced an invalid spec:\n" + "\n".join(errs))
+        found = to_pspec(spec), bytes_per_device(shape, item, spec, ms)
+    return found
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _valid(shape: tuple[int, ...], item: int, spec: tuple, ms: MeshShape) -> tuple[Any, int] | None:
+    """``(PartitionSpec, bytes per device)`` of a valid ``spec`` (None: invalid, which the caller
+    reports with the leaf's path)."""
+    if spec_problems("", shape, spec, ms):
+        return None
+    return to_pspec(spec), bytes_per_device(shape, item, spec, ms)
 
 
 def _replication_warnings(decisions: Mapping[str, Decision], mesh: MeshShape) -> list[str]:
