@@ -173,6 +173,43 @@ def test_tpu_all_reduce_scatter_fusion_is_a_reduce_scatter():
     assert all(c.ring_bytes == 7 / 8 * 8 * c.bytes for c in cs if c.kind == "reduce-scatter")
 
 
+def test_chain_pieces_merge_and_fusions_that_read_each_other_not_do_not():
+    # The shape of XLA:TPU's programs, written out of order: an async all-gather on channel 3 in
+    # three fusions, each reading the one before through get-tuple-element (start, continuation,
+    # done: one gather), and two reduce-scatter-like fusions on channel 1 with the same shapes
+    # that each read their own gradient (two collectives, as GPT-2's two layers' were).
+    ag = "bf16[64,8]{1,0} all-gather(%a), channel_id=3, replica_groups=[1,8]<=[8], dimensions={0}"
+    ar = "bf16[64,8]{1,0} all-reduce(%g), channel_id=1, replica_groups=[1,8]<=[8], to_apply=%add"
+    text = "\n".join([
+        "HloModule m, num_partitions=8",
+        "%done (a: bf16[8,8], b: bf16[64,8]) -> bf16[64,8] {", "  %a = bf16[8,8]{1,0} parameter(0)",
+        f"  ROOT %x = {ag}", "}",
+        "%start (a: bf16[8,8]) -> (bf16[8,8], bf16[64,8]) {", "  %a = bf16[8,8]{1,0} parameter(0)",
+        f"  %x = {ag}", "  ROOT %t = (bf16[8,8]{1,0}, bf16[64,8]{1,0}) tuple(%a, %x)", "}",
+        "%step (a: bf16[8,8], b: bf16[64,8]) -> (bf16[8,8], bf16[64,8]) {", "  %a = bf16[8,8]{1,0} parameter(0)",
+        f"  %x = {ag}", "  ROOT %t = (bf16[8,8]{1,0}, bf16[64,8]{1,0}) tuple(%a, %x)", "}",
+        *[line for i in (1, 2) for line in (
+            f"%rs.{i} (g: bf16[64,8]) -> bf16[64,8] {{", "  %g = bf16[64,8]{1,0} parameter(0)",
+            f"  ROOT %y = {ar}", "}")],
+        "ENTRY %main (p: bf16[8,8], g: bf16[64,8], h: bf16[64,8]) -> bf16[64,8] {",
+        "  %p = bf16[8,8]{1,0} parameter(0)", "  %g = bf16[64,8]{1,0} parameter(1)",
+        "  %h = bf16[64,8]{1,0} parameter(2)",
+        "  %s = (bf16[8,8]{1,0}, bf16[64,8]{1,0}) fusion(%p), kind=kCustom, calls=%start",
+        "  %s0 = bf16[8,8]{1,0} get-tuple-element(%s), index=0",
+        "  %s1 = bf16[64,8]{1,0} get-tuple-element(%s), index=1",
+        "  %c = (bf16[8,8]{1,0}, bf16[64,8]{1,0}) fusion(bf16[8,8]{1,0} %s0, /*index=1*/%s1), kind=kOutput, calls=%step",
+        "  %c0 = bf16[8,8]{1,0} get-tuple-element(%c), index=0",
+        "  %c1 = bf16[64,8]{1,0} bitcast(%c)",
+        "  %d = bf16[64,8]{1,0} fusion(%c0, %c1), kind=kCustom, calls=%done",
+        "  %r1 = bf16[64,8]{1,0} fusion(%g), kind=kCustom, calls=%rs.1",
+        "  %r2 = bf16[64,8]{1,0} fusion(%h), kind=kCustom, calls=%rs.2",
+        "  ROOT %o = bf16[64,8]{1,0} add(%r1, %r2)", "}"])
+    cs = parse_collectives(text, {"fsdp": 8})
+    assert [(c.kind, c.channel_id, c.pieces, c.computation) for c in cs] == [
+        ("all-gather", 3, 3, "done"), ("all-reduce", 1, 1, "rs.1"), ("all-reduce", 1, 1, "rs.2")]
+    assert cs[0].is_async and summarize(cs)["all-gather"] == 7 / 8 * 64 * 8 * 2
+
+
 def test_ring_bytes_convention_and_bad_args():
     assert ring_bytes("all-reduce", 800, 8) == pytest.approx(1400)
     assert ring_bytes("reduce-scatter", 800, 8) == pytest.approx(700)

@@ -326,3 +326,25 @@ def test_fsdp_gradients_of_positions_one_tile_and_a_leading_one_all_reduce_whole
     assert est["reduce-scatter"]["fsdp"] == compiled["reduce-scatter"]["fsdp"]
     assert est["all-reduce"]["fsdp"] - whole == pytest.approx(compiled["all-reduce"]["fsdp"] - whole, abs=8)
     assert est["all-reduce"]["fsdp"] > whole
+
+
+@needs_libtpu
+def test_two_layers_reduce_scatters_sharing_a_channel_are_two_on_tpu():
+    # XLA:TPU reduce-scatters each GPT-2 layer's q/k/v/out and c_proj gradients in its own
+    # all-reduce-scatter fusion; the two layers' fusions carry the same channel_id and shapes.
+    # Unlike the pieces of an async all-gather (fusions each reading the one before), neither
+    # reads the other, so the parser counts both: one reduce-scatter per layer, to the byte.
+    d, vocab = 768, 1024  # at this width XLA:TPU does not combine the layers' reduce-scatters
+    m = zoo.get("gpt2", d_model=d, d_ff=4 * d, n_heads=12, n_layers=2, seq_len=32, vocab=vocab,
+                dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    p = tpflax.plan(m.abstract_variables(), {"fsdp": 8})
+    mesh = tpflax.make_mesh({"fsdp": 8}, target="tpu-v5e:2x4")
+    dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), 8), p, mesh)
+    layer = 7 / 8 * (4 * d * d + 4 * d * d) * 2  # a ring reduce-scatter over 8 of q, k, v, out and c_proj
+    rs = [c for c in dr.collectives if c.kind == "reduce-scatter" and c.ring_bytes == layer]
+    assert len(rs) == 2 and rs[0].channel_id == rs[1].channel_id and rs[0].shapes == rs[1].shapes
+    assert rs[0].computation != rs[1].computation and rs[0].pieces == rs[1].pieces == 1
+    wte = 7 / 8 * vocab * d * 2
+    assert dr.comm()["reduce-scatter"]["fsdp"] == 2 * layer + wte
+    est = tpflax.estimate(p, optax.adamw(1e-3), model=m, batch=8, backend="tpu")
+    assert est.comm["reduce-scatter"]["fsdp"] == 2 * layer + wte

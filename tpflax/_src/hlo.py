@@ -585,7 +585,7 @@ def parse_collectives(hlo_text: str, mesh: Any = None, *, num_devices: int | Non
             count=max(1, mult.get(ins.computation, 1)), axes=axes, dimensions=dims,
             source_target_pairs=pairs, is_async=is_async, op_name=op_name,
             computation=ins.computation, channel_id=int(channel) if channel and channel.isdigit() else None))
-    return _one_per_channel(out)
+    return _one_per_channel(out, _chained(instrs))
 
 
 def _scattered(shapes, dtypes, nbytes: int, slices: list[_Instr], n: int) -> tuple:
@@ -601,7 +601,7 @@ def _scattered(shapes, dtypes, nbytes: int, slices: list[_Instr], n: int) -> tup
     return "reduce-scatter", got, types, _nbytes(got, types)
 
 
-def _one_per_channel(collectives: list[Collective]) -> list[Collective]:
+def _one_per_channel(collectives: list[Collective], chained=None) -> list[Collective]:
     """Merge the copies of one collective that share a ``channel_id``: it runs once.
 
     XLA gives every cross-device collective its own channel id. The TPU compiler
@@ -610,27 +610,78 @@ def _one_per_channel(collectives: list[Collective]) -> list[Collective]:
     transfer with compute) and an ``async-collective-done`` fusion; every one of
     them holds a copy of the same all-gather, result shape and channel id. Counting
     each copy overstated the gathers by the number of pieces (2.65x for Llama-2-7B).
+
+    Distinct collectives can share a channel id and shapes too (XLA:TPU's ``all-reduce-scatter``
+    fusions of two layers' gradients, XLA:CPU's shard_map bodies), so a copy must also be a piece
+    of the same chain: ``chained(a, b)`` (from :func:`_chained`) says whether the computations
+    ``a`` and ``b`` are; without it every same-key copy in another computation is merged.
     """
-    first: dict[tuple, int] = {}
-    seen: dict[tuple, set[str]] = {}
-    out: list[Collective] = []
+    groups: dict[tuple, list[tuple[int, set[str]]]] = {}  # key -> [(index in out, computations)]
+    out: list[Collective | None] = []
     for c in collectives:
-        # same channel, same buffer, same groups (or permute pairs), another computation: a copy.
-        # Distinct collectives can share a channel id (two all-reduce-scatter fusions of different
-        # gradients did; XLA:CPU gives every collective a shard_map body calls channel 1), so the
-        # channel alone is not enough, and two of them in one computation are two.
+        # same channel, same buffer, same groups (or permute pairs), another computation of the
+        # same chain: a copy. Two of them in one computation are two.
         k = ((c.kind, c.channel_id, c.shapes, c.replica_groups, c.source_target_pairs)
              if c.channel_id is not None else None)
-        if k is not None and k in first and c.computation not in seen[k]:  # a copy in another computation
-            seen[k].add(c.computation)
-            i = first[k]
-            out[i] = replace(out[i], pieces=out[i].pieces + 1, is_async=True, count=max(out[i].count, c.count))
+        if k is None:
+            out.append(c)
             continue
-        if k is not None:
-            first.setdefault(k, len(out))
-            seen.setdefault(k, set()).add(c.computation)
-        out.append(c)
-    return out
+        hits = [g for g in groups.setdefault(k, []) if c.computation not in g[1]
+                and (chained is None or any(chained(c.computation, x) for x in g[1]))]
+        if not hits:
+            groups[k].append((len(out), {c.computation}))
+            out.append(c)
+            continue
+        i, comps = hits[0]
+        comps.add(c.computation)
+        for j, more in hits[1:]:  # c joins pieces seen apart (a chain written out of order)
+            comps |= more
+            groups[k].remove((j, more))
+            c = replace(c, pieces=c.pieces + out[j].pieces, count=max(c.count, out[j].count))
+            out[j] = None
+        out[i] = replace(out[i], pieces=out[i].pieces + c.pieces, is_async=True, count=max(out[i].count, c.count))
+    return [c for c in out if c is not None]
+
+
+def _chained(instrs: list[_Instr]):
+    """``chained(a, b)``: whether computations ``a`` and ``b`` are pieces of one async chain.
+
+    The pieces of an XLA:TPU async collective are fusions each reading the one before it (the
+    in-flight buffer and its flags, through ``get-tuple-element``); two fusions that each make
+    their own result from other values are two collectives. A computation nothing calls with
+    ``calls=`` (the entry, a loop body) is no piece. When a caller reads operands the text does not
+    define (an excerpt of a module), the pieces cannot be told apart and are taken as one chain.
+    """
+    defined = {(i.computation, i.name): i for i in instrs}
+    callers: dict[str, set[tuple[str, str]]] = {}
+    reads: dict[str, set[tuple[str, str]]] = {}
+    unknown: set[str] = set()
+    for ins in instrs:
+        callee = _attr(ins.attrs, "calls") if "calls=" in ins.attrs else None
+        for comp in re.findall(r"%?([\w.\-]+)", callee or ""):
+            callers.setdefault(comp, set()).add((ins.computation, ins.name))
+            for name in _names(ins.operands):
+                src = defined.get((ins.computation, name))
+                while src is not None and src.opcode in ("get-tuple-element", "bitcast") and _names(src.operands):
+                    name = _names(src.operands)[0]
+                    src = defined.get((ins.computation, name))
+                if src is None:
+                    unknown.add(comp)
+                reads.setdefault(comp, set()).add((ins.computation, name))
+
+    def chained(a: str, b: str) -> bool:
+        if a not in callers or b not in callers:
+            return False
+        if callers[a] & reads.get(b, set()) or callers[b] & reads.get(a, set()):
+            return True
+        return a in unknown or b in unknown
+
+    return chained
+
+
+def _names(operands: str) -> list[str]:
+    """The instruction names an operand list reads (shapes, layouts and ``/*index=*/`` dropped)."""
+    return re.findall(r"%?([\w.\-]+)", re.sub(r"/\*.*?\*/|[a-z][a-z0-9]*\[[^\]]*\](?:\{[^}]*\})?", "", operands))
 
 
 def _start_result(kind: str, shape_text: str) -> str:
