@@ -348,3 +348,40 @@ def test_two_layers_reduce_scatters_sharing_a_channel_are_two_on_tpu():
     assert dr.comm()["reduce-scatter"]["fsdp"] == 2 * layer + wte
     est = tpflax.estimate(p, optax.adamw(1e-3), model=m, batch=8, backend="tpu")
     assert est.comm["reduce-scatter"]["fsdp"] == 2 * layer + wte
+
+
+class _Stack(nn.Module):
+    """Two scanned layers of one ``[d, d]`` kernel: a ``(2, d, d)`` stack."""
+
+    @nn.compact
+    def __call__(self, x):
+        layer = nn.scan(_Square, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)
+        return layer(name="layers")(x, None)[0]
+
+
+class _Square(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return x + 0.1 * nn.Dense(x.shape[-1], use_bias=False, name="kernel")(x), None
+
+
+@needs_libtpu
+@pytest.mark.parametrize("d", [64, 128])
+def test_a_scanned_stacks_fsdp_gradient_reduces_one_layers_tiles_on_tpu(d):
+    # fsdp=8 on v5e:2x4 splits the stack's (2, d, d) kernel on its first body dim. The backward scan reduces
+    # each layer's gradient in its step, so the tile rule reads one layer's shard: [8, 64] at 64 is one
+    # tile and XLA:TPU all-reduces it whole; [16, 128] at 128 reduce-scatters. The estimate read the whole
+    # (2, 8, 64) stack's shard, two rows of tiles, and priced a reduce-scatter at 64.
+    net, x = _Stack(), jax.ShapeDtypeStruct((8, 16, d), jnp.float32)
+    p = tpflax.plan(jax.eval_shape(net.init, jax.random.key(0), x), {"fsdp": 8}, model=net, sample=(x,))
+    assert p.specs["params"]["layers"]["kernel"]["kernel"] == jax.sharding.PartitionSpec(None, "fsdp", None)
+    mesh = tpflax.make_mesh({"fsdp": 8}, target="tpu-v5e:2x4")
+    ts = tpflax.make_train_step(net, p, mesh, optax.adamw(1e-3), sample=(x,), loss=lambda out, *_: jnp.mean(out ** 2))
+    compiled = tpflax.dry_run(ts, p, mesh).comm()
+    est = tpflax.estimate(p, optax.adamw(1e-3), model=net, sample=(x,), backend="tpu").comm
+    kernels = 2 * d * d * 4 * 7 / 8  # ring reduce-scatters over 8 of both layers' f32 kernels
+    if d == 64:
+        assert "reduce-scatter" not in compiled and "reduce-scatter" not in est
+        assert est["all-reduce"]["fsdp"] == 2 * kernels and compiled["all-reduce"]["fsdp"] - 2 * kernels < 8
+    else:
+        assert est["reduce-scatter"]["fsdp"] == compiled["reduce-scatter"]["fsdp"] == kernels

@@ -41,7 +41,8 @@ def gradient_items(s: Scope) -> list[CommItem]:
         item = gather_item(d, s.backend, s.lv.specs[path], s.mesh)
         for kind, axes, size, n, count, why in _gradient_templates(
                 s.lv.specs[path], s.mesh, _reduce_axes(path, s), s.leaf_bytes(path, d), leaf_itemsize(d), s.g_item,
-                s.backend, reps, item, len(body(d)), s.ring, s.row_axes, tuple(d.shape), path in s.positional):
+                s.backend, reps, item, len(body(d)), s.ring, s.row_axes, tuple(d.shape), path in s.positional,
+                d.layers_dim):
             if kind != "all-gather" and frozen:
                 continue
             if kind != "all-gather" and path in s.buffered:
@@ -133,7 +134,7 @@ def gather_rows(shape: tuple[int, ...], spec: tuple, mesh: MeshShape) -> int | N
 def _gradient_templates(spec, mesh: MeshShape, batch_axes, nbytes: int, item: int, g_item, backend: str,
                         reps: int, gather_item: int | None = None, body_rank: int | None = None,
                         ring: bool = True, rows: tuple[str, ...] = (), shape: tuple[int, ...] | None = None,
-                        positional: bool = False) -> tuple:
+                        positional: bool = False, layers: int | None = None) -> tuple:
     """The gradient collectives of one leaf, without its path (repeated layers share them).
 
     ``ring``: XLA:TPU reduces over the whole mesh on one ring (:func:`tpflax._src.tpu.one_ring`).
@@ -144,7 +145,8 @@ def _gradient_templates(spec, mesh: MeshShape, batch_axes, nbytes: int, item: in
     ``shape``: the leaf's stored shape; on TPU a gradient whose shard is not whole tiles of its
     layout is all-reduced whole (:func:`_tpu_whole_tiles`). ``positional``: a table looked up at
     positions only (:attr:`tpflax._src.cost.traced.Traced.positional`), whose gradient XLA reduces
-    over the batch: XLA:TPU all-reduces it whole, whatever its tiles."""
+    over the batch: XLA:TPU all-reduces it whole, whatever its tiles. ``layers``: the stacked-layers
+    dim of ``shape``, which the tiles leave out (the backward scan reduces one layer at a time)."""
     why_rep = f" at each of {reps} time steps (inside the scanned recurrence)" if reps > 1 else ""
     f_axes = _split_axes(spec, mesh)  # a parameter split over a data axis is gathered like fsdp
     free = tuple(a for a in batch_axes if a not in used_axes(spec))
@@ -166,7 +168,8 @@ def _gradient_templates(spec, mesh: MeshShape, batch_axes, nbytes: int, item: in
         live = {a for a in mesh.names if mesh.sizes[a] > 1}
         rank = len(spec) if body_rank is None else body_rank
         if backend == "tpu" and (positional or not (tpu_reduce_scatters(rank, live, f_axes, ring)
-                                                    and _tpu_whole_tiles(shape, spec, mesh, f_axes, item, g_item))):
+                                                    and _tpu_whole_tiles(shape, spec, mesh, f_axes, item, g_item,
+                                                                         layers))):
             return tuple(out) + (_tpu_fsdp_gradient(mesh, f_axes, free, gbytes * nf, reps, why_rep),)
         out.append(("reduce-scatter", f_axes, gbytes * nf, nf, reps,
                     "fsdp gradient: reduce-scatter to the owning shard" + why_rep))
@@ -177,13 +180,18 @@ def _gradient_templates(spec, mesh: MeshShape, batch_axes, nbytes: int, item: in
 
 
 def _tpu_whole_tiles(shape: tuple[int, ...] | None, spec, mesh: MeshShape, f_axes: tuple[str, ...],
-                     item: int, g_item: int | None) -> bool:
+                     item: int, g_item: int | None, layers: int | None = None) -> bool:
     """Whether XLA:TPU reduce-scatters the leaf's fsdp gradient by its shard's shape: whole tiles along
     its split dims in the layout XLA:TPU gives the parameter, which its gradient takes, more than one
-    row of tiles, and no leading dim of 1 (:func:`tpflax._src.tpu.scatters`); no shape: assumed so."""
+    row of tiles, and no leading dim of 1 (:func:`tpflax._src.tpu.scatters`); no shape: assumed so.
+    A scanned stack's (``layers``: its stacked dim) by one layer's shard: the backward scan reduces each
+    layer's gradient in its step (v5e:2x4, fsdp=8: a ``(2, 64, 64)`` stack's ``[8, 64]`` layer shards,
+    one tile, all-reduced whole at each step)."""
     if shape is None:
         return True
     axes = [entry_axes(e) for e in spec] + [()] * (len(shape) - len(spec))
+    if layers is not None:
+        shape, axes = shape[:layers] + shape[layers + 1:], axes[:layers] + axes[layers + 1:]
     shard = tuple(-(-n // math.prod(mesh.sizes[a] for a in ax)) for n, ax in zip(shape, axes, strict=True))
     split = tuple(i for i, ax in enumerate(axes) if set(ax) & set(f_axes))
     return scatters(shard, split, item, g_item)

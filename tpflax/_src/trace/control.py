@@ -76,14 +76,15 @@ def scan_counts(eqn: Any, body: Any) -> tuple[int, int]:
 
 def _loop(w: Walk, body: Any, consts: list[Val], carry: list[Val], xs: list[Val], length: int,
           ctx: tuple) -> tuple[list[Val], list[Val]]:
-    """Walk a loop body until the carry's tags stop growing; returns (carry out, ys)."""
+    """Walk a loop body until the carry's tags stop growing and its ids stop spreading (:attr:`Val.fed`);
+    returns (carry out, ys)."""
     consts = [dataclasses.replace(c, const_of=length or 1) if c.origin else c for c in consts]
     state = list(carry)
     outs: list[Val] = []
     for _ in range(4):
         outs = w.run(body, consts + state + xs, ctx)
         new = [w.join(a, b) for a, b in zip(carry, outs[:len(carry)], strict=True)]
-        if all(same_tags(a, b) for a, b in zip(new, state, strict=True)):
+        if all(same_tags(a, b) and a.fed == b.fed for a, b in zip(new, state, strict=True)):
             break
         state = new
     for v in outs[:len(carry)]:

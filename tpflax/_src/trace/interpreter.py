@@ -288,7 +288,10 @@ class Walk:
             fixed: bool = False) -> int:
         key = (ctx, id(eqn), path)
         if key in self.use_key:
-            return self.use_key[key]
+            u = self.uses[self.use_key[key]]
+            if u.fixed and not fixed:  # a loop's later step reads ids its first did not (a carried token)
+                self.uses[u.id] = dataclasses.replace(u, fixed=False)
+            return u.id
         u = Use(len(self.uses), path, op, tuple(contracted), tuple(kept), tuple(batch), scan_length, rows, dtype,
                 grouped, from_input, fixed)
         self.uses.append(u)
@@ -352,7 +355,7 @@ class Walk:
         where = {m: i for i, m in enumerate(mapping) if m is not None}
         picks = tuple((where[a], where[b], t) for a, b, t in v.picks if a in where and b in where)
         return Val(rank, origin=origin, tags=tags, onehot=v.onehot and keep_flags,
-                   iota=v.iota and keep_flags, fresh=v.fresh, const_of=v.const_of, picks=picks)
+                   iota=v.iota and keep_flags, fresh=v.fresh, const_of=v.const_of, picks=picks, fed=v.fed)
 
     def pointwise(self, vals: list[Val], rank: int, name: str):
         """Per-dim merged tags of same-rank values combined elementwise, or None."""
@@ -363,11 +366,12 @@ class Walk:
 
     def join(self, a: Val, b: Val) -> Val:
         """What is known about a value that is ``a`` or ``b`` (loop carries, cond branches)."""
+        fed = a.fed or b.fed  # ids in one branch or step are ids
         if a.tags is None and b.tags is None:
-            return dataclasses.replace(a, fresh=None)
+            return dataclasses.replace(a, fresh=None, fed=fed)
         rank = a.rank
         tags = tuple(self.merge([a.dim_tags(d), b.dim_tags(d)]) for d in range(rank))
-        return Val(rank, origin=a.origin, tags=tags if any(tags) else None)
+        return Val(rank, origin=a.origin, tags=tags if any(tags) else None, fed=fed)
 
 
 def opaque(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int], *,
