@@ -37,7 +37,7 @@ def _rows(tpu: dict) -> tuple[list[str], list[tuple[float, str]]]:
     for key, r in tpu.items():
         e = _estimate(key, r.get("topology", TOPOLOGY))
         b = e.breakdown
-        at = "backward start" if b.activations + b.scores + b.working >= b.grads + b.gathered_last else "end"
+        at = "backward start" if b.start >= b.end else "end"
         terms = sorted(((k, v) for k, v in b.to_dict().items() if k != "total"), key=lambda kv: -kv[1])[:3]
         got_comm = _total(r["comm"])
         perr = (e.peak - r["peak"]) / r["peak"]

@@ -195,6 +195,33 @@ def test_gathered_fsdp_weights_exact():
     assert dp.breakdown.gathered == dp.breakdown.gathered_last == 0  # nothing to gather without fsdp
 
 
+@pytest.mark.parametrize("name", ["llama", "llama-scan"])
+def test_tpu_keeps_every_layers_gathered_weights_without_remat(name):
+    # XLA:TPU keeps each layer's gathered fsdp weights from its forward to its backward pass (ten v5e:2x4 dumps,
+    # benchmarks/tpu_aot_notes.md): beyond the two layers in `gathered`, (n_layers - 2) layers' worth, the TPU
+    # gathering float32 matmul kernels as bfloat16 (gather_item); nothing under remat, nothing off TPU (unmeasured)
+    from tpflax._src.cost.gradients import gather_item
+
+    def one_layer(p):  # one layer's weights gathered over fsdp: the shard's bytes x 8, a scanned leaf / its layers
+        return sum(gather_item(d, "tpu") * math.prod(d.shape) // (d.shape[0] if d.layers_dim == 0 else 1)
+                   for path, d in p.decisions.items()
+                   if path.startswith(("params/layers_0/", "params/layers/")) and "fsdp" in str(d.spec))
+
+    for layers in (2, 4):
+        m = zoo.get(name, n_layers=layers, remat=False)
+        stacked = {"stacked": "layers"} if name == "llama-scan" else {}
+        p = tpflax.plan(m.abstract_variables(), {"fsdp": 8}, fsdp_min_bytes=1024, **stacked)
+        batch = jax.eval_shape(lambda m=m: m.make_batch(0, 8))
+        e = tpflax.estimate(p, ADAM, batch, model=m, backend="tpu")
+        assert one_layer(p) > 0 and e.breakdown.gathered_kept == (layers - 2) * one_layer(p)
+        assert e.peak == e.breakdown.total and ("kept gathered weights" in "\n".join(e.report_lines())) == (layers > 2)
+        cpu = tpflax.estimate(p, ADAM, batch, model=m, backend="cpu")
+        on = zoo.get(name, n_layers=layers, remat=True)
+        remat = tpflax.estimate(tpflax.plan(on.abstract_variables(), {"fsdp": 8}, fsdp_min_bytes=1024, **stacked),
+                                ADAM, batch, model=on, backend="tpu")
+        assert cpu.breakdown.gathered_kept == remat.breakdown.gathered_kept == 0
+
+
 def test_scanned_stack_gathers_one_layer():
     m = zoo.get("llama-scan")
     p = tpflax.plan(m.abstract_variables(), {"fsdp": 8}, fsdp_min_bytes=1024, stacked="layers")

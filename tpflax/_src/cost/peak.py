@@ -17,6 +17,8 @@ parameters and optimizer state donated) holds, per device:
   gathered over the fsdp axes (two layers: XLA gathers the next while one
   computes), its attention scores and their gradient, and under remat its
   recomputed activations;
+* on TPU without remat, kept from their forward to their backward pass: the
+  other layers' gathered weights (:func:`tpflax._src.cost.gathered.kept_gathered_bytes`);
 * at the loss, still live when the last layer's backward pass starts: the
   float32 logits (their gradient is formed in the same buffer, unless the loss
   reads a slice of them, as tpflax's next-token default loss does: then the
@@ -24,7 +26,7 @@ parameters and optimizer state donated) holds, per device:
 
 Saved activations and gradients are both linear in the layer count and move in
 opposite directions through the backward pass, so the peak is at one end of
-it: ``arguments + max(saved activations + logits + one layer's working set,
+it: ``arguments + max(saved activations + kept gathered weights + logits + one layer's working set,
 gradients + the last layer's gathered weights)``. Every term is in
 :class:`Peak` and the report prints it. The coefficients (how many score-sized
 buffers a layer holds, one logits buffer) were read off the TPU compiler's
@@ -35,7 +37,6 @@ buffer assignment of a 2-layer Llama-2-7B step and checked across the zoo in
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 from tpflax._src.cost.activations import (
@@ -47,15 +48,14 @@ from tpflax._src.cost.activations import (
     top_level,
 )
 from tpflax._src.cost.batch import config_value
-from tpflax._src.cost.gradients import gather_item
+from tpflax._src.cost.gathered import gathered_bytes, kept_gathered_bytes
 from tpflax._src.cost.leaves import Leaves
-from tpflax._src.cost.optstate import shard_bytes
 from tpflax._src.cost.records import Memory, Peak
 from tpflax._src.cost.residual import residual_bytes
-from tpflax._src.cost.scope import body, leaf_itemsize
+from tpflax._src.cost.scope import body
 from tpflax._src.cost.scope import layers as stacked_layers
 from tpflax._src.cost.workload import Workload
-from tpflax._src.mesh import EXPERT, FSDP, TENSOR, MeshShape
+from tpflax._src.mesh import EXPERT, TENSOR, MeshShape
 from tpflax._src.specs import entry_axes
 
 # batch x heads x seq x seq buffers (activation dtype) per attention layer, measured on the TPU compiler:
@@ -64,16 +64,12 @@ SCORES_SAVED = 1  # the probabilities, kept for the backward pass (none under re
 # (the float32 softmax between them stays in a fusion); float32 ones are updated in place
 SCORES_WORKING = {2: 2, 4: 1}
 LOGITS_BUFFERS = 1  # float32 logits at the loss; XLA forms their gradient in the same buffer
-GATHERED_LAYERS = 2  # fsdp: the layer computing and the next one being gathered
 # tokens x experts (or top_k) x d_ff buffers per expert layer saved for the backward pass, by backend: XLA:TPU
 # keeps one, the up-projection's output (SiLU and gate are recomputed in the backward fusion: six MoE buffer
 # dumps, bf16 and f32, fsdp=8, data=2,fsdp=4 and fsdp=2,model=4, hold one per layer plus one gradient at the
 # peak, benchmarks/tpu_aot_notes.md); XLA:CPU keeps the pre-activation and the gated hidden; GPU unmeasured.
 EXPERT_SAVED = {"tpu": 1, "gpu": 2, "cpu": 2}
 EXPERT_WORKING = 1
-
-_INDEXED = re.compile(r"^(.*?_)\d+$")
-
 
 def tensor_degree(mesh: MeshShape, entry: Any) -> int:
     """How many ways a spec entry splits its dim over tensor or expert axes.
@@ -84,71 +80,6 @@ def tensor_degree(mesh: MeshShape, entry: Any) -> int:
     """
     roles = dict(mesh.roles)
     return math.prod(mesh.sizes[a] for a in entry_axes(entry) if roles[a] in (TENSOR, EXPERT))
-
-
-def block_of(path: str) -> str:
-    """The repeated block a leaf belongs to (``params/layers_3``, or a list's item: HF's
-    ``model/layers/0``, an nnx ``blocks/0``), else its own path.
-
-    >>> block_of("params/layers_3/mlp/up/kernel"), block_of("params/lm_head/kernel")
-    ('params/layers_3', 'params/lm_head/kernel')
-    >>> block_of("model/layers/0/mlp/gate_proj/kernel")
-    'model/layers/0'
-    """
-    parts = path.split("/")
-    for i, p in enumerate(parts[:-1]):
-        if _INDEXED.match(p) or (i and p.isdigit()):
-            return "/".join(parts[:i + 1])
-    return path
-
-
-def gathered_bytes(lv: Leaves, mesh: MeshShape, backend: str = "cpu") -> tuple[int, int]:
-    """``(largest block, two blocks)``: one layer's weights gathered over the fsdp axes, and that
-    next to another layer's (the forward) or next to a layer's whole gradient before its
-    reduce-scatter (the backward).
-
-    A scanned stack gathers one layer's slice (the leaf without its layers dim).
-    Zero when the mesh has no fsdp axis larger than one. On TPU a float32 matmul kernel is
-    gathered as bfloat16 (:func:`tpflax._src.cost.gradients.gather_item`) while its whole gradient
-    stays float32: the MoE float32 dumps (fsdp=8 on v5p, fsdp=2,model=4 on v5e) hold
-    ``bf16[8, 4096, 14336]`` gathered expert kernels and, at the peak, one
-    ``f32[8, 4096, 14336]`` gradient before its reduce-scatter.
-
-    >>> import jax, tpflax
-    >>> from tpflax._src.cost.leaves import merge
-    >>> w = jax.ShapeDtypeStruct((1024, 1024), "float32")  # 4 MiB per layer
-    >>> p = tpflax.plan({f"layers_{i}": {"w": w} for i in range(3)}, {"fsdp": 4})
-    >>> gathered_bytes(merge(p.decisions, {}), p.mesh)  # one layer whole, and two
-    (4194304, 8388608)
-    """
-    roles = dict(mesh.roles)
-    fsdp = {a for a in mesh.names if roles[a] == FSDP and mesh.sizes[a] > 1}
-    if not fsdp:
-        return 0, 0
-    blocks: dict[str, int] = {}  # gathered
-    grads: dict[str, int] = {}  # the same block's whole gradient, in the stored dtype
-    repeats: dict[str, int] = {}  # merged leaves stand for this many alike layers
-    for path, d in lv.decisions.items():
-        spec = lv.specs[path]
-        if not any(a in fsdp for e in spec for a in entry_axes(e)):
-            continue
-        kept = tuple(_drop(e, fsdp) for e in spec)
-        k = d.layers_dim
-        shape, kept = (body(d), kept[:k] + kept[k + 1:]) if k is not None else (tuple(d.shape), kept)
-        key = block_of(path) if d.layers_dim is None else path.rsplit("/", 1)[0]
-        blocks[key] = blocks.get(key, 0) + shard_bytes(shape, gather_item(d, backend), kept, mesh)
-        grads[key] = grads.get(key, 0) + shard_bytes(shape, leaf_itemsize(d), kept, mesh)
-        repeats[key] = min(repeats.get(key, lv.count[path]), lv.count[path])
-    top = sorted(((blocks[k], grads[k]) for k in blocks for _ in range(min(repeats[k], GATHERED_LAYERS))),
-                 reverse=True)
-    if not top:  # an fsdp axis that splits no leaf (a scalar tree, say): nothing is gathered
-        return 0, 0
-    return top[0][0], top[0][0] + sum(g for _, g in top[1:GATHERED_LAYERS])
-
-
-def _drop(entry: Any, axes: set[str]) -> Any:
-    kept = tuple(a for a in entry_axes(entry) if a not in axes)
-    return None if not kept else kept[0] if len(kept) == 1 else kept
 
 
 def _heads_split(lv: Leaves, mesh: MeshShape) -> int:
@@ -500,8 +431,18 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
         # a float32 head's traced output is the float32 logits buffer counted below: not twice (the f32
         # GPT-2 step holds one f32[2, 1024, 50257]; a 16-bit step holds its 16-bit logits and the f32 ones)
         saved -= min(logits, saved)
+    # XLA:TPU, remat off: the backward matmul reads the forward's gathered kernel (JAX saves it as the dot's
+    # residual) and the compiler keeps every layer's, live at the last layer's backward start. Ten v5e:2x4
+    # dumps (benchmarks/tpu_aot_notes.md, "the async all-gathers' share at 2, 4 and 8 layers": medium zoo
+    # Llama and MoE, fsdp=8 and data=2,fsdp=4, bf16 and f32) hold one layer's gathered weights more per layer
+    # (Llama 96.5 MiB: 185 -> 378 -> 764 MiB at 2 / 4 / 8 layers), and the live peak grows per layer by that
+    # much more than the other terms (Llama bf16 316 MiB against 219, MoE 366-370 against 216). ``gathered``
+    # covers two layers (as measured at 2 layers): the rest is this term. Remat'd layers gather inside the
+    # layer and the recompute gathers again (the 8-layer remat dump keeps none). XLA:CPU and GPU: unmeasured,
+    # not counted.
+    kept = kept_gathered_bytes(lv, mesh, w.backend) if w.backend == "tpu" and not w.remat else 0
     return Peak(arguments=dev.arguments, grads=dev.grads, activations=saved, scores=saved_scores,
-                gathered=two, attention=working, recompute=recompute,
+                gathered=two, attention=working, recompute=recompute, gathered_kept=kept,
                 logits=LOGITS_BUFFERS * logits, logits_grad=logits_grad_bytes(logits, head, w), gathered_last=one,
                 experts=0 if w.remat else EXPERT_SAVED[w.backend] * hidden * n_exp,
                 expert_work=EXPERT_WORKING * hidden)

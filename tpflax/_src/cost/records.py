@@ -131,6 +131,8 @@ class Peak:
         experts: expert layers' hidden activations saved for the backward pass (every
             expert's for dense dispatch, ``top_k`` per token routed).
         expert_work: one expert layer's hidden activations in flight (their gradient).
+        gathered_kept: fsdp on TPU without remat: the gathered weights of every layer but the two in
+            ``gathered``, kept from their forward to their backward pass (zero at two layers).
     """
 
     arguments: int = 0
@@ -145,6 +147,7 @@ class Peak:
     logits_grad: int = 0
     experts: int = 0
     expert_work: int = 0
+    gathered_kept: int = 0
 
     @property
     def layer(self) -> int:
@@ -163,21 +166,29 @@ class Peak:
         >>> Peak(arguments=10, grads=4, activations=6, logits=3).total  # 10 + max(6 + 3, 4)
         19
         """
-        return self.arguments + max(self.activations + self.scores + self.experts + self.working,
-                                    self.grads + self.gathered_last)
+        return self.arguments + max(self.start, self.end)
+
+    @property
+    def start(self) -> int:
+        """Live beside the arguments when the backward pass starts: what the forward pass saved, and the working set."""
+        return self.activations + self.scores + self.experts + self.gathered_kept + self.working
+
+    @property
+    def end(self) -> int:
+        """Live beside the arguments when the backward pass ends: the gradients and the last gathered layer."""
+        return self.grads + self.gathered_last
 
     def to_dict(self) -> dict:
         return {"arguments": self.arguments, "grads": self.grads, "activations": self.activations,
                 "scores": self.scores, "gathered": self.gathered, "attention": self.attention,
                 "recompute": self.recompute, "logits": self.logits, "logits_grad": self.logits_grad,
                 "gathered_last": self.gathered_last,
-                "experts": self.experts, "expert_work": self.expert_work, "total": self.total}
+                "experts": self.experts, "expert_work": self.expert_work, "gathered_kept": self.gathered_kept,
+                "total": self.total}
 
     def report_lines(self) -> list[str]:
         fmt = fmt_bytes
-        start = self.activations + self.scores + self.experts + self.working
-        end = self.grads + self.gathered_last
-        at = "backward start" if start >= end else "backward end"
+        at = "backward start" if self.start >= self.end else "backward end"
         out = [f"  peak per device{fmt(self.total):>13}  (at the {at}; arguments + max(saved + layer + logits, "
                "grads + last gathered layer))",
                f"    {'arguments':<36}{fmt(self.arguments):>12}  params, optimizer and model state, batch",
@@ -185,6 +196,9 @@ class Peak:
                f"    {'saved attention scores':<36}{fmt(self.scores):>12}  attention probabilities (none under remat)"]
         if self.experts or self.expert_work:
             out.append(f"    {'saved expert hidden':<36}{fmt(self.experts):>12}  in flight {fmt(self.expert_work)}")
+        if self.gathered_kept:
+            out.append(f"    {'kept gathered weights':<36}{fmt(self.gathered_kept):>12}  fsdp, no remat: the other "
+                       "layers', kept for backward")
         out += [f"    {'working set: one layer':<36}{fmt(self.layer):>12}  gathered fsdp weights "
                 f"{fmt(self.gathered)}, attention scores {fmt(self.attention)}, remat recompute "
                 f"{fmt(self.recompute)}",

@@ -1,0 +1,143 @@
+"""The weights an fsdp step gathers, as the peak holds them (:mod:`tpflax._src.cost.peak`).
+
+Per device, a layer's weights split over the fsdp axes are gathered whole (over those
+axes) before the layer runs. The peak holds two layers' worth while a layer computes
+(:func:`gathered_bytes`) and, on XLA:TPU without remat, every other layer's gathered
+weights too, kept from its forward pass for its backward pass (:func:`kept_gathered_bytes`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from tpflax._src.cost.activations import layer_key
+from tpflax._src.cost.gradients import gather_item
+from tpflax._src.cost.leaves import Leaves
+from tpflax._src.cost.optstate import shard_bytes
+from tpflax._src.cost.scope import body, leaf_itemsize
+from tpflax._src.cost.scope import layers as stacked_layers
+from tpflax._src.mesh import FSDP, MeshShape
+from tpflax._src.specs import entry_axes
+
+GATHERED_LAYERS = 2  # fsdp: the layer computing and the next one being gathered
+
+_INDEXED = re.compile(r"^(.*?_)\d+$")
+
+
+def block_of(path: str) -> str:
+    """The repeated block a leaf belongs to (``params/layers_3``, or a list's item: HF's
+    ``model/layers/0``, an nnx ``blocks/0``), else its own path.
+
+    >>> block_of("params/layers_3/mlp/up/kernel"), block_of("params/lm_head/kernel")
+    ('params/layers_3', 'params/lm_head/kernel')
+    >>> block_of("model/layers/0/mlp/gate_proj/kernel")
+    'model/layers/0'
+    """
+    parts = path.split("/")
+    for i, p in enumerate(parts[:-1]):
+        if _INDEXED.match(p) or (i and p.isdigit()):
+            return "/".join(parts[:i + 1])
+    return path
+
+
+def _gathered_leaves(lv: Leaves, mesh: MeshShape, backend: str) -> Iterator[tuple[str, Any, int, int]]:
+    """``(path, decision, one layer's slice gathered, its whole gradient)`` for each representative leaf
+    split over an fsdp axis larger than one; a scanned stack's leaf gives one layer's slice."""
+    roles = dict(mesh.roles)
+    fsdp = {a for a in mesh.names if roles[a] == FSDP and mesh.sizes[a] > 1}
+    for path, d in lv.decisions.items():
+        spec = lv.specs[path]
+        if not fsdp or not any(a in fsdp for e in spec for a in entry_axes(e)):
+            continue
+        kept = tuple(_drop(e, fsdp) for e in spec)
+        k = d.layers_dim
+        shape, kept = (body(d), kept[:k] + kept[k + 1:]) if k is not None else (tuple(d.shape), kept)
+        yield path, d, shard_bytes(shape, gather_item(d, backend), kept, mesh), shard_bytes(
+            shape, leaf_itemsize(d), kept, mesh)
+
+
+def gathered_bytes(lv: Leaves, mesh: MeshShape, backend: str = "cpu") -> tuple[int, int]:
+    """``(largest block, two blocks)``: one layer's weights gathered over the fsdp axes, and that
+    next to another layer's (the forward) or next to a layer's whole gradient before its
+    reduce-scatter (the backward).
+
+    A scanned stack gathers one layer's slice (the leaf without its layers dim).
+    Zero when the mesh has no fsdp axis larger than one. On TPU a float32 matmul kernel is
+    gathered as bfloat16 (:func:`tpflax._src.cost.gradients.gather_item`) while its whole gradient
+    stays float32: the MoE float32 dumps (fsdp=8 on v5p, fsdp=2,model=4 on v5e) hold
+    ``bf16[8, 4096, 14336]`` gathered expert kernels and, at the peak, one
+    ``f32[8, 4096, 14336]`` gradient before its reduce-scatter.
+
+    >>> import jax, tpflax
+    >>> from tpflax._src.cost.leaves import merge
+    >>> w = jax.ShapeDtypeStruct((1024, 1024), "float32")  # 4 MiB per layer
+    >>> p = tpflax.plan({f"layers_{i}": {"w": w} for i in range(3)}, {"fsdp": 4})
+    >>> gathered_bytes(merge(p.decisions, {}), p.mesh)  # one layer whole, and two
+    (4194304, 8388608)
+    """
+    blocks: dict[str, int] = {}  # gathered
+    grads: dict[str, int] = {}  # the same block's whole gradient, in the stored dtype
+    repeats: dict[str, int] = {}  # merged leaves stand for this many alike layers
+    for path, d, gathered, grad in _gathered_leaves(lv, mesh, backend):
+        key = block_of(path) if d.layers_dim is None else path.rsplit("/", 1)[0]
+        blocks[key] = blocks.get(key, 0) + gathered
+        grads[key] = grads.get(key, 0) + grad
+        repeats[key] = min(repeats.get(key, lv.count[path]), lv.count[path])
+    top = sorted(((blocks[k], grads[k]) for k in blocks for _ in range(min(repeats[k], GATHERED_LAYERS))),
+                 reverse=True)
+    if not top:  # no fsdp axis, or one that splits no leaf (a scalar tree, say): nothing is gathered
+        return 0, 0
+    return top[0][0], top[0][0] + sum(g for _, g in top[1:GATHERED_LAYERS])
+
+
+def kept_gathered_bytes(lv: Leaves, mesh: MeshShape, backend: str = "tpu") -> int:
+    """The gathered weights of the alike layers of a stack beyond :data:`GATHERED_LAYERS` (``Peak.gathered_kept``):
+    ``(n - 2) x`` one layer's gathered weights for each stack of ``n`` alike layers.
+
+    A layer is a repeated block (:func:`block_of`: ``layers_3``, HF's ``layers/3``) or one layer of a
+    scanned stack (its layers dim); blocks are alike when their leaves are, one for one (merged into the
+    same representatives, ``Leaves.rep_of``). Leaves outside layers (embedding, head) are not counted:
+    XLA:TPU gathers the head again for its backward pass. Layers alike in twos or alone (a conv net's
+    stages: ResNet-18's pairs of blocks, its stem) add nothing: ``gathered`` holds two layers, and the
+    ResNet-18 TPU rows are calibrated without this term.
+
+    >>> import jax, tpflax
+    >>> from tpflax._src.cost.leaves import merge
+    >>> w = jax.ShapeDtypeStruct((1024, 1024), "float32")  # 4 MiB per layer, 1 MiB per shard
+    >>> p = tpflax.plan({f"layers_{i}": {"w": w} for i in range(5)}, {"fsdp": 4})
+    >>> kept_gathered_bytes(merge(p.decisions, {}), p.mesh, "cpu") // 2**20  # 3 more layers, whole
+    12
+    """
+    gathered = {path: (d, b) for path, d, b, _ in _gathered_leaves(lv, mesh, backend)}
+    per_layer: dict[str, int] = {}  # one layer's gathered weights, by block or stack
+    reps: dict[str, list[str]] = {}  # the representatives of its leaves
+    layers: dict[str, int] = {}  # how many layers it holds
+    for path, rep in (lv.rep_of or {p: p for p in lv.decisions}).items():
+        if rep not in gathered:
+            continue
+        d, b = gathered[rep]
+        key = block_of(path) if d.layers_dim is None else _stack_of(lv, d)
+        if key == path:
+            continue  # not in a layer
+        per_layer[key] = per_layer.get(key, 0) + b
+        reps.setdefault(key, []).append(rep)
+        layers[key] = stacked_layers(d)
+    alike: dict[tuple[str, ...], list[str]] = {}
+    for key, rs in reps.items():
+        alike.setdefault(tuple(sorted(rs)), []).append(key)
+    return sum(max(sum(layers[k] for k in keys) - GATHERED_LAYERS, 0) * per_layer[keys[0]]
+               for keys in alike.values())
+
+
+def _stack_of(lv: Leaves, d: Any) -> str:
+    """The scanned stack a stacked leaf is in: the outermost traced path of its unit with a layer count."""
+    parts = layer_key(d.unit).split("/")
+    return next(("/".join(parts[:i]) for i in range(1, len(parts) + 1) if "/".join(parts[:i]) in lv.stacks),
+                layer_key(d.unit))
+
+
+def _drop(entry: Any, axes: set[str]) -> Any:
+    kept = tuple(a for a in entry_axes(entry) if a not in axes)
+    return None if not kept else kept[0] if len(kept) == 1 else kept
