@@ -21,8 +21,6 @@ GATHER_AR_BYTES = 16 << 20
 
 def gradient_items(s: Scope) -> list[CommItem]:
     """fsdp all-gathers of every parameter, and gradient reductions of every trainable one."""
-    # A scanned recurrence's weights get a partial gradient at every time step; XLA
-    # reduces it inside the backward loop, once per step of the sequence.
     x_shape = s.batch.leaves[0][1]
     steps = int(config_value(s.config, "seq_len", 0) or (x_shape[1] if len(x_shape) >= 2 else 1))
     items: list[CommItem] = []
@@ -32,7 +30,7 @@ def gradient_items(s: Scope) -> list[CommItem]:
         # a frozen parameter (plan(trainable=): a LoRA base kernel) has no gradient, but an fsdp split is
         # still gathered for the forward and backward compute
         frozen = not d.trainable
-        reps, k, label = steps if d.unit in s.lv.recurrent else 1, s.lv.count[path], s.lv.label[path]
+        (reps, whole), k, label = loop_reps(s, path, d, steps), s.lv.count[path], s.lv.label[path]
         # measured: XLA reduces the partial gradient of each whole use apart (a tied table's lookup
         # and logits, a layer called twice), then adds them
         parts = s.parts.get(path, 1) if s.parts is not None else (2 if is_tied(path, d, s) else 1)
@@ -41,8 +39,8 @@ def gradient_items(s: Scope) -> list[CommItem]:
         item = gather_item(d, s.backend, s.lv.specs[path], s.mesh)
         for kind, axes, size, n, count, why in _gradient_templates(
                 s.lv.specs[path], s.mesh, _reduce_axes(path, s), s.leaf_bytes(path, d), leaf_itemsize(d), s.g_item,
-                s.backend, reps, item, len(body(d)), s.ring, s.row_axes, tuple(d.shape), path in s.positional,
-                d.layers_dim):
+                s.backend, reps, item, len(body(d)), s.ring, s.row_axes, tuple(d.shape),
+                path in s.positional or whole, d.layers_dim):
             if kind != "all-gather" and frozen:
                 continue
             if kind != "all-gather" and path in s.buffered:
@@ -65,6 +63,31 @@ def gradient_items(s: Scope) -> list[CommItem]:
                                       f"used whole {parts} times (a tied table's lookup and logits, a shared "
                                       "layer): each use's gradient is reduced separately"))
     return items
+
+
+def loop_reps(s: Scope, path: str, d: Any, steps: int) -> tuple[int, bool]:
+    """How often the backward reduces a leaf's gradient, and whether XLA:TPU all-reduces it whole.
+
+    A leaf a loop body uses unchanged at every step (a scanned recurrence's cell kernels, a table
+    looked up by the ids the scan slices: :attr:`tpflax._src.cost.traced.Traced.loops`; untraced,
+    every leaf of a recurrent unit, at the config's ``seq_len``) gets a partial gradient at every
+    step of the backward loop. Measured (fsdp=8 and data=2,fsdp=4, zoo LSTM/GRU and an embedding
+    looked up inside ``nn.scan``/``lax.scan``; tests/test_loop_grads.py):
+
+    * XLA:CPU reduces each such leaf's partial gradient inside the loop, at every step;
+    * XLA:TPU (libtpu 0.0.42.1, v5e:2x4) adds them up in the loop and reduces the sum once after
+      it, except a table looked up inside the body at one example per device: its per-step
+      gradient (a one-row scatter-add) is all-reduced whole at every step. At two examples per
+      device and more it is reduced once after the loop too.
+    """
+    traced = (s.loops or {}).get(path)
+    if s.backend == "tpu":
+        if traced and traced[1] and s.batch.size <= s.shards:
+            return traced[0], True
+        return 1, False
+    if traced:
+        return traced[0], False
+    return (steps if d.unit in s.lv.recurrent else 1), False
 
 
 def _gathered_as_all_reduce(s: Scope, d: Any, stored: int, n: int) -> bool:
@@ -145,9 +168,10 @@ def _gradient_templates(spec, mesh: MeshShape, batch_axes, nbytes: int, item: in
     ``shape``: the leaf's stored shape; on TPU a gradient whose shard is not whole tiles of its
     layout is all-reduced whole (:func:`_tpu_whole_tiles`). ``positional``: a table looked up at
     positions only (:attr:`tpflax._src.cost.traced.Traced.positional`), whose gradient XLA reduces
-    over the batch: XLA:TPU all-reduces it whole, whatever its tiles. ``layers``: the stacked-layers
-    dim of ``shape``, which the tiles leave out (the backward scan reduces one layer at a time)."""
-    why_rep = f" at each of {reps} time steps (inside the scanned recurrence)" if reps > 1 else ""
+    over the batch: XLA:TPU all-reduces it whole, whatever its tiles (so it does a table looked up inside
+    a loop body at one example per device: :func:`loop_reps`). ``layers``: the stacked-layers dim of
+    ``shape``, which the tiles leave out (the backward scan reduces one layer at a time)."""
+    why_rep = f" at each of {reps} steps of the backward loop (used inside a scan body)" if reps > 1 else ""
     f_axes = _split_axes(spec, mesh)  # a parameter split over a data axis is gathered like fsdp
     free = tuple(a for a in batch_axes if a not in used_axes(spec))
     gbytes = nbytes if g_item is None else nbytes // item * g_item

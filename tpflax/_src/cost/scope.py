@@ -89,6 +89,7 @@ class Scope:
     meets: tuple = ()  # traced parameter dims that meet on one activation dim (Traced)
     moments: Mapping[str, int] | None = None  # optimizer-state leaves shaped like each parameter (None: no optimizer)
     positional: frozenset[str] = frozenset()  # traced tables looked up at positions only (Traced.positional)
+    loops: Mapping[str, tuple[int, bool]] | None = None  # traced parameters used inside loop bodies (Traced.loops)
 
     def rows_of(self, path: str) -> float:
         """Activation rows on one device that the leaf at ``path`` reads: as traced (a batch-free expert buffer

@@ -96,6 +96,10 @@ class Traced:
         positional: tables every use of which is a lookup by indices computed from no model input
             (GPT-2's ``wpe`` at ``arange`` positions): XLA reduces their gradient over the batch like
             a bias's, and XLA:TPU all-reduces it whole (benchmarks/tpu_aot_notes.md).
+        loops: ``{path: (trip count, looked up)}`` for parameters a ``scan``/``while`` body uses unchanged at
+            every step (a recurrent cell's kernels and the biases added to them; a table looked up by the ids
+            the scan slices), whether a lookup (a gather) is among those uses: their partial gradients come
+            out at every step of the backward loop (see :func:`tpflax._src.cost.gradients.loop_reps`).
         meets: ``(path, dim, other path, other dim)``: the activation dim a parameter dim makes or reads is
             one another parameter dim makes or reads (a contraction's input and the output it sums, a bias,
             a depthwise kernel or a per-channel parameter and the output they meet): split on the other's
@@ -123,6 +127,7 @@ class Traced:
     row_axes: frozenset[str] = frozenset()
     meets: tuple[tuple[str, int, str, int], ...] = ()
     positional: frozenset[str] = frozenset()
+    loops: Mapping[str, tuple[int, bool]] | None = None
 
 
 def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
@@ -210,7 +215,22 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
                   {p: n for p, n in slices.items() if n > 1}, buffers, contractions, flow.remat >= 0.5,
                   scores, frozenset(flow.uses[uid].path for uid, _ in flow.biases.values()),
                   spread_streams(flow, shapes), flow.collectives, flow.row_axes, _meets(flow),
-                  frozenset(p for p, o in ops.items() if o == {"gather"}) - {u.path for u in flow.uses if not u.fixed})
+                  frozenset(p for p, o in ops.items() if o == {"gather"}) - {u.path for u in flow.uses if not u.fixed},
+                  _loops(flow))
+
+
+def _loops(flow: Any) -> dict[str, tuple[int, bool]]:
+    """:attr:`Traced.loops`: the largest trip count of a parameter's uses inside loop bodies, and whether
+    one of them is a lookup; a bias takes its contraction's."""
+    out: dict[str, tuple[int, bool]] = {}
+    for u in flow.uses:
+        if u.scan_length:
+            n, looked = out.get(u.path, (0, False))
+            out[u.path] = (max(n, u.scan_length), looked or u.op == "gather")
+    for path, (uid, _) in flow.biases.items():
+        if flow.uses[uid].scan_length and path not in out:
+            out[path] = (flow.uses[uid].scan_length, False)
+    return out
 
 
 def _meets(flow: Any) -> tuple[tuple[str, int, str, int], ...]:

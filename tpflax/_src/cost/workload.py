@@ -60,7 +60,8 @@ class Workload:
         biased: from the trace (:attr:`Traced.biased`).
         collectives: from the trace (:attr:`Traced.collectives`): priced as they are, whatever the plan.
         row_axes: from the trace (:attr:`Traced.row_axes`): priced as batch axes (:mod:`tpflax._src.cost.explicit`).
-        meets, positional: from the trace (:attr:`Traced.meets`, :attr:`Traced.positional`).
+        meets, positional, loops: from the trace (:attr:`Traced.meets`, :attr:`Traced.positional`,
+            :attr:`Traced.loops`).
     """
 
     batch: Batch
@@ -94,6 +95,7 @@ class Workload:
     row_axes: frozenset[str] = frozenset()
     meets: tuple = ()
     positional: frozenset[str] = frozenset()
+    loops: Mapping[str, tuple[int, bool]] | None = None
 
     @property
     def saved(self) -> Mapping[str, Sequence[Act]]:
@@ -168,7 +170,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     streams=t.streams, contractions=contractions, scores=t.scores,
                     next_token=_next_token(m) if loss is None else reads_slice(m, loss), biased=t.biased,
                     collectives=t.collectives, row_axes=t.row_axes, meets=t.meets,
-                    positional=t.positional)
+                    positional=t.positional, loops=t.loops)
 
 
 def contraction_calls(plan, contractions: Sequence[tuple[str, float, tuple[int, ...], str]],
