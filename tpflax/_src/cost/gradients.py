@@ -12,7 +12,7 @@ from tpflax._src.cost.price import tpu_gather_item, tpu_reduce_scatters
 from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.scope import Scope, axes_of, body, drop_layers, is_tied, leaf_itemsize
 from tpflax._src.mesh import DATA, FSDP, MeshShape
-from tpflax._src.specs import entry_axes, local_shape, used_axes
+from tpflax._src.specs import entries, entry_axes, local_shape, used_axes
 from tpflax._src.tpu import WHOLE_SLICE_GATHER_AR, scatters
 
 # the largest leaf (bytes as stored) XLA:TPU gathers as an all-reduce on such a slice (_gathered_as_all_reduce)
@@ -213,12 +213,11 @@ def _tpu_whole_tiles(shape: tuple[int, ...] | None, spec, mesh: MeshShape, f_axe
     one tile, all-reduced whole at each step)."""
     if shape is None:
         return True
-    axes = [entry_axes(e) for e in spec] + [()] * (len(shape) - len(spec))
+    spec = entries(spec, len(shape))
     if layers is not None:
-        shape, axes = shape[:layers] + shape[layers + 1:], axes[:layers] + axes[layers + 1:]
-    shard = tuple(-(-n // math.prod(mesh.sizes[a] for a in ax)) for n, ax in zip(shape, axes, strict=True))
-    split = tuple(i for i, ax in enumerate(axes) if set(ax) & set(f_axes))
-    return scatters(shard, split, item, g_item)
+        shape, spec = shape[:layers] + shape[layers + 1:], spec[:layers] + spec[layers + 1:]
+    split = tuple(i for i, e in enumerate(spec) if set(entry_axes(e)) & set(f_axes))
+    return scatters(local_shape(shape, spec, mesh), split, item, g_item)
 
 
 def _tpu_fsdp_gradient(mesh: MeshShape, f_axes: tuple[str, ...], free: tuple[str, ...], size: int, reps: int,
