@@ -28,6 +28,7 @@ it; only ``in_proj``'s storage and how the block computes x and z change:
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
@@ -42,8 +43,11 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import tpflax  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from test_ssm import DI, D, V, selective_ssm  # noqa: E402  (the model the test plans, and its sizes)
+
 OUT = Path(__file__).parent / "results" / "fused_xz.md"
-D, DI, DS, DTR, DC, V, N = 64, 128, 16, 8, 4, 128, 4
+N = 4  # tensor ranks (model=4): the permuted storage's rank dim
 SAMPLE = (jax.ShapeDtypeStruct((8, 16), jnp.int32),)
 MESHES = ({"data": 2, "model": 4}, {"fsdp": 2, "model": 4})
 MODES = ("naive", "sep", "whole", "perm-unperm", "perm-view", "slices", "perm-slices", "perm-einsum")
@@ -73,16 +77,7 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, h):
-        x, z = _xz(self.mode, self, nn.RMSNorm(name="norm")(h))
-        x = nn.silu(nn.Conv(DI, (DC,), feature_group_count=DI, padding=((DC - 1, 0),), name="conv1d")(x))
-        dt, b, c = jnp.split(nn.Dense(DTR + 2 * DS, use_bias=False, name="x_proj")(x), [DTR, DTR + DS], -1)
-        dt = jax.nn.softplus(nn.Dense(DI, name="dt_proj")(dt))
-        a = -jnp.exp(self.param("A_log", lambda k, s: jnp.log(jnp.tile(jnp.arange(1.0, DS + 1), (DI, 1))),
-                                (DI, DS)))
-        da, dbx = jnp.exp(dt[..., None] * a), (dt * x)[..., None] * b[:, :, None, :]
-        _, hs = jax.lax.associative_scan(lambda u, w: (u[0] * w[0], w[0] * u[1] + w[1]), (da, dbx), axis=1)
-        y = jnp.einsum("blds,bls->bld", hs, c) + x * self.param("D", nn.initializers.ones, (DI,))
-        return h + nn.Dense(D, use_bias=False, name="out_proj")(y * nn.silu(z))
+        return selective_ssm(self, h, *_xz(self.mode, self, nn.RMSNorm(name="norm")(h)))
 
 
 class Mamba(nn.Module):

@@ -25,19 +25,26 @@ D, DI, DS, DTR, DC, V = 64, 128, 16, 8, 4, 128
 SAMPLE = (jax.ShapeDtypeStruct((8, 16), jnp.int32),)
 
 
+def selective_ssm(mod: nn.Module, h, x, z):
+    """The block after ``in_proj``, inside ``mod``'s compact call: conv1d on x, x_proj, dt_proj, the selective
+    scan with ``A_log`` and ``D``, gated by z, ``out_proj``, added to the residual ``h``
+    (benchmarks/fused_xz.py calls it with other ways of computing x and z)."""
+    x = nn.silu(nn.Conv(DI, (DC,), feature_group_count=DI, padding=((DC - 1, 0),), name="conv1d")(x))
+    dt, b, c = jnp.split(nn.Dense(DTR + 2 * DS, use_bias=False, name="x_proj")(x), [DTR, DTR + DS], -1)
+    dt = jax.nn.softplus(nn.Dense(DI, name="dt_proj")(dt))
+    a = -jnp.exp(mod.param("A_log", lambda k, s: jnp.log(jnp.tile(jnp.arange(1.0, DS + 1), (DI, 1))),
+                            (DI, DS)))
+    da, dbx = jnp.exp(dt[..., None] * a), (dt * x)[..., None] * b[:, :, None, :]
+    _, hs = jax.lax.associative_scan(lambda u, w: (u[0] * w[0], w[0] * u[1] + w[1]), (da, dbx), axis=1)
+    y = jnp.einsum("blds,bls->bld", hs, c) + x * mod.param("D", nn.initializers.ones, (DI,))
+    return h + nn.Dense(D, use_bias=False, name="out_proj")(y * nn.silu(z))
+
+
 class MambaBlock(nn.Module):
     @nn.compact
     def __call__(self, h):
         x, z = jnp.split(nn.Dense(2 * DI, use_bias=False, name="in_proj")(nn.RMSNorm(name="norm")(h)), 2, -1)
-        x = nn.silu(nn.Conv(DI, (DC,), feature_group_count=DI, padding=((DC - 1, 0),), name="conv1d")(x))
-        dt, b, c = jnp.split(nn.Dense(DTR + 2 * DS, use_bias=False, name="x_proj")(x), [DTR, DTR + DS], -1)
-        dt = jax.nn.softplus(nn.Dense(DI, name="dt_proj")(dt))
-        a = -jnp.exp(self.param("A_log", lambda k, s: jnp.log(jnp.tile(jnp.arange(1.0, DS + 1), (DI, 1))),
-                                (DI, DS)))
-        da, dbx = jnp.exp(dt[..., None] * a), (dt * x)[..., None] * b[:, :, None, :]
-        _, hs = jax.lax.associative_scan(lambda u, w: (u[0] * w[0], w[0] * u[1] + w[1]), (da, dbx), axis=1)
-        y = jnp.einsum("blds,bls->bld", hs, c) + x * self.param("D", nn.initializers.ones, (DI,))
-        return h + nn.Dense(D, use_bias=False, name="out_proj")(y * nn.silu(z))
+        return selective_ssm(self, h, x, z)
 
 
 class Mamba(nn.Module):
