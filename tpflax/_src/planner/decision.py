@@ -23,6 +23,7 @@ from tpflax._src import export
 from tpflax._src.errors import PlanFormatError, PlanMismatchError
 from tpflax._src.facts.classify import layer_group, unit_of
 from tpflax._src.facts.tree import Leaf, itemsize, walk
+from tpflax._src.layout import Interleave
 from tpflax._src.mesh import MeshShape, mesh_shape
 from tpflax._src.planner.skeleton import rebuild, skeleton
 from tpflax._src.specs import (
@@ -126,6 +127,8 @@ class Decision:
         fsdp: True when the fsdp fallback also split a dim over the fsdp axes.
         alternatives: every candidate layout the chooser priced for the leaf's
             decision groups, with its cost (empty when a rule decided alone).
+        layout: the stored order of a fused dim kept head-aligned
+            (:class:`tpflax._src.layout.Interleave`), or None for the model's order.
     """
 
     spec: PartitionSpec
@@ -145,6 +148,7 @@ class Decision:
     trainable: bool = True
     fsdp: bool = False
     alternatives: tuple[Alternative, ...] = ()
+    layout: Interleave | None = None
 
     @property
     def label(self) -> str:
@@ -161,7 +165,8 @@ class Decision:
                 "bytes": self.bytes, "bytes_per_device": self.bytes_per_device, "kind": self.kind,
                 "source": self.source, "pair": self.pair, "role": self.role,
                 "layers_dim": self.layers_dim, "unit": self.unit, "group": self.group,
-                "trainable": self.trainable, "alternatives": [a.to_json() for a in self.alternatives]}
+                "trainable": self.trainable, "alternatives": [a.to_json() for a in self.alternatives],
+                **({"layout": self.layout.to_json()} if self.layout is not None else {})}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Decision:
@@ -178,7 +183,8 @@ class Decision:
                    unit=str(d.get("unit") or unit_of(path)), group=str(d.get("group") or layer_group(path)),
                    trainable=bool(d.get("trainable", kind not in ("int", "state"))),
                    fsdp=bool(d.get("fsdp", strategy == "fsdp" or extra == "fsdp")),
-                   alternatives=tuple(Alternative.from_json(a) for a in d.get("alternatives", ())))
+                   alternatives=tuple(Alternative.from_json(a) for a in d.get("alternatives", ())),
+                   layout=Interleave.from_json(d["layout"]) if d.get("layout") else None)
 
 
 def _int_or_none(x: Any) -> int | None:
