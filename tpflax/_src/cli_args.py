@@ -78,6 +78,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fsdp-min-bytes", type=int, default=None,
                    help="leaves this large also shard over fsdp axes (default: decided by cost per leaf)")
     p.add_argument("--min-channels", type=positive_int, default=64, help="narrowest conv chain to split (default 64)")
+    p.add_argument("--fused", choices=["split", "aligned"], default="split",
+                   help="fused q|k|v kernels: split in the model's order (default) or stored head-aligned")
     p.add_argument("--devices", type=positive_int, default=None,
                    help="emulate this many CPU devices (set before jax starts)")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
@@ -96,7 +98,7 @@ def plan_from_args(args: argparse.Namespace):
         traced = {"model": loaded.model, "sample": loaded.sample}
     p = plan(loaded.variables, args.mesh, rules=[parse_rule(r) for r in args.rule],
              axis_roles=parse_roles(args.axis_role) or None, fsdp_min_bytes=args.fsdp_min_bytes,
-             min_channels=args.min_channels, **traced)
+             min_channels=args.min_channels, fused=getattr(args, "fused", "split"), **traced)
     return loaded, p
 
 

@@ -134,8 +134,8 @@ def fused_items(s: Scope, notes: list[str]) -> list[CommItem]:
     items: list[CommItem] = []
     for path, d in s.lv.decisions.items():
         dim, pieces, whole, viewed = (s.fused or {}).get(path, (None, 1, (), False))
-        if dim is None or pieces == 1:
-            continue
+        if dim is None or pieces == 1 or getattr(d, "layout", None) is not None:
+            continue  # stored head-aligned (plan(fused="aligned")): the step cuts the pieces per rank
         axes = tuple(a for a in entry_axes(s.lv.specs[path][dim]) if dict(s.mesh.roles)[a] == TENSOR)
         n = s.size(axes)
         if n <= 1:

@@ -72,6 +72,8 @@ class Proposal:
     kind: Kind | None = None
     layers_dim: int | None = None
     alternatives: tuple[Alternative, ...] = ()
+    # a fused column: (leaf dim, the pieces' sizes, the heads limit or None); see planner/fused.py
+    fused: tuple[int, tuple[int, ...], int | None] | None = None
 
 
 @dataclass
@@ -89,6 +91,7 @@ class Linear:
     limit: int | None = None
     doubt: str = ""  # shapes and names disagreed: said in a plan warning
     pieces: int = 1  # a fused kernel's output holds this many projections side by side (q|k|v)
+    cut: tuple[int, ...] = ()  # a fused kernel: its pieces' sizes along the fused dim, in order
 
     def size(self, dims: Iterable[int]) -> int:
         return math.prod(self.f.body[d] for d in dims)
@@ -294,16 +297,22 @@ def _megatron(st: State, cols: list[Linear], row: Linear, pair: Pair, unit: str,
         else:
             cdim = col.shard_dim("column")
             cheads = col.heads is not None
-            props.append((col.f.path, st.proposal(
+            fused = (col.f.leaf_dim(cdim), col.cut, col.limit) if len(col.cut) > 1 else None
+            props.append((col.f.path, fused_as(fused, st.proposal(
                 col.f, body_spec(len(col.f.body), cdim, t_entry), "heads" if cheads else "column",
                 f"{'heads (column side)' if cheads else 'column'}: {col.why}; output "
                 f"{'heads' if cheads else 'features'} ({col.f.body[cdim]}) split over "
-                f"{axis_label(t_entry, t_size)}, feeds {short(row.f.path)} (pair {pair.id})", pair.id, "column")))
+                f"{axis_label(t_entry, t_size)}, feeds {short(row.f.path)} (pair {pair.id})", pair.id, "column"))))
             acts.append(ActComm("all-reduce", t_entry, col.in_size, 1,
                                 "column: sum partial input gradients (backward)"))
     name = ("Megatron, K/V head_dim split" if kv_split else
             "Megatron, K/V replicated" if any(blocked.values()) else "Megatron split")
     return Option(name, tuple(props), tuple(acts), frozenset(p for p, _ in props))
+
+
+def fused_as(fused: tuple[int, tuple[int, ...], int | None] | None, p: Proposal) -> Proposal:
+    """``p`` marked as a fused column's (see :mod:`tpflax._src.planner.fused`)."""
+    return p if fused is None else replace(p, fused=fused)
 
 
 def column_blocked(col: Linear, kind: str, row: Linear, t_entry: Entry, t_size: int) -> str:

@@ -363,19 +363,20 @@ def _column(c: _Flow, sid: int, e: Edge, row_path: str) -> Linear:
         limit = math.gcd(limit, x.limit)
     why = f"traced: its output reaches {short(row_path)} {_via(e.via)}{_shared(c, S.path)}"
     pieces = c.flow.fused.get((sid, e.src_dim), 1)
+    sizes: tuple[int, ...] = ()
     if pieces > 1:
         cut = "unequal" if (sid, e.src_dim) in c.flow.cuts else "equal"
+        sizes = tuple(c.flow.cuts[(sid, e.src_dim)][0]) if cut == "unequal" else (fS.body[cb] // pieces,) * pieces
         why += (f"; fused: cut into {pieces} {cut} pieces after the matmul, so split naively over the fused "
-                f"dim ({fS.body[cb]}) and XLA reshards the pieces (aligned shards need the pieces computed "
-                "apart, separate kernels or a (d, pieces, ...) kernel read piece by piece; a permuted "
-                "placement alone reshards more: benchmarks/results/fused_xz.md)")
+                f"dim ({fS.body[cb]}) and XLA reshards the pieces")
     # A 3-D or 4-D kernel's traced dim is its heads when the kernel keeps a dim after it, the head_dim
     # ((d, heads, head_dim), (3, heads, d, head_dim)); kept last, it is features: a stack of 2-D
     # kernels ((2, d, ffw), Gemma's gate and up, one sliced out per dot) is a column over features.
     heads = len(fS.body) >= 3 and any(fS.body_dim(k) > cb for k in S.kept)
     return Linear(fS, tuple(fS.body_dim(k) for k in S.contracted), (cb,),
                   heads=cb if heads else None, role="column", why=why,
-                  limit=limit if limit and limit != fS.body[cb] else None)
+                  limit=limit if limit and limit != fS.body[cb] else None,
+                  cut=sizes if sum(sizes) == fS.body[cb] else ())
 
 
 def _outputs(c: _Flow) -> None:

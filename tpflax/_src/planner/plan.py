@@ -33,6 +33,7 @@ from tpflax._src.planner import heuristics
 from tpflax._src.planner.builders import Options, Proposal
 from tpflax._src.planner.checks import plan_checks
 from tpflax._src.planner.decision import Decision, Pair, Plan, check_tree_matches
+from tpflax._src.planner.fused import check_mode, fused_layouts
 from tpflax._src.planner.pricing import pricing, token_batch, token_tables
 from tpflax._src.planner.rules import Forced, default_logical_rules, force, parse_rules
 from tpflax._src.specs import (
@@ -70,7 +71,7 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
          axis_roles: Mapping[str, str] | None = None, fsdp_min_bytes: int | None = None,
          min_channels: int = 64, tensor_min_bytes: int = 0, stacked: str | Mapping[str, int] | None = None,
          use_annotations: bool = True, model: Any = None, sample: Any = None, hardware: Any = None,
-         batch: Any = None, device_memory: Any = None, trainable: Any = None) -> Plan:
+         batch: Any = None, device_memory: Any = None, trainable: Any = None, fused: str = "split") -> Plan:
     """Plan a PartitionSpec for every leaf of ``tree``.
 
     Args:
@@ -118,6 +119,14 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
             without gradients, optimizer state or gradient collectives (``Decision.trainable``
             False); :func:`tpflax.make_train_step` differentiates only the trainable ones.
             Default: every float parameter.
+        fused: ``"split"`` (default): a fused ``[q|k|v]`` kernel's fused dim is split in the model's
+            order, and XLA reshards the pieces after the model cuts them apart. ``"aligned"``: the
+            same specs, but where every piece divides by the ranks (and they divide the heads) the
+            kernel and its bias are stored head-aligned, rank by rank (``Decision.layout``):
+            :func:`tpflax.shard`, :func:`tpflax.init_sharded` and the restores put them in that
+            order, :func:`tpflax.unshard` and :func:`tpflax.save_checkpoint` give back the model's,
+            and :func:`tpflax.make_train_step` cuts the pieces per rank. A stored tree then computes
+            wrong results in a plain ``model.apply``: opt in only with tpflax's step.
 
     Returns:
         A :class:`Plan`.
@@ -133,6 +142,7 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
     (P(None, 'model'), P('model', None))
     """
     ms = mesh_shape(mesh, axis_roles)
+    fused = check_mode(fused)
     _check_options(fsdp_min_bytes=fsdp_min_bytes, min_channels=min_channels, tensor_min_bytes=tensor_min_bytes)
     parsed = parse_rules(rules, ms)
     _check_stacked_and_logical(stacked, logical_rules)
@@ -148,12 +158,14 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
     proposals, pairs, sources, disagreements, doubts, opts = _propose(facts, ms, opts, forced, model, sample, tree,
                                                                       batch is not None)
     decisions = {f.path: _decision(f, proposals[f.path], sources.get(f.path, "heuristic"), ms) for f in facts}
+    decisions = fused_layouts(facts, proposals, decisions, fused, ms, opts)
     warnings = [*forced.warnings, *doubts, *_replication_warnings(decisions, ms)]
     warnings += plan_checks(facts, decisions, lrules, ms)  # unknown logical names, idle mesh axes
     options = {"fsdp_min_bytes": opts.fsdp_min_bytes, "min_channels": opts.min_channels,
                "hardware": opts.hardware.name, "tokens": opts.tokens, "device_memory": opts.device_memory,
                "tensor_min_bytes": opts.tensor_min_bytes, "stacked": stacked,
                "trainable": trainable if trainable is None or isinstance(trainable, str) else repr(trainable),
+               "fused": fused,
                "rules": [[r.pattern.pattern, r.strategy or spec_to_json(r.spec or ())] for r in parsed]}
     specs = [decisions[f.path].spec for f in facts]
     return Plan(mesh=ms, specs=jax.tree_util.tree_unflatten(treedef, specs), decisions=decisions,

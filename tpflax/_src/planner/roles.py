@@ -337,6 +337,7 @@ def fused_partners(lins: list[Linear]) -> None:
             name = role_name(c.f)
             by = f"'{name}' names a fused kernel" if FUSED_NAMES.match(name) else "by shape"
             c.pieces = k
+            c.cut = (m.in_size,) * k
             stored = "; stored (out, in)" if c.in_dims == (1,) else ""
             c.why = (f"fused ({by}): ({c.in_size} -> {c.out_size}) holds {k} projections of {m.in_size} side by "
                      f"side, cut apart after the matmul; the fused dim is split contiguously, which keeps whole "
