@@ -28,6 +28,7 @@ import jax
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from tpflax._src.apply.bind import bind_mesh, match_plan, rebox_all
+from tpflax._src.apply.stored import has_layouts, model_order, reorder
 from tpflax._src.checkpoint_layout import (
     MARKER,
     STEP_METADATA,
@@ -99,6 +100,10 @@ def save_checkpoint(path: str | os.PathLike, tree: Any, *, plan: Plan | None = N
         path: the checkpoint directory to create, or the manager root with ``step``.
         tree: arrays (flax boxes and nnx Variables are unwrapped to their values).
         plan: stored alongside (``tpflax.json``, or the step's custom metadata) for reference.
+            A plan that stores fused kernels head-aligned (``plan(..., fused="aligned")``) must be
+            passed with a tree placed by it: those leaves, and the optimizer-state leaves tied to
+            them by path, are written in the model's order, so the checkpoint restores onto any
+            plan and mesh.
         overwrite: replace an existing checkpoint at ``path`` (or the existing
             ``step``; the old one stays in place until the new one is complete
             without ``step``).
@@ -127,6 +132,7 @@ def save_checkpoint(path: str | os.PathLike, tree: Any, *, plan: Plan | None = N
     if keep is not None and (step is None or int(keep) < 1):
         raise OptionError(f"keep={keep} needs step= (it keeps the newest steps of a CheckpointManager) "
                           "and must be >= 1")
+    tree = model_order(tree, plan)
     if step is not None:
         return _save_step(Path(path).absolute(), tree, int(step), keep, overwrite, plan)
     ocp = _ocp()
@@ -380,6 +386,8 @@ def _restore_item(ocp: Any, item: Path, plan: Plan | None, mesh: Any, like: Any,
     except Exception as e:
         raise CheckpointError(f"restoring {item} failed: {type(e).__name__}: {e}") from e
     values = [_as_key(x, w) for x, w in zip(treedef.flatten_up_to(restored), wanted, strict=True)]
+    if shardings is None and plan is not None and has_layouts(plan):  # saved in the model's order
+        values = reorder(values, [d.layout for d in decisions])
     if like is None:
         return jax.tree_util.tree_unflatten(treedef, values)
     return rebox_all([b for _, b in boxes], values, treedef)
@@ -436,6 +444,10 @@ def restore_checkpoint(path: str | os.PathLike, plan: Plan | None = None, mesh: 
             is called unfinished.
         PlanMismatchError: the checkpoint's tree differs from the plan / ``like``.
 
+    A plan that stores fused kernels head-aligned (``plan(..., fused="aligned")``) gets those
+    leaves in its stored order (checkpoints hold the model's order), as :func:`tpflax.shard`
+    gives them.
+
     Typed PRNG keys (an nnx Dropout's ``rngs/key``), which orbax stores as
     their uint32 key data, match the plan's and ``like``'s keys and come back
     as keys; without either, as the keys tpflax recorded saving them (see
@@ -460,7 +472,9 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, plan: Pla
     """Rewrite a checkpoint (e.g. an unsharded one) in the plan's layout on ``mesh``.
 
     Restores straight onto the mesh (each device reads its slices) and saves
-    from there, so the whole tree never sits on one device.
+    from there, so the whole tree never sits on one device. The head-aligned kernels of a
+    ``plan(..., fused="aligned")`` are restored into its stored order and written back in the
+    model's order: the converted checkpoint restores onto any plan.
     """
     bar = Progress(f"converting checkpoint {src} -> {dst}")  # shown on a terminal only
     tree = restore_checkpoint(src, plan, mesh)

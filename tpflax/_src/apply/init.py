@@ -10,8 +10,10 @@ import jax
 from jax.sharding import NamedSharding
 
 from tpflax._src.apply.bind import bind_mesh, is_graph_node, leaf_count, plan_leaf_shardings
+from tpflax._src.apply.stored import has_layouts, tree_layouts
 from tpflax._src.errors import OptionError
 from tpflax._src.facts.tree import itemsize
+from tpflax._src.layout import to_storage
 from tpflax._src.planner.plan import Plan
 
 DEFAULT_CHUNK_BYTES = 32 << 20
@@ -38,6 +40,9 @@ def init_sharded(init_fn: Callable[..., Any], plan: Plan, mesh: Any = None, *arg
             temporaries; one program for a whole model keeps several leaves'
             temporaries alive on every device at once. None: one program.
         **kwargs: keyword arguments, closed over as static values (e.g. ``train=False``).
+
+    Leaves with a ``Decision.layout`` (``plan(..., fused="aligned")``) come back in the stored
+    order: :func:`tpflax.shard` of the plain init's output, bit for bit.
 
     Raises:
         PlanMismatchError: ``init_fn``'s output differs from the plan.
@@ -69,11 +74,14 @@ def init_sharded(init_fn: Callable[..., Any], plan: Plan, mesh: Any = None, *arg
     abstract = jax.eval_shape(as_tree, *args)
     boxes, _, shards = plan_leaf_shardings(plan, mesh, abstract)
     flat_shards = [s for b, s in zip(boxes, shards, strict=True) for _ in range(leaf_count(b))]
+    # head-aligned fused kernels are created in the stored order, inside the jitted init
+    lays = tree_layouts(plan, abstract) if has_layouts(plan) else [None] * len(boxes)
+    flat_lays = [lay for b, lay in zip(boxes, lays, strict=True) for _ in range(leaf_count(b))]
     out: list[Any] = [None] * len(flat_shards)
     for chunk in _chunks(jax.tree_util.tree_leaves(abstract), flat_shards, chunk_bytes):
         def chunk_init(*a, chunk=chunk):
             leaves = jax.tree_util.tree_leaves(as_tree(*a))
-            return [leaves[i] for i in chunk]
+            return [leaves[i] if flat_lays[i] is None else to_storage(leaves[i], flat_lays[i]) for i in chunk]
 
         made = jax.jit(chunk_init, out_shardings=[flat_shards[i] for i in chunk])(*args)
         for i, x in zip(chunk, made, strict=True):

@@ -26,6 +26,7 @@ from tpflax._src.apply.bind import (
     rebox_all,
 )
 from tpflax._src.apply.put import place_tree
+from tpflax._src.apply.stored import has_layouts, reorder, tree_layouts
 from tpflax._src.errors import TreeError
 from tpflax._src.facts.tree import is_box, unbox, walk
 from tpflax._src.planner.plan import Plan
@@ -88,7 +89,11 @@ def shard(tree: Any, plan: Plan, mesh: Any = None, *, per_shard: bool = False,
 
     Returns:
         A new tree of the same structure (flax boxes and nnx Variables kept)
-        whose arrays carry ``NamedSharding(mesh, plan spec)``.
+        whose arrays carry ``NamedSharding(mesh, plan spec)``. Leaves with a
+        ``Decision.layout`` (``plan(..., fused="aligned")``) are put into the
+        stored order (new arrays: numpy reordered on the host, jax arrays by a
+        jitted gather; a memmap is then read whole); ``unshard(tree, plan)``
+        gives the model's order back.
 
     Raises:
         PlanMismatchError: the tree's paths, shapes or dtypes, or the mesh,
@@ -122,12 +127,17 @@ def _no_abstract_leaves(tree: Any) -> None:
                         "mesh), or take the shardings for jax.jit with tpflax.shardings(plan, mesh, tree)")
 
 
-def unshard(tree: Any) -> Any:
+def unshard(tree: Any, plan: Plan | None = None) -> Any:
     """Gather every array of ``tree`` back to host numpy, bit-exact.
 
     Works on any tree (params, optimizer state, boxed trees, ``nnx.State``) and on
     an ``nnx.Module`` (its ``nnx.State`` is returned). Arrays that span several
     processes are all-gathered, so every process gets the full values.
+
+    ``plan``: the plan the tree was placed with. Pass it when the plan stores fused kernels
+    head-aligned (``plan(..., fused="aligned")``): those leaves, and the optimizer-state leaves
+    tied to them by path (adam's ``mu``/``nu``), come back in the model's order. Without it
+    they come back as stored.
 
     >>> import jax.numpy as jnp
     >>> unshard({"w": jnp.arange(3)})["w"]
@@ -138,7 +148,10 @@ def unshard(tree: Any) -> Any:
 
         tree = nnx.state(tree)
     boxes, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_box)
-    return jax.tree_util.tree_unflatten(treedef, [rebox(b, _gather(unbox(b))) for b in boxes])
+    values = [_gather(unbox(b)) for b in boxes]
+    if plan is not None and has_layouts(plan):
+        values = reorder(values, tree_layouts(plan, tree), back=True)
+    return jax.tree_util.tree_unflatten(treedef, [rebox(b, v) for b, v in zip(boxes, values, strict=True)])
 
 
 def _gather(x: Any) -> Any:

@@ -16,7 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from tpflax._src.apply.bind import bind_mesh, plan_leaf_shardings, rebox_all
+from tpflax._src.apply.bind import bind_mesh, match_plan, plan_leaf_shardings, rebox_all
+from tpflax._src.apply.stored import has_layouts, reorder
 from tpflax._src.errors import TpflaxWarning, TreeError
 from tpflax._src.facts.tree import unbox, walk
 from tpflax._src.planner.plan import Plan
@@ -107,6 +108,8 @@ def place_tree(tree: Any, plan: Plan, mesh: Any = None, *, per_shard: bool = Fal
         raise TreeError("the tree cannot be placed bit-exact", problems)
     if check_finite is not False:
         _warn_nonfinite(tree, values, everywhere=bool(check_finite))
+    if has_layouts(plan):  # head-aligned fused kernels: into the stored order (new arrays)
+        values = reorder(values, [plan.decisions[p].layout for p in match_plan(plan, walk(tree)[0])])
     return rebox_all(boxes, put(values, shards, per_shard=per_shard, donate=donate), treedef)
 
 

@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding
 from tpflax._src.apply import nnx as nnx_apply
 from tpflax._src.apply.bind import bind_mesh, is_graph_node, match_plan, rebox_all
 from tpflax._src.apply.put import put
+from tpflax._src.apply.stored import check_order, has_layouts, reorder, reorder_traced, tree_layouts
 from tpflax._src.errors import OptionError, PlanMismatchError
 from tpflax._src.facts.tree import is_box, keystr, unbox, walk
 from tpflax._src.planner.plan import Plan
@@ -146,7 +147,7 @@ def optimizer_shardings(optimizer: Any, plan: Plan, mesh: Any = None, *, opt_sta
 
 
 def shard_optimizer_state(optimizer: Any, opt_state: Any, plan: Plan, mesh: Any = None, *,
-                          params: Any = None) -> Any:
+                          params: Any = None, order: str = "model") -> Any:
     """Optimizer state on the mesh, its specs derived from the parameter specs.
 
     Args:
@@ -163,6 +164,13 @@ def shard_optimizer_state(optimizer: Any, opt_state: Any, plan: Plan, mesh: Any 
             (needed by optimizers whose state copies the parameters, such as
             lookahead); default: zeros of the planned shapes, which is what
             adam, adafactor, sgd and friends start from anyway.
+        order: which order ``opt_state`` (or ``params``) is in when the plan stores fused kernels
+            head-aligned (``plan(..., fused="aligned")``; ignored otherwise). ``"model"`` (default,
+            as :func:`tpflax.shard` takes parameters): a state loaded from a checkpoint, or made by
+            ``optimizer.init`` of unsharded parameters; its leaves tied to a laid-out parameter
+            (adam's ``mu``/``nu``) are put into the stored order. ``"stored"``: made by
+            ``optimizer.init`` of tpflax-placed parameters (``tpflax.shard``/``init_sharded``
+            output), already stored; placed as it is.
 
     Raises:
         PlanMismatchError: ``opt_state`` is not what ``optimizer.init`` makes
@@ -181,15 +189,28 @@ def shard_optimizer_state(optimizer: Any, opt_state: Any, plan: Plan, mesh: Any 
     if not callable(getattr(optimizer, "init", None)):
         raise OptionError(f"optimizer {optimizer!r} has no init(); pass an optax GradientTransformation "
                           "(e.g. optax.adamw(1e-3)) or an nnx.Optimizer")
+    moved = check_order(order) == "model" and has_layouts(plan)
     if opt_state is not None:
         made_from = params_for_state(optimizer, opt_state, plan, params)
         boxes, treedef, specs = state_leaf_specs(opt_state, plan, optimizer=optimizer, params=made_from)
-        placed = put([unbox(b) for b in boxes], [NamedSharding(mesh, s) for s in specs])
+        values = [unbox(b) for b in boxes]
+        if moved:  # the moments of head-aligned kernels into the stored order
+            values = reorder(values, tree_layouts(plan, opt_state, optimizer=optimizer, params=made_from))
+        placed = put(values, [NamedSharding(mesh, s) for s in specs])
         return rebox_all(boxes, placed, treedef)
     abstract = abstract_params(plan, params)
     out_shardings = optimizer_shardings(optimizer, plan, mesh, params=abstract)
     if params is not None:  # the float leaves, as abstract_params sees them
-        return jax.jit(optimizer.init, out_shardings=out_shardings)(optimizer_params(plan, params))
+        start = optimizer_params(plan, params)
+        lays = tree_layouts(plan, start) if moved else None
+
+        def init_stored(p):
+            if lays is not None:  # in the model's order: initialise from the stored one
+                leaves, treedef = jax.tree_util.tree_flatten(p, is_leaf=is_box)
+                p = jax.tree_util.tree_unflatten(treedef, reorder_traced(leaves, lays))
+            return optimizer.init(p)
+
+        return jax.jit(init_stored, out_shardings=out_shardings)(start)
 
     def init_from_zeros():
         return optimizer.init(jax.tree_util.tree_map(lambda s: jax.numpy.zeros(s.shape, s.dtype), abstract))
@@ -207,12 +228,14 @@ def train_state_shardings(state: Any, plan: Plan, mesh: Any = None) -> Any:
                            params=getattr(state, "params", None))
 
 
-def shard_train_state(state: Any, plan: Plan, mesh: Any = None) -> Any:
+def shard_train_state(state: Any, plan: Plan, mesh: Any = None, *, order: str = "model") -> Any:
     """A ``TrainState`` placed on the mesh: params per plan, optimizer state derived, step replicated.
 
     ``state.params`` is checked against the plan first (the planned tree, or
     its ``params`` collection; a mismatch raises PlanMismatchError and nothing
-    is placed).
+    is placed). ``order``: as for :func:`shard_optimizer_state`; with ``"model"`` (default) the
+    head-aligned kernels of a ``plan(..., fused="aligned")`` and the optimizer moments tied to
+    them are put into the stored order, as :func:`tpflax.shard` puts the parameters.
 
     >>> import jax, jax.numpy as jnp, optax, tpflax
     >>> from flax.training import train_state
@@ -226,9 +249,12 @@ def shard_train_state(state: Any, plan: Plan, mesh: Any = None) -> Any:
     params = getattr(state, "params", None)
     if params is not None:
         match_plan(plan, walk(params)[0])
-    boxes, treedef, specs = state_leaf_specs(state, plan, optimizer=getattr(state, "tx", None),
-                                             params=params)
-    placed = put([unbox(b) for b in boxes], [NamedSharding(mesh, s) for s in specs])
+    tx = getattr(state, "tx", None)
+    boxes, treedef, specs = state_leaf_specs(state, plan, optimizer=tx, params=params)
+    values = [unbox(b) for b in boxes]
+    if check_order(order) == "model" and has_layouts(plan):
+        values = reorder(values, tree_layouts(plan, state, optimizer=tx, params=params))
+    placed = put(values, [NamedSharding(mesh, s) for s in specs])
     return rebox_all(boxes, placed, treedef)
 
 

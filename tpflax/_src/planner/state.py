@@ -148,22 +148,28 @@ def state_leaf_specs(tree: Any, plan: Plan, *, optimizer: Any = None,
     >>> specs
     [P('model', None)]
     """
+    boxes, treedef, targets = state_leaf_targets(tree, plan, optimizer=optimizer, params=params)
+    specs = [PartitionSpec() if getattr(unbox(b), "shape", None) is None  # a Python/numpy scalar
+             else _leaf_spec(plan, unbox(b), t) for b, t in zip(boxes, targets, strict=True)]
+    return boxes, treedef, specs
+
+
+def state_leaf_targets(tree: Any, plan: Plan, *, optimizer: Any = None,
+                       params: Any = None) -> tuple[list[Any], Any, list[str | None]]:
+    """(boxed leaves, treedef, the plan path each leaf belongs to or None), tied as :func:`state_leaf_specs` ties them."""
     flat, treedef = check_state_leaves(tree)
     positional = None
     if optimizer is not None and params is not None:
         positional = _positional_matches(optimizer, tree, params)
     index = _suffix_index(plan)
-    specs = []
+    targets: list[str | None] = []
     for i, (path, box) in enumerate(flat):
-        value = unbox(box)
-        if getattr(value, "shape", None) is None:  # a Python/numpy scalar
-            specs.append(PartitionSpec())
+        if getattr(unbox(box), "shape", None) is None:
+            targets.append(None)
             continue
         target = index.get(positional[i]) if positional is not None and i in positional else None
-        if target is None:
-            target = _match_suffix(keystr(path), index)
-        specs.append(_leaf_spec(plan, value, target))
-    return [b for _, b in flat], treedef, specs
+        targets.append(target if target is not None else _match_suffix(keystr(path), index))
+    return [b for _, b in flat], treedef, targets
 
 
 def check_state_leaves(tree: Any) -> tuple[list[tuple[Any, Any]], Any]:
@@ -442,4 +448,5 @@ def trainable(tree: Any, keeps: Callable[[str], bool] | None = None) -> tuple[An
 
 
 __all__ = ["abstract_params", "adapt_spec", "check_state_leaves", "opt_state_problems", "optimizer_params",
-           "planned_tree", "split_params", "state_leaf_specs", "state_specs", "trainable"]
+           "planned_tree", "split_params", "state_leaf_specs", "state_leaf_targets", "state_specs",
+           "trainable"]

@@ -1,0 +1,220 @@
+"""plan(..., fused="aligned"): fused [q|k|v] kernels stored head-aligned, and tpflax's placement and IO.
+
+The stored order (``Decision.layout``) puts rank r's share of every piece in rank r's contiguous
+block; shard/init_sharded/restore give that order, unshard/save_checkpoint the model's.
+"""
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import tpflax
+from tpflax._src.errors import OptionError
+from tpflax._src.layout import Interleave, to_storage
+
+D, H, K = 64, 8, 4  # width, query heads, GQA key/value heads
+HD = D // H
+MESH = {"data": 2, "model": 4}
+
+
+class Block(nn.Module):
+    """GPT-2's fused c_attn (nn.Dense(3d) + jnp.split), then a GQA fused [q|k|v] of unequal pieces, then an MLP."""
+
+    @nn.compact
+    def __call__(self, x):
+        B, T, _ = x.shape
+        q, k, v = jnp.split(nn.Dense(3 * D, name="c_attn")(x), 3, axis=-1)
+        q, k, v = (t.reshape(B, T, H, HD) for t in (q, k, v))
+        a = jax.nn.softmax(jnp.einsum("bthd,bshd->bhts", q, k), -1)
+        x = x + nn.Dense(D, name="c_proj")(jnp.einsum("bhts,bshd->bthd", a, v).reshape(B, T, D))
+        q, k, v = jnp.split(nn.Dense((H + 2 * K) * HD, name="wqkv")(x), [H * HD, (H + K) * HD], axis=-1)
+        q, k, v = q.reshape(B, T, K, H // K, HD), k.reshape(B, T, K, HD), v.reshape(B, T, K, HD)
+        a = jax.nn.softmax(jnp.einsum("btkgd,bskd->bkgts", q, k), -1)
+        x = x + nn.Dense(D, name="wo")(jnp.einsum("bkgts,bskd->btkgd", a, v).reshape(B, T, D))
+        return x + nn.Dense(D, name="proj")(nn.gelu(nn.Dense(4 * D, name="fc")(x)))
+
+
+MODEL = Block()
+X = jnp.ones((2, 8, D))
+QKV = Interleave(1, (D, D, D), 4)
+GQA = Interleave(1, (H * HD, K * HD, K * HD), 4)
+WANT = {"params/c_attn/kernel": QKV, "params/c_attn/bias": Interleave(0, QKV.pieces, 4),
+        "params/wqkv/kernel": GQA, "params/wqkv/bias": Interleave(0, GQA.pieces, 4)}
+
+
+@pytest.fixture(scope="module")
+def plans():
+    abstract = jax.eval_shape(MODEL.init, jax.random.key(0), X)
+    return {mode: tpflax.plan(abstract, MESH, model=MODEL, sample=(X,), fused=mode) for mode in ("split", "aligned")}
+
+
+@pytest.fixture(scope="module")
+def host():
+    return jax.tree_util.tree_map(np.asarray, jax.jit(MODEL.init)(jax.random.key(1), X))
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return tpflax.make_mesh(MESH)
+
+
+def _stored(tree):
+    """The host tree with the laid-out leaves in stored order (what tpflax places)."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    out = {}
+    for path, x in flat:
+        key = "/".join(str(getattr(k, "key", k)) for k in path)
+        out[key] = to_storage(x, WANT[key]) if key in WANT else x
+    return out
+
+
+def _flat(tree):
+    return {"/".join(str(getattr(k, "key", k)) for k in p): np.asarray(x)
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _same(got, want):
+    got, want = _flat(got), _flat(want)
+    assert got.keys() == want.keys()
+    for k in got:
+        assert got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k]), k
+
+
+def test_aligned_plan_sets_layouts_and_keeps_the_specs(plans):
+    split, aligned = plans["split"], plans["aligned"]
+    assert {p: d.spec for p, d in split.decisions.items()} == {p: d.spec for p, d in aligned.decisions.items()}
+    assert {p: d.layout for p, d in aligned.decisions.items() if d.layout} == WANT
+    assert not any(d.layout for d in split.decisions.values())
+    assert "head-aligned: stored rank by rank" in aligned.decisions["params/wqkv/kernel"].reason
+    assert "[16 | 8 | 8]" in aligned.decisions["params/wqkv/kernel"].reason
+    assert "fused='aligned' would store it head-aligned" in split.decisions["params/c_attn/kernel"].reason
+    assert aligned.options["fused"] == "aligned" and split.options["fused"] == "split"
+    back = tpflax.Plan.from_json(aligned.to_json())
+    assert {p: d.layout for p, d in back.decisions.items() if d.layout} == WANT
+    assert json.loads(back.to_json())["options"]["fused"] == "aligned"
+    with pytest.raises(OptionError, match="'split', 'aligned'"):
+        tpflax.plan(jax.eval_shape(MODEL.init, jax.random.key(0), X), MESH, fused="heads")
+
+
+def test_pieces_that_do_not_divide_keep_the_naive_split():
+    class MQA(nn.Module):  # one key/value head of 6: (48 | 6 | 6) over 4 ranks
+        @nn.compact
+        def __call__(self, x):
+            B, T, d = x.shape
+            q, k, v = jnp.split(nn.Dense(60, name="wqkv")(x), [48, 54], axis=-1)
+            a = jax.nn.softmax(jnp.einsum("bthd,bsd->bhts", q.reshape(B, T, 8, 6), k), -1)
+            return x + nn.Dense(d, name="wo")(jnp.einsum("bhts,bsd->bthd", a, v).reshape(B, T, 48))
+
+    x = jnp.ones((2, 8, 48))
+    p = tpflax.plan(jax.eval_shape(MQA().init, jax.random.key(0), x), MESH, model=MQA(), sample=(x,),
+                    fused="aligned")
+    d = p.decisions["params/wqkv/kernel"]
+    assert d.spec == jax.sharding.PartitionSpec(None, "model") and d.layout is None
+    assert "its pieces (48, 6, 6) do not divide by the 4 ranks" in d.reason
+    assert not any(x.layout for x in p.decisions.values())
+
+
+def test_shard_unshard_round_trip_and_rank_blocks(plans, host, mesh):
+    plan = plans["aligned"]
+    before = jax.tree_util.tree_map(np.copy, host)
+    placed = tpflax.shard(host, plan, mesh)
+    _same(host, before)  # the caller's tree is untouched
+    _same(tpflax.unshard(placed, plan), host)
+    _same(tpflax.unshard(placed), _stored(host))  # without the plan: as stored
+    for name, lay in (("c_attn", QKV), ("wqkv", GQA)):
+        w = host["params"][name]["kernel"]
+        starts = np.cumsum((0,) + lay.pieces[:-1])
+        for s in placed["params"][name]["kernel"].addressable_shards:
+            r = s.index[1].start // (lay.size // 4)
+            want = np.concatenate([w[:, a + r * n // 4:a + (r + 1) * n // 4]
+                                   for a, n in zip(starts, lay.pieces, strict=True)], 1)
+            assert np.array_equal(np.asarray(s.data), want)
+    # a device array is reordered on device, bit-exact, and the caller's array is kept
+    dev = jax.tree_util.tree_map(jnp.asarray, host)
+    _same(tpflax.unshard(tpflax.shard(dev, plan, mesh), plan), host)
+    _same(dev, host)
+
+
+def test_init_sharded_is_the_stored_plain_init(plans, host, mesh):
+    made = tpflax.init_sharded(MODEL.init, plans["aligned"], mesh, jax.random.key(1), X, chunk_bytes=None)
+    assert made["params"]["c_attn"]["kernel"].sharding.spec == plans["aligned"].spec("params/c_attn/kernel")
+    _same(tpflax.unshard(made), _stored(host))
+
+
+def test_checkpoints_hold_the_model_order_across_plans(plans, host, mesh, tmp_path):
+    split, aligned = plans["split"], plans["aligned"]
+    path = tpflax.save_checkpoint(tmp_path / "a", tpflax.shard(host, aligned, mesh), plan=aligned)
+    _same(tpflax.restore_checkpoint(path, split, mesh), host)  # model order on disk
+    _same(tpflax.unshard(tpflax.restore_checkpoint(path)), host)
+    back = tpflax.restore_checkpoint(path, aligned, mesh)
+    _same(tpflax.unshard(back), _stored(host))
+    _same(tpflax.unshard(back, aligned), host)
+    from_split = tpflax.save_checkpoint(tmp_path / "s", tpflax.shard(host, split, mesh), plan=split)
+    _same(tpflax.unshard(tpflax.restore_checkpoint(from_split, aligned, mesh)), _stored(host))
+    conv = tpflax.convert_checkpoint(from_split, tmp_path / "c", aligned, mesh)
+    _same(tpflax.unshard(tpflax.restore_checkpoint(conv)), host)
+
+
+def test_optimizer_state_in_the_model_order_is_stored_like_its_parameters(plans, host, mesh):
+    plan = plans["aligned"]
+    tx = optax.adam(1e-3)
+    state = tx.init(host)
+    state = (state[0]._replace(mu=host, nu=jax.tree_util.tree_map(lambda x: x * 2, host)),) + state[1:]
+    placed = tpflax.shard_optimizer_state(tx, state, plan, mesh)  # order="model"
+    _same(tpflax.unshard(placed[0].mu), _stored(host))
+    _same(tpflax.unshard(placed, plan)[0].nu, state[0].nu)
+    kept = tpflax.shard_optimizer_state(tx, state, plan, mesh, order="stored")
+    _same(tpflax.unshard(kept[0].mu), host)
+    with pytest.raises(OptionError, match="order="):
+        tpflax.shard_optimizer_state(tx, state, plan, mesh, order="natural")
+    from flax.training import train_state
+
+    ts = train_state.TrainState.create(apply_fn=None, params=host, tx=tx).replace(opt_state=state)
+    placed_ts = tpflax.shard_train_state(ts, plan, mesh)
+    _same(tpflax.unshard(placed_ts.params), _stored(host))
+    _same(tpflax.unshard(placed_ts.opt_state[0].mu), _stored(host))
+    # initialised from parameters in the model's order: a copy of them (optax's lookahead-like states)
+    copy = optax.GradientTransformation(lambda p: p, lambda u, s, p=None: (u, s))
+    made = tpflax.shard_optimizer_state(copy, None, plan, mesh, params=host)
+    _same(tpflax.unshard(made), _stored(host))
+
+
+def test_estimate_prices_no_fused_reshard_when_aligned(plans):
+    est = {m: tpflax.estimate(p, model=MODEL, sample=(X,), backend="cpu") for m, p in plans.items()}
+    fused = {m: [i for i in e.items if i.why.startswith("fused")] for m, e in est.items()}
+    assert {i.source for i in fused["split"]} == {"params/c_attn/kernel", "params/wqkv/kernel"}
+    assert fused["aligned"] == []
+    rest = {m: sorted((i.kind, i.size, i.why) for i in e.items if not i.why.startswith("fused")) for m, e in est.items()}
+    assert rest["split"] == rest["aligned"]
+
+
+USERPKG = """
+import jax, jax.numpy as jnp
+
+S = jax.ShapeDtypeStruct
+
+
+def fn(v, x):
+    q, k, w = jnp.split(x @ v["qkv"], 3, axis=-1)
+    return x + (q * k + w) @ v["proj"]
+
+
+def make():
+    return fn, {"qkv": S((64, 192), jnp.float32), "proj": S((64, 64), jnp.float32)}, S((8, 16, 64), jnp.float32)
+"""
+
+
+def test_cli_plans_with_fused_aligned(tmp_path, monkeypatch, capsys):
+    from tpflax._src.cli import main
+
+    (tmp_path / "userpkg_fused.py").write_text(USERPKG)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["plan", "userpkg_fused:make", "--mesh", "model=4", "--trace", "--fused", "aligned", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["options"]["fused"] == "aligned"
+    assert {d["path"]: d.get("layout") for d in out["decisions"]}["qkv"] == {"dim": 1, "pieces": [64] * 3, "ranks": 4}

@@ -1,0 +1,115 @@
+"""Move leaves between the model's order and a plan's stored order (``plan(..., fused="aligned")``).
+
+A leaf whose :attr:`Decision.layout` is set is stored head-aligned
+(:mod:`tpflax._src.layout`). Placement (:func:`tpflax.shard`, the restores)
+takes trees in the model's order and gives them back stored; :func:`tpflax.unshard`
+and :func:`tpflax.save_checkpoint` give the model's order back. Trees derived
+from the parameters (adam's ``mu``/``nu``, a TrainState) are tied to them by
+path as their specs are (:func:`tpflax._src.planner.state.state_leaf_targets`),
+and a leaf shaped like its parameter (or one dim fewer, the fused dim kept:
+adafactor's factored moments) follows that parameter's layout.
+
+Host numpy arrays are reordered on the host; jax arrays by a jitted gather that
+keeps their sharding. Both are gathers: bit-exact, and the caller's arrays are
+never written.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from tpflax._src.errors import OptionError
+from tpflax._src.facts.tree import unbox
+from tpflax._src.layout import Interleave, from_storage, to_storage
+from tpflax._src.planner.plan import Plan
+
+ORDERS = ("model", "stored")
+
+
+def has_layouts(plan: Plan) -> bool:
+    return any(d.layout is not None for d in plan.decisions.values())
+
+
+def check_order(order: object) -> str:
+    """``order`` as given, or OptionError naming the allowed values.
+
+    >>> check_order("model")
+    'model'
+    """
+    if order not in ORDERS:
+        raise OptionError(f"order={order!r} is not one of {', '.join(map(repr, ORDERS))}: 'model' for a tree in "
+                          "the model's order (loaded from a checkpoint, made from unsharded params), 'stored' "
+                          "for one made from tpflax-placed params (optimizer.init(tpflax.shard(params, plan)))")
+    return str(order)
+
+
+def derived(lay: Interleave | None, pshape: Sequence[int], shape: Sequence[int]) -> Interleave | None:
+    """The layout of a leaf of ``shape`` derived from a parameter of ``pshape`` stored with ``lay``.
+
+    >>> lay = Interleave(1, (4, 4), 2)
+    >>> derived(lay, (3, 8), (3, 8)) == lay, derived(lay, (3, 8), (8,)), derived(lay, (3, 8), (3,))
+    (True, Interleave(dim=0, pieces=(4, 4), ranks=2), None)
+    """
+    pshape, shape = tuple(pshape), tuple(shape)
+    if lay is None or shape == pshape:
+        return lay
+    if len(shape) == len(pshape) - 1:
+        for k in range(len(pshape)):
+            if k != lay.dim and pshape[:k] + pshape[k + 1:] == shape:
+                return Interleave(lay.dim - (k < lay.dim), lay.pieces, lay.ranks)
+    return None
+
+
+def tree_layouts(plan: Plan, tree: Any, *, optimizer: Any = None, params: Any = None) -> list[Interleave | None]:
+    """One layout per leaf of ``tree`` (flax boxes and nnx Variables as leaves), tied to the parameters by path."""
+    from tpflax._src.planner.state import state_leaf_targets
+
+    boxes, _, targets = state_leaf_targets(tree, plan, optimizer=optimizer, params=params)
+    out: list[Interleave | None] = []
+    for b, t in zip(boxes, targets, strict=True):
+        d = plan.decisions[t] if t is not None else None
+        out.append(None if d is None else derived(d.layout, d.shape, np.shape(unbox(b))))
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _gather(lay: Interleave, back: bool, sharding: Any) -> Any:
+    fn = functools.partial(from_storage if back else to_storage, lay=lay)
+    return jax.jit(fn, out_shardings=sharding)
+
+
+def reorder(values: Sequence[Any], layouts: Sequence[Interleave | None], *, back: bool = False) -> list[Any]:
+    """``values`` with every leaf that has a layout in stored order (``back``: in the model's order)."""
+    out = list(values)
+    for i, (x, lay) in enumerate(zip(values, layouts, strict=True)):
+        if lay is None or x is None:
+            continue
+        if isinstance(x, jax.Array):
+            sharding = x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding) else None
+            out[i] = _gather(lay, back, sharding)(x)
+        elif isinstance(x, (np.ndarray, np.generic)):
+            out[i] = from_storage(x, lay) if back else to_storage(x, lay)
+    return out
+
+
+def model_order(tree: Any, plan: Plan | None) -> Any:
+    """``tree`` unboxed, its head-aligned leaves (and the state leaves tied to them) in the model's order."""
+    if plan is None or not has_layouts(plan):
+        return tree
+    from tpflax._src.facts.tree import unboxed
+
+    flat, treedef = jax.tree_util.tree_flatten(unboxed(tree))
+    return jax.tree_util.tree_unflatten(treedef, reorder(flat, tree_layouts(plan, unboxed(tree)), back=True))
+
+
+def reorder_traced(values: Sequence[Any], layouts: Sequence[Interleave | None]) -> list[Any]:
+    """Inside a traced function: ``values`` (jax values or tracers) put into the stored order."""
+    return [x if lay is None else to_storage(x, lay) for x, lay in zip(values, layouts, strict=True)]
+
+
+__all__ = ["ORDERS", "check_order", "derived", "has_layouts", "model_order", "reorder", "reorder_traced", "tree_layouts"]
