@@ -218,3 +218,27 @@ def test_cli_plans_with_fused_aligned(tmp_path, monkeypatch, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["options"]["fused"] == "aligned"
     assert {d["path"]: d.get("layout") for d in out["decisions"]}["qkv"] == {"dim": 1, "pieces": [64] * 3, "ranks": 4}
+
+
+def test_nnx_module_is_placed_stored_and_unsharded_back(mesh):
+    from flax import nnx
+
+    class Attn(nnx.Module):
+        def __init__(self, rngs):
+            self.qkv, self.out = nnx.Linear(D, 3 * D, rngs=rngs), nnx.Linear(D, D, rngs=rngs)
+
+        def __call__(self, x):
+            B, T, _ = x.shape
+            q, k, v = (t.reshape(B, T, H, HD) for t in jnp.split(self.qkv(x), 3, axis=-1))
+            a = jax.nn.softmax(jnp.einsum("bthd,bshd->bhts", q, k), -1)
+            return self.out(jnp.einsum("bhts,bshd->bthd", a, v).reshape(B, T, D))
+
+    m = Attn(nnx.Rngs(0))
+    plan = tpflax.plan(nnx.state(m), MESH, model=m, sample=(X,), fused="aligned")
+    assert plan.decisions["qkv/kernel"].layout == QKV and plan.decisions["qkv/bias"].layout.dim == 0
+    host = tpflax.unshard(m)
+    placed = tpflax.shard(m, plan, mesh)
+    assert np.array_equal(np.asarray(placed.qkv.kernel.get_value()), to_storage(host["qkv"]["kernel"].get_value(), QKV))
+    back = tpflax.unshard(placed, plan)
+    assert all(np.array_equal(np.asarray(back[n][w].get_value()), np.asarray(host[n][w].get_value()))
+               for n in ("qkv", "out") for w in ("kernel", "bias"))

@@ -14,6 +14,7 @@ from jax.sharding import NamedSharding
 
 from tpflax._src.apply.bind import bind_mesh, rebox_all
 from tpflax._src.apply.put import place_tree, put
+from tpflax._src.apply.stored import has_layouts, reorder, tree_layouts
 from tpflax._src.facts.tree import unbox
 from tpflax._src.planner.plan import Plan
 from tpflax._src.planner.state import state_leaf_specs
@@ -50,7 +51,10 @@ def shard_module(obj: Any, plan: Plan, mesh: Any = None, *, per_shard: bool = Fa
         return nnx.merge(graphdef, place_tree(state, plan, mesh, per_shard=per_shard))
     mesh = bind_mesh(plan, mesh)
     boxes, treedef, specs = state_leaf_specs(state, plan)
-    placed = put([unbox(b) for b in boxes], [NamedSharding(mesh, s) for s in specs], per_shard=per_shard)
+    values = [unbox(b) for b in boxes]
+    if has_layouts(plan):  # in the model's order, as shard() takes it: head-aligned kernels and moments stored
+        values = reorder(values, tree_layouts(plan, state))
+    placed = put(values, [NamedSharding(mesh, s) for s in specs], per_shard=per_shard)
     return nnx.merge(graphdef, rebox_all(boxes, placed, treedef))
 
 
