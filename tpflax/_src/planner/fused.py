@@ -106,7 +106,8 @@ def fused_layouts(facts: Sequence[Facts], proposals: Mapping[str, Proposal], dec
         saved = _saved(d, dim, sizes, n, ms, opts)
         per_step = f" (~{fmt_bytes(saved)} per device per step)" if saved else ""
         if why:
-            out[path] = replace(d, reason=d.reason + f"; fused={mode!r}: kept in the model's order, {why}")
+            if mode == "aligned":
+                out[path] = replace(d, reason=d.reason + f"; fused='aligned': kept in the model's order, {why}")
             continue
         if mode == "split":
             out[path] = replace(d, reason=d.reason + f"; fused='aligned' would store it head-aligned and save "
