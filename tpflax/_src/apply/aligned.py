@@ -112,12 +112,12 @@ def aligned_layouts(fn: Callable[..., Any], layouts: Callable[[Any], Any], argnu
 
         def flat_fn(*arrays):
             it = iter(arrays)
-            return fn(*jax.tree_util.tree_unflatten(tree, [next(it) if a else x for x, a in zip(flat, is_array)]))
+            return fn(*jax.tree_util.tree_unflatten(tree, [next(it) if a else x for x, a in zip(flat, is_array, strict=True)]))
 
-        arrays = [x for x, a in zip(flat, is_array) if a]
-        in_marks = [m for m, a in zip(all_marks, is_array) if a]
+        arrays = [x for x, a in zip(flat, is_array, strict=True) if a]
+        in_marks = [m for m, a in zip(all_marks, is_array, strict=True) if a]
         closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*arrays)
-        outs = _eval(closed.jaxpr, closed.consts, list(zip(arrays, in_marks)))
+        outs = _eval(closed.jaxpr, closed.consts, list(zip(arrays, in_marks, strict=True)))
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), [_natural(v) for v in outs])
 
     return g
@@ -177,9 +177,9 @@ def _eval(jaxpr, consts, args) -> list:
     from jax.extend.core import Literal
 
     env: dict = {}
-    for v, c in zip(jaxpr.constvars, consts):
+    for v, c in zip(jaxpr.constvars, consts, strict=True):
         env[v] = (c, None)
-    for v, a in zip(jaxpr.invars, args):
+    for v, a in zip(jaxpr.invars, args, strict=True):
         env[v] = a
 
     def read(v):
@@ -191,7 +191,7 @@ def _eval(jaxpr, consts, args) -> list:
             outs = [(o, None) for o in _bind(eqn, [x for x, _ in ins])]
         else:
             outs = _rule(eqn, ins)
-        for v, o in zip(eqn.outvars, outs):
+        for v, o in zip(eqn.outvars, outs, strict=True):
             env[v] = o
     return [read(v) for v in jaxpr.outvars]
 
@@ -281,7 +281,7 @@ def _slice(eqn, ins):
         return None
     starts = [sum(m.pieces[:i]) for i in range(len(m.pieces))]
     whole = start[a] == 0 and limit[a] == m.size
-    if not whole and (start[a], limit[a] - start[a]) not in zip(starts, m.pieces):
+    if not whole and (start[a], limit[a] - start[a]) not in zip(starts, m.pieces, strict=True):
         return None
     start[a], limit[a] = 0, m.size
     y = jax.lax.slice(x, start, limit, strides)
@@ -340,12 +340,12 @@ def _remat(eqn, ins):
     marks, out_marks = [m for _, m in ins], []
 
     def body(*xs):
-        outs = _eval(p["jaxpr"], (), list(zip(xs, marks)))
+        outs = _eval(p["jaxpr"], (), list(zip(xs, marks, strict=True)))
         out_marks[:] = [m for _, m in outs]
         return [x for x, _ in outs]
 
     outs = jax.checkpoint(body, prevent_cse=p["prevent_cse"], policy=p["policy"])(*[x for x, _ in ins])
-    return list(zip(outs, out_marks))
+    return list(zip(outs, out_marks, strict=True))
 
 
 def _scan(eqn, ins):
@@ -360,13 +360,13 @@ def _scan(eqn, ins):
     closed, y_marks = p["jaxpr"], []
 
     def body(c, x):
-        outs = _eval(closed.jaxpr, closed.consts, consts + [(v, None) for v in c] + list(zip(x, x_marks)))
+        outs = _eval(closed.jaxpr, closed.consts, consts + [(v, None) for v in c] + list(zip(x, x_marks, strict=True)))
         y_marks[:] = [m for _, m in outs[nk:]]
         return [_natural(v) for v in outs[:nk]], [y for y, _ in outs[nk:]]
 
     c, ys = jax.lax.scan(body, carry, [x for x, _ in xs], length=p["length"], reverse=p["reverse"],
                          unroll=p["unroll"])
-    return [(v, None) for v in c] + [(y, None if m is None else _at(m, m.dim + 1)) for y, m in zip(ys, y_marks)]
+    return [(v, None) for v in c] + [(y, None if m is None else _at(m, m.dim + 1)) for y, m in zip(ys, y_marks, strict=True)]
 
 
 _RULES: dict[str, Callable[..., Any]] = {
