@@ -6,6 +6,7 @@
 ['w']
 """
 
+from tpflax._src.apply.aligned import aligned
 from tpflax._src.apply.batch import batch_sharding, batch_spec, constrain_batch, shard_batch
 from tpflax._src.apply.init import init_sharded
 from tpflax._src.apply.place import constrain, gathered_loss, shard, shardings, unshard
@@ -93,4 +94,6 @@ __all__ = [
     "Alternative", "get_hardware",
     # ZeRO-3 loss for hand-written steps, scanned stacks gathered per layer (issue 12)
     "gathered_loss",
+    # a hand-written step over a plan made with fused="aligned" (fused kernels stored head-aligned)
+    "aligned",
 ]

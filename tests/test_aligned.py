@@ -1,0 +1,203 @@
+"""tpflax.aligned: a model run on head-aligned stored fused kernels computes its own values, without reshards.
+
+Plans get their layouts by hand here (a naive plan with the fused kernel's and bias's Decision given an
+Interleave), the parameters are put in stored order with ``to_storage``.
+"""
+
+import dataclasses
+from functools import partial
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from _util import FAST_XLA
+
+import tpflax
+from tpflax import hlo
+from tpflax._src.layout import Interleave, from_storage, to_storage
+from tpflax._src.planner.decision import Decision
+from tpflax._src.step import plan_decisions
+
+D, H, K, HD = 32, 8, 4, 4  # GQA: 8 query heads, 4 kv heads; on 4 tensor ranks every rank holds whole heads
+GQA = (H * HD, K * HD, K * HD)  # unequal pieces (32 | 16 | 16)
+MESH = {"data": 2, "model": 4}
+
+
+def attend(q, k, v):
+    b, t = q.shape[:2]
+    q, k, v = (a.reshape(b, t, -1, HD) for a in (q, k, v))
+    rep = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
+    w = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / HD ** 0.5, -1)
+    return jnp.einsum("bhqk,bkhd->bqhd", w, v).reshape(b, t, -1)
+
+
+class Fused(nn.Module):
+    """GPT-2-style block, q|k|v fused in one nn.Dense and cut with jnp.split (GQA pieces)."""
+
+    @nn.compact
+    def __call__(self, x):
+        q, k, v = jnp.split(nn.Dense(sum(GQA), name="qkv")(x), [GQA[0], GQA[0] + GQA[1]], -1)
+        x = x + nn.Dense(D, name="out")(attend(q, k, v))
+        return x + nn.Dense(D, name="down")(nn.gelu(nn.Dense(4 * D, name="up")(x)))
+
+
+class Separate(nn.Module):
+    """The same block with separate q, k, v kernels."""
+
+    @nn.compact
+    def __call__(self, x):
+        q, k, v = (nn.Dense(n, name=s)(x) for n, s in zip(GQA, "qkv", strict=True))
+        x = x + nn.Dense(D, name="out")(attend(q, k, v))
+        return x + nn.Dense(D, name="down")(nn.gelu(nn.Dense(4 * D, name="up")(x)))
+
+
+class Conv(nn.Module):
+    """HF FlaxConv1D style: the fused kernel stored (3d, d) and transposed, then split in three."""
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("c_attn", nn.initializers.normal(0.02), (3 * D, D))
+        b = self.param("c_attn_bias", nn.initializers.normal(0.02), (3 * D,))
+        q, k, v = jnp.split(jnp.dot(x, w.T) + b, 3, axis=2)
+        return x + nn.Dense(D, name="out")(attend(q, k, v))
+
+
+class Relu(nn.Module):
+    """A custom_jvp (jax.nn.relu) on the fused output: aligned materializes it there (the fallback)."""
+
+    @nn.compact
+    def __call__(self, x):
+        qkv = jax.nn.relu(nn.Dense(sum(GQA), name="qkv")(x))
+        q, k, v = jnp.split(qkv, [GQA[0], GQA[0] + GQA[1]], -1)
+        return x + nn.Dense(D, name="out")(attend(q, k, v))
+
+
+class Layer(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+        return Fused()(h), None
+
+
+class LM(nn.Module):
+    blocks: tuple = (Fused, Fused)
+
+    @nn.compact
+    def __call__(self, ids):
+        h = nn.Embed(64, D, name="embed")(ids)
+        for i, b in enumerate(self.blocks):
+            h = b(name=f"b{i}")(h)
+        return nn.Dense(64, name="head")(h)
+
+
+class Deep(nn.Module):
+    """nn.remat layer, a fallback layer and an nn.scan over remat layers (stacked fused kernels)."""
+
+    @nn.compact
+    def __call__(self, ids):
+        h = nn.Embed(64, D, name="embed")(ids)
+        h = nn.remat(Fused, prevent_cse=False)(name="r")(h)
+        h = Relu(name="j")(h)
+        h, _ = nn.scan(nn.remat(Layer), variable_axes={"params": 0}, split_rngs={"params": True},
+                       length=2)(name="s")(h, None)
+        return nn.Dense(64, name="head")(h)
+
+
+FUSED = {"qkv/kernel": (GQA, 1), "qkv/bias": (GQA, 0), "c_attn": ((D,) * 3, 0), "c_attn_bias": ((D,) * 3, 0)}
+
+
+def aligned_plan(m, v, ids):
+    """The naive plan, with an Interleave on every fused leaf (dims shift by one under the scan's stack)."""
+    plan = tpflax.plan(v, MESH, model=m, sample=(ids,))
+    decs = {}
+    for path, d in plan.decisions.items():
+        hit = [lay for key, lay in FUSED.items() if path.endswith("/" + key)]
+        if hit:
+            pieces, dim = hit[0]
+            dim += len(d.shape) - (2 if path.endswith(("kernel", "c_attn")) else 1)
+            assert d.spec[dim] == "model", (path, d.spec)  # the naive split of the fused dim
+            d = dataclasses.replace(d, layout=Interleave(dim=dim, pieces=pieces, ranks=4))
+        decs[path] = d
+    return plan, dataclasses.replace(plan, decisions=decs)
+
+
+def _decisions(plan, v):
+    return jax.tree_util.tree_leaves(plan_decisions(plan, v), is_leaf=lambda x: isinstance(x, Decision))
+
+
+def stored(plan, v):
+    leaves, tree = jax.tree_util.tree_flatten(v)
+    return tree.unflatten([x if d.layout is None else to_storage(x, d.layout)
+                           for x, d in zip(leaves, _decisions(plan, v), strict=True)])
+
+
+def _loss(m):
+    return lambda v, ids: jnp.std(m.apply(v, ids))
+
+
+def _run(f, *args):
+    return jax.jit(f).lower(*args).compile(FAST_XLA)(*args)
+
+
+def _check(m, n_laid):
+    ids = jnp.asarray(np.random.RandomState(0).randint(0, 64, (4, 8)))
+    v = jax.jit(m.init)(jax.random.key(0), ids)
+    _, plan = aligned_plan(m, v, ids)
+    assert sum(d.layout is not None for d in plan.decisions.values()) == n_laid
+    sv, loss = stored(plan, v), _loss(m)
+    g = tpflax.aligned(loss, plan)
+    want, gn = _run(jax.value_and_grad(loss), v, ids)
+    got, ga = _run(jax.value_and_grad(g), sv, ids)
+    assert float(got) == float(want)  # the forward pass: the same ops on the same numbers
+    assert float(_run(loss, sv, ids)) != float(want)  # the stored tree really is in another order
+    # the backward pass contracts over the fused dim in stored order (dx = dy @ W.T): float32 sums of
+    # at most 128 products reordered, so each entry may differ by a few ulps of the largest gradient
+    for a, b, d in zip(jax.tree_util.tree_leaves(gn), jax.tree_util.tree_leaves(ga), _decisions(plan, v),
+                       strict=True):
+        b = b if d.layout is None else from_storage(np.asarray(b), d.layout)
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * float(np.abs(a).max()))
+    return g, sv, ids
+
+
+def test_values_and_grads_fused_dense_gqa_and_conv1d(devices):
+    _check(LM((Fused, Conv)), 4)
+
+
+def test_scan_remat_and_fallback(devices):
+    g, sv, ids = _check(Deep(), 6)
+    text = str(jax.make_jaxpr(g)(sv, ids))
+    assert "scan[" in text and "remat" in text and "custom_jvp_call" in text  # re-issued, not unrolled
+
+
+def _comm(m, plan, v, ids):
+    mesh = tpflax.make_mesh(MESH)
+    ts = tpflax.make_train_step(m, plan, mesh, optax.adamw(1e-3), sample=(ids,), variables=v)
+    c = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings).lower(*ts.args).compile(
+        FAST_XLA)
+    cs = hlo.parse_collectives(c.as_text(), mesh)
+    return sum(hlo.summarize(cs).values()), cs, ts, c
+
+
+def test_step_comm_no_more_than_separate_kernels(devices):
+    ids = jnp.asarray(np.random.RandomState(0).randint(0, 64, (8, 8)))
+    fused, sep = LM((Fused,)), LM((Separate,))
+    v, vs = jax.jit(fused.init)(jax.random.key(0), ids), jax.jit(sep.init)(jax.random.key(0), ids)
+    naive, plan = aligned_plan(fused, v, ids)
+    got, cs, ts, compiled = _comm(fused, plan, v, ids)
+    split, *_ = _comm(fused, naive, v, ids)
+    separate, *_ = _comm(sep, tpflax.plan(vs, MESH, model=sep, sample=(ids,)), vs, ids)
+    assert got <= separate and got < split, (got, separate, split)
+    assert not [c for c in cs if "split" in c.op_name or "concatenate" in c.op_name]
+    # the step trains the stored tree: its loss is the model's on the natural tree
+    args = jax.device_put((stored(plan, v), optax.adamw(1e-3).init(v["params"]), (ids,)), ts.in_shardings)
+    _, _, loss = compiled(*args)
+    assert float(loss) == pytest.approx(float(_run(partial(_next_token, fused), v, ids)), rel=1e-6)
+
+
+def _next_token(m, v, ids):
+    from tpflax._src.step import next_token_loss
+
+    return next_token_loss(m.apply(v, ids), ids)
