@@ -201,3 +201,29 @@ def _next_token(m, v, ids):
     from tpflax._src.step import next_token_loss
 
     return next_token_loss(m.apply(v, ids), ids)
+
+
+def test_constraint_and_name_keep_the_stored_order(devices):
+    """with_sharding_constraint and checkpoint_name between the matmul and the split are identities:
+    the pieces are still cut per rank, with no gather back to the model's order."""
+    from jax.ad_checkpoint import checkpoint_name
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+    from tpflax._src.apply.aligned import aligned_layouts
+    from tpflax._src.layout import Interleave, to_storage
+
+    mesh = jax.make_mesh((8,), ("model",), axis_types=(AxisType.Auto,))
+    lay = Interleave(dim=1, pieces=(16, 8, 8), ranks=4)
+    w = np.random.RandomState(0).standard_normal((8, 32)).astype(np.float32)
+    x = np.ones((2, 8), np.float32)
+
+    def f(p, x):
+        y = checkpoint_name(x @ p["w"], "qkv")
+        y = jax.lax.with_sharding_constraint(y, NamedSharding(mesh, PartitionSpec(None, "model")))
+        q, k, v = jnp.split(y, [16, 24], -1)
+        return q.sum(-1) + 2 * k.sum(-1) + 3 * v.sum(-1)
+
+    g = aligned_layouts(f, lambda p: {"w": lay})
+    stored_w = {"w": to_storage(w, lay)}
+    assert "gather" not in str(jax.make_jaxpr(g)(stored_w, x))  # without the rules: a gather to natural order
+    np.testing.assert_array_equal(np.asarray(jax.jit(g)(stored_w, x)), np.asarray(jax.jit(f)({"w": w}, x)))

@@ -10,7 +10,8 @@ value is ``from_storage(value)``) while that is cheap:
 
 * ``dot_general`` with the stored operand on a free dim, ``transpose``,
   ``reshape`` keeping the dim whole, ``broadcast_in_dim``, ``squeeze``,
-  reductions over other dims and elementwise ops keep it stored (a natural
+  reductions over other dims, elementwise ops and the identities
+  (``with_sharding_constraint``, ``checkpoint_name``) keep it stored (a natural
   operand of an elementwise op, a bias say, is put into stored order);
 * ``split``/``slice`` taking the pieces, and a reshape to ``(pieces, ...)``, cut
   each piece *per rank* (reshape the dim to ``(ranks, block)``, take the piece's
@@ -45,6 +46,7 @@ _ELEMENTWISE = frozenset("""
 _REDUCE = frozenset({"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "argmax", "argmin"})
 _CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})
 _REMAT = frozenset({"remat2", "checkpoint", "remat"})
+_IDENTITIES = frozenset({"sharding_constraint", "name"})
 
 
 def aligned(fn: Callable[..., Any], plan, argnum: int = 0) -> Callable[..., Any]:
@@ -372,6 +374,8 @@ def _scan(eqn, ins):
 _RULES: dict[str, Callable[..., Any]] = {
     "dot_general": _dot, "transpose": _transpose, "broadcast_in_dim": _broadcast, "reshape": _reshape,
     "split": _split, "slice": _slice, "squeeze": _follow(_squeeze_dim), "scan": _scan,
+    # identities on values: a constraint applies to the stored array as it stands (same shape), a name tags it
+    **{n: _follow(lambda p, a: a) for n in _IDENTITIES},
     **{n: _follow(_reduce_dim) for n in _REDUCE},
     **{n: _call for n in _CALLS}, **{n: _remat for n in _REMAT},
 }
