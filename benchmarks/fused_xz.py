@@ -104,10 +104,9 @@ def _loss(out, ids):
 def measure(mode: str, mesh_shape: dict, base) -> dict:
     m = Mamba("naive" if mode in ALIGNED else mode)
     v = jax.eval_shape(m.init, jax.random.key(0), *SAMPLE)
-    if mode in ALIGNED:  # tpflax's own head-aligned plan (its specs are base's: only the stored order differs)
+    if mode in ALIGNED:  # tpflax's own plan (model=: base's specs, in_proj stored head-aligned; tree-only: its own)
         kw = {"model": m, "sample": SAMPLE} if mode == "aligned" else {}
         plan = tpflax.plan(v, mesh_shape, fused="aligned", **kw)
-        assert all(plan.decisions[k].spec == d.spec for k, d in base.decisions.items())
     else:
         spec = P() if mode == "whole" else base.decisions["params/layers_0/in_proj/kernel"].spec
         rules = [(r"in_proj(/kernel)?$", spec), (r"in_[xz]/kernel$", spec)]
