@@ -14,6 +14,14 @@ script compiles the adamw step of the benchmark's tiny GPT-2 on 8 CPU-emulated d
 * ``view``: the kernel stored as a ``(3, d, d)`` view with its middle dim split over model
   (head-aligned), reshaped back to ``(3d, d)`` inside the loss. This is the "shard a
   reshaped view" option without rewriting the model's ops.
+* ``aligned``: ``c_attn`` stored head-aligned (``Interleave``) and the step run through ``tpflax.aligned``.
+
+Then every architecture of ``benchmarks/hf_models.py`` with a fused kernel (``FUSED_ARCHS``: those
+whose ``fused="aligned"`` plan, with ``model=`` or tree-only, gives a leaf a ``layout`` on
+{data: 2, model: 4}), on both meshes of ``benchmarks/third_party.py``, four plans compiled and read
+as that benchmark reads them: the hand layout, ``model=`` with ``fused="split"`` and ``"aligned"``,
+and tree-only with ``fused="aligned"``; plus ``tpflax.estimate``'s collective bytes beside the
+compiled ones. ``--arch`` limits the table to some architectures.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
+import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -34,12 +43,20 @@ import tpflax  # noqa: E402
 from tpflax._src.layout import Interleave  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_models import ARCHS  # noqa: E402
+from hf_models import ARCHS, BY_NAME  # noqa: E402
 from megatron_rules import megatron_rules  # noqa: E402
+from third_party import MESHES, mesh_label, plan_each, vocab_of  # noqa: E402
+from third_party import measure as measure_plan  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "fused_qkv.md"
 MESH = {"data": 2, "model": 4}
 SPLIT_OPS = ("attn/split", "attn/concatenate")  # the q/k/v split and its transpose
+# the architectures of hf_models.py with a fused kernel: planning all of ARCHS with fused="aligned" on
+# {data: 2, model: 4} lays out gpt2's and the GPT-2 decoders' c_attn (model= and tree-only); bloom's
+# query_key_value got a layout only from the tree-only plan until the planner stopped laying out what
+# only the tree heuristics guessed (BLOOM's (heads, 3, head_dim) view is head-aligned already)
+FUSED_ARCHS = ("gpt2", "bloom", "vit-gpt2", "bert2gpt2")
+PLANS = ("hand", "split", "aligned", "tree aligned")
 
 
 def _path(path) -> str:
@@ -93,7 +110,60 @@ def measure(fn, params, rules, built, relayout=None) -> dict:
             "split": split, "flops": dr.flops}
 
 
-def main() -> int:
+def arch_plans(name: str, built, params, mesh: dict) -> dict:
+    """The four plans of one architecture on ``mesh`` (a Plan, or the exception planning raised)."""
+    arch = BY_NAME[name]
+    model = {"model": built.fn, "sample": built.sample, "batch": built.sample}
+    rules = megatron_rules(name, mesh, vocab=vocab_of(arch), kv_heads=arch.kwargs.get("num_key_value_heads"))
+    return plan_each(params, mesh, {"hand": {"rules": rules}, "split": {**model, "fused": "split"},
+                                    "aligned": {**model, "fused": "aligned"},
+                                    "tree aligned": {"batch": built.sample, "fused": "aligned"}})
+
+
+def arch_rows(names) -> list[tuple]:
+    """``(arch, mesh, plan, laid-out leaves, Numbers)`` for every fused architecture, mesh and plan."""
+    rows = []
+    for name in names:
+        built = BY_NAME[name].build()
+        params = jax.eval_shape(lambda b=built: b.params)
+        for mesh in MESHES:
+            for plan_name, plan in arch_plans(name, built, params, mesh).items():
+                laid = 0 if isinstance(plan, Exception) else sum(d.layout is not None for d in plan.decisions.values())
+                r = measure_plan(name, mesh, plan_name, plan, built)
+                print(f"{name:<10} {mesh_label(mesh):<16} {plan_name:<13} {laid:>2} laid  "
+                      f"{r.error or f'{r.bytes:,.0f} B  {r.comm:,.0f} comm  {r.flops:.4g} flops  est {r.est_comm}'}",
+                      flush=True)
+                rows.append((name, mesh_label(mesh), plan_name, laid, r))
+    return rows
+
+
+def _ratio(a, b) -> str:
+    return f"{a / b:.3f}x" if a is not None and b else "-"
+
+
+def arch_table(rows) -> list[str]:
+    """The markdown table of :func:`arch_rows`: the three numbers, ratios to the hand layout, the estimate."""
+    hand = {(a, m): r for a, m, p, _, r in rows if p == "hand"}
+    split = {(a, m): r for a, m, p, _, r in rows if p == "split"}
+    lines = ["| model | mesh | plan | laid-out leaves | bytes/device | comm/step | flops/device | bytes vs hand "
+             "| comm vs hand | flops vs hand | comm vs split | estimate comm | estimate / compiled |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for a, m, p, laid, r in rows:
+        if r.error:
+            lines.append(f"| {a} | {m} | {p} | {laid} | {r.error[:120]} |  |  |  |  |  |  |  |  |")
+            continue
+        h, s = hand[a, m], split[a, m]
+        est = f"{r.est_comm:,.0f}" if r.est_comm is not None else (r.error or "-")
+        lines.append(f"| {a} | {m} | {p} | {laid} | {r.bytes:,.0f} | {r.comm:,.0f} | {r.flops:.4g} "
+                     f"| {_ratio(r.bytes, h.bytes)} | {_ratio(r.comm, h.comm)} | {_ratio(r.flops, h.flops)} "
+                     f"| {_ratio(r.comm, s.comm)} | {est} | {_ratio(r.est_comm, r.comm)} |")
+    return lines
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", nargs="*", default=list(FUSED_ARCHS), choices=sorted(BY_NAME))
+    args = ap.parse_args(argv)
     arch = next(a for a in ARCHS if a.name == "gpt2")
     built = arch.build()
     d = arch.kwargs["n_embd"]
@@ -125,6 +195,15 @@ def main() -> int:
               "model through `tpflax.aligned`, which cuts q, k and v per rank after the matmul: "
               f"{aligned['comm']:,.0f} collective bytes per step, {aligned['comm'] / naive['comm']:.2f}x the "
               f"naive split's ({aligned['split']:,.0f} of them at the split)."]
+    rows = arch_rows(args.arch)
+    lines += ["", "## Every third-party model with a fused kernel", "",
+              "`benchmarks/hf_models.py`'s architectures whose `fused=\"aligned\"` plan lays out a leaf, "
+              "on both meshes of `benchmarks/third_party.py`, measured as that benchmark measures (the "
+              "compiled adamw step: argument + temp + output - alias bytes, ring bytes of the HLO's "
+              "collectives, XLA's flops). Plans: `hand` = `benchmarks/megatron_rules.py`; `split` / "
+              "`aligned` = `tpflax.plan(..., model=fn, sample=..., fused=...)`; `tree aligned` = tree-only "
+              "(no `model=`) with `fused=\"aligned\"`. \"estimate comm\" is `tpflax.estimate(plan, adamw, "
+              "model=fn, ..., backend=\"cpu\").comm_total`.", "", *arch_table(rows)]
     OUT.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -23,6 +23,10 @@ it; only ``in_proj``'s storage and how the block computes x and z change:
 * ``perm-einsum``: stored permuted, one matmul on the view giving ``(b, l, ranks, 2, d_inner/ranks)``,
   x and z indexed on its pieces dim and merged ``(ranks, d_inner/ranks)`` (a major split, which a
   sharding holds).
+* ``aligned``: the model as written, planned with ``tpflax.plan(..., model=, fused="aligned")``: ``in_proj``
+  stored head-aligned (``Interleave``, rank r's block ``[x_r | z_r]``) and the step run through
+  ``tpflax.aligned`` by ``make_train_step``. ``tree aligned``: the same from a tree-only plan.
+  Below each table, ``tpflax.estimate``'s collective bytes for these two beside the compiled ones.
 """
 
 from __future__ import annotations
@@ -50,7 +54,9 @@ OUT = Path(__file__).parent / "results" / "fused_xz.md"
 N = 4  # tensor ranks (model=4): the permuted storage's rank dim
 SAMPLE = (jax.ShapeDtypeStruct((8, 16), jnp.int32),)
 MESHES = ({"data": 2, "model": 4}, {"fsdp": 2, "model": 4})
-MODES = ("naive", "sep", "whole", "perm-unperm", "perm-view", "slices", "perm-slices", "perm-einsum")
+MODES = ("naive", "sep", "whole", "perm-unperm", "perm-view", "slices", "perm-slices", "perm-einsum",
+         "aligned", "tree aligned")
+ALIGNED = ("aligned", "tree aligned")  # tpflax.plan(..., fused="aligned"), with model= and tree-only
 
 
 def _xz(mode: str, mod: nn.Module, h):
@@ -96,17 +102,23 @@ def _loss(out, ids):
 
 
 def measure(mode: str, mesh_shape: dict, base) -> dict:
-    m = Mamba(mode)
+    m = Mamba("naive" if mode in ALIGNED else mode)
     v = jax.eval_shape(m.init, jax.random.key(0), *SAMPLE)
-    spec = P() if mode == "whole" else base.decisions["params/layers_0/in_proj/kernel"].spec
-    rules = [(r"in_proj(/kernel)?$", spec), (r"in_[xz]/kernel$", spec)]
-    rules += [(k + "$", d.spec) for k, d in base.decisions.items() if "in_proj" not in k]
-    plan = tpflax.plan(v, mesh_shape, rules=rules)
+    if mode in ALIGNED:  # tpflax's own plan (model=: base's specs, in_proj stored head-aligned; tree-only: its own)
+        kw = {"model": m, "sample": SAMPLE} if mode == "aligned" else {}
+        plan = tpflax.plan(v, mesh_shape, fused="aligned", **kw)
+    else:
+        spec = P() if mode == "whole" else base.decisions["params/layers_0/in_proj/kernel"].spec
+        rules = [(r"in_proj(/kernel)?$", spec), (r"in_[xz]/kernel$", spec)]
+        rules += [(k + "$", d.spec) for k, d in base.decisions.items() if "in_proj" not in k]
+        plan = tpflax.plan(v, mesh_shape, rules=rules)
     mesh = tpflax.make_mesh(mesh_shape)
     step = tpflax.make_train_step(m, plan, mesh, optax.adamw(1e-3), sample=SAMPLE, loss=_loss)
     dr = tpflax.dry_run(step, plan, mesh)
     mem = dr.memory
-    return {"peak": mem["peak"], "comm": dr.comm_total, "flops": dr.flops, "by": dr.comm()}
+    est = tpflax.estimate(plan, optax.adamw(1e-3), model=m, sample=SAMPLE, loss=_loss, backend="cpu")
+    return {"peak": mem["peak"], "comm": dr.comm_total, "flops": dr.flops, "by": dr.comm(),
+            "laid": sum(d.layout is not None for d in plan.decisions.values()), "est": est.comm_total}
 
 
 def same_function(mode: str) -> float:
@@ -140,7 +152,11 @@ def main() -> int:
             by = ", ".join(f"{k} {a} {b:,.0f}" for k, v in sorted(r["by"].items()) for a, b in sorted(v.items()))
             lines.append(f"| {mode} | {r['peak']:,} | {r['comm']:,.0f} | {r['comm'] / rows['naive']['comm']:.2f}x "
                          f"| {r['flops']:.4g} | {by} |")
-        lines.append("")
+        lines += ["", "The estimate's collective bytes (`tpflax.estimate(plan, adamw, model=..., backend=\"cpu\")"
+                  ".comm_total`) for tpflax's plans beside the compiled ones: "
+                  + "; ".join(f"{mode} ({rows[mode]['laid']} leaves laid out) {rows[mode]['est']:,.0f} vs "
+                              f"{rows[mode]['comm']:,.0f} ({rows[mode]['est'] / rows[mode]['comm']:.3f}x)"
+                              for mode in ("naive", *ALIGNED)) + ".", ""]
     lines += [f"On the permuted kernel, perm-slices and perm-einsum compute the model's function: largest "
               f"output difference {same_function('perm-slices'):.2g} and {same_function('perm-einsum'):.2g} "
               "against the model as written on the unpermuted kernel (one device).", "",

@@ -18,7 +18,7 @@ the final decisions.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
 
 from tpflax._src.errors import OptionError
@@ -89,9 +89,17 @@ def _bias(facts: Sequence[Facts], kernel: Facts, d: Decision, dim: int,
     return None
 
 
+# the tree sees k pieces side by side but not their order: a (heads, k, head_dim) kernel (BLOOM's, GPT-NeoX's
+# query_key_value) is head-aligned under the naive split already, and stored rank by rank it is cut apart
+# by the model's reshape, which the step can only materialize (BLOOM: 1.6x the naive split's collectives)
+_UNTRACED = ("the tree does not show how the model cuts it ([q|k|v] or (heads, k, head_dim), which the "
+             "naive split keeps head-aligned already): pass model= to trace it")
+
+
 def fused_layouts(facts: Sequence[Facts], proposals: Mapping[str, Proposal], decisions: dict[str, Decision],
-                  mode: str, ms: MeshShape, opts: Options) -> dict[str, Decision]:
-    """``decisions`` with the fused kernels' layouts (``mode == "aligned"``) and reasons."""
+                  mode: str, ms: MeshShape, opts: Options, guessed: Collection[str] = ()) -> dict[str, Decision]:
+    """``decisions`` with the fused kernels' layouts (``mode == "aligned"``) and reasons. A fused column the
+    tree heuristics marked (``guessed``: their paths; no trace saw the model cut it) is not laid out."""
     out = dict(decisions)
     by_path = {f.path: f for f in facts}
     for path, p in proposals.items():
@@ -102,7 +110,7 @@ def fused_layouts(facts: Sequence[Facts], proposals: Mapping[str, Proposal], dec
         n = _ranks(d, dim, ms)
         if n <= 1 or sum(sizes) != d.shape[dim]:
             continue
-        why = _why_not(sizes, limit, n)
+        why = _why_not(sizes, limit, n) or (_UNTRACED if path in guessed else "")
         saved = _saved(d, dim, sizes, n, ms, opts)
         per_step = f" (~{fmt_bytes(saved)} per device per step)" if saved else ""
         if why:

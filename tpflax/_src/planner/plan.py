@@ -158,7 +158,8 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
     proposals, pairs, sources, disagreements, doubts, opts = _propose(facts, ms, opts, forced, model, sample, tree,
                                                                       batch is not None)
     decisions = {f.path: _decision(f, proposals[f.path], sources.get(f.path, "heuristic"), ms) for f in facts}
-    decisions = fused_layouts(facts, proposals, decisions, fused, ms, opts)
+    decisions = fused_layouts(facts, proposals, decisions, fused, ms, opts,
+                              {f.path for f in facts if sources.get(f.path, "heuristic") == "heuristic"})
     warnings = [*forced.warnings, *doubts, *_replication_warnings(decisions, ms)]
     warnings += plan_checks(facts, decisions, lrules, ms)  # unknown logical names, idle mesh axes
     options = {"fsdp_min_bytes": opts.fsdp_min_bytes, "min_channels": opts.min_channels,
