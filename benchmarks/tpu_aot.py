@@ -40,29 +40,44 @@ G = 2 ** 30
 MODELS = {  # name: (zoo name, layer override, global batch)
     "llama-2-7b": ("llama-2-7b", 2, 8),
     "gpt2": ("gpt2-small", 2, 16),
-    "vit-b16": ("vit-b16", 2, 32),
-    "resnet18": ("resnet18", None, 32),
+    "vit-b16": ("vit-b16", 2, 256),  # 32 images per chip: a training batch
+    "resnet18": ("resnet18", None, 256),
     "moe": ("moe", 2, 8),
 }
+# The conv net and the ViT also at 4 images per chip, a step of 50-450 MiB of which the TPU's
+# on-chip memory holds a large share (a separate table; their key ends in ``|batch=32``).
+SMALL_BATCH = {"vit-b16": 32, "resnet18": 32}
 MESHES = ("fsdp=8", "data=2,fsdp=4", "fsdp=2,model=4")
 TOPOLOGY = "v5e:2x4"
 BIG_TOPOLOGY = "v5p:2x2x2"  # 8 chips of 95 GiB, for a config whose step does not fit a v5e
 
 
-def grid():
-    """Configs in the order they are compiled (most informative first)."""
+def grid(small: bool = False):
+    """Configs ``(name, mesh, remat, dtype, global batch)`` in the order they are compiled (most
+    informative first): the main grid, or with ``small`` the :data:`SMALL_BATCH` rows."""
     out = []
     for dtype in ("bf16", "f32"):
         for mesh in MESHES:
+            if small:
+                out += [(name, mesh, False, dtype, b) for name, b in SMALL_BATCH.items()]
+                continue
             for name in MODELS:
-                out.append((name, mesh, False, dtype))
-            out.append(("llama-2-7b", mesh, True, dtype))
+                out.append((name, mesh, False, dtype, MODELS[name][2]))
+            out.append(("llama-2-7b", mesh, True, dtype, MODELS["llama-2-7b"][2]))
     return out
 
 
 def key(cfg) -> str:
-    name, mesh, remat, dtype = cfg
-    return f"{name}|{mesh}|remat={'on' if remat else 'off'}|{dtype}"
+    name, mesh, remat, dtype, batch = cfg
+    k = f"{name}|{mesh}|remat={'on' if remat else 'off'}|{dtype}"
+    return k if batch == MODELS[name][2] else f"{k}|batch={batch}"
+
+
+def parse(k: str):
+    """The config of a :func:`key`."""
+    name, mesh, remat, dtype, *rest = k.split("|")
+    batch = int(rest[0].split("=")[1]) if rest else MODELS[name][2]
+    return name, mesh, remat == "remat=on", dtype, batch
 
 
 def build(cfg):
@@ -72,8 +87,8 @@ def build(cfg):
     import tpflax
     from tpflax import zoo
 
-    name, mesh, remat, dtype = cfg
-    zname, layers, batch = MODELS[name]
+    name, mesh, remat, dtype, batch = cfg
+    zname, layers, _ = MODELS[name]
     kw = {} if layers is None else {"n_layers": layers}
     if dtype == "bf16":
         kw.update(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
@@ -118,19 +133,23 @@ def hlo_path(k: str, cpu: bool = False) -> Path:
     return HLO_DIR / (re.sub(r"[^\w.=,-]+", "_", k) + (".cpu" if cpu else "") + ".hlo.gz")
 
 
-def _compile(cfg, cpu: bool):
-    """``(Compiled or None, topology)``: the step of ``cfg`` compiled on CPU devices, or for
-    :data:`TOPOLOGY`, or for :data:`BIG_TOPOLOGY` when XLA:TPU refuses it for a v5e's HBM (a step
-    too large for 16 GB still has a compiled peak to hold the estimate to)."""
+def _compile(cfg, cpu: bool, start: str = TOPOLOGY):
+    """``(Compiled or None, topology, the v5e compile's row or None)``: the step of ``cfg`` compiled
+    on CPU devices, or for :data:`TOPOLOGY`, or for :data:`BIG_TOPOLOGY` when XLA:TPU refuses it for
+    a v5e's HBM or fits it only by rematerializing (:func:`xla_remat`): a step too large for 16 GB
+    still has a compiled peak of its own program to hold the estimate to. ``start=BIG_TOPOLOGY``
+    skips the v5e compile (a cached one already showed XLA remat)."""
     from tpu_compile import compile_step, tpu_mesh
 
     import tpflax
 
     m, p, shape, batch = build(cfg)
-    for topology in (None,) if cpu else (TOPOLOGY, BIG_TOPOLOGY):
+    tops = (None,) if cpu else (TOPOLOGY, BIG_TOPOLOGY)[(TOPOLOGY, BIG_TOPOLOGY).index(start):]
+    small = None
+    for topology in tops:
         mesh = tpflax.make_mesh(shape) if cpu else tpu_mesh(shape, topology)
         try:
-            return compile_step(tpflax.make_train_step(m, p, mesh, optimizer(), batch), mesh), topology
+            c = compile_step(tpflax.make_train_step(m, p, mesh, optimizer(), batch), mesh)
         except Exception as e:  # noqa: BLE001 - e.g. XLA:TPU refusing a step that does not fit HBM
             msg = str(e).splitlines()[0][:300]
             if topology == TOPOLOGY and "exceeds available HBM" in str(e):
@@ -138,24 +157,45 @@ def _compile(cfg, cpu: bool):
                 continue
             print(key(cfg), f"not compiled: {type(e).__name__}: {msg}", flush=True)
             break
-    return None, None
+        if topology == TOPOLOGY and xla_remat(c.hlo):
+            small = _row(cfg, c, None)
+            print(key(cfg), f"XLA remat on {TOPOLOGY} (peak {c.peak / G:.3f} GiB); compiling for {BIG_TOPOLOGY}",
+                  flush=True)
+            continue
+        return c, topology, small
+    return None, None, small
+
+
+def _row(cfg, c, topology) -> dict:
+    row = {"key": key(cfg), "argument": c.argument, "output": c.output, "temp": c.temp, "alias": c.alias,
+           "peak": c.peak, "comm": c.comm, "flops": c.flops, "seconds": round(c.seconds, 1),
+           "xla_remat": xla_remat(c.hlo)}
+    if topology not in (None, TOPOLOGY):
+        row["topology"] = topology
+    return row
 
 
 def compile_all(cpu: bool, only: str = "", redo: bool = False) -> None:
     path = CPU_CACHE if cpu else CACHE
     done = load(path)
-    todo = [c for c in grid() if (redo or key(c) not in done) and re.search(only, key(c))]
+    todo = [c for c in grid() + grid(small=True) if re.search(only, key(c))]
     if cpu:  # the side-by-side table: one mesh, bf16, remat off
         todo = [c for c in todo if c[1] == "fsdp=8" and c[3] == "bf16" and not c[2]]
     for cfg in todo:
-        c, topology = _compile(cfg, cpu)
+        r = done.get(key(cfg))
+        # a cached v5e compile that XLA fitted by rematerializing: only the big topology is missing
+        start = BIG_TOPOLOGY if r and not redo and not cpu and r.get("xla_remat") and "topology" not in r else None
+        if r and not redo and not start:
+            continue
+        c, topology, small = _compile(cfg, cpu, start or TOPOLOGY)
+        if start:
+            small = {k: v for k, v in r.items() if k not in ("reparsed", "v5e")}
         if c is None:
             continue
-        row = {"key": key(cfg), "argument": c.argument, "output": c.output, "temp": c.temp, "alias": c.alias,
-               "peak": c.peak, "comm": c.comm, "flops": c.flops, "seconds": round(c.seconds, 1),
-               "xla_remat": xla_remat(c.hlo)}
-        if topology not in (None, TOPOLOGY):
-            row["topology"] = topology
+        row = _row(cfg, c, topology)
+        if small:  # the v5e compile that rematerialized, kept next to the big topology's
+            row["v5e"] = {k: small[k] for k in ("argument", "output", "temp", "alias", "peak", "comm", "seconds",
+                                                "xla_remat")}
         HLO_DIR.mkdir(exist_ok=True)
         with gzip.open(hlo_path(key(cfg), cpu), "wt") as f:
             f.write(c.hlo)

@@ -553,3 +553,26 @@ def test_tpu_aot_marks_the_compilers_own_rematerialization():
     f = jax.grad(lambda w, x: jnp.sum(jax.checkpoint(lambda x: jnp.tanh(x @ w) @ w)(x)))
     hlo = jax.jit(f).lower(jnp.ones((8, 8)), jnp.ones((8, 8))).compile().as_text()
     assert "remat" in hlo and not xla_remat(hlo)
+
+
+def test_tpu_aot_grid_reports_the_programs_peak_at_a_training_batch():
+    # benchmarks/tpu_aot.py: a config whose v5e compile rematerialized (XLA remat) is compiled for the big
+    # topology too and the grid holds that peak, the v5e one kept beside it (MoE f32 fsdp=2,model=4: 17.43 GiB
+    # on v5p, 14.18 GiB on v5e); ViT-B/16 and ResNet-18 run 32 images per chip in the grid, 4 in their own table
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from tpu_aot import BIG_TOPOLOGY, CACHE, grid, key, load, parse
+
+    rows = load(CACHE)
+    for small in (False, True):
+        for cfg in grid(small):
+            assert parse(key(cfg)) == cfg
+            r = rows[key(cfg)]
+            assert not r.get("xla_remat"), key(cfg)
+            assert "v5e" not in r or (r["v5e"]["xla_remat"] and r["topology"] == BIG_TOPOLOGY), key(cfg)
+            if cfg[0] in ("vit-b16", "resnet18"):
+                assert cfg[4] // 8 == (4 if small else 32), key(cfg)
+    r = rows["moe|fsdp=2,model=4|remat=off|f32"]
+    assert r["v5e"]["peak"] == 15225524736 and r["peak"] > r["v5e"]["peak"]

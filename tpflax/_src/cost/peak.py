@@ -210,7 +210,9 @@ def conv_maps(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> tuple[in
     Not modelled (measured, ``benchmarks/results/tpu_aot.md``): a tap buffer's width slice over n
     devices is ``W // n + 1`` columns, not ``W / n``, in both dtypes; and where the kept maps sit: a
     bf16 step keeps 36-39 MiB of them in the on-chip memory ``S(1)`` at its HBM peak, a float32 step
-    none (its gradients fill it).
+    none (its gradients fill it). Nor is the layout itself: at 32 images per device (a training batch)
+    the compiler keeps whole maps batch-first, as :func:`tensor_conv_maps` describes, with no
+    tap-expanded inputs, and this count reads 59-138% over (``tpu_aot_notes.md``, twelfth round).
     ``(0, 0)`` off TPU or without traced conv layers.
 
     >>> import jax, optax, tpflax
