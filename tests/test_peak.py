@@ -106,6 +106,68 @@ def test_conv_nets_keep_what_backward_reads():
     assert split.breakdown.activations + split.breakdown.logits - split.per_device.activations == int(kept) - int(generic)
 
 
+@pytest.mark.parametrize("batch", [64, 1024])
+def test_conv_maps_whole_and_batch_first_from_8_images_per_device(batch):
+    # from 8 images per device on, XLA:TPU keeps a conv net's maps whole, batch first, with no per-tap copies
+    # (3x3 conv stacks compiled for v5e: 1-7 images fold width chunks into the batch, 8 and more do not; the
+    # ResNet-18 fsdp=8 step at 32 images per device): each norm's and the max-pool's input, and the images in
+    # bf16 with the batch in lanes; a map's images or channels in the 128 lanes, whichever pads less (8 images:
+    # the channels, padded to 128; 128 images: the images, no padding). The first stage's backward holds four
+    # more maps of its size (``conv_work``). Exact; the toy is float32, 3 stages of 16, 32, 64 channels
+    m, p, tpu = _estimate("cnn", {"fsdp": 8}, batch=batch, max_pool=True)
+    acts = tpflax.trace_activations(m, batch)
+    n = batch // 8
+
+    def whole(x):  # bytes of a float32 map on a device
+        return math.prod(x[1:-1]) * n * (128 if n == 8 else x[-1]) * 4
+
+    maps = sum(math.prod(a.output) * 4 / 8 for calls in acts.values() for a in calls if len(a.output) == 4)
+    kept = sum(whole(a.inputs[0]) for path, calls in acts.items() for a in calls if "bn" in path.split("/")[-1])
+    kept += whole(acts["bn_init"][0].output) + 32 * 32 * 4 * 128 * 2  # the pool's input; the images
+    if n == 128:  # the images in lanes: each 3x3 conv on a map keeps its input (see the next test)
+        kept += sum(whole(a.inputs[0]) for path, calls in acts.items() for a in calls
+                    if path.split("/")[-1] in ("conv1", "conv2"))
+    assert tpu.breakdown.activations + tpu.breakdown.logits - tpu.per_device.activations == int(kept) - int(maps)
+    assert acts["block_0/conv1"][0].inputs[0] == (batch, 16, 16, 16)  # the largest input of a 3x3 conv
+    assert tpu.breakdown.conv_work == 4 * whole((batch, 16, 16, 16)) and tpu.breakdown.layer > tpu.breakdown.conv_work
+    _, _, small = _estimate("cnn", {"fsdp": 8}, batch=56, max_pool=True)  # 7 images per device: width folded
+    assert small.breakdown.conv_work == 0
+
+
+def test_conv_maps_with_the_images_in_lanes_keep_whole_conv_inputs():
+    # with a tensor axis at 128 images per device (512 over data x fsdp) the maps hold the images in their 128 lanes, each norm's input
+    # unpadded with the channels left on the device (a block's first norm follows a column-split conv, its second a
+    # row-split one: whole), and a 3x3 conv reading whole maps keeps its input (the ResNet-18 f32 fsdp=2,model=4
+    # dump: each block's input f32[128,56,56,64]{0,3,2,1}). Exact, against the generic count of layer outputs
+    m, p, e = _estimate("cnn", {"data": 2, "fsdp": 2, "model": 2}, batch=512, max_pool=True)
+    acts = tpflax.trace_activations(m, 512)
+
+    def col(path):
+        kernel = p.decisions.get(f"params/{path}/kernel")
+        return 2 if kernel is not None and "model" in str(kernel.spec[-1]) else 1
+
+    def whole(x, split=1):  # float32, 128 images in lanes: no padding
+        return math.prod(x[1:-1]) * 128 * (x[-1] // split) * 4
+
+    kept, prev, convs = 0, None, 0
+    for path, calls in acts.items():
+        for a in calls:
+            name = path.split("/")[-1]
+            if "bn" in name:
+                kept += whole(a.inputs[0], col(prev))
+            kernel = p.decisions.get(f"params/{path}/kernel")
+            if kernel is not None and kernel.shape[0] == 3 and a.inputs[0][-1] > 3 and "model" not in str(
+                    kernel.spec[-2]):  # a 3x3 conv reading whole maps (a block's first, column-split)
+                kept += whole(a.inputs[0])
+                convs += 1
+        prev = path
+    kept += whole(acts["bn_init"][0].output) + 32 * 32 * 4 * 128 * 2  # the max-pool's input; the images
+    generic = sum(math.prod(a.output) * 4 / 4 / col(path) for path, calls in acts.items() for a in calls
+                  if len(a.output) == 4)
+    assert e.breakdown.activations + e.breakdown.logits - e.per_device.activations == int(kept) - int(generic)
+    assert convs >= 3 and e.breakdown.conv_work == 0
+
+
 @pytest.mark.parametrize("name,rows", [("llama", ("/attn/o_proj", "/attn", "/mlp/down_proj", "/mlp")),
                                        ("moe", ("/attn/out", "/attn", "/moe"))])  # moe: wo sits on the module
 def test_row_outputs_are_not_kept(name, rows):

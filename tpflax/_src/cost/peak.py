@@ -37,7 +37,6 @@ buffer assignment of a 2-layer Llama-2-7B step and checked across the zoo in
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from tpflax._src.cost.activations import (
     activation_bytes,
@@ -48,6 +47,7 @@ from tpflax._src.cost.activations import (
     top_level,
 )
 from tpflax._src.cost.batch import config_value
+from tpflax._src.cost.conv import conv_maps, conv_working, tensor_degree
 from tpflax._src.cost.gathered import gathered_bytes, kept_gathered_bytes
 from tpflax._src.cost.leaves import Leaves
 from tpflax._src.cost.records import Memory, Peak
@@ -55,7 +55,7 @@ from tpflax._src.cost.residual import residual_bytes
 from tpflax._src.cost.scope import body
 from tpflax._src.cost.scope import layers as stacked_layers
 from tpflax._src.cost.workload import Workload
-from tpflax._src.mesh import EXPERT, TENSOR, MeshShape
+from tpflax._src.mesh import EXPERT, MeshShape
 from tpflax._src.specs import entry_axes
 
 # batch x heads x seq x seq buffers (activation dtype) per attention layer, measured on the TPU compiler:
@@ -70,18 +70,6 @@ LOGITS_BUFFERS = 1  # float32 logits at the loss; XLA forms their gradient in th
 # peak, benchmarks/tpu_aot_notes.md); XLA:CPU keeps the pre-activation and the gated hidden; GPU unmeasured.
 EXPERT_SAVED = {"tpu": 1, "gpu": 2, "cpu": 2}
 EXPERT_WORKING = 1
-
-def tensor_degree(mesh: MeshShape, entry: Any) -> int:
-    """How many ways a spec entry splits its dim over tensor or expert axes.
-
-    >>> from tpflax._src.mesh import mesh_shape
-    >>> tensor_degree(mesh_shape({"fsdp": 2, "model": 4}), ("fsdp", "model"))
-    4
-    """
-    roles = dict(mesh.roles)
-    return math.prod(mesh.sizes[a] for a in entry_axes(entry) if roles[a] in (TENSOR, EXPERT))
-
-
 def _heads_split(lv: Leaves, mesh: MeshShape) -> int:
     """Tensor degree of the attention heads: the largest split of an attention kernel's dims."""
     best = 1
@@ -187,156 +175,6 @@ def expert_hidden_bytes(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -
         per_token = config_value(w.config, "top_k", 2)
     layers = sum(lv.count[p] for p, x in ups if body(x) == body(d))  # the up-projections, one per layer
     return int(tokens * per_token * math.ceil(width / tensor_degree(mesh, spec[-1])) * w.act_item), layers
-
-
-def conv_maps(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> tuple[int, int]:
-    """``(kept, counted)``: a conv net's feature maps as XLA:TPU keeps them for the backward pass, on a
-    device, and as the generic count of saved activations holds them (every layer's output).
-
-    From the TPU buffer assignment of the ResNet-18 step (``bf16`` maps ``[rows, batch, width slice,
-    channels, taps]``), what a conv net keeps is not its layers' outputs but what their backward
-    passes read: each norm's input (the conv output it normalises) and each overlapping conv's
-    input (kernel wider than its stride, a 3x3 conv) once per kernel column, ``kw`` copies shifted
-    by one tap, from which the weight gradient is a matmul; and a max-pool's input (the select-and-
-    scatter of its backward pass reads it). Channels are stored in 128 lanes (a 64-channel stage
-    takes twice its bytes). A conv on the input images of fewer than 128 channels (a 7x7 stem)
-    keeps the images lane-padded (``bf16[224, 32, 32, 3, 7]``, 49 MiB for 4 images). A conv's
-    input is kept in bfloat16 even in a float32 model (the conv multiplies in bfloat16 at default
-    precision: the float32 ResNet-18 step keeps ``bf16[56, 32, 8, 64, 3]`` taps next to ``f32``
-    norm inputs). A block's output, a norm's output and a ReLU's are the next conv's input, kept there;
-    a 1x1 or patchify conv (kernel == stride, ViT's patch embedding) reads an input another conv
-    keeps, or the images: it keeps nothing of its own. Under remat only block outputs are kept, at
-    128 lanes. With a tensor axis the compiler keeps other buffers (:func:`tensor_conv_maps`).
-    Not modelled (measured, ``benchmarks/results/tpu_aot.md``): a tap buffer's width slice over n
-    devices is ``W // n + 1`` columns, not ``W / n``, in both dtypes; and where the kept maps sit: a
-    bf16 step keeps 36-39 MiB of them in the on-chip memory ``S(1)`` at its HBM peak, a float32 step
-    none (its gradients fill it). Nor is the layout itself: at 32 images per device (a training batch)
-    the compiler keeps whole maps batch-first, as :func:`tensor_conv_maps` describes, with no
-    tap-expanded inputs, and this count reads 59-138% over (``tpu_aot_notes.md``, twelfth round).
-    ``(0, 0)`` off TPU or without traced conv layers.
-
-    >>> import jax, optax, tpflax
-    >>> from tpflax import zoo
-    >>> m = zoo.get("resnet18")
-    >>> p = tpflax.plan(m.abstract_variables(), {"data": 2})  # the batch over every device
-    >>> batch = jax.eval_shape(lambda: m.make_batch(0, 8))
-    >>> e = tpflax.estimate(p, optax.sgd(0.1), batch, model=m)
-    >>> e.breakdown.activations > e.per_device.activations  # conv inputs x 3 taps, 64 channels in 128 lanes
-    True
-    >>> cpu = tpflax.estimate(p, optax.sgd(0.1), batch, model=m, backend="cpu")  # the generic count off TPU
-    >>> cpu.breakdown.activations + cpu.breakdown.logits == cpu.per_device.activations  # f32 head: the logits
-    True
-    """
-    # one representative leaf per layer, with the count of alike layers it stands for
-    convs = {d.unit: (d, lv.count[p]) for p, d in lv.decisions.items() if d.kind == "conv" and len(body(d)) == 4}
-    norms = {d.unit: lv.count[p] for p, d in lv.decisions.items() if d.kind == "norm"}
-    channels = {body(d)[-1] for d, _ in convs.values()}
-    if w.backend != "tpu" or not w.activations or not channels:
-        return 0, 0
-    item = w.act_item / shards
-    blocks = top_level(w.activations)
-    counted = sum(math.prod(a.output) * item for path, calls in w.activations.items() for a in calls
-                  if len(a.output) == 4 and a.output[-1] in channels and not (w.remat and path not in blocks))
-    if shards < mesh.size and not w.remat:  # a tensor (or expert) axis: whole maps, split channels
-        if not any(_overlaps(d, a) for d, _ in convs.values() for a in acts_for(w.activations, d.unit)):
-            return 0, 0  # patchify convs only (a ViT): the generic count, as measured on no tensor-axis dump
-        return tensor_conv_maps(lv, w, mesh, shards, channels), _split_count(lv, w, mesh, shards, channels)
-    if w.remat:  # the block outputs counted above, at 128 lanes
-        kept = sum(math.prod(a.output[:-1]) * _lanes(a.output[-1]) * item for path, calls in w.activations.items()
-                   for a in calls if len(a.output) == 4 and a.output[-1] in channels and path in blocks)
-        return int(kept), int(counted)
-    kept = 0.0
-    images = tuple(w.batch.leaves[0][1]) if w.batch.leaves else ()
-    operand = min(w.act_item, 2) / shards  # conv inputs in bfloat16, as the conv multiplies
-    for d, n in convs.values():
-        for a in acts_for(w.activations, d.unit):
-            if not _overlaps(d, a):
-                continue  # 1x1 or patchify: kernel no wider than its stride
-            x = tuple(a.inputs[0])
-            taps = 1 if x == images else body(d)[1]  # the images: lane-padded once (measured), maps: kw copies
-            kept += math.prod(x[:-1]) * _lanes(x[-1]) * taps * operand * n
-    for unit, n in norms.items():
-        for a in acts_for(w.activations, unit):
-            x = tuple(a.inputs[0])
-            if len(x) == 4 and x[-1] in channels:
-                kept += math.prod(x[:-1]) * _lanes(x[-1]) * item * n
-    kept += sum(math.prod(y[:-1]) * _lanes(y[-1]) * item for y in _pooled(w.activations, channels))
-    return int(kept), int(counted)
-
-
-def tensor_conv_maps(lv: Leaves, w: Workload, mesh: MeshShape, shards: int, channels: set[int]) -> int:
-    """A conv net's feature maps as XLA:TPU keeps them on a device when a tensor axis splits its convs.
-
-    Read off the TPU buffer assignments of ResNet-18 fsdp=2,model=4, bf16 and f32 (``XLA_FLAGS=
-    --xla_dump_to``, HBM values live at the peak from ``*-live-range.txt``): the compiler does not
-    partition the maps over image width nor expand them per kernel column as it does without a
-    tensor axis (:func:`conv_maps`); it keeps whole maps for the images of the device (``batch /
-    shards``) with the channels a column-split conv leaves on it, in 128 lanes
-    (``bf16[16,56,56,16]`` takes 12.25 MiB, as ``[16,56,56,64]``): each norm's input (the stem's
-    ``f32[16,112,112,64]``, 98 MiB), the max-pool's input (the stem's ReLU output, 98 MiB), and the
-    input images in bfloat16 with the batch in lanes and the channels in 4 sublanes
-    (``bf16[16,224,224,3]{0,3,2,1:T(4,128)}``, 49 MiB, in both steps). A conv's input is the
-    previous norm's output, recomputed: not kept. f32: these buffers sum to 391 MiB, the HBM live
-    set at the backward start is 395 MiB and its peak 411 MiB (the first block's backward working
-    set on top); bf16: 220 MiB against 168 MiB in HBM, as up to 89 MiB of the stage-1 maps sit in
-    the on-chip memory space ``S(1)`` there (not modelled: an upper bound for small steps).
-    """
-    item = w.act_item / shards
-    # a norm normalises the previous traced layer's output: its channels on a device
-    splits, prev = {}, 1
-    for path in w.activations:
-        splits[path], prev = prev, _column_split(lv, mesh, path)
-    kept = 0.0
-    # one representative per class of alike norms (scale and bias: one unit), times the class size
-    for unit, n in {d.unit: lv.count[q] for q, d in lv.decisions.items() if d.kind == "norm"}.items():
-        for a in acts_for(w.activations, unit):
-            x = tuple(a.inputs[0])
-            if len(x) == 4 and x[-1] in channels:
-                kept += math.prod(x[:-1]) * _lanes(math.ceil(x[-1] / splits[layer_key(unit)])) * item * n
-    for calls in w.activations.values():  # a conv on the images keeps them in bf16, the batch in lanes
-        for a in calls:
-            x = tuple(a.inputs[0]) if a.inputs else ()
-            if len(x) == 4 and len(a.output) == 4 and x[-1] < 8 and x[-1] not in channels:
-                kept += math.prod(x[1:3]) * -(-x[-1] // 4) * 4 * _lanes(x[0] // shards) * 2
-    kept += sum(math.prod(y[:-1]) * _lanes(y[-1]) * item for y in _pooled(w.activations, channels))
-    return int(kept)
-
-
-def _column_split(lv: Leaves, mesh: MeshShape, path: str) -> int:
-    """How many ways a traced layer's output features are split (as the saved activations count them)."""
-    roles = dict(mesh.roles)
-    split = [e for e in lv.column_units.get(path, ()) if any(roles[a] in (TENSOR, EXPERT) for a in entry_axes(e))]
-    return math.prod(mesh.sizes[a] for a in entry_axes(split[-1])) if split else 1
-
-
-def _split_count(lv: Leaves, w: Workload, mesh: MeshShape, shards: int, channels: set[int]) -> int:
-    """The generic count of a conv net's maps on a device (layer outputs, column-split ones divided)."""
-    return int(sum(math.prod(a.output) * w.act_item / shards / _column_split(lv, mesh, path)
-                   for path, calls in w.activations.items() for a in calls
-                   if len(a.output) == 4 and a.output[-1] in channels))
-
-
-def _pooled(activations: Any, channels: set[int]) -> list[tuple[int, ...]]:
-    """Feature maps a pooling step between two traced layers reads (a max-pool's backward reads its input):
-    a layer's output whose next layer (in trace order) takes the same channels at a smaller size."""
-    out, prev = [], None
-    for calls in activations.values():
-        for a in calls:
-            x = tuple(a.inputs[0]) if a.inputs else ()
-            if prev and len(x) == 4 and x[-1] == prev[-1] in channels and x[0] == prev[0] and x[1] < prev[1]:
-                out.append(prev)
-            prev = a.output if len(a.output) == 4 else None
-    return out
-
-
-def _overlaps(d: Any, a: Any) -> bool:
-    """Whether a traced 2-D conv call's kernel is wider than its stride (a 3x3 or 7x7 conv, not 1x1 or patchify)."""
-    x, y = tuple(a.inputs[0]) if a.inputs else (), a.output
-    return len(x) == 4 and len(y) == 4 and body(d)[1] > max(x[2] // max(y[2], 1), 1)
-
-
-def _lanes(n: int) -> int:
-    return -(-n // 128) * 128
 
 
 def held_item(act_item: int, backend: str) -> int:
@@ -447,5 +285,5 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
                 gathered=two, attention=working, recompute=recompute, gathered_kept=kept,
                 logits=LOGITS_BUFFERS * logits, logits_grad=logits_grad_bytes(logits, head, w), gathered_last=one,
                 experts=0 if w.remat else EXPERT_SAVED[w.backend] * hidden * n_exp,
-                expert_work=EXPERT_WORKING * hidden)
+                expert_work=EXPERT_WORKING * hidden, conv_work=conv_working(lv, w, mesh, shards))
 

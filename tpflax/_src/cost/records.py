@@ -133,6 +133,8 @@ class Peak:
         expert_work: one expert layer's hidden activations in flight (their gradient).
         gathered_kept: fsdp on TPU without remat: the gathered weights of every layer but the two in
             ``gathered``, kept from their forward to their backward pass (zero at two layers).
+        conv_work: a conv net on TPU with whole maps (batch first): the maps in flight in the backward
+            pass of its first stage (its largest maps).
     """
 
     arguments: int = 0
@@ -148,11 +150,12 @@ class Peak:
     experts: int = 0
     expert_work: int = 0
     gathered_kept: int = 0
+    conv_work: int = 0
 
     @property
     def layer(self) -> int:
         """The working set of the layer in flight."""
-        return self.gathered + self.attention + self.recompute + self.expert_work
+        return self.gathered + self.attention + self.recompute + self.expert_work + self.conv_work
 
     @property
     def working(self) -> int:
@@ -184,7 +187,7 @@ class Peak:
                 "recompute": self.recompute, "logits": self.logits, "logits_grad": self.logits_grad,
                 "gathered_last": self.gathered_last,
                 "experts": self.experts, "expert_work": self.expert_work, "gathered_kept": self.gathered_kept,
-                "total": self.total}
+                "conv_work": self.conv_work, "total": self.total}
 
     def report_lines(self) -> list[str]:
         fmt = fmt_bytes
@@ -201,7 +204,7 @@ class Peak:
                        "layers', kept for backward")
         out += [f"    {'working set: one layer':<36}{fmt(self.layer):>12}  gathered fsdp weights "
                 f"{fmt(self.gathered)}, attention scores {fmt(self.attention)}, remat recompute "
-                f"{fmt(self.recompute)}",
+                f"{fmt(self.recompute)}" + (f", conv maps {fmt(self.conv_work)}" if self.conv_work else ""),
                 f"    {'working set: logits':<36}{fmt(self.logits + self.logits_grad):>12}  float32, at the loss"
                 + (f"; their gradient {fmt(self.logits_grad)} apart (a next-token loss reads a slice)"
                    if self.logits_grad else ""),

@@ -1,0 +1,269 @@
+"""A conv net's feature maps as XLA:TPU keeps them for the backward pass (a term of :mod:`tpflax._src.cost.peak`).
+
+Which layout the compiler gives the maps decides what it keeps: below :data:`FOLD_BELOW` images per device it
+cuts the width into 8 chunks folded into the batch and keeps each overlapping conv's input per kernel column
+(:func:`conv_maps`); from there on, and with a tensor axis, it keeps whole maps batch first
+(:func:`tensor_conv_maps`), the images or the channels in the 128 lanes, whichever pads less
+(:func:`map_bytes`). Evidence: ``benchmarks/tpu_aot_notes.md`` (the ResNet-18 sections and "Thirteenth round").
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from tpflax._src.cost.activations import acts_for, layer_key, top_level
+from tpflax._src.cost.leaves import Leaves
+from tpflax._src.cost.scope import body
+from tpflax._src.cost.workload import Workload
+from tpflax._src.mesh import EXPERT, TENSOR, MeshShape
+from tpflax._src.specs import entry_axes
+from tpflax._src.tpu import SUBLANES
+
+# XLA:TPU lays out a conv's maps batch first from 8 images per device on; below, it cuts the width into 8 chunks
+# (``W // 8 + 1`` columns with the halo) folded into the batch (``[H, images x 8, W // 8 + 1, C]``) and keeps
+# each overlapping conv's input per kernel column (:func:`conv_maps`). Measured on 3x3 conv stacks compiled for
+# v5e (56x56x64 maps: 1-7 images fold, 8, 16, 32 do not; 112, 56 and 14 pixels wide alike; bf16 and f32)
+FOLD_BELOW = 8
+CONV_WORKING = 4  # maps of a conv net's first stage in flight in its backward pass (conv_working)
+
+
+def tensor_degree(mesh: MeshShape, entry: Any) -> int:
+    """How many ways a spec entry splits its dim over tensor or expert axes.
+
+    >>> from tpflax._src.mesh import mesh_shape
+    >>> tensor_degree(mesh_shape({"fsdp": 2, "model": 4}), ("fsdp", "model"))
+    4
+    """
+    roles = dict(mesh.roles)
+    return math.prod(mesh.sizes[a] for a in entry_axes(entry) if roles[a] in (TENSOR, EXPERT))
+
+
+def conv_maps(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> tuple[int, int]:
+    """``(kept, counted)``: a conv net's feature maps as XLA:TPU keeps them for the backward pass, on a
+    device, and as the generic count of saved activations holds them (every layer's output).
+
+    From the TPU buffer assignment of the ResNet-18 step (``bf16`` maps ``[rows, batch, width slice,
+    channels, taps]``), what a conv net keeps is not its layers' outputs but what their backward
+    passes read: each norm's input (the conv output it normalises) and each overlapping conv's
+    input (kernel wider than its stride, a 3x3 conv) once per kernel column, ``kw`` copies shifted
+    by one tap, from which the weight gradient is a matmul; and a max-pool's input (the select-and-
+    scatter of its backward pass reads it). Channels are stored in 128 lanes (a 64-channel stage
+    takes twice its bytes). A conv on the input images of fewer than 128 channels (a 7x7 stem)
+    keeps the images lane-padded (``bf16[224, 32, 32, 3, 7]``, 49 MiB for 4 images). A conv's
+    input is kept in bfloat16 even in a float32 model (the conv multiplies in bfloat16 at default
+    precision: the float32 ResNet-18 step keeps ``bf16[56, 32, 8, 64, 3]`` taps next to ``f32``
+    norm inputs). A block's output, a norm's output and a ReLU's are the next conv's input, kept there;
+    a 1x1 or patchify conv (kernel == stride, ViT's patch embedding) reads an input another conv
+    keeps, or the images: it keeps nothing of its own. Under remat only block outputs are kept, at
+    128 lanes.
+    That is the layout below :data:`FOLD_BELOW` images per device: the compiler cuts each map's
+    width into 8 chunks of ``W // 8 + 1`` columns (the halo) folded into the batch (``[H, images x 8,
+    W // 8 + 1, C]``, no collective: a per-device layout). Not modelled: that halo column, and where
+    the kept maps sit: a bf16 step keeps 36-39 MiB of them in the on-chip memory ``S(1)`` at its HBM
+    peak, a float32 step none (its gradients fill it). From :data:`FOLD_BELOW` images per device on,
+    and with a tensor axis, the compiler keeps whole maps batch first with no tap-expanded inputs
+    (:func:`tensor_conv_maps`, plus :func:`conv_working`).
+    ``(0, 0)`` off TPU or without traced conv layers.
+
+    >>> import jax, optax, tpflax
+    >>> from tpflax import zoo
+    >>> m = zoo.get("resnet18")
+    >>> p = tpflax.plan(m.abstract_variables(), {"data": 2})  # the batch over every device
+    >>> batch = jax.eval_shape(lambda: m.make_batch(0, 8))
+    >>> e = tpflax.estimate(p, optax.sgd(0.1), batch, model=m)
+    >>> e.breakdown.activations > e.per_device.activations  # conv inputs x 3 taps, 64 channels in 128 lanes
+    True
+    >>> cpu = tpflax.estimate(p, optax.sgd(0.1), batch, model=m, backend="cpu")  # the generic count off TPU
+    >>> cpu.breakdown.activations + cpu.breakdown.logits == cpu.per_device.activations  # f32 head: the logits
+    True
+    """
+    # one representative leaf per layer, with the count of alike layers it stands for
+    convs = {d.unit: (d, lv.count[p]) for p, d in lv.decisions.items() if d.kind == "conv" and len(body(d)) == 4}
+    norms = {d.unit: lv.count[p] for p, d in lv.decisions.items() if d.kind == "norm"}
+    channels = {body(d)[-1] for d, _ in convs.values()}
+    if w.backend != "tpu" or not w.activations or not channels:
+        return 0, 0
+    item = w.act_item / shards
+    blocks = top_level(w.activations)
+    counted = sum(math.prod(a.output) * item for path, calls in w.activations.items() for a in calls
+                  if len(a.output) == 4 and a.output[-1] in channels and not (w.remat and path not in blocks))
+    if (shards < mesh.size or _batch_first(w, shards)) and not w.remat:  # whole maps, batch first
+        if not any(_overlaps(d, a) for d, _ in convs.values() for a in acts_for(w.activations, d.unit)):
+            return 0, 0  # patchify convs only (a ViT): the generic count, as measured on no tensor-axis dump
+        return tensor_conv_maps(lv, w, mesh, shards, channels), _split_count(lv, w, mesh, shards, channels)
+    if w.remat:  # the block outputs counted above, at 128 lanes
+        kept = sum(math.prod(a.output[:-1]) * _lanes(a.output[-1]) * item for path, calls in w.activations.items()
+                   for a in calls if len(a.output) == 4 and a.output[-1] in channels and path in blocks)
+        return int(kept), int(counted)
+    kept = 0.0
+    images = tuple(w.batch.leaves[0][1]) if w.batch.leaves else ()
+    operand = min(w.act_item, 2) / shards  # conv inputs in bfloat16, as the conv multiplies
+    for d, n in convs.values():
+        for a in acts_for(w.activations, d.unit):
+            if not _overlaps(d, a):
+                continue  # 1x1 or patchify: kernel no wider than its stride
+            x = tuple(a.inputs[0])
+            taps = 1 if x == images else body(d)[1]  # the images: lane-padded once (measured), maps: kw copies
+            kept += math.prod(x[:-1]) * _lanes(x[-1]) * taps * operand * n
+    for unit, n in norms.items():
+        for a in acts_for(w.activations, unit):
+            x = tuple(a.inputs[0])
+            if len(x) == 4 and x[-1] in channels:
+                kept += math.prod(x[:-1]) * _lanes(x[-1]) * item * n
+    kept += sum(math.prod(y[:-1]) * _lanes(y[-1]) * item for y in _pooled(w.activations, channels))
+    return int(kept), int(counted)
+
+
+def _batch_first(w: Workload, shards: int) -> bool:
+    """Whether XLA:TPU keeps a conv net's maps whole, batch first, without a tensor axis: from
+    :data:`FOLD_BELOW` images per device on (below, it folds width chunks into the batch)."""
+    return w.batch.size / shards >= FOLD_BELOW
+
+
+def conv_working(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> int:
+    """A conv net's maps in flight in the backward pass of its first stage, where XLA:TPU's HBM peaks
+    (``Peak.conv_work``), when it keeps whole maps batch first without a tensor axis: :data:`CONV_WORKING`
+    maps the size of the largest input of a conv wider than its stride (not the images), as
+    :func:`map_bytes` lays it out. The ResNet-18 fsdp=8 bf16 step at 32 images per device holds eight
+    ``bf16[32,56,56,64]`` maps at its peak, four of them norm inputs kept from the forward pass
+    (``benchmarks/tpu_aot_notes.md``, twelfth round). Zero otherwise (width-folded maps: the on-chip
+    memory holds that working set; with a tensor axis the dumps hold a fraction of a map more)."""
+    if w.backend != "tpu" or w.remat or shards < mesh.size or not _batch_first(w, shards):
+        return 0
+    images = tuple(w.batch.leaves[0][1]) if w.batch.leaves else ()
+    largest = 0
+    for d in lv.decisions.values():
+        if d.kind == "conv" and len(body(d)) == 4:
+            for a in acts_for(w.activations, d.unit):
+                x = tuple(a.inputs[0])
+                if _overlaps(d, a) and x != images:
+                    largest = max(largest, map_bytes((x[0] // shards, *x[1:]), w.act_item))
+    return CONV_WORKING * largest
+
+
+def tensor_conv_maps(lv: Leaves, w: Workload, mesh: MeshShape, shards: int, channels: set[int]) -> int:
+    """A conv net's feature maps as XLA:TPU keeps them on a device when a tensor axis splits its convs, or from
+    :data:`FOLD_BELOW` images per device on without one (the ResNet-18 fsdp=8 dump at 32 images per device
+    keeps these buffers, 397 MiB against 396.7 by this rule, ``tpu_aot_notes.md``, twelfth round).
+
+    Read off the TPU buffer assignments of ResNet-18 fsdp=2,model=4, bf16 and f32 (``XLA_FLAGS=
+    --xla_dump_to``, HBM values live at the peak from ``*-live-range.txt``): the compiler does not
+    partition the maps over image width nor expand them per kernel column as it does without a
+    tensor axis (:func:`conv_maps`); it keeps whole maps for the images of the device (``batch /
+    shards``) with the channels a column-split conv leaves on it, laid out by :func:`map_bytes`
+    (16 images: the channels in 128 lanes, ``bf16[16,56,56,16]`` takes 12.25 MiB, as
+    ``[16,56,56,64]``; 128 images: the images in the lanes, unpadded): each norm's input (the stem's
+    ``f32[16,112,112,64]``, 98 MiB), the max-pool's input (the stem's ReLU output, 98 MiB), and the
+    input images in bfloat16 with the batch in lanes and the channels in 4 sublanes
+    (``bf16[16,224,224,3]{0,3,2,1:T(4,128)}``, 49 MiB, in both steps). A conv's input is
+    recomputed, not kept, unless the map holds the images in its lanes (the f32 dump at 128 images
+    per device keeps every block's input, the residual sum ``f32[128,56,56,64]{0,3,2,1}``, for the
+    column-split conv that reads it whole). f32: these buffers sum to 391 MiB, the HBM live
+    set at the backward start is 395 MiB and its peak 411 MiB (the first block's backward working
+    set on top); bf16: 220 MiB against 168 MiB in HBM, as up to 89 MiB of the stage-1 maps sit in
+    the on-chip memory space ``S(1)`` there (not modelled: an upper bound for small steps).
+    """
+    # a norm normalises the previous traced layer's output: its channels on a device
+    splits, prev = {}, 1
+    for path in w.activations:
+        splits[path], prev = prev, _column_split(lv, mesh, path)
+    kept = 0.0
+    # every norm layer on its own (alike norms differ in the split of the conv before them: a block's first norm
+    # follows a column-split conv, its second a row-split one, whose output is whole); scale and bias: one unit
+    for unit in _layers(lv, "norm"):
+        for a in w.activations.get(unit, ()):
+            x = tuple(a.inputs[0])
+            if len(x) == 4 and x[-1] in channels:
+                kept += map_bytes((x[0] // shards, *x[1:3], math.ceil(x[-1] / splits[unit])), w.act_item)
+    # a conv that reads whole maps (its input channels not split) keeps its input when the map holds the images
+    # in its lanes (the f32 fsdp=2,model=4 dump at 128 images per device: each block's input, the residual sum,
+    # f32[128,56,56,64]{0,3,2,1}; at 16 images per device, channels in lanes, it is recomputed)
+    for unit, r in _layers(lv, "conv").items():
+        d = lv.decisions[r]
+        if len(body(d)) == 4 and tensor_degree(mesh, lv.specs[r][-2]) == 1:
+            for a in w.activations.get(unit, ()):
+                x = (a.inputs[0][0] // shards, *a.inputs[0][1:]) if a.inputs else ()
+                if _overlaps(d, a) and x[-1] in channels and _images_in_lanes(x, w.act_item):
+                    kept += map_bytes(x, w.act_item)
+    for calls in w.activations.values():  # a conv on the images keeps them in bf16, the batch in lanes
+        for a in calls:
+            x = tuple(a.inputs[0]) if a.inputs else ()
+            if len(x) == 4 and len(a.output) == 4 and x[-1] < 8 and x[-1] not in channels:
+                kept += math.prod(x[1:3]) * -(-x[-1] // 4) * 4 * _lanes(x[0] // shards) * 2
+    kept += sum(map_bytes((y[0] // shards, *y[1:]), w.act_item) for y in _pooled(w.activations, channels))
+    return int(kept)
+
+
+def map_bytes(shape: tuple[int, ...], item: int) -> int:
+    """Bytes of a whole feature map ``(images, rows, columns, channels)`` on a device as XLA:TPU lays it
+    out: the images or the channels in the 128 lanes, whichever pads less (the channels on a tie), the other
+    in the sublanes (tiled like :func:`tpflax._src.tpu.device_layout`'s sublane dim). Compiled 3x3 conv stacks
+    (v5e): ``f32[16,56,56,16]`` is laid out ``{3,0,2,1}`` (channels in lanes), ``f32[128,56,56,16]``
+    ``{0,3,2,1}`` (images in lanes); the images of ResNet-18 ``bf16[32,224,224,3]{0,3,2,1:T(4,128)}``.
+
+    >>> map_bytes((32, 56, 56, 64), 2) == 32 * 56 * 56 * 128 * 2  # 64 channels in 128 lanes
+    True
+    >>> map_bytes((128, 56, 56, 16), 4) == 128 * 56 * 56 * 16 * 4  # the images in lanes: no padding
+    True
+    >>> map_bytes((32, 224, 224, 3), 2) == 128 * 224 * 224 * 4 * 2  # 3 channels in 4 sublanes
+    True
+    """
+    n, c = shape[0], shape[-1]
+    return math.prod(shape[1:-1]) * min(_lanes(c) * _sub(n, item), _lanes(n) * _sub(c, item)) * item
+
+
+def _layers(lv: Leaves, kind: str) -> dict[str, str]:
+    """``{traced layer path: representative leaf}`` of every layer of ``kind``, each leaf of a class of alike
+    ones (:attr:`Leaves.rep_of`)."""
+    reps = lv.rep_of or {r: r for r in lv.decisions}
+    return {layer_key(lv.decisions[r].unit) if p == r else layer_key(p.rsplit("/", 1)[0]): r
+            for p, r in reps.items() if lv.decisions[r].kind == kind}
+
+
+def _images_in_lanes(shape: tuple[int, ...], item: int) -> bool:
+    """Whether :func:`map_bytes` lays a map out with the images in the lanes (they pad less than the channels)."""
+    return _lanes(shape[0]) * _sub(shape[-1], item) < _lanes(shape[-1]) * _sub(shape[0], item)
+
+
+def _sub(k: int, item: int) -> int:
+    """``k`` rows padded to whole sublane tiles (:func:`tpflax._src.tpu.device_layout`'s sublane tiling)."""
+    tile = min(SUBLANES, max(4 // item, 1 << (k - 1).bit_length()))
+    return -(-k // tile) * tile
+
+
+def _column_split(lv: Leaves, mesh: MeshShape, path: str) -> int:
+    """How many ways a traced layer's output features are split (as the saved activations count them)."""
+    roles = dict(mesh.roles)
+    split = [e for e in lv.column_units.get(path, ()) if any(roles[a] in (TENSOR, EXPERT) for a in entry_axes(e))]
+    return math.prod(mesh.sizes[a] for a in entry_axes(split[-1])) if split else 1
+
+
+def _split_count(lv: Leaves, w: Workload, mesh: MeshShape, shards: int, channels: set[int]) -> int:
+    """The generic count of a conv net's maps on a device (layer outputs, column-split ones divided)."""
+    return int(sum(math.prod(a.output) * w.act_item / shards / _column_split(lv, mesh, path)
+                   for path, calls in w.activations.items() for a in calls
+                   if len(a.output) == 4 and a.output[-1] in channels))
+
+
+def _pooled(activations: Any, channels: set[int]) -> list[tuple[int, ...]]:
+    """Feature maps a pooling step between two traced layers reads (a max-pool's backward reads its input):
+    a layer's output whose next layer (in trace order) takes the same channels at a smaller size."""
+    out, prev = [], None
+    for calls in activations.values():
+        for a in calls:
+            x = tuple(a.inputs[0]) if a.inputs else ()
+            if prev and len(x) == 4 and x[-1] == prev[-1] in channels and x[0] == prev[0] and x[1] < prev[1]:
+                out.append(prev)
+            prev = a.output if len(a.output) == 4 else None
+    return out
+
+
+def _overlaps(d: Any, a: Any) -> bool:
+    """Whether a traced 2-D conv call's kernel is wider than its stride (a 3x3 or 7x7 conv, not 1x1 or patchify)."""
+    x, y = tuple(a.inputs[0]) if a.inputs else (), a.output
+    return len(x) == 4 and len(y) == 4 and body(d)[1] > max(x[2] // max(y[2], 1), 1)
+
+
+def _lanes(n: int) -> int:
+    return -(-n // 128) * 128
