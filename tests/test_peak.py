@@ -404,6 +404,27 @@ def test_traced_attention_scores_without_a_config(scan, mesh):
     assert e.breakdown.attention == one  # a float32 model: one in flight
 
 
+def test_tpu_scores_take_their_tiles():
+    # XLA:TPU stores a score matrix in (8, 128) tiles, the keys in lanes: ViT-B/16's bf16[32, 12, 197, 197]
+    # probabilities take 37.5 MiB ([32, 12, 200, 256]) in its v5e buffer dumps at 4 and 32 images per device.
+    # A tiny ViT of 2-pixel patches attends over 257 tokens: 264 x 384 per head on TPU, 257 x 257 off it
+    # (XLA:CPU stores them dense). The traced path (a model without a config) pads alike: 200 tokens.
+    m = zoo.get("vit", patch_size=2)
+    p = tpflax.plan(m.abstract_variables(), {"fsdp": 8}, fsdp_min_bytes=1024)
+    batch = jax.eval_shape(lambda: m.make_batch(0, 16))
+    c, seq = m.config, m.config.n_patches + 1
+    assert seq == 257
+    for backend, tile in {"tpu": 264 * 384, "cpu": seq * seq}.items():
+        e = tpflax.estimate(p, ADAM, batch, model=m, backend=backend)
+        assert e.breakdown.scores == c.n_layers * 16 // 8 * c.n_heads * tile * 4
+    net = _Net()
+    ids = jax.ShapeDtypeStruct((16, 200), jnp.int32)
+    p = tpflax.plan(jax.eval_shape(net.init, jax.random.key(0), ids), {"fsdp": 8}, model=net, sample=(ids,))
+    for backend, tile in {"tpu": 200 * 256, "cpu": 200 * 200}.items():
+        e = tpflax.estimate(p, ADAM, (16, 200), model=net, sample=(ids,), backend=backend)
+        assert e.breakdown.scores == 3 * 16 // 8 * 8 * tile * 4
+
+
 def test_a_bare_batch_shape_is_the_sample_of_a_module():
     # estimate(model=module, batch=(16, 128)) without sample: one input of the batch's shape, token ids
     # when the tree has an embedding table (float features otherwise), the same as passing it; said in settings

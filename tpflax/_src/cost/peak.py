@@ -47,7 +47,7 @@ from tpflax._src.cost.activations import (
     top_level,
 )
 from tpflax._src.cost.batch import config_value
-from tpflax._src.cost.conv import conv_maps, conv_working, tensor_degree
+from tpflax._src.cost.conv import _lanes, conv_maps, conv_working, tensor_degree
 from tpflax._src.cost.gathered import gathered_bytes, kept_gathered_bytes
 from tpflax._src.cost.leaves import Leaves
 from tpflax._src.cost.records import Memory, Peak
@@ -79,9 +79,11 @@ def _heads_split(lv: Leaves, mesh: MeshShape) -> int:
     return best
 
 
-def score_elements(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -> tuple[int, float, bool]:
+def score_elements(lv: Leaves, mesh: MeshShape, w: Workload, shards: int,
+                   tiled: bool = False) -> tuple[int, float, bool]:
     """``(elements of one attention layer's scores on a device, attention layers, heads split over a
-    tensor axis)``; zeros without attention.
+    tensor axis)``; zeros without attention. ``tiled``: as XLA:TPU stores them, the keys in 128 lanes
+    and the queries in 8 sublanes (:func:`_tile`).
 
     A config's ``n_heads``, ``n_layers`` and ``seq_len`` give them (the zoo); without them, the
     traced ``q @ k`` products (:attr:`Workload.scores`): each dim split as far as the plan splits
@@ -95,7 +97,8 @@ def score_elements(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -> tup
             return 0, 0, False
         per_example = token_rows(w.batch, cfg) // max(w.batch.size, 1)  # the sequence a layer attends over
         split = _heads_split(lv, mesh)
-        return int(w.batch.size / shards * math.ceil(heads / split) * per_example * per_example), int(layers), split > 1
+        return (int(w.batch.size / shards * math.ceil(heads / split) * _tile(per_example, per_example, tiled)),
+                int(layers), split > 1)
     sizes, split = [], False
     for sc in w.scores:
         local = 1.0
@@ -105,6 +108,9 @@ def score_elements(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -> tup
                                 if d < len(e)])
             split |= degree > 1
             local *= math.ceil(n / degree) / n
+        if len(sc.dims) >= 2:
+            q, k = sc.dims[-2][0], sc.dims[-1][0]
+            local *= _tile(q, k, tiled) / (q * k)
         sizes.append((sc.per_example * w.batch.size / shards * local, sc.count))
     if not sizes:
         return 0, 0, False
@@ -177,6 +183,18 @@ def expert_hidden_bytes(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -
     return int(tokens * per_token * math.ceil(width / tensor_degree(mesh, spec[-1])) * w.act_item), layers
 
 
+def _tile(rows: int, cols: int, tiled: bool) -> int:
+    """Elements a ``rows x cols`` score matrix takes: as XLA:TPU stores it (``tiled``: its (8, 128) tiles,
+    the keys in lanes; ViT-B/16's ``bf16[32, 12, 197, 197]`` probabilities take 37.5 MiB, as
+    ``[32, 12, 200, 256]``, in the v5e buffer dumps of both batches), else ``rows x cols``. Fewer keys
+    than a lane row: dense (unmeasured; the compiler may put another dim in the lanes).
+
+    >>> _tile(197, 197, True), _tile(197, 197, False), _tile(4096, 4096, True) == 4096 * 4096, _tile(17, 17, True)
+    (51200, 38809, True, 289)
+    """
+    return -(-rows // 8) * 8 * _lanes(cols) if tiled and cols >= 128 else rows * cols
+
+
 def held_item(act_item: int, backend: str) -> int:
     """Bytes per element of the activations the step holds: XLA:CPU computes 16-bit activations in
     float32 (its float-normalization pass upcasts the elementwise ops and matmuls it has no 16-bit
@@ -236,7 +254,7 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
     True
     """
     one, two = gathered_bytes(lv, mesh, w.backend)
-    elems, n_attn, split_heads = score_elements(lv, mesh, w, shards)
+    elems, n_attn, split_heads = score_elements(lv, mesh, w, shards, tiled=w.backend == "tpu")
     held = held_item(w.act_item, w.backend)
     # in flight in the activation dtype (XLA keeps the softmax's float32 in a fusion); saved in it too, unless
     # the heads are split over a tensor axis: then each layer's probabilities are saved in float32, live from
