@@ -227,3 +227,20 @@ def test_constraint_and_name_keep_the_stored_order(devices):
     stored_w = {"w": to_storage(w, lay)}
     assert "gather" not in str(jax.make_jaxpr(g)(stored_w, x))  # without the rules: a gather to natural order
     np.testing.assert_array_equal(np.asarray(jax.jit(g)(stored_w, x)), np.asarray(jax.jit(f)({"w": w}, x)))
+
+
+def test_operands_broadcast_along_the_stored_dim():
+    """lax broadcasts size-1 dims (jax.nn.softmax's x - max(x, keepdims=True), jnp.outer's (8, 1) * (1, 8)):
+    such an operand is the same in every order along the stored dim, so it is used as it is."""
+    from tpflax._src.apply.aligned import aligned_layouts
+
+    lay, blay = Interleave(dim=1, pieces=(4, 2, 2), ranks=2), Interleave(dim=0, pieces=(4, 2, 2), ranks=2)
+    rs = np.random.RandomState(0)
+    p = {"w": rs.standard_normal((3, 8)).astype(np.float32), "b": rs.standard_normal(8).astype(np.float32)}
+    x = rs.standard_normal((2, 5, 3)).astype(np.float32)
+    sp = {"w": to_storage(p["w"], lay), "b": to_storage(p["b"], blay)}
+    for f in (lambda p, x: jax.nn.softmax(x @ p["w"], -1), lambda p, x: jnp.outer(p["b"], p["b"]),
+              lambda p, x: (x @ p["w"]) / (x @ p["w"]).sum(-1, keepdims=True)):
+        g = aligned_layouts(f, lambda t: {"w": lay, "b": blay})
+        # the same ops on the same numbers, fused differently by XLA around the gathers: a few ulps
+        np.testing.assert_allclose(np.asarray(jax.jit(g)(sp, x)), np.asarray(jax.jit(f)(p, x)), rtol=1e-6)

@@ -36,7 +36,7 @@ from typing import Any
 
 from tpflax._src.layout import Interleave, from_storage, to_storage
 
-# elementwise primitives: operands of the output's shape (or scalars), the output the same shape
+# elementwise primitives: operands of the output's rank (lax broadcasts size-1 dims) or scalars
 _ELEMENTWISE = frozenset("""
     add sub mul div rem pow max min atan2 and or xor not eq ne lt le gt ge select_n nextafter add_any clamp
     neg exp exp2 log log1p expm1 tanh logistic sin cos tan asin acos atan sinh cosh asinh acosh atanh
@@ -146,10 +146,14 @@ def _at(m: Interleave, dim: int) -> Interleave:
 
 
 def _as(v, m: Interleave) -> Any:
-    """``v``'s array in the order ``m`` stores (a scalar is the same in every order)."""
+    """``v``'s array in the order ``m`` stores. A scalar, or an operand of size 1 on ``m``'s dim (lax
+    broadcasts it, a softmax's ``x - max(x, keepdims=True)``), is the same in every order: only its natural
+    value is needed."""
     x, vm = v
-    if vm == m or getattr(x, "ndim", 0) == 0:
+    if vm == m:
         return x
+    if getattr(x, "ndim", 0) == 0 or x.shape[m.dim] == 1:
+        return _natural(v)
     return to_storage(_natural(v), m)
 
 
