@@ -244,7 +244,7 @@ def test_cli_plans_with_fused_aligned(tmp_path, monkeypatch, capsys):
     assert {d["path"]: d.get("layout") for d in out["decisions"]}["qkv"] == {"dim": 1, "pieces": [64] * 3, "ranks": 4}
 
 
-def test_nnx_module_is_placed_stored_and_unsharded_back(mesh):
+def _nnx_attn():
     from flax import nnx
 
     class Attn(nnx.Module):
@@ -257,7 +257,13 @@ def test_nnx_module_is_placed_stored_and_unsharded_back(mesh):
             a = jax.nn.softmax(jnp.einsum("bthd,bshd->bhts", q, k), -1)
             return self.out(jnp.einsum("bhts,bshd->bthd", a, v).reshape(B, T, D))
 
-    m = Attn(nnx.Rngs(0))
+    return Attn(nnx.Rngs(0))
+
+
+def test_nnx_module_is_placed_stored_and_unsharded_back(mesh):
+    from flax import nnx
+
+    m = _nnx_attn()
     plan = tpflax.plan(nnx.state(m), MESH, model=m, sample=(X,), fused="aligned")
     assert plan.decisions["qkv/kernel"].layout == QKV and plan.decisions["qkv/bias"].layout.dim == 0
     host = tpflax.unshard(m)
@@ -266,3 +272,18 @@ def test_nnx_module_is_placed_stored_and_unsharded_back(mesh):
     back = tpflax.unshard(placed, plan)
     assert all(np.array_equal(np.asarray(back[n][w].get_value()), np.asarray(host[n][w].get_value()))
                for n in ("qkv", "out") for w in ("kernel", "bias"))
+
+
+def test_nnx_optimizer_made_from_placed_params_is_kept_with_order_stored(mesh):
+    from flax import nnx
+
+    m = _nnx_attn()
+    plan = tpflax.plan(nnx.state(m), MESH, model=m, sample=(X,), fused="aligned")
+    assert plan.decisions["qkv/kernel"].layout == QKV
+    placed = tpflax.shard(m, plan, mesh)
+    opt = nnx.Optimizer(placed, optax.adam(1e-3), wrt=nnx.Param)
+    opt.update(placed, nnx.state(placed, nnx.Param))  # moments of the stored kernel, in stored order
+    got = tpflax.shard_optimizer_state(opt, None, plan, mesh, order="stored")
+    for a, b in zip(jax.tree_util.tree_leaves(tpflax.unshard(opt)), jax.tree_util.tree_leaves(tpflax.unshard(got)),
+                    strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))

@@ -21,7 +21,7 @@ from tpflax._src.planner.state import state_leaf_specs
 
 
 def shard_module(obj: Any, plan: Plan, mesh: Any = None, *, per_shard: bool = False,
-                 derived: bool = False) -> Any:
+                 derived: bool = False, stored: bool = False) -> Any:
     """A copy of an nnx Module / Optimizer whose arrays are placed on the mesh.
 
     Args:
@@ -33,6 +33,8 @@ def shard_module(obj: Any, plan: Plan, mesh: Any = None, *, per_shard: bool = Fa
         derived: the state is derived from the planned parameters (an
             optimizer's moments and step), not the planned tree itself: specs
             are carried over by path as in :func:`tpflax.state_shardings`.
+        stored: with ``derived``: the state is in the plan's stored order already (an optimizer made
+            from tpflax-placed parameters, ``order="stored"``), placed as it is.
 
     Raises:
         PlanMismatchError: a module's state does not match the plan.
@@ -52,7 +54,7 @@ def shard_module(obj: Any, plan: Plan, mesh: Any = None, *, per_shard: bool = Fa
     mesh = bind_mesh(plan, mesh)
     boxes, treedef, specs = state_leaf_specs(state, plan)
     values = [unbox(b) for b in boxes]
-    if has_layouts(plan):  # in the model's order, as shard() takes it: head-aligned kernels and moments stored
+    if has_layouts(plan) and not stored:  # in the model's order, as shard() takes it: laid-out leaves stored
         values = reorder(values, tree_layouts(plan, state))
     placed = put(values, [NamedSharding(mesh, s) for s in specs], per_shard=per_shard)
     return nnx.merge(graphdef, rebox_all(boxes, placed, treedef))

@@ -183,13 +183,13 @@ def shard_optimizer_state(optimizer: Any, opt_state: Any, plan: Plan, mesh: Any 
     >>> st[0].nu["w"].sharding.spec
     P('model', None)
     """
+    moved = check_order(order) == "model" and has_layouts(plan)
     if is_graph_node(optimizer):
-        return nnx_apply.shard_module(optimizer, plan, mesh, derived=True)
+        return nnx_apply.shard_module(optimizer, plan, mesh, derived=True, stored=not moved)
     mesh = bind_mesh(plan, mesh)
     if not callable(getattr(optimizer, "init", None)):
         raise OptionError(f"optimizer {optimizer!r} has no init(); pass an optax GradientTransformation "
                           "(e.g. optax.adamw(1e-3)) or an nnx.Optimizer")
-    moved = check_order(order) == "model" and has_layouts(plan)
     if opt_state is not None:
         made_from = params_for_state(optimizer, opt_state, plan, params)
         boxes, treedef, specs = state_leaf_specs(opt_state, plan, optimizer=optimizer, params=made_from)
