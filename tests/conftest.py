@@ -25,3 +25,12 @@ def devices():
     devs = jax.devices()
     assert len(devs) >= 8, f"expected 8 CPU-emulated devices, got {len(devs)}"
     return devs
+
+
+@pytest.fixture(autouse=True)
+def _piped_terminal_size(monkeypatch):
+    """Text reports size themselves to the terminal, and ``shutil.get_terminal_size`` reads ``COLUMNS`` and
+    ``LINES`` first; the tests read the piped default (100 columns), so an exported ``COLUMNS`` (a shell's,
+    or the 80 pytest-xdist's workers get) must not change what they see."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.delenv("LINES", raising=False)

@@ -182,6 +182,10 @@ def test_checkpoints_hold_the_model_order_across_plans(plans, host, mesh, tmp_pa
     _same(tpflax.unshard(tpflax.restore_checkpoint(from_split, aligned, mesh)), _stored(host))
     conv = tpflax.convert_checkpoint(from_split, tmp_path / "c", aligned, mesh)
     _same(tpflax.unshard(tpflax.restore_checkpoint(conv)), host)
+    # restored with explicit shardings (a TrainState's path): the plan given too puts them into its order
+    by_shardings = tpflax.restore_checkpoint(path, aligned, like=host,
+                                             shardings=tpflax.shardings(aligned, mesh, host))
+    _same(tpflax.unshard(by_shardings), _stored(host))
 
 
 def test_optimizer_state_in_the_model_order_is_stored_like_its_parameters(plans, host, mesh):

@@ -28,7 +28,7 @@ import jax
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from tpflax._src.apply.bind import bind_mesh, match_plan, rebox_all
-from tpflax._src.apply.stored import has_layouts, model_order, reorder
+from tpflax._src.apply.stored import has_layouts, model_order, reorder, tree_layouts
 from tpflax._src.checkpoint_layout import (
     MARKER,
     STEP_METADATA,
@@ -386,8 +386,9 @@ def _restore_item(ocp: Any, item: Path, plan: Plan | None, mesh: Any, like: Any,
     except Exception as e:
         raise CheckpointError(f"restoring {item} failed: {type(e).__name__}: {e}") from e
     values = [_as_key(x, w) for x, w in zip(treedef.flatten_up_to(restored), wanted, strict=True)]
-    if shardings is None and plan is not None and has_layouts(plan):  # saved in the model's order
-        values = reorder(values, [d.layout for d in decisions])
+    if plan is not None and has_layouts(plan):  # saved in the model's order
+        values = reorder(values, [d.layout for d in decisions] if shardings is None
+                         else tree_layouts(plan, structure))
     if like is None:
         return jax.tree_util.tree_unflatten(treedef, values)
     return rebox_all([b for _, b in boxes], values, treedef)
@@ -433,6 +434,9 @@ def restore_checkpoint(path: str | os.PathLike, plan: Plan | None = None, mesh: 
         shardings: a ``Sharding`` tree shaped like ``like`` to restore with
             instead of a plan (e.g. :func:`tpflax.train_state_shardings`, or
             :func:`tpflax.state_shardings` for ``{"params": ..., "opt_state": ...}``).
+            With a plan made with ``fused="aligned"``, pass it as ``plan`` too: its
+            head-aligned leaves, and the optimizer-state leaves tied to them, then come
+            back in its stored order (without it, in the model's order).
         step: with a manager root: the step to restore (default: the latest).
         item: with a step of several items (``args.Composite``): the one to
             restore. Default: the only item; several are restored as
