@@ -5,6 +5,7 @@ block; shard/init_sharded/restore give that order, unshard/save_checkpoint the m
 """
 
 import json
+import re
 
 import flax.linen as nn
 import jax
@@ -99,6 +100,19 @@ def test_aligned_plan_sets_layouts_and_keeps_the_specs(plans):
     assert json.loads(back.to_json())["options"]["fused"] == "aligned"
     with pytest.raises(OptionError, match="'split', 'aligned'"):
         tpflax.plan(jax.eval_shape(MODEL.init, jax.random.key(0), X), MESH, fused="heads")
+
+
+@pytest.mark.parametrize("edit, words", [
+    ({"ranks": 2}, "layout over 2 ranks but spec"),          # the spec splits the dim over 4
+    ({"pieces": [32, 32, 32]}, "holds 96 but the leaf's shape"),
+    ({"pieces": [-4, 36, 32]}, "positive pieces"),
+])
+def test_a_hand_edited_layout_is_refused_when_read(plans, edit, words):
+    doc = json.loads(plans["aligned"].to_json())
+    d = next(x for x in doc["decisions"] if x["path"] == "params/wqkv/kernel")
+    d["layout"].update(edit)
+    with pytest.raises(tpflax.PlanFormatError, match=re.escape(words)):
+        tpflax.Plan.from_json(json.dumps(doc))
 
 
 def test_pieces_that_do_not_divide_keep_the_naive_split():

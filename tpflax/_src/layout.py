@@ -50,11 +50,11 @@ class Interleave:
     ranks: int
 
     def __post_init__(self) -> None:
-        bad = [s for s in self.pieces if self.ranks <= 0 or s % self.ranks]
+        bad = [s for s in self.pieces if self.ranks <= 0 or s <= 0 or s % self.ranks]
         if self.dim < 0 or len(self.pieces) < 2 or bad:
             raise PlanFormatError(
                 f"interleave over dim {self.dim} of pieces {self.pieces} and {self.ranks} ranks: "
-                "the dim must be non-negative, with two or more pieces that each divide by the ranks")
+                "the dim must be non-negative, with two or more positive pieces that each divide by the ranks")
 
     @property
     def size(self) -> int:

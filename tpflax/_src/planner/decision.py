@@ -29,6 +29,7 @@ from tpflax._src.planner.skeleton import rebuild, skeleton
 from tpflax._src.specs import (
     bytes_per_device,
     entries,
+    entry_axes,
     spec_from_json,
     spec_problems,
     spec_to_json,
@@ -369,6 +370,20 @@ def _decision_problems(path: str, d: Decision, mesh: MeshShape) -> list[str]:
     if d.bytes_per_device != per:
         return [f"{path}: bytes_per_device {d.bytes_per_device} but spec {d.spec} on mesh {mesh} gives "
                 f"{per}; re-plan"]
+    return _layout_problems(path, d, mesh)
+
+
+def _layout_problems(path: str, d: Decision, mesh: MeshShape) -> list[str]:
+    """A head-aligned layout must span its dim of the leaf, over as many ranks as the spec splits it."""
+    lay = d.layout
+    if lay is None:
+        return []
+    if lay.dim >= len(d.shape) or d.shape[lay.dim] != lay.size:
+        return [f"{path}: layout over dim {lay.dim} holds {lay.size} but the leaf's shape is {d.shape}; re-plan"]
+    ranks = math.prod(mesh.sizes[a] for a in entry_axes(entries(d.spec, len(d.shape))[lay.dim]))
+    if ranks != lay.ranks:
+        return [f"{path}: layout over {lay.ranks} ranks but spec {d.spec} splits dim {lay.dim} over {ranks} "
+                f"on mesh {mesh}; re-plan"]
     return []
 
 
