@@ -311,6 +311,26 @@ def slice_name(target: Any, devices: int) -> str:
 LANES, SUBLANES = 128, 8
 
 
+def lane_pad(n: int) -> int:
+    """``n`` padded to whole 128-lane tiles.
+
+    >>> lane_pad(64), lane_pad(197), lane_pad(256)
+    (128, 256, 256)
+    """
+    return -(-n // LANES) * LANES
+
+
+def sublane_pad(k: int, itemsize: int) -> int:
+    """``k`` rows padded to whole sublane tiles: 8, or the power of two at or above a shorter dim (at least
+    2 for 16-bit types, which pack two rows per word).
+
+    >>> sublane_pad(3, 4), sublane_pad(3, 2), sublane_pad(1, 2), sublane_pad(10, 4)
+    (4, 4, 2, 16)
+    """
+    tile = min(SUBLANES, max(4 // itemsize, 1 << (k - 1).bit_length()))
+    return -(-k // tile) * tile
+
+
 @functools.lru_cache(maxsize=1 << 12)
 def device_layout(shape: tuple[int, ...], itemsize: int) -> tuple[int, int]:
     """The (lane, sublane) dims of the layout XLA:TPU gives an array of this per-device ``shape``:
@@ -327,9 +347,8 @@ def device_layout(shape: tuple[int, ...], itemsize: int) -> tuple[int, int]:
     ((0, 2), (2, 1), (2, 0))
     """
     def padded(lane: int, sub: int) -> int:
-        tile = min(SUBLANES, max(4 // itemsize, 1 << (shape[sub] - 1).bit_length()))
         rest = math.prod(n for i, n in enumerate(shape) if i not in (lane, sub))
-        return rest * -(-shape[sub] // tile) * tile * -(-shape[lane] // LANES) * LANES
+        return rest * sublane_pad(shape[sub], itemsize) * lane_pad(shape[lane])
 
     r = len(shape)
     pairs = [(lane, sub) for lane in reversed(range(r)) for sub in reversed(range(r)) if sub != lane]

@@ -18,7 +18,7 @@ from tpflax._src.cost.scope import body
 from tpflax._src.cost.workload import Workload
 from tpflax._src.mesh import EXPERT, TENSOR, MeshShape
 from tpflax._src.specs import entry_axes
-from tpflax._src.tpu import SUBLANES
+from tpflax._src.tpu import lane_pad, sublane_pad
 
 # XLA:TPU lays out a conv's maps batch first from 8 images per device on; below, it cuts the width into 8 chunks
 # (``W // 8 + 1`` columns with the halo) folded into the batch (``[H, images x 8, W // 8 + 1, C]``) and keeps
@@ -93,7 +93,7 @@ def conv_maps(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> tuple[in
             return 0, 0  # patchify convs only (a ViT): the generic count, as measured on no tensor-axis dump
         return tensor_conv_maps(lv, w, mesh, shards, channels), _split_count(lv, w, mesh, shards, channels)
     if w.remat:  # the block outputs counted above, at 128 lanes
-        kept = sum(math.prod(a.output[:-1]) * _lanes(a.output[-1]) * item for path, calls in w.activations.items()
+        kept = sum(math.prod(a.output[:-1]) * lane_pad(a.output[-1]) * item for path, calls in w.activations.items()
                    for a in calls if len(a.output) == 4 and a.output[-1] in channels and path in blocks)
         return int(kept), int(counted)
     kept = 0.0
@@ -105,13 +105,13 @@ def conv_maps(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> tuple[in
                 continue  # 1x1 or patchify: kernel no wider than its stride
             x = tuple(a.inputs[0])
             taps = 1 if x == images else body(d)[1]  # the images: lane-padded once (measured), maps: kw copies
-            kept += math.prod(x[:-1]) * _lanes(x[-1]) * taps * operand * n
+            kept += math.prod(x[:-1]) * lane_pad(x[-1]) * taps * operand * n
     for unit, n in norms.items():
         for a in acts_for(w.activations, unit):
             x = tuple(a.inputs[0])
             if len(x) == 4 and x[-1] in channels:
-                kept += math.prod(x[:-1]) * _lanes(x[-1]) * item * n
-    kept += sum(math.prod(y[:-1]) * _lanes(y[-1]) * item for y in _pooled(w.activations, channels))
+                kept += math.prod(x[:-1]) * lane_pad(x[-1]) * item * n
+    kept += sum(math.prod(y[:-1]) * lane_pad(y[-1]) * item for y in _pooled(w.activations, channels))
     return int(kept), int(counted)
 
 
@@ -190,7 +190,7 @@ def tensor_conv_maps(lv: Leaves, w: Workload, mesh: MeshShape, shards: int, chan
         for a in calls:
             x = tuple(a.inputs[0]) if a.inputs else ()
             if len(x) == 4 and len(a.output) == 4 and x[-1] < 8 and x[-1] not in channels:
-                kept += math.prod(x[1:3]) * -(-x[-1] // 4) * 4 * _lanes(x[0] // shards) * 2
+                kept += math.prod(x[1:3]) * -(-x[-1] // 4) * 4 * lane_pad(x[0] // shards) * 2
     kept += sum(map_bytes((y[0] // shards, *y[1:]), w.act_item) for y in _pooled(w.activations, channels))
     return int(kept)
 
@@ -210,7 +210,7 @@ def map_bytes(shape: tuple[int, ...], item: int) -> int:
     True
     """
     n, c = shape[0], shape[-1]
-    return math.prod(shape[1:-1]) * min(_lanes(c) * _sub(n, item), _lanes(n) * _sub(c, item)) * item
+    return math.prod(shape[1:-1]) * min(lane_pad(c) * sublane_pad(n, item), lane_pad(n) * sublane_pad(c, item)) * item
 
 
 def _layers(lv: Leaves, kind: str) -> dict[str, str]:
@@ -223,13 +223,7 @@ def _layers(lv: Leaves, kind: str) -> dict[str, str]:
 
 def _images_in_lanes(shape: tuple[int, ...], item: int) -> bool:
     """Whether :func:`map_bytes` lays a map out with the images in the lanes (they pad less than the channels)."""
-    return _lanes(shape[0]) * _sub(shape[-1], item) < _lanes(shape[-1]) * _sub(shape[0], item)
-
-
-def _sub(k: int, item: int) -> int:
-    """``k`` rows padded to whole sublane tiles (:func:`tpflax._src.tpu.device_layout`'s sublane tiling)."""
-    tile = min(SUBLANES, max(4 // item, 1 << (k - 1).bit_length()))
-    return -(-k // tile) * tile
+    return lane_pad(shape[0]) * sublane_pad(shape[-1], item) < lane_pad(shape[-1]) * sublane_pad(shape[0], item)
 
 
 def _column_split(lv: Leaves, mesh: MeshShape, path: str) -> int:
@@ -264,6 +258,3 @@ def _overlaps(d: Any, a: Any) -> bool:
     x, y = tuple(a.inputs[0]) if a.inputs else (), a.output
     return len(x) == 4 and len(y) == 4 and body(d)[1] > max(x[2] // max(y[2], 1), 1)
 
-
-def _lanes(n: int) -> int:
-    return -(-n // 128) * 128

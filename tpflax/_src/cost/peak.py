@@ -47,7 +47,7 @@ from tpflax._src.cost.activations import (
     top_level,
 )
 from tpflax._src.cost.batch import config_value
-from tpflax._src.cost.conv import _lanes, conv_maps, conv_working, tensor_degree
+from tpflax._src.cost.conv import conv_maps, conv_working, tensor_degree
 from tpflax._src.cost.gathered import gathered_bytes, kept_gathered_bytes
 from tpflax._src.cost.leaves import Leaves
 from tpflax._src.cost.records import Memory, Peak
@@ -57,6 +57,7 @@ from tpflax._src.cost.scope import layers as stacked_layers
 from tpflax._src.cost.workload import Workload
 from tpflax._src.mesh import EXPERT, MeshShape
 from tpflax._src.specs import entry_axes
+from tpflax._src.tpu import LANES, SUBLANES, lane_pad
 
 # batch x heads x seq x seq buffers (activation dtype) per attention layer, measured on the TPU compiler:
 SCORES_SAVED = 1  # the probabilities, kept for the backward pass (none under remat)
@@ -192,7 +193,7 @@ def _tile(rows: int, cols: int, tiled: bool) -> int:
     >>> _tile(197, 197, True), _tile(197, 197, False), _tile(4096, 4096, True) == 4096 * 4096, _tile(17, 17, True)
     (51200, 38809, True, 289)
     """
-    return -(-rows // 8) * 8 * _lanes(cols) if tiled and cols >= 128 else rows * cols
+    return -(-rows // SUBLANES) * SUBLANES * lane_pad(cols) if tiled and cols >= LANES else rows * cols
 
 
 def held_item(act_item: int, backend: str) -> int:
