@@ -238,7 +238,9 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
         if "passed to shard_map" not in str(e) or isinstance(e, PlanMismatchError):
             raise
         raise PlanMismatchError(_MESHES_DIFFER, [f"{str(e).splitlines()[0]}; {_FIX}"]) from e
-    if any(d.layout is not None for d in plan.decisions.values()):  # fused kernels stored head-aligned
+    from tpflax._src.apply.stored import has_layouts
+
+    if has_layouts(plan):  # fused kernels stored head-aligned
         from tpflax._src.apply.aligned import aligned
 
         loss_of = aligned(loss_of, plan)

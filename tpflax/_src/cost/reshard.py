@@ -115,6 +115,17 @@ def _compact(shard: int, n: int, start: Callable[[int], int], want: int) -> list
         out.append(hi - lo)
 
 
+def split_columns(width: int, pieces: int | tuple[int, ...], n: int) -> tuple[tuple[int, ...], int] | None:
+    """What one local activation row of a naively split fused kernel sends per layer: the forward
+    collective-permutes' widths, and the width of each of the two backward all-to-alls (None: not modelled).
+
+    >>> split_columns(192, 3, 4)
+    ((32, 16, 32, 32, 16, 16, 16), 48)
+    """
+    cps = piece_permutes(width, pieces, n)
+    return None if cps is None else (cps, width // n)
+
+
 def fused_items(s: Scope, notes: list[str]) -> list[CommItem]:
     """The reshard of every traced fused kernel split over tensor axes on its fused dim.
 
@@ -144,20 +155,21 @@ def fused_items(s: Scope, notes: list[str]) -> list[CommItem]:
         if viewed and isinstance(pieces, int) and pieces % n and n % pieces:
             items += _view_gathers(s, path, d, width, pieces, n, axes)
             continue
-        cps = piece_permutes(width, pieces, n)
+        cut = split_columns(width, pieces, n)
         sizes = pieces if isinstance(pieces, tuple) else (width // pieces,) * pieces
         pieces = len(sizes)
-        if cps is None:
+        if cut is None:
             notes.append(f"{s.lv.label[path]}: its {pieces} fused pieces of {width} over {n} devices are "
                          "resharded by XLA in a way not modelled")
             continue
         row = s.rows_of(path) * s.act_item  # bytes of one column of the local rows
         count = layers(d) * s.lv.count[path]
         label = s.lv.label[path]
+        cps, back = cut
         items.append(CommItem("collective-permute", axes, row * sum(cps), n, count, label,
                               f"fused {label}: {len(cps)} collective-permutes reshard its {pieces} pieces, "
                               f"cut across the {n} shards (forward)"))
-        items.append(CommItem("all-to-all", axes, row * width // n, n, 2 * count, label,
+        items.append(CommItem("all-to-all", axes, row * back, n, 2 * count, label,
                               f"fused {label}: gather the pieces' gradients back into the split layout (backward)"))
         for i in whole:  # resharded split like the others, then read whole (measured on XLA:CPU, MQA k and v)
             size = row * sizes[i]

@@ -63,15 +63,16 @@ def _why_not(sizes: Sequence[int], limit: int | None, n: int) -> str:
 
 def _saved(d: Decision, dim: int, sizes: Sequence[int], n: int, ms: MeshShape, opts: Options) -> float:
     """Bytes per device per step of the reshard the estimate prices for the naive split (0: not modelled)."""
-    from tpflax._src.cost.reshard import piece_permutes  # the cost model imports the planner
+    from tpflax._src.cost.reshard import split_columns  # the cost model imports the planner
 
-    cps = piece_permutes(d.shape[dim], tuple(sizes), n)
-    if cps is None:
+    cut = split_columns(d.shape[dim], tuple(sizes), n)
+    if cut is None:
         return 0.0
+    cps, back = cut
     shards = math.prod(size for name, size in ms.axes if dict(ms.roles).get(name) in (DATA, FSDP))
     layers = d.shape[d.layers_dim] if d.layers_dim is not None else 1
     row = opts.tokens / max(shards, 1) * opts.act_item * layers
-    return row * (sum(cps) + 2 * d.shape[dim] / n)  # forward permutes, backward all-to-alls
+    return row * (sum(cps) + 2 * back)  # forward permutes, backward all-to-alls
 
 
 def _bias(facts: Sequence[Facts], kernel: Facts, d: Decision, dim: int,
