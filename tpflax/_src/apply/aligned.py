@@ -73,20 +73,16 @@ def aligned(fn: Callable[..., Any], plan, argnum: int = 0) -> Callable[..., Any]
     >>> bool((g({"w": to_storage(w, lay)}, np.ones((1, 2))) == f({"w": w}, np.ones((1, 2)))).all())
     True
     """
-    from tpflax._src.step import plan_decisions
-
-    def layouts(tree):
-        return jax_tree_map_decisions(plan_decisions(plan, tree))
-
-    return aligned_layouts(fn, layouts, argnum)
-
-
-def jax_tree_map_decisions(decisions: Any) -> Any:
     import jax
 
     from tpflax._src.planner.decision import Decision
+    from tpflax._src.step import plan_decisions
 
-    return jax.tree_util.tree_map(lambda d: d.layout, decisions, is_leaf=lambda x: isinstance(x, Decision))
+    def layouts(tree):  # each parameter's Interleave (or None), in a tree like the parameters
+        return jax.tree_util.tree_map(lambda d: d.layout, plan_decisions(plan, tree),
+                                      is_leaf=lambda x: isinstance(x, Decision))
+
+    return aligned_layouts(fn, layouts, argnum)
 
 
 def aligned_layouts(fn: Callable[..., Any], layouts: Callable[[Any], Any], argnum: int = 0) -> Callable[..., Any]:
