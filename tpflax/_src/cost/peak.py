@@ -156,7 +156,8 @@ def _attended(w: Workload) -> int:
 
 
 def _pad(seq: int) -> float:
-    """How much a map with ``seq`` in the 128 lanes grows as XLA:TPU stores it (none below a lane row).
+    """How much a map with ``seq`` in the 128 lanes grows as XLA:TPU stores it (measured at 197: 256 lanes;
+    fewer than a lane row: dense, unmeasured, as for the scores' tiles in :func:`_tile`).
 
     >>> _pad(197), _pad(4096), _pad(64)
     (1.299492385786802, 1.0, 1.0)
