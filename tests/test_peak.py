@@ -425,6 +425,28 @@ def test_tpu_scores_take_their_tiles():
         assert e.breakdown.scores == 3 * 16 // 8 * 8 * tile * 4
 
 
+@pytest.mark.parametrize("mesh,tensor", [({"fsdp": 8}, 1), ({"fsdp": 2, "model": 4}, 4)])
+@pytest.mark.parametrize("patch", [2, 8])
+def test_tpu_16bit_attention_keeps_q_k_v_and_context_in_lanes(mesh, tensor, patch):
+    # XLA:TPU keeps each attention layer's q, k, v and context (the out-projection's input, no traced output)
+    # with the sequence in the 128 lanes: ViT-B/16's v5e bf16 dumps hold four bf16[32,197,12,64] per layer,
+    # 12 MiB each ([32,12,64,256]; benchmarks/tpu_aot_notes.md, seventeenth round). A tiny ViT of 2-pixel
+    # patches attends over 257 tokens (384 lanes); of 8-pixel patches over 17 (fewer than a lane row: dense).
+    # The float32 twin (its logits counted apart) is the 16-bit count without them, at half the bytes.
+    def est(**kw):
+        m = zoo.get("vit", patch_size=patch, **kw)
+        p = tpflax.plan(m.abstract_variables(), mesh, fsdp_min_bytes=1024)
+        return m, tpflax.estimate(p, ADAM, jax.eval_shape(lambda: m.make_batch(0, 16)), model=m)
+
+    m, b16 = est(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    _, f32 = est()
+    c, seq = m.config, m.config.seq_len
+    lanes = -(-seq // 128) * 128 if seq >= 128 else seq
+    shards = 8 // tensor
+    kept = c.n_layers * 16 // shards * c.d_model // tensor * 2 * (lanes + 3 * (lanes - seq))
+    assert b16.breakdown.activations == (f32.breakdown.activations + f32.breakdown.logits) // 2 + kept
+
+
 def test_a_bare_batch_shape_is_the_sample_of_a_module():
     # estimate(model=module, batch=(16, 128)) without sample: one input of the batch's shape, token ids
     # when the tree has an embedding table (float features otherwise), the same as passing it; said in settings

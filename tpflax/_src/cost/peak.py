@@ -11,7 +11,8 @@ parameters and optimizer state donated) holds, per device:
   rematerialised (a conv net on TPU keeps what its layers' backward passes read
   instead of their outputs: each conv's input once per kernel column, each
   norm's and max-pool's input; :func:`conv_maps`), and without a residual block's row projection
-  outputs, which feed only the residual add (:mod:`tpflax._src.cost.residual`);
+  outputs, which feed only the residual add (:mod:`tpflax._src.cost.residual`), and, in a 16-bit step on
+  TPU, with each attention layer's context and its q, k, v padded to the lanes (:func:`attention_operands`);
 * growing through the backward pass: the gradients (sharded like the params);
 * one layer at a time: the working set of the layer in flight: its weights
   gathered over the fsdp axes (two layers: XLA gathers the next while one
@@ -117,6 +118,51 @@ def score_elements(lv: Leaves, mesh: MeshShape, w: Workload, shards: int,
         return 0, 0, False
     largest = max(e for e, _ in sizes)
     return int(largest), sum(e * c for e, c in sizes) / largest, split
+
+
+def attention_operands(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -> int:
+    """XLA:TPU, a 16-bit step without remat: what its attention layers keep beyond their traced outputs,
+    on a device. The backward matmuls read q, k, v (the projections' outputs) and the context (the
+    out-projection's input, not a traced output), and the compiler keeps all four with the sequence in
+    the 128 lanes: ViT-B/16's ``bf16[32,197,12,64]`` take 12 MiB each, as ``[32,12,64,256]``, four per
+    layer in the v5e dumps of its three bf16 meshes (``benchmarks/tpu_aot_notes.md``, seventeenth round);
+    Llama-2-7B's bf16 steps keep the same four (:mod:`tpflax._src.cost.residual`). So: the context
+    once per attention layer, and all four padded to the lanes when the attended length is not a
+    multiple of 128 (:func:`_pad`). A float32 step keeps them in bfloat16 (its matmuls multiply in
+    bfloat16 at default precision): not modelled (its traced q, k, v are counted in float32; see the notes).
+    """
+    if w.backend != "tpu" or w.remat or held_item(w.act_item, w.backend) != 2:
+        return 0
+    pad = _pad(_attended(w))
+    total = 0.0
+    for p, d in lv.decisions.items():
+        if d.kind != "attention" or len(body(d)) < 2 or d.role not in ("column", "row"):
+            continue
+        split = max([1] + [tensor_degree(mesh, e) for e in lv.specs[p]])  # the heads' split
+        for a in acts_for(w.activations, d.unit):
+            if d.role == "row" and a.inputs:  # the context
+                total += math.prod(a.inputs[0]) * pad * lv.count[p] / split
+            elif d.role == "column":  # q, k, v: in the saved activations already, unpadded
+                total += math.prod(a.output) * (pad - 1) * lv.count[p] / split
+    return int(total / shards * w.act_item)
+
+
+def _attended(w: Workload) -> int:
+    """The sequence an attention layer attends over: the config's (tokens per example), else the keys of
+    the largest traced ``q @ k`` product; 0 when neither says."""
+    if config_value(w.config, "seq_len") and w.batch.size:
+        return token_rows(w.batch, w.config) // w.batch.size
+    return max([0] + [sc.dims[-1][0] for sc in w.scores if len(sc.dims) >= 2])
+
+
+def _pad(seq: int) -> float:
+    """How much a map with ``seq`` in the 128 lanes grows as XLA:TPU stores it (measured at 197: 256 lanes;
+    fewer than a lane row: dense, unmeasured, as for the scores' tiles in :func:`_tile`).
+
+    >>> _pad(197), _pad(4096), _pad(64)
+    (1.299492385786802, 1.0, 1.0)
+    """
+    return lane_pad(seq) / seq if seq >= LANES else 1.0
 
 
 def logits_bytes(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -> tuple[int, str, bool]:
@@ -285,6 +331,7 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
         saved -= formula_scores_bytes(w.batch, w.config, mesh, shards, w.remat, w.act_item)
     saved = saved * held // w.act_item + norm_broadcasts(lv, w, shards)
     recompute = recompute * held // w.act_item
+    saved += attention_operands(lv, mesh, w, shards)
     logits, head, in_trace = logits_bytes(lv, mesh, w, shards)
     if w.saved and held == 4 and in_trace:
         # a float32 head's traced output is the float32 logits buffer counted below: not twice (the f32
