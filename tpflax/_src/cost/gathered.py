@@ -145,8 +145,8 @@ def _drop(entry: Any, axes: set[str]) -> Any:
 
 # XLA:TPU's on-chip memory (``S(1)``, the buffer dumps' "vmem" memory space: 112 MiB on a v5e) on the
 # generations whose fsdp all-gathers compile as async collectives (``async-collective-done``: v5e). v5p
-# (2x2x2) and v6e (2x4) compile them as synchronous ``all-gather``s (libtpu 0.0.42.1, the MoE and Llama
-# steps of benchmarks/tpu_aot_notes.md): none is held twice there. Other generations: unmeasured.
+# (2x2x2: the MoE and Llama steps) and v6e (2x4: the Llama step) compile them as synchronous ``all-gather``s
+# (libtpu 0.0.42.1, benchmarks/tpu_aot_notes.md): none is held twice there. Other generations: unmeasured.
 ASYNC_GATHER_ONCHIP = {"tpu-v5e": 112 * 2**20}
 
 
