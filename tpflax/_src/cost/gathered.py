@@ -155,8 +155,9 @@ def async_gathered_bytes(lv: Leaves, mesh: MeshShape, target: Any) -> int:
     generation with async all-gathers (:data:`ASYNC_GATHER_ONCHIP`), every layer's gathered leaf larger
     than the on-chip memory, less the largest one (the last layer's backward reads and frees it first).
 
-    Sixteen v5e buffer dumps follow one law, to 2 MiB: ``temp = heap + (heap - L')``, ``L'`` the largest live
-    set without the async collectives' values (benchmarks/tpu_aot_notes.md, ninth and tenth rounds). So a
+    Every TPU buffer dump read since the ninth round without XLA's own rematerialization follows one law, to
+    2 MiB: ``temp = heap + (heap - L')``, ``L'`` the largest live set without the async collectives' values
+    (benchmarks/tpu_aot_notes.md, ninth, tenth and seventeenth rounds). So a
     gathered kernel the all-gather's value still holds in HBM at the peak counts twice. Without remat each
     layer's is kept from its forward to its backward pass (``gathered`` and ``gathered_kept``); one that
     fits on chip, memory-space assignment may gather into ``S(1)`` and evict to HBM as a ``copy-start``
@@ -167,7 +168,9 @@ def async_gathered_bytes(lv: Leaves, mesh: MeshShape, target: Any) -> int:
     2688, and the heap's slack). Leaves outside layers (head, embedding) are not counted: the head is
     gathered again for its own backward pass, freed before the layers' peak. Kernels that fit on chip
     are not counted: whether the compiler moves them is its choice (the medium MoE's 64 MiB ``wi`` stays,
-    its ``wo`` moves; tenth round), an under-count there.
+    its ``wo`` moves; tenth round), an under-count there. A step with little compute to hide a gather
+    behind gathers some synchronously (counted once): an over-count there (a 2-layer toy at 256 tokens per
+    device: +33%; seventeenth round).
 
     >>> import jax, tpflax
     >>> from tpflax._src.cost.leaves import merge
