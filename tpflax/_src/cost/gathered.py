@@ -141,3 +141,54 @@ def _stack_of(lv: Leaves, d: Any) -> str:
 def _drop(entry: Any, axes: set[str]) -> Any:
     kept = tuple(a for a in entry_axes(entry) if a not in axes)
     return None if not kept else kept[0] if len(kept) == 1 else kept
+
+
+# XLA:TPU's on-chip memory (``S(1)``, the buffer dumps' "vmem" memory space: 112 MiB on a v5e) on the
+# generations whose fsdp all-gathers compile as async collectives (``async-collective-done``: v5e). v5p
+# (2x2x2: the MoE and Llama steps) and v6e (2x4: the Llama step) compile them as synchronous ``all-gather``s
+# (libtpu 0.0.42.1, benchmarks/tpu_aot_notes.md): none is held twice there. Other generations: unmeasured.
+ASYNC_GATHER_ONCHIP = {"tpu-v5e": 112 * 2**20}
+
+
+def async_gathered_bytes(lv: Leaves, mesh: MeshShape, target: Any) -> int:
+    """The layers' gathered kernels XLA:TPU's compiled temp counts twice (``Peak.gathered_async``): on a
+    generation with async all-gathers (:data:`ASYNC_GATHER_ONCHIP`), every layer's gathered leaf larger
+    than the on-chip memory, less the largest one (the last layer's backward reads and frees it first).
+
+    Every TPU buffer dump read since the ninth round without XLA's own rematerialization follows one law, to
+    2 MiB: ``temp = heap + (heap - L')``, ``L'`` the largest live set without the async collectives' values
+    (benchmarks/tpu_aot_notes.md, ninth, tenth and seventeenth rounds). So a
+    gathered kernel the all-gather's value still holds in HBM at the peak counts twice. Without remat each
+    layer's is kept from its forward to its backward pass (``gathered`` and ``gathered_kept``); one that
+    fits on chip, memory-space assignment may gather into ``S(1)`` and evict to HBM as a ``copy-start``
+    value (counted once), one that does not cannot move and stays the all-gather's value. The MoE 7B dumps
+    (``bf16[8, 4096, 14336]`` expert kernels, 896 MiB gathered over fsdp) hold all four at the backward
+    start; the last layer's ``wo`` is freed as its gradient forms, and the largest live set without async
+    values is there, with three (temp - heap 3274 / 2711 MiB on fsdp=8 / data=2,fsdp=4: three kernels,
+    2688, and the heap's slack). Leaves outside layers (head, embedding) are not counted: the head is
+    gathered again for its own backward pass, freed before the layers' peak. Kernels that fit on chip
+    are not counted: whether the compiler moves them is its choice (the medium MoE's 64 MiB ``wi`` stays,
+    its ``wo`` moves; tenth round), an under-count there. A step with little compute to hide a gather
+    behind gathers some synchronously (counted once): an over-count there (a 2-layer toy at 256 tokens per
+    device: +33%; seventeenth round).
+
+    >>> import jax, tpflax
+    >>> from tpflax._src.cost.leaves import merge
+    >>> w = jax.ShapeDtypeStruct((8192, 8192), "bfloat16")  # 128 MiB per layer gathered, 16 MiB per shard
+    >>> p = tpflax.plan({f"layers_{i}": {"w": w} for i in range(3)}, {"fsdp": 8})
+    >>> lv = merge(p.decisions, {})
+    >>> [async_gathered_bytes(lv, p.mesh, t) // 2**20 for t in ("tpu-v5e:2x4", "tpu-v5p", None)]
+    [256, 0, 0]
+    """
+    gen = str(target or "").split(":")[0]
+    onchip = ASYNC_GATHER_ONCHIP.get(gen if gen.startswith("tpu-") else f"tpu-{gen}")
+    if onchip is None:
+        return 0
+    gathered = {path: (d, b) for path, d, b, _ in _gathered_leaves(lv, mesh, "tpu")}
+    sizes = []
+    for path, rep in (lv.rep_of or {p: p for p in lv.decisions}).items():
+        if rep in gathered and gathered[rep][1] > onchip:
+            d, b = gathered[rep]
+            if d.layers_dim is not None or block_of(path) != path:  # in a layer
+                sizes += [b] * stacked_layers(d)
+    return sum(sizes) - max(sizes) if sizes else 0

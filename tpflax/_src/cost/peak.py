@@ -16,10 +16,16 @@ parameters and optimizer state donated) holds, per device:
 * growing through the backward pass: the gradients (sharded like the params);
 * one layer at a time: the working set of the layer in flight: its weights
   gathered over the fsdp axes (two layers: XLA gathers the next while one
-  computes), its attention scores and their gradient, and under remat its
-  recomputed activations;
+  computes), its attention scores and their gradient, an expert layer's hidden
+  gradient, and under remat its recomputed activations; on TPU one backward
+  phase at a time (the MoE dumps' peak, in the last layer's expert backward,
+  holds no score buffer in flight): the larger of the attention's and the
+  expert's transients (``Peak.phased``);
 * on TPU without remat, kept from their forward to their backward pass: the
   other layers' gathered weights (:func:`tpflax._src.cost.gathered.kept_gathered_bytes`);
+* on TPU with async all-gathers (v5e) without remat, counted twice by the compiled temp: the
+  layers' gathered kernels too large to move on chip
+  (:func:`tpflax._src.cost.gathered.async_gathered_bytes`);
 * at the loss, still live when the last layer's backward pass starts: the
   float32 logits (their gradient is formed in the same buffer, unless the loss
   reads a slice of them, as tpflax's next-token default loss does: then the
@@ -49,7 +55,7 @@ from tpflax._src.cost.activations import (
 )
 from tpflax._src.cost.batch import config_value
 from tpflax._src.cost.conv import conv_maps, conv_working, tensor_degree
-from tpflax._src.cost.gathered import gathered_bytes, kept_gathered_bytes
+from tpflax._src.cost.gathered import async_gathered_bytes, gathered_bytes, kept_gathered_bytes
 from tpflax._src.cost.leaves import Leaves
 from tpflax._src.cost.records import Memory, Peak
 from tpflax._src.cost.residual import residual_bytes
@@ -351,5 +357,7 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
                 gathered=two, attention=working, recompute=recompute, gathered_kept=kept,
                 logits=LOGITS_BUFFERS * logits, logits_grad=logits_grad_bytes(logits, head, w), gathered_last=one,
                 experts=0 if w.remat else EXPERT_SAVED[w.backend] * hidden * n_exp,
-                expert_work=EXPERT_WORKING * hidden, conv_work=conv_working(lv, w, mesh, shards))
+                expert_work=EXPERT_WORKING * hidden, conv_work=conv_working(lv, w, mesh, shards),
+                gathered_async=async_gathered_bytes(lv, mesh, w.target) if w.backend == "tpu" and not w.remat else 0,
+                phased=w.backend == "tpu")
 

@@ -135,6 +135,13 @@ class Peak:
             ``gathered``, kept from their forward to their backward pass (zero at two layers).
         conv_work: a conv net on TPU with whole maps (batch first): the maps in flight in the backward
             pass of its first stage (its largest maps).
+        gathered_async: XLA:TPU with async all-gathers (v5e), no remat: the layers' gathered kernels too
+            large for the on-chip memory, which the all-gather's value holds in HBM and the compiled
+            temp counts twice, less the last layer's first freed
+            (:func:`tpflax._src.cost.gathered.async_gathered_bytes`).
+        phased: XLA:TPU: the last layer's backward phases hold their transients one at a time (its
+            attention backward the scores in flight, its expert backward the expert gradient), so the
+            layer's working set takes the larger of the two, not their sum (:attr:`layer`).
     """
 
     arguments: int = 0
@@ -151,10 +158,19 @@ class Peak:
     expert_work: int = 0
     gathered_kept: int = 0
     conv_work: int = 0
+    gathered_async: int = 0
+    phased: bool = False
 
     @property
     def layer(self) -> int:
-        """The working set of the layer in flight."""
+        """The working set of the layer in flight: with :attr:`phased`, that of its larger backward phase.
+
+        >>> Peak(gathered=5, attention=4, expert_work=3).layer, Peak(gathered=5, attention=4, expert_work=3,
+        ...                                                          phased=True).layer
+        (12, 9)
+        """
+        if self.phased:
+            return self.gathered + self.recompute + self.conv_work + max(self.attention, self.expert_work)
         return self.gathered + self.attention + self.recompute + self.expert_work + self.conv_work
 
     @property
@@ -174,7 +190,7 @@ class Peak:
     @property
     def start(self) -> int:
         """Live beside the arguments when the backward pass starts: what the forward pass saved, and the working set."""
-        return self.activations + self.scores + self.experts + self.gathered_kept + self.working
+        return self.activations + self.scores + self.experts + self.gathered_kept + self.gathered_async + self.working
 
     @property
     def end(self) -> int:
@@ -187,7 +203,7 @@ class Peak:
                 "recompute": self.recompute, "logits": self.logits, "logits_grad": self.logits_grad,
                 "gathered_last": self.gathered_last,
                 "experts": self.experts, "expert_work": self.expert_work, "gathered_kept": self.gathered_kept,
-                "conv_work": self.conv_work, "total": self.total}
+                "conv_work": self.conv_work, "gathered_async": self.gathered_async, "total": self.total}
 
     def report_lines(self) -> list[str]:
         fmt = fmt_bytes
@@ -202,9 +218,13 @@ class Peak:
         if self.gathered_kept:
             out.append(f"    {'kept gathered weights':<36}{fmt(self.gathered_kept):>12}  fsdp, no remat: the other "
                        "layers', kept for backward")
+        if self.gathered_async:
+            out.append(f"    {'async-gathered weights, again':<36}{fmt(self.gathered_async):>12}  held by async "
+                       "all-gathers: XLA:TPU's temp counts them twice")
         out += [f"    {'working set: one layer':<36}{fmt(self.layer):>12}  gathered fsdp weights "
                 f"{fmt(self.gathered)}, attention scores {fmt(self.attention)}, remat recompute "
-                f"{fmt(self.recompute)}" + (f", conv maps {fmt(self.conv_work)}" if self.conv_work else ""),
+                f"{fmt(self.recompute)}" + (f", conv maps {fmt(self.conv_work)}" if self.conv_work else "")
+                + ("; its larger backward phase (attention or expert)" if self.phased and self.expert_work else ""),
                 f"    {'working set: logits':<36}{fmt(self.logits + self.logits_grad):>12}  float32, at the loss"
                 + (f"; their gradient {fmt(self.logits_grad)} apart (a next-token loss reads a slice)"
                    if self.logits_grad else ""),
