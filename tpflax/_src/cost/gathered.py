@@ -204,7 +204,8 @@ def async_overflow_bytes(lv: Leaves, mesh: MeshShape, target: Any) -> int:
     ``gathered_kept``). One that fits on chip may be gathered into ``S(1)`` and evicted to HBM as a ``copy-start``
     value, or gathered synchronously, and the compiled temp counts it once; one left as the
     ``async-collective-done`` value counts twice (the law in :func:`async_gathered_bytes`). Which ones stay is
-    the memory-space assignment's choice; what the v5e dumps of Llama-2-7B (386 MiB of bfloat16 kernels per layer
+    the memory-space assignment's choice, made as ``S(1)`` has room (a kernel gathered while it is full stays);
+    what the v5e dumps of Llama-2-7B (386 MiB of bfloat16 kernels per layer
     over fsdp) hold at the peak, in the last layer's attention backward: layer 0's ``gate_proj``, ``down_proj``
     and one 32 MiB attention kernel (float32 fsdp=8: 204 MiB), the same and a second one (float32 data=2,fsdp=4:
     236), ``gate_proj`` and two (bfloat16 fsdp=8: 150), and one or two of the last layer's attention kernels
