@@ -209,8 +209,9 @@ def async_overflow_bytes(lv: Leaves, mesh: MeshShape, target: Any) -> int:
     over fsdp) hold at the peak, in the last layer's attention backward: layer 0's ``gate_proj``, ``down_proj``
     and one 32 MiB attention kernel (float32 fsdp=8: 204 MiB), the same and a second one (float32 data=2,fsdp=4:
     236), ``gate_proj`` and two (bfloat16 fsdp=8: 150), and one or two of the last layer's attention kernels
-    (32, 32, 64): 236, 268 and 214 MiB where this counts 386 - 112 = 274 (benchmarks/tpu_aot_notes.md,
-    seventeenth round, the Llama float32 rows). Layers whose kernels fit on chip together (GPT-2; the tenth
+    (32, 32, 64): 236, 268 and 214 MiB where this counts 386 - 112 = 274; at 3 layers (bf16 fsdp=8) 396 where it
+    counts 548, 150-182 MiB a layer: an over-count growing with depth, inside the heap slack the compiled temp
+    also counts twice and nothing models (benchmarks/tpu_aot_notes.md, seventeenth round, the Llama float32 rows). Layers whose kernels fit on chip together (GPT-2; the tenth
     round's medium Llama, 96.5 MiB, whose bfloat16 steps keep none async): nothing (its float32 steps keep
     ``down_proj``, 21.5 MiB a layer: an under-count there). The last layer's are not counted.
 
