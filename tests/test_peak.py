@@ -757,3 +757,19 @@ def test_tpu_aot_grid_reports_the_programs_peak_at_a_training_batch():
                 assert cfg[4] // 8 == (4 if small else 32), key(cfg)
     r = rows["moe|fsdp=2,model=4|remat=off|f32"]
     assert r["v5e"]["peak"] == 15225524736 and r["peak"] > r["v5e"]["peak"]
+
+
+def test_split_heads_save_probabilities_in_their_softmax_dtype():
+    # heads split over a tensor axis, XLA:TPU saves each layer's probabilities in the dtype its softmax takes
+    # (v5e dumps at fsdp=2,model=4: Llama-2-7B and MoE bf16, softmax upcast to float32, keep f32[4,8,4096,4096];
+    # ViT-B/16 bf16, flax's dot_product_attention taking it in bfloat16, keeps bf16[128,3,197,197]). The trace
+    # reads the softmax's exp: 2 bytes in a bf16 zoo ViT, 4 in a bf16 zoo Llama (which upcasts). Exact.
+    from tpflax._src.trace.dataflow import dataflow
+
+    mesh = {"data": 2, "fsdp": 2, "model": 2}
+    _, _, f32 = _estimate("vit", mesh)
+    bf_vit, _, bf16 = _estimate("vit", mesh, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    assert {x.softmax for x in dataflow(bf_vit).products} == {2}
+    assert f32.breakdown.scores > 0 and bf16.breakdown.scores * 2 == f32.breakdown.scores
+    llama = zoo.get("llama", dtype=jnp.bfloat16)
+    assert {x.softmax for x in dataflow(llama).products} == {4}

@@ -133,6 +133,18 @@ def score_elements(lv: Leaves, mesh: MeshShape, w: Workload, shards: int,
     return int(largest), sum(e * c for e, c in sizes) / largest, split
 
 
+def split_probs_item(w: Workload, held: int) -> int:
+    """Bytes per element of the probabilities a layer saves with its heads split over a tensor axis: its
+    softmax's (the traced ``exp``, :attr:`tpflax._src.cost.traced.Scores.softmax`), float32 when the trace
+    saw none, never less than the step holds (:func:`held_item`). On the v5e dumps at fsdp=2,model=4:
+    Llama-2-7B and MoE bf16, whose attention takes the softmax in float32, keep ``f32[4,8,4096,4096]``;
+    ViT-B/16 bf16 (flax's ``dot_product_attention``, softmax in the input dtype) keeps
+    ``bf16[128,3,197,197]`` (``benchmarks/tpu_aot_notes.md``, seventeenth round).
+    """
+    seen = [sc.softmax for sc in w.scores if sc.softmax]
+    return max(max(seen) if seen else 4, held)
+
+
 def attention_operands(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -> int:
     """XLA:TPU, a 16-bit step without remat: what its attention layers keep beyond their traced outputs,
     on a device. The backward matmuls read q, k, v (the projections' outputs) and the context (the
@@ -321,7 +333,7 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
     # its forward to its backward pass (Llama-2-7B and MoE fsdp=2,model=4 buffer dumps: f32[4,8,4096,4096]
     # per layer, next to two bf16 ones in flight in the Llama step's last attention backward)
     working = elems * held * SCORES_WORKING.get(held, 2)
-    scores = elems * (4 if split_heads else held)
+    scores = elems * (split_probs_item(w, held) if split_heads else held)
     if w.remat and not split_heads and held == 2:
         # remat'd 16-bit attention: the recomputed probabilities' buffer (counted in ``recompute``) takes
         # their gradient in place, so one more is in flight, not two (Llama-2-7B fsdp=8 bf16 remat dump:

@@ -26,11 +26,14 @@ class Scores:
         count: how many times a step runs it (its layers: a scan's trip count).
         dims: per output dim, ``(size, ((param path, param dim), ...))``: the parameter dims
             it carries (the q and k kernels' head dims), which say how far a plan splits it.
+        softmax: bytes per element its softmax computes in (:attr:`tpflax._src.trace.records.Product.softmax`;
+            0: not seen).
     """
 
     per_example: float
     count: int
     dims: tuple[tuple[int, tuple[tuple[str, int], ...]], ...]
+    softmax: int = 0
 
 
 @dataclass(frozen=True)
@@ -208,7 +211,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
                          for u in flow.uses if u.op == "dot" and u.rows and not u.batch and u.path in shapes)
     scores = tuple(Scores(math.prod(x.shape) / examples, x.count,
                           tuple((n, tuple(sorted({(flow.uses[u].path, d) for u, d in tags})))
-                                for n, tags in zip(x.shape, x.tags, strict=True)))
+                                for n, tags in zip(x.shape, x.tags, strict=True)), x.softmax)
                    for x in flow.products)
     return Traced(tied, {p: n for p, n in whole.items() if n > 1}, rows, fused, act, shared,
                   {p: n for p, n in lookups.items() if n > 1}, grouped, joined, widths,

@@ -155,6 +155,7 @@ def _note_product(w: Walk, eqn: Any, out: Val, ctx: tuple, lf, rf, summed: bool)
     tags = tuple(tuple(sorted({w.root(k) for k in out.dim_tags(d) if not is_minor(k)})) for d in range(len(shape)))
     count = math.prod(w.lengths.get(c, 1) for c in ctx if isinstance(c, int))
     w.products[(ctx, id(eqn))] = Product(shape, count, tags)
+    w.pending_key = (ctx, id(eqn))
 
 
 def conv_general_dilated(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:

@@ -150,6 +150,7 @@ class Walk:
     products: dict[tuple[tuple, int], Product] = field(default_factory=dict)  # (ctx, id(eqn)) -> Product
     lengths: dict[int, int] = field(default_factory=dict)  # id(scan eqn) -> its trip count
     pending: tuple[int, ...] | None = None  # the last attention-score shape recorded, until its probs @ v
+    pending_key: tuple[tuple, int] | None = None  # its key in ``products``: the softmax's ``exp`` marks it
     pieces: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)  # piece key -> its kernel dim
     piece_ids: dict[Any, int] = field(default_factory=dict)  # (kernel dim, piece) -> n of its key
     cuts: dict[tuple[int, int], tuple[int, ...]] = field(default_factory=dict)  # unequal pieces' sizes
@@ -193,6 +194,8 @@ class Walk:
     def eqn(self, eqn: Any, ins: list[Val], ctx: tuple) -> list[Val]:
         ranks = [rank_of(v) for v in eqn.outvars]
         handler = self.handlers.get(eqn.primitive.name, self.fallback)
+        if eqn.primitive.name == "exp" and self.pending is not None:
+            self.note_softmax(eqn)
         try:
             return handler(self, eqn, ins, ctx, ranks)
         except KeyError as e:
@@ -201,6 +204,13 @@ class Walk:
             return opaque(self, eqn, ins, ctx, ranks, why=f"unreadable parameter {e}")
 
     # -- recording -------------------------------------------------------
+
+    def note_softmax(self, eqn: Any) -> None:
+        """An ``exp`` of the pending scores' shape (their softmax): its dtype's width goes on the product."""
+        aval = eqn.outvars[0].aval
+        p = self.products.get(self.pending_key) if self.pending_key is not None else None
+        if p is not None and sorted(aval.shape) == sorted(p.shape):
+            self.products[self.pending_key] = dataclasses.replace(p, softmax=max(p.softmax, aval.dtype.itemsize))
 
     def escape(self, m: TagMap, why: str) -> None:
         for k in m:

@@ -76,11 +76,15 @@ class Product:
         count: how many times the program runs it (the trip counts of the scans around it).
         tags: per output dim, the ``(use id, param dim)`` it carries: the heads dim carries
             the q and k kernels' head dims, which say how a plan splits it.
+        softmax: bytes per element of the ``exp`` of the scores' shape between this product and the
+            one reading its probabilities (the softmax's dtype: float32 where the layer upcasts the
+            scores, a Llama's; the input's in flax's ``dot_product_attention``); 0 if none was seen.
     """
 
     shape: tuple[int, ...]
     count: int = 1
     tags: tuple[tuple[tuple[int, int], ...], ...] = ()
+    softmax: int = 0
 
 
 @dataclass(frozen=True)
