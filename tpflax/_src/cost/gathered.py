@@ -192,3 +192,57 @@ def async_gathered_bytes(lv: Leaves, mesh: MeshShape, target: Any) -> int:
             if d.layers_dim is not None or block_of(path) != path:  # in a layer
                 sizes += [b] * stacked_layers(d)
     return sum(sizes) - max(sizes) if sizes else 0
+
+
+def async_overflow_bytes(lv: Leaves, mesh: MeshShape, target: Any) -> int:
+    """The gathered kernels that fit the on-chip memory one by one but not as a layer (``Peak.gathered_overflow``):
+    on a generation with async all-gathers (:data:`ASYNC_GATHER_ONCHIP`), for each stack of ``n`` alike layers,
+    ``(n - 1) x`` the bytes by which one layer's gathered kernels that fit on chip exceed the on-chip memory.
+
+    The complement of :func:`async_gathered_bytes` (kernels larger than the on-chip memory, which cannot move).
+    Each layer's gathered kernels are kept from its forward to its backward pass (``gathered``,
+    ``gathered_kept``). One that fits on chip may be gathered into ``S(1)`` and evicted to HBM as a ``copy-start``
+    value, or gathered synchronously, and the compiled temp counts it once; one left as the
+    ``async-collective-done`` value counts twice (the law in :func:`async_gathered_bytes`). Which ones stay is
+    the memory-space assignment's choice, made as ``S(1)`` has room (a kernel gathered while it is full stays);
+    what the v5e dumps of Llama-2-7B (386 MiB of bfloat16 kernels per layer
+    over fsdp) hold at the peak, in the last layer's attention backward: layer 0's ``gate_proj``, ``down_proj``
+    and one 32 MiB attention kernel (float32 fsdp=8: 204 MiB), the same and a second one (float32 data=2,fsdp=4:
+    236), ``gate_proj`` and two (bfloat16 fsdp=8: 150), and one or two of the last layer's attention kernels
+    (32, 32, 64): 236, 268 and 214 MiB where this counts 386 - 112 = 274; at 3 layers (bf16 fsdp=8) 396 where it
+    counts 548, 150-182 MiB a layer: an over-count growing with depth, inside the heap slack the compiled temp
+    also counts twice and nothing models (benchmarks/tpu_aot_notes.md, seventeenth round, the Llama float32 rows). Layers whose kernels fit on chip together (GPT-2; the tenth
+    round's medium Llama, 96.5 MiB, whose bfloat16 steps keep none async): nothing (its float32 steps keep
+    ``down_proj``, 21.5 MiB a layer: an under-count there). The last layer's are not counted.
+
+    >>> import jax, tpflax
+    >>> from tpflax._src.cost.leaves import merge
+    >>> w = jax.ShapeDtypeStruct((4096, 4096), "bfloat16")  # 32 MiB per kernel gathered, 5 per layer
+    >>> p = tpflax.plan({f"layers_{i}": {f"w{j}": w for j in range(5)} for i in range(3)}, {"fsdp": 8})
+    >>> lv = merge(p.decisions, {})
+    >>> [async_overflow_bytes(lv, p.mesh, t) // 2**20 for t in ("tpu-v5e:2x4", "tpu-v5p", None)]  # 2 x (160 - 112)
+    [96, 0, 0]
+    """
+    gen = str(target or "").split(":")[0]
+    onchip = ASYNC_GATHER_ONCHIP.get(gen if gen.startswith("tpu-") else f"tpu-{gen}")
+    if onchip is None:
+        return 0
+    gathered = {path: (d, b) for path, d, b, _ in _gathered_leaves(lv, mesh, "tpu")}
+    per_layer: dict[str, int] = {}  # one layer's gathered kernels that fit on chip, by block or stack
+    reps: dict[str, list[str]] = {}
+    layers: dict[str, int] = {}
+    for path, rep in (lv.rep_of or {p: p for p in lv.decisions}).items():
+        if rep not in gathered or gathered[rep][1] > onchip:
+            continue
+        d, b = gathered[rep]
+        key = block_of(path) if d.layers_dim is None else _stack_of(lv, d)
+        if key == path:
+            continue  # not in a layer
+        per_layer[key] = per_layer.get(key, 0) + b
+        reps.setdefault(key, []).append(rep)
+        layers[key] = stacked_layers(d)
+    alike: dict[tuple[str, ...], list[str]] = {}
+    for key, rs in reps.items():
+        alike.setdefault(tuple(sorted(rs)), []).append(key)
+    return sum(max(sum(layers[k] for k in keys) - 1, 0) * max(per_layer[keys[0]] - onchip, 0)
+               for keys in alike.values())

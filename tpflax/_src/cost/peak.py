@@ -25,7 +25,9 @@ parameters and optimizer state donated) holds, per device:
   other layers' gathered weights (:func:`tpflax._src.cost.gathered.kept_gathered_bytes`);
 * on TPU with async all-gathers (v5e) without remat, counted twice by the compiled temp: the
   layers' gathered kernels too large to move on chip
-  (:func:`tpflax._src.cost.gathered.async_gathered_bytes`);
+  (:func:`tpflax._src.cost.gathered.async_gathered_bytes`), and of the kernels that fit on chip, what one layer's
+  exceed the on-chip memory by, every layer's but the last's
+  (:func:`tpflax._src.cost.gathered.async_overflow_bytes`);
 * at the loss, still live when the last layer's backward pass starts: the
   float32 logits (their gradient is formed in the same buffer, unless the loss
   reads a slice of them, as tpflax's next-token default loss does: then the
@@ -55,7 +57,12 @@ from tpflax._src.cost.activations import (
 )
 from tpflax._src.cost.batch import config_value
 from tpflax._src.cost.conv import conv_maps, conv_working, tensor_degree
-from tpflax._src.cost.gathered import async_gathered_bytes, gathered_bytes, kept_gathered_bytes
+from tpflax._src.cost.gathered import (
+    async_gathered_bytes,
+    async_overflow_bytes,
+    gathered_bytes,
+    kept_gathered_bytes,
+)
 from tpflax._src.cost.leaves import Leaves
 from tpflax._src.cost.records import Memory, Peak
 from tpflax._src.cost.residual import residual_bytes
@@ -371,5 +378,10 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
                 experts=0 if w.remat else EXPERT_SAVED[w.backend] * hidden * n_exp,
                 expert_work=EXPERT_WORKING * hidden, conv_work=conv_working(lv, w, mesh, shards),
                 gathered_async=async_gathered_bytes(lv, mesh, w.target) if w.backend == "tpu" and not w.remat else 0,
-                phased=w.backend == "tpu")
+                phased=w.backend == "tpu", gathered_overflow=_overflow(lv, mesh, w))
+
+
+def _overflow(lv: Leaves, mesh: MeshShape, w: Workload) -> int:
+    """``Peak.gathered_overflow``: XLA:TPU without remat (remat'd layers gather inside the recompute)."""
+    return async_overflow_bytes(lv, mesh, w.target) if w.backend == "tpu" and not w.remat else 0
 

@@ -139,6 +139,9 @@ class Peak:
             large for the on-chip memory, which the all-gather's value holds in HBM and the compiled
             temp counts twice, less the last layer's first freed
             (:func:`tpflax._src.cost.gathered.async_gathered_bytes`).
+        gathered_overflow: the same on the same generations, for the kernels that fit the on-chip memory one
+            by one: what one layer's exceed it by, every layer's but the last's
+            (:func:`tpflax._src.cost.gathered.async_overflow_bytes`).
         phased: XLA:TPU: the last layer's backward phases hold their transients one at a time (its
             attention backward the scores in flight, its expert backward the expert gradient), so the
             layer's working set takes the larger of the two, not their sum (:attr:`layer`).
@@ -160,6 +163,7 @@ class Peak:
     conv_work: int = 0
     gathered_async: int = 0
     phased: bool = False
+    gathered_overflow: int = 0
 
     @property
     def layer(self) -> int:
@@ -190,7 +194,8 @@ class Peak:
     @property
     def start(self) -> int:
         """Live beside the arguments when the backward pass starts: what the forward pass saved, and the working set."""
-        return self.activations + self.scores + self.experts + self.gathered_kept + self.gathered_async + self.working
+        return (self.activations + self.scores + self.experts + self.gathered_kept + self.gathered_async
+                + self.gathered_overflow + self.working)
 
     @property
     def end(self) -> int:
@@ -203,7 +208,8 @@ class Peak:
                 "recompute": self.recompute, "logits": self.logits, "logits_grad": self.logits_grad,
                 "gathered_last": self.gathered_last,
                 "experts": self.experts, "expert_work": self.expert_work, "gathered_kept": self.gathered_kept,
-                "conv_work": self.conv_work, "gathered_async": self.gathered_async, "total": self.total}
+                "conv_work": self.conv_work, "gathered_async": self.gathered_async,
+                "gathered_overflow": self.gathered_overflow, "total": self.total}
 
     def report_lines(self) -> list[str]:
         fmt = fmt_bytes
@@ -221,6 +227,9 @@ class Peak:
         if self.gathered_async:
             out.append(f"    {'async-gathered weights, again':<36}{fmt(self.gathered_async):>12}  held by async "
                        "all-gathers: XLA:TPU's temp counts them twice")
+        if self.gathered_overflow:
+            out.append(f"    {'async-gathered, past the chip':<36}{fmt(self.gathered_overflow):>12}  a layer's "
+                       "kernels beyond the on-chip memory, held by async all-gathers: counted twice")
         out += [f"    {'working set: one layer':<36}{fmt(self.layer):>12}  gathered fsdp weights "
                 f"{fmt(self.gathered)}, attention scores {fmt(self.attention)}, remat recompute "
                 f"{fmt(self.recompute)}" + (f", conv maps {fmt(self.conv_work)}" if self.conv_work else "")
