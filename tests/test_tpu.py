@@ -110,6 +110,25 @@ def test_fsdp_gradients_reduce_scatter_on_tpu_and_the_estimate_counts_them():
 
 
 @needs_libtpu
+def test_fsdp_gradients_reduce_scatter_beside_a_tensor_axis_on_tpu():
+    # with a tensor axis in the mesh XLA:TPU reduce-scatters the pinned fsdp gradients too (its
+    # all-reduce-scatter fusions look the shard index up in a table, which the HLO parser once
+    # took for a slice and read as all-reduces); the 1-D norm scales and the shards that are not
+    # whole tiles (q's [32, 1, 16], down's [32, 32]) are all-reduced whole, as on fsdp-only meshes
+    m = zoo.get("llama")
+    p = tpflax.plan(m.abstract_variables(), {"fsdp": 2, "model": 4})
+    tmesh = tpflax.make_mesh(p.mesh.sizes, target="tpu-v5e:2x4")
+    dr = tpflax.dry_run(tpflax.make_train_step(m, p, tmesh, optax.adamw(1e-3), 8), p, tmesh)
+    comm = dr.comm()
+    scattered = [c for c in dr.collectives if c.kind == "reduce-scatter"]
+    assert comm["reduce-scatter"]["fsdp"] > 0.4 * comm["all-reduce"]["fsdp"], comm
+    assert any(s == (128, 64) for c in scattered for s in c.shapes)  # the embedding's fsdp shard
+    est = tpflax.estimate(p, optax.adamw(1e-3), model=m, batch=8, backend="tpu")
+    assert est.comm["reduce-scatter"]["fsdp"] == pytest.approx(comm["reduce-scatter"]["fsdp"], rel=0.01)
+    assert abs(est.comm_total - dr.comm_total) <= 0.01 * dr.comm_total
+
+
+@needs_libtpu
 def test_fsdp_gradients_all_reduce_whole_where_the_slice_is_not_one_ring():
     # the same step as above on v5p:2x2x2: XLA:TPU runs its collectives over the 3-D slice as
     # N-dimensional all-reduces, which it does not turn into reduce-scatters, so every gradient is
