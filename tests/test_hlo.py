@@ -173,6 +173,48 @@ def test_tpu_all_reduce_scatter_fusion_is_a_reduce_scatter():
     assert all(c.ring_bytes == 7 / 8 * 8 * c.bytes for c in cs if c.kind == "reduce-scatter")
 
 
+def test_tpu_all_reduce_scatter_fusion_with_a_shard_id_table_is_a_reduce_scatter():
+    # On a mesh with a tensor axis (fsdp=2,model=4, v5e:2x4, libtpu 0.0.42.1: the fsdp groups are
+    # {0,4},{1,5},...) the fusion looks this device's shard index up in a u32[8] table with a
+    # dynamic-slice of a constant. Only the slices of the reduced buffer are the scatter's shards:
+    # counting the table's u32[1] too read it as an all-reduce (twice the bytes).
+    text = "\n".join([
+        "HloModule m, num_partitions=8", "",
+        "%all-reduce-scatter.2 (input_0: f32[256,256], input_1: f32[256,256]) -> (f32[256,128], f32[128,256]) {",
+        "  %input_0 = f32[256,256]{1,0:T(8,128)} parameter(0)",
+        "  %input_1 = f32[256,256]{1,0:T(8,128)} parameter(1)",
+        "  %all-reduce.6 = (f32[256,256]{1,0:T(8,128)}, f32[256,256]{1,0:T(8,128)}) all-reduce(%input_0, "
+        "%input_1), channel_id=1, replica_groups={{0,4},{1,5},{2,6},{3,7}}, use_global_device_ids=true, "
+        "to_apply=%add",
+        "  %get-tuple-element = f32[256,256]{1,0:T(8,128)} get-tuple-element(%all-reduce.6), index=0",
+        "  %constant.141 = u32[] constant(0)",
+        "  %constant.shard_id_table.2 = u32[8]{0:T(128)} constant({0, 0, 0, 0, 1, 1, 1, 1})",
+        "  %partition-id.3 = u32[] partition-id()",
+        "  %dynamic-slice.28 = u32[1]{0:T(128)} dynamic-slice(%constant.shard_id_table.2, %partition-id.3), "
+        "dynamic_slice_sizes={1}",
+        "  %bitcast.3 = u32[]{:T(128)} bitcast(%dynamic-slice.28)",
+        "  %constant.142 = u32[] constant(128)",
+        "  %multiply.15 = u32[]{:T(128)} multiply(%bitcast.3, %constant.142)",
+        "  %dynamic-slice.29 = f32[256,128]{1,0:T(8,128)} dynamic-slice(%get-tuple-element, %constant.141, "
+        "%multiply.15), dynamic_slice_sizes={256,128}",
+        "  %get-tuple-element.1 = f32[256,256]{1,0:T(8,128)} get-tuple-element(%all-reduce.6), index=1",
+        "  %dynamic-slice.30 = f32[128,256]{1,0:T(8,128)} dynamic-slice(%get-tuple-element.1, %multiply.15, "
+        "%constant.141), dynamic_slice_sizes={128,256}",
+        "  ROOT %tuple.3 = (f32[256,128]{1,0:T(8,128)}, f32[128,256]{1,0:T(8,128)}) tuple(%dynamic-slice.29, "
+        "%dynamic-slice.30)",
+        "}", "",
+        "ENTRY %main (a: f32[256,256], b: f32[256,256]) -> (f32[256,128], f32[128,256]) {",
+        "  %a = f32[256,256]{1,0} parameter(0)",
+        "  %b = f32[256,256]{1,0} parameter(1)",
+        "  ROOT %fusion.68 = (f32[256,128]{1,0}, f32[128,256]{1,0}) fusion(%a, %b), kind=kCustom, "
+        "calls=%all-reduce-scatter.2",
+        "}"])
+    (c,) = parse_collectives(text, {"fsdp": 2, "model": 4})
+    assert c.kind == "reduce-scatter" and c.axes == ("fsdp",) and c.group_size == 2
+    assert c.shapes == ((256, 128), (128, 256)) and c.bytes == 2 * 128 * 256 * 4  # this device's slices
+    assert c.ring_bytes == 1 / 2 * 2 * 256 * 256 * 4  # a reduce-scatter of both whole f32[256, 256]
+
+
 def test_chain_pieces_merge_and_fusions_that_read_each_other_not_do_not():
     # The shape of XLA:TPU's programs, written out of order: an async all-gather on channel 3 in
     # three fusions, each reading the one before through get-tuple-element (start, continuation,

@@ -110,6 +110,50 @@ def test_fsdp_gradients_reduce_scatter_on_tpu_and_the_estimate_counts_them():
 
 
 @needs_libtpu
+def test_fsdp_gradients_reduce_scatter_beside_a_tensor_axis_on_tpu():
+    # with a tensor axis in the mesh XLA:TPU reduce-scatters the pinned fsdp gradients too (its
+    # all-reduce-scatter fusions look the shard index up in a table, which the HLO parser once
+    # took for a slice and read as all-reduces); the 1-D norm scales and the shards that are not
+    # whole tiles (q's [32, 1, 16], down's [32, 32]) are all-reduced whole, as on fsdp-only meshes
+    m = zoo.get("llama")
+    p = tpflax.plan(m.abstract_variables(), {"fsdp": 2, "model": 4})
+    tmesh = tpflax.make_mesh(p.mesh.sizes, target="tpu-v5e:2x4")
+    dr = tpflax.dry_run(tpflax.make_train_step(m, p, tmesh, optax.adamw(1e-3), 8), p, tmesh)
+    comm = dr.comm()
+    scattered = [c for c in dr.collectives if c.kind == "reduce-scatter"]
+    assert comm["reduce-scatter"]["fsdp"] > 0.4 * comm["all-reduce"]["fsdp"], comm
+    assert any(s == (128, 64) for c in scattered for s in c.shapes)  # the embedding's fsdp shard
+    est = tpflax.estimate(p, optax.adamw(1e-3), model=m, batch=8, backend="tpu")
+    assert est.comm["reduce-scatter"]["fsdp"] == pytest.approx(comm["reduce-scatter"]["fsdp"], rel=0.01)
+    assert abs(est.comm_total - dr.comm_total) <= 0.01 * dr.comm_total
+
+
+class _Table(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        return nn.Dense(64, name="head")(nn.Embed(1000, 256, name="embed")(ids))
+
+
+@needs_libtpu
+def test_fsdp_gradient_of_rows_not_whole_tiles_is_padded_and_reduce_scattered_on_tpu():
+    # a (1000, 256) table split over fsdp=8: shards of 125 rows, not whole 8-row tiles; XLA:TPU pads
+    # the gradient to 128-row shards and reduce-scatters it (then a small collective-permute), it does
+    # not all-reduce it whole
+    from jax.sharding import PartitionSpec as P
+
+    ids = jax.ShapeDtypeStruct((8, 32), jnp.int32)
+    v = jax.eval_shape(_Table().init, jax.random.key(0), ids)
+    p = tpflax.plan(v, {"fsdp": 8}, rules=[("embed", P("fsdp", None)), ("head", "replicate")])
+    mesh = tpflax.make_mesh({"fsdp": 8}, target="tpu-v5e:2x4")
+    loss = lambda out, *_: jnp.mean(out ** 2)  # noqa: E731
+    dr = tpflax.dry_run(tpflax.make_train_step(_Table(), p, mesh, optax.adamw(1e-3), sample=(ids,), loss=loss), p, mesh)
+    (rs,) = [c for c in dr.collectives if c.kind == "reduce-scatter"]
+    assert rs.shapes == ((128, 256),)
+    est = tpflax.estimate(p, optax.adamw(1e-3), model=_Table(), sample=(ids,), loss=loss, backend="tpu")
+    assert est.comm["reduce-scatter"]["fsdp"] == pytest.approx(rs.ring_bytes, rel=0.03)  # 125 rows, not 128
+
+
+@needs_libtpu
 def test_fsdp_gradients_all_reduce_whole_where_the_slice_is_not_one_ring():
     # the same step as above on v5p:2x2x2: XLA:TPU runs its collectives over the 3-D slice as
     # N-dimensional all-reduces, which it does not turn into reduce-scatters, so every gradient is

@@ -364,18 +364,23 @@ def whole_tiles(shard: tuple[int, ...], split: tuple[int, ...], itemsize: int, g
     split 768 in the lanes (shards of 96), width 512's move it to the sublanes (shards of 64).
     Measured on v5e:2x4 (benchmarks/tpu_aot_notes.md): bfloat16 lane shards of 128 and 384
     all-reduced, 256 and 512 reduce-scattered; bfloat16 sublane shards of 8 all-reduced, 16 and 32
-    reduce-scattered.
+    reduce-scattered. A sublane shard longer than one tile that is not whole tiles is padded to them
+    and reduce-scattered (a collective-permute then moves the rows past each device's shard): tables
+    of 4000 rows on fsdp=8 (shards of 500, reduce-scattered as 504) and of 30522 on fsdp=2,model=4.
 
     >>> whole_tiles((96, 12, 64), (0,), 4), whole_tiles((64, 8, 64), (0,), 4), whole_tiles((768, 384), (1,), 4)
     (False, True, True)
     >>> whole_tiles((768, 384), (1,), 2), whole_tiles((8, 64), (0,), 2), whole_tiles((16, 64), (0,), 2)
     (False, False, True)
+    >>> whole_tiles((500, 256), (0,), 4), whole_tiles((12, 64), (0,), 2)
+    (True, False)
     """
     if len(shard) < 2:
         return True
     lane, sub = device_layout(tuple(shard), itemsize)
     pack = max(1, 4 // (grad_itemsize or itemsize))
-    return all(not (d == lane and shard[d] % (LANES * pack) or d == sub and shard[d] % (SUBLANES * pack))
+    tile = SUBLANES * pack
+    return all(not (d == lane and shard[d] % (LANES * pack) or d == sub and shard[d] % tile and shard[d] < tile)
                for d in split)
 
 

@@ -25,8 +25,9 @@ compiled program (:func:`tpflax.dry_run`), and kept per mesh axis:
 * fsdp: all-gather of the parameter for compute (the backward pass reuses it,
   with or without remat), and a reduce-scatter of its gradient; XLA:CPU has no
   reduce-scatter creator pass and emits a full all-reduce whose result each
-  device slices, so ``backend="cpu"`` models that instead; XLA:TPU (libtpu 0.0.42.1) does
-  the same in the zoo's steps, so ``backend="tpu"`` models it too (``"gpu"``: reduce-scatter);
+  device slices, so ``backend="cpu"`` models that instead; XLA:TPU (libtpu 0.0.42.1)
+  reduce-scatters it unless a data axis also sums it, its fsdp devices are no one ring or it is
+  1-D (then it all-reduces it whole and slices; :mod:`tpflax._src.cost.gradients`) (``"gpu"``: reduce-scatter);
 * data parallelism: all-reduce of the gradients over the batch axes that do not
   shard the leaf;
 * expert parallelism: the expert axes split the batch too, so an expert layer
@@ -126,7 +127,7 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
     n = math.prod(mesh.sizes.values())
     ring = w.backend != "tpu" or one_ring(w.target, n)
     live = {role for a, role in mesh.roles if mesh.sizes[a] > 1}
-    if not ring and live == {FSDP}:  # with any other axis XLA:TPU all-reduces them whole on any slice
+    if not ring and live == {FSDP}:  # with a tensor axis its fsdp groups are smaller than the slice
         notes.append(f"{slice_name(w.target, n)}: XLA:TPU reduces over these "
                      "devices as an N-dimensional all-reduce, not one ring, so it all-reduces each fsdp gradient "
                      "whole and slices it (twice a reduce-scatter's bytes; measured); pass target= for another slice")
@@ -137,7 +138,7 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
                   shared=w.shared, lookups=w.lookups,
                   grouped=w.grouped, joined=w.joined, widths=w.widths, slices=w.slices,
                   buffers=w.buffers, streams=w.streams, row_axes=tuple(a for a in caxes if a not in axes),
-                  ring=ring, gathers_reduce=w.backend == "tpu" and gathers_reduce(w.target, n), meets=w.meets,
+                  target=w.target, gathers_reduce=w.backend == "tpu" and gathers_reduce(w.target, n), meets=w.meets,
                   positional=w.positional, loops=w.loops,
                   moments=param_moments(w.opt))
     every = (comm_items(scope, notes) + expert_items(scope) + buffer_items(scope) + fused_items(scope, notes)
@@ -180,8 +181,9 @@ def estimate(plan, optimizer: Any = None, batch: Any = None, *, config: Any = No
             ``nnx.remat``, ``jax.checkpoint``).
         grad_dtype: gradient dtype (default: the parameter's).
         act_dtype: activation dtype (default: the batch's float dtype / config dtype).
-        backend: ``"tpu"`` or ``"cpu"`` (XLA:TPU and XLA:CPU all-reduce the whole fsdp
-            gradient and slice it, measured) or ``"gpu"`` (fsdp gradients reduce-scatter).
+        backend: ``"tpu"`` or ``"cpu"`` (XLA:CPU all-reduces the whole fsdp gradient and
+            slices it; XLA:TPU reduce-scatters it where it can, measured) or ``"gpu"`` (fsdp
+            gradients reduce-scatter).
         expert_dispatch: ``"dense"`` (every expert sees every token: an einsum over
             the experts, which XLA compiles to a gather of the tokens over the expert
             axes and a sum of the outputs) or ``"all-to-all"`` (routed tokens move to
@@ -196,8 +198,9 @@ def estimate(plan, optimizer: Any = None, batch: Any = None, *, config: Any = No
         target: the TPU slice the step compiles for (``"tpu-v5p:2x2x2"``, as
             :func:`tpflax.make_mesh` takes it) or a generation (``"tpu-v5p"``: its slice of
             the mesh's device count). XLA:TPU reduce-scatters fsdp gradients only where it
-            reduces over the mesh on one ring (v5e and v6e 2x2, 2x4; v5p 2x2x1), else it
-            all-reduces them whole (:func:`tpflax._src.tpu.one_ring`). Default (backend ``"tpu"``):
+            reduces over their fsdp devices on one ring (the whole slice of an fsdp-only mesh:
+            v5e and v6e 2x2, 2x4; v5p 2x2x1; fsdp groups smaller than the slice are assumed one
+            ring), else it all-reduces them whole (:func:`tpflax._src.tpu.one_ring`). Default (backend ``"tpu"``):
             the plan's hardware preset (``plan.options["hardware"]``, ``"tpu-v5e"`` unless
             ``plan(hardware=)`` said otherwise) with the mesh's device count; a count with no
             known slice of it is priced as one ring.

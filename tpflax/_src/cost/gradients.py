@@ -39,7 +39,8 @@ def gradient_items(s: Scope) -> list[CommItem]:
         item = gather_item(d, s.backend, s.lv.specs[path], s.mesh)
         for kind, axes, size, n, count, why in _gradient_templates(
                 s.lv.specs[path], s.mesh, _reduce_axes(path, s), s.leaf_bytes(path, d), leaf_itemsize(d), s.g_item,
-                s.backend, reps, item, len(body(d)), s.ring, s.row_axes, tuple(d.shape),
+                s.backend, reps, item, len(body(d)), s.one_ring(_fsdp_devices(s.lv.specs[path], s.mesh)),
+                s.row_axes, tuple(d.shape),
                 path in s.positional or whole, d.layers_dim):
             if kind != "all-gather" and frozen:
                 continue
@@ -111,6 +112,11 @@ def _reduce_axes(path: str, s: Scope) -> tuple[str, ...]:
     return tuple(a for a in s.mesh.names if a in s.batch_axes or (a not in used and s.mesh.sizes[a] > 1))
 
 
+def _fsdp_devices(spec, mesh: MeshShape) -> int:
+    """The devices a leaf's fsdp gradient is reduced over: those of the axes that split it and gather it."""
+    return math.prod(mesh.sizes[a] for a in _split_axes(spec, mesh))
+
+
 def _split_axes(spec, mesh: MeshShape) -> tuple[str, ...]:
     """Axes that split a parameter and are gathered for compute: fsdp axes, and batch (data) axes."""
     return tuple(a for a in mesh.names if a in axes_of(spec, mesh, FSDP) + axes_of(spec, mesh, DATA))
@@ -160,7 +166,7 @@ def _gradient_templates(spec, mesh: MeshShape, batch_axes, nbytes: int, item: in
                         positional: bool = False, layers: int | None = None) -> tuple:
     """The gradient collectives of one leaf, without its path (repeated layers share them).
 
-    ``ring``: XLA:TPU reduces over the whole mesh on one ring (:func:`tpflax._src.tpu.one_ring`).
+    ``ring``: XLA:TPU reduces over the leaf's fsdp devices on one ring (:func:`tpflax._src.tpu.one_ring`).
     ``rows``: batch axes that are a ``shard_map``'s row split (:func:`tpflax._src.cost.explicit.row_split_mesh`).
     XLA sums a gradient's partial sums over them at its matmul, apart from the data-parallel or fsdp
     sum (measured on XLA:CPU: two all-reduces of the whole gradient when they do not split the leaf;
@@ -189,9 +195,8 @@ def _gradient_templates(spec, mesh: MeshShape, batch_axes, nbytes: int, item: in
             group = tuple(a for a in mesh.names if a in f_axes or a in free)
             return tuple(out) + (("all-reduce", group, gbytes * nf, math.prod(mesh.sizes[a] for a in group), reps,
                                   "fsdp gradient: XLA:CPU all-reduces the whole gradient, then slices" + why_rep),)
-        live = {a for a in mesh.names if mesh.sizes[a] > 1}
         rank = len(spec) if body_rank is None else body_rank
-        if backend == "tpu" and (positional or not (tpu_reduce_scatters(rank, live, f_axes, ring)
+        if backend == "tpu" and (positional or not (tpu_reduce_scatters(rank, free, ring)
                                                     and _tpu_whole_tiles(shape, spec, mesh, f_axes, item, g_item,
                                                                          layers))):
             return tuple(out) + (_tpu_fsdp_gradient(mesh, f_axes, free, gbytes * nf, reps, why_rep),)
@@ -226,11 +231,11 @@ def _tpu_fsdp_gradient(mesh: MeshShape, f_axes: tuple[str, ...], free: tuple[str
 
     Read off the TPU HLO of zoo train steps (libtpu 0.0.42.1, v5e:2x4). tpflax's step pins each
     gradient to its stored shards (:func:`tpflax._src.scan_fsdp.pin`), and XLA:TPU then
-    reduce-scatters a leaf of two or more dims when the fsdp axes it is split over are the whole
-    mesh (fsdp=8) and it reduces over them on one ring (v5e:2x4; not v5p:2x2x2, whose
-    all-reduces are 3-D: :func:`tpflax._src.tpu.one_ring`). With any other axis in the mesh (a free batch axis: one tuple all-reduce over
-    ``data+fsdp``; a tensor axis: fsdp=2,model=4) and for 1-D leaves (norm scales) it all-reduces
-    the whole gradient and slices it: twice a reduce-scatter's bytes.
+    reduce-scatters a leaf of two or more dims when no other batch axis sums it and it reduces over
+    its fsdp devices on one ring (fsdp=8 on v5e:2x4, not on v5p:2x2x2, whose all-reduces are 3-D:
+    :func:`tpflax._src.tpu.one_ring`; a tensor axis beside them does not matter: fsdp=2,model=4).
+    With a free batch axis (one tuple all-reduce over ``data+fsdp``) and for 1-D leaves (norm
+    scales) it all-reduces the whole gradient and slices it: twice a reduce-scatter's bytes.
     """
     group = tuple(a for a in mesh.names if a in f_axes or a in free)
     return ("all-reduce", group, size, math.prod(mesh.sizes[a] for a in group), reps,

@@ -210,11 +210,13 @@ def tpu_gather_item(item: int, matmul: bool, rows: int | None = None) -> int:
     return 2 if matmul and item == 4 and rows != 1 else item
 
 
-def tpu_reduce_scatters(body_rank: int, live: set[str], f_axes: Sequence[str], ring: bool = True) -> bool:
+def tpu_reduce_scatters(body_rank: int, free: Sequence[str], ring: bool = True) -> bool:
     """Whether XLA:TPU reduce-scatters a pinned fsdp gradient (else it all-reduces it whole, then
-    slices): for leaves of two or more dims (layers dim aside) on a mesh of fsdp axes only, whose
-    devices it reduces over on one ring (``ring``: see :func:`tpflax._src.tpu.one_ring`)."""
-    return ring and body_rank >= 2 and not live - set(f_axes)
+    slices): for leaves of two or more dims (layers dim aside) that no other batch axis sums
+    (``free``: with a data axis it all-reduces over data+fsdp in one go), reduced over fsdp devices
+    on one ring (``ring``: see :func:`tpflax._src.tpu.one_ring`). A tensor axis in the mesh does not
+    matter (fsdp=2,model=4 and fsdp=4,model=2 on v5e:2x4; libtpu 0.0.42.1)."""
+    return ring and body_rank >= 2 and not free
 
 
 @functools.lru_cache(maxsize=1 << 14)
@@ -265,9 +267,10 @@ def price(leaves: tuple[LeafLayout, ...], acts: tuple[ActComm, ...], ctx: Contex
         if f_axes:
             # XLA:TPU gathers a float32 matmul kernel as bfloat16 and never reduce-scatters a 1-D
             # leaf's gradient: it all-reduces it whole (measured; cost.gradients models the same). The
-            # reduce-scatter of wider leaves is what it emits on fsdp-only meshes it reduces over on
-            # one ring; with another axis in the mesh, or on a slice that is no one ring (a v5e-16 and
-            # up: tpflax._src.tpu.one_ring), it all-reduces those too, which the estimate counts but
+            # reduce-scatter of wider leaves is what it emits where no data axis also sums them (a
+            # tensor axis beside fsdp does not matter) and it reduces over one ring; with a data axis,
+            # or on a slice that is no one ring (a v5e-16 and up, fsdp-only:
+            # tpflax._src.tpu.one_ring), it all-reduces those too, which the estimate counts but
             # the chooser does not, or it would trade every fsdp split away while memory allows
             # (fit() only weighs memory when plan(device_memory=) is given; priced so, the tiny zoo
             # Llama on fsdp=16 kept 0 of its 16 fsdp splits): the fsdp axis is there to save memory.

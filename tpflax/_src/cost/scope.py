@@ -83,13 +83,20 @@ class Scope:
     slices: Mapping[str, int] | None = None  # traced contractions of a parameter's slices (Traced)
     buffers: Mapping[str, float] | None = None  # traced batch-free expert buffers' rows (Traced)
     streams: Mapping[str, tuple[float, int, int]] | None = None  # traced streams split by a small output (Traced)
-    ring: bool = True  # XLA:TPU reduces over the whole mesh on one ring (tpflax._src.tpu.one_ring)
+    target: Any = None  # the TPU slice or generation (estimate(target=)), for one_ring
     gathers_reduce: bool = False  # XLA:TPU gathers over the whole mesh as all-reduces (tpflax._src.tpu.gathers_reduce)
     row_axes: tuple[str, ...] = ()  # batch axes only because a shard_map splits rows over them (cost.explicit)
     meets: tuple = ()  # traced parameter dims that meet on one activation dim (Traced)
     moments: Mapping[str, int] | None = None  # optimizer-state leaves shaped like each parameter (None: no optimizer)
     positional: frozenset[str] = frozenset()  # traced tables looked up at positions only (Traced.positional)
     loops: Mapping[str, tuple[int, bool]] | None = None  # traced parameters used inside loop bodies (Traced.loops)
+
+    def one_ring(self, devices: int) -> bool:
+        """Whether XLA:TPU reduces over ``devices`` of the mesh on one ring (:func:`tpflax._src.tpu.one_ring`:
+        a group smaller than the target slice is assumed to be one); True off TPU."""
+        from tpflax._src.tpu import one_ring
+
+        return self.backend != "tpu" or one_ring(self.target, devices)
 
     def rows_of(self, path: str) -> float:
         """Activation rows on one device that the leaf at ``path`` reads: as traced (a batch-free expert buffer

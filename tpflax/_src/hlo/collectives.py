@@ -19,7 +19,7 @@ import math
 import re
 from typing import Any
 
-from tpflax._src.hlo.channels import _chained, _one_per_channel
+from tpflax._src.hlo.channels import _chained, _names, _one_per_channel
 from tpflax._src.hlo.groups import group_axes, mesh_axes, parse_replica_groups
 from tpflax._src.hlo.loops import _multipliers
 from tpflax._src.hlo.records import KINDS, Collective, ring_bytes
@@ -61,10 +61,7 @@ def parse_collectives(hlo_text: str, mesh: Any = None, *, num_devices: int | Non
                 done_of[src.group(1)] = ins
     # the TPU compiler's reduce-scatter: a fusion calling an ``all-reduce-scatter.N`` computation
     # that all-reduces its inputs and keeps this device's dynamic-slice of each
-    slices: dict[str, list[_Instr]] = {}
-    for ins in instrs:
-        if ins.opcode == "dynamic-slice" and ins.computation.startswith("all-reduce-scatter"):
-            slices.setdefault(ins.computation, []).append(ins)
+    slices = _fused_slices(instrs)
     out = []
     for ins in instrs:
         op = ins.opcode
@@ -113,6 +110,26 @@ def parse_collectives(hlo_text: str, mesh: Any = None, *, num_devices: int | Non
             source_target_pairs=pairs, is_async=is_async, op_name=op_name,
             computation=ins.computation, channel_id=int(channel) if channel and channel.isdigit() else None))
     return _one_per_channel(out, _chained(instrs))
+
+
+def _fused_slices(instrs: list[_Instr]) -> dict[str, list[_Instr]]:
+    """Per ``all-reduce-scatter`` fusion computation, the dynamic-slices of its all-reduce's result.
+
+    Only slices of the reduced buffer count: on a mesh with more than one axis the fusion also
+    looks this device's shard index up in a ``u32[N]`` table with a dynamic-slice of a constant.
+    """
+    reduced: dict[str, set[str]] = {}
+    out: dict[str, list[_Instr]] = {}
+    for ins in instrs:
+        if not ins.computation.startswith("all-reduce-scatter"):
+            continue
+        names = reduced.setdefault(ins.computation, set())
+        source = (_names(ins.operands) or [""])[0]
+        if ins.opcode == "all-reduce" or (ins.opcode == "get-tuple-element" and source in names):
+            names.add(ins.name)
+        elif ins.opcode == "dynamic-slice" and source in names:
+            out.setdefault(ins.computation, []).append(ins)
+    return out
 
 
 def _scattered(shapes, dtypes, nbytes: int, slices: list[_Instr], n: int) -> tuple:
