@@ -13,7 +13,7 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
-from _util import assert_bit_exact
+from _util import assert_bit_exact, zoo_init
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -26,7 +26,7 @@ WORKER = Path(__file__).with_name("_ckpt_kill_worker.py")
 @pytest.fixture(scope="module")
 def host_tree():
     """A tiny Llama's variables plus leaves of every narrow dtype, on the host."""
-    v = jax.device_get(zoo.get("llama").init(0))
+    v = zoo_init("llama")  # any values do: what is saved must come back bit-exact
     f = np.random.default_rng(0).standard_normal((16, 32)).astype(np.float32)
     v["extra"] = {"bf16": f.astype(ml_dtypes.bfloat16), "f16": f.astype(np.float16),
                   "i8": (f * 20).astype(np.int8), "e4m3": f.astype(ml_dtypes.float8_e4m3fn)}
@@ -391,7 +391,7 @@ class _Resume:
         import optax
 
         self.m, self.tx = zoo.get("mlp"), optax.adamw(1e-2)
-        self.variables = jax.device_get(self.m.init(0))
+        self.variables = zoo_init("mlp")
         self.trainers = {}
 
     def trainer(self, shape):

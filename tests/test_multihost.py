@@ -54,20 +54,22 @@ def reference():
 def test_two_processes_shard_and_step_like_one(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(i), str(port), str(tmp_path / f"{i}.json")],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    logs = []
+    logs = [tmp_path / f"{i}.log" for i in range(2)]  # files, not pipes: nobody reads while reference() runs
+    procs = []
     try:
+        for i in range(2):
+            with open(logs[i], "w") as log:
+                procs.append(subprocess.Popen(
+                    [sys.executable, str(WORKER), str(i), str(port), str(tmp_path / f"{i}.json")],
+                    env=env, stdout=log, stderr=subprocess.STDOUT))
+        ref_loss, ref_new = reference()  # in this process while the workers start up and compile
         for p in procs:
-            out, _ = p.communicate(timeout=240)
-            logs.append(out)
+            p.wait(timeout=240)
     finally:
         for p in procs:
             p.kill()
     for p, log in zip(procs, logs, strict=True):
-        assert p.returncode == 0, log[-4000:]
-    ref_loss, ref_new = reference()
+        assert p.returncode == 0, log.read_text()[-4000:]
     ref_flat = {jax.tree_util.keystr(p, simple=True, separator="/"): x
                 for p, x in jax.tree_util.tree_flatten_with_path(ref_new)[0]}
     for i in range(2):
