@@ -459,21 +459,23 @@ def test_a_zoo_models_remat_changes_no_number_of_the_step_and_the_estimate_sees_
     # step's; the estimate reads remat from the model (its config, and the traced program without one)
     shape = {"fsdp": 2, "model": 4}
     mesh, tx = tpflax.make_mesh(shape), make_tx()
+    plain = zoo.get(name)
+    variables, batch = plain.init(0), tpflax.shard_batch(plain.make_batch(1, 4), mesh)
+    plan = tpflax.plan(variables, shape, fsdp_min_bytes=0)
+    sv = tpflax.shard(variables, plan, mesh)
+    so = tpflax.shard_optimizer_state(tx, None, plan, mesh, params=sv["params"])
     out = []
     for remat in (False, True):
         m = zoo.get(name, remat=remat)
-        variables, batch = m.init(0), m.make_batch(1, 4)
-        plan = tpflax.plan(variables, shape, fsdp_min_bytes=0)
+        assert m.abstract_variables() == plain.abstract_variables()  # the same tree: one init serves both
         ts = tpflax.make_train_step(m, plan, mesh, tx, 4)
         step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings, compiler_options=FAST)
-        sv = tpflax.shard(variables, plan, mesh)
-        so = tpflax.shard_optimizer_state(tx, None, plan, mesh, params=sv["params"])
-        new, opt, loss = step(sv, so, tpflax.shard_batch(batch, mesh))
+        new, opt, loss = step(sv, so, batch)
         out.append((float(loss), tpflax.unshard(new)["params"], tpflax.unshard(opt[0].trace)))
-        spec = jax.eval_shape(lambda m=m: m.make_batch(0, 4))
-        for e in (tpflax.estimate(plan, tx, spec, model=m),  # the config's remat field
-                  tpflax.estimate(plan, tx, model=m.module, sample=m.input_specs(4))):  # the traced nn.remat
-            assert e.settings["remat"] is remat and (e.breakdown.recompute > 0) is remat, (remat, e.breakdown)
+        e = tpflax.estimate(plan, tx, model=m.module, sample=m.input_specs(4))  # the traced nn.remat
+        assert e.settings["remat"] is remat and (e.breakdown.recompute > 0) is remat, (remat, e.breakdown)
+    said = tpflax.estimate(plan, tx, jax.eval_shape(lambda: m.make_batch(0, 4)), model=m)  # the config's field
+    assert said.settings["remat"] and said.breakdown.recompute > 0, said.breakdown
     (loss0, new0, g0), (loss1, new1, g1) = out
     if name != "vit":  # the recompute is the forward's own HLO: the same sums in the same order
         assert loss1 == loss0
@@ -483,4 +485,4 @@ def test_a_zoo_models_remat_changes_no_number_of_the_step_and_the_estimate_sees_
     # choose: the plain step compiled at two optimisation levels differs by up to 13 u G there (1 device),
     # as much as the remat'd one does, so the bound is the sharded step's (GRAD_ULPS, LOSS_ULPS)
     assert abs(loss1 - loss0) <= LOSS_ULPS * U * abs(loss0)
-    assert_first_sgd_step_close(jax.device_get(m.init(0))["params"], new1, new0, g1, g0)
+    assert_first_sgd_step_close(jax.device_get(variables)["params"], new1, new0, g1, g0)
