@@ -2,7 +2,9 @@
 
 Every zoo model at real width (Llama-2-7B, GPT-2, ViT-B/16, ResNet-18, the
 Mixtral-like MoE) on three meshes of a v5e:2x4 topology, remat on and off
-(Llama: its config's ``remat``; the other zoo models have none), bf16 and f32.
+(each zoo config's ``remat``: ``nn.remat`` of every transformer block, of every
+ResNet residual block), bf16 and f32. ``--compile`` resumes from the cache, so
+the table lists the configs compiled so far.
 The transformers are compiled with 2 layers of their real width and length
 (a compile of a 2-layer 7B step takes 1-3 minutes on 2 busy cores); the
 estimate is priced for the same config. Everything the estimate counts per layer
@@ -63,7 +65,7 @@ def grid(small: bool = False):
                 continue
             for name in MODELS:
                 out.append((name, mesh, False, dtype, MODELS[name][2]))
-            out.append(("llama-2-7b", mesh, True, dtype, MODELS["llama-2-7b"][2]))
+            out += [(name, mesh, True, dtype, MODELS[name][2]) for name in MODELS]  # remat on: each block
     return out
 
 

@@ -450,3 +450,45 @@ def test_linen_step_updates_batch_stats_of_a_training_mode_batchnorm():
     assert not np.allclose(np.asarray(state["batch_stats"]["bn"]["mean"]), 0)  # the statistics moved
     for a, b in zip(jax.tree.leaves(new), jax.tree.leaves({**v, **state, "params": want_params}), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "cnn"])
+def test_a_zoo_models_remat_changes_no_number_of_the_step(name):
+    # the zoo's remat field (nn.remat of each block, as llama's) gives the step remat=on rows for every
+    # model of benchmarks/tpu_aot.py: on 8 devices the remat'd step's loss and gradients are the plain
+    # step's, bit for bit (the recompute is the forward's own HLO: the same sums in the same order). A
+    # transformer block and a conv block; the ViT's and the MoE's fields wrap their blocks the same way
+    # (their remat is checked through the estimate below, without compiling a step)
+    shape = {"fsdp": 2, "model": 4}
+    mesh, tx = tpflax.make_mesh(shape), make_tx()
+    plain = zoo.get(name)
+    variables, batch = zoo_init(name), tpflax.shard_batch(plain.make_batch(1, 4), mesh)
+    plan = tpflax.plan(variables, shape, fsdp_min_bytes=0)
+    sv = tpflax.shard(variables, plan, mesh)
+    so = tpflax.shard_optimizer_state(tx, None, plan, mesh, params=sv["params"])
+    out = []
+    for remat in (False, True):
+        m = zoo.get(name, remat=remat)
+        ts = tpflax.make_train_step(m, plan, mesh, tx, 4)
+        step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings, compiler_options=FAST)
+        new, opt, loss = step(sv, so, batch)
+        out.append((float(loss), tpflax.unshard(new)["params"], tpflax.unshard(opt[0].trace)))
+    (loss0, new0, g0), (loss1, new1, g1) = out
+    assert loss1 == loss0
+    assert_bit_exact((new1, g1), (new0, g0))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "vit", "moe", "cnn"])
+def test_a_zoo_models_remat_field_is_seen_by_the_estimate(name):
+    # the estimate reads remat from the model: the traced nn.remat of the bare module, and the config's field
+    shape = {"fsdp": 2, "model": 4}
+    tx = make_tx()
+    plain = zoo.get(name)
+    plan = tpflax.plan(plain.abstract_variables(), shape, fsdp_min_bytes=0)
+    for remat in (False, True):
+        m = zoo.get(name, remat=remat)
+        assert m.abstract_variables() == plain.abstract_variables()  # the same tree
+        e = tpflax.estimate(plan, tx, model=m.module, sample=m.input_specs(4))  # the traced nn.remat
+        assert e.settings["remat"] is remat and (e.breakdown.recompute > 0) is remat, (remat, e.breakdown)
+    said = tpflax.estimate(plan, tx, jax.eval_shape(lambda: m.make_batch(0, 4)), model=m)  # the config's field
+    assert said.settings["remat"] and said.breakdown.recompute > 0, said.breakdown

@@ -29,6 +29,7 @@ class CNNConfig:
     n_classes: int = 10
     bn_momentum: float = 0.9
     bn_eps: float = 1e-5
+    remat: bool = False  # nn.remat each residual block: its backward recomputes it
     dtype: Any = F32
     param_dtype: Any = F32
 
@@ -104,11 +105,13 @@ class ResNet(nn.Module):
         x = nn.relu(x)
         if c.max_pool:
             x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
+        # ``train`` (argument 2, counting the module) is a Python bool: static under remat
+        block = nn.remat(BasicBlock, static_argnums=(2,)) if c.remat else BasicBlock
         i = 0
         for stage, (width, n_blocks) in enumerate(zip(c.widths, c.blocks_per_stage, strict=True)):
             for j in range(n_blocks):
                 strides = 2 if stage > 0 and j == 0 else 1
-                x = BasicBlock(c, width, strides, name=f"block_{i}")(x, train)
+                x = block(c, width, strides, name=f"block_{i}")(x, train)
                 i += 1
         x = x.mean(axis=(1, 2))
         return nn.Dense(c.n_classes, name="head", dtype=c.dtype, param_dtype=c.param_dtype)(x)

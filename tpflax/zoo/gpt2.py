@@ -27,6 +27,7 @@ class GPT2Config:
     n_layers: int = 2
     d_ff: int = 256  # 4 * d_model
     ln_eps: float = 1e-5
+    remat: bool = False  # nn.remat each block: its backward recomputes it
     dtype: Any = F32
     param_dtype: Any = F32
 
@@ -99,8 +100,9 @@ class GPT2(nn.Module):
         wpe = nn.Embed(c.seq_len, c.d_model, name="wpe", **emb)
         positions = jnp.arange(tokens.shape[1])[None, :]
         x = wte(tokens) + wpe(positions)
+        block = nn.remat(GPT2Block) if c.remat else GPT2Block
         for i in range(c.n_layers):
-            x = GPT2Block(c, name=f"h_{i}")(x)
+            x = block(c, name=f"h_{i}")(x)
         x = nn.LayerNorm(name="ln_f", epsilon=c.ln_eps, **emb)(x)
         return wte.attend(x)  # tied output projection
 

@@ -35,6 +35,7 @@ class MoEConfig:
     n_layers: int = 2
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    remat: bool = False  # nn.remat each block: its backward recomputes it
     dtype: Any = F32
     param_dtype: Any = F32
 
@@ -116,8 +117,9 @@ class MoELM(nn.Module):
         c = self.config
         kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
         x = nn.Embed(c.vocab, c.d_model, name="embed", **kw)(tokens)
+        block = nn.remat(MoEBlock) if c.remat else MoEBlock
         for i in range(c.n_layers):
-            x = MoEBlock(c, name=f"layers_{i}")(x)
+            x = block(c, name=f"layers_{i}")(x)
         x = nn.RMSNorm(name="norm", epsilon=c.norm_eps, **kw)(x)
         return nn.Dense(c.vocab, use_bias=False, name="lm_head", **kw)(x)
 

@@ -30,6 +30,7 @@ class ViTConfig:
     d_ff: int = 256
     n_classes: int = 10
     ln_eps: float = 1e-6
+    remat: bool = False  # nn.remat each block: its backward recomputes it
     dtype: Any = F32
     param_dtype: Any = F32
 
@@ -113,8 +114,9 @@ class ViT(nn.Module):
             "pos_embed", nn.initializers.normal(0.02), (1, x.shape[1], c.d_model), c.param_dtype
         )
         x = x + pos.astype(x.dtype)
+        block = nn.remat(EncoderBlock) if c.remat else EncoderBlock
         for i in range(c.n_layers):
-            x = EncoderBlock(c, name=f"encoderblock_{i}")(x)
+            x = block(c, name=f"encoderblock_{i}")(x)
         x = nn.LayerNorm(name="ln_f", epsilon=c.ln_eps, dtype=c.dtype, param_dtype=c.param_dtype)(x)
         return nn.Dense(c.n_classes, name="head", dtype=c.dtype, param_dtype=c.param_dtype)(x[:, 0])
 
