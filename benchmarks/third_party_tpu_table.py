@@ -11,8 +11,8 @@ NUMBERS = ("bytes", "argument", "temp", "comm", "flops")
 # Why a row is above 1.00x the hand layout, in one line, keyed by (arch, mesh, plan); written from
 # the leaf diffs below the table after a run (the diffs themselves are regenerated each run).
 _FSDP_SMALL = ("tpflax also splits the position tables over fsdp (the hand layout keeps them whole): fewer "
-               "argument bytes; on a mesh with a tensor axis XLA:TPU gathers them and all-reduces their "
-               "whole gradients, which adds a few hundred KiB to a few MiB per step")
+               "argument bytes, for their all-gathers and gradient reductions (XLA:TPU reduce-scatters or "
+               "all-reduces each by its shard's tiles), a few hundred KiB to a few MiB per step")
 _CONV_PAIR = ("tpflax pairs the audio front end (conv1's output channels with conv2's input channels over "
               "model), which the hand layout replicates: 0.94x flops and bytes for one more all-reduce of "
               "conv2's output (+15 MiB); on v5e the flops saved (0.13 ms) outweigh it (0.08 ms), so the "
