@@ -92,6 +92,33 @@ def test_tpu_fsdp_gradients_reduce_scatter_beside_a_tensor_axis_not_beside_a_dat
         assert ("reduce-scatter" in e.comm) == scattered, (mesh, e.comm)
 
 
+class _TiedLM(nn.Module):
+    vocab: int
+
+    @nn.compact
+    def __call__(self, ids):
+        emb = nn.Embed(self.vocab, 768, name="embed")
+        return emb.attend(nn.Dense(768, name="mid", use_bias=False)(emb(ids)))
+
+
+@pytest.mark.parametrize("vocab, scattered", [(32128, False), (50272, False), (32768, True), (20000, True)])
+def test_tpu_all_reduces_a_big_vocab_split_tables_gradient_whole_when_its_shard_rows_are_off_64(vocab, scattered):
+    # measured (libtpu 0.0.42.1, v5e:2x4, fsdp=2,model=4; this model): XLA:TPU all-reduces the
+    # lookup's and the logits' fsdp gradients of a tied P('model', 'fsdp') table whole when its
+    # tensor shard is over ~17 MiB with rows not a multiple of 64 (T5-base's 8032, OPT-125m's 12568
+    # rows); 8192-row shards and 5000-row ones (15 MiB) reduce-scatter the one and all-reduce the other
+    ids = jax.ShapeDtypeStruct((8, 64), jnp.int32)
+    m = _TiedLM(vocab)
+    p = tpflax.plan(jax.eval_shape(m.init, jax.random.key(0), ids), {"fsdp": 2, "model": 4},
+                    rules=[("embed", P("model", "fsdp")), ("mid", P("fsdp", None))])
+    e = estimate(p, optax.adamw(1e-3), model=m, sample=(ids,), loss=lambda out, *_: jnp.mean(out ** 2),
+                 backend="tpu")
+    shard = vocab // 4 * 768 * 4
+    table = [i for i in e.items if i.source.endswith("embed/embedding") and "fsdp" in i.axes and i.kind != "all-gather"]
+    assert sum(i.ring_bytes * i.count for i in table) == pytest.approx(shard * (1.5 if scattered else 2))
+    assert any(i.kind == "reduce-scatter" for i in table) == scattered
+
+
 def test_remat_on_tpu_sums_the_attention_output_again():
     """XLA:TPU recomputes a remat'd block's attention output to rebuild its MLP's input, so that row
     all-reduce runs twice; the MLP's, the block output, once; XLA:CPU re-issues none (measured:

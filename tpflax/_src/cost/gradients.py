@@ -11,12 +11,15 @@ from tpflax._src.cost.batch import config_value
 from tpflax._src.cost.price import tpu_gather_item, tpu_reduce_scatters
 from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.scope import Scope, axes_of, body, drop_layers, is_tied, leaf_itemsize
-from tpflax._src.mesh import DATA, FSDP, MeshShape
+from tpflax._src.mesh import DATA, FSDP, TENSOR, MeshShape
 from tpflax._src.specs import entries, entry_axes, local_shape, used_axes
 from tpflax._src.tpu import WHOLE_SLICE_GATHER_AR, scatters
 
 # the largest leaf (bytes as stored) XLA:TPU gathers as an all-reduce on such a slice (_gathered_as_all_reduce)
 GATHER_AR_BYTES = 16 << 20
+# XLA:TPU reduce-scatters a vocab-split table's fsdp gradient if its tensor shard is at most this many
+# bytes or its rows a multiple of VOCAB_SHARD_ROWS, else it all-reduces it whole (vocab_shard_all_reduced)
+VOCAB_SHARD_BYTES, VOCAB_SHARD_ROWS = 17 << 20, 64
 
 
 def gradient_items(s: Scope) -> list[CommItem]:
@@ -41,7 +44,9 @@ def gradient_items(s: Scope) -> list[CommItem]:
                 s.lv.specs[path], s.mesh, _reduce_axes(path, s), s.leaf_bytes(path, d), leaf_itemsize(d), s.g_item,
                 s.backend, reps, item, len(body(d)), s.one_ring(_fsdp_devices(s.lv.specs[path], s.mesh)),
                 s.row_axes, tuple(d.shape),
-                path in s.positional or whole, d.layers_dim):
+                path in s.positional or whole or (s.backend == "tpu" and vocab_shard_all_reduced(d, s.lv.specs[path],
+                                                                                             s.mesh)),
+                d.layers_dim):
             if kind != "all-gather" and frozen:
                 continue
             if kind != "all-gather" and path in s.buffered:
@@ -89,6 +94,36 @@ def loop_reps(s: Scope, path: str, d: Any, steps: int) -> tuple[int, bool]:
     if traced:
         return traced[0], False
     return (steps if d.unit in s.lv.recurrent else 1), False
+
+
+def vocab_shard_all_reduced(d: Any, spec, mesh: MeshShape) -> bool:
+    """Whether XLA:TPU all-reduces a vocab-split table's fsdp gradient whole (each use's, if tied):
+    an embedding whose rows a tensor axis splits into shards of more than :data:`VOCAB_SHARD_BYTES`
+    (the shard's gradient before the fsdp reduction) whose rows are not a multiple of
+    :data:`VOCAB_SHARD_ROWS`. Measured on fsdp=2,model=4, v5e:2x4 (libtpu 0.0.42.1), tied
+    ``(V, 768)`` float32 tables split ``P('model', 'fsdp')`` (an untied one of 6152-row shards too):
+    shards of 6152, 8032 (T5-base) and 12568 rows (OPT-125m), 18.0 to 36.8 MiB, had the lookup's and
+    the logits' gradients all-reduced whole over fsdp; of 200 to 5600 rows (up to 16.4 MiB; 5000 and
+    5600 are not multiples of 64) and of 6144, 6208 (64 x 97) and 8192 rows one was reduce-scattered.
+    The causes of both bounds are not known; other meshes and dtypes are not measured.
+
+    >>> from tpflax._src.mesh import mesh_shape
+    >>> from types import SimpleNamespace as NS
+    >>> t5 = NS(kind="embedding", shape=(32128, 768), layers_dim=None, dtype="float32", bytes=32128 * 768 * 4)
+    >>> mesh = mesh_shape({"fsdp": 2, "model": 4})
+    >>> vocab_shard_all_reduced(t5, ("model", "fsdp"), mesh), vocab_shard_all_reduced(t5, (None, "fsdp"), mesh)
+    (True, False)
+    >>> llama = NS(kind="embedding", shape=(32000, 4096), layers_dim=None, dtype="bfloat16", bytes=32000 * 4096 * 2)
+    >>> vocab_shard_all_reduced(llama, ("model", "fsdp"), mesh)
+    False
+    """
+    if d.kind != "embedding":
+        return False
+    roles = dict(mesh.roles)
+    tensor = math.prod(mesh.sizes[a] for a in entry_axes(drop_layers(d, spec)[0]) if roles[a] == TENSOR)
+    rows = body(d)[0] // tensor
+    return tensor > 1 and rows % VOCAB_SHARD_ROWS != 0 and \
+        rows * math.prod(body(d)[1:]) * leaf_itemsize(d) > VOCAB_SHARD_BYTES
 
 
 def _gathered_as_all_reduce(s: Scope, d: Any, stored: int, n: int) -> bool:
