@@ -111,6 +111,13 @@ def kept_gathered_bytes(lv: Leaves, mesh: MeshShape, backend: str = "tpu") -> in
     12
     """
     gathered = {path: (d, b) for path, d, b, _ in _gathered_leaves(lv, mesh, backend)}
+    return sum(max(n - GATHERED_LAYERS, 0) * b for n, b in _alike_layers(lv, gathered))
+
+
+def _alike_layers(lv: Leaves, gathered: dict[str, tuple[Any, int]]) -> list[tuple[int, int]]:
+    """``(layers, one layer's gathered bytes)`` per set of alike layers (blocks or scanned stacks whose
+    leaves merge into the same representatives), over the representatives in ``gathered``; leaves outside
+    layers are left out."""
     per_layer: dict[str, int] = {}  # one layer's gathered weights, by block or stack
     reps: dict[str, list[str]] = {}  # the representatives of its leaves
     layers: dict[str, int] = {}  # how many layers it holds
@@ -127,8 +134,13 @@ def kept_gathered_bytes(lv: Leaves, mesh: MeshShape, backend: str = "tpu") -> in
     alike: dict[tuple[str, ...], list[str]] = {}
     for key, rs in reps.items():
         alike.setdefault(tuple(sorted(rs)), []).append(key)
-    return sum(max(sum(layers[k] for k in keys) - GATHERED_LAYERS, 0) * per_layer[keys[0]]
-               for keys in alike.values())
+    return [(sum(layers[k] for k in keys), per_layer[keys[0]]) for keys in alike.values()]
+
+
+def _onchip(target: Any) -> int | None:
+    """The on-chip memory of ``target``'s generation if its all-gathers are async (:data:`ASYNC_GATHER_ONCHIP`)."""
+    gen = str(target or "").split(":")[0]
+    return ASYNC_GATHER_ONCHIP.get(gen if gen.startswith("tpu-") else f"tpu-{gen}")
 
 
 def _stack_of(lv: Leaves, d: Any) -> str:
@@ -180,8 +192,7 @@ def async_gathered_bytes(lv: Leaves, mesh: MeshShape, target: Any) -> int:
     >>> [async_gathered_bytes(lv, p.mesh, t) // 2**20 for t in ("tpu-v5e:2x4", "tpu-v5p", None)]
     [256, 0, 0]
     """
-    gen = str(target or "").split(":")[0]
-    onchip = ASYNC_GATHER_ONCHIP.get(gen if gen.startswith("tpu-") else f"tpu-{gen}")
+    onchip = _onchip(target)
     if onchip is None:
         return 0
     gathered = {path: (d, b) for path, d, b, _ in _gathered_leaves(lv, mesh, "tpu")}
@@ -223,26 +234,8 @@ def async_overflow_bytes(lv: Leaves, mesh: MeshShape, target: Any) -> int:
     >>> [async_overflow_bytes(lv, p.mesh, t) // 2**20 for t in ("tpu-v5e:2x4", "tpu-v5p", None)]  # 2 x (160 - 112)
     [96, 0, 0]
     """
-    gen = str(target or "").split(":")[0]
-    onchip = ASYNC_GATHER_ONCHIP.get(gen if gen.startswith("tpu-") else f"tpu-{gen}")
+    onchip = _onchip(target)
     if onchip is None:
         return 0
-    gathered = {path: (d, b) for path, d, b, _ in _gathered_leaves(lv, mesh, "tpu")}
-    per_layer: dict[str, int] = {}  # one layer's gathered kernels that fit on chip, by block or stack
-    reps: dict[str, list[str]] = {}
-    layers: dict[str, int] = {}
-    for path, rep in (lv.rep_of or {p: p for p in lv.decisions}).items():
-        if rep not in gathered or gathered[rep][1] > onchip:
-            continue
-        d, b = gathered[rep]
-        key = block_of(path) if d.layers_dim is None else _stack_of(lv, d)
-        if key == path:
-            continue  # not in a layer
-        per_layer[key] = per_layer.get(key, 0) + b
-        reps.setdefault(key, []).append(rep)
-        layers[key] = stacked_layers(d)
-    alike: dict[tuple[str, ...], list[str]] = {}
-    for key, rs in reps.items():
-        alike.setdefault(tuple(sorted(rs)), []).append(key)
-    return sum(max(sum(layers[k] for k in keys) - 1, 0) * max(per_layer[keys[0]] - onchip, 0)
-               for keys in alike.values())
+    fit = {path: (d, b) for path, d, b, _ in _gathered_leaves(lv, mesh, "tpu") if b <= onchip}
+    return sum(max(n - 1, 0) * max(b - onchip, 0) for n, b in _alike_layers(lv, fit))
