@@ -53,6 +53,10 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
     # recomputed input needs, so that row all-reduce runs again in the backward (measured: Llama
     # fsdp=2,model=4 remat on, v5e:2x4); the MLP's own sum is the block output, saved
     again = s.remat and s.backend == "tpu" and any(dec[r].kind != "attention" for pc in s.lv.pairs for r in pc.rows)
+    # a residual stream kept split on its features (a lookup table split on them) takes the pairs' partial
+    # sums split: XLA:TPU reduce-scatters them into it (an all-reduce's first half; the gathers of the stream
+    # behind each norm, _embedding_items, are the second); XLA:CPU has no reduce-scatter pass and all-reduces
+    summing = "reduce-scatter" if s.backend == "tpu" and _stream_split(s) else "all-reduce"
     for pc in s.lv.pairs:
         cols, rows = list(pc.columns), list(pc.rows)
         axes = tuple(dict.fromkeys(a for p in cols + rows for a in s.axes(p, TENSOR)))
@@ -68,7 +72,7 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
         for r in rows:
             redo = again and dec[r].kind == "attention"
             if s.axes(r, TENSOR):
-                items.append(CommItem("all-reduce", axes, _pair_act(r, dec[r], "out", s), n, count * (1 + redo),
+                items.append(CommItem(summing, axes, _pair_act(r, dec[r], "out", s), n, count * (1 + redo),
                                       source, f"row {label[r]}: sum partial outputs (forward"
                                               f"{', again in the remat recompute' if redo else ''})"))
         # XLA:CPU reduces the column inputs' gradients one by one (q, k and v are three
@@ -84,7 +88,7 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
             # a kernel contracted in slices (a stacked gate/up kernel used as w[0] and w[1]): one partial
             # input gradient per slice, each reduced apart
             k = (s.slices or {}).get(c, 1) if c in alone else 1
-            items.append(CommItem("all-reduce", axes, _pair_act(c, dec[c], "in", s), n, count * k, source,
+            items.append(CommItem(summing, axes, _pair_act(c, dec[c], "in", s), n, count * k, source,
                                   f"{what}: sum partial input gradients (backward"
                                   f"{f', once for each of its {k} contracted slices' if k > 1 else ''})"))
         items += [CommItem("all-reduce", axes, _pair_act(j, dec[j], "in", s) * r, n, count, source, f"column "
@@ -97,6 +101,17 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
                                       "gradient (backward)"))
         _heads_note(dec, pc.id, cols, s, notes)
     return items
+
+
+def _stream_split(s: Scope) -> bool:
+    """Whether a lookup table split on its features over a tensor axis keeps the residual stream split
+    (as :func:`_embedding_items` prices its gathers): not a vocab split, not a table inside attention."""
+    for p, d in s.lv.decisions.items():
+        axes = s.axes(p, TENSOR)
+        if d.kind == "embedding" and axes and not ATTN.search(p) and \
+                not set(entry_axes(drop_layers(d, s.lv.specs[p])[0])) & set(axes):
+            return True
+    return False
 
 
 def _heads_note(decisions, pid: int, cols: list[str], s: Scope, notes: list[str]) -> None:
