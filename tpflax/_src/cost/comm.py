@@ -106,12 +106,20 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
 def _stream_split(s: Scope) -> bool:
     """Whether a lookup table split on its features over a tensor axis keeps the residual stream split
     (as :func:`_embedding_items` prices its gathers): not a vocab split, not a table inside attention."""
-    for p, d in s.lv.decisions.items():
-        axes = s.axes(p, TENSOR)
-        if d.kind == "embedding" and axes and not ATTN.search(p) and \
-                not set(entry_axes(drop_layers(d, s.lv.specs[p])[0])) & set(axes):
-            return True
-    return False
+    return any(d.kind == "embedding" and s.axes(p, TENSOR) and _feeds_stream(p, d, s.axes(p, TENSOR), s)
+               for p, d in s.lv.decisions.items())
+
+
+def _split_vocab(path: str, d: Any, axes: tuple[str, ...], s: Scope) -> bool:
+    """Whether a table's rows are split over the tensor ``axes`` (an fsdp split of the rows is the fsdp
+    gather's, not a vocab split)."""
+    return bool(set(entry_axes(drop_layers(d, s.lv.specs[path])[0])) & set(axes))
+
+
+def _feeds_stream(path: str, d: Any, axes: tuple[str, ...], s: Scope) -> bool:
+    """A lookup table split on its features over ``axes`` keeps the residual stream split; a table inside an
+    attention layer (T5's, BEiT's relative bias) feeds the scores, not the stream."""
+    return not _split_vocab(path, d, axes, s) and not ATTN.search(path)
 
 
 def _heads_note(decisions, pid: int, cols: list[str], s: Scope, notes: list[str]) -> None:
@@ -183,15 +191,13 @@ def _layer_items(s: Scope, notes: list[str]) -> list[CommItem]:
 
 def _embedding_items(path: str, d: Any, axes: tuple[str, ...], s: Scope, *, notes: list[str]) -> list[CommItem]:
     """A vocab-split lookup sums its rows; a feature-split one gathers them; a tied output adds the head's."""
-    n, b, spec = s.size(axes), body(d), s.lv.specs[path]
+    n, b = s.size(axes), body(d)
     acts = acts_for(s.activations, d.unit)
     size = s.nbytes(acts[0].output) if acts else s.rows_local * b[-1] * s.act_item
-    # the rows split over the tensor axes (an fsdp split of the rows is the fsdp gather's, not a vocab split)
-    split_vocab = bool(set(entry_axes(drop_layers(d, spec)[0])) & set(axes))
+    split_vocab = _split_vocab(path, d, axes, s)
     looks = (s.lookups or {}).get(path, 1)  # a table the encoder and the decoder both look up (T5)
-    lv = s.lv  # a feature-split lookup keeps the residual stream split: gathered behind each norm too;
-    # a table inside an attention layer (T5's, BEiT's relative bias) feeds the scores, not the stream
-    feeds_stream = not split_vocab and not ATTN.search(path)
+    lv = s.lv  # a feature-split lookup keeps the residual stream split: gathered behind each norm too
+    feeds_stream = _feeds_stream(path, d, axes, s)
     stream = 0 if not feeds_stream else stream_gathers(
         ((p, x.kind, body(x), lv.count[p] * layers(x)) for p, x in lv.decisions.items()), b[-1]) - 1
     # XLA:TPU gathers the stream for the kernels that read it: a float32 stream as bfloat16
