@@ -381,6 +381,23 @@ def test_remat_trades_saved_scores_for_recompute():
     assert on.peak < off.peak
 
 
+def test_remat_recomputes_one_layer_of_a_model_without_a_config():
+    # a bare linen model has no config's n_layers: the trace's remat'd calls count its layers, so the
+    # backward recomputes one block's activations, whatever the depth and whether the blocks are scanned
+    # (before: all of them, as one layer; a scanned stack's body counted as traced, twice, not per layer).
+    # Exact: the blocks are alike, so one block's share is the same number in all four nets
+    ids = jax.ShapeDtypeStruct((16, 128), jnp.int32)
+    rec = {}
+    for scan in (False, True):
+        for layers in (3, 6):
+            m = _Net(layers=layers, scan=scan, remat=True)
+            p = tpflax.plan(jax.eval_shape(m.init, jax.random.key(0), ids), {"fsdp": 8}, model=m, sample=(ids,))
+            e = tpflax.estimate(p, ADAM, (16, 128), model=m, sample=(ids,))
+            assert e.settings["remat"], e.settings
+            rec[scan, layers] = e.breakdown.recompute
+    assert len(set(rec.values())) == 1 and rec[False, 3] > 0, rec
+
+
 def test_report_shows_the_breakdown():
     _, _, e = _estimate("llama", {"fsdp": 8})
     text = "\n".join(e.report_lines())
@@ -447,17 +464,19 @@ class _Block(nn.Module):
 class _Net(nn.Module):
     layers: int = 3
     scan: bool = False
+    remat: bool = False
 
     @nn.compact
     def __call__(self, ids):
         x = nn.Embed(512, 64)(ids)
+        block = nn.remat(_Block) if self.remat else _Block
         if self.scan:
             stack = nn.scan(lambda blk, h, _: (blk(h), None), variable_axes={"params": 0},
                             split_rngs={"params": True}, length=self.layers)
-            x, _ = stack(_Block(), x, None)
+            x, _ = stack(block(), x, None)
         else:
             for _ in range(self.layers):
-                x = _Block()(x)
+                x = block()(x)
         return nn.Dense(512)(nn.LayerNorm()(x))
 
 

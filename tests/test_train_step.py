@@ -492,3 +492,6 @@ def test_a_zoo_models_remat_field_is_seen_by_the_estimate(name):
         assert e.settings["remat"] is remat and (e.breakdown.recompute > 0) is remat, (remat, e.breakdown)
     said = tpflax.estimate(plan, tx, jax.eval_shape(lambda: m.make_batch(0, 4)), model=m)  # the config's field
     assert said.settings["remat"] and said.breakdown.recompute > 0, said.breakdown
+    # one layer recomputed either way: the config's n_layers, or the trace's remat'd blocks (exact: the same
+    # traced shapes divided by the same count)
+    assert e.breakdown.recompute == said.breakdown.recompute, (e.breakdown, said.breakdown)

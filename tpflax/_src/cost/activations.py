@@ -84,7 +84,7 @@ def _traced_layers(m: Any) -> tuple[dict[str, list[Act]], float]:
     if m.framework == "nnx" and m.graphdef is not None:
         with _Calls() as calls:
             closed = jax.make_jaxpr(partial(_nnx_calls, m, calls))(m.variables, *m.sample)
-        return calls.out, remat_share(closed.jaxpr)
+        return calls.out, remat_share(closed.jaxpr)[0]
     if m.module is None or m.variables is None:
         return {}, 0.0
 
@@ -111,7 +111,7 @@ def _traced_layers(m: Any) -> tuple[dict[str, list[Act]], float]:
 
     with _Calls() as calls:
         closed = jax.make_jaxpr(run)(m.variables, *m.sample)
-    return calls.out, remat_share(closed.jaxpr)
+    return calls.out, remat_share(closed.jaxpr)[0]
 
 
 # jax caches the jaxpr of a traced function (jax.jit, jax.checkpoint, a scan's body) by its inputs' structure
@@ -403,11 +403,7 @@ def activation_bytes(column_units: Mapping[str, Sequence[Entry]], activations: M
     records a scanned body once or twice, whatever the layer count; it runs once per layer).
     """
     if activations:
-        if stacks:
-            # one call's members (a vmapped ensemble in each layer) per layer
-            activations = {p: (list(calls[:calls[0].members]) * stacks[p] if p in stacks and calls else calls)
-                           for p, calls in activations.items()}
-        return _traced_bytes(column_units, activations, mesh, shards, remat, act_item)
+        return _traced_bytes(column_units, layer_runs(activations, stacks), mesh, shards, remat, act_item)
     d_model, n_layers = config_value(config, "d_model"), config_value(config, "n_layers")
     seq = config_value(config, "seq_len")
     if not (d_model and n_layers and seq):
@@ -428,6 +424,20 @@ def activation_bytes(column_units: Mapping[str, Sequence[Entry]], activations: M
     notes.append("activations from the transformer formula (Korthikanti et al.); trace the model for "
                  "exact layer shapes")
     return int(per_layer(t, shards) * n_layers), int(per_layer(1, 1) * n_layers)
+
+
+def layer_runs(activations: Mapping[str, Sequence[Act]], stacks: Mapping[str, int] | None) -> Mapping[str, Sequence[Act]]:
+    """The traced calls as they run: inside a scanned stack (``stacks``: traced path -> layer count; a linen
+    trace records a scanned body once or twice), one call's members (a vmapped ensemble) once per layer.
+
+    >>> a = Act(((2, 4),), (2, 8), "float32", 4)
+    >>> [len(c) for c in layer_runs({"blocks/up": [a, a], "head": [a]}, {"blocks/up": 5}).values()]
+    [5, 1]
+    """
+    if not stacks:
+        return activations
+    return {p: (list(calls[:calls[0].members]) * stacks[p] if p in stacks and calls else calls)
+            for p, calls in activations.items()}
 
 
 def formula_scores_bytes(b: Batch, config: Any, mesh: MeshShape, shards: int, remat: bool, act_item: int) -> int:

@@ -52,6 +52,7 @@ from tpflax._src.cost.activations import (
     acts_for,
     formula_scores_bytes,
     layer_key,
+    layer_runs,
     token_rows,
     top_level,
 )
@@ -342,12 +343,14 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
     saved_scores = 0 if w.remat else int(SCORES_SAVED * scores * n_attn)
     recompute = 0
     # on TPU no row projection's output outlives its residual add (module ``residual``, buffer evidence there)
-    unread = residual_bytes(lv, w.activations, mesh, shards, w.act_item) if w.backend == "tpu" else 0
+    unread = (residual_bytes(lv, layer_runs(w.activations, lv.stacks), mesh, shards, w.act_item)
+              if w.backend == "tpu" else 0)
     if w.remat:
         # the backward pass of one layer recomputes what it would have saved without remat
         full, _ = activation_bytes(lv.column_units, w.saved, w.batch, w.config, mesh, shards, False,
-                                   w.act_item, [])
-        layers = config_value(w.config, "n_layers") or 1
+                                   w.act_item, [], lv.stacks)
+        # a config's layer count, else the trace's remat'd calls (a bare module's nn.remat blocks)
+        layers = config_value(w.config, "n_layers") or w.remat_layers or 1
         recompute = int(max(full - dev.activations - unread, 0) / layers + SCORES_SAVED * scores)
     hidden, n_exp = expert_hidden_bytes(lv, mesh, w, shards)
     kept, counted = conv_maps(lv, w, mesh, shards)

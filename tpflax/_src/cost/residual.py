@@ -89,8 +89,10 @@ def _block(path: str) -> str | None:
 
 
 def residual_bytes(lv: Leaves, activations: Any, mesh: MeshShape, shards: int, act_item: int) -> int:
-    """Bytes on a device the generic count gives the outputs of :func:`residual_outputs` (every call of
-    each; a scanned stack's paths carry no layer index, so the rule does not reach it)."""
+    """Bytes on a device the generic count gives the outputs of :func:`residual_outputs`: every call of
+    each in ``activations`` (pass them as they run, :func:`tpflax._src.cost.activations.layer_runs`: a
+    scanned stack's once per layer). A scanned stack whose paths carry no block index (``blocks/mlp``, no
+    ``_0``) holds no repeated block with a norm, so the rule does not reach it."""
     roles = dict(mesh.roles)
     total = 0.0
     for path in residual_outputs(lv, activations):

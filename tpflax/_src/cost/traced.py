@@ -85,6 +85,8 @@ class Traced:
             XLA:CPU all-reduces apart (measured on a Gemma-style MLP, data=2,model=4).
         remat: most of the model's contractions run inside a rematerialised call
             (``nn.remat``, ``nnx.remat``, ``jax.checkpoint``): the step recomputes its layers.
+        remat_layers: then, the outermost rematerialised calls as they run
+            (:attr:`tpflax._src.trace.records.Dataflow.remat_calls`): the layers recomputed one at a time.
         contractions: ``(path, rows per example, kept dims, dtype)`` of each
             contraction of a parameter (its output's shape): a plain function's layer
             calls, where no module boundary shows them.
@@ -131,6 +133,7 @@ class Traced:
     meets: tuple[tuple[str, int, str, int], ...] = ()
     positional: frozenset[str] = frozenset()
     loops: Mapping[str, tuple[int, bool]] | None = None
+    remat_layers: int = 0
 
 
 def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
@@ -219,7 +222,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
                   scores, frozenset(flow.uses[uid].path for uid, _ in flow.biases.values()),
                   spread_streams(flow, shapes), flow.collectives, flow.row_axes, _meets(flow),
                   frozenset(p for p, o in ops.items() if o == {"gather"}) - {u.path for u in flow.uses if not u.fixed},
-                  _loops(flow))
+                  _loops(flow), flow.remat_calls if flow.remat >= 0.5 else 0)
 
 
 def _loops(flow: Any) -> dict[str, tuple[int, bool]]:

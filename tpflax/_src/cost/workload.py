@@ -62,6 +62,8 @@ class Workload:
         row_axes: from the trace (:attr:`Traced.row_axes`): priced as batch axes (:mod:`tpflax._src.cost.explicit`).
         meets, positional, loops: from the trace (:attr:`Traced.meets`, :attr:`Traced.positional`,
             :attr:`Traced.loops`).
+        remat_layers: from the trace (:attr:`Traced.remat_layers`): the layers a remat'd step recomputes
+            one at a time, where no config gives ``n_layers``.
     """
 
     batch: Batch
@@ -96,6 +98,7 @@ class Workload:
     meets: tuple = ()
     positional: frozenset[str] = frozenset()
     loops: Mapping[str, tuple[int, bool]] | None = None
+    remat_layers: int = 0
 
     @property
     def saved(self) -> Mapping[str, Sequence[Act]]:
@@ -170,7 +173,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     streams=t.streams, contractions=contractions, scores=t.scores,
                     next_token=_next_token(m) if loss is None else reads_slice(m, loss), biased=t.biased,
                     collectives=t.collectives, row_axes=t.row_axes, meets=t.meets,
-                    positional=t.positional, loops=t.loops)
+                    positional=t.positional, loops=t.loops, remat_layers=t.remat_layers)
 
 
 def contraction_calls(plan, contractions: Sequence[tuple[str, float, tuple[int, ...], str]],

@@ -160,6 +160,7 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                     else:
                         w.outputs.add(k)
     found, branches = _pieces_joined(w)
+    remat, remat_calls = remat_share(jaxpr)
     edges = tuple(
         Edge(w.uses[s].path, s, sd, w.uses[d].path, d, dd, math.gcd(limit, found["caps"].get((s, sd), 0)), via)
         for (s, sd, d, dd), (limit, via) in sorted(found["edges"].items()))
@@ -169,7 +170,8 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                     channels={p: by for p, by in w.channels.items() if by},
                     scanned=dict(w.scanned), n_eqns=w.n_eqns, fused=found["fused"], branches=branches,
                     cuts=found["cuts"], views=frozenset(w.root(k) for k in w.views),
-                    shared=shared_reads(jaxpr, w.reads), remat=remat_share(jaxpr),
+                    shared=shared_reads(jaxpr, w.reads), remat=remat,
+                    remat_calls=remat_calls,
                     products=_one_branch(w.products), channelwise=dict(w.channelwise),
                     spread=_spread(w),
                     collectives=tuple(c for cs in w.collectives.values() for c in cs),
@@ -252,26 +254,27 @@ _CONTRACTIONS = ("dot_general", "conv_general_dilated")
 _REMAT = ("checkpoint", "remat", "remat2")
 
 
-def remat_share(jaxpr: Any) -> float:
-    """The share of ``jaxpr``'s contractions, as they run (a scan's body once per iteration), inside a
-    rematerialised call (0 without any). A call whose policy saves nothing
-    (``jax.checkpoint_policies.nothing_saveable``, big_vision's and MaxText's full remat) counts; one
-    with a saving policy (``dots_saveable``...) does not: it keeps what it names.
+def remat_share(jaxpr: Any) -> tuple[float, int]:
+    """``(share, calls)``: the share of ``jaxpr``'s contractions, as they run (a scan's body once per
+    iteration), inside a rematerialised call (0 without any), and how many outermost such calls run
+    (a scan's body once per iteration): the layers the backward recomputes one at a time. A call whose
+    policy saves nothing (``jax.checkpoint_policies.nothing_saveable``, big_vision's and MaxText's full
+    remat) counts; one with a saving policy (``dots_saveable``...) does not: it keeps what it names.
 
     >>> import jax, jax.numpy as jnp
     >>> f = lambda w, x: jax.checkpoint(lambda x: jnp.tanh(x @ w))(x) @ w
     >>> remat_share(jax.make_jaxpr(f)(jnp.ones((4, 4)), jnp.ones((2, 4))).jaxpr)
-    0.5
+    (0.5, 1)
     >>> def stack(w, x):  # four remat'd layers in a scan, one contraction outside it
     ...     body = jax.checkpoint(lambda h, _: (jnp.tanh(h @ w), None), policy=jax.checkpoint_policies.nothing_saveable)
     ...     return jax.lax.scan(body, x, None, length=4)[0] @ w
     >>> remat_share(jax.make_jaxpr(stack)(jnp.ones((4, 4)), jnp.ones((2, 4))).jaxpr)
-    0.8
+    (0.8, 4)
     """
     import jax
 
     full = (None, jax.checkpoint_policies.nothing_saveable)
-    counts = [0, 0]  # contractions as they run, of which rematerialised
+    counts = [0, 0, 0]  # contractions as they run, of which rematerialised; outermost remat calls as they run
 
     def visit(j: Any, inside: bool, times: int) -> None:
         for eqn in j.eqns:
@@ -279,12 +282,13 @@ def remat_share(jaxpr: Any) -> float:
                 counts[0] += times
                 counts[1] += times * inside
             remat = eqn.primitive.name in _REMAT and eqn.params.get("policy") in full
+            counts[2] += times * (remat and not inside)
             runs = times * int(eqn.params.get("length", 1)) if eqn.primitive.name == "scan" else times
             for sub in _sub_jaxprs(eqn.params.values()):
                 visit(sub, inside or remat, runs)
 
     visit(jaxpr, False, 1)
-    return counts[1] / counts[0] if counts[0] else 0.0
+    return (counts[1] / counts[0] if counts[0] else 0.0), counts[2]
 
 
 def _sub_jaxprs(values: Any):

@@ -162,6 +162,8 @@ class Dataflow:
         remat: the share of the program's contractions (``dot_general`` and convolution
             equations, a scan body's once) inside a rematerialised call (``jax.checkpoint``,
             ``nn.remat``, ``nnx.remat``).
+        remat_calls: the outermost rematerialised calls as they run (a scan body's once per iteration):
+            the layers a remat'd step recomputes one at a time.
         shared: use ids of contractions whose activation input something other than
             a parameter contraction also reads (a post-norm block's residual add; see
             :mod:`tpflax._src.trace.sharing`).
@@ -200,6 +202,7 @@ class Dataflow:
     fused: Mapping[tuple[int, int], int] = field(default_factory=dict)
     shared: frozenset[int] = frozenset()
     remat: float = 0.0
+    remat_calls: int = 0
     products: tuple[Product, ...] = ()
     channelwise: Mapping[str, tuple[int, Mapping[int, int]]] = field(default_factory=dict)
     branches: Mapping[tuple[int, int], tuple[frozenset[int], ...]] = field(default_factory=dict)
