@@ -1,15 +1,16 @@
 """One of two JAX processes for test_multihost.py (4 CPU devices each, loopback coordinator).
 
-usage: python _multihost_worker.py PROCESS_ID PORT OUT_JSON
+usage: python _multihost_worker.py PROCESS_ID PORT OUT_JSON VARIABLES_PICKLE
 
-Shards the tiny Llama's variables and optimizer state on a global {data: 2,
-model: 4} mesh spanning both processes (each process supplies only its own
-shards through jax.make_array_from_callback), runs one training step and writes
-the loss, a checksum of the gathered parameters and what it saw to OUT_JSON.
+Shards the tiny Llama's variables (the parent's, from VARIABLES_PICKLE) and optimizer
+state on a global {data: 2, model: 4} mesh spanning both processes (each process supplies
+only its own shards through jax.make_array_from_callback), runs one training step and
+writes the loss, a checksum of the gathered parameters and what it saw to OUT_JSON.
 """
 
 import json
 import os
+import pickle
 import sys
 
 # LLVM's optimisations off (the same HLO passes: FAST_XLA in _util.py), as in the parent's reference
@@ -18,7 +19,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
 
-pid, port, out_path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+pid, port, out_path, variables_path = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid,
                            initialization_timeout=120)
@@ -31,8 +32,10 @@ from tpflax import zoo  # noqa: E402
 
 MESH = {"data": 2, "model": 4}
 m = zoo.get("llama")
-# Every process computes the same host values (same seed) and keeps them on the host.
-variables = jax.device_get(m.init(0))
+# Every process starts from the same host values (the parent's m.init(0), compiled as here) and keeps
+# them on the host.
+with open(variables_path, "rb") as f:
+    variables = pickle.load(f)
 batch = jax.device_get(m.make_batch(1, 4))
 tx = optax.sgd(0.1, momentum=0.9)
 

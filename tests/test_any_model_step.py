@@ -76,7 +76,8 @@ def case(request):
     ts = tpflax.make_train_step(model, plan, mesh, opt, sample=(IDS,))
     dr = tpflax.dry_run(ts, plan, mesh, compiler_options=FAST_XLA)
     params = variables["params"] if "params" in variables else variables
-    step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings)
+    step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings,
+                   compiler_options=FAST_XLA)
     _, _, loss = step(tpflax.shard(variables, plan, mesh), jax.device_put(opt.init(params), ts.in_shardings[1]),
                       jax.device_put((ids,), ts.in_shardings[2]))
     ref = jax.jit(reference_loss, static_argnums=0)(forward, variables, ids)

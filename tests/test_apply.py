@@ -13,7 +13,7 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
-from _util import assert_bit_exact, same_bytes, zoo_init
+from _util import FAST_XLA, assert_bit_exact, same_bytes, zoo_init
 from flax import nnx
 from flax.training import train_state
 from jax.sharding import NamedSharding
@@ -310,7 +310,7 @@ def assert_adam_first_step_close(old, new_s, new_r, g_s, g_r, lr, eps):
 
 def test_train_state_is_sharded_and_steps(mesh):
     m = zoo.get("mlp")
-    v = m.init(0)
+    v = zoo_init("mlp")  # any variables do; compiled once per process
     plan = tpflax.plan(v["params"], DP_TP, fsdp_min_bytes=0)
     tx = optax.adamw(1e-3)
     ts = train_state.TrainState.create(apply_fn=m.module.apply, params=v["params"], tx=tx)
@@ -326,9 +326,9 @@ def test_train_state_is_sharded_and_steps(mesh):
         return state.apply_gradients(grads=g), loss
 
     run = jax.jit(step, in_shardings=(shard_tree, tpflax.batch_sharding(mesh)),
-                  out_shardings=(shard_tree, None), donate_argnums=0)
+                  out_shardings=(shard_tree, None), donate_argnums=0, compiler_options=FAST_XLA)
     new, loss = run(sts, batch)
-    ref_new, ref_loss = jax.jit(step)(ts, batch)
+    ref_new, ref_loss = jax.jit(step, compiler_options=FAST_XLA)(ts, batch)
     assert int(new.step) == 1
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
     assert_placed(new.params, plan, mesh)

@@ -3,13 +3,16 @@
 Each process supplies only its addressable shards (jax.make_array_from_callback
 inside tpflax.shard), both run one training step of the tiny Llama on a global
 {data: 2, model: 4} mesh with gloo CPU collectives, and the loss and updated
-parameters must match the single-process unsharded step.
+parameters must match the single-process unsharded step. The host variables are
+initialised once, here, and handed to both workers (the same values every process
+would compute from the seed, without compiling the init three times).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -32,11 +35,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def reference():
+def host_variables():
+    """The tiny Llama's variables on the host, as every process starts from them."""
+    key = jax.random.key(0)
+    return jax.device_get(jax.jit(zoo.get("llama").init).lower(key).compile(FAST_XLA)(key))
+
+
+def reference(variables):
     # compiled as the workers compile (their XLA_FLAGS): LLVM's optimisations change a float's last bits
     m = zoo.get("llama")
-    key = jax.random.key(0)
-    variables = jax.device_get(jax.jit(m.init).lower(key).compile(FAST_XLA)(key))
     batch = jax.device_get(m.make_batch(1, 4))
     tx = optax.sgd(0.1, momentum=0.9)
 
@@ -52,17 +59,20 @@ def reference():
 
 @pytest.mark.multiprocess
 def test_two_processes_shard_and_step_like_one(tmp_path):
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
     logs = [tmp_path / f"{i}.log" for i in range(2)]  # files, not pipes: nobody reads while reference() runs
+    variables = host_variables()
+    (tmp_path / "variables.pkl").write_bytes(pickle.dumps(variables))
+    port = free_port()  # just before the workers bind it
     procs = []
     try:
         for i in range(2):
             with open(logs[i], "w") as log:
                 procs.append(subprocess.Popen(
-                    [sys.executable, str(WORKER), str(i), str(port), str(tmp_path / f"{i}.json")],
+                    [sys.executable, str(WORKER), str(i), str(port), str(tmp_path / f"{i}.json"),
+                     str(tmp_path / "variables.pkl")],
                     env=env, stdout=log, stderr=subprocess.STDOUT))
-        ref_loss, ref_new = reference()  # in this process while the workers start up and compile
+        ref_loss, ref_new = reference(variables)  # in this process while the workers start up and compile
         for p in procs:
             p.wait(timeout=240)
     finally:

@@ -11,6 +11,8 @@ temporaries no longer grow with the layer count by a layer's gathered weights.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -90,8 +92,16 @@ def test_gathered_loss_constrains_inside_the_scan(scanned):
     assert outer and all(x.aval.shape[:1] != (LAYERS,) for e in outer for x in e.invars)
 
 
-def _fsdp_gathers(m, plan, mesh) -> float:
-    return summarize(parse_collectives(_compiled(m, plan, mesh).as_text(), mesh), by="axis")[("all-gather", "fsdp")]
+@functools.cache
+def _unscanned(remat: bool):
+    """The unscanned LAYERS-layer Llama, its plan and compiled step: the remat one serves two tests."""
+    m = zoo.get("llama", remat=remat, n_layers=LAYERS)
+    plan = tpflax.plan(m.abstract_variables(), MESH, fsdp_min_bytes=0)
+    return m, plan, _compiled(m, plan, tpflax.make_mesh(MESH))
+
+
+def _fsdp_gathers(compiled, mesh) -> float:
+    return summarize(parse_collectives(compiled.as_text(), mesh), by="axis")[("all-gather", "fsdp")]
 
 
 @pytest.mark.slow
@@ -106,9 +116,8 @@ def test_unrolled_remat_layers_gather_inside_the_remat():
     mesh = tpflax.make_mesh(MESH)
     got = {}
     for remat in (False, True):
-        m = zoo.get("llama", remat=remat, n_layers=LAYERS)
-        plan = tpflax.plan(m.abstract_variables(), MESH, fsdp_min_bytes=0)
-        got[remat] = _fsdp_gathers(m, plan, mesh)
+        m, plan, compiled = _unscanned(remat)
+        got[remat] = _fsdp_gathers(compiled, mesh)
         est = tpflax.estimate(plan, TX, 8, model=m, backend="cpu")
         assert est.comm["all-gather"]["fsdp"] == got[remat], (remat, est.comm, got)
     n = plan.mesh.sizes["fsdp"]  # a ring all-gather of a shard sends (n - 1) shards
@@ -160,12 +169,11 @@ def test_scanned_step_equals_unscanned_step(scanned):
     gathers only reorder float32 sums, so the bounds are test_train_step.py's.
     """
     m, plan, mesh, fn = scanned
-    flat = zoo.get("llama", remat=True, n_layers=LAYERS)
-    v_flat = jax.device_get(flat.init(0))
+    flat, p_flat, fn_flat = _unscanned(True)  # the step test_unrolled_remat_layers_... compiles
+    key = jax.random.key(0)  # any weights do (both steps start from them): the init compiled with FAST
+    v_flat = jax.device_get(jax.jit(flat.init).lower(key).compile(FAST)(key))
     v_scan = {**v_flat, "params": _stacked(v_flat["params"])}
     batch = jax.device_get(m.make_batch(1, 8))
-    p_flat = tpflax.plan(v_flat, MESH, fsdp_min_bytes=0)
-    fn_flat = _compiled(flat, p_flat, mesh)
 
     def run(f, p, v):
         sv = tpflax.shard(v, p, mesh)

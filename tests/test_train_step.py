@@ -163,13 +163,19 @@ def test_nnx_step_trains_params_only_and_keeps_the_forward_state():
     assert not plan.decisions["bn/var"].trainable and plan.decisions["bn/scale"].trainable
     mesh = tpflax.make_mesh(plan.mesh)
     ts = tpflax.make_train_step(m, plan, mesh, tx, sample=(x,), loss=loss)
-    step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings)
+    step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings, compiler_options=FAST)
     v, _, value = step(tpflax.shard(state, plan, mesh), jax.device_put(tx.init(nnx.state(m, nnx.Param)),
                                                                        ts.in_shardings[1]), (x,))
     ref = Net(nnx.Rngs(0))
     opt = nnx.Optimizer(ref, tx, wrt=nnx.Param)
-    ref_loss, grads = nnx.value_and_grad(lambda mod: loss(mod(x), x))(ref)
-    opt.update(ref, grads)
+
+    @nnx.jit  # the nnx training step, compiled whole rather than dispatched an op (and a compile) at a time
+    def ref_step(ref, opt):
+        ref_loss, grads = nnx.value_and_grad(lambda mod: loss(mod(x), x))(ref)
+        opt.update(ref, grads)
+        return ref_loss
+
+    ref_loss = ref_step(ref, opt)
     # the same float32 program split over 8 devices: a few ulps of the loss and of each updated value
     np.testing.assert_allclose(float(value), float(ref_loss), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(nnx.state(ref)), strict=True):
@@ -216,13 +222,18 @@ def test_integer_leaves_of_a_plain_tree_are_carried_through_the_step():
     assert tpflax.shard_optimizer_state(tx, None, p, mesh, params=w)[0].mu["count"] is None
     # a state made from the whole tree (integer moments included) is still placed, as before
     assert tpflax.shard_optimizer_state(tx, tx.init(w), p, mesh)[0].mu["count"].shape == ()
-    step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings)
+    step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings, compiler_options=FAST)
     new, _, value = step(tpflax.shard(w, p, mesh), state, (x,))
     assert int(new["count"]) == 7 and new["count"].dtype == jnp.int32
     floats = {k: w[k] for k in ("w1", "w2")}
-    ref_loss, grads = jax.value_and_grad(lambda f: mse(fn({**f, "count": w["count"]}, x), x))(floats)
-    updates, _ = tx.update(grads, tx.init(floats), floats)
-    ref = optax.apply_updates(floats, updates)
+
+    @jax.jit  # the unsharded step, compiled whole rather than dispatched an op (and a compile) at a time
+    def ref_step(floats):
+        ref_loss, grads = jax.value_and_grad(lambda f: mse(fn({**f, "count": w["count"]}, x), x))(floats)
+        updates, _ = tx.update(grads, tx.init(floats), floats)
+        return ref_loss, optax.apply_updates(floats, updates)
+
+    ref_loss, ref = ref_step(floats)
     # the same float32 program split over 8 devices: a few ulps of the loss and of each updated value
     np.testing.assert_allclose(float(value), float(ref_loss), rtol=1e-5)
     for k in ref:
@@ -270,6 +281,16 @@ def test_optimizer_state_from_the_plan_alone_runs_through_the_nnx_step():
     m = Net(nnx.Rngs(0))
     state = nnx.state(m)
     plan = tpflax.plan(state, {"data": 2, "model": 4}, model=m, sample=(x,))
+    ref = Net(nnx.Rngs(0))  # two nnx training steps: the reference both plans' steps must equal
+    ref_opt = nnx.Optimizer(ref, tx, wrt=nnx.Param)
+
+    @nnx.jit  # compiled whole rather than dispatched an op (and a compile) at a time
+    def ref_step(ref, ref_opt):
+        _, grads = nnx.value_and_grad(lambda mod: mse(mod(x), x))(ref)
+        ref_opt.update(ref, grads)
+
+    for _ in range(2):
+        ref_step(ref, ref_opt)
     for p in (plan, tpflax.Plan.from_json(plan.to_json())):  # the plan alone, as a job would load it
         mesh = tpflax.make_mesh(p.mesh)
         ts = tpflax.make_train_step(m, p, mesh, tx, sample=(x,), loss=mse)
@@ -277,15 +298,10 @@ def test_optimizer_state_from_the_plan_alone_runs_through_the_nnx_step():
         assert jax.tree.structure(opt) == jax.tree.structure(ts.args[1])
         assert set(opt[0].mu) == {"l1", "l2", "bn"} and set(opt[0].mu["bn"]) == {"scale", "bias"}
         assert opt[0].mu["l1"]["kernel"].sharding.spec == p.specs["l1"]["kernel"]
-        step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings)
+        step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings, compiler_options=FAST)
         v = tpflax.shard(state, p, mesh)
         for _ in range(2):
             v, opt, _ = step(v, opt, (x,))
-        ref = Net(nnx.Rngs(0))
-        ref_opt = nnx.Optimizer(ref, tx, wrt=nnx.Param)
-        for _ in range(2):
-            _, grads = nnx.value_and_grad(lambda mod: mse(mod(x), x))(ref)
-            ref_opt.update(ref, grads)
         assert int(v["calls"].get_value()) == 2
         _assert_values_close(v, nnx.state(ref))
         _assert_values_close(opt, ref_opt.opt_state)
@@ -324,7 +340,7 @@ def test_integer_nnx_params_are_carried_through_the_step():
     ts = tpflax.make_train_step(m, plan, mesh, tx, sample=(x,), loss=mse)
     opt = tpflax.shard_optimizer_state(tx, None, plan, mesh)
     assert set(opt[0].mu) == {"up", "down"}  # no optimizer state for the integer Params
-    step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings)
+    step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings, compiler_options=FAST)
     # from the Params themselves too: the state optimizer.init makes of their float leaves
     given = tpflax.shard_optimizer_state(tx, None, plan, mesh, params=nnx.state(m, nnx.Param))
     assert set(given[0].mu) == {"up", "down"}
@@ -334,8 +350,14 @@ def test_integer_nnx_params_are_carried_through_the_step():
     ref = Net(nnx.Rngs(0))
     floats = nnx.All(nnx.Param, lambda _, x: jnp.issubdtype(x.get_value().dtype, jnp.floating))
     ref_opt = nnx.Optimizer(ref, tx, wrt=floats)
-    ref_loss, grads = nnx.value_and_grad(lambda mod: mse(mod(x), x), argnums=nnx.DiffState(0, floats))(ref)
-    ref_opt.update(ref, grads)
+
+    @nnx.jit  # the nnx training step, compiled whole rather than dispatched an op (and a compile) at a time
+    def ref_step(ref, ref_opt):
+        ref_loss, grads = nnx.value_and_grad(lambda mod: mse(mod(x), x), argnums=nnx.DiffState(0, floats))(ref)
+        ref_opt.update(ref, grads)
+        return ref_loss
+
+    ref_loss = ref_step(ref, ref_opt)
     np.testing.assert_allclose(float(value), float(ref_loss), rtol=1e-5)
     _assert_values_close(v, nnx.state(ref))  # the integer and bool Params unchanged, the rest updated
 
@@ -354,7 +376,7 @@ def test_a_state_with_moments_for_integer_leaves_is_refused_by_name():
     p = tpflax.plan(w, {"data": 2, "model": 4})
     mesh = tpflax.make_mesh(p.mesh)
     ts = tpflax.make_train_step(lambda v, x: x @ v["w"], p, mesh, tx, sample=(x,), loss=mse)
-    step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings)
+    step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings, compiler_options=FAST)
     with pytest.raises(tpflax.PlanMismatchError, match=r"(?s)tpflax.shard_optimizer_state.*"
                        r"0/mu/count: shape \(\) int32 is optimizer state of count \(shape \(\) int32\), "
                        r"which is not trained"):
@@ -402,12 +424,17 @@ def test_an_nnx_submodule_named_params_is_no_linen_collection():
     mesh = tpflax.make_mesh(plan.mesh)
     tx = optax.sgd(0.1)
     ts = tpflax.make_train_step(m, plan, mesh, tx, sample=(x,), loss=mse)
-    step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings)
+    step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings, compiler_options=FAST)
     v, _, _ = step(tpflax.shard(nnx.state(m), plan, mesh), tpflax.shard_optimizer_state(tx, None, plan, mesh), (x,))
     ref = Net(nnx.Rngs(0))
     ref_opt = nnx.Optimizer(ref, tx, wrt=nnx.Param)
-    _, grads = nnx.value_and_grad(lambda mod: mse(mod(x), x))(ref)
-    ref_opt.update(ref, grads)
+
+    @nnx.jit  # the nnx training step, compiled whole rather than dispatched an op (and a compile) at a time
+    def ref_step(ref, ref_opt):
+        _, grads = nnx.value_and_grad(lambda mod: mse(mod(x), x))(ref)
+        ref_opt.update(ref, grads)
+
+    ref_step(ref, ref_opt)
     assert not np.allclose(np.asarray(v["out"]["kernel"].get_value()), np.asarray(m.out.kernel.get_value()))
     _assert_values_close(v, nnx.state(ref))
 
@@ -432,7 +459,7 @@ def test_linen_step_updates_batch_stats_of_a_training_mode_batchnorm():
     plan = tpflax.plan(v, {"data": 2, "model": 4}, model=m, sample=(x,))
     mesh = tpflax.make_mesh(plan.mesh)
     ts = tpflax.make_train_step(m, plan, mesh, tx, sample=(x,), loss=loss)
-    step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings)
+    step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings, compiler_options=FAST)
     new, _, value = step(tpflax.shard(v, plan, mesh), jax.device_put(tx.init(v["params"]), ts.in_shardings[1]), (x,))
 
     @jax.jit

@@ -118,7 +118,8 @@ def test_the_step_updates_the_adapters_as_nnx_optimizer_wrt_does_and_keeps_the_b
     mesh = tpflax.make_mesh(plan.mesh)
     ids = jax.random.randint(jax.random.key(1), IDS.shape, 0, V)
     ts = tpflax.make_train_step(m, plan, mesh, tx, sample=(ids,))
-    step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings)
+    step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings,
+                   compiler_options=FAST_XLA)
     state = nnx.state(m)
     opt = tpflax.shard_optimizer_state(tx, None, plan, mesh)
     new, _, value = step(tpflax.shard(state, plan, mesh), opt, (ids,))
