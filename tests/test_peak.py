@@ -275,6 +275,18 @@ def test_async_gathered_kernels_too_large_for_the_chip_count_twice_on_v5e(layers
 
 
 
+def test_remat_async_gathered_kernels_of_a_scanned_stack_are_one_layers():
+    # under remat only the last layer's recompute holds its gathered kernels as async values (the MoE 7B remat
+    # dump, eighteenth round): one layer's kernels too large for the chip, less the one freed first. A scanned
+    # stack's leaves are that layer's slices, grouped by their stack (unrolled blocks: the MoE test above)
+    m = zoo.get("llama", d_model=4096, n_heads=8, n_kv_heads=8, head_dim=128, d_ff=16384, seq_len=128,
+                n_layers=2, scan_layers=True, remat=True, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    p = tpflax.plan(m.abstract_variables(), {"fsdp": 8})
+    e = tpflax.estimate(p, ADAM, jax.eval_shape(lambda: m.make_batch(0, 8)), model=m, target="tpu-v5e:2x4")
+    mlp = 4096 * 16384 * 2  # gate, up and down: 128 MiB each gathered; the attention kernels (8 MiB) fit on chip
+    assert e.breakdown.gathered_async == 2 * mlp
+
+
 def test_a_layers_kernels_past_the_on_chip_memory_count_twice_on_v5e():
     layers = 3
     # Each of these kernels fits a v5e's 112 MiB on-chip memory, a layer's do not together (4 x 8 + 3 x 32 =

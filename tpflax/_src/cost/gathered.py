@@ -210,7 +210,8 @@ def async_gathered_bytes(lv: Leaves, mesh: MeshShape, target: Any, remat: bool =
             d, b = gathered[rep]
             if d.layers_dim is not None or block_of(path) != path:  # in a layer
                 sizes += [b] * stacked_layers(d)
-                layer.setdefault(block_of(path), []).append(b)  # a stacked leaf: one layer's slice
+                key = block_of(path) if d.layers_dim is None else _stack_of(lv, d)  # a stacked leaf: one slice
+                layer.setdefault(key, []).append(b)
     if remat:  # the last layer's recompute: one layer's kernels
         sizes = max(layer.values(), key=sum, default=[])
     return sum(sizes) - max(sizes) if sizes else 0
