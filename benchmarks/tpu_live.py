@@ -5,6 +5,7 @@ Compile one step with ``XLA_FLAGS=--xla_dump_to=DIR`` set before jax starts, the
     python benchmarks/tpu_live.py DIR            # the peak step, its live set and the heap
     python benchmarks/tpu_live.py DIR --step 1060 --min-mib 1
     python benchmarks/tpu_live.py DIR --temp 1436702720   # temp - heap against the heap's slack
+    python benchmarks/tpu_live.py DIR --holes             # the heap's holes at the peak, and what left them
 
 reads the train step's ``*after_optimizations-live-range.txt`` (each value's live range over the
 schedule), ``*-buffer-assignment.txt`` (each value's offset and size in the preallocated temp,
@@ -89,6 +90,21 @@ def in_use(vals, step: int) -> int:
     return total
 
 
+def holes(vals, step: int, heap: int, min_bytes: int) -> list[tuple[int, int, list, list]]:
+    """``[(offset, size, the values that last held it before step, the first values that hold it after)]``
+    for each free range of the heap at ``step`` of at least ``min_bytes`` (the heap's slack, by name:
+    ``tpu_aot_notes.md``, eighteenth round)."""
+    out, end = [], 0
+    for lo, hi in sorted((o, o + s) for _, o, s, _, a, b in vals if a <= step <= b) + [(heap, heap)]:
+        if lo - end >= min_bytes:
+            over = [v for v in vals if v[1] < lo and v[1] + v[2] > end and v[2] >= min_bytes // 4]
+            before = sorted((v for v in over if v[5] < step), key=lambda v: -v[5])[:3]
+            after = sorted((v for v in over if v[4] > step), key=lambda v: v[4])[:3]
+            out.append((end, lo - end, before, after))
+        end = max(end, hi)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("dump")
@@ -98,6 +114,8 @@ def main() -> int:
                     help="the compile's memory_analysis().temp_size_in_bytes: also print temp - heap next to "
                          "heap - live peak and heap - the largest live set without async collectives, "
                          "which it equals (tpu_aot_notes.md, ninth round)")
+    ap.add_argument("--holes", action="store_true",
+                    help="list the heap's free ranges at the step (at least --min-mib) and the values around them")
     args = ap.parse_args()
     vals, heap = read(args.dump)
     steps = max(b for *_, b in vals) + 1
@@ -111,6 +129,12 @@ def main() -> int:
               f"heap - live peak {(heap - peak) / MIB:.1f} MiB, heap - the largest live set without "
               f"async collectives {(heap - flat) / MIB:.1f} MiB")
     seen, ops = set(), op_names(args.dump)
+    if args.holes:
+        def named(vs):
+            return ", ".join(f"{n} {sh} {s / MIB:.1f} MiB {a}-{b}" for n, o, s, sh, a, b in vs)
+        for offset, size, before, after in holes(vals, step, heap, int(args.min_mib * MIB)):
+            print(f"  hole {size / MIB:8.1f} MiB at {offset / MIB:.1f}: before [{named(before)}]; after [{named(after)}]")
+        return 0
     for name, offset, size, shape, a, b in sorted(vals, key=lambda v: -v[2]):
         if a <= step <= b and (offset, size) not in seen and size >= args.min_mib * MIB:
             seen.add((offset, size))

@@ -246,8 +246,8 @@ def test_async_gathered_kernels_too_large_for_the_chip_count_twice_on_v5e(layers
     # A v5e's compiled temp is heap + (heap - the largest live set without async collectives' values) (sixteen
     # buffer dumps, benchmarks/tpu_aot_notes.md): a layer's gathered kernel too large for its 112 MiB on-chip
     # memory stays the async all-gather's value in HBM and counts twice, every layer's but the last layer's
-    # first freed (the MoE 7B steps: 3 of 4 expert kernels). Smaller kernels, remat, v5p/v6e (synchronous
-    # all-gathers): nothing. Without a target the plan's hardware (a v5e by default) names the generation
+    # first freed (the MoE 7B steps: 3 of 4 expert kernels); under remat one layer's, the last recompute's.
+    # Smaller kernels, v5p/v6e (synchronous all-gathers): nothing. Without a target the plan's hardware (a v5e by default) names the generation
     m = zoo.get("moe", d_model=1024, d_ff=9216, n_layers=layers, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     p = tpflax.plan(m.abstract_variables(), {"fsdp": 8})
     batch = jax.eval_shape(lambda: m.make_batch(0, 8))
@@ -266,8 +266,25 @@ def test_async_gathered_kernels_too_large_for_the_chip_count_twice_on_v5e(layers
     assert est("tpu-v5e:2x4", tpflax.plan(small.abstract_variables(), {"fsdp": 8}), small
                ).breakdown.gathered_async == 0  # 64 MiB kernels: the compiler may move them on chip
     remat = tpflax.estimate(p, ADAM, batch, model=m, expert_dispatch="dense", target="tpu-v5e:2x4", remat=True)
-    assert remat.breakdown.gathered_async == 0  # the layers gather inside the recompute: none kept
+    # no layer keeps its kernels, but the last layer's recompute gathers them again, asynchronously: its wi
+    # stays the all-gather's value across the expert backward's peak, its wo is freed first (the MoE 7B bf16
+    # fsdp=8 remat dump, eighteenth round), whatever the layer count
+    assert remat.breakdown.gathered_async == kernel
+    assert tpflax.estimate(p, ADAM, batch, model=m, expert_dispatch="dense", target="tpu-v5p:2x2x2",
+                           remat=True).breakdown.gathered_async == 0
 
+
+
+def test_remat_async_gathered_kernels_of_a_scanned_stack_are_one_layers():
+    # under remat only the last layer's recompute holds its gathered kernels as async values (the MoE 7B remat
+    # dump, eighteenth round): one layer's kernels too large for the chip, less the one freed first. A scanned
+    # stack's leaves are that layer's slices, grouped by their stack (unrolled blocks: the MoE test above)
+    m = zoo.get("llama", d_model=4096, n_heads=8, n_kv_heads=8, head_dim=128, d_ff=16384, seq_len=128,
+                n_layers=2, scan_layers=True, remat=True, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    p = tpflax.plan(m.abstract_variables(), {"fsdp": 8})
+    e = tpflax.estimate(p, ADAM, jax.eval_shape(lambda: m.make_batch(0, 8)), model=m, target="tpu-v5e:2x4")
+    mlp = 4096 * 16384 * 2  # gate, up and down: 128 MiB each gathered; the attention kernels (8 MiB) fit on chip
+    assert e.breakdown.gathered_async == 2 * mlp
 
 
 def test_a_layers_kernels_past_the_on_chip_memory_count_twice_on_v5e():

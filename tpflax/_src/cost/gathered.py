@@ -162,7 +162,7 @@ def _drop(entry: Any, axes: set[str]) -> Any:
 ASYNC_GATHER_ONCHIP = {"tpu-v5e": 112 * 2**20}
 
 
-def async_gathered_bytes(lv: Leaves, mesh: MeshShape, target: Any) -> int:
+def async_gathered_bytes(lv: Leaves, mesh: MeshShape, target: Any, remat: bool = False) -> int:
     """The layers' gathered kernels XLA:TPU's compiled temp counts twice (``Peak.gathered_async``): on a
     generation with async all-gathers (:data:`ASYNC_GATHER_ONCHIP`), every layer's gathered leaf larger
     than the on-chip memory, less the largest one (the last layer's backward reads and frees it first).
@@ -184,6 +184,12 @@ def async_gathered_bytes(lv: Leaves, mesh: MeshShape, target: Any) -> int:
     behind gathers some synchronously (counted once): an over-count there (a 2-layer toy at 256 tokens per
     device: +33%; seventeenth round).
 
+    ``remat``: no layer keeps its gathered kernels from its forward to its backward pass; the last layer's
+    recompute gathers them again, as async all-gathers too, and holds the ones too large for the chip across
+    the peak, less the one its backward frees first: one layer's kernels, less the largest (the MoE 7B bf16
+    fsdp=8 remat dump: the recompute's ``wi`` gather ``async-collective-done.14``, 896 MiB, live through the
+    expert backward's peak, ``wo``'s freed before it; temp - heap = heap - L' = 978 MiB; eighteenth round).
+
     >>> import jax, tpflax
     >>> from tpflax._src.cost.leaves import merge
     >>> w = jax.ShapeDtypeStruct((8192, 8192), "bfloat16")  # 128 MiB per layer gathered, 16 MiB per shard
@@ -191,17 +197,23 @@ def async_gathered_bytes(lv: Leaves, mesh: MeshShape, target: Any) -> int:
     >>> lv = merge(p.decisions, {})
     >>> [async_gathered_bytes(lv, p.mesh, t) // 2**20 for t in ("tpu-v5e:2x4", "tpu-v5p", None)]
     [256, 0, 0]
+    >>> async_gathered_bytes(lv, p.mesh, "tpu-v5e:2x4", remat=True)  # one layer's single kernel, freed first
+    0
     """
     onchip = _onchip(target)
     if onchip is None:
         return 0
     gathered = {path: (d, b) for path, d, b, _ in _gathered_leaves(lv, mesh, "tpu")}
-    sizes = []
+    sizes, layer = [], {}
     for path, rep in (lv.rep_of or {p: p for p in lv.decisions}).items():
         if rep in gathered and gathered[rep][1] > onchip:
             d, b = gathered[rep]
             if d.layers_dim is not None or block_of(path) != path:  # in a layer
                 sizes += [b] * stacked_layers(d)
+                key = block_of(path) if d.layers_dim is None else _stack_of(lv, d)  # a stacked leaf: one slice
+                layer.setdefault(key, []).append(b)
+    if remat:  # the last layer's recompute: one layer's kernels
+        sizes = max(layer.values(), key=sum, default=[])
     return sum(sizes) - max(sizes) if sizes else 0
 
 

@@ -23,10 +23,10 @@ parameters and optimizer state donated) holds, per device:
   expert's transients (``Peak.phased``);
 * on TPU without remat, kept from their forward to their backward pass: the
   other layers' gathered weights (:func:`tpflax._src.cost.gathered.kept_gathered_bytes`);
-* on TPU with async all-gathers (v5e) without remat, counted twice by the compiled temp: the
-  layers' gathered kernels too large to move on chip
-  (:func:`tpflax._src.cost.gathered.async_gathered_bytes`), and of the kernels that fit on chip, what one layer's
-  exceed the on-chip memory by, every layer's but the last's
+* on TPU with async all-gathers (v5e), counted twice by the compiled temp: the layers' gathered
+  kernels too large to move on chip (under remat the last layer's recompute's;
+  :func:`tpflax._src.cost.gathered.async_gathered_bytes`), and without remat, of the kernels that fit
+  on chip, what one layer's exceed the on-chip memory by, every layer's but the last's
   (:func:`tpflax._src.cost.gathered.async_overflow_bytes`);
 * at the loss, still live when the last layer's backward pass starts: the
   float32 logits (their gradient is formed in the same buffer, unless the loss
@@ -380,7 +380,7 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
                 logits=LOGITS_BUFFERS * logits, logits_grad=logits_grad_bytes(logits, head, w), gathered_last=one,
                 experts=0 if w.remat else EXPERT_SAVED[w.backend] * hidden * n_exp,
                 expert_work=EXPERT_WORKING * hidden, conv_work=conv_working(lv, w, mesh, shards),
-                gathered_async=async_gathered_bytes(lv, mesh, w.target) if w.backend == "tpu" and not w.remat else 0,
+                gathered_async=async_gathered_bytes(lv, mesh, w.target, w.remat) if w.backend == "tpu" else 0,
                 phased=w.backend == "tpu", gathered_overflow=_overflow(lv, mesh, w))
 
 

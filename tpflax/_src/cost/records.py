@@ -135,10 +135,10 @@ class Peak:
             ``gathered``, kept from their forward to their backward pass (zero at two layers).
         conv_work: a conv net on TPU with whole maps (batch first): the maps in flight in the backward
             pass of its first stage (its largest maps).
-        gathered_async: XLA:TPU with async all-gathers (v5e), no remat: the layers' gathered kernels too
+        gathered_async: XLA:TPU with async all-gathers (v5e): the layers' gathered kernels too
             large for the on-chip memory, which the all-gather's value holds in HBM and the compiled
-            temp counts twice, less the last layer's first freed
-            (:func:`tpflax._src.cost.gathered.async_gathered_bytes`).
+            temp counts twice, less the last layer's first freed; under remat the last layer's
+            recompute's alone (:func:`tpflax._src.cost.gathered.async_gathered_bytes`).
         gathered_overflow: the same on the same generations, for the kernels that fit the on-chip memory one
             by one: what one layer's exceed it by, every layer's but the last's
             (:func:`tpflax._src.cost.gathered.async_overflow_bytes`).
