@@ -108,20 +108,31 @@ def optimizer():
 
 
 def load(path: Path) -> dict:
-    """Cached rows by key; a row whose HLO is kept has its collectives re-read by today's parser."""
+    """Cached rows by key; a row whose HLO is kept has its collectives re-read by today's parser.
+
+    The HLO directory is not committed, so a re-reading that differs from the row's cached one is
+    appended to the cache (a later row of a key replaces an earlier one): a checkout without the
+    HLO regenerates the same table from the committed cache alone.
+    """
     from tpu_compile import comm_of
 
     if not path.exists():
         return {}
     rows = {r["key"]: r for r in (json.loads(x) for x in path.read_text().splitlines() if x.strip())}
+    changed = []
     for k, r in rows.items():
         hlo = hlo_path(k, path == CPU_CACHE)
         if hlo.exists():  # else the row's own mark: its comm was read by today's parser when compiled
-            r["reparsed"] = True
             mesh = {a: int(n) for a, n in (x.split("=") for x in k.split("|")[1].split(","))}
             with gzip.open(hlo, "rt") as f:
                 text = f.read()
-            r["comm"], r["xla_remat"] = comm_of(text, mesh), xla_remat(text)
+            read = {"comm": comm_of(text, mesh), "xla_remat": xla_remat(text), "reparsed": True}
+            if any(r.get(f) != v for f, v in read.items()):
+                r.update(read)
+                changed.append(r)
+    if changed:
+        with path.open("a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in changed)
     return rows
 
 
