@@ -21,6 +21,7 @@ compiled plan's reuse its numbers (the compile is the same program).
     python benchmarks/third_party_tpu.py --arch bert gpt2 --mesh data=2,model=4
     python benchmarks/third_party.py --tpu-widths          # the same, every published arch
     python benchmarks/third_party_tpu.py --table-only      # rewrite the table from the json
+    python benchmarks/third_party_tpu.py --redo --arch vit --mesh fsdp=2,model=4   # compile those rows again
 
 Results: ``benchmarks/results/third_party_tpu.md`` and ``third_party_tpu.json``
 (the raw rows; a rerun resumes from it).
@@ -323,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", nargs="*", default=list(ORDER), choices=sorted(PUBLISHED))
     ap.add_argument("--mesh", nargs="*", default=[mesh_label(m) for m in MESHES])
     ap.add_argument("--fresh", action="store_true", help="ignore rows already in the json")
+    ap.add_argument("--redo", action="store_true",
+                    help="compile the json's --arch x --mesh x --plan rows again, keeping its other rows")
+    ap.add_argument("--plan", nargs="*", default=list(PLANS), choices=PLANS, help="the plans --redo compiles")
     ap.add_argument("--out", default=str(RESULTS / "third_party_tpu.md"))
     ap.add_argument("--table-only", action="store_true", help="rewrite the table from the json")
     ap.add_argument("--diff", action="store_true", help="add the plan-only leaf diffs of every --arch")
@@ -332,10 +336,17 @@ def main(argv: list[str] | None = None) -> int:
     meshes = [{k: int(v) for k, v in (kv.split("=") for kv in m.split(","))} for m in args.mesh]
     raw = Path(args.out).with_suffix(".json")
     rows = [] if args.fresh else load(raw)
-    done = {(r.arch, r.mesh, r.plan): r for r in rows}
+    labels = {mesh_label(m) for m in meshes}
+    done = {(r.arch, r.mesh, r.plan): r for r in rows
+            if not (args.redo and r.arch in args.arch and r.mesh in labels and r.plan in args.plan)}
 
-    def sink(row: Row) -> None:
-        rows.append(row)
+    def sink(row: Row) -> None:  # a redone row takes its old row's place
+        keys = [(r.arch, r.mesh, r.plan) for r in rows]
+        key = (row.arch, row.mesh, row.plan)
+        if key in keys:
+            rows[keys.index(key)] = row
+        else:
+            rows.append(row)
         raw.write_text(json.dumps([asdict(r) for r in rows], indent=1))
 
     t0 = time.perf_counter()

@@ -30,7 +30,7 @@ from tpflax._src.cost.gradients import gradient_items
 from tpflax._src.cost.price import stream_gathers, tpu_gather_item
 from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.scope import Scope, body, drop_layers, is_tied, layers
-from tpflax._src.cost.stream import update_gathers
+from tpflax._src.cost.stream import tpu_stream_gathers, update_gathers
 from tpflax._src.facts.classify import ATTN
 from tpflax._src.mesh import EXPERT, TENSOR
 from tpflax._src.specs import entry_axes
@@ -198,8 +198,13 @@ def _embedding_items(path: str, d: Any, axes: tuple[str, ...], s: Scope, *, note
     looks = (s.lookups or {}).get(path, 1)  # a table the encoder and the decoder both look up (T5)
     lv = s.lv  # a feature-split lookup keeps the residual stream split: gathered behind each norm too
     feeds_stream = _feeds_stream(path, d, axes, s)
-    stream = 0 if not feeds_stream else stream_gathers(
-        ((p, x.kind, body(x), lv.count[p] * layers(x)) for p, x in lv.decisions.items()), b[-1]) - 1
+    if not feeds_stream:
+        stream = 0
+    elif s.backend == "tpu":  # XLA:TPU gathers it again for each split kernel's transpose
+        stream = tpu_stream_gathers(s, axes, b[-1]) - 1  # the lookup's own item below counts one
+    else:
+        stream = stream_gathers(((p, x.kind, body(x), lv.count[p] * layers(x)) for p, x in lv.decisions.items()),
+                                b[-1]) - 1
     # XLA:TPU gathers the stream for the kernels that read it: a float32 stream as bfloat16
     gathered = size // s.act_item * tpu_gather_item(s.act_item, True) if s.backend == "tpu" and feeds_stream \
         else size

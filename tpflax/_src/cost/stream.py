@@ -9,6 +9,8 @@ moments back whole (measured: 57 such gathers behind a 2-block tagger's split ta
 tests/test_choose.py ``Tagger``; 3 per leaf under adamw). XLA:TPU does so for the kernels only
 (the Tagger's classifier and the GQA block's output head, 3 gathers each, compiled for v5e:2x4),
 not for 1-D leaves (norm scales and biases).
+
+XLA:TPU also gathers the stream itself more often than XLA:CPU (:func:`tpu_stream_gathers`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from tpflax._src.cost.records import CommItem
-from tpflax._src.cost.scope import body
+from tpflax._src.cost.scope import body, drop_layers, layers
 from tpflax._src.mesh import TENSOR
 from tpflax._src.specs import entry_axes, used_axes
 
@@ -58,6 +60,43 @@ def update_gathers(s: Any, axes: tuple[str, ...], reached: list[str]) -> list[Co
                                   "feature-split stream splits: its update runs split, then the parameter "
                                   "and its moments are gathered"))
     return items
+
+
+def tpu_stream_gathers(s: Any, axes: tuple[str, ...], width: int) -> int:
+    """Gathers of a residual stream of ``width`` split on its features over ``axes`` that XLA:TPU compiles.
+
+    Forward, one per norm of the stream: its output gathered once for the kernels that read it. Backward,
+    one per kernel that writes the stream (its last dim the width, not split over ``axes``: a row, or a
+    kernel kept whole), whose output gradient arrives split with the stream, and one per kernel split over
+    ``axes`` that reads it (its first dim the width: a column), which gathers the stream again for its
+    weight gradient; a whole kernel that only reads the stream reuses the forward gather. XLA:CPU gathers
+    twice per norm instead (:func:`tpflax._src.cost.price.stream_gathers`).
+
+    Measured compiled for v5e:2x4, float32 (the stream gathered as ``bf16``): the published-width
+    DistilBERT (``benchmarks/third_party_tpu.py`` ``distilbert-tok``: 5 norms; q/k/v/lin1 columns and
+    out_lin/lin2 rows in 2 blocks) 18 gathers on both meshes, 4 forward and 14 backward, one per split
+    kernel and one more behind each of the last block's rows (this count: 17; one and two per norm: 11);
+    the tests' Llama-style GQA block 7 (3 norms; q and up read, o and down write; k, v and the head whole
+    readers: 7) and 2-block Tagger 11 (5 norms; 2 up columns; 2 down rows and 2 whole out kernels write;
+    this count takes its whole value kernels, square, for writers too: 13).
+
+    Args:
+        s: the estimate's :class:`~tpflax._src.cost.scope.Scope`.
+        axes: the tensor axes that split the table's features.
+        width: the stream's width (the table's features).
+    """
+    lv, n = s.lv, 0
+    for p, x in lv.decisions.items():
+        b, k = body(x), lv.count[p] * layers(x)
+        if x.kind == "norm" and tuple(b) == (width,) and not p.endswith("bias"):  # a norm counted by its gain
+            n += k
+        elif x.kind not in ("embedding", "norm", "bias") and len(b) >= 2:
+            split = [bool(set(entry_axes(e)) & set(axes)) for e in drop_layers(x, lv.specs[p])]
+            split += [False] * (len(b) - len(split))
+            writes = b[-1] == width and not split[-1]
+            reads_split = b[0] == width and any(split)
+            n += k * (writes or reads_split)
+    return n
 
 
 def split_grad_items(s: Any) -> list[CommItem]:
