@@ -381,6 +381,31 @@ def test_remat_trades_saved_scores_for_recompute():
     assert on.peak < off.peak
 
 
+@pytest.mark.parametrize("batch", [64, 1024])
+def test_remat_conv_net_recomputes_its_largest_block(batch):
+    # a conv net's config has no layer count: its backward recomputes one remat'd block at a time, the largest
+    # (what that block's layers save inside it), not every block's at once (the ResNet-18 fsdp=8 bf16 remat dump
+    # holds under one first-stage block's maps in flight: 24.5 MiB in HBM and as much on chip; the whole net's
+    # inner maps, 205 MiB, put the row at +39.6%). The kept block outputs are laid out as whole maps are: 8
+    # images per device, 16 channels padded to 128 lanes; 128, the images in lanes, unpadded. Exact, float32
+    m, p, e = _estimate("cnn", {"fsdp": 8}, batch=batch, max_pool=True, remat=True)
+    acts = tpflax.trace_activations(m, batch)
+    n = batch // 8
+    blocks = {path for path in acts if "/" not in path and any(q.startswith(path + "/") for q in acts)}
+    inner = {b: sum(math.prod(a.output) * 4 // 8 for q, calls in acts.items() if q.startswith(b + "/")
+                    for a in calls) for b in blocks}
+    assert len(blocks) >= 3 and e.breakdown.recompute == max(inner.values()) < sum(inner.values()) / 2
+
+    def whole(x):  # bytes of a float32 map on a device
+        return math.prod(x[1:-1]) * n * (128 if n == 8 else x[-1]) * 4
+
+    kept = sum(whole(a.output) for path, calls in acts.items() for a in calls if "/" not in path
+               and len(a.output) == 4)
+    maps = sum(math.prod(a.output) * 4 / 8 for path, calls in acts.items() for a in calls if "/" not in path
+               and len(a.output) == 4)
+    assert e.breakdown.activations + e.breakdown.logits - e.per_device.activations == int(kept) - int(maps)
+
+
 def test_report_shows_the_breakdown():
     _, _, e = _estimate("llama", {"fsdp": 8})
     text = "\n".join(e.report_lines())
