@@ -133,29 +133,6 @@ def score_elements(lv: Leaves, mesh: MeshShape, w: Workload, shards: int,
     return int(largest), sum(e * c for e, c in sizes) / largest, split
 
 
-def largest_block(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> int:
-    """Under remat without a config's layer count: what the largest remat'd block saves inside it (its
-    traced layers' outputs, on a device), which its backward pass recomputes, one block at a time. A
-    block is a top-level traced path holding other traced layers (:func:`top_level`): ResNet-18's
-    ``block_0`` .. ``block_7``, whose first stage's are the largest.
-
-    >>> import jax, optax, tpflax
-    >>> from tpflax import zoo
-    >>> m = zoo.get("resnet18", remat=True)
-    >>> p = tpflax.plan(m.abstract_variables(), {"data": 8})
-    >>> e = tpflax.estimate(p, optax.sgd(0.1), jax.eval_shape(lambda: m.make_batch(0, 64)), model=m)
-    >>> e.breakdown.recompute == 4 * 8 * 56 * 56 * 64 * 4  # block_0: conv1, bn1, conv2, bn2 of 8 images, f32
-    True
-    """
-    out = 0
-    for block in top_level(w.activations):
-        inner = {p: c for p, c in w.activations.items() if p.startswith(block + "/")}
-        if inner:
-            out = max(out, activation_bytes(lv.column_units, inner, w.batch, w.config, mesh, shards, False,
-                                            w.act_item, [])[0])
-    return out
-
-
 def split_probs_item(w: Workload, held: int) -> int:
     """Bytes per element of the probabilities a layer saves with its heads split over a tensor axis: its
     softmax's (the traced ``exp``, :attr:`tpflax._src.cost.traced.Scores.softmax`), float32 when the trace
@@ -370,9 +347,8 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
         # the backward pass of one layer recomputes what it would have saved without remat
         full, _ = activation_bytes(lv.column_units, w.saved, w.batch, w.config, mesh, shards, False,
                                    w.act_item, [])
-        layers = config_value(w.config, "n_layers")
-        redo = max(full - dev.activations - unread, 0) / layers if layers else largest_block(lv, w, mesh, shards)
-        recompute = int(redo + SCORES_SAVED * scores)
+        layers = config_value(w.config, "n_layers") or 1
+        recompute = int(max(full - dev.activations - unread, 0) / layers + SCORES_SAVED * scores)
     hidden, n_exp = expert_hidden_bytes(lv, mesh, w, shards)
     kept, counted = conv_maps(lv, w, mesh, shards)
     saved = dev.activations - counted + kept - (0 if w.remat else unread)
