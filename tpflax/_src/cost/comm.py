@@ -24,11 +24,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tpflax._src.cost.activations import acts_for
+from tpflax._src.cost.activations import acts_for, layer_key
 from tpflax._src.cost.batch import config_value
 from tpflax._src.cost.gradients import gradient_items
 from tpflax._src.cost.price import stream_gathers, tpu_gather_item
 from tpflax._src.cost.records import CommItem
+from tpflax._src.cost.residual import _alike, residual_outputs
 from tpflax._src.cost.scope import Scope, body, drop_layers, is_tied, layers
 from tpflax._src.cost.stream import tpu_stream_gathers, update_gathers
 from tpflax._src.facts.classify import ATTN
@@ -53,6 +54,9 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
     # recomputed input needs, so that row all-reduce runs again in the backward (measured: Llama
     # fsdp=2,model=4 remat on, v5e:2x4); the MLP's own sum is the block output, saved
     again = s.remat and s.backend == "tpu" and any(dec[r].kind != "attention" for pc in s.lv.pairs for r in pc.rows)
+    # and, as traced, any other row whose sum a backward reads (a conv's, normalised next: ResNet-18 fsdp=2,model=4
+    # remat on, v5e:2x4, sums each block's second conv again, +0.27 GiB); a row feeding only a residual add is not
+    unread = {_alike(p) for p in residual_outputs(s.lv, s.activations)} if again else set()
     # a residual stream kept split on its features (a lookup table split on them) takes the pairs' partial
     # sums split: XLA:TPU reduce-scatters them into it (an all-reduce's first half; the gathers of the stream
     # behind each norm, _embedding_items, are the second); XLA:CPU has no reduce-scatter pass and all-reduces
@@ -70,7 +74,9 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
         count = max(layers(dec[p]) for p in cols + rows) * pc.count * calls
         source = f"pair {pc.id}" + (f" and {pc.count - 1} alike" if pc.count > 1 else "")
         for r in rows:
-            redo = again and dec[r].kind == "attention"
+            key = layer_key(dec[r].unit)
+            redo = again and (dec[r].kind == "attention" or bool(s.activations)
+                              and not {_alike(key), _alike(key.rsplit("/", 1)[0])} & unread)
             if s.axes(r, TENSOR):
                 items.append(CommItem(summing, axes, _pair_act(r, dec[r], "out", s), n, count * (1 + redo),
                                       source, f"row {label[r]}: sum partial outputs (forward"

@@ -55,8 +55,8 @@ def conv_maps(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> tuple[in
     precision: the float32 ResNet-18 step keeps ``bf16[56, 32, 8, 64, 3]`` taps next to ``f32``
     norm inputs). A block's output, a norm's output and a ReLU's are the next conv's input, kept there;
     a 1x1 or patchify conv (kernel == stride, ViT's patch embedding) reads an input another conv
-    keeps, or the images: it keeps nothing of its own. Under remat only block outputs are kept, at
-    128 lanes.
+    keeps, or the images: it keeps nothing of its own. Under remat only block outputs are kept, as
+    :func:`map_bytes` lays out whole maps (32 images: 64 channels padded to 128 lanes; 128: the images in them).
     That is the layout below :data:`FOLD_BELOW` images per device: the compiler cuts each map's
     width into 8 chunks of ``W // 8 + 1`` columns (the halo) folded into the batch (``[H, images x 8,
     W // 8 + 1, C]``, no collective: a per-device layout). Not modelled: that halo column, and where
@@ -92,9 +92,10 @@ def conv_maps(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> tuple[in
         if not any(_overlaps(d, a) for d, _ in convs.values() for a in acts_for(w.activations, d.unit)):
             return 0, 0  # patchify convs only (a ViT): the generic count, as measured on no tensor-axis dump
         return tensor_conv_maps(lv, w, mesh, shards, channels), _split_count(lv, w, mesh, shards, channels)
-    if w.remat:  # the block outputs counted above, at 128 lanes
-        kept = sum(math.prod(a.output[:-1]) * lane_pad(a.output[-1]) * item for path, calls in w.activations.items()
-                   for a in calls if len(a.output) == 4 and a.output[-1] in channels and path in blocks)
+    if w.remat:  # the block outputs counted above, laid out as whole maps are (map_bytes)
+        kept = sum(map_bytes((a.output[0] // shards, *a.output[1:]), w.act_item) for path, calls in
+                   w.activations.items() for a in calls if len(a.output) == 4 and a.output[-1] in channels
+                   and path in blocks)
         return int(kept), int(counted)
     kept = 0.0
     images = tuple(w.batch.leaves[0][1]) if w.batch.leaves else ()
@@ -251,6 +252,14 @@ def _pooled(activations: Any, channels: set[int]) -> list[tuple[int, ...]]:
                 out.append(prev)
             prev = a.output if len(a.output) == 4 else None
     return out
+
+
+def overlapping_convs(lv: Leaves, w: Workload) -> bool:
+    """Whether the traced model has a 2-D conv whose kernel is wider than its stride (a conv net's 3x3
+    or 7x7, not a patchify front end).
+    """
+    return any(_overlaps(d, a) for p, d in lv.decisions.items() if d.kind == "conv" and len(body(d)) == 4
+               for a in acts_for(w.activations, d.unit))
 
 
 def _overlaps(d: Any, a: Any) -> bool:

@@ -57,7 +57,7 @@ from tpflax._src.cost.activations import (
     top_level,
 )
 from tpflax._src.cost.batch import config_value
-from tpflax._src.cost.conv import conv_maps, conv_working, tensor_degree
+from tpflax._src.cost.conv import conv_maps, conv_working, overlapping_convs, tensor_degree
 from tpflax._src.cost.gathered import (
     async_gathered_bytes,
     async_overflow_bytes,
@@ -349,8 +349,12 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
         # the backward pass of one layer recomputes what it would have saved without remat
         full, _ = activation_bytes(lv.column_units, w.saved, w.batch, w.config, mesh, shards, False,
                                    w.act_item, [], lv.stacks)
-        # a config's layer count, else the trace's remat'd calls (a bare module's nn.remat blocks)
-        layers = config_value(w.config, "n_layers") or w.remat_layers or 1
+        # a config's layer count, else the trace's remat'd calls (a bare module's nn.remat blocks). A conv net
+        # keeps the whole net's count: its blocks are not alike, and its remat'd step can peak outside any
+        # block's backward (ResNet-18 f32 fsdp=8 remat dump: the stem's, the max-pool input's 196 MiB gradient
+        # in HBM), which nothing models; one block's recompute reads -31..-33% on ResNet-18's remat rows
+        # (benchmarks/tpu_aot_notes.md, eighteenth round), the whole net's +4..+8% (f32), +25..+40% (bf16)
+        layers = config_value(w.config, "n_layers") or (1 if overlapping_convs(lv, w) else w.remat_layers) or 1
         recompute = int(max(full - dev.activations - unread, 0) / layers + SCORES_SAVED * scores)
     hidden, n_exp = expert_hidden_bytes(lv, mesh, w, shards)
     kept, counted = conv_maps(lv, w, mesh, shards)
