@@ -29,7 +29,7 @@ from tpflax._src.cost.batch import config_value
 from tpflax._src.cost.gradients import gradient_items
 from tpflax._src.cost.price import stream_gathers, tpu_gather_item
 from tpflax._src.cost.records import CommItem
-from tpflax._src.cost.residual import _alike, residual_outputs
+from tpflax._src.cost.residual import alike_path, residual_outputs
 from tpflax._src.cost.scope import Scope, body, drop_layers, is_tied, layers
 from tpflax._src.cost.stream import tpu_stream_gathers, update_gathers
 from tpflax._src.facts.classify import ATTN
@@ -56,7 +56,7 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
     again = s.remat and s.backend == "tpu" and any(dec[r].kind != "attention" for pc in s.lv.pairs for r in pc.rows)
     # and, as traced, any other row whose sum a backward reads (a conv's, normalised next: ResNet-18 fsdp=2,model=4
     # remat on, v5e:2x4, sums each block's second conv again, +0.27 GiB); a row feeding only a residual add is not
-    unread = {_alike(p) for p in residual_outputs(s.lv, s.activations)} if again else set()
+    unread = {alike_path(p) for p in residual_outputs(s.lv, s.activations)} if again else set()
     # a residual stream kept split on its features (a lookup table split on them) takes the pairs' partial
     # sums split: XLA:TPU reduce-scatters them into it (an all-reduce's first half; the gathers of the stream
     # behind each norm, _embedding_items, are the second); XLA:CPU has no reduce-scatter pass and all-reduces
@@ -76,7 +76,7 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
         for r in rows:
             key = layer_key(dec[r].unit)
             redo = again and (dec[r].kind == "attention" or bool(s.activations)
-                              and not {_alike(key), _alike(key.rsplit("/", 1)[0])} & unread)
+                              and not {alike_path(key), alike_path(key.rsplit("/", 1)[0])} & unread)
             if s.axes(r, TENSOR):
                 items.append(CommItem(summing, axes, _pair_act(r, dec[r], "out", s), n, count * (1 + redo),
                                       source, f"row {label[r]}: sum partial outputs (forward"

@@ -46,19 +46,19 @@ def residual_outputs(lv: Leaves, activations: Any) -> list[str]:
     >>> residual_outputs(merge(p.decisions, acts), acts)[:4]
     ['layers_0/attn/o_proj', 'layers_0/attn', 'layers_0/mlp/down_proj', 'layers_0/mlp']
     """
-    traced = {_alike(p) for p in activations}
+    traced = {alike_path(p) for p in activations}
     normed = {_block(layer_key(d.unit)) for d in lv.decisions.values() if d.kind == "norm"} - {None}
     rows = set()
     for d in lv.decisions.values():
         key = layer_key(d.unit)
-        if _alike(key) not in traced:  # a parameter of the traced module itself (an expert layer's ``wo``)
+        if alike_path(key) not in traced:  # a parameter of the traced module itself (an expert layer's ``wo``)
             key = key.rsplit("/", 1)[0]
         if d.role == "row" and d.pair is not None and d.kind in ROW_KINDS and _block(key) in normed:
-            rows.add(_alike(key))
+            rows.add(alike_path(key))
     keys = list(activations)
     out = []
     for i, path in enumerate(keys):
-        if _alike(path) not in rows:
+        if alike_path(path) not in rows:
             continue
         out.append(path)
         parent = path.rsplit("/", 1)[0]
@@ -70,7 +70,7 @@ def residual_outputs(lv: Leaves, activations: Any) -> list[str]:
     return out
 
 
-def _alike(path: str) -> str:
+def alike_path(path: str) -> str:
     """A traced path with its repeated block's index as a wildcard (``layers_*/mlp/fc1``: only the block's)."""
     parts = path.split("/")
     for i, part in enumerate(parts):
