@@ -412,7 +412,9 @@ def score_stack(elems: int, held: int, item: int, hosted: int) -> int:
     ``P`` ``fusion.577{1}`` at 2606; the recomputed MLP (``fusion.67{1}``, ``.599``, ``.606``) and the MLP's
     weight gradients at 590-1104; the buffers in flight ``fusion.31{1}`` at 1104 and ``fusion.29`` at 4654;
     heap 5681, live peak 4715, slack 966 (``A`` less one buffer, less 58 MiB of small values), temp 6648.
-    The recomputed activations placed in ``A``'s region are in ``Peak.recompute`` already: not twice. A step
+    The recomputed activations placed in ``A``'s region are in ``Peak.recompute`` already: not twice. How many
+    buffers fit is where the small values landed: in the MoE bf16 fsdp=2,model=4 remat dump none does (its expert
+    weight gradients split ``A``'s region), about 1 GiB more than this counts (that row: -5.7%). A step
     holding float32 scores makes ``P`` in ``A``'s buffer (the float32 dump holds one ``f32[4,8,4096,4096]`` in
     the recompute): nothing stacks. Without remat every layer's ``A`` and ``P`` stack with the saved
     activations between them, a pattern that is not linear in the layers (the notes' eighteenth round): not
