@@ -92,6 +92,22 @@ def gathered_bytes(lv: Leaves, mesh: MeshShape, backend: str = "cpu") -> tuple[i
     return top[0][0], top[0][0] + sum(g for _, g in top[1:GATHERED_LAYERS])
 
 
+def head_bytes(lv: Leaves, mesh: MeshShape, head: str) -> tuple[int, int]:
+    """``(the head's kernel gathered over the fsdp axes, its whole gradient there)`` on XLA:TPU, for the remat
+    loss phase (``Peak.head``); zeros when no fsdp axis splits it (its shard is an argument already).
+
+    >>> import jax, tpflax
+    >>> from tpflax._src.cost.leaves import merge
+    >>> p = tpflax.plan({"wte": jax.ShapeDtypeStruct((8192, 1024), "float32")}, {"fsdp": 8})
+    >>> [b // 2**20 for b in head_bytes(merge(p.decisions, {}), p.mesh, "wte")]  # 8192 x 1024 float32, whole
+    [32, 32]
+    """
+    for path, _, gathered, grad in _gathered_leaves(lv, mesh, "tpu"):
+        if path == head:
+            return gathered, grad
+    return 0, 0
+
+
 def kept_gathered_bytes(lv: Leaves, mesh: MeshShape, backend: str = "tpu") -> int:
     """The gathered weights of the alike layers of a stack beyond :data:`GATHERED_LAYERS` (``Peak.gathered_kept``):
     ``(n - 2) x`` one layer's gathered weights for each stack of ``n`` alike layers.

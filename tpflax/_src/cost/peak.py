@@ -31,7 +31,8 @@ parameters and optimizer state donated) holds, per device:
 * at the loss, still live when the last layer's backward pass starts: the
   float32 logits (their gradient is formed in the same buffer, unless the loss
   reads a slice of them, as tpflax's next-token default loss does: then the
-  gradient is held apart, :func:`logits_grad_bytes`).
+  gradient is held apart, :func:`logits_grad_bytes`); on TPU under remat, a phase of their own, with the
+  head's gathered kernel, before the last layer's backward starts (``Peak.loss_apart``, ``Peak.head``).
 
 Saved activations and gradients are both linear in the layer count and move in
 opposite directions through the backward pass, so the peak is at one end of
@@ -62,6 +63,7 @@ from tpflax._src.cost.gathered import (
     async_gathered_bytes,
     async_overflow_bytes,
     gathered_bytes,
+    head_bytes,
     kept_gathered_bytes,
 )
 from tpflax._src.cost.leaves import Leaves
@@ -379,13 +381,56 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
     # layer and the recompute gathers again (the 8-layer remat dump keeps none). XLA:CPU and GPU: unmeasured,
     # not counted.
     kept = kept_gathered_bytes(lv, mesh, w.backend) if w.backend == "tpu" and not w.remat else 0
+    # XLA:TPU under remat: the loss is a phase of its own, the logits freed before the last layer's backward
+    # starts (v5e dumps, benchmarks/tpu_aot_notes.md, eighteenth round). GPT-2 f32 fsdp=8 remat holds at its peak
+    # the f32 logits (393 MiB), the tied table gathered for the lookup and held to the head (`all-gather.273`
+    # f32[50257,768], 147 MiB, past the on-chip memory) and the head's whole float32 weight gradient (147), formed
+    # while the logits hold theirs; the bf16 data=2,fsdp=4 step the table's HBM copy (73.7). A 16-bit step forms
+    # the head's gradient after its float32 logits are freed (GPT-2 bf16 fsdp=8 remat: not in the phase).
+    apart = w.backend == "tpu" and w.remat
+    head_kernel, head_grad = head_bytes(lv, mesh, head) if apart and head else (0, 0)
+    stack = score_stack(elems, held, split_probs_item(w, held), recompute - SCORES_SAVED * scores) \
+        if apart and split_heads else 0
     return Peak(arguments=dev.arguments, grads=dev.grads, activations=saved, scores=saved_scores,
                 gathered=two, attention=working, recompute=recompute, gathered_kept=kept,
                 logits=LOGITS_BUFFERS * logits, logits_grad=logits_grad_bytes(logits, head, w), gathered_last=one,
                 experts=0 if w.remat else EXPERT_SAVED[w.backend] * hidden * n_exp,
                 expert_work=EXPERT_WORKING * hidden, conv_work=conv_working(lv, w, mesh, shards),
                 gathered_async=async_gathered_bytes(lv, mesh, w.target, w.remat) if w.backend == "tpu" else 0,
-                phased=w.backend == "tpu", gathered_overflow=_overflow(lv, mesh, w))
+                phased=w.backend == "tpu", gathered_overflow=_overflow(lv, mesh, w),
+                head=head_kernel + (head_grad if held == 4 else 0), score_stack=stack, loss_apart=apart)
+
+
+def score_stack(elems: int, held: int, item: int, hosted: int) -> int:
+    """``Peak.score_stack``: XLA:TPU under remat, a step whose attention makes its scores in a wider dtype
+    than it holds, with the heads split over a tensor axis (``item`` > ``held``, :func:`split_probs_item`).
+
+    The last layer's recompute then holds two ``item``-wide score buffers, the scores ``A`` and the
+    probabilities ``P`` made from them; ``A`` is freed as ``P`` forms, and the layer's other recomputed
+    activations (``hosted``) and the backward's small values made after it are placed in ``A``'s region. Its
+    attention backward's two ``held``-wide buffers in flight would fill ``A``'s region exactly, but the values
+    placed there first leave room for one: the other goes above ``P``, so the heap holds ``A``'s region beside
+    both, and the part of it the buffers cannot use, ``A`` less one buffer, is slack, which the compiled temp
+    counts once more (``temp = heap + (heap - live peak)``). The Llama-2-7B bf16 fsdp=2,model=4 remat v5e dump
+    (benchmarks/tpu_aot_notes.md, eighteenth round): ``A`` ``fusion.576{0}`` ``f32[4,8,4096,4096]`` at 558 MiB,
+    ``P`` ``fusion.577{1}`` at 2606; the recomputed MLP (``fusion.67{1}``, ``.599``, ``.606``) and the MLP's
+    weight gradients at 590-1104; the buffers in flight ``fusion.31{1}`` at 1104 and ``fusion.29`` at 4654;
+    heap 5681, live peak 4715, slack 966 (``A`` less one buffer, less 58 MiB of small values), temp 6648.
+    The recomputed activations placed in ``A``'s region are in ``Peak.recompute`` already: not twice. How many
+    buffers fit is where the small values landed: in the MoE bf16 fsdp=2,model=4 remat dump none does (its expert
+    weight gradients split ``A``'s region), about 1 GiB more than this counts (that row: -5.7%). A step
+    holding float32 scores makes ``P`` in ``A``'s buffer (the float32 dump holds one ``f32[4,8,4096,4096]`` in
+    the recompute): nothing stacks. Without remat every layer's ``A`` and ``P`` stack with the saved
+    activations between them, a pattern that is not linear in the layers (the notes' eighteenth round): not
+    modelled.
+
+    >>> score_stack(100, 2, 4, 30), score_stack(100, 2, 4, 500), score_stack(100, 4, 4, 30)
+    (370, 0, 0)
+    """
+    if item <= held:
+        return 0
+    scores = elems * item  # A, freed as P forms
+    return max(2 * (scores - elems * held) - min(hosted, scores), 0)
 
 
 def _overflow(lv: Leaves, mesh: MeshShape, w: Workload) -> int:

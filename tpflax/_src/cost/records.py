@@ -145,6 +145,14 @@ class Peak:
         phased: XLA:TPU: the last layer's backward phases hold their transients one at a time (its
             attention backward the scores in flight, its expert backward the expert gradient), so the
             layer's working set takes the larger of the two, not their sum (:attr:`layer`).
+        head: XLA:TPU under remat, at the loss: the head's kernel gathered over the fsdp axes (a tied table
+            held from the lookup) and, in a float32 step, its whole weight gradient, formed while the
+            logits hold theirs (:attr:`start`).
+        score_stack: XLA:TPU under remat, a 16-bit step with the heads split over a tensor axis: the float32
+            scores' freed region that the attention backward's buffers in flight cannot take, counted twice
+            by the compiled temp, less the layer's recompute it hosts (``tpflax._src.cost.peak.score_stack``).
+        loss_apart: XLA:TPU under remat: the loss (logits, :attr:`head`) and the last layer's backward are
+            two phases, the logits dead in the latter (:attr:`start`).
     """
 
     arguments: int = 0
@@ -164,6 +172,9 @@ class Peak:
     gathered_async: int = 0
     phased: bool = False
     gathered_overflow: int = 0
+    head: int = 0
+    score_stack: int = 0
+    loss_apart: bool = False
 
     @property
     def layer(self) -> int:
@@ -174,7 +185,8 @@ class Peak:
         (12, 9)
         """
         if self.phased:
-            return self.gathered + self.recompute + self.conv_work + max(self.attention, self.expert_work)
+            return (self.gathered + self.recompute + self.conv_work
+                    + max(self.attention + self.score_stack, self.expert_work))
         return self.gathered + self.attention + self.recompute + self.expert_work + self.conv_work
 
     @property
@@ -193,9 +205,17 @@ class Peak:
 
     @property
     def start(self) -> int:
-        """Live beside the arguments when the backward pass starts: what the forward pass saved, and the working set."""
-        return (self.activations + self.scores + self.experts + self.gathered_kept + self.gathered_async
-                + self.gathered_overflow + self.working)
+        """Live beside the arguments when the backward pass starts: what the forward pass saved, and the working set;
+        with :attr:`loss_apart`, the larger of the loss phase and the last layer's backward.
+
+        >>> Peak(activations=6, gathered=5, logits=3, head=1).start, Peak(activations=6, gathered=5, logits=3,
+        ...                                                                head=1, loss_apart=True).start
+        (14, 11)
+        """
+        saved = self.activations + self.scores + self.experts + self.gathered_kept + self.gathered_overflow
+        if self.loss_apart:
+            return saved + max(self.logits + self.logits_grad + self.head, self.gathered_async + self.layer)
+        return saved + self.gathered_async + self.working
 
     @property
     def end(self) -> int:
@@ -209,7 +229,8 @@ class Peak:
                 "gathered_last": self.gathered_last,
                 "experts": self.experts, "expert_work": self.expert_work, "gathered_kept": self.gathered_kept,
                 "conv_work": self.conv_work, "gathered_async": self.gathered_async,
-                "gathered_overflow": self.gathered_overflow, "total": self.total}
+                "gathered_overflow": self.gathered_overflow, "head": self.head, "score_stack": self.score_stack,
+                "total": self.total}
 
     def report_lines(self) -> list[str]:
         fmt = fmt_bytes
@@ -233,10 +254,13 @@ class Peak:
         out += [f"    {'working set: one layer':<36}{fmt(self.layer):>12}  gathered fsdp weights "
                 f"{fmt(self.gathered)}, attention scores {fmt(self.attention)}, remat recompute "
                 f"{fmt(self.recompute)}" + (f", conv maps {fmt(self.conv_work)}" if self.conv_work else "")
+                + (f", float32 scores' region stacked {fmt(self.score_stack)}" if self.score_stack else "")
                 + ("; its larger backward phase (attention or expert)" if self.phased and self.expert_work else ""),
                 f"    {'working set: logits':<36}{fmt(self.logits + self.logits_grad):>12}  float32, at the loss"
                 + (f"; their gradient {fmt(self.logits_grad)} apart (a next-token loss reads a slice)"
-                   if self.logits_grad else ""),
+                   if self.logits_grad else "")
+                + (f"; head's gathered kernel (and gradient) {fmt(self.head)}" if self.head else "")
+                + ("; remat: a phase apart from the layer's (the larger counts)" if self.loss_apart else ""),
                 f"    {'gradients (at the end)':<36}{fmt(self.grads):>12}  + last gathered layer "
                 f"{fmt(self.gathered_last)}"]
         return out
