@@ -205,7 +205,7 @@ def compile_all(cpu: bool, only: str = "", redo: bool = False) -> None:
             small = {k: v for k, v in r.items() if k not in ("reparsed", "v5e")}
         if c is None:
             continue
-        row = _row(cfg, c, topology)
+        row = {**_row(cfg, c, topology), "reparsed": True}  # read by today's parser (load() compares with it)
         if small:  # the v5e compile that rematerialized, kept next to the big topology's
             row["v5e"] = {k: small[k] for k in ("argument", "output", "temp", "alias", "peak", "comm", "seconds",
                                                 "xla_remat")}
