@@ -514,6 +514,7 @@ def test_remat_conv_net_stem_backward_is_a_phase(dtype):
     # at the backward start (before: the whole net's recompute on top, 483.2 MiB beside the arguments; compiled 341)
     assert (heap, live) == ((b.activations + pooled, b.stem) if dtype == "f32" else (live, b.start))
     assert dtype == "f32" or b.start < 360 * mib
+    assert "conv stem backward" in "\n".join(e.report_lines())
 
 
 def test_report_shows_the_breakdown():

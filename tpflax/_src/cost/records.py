@@ -274,6 +274,10 @@ class Peak:
                 + ("; remat: a phase apart from the layer's (the larger counts)" if self.loss_apart else ""),
                 f"    {'gradients (at the end)':<36}{fmt(self.grads):>12}  + last gathered layer "
                 f"{fmt(self.gathered_last)}"]
+        if self.stem:
+            out.insert(-1, f"    {'conv stem backward (a phase)':<36}{fmt(self.stem):>12}  its kept maps and gradients"
+                       + (f"; the pool input's gradient {fmt(self.stem_grad)} in HBM above the saved set (the "
+                          "temp counts the heap's slack again)" if self.stem_grad else ""))
         return out
 
 
