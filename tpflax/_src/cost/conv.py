@@ -10,9 +10,11 @@ cuts the width into 8 chunks folded into the batch and keeps each overlapping co
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 from tpflax._src.cost.activations import acts_for, layer_key, top_level
+from tpflax._src.cost.gathered import _onchip
 from tpflax._src.cost.leaves import Leaves
 from tpflax._src.cost.scope import body
 from tpflax._src.cost.workload import Workload
@@ -55,8 +57,9 @@ def conv_maps(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> tuple[in
     precision: the float32 ResNet-18 step keeps ``bf16[56, 32, 8, 64, 3]`` taps next to ``f32``
     norm inputs). A block's output, a norm's output and a ReLU's are the next conv's input, kept there;
     a 1x1 or patchify conv (kernel == stride, ViT's patch embedding) reads an input another conv
-    keeps, or the images: it keeps nothing of its own. Under remat only block outputs are kept, as
-    :func:`map_bytes` lays out whole maps (32 images: 64 channels padded to 128 lanes; 128: the images in them).
+    keeps, or the images: it keeps nothing of its own. Under remat the stem keeps what it keeps without remat
+    and each remat'd block its input (:func:`remat_stem`), as :func:`map_bytes` lays out whole maps (32 images:
+    64 channels padded to 128 lanes; 128: the images in them).
     That is the layout below :data:`FOLD_BELOW` images per device: the compiler cuts each map's
     width into 8 chunks of ``W // 8 + 1`` columns (the halo) folded into the batch (``[H, images x 8,
     W // 8 + 1, C]``, no collective: a per-device layout). Not modelled: that halo column, and where
@@ -92,7 +95,10 @@ def conv_maps(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> tuple[in
         if not any(_overlaps(d, a) for d, _ in convs.values() for a in acts_for(w.activations, d.unit)):
             return 0, 0  # patchify convs only (a ViT): the generic count, as measured on no tensor-axis dump
         return tensor_conv_maps(lv, w, mesh, shards, channels), _split_count(lv, w, mesh, shards, channels)
-    if w.remat:  # the block outputs counted above, laid out as whole maps are (map_bytes)
+    stem, _, _ = remat_stem(lv, w, mesh, shards) if w.remat else (0, 0, 0)
+    if stem:  # the stem as without remat, and each remat'd block's input, as whole maps (remat_stem)
+        return stem + sum(map_bytes(x, w.act_item) for x in _block_inputs(w, shards)), int(counted)
+    if w.remat:  # no conv on maps in a block (a ViT's patchify stem): the top-level outputs, as whole maps
         kept = sum(map_bytes((a.output[0] // shards, *a.output[1:]), w.act_item) for path, calls in
                    w.activations.items() for a in calls if len(a.output) == 4 and a.output[-1] in channels
                    and path in blocks)
@@ -114,6 +120,54 @@ def conv_maps(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> tuple[in
                 kept += math.prod(x[:-1]) * lane_pad(x[-1]) * item * n
     kept += sum(math.prod(y[:-1]) * lane_pad(y[-1]) * item for y in _pooled(w.activations, channels))
     return int(kept), int(counted)
+
+
+def remat_stem(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> tuple[int, int, int]:
+    """``(kept, pooled, first)``: XLA:TPU, a conv net whose blocks are remat'd: what its stem (the traced
+    layers outside the remat'd blocks) keeps on a device, the gradient of its max-pool's input, and that of the
+    first block's input, as :func:`map_bytes` lays them out; ``(0, 0, 0)`` without a conv on maps.
+
+    The stem is not remat'd: it keeps what it keeps without remat (:func:`tensor_conv_maps`: its norm's and
+    max-pool's inputs, the images batch in lanes); each block keeps its input (:func:`conv_maps`). Read off the
+    ResNet-18 remat=on v5e dumps (``benchmarks/tpu_aot_notes.md``, "nineteenth round"): bf16 fsdp=8 holds at
+    its peak the stem conv's output and the pool's input (2 x 98 MiB), the images (49) and the block inputs
+    ``bf16[32,56,56,64]``; its stem's backward (``Peak.stem``) holds the stem's maps, the pool input's gradient
+    ``select-and-scatter`` (``pooled``, 196 MiB in f32) and the first block's input gradient (``first``).
+    """
+    top = {p: v for p, v in w.activations.items() if p in top_level(w.activations)}
+    channels = {body(d)[-1] for p, d in lv.decisions.items() if d.kind == "conv" and len(body(d)) == 4}
+    inputs = _block_inputs(w, shards)
+    if w.backend != "tpu" or not inputs or not channels or not overlapping_convs(lv, w):
+        return 0, 0, 0
+    kept = tensor_conv_maps(lv, replace(w, activations=top), mesh, shards, channels)
+    pooled = sum(map_bytes((y[0] // shards, *y[1:]), w.act_item) for y in _pooled(top, channels))
+    return kept, pooled, map_bytes(inputs[0], w.act_item)
+
+
+def stem_phase(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> dict[str, int]:
+    """``Peak.stem`` and ``Peak.stem_grad``: XLA:TPU, a conv net whose blocks are remat'd
+    (:func:`remat_stem`). The stem's backward holds its kept maps, the first block's input
+    gradient and the max-pool input's gradient, which the on-chip memory takes when it fits (the v5e's 112 MiB:
+    bf16 fsdp=8's 98 MiB ``select-and-scatter`` is in ``S(1)``, f32's 196 MiB in HBM); one in HBM is placed above
+    the saved set (``stem_grad``)."""
+    if not w.remat:
+        return {}
+    kept, pooled, first = remat_stem(lv, w, mesh, shards)
+    onchip = _onchip(w.target) or 0
+    hbm = pooled if pooled > onchip else 0
+    return {"stem": kept + first + hbm, "stem_grad": hbm} if kept else {}
+
+
+def _block_inputs(w: Workload, shards: int) -> list[tuple[int, ...]]:
+    """The 4-D inputs on a device of the traced layers that hold others (the remat'd blocks), in trace order."""
+    return [(a.inputs[0][0] // shards, *a.inputs[0][1:]) for p in remat_blocks(w) for a in w.activations[p]
+            if a.inputs and len(a.inputs[0]) == 4]
+
+
+def remat_blocks(w: Workload) -> list[str]:
+    """The top-level traced layers that hold other traced layers (a remat'd step's blocks), in trace order."""
+    top = top_level(w.activations)
+    return [p for p in w.activations if p in top and any(q.startswith(p + "/") for q in w.activations)]
 
 
 def _batch_first(w: Workload, shards: int) -> bool:

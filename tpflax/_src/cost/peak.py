@@ -58,7 +58,14 @@ from tpflax._src.cost.activations import (
     top_level,
 )
 from tpflax._src.cost.batch import config_value
-from tpflax._src.cost.conv import conv_maps, conv_working, overlapping_convs, tensor_degree
+from tpflax._src.cost.conv import (
+    conv_maps,
+    conv_working,
+    overlapping_convs,
+    remat_blocks,
+    stem_phase,
+    tensor_degree,
+)
 from tpflax._src.cost.gathered import (
     async_gathered_bytes,
     async_overflow_bytes,
@@ -351,13 +358,17 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
         # the backward pass of one layer recomputes what it would have saved without remat
         full, _ = activation_bytes(lv.column_units, w.saved, w.batch, w.config, mesh, shards, False,
                                    w.act_item, [], lv.stacks)
-        # a config's layer count, else the trace's remat'd calls (a bare module's nn.remat blocks). A conv net
-        # keeps the whole net's count: its blocks are not alike, and its remat'd step can peak outside any
-        # block's backward (ResNet-18 f32 fsdp=8 remat dump: the stem's, the max-pool input's 196 MiB gradient
-        # in HBM), which nothing models; one block's recompute reads -31..-33% on ResNet-18's remat rows
-        # (benchmarks/tpu_aot_notes.md, eighteenth round), the whole net's +4..+8% (f32), +25..+40% (bf16)
-        layers = config_value(w.config, "n_layers") or (1 if overlapping_convs(lv, w) else w.remat_layers) or 1
+        # a config's layer count, else the trace's remat'd calls (a bare module's nn.remat blocks)
+        layers = config_value(w.config, "n_layers") or w.remat_layers or 1
         recompute = int(max(full - dev.activations - unread, 0) / layers + SCORES_SAVED * scores)
+        if w.backend == "tpu" and overlapping_convs(lv, w) and (blocks := remat_blocks(w)):
+            # a conv net's blocks are not alike: at the backward start the last block's recompute is in flight
+            # (ResNet-18's 7x7x512 maps); its stem's backward is a phase of its own (Peak.stem). The ResNet-18
+            # remat dumps hold no earlier block's recompute at their peak (bf16: on chip; f32: below the stem's
+            # phase), where the whole net's at once read +4..+40% (benchmarks/tpu_aot_notes.md, nineteenth round)
+            last = {p: v for p, v in w.saved.items() if p.startswith(blocks[-1] + "/")}
+            recompute, _ = activation_bytes(lv.column_units, last, w.batch, w.config, mesh, shards, False,
+                                            w.act_item, [], lv.stacks)
     hidden, n_exp = expert_hidden_bytes(lv, mesh, w, shards)
     kept, counted = conv_maps(lv, w, mesh, shards)
     saved = dev.activations - counted + kept - (0 if w.remat else unread)
@@ -398,7 +409,8 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
                 expert_work=EXPERT_WORKING * hidden, conv_work=conv_working(lv, w, mesh, shards),
                 gathered_async=async_gathered_bytes(lv, mesh, w.target, w.remat) if w.backend == "tpu" else 0,
                 phased=w.backend == "tpu", gathered_overflow=_overflow(lv, mesh, w),
-                head=head_kernel + (head_grad if held == 4 else 0), score_stack=stack, loss_apart=apart)
+                head=head_kernel + (head_grad if held == 4 else 0), score_stack=stack, loss_apart=apart,
+                **stem_phase(lv, w, mesh, shards))
 
 
 def score_stack(elems: int, held: int, item: int, hosted: int) -> int:

@@ -153,6 +153,11 @@ class Peak:
             by the compiled temp, less the layer's recompute it hosts (``tpflax._src.cost.peak.score_stack``).
         loss_apart: XLA:TPU under remat: the loss (logits, :attr:`head`) and the last layer's backward are
             two phases, the logits dead in the latter (:attr:`start`).
+        stem: XLA:TPU, a conv net whose blocks are remat'd: its stem's backward, a phase of its own: the stem's
+            kept maps, the first block's input gradient and the max-pool input's gradient when the on-chip
+            memory does not take it (:attr:`start`).
+        stem_grad: that max-pool input's gradient in HBM, placed above the saved set: the heap holds both, and
+            the compiled temp counts what the live peak leaves of the heap once more (:attr:`start`).
     """
 
     arguments: int = 0
@@ -175,6 +180,8 @@ class Peak:
     head: int = 0
     score_stack: int = 0
     loss_apart: bool = False
+    stem: int = 0
+    stem_grad: int = 0
 
     @property
     def layer(self) -> int:
@@ -214,8 +221,12 @@ class Peak:
         """
         saved = self.activations + self.scores + self.experts + self.gathered_kept + self.gathered_overflow
         if self.loss_apart:
-            return saved + max(self.logits + self.logits_grad + self.head, self.gathered_async + self.layer)
-        return saved + self.gathered_async + self.working
+            live = saved + max(self.logits + self.logits_grad + self.head, self.gathered_async + self.layer)
+        else:
+            live = saved + self.gathered_async + self.working
+        live = max(live, self.stem)
+        heap = max(live, self.activations + self.stem_grad)  # the stem's gradient above the saved set
+        return heap + (heap - live)
 
     @property
     def end(self) -> int:
@@ -230,7 +241,7 @@ class Peak:
                 "experts": self.experts, "expert_work": self.expert_work, "gathered_kept": self.gathered_kept,
                 "conv_work": self.conv_work, "gathered_async": self.gathered_async,
                 "gathered_overflow": self.gathered_overflow, "head": self.head, "score_stack": self.score_stack,
-                "total": self.total}
+                "stem": self.stem, "stem_grad": self.stem_grad, "total": self.total}
 
     def report_lines(self) -> list[str]:
         fmt = fmt_bytes
@@ -263,6 +274,10 @@ class Peak:
                 + ("; remat: a phase apart from the layer's (the larger counts)" if self.loss_apart else ""),
                 f"    {'gradients (at the end)':<36}{fmt(self.grads):>12}  + last gathered layer "
                 f"{fmt(self.gathered_last)}"]
+        if self.stem:
+            out.insert(-1, f"    {'conv stem backward (a phase)':<36}{fmt(self.stem):>12}  its kept maps and gradients"
+                       + (f"; the pool input's gradient {fmt(self.stem_grad)} in HBM above the saved set (the "
+                          "temp counts the heap's slack again)" if self.stem_grad else ""))
         return out
 
 
