@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from tpflax._src.cost.activations import acts_for, layer_key, top_level
-from tpflax._src.cost.gathered import _onchip
+from tpflax._src.cost.gathered import onchip_bytes
 from tpflax._src.cost.leaves import Leaves
 from tpflax._src.cost.scope import body
 from tpflax._src.cost.workload import Workload
@@ -153,7 +153,7 @@ def stem_phase(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> dict[st
     if not w.remat:
         return {}
     kept, pooled, first = remat_stem(lv, w, mesh, shards)
-    onchip = _onchip(w.target) or 0
+    onchip = onchip_bytes(w.target) or 0
     hbm = pooled if pooled > onchip else 0
     return {"stem": kept + first + hbm, "stem_grad": hbm} if kept else {}
 

@@ -153,7 +153,7 @@ def _alike_layers(lv: Leaves, gathered: dict[str, tuple[Any, int]]) -> list[tupl
     return [(sum(layers[k] for k in keys), per_layer[keys[0]]) for keys in alike.values()]
 
 
-def _onchip(target: Any) -> int | None:
+def onchip_bytes(target: Any) -> int | None:
     """The on-chip memory of ``target``'s generation if its all-gathers are async (:data:`ASYNC_GATHER_ONCHIP`)."""
     gen = str(target or "").split(":")[0]
     return ASYNC_GATHER_ONCHIP.get(gen if gen.startswith("tpu-") else f"tpu-{gen}")
@@ -216,7 +216,7 @@ def async_gathered_bytes(lv: Leaves, mesh: MeshShape, target: Any, remat: bool =
     >>> async_gathered_bytes(lv, p.mesh, "tpu-v5e:2x4", remat=True)  # one layer's single kernel, freed first
     0
     """
-    onchip = _onchip(target)
+    onchip = onchip_bytes(target)
     if onchip is None:
         return 0
     gathered = {path: (d, b) for path, d, b, _ in _gathered_leaves(lv, mesh, "tpu")}
@@ -262,7 +262,7 @@ def async_overflow_bytes(lv: Leaves, mesh: MeshShape, target: Any) -> int:
     >>> [async_overflow_bytes(lv, p.mesh, t) // 2**20 for t in ("tpu-v5e:2x4", "tpu-v5p", None)]  # 2 x (160 - 112)
     [96, 0, 0]
     """
-    onchip = _onchip(target)
+    onchip = onchip_bytes(target)
     if onchip is None:
         return 0
     fit = {path: (d, b) for path, d, b, _ in _gathered_leaves(lv, mesh, "tpu") if b <= onchip}
