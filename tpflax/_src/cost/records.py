@@ -153,6 +153,9 @@ class Peak:
             by the compiled temp, less the layer's recompute it hosts (``tpflax._src.cost.peak.score_stack``).
         loss_apart: XLA:TPU under remat: the loss (logits, :attr:`head`) and the last layer's backward are
             two phases, the logits dead in the latter (:attr:`start`).
+        tail: XLA:TPU under remat: the saved outputs of the last block and a final norm after it, in
+            :attr:`activations` for the loss phase, dead in the last layer's backward (:attr:`start`;
+            ``tpflax._src.cost.remat.tail_bytes``).
     """
 
     arguments: int = 0
@@ -175,6 +178,7 @@ class Peak:
     head: int = 0
     score_stack: int = 0
     loss_apart: bool = False
+    tail: int = 0
 
     @property
     def layer(self) -> int:
@@ -211,10 +215,13 @@ class Peak:
         >>> Peak(activations=6, gathered=5, logits=3, head=1).start, Peak(activations=6, gathered=5, logits=3,
         ...                                                                head=1, loss_apart=True).start
         (14, 11)
+        >>> Peak(activations=6, gathered=5, logits=3, head=1, loss_apart=True, tail=2).start  # 6 + max(4, 5 - 2)
+        10
         """
         saved = self.activations + self.scores + self.experts + self.gathered_kept + self.gathered_overflow
         if self.loss_apart:
-            return saved + max(self.logits + self.logits_grad + self.head, self.gathered_async + self.layer)
+            return saved + max(self.logits + self.logits_grad + self.head,
+                               self.gathered_async + self.layer - self.tail)
         return saved + self.gathered_async + self.working
 
     @property
@@ -229,7 +236,7 @@ class Peak:
                 "gathered_last": self.gathered_last,
                 "experts": self.experts, "expert_work": self.expert_work, "gathered_kept": self.gathered_kept,
                 "conv_work": self.conv_work, "gathered_async": self.gathered_async,
-                "gathered_overflow": self.gathered_overflow, "head": self.head, "score_stack": self.score_stack,
+                "gathered_overflow": self.gathered_overflow, "head": self.head, "score_stack": self.score_stack, "tail": self.tail,
                 "total": self.total}
 
     def report_lines(self) -> list[str]:
@@ -260,7 +267,9 @@ class Peak:
                 + (f"; their gradient {fmt(self.logits_grad)} apart (a next-token loss reads a slice)"
                    if self.logits_grad else "")
                 + (f"; head's gathered kernel (and gradient) {fmt(self.head)}" if self.head else "")
-                + ("; remat: a phase apart from the layer's (the larger counts)" if self.loss_apart else ""),
+                + ("; remat: a phase apart from the layer's (the larger counts)" if self.loss_apart else "")
+                + (f"; the last block's and final norm's saved outputs {fmt(self.tail)} dead in the layer's"
+                   if self.tail else ""),
                 f"    {'gradients (at the end)':<36}{fmt(self.grads):>12}  + last gathered layer "
                 f"{fmt(self.gathered_last)}"]
         return out
