@@ -45,8 +45,10 @@ def tail_bytes(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> int:
     if not (w.remat and blocks and w.activations[blocks[-1]]):
         return 0
     stream = w.activations[blocks[-1]][-1].output
-    tail = {p: w.activations[p] for p in order[order.index(blocks[-1]):]
-            if all(a.output == stream for a in w.activations[p])}
+    # each path's last call: the last block's output (a scanned stack's trace may hold more than one call), a final
+    # norm's
+    tail = {p: w.activations[p][-1:] for p in order[order.index(blocks[-1]):]
+            if w.activations[p] and w.activations[p][-1].output == stream}
     return _traced_bytes(lv.column_units, tail, mesh, shards, True, w.act_item)[0]
 
 
