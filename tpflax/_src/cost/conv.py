@@ -241,13 +241,30 @@ def tensor_conv_maps(lv: Leaves, w: Workload, mesh: MeshShape, shards: int, chan
                 x = (a.inputs[0][0] // shards, *a.inputs[0][1:]) if a.inputs else ()
                 if _overlaps(d, a) and x[-1] in channels and _images_in_lanes(x, w.act_item):
                     kept += map_bytes(x, w.act_item)
-    for calls in w.activations.values():  # a conv on the images keeps them in bf16, the batch in lanes
-        for a in calls:
-            x = tuple(a.inputs[0]) if a.inputs else ()
-            if len(x) == 4 and len(a.output) == 4 and x[-1] < 8 and x[-1] not in channels:
-                kept += math.prod(x[1:3]) * -(-x[-1] // 4) * 4 * lane_pad(x[0] // shards) * 2
+    kept += images_bytes(w.activations, shards, skip=channels)
     kept += sum(map_bytes((y[0] // shards, *y[1:]), w.act_item) for y in _pooled(w.activations, channels))
     return int(kept)
+
+
+def images_bytes(activations: Any, shards: int, skip: Any = (), below: int = 0) -> int:
+    """A conv on the input images (fewer than 8 channels, none in ``skip``) keeps them in bfloat16 with the batch
+    in the 128 lanes and the channels in 4 sublanes (``bf16[32,224,224,3]{0,3,2,1:T(4,128)}``, 49 MiB), on a
+    device: each such call's input (:func:`tensor_conv_maps`; under remat,
+    :func:`tpflax._src.cost.remat.images_relayout`). ``below``: only when a device's images are fewer.
+
+    >>> from tpflax._src.cost.records import Act
+    >>> calls = {"patch": [Act(((256, 224, 224, 3),), (256, 14, 14, 768), "float32", 1)]}
+    >>> images_bytes(calls, 8) == 224 * 224 * 4 * 128 * 2, images_bytes(calls, 2, below=128)
+    (True, 0)
+    """
+    total = 0
+    for calls in activations.values():
+        for a in calls:
+            x = tuple(a.inputs[0]) if a.inputs else ()
+            if len(x) == 4 and len(a.output) == 4 and x[-1] < 8 and x[-1] not in skip and \
+                    not (below and x[0] // shards >= below):
+                total += math.prod(x[1:3]) * -(-x[-1] // 4) * 4 * lane_pad(x[0] // shards) * 2
+    return total
 
 
 def map_bytes(shape: tuple[int, ...], item: int) -> int:

@@ -32,7 +32,8 @@ parameters and optimizer state donated) holds, per device:
   float32 logits (their gradient is formed in the same buffer, unless the loss
   reads a slice of them, as tpflax's next-token default loss does: then the
   gradient is held apart, :func:`logits_grad_bytes`); on TPU under remat, a phase of their own, with the
-  head's gathered kernel, before the last layer's backward starts (``Peak.loss_apart``, ``Peak.head``).
+  head's gathered kernel, before the last layer's backward starts (``Peak.loss_apart``, ``Peak.head``), by which
+  the last block's and a final norm's saved outputs are dead (``Peak.tail``, :mod:`tpflax._src.cost.remat`).
 
 Saved activations and gradients are both linear in the layer count and move in
 opposite directions through the backward pass, so the peak is at one end of
@@ -75,6 +76,7 @@ from tpflax._src.cost.gathered import (
 )
 from tpflax._src.cost.leaves import Leaves
 from tpflax._src.cost.records import Memory, Peak
+from tpflax._src.cost.remat import images_relayout, tail_bytes
 from tpflax._src.cost.residual import residual_bytes
 from tpflax._src.cost.scope import body
 from tpflax._src.cost.scope import layers as stacked_layers
@@ -376,7 +378,7 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
         saved -= formula_scores_bytes(w.batch, w.config, mesh, shards, w.remat, w.act_item)
     saved = saved * held // w.act_item + norm_broadcasts(lv, w, shards)
     recompute = recompute * held // w.act_item
-    saved += attention_operands(lv, mesh, w, shards)
+    saved += attention_operands(lv, mesh, w, shards) + images_relayout(lv, w, shards)
     logits, head, in_trace = logits_bytes(lv, mesh, w, shards)
     if w.saved and held == 4 and in_trace:
         # a float32 head's traced output is the float32 logits buffer counted below: not twice (the f32
@@ -400,6 +402,7 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
     # the head's gradient after its float32 logits are freed (GPT-2 bf16 fsdp=8 remat: not in the phase).
     apart = w.backend == "tpu" and w.remat
     head_kernel, head_grad = head_bytes(lv, mesh, head) if apart and head else (0, 0)
+    tail = tail_bytes(lv, w, mesh, shards) * held // w.act_item if apart else 0
     stack = score_stack(elems, held, split_probs_item(w, held), recompute - SCORES_SAVED * scores) \
         if apart and split_heads else 0
     return Peak(arguments=dev.arguments, grads=dev.grads, activations=saved, scores=saved_scores,
@@ -409,7 +412,7 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
                 expert_work=EXPERT_WORKING * hidden, conv_work=conv_working(lv, w, mesh, shards),
                 gathered_async=async_gathered_bytes(lv, mesh, w.target, w.remat) if w.backend == "tpu" else 0,
                 phased=w.backend == "tpu", gathered_overflow=_overflow(lv, mesh, w),
-                head=head_kernel + (head_grad if held == 4 else 0), score_stack=stack, loss_apart=apart,
+                head=head_kernel + (head_grad if held == 4 else 0), score_stack=stack, loss_apart=apart, tail=tail,
                 **stem_phase(lv, w, mesh, shards))
 
 

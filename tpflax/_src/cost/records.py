@@ -158,6 +158,9 @@ class Peak:
             memory does not take it (:attr:`start`).
         stem_grad: that max-pool input's gradient in HBM, placed above the saved set: the heap holds both, and
             the compiled temp counts what the live peak leaves of the heap once more (:attr:`start`).
+        tail: XLA:TPU under remat: the saved outputs of the last block and a final norm after it, in
+            :attr:`activations` for the loss phase, dead in the last layer's backward (:attr:`start`;
+            ``tpflax._src.cost.remat.tail_bytes``).
     """
 
     arguments: int = 0
@@ -182,6 +185,7 @@ class Peak:
     loss_apart: bool = False
     stem: int = 0
     stem_grad: int = 0
+    tail: int = 0
 
     @property
     def layer(self) -> int:
@@ -218,10 +222,13 @@ class Peak:
         >>> Peak(activations=6, gathered=5, logits=3, head=1).start, Peak(activations=6, gathered=5, logits=3,
         ...                                                                head=1, loss_apart=True).start
         (14, 11)
+        >>> Peak(activations=6, gathered=5, logits=3, head=1, loss_apart=True, tail=2).start  # 6 + max(4, 5 - 2)
+        10
         """
         saved = self.activations + self.scores + self.experts + self.gathered_kept + self.gathered_overflow
         if self.loss_apart:
-            live = saved + max(self.logits + self.logits_grad + self.head, self.gathered_async + self.layer)
+            live = saved + max(self.logits + self.logits_grad + self.head,
+                               self.gathered_async + self.layer - self.tail)
         else:
             live = saved + self.gathered_async + self.working
         live = max(live, self.stem)
@@ -241,7 +248,7 @@ class Peak:
                 "experts": self.experts, "expert_work": self.expert_work, "gathered_kept": self.gathered_kept,
                 "conv_work": self.conv_work, "gathered_async": self.gathered_async,
                 "gathered_overflow": self.gathered_overflow, "head": self.head, "score_stack": self.score_stack,
-                "stem": self.stem, "stem_grad": self.stem_grad, "total": self.total}
+                "tail": self.tail, "stem": self.stem, "stem_grad": self.stem_grad, "total": self.total}
 
     def report_lines(self) -> list[str]:
         fmt = fmt_bytes
@@ -271,7 +278,9 @@ class Peak:
                 + (f"; their gradient {fmt(self.logits_grad)} apart (a next-token loss reads a slice)"
                    if self.logits_grad else "")
                 + (f"; head's gathered kernel (and gradient) {fmt(self.head)}" if self.head else "")
-                + ("; remat: a phase apart from the layer's (the larger counts)" if self.loss_apart else ""),
+                + ("; remat: a phase apart from the layer's (the larger counts)" if self.loss_apart else "")
+                + (f"; the last block's and final norm's saved outputs {fmt(self.tail)} dead in the layer's"
+                   if self.tail else ""),
                 f"    {'gradients (at the end)':<36}{fmt(self.grads):>12}  + last gathered layer "
                 f"{fmt(self.gathered_last)}"]
         if self.stem:

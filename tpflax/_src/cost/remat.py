@@ -1,0 +1,73 @@
+"""What a remat'd step holds on XLA:TPU beyond its blocks' saved inputs and one layer's recompute.
+
+Under remat the saved activations are the top-level calls' outputs (:mod:`tpflax._src.cost.activations`),
+and on TPU the loss and the last layer's backward are two phases (``Peak.loss_apart``). Two named
+corrections to what the layer phase holds, read off the v5e buffer dumps (``benchmarks/tpu_aot_notes.md``,
+nineteenth round):
+
+* :func:`tail_bytes`: the last block's output and a final norm's are saved for the loss phase (the final
+  norm's backward reads its input; the head reads its output) and dead by the last block's backward;
+* :func:`images_relayout`: a patchify front end's input images are relaid out once, the batch in the lanes,
+  and kept for the whole step.
+"""
+
+from __future__ import annotations
+
+from tpflax._src.cost.activations import activation_bytes, top_level
+from tpflax._src.cost.conv import images_bytes, overlapping_convs
+from tpflax._src.cost.leaves import Leaves
+from tpflax._src.cost.workload import Workload
+from tpflax._src.mesh import MeshShape
+from tpflax._src.tpu import LANES
+
+
+def tail_bytes(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> int:
+    """XLA:TPU under remat: the saved outputs the loss phase holds and the last layer's backward does not, on a
+    device (``Peak.tail``, in the activation dtype as :func:`tpflax._src.cost.activations.activation_bytes` counts
+    them): the last block's output and the outputs of the top-level calls after it that keep its shape (the
+    residual stream: a final norm's). Their backward passes (the final norm's, the head's) run before the last
+    block's, so by then only the blocks' inputs are saved. A block is a top-level call holding traced calls.
+    0 for a conv net, whose saved set is its stem's maps and its blocks' inputs (:func:`tpflax._src.cost.conv.conv_maps`).
+
+    Named in four v5e remat dumps at the last layer's backward (``benchmarks/tpu_aot_notes.md``, nineteenth
+    round): ViT-B/16 f32 fsdp=2,model=4 holds two ``f32[128,197,768]`` saved maps (``copy-start{0}``, steps
+    227-1860, and ``copy-start.1{0}``, 412-1247: the two blocks' inputs), its bf16 twin two ``bf16[128,197,768]``
+    (``copy-start{0}``, ``copy-start.1{0}``), Llama-2-7B f32 fsdp=2,model=4 two ``f32[4,4096,4096]``
+    (``layers_0`` and ``layers_1/attention_norm``'s inputs), bf16 fsdp=8 two ``bf16[1,4096,4096]``, where the
+    saved count holds four stream maps (the embedding's or patch output, both blocks' outputs, the final norm's).
+    The head's output (a 16-bit step's logits in its dtype) is not a stream map and stays: it is dead there
+    too (the GPT-2 bf16 remat dump frees it before the last layer's backward), but counting it out takes the
+    Llama-2-7B bf16 fsdp=8 and data=2,fsdp=4 remat rows to -12.6 / -12.0%: with the layer's recomputed MLP
+    it stands for the heap's slack there (the last MLP backward's 344 MiB hole, eighteenth round).
+    """
+    tops = top_level(w.activations)
+    order = [p for p in w.activations if p in tops]
+    blocks = [p for p in order if any(q.startswith(p + "/") for q in w.activations)]
+    if not (w.remat and blocks and w.activations[blocks[-1]]) or overlapping_convs(lv, w):
+        return 0  # a conv net's saved set is its stem's maps and its blocks' inputs already (conv.conv_maps)
+    stream = w.activations[blocks[-1]][-1].output
+    # each path's last call: the last block's output (a scanned stack's trace may hold more than one call), a final
+    # norm's
+    tail = {p: w.activations[p][-1:] for p in order[order.index(blocks[-1]):]
+            if w.activations[p] and w.activations[p][-1].output == stream}
+    return activation_bytes(lv.column_units, tail, w.batch, w.config, mesh, shards, True, w.act_item, [])[0]
+
+
+def images_relayout(lv: Leaves, w: Workload, shards: int) -> int:
+    """XLA:TPU under remat, a model whose convs are patchify (kernel no wider than its stride, ViT's patch
+    embedding): its input images relaid out in bfloat16 with the batch in the lanes, kept for the whole step
+    when a device's images do not fill the 128 lanes, on a device (the patch conv's weight gradient reads them).
+
+    ViT-B/16 remat v5e dumps at 32 images per device (``benchmarks/tpu_aot_notes.md``, nineteenth round): bf16
+    fsdp=8 ``copy-start{0}`` ``bf16[32,224,224,3]`` (49 MiB, steps 257-1409 of 1922), f32 fsdp=8 ``copy-start.1{0}``
+    (288-1872 of 2362), f32 data=2,fsdp=4 ``copy-start.1{0}`` (319-1749 of 2435), each live at the HBM peak; at
+    128 images per device (fsdp=2,model=4, bf16 and f32) none: the argument is laid out batch-minor and read in
+    place. A conv net (overlapping convs) keeps them too, counted with its stem's kept maps
+    (:func:`tpflax._src.cost.conv.conv_maps`): not counted twice. Without
+    remat the ViT dumps hold them as well; counted there it takes three in-band rows out (+12..+14%; their
+    saved set counts a stream map per layer the compiler does not keep): not applied.
+    """
+    if not w.remat or w.backend != "tpu" or overlapping_convs(lv, w):
+        return 0
+    return images_bytes(w.activations, shards, below=LANES)
+
