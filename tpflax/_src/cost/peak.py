@@ -62,6 +62,7 @@ from tpflax._src.cost.conv import conv_maps, conv_working, overlapping_convs, te
 from tpflax._src.cost.gathered import (
     async_gathered_bytes,
     async_overflow_bytes,
+    expert_kernel_bytes,
     gathered_bytes,
     head_bytes,
     kept_gathered_bytes,
@@ -359,6 +360,12 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
         layers = config_value(w.config, "n_layers") or (1 if overlapping_convs(lv, w) else w.remat_layers) or 1
         recompute = int(max(full - dev.activations - unread, 0) / layers + SCORES_SAVED * scores)
     hidden, n_exp = expert_hidden_bytes(lv, mesh, w, shards)
+    expert_phase = 0
+    if w.remat and n_exp and w.backend == "tpu":
+        # the expert backward recomputes the hidden the layer would save without remat, live beside its gradient, one
+        # gathered kernel and one whole gradient (three MoE f32 remat dumps, benchmarks/tpu_aot_notes.md, 2026-12-02)
+        expert_phase = EXPERT_SAVED[w.backend] * hidden + EXPERT_WORKING * hidden + sum(
+            expert_kernel_bytes(lv, mesh, w.backend))
     kept, counted = conv_maps(lv, w, mesh, shards)
     saved = dev.activations - counted + kept - (0 if w.remat else unread)
     if not w.activations:  # the transformer formula counts scores too (5as/ht): they are counted above
@@ -398,7 +405,8 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
                 expert_work=EXPERT_WORKING * hidden, conv_work=conv_working(lv, w, mesh, shards),
                 gathered_async=async_gathered_bytes(lv, mesh, w.target, w.remat) if w.backend == "tpu" else 0,
                 phased=w.backend == "tpu", gathered_overflow=_overflow(lv, mesh, w),
-                head=head_kernel + (head_grad if held == 4 else 0), score_stack=stack, loss_apart=apart)
+                head=head_kernel + (head_grad if held == 4 else 0), score_stack=stack, loss_apart=apart,
+                expert_phase=expert_phase)
 
 
 def score_stack(elems: int, held: int, item: int, hosted: int) -> int:
