@@ -92,6 +92,23 @@ def gathered_bytes(lv: Leaves, mesh: MeshShape, backend: str = "cpu") -> tuple[i
     return top[0][0], top[0][0] + sum(g for _, g in top[1:GATHERED_LAYERS])
 
 
+def expert_kernel_bytes(lv: Leaves, mesh: MeshShape, backend: str) -> tuple[int, int]:
+    """``(the largest expert kernel gathered over the fsdp axes, the largest whole expert gradient)`` on a
+    device: what an expert layer's backward holds of its weights at once (``Peak.expert_phase``). The
+    three MoE float32 remat dumps (v5e fsdp=8 and fsdp=2,model=4, v5p data=2,fsdp=4) hold one gathered
+    kernel (``wi``; ``wo``'s is freed first) and ``wi``'s whole gradient, ``wo``'s formed after it is freed
+    (``benchmarks/tpu_aot_notes.md``, 2026-12-02 MoE remat). Zeros without fsdp-split expert kernels.
+
+    >>> import jax, tpflax
+    >>> from tpflax._src.cost.leaves import merge
+    >>> p = tpflax.plan({"moe": {"wi": jax.ShapeDtypeStruct((8, 1024, 2048), "float32")}}, {"fsdp": 8})
+    >>> [b // 2**20 for b in expert_kernel_bytes(merge(p.decisions, {}), p.mesh, "tpu")]  # bf16 gather, f32 grad
+    [32, 64]
+    """
+    sizes = [(g, w) for _, d, g, w in _gathered_leaves(lv, mesh, backend) if d.kind == "expert"]
+    return max([0] + [g for g, _ in sizes]), max([0] + [w for _, w in sizes])
+
+
 def head_bytes(lv: Leaves, mesh: MeshShape, head: str) -> tuple[int, int]:
     """``(the head's kernel gathered over the fsdp axes, its whole gradient there)`` on XLA:TPU, for the remat
     loss phase (``Peak.head``); zeros when no fsdp axis splits it (its shard is an argument already).

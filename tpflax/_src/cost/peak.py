@@ -70,13 +70,14 @@ from tpflax._src.cost.conv import (
 from tpflax._src.cost.gathered import (
     async_gathered_bytes,
     async_overflow_bytes,
+    expert_kernel_bytes,
     gathered_bytes,
     head_bytes,
     kept_gathered_bytes,
 )
 from tpflax._src.cost.leaves import Leaves
 from tpflax._src.cost.records import Memory, Peak
-from tpflax._src.cost.remat import images_relayout, tail_bytes
+from tpflax._src.cost.remat import images_relayout, score_stack, tail_bytes
 from tpflax._src.cost.residual import residual_bytes
 from tpflax._src.cost.scope import body
 from tpflax._src.cost.scope import layers as stacked_layers
@@ -372,6 +373,12 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
             recompute, _ = activation_bytes(lv.column_units, last, w.batch, w.config, mesh, shards, False,
                                             w.act_item, [], lv.stacks)
     hidden, n_exp = expert_hidden_bytes(lv, mesh, w, shards)
+    expert_phase = 0
+    if w.remat and n_exp and w.backend == "tpu":
+        # the expert backward recomputes the hidden the layer would save without remat, live beside its gradient, one
+        # gathered kernel and one whole gradient (three MoE f32 remat dumps, benchmarks/tpu_aot_notes.md, 2026-12-02)
+        expert_phase = EXPERT_SAVED[w.backend] * hidden + EXPERT_WORKING * hidden + sum(
+            expert_kernel_bytes(lv, mesh, w.backend))
     kept, counted = conv_maps(lv, w, mesh, shards)
     saved = dev.activations - counted + kept - (0 if w.remat else unread)
     if not w.activations:  # the transformer formula counts scores too (5as/ht): they are counted above
@@ -413,39 +420,7 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
                 gathered_async=async_gathered_bytes(lv, mesh, w.target, w.remat) if w.backend == "tpu" else 0,
                 phased=w.backend == "tpu", gathered_overflow=_overflow(lv, mesh, w),
                 head=head_kernel + (head_grad if held == 4 else 0), score_stack=stack, loss_apart=apart, tail=tail,
-                **stem_phase(lv, w, mesh, shards))
-
-
-def score_stack(elems: int, held: int, item: int, hosted: int) -> int:
-    """``Peak.score_stack``: XLA:TPU under remat, a step whose attention makes its scores in a wider dtype
-    than it holds, with the heads split over a tensor axis (``item`` > ``held``, :func:`split_probs_item`).
-
-    The last layer's recompute then holds two ``item``-wide score buffers, the scores ``A`` and the
-    probabilities ``P`` made from them; ``A`` is freed as ``P`` forms, and the layer's other recomputed
-    activations (``hosted``) and the backward's small values made after it are placed in ``A``'s region. Its
-    attention backward's two ``held``-wide buffers in flight would fill ``A``'s region exactly, but the values
-    placed there first leave room for one: the other goes above ``P``, so the heap holds ``A``'s region beside
-    both, and the part of it the buffers cannot use, ``A`` less one buffer, is slack, which the compiled temp
-    counts once more (``temp = heap + (heap - live peak)``). The Llama-2-7B bf16 fsdp=2,model=4 remat v5e dump
-    (benchmarks/tpu_aot_notes.md, eighteenth round): ``A`` ``fusion.576{0}`` ``f32[4,8,4096,4096]`` at 558 MiB,
-    ``P`` ``fusion.577{1}`` at 2606; the recomputed MLP (``fusion.67{1}``, ``.599``, ``.606``) and the MLP's
-    weight gradients at 590-1104; the buffers in flight ``fusion.31{1}`` at 1104 and ``fusion.29`` at 4654;
-    heap 5681, live peak 4715, slack 966 (``A`` less one buffer, less 58 MiB of small values), temp 6648.
-    The recomputed activations placed in ``A``'s region are in ``Peak.recompute`` already: not twice. How many
-    buffers fit is where the small values landed: in the MoE bf16 fsdp=2,model=4 remat dump none does (its expert
-    weight gradients split ``A``'s region), about 1 GiB more than this counts (that row: -5.7%). A step
-    holding float32 scores makes ``P`` in ``A``'s buffer (the float32 dump holds one ``f32[4,8,4096,4096]`` in
-    the recompute): nothing stacks. Without remat every layer's ``A`` and ``P`` stack with the saved
-    activations between them, a pattern that is not linear in the layers (the notes' eighteenth round): not
-    modelled.
-
-    >>> score_stack(100, 2, 4, 30), score_stack(100, 2, 4, 500), score_stack(100, 4, 4, 30)
-    (370, 0, 0)
-    """
-    if item <= held:
-        return 0
-    scores = elems * item  # A, freed as P forms
-    return max(2 * (scores - elems * held) - min(hosted, scores), 0)
+                expert_phase=expert_phase, **stem_phase(lv, w, mesh, shards))
 
 
 def _overflow(lv: Leaves, mesh: MeshShape, w: Workload) -> int:

@@ -151,6 +151,9 @@ class Peak:
         score_stack: XLA:TPU under remat, a 16-bit step with the heads split over a tensor axis: the float32
             scores' freed region that the attention backward's buffers in flight cannot take, counted twice
             by the compiled temp, less the layer's recompute it hosts (``tpflax._src.cost.peak.score_stack``).
+        expert_phase: XLA:TPU under remat: the last layer's expert backward beside its recompute, a phase of its
+            own: the recomputed hidden (the up-projection's output), its gradient, one gathered expert kernel and
+            one whole expert gradient, where the other phases hold :attr:`gathered` (:attr:`layer`).
         loss_apart: XLA:TPU under remat: the loss (logits, :attr:`head`) and the last layer's backward are
             two phases, the logits dead in the latter (:attr:`start`).
         stem: XLA:TPU, a conv net whose blocks are remat'd: its stem's backward, a phase of its own: the stem's
@@ -186,6 +189,7 @@ class Peak:
     stem: int = 0
     stem_grad: int = 0
     tail: int = 0
+    expert_phase: int = 0
 
     @property
     def layer(self) -> int:
@@ -196,8 +200,8 @@ class Peak:
         (12, 9)
         """
         if self.phased:
-            return (self.gathered + self.recompute + self.conv_work
-                    + max(self.attention + self.score_stack, self.expert_work))
+            return (self.recompute + self.conv_work
+                    + max(self.gathered + max(self.attention + self.score_stack, self.expert_work), self.expert_phase))
         return self.gathered + self.attention + self.recompute + self.expert_work + self.conv_work
 
     @property
@@ -248,7 +252,8 @@ class Peak:
                 "experts": self.experts, "expert_work": self.expert_work, "gathered_kept": self.gathered_kept,
                 "conv_work": self.conv_work, "gathered_async": self.gathered_async,
                 "gathered_overflow": self.gathered_overflow, "head": self.head, "score_stack": self.score_stack,
-                "tail": self.tail, "stem": self.stem, "stem_grad": self.stem_grad, "total": self.total}
+                "tail": self.tail, "stem": self.stem, "stem_grad": self.stem_grad, "expert_phase": self.expert_phase,
+                "total": self.total}
 
     def report_lines(self) -> list[str]:
         fmt = fmt_bytes

@@ -8,7 +8,9 @@ nineteenth round):
 * :func:`tail_bytes`: the last block's output and a final norm's are saved for the loss phase (the final
   norm's backward reads its input; the head reads its output) and dead by the last block's backward;
 * :func:`images_relayout`: a patchify front end's input images are relaid out once, the batch in the lanes,
-  and kept for the whole step.
+  and kept for the whole step;
+* :func:`score_stack`: a 16-bit step's head-split float32 scores leave a region its buffers in flight cannot
+  fill.
 """
 
 from __future__ import annotations
@@ -71,3 +73,34 @@ def images_relayout(lv: Leaves, w: Workload, shards: int) -> int:
         return 0
     return images_bytes(w.activations, shards, below=LANES)
 
+
+def score_stack(elems: int, held: int, item: int, hosted: int) -> int:
+    """``Peak.score_stack``: XLA:TPU under remat, a step whose attention makes its scores in a wider dtype
+    than it holds, with the heads split over a tensor axis (``item`` > ``held``, :func:`tpflax._src.cost.peak.split_probs_item`).
+
+    The last layer's recompute then holds two ``item``-wide score buffers, the scores ``A`` and the
+    probabilities ``P`` made from them; ``A`` is freed as ``P`` forms, and the layer's other recomputed
+    activations (``hosted``) and the backward's small values made after it are placed in ``A``'s region. Its
+    attention backward's two ``held``-wide buffers in flight would fill ``A``'s region exactly, but the values
+    placed there first leave room for one: the other goes above ``P``, so the heap holds ``A``'s region beside
+    both, and the part of it the buffers cannot use, ``A`` less one buffer, is slack, which the compiled temp
+    counts once more (``temp = heap + (heap - live peak)``). The Llama-2-7B bf16 fsdp=2,model=4 remat v5e dump
+    (benchmarks/tpu_aot_notes.md, eighteenth round): ``A`` ``fusion.576{0}`` ``f32[4,8,4096,4096]`` at 558 MiB,
+    ``P`` ``fusion.577{1}`` at 2606; the recomputed MLP (``fusion.67{1}``, ``.599``, ``.606``) and the MLP's
+    weight gradients at 590-1104; the buffers in flight ``fusion.31{1}`` at 1104 and ``fusion.29`` at 4654;
+    heap 5681, live peak 4715, slack 966 (``A`` less one buffer, less 58 MiB of small values), temp 6648.
+    The recomputed activations placed in ``A``'s region are in ``Peak.recompute`` already: not twice. How many
+    buffers fit is where the small values landed: in the MoE bf16 fsdp=2,model=4 remat dump none does (its expert
+    weight gradients split ``A``'s region), about 1 GiB more than this counts (that row: -5.7%). A step
+    holding float32 scores makes ``P`` in ``A``'s buffer (the float32 dump holds one ``f32[4,8,4096,4096]`` in
+    the recompute): nothing stacks. Without remat every layer's ``A`` and ``P`` stack with the saved
+    activations between them, a pattern that is not linear in the layers (the notes' eighteenth round): not
+    modelled.
+
+    >>> score_stack(100, 2, 4, 30), score_stack(100, 2, 4, 500), score_stack(100, 4, 4, 30)
+    (370, 0, 0)
+    """
+    if item <= held:
+        return 0
+    scores = elems * item  # A, freed as P forms
+    return max(2 * (scores - elems * held) - min(hosted, scores), 0)
