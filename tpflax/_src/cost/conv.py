@@ -134,11 +134,14 @@ def remat_stem(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> tuple[i
     ``bf16[32,56,56,64]``; its stem's backward (``Peak.stem``) holds the stem's maps, the pool input's gradient
     ``select-and-scatter`` (``pooled``, 196 MiB in f32) and the first block's input gradient (``first``).
     """
-    top = {p: v for p, v in w.activations.items() if p in top_level(w.activations)}
     channels = {body(d)[-1] for p, d in lv.decisions.items() if d.kind == "conv" and len(body(d)) == 4}
-    inputs = _block_inputs(w, shards)
-    if w.backend != "tpu" or not inputs or not channels or not overlapping_convs(lv, w):
+    if w.backend != "tpu" or not channels or not overlapping_convs(lv, w):
         return 0, 0, 0
+    inputs = _block_inputs(w, shards)
+    if not inputs:
+        return 0, 0, 0
+    tops = top_level(w.activations)
+    top = {p: v for p, v in w.activations.items() if p in tops}
     kept = tensor_conv_maps(lv, replace(w, activations=top), mesh, shards, channels)
     pooled = sum(map_bytes((y[0] // shards, *y[1:]), w.act_item) for y in _pooled(top, channels))
     return kept, pooled, map_bytes(inputs[0], w.act_item)
