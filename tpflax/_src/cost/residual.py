@@ -47,13 +47,13 @@ def residual_outputs(lv: Leaves, activations: Any) -> list[str]:
     ['layers_0/attn/o_proj', 'layers_0/attn', 'layers_0/mlp/down_proj', 'layers_0/mlp']
     """
     traced = {alike_path(p) for p in activations}
-    normed = {_block(layer_key(d.unit)) for d in lv.decisions.values() if d.kind == "norm"} - {None}
+    normed = {repeated_block(layer_key(d.unit)) for d in lv.decisions.values() if d.kind == "norm"} - {None}
     rows = set()
     for d in lv.decisions.values():
         key = layer_key(d.unit)
         if alike_path(key) not in traced:  # a parameter of the traced module itself (an expert layer's ``wo``)
             key = key.rsplit("/", 1)[0]
-        if d.role == "row" and d.pair is not None and d.kind in ROW_KINDS and _block(key) in normed:
+        if d.role == "row" and d.pair is not None and d.kind in ROW_KINDS and repeated_block(key) in normed:
             rows.add(alike_path(key))
     keys = list(activations)
     out = []
@@ -79,7 +79,7 @@ def alike_path(path: str) -> str:
     return path
 
 
-def _block(path: str) -> str | None:
+def repeated_block(path: str) -> str | None:
     """The repeated block a traced path sits in, index as a wildcard (``layers_*``); None outside one."""
     parts = path.split("/")
     for i, part in enumerate(parts):
