@@ -16,7 +16,7 @@ nineteenth round):
 from __future__ import annotations
 
 from tpflax._src.cost.activations import activation_bytes, top_level
-from tpflax._src.cost.conv import images_bytes, overlapping_convs
+from tpflax._src.cost.conv import images_bytes, overlapping_convs, remat_blocks
 from tpflax._src.cost.leaves import Leaves
 from tpflax._src.cost.workload import Workload
 from tpflax._src.mesh import MeshShape
@@ -42,11 +42,13 @@ def tail_bytes(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> int:
     Llama-2-7B bf16 fsdp=8 and data=2,fsdp=4 remat rows to -12.6 / -12.0%: with the layer's recomputed MLP
     it stands for the heap's slack there (the last MLP backward's 344 MiB hole, eighteenth round).
     """
+    if not w.remat or overlapping_convs(lv, w):
+        return 0  # a conv net's saved set is its stem's maps and its blocks' inputs already (conv.conv_maps)
+    blocks = remat_blocks(w)
+    if not (blocks and w.activations[blocks[-1]]):
+        return 0
     tops = top_level(w.activations)
     order = [p for p in w.activations if p in tops]
-    blocks = [p for p in order if any(q.startswith(p + "/") for q in w.activations)]
-    if not (w.remat and blocks and w.activations[blocks[-1]]) or overlapping_convs(lv, w):
-        return 0  # a conv net's saved set is its stem's maps and its blocks' inputs already (conv.conv_maps)
     stream = w.activations[blocks[-1]][-1].output
     # each path's last call: the last block's output (a scanned stack's trace may hold more than one call), a final
     # norm's
