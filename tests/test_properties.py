@@ -330,10 +330,13 @@ def _decoder(n_layers: int) -> dict:
                 "down_proj": {"kernel": S((f, d), bf), "bias": S((d,), bf)}}} for i in range(n_layers)}}
 
 
-def test_100k_leaves_plan_on_2048_abstract_devices():
-    tree = _decoder(10_000)  # 100k leaves; about 25 s on 2 cores (the chooser prices every group)
+def test_20k_leaves_plan_on_2048_abstract_devices():
+    # 20k leaves (about 4 s on 2 cores; the chooser prices every group): the checks below are per
+    # leaf and per layer, so a larger tree adds time, not coverage. Planning time at 1k-100k leaves
+    # is benchmarks/scale.py's job (benchmarks/results/scale.md).
+    tree = _decoder(2_000)
     p = tpflax.plan(tree, POD)
-    assert len(p.decisions) == 100_000
+    assert len(p.decisions) == 20_000
     by_unit, valid = {}, set()
     for path, d in p.decisions.items():
         # spec_problems reads the path only for its messages: one check per distinct (shape, spec)

@@ -97,22 +97,26 @@ def test_replicated_and_fsdp_baselines(plans):
 
 @pytest.mark.slow
 def test_compiled_numbers_end_to_end(built, plans):
-    """The three numbers from the compiled adamw step, and the estimate beside them."""
+    """The three numbers from the compiled adamw step, and the estimate beside them.
+
+    The hand layout compiles for all four architectures; replicated, its yardstick, for the two
+    whose estimate it checks exactly (the compiles are this test's time)."""
     for name in FAST:
         a, b = built[name]
         ps = plans[(name, tuple(MESH))]
-        rows = {p: measure(name, MESH, p, ps[p], b, NO_LLVM_OPT) for p in ("megatron", "replicated")}
-        for p, r in rows.items():
-            assert not r.error, (name, p, r.error)
-            assert r.bytes > 0 and r.flops > 0 and r.comm > 0 and r.est_comm is not None
-        # Megatron holds a quarter of most kernels and computes a quarter of most matmuls
-        assert rows["megatron"].bytes < rows["replicated"].bytes, name
-        assert rows["megatron"].flops < rows["replicated"].flops, name
         # replicated moves only the data-parallel gradient all-reduce, which the estimate
         # prices exactly (ring 2(n-1)/n of every gradient); 1% covers XLA's scalar extras.
         # Not for tied embeddings (distilbert, gpt2): XLA all-reduces the gather's and the
         # logits' gradient of the one table separately, which the estimate counts once.
-        if name in ("llama", "vit"):
+        compiled = ("megatron", "replicated") if name in ("llama", "vit") else ("megatron",)
+        rows = {p: measure(name, MESH, p, ps[p], b, NO_LLVM_OPT) for p in compiled}
+        for p, r in rows.items():
+            assert not r.error, (name, p, r.error)
+            assert r.bytes > 0 and r.flops > 0 and r.comm > 0 and r.est_comm is not None
+        if "replicated" in rows:
+            # Megatron holds a quarter of most kernels and computes a quarter of most matmuls
+            assert rows["megatron"].bytes < rows["replicated"].bytes, name
+            assert rows["megatron"].flops < rows["replicated"].flops, name
             assert abs(rows["replicated"].est_comm - rows["replicated"].comm) <= 0.01 * rows["replicated"].comm, name
     # a tpflax plan compiles through the same code (one architecture: compiles are the slow part)
     r = measure("llama", MESH, "model", plans[("llama", tuple(MESH))]["model"], built["llama"][1],
