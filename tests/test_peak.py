@@ -8,6 +8,7 @@ a v5e:2x4 topology when libtpu is installed.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -16,9 +17,12 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tpflax
 from tpflax import zoo
+from tpflax._src.cost.records import Peak
 
 ADAM = optax.adamw(1e-3)
 
@@ -960,3 +964,38 @@ def test_remat_expert_backward_is_a_phase_with_its_recomputed_hidden():
     assert b.expert_phase > others and b.layer == b.recompute + b.conv_work + b.expert_phase
     assert _estimate("moe", {"fsdp": 2, "model": 4}, remat=False, seq_len=64)[2].breakdown.expert_phase == 0
     assert _estimate("llama", {"fsdp": 2, "model": 4}, remat=True, seq_len=64)[2].breakdown.expert_phase == 0
+
+
+# ---------------------------------------------------------------------------
+# Peak.phase: the phase that sets the peak and only the terms it holds
+
+_FIELDS = [f.name for f in dataclasses.fields(Peak) if f.type in (int, "int")]
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.lists(st.integers(0, 1000), min_size=len(_FIELDS), max_size=len(_FIELDS)), st.booleans(), st.booleans())
+def test_the_peak_phase_holds_what_the_total_counts(values, phased, loss_apart):
+    b = Peak(**dict(zip(_FIELDS, values, strict=True)), phased=phased, loss_apart=loss_apart)
+    name, held = b.phase()
+    assert b.arguments + sum(held.values()) == b.total
+    # the start of the backward pass, written out once more as the sum it is (records.py's docs)
+    saved = b.activations + b.scores + b.experts + b.gathered_kept + b.gathered_overflow
+    if phased:
+        layer = b.recompute + b.conv_work + max(b.gathered + max(b.attention + b.score_stack, b.expert_work),
+                                                b.expert_phase)
+    else:
+        layer = b.gathered + b.attention + b.recompute + b.expert_work + b.conv_work
+    if loss_apart:
+        live = saved + max(b.logits + b.logits_grad + b.head, b.gathered_async + layer - b.tail)
+    else:
+        live = saved + b.gathered_async + layer + b.logits + b.logits_grad
+    live = max(live, b.stem)
+    heap = max(live, b.activations + b.stem_grad)
+    assert b.start == 2 * heap - live
+    assert (name == "backward end") == (b.end > b.start)
+    if name == "stem backward":
+        assert held.keys() <= {"stem", "heap_slack"}
+    if name == "backward start: loss":  # the last layer's backward is a phase of its own
+        assert not held.keys() & {"recompute", "gathered", "attention", "tail"}
+    if name == "backward start: last layer":  # the logits are dead in it
+        assert not held.keys() & {"logits", "logits_grad", "head"}

@@ -229,15 +229,56 @@ class Peak:
         >>> Peak(activations=6, gathered=5, logits=3, head=1, loss_apart=True, tail=2).start  # 6 + max(4, 5 - 2)
         10
         """
-        saved = self.activations + self.scores + self.experts + self.gathered_kept + self.gathered_overflow
-        if self.loss_apart:
-            live = saved + max(self.logits + self.logits_grad + self.head,
-                               self.gathered_async + self.layer - self.tail)
+        return sum(self._start_phase()[1].values())
+
+    def _start_phase(self) -> tuple[str, dict[str, int]]:
+        """:attr:`start`'s phase and the terms it holds (see :meth:`phase`)."""
+        saved = {"activations": self.activations, "scores": self.scores, "experts": self.experts,
+                 "gathered_kept": self.gathered_kept, "gathered_overflow": self.gathered_overflow}
+        loss = {"logits": self.logits, "logits_grad": self.logits_grad}
+        layer = {"recompute": self.recompute, "conv_work": self.conv_work}
+        if not self.phased:
+            layer.update(gathered=self.gathered, attention=self.attention, expert_work=self.expert_work)
+        elif self.gathered + max(self.attention + self.score_stack, self.expert_work) >= self.expert_phase:
+            layer["gathered"] = self.gathered
+            layer.update({"attention": self.attention, "score_stack": self.score_stack}
+                         if self.attention + self.score_stack >= self.expert_work else {"expert_work": self.expert_work})
         else:
-            live = saved + self.gathered_async + self.working
-        live = max(live, self.stem)
-        heap = max(live, self.activations + self.stem_grad)  # the stem's gradient above the saved set
-        return heap + (heap - live)
+            layer["expert_phase"] = self.expert_phase
+        layer["gathered_async"] = self.gathered_async
+        if not self.loss_apart:
+            name, live = "backward start", {**saved, **layer, **loss}
+        elif sum(loss.values()) + self.head >= sum(layer.values()) - self.tail:
+            name, live = "backward start: loss", {**saved, **loss, "head": self.head}
+        else:
+            name, live = "backward start: last layer", {**saved, **layer, "tail": -self.tail}
+        if self.stem > sum(live.values()):
+            name, live = "stem backward", {"stem": self.stem}
+        # the stem's gradient placed above the saved set: the heap holds both, and the compiled temp
+        # counts what the live set leaves of the heap once more
+        slack = max(0, self.activations + self.stem_grad - sum(live.values()))
+        if slack:
+            live["heap_slack"] = 2 * slack
+        return name, live
+
+    def phase(self) -> tuple[str, dict[str, int]]:
+        """The phase of the step that sets :attr:`total`, and what it holds beside the arguments.
+
+        The terms sum to ``total - arguments``; a term another phase holds is not among them
+        (``tail`` is negative: saved outputs dead in the last layer's backward; ``heap_slack`` is
+        the heap's unfilled space the compiled temp counts, see :attr:`start`).
+
+        >>> Peak(arguments=10, grads=4, activations=6, logits=3).phase()[0]
+        'backward start'
+        >>> Peak(activations=6, gathered=5, logits=3, head=1, loss_apart=True, tail=2).phase()
+        ('backward start: loss', {'activations': 6, 'scores': 0, 'experts': 0, 'gathered_kept': 0, \
+'gathered_overflow': 0, 'logits': 3, 'logits_grad': 0, 'head': 1})
+        >>> Peak(grads=9, gathered_last=2, activations=6).phase()
+        ('backward end', {'grads': 9, 'gathered_last': 2})
+        """
+        if self.end > self.start:
+            return "backward end", {"grads": self.grads, "gathered_last": self.gathered_last}
+        return self._start_phase()
 
     @property
     def end(self) -> int:
@@ -257,7 +298,7 @@ class Peak:
 
     def report_lines(self) -> list[str]:
         fmt = fmt_bytes
-        at = "backward start" if self.start >= self.end else "backward end"
+        at = self.phase()[0]
         out = [f"  peak per device{fmt(self.total):>13}  (at the {at}; arguments + max(saved + layer + logits, "
                "grads + last gathered layer))",
                f"    {'arguments':<36}{fmt(self.arguments):>12}  params, optimizer and model state, batch",
