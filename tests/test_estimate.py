@@ -153,17 +153,70 @@ def test_remat_on_tpu_sums_a_normalised_conv_output_again():
 
 
 def test_remat_on_tpu_a_scanned_stack_sums_its_rows_as_the_unrolled_one():
-    """The residual rule reads indexed blocks only (``layers_0/mlp/down``), so a scanned stack's rows
-    (``layers/mlp/down``) keep the attention-only re-sum: the same all-reduces as the unrolled stack (the
-    llama-2-7b-scan remat step compiled for v5e-256 all-reduces 17.7 GiB over model, as estimated; counting
-    the MLP's row again read 21.2). Exact"""
-    got = {}
+    """The residual rule reads a scanned stack as a repeated block (``layers``, from the stacked leaves'
+    layers dim) as it reads the indexed blocks (``layers_*``): the MLP's row feeds only its residual add, so
+    neither re-sums it in the recompute (the llama-2-7b-scan remat step compiled for v5e-256 all-reduces
+    17.7 GiB over model, as estimated; counting the MLP's row again read 21.2), and neither counts its
+    output in the recompute (the scanned one did: 286720 bytes against 155648). Exact"""
+    from tpflax._src.cost.activations import trace_activations
+    from tpflax._src.cost.leaves import merge
+    from tpflax._src.cost.residual import alike_path, residual_outputs
+
+    got, rec, res = {}, {}, {}
     for name in ("llama", "llama-scan"):
         m = zoo.get(name, remat=True)
         p = tpflax.plan(m.abstract_variables(), {"fsdp": 2, "model": 4})
-        got[name] = by(estimate(p, optax.adamw(1e-3), jax.eval_shape(lambda m=m: m.make_batch(0, 8)), model=m),
-                       "all-reduce", "model")
+        e = estimate(p, optax.adamw(1e-3), jax.eval_shape(lambda m=m: m.make_batch(0, 8)), model=m)
+        got[name], rec[name] = by(e, "all-reduce", "model"), e.breakdown.recompute
+        acts = trace_activations(m, 2)
+        res[name] = [alike_path(r).replace("layers_*", "layers") for r in residual_outputs(merge(p.decisions, acts), acts)]
     assert got["llama"] == got["llama-scan"] > 0, got
+    assert rec["llama"] == rec["llama-scan"] > 0, rec
+    assert res["llama-scan"] == ["layers/attn/o_proj", "layers/attn", "layers/mlp/down_proj", "layers/mlp"]
+    assert res["llama"] == 2 * res["llama-scan"]  # the unrolled stack's two blocks
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_remat_on_tpu_a_scanned_gpt_stack_prices_as_the_unrolled_one(norm):
+    """A GPT-2-like stack of remat'd pre-norm MLP blocks (``h_0``.. unrolled, ``h`` under nn.scan): with a
+    LayerNorm the row ``proj`` feeds only the residual add and is summed once; without one the rule re-sums it
+    in the recompute. Scanned and unrolled give the same all-reduces and the same recompute either way (before
+    the residual rule read scanned stacks, the norm-free scanned stack skipped the re-sum and the normed one
+    counted ``proj``'s output in its recompute). Exact"""
+    d, n = 64, 3
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            h = nn.LayerNorm(name="ln")(x) if norm else x
+            return x + nn.Dense(d, name="proj")(nn.gelu(nn.Dense(4 * d, name="fc")(h))), None
+
+    class Net(nn.Module):
+        scan: bool
+
+        @nn.compact
+        def __call__(self, ids):
+            h = nn.Embed(100, d, name="wte")(ids)
+            if self.scan:
+                stack = nn.scan(nn.remat(Block), variable_axes={"params": 0}, split_rngs={"params": True}, length=n)
+                h, _ = stack(name="h")(h, None)
+            else:
+                for i in range(n):
+                    h, _ = nn.remat(Block)(name=f"h_{i}")(h, None)
+            return nn.Dense(100, name="head")(h)
+
+    ids = jax.ShapeDtypeStruct((8, 16), "int32")
+    got = {}
+    for scan in (False, True):
+        m = Net(scan)
+        p = tpflax.plan(jax.eval_shape(m.init, jax.random.key(0), ids), {"fsdp": 2, "model": 4}, model=m, sample=(ids,))
+        e = estimate(p, optax.adamw(1e-3), model=m, sample=(ids,), remat=True)
+        rows = [i for i in e.items if i.why.startswith("row")]
+        assert len(rows) == 1 and "proj" in rows[0].why, rows
+        # the row's forward sums: once per layer, and again in each layer's recompute without a norm
+        assert rows[0].count == n * (1 if norm else 2), rows[0]
+        got[scan] = (by(e, "all-reduce", "model"), e.breakdown.recompute)
+    assert got[False] == got[True], got
 
 
 def test_data_parallel_and_fsdp_gradients():

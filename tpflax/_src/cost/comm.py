@@ -29,7 +29,7 @@ from tpflax._src.cost.batch import config_value
 from tpflax._src.cost.gradients import gradient_items
 from tpflax._src.cost.price import stream_gathers, tpu_gather_item
 from tpflax._src.cost.records import CommItem
-from tpflax._src.cost.residual import alike_path, repeated_block, residual_outputs
+from tpflax._src.cost.residual import alike_path, residual_outputs
 from tpflax._src.cost.scope import Scope, body, drop_layers, is_tied, layers
 from tpflax._src.cost.stream import tpu_stream_gathers, update_gathers
 from tpflax._src.facts.classify import ATTN
@@ -75,9 +75,7 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
         source = f"pair {pc.id}" + (f" and {pc.count - 1} alike" if pc.count > 1 else "")
         for r in rows:
             key = layer_key(dec[r].unit)
-            # (the residual rule reads indexed blocks only: a scanned stack's rows, ``layers/mlp/down``, keep the
-            # attention-only rule, as its compiles measured: llama-2-7b-scan remat on v5e-256, 17.7 GiB over model)
-            redo = again and (dec[r].kind == "attention" or bool(s.activations) and repeated_block(key) is not None
+            redo = again and (dec[r].kind == "attention" or bool(s.activations)
                               and not {alike_path(key), alike_path(key.rsplit("/", 1)[0])} & unread)
             if s.axes(r, TENSOR):
                 items.append(CommItem(summing, axes, _pair_act(r, dec[r], "out", s), n, count * (1 + redo),

@@ -41,9 +41,11 @@ def tensor_degree(mesh: MeshShape, entry: Any) -> int:
     return math.prod(mesh.sizes[a] for a in entry_axes(entry) if roles[a] in (TENSOR, EXPERT))
 
 
-def conv_maps(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> tuple[int, int]:
+def conv_maps(lv: Leaves, w: Workload, mesh: MeshShape, shards: int,
+              stem: tuple[int, int, int]) -> tuple[int, int]:
     """``(kept, counted)``: a conv net's feature maps as XLA:TPU keeps them for the backward pass, on a
-    device, and as the generic count of saved activations holds them (every layer's output).
+    device, and as the generic count of saved activations holds them (every layer's output). ``stem``: the
+    :func:`remat_stem` of the same step (the caller's, which :func:`stem_phase` reads too).
 
     From the TPU buffer assignment of the ResNet-18 step (``bf16`` maps ``[rows, batch, width slice,
     channels, taps]``), what a conv net keeps is not its layers' outputs but what their backward
@@ -95,9 +97,8 @@ def conv_maps(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> tuple[in
         if not any(_overlaps(d, a) for d, _ in convs.values() for a in acts_for(w.activations, d.unit)):
             return 0, 0  # patchify convs only (a ViT): the generic count, as measured on no tensor-axis dump
         return tensor_conv_maps(lv, w, mesh, shards, channels), _split_count(lv, w, mesh, shards, channels)
-    stem, _, _ = remat_stem(lv, w, mesh, shards) if w.remat else (0, 0, 0)
-    if stem:  # the stem as without remat, and each remat'd block's input, as whole maps (remat_stem)
-        return stem + sum(map_bytes(x, w.act_item) for x in _block_inputs(w, shards)), int(counted)
+    if w.remat and stem[0]:  # the stem as without remat, and each remat'd block's input, as whole maps (remat_stem)
+        return stem[0] + sum(map_bytes(x, w.act_item) for x in _block_inputs(w, shards)), int(counted)
     if w.remat:  # no conv on maps in a block (a ViT's patchify stem): the top-level outputs, as whole maps
         kept = sum(map_bytes((a.output[0] // shards, *a.output[1:]), w.act_item) for path, calls in
                    w.activations.items() for a in calls if len(a.output) == 4 and a.output[-1] in channels
@@ -147,15 +148,15 @@ def remat_stem(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> tuple[i
     return kept, pooled, map_bytes(inputs[0], w.act_item)
 
 
-def stem_phase(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> dict[str, int]:
+def stem_phase(w: Workload, stem: tuple[int, int, int]) -> dict[str, int]:
     """``Peak.stem`` and ``Peak.stem_grad``: XLA:TPU, a conv net whose blocks are remat'd
     (:func:`remat_stem`). The stem's backward holds its kept maps, the first block's input
     gradient and the max-pool input's gradient, which the on-chip memory takes when it fits (the v5e's 112 MiB:
     bf16 fsdp=8's 98 MiB ``select-and-scatter`` is in ``S(1)``, f32's 196 MiB in HBM); one in HBM is placed above
-    the saved set (``stem_grad``)."""
+    the saved set (``stem_grad``). ``stem``: :func:`remat_stem`'s ``(kept, pooled, first)``."""
     if not w.remat:
         return {}
-    kept, pooled, first = remat_stem(lv, w, mesh, shards)
+    kept, pooled, first = stem
     onchip = onchip_bytes(w.target) or 0
     hbm = pooled if pooled > onchip else 0
     return {"stem": kept + first + hbm, "stem_grad": hbm} if kept else {}

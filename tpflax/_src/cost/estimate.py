@@ -104,8 +104,8 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
         # temp is its live values plus XLA:TPU's loose packing of the loop's buffers; unrolled
         # remat'd layers compile to this estimate (-0.3% at 8 layers, -2.6% at 32)
         notes.append("remat on TPU over a scanned stack: XLA:TPU packs the loop's buffers loosely; measured at "
-                     "Llama-2-7B width, the compiled peak was 1.2x to 1.65x this estimate while its live values "
-                     "stayed below it (llama-2-7b-scan on v5e-256: 4.2 GiB against 3.4; 8 layers, fsdp=2,model=4: "
+                     "Llama-2-7B width, the compiled peak was 1.35x to 1.65x this estimate while its live values "
+                     "stayed below it (llama-2-7b-scan on v5e-256: 4.2 GiB against 3.1; 8 layers, fsdp=2,model=4: "
                      "9.1 GiB against 5.5 before a scanned layer's recompute was counted whole); check with "
                      "dry_run before booking")
     if not w.remat and any(d.layers_dim is not None for d in lv.decisions.values()):

@@ -64,6 +64,7 @@ from tpflax._src.cost.conv import (
     conv_working,
     overlapping_convs,
     remat_blocks,
+    remat_stem,
     stem_phase,
     tensor_degree,
 )
@@ -379,7 +380,8 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
         # gathered kernel and one whole gradient (three MoE f32 remat dumps, benchmarks/tpu_aot_notes.md, 2026-12-02)
         expert_phase = EXPERT_SAVED[w.backend] * hidden + EXPERT_WORKING * hidden + sum(
             expert_kernel_bytes(lv, mesh, w.backend))
-    kept, counted = conv_maps(lv, w, mesh, shards)
+    stem = remat_stem(lv, w, mesh, shards) if w.remat else (0, 0, 0)  # a conv net's, for its saved set and its phase
+    kept, counted = conv_maps(lv, w, mesh, shards, stem)
     saved = dev.activations - counted + kept - (0 if w.remat else unread)
     if not w.activations:  # the transformer formula counts scores too (5as/ht): they are counted above
         saved -= formula_scores_bytes(w.batch, w.config, mesh, shards, w.remat, w.act_item)
@@ -420,7 +422,7 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
                 gathered_async=async_gathered_bytes(lv, mesh, w.target, w.remat) if w.backend == "tpu" else 0,
                 phased=w.backend == "tpu", gathered_overflow=_overflow(lv, mesh, w),
                 head=head_kernel + (head_grad if held == 4 else 0), score_stack=stack, loss_apart=apart, tail=tail,
-                expert_phase=expert_phase, **stem_phase(lv, w, mesh, shards))
+                expert_phase=expert_phase, **stem_phase(w, stem))
 
 
 def _overflow(lv: Leaves, mesh: MeshShape, w: Workload) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from tpflax._src.cost.activations import layer_key
@@ -34,7 +35,8 @@ def residual_outputs(lv: Leaves, activations: Any) -> list[str]:
     pair inside a repeated block that holds a norm (a pre- or post-norm residual block; a plain stack
     of dense layers feeds the row output to the next layer, which reads it), and its parent when the
     parent returns that output (same shape, traced right after it; a repeated block, ``layers_3``,
-    adds its residual and is not such a parent).
+    adds its residual and is not such a parent). A scanned stack is a repeated block too (``layers``,
+    :func:`repeated_block`): the trace maps its body's contractions to the stacked leaves.
 
     >>> import jax, tpflax
     >>> from tpflax import zoo
@@ -47,13 +49,14 @@ def residual_outputs(lv: Leaves, activations: Any) -> list[str]:
     ['layers_0/attn/o_proj', 'layers_0/attn', 'layers_0/mlp/down_proj', 'layers_0/mlp']
     """
     traced = {alike_path(p) for p in activations}
-    normed = {repeated_block(layer_key(d.unit)) for d in lv.decisions.values() if d.kind == "norm"} - {None}
+    stacks = lv.stacks
+    normed = {repeated_block(layer_key(d.unit), stacks) for d in lv.decisions.values() if d.kind == "norm"} - {None}
     rows = set()
     for d in lv.decisions.values():
         key = layer_key(d.unit)
         if alike_path(key) not in traced:  # a parameter of the traced module itself (an expert layer's ``wo``)
             key = key.rsplit("/", 1)[0]
-        if d.role == "row" and d.pair is not None and d.kind in ROW_KINDS and repeated_block(key) in normed:
+        if d.role == "row" and d.pair is not None and d.kind in ROW_KINDS and repeated_block(key, stacks) in normed:
             rows.add(alike_path(key))
     keys = list(activations)
     out = []
@@ -64,7 +67,7 @@ def residual_outputs(lv: Leaves, activations: Any) -> list[str]:
         parent = path.rsplit("/", 1)[0]
         nxt = keys[i + 1] if i + 1 < len(keys) else None
         last = parent.rsplit("/", 1)[-1]
-        if (nxt == parent != path and layer_group(last) == last
+        if (nxt == parent != path and layer_group(last) == last and parent != repeated_block(path, stacks)
                 and [a.output for a in activations[parent]] == [a.output for a in activations[path]]):
             out.append(parent)
     return out
@@ -79,20 +82,30 @@ def alike_path(path: str) -> str:
     return path
 
 
-def repeated_block(path: str) -> str | None:
-    """The repeated block a traced path sits in, index as a wildcard (``layers_*``); None outside one."""
+def repeated_block(path: str, stacks: Mapping[str, int] | None = None) -> str | None:
+    """The repeated block a traced path sits in: an indexed one, index as a wildcard (``layers_*``), else
+    the scanned stack holding it (``stacks``, :attr:`Leaves.stacks`: the outermost traced path whose
+    leaves all carry the layers dim, ``layers`` for ``layers/mlp/down_proj``); None outside one.
+
+    >>> repeated_block("layers_3/mlp/down"), repeated_block("layers/mlp/down", {"layers": 4, "layers/mlp": 4})
+    ('layers_*', 'layers')
+    >>> repeated_block("mlp/down", {"layers": 4}) is None
+    True
+    """
     parts = path.split("/")
     for i, part in enumerate(parts):
         if _INDEXED.match(part):
             return "/".join(parts[:i] + [layer_group(part)])
+    for i in range(1, len(parts) + 1):
+        if "/".join(parts[:i]) in (stacks or ()):
+            return "/".join(parts[:i])
     return None
 
 
 def residual_bytes(lv: Leaves, activations: Any, mesh: MeshShape, shards: int, act_item: int) -> int:
     """Bytes on a device the generic count gives the outputs of :func:`residual_outputs`: every call of
     each in ``activations`` (pass them as they run, :func:`tpflax._src.cost.activations.layer_runs`: a
-    scanned stack's once per layer). A scanned stack whose paths carry no block index (``blocks/mlp``, no
-    ``_0``) holds no repeated block with a norm, so the rule does not reach it."""
+    scanned stack's once per layer)."""
     roles = dict(mesh.roles)
     total = 0.0
     for path in residual_outputs(lv, activations):
