@@ -39,8 +39,9 @@ def _rows(tpu: dict) -> tuple[list[str], list[tuple[float, str]]]:
     for key, r in tpu.items():
         e = _estimate(key, r.get("topology", TOPOLOGY))
         b = e.breakdown
-        at = "backward start" if b.start >= b.end else "end"
-        terms = sorted(((k, v) for k, v in b.to_dict().items() if k != "total"), key=lambda kv: -kv[1])[:3]
+        at = ("forward end" if b.forward_end else "backward start") if b.start >= b.end else "end"
+        terms = sorted(((k, v) for k, v in b.to_dict().items() if k not in ("total", "forward_end")),
+                       key=lambda kv: -kv[1])[:3]
         got_comm = _total(r["comm"])
         perr = (e.peak - r["peak"]) / r["peak"]
         cerr = (e.comm_total - got_comm) / got_comm if got_comm else 0.0
