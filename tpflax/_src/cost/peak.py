@@ -34,6 +34,10 @@ parameters and optimizer state donated) holds, per device:
   gradient is held apart, :func:`logits_grad_bytes`); on TPU under remat, a phase of their own, with the
   head's gathered kernel, before the last layer's backward starts (``Peak.loss_apart``, ``Peak.head``), by which
   the last block's and a final norm's saved outputs are dead (``Peak.tail``, :mod:`tpflax._src.cost.remat`).
+* on TPU without remat, where the last layer keeps more after its attention than its attention holds in
+  flight (ViT-B/16): the end of the forward pass, in the final norm, is the peak, priced by name in place of
+  the backward start (each norm's input kept, not its output, the final norm's float32 maps, no score buffer in
+  flight; ``Peak.forward_end``, :mod:`tpflax._src.cost.forward_end`).
 
 Saved activations and gradients are both linear in the layer count and move in
 opposite directions through the backward pass, so the peak is at one end of
@@ -68,6 +72,7 @@ from tpflax._src.cost.conv import (
     stem_phase,
     tensor_degree,
 )
+from tpflax._src.cost.forward_end import forward_end
 from tpflax._src.cost.gathered import (
     async_gathered_bytes,
     async_overflow_bytes,
@@ -414,15 +419,22 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
     tail = tail_bytes(lv, w, mesh, shards) * held // w.act_item if apart else 0
     stack = score_stack(elems, held, split_probs_item(w, held), recompute - SCORES_SAVED * scores) \
         if apart and split_heads else 0
+    experts = 0 if w.remat else EXPERT_SAVED[w.backend] * hidden * n_exp
+    asynced = async_gathered_bytes(lv, mesh, w.target, w.remat) if w.backend == "tpu" else 0
+    overflow = _overflow(lv, mesh, w)
+    # XLA:TPU, no remat: the end of the forward pass, by name, where it is larger than the last attention backward
+    # (ViT-B/16's six dumps peak in ``ln_f``; module ``forward_end``, benchmarks/tpu_aot_notes.md twentieth round)
+    end = forward_end(lv, mesh, w, shards, held, max(working, EXPERT_WORKING * hidden),
+                      LOGITS_BUFFERS * logits + logits_grad_bytes(logits, head, w))
+    end = 0 if end is None else saved + end + saved_scores + experts + kept + overflow + asynced + two
     return Peak(arguments=dev.arguments, grads=dev.grads, activations=saved, scores=saved_scores,
                 gathered=two, attention=working, recompute=recompute, gathered_kept=kept,
                 logits=LOGITS_BUFFERS * logits, logits_grad=logits_grad_bytes(logits, head, w), gathered_last=one,
-                experts=0 if w.remat else EXPERT_SAVED[w.backend] * hidden * n_exp,
+                experts=experts,
                 expert_work=EXPERT_WORKING * hidden, conv_work=conv_working(lv, w, mesh, shards),
-                gathered_async=async_gathered_bytes(lv, mesh, w.target, w.remat) if w.backend == "tpu" else 0,
-                phased=w.backend == "tpu", gathered_overflow=_overflow(lv, mesh, w),
+                gathered_async=asynced, phased=w.backend == "tpu", gathered_overflow=overflow,
                 head=head_kernel + (head_grad if held == 4 else 0), score_stack=stack, loss_apart=apart, tail=tail,
-                expert_phase=expert_phase, **stem_phase(w, stem))
+                expert_phase=expert_phase, forward_end=end, **stem_phase(w, stem))
 
 
 def _overflow(lv: Leaves, mesh: MeshShape, w: Workload) -> int:

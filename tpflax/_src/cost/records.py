@@ -164,6 +164,11 @@ class Peak:
         tail: XLA:TPU under remat: the saved outputs of the last block and a final norm after it, in
             :attr:`activations` for the loss phase, dead in the last layer's backward (:attr:`start`;
             ``tpflax._src.cost.remat.tail_bytes``).
+        forward_end: XLA:TPU without remat: the live set beside the arguments at the end of the forward pass, in
+            the final norm, where that phase is larger than the last attention backward (0: not; then
+            :attr:`start` is the backward start). By name: the saved set with each norm's input for its output,
+            a 16-bit exact GELU's second hidden, the final norm's two float32 maps, the saved probabilities and
+            the gathered weights, no score buffer in flight (``tpflax._src.cost.forward_end``).
     """
 
     arguments: int = 0
@@ -190,6 +195,7 @@ class Peak:
     stem_grad: int = 0
     tail: int = 0
     expert_phase: int = 0
+    forward_end: int = 0
 
     @property
     def layer(self) -> int:
@@ -228,6 +234,8 @@ class Peak:
         (14, 11)
         >>> Peak(activations=6, gathered=5, logits=3, head=1, loss_apart=True, tail=2).start  # 6 + max(4, 5 - 2)
         10
+        >>> Peak(activations=6, gathered=5, attention=4, phased=True, forward_end=12).start  # not 6 + 5 + 4
+        12
         """
         return sum(self._start_phase()[1].values())
 
@@ -246,7 +254,9 @@ class Peak:
         else:
             layer["expert_phase"] = self.expert_phase
         layer["gathered_async"] = self.gathered_async
-        if not self.loss_apart:
+        if not self.loss_apart and self.forward_end:  # the whole live set of that phase, by name
+            name, live = "forward end", {"forward_end": self.forward_end}
+        elif not self.loss_apart:
             name, live = "backward start", {**saved, **layer, **loss}
         elif sum(loss.values()) + self.head >= sum(layer.values()) - self.tail:
             name, live = "backward start: loss", {**saved, **loss, "head": self.head}
@@ -294,7 +304,7 @@ class Peak:
                 "conv_work": self.conv_work, "gathered_async": self.gathered_async,
                 "gathered_overflow": self.gathered_overflow, "head": self.head, "score_stack": self.score_stack,
                 "tail": self.tail, "stem": self.stem, "stem_grad": self.stem_grad, "expert_phase": self.expert_phase,
-                "total": self.total}
+                "forward_end": self.forward_end, "total": self.total}
 
     def report_lines(self) -> list[str]:
         fmt = fmt_bytes
@@ -329,6 +339,9 @@ class Peak:
                    if self.tail else ""),
                 f"    {'gradients (at the end)':<36}{fmt(self.grads):>12}  + last gathered layer "
                 f"{fmt(self.gathered_last)}"]
+        if self.forward_end:
+            out.insert(-1, f"    {'end of the forward pass (a phase)':<36}{fmt(self.forward_end):>12}  larger than the "
+                       "last attention backward: norm inputs kept, the final norm's float32 maps, no scores in flight")
         if self.stem:
             out.insert(-1, f"    {'conv stem backward (a phase)':<36}{fmt(self.stem):>12}  its kept maps and gradients"
                        + (f"; the pool input's gradient {fmt(self.stem_grad)} in HBM above the saved set (the "

@@ -87,6 +87,9 @@ class Traced:
             (``nn.remat``, ``nnx.remat``, ``jax.checkpoint``): the step recomputes its layers.
         remat_layers: then, the outermost rematerialised calls as they run
             (:attr:`tpflax._src.trace.records.Dataflow.remat_calls`): the layers recomputed one at a time.
+        erf: kernels whose output reaches the next contraction through ``erf``/``erfc`` (an exact GELU,
+            ViT's ``fc1``; a tanh GELU or SiLU passes ``tanh``/``logistic``): XLA:TPU keeps that
+            hidden twice in a 16-bit step (:mod:`tpflax._src.cost.forward_end`).
         contractions: ``(path, rows per example, kept dims, dtype)`` of each
             contraction of a parameter (its output's shape): a plain function's layer
             calls, where no module boundary shows them.
@@ -134,6 +137,7 @@ class Traced:
     positional: frozenset[str] = frozenset()
     loops: Mapping[str, tuple[int, bool]] | None = None
     remat_layers: int = 0
+    erf: frozenset[str] = frozenset()
 
 
 def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
@@ -222,7 +226,8 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
                   scores, frozenset(flow.uses[uid].path for uid, _ in flow.biases.values()),
                   spread_streams(flow, shapes), flow.collectives, flow.row_axes, _meets(flow),
                   frozenset(p for p, o in ops.items() if o == {"gather"}) - {u.path for u in flow.uses if not u.fixed},
-                  _loops(flow), flow.remat_calls if flow.remat >= 0.5 else 0)
+                  _loops(flow), flow.remat_calls if flow.remat >= 0.5 else 0,
+                  frozenset(e.src for e in flow.edges if {"erf", "erfc"} & set(e.via)))
 
 
 def _loops(flow: Any) -> dict[str, tuple[int, bool]]:

@@ -64,6 +64,7 @@ class Workload:
             :attr:`Traced.loops`).
         remat_layers: from the trace (:attr:`Traced.remat_layers`): the layers a remat'd step recomputes
             one at a time, where no config gives ``n_layers``.
+        erf: from the trace (:attr:`Traced.erf`).
     """
 
     batch: Batch
@@ -99,6 +100,7 @@ class Workload:
     positional: frozenset[str] = frozenset()
     loops: Mapping[str, tuple[int, bool]] | None = None
     remat_layers: int = 0
+    erf: frozenset[str] = frozenset()
 
     @property
     def saved(self) -> Mapping[str, Sequence[Act]]:
@@ -173,7 +175,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     streams=t.streams, contractions=contractions, scores=t.scores,
                     next_token=_next_token(m) if loss is None else reads_slice(m, loss), biased=t.biased,
                     collectives=t.collectives, row_axes=t.row_axes, meets=t.meets,
-                    positional=t.positional, loops=t.loops, remat_layers=t.remat_layers)
+                    positional=t.positional, loops=t.loops, remat_layers=t.remat_layers, erf=t.erf)
 
 
 def contraction_calls(plan, contractions: Sequence[tuple[str, float, tuple[int, ...], str]],
