@@ -20,7 +20,7 @@ from tpflax._src.cost.scope import body
 from tpflax._src.cost.workload import Workload
 from tpflax._src.mesh import EXPERT, TENSOR, MeshShape
 from tpflax._src.specs import entry_axes
-from tpflax._src.tpu import lane_pad, sublane_pad
+from tpflax._src.tpu import LANES, lane_pad, sublane_pad
 
 # XLA:TPU lays out a conv's maps batch first from 8 images per device on; below, it cuts the width into 8 chunks
 # (``W // 8 + 1`` columns with the halo) folded into the batch (``[H, images x 8, W // 8 + 1, C]``) and keeps
@@ -98,7 +98,7 @@ def conv_maps(lv: Leaves, w: Workload, mesh: MeshShape, shards: int,
             return 0, 0  # patchify convs only (a ViT): the generic count, as measured on no tensor-axis dump
         return tensor_conv_maps(lv, w, mesh, shards, channels), _split_count(lv, w, mesh, shards, channels)
     if w.remat and stem[0]:  # the stem as without remat, and each remat'd block's input, as whole maps (remat_stem)
-        return stem[0] + sum(map_bytes(x, w.act_item) for x in _block_inputs(w, shards)), int(counted)
+        return stem[0] + sum(map_bytes(x, item) for x, item in _block_inputs(lv, w, shards)), int(counted)
     if w.remat:  # no conv on maps in a block (a ViT's patchify stem): the top-level outputs, as whole maps
         kept = sum(map_bytes((a.output[0] // shards, *a.output[1:]), w.act_item) for path, calls in
                    w.activations.items() for a in calls if len(a.output) == 4 and a.output[-1] in channels
@@ -129,7 +129,9 @@ def remat_stem(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> tuple[i
     first block's input, as :func:`map_bytes` lays them out; ``(0, 0, 0)`` without a conv on maps.
 
     The stem is not remat'd: it keeps what it keeps without remat (:func:`tensor_conv_maps`: its norm's and
-    max-pool's inputs, the images batch in lanes); each block keeps its input (:func:`conv_maps`). Read off the
+    max-pool's inputs, the images batch in lanes below 128 images per device: from there on the step reads the
+    argument in place, as the ResNet-18 fsdp=2,model=4 remat dumps do, bf16 and f32); each block keeps its input
+    (:func:`conv_maps`; a projection block's in bfloat16, :func:`_block_inputs`). Read off the
     ResNet-18 remat=on v5e dumps (``benchmarks/tpu_aot_notes.md``, "nineteenth round"): bf16 fsdp=8 holds at
     its peak the stem conv's output and the pool's input (2 x 98 MiB), the images (49) and the block inputs
     ``bf16[32,56,56,64]``; its stem's backward (``Peak.stem``) holds the stem's maps, the pool input's gradient
@@ -138,14 +140,16 @@ def remat_stem(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> tuple[i
     channels = {body(d)[-1] for p, d in lv.decisions.items() if d.kind == "conv" and len(body(d)) == 4}
     if w.backend != "tpu" or not channels or not overlapping_convs(lv, w):
         return 0, 0, 0
-    inputs = _block_inputs(w, shards)
+    inputs = _block_inputs(lv, w, shards)
     if not inputs:
         return 0, 0, 0
     tops = top_level(w.activations)
     top = {p: v for p, v in w.activations.items() if p in tops}
-    kept = tensor_conv_maps(lv, replace(w, activations=top), mesh, shards, channels)
+    # the images as without remat below 128 images per device; from there on the argument is read in place (the
+    # f32 fsdp=2,model=4 dump makes its bf16[128,224,224,3] inside the conv's fusions, keeps none)
+    kept = tensor_conv_maps(lv, replace(w, activations=top), mesh, shards, channels, images_below=LANES)
     pooled = sum(map_bytes((y[0] // shards, *y[1:]), w.act_item) for y in _pooled(top, channels))
-    return kept, pooled, map_bytes(inputs[0], w.act_item)
+    return kept, pooled, map_bytes(inputs[0][0], w.act_item)  # the gradient: in the step's dtype
 
 
 def stem_phase(w: Workload, stem: tuple[int, int, int]) -> dict[str, int]:
@@ -162,10 +166,28 @@ def stem_phase(w: Workload, stem: tuple[int, int, int]) -> dict[str, int]:
     return {"stem": kept + first + hbm, "stem_grad": hbm} if kept else {}
 
 
-def _block_inputs(w: Workload, shards: int) -> list[tuple[int, ...]]:
-    """The 4-D inputs on a device of the traced layers that hold others (the remat'd blocks), in trace order."""
-    return [(a.inputs[0][0] // shards, *a.inputs[0][1:]) for p in remat_blocks(w) for a in w.activations[p]
-            if a.inputs and len(a.inputs[0]) == 4]
+def _block_inputs(lv: Leaves, w: Workload, shards: int) -> list[tuple[tuple[int, ...], int]]:
+    """``[(4-D input on a device, bytes per element kept)]`` of the traced layers that hold others (the remat'd
+    blocks), in trace order. A block whose input only its convs read (no identity shortcut: its output is another
+    shape, and every call in it that takes the input is a conv, ResNet's projection blocks) keeps it in bfloat16 in
+    a float32 step, as its convs multiply it (:func:`conv_maps`), since the recompute and their weight gradients
+    read nothing else of it; a block that adds its input to its output keeps it in the step's dtype. The v5e
+    dumps: ResNet-18 f32 fsdp=2,model=4 remat keeps ``block_2``'s input ``bf16[128,56,56,64]``
+    (``add_maximum_fusion``) and ``block_4``'s ``bf16[128,28,28,128]`` (``copy-start.5``) next to the identity
+    blocks' ``f32[128,56,56,64]`` (``copy-start``, ``add_maximum_fusion.1``) and ``f32[128,28,28,128]``; f32
+    fsdp=8 ``block_2``'s ``bf16[32,56,56,64]`` (``benchmarks/tpu_aot_notes.md``, twentieth round)."""
+    convs = set(_layers(lv, "conv"))
+    out = []
+    for p in remat_blocks(w):
+        for a in w.activations[p]:
+            if not (a.inputs and len(a.inputs[0]) == 4):
+                continue
+            x = tuple(a.inputs[0])
+            readers = [q for q, calls in w.activations.items() if q.startswith(p + "/")
+                       and any(c.inputs and tuple(c.inputs[0]) == x for c in calls)]
+            conv_only = tuple(a.output) != x and readers and all(q in convs for q in readers)
+            out.append(((x[0] // shards, *x[1:]), min(w.act_item, 2) if conv_only else w.act_item))
+    return out
 
 
 def remat_blocks(w: Workload) -> list[str]:
@@ -201,7 +223,8 @@ def conv_working(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> int:
     return CONV_WORKING * largest
 
 
-def tensor_conv_maps(lv: Leaves, w: Workload, mesh: MeshShape, shards: int, channels: set[int]) -> int:
+def tensor_conv_maps(lv: Leaves, w: Workload, mesh: MeshShape, shards: int, channels: set[int],
+                     images_below: int = 0) -> int:
     """A conv net's feature maps as XLA:TPU keeps them on a device when a tensor axis splits its convs, or from
     :data:`FOLD_BELOW` images per device on without one (the ResNet-18 fsdp=8 dump at 32 images per device
     keeps these buffers, 397 MiB against 396.7 by this rule, ``tpu_aot_notes.md``, twelfth round).
@@ -221,7 +244,8 @@ def tensor_conv_maps(lv: Leaves, w: Workload, mesh: MeshShape, shards: int, chan
     column-split conv that reads it whole). f32: these buffers sum to 391 MiB, the HBM live
     set at the backward start is 395 MiB and its peak 411 MiB (the first block's backward working
     set on top); bf16: 220 MiB against 168 MiB in HBM, as up to 89 MiB of the stage-1 maps sit in
-    the on-chip memory space ``S(1)`` there (not modelled: an upper bound for small steps).
+    the on-chip memory space ``S(1)`` there (not modelled: an upper bound for small steps). ``images_below``:
+    count the images only when a device's are fewer (:func:`images_bytes`; :func:`remat_stem` passes 128).
     """
     # a norm normalises the previous traced layer's output: its channels on a device
     splits, prev = {}, 1
@@ -245,7 +269,7 @@ def tensor_conv_maps(lv: Leaves, w: Workload, mesh: MeshShape, shards: int, chan
                 x = (a.inputs[0][0] // shards, *a.inputs[0][1:]) if a.inputs else ()
                 if _overlaps(d, a) and x[-1] in channels and _images_in_lanes(x, w.act_item):
                     kept += map_bytes(x, w.act_item)
-    kept += images_bytes(w.activations, shards, skip=channels)
+    kept += images_bytes(w.activations, shards, skip=channels, below=images_below)
     kept += sum(map_bytes((y[0] // shards, *y[1:]), w.act_item) for y in _pooled(w.activations, channels))
     return int(kept)
 
