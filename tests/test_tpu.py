@@ -449,3 +449,39 @@ def test_tpu_keeps_every_layers_gathered_weights_and_the_estimate_counts_them():
     kept = est.breakdown.gathered_kept
     assert kept == 16 * 2**20  # two layers beyond the working set's two, 8 MiB each
     assert abs(est.peak - peak) <= 0.1 * peak and est.peak - kept < 0.8 * peak
+
+
+class _TwoLookups(nn.Module):
+    """One table looked up by two id arrays (an encoder's and a decoder's) and tied to the logits."""
+
+    vocab: int
+
+    @nn.compact
+    def __call__(self, src, tgt):
+        emb = nn.Embed(self.vocab, 256, name="shared")
+        h = emb(src) + nn.Dense(256, name="mix")(emb(tgt))
+        return emb.attend(nn.Dense(256, name="body")(h))
+
+
+@needs_libtpu
+@pytest.mark.parametrize("vocab", [2048, 2056])
+def test_two_lookups_of_a_tied_table_are_resharded_by_all_to_alls_on_tpu(vocab):
+    # XLA:TPU folds the two lookups' scatter-adds into one scatter onto the logits' weight gradient, its ids
+    # and updates concatenated along the batch and resharded over the batch axis by two rounds of
+    # all-to-alls: 2 (n-1)/n * local rows * (width * 4 + 4) bytes; only while the lookups' 2048 rows are
+    # fewer than the table's (2056 rows; at 2048 the scatters stay apart). XLA:CPU compiles no all-to-all.
+    from jax.sharding import PartitionSpec as P
+
+    net, ids = _TwoLookups(vocab), (jax.ShapeDtypeStruct((8, 128), jnp.int32),) * 2
+    v = jax.eval_shape(net.init, jax.random.key(0), *ids)
+    p = tpflax.plan(v, {"fsdp": 2, "model": 4}, rules=[("shared", P(None, "fsdp")), ("mix", "replicate"),
+                                                       ("body", "replicate")], model=net, sample=ids)
+    mesh = tpflax.make_mesh(p.mesh.sizes, target="tpu-v5e:2x4")
+    loss = lambda out, *_: jnp.mean(out ** 2)  # noqa: E731
+    ts = tpflax.make_train_step(net, p, mesh, optax.adamw(1e-3), sample=ids, loss=loss)
+    compiled = tpflax.dry_run(ts, p, mesh).comm().get("all-to-all", {})
+    est = tpflax.estimate(p, optax.adamw(1e-3), model=net, sample=ids, loss=loss, backend="tpu").comm
+    rows = 2 * 8 * 128 // 2  # both lookups' rows on one device
+    assert compiled == est.get("all-to-all", {}) == ({"fsdp": 2 * 1 / 2 * rows * (256 * 4 + 4)} if vocab > 2048 else {})
+    cpu = tpflax.estimate(p, optax.adamw(1e-3), model=net, sample=ids, loss=loss, backend="cpu").comm
+    assert "all-to-all" not in cpu
