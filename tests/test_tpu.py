@@ -471,15 +471,16 @@ def _kept(hlo: str, shape: tuple[int, ...]) -> set[tuple[str, str]]:
 
 
 @needs_libtpu
-@pytest.mark.parametrize("n", [32, 128])
-def test_a_float32_projection_blocks_input_is_kept_in_bfloat16_under_remat_on_tpu(n):
+def test_a_float32_projection_blocks_input_is_kept_in_bfloat16_under_remat_on_tpu():
     # XLA:TPU, a float32 conv net under remat: a block whose input only its convs read (a projection shortcut) keeps
     # that input in bfloat16, the dtype its convs multiply in; a block adding its input to its output keeps it in
     # float32 (the ResNet-18 f32 fsdp=2,model=4 and fsdp=8 remat dumps, benchmarks/tpu_aot_notes.md, twentieth
     # round). The images: relaid out in bfloat16 and kept for the stem conv's weight gradient at 32 images per
-    # device, not at 128 (the argument is read in place). The zoo cnn (~30 s a compile): block_0 adds its input
-    # (the max-pool's output), block_1 and block_2 project theirs. The estimate's side, exactly: test_peak.py's
+    # device, not at 128 (the argument is read in place). The zoo cnn (~20-30 s a compile, so one: 128 images per
+    # device; the 32-image side is the grid's ResNet-18 rows): block_0 adds its input (the max-pool's output),
+    # block_1 and block_2 project theirs. The estimate's side, exactly: test_peak.py's
     # test_remat_conv_net_keeps_its_stem_and_block_inputs_laid_out_as_whole_maps
+    n = 128
     m = zoo.get("cnn", max_pool=True, remat=True)
     p = tpflax.plan(m.abstract_variables(), {"fsdp": 8})
     mesh = tpflax.make_mesh({"fsdp": 8}, target="tpu-v5e:2x4")
@@ -494,4 +495,40 @@ def test_a_float32_projection_blocks_input_is_kept_in_bfloat16_under_remat_on_tp
     assert kept == [{"f32"}, {"bf16"}, {"bf16"}], kept
     (stem,) = acts["conv_init"]
     images = {d for d, op in _kept(dr.hlo_text, (n, *stem.inputs[0][1:])) if "batch" in op}
-    assert images == ({"bf16"} if n < 128 else set())
+    assert images == set()
+
+
+class _TwoLookups(nn.Module):
+    """One table looked up by two id arrays (an encoder's and a decoder's) and tied to the logits."""
+
+    vocab: int
+
+    @nn.compact
+    def __call__(self, src, tgt):
+        emb = nn.Embed(self.vocab, 256, name="shared")
+        h = emb(src) + nn.Dense(256, name="mix")(emb(tgt))
+        return emb.attend(nn.Dense(256, name="body")(h))
+
+
+@needs_libtpu
+@pytest.mark.parametrize("vocab", [2048, 2056])
+def test_two_lookups_of_a_tied_table_are_resharded_by_all_to_alls_on_tpu(vocab):
+    # XLA:TPU folds the two lookups' scatter-adds into one scatter onto the logits' weight gradient, its ids
+    # and updates concatenated along the batch and resharded over the batch axis by two rounds of
+    # all-to-alls: 2 (n-1)/n * local rows * (width * 4 + 4) bytes; only while the lookups' 2048 rows are
+    # fewer than the table's (2056 rows; at 2048 the scatters stay apart). XLA:CPU compiles no all-to-all.
+    from jax.sharding import PartitionSpec as P
+
+    net, ids = _TwoLookups(vocab), (jax.ShapeDtypeStruct((8, 128), jnp.int32),) * 2
+    v = jax.eval_shape(net.init, jax.random.key(0), *ids)
+    p = tpflax.plan(v, {"fsdp": 2, "model": 4}, rules=[("shared", P(None, "fsdp")), ("mix", "replicate"),
+                                                       ("body", "replicate")], model=net, sample=ids)
+    mesh = tpflax.make_mesh(p.mesh.sizes, target="tpu-v5e:2x4")
+    loss = lambda out, *_: jnp.mean(out ** 2)  # noqa: E731
+    ts = tpflax.make_train_step(net, p, mesh, optax.adamw(1e-3), sample=ids, loss=loss)
+    compiled = tpflax.dry_run(ts, p, mesh).comm().get("all-to-all", {})
+    est = tpflax.estimate(p, optax.adamw(1e-3), model=net, sample=ids, loss=loss, backend="tpu").comm
+    rows = 2 * 8 * 128 // 2  # both lookups' rows on one device
+    assert compiled == est.get("all-to-all", {}) == ({"fsdp": 2 * 1 / 2 * rows * (256 * 4 + 4)} if vocab > 2048 else {})
+    cpu = tpflax.estimate(p, optax.adamw(1e-3), model=net, sample=ids, loss=loss, backend="cpu").comm
+    assert "all-to-all" not in cpu

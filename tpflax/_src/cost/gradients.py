@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 from tpflax._src.cost.batch import config_value
+from tpflax._src.cost.lookups import lookup_concat_items
 from tpflax._src.cost.price import tpu_gather_item, tpu_reduce_scatters
 from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.scope import Scope, axes_of, body, drop_layers, is_tied, leaf_itemsize
@@ -23,7 +24,8 @@ VOCAB_SHARD_BYTES, VOCAB_SHARD_ROWS = 17 << 20, 64
 
 
 def gradient_items(s: Scope) -> list[CommItem]:
-    """fsdp all-gathers of every parameter, and gradient reductions of every trainable one."""
+    """fsdp all-gathers of every parameter, and gradient reductions of every trainable one (with XLA:TPU's
+    all-to-alls of a tied table's lookups scattered as one: :mod:`tpflax._src.cost.lookups`)."""
     x_shape = s.batch.leaves[0][1]
     steps = int(config_value(s.config, "seq_len", 0) or (x_shape[1] if len(x_shape) >= 2 else 1))
     items: list[CommItem] = []
@@ -68,7 +70,7 @@ def gradient_items(s: Scope) -> list[CommItem]:
                                       count * k * (parts - 1), label,
                                       f"used whole {parts} times (a tied table's lookup and logits, a shared "
                                       "layer): each use's gradient is reduced separately"))
-    return items
+    return items + lookup_concat_items(s)
 
 
 def loop_reps(s: Scope, path: str, d: Any, steps: int) -> tuple[int, bool]:
