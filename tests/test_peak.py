@@ -1040,6 +1040,42 @@ def test_vit_end_of_forward_pass_is_a_phase_by_name(dtype):
     assert _estimate("vit", {"fsdp": 8}, batch=64)[2].breakdown.forward_end > 0
 
 
+def test_end_of_forward_pass_counts_a_scanned_stacks_norms_once_per_layer():
+    # each block's first norm and the final norm keep their input, not their output (forward_end.norm_dups): a
+    # scanned stack's norm runs once per layer, where a linen trace records its body once or twice (4 layers: the
+    # scan counted two ln_1 outputs where its unrolled twin counts four)
+    from tpflax._src.cost.forward_end import norm_dups
+    from tpflax._src.cost.leaves import merge
+    from tpflax._src.cost.workload import prepare
+
+    class Layer(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return x + nn.Dense(64, name="fc")(nn.LayerNorm(name="ln_1")(x)), None
+
+    class Net(nn.Module):
+        scan: bool
+
+        @nn.compact
+        def __call__(self, x):
+            if self.scan:
+                x = nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=4)(
+                    name="layers")(x, None)[0]
+            else:
+                for i in range(4):
+                    x, _ = Layer(name=f"layers_{i}")(x, None)
+            return nn.LayerNorm(name="ln_f")(x)
+
+    x = jax.ShapeDtypeStruct((8, 16, 64), jnp.float32)
+    got = {}
+    for scan in (False, True):
+        m = Net(scan)
+        p = tpflax.plan(jax.eval_shape(m.init, jax.random.key(0), x), {"data": 2})
+        w = prepare(p, ADAM, model=m, sample=(x,))
+        got[scan] = norm_dups(merge(p.decisions, w.activations, w.opt, w.saved), w, 2)
+    assert got[True] == got[False] == (4 + 1) * 8 * 16 * 64 * 4 // 2  # four ln_1 and ln_f, 8 examples over data=2
+
+
 def test_trace_sees_an_exact_gelu_between_two_kernels():
     # the second hidden of a 16-bit step is the exact GELU's (erf): ViT's fc1 -> fc2, not GPT-2's tanh GELU
     from tpflax._src.cost.traced import traced_uses

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 
-from tpflax._src.cost.activations import activation_bytes, layer_key, top_level
+from tpflax._src.cost.activations import activation_bytes, layer_key, layer_runs, top_level
 from tpflax._src.cost.leaves import Leaves
 from tpflax._src.cost.residual import alike_path, residual_outputs
 from tpflax._src.cost.workload import Workload
@@ -61,8 +61,11 @@ def final_norm(lv: Leaves, w: Workload) -> tuple[str, str] | None:
 def norm_dups(lv: Leaves, w: Workload, shards: int) -> int:
     """Bytes on a device of the traced norm outputs whose input is already kept: a norm that is the first
     call of the block holding it (it reads the block's input, the previous top-level call's output) and
-    the final norm (it reads the last block's output). XLA:TPU keeps the input and recomputes the output."""
-    keys = list(w.activations)
+    the final norm (it reads the last block's output). XLA:TPU keeps the input and recomputes the output.
+    A scanned stack's norm counts once per layer (:func:`layer_runs`: a linen trace records its body once or
+    twice, whatever the layer count)."""
+    runs = layer_runs(w.activations, lv.stacks)
+    keys = list(runs)
     norms = _norms(lv)
     fin = final_norm(lv, w)
     total = 0.0
@@ -75,7 +78,7 @@ def norm_dups(lv: Leaves, w: Workload, shards: int) -> int:
         else:
             dup = fin is not None and fin[0] == path
         if dup:
-            total += sum(math.prod(a.output) for a in w.activations[path] if a.inputs and a.inputs[0] == a.output)
+            total += sum(math.prod(a.output) for a in runs[path] if a.inputs and a.inputs[0] == a.output)
     return int(total * w.act_item / shards)
 
 
