@@ -570,6 +570,19 @@ def test_report_shows_the_breakdown():
         assert word in text
 
 
+def test_report_header_sums_the_phase_it_names():
+    # the header's formula is the phase's: a phase priced whole (the end of the forward pass, a conv stem's
+    # backward) is named, not written as saved + layer + logits, and the heap's slack the temp counts is said
+    fwd = Peak(arguments=3, activations=6, gathered=5, attention=4, phased=True, forward_end=12)
+    assert fwd.phase()[0] == "forward end"
+    assert "(at the forward end; arguments + max(end of the forward pass, grads" in fwd.report_lines()[0]
+    stem = Peak(activations=10, stem=12, stem_grad=6)  # the gradient above the saved set: slack 10 + 6 - 12, twice
+    assert stem.phase() == ("stem backward", {"stem": 12, "heap_slack": 8}) and stem.total == 20
+    assert "(at the stem backward; arguments + max(conv stem backward + heap slack 8 B, grads" in stem.report_lines()[0]
+    start = Peak(activations=6, gathered=5, logits=3)
+    assert "(at the backward start; arguments + max(saved + layer + logits, grads" in start.report_lines()[0]
+
+
 @pytest.mark.slow
 def test_tpu_compile_small_step_on_v5e():
     """One small step compiled by the TPU compiler (libtpu's AOT path; no TPU needed)."""

@@ -309,7 +309,11 @@ class Peak:
     def report_lines(self) -> list[str]:
         fmt = fmt_bytes
         at = self.phase()[0]
-        out = [f"  peak per device{fmt(self.total):>13}  (at the {at}; arguments + max(saved + layer + logits, "
+        # the formula's first side is the start-side phase's: a phase priced whole is named, not summed
+        name, held = self._start_phase()
+        start = {"forward end": "end of the forward pass", "stem backward": "conv stem backward"}.get(
+            name, "saved + layer + logits") + (f" + heap slack {fmt(held['heap_slack'])}" if "heap_slack" in held else "")
+        out = [f"  peak per device{fmt(self.total):>13}  (at the {at}; arguments + max({start}, "
                "grads + last gathered layer))",
                f"    {'arguments':<36}{fmt(self.arguments):>12}  params, optimizer and model state, batch",
                f"    {'saved activations':<36}{fmt(self.activations):>12}  layer outputs kept for backward",
@@ -340,8 +344,9 @@ class Peak:
                 f"    {'gradients (at the end)':<36}{fmt(self.grads):>12}  + last gathered layer "
                 f"{fmt(self.gathered_last)}"]
         if self.forward_end:
-            out.insert(-1, f"    {'end of the forward pass (a phase)':<36}{fmt(self.forward_end):>12}  larger than the "
-                       "last attention backward: norm inputs kept, the final norm's float32 maps, no scores in flight")
+            out.insert(-1, f"    {'end of the forward pass (a phase)':<36}{fmt(self.forward_end):>12}  the live set "
+                       "then, beside the arguments: norm inputs kept for outputs, the final norm's float32 maps, no "
+                       "scores in flight")
         if self.stem:
             out.insert(-1, f"    {'conv stem backward (a phase)':<36}{fmt(self.stem):>12}  its kept maps and gradients"
                        + (f"; the pool input's gradient {fmt(self.stem_grad)} in HBM above the saved set (the "
