@@ -1089,6 +1089,40 @@ def test_end_of_forward_pass_counts_a_scanned_stacks_norms_once_per_layer():
     assert got[True] == got[False] == (4 + 1) * 8 * 16 * 64 * 4 // 2  # four ln_1 and ln_f, 8 examples over data=2
 
 
+def test_end_of_forward_pass_keeps_a_pre_norm_wrappers_mid_stream_norm():
+    # only a norm reading its top-level block's input (the previous block's output, already counted) or the last
+    # block's output has its output taken out for its input (forward_end.norm_dups): in pre-norm wrappers
+    # (block_i/pre_attn/ln, block_i/pre_mlp/ln) the second norm reads the mid-stream, an add no traced call returns,
+    # and its output stands for it; the rule had taken out each wrapper's first norm (3 layers: 7 maps, not 4)
+    from tpflax._src.cost.forward_end import norm_dups
+    from tpflax._src.cost.leaves import merge
+    from tpflax._src.cost.workload import prepare
+
+    class PreNorm(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(64, name="fn")(nn.LayerNorm(name="ln")(x))
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = x + PreNorm(name="pre_attn")(x)
+            return x + PreNorm(name="pre_mlp")(x)
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for i in range(3):
+                x = Block(name=f"block_{i}")(x)
+            return nn.LayerNorm(name="ln_f")(x)
+
+    x = jax.ShapeDtypeStruct((8, 16, 64), jnp.float32)
+    m = Net()
+    p = tpflax.plan(jax.eval_shape(m.init, jax.random.key(0), x), {"data": 2})
+    w = prepare(p, ADAM, model=m, sample=(x,))
+    assert norm_dups(merge(p.decisions, w.activations, w.opt, w.saved), w, 2) == (3 + 1) * 8 * 16 * 64 * 4 // 2
+
+
 def test_trace_sees_an_exact_gelu_between_two_kernels():
     # the second hidden of a 16-bit step is the exact GELU's (erf): ViT's fc1 -> fc2, not GPT-2's tanh GELU
     from tpflax._src.cost.traced import traced_uses

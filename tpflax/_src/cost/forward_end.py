@@ -60,23 +60,26 @@ def final_norm(lv: Leaves, w: Workload) -> tuple[str, str] | None:
 
 def norm_dups(lv: Leaves, w: Workload, shards: int) -> int:
     """Bytes on a device of the traced norm outputs whose input is already kept: a norm that is the first
-    call of the block holding it (it reads the block's input, the previous top-level call's output) and
-    the final norm (it reads the last block's output). XLA:TPU keeps the input and recomputes the output.
-    A scanned stack's norm counts once per layer (:func:`layer_runs`: a linen trace records its body once or
-    twice, whatever the layer count)."""
+    call of the top-level block holding it, at any depth (it reads the block's input, the previous top-level
+    call's output; a pre-norm wrapper's ``block_0/pre_mlp/ln`` reads the mid-stream, which no traced call
+    returns) and the final norm (it reads the last block's output). XLA:TPU keeps the input and recomputes the
+    output. A scanned stack's norm counts once per layer (:func:`layer_runs`: a linen trace records its body
+    once or twice, whatever the layer count)."""
     runs = layer_runs(w.activations, lv.stacks)
     keys = list(runs)
+    tops = top_level(keys)
     norms = _norms(lv)
     fin = final_norm(lv, w)
     total = 0.0
     for path in keys:
         if alike_path(path) not in norms:
             continue
-        if "/" in path:
-            parent = path.rsplit("/", 1)[0]
-            dup = next(k for k in keys if k.startswith(parent + "/")) == path
-        else:
+        if path in tops:
             dup = fin is not None and fin[0] == path
+        else:
+            parts = path.split("/")
+            block = next(("/".join(parts[:i]) for i in range(1, len(parts)) if "/".join(parts[:i]) in tops), None)
+            dup = block is not None and next(k for k in keys if k.startswith(block + "/")) == path
         if dup:
             total += sum(math.prod(a.output) for a in runs[path] if a.inputs and a.inputs[0] == a.output)
     return int(total * w.act_item / shards)
