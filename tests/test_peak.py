@@ -986,7 +986,11 @@ def test_the_peak_phase_holds_what_the_total_counts(values, phased, loss_apart):
     else:
         layer = b.gathered + b.attention + b.recompute + b.expert_work + b.conv_work
     if loss_apart:
-        live = saved + max(b.logits + b.logits_grad + b.head, b.gathered_async + layer - b.tail)
+        last = saved + b.gathered_async + layer - b.tail
+        if b.scan_grads or b.scan_stack:  # a scanned stack's backward loop: its gradients, its carried buffers again
+            last += b.scan_grads
+            last += max(0, min(b.scan_stack + b.scan_grads, last - b.scan_stack))
+        live = max(saved + b.logits + b.logits_grad + b.head, last)
     else:
         live = saved + b.gathered_async + layer + b.logits + b.logits_grad
     live = max(live, b.stem)
