@@ -12,7 +12,9 @@ schedule), ``*-buffer-assignment.txt`` (each value's offset and size in the prea
 the default memory space) and the optimized HLO's ``op_name`` metadata (printed next to each value),
 and reports the bytes in use at each step as the union of the live values' ``[offset, offset +
 size)`` ranges (values sharing a buffer count once). Used for the "Row outputs" and later sections
-of ``tpu_aot_notes.md``.
+of ``tpu_aot_notes.md``. A while loop's carried values (``(phi)`` in the buffer assignment: a scanned
+stack's saved inputs and gradient stacks) are live values too; the compiled temp does not count them
+(:func:`carried`, twentieth round).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import argparse
 import glob
 import re
 
-VALUE = re.compile(r" value: <\d+ (\S+) @\d+> \(size=(\d+),offset=(\d+)\): (\S+)")
+VALUE = re.compile(r" value: <\d+ (\S+)(?: \(phi\))? @\d+> \(size=(\d+),offset=(\d+)\): (\S+)")
+PHI = re.compile(r" value: <\d+ (\S+) \(phi\) @\d+>")
 MIB = 2 ** 20
 
 
@@ -80,6 +83,17 @@ def read(dump: str) -> tuple[list[tuple[str, int, int, str, int, int]], int]:
     return out, heap
 
 
+def carried(dump: str, vals) -> set[str]:
+    """The names of the values a while loop carries: its ``(phi)`` values and the in-place
+    ``dynamic-update-slice`` fusions into their buffers (a scanned stack's saved inputs stack as the forward
+    loop writes it). XLA:TPU's compiled temp is ``2 heap - L'``, ``L'`` the largest live set without these and
+    without the async collectives' values (``tpu_aot_notes.md``, twentieth round)."""
+    ba, _ = step_files(dump)
+    phis = {m.group(1) for line in open(ba) if (m := PHI.match(line))}
+    slots = {(o, s) for n, o, s, *_ in vals if n in phis}
+    return phis | {n for n, o, s, *_ in vals if (o, s) in slots and "dynamic-update-slice" in n}
+
+
 def in_use(vals, step: int) -> int:
     """Bytes of the heap in use at ``step``: the union of the live values' ranges."""
     total, end = 0, -1
@@ -123,11 +137,12 @@ def main() -> int:
     print(f"step {step} of {steps}: {in_use(vals, step) / MIB:.0f} MiB live, heap {heap / MIB:.0f} MiB")
     if args.temp is not None:
         peak = max(in_use(vals, t) for t in range(steps))
-        sync = [v for v in vals if not v[0].startswith("async-collective")]
+        loop = carried(args.dump, vals)
+        sync = [v for v in vals if not v[0].startswith("async-collective") and v[0] not in loop]
         flat = max(in_use(sync, t) for t in range(steps))  # L': temp = heap + (heap - L') (tpu_aot_notes.md)
         print(f"temp {args.temp / MIB:.1f} MiB: temp - heap {(args.temp - heap) / MIB:.1f} MiB, "
               f"heap - live peak {(heap - peak) / MIB:.1f} MiB, heap - the largest live set without "
-              f"async collectives {(heap - flat) / MIB:.1f} MiB")
+              f"async collectives and loop-carried values {(heap - flat) / MIB:.1f} MiB")
     seen, ops = set(), op_names(args.dump)
     if args.holes:
         def named(vs):

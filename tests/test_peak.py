@@ -1011,7 +1011,11 @@ def test_the_peak_phase_holds_what_the_total_counts(values, phased, loss_apart):
     else:
         layer = b.gathered + b.attention + b.recompute + b.expert_work + b.conv_work
     if loss_apart:
-        live = saved + max(b.logits + b.logits_grad + b.head, b.gathered_async + layer - b.tail)
+        last = saved + b.gathered_async + layer - b.tail
+        if b.scan_grads or b.scan_stack:  # a scanned stack's backward loop: its gradients, the carried set again
+            last += b.scan_grads
+            last += max(0, min(b.scan_stack + b.scan_grads, last - b.scan_stack))
+        live = saved + max(b.logits + b.logits_grad + b.head, last - saved)
     elif b.forward_end:
         live = b.forward_end
     else:
@@ -1026,6 +1030,8 @@ def test_the_peak_phase_holds_what_the_total_counts(values, phased, loss_apart):
         assert not held.keys() & {"recompute", "gathered", "attention", "tail"}
     if name == "backward start: last layer":  # the logits are dead in it
         assert not held.keys() & {"logits", "logits_grad", "head"}
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_vit_end_of_forward_pass_is_a_phase_by_name(dtype):
     # XLA:TPU, remat off: the six ViT-B/16 v5e dumps peak at the end of the forward pass, in ln_f (197 tokens: the

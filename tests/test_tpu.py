@@ -532,3 +532,51 @@ def test_two_lookups_of_a_tied_table_are_resharded_by_all_to_alls_on_tpu(vocab):
     assert compiled == est.get("all-to-all", {}) == ({"fsdp": 2 * 1 / 2 * rows * (256 * 4 + 4)} if vocab > 2048 else {})
     cpu = tpflax.estimate(p, optax.adamw(1e-3), model=net, sample=ids, loss=loss, backend="cpu").comm
     assert "all-to-all" not in cpu
+
+
+_SCAN_STEP = """
+import json, sys
+import jax.numpy as jnp, optax, tpflax
+from tpflax import zoo
+m = zoo.get("llama-2-7b-scan", "real", n_layers=2, seq_len=1024, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+p = tpflax.plan(m.abstract_variables(), {"fsdp": 8})
+mesh = tpflax.make_mesh({"fsdp": 8}, target="tpu-v5e:2x4")
+dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, optax.adamw(1e-4), 8), p, mesh)
+b = tpflax.estimate(p, optax.adamw(1e-4), 8, model=m, target="tpu-v5e:2x4", remat=True).breakdown
+print(json.dumps({"temp": dr.memory["temp"], "grads": b.scan_grads, "stack": b.scan_stack, "phase": b.phase()}))
+"""
+
+
+@needs_libtpu
+def test_a_scanned_remat_stacks_backward_loop_carries_its_gradients_and_the_temp_counts_them_again(tmp_path):
+    # XLA:TPU compiles a scanned stack's backward pass as a while loop that carries every layer's gradient
+    # stack from its first iteration and the saved inputs stack, and its compiled temp is 2 heap - L', L' the
+    # largest live set without the loops' carried values and the async collectives' (benchmarks/tpu_aot_notes.md,
+    # twentieth round). Llama-2-7B's width, 2 scanned bf16 layers of 1024 tokens (~45 s), read off its buffer dump:
+    # at the HBM peak (the last layer's backward) the loop carries exactly the estimate's scan_grads and scan_stack,
+    # its loop_carried counts them again, and the temp follows the law (to 1 MiB: small values XLA pads apart)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import tpu_live
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent), "TPU_SKIP_MDS_QUERY": "1",
+           "XLA_FLAGS": f"--xla_dump_to={tmp_path} --xla_dump_hlo_as_text"}
+    run = subprocess.run([sys.executable, "-c", _SCAN_STEP], env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    r = json.loads(run.stdout.strip().splitlines()[-1])
+    vals, heap = tpu_live.read(str(tmp_path))
+    loop = tpu_live.carried(str(tmp_path), vals)
+    steps = range(max(v[5] for v in vals) + 1)
+    peak = max(steps, key=lambda t: tpu_live.in_use(vals, t))
+    held = [v for v in vals if v[0] in loop and v[4] <= peak <= v[5] and v[3].startswith("bf16[")]  # not the counter
+    stack = [v for v in held if len(v[3].split(",")) == 4 and v[3].endswith(",1024,4096]")]  # bf16[2,1,1024,4096]
+    assert sum(v[2] for v in stack) == r["stack"] == 2 * 1024 * 4096 * 2
+    assert sum(v[2] for v in held) - r["stack"] == r["grads"]  # the seven kernels' and two norms' gradient stacks
+    name, terms = r["phase"]
+    assert name == "backward start: last layer" and terms["scan_grads"] == r["grads"]
+    assert terms["loop_carried"] == r["grads"] + r["stack"]
+    flat = max(tpu_live.in_use([v for v in vals if v[0] not in loop and not v[0].startswith("async-collective")], t)
+               for t in steps)
+    assert abs(r["temp"] - (2 * heap - flat)) < 2**20
+    without = max(tpu_live.in_use([v for v in vals if not v[0].startswith("async-collective")], t) for t in steps)
+    # the law read without the loop's values (ninth round) falls short by what the loop carries
+    assert abs(r["temp"] - (2 * heap - without) - (r["grads"] + r["stack"])) < 2**20

@@ -100,14 +100,14 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
             f"that is a multiple of {shards}")
     notes: list[str] = []
     if w.remat and w.backend == "tpu" and any(d.layers_dim is not None for d in lv.decisions.values()):
-        # measured (dry runs and buffer dumps, Llama-2-7B width): a remat'd scanned stack's compiled
-        # temp is its live values plus XLA:TPU's loose packing of the loop's buffers; unrolled
-        # remat'd layers compile to this estimate (-0.3% at 8 layers, -2.6% at 32)
-        notes.append("remat on TPU over a scanned stack: XLA:TPU packs the loop's buffers loosely; measured at "
-                     "Llama-2-7B width, the compiled peak was 1.35x to 1.65x this estimate while its live values "
-                     "stayed below it (llama-2-7b-scan on v5e-256: 4.2 GiB against 3.1; 8 layers, fsdp=2,model=4: "
-                     "9.1 GiB against 5.5 before a scanned layer's recompute was counted whole); check with "
-                     "dry_run before booking")
+        # measured (dry runs and buffer dumps, Llama-2-7B width, benchmarks/tpu_aot_notes.md, twentieth round): the
+        # loop's carried buffers are in the peak (Peak.scan_grads, Peak.scan_stack); what is left is the heap's slack
+        # and, on fsdp-only meshes, the float32 logits XLA:TPU keeps through the backward loop
+        notes.append("remat on TPU over a scanned stack: the peak counts the backward loop's carried gradients and "
+                     "inputs stack, which the compiled temp holds twice; measured at Llama-2-7B width: -2.0% on "
+                     "v5e-256 (fsdp=32,model=8), -3% to -22% at 2-4 layers on v5e:2x4 (the heap's slack; on fsdp-only "
+                     "meshes also the float32 logits, which XLA:TPU keeps through the loop); check with dry_run "
+                     "before booking")
     if not w.remat and any(d.layers_dim is not None for d in lv.decisions.values()):
         # measured (benchmarks/results/nnx_estimate.md): one decoder, scanned and unrolled alike here
         notes.append("a scanned layer stack without remat: jax saves every intermediate its backward needs "

@@ -33,11 +33,15 @@ parameters and optimizer state donated) holds, per device:
   reads a slice of them, as tpflax's next-token default loss does: then the
   gradient is held apart, :func:`logits_grad_bytes`); on TPU under remat, a phase of their own, with the
   head's gathered kernel, before the last layer's backward starts (``Peak.loss_apart``, ``Peak.head``), by which
-  the last block's and a final norm's saved outputs are dead (``Peak.tail``, :mod:`tpflax._src.cost.remat`).
+  the last block's and a final norm's saved outputs are dead (``Peak.tail``, :mod:`tpflax._src.cost.remat`);
 * on TPU without remat, where the last layer keeps more after its attention than its attention holds in
   flight (ViT-B/16): the end of the forward pass, in the final norm, is the peak, priced by name in place of
   the backward start (each norm's input kept, not its output, the final norm's float32 maps, no score buffer in
-  flight; ``Peak.forward_end``, :mod:`tpflax._src.cost.forward_end`).
+  flight; ``Peak.forward_end``, :mod:`tpflax._src.cost.forward_end`);
+* on TPU under remat, a scanned stack's backward loop: every layer's gradient, carried whole from the last
+  layer's backward on, and its carried buffers (those gradients, the saved inputs stack) counted once more by
+  the compiled temp, up to what the loop's peak holds beside the stack (``Peak.scan_grads``, ``Peak.scan_stack``,
+  :func:`tpflax._src.cost.remat.scan_loop`).
 
 Saved activations and gradients are both linear in the layer count and move in
 opposite directions through the backward pass, so the peak is at one end of
@@ -83,7 +87,7 @@ from tpflax._src.cost.gathered import (
 )
 from tpflax._src.cost.leaves import Leaves
 from tpflax._src.cost.records import Memory, Peak
-from tpflax._src.cost.remat import images_relayout, score_stack, tail_bytes
+from tpflax._src.cost.remat import images_relayout, scan_loop, score_stack, tail_bytes
 from tpflax._src.cost.residual import residual_bytes
 from tpflax._src.cost.scope import body
 from tpflax._src.cost.scope import layers as stacked_layers
@@ -427,6 +431,7 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
     end = forward_end(lv, mesh, w, shards, held, max(working, EXPERT_WORKING * hidden),
                       LOGITS_BUFFERS * logits + logits_grad_bytes(logits, head, w))
     end = 0 if end is None else saved + end + saved_scores + experts + kept + overflow + asynced + two
+    scan_grads, scan_stack = scan_loop(lv, w, mesh, shards) if apart else (0, 0)
     return Peak(arguments=dev.arguments, grads=dev.grads, activations=saved, scores=saved_scores,
                 gathered=two, attention=working, recompute=recompute, gathered_kept=kept,
                 logits=LOGITS_BUFFERS * logits, logits_grad=logits_grad_bytes(logits, head, w), gathered_last=one,
@@ -434,7 +439,8 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
                 expert_work=EXPERT_WORKING * hidden, conv_work=conv_working(lv, w, mesh, shards),
                 gathered_async=asynced, phased=w.backend == "tpu", gathered_overflow=overflow,
                 head=head_kernel + (head_grad if held == 4 else 0), score_stack=stack, loss_apart=apart, tail=tail,
-                expert_phase=expert_phase, forward_end=end, **stem_phase(w, stem))
+                expert_phase=expert_phase, forward_end=end, scan_grads=scan_grads,
+                scan_stack=scan_stack * held // w.act_item, **stem_phase(w, stem))
 
 
 def _overflow(lv: Leaves, mesh: MeshShape, w: Workload) -> int:

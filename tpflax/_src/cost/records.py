@@ -169,6 +169,11 @@ class Peak:
             :attr:`start` is the backward start). By name: the saved set with each norm's input for its output,
             a 16-bit exact GELU's second hidden, the final norm's two float32 maps, the saved probabilities and
             the gathered weights, no score buffer in flight (``tpflax._src.cost.forward_end``).
+        scan_grads: XLA:TPU under remat, a scanned layer stack: its layers' gradients, carried whole by the backward
+            loop from its first iteration (the last layer's backward), in :attr:`grads` too (:attr:`start`).
+        scan_stack: the same stack's saved block inputs, carried by its loops (in :attr:`activations` too); the
+            compiled temp counts the carried buffers once more, up to what the loop's peak holds beside the stack:
+            ``loop_carried`` in :meth:`phase` (``tpflax._src.cost.remat.scan_loop``).
     """
 
     arguments: int = 0
@@ -196,6 +201,8 @@ class Peak:
     tail: int = 0
     expert_phase: int = 0
     forward_end: int = 0
+    scan_grads: int = 0
+    scan_stack: int = 0
 
     @property
     def layer(self) -> int:
@@ -236,6 +243,8 @@ class Peak:
         10
         >>> Peak(activations=6, gathered=5, attention=4, phased=True, forward_end=12).start  # not 6 + 5 + 4
         12
+        >>> Peak(activations=6, gathered=5, logits=3, loss_apart=True, scan_grads=1, scan_stack=4).start  # 12 + min(5, 8)
+        17
         """
         return sum(self._start_phase()[1].values())
 
@@ -254,14 +263,19 @@ class Peak:
         else:
             layer["expert_phase"] = self.expert_phase
         layer["gathered_async"] = self.gathered_async
+        last = {**saved, **layer, "tail": -self.tail}
+        if self.loss_apart and (self.scan_grads or self.scan_stack):
+            # a scanned stack's backward loop: its gradients whole, and the temp counts the carried buffers again
+            last["scan_grads"] = self.scan_grads
+            last["loop_carried"] = max(0, min(self.scan_stack + self.scan_grads, sum(last.values()) - self.scan_stack))
         if not self.loss_apart and self.forward_end:  # the whole live set of that phase, by name
             name, live = "forward end", {"forward_end": self.forward_end}
         elif not self.loss_apart:
             name, live = "backward start", {**saved, **layer, **loss}
-        elif sum(loss.values()) + self.head >= sum(layer.values()) - self.tail:
+        elif sum(loss.values()) + self.head >= sum(last.values()) - sum(saved.values()):
             name, live = "backward start: loss", {**saved, **loss, "head": self.head}
         else:
-            name, live = "backward start: last layer", {**saved, **layer, "tail": -self.tail}
+            name, live = "backward start: last layer", last
         if self.stem > sum(live.values()):
             name, live = "stem backward", {"stem": self.stem}
         # the stem's gradient placed above the saved set: the heap holds both, and the compiled temp
@@ -276,7 +290,8 @@ class Peak:
 
         The terms sum to ``total - arguments``; a term another phase holds is not among them
         (``tail`` is negative: saved outputs dead in the last layer's backward; ``heap_slack`` is
-        the heap's unfilled space the compiled temp counts, see :attr:`start`).
+        the heap's unfilled space the compiled temp counts, see :attr:`start`; ``loop_carried`` a scanned
+        stack's carried buffers counted again, see :attr:`scan_stack`).
 
         >>> Peak(arguments=10, grads=4, activations=6, logits=3).phase()[0]
         'backward start'
@@ -304,7 +319,8 @@ class Peak:
                 "conv_work": self.conv_work, "gathered_async": self.gathered_async,
                 "gathered_overflow": self.gathered_overflow, "head": self.head, "score_stack": self.score_stack,
                 "tail": self.tail, "stem": self.stem, "stem_grad": self.stem_grad, "expert_phase": self.expert_phase,
-                "forward_end": self.forward_end, "total": self.total}
+                "forward_end": self.forward_end,
+                "scan_grads": self.scan_grads, "scan_stack": self.scan_stack, "total": self.total}
 
     def report_lines(self) -> list[str]:
         fmt = fmt_bytes
@@ -347,6 +363,12 @@ class Peak:
             out.insert(-1, f"    {'end of the forward pass (a phase)':<36}{fmt(self.forward_end):>12}  the live set "
                        "then, beside the arguments: norm inputs kept for outputs, the final norm's float32 maps, no "
                        "scores in flight")
+        if self.scan_grads or self.scan_stack:
+            held = self.phase()[1]
+            out.insert(-1, f"    {'scanned stack, backward loop':<36}{fmt(self.scan_grads):>12}  its layers' gradients, "
+                       f"carried whole; the temp counts the carried buffers (inputs stack {fmt(self.scan_stack)}) "
+                       f"again: {fmt(held.get('loop_carried', 0))}" + ("" if "loop_carried" in held else
+                                                                      " (not in the phase that sets the peak)"))
         if self.stem:
             out.insert(-1, f"    {'conv stem backward (a phase)':<36}{fmt(self.stem):>12}  its kept maps and gradients"
                        + (f"; the pool input's gradient {fmt(self.stem_grad)} in HBM above the saved set (the "
