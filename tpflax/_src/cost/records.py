@@ -327,8 +327,11 @@ class Peak:
         at = self.phase()[0]
         # the formula's first side is the start-side phase's: a phase priced whole is named, not summed
         name, held = self._start_phase()
-        start = {"forward end": "end of the forward pass", "stem backward": "conv stem backward"}.get(
-            name, "saved + layer + logits") + (f" + heap slack {fmt(held['heap_slack'])}" if "heap_slack" in held else "")
+        start = {"forward end": "end of the forward pass", "stem backward": "conv stem backward",
+                 "backward start: loss": "saved + logits + head",
+                 "backward start: last layer": "saved + layer - dead outputs"}.get(name, "saved + layer + logits")
+        start += " + the loop's gradients + its carried buffers again" if "loop_carried" in held else ""
+        start += f" + heap slack {fmt(held['heap_slack'])}" if "heap_slack" in held else ""
         out = [f"  peak per device{fmt(self.total):>13}  (at the {at}; arguments + max({start}, "
                "grads + last gathered layer))",
                f"    {'arguments':<36}{fmt(self.arguments):>12}  params, optimizer and model state, batch",
