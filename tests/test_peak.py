@@ -1188,3 +1188,11 @@ def test_vit_end_of_forward_pass_holds_what_the_rule_counts_on_v5e(tmp_path):
             + 32 * (c.image_size // c.patch_size) ** 2 * c.d_model * 4
             + c.n_layers * n * (3 * c.d_model // c.n_heads + c.d_ff // 4) * 4)
     assert b.start == b.forward_end == rest + (2 * c.n_layers + 2) * n * c.d_model * 4
+
+
+@pytest.mark.parametrize("mesh", [{"fsdp": 8}, {"fsdp": 2, "model": 4}])
+def test_a_scanned_stack_gathers_one_layer_at_a_time_like_its_unrolled_twin(mesh):
+    # gathered / gathered_last: one layer of a scanned stack is a block, as layers_i is an unrolled model's
+    # (it was grouped by module: the embedding and head were the two largest "layers")
+    scanned, unrolled = (_estimate(n, mesh)[2].breakdown for n in ("llama-scan", "llama"))
+    assert (scanned.gathered, scanned.gathered_last) == (unrolled.gathered, unrolled.gathered_last) != (0, 0)

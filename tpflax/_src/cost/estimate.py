@@ -104,8 +104,8 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
         # loop's carried buffers are in the peak (Peak.scan_grads, Peak.scan_stack); what is left is the heap's slack
         # and, on fsdp-only meshes, the float32 logits XLA:TPU keeps through the backward loop
         notes.append("remat on TPU over a scanned stack: the peak counts the backward loop's carried gradients and "
-                     "inputs stack, which the compiled temp holds twice; measured at Llama-2-7B width: -2.0% on "
-                     "v5e-256 (fsdp=32,model=8), -3% to -22% at 2-4 layers on v5e:2x4 (the heap's slack; on fsdp-only "
+                     "inputs stack, which the compiled temp holds twice; measured at Llama-2-7B width: -0.4% on "
+                     "v5e-256 (fsdp=32,model=8), -2% to -17% at 2-4 layers on v5e:2x4 (the heap's slack; on fsdp-only "
                      "meshes also the float32 logits, which XLA:TPU keeps through the loop); check with dry_run "
                      "before booking")
     if not w.remat and any(d.layers_dim is not None for d in lv.decisions.values()):

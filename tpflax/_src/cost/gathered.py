@@ -16,6 +16,7 @@ from tpflax._src.cost.activations import layer_key
 from tpflax._src.cost.gradients import gather_item
 from tpflax._src.cost.leaves import Leaves
 from tpflax._src.cost.optstate import shard_bytes
+from tpflax._src.cost.residual import repeated_block
 from tpflax._src.cost.scope import body, leaf_itemsize
 from tpflax._src.cost.scope import layers as stacked_layers
 from tpflax._src.mesh import FSDP, MeshShape
@@ -63,7 +64,8 @@ def gathered_bytes(lv: Leaves, mesh: MeshShape, backend: str = "cpu") -> tuple[i
     next to another layer's (the forward) or next to a layer's whole gradient before its
     reduce-scatter (the backward).
 
-    A scanned stack gathers one layer's slice (the leaf without its layers dim).
+    A scanned stack gathers one layer's slice (the leaf without its layers dim); one layer of the
+    stack is a block, as ``layers_3`` is one of an unrolled model.
     Zero when the mesh has no fsdp axis larger than one. On TPU a float32 matmul kernel is
     gathered as bfloat16 (:func:`tpflax._src.cost.gradients.gather_item`) while its whole gradient
     stays float32: the MoE float32 dumps (fsdp=8 on v5p, fsdp=2,model=4 on v5e) hold
@@ -81,10 +83,14 @@ def gathered_bytes(lv: Leaves, mesh: MeshShape, backend: str = "cpu") -> tuple[i
     grads: dict[str, int] = {}  # the same block's whole gradient, in the stored dtype
     repeats: dict[str, int] = {}  # merged leaves stand for this many alike layers
     for path, d, gathered, grad in _gathered_leaves(lv, mesh, backend):
-        key = block_of(path) if d.layers_dim is None else path.rsplit("/", 1)[0]
+        # a scanned stack's leaves: one layer of the stack is its block, as layers_i is an unrolled one's
+        stack = repeated_block(layer_key(d.unit), lv.stacks) if d.layers_dim is not None else None
+        stack = stack if stack in lv.stacks else None  # not an indexed block's wildcard: the stack itself
+        key = block_of(path) if d.layers_dim is None else stack or path.rsplit("/", 1)[0]
+        count = lv.stacks[stack] if stack else lv.count[path]
         blocks[key] = blocks.get(key, 0) + gathered
         grads[key] = grads.get(key, 0) + grad
-        repeats[key] = min(repeats.get(key, lv.count[path]), lv.count[path])
+        repeats[key] = min(repeats.get(key, count), count)
     top = sorted(((blocks[k], grads[k]) for k in blocks for _ in range(min(repeats[k], GATHERED_LAYERS))),
                  reverse=True)
     if not top:  # no fsdp axis, or one that splits no leaf (a scalar tree, say): nothing is gathered
