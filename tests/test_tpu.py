@@ -534,19 +534,6 @@ def test_two_lookups_of_a_tied_table_are_resharded_by_all_to_alls_on_tpu(vocab):
     assert "all-to-all" not in cpu
 
 
-_SCAN_STEP = """
-import json, sys
-import jax.numpy as jnp, optax, tpflax
-from tpflax import zoo
-m = zoo.get("llama-2-7b-scan", "real", n_layers=2, seq_len=1024, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-p = tpflax.plan(m.abstract_variables(), {"fsdp": 8})
-mesh = tpflax.make_mesh({"fsdp": 8}, target="tpu-v5e:2x4")
-dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, optax.adamw(1e-4), 8), p, mesh)
-b = tpflax.estimate(p, optax.adamw(1e-4), 8, model=m, target="tpu-v5e:2x4", remat=True).breakdown
-print(json.dumps({"temp": dr.memory["temp"], "grads": b.scan_grads, "stack": b.scan_stack, "phase": b.phase()}))
-"""
-
-
 @needs_libtpu
 def test_a_scanned_remat_stacks_backward_loop_carries_its_gradients_and_the_temp_counts_them_again(tmp_path):
     # XLA:TPU compiles a scanned stack's backward pass as a while loop that carries every layer's gradient
@@ -558,11 +545,14 @@ def test_a_scanned_remat_stacks_backward_loop_carries_its_gradients_and_the_temp
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import tpu_live
 
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent), "TPU_SKIP_MDS_QUERY": "1",
-           "XLA_FLAGS": f"--xla_dump_to={tmp_path} --xla_dump_hlo_as_text"}
-    run = subprocess.run([sys.executable, "-c", _SCAN_STEP], env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-2000:]
-    r = json.loads(run.stdout.strip().splitlines()[-1])
+    m = zoo.get("llama-2-7b-scan", "real", n_layers=2, seq_len=1024, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    p = tpflax.plan(m.abstract_variables(), {"fsdp": 8})
+    mesh = tpflax.make_mesh({"fsdp": 8}, target="tpu-v5e:2x4")
+    # this one compile dumps its buffers (compiler options, not XLA_FLAGS: no subprocess)
+    dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, optax.adamw(1e-4), 8), p, mesh,
+                        compiler_options={"xla_dump_to": str(tmp_path), "xla_dump_hlo_as_text": True})
+    b = tpflax.estimate(p, optax.adamw(1e-4), 8, model=m, target="tpu-v5e:2x4", remat=True).breakdown
+    r = {"temp": dr.memory["temp"], "grads": b.scan_grads, "stack": b.scan_stack, "phase": b.phase()}
     vals, heap = tpu_live.read(str(tmp_path))
     loop = tpu_live.carried(str(tmp_path), vals)
     steps = range(max(v[5] for v in vals) + 1)
