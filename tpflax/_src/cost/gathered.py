@@ -16,7 +16,6 @@ from tpflax._src.cost.activations import layer_key
 from tpflax._src.cost.gradients import gather_item
 from tpflax._src.cost.leaves import Leaves
 from tpflax._src.cost.optstate import shard_bytes
-from tpflax._src.cost.residual import repeated_block
 from tpflax._src.cost.scope import body, leaf_itemsize
 from tpflax._src.cost.scope import layers as stacked_layers
 from tpflax._src.mesh import FSDP, MeshShape
@@ -84,10 +83,8 @@ def gathered_bytes(lv: Leaves, mesh: MeshShape, backend: str = "cpu") -> tuple[i
     repeats: dict[str, int] = {}  # merged leaves stand for this many alike layers
     for path, d, gathered, grad in _gathered_leaves(lv, mesh, backend):
         # a scanned stack's leaves: one layer of the stack is its block, as layers_i is an unrolled one's
-        stack = repeated_block(layer_key(d.unit), lv.stacks) if d.layers_dim is not None else None
-        stack = stack if stack in lv.stacks else None  # not an indexed block's wildcard: the stack itself
-        key = block_of(path) if d.layers_dim is None else stack or path.rsplit("/", 1)[0]
-        count = lv.stacks[stack] if stack else lv.count[path]
+        key = block_of(path) if d.layers_dim is None else _stack_of(lv, d)
+        count = lv.stacks.get(key) or lv.count[path]
         blocks[key] = blocks.get(key, 0) + gathered
         grads[key] = grads.get(key, 0) + grad
         repeats[key] = min(repeats.get(key, count), count)

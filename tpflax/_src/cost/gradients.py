@@ -11,7 +11,15 @@ from tpflax._src.cost.batch import config_value
 from tpflax._src.cost.lookups import lookup_concat_items
 from tpflax._src.cost.price import tpu_gather_item, tpu_reduce_scatters
 from tpflax._src.cost.records import CommItem
-from tpflax._src.cost.scope import Scope, axes_of, body, drop_layers, is_tied, leaf_itemsize
+from tpflax._src.cost.scope import (
+    Scope,
+    axes_of,
+    body,
+    drop_layers,
+    grad_bytes,
+    is_tied,
+    leaf_itemsize,
+)
 from tpflax._src.mesh import DATA, FSDP, TENSOR, MeshShape
 from tpflax._src.specs import entries, entry_axes, local_shape, used_axes
 from tpflax._src.tpu import WHOLE_SLICE_GATHER_AR, scatters
@@ -217,7 +225,7 @@ def _gradient_templates(spec, mesh: MeshShape, batch_axes, nbytes: int, item: in
     why_rep = f" at each of {reps} steps of the backward loop (used inside a scan body)" if reps > 1 else ""
     f_axes = _split_axes(spec, mesh)  # a parameter split over a data axis is gathered like fsdp
     free = tuple(a for a in batch_axes if a not in used_axes(spec))
-    gbytes = nbytes if g_item is None else nbytes // item * g_item
+    gbytes = grad_bytes(nbytes, item, g_item)
     nf = math.prod(mesh.sizes[a] for a in f_axes)
     out = []
     apart = tuple(a for a in free if a in rows)  # a row split that does not split the leaf: summed first

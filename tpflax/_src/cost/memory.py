@@ -8,7 +8,7 @@ from tpflax._src.cost.activations import activation_bytes
 from tpflax._src.cost.leaves import Leaves
 from tpflax._src.cost.optstate import shard_bytes
 from tpflax._src.cost.records import Memory
-from tpflax._src.cost.scope import leaf_itemsize
+from tpflax._src.cost.scope import grad_bytes, leaf_itemsize
 from tpflax._src.cost.workload import Workload
 from tpflax._src.facts.tree import itemsize
 from tpflax._src.mesh import MeshShape
@@ -29,10 +29,7 @@ def memory(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, notes: list[st
             state, state_full = state + dev, state_full + full
             continue
         params, params_full = params + dev, params_full + full
-        if w.g_item is None:
-            grads, grads_full = grads + dev, grads_full + full
-        else:
-            grads, grads_full = grads + dev // item * w.g_item, grads_full + full // item * w.g_item
+        grads, grads_full = grads + grad_bytes(dev, item, w.g_item), grads_full + grad_bytes(full, item, w.g_item)
     opt = opt_full = 0
     if w.opt is not None:
         opt = sum(shard_bytes(shape, item, e, mesh) * n for shape, item, e, n in lv.opt)

@@ -212,15 +212,20 @@ class Peak:
         ...                                                          phased=True).layer
         (12, 9)
         """
-        if self.phased:
-            return (self.recompute + self.conv_work
-                    + max(self.gathered + max(self.attention + self.score_stack, self.expert_work), self.expert_phase))
-        return self.gathered + self.attention + self.recompute + self.expert_work + self.conv_work
+        return sum(self._layer_terms().values())
 
-    @property
-    def working(self) -> int:
-        """What is in flight when the backward pass starts: the loss's logits and the last layer's set."""
-        return self.layer + self.logits + self.logits_grad
+    def _layer_terms(self) -> dict[str, int]:
+        """:attr:`layer`'s terms: with :attr:`phased`, those of its larger backward phase (attention or expert)."""
+        layer = {"recompute": self.recompute, "conv_work": self.conv_work}
+        if not self.phased:
+            layer.update(gathered=self.gathered, attention=self.attention, expert_work=self.expert_work)
+        elif self.gathered + max(self.attention + self.score_stack, self.expert_work) >= self.expert_phase:
+            layer["gathered"] = self.gathered
+            layer.update({"attention": self.attention, "score_stack": self.score_stack}
+                         if self.attention + self.score_stack >= self.expert_work else {"expert_work": self.expert_work})
+        else:
+            layer["expert_phase"] = self.expert_phase
+        return layer
 
     @property
     def total(self) -> int:
@@ -253,16 +258,7 @@ class Peak:
         saved = {"activations": self.activations, "scores": self.scores, "experts": self.experts,
                  "gathered_kept": self.gathered_kept, "gathered_overflow": self.gathered_overflow}
         loss = {"logits": self.logits, "logits_grad": self.logits_grad}
-        layer = {"recompute": self.recompute, "conv_work": self.conv_work}
-        if not self.phased:
-            layer.update(gathered=self.gathered, attention=self.attention, expert_work=self.expert_work)
-        elif self.gathered + max(self.attention + self.score_stack, self.expert_work) >= self.expert_phase:
-            layer["gathered"] = self.gathered
-            layer.update({"attention": self.attention, "score_stack": self.score_stack}
-                         if self.attention + self.score_stack >= self.expert_work else {"expert_work": self.expert_work})
-        else:
-            layer["expert_phase"] = self.expert_phase
-        layer["gathered_async"] = self.gathered_async
+        layer = {**self._layer_terms(), "gathered_async": self.gathered_async}
         last = {**saved, **layer, "tail": -self.tail}
         if self.loss_apart and (self.scan_grads or self.scan_stack):
             # a scanned stack's backward loop: its gradients whole, and the temp counts the carried buffers again

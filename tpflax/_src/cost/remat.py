@@ -1,8 +1,8 @@
 """What a remat'd step holds on XLA:TPU beyond its blocks' saved inputs and one layer's recompute.
 
 Under remat the saved activations are the top-level calls' outputs (:mod:`tpflax._src.cost.activations`),
-and on TPU the loss and the last layer's backward are two phases (``Peak.loss_apart``). Two named
-corrections to what the layer phase holds, read off the v5e buffer dumps (``benchmarks/tpu_aot_notes.md``,
+and on TPU the loss and the last layer's backward are two phases (``Peak.loss_apart``). Named
+corrections to what those phases hold, read off the v5e buffer dumps (``benchmarks/tpu_aot_notes.md``,
 nineteenth round):
 
 * :func:`tail_bytes`: the last block's output and a final norm's are saved for the loss phase (the final
@@ -21,7 +21,7 @@ from tpflax._src.cost.activations import activation_bytes, top_level
 from tpflax._src.cost.conv import images_bytes, overlapping_convs, remat_blocks
 from tpflax._src.cost.leaves import Leaves
 from tpflax._src.cost.optstate import shard_bytes
-from tpflax._src.cost.scope import leaf_itemsize
+from tpflax._src.cost.scope import grad_bytes, leaf_itemsize
 from tpflax._src.cost.workload import Workload
 from tpflax._src.mesh import MeshShape
 from tpflax._src.tpu import LANES
@@ -138,8 +138,7 @@ def scan_loop(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> tuple[in
     for path, d in lv.decisions.items():
         if d.trainable and d.layers_dim is not None:
             item = leaf_itemsize(d)
-            dev = shard_bytes(tuple(d.shape), item, lv.specs[path], mesh) * lv.count[path]
-            grads += dev if w.g_item is None else dev // item * w.g_item
+            grads += grad_bytes(shard_bytes(tuple(d.shape), item, lv.specs[path], mesh) * lv.count[path], item, w.g_item)
     stack = activation_bytes(lv.column_units, {b: w.saved[b] for b in blocks if b in w.saved}, w.batch, w.config,
                              mesh, shards, True, w.act_item, [], lv.stacks)[0]
     return grads, stack

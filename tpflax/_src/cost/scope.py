@@ -19,6 +19,16 @@ from tpflax._src.mesh import MeshShape
 from tpflax._src.specs import Entry, used_axes
 
 
+def grad_bytes(nbytes: int, item: int, g_item: int | None) -> int:
+    """A gradient's bytes for a leaf of ``nbytes`` at ``item`` bytes per element: in ``g_item`` when the step
+    says (``grad_dtype=``), else in the leaf's own dtype.
+
+    >>> grad_bytes(64, 4, None), grad_bytes(64, 4, 2)
+    (64, 32)
+    """
+    return nbytes if g_item is None else nbytes // item * g_item
+
+
 def leaf_itemsize(d: Any) -> int:
     """Bytes per element of a decision's leaf, from the bytes the planner counted.
 
