@@ -14,7 +14,7 @@ from typing import Any
 
 from tpflax._src.cost.activations import layer_key
 from tpflax._src.cost.gradients import gather_item
-from tpflax._src.cost.leaves import Leaves
+from tpflax._src.cost.leaves import Leaves, stack_of
 from tpflax._src.cost.optstate import shard_bytes
 from tpflax._src.cost.scope import body, leaf_itemsize
 from tpflax._src.cost.scope import layers as stacked_layers
@@ -181,9 +181,7 @@ def onchip_bytes(target: Any) -> int | None:
 
 def _stack_of(lv: Leaves, d: Any) -> str:
     """The scanned stack a stacked leaf is in: the outermost traced path of its unit with a layer count."""
-    parts = layer_key(d.unit).split("/")
-    return next(("/".join(parts[:i]) for i in range(1, len(parts) + 1) if "/".join(parts[:i]) in lv.stacks),
-                layer_key(d.unit))
+    return stack_of(layer_key(d.unit), lv.stacks) or layer_key(d.unit)
 
 
 def _drop(entry: Any, axes: set[str]) -> Any:

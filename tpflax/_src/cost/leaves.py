@@ -135,6 +135,17 @@ def stack_lengths(decisions: Mapping[str, Any]) -> dict[str, int]:
     return {k: next(iter(v)) for k, v in seen.items() if len(v) == 1 and None not in v}
 
 
+def stack_of(path: str, stacks: Mapping[str, int] | None) -> str | None:
+    """The scanned stack a traced path is in: its outermost prefix in ``stacks`` (:func:`stack_lengths`), else None.
+
+    >>> stack_of("layers/mlp/down", {"layers": 4, "layers/mlp": 4}), stack_of("head", {"layers": 4})
+    ('layers', None)
+    """
+    parts = path.split("/")
+    return next(("/".join(parts[:i]) for i in range(1, len(parts) + 1) if "/".join(parts[:i]) in (stacks or ())),
+                None)
+
+
 def _column_units(decisions: Mapping[str, Any], specs: Mapping[str, tuple[Entry, ...]],
                   activations: Mapping[str, Sequence[Act]]) -> dict[str, tuple]:
     out: dict[str, tuple[Entry, ...]] = {}

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from tpflax._src.cost.activations import layer_key
-from tpflax._src.cost.leaves import Leaves
+from tpflax._src.cost.leaves import Leaves, stack_of
 from tpflax._src.facts.classify import layer_group
 from tpflax._src.mesh import EXPERT, TENSOR, MeshShape
 from tpflax._src.specs import entry_axes
@@ -96,10 +96,7 @@ def repeated_block(path: str, stacks: Mapping[str, int] | None = None) -> str | 
     for i, part in enumerate(parts):
         if _INDEXED.match(part):
             return "/".join(parts[:i] + [layer_group(part)])
-    for i in range(1, len(parts) + 1):
-        if "/".join(parts[:i]) in (stacks or ()):
-            return "/".join(parts[:i])
-    return None
+    return stack_of(path, stacks)
 
 
 def residual_bytes(lv: Leaves, activations: Any, mesh: MeshShape, shards: int, act_item: int) -> int:
