@@ -61,6 +61,18 @@ def plan_json(**edit: Any) -> str:
     return json.dumps(data)
 
 
+class Dropping(nn.Module):
+    """A linen model in training mode: its dropout needs a 'dropout' rng to run."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dropout(0.5, deterministic=False)(nn.Dense(8)(x))
+
+
+PLAN_DROP = tpflax.plan({"params": {"Dense_0": {"kernel": S((4, 8), "float32"), "bias": S((8,), "float32")}}},
+                        {"model": 2})
+
+
 def deleted():
     x = jnp.ones((4, 8))
     x.delete()  # what donating it to a jitted step does
@@ -271,6 +283,9 @@ BAD = [
         lambda: tpflax.plan({"params": {"kernel": S((4, 8), "float32"), "bias": S((8,), "float32")}},
                             {"model": 2}, model=nn.Dense(8)),
         tpflax.TraceError, ("Dense", "sample=(x,)")),
+    Bad("estimate of a model whose call needs a dropout rng (a bare flax InvalidRngError before)",
+        lambda: tpflax.estimate(PLAN_DROP, None, {"x": (2, 4)}, model=Dropping(), sample=(S((2, 4), "float32"),)),
+        tpflax.TraceError, ("Dropping", "InvalidRngError", "rngs={'dropout'")),
 ]
 
 

@@ -759,7 +759,7 @@ def test_nnx_remat_copies_super_calls_and_a_failing_forward():
     assert {k: [a.output for a in v] for k, v in acts.items()} == {
         "b0/up": [(4, 64)], "b0/down": [(4, 16)], "b0": [(4, 16)], "b1/up": [(4, 64)], "b1/down": [(4, 16)],
         "b1": [(4, 16)], "out": [(4, 16)]}
-    with pytest.raises(RuntimeError, match="boom"):
+    with pytest.raises(tpflax.TraceError, match="RuntimeError: boom"):  # as plan(model=) words it
         trace_activations(nnx.eval_shape(lambda: Net(nnx.Rngs(0), fail=True)), sample=(x,))
     assert not any(hasattr(t.__call__, "__wrapped__") for t in (nnx.Linear, Block, Scaled, Net))
     assert activations._FRESH.value is None  # the trace-cache context is back to its default too

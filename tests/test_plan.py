@@ -609,3 +609,28 @@ def test_mesh_papercuts():
     if importlib.util.find_spec("libtpu") is not None:
         t = tpflax.make_mesh(tpflax.make_mesh({"data": 2, "model": 4}), target="tpu-v5e:2x4")
         assert t.devices.flat[0].platform == "tpu" and dict(t.shape) == {"data": 2, "model": 4}
+
+
+def test_an_nnx_module_plans_as_its_state():
+    # plan(module) walked the Module as a bare pytree: its BatchNorm statistics lost their BatchStat type,
+    # so the plan priced and built optimizer state for them and refused tx.init(nnx.state(m, nnx.Param))
+    import optax
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(32, 128, rngs=rngs)
+            self.bn = nnx.BatchNorm(128, rngs=rngs)
+            self.l2 = nnx.Linear(128, 16, rngs=rngs)
+
+    m = nnx.eval_shape(lambda: Net(nnx.Rngs(0)))
+    mesh = {"data": 2, "model": 4}
+    of_module, of_state = tpflax.plan(m, mesh), tpflax.plan(nnx.state(m), mesh)
+    assert of_module.decisions == of_state.decisions
+    assert not of_module.decisions["bn/mean"].trainable
+    tx = optax.adam(1e-3)
+    made = jax.eval_shape(tx.init, nnx.state(m, nnx.Param))
+    sh = tpflax.optimizer_shardings(tx, of_module, tpflax.make_mesh(mesh), opt_state=made)
+    assert "mean" not in sh[0].mu["bn"]
+    est = [tpflax.estimate(p, tx, {"x": (8, 32)}).per_device.opt_state for p in (of_module, of_state)]
+    assert est[0] == est[1]

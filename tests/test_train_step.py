@@ -522,3 +522,38 @@ def test_a_zoo_models_remat_field_is_seen_by_the_estimate(name):
     # one layer recomputed either way: the config's n_layers, or the trace's remat'd blocks (exact: the same
     # traced shapes divided by the same count)
     assert e.breakdown.recompute == said.breakdown.recompute, (e.breakdown, said.breakdown)
+
+
+def test_optimizer_state_from_the_plan_alone_runs_through_a_boxed_linen_step():
+    # a linen model whose kernels are boxed (nn.with_logical_partitioning): the step's optimizer keeps
+    # its moments boxed, shard_optimizer_state(tx, None, plan, mesh) makes them bare, and the step refused
+    # that state, its error recommending the very call that made it. It now runs, and comes back bare
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    def boxed_init(*names):
+        return nn.with_logical_partitioning(nn.initializers.lecun_normal(), names)
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.gelu(nn.Dense(128, kernel_init=boxed_init("embed", "mlp"), name="up")(x))
+            return nn.Dense(32, kernel_init=boxed_init("mlp", "embed"), name="down")(h)
+
+    x = jax.random.normal(jax.random.key(1), (8, 32))
+    mse = lambda out, x: jnp.mean((out - x) ** 2)  # noqa: E731
+    tx, m = make_tx(), Net()  # sgd with momentum: its trace is boxed like the kernels
+    v = jax.jit(m.init)(jax.random.key(0), x)
+    plan = tpflax.plan(v, {"data": 2, "model": 4}, model=m, sample=(x,))
+    mesh = tpflax.make_mesh(plan.mesh)
+    ts = tpflax.make_train_step(m, plan, mesh, tx, sample=(x,), loss=mse)
+    step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings, compiler_options=FAST)
+    bare = tpflax.shard_optimizer_state(tx, None, plan, mesh)
+    assert jax.tree.structure(bare) != jax.tree.structure(tx.init(v["params"]))  # no boxes in it
+    new, out, value = step(tpflax.shard(v, plan, mesh), bare, (x,))
+    assert jax.tree.structure(out) == jax.tree.structure(bare)
+    want_loss, grads = jax.value_and_grad(lambda p: mse(m.apply({"params": p}, x), x))(v["params"])
+    np.testing.assert_allclose(float(value), float(want_loss), rtol=1e-5)
+    want = optax.apply_updates(nn.unbox(v["params"]), nn.unbox(tx.update(grads, tx.init(v["params"]))[0]))
+    for a, b in zip(jax.tree.leaves(nn.unbox(new["params"])), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

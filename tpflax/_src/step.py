@@ -328,6 +328,10 @@ def _checked_opt_state(plan, opt_state: Any, made: Any, variables: Any) -> Any:
     bare = unboxed(opt_state) if is_nnx_state(variables) else opt_state
     if jax.tree_util.tree_structure(bare) == want:
         return bare
+    if jax.tree_util.tree_structure(unboxed(opt_state)) == jax.tree_util.tree_structure(unboxed(made)):
+        # linen params boxed in nn.Partitioned / nn.LogicallyPartitioned: the step's optimizer keeps its
+        # moments boxed alike, while shard_optimizer_state(tx, None, plan, mesh) makes them bare
+        return jax.tree_util.tree_unflatten(want, jax.tree_util.tree_leaves(opt_state))
     raise PlanMismatchError(
         "the optimizer state does not fit the step: it differentiates and updates the float parameters "
         "only (integer, bool and PRNG-key leaves, and an nnx module's BatchStats and RNG state, pass "

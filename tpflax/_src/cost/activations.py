@@ -83,7 +83,7 @@ def _traced_layers(m: Any) -> tuple[dict[str, list[Act]], float]:
 
     if m.framework == "nnx" and m.graphdef is not None:
         with _Calls() as calls:
-            closed = jax.make_jaxpr(partial(_nnx_calls, m, calls))(m.variables, *m.sample)
+            closed = _make_jaxpr(m, partial(_nnx_calls, m, calls))
         return calls.out, remat_share(closed.jaxpr)[0]
     if m.module is None or m.variables is None:
         return {}, 0.0
@@ -110,8 +110,21 @@ def _traced_layers(m: Any) -> tuple[dict[str, list[Act]], float]:
             return m.module.apply(v, *xs, **dict(m.kwargs))
 
     with _Calls() as calls:
-        closed = jax.make_jaxpr(run)(m.variables, *m.sample)
+        closed = _make_jaxpr(m, run)
     return calls.out, remat_share(closed.jaxpr)[0]
+
+
+def _make_jaxpr(m: Any, fn: Any) -> Any:
+    """``jax.make_jaxpr(fn)(m.variables, *m.sample)``; a model that cannot run is a TraceError, as in plan(model=)."""
+    from tpflax._src.errors import TpflaxError, TraceError
+    from tpflax._src.trace.dataflow import untraceable
+
+    try:
+        return jax.make_jaxpr(fn)(m.variables, *m.sample)
+    except TpflaxError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure here is a model/sample mismatch
+        raise TraceError(untraceable(m, e)) from e
 
 
 # jax caches the jaxpr of a traced function (jax.jit, jax.checkpoint, a scan's body) by its inputs' structure

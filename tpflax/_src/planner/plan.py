@@ -146,6 +146,7 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
     _check_options(fsdp_min_bytes=fsdp_min_bytes, min_channels=min_channels, tensor_min_bytes=tensor_min_bytes)
     parsed = parse_rules(rules, ms)
     _check_stacked_and_logical(stacked, logical_rules)
+    tree = _nnx_state_of(tree)
     leaves, treedef = walk(tree)
     facts = classify(freeze(leaves, tree, trainable), stacked)
     opts = Options(fsdp_min_bytes=None if fsdp_min_bytes is None else int(fsdp_min_bytes),
@@ -188,6 +189,16 @@ def _check_stacked_and_logical(stacked: Any, logical_rules: Any) -> None:
                for i, r in enumerate(logical_rules) if not (isinstance(r, (tuple, list)) and len(r) == 2)]
         if bad:
             raise RuleError("invalid logical_rules; write e.g. [('mlp', 'model'), ('embed', None)]", bad)
+
+
+def _nnx_state_of(tree: Any) -> Any:
+    """An nnx Module's ``nnx.State``, else ``tree``: a module is planned as ``nnx.state(module)`` is, whose
+    Variables say which leaves are Params (walked as a bare pytree, its BatchStats got optimizer state)."""
+    try:
+        from flax import nnx
+    except Exception:  # noqa: BLE001 - flax without nnx
+        return tree
+    return nnx.state(tree) if isinstance(tree, nnx.Module) else tree
 
 
 def _propose(facts: Sequence[Facts], ms: MeshShape, opts: Options, forced: Forced, model: Any, sample: Any,

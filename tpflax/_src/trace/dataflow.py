@@ -75,7 +75,7 @@ def trace_jaxpr(model: Any, sample: Any = None, variables: Any = None):
     try:
         closed = jax.make_jaxpr(m.forward)(abstract_tree, *m.sample)
     except Exception as e:  # noqa: BLE001 - any failure here is a model/sample mismatch
-        raise TraceError(_untraceable(m, e)) from e
+        raise TraceError(untraceable(m, e)) from e
     n = len(jax.tree_util.tree_leaves(abstract_tree))
     if n != len(leaves):
         raise TraceError(f"the variable tree flattens to {n} arrays but walks to {len(leaves)} leaves; "
@@ -83,7 +83,7 @@ def trace_jaxpr(model: Any, sample: Any = None, variables: Any = None):
     return closed, [leaf.path for leaf in leaves], n
 
 
-def _untraceable(m: Any, e: Exception) -> str:
+def untraceable(m: Any, e: Exception) -> str:
     shapes = ", ".join(f"{getattr(s, 'shape', '?')}:{getattr(s, 'dtype', '?')}" for s in m.sample)
     called = ("; a function model is called as fn(variables, *sample)" if m.framework == "callable" else "")
     text = f"{type(e).__name__}: {e}"
