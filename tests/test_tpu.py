@@ -534,37 +534,6 @@ def test_two_lookups_of_a_tied_table_are_resharded_by_all_to_alls_on_tpu(vocab):
     assert "all-to-all" not in cpu
 
 
-class _CrossLayers(nn.Module):
-    """Two pre-norm cross-attention layers reading one memory (an encoder's output) in their keys and values."""
-
-    @nn.compact
-    def __call__(self, h, x):
-        mem = nn.LayerNorm()(nn.Dense(128)(x))
-        for i in range(2):
-            q = nn.DenseGeneral((4, 32), name=f"q{i}")(nn.LayerNorm()(h))
-            k, v = (nn.DenseGeneral((4, 32), name=f"{n}{i}")(mem) for n in "kv")
-            h = h + nn.DenseGeneral(128, axis=(-2, -1), name=f"o{i}")(nn.dot_product_attention(q, k, v))
-        return h
-
-
-@needs_libtpu
-def test_cross_attention_keys_and_values_of_every_layer_are_reduced_once_on_tpu():
-    # the backward adds the memory's partial input gradients of both layers' k and v before one all-reduce over
-    # model (BART's and T5's encoder output, benchmarks/tpu_aot_notes.md, twenty-first round); each layer's q
-    # reads its own stream and is reduced apart: 2 rows + 2 q + 1 memory, 4 examples a device
-    sample = (jax.ShapeDtypeStruct((8, 16, 128), jnp.float32), jax.ShapeDtypeStruct((8, 24, 128), jnp.float32))
-    net = _CrossLayers()
-    p = tpflax.plan(jax.eval_shape(net.init, jax.random.key(0), *sample), {"data": 2, "model": 4},
-                    model=net, sample=sample)
-    mesh = tpflax.make_mesh(p.mesh.sizes, target="tpu-v5e:2x4")
-    loss = lambda out, *_: jnp.mean(out ** 2)  # noqa: E731
-    ts = tpflax.make_train_step(net, p, mesh, optax.adamw(1e-3), sample=sample, loss=loss)
-    compiled = tpflax.dry_run(ts, p, mesh).comm()["all-reduce"]["model"]
-    est = tpflax.estimate(p, optax.adamw(1e-3), model=net, sample=sample, loss=loss, backend="tpu")
-    ring = 2 * 3 / 4 * 4 * 128 * 4  # bytes a device sends to all-reduce one row of 128 floats over 4
-    assert compiled == est.comm["all-reduce"]["model"] == ring * (4 * 16 + 24)
-
-
 @needs_libtpu
 def test_a_scanned_remat_stacks_backward_loop_carries_its_gradients_and_the_temp_counts_them_again(tmp_path):
     # XLA:TPU compiles a scanned stack's backward pass as a while loop that carries every layer's gradient

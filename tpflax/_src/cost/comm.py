@@ -61,7 +61,6 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
     # sums split: XLA:TPU reduce-scatters them into it (an all-reduce's first half; the gathers of the stream
     # behind each norm, _embedding_items, are the second); XLA:CPU has no reduce-scatter pass and all-reduces
     summing = "reduce-scatter" if s.backend == "tpu" and _stream_split(s) else "all-reduce"
-    reduced: set[int] = set()  # traced activations whose summed input gradient an item already reduces
     for pc in s.lv.pairs:
         cols, rows = list(pc.columns), list(pc.rows)
         axes = tuple(dict.fromkeys(a for p in cols + rows for a in s.axes(p, TENSOR)))
@@ -90,18 +89,14 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
         split_cols = [c for c in cols if s.axes(c, TENSOR) and not (s.grouped or {}).get(c)]
         alone = [c for c in split_cols if s.backend != "tpu" or c in (s.shared or ())]
         summed = [c for c in split_cols if c not in alone]
-        for group in [[c] for c in alone] + _by_input(summed, s):
-            c = group[0]
-            what = f"columns {', '.join(label[x] for x in group)}" if c in summed else f"column {label[c]}"
+        for c in alone + summed[:1]:
+            what = f"columns {', '.join(label[x] for x in summed)}" if c in summed else f"column {label[c]}"
             # a kernel contracted in slices (a stacked gate/up kernel used as w[0] and w[1]): one partial
             # input gradient per slice, each reduced apart
             k = (s.slices or {}).get(c, 1) if c in alone else 1
-            times, why = (_fresh_inputs(c, pc.count, s, reduced) if c in summed and count == pc.count
-                          else (count * k, ""))
-            if times:
-                items.append(CommItem(summing, axes, _pair_act(c, dec[c], "in", s), n, times, source,
-                                      f"{what}: sum partial input gradients (backward"
-                                      f"{f', once for each of its {k} contracted slices' if k > 1 else ''}{why})"))
+            items.append(CommItem(summing, axes, _pair_act(c, dec[c], "in", s), n, count * k, source,
+                                  f"{what}: sum partial input gradients (backward"
+                                  f"{f', once for each of its {k} contracted slices' if k > 1 else ''})"))
         items += [CommItem("all-reduce", axes, _pair_act(j, dec[j], "in", s) * r, n, count, source, f"column "
                            f"{label[j]}, its joined other input: sum partial input gradients (backward)")
                   for j in split_cols for r in joined.get(j, ())]  # each other input's gradient, apart
@@ -112,42 +107,6 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
                                       "gradient (backward)"))
         _heads_note(dec, pc.id, cols, s, notes)
     return items
-
-
-def _input_of(path: str, s: Scope) -> int | None:
-    """The traced activation a kernel contracted once reads (:attr:`Scope.inputs`), else None."""
-    ins = (s.inputs or {}).get(path, ())
-    return ins[0] if len(ins) == 1 else None
-
-
-def _by_input(cols: list[str], s: Scope) -> list[list[str]]:
-    """A pair's columns whose partial input gradients XLA:TPU adds before reducing: those reading one
-    activation (a cross-attention's query reads the decoder's stream, its key and value the encoder's
-    output: two sums); one group when the trace did not tell."""
-    ins = [_input_of(c, s) for c in cols]
-    if not cols or None in ins:
-        return [cols] if cols else []
-    return [[c for c, i in zip(cols, ins, strict=True) if i == x] for x in dict.fromkeys(ins)]
-
-
-def _fresh_inputs(col: str, pairs: int, s: Scope, reduced: set[int]) -> tuple[int, str]:
-    """How many of the ``pairs`` alike pairs' summed input gradients of ``col``'s group XLA:TPU reduces, and why.
-
-    The backward adds every partial gradient of one activation before the reduction, across layers too:
-    BART's and T5's encoder output, read by each decoder layer's cross-attention keys and values, is
-    all-reduced once for all of them (measured: BART-base and T5-base, 2 decoder layers, v5e:2x4: one
-    ``all-reduce`` of a ``convolution_add_fusion`` chain of the four k/v partial gradients). An
-    activation an earlier item reduces costs nothing more.
-    """
-    members = [p for p, r in s.lv.rep_of.items() if r == col]
-    ins = [_input_of(p, s) for p in members]
-    if len(members) != pairs or None in ins:
-        return pairs, ""
-    fresh = set(ins) - reduced
-    reduced |= fresh
-    if len(fresh) == pairs:
-        return pairs, ""
-    return len(fresh), f"; {pairs} pairs read {len(set(ins))} activation(s), each summed before one reduction"
 
 
 def _stream_split(s: Scope) -> bool:

@@ -86,7 +86,6 @@ class Scope:
     fused: Mapping[str, tuple[int, int | tuple[int, ...], tuple[int, ...], bool]] | None = None  # traced fused kernels
     # (param dim, pieces, pieces read whole): see cost/reshard.py
     shared: frozenset[str] | None = None  # traced kernels whose input a residual also reads (trace.sharing)
-    inputs: Mapping[str, tuple[int, ...]] | None = None  # traced activations each kernel's contractions read (Traced)
     lookups: Mapping[str, int] | None = None  # traced tables looked up by several gathers (cost.traced.Traced)
     grouped: Mapping[str, float] | None = None  # traced grouped convolutions (cost.traced.Traced)
     joined: Mapping[str, tuple[float, ...]] | None = None  # a projection's joined other uses' rows (Traced)

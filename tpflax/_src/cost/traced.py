@@ -65,8 +65,6 @@ class Traced:
         shared: kernels whose input activation something other than a parameter
             contraction also reads (a post-norm block's residual add: see
             :mod:`tpflax._src.trace.sharing`).
-        inputs: ``{path: (n, ...)}``, one number per contraction of the kernel: kernels sharing a number read
-            the same activation (:attr:`tpflax._src.trace.records.Dataflow.inputs`).
         lookups: ``{path: n}`` for tables looked up whole by ``n > 1`` gathers (BART's
             and T5's shared table: the encoder's and the decoder's lookups); counted in
             ``parts`` too. XLA:TPU adds their scatter-adds before reducing them (one
@@ -140,7 +138,6 @@ class Traced:
     loops: Mapping[str, tuple[int, bool]] | None = None
     remat_layers: int = 0
     erf: frozenset[str] = frozenset()
-    inputs: Mapping[str, tuple[int, ...]] | None = None
 
 
 def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
@@ -209,9 +206,6 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
             by_dtype[u.dtype] = by_dtype.get(u.dtype, 0) + u.rows
     act = dtype_name(max(by_dtype, key=by_dtype.get)) if by_dtype else None
     shared = frozenset(flow.uses[u].path for u in flow.shared)
-    inputs: dict[str, tuple[int, ...]] = {}
-    for uid, n in sorted(flow.inputs.items()):
-        inputs[flow.uses[uid].path] = (*inputs.get(flow.uses[uid].path, ()), n)
     grouped: dict[str, float] = {}
     for u in flow.uses:
         if u.grouped is not None:
@@ -233,7 +227,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
                   spread_streams(flow, shapes), flow.collectives, flow.row_axes, _meets(flow),
                   frozenset(p for p, o in ops.items() if o == {"gather"}) - {u.path for u in flow.uses if not u.fixed},
                   _loops(flow), flow.remat_calls if flow.remat >= 0.5 else 0,
-                  frozenset(e.src for e in flow.edges if {"erf", "erfc"} & set(e.via)), inputs)
+                  frozenset(e.src for e in flow.edges if {"erf", "erfc"} & set(e.via)))
 
 
 def _loops(flow: Any) -> dict[str, tuple[int, bool]]:

@@ -101,7 +101,6 @@ class Workload:
     loops: Mapping[str, tuple[int, bool]] | None = None
     remat_layers: int = 0
     erf: frozenset[str] = frozenset()
-    inputs: Mapping[str, tuple[int, ...]] | None = None
 
     @property
     def saved(self) -> Mapping[str, Sequence[Act]]:
@@ -176,7 +175,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     streams=t.streams, contractions=contractions, scores=t.scores,
                     next_token=_next_token(m) if loss is None else reads_slice(m, loss), biased=t.biased,
                     collectives=t.collectives, row_axes=t.row_axes, meets=t.meets,
-                    positional=t.positional, loops=t.loops, remat_layers=t.remat_layers, erf=t.erf, inputs=t.inputs)
+                    positional=t.positional, loops=t.loops, remat_layers=t.remat_layers, erf=t.erf)
 
 
 def contraction_calls(plan, contractions: Sequence[tuple[str, float, tuple[int, ...], str]],

@@ -54,7 +54,7 @@ from tpflax._src.model import abstract, as_model
 from tpflax._src.trace.handlers import new_walk
 from tpflax._src.trace.interpreter import Val, is_minor
 from tpflax._src.trace.records import Dataflow, Edge, Use
-from tpflax._src.trace.sharing import read_inputs
+from tpflax._src.trace.sharing import shared_reads
 
 __all__ = ["Dataflow", "Edge", "Use", "analyze", "dataflow", "trace_jaxpr"]
 
@@ -161,7 +161,6 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                         w.outputs.add(k)
     found, branches = _pieces_joined(w)
     remat, remat_calls = remat_share(jaxpr)
-    shared, inputs = read_inputs(jaxpr, w.reads)
     edges = tuple(
         Edge(w.uses[s].path, s, sd, w.uses[d].path, d, dd, math.gcd(limit, found["caps"].get((s, sd), 0)), via)
         for (s, sd, d, dd), (limit, via) in sorted(found["edges"].items()))
@@ -171,7 +170,7 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                     channels={p: by for p, by in w.channels.items() if by},
                     scanned=dict(w.scanned), n_eqns=w.n_eqns, fused=found["fused"], branches=branches,
                     cuts=found["cuts"], views=frozenset(w.root(k) for k in w.views),
-                    shared=shared, inputs=inputs, remat=remat,
+                    shared=shared_reads(jaxpr, w.reads), remat=remat,
                     remat_calls=remat_calls,
                     products=_one_branch(w.products), channelwise=dict(w.channelwise),
                     spread=_spread(w),

@@ -167,9 +167,6 @@ class Dataflow:
         shared: use ids of contractions whose activation input something other than
             a parameter contraction also reads (a post-norm block's residual add; see
             :mod:`tpflax._src.trace.sharing`).
-        inputs: ``{use id: n}`` for contractions: uses of one ``n`` read the same activation (or views of
-            it), so the backward adds their partial input gradients into one
-            (:func:`tpflax._src.trace.sharing.read_inputs`).
         products: the attention scores' ``q @ k`` products (see :class:`Product`), in program
             order; of a ``cond``'s branches, the largest's.
         branches: ``{(use id, param dim): (use ids, ...) per piece}`` for kept dims cut into
@@ -204,7 +201,6 @@ class Dataflow:
     n_eqns: int = 0
     fused: Mapping[tuple[int, int], int] = field(default_factory=dict)
     shared: frozenset[int] = frozenset()
-    inputs: Mapping[int, int] = field(default_factory=dict)
     remat: float = 0.0
     remat_calls: int = 0
     products: tuple[Product, ...] = ()

@@ -138,28 +138,9 @@ def shared_reads(jaxpr: Any, reads: Mapping[int, tuple[Any, int, tuple]]) -> fro
     >>> shared_reads(closed.jaxpr, {0: (dot, 0, ())})
     frozenset({0})
     """
-    return read_inputs(jaxpr, reads)[0]
-
-
-def read_inputs(jaxpr: Any, reads: Mapping[int, tuple[Any, int, tuple]]) -> tuple[frozenset[int], dict[int, int]]:
-    """:func:`shared_reads`, and which contractions read one activation: use id -> a number per activation.
-
-    Contractions of one number read the same value (or views of it): the backward adds their partial
-    input gradients into one cotangent. XLA:TPU reduces such a sum once when nothing else reads the value
-    (the encoder's output, read by every decoder layer's cross-attention keys and values).
-
-    >>> import jax, jax.numpy as jnp
-    >>> closed = jax.make_jaxpr(lambda w, x, y: (x @ w) + (x @ w) + (y @ w))(
-    ...     jnp.ones((4, 4)), jnp.ones((2, 4)), jnp.ones((2, 4)))
-    >>> dots = [e for e in closed.jaxpr.eqns if e.primitive.name == "dot_general"]
-    >>> read_inputs(closed.jaxpr, {i: (e, 0, ()) for i, e in enumerate(dots)})
-    (frozenset(), {0: 0, 1: 0, 2: 1})
-    """
     if not reads:
-        return frozenset(), {}
+        return frozenset()
     index = _Index(jaxpr)
     contractions = {id(eqn) for eqn, _, _ in reads.values()}
-    roots = {uid: index.root(eqn.invars[k], ctx) for uid, (eqn, k, ctx) in reads.items()}
-    numbers: dict[tuple, int] = {}
-    inputs = {uid: numbers.setdefault((id(v), ctx), len(numbers)) for uid, (v, ctx) in roots.items()}
-    return frozenset(uid for uid, at in roots.items() if index.other_reader(at, contractions)), inputs
+    return frozenset(uid for uid, (eqn, k, ctx) in reads.items()
+                     if index.other_reader(index.root(eqn.invars[k], ctx), contractions))
