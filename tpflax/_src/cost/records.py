@@ -332,6 +332,7 @@ class Peak:
                  "backward start: loss": "saved + logits + head",
                  "backward start: last layer": "saved + layer - dead outputs"}.get(name, "saved + layer + logits")
         start += " + the loop's gradients + its carried buffers again" if "loop_carried" in held else ""
+        start += " + the logits the loss's value reads after the loop" if held.get("scan_logits") else ""
         start += f" + heap slack {fmt(held['heap_slack'])}" if "heap_slack" in held else ""
         out = [f"  peak per device{fmt(self.total):>13}  (at the {at}; arguments + max({start}, "
                "grads + last gathered layer))",
