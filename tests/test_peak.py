@@ -1011,7 +1011,7 @@ def test_the_peak_phase_holds_what_the_total_counts(values, phased, loss_apart):
     else:
         layer = b.gathered + b.attention + b.recompute + b.expert_work + b.conv_work
     if loss_apart:
-        last = saved + b.gathered_async + layer - b.tail
+        last = saved + b.gathered_async + layer - b.tail + b.scan_logits  # logits read after a scanned loop
         if b.scan_grads or b.scan_stack:  # a scanned stack's backward loop: its gradients, the carried set again
             last += b.scan_grads
             last += max(0, min(b.scan_stack + b.scan_grads, last - b.scan_stack))

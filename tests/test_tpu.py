@@ -570,3 +570,42 @@ def test_a_scanned_remat_stacks_backward_loop_carries_its_gradients_and_the_temp
     without = max(tpu_live.in_use([v for v in vals if not v[0].startswith("async-collective")], t) for t in steps)
     # the law read without the loop's values (ninth round) falls short by what the loop carries
     assert abs(r["temp"] - (2 * heap - without) - (r["grads"] + r["stack"])) < 2**20
+
+
+
+@needs_libtpu
+def test_a_scanned_remat_steps_loss_value_is_read_after_the_backward_loop_when_the_vocabulary_is_whole(tmp_path):
+    # XLA:TPU schedules the loss's value (the labels' logits gathered by take_along_axis, which no gradient reads)
+    # after a scanned stack's backward while loop, so the float32 logits live through it: Peak.scan_logits
+    # (benchmarks/tpu_aot_notes.md, twenty-first round). The zoo's tiny scanned remat Llama with 1024 tokens and a
+    # 16384 vocabulary, fsdp=8, read off its compile's schedule and live ranges: 64 MiB logits a device, in HBM (at
+    # 32 MiB and less v5e keeps them on chip; its own 32 x 256 logits are even gathered before the loop). With the
+    # vocabulary split (model=4) the gather runs at the loss (measured too, not compiled here): no such term
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import tpu_live
+
+    m = zoo.get("llama", "tiny", scan_layers=True, remat=True, vocab=16384, seq_len=1024)
+    p = tpflax.plan(m.abstract_variables(), {"fsdp": 8})
+    mesh = tpflax.make_mesh({"fsdp": 8}, target="tpu-v5e:2x4")
+    tpflax.dry_run(tpflax.make_train_step(m, p, mesh, optax.adamw(1e-4), 8), p, mesh,
+                   compiler_options={"xla_dump_to": str(tmp_path), "xla_dump_hlo_as_text": True})
+    (hlo,) = tmp_path.glob("*jit_step*after_optimizations.txt")
+    entry = hlo.read_text().split("\nENTRY ", 1)[1].split("\n}\n", 1)[0].splitlines()
+    backward = [line.split(" = ")[0].strip()[1:] for line in entry if " while(" in line][-1]
+    (gather,) = [line for line in entry if "take_along_axis))/gather" in line and "kind=kCustom" in line]
+    _, lr = tpu_live.step_files(str(tmp_path))
+    order = {}
+    for line in open(lr):
+        if "BufferLiveRange" in line:
+            break
+        if ":" in line and line.strip().split(":")[0].isdigit():
+            n, name = line.strip().split(":", 1)
+            order[name] = int(n)
+    assert order[backward] < order[gather.split(" = ")[0].strip()[1:]]  # the loss's value after the backward loop
+    vals, _ = tpu_live.read(str(tmp_path))
+    held = [v for v in vals if v[3] == "f32[1024,16384]" and v[4] < order[backward] < v[5]]  # the logits
+    b = tpflax.estimate(p, optax.adamw(1e-4), 8, model=m, target="tpu-v5e:2x4", remat=True).breakdown
+    assert [v[2] for v in held] == [b.scan_logits] == [b.logits] == [1024 * 16384 * 4]
+    split = tpflax.plan(m.abstract_variables(), {"fsdp": 2, "model": 4})
+    assert tpflax.estimate(split, optax.adamw(1e-4), 8, model=m, target="tpu-v5e:2x4",
+                           remat=True).breakdown.scan_logits == 0

@@ -101,13 +101,14 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
     notes: list[str] = []
     if w.remat and w.backend == "tpu" and any(d.layers_dim is not None for d in lv.decisions.values()):
         # measured (dry runs and buffer dumps, Llama-2-7B width, benchmarks/tpu_aot_notes.md, twentieth round): the
-        # loop's carried buffers are in the peak (Peak.scan_grads, Peak.scan_stack); what is left is the heap's slack
-        # and, on fsdp-only meshes, the float32 logits XLA:TPU keeps through the backward loop
+        # loop's carried buffers are in the peak (Peak.scan_grads, Peak.scan_stack), and on fsdp-only meshes the
+        # float32 logits XLA:TPU keeps through the backward loop (Peak.scan_logits, twenty-first round); what is
+        # left is the heap's slack
         notes.append("remat on TPU over a scanned stack: the peak counts the backward loop's carried gradients and "
-                     "inputs stack, which the compiled temp holds twice; measured at Llama-2-7B width: -0.4% on "
-                     "v5e-256 (fsdp=32,model=8), -2% to -17% at 2-4 layers on v5e:2x4 (the heap's slack; on fsdp-only "
-                     "meshes also the float32 logits, which XLA:TPU keeps through the loop); check with dry_run "
-                     "before booking")
+                     "inputs stack, which the compiled temp holds twice, and with the vocabulary whole on a device "
+                     "the float32 logits the loss's value reads after the loop; measured at Llama-2-7B width: -0.4% "
+                     "on v5e-256 (fsdp=32,model=8), -7.1% (fsdp=256), -2% to -17% at 2-4 layers on v5e:2x4 (the "
+                     "heap's slack); check with dry_run before booking")
     if not w.remat and any(d.layers_dim is not None for d in lv.decisions.values()):
         # measured (benchmarks/results/nnx_estimate.md): one decoder, scanned and unrolled alike here
         notes.append("a scanned layer stack without remat: jax saves every intermediate its backward needs "

@@ -41,7 +41,8 @@ parameters and optimizer state donated) holds, per device:
 * on TPU under remat, a scanned stack's backward loop: every layer's gradient, carried whole from the last
   layer's backward on, and its carried buffers (those gradients, the saved inputs stack) counted once more by
   the compiled temp, up to what the loop's peak holds beside the stack (``Peak.scan_grads``, ``Peak.scan_stack``,
-  :func:`tpflax._src.cost.remat.scan_loop`).
+  :func:`tpflax._src.cost.remat.scan_loop`); with the head's vocabulary whole on a device, the float32 logits
+  too, read by the loss's value after the loop (``Peak.scan_logits``, :func:`tpflax._src.cost.remat.scan_logits`).
 
 Saved activations and gradients are both linear in the layer count and move in
 opposite directions through the backward pass, so the peak is at one end of
@@ -87,7 +88,7 @@ from tpflax._src.cost.gathered import (
 )
 from tpflax._src.cost.leaves import Leaves
 from tpflax._src.cost.records import Memory, Peak
-from tpflax._src.cost.remat import images_relayout, scan_loop, score_stack, tail_bytes
+from tpflax._src.cost.remat import images_relayout, scan_logits, scan_loop, score_stack, tail_bytes
 from tpflax._src.cost.residual import residual_bytes
 from tpflax._src.cost.scope import body
 from tpflax._src.cost.scope import layers as stacked_layers
@@ -213,9 +214,10 @@ def _pad(seq: int) -> float:
     return lane_pad(seq) / seq if seq >= LANES else 1.0
 
 
-def logits_bytes(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -> tuple[int, str, bool]:
-    """``(the float32 logits on a device, the head's path, whether the traced layer calls hold them)``:
-    rows on this device x the head's local width; ``(0, "", False)`` without a head.
+def logits_bytes(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -> tuple[int, str, bool, int]:
+    """``(the float32 logits on a device, the head's path, whether the traced layer calls hold them, how many ways
+    a tensor axis splits the vocabulary)``: rows on this device x the head's local width; ``(0, "", False, 1)``
+    without a head.
 
     The head is the output layer, or an embedding whose ``attend`` makes the logits (tied weights), or
     a table the trace saw looked up and contracted (``x @ table.T`` in a method of its own, Gemma's
@@ -232,14 +234,15 @@ def logits_bytes(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -> tuple
               for p, d in lv.decisions.items()
               if p in (w.tied or ()) and len(d.shape) == 2 and not acts_for(w.saved, d.unit + ":attend")]
     if not heads:
-        return 0, "", False
+        return 0, "", False, 1
     vocab, entry, calls, path, held = heads[-1]
-    width = math.ceil(vocab / tensor_degree(mesh, entry))
+    split = tensor_degree(mesh, entry)
+    width = math.ceil(vocab / split)
     if calls and calls[0].output and calls[0].output[-1] == vocab:
         rows = math.prod(calls[0].output[:-1])
     else:
         rows = token_rows(w.batch, w.config) if w.batch.leaves and len(w.batch.leaves[0][1]) == 2 else w.batch.size
-    return int(rows / shards * width * 4), path, held
+    return int(rows / shards * width * 4), path, held, split
 
 
 def logits_grad_bytes(logits: int, head: str, w: Workload) -> int:
@@ -397,7 +400,7 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
     saved = saved * held // w.act_item + norm_broadcasts(lv, w, shards)
     recompute = recompute * held // w.act_item
     saved += attention_operands(lv, mesh, w, shards) + images_relayout(lv, w, shards)
-    logits, head, in_trace = logits_bytes(lv, mesh, w, shards)
+    logits, head, in_trace, vocab_split = logits_bytes(lv, mesh, w, shards)
     if w.saved and held == 4 and in_trace:
         # a float32 head's traced output is the float32 logits buffer counted below: not twice (the f32
         # GPT-2 step holds one f32[2, 1024, 50257]; a 16-bit step holds its 16-bit logits and the f32 ones)
@@ -440,7 +443,9 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
                 gathered_async=asynced, phased=w.backend == "tpu", gathered_overflow=overflow,
                 head=head_kernel + (head_grad if held == 4 else 0), score_stack=stack, loss_apart=apart, tail=tail,
                 expert_phase=expert_phase, forward_end=end, scan_grads=scan_grads,
-                scan_stack=scan_stack * held // w.act_item, **stem_phase(w, stem))
+                scan_stack=scan_stack * held // w.act_item,
+                scan_logits=scan_logits(LOGITS_BUFFERS * logits, vocab_split, bool(scan_grads or scan_stack)),
+                **stem_phase(w, stem))
 
 
 def _overflow(lv: Leaves, mesh: MeshShape, w: Workload) -> int:

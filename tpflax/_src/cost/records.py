@@ -174,6 +174,9 @@ class Peak:
         scan_stack: the same stack's saved block inputs, carried by its loops (in :attr:`activations` too); the
             compiled temp counts the carried buffers once more, up to what the loop's peak holds beside the stack:
             ``loop_carried`` in :meth:`phase` (``tpflax._src.cost.remat.scan_loop``).
+        scan_logits: XLA:TPU under remat, a scanned layer stack whose head's vocabulary is not split over a tensor
+            axis: the float32 logits (:attr:`logits`), live through the backward loop, since the loss's value reads
+            them after it (:attr:`start`; ``tpflax._src.cost.remat.scan_logits``).
     """
 
     arguments: int = 0
@@ -203,6 +206,7 @@ class Peak:
     forward_end: int = 0
     scan_grads: int = 0
     scan_stack: int = 0
+    scan_logits: int = 0
 
     @property
     def layer(self) -> int:
@@ -259,7 +263,7 @@ class Peak:
                  "gathered_kept": self.gathered_kept, "gathered_overflow": self.gathered_overflow}
         loss = {"logits": self.logits, "logits_grad": self.logits_grad}
         layer = {**self._layer_terms(), "gathered_async": self.gathered_async}
-        last = {**saved, **layer, "tail": -self.tail}
+        last = {**saved, **layer, "tail": -self.tail, "scan_logits": self.scan_logits}
         if self.loss_apart and (self.scan_grads or self.scan_stack):
             # a scanned stack's backward loop: its gradients whole, and the temp counts the carried buffers again
             last["scan_grads"] = self.scan_grads
@@ -316,7 +320,8 @@ class Peak:
                 "gathered_overflow": self.gathered_overflow, "head": self.head, "score_stack": self.score_stack,
                 "tail": self.tail, "stem": self.stem, "stem_grad": self.stem_grad, "expert_phase": self.expert_phase,
                 "forward_end": self.forward_end,
-                "scan_grads": self.scan_grads, "scan_stack": self.scan_stack, "total": self.total}
+                "scan_grads": self.scan_grads, "scan_stack": self.scan_stack, "scan_logits": self.scan_logits,
+                "total": self.total}
 
     def report_lines(self) -> list[str]:
         fmt = fmt_bytes
@@ -327,6 +332,7 @@ class Peak:
                  "backward start: loss": "saved + logits + head",
                  "backward start: last layer": "saved + layer - dead outputs"}.get(name, "saved + layer + logits")
         start += " + the loop's gradients + its carried buffers again" if "loop_carried" in held else ""
+        start += " + the logits the loss's value reads after the loop" if held.get("scan_logits") else ""
         start += f" + heap slack {fmt(held['heap_slack'])}" if "heap_slack" in held else ""
         out = [f"  peak per device{fmt(self.total):>13}  (at the {at}; arguments + max({start}, "
                "grads + last gathered layer))",
@@ -367,7 +373,8 @@ class Peak:
             out.insert(-1, f"    {'scanned stack, backward loop':<36}{fmt(self.scan_grads):>12}  its layers' gradients, "
                        f"carried whole; the temp counts the carried buffers (inputs stack {fmt(self.scan_stack)}) "
                        f"again: {fmt(held.get('loop_carried', 0))}" + ("" if "loop_carried" in held else
-                                                                      " (not in the phase that sets the peak)"))
+                                                                      " (not in the phase that sets the peak)")
+                       + (f"; the float32 logits live through it: {fmt(self.scan_logits)}" if self.scan_logits else ""))
         if self.stem:
             out.insert(-1, f"    {'conv stem backward (a phase)':<36}{fmt(self.stem):>12}  its kept maps and gradients"
                        + (f"; the pool input's gradient {fmt(self.stem_grad)} in HBM above the saved set (the "

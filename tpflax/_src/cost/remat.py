@@ -12,7 +12,9 @@ nineteenth round):
 * :func:`score_stack`: a 16-bit step's head-split float32 scores leave a region its buffers in flight cannot
   fill;
 * :func:`scan_loop`: a scanned stack's backward loop carries its layers' gradients whole from its first
-  iteration, and the compiled temp counts the loop's carried buffers as free space (twentieth round).
+  iteration, and the compiled temp counts the loop's carried buffers as free space (twentieth round);
+* :func:`scan_logits`: with its head's vocabulary whole on a device, the float32 logits live through that loop
+  (twenty-first round).
 """
 
 from __future__ import annotations
@@ -142,3 +144,27 @@ def scan_loop(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> tuple[in
     stack = activation_bytes(lv.column_units, {b: w.saved[b] for b in blocks if b in w.saved}, w.batch, w.config,
                              mesh, shards, True, w.act_item, [], lv.stacks)[0]
     return grads, stack
+
+
+def scan_logits(logits: int, vocab_split: int, scanned: bool) -> int:
+    """``Peak.scan_logits``: XLA:TPU under remat, a scanned stack (``scanned``: :func:`scan_loop` found one) whose
+    head's vocabulary is not split over a tensor axis (``vocab_split`` 1): the float32 ``logits`` on a device, live
+    through the backward loop.
+
+    The loss's value (the labels' logits gathered, ``take_along_axis``, less the log-sum-exp, averaged) is a fusion
+    of its own that no gradient reads, and XLA:TPU schedules it after the backward while loop: the logits it reads
+    live from the loss to there. With the vocabulary split, the log-sum-exp takes an all-reduce over the tensor
+    axis and the fusion that finishes it makes both the loss's value and the log-sum-exp the head's backward reads
+    (one multi-output fusion), so the gather runs before the loop and the logits die at the loss. Unrolled (no
+    loop) the value is placed at the loss. Read off v5e:2x4 dumps (``benchmarks/tpu_aot_notes.md``, twenty-first
+    round): a 512-wide 2-layer scanned Llama, 1024 tokens, bf16: fsdp=8 holds ``convert_bitcast_fusion.6{0}``
+    ``f32[1,1024,32000]`` past ``while.49`` (the gather ``gather_fusion.1`` after it), with the all-reduce combiner
+    off, the scheduler's memory limit at 1% or its memory-pressure tracking off alike; fsdp=2,model=4 (combiner on
+    or off) gathers before the loop (``fusion.259``: the loss and ``f32[4,1024]`` log-sum-exp); unrolled fsdp=8 at
+    the loss. At Llama-2-7B width: ``f32[1,4096,32000]`` through ``while.49`` at bf16 and f32 fsdp=8 on v5e:2x4
+    (twentieth round) and ``f32[4096,32000]`` (``fusion.319{1}``) on a v5e-256 fsdp=256.
+
+    >>> scan_logits(500, 1, True), scan_logits(500, 4, True), scan_logits(500, 1, False)
+    (500, 0, 0)
+    """
+    return logits if scanned and vocab_split == 1 else 0
