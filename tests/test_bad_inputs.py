@@ -236,6 +236,10 @@ BAD = [
     Bad("step with an unknown argument role",
         lambda: tpflax.jit_step(lambda p: p, PLAN, mesh(model=2), in_roles=("parms",)),
         tpflax.PlanMismatchError, ("'parms'", "use one of")),
+    Bad("plan.spec of a mistyped path (a bare KeyError before)", lambda: PLAN.spec("a/kernal"),
+        tpflax.UnknownPathError, ("'a/kernal'", "not a leaf of this plan", "did you mean 'a/kernel'")),
+    Bad("plan.decisions of a mistyped path", lambda: PLAN.decisions["b/kernal"],
+        KeyError, ("'b/kernal'", "did you mean 'b/kernel'")),
     # --- plan JSON
     Bad("plan JSON from a newer format version",
         lambda: tpflax.Plan.from_json(json.dumps({**json.loads(PLAN.to_json()), "version": 99})),

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import pickle
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +68,12 @@ def test_format_2_round_trips_every_field(fresh):
     back = tpflax.Plan.from_json(fresh.to_json())
     assert back.decisions == fresh.decisions
     assert back.pairs == fresh.pairs and back.warnings == fresh.warnings
+    # decisions is a dict whose missing path names the closest ones, through JSON and pickle alike
+    again = pickle.loads(pickle.dumps(back))
+    assert again.decisions == fresh.decisions and type(again.decisions) is type(fresh.decisions)
+    assert again.to_json() == fresh.to_json()
+    with pytest.raises(tpflax.UnknownPathError, match="did you mean 'params/head/kernel'"):
+        again.spec("params/head/kernal")
 
 
 def test_prng_key_bytes_are_the_key_data_bytes():
