@@ -500,6 +500,8 @@ def test_shardings_and_constraints_describe_an_abstract_mesh():
     plan = tpflax.plan(w, am)
     sh, bsh = tpflax.shardings(plan, am), tpflax.batch_sharding(am)
     assert sh["up"].mesh == am and sh["up"].spec == plan.specs["up"] and bsh.spec == P("data")
+    opt = tpflax.optimizer_shardings(optax.adam(1e-3), plan, am)  # refused an AbstractMesh before
+    assert opt[0].mu["up"].mesh == am and opt[0].mu["up"].spec == plan.specs["up"] and opt[0].count.spec == P()
 
     def f(w, x):
         w = tpflax.constrain(w, plan, am)
