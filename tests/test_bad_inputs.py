@@ -79,6 +79,15 @@ def deleted():
     return {"a": {"kernel": x}, "b": {"kernel": np.ones((8, 4), np.float32)}}
 
 
+def init_with_outside_rngs():
+    """init_sharded of a function closing over an nnx.Rngs made outside it (flax's TraceContextError before)."""
+    from flax import nnx
+
+    rngs = nnx.Rngs(0)
+    plan = tpflax.plan(nnx.state(nnx.Linear(4, 8, rngs=nnx.Rngs(0))), {"model": 2})
+    return tpflax.init_sharded(lambda: nnx.Linear(4, 8, rngs=rngs), plan, mesh(model=2))
+
+
 class Bad(NamedTuple):
     id: str
     call: Callable[[], Any]
@@ -227,6 +236,9 @@ BAD = [
     Bad("an optimizer name instead of an optimizer",
         lambda: tpflax.shard_optimizer_state("adam", None, PLAN, mesh(model=2)),
         tpflax.OptionError, ("'adam'", "has no init()", "optax.adamw")),
+    Bad("init_fn closing over an nnx.Rngs made outside it", init_with_outside_rngs,
+        tpflax.TraceError, ("nnx state created outside it",
+                            "create the nnx.Rngs inside the function", "pass it as a positional argument")),
     Bad("init_sharded given a non-callable",
         lambda: tpflax.init_sharded(42, PLAN, mesh(model=2)),
         tpflax.OptionError, ("init_fn must be callable", "int")),
