@@ -387,7 +387,7 @@ def _decision_problems(path: str, d: Decision, mesh: MeshShape) -> list[str]:
     bad_spec = spec_problems(path, d.shape, entries(d.spec), mesh)
     if bad_spec:
         return bad_spec
-    want = math.prod(d.shape) * item
+    want = math.ceil(math.prod(d.shape) * item)
     if d.bytes != want:
         return [f"{path}: bytes {d.bytes} but shape {d.shape} of {d.dtype} holds {want}; re-plan"]
     per = bytes_per_device(d.shape, item, entries(d.spec, len(d.shape)), mesh)
