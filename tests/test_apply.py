@@ -479,6 +479,23 @@ def test_tree_mismatch_names_every_difference_and_places_nothing(mesh):
             apply_fn=None, params=bad, tx=optax.sgd(0.1)), plan, mesh)
 
 
+def test_donate_is_best_effort_as_the_docstring_says():
+    # the docstring said the inputs are deleted; on CPU jax keeps them, and the result shares a buffer
+    params = {"w": jnp.arange(32.0).reshape(8, 4)}
+    plan = tpflax.plan(params, {"model": 2}, rules=[("w", "replicate")])
+    mesh = tpflax.make_mesh({"model": 2})
+
+    def ptrs(a):
+        return {s.data.unsafe_buffer_pointer() for s in a.addressable_shards}
+
+    assert not ptrs(tpflax.shard(params, plan, mesh)["w"]) & ptrs(params["w"])  # no donate: never shared
+    out = tpflax.shard(params, plan, mesh, donate=True)
+    assert out["w"].sharding.spec == P(None, None) and (np.asarray(out["w"]) == np.arange(32.0).reshape(8, 4)).all()
+    assert params["w"].is_deleted() or ptrs(out["w"]) & ptrs(params["w"])  # consumed either way
+    if jax.default_backend() == "cpu":
+        assert not params["w"].is_deleted()
+
+
 def test_mesh_mismatch_and_too_few_devices():
     params = small_params()
     plan = tpflax.plan(params, DP_TP)
@@ -500,6 +517,8 @@ def test_shardings_and_constraints_describe_an_abstract_mesh():
     plan = tpflax.plan(w, am)
     sh, bsh = tpflax.shardings(plan, am), tpflax.batch_sharding(am)
     assert sh["up"].mesh == am and sh["up"].spec == plan.specs["up"] and bsh.spec == P("data")
+    opt = tpflax.optimizer_shardings(optax.adam(1e-3), plan, am)  # refused an AbstractMesh before
+    assert opt[0].mu["up"].mesh == am and opt[0].mu["up"].spec == plan.specs["up"] and opt[0].count.spec == P()
 
     def f(w, x):
         w = tpflax.constrain(w, plan, am)

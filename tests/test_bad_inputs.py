@@ -79,6 +79,15 @@ def deleted():
     return {"a": {"kernel": x}, "b": {"kernel": np.ones((8, 4), np.float32)}}
 
 
+def init_with_outside_rngs():
+    """init_sharded of a function closing over an nnx.Rngs made outside it (flax's TraceContextError before)."""
+    from flax import nnx
+
+    rngs = nnx.Rngs(0)
+    plan = tpflax.plan(nnx.state(nnx.Linear(4, 8, rngs=nnx.Rngs(0))), {"model": 2})
+    return tpflax.init_sharded(lambda: nnx.Linear(4, 8, rngs=rngs), plan, mesh(model=2))
+
+
 class Bad(NamedTuple):
     id: str
     call: Callable[[], Any]
@@ -227,6 +236,9 @@ BAD = [
     Bad("an optimizer name instead of an optimizer",
         lambda: tpflax.shard_optimizer_state("adam", None, PLAN, mesh(model=2)),
         tpflax.OptionError, ("'adam'", "has no init()", "optax.adamw")),
+    Bad("init_fn closing over an nnx.Rngs made outside it", init_with_outside_rngs,
+        tpflax.TraceError, ("nnx state created outside it",
+                            "create the nnx.Rngs inside the function", "pass it as a positional argument")),
     Bad("init_sharded given a non-callable",
         lambda: tpflax.init_sharded(42, PLAN, mesh(model=2)),
         tpflax.OptionError, ("init_fn must be callable", "int")),
@@ -236,6 +248,10 @@ BAD = [
     Bad("step with an unknown argument role",
         lambda: tpflax.jit_step(lambda p: p, PLAN, mesh(model=2), in_roles=("parms",)),
         tpflax.PlanMismatchError, ("'parms'", "use one of")),
+    Bad("plan.spec of a mistyped path (a bare KeyError before)", lambda: PLAN.spec("a/kernal"),
+        tpflax.UnknownPathError, ("'a/kernal'", "not a leaf of this plan", "did you mean 'a/kernel'")),
+    Bad("plan.decisions of a mistyped path", lambda: PLAN.decisions["b/kernal"],
+        KeyError, ("'b/kernal'", "did you mean 'b/kernel'")),
     # --- plan JSON
     Bad("plan JSON from a newer format version",
         lambda: tpflax.Plan.from_json(json.dumps({**json.loads(PLAN.to_json()), "version": 99})),

@@ -188,7 +188,23 @@ def test_non_positive_counts_exit_2_before_jax_starts(capsys, argv):
     assert "is below 1" in capsys.readouterr().err
 
 
-def test_dry_run_json_is_strict_json_and_honours_strict(capsys):
+@pytest.fixture
+def fast_xla():
+    """XLA:CPU without LLVM's optimisations while a CLI dry run compiles (the same HLO passes, so the same
+    memory, collectives and FLOPs: FAST_XLA in _util.py, as test_readme.py does); then every kept executable
+    is dropped, so no later test is served one compiled so."""
+    import jax
+
+    was = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", was)
+        jax.clear_caches()
+
+
+def test_dry_run_json_is_strict_json_and_honours_strict(capsys, fast_xla):
     # an estimated collective XLA did not emit gave rel_error Infinity (not JSON); --strict --json exited 0
     argv = ["dry-run", "llama", "--mesh", "fsdp=4,model=2", "--backend", "gpu", "--json"]
     assert main(argv) == 0

@@ -84,6 +84,19 @@ def test_cli_lockfile_recipe(tmp_path, capsys, monkeypatch):
     assert "cannot read plan file" in capsys.readouterr().err
 
 
+def test_cli_plans_on_different_meshes_say_so_first(tmp_path, capsys):
+    # it printed "same specs for every leaf" (the specs name axes, not their sizes)
+    tree = {"w": jax.ShapeDtypeStruct((64, 64), "float32")}
+    pa, pb = tmp_path / "a.json", tmp_path / "b.json"
+    pa.write_text(tpflax.plan(tree, {"model": 2}, rules=[("w", "row")]).to_json())
+    pb.write_text(tpflax.plan(tree, {"model": 4}, rules=[("w", "row")]).to_json())
+    assert main(["diff", str(pa), str(pb), "--fail-on-change"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == ["tpflax diff  the meshes differ: a: mesh model=2  b: mesh model=4",
+                         "  same specs for every leaf, but on different meshes"]
+    assert lines[2] == "parameters on the fullest device: 8.0 KiB -> 4.0 KiB"
+
+
 def test_cli_batch_is_token_ids_of_that_length(plans, tmp_path, capsys):
     # --batch 8x32 and 8x1024 printed the same communication: "BxT" was read as float features
     from tpflax.cli import main

@@ -263,6 +263,21 @@ def test_fsdp_fallback_threshold_and_free_dims():
     assert p.decisions["big"].bytes_per_device == 1024 * 30 * 4 // 4
 
 
+def test_reasons_of_fsdp_split_leaves_do_not_say_they_stay_whole():
+    # fsdp_min_bytes=0 split norms after their reason said "tiny and needed whole by every device"
+    tree = zoo.get("mlp").abstract_variables()
+    for mesh in ({"fsdp": 2, "model": 4}, {"fsdp": 8}):
+        p = tpflax.plan(tree, mesh, fsdp_min_bytes=0)
+        split = {path: d.reason for path, d in p.decisions.items() if d.fsdp}
+        assert split and not [r for r in split.values() if "so replicated" in r or "needed whole" in r], mesh
+    assert p.decisions["params/block_0/norm/scale"].reason == (
+        "norm parameter: tiny, not split over the tensor axes; fsdp: dim 0 (64) split over fsdp=8 "
+        "(leaf 256 B >= fsdp_min_bytes)")
+    assert p.decisions["params/block_0/mlp/up/bias"].reason == (
+        "bias of block_0/mlp/up/kernel (replicate): its output is not tensor-split, so neither is the bias; "
+        "fsdp: dim 0 (256) split over fsdp=8 (leaf 1024 B >= fsdp_min_bytes)")
+
+
 def test_integer_bool_and_key_leaves_are_replicated():
     tree = {"step": jnp.zeros((), jnp.int32), "mask": S((1024, 1024), jnp.bool_),
             "ids": S((4096, 64), jnp.int32), "rng": jax.random.key(0)}

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import pickle
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +68,12 @@ def test_format_2_round_trips_every_field(fresh):
     back = tpflax.Plan.from_json(fresh.to_json())
     assert back.decisions == fresh.decisions
     assert back.pairs == fresh.pairs and back.warnings == fresh.warnings
+    # decisions is a dict whose missing path names the closest ones, through JSON and pickle alike
+    again = pickle.loads(pickle.dumps(back))
+    assert again.decisions == fresh.decisions and type(again.decisions) is type(fresh.decisions)
+    assert again.to_json() == fresh.to_json()
+    with pytest.raises(tpflax.UnknownPathError, match="did you mean 'params/head/kernel'"):
+        again.spec("params/head/kernal")
 
 
 def test_prng_key_bytes_are_the_key_data_bytes():
@@ -80,6 +87,20 @@ def test_prng_key_bytes_are_the_key_data_bytes():
     p = tpflax.plan({"rng": keys, "w": S((8, 8), "float32")}, {"model": 2})
     assert p.decisions["rng"].bytes == p.decisions["rng"].bytes_per_device == 1024 * 8
     assert tpflax.Plan.from_json(p.to_json()).decisions["rng"].bytes == 8192  # byte counts are checked on load
+
+
+def test_int4_bytes_are_packed_as_xla_stores_them():
+    # counted at 1 byte per element before (numpy's itemsize); XLA packs two per byte, rounding up
+    tree = {"q": S((1023, 3), jnp.int4), "u": S((1024, 64), jnp.uint4)}
+    p = tpflax.plan(tree, {"model": 2}, rules=[("u", P("model"))])
+    assert (p.decisions["q"].bytes, p.decisions["u"].bytes, p.decisions["u"].bytes_per_device) == (1535, 32768, 16384)
+    whole = jax.jit(lambda t: t).lower(tree).compile().memory_analysis()
+    assert whole.argument_size_in_bytes == p.total_bytes == 1535 + 32768
+    mesh = tpflax.make_mesh({"model": 2})
+    placed = jax.jit(lambda t: t, in_shardings=(tpflax.shardings(p, mesh),)).lower(tree).compile()
+    assert placed.memory_analysis().argument_size_in_bytes == p.bytes_per_device == 1535 + 16384
+    assert tpflax.estimate(p, None, {"x": (2, 4)}).per_device.model_state == 1535 + 16384
+    assert tpflax.Plan.from_json(p.to_json()).decisions == p.decisions  # byte counts are checked on load
 
 
 def test_unknown_vocabulary_in_json_is_named(fresh):

@@ -47,6 +47,7 @@ from tpflax._src.errors import (
                      TpflaxWarning,
                      TraceError,
                      TreeError,
+                     UnknownPathError,
 )
 from tpflax._src.from_rules import from_rules
 from tpflax._src.hardware import Hardware
@@ -72,7 +73,7 @@ __all__ = [
     "EstimateError", "OptionError", "TpflaxWarning",
     "CompileError", "Decision", "DeviceError", "MeshError", "MeshShape", "ModelLoadError", "Pair",
     "Plan", "PlanFormatError", "PlanMismatchError", "RuleError", "SpecError", "TpflaxError",
-    "TreeError", "abstract_mesh", "default_logical_rules", "fmt_bytes", "make_mesh", "mesh_shape",
+    "TreeError", "UnknownPathError", "abstract_mesh", "default_logical_rules", "fmt_bytes", "make_mesh", "mesh_shape",
     "plan", "report",
     # dataflow-aware planning (plan(..., model=, sample=))
     "Dataflow", "TraceError", "dataflow",

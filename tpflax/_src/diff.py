@@ -74,8 +74,12 @@ class PlanDiff:
 
     def report_lines(self) -> list[str]:
         n = sum(len(c.paths) for c in self.changes)
-        out = [f"tpflax diff  a: mesh {self.a.mesh}  b: mesh {self.b.mesh}  "
-               + (f"{n} leaves differ" if n else "same specs for every leaf")]
+        leaves = f"{n} leaves differ" if n else "same specs for every leaf"
+        if self.a.mesh != self.b.mesh:  # first: equal specs on other meshes are another layout
+            out = [f"tpflax diff  the meshes differ: a: mesh {self.a.mesh}  b: mesh {self.b.mesh}",
+                   f"  {leaves}" + ("" if n else ", but on different meshes")]
+        else:
+            out = [f"tpflax diff  a: mesh {self.a.mesh}  b: mesh {self.b.mesh}  {leaves}"]
         for pkg, (va, vb) in self.version_changes.items():
             out.append(f"  {pkg} changed: {va} -> {vb}")
         for c in self.changes:

@@ -49,6 +49,13 @@ class PlanMismatchError(TpflaxError, ValueError):
     """A tree or mesh does not match the plan it is being used with."""
 
 
+class UnknownPathError(TpflaxError, KeyError):
+    """A path that is not a leaf of the plan (``plan.spec(path)``, ``plan.decisions[path]``);
+    a ``KeyError`` too, so ``except KeyError`` keeps working."""
+
+    __str__ = Exception.__str__  # the message, not KeyError's repr of it
+
+
 class PlanFormatError(TpflaxError, ValueError):
     """Serialized plan JSON is malformed or from an unsupported format version."""
 

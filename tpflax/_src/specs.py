@@ -93,8 +93,9 @@ def local_shape(shape: Sequence[int], spec: Sequence[Entry], mesh: MeshShape) ->
     return tuple(-(-d // shards(e, mesh)) for d, e in zip(shape, spec, strict=False))
 
 
-def bytes_per_device(shape: Sequence[int], itemsize: int, spec: Sequence[Entry], mesh: MeshShape) -> int:
-    return math.prod(local_shape(shape, spec, mesh)) * itemsize
+def bytes_per_device(shape: Sequence[int], itemsize: int | float, spec: Sequence[Entry], mesh: MeshShape) -> int:
+    """Bytes of the fullest shard; a sub-byte ``itemsize`` (int4: 0.5) rounds up, as XLA packs a shard."""
+    return math.ceil(math.prod(local_shape(shape, spec, mesh)) * itemsize)
 
 
 def used_axes(spec: Sequence[Entry]) -> set[str]:

@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding
 
 from tpflax._src.apply.bind import bind_mesh, is_graph_node, leaf_count, plan_leaf_shardings
 from tpflax._src.apply.stored import has_layouts, tree_layouts
-from tpflax._src.errors import OptionError
+from tpflax._src.errors import OptionError, TraceError
 from tpflax._src.facts.tree import itemsize
 from tpflax._src.layout import to_storage
 from tpflax._src.planner.plan import Plan
@@ -46,6 +46,8 @@ def init_sharded(init_fn: Callable[..., Any], plan: Plan, mesh: Any = None, *arg
 
     Raises:
         PlanMismatchError: ``init_fn``'s output differs from the plan.
+        TraceError: ``init_fn`` closes over an ``nnx.Rngs`` made outside it (create it inside,
+            or pass it as a positional argument).
 
     >>> import jax, flax.linen as nn, tpflax
     >>> model = nn.Dense(8)
@@ -71,7 +73,15 @@ def init_sharded(init_fn: Callable[..., Any], plan: Plan, mesh: Any = None, *arg
             return state
         return out
 
-    abstract = jax.eval_shape(as_tree, *args)
+    from flax.errors import TraceContextError
+
+    try:
+        abstract = jax.eval_shape(as_tree, *args)
+    except TraceContextError as e:  # an nnx.Rngs (or Module) made outside, mutated inside the trace
+        raise TraceError(
+            f"init_fn uses nnx state created outside it ({e}); create the nnx.Rngs inside the function "
+            "(init_sharded(lambda: Model(nnx.Rngs(0)), plan, mesh)) or pass it as a positional argument "
+            "(init_sharded(lambda rngs: Model(rngs), plan, mesh, rngs))") from e
     boxes, _, shards = plan_leaf_shardings(plan, mesh, abstract)
     flat_shards = [s for b, s in zip(boxes, shards, strict=True) for _ in range(leaf_count(b))]
     # head-aligned fused kernels are created in the stored order, inside the jitted init

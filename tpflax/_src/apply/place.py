@@ -80,7 +80,13 @@ def shard(tree: Any, plan: Plan, mesh: Any = None, *, per_shard: bool = False,
             ``jax.make_array_from_callback``. Always done for leaves whose
             sharding spans other processes, and for ``np.memmap`` leaves (only
             the slices are read).
-        donate: let jax reuse the input buffers (the input arrays are deleted).
+        donate: pass the jax arrays of ``tree`` to ``jax.device_put(..., donate=True)``
+            and skip the copy that otherwise keeps the result from sharing a buffer with
+            them. Best effort, as jax's: an input may be deleted and its memory reused,
+            or stay alive (on CPU it is not deleted); either way the result may share
+            its buffers, so treat ``tree`` as consumed. Not donated: numpy leaves, leaves
+            built per shard (``per_shard``, memmaps, multi-host), an ``nnx.Module``.
+            Without ``donate`` the result never shares a buffer with ``tree``.
         check_finite: warn (:class:`tpflax.TpflaxWarning`) about float leaves
             holding NaN or inf; they are still placed exactly as given. None
             (default): check values already in host memory (numpy, and jax arrays

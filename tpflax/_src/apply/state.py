@@ -44,7 +44,7 @@ def state_shardings(tree: Any, plan: Plan, mesh: Any = None, *, optimizer: Any =
     Args:
         tree: the state, concrete or abstract (``jax.eval_shape`` output).
         plan: the parameters' plan.
-        mesh: the mesh (or a shape).
+        mesh: a ``jax.sharding.Mesh`` or ``AbstractMesh`` (or a shape), as for :func:`tpflax.shardings`.
         optimizer: the optax optimizer that made the state (optional).
         params: the parameter tree the optimizer was initialised with (optional).
 
@@ -56,7 +56,7 @@ def state_shardings(tree: Any, plan: Plan, mesh: Any = None, *, optimizer: Any =
     >>> s[0].mu["w"].spec, s[0].count.spec
     (P('model', None), P())
     """
-    mesh = bind_mesh(plan, mesh)
+    mesh = bind_mesh(plan, mesh, abstract=True)  # shardings place nothing: an AbstractMesh will do
     _, treedef, specs = state_leaf_specs(tree, plan, optimizer=optimizer, params=params)
     return jax.tree_util.tree_unflatten(treedef, [NamedSharding(mesh, s) for s in specs])
 
@@ -127,7 +127,7 @@ def optimizer_shardings(optimizer: Any, plan: Plan, mesh: Any = None, *, opt_sta
     Args:
         optimizer: an optax ``GradientTransformation`` (or anything with ``init``).
         plan: the parameters' plan.
-        mesh: the mesh (or a shape).
+        mesh: a ``jax.sharding.Mesh`` or ``AbstractMesh`` (or a shape), as for :func:`tpflax.shardings`.
         opt_state: the state (concrete or abstract); derived with
             ``jax.eval_shape(optimizer.init, params)`` when omitted.
         params: the parameters (concrete or abstract); default: from the plan.

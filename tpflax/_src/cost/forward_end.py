@@ -49,7 +49,8 @@ def final_norm(lv: Leaves, w: Workload) -> tuple[str, str] | None:
     """``(the final norm's path, the last block's)``: a top-level norm call right after a top-level call that
     holds traced calls (a block), else None."""
     keys = list(w.activations)
-    tops = [k for k in keys if k in top_level(keys)]
+    top = top_level(keys)  # once, not once per key (quadratic in the traced calls)
+    tops = [k for k in keys if k in top]
     norms = _norms(lv)
     for i in range(len(tops) - 1, 0, -1):
         prev = tops[i - 1]

@@ -29,16 +29,18 @@ def grad_bytes(nbytes: int, item: int, g_item: int | None) -> int:
     return nbytes if g_item is None else nbytes // item * g_item
 
 
-def leaf_itemsize(d: Any) -> int:
-    """Bytes per element of a decision's leaf, from the bytes the planner counted.
+def leaf_itemsize(d: Any) -> int | float:
+    """Bytes per element of a decision's leaf (0.5 for int4: :func:`tpflax._src.facts.tree.itemsize`).
 
     >>> import jax, tpflax
     >>> keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), 4))
     >>> leaf_itemsize(tpflax.plan({"rng": keys}, {"data": 1}).decisions["rng"])  # a PRNG key: 2 x uint32
     8
     """
-    n = math.prod(d.shape)
-    return d.bytes // n if n else itemsize(d.dtype)
+    return _itemsize(d.dtype)
+
+
+_itemsize = functools.lru_cache(maxsize=256)(itemsize)  # decisions hold dtype names: hashable, few
 
 
 def layers(d: Any) -> int:

@@ -48,7 +48,7 @@ class Leaf:
         path: ``"params/layers_0/mlp/up/kernel"`` (keystr, simple, ``/``-separated).
         shape: the leaf's shape.
         dtype: numpy dtype name (``"float32"``, ``"bfloat16"``, ``"key<fry>"``).
-        itemsize: bytes per element.
+        itemsize: bytes per element (a fraction for sub-byte dtypes: int4 is 0.5).
         collection: linen collection (``"params"``, ``"batch_stats"``...) or ``""``.
         names: axis names from flax metadata, one per dim, or None.
         logical: True when ``names`` are logical (``LogicallyPartitioned``) rather
@@ -60,7 +60,7 @@ class Leaf:
     path: str
     shape: tuple[int, ...]
     dtype: str
-    itemsize: int
+    itemsize: int | float
     collection: str = ""
     names: tuple[Any, ...] | None = None
     logical: bool = False
@@ -78,7 +78,7 @@ class Leaf:
 
     @property
     def nbytes(self) -> int:
-        return self.size * self.itemsize
+        return math.ceil(self.size * self.itemsize)  # sub-byte dtypes packed, as XLA stores them
 
     @once
     def parts(self) -> tuple[str, ...]:
@@ -302,8 +302,12 @@ def _non_numeric(dtype: Any) -> bool:
         return False  # anything jax cannot even classify: leave it to jax's own message
 
 
-def itemsize(dtype: Any) -> int:
+def itemsize(dtype: Any) -> int | float:
     """Bytes per element of ``dtype``: a numpy/jax dtype, its name, or a typed PRNG key dtype.
+
+    Sub-byte dtypes (int4, uint4, int2, float4) count a fraction of a byte: XLA packs
+    them (``memory_analysis`` reports 32768 bytes for 65536 int4 elements, on CPU and
+    TPU), though numpy's ``itemsize`` says 1. Multiply and round up (:func:`math.ceil`).
 
     A typed PRNG key holds its implementation's key data: ``key<fry>`` (threefry)
     is 2 uint32 = 8 bytes, ``key<rbg>`` and ``key<urbg>`` 4 uint32 = 16 bytes,
@@ -313,8 +317,8 @@ def itemsize(dtype: Any) -> int:
     Raises:
         TypeError: ``dtype`` is not a dtype jax knows.
 
-    >>> itemsize("bfloat16"), itemsize("key<fry>"), itemsize(jax.random.key(0).dtype)
-    (2, 8, 8)
+    >>> itemsize("bfloat16"), itemsize("key<fry>"), itemsize(jax.random.key(0).dtype), itemsize("int4")
+    (2, 8, 8, 0.5)
     """
     if isinstance(dtype, str) and dtype.startswith("key<"):
         sizes = _key_itemsizes()
@@ -323,7 +327,9 @@ def itemsize(dtype: Any) -> int:
         return sizes[dtype]
     if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
         return int(dtype.itemsize)
-    return int(np.dtype(jax.numpy.dtype(dtype)).itemsize)
+    dt = jax.numpy.dtype(dtype)
+    bits = jax.dtypes.itemsize_bits(dt)
+    return bits / 8 if bits < 8 else int(np.dtype(dt).itemsize)
 
 
 @functools.cache

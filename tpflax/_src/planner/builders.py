@@ -401,10 +401,12 @@ def bias_follows(st: State, f: Facts, body_spec: Sequence[Entry], kpath: str, ev
         body_spec = [normalize_entry(tuple(a for a in entry_axes(e) if roles.get(a) in (TENSOR, EXPERT)))
                      for e in body_spec]
         how = f"{'annotated' if kernel.strategy == 'annotation' else 'set by a rule to'} {to_pspec(kernel.spec)}"
-        split, whole = any(body_spec), "its output is not tensor-split, so replicated"
+        split, whole = any(body_spec), "its output is not tensor-split, so neither is the bias"
     else:
         how = kernel.strategy
-        split, whole = any(body_spec) and kernel.strategy in OUTPUT_SPLITS, "added after the reduction, so replicated"
+        split = any(body_spec) and kernel.strategy in OUTPUT_SPLITS
+        whole = ("added after the reduction, so not tensor-split" if kernel.strategy == "row"
+                 else "its output is not tensor-split, so neither is the bias")
     if split:
         st.put(f, body_spec, "channel" if kernel.strategy == "channel" else "column",
                f"{evidence} ({how}): split like that output", kernel.pair)

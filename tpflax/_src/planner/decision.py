@@ -10,6 +10,7 @@ from the paths and pairs.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -20,7 +21,7 @@ import jax
 from jax.sharding import PartitionSpec
 
 from tpflax._src import export
-from tpflax._src.errors import PlanFormatError, PlanMismatchError
+from tpflax._src.errors import PlanFormatError, PlanMismatchError, UnknownPathError
 from tpflax._src.facts.classify import layer_group, unit_of
 from tpflax._src.facts.tree import Leaf, itemsize, walk
 from tpflax._src.layout import Interleave
@@ -192,6 +193,22 @@ def _int_or_none(x: Any) -> int | None:
     return None if x is None else int(x)
 
 
+class Decisions(dict):
+    """``{path: Decision}``: a dict whose missing path raises :class:`UnknownPathError` naming the
+    closest known paths (``.get`` and ``in`` behave as a dict's).
+
+    >>> Decisions({"mlp/up/kernel": 1})["mlp/up/kernal"]
+    Traceback (most recent call last):
+    tpflax._src.errors.UnknownPathError: 'mlp/up/kernal' is not a leaf of this plan; did you mean 'mlp/up/kernel'?
+    """
+
+    def __missing__(self, path: Any) -> Any:
+        close = difflib.get_close_matches(str(path), [str(k) for k in self], n=3, cutoff=0.6)
+        hint = (f"did you mean {' or '.join(map(repr, close))}?" if close else
+                f"its {len(self)} paths look like {next(iter(self), '')!r} (see plan.decisions)")
+        raise UnknownPathError(f"{path!r} is not a leaf of this plan; {hint}")
+
+
 @dataclass(frozen=True)
 class Plan:
     """A sharding plan.
@@ -203,7 +220,8 @@ class Plan:
             FrozenDicts, ``nnx.State`` and empty subtrees (see
             :mod:`tpflax._src.planner.skeleton`), other containers as nested
             dicts keyed by path components.
-        decisions: ``{path: Decision}`` in tree order.
+        decisions: ``{path: Decision}`` in tree order (a dict; a missing path raises
+            :class:`tpflax.UnknownPathError`, a ``KeyError``, naming the closest paths).
         pairs: column->row pairs found.
         warnings: replicated large leaves, unmatched rules, ignored annotations.
         options: the knobs used.
@@ -218,6 +236,10 @@ class Plan:
     warnings: tuple[str, ...] = ()
     options: Mapping[str, Any] = field(default_factory=dict)
     disagreements: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if type(self.decisions) is not Decisions:
+            object.__setattr__(self, "decisions", Decisions(self.decisions))
 
     @property
     def total_bytes(self) -> int:
@@ -235,6 +257,8 @@ class Plan:
         return 100.0 * (1 - self.bytes_per_device / total) if total else 0.0
 
     def spec(self, path: str) -> PartitionSpec:
+        """The leaf's PartitionSpec; :class:`tpflax.UnknownPathError` (a ``KeyError``) for a path
+        not in the plan, naming the closest ones."""
         return self.decisions[path].spec
 
     def specs_for(self, tree: Any) -> Any:
@@ -363,7 +387,7 @@ def _decision_problems(path: str, d: Decision, mesh: MeshShape) -> list[str]:
     bad_spec = spec_problems(path, d.shape, entries(d.spec), mesh)
     if bad_spec:
         return bad_spec
-    want = math.prod(d.shape) * item
+    want = math.ceil(math.prod(d.shape) * item)
     if d.bytes != want:
         return [f"{path}: bytes {d.bytes} but shape {d.shape} of {d.dtype} holds {want}; re-plan"]
     per = bytes_per_device(d.shape, item, entries(d.spec, len(d.shape)), mesh)

@@ -82,4 +82,4 @@ def _elementwise(st: State, flow: Dataflow, fx: Mapping[str, Facts]) -> None:
         if path in st.out or path not in flow.elementwise or len(f.body) != 1:
             continue
         st.replicate(f, "scale/shift (traced): combined elementwise with activations (a norm's or a "
-                          "cell's parameter); tiny and needed whole by every device")
+                          "cell's parameter); tiny, not split over the tensor axes")

@@ -382,7 +382,7 @@ def _tied_logits_bias(st: State, f: Facts, tables: dict[int, Facts], k: Facts | 
 
 
 _LEFTOVER_REASON = {
-    "norm": "norm parameter: tiny and needed whole by every device",
+    "norm": "norm parameter: tiny, not split over the tensor axes",
     "scalar": "scalar",
     "int": "integer/bool/PRNG-key leaf: never sharded",
     "state": "non-parameter collection (e.g. batch_stats): small, replicated",
