@@ -205,6 +205,25 @@ def test_fsdp_is_decided_by_cost_not_size():
     assert fs["fsdp"].bytes_per_device < fs["no fsdp"].bytes_per_device and fs["fsdp"].chosen
 
 
+def test_a_table_looked_up_at_batch_free_positions_stays_whole_over_fsdp():
+    # Traced, the position table is looked up at arange positions broadcast after the lookup: the
+    # backward sums its rows over the batch and XLA:TPU all-reduces them, split over fsdp or not
+    # (tests/test_tpu.py). Priced so (the estimate's rule), the split adds its gather and saves only the
+    # update's memory traffic: on tpu-v5e the gather of half the table (200 GB/s) costs more than
+    # streaming its four copies' halves (819 GB/s). The token-type ids (zeros shaped like the ids) carry
+    # the batch: a lookup like the token table's, whose split reduce-scatters, as tree-only.
+    path = "params/position_embeddings/embedding"
+    traced = _plan(Tables, FSDP_TP, model=Tables(), sample=SAMPLE)
+    d = traced.decisions[path]
+    fs = {a.name: a for a in d.alternatives if a.group == "fsdp"}
+    assert not d.fsdp and fs["no fsdp"].chosen and "runner-up fsdp" in d.reason
+    assert any("batch-free positions" in c for c in fs["fsdp"].collectives)
+    assert fs["fsdp"].comm_bytes > fs["no fsdp"].comm_bytes
+    assert fs["fsdp"].bytes_per_device < fs["no fsdp"].bytes_per_device
+    assert traced.decisions["params/token_type_embeddings/embedding"].fsdp
+    assert _plan(Tables, FSDP_TP).decisions[path].fsdp  # tree-only: nothing says how it is looked up
+
+
 def test_device_memory_moves_groups_to_smaller_layouts():
     loose = _plan(Tables, DP_TP)
     tight = _plan(Tables, DP_TP, device_memory=loose.bytes_per_device * 4 - 1)

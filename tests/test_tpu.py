@@ -358,9 +358,14 @@ def test_fsdp_gradients_of_positions_one_tile_and_a_leading_one_all_reduce_whole
     # (8, 128) tiles (the split 256 on the sublanes), small's [8, 16] is one tile; all three are
     # all-reduced whole (wpe's gradient is a sum over the batch, as a bias's). The estimate prices
     # each collective kind to the byte (the loss's scalar all-reduce aside).
+    # wpe's split is forced: priced with the estimate's rule, the chooser keeps a table looked up at
+    # batch-free positions whole (tests/test_choose.py); this test is about the estimate of the split one
+    from jax.sharding import PartitionSpec as P
+
     net, ids = _Reduced(), jax.ShapeDtypeStruct((8, 128), jnp.int32)
     variables = jax.eval_shape(net.init, jax.random.key(0), ids)
-    p = tpflax.plan(variables, {"fsdp": 8}, model=net, sample=(ids,))
+    p = tpflax.plan(variables, {"fsdp": 8}, model=net, sample=(ids,), rules=[(r"wpe/embedding$", P(None, "fsdp"))])
+    assert p.decisions["params/wpe/embedding"].spec == P(None, "fsdp")
     mesh = tpflax.make_mesh({"fsdp": 8}, target="tpu-v5e:2x4")
     loss = lambda out, *_: jnp.mean(out ** 2)  # noqa: E731
     ts = tpflax.make_train_step(net, p, mesh, optax.adamw(1e-3), sample=(ids,), loss=loss)
@@ -370,6 +375,44 @@ def test_fsdp_gradients_of_positions_one_tile_and_a_leading_one_all_reduce_whole
     assert est["reduce-scatter"]["fsdp"] == compiled["reduce-scatter"]["fsdp"]
     assert est["all-reduce"]["fsdp"] - whole == pytest.approx(compiled["all-reduce"]["fsdp"] - whole, abs=8)
     assert est["all-reduce"]["fsdp"] > whole
+
+
+class _Buckets(nn.Module):
+    """T5's relative-position bias: a ``(buckets, heads)`` table looked up at ``(query, key)`` buckets, added to
+    the scores of every example."""
+
+    @nn.compact
+    def __call__(self, ids):
+        t, h = ids.shape[1], 8
+        x = nn.Embed(1000, 256, name="tok")(ids)
+        q = nn.DenseGeneral((h, 32), name="q")(x)
+        k = nn.DenseGeneral((h, 32), name="k")(x)
+        v = nn.DenseGeneral((h, 32), name="v")(x)
+        buckets = jnp.clip(jnp.arange(t)[None, :] - jnp.arange(t)[:, None] + 16, 0, 31)
+        bias = nn.Embed(32, h, name="relative_attention_bias")(buckets)  # (t, t, h)
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k) + bias.transpose(2, 0, 1)[None]
+        o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s), v)
+        return nn.Dense(1000, name="head")(x + nn.DenseGeneral(256, axis=(-2, -1), name="o")(o))
+
+
+@needs_libtpu
+@pytest.mark.parametrize("mesh_shape", [{"data": 2, "model": 4}, {"fsdp": 2, "model": 4}], ids=["data", "fsdp"])
+def test_a_batch_free_lookups_rows_are_all_reduced_over_the_batch_on_tpu(mesh_shape):
+    # The bias table's gradient is never reduced: XLA:TPU sums the looked-up (query, key, heads / 4)
+    # rows over the batch axes (f32[256,256,2], 512 KiB, in the biases' tuple all-reduce) and scatters
+    # them into the table after. The estimate counts those rows (it counted the (32, 2) table: 256 B),
+    # to the byte over the batch axis.
+    net, ids = _Buckets(), jax.ShapeDtypeStruct((8, 256), jnp.int32)
+    variables = jax.eval_shape(net.init, jax.random.key(0), ids)
+    p = tpflax.plan(variables, mesh_shape, model=net, sample=(ids,))
+    mesh = tpflax.make_mesh(mesh_shape, target="tpu-v5e:2x4")
+    loss = lambda out, *_: jnp.mean(out ** 2)  # noqa: E731
+    dr = tpflax.dry_run(tpflax.make_train_step(net, p, mesh, optax.adamw(1e-3), sample=(ids,), loss=loss), p, mesh)
+    batch = next(iter(mesh_shape))
+    rows = [c for c in dr.collectives if c.kind == "all-reduce" and (256, 256, 2) in c.shapes]
+    assert len(rows) == 1 and rows[0].axes == (batch,)
+    est = tpflax.estimate(p, optax.adamw(1e-3), model=net, sample=(ids,), backend="tpu")
+    assert est.comm["all-reduce"][batch] == dr.comm()["all-reduce"][batch]
 
 
 @needs_libtpu

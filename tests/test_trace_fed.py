@@ -1,6 +1,6 @@
-"""Which lookups the trace reads as positional (``Use.fixed``: indices computed from no model input,
-so XLA reduces the table's gradient over the batch, and XLA:TPU all-reduces it whole): token ids
-stay model inputs through a scan's sliced inputs, its carry and a while loop's carry."""
+"""Which lookups the trace reads as positional (``Use.fixed``: indices computed from no model input;
+``Dataflow.positional``: those whose indices carry no batch, whose looked-up rows XLA sums over the
+batch): token ids stay model inputs through a scan's sliced inputs, its carry and a while loop's carry."""
 
 from __future__ import annotations
 
@@ -49,3 +49,32 @@ def test_lookups_by_ids_in_a_loop_body_are_not_positional(how, fixed):
     flow = dataflow(m, (ids,), jax.eval_shape(m.init, jax.random.key(0), ids))
     gathers = [u for u in flow.uses if u.path == "params/table" and u.op == "gather"]
     assert gathers and all(u.fixed == fixed for u in gathers)
+
+
+class Positions(nn.Module):
+    """A position table looked up at ``arange`` positions, broadcast to the batch before the lookup (HF's
+    ``position_ids``) or after it (``[None, :]``), and a T5-style bias table at (query, key) buckets."""
+
+    broadcast: bool
+
+    @nn.compact
+    def __call__(self, ids):
+        t = ids.shape[1]
+        pos = jnp.broadcast_to(jnp.arange(t), ids.shape) if self.broadcast else jnp.arange(t)[None, :]
+        buckets = jnp.clip(jnp.arange(t)[None, :] - jnp.arange(t)[:, None] + 4, 0, 7)
+        x = nn.Embed(V, D, name="tok")(ids) + nn.Embed(T, D, name="pos")(pos)
+        return nn.Dense(8, name="out")(x) + nn.Embed(8, 8, name="bias")(buckets).sum(0)
+
+
+@pytest.mark.parametrize("examples", [4, 1])
+@pytest.mark.parametrize("broadcast", [False, True], ids=["after", "before"])
+def test_positional_lookups_are_the_ones_whose_indices_carry_no_batch(broadcast, examples):
+    # XLA sums a batch-free lookup's rows over the batch before scattering them into the table (XLA:TPU
+    # all-reduces those rows, tpu_aot_notes.md); ids broadcast to the batch first are scattered like
+    # token ids. With one example the two cannot be told apart, and count as batch-free.
+    m, ids = Positions(broadcast), jax.ShapeDtypeStruct((examples, T), jnp.int32)
+    flow = dataflow(m, (ids,), jax.eval_shape(m.init, jax.random.key(0), ids))
+    want = {"params/bias/embedding": (T * T, (1,))}
+    if not broadcast or examples == 1:
+        want["params/pos/embedding"] = (T, (1,))
+    assert flow.examples == examples and flow.positional() == want

@@ -50,13 +50,14 @@ def gradient_items(s: Scope) -> list[CommItem]:
         if s.backend == "tpu":  # XLA:TPU adds a table's lookups' scatter-adds first: one part for all
             parts -= max((s.lookups or {}).get(path, 1) - 1, 0)
         item = gather_item(d, s.backend, s.lv.specs[path], s.mesh)
+        looked = looked_bytes(d, s.lv.specs[path], s.mesh, s.positional[path], s.g_item) if (
+            s.backend == "tpu" and path in s.positional) else None
         for kind, axes, size, n, count, why in _gradient_templates(
                 s.lv.specs[path], s.mesh, _reduce_axes(path, s), s.leaf_bytes(path, d), leaf_itemsize(d), s.g_item,
                 s.backend, reps, item, len(body(d)), s.one_ring(_fsdp_devices(s.lv.specs[path], s.mesh)),
                 s.row_axes, tuple(d.shape),
-                path in s.positional or whole or (s.backend == "tpu" and vocab_shard_all_reduced(d, s.lv.specs[path],
-                                                                                             s.mesh)),
-                d.layers_dim):
+                whole or (s.backend == "tpu" and vocab_shard_all_reduced(d, s.lv.specs[path], s.mesh)),
+                d.layers_dim, looked):
             if kind != "all-gather" and frozen:
                 continue
             if kind != "all-gather" and path in s.buffered:
@@ -79,6 +80,30 @@ def gradient_items(s: Scope) -> list[CommItem]:
                                       f"used whole {parts} times (a tied table's lookup and logits, a shared "
                                       "layer): each use's gradient is reduced separately"))
     return items + lookup_concat_items(s)
+
+
+def looked_bytes(d: Any, spec, mesh: MeshShape, positional: tuple[int, tuple[int, ...]], g_item: int | None) -> int:
+    """The gradient bytes of a batch-free positional lookup's rows on a device (:attr:`Scope.positional`:
+    ``(rows looked up, the table's dims not indexed)``): the rows times the table's width, divided by the
+    tensor axes that split it (an fsdp split is gathered before the lookup).
+
+    Measured (v5e:2x4, tpu_aot_notes.md, twenty-first round): a ``(640, 768)`` position table looked up at
+    ``arange(512)[None, :]``: ``f32[1,512,768]`` all-reduced over fsdp=8, split or whole; a T5-style
+    ``(32, 8)`` bias table looked up at ``(256, 256)`` buckets, heads split over model=4: ``f32[256,256,2]``.
+
+    >>> from types import SimpleNamespace
+    >>> from tpflax._src.mesh import mesh_shape
+    >>> d = SimpleNamespace(shape=(32, 8), layers_dim=None, dtype="float32")
+    >>> looked_bytes(d, ("fsdp", "model"), mesh_shape({"fsdp": 2, "model": 4}), (256 * 256, (1,)), None)
+    524288
+    """
+    rows, kept = positional
+    roles = dict(mesh.roles)
+    spec = entries(spec, len(d.shape))
+    width = math.prod(-(-d.shape[k] // math.prod(mesh.sizes[a] for a in entry_axes(spec[k]) if roles[a] == TENSOR))
+                      for k in kept)
+    item = g_item or leaf_itemsize(d)
+    return rows * width * item
 
 
 def loop_reps(s: Scope, path: str, d: Any, steps: int) -> tuple[int, bool]:
@@ -208,7 +233,7 @@ def gather_rows(shape: tuple[int, ...], spec: tuple, mesh: MeshShape) -> int | N
 def _gradient_templates(spec, mesh: MeshShape, batch_axes, nbytes: int, item: int, g_item, backend: str,
                         reps: int, gather_item: int | None = None, body_rank: int | None = None,
                         ring: bool = True, rows: tuple[str, ...] = (), shape: tuple[int, ...] | None = None,
-                        positional: bool = False, layers: int | None = None) -> tuple:
+                        whole: bool = False, layers: int | None = None, looked: int | None = None) -> tuple:
     """The gradient collectives of one leaf, without its path (repeated layers share them).
 
     ``ring``: XLA:TPU reduces over the leaf's fsdp devices on one ring (:func:`tpflax._src.tpu.one_ring`).
@@ -217,11 +242,12 @@ def _gradient_templates(spec, mesh: MeshShape, batch_axes, nbytes: int, item: in
     sum (measured on XLA:CPU: two all-reduces of the whole gradient when they do not split the leaf;
     when they do, the second sum moves its shard and the two cost what one ring over both does).
     ``shape``: the leaf's stored shape; on TPU a gradient whose shard is not whole tiles of its
-    layout is all-reduced whole (:func:`_tpu_whole_tiles`). ``positional``: a table looked up at
-    positions only (:attr:`tpflax._src.cost.traced.Traced.positional`), whose gradient XLA reduces
-    over the batch: XLA:TPU all-reduces it whole, whatever its tiles (so it does a table looked up inside
-    a loop body at one example per device: :func:`loop_reps`). ``layers``: the stacked-layers dim of
-    ``shape``, which the tiles leave out (the backward scan reduces one layer at a time)."""
+    layout is all-reduced whole (:func:`_tpu_whole_tiles`). ``whole``: XLA:TPU all-reduces it whole,
+    whatever its tiles (a table looked up inside a loop body at one example per device: :func:`loop_reps`;
+    a vocab-split table's shard: :func:`vocab_shard_all_reduced`). ``layers``: the stacked-layers dim of
+    ``shape``, which the tiles leave out (the backward scan reduces one layer at a time). ``looked``: on
+    TPU, a batch-free positional lookup's rows' gradient bytes (:func:`looked_bytes`): XLA:TPU sums them
+    over the batch axes, all-reduced, in place of the table's gradient, split over fsdp or not."""
     why_rep = f" at each of {reps} steps of the backward loop (used inside a scan body)" if reps > 1 else ""
     f_axes = _split_axes(spec, mesh)  # a parameter split over a data axis is gathered like fsdp
     free = tuple(a for a in batch_axes if a not in used_axes(spec))
@@ -236,12 +262,18 @@ def _gradient_templates(spec, mesh: MeshShape, batch_axes, nbytes: int, item: in
     if f_axes:
         out.append(("all-gather", f_axes, nbytes // item * (gather_item or item) * nf, nf, 1,
                     "fsdp: gather the parameter for compute (the backward reuses it)"))
+    if backend == "tpu" and looked is not None:
+        group = tuple(a for a in mesh.names if a in f_axes or a in free)
+        return tuple(out) + ((("all-reduce", group, looked, math.prod(mesh.sizes[a] for a in group), reps,
+                               "looked up at batch-free positions: XLA:TPU sums the looked-up rows' gradient "
+                               "over the batch, whatever the table's split" + why_rep),) if group else ())
+    if f_axes:
         if backend == "cpu":
             group = tuple(a for a in mesh.names if a in f_axes or a in free)
             return tuple(out) + (("all-reduce", group, gbytes * nf, math.prod(mesh.sizes[a] for a in group), reps,
                                   "fsdp gradient: XLA:CPU all-reduces the whole gradient, then slices" + why_rep),)
         rank = len(spec) if body_rank is None else body_rank
-        if backend == "tpu" and (positional or not (tpu_reduce_scatters(rank, free, ring)
+        if backend == "tpu" and (whole or not (tpu_reduce_scatters(rank, free, ring)
                                                     and _tpu_whole_tiles(shape, spec, mesh, f_axes, item, g_item,
                                                                          layers))):
             return tuple(out) + (_tpu_fsdp_gradient(mesh, f_axes, free, gbytes * nf, reps, why_rep),)

@@ -49,6 +49,10 @@ class LeafLayout:
         trainable: the optimizer updates it (gradient and moments cost memory).
         matmul: contracted with activations: flops follow its size and split.
         layers: stacked layers it holds (its collectives and flops repeat).
+        positional: a table looked up at batch-free positions (:meth:`tpflax._src.trace.records.Dataflow.positional`):
+            XLA:TPU sums its looked-up rows' gradient over the batch and all-reduces them, split over fsdp or not
+            (the estimate: :func:`tpflax._src.cost.gradients.looked_bytes`), so an fsdp split adds its gather and
+            saves only memory; priced here at the table's bytes, which both options pay alike.
     """
 
     shape: tuple[int, ...]
@@ -57,6 +61,7 @@ class LeafLayout:
     trainable: bool = True
     matmul: bool = False
     layers: int = 1
+    positional: bool = False
 
 
 @dataclass(frozen=True)
@@ -279,9 +284,10 @@ def price(leaves: tuple[LeafLayout, ...], acts: tuple[ActComm, ...], ctx: Contex
             # as it would only weigh fsdp against no fsdp harder on the pods where memory needs it most.
             gather = shard // x.itemsize * tpu_gather_item(x.itemsize, x.matmul) if tpu else shard
             add("all-gather", f_axes, gather * nf, 1, "fsdp: gather the parameter")
-            if tpu and len(x.shape) - (x.layers > 1) < 2:  # only 1-D: see the comment above
+            if tpu and (len(x.shape) - (x.layers > 1) < 2 or x.positional):  # 1-D: see the comment above
                 group = tuple(a for a in mesh.names if a in f_axes or a in free)
-                add("all-reduce", group, shard * nf, 1, "fsdp gradient of a 1-D leaf: all-reduced whole")
+                add("all-reduce", group, shard * nf, 1, "fsdp gradient of a table looked up at batch-free positions: "
+                    "its rows all-reduced, split or not" if x.positional else "fsdp gradient of a 1-D leaf: all-reduced whole")
                 continue
             add("reduce-scatter", f_axes, shard * nf, 1, "fsdp: scatter its gradient")
         if free:

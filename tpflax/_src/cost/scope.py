@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tpflax._src.cost.activations import acts_for, token_rows
@@ -100,7 +100,8 @@ class Scope:
     row_axes: tuple[str, ...] = ()  # batch axes only because a shard_map splits rows over them (cost.explicit)
     meets: tuple = ()  # traced parameter dims that meet on one activation dim (Traced)
     moments: Mapping[str, int] | None = None  # optimizer-state leaves shaped like each parameter (None: no optimizer)
-    positional: frozenset[str] = frozenset()  # traced tables looked up at positions only (Traced.positional)
+    # traced tables looked up at batch-free positions: {path: (rows looked up, dims not indexed)} (Traced.positional)
+    positional: Mapping[str, tuple[int, tuple[int, ...]]] = field(default_factory=dict)
     loops: Mapping[str, tuple[int, bool]] | None = None  # traced parameters used inside loop bodies (Traced.loops)
 
     def one_ring(self, devices: int) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tpflax._src.cost.batch import dtype_name
@@ -101,9 +101,10 @@ class Traced:
             (:attr:`tpflax._src.trace.records.Dataflow.collectives`).
         row_axes: the mesh axes ``shard_map`` in_specs cut activations' rows over
             (:attr:`tpflax._src.trace.records.Dataflow.row_axes`).
-        positional: tables every use of which is a lookup by indices computed from no model input
-            (GPT-2's ``wpe`` at ``arange`` positions): XLA reduces their gradient over the batch like
-            a bias's, and XLA:TPU all-reduces it whole (benchmarks/tpu_aot_notes.md).
+        positional: ``{table: (rows looked up, dims not indexed)}``, tables every use of which is a lookup
+            at indices computed from no model input that do not carry the batch (GPT-2's ``wpe`` at
+            ``arange`` positions): XLA sums the looked-up rows' gradient over the batch, and XLA:TPU
+            all-reduces those rows whatever the table's split (:meth:`Dataflow.positional`).
         loops: ``{path: (trip count, looked up)}`` for parameters a ``scan``/``while`` body uses unchanged at
             every step (a recurrent cell's kernels and the biases added to them; a table looked up by the ids
             the scan slices), whether a lookup (a gather) is among those uses: their partial gradients come
@@ -134,7 +135,7 @@ class Traced:
     collectives: tuple = ()
     row_axes: frozenset[str] = frozenset()
     meets: tuple[tuple[str, int, str, int], ...] = ()
-    positional: frozenset[str] = frozenset()
+    positional: Mapping[str, tuple[int, tuple[int, ...]]] = field(default_factory=dict)
     loops: Mapping[str, tuple[int, bool]] | None = None
     remat_layers: int = 0
     erf: frozenset[str] = frozenset()
@@ -225,7 +226,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
                   {p: n for p, n in slices.items() if n > 1}, buffers, contractions, flow.remat >= 0.5,
                   scores, frozenset(flow.uses[uid].path for uid, _ in flow.biases.values()),
                   spread_streams(flow, shapes), flow.collectives, flow.row_axes, _meets(flow),
-                  frozenset(p for p, o in ops.items() if o == {"gather"}) - {u.path for u in flow.uses if not u.fixed},
+                  flow.positional(),
                   _loops(flow), flow.remat_calls if flow.remat >= 0.5 else 0,
                   frozenset(e.src for e in flow.edges if {"erf", "erfc"} & set(e.via)))
 

@@ -97,7 +97,7 @@ class Workload:
     target: str | None = None  # the TPU topology or generation (estimate(target=))
     row_axes: frozenset[str] = frozenset()
     meets: tuple = ()
-    positional: frozenset[str] = frozenset()
+    positional: Mapping[str, tuple[int, tuple[int, ...]]] = field(default_factory=dict)
     loops: Mapping[str, tuple[int, bool]] | None = None
     remat_layers: int = 0
     erf: frozenset[str] = frozenset()

@@ -128,6 +128,8 @@ class State:
     out_first: set[str] = field(default_factory=set)  # 2-D kernels stored (out, in): biases follow dim 0
     # traced: rows each leaf's contraction reads, per priced token (a group is priced at its leaves' rows)
     rows: dict[str, float] = field(default_factory=dict)
+    # traced: tables looked up at batch-free positions, whose rows XLA:TPU all-reduces split or not (Dataflow.positional)
+    positional: frozenset[str] = frozenset()
 
     @cached_property
     def context(self) -> Context:

@@ -74,17 +74,17 @@ def revise(p: Any, **changes: Any) -> Any:
     return q
 
 
-def layout(f: Any, p: Any, matmul: bool) -> LeafLayout:
+def layout(f: Any, p: Any, matmul: bool, positional: bool = False) -> LeafLayout:
     """A leaf's :class:`LeafLayout` under proposal ``p``."""
     shape = tuple(f.leaf.shape)
     spec = p.spec if len(p.spec) == len(shape) else entries(p.spec, len(shape))
-    return _layout(shape, f.leaf.itemsize, spec, f.leaf.trainable, matmul, f.layers_dim)
+    return _layout(shape, f.leaf.itemsize, spec, f.leaf.trainable, matmul, f.layers_dim, positional)
 
 
 @functools.lru_cache(maxsize=1 << 14)
-def _layout(shape, item, spec, trainable, matmul, layers_dim) -> LeafLayout:
+def _layout(shape, item, spec, trainable, matmul, layers_dim, positional) -> LeafLayout:
     return LeafLayout(shape, item, spec, trainable=trainable, matmul=matmul,
-                      layers=1 if layers_dim is None else shape[layers_dim])
+                      layers=1 if layers_dim is None else shape[layers_dim], positional=positional)
 
 
 @functools.lru_cache(maxsize=1 << 12)
@@ -92,9 +92,10 @@ def _pspec(spec):
     return to_pspec(spec)
 
 
-def cost_of(o: Option, facts: Mapping[str, Any], ctx: Context) -> Cost:
-    """The priced cost of one option (cached by value: alike layers are priced once)."""
-    leaves = tuple(layout(facts[path], p, path in o.matmul) for path, p in o.proposals)
+def cost_of(o: Option, facts: Mapping[str, Any], ctx: Context, positional: frozenset[str] = frozenset()) -> Cost:
+    """The priced cost of one option (cached by value: alike layers are priced once); ``positional``:
+    the traced tables looked up at batch-free positions (:attr:`State.positional`)."""
+    leaves = tuple(layout(facts[path], p, path in o.matmul, path in positional) for path, p in o.proposals)
     return price(leaves, o.acts, ctx)
 
 
@@ -153,7 +154,7 @@ def pick(st: Any, kind: str, options: Sequence[Option], facts: Mapping[str, Any]
     if share != 1.0:  # traced: a group is priced at the rows its contractions read (a pooled
         # projection's few, a decoder's shorter sequence), not at the widest layer's
         ctx = replace(ctx, tokens=max(1, round(ctx.tokens * share)))
-    costs = tuple(cost_of(o, facts, ctx) for o in options)
+    costs = tuple(cost_of(o, facts, ctx, st.positional) for o in options)
     index = best(costs, [o.whole for o in options], [o.sums_output for o in options])
     ch = Chosen(kind, options, costs, index, {p: facts[p] for p in paths}, ctx.tokens)
     st.chosen.append(ch)

@@ -76,7 +76,7 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Datafl
     traced layer reads, what the chooser's ``tokens`` count (a layer reading
     fewer, a pooled projection, is priced per row it reads).
     """
-    c = _start(facts, State(mesh, opts, forced=dict(skip or {})), flow)
+    c = _start(facts, State(mesh, opts, forced=dict(skip or {}), positional=frozenset(flow.positional())), flow)
     widest = widest_rows or max((u.tokens for u in flow.uses), default=0)
     for u in flow.uses:  # what each contraction reads, for the chooser (first use of a leaf)
         if u.tokens and widest and u.path in c.fx:

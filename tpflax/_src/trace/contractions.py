@@ -237,7 +237,7 @@ def gather(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> l
     for path, dims in operand.origin:
         w.use(ctx, eqn, path, "gather", [dims[d] for d in sorted(indexed) if dims[d] is not None],
               [dims[d] for d in range(operand.rank) if d not in indexed and dims[d] is not None],
-              [], operand.const_of, fixed=not ins[1].fed)
+              [], operand.const_of, fixed=not ins[1].fed, looked=tuple(eqn.invars[1].aval.shape[:-1]))
     return [Val(r) for r in ranks]
 
 

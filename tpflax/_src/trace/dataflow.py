@@ -164,7 +164,9 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
     edges = tuple(
         Edge(w.uses[s].path, s, sd, w.uses[d].path, d, dd, math.gcd(limit, found["caps"].get((s, sd), 0)), via)
         for (s, sd, d, dd), (limit, via) in sorted(found["edges"].items()))
-    return Dataflow(paths=tuple(paths), uses=tuple(w.uses), edges=edges, escapes=found["escapes"],
+    sample = jaxpr.invars[len(paths):]
+    examples = int(sample[0].aval.shape[0]) if sample and getattr(sample[0].aval, "shape", ()) else 1
+    return Dataflow(paths=tuple(paths), uses=tuple(w.uses), examples=examples, edges=edges, escapes=found["escapes"],
                     outputs=frozenset(found["outputs"]), recurrent=frozenset(w.recurrent),
                     biases=dict(w.biases), elementwise=frozenset(w.elementwise),
                     channels={p: by for p, by in w.channels.items() if by},

@@ -295,7 +295,7 @@ class Walk:
 
     def use(self, ctx: tuple, eqn: Any, path: str, op: str, contracted, kept, batch, scan_length,
             rows: int = 0, dtype: str = "", grouped: int | None = None, from_input: bool = False,
-            fixed: bool = False) -> int:
+            fixed: bool = False, looked: tuple[int, ...] = ()) -> int:
         key = (ctx, id(eqn), path)
         if key in self.use_key:
             u = self.uses[self.use_key[key]]
@@ -303,7 +303,7 @@ class Walk:
                 self.uses[u.id] = dataclasses.replace(u, fixed=False)
             return u.id
         u = Use(len(self.uses), path, op, tuple(contracted), tuple(kept), tuple(batch), scan_length, rows, dtype,
-                grouped, from_input, fixed)
+                grouped, from_input, fixed, tuple(looked))
         self.uses.append(u)
         self.use_key[key] = u.id
         return u.id

@@ -10,6 +10,7 @@ nothing here knows how they were found.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -43,6 +44,9 @@ class Use:
             inputs: mel features, pixels): the backward computes no gradient of it.
         fixed: for ``gather``, its indices are computed from no model input (``arange``
             positions): the same rows whatever the batch, so XLA reduces its gradient over the batch.
+        looked: for ``gather``, the shape of its indices less the index vector dim: the rows it
+            looks up (``(8, 512)`` for position ids broadcast to the batch, as HF's are; ``(1, 512)``
+            for ``arange(512)[None, :]``, broadcast after the lookup).
     """
 
     id: int
@@ -57,6 +61,7 @@ class Use:
     grouped: int | None = None
     from_input: bool = False
     fixed: bool = False
+    looked: tuple[int, ...] = ()
 
     @property
     def tokens(self) -> int:
@@ -212,3 +217,25 @@ class Dataflow:
     collectives: tuple[Collective, ...] = ()
     row_axes: frozenset[str] = frozenset()
     channels: Mapping[str, Mapping[int, Mapping[int, int]]] = field(default_factory=dict)
+    examples: int = 1  # the traced sample's leading dim (its first input's)
+
+    def positional(self) -> dict[str, tuple[int, tuple[int, ...]]]:
+        """``{table: (rows looked up, its dims not indexed)}`` for tables every use of which is a lookup at
+        indices computed from no model input that do not carry the batch (GPT-2's ``wpe`` at
+        ``arange(T)[None, :]``, T5's relative-position buckets): the backward sums the looked-up rows'
+        gradient over the batch before scattering it into the table, so XLA:TPU all-reduces those rows
+        (``rows x`` the table's width) over the batch axes, whatever the table's fsdp split
+        (benchmarks/tpu_aot_notes.md, twenty-first round). Ids broadcast to the batch before the lookup
+        (HF's ``position_ids``) are a lookup like any other. With a one-example sample the two look alike
+        and count as not carrying the batch.
+        """
+        tables: dict[str, tuple[int, tuple[int, ...]]] = {}
+        other: set[str] = set()
+        for u in self.uses:
+            batched = self.examples > 1 and bool(u.looked) and u.looked[0] == self.examples
+            if u.op != "gather" or not u.fixed or batched:
+                other.add(u.path)
+            else:
+                rows, _ = tables.get(u.path, (0, u.kept))
+                tables[u.path] = (rows + math.prod(u.looked), u.kept)
+        return {p: v for p, v in tables.items() if p not in other}
