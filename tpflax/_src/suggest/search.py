@@ -311,7 +311,7 @@ def suggest_mesh(model_or_tree: Any, devices: int, device_memory: Any = None, ha
                  expert_dispatch: str = "dense", optimizer_name: str | None = None,
                  ici_bandwidth: Any = None, dcn_bandwidth: Any = None, chips_per_host: int | None = None,
                  fast_domain: int | None = None, reserve: float = 0.0, rules: Any = None,
-                 fsdp_min_bytes: int = 1 << 18, min_channels: int = 64, tensor_min_bytes: int = 0,
+                 fsdp_min_bytes: int | None = None, min_channels: int = 64, tensor_min_bytes: int = 0,
                  stacked: str | None = None, use_annotations: bool = True, trace_plan: bool = False,
                  verify: int = 0, raise_if_none: bool = True, sample: Any = None,
                  variables: Any = None, loss: Any = None) -> Suggestion:
@@ -340,7 +340,13 @@ def suggest_mesh(model_or_tree: Any, devices: int, device_memory: Any = None, ha
         chips_per_host, fast_domain: override the preset's host and ICI/NVLink domain sizes.
         reserve: fraction of device memory to keep free (XLA's scratch, fragmentation).
         rules, fsdp_min_bytes, min_channels, tensor_min_bytes, stacked, use_annotations:
-            passed to :func:`tpflax.plan`; ``trace_plan`` plans from the traced dataflow.
+            passed to :func:`tpflax.plan`, with the suggestion's hardware (the preset and any
+            override of its bandwidths or domain sizes: the chooser prices its layouts on what the
+            shapes are ranked for); ``trace_plan`` plans from the traced dataflow.
+            ``fsdp_min_bytes`` None (the default, as :func:`tpflax.plan`'s): the chooser decides
+            each leaf's fsdp split by cost; a number: leaves at least that large split. So
+            ``s[0].plan`` is ``tpflax.plan(tree, s[0].mesh_shape, hardware=s.hardware)`` (or
+            ``hardware=`` the preset's name, when nothing was overridden).
         verify: compile this many top candidates on a CPU-emulated mesh of the same shape
             (``devices`` <= 64 and that many jax devices visible) and compare XLA's memory.
         raise_if_none: raise :class:`tpflax.NoFitError` when nothing fits (else return
@@ -373,7 +379,7 @@ def suggest_mesh(model_or_tree: Any, devices: int, device_memory: Any = None, ha
     hw = get_hardware(hardware, device_memory=device_memory, fast_bandwidth=ici_bandwidth,
                       slow_bandwidth=dcn_bandwidth, chips_per_host=chips_per_host, fast_domain=fast_domain)
     mem_limit = int(hw.device_memory * (1 - reserve))
-    plan_kwargs: dict[str, Any] = {"fsdp_min_bytes": fsdp_min_bytes, "min_channels": min_channels,
+    plan_kwargs: dict[str, Any] = {"fsdp_min_bytes": fsdp_min_bytes, "min_channels": min_channels, "hardware": hw,
                                    "tensor_min_bytes": tensor_min_bytes, "stacked": stacked,
                                    "use_annotations": use_annotations, "trace_plan": trace_plan}
     if rules:
