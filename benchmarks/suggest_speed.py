@@ -62,7 +62,7 @@ def main() -> None:
     naive_sample = estimated[:args.naive]
     t0 = time.perf_counter()
     for c in naive_sample:
-        p = tpflax.plan(tree, c.mesh)
+        p = tpflax.plan(tree, c.mesh, hardware=kw["hardware"])
         tpflax.estimate(p, kw["optimizer"], kw["batch"], config=m.config, remat=True, optimizer_name="adamw")
     per_naive = (time.perf_counter() - t0) / max(len(naive_sample), 1)
     naive_total = per_naive * len(estimated)
@@ -94,7 +94,7 @@ def main() -> None:
         f"| planned and estimated (any others fail the batch split before planning) | {len(estimated)} |",
         f"| ranked (fit in {s.hardware.device_memory / 2**30:.0f} GiB) / rejected | {len(s.ranked)} / "
         f"{len(s.rejected)} |",
-        f"| distinct plans (divisibility signatures; every candidate priced by the estimate's code) | {n_plans} |",
+        f"| distinct plans (a divisibility signature's, where the chooser picks alike; every candidate priced by the estimate's code) | {n_plans} |",
         f"| **suggest_mesh on the abstract tree, best of {args.repeat}** | **{best:.2f} s** (median {med:.2f} s) |",
         f"| naive: plan + estimate from scratch, per candidate (mean of {len(naive_sample)}) | {per_naive:.2f} s |",
         f"| naive, projected to all {len(estimated)} estimated candidates | {naive_total:.1f} s "

@@ -276,8 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reserve", type=float, default=0.0, help="fraction of device memory to keep free (default 0)")
     g.add_argument("--rule", action="append", default=[], metavar="REGEX=TARGET",
                    help="planner override, as for `tpflax plan`")
-    g.add_argument("--fsdp-min-bytes", type=int, default=1 << 18,
-                   help="leaves this large also shard over fsdp axes (default 262144)")
+    g.add_argument("--fsdp-min-bytes", type=int, default=None,
+                   help="leaves this large also shard over fsdp axes (default: decided by cost per leaf, "
+                        "as `tpflax plan` decides it)")
     g.add_argument("--verify", action="store_true",
                    help="compile the top shapes (at most 3) on a CPU-emulated mesh (<= 64 devices) and compare")
     g.add_argument("--target", default=None, help="TPU slice for --verify, e.g. tpu-v5e:8x8 (sets --hardware; "

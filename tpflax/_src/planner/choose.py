@@ -16,6 +16,8 @@ parameters, gradients and optimizer moments fit ``device_memory``.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -26,6 +28,7 @@ from tpflax._src.planner.decision import Alternative
 from tpflax._src.specs import entries, fmt_bytes, to_pspec
 
 _TIE = 1e-9
+_RECORD: contextvars.ContextVar[list | None] = contextvars.ContextVar("tpflax_chooser_record", default=None)
 
 
 @dataclass(frozen=True)
@@ -156,9 +159,41 @@ def pick(st: Any, kind: str, options: Sequence[Option], facts: Mapping[str, Any]
         ctx = replace(ctx, tokens=max(1, round(ctx.tokens * share)))
     costs = tuple(cost_of(o, facts, ctx, st.positional) for o in options)
     index = best(costs, [o.whole for o in options], [o.sums_output for o in options])
+    record = _RECORD.get()
+    if record is not None:  # alike groups (repeated layers) are the same entry: keyed by their layouts
+        priced = tuple((tuple(layout(facts[path], p, path in o.matmul) for path, p in o.proposals), o.acts,
+                        o.whole, o.sums_output) for o in options)
+        record.setdefault((priced, ctx.tokens, ctx.act_item, ctx.hardware, index), ctx)
     ch = Chosen(kind, options, costs, index, {p: facts[p] for p in paths}, ctx.tokens)
     st.chosen.append(ch)
     _write(st, ch)
+
+
+@contextlib.contextmanager
+def recording():
+    """Collect every distinct group the chooser prices in this block, with the option it picked (keys
+    of the dict yielded, each with the context it was priced in): :func:`same_picks` replays them."""
+    record: dict = {}
+    token = _RECORD.set(record)
+    try:
+        yield record
+    finally:
+        _RECORD.reset(token)
+
+
+def same_picks(record: Mapping[tuple, Context], mesh: Any) -> bool:
+    """Whether every group of a :func:`recording` picks the same option priced on ``mesh`` (same axis
+    names): then a pass on ``mesh`` whose candidates are the same (the same dims divide) decides alike.
+    Without ``device_memory`` only: :func:`fit`'s moves are not replayed."""
+    contexts: dict[tuple, Context] = {}  # one per pricing: alike layouts hit price()'s cache
+    for (priced, *how, index), ctx in record.items():
+        c = contexts.get(tuple(how))
+        if c is None:
+            c = contexts[tuple(how)] = replace(ctx, mesh=mesh)
+        costs = tuple(price(leaves, acts, c) for leaves, acts, _, _ in priced)
+        if best(costs, [o[2] for o in priced], [o[3] for o in priced]) != index:
+            return False
+    return True
 
 
 def _write(st: Any, ch: Chosen) -> None:

@@ -15,12 +15,16 @@ the activations, the optimizer state's layout); what does is arithmetic over the
 plan's decisions.
 
 Speed. A 70B tree has 723 leaves and 2048 devices have 78 factorisations. The
-planner depends on the mesh only through which leaf dims each axis size divides
-(and whether the axis exists), so candidates with the same divisibility
-signature share one plan (the data axis, which the tree heuristics never use,
-does not enter the signature; with user rules, annotations or a traced plan the
-signature covers every axis and product of axes). Each candidate prices that
-shared plan on its own mesh.
+planner's candidate layouts depend on the mesh only through which leaf dims each
+axis size divides (and whether the axis exists): the divisibility signature (the
+data axis, which the tree heuristics never use, does not enter it; with user
+rules, annotations or a traced plan it covers every axis and product of axes).
+Its chooser's picks depend on the sizes too (step time on the hardware: ring
+sizes, tokens per device, an axis crossing the fast domain), so a candidate
+shares a plan of its signature only when every group that plan's chooser priced
+picks alike priced on the candidate's mesh (:func:`tpflax._src.planner.choose.same_picks`:
+distinct groups only, a few ms); else it is planned itself. Each candidate
+prices its plan on its own mesh: the plan is ``tpflax.plan(tree, mesh, hardware=)``'s.
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ class Shared:
     leaves: Any = None  # the plan's decisions merged for pricing (cost.leaves.Leaves)
     used: frozenset[str] = frozenset()
     error: str = ""
+    record: Any = ()  # every distinct group the chooser priced (planner.choose.recording), replayed per mesh
 
 
 @dataclass(eq=False)
@@ -134,20 +139,26 @@ class Context:
         return traced_facts(p, self.traced, flow=self.flow) if self.flow is not False else p
 
     def shared(self, ms: MeshShape) -> Shared:
-        sig = _signature(self, ms.sizes)
-        if sig not in self.plans:
-            try:
+        """The plan of ``ms``: one planned before for a mesh of its signature whose chooser picks
+        every group alike priced on ``ms`` (:func:`same_picks`), else its own."""
+        from tpflax._src.planner.choose import recording, same_picks
+
+        alike = self.plans.setdefault(_signature(self, ms.sizes), [])
+        for s in alike:
+            if s.error or same_picks(s.record, ms):
+                return s
+        try:
+            with recording() as record:
                 p = self.plan_for(ms)
-            except TpflaxError as e:
-                more = f" ({len(e.problems)} problem(s))" if e.problems else ""
-                self.plans[sig] = Shared(error=str(e).splitlines()[0] + more)
-            else:
-                p = self._traced_facts(p)
-                used = set().union(*(used_axes(entries(d.spec, len(d.shape))) for d in p.decisions.values()))
-                lv = merge(p.decisions, self.workload.activations, self.workload.opt,
-                           self.workload.saved)
-                self.plans[sig] = Shared(p, lv, frozenset(used))
-        return self.plans[sig]
+        except TpflaxError as e:
+            more = f" ({len(e.problems)} problem(s))" if e.problems else ""
+            alike.append(Shared(error=str(e).splitlines()[0] + more))
+        else:
+            p = self._traced_facts(p)
+            used = set().union(*(used_axes(entries(d.spec, len(d.shape))) for d in p.decisions.values()))
+            lv = merge(p.decisions, self.workload.activations, self.workload.opt, self.workload.saved)
+            alike.append(Shared(p, lv, frozenset(used), record=record))
+        return alike[-1]
 
 
 def _signature(ctx: Context, sizes) -> tuple:
@@ -311,7 +322,7 @@ def suggest_mesh(model_or_tree: Any, devices: int, device_memory: Any = None, ha
                  expert_dispatch: str = "dense", optimizer_name: str | None = None,
                  ici_bandwidth: Any = None, dcn_bandwidth: Any = None, chips_per_host: int | None = None,
                  fast_domain: int | None = None, reserve: float = 0.0, rules: Any = None,
-                 fsdp_min_bytes: int = 1 << 18, min_channels: int = 64, tensor_min_bytes: int = 0,
+                 fsdp_min_bytes: int | None = None, min_channels: int = 64, tensor_min_bytes: int = 0,
                  stacked: str | None = None, use_annotations: bool = True, trace_plan: bool = False,
                  verify: int = 0, raise_if_none: bool = True, sample: Any = None,
                  variables: Any = None, loss: Any = None) -> Suggestion:
@@ -340,7 +351,13 @@ def suggest_mesh(model_or_tree: Any, devices: int, device_memory: Any = None, ha
         chips_per_host, fast_domain: override the preset's host and ICI/NVLink domain sizes.
         reserve: fraction of device memory to keep free (XLA's scratch, fragmentation).
         rules, fsdp_min_bytes, min_channels, tensor_min_bytes, stacked, use_annotations:
-            passed to :func:`tpflax.plan`; ``trace_plan`` plans from the traced dataflow.
+            passed to :func:`tpflax.plan`, with the suggestion's hardware (the preset and any
+            override of its bandwidths or domain sizes: the chooser prices its layouts on what the
+            shapes are ranked for); ``trace_plan`` plans from the traced dataflow.
+            ``fsdp_min_bytes`` None (the default, as :func:`tpflax.plan`'s): the chooser decides
+            each leaf's fsdp split by cost; a number: leaves at least that large split. So
+            ``s[0].plan`` is ``tpflax.plan(tree, s[0].mesh_shape, hardware=s.hardware)`` (or
+            ``hardware=`` the preset's name, when nothing was overridden).
         verify: compile this many top candidates on a CPU-emulated mesh of the same shape
             (``devices`` <= 64 and that many jax devices visible) and compare XLA's memory.
         raise_if_none: raise :class:`tpflax.NoFitError` when nothing fits (else return
@@ -373,7 +390,7 @@ def suggest_mesh(model_or_tree: Any, devices: int, device_memory: Any = None, ha
     hw = get_hardware(hardware, device_memory=device_memory, fast_bandwidth=ici_bandwidth,
                       slow_bandwidth=dcn_bandwidth, chips_per_host=chips_per_host, fast_domain=fast_domain)
     mem_limit = int(hw.device_memory * (1 - reserve))
-    plan_kwargs: dict[str, Any] = {"fsdp_min_bytes": fsdp_min_bytes, "min_channels": min_channels,
+    plan_kwargs: dict[str, Any] = {"fsdp_min_bytes": fsdp_min_bytes, "min_channels": min_channels, "hardware": hw,
                                    "tensor_min_bytes": tensor_min_bytes, "stacked": stacked,
                                    "use_annotations": use_annotations, "trace_plan": trace_plan}
     if rules:
@@ -404,7 +421,7 @@ def suggest_mesh(model_or_tree: Any, devices: int, device_memory: Any = None, ha
     w = ctx.workload
     settings = {**{k: w.settings[k] for k in ("optimizer", "remat", "backend", "activations")},
                 "batch": w.batch.label(), "device_memory": hw.device_memory, "memory_limit": mem_limit,
-                "plans": len(ctx.plans)}
+                "plans": sum(map(len, ctx.plans.values()))}
     s = Suggestion(tuple(order), tuple(rejected), degrees(ctx.config, ctx.base.decisions, devices, hw), hw,
                    devices, tuple(dict.fromkeys(notes)), settings, time.perf_counter() - t0)
     if not order and raise_if_none:
