@@ -161,7 +161,8 @@ def pick(st: Any, kind: str, options: Sequence[Option], facts: Mapping[str, Any]
     index = best(costs, [o.whole for o in options], [o.sums_output for o in options])
     record = _RECORD.get()
     if record is not None:  # alike groups (repeated layers) are the same entry: keyed by their layouts
-        priced = tuple((tuple(layout(facts[path], p, path in o.matmul) for path, p in o.proposals), o.acts,
+        priced = tuple((tuple(layout(facts[path], p, path in o.matmul, path in st.positional)
+                              for path, p in o.proposals), o.acts,
                         o.whole, o.sums_output) for o in options)
         record.setdefault((priced, ctx.tokens, ctx.act_item, ctx.hardware, index), ctx)
     ch = Chosen(kind, options, costs, index, {p: facts[p] for p in paths}, ctx.tokens)
