@@ -45,7 +45,7 @@ def smaller_batch(ctx: Any, meshes: list[MeshShape], mem_limit: int, needs: Any)
     ...     tpflax.suggest_mesh(zoo.get("llama"), 8, "2MiB", optimizer=optax.adam(1e-3), batch=64)
     ... except tpflax.NoFitError as e:
     ...     print([h for h in e.problems if "smaller" in h][0][:62])
-    a smaller global batch: 32 instead of 64 fits on data=4,fsdp=1
+    a smaller global batch: 48 instead of 64 fits on data=1,fsdp=8
     """
     w0 = ctx.workload
     cache: dict[int, Any] = {}
