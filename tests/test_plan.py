@@ -649,3 +649,19 @@ def test_an_nnx_module_plans_as_its_state():
     assert "mean" not in sh[0].mu["bn"]
     est = [tpflax.estimate(p, tx, {"x": (8, 32)}).per_device.opt_state for p in (of_module, of_state)]
     assert est[0] == est[1]
+
+
+def test_walk_once_plans_every_mesh_as_plan_does():
+    # suggest_mesh plans one tree on every candidate mesh inside walk_once(): the tree is walked and
+    # classified once (the facts do not depend on the mesh), and each plan is the one plan() makes
+    from tpflax import zoo
+    from tpflax._src.planner.plan import _walked, walk_once
+
+    tree = zoo.get("llama").abstract_variables()
+    meshes = ({"data": 2, "model": 4}, {"fsdp": 8}, {"fsdp": 2, "model": 4})
+    with walk_once():
+        inside = [tpflax.plan(tree, m) for m in meshes]
+        assert _walked(tree, None, None)[2] is _walked(tree, None, None)[2]
+    for m, p in zip(meshes, inside, strict=True):
+        assert p.to_json() == tpflax.plan(tree, m).to_json()
+    assert _walked(tree, None, None)[2] is not _walked(tree, None, None)[2]  # no cache outside the block

@@ -14,6 +14,8 @@ the tree's arrays.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import numbers
@@ -146,9 +148,7 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
     _check_options(fsdp_min_bytes=fsdp_min_bytes, min_channels=min_channels, tensor_min_bytes=tensor_min_bytes)
     parsed = parse_rules(rules, ms)
     _check_stacked_and_logical(stacked, logical_rules)
-    tree = _nnx_state_of(tree)
-    leaves, treedef = walk(tree)
-    facts = classify(freeze(leaves, tree, trainable), stacked)
+    tree, treedef, facts = _walked(tree, trainable, stacked)
     opts = Options(fsdp_min_bytes=None if fsdp_min_bytes is None else int(fsdp_min_bytes),
                    min_channels=int(min_channels), tensor_min_bytes=int(tensor_min_bytes),
                    tied_guess=not any(f.kind == "dense" and HEAD.match(f.layer_name) for f in facts),
@@ -173,6 +173,35 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
     return Plan(mesh=ms, specs=jax.tree_util.tree_unflatten(treedef, specs), decisions=decisions,
                 pairs=tuple(pairs), warnings=tuple(warnings), options=options,
                 disagreements=tuple(disagreements))
+
+
+# one tree planned on many meshes (suggest_mesh): walked and classified once, inside walk_once()
+_WALKED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("tpflax_walked", default=None)
+
+
+@contextlib.contextmanager
+def walk_once():
+    """Within this block :func:`plan` walks and classifies each tree once, whatever the mesh (the facts do
+    not depend on it): :func:`tpflax.suggest_mesh` plans one tree on every candidate mesh."""
+    token = _WALKED.set({})
+    try:
+        yield
+    finally:
+        _WALKED.reset(token)
+
+
+def _walked(tree: Any, trainable: Any, stacked: Any) -> tuple[Any, Any, list[Facts]]:
+    """``(the tree walked, its treedef, its leaves' facts)``, from :func:`walk_once`'s cache when one is open."""
+    cache = _WALKED.get()
+    key = (id(tree), trainable if trainable is None or isinstance(trainable, str) else id(trainable), repr(stacked))
+    if cache is not None and key in cache:
+        return cache[key][2:]
+    walked = _nnx_state_of(tree)
+    leaves, treedef = walk(walked)
+    out = (walked, treedef, classify(freeze(leaves, walked, trainable), stacked))
+    if cache is not None:
+        cache[key] = (tree, trainable, *out)  # the caller's objects kept alive: their ids stay their own
+    return out
 
 
 def _check_stacked_and_logical(stacked: Any, logical_rules: Any) -> None:

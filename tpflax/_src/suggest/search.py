@@ -29,6 +29,7 @@ prices its plan on its own mesh: the plan is ``tpflax.plan(tree, mesh, hardware=
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import time
@@ -52,6 +53,7 @@ from tpflax._src.mesh import (
     batch_label,
     mesh_shape,
 )
+from tpflax._src.planner.plan import walk_once
 from tpflax._src.specs import entries, used_axes
 from tpflax._src.suggest.rank import (
     biggest,
@@ -316,6 +318,18 @@ def more_devices(ctx: Context, guess: int, devices: int, mem_limit: int) -> tupl
     return None, tried
 
 
+def _walking_once(fn):
+    """``fn`` run inside :func:`tpflax._src.planner.plan.walk_once`: it plans one tree on many meshes."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with walk_once():
+            return fn(*args, **kwargs)
+
+    return run
+
+
+@_walking_once
 def suggest_mesh(model_or_tree: Any, devices: int, device_memory: Any = None, hardware: Any = None, *,
                  optimizer: Any = None, batch: Any = None, config: Any = None, trace: bool | None = None,
                  remat: bool = False, grad_dtype: Any = None, act_dtype: Any = None, backend: str | None = None,
