@@ -5,7 +5,7 @@ A leaf whose :attr:`Decision.layout` is set is stored head-aligned
 takes trees in the model's order and gives them back stored; :func:`tpflax.unshard`
 and :func:`tpflax.save_checkpoint` give the model's order back. Trees derived
 from the parameters (adam's ``mu``/``nu``, a TrainState) are tied to them by
-path as their specs are (:func:`tpflax._src.planner.state.state_leaf_targets`),
+path as their specs are (:func:`tpflax._src.planner.state.state_leaf_ties`),
 and a leaf shaped like its parameter (or one dim fewer, the fused dim kept:
 adafactor's factored moments) follows that parameter's layout.
 
@@ -27,6 +27,7 @@ from tpflax._src.errors import OptionError
 from tpflax._src.facts.tree import unbox
 from tpflax._src.layout import Interleave, from_storage, to_storage
 from tpflax._src.planner.plan import Plan
+from tpflax._src.planner.state import factored_dim, state_leaf_ties
 
 ORDERS = ("model", "stored")
 
@@ -48,17 +49,23 @@ def check_order(order: object) -> str:
     return str(order)
 
 
-def derived(lay: Interleave | None, pshape: Sequence[int], shape: Sequence[int]) -> Interleave | None:
-    """The layout of a leaf of ``shape`` derived from a parameter of ``pshape`` stored with ``lay``.
+def derived(lay: Interleave | None, pshape: Sequence[int], shape: Sequence[int], path: str = "") -> Interleave | None:
+    """The layout of a leaf of ``shape`` (at ``path`` in its state) derived from a parameter of
+    ``pshape`` stored with ``lay``; adafactor's moments lose the dim its rule reduced (:func:`factored_dim`).
 
     >>> lay = Interleave(1, (4, 4), 2)
     >>> derived(lay, (3, 8), (3, 8)) == lay, derived(lay, (3, 8), (8,)), derived(lay, (3, 8), (3,))
     (True, Interleave(dim=0, pieces=(4, 4), ranks=2), None)
+    >>> derived(lay, (8, 8), (8,), "0/v_row/w"), derived(lay, (8, 8), (8,), "0/v_col/w")
+    (None, Interleave(dim=0, pieces=(4, 4), ranks=2))
     """
     pshape, shape = tuple(pshape), tuple(shape)
     if lay is None or shape == pshape:
         return lay
     if len(shape) == len(pshape) - 1:
+        drop = factored_dim(pshape, shape, path)
+        if drop is not None:
+            return None if drop == lay.dim else Interleave(lay.dim - (drop < lay.dim), lay.pieces, lay.ranks)
         for k in range(len(pshape)):
             if k != lay.dim and pshape[:k] + pshape[k + 1:] == shape:
                 return Interleave(lay.dim - (k < lay.dim), lay.pieces, lay.ranks)
@@ -67,13 +74,11 @@ def derived(lay: Interleave | None, pshape: Sequence[int], shape: Sequence[int])
 
 def tree_layouts(plan: Plan, tree: Any, *, optimizer: Any = None, params: Any = None) -> list[Interleave | None]:
     """One layout per leaf of ``tree`` (flax boxes and nnx Variables as leaves), tied to the parameters by path."""
-    from tpflax._src.planner.state import state_leaf_targets
-
-    boxes, _, targets = state_leaf_targets(tree, plan, optimizer=optimizer, params=params)
+    paths, boxes, _, targets = state_leaf_ties(tree, plan, optimizer=optimizer, params=params)
     out: list[Interleave | None] = []
-    for b, t in zip(boxes, targets, strict=True):
+    for path, b, t in zip(paths, boxes, targets, strict=True):
         d = plan.decisions[t] if t is not None else None
-        out.append(None if d is None else derived(d.layout, d.shape, np.shape(unbox(b))))
+        out.append(None if d is None else derived(d.layout, d.shape, np.shape(unbox(b)), path))
     return out
 
 

@@ -32,15 +32,40 @@ from tpflax._src.planner.plan import Plan
 from tpflax._src.specs import entries, entry_axes, to_pspec
 
 
+def factored_dim(pshape: tuple[int, ...], shape: tuple[int, ...], path: str = "") -> int | None:
+    """The parameter dim an adafactor moment at ``path`` averaged away, or None if it is not one.
+
+    optax's ``scale_by_factored_rms`` factors a parameter over its two largest dims,
+    ``d1, d0 = np.argsort(pshape)[-2:]`` (its ``_factored_dims``: equal sizes keep index
+    order), and keeps ``v_row`` = the mean over ``d0``, ``v_col`` = the mean over ``d1``.
+    The state path names which of the two a leaf is; its shape alone does not when those
+    dims are equal (a square kernel: both moments are ``(d,)``).
+
+    >>> factored_dim((128, 128, 4), (128, 4), "0/v_row/w"), factored_dim((128, 128, 4), (128, 4), "0/v_col/w")
+    (1, 0)
+    """
+    pshape, shape = tuple(pshape), tuple(shape)
+    field = next((c for c in path.split("/") if c in ("v_row", "v_col")), None)
+    if field is None or len(pshape) < 2 or len(shape) != len(pshape) - 1:
+        return None
+    d1, d0 = (int(k) for k in np.argsort(pshape)[-2:])  # the very call optax makes, ties and all
+    k = d0 if field == "v_row" else d1
+    return k if pshape[:k] + pshape[k + 1:] == shape else None
+
+
 def adapt_spec(spec: PartitionSpec, pshape: tuple[int, ...], shape: tuple[int, ...],
-               sizes: Mapping[str, int]) -> PartitionSpec:
+               sizes: Mapping[str, int], path: str = "") -> PartitionSpec:
     """The parameter's spec carried over to a leaf derived from it, whose shape may differ.
 
     Same shape: the same spec. Same rank: dims of equal size keep their entry.
-    One dim fewer (adafactor's factored moments drop a reduced dim): the dropped
-    dim's entry goes. Anything else, or an entry that would not divide: replicated.
+    One dim fewer: the dropped dim's entry goes; for adafactor's factored moments
+    the dim its rule reduced (:func:`factored_dim`, by the leaf's state ``path``),
+    else the first dim whose removal leaves ``shape``. Anything else, or an entry
+    that would not divide: replicated.
 
     >>> adapt_spec(PartitionSpec(None, "model"), (16, 64), (64,), {"model": 4})
+    P('model',)
+    >>> adapt_spec(PartitionSpec("model", None), (64, 64), (64,), {"model": 4}, "0/v_row/w")
     P('model',)
     """
     ent = entries(spec, len(pshape))
@@ -50,7 +75,8 @@ def adapt_spec(spec: PartitionSpec, pshape: tuple[int, ...], shape: tuple[int, .
         out = [e if a == b else None for e, a, b in zip(ent, shape, pshape, strict=True)]
     elif len(shape) == len(pshape) - 1:
         out = [None] * len(shape)
-        for k in range(len(pshape)):
+        drop = factored_dim(pshape, shape, path)
+        for k in range(len(pshape)) if drop is None else (drop,):
             if tuple(pshape[:k] + pshape[k + 1:]) == tuple(shape):
                 out = list(ent[:k] + ent[k + 1:])
                 break
@@ -123,12 +149,12 @@ def _positional_matches(optimizer: Any, state: Any, params: Any) -> dict[int, st
             if isinstance(t, _Id) and t.i >= 0}
 
 
-def _leaf_spec(plan: Plan, value: Any, target: str | None) -> PartitionSpec:
+def _leaf_spec(plan: Plan, value: Any, target: str | None, path: str) -> PartitionSpec:
     shape = tuple(int(d) for d in value.shape)
     if target is None:
         return PartitionSpec()  # counts, step numbers, rng state: replicated
     d = plan.decisions[target]
-    return adapt_spec(d.spec, tuple(d.shape), shape, plan.mesh.sizes)
+    return adapt_spec(d.spec, tuple(d.shape), shape, plan.mesh.sizes, path)
 
 
 def state_leaf_specs(tree: Any, plan: Plan, *, optimizer: Any = None,
@@ -148,15 +174,21 @@ def state_leaf_specs(tree: Any, plan: Plan, *, optimizer: Any = None,
     >>> specs
     [P('model', None)]
     """
-    boxes, treedef, targets = state_leaf_targets(tree, plan, optimizer=optimizer, params=params)
+    paths, boxes, treedef, targets = state_leaf_ties(tree, plan, optimizer=optimizer, params=params)
     specs = [PartitionSpec() if getattr(unbox(b), "shape", None) is None  # a Python/numpy scalar
-             else _leaf_spec(plan, unbox(b), t) for b, t in zip(boxes, targets, strict=True)]
+             else _leaf_spec(plan, unbox(b), t, path) for path, b, t in zip(paths, boxes, targets, strict=True)]
     return boxes, treedef, specs
 
 
 def state_leaf_targets(tree: Any, plan: Plan, *, optimizer: Any = None,
                        params: Any = None) -> tuple[list[Any], Any, list[str | None]]:
     """(boxed leaves, treedef, the plan path each leaf belongs to or None), tied as :func:`state_leaf_specs` ties them."""
+    return state_leaf_ties(tree, plan, optimizer=optimizer, params=params)[1:]
+
+
+def state_leaf_ties(tree: Any, plan: Plan, *, optimizer: Any = None,
+                    params: Any = None) -> tuple[list[str], list[Any], Any, list[str | None]]:
+    """:func:`state_leaf_targets` with each leaf's own path in the state first (it names adafactor's moments)."""
     flat, treedef = check_state_leaves(tree)
     positional = None
     if optimizer is not None and params is not None:
@@ -169,7 +201,7 @@ def state_leaf_targets(tree: Any, plan: Plan, *, optimizer: Any = None,
             continue
         target = index.get(positional[i]) if positional is not None and i in positional else None
         targets.append(target if target is not None else _match_suffix(keystr(path), index))
-    return [b for _, b in flat], treedef, targets
+    return [keystr(p) for p, _ in flat], [b for _, b in flat], treedef, targets
 
 
 def check_state_leaves(tree: Any) -> tuple[list[tuple[Any, Any]], Any]:
@@ -447,6 +479,6 @@ def trainable(tree: Any, keeps: Callable[[str], bool] | None = None) -> tuple[An
     return masked, restore
 
 
-__all__ = ["abstract_params", "adapt_spec", "check_state_leaves", "opt_state_problems", "optimizer_params",
-           "planned_tree", "split_params", "state_leaf_specs", "state_leaf_targets", "state_specs",
-           "trainable"]
+__all__ = ["abstract_params", "adapt_spec", "check_state_leaves", "factored_dim", "opt_state_problems",
+           "optimizer_params", "planned_tree", "split_params", "state_leaf_specs", "state_leaf_targets",
+           "state_leaf_ties", "state_specs", "trainable"]
