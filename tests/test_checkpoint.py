@@ -203,7 +203,7 @@ def test_params_of_planned_linen_variables_restore_with_that_plan(tmp_path):
     assert_bit_exact(tpflax.unshard(back), v["params"])
     # A part of the collection is still refused, naming the missing leaf with its prefix.
     part = tpflax.save_checkpoint(tmp_path / "part", {k: v["params"][k] for k in ("up", "down")})
-    with pytest.raises(tpflax.PlanMismatchError, match="params/head/kernel: in the plan but missing"):
+    with pytest.raises(tpflax.PlanMismatchError, match="params/head/kernel: in the plan but not in the checkpoint"):
         tpflax.restore_checkpoint(part, plan, mesh)
 
 
@@ -226,8 +226,17 @@ def test_checkpoint_errors(host_tree, tmp_path):
                         {"model": 8})
     with pytest.raises(tpflax.PlanMismatchError) as e:
         tpflax.restore_checkpoint(path, other, tpflax.make_mesh({"model": 8}))
-    assert "w: shape (8, 4) but the plan has (8, 8)" in str(e.value)
-    assert "v: in the plan but missing from the tree" in str(e.value)
+    # the checkpoint is what differs from the plan (a model changed since the save): said so, with
+    # its path, and no advice to re-plan or to pass a fuller tree (the plan is for today's model)
+    assert str(e.value).startswith(f"the checkpoint {path} does not match the plan:")
+    assert "w: the checkpoint holds shape (8, 4) but the plan has (8, 8); the leaf changed" in str(e.value)
+    assert "v: in the plan but not in the checkpoint (a leaf added since the save?)" in str(e.value)
+    assert "re-plan" not in str(e.value) and "full tree" not in str(e.value)
+    gone = tpflax.plan({"w": np.ones((8, 4), np.float32)}, {"model": 8})  # and one the model lost
+    extra = tpflax.save_checkpoint(tmp_path / "x", {"w": np.ones((8, 4), np.float32), "u": np.ones(2, np.float32)})
+    with pytest.raises(tpflax.PlanMismatchError, match=r"u: in the checkpoint but not in the plan \(shape \(2,\)\); "
+                       "the planned model has no such leaf"):
+        tpflax.restore_checkpoint(extra, gone, tpflax.make_mesh({"model": 8}))
     with pytest.raises(tpflax.PlanMismatchError, match="u: expected by the target tree"):
         tpflax.restore_checkpoint(path, like={"w": np.ones((8, 4), np.float32),
                                               "u": np.ones(2, np.float32)})

@@ -243,6 +243,11 @@ def test_plan_json_carries_alternatives_and_why_file(tmp_path):
     tpflax.report(p, why=tmp_path / "why.txt")
     text = (tmp_path / "why.txt").read_text()
     assert "params/self_attn/k_proj/kernel" in text and "head_dim split" in text and "step time" in text
+    # the candidates' bytes are params, grads and two moments, 4x the plan's parameter bytes: said so
+    head = p.decisions["params/lm_head/kernel"]
+    assert next(a for a in head.alternatives if a.chosen).bytes_per_device == 4 * head.bytes_per_device
+    assert "bytes/device: the group's parameters, gradients and two optimizer moments" in text
+    assert "each collective under it names its payload" in text
 
 
 def test_hardware_changes_the_prices_not_the_rules():

@@ -202,6 +202,19 @@ def test_a_cast_tree_needs_variables_and_the_error_says_so():
     assert tpflax.make_train_step(m, p, mesh, optax.sgd(0.1), sample=(x,), loss=mse, variables=v).args
 
 
+def test_a_loss_with_aux_outputs_or_no_mean_is_refused_before_jax_says_gradient_only_for_scalars():
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    m, x = nn.Dense(16), jax.ShapeDtypeStruct((8, 16), jnp.float32)
+    p = tpflax.plan(jax.eval_shape(m.init, jax.random.key(0), x), {"data": 2})
+    mesh = tpflax.make_mesh(p.mesh)
+    for loss, got in ((lambda out, x: (jnp.mean(out ** 2), {"max": out.max()}), "got tuple"),  # has_aux style
+                      (lambda out, x: jnp.mean(out ** 2, axis=-1), r"got float32\[8\]")):     # no mean over the batch
+        with pytest.raises(tpflax.OptionError, match=f"loss= must return one float scalar, {got}; .*has_aux"):
+            tpflax.make_train_step(m, p, mesh, optax.sgd(0.1), sample=(x,), loss=loss)
+
+
 def test_integer_leaves_of_a_plain_tree_are_carried_through_the_step():
     # a step counter (or int8 codes, or an RNG key) beside the weights: jax cannot differentiate
     # it, so the optimizer sees the float leaves only and the step returns the others unchanged

@@ -233,7 +233,9 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
         with mesh_context(mesh):
             variables, abstract_batch, loss_of = _resolve(model, plan, batch, sample, loss, variables)
             if not is_zoo(model):  # the zoo calls no shard_map: spare the extra trace (0.1 -> 0.8 s, Llama-2-7B)
-                _check_shard_maps(jax.make_jaxpr(loss_of)(variables, abstract_batch).jaxpr, mesh)
+                closed, (value, _) = jax.make_jaxpr(loss_of, return_shape=True)(variables, abstract_batch)
+                _check_scalar_loss(value)
+                _check_shard_maps(closed.jaxpr, mesh)
     except (ValueError, OptionError) as e:  # jax's: "The context mesh ... should match the mesh passed to shard_map"
         if "passed to shard_map" not in str(e) or isinstance(e, PlanMismatchError):
             raise
@@ -281,6 +283,19 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
             with_shardings(abstract_batch, batch_sh))
     loss_sh = NamedSharding(mesh, PartitionSpec())
     return TrainStep(step, args, (var_sh, opt_sh, batch_sh), (var_sh, opt_sh, loss_sh))
+
+
+def _check_scalar_loss(value: Any) -> None:
+    """OptionError unless the loss is one float scalar (the step differentiates it; no aux outputs)."""
+    import jax.numpy as jnp
+
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if shape == () and dtype is not None and jnp.issubdtype(dtype, jnp.floating):
+        return
+    got = f"{dtype}{list(shape)}" if shape is not None and dtype is not None else type(value).__name__
+    raise OptionError(f"loss= must return one float scalar, got {got}; make_train_step differentiates it "
+                      "and takes no auxiliary outputs (has_aux): return the loss alone and compute metrics "
+                      "in a separate jitted function")
 
 
 def mesh_context(mesh: Any) -> Any:

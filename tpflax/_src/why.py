@@ -25,12 +25,18 @@ def why_text(plan: Any) -> str:
     >>> import jax, tpflax
     >>> S = jax.ShapeDtypeStruct
     >>> p = tpflax.plan({"pos": {"embedding": S((66, 32), "float32")}}, {"data": 2, "model": 4})
-    >>> print(why_text(p).splitlines()[2])
+    >>> print(why_text(p).splitlines()[5])
     pos/embedding  (66, 32) float32: P(None, None)
     """
     opts = plan.options
     out = [f"tpflax plan: candidate layouts and their costs  (mesh {plan.mesh}; priced on "
-           f"{opts.get('hardware', '?')}, {opts.get('tokens', '?')} tokens per step)", ""]
+           f"{opts.get('hardware', '?')}, {opts.get('tokens', '?')} tokens per step)",
+           "  bytes/device: the group's parameters, gradients and two optimizer moments on one device (a "
+           "frozen leaf: its parameters), not the plan's parameter bytes per device",
+           "  comm/step: bytes one device sends per step for the group (ring algorithm); each collective "
+           "under it names its payload, the array reduced or gathered",
+           "  flops: the group's matmul flops per device per step; step time: the group's, on that hardware",
+           ""]
     seen: dict[tuple, list[str]] = {}
     for path, d in plan.decisions.items():
         if not d.alternatives:

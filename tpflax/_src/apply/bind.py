@@ -79,30 +79,32 @@ def _prefix_hint(plan: Plan, leaves: list[Leaf]) -> str:
             f"the plan is for full variables; pass them, or variables[{best!r}] exactly as planned")
 
 
-def match_plan(plan: Plan, leaves: list[Leaf]) -> list[str]:
+def match_plan(plan: Plan, leaves: list[Leaf], *, checkpoint: bool = False) -> list[str]:
     """The plan path of every leaf; raise PlanMismatchError naming every difference.
 
     ``leaves`` may be the whole planned tree, or one collection of planned full
     linen variables (e.g. ``variables["params"]``): then every leaf of that
-    collection must be there.
+    collection must be there. ``checkpoint``: the leaves are a checkpoint's (the
+    problems are worded for restoring it).
     """
+    what = "the checkpoint" if checkpoint else "the tree"
     prefix = _collection_prefix(plan, leaves)
     if not prefix:
         try:
-            check_tree_matches(plan, leaves)
+            check_tree_matches(plan, leaves, checkpoint=checkpoint)
         except PlanMismatchError as e:
             hint = _prefix_hint(plan, leaves)
             if not hint:
                 raise
-            raise PlanMismatchError(f"the tree does not match the plan ({hint})", e.problems) from None
+            raise PlanMismatchError(f"{what} does not match the plan ({hint})", e.problems) from None
         return [x.path for x in leaves]
     sub = {k: v for k, v in plan.decisions.items() if k.startswith(prefix)}
     prefixed = [dataclasses.replace(x, path=prefix + x.path) for x in leaves]
     try:
-        check_tree_matches(dataclasses.replace(plan, decisions=sub), prefixed)
+        check_tree_matches(dataclasses.replace(plan, decisions=sub), prefixed, checkpoint=checkpoint)
     except PlanMismatchError as e:
         raise PlanMismatchError(
-            f"the tree does not match the plan's {prefix} collection (the tree is variables"
+            f"{what} does not match the plan's {prefix} collection ({what} is variables"
             f"[{prefix[:-1]!r}] of the planned variables; paths below carry the {prefix} prefix)",
             e.problems) from None
     return [x.path for x in prefixed]

@@ -411,22 +411,34 @@ def _layout_problems(path: str, d: Decision, mesh: MeshShape) -> list[str]:
     return []
 
 
-def check_tree_matches(plan: Plan, leaves: Sequence[Leaf]) -> None:
-    """Raise PlanMismatchError listing every difference between a tree and the plan."""
+def check_tree_matches(plan: Plan, leaves: Sequence[Leaf], *, checkpoint: bool = False) -> None:
+    """Raise PlanMismatchError listing every difference between a tree and the plan.
+
+    ``checkpoint``: the leaves are a saved checkpoint's, restored onto the plan: the problems
+    say what the checkpoint holds (a model changed since the save), not to re-plan.
+    """
+    what = "the checkpoint" if checkpoint else "the tree"
     problems = []
     seen = set()
     for leaf in leaves:
         seen.add(leaf.path)
         d = plan.decisions.get(leaf.path)
         if d is None:
-            problems.append(f"{leaf.path}: in the tree but not in the plan (shape {leaf.shape}); re-plan")
+            problems.append(f"{leaf.path}: in {what} but not in the plan (shape {leaf.shape}); "
+                            + ("the planned model has no such leaf" if checkpoint else "re-plan"))
         elif tuple(d.shape) != tuple(leaf.shape):
-            problems.append(f"{leaf.path}: shape {leaf.shape} but the plan has {tuple(d.shape)}; re-plan")
+            problems.append(f"{leaf.path}: the checkpoint holds shape {leaf.shape} but the plan has "
+                            f"{tuple(d.shape)}; the leaf changed since the save" if checkpoint else
+                            f"{leaf.path}: shape {leaf.shape} but the plan has {tuple(d.shape)}; re-plan")
         elif d.dtype != leaf.dtype:
-            problems.append(f"{leaf.path}: dtype {leaf.dtype} but the plan has {d.dtype}; re-plan "
+            problems.append(f"{leaf.path}: the checkpoint holds dtype {leaf.dtype} but the plan has "
+                            f"{d.dtype}; plan the saved dtype" if checkpoint else
+                            f"{leaf.path}: dtype {leaf.dtype} but the plan has {d.dtype}; re-plan "
                             "or cast the tree back")
     for path in plan.decisions:
         if path not in seen:
-            problems.append(f"{path}: in the plan but missing from the tree; re-plan or pass the full tree")
+            problems.append(f"{path}: in the plan but not in the checkpoint (a leaf added since the save?)"
+                            if checkpoint else
+                            f"{path}: in the plan but missing from the tree; re-plan or pass the full tree")
     if problems:
-        raise PlanMismatchError("the tree does not match the plan", problems)
+        raise PlanMismatchError(f"{what} does not match the plan", problems)
