@@ -1334,3 +1334,41 @@ def test_default_tpu_estimate_prices_gathers_over_a_whole_pod_slice_as_all_reduc
     # a GPU, or a TPU estimate with backend="cpu", gathers
     assert "all-gather" in estimate(tpflax.plan(mlp_tree(), {"fsdp": 64}), optax.sgd(0.1), {"x": (64, 64)},
                                     backend="gpu").comm
+
+
+class _UserMoE(nn.Module):
+    """A user MoE (benchmarks/tpu_aot_notes.md, twenty-first round): ``combine_after`` keeps the expert dim through
+    the down projection and sums it with the router weights (``bsed,bse->bsd``); else the zoo's form."""
+
+    combine_after: bool
+
+    @nn.compact
+    def __call__(self, x):  # (b, s, d)
+        x = nn.Dense(32, name="inp")(x)
+        w = jax.nn.softmax(nn.Dense(8, use_bias=False, name="router")(x), axis=-1)  # (b, s, e)
+        wi = self.param("wi", nn.initializers.lecun_normal(), (8, 32, 64))
+        wo = self.param("wo", nn.initializers.lecun_normal(), (8, 64, 32))
+        h = nn.silu(jnp.einsum("bsd,edf->bsef", x, wi))
+        if self.combine_after:
+            return jnp.einsum("bsed,bse->bsd", jnp.einsum("bsef,efd->bsed", h, wo), w)
+        return jnp.einsum("bsef,efd->bsd", h * w[..., None], wo)
+
+
+@pytest.mark.parametrize("combine_after", [True, False])
+def test_experts_summed_by_a_product_of_activations_are_noted_as_unpriced(combine_after):
+    # measured: the bsed,bse->bsd combine compiles to 4-8x the estimate's collectives (all-gathers and
+    # all-to-alls of a partitioner fallback); the zoo's combine is priced within a few percent
+    x = jax.ShapeDtypeStruct((8, 16, 32), "float32")
+    m = _UserMoE(combine_after)
+    p = tpflax.plan(jax.eval_shape(m.init, jax.random.key(0), x), {"expert": 4, "data": 2}, model=m, sample=(x,))
+    assert tuple(p.decisions["params/wo"].spec)[0] == "expert"
+    e = estimate(p, optax.adamw(1e-3), model=m, sample=(x,))
+    noted = [n for n in e.notes if "product of two activations" in n]
+    if combine_after:
+        assert len(noted) == 1 and "params/wi (over expert)" in noted[0] and "params/wo (over expert)" in noted[0]
+        assert "lower bound" in noted[0] and "tpflax/zoo/moe.py" in noted[0]
+    else:
+        assert not noted
+    zoo_moe = zoo.get("moe")
+    zp = tpflax.plan(zoo_moe.abstract_variables(), {"expert": 4, "data": 2}, model=zoo_moe)
+    assert not any("product of two" in n for n in estimate(zp, optax.adam(1e-3), "16x16", model=zoo_moe).notes)

@@ -65,8 +65,9 @@ from tpflax._src.cost.scope import Scope
 from tpflax._src.cost.stream import split_grad_items
 from tpflax._src.cost.workload import Workload, prepare
 from tpflax._src.errors import EstimateError, MeshError
-from tpflax._src.mesh import FSDP, MeshShape, batch_axes
+from tpflax._src.mesh import EXPERT, FSDP, TENSOR, MeshShape, batch_axes
 from tpflax._src.planner.plan import traced_facts
+from tpflax._src.specs import entries, entry_axes
 from tpflax._src.tpu import TOPOLOGIES, gathers_reduce, one_ring, parse_topology, slice_name
 
 __all__ = ["estimate", "price", "price_leaves"]
@@ -120,6 +121,7 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
         notes.append("XLA:CPU runs 16-bit collectives in float32 (it converts their operands; measured on a "
                      "bfloat16 model: 2x these bytes); the figures are in the tensors' own dtype, as a TPU "
                      "sends them")
+    notes.extend(product_sum_notes(lv, mesh, w))
     per_device, unsharded = memory(lv, mesh, w, shards, notes)
     savings = {name: (100.0 * (1 - getattr(per_device, name) / getattr(unsharded, name))
                       if getattr(unsharded, name) else 0.0) for name in MEMORY_FIELDS + ("total",)}
@@ -236,6 +238,31 @@ def estimate(plan, optimizer: Any = None, batch: Any = None, *, config: Any = No
     elif w.backend == "tpu":  # the plan's hardware preset: its slice of the mesh's devices (tpu.one_ring)
         w = replace(w, target=plan_generation(plan.options.get("hardware")))
     return price(plan.decisions, plan.mesh, w)
+
+
+def product_sum_notes(lv: Leaves, mesh: MeshShape, w: Workload) -> list[str]:
+    """A note naming the parameters split over a tensor or expert axis on a dim whose activation a product of
+    two activations sums (:attr:`Workload.product_sums`): a user MoE combining the experts' outputs by
+    ``bsed,bse->bsd``. XLA reshards around that product with all-gathers and all-to-alls no item prices
+    (measured -74% to -88% of the compiled collectives, benchmarks/tpu_aot_notes.md, twenty-first round)."""
+    roles = dict(mesh.roles)
+    split = {a for a, r in roles.items() if r in (TENSOR, EXPERT) and mesh.sizes[a] > 1}
+    found = []
+    for path, dims in w.product_sums.items():
+        d = lv.decisions.get(path)
+        if d is None:
+            continue
+        spec = entries(d.spec, len(d.shape))
+        axes = sorted({a for k in dims if k < len(spec) for a in entry_axes(spec[k])} & split)
+        if axes:
+            found.append(f"{path} (over {', '.join(axes)})")
+    if not found:
+        return []
+    return [f"{'; '.join(found)}: split on a dim that a product of two activations sums (such as an einsum combining "
+            "the experts' outputs with the router weights, bsed,bse->bsd): XLA reshards around it with "
+            "all-gathers and all-to-alls this estimate does not price, so its collectives are a lower bound "
+            "(measured 4-8x more). Apply the router weights to the hidden activations instead and let the "
+            "down projection's einsum sum over the experts (bsef,efd->bsd), as tpflax/zoo/moe.py does"]
 
 
 def param_moments(opt: Any) -> dict[str, int] | None:

@@ -113,6 +113,10 @@ class Traced:
             one another parameter dim makes or reads (a contraction's input and the output it sums, a bias,
             a depthwise kernel or a per-channel parameter and the output they meet): split on the other's
             dim, its gradient comes out split there too (:func:`tpflax._src.cost.stream.split_grad_items`).
+        product_sums: ``{path: dims}`` for parameter dims whose activation a product of two activations
+            sums (:attr:`tpflax._src.trace.records.Dataflow.escapes`; a user MoE's ``bsed,bse->bsd``
+            combine over the experts): split over a tensor or expert axis, XLA reshards around that
+            product with collectives the estimate does not price (benchmarks/tpu_aot_notes.md).
     """
 
     tied: frozenset[str] | None = None
@@ -139,6 +143,7 @@ class Traced:
     loops: Mapping[str, tuple[int, bool]] | None = None
     remat_layers: int = 0
     erf: frozenset[str] = frozenset()
+    product_sums: Mapping[str, frozenset[int]] = field(default_factory=dict)
 
 
 def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
@@ -163,6 +168,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
     from tpflax._src.cost.buffers import batched_rows
     from tpflax._src.errors import TraceError
     from tpflax._src.planner.repeats import merge_uses
+    from tpflax._src.trace.contractions import PRODUCT_SUM
     from tpflax._src.trace.dataflow import dataflow
     from tpflax._src.trace.spread import spread_streams
 
@@ -217,6 +223,10 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
             joined[u.path] = (*joined.get(u.path, ()), u.rows / examples / rows[u.path] if rows.get(u.path) else 1.0)
     contractions = tuple((u.path, u.rows / examples, u.kept, u.dtype)
                          for u in flow.uses if u.op == "dot" and u.rows and not u.batch and u.path in shapes)
+    product_sums: dict[str, frozenset[int]] = {}
+    for (uid, dim), why in flow.escapes.items():
+        if why == PRODUCT_SUM:
+            product_sums[flow.uses[uid].path] = product_sums.get(flow.uses[uid].path, frozenset()) | {dim}
     scores = tuple(Scores(math.prod(x.shape) / examples, x.count,
                           tuple((n, tuple(sorted({(flow.uses[u].path, d) for u, d in tags})))
                                 for n, tags in zip(x.shape, x.tags, strict=True)), x.softmax)
@@ -228,7 +238,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
                   spread_streams(flow, shapes), flow.collectives, flow.row_axes, _meets(flow),
                   flow.positional(),
                   _loops(flow), flow.remat_calls if flow.remat >= 0.5 else 0,
-                  frozenset(e.src for e in flow.edges if {"erf", "erfc"} & set(e.via)))
+                  frozenset(e.src for e in flow.edges if {"erf", "erfc"} & set(e.via)), product_sums)
 
 
 def _loops(flow: Any) -> dict[str, tuple[int, bool]]:

@@ -65,6 +65,7 @@ class Workload:
         remat_layers: from the trace (:attr:`Traced.remat_layers`): the layers a remat'd step recomputes
             one at a time, where no config gives ``n_layers``.
         erf: from the trace (:attr:`Traced.erf`).
+        product_sums: from the trace (:attr:`Traced.product_sums`): reported in the notes, not priced.
     """
 
     batch: Batch
@@ -101,6 +102,7 @@ class Workload:
     loops: Mapping[str, tuple[int, bool]] | None = None
     remat_layers: int = 0
     erf: frozenset[str] = frozenset()
+    product_sums: Mapping[str, frozenset[int]] = field(default_factory=dict)
 
     @property
     def saved(self) -> Mapping[str, Sequence[Act]]:
@@ -175,7 +177,8 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     streams=t.streams, contractions=contractions, scores=t.scores,
                     next_token=_next_token(m) if loss is None else reads_slice(m, loss), biased=t.biased,
                     collectives=t.collectives, row_axes=t.row_axes, meets=t.meets,
-                    positional=t.positional, loops=t.loops, remat_layers=t.remat_layers, erf=t.erf)
+                    positional=t.positional, loops=t.loops, remat_layers=t.remat_layers, erf=t.erf,
+                    product_sums=t.product_sums)
 
 
 def contraction_calls(plan, contractions: Sequence[tuple[str, float, tuple[int, ...], str]],

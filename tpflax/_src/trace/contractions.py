@@ -25,6 +25,9 @@ from typing import Any
 from tpflax._src.trace.interpreter import TagMap, Val, Walk, is_minor, opaque
 from tpflax._src.trace.records import Product
 
+# why a kept dim escapes when a product of two activations sums it (a combine ``bsed,bse->bsd``)
+PRODUCT_SUM = "summed by a product of two activations (needs an all-reduce)"
+
 
 def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
@@ -117,7 +120,7 @@ def _act_dot(w: Walk, lhs: Val, rhs: Val, contract, batch, lf, rf, out_rank: int
     (lc, rc), (lb, rb) = contract, batch
     for v, cs in ((lhs, lc), (rhs, rc)):
         for d in cs:
-            w.escape(v.dim_tags(d), "summed by a product of two activations (needs an all-reduce)")
+            w.escape(v.dim_tags(d), PRODUCT_SUM)
     for v, other, free in ((lhs, rhs, lf), (rhs, lhs, rf)):
         # The backward sums a free dim of one side into the other side's gradient. A projection's
         # output (keys, values kept whole: 2 kv heads under 4 query heads) has its gradient summed
