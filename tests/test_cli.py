@@ -217,3 +217,56 @@ def test_dry_run_json_is_strict_json_and_honours_strict(capsys, fast_xla):
     assert rows and all(r["rel_error"] is None and r["compiled"] == 0 for r in rows)
     assert main(["dry-run", "gpt2", "--mesh", "model=3", "--json"]) == 0
     assert main(["dry-run", "gpt2", "--mesh", "model=3", "--json", "--strict"]) == 1
+
+
+CNNPKG = '''
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+S = jax.ShapeDtypeStruct
+
+
+class CNN(nn.Module):
+    @nn.compact
+    def __call__(self, x, y):
+        h = nn.relu(nn.Conv(8, (3, 3), name="conv")(x))
+        return nn.Dense(10, name="head")(h.mean(axis=(1, 2)))
+
+
+def make():
+    return CNN(), S((8, 8, 8, 3), jnp.float32), S((8,), jnp.int32)
+
+
+def xent(logits, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+'''
+
+
+@pytest.fixture
+def cnnpkg(tmp_path, monkeypatch):
+    (tmp_path / "userpkg_cnn.py").write_text(CNNPKG)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "userpkg_cnn"
+
+
+def test_dry_run_takes_a_loss_for_a_user_cnn(cnnpkg, capsys, fast_xla):
+    # a classifier has no default loss: the error told the CLI user to pass loss=, which the CLI could not
+    argv = ["dry-run", f"{cnnpkg}:make", "--mesh", "data=2,model=4", "--json"]
+    assert main(argv) == 2
+    assert "--loss package.module:function" in capsys.readouterr().err
+    assert main(argv + ["--loss", f"{cnnpkg}:xent"]) == 0
+    assert json.loads(capsys.readouterr().out)["dry_run"]["memory"]["argument"] > 0
+
+
+@pytest.mark.parametrize("target,words", [
+    ("{pkg}:no_such_fn", "has no callable 'no_such_fn' (from --loss"),
+    ("no_such_mod_xyz:xent", "cannot import 'no_such_mod_xyz' from --loss"),
+    ("xent", "must be package.module:name"),
+])
+def test_a_bad_loss_target_exits_2(cnnpkg, capsys, target, words):
+    argv = ["dry-run", f"{cnnpkg}:make", "--mesh", "data=2,model=4", "--loss", target.format(pkg=cnnpkg)]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "tpflax: error:" in err and words in err

@@ -14,8 +14,10 @@ from collections.abc import Sequence
 from tpflax._src.cli_args import (
     OPTIMIZERS,
     UsageError,
+    add_loss_arg,
     add_model_args,
     estimate_inputs,
+    loss_kwargs,
     model_kwargs,
     need_model,
     optimizer_from_name,
@@ -73,7 +75,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
     loaded, p = plan_from_args(args)
     batch, _ = estimate_inputs(args, loaded)
-    est = estimate(p, optimizer_from_name(args.optimizer), batch, **model_kwargs(loaded), remat=args.remat,
+    est = estimate(p, optimizer_from_name(args.optimizer), batch, **model_kwargs(loaded),
+                   **loss_kwargs(args, loaded), remat=args.remat,
                    backend=args.backend, act_dtype=args.act_dtype, grad_dtype=args.grad_dtype,
                    optimizer_name=args.optimizer)
     if args.json:
@@ -101,20 +104,25 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
     from tpflax._src.dryrun import dry_run
     from tpflax._src.mesh import make_mesh
     from tpflax._src.report import report
-    from tpflax._src.step import make_train_step
+    from tpflax._src.step import NoDefaultLoss, make_train_step
 
     loaded, p = plan_from_args(args)
     need_model(loaded, "dry-run needs a model to build the train step")
+    loss = loss_kwargs(args, loaded)
     loaded = with_remat(loaded, args.remat)  # the compiled step remats as the estimate assumes
     batch, size = estimate_inputs(args, loaded)
     mesh = make_mesh(p.mesh, target=args.target)  # a TPU target: libtpu's abstract devices
     opt = optimizer_from_name(args.optimizer)
     step_batch = {"batch": batch} if loaded.sample is None else {"sample": batch}
-    ts = make_train_step(loaded.model, p, mesh, opt, variables=loaded.variables,
-                         gather_fsdp=not args.no_gather_fsdp, **step_batch)
+    try:
+        ts = make_train_step(loaded.model, p, mesh, opt, variables=loaded.variables,
+                             gather_fsdp=not args.no_gather_fsdp, **step_batch, **loss)
+    except NoDefaultLoss as e:
+        raise UsageError(f"{e}; on the command line: --loss package.module:function, "
+                         "a function(output, *sample) -> scalar") from e
     dr = dry_run(ts, p, mesh, progress=not args.json)
     backend = args.backend or mesh.devices.flat[0].platform
-    est = estimate(p, opt, batch, **model_kwargs(loaded), remat=args.remat,
+    est = estimate(p, opt, batch, **model_kwargs(loaded), **loss, remat=args.remat,
                    backend=backend if backend in ("tpu", "gpu", "cpu") else "tpu",
                    optimizer_name=args.optimizer, target=args.target)  # the slice's ring decides fsdp gradients
     if args.json:
@@ -136,6 +144,7 @@ def _add_estimate_args(p: argparse.ArgumentParser, *, dry: bool) -> None:
                         + ("8)" if dry else "32)"))
     p.set_defaults(default_batch=8 if dry else 32)
     p.add_argument("--remat", action="store_true", help="activations are rematerialised")
+    add_loss_arg(p)
     p.add_argument("--backend", choices=["tpu", "gpu", "cpu"], default=None if dry else "tpu",
                    help="how XLA lowers fsdp gradient reduction (default: "
                         + ("the devices' platform)" if dry else "tpu)"))
@@ -177,6 +186,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     s = suggest_mesh(kw.pop("model", loaded.variables), args.world,
                      args.device_memory, args.hardware, **kw, optimizer=optimizer_from_name(args.optimizer),
                      batch=batch, config=getattr(loaded.model, "config", None), trace=args.trace,
+                     **loss_kwargs(args, loaded),
                      remat=args.remat, optimizer_name=args.optimizer, ici_bandwidth=args.ici_bandwidth,
                      dcn_bandwidth=args.dcn_bandwidth, chips_per_host=args.chips_per_host,
                      reserve=args.reserve, rules=[parse_rule(r) for r in args.rule] or None,
@@ -266,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="optax optimizer (default adamw)")
     g.add_argument("--batch", default=None, help="global batch: N or NxSEQ (default: one per device)")
     g.add_argument("--remat", action="store_true", help="activations are rematerialised")
+    add_loss_arg(g)
     g.add_argument("--trace", action=argparse.BooleanOptionalAction, default=None,
                    help="trace the model's layer shapes for exact activations (default: on for a model; "
                         "--no-trace: the transformer formula, faster for very deep unscanned models)")

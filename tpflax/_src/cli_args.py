@@ -164,6 +164,33 @@ def estimate_inputs(args: argparse.Namespace, loaded):
     return batch, dims[0]
 
 
+LOSS_HELP = ("the loss of a package.module:factory model: package.module:function, called as "
+             "function(output, *sample) -> scalar, as loss= in the Python API (default: next-token "
+             "cross-entropy when the model outputs logits over int ids)")
+
+
+def add_loss_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--loss", default=None, metavar="MODULE:FUNCTION", help=LOSS_HELP)
+
+
+def loss_kwargs(args: argparse.Namespace, loaded) -> dict:
+    """``{"loss": fn}`` from ``--loss package.module:function`` (nothing without it); a UsageError for a
+    target that does not import, and for a model that trains with its own loss (a zoo model) or none."""
+    name = getattr(args, "loss", None)
+    if name is None:
+        return {}
+    if zoo_of(loaded) is not None or loaded.sample is None:
+        raise UsageError(f"--loss is for a package.module:factory model with sample inputs; {args.model} "
+                         + ("trains with its own loss" if zoo_of(loaded) is not None else "has none"))
+    from tpflax._src.errors import ModelLoadError
+    from tpflax._src.loading import load_callable
+
+    try:
+        return {"loss": load_callable(name, "--loss", "a function loss(output, *sample) -> scalar")}
+    except ModelLoadError as e:
+        raise UsageError(str(e)) from e
+
+
 def zoo_of(loaded):
     """The model estimate() can read activations from: a zoo model (others: from the batch alone)."""
     from tpflax._src.model import is_zoo

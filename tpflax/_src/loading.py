@@ -55,21 +55,33 @@ def load_model(name: str, size: str | None = None) -> Loaded:
                 "'package.module:factory'")
         m = zoo.get(name, size=size)
         return Loaded(name, m.abstract_variables(), m)
-    mod_name, _, attr = name.partition(":")
-    try:
-        module = importlib.import_module(mod_name)
-    except Exception as e:  # noqa: BLE001 - any import failure is the user's model string
-        raise ModelLoadError(f"cannot import {mod_name!r} from model string {name!r}: "
-                             f"{type(e).__name__}: {e}; check the module is on PYTHONPATH") from e
-    factory = getattr(module, attr, None)
-    if factory is None or not callable(factory):
-        raise ModelLoadError(f"{mod_name!r} has no callable {attr!r} (from model string {name!r}); "
-                             "name a function that returns a model or a variable tree")
+    factory = load_callable(name, "model string", "a function that returns a model or a variable tree")
     try:
         made = factory()
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"{name}() raised {type(e).__name__}: {e}") from e
     return _loaded(name, made)
+
+
+def load_callable(name: str, what: str, kind: str) -> Any:
+    """The callable ``package.module:attr`` names, imported; a :class:`ModelLoadError` naming
+    ``what`` (where the string came from) and ``kind`` (what it should name) otherwise.
+
+    >>> load_callable("operator:add", "--loss", "a function")(1, 2)
+    3
+    """
+    mod_name, sep, attr = name.partition(":")
+    if not sep or not mod_name or not attr:
+        raise ModelLoadError(f"{what} {name!r} must be package.module:name, naming {kind}")
+    try:
+        module = importlib.import_module(mod_name)
+    except Exception as e:  # noqa: BLE001 - any import failure is the user's string
+        raise ModelLoadError(f"cannot import {mod_name!r} from {what} {name!r}: "
+                             f"{type(e).__name__}: {e}; check the module is on PYTHONPATH") from e
+    found = getattr(module, attr, None)
+    if found is None or not callable(found):
+        raise ModelLoadError(f"{mod_name!r} has no callable {attr!r} (from {what} {name!r}); name {kind}")
+    return found
 
 
 def _loaded(name: str, made: Any) -> Loaded:

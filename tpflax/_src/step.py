@@ -114,6 +114,10 @@ def _logits(output: Any) -> Any:
     return getattr(output, "logits", output)
 
 
+class NoDefaultLoss(OptionError):
+    """:func:`default_loss` found no loss to infer (the CLI names its ``--loss`` flag in the message)."""
+
+
 def default_loss(m: Model, variables: Any) -> Callable[..., Any]:
     """Next-token cross-entropy when the output is logits over integer ids, else an error."""
     import jax
@@ -130,7 +134,7 @@ def default_loss(m: Model, variables: Any) -> Callable[..., Any]:
             and ids is not None and jnp.issubdtype(ids.dtype, jnp.integer) and shape[:-1] == lead):
         return next_token_loss
     ids_text = f"{ids.dtype}{list(lead)}" if ids is not None else "none"
-    raise OptionError(f"make_train_step cannot infer a loss for {m.name}: its output is "
+    raise NoDefaultLoss(f"make_train_step cannot infer a loss for {m.name}: its output is "
                       f"{getattr(out, 'dtype', type(out).__name__)}{list(shape)} and its first input "
                       f"{ids_text} (next-token cross-entropy needs float logits (batch, seq, vocab) over "
                       "int ids (batch, seq)); pass loss=lambda output, *sample: scalar")
