@@ -392,6 +392,21 @@ def test_nnx_module_and_optimizer_shard_and_train(mesh):
 # batches and jit_step
 
 
+def test_batch_sharding_of_a_batch_tree_replicates_its_scalars():
+    # one sharding for the whole batch gives a scalar leaf (a step counter) a batch dim it lacks, and
+    # jax.jit refuses it: given the batch, one sharding per leaf
+    mesh = tpflax.make_mesh({"data": 2, "model": 4})
+    batch = {"x": np.arange(32, dtype=np.float32).reshape(8, 4), "step": np.int32(3)}
+    sh = tpflax.batch_sharding(mesh, batch)
+    assert sh["x"].spec == P("data") and sh["step"].spec == P()
+    out = jax.jit(lambda b: b["x"].sum(0) + b["step"], in_shardings=(sh,))(batch)
+    assert np.array_equal(np.asarray(out), batch["x"].sum(0) + 3)
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), batch)
+    assert tpflax.batch_sharding(mesh, abstract) == sh
+    with pytest.raises(tpflax.SpecError, match="not divisible"):
+        tpflax.batch_sharding(mesh, {"x": np.ones((3, 4), np.float32)})
+
+
 def test_batch_sharding_and_constraints():
     assert tpflax.batch_sharding(tpflax.make_mesh({"model": 8})).spec == P()
     assert tpflax.batch_sharding(tpflax.make_mesh({"fsdp": 2, "model": 4})).spec == P("fsdp")

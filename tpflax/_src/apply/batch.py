@@ -31,18 +31,29 @@ def batch_spec(mesh: Any, *, axis_roles: Mapping[str, str] | None = None) -> Par
     return batch_pspec(mesh_shape(mesh, axis_roles))
 
 
-def batch_sharding(mesh: Any, *, axis_roles: Mapping[str, str] | None = None) -> NamedSharding:
+def batch_sharding(mesh: Any, batch: Any = None, *, axis_roles: Mapping[str, str] | None = None) -> Any:
     """The ``NamedSharding`` for a training step's inputs: batch dim over the data/fsdp axes.
 
     Use it as ``jax.jit`` in_shardings for the batch, or with :func:`shard_batch`.
-    On a mesh with no data or fsdp axis the batch is replicated.
+    On a mesh with no data or fsdp axis the batch is replicated. Given ``batch`` (a
+    tree of arrays or ``jax.ShapeDtypeStruct``), one sharding per leaf, scalars
+    replicated: a single sharding would give a scalar leaf (a step counter) the
+    batch dim it lacks, which ``jax.jit`` refuses.
 
-    >>> import tpflax
-    >>> batch_sharding(tpflax.make_mesh({"data": 2, "model": 4})).spec
+    Raises:
+        SpecError: a ``batch`` leaf's batch dim does not divide over the batch axes.
+
+    >>> import jax, tpflax
+    >>> mesh = tpflax.make_mesh({"data": 2, "model": 4})
+    >>> batch_sharding(mesh).spec
     P('data',)
+    >>> s = batch_sharding(mesh, {"x": jax.ShapeDtypeStruct((8, 4), "float32"), "step": jax.ShapeDtypeStruct((), "int32")})
+    >>> s["x"].spec, s["step"].spec
+    (P('data',), P())
     """
     mesh = sharding_mesh(mesh)
-    return NamedSharding(mesh, batch_spec(mesh, axis_roles=axis_roles))
+    spec = batch_spec(mesh, axis_roles=axis_roles)
+    return NamedSharding(mesh, spec) if batch is None else batch_shardings(batch, mesh, spec)
 
 
 def batch_shardings(batch: Any, mesh: jax.sharding.Mesh, spec: PartitionSpec) -> Any:
@@ -55,7 +66,7 @@ def batch_shardings(batch: Any, mesh: jax.sharding.Mesh, spec: PartitionSpec) ->
     n = math.prod(sizes[a] for e in spec for a in entry_axes(e))
     problems = []
     for path, x in jax.tree_util.tree_flatten_with_path(batch)[0]:
-        shape = np.shape(x)
+        shape = tuple(getattr(x, "shape", None) or np.shape(x))
         if shape and n > 1 and shape[0] % n:
             axes = "*".join(f"{a}={sizes[a]}" for e in spec for a in entry_axes(e))
             problems.append(f"{keystr(path) or '<batch>'}: batch dim of shape {tuple(shape)} is "
@@ -63,8 +74,8 @@ def batch_shardings(batch: Any, mesh: jax.sharding.Mesh, spec: PartitionSpec) ->
                             f"is a multiple of {n}")
     if problems:
         raise SpecError("the batch does not split over the mesh", problems)
-    return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, spec if np.ndim(x) else PartitionSpec()),
-                                  batch)
+    return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, spec if len(getattr(x, "shape", np.shape(x)))
+                                                          else PartitionSpec()), batch)
 
 
 def shard_batch(batch: Any, mesh: Any, *, process_local: bool = False,
