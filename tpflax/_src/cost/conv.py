@@ -16,7 +16,7 @@ from typing import Any
 from tpflax._src.cost.activations import acts_for, layer_key, top_level
 from tpflax._src.cost.gathered import onchip_bytes
 from tpflax._src.cost.leaves import Leaves
-from tpflax._src.cost.scope import body
+from tpflax._src.cost.scope import body, tensor_degree
 from tpflax._src.cost.workload import Workload
 from tpflax._src.mesh import EXPERT, TENSOR, MeshShape
 from tpflax._src.specs import entry_axes
@@ -28,17 +28,6 @@ from tpflax._src.tpu import LANES, lane_pad, sublane_pad
 # v5e (56x56x64 maps: 1-7 images fold, 8, 16, 32 do not; 112, 56 and 14 pixels wide alike; bf16 and f32)
 FOLD_BELOW = 8
 CONV_WORKING = 4  # maps of a conv net's first stage in flight in its backward pass (conv_working)
-
-
-def tensor_degree(mesh: MeshShape, entry: Any) -> int:
-    """How many ways a spec entry splits its dim over tensor or expert axes.
-
-    >>> from tpflax._src.mesh import mesh_shape
-    >>> tensor_degree(mesh_shape({"fsdp": 2, "model": 4}), ("fsdp", "model"))
-    4
-    """
-    roles = dict(mesh.roles)
-    return math.prod(mesh.sizes[a] for a in entry_axes(entry) if roles[a] in (TENSOR, EXPERT))
 
 
 def conv_maps(lv: Leaves, w: Workload, mesh: MeshShape, shards: int,

@@ -19,6 +19,7 @@ from tpflax._src.cost.scope import (
     grad_bytes,
     is_tied,
     leaf_itemsize,
+    tensor_degree,
 )
 from tpflax._src.mesh import DATA, FSDP, TENSOR, MeshShape
 from tpflax._src.specs import entries, entry_axes, local_shape, used_axes
@@ -85,7 +86,7 @@ def gradient_items(s: Scope) -> list[CommItem]:
 def looked_bytes(d: Any, spec, mesh: MeshShape, positional: tuple[int, tuple[int, ...]], g_item: int | None) -> int:
     """The gradient bytes of a batch-free positional lookup's rows on a device (:attr:`Scope.positional`:
     ``(rows looked up, the table's dims not indexed)``): the rows times the table's width, divided by the
-    tensor axes that split it (an fsdp split is gathered before the lookup).
+    tensor (or expert) axes that split it (an fsdp split is gathered before the lookup).
 
     Measured (v5e:2x4, tpu_aot_notes.md, twenty-first round): a ``(640, 768)`` position table looked up at
     ``arange(512)[None, :]``: ``f32[1,512,768]`` all-reduced over fsdp=8, split or whole; a T5-style
@@ -98,12 +99,9 @@ def looked_bytes(d: Any, spec, mesh: MeshShape, positional: tuple[int, tuple[int
     524288
     """
     rows, kept = positional
-    roles = dict(mesh.roles)
     spec = entries(spec, len(d.shape))
-    width = math.prod(-(-d.shape[k] // math.prod(mesh.sizes[a] for a in entry_axes(spec[k]) if roles[a] == TENSOR))
-                      for k in kept)
-    item = g_item or leaf_itemsize(d)
-    return rows * width * item
+    width = math.prod(-(-d.shape[k] // tensor_degree(mesh, spec[k])) for k in kept)
+    return rows * width * (g_item or leaf_itemsize(d))
 
 
 def loop_reps(s: Scope, path: str, d: Any, steps: int) -> tuple[int, bool]:
@@ -259,24 +257,35 @@ def _gradient_templates(spec, mesh: MeshShape, batch_axes, nbytes: int, item: in
         out.append(("all-reduce", apart, gbytes * nf, math.prod(mesh.sizes[a] for a in apart), reps,
                     "rows split by in_specs: sum the partial gradient over the row axes first" + why_rep))
         free = tuple(a for a in free if a not in rows)
+    group = tuple(a for a in mesh.names if a in f_axes or a in free)  # the axes a whole gradient is summed over
+
+    def summed(size: int, why: str) -> tuple:  # one all-reduce of a whole gradient over ``group``
+        return ("all-reduce", group, size, math.prod(mesh.sizes[a] for a in group), reps, why + why_rep)
+
     if f_axes:
         out.append(("all-gather", f_axes, nbytes // item * (gather_item or item) * nf, nf, 1,
                     "fsdp: gather the parameter for compute (the backward reuses it)"))
     if backend == "tpu" and looked is not None:
-        group = tuple(a for a in mesh.names if a in f_axes or a in free)
-        return tuple(out) + ((("all-reduce", group, looked, math.prod(mesh.sizes[a] for a in group), reps,
-                               "looked up at batch-free positions: XLA:TPU sums the looked-up rows' gradient "
-                               "over the batch, whatever the table's split" + why_rep),) if group else ())
+        return tuple(out) + ((summed(looked, "looked up at batch-free positions: XLA:TPU sums the looked-up rows' "
+                                             "gradient over the batch, whatever the table's split"),) if group else ())
     if f_axes:
         if backend == "cpu":
-            group = tuple(a for a in mesh.names if a in f_axes or a in free)
-            return tuple(out) + (("all-reduce", group, gbytes * nf, math.prod(mesh.sizes[a] for a in group), reps,
-                                  "fsdp gradient: XLA:CPU all-reduces the whole gradient, then slices" + why_rep),)
+            return tuple(out) + (summed(gbytes * nf, "fsdp gradient: XLA:CPU all-reduces the whole gradient, "
+                                                     "then slices"),)
         rank = len(spec) if body_rank is None else body_rank
         if backend == "tpu" and (whole or not (tpu_reduce_scatters(rank, free, ring)
                                                     and _tpu_whole_tiles(shape, spec, mesh, f_axes, item, g_item,
                                                                          layers))):
-            return tuple(out) + (_tpu_fsdp_gradient(mesh, f_axes, free, gbytes * nf, reps, why_rep),)
+            # XLA:TPU's reduction of an fsdp gradient it cannot reduce-scatter (read off the TPU HLO of zoo
+            # train steps, libtpu 0.0.42.1, v5e:2x4). tpflax's step pins each gradient to its stored shards
+            # (tpflax._src.scan_fsdp.pin), and XLA:TPU then reduce-scatters a leaf of two or more dims when no
+            # other batch axis sums it and it reduces over its fsdp devices on one ring (fsdp=8 on v5e:2x4, not
+            # on v5p:2x2x2, whose all-reduces are 3-D: tpflax._src.tpu.one_ring; a tensor axis beside them does
+            # not matter: fsdp=2,model=4). With a free batch axis (one tuple all-reduce over data+fsdp) and for
+            # 1-D leaves (norm scales) it all-reduces the whole gradient and slices it: twice a reduce-scatter's
+            # bytes.
+            return tuple(out) + (summed(gbytes * nf, "fsdp gradient: XLA:TPU all-reduces the whole gradient over "
+                                                     "the fsdp and batch axes, then slices its shard"),)
         out.append(("reduce-scatter", f_axes, gbytes * nf, nf, reps,
                     "fsdp gradient: reduce-scatter to the owning shard" + why_rep))
     if free:
@@ -300,21 +309,3 @@ def _tpu_whole_tiles(shape: tuple[int, ...] | None, spec, mesh: MeshShape, f_axe
         shape, spec = shape[:layers] + shape[layers + 1:], spec[:layers] + spec[layers + 1:]
     split = tuple(i for i, e in enumerate(spec) if set(entry_axes(e)) & set(f_axes))
     return scatters(local_shape(shape, spec, mesh), split, item, g_item)
-
-
-def _tpu_fsdp_gradient(mesh: MeshShape, f_axes: tuple[str, ...], free: tuple[str, ...], size: int, reps: int,
-                       why_rep: str) -> tuple:
-    """XLA:TPU's reduction of an fsdp gradient it cannot reduce-scatter: one all-reduce, then a slice.
-
-    Read off the TPU HLO of zoo train steps (libtpu 0.0.42.1, v5e:2x4). tpflax's step pins each
-    gradient to its stored shards (:func:`tpflax._src.scan_fsdp.pin`), and XLA:TPU then
-    reduce-scatters a leaf of two or more dims when no other batch axis sums it and it reduces over
-    its fsdp devices on one ring (fsdp=8 on v5e:2x4, not on v5p:2x2x2, whose all-reduces are 3-D:
-    :func:`tpflax._src.tpu.one_ring`; a tensor axis beside them does not matter: fsdp=2,model=4).
-    With a free batch axis (one tuple all-reduce over ``data+fsdp``) and for 1-D leaves (norm
-    scales) it all-reduces the whole gradient and slices it: twice a reduce-scatter's bytes.
-    """
-    group = tuple(a for a in mesh.names if a in f_axes or a in free)
-    return ("all-reduce", group, size, math.prod(mesh.sizes[a] for a in group), reps,
-            "fsdp gradient: XLA:TPU all-reduces the whole gradient over the fsdp and batch axes, then "
-            "slices its shard" + why_rep)

@@ -75,7 +75,6 @@ from tpflax._src.cost.conv import (
     remat_blocks,
     remat_stem,
     stem_phase,
-    tensor_degree,
 )
 from tpflax._src.cost.forward_end import forward_end
 from tpflax._src.cost.gathered import (
@@ -90,7 +89,7 @@ from tpflax._src.cost.leaves import Leaves
 from tpflax._src.cost.records import Memory, Peak
 from tpflax._src.cost.remat import images_relayout, scan_logits, scan_loop, score_stack, tail_bytes
 from tpflax._src.cost.residual import residual_bytes
-from tpflax._src.cost.scope import body
+from tpflax._src.cost.scope import body, tensor_degree
 from tpflax._src.cost.scope import layers as stacked_layers
 from tpflax._src.cost.workload import Workload
 from tpflax._src.mesh import EXPERT, MeshShape

@@ -15,8 +15,8 @@ from tpflax._src.cost.leaves import Leaves
 from tpflax._src.cost.optstate import shard_bytes
 from tpflax._src.cost.records import Act
 from tpflax._src.facts.tree import itemsize
-from tpflax._src.mesh import MeshShape
-from tpflax._src.specs import Entry, used_axes
+from tpflax._src.mesh import EXPERT, TENSOR, MeshShape
+from tpflax._src.specs import Entry, entry_axes, used_axes
 
 
 def grad_bytes(nbytes: int, item: int, g_item: int | None) -> int:
@@ -154,6 +154,17 @@ class Scope:
 
 
 @functools.lru_cache(maxsize=1 << 14)
+def tensor_degree(mesh: MeshShape, entry: Any) -> int:
+    """How many ways a spec entry splits its dim over tensor or expert axes.
+
+    >>> from tpflax._src.mesh import mesh_shape
+    >>> tensor_degree(mesh_shape({"fsdp": 2, "model": 4}), ("fsdp", "model"))
+    4
+    """
+    roles = dict(mesh.roles)
+    return math.prod(mesh.sizes[a] for a in entry_axes(entry) if roles[a] in (TENSOR, EXPERT))
+
+
 def axes_of(spec: tuple[Entry, ...], mesh: MeshShape, role: str) -> tuple[str, ...]:
     roles, used = dict(mesh.roles), used_axes(spec)
     return tuple(a for a in mesh.names if a in used and roles[a] == role and mesh.sizes[a] > 1)

@@ -95,11 +95,15 @@ def _pspec(spec):
     return to_pspec(spec)
 
 
+def _leaves(o: Option, facts: Mapping[str, Any], positional: frozenset[str]) -> tuple[LeafLayout, ...]:
+    """One option's leaves as priced; ``positional``: the traced tables looked up at batch-free positions
+    (:attr:`State.positional`)."""
+    return tuple(layout(facts[path], p, path in o.matmul, path in positional) for path, p in o.proposals)
+
+
 def cost_of(o: Option, facts: Mapping[str, Any], ctx: Context, positional: frozenset[str] = frozenset()) -> Cost:
-    """The priced cost of one option (cached by value: alike layers are priced once); ``positional``:
-    the traced tables looked up at batch-free positions (:attr:`State.positional`)."""
-    leaves = tuple(layout(facts[path], p, path in o.matmul, path in positional) for path, p in o.proposals)
-    return price(leaves, o.acts, ctx)
+    """The priced cost of one option (cached by value: alike layers are priced once)."""
+    return price(_leaves(o, facts, positional), o.acts, ctx)
 
 
 def _duplicates(a: Cost, b: Cost) -> bool:
@@ -157,13 +161,12 @@ def pick(st: Any, kind: str, options: Sequence[Option], facts: Mapping[str, Any]
     if share != 1.0:  # traced: a group is priced at the rows its contractions read (a pooled
         # projection's few, a decoder's shorter sequence), not at the widest layer's
         ctx = replace(ctx, tokens=max(1, round(ctx.tokens * share)))
-    costs = tuple(cost_of(o, facts, ctx, st.positional) for o in options)
+    laid = tuple(_leaves(o, facts, st.positional) for o in options)
+    costs = tuple(price(leaves, o.acts, ctx) for leaves, o in zip(laid, options, strict=True))
     index = best(costs, [o.whole for o in options], [o.sums_output for o in options])
     record = _RECORD.get()
     if record is not None:  # alike groups (repeated layers) are the same entry: keyed by their layouts
-        priced = tuple((tuple(layout(facts[path], p, path in o.matmul, path in st.positional)
-                              for path, p in o.proposals), o.acts,
-                        o.whole, o.sums_output) for o in options)
+        priced = tuple((leaves, o.acts, o.whole, o.sums_output) for leaves, o in zip(laid, options, strict=True))
         record.setdefault((priced, ctx.tokens, ctx.act_item, ctx.hardware, index), ctx)
     ch = Chosen(kind, options, costs, index, {p: facts[p] for p in paths}, ctx.tokens)
     st.chosen.append(ch)
