@@ -333,7 +333,7 @@ def _target_problems(paths: list[str], boxes: list[Any],
     return problems
 
 
-def _plan_decisions(paths: list[str], stored_leaves: dict[str, Any], plan: Plan) -> list[Any]:
+def _plan_decisions(paths: list[str], stored_leaves: dict[str, Any], plan: Plan, item: Path) -> list[Any]:
     """The plan's Decision for every leaf, matched as shard() matches (PlanMismatchError otherwise).
 
     orbax stores a typed PRNG key as its key data, so the plan's key leaves are
@@ -345,7 +345,7 @@ def _plan_decisions(paths: list[str], stored_leaves: dict[str, Any], plan: Plan)
     leaves = [Leaf(path=p, shape=tuple(stored_leaves[p].shape), dtype=str(stored_leaves[p].dtype),
                    itemsize=jax.numpy.dtype(stored_leaves[p].dtype).itemsize) for p in paths]
     # as shard() does: the planned tree, or one collection of planned linen variables
-    return [plan.decisions[q] for q in match_plan(stored_plan, leaves, checkpoint=True)]
+    return [plan.decisions[q] for q in match_plan(stored_plan, leaves, checkpoint=str(item))]
 
 
 def _restore_item(ocp: Any, item: Path, plan: Plan | None, mesh: Any, like: Any,
@@ -370,11 +370,7 @@ def _restore_item(ocp: Any, item: Path, plan: Plan | None, mesh: Any, like: Any,
                                     f"{len(paths)}; lay it out like `like`")
     elif plan is not None:
         mesh = bind_mesh(plan, mesh)
-        try:
-            decisions = _plan_decisions(paths, stored_leaves, plan)
-        except PlanMismatchError as e:  # name the checkpoint: its tree is what differs from the plan
-            header = str(e).split(":\n", 1)[0].replace("the checkpoint", f"the checkpoint {item}", 1)
-            raise PlanMismatchError(header, e.problems) from None
+        decisions = _plan_decisions(paths, stored_leaves, plan, item)
         shard_list = [NamedSharding(mesh, d.spec) for d in decisions]
         targets = decisions if like is None else targets
     else:

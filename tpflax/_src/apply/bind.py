@@ -79,15 +79,15 @@ def _prefix_hint(plan: Plan, leaves: list[Leaf]) -> str:
             f"the plan is for full variables; pass them, or variables[{best!r}] exactly as planned")
 
 
-def match_plan(plan: Plan, leaves: list[Leaf], *, checkpoint: bool = False) -> list[str]:
+def match_plan(plan: Plan, leaves: list[Leaf], *, checkpoint: str = "") -> list[str]:
     """The plan path of every leaf; raise PlanMismatchError naming every difference.
 
     ``leaves`` may be the whole planned tree, or one collection of planned full
     linen variables (e.g. ``variables["params"]``): then every leaf of that
-    collection must be there. ``checkpoint``: the leaves are a checkpoint's (the
-    problems are worded for restoring it).
+    collection must be there. ``checkpoint``: the leaves are the checkpoint's at that path
+    (the problems are worded for restoring it).
     """
-    what = "the checkpoint" if checkpoint else "the tree"
+    what = f"the checkpoint {checkpoint}" if checkpoint else "the tree"
     prefix = _collection_prefix(plan, leaves)
     if not prefix:
         try:

@@ -411,20 +411,21 @@ def _layout_problems(path: str, d: Decision, mesh: MeshShape) -> list[str]:
     return []
 
 
-def check_tree_matches(plan: Plan, leaves: Sequence[Leaf], *, checkpoint: bool = False) -> None:
+def check_tree_matches(plan: Plan, leaves: Sequence[Leaf], *, checkpoint: str = "") -> None:
     """Raise PlanMismatchError listing every difference between a tree and the plan.
 
-    ``checkpoint``: the leaves are a saved checkpoint's, restored onto the plan: the problems
-    say what the checkpoint holds (a model changed since the save), not to re-plan.
+    ``checkpoint``: the leaves are the saved checkpoint's at that path, restored onto the plan: the
+    problems say what the checkpoint holds (a model changed since the save), not to re-plan.
     """
-    what = "the checkpoint" if checkpoint else "the tree"
+    what = f"the checkpoint {checkpoint}" if checkpoint else "the tree"
     problems = []
     seen = set()
     for leaf in leaves:
         seen.add(leaf.path)
         d = plan.decisions.get(leaf.path)
         if d is None:
-            problems.append(f"{leaf.path}: in {what} but not in the plan (shape {leaf.shape}); "
+            problems.append(f"{leaf.path}: in {'the checkpoint' if checkpoint else 'the tree'} but not in the plan "
+                            f"(shape {leaf.shape}); "
                             + ("the planned model has no such leaf" if checkpoint else "re-plan"))
         elif tuple(d.shape) != tuple(leaf.shape):
             problems.append(f"{leaf.path}: the checkpoint holds shape {leaf.shape} but the plan has "
