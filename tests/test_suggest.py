@@ -76,7 +76,9 @@ def test_plans_are_tpflax_plan_on_the_suggested_hardware(hw):
     m = zoo.get("moe")
     s = suggest_mesh(m, 8, "8GiB", hw, optimizer=optax.adamw(1e-3), batch=16, trace=False)
     assert s[0].plan.options["hardware"] == hw and s[0].plan.options["fsdp_min_bytes"] is None
-    assert s[0].plan.specs == tpflax.plan(m.abstract_variables(), s[0].mesh_shape, hardware=hw).specs
+    batch = jax.eval_shape(lambda: m.make_batch(0, 16))  # priced at the batch ranked for, not plan's default
+    assert s[0].plan.options["tokens"] == tpflax.plan(m.abstract_variables(), {"data": 1}, batch=batch).options["tokens"]
+    assert s[0].plan.specs == tpflax.plan(m.abstract_variables(), s[0].mesh_shape, hardware=hw, batch=batch).specs
 
 
 def test_a_plan_is_shared_only_where_the_chooser_picks_alike():

@@ -235,11 +235,14 @@ def _context(model_or_tree: Any, hw: Hardware, devices: int, *, sample, variable
         if m is None:
             raise SuggestError("trace_plan=True needs a model (a tpflax.zoo model, a linen or nnx Module)")
         plan_kwargs.update(model=m)
+    given = batch is not None or (m is not None and m.zoo is None)
     batch = _batch(batch, m, config, devices, notes)
     try:
         b = parse_batch(batch, config, est_kwargs.get("act_dtype"))
     except TpflaxError as e:
         raise SuggestError(f"cannot read the batch: {e}") from e
+    if given:  # the chooser prices its layouts at the tokens the shapes are ranked for
+        plan_kwargs["batch"] = batch
     activations: dict = {}
     if trace and m is None:
         raise SuggestError("trace=True needs a model (a tpflax.zoo model, a linen or nnx module)")
@@ -370,8 +373,10 @@ def suggest_mesh(model_or_tree: Any, devices: int, device_memory: Any = None, ha
             shapes are ranked for); ``trace_plan`` plans from the traced dataflow.
             ``fsdp_min_bytes`` None (the default, as :func:`tpflax.plan`'s): the chooser decides
             each leaf's fsdp split by cost; a number: leaves at least that large split. So
-            ``s[0].plan`` is ``tpflax.plan(tree, s[0].mesh_shape, hardware=s.hardware)`` (or
-            ``hardware=`` the preset's name, when nothing was overridden).
+            ``s[0].plan`` is ``tpflax.plan(tree, s[0].mesh_shape, hardware=s.hardware, batch=batch)`` (or
+            ``hardware=`` the preset's name, when nothing was overridden): priced at the batch the
+            shapes are ranked for (the model's sample when no batch is given; without either,
+            :func:`tpflax.plan`'s default tokens).
         verify: compile this many top candidates on a CPU-emulated mesh of the same shape
             (``devices`` <= 64 and that many jax devices visible) and compare XLA's memory.
         raise_if_none: raise :class:`tpflax.NoFitError` when nothing fits (else return
