@@ -163,4 +163,39 @@ def optimizer_name(optimizer: Any) -> str:
         return name
     init = getattr(optimizer, "init", None)
     qual = getattr(init, "__qualname__", "") or ""
-    return qual.split(".")[0].replace("_init", "") or type(optimizer).__name__
+    name = qual.split(".")[0].replace("_init", "") or type(optimizer).__name__
+    if name in ("chain", "named_chain"):  # optax.adamw, adam, lion, ...: name it by the states it keeps
+        parts = _state_names(optimizer)
+        if parts:
+            return f"chain({', '.join(parts)})"
+    return name
+
+
+def _state_names(optimizer: Any) -> list[str]:
+    """The transforms of a chain that keep state, named from their state classes
+    (``ScaleByAdamState`` -> ``scale_by_adam``), in order; [] if the state cannot be read.
+
+    >>> import optax
+    >>> optimizer_name(optax.adamw(1e-3)), optimizer_name(optax.chain(optax.clip(1.0), optax.sgd(0.1, 0.9)))
+    ('chain(scale_by_adam)', 'chain(trace)')
+    """
+    import re
+
+    import jax
+
+    try:
+        state = jax.eval_shape(optimizer.init, {"w": jax.ShapeDtypeStruct((1,), "float32")})
+    except Exception:  # noqa: BLE001 - a name for a report is not worth an error
+        return []
+    names: list[str] = []
+    stack = [state]
+    while stack:
+        x = stack.pop(0)
+        if isinstance(x, tuple) and not hasattr(x, "_fields"):
+            stack[:0] = list(x)
+        elif hasattr(x, "_fields") and x._fields:
+            n = re.sub(r"State$", "", type(x).__name__)
+            n = re.sub(r"(?<!^)(?=[A-Z])", "_", n).lower()
+            if n and n not in names:
+                names.append(n)
+    return names
