@@ -519,3 +519,25 @@ def test_shard_of_an_abstract_tree_says_what_to_use_instead():
     p = tpflax.plan(v, {"model": 2})
     with pytest.raises(tpflax.TreeError, match=r"abstract.*\['params'\]\['bias'\].*init_sharded"):
         tpflax.shard(v, p, tpflax.make_mesh({"model": 2}))
+
+
+def test_rule_written_against_a_boxed_leafs_value_path_says_where_the_path_ends():
+    # jax.tree_util on a tree of flax boxes (nn.with_logical_partitioning) names each array .../kernel/value;
+    # tpflax's paths end at the box. A rule built from the former matched nothing, with no hint why
+    import flax.linen as nn
+
+    class Boxed(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(8, kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                                        ("embed", "mlp")))(x)
+
+    v = jax.eval_shape(Boxed().init, jax.random.key(0), jnp.ones((1, 4)))
+    path = jax.tree_util.keystr(jax.tree_util.tree_flatten_with_path(v)[0][1][0], simple=True, separator="/")
+    assert path == "params/Dense_0/kernel/value"
+    p = tpflax.plan(v, {"model": 2}, rules=[(f"^{path}$", "replicate"), ("zzz", "row")])
+    assert p.warnings[0] == (
+        "rule 0 ('^params/Dense_0/kernel/value$' -> replicate) matches no leaf (it matches "
+        "params/Dense_0/kernel/value: a flax-boxed leaf's path ends at the box, params/Dense_0/kernel); "
+        "check the regex against Plan.decisions paths")
+    assert p.warnings[1] == "rule 1 ('zzz' -> row) matches no leaf; check the regex against Plan.decisions paths"

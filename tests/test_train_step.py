@@ -38,6 +38,7 @@ import numpy as np
 import optax
 import pytest
 from _util import assert_bit_exact, zoo_init
+from jax.sharding import PartitionSpec as P
 
 import tpflax
 from tpflax import zoo
@@ -570,3 +571,43 @@ def test_optimizer_state_from_the_plan_alone_runs_through_a_boxed_linen_step():
     want = optax.apply_updates(nn.unbox(v["params"]), nn.unbox(tx.update(grads, tx.init(v["params"]))[0]))
     for a, b in zip(jax.tree.leaves(nn.unbox(new["params"])), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_a_function_returning_linens_mutable_pair_plans_and_steps_as_the_module():
+    # fn = lambda v, x: module.apply(v, x, mutable=["batch_stats"]) returns flax's (output, updated
+    # collections) pair. Traced as the model's output, the new BatchNorm statistics (per-channel means of
+    # each conv's output) made every conv "reach the output unsplit": the plan split nothing (0 of 36 leaves
+    # of a ResNet on data=2,model=4), and the step handed the pair to the loss. The pair's second item is the
+    # call's new state: planned and stepped as the linen module itself is
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Conv(128, (3, 3), use_bias=False, name="c1")(x)
+            h = nn.relu(nn.BatchNorm(use_running_average=False, name="bn")(h))
+            h = nn.Conv(128, (3, 3), use_bias=False, name="c2")(h)
+            return nn.Dense(10, name="head")(h.mean(axis=(1, 2)))
+
+    x = jax.random.normal(jax.random.key(1), (8, 8, 8, 4))
+    y = jax.random.randint(jax.random.key(2), (8,), 0, 10)
+    loss = lambda out, x: optax.softmax_cross_entropy_with_integer_labels(out, y).mean()  # noqa: E731
+    tx, m = optax.sgd(0.1), Net()
+    v = jax.jit(m.init)(jax.random.key(0), x)
+    pair = lambda v, x: m.apply(v, x, mutable=["batch_stats"])  # noqa: E731
+    shape = {"data": 2, "model": 4}
+    plans = [tpflax.plan(v, shape, model=f, sample=(x,), batch=(x,)) for f in (pair, m)]
+    assert plans[0].specs == plans[1].specs
+    assert plans[0].decisions["params/c1/kernel"].spec == P(None, None, None, "model")
+    assert plans[0].decisions["params/c2/kernel"].spec == P(None, None, "model", None)
+    mesh = tpflax.make_mesh(shape)
+    out = []
+    for f in (pair, m):
+        ts = tpflax.make_train_step(f, plans[0], mesh, tx, sample=(x,), loss=loss)
+        step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings, compiler_options=FAST)
+        new, _, value = step(tpflax.shard(v, plans[0], mesh), jax.device_put(tx.init(v["params"]), ts.in_shardings[1]),
+                             (x,))
+        out.append((float(value), tpflax.unshard(new)))
+    assert not np.allclose(out[0][1]["batch_stats"]["bn"]["mean"], 0)  # the statistics the call left
+    assert out[0][0] == out[1][0]  # the same program either way
+    assert_bit_exact(out[0][1], out[1][1])

@@ -168,8 +168,8 @@ def as_model(model: Any, sample: Any = None, variables: Any = None) -> Model:
         return _linen(model, sample, variables)
     if callable(model):
         name = getattr(model, "__name__", type(model).__name__)
-        return Model(forward=model, sample=_samples(sample, f"the model function {name}"),
-                     variables=variables, framework="callable", name=name)
+        return Model(forward=_output_of(model), sample=_samples(sample, f"the model function {name}"),
+                     variables=variables, framework="callable", name=name, forward_state=_state_of(model))
     raise TraceError(_not_a_model(model))
 
 
@@ -270,5 +270,45 @@ def _with_state(apply: Callable[..., Any], mutable: list[str]) -> Callable[..., 
         out, new = apply(v, *x, mutable=mutable)
         merged = {**v, **new}
         return out, (type(v)(merged) if type(v) is not dict else merged)
+
+    return forward_state
+
+
+def linen_update(out: Any, variables: Any) -> bool:
+    """Whether ``out`` is linen's ``apply(v, x, mutable=[...])`` pair ``(output, {collection: ...})``.
+
+    The second item names only collections ``variables`` holds beside ``params`` (a training-mode
+    BatchNorm's ``batch_stats``): the call's new state, not part of the model's output.
+
+    >>> linen_update((1.0, {"batch_stats": {}}), {"params": {}, "batch_stats": {}})
+    True
+    >>> linen_update((1.0, {"logits": 2.0}), {"params": {}, "batch_stats": {}})
+    False
+    """
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping) and out[1]):
+        return False
+    return isinstance(variables, Mapping) and all(k != "params" and k in variables for k in out[1])
+
+
+def _output_of(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with linen's updated collections dropped from its output (the output alone)."""
+
+    def forward(v, *x):
+        out = fn(v, *x)
+        return out[0] if linen_update(out, v) else out
+
+    return forward
+
+
+def _state_of(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``(v, *x) -> (output, v with the collections fn updated)``, or ``(output, None)`` when ``fn``
+    returns its output alone (the step then keeps the variables it was given)."""
+
+    def forward_state(v, *x):
+        out = fn(v, *x)
+        if not linen_update(out, v):
+            return out, None
+        merged = {**v, **out[1]}
+        return out[0], (type(v)(merged) if type(v) is not dict else merged)
 
     return forward_state

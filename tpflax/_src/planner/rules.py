@@ -276,7 +276,7 @@ def force(facts: Sequence[Facts], rules: Sequence[UserRule], mesh: MeshShape, us
             out.sources[f.path] = "annotation"
     if problems:
         raise SpecError("sharding rules produce invalid specs", problems)
-    out.warnings += _unused_rule_warnings(rules, matched)
+    out.warnings += _unused_rule_warnings(rules, matched, [f.path for f in facts])
     return out
 
 
@@ -296,12 +296,18 @@ def _from_rule(f: Facts, rule: UserRule, mesh: MeshShape) -> tuple[tuple | None,
     return (spec, rule.strategy, why, None, None, rule.strategy == "fsdp"), []
 
 
-def _unused_rule_warnings(rules: Sequence[UserRule], matched: Mapping[int, list[str]]) -> list[str]:
+def _unused_rule_warnings(rules: Sequence[UserRule], matched: Mapping[int, list[str]],
+                          paths: Sequence[str] = ()) -> list[str]:
+    """``paths``: the leaves' paths. A rule written against a path ``jax.tree_util`` gives on a tree of
+    flax boxes (``params/dense/kernel/value``: the box's ``value``) matches none of them: say so."""
     out: list[str] = []
     claimed: set[str] = set()
     for r in rules:
         if not matched[r.index]:
-            out.append(f"{r.describe()} matches no leaf; check the regex against Plan.decisions paths")
+            box = next((p for p in paths if r.pattern.search(f"{p}/value")), None)
+            hint = (f" (it matches {box}/value: a flax-boxed leaf's path ends at the box, {box})"
+                    if box is not None else "")
+            out.append(f"{r.describe()} matches no leaf{hint}; check the regex against Plan.decisions paths")
         elif all(p in claimed for p in matched[r.index]):
             out.append(f"{r.describe()} never wins: every leaf it matches is taken by an earlier rule")
         claimed.update(matched[r.index])

@@ -1,0 +1,383 @@
+"""tpflax's plans on linen models written the way the Flax examples and big_vision write them.
+
+Five plans per model and mesh, measured like ``benchmarks/third_party.py`` (its
+``measure``): tree-only, traced (``model=``), a hand Megatron layout, replicated,
+pure FSDP.
+
+    python benchmarks/linen_probe.py                    # every model, both meshes
+    python benchmarks/linen_probe.py --arch vit mixer --mesh fsdp=2,model=4
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+from third_party import MESHES, Built, fsdp_rules, measure, mesh_label, plan_each  # noqa: E402
+
+B, S, D, H, MLP, V, L = 8, 16, 64, 4, 256, 512, 2
+
+# ------------------------------------------------------------------ (1) flax examples/wmt, lm1b
+LP = nn.with_logical_partitioning
+KINIT = nn.initializers.xavier_uniform()
+BINIT = nn.initializers.normal(stddev=1e-6)
+
+
+def _lp(init, names, on):
+    return LP(init, names) if on else init
+
+
+def sinusoidal(length, d):
+    pos = np.arange(length)[:, None]
+    div = np.exp(np.arange(0, d, 2) * -(np.log(10000.0) / d))
+    pe = np.zeros((length, d), np.float32)
+    pe[:, 0::2], pe[:, 1::2] = np.sin(pos * div), np.cos(pos * div)
+    return jnp.asarray(pe)[None]
+
+
+class WMlp(nn.Module):
+    ann: bool
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.Dense(MLP, kernel_init=_lp(KINIT, ("embed", "mlp"), self.ann),
+                     bias_init=_lp(BINIT, ("mlp",), self.ann))(x)
+        y = nn.relu(y)
+        return nn.Dense(x.shape[-1], kernel_init=_lp(KINIT, ("mlp", "embed"), self.ann),
+                        bias_init=_lp(BINIT, ("embed",), self.ann))(y)
+
+
+def _ln(ann):
+    return nn.LayerNorm(scale_init=_lp(nn.initializers.ones, ("embed",), ann),
+                        bias_init=_lp(nn.initializers.zeros, ("embed",), ann))
+
+
+def _mha(ann):
+    # the examples annotate every attention kernel ('embed', 'kv'), though DenseGeneral's are 3-D
+    return nn.MultiHeadDotProductAttention(H, qkv_features=D, use_bias=False, deterministic=True,
+                                           kernel_init=_lp(KINIT, ("embed", "kv"), ann))
+
+
+class EncBlock(nn.Module):
+    ann: bool
+
+    @nn.compact
+    def __call__(self, x):
+        y = _ln(self.ann)(x)
+        x = x + _mha(self.ann)(y, y)
+        return x + WMlp(self.ann)(_ln(self.ann)(x))
+
+
+class DecBlock(nn.Module):
+    ann: bool
+
+    @nn.compact
+    def __call__(self, x, enc):
+        y = _ln(self.ann)(x)
+        x = x + _mha(self.ann)(y, y, mask=nn.make_causal_mask(jnp.ones(x.shape[:2])))
+        y = _ln(self.ann)(x)
+        x = x + _mha(self.ann)(y, enc)
+        return x + WMlp(self.ann)(_ln(self.ann)(x))
+
+
+class WmtTransformer(nn.Module):
+    ann: bool = True
+
+    @nn.compact
+    def __call__(self, src, tgt):
+        embed = nn.Embed(V, D, embedding_init=_lp(nn.initializers.normal(1.0), ("vocab", "embed"), self.ann),
+                         name="shared_embedding")
+        x = embed(src) + sinusoidal(src.shape[1], D)
+        for i in range(L):
+            x = EncBlock(self.ann, name=f"encoderblock_{i}")(x)
+        enc = _ln(self.ann)(x)
+        y = embed(tgt) + sinusoidal(tgt.shape[1], D)
+        for i in range(L):
+            y = DecBlock(self.ann, name=f"encoderdecoderblock_{i}")(y, enc)
+        y = _ln(self.ann)(y)
+        return embed.attend(y) / np.sqrt(D)
+
+
+def wmt_hand(mesh):
+    f = "fsdp" if "fsdp" in mesh else None
+    return [(r"query/kernel$|key/kernel$|value/kernel$", P(f, "model", None)),
+            (r"out/kernel$", P("model", None, f)),
+            (r"Dense_0/kernel$", P(f, "model")), (r"Dense_0/bias$", P("model")),
+            (r"Dense_1/kernel$", P("model", f)),
+            (r"shared_embedding/embedding$", P("model", f)),
+            (r".*", P())]
+
+
+# ------------------------------------------------------------------ (2) big_vision ViT, MLP-Mixer
+class MlpBlock(nn.Module):
+    mlp_dim: int
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        x = nn.gelu(nn.Dense(self.mlp_dim, kernel_init=nn.initializers.xavier_uniform())(x))
+        return nn.Dense(d, kernel_init=nn.initializers.xavier_uniform())(x)
+
+
+class Encoder1DBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        y = nn.LayerNorm()(x)
+        y = nn.MultiHeadDotProductAttention(H, kernel_init=nn.initializers.xavier_uniform(),
+                                            deterministic=True)(y, y)
+        x = x + y
+        return x + MlpBlock(MLP, name="MlpBlock_0")(nn.LayerNorm()(x))
+
+
+class ViT(nn.Module):
+    classes: int = 1000
+
+    @nn.compact
+    def __call__(self, img):
+        x = nn.Conv(D, (8, 8), strides=(8, 8), padding="VALID", name="embedding")(img)
+        n, h, w, c = x.shape
+        x = x.reshape(n, h * w, c)
+        x = x + self.param("pos_embedding", nn.initializers.normal(stddev=1 / np.sqrt(c)), (1, h * w, c))
+        cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
+        x = jnp.concatenate([jnp.tile(cls, [n, 1, 1]), x], axis=1)
+        for i in range(L):
+            x = Encoder1DBlock(name=f"encoderblock_{i}")(x)
+        x = nn.LayerNorm(name="encoder_norm")(x)[:, 0]
+        return nn.Dense(self.classes, kernel_init=nn.initializers.zeros, name="head")(x)
+
+
+class MixerBlock(nn.Module):
+    tokens_mlp_dim: int
+    channels_mlp_dim: int
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.LayerNorm()(x)
+        y = jnp.swapaxes(y, 1, 2)
+        y = MlpBlock(self.tokens_mlp_dim, name="token_mixing")(y)
+        y = jnp.swapaxes(y, 1, 2)
+        x = x + y
+        y = nn.LayerNorm()(x)
+        return x + MlpBlock(self.channels_mlp_dim, name="channel_mixing")(y)
+
+
+class Mixer(nn.Module):
+    classes: int = 1000
+
+    @nn.compact
+    def __call__(self, img):
+        x = nn.Conv(D, (8, 8), strides=(8, 8), name="stem")(img)
+        x = x.reshape(x.shape[0], -1, D)
+        for i in range(L):
+            x = MixerBlock(128, MLP, name=f"MixerBlock_{i}")(x)
+        x = nn.LayerNorm(name="pre_head_layer_norm")(x).mean(axis=1)
+        return nn.Dense(self.classes, kernel_init=nn.initializers.zeros, name="head")(x)
+
+
+def vit_hand(mesh):
+    f = "fsdp" if "fsdp" in mesh else None
+    return [(r"(query|key|value)/kernel$", P(f, "model", None)), (r"(query|key|value)/bias$", P("model", None)),
+            (r"out/kernel$", P("model", None, f)),
+            (r"MlpBlock_0/Dense_0/kernel$", P(f, "model")), (r"MlpBlock_0/Dense_0/bias$", P("model")),
+            (r"MlpBlock_0/Dense_1/kernel$", P("model", f)),
+            (r"head/kernel$", P(f, "model")), (r"head/bias$", P("model")),  # 1000 classes: vocab-parallel
+            (r".*", P())]
+
+
+def mixer_hand(mesh):
+    f = "fsdp" if "fsdp" in mesh else None
+    return [(r"channel_mixing/Dense_0/kernel$", P(f, "model")), (r"channel_mixing/Dense_0/bias$", P("model")),
+            (r"channel_mixing/Dense_1/kernel$", P("model", f)),
+            (r"token_mixing/Dense_0/kernel$", P(f, "model")), (r"token_mixing/Dense_0/bias$", P("model")),
+            (r"token_mixing/Dense_1/kernel$", P("model", f)),
+            (r"head/kernel$", P(f, "model")), (r"head/bias$", P("model")),
+            (r".*", P())]
+
+
+# ------------------------------------------------------------------ (3) scan(remat(Block)) decoder
+class SBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        hd = D // H
+        y = nn.RMSNorm()(x)
+        q = nn.DenseGeneral((H, hd), axis=-1, use_bias=False, name="query")(y)
+        k = nn.DenseGeneral((H, hd), axis=-1, use_bias=False, name="key")(y)
+        v = nn.DenseGeneral((H, hd), axis=-1, use_bias=False, name="value")(y)
+        mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
+        a = nn.dot_product_attention(q, k, v, mask=mask)
+        x = x + nn.DenseGeneral(D, axis=(-2, -1), use_bias=False, name="out")(a)
+        y = nn.RMSNorm()(x)
+        g = nn.Einsum((D, MLP), "bsd,df->bsf", use_bias=False, name="wi_0")(y)
+        u = nn.Einsum((D, MLP), "bsd,df->bsf", use_bias=False, name="wi_1")(y)
+        x = x + nn.Einsum((MLP, D), "bsf,fd->bsd", use_bias=False, name="wo")(nn.silu(g) * u)
+        return x, None
+
+
+class ScanDecoder(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        x = nn.Embed(V, D, name="embed")(ids)
+        stack = nn.scan(nn.remat(SBlock), variable_axes={"params": 0}, split_rngs={"params": True}, length=L)
+        x, _ = stack(name="layers")(x, None)
+        x = nn.RMSNorm(name="final_norm")(x)
+        return nn.Dense(V, use_bias=False, name="lm_head")(x)
+
+
+def scan_hand(mesh):
+    f = "fsdp" if "fsdp" in mesh else None
+    return [(r"(query|key|value)/kernel$", P(None, f, "model", None)), (r"out/kernel$", P(None, "model", None, f)),
+            (r"wi_[01]/kernel$", P(None, f, "model")), (r"wo/kernel$", P(None, "model", f)),
+            (r"embed/embedding$", P("model", f)), (r"lm_head/kernel$", P(f, "model")), (r".*", P())]
+
+
+# ------------------------------------------------------------------ (4) ResNet (BatchNorm), UNet (GroupNorm)
+class ResBlock(nn.Module):
+    filters: int
+    strides: tuple = (1, 1)
+
+    @nn.compact
+    def __call__(self, x):
+        norm = functools.partial(nn.BatchNorm, use_running_average=False, momentum=0.9)
+        r = x
+        y = nn.relu(norm()(nn.Conv(self.filters, (3, 3), self.strides, use_bias=False)(x)))
+        y = norm(scale_init=nn.initializers.zeros)(nn.Conv(self.filters, (3, 3), use_bias=False)(y))
+        if r.shape != y.shape:
+            r = norm(name="norm_proj")(nn.Conv(self.filters, (1, 1), self.strides, use_bias=False,
+                                               name="conv_proj")(r))
+        return nn.relu(r + y)
+
+
+class ResNet(nn.Module):
+    classes: int = 1000
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(64, (7, 7), (2, 2), use_bias=False, name="conv_init")(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=False, name="bn_init")(x))
+        x = nn.max_pool(x, (3, 3), (2, 2), "SAME")
+        for i, f in enumerate((64, 128, 256)):
+            x = ResBlock(f, (2, 2) if i else (1, 1))(x)
+            x = ResBlock(f)(x)
+        x = nn.ConvTranspose(64, (2, 2), strides=(2, 2), name="up")(x)  # an FPN-ish upsampling tail
+        return nn.Dense(self.classes, name="head")(x.mean(axis=(1, 2)))
+
+
+class UNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        skips = []
+        for c in (64, 128, 256):
+            x = nn.silu(nn.GroupNorm(8)(nn.Conv(c, (3, 3))(x)))
+            x = nn.silu(nn.GroupNorm(8)(nn.Conv(c, (3, 3))(x)))
+            skips.append(x)
+            x = nn.avg_pool(x, (2, 2), (2, 2))
+        x = nn.silu(nn.GroupNorm(8)(nn.Conv(512, (3, 3), name="mid")(x)))
+        for c, s in zip((256, 128, 64), reversed(skips), strict=True):
+            x = nn.ConvTranspose(c, (2, 2), strides=(2, 2))(x)
+            x = jnp.concatenate([x, s], -1)
+            x = nn.silu(nn.GroupNorm(8)(nn.Conv(c, (3, 3))(x)))
+        return nn.Conv(3, (1, 1), name="out")(x)
+
+
+def conv_hand(mesh):
+    # a CNN has no Megatron layout: convs/norms replicated over model, fsdp on output channels
+    f = "fsdp" if "fsdp" in mesh else None
+    return [(r"^params/out/", P()), (r"kernel$", P(None, None, None, f)), (r".*", P())]
+
+
+def resnet_hand(mesh):
+    f = "fsdp" if "fsdp" in mesh else None
+    return [(r"head/kernel$", P(f, "model")), (r"head/bias$", P("model")),
+            (r"(conv|Conv|up).*kernel$", P(None, None, None, f)), (r".*", P())]
+
+
+# ------------------------------------------------------------------ builders
+def _xent(logits, *_):
+    return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
+
+
+def _mse(out, x):
+    return jnp.mean((out - x) ** 2)
+
+
+def build(name: str) -> tuple[Built, Any]:
+    ids = jax.ShapeDtypeStruct((B, S), jnp.int32)
+    if name in ("wmt", "wmt-noann"):
+        m = WmtTransformer(ann=name == "wmt")
+        sample = (ids, ids)
+        hand = wmt_hand
+    elif name == "vit":
+        m, sample, hand = ViT(), (jax.ShapeDtypeStruct((B, 32, 32, 3), jnp.float32),), vit_hand
+    elif name == "mixer":
+        m, sample, hand = Mixer(), (jax.ShapeDtypeStruct((B, 32, 32, 3), jnp.float32),), mixer_hand
+    elif name == "scan":
+        m, sample, hand = ScanDecoder(), (ids,), scan_hand
+    elif name == "resnet":
+        m, sample, hand = ResNet(), (jax.ShapeDtypeStruct((B, 64, 64, 3), jnp.float32),), resnet_hand
+    elif name == "unet":
+        m, sample, hand = UNet(), (jax.ShapeDtypeStruct((B, 32, 32, 3), jnp.float32),), conv_hand
+    else:
+        raise SystemExit(f"unknown {name}")
+    variables = jax.eval_shape(lambda: m.init(jax.random.key(0), *[jnp.zeros(s.shape, s.dtype) for s in sample]))
+    if "batch_stats" in variables:
+        def fn(v, *x):
+            return m.apply(v, *x, mutable=["batch_stats"])[0]
+    else:
+        fn = m.apply
+    loss = _mse if name == "unet" else _xent
+    return Built(name, m, variables, sample, fn, loss), hand
+
+
+NAMES = ("wmt", "wmt-noann", "vit", "mixer", "scan", "resnet", "unet")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", nargs="*", default=list(NAMES))
+    ap.add_argument("--mesh", nargs="*", default=[mesh_label(m) for m in MESHES])
+    ap.add_argument("--plans", nargs="*", default=["tree", "model", "megatron", "replicated", "fsdp"])
+    args = ap.parse_args(argv)
+    meshes = [{k: int(v) for k, v in (kv.split("=") for kv in m.split(","))} for m in args.mesh]
+    for name in args.arch:
+        built, hand = build(name)
+        for mesh in meshes:
+            calls = {"tree": {"batch": built.sample},
+                     "model": {"model": built.fn, "sample": built.sample, "batch": built.sample},
+                     "megatron": {"rules": hand(mesh)}, "replicated": {"rules": [(r".*", "replicate")]},
+                     "fsdp": {"rules": fsdp_rules(built.params, mesh)}}
+            plans = plan_each(built.params, mesh, {k: calls[k] for k in args.plans})
+            rows = {}
+            for pname, p in plans.items():
+                r = measure(name, mesh, pname, p, built)
+                rows[pname] = r
+            ref = rows.get("megatron")
+            for pname, r in rows.items():
+                if r.error:
+                    print(f"{name:<10}{mesh_label(mesh):<18}{pname:<11}{r.error}", flush=True)
+                    continue
+                rel = ""
+                if ref and not ref.error:
+                    rel = (f" | vs hand: bytes {r.bytes / ref.bytes:.3f} comm "
+                           f"{(r.comm / ref.comm if ref.comm else float('nan')):.3f} flops {r.flops / ref.flops:.3f}")
+                est = f" est {r.est_comm / r.comm:.3f}" if r.est_comm and r.comm else f" est {r.est_comm}"
+                print(f"{name:<10}{mesh_label(mesh):<18}{pname:<11}{r.bytes:>12.0f} B {r.comm:>12.0f} comm "
+                      f"{r.flops:>10.3g} fl{est}{rel}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
