@@ -86,7 +86,7 @@ def price(decisions: Mapping[str, Any], mesh: MeshShape, w: Workload) -> Estimat
     >>> price(p.decisions, p.mesh, prepare(p, optax.sgd(0.1), (4, 8))).comm
     {'all-reduce': {'data': 128.0}}
     """
-    return price_leaves(merge(decisions, w.activations, w.opt, w.saved), mesh, w)
+    return price_leaves(merge(decisions, w.activations, w.opt, w.saved, w.frozen_inputs), mesh, w)
 
 
 def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:

@@ -66,11 +66,13 @@ class Leaves:
 
 
 def merge(decisions: Mapping[str, Any], activations: Mapping[str, Sequence[Act]],
-          opt: OptLayout | None = None, saved: Mapping[str, Sequence[Act]] | None = None) -> Leaves:
+          opt: OptLayout | None = None, saved: Mapping[str, Sequence[Act]] | None = None,
+          frozen: frozenset[str] = frozenset()) -> Leaves:
     """Merge a plan's alike leaves (see the module docstring).
 
     ``saved``: the layer calls whose outputs the activation bytes count (``Workload.saved``: a plain
     function's parameter contractions); their splits are the column units. Default: ``activations``.
+    ``frozen``: leaves whose input has no gradient (``Workload.frozen_inputs``), unlike their repeats.
 
     >>> import jax, tpflax
     >>> sds = jax.ShapeDtypeStruct((64, 64), "float32")
@@ -92,7 +94,7 @@ def merge(decisions: Mapping[str, Any], activations: Mapping[str, Sequence[Act]]
     count: dict[str, int] = {}
     for path, d in decisions.items():
         key = (d.group or path, specs[path], tuple(d.shape), d.bytes, d.dtype, d.kind, d.strategy, d.role,
-               path in paired, d.layers_dim, d.trainable, d.unit in recurrent,
+               path in paired, d.layers_dim, d.trainable, d.unit in recurrent, path in frozen,
                tuple(acts_for(activations, d.unit)), tuple(acts_for(activations, d.unit + ":attend")))
         rep = reps.setdefault(key, path)
         rep_of[path] = rep

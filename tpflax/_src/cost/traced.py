@@ -117,6 +117,10 @@ class Traced:
             sums (:attr:`tpflax._src.trace.records.Dataflow.escapes`; a user MoE's ``bsed,bse->bsd``
             combine over the experts): split over a tensor or expert axis, XLA reshards around that
             product with collectives the estimate does not price (benchmarks/tpu_aot_notes.md).
+        grad_deps: ``{path: bit mask}``: the parameters (bit ``i`` is ``param_paths[i]``) the activations its
+            contractions read are computed from, OR-ed over its uses; -1 where the trace lost track
+            (:attr:`tpflax._src.trace.records.Dataflow.grad_deps`). See :func:`frozen_inputs`.
+        param_paths: the traced parameter paths, in tree order.
     """
 
     tied: frozenset[str] | None = None
@@ -144,6 +148,24 @@ class Traced:
     remat_layers: int = 0
     erf: frozenset[str] = frozenset()
     product_sums: Mapping[str, frozenset[int]] = field(default_factory=dict)
+    grad_deps: Mapping[str, int] = field(default_factory=dict)
+    param_paths: tuple[str, ...] = ()
+
+
+def frozen_inputs(t: Traced, trainable: Mapping[str, bool]) -> frozenset[str]:
+    """The parameters whose contractions read only activations computed from no trained parameter
+    (``trainable``: ``{path: Decision.trainable}``): a frozen LoRA base's first layers, behind a frozen
+    embedding. The backward computes no gradient of those activations (XLA drops it: nothing trained
+    is upstream), so a tensor-split column there sums no partial input gradients.
+
+    >>> frozen_inputs(Traced(grad_deps={"a": 1, "b": 3, "c": -1}, param_paths=("e", "a")), {"e": False, "a": True})
+    frozenset({'a'})
+    """
+    trained = 0
+    for i, p in enumerate(t.param_paths):
+        if trainable.get(p, True):
+            trained |= 1 << i
+    return frozenset(p for p, deps in t.grad_deps.items() if deps and not deps & trained)
 
 
 def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
@@ -184,8 +206,11 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
     lookups: dict[str, int] = {}
     widths: dict[str, int] = {}
     slices: dict[str, int] = {}
+    grad_deps: dict[str, int] = {}
     for u in flow.uses:
         ops.setdefault(u.path, set()).add(u.op)
+        if u.op in ("dot", "conv") and not u.from_input:
+            grad_deps[u.path] = grad_deps.get(u.path, 0) | flow.grad_deps.get(u.id, -1)
         if u.rows and not u.scan_length and u.path not in rows:  # a cell's rows repeat at every time step
             rows[u.path] = u.rows / examples
         if u.op in ("dot", "conv") and u.path in shapes and u.path not in widths:
@@ -238,7 +263,8 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
                   spread_streams(flow, shapes), flow.collectives, flow.row_axes, _meets(flow),
                   flow.positional(),
                   _loops(flow), flow.remat_calls if flow.remat >= 0.5 else 0,
-                  frozenset(e.src for e in flow.edges if {"erf", "erfc"} & set(e.via)), product_sums)
+                  frozenset(e.src for e in flow.edges if {"erf", "erfc"} & set(e.via)), product_sums,
+                  grad_deps, tuple(flow.paths))
 
 
 def _loops(flow: Any) -> dict[str, tuple[int, bool]]:

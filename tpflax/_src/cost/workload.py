@@ -25,7 +25,7 @@ from tpflax._src.cost.batch import (
 from tpflax._src.cost.optstate import OptLayout, opt_layout
 from tpflax._src.cost.optstate import optimizer_name as name_of
 from tpflax._src.cost.records import Act
-from tpflax._src.cost.traced import Scores, Traced, reads_slice, traced_uses
+from tpflax._src.cost.traced import Scores, Traced, frozen_inputs, reads_slice, traced_uses
 from tpflax._src.errors import EstimateError
 from tpflax._src.facts.tree import itemsize
 from tpflax._src.planner.pricing import token_batch, token_tables
@@ -87,6 +87,7 @@ class Workload:
     grouped: Mapping[str, float] | None = None
     joined: Mapping[str, tuple[float, ...]] | None = None
     widths: Mapping[str, int] | None = None
+    frozen_inputs: frozenset[str] = frozenset()  # traced.frozen_inputs: no input gradient (widths 0)
     slices: Mapping[str, int] | None = None
     buffers: Mapping[str, float] | None = None
     streams: Mapping[str, tuple[float, int, int]] | None = None
@@ -166,6 +167,10 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
     if loss is not None:
         settings["loss"] = getattr(loss, "__name__", type(loss).__name__)
     contractions = contraction_calls(plan, t.contractions, b.size, t.tied or frozenset()) if not activations else {}
+    # a frozen model's first layers (a LoRA base behind a frozen embedding): no input gradient to sum
+    trainable = {p: d.trainable for p, d in plan.decisions.items()}
+    frozen = frozen_inputs(t, trainable) if not all(trainable.values()) else frozenset()
+    widths = {**(t.widths or {}), **dict.fromkeys(frozen, 0)} if frozen else t.widths
     if contractions:
         settings["activations"] = "contractions"
     return Workload(batch=b, config=config, activations=activations, opt=opt, remat=remat, backend=backend,
@@ -173,7 +178,8 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     g_item=itemsize(dtype_name(grad_dtype)) if grad_dtype is not None else None,
                     settings=settings, tied=t.tied, parts=t.parts, rows=t.rows,
                     fused=t.fused, shared=t.shared, lookups=t.lookups,
-                    grouped=t.grouped, joined=t.joined, widths=t.widths, slices=t.slices, buffers=t.buffers,
+                    grouped=t.grouped, joined=t.joined, widths=widths, frozen_inputs=frozen, slices=t.slices,
+                    buffers=t.buffers,
                     streams=t.streams, contractions=contractions, scores=t.scores,
                     next_token=_next_token(m) if loss is None else reads_slice(m, loss), biased=t.biased,
                     collectives=t.collectives, row_axes=t.row_axes, meets=t.meets,

@@ -77,6 +77,7 @@ def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
                     str(eqn.outvars[0].aval.dtype), from_input=not (act.live or act.origin))
         w.reads.setdefault(uid, (eqn, 1 if lp else 0, ctx))
         w.widths.setdefault(uid, math.prod(act_shape[a] for a in ac))
+        w.note_grad(uid, act)
         fresh = uid if len(par.origin) == 1 else None
         if op == "onehot":
             continue
@@ -193,6 +194,7 @@ def conv_general_dilated(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: l
         # a kernel computed from several weights (a weight norm's v and g) moves its activations once
         uid = w.use(ctx, eqn, path, "conv", contracted, [o] if o is not None else [], [], rhs.const_of,
                     positions, grouped=moved if n == 0 else None, from_input=not lhs.live)
+        w.note_grad(uid, lhs)
         fresh = uid if len(rhs.origin) == 1 else None
         if groups == 1 and i is not None:
             for k, (limit, via) in w.merge([lhs.dim_tags(lspec[1])]).items():

@@ -143,6 +143,7 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
     """Analyse a closed jaxpr whose first ``len(paths)`` invars are the parameters at ``paths``."""
     jaxpr = closed.jaxpr
     w = new_walk()
+    w.bits = {p: 1 << i for i, p in enumerate(paths)}
     args = []
     for i, v in enumerate(jaxpr.invars):
         rank = len(getattr(v.aval, "shape", ()))
@@ -177,7 +178,7 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                     products=_one_branch(w.products), channelwise=dict(w.channelwise),
                     spread=_spread(w),
                     collectives=tuple(c for cs in w.collectives.values() for c in cs),
-                    row_axes=frozenset(w.row_axes))
+                    row_axes=frozenset(w.row_axes), grad_deps=dict(w.grad_deps))
 
 
 def _spread(w: Any) -> dict[tuple[int, int], int]:

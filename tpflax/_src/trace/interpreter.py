@@ -79,6 +79,8 @@ class Val:
             inputs, constants and what only they make are not.
         fed: computed from the model's inputs (token ids, pixels); parameters, constants and
             what only they make (``arange`` positions) are not.
+        deps: the parameters it is computed from, as a bit mask over the traced parameter paths
+            (:attr:`Walk.bits`); a value carrying ``origin`` also depends on those paths' bits.
     """
 
     rank: int
@@ -92,6 +94,7 @@ class Val:
     live: bool = False
     fed: bool = False
     gains: tuple[tuple[str, tuple[int | None, ...]], ...] = ()
+    deps: int = 0
 
     def dim_tags(self, d: int) -> TagMap:
         return self.tags[d] if self.tags is not None else EMPTY
@@ -146,6 +149,8 @@ class Walk:
     joined: set[tuple[int, int]] = field(default_factory=set)  # tags added to an activation lacking them
     normed: dict[tuple[int, int], int] = field(default_factory=dict)  # tag -> width a norm reduced it over
     widths: dict[int, int] = field(default_factory=dict)  # use id -> the elements it contracts per row
+    bits: dict[str, int] = field(default_factory=dict)  # parameter path -> its bit in Val.deps
+    grad_deps: dict[int, int] = field(default_factory=dict)  # use id -> Val.deps of the activation it reads
     reads: dict[int, tuple[Any, int, tuple]] = field(default_factory=dict)  # use id -> (dot eqn, operand, ctx)
     products: dict[tuple[tuple, int], Product] = field(default_factory=dict)  # (ctx, id(eqn)) -> Product
     lengths: dict[int, int] = field(default_factory=dict)  # id(scan eqn) -> its trip count
@@ -186,6 +191,11 @@ class Walk:
                 outs = [o if o.live else dataclasses.replace(o, live=True) for o in outs]
             if any(i.fed for i in ins):
                 outs = [o if o.fed else dataclasses.replace(o, fed=True) for o in outs]
+            deps = 0
+            for i in ins:
+                deps |= self.deps_of(i)
+            if deps:
+                outs = [o if o.deps | deps == o.deps else dataclasses.replace(o, deps=o.deps | deps) for o in outs]
             for v, o in zip(eqn.outvars, outs, strict=True):
                 if type(v).__name__ != "DropVar":
                     env[v] = o
@@ -293,6 +303,20 @@ class Walk:
             for m in val.tags:
                 self.escape(m, why)
 
+    def deps_of(self, v: Val) -> int:
+        """``v.deps`` with the bits of the parameters it is a view of (:attr:`Val.origin`)."""
+        deps = v.deps
+        for path, _ in v.origin:
+            deps |= self.bits.get(path, 0)
+        return deps
+
+    def note_grad(self, uid: int, act: Val) -> None:
+        """Record the parameters the activation use ``uid`` contracts is computed from (every call's, OR-ed:
+        a loop's later steps read a carry its first did not). A value computed from a parameter the walk
+        lost track of (no bits) counts as computed from all of them."""
+        deps = self.deps_of(act) or (-1 if act.live else 0)
+        self.grad_deps[uid] = self.grad_deps.get(uid, 0) | deps
+
     def use(self, ctx: tuple, eqn: Any, path: str, op: str, contracted, kept, batch, scan_length,
             rows: int = 0, dtype: str = "", grouped: int | None = None, from_input: bool = False,
             fixed: bool = False, looked: tuple[int, ...] = ()) -> int:
@@ -365,7 +389,8 @@ class Walk:
         where = {m: i for i, m in enumerate(mapping) if m is not None}
         picks = tuple((where[a], where[b], t) for a, b, t in v.picks if a in where and b in where)
         return Val(rank, origin=origin, tags=tags, onehot=v.onehot and keep_flags,
-                   iota=v.iota and keep_flags, fresh=v.fresh, const_of=v.const_of, picks=picks, fed=v.fed)
+                   iota=v.iota and keep_flags, fresh=v.fresh, const_of=v.const_of, picks=picks, fed=v.fed,
+                   deps=v.deps)
 
     def pointwise(self, vals: list[Val], rank: int, name: str):
         """Per-dim merged tags of same-rank values combined elementwise, or None."""
@@ -377,11 +402,12 @@ class Walk:
     def join(self, a: Val, b: Val) -> Val:
         """What is known about a value that is ``a`` or ``b`` (loop carries, cond branches)."""
         fed = a.fed or b.fed  # ids in one branch or step are ids
+        deps = a.deps | b.deps
         if a.tags is None and b.tags is None:
-            return dataclasses.replace(a, fresh=None, fed=fed)
+            return dataclasses.replace(a, fresh=None, fed=fed, deps=deps)
         rank = a.rank
         tags = tuple(self.merge([a.dim_tags(d), b.dim_tags(d)]) for d in range(rank))
-        return Val(rank, origin=a.origin, tags=tags if any(tags) else None, fed=fed)
+        return Val(rank, origin=a.origin, tags=tags if any(tags) else None, fed=fed, deps=deps)
 
 
 def opaque(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int], *,

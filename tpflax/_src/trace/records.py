@@ -192,6 +192,9 @@ class Dataflow:
             modulation, one row per example, scaling and gating the residual stream of every token.
         row_axes: the mesh axes (size > 1) a ``shard_map``'s in_specs cut an activation's rows over (its
             dims that carry no kernel's features: context-parallel attention's sequence over ``model``).
+        grad_deps: ``{use id: bit mask}`` of the parameters (bit ``i`` is ``paths[i]``) the activation a
+            ``dot``/``conv`` use contracts is computed from; -1 where the walk lost track. The backward
+            computes that activation's gradient only if one of them is trained.
     """
 
     paths: tuple[str, ...]
@@ -218,6 +221,7 @@ class Dataflow:
     row_axes: frozenset[str] = frozenset()
     channels: Mapping[str, Mapping[int, Mapping[int, int]]] = field(default_factory=dict)
     examples: int = 1  # the traced sample's leading dim (its first input's)
+    grad_deps: Mapping[int, int] = field(default_factory=dict)
 
     def positional(self) -> dict[str, tuple[int, tuple[int, ...]]]:
         """``{table: (rows looked up, its dims not indexed)}`` for tables every use of which is a lookup at
