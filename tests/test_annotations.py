@@ -162,3 +162,25 @@ def test_a_plain_bias_in_an_annotated_scan_is_stacked_and_follows_its_kernel(mes
     assert up.layers_dim == axis
     assert ("added to the output of blocks/up/kernel" if traced else "bias of blocks/up/kernel") in up.reason
     assert "(annotated P(" in up.reason
+
+
+class _Lm1bAttention(nn.Module):
+    """flax's lm1b/wmt examples: ``DenseGeneral`` kernels (d, heads, head_dim) annotated ``('embed', 'kv')``."""
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "kv"))
+        for name in ("query", "key", "value"):
+            x = x + nn.DenseGeneral((4, 16), kernel_init=init, name=name)(x).reshape(x.shape)
+        return x
+
+
+def test_an_annotation_of_the_wrong_rank_is_ignored_with_one_warning_per_kind():
+    tree = jax.eval_shape(lambda: _Lm1bAttention().init(jax.random.key(0), jax.numpy.zeros((2, 64))))
+    p = tpflax.plan(tree, MESH)
+    said = [w for w in p.warnings if "annotation" in w]
+    assert said == ["params/key/kernel: its annotation ('embed', 'kv') names 2 dims of a 3-D leaf (64, 4, 16), "
+                    "so it was ignored and the leaf planned as if unannotated (2 more leaves alike); annotate one "
+                    "name per dim, None for a dim left whole"]
+    assert p.decisions["params/key/kernel"].source == "heuristic"
+    assert not [w for w in tpflax.plan(tree, MESH, use_annotations=False).warnings if "annotation" in w]

@@ -55,6 +55,9 @@ class Leaf:
             than mesh axis names (``Partitioned``, NNX ``out_sharding``).
         numeric: "float", "int", "bool", "key" (PRNG key) or "complex".
         frozen: left out of training by the plan's ``trainable=`` filter (a LoRA base kernel).
+        ignored: axis names from flax metadata that were dropped because they do not name one
+            dim each (flax's lm1b/wmt examples annotate 3-D ``DenseGeneral`` kernels with two
+            names), or None. The plan warns about them (:func:`tpflax._src.planner.plan.plan`).
     """
 
     path: str
@@ -66,6 +69,7 @@ class Leaf:
     logical: bool = False
     numeric: str = "float"
     frozen: bool = False
+    ignored: tuple[Any, ...] | None = None
 
     @property
     def trainable(self) -> bool:
@@ -261,12 +265,13 @@ def walk(tree: Any) -> tuple[list[Leaf], Any]:
                 f"{p}: array of dtype {dtype} (shape {shape}) is not numeric; jax arrays hold numbers, "
                 "bools or PRNG keys (drop the leaf, or encode it as numbers before planning)")
             continue
+        ignored = None
         if names is not None and len(names) != len(shape):
-            names = None  # malformed metadata: ignore it rather than guess
+            names, ignored = None, names  # malformed metadata: ignore it rather than guess (the plan warns)
         leaves.append(Leaf(
             path=p, shape=shape, dtype=name, itemsize=size,
             collection=p.split("/", 1)[0] if is_collections else (state_variable(x) if box else ""),
-            names=names, logical=logical, numeric=numeric))
+            names=names, logical=logical, numeric=numeric, ignored=ignored))
     if problems:
         raise TreeError("the parameter tree has leaves that are not arrays", problems)
     paths = [leaf.path for leaf in leaves]

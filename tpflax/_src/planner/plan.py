@@ -162,6 +162,7 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
     decisions = fused_layouts(facts, proposals, decisions, fused, ms, opts,
                               {f.path for f in facts if sources.get(f.path, "heuristic") == "heuristic"})
     warnings = [*forced.warnings, *doubts, *_replication_warnings(decisions, ms)]
+    warnings += _ignored_annotations(facts) if use_annotations else []
     warnings += plan_checks(facts, decisions, lrules, ms)  # unknown logical names, idle mesh axes
     options = {"fsdp_min_bytes": opts.fsdp_min_bytes, "min_channels": opts.min_channels,
                "hardware": opts.hardware.name, "tokens": opts.tokens, "device_memory": opts.device_memory,
@@ -173,6 +174,31 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
     return Plan(mesh=ms, specs=jax.tree_util.tree_unflatten(treedef, specs), decisions=decisions,
                 pairs=tuple(pairs), warnings=tuple(warnings), options=options,
                 disagreements=tuple(disagreements))
+
+
+def _ignored_annotations(facts: list[Facts]) -> list[str]:
+    """One warning per distinct (annotation, shape) that :func:`tpflax._src.facts.tree.walk` dropped for not
+    naming one dim each, with the first leaf's path and how many more leaves carry it.
+
+    >>> import flax.linen as nn, jax
+    >>> box = nn.LogicallyPartitioned(jax.ShapeDtypeStruct((64, 4, 16), "float32"), ("embed", "kv"))
+    >>> tree = {"params": {f"l{i}": {"query": {"kernel": box}} for i in range(2)}}
+    >>> [w for w in plan(tree, {"model": 4}).warnings if "ignored" in w]  # doctest: +NORMALIZE_WHITESPACE
+    ["params/l0/query/kernel: its annotation ('embed', 'kv') names 2 dims of a 3-D leaf (64, 4, 16), so it was
+    ignored and the leaf planned as if unannotated (1 more leaf alike); annotate one name per dim, None for a dim
+    left whole"]
+    """
+    seen: dict[tuple, list[str]] = {}
+    for f in facts:
+        if f.leaf.ignored is not None:
+            seen.setdefault((tuple(f.leaf.ignored), f.leaf.shape), []).append(f.path)
+    out = []
+    for (names, shape), paths in seen.items():
+        more = f" ({len(paths) - 1} more lea{'f' if len(paths) == 2 else 'ves'} alike)" if len(paths) > 1 else ""
+        out.append(f"{paths[0]}: its annotation {names} names {len(names)} dims of a {len(shape)}-D leaf {shape}, "
+                   f"so it was ignored and the leaf planned as if unannotated{more}; annotate one name per dim, "
+                   "None for a dim left whole")
+    return out
 
 
 # one tree planned on many meshes (suggest_mesh): walked and classified once, inside walk_once()
