@@ -117,6 +117,9 @@ class Traced:
             sums (:attr:`tpflax._src.trace.records.Dataflow.escapes`; a user MoE's ``bsed,bse->bsd``
             combine over the experts): split over a tensor or expert axis, XLA reshards around that
             product with collectives the estimate does not price (benchmarks/tpu_aot_notes.md).
+        split_sums: ``(kernel dims, elements per example, runs)`` per sum of a product of two activations
+            (:attr:`tpflax._src.trace.records.Dataflow.split_sums`): a plan splitting one of those dims over
+            a tensor axis all-reduces that many elements (:func:`tpflax._src.cost.estimate.split_sum_items`).
     """
 
     tied: frozenset[str] | None = None
@@ -144,6 +147,7 @@ class Traced:
     remat_layers: int = 0
     erf: frozenset[str] = frozenset()
     product_sums: Mapping[str, frozenset[int]] = field(default_factory=dict)
+    split_sums: tuple[tuple[frozenset[tuple[str, int]], float, int], ...] = ()
 
 
 def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
@@ -238,7 +242,9 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
                   spread_streams(flow, shapes), flow.collectives, flow.row_axes, _meets(flow),
                   flow.positional(),
                   _loops(flow), flow.remat_calls if flow.remat >= 0.5 else 0,
-                  frozenset(e.src for e in flow.edges if {"erf", "erfc"} & set(e.via)), product_sums)
+                  frozenset(e.src for e in flow.edges if {"erf", "erfc"} & set(e.via)), product_sums,
+                  tuple((frozenset((flow.uses[u].path, d) for u, d in ks), n / examples, c)
+                        for ks, n, c in flow.split_sums))
 
 
 def _loops(flow: Any) -> dict[str, tuple[int, bool]]:
