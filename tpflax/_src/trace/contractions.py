@@ -153,8 +153,11 @@ def _note_split_sums(w: Walk, eqn: Any, lhs: Val, rhs: Val, contract, lf, rf, ct
     def keys(v: Val, dims) -> frozenset[tuple[int, int]]:
         return frozenset(k for d in dims for k in v.dim_tags(d) if not is_minor(k))
 
+    # backward: only a side computed from parameters has a gradient (RoFormer's rotary einsum
+    # ``bslh,...sh->bslh`` multiplies q by constant sin/cos tables, whose gradient nobody computes)
     for found, size in ((keys(lhs, contract[0]) | keys(rhs, contract[1]), sizes[2]),
-                        (keys(lhs, lf), sizes[1]), (keys(rhs, rf), sizes[0])):
+                        (keys(lhs, lf) if rhs.live else frozenset(), sizes[1]),
+                        (keys(rhs, rf) if lhs.live else frozenset(), sizes[0])):
         if found:
             w.split_sums.append((found, size, count))
 
