@@ -121,6 +121,9 @@ class Traced:
             contractions read are computed from, OR-ed over its uses; -1 where the trace lost track
             (:attr:`tpflax._src.trace.records.Dataflow.grad_deps`). See :func:`frozen_inputs`.
         param_paths: the traced parameter paths, in tree order.
+        split_sums: ``(kernel dims, elements per example, runs)`` per sum of a product of two activations
+            (:attr:`tpflax._src.trace.records.Dataflow.split_sums`): a plan splitting one of those dims over
+            a tensor axis all-reduces that many elements (:func:`tpflax._src.cost.estimate.split_sum_items`).
     """
 
     tied: frozenset[str] | None = None
@@ -150,6 +153,7 @@ class Traced:
     product_sums: Mapping[str, frozenset[int]] = field(default_factory=dict)
     grad_deps: Mapping[str, int] = field(default_factory=dict)
     param_paths: tuple[str, ...] = ()
+    split_sums: tuple[tuple[frozenset[tuple[str, int]], float, int], ...] = ()
 
 
 def frozen_inputs(t: Traced, trainable: Mapping[str, bool]) -> frozenset[str]:
@@ -264,7 +268,9 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
                   flow.positional(),
                   _loops(flow), flow.remat_calls if flow.remat >= 0.5 else 0,
                   frozenset(e.src for e in flow.edges if {"erf", "erfc"} & set(e.via)), product_sums,
-                  grad_deps, tuple(flow.paths))
+                  grad_deps, tuple(flow.paths),
+                  tuple((frozenset((flow.uses[u].path, d) for u, d in ks), n / examples, c)
+                        for ks, n, c in flow.split_sums))
 
 
 def _loops(flow: Any) -> dict[str, tuple[int, bool]]:

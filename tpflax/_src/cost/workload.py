@@ -66,6 +66,7 @@ class Workload:
             one at a time, where no config gives ``n_layers``.
         erf: from the trace (:attr:`Traced.erf`).
         product_sums: from the trace (:attr:`Traced.product_sums`): reported in the notes, not priced.
+        split_sums: from the trace (:attr:`Traced.split_sums`): priced over the tensor axes.
     """
 
     batch: Batch
@@ -104,6 +105,7 @@ class Workload:
     remat_layers: int = 0
     erf: frozenset[str] = frozenset()
     product_sums: Mapping[str, frozenset[int]] = field(default_factory=dict)
+    split_sums: tuple[tuple[frozenset[tuple[str, int]], float, int], ...] = ()
 
     @property
     def saved(self) -> Mapping[str, Sequence[Act]]:
@@ -184,7 +186,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     next_token=_next_token(m) if loss is None else reads_slice(m, loss), biased=t.biased,
                     collectives=t.collectives, row_axes=t.row_axes, meets=t.meets,
                     positional=t.positional, loops=t.loops, remat_layers=t.remat_layers, erf=t.erf,
-                    product_sums=t.product_sums)
+                    product_sums=t.product_sums, split_sums=t.split_sums)
 
 
 def contraction_calls(plan, contractions: Sequence[tuple[str, float, tuple[int, ...], str]],

@@ -90,10 +90,7 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options,
 
 
 def _pair_linears(st: State, todo: Sequence[Facts], widths: set[int], sure: bool) -> None:
-    groups: dict[str, list[Facts]] = defaultdict(list)
-    for f in todo:
-        if f.kind in ("dense", "attention"):
-            groups[f.group].append(f)
+    groups = _blocks(todo)
     loose: dict[str, list[Linear]] = defaultdict(list)
     tables = _table_heads(todo)
     every = _agreed(tables.values())
@@ -117,6 +114,27 @@ def _pair_linears(st: State, todo: Sequence[Facts], widths: set[int], sure: bool
             assign_roles(lins, widths, sure)
             _pool(up, group, _pair_group(st, group, lins, heads(group)))
         loose = up
+
+
+def _blocks(todo: Sequence[Facts]) -> dict[str, list[Facts]]:
+    """``{block: its dense and attention leaves}``, a block being a layer's parent.
+
+    A layer wrapped alone in a numbered module of a block that has layers of its own (a
+    Sequential's ``ff/net_0/proj``, a GEGLU module around its projection, beside ``ff/net_2``)
+    joins that block: the numbered module is a step of the Sequential, not a layer of a stack,
+    and its projection chains with its siblings. Pooling unpaired layers upwards
+    (:func:`_pool`) stops at numbered modules, so it would never meet them.
+    """
+    groups: dict[str, list[Facts]] = defaultdict(list)
+    for f in todo:
+        if f.kind in ("dense", "attention"):
+            groups[f.group].append(f)
+    out: dict[str, list[Facts]] = defaultdict(list)
+    for group, fs in groups.items():
+        parent, _, last = group.rpartition("/")
+        alone = len({f.unit for f in fs}) == 1 and _INDEX.match(last) and parent in groups
+        out[parent if alone else group] += fs
+    return out
 
 
 def _pool(loose: dict[str, list[Linear]], group: str, left: list[Linear]) -> None:

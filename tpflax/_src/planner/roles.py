@@ -138,6 +138,14 @@ def assign_roles(lins: list[Linear], widths: set[int], sure: bool = False) -> No
         named = "column" if COLUMN_NAMES.match(name) else ("row" if ROW_NAMES.match(name) else None)
         if widths and (i in widths) != (o in widths):
             by_shape = "column" if i in widths else "row"
+            if named and named != by_shape and len(lin.f.body) == 2 and _shape_pairs(lin, lins, widths, by_shape):
+                lin.role = by_shape
+                lin.doubt = (f"'{name}' reads as {named} but ({i} -> {o}) pairs by shape with an unnamed sibling "
+                             f"as its {'row' if by_shape == 'column' else 'column'}; going by the shape "
+                             "(pass model= to trace it)")
+                lin.why = (f"({i} -> {o}) widens the residual width {i}" if by_shape == "column"
+                           else f"({i} -> {o}) narrows back to the residual width {o}")
+                continue
             if named and named != by_shape and len(lin.f.body) == 2 and sure and not _like_its_query(lin, lins, widths):
                 # The name and the (in, out) reading disagree, and read (out, in) they
                 # agree: a Conv1D-style kernel stored transposed. Orient it by shape, so
@@ -187,6 +195,32 @@ def assign_roles(lins: list[Linear], widths: set[int], sure: bool = False) -> No
                        f"the widening side is column")
 
 
+
+
+def _shape_pairs(lin: Linear, lins: list[Linear], widths: set[int], by_shape: str) -> bool:
+    """Read as stored, ``lin`` pairs with an unnamed sibling that the widths orient the other way.
+
+    A generic name can mislead: diffusers' GEGLU calls its input projection ``proj`` (a row name
+    elsewhere), ``(d, 2f)``, and the ``(f, d)`` kernel after it is unnamed (``net_2``). Read as
+    stored they are a fused column and its row; turned (out, in) the name's way, both would be rows
+    and nothing would pair. A Conv1D-style tree stored (out, in) has no such sibling: its partner
+    is named and turned too.
+    """
+    def oriented(m: Linear, role: str) -> bool:
+        i, o = m.f.body
+        return (i in widths) != (o in widths) and (i in widths) == (role == "column")
+
+    other = "row" if by_shape == "column" else "column"
+    for m in lins:
+        if m is lin or len(m.f.body) != 2 or not oriented(m, other):
+            continue
+        name = role_name(m.f)
+        if COLUMN_NAMES.match(name) or ROW_NAMES.match(name):
+            continue
+        col, row = (lin, m) if by_shape == "column" else (m, lin)
+        if col.f.body[1] in {row.f.body[0] * k for k in (1, 2, 3)}:
+            return True
+    return False
 
 
 def _like_its_query(lin: Linear, lins: list[Linear], widths: set[int]) -> bool:

@@ -55,6 +55,7 @@ def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
         summed = any(is_minor(k) for v, cs in ((lhs, lc), (rhs, rc)) for d in cs for k in v.dim_tags(d))
         out = _act_dot(w, lhs, rhs, (lc, rc), (lb, rb), lf, rf, out_rank)
         _note_product(w, eqn, out, ctx, lf, rf, summed)
+        _note_split_sums(w, eqn, lhs, rhs, (lc, rc), lf, rf, ctx)
         return [out]
     if lp:  # weight on the left: mirror so the activation is on the left
         act, par, ac, pc, ab, pb, af, pf = rhs, lhs, rc, lc, rb, lb, rf, lf
@@ -136,6 +137,30 @@ def _act_dot(w: Walk, lhs: Val, rhs: Val, contract, batch, lf, rf, out_rank: int
     tags += [w.merge([lhs.dim_tags(a)], "dot") for a in lf]
     tags += [w.merge([rhs.dim_tags(b)], "dot") for b in rf]
     return Val(out_rank, tags=tuple(tags) if any(tags) else None)
+
+
+def _note_split_sums(w: Walk, eqn: Any, lhs: Val, rhs: Val, contract, lf, rf, ctx: tuple) -> None:
+    """Record what a product of two activations all-reduces when a kernel dim it sums is split.
+
+    Forward, it sums its contracted dims: split (a single-head attention's q and k split over their
+    channels), its output comes in partial sums, all-reduced at the scores' size. Backward, each side's
+    gradient sums the other side's free dims: a split one (the values' channels under ``probs @ v``)
+    all-reduces that gradient (the probabilities'). A head_dim (a minor part) is not counted: a split
+    stops at it (:func:`_act_dot` caps it).
+    """
+    sizes = [math.prod(v.aval.shape) for v in (*eqn.invars, *eqn.outvars)]
+    count = math.prod(w.lengths.get(c, 1) for c in ctx if isinstance(c, int))
+
+    def keys(v: Val, dims) -> frozenset[tuple[int, int]]:
+        return frozenset(k for d in dims for k in v.dim_tags(d) if not is_minor(k))
+
+    # backward: only a side computed from parameters has a gradient (RoFormer's rotary einsum
+    # ``bslh,...sh->bslh`` multiplies q by constant sin/cos tables, whose gradient nobody computes)
+    for found, size in ((keys(lhs, contract[0]) | keys(rhs, contract[1]), sizes[2]),
+                        (keys(lhs, lf) if rhs.live else frozenset(), sizes[1]),
+                        (keys(rhs, rf) if lhs.live else frozenset(), sizes[0])):
+        if found:
+            w.split_sums.append((found, size, count))
 
 
 def _note_product(w: Walk, eqn: Any, out: Val, ctx: tuple, lf, rf, summed: bool) -> None:

@@ -176,6 +176,7 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                     shared=shared_reads(jaxpr, w.reads), remat=remat,
                     remat_calls=remat_calls,
                     products=_one_branch(w.products), channelwise=dict(w.channelwise),
+                    split_sums=tuple((frozenset(w.root(k) for k in ks), n, c) for ks, n, c in w.split_sums),
                     spread=_spread(w),
                     collectives=tuple(c for cs in w.collectives.values() for c in cs),
                     row_axes=frozenset(w.row_axes), grad_deps=dict(w.grad_deps))

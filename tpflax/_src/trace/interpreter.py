@@ -153,6 +153,8 @@ class Walk:
     grad_deps: dict[int, int] = field(default_factory=dict)  # use id -> Val.deps of the activation it reads
     reads: dict[int, tuple[Any, int, tuple]] = field(default_factory=dict)  # use id -> (dot eqn, operand, ctx)
     products: dict[tuple[tuple, int], Product] = field(default_factory=dict)  # (ctx, id(eqn)) -> Product
+    # (kernel dims a product of two activations sums, elements a split of one makes it all-reduce, runs)
+    split_sums: list[tuple[frozenset[tuple[int, int]], int, int]] = field(default_factory=list)
     lengths: dict[int, int] = field(default_factory=dict)  # id(scan eqn) -> its trip count
     pending: tuple[int, ...] | None = None  # the last attention-score shape recorded, until its probs @ v
     pending_key: tuple[tuple, int] | None = None  # its key in ``products``: the softmax's ``exp`` marks it

@@ -172,6 +172,9 @@ class Dataflow:
         shared: use ids of contractions whose activation input something other than
             a parameter contraction also reads (a post-norm block's residual add; see
             :mod:`tpflax._src.trace.sharing`).
+        split_sums: ``(kernel dims, elements, runs)``: a product of two activations summing those kernel
+            dims' features (forward: its contracted dims; backward: a side's free dims, summed into the
+            other side's gradient) all-reduces that many elements per run when one is split.
         products: the attention scores' ``q @ k`` products (see :class:`Product`), in program
             order; of a ``cond``'s branches, the largest's.
         branches: ``{(use id, param dim): (use ids, ...) per piece}`` for kept dims cut into
@@ -212,6 +215,7 @@ class Dataflow:
     remat: float = 0.0
     remat_calls: int = 0
     products: tuple[Product, ...] = ()
+    split_sums: tuple[tuple[frozenset[tuple[int, int]], int, int], ...] = ()
     channelwise: Mapping[str, tuple[int, Mapping[int, int]]] = field(default_factory=dict)
     branches: Mapping[tuple[int, int], tuple[frozenset[int], ...]] = field(default_factory=dict)
     cuts: Mapping[tuple[int, int], tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
