@@ -64,6 +64,8 @@ class _Flow:
     in_edges: dict[int, list[Edge]] = field(default_factory=lambda: defaultdict(list))
     # kernels whose few rows scale the residual stream elementwise (trace.spread)
     streams: dict[str, tuple[float, int, int]] = field(default_factory=dict)
+    # low-rank adapters left out of a pair of their own: {B's use id: A's use id} (see _low_rank)
+    adapters: dict[int, int] = field(default_factory=dict)
 
 
 def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Dataflow,
@@ -89,6 +91,7 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Datafl
         _join_readers(c, rid)
         _join_branches(c, rid)
         _join_columns(c, rid)
+    _adapters(c)
     _outputs(c)
     follow(c.st, c.flow, c.fx)
     fsdp(c.st, [f for p, f in c.fx.items() if p in c.st.out])
@@ -297,8 +300,9 @@ def _expert_dim(c: _Flow, R: Use, by_rdim: Mapping[int, Mapping[int, Edge]]) -> 
     return expert
 
 
-def _pair_row(c: _Flow, rid: int) -> None:
-    """Column -> row pairs, in program order of the row."""
+def _pair_row(c: _Flow, rid: int, adapters: bool = True) -> None:
+    """Column -> row pairs, in program order of the row. ``adapters``: leave a low-rank adapter's
+    ``A -> B`` out (:func:`_low_rank`); :func:`_adapters` pairs it if nothing else took ``B``."""
     R = c.cand[rid]
     if R.path in c.st.out:
         return
@@ -310,6 +314,9 @@ def _pair_row(c: _Flow, rid: int) -> None:
     fR = c.fx[R.path]
     rdim = max(choices, key=lambda d: (len(by_rdim[d]), -d))
     cols = by_rdim[rdim]
+    if adapters and len(cols) == 1 and _low_rank(c, next(iter(cols.values())), rid):
+        c.adapters[rid] = next(iter(cols))
+        return
     rb = fR.body_dim(rdim)
     if expert is not None and _experts(c, fR, expert, rb, list(cols.values())):
         return
@@ -324,6 +331,59 @@ def _pair_row(c: _Flow, rid: int) -> None:
                                  f"{_shared(c, R.path)}")
     kind = "attention" if any("dot" in e.via for e in cols.values()) else "mlp"
     shard_pair(c.st, kind, lins, row)
+
+
+def _low_rank(c: _Flow, e: Edge, rid: int) -> bool:
+    """The edge ``A -> B`` (``rid``) is a low-rank adapter whose output is summed with a wider layer's: ``A``
+    ``(in, r)`` feeds only ``B`` ``(r, out)``, both at least 4x narrower inside than outside, and ``B``'s
+    output reaches exactly the contractions, on the same dims, that a contraction ``W`` of ``B``'s output
+    width reading more than ``r`` features reaches (LoRA: ``x @ A @ B + x @ W``, nnx.LoRA, nnx.LoRALinear,
+    peft's). Paired on its own the adapter splits only ``r`` (its all-reduces move the whole output) or
+    stays whole, and kept whole beside a split ``W`` the backward gathers the ``(tokens, out)`` gradient of
+    ``B``'s output; split like ``W``'s output, ``B`` joins ``W``'s pair and ``A`` stays whole, its
+    backward summing a ``(tokens, r)`` partial only. A bottleneck whose output goes anywhere else (a
+    Houlsby adapter added to the residual stream, reduced by the next norm) stays a pair."""
+    A, B = c.cand[e.src_use], c.cand[rid]
+    if A.op != "dot" or B.op != "dot" or len(B.kept) != 1 or \
+            {x.dst_use for x in c.out_edges[(A.id, e.src_dim)]} != {rid}:
+        return False
+    fA, fB = c.fx[A.path], c.fx[B.path]
+    r = math.prod(fB.leaf.shape[k] for k in B.contracted)
+    if 4 * _kept_size(c, A.id) > math.prod(fA.leaf.shape[k] for k in A.contracted) or \
+            4 * r > _kept_size(c, rid):
+        return False
+    reach = {(x.dst_use, x.dst_dim) for x in c.out_edges[(rid, B.kept[0])]}
+    if not reach:
+        return False
+    d, dd = next(iter(reach))
+    for wid in sorted({x.src_use for x in c.in_edges[d] if x.dst_dim == dd} - {A.id, rid}):
+        W = c.cand[wid]
+        if W.op != "dot" or _kept_size(c, wid) != _kept_size(c, rid):
+            continue
+        if math.prod(c.fx[W.path].leaf.shape[k] for k in W.contracted) <= r:
+            continue
+        if any({(x.dst_use, x.dst_dim) for x in c.out_edges[(wid, k)]} == reach for k in W.kept):
+            return True
+    return False
+
+
+def _adapters(c: _Flow) -> None:
+    """The low-rank adapters :func:`_pair_row` left out: ``B`` split like the layer its output is summed with
+    (it joined that layer's pair as a column), ``A`` whole; an adapter nothing took is paired on its own."""
+    for rid, sid in sorted(c.adapters.items()):
+        A, B = c.cand[sid], c.cand[rid]
+        if A.path in c.st.out:
+            continue
+        if B.path not in c.st.out:
+            _pair_row(c, rid, adapters=False)
+            continue
+        dB = c.st.out[B.path]
+        how = (f"split like the layer its output is summed with (pair {dB.pair})"
+               if dB.strategy != "replicate" else "kept whole")
+        c.st.replicate(c.fx[A.path], f"low-rank adapter's down-projection (traced): its narrow output "
+                                     f"({_kept_size(c, sid)}) feeds only {short(B.path)}, {how}; kept whole "
+                                     "on every tensor rank, so the backward sums only its narrow partial "
+                                     "gradient")
 
 
 def _shared(c: _Flow, path: str) -> str:
