@@ -10,6 +10,9 @@ spec, a strategy and a reason for every leaf. The rules, in order:
    the model's norm and embedding sizes, 3-D attention kernels from their layout,
    and names only break ties (square ``d -> d`` kernels). A pair is sharded only
    when its shared dim divides the tensor axis; otherwise neither side is.
+   A low-rank adapter ``x @ y`` beside a kernel of its product's shape (LoRA:
+   ``(in, r) @ (r, out)`` beside ``(in, out)``) is no pair of its own: it follows
+   that kernel's split (a column's ``y`` on its output, a row's ``x`` on its input).
 2. **Experts** ``(E, d, f)``/``(E, f, d)``: E over the expert axis, f column/row.
 3. **Conv chains**: ``conv1 -> conv2`` in a block becomes channel -> input-channel.
 4. **Embeddings**: vocab dim, else the embedding dim.
@@ -22,6 +25,7 @@ spec, a strategy and a reason for every leaf. The rules, in order:
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -30,12 +34,14 @@ from dataclasses import replace
 from tpflax._src.facts.classify import ATTN, COLUMN_NAMES, HEAD, POS_EMBED, Facts
 from tpflax._src.mesh import EXPERT, TENSOR, MeshShape
 from tpflax._src.planner.builders import (
+    OUTPUT_SPLITS,
     Linear,
     Options,
     Proposal,
     State,
     axis_label,
     bias_follows,
+    body_spec,
     join_column,
     shard_conv_pair,
     shard_experts,
@@ -50,10 +56,12 @@ from tpflax._src.planner.roles import (
     attention_output,
     fused_partners,
     linear_view,
+    low_rank_adapters,
     low_rank_factors,
     numbered_chain,
     residual_widths,
 )
+from tpflax._src.specs import entry_axes, normalize_entry
 
 
 def _natural(s: str) -> list:
@@ -71,16 +79,19 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options,
     st = State(mesh, opts, forced=dict(skip or {}), first_pair=first_pair)
     todo = [f for f in facts if f.path not in st.forced]
     widths, sure = residual_widths(facts)
+    adapters = low_rank_adapters(facts)
+    factors = {f.path for x, y, _ in adapters for f in (x, y)}
     # Pairing looks at forced leaves too, so a forced partner still pairs its sibling.
-    _pair_linears(st, facts, widths, sure)
+    _pair_linears(st, [f for f in facts if f.path not in factors], widths, sure)
     paired = {p for q in st.pairs for p in (*q.columns, *q.rows)}
-    heads = {p: h for p, h in output_heads(facts, widths).items() if p not in paired}
+    heads = {p: h for p, h in output_heads(facts, widths).items() if p not in paired and p not in factors}
     if heads:  # an untied head computes the logits, whatever its name: the token table is not guessed to
         st.opts = replace(st.opts, tied_guess=False)
     _experts(st, todo, widths)
     _conv_chains(st, todo)
     _embeddings(st, todo, facts)
     _heads(st, todo, heads)
+    _adapters(st, adapters)
     _biases(st, todo, facts)
     _leftovers(st, todo)
     fsdp(st, todo)
@@ -224,6 +235,48 @@ def _drop_low_rank_downs(st: State, lins: list[Linear]) -> list[Linear]:
         st.replicate(a.f, f"low-rank down-projection ({a.in_size} -> {a.out_size}) read by {', '.join(ups)}: "
                           "small, and its output is needed whole by the up-projection, the column of the pair")
     return [x for x in lins if id(x) not in downs]
+
+
+def _adapters(st: State, adapters: Sequence[tuple[Facts, Facts, Facts]]) -> None:
+    """Low-rank adapters (:func:`low_rank_adapters`): split like the kernel ``w`` their output is added to.
+
+    ``x @ y`` is laid out like ``w``: the factor on ``w``'s split dim splits it alike and joins ``w``'s pair
+    (a column's output: the up-projection; a row's input: the down-projection), the other stays whole, its
+    narrow ``(tokens, r)`` side summed or read whole. Paired on their own the factors divide only ``r``, or
+    stay whole beside a split ``w``, and the backward gathers the ``(tokens, out)`` gradient of their output.
+    """
+    roles = dict(st.mesh.roles)
+    for x, y, w in adapters:
+        p = st.decided(w.path)
+        spec = list(w.body_of(p.spec)) if p is not None else [None, None]
+        if p is not None and w.path in st.forced:  # a rule's fsdp axes only store w in pieces
+            spec = [normalize_entry(tuple(a for a in entry_axes(e) if roles.get(a) in (TENSOR, EXPERT)))
+                    for e in spec]
+        out = 0 if w.path in st.out_first else 1  # w's output dim
+        rank = x.body[1]
+        what = (f"low-rank adapter of {short(w.path)} ({short(x.path)} {x.body} @ {short(y.path)} {y.body}, "
+                f"rank {rank}, the shape of {short(w.path)} {w.body})")
+        for f, dim in ((x, 0), (y, 1)):
+            side = "output" if dim == out else "input"
+            lead = p is not None and p.pair is not None and (p.role == "column") == (dim == out)
+            if spec[dim] is not None:
+                strategy = p.strategy if p.strategy in (*OUTPUT_SPLITS, "row") else (p.role or "column")
+                st.put(f, body_spec(2, dim, spec[dim]), strategy,
+                       f"{strategy}: {what}: on its {side} side, split like it ({f.body[dim]} {side} features "
+                       f"over {axis_label(spec[dim], math.prod(st.mesh.sizes[a] for a in entry_axes(spec[dim])))})"
+                       + (f", joins its pair {p.pair}" if p.pair is not None else ""), p.pair, p.role if lead else None)
+            elif any(spec):
+                st.replicate(f, f"{what}: its rank-{rank} {'down' if dim != out else 'up'}-projection, kept whole: "
+                                f"{short(w.path)} is split on its {'input' if dim == out else 'output'} side, which "
+                                f"the other factor follows; only a narrow rank-{rank} activation meets the split")
+            else:
+                st.replicate(f, f"{what}: kept whole like {short(w.path)}", p.pair if lead else None,
+                             p.role if lead else None)
+            if lead:
+                field = "columns" if p.role == "column" else "rows"
+                for i, q in enumerate(st.pairs):
+                    if q.id == p.pair and f.path not in getattr(q, field):
+                        st.pairs[i] = replace(q, **{field: (*getattr(q, field), f.path)})
 
 
 def _common_prefix(a: str, b: str) -> int:

@@ -481,3 +481,55 @@ def low_rank_factors(lins: list[Linear]) -> list[tuple[Linear, Linear]]:
                  f"({a.in_size} -> {a.out_size}), a low-rank factored projection")
         out.append((a, b))
     return out
+
+
+def low_rank_adapters(facts: Sequence[Facts]) -> list[tuple[Facts, Facts, Facts]]:
+    """``(x, y, w)``: a low-rank adapter ``x @ y`` beside the 2-D kernel ``w`` whose output it is added to (LoRA).
+
+    ``x`` ``(m, r)`` and ``y`` ``(r, n)``, ``r`` at most a quarter of ``m`` and of ``n``, whose product has the
+    shape ``(m, n)`` of a kernel ``w`` beside them: a sibling in the module holding the factors (a linen
+    ``base(x) + up(down(x))``, nnx.LoRA's ``base_module`` beside ``lora_a``, peft's ``base_layer`` beside
+    ``lora_A``), or the kernel of the module that holds them (nnx.LoRALinear's ``q/lora/lora_a`` under
+    ``q/kernel``). Stored ``(in, out)`` ``x`` is the down-projection, stored ``(out, in)`` (torch) the up one:
+    either way ``x @ y`` is laid out like ``w``, so ``x``'s dim 0 follows ``w``'s dim 0 and ``y``'s dim 1 ``w``'s
+    dim 1. The shapes decide; names only choose between several alike (``q_a``/``q_b`` beside ``q``). A
+    bottleneck with no kernel of its product's shape beside it (DeepSeek's ``q_a -> q_b``) is no adapter.
+
+    >>> from tpflax._src.facts.tree import Leaf
+    >>> def facts(path, shape):
+    ...     unit = path.rsplit("/", 1)[0] if path.endswith("/kernel") else path
+    ...     return Facts(Leaf(path, shape, "float32", 4), "dense", 0, unit, unit.rsplit("/", 1)[0])
+    >>> w, a, b = facts("attn/q/kernel", (64, 64)), facts("attn/q/lora/lora_a", (64, 4)), \\
+    ...     facts("attn/q/lora/lora_b", (4, 64))
+    >>> [(x.path, y.path, w.path) for x, y, w in low_rank_adapters([w, a, b])]
+    [('attn/q/lora/lora_a', 'attn/q/lora/lora_b', 'attn/q/kernel')]
+    >>> qa, qb = facts("attn/q_a/kernel", (64, 16)), facts("attn/q_b/kernel", (16, 128))
+    >>> low_rank_adapters([qa, qb, facts("attn/o/kernel", (128, 64))])
+    []
+    """
+    mats = sorted((f for f in facts if f.kind in ("dense", "attention") and len(f.body) == 2), key=lambda f: f.path)
+    shapes: dict[tuple[int, ...], list[Facts]] = defaultdict(list)
+    ups: dict[tuple[int, str], list[Facts]] = defaultdict(list)  # {(r, a module above y): [y]}
+    for f in mats:
+        shapes[f.body].append(f)
+        if 4 * f.body[0] <= f.body[1]:
+            for scope in _scopes(f.unit):
+                ups[(f.body[0], scope)].append(f)
+    out, used = [], set()
+    for x in (f for f in mats if 4 * f.body[1] <= f.body[0]):
+        for scope in _scopes(x.unit):  # the factors' own module first
+            found = [(y, w) for y in ups.get((x.body[1], scope), ()) for w in shapes.get((x.body[0], y.body[1]), ())
+                     if len({x.path, y.path, w.path} | used) == len(used) + 3 and scope in (w.group, w.unit)]
+            if found:
+                y, w = max(found, key=lambda yw: (_affinity(x.unit_name, yw[0].unit_name),
+                                                  _affinity(x.unit_name, yw[1].unit_name)))
+                out.append((x, y, w))
+                used |= {x.path, y.path, w.path}
+                break
+    return out
+
+
+def _scopes(unit: str) -> list[str]:
+    """The module holding a layer and the one above it: where its adapter's kernel may sit."""
+    parent = unit.rsplit("/", 1)[0] if "/" in unit else ""
+    return [parent, parent.rsplit("/", 1)[0]] if "/" in parent else [parent]
