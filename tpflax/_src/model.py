@@ -297,6 +297,7 @@ def _output_of(fn: Callable[..., Any]) -> Callable[..., Any]:
         out = fn(v, *x)
         return out[0] if linen_update(out, v) else out
 
+    forward.tpflax_wraps = fn  # the trace cache keys the user's function, not this wrapper made per call
     return forward
 
 

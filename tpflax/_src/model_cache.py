@@ -60,7 +60,7 @@ def _source(m: Any) -> tuple[Any, Any]:
         return None, ("nnx", m.graphdef)
     if m.module is not None:  # its repr shows its fields' values: a config edited in place traces afresh
         return m.module, ("linen", repr(m.module))
-    f = m.forward
+    f = getattr(m.forward, "tpflax_wraps", m.forward)  # as_model's wrapper of a plain function
     if inspect.ismethod(f):  # a bound method is made anew at each attribute read: its instance and function
         return f.__self__, ("method", f.__func__)
     return f, ("callable",)
