@@ -305,12 +305,197 @@ def resnet_hand(mesh):
             (r"(conv|Conv|up).*kernel$", P(None, None, None, f)), (r".*", P())]
 
 
+
+# ------------------------------------------------------------------ (5) DiT (adaLN-Zero), ConvNeXt, Conformer
+def _modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class TimestepEmbedder(nn.Module):
+    hidden: int
+    freq: int = 256
+
+    @nn.compact
+    def __call__(self, t):
+        half = self.freq // 2
+        f = jnp.exp(-np.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+        e = t[:, None].astype(jnp.float32) * f[None]
+        e = jnp.concatenate([jnp.cos(e), jnp.sin(e)], -1)
+        e = nn.Dense(self.hidden, kernel_init=nn.initializers.normal(0.02))(e)
+        return nn.Dense(self.hidden, kernel_init=nn.initializers.normal(0.02))(nn.silu(e))
+
+
+class DiTBlock(nn.Module):
+    hidden: int
+    heads: int
+
+    @nn.compact
+    def __call__(self, x, c):
+        c = nn.Dense(6 * self.hidden, kernel_init=nn.initializers.zeros)(nn.silu(c))
+        sh_a, sc_a, g_a, sh_m, sc_m, g_m = jnp.split(c, 6, axis=-1)
+        y = _modulate(nn.LayerNorm(use_bias=False, use_scale=False)(x), sh_a, sc_a)
+        x = x + g_a[:, None] * nn.MultiHeadDotProductAttention(self.heads, deterministic=True)(y, y)
+        y = _modulate(nn.LayerNorm(use_bias=False, use_scale=False)(x), sh_m, sc_m)
+        y = nn.Dense(self.hidden)(nn.gelu(nn.Dense(4 * self.hidden)(y), approximate=True))
+        return x + g_m[:, None] * y
+
+
+class DiT(nn.Module):
+    """kvfrans/jax-diffusion-transformer's DiT, small: 4x4 patches of a 32x32x4 latent."""
+
+    patch: int = 4
+    hidden: int = D
+    depth: int = L
+    heads: int = H
+    classes: int = 1000
+
+    @nn.compact
+    def __call__(self, x, t, y):
+        n, h, w, ch = x.shape
+        x = nn.Conv(self.hidden, (self.patch,) * 2, (self.patch,) * 2, padding="VALID", name="x_embedder")(x)
+        gh, gw = h // self.patch, w // self.patch
+        x = x.reshape(n, gh * gw, self.hidden) + sinusoidal(gh * gw, self.hidden)
+        c = TimestepEmbedder(self.hidden, name="t_embedder")(t)
+        c = c + nn.Embed(self.classes + 1, self.hidden, embedding_init=nn.initializers.normal(0.02),
+                         name="y_embedder")(y)
+        for i in range(self.depth):
+            x = DiTBlock(self.hidden, self.heads, name=f"blocks_{i}")(x, c)
+        shift, scale = jnp.split(nn.Dense(2 * self.hidden, kernel_init=nn.initializers.zeros,
+                                          name="final_ada")(nn.silu(c)), 2, axis=-1)
+        x = _modulate(nn.LayerNorm(use_bias=False, use_scale=False)(x), shift, scale)
+        x = nn.Dense(self.patch * self.patch * ch, kernel_init=nn.initializers.zeros, name="final_linear")(x)
+        x = x.reshape(n, gh, gw, self.patch, self.patch, ch).transpose(0, 1, 3, 2, 4, 5)
+        return x.reshape(n, h, w, ch)
+
+
+def dit_hand(mesh):
+    # Megatron on attention and MLP; the adaLN modulations, embedders and the final layer whole. Flax
+    # names the MLP's outer (down) Dense first: Dense_1 is the down-projection, Dense_2 the up
+    f = "fsdp" if "fsdp" in mesh else None
+    return [(r"(query|key|value)/kernel$", P(f, "model", None)), (r"(query|key|value)/bias$", P("model", None)),
+            (r"out/kernel$", P("model", None, f)),
+            (r"blocks_\d+/Dense_2/kernel$", P(f, "model")), (r"blocks_\d+/Dense_2/bias$", P("model")),
+            (r"blocks_\d+/Dense_1/kernel$", P("model", f)),
+            (r"blocks_\d+/Dense_0/kernel$", P(f, None)),
+            (r".*", P())]
+
+
+class ConvNeXtBlock(nn.Module):
+    dim: int
+
+    @nn.compact
+    def __call__(self, x):
+        r = x
+        x = nn.Conv(self.dim, (7, 7), padding=3, feature_group_count=self.dim, name="dwconv")(x)
+        x = nn.LayerNorm(epsilon=1e-6, name="norm")(x)
+        x = nn.gelu(nn.Dense(4 * self.dim, name="pwconv1")(x))
+        x = nn.Dense(self.dim, name="pwconv2")(x)
+        gamma = self.param("gamma", nn.initializers.constant(1e-6), (self.dim,))
+        return r + gamma * x
+
+
+class ConvNeXt(nn.Module):
+    dims: tuple = (32, 64, 128)
+    depths: tuple = (1, 1, 2)
+    classes: int = 1000
+
+    @nn.compact
+    def __call__(self, x):
+        for i, (dim, depth) in enumerate(zip(self.dims, self.depths, strict=True)):
+            if i == 0:
+                x = nn.Conv(dim, (4, 4), (4, 4), padding="VALID", name="stem_conv")(x)
+                x = nn.LayerNorm(epsilon=1e-6, name="stem_norm")(x)
+            else:
+                x = nn.LayerNorm(epsilon=1e-6, name=f"down_norm_{i}")(x)
+                x = nn.Conv(dim, (2, 2), (2, 2), padding="VALID", name=f"down_conv_{i}")(x)
+            for j in range(depth):
+                x = ConvNeXtBlock(dim, name=f"stage_{i}_{j}")(x)
+        x = nn.LayerNorm(epsilon=1e-6, name="norm")(x.mean(axis=(1, 2)))
+        return nn.Dense(self.classes, name="head")(x)
+
+
+def convnext_hand(mesh):
+    f = "fsdp" if "fsdp" in mesh else None
+    return [(r"pwconv1/kernel$", P(f, "model")), (r"pwconv1/bias$", P("model")),
+            (r"pwconv2/kernel$", P("model", f)),
+            (r"head/kernel$", P(f, "model")), (r"head/bias$", P("model")),
+            (r"(stem_conv|down_conv_\d+)/kernel$", P(None, None, None, f)),
+            (r".*", P())]
+
+
+class ConformerFF(nn.Module):
+    d: int
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.LayerNorm()(x)
+        y = nn.swish(nn.Dense(4 * self.d, name="w1")(y))
+        return nn.Dense(self.d, name="w2")(y)
+
+
+class ConformerConv(nn.Module):
+    d: int
+    kernel: int = 15
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.LayerNorm()(x)
+        y = nn.Conv(2 * self.d, (1,), name="pointwise_conv1")(y)
+        y = nn.glu(y, axis=-1)
+        y = nn.Conv(self.d, (self.kernel,), padding="SAME", feature_group_count=self.d, name="depthwise_conv")(y)
+        y = nn.BatchNorm(use_running_average=False, momentum=0.9, name="batch_norm")(y)
+        y = nn.swish(y)
+        return nn.Conv(self.d, (1,), name="pointwise_conv2")(y)
+
+
+class ConformerBlock(nn.Module):
+    d: int
+    heads: int
+
+    @nn.compact
+    def __call__(self, x):
+        x = x + 0.5 * ConformerFF(self.d, name="ff1")(x)
+        y = nn.LayerNorm()(x)
+        x = x + nn.MultiHeadDotProductAttention(self.heads, deterministic=True, name="mhsa")(y, y)
+        x = x + ConformerConv(self.d, name="conv")(x)
+        x = x + 0.5 * ConformerFF(self.d, name="ff2")(x)
+        return nn.LayerNorm(name="final_norm")(x)
+
+
+class Conformer(nn.Module):
+    """A Conformer encoder (Gulati et al.): a 4x conv subsampler, blocks, a CTC head."""
+
+    d: int = D
+    heads: int = H
+    depth: int = L
+    vocab: int = V
+
+    @nn.compact
+    def __call__(self, feats):
+        x = nn.Conv(self.d, (3,), (2,), name="subsample_0")(feats)
+        x = nn.Conv(self.d, (3,), (2,), name="subsample_1")(nn.relu(x))
+        x = nn.Dense(self.d, name="input_proj")(nn.relu(x))
+        for i in range(self.depth):
+            x = ConformerBlock(self.d, self.heads, name=f"block_{i}")(x)
+        return nn.Dense(self.vocab, name="ctc_head")(x)
+
+
+def conformer_hand(mesh):
+    f = "fsdp" if "fsdp" in mesh else None
+    return [(r"(query|key|value)/kernel$", P(f, "model", None)), (r"(query|key|value)/bias$", P("model", None)),
+            (r"out/kernel$", P("model", None, f)),
+            (r"ff[12]/w1/kernel$", P(f, "model")), (r"ff[12]/w1/bias$", P("model")),
+            (r"ff[12]/w2/kernel$", P("model", f)),
+            (r"ctc_head/kernel$", P(f, "model")), (r"ctc_head/bias$", P("model")),
+            (r".*", P())]
+
+
 # ------------------------------------------------------------------ builders
 def _xent(logits, *_):
     return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
 
 
-def _mse(out, x):
+def _mse(out, x, *_):
     return jnp.mean((out - x) ** 2)
 
 
@@ -330,6 +515,14 @@ def build(name: str) -> tuple[Built, Any]:
         m, sample, hand = ResNet(), (jax.ShapeDtypeStruct((B, 64, 64, 3), jnp.float32),), resnet_hand
     elif name == "unet":
         m, sample, hand = UNet(), (jax.ShapeDtypeStruct((B, 32, 32, 3), jnp.float32),), conv_hand
+    elif name == "dit":
+        m, hand = DiT(), dit_hand
+        sample = (jax.ShapeDtypeStruct((B, 32, 32, 4), jnp.float32), jax.ShapeDtypeStruct((B,), jnp.float32),
+                  jax.ShapeDtypeStruct((B,), jnp.int32))
+    elif name == "convnext":
+        m, sample, hand = ConvNeXt(), (jax.ShapeDtypeStruct((B, 32, 32, 3), jnp.float32),), convnext_hand
+    elif name == "conformer":
+        m, sample, hand = Conformer(), (jax.ShapeDtypeStruct((B, 64, 80), jnp.float32),), conformer_hand
     else:
         raise SystemExit(f"unknown {name}")
     variables = jax.eval_shape(lambda: m.init(jax.random.key(0), *[jnp.zeros(s.shape, s.dtype) for s in sample]))
@@ -338,11 +531,11 @@ def build(name: str) -> tuple[Built, Any]:
             return m.apply(v, *x, mutable=["batch_stats"])[0]
     else:
         fn = m.apply
-    loss = _mse if name == "unet" else _xent
+    loss = _mse if name in ("unet", "dit") else _xent
     return Built(name, m, variables, sample, fn, loss), hand
 
 
-NAMES = ("wmt", "wmt-noann", "vit", "mixer", "scan", "resnet", "unet")
+NAMES = ("wmt", "wmt-noann", "vit", "mixer", "scan", "resnet", "unet", "dit", "convnext", "conformer")
 
 
 def main(argv=None):

@@ -519,3 +519,33 @@ def test_a_depthwise_conv_passes_the_channel_split_through():
     assert spec == {"up/kernel": (P(None, "model"), "column"), "down/kernel": (P("model", None), "row"),
                     "conv/kernel": (P(None, None, "model"), "column"), "conv/bias": (P("model"), "column")}
     assert "depthwise conv (traced" in p.decisions["params/conv/kernel"].reason
+
+
+class _ConvNeXtBlock(nn.Module):
+    """ConvNeXt's block: a depthwise 7x7 conv reading the residual stream, LayerNorm, a 4x MLP, layer scale."""
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.Conv(32, (7, 7), padding=3, feature_group_count=32, name="dwconv")(x)
+        y = nn.Dense(32, name="pwconv2")(nn.gelu(nn.Dense(128, name="pwconv1")(nn.LayerNorm(name="norm")(y))))
+        return x + self.param("gamma", nn.initializers.constant(1e-6), (32,)) * y
+
+
+class _ConvNeXt(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = _ConvNeXtBlock(name="block_0")(nn.Conv(32, (4, 4), (4, 4), name="stem")(x))
+        return _ConvNeXtBlock(name="block_1")(x)  # the second block's input is a sum: no one kernel's channels
+
+
+def test_a_depthwise_conv_reading_a_stream_is_no_column():
+    # a depthwise conv widens nothing: paired as the column of the MLP's up-projection it left that to
+    # all-reduce its 4x-wide output (a ConvNeXt on data=2,model=4: 1.63x the collectives of the Megatron
+    # layout, benchmarks/linen_probe.py --arch convnext). The up -> down pair is the MLP's; the conv
+    # stays whole like its input
+    m, x = _ConvNeXt(), jnp.zeros((8, 32, 32, 3))
+    p = tpflax.plan(abstract(m, x), {"data": 2, "model": 4}, model=m, sample=(x,))
+    spec = {k.split("/", 1)[1]: d.spec for k, d in p.decisions.items() if "block_" in k and "kernel" in k}
+    assert spec == {f"block_{i}/{n}/kernel": s for i in range(2)
+                    for n, s in (("dwconv", P(None, None, None, None)), ("pwconv1", P(None, "model")),
+                                 ("pwconv2", P("model", None)))}

@@ -176,11 +176,14 @@ def _sources_by_dim(c: _Flow, rid: int) -> dict[int, dict[int, Edge]]:
         prev = by_rdim[e.dst_dim].get(S.id)
         if prev is None or e.src_dim < prev.src_dim:
             by_rdim[e.dst_dim][S.id] = e
-    for srcs in by_rdim.values():  # a depthwise kernel between a column and the row follows the column
-        for sid in [s for s in srcs if c.cand[s].path in c.flow.channelwise]:
-            if c.flow.channelwise[c.cand[sid].path][0] in srcs:
-                del srcs[sid]
-    return by_rdim
+    # A depthwise kernel is no column: it widens nothing, and its channels are its input's (it follows the
+    # kernel that makes them, followers._depthwise). Between a column and the row it follows the column
+    # (Mamba's conv1d); reading a stream (ConvNeXt's 7x7 before LayerNorm and its MLP) it would take the
+    # MLP's up-projection as its row, leaving that to all-reduce its 4x-wide output
+    for srcs in by_rdim.values():
+        for sid in [s for s in srcs if c.cand[s].path in c.flow.channelwise or c.cand[s].grouped == 0]:
+            del srcs[sid]
+    return {d: srcs for d, srcs in by_rdim.items() if srcs}
 
 
 def _kept_size(c: _Flow, uid: int) -> int:
