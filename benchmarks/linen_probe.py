@@ -6,6 +6,9 @@ pure FSDP.
 
     python benchmarks/linen_probe.py                    # every model, both meshes
     python benchmarks/linen_probe.py --arch vit mixer --mesh fsdp=2,model=4
+
+A run of every model, mesh and plan writes ``results/linen_probe.md``
+(``--write PATH`` for another file, ``--no-write`` to print only).
 """
 
 from __future__ import annotations
@@ -542,9 +545,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", nargs="*", default=list(NAMES))
     ap.add_argument("--mesh", nargs="*", default=[mesh_label(m) for m in MESHES])
-    ap.add_argument("--plans", nargs="*", default=["tree", "model", "megatron", "replicated", "fsdp"])
+    ap.add_argument("--plans", nargs="*", default=list(PLANS))
+    ap.add_argument("--write", default=None, help="markdown table path (default: results/linen_probe.md "
+                                                   "when every model, mesh and plan ran)")
+    ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     meshes = [{k: int(v) for k, v in (kv.split("=") for kv in m.split(","))} for m in args.mesh]
+    table: list[tuple[str, str, str, Any, Any]] = []
     for name in args.arch:
         built, hand = build(name)
         for mesh in meshes:
@@ -558,6 +565,7 @@ def main(argv=None):
                 r = measure(name, mesh, pname, p, built)
                 rows[pname] = r
             ref = rows.get("megatron")
+            table += [(name, mesh_label(mesh), pname, r, ref) for pname, r in rows.items()]
             for pname, r in rows.items():
                 if r.error:
                     print(f"{name:<10}{mesh_label(mesh):<18}{pname:<11}{r.error}", flush=True)
@@ -569,7 +577,54 @@ def main(argv=None):
                 est = f" est {r.est_comm / r.comm:.3f}" if r.est_comm and r.comm else f" est {r.est_comm}"
                 print(f"{name:<10}{mesh_label(mesh):<18}{pname:<11}{r.bytes:>12.0f} B {r.comm:>12.0f} comm "
                       f"{r.flops:>10.3g} fl{est}{rel}", flush=True)
+    everything = set(args.arch) == set(NAMES) and len(meshes) == len(MESHES) and set(args.plans) == set(PLANS)
+    path = args.write or (Path(__file__).resolve().parent / "results" / "linen_probe.md" if everything else None)
+    if path and not args.no_write:
+        Path(path).write_text(_markdown(table))
+        print(f"wrote {path}")
     return 0
+
+
+PLANS = ("tree", "model", "megatron", "replicated", "fsdp")
+
+
+def _markdown(table) -> str:
+    """The run as a table: the three numbers, their ratios to the hand layout, the estimate's error."""
+    def ratio(a, b):
+        return f"{a / b:.3f}" if a is not None and b else "-"
+
+    out = ["# tpflax on linen models nobody here wrote",
+           "",
+           "`python benchmarks/linen_probe.py` (generated). Models written the way the Flax examples, big_vision "
+           "and the models' reference JAX code write them (wmt Transformer with and without logical annotations, "
+           "ViT, MLP-Mixer, an `nn.scan(nn.remat)` DenseGeneral/Einsum decoder, a BatchNorm ResNet with "
+           "ConvTranspose, a GroupNorm UNet, DiT with adaLN-Zero, ConvNeXt, a Conformer); tiny widths; the adamw "
+           "train step of `tpflax.make_train_step` compiled on 8 CPU-emulated devices and measured as "
+           "`benchmarks/third_party.py` measures (`measure`). **x hand**: ratio to the Megatron layout written "
+           "by hand for the model (`*_hand` in the script; lower is better). **est.**: "
+           "`tpflax.estimate(..., model=fn, backend=\"cpu\")` collective bytes over the compiled ones.",
+           "",
+           "| model | mesh | plan | bytes/device | comm/step | flops/device | x hand (bytes / comm / flops) | est. |",
+           "|---|---|---|---:|---:|---:|---|---:|"]
+    above, off = [], []
+    for name, mesh, pname, r, ref in table:
+        if r.error:
+            out.append(f"| {name} | {mesh} | {pname} | {r.error} | | | | |")
+            continue
+        xs = (ratio(r.bytes, ref.bytes), ratio(r.comm, ref.comm), ratio(r.flops, ref.flops)) \
+            if ref is not None and not ref.error else ("-",) * 3
+        est = ratio(r.est_comm, r.comm)
+        out.append(f"| {name} | {mesh} | {pname} | {r.bytes:,.0f} | {r.comm:,.0f} | {r.flops:.4g} | "
+                   f"{' / '.join(xs)} | {est} |")
+        if pname in ("tree", "model") and any(x != "-" and float(x) > 1.005 for x in xs):
+            above.append(f"- {name} {mesh} {pname}: {' / '.join(xs)}")
+        if est != "-" and abs(float(est) - 1) > 0.10:
+            off.append(f"- {name} {mesh} {pname}: estimate {est} of the compiled collectives")
+    out += ["", "tpflax plans above the hand layout on some number by more than 0.5%:", ""]
+    out += above or ["- none"]
+    out += ["", "Estimates more than 10% off the compiled collectives:", ""]
+    out += off or ["- none"]
+    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":
