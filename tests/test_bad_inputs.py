@@ -401,6 +401,21 @@ def test_zero_size_dims_plan_and_place():
     assert tpflax.unshard(placed)["empty"].shape == (0, 8)
 
 
+def test_zero_size_leaf_beside_a_column_row_pair_is_replicated_and_moves_no_other_leaf():
+    """Regression: a (0, 64) leaf beside an MLP divided the fused-kernel search by its 0 width
+    (ZeroDivisionError), and with fsdp it was split over fsdp though it holds nothing."""
+    mlp = {"up": {"kernel": np.ones((64, 256), np.float32)}, "down": {"kernel": np.ones((256, 64), np.float32)}}
+    t = {**mlp, "empty": np.zeros((0, 64), np.float32)}
+    for axes in ({"data": 2, "model": 4}, {"fsdp": 2, "model": 4}):
+        p = tpflax.plan(t, axes, fsdp_min_bytes=0)
+        d = p.decisions["empty"]
+        assert (d.spec, d.strategy, d.reason) == (P(None, None), "replicate", "zero-size leaf: nothing to split")
+        assert {k: p.decisions[k].spec for k in ("up/kernel", "down/kernel")} == \
+            {k: d.spec for k, d in tpflax.plan(mlp, axes, fsdp_min_bytes=0).decisions.items()}
+        placed = tpflax.shard(t, p, mesh(**axes))
+        assert tpflax.unshard(placed)["empty"].shape == (0, 64) and placed["empty"].sharding.spec == P(None, None)
+
+
 # ---------------------------------------------------------------------------
 # the CLI: exit codes, streams, help
 
