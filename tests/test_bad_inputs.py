@@ -416,6 +416,32 @@ def test_zero_size_leaf_beside_a_column_row_pair_is_replicated_and_moves_no_othe
         assert tpflax.unshard(placed)["empty"].shape == (0, 64) and placed["empty"].sharding.spec == P(None, None)
 
 
+
+def test_a_python_float_param_is_planned_as_the_float32_jax_holds(tmp_path):
+    """Regression: ``self.param("temperature", lambda _: 0.07)`` leaves a Python float in linen's
+    variables. It was planned as float64, which jax cannot hold (x64 off): shard placed float32, and
+    then restore_checkpoint with that very plan and make_train_step both refused the float32 leaf."""
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(16)(x) / self.param("temperature", lambda _: 0.07)
+
+    x = jnp.ones((8, 16))
+    v = Net().init(jax.random.key(0), x)
+    assert type(v["params"]["temperature"]) is float
+    p = tpflax.plan(v, {"data": 2, "model": 4})
+    d = p.decisions["params/temperature"]
+    assert (d.dtype, d.bytes) == ("float32", 4)
+    placed = tpflax.shard(v, p, mesh(data=2, model=4))
+    assert placed["params"]["temperature"].dtype == np.float32
+    tpflax.save_checkpoint(tmp_path / "ck", placed, plan=p)
+    back = tpflax.restore_checkpoint(tmp_path / "ck", p, mesh(data=2, model=4))
+    assert float(back["params"]["temperature"]) == float(np.float32(0.07))
+    ts = tpflax.make_train_step(Net(), p, mesh(data=2, model=4), optax.sgd(0.1), sample=(x,),
+                                loss=lambda out, x: jnp.mean(out ** 2))
+    assert ts.args[0]["params"]["temperature"].dtype == np.float32
+
+
 # ---------------------------------------------------------------------------
 # the CLI: exit codes, streams, help
 
