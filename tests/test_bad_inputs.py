@@ -284,6 +284,10 @@ BAD = [
         EstimateError, ("act_dtype='float99'", "'bfloat16'")),
     Bad("optimizer that is not an optax transformation", lambda: tpflax.estimate(PLAN, "adam", {"x": (2, 4)}),
         EstimateError, ("optimizer.init failed", "optax.GradientTransformation")),
+    Bad("an optimizer name for a training step",  # was an EstimateError from inside the cost model
+        lambda: tpflax.make_train_step(lambda v, x: x @ v["a"]["kernel"], PLAN, mesh(model=2), "adamw",
+                                       sample=(S((2, 4), "float32"),), loss=lambda out, x: out.mean()),
+        tpflax.OptionError, ("'adamw'", "not an optax GradientTransformation", "optax.adamw(1e-3)")),
     Bad("estimate of something that is not a plan", lambda: tpflax.estimate(None, None, {"x": (2, 4)}),
         EstimateError, ("expected a tpflax.Plan", "NoneType", "tpflax.plan(tree, mesh)")),
     Bad("model factory string that does not import", lambda: load_model("no_such_pkg.models:make"),

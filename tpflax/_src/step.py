@@ -232,6 +232,9 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
     from tpflax._src.apply.bind import check_mesh
 
     check_mesh(plan, mesh)
+    if not (callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))):
+        raise OptionError(f"optimizer {optimizer!r} is not an optax GradientTransformation (no init() and "
+                          "update()); pass one, e.g. optax.adamw(1e-3)")
     given = variables
     try:
         with mesh_context(mesh):
