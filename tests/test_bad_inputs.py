@@ -407,7 +407,8 @@ def test_zero_size_dims_plan_and_place():
 
 def test_zero_size_leaf_beside_a_column_row_pair_is_replicated_and_moves_no_other_leaf():
     """Regression: a (0, 64) leaf beside an MLP divided the fused-kernel search by its 0 width
-    (ZeroDivisionError), and with fsdp it was split over fsdp though it holds nothing."""
+    (ZeroDivisionError), and with fsdp it was split over fsdp though it holds nothing.
+    A scanned stack of zero layers crashed the same way."""
     mlp = {"up": {"kernel": np.ones((64, 256), np.float32)}, "down": {"kernel": np.ones((256, 64), np.float32)}}
     t = {**mlp, "empty": np.zeros((0, 64), np.float32)}
     for axes in ({"data": 2, "model": 4}, {"fsdp": 2, "model": 4}):
@@ -418,6 +419,11 @@ def test_zero_size_leaf_beside_a_column_row_pair_is_replicated_and_moves_no_othe
             {k: d.spec for k, d in tpflax.plan(mlp, axes, fsdp_min_bytes=0).decisions.items()}
         placed = tpflax.shard(t, p, mesh(**axes))
         assert tpflax.unshard(placed)["empty"].shape == (0, 64) and placed["empty"].sharding.spec == P(None, None)
+    # a scanned stack of no layers divided the pricing of its options by its layer count (0)
+    stack = {"layers": {"mlp": {"up": {"kernel": S((0, 64, 256), "float32")},
+                                "down": {"kernel": S((0, 256, 64), "float32")}}}}
+    p = tpflax.plan(stack, {"fsdp": 2, "model": 4}, stacked={"layers": 0})
+    assert {d.spec for d in p.decisions.values()} == {P(None, None, None)}
 
 
 

@@ -335,7 +335,7 @@ def _classify_one(leaf: Leaf, layers_at: int | None) -> Facts:
         return facts("state")
     if len(body) == 0:
         return facts("scalar")
-    if 0 in body:  # nothing to split, and no layer to pair: a zero in a width divides the pairing by zero
+    if 0 in shape:  # nothing to split, and no layer to pair: a zero width (or layer count) divides by zero
         return facts("other")
     if is_norm_leaf(leaf) or (len(body) == 1 and any(_is_norm_part(p) for p in unit_parts[-2:])):
         return facts("norm")
