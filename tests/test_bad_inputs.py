@@ -284,6 +284,10 @@ BAD = [
         EstimateError, ("act_dtype='float99'", "'bfloat16'")),
     Bad("optimizer that is not an optax transformation", lambda: tpflax.estimate(PLAN, "adam", {"x": (2, 4)}),
         EstimateError, ("optimizer.init failed", "optax.GradientTransformation")),
+    Bad("an optimizer name for a training step",  # was an EstimateError from inside the cost model
+        lambda: tpflax.make_train_step(lambda v, x: x @ v["a"]["kernel"], PLAN, mesh(model=2), "adamw",
+                                       sample=(S((2, 4), "float32"),), loss=lambda out, x: out.mean()),
+        tpflax.OptionError, ("'adamw'", "not an optax GradientTransformation", "optax.adamw(1e-3)")),
     Bad("estimate of something that is not a plan", lambda: tpflax.estimate(None, None, {"x": (2, 4)}),
         EstimateError, ("expected a tpflax.Plan", "NoneType", "tpflax.plan(tree, mesh)")),
     Bad("model factory string that does not import", lambda: load_model("no_such_pkg.models:make"),
@@ -399,6 +403,53 @@ def test_zero_size_dims_plan_and_place():
     assert p.decisions["empty"].bytes == 0 and p.decisions["empty"].bytes_per_device == 0
     placed = tpflax.shard(t, p, mesh(model=2))
     assert tpflax.unshard(placed)["empty"].shape == (0, 8)
+
+
+def test_zero_size_leaf_beside_a_column_row_pair_is_replicated_and_moves_no_other_leaf():
+    """Regression: a (0, 64) leaf beside an MLP divided the fused-kernel search by its 0 width
+    (ZeroDivisionError), and with fsdp it was split over fsdp though it holds nothing.
+    A scanned stack of zero layers crashed the same way."""
+    mlp = {"up": {"kernel": np.ones((64, 256), np.float32)}, "down": {"kernel": np.ones((256, 64), np.float32)}}
+    t = {**mlp, "empty": np.zeros((0, 64), np.float32)}
+    for axes in ({"data": 2, "model": 4}, {"fsdp": 2, "model": 4}):
+        p = tpflax.plan(t, axes, fsdp_min_bytes=0)
+        d = p.decisions["empty"]
+        assert (d.spec, d.strategy, d.reason) == (P(None, None), "replicate", "zero-size leaf: nothing to split")
+        assert {k: p.decisions[k].spec for k in ("up/kernel", "down/kernel")} == \
+            {k: d.spec for k, d in tpflax.plan(mlp, axes, fsdp_min_bytes=0).decisions.items()}
+        placed = tpflax.shard(t, p, mesh(**axes))
+        assert tpflax.unshard(placed)["empty"].shape == (0, 64) and placed["empty"].sharding.spec == P(None, None)
+    # a scanned stack of no layers divided the pricing of its options by its layer count (0)
+    stack = {"layers": {"mlp": {"up": {"kernel": S((0, 64, 256), "float32")},
+                                "down": {"kernel": S((0, 256, 64), "float32")}}}}
+    p = tpflax.plan(stack, {"fsdp": 2, "model": 4}, stacked={"layers": 0})
+    assert {d.spec for d in p.decisions.values()} == {P(None, None, None)}
+
+
+
+def test_a_python_float_param_is_planned_as_the_float32_jax_holds(tmp_path):
+    """Regression: ``self.param("temperature", lambda _: 0.07)`` leaves a Python float in linen's
+    variables. It was planned as float64, which jax cannot hold (x64 off): shard placed float32, and
+    then restore_checkpoint with that very plan and make_train_step both refused the float32 leaf."""
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(16)(x) / self.param("temperature", lambda _: 0.07)
+
+    x = jnp.ones((8, 16))
+    v = Net().init(jax.random.key(0), x)
+    assert type(v["params"]["temperature"]) is float
+    p = tpflax.plan(v, {"data": 2, "model": 4})
+    d = p.decisions["params/temperature"]
+    assert (d.dtype, d.bytes) == ("float32", 4)
+    placed = tpflax.shard(v, p, mesh(data=2, model=4))
+    assert placed["params"]["temperature"].dtype == np.float32
+    tpflax.save_checkpoint(tmp_path / "ck", placed, plan=p)
+    back = tpflax.restore_checkpoint(tmp_path / "ck", p, mesh(data=2, model=4))
+    assert float(back["params"]["temperature"]) == float(np.float32(0.07))
+    ts = tpflax.make_train_step(Net(), p, mesh(data=2, model=4), optax.sgd(0.1), sample=(x,),
+                                loss=lambda out, x: jnp.mean(out ** 2))
+    assert ts.args[0]["params"]["temperature"].dtype == np.float32
 
 
 # ---------------------------------------------------------------------------

@@ -611,3 +611,36 @@ def test_a_function_returning_linens_mutable_pair_plans_and_steps_as_the_module(
     assert not np.allclose(out[0][1]["batch_stats"]["bn"]["mean"], 0)  # the statistics the call left
     assert out[0][0] == out[1][0]  # the same program either way
     assert_bit_exact(out[0][1], out[1][1])
+
+
+def test_a_planned_frozendict_steps_with_what_shard_and_shard_optimizer_state_return():
+    # variables planned as a FrozenDict (flax < 0.7's init, or a restored checkpoint) while the linen
+    # model's own init makes dicts: the step's in_shardings were dicts, so jax.jit refused the FrozenDict
+    # that tpflax.shard and shard_optimizer_state(tx, None, plan, mesh) return for that plan (a bare
+    # "pytree structure error"), and the step's merge turned the variables back into a dict. The same
+    # step of the same tree planned as dicts is the reference: same specs, same program, so bit-exact
+    import flax.linen as nn
+    import jax.numpy as jnp
+    from flax.core import FrozenDict, freeze
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            t = self.param("temperature", lambda _: jnp.float32(0.5))  # a learned rank-0 scalar
+            return nn.Dense(32, name="down")(nn.gelu(nn.Dense(128, name="up")(x))) / t
+
+    x = jax.random.normal(jax.random.key(1), (8, 32))
+    mse = lambda out, x: jnp.mean((out - x) ** 2)  # noqa: E731
+    tx, m = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3)), Net()
+    v = jax.device_get(m.init(jax.random.key(0), x))
+    runs = []
+    for tree in (freeze(v), v):
+        plan = tpflax.plan(tree, {"fsdp": 2, "model": 4}, fsdp_min_bytes=0)
+        mesh = tpflax.make_mesh(plan.mesh)
+        ts = tpflax.make_train_step(m, plan, mesh, tx, sample=(x,), loss=mse)
+        step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings, compiler_options=FAST)
+        runs.append(step(tpflax.shard(tree, plan, mesh), tpflax.shard_optimizer_state(tx, None, plan, mesh), (x,)))
+    (frozen, frozen_state, frozen_loss), (plain, plain_state, plain_loss) = runs
+    assert isinstance(frozen, FrozenDict) and isinstance(frozen["params"], FrozenDict)
+    assert isinstance(frozen_state[1][0].mu, FrozenDict) and not isinstance(plain, FrozenDict)
+    assert_bit_exact((frozen, frozen_state, frozen_loss), (plain, plain_state, plain_loss))

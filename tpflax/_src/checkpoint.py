@@ -147,7 +147,7 @@ def save_checkpoint(path: str | os.PathLike, tree: Any, *, plan: Plan | None = N
     _sync("tpflax-ckpt-clean")
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(tmp, unboxed(tree))
+            ckptr.save(tmp, _saveable(tree))
             ckptr.wait_until_finished()
     except Exception as e:
         raise CheckpointError(f"saving {final} failed: {type(e).__name__}: {e}") from e
@@ -170,6 +170,12 @@ def save_checkpoint(path: str | os.PathLike, tree: Any, *, plan: Plan | None = N
     return final
 
 
+def _saveable(tree: Any) -> Any:
+    """``tree`` unboxed, its zero-size leaves None: orbax refuses to write an array with no elements,
+    and there is nothing to write (``tpflax.json`` records their shapes and dtypes; restore remakes them)."""
+    return jax.tree_util.tree_map(lambda x: None if 0 in jax.numpy.shape(x) else x, unboxed(tree))
+
+
 def _save_step(root: Path, tree: Any, step: int, keep: int | None, overwrite: bool,
                plan: Plan | None) -> Path:
     """One step through orbax's CheckpointManager (its atomic tmp-dir-and-rename, its layout)."""
@@ -182,7 +188,7 @@ def _save_step(root: Path, tree: Any, step: int, keep: int | None, overwrite: bo
                     raise CheckpointError(f"step {step} already exists in {root}; pass overwrite=True "
                                           "or save a new step")
                 manager.delete(step)
-            manager.save(step, args=ocp.args.StandardSave(unboxed(tree)), force=True,
+            manager.save(step, args=ocp.args.StandardSave(_saveable(tree)), force=True,
                          custom_metadata={"tpflax": _marker(tree, plan)})
             manager.wait_until_finished()
     except CheckpointError:
@@ -201,8 +207,14 @@ def _item_tree(ocp: Any, item: Path) -> Any:
         raise CheckpointError(f"cannot read the metadata of {item}: {type(e).__name__}: {e}") from e
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
-    return jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree,
+    tree = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree,
                                   is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+    empty = _recorded_empty(item)
+    if not empty:
+        return tree
+    # the zero-size leaves tpflax saved as None (see _saveable), back as the leaves it recorded
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)
+    return jax.tree_util.tree_unflatten(treedef, [empty.get(keystr(p)) if x is None else x for p, x in flat])
 
 
 def checkpoint_tree(path: str | os.PathLike, *, step: int | None = None, item: str | None = None) -> Any:
@@ -242,8 +254,8 @@ def _saved_tree(ocp: Any, item: Path) -> Any:
     return jax.tree_util.tree_unflatten(treedef, [_wanted(x, keys.get(keystr(p))) for p, x in flat])
 
 
-def _recorded_keys(item: Path) -> dict[str, jax.ShapeDtypeStruct]:
-    """``{path: key}`` for the typed PRNG keys tpflax recorded when it saved ``item`` (its
+def _recorded_leaves(item: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{path: (shape, dtype)}`` of the leaves tpflax recorded when it saved ``item`` (its
     ``tpflax.json``, or the CheckpointManager step's custom metadata); {} without a record."""
     marker = _read_json(item / MARKER)
     if marker is None:
@@ -251,13 +263,22 @@ def _recorded_keys(item: Path) -> dict[str, jax.ShapeDtypeStruct]:
         marker = (step_meta.get("custom_metadata") or {}).get("tpflax") if isinstance(step_meta, dict) else None
     if not isinstance(marker, dict) or marker.get("format") != FORMAT:
         return {}
+    return {str(leaf["path"]): (tuple(int(d) for d in leaf["shape"]), str(leaf.get("dtype")))
+            for leaf in marker.get("leaves") or ()
+            if isinstance(leaf, dict) and "path" in leaf and isinstance(leaf.get("shape"), list)}
+
+
+def _recorded_keys(item: Path) -> dict[str, jax.ShapeDtypeStruct]:
+    """``{path: key}`` for the typed PRNG keys tpflax recorded when it saved ``item``."""
     kinds = key_kinds()
-    out = {}
-    for leaf in marker.get("leaves") or ():
-        kind = kinds.get(str(leaf.get("dtype"))) if isinstance(leaf, dict) else None
-        if kind is not None and "path" in leaf and isinstance(leaf.get("shape"), list):
-            out[str(leaf["path"])] = jax.ShapeDtypeStruct(tuple(int(d) for d in leaf["shape"]), kind[1])
-    return out
+    return {path: jax.ShapeDtypeStruct(shape, kinds[dtype][1])
+            for path, (shape, dtype) in _recorded_leaves(item).items() if dtype in kinds}
+
+
+def _recorded_empty(item: Path) -> dict[str, jax.ShapeDtypeStruct]:
+    """``{path: leaf as stored}`` for the zero-size leaves tpflax recorded (and did not write) saving ``item``."""
+    return {path: jax.ShapeDtypeStruct(*_stored_form(shape, dtype))
+            for path, (shape, dtype) in _recorded_leaves(item).items() if 0 in shape}
 
 
 def _read_json(path: Path) -> Any:
@@ -305,6 +326,12 @@ def _as_key(x: Any, want: jax.ShapeDtypeStruct) -> Any:
     if kind is None or str(x.dtype) == str(want.dtype):
         return x
     return jax.random.wrap_key_data(x, impl=kind[0])
+
+
+def _empty(stored: jax.ShapeDtypeStruct, want: jax.ShapeDtypeStruct, sharding: Any) -> Any:
+    """A zero-size leaf (not in the files: see _saveable) as ``want``, placed with ``sharding``."""
+    x = _as_key(jax.numpy.zeros(stored.shape, stored.dtype), want)
+    return jax.device_put(x, sharding)
 
 
 def _target_problems(paths: list[str], boxes: list[Any],
@@ -377,15 +404,18 @@ def _restore_item(ocp: Any, item: Path, plan: Plan | None, mesh: Any, like: Any,
         shard_list = [SingleDeviceSharding(jax.local_devices()[0])] * len(paths)
     # a typed PRNG key is read as the key the target (like= or the plan) has, not as its key data
     wanted = [_wanted(stored_leaves[p], t) for p, t in zip(paths, targets, strict=True)]
+    empty = [0 in stored_leaves[p].shape for p in paths]  # saved as None: nothing to read
     target = jax.tree_util.tree_unflatten(treedef, [
-        jax.ShapeDtypeStruct(w.shape, w.dtype, sharding=s)
-        for w, s in zip(wanted, shard_list, strict=True)])
+        None if e else jax.ShapeDtypeStruct(w.shape, w.dtype, sharding=s)
+        for w, s, e in zip(wanted, shard_list, empty, strict=True)])
     try:
         with ocp.StandardCheckpointer() as ckptr:
             restored = ckptr.restore(item, target)
     except Exception as e:
         raise CheckpointError(f"restoring {item} failed: {type(e).__name__}: {e}") from e
-    values = [_as_key(x, w) for x, w in zip(treedef.flatten_up_to(restored), wanted, strict=True)]
+    values = [_empty(stored_leaves[p], w, s) if e else _as_key(x, w)
+              for x, w, p, s, e in zip(treedef.flatten_up_to(restored), wanted, paths, shard_list, empty,
+                                       strict=True)]
     if plan is not None and has_layouts(plan):  # saved in the model's order
         values = reorder(values, [d.layout for d in decisions] if shardings is None
                          else tree_layouts(plan, structure))

@@ -23,7 +23,7 @@ from typing import Any
 
 from tpflax._src.cost.optstate import opt_state_specs
 from tpflax._src.errors import OptionError, PlanMismatchError
-from tpflax._src.facts.tree import is_nnx_state, unboxed, walk
+from tpflax._src.facts.tree import is_nnx_state, keystr, unboxed, walk
 from tpflax._src.mesh import batch_pspec
 from tpflax._src.model import Model, as_model, is_zoo
 from tpflax._src.planner.decision import Decision
@@ -232,10 +232,15 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
     from tpflax._src.apply.bind import check_mesh
 
     check_mesh(plan, mesh)
+    if not (callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))):
+        raise OptionError(f"optimizer {optimizer!r} is not an optax GradientTransformation (no init() and "
+                          "update()); pass one, e.g. optax.adamw(1e-3)")
     given = variables
     try:
         with mesh_context(mesh):
             variables, abstract_batch, loss_of = _resolve(model, plan, batch, sample, loss, variables)
+            if given is None:
+                variables = in_plan_containers(plan, variables)
             if not is_zoo(model):  # the zoo calls no shard_map: spare the extra trace (0.1 -> 0.8 s, Llama-2-7B)
                 closed, (value, _) = jax.make_jaxpr(loss_of, return_shape=True)(variables, abstract_batch)
                 _check_scalar_loss(value)
@@ -303,6 +308,22 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
             with_shardings(abstract_batch, batch_sh))
     loss_sh = NamedSharding(mesh, PartitionSpec())
     return TrainStep(step, args, (var_sh, opt_sh, batch_sh), (var_sh, opt_sh, loss_sh))
+
+
+def in_plan_containers(plan, variables: Any) -> Any:
+    """``variables`` (a model's own, from ``model.init``) in the containers of the planned tree, when
+    they differ only there (a FrozenDict or tuples planned, dicts or lists made): the step then takes
+    what :func:`tpflax.shard` and :func:`tpflax.shard_optimizer_state` return for the plan."""
+    import jax
+    from jax.sharding import PartitionSpec
+
+    if is_nnx_state(variables):
+        return variables
+    got, treedef = jax.tree_util.tree_flatten_with_path(variables)
+    want, plan_def = jax.tree_util.tree_flatten_with_path(plan.specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    if treedef == plan_def or [keystr(p) for p, _ in got] != [keystr(p) for p, _ in want]:
+        return variables
+    return jax.tree_util.tree_unflatten(plan_def, [x for _, x in got])
 
 
 def _check_scalar_loss(value: Any) -> None:

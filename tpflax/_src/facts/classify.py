@@ -335,6 +335,8 @@ def _classify_one(leaf: Leaf, layers_at: int | None) -> Facts:
         return facts("state")
     if len(body) == 0:
         return facts("scalar")
+    if 0 in shape:  # nothing to split, and no layer to pair: a zero width (or layer count) divides by zero
+        return facts("other")
     if is_norm_leaf(leaf) or (len(body) == 1 and any(_is_norm_part(p) for p in unit_parts[-2:])):
         return facts("norm")
     if name.lower() in ("bias", "b"):

@@ -205,8 +205,8 @@ def _shape_dtype(x: Any) -> tuple[tuple[int, ...], np.dtype] | None:
             return None
     if isinstance(x, (bool, np.bool_)):
         return (), np.dtype(bool)
-    if isinstance(x, numbers.Number):
-        return (), np.asarray(x).dtype
+    if isinstance(x, numbers.Number):  # a Python scalar: the dtype jax gives it (float32 unless jax_enable_x64)
+        return (), jax.dtypes.canonicalize_dtype(np.asarray(x).dtype)
     return None
 
 

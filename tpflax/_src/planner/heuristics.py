@@ -474,6 +474,8 @@ def _leftovers(st: State, todo: Sequence[Facts]) -> None:
             reason = _LEFTOVER_REASON.get(f.kind, "no strategy applies")
             if f.kind == "embedding" and len(f.body) != 2:
                 reason = "learned positional table: small and added to every token"
+            if 0 in f.leaf.shape:
+                reason = "zero-size leaf: nothing to split"
             if st.mesh.group(TENSOR)[1] == 1 and f.kind in ("dense", "attention", "conv", "embedding"):
                 reason = f"{f.kind}: no tensor axis in the mesh"
             st.put(f, (None,) * len(f.body), "replicate", reason)

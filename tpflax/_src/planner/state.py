@@ -391,7 +391,7 @@ def split_params(plan: Plan, tree: Any) -> tuple[Any, Callable[[Any, Any], Any]]
     collections = any(path.startswith("params/") for path in plan.decisions)
     if collections and isinstance(tree, Mapping) and "params" in tree:
         params, restore = trainable(tree["params"], _plan_keeps(plan, "params/"))
-        return params, lambda t, p: {**t, "params": restore(t["params"], p)}
+        return params, lambda t, p: type(t)({**t, "params": restore(t["params"], p)})  # a FrozenDict stays one
     return trainable(tree, _plan_keeps(plan, ""))
 
 
