@@ -125,8 +125,10 @@ def unconfirmed_pairs(s: Scope) -> frozenset[int]:
     out = set()
     for pc in s.lv.pairs:
         members = (*pc.columns, *pc.rows)
+        # a column whose output scales a larger activation (DiT's adaLN, Traced.streams) reaches the row through
+        # that product, not as the activation the row sums: no edge of a pair
         if pc.columns and pc.rows and all(p in s.contracted for p in members) \
-                and not any((c, r) in s.edges for c in pc.columns for r in pc.rows):
+                and not any((c, r) in s.edges for c in pc.columns if c not in (s.streams or {}) for r in pc.rows):
             out.add(pc.id)
     return frozenset(out)
 
