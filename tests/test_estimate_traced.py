@@ -366,3 +366,46 @@ def test_a_conv_pair_moves_its_maps_channels_wide():
                                 loss=lambda out, x: jnp.mean(out ** 2), variables=tree)
     got = tpflax.dry_run(ts, p, mesh, compiler_options=FAST_XLA).comm()
     assert sum(k.get("model", 0) for k in got.values()) == pytest.approx(2 * maps * 2 * 3 / 4, rel=0.01), got
+
+
+def test_a_tree_pair_the_program_does_not_connect_is_priced_as_two_lone_layers():
+    # two Dense layers numbered c_0, c_1 alone in a block, both reading x: the tree pairs c_0 -> c_1 (chained
+    # widths), but no dataflow edge joins them. XLA gathers c_0's split output (forward) and c_1's split input
+    # gradient (backward) besides the pair's two sums; the estimate priced the sums only (0.78 of the model
+    # axis's compiled bytes) and now prices the gathers too, and says the pair is unconfirmed
+    import flax.linen as nn
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(512, name="c_0")(x) + nn.Dense(512, name="c_1")(x)
+
+    class Two(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Dense(512, name="inp")(x)
+            return x + Block(name="block")(x)
+
+    m, sample = Two(), (jax.ShapeDtypeStruct((8, 16, 64), F32),)
+    variables = jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros(sample[0].shape)))
+    p = tpflax.plan(variables, MESH)
+    assert [p.decisions[f"params/block/{k}/kernel"].role for k in ("c_0", "c_1")] == ["column", "row"]
+    mesh, tx = tpflax.make_mesh(MESH), optax.adamw(1e-3)
+    ts = tpflax.make_train_step(m.apply, p, mesh, tx, sample=sample, loss=lambda out, x: jnp.mean(out ** 2))
+    dr = tpflax.dry_run(ts, p, mesh, compiler_options=FAST_XLA)
+    e = tpflax.estimate(p, tx, model=m.apply, sample=sample, backend="cpu")
+    act = 4 * 16 * 512 * 4  # a device's 4 examples x 16 tokens x 512 features, f32
+    loose = [i for i in e.items if "of its pair" in i.why]
+    assert sorted((i.kind, i.size) for i in loose) == [("all-gather", act), ("all-gather", act)]
+    assert any("no traced dataflow" in n and "block/c_0" in n and "model=fn" in n for n in e.notes), e.notes
+
+    def model(kind):
+        return (sum(c.ring_bytes * c.count for c in dr.collectives if c.kind == kind and c.axes == ("model",)),
+                sum(i.total for i in e.items if i.kind == kind and i.axes == ("model",)))
+
+    got, est = model("all-reduce")
+    assert est == pytest.approx(got, abs=8)  # the loss scalar rides on the column's sum
+    got, est = model("all-gather")
+    # XLA gathers the two split 512-float biases' updated values and moments 6 times, the stream rule prices 3
+    # (3 x 1536 B of 500736 B); the activation gathers are exact
+    assert got - est == 3 * 1536, (got, est)

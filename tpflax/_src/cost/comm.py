@@ -61,6 +61,9 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
     # sums split: XLA:TPU reduce-scatters them into it (an all-reduce's first half; the gathers of the stream
     # behind each norm, _embedding_items, are the second); XLA:CPU has no reduce-scatter pass and all-reduces
     summing = "reduce-scatter" if s.backend == "tpu" and _stream_split(s) else "all-reduce"
+    loose = unconfirmed_pairs(s)
+    if loose:
+        notes.append(_loose_note(s, loose))
     for pc in s.lv.pairs:
         cols, rows = list(pc.columns), list(pc.rows)
         axes = tuple(dict.fromkeys(a for p in cols + rows for a in s.axes(p, TENSOR)))
@@ -105,8 +108,55 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
                 items.append(CommItem("all-gather", axes, _pair_act(c, dec[c], "out", s), n, count, source,
                                       f"replicated column {label[c]} in a split pair: gather its output "
                                       "gradient (backward)"))
+        if pc.id in loose:
+            items += _loose_items(s, pc, axes, n, count, source)
         _heads_note(dec, pc.id, cols, s, notes)
     return items
+
+
+def unconfirmed_pairs(s: Scope) -> frozenset[int]:
+    """The plan's pair classes (ids) whose columns feed none of their rows in the traced program: no traced
+    dataflow edge from a column to a row (:attr:`tpflax._src.cost.traced.Traced.edges`), every member traced
+    as a contraction. A tree plan pairs layers by names and widths; where no such edge is, the pair's split
+    output and split input meet nothing split alike (a U-Net's ConvTranspose_0 -> ConvTranspose_1, each
+    feeding a skip concat; a Conformer's depthwise -> pointwise conv taken in name order). Empty untraced."""
+    if s.edges is None:
+        return frozenset()
+    out = set()
+    for pc in s.lv.pairs:
+        members = (*pc.columns, *pc.rows)
+        # a column whose output scales a larger activation (DiT's adaLN, Traced.streams) reaches the row through
+        # that product, not as the activation the row sums: no edge of a pair
+        if pc.columns and pc.rows and all(p in s.contracted for p in members) \
+                and not any((c, r) in s.edges for c in pc.columns if c not in (s.streams or {}) for r in pc.rows):
+            out.add(pc.id)
+    return frozenset(out)
+
+
+def _loose_items(s: Scope, pc: Any, axes: tuple[str, ...], n: int, count: int, source: str) -> list[CommItem]:
+    """A pair that is no edge of the program: XLA treats each member as alone. The column's split output
+    meets no split row, so it is gathered (forward); the row reads an activation whole and slices it, so its
+    input gradient comes out split and is gathered (backward). The sums the pair prices stay (measured: two
+    linen Dense layers reading one input, tree-paired, XLA:CPU data=2,model=4)."""
+    dec, label = s.lv.decisions, s.lv.label
+    items = [CommItem("all-gather", axes, _pair_act(c, dec[c], "out", s), n, count, source,
+                      f"column {label[c]}, whose output no row of its pair reads (traced): gather it (forward)")
+             for c in pc.columns if s.axes(c, TENSOR)]
+    items += [CommItem("all-gather", axes, _pair_act(r, dec[r], "in", s), n, count, source,
+                       f"row {label[r]}, whose input no column of its pair makes (traced): gather its input "
+                       "gradient (backward)")
+              for r in pc.rows if s.axes(r, TENSOR) and (s.widths or {}).get(r) != 0]
+    return items
+
+
+def _loose_note(s: Scope, loose: frozenset[int]) -> str:
+    label = s.lv.label
+    names = "; ".join(f"{', '.join(label[c] for c in pc.columns)} -> {', '.join(label[r] for r in pc.rows)}"
+                      for pc in s.lv.pairs if pc.id in loose)
+    return (f"column -> row pairs with no traced dataflow between them: {names}. XLA reshards around each "
+            "(gathers of the activations, or moves the kernels); priced as gathers of the column's output and "
+            "the row's input gradient, unconfirmed against the compiled program. Plan with "
+            "plan(..., model=fn, sample=...) to pair the layers the program connects")
 
 
 def _stream_split(s: Scope) -> bool:

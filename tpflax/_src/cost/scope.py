@@ -103,6 +103,8 @@ class Scope:
     # traced tables looked up at batch-free positions: {path: (rows looked up, dims not indexed)} (Traced.positional)
     positional: Mapping[str, tuple[int, tuple[int, ...]]] = field(default_factory=dict)
     loops: Mapping[str, tuple[int, bool]] | None = None  # traced parameters used inside loop bodies (Traced.loops)
+    edges: frozenset[tuple[str, str]] | None = None  # traced dataflow edges (Traced.edges); None: not traced
+    contracted: frozenset[str] = frozenset()  # traced parameters a contraction uses (Traced.contracted)
 
     def one_ring(self, devices: int) -> bool:
         """Whether XLA:TPU reduces over ``devices`` of the mesh on one ring (:func:`tpflax._src.tpu.one_ring`:

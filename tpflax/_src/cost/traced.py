@@ -154,6 +154,8 @@ class Traced:
     grad_deps: Mapping[str, int] = field(default_factory=dict)
     param_paths: tuple[str, ...] = ()
     split_sums: tuple[tuple[frozenset[tuple[str, int]], float, int], ...] = ()
+    edges: frozenset[tuple[str, str]] | None = None
+    contracted: frozenset[str] = frozenset()
 
 
 def frozen_inputs(t: Traced, trainable: Mapping[str, bool]) -> frozenset[str]:
@@ -270,7 +272,9 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
                   frozenset(e.src for e in flow.edges if {"erf", "erfc"} & set(e.via)), product_sums,
                   grad_deps, tuple(flow.paths),
                   tuple((frozenset((flow.uses[u].path, d) for u, d in ks), n / examples, c)
-                        for ks, n, c in flow.split_sums))
+                        for ks, n, c in flow.split_sums),
+                  frozenset((e.src, e.dst) for e in flow.edges),
+                  frozenset(u.path for u in flow.uses if u.op in ("dot", "conv")))
 
 
 def _loops(flow: Any) -> dict[str, tuple[int, bool]]:

@@ -106,6 +106,8 @@ class Workload:
     erf: frozenset[str] = frozenset()
     product_sums: Mapping[str, frozenset[int]] = field(default_factory=dict)
     split_sums: tuple[tuple[frozenset[tuple[str, int]], float, int], ...] = ()
+    edges: frozenset[tuple[str, str]] | None = None  # traced dataflow edges, None: not traced (Traced.edges)
+    contracted: frozenset[str] = frozenset()  # traced parameters a contraction uses (Traced.contracted)
 
     @property
     def saved(self) -> Mapping[str, Sequence[Act]]:
@@ -186,7 +188,8 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     next_token=_next_token(m) if loss is None else reads_slice(m, loss), biased=t.biased,
                     collectives=t.collectives, row_axes=t.row_axes, meets=t.meets,
                     positional=t.positional, loops=t.loops, remat_layers=t.remat_layers, erf=t.erf,
-                    product_sums=t.product_sums, split_sums=t.split_sums)
+                    product_sums=t.product_sums, split_sums=t.split_sums,
+                    edges=t.edges, contracted=t.contracted)
 
 
 def contraction_calls(plan, contractions: Sequence[tuple[str, float, tuple[int, ...], str]],
