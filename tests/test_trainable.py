@@ -234,6 +234,21 @@ def test_the_traced_plan_pairs_the_base_kernels_and_the_row_adapters_join_them(l
         assert p.decisions[f"{col}/lora/lora_b"].pair == p.decisions[f"{col}/kernel"].pair
 
 
+def _linen_adapted():
+    """linen's hand-written low-rank adapter beside its base layer: ``w(x) + u(d(x))``, names that say nothing."""
+    import flax.linen as nn
+
+    class Adapted(nn.Module):
+        out: int
+
+        @nn.compact
+        def __call__(self, x):
+            base = nn.Dense(self.out, use_bias=False, name="w")(x)
+            return base + nn.Dense(self.out, use_bias=False, name="u")(nn.Dense(R, use_bias=False, name="d")(x))
+
+    return Adapted
+
+
 def _lora_mlps():
     """The same residual gated MLP with low-rank adapters on every projection, as nnx.LoRA wraps a base layer
     (``gate/base_module/kernel``, ``gate/lora_a``) and as a linen module writes one by hand
@@ -254,13 +269,7 @@ def _lora_mlps():
         def __call__(self, x):
             return norm(x + self.down(nnx.silu(self.gate(x)) * self.up(x)))
 
-    class Adapted(nn.Module):
-        out: int
-
-        @nn.compact
-        def __call__(self, x):
-            base = nn.Dense(self.out, use_bias=False, name="w")(x)
-            return base + nn.Dense(self.out, use_bias=False, name="u")(nn.Dense(R, use_bias=False, name="d")(x))
+    Adapted = _linen_adapted()
 
     class LinenMLP(nn.Module):
         @nn.compact
@@ -481,13 +490,7 @@ def _lora_blocks():
             h = self.n1(x)
             return self.n2(x + self.down(nnx.silu(self.gate(h)) * self.up(h)))
 
-    class Adapted(nn.Module):
-        out: int
-
-        @nn.compact
-        def __call__(self, x):
-            base = nn.Dense(self.out, use_bias=False, name="w")(x)
-            return base + nn.Dense(self.out, use_bias=False, name="u")(nn.Dense(R, use_bias=False, name="d")(x))
+    Adapted = _linen_adapted()
 
     class LinenBlock(nn.Module):
         @nn.compact
