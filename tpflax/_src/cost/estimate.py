@@ -147,7 +147,7 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
                   moments=param_moments(w.opt))
     every = (comm_items(scope, notes) + expert_items(scope) + buffer_items(scope) + fused_items(scope, notes)
              + grouped_conv_items(scope) + explicit_items(w.collectives, notes) + split_grad_items(scope)
-             + split_sum_items(scope, w.split_sums))
+             + split_sum_items(scope, w.split_sums, w.fused or {}))
     items = tuple(i for i in every if i.total > 0)
     return Estimate(
         per_device=per_device, unsharded=unsharded, savings=savings, comm=comm_table(items), items=items,
@@ -241,7 +241,8 @@ def estimate(plan, optimizer: Any = None, batch: Any = None, *, config: Any = No
     return price(plan.decisions, plan.mesh, w)
 
 
-def split_sum_items(s: Scope, sums: Sequence[tuple[frozenset[tuple[str, int]], float, int]]) -> list[CommItem]:
+def split_sum_items(s: Scope, sums: Sequence[tuple[frozenset[tuple[str, int]], float, int]],
+                    fused: Any = ()) -> list[CommItem]:
     """All-reduces of products of two activations that sum a kernel dim the plan splits over a tensor axis.
 
     A single-head attention (a VAE's mid-block) with q and k split over their channels computes its scores
@@ -253,6 +254,8 @@ def split_sum_items(s: Scope, sums: Sequence[tuple[frozenset[tuple[str, int]], f
     tensor = {a for a, r in s.mesh.roles if r == TENSOR and s.mesh.sizes[a] > 1}
     out = []
     for dims, per_example, runs in sums:
+        if any(p in fused for p, _ in dims):  # a fused kernel's cut pieces: their reshards are priced with it
+            continue
         axes: set[str] = set()
         for path, dim in dims:
             d = s.lv.decisions.get(path)
