@@ -268,10 +268,15 @@ def _with_state(apply: Callable[..., Any], mutable: list[str]) -> Callable[..., 
 
     def forward_state(v, *x):
         out, new = apply(v, *x, mutable=mutable)
-        merged = {**v, **new}
-        return out, (type(v)(merged) if type(v) is not dict else merged)
+        return out, _merged(v, new)
 
     return forward_state
+
+
+def _merged(v: Any, new: Any) -> Any:
+    """The variables ``v`` with the collections a linen call updated (``new``), in ``v``'s container."""
+    merged = {**v, **new}
+    return type(v)(merged) if type(v) is not dict else merged
 
 
 def linen_update(out: Any, variables: Any) -> bool:
@@ -309,7 +314,6 @@ def _state_of(fn: Callable[..., Any]) -> Callable[..., Any]:
         out = fn(v, *x)
         if not linen_update(out, v):
             return out, None
-        merged = {**v, **out[1]}
-        return out[0], (type(v)(merged) if type(v) is not dict else merged)
+        return out[0], _merged(v, out[1])
 
     return forward_state

@@ -280,18 +280,17 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
         leaves, treedef = jax.tree_util.tree_flatten(variables)
 
         def loss_fn(p):
-            if gather_frozen is None:
+            def run(kept=()):  # kept: the frozen fsdp leaves, gathered
+                v = variables
+                if kept:
+                    vl = list(leaves)
+                    for (i, _), x in zip(frozen, kept, strict=True):
+                        vl[i] = x
+                    v = jax.tree_util.tree_unflatten(treedef, vl)
                 with mesh_context(mesh):  # a jax.shard_map without mesh= runs on the step's
-                    return loss_of(merge(variables, p), batch)
+                    return loss_of(merge(v, p), batch)
 
-            def with_frozen(kept):
-                vl = list(leaves)
-                for (i, _), x in zip(frozen, kept, strict=True):
-                    vl[i] = x
-                with mesh_context(mesh):
-                    return loss_of(merge(jax.tree_util.tree_unflatten(treedef, vl), p), batch)
-
-            return gather_frozen(with_frozen)([leaves[i] for i, _ in frozen])
+            return run() if gather_frozen is None else gather_frozen(run)([leaves[i] for i, _ in frozen])
 
         # the optimizer updates the parameters; the rest of the state is what the forward pass left
         # (an nnx module's), else the variables passed in (never the gathered parameters: returning

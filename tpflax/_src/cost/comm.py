@@ -61,7 +61,7 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
     # sums split: XLA:TPU reduce-scatters them into it (an all-reduce's first half; the gathers of the stream
     # behind each norm, _embedding_items, are the second); XLA:CPU has no reduce-scatter pass and all-reduces
     summing = "reduce-scatter" if s.backend == "tpu" and _stream_split(s) else "all-reduce"
-    loose = unconfirmed_pairs(s)
+    loose = _unconfirmed_pairs(s)
     if loose:
         notes.append(_loose_note(s, loose))
     for pc in s.lv.pairs:
@@ -114,7 +114,7 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
     return items
 
 
-def unconfirmed_pairs(s: Scope) -> frozenset[int]:
+def _unconfirmed_pairs(s: Scope) -> frozenset[int]:
     """The plan's pair classes (ids) whose columns feed none of their rows in the traced program: no traced
     dataflow edge from a column to a row (:attr:`tpflax._src.cost.traced.Traced.edges`), every member traced
     as a contraction. A tree plan pairs layers by names and widths; where no such edge is, the pair's split
