@@ -405,7 +405,9 @@ def plan_decisions(plan, tree: Any) -> Any:
 
 
 def frozen_fsdp(plan, variables: Any) -> list[tuple[int, Decision]]:
-    """``(leaf index in tree_leaves(variables), Decision)`` of the frozen float leaves split over an fsdp axis."""
+    """``(leaf index in tree_leaves(variables), Decision)`` of the frozen leaves split over an fsdp axis:
+    float ones (a LoRA base) and quantized integer kernels, gathered as stored (int8: a quarter of the
+    bytes XLA would move gathering the dequantized float32 kernel)."""
     import jax
 
     from tpflax._src.specs import used_axes
@@ -416,7 +418,8 @@ def frozen_fsdp(plan, variables: Any) -> list[tuple[int, Decision]]:
         return []
     fsdp = fsdp_axes(plan)
     return [(i, d) for i, (x, d) in enumerate(zip(leaves, decs, strict=True))
-            if not d.trainable and used_axes(d.spec) & fsdp and jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)]
+            if not d.trainable and used_axes(d.spec) & fsdp
+            and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)]
 
 
 def fsdp_gather(plan, mesh, decisions: Any) -> Callable[[Callable[[Any], Any]], Callable[[Any], Any]] | None:

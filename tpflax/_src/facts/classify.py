@@ -3,7 +3,9 @@
 Pure functions over :class:`tpflax.tree.Leaf`. The kinds are:
 ``embedding``, ``dense``, ``attention``, ``conv``, ``norm``, ``bias``, ``expert``,
 ``recurrent``, ``router``, ``scalar``, ``state`` (non-param collections),
-``int`` (integer/bool/PRNG-key leaves) and ``other``.
+``int`` (integer/bool/PRNG-key leaves) and ``other``. A quantized kernel (an integer leaf of rank >= 2
+named like a kernel, with a float ``scale`` sibling sized like one of its dims: QLoRA's frozen int8
+base, AQT's serving weights) is classified as the float kernel it stands for (:func:`quantized_scales`).
 """
 
 from __future__ import annotations
@@ -283,7 +285,58 @@ def _stack_siblings(group: Sequence[Leaf], out: dict[str, int | None]) -> None:
 def classify(leaves: Sequence[Leaf], stacked: str | Mapping[str, int] | None = None) -> list[Facts]:
     """Classify every leaf. Pure; the order of the result follows ``leaves``."""
     stack = detect_stacked(leaves, stacked)
-    return _mirrored_experts([_classify_one(leaf, stack[leaf.path]) for leaf in leaves])
+    weights = set(quantized_scales(leaves).values())
+    return _mirrored_experts([_classify_one(leaf, stack[leaf.path], leaf.path in weights) for leaf in leaves])
+
+
+_SCALE = re.compile(r"scale", re.I)
+
+
+def quantized_scales(leaves: Sequence[Leaf]) -> dict[str, str]:
+    """``{scale path: kernel path}`` of the quantized kernels in the tree.
+
+    A quantized kernel is an integer leaf (int8, int4...) of rank >= 2 named like a kernel
+    (``kernel``, ``w``, ``weight``) with a float sibling named like a scale (``scale``,
+    ``kernel_scale``) whose dims other than 1 each size a different dim of the kernel: a
+    per-channel dequantization scale (``x @ (kernel.astype(f32) * scale)``).
+
+    >>> leaves = [Leaf("up/kernel", (64, 256), "int8", 1, numeric="int"), Leaf("up/scale", (256,), "float32", 4),
+    ...           Leaf("ids", (16, 8), "int32", 4, numeric="int")]
+    >>> quantized_scales(leaves)
+    {'up/scale': 'up/kernel'}
+    """
+    kernels = {_parent(x.path): x for x in leaves
+               if x.numeric == "int" and len(x.shape) >= 2 and x.parts[-1].lower() in KERNEL_LEAVES}
+    out: dict[str, str] = {}
+    for x in leaves if kernels else ():
+        k = kernels.get(_parent(x.path))
+        if k is None or x.numeric != "float" or not _SCALE.search(x.parts[-1]) or k.path in out.values():
+            continue
+        if scale_dims(x.shape, k.shape) is not None:
+            out[x.path] = k.path
+    return out
+
+
+def scale_dims(scale: Sequence[int], kernel: Sequence[int]) -> dict[int, int] | None:
+    """``{scale dim: kernel dim}`` for the scale's dims other than 1, or None when they do not size
+    distinct kernel dims. Broadcasting (aligned from the right) first, else the one kernel dim of each size.
+
+    >>> scale_dims((256,), (64, 256)), scale_dims((1, 256), (64, 256)), scale_dims((64,), (64, 256))
+    ({0: 1}, {1: 1}, {0: 0})
+    """
+    wide = [i for i, n in enumerate(scale) if n != 1]
+    if not wide or len(scale) > len(kernel):
+        return None
+    off = len(kernel) - len(scale)
+    if all(scale[i] == kernel[i + off] for i in wide):
+        return {i: i + off for i in wide}
+    out: dict[int, int] = {}
+    for i in wide:
+        dims = [d for d, n in enumerate(kernel) if n == scale[i] and d not in out.values()]
+        if len(dims) != 1:
+            return None
+        out[i] = dims[0]
+    return out
 
 
 def _mirrored_experts(facts: list[Facts]) -> list[Facts]:
@@ -313,7 +366,13 @@ def _mirrored_experts(facts: list[Facts]) -> list[Facts]:
     return out
 
 
-def _classify_one(leaf: Leaf, layers_at: int | None) -> Facts:
+def classify_weight(f: Facts) -> Facts:
+    """``f`` (an integer leaf) classified as the float kernel it stands for: a quantized kernel."""
+    return _classify_one(f.leaf, f.layers_at if f.stacked else None, weight=True)
+
+
+def _classify_one(leaf: Leaf, layers_at: int | None, weight: bool = False) -> Facts:
+    """The facts of one leaf; ``weight``: an integer leaf that is a quantized kernel, classified as a float one."""
     parts = leaf.parts
     name = parts[-1]
     unit = unit_of(leaf.path)
@@ -329,7 +388,7 @@ def _classify_one(leaf: Leaf, layers_at: int | None) -> Facts:
         out.__dict__["body"] = body  # what Facts.body computes
         return out
 
-    if leaf.numeric in ("int", "bool", "key"):
+    if leaf.numeric in ("bool", "key") or (leaf.numeric == "int" and not weight):
         return facts("int")
     if leaf.collection and leaf.collection != "params":
         return facts("state")

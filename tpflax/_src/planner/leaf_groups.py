@@ -164,7 +164,7 @@ def fsdp(st: State, facts: Sequence[Facts]) -> None:
     seen: dict[tuple, _Reuse] = {}
     for f in facts if f_size > 1 else ():
         p = st.out[f.path]
-        if f.leaf.numeric not in ("float", "complex") or f.kind in ("int", "state") or f.leaf.nbytes == 0:
+        if f.leaf.numeric not in ("float", "complex", "int") or f.kind in ("int", "state") or f.leaf.nbytes == 0:
             continue
         if not by_cost and f.leaf.nbytes < st.opts.fsdp_min_bytes:
             if p.strategy == "replicate":

@@ -27,7 +27,16 @@ from typing import Any
 import jax
 
 from tpflax._src.errors import OptionError, RuleError, TpflaxError
-from tpflax._src.facts.classify import HEAD, Facts, classify, layer_group, stacked_patterns
+from tpflax._src.facts.classify import (
+    HEAD,
+    Facts,
+    classify,
+    classify_weight,
+    layer_group,
+    quantized_scales,
+    scale_dims,
+    stacked_patterns,
+)
 from tpflax._src.facts.trainable import freeze
 from tpflax._src.facts.tree import walk
 from tpflax._src.mesh import EXPERT, FSDP, TENSOR, MeshShape, mesh_shape
@@ -156,8 +165,8 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
                              device_memory))
     lrules = list(logical_rules) if logical_rules is not None else default_logical_rules(ms)
     forced = force(facts, parsed, ms, use_annotations, lrules)
-    proposals, pairs, sources, disagreements, doubts, opts = _propose(facts, ms, opts, forced, model, sample, tree,
-                                                                      batch is not None)
+    proposals, pairs, sources, disagreements, doubts, opts, facts = _propose(facts, ms, opts, forced, model, sample,
+                                                                             tree, batch is not None)
     decisions = {f.path: _decision(f, proposals[f.path], sources.get(f.path, "heuristic"), ms) for f in facts}
     decisions = fused_layouts(facts, proposals, decisions, fused, ms, opts,
                               {f.path for f in facts if sources.get(f.path, "heuristic") == "heuristic"})
@@ -271,6 +280,7 @@ def _propose(facts: Sequence[Facts], ms: MeshShape, opts: Options, forced: Force
         from tpflax._src.trace.dataflow import dataflow
 
         flow = dataflow(model, sample, tree)
+        facts = traced_weights(facts, flow)
         widest = max((u.tokens for u in flow.uses), default=0)
         if batch_given:
             opts = replace(opts, tokens=_traced_tokens(opts.tokens, widest, _sample_rows(sample)))
@@ -287,7 +297,35 @@ def _propose(facts: Sequence[Facts], ms: MeshShape, opts: Options, forced: Force
         own, own_pairs = _unforced(facts, ms, opts, flow, widest)
         forced_props, pairs = _forced_facts(forced.proposals, facts, pairs, own, own_pairs, ms)
         proposals.update(forced_props)
-    return proposals, pairs, sources, disagreements, doubts, opts
+    _follow_scales(facts, proposals, forced.proposals)
+    return proposals, pairs, sources, disagreements, doubts, opts, facts
+
+
+def traced_weights(facts: Sequence[Facts], flow: Any) -> list[Facts]:
+    """``facts`` with each integer leaf of rank >= 2 the trace contracts with activations (a quantized
+    kernel without a scale sibling to name it) classified as the float kernel it stands for."""
+    dots = {u.path for u in flow.uses if u.op in ("dot", "conv")}
+    return [classify_weight(f) if f.kind == "int" and f.leaf.numeric == "int" and len(f.body) >= 2
+            and f.path in dots else f for f in facts]
+
+
+def _follow_scales(facts: Sequence[Facts], proposals: dict[str, Proposal], forced: Mapping[str, Proposal]) -> None:
+    """The float scale of a quantized kernel split as the kernel is on the dim it sizes (fsdp
+    included), so dequantizing ``kernel * scale`` moves nothing; whole elsewhere."""
+    shapes = {f.path: f.leaf.shape for f in facts}
+    for spath, kpath in quantized_scales([f.leaf for f in facts]).items():
+        k = proposals.get(kpath)
+        if k is None or spath in forced or spath not in proposals:
+            continue
+        kspec = entries(k.spec, len(shapes[kpath]))
+        spec = [None] * len(shapes[spath])
+        for sd, kd in scale_dims(shapes[spath], shapes[kpath]).items():
+            spec[sd] = kspec[kd]
+        split = any(e is not None for e in spec)
+        proposals[spath] = Proposal(
+            spec=tuple(spec), strategy=k.strategy if split else "replicate", pair=k.pair, fsdp=k.fsdp and split,
+            reason=f"dequantization scale of {kpath} ({k.strategy}): "
+                   + ("split like the kernel on the dim it sizes" if split else "the kernel's dim it sizes is whole"))
 
 
 def _unforced(facts: Sequence[Facts], ms: MeshShape, opts: Options, flow: Any,
