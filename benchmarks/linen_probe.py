@@ -493,6 +493,126 @@ def conformer_hand(mesh):
             (r".*", P())]
 
 
+# ------------------------------------------------------------------ (6) user-written mixtures of experts
+E, FE = 8, 128  # experts, each expert's hidden width
+EINIT = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", batch_axis=(0,))
+
+
+class MoeAttn(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        b, t, _ = x.shape
+        q, k, v = (nn.Dense(D, use_bias=False, name=n)(x).reshape(b, t, H, D // H)
+                   for n in ("q_proj", "k_proj", "v_proj"))
+        a = nn.dot_product_attention(q, k, v, mask=nn.make_causal_mask(jnp.ones((b, t))))
+        return nn.Dense(D, use_bias=False, name="o_proj")(a.reshape(b, t, D))
+
+
+def _slots(onehot, capacity):
+    """``(..., n, e)`` one-hot choices -> ``(..., n, e, capacity)`` one-hot slots; overflow dropped."""
+    pos = (jnp.cumsum(onehot, axis=-2) - 1) * onehot
+    return jax.nn.one_hot(pos, capacity) * (onehot * (pos < capacity))[..., None]
+
+
+class MixtralMoE(nn.Module):
+    """Mixtral's sparse block, GShard-style: top-2 of the router logits, softmax over the two, a
+    capacity-bounded one-hot dispatch per sequence, stacked SwiGLU experts (w1 gate, w3 up, w2 down)."""
+
+    @nn.compact
+    def __call__(self, x):
+        b, t, d = x.shape
+        top_w, top_i = jax.lax.top_k(nn.Dense(E, use_bias=False, name="gate")(x), 2)
+        top_w = jax.nn.softmax(top_w, axis=-1)
+        cap = int(1.25 * t * 2 / E)
+        slots = _slots(jax.nn.one_hot(top_i, E).reshape(b, t * 2, E), cap).reshape(b, t, 2, E, cap)
+        dispatch = slots.sum(2)                                   # (b, t, e, c)
+        combine = (slots * top_w[..., None, None]).sum(2)
+        w1 = self.param("w1", EINIT, (E, d, FE))
+        w3 = self.param("w3", EINIT, (E, d, FE))
+        w2 = self.param("w2", EINIT, (E, FE, d))
+        xe = jnp.einsum("btd,btec->ebcd", x, dispatch)
+        h = nn.silu(jnp.einsum("ebcd,edf->ebcf", xe, w1)) * jnp.einsum("ebcd,edf->ebcf", xe, w3)
+        return jnp.einsum("ebcd,btec->btd", jnp.einsum("ebcf,efd->ebcd", h, w2), combine)
+
+
+class SwitchMoE(nn.Module):
+    """Switch Transformer's top-1 layer: the batch's tokens as one group, capacity factor 1.0, tokens past
+    an expert's capacity dropped (passed through the residual); experts an ``nn.vmap``-ed Dense MLP."""
+
+    @nn.compact
+    def __call__(self, x):
+        b, t, d = x.shape
+        tok = x.reshape(b * t, d)
+        probs = jax.nn.softmax(nn.Dense(E, name="router")(tok), axis=-1)
+        gate, idx = jax.lax.top_k(probs, 1)
+        dispatch = _slots(jax.nn.one_hot(idx[:, 0], E), int(1.0 * b * t / E))   # (n, e, c)
+        combine = dispatch * gate[:, :, None]
+        experts = nn.vmap(nn.Dense, in_axes=0, out_axes=0, variable_axes={"params": 0},
+                          split_rngs={"params": True})
+        xe = jnp.einsum("nd,nec->ecd", tok, dispatch)
+        h = nn.relu(experts(FE, name="wi")(xe))
+        ye = experts(d, name="wo")(h)
+        return jnp.einsum("ecd,nec->nd", ye, combine).reshape(b, t, d)
+
+
+class ExpertMlp(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        g = nn.Dense(FE, use_bias=False, name="gate_proj")(x)
+        u = nn.Dense(FE, use_bias=False, name="up_proj")(x)
+        return nn.Dense(x.shape[-1], use_bias=False, name="down_proj")(nn.silu(g) * u)
+
+
+class ListMoE(nn.Module):
+    """Experts as a Python list of separate modules, every one applied to every token in a loop and
+    summed with the top-2 router weights (zero for the experts not chosen)."""
+
+    @nn.compact
+    def __call__(self, x):
+        top_w, top_i = jax.lax.top_k(jax.nn.softmax(nn.Dense(E, use_bias=False, name="router")(x)), 2)
+        w = jnp.einsum("btk,btke->bte", top_w / top_w.sum(-1, keepdims=True), jax.nn.one_hot(top_i, E))
+        experts = [ExpertMlp(name=f"experts_{i}") for i in range(E)]
+        return sum(w[..., i:i + 1] * ex(x) for i, ex in enumerate(experts))
+
+
+class MoeDecoder(nn.Module):
+    moe: Any
+
+    @nn.compact
+    def __call__(self, ids):
+        x = nn.Embed(V, D, name="embed_tokens")(ids)
+        for i in range(L):
+            x = x + MoeAttn(name=f"layers_{i}_attn")(nn.RMSNorm(name=f"layers_{i}_ln1")(x))
+            x = x + self.moe(name=f"layers_{i}_moe")(nn.RMSNorm(name=f"layers_{i}_ln2")(x))
+        return nn.Dense(V, use_bias=False, name="lm_head")(nn.RMSNorm(name="norm")(x))
+
+
+def _moe_shell(mesh):
+    """Megatron attention and vocab-parallel embedding/head over model; router and norms whole."""
+    f = "fsdp" if "fsdp" in mesh else None
+    m = "model" if "model" in mesh else None
+    return [(r"(q|k|v)_proj/kernel$", P(f, m)), (r"o_proj/kernel$", P(m, f)),
+            (r"embed_tokens/embedding$", P(m, f)), (r"lm_head/kernel$", P(f, m))]
+
+
+def moe_hand(mesh):
+    # stacked experts over the expert axis (over model, as expert parallelism, where there is none)
+    f = "fsdp" if "fsdp" in mesh else None
+    e = "expert" if "expert" in mesh else "model"
+    return [(r"moe/w[13]$", P(e, f, None)), (r"moe/w2$", P(e, None, f)),
+            (r"moe/wi/kernel$", P(e, f, None)), (r"moe/wo/kernel$", P(e, None, f)),
+            (r"moe/w[io]/bias$", P(e, None)),
+            *_moe_shell(mesh), (r".*", P())]
+
+
+def list_moe_hand(mesh):
+    # separate experts cannot split over experts: Megatron inside each expert over model
+    f = "fsdp" if "fsdp" in mesh else None
+    m = "model" if "model" in mesh else None
+    return [(r"(gate|up)_proj/kernel$", P(f, m)), (r"down_proj/kernel$", P(m, f)),
+            *_moe_shell(mesh), (r".*", P())]
+
+
 # ------------------------------------------------------------------ builders
 def _xent(logits, *_):
     return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
@@ -526,6 +646,9 @@ def build(name: str) -> tuple[Built, Any]:
         m, sample, hand = ConvNeXt(), (jax.ShapeDtypeStruct((B, 32, 32, 3), jnp.float32),), convnext_hand
     elif name == "conformer":
         m, sample, hand = Conformer(), (jax.ShapeDtypeStruct((B, 64, 80), jnp.float32),), conformer_hand
+    elif name in MOES:
+        m, sample = MoeDecoder(MOES[name]), (ids,)
+        hand = list_moe_hand if name == "moe-list" else moe_hand
     else:
         raise SystemExit(f"unknown {name}")
     variables = jax.eval_shape(lambda: m.init(jax.random.key(0), *[jnp.zeros(s.shape, s.dtype) for s in sample]))
@@ -538,7 +661,8 @@ def build(name: str) -> tuple[Built, Any]:
     return Built(name, m, variables, sample, fn, loss), hand
 
 
-NAMES = ("wmt", "wmt-noann", "vit", "mixer", "scan", "resnet", "unet", "dit", "convnext", "conformer")
+MOES = {"moe-mixtral": MixtralMoE, "moe-switch": SwitchMoE, "moe-list": ListMoE}
+NAMES = ("wmt", "wmt-noann", "vit", "mixer", "scan", "resnet", "unet", "dit", "convnext", "conformer", *MOES)
 
 
 def main(argv=None):

@@ -256,10 +256,10 @@ def detect_stacked(leaves: Sequence[Leaf], stacked: str | Mapping[str, int] | No
             # a list of layers (``layers/0``, ``layers/1``: numbered children) holds each layer apart
             depth = prefix.count("/") + 1
             numbered = all(len(leaf.parts) > depth and leaf.parts[depth].isdigit() for leaf in group)
-            # ``layers_3`` is one layer of a loop (its index in the name), not a stack of them
+            # ``layers_3`` (or ``layers_3_attn``) is one layer of a loop (its index in the name), not a stack
             last = prefix.rsplit("/", 1)[-1]
-            name_signal = (bool(SCAN_NAMES.search(last)) and not re.search(r"[_.-]\d+$", last) and len(group) >= 4
-                           and not numbered)
+            name_signal = (bool(SCAN_NAMES.search(last)) and not re.search(r"[_.-]\d+(?:$|[_.-])", last)
+                           and len(group) >= 4 and not numbered)
             if norm_signal or name_signal:
                 for leaf in group:
                     out[leaf.path] = at
