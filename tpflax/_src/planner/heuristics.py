@@ -349,8 +349,9 @@ def output_heads(facts: Sequence[Facts], widths: set[int] | None = None) -> dict
     """The model's output heads among ``facts``: ``{path: (vocab body dim, evidence)}``.
 
     Known by name (``lm_head``, MaxText's ``logits_dense``...), or, whatever the name, by
-    projecting the residual width onto as many outputs as the token embedding has rows (an
-    untied output head; from an RNN's hidden width as well). A leaf a rule or an annotation forced is still what it is: the plan
+    projecting the residual width (or an RNN's hidden width: its layers pass their state on, an
+    LSTM language model's ``decoder``) onto as many outputs as the token embedding has rows (an
+    untied output head). A leaf a rule or an annotation forced is still what it is: the plan
     marks it a head, and the token table is not priced as also computing the logits. Pairs are
     not known here: a column as wide as the vocabulary (GPT-2's ``c_fc`` beside a 256-row table)
     reads as a head too, so callers drop the leaves of a pair.
@@ -367,7 +368,6 @@ def output_heads(facts: Sequence[Facts], widths: set[int] | None = None) -> dict
         widths, _ = residual_widths(facts)
     vocabs = {f.body[0] for f in facts if f.kind == "embedding" and len(f.body) == 2
               and not POS_EMBED.search(f.unit_name) and f.body[1] in widths}
-    # an RNN's layers pass their hidden state on, not the embedding width: its head reads that
     hidden = {f.body[-1] for f in facts if f.kind == "recurrent"} - widths
     last = {}  # a numbered container's last dense child: the one a Sequential head outputs from
     for f in sorted((f for f in facts if f.kind == "dense" and f.unit_name.isdigit()), key=lambda f: int(f.unit_name)):
