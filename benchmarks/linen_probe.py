@@ -613,6 +613,269 @@ def list_moe_hand(mesh):
             *_moe_shell(mesh), (r".*", P())]
 
 
+# ------------------------------------------------------------------ (7) RNNs, Swin, Perceiver IO
+HID, TAGS = 128, 48  # the LSTM's hidden width; a tagger's tags (the Penn tagset and its specials)
+
+
+class LstmLM(nn.Module):
+    """A word-level LSTM language model (Zaremba et al.; PyTorch's word_language_model, in Flax's
+    ``nn.RNN``): an embedding, two LSTM layers, an untied output ``decoder`` Dense with its bias."""
+
+    hidden: int = HID
+
+    @nn.compact
+    def __call__(self, ids):
+        x = nn.Embed(V, D, name="encoder")(ids)
+        for i in range(L):
+            x = nn.RNN(nn.OptimizedLSTMCell(self.hidden), name=f"lstm_{i}")(x)
+        return nn.Dense(V, name="decoder")(x)
+
+
+def lstm_hand(mesh):
+    # vocab-parallel lookup and logits; the cells whole over model (a split hidden state would be
+    # gathered at every step), over fsdp where there is one
+    f = "fsdp" if "fsdp" in mesh else None
+    return [(r"encoder/embedding$", P("model", f)),
+            (r"decoder/kernel$", P(f, "model")), (r"decoder/bias$", P("model")),
+            (r"Cell_\d+/\w+/kernel$", P(f, None)), (r".*", P())]
+
+
+class BiGruTagger(nn.Module):
+    """A sequence tagger: an embedding, two bidirectional GRU layers (``nn.Bidirectional`` of two
+    ``nn.RNN(nn.GRUCell)``, outputs concatenated), a Dense over the tags."""
+
+    hidden: int = D
+
+    @nn.compact
+    def __call__(self, ids):
+        x = nn.Embed(V, D, name="embed")(ids)
+        for i in range(L):
+            x = nn.Bidirectional(nn.RNN(nn.GRUCell(self.hidden)), nn.RNN(nn.GRUCell(self.hidden)),
+                                 name=f"bigru_{i}")(x)
+        return nn.Dense(TAGS, name="tag_head")(x)
+
+
+def bigru_hand(mesh):
+    f = "fsdp" if "fsdp" in mesh else None
+    return [(r"embed/embedding$", P("model", f)),
+            (r"tag_head/kernel$", P(f, "model")), (r"tag_head/bias$", P("model")),
+            (r"Cell_\d+/\w+/kernel$", P(f, None)), (r".*", P())]
+
+
+def _rel_index(w):
+    c = np.stack(np.meshgrid(np.arange(w), np.arange(w), indexing="ij")).reshape(2, -1)
+    r = (c[:, :, None] - c[:, None, :]).transpose(1, 2, 0) + (w - 1)
+    return (r[..., 0] * (2 * w - 1) + r[..., 1]).reshape(-1)
+
+
+def _windows(x, w):
+    b, h, wd, c = x.shape
+    x = x.reshape(b, h // w, w, wd // w, w, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, w * w, c)
+
+
+def _unwindows(x, w, h, wd):
+    c = x.shape[-1]
+    x = x.reshape(-1, h // w, wd // w, w, w, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, h, wd, c)
+
+
+def _shift_mask(h, wd, w, s):
+    """Swin's attention mask of the shifted windows: -100 between pixels from different regions."""
+    img = np.zeros((1, h, wd, 1))
+    cnt = 0
+    for hs in (slice(0, -w), slice(-w, -s), slice(-s, None)):
+        for ws in (slice(0, -w), slice(-w, -s), slice(-s, None)):
+            img[:, hs, ws, :] = cnt
+            cnt += 1
+    m = np.asarray(_windows(img, w))[..., 0]
+    m = m[:, None, :] - m[:, :, None]
+    return jnp.asarray(np.where(m != 0, -100.0, 0.0), jnp.float32)
+
+
+class WindowAttention(nn.Module):
+    """Microsoft's Swin ``WindowAttention`` as its Flax ports write it: a fused qkv, a relative
+    position bias table indexed by a precomputed array, a shifted-window mask, ``proj``."""
+
+    dim: int
+    heads: int
+    window: int
+
+    @nn.compact
+    def __call__(self, x, mask=None):
+        b, n, c = x.shape
+        hd = c // self.heads
+        qkv = nn.Dense(3 * c, name="qkv")(x).reshape(b, n, 3, self.heads, hd).transpose(2, 0, 3, 1, 4)
+        q, k, v = qkv[0] * hd ** -0.5, qkv[1], qkv[2]
+        attn = q @ k.swapaxes(-2, -1)
+        table = self.param("relative_position_bias_table", nn.initializers.truncated_normal(0.02),
+                           ((2 * self.window - 1) ** 2, self.heads))
+        attn = attn + table[_rel_index(self.window)].reshape(n, n, -1).transpose(2, 0, 1)[None]
+        if mask is not None:
+            nw = mask.shape[0]
+            attn = (attn.reshape(b // nw, nw, self.heads, n, n) + mask[None, :, None]).reshape(b, self.heads, n, n)
+        x = (jax.nn.softmax(attn, -1) @ v).transpose(0, 2, 1, 3).reshape(b, n, c)
+        return nn.Dense(c, name="proj")(x)
+
+
+class SwinBlock(nn.Module):
+    dim: int
+    heads: int
+    res: int
+    window: int = 4
+    shift: int = 0
+
+    @nn.compact
+    def __call__(self, x):
+        b, _, c = x.shape
+        r, w, s = self.res, self.window, self.shift
+        y = nn.LayerNorm(name="norm1")(x).reshape(b, r, r, c)
+        if s:
+            y = jnp.roll(y, (-s, -s), axis=(1, 2))
+        y = WindowAttention(c, self.heads, w, name="attn")(_windows(y, w), _shift_mask(r, r, w, s) if s else None)
+        y = _unwindows(y, w, r, r)
+        if s:
+            y = jnp.roll(y, (s, s), axis=(1, 2))
+        x = x + y.reshape(b, r * r, c)
+        y = nn.Dense(4 * c, name="fc1")(nn.LayerNorm(name="norm2")(x))
+        return x + nn.Dense(c, name="fc2")(nn.gelu(y))
+
+
+class PatchMerging(nn.Module):
+    res: int
+
+    @nn.compact
+    def __call__(self, x):
+        b, _, c = x.shape
+        x = x.reshape(b, self.res, self.res, c)
+        x = jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+        x = nn.LayerNorm(name="norm")(x.reshape(b, -1, 4 * c))
+        return nn.Dense(2 * c, use_bias=False, name="reduction")(x)
+
+
+class Swin(nn.Module):
+    """A small Swin Transformer: 4x4 patches of a 64x64 image (16x16 tokens), windows of 4x4, two stages
+    of a regular and a shifted block (64 wide, 4 heads; then 128 wide, 8 heads), a patch merging between."""
+
+    classes: int = 1000
+
+    @nn.compact
+    def __call__(self, img):
+        x = nn.Conv(D, (4, 4), (4, 4), padding="VALID", name="patch_embed")(img)
+        b, r, _, c = x.shape
+        x = nn.LayerNorm(name="patch_norm")(x.reshape(b, r * r, c))
+        for i, heads in enumerate((H, 2 * H)):
+            for j in range(2):
+                x = SwinBlock(c, heads, r, shift=2 if j % 2 else 0, name=f"layers_{i}_blocks_{j}")(x)
+            if i == 0:
+                x = PatchMerging(r, name=f"layers_{i}_downsample")(x)
+                r, c = r // 2, 2 * c
+        x = nn.LayerNorm(name="norm")(x).mean(axis=1)
+        return nn.Dense(self.classes, name="head")(x)
+
+
+def swin_hand(mesh):
+    # Megatron on window attention (the fused qkv split on its fused dim, the naive way) and the MLPs;
+    # the relative position tables and the patch merging whole
+    f = "fsdp" if "fsdp" in mesh else None
+    return [(r"attn/qkv/kernel$", P(f, "model")), (r"attn/qkv/bias$", P("model")),
+            (r"attn/proj/kernel$", P("model", f)),
+            (r"fc1/kernel$", P(f, "model")), (r"fc1/bias$", P("model")), (r"fc2/kernel$", P("model", f)),
+            (r"head/kernel$", P(f, "model")), (r"head/bias$", P("model")),
+            (r"reduction/kernel$", P(f, None)), (r".*", P())]
+
+
+NZ, DZ, SP = 32, 128, 64  # Perceiver IO: latents, their width, the input (and output query) length
+
+
+class PAttention(nn.Module):
+    """deepmind-research perceiver's ``Attention``: q/k/v linears to the qk/v channels split into heads,
+    softmax over the keys, an output linear."""
+
+    heads: int
+    out: int
+
+    @nn.compact
+    def __call__(self, xq, xkv):
+        qk = xq.shape[-1]
+        q, k, v = (nn.Dense(qk, name=n)(x) for n, x in (("query", xq), ("key", xkv), ("value", xkv)))
+        b, n, m, h = q.shape[0], q.shape[1], k.shape[1], self.heads
+        q, k, v = q.reshape(b, n, h, -1), k.reshape(b, m, h, -1), v.reshape(b, m, h, -1)
+        w = jax.nn.softmax(jnp.einsum("bthd,bThd->bhtT", q, k) * (qk // h) ** -0.5, -1)
+        o = jnp.einsum("bhtT,bThd->bthd", w, v).reshape(b, n, -1)
+        return nn.Dense(self.out, name="output")(o)
+
+
+class PMlp(nn.Module):
+    widening: int
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        return nn.Dense(c, name="mlp_out")(nn.gelu(nn.Dense(self.widening * c, name="mlp_in")(x)))
+
+
+class PCrossAttention(nn.Module):
+    heads: int = 1
+    widening: int = 1
+    query_residual: bool = True
+
+    @nn.compact
+    def __call__(self, xq, xkv):
+        q = nn.LayerNorm(name="q_norm")(xq)
+        a = PAttention(self.heads, xq.shape[-1], name="attention")(q, nn.LayerNorm(name="kv_norm")(xkv))
+        x = xq + a if self.query_residual else a
+        return x + PMlp(self.widening, name="mlp")(nn.LayerNorm(name="mlp_norm")(x))
+
+
+class PSelfAttention(nn.Module):
+    heads: int = H
+    widening: int = 4
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.LayerNorm(name="norm")(x)
+        x = x + PAttention(self.heads, x.shape[-1], name="attention")(y, y)
+        return x + PMlp(self.widening, name="mlp")(nn.LayerNorm(name="mlp_norm")(x))
+
+
+class PerceiverIO(nn.Module):
+    """Perceiver IO's masked language model, small: byte embeddings plus trainable positions, a latent
+    array cross-attending to them with one head, latent self-attention, a decoder whose output queries
+    cross-attend to the latents with one head, logits from the embedding (its ``EmbeddingDecoder``: the
+    table transposed and a bias)."""
+
+    @nn.compact
+    def __call__(self, ids):
+        b, s = ids.shape
+        embed = nn.Embed(V, D, name="embed")
+        x = embed(ids) + self.param("input_pos", nn.initializers.truncated_normal(0.02), (s, D))[None]
+        z = jnp.broadcast_to(self.param("latents", nn.initializers.truncated_normal(0.02), (NZ, DZ)), (b, NZ, DZ))
+        z = PCrossAttention(name="encoder_cross_attend")(z, x)
+        for i in range(L):
+            z = PSelfAttention(name=f"self_attend_{i}")(z)
+        q = jnp.broadcast_to(self.param("output_queries", nn.initializers.truncated_normal(0.02), (s, D)), (b, s, D))
+        y = PCrossAttention(query_residual=False, name="decoder_cross_attend")(q, z)
+        y = nn.Dense(D, name="final_project")(y)
+        bias = self.param("logits_bias", nn.initializers.zeros, (V,))
+        return embed.attend(y) + bias
+
+
+def perceiver_hand(mesh):
+    # Megatron on the latent self-attention (by heads) and every MLP; the single-head cross-attentions
+    # keep q and k whole (one head: a channel split would sum the scores) and pair value with output;
+    # the table vocab-parallel with its tied logits and their bias
+    f = "fsdp" if "fsdp" in mesh else None
+    return [(r"self_attend_\d+/attention/(query|key|value)/kernel$", P(f, "model")),
+            (r"self_attend_\d+/attention/(query|key|value)/bias$", P("model")),
+            (r"cross_attend/attention/value/kernel$", P(f, "model")),
+            (r"cross_attend/attention/value/bias$", P("model")),
+            (r"attention/output/kernel$", P("model", f)),
+            (r"mlp_in/kernel$", P(f, "model")), (r"mlp_in/bias$", P("model")), (r"mlp_out/kernel$", P("model", f)),
+            (r"embed/embedding$", P("model", f)), (r"logits_bias$", P("model")),
+            (r".*", P())]
+
+
 # ------------------------------------------------------------------ builders
 def _xent(logits, *_):
     return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
@@ -646,6 +909,14 @@ def build(name: str) -> tuple[Built, Any]:
         m, sample, hand = ConvNeXt(), (jax.ShapeDtypeStruct((B, 32, 32, 3), jnp.float32),), convnext_hand
     elif name == "conformer":
         m, sample, hand = Conformer(), (jax.ShapeDtypeStruct((B, 64, 80), jnp.float32),), conformer_hand
+    elif name == "lstm":
+        m, sample, hand = LstmLM(), (ids,), lstm_hand
+    elif name == "bigru":
+        m, sample, hand = BiGruTagger(), (ids,), bigru_hand
+    elif name == "swin":
+        m, sample, hand = Swin(), (jax.ShapeDtypeStruct((B, 64, 64, 3), jnp.float32),), swin_hand
+    elif name == "perceiver":
+        m, sample, hand = PerceiverIO(), (jax.ShapeDtypeStruct((B, SP), jnp.int32),), perceiver_hand
     elif name in MOES:
         m, sample = MoeDecoder(MOES[name]), (ids,)
         hand = list_moe_hand if name == "moe-list" else moe_hand
@@ -662,7 +933,8 @@ def build(name: str) -> tuple[Built, Any]:
 
 
 MOES = {"moe-mixtral": MixtralMoE, "moe-switch": SwitchMoE, "moe-list": ListMoE}
-NAMES = ("wmt", "wmt-noann", "vit", "mixer", "scan", "resnet", "unet", "dit", "convnext", "conformer", *MOES)
+NAMES = ("wmt", "wmt-noann", "vit", "mixer", "scan", "resnet", "unet", "dit", "convnext", "conformer", *MOES,
+         "lstm", "bigru", "swin", "perceiver")
 
 
 def main(argv=None):
@@ -722,7 +994,9 @@ def _markdown(table) -> str:
            "`python benchmarks/linen_probe.py` (generated). Models written the way the Flax examples, big_vision "
            "and the models' reference JAX code write them (wmt Transformer with and without logical annotations, "
            "ViT, MLP-Mixer, an `nn.scan(nn.remat)` DenseGeneral/Einsum decoder, a BatchNorm ResNet with "
-           "ConvTranspose, a GroupNorm UNet, DiT with adaLN-Zero, ConvNeXt, a Conformer); tiny widths; the adamw "
+           "ConvTranspose, a GroupNorm UNet, DiT with adaLN-Zero, ConvNeXt, a Conformer, user-written mixtures of "
+           "experts, an LSTM language model, a bidirectional GRU tagger, a Swin Transformer, a Perceiver IO); "
+           "tiny widths; the adamw "
            "train step of `tpflax.make_train_step` compiled on 8 CPU-emulated devices and measured as "
            "`benchmarks/third_party.py` measures (`measure`). **x hand**: ratio to the Megatron layout written "
            "by hand for the model (`*_hand` in the script; lower is better). **est.**: "

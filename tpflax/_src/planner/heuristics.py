@@ -349,7 +349,8 @@ def output_heads(facts: Sequence[Facts], widths: set[int] | None = None) -> dict
     """The model's output heads among ``facts``: ``{path: (vocab body dim, evidence)}``.
 
     Known by name (``lm_head``, MaxText's ``logits_dense``...), or, whatever the name, by
-    projecting the residual width onto as many outputs as the token embedding has rows (an
+    projecting the residual width (or an RNN's hidden width: its layers pass their state on, an
+    LSTM language model's ``decoder``) onto as many outputs as the token embedding has rows (an
     untied output head). A leaf a rule or an annotation forced is still what it is: the plan
     marks it a head, and the token table is not priced as also computing the logits. Pairs are
     not known here: a column as wide as the vocabulary (GPT-2's ``c_fc`` beside a 256-row table)
@@ -367,6 +368,7 @@ def output_heads(facts: Sequence[Facts], widths: set[int] | None = None) -> dict
         widths, _ = residual_widths(facts)
     vocabs = {f.body[0] for f in facts if f.kind == "embedding" and len(f.body) == 2
               and not POS_EMBED.search(f.unit_name) and f.body[1] in widths}
+    hidden = {f.body[-1] for f in facts if f.kind == "recurrent"} - widths
     last = {}  # a numbered container's last dense child: the one a Sequential head outputs from
     for f in sorted((f for f in facts if f.kind == "dense" and f.unit_name.isdigit()), key=lambda f: int(f.unit_name)):
         last[f.unit.rsplit("/", 1)[0]] = f.unit
@@ -384,6 +386,9 @@ def output_heads(facts: Sequence[Facts], widths: set[int] | None = None) -> dict
         elif d in widths and v in vocabs:
             out[f.path] = (1, f"output head: projects the residual width {d} onto {v} outputs, the token "
                               "embedding's vocabulary")
+        elif d in hidden and v in vocabs:
+            out[f.path] = (1, f"output head: projects the recurrent cells' hidden width {d} onto {v} outputs, "
+                              "the token embedding's vocabulary")
         elif v in widths and d in vocabs:
             out[f.path] = (0, f"output head stored (vocab, d) = ({d}, {v}): {d} outputs, the token "
                               "embedding's vocabulary")
@@ -410,11 +415,12 @@ def _vocab_tables(st: State, todo: Sequence[Facts]) -> dict[int, Facts]:
 
 def _biases(st: State, todo: Sequence[Facts], facts: Sequence[Facts]) -> None:
     # a forced kernel (user rule, annotation) is a kernel too: its unannotated bias follows it
-    kernels = {f.unit: f for f in facts if f.name.lower() in ("kernel", "w", "weight") and st.decided(f.path)}
+    own = {f.unit: f for f in facts if f.name.lower() in ("kernel", "w", "weight")}
+    kernels = {u: k for u, k in own.items() if st.decided(k.path)}
     tables = _vocab_tables(st, todo)
     for f in todo:
         k = kernels.get(f.unit)
-        if _tied_logits_bias(st, f, tables, k):
+        if _tied_logits_bias(st, f, tables, own.get(f.unit)):
             continue
         if f.kind != "bias" or f.path in st.out or k is None:
             continue
@@ -437,6 +443,10 @@ def _tied_logits_bias(st: State, f: Facts, tables: dict[int, Facts], k: Facts | 
     bias of the tied logits (BERT/ALBERT's ``predictions/bias``). Stored broadcast-ready with
     leading 1s (BART's ``final_logits_bias`` ``(1, vocab)``) it is classified ``other``; its
     name still says bias, and its one wide dim is the vocabulary.
+
+    ``k`` is the kernel beside the bias, decided or not: an untied output head's bias (an RNN
+    language model's ``decoder``, whose kernel no rule has placed yet) belongs to that kernel
+    and follows its split, however many rows the token table has.
     """
     wide = [i for i, n in enumerate(f.body) if n != 1]
     named = f.kind == "bias" or (f.kind == "other" and "bias" in f.name.lower())
