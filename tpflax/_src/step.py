@@ -226,7 +226,9 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
             ``(batch, seq, vocab)`` over int ids ``(batch, seq)`` (the first
             input); otherwise an :class:`~tpflax.OptionError` asks for one.
         variables: abstract variables (default: the model's; for a plain
-            function, the planned tree).
+            function, the planned tree). Linen variables boxed in ``nn.Partitioned`` /
+            ``nn.LogicallyPartitioned`` are trained on their arrays (the plan lays them out,
+            not the boxes' names) and returned boxed; the optimizer state may be bare or boxed.
         gather_fsdp: implement fsdp as ZeRO-3: inside the step, constrain the
             parameters to their specs without the fsdp axes, so XLA all-gathers
             them for compute (and reduces the gradients back to the shards).
