@@ -874,6 +874,105 @@ def perceiver_hand(mesh):
             (r"mlp_in/kernel$", P(f, "model")), (r"mlp_in/bias$", P("model")), (r"mlp_out/kernel$", P("model", f)),
             (r"embed/embedding$", P("model", f)), (r"logits_bias$", P("model")),
             (r".*", P())]
+# ------------------------------------------------------------------ (7) T5X (t5x/examples/t5/network.py)
+T5_BUCKETS, T5_MAX_DISTANCE = 32, 128
+
+
+def _t5_bucket(relative_position, num_buckets=T5_BUCKETS, max_distance=T5_MAX_DISTANCE):
+    """T5's relative position buckets, causal (t5x ``RelativePositionBiases._relative_position_bucket``)."""
+    n = np.maximum(-relative_position, 0)
+    max_exact = num_buckets // 2
+    large = max_exact + (np.log(n.astype(np.float32) / max_exact + np.finfo(np.float32).eps)
+                         / np.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(np.int32)
+    return np.where(n < max_exact, n, np.minimum(large, num_buckets - 1))
+
+
+class T5RelativePositionBiases(nn.Module):
+    ann: bool
+
+    @nn.compact
+    def __call__(self, qlen, klen):
+        rp = _t5_bucket(np.arange(klen)[None, :] - np.arange(qlen)[:, None])
+        table = self.param("rel_embedding", _lp(nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
+                                                ("heads", "relpos_buckets"), self.ann), (H, T5_BUCKETS))
+        one_hot = jnp.asarray(rp[None] == np.arange(T5_BUCKETS)[:, None, None], jnp.float32)
+        return jax.lax.dot_general(table, one_hot, (((1,), (0,)), ((), ())))[None]  # (1, heads, q, k)
+
+
+class T5Attention(nn.Module):
+    ann: bool
+
+    @nn.compact
+    def __call__(self, x, mask, bias):
+        hd = D // H
+        init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+        query_init = lambda *a: init(*a) / np.sqrt(hd)  # noqa: E731 - t5x folds 1/sqrt(depth) into q's init
+        proj = functools.partial(nn.DenseGeneral, (H, hd), axis=-1, use_bias=False)
+        q = proj(kernel_init=_lp(query_init, ("embed", "heads", "kv"), self.ann), name="query")(x)
+        k = proj(kernel_init=_lp(init, ("embed", "heads", "kv"), self.ann), name="key")(x)
+        v = proj(kernel_init=_lp(init, ("embed", "heads", "kv"), self.ann), name="value")(x)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) + bias + jnp.where(mask, 0.0, -1e10)
+        a = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits.astype(jnp.float32)), v)
+        return nn.DenseGeneral(D, axis=(-2, -1), use_bias=False, name="out",
+                               kernel_init=_lp(init, ("heads", "kv", "embed"), self.ann))(a)
+
+
+class T5Mlp(nn.Module):
+    ann: bool
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+        dense = functools.partial(nn.DenseGeneral, MLP, use_bias=False,
+                                  kernel_init=_lp(init, ("embed", "mlp"), self.ann))
+        h = nn.gelu(dense(name="wi_0")(x)) * dense(name="wi_1")(x)  # gated-gelu: ('gelu', 'linear')
+        return nn.DenseGeneral(D, use_bias=False, kernel_init=_lp(init, ("mlp", "embed"), self.ann), name="wo")(h)
+
+
+def _t5_norm(ann, name):
+    return nn.RMSNorm(epsilon=1e-6, scale_init=_lp(nn.initializers.ones, ("embed",), ann), name=name)
+
+
+class T5DecoderLayer(nn.Module):
+    ann: bool
+
+    @nn.compact
+    def __call__(self, x, mask, bias):
+        y = _t5_norm(self.ann, "pre_self_attention_layer_norm")(x)
+        x = x + T5Attention(self.ann, name="self_attention")(y, mask, bias)
+        return x + T5Mlp(self.ann, name="mlp")(_t5_norm(self.ann, "pre_mlp_layer_norm")(x))
+
+
+class T5Decoder(nn.Module):
+    """t5x's decoder-only T5 (v1.1: gated-gelu, no biases, untied logits): a relative position bias
+    table shared by the layers, RMSNorm, ``nn.remat`` layers; ``ann`` boxes every parameter the way
+    t5x names them (``param_with_axes``), as ``nn.with_logical_partitioning``."""
+
+    ann: bool = True
+
+    @nn.compact
+    def __call__(self, ids):
+        embed = nn.Embed(V, D, embedding_init=_lp(nn.initializers.normal(1.0), ("vocab", "embed"), self.ann),
+                         name="token_embedder")
+        y = embed(ids)
+        t = ids.shape[1]
+        mask = nn.make_causal_mask(jnp.ones(ids.shape)).astype(bool)
+        bias = T5RelativePositionBiases(self.ann, name="relpos_bias")(t, t)
+        for i in range(L):
+            y = nn.remat(T5DecoderLayer)(self.ann, name=f"layers_{i}")(y, mask, bias)
+        y = _t5_norm(self.ann, "decoder_norm")(y)
+        return nn.DenseGeneral(V, use_bias=False, name="logits_dense", kernel_init=_lp(
+            nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"), ("embed", "vocab"), self.ann))(y)
+
+
+def t5x_hand(mesh):
+    # Megatron: q/k/v and wi_0/wi_1 column over heads/mlp, out and wo row; vocab-parallel embedding and logits;
+    # the relative position bias table split over heads like the attention scores it is added to
+    f = "fsdp" if "fsdp" in mesh else None
+    return [(r"(query|key|value)/kernel$", P(f, "model", None)), (r"out/kernel$", P("model", None, f)),
+            (r"wi_[01]/kernel$", P(f, "model")), (r"wo/kernel$", P("model", f)),
+            (r"token_embedder/embedding$", P("model", f)), (r"logits_dense/kernel$", P(f, "model")),
+            (r"relpos_bias/rel_embedding$", P("model", None)), (r".*", P())]
 
 
 # ------------------------------------------------------------------ builders
@@ -917,6 +1016,8 @@ def build(name: str) -> tuple[Built, Any]:
         m, sample, hand = Swin(), (jax.ShapeDtypeStruct((B, 64, 64, 3), jnp.float32),), swin_hand
     elif name == "perceiver":
         m, sample, hand = PerceiverIO(), (jax.ShapeDtypeStruct((B, SP), jnp.int32),), perceiver_hand
+    elif name in ("t5x", "t5x-noann"):
+        m, sample, hand = T5Decoder(ann=name == "t5x"), (ids,), t5x_hand
     elif name in MOES:
         m, sample = MoeDecoder(MOES[name]), (ids,)
         hand = list_moe_hand if name == "moe-list" else moe_hand
@@ -934,7 +1035,7 @@ def build(name: str) -> tuple[Built, Any]:
 
 MOES = {"moe-mixtral": MixtralMoE, "moe-switch": SwitchMoE, "moe-list": ListMoE}
 NAMES = ("wmt", "wmt-noann", "vit", "mixer", "scan", "resnet", "unet", "dit", "convnext", "conformer", *MOES,
-         "lstm", "bigru", "swin", "perceiver")
+         "lstm", "bigru", "swin", "perceiver", "t5x", "t5x-noann")
 
 
 def main(argv=None):
@@ -995,7 +1096,8 @@ def _markdown(table) -> str:
            "and the models' reference JAX code write them (wmt Transformer with and without logical annotations, "
            "ViT, MLP-Mixer, an `nn.scan(nn.remat)` DenseGeneral/Einsum decoder, a BatchNorm ResNet with "
            "ConvTranspose, a GroupNorm UNet, DiT with adaLN-Zero, ConvNeXt, a Conformer, user-written mixtures of "
-           "experts, an LSTM language model, a bidirectional GRU tagger, a Swin Transformer, a Perceiver IO); "
+           "experts, an LSTM language model, a bidirectional GRU tagger, a Swin Transformer, a Perceiver IO, a t5x-style "
+           "decoder with and without logical annotations); "
            "tiny widths; the adamw "
            "train step of `tpflax.make_train_step` compiled on 8 CPU-emulated devices and measured as "
            "`benchmarks/third_party.py` measures (`measure`). **x hand**: ratio to the Megatron layout written "

@@ -86,10 +86,19 @@ def vocab_of(arch: Arch) -> int:
 
 
 def fsdp_rules(params: Any, mesh: dict[str, int]) -> list[tuple[str, Any]]:
-    """Pure FSDP: each leaf's largest dim dividing the fsdp/data axis, over that axis."""
+    """Pure FSDP: each leaf's largest dim dividing the fsdp/data axis, over that axis.
+
+    Leaves boxed in flax metadata (``nn.with_logical_partitioning``) are unboxed first: flattened boxed,
+    each array's path ends in the box's ``value`` (a rule tpflax, whose paths end at the box, never
+    matches) and a scalar's shape is the box's. tpflax exports no unboxing helper: flax's own.
+    """
     import jax
     from jax.sharding import PartitionSpec as P
 
+    if "flax" in sys.modules:  # a tree can hold flax boxes only if flax is loaded
+        from flax.core import meta
+
+        params = meta.unbox(params)  # outside any mesh context: the arrays, no sharding constraint
     axis = "fsdp" if "fsdp" in mesh else "data"
     n = mesh[axis]
     rules = []

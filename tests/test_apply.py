@@ -254,6 +254,44 @@ def test_optimizer_state_for_planned_variables_or_their_params(name, mesh):
         assert jax.tree_util.tree_leaves(want) == [x.sharding for x in jax.tree_util.tree_leaves(placed)]
 
 
+@pytest.mark.parametrize("planned", ["variables", "params"])
+def test_optimizer_state_from_full_variables_mirrors_their_params_collection(planned, mesh):
+    # params=variables ({"params", "batch_stats"}) for the state to start from: masked and multi_transform
+    # (their mask and labels a tree like variables["params"]) met jax's "pytree structure error" inside
+    # jit, adamw silently kept moments of the BatchNorm statistics that no step trains. The state now
+    # mirrors the params collection (what make_train_step updates), for a plan of either tree
+    v = zoo_variables("cnn")
+    assert set(v) == {"params", "batch_stats"}
+    plan = tpflax.plan(v if planned == "variables" else v["params"], DP_TP)
+    prefix = "params/" if planned == "variables" else ""
+    mask = jax.tree.map(lambda x: x.ndim > 1, v["params"])
+    labels = jax.tree.map(lambda x: "a" if x.ndim > 1 else "b", v["params"])
+    for tx in (optax.adamw(1e-3), optax.adamw(1e-3, mask=mask),
+               optax.multi_transform({"a": optax.adam(1e-3), "b": optax.sgd(1e-2, momentum=0.9)}, labels)):
+        want = tx.init(v["params"])
+        got = tpflax.shard_optimizer_state(tx, None, plan, mesh, params=v)
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        assert_bit_exact(tpflax.unshard(got), want)
+        for path, x in jax.tree_util.tree_flatten_with_path(got)[0]:
+            key = jax.tree_util.keystr(path, simple=True, separator="/")
+            spec = next((d.spec for k, d in plan.decisions.items() if key.endswith("/" + k.removeprefix(prefix))), P())
+            assert x.sharding.spec == (spec if x.ndim else P()), key
+        shardings = tpflax.optimizer_shardings(tx, plan, mesh, params=v)
+        assert jax.tree.leaves(shardings) == [x.sharding for x in jax.tree.leaves(got)]
+    # a state made of all the variables is still placed, as before (params= names what it was made of)
+    whole = optax.adam(1e-3).init(v)
+    placed = tpflax.shard_optimizer_state(optax.adam(1e-3), whole, plan, mesh, params=v)
+    assert jax.tree.structure(placed) == jax.tree.structure(whole)
+    # another model's variables: refused by name, not with a jax error inside jit
+    other = zoo_variables("gpt2")
+    with pytest.raises(tpflax.PlanMismatchError, match=r"params= holds linen collections \['params'\]; the "
+                       r"optimizer state mirrors their 'params' collection") as e:
+        tpflax.shard_optimizer_state(optax.adamw(1e-3), None, plan, mesh, params=other)
+    assert any(p.endswith("planned, not in params['params']") for p in e.value.problems)
+    assert any(p.endswith("in params['params'], not planned") for p in e.value.problems)
+    assert str(e.value).count("pass params= the variables (or their params collection) the plan was made for")
+
+
 @pytest.mark.parametrize("name", ["gpt2", "cnn"])
 def test_params_of_planned_variables_are_accepted(name, mesh):
     """variables["params"] for a plan of the full variables: placed as planned, not 58 mismatches."""

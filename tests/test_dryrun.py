@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
+from _util import FAST_XLA
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -155,6 +156,40 @@ def test_user_step_with_plain_args_and_optimizer():
                  optimizer=opt, donate_argnums=(0, 1))
     est = estimate(p, opt, batch, model=m, backend="cpu")
     assert abs(dr.compare(est).memory_error) <= MEM_BOUND
+
+
+def test_user_step_over_a_boxed_tree_places_its_bare_optimizer_state_by_the_plan():
+    # variables boxed by nn.with_logical_partitioning, the optimizer state of their arrays (as
+    # shard_optimizer_state(tx, None, plan, mesh) makes it): dry_run took the state for a batch (dim 0 over
+    # fsdp), 38,212 argument bytes per device instead of the 13,380 the same step holds on the unboxed tree
+    import flax.linen as nn
+
+    def lp(*names):
+        return nn.with_logical_partitioning(nn.initializers.lecun_normal(), names)
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(32, kernel_init=lp("mlp", "embed"), name="down")(
+                nn.gelu(nn.Dense(128, kernel_init=lp("embed", "mlp"), name="up")(x)))
+
+    m, x = Net(), jax.ShapeDtypeStruct((8, 32), jnp.float32)
+    v = jax.eval_shape(m.init, jax.random.key(0), x)
+    bare = nn.meta.unbox(v)
+    p = tpflax.plan(v, {"fsdp": 2, "model": 4}, fsdp_min_bytes=0)
+    mesh = tpflax.make_mesh(p.mesh)
+    opt = optax.adam(1e-3)
+
+    def step(v, s, x):
+        prm = nn.meta.unbox(v["params"])
+        loss, g = jax.value_and_grad(lambda q: jnp.mean(m.apply({"params": q}, x) ** 2))(prm)
+        u, s = opt.update(g, s, prm)
+        return optax.apply_updates(prm, u), s, loss
+
+    state = jax.eval_shape(opt.init, bare["params"])
+    held = [dry_run(step, p, mesh, (tree, state, x), optimizer=opt, compiler_options=FAST_XLA).memory["argument"]
+            for tree in (v, bare)]
+    assert held[0] == held[1], held
 
 
 def test_batch_that_does_not_divide_fails_before_compiling():

@@ -223,7 +223,7 @@ def test_optimizer_state_in_the_model_order_is_stored_like_its_parameters(plans,
     # initialised from parameters in the model's order: a copy of them (optax's lookahead-like states)
     copy = optax.GradientTransformation(lambda p: p, lambda u, s, p=None: (u, s))
     made = tpflax.shard_optimizer_state(copy, None, plan, mesh, params=host)
-    _same(tpflax.unshard(made), _stored(host))
+    _same({"params": tpflax.unshard(made)}, _stored(host))  # of the variables, their params collection
 
 
 def test_estimate_prices_no_fused_reshard_when_aligned(plans):

@@ -678,6 +678,29 @@ def test_maxtext_logical_names_are_all_known():
     assert specs(p, want) == want
 
 
+class T5RelposBias(nn.Module):
+    """T5X's relative position bias table (``('heads', 'relpos_buckets')``) added to a layer's scores."""
+
+    @nn.compact
+    def __call__(self, x):
+        lp, init = nn.with_logical_partitioning, nn.initializers.lecun_normal()
+        table = self.param("rel_embedding", lp(init, ("heads", "relpos_buckets")), (H, 32))
+        q = nn.DenseGeneral((H, HD), kernel_init=lp(init, ("embed", "heads", "kv")), name="query")(x)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, q) + table[None, :, :1, None]
+        return nn.DenseGeneral(D, axis=(-2, -1), kernel_init=lp(init, ("heads", "kv", "embed")),
+                               name="out")(jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores), q))
+
+
+def test_t5x_logical_names_are_all_known():
+    # relpos_buckets (T5X's relative position table) was in no default logical rule: every default plan of
+    # a T5X model warned that its dim was replicated (as T5X's standard rules map it: unsharded)
+    p = tpflax.plan(abstract(T5RelposBias(), X), MESH)
+    assert not p.warnings, p.warnings
+    want = {"rel_embedding": P("model", None), "query/kernel": P(None, "model", None),
+            "out/kernel": P("model", None, None)}
+    assert specs(p, want) == want
+
+
 # -- 9 and 10: an einsum norm scale; an untied head under a plain name ------------
 
 class EinsumNorm(nn.Module):

@@ -37,7 +37,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from _util import assert_bit_exact, zoo_init
+from _util import assert_bit_exact, same_bytes, zoo_init
 from jax.sharding import PartitionSpec as P
 
 import tpflax
@@ -644,3 +644,93 @@ def test_a_planned_frozendict_steps_with_what_shard_and_shard_optimizer_state_re
     assert isinstance(frozen, FrozenDict) and isinstance(frozen["params"], FrozenDict)
     assert isinstance(frozen_state[1][0].mu, FrozenDict) and not isinstance(plain, FrozenDict)
     assert_bit_exact((frozen, frozen_state, frozen_loss), (plain, plain_state, plain_loss))
+
+
+def _boxed_block_net(box):
+    """A T5X/MaxText-style linen block (Einsum q/o heads kernels, an MLP, ``nn.remat``) whose kernels'
+    inits are wrapped by ``box(init, logical names)``."""
+    import flax.linen as nn
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            q = nn.Einsum((32, 4, 8), "bd,dhk->bhk", kernel_init=box(("embed", "heads", "kv")), name="q")(x)
+            x = x + nn.Einsum((4, 8, 32), "bhk,hkd->bd", kernel_init=box(("heads", "kv", "embed")), name="o")(q)
+            h = nn.gelu(nn.Dense(128, kernel_init=box(("embed", "mlp")), name="wi")(x))
+            return x + nn.Dense(32, kernel_init=box(("mlp", "embed")), name="wo")(h)
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for i in range(2):
+                x = nn.remat(Block)(name=f"layers_{i}")(x)
+            return x
+
+    return Net()
+
+
+def _logical(names):
+    import flax.linen as nn
+
+    return nn.with_logical_partitioning(nn.initializers.lecun_normal(), names)
+
+
+def _partitioned(names):
+    # annotated for a ("data", "model") mesh; trained on {"fsdp": 2, "model": 4}. Applied boxed, flax
+    # constrained each kernel to P("data", ...) inside the step: "Resource axis: data ... is not found in mesh"
+    import flax.linen as nn
+
+    mesh_axes = {"embed": "data", "heads": "model", "mlp": "model"}
+    return nn.with_partitioning(nn.initializers.lecun_normal(), tuple(mesh_axes.get(n) for n in names))
+
+
+@pytest.mark.parametrize("box", [_logical, _partitioned], ids=["logical", "partitioned"])
+def test_a_boxed_linen_model_trains_as_its_unboxed_tree(box):
+    # kernels boxed in nn.LogicallyPartitioned / nn.Partitioned (nn.with_logical_partitioning /
+    # nn.with_partitioning, as T5X and MaxText write them): the step unboxes them for model.apply, the
+    # gradients and adamw, and boxes its outputs again. The same plan's step on the unboxed tree runs
+    # the same program on the same arrays: bit-exact
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    m = _boxed_block_net(box)
+    x = jax.random.normal(jax.random.key(1), (8, 32))
+    mse = lambda out, x: jnp.mean((out - 0.5 * x) ** 2)  # noqa: E731
+    v = jax.jit(m.init)(jax.random.key(0), x)
+    assert isinstance(v["params"]["layers_0"]["q"]["kernel"], nn.meta.AxisMetadata)
+    bare = nn.meta.unbox(v)  # outside any mesh: the arrays, no constraint
+    plan = tpflax.plan(v, {"fsdp": 2, "model": 4}, model=m, sample=(x,), fsdp_min_bytes=0)
+    assert plan.specs_for(bare) == plan.specs_for(v)  # the specs line up with the unboxed leaves
+    mesh = tpflax.make_mesh(plan.mesh)
+    tx = optax.adamw(1e-2)
+    runs = []
+    for tree in (v, bare):
+        ts = tpflax.make_train_step(m, plan, mesh, tx, sample=(x,), loss=mse,
+                                    variables=None if tree is v else jax.eval_shape(lambda t=tree: t))
+        step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings,
+                       compiler_options=FAST)
+        # the boxed tree with boxed moments (tx.init of the boxed params); the bare one from the plan alone
+        state = (tpflax.shard_optimizer_state(tx, tx.init(v["params"]), plan, mesh) if tree is v
+                 else tpflax.shard_optimizer_state(tx, None, plan, mesh))
+        given_state = jax.tree.structure(state)
+        sv, losses = tpflax.shard(tree, plan, mesh), []
+        for _ in range(2):
+            sv, state, loss = step(sv, state, (x,))
+            losses.append(float(loss))
+        assert jax.tree.structure(sv) == jax.tree.structure(tree) and jax.tree.structure(state) == given_state
+        runs.append((tpflax.unshard(sv), tpflax.unshard(state), losses))
+        for path, d in plan.decisions.items():  # laid out by the plan, not by the boxes' names
+            leaf = sv
+            for k in path.split("/"):
+                leaf = leaf[k]
+            assert getattr(leaf, "value", leaf).sharding.spec == d.spec, path
+    (new_b, state_b, losses_b), (new_u, state_u, losses_u) = runs
+    box_types = {type(b) for b in jax.tree.leaves(new_b, is_leaf=lambda b: isinstance(b, nn.meta.AxisMetadata))
+                 if isinstance(b, nn.meta.AxisMetadata)}
+    assert box_types == {nn.LogicallyPartitioned if box is _logical else nn.Partitioned}
+    assert losses_b == losses_u and losses_b[1] < losses_b[0], losses_b
+    assert_bit_exact(nn.meta.unbox(new_b), new_u)
+    assert_bit_exact(nn.meta.unbox(state_b), state_u)
+    assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(new_u))
+    assert not any(same_bytes(a, b) for a, b in zip(jax.tree.leaves(new_u["params"]),
+                                                   jax.tree.leaves(bare["params"]), strict=True))  # all trained

@@ -331,9 +331,11 @@ def _shard_args(plan, mesh, args: tuple[Any, ...], optimizer: Any) -> tuple[tupl
         if optimizer is not None and params_tree is not None:
             params, _ = split_params(plan, params_tree)
             state, ospecs = opt_state_specs(plan, optimizer, jax.tree_util.tree_map(abstract, params))
-            # an nnx model's state made with tx.init(nnx.state(model, nnx.Param)) holds Variables
-            if jax.tree_util.tree_structure(state) in (jax.tree_util.tree_structure(a),
-                                                       jax.tree_util.tree_structure(unboxed(a))):
+            # an nnx model's state made with tx.init(nnx.state(model, nnx.Param)) holds Variables; a boxed
+            # linen tree's state may be boxed (tx.init(variables["params"])) or bare (of the plan alone)
+            if jax.tree_util.tree_structure(unboxed(state)) in (jax.tree_util.tree_structure(a),
+                                                                jax.tree_util.tree_structure(unboxed(a))) \
+                    or jax.tree_util.tree_structure(state) == jax.tree_util.tree_structure(a):
                 shardings.append(named_shardings(mesh, ospecs))
                 continue
         shardings.append(batch_shardings(plan, mesh, a))

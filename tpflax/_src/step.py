@@ -166,6 +166,26 @@ def _model_parts(m: Model, loss: Any, variables: Any) -> tuple[Any, Callable[...
     return tuple(m.sample), loss_of
 
 
+def _linen_own_variables(model: Any, sample: Any, batch: Any) -> Any:
+    """A linen module's own abstract variables (``model.init``), made outside the step's context mesh as
+    :func:`tpflax.plan` and the user's ``jax.eval_shape(model.init, ...)`` make them; None for other
+    models, or when the init needs that mesh (a ``jax.shard_map`` without ``mesh=``: made in it then).
+
+    Under a context mesh flax applies every ``nn.with_partitioning`` box's sharding constraint at init:
+    one naming an axis the plan's mesh does not have, or a ``DenseGeneral`` kernel boxed with names for
+    its 3-D shape while flax constrains the 2-D kernel it reshapes, fails there."""
+    from tpflax._src.model import is_linen
+
+    if isinstance(batch, (tuple, list)) and sample is None:
+        sample = batch
+    if sample is None or not is_linen(model):
+        return None
+    try:
+        return as_model(model, sample).variables
+    except Exception:  # noqa: BLE001 - the user's init: tried again under the step's mesh, where it says why
+        return None
+
+
 def _resolve(model: Any, plan, batch: Any, sample: Any, loss: Any, variables: Any):
     """(variables, abstract batch, loss_of(variables, batch)) for any model."""
     if is_zoo(model) and loss is None:
@@ -183,7 +203,7 @@ def _resolve(model: Any, plan, batch: Any, sample: Any, loss: Any, variables: An
     elif batch is not None:
         raise OptionError(f"batch={type(batch).__name__} is only for zoo models; pass sample=(inputs, ...) "
                           "for this model, or batch=N to set the batch size of its sample")
-    return (m.variables, *_model_parts(m, loss, m.variables))
+    return (m.variables, *_model_parts(m, loss, bare_variables(m.variables)))
 
 
 def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = None, *,
@@ -206,7 +226,9 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
             ``(batch, seq, vocab)`` over int ids ``(batch, seq)`` (the first
             input); otherwise an :class:`~tpflax.OptionError` asks for one.
         variables: abstract variables (default: the model's; for a plain
-            function, the planned tree).
+            function, the planned tree). Linen variables boxed in ``nn.Partitioned`` /
+            ``nn.LogicallyPartitioned`` are trained on their arrays (the plan lays them out,
+            not the boxes' names) and returned boxed; the optimizer state may be bare or boxed.
         gather_fsdp: implement fsdp as ZeRO-3: inside the step, constrain the
             parameters to their specs without the fsdp axes, so XLA all-gathers
             them for compute (and reduces the gradients back to the shards).
@@ -236,13 +258,16 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
         raise OptionError(f"optimizer {optimizer!r} is not an optax GradientTransformation (no init() and "
                           "update()); pass one, e.g. optax.adamw(1e-3)")
     given = variables
+    if variables is None:
+        variables = _linen_own_variables(model, sample, batch)
     try:
         with mesh_context(mesh):
             variables, abstract_batch, loss_of = _resolve(model, plan, batch, sample, loss, variables)
             if given is None:
                 variables = in_plan_containers(plan, variables)
             if not is_zoo(model):  # the zoo calls no shard_map: spare the extra trace (0.1 -> 0.8 s, Llama-2-7B)
-                closed, (value, _) = jax.make_jaxpr(loss_of, return_shape=True)(variables, abstract_batch)
+                closed, (value, _) = jax.make_jaxpr(loss_of, return_shape=True)(
+                    bare_variables(variables), abstract_batch)
                 _check_scalar_loss(value)
                 _check_shard_maps(closed.jaxpr, mesh)
     except (ValueError, OptionError) as e:  # jax's: "The context mesh ... should match the mesh passed to shard_map"
@@ -262,7 +287,7 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
             raise
         raise PlanMismatchError(f"{e}. make_train_step took the model's own variables (model.init): pass "
                                 "variables= the tree you planned (e.g. one cast to bfloat16)") from e
-    params, _ = split_params(plan, variables)
+    params, _ = split_params(plan, bare_variables(variables))  # the step trains bare arrays
     opt_state, opt_specs = opt_state_specs(plan, optimizer, params)
     made = opt_state  # what the step's optimizer keeps (the step's own opt_state argument shadows it)
     var_sh, opt_sh = named_shardings(mesh, var_specs), named_shardings(mesh, opt_specs)
@@ -275,13 +300,17 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
     gather_frozen = fsdp_gather(plan, mesh, [d for _, d in frozen]) if frozen else None
 
     def step(variables, opt_state, batch):
-        params, merge = split_params(plan, variables)
-        bare = _checked_opt_state(plan, opt_state, made, variables)
-        leaves, treedef = jax.tree_util.tree_flatten(variables)
+        # linen boxes (nn.Partitioned / nn.LogicallyPartitioned) stripped: the model, the gradients and the
+        # optimizer see arrays laid out by the plan alone (applied boxed, flax would add each box's sharding
+        # constraint, its own names, to the forward pass); the outputs are boxed again as given
+        bare_vars = bare_variables(variables)
+        params, merge = split_params(plan, bare_vars)
+        bare, restore = _checked_opt_state(plan, opt_state, made)
+        leaves, treedef = jax.tree_util.tree_flatten(bare_vars)
 
         def loss_fn(p):
             def run(kept=()):  # kept: the frozen fsdp leaves, gathered
-                v = variables
+                v = bare_vars
                 if kept:
                     vl = list(leaves)
                     for (i, _), x in zip(frozen, kept, strict=True):
@@ -298,10 +327,8 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
         (value, state), grads = jax.value_and_grad(gather(loss_fn) if gather is not None else loss_fn,
                                                    has_aux=True)(params)
         updates, new_state = optimizer.update(grads, bare, params)
-        if bare is not opt_state:  # unwrapped from nnx Variables: handed back in the caller's form
-            new_state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(opt_state),
-                                                     jax.tree_util.tree_leaves(new_state))
-        return merge(variables if state is None else state, optax.apply_updates(params, updates)), new_state, value
+        new = merge(bare_vars if state is None else state, optax.apply_updates(params, updates))
+        return in_form_of(variables, new), restore(new_state), value
 
     args = (with_shardings(variables, var_sh), with_shardings(opt_state, opt_sh),
             with_shardings(abstract_batch, batch_sh))
@@ -371,22 +398,20 @@ def param_decisions(plan, variables: Any) -> list[Decision]:
                                      is_leaf=lambda x: isinstance(x, Decision))
 
 
-def _checked_opt_state(plan, opt_state: Any, made: Any, variables: Any) -> Any:
-    """``opt_state`` as the step's optimizer takes it (an nnx state's Variables unwrapped, as
-    ``tx.init(nnx.state(model, nnx.Param))`` makes them), or PlanMismatchError naming every leaf that
-    differs from the state the step's optimizer makes for the parameters it trains."""
+def _checked_opt_state(plan, opt_state: Any, made: Any) -> tuple[Any, Callable[[Any], Any]]:
+    """``(opt_state as the step's optimizer takes it, restore(new state) in the caller's form)``, or
+    PlanMismatchError naming every leaf that differs from the bare state the step's optimizer makes for
+    the parameters it trains. A state whose leaves sit in boxes is taken unboxed and handed back boxed:
+    an nnx state's Variables (``tx.init(nnx.state(model, nnx.Param))``), a boxed linen model's
+    ``nn.Partitioned`` / ``nn.LogicallyPartitioned`` moments (``tx.init(variables["params"])``)."""
     import jax
 
     want = jax.tree_util.tree_structure(made)
     if jax.tree_util.tree_structure(opt_state) == want:
-        return opt_state
-    bare = unboxed(opt_state) if is_nnx_state(variables) else opt_state
+        return opt_state, lambda new: new
+    bare = unboxed(opt_state)
     if jax.tree_util.tree_structure(bare) == want:
-        return bare
-    if jax.tree_util.tree_structure(unboxed(opt_state)) == jax.tree_util.tree_structure(unboxed(made)):
-        # linen params boxed in nn.Partitioned / nn.LogicallyPartitioned: the step's optimizer keeps its
-        # moments boxed alike, while shard_optimizer_state(tx, None, plan, mesh) makes them bare
-        return jax.tree_util.tree_unflatten(want, jax.tree_util.tree_leaves(opt_state))
+        return bare, lambda new: in_form_of(opt_state, new)
     raise PlanMismatchError(
         "the optimizer state does not fit the step: it differentiates and updates the float parameters "
         "only (integer, bool and PRNG-key leaves, and an nnx module's BatchStats and RNG state, pass "
@@ -394,6 +419,34 @@ def _checked_opt_state(plan, opt_state: Any, made: Any, variables: Any) -> Any:
         "tpflax.shard_optimizer_state(optimizer, None, plan, mesh) (params=... for optimizers whose "
         "state copies the parameters), or optimizer.init of the parameters with the other leaves set "
         "to None (left out of an nnx State)", opt_state_problems(bare, made, plan))
+
+
+def bare_variables(variables: Any) -> Any:
+    """Linen variables with every flax box (``nn.Partitioned``, ``nn.LogicallyPartitioned``) replaced by
+    its array; an ``nnx.State`` as it is (:func:`split_params` takes its parameters out of their Variables).
+
+    >>> import flax.linen as nn, jax.numpy as jnp
+    >>> bare_variables({"params": {"w": nn.Partitioned(jnp.ones(2), names=("model",))}})["params"]["w"].shape
+    (2,)
+    """
+    return variables if is_nnx_state(variables) else unboxed(variables)
+
+
+def in_form_of(given: Any, new: Any) -> Any:
+    """``new`` (bare arrays) in the boxes ``given`` holds its leaves in (flax boxes, nnx Variables), the
+    same leaves in the same order; ``new`` itself when ``given`` has none.
+
+    >>> import flax.linen as nn, jax.numpy as jnp
+    >>> in_form_of({"w": nn.Partitioned(jnp.ones(2), names=("model",))}, {"w": jnp.zeros(2)})["w"].names
+    ('model',)
+    """
+    import jax
+
+    given_def = jax.tree_util.tree_structure(given)
+    new_leaves, new_def = jax.tree_util.tree_flatten(new)
+    if new_def == given_def or given_def.num_leaves != len(new_leaves):
+        return new
+    return jax.tree_util.tree_unflatten(given_def, new_leaves)
 
 
 def plan_decisions(plan, tree: Any) -> Any:

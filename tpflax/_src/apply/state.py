@@ -102,10 +102,13 @@ def params_for_state(optimizer: Any, opt_state: Any, plan: Plan, params: Any = N
     """
     check_state_leaves(opt_state)  # a non-array leaf is the clearer error than a mismatch
     candidates = [abstract_params(plan)]
-    if params is not None:
-        candidates.insert(0, abstract_params(plan, params))
+    if params is not None:  # its params collection, as the train step updates it; all of it (optimizer.init(variables))
+        given = [abstract_params(plan, params), abstract_params(plan, params, collection=False)]
+        same = jax.tree_util.tree_structure(given[0]) == jax.tree_util.tree_structure(given[1])
+        candidates[:0] = given[:1] if same else given
     full = planned_tree(plan)
-    if jax.tree_util.tree_structure(full) != jax.tree_util.tree_structure(candidates[-1]):
+    tried_full = jax.tree_util.tree_structure(full) != jax.tree_util.tree_structure(candidates[-1])
+    if tried_full:
         candidates.append(full)
     first = None
     for cand in candidates:
@@ -116,7 +119,7 @@ def params_for_state(optimizer: Any, opt_state: Any, plan: Plan, params: Any = N
     raise PlanMismatchError(
         "the optimizer state was not made for the planned parameters (tried optimizer.init of the "
         f"{'given params, ' if params is not None else ''}planned params"
-        f"{' and the full planned variables' if len(candidates) > 1 + (params is not None) else ''}); "
+        f"{' and the full planned variables' if tried_full else ''}); "
         "re-create it with optimizer.init(params) or pass opt_state=None", first)
 
 

@@ -141,7 +141,8 @@ def default_logical_rules(mesh: MeshShape) -> list[tuple[str, Any]]:
     Every name MaxText's ``base.yml`` gives a parameter dim is here, mapped by its mesh axis's
     role: its key/value kernels' ``kv_head_dim``, a fused ``wi``'s ``num_activations``, its MoE
     kernels' ``embed_no_exp`` and MLA's low-rank ``q_lora``/``kv_lora`` (fsdp, like ``embed``)
-    among them, so a MaxText model's default plan warns of no unknown name.
+    among them, so a MaxText model's default plan warns of no unknown name; so is every parameter name
+    of T5X's ``standard_logical_axis_rules`` (its relative position table's ``relpos_buckets``).
 
     >>> from tpflax._src.mesh import mesh_shape
     >>> rules = dict(default_logical_rules(mesh_shape({"data": 2, "model": 4})))
@@ -158,7 +159,9 @@ def default_logical_rules(mesh: MeshShape) -> list[tuple[str, Any]]:
             # MaxText's other parameter names: fused MLP, MoE, MLA and DeepSeek's two layer stacks
             ("num_activations", None), ("mlp_no_fsdp", t), ("embed_no_exp", f), ("exp_with_fsdp", f),
             ("q_lora", f), ("kv_lora", f), ("q_lora_up_proj", None), ("kv_lora_up_proj", None),
-            ("dense_layers", None), ("moe_layers", None)]
+            ("dense_layers", None), ("moe_layers", None),
+            # T5X's (t5x/partitioning.py standard_logical_axis_rules), unsharded as it maps them
+            ("relpos_buckets", None), ("abspos_buckets", None), ("mlp_activations", None), ("stack", None)]
 
 
 def annotation(f: Facts, mesh: MeshShape, logical_rules) -> tuple[tuple[Entry, ...], str, list[str]]:

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from tpflax._src.errors import TreeError
+from tpflax._src.errors import PlanMismatchError, TreeError
 from tpflax._src.facts.tree import (
     COLLECTIONS,
     is_box,
@@ -324,9 +324,10 @@ def planned_tree(plan: Plan) -> Any:
     return tree
 
 
-def abstract_params(plan: Plan, params: Any = None) -> Any:
+def abstract_params(plan: Plan, params: Any = None, *, collection: bool = True) -> Any:
     """The parameter tree an optimizer sees, abstract: :func:`optimizer_params` of ``params``,
-    else of the planned tree, as tpflax's train step updates it.
+    else of the planned tree, as tpflax's train step updates it. ``collection=False``: of full linen
+    variables, all of them (a state made with ``optimizer.init(variables)``).
 
     >>> import jax, tpflax
     >>> p = tpflax.plan({"params": {"w": jax.ShapeDtypeStruct((8, 4), "float32")}}, {"model": 2})
@@ -336,15 +337,16 @@ def abstract_params(plan: Plan, params: Any = None) -> Any:
     if params is not None:
         params = jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct(np.shape(x), getattr(x, "dtype", np.asarray(x).dtype)), params)
-    return optimizer_params(plan, params)
+    return optimizer_params(plan, params, collection=collection)
 
 
-def optimizer_params(plan: Plan, params: Any = None) -> Any:
+def optimizer_params(plan: Plan, params: Any = None, *, collection: bool = True) -> Any:
     """What the optimizer sees of ``params`` (arrays or abstract), or of the planned tree: the
     float leaves tpflax's train step differentiates (:func:`split_params`).
 
     ``params`` may be the planned tree or its trainable part (``variables["params"]``,
-    ``nnx.state(model, nnx.Param)``); an ``nnx.State`` keeps its Variables, so the state is what
+    ``nnx.state(model, nnx.Param)``); of full linen variables, their ``params`` collection
+    (:func:`params_collection`; all of them with ``collection=False``); an ``nnx.State`` keeps its Variables, so the state is what
     ``optimizer.init`` makes of them (the train step takes it either way). Without ``params`` the
     planned tree stands in, built from the plan (:func:`planned_tree`), with bare arrays.
 
@@ -358,9 +360,46 @@ def optimizer_params(plan: Plan, params: Any = None) -> Any:
         return split_params(plan, planned_tree(plan))[0]
     if is_nnx_state(params):
         return _nnx_params(params, _plan_trains(plan))[0]
-    full = isinstance(params, Mapping) and "params" in params
-    prefix = "params/" if not full and any(path.startswith("params/") for path in plan.decisions) else ""
+    if collection:
+        params, prefix = params_collection(plan, params)
+    else:
+        full = isinstance(params, Mapping) and "params" in params
+        prefix = "params/" if not full and any(path.startswith("params/") for path in plan.decisions) else ""
     return trainable(params, _plan_keeps(plan, prefix))[0]
+
+
+def params_collection(plan: Plan, params: Any) -> tuple[Any, str]:
+    """``(the tree the optimizer state mirrors, its paths' prefix in the plan)`` of ``params`` given as
+    the planned tree, its ``params`` collection, or full linen variables (``{"params": ..., "batch_stats":
+    ...}``): of those, the ``params`` collection, as :func:`split_params` trains it, whether the plan was
+    made of the full variables or of their ``params`` collection.
+
+    Raises:
+        PlanMismatchError: full linen variables whose ``params`` collection is not the plan's parameters.
+
+    >>> import jax, tpflax
+    >>> w = {"params": {"w": jax.ShapeDtypeStruct((8, 4), "float32")},
+    ...      "batch_stats": {"mean": jax.ShapeDtypeStruct((4,), "float32")}}
+    >>> p = tpflax.plan(w["params"], {"model": 2})
+    >>> params_collection(p, w)[0] == w["params"], params_collection(p, w["params"])[1]
+    (True, '')
+    """
+    in_plan = any(path.startswith("params/") for path in plan.decisions)
+    others = set(map(str, params)) - {"params"} if isinstance(params, Mapping) and "params" in params else None
+    if others is None or not (in_plan or others <= COLLECTIONS):
+        return params, "params/" if in_plan else ""  # the planned tree, or its params collection
+    prefix = "params/" if in_plan else ""
+    got = {prefix + keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(params["params"], is_leaf=is_box)[0]}
+    want = {path for path in plan.decisions if path.startswith(prefix)}
+    if got != want:
+        problems = [f"{path}: planned, not in params['params']" for path in sorted(want - got)[:5]]
+        problems += [f"{path}: in params['params'], not planned" for path in sorted(got - want)[:5]]
+        raise PlanMismatchError(
+            f"params= holds linen collections {sorted(map(str, params))}; the optimizer state mirrors their "
+            f"'params' collection (what the train step updates), which does not match the plan's "
+            f"{len(want)} parameters ({len(want - got)} missing, {len(got - want)} not planned); pass "
+            "params= the variables (or their params collection) the plan was made for", problems)
+    return params["params"], prefix
 
 
 def split_params(plan: Plan, tree: Any) -> tuple[Any, Callable[[Any, Any], Any]]:
@@ -480,5 +519,5 @@ def trainable(tree: Any, keeps: Callable[[str], bool] | None = None) -> tuple[An
 
 
 __all__ = ["abstract_params", "adapt_spec", "check_state_leaves", "factored_dim", "opt_state_problems",
-           "optimizer_params", "planned_tree", "split_params", "state_leaf_specs", "state_leaf_targets",
+           "optimizer_params", "params_collection", "planned_tree", "split_params", "state_leaf_specs", "state_leaf_targets",
            "state_leaf_ties", "state_specs", "trainable"]
