@@ -76,8 +76,10 @@ def _expert_options(st: State, cols: list[Facts], row: Facts, pid: int, ffn: int
     t_entry, t_size = st.tensor
     over = axis_label(t_entry, t_size)
     d_in, d_out = cols[0].body[1], row.body[-1]
-    # buffer rows per priced token on one device (1: the layer's tokens, untraced or no dispatch)
-    ratio = max((st.buffers.get(f.path, 0.0) for f in [*cols, row]), default=0.0) or 1.0
+    # rows per priced token on one device of the buffer each kernel reads (1: the layer's tokens, untraced or
+    # no dispatch)
+    rows = {f.path: st.buffers.get(f.path, 1.0) for f in [*cols, row]}
+    ratio = max(rows.values())
     buffered = all(f.path in st.buffers for f in [*cols, row])
     b_axes = tuple(a for a in batch_axes(st.mesh) if st.mesh.sizes[a] > 1)
 
@@ -100,9 +102,9 @@ def _expert_options(st: State, cols: list[Facts], row: Facts, pid: int, ffn: int
     matmul = frozenset(f.path for f in [*cols, row])
     options = []
     if t_ok:
-        acts = (ActComm("all-reduce", t_entry, d_out * ratio, 1, "row: sum partial outputs (forward)"),
-                *(ActComm("all-reduce", t_entry, d_in * ratio, 1, "column: sum partial input gradients (backward)")
-                  for _ in cols), *buffer_sums(1))
+        acts = (ActComm("all-reduce", t_entry, d_out * rows[row.path], 1, "row: sum partial outputs (forward)"),
+                *(ActComm("all-reduce", t_entry, d_in * rows[c.path], 1, "column: sum partial input gradients "
+                          "(backward)") for c in cols), *buffer_sums(1))
         options.append(Option("Megatron in each expert", props(
             ((None, None, t_entry), (None, t_entry, None)), ("column", "row"), f"ffn {ffn} split over {over}"),
             acts, matmul))
