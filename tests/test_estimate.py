@@ -992,9 +992,14 @@ def test_a_vmapped_ensemble_counts_every_member(how):
             "members/up": [(8, 4 * d)] * members, "members/down": [(8, d)] * members,
             "members": [(8, d)] * members, "head": [(8, d)]}, model
     (plain, lplain), (rem, lrem) = _twin_estimates(m, LNet(), (x,))
-    # per member up (split over model), down and its output, then the head's output: f32, data halves
-    full = (members * 8 * (4 * d // 4 + d + d) + 8 * d // 4) * 4 // 2
-    top = (members * 8 * d + 8 * d // 4) * 4 // 2  # under remat: the top-level outputs
+    # the members are split over model (experts over the tensor axis, cheaper by cost than their ffn dim: the
+    # compiled step sums the members' mean, not every member's output): each device runs members // 4 of them,
+    # and holds per member up, down and its output whole, then the head's output (split): f32, data halves
+    lp = tpflax.plan(jax.eval_shape(LNet().init, jax.random.key(0), x), {"data": 2, "model": 4}, model=LNet(),
+                     sample=(x,))
+    assert lp.decisions["params/members/up/kernel"].spec == P("model", None, None)
+    full = (members // 4 * 8 * (4 * d + d + d) + 8 * d // 4) * 4 // 2
+    top = (members // 4 * 8 * d + 8 * d // 4) * 4 // 2  # under remat: the top-level outputs
     assert plain == lplain == (top if how.startswith("remat") else full)  # the model's own remat: on
     assert rem == lrem == top
 

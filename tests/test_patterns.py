@@ -957,6 +957,9 @@ class GatedMoE(nn.Module):
 MOE_HAND = [(r"_(gate|up)$", P(None, None, "model")), (r"_down$", P(None, "model", None))]
 MOE_SPECS = {"ffn_0_gate": P(None, None, "model"), "ffn_0_up": P(None, None, "model"),
              "ffn_0_down": P(None, "model", None)}
+# the einsum form traced: the experts over model (the chooser's cheaper layout: its down projection's output
+# holds every expert's rows, which Megatron's split sums whole)
+MOE_E_SPECS = dict.fromkeys(MOE_SPECS, P("model", None, None))
 X = sds(8, T, D)
 
 
@@ -973,7 +976,8 @@ def moe_loss(out, x):
 def test_experts_by_shape_and_gated_pairs(moe):
     m, v = moe
     traced = tpflax.plan(v, MESH, model=m, sample=(X,))
-    assert specs(traced, MOE_SPECS) == MOE_SPECS
+    want = MOE_SPECS if m.loop else MOE_E_SPECS
+    assert specs(traced, want) == want
     pair = [q for q in traced.pairs if "params/ffn_0_down" in q.rows]
     assert len(pair) == 1 and set(pair[0].columns) == {"params/ffn_0_gate", "params/ffn_0_up"}
     tree = tpflax.plan(v, MESH)
@@ -991,7 +995,12 @@ def test_experts_compile_like_megatron(moe, mesh):
     hand = tpflax.dry_run(tpflax.make_train_step(m, h, mesh, optax.adamw(1e-3), loss=moe_loss, **ts_args),
                           h, mesh, compiler_options=NO_LLVM_OPT)
     three = [(r.memory["argument"] + (r.memory["temp"] or 0), r.comm_total, r.flops) for r in (got, hand)]
-    no_worse(*three)  # the ffn dim split on gate, up and down alike: the hand layout
+    if m.loop:
+        no_worse(*three)  # the ffn dim split on gate, up and down alike: the hand layout
+    else:  # the experts over model: 0.87x the hand layout's collectives, 0.99x its flops (measured, XLA:CPU)
+        assert three[0][1] < 0.9 * three[1][1] and three[0][2] < three[1][2], three
+        # and 1.6% more bytes: temporaries around the combine; the chooser prices the parameters' bytes (alike)
+        no_worse(*three, slack=1.02)
 
 
 

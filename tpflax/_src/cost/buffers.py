@@ -10,20 +10,36 @@ Where the dispatch sums the batch away (GShard's one-hot ``btec,btd->ecd`` into 
 per expert), the buffer has no batch dim: its rows do not grow with the batch, every device of a
 batch axis holds all of it, and XLA sums the dispatch over the batch axes before the experts run,
 so the experts' work and their weights' gradients are the same on every device of those axes
-(:mod:`tpflax._src.cost.experts`). Which it is shows by tracing at a second batch size.
+(:mod:`tpflax._src.cost.experts`). Which it is shows by following the sample's leading dim (the batch)
+through the forward (:func:`_batch_dims`: contractions, reshapes, transposes, broadcasts, reductions, calls
+and scans; elementwise ops keep it): a buffer that keeps the batch has a dim carrying it. One whose rows grow
+with the batch without such a dim (Switch's capacity ``C = tokens / E``, a dispatch ``nd,nec->ecd`` over the
+batch's tokens as one group) has still summed the batch away (measured, XLA:CPU data=2,model=4: its
+``f32[E, C, d]`` all-reduced over data), even where ``C`` is as long as the batch.
+
+Both :func:`tpflax.plan` (pricing expert layouts) and the estimate read these rows; they are kept per model
+and shapes (:mod:`tpflax._src.model_cache`), so the second reader traces nothing again.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import Any
+
+
+def batched_paths(flow: Any) -> frozenset[str]:
+    """The parameters of a :class:`~tpflax._src.trace.records.Dataflow` contracted only with batch dims (expert
+    kernels reading a dispatched buffer, ``ecd,edf->ecf``): their uses record no rows."""
+    rows = {u.path for u in flow.uses if u.rows and not u.scan_length}
+    return frozenset(u.path for u in flow.uses if u.op == "dot" and u.batch and not u.rows and u.path not in rows)
 
 
 def batched_rows(m: Any, paths: Collection[str]) -> tuple[dict[str, float], dict[str, float]]:
     """``(rows per example, buffer rows)`` of the first batched contraction of each of ``paths``: a buffer
-    whose rows grow with the batch (it keeps a batch dim) is counted per example, one whose rows do not
-    (the dispatch summed the batch away) whole. Empty when the model cannot be traced again.
+    that keeps a batch dim is counted per example, one that does not (the dispatch summed the batch away,
+    whatever its capacity) whole. Empty when the model cannot be traced again. Kept per model and shapes:
+    do not change the dicts returned.
 
     >>> import jax, jax.numpy as jnp
     >>> from tpflax._src.model import as_model
@@ -34,39 +50,150 @@ def batched_rows(m: Any, paths: Collection[str]) -> tuple[dict[str, float], dict
     >>> batched_rows(m, {"w"})
     ({}, {'w': 12})
     """
+    from tpflax._src.model_cache import cached
+
+    return cached("batched_rows", m, lambda: _batched_rows(m, paths), tuple(sorted(paths)))
+
+
+def _batched_rows(m: Any, paths: Collection[str]) -> tuple[dict[str, float], dict[str, float]]:
     from tpflax._src.errors import TraceError
 
     try:
         now = _rows(m, paths)
-        bigger = m.with_batch(2 * m.batch_size) if m.batch_size else m
-        later = _rows(bigger, paths) if bigger is not m else now
     except TraceError:
         return {}, {}
     examples = m.batch_size or 1
-    per_example = {p: r / examples for p, r in now.items() if later.get(p) != r or bigger is m}
-    return per_example, {p: r for p, r in now.items() if p not in per_example}
+    per_example = {p: r / examples for p, (r, batch) in now.items() if batch}
+    return per_example, {p: r for p, (r, _) in now.items() if p not in per_example}
 
 
-def _rows(m: Any, paths: Collection[str]) -> dict[str, int]:
-    """``{path: rows}`` of the activation the first batched ``dot_general`` of each parameter reads."""
+def _rows(m: Any, paths: Collection[str]) -> dict[str, tuple[int, bool]]:
+    """``{path: (rows, keeps the batch)}`` of the activation the first batched ``dot_general`` of each
+    parameter reads."""
     from tpflax._src.trace.dataflow import trace_jaxpr
     from tpflax._src.trace.handlers import new_walk
     from tpflax._src.trace.interpreter import Val
 
-    closed, leaves, _ = trace_jaxpr(m)
+    closed, leaves, n = trace_jaxpr(m)
     jaxpr = closed.jaxpr
     w = new_walk()
     args = [Val(len(getattr(v.aval, "shape", ())),
                 origin=((leaves[i], tuple(range(len(v.aval.shape)))),) if i < len(leaves) else ())
             for i, v in enumerate(jaxpr.invars)]
     w.run(jaxpr, args)
-    out: dict[str, int] = {}
+    examples = m.batch_size
+    dots: dict[int, list[tuple[bool, ...]]] = {}
+    _batch_dims(jaxpr, [_input_flags(v, examples) if i >= n else _none(v) for i, v in enumerate(jaxpr.invars)],
+                dots, examples)
+    out: dict[str, tuple[int, bool]] = {}
     for u in w.uses:
         if u.op != "dot" or not u.batch or u.path not in paths or u.path in out or u.id not in w.reads:
             continue
         eqn, i, _ = w.reads[u.id]
         (lc, rc), _ = eqn.params["dimension_numbers"]
-        shape = eqn.invars[i].aval.shape
+        shape = tuple(eqn.invars[i].aval.shape)
         summed = set(lc if i == 0 else rc)
-        out[u.path] = math.prod(n for d, n in enumerate(shape) if d not in summed)
+        flags = dots.get(id(eqn), [_sized(shape, examples)] * 2)[i]
+        out[u.path] = (math.prod(n for d, n in enumerate(shape) if d not in summed), any(flags))
     return out
+
+
+# -- which dims carry the batch: the sample's leading dim, followed through the forward ----------------------
+
+def _shape(v: Any) -> tuple[int, ...]:
+    return tuple(getattr(getattr(v, "aval", None), "shape", ()))
+
+
+def _none(v: Any) -> tuple[bool, ...]:
+    return (False,) * len(_shape(v))
+
+
+def _input_flags(v: Any, examples: int | None) -> tuple[bool, ...]:
+    shape = _shape(v)
+    return tuple(d == 0 and n == examples for d, n in enumerate(shape))
+
+
+def _sized(shape: Sequence[int], examples: int | None) -> tuple[bool, ...]:
+    """A fallback where a primitive is not followed: the dims as long as the batch (a capacity as long as
+    the batch reads as one)."""
+    return tuple(n == examples for n in shape)
+
+
+def _reshape(a: tuple[bool, ...], src: Sequence[int], dst: Sequence[int]) -> tuple[bool, ...]:
+    """Flags through a reshape: the dims of each run whose sizes multiply alike on both sides share them."""
+    out: list[bool] = []
+    i = j = 0
+    while j < len(dst):
+        group_in, group_out, p, q = [i] if i < len(src) else [], [j], src[i] if i < len(src) else 1, dst[j]
+        i, j = i + 1, j + 1
+        while p != q:
+            if p < q and i < len(src):
+                group_in.append(i)
+                p, i = p * src[i], i + 1
+            elif j < len(dst):
+                group_out.append(j)
+                q, j = q * dst[j], j + 1
+            else:
+                break
+        out += [any(a[k] for k in group_in if k < len(a))] * len(group_out)
+    return tuple(out)
+
+
+def _sub(eqn: Any) -> Any:
+    """The one sub-jaxpr an equation calls with its own inputs and outputs (pjit, remat, custom_jvp/vjp,
+    shard_map), or None."""
+    for v in eqn.params.values():
+        j = getattr(v, "jaxpr", v)
+        if hasattr(j, "eqns") and len(j.invars) == len(eqn.invars) and len(j.outvars) == len(eqn.outvars):
+            return j
+    return None
+
+
+def _batch_dims(jaxpr: Any, ins: list[tuple[bool, ...]], dots: dict, examples: int | None) -> list[tuple[bool, ...]]:
+    """Walk ``jaxpr`` with the batch flags of its inputs; record each ``dot_general``'s operands' flags in
+    ``dots`` (by equation id); the flags of its outputs."""
+    env = {v: f for v, f in zip(jaxpr.invars, ins, strict=True)}
+
+    def get(v: Any) -> tuple[bool, ...]:
+        return env.get(v, _none(v)) if type(v).__name__ != "Literal" else ()
+
+    for eqn in jaxpr.eqns:
+        fs = [get(v) for v in eqn.invars]
+        outs = [_sized(_shape(o), examples) for o in eqn.outvars]
+        name, prm = eqn.primitive.name, eqn.params
+        if name == "dot_general":
+            dots.setdefault(id(eqn), fs)
+            (lc, rc), (lb, rb) = prm["dimension_numbers"]
+            lhs, rhs = fs
+            outs = [tuple(lhs[a] or rhs[b] for a, b in zip(lb, rb, strict=True))
+                    + tuple(lhs[d] for d in range(len(lhs)) if d not in lc and d not in lb)
+                    + tuple(rhs[d] for d in range(len(rhs)) if d not in rc and d not in rb)]
+        elif name == "reshape":
+            outs = [_reshape(fs[0], _shape(eqn.invars[0]), _shape(eqn.outvars[0]))]
+        elif name == "transpose":
+            outs = [tuple(fs[0][d] for d in prm["permutation"])]
+        elif name == "broadcast_in_dim":
+            o = [False] * len(_shape(eqn.outvars[0]))
+            for k, d in enumerate(prm["broadcast_dimensions"]):
+                o[d] = fs[0][k]
+            outs = [tuple(o)]
+        elif "axes" in prm and name.startswith(("reduce", "arg")):
+            outs = [tuple(f for d, f in enumerate(fs[0]) if d not in prm["axes"])] * len(eqn.outvars)
+        elif name == "squeeze":
+            outs = [tuple(f for d, f in enumerate(fs[0]) if d not in prm["dimensions"])]
+        elif name == "scan":
+            body, k, c = prm["jaxpr"].jaxpr, prm["num_consts"], prm["num_carry"]
+            got = _batch_dims(body, fs[:k + c] + [f[1:] for f in fs[k + c:]], dots, examples)
+            outs = got[:c] + [(False, *f) for f in got[c:]]
+        elif (sub := _sub(eqn)) is not None:
+            outs = _batch_dims(sub, fs, dots, examples)
+        else:  # elementwise, cumulative, top_k, select, ...: an output of an input's rank keeps its flags
+            for k, o in enumerate(eqn.outvars):
+                same = [f for f in fs if len(f) == len(_shape(o))]
+                if same:
+                    outs[k] = tuple(any(x) for x in zip(*same, strict=True))
+                elif not any(fs):  # made from no array (iota, a constant): no batch
+                    outs[k] = _none(o)
+        for o, f in zip(eqn.outvars, outs, strict=True):
+            env[o] = f
+    return [get(v) for v in jaxpr.outvars]

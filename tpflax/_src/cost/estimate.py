@@ -121,7 +121,6 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
         notes.append("XLA:CPU runs 16-bit collectives in float32 (it converts their operands; measured on a "
                      "bfloat16 model: 2x these bytes); the figures are in the tensors' own dtype, as a TPU "
                      "sends them")
-    notes.extend(product_sum_notes(lv, mesh, w))
     per_device, unsharded = memory(lv, mesh, w, shards, notes)
     savings = {name: (100.0 * (1 - getattr(per_device, name) / getattr(unsharded, name))
                       if getattr(unsharded, name) else 0.0) for name in MEMORY_FIELDS + ("total",)}
@@ -143,8 +142,9 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
                   grouped=w.grouped, joined=w.joined, widths=w.widths, slices=w.slices,
                   buffers=w.buffers, streams=w.streams, row_axes=tuple(a for a in caxes if a not in axes),
                   target=w.target, gathers_reduce=w.backend == "tpu" and gathers_reduce(w.target, n), meets=w.meets,
-                  positional=w.positional, loops=w.loops, edges=w.edges, contracted=w.contracted,
+                  positional=w.positional, loops=w.loops, edges=w.edges, contracted=w.contracted, batched=w.batched,
                   moments=param_moments(w.opt))
+    notes.extend(product_sum_notes(lv, mesh, w, scope.experts_split))
     every = (comm_items(scope, notes) + expert_items(scope) + buffer_items(scope) + fused_items(scope, notes)
              + grouped_conv_items(scope) + explicit_items(w.collectives, notes) + split_grad_items(scope)
              + split_sum_items(scope, w.split_sums, w.fused or {}))
@@ -253,9 +253,12 @@ def split_sum_items(s: Scope, sums: Sequence[tuple[frozenset[tuple[str, int]], f
     """
     tensor = {a for a, r in s.mesh.roles if r == TENSOR and s.mesh.sizes[a] > 1}
     out = []
+    rep = s.lv.rep_of
     for dims, per_example, runs in sums:
         if any(p in fused for p, _ in dims):  # a fused kernel's cut pieces: their reshards are priced with it
             continue
+        if all(rep.get(p, p) in s.experts_split and _experts_dim(s.lv.decisions[rep.get(p, p)], k) for p, k in dims):
+            continue  # the combine of experts split over the tensor axis: priced with their pair (comm.expert_split_items)
         axes: set[str] = set()
         for path, dim in dims:
             d = s.lv.decisions.get(path)
@@ -270,17 +273,24 @@ def split_sum_items(s: Scope, sums: Sequence[tuple[frozenset[tuple[str, int]], f
     return out
 
 
-def product_sum_notes(lv: Leaves, mesh: MeshShape, w: Workload) -> list[str]:
+def _experts_dim(d: Any, dim: int) -> bool:
+    """Whether leaf dim ``dim`` of an expert kernel is its experts dim (body dim 0)."""
+    return dim == (1 if d.layers_dim == 0 else 0)
+
+
+def product_sum_notes(lv: Leaves, mesh: MeshShape, w: Workload, priced: frozenset[str] = frozenset()) -> list[str]:
     """A note naming the parameters split over a tensor or expert axis on a dim whose activation a product of
     two activations sums (:attr:`Workload.product_sums`): a user MoE combining the experts' outputs by
     ``bsed,bse->bsd``. XLA reshards around that product with all-gathers and all-to-alls no item prices
-    (measured -74% to -88% of the compiled collectives, benchmarks/tpu_aot_notes.md, twenty-first round)."""
+    (measured -74% to -88% of the compiled collectives, benchmarks/tpu_aot_notes.md, twenty-first round).
+    Not for the representatives in ``priced``: experts of a dispatched buffer split over the tensor axis, whose
+    sums their pair prices (:attr:`tpflax._src.cost.scope.Scope.experts_split`)."""
     roles = dict(mesh.roles)
     split = {a for a, r in roles.items() if r in (TENSOR, EXPERT) and mesh.sizes[a] > 1}
     found = []
     for path, dims in w.product_sums.items():
         d = lv.decisions.get(path)
-        if d is None:
+        if d is None or lv.rep_of.get(path, path) in priced:
             continue
         spec = entries(d.spec, len(d.shape))
         axes = sorted({a for k in dims if k < len(spec) for a in entry_axes(spec[k])} & split)

@@ -105,6 +105,7 @@ class Scope:
     loops: Mapping[str, tuple[int, bool]] | None = None  # traced parameters used inside loop bodies (Traced.loops)
     edges: frozenset[tuple[str, str]] | None = None  # traced dataflow edges (Traced.edges); None: not traced
     contracted: frozenset[str] = frozenset()  # traced parameters a contraction uses (Traced.contracted)
+    batched: frozenset[str] = frozenset()  # traced expert kernels reading a dispatched buffer (Traced.batched)
 
     def one_ring(self, devices: int) -> bool:
         """Whether XLA:TPU reduces over ``devices`` of the mesh on one ring (:func:`tpflax._src.tpu.one_ring`:
@@ -138,6 +139,28 @@ class Scope:
         b = self.buffers or {}
         return frozenset(p for pc in self.lv.pairs if all(x in b for x in pc.columns + pc.rows)
                          for p in pc.columns + pc.rows)
+
+    @functools.cached_property
+    def experts_split(self) -> frozenset[str]:
+        """Members of the expert pairs (kernels ``(E, d, f)`` -> ``(E, f, d)``, every one reading a dispatched
+        buffer: :attr:`batched`) whose experts dim, and no other, the tensor axes split: expert parallelism
+        over the tensor axis. Each device runs its experts on its slice of the buffer; the combine sums the
+        experts' outputs over the tensor axis and the dispatch's transpose their input gradients, both at
+        the layer's tokens (:func:`tpflax._src.cost.comm.expert_split_items`)."""
+        out: set[str] = set()
+        for pc in self.lv.pairs:
+            members = pc.columns + pc.rows
+            if pc.columns and pc.rows and all(self._experts_dim_only(p) for p in members):
+                out.update(members)
+        return frozenset(out)
+
+    def _experts_dim_only(self, path: str) -> bool:
+        d = self.lv.decisions[path]
+        if d.kind != "expert" or len(body(d)) != 3 or path not in self.batched:
+            return False
+        spec = drop_layers(d, self.lv.specs[path])
+        t = set(self.axes(path, TENSOR))
+        return bool(t & set(entry_axes(spec[0]))) and not any(t & set(entry_axes(e)) for e in spec[1:])
 
     def axes(self, path: str, role: str) -> tuple[str, ...]:
         """Mesh axes of ``role`` (size > 1) that split the leaf at ``path``."""

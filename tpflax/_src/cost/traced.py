@@ -124,6 +124,8 @@ class Traced:
         split_sums: ``(kernel dims, elements per example, runs)`` per sum of a product of two activations
             (:attr:`tpflax._src.trace.records.Dataflow.split_sums`): a plan splitting one of those dims over
             a tensor axis all-reduces that many elements (:func:`tpflax._src.cost.estimate.split_sum_items`).
+        batched: expert kernels contracted only with batch dims: they read a dispatched buffer
+            (:func:`tpflax._src.cost.buffers.batched_paths`), whose rows are in ``rows`` or ``buffers``.
     """
 
     tied: frozenset[str] | None = None
@@ -156,6 +158,7 @@ class Traced:
     split_sums: tuple[tuple[frozenset[tuple[str, int]], float, int], ...] = ()
     edges: frozenset[tuple[str, str]] | None = None
     contracted: frozenset[str] = frozenset()
+    batched: frozenset[str] = frozenset()
 
 
 def frozen_inputs(t: Traced, trainable: Mapping[str, bool]) -> frozenset[str]:
@@ -193,7 +196,7 @@ def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
 def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
     import jax
 
-    from tpflax._src.cost.buffers import batched_rows
+    from tpflax._src.cost.buffers import batched_paths, batched_rows
     from tpflax._src.errors import TraceError
     from tpflax._src.planner.repeats import merge_uses
     from tpflax._src.trace.contractions import PRODUCT_SUM
@@ -232,7 +235,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
         elif u.path not in flow.scanned and u.op == "dot":
             slices[u.path] = slices.get(u.path, 0) + 1
     # an expert kernel's batched contraction records no rows: read them off its activation
-    batched = {u.path for u in flow.uses if u.op == "dot" and u.batch and not u.rows and u.path not in rows}
+    batched = batched_paths(flow)
     per_example, buffers = batched_rows(m, batched) if batched else ({}, {})
     rows.update(per_example)
     tied = frozenset(p for p, o in ops.items() if o & {"gather", "onehot"} and "dot" in o)
@@ -274,7 +277,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
                   tuple((frozenset((flow.uses[u].path, d) for u, d in ks), n / examples, c)
                         for ks, n, c in flow.split_sums),
                   frozenset((e.src, e.dst) for e in flow.edges),
-                  frozenset(u.path for u in flow.uses if u.op in ("dot", "conv")))
+                  frozenset(u.path for u in flow.uses if u.op in ("dot", "conv")), batched)
 
 
 def _loops(flow: Any) -> dict[str, tuple[int, bool]]:

@@ -130,6 +130,9 @@ class State:
     rows: dict[str, float] = field(default_factory=dict)
     # traced: tables looked up at batch-free positions, whose rows XLA:TPU all-reduces split or not (Dataflow.positional)
     positional: frozenset[str] = frozenset()
+    # traced: expert kernels reading a dispatched buffer, its rows per priced token on one device (see shard_experts)
+    buffers: dict[str, float] = field(default_factory=dict)
+    batch_free: frozenset[str] = frozenset()  # of those, the buffers the dispatch summed the batch into
 
     @cached_property
     def context(self) -> Context:
@@ -333,27 +336,6 @@ def column_blocked(col: Linear, kind: str, row: Linear, t_entry: Entry, t_size: 
             gqa = f" (reshaped into {col.limit} on the way, e.g. attention heads)"
         return f"{cunit} {n}{gqa} not divisible by {axis_label(t_entry, t_size)}"
     return ""
-
-
-def shard_experts(st: State, col: Facts, row: Facts, n_exp: int, ffn: int, evidence: str = "") -> None:
-    """Expert kernels ``col`` (E, d, f) feeding ``row`` (E, f, d): E over experts, f over tensor."""
-    t_entry, t_size = st.tensor
-    e_entry, e_size = st.mesh.group(EXPERT)
-    e_ok = e_size > 1 and n_exp % e_size == 0
-    t_ok = t_size > 1 and ffn % t_size == 0
-    pair = st.new_pair("expert", [col], [row], ffn, t_ok or e_ok,
-                       "" if t_ok else f"ffn {ffn} not divisible by {axis_label(t_entry, t_size)}")
-    e_spec = e_entry if e_ok else None
-    e_txt = (f"{n_exp} experts over {axis_label(e_entry, e_size)}" if e_ok else
-             ("no expert axis" if e_size == 1 else f"{n_exp} experts not divisible by "
-              f"{axis_label(e_entry, e_size)}"))
-    t_spec = t_entry if t_ok else None
-    t_txt = f"ffn {ffn} split over {axis_label(t_entry, t_size)}" if t_ok else "ffn dim whole"
-    tail = f"; {evidence}" if evidence else ""
-    st.put(col, (e_spec, None, t_spec), "expert" if e_ok else ("column" if t_ok else "replicate"),
-           f"expert column: {e_txt}; {t_txt}; feeds {short(row.path)} (pair {pair.id}){tail}", pair.id, "column")
-    st.put(row, (e_spec, t_spec, None), "expert" if e_ok else ("row" if t_ok else "replicate"),
-           f"expert row: {e_txt}; {t_txt}; fed by {short(col.path)} (pair {pair.id}){tail}", pair.id, "row")
 
 
 def shard_conv_pair(st: State, a: Facts, b: Facts, a_dim: int, b_dim: int, why: str = "") -> None:

@@ -16,21 +16,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from tpflax._src.facts.classify import Facts
-from tpflax._src.mesh import MeshShape
+from tpflax._src.mesh import MeshShape, batch_axes
 from tpflax._src.planner.builders import (
     Linear,
     Options,
     Proposal,
     State,
-    join_column,
     join_column_of,
     join_row,
     shard_conv_pair,
-    shard_experts,
     shard_pair,
     short,
 )
 from tpflax._src.planner.decision import Pair
+from tpflax._src.planner.experts import shard_experts
 from tpflax._src.planner.followers import follow
 from tpflax._src.planner.leaf_groups import (
     fsdp,
@@ -69,20 +68,25 @@ class _Flow:
 
 
 def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Dataflow,
-            skip: Mapping[str, Proposal] | None = None,
-            widest_rows: int = 0) -> tuple[dict[str, Proposal], list[Pair]]:
+            skip: Mapping[str, Proposal] | None = None, widest_rows: int = 0,
+            buffers: Mapping[str, tuple[float, bool]] | None = None) -> tuple[dict[str, Proposal], list[Pair]]:
     """Proposals for the leaves the dataflow explains; ``(proposals, pairs)``.
 
     Leaves in ``skip`` (rules, annotations) and leaves the trace says nothing
     about are left to the tree heuristics. ``widest_rows``: the rows the widest
     traced layer reads, what the chooser's ``tokens`` count (a layer reading
-    fewer, a pooled projection, is priced per row it reads).
+    fewer, a pooled projection, is priced per row it reads). ``buffers``: the
+    dispatched buffers expert kernels read (:func:`tpflax._src.planner.pricing.expert_buffers`).
     """
     c = _start(facts, State(mesh, opts, forced=dict(skip or {}), positional=frozenset(flow.positional())), flow)
     widest = widest_rows or max((u.tokens for u in flow.uses), default=0)
     for u in flow.uses:  # what each contraction reads, for the chooser (first use of a leaf)
         if u.tokens and widest and u.path in c.fx:
             c.st.rows.setdefault(u.path, u.tokens / widest)
+    if widest:  # per priced token on one device: a batch-free buffer is whole on every device of the batch axes
+        shards = math.prod(mesh.sizes[a] for a in batch_axes(mesh))
+        c.st.buffers.update({p: r / widest * (shards if free else 1) for p, (r, free) in (buffers or {}).items()})
+        c.st.batch_free = frozenset(p for p, (_, free) in (buffers or {}).items() if free)
     _recurrent(c)
     _embeddings(c)
     _link(c)
@@ -411,9 +415,8 @@ def _experts(c: _Flow, fR: Facts, expert: int, rb: int, edges: Sequence[Edge]) -
     (fS, e), rest = fits[0], fits[1:]
     shard_experts(c.st, fS, fR, E, fS.body[2],
                   f"traced: dim 0 ({E}) is kept by {short(fS.path)} and summed by {short(fR.path)} with the "
-                  f"ffn dim, {_via(e.via)} (experts)")
-    for g, e2 in rest:
-        join_column(c.st, g, fS, f"traced: also feeds {short(fR.path)} {_via(e2.via)} (gated experts)")
+                  f"ffn dim, {_via(e.via)} (experts)",
+                  [(g, f"traced: also feeds {short(fR.path)} {_via(e2.via)} (gated experts)") for g, e2 in rest])
     return True
 
 

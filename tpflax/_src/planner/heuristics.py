@@ -42,13 +42,12 @@ from tpflax._src.planner.builders import (
     axis_label,
     bias_follows,
     body_spec,
-    join_column,
     shard_conv_pair,
-    shard_experts,
     shard_pair,
     short,
 )
 from tpflax._src.planner.decision import Pair
+from tpflax._src.planner.experts import shard_experts
 from tpflax._src.planner.leaf_groups import fsdp, shard_embedding, shard_output_head
 from tpflax._src.planner.roles import (
     assign_roles,
@@ -308,10 +307,10 @@ def _experts(st: State, todo: Sequence[Facts], widths: set[int]) -> None:
                 if not ((x in widths and y not in widths) or COLUMN_NAMES.match(a.unit_name)
                         or (not widths and x < y)):
                     continue
-                shard_experts(st, a, b, ea, y)
-                for g in fs:  # gated experts: gate and up, both (E, d, f), feed the one down
-                    if g is not a and g.body == a.body and g.path not in st.out:
-                        join_column(st, g, a, f"also feeds {short(b.path)} (gated experts)")
+                # gated experts: gate and up, both (E, d, f), feed the one down
+                gated = [(g, f"also feeds {short(b.path)} (gated experts)") for g in fs
+                         if g is not a and g.body == a.body and g.path not in st.out]
+                shard_experts(st, a, b, ea, y, gated=gated)
     for f in todo:  # lone expert tensors: split the expert dim when possible
         if f.kind == "expert" and f.path not in st.out and e_size > 1 and f.body[0] % e_size == 0:
             st.put(f, (e_entry, None, None), "expert",

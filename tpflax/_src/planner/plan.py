@@ -45,7 +45,7 @@ from tpflax._src.planner.builders import Options, Proposal
 from tpflax._src.planner.checks import plan_checks
 from tpflax._src.planner.decision import Decision, Pair, Plan, check_tree_matches
 from tpflax._src.planner.fused import check_mode, fused_layouts
-from tpflax._src.planner.pricing import pricing, token_batch, token_tables
+from tpflax._src.planner.pricing import expert_buffers, pricing, token_batch, token_tables
 from tpflax._src.planner.rules import Forced, default_logical_rules, force, parse_rules
 from tpflax._src.specs import (
     bytes_per_device,
@@ -284,7 +284,9 @@ def _propose(facts: Sequence[Facts], ms: MeshShape, opts: Options, forced: Force
         widest = max((u.tokens for u in flow.uses), default=0)
         if batch_given:
             opts = replace(opts, tokens=_traced_tokens(opts.tokens, widest, _sample_rows(sample)))
-        traced, tpairs = dataflow_rules.propose(facts, ms, opts, flow, skip=forced.proposals, widest_rows=widest)
+        buffers = expert_buffers(model, sample, tree, flow)
+        traced, tpairs = dataflow_rules.propose(facts, ms, opts, flow, skip=forced.proposals, widest_rows=widest,
+                                                buffers=buffers)
         tree_only = heuristics.propose(facts, ms, opts, skip=forced.proposals)[0]
         disagreements = dataflow_rules.disagreements(traced, tree_only)
         sources.update({path: "trace" for path in traced})

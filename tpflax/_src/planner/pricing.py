@@ -72,3 +72,22 @@ def token_tables(kinds: Any) -> bool:
     from tpflax._src.facts.classify import POS_EMBED
 
     return any(kind == "embedding" and not POS_EMBED.search(name) for kind, name in kinds)
+
+
+def expert_buffers(model: Any, sample: Any, tree: Any, flow: Any) -> dict[str, tuple[float, bool]]:
+    """``{path: (rows, batch free)}`` of the dispatched buffer each traced expert kernel reads, at the
+    sample's batch: the rows of a buffer that keeps the batch, or the whole of one the dispatch summed the
+    batch into (:func:`tpflax._src.cost.buffers.batched_rows`, read by the estimate too and kept per model:
+    priced here, traced once). Empty without such kernels.
+    """
+    from tpflax._src.cost.buffers import batched_paths, batched_rows
+    from tpflax._src.model import as_model
+
+    paths = batched_paths(flow)
+    if not paths:
+        return {}
+    m = as_model(model, sample, tree)
+    per_example, whole = batched_rows(m, paths)
+    out = {p: (r * (m.batch_size or 1), False) for p, r in per_example.items()}
+    out.update({p: (float(r), True) for p, r in whole.items()})
+    return out

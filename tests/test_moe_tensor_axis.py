@@ -1,0 +1,130 @@
+"""User-written MoE blocks with stacked expert kernels on a mesh without an expert axis.
+
+A Mixtral-style block (top-2 of the router, a capacity-bounded one-hot dispatch per sequence into
+``(E, batch, C, d)``, gated experts ``w1``/``w3`` ``(E, d, f)`` and ``w2`` ``(E, f, d)``) and a Switch-style
+one (top-1 over the batch's tokens as one group into ``(E, C, d)``, the batch summed away). On
+data=2,model=4 the experts are cheaper split over the tensor axis (expert parallelism on ``model``) than
+Megatron inside each expert: each device runs its own experts on its slice of the buffer, and only the
+combine (forward) and the dispatch's transpose (backward) sum, at the layer's tokens, where Megatron sums
+the buffer (2.5 rows per token here, capacity factor 1.25 times top-2) once forward and once per column
+backward. The chooser prices both (and whole experts) and keeps the cheaper; the estimate prices what the
+compiled step runs.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from _util import FAST_XLA
+from jax.sharding import PartitionSpec as P
+
+import tpflax
+
+MESH = {"data": 2, "model": 4}
+E, D, F, V = 8, 32, 64, 64
+TOK = jax.ShapeDtypeStruct((4, 8), jnp.int32)
+INIT = nn.initializers.normal(0.02)
+
+
+def _slots(onehot, capacity):
+    """``(..., n, e)`` one-hot choices -> ``(..., n, e, capacity)`` one-hot slots; overflow dropped."""
+    pos = (jnp.cumsum(onehot, axis=-2) - 1) * onehot
+    return jax.nn.one_hot(pos.astype(jnp.int32), capacity) * (onehot * (pos < capacity))[..., None]
+
+
+class Mixtral(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        b, t, d = x.shape
+        top_w, top_i = jax.lax.top_k(nn.Dense(E, use_bias=False, name="gate")(x), 2)
+        top_w = jax.nn.softmax(top_w, axis=-1)
+        cap = int(1.25 * t * 2 / E)
+        slots = _slots(jax.nn.one_hot(top_i, E).reshape(b, t * 2, E), cap).reshape(b, t, 2, E, cap)
+        dispatch, combine = slots.sum(2), (slots * top_w[..., None, None]).sum(2)
+        w1, w3 = (self.param(n, INIT, (E, d, F)) for n in ("w1", "w3"))
+        w2 = self.param("w2", INIT, (E, F, d))
+        xe = jnp.einsum("btd,btec->ebcd", x, dispatch)
+        h = nn.silu(jnp.einsum("ebcd,edf->ebcf", xe, w1)) * jnp.einsum("ebcd,edf->ebcf", xe, w3)
+        return jnp.einsum("ebcd,btec->btd", jnp.einsum("ebcf,efd->ebcd", h, w2), combine)
+
+
+class Switch(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        b, t, d = x.shape
+        tok = x.reshape(b * t, d)
+        gate, idx = jax.lax.top_k(jax.nn.softmax(nn.Dense(E, use_bias=False, name="router")(tok)), 1)
+        dispatch = _slots(jax.nn.one_hot(idx[:, 0], E), b * t // E)  # (n, e, c): capacity grows with the batch
+        wi, wo = self.param("wi", INIT, (E, d, F)), self.param("wo", INIT, (E, F, d))
+        xe = jnp.einsum("nd,nec->ecd", tok, dispatch)
+        ye = jnp.einsum("ecf,efd->ecd", nn.relu(jnp.einsum("ecd,edf->ecf", xe, wi)), wo)
+        return jnp.einsum("ecd,nec->nd", ye, dispatch * gate[:, :, None]).reshape(b, t, d)
+
+
+class LM(nn.Module):
+    moe: type
+
+    @nn.compact
+    def __call__(self, tok):
+        x = nn.Embed(V, D, name="embed")(tok)
+        x = x + self.moe(name="moe")(nn.RMSNorm(name="norm")(x))
+        return nn.Dense(V, use_bias=False, name="head")(x)
+
+
+KERNELS = {Mixtral: ("w1", "w3", "w2"), Switch: ("wi", "wo")}
+
+
+@pytest.fixture(scope="module", params=[Mixtral, Switch], ids=["mixtral", "switch"])
+def traced(request):
+    m = LM(request.param)
+    v = jax.eval_shape(m.init, jax.random.key(0), TOK)
+    p = tpflax.plan(v, MESH, model=m, sample=(TOK,), batch=(TOK,))
+    return m, v, p, KERNELS[request.param]
+
+
+def test_experts_split_over_the_tensor_axis(traced):
+    _, _, p, kernels = traced
+    assert {k: p.decisions[f"params/moe/{k}"].spec for k in kernels} == dict.fromkeys(kernels, P("model", None, None))
+    assert {p.decisions[f"params/moe/{k}"].strategy for k in kernels} == {"expert"}
+    pair = {p.decisions[f"params/moe/{k}"].pair for k in kernels}
+    assert len(pair) == 1 and next(pr for pr in p.pairs if pr.id in pair).sharded
+
+
+def test_the_runner_up_is_megatron_inside_each_expert(traced):
+    _, _, p, kernels = traced
+    d = p.decisions[f"params/moe/{kernels[-1]}"]
+    alts = {a.name: a for a in d.alternatives}
+    assert set(alts) == {"Megatron in each expert", "experts over the tensor axis", "replicate"}
+    chosen, runner = alts["experts over the tensor axis"], alts["Megatron in each expert"]
+    assert chosen.chosen and not runner.chosen
+    assert runner.spec == (P(None, "model", None))  # the row's ffn dim
+    # the same bytes and flops per device; Megatron sums the buffer (more rows than tokens) and once per column
+    assert runner.bytes_per_device == chosen.bytes_per_device and runner.flops == chosen.flops
+    assert runner.comm_bytes > chosen.comm_bytes
+    assert "runner-up Megatron in each expert" in d.reason
+
+
+def test_the_tree_alone_keeps_megatron_inside_each_expert(traced):
+    # untraced, the chooser cannot tell a dispatched buffer from an einsum over every token (where the two
+    # sum alike): it keeps the first of the tied layouts, as before
+    _, v, _, kernels = traced
+    p = tpflax.plan(v, MESH, batch=(TOK,))
+    assert p.decisions[f"params/moe/{kernels[0]}"].spec == P(None, None, "model")
+    assert p.decisions[f"params/moe/{kernels[-1]}"].spec == P(None, "model", None)
+
+
+def test_the_estimate_matches_the_compiled_collectives(traced, devices):
+    m, _, p, _ = traced
+    mesh = tpflax.make_mesh(MESH)
+    ts = tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), sample=(TOK,))
+    dr = tpflax.dry_run(ts, p, mesh, compiler_options=FAST_XLA)
+    est = tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=(TOK,), backend="cpu")
+    # over model: the combine's and the dispatch transpose's f32[tokens, d] sums (and the embedding's and the
+    # head's); unmodelled, the router weights' gradient sum (top-k x 4 B a token) and the loss's softmax max and sum
+    got, want = est.comm["all-reduce"]["model"], dr.comm()["all-reduce"]["model"]
+    assert abs(got / want - 1) < 0.05, (got, want, dr.comm(), est.comm)
+    assert abs(est.comm_total / dr.comm_total - 1) < 0.10, (est.comm, dr.comm())
+    assert not any("product of two activations" in n for n in est.notes), est.notes

@@ -1,0 +1,119 @@
+"""Expert pairs: stacked expert kernels ``(E, d, f)`` -> ``(E, f, d)``, split over an expert axis or by cost.
+
+On a mesh with an expert axis dividing the experts, they split over it and their ffn dim over the tensor
+axis. On a mesh without one ({data, model}, {fsdp, model}), the chooser prices the layouts the tensor axis
+allows (Megatron inside each expert, the experts over the tensor axis, whole) with what each sums, read
+off the trace where there is one (the buffer the experts read), and keeps the cheapest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+from tpflax._src.cost.price import ActComm
+from tpflax._src.facts.classify import Facts
+from tpflax._src.mesh import EXPERT, batch_axes
+from tpflax._src.planner.builders import State, axis_label, join_column, short
+from tpflax._src.planner.choose import Option
+
+
+def shard_experts(st: State, col: Facts, row: Facts, n_exp: int, ffn: int, evidence: str = "",
+                  gated: Sequence[tuple[Facts, str]] = ()) -> None:
+    """Expert kernels ``col`` (E, d, f) (and the ``gated`` second up-projections beside it, each with why)
+    feeding ``row`` (E, f, d).
+
+    On a mesh with an expert axis that divides E: E over it, f over the tensor axis. Without one, the
+    chooser prices Megatron inside each expert (f over the tensor axis), the experts over the tensor axis
+    (E over it: expert parallelism on the tensor axis) and whole experts, and keeps the cheapest
+    (:func:`_expert_options`).
+    """
+    t_entry, t_size = st.tensor
+    e_entry, e_size = st.mesh.group(EXPERT)
+    e_ok = e_size > 1 and n_exp % e_size == 0
+    t_ok = t_size > 1 and ffn % t_size == 0
+    et_ok = not e_ok and t_size > 1 and n_exp % t_size == 0
+    cols = [col, *(g for g, _ in gated)]
+    pair = st.new_pair("expert", cols, [row], ffn, t_ok or e_ok or et_ok,
+                       "" if t_ok or et_ok else f"ffn {ffn} not divisible by {axis_label(t_entry, t_size)}")
+    e_txt = (f"{n_exp} experts over {axis_label(e_entry, e_size)}" if e_ok else
+             ("no expert axis" if e_size == 1 else f"{n_exp} experts not divisible by "
+              f"{axis_label(e_entry, e_size)}"))
+    tail = f"; {evidence}" if evidence else ""
+    if not et_ok:
+        e_spec = e_entry if e_ok else None
+        t_spec = t_entry if t_ok else None
+        t_txt = f"ffn {ffn} split over {axis_label(t_entry, t_size)}" if t_ok else "ffn dim whole"
+        st.put(col, (e_spec, None, t_spec), "expert" if e_ok else ("column" if t_ok else "replicate"),
+               f"expert column: {e_txt}; {t_txt}; feeds {short(row.path)} (pair {pair.id}){tail}", pair.id, "column")
+        st.put(row, (e_spec, t_spec, None), "expert" if e_ok else ("row" if t_ok else "replicate"),
+               f"expert row: {e_txt}; {t_txt}; fed by {short(col.path)} (pair {pair.id}){tail}", pair.id, "row")
+        for g, why in gated:
+            join_column(st, g, col, why)
+        return
+    st.choose("expert", _expert_options(st, cols, row, pair.id, ffn, t_ok, (e_txt, tail), [why for _, why in gated]),
+              [*cols, row])
+    chosen = st.out.get(row.path)
+    if chosen is not None and chosen.strategy == "replicate":  # the chooser kept the experts whole
+        st.pairs[st.pairs.index(pair)] = replace(pair, sharded=False, note="kept whole: cheaper by cost")
+
+
+def _expert_options(st: State, cols: list[Facts], row: Facts, pid: int, ffn: int, t_ok: bool,
+                    said: tuple[str, str], gated: list[str]) -> list[Option]:
+    """The candidate layouts of an expert pair on a mesh without an expert axis, with the collectives each
+    causes per priced token (:func:`shard_experts`).
+
+    Megatron inside each expert sums the buffer the experts read: its row's partial outputs (forward) and
+    each column's partial input gradients (backward). The experts over the tensor axis sum nothing around
+    the expert matmuls when they read a dispatched buffer (traced, ``State.buffers``): the combine sums
+    their outputs and the dispatch's transpose their input gradients, at the layer's tokens, once each
+    (measured, benchmarks/linen_probe.py moe-mixtral and moe-switch, XLA:CPU data=2,model=4: the
+    estimate's :func:`tpflax._src.cost.comm.expert_split_items`); read by an einsum over every token
+    (``btd,edf->btef``, or untraced) they sum as Megatron's do, at the tokens. A buffer the dispatch summed
+    the batch into is summed over the batch axes before the experts and its gradient after them, whole
+    on each device unless its experts are split (:func:`tpflax._src.cost.experts.buffer_items`).
+    """
+    t_entry, t_size = st.tensor
+    over = axis_label(t_entry, t_size)
+    d_in, d_out = cols[0].body[1], row.body[-1]
+    # rows per priced token on one device of the buffer each kernel reads (1: the layer's tokens, untraced or
+    # no dispatch)
+    rows = {f.path: st.buffers.get(f.path, 1.0) for f in [*cols, row]}
+    ratio = max(rows.values())
+    buffered = all(f.path in st.buffers for f in [*cols, row])
+    b_axes = tuple(a for a in batch_axes(st.mesh) if st.mesh.sizes[a] > 1)
+
+    def buffer_sums(split: int) -> tuple[ActComm, ...]:
+        if not b_axes or not all(f.path in st.batch_free for f in [*cols, row]):
+            return ()
+        return (ActComm("all-reduce", b_axes, d_in * ratio / split, 1, "sum the batch-free dispatch over the batch"),
+                ActComm("all-reduce", b_axes, d_out * ratio / split, 1, "sum its output's gradient over the batch"))
+
+    def props(specs: tuple[tuple, tuple], strategies: tuple[str, str], words: str) -> tuple:
+        (c_spec, r_spec), (e_txt, tail) = specs, said
+        out = [(cols[0].path, st.proposal(cols[0], c_spec, strategies[0], f"expert column: {e_txt}; {words}; feeds "
+                                          f"{short(row.path)} (pair {pid}){tail}", pid, "column"))]
+        out += [(g.path, st.proposal(g, c_spec, strategies[0], f"expert column: {words}; {why}", pid, "column"))
+                for g, why in zip(cols[1:], gated, strict=True)]
+        out.append((row.path, st.proposal(row, r_spec, strategies[1], f"expert row: {e_txt}; {words}; fed by "
+                                          f"{short(cols[0].path)} (pair {pid}){tail}", pid, "row")))
+        return tuple(out)
+
+    matmul = frozenset(f.path for f in [*cols, row])
+    options = []
+    if t_ok:
+        acts = (ActComm("all-reduce", t_entry, d_out * rows[row.path], 1, "row: sum partial outputs (forward)"),
+                *(ActComm("all-reduce", t_entry, d_in * rows[c.path], 1, "column: sum partial input gradients "
+                          "(backward)") for c in cols), *buffer_sums(1))
+        options.append(Option("Megatron in each expert", props(
+            ((None, None, t_entry), (None, t_entry, None)), ("column", "row"), f"ffn {ffn} split over {over}"),
+            acts, matmul))
+    sums = (ActComm("all-reduce", t_entry, d_out, 1, "the combine sums the experts' outputs (forward)"),
+            *(ActComm("all-reduce", t_entry, d_in, 1, "sum the experts' input gradients (backward)")
+              for _ in (cols[:1] if buffered else cols)), *buffer_sums(t_size))
+    options.append(Option("experts over the tensor axis", props(
+        ((t_entry, None, None), (t_entry, None, None)), ("expert", "expert"),
+        f"{row.body[0]} experts split over {over} (expert parallelism over the tensor axis)"), sums, matmul))
+    options.append(Option("replicate", props(((None,) * 3, (None,) * 3), ("replicate", "replicate"),
+                                             "kept whole on every tensor rank"), buffer_sums(1), matmul, whole=True))
+    return options
