@@ -157,6 +157,7 @@ def _pool(loose: dict[str, list[Linear]], group: str, left: list[Linear]) -> Non
 
 
 _INDEX = re.compile(r"^\D*?_?\d+$")
+_INDEXED = re.compile(r"_?\d+$")  # a layer's index in a flat block: ``proj_0`` is a ``proj``
 
 
 def _table_heads(facts: Sequence[Facts]) -> dict[str, int]:
@@ -220,7 +221,7 @@ def _pair_group(st: State, group: str, lins: list[Linear], heads: int | None = N
         claimed.update(id(c) for c in mine)
         claimed.add(id(row))
         kind = "attention" if row.f.kind == "attention" or ATTN.search(group) else "mlp"
-        row.guess = _guessed(kind, row, widths)
+        row.guess = _guessed(kind, mine, row, widths)
         for c in mine if kind == "attention" and heads else ():
             width = c.out_size // c.pieces  # a fused [q|k|v]'s pieces each hold every head
             if c.heads is None and c.limit is None and width == row.in_size and width % heads == 0:
@@ -229,10 +230,11 @@ def _pair_group(st: State, group: str, lins: list[Linear], heads: int | None = N
     return [x for x in lins if id(x) not in claimed and not HEAD.match(x.f.layer_name)]
 
 
-def _guessed(kind: str, row: Linear, widths: set[int]) -> str:
+def _guessed(kind: str, cols: Sequence[Linear], row: Linear, widths: set[int]) -> str:
     """Why the tree cannot tell that ``row`` reads its columns' output ('' when it can).
 
-    A square row as wide as the residual stream, outside attention, that no name calls a row (DiT's
+    A square row as wide as the residual stream, outside attention (neither the block nor a column's
+    name says attention: a flat ``attn_0`` beside ``proj_0``), that no name calls a row (DiT's
     ``final_linear`` beside its ``final_ada`` modulation, taken for a fused column's pieces) may read the
     stream itself: then its columns' split output meets whole kernels, and XLA carries its feature split
     into the stream (DiT: the stream gathered behind every norm and the blocks' modulation kernels updated
@@ -242,7 +244,7 @@ def _guessed(kind: str, row: Linear, widths: set[int]) -> str:
     """
     if kind != "mlp" or row.in_size != row.out_size or row.in_size not in widths:
         return ""
-    if ROW_NAMES.match(role_name(row.f)):
+    if any(ATTN.search(c.f.unit_name) for c in cols) or ROW_NAMES.match(_INDEXED.sub("", role_name(row.f))):
         return ""
     return (f"({row.in_size} -> {row.out_size}) is as wide as the residual stream and no name calls it a row, so "
             "it may read the stream rather than its columns' output (pass model= to trace it)")
