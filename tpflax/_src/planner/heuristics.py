@@ -9,12 +9,15 @@ spec, a strategy and a reason for every leaf. The rules, in order:
    one all-reduce forward and one backward. The residual width ``d`` comes from
    the model's norm and embedding sizes, 3-D attention kernels from their layout,
    and names only break ties (square ``d -> d`` kernels). A pair is sharded only
-   when its shared dim divides the tensor axis; otherwise neither side is.
+   when its shared dim divides the tensor axis; otherwise neither side is. A square
+   row as wide as the residual stream that nothing but shapes place may read the
+   stream itself: that guessed pair stays whole.
    A low-rank adapter ``x @ y`` beside a kernel of its product's shape (LoRA:
    ``(in, r) @ (r, out)`` beside ``(in, out)``) is no pair of its own: it follows
    that kernel's split (a column's ``y`` on its output, a row's ``x`` on its input).
 2. **Experts** ``(E, d, f)``/``(E, f, d)``: E over the expert axis, f column/row.
-3. **Conv chains**: ``conv1 -> conv2`` in a block becomes channel -> input-channel.
+3. **Conv chains**: ``conv1 -> conv2`` in a block becomes channel -> input-channel;
+   depthwise and transposed (upsampling) convs are no links (name order cannot place them).
 4. **Embeddings**: vocab dim, else the embedding dim.
 5. **Output heads** (``lm_head``...): column over the vocab.
 6. **Biases** follow their kernel (sharded for column, replicated for row).
@@ -184,7 +187,7 @@ def _pair_group(st: State, group: str, lins: list[Linear], heads: int | None = N
 
     ``heads``: the model's head count from its per-head tables (:func:`_table_heads`); a 2-D
     attention column as wide as the attention output splits by whole heads only. ``widths``: the
-    residual widths; a pair :func:`_guessed` says the tree only guesses is priced as a guess.
+    residual widths; a pair :func:`_guessed` says the tree only guesses stays whole.
     """
     fused_partners(lins)
     attention_output(lins, group)
