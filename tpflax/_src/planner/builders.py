@@ -92,6 +92,7 @@ class Linear:
     doubt: str = ""  # shapes and names disagreed: said in a plan warning
     pieces: int = 1  # a fused kernel's output holds this many projections side by side (q|k|v)
     cut: tuple[int, ...] = ()  # a fused kernel: its pieces' sizes along the fused dim, in order
+    guess: str = ""  # a row: why the tree cannot tell that it reads its columns' output (the pair stays whole)
 
     def size(self, dims: Iterable[int]) -> int:
         return math.prod(self.f.body[d] for d in dims)
@@ -233,6 +234,8 @@ def shard_pair(st: State, kind: str, cols: list[Linear], row: Linear) -> None:
         note = f"all kernels < tensor_min_bytes={st.opts.tensor_min_bytes}"
     elif not ok_row:
         note = f"{unit} {size} not divisible by {axis_label(t_entry, t_size)}"
+    elif row.guess:
+        ok_row, note = False, f"a guess: {short(row.f.path)} {row.guess}"
     blocked = {id(c): column_blocked(c, kind, row, t_entry, t_size) for c in cols}
     if ok_row and all(blocked.values()):
         # Splitting only the row would all-reduce activations that no column split: skip both.

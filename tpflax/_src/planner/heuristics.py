@@ -9,12 +9,15 @@ spec, a strategy and a reason for every leaf. The rules, in order:
    one all-reduce forward and one backward. The residual width ``d`` comes from
    the model's norm and embedding sizes, 3-D attention kernels from their layout,
    and names only break ties (square ``d -> d`` kernels). A pair is sharded only
-   when its shared dim divides the tensor axis; otherwise neither side is.
+   when its shared dim divides the tensor axis; otherwise neither side is. A square
+   row as wide as the residual stream that nothing but shapes place may read the
+   stream itself: that guessed pair stays whole.
    A low-rank adapter ``x @ y`` beside a kernel of its product's shape (LoRA:
    ``(in, r) @ (r, out)`` beside ``(in, out)``) is no pair of its own: it follows
    that kernel's split (a column's ``y`` on its output, a row's ``x`` on its input).
 2. **Experts** ``(E, d, f)``/``(E, f, d)``: E over the expert axis, f column/row.
-3. **Conv chains**: ``conv1 -> conv2`` in a block becomes channel -> input-channel.
+3. **Conv chains**: ``conv1 -> conv2`` in a block becomes channel -> input-channel;
+   depthwise and transposed (upsampling) convs are no links (name order cannot place them).
 4. **Embeddings**: vocab dim, else the embedding dim.
 5. **Output heads** (``lm_head``...): column over the vocab.
 6. **Biases** follow their kernel (sharded for column, replicated for row).
@@ -31,7 +34,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 
-from tpflax._src.facts.classify import ATTN, COLUMN_NAMES, HEAD, POS_EMBED, Facts
+from tpflax._src.facts.classify import ATTN, COLUMN_NAMES, HEAD, POS_EMBED, ROW_NAMES, Facts
 from tpflax._src.mesh import EXPERT, TENSOR, MeshShape
 from tpflax._src.planner.builders import (
     OUTPUT_SPLITS,
@@ -59,6 +62,7 @@ from tpflax._src.planner.roles import (
     low_rank_factors,
     numbered_chain,
     residual_widths,
+    role_name,
 )
 from tpflax._src.specs import entry_axes, normalize_entry
 
@@ -113,7 +117,7 @@ def _pair_linears(st: State, todo: Sequence[Facts], widths: set[int], sure: bool
         lins = [linear_view(f, members, widths) for f in members]
         assign_roles(lins, widths, sure)
         st.out_first.update(x.f.path for x in lins if len(x.f.body) == 2 and x.in_dims == (1,))
-        _pool(loose, group, _pair_group(st, group, lins, heads(group)))
+        _pool(loose, group, _pair_group(st, group, lins, heads(group), widths))
     # Blocks whose layers sit in sibling subtrees (``attention/self/query`` with
     # ``attention/output/dense``, ``intermediate/dense`` with ``output/dense``): what a
     # block left unpaired meets its cousins one or two levels up, within the layer.
@@ -122,7 +126,7 @@ def _pair_linears(st: State, todo: Sequence[Facts], widths: set[int], sure: bool
         for group in sorted(loose, key=_natural):
             lins = loose[group]
             assign_roles(lins, widths, sure)
-            _pool(up, group, _pair_group(st, group, lins, heads(group)))
+            _pool(up, group, _pair_group(st, group, lins, heads(group), widths))
         loose = up
 
 
@@ -156,6 +160,7 @@ def _pool(loose: dict[str, list[Linear]], group: str, left: list[Linear]) -> Non
 
 
 _INDEX = re.compile(r"^\D*?_?\d+$")
+_INDEXED = re.compile(r"_?\d+$")  # a layer's index in a flat block: ``proj_0`` is a ``proj``
 
 
 def _table_heads(facts: Sequence[Facts]) -> dict[str, int]:
@@ -176,11 +181,13 @@ def _agreed(heads: Iterable[int]) -> int | None:
     return found.pop() if len(found) == 1 else None
 
 
-def _pair_group(st: State, group: str, lins: list[Linear], heads: int | None = None) -> list[Linear]:
+def _pair_group(st: State, group: str, lins: list[Linear], heads: int | None = None,
+                widths: set[int] = frozenset()) -> list[Linear]:
     """Pair the columns and rows of one block; returns the layers left unpaired.
 
     ``heads``: the model's head count from its per-head tables (:func:`_table_heads`); a 2-D
-    attention column as wide as the attention output splits by whole heads only.
+    attention column as wide as the attention output splits by whole heads only. ``widths``: the
+    residual widths; a pair :func:`_guessed` says the tree only guesses stays whole.
     """
     fused_partners(lins)
     attention_output(lins, group)
@@ -217,12 +224,33 @@ def _pair_group(st: State, group: str, lins: list[Linear], heads: int | None = N
         claimed.update(id(c) for c in mine)
         claimed.add(id(row))
         kind = "attention" if row.f.kind == "attention" or ATTN.search(group) else "mlp"
+        row.guess = _guessed(kind, mine, row, widths)
         for c in mine if kind == "attention" and heads else ():
             width = c.out_size // c.pieces  # a fused [q|k|v]'s pieces each hold every head
             if c.heads is None and c.limit is None and width == row.in_size and width % heads == 0:
                 c.limit = heads  # whole heads only: a cut head costs XLA a gather of the scores
         shard_pair(st, kind, mine, row)
     return [x for x in lins if id(x) not in claimed and not HEAD.match(x.f.layer_name)]
+
+
+def _guessed(kind: str, cols: Sequence[Linear], row: Linear, widths: set[int]) -> str:
+    """Why the tree cannot tell that ``row`` reads its columns' output ('' when it can).
+
+    A square row as wide as the residual stream, outside attention (neither the block nor a column's
+    name says attention: a flat ``attn_0`` beside ``proj_0``), that no name calls a row (DiT's
+    ``final_linear`` beside its ``final_ada`` modulation, taken for a fused column's pieces) may read the
+    stream itself: then its columns' split output meets whole kernels, and XLA carries its feature split
+    into the stream (DiT: the stream gathered behind every norm and the blocks' modulation kernels updated
+    split and gathered, 1.5x the hand layout's collectives). The pair stays whole: the chooser prices
+    activations per token, and an image batch's tokens are its images, so no price of those gathers
+    could be trusted to rule the split out (pass model= to trace where the column's output goes).
+    """
+    if kind != "mlp" or row.in_size != row.out_size or row.in_size not in widths:
+        return ""
+    if any(ATTN.search(c.f.unit_name) for c in cols) or ROW_NAMES.match(_INDEXED.sub("", role_name(row.f))):
+        return ""
+    return (f"({row.in_size} -> {row.out_size}) is as wide as the residual stream and no name calls it a row, so "
+            "it may read the stream rather than its columns' output (pass model= to trace it)")
 
 
 def _drop_low_rank_downs(st: State, lins: list[Linear]) -> list[Linear]:
@@ -318,12 +346,33 @@ def _experts(st: State, todo: Sequence[Facts], widths: set[int]) -> None:
 
 
 _SKIP_CHAIN = re.compile(r"(proj|shortcut|downsample|skip|patch|stem|init|residual)", re.I)
+# a transposed (upsampling) conv changes the resolution between stages, like a downsampling one; in a U-Net
+# its output is concatenated with a skip, so the next upsampler's input is a conv's output, never its own
+_UPSAMPLER = re.compile(r"(transpose|deconv|upsampl)", re.I)
+
+
+def _not_a_link(f: Facts) -> str:
+    """Why conv ``f`` is no link of a channel chain ('' when it may be one)."""
+    if _UPSAMPLER.search(f.unit_name):
+        return ("transposed (upsampling) conv: between stages, its output meets a skip connection rather than "
+                "the next conv by name")
+    if len(f.body) >= 3 and f.body[-2] == 1 < f.body[-1]:
+        # the tree cannot tell the convs on either side of it apart: a chain taken in name order pairs it with
+        # a conv it does not feed (a Conformer's depthwise_conv before pointwise_conv1, which feeds it), and its
+        # split output then meets a whole kernel, gathered at every use
+        return (f"depthwise conv ({f.body[-1]} channels, one input channel each): mixes no channels, so it "
+                "neither splits a stream nor sums one; kept out of the channel chains")
+    return ""
 
 
 def _conv_chains(st: State, todo: Sequence[Facts]) -> None:
     groups: dict[str, list[Facts]] = defaultdict(list)
     for f in todo:
         if f.kind == "conv" and f.path not in st.out and not _SKIP_CHAIN.search(f.unit_name):
+            why = _not_a_link(f)
+            if why:
+                st.replicate(f, f"{why} (pass model= to trace where its channels go)")
+                continue
             groups[f.group].append(f)
     for group in sorted(groups, key=_natural):
         convs = sorted(groups[group], key=lambda f: _natural(f.unit_name))
@@ -347,7 +396,8 @@ def _embeddings(st: State, todo: Sequence[Facts], every: Sequence[Facts]) -> Non
 def output_heads(facts: Sequence[Facts], widths: set[int] | None = None) -> dict[str, tuple[int, str]]:
     """The model's output heads among ``facts``: ``{path: (vocab body dim, evidence)}``.
 
-    Known by name (``lm_head``, MaxText's ``logits_dense``...), or, whatever the name, by
+    Known by name (``lm_head``, MaxText's ``logits_dense``...; a ``*_head`` widening the residual
+    width, a Conformer's ``ctc_head``), or, whatever the name, by
     projecting the residual width (or an RNN's hidden width: its layers pass their state on, an
     LSTM language model's ``decoder``) onto as many outputs as the token embedding has rows (an
     untied output head). A leaf a rule or an annotation forced is still what it is: the plan
@@ -382,6 +432,8 @@ def output_heads(facts: Sequence[Facts], widths: set[int] | None = None) -> dict
             if f.layer_name != f.unit_name and f.unit != last.get(f.unit.rsplit("/", 1)[0]):
                 continue  # a numbered hidden layer of a Sequential head (head/0 before head/1), not its output
             out[f.path] = (1, f"output head: '{f.layer_name}' projects {d} -> {v}")
+        elif _NAMED_HEAD.search(f.layer_name) and d in widths and v not in widths and v > d:
+            out[f.path] = (1, f"output head: '{f.layer_name}' projects the residual width {d} onto {v} outputs")
         elif d in widths and v in vocabs:
             out[f.path] = (1, f"output head: projects the residual width {d} onto {v} outputs, the token "
                               "embedding's vocabulary")
@@ -392,6 +444,11 @@ def output_heads(facts: Sequence[Facts], widths: set[int] | None = None) -> dict
             out[f.path] = (0, f"output head stored (vocab, d) = ({d}, {v}): {d} outputs, the token "
                               "embedding's vocabulary")
     return out
+
+
+# a head named for its task (a Conformer's ``ctc_head``, ``cls_head``): with no token table to count its
+# outputs, its name and a widening from the residual width say it computes the model's outputs
+_NAMED_HEAD = re.compile(r"_head$", re.I)
 
 
 def _heads(st: State, todo: Sequence[Facts], heads: Mapping[str, tuple[int, str]]) -> None:
