@@ -108,6 +108,7 @@ class Workload:
     split_sums: tuple[tuple[frozenset[tuple[str, int]], float, int], ...] = ()
     edges: frozenset[tuple[str, str]] | None = None  # traced dataflow edges, None: not traced (Traced.edges)
     contracted: frozenset[str] = frozenset()  # traced parameters a contraction uses (Traced.contracted)
+    conditions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # (Traced.conditions)
 
     @property
     def saved(self) -> Mapping[str, Sequence[Act]]:
@@ -189,7 +190,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     collectives=t.collectives, row_axes=t.row_axes, meets=t.meets,
                     positional=t.positional, loops=t.loops, remat_layers=t.remat_layers, erf=t.erf,
                     product_sums=t.product_sums, split_sums=t.split_sums,
-                    edges=t.edges, contracted=t.contracted)
+                    edges=t.edges, contracted=t.contracted, conditions=t.conditions)
 
 
 def contraction_calls(plan, contractions: Sequence[tuple[str, float, tuple[int, ...], str]],
