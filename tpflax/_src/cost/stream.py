@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.optstate import shard_bytes
+from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.scope import body, drop_layers, layers, leaf_itemsize
 from tpflax._src.mesh import DATA, FSDP, TENSOR
 from tpflax._src.specs import entry_axes, used_axes, without_axes
@@ -27,7 +27,9 @@ from tpflax._src.specs import entry_axes, used_axes, without_axes
 def update_gathers(s: Any, axes: tuple[str, ...], reached: list[str],
                    why: str = "a leaf whole on the tensor axis whose gradient the feature-split stream splits"
                    ) -> list[CommItem]:
-    """Gathers of the ``reached`` leaves kept whole on ``axes`` once a feature-split table splits the stream.
+    """Gathers of the ``reached`` leaves kept whole on ``axes`` once a feature-split table splits the stream:
+    the parameter and its moments after the split update; where tpflax's step gathers fsdp leaves for
+    compute (:func:`zero3_axes`), the gradient once, whole over those axes, before an update as stored.
 
     Args:
         s: the estimate's :class:`~tpflax._src.cost.scope.Scope`.
@@ -63,8 +65,9 @@ def update_gathers(s: Any, axes: tuple[str, ...], reached: list[str],
         if gathered:
             # the step gathers fsdp leaves for compute and pins every gradient to the parameter's layout
             # (scan_fsdp.pin): XLA gathers the split gradient there, whole over the fsdp axes, and the update
-            # runs as stored (measured on the linen probe's DiT, fsdp=2,model=4: one gather of each whole
-            # adaLN kernel, of the final modulation and of the timestep MLP's output bias)
+            # runs as stored (measured, fsdp=2,model=4: the linen probe's DiT, one gather of each whole adaLN
+            # kernel, of the final modulation and of the timestep MLP's output bias; benchmarks/third_party.py
+            # distilbert-tok, one of each norm gain and bias, the classifier and its bias, as 14 + 1 + 1)
             size = shard_bytes(tuple(d.shape), leaf_itemsize(d), tuple(without_axes(lv.specs[path], gathered)), s.mesh)
             items.append(CommItem("all-gather", axes, size, n, lv.count[path], lv.label[path], f"{why}: "
                                   "its gradient is gathered where the step pins it to the parameter's layout"))
