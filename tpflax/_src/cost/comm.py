@@ -31,10 +31,11 @@ from tpflax._src.cost.price import stream_gathers, tpu_gather_item
 from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.residual import alike_path, residual_outputs
 from tpflax._src.cost.scope import Scope, body, drop_layers, is_tied, layers
-from tpflax._src.cost.stream import tpu_stream_gathers, update_gathers
+from tpflax._src.cost.stream import conditioned_leaves, tpu_stream_gathers, update_gathers
 from tpflax._src.facts.classify import ATTN
 from tpflax._src.mesh import EXPERT, TENSOR
 from tpflax._src.specs import entry_axes
+from tpflax._src.trace.spread import GATHERS_PER_TOUCH
 
 
 def comm_items(scope: Scope, notes: list[str]) -> list[CommItem]:
@@ -106,6 +107,7 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
         items += [CommItem("all-reduce", axes, _pair_act(j, dec[j], "in", s) * r, n, count, source, f"column "
                            f"{label[j]}, its joined other input: sum partial input gradients (backward)")
                   for j in split_cols for r in joined.get(j, ())]  # each other input's gradient, apart
+        items += [i for c in split_cols for i in _stream_items(c, dec[c], axes, s, count, tuple(rows))]
         for c in cols:
             if not s.axes(c, TENSOR):  # GQA key/value with fewer heads than the tensor degree: gather its output gradient
                 items.append(CommItem("all-gather", axes, _pair_act(c, dec[c], "out", s), n, count, source,
@@ -196,8 +198,13 @@ def _split_vocab(path: str, d: Any, axes: tuple[str, ...], s: Scope) -> bool:
 
 def _feeds_stream(path: str, d: Any, axes: tuple[str, ...], s: Scope) -> bool:
     """A lookup table split on its features over ``axes`` keeps the residual stream split; a table inside an
-    attention layer (T5's, BEiT's relative bias) feeds the scores, not the stream."""
-    return not _split_vocab(path, d, axes, s) and not ATTN.search(path)
+    attention layer (T5's, BEiT's relative bias) feeds the scores, not the stream, and a table of a
+    per-example conditioning vector (DiT's class embedding, :attr:`Scope.conditions`) the modulations."""
+    return not _split_vocab(path, d, axes, s) and not ATTN.search(path) and path not in _conditioning(s)
+
+
+def _conditioning(s: Scope) -> set[str]:
+    return {s.lv.rep_of.get(t, t) for t in s.conditions or {}}
 
 
 def _heads_note(decisions, pid: int, cols: list[str], s: Scope, notes: list[str]) -> None:
@@ -276,7 +283,12 @@ def _embedding_items(path: str, d: Any, axes: tuple[str, ...], s: Scope, *, note
     looks = (s.lookups or {}).get(path, 1)  # a table the encoder and the decoder both look up (T5)
     lv = s.lv  # a feature-split lookup keeps the residual stream split: gathered behind each norm too
     feeds_stream = _feeds_stream(path, d, axes, s)
-    if not feeds_stream:
+    table = next((t for t in s.conditions or {} if lv.rep_of.get(t, t) == path), None)
+    if table is not None and not split_vocab:
+        # the split conditioning vector, gathered for each modulation that reads it (measured on the linen
+        # probe's 2-block DiT: 4 gathers, the lookup's and one per adaLN kernel and the final one)
+        stream = sum(layers(lv.decisions[lv.rep_of.get(k, k)]) for k in s.conditions[table])
+    elif not feeds_stream:
         stream = 0
     elif s.backend == "tpu":  # XLA:TPU gathers it again for each split kernel's transpose
         stream = tpu_stream_gathers(s, axes, b[-1]) - 1  # the lookup's own item below counts one
@@ -289,9 +301,14 @@ def _embedding_items(path: str, d: Any, axes: tuple[str, ...], s: Scope, *, note
     items = [CommItem("all-reduce", axes, size, n, looks, path, "vocab-split embedding: sum the looked-up rows "
                       "(forward)") if split_vocab else
              CommItem("all-gather", axes, gathered, n, looks + stream, path, "embedding split on its features: "
-                      "gather them (forward) and the feature-split residual stream behind each norm")]
+                      "gather them (forward) and " + ("the conditioning vector for each modulation reading it"
+                                                      if table is not None else
+                                                      "the feature-split residual stream behind each norm"))]
     if feeds_stream:
         items += update_gathers(s, axes, [p for p, x in lv.decisions.items() if p != path and b[-1] in body(x)])
+    elif table is not None and not split_vocab:
+        items += update_gathers(s, axes, conditioned_leaves(s, table, axes), "a leaf whole on the tensor axis "
+                                "whose gradient the feature-split conditioning vector splits")
     attend = acts_for(s.activations, d.unit + ":attend")
     if not is_tied(path, d, s):
         return items
@@ -323,13 +340,25 @@ def _column_items(path: str, d: Any, axes: tuple[str, ...], s: Scope) -> list[Co
                       "column layer without a row partner: gather its split output (forward)"),
              CommItem("all-reduce", axes, in_size, n, layers(d), path,
                       "column layer without a row partner: sum input gradients (backward)")]
+    return items + _stream_items(path, d, axes, s, layers(d))
+
+
+def _stream_items(path: str, d: Any, axes: tuple[str, ...], s: Scope, count: int,
+                  rows: tuple[str, ...] = ()) -> list[CommItem]:
+    """A column whose split output scales a larger activation (DiT's adaLN, :attr:`Scope.streams`): XLA splits
+    the residual stream, gathered for each kernel that reads or writes it. A row of its own pair (DiT's final
+    linear, tree-paired with the final modulation) reads the stream split as XLA left it: no gather for it
+    (measured on the linen probe's DiT, data=2,model=4: 16 gathers of the stream, 4 per block each way)."""
     stream = (s.streams or {}).get(path)
-    if stream:  # its split output scales a larger activation: XLA splits the residual stream (trace.spread)
-        ratio, width, gathers = stream
-        items.append(CommItem("all-gather", axes, s.rows_of(path) * ratio * width * s.act_item, n,
-                              gathers * layers(d), path, "column layer whose split output scales the residual "
-                              "stream: XLA splits the stream, gathered for each kernel that reads or writes it"))
-    return items
+    if not stream:
+        return []
+    ratio, width, gathers = stream
+    own = s.rows_of(path) * ratio
+    gathers -= GATHERS_PER_TOUCH * sum(1 for r in rows if (s.widths or {}).get(r) == width
+                                       and s.rows_of(r) == own and s.axes(r, TENSOR))
+    return [CommItem("all-gather", axes, own * width * s.act_item, s.size(axes), gathers * count, path,
+                     "column layer whose split output scales the residual stream: XLA splits the stream, "
+                     "gathered for each kernel that reads or writes it")] if gathers > 0 else []
 
 
 def _head_items(axes, n: int, in_size: float, out_shape, s: Scope, path: str, what: str) -> list[CommItem]:

@@ -21,6 +21,7 @@ from tpflax._src.cost.scope import (
     leaf_itemsize,
     tensor_degree,
 )
+from tpflax._src.cost.stream import split_updates
 from tpflax._src.mesh import DATA, FSDP, TENSOR, MeshShape
 from tpflax._src.specs import entries, entry_axes, local_shape, used_axes
 from tpflax._src.tpu import WHOLE_SLICE_GATHER_AR, scatters
@@ -38,6 +39,8 @@ def gradient_items(s: Scope) -> list[CommItem]:
     x_shape = s.batch.leaves[0][1]
     steps = int(config_value(s.config, "seq_len", 0) or (x_shape[1] if len(x_shape) >= 2 else 1))
     items: list[CommItem] = []
+    # a leaf whose update a split conditioning vector splits has its gradient summed split (measured, XLA:CPU)
+    split = split_updates(s) if s.backend == "cpu" else {}
     for path, d in s.lv.decisions.items():
         if d.kind in ("int", "state"):
             continue
@@ -74,6 +77,8 @@ def gradient_items(s: Scope) -> list[CommItem]:
                 size = size // item * gather_item(d, s.backend)
                 kind, why = "all-reduce", (f"{why.split(' (')[0]}: XLA:TPU gathers a leaf over a whole slice of "
                                            f"{WHOLE_SLICE_GATHER_AR}+ devices as an all-reduce of the zero-padded shard")
+            if kind == "all-reduce" and path in split:
+                size, why = size // split[path], f"{why}; split by a feature-split conditioning vector, on its shard"
             items.append(CommItem(kind, axes, size, n, count * k, label, why))
             if parts > 1 and kind != "all-gather":  # the other uses' gradients: all-reduced whole (XLA:TPU)
                 items.append(CommItem("all-reduce" if kind == "reduce-scatter" else kind, axes, size, n,

@@ -106,6 +106,8 @@ class Scope:
     edges: frozenset[tuple[str, str]] | None = None  # traced dataflow edges (Traced.edges); None: not traced
     contracted: frozenset[str] = frozenset()  # traced parameters a contraction uses (Traced.contracted)
     batched: frozenset[str] = frozenset()  # traced expert kernels reading a dispatched buffer (Traced.batched)
+    # traced tables that feed a per-example conditioning vector, with the modulations reading it (Traced.conditions)
+    conditions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def one_ring(self, devices: int) -> bool:
         """Whether XLA:TPU reduces over ``devices`` of the mesh on one ring (:func:`tpflax._src.tpu.one_ring`:

@@ -17,19 +17,25 @@ from __future__ import annotations
 
 from typing import Any
 
+from tpflax._src.cost.optstate import shard_bytes
 from tpflax._src.cost.records import CommItem
-from tpflax._src.cost.scope import body, drop_layers, layers
-from tpflax._src.mesh import TENSOR
-from tpflax._src.specs import entry_axes, used_axes
+from tpflax._src.cost.scope import body, drop_layers, layers, leaf_itemsize
+from tpflax._src.mesh import DATA, FSDP, TENSOR
+from tpflax._src.specs import entry_axes, used_axes, without_axes
 
 
-def update_gathers(s: Any, axes: tuple[str, ...], reached: list[str]) -> list[CommItem]:
-    """Gathers of the ``reached`` leaves kept whole on ``axes`` once a feature-split table splits the stream.
+def update_gathers(s: Any, axes: tuple[str, ...], reached: list[str],
+                   why: str = "a leaf whole on the tensor axis whose gradient the feature-split stream splits"
+                   ) -> list[CommItem]:
+    """Gathers of the ``reached`` leaves kept whole on ``axes`` once a feature-split table splits the stream:
+    the parameter and its moments after the split update; where tpflax's step gathers fsdp leaves for
+    compute (:func:`zero3_axes`), the gradient once, whole over those axes, before an update as stored.
 
     Args:
         s: the estimate's :class:`~tpflax._src.cost.scope.Scope`.
         axes: the tensor axes that split the table's features.
         reached: the other leaves with a dim of the table's feature width (the residual stream's).
+        why: what splits their gradient, for the items' reason.
 
     Returns:
         One all-gather item per alike class of leaves (on TPU of two or more dims; none on GPU).
@@ -48,18 +54,37 @@ def update_gathers(s: Any, axes: tuple[str, ...], reached: list[str]) -> list[Co
     lv, n = s.lv, s.size(axes)
     # the parameter and each optimizer moment of its shape (adam's two, sgd's momentum trace), each gathered
     moments = s.moments or {}  # None: no optimizer, no moments
+    gathered = zero3_axes(s)
     items = []
     for path in reached:
         d = lv.decisions[path]
         if s.backend == "tpu" and len(body(d)) < 2:
             continue
-        if d.trainable and not set(used_axes(lv.specs[path])) & set(axes):
-            copies = 1 + moments.get(path, 0)
-            items.append(CommItem("all-gather", axes, s.leaf_bytes(path, d), n, copies * lv.count[path],
-                                  lv.label[path], "a leaf whole on the tensor axis whose gradient the "
-                                  "feature-split stream splits: its update runs split, then the parameter "
-                                  "and its moments are gathered"))
+        if not d.trainable or set(used_axes(lv.specs[path])) & set(axes):
+            continue
+        if gathered:
+            # the step gathers fsdp leaves for compute and pins every gradient to the parameter's layout
+            # (scan_fsdp.pin): XLA gathers the split gradient there, whole over the fsdp axes, and the update
+            # runs as stored (measured, fsdp=2,model=4: the linen probe's DiT, one gather of each whole adaLN
+            # kernel, of the final modulation and of the timestep MLP's output bias; benchmarks/third_party.py
+            # distilbert-tok, one of each norm gain and bias, the classifier and its bias, as 14 + 1 + 1)
+            size = shard_bytes(tuple(d.shape), leaf_itemsize(d), tuple(without_axes(lv.specs[path], gathered)), s.mesh)
+            items.append(CommItem("all-gather", axes, size, n, lv.count[path], lv.label[path], f"{why}: "
+                                  "its gradient is gathered where the step pins it to the parameter's layout"))
+            continue
+        copies = 1 + moments.get(path, 0)
+        items.append(CommItem("all-gather", axes, s.leaf_bytes(path, d), n, copies * lv.count[path],
+                              lv.label[path], f"{why}: its update runs split, then the parameter and its "
+                              "moments are gathered"))
     return items
+
+
+def zero3_axes(s: Any) -> frozenset[str]:
+    """The axes tpflax's step gathers parameters over for compute (:func:`tpflax._src.specs.fsdp_axes`):
+    fsdp axes, and batch axes that split a parameter."""
+    roles = dict(s.mesh.roles)
+    return frozenset(a for spec in s.lv.specs.values() for a in used_axes(spec)
+                     if roles.get(a) in (FSDP, DATA) and s.mesh.sizes[a] > 1)
 
 
 def tpu_stream_gathers(s: Any, axes: tuple[str, ...], width: int) -> int:
@@ -97,6 +122,49 @@ def tpu_stream_gathers(s: Any, axes: tuple[str, ...], width: int) -> int:
             reads_split = b[0] == width and any(split)
             n += k * (writes or reads_split)
     return n
+
+
+def conditioned_leaves(s: Any, table: str, axes: tuple[str, ...]) -> list[str]:
+    """The leaves whose gradient a feature-split conditioning ``table`` (:attr:`Scope.conditions`) splits,
+    whose update then runs split: the modulation kernels reading the conditioning vector, on their input
+    dim, and what meets it there along the trace (the timestep MLP's output kernel and bias it is summed
+    with). Measured on the linen probe's DiT (benchmarks/linen_probe.py, data=2,model=4): XLA:CPU gathers
+    the adaLN kernels, the final modulation and the timestep MLP's output bias (3 gathers each under adamw),
+    and reduces their gradients over the batch axes split; the blocks' own leaves of the stream's width
+    (the residual stream is not split) are not gathered.
+
+    Returns:
+        Representative paths kept whole on ``axes``, as :func:`update_gathers` takes them.
+    """
+    lv, readers = s.lv, (s.conditions or {}).get(table, ())
+    width = lv.decisions[lv.rep_of.get(table, table)].shape[-1]
+    hot = set()
+    for k in readers:  # a reader's input dim: of the table's width, not its output's (last) or layers dim
+        d = lv.decisions[lv.rep_of.get(k, k)]
+        hot |= {(k, i) for i, n in enumerate(d.shape[:-1]) if n == width and i != d.layers_dim}
+    grew = True
+    while grew:  # along the meets: the activation dim the modulation reads is theirs too
+        grew = False
+        for p, d, q, e in s.meets:
+            if (q, e) in hot and (p, d) not in hot:
+                hot.add((p, d))
+                grew = True
+    reps = {lv.rep_of.get(p, p) for p, _ in hot}
+    return sorted(r for r in reps if r != table and r in lv.decisions and lv.decisions[r].trainable
+                  and not set(used_axes(lv.specs[r])) & set(axes))
+
+
+def split_updates(s: Any) -> dict[str, int]:
+    """``{leaf: devices}``: leaves whose update a feature-split conditioning table splits over that many
+    devices (:func:`conditioned_leaves`): XLA reduces their gradient over the batch axes on the split shard."""
+    out: dict[str, int] = {}
+    for table in s.conditions or {}:
+        rep = s.lv.rep_of.get(table, table)
+        d = s.lv.decisions.get(rep)
+        axes = s.axes(rep, TENSOR) if d is not None else ()
+        if axes and not set(entry_axes(drop_layers(d, s.lv.specs[rep])[0])) & set(axes):  # split on features
+            out.update(dict.fromkeys(conditioned_leaves(s, table, axes), s.size(axes)))
+    return out
 
 
 def split_grad_items(s: Any) -> list[CommItem]:

@@ -121,6 +121,11 @@ class Traced:
             contractions read are computed from, OR-ed over its uses; -1 where the trace lost track
             (:attr:`tpflax._src.trace.records.Dataflow.grad_deps`). See :func:`frozen_inputs`.
         param_paths: the traced parameter paths, in tree order.
+        conditions: ``{table: kernels}`` for lookup tables looked up at as many rows per example as
+            :attr:`streams` kernels of the table's width read (DiT's class embedding ``y_embedder``, one row per
+            example, summed into the conditioning vector that the adaLN modulations read): split on its
+            features, the table splits that small activation, not the residual stream
+            (:func:`tpflax._src.cost.stream.conditioned_leaves`).
         split_sums: ``(kernel dims, elements per example, runs)`` per sum of a product of two activations
             (:attr:`tpflax._src.trace.records.Dataflow.split_sums`): a plan splitting one of those dims over
             a tensor axis all-reduces that many elements (:func:`tpflax._src.cost.estimate.split_sum_items`).
@@ -159,6 +164,7 @@ class Traced:
     edges: frozenset[tuple[str, str]] | None = None
     contracted: frozenset[str] = frozenset()
     batched: frozenset[str] = frozenset()
+    conditions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def frozen_inputs(t: Traced, trainable: Mapping[str, bool]) -> frozenset[str]:
@@ -265,11 +271,12 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
                           tuple((n, tuple(sorted({(flow.uses[u].path, d) for u, d in tags})))
                                 for n, tags in zip(x.shape, x.tags, strict=True)), x.softmax)
                    for x in flow.products)
+    streams = spread_streams(flow, shapes)
     return Traced(tied, {p: n for p, n in whole.items() if n > 1}, rows, fused, act, shared,
                   {p: n for p, n in lookups.items() if n > 1}, grouped, joined, widths,
                   {p: n for p, n in slices.items() if n > 1}, buffers, contractions, flow.remat >= 0.5,
                   scores, frozenset(flow.uses[uid].path for uid, _ in flow.biases.values()),
-                  spread_streams(flow, shapes), flow.collectives, flow.row_axes, _meets(flow),
+                  streams, flow.collectives, flow.row_axes, _meets(flow),
                   flow.positional(),
                   _loops(flow), flow.remat_calls if flow.remat >= 0.5 else 0,
                   frozenset(e.src for e in flow.edges if {"erf", "erfc"} & set(e.via)), product_sums,
@@ -277,7 +284,26 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
                   tuple((frozenset((flow.uses[u].path, d) for u, d in ks), n / examples, c)
                         for ks, n, c in flow.split_sums),
                   frozenset((e.src, e.dst) for e in flow.edges),
-                  frozenset(u.path for u in flow.uses if u.op in ("dot", "conv")), batched)
+                  frozenset(u.path for u in flow.uses if u.op in ("dot", "conv")), batched,
+                  _conditions(flow, shapes, streams, rows, examples))
+
+
+def _conditions(flow: Any, shapes: Mapping[str, tuple[int, ...]], streams: Mapping[str, tuple[float, int, int]],
+                rows: Mapping[str, float], examples: int) -> dict[str, tuple[str, ...]]:
+    """:attr:`Traced.conditions`. The lookup's output carries no trace of its own (a gather's output starts
+    no chain), so a table is matched to the modulation kernels by width and rows per example; a token table
+    looked up at every position has more rows than any per-example modulation."""
+    looked: dict[str, float] = {}
+    for u in flow.uses:
+        if u.op == "gather" and u.looked and u.path in shapes:
+            looked[u.path] = max(looked.get(u.path, 0.0), math.prod(u.looked) / examples)
+    out = {}
+    for table, n in looked.items():
+        readers = tuple(k for k, (_, width, _) in streams.items()
+                        if width == shapes[table][-1] and rows.get(k) == n)
+        if readers:
+            out[table] = readers
+    return out
 
 
 def _loops(flow: Any) -> dict[str, tuple[int, bool]]:

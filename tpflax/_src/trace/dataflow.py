@@ -54,7 +54,7 @@ from tpflax._src.model import abstract, as_model
 from tpflax._src.trace.handlers import new_walk
 from tpflax._src.trace.interpreter import Val, is_minor
 from tpflax._src.trace.records import Dataflow, Edge, Use
-from tpflax._src.trace.sharing import shared_reads
+from tpflax._src.trace.sharing import read_groups, shared_reads
 
 __all__ = ["Dataflow", "Edge", "Use", "analyze", "dataflow", "trace_jaxpr"]
 
@@ -179,7 +179,8 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                     split_sums=tuple((frozenset(w.root(k) for k in ks), n, c) for ks, n, c in w.split_sums),
                     spread=_spread(w),
                     collectives=tuple(c for cs in w.collectives.values() for c in cs),
-                    row_axes=frozenset(w.row_axes), grad_deps=dict(w.grad_deps))
+                    row_axes=frozenset(w.row_axes), grad_deps=dict(w.grad_deps),
+                    inputs=read_groups(jaxpr, w.reads))
 
 
 def _spread(w: Any) -> dict[tuple[int, int], int]:

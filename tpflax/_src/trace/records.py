@@ -198,6 +198,8 @@ class Dataflow:
         grad_deps: ``{use id: bit mask}`` of the parameters (bit ``i`` is ``paths[i]``) the activation a
             ``dot``/``conv`` use contracts is computed from; -1 where the walk lost track. The backward
             computes that activation's gradient only if one of them is trained.
+        inputs: ``{use id: group}`` for ``dot`` uses: uses reading one activation (or a view of it) share
+            a group (:func:`tpflax._src.trace.sharing.read_groups`; a self-attention's q, k and v).
     """
 
     paths: tuple[str, ...]
@@ -226,6 +228,7 @@ class Dataflow:
     channels: Mapping[str, Mapping[int, Mapping[int, int]]] = field(default_factory=dict)
     examples: int = 1  # the traced sample's leading dim (its first input's)
     grad_deps: Mapping[int, int] = field(default_factory=dict)
+    inputs: Mapping[int, int] = field(default_factory=dict)
 
     def positional(self) -> dict[str, tuple[int, tuple[int, ...]]]:
         """``{table: (rows looked up, its dims not indexed)}`` for tables every use of which is a lookup at

@@ -144,3 +144,25 @@ def shared_reads(jaxpr: Any, reads: Mapping[int, tuple[Any, int, tuple]]) -> fro
     contractions = {id(eqn) for eqn, _, _ in reads.values()}
     return frozenset(uid for uid, (eqn, k, ctx) in reads.items()
                      if index.other_reader(index.root(eqn.invars[k], ctx), contractions))
+
+
+def read_groups(jaxpr: Any, reads: Mapping[int, tuple[Any, int, tuple]]) -> dict[int, int]:
+    """``{use id: group}``: contractions reading one activation (or views of it) share a group, the
+    smallest use id among them (a self-attention's q, k and v read the one normed input).
+
+    >>> import jax, jax.numpy as jnp
+    >>> closed = jax.make_jaxpr(lambda w, x: (x @ w) * (x @ w.T) + (x * 2) @ w)(jnp.ones((4, 4)), jnp.ones((2, 4)))
+    >>> dots = [e for e in closed.jaxpr.eqns if e.primitive.name == "dot_general"]
+    >>> read_groups(closed.jaxpr, {i: (e, 0, ()) for i, e in enumerate(dots)})
+    {0: 0, 1: 0, 2: 2}
+    """
+    if not reads:
+        return {}
+    index = _Index(jaxpr)
+    first: dict[tuple[int, tuple], int] = {}
+    out = {}
+    for uid in sorted(reads):
+        eqn, k, ctx = reads[uid]
+        v, c = index.root(eqn.invars[k], ctx)
+        out[uid] = first.setdefault((id(v), c), uid)
+    return out

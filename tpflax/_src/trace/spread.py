@@ -6,8 +6,8 @@ every token (``x + gate * attn(norm(x) * (1 + scale) + shift)``). Split on its o
 hands XLA a feature-split modulation, and XLA's sharding propagation carries the split into the
 product and on into the residual stream: the stream stays feature-split, and every kernel that reads
 it whole or writes it gathers it (measured on a 2-block DiT, data=2,model=4: 8 stream-sized gathers per
-block, 2 for each of q/k/v, attention output, MLP up and MLP down). Gathering the small modulation
-would cost next to nothing, but XLA does not choose that.
+block, 2 for q/k/v's one input and 2 for each of attention output, MLP up and MLP down). Gathering the
+small modulation would cost next to nothing, but XLA does not choose that.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ def spread_streams(flow: Dataflow, shapes: Mapping[str, tuple[int, ...]]) -> dic
     the widest contraction whose output is combined elementwise with an activation of more rows.
 
     The stream's width is the kernel's kept dim over its fused pieces (a shift, a scale or a gate);
-    the gathers are :data:`GATHERS_PER_TOUCH` per contraction beside it (under the same parent layer)
-    that reads or writes a dim of that width at the stream's rows.
+    the gathers are :data:`GATHERS_PER_TOUCH` per activation of that width at the stream's rows that
+    contractions beside it (under the same parent layer) read (q, k and v reading one input: one) and per
+    contraction writing one.
 
     >>> import jax, flax.linen as nn
     >>> class Block(nn.Module):
@@ -53,10 +54,16 @@ def spread_streams(flow: Dataflow, shapes: Mapping[str, tuple[int, ...]]) -> dic
             continue
         width = shapes[u.path][dim] // flow.fused.get((uid, dim), 1)
         parent = u.path.rsplit("/", 2)[0] + "/"
-        touches = sum(1 for w in flow.uses if w.id != uid and w.op == "dot" and w.rows == rows
-                      and w.path.startswith(parent) and w.path in shapes
-                      and width in (math.prod(shapes[w.path][d] for d in w.contracted),
-                                    math.prod(shapes[w.path][d] for d in w.kept)))
+        touches = set()
+        for w in flow.uses:
+            if w.id == uid or w.op != "dot" or w.rows != rows or not w.path.startswith(parent) \
+                    or w.path not in shapes:
+                continue
+            if width == math.prod(shapes[w.path][d] for d in w.contracted):
+                # readers of one activation (a self-attention's q, k and v) share its gather
+                touches.add(("reads", flow.inputs.get(w.id, w.id)))
+            elif width == math.prod(shapes[w.path][d] for d in w.kept):
+                touches.add(("writes", w.id))
         if touches:
-            out[u.path] = (rows / u.rows, width, GATHERS_PER_TOUCH * touches)
+            out[u.path] = (rows / u.rows, width, GATHERS_PER_TOUCH * len(touches))
     return out
