@@ -49,3 +49,13 @@ def tiny_lm():
             return nn.Dense(128, name="head")(h + nn.Dense(64, name="down")(nn.gelu(nn.Dense(256, name="up")(h))))
 
     return TinyLM()
+
+
+def specs(plan, suffixes):
+    """``{suffix: spec}`` for the one decision whose path ends with each suffix."""
+    out = {}
+    for s in suffixes:
+        hits = [k for k in plan.decisions if k.endswith(s)]
+        assert len(hits) == 1, (s, hits)
+        out[s] = plan.decisions[hits[0]].spec
+    return out

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
+from _util import specs
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import NamedSharding
@@ -38,14 +39,6 @@ def abstract(m, *sample):
     return jax.eval_shape(m.init, jax.random.key(0), *sample)
 
 
-def specs(plan, suffixes):
-    """``{suffix: spec}`` for the one decision whose path ends with each suffix."""
-    out = {}
-    for s in suffixes:
-        hits = [k for k in plan.decisions if k.endswith(s)]
-        assert len(hits) == 1, (s, hits)
-        out[s] = plan.decisions[hits[0]].spec
-    return out
 
 
 def attend(q, k, v):

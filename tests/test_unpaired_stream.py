@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
+from _util import specs
 from jax.sharding import PartitionSpec as P
 
 import tpflax
@@ -29,13 +30,6 @@ def sds(*shape, dtype=jnp.float32):
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
-def specs(plan, suffixes):
-    out = {}
-    for s in suffixes:
-        hits = [k for k in plan.decisions if k.endswith(s)]
-        assert len(hits) == 1, (s, hits)
-        out[s] = plan.decisions[hits[0]].spec
-    return out
 
 
 # -- a Conformer block: feed-forward, then the convolution module with its GLU ----------
