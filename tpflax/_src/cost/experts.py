@@ -92,6 +92,21 @@ def buffer_items(s: Scope) -> list[CommItem]:
                               "(forward)"))
         items.append(CommItem("all-reduce", axes, _buffer_bytes(r, body(dec[r])[-1], s), n, count, source,
                               f"{label[r]}'s batch-free expert output: sum its gradient over the batch (backward)"))
+    # kernels no pair holds: a chain's first kernel (no traced edge from another of them) sums the dispatch,
+    # its last (no edge to another) the output's gradient
+    loose = s.loose_buffered({p for pc in s.lv.pairs for p in pc.columns + pc.rows})
+    edges = s.edges or frozenset()
+    for p in loose:
+        count = layers(dec[p])
+        if not any((q, p) in edges for q in loose):
+            width = (s.widths or {}).get(p) or body(dec[p])[1]
+            items.append(CommItem("all-reduce", axes, _buffer_bytes(p, width, s), s.size(axes), count, label[p],
+                                  f"{label[p]} reads a batch-free expert buffer: sum the dispatch over the batch "
+                                  "(forward)"))
+        if not any((p, q) in edges for q in loose):
+            items.append(CommItem("all-reduce", axes, _buffer_bytes(p, body(dec[p])[-1], s), s.size(axes), count,
+                                  label[p], f"{label[p]}'s batch-free expert output: sum its gradient over the "
+                                  "batch (backward)"))
     return items
 
 
