@@ -49,6 +49,8 @@ import tpflax
 MESH = {"data": 2, "model": 4}
 FAST = {"xla_backend_optimization_level": 0}
 RTOL = 2e-5
+U = float(np.finfo(np.float32).eps) / 2  # float32 unit roundoff
+GRAD_ULPS = 64  # tests/test_train_step.py: gradients of the zoo models agree to 21 u G, measured
 
 
 class Net(nn.Module):
@@ -221,7 +223,8 @@ def test_leaves_written_out(name):
 
 
 def reference(name, m, v, ids):
-    """Two steps of the same optimizer in a plain jax.jit on one device: (variables, state, losses)."""
+    """Two steps of the same optimizer in a plain jax.jit on one device: (variables, state, losses,
+    the two steps' gradients)."""
     tx = OPTIMIZERS[name](v["params"])
     la = name in LOOKAHEAD
     params = optax.LookaheadParams.init_synced(v["params"]) if la else v["params"]
@@ -231,13 +234,14 @@ def reference(name, m, v, ids):
         fast = params.fast if la else params
         value, grads = jax.value_and_grad(lambda p: loss(m.apply({"params": p}, ids), ids))(fast)
         updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, value
+        return optax.apply_updates(params, updates), state, value, grads
 
-    state, values = tx.init(params), []
+    state, values, grads = tx.init(params), [], []
     for _ in range(2):
-        params, state, value = step(params, state)
+        params, state, value, g = step(params, state)
         values.append(float(value))
-    return jax.device_get(params), jax.device_get(state), values
+        grads.append(jax.device_get(g))
+    return jax.device_get(params), jax.device_get(state), values, grads
 
 
 def sharded(name, m, v, ids, plan, mesh):
@@ -262,25 +266,48 @@ def sharded(name, m, v, ids, plan, mesh):
     return variables, state, values
 
 
-def close(got, want, what):
+def close(got, want, what, cond=0.0, slack=0.0):
+    """``|got - want| <= max|want| * (RTOL + cond) + slack`` elementwise; integers bit-exact."""
     got, want = np.asarray(got), np.asarray(want)
     assert got.shape == want.shape and got.dtype == want.dtype, what
     if not np.issubdtype(want.dtype, np.floating):
-        np.testing.assert_array_equal(got, want, err_msg=what)
+        np.testing.assert_array_equal(got, want, err_msg=str(what))
         return
     scale = float(np.abs(want.astype(np.float64)).max(initial=0))
-    err = float(np.abs(got.astype(np.float64) - want).max(initial=0))
-    assert err <= RTOL * scale, (what, err, scale, err / max(scale, 1e-30))
+    err = np.abs(got.astype(np.float64) - want)
+    over = err - scale * (RTOL + cond) - slack
+    assert (over <= 0).all(), (what, float(err.max()), scale, float(over.max()))
+
+
+def conditioning(grads):
+    """Per parameter path, per element: GRAD_ULPS * u * G / |g| (G: the leaf's largest gradient over both
+    steps, |g|: the element's smaller nonzero one), the relative error an update that divides by the
+    element's own gradient size takes from the reorder error of its gradient; 0 where both gradients are
+    exactly zero (an embedding row of a token not in the batch: no sum, nothing reordered)."""
+    out = {}
+    for (path, g1), g2 in zip(jax.tree_util.tree_flatten_with_path(grads[0])[0], jax.tree_util.tree_leaves(grads[1]),
+                              strict=True):
+        a, b = (np.abs(np.asarray(g, np.float64)) for g in (g1, g2))
+        small = np.minimum(np.where(a > 0, a, np.inf), np.where(b > 0, b, np.inf))
+        big = max(float(a.max(initial=0)), float(b.max(initial=0)))
+        out[key(path)] = np.where(np.isinf(small), 0.0, GRAD_ULPS * U * big / small)
+    return out
+
+
+def ulp(x):
+    return np.spacing(np.abs(np.asarray(x, np.float32))).astype(np.float64)
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_two_sharded_steps_equal_two_unsharded_ones(name):
     m, v, ids, plan, mesh = setup()
-    ref_params, ref_state, ref_losses = reference(name, m, v, ids)
+    ref_params, ref_state, ref_losses, grads = reference(name, m, v, ids)
     got_vars, got_state, got_losses = sharded(name, m, v, ids, plan, mesh)
     for g, r in zip(got_losses, ref_losses, strict=True):
         assert abs(g - r) <= RTOL * abs(r), (name, got_losses, ref_losses)
-    got_state = tpflax.unshard(got_state)
+    cond = conditioning(grads)
+    loose = np.concatenate([(c > 1e-3).ravel() for c in cond.values()]).mean()
+    assert loose < 0.05, loose  # 97% of the elements are held to RTOL + 1e-3 or better (measured 2.6% looser)
     if name in LOOKAHEAD:
         pairs = [("fast", got_vars.fast["params"], ref_params.fast), ("slow", got_vars.slow["params"], ref_params.slow)]
     else:
@@ -292,12 +319,24 @@ def test_two_sharded_steps_equal_two_unsharded_ones(name):
                                     jax.tree_util.tree_leaves(v["params"]), strict=True):
             delta_r = np.asarray(r, np.float64) - p0
             moved += bool(np.any(delta_r))
-            close(np.asarray(g, np.float64) - p0, delta_r, (name, what, key(path)))
+            # each program rounds the parameter to float32 at each of the two steps: half an ulp each time
+            close(np.asarray(g, np.float64) - p0, delta_r, (name, what, key(path)), cond[key(path)],
+                  slack=ulp(g) + ulp(r))
     assert moved, name  # the steps really moved the parameters
+    got_state = tpflax.unshard(got_state)
     assert jax.tree_util.tree_structure(got_state) == jax.tree_util.tree_structure(ref_state)
     for (path, g), r in zip(jax.tree_util.tree_flatten_with_path(got_state)[0], jax.tree_util.tree_leaves(ref_state),
                             strict=True):
-        close(g, r, (name, "state", key(path)))
+        close(g, r, (name, "state", key(path)), mirrored(key(path), np.shape(r), cond, plan))
+
+
+def mirrored(path, shape, cond, plan):
+    """The conditioning of the parameter a state leaf mirrors element for element (same shape), else 0."""
+    owner = [p[len("params/"):] for p in plan.decisions if f"/{p[len('params/'):]}/" in f"/{path}/"]
+    if not owner:
+        return 0.0
+    c = cond[max(owner, key=len)]
+    return c if c.shape == tuple(shape) else 0.0
 
 
 def test_lookahead_syncs_the_slow_copy_on_the_mesh():
@@ -307,8 +346,9 @@ def test_lookahead_syncs_the_slow_copy_on_the_mesh():
     fast, slow = tpflax.unshard(got.fast["params"]), tpflax.unshard(got.slow["params"])
     k = np.asarray(fast["up"]["kernel"])
     s = np.asarray(slow["up"]["kernel"])
-    assert not np.allclose(s, v["params"]["up"]["kernel"])
-    np.testing.assert_array_equal(k, s)  # synced: optax sets fast = slow at the sync step
+    assert np.abs(s - v["params"]["up"]["kernel"]).max() > 1e-4  # the slow copy moved
+    # synced: equal in exact arithmetic; optax computes the two by different float32 sums (each a few ulps)
+    np.testing.assert_allclose(k, s, rtol=0, atol=4 * float(ulp(np.abs(s).max())))
 
 
 def test_lookahead_state_and_init_are_quiet(caplog):
@@ -319,5 +359,43 @@ def test_lookahead_state_and_init_are_quiet(caplog):
     with caplog.at_level(logging.WARNING):
         tpflax.shard_optimizer_state(tx, None, plan, mesh)
         tpflax.make_train_step(m, plan, mesh, tx, sample=(ids,), loss=loss)
-        tpflax.estimate(plan, optimizer=tx)
+        tpflax.estimate(plan, optimizer=tx, model=m, sample=(ids,))
     assert not [r for r in caplog.records if "fast" in r.getMessage()]
+
+
+def device_bytes(tree):
+    """(bytes of the whole tree, bytes on the fullest device) of placed arrays."""
+    per = {}
+    for x in jax.tree_util.tree_leaves(tree):
+        for shard in x.addressable_shards:
+            per[shard.device] = per.get(shard.device, 0) + shard.data.nbytes
+    return sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(tree)), max(per.values())
+
+
+@pytest.mark.parametrize("name", ["adam", "adafactor", "sm3", "lookahead_adam"])
+def test_the_estimate_counts_the_state_as_placed(name):
+    # the estimate sizes optax's real state (jax.eval_shape of its init), placed as shard_optimizer_state
+    # places it: adafactor's factored moments and SM3's accumulators are far smaller than adam's two
+    # moments, and SM3's accumulators split with their parameters' dims (they were counted whole)
+    m, v, ids, plan, mesh = setup()
+    tx, state = sharded_state(name)
+    e = tpflax.estimate(plan, tx, model=m, sample=(ids,))
+    full, fullest = device_bytes(state)
+    if name in LOOKAHEAD:  # the step's slow copy of the parameters counts with the state
+        slow = device_bytes(tpflax.shard(v, plan, mesh)["params"])
+        full, fullest = full + slow[0], fullest + slow[1]
+    assert (e.unsharded.opt_state, e.per_device.opt_state) == (full, fullest)
+    params = sum(x.nbytes for x in jax.tree_util.tree_leaves(v["params"]))
+    if name == "adafactor":
+        assert full < params / 8
+    if name == "sm3":  # nu like the parameters, and one accumulator per dim
+        assert params < full < params * 1.1
+
+
+def test_a_lookahead_step_given_plain_variables_says_how_to_pass_the_pair():
+    m, v, ids, plan, mesh = setup()
+    tx, state = sharded_state("lookahead_adam")
+    ts = tpflax.make_train_step(m, plan, mesh, tx, sample=(ids,), loss=loss)
+    assert isinstance(ts.args[0], optax.LookaheadParams) and isinstance(ts.in_shardings[0], optax.LookaheadParams)
+    with pytest.raises(tpflax.OptionError, match=r"optax.LookaheadParams\(fast=tpflax.shard"):
+        jax.eval_shape(ts.fn, tpflax.shard(v, plan, mesh), state, (ids,))

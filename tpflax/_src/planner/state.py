@@ -8,7 +8,9 @@ over to its own shape; everything else (step counts, rng state) is replicated.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -142,6 +144,59 @@ def below_param(path: str, target: str) -> str:
     return ""
 
 
+class _NoFastWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "has no attribute `fast`" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def lookahead_quiet():
+    """Calls of ``optimizer.init`` on the parameters without optax's lookahead warning.
+
+    ``optax.lookahead``'s init warns when it sees parameters rather than ``LookaheadParams``, and
+    then makes the same state (the slow copy is a second parameter tree, not optimizer state):
+    tpflax asks for the state's shapes that way on purpose, for any optimizer.
+    """
+    quiet = _NoFastWarning()
+    logger = logging.getLogger("absl")
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
+def init_shape(optimizer: Any, params: Any) -> Any:
+    """``jax.eval_shape(optimizer.init, params)``, quietly (:func:`lookahead_quiet`)."""
+    with lookahead_quiet():
+        return jax.eval_shape(optimizer.init, params)
+
+
+def is_lookahead_params(tree: Any) -> bool:
+    """Whether ``tree`` is an ``optax.LookaheadParams(fast, slow)`` pair of parameter trees."""
+    import optax
+
+    return isinstance(tree, optax.LookaheadParams)
+
+
+def takes_lookahead_params(state: Any) -> bool:
+    """Whether the optimizer that made ``state`` is ``optax.lookahead`` (its state holds a
+    ``LookaheadState``): its update takes ``LookaheadParams(fast, slow)`` as the parameters.
+
+    >>> import jax, optax
+    >>> w = {"w": jax.ShapeDtypeStruct((4,), "float32")}
+    >>> tx = optax.lookahead(optax.sgd(0.1), 2, 0.5)
+    >>> takes_lookahead_params(init_shape(tx, w)), takes_lookahead_params(init_shape(optax.sgd(0.1), w))
+    (True, False)
+    """
+    import optax
+
+    def found(x: Any) -> bool:
+        return isinstance(x, optax.LookaheadState)
+
+    return any(map(found, jax.tree_util.tree_leaves(state, is_leaf=found)))
+
+
 def _suffix_index(plan: Plan) -> dict[str, str]:
     """Plan paths keyed also without a leading linen collection, for suffix matching."""
     index: dict[str, str] = {}
@@ -201,8 +256,9 @@ def _positional_matches(optimizer: Any, state: Any, params: Any) -> dict[int, st
     ids = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params, is_leaf=is_box),
                                        [_Id(i) for i in range(len(param_leaves))])
     try:
-        tagged = optax.tree_map_params(optimizer, lambda _, i: i, state, ids,
-                                       transform_non_params=lambda _: _OTHER, is_leaf=is_box)
+        with lookahead_quiet():
+            tagged = optax.tree_map_params(optimizer, lambda _, i: i, state, ids,
+                                           transform_non_params=lambda _: _OTHER, is_leaf=is_box)
         flat_tagged = jax.tree_util.tree_leaves(tagged, is_leaf=lambda x: isinstance(x, _Id))
         flat_state = jax.tree_util.tree_leaves(state, is_leaf=is_box)
     except Exception:  # noqa: BLE001 - optimizer init needs real params: fall back to paths
@@ -255,6 +311,8 @@ def state_leaf_ties(tree: Any, plan: Plan, *, optimizer: Any = None,
     """:func:`state_leaf_targets` with each leaf's own path in the state first (it names adafactor's moments)."""
     flat, treedef = check_state_leaves(tree)
     positional = None
+    if is_lookahead_params(params):  # optax.lookahead's state mirrors the fast parameters only
+        params = params.fast
     if optimizer is not None and params is not None:
         positional = _positional_matches(optimizer, tree, params)
     index = _suffix_index(plan)
@@ -412,7 +470,8 @@ def optimizer_params(plan: Plan, params: Any = None, *, collection: bool = True)
     ``nnx.state(model, nnx.Param)``); of full linen variables, their ``params`` collection
     (:func:`params_collection`; all of them with ``collection=False``); an ``nnx.State`` keeps its Variables, so the state is what
     ``optimizer.init`` makes of them (the train step takes it either way). Without ``params`` the
-    planned tree stands in, built from the plan (:func:`planned_tree`), with bare arrays.
+    planned tree stands in, built from the plan (:func:`planned_tree`), with bare arrays. An
+    ``optax.LookaheadParams(fast, slow)`` of such trees gives the pair of what the optimizer sees.
 
     >>> import jax, tpflax
     >>> p = tpflax.plan({"w": jax.ShapeDtypeStruct((8, 4), "float32"),
@@ -422,6 +481,8 @@ def optimizer_params(plan: Plan, params: Any = None, *, collection: bool = True)
     """
     if params is None:
         return split_params(plan, planned_tree(plan))[0]
+    if is_lookahead_params(params):  # optax.lookahead's pair: each tree as the optimizer sees it
+        return type(params)(*(optimizer_params(plan, p, collection=collection) for p in params))
     if is_nnx_state(params):
         return _nnx_params(params, _plan_trains(plan))[0]
     if collection:
@@ -582,6 +643,6 @@ def trainable(tree: Any, keeps: Callable[[str], bool] | None = None) -> tuple[An
     return masked, restore
 
 
-__all__ = ["abstract_params", "adapt_spec", "below_param", "check_state_leaves", "factored_dim", "kept_dims", "opt_state_problems",
+__all__ = ["abstract_params", "adapt_spec", "below_param", "check_state_leaves", "factored_dim", "init_shape", "is_lookahead_params", "kept_dims", "lookahead_quiet", "opt_state_problems",
            "optimizer_params", "params_collection", "planned_tree", "split_params", "state_leaf_specs", "state_leaf_targets",
-           "state_leaf_ties", "state_specs", "trainable"]
+           "state_leaf_ties", "state_specs", "takes_lookahead_params", "trainable"]
