@@ -15,20 +15,27 @@ optimizer:
    ``jax.jit`` on one device, started from the same variables and state.
 
 The bound. The sharded program sums in another order: the batch over ``data`` and the contractions
-of split dims over ``model`` are partial sums then all-reduced. float32 sums in another order differ
-by a few units of roundoff u = 2**-24 of the terms summed. Each float leaf (parameters compared by
-the change the two steps made, so that the float32 rounding of the parameter itself does not hide
-a wrong update; state leaves as they are) must agree normwise,
-``max|x_s - x_r| <= RTOL * max|x_r|``, with RTOL = 2e-5 (about 340 u): measured at most 4.5e-6
-over all optimizers and leaves (adafactor, whose update divides by RMS-normalised factors; every
-other optimizer at most 1.5e-6), so RTOL leaves 4x headroom, while a state leaf placed or updated
-wrong is off by O(1). Normwise, because an element whose gradient is nearly cancelled (a sum over
-the batch crossing zero) carries a large relative error of its own that the optimizers pass on at
-the size of the leaf's other elements at most (adam's ``m / (sqrt(v) + eps)`` changes by at most
-the gradient's relative error times the element's own size). The model has no attention biases: a
-key bias's gradient is zero in exact arithmetic (softmax is shift-invariant), pure rounding noise
-that adam's first step ``g / |g|`` would blow up to ``lr``. Losses agree to RTOL too; integer leaves
-(step counts, ``MultiSteps``' mini-step) are bit-exact.
+of split dims over ``model`` are partial sums then all-reduced, so nothing float is bit-exact; integer
+leaves (step counts, ``MultiSteps``' mini-step) are. A gradient element then differs by at most
+GRAD_ULPS u G (u = 2**-24, G its leaf's largest gradient over both steps; tests/test_train_step.py
+measured 21 u G over the zoo). A leaf linear in the gradients (adam's moments, sgd's trace, an update
+with a fixed learning rate) is off by that much of its own size, while an adaptive update (adam's
+``m / (sqrt(v) + eps)``, lion, lamb, SM3, schedule-free) divides by the element's own gradient size and
+carries that element's relative error, GRAD_ULPS u G / |g|, which is large where a sum over the batch
+nearly cancels. So each element must satisfy
+
+    |x_s - x_r| <= max|x_r| * (RTOL + GRAD_ULPS u G / |g|)  (+ the float32 rounding of the parameter)
+
+with x a parameter's change over the two steps (so that the parameter's own rounding does not hide a
+wrong update) or a state leaf (|g| of the parameter it mirrors element for element; none for the
+others), RTOL = 2e-5 for everything else the reorder touches (losses, norms, adafactor's factors).
+Measured: at most 0.46 of the bound anywhere (novograd's parameters); normwise, gradient-linear state
+<= 1.2e-6, non-adaptive parameter changes <= 2.4e-7, adaptive ones up to 1.6e-3 (schedule-free), all
+of it on elements whose |g| is 1e-5..1e-4 of G. 97% of the elements are held to RTOL + 1e-3 or better
+(asserted), and fed half the batch (one data shard's gradient) adam, sgd, adafactor, SM3 and lion fail
+the bound on every leaf.
+The model has no attention biases: a key bias's gradient is zero in exact arithmetic (softmax is
+shift-invariant), pure rounding noise with no G of its own.
 """
 
 from __future__ import annotations
@@ -38,7 +45,6 @@ import logging
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

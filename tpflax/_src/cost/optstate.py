@@ -20,14 +20,17 @@ from typing import Any
 from tpflax._src.errors import EstimateError
 from tpflax._src.facts.tree import itemsize
 from tpflax._src.mesh import MeshShape
-from tpflax._src.planner.state import init_shape, optimizer_params, state_specs, takes_lookahead_params
+from tpflax._src.planner.state import (
+    init_shape,
+    optimizer_params,
+    state_specs,
+    takes_lookahead_params,
+)
 from tpflax._src.specs import Entry, bytes_per_device, entries
 
 
 def _abstract_state(plan, optimizer: Any, params: Any = None) -> tuple[Any, Any]:
     """``(abstract optimizer state, the abstract params it was made for)``."""
-    import jax
-
     if params is None:
         params = optimizer_params(plan)
     try:
