@@ -27,7 +27,13 @@ from tpflax._src.facts.tree import is_nnx_state, keystr, unboxed, walk
 from tpflax._src.mesh import batch_pspec
 from tpflax._src.model import Model, as_model, is_zoo
 from tpflax._src.planner.decision import Decision
-from tpflax._src.planner.state import opt_state_problems, planned_tree, split_params
+from tpflax._src.planner.state import (
+    is_lookahead_params,
+    opt_state_problems,
+    planned_tree,
+    split_params,
+    takes_lookahead_params,
+)
 from tpflax._src.scan_fsdp import zero3
 from tpflax._src.specs import fsdp_axes
 from tpflax._src.trace.collectives import shard_map_meshes
@@ -216,7 +222,12 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
             nnx Module (with ``sample``) or a function ``fn(variables, *sample)``.
         plan: a plan for the model's variables.
         mesh: a ``jax.sharding.Mesh`` matching the plan.
-        optimizer: an ``optax.GradientTransformation``.
+        optimizer: an ``optax.GradientTransformation`` (or ``optax.MultiSteps``). For
+            ``optax.lookahead`` the step takes and returns ``optax.LookaheadParams(fast, slow)`` in
+            place of the variables, two copies of the planned tree, placed alike (e.g. two calls of
+            :func:`tpflax.shard`: ``LookaheadParams.init_synced`` shares one buffer, which a donating
+            jit cannot take twice); the loss reads the fast copy, the slow copy's other leaves
+            (batch statistics) follow the fast run's.
         batch: the global batch size (sets the sample's leading dim), or for a zoo
             model an abstract zoo batch ``{"x": ..., "y": ...}`` (default 8).
         sample: the forward inputs (arrays or ``ShapeDtypeStruct``); the step's
@@ -290,6 +301,8 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
     params, _ = split_params(plan, bare_variables(variables))  # the step trains bare arrays
     opt_state, opt_specs = opt_state_specs(plan, optimizer, params)
     made = opt_state  # what the step's optimizer keeps (the step's own opt_state argument shadows it)
+    # optax.lookahead updates a second, slow copy of the parameters: the step takes and returns the pair
+    pair = takes_lookahead_params(opt_state)
     var_sh, opt_sh = named_shardings(mesh, var_specs), named_shardings(mesh, opt_specs)
     batch_sh = batch_shardings(plan, mesh, abstract_batch)
     gather = fsdp_gather(plan, mesh, param_decisions(plan, variables)) if gather_fsdp else None
@@ -300,6 +313,9 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
     gather_frozen = fsdp_gather(plan, mesh, [d for _, d in frozen]) if frozen else None
 
     def step(variables, opt_state, batch):
+        given_pair = variables
+        if pair:
+            variables = _fast_of(variables)
         # linen boxes (nn.Partitioned / nn.LogicallyPartitioned) stripped: the model, the gradients and the
         # optimizer see arrays laid out by the plan alone (applied boxed, flax would add each box's sharding
         # constraint, its own names, to the forward pass); the outputs are boxed again as given
@@ -326,14 +342,38 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
         # them would make XLA keep every fsdp weight gathered whole)
         (value, state), grads = jax.value_and_grad(gather(loss_fn) if gather is not None else loss_fn,
                                                    has_aux=True)(params)
-        updates, new_state = optimizer.update(grads, bare, params)
-        new = merge(bare_vars if state is None else state, optax.apply_updates(params, updates))
-        return in_form_of(variables, new), restore(new_state), value
+        if not pair:
+            updates, new_state = optimizer.update(grads, bare, params)
+            new = merge(bare_vars if state is None else state, optax.apply_updates(params, updates))
+            return in_form_of(variables, new), restore(new_state), value
+        slow_given = given_pair.slow
+        both = optax.LookaheadParams(fast=params, slow=split_params(plan, bare_variables(slow_given))[0])
+        updates, new_state = optimizer.update(grads, bare, both)
+        moved = optax.apply_updates(both, updates)
+        fast = merge(bare_vars if state is None else state, moved.fast)
+        # the slow copy's other leaves (batch statistics, integer leaves) follow the fast run's: the
+        # optimizer keeps a slow copy of the parameters only
+        slow = merge(fast, moved.slow)
+        return (optax.LookaheadParams(fast=in_form_of(variables, fast), slow=in_form_of(slow_given, slow)),
+                restore(new_state), value)
 
-    args = (with_shardings(variables, var_sh), with_shardings(opt_state, opt_sh),
-            with_shardings(abstract_batch, batch_sh))
+    var_args = with_shardings(variables, var_sh)
+    if pair:
+        var_sh, var_args = optax.LookaheadParams(var_sh, var_sh), optax.LookaheadParams(var_args, var_args)
+    args = (var_args, with_shardings(opt_state, opt_sh), with_shardings(abstract_batch, batch_sh))
     loss_sh = NamedSharding(mesh, PartitionSpec())
     return TrainStep(step, args, (var_sh, opt_sh, batch_sh), (var_sh, opt_sh, loss_sh))
+
+
+def _fast_of(variables: Any) -> Any:
+    """The fast tree of the ``optax.LookaheadParams`` an ``optax.lookahead`` step takes, or OptionError."""
+    if is_lookahead_params(variables):
+        return variables.fast
+    raise OptionError(
+        f"the optimizer is optax.lookahead, whose update takes optax.LookaheadParams(fast, slow), and the step "
+        f"was given {type(variables).__name__}: pass optax.LookaheadParams(fast=tpflax.shard(variables, plan, mesh), "
+        "slow=tpflax.shard(variables, plan, mesh)) (two placed copies, both the planned tree; the loss reads "
+        "the fast one) and take the pair back from the step")
 
 
 def in_plan_containers(plan, variables: Any) -> Any:

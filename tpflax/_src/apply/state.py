@@ -22,6 +22,8 @@ from tpflax._src.planner.plan import Plan
 from tpflax._src.planner.state import (
     abstract_params,
     check_state_leaves,
+    init_shape,
+    lookahead_quiet,
     optimizer_params,
     planned_tree,
     state_leaf_specs,
@@ -63,7 +65,7 @@ def state_shardings(tree: Any, plan: Plan, mesh: Any = None, *, optimizer: Any =
 
 def _init_shape(optimizer: Any, params: Any) -> Any:
     try:
-        return jax.eval_shape(optimizer.init, params)
+        return init_shape(optimizer, params)
     except Exception:  # noqa: BLE001 - an init built for another tree (masks, labels): no match
         return None
 
@@ -143,7 +145,7 @@ def optimizer_shardings(optimizer: Any, plan: Plan, mesh: Any = None, *, opt_sta
     """
     if opt_state is None:
         abstract = abstract_params(plan, params)
-        opt_state = jax.eval_shape(optimizer.init, abstract)
+        opt_state = init_shape(optimizer, abstract)
     else:
         abstract = params_for_state(optimizer, opt_state, plan, params)
     return state_shardings(opt_state, plan, mesh, optimizer=optimizer, params=abstract)
@@ -165,8 +167,10 @@ def shard_optimizer_state(optimizer: Any, opt_state: Any, plan: Plan, mesh: Any 
         mesh: the mesh (or a shape).
         params: the parameters to initialise from when ``opt_state`` is None
             (needed by optimizers whose state copies the parameters, such as
-            lookahead); default: zeros of the planned shapes, which is what
-            adam, adafactor, sgd and friends start from anyway.
+            ``optax.contrib.schedule_free_adamw``); default: zeros of the planned shapes, which is
+            what adam, adafactor, sgd and friends start from anyway. For ``optax.lookahead`` it may
+            be the ``optax.LookaheadParams(fast, slow)`` pair (the state is the fast optimizer's
+            either way: the slow copy is the step's second parameter tree).
         order: which order ``opt_state`` (or ``params``) is in when the plan stores fused kernels
             head-aligned (``plan(..., fused="aligned")``; ignored otherwise). ``"model"`` (default,
             as :func:`tpflax.shard` takes parameters): a state loaded from a checkpoint, or made by
@@ -213,12 +217,14 @@ def shard_optimizer_state(optimizer: Any, opt_state: Any, plan: Plan, mesh: Any 
                 p = jax.tree_util.tree_unflatten(treedef, reorder_traced(leaves, lays))
             return optimizer.init(p)
 
-        return jax.jit(init_stored, out_shardings=out_shardings)(start)
+        with lookahead_quiet():
+            return jax.jit(init_stored, out_shardings=out_shardings)(start)
 
     def init_from_zeros():
         return optimizer.init(jax.tree_util.tree_map(lambda s: jax.numpy.zeros(s.shape, s.dtype), abstract))
 
-    return jax.jit(init_from_zeros, out_shardings=out_shardings)()
+    with lookahead_quiet():
+        return jax.jit(init_from_zeros, out_shardings=out_shardings)()
 
 
 def train_state_shardings(state: Any, plan: Plan, mesh: Any = None) -> Any:

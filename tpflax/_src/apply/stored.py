@@ -27,7 +27,7 @@ from tpflax._src.errors import OptionError
 from tpflax._src.facts.tree import unbox
 from tpflax._src.layout import Interleave, from_storage, to_storage
 from tpflax._src.planner.plan import Plan
-from tpflax._src.planner.state import factored_dim, state_leaf_ties
+from tpflax._src.planner.state import below_param, kept_dims, state_leaf_ties
 
 ORDERS = ("model", "stored")
 
@@ -49,27 +49,28 @@ def check_order(order: object) -> str:
     return str(order)
 
 
-def derived(lay: Interleave | None, pshape: Sequence[int], shape: Sequence[int], path: str = "") -> Interleave | None:
-    """The layout of a leaf of ``shape`` (at ``path`` in its state) derived from a parameter of
-    ``pshape`` stored with ``lay``; adafactor's moments lose the dim its rule reduced (:func:`factored_dim`).
+def derived(lay: Interleave | None, pshape: Sequence[int], shape: Sequence[int], path: str = "",
+            below: str = "") -> Interleave | None:
+    """The layout of a leaf of ``shape`` (at ``path`` in its state, ``below`` its parameter's path there)
+    derived from a parameter of ``pshape`` stored with ``lay``: on the leaf's dim that keeps the stored
+    dim (:func:`kept_dims <tpflax._src.planner.state.kept_dims>`; adafactor's moments lose the dim its
+    rule reduced, SM3's accumulators keep one dim each), else none.
 
     >>> lay = Interleave(1, (4, 4), 2)
     >>> derived(lay, (3, 8), (3, 8)) == lay, derived(lay, (3, 8), (8,)), derived(lay, (3, 8), (3,))
     (True, Interleave(dim=0, pieces=(4, 4), ranks=2), None)
     >>> derived(lay, (8, 8), (8,), "0/v_row/w"), derived(lay, (8, 8), (8,), "0/v_col/w")
     (None, Interleave(dim=0, pieces=(4, 4), ranks=2))
+    >>> derived(lay, (8, 8), (8,), "0/mu/w/0", "0"), derived(lay, (8, 8), (8,), "0/mu/w/1", "1")
+    (None, Interleave(dim=0, pieces=(4, 4), ranks=2))
     """
     pshape, shape = tuple(pshape), tuple(shape)
     if lay is None or shape == pshape:
         return lay
-    if len(shape) == len(pshape) - 1:
-        drop = factored_dim(pshape, shape, path)
-        if drop is not None:
-            return None if drop == lay.dim else Interleave(lay.dim - (drop < lay.dim), lay.pieces, lay.ranks)
-        for k in range(len(pshape)):
-            if k != lay.dim and pshape[:k] + pshape[k + 1:] == shape:
-                return Interleave(lay.dim - (k < lay.dim), lay.pieces, lay.ranks)
-    return None
+    kept = kept_dims(pshape, shape, path, below)
+    if kept is None or lay.dim not in kept:
+        return None
+    return Interleave(kept.index(lay.dim), lay.pieces, lay.ranks)
 
 
 def tree_layouts(plan: Plan, tree: Any, *, optimizer: Any = None, params: Any = None) -> list[Interleave | None]:
@@ -78,7 +79,7 @@ def tree_layouts(plan: Plan, tree: Any, *, optimizer: Any = None, params: Any = 
     out: list[Interleave | None] = []
     for path, b, t in zip(paths, boxes, targets, strict=True):
         d = plan.decisions[t] if t is not None else None
-        out.append(None if d is None else derived(d.layout, d.shape, np.shape(unbox(b)), path))
+        out.append(None if d is None else derived(d.layout, d.shape, np.shape(unbox(b)), path, below_param(path, t)))
     return out
 
 

@@ -20,18 +20,21 @@ from typing import Any
 from tpflax._src.errors import EstimateError
 from tpflax._src.facts.tree import itemsize
 from tpflax._src.mesh import MeshShape
-from tpflax._src.planner.state import optimizer_params, state_specs
+from tpflax._src.planner.state import (
+    init_shape,
+    optimizer_params,
+    state_specs,
+    takes_lookahead_params,
+)
 from tpflax._src.specs import Entry, bytes_per_device, entries
 
 
 def _abstract_state(plan, optimizer: Any, params: Any = None) -> tuple[Any, Any]:
     """``(abstract optimizer state, the abstract params it was made for)``."""
-    import jax
-
     if params is None:
         params = optimizer_params(plan)
     try:
-        return jax.eval_shape(optimizer.init, params), params
+        return init_shape(optimizer, params), params
     except Exception as e:  # noqa: BLE001 - any optax failure is the user's optimizer/params mismatch
         raise EstimateError(f"optimizer.init failed on the planned parameters: {type(e).__name__}: {e}; "
                             "pass an optax.GradientTransformation built for this parameter tree") from e
@@ -98,6 +101,9 @@ class _ProbeMesh:
 def opt_layout(plan, optimizer: Any, params: Any = None) -> OptLayout:
     """Which parameter dim every optimizer-state dim follows, for any plan of ``plan``'s tree.
 
+    ``optax.lookahead``'s slow copy of the parameters counts with its state: the train step keeps it
+    beside the fast parameters (:func:`tpflax.make_train_step`), placed like them.
+
     >>> import jax, optax, tpflax
     >>> p = tpflax.plan({"w": jax.ShapeDtypeStruct((8, 4), "float32")}, {"data": 1})
     >>> [x.follows for x in opt_layout(p, optax.adam(1e-3)).leaves]
@@ -114,6 +120,10 @@ def opt_layout(plan, optimizer: Any, params: Any = None) -> OptLayout:
     specs = state_specs(state, probe, optimizer=optimizer, params=params)
     s_leaves = jax.tree_util.tree_leaves(state)
     p_leaves = jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    if takes_lookahead_params(state):  # the slow copy: the parameters again, tied by path
+        s_leaves += jax.tree_util.tree_leaves(params)
+        p_leaves += jax.tree_util.tree_leaves(state_specs(params, probe),
+                                              is_leaf=lambda x: isinstance(x, PartitionSpec))
     out = []
     for leaf, spec in zip(s_leaves, p_leaves, strict=True):
         shape = tuple(int(s) for s in leaf.shape)
@@ -184,7 +194,7 @@ def _state_names(optimizer: Any) -> list[str]:
     import jax
 
     try:
-        state = jax.eval_shape(optimizer.init, {"w": jax.ShapeDtypeStruct((1,), "float32")})
+        state = init_shape(optimizer, {"w": jax.ShapeDtypeStruct((1,), "float32")})
     except Exception:  # noqa: BLE001 - a name for a report is not worth an error
         return []
     names: list[str] = []

@@ -8,7 +8,9 @@ over to its own shape; everything else (step counts, rng state) is replicated.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -53,40 +55,146 @@ def factored_dim(pshape: tuple[int, ...], shape: tuple[int, ...], path: str = ""
     return k if pshape[:k] + pshape[k + 1:] == shape else None
 
 
+def kept_dims(pshape: tuple[int, ...], shape: tuple[int, ...], path: str = "",
+              below: str = "") -> tuple[int | None, ...] | None:
+    """For each dim of a leaf derived from a parameter of ``pshape``, the parameter dim it keeps
+    (None: a dim reduced to 1, or of another size), or None if ``shape`` is not derived from ``pshape``.
+
+    A derived leaf is the parameter with some dims reduced to 1 or dropped, the others kept in
+    order: adafactor's factored moments (one dim averaged away), SM3's per-dim accumulators (all
+    dims but one dropped), a ``keepdims`` statistic. Same rank: dim by dim, equal sizes keep. Fewer
+    dims: when several ways fit (a square kernel), the leaf's state ``path`` says which: adafactor's
+    ``v_row`` / ``v_col`` (:func:`factored_dim`), or ``below`` (the path under the parameter's in the
+    state) an integer ``k``, a list holding one leaf per parameter dim (SM3's); else the way that
+    reduces fewest dims to 1 and drops the earliest.
+
+    >>> kept_dims((64, 64), (64,), "0/mu/w/1", below="1"), kept_dims((64, 64), (64,), "0/mu/w/0", below="0")
+    ((1,), (0,))
+    >>> kept_dims((16, 4, 8), (4,)), kept_dims((16, 4, 8), (1, 4, 1)), kept_dims((16, 4), (5,))
+    ((1,), (None, 1, None), None)
+    """
+    pshape, shape = tuple(pshape), tuple(shape)
+    if len(shape) == len(pshape):
+        return tuple(k if a == b else None for k, (a, b) in enumerate(zip(shape, pshape, strict=True)))
+    if len(shape) > len(pshape):
+        return None
+    drop = factored_dim(pshape, shape, path)
+    if drop is not None:
+        return tuple(k for k in range(len(pshape)) if k != drop)
+    if below.isdigit() and len(shape) == 1 and int(below) < len(pshape) and pshape[int(below)] == shape[0]:
+        return (int(below),)
+    fits = list(_fits(pshape, shape, 0, 0))
+    if not fits:
+        return None
+    return min(fits, key=lambda f: (f.count(None), tuple(-k for k in f if k is not None)))
+
+
+def _fits(pshape: tuple[int, ...], shape: tuple[int, ...], j: int, i: int):
+    """Every way ``shape[i:]`` is ``pshape[j:]`` with dims dropped or reduced to 1 (see :func:`kept_dims`)."""
+    if i == len(shape):
+        yield ()
+        return
+    if len(pshape) - j < len(shape) - i:
+        return
+    yield from _fits(pshape, shape, j + 1, i)  # pshape[j] dropped
+    if pshape[j] == shape[i]:
+        yield from ((j, *rest) for rest in _fits(pshape, shape, j + 1, i + 1))
+    if shape[i] == 1:
+        yield from ((None, *rest) for rest in _fits(pshape, shape, j + 1, i + 1))
+
+
 def adapt_spec(spec: PartitionSpec, pshape: tuple[int, ...], shape: tuple[int, ...],
-               sizes: Mapping[str, int], path: str = "") -> PartitionSpec:
+               sizes: Mapping[str, int], path: str = "", below: str = "") -> PartitionSpec:
     """The parameter's spec carried over to a leaf derived from it, whose shape may differ.
 
-    Same shape: the same spec. Same rank: dims of equal size keep their entry.
-    One dim fewer: the dropped dim's entry goes; for adafactor's factored moments
-    the dim its rule reduced (:func:`factored_dim`, by the leaf's state ``path``),
-    else the first dim whose removal leaves ``shape``. Anything else, or an entry
-    that would not divide: replicated.
+    Each dim the leaf keeps from the parameter (:func:`kept_dims`) keeps its entry; dims reduced to
+    1 and leaves not derived from the parameter (a scalar, a norm of it) get none. An entry that
+    would not divide the leaf's dim is dropped: that dim is whole.
 
     >>> adapt_spec(PartitionSpec(None, "model"), (16, 64), (64,), {"model": 4})
     P('model',)
     >>> adapt_spec(PartitionSpec("model", None), (64, 64), (64,), {"model": 4}, "0/v_row/w")
     P('model',)
+    >>> adapt_spec(PartitionSpec("model", None), (64, 64), (64,), {"model": 4}, "0/mu/w/1", below="1")
+    P(None,)
     """
     ent = entries(spec, len(pshape))
-    if tuple(shape) == tuple(pshape):
-        out = list(ent)
-    elif len(shape) == len(pshape):
-        out = [e if a == b else None for e, a, b in zip(ent, shape, pshape, strict=True)]
-    elif len(shape) == len(pshape) - 1:
-        out = [None] * len(shape)
-        drop = factored_dim(pshape, shape, path)
-        for k in range(len(pshape)) if drop is None else (drop,):
-            if tuple(pshape[:k] + pshape[k + 1:]) == tuple(shape):
-                out = list(ent[:k] + ent[k + 1:])
-                break
-    else:
-        out = [None] * len(shape)
+    kept = kept_dims(pshape, shape, path, below)
+    out = [None] * len(shape) if kept is None else [None if k is None else ent[k] for k in kept]
     for i, e in enumerate(out):
         n = math.prod(sizes[a] for a in entry_axes(e))
         if n > 1 and shape[i] % n:
             out[i] = None
     return to_pspec(out)
+
+
+def below_param(path: str, target: str) -> str:
+    """The components of a state leaf's ``path`` under its parameter's path ``target`` ('' if none).
+
+    >>> below_param("0/mu/up/kernel/1", "params/up/kernel"), below_param("0/nu/up/kernel", "up/kernel")
+    ('1', '')
+    """
+    head, _, rest = target.partition("/")
+    forms = [target] + ([rest] if rest and head in COLLECTIONS else [])
+    padded = f"/{path}/"
+    for form in forms:
+        at = padded.rfind(f"/{form}/")
+        if at >= 0:
+            return padded[at + len(form) + 2:].strip("/")
+    return ""
+
+
+class _NoFastWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "has no attribute `fast`" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def lookahead_quiet():
+    """Calls of ``optimizer.init`` on the parameters without optax's lookahead warning.
+
+    ``optax.lookahead``'s init warns when it sees parameters rather than ``LookaheadParams``, and
+    then makes the same state (the slow copy is a second parameter tree, not optimizer state):
+    tpflax asks for the state's shapes that way on purpose, for any optimizer.
+    """
+    quiet = _NoFastWarning()
+    logger = logging.getLogger("absl")
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
+def init_shape(optimizer: Any, params: Any) -> Any:
+    """``jax.eval_shape(optimizer.init, params)``, quietly (:func:`lookahead_quiet`)."""
+    with lookahead_quiet():
+        return jax.eval_shape(optimizer.init, params)
+
+
+def is_lookahead_params(tree: Any) -> bool:
+    """Whether ``tree`` is an ``optax.LookaheadParams(fast, slow)`` pair of parameter trees."""
+    import optax
+
+    return isinstance(tree, optax.LookaheadParams)
+
+
+def takes_lookahead_params(state: Any) -> bool:
+    """Whether the optimizer that made ``state`` is ``optax.lookahead`` (its state holds a
+    ``LookaheadState``): its update takes ``LookaheadParams(fast, slow)`` as the parameters.
+
+    >>> import jax, optax
+    >>> w = {"w": jax.ShapeDtypeStruct((4,), "float32")}
+    >>> tx = optax.lookahead(optax.sgd(0.1), 2, 0.5)
+    >>> takes_lookahead_params(init_shape(tx, w)), takes_lookahead_params(init_shape(optax.sgd(0.1), w))
+    (True, False)
+    """
+    import optax
+
+    def found(x: Any) -> bool:
+        return isinstance(x, optax.LookaheadState)
+
+    return any(map(found, jax.tree_util.tree_leaves(state, is_leaf=found)))
 
 
 def _suffix_index(plan: Plan) -> dict[str, str]:
@@ -99,6 +207,17 @@ def _suffix_index(plan: Plan) -> dict[str, str]:
         if rest and head in COLLECTIONS:
             index.setdefault(rest, path)
     return index
+
+
+def _match_nested(path: str, index: Mapping[str, str]) -> str | None:
+    """:func:`_match_suffix` of ``path``, else of ``path`` without its last components: a leaf
+    nested under a parameter's path (SM3 keeps a list of per-dim accumulators for each parameter)."""
+    cur = path
+    while True:
+        found = _match_suffix(cur, index)
+        if found is not None or "/" not in cur:
+            return found
+        cur = cur.rsplit("/", 1)[0]
 
 
 def _match_suffix(path: str, index: Mapping[str, str]) -> str | None:
@@ -137,8 +256,9 @@ def _positional_matches(optimizer: Any, state: Any, params: Any) -> dict[int, st
     ids = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params, is_leaf=is_box),
                                        [_Id(i) for i in range(len(param_leaves))])
     try:
-        tagged = optax.tree_map_params(optimizer, lambda _, i: i, state, ids,
-                                       transform_non_params=lambda _: _OTHER, is_leaf=is_box)
+        with lookahead_quiet():
+            tagged = optax.tree_map_params(optimizer, lambda _, i: i, state, ids,
+                                           transform_non_params=lambda _: _OTHER, is_leaf=is_box)
         flat_tagged = jax.tree_util.tree_leaves(tagged, is_leaf=lambda x: isinstance(x, _Id))
         flat_state = jax.tree_util.tree_leaves(state, is_leaf=is_box)
     except Exception:  # noqa: BLE001 - optimizer init needs real params: fall back to paths
@@ -154,7 +274,7 @@ def _leaf_spec(plan: Plan, value: Any, target: str | None, path: str) -> Partiti
     if target is None:
         return PartitionSpec()  # counts, step numbers, rng state: replicated
     d = plan.decisions[target]
-    return adapt_spec(d.spec, tuple(d.shape), shape, plan.mesh.sizes, path)
+    return adapt_spec(d.spec, tuple(d.shape), shape, plan.mesh.sizes, path, below_param(path, target))
 
 
 def state_leaf_specs(tree: Any, plan: Plan, *, optimizer: Any = None,
@@ -191,6 +311,8 @@ def state_leaf_ties(tree: Any, plan: Plan, *, optimizer: Any = None,
     """:func:`state_leaf_targets` with each leaf's own path in the state first (it names adafactor's moments)."""
     flat, treedef = check_state_leaves(tree)
     positional = None
+    if is_lookahead_params(params):  # optax.lookahead's state mirrors the fast parameters only
+        params = params.fast
     if optimizer is not None and params is not None:
         positional = _positional_matches(optimizer, tree, params)
     index = _suffix_index(plan)
@@ -200,7 +322,7 @@ def state_leaf_ties(tree: Any, plan: Plan, *, optimizer: Any = None,
             targets.append(None)
             continue
         target = index.get(positional[i]) if positional is not None and i in positional else None
-        targets.append(target if target is not None else _match_suffix(keystr(path), index))
+        targets.append(target if target is not None else _match_nested(keystr(path), index))
     return [keystr(p) for p, _ in flat], [b for _, b in flat], treedef, targets
 
 
@@ -348,7 +470,8 @@ def optimizer_params(plan: Plan, params: Any = None, *, collection: bool = True)
     ``nnx.state(model, nnx.Param)``); of full linen variables, their ``params`` collection
     (:func:`params_collection`; all of them with ``collection=False``); an ``nnx.State`` keeps its Variables, so the state is what
     ``optimizer.init`` makes of them (the train step takes it either way). Without ``params`` the
-    planned tree stands in, built from the plan (:func:`planned_tree`), with bare arrays.
+    planned tree stands in, built from the plan (:func:`planned_tree`), with bare arrays. An
+    ``optax.LookaheadParams(fast, slow)`` of such trees gives the pair of what the optimizer sees.
 
     >>> import jax, tpflax
     >>> p = tpflax.plan({"w": jax.ShapeDtypeStruct((8, 4), "float32"),
@@ -358,6 +481,8 @@ def optimizer_params(plan: Plan, params: Any = None, *, collection: bool = True)
     """
     if params is None:
         return split_params(plan, planned_tree(plan))[0]
+    if is_lookahead_params(params):  # optax.lookahead's pair: each tree as the optimizer sees it
+        return type(params)(*(optimizer_params(plan, p, collection=collection) for p in params))
     if is_nnx_state(params):
         return _nnx_params(params, _plan_trains(plan))[0]
     if collection:
@@ -518,6 +643,6 @@ def trainable(tree: Any, keeps: Callable[[str], bool] | None = None) -> tuple[An
     return masked, restore
 
 
-__all__ = ["abstract_params", "adapt_spec", "check_state_leaves", "factored_dim", "opt_state_problems",
+__all__ = ["abstract_params", "adapt_spec", "below_param", "check_state_leaves", "factored_dim", "init_shape", "is_lookahead_params", "kept_dims", "lookahead_quiet", "opt_state_problems",
            "optimizer_params", "params_collection", "planned_tree", "split_params", "state_leaf_specs", "state_leaf_targets",
-           "state_leaf_ties", "state_specs", "trainable"]
+           "state_leaf_ties", "state_specs", "takes_lookahead_params", "trainable"]
