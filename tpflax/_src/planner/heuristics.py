@@ -238,7 +238,8 @@ def _guessed(kind: str, cols: Sequence[Linear], row: Linear, widths: set[int]) -
 
     A square row as wide as the residual stream, outside attention (neither the block nor a column's
     name says attention: a flat ``attn_0`` beside ``proj_0``), that no name calls a row (DiT's
-    ``final_linear`` beside its ``final_ada`` modulation, taken for a fused column's pieces) may read the
+    ``final_linear`` beside its ``final_ada`` modulation, taken for a fused column's pieces: the columns'
+    output is not as wide as its input) may read the
     stream itself: then its columns' split output meets whole kernels, and XLA carries its feature split
     into the stream (DiT: the stream gathered behind every norm and the blocks' modulation kernels updated
     split and gathered, 1.5x the hand layout's collectives). The pair stays whole: the chooser prices
@@ -248,6 +249,10 @@ def _guessed(kind: str, cols: Sequence[Linear], row: Linear, widths: set[int]) -
     if kind != "mlp" or row.in_size != row.out_size or row.in_size not in widths:
         return ""
     if any(ATTN.search(c.f.unit_name) for c in cols) or ROW_NAMES.match(_INDEXED.sub("", role_name(row.f))):
+        return ""
+    if all(c.out_size == row.in_size for c in cols):
+        # the shapes chain: each column's whole output is as wide as the row's input (a VLM's projector
+        # ``linear_1`` (vision -> text width) then ``linear_2``), no pieces guessed
         return ""
     return (f"({row.in_size} -> {row.out_size}) is as wide as the residual stream and no name calls it a row, so "
             "it may read the stream rather than its columns' output (pass model= to trace it)")
