@@ -78,36 +78,36 @@ def buffer_items(s: Scope) -> list[CommItem]:
     axes = s.batch_axes  # an fsdp split of the kernels too: they are gathered for the experts' work
     if not axes:
         return []
+    dec = s.lv.decisions
+    # (the kernel reading the dispatch, the one writing the output, layers, source)
+    ends = [(pc.columns[0], pc.rows[-1], max(layers(dec[p]) for p in pc.columns + pc.rows) * pc.count,
+             f"pair {pc.id}" + (f" and {pc.count - 1} alike" if pc.count > 1 else ""))
+            for pc in s.lv.pairs if pc.columns and pc.rows and pc.columns[0] in s.buffered]
+    # kernels no pair holds: a chain's first kernel (no traced edge from another of them) reads the dispatch,
+    # its last (no edge to another) writes the output
+    loose, edges = s.loose_buffered, s.edges or frozenset()
+    ends += [(p if not any((q, p) in edges for q in loose) else None,
+              p if not any((p, q) in edges for q in loose) else None, layers(dec[p]), s.lv.label[p]) for p in loose]
     items: list[CommItem] = []
-    dec, label = s.lv.decisions, s.lv.label
-    for pc in s.lv.pairs:
-        if not (pc.columns and pc.rows and pc.columns[0] in s.buffered):
-            continue
-        n, count = s.size(axes), max(layers(dec[p]) for p in pc.columns + pc.rows) * pc.count
-        source = f"pair {pc.id}" + (f" and {pc.count - 1} alike" if pc.count > 1 else "")
-        c, r = pc.columns[0], pc.rows[-1]
-        width = (s.widths or {}).get(c) or body(dec[c])[1]
-        items.append(CommItem("all-reduce", axes, _buffer_bytes(c, width, s), n, count, source,
-                              f"{label[c]} reads a batch-free expert buffer: sum the dispatch over the batch "
-                              "(forward)"))
-        items.append(CommItem("all-reduce", axes, _buffer_bytes(r, body(dec[r])[-1], s), n, count, source,
-                              f"{label[r]}'s batch-free expert output: sum its gradient over the batch (backward)"))
-    # kernels no pair holds: a chain's first kernel (no traced edge from another of them) sums the dispatch,
-    # its last (no edge to another) the output's gradient
-    loose = s.loose_buffered({p for pc in s.lv.pairs for p in pc.columns + pc.rows})
-    edges = s.edges or frozenset()
-    for p in loose:
-        count = layers(dec[p])
-        if not any((q, p) in edges for q in loose):
-            width = (s.widths or {}).get(p) or body(dec[p])[1]
-            items.append(CommItem("all-reduce", axes, _buffer_bytes(p, width, s), s.size(axes), count, label[p],
-                                  f"{label[p]} reads a batch-free expert buffer: sum the dispatch over the batch "
-                                  "(forward)"))
-        if not any((p, q) in edges for q in loose):
-            items.append(CommItem("all-reduce", axes, _buffer_bytes(p, body(dec[p])[-1], s), s.size(axes), count,
-                                  label[p], f"{label[p]}'s batch-free expert output: sum its gradient over the "
-                                  "batch (backward)"))
+    for c, r, count, source in ends:
+        items += _buffer_sums(s, axes, c, r, count, source)
     return items
+
+
+def _buffer_sums(s: Scope, axes: tuple[str, ...], c: str | None, r: str | None, count: int,
+                 source: str) -> list[CommItem]:
+    """The batch-axes sums around a batch-free expert buffer: of the dispatch ``c`` reads (forward) and of the
+    gradient of the output ``r`` writes (backward)."""
+    dec, label, n = s.lv.decisions, s.lv.label, s.size(axes)
+    out = []
+    if c is not None:
+        width = (s.widths or {}).get(c) or body(dec[c])[1]
+        out.append(CommItem("all-reduce", axes, _buffer_bytes(c, width, s), n, count, source,
+                            f"{label[c]} reads a batch-free expert buffer: sum the dispatch over the batch (forward)"))
+    if r is not None:
+        out.append(CommItem("all-reduce", axes, _buffer_bytes(r, body(dec[r])[-1], s), n, count, source,
+                            f"{label[r]}'s batch-free expert output: sum its gradient over the batch (backward)"))
+    return out
 
 
 def _buffer_bytes(path: str, width: int, s: Scope) -> float:

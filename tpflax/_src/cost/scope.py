@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,17 +137,17 @@ class Scope:
     @functools.cached_property
     def buffered(self) -> frozenset[str]:
         """Kernels of the pairs whose every kernel reads a batch-free expert buffer (:mod:`tpflax._src.cost.buffers`),
-        and such kernels in no pair: the same on every device of the batch axes."""
+        and such kernels in no pair (:attr:`loose_buffered`): the same on every device of the batch axes."""
         b = self.buffers or {}
-        paired = {p for pc in self.lv.pairs for p in pc.columns + pc.rows}
         return frozenset([*(p for pc in self.lv.pairs if all(x in b for x in pc.columns + pc.rows)
-                            for p in pc.columns + pc.rows),
-                          *self.loose_buffered(paired)])
+                            for p in pc.columns + pc.rows), *self.loose_buffered])
 
-    def loose_buffered(self, paired: Collection[str]) -> list[str]:
+    @functools.cached_property
+    def loose_buffered(self) -> tuple[str, ...]:
         """Kernels reading a batch-free expert buffer that no pair holds (a layout given by rules, e.g. the
         experts replicated or fsdp only): they too run alike on every device of the batch axes."""
-        return sorted(p for p in (self.buffers or {}) if p not in paired and p in self.lv.decisions)
+        paired = {p for pc in self.lv.pairs for p in pc.columns + pc.rows}
+        return tuple(sorted(p for p in (self.buffers or {}) if p not in paired and p in self.lv.decisions))
 
     @functools.cached_property
     def experts_split(self) -> frozenset[str]:
