@@ -123,9 +123,14 @@ def fsdp_axes(plan: Any) -> frozenset[str]:
     for each shard of the batch, exactly as over an fsdp axis. An expert axis
     is not: an expert layer gathers its tokens over it and keeps its experts split.
     """
-    batch = set(batch_axes(plan.mesh))
-    used = {a for d in plan.decisions.values() for a in used_axes(d.spec)}
-    return frozenset(a for a, r in dict(plan.mesh.roles).items()
+    return gathered_axes(plan.mesh, [d.spec for d in plan.decisions.values()])
+
+
+def gathered_axes(mesh: MeshShape, specs: Sequence[Any]) -> frozenset[str]:
+    """:func:`fsdp_axes` of a mesh and the specs laid out on it."""
+    batch = set(batch_axes(mesh))
+    used = {a for spec in specs for a in used_axes(spec)}
+    return frozenset(a for a, r in dict(mesh.roles).items()
                      if a in batch and (r == FSDP or (a in used and r != EXPERT)))
 
 

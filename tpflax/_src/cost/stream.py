@@ -20,8 +20,8 @@ from typing import Any
 from tpflax._src.cost.optstate import shard_bytes
 from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.scope import body, drop_layers, layers, leaf_itemsize
-from tpflax._src.mesh import DATA, FSDP, TENSOR
-from tpflax._src.specs import entry_axes, used_axes, without_axes
+from tpflax._src.mesh import TENSOR
+from tpflax._src.specs import entry_axes, gathered_axes, used_axes, without_axes
 
 
 def update_gathers(s: Any, axes: tuple[str, ...], reached: list[str],
@@ -80,11 +80,11 @@ def update_gathers(s: Any, axes: tuple[str, ...], reached: list[str],
 
 
 def zero3_axes(s: Any) -> frozenset[str]:
-    """The axes tpflax's step gathers parameters over for compute (:func:`tpflax._src.specs.fsdp_axes`):
-    fsdp axes, and batch axes that split a parameter."""
-    roles = dict(s.mesh.roles)
-    return frozenset(a for spec in s.lv.specs.values() for a in used_axes(spec)
-                     if roles.get(a) in (FSDP, DATA) and s.mesh.sizes[a] > 1)
+    """The axes tpflax's step gathers parameters over for compute (:func:`tpflax._src.specs.fsdp_axes`) that
+    split some parameter."""
+    specs = list(s.lv.specs.values())
+    used = {a for spec in specs for a in used_axes(spec)}
+    return gathered_axes(s.mesh, specs) & used
 
 
 def tpu_stream_gathers(s: Any, axes: tuple[str, ...], width: int) -> int:
