@@ -255,8 +255,8 @@ def sharded(name, m, v, ids, plan, mesh):
     tx, state = sharded_state(name)
     ts = tpflax.make_train_step(m, plan, mesh, tx, sample=(ids,), loss=loss)
     step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings, compiler_options=FAST)
-    if name in LOOKAHEAD:  # two placed copies: fast and slow are separate buffers
-        variables = optax.LookaheadParams(fast=tpflax.shard(v, plan, mesh), slow=tpflax.shard(v, plan, mesh))
+    if name in LOOKAHEAD:  # tpflax.shard places the pair as two copies: fast and slow are separate buffers
+        variables = tpflax.shard(optax.LookaheadParams.init_synced(v), plan, mesh)
     else:
         variables = tpflax.shard(v, plan, mesh)
     batch = tpflax.shard_batch((ids,), mesh)
@@ -357,6 +357,24 @@ def test_lookahead_syncs_the_slow_copy_on_the_mesh():
     np.testing.assert_allclose(k, s, rtol=0, atol=4 * float(ulp(np.abs(s).max())))
 
 
+def test_shard_and_unshard_take_a_lookahead_pair():
+    _, v, _, plan, mesh = setup()
+    pair = optax.LookaheadParams.init_synced(v)  # fast and slow are the same host arrays
+    placed = tpflax.shard(pair, plan, mesh)
+    assert isinstance(placed, optax.LookaheadParams)
+    sh = tpflax.shardings(plan, mesh, pair)
+    for copy, want in zip(placed, sh, strict=True):
+        for (path, x), s in zip(jax.tree_util.tree_flatten_with_path(copy)[0], jax.tree_util.tree_leaves(want),
+                                strict=True):
+            assert x.sharding == s, key(path)
+            assert x.sharding.spec == plan.decisions[key(path)].spec, key(path)
+    back = tpflax.unshard(placed, plan)
+    assert isinstance(back, optax.LookaheadParams)
+    for copy in back:
+        for a, b in zip(jax.tree_util.tree_leaves(copy), jax.tree_util.tree_leaves(v), strict=True):
+            np.testing.assert_array_equal(a, b)  # bit-exact round trip
+
+
 def test_lookahead_state_and_init_are_quiet(caplog):
     # optax warns "`params` has no attribute `fast`" when its init sees plain parameters: tpflax initialises
     # lookahead's inner state from the parameters on purpose (the slow copy is not optimizer state)
@@ -416,3 +434,14 @@ def test_a_lookahead_steps_arguments_are_what_the_estimate_says():
     compiled = tpflax.dry_run(ts, plan, mesh)
     e = tpflax.estimate(plan, tx, model=m, sample=(ids,), loss=loss, backend="cpu")
     assert e.per_device.arguments == compiled.memory["argument"]
+
+
+def test_a_donated_synced_pair_of_placed_arrays_gives_two_arrays():
+    _, v, _, plan, mesh = setup()
+    on_mesh = tpflax.shard(v, plan, mesh)
+    placed = tpflax.shard(optax.LookaheadParams.init_synced(on_mesh), plan, mesh, donate=True)
+    for a, b, want in zip(jax.tree_util.tree_leaves(placed.fast), jax.tree_util.tree_leaves(placed.slow),
+                          jax.tree_util.tree_leaves(v), strict=True):
+        assert a is not b
+        np.testing.assert_array_equal(np.asarray(a), want)
+        np.testing.assert_array_equal(np.asarray(b), want)

@@ -224,9 +224,9 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
         mesh: a ``jax.sharding.Mesh`` matching the plan.
         optimizer: an ``optax.GradientTransformation`` (or ``optax.MultiSteps``). For
             ``optax.lookahead`` the step takes and returns ``optax.LookaheadParams(fast, slow)`` in
-            place of the variables, two copies of the planned tree, placed alike (e.g. two calls of
-            :func:`tpflax.shard`: ``LookaheadParams.init_synced`` shares one buffer, which a donating
-            jit cannot take twice); the loss reads the fast copy, the slow copy's other leaves
+            place of the variables, two copies of the planned tree, placed alike
+            (``tpflax.shard(optax.LookaheadParams.init_synced(variables), plan, mesh)``, which places
+            each copy as its own array: a donating jit cannot take one jax array twice); the loss reads the fast copy, the slow copy's other leaves
             (batch statistics) follow the fast run's.
         batch: the global batch size (sets the sample's leading dim), or for a zoo
             model an abstract zoo batch ``{"x": ..., "y": ...}`` (default 8).

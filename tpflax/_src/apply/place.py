@@ -30,6 +30,7 @@ from tpflax._src.apply.stored import has_layouts, reorder, tree_layouts
 from tpflax._src.errors import TreeError
 from tpflax._src.facts.tree import is_box, unbox, walk
 from tpflax._src.planner.plan import Plan
+from tpflax._src.planner.state import is_lookahead_params
 from tpflax._src.scan_fsdp import pin, zero3
 from tpflax._src.specs import fsdp_axes, without_axes
 
@@ -54,6 +55,8 @@ def shardings(plan: Plan, mesh: Any, tree: Any = None) -> Any:
     >>> shardings(p, tpflax.make_mesh({"model": 1}))["w"].spec
     P(None, None)
     """
+    if is_lookahead_params(tree):  # optax.lookahead's (fast, slow) pair: each copy as the plan says
+        return type(tree)(*(shardings(plan, mesh, t) for t in tree))
     mesh = bind_mesh(plan, mesh, abstract=True)
     if tree is None:
         return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), plan.specs,
@@ -72,7 +75,9 @@ def shard(tree: Any, plan: Plan, mesh: Any = None, *, per_shard: bool = False,
         tree: the tree that was planned (params, full linen variables, a boxed
             tree, ``nnx.State``) holding numpy or jax arrays, or an ``nnx.Module``
             (split, placed, merged back into a new module). For a plan of full
-            linen variables, ``variables["params"]`` alone is accepted too.
+            linen variables, ``variables["params"]`` alone is accepted too. An
+            ``optax.LookaheadParams(fast, slow)`` pair (``optax.lookahead``'s
+            parameters) gives a pair, each copy placed as the plan says.
         plan: the plan.
         mesh: a ``jax.sharding.Mesh`` of the plan's shape, or a shape to build one;
             defaults to the plan's mesh over the first devices.
@@ -114,6 +119,11 @@ def shard(tree: Any, plan: Plan, mesh: Any = None, *, per_shard: bool = False,
     >>> tpflax.shard(params, p, tpflax.make_mesh({"model": 2}))["w"].sharding.spec
     P('model', None)
     """
+    if is_lookahead_params(tree):  # optax.lookahead's (fast, slow) pair: each copy placed as the plan says
+        fast, slow = (jax.tree_util.tree_leaves(t) for t in tree)
+        shared = any(a is b for a, b in zip(fast, slow))  # init_synced: one array, donated once (the slow copy)
+        return type(tree)(*(shard(t, plan, mesh, per_shard=per_shard, donate=donate and not (shared and i == 0),
+                                  check_finite=check_finite) for i, t in enumerate(tree)))
     if is_graph_node(tree):
         from flax import nnx
 
@@ -149,6 +159,8 @@ def unshard(tree: Any, plan: Plan | None = None) -> Any:
     >>> unshard({"w": jnp.arange(3)})["w"]
     array([0, 1, 2], dtype=int32)
     """
+    if is_lookahead_params(tree):
+        return type(tree)(*(unshard(t, plan) for t in tree))
     if is_graph_node(tree):
         from flax import nnx
 
