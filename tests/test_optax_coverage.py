@@ -445,3 +445,27 @@ def test_a_donated_synced_pair_of_placed_arrays_gives_two_arrays():
         assert a is not b
         np.testing.assert_array_equal(np.asarray(a), want)
         np.testing.assert_array_equal(np.asarray(b), want)
+
+
+def test_jit_step_places_a_hand_written_lookahead_step():
+    # a user's own optax.lookahead step: the params role takes the (fast, slow) pair and gives it back
+    m, v, ids, plan, mesh = setup()
+    tx = OPTIMIZERS["lookahead_adam"](v["params"])
+
+    def step(pair, state, ids):
+        params = optax.LookaheadParams(pair.fast["params"], pair.slow["params"])
+        grads = jax.grad(lambda p: loss(m.apply({"params": p}, ids), ids))(params.fast)
+        updates, state = tx.update(grads, state, params)
+        new = optax.apply_updates(params, updates)
+        return optax.LookaheadParams({"params": new.fast}, {"params": new.slow}), state
+
+    pair = tpflax.shard(optax.LookaheadParams.init_synced(v), plan, mesh)
+    state = tpflax.shard_optimizer_state(tx, None, plan, mesh, params=optax.LookaheadParams.init_synced(v))
+    jitted = tpflax.jit_step(step, plan, mesh, in_roles=("params", "state", "batch"), out_roles=("params", "state"),
+                             optimizer=tx, compiler_options=FAST)
+    out, state = jitted(pair, state, ids)
+    assert isinstance(out, optax.LookaheadParams)
+    for copy in out:
+        for path, x in jax.tree_util.tree_flatten_with_path(copy)[0]:
+            assert x.sharding.spec == plan.decisions[key(path)].spec, key(path)
+    assert np.abs(np.asarray(out.fast["params"]["up"]["kernel"]) - v["params"]["up"]["kernel"]).max() > 0
