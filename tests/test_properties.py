@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 from jax.sharding import PartitionSpec
 
 import tpflax
-from tpflax._src.planner.state import trainable
+from tpflax._src.planner.params import trainable
 from tpflax._src.specs import entries, entry_axes, spec_problems
 
 SIZES = st.sampled_from([1, 2, 3, 4, 5, 7, 8, 12, 13, 16, 24, 31, 32, 48, 64, 96, 97, 128, 250, 256,

@@ -31,7 +31,7 @@ from tpflax._src.cost.records import Estimate
 from tpflax._src.facts.tree import unboxed
 from tpflax._src.hlo import Collective, parse_collectives, summarize
 from tpflax._src.model import abstract
-from tpflax._src.planner.state import split_params
+from tpflax._src.planner.params import split_params
 from tpflax._src.progress import Progress
 from tpflax._src.step import (
     TrainStep,

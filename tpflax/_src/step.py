@@ -27,11 +27,10 @@ from tpflax._src.facts.tree import is_nnx_state, keystr, unboxed, walk
 from tpflax._src.mesh import batch_pspec
 from tpflax._src.model import Model, as_model, is_zoo
 from tpflax._src.planner.decision import Decision
+from tpflax._src.planner.params import planned_tree, split_params
 from tpflax._src.planner.state import (
     is_lookahead_params,
     opt_state_problems,
-    planned_tree,
-    split_params,
     takes_lookahead_params,
 )
 from tpflax._src.scan_fsdp import zero3

@@ -121,7 +121,7 @@ def shard(tree: Any, plan: Plan, mesh: Any = None, *, per_shard: bool = False,
     """
     if is_lookahead_params(tree):  # optax.lookahead's (fast, slow) pair: each copy placed as the plan says
         fast, slow = (jax.tree_util.tree_leaves(t) for t in tree)
-        shared = any(a is b for a, b in zip(fast, slow))  # init_synced: one array, donated once (the slow copy)
+        shared = any(a is b for a, b in zip(fast, slow, strict=False))  # init_synced: one array, donated once (the slow copy)
         return type(tree)(*(shard(t, plan, mesh, per_shard=per_shard, donate=donate and not (shared and i == 0),
                                   check_finite=check_finite) for i, t in enumerate(tree)))
     if is_graph_node(tree):

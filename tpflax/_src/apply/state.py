@@ -18,14 +18,12 @@ from tpflax._src.apply.put import put
 from tpflax._src.apply.stored import check_order, has_layouts, reorder, reorder_traced, tree_layouts
 from tpflax._src.errors import OptionError, PlanMismatchError
 from tpflax._src.facts.tree import is_box, keystr, unbox, walk
+from tpflax._src.planner.params import abstract_params, optimizer_params, planned_tree
 from tpflax._src.planner.plan import Plan
 from tpflax._src.planner.state import (
-    abstract_params,
     check_state_leaves,
     init_shape,
     lookahead_quiet,
-    optimizer_params,
-    planned_tree,
     state_leaf_specs,
 )
 

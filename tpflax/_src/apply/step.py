@@ -15,8 +15,8 @@ from tpflax._src.apply.bind import bind_mesh
 from tpflax._src.apply.place import shardings
 from tpflax._src.apply.state import state_shardings
 from tpflax._src.errors import PlanMismatchError
+from tpflax._src.planner.params import abstract_params
 from tpflax._src.planner.plan import Plan
-from tpflax._src.planner.state import abstract_params
 
 ROLES = ("params", "state", "batch", "replicated", None)
 _DONATED = ("params", "state")

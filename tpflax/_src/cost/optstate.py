@@ -20,12 +20,8 @@ from typing import Any
 from tpflax._src.errors import EstimateError
 from tpflax._src.facts.tree import itemsize
 from tpflax._src.mesh import MeshShape
-from tpflax._src.planner.state import (
-    init_shape,
-    optimizer_params,
-    state_specs,
-    takes_lookahead_params,
-)
+from tpflax._src.planner.params import optimizer_params
+from tpflax._src.planner.state import init_shape, state_specs, takes_lookahead_params
 from tpflax._src.specs import Entry, bytes_per_device, entries
 
 

@@ -28,8 +28,8 @@ from tpflax._src.cost.records import Act
 from tpflax._src.cost.traced import Scores, Traced, frozen_inputs, reads_slice, traced_uses
 from tpflax._src.errors import EstimateError
 from tpflax._src.facts.tree import itemsize
+from tpflax._src.planner.params import planned_tree
 from tpflax._src.planner.pricing import token_batch, token_tables
-from tpflax._src.planner.state import planned_tree
 
 BACKENDS = ("tpu", "gpu", "cpu")
 DISPATCHES = ("all-to-all", "dense")

@@ -500,7 +500,7 @@ def traced_facts(p: Plan, model: Any, sample: Any = None, flow: Any = None) -> P
     cannot be traced. Linear in the leaves: no rule is matched. ``flow``: the model's
     :func:`tpflax._src.trace.dataflow.dataflow`, when the caller keeps it (one per model).
     """
-    from tpflax._src.planner.state import planned_tree
+    from tpflax._src.planner.params import planned_tree
     from tpflax._src.trace.dataflow import dataflow
 
     ds = p.decisions
