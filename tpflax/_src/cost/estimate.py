@@ -56,7 +56,7 @@ from tpflax._src.cost.comm import comm_items
 from tpflax._src.cost.experts import buffer_items, expert_items
 from tpflax._src.cost.explicit import explicit_items, row_split_mesh
 from tpflax._src.cost.grouped import grouped_conv_items
-from tpflax._src.cost.leaves import Leaves, merge
+from tpflax._src.cost.leaves import Leaves, merge, without_dead
 from tpflax._src.cost.memory import memory
 from tpflax._src.cost.peak import peak
 from tpflax._src.cost.records import MEMORY_FIELDS, Act, CommItem, Estimate, comm_table
@@ -134,7 +134,7 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
         notes.append(f"{slice_name(w.target, n)}: XLA:TPU reduces over these "
                      "devices as an N-dimensional all-reduce, not one ring, so it all-reduces each fsdp gradient "
                      "whole and slices it (twice a reduce-scatter's bytes; measured); pass target= for another slice")
-    scope = Scope(mesh=cmesh, lv=lv, batch=b, batch_axes=caxes, shards=math.prod(cmesh.sizes[a] for a in caxes),
+    scope = Scope(mesh=cmesh, lv=without_dead(lv, w.dead), batch=b, batch_axes=caxes, shards=math.prod(cmesh.sizes[a] for a in caxes),
                   act_item=w.act_item,
                   g_item=w.g_item, backend=w.backend, dispatch=w.dispatch, activations=w.activations,
                   config=w.config, tied=w.tied, parts=w.parts, rows=w.rows, fused=w.fused, remat=w.remat,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tpflax._src.cost.activations import acts_for, layer_key
@@ -110,6 +110,27 @@ def merge(decisions: Mapping[str, Any], activations: Mapping[str, Sequence[Act]]
                   in_pair=frozenset(rep_of[p] for p in paired), column_units=_column_units(decisions, specs, activations if saved is None else saved),
                   stacks=stack_lengths(decisions),
                   recurrent=recurrent, opt=_opt_classes(opt, specs) if opt is not None else (), rep_of=rep_of)
+
+
+def without_dead(lv: Leaves, dead: frozenset[str]) -> Leaves:
+    """``lv`` without its ``dead`` leaves (:attr:`Workload.dead`: no output depends on them), for the
+    collectives: their gradients are zeros, which XLA neither sums nor gathers, and no layer computes
+    with them. A class of alike leaves counts its live members (a block's norms are one class, and the
+    one before an unused cross-attention is dead); a class with none, and a pair with no live column or
+    row class, is dropped. Memory keeps them all (the optimizer still holds and updates them)."""
+    if not dead or not dead & lv.rep_of.keys():
+        return lv
+    alive: dict[str, int] = dict.fromkeys(lv.count, 0)
+    for path, rep in lv.rep_of.items():
+        alive[rep] += path not in dead
+    gone = {r for r, n in alive.items() if n == 0}
+    pairs = tuple(replace(pc, columns=tuple(c for c in pc.columns if c not in gone),
+                          rows=tuple(r for r in pc.rows if r not in gone)) for pc in lv.pairs)
+    keep = [r for r in lv.decisions if r not in gone]
+    return replace(lv, decisions={r: lv.decisions[r] for r in keep}, count={r: alive[r] for r in keep},
+                   label={r: lv.label[r] for r in keep}, specs={r: lv.specs[r] for r in keep},
+                   pairs=tuple(pc for pc in pairs if pc.columns and pc.rows), in_pair=lv.in_pair - gone,
+                   rep_of={p: r for p, r in lv.rep_of.items() if r not in gone and p not in dead})
 
 
 def _opt_classes(opt: OptLayout, specs: Mapping[str, tuple[Entry, ...]]) -> tuple:

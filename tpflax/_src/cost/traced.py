@@ -131,6 +131,7 @@ class Traced:
             a tensor axis all-reduces that many elements (:func:`tpflax._src.cost.estimate.split_sum_items`).
         batched: expert kernels contracted only with batch dims: they read a dispatched buffer
             (:func:`tpflax._src.cost.buffers.batched_paths`), whose rows are in ``rows`` or ``buffers``.
+        dead: parameters the outputs do not depend on (:attr:`tpflax._src.trace.records.Dataflow.dead`).
     """
 
     tied: frozenset[str] | None = None
@@ -165,6 +166,7 @@ class Traced:
     contracted: frozenset[str] = frozenset()
     batched: frozenset[str] = frozenset()
     conditions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    dead: frozenset[str] = frozenset()
 
 
 def frozen_inputs(t: Traced, trainable: Mapping[str, bool]) -> frozenset[str]:
@@ -285,7 +287,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
                         for ks, n, c in flow.split_sums),
                   frozenset((e.src, e.dst) for e in flow.edges),
                   frozenset(u.path for u in flow.uses if u.op in ("dot", "conv")), batched,
-                  _conditions(flow, shapes, streams, rows, examples))
+                  _conditions(flow, shapes, streams, rows, examples), flow.dead)
 
 
 def _conditions(flow: Any, shapes: Mapping[str, tuple[int, ...]], streams: Mapping[str, tuple[float, int, int]],

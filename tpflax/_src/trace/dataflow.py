@@ -83,6 +83,25 @@ def trace_jaxpr(model: Any, sample: Any = None, variables: Any = None):
     return closed, [leaf.path for leaf in leaves], n
 
 
+def dead_params(jaxpr: Any, paths: Sequence[str]) -> frozenset[str]:
+    """The parameters (the first ``len(paths)`` invars of ``jaxpr``) none of its outputs depends on, as jax's
+    dead-code elimination finds them (through ``pjit``, ``scan``, ``remat`` and the other calls it knows).
+    Empty if jax's private pass is missing or fails: every parameter then counts as read.
+
+    >>> import jax, jax.numpy as jnp
+    >>> closed = jax.make_jaxpr(lambda a, b, x: x @ a)(jnp.ones((2, 2)), jnp.ones((2, 2)), jnp.ones((1, 2)))
+    >>> sorted(dead_params(closed.jaxpr, ["a", "b"]))
+    ['b']
+    """
+    try:
+        from jax._src.interpreters import partial_eval as pe
+
+        _, used = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
+    except Exception:  # noqa: BLE001 - a private pass: without it nothing is dead
+        return frozenset()
+    return frozenset(p for p, u in zip(paths, used, strict=False) if not u)
+
+
 def untraceable(m: Any, e: Exception) -> str:
     shapes = ", ".join(f"{getattr(s, 'shape', '?')}:{getattr(s, 'dtype', '?')}" for s in m.sample)
     called = ("; a function model is called as fn(variables, *sample)" if m.framework == "callable" else "")
@@ -180,7 +199,8 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                     spread=_spread(w),
                     collectives=tuple(c for cs in w.collectives.values() for c in cs),
                     row_axes=frozenset(w.row_axes), grad_deps=dict(w.grad_deps),
-                    inputs=read_groups(jaxpr, w.reads))
+                    inputs=read_groups(jaxpr, w.reads),
+                    dead=dead_params(jaxpr, paths) - {u.path for u in w.uses})
 
 
 def _spread(w: Any) -> dict[tuple[int, int], int]:

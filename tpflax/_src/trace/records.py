@@ -200,6 +200,10 @@ class Dataflow:
             computes that activation's gradient only if one of them is trained.
         inputs: ``{use id: group}`` for ``dot`` uses: uses reading one activation (or a view of it) share
             a group (:func:`tpflax._src.trace.sharing.read_groups`; a self-attention's q, k and v).
+        dead: parameters the model's outputs do not depend on and no traced use reads (jax's dead-code
+            elimination of the traced program): a decoder's cross-attention when it runs without an
+            encoder (``FlaxBartForCausalLM``). Their gradients are zeros, for which XLA compiles no
+            collective, and no layer computes with them.
     """
 
     paths: tuple[str, ...]
@@ -229,6 +233,7 @@ class Dataflow:
     examples: int = 1  # the traced sample's leading dim (its first input's)
     grad_deps: Mapping[int, int] = field(default_factory=dict)
     inputs: Mapping[int, int] = field(default_factory=dict)
+    dead: frozenset[str] = frozenset()
 
     def positional(self) -> dict[str, tuple[int, tuple[int, ...]]]:
         """``{table: (rows looked up, its dims not indexed)}`` for tables every use of which is a lookup at
