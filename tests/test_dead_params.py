@@ -73,6 +73,11 @@ def test_the_trace_finds_the_parameters_no_output_depends_on():
 def test_the_estimate_counts_no_collective_for_unused_parameters():
     variables, fn, sample = _setup()
     p = tpflax.plan(variables, MESH, model=fn, sample=sample)
+    assert [w for w in p.warnings if "no output of the traced forward pass depends on" in w] == [
+        "20 leaves no output of the traced forward pass depends on (params/layers_0/cross_attn/k/bias, "
+        "params/layers_0/cross_attn/k/kernel, params/layers_0/cross_attn/o/bias, ...): their gradients are zeros "
+        "and they move no data; planned from the tree alone. Drop them from the tree, or leave them out of "
+        "training (trainable=)"]
     # the planned layout of the unused cross-attention splits it like the used one: memory only
     assert p.decisions["params/layers_0/cross_attn/q/kernel"].spec == p.decisions["params/layers_0/self_attn/q/kernel"].spec
     mesh, tx = tpflax.make_mesh(MESH), optax.adamw(1e-3)

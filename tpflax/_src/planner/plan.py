@@ -275,12 +275,19 @@ def _propose(facts: Sequence[Facts], ms: MeshShape, opts: Options, forced: Force
     disagreements: list[str] = []
     sources = dict(forced.sources)
     flow = widest = None
+    doubts: list[str] = []
     if model is not None:  # dataflow first; the tree heuristics handle what it does not explain
         from tpflax._src.planner import dataflow_rules
         from tpflax._src.trace.dataflow import dataflow
 
         flow = dataflow(model, sample, tree)
         facts = traced_weights(facts, flow)
+        dead = sorted(f.path for f in facts if f.path in flow.dead and f.leaf.trainable)
+        if dead:  # (a training-mode BatchNorm's running statistics are read by no forward either: not trained)
+            doubts.append(
+                f"{len(dead)} leaves no output of the traced forward pass depends on ({', '.join(dead[:3])}"
+                f"{', ...' if len(dead) > 3 else ''}): their gradients are zeros and they move no data; planned "
+                "from the tree alone. Drop them from the tree, or leave them out of training (trainable=)")
         widest = max((u.tokens for u in flow.uses), default=0)
         if batch_given:
             opts = replace(opts, tokens=_traced_tokens(opts.tokens, widest, _sample_rows(sample)))
@@ -290,7 +297,6 @@ def _propose(facts: Sequence[Facts], ms: MeshShape, opts: Options, forced: Force
         tree_only = heuristics.propose(facts, ms, opts, skip=forced.proposals)[0]
         disagreements = dataflow_rules.disagreements(traced, tree_only)
         sources.update({path: "trace" for path in traced})
-    doubts: list[str] = []
     proposals, pairs = heuristics.propose([f for f in facts if f.path not in traced], ms, opts,
                                           skip=forced.proposals, first_pair=len(tpairs) + 1, doubts=doubts)
     proposals.update(traced)
