@@ -94,6 +94,9 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
         # gradients are then added to the residual's one by one, and it reduces each (trace.sharing)
         # a tensor-split grouped convolution is gathered whole (cost/grouped.py): its input gradient is whole
         split_cols = [c for c in cols if s.axes(c, TENSOR) and not (s.grouped or {}).get(c)]
+        # a column split only on dims its contractions batch over (Griffin's RG-LRU gates, block-diagonal by
+        # heads, on linear_x's split output) reads its input split: its input gradient comes out split, unsummed
+        split_cols = [c for c in split_cols if not _batch_split(c, dec[c], s)]
         alone = [c for c in split_cols if s.backend != "tpu" or c in (s.shared or ())]
         summed = [c for c in split_cols if c not in alone]
         for c in alone + summed[:1]:
@@ -107,7 +110,8 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
         items += [CommItem("all-reduce", axes, _pair_act(j, dec[j], "in", s) * r, n, count, source, f"column "
                            f"{label[j]}, its joined other input: sum partial input gradients (backward)")
                   for j in split_cols for r in joined.get(j, ())]  # each other input's gradient, apart
-        items += [i for c in split_cols for i in _stream_items(c, dec[c], axes, s, count, tuple(rows))]
+        items += [i for c in cols if s.axes(c, TENSOR) and not (s.grouped or {}).get(c)
+                  for i in _stream_items(c, dec[c], axes, s, count, tuple(rows))]
         for c in cols:
             if not s.axes(c, TENSOR):  # GQA key/value with fewer heads than the tensor degree: gather its output gradient
                 items.append(CommItem("all-gather", axes, _pair_act(c, dec[c], "out", s), n, count, source,
@@ -117,6 +121,13 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
             items += _loose_items(s, pc, axes, n, count, source)
         _heads_note(dec, pc.id, cols, s, notes)
     return items
+
+
+def _batch_split(c: str, d: Any, s: Scope) -> bool:
+    """Whether column ``c`` is split over the tensor axes only on dims its traced contractions batch over."""
+    dims = s.batch_dims.get(c)
+    split = {i for i, e in enumerate(s.lv.specs[c]) if set(entry_axes(e)) & set(s.axes(c, TENSOR))}
+    return bool(dims) and bool(split) and split <= dims
 
 
 def expert_split_items(s: Scope, pc: Any, axes: tuple[str, ...], count: int, source: str) -> list[CommItem]:
@@ -262,6 +273,8 @@ def _layer_items(s: Scope, notes: list[str]) -> list[CommItem]:
             continue
         if d.kind == "embedding" or (d.strategy == "vocab" and len(body(d)) == 2):  # a table the trace found
             new = _embedding_items(path, d, axes, s, notes=notes)
+        elif s.edges is not None and path not in s.contracted:
+            continue  # traced, no contraction uses it (a Conv1D's (width, channels) taps, combined elementwise)
         elif d.kind in ("dense", "head") and set(axes) & set(entry_axes(lv.specs[path][-1])):
             # its output features split over the tensor axes (an fsdp split of them is the fsdp gather's)
             new = _column_items(path, d, axes, s)

@@ -114,9 +114,11 @@ def loop_reps(s: Scope, path: str, d: Any, steps: int) -> tuple[int, bool]:
 
     A leaf a loop body uses unchanged at every step (a scanned recurrence's cell kernels, a table
     looked up by the ids the scan slices: :attr:`tpflax._src.cost.traced.Traced.loops`; untraced,
-    every leaf of a recurrent unit, at the config's ``seq_len``) gets a partial gradient at every
-    step of the backward loop. Measured (fsdp=8 and data=2,fsdp=4, zoo LSTM/GRU and an embedding
-    looked up inside ``nn.scan``/``lax.scan``; tests/test_loop_grads.py):
+    every leaf of a recurrent unit, at the config's ``seq_len``; traced, only the leaves the trace
+    finds in a loop body, whatever their names: Griffin's ``recurrent_block/linear_x`` runs outside
+    its RG-LRU's time scan) gets a partial gradient at every step of the backward loop. Measured
+    (fsdp=8 and data=2,fsdp=4, zoo LSTM/GRU and an embedding looked up inside
+    ``nn.scan``/``lax.scan``; tests/test_loop_grads.py):
 
     * XLA:CPU reduces each such leaf's partial gradient inside the loop, at every step;
     * XLA:TPU (libtpu 0.0.42.1, v5e:2x4) adds them up in the loop and reduces the sum once after
@@ -131,6 +133,8 @@ def loop_reps(s: Scope, path: str, d: Any, steps: int) -> tuple[int, bool]:
         return 1, False
     if traced:
         return traced[0], False
+    if s.loops is not None:  # traced: a leaf no loop body uses (Griffin's recurrent_block/linear_x) runs once
+        return 1, False
     return (steps if d.unit in s.lv.recurrent else 1), False
 
 

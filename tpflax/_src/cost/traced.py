@@ -129,6 +129,9 @@ class Traced:
         split_sums: ``(kernel dims, elements per example, runs)`` per sum of a product of two activations
             (:attr:`tpflax._src.trace.records.Dataflow.split_sums`): a plan splitting one of those dims over
             a tensor axis all-reduces that many elements (:func:`tpflax._src.cost.estimate.split_sum_items`).
+        batch_dims: ``{path: dims}``: parameter dims every contraction of it takes as ``dot_general`` batch dims
+            (a block-diagonal gate's heads, ``...hi,hij->...hj``): split over a tensor axis, its input is split
+            alike and its input gradient comes out split, not as partial sums (:mod:`tpflax._src.cost.comm`).
         batched: expert kernels contracted only with batch dims: they read a dispatched buffer
             (:func:`tpflax._src.cost.buffers.batched_paths`), whose rows are in ``rows`` or ``buffers``.
         dead: parameters the outputs do not depend on (:attr:`tpflax._src.trace.records.Dataflow.dead`).
@@ -167,6 +170,7 @@ class Traced:
     batched: frozenset[str] = frozenset()
     conditions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     dead: frozenset[str] = frozenset()
+    batch_dims: Mapping[str, frozenset[int]] = field(default_factory=dict)
 
 
 def frozen_inputs(t: Traced, trainable: Mapping[str, bool]) -> frozenset[str]:
@@ -287,7 +291,16 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
                         for ks, n, c in flow.split_sums),
                   frozenset((e.src, e.dst) for e in flow.edges),
                   frozenset(u.path for u in flow.uses if u.op in ("dot", "conv")), batched,
-                  _conditions(flow, shapes, streams, rows, examples), flow.dead)
+                  _conditions(flow, shapes, streams, rows, examples), flow.dead, _batch_dims(flow))
+
+
+def _batch_dims(flow: Any) -> dict[str, frozenset[int]]:
+    """:attr:`Traced.batch_dims`: the parameter dims every ``dot`` use of it takes as a batch dim."""
+    out: dict[str, frozenset[int]] = {}
+    for u in flow.uses:
+        if u.op == "dot":
+            out[u.path] = out.get(u.path, frozenset(u.batch)) & frozenset(u.batch)
+    return {p: d for p, d in out.items() if d}
 
 
 def _conditions(flow: Any, shapes: Mapping[str, tuple[int, ...]], streams: Mapping[str, tuple[float, int, int]],

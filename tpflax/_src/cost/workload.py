@@ -109,6 +109,7 @@ class Workload:
     edges: frozenset[tuple[str, str]] | None = None  # traced dataflow edges, None: not traced (Traced.edges)
     contracted: frozenset[str] = frozenset()  # traced parameters a contraction uses (Traced.contracted)
     batched: frozenset[str] = frozenset()  # traced expert kernels reading a dispatched buffer (Traced.batched)
+    batch_dims: Mapping[str, frozenset[int]] = field(default_factory=dict)  # Traced.batch_dims
     conditions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # (Traced.conditions)
     dead: frozenset[str] = frozenset()  # traced parameters the outputs do not depend on (Traced.dead)
 
@@ -192,7 +193,8 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     collectives=t.collectives, row_axes=t.row_axes, meets=t.meets,
                     positional=t.positional, loops=t.loops, remat_layers=t.remat_layers, erf=t.erf,
                     product_sums=t.product_sums, split_sums=t.split_sums,
-                    edges=t.edges, contracted=t.contracted, batched=t.batched, conditions=t.conditions, dead=t.dead)
+                    edges=t.edges, contracted=t.contracted, batched=t.batched, conditions=t.conditions, dead=t.dead,
+                    batch_dims=t.batch_dims)
 
 
 def contraction_calls(plan, contractions: Sequence[tuple[str, float, tuple[int, ...], str]],

@@ -286,7 +286,43 @@ def classify(leaves: Sequence[Leaf], stacked: str | Mapping[str, int] | None = N
     """Classify every leaf. Pure; the order of the result follows ``leaves``."""
     stack = detect_stacked(leaves, stacked)
     weights = set(quantized_scales(leaves).values())
-    return _mirrored_experts([_classify_one(leaf, stack[leaf.path], leaf.path in weights) for leaf in leaves])
+    blocks = recurrence_blocks(leaves, stack)
+    return _mirrored_experts([_classify_one(leaf, stack[leaf.path], leaf.path in weights,
+                                            _recurrent_module(leaf.path) not in blocks) for leaf in leaves])
+
+
+def _recurrent_module(path: str) -> str | None:
+    """The deepest module on ``path`` named like a recurrent layer (``.../RNN_0/cell``), or None."""
+    parts = path.split("/")
+    named = [i for i in range(len(parts) - 1) if RECURRENT.search(parts[i])]
+    return "/".join(parts[:named[-1] + 1]) if named else None
+
+
+def recurrence_blocks(leaves: Sequence[Leaf], stack: Mapping[str, int | None]) -> frozenset[str]:
+    """Modules named like a recurrent layer that hold a parameter no gated cell holds: a 3-D weight
+    (Griffin's block-diagonal RG-LRU gates) or a 1-D parameter that is neither a bias nor a norm's
+    (its decay ``a_param``). A cell (flax's LSTM/GRU/MGU/Simple cells) holds only 2-D gate kernels,
+    their biases and norms, all applied at every time step; such a module is a block of layers around
+    an elementwise recurrence, whose dense layers run once per sequence and pair like any block's.
+
+    >>> from tpflax._src.facts.tree import Leaf
+    >>> lf = lambda p, s: Leaf(p, tuple(s), "float32", 4, "params")
+    >>> recurrence_blocks([lf("params/recurrent/x/kernel", (8, 8)), lf("params/recurrent/lru/a", (8,)),
+    ...                    lf("params/rnn/cell/hi/kernel", (8, 8)), lf("params/rnn/cell/hi/bias", (8,))],
+    ...                   {})
+    frozenset({'params/recurrent'})
+    """
+    out = set()
+    for leaf in leaves:
+        module = _recurrent_module(leaf.path)
+        if module is None or module in out:
+            continue
+        at = stack.get(leaf.path)
+        body = tuple(leaf.shape) if at is None else tuple(leaf.shape[:at] + leaf.shape[at + 1:])
+        name = leaf.parts[-1].lower()
+        if len(body) == 3 or (len(body) == 1 and name not in ("bias", "b") and not is_norm_leaf(leaf)):
+            out.add(module)
+    return frozenset(out)
 
 
 _SCALE = re.compile(r"scale", re.I)
@@ -371,8 +407,9 @@ def classify_weight(f: Facts) -> Facts:
     return _classify_one(f.leaf, f.layers_at if f.stacked else None, weight=True)
 
 
-def _classify_one(leaf: Leaf, layers_at: int | None, weight: bool = False) -> Facts:
-    """The facts of one leaf; ``weight``: an integer leaf that is a quantized kernel, classified as a float one."""
+def _classify_one(leaf: Leaf, layers_at: int | None, weight: bool = False, cell: bool = True) -> Facts:
+    """The facts of one leaf; ``weight``: an integer leaf that is a quantized kernel, classified as a float one;
+    ``cell``: a name like a recurrent layer's on its path is a cell's, not a block's (:func:`recurrence_blocks`)."""
     parts = leaf.parts
     name = parts[-1]
     unit = unit_of(leaf.path)
@@ -416,7 +453,7 @@ def _classify_one(leaf: Leaf, layers_at: int | None, weight: bool = False) -> Fa
         return facts("attention")
     if len(body) == 4 or (len(body) == 3 and conv_named):
         return facts("conv")
-    if RECURRENT.search(lower_path) and len(body) == 2:
+    if cell and RECURRENT.search(lower_path) and len(body) == 2:
         return facts("recurrent")
     if len(body) in (2, 3) and (ATTN.search(lower_path) and ATTN_PROJ.match(unit.rsplit("/", 1)[-1])
                                 or len(body) == 3 and ATTN_PROJ.match(unit.rsplit("/", 1)[-1])):

@@ -494,7 +494,21 @@ def _biases(st: State, todo: Sequence[Facts], facts: Sequence[Facts]) -> None:
             spec = kbody[:1]
         elif n <= len(k.body) and tuple(k.body[-n:]) == tuple(f.body):
             spec = (kbody[0], kbody[-1]) if k.kind == "expert" and n == 2 else tuple(kbody[-n:])
+        elif _broadcast_ready(f.body, k.body):  # (2, 1, 1, f) beside a (2, d, f) stack: its output dim only
+            spec = (None,) * (n - 1) + (kbody[-1],)
         bias_follows(st, f, spec, k.path, f"bias of {short(k.path)}")
+
+
+def _broadcast_ready(bias: Sequence[int], kernel: Sequence[int]) -> bool:
+    """A bias stored ready to broadcast against its kernel's output (recurrentgemma's gated MLP adds a
+    ``(2, 1, 1, f)`` bias to the ``c...tD`` output of a ``(2, d, f)`` stack): its last dim the kernel's
+    output dim, every other one 1 or the kernel's leading (stacked projections) dim.
+
+    >>> _broadcast_ready((2, 1, 1, 384), (2, 128, 384)), _broadcast_ready((128, 384), (2, 128, 384))
+    (True, False)
+    """
+    return (len(bias) > 1 and len(kernel) > 1 and bias[-1] == kernel[-1]
+            and all(b in (1, kernel[0]) for b in bias[:-1]) and 1 in bias[:-1])
 
 
 def _tied_logits_bias(st: State, f: Facts, tables: dict[int, Facts], k: Facts | None) -> bool:
