@@ -25,6 +25,9 @@ EMBED = re.compile(r"(embed|embedding|wte|wpe|tok|token|vocab|shared|pos)", re.I
 # tables looked up by something other than the tokens: positions, and token types / segments (BERT's
 # 2-row token_type_embeddings): never the vocabulary, never tied to the logits
 POS_EMBED = re.compile(r"(wpe|pos|position|token_type|segment)", re.I)
+# a raw leaf named for a projection is a kernel even when "embed" is in its name: an unembedding (the output
+# head, Gemma 3n's ``altup_unembed_projection_0``), an embedding's projection to the model width
+NOT_A_TABLE = re.compile(r"(unembed|proj)", re.I)
 ATTN = re.compile(r"(attn|attention|self_attn|cross_attn|mha|multihead)", re.I)
 ATTN_PROJ = re.compile(r"^(q|k|v|o|qkv|query|key|value|out|q_proj|k_proj|v_proj|o_proj|out_proj|"
                        r"c_attn|wq|wk|wv|wo|in_proj|kv|kv_proj|qkv_proj)$", re.I)
@@ -411,7 +414,7 @@ def _classify_one(leaf: Leaf, layers_at: int | None, weight: bool = False) -> Fa
     if name.lower() in ("bias", "b"):
         return facts("bias")
     raw = name.lower() not in KERNEL_LEAVES and name != "embedding"
-    if name == "embedding" or (raw and EMBED.search(name)):
+    if name == "embedding" or (raw and EMBED.search(name) and not NOT_A_TABLE.search(name)):
         return facts("embedding")
     if len(body) == 1 or (raw and body[0] == 1):
         return facts("other")  # e.g. a learned class token (1, 1, d)

@@ -1,0 +1,38 @@
+"""A raw leaf named for a projection is a kernel, whatever "embed" is in its name. Gemma 3n's AltUp stores its
+(d, d) stream projections as raw einsum weights named ``altup_projection_i`` and ``altup_unembed_projection_i``:
+the tree plan read the unembed ones as 128-row lookup tables ("vocab: 128 rows split") and, a vocabulary of
+128 then found, the others as output heads over it, splitting all six over the tensor axis: 1.44x the hand
+layout's collectives (gemma's Gemma3n-E2B shape, benchmarks/probe_gemma.py)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+import tpflax
+
+V, D = 512, 64
+
+
+class AltUpLM(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        init = nn.initializers.normal()
+        table = self.param("embedding", init, (V, D))
+        x = table[ids]
+        xs = [x] + [x @ self.param(f"altup_projection_{i}", init, (D, D)) for i in range(2)]
+        h = nn.RMSNorm(name="norm")(sum(xs))
+        ys = [h] + [y @ self.param(f"altup_unembed_projection_{i}", init, (D, D)) for i, y in enumerate(xs[1:])]
+        h = nn.RMSNorm(name="final_norm")(sum(ys))
+        return h @ self.param("unembed", init, (D, V))  # an untied output head named "unembed"
+
+
+def test_projections_named_with_embed_are_kernels_not_tables():
+    params = jax.eval_shape(lambda: AltUpLM().init(jax.random.key(0), jnp.zeros((2, 8), jnp.int32)))
+    p = tpflax.plan(params, {"data": 2, "model": 4})
+    for i in range(2):
+        for name in (f"altup_projection_{i}", f"altup_unembed_projection_{i}"):
+            d = p.decisions[f"params/{name}"]
+            assert d.spec == P(None, None), (name, d.reason)
+            assert "vocab" not in d.reason and "output head" not in d.reason, (name, d.reason)
+    assert p.decisions["params/unembed"].spec == P(None, "model")
