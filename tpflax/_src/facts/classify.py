@@ -25,6 +25,9 @@ EMBED = re.compile(r"(embed|embedding|wte|wpe|tok|token|vocab|shared|pos)", re.I
 # tables looked up by something other than the tokens: positions, and token types / segments (BERT's
 # 2-row token_type_embeddings): never the vocabulary, never tied to the logits
 POS_EMBED = re.compile(r"(wpe|pos|position|token_type|segment)", re.I)
+# a raw leaf named for a projection is a kernel even when "embed" is in its name: an unembedding (the output
+# head, Gemma 3n's ``altup_unembed_projection_0``), an embedding's projection to the model width
+NOT_A_TABLE = re.compile(r"(unembed|proj)", re.I)
 ATTN = re.compile(r"(attn|attention|self_attn|cross_attn|mha|multihead)", re.I)
 ATTN_PROJ = re.compile(r"^(q|k|v|o|qkv|query|key|value|out|q_proj|k_proj|v_proj|o_proj|out_proj|"
                        r"c_attn|wq|wk|wv|wo|in_proj|kv|kv_proj|qkv_proj)$", re.I)
@@ -382,21 +385,31 @@ def _mirrored_experts(facts: list[Facts]) -> list[Facts]:
     as a named one: E kernels side by side, up ``(E, d, f)`` and down ``(E, f, d)``.
     A DenseGeneral attention pair ``(d, heads, head_dim)``/``(heads, head_dim, d)``
     is not mirrored this way; an einsum one ``(heads, d, head_dim)``/``(heads,
-    head_dim, d)`` is, but its heads times head_dim make d.
+    head_dim, d)`` is. It is told apart by its heads times head_dim making d, or,
+    where they do not (Gemma 3: 4 x 256 heads on d=1152), by the key/value kernel
+    beside it: a ``(kv_heads, d, head_dim)`` or ``(2, kv_heads, d, head_dim)``
+    stack reading the same d into the same head_dim under other leading dims. An
+    expert block's kernels all lead with E.
     """
     groups: dict[str, list[int]] = defaultdict(list)
     for i, f in enumerate(facts):
         if f.kind in ("dense", "attention") and len(f.body) == 3 and f.body[1] != f.body[2]:
             groups[f.group].append(i)
     norms = {f.body[-1] for f in facts if f.kind == "norm" and f.body}
+    kv_like: dict[str, set[tuple[tuple[int, ...], tuple[int, int]]]] = defaultdict(set)
+    for f in facts:
+        if f.kind in ("dense", "attention", "conv") and len(f.body) in (3, 4):
+            kv_like[f.group].add((f.body[:-2], f.body[-2:]))
     out = list(facts)
-    for idx in groups.values():
+    for group, idx in groups.items():
         bodies = {facts[i].body for i in idx}
         for i in idx:
             e, x, y = facts[i].body
             # (heads, d, head_dim)/(heads, head_dim, d) attention mirrors too, but there
             # heads * head_dim == d, and d (the larger) is the norms' width.
             heads = e * min(x, y) == max(x, y) and (max(x, y) in norms or not norms)
+            # or a key/value projection of its block reads d into head_dim under other heads
+            heads = heads or any(lead != (e,) and pair in ((x, y), (y, x)) for lead, pair in kv_like[group])
             if (e, y, x) in bodies and e not in (x, y) and not heads:
                 out[i] = dataclasses.replace(facts[i], kind="expert")
     return out
@@ -438,7 +451,7 @@ def _classify_one(leaf: Leaf, layers_at: int | None, weight: bool = False, cell:
     if name.lower() in ("bias", "b"):
         return facts("bias")
     raw = name.lower() not in KERNEL_LEAVES and name != "embedding"
-    if name == "embedding" or (raw and EMBED.search(name)):
+    if name == "embedding" or (raw and EMBED.search(name) and not NOT_A_TABLE.search(name)):
         return facts("embedding")
     if len(body) == 1 or (raw and body[0] == 1):
         return facts("other")  # e.g. a learned class token (1, 1, d)

@@ -40,7 +40,7 @@ from tpflax._src.planner.leaf_groups import (
 from tpflax._src.planner.repeats import merge_uses
 from tpflax._src.specs import entries, to_pspec
 from tpflax._src.trace.dataflow import Dataflow, Edge, Use
-from tpflax._src.trace.spread import spread_streams
+from tpflax._src.trace.spread import reader_streams, spread_streams
 
 _CONTRACT = ("dot", "conv")
 
@@ -63,6 +63,8 @@ class _Flow:
     in_edges: dict[int, list[Edge]] = field(default_factory=lambda: defaultdict(list))
     # kernels whose few rows scale the residual stream elementwise (trace.spread)
     streams: dict[str, tuple[float, int, int]] = field(default_factory=dict)
+    # a lone kernel's output width, and the gathers its later readers make of it split (reader_streams)
+    readers: dict[str, tuple[float, int, int]] = field(default_factory=dict)
     # low-rank adapters left out of a pair of their own: {B's use id: A's use id} (see _low_rank)
     adapters: dict[int, int] = field(default_factory=dict)
 
@@ -119,7 +121,8 @@ def _start(facts: Sequence[Facts], st: State, flow: Dataflow) -> _Flow:
     for u in flow.uses:
         if u.path in fx:  # an ``alias:``/``repeat:``/``join:`` use (see merge_uses) is no contraction of its own
             uses[u.path].append(u)
-    return _Flow(st, flow, fx, uses, streams=spread_streams(flow, {p: f.leaf.shape for p, f in fx.items()}))
+    shapes = {p: f.leaf.shape for p, f in fx.items()}
+    return _Flow(st, flow, fx, uses, streams=spread_streams(flow, shapes), readers=reader_streams(flow, shapes))
 
 
 def _recurrent(c: _Flow) -> None:
@@ -467,7 +470,7 @@ def _outputs(c: _Flow) -> None:
         why = (f"{'conv' if u.op == 'conv' else 'dense'} without a partner (traced): "
                f"{_why_not_column(c, u)}; {_why_not_row(c, u)}")
         if u.op == "dot" and len(u.kept) == 1 and path in c.st.rows and f.stacked == 0:
-            shard_lone_dense(c.st, f, f.body_dim(u.kept[0]), why, c.streams.get(path))
+            shard_lone_dense(c.st, f, f.body_dim(u.kept[0]), why, c.streams.get(path) or c.readers.get(path))
         else:
             c.st.replicate(f, why)
 

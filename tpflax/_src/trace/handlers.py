@@ -102,7 +102,14 @@ def _note_joined(w: Walk, acts: list[Val]) -> None:
     """Tags added to an activation that lacks them (a branch onto the residual stream): a norm over their
     dim after this normalises the stream, whose width no column split carries on."""
     keys = [{k for m in (v.tags or ()) for k in m} for v in acts]
-    w.joined.update(set.union(*keys) - set.intersection(*keys))
+    for k in set.union(*keys) - set.intersection(*keys):
+        # an operand lacking the tag but computed from the kernel that made it is a statistic of the tagged
+        # value itself (``x - mean(x)`` in a top-k or a norm over a column's output, Gemma 3n's sparse
+        # gate): a per-row value each shard all-reduces, not a stream the branch joins. A max over it is a
+        # softmax's (``x - max(x)``), whose sum still needs the whole dim: joined, as before
+        bit = w.bits.get(w.uses[w.root(k)[0]].path, 0) if not is_minor(k) and k not in w.extrema else 0
+        if not bit or any(k not in ks and not w.deps_of(v) & bit for v, ks in zip(acts, keys, strict=True)):
+            w.joined.add(k)
 
 
 def _one_per_path(origin: Any) -> tuple:
@@ -153,6 +160,8 @@ def reduce(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> l
     v = ins[0]
     for a in axes:
         tags = v.dim_tags(a)
+        if name in ("reduce_max", "reduce_min"):
+            w.extrema.update(tags)
         if name in _STATS and not any(k in w.joined for k in tags):
             # a norm's mean square over a projection's own output (OLMo-2's q/k norm over the whole width,
             # a sandwich norm on a branch before its residual add): each shard reduces its part and XLA

@@ -147,6 +147,7 @@ class Walk:
     caps: dict[tuple[int, int], int] = field(default_factory=dict)
     spread: dict[tuple[int, int], int] = field(default_factory=dict)
     joined: set[tuple[int, int]] = field(default_factory=set)  # tags added to an activation lacking them
+    extrema: set[tuple[int, int]] = field(default_factory=set)  # tags a max or min reduced over (a softmax's)
     normed: dict[tuple[int, int], int] = field(default_factory=dict)  # tag -> width a norm reduced it over
     widths: dict[int, int] = field(default_factory=dict)  # use id -> the elements it contracts per row
     bits: dict[str, int] = field(default_factory=dict)  # parameter path -> its bit in Val.deps

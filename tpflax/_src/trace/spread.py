@@ -67,3 +67,46 @@ def spread_streams(flow: Dataflow, shapes: Mapping[str, tuple[int, ...]]) -> dic
         if touches:
             out[u.path] = (rows / u.rows, width, GATHERS_PER_TOUCH * len(touches))
     return out
+
+
+
+def reader_streams(flow: Dataflow, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[float, int, int]]:
+    """``{path: (1.0, output width, gathers)}`` for kernels contracted once, with one kept dim, whose output (or
+    what is computed from it at the same rows and width) later contractions read.
+
+    Split on its outputs, such a kernel hands XLA a feature-split activation, and XLA's sharding propagation
+    carries the split on through what is computed from it (a residual add, a norm's scale, a mean over
+    streams): every later contraction reading an activation of that width at those rows computed from it
+    gathers it, forward and backward (:data:`GATHERS_PER_TOUCH`); readers of one activation share a gather.
+    Gemma 3n's AltUp projects the residual stream into three more, ``(d, d)`` each, mixed with it in every
+    layer, and projects them back before the final norm and the tied logits: split, they left 1.4x the hand
+    layout's collectives (benchmarks/probe_gemma.py).
+
+    >>> import jax, flax.linen as nn
+    >>> class Block(nn.Module):
+    ...     @nn.compact
+    ...     def __call__(self, x):
+    ...         x = x + nn.Dense(16, name="proj")(x)
+    ...         return nn.Dense(16, name="a")(x) + nn.Dense(16, name="b")(nn.relu(x))
+    >>> x = jax.ShapeDtypeStruct((2, 8, 16), "float32")
+    >>> v = jax.eval_shape(Block().init, jax.random.key(0), x)
+    >>> from tpflax._src.trace.dataflow import dataflow
+    >>> reader_streams(dataflow(Block(), (x,), v), {f"params/{n}/kernel": (16, 16) for n in ("proj", "a", "b")})
+    {'params/proj/kernel': (1.0, 16, 4)}
+    """
+    out: dict[str, tuple[float, int, int]] = {}
+    dots: dict[str, int] = {}
+    for u in flow.uses:
+        dots[u.path] = dots.get(u.path, 0) + (u.op == "dot")
+    bit = {p: 1 << i for i, p in enumerate(flow.paths)}
+    for u in flow.uses:
+        if u.op != "dot" or dots[u.path] != 1 or len(u.kept) != 1 or u.path not in shapes or not u.rows:
+            continue
+        width = shapes[u.path][u.kept[0]]
+        reads = {flow.inputs.get(w.id, w.id) for w in flow.uses
+                 if w.op == "dot" and w.rows == u.rows and w.path in shapes and w.path != u.path
+                 and flow.grad_deps.get(w.id, 0) & bit.get(u.path, 0)
+                 and math.prod(shapes[w.path][d] for d in w.contracted) == width}
+        if reads:
+            out[u.path] = (1.0, width, GATHERS_PER_TOUCH * len(reads))
+    return out
