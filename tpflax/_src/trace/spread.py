@@ -53,7 +53,21 @@ def spread_streams(flow: Dataflow, shapes: Mapping[str, tuple[int, ...]]) -> dic
         if not u.tokens or u.tokens >= widest or rows <= u.rows or u.path not in shapes or u.path in out:
             continue
         width = shapes[u.path][dim] // flow.fused.get((uid, dim), 1)
-        parent = u.path.rsplit("/", 2)[0] + "/"
+        touches = _touches(flow, shapes, uid, rows, width)
+        if touches:
+            out[u.path] = (rows / u.rows, width, GATHERS_PER_TOUCH * len(touches))
+    return out
+
+
+def _touches(flow: Dataflow, shapes: Mapping[str, tuple[int, ...]], uid: int, rows: int, width: int) -> set:
+    """The stream's reads and writes by the contractions of the nearest layer enclosing the kernel's that has
+    any: its own layer's parent (DiT's block, the modulation Dense inside it), or further up when the
+    modulation sits in a submodule of its own (flaxdiff's ``AdaLNParams`` / ``MMAdaLNZero`` under the
+    block: that submodule holds no other contraction). The first enclosing layer with one stops the walk,
+    so the stream of one block is never counted with the next block's."""
+    parts = flow.uses[uid].path.split("/")[:-2]  # the kernel's layer's parent, then its parents
+    while parts:
+        parent = "/".join(parts) + "/"
         touches = set()
         for w in flow.uses:
             if w.id == uid or w.op != "dot" or w.rows != rows or not w.path.startswith(parent) \
@@ -64,6 +78,8 @@ def spread_streams(flow: Dataflow, shapes: Mapping[str, tuple[int, ...]]) -> dic
                 touches.add(("reads", flow.inputs.get(w.id, w.id)))
             elif width == math.prod(shapes[w.path][d] for d in w.kept):
                 touches.add(("writes", w.id))
-        if touches:
-            out[u.path] = (rows / u.rows, width, GATHERS_PER_TOUCH * len(touches))
-    return out
+        if touches or any(w.id != uid and w.op in ("dot", "conv") and w.path.startswith(parent)
+                          for w in flow.uses):
+            return touches
+        parts.pop()
+    return set()
