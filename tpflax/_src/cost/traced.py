@@ -131,6 +131,8 @@ class Traced:
             a tensor axis all-reduces that many elements (:func:`tpflax._src.cost.estimate.split_sum_items`).
         batched: expert kernels contracted only with batch dims: they read a dispatched buffer
             (:func:`tpflax._src.cost.buffers.batched_paths`), whose rows are in ``rows`` or ``buffers``.
+        sliced: ``{path: fraction}``, parameters read only through static slices, the part the slices cover
+            (:attr:`tpflax._src.trace.records.Dataflow.sliced`): the gradient all-reduce moves that part.
     """
 
     tied: frozenset[str] | None = None
@@ -165,6 +167,7 @@ class Traced:
     contracted: frozenset[str] = frozenset()
     batched: frozenset[str] = frozenset()
     conditions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    sliced: Mapping[str, float] = field(default_factory=dict)
 
 
 def frozen_inputs(t: Traced, trainable: Mapping[str, bool]) -> frozenset[str]:
@@ -285,7 +288,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
                         for ks, n, c in flow.split_sums),
                   frozenset((e.src, e.dst) for e in flow.edges),
                   frozenset(u.path for u in flow.uses if u.op in ("dot", "conv")), batched,
-                  _conditions(flow, shapes, streams, rows, examples))
+                  _conditions(flow, shapes, streams, rows, examples), dict(flow.sliced))
 
 
 def _conditions(flow: Any, shapes: Mapping[str, tuple[int, ...]], streams: Mapping[str, tuple[float, int, int]],

@@ -110,6 +110,7 @@ class Workload:
     contracted: frozenset[str] = frozenset()  # traced parameters a contraction uses (Traced.contracted)
     batched: frozenset[str] = frozenset()  # traced expert kernels reading a dispatched buffer (Traced.batched)
     conditions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # (Traced.conditions)
+    sliced: Mapping[str, float] = field(default_factory=dict)  # (Traced.sliced)
 
     @property
     def saved(self) -> Mapping[str, Sequence[Act]]:
@@ -191,7 +192,8 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     collectives=t.collectives, row_axes=t.row_axes, meets=t.meets,
                     positional=t.positional, loops=t.loops, remat_layers=t.remat_layers, erf=t.erf,
                     product_sums=t.product_sums, split_sums=t.split_sums,
-                    edges=t.edges, contracted=t.contracted, batched=t.batched, conditions=t.conditions)
+                    edges=t.edges, contracted=t.contracted, batched=t.batched, conditions=t.conditions,
+                    sliced=t.sliced)
 
 
 def contraction_calls(plan, contractions: Sequence[tuple[str, float, tuple[int, ...], str]],

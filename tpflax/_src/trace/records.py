@@ -200,6 +200,10 @@ class Dataflow:
             computes that activation's gradient only if one of them is trained.
         inputs: ``{use id: group}`` for ``dot`` uses: uses reading one activation (or a view of it) share
             a group (:func:`tpflax._src.trace.sharing.read_groups`; a self-attention's q, k and v).
+        sliced: ``{path: fraction}`` for parameters every read of which is a static ``slice`` (UViT's learned
+            position table ``pos[:, :n]``, sized for the largest image): the part of the leaf the slices'
+            window covers. Its gradient is zero outside the window, and XLA sums only the window over the
+            batch axes (the pad after the all-reduce).
     """
 
     paths: tuple[str, ...]
@@ -229,6 +233,7 @@ class Dataflow:
     examples: int = 1  # the traced sample's leading dim (its first input's)
     grad_deps: Mapping[int, int] = field(default_factory=dict)
     inputs: Mapping[int, int] = field(default_factory=dict)
+    sliced: Mapping[str, float] = field(default_factory=dict)
 
     def positional(self) -> dict[str, tuple[int, tuple[int, ...]]]:
         """``{table: (rows looked up, its dims not indexed)}`` for tables every use of which is a lookup at
