@@ -63,10 +63,13 @@ def _touches(flow: Dataflow, shapes: Mapping[str, tuple[int, ...]], uid: int, ro
     """The stream's reads and writes by the contractions of the nearest layer enclosing the kernel's that has
     any: its own layer's parent (DiT's block, the modulation Dense inside it), or further up when the
     modulation sits in a submodule of its own (flaxdiff's ``AdaLNParams`` / ``MMAdaLNZero`` under the
-    block: that submodule holds no contraction of the stream's rows, at most other modulation kernels, MM-DiT's
-    time and text projections). The first enclosing layer with a contraction at the stream's rows stops the
-    walk, so the stream of one block is never counted with the next block's."""
+    block: that submodule holds no other contraction but modulation kernels alike, MM-DiT's time and text
+    projections: as many rows, their outputs spread as far). The first enclosing layer with any other
+    contraction stops the walk, so the stream of one block is never counted with the next block's."""
     parts = flow.uses[uid].path.split("/")[:-2]  # the kernel's layer's parent, then its parents
+    # other modulation kernels: their outputs reach the same rows (a self-attention's key beside its query
+    # does too, but its value does not: that block stops the walk)
+    alike = {u for (u, _), n in flow.spread.items() if n == rows}
     while parts:
         parent = "/".join(parts) + "/"
         touches = set()
@@ -79,8 +82,8 @@ def _touches(flow: Dataflow, shapes: Mapping[str, tuple[int, ...]], uid: int, ro
                 touches.add(("reads", flow.inputs.get(w.id, w.id)))
             elif width == math.prod(shapes[w.path][d] for d in w.kept):
                 touches.add(("writes", w.id))
-        if touches or any(w.id != uid and w.op in ("dot", "conv") and w.rows == rows and w.path.startswith(parent)
-                          for w in flow.uses):
+        if touches or any(w.id != uid and w.op in ("dot", "conv") and w.path.startswith(parent)
+                          and (w.rows != flow.uses[uid].rows or w.id not in alike) for w in flow.uses):
             return touches
         parts.pop()
     return set()
