@@ -366,9 +366,15 @@ def fused_partners(lins: list[Linear]) -> None:
         fits = [m for m in lins if m is not c and len(m.f.body) == 2 and m.role != "column"
                 and m.out_size == c.in_size and c.out_size % m.in_size == 0 and c.out_size // m.in_size in (2, 3)]
         # Several layers in one flat block (``attn_0``, ``proj_0``, ``attn_1``...): the closest name.
-        for m in sorted(fits, key=lambda m: _affinity(m.f.unit_name, c.f.unit_name), reverse=True)[:1]:
+        fits.sort(key=lambda m: _affinity(m.f.unit_name, c.f.unit_name), reverse=True)
+        name = role_name(c.f)
+        if len(fits) > 1 and not FUSED_NAMES.match(name) and \
+                _affinity(fits[0].f.unit_name, c.f.unit_name) == _affinity(fits[1].f.unit_name, c.f.unit_name):
+            # no name says fused and none is closer: shapes alone (UViT's output head (d, 256) at the root beside
+            # its two long-skip projections (2d, d), d = 64) cannot tell a partner from a coincidence
+            continue
+        for m in fits[:1]:
             k = c.out_size // m.in_size
-            name = role_name(c.f)
             by = f"'{name}' names a fused kernel" if FUSED_NAMES.match(name) else "by shape"
             c.pieces = k
             c.cut = (m.in_size,) * k
