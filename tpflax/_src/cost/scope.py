@@ -109,6 +109,8 @@ class Scope:
     # traced tables that feed a per-example conditioning vector, with the modulations reading it (Traced.conditions)
     conditions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     batch_dims: Mapping[str, frozenset[int]] = field(default_factory=dict)  # traced dot batch dims (Traced)
+    # traced parameters read only through static slices: {path: the part they cover} (Traced.sliced)
+    sliced: Mapping[str, float] = field(default_factory=dict)
 
     def one_ring(self, devices: int) -> bool:
         """Whether XLA:TPU reduces over ``devices`` of the mesh on one ring (:func:`tpflax._src.tpu.one_ring`:

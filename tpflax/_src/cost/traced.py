@@ -135,6 +135,8 @@ class Traced:
         batched: expert kernels contracted only with batch dims: they read a dispatched buffer
             (:func:`tpflax._src.cost.buffers.batched_paths`), whose rows are in ``rows`` or ``buffers``.
         dead: parameters the outputs do not depend on (:attr:`tpflax._src.trace.records.Dataflow.dead`).
+        sliced: ``{path: fraction}``, parameters read only through static slices, the part the slices cover
+            (:attr:`tpflax._src.trace.records.Dataflow.sliced`): the gradient all-reduce moves that part.
     """
 
     tied: frozenset[str] | None = None
@@ -171,6 +173,7 @@ class Traced:
     conditions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     dead: frozenset[str] = frozenset()
     batch_dims: Mapping[str, frozenset[int]] = field(default_factory=dict)
+    sliced: Mapping[str, float] = field(default_factory=dict)
 
 
 def frozen_inputs(t: Traced, trainable: Mapping[str, bool]) -> frozenset[str]:
@@ -291,7 +294,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
                         for ks, n, c in flow.split_sums),
                   frozenset((e.src, e.dst) for e in flow.edges),
                   frozenset(u.path for u in flow.uses if u.op in ("dot", "conv")), batched,
-                  _conditions(flow, shapes, streams, rows, examples), flow.dead, _batch_dims(flow))
+                  _conditions(flow, shapes, streams, rows, examples), flow.dead, _batch_dims(flow), dict(flow.sliced))
 
 
 def _batch_dims(flow: Any) -> dict[str, frozenset[int]]:

@@ -112,6 +112,7 @@ class Workload:
     batch_dims: Mapping[str, frozenset[int]] = field(default_factory=dict)  # Traced.batch_dims
     conditions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # (Traced.conditions)
     dead: frozenset[str] = frozenset()  # traced parameters the outputs do not depend on (Traced.dead)
+    sliced: Mapping[str, float] = field(default_factory=dict)  # (Traced.sliced)
 
     @property
     def saved(self) -> Mapping[str, Sequence[Act]]:
@@ -194,7 +195,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     positional=t.positional, loops=t.loops, remat_layers=t.remat_layers, erf=t.erf,
                     product_sums=t.product_sums, split_sums=t.split_sums,
                     edges=t.edges, contracted=t.contracted, batched=t.batched, conditions=t.conditions, dead=t.dead,
-                    batch_dims=t.batch_dims)
+                    batch_dims=t.batch_dims, sliced=t.sliced)
 
 
 def contraction_calls(plan, contractions: Sequence[tuple[str, float, tuple[int, ...], str]],

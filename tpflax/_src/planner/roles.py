@@ -68,6 +68,9 @@ def linear_view(f: Facts, siblings: Sequence[Facts], widths: set[int] = frozense
     stacked = _stacked_matrix(f, siblings, widths)
     if stacked is not None:
         return stacked
+    mirror = _mirrored(f, siblings)
+    if mirror is not None:
+        return mirror
     at = [i for i, n in enumerate(body) if n in widths]
     if len(at) == 1:  # the residual width says where d is, whatever the layout's name
         return [Linear(f, (0,), (1, 2), heads=1, role="column", why="layout (d, heads, head_dim)"),
@@ -83,6 +86,33 @@ def linear_view(f: Facts, siblings: Sequence[Facts], widths: set[int] = frozense
             return Linear(f, (0, 1), (2,), heads=0, role="row",
                            why=f"layout (heads, head_dim, d) mirrors {short(s.path)}")
     return Linear(f, (0,), (1, 2), heads=1, role="column", why="layout (d, heads, head_dim)")
+
+
+def _mirrored(f: Facts, siblings: Sequence[Facts]) -> Linear | None:
+    """A 3-D attention kernel oriented by its block's other 3-D kernels: q/k/v ``(d, heads, head_dim)`` end in
+    the ``(heads, head_dim)`` the output ``(heads, head_dim, d)`` starts with. Only one way round holds; else
+    None. It outranks the residual width, which misleads in a cross-attention whose context width equals
+    head_dim (a U-Net's middle attention: q ``(128, 4, 32)`` from the image, k/v ``(32, 4, 32)`` from 32-wide
+    text, out ``(4, 32, 128)``: 32 taken for d put q's d on its last dim and out's on its middle one).
+
+    >>> from tpflax._src.facts.tree import Leaf
+    >>> def facts(path, shape):
+    ...     return Facts(Leaf(path, shape, "float32", 4), "dense", 0, path, "attn")
+    >>> q, k, o = facts("a/q", (128, 4, 32)), facts("a/k", (32, 4, 32)), facts("a/o", (4, 32, 128))
+    >>> [(x.in_dims, x.role) for x in (_mirrored(q, [q, k, o]), _mirrored(o, [q, k, o]))]
+    [((0,), 'column'), ((0, 1), 'row')]
+    """
+    body = f.body
+    others = [s.body for s in siblings if s is not f and len(s.body) == 3]
+    col = any(b[:2] == body[1:] for b in others)
+    row = any(b[1:] == body[:2] for b in others)
+    if col == row:
+        return None
+    if col:
+        return Linear(f, (0,), (1, 2), heads=1, role="column",
+                      why="layout (d, heads, head_dim): its (heads, head_dim) start its block's output projection")
+    return Linear(f, (0, 1), (2,), heads=0, role="row",
+                  why="layout (heads, head_dim, d): its (heads, head_dim) end its block's input projections")
 
 
 def _stacked_matrix(f: Facts, siblings: Sequence[Facts], widths: set[int]) -> Linear | None:
@@ -395,9 +425,15 @@ def fused_partners(lins: list[Linear]) -> None:
         fits = [m for m in lins if m is not c and len(m.f.body) == 2 and m.role != "column"
                 and m.out_size == c.in_size and c.out_size % m.in_size == 0 and c.out_size // m.in_size in (2, 3)]
         # Several layers in one flat block (``attn_0``, ``proj_0``, ``attn_1``...): the closest name.
-        for m in sorted(fits, key=lambda m: _affinity(m.f.unit_name, c.f.unit_name), reverse=True)[:1]:
+        fits.sort(key=lambda m: _affinity(m.f.unit_name, c.f.unit_name), reverse=True)
+        name = role_name(c.f)
+        if len(fits) > 1 and not FUSED_NAMES.match(name) and \
+                _affinity(fits[0].f.unit_name, c.f.unit_name) == _affinity(fits[1].f.unit_name, c.f.unit_name):
+            # no name says fused and none is closer: shapes alone (UViT's output head (d, 256) at the root beside
+            # its two long-skip projections (2d, d), d = 64) cannot tell a partner from a coincidence
+            continue
+        for m in fits[:1]:
             k = c.out_size // m.in_size
-            name = role_name(c.f)
             by = f"'{name}' names a fused kernel" if FUSED_NAMES.match(name) else "by shape"
             c.pieces = k
             c.cut = (m.in_size,) * k

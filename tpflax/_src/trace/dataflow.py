@@ -168,6 +168,7 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
         rank = len(getattr(v.aval, "shape", ()))
         if i < len(paths):
             args.append(Val(rank, origin=((paths[i], tuple(range(rank))),)))
+            w.raw[id(args[-1])] = paths[i]
         else:
             args.append(Val(rank, fed=True))
     outs = w.run(jaxpr, args)
@@ -200,7 +201,21 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                     collectives=tuple(c for cs in w.collectives.values() for c in cs),
                     row_axes=frozenset(w.row_axes), grad_deps=dict(w.grad_deps),
                     inputs=read_groups(jaxpr, w.reads),
-                    dead=dead_params(jaxpr, paths) - {u.path for u in w.uses})
+                    dead=dead_params(jaxpr, paths) - {u.path for u in w.uses},
+                    sliced=_sliced(w, {p: tuple(v.aval.shape) for p, v in zip(paths, jaxpr.invars, strict=False)}))
+
+
+def _sliced(w: Any, shapes: dict[str, tuple[int, ...]]) -> dict[str, float]:
+    """:attr:`Dataflow.sliced`: the window all static slices of a parameter read together, over its size."""
+    out = {}
+    for path, reads in w.raw_reads.items():
+        if not reads or any(r is None for r in reads):
+            continue
+        box = [(min(r[d][0] for r in reads), max(r[d][1] for r in reads)) for d in range(len(shapes[path]))]
+        frac = math.prod(b - a for a, b in box) / max(math.prod(shapes[path]), 1)
+        if frac < 1:
+            out[path] = frac
+    return out
 
 
 def _spread(w: Any) -> dict[tuple[int, int], int]:

@@ -170,6 +170,10 @@ class Walk:
     row_axes: set[str] = field(default_factory=set)  # mesh axes shard_map in_specs cut activations' rows over
     collectives: dict[tuple, tuple] = field(default_factory=dict)  # (ctx, id(eqn)) -> its Collectives
     n_eqns: int = 0
+    # id of a parameter's own Val (as analyze seeds it) -> its path, and per path what reads that Val: a static
+    # slice's (start, limit) per dim, or None for anything else (Dataflow.sliced)
+    raw: dict[int, str] = field(default_factory=dict)
+    raw_reads: dict[str, list[tuple[tuple[int, int], ...] | None]] = field(default_factory=dict)
 
     # -- the run loop ----------------------------------------------------
 
@@ -189,6 +193,8 @@ class Walk:
         for eqn in jaxpr.eqns:
             self.n_eqns += 1
             ins = [read(v) for v in eqn.invars]
+            if self.raw:
+                self.note_raw_reads(eqn, ins)
             outs = self.eqn(eqn, ins, ctx)
             if any(i.live or i.origin for i in ins):
                 outs = [o if o.live else dataclasses.replace(o, live=True) for o in outs]
@@ -217,6 +223,22 @@ class Walk:
             return opaque(self, eqn, ins, ctx, ranks, why=f"unreadable parameter {e}")
 
     # -- recording -------------------------------------------------------
+
+    def note_raw_reads(self, eqn: Any, ins: list[Val]) -> None:
+        """What reads a parameter's own Val: a static ``slice`` (UViT's ``pos[:, :n]``), its window; any other
+        primitive, None. A call passes the Val on to its body, whose equations are the reads."""
+        from tpflax._src.trace.control import CALLS
+
+        if eqn.primitive.name in CALLS:
+            return
+        for v in ins:
+            path = self.raw.get(id(v))
+            if path is None:
+                continue
+            window = None
+            if eqn.primitive.name == "slice" and not any(n > 1 for n in (eqn.params.get("strides") or ())):
+                window = tuple(zip(eqn.params["start_indices"], eqn.params["limit_indices"], strict=True))
+            self.raw_reads.setdefault(path, []).append(window)
 
     def note_softmax(self, eqn: Any) -> None:
         """An ``exp`` of the pending scores' shape (their softmax): its dtype's width goes on the product."""

@@ -204,6 +204,10 @@ class Dataflow:
             elimination of the traced program): a decoder's cross-attention when it runs without an
             encoder (``FlaxBartForCausalLM``). Their gradients are zeros, for which XLA compiles no
             collective, and no layer computes with them.
+        sliced: ``{path: fraction}`` for parameters every read of which is a static ``slice`` (UViT's learned
+            position table ``pos[:, :n]``, sized for the largest image): the part of the leaf the slices'
+            window covers. Its gradient is zero outside the window, and XLA sums only the window over the
+            batch axes (the pad after the all-reduce).
     """
 
     paths: tuple[str, ...]
@@ -234,6 +238,7 @@ class Dataflow:
     grad_deps: Mapping[int, int] = field(default_factory=dict)
     inputs: Mapping[int, int] = field(default_factory=dict)
     dead: frozenset[str] = frozenset()
+    sliced: Mapping[str, float] = field(default_factory=dict)
 
     def positional(self) -> dict[str, tuple[int, tuple[int, ...]]]:
         """``{table: (rows looked up, its dims not indexed)}`` for tables every use of which is a lookup at

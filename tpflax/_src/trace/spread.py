@@ -53,7 +53,25 @@ def spread_streams(flow: Dataflow, shapes: Mapping[str, tuple[int, ...]]) -> dic
         if not u.tokens or u.tokens >= widest or rows <= u.rows or u.path not in shapes or u.path in out:
             continue
         width = shapes[u.path][dim] // flow.fused.get((uid, dim), 1)
-        parent = u.path.rsplit("/", 2)[0] + "/"
+        touches = _touches(flow, shapes, uid, rows, width)
+        if touches:
+            out[u.path] = (rows / u.rows, width, GATHERS_PER_TOUCH * len(touches))
+    return out
+
+
+def _touches(flow: Dataflow, shapes: Mapping[str, tuple[int, ...]], uid: int, rows: int, width: int) -> set:
+    """The stream's reads and writes by the contractions of the nearest layer enclosing the kernel's that has
+    any: its own layer's parent (DiT's block, the modulation Dense inside it), or further up when the
+    modulation sits in a submodule of its own (flaxdiff's ``AdaLNParams`` / ``MMAdaLNZero`` under the
+    block: that submodule holds no other contraction but modulation kernels alike, MM-DiT's time and text
+    projections: as many rows, their outputs spread as far). The first enclosing layer with any other
+    contraction stops the walk, so the stream of one block is never counted with the next block's."""
+    parts = flow.uses[uid].path.split("/")[:-2]  # the kernel's layer's parent, then its parents
+    # other modulation kernels: their outputs reach the same rows (a self-attention's key beside its query
+    # does too, but its value does not: that block stops the walk)
+    alike = {u for (u, _), n in flow.spread.items() if n == rows}
+    while parts:
+        parent = "/".join(parts) + "/"
         touches = set()
         for w in flow.uses:
             if w.id == uid or w.op != "dot" or w.rows != rows or not w.path.startswith(parent) \
@@ -64,10 +82,11 @@ def spread_streams(flow: Dataflow, shapes: Mapping[str, tuple[int, ...]]) -> dic
                 touches.add(("reads", flow.inputs.get(w.id, w.id)))
             elif width == math.prod(shapes[w.path][d] for d in w.kept):
                 touches.add(("writes", w.id))
-        if touches:
-            out[u.path] = (rows / u.rows, width, GATHERS_PER_TOUCH * len(touches))
-    return out
-
+        if touches or any(w.id != uid and w.op in ("dot", "conv") and w.path.startswith(parent)
+                          and (w.rows != flow.uses[uid].rows or w.id not in alike) for w in flow.uses):
+            return touches
+        parts.pop()
+    return set()
 
 
 def reader_streams(flow: Dataflow, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[float, int, int]]:
