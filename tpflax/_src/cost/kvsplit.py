@@ -83,7 +83,7 @@ def kv_split_comms(kv: KVSplit, n: int) -> tuple[tuple[str, float, float, int, s
 
 def kv_splits(s: Any) -> dict[str, KVSplit]:
     """The head_dim-split key/value columns of an estimate's :class:`tpflax._src.cost.scope.Scope`: a column of an
-    attention pair whose row is tensor-split and which is itself split over the tensor axes on its last dim only,
+    attention pair (its row tensor-split, a query column split on its heads) which is itself split over the tensor axes on its last dim only,
     a ``(d, K, head_dim)``, ``(K, d, head_dim)`` or ``(pieces, K, d, head_dim)`` kernel. Its keys rotate in halves
     where the trace cut that dim in 2 (:attr:`tpflax._src.cost.traced.Traced.fused`); untraced, the pair's first
     such column's (rotate-half, the common RoPE)."""
@@ -91,15 +91,20 @@ def kv_splits(s: Any) -> dict[str, KVSplit]:
     from tpflax._src.mesh import TENSOR
     from tpflax._src.specs import entry_axes
 
+    def split(c: str) -> list[int]:
+        t = set(s.axes(c, TENSOR))
+        return [i for i, e in enumerate(drop_layers(dec[c], s.lv.specs[c])) if t & set(entry_axes(e))]
+
     dec, out = s.lv.decisions, {}
     for pc in s.lv.pairs:
-        if not any(dec[r].kind == "attention" and s.axes(r, TENSOR) for r in pc.rows):
+        # an attention pair: its row split, and a query column split on its heads (not its last dim)
+        if not any(s.axes(r, TENSOR) for r in pc.rows) or not any(
+                split(c) and split(c) != [len(body(dec[c])) - 1] for c in pc.columns):
             continue
         first = True
         for c in pc.columns:
-            b, t = body(dec[c]), set(s.axes(c, TENSOR))
-            split = [i for i, e in enumerate(drop_layers(dec[c], s.lv.specs[c])) if t & set(entry_axes(e))]
-            if len(b) < 3 or split != [len(b) - 1]:
+            b = body(dec[c])
+            if len(b) < 3 or split(c) != [len(b) - 1]:
                 continue
             width = (s.widths or {}).get(c) or body(dec[pc.rows[0]])[-1]
             if width not in b[:-1]:
