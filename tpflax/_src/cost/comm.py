@@ -27,10 +27,11 @@ from typing import Any
 from tpflax._src.cost.activations import acts_for, layer_key
 from tpflax._src.cost.batch import config_value
 from tpflax._src.cost.gradients import gradient_items
+from tpflax._src.cost.kvsplit import kv_split_comms, kv_splits
 from tpflax._src.cost.price import stream_gathers, tpu_gather_item
 from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.residual import alike_path, residual_outputs
-from tpflax._src.cost.scope import Scope, body, drop_layers, is_tied, layers
+from tpflax._src.cost.scope import Scope, body, drop_layers, is_tied, layers, leaf_itemsize
 from tpflax._src.cost.stream import conditioned_leaves, tpu_stream_gathers, update_gathers
 from tpflax._src.facts.classify import ATTN
 from tpflax._src.mesh import EXPERT, TENSOR
@@ -65,6 +66,7 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
     loose = _unconfirmed_pairs(s)
     if loose:
         notes.append(_loose_note(s, loose))
+    kvs = kv_splits(s)
     for pc in s.lv.pairs:
         cols, rows = list(pc.columns), list(pc.rows)
         axes = tuple(dict.fromkeys(a for p in cols + rows for a in s.axes(p, TENSOR)))
@@ -96,7 +98,10 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
         split_cols = [c for c in cols if s.axes(c, TENSOR) and not (s.grouped or {}).get(c)]
         # a column split only on dims its contractions batch over (Griffin's RG-LRU gates, block-diagonal by
         # heads, on linear_x's split output) reads its input split: its input gradient comes out split, unsummed
-        split_cols = [c for c in split_cols if not _batch_split(c, dec[c], s)]
+        split_cols = [c for c in split_cols if not _batch_split(c, dec[c], s) and c not in kvs]
+        items += [CommItem(kind, axes, s.rows_of(c) * width * s.act_item + fixed * leaf_itemsize(dec[c]),
+                           n, count * k, source, f"{label[c]}: {why}")
+                  for c in cols if c in kvs for kind, width, fixed, k, why in kv_split_comms(kvs[c], n)]
         alone = [c for c in split_cols if s.backend != "tpu" or c in (s.shared or ())]
         summed = [c for c in split_cols if c not in alone]
         for c in alone + summed[:1]:

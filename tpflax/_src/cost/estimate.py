@@ -60,6 +60,7 @@ from tpflax._src.cost.leaves import Leaves, merge, without_dead
 from tpflax._src.cost.memory import memory
 from tpflax._src.cost.peak import peak
 from tpflax._src.cost.records import MEMORY_FIELDS, Act, CommItem, Estimate, comm_table
+from tpflax._src.cost.kvsplit import kv_splits
 from tpflax._src.cost.reshard import fused_items
 from tpflax._src.cost.scope import Scope
 from tpflax._src.cost.stream import split_grad_items
@@ -255,8 +256,12 @@ def split_sum_items(s: Scope, sums: Sequence[tuple[frozenset[tuple[str, int]], f
     tensor = {a for a, r in s.mesh.roles if r == TENSOR and s.mesh.sizes[a] > 1}
     out = []
     rep = s.lv.rep_of
+    kvs = kv_splits(s)  # a pair with a head_dim-split key/value: XLA gathers whole heads, sums no scores
+    gathered = {p for pc in s.lv.pairs if set(pc.columns) & set(kvs) for p in (*pc.columns, *pc.rows)}
     for dims, per_example, runs in sums:
         if any(p in fused for p, _ in dims):  # a fused kernel's cut pieces: their reshards are priced with it
+            continue
+        if any(rep.get(p, p) in gathered for p, _ in dims):
             continue
         if all(rep.get(p, p) in s.experts_split and _experts_dim(s.lv.decisions[rep.get(p, p)], k) for p, k in dims):
             continue  # the combine of experts split over the tensor axis: priced with their pair (comm.expert_split_items)

@@ -66,7 +66,8 @@ class LeafLayout:
 
 @dataclass(frozen=True)
 class ActComm:
-    """An activation collective a layout causes: ``width`` elements per token over ``entry``'s axes.
+    """An activation collective a layout causes: ``width`` elements per token over ``entry``'s axes, plus
+    ``fixed`` bytes per execution whatever the tokens (a kernel gathered for a backward product).
 
     >>> ActComm("all-reduce", "model", 64, 1, "sum partial outputs").kind
     'all-reduce'
@@ -77,6 +78,7 @@ class ActComm:
     width: float
     count: int
     why: str
+    fixed: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -293,7 +295,7 @@ def price(leaves: tuple[LeafLayout, ...], acts: tuple[ActComm, ...], ctx: Contex
         if free:
             add("all-reduce", free, shard, 1, "sum the gradient over the batch")
     for a in acts:
-        add(a.kind, _live(a.entry, mesh), ctx.tokens_local * a.width * ctx.act_item, a.count, a.why)
+        add(a.kind, _live(a.entry, mesh), ctx.tokens_local * a.width * ctx.act_item + a.fixed, a.count, a.why)
     comm = tuple(sorted(by_axis.items()))
     hw = ctx.hardware
     time = flops / hw.peak_flops + mem / hw.hbm_bandwidth + sum(b / ctx.bandwidth(label.split("+")) for label, b in comm)

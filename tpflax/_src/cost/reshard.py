@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from tpflax._src.cost.kvsplit import kv_splits
 from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.scope import Scope, layers
 from tpflax._src.mesh import TENSOR
@@ -143,9 +144,10 @@ def fused_items(s: Scope, notes: list[str]) -> list[CommItem]:
     [('collective-permute', 81920.0), ('all-to-all', 24576.0)]
     """
     items: list[CommItem] = []
+    kvs = kv_splits(s)  # a key/value split on head_dim: its RoPE halves are priced with it (cost/kvsplit.py)
     for path, d in s.lv.decisions.items():
         dim, pieces, whole, viewed = (s.fused or {}).get(path, (None, 1, (), False))
-        if dim is None or pieces == 1 or getattr(d, "layout", None) is not None:
+        if dim is None or pieces == 1 or getattr(d, "layout", None) is not None or path in kvs:
             continue  # stored head-aligned (plan(fused="aligned")): the step cuts the pieces per rank
         axes = tuple(a for a in entry_axes(s.lv.specs[path][dim]) if dict(s.mesh.roles)[a] == TENSOR)
         n = s.size(axes)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
+from tpflax._src.cost.kvsplit import KVSplit, kv_split_comms
 from tpflax._src.cost.price import DEFAULT_TOKENS, ActComm, Context
 from tpflax._src.facts.classify import Facts
 from tpflax._src.hardware import DEFAULT_PLAN_HARDWARE, get_hardware
@@ -93,6 +94,8 @@ class Linear:
     pieces: int = 1  # a fused kernel's output holds this many projections side by side (q|k|v)
     cut: tuple[int, ...] = ()  # a fused kernel: its pieces' sizes along the fused dim, in order
     guess: str = ""  # a row: why the tree cannot tell that it reads its columns' output (the pair stays whole)
+    # traced: its head_dim output is cut in halves (a rotate-half RoPE) or not; None: untraced, unknown
+    rope: bool | None = None
 
     def size(self, dims: Iterable[int]) -> int:
         return math.prod(self.f.body[d] for d in dims)
@@ -283,6 +286,7 @@ def _megatron(st: State, cols: list[Linear], row: Linear, pair: Pair, unit: str,
         f"{axis_label(t_entry, t_size)}, fed by {partner} (pair {pair.id}); one all-reduce of "
         "activations per pass", pair.id, "row"))]
     acts = [ActComm("all-reduce", t_entry, row.out_size, 1, "row: sum partial outputs (forward)")]
+    rotated = _rotated([c for c in cols if blocked[id(c)]])
     for col in cols:
         why = blocked[id(col)]
         if why and kv_split:
@@ -293,14 +297,13 @@ def _megatron(st: State, cols: list[Linear], row: Linear, pair: Pair, unit: str,
                 col.f, body_spec(len(col.f.body), last, t_entry), "column",
                 f"column of pair {pair.id}: {why}, so its last dim ({col.f.body[last]}, head_dim) is split over "
                 f"{axis_label(t_entry, t_size)} instead; feeds {short(row.f.path)}", pair.id, "column")))
-            acts += [ActComm("all-gather", t_entry, col.out_size, 1,
-                             "head_dim-split key/value: gather whole heads (forward)"),
-                     ActComm("all-reduce", t_entry, col.in_size, 1,
-                             "head_dim-split key/value: sum partial input gradients (backward)")]
+            kv = kv_view(col, col is rotated)
+            acts += [ActComm(kind, t_entry, width, count, why, fixed * col.f.leaf.itemsize)
+                     for kind, width, fixed, count, why in kv_split_comms(kv, t_size)]
         elif why:
             props.append((col.f.path, st.whole(col.f, f"column of pair {pair.id}: {why}, kept whole on every "
                                                       f"tensor rank; feeds {short(row.f.path)}", pair.id, "column")))
-            acts.append(ActComm("all-gather", t_entry, col.out_size, 1,
+            acts.append(ActComm("all-gather", t_entry, out_width(col), 1,
                                 "replicated key/value column: gather its output gradient (backward)"))
         else:
             cdim = col.shard_dim("column")
@@ -316,6 +319,29 @@ def _megatron(st: State, cols: list[Linear], row: Linear, pair: Pair, unit: str,
     name = ("Megatron, K/V head_dim split" if kv_split else
             "Megatron, K/V replicated" if any(blocked.values()) else "Megatron split")
     return Option(name, tuple(props), tuple(acts), frozenset(p for p, _ in props))
+
+
+def out_width(col: Linear) -> int:
+    """Output elements per token of a column: every dim its contraction does not sum (a ``(2, K, d, head_dim)``
+    key/value stack writes both pieces; a traced column's ``out_dims`` holds only its split dim)."""
+    return math.prod(col.f.body) // max(col.in_size, 1)
+
+
+def kv_view(col: Linear, rotated: bool) -> KVSplit:
+    """A key/value column as :class:`tpflax._src.cost.kvsplit.KVSplit` prices its head_dim split. A 2-D
+    kernel shows its heads only traced (``limit``); without them it is priced as one head."""
+    width = out_width(col)
+    head_dim = col.f.body[-1] if len(col.f.body) >= 3 else width // (col.limit or 1)
+    heads = col.f.body[col.heads] if col.heads is not None and len(col.f.body) >= 3 else (col.limit or 1)
+    return KVSplit(heads, head_dim, max(width // (heads * head_dim), 1), col.in_size, math.prod(col.f.body), rotated)
+
+
+def _rotated(blocked: Sequence[Linear]) -> Linear | None:
+    """The key/value column whose keys a rotate-half RoPE cuts: the traced one whose head_dim output is cut in
+    halves; untraced, the first (the common RoPE, Llama's and Gemma's, is rotate-half)."""
+    if any(c.rope is not None for c in blocked):
+        return next((c for c in blocked if c.rope), None)
+    return blocked[0] if blocked else None
 
 
 def fused_as(fused: tuple[int, tuple[int, ...], int | None] | None, p: Proposal) -> Proposal:

@@ -442,10 +442,14 @@ def _column(c: _Flow, sid: int, e: Edge, row_path: str) -> Linear:
     # ((d, heads, head_dim), (3, heads, d, head_dim)); kept last, it is features: a stack of 2-D
     # kernels ((2, d, ffw), Gemma's gate and up, one sliced out per dot) is a column over features.
     heads = len(fS.body) >= 3 and any(fS.body_dim(k) > cb for k in S.kept)
+    # a rotate-half RoPE cuts the head_dim (the last dim; a 2-D kernel's only output dim) in halves: priced
+    # if the head_dim is split (a GQA key with fewer heads than tensor ranks, planner/builders.py kv_view)
+    last = fS.leaf_dim(len(fS.body) - 1)
     return Linear(fS, tuple(fS.body_dim(k) for k in S.contracted), (cb,),
                   heads=cb if heads else None, role="column", why=why,
                   limit=limit if limit and limit != fS.body[cb] else None,
-                  cut=sizes if sum(sizes) == fS.body[cb] else ())
+                  cut=sizes if sum(sizes) == fS.body[cb] else (),
+                  rope=c.flow.fused.get((sid, last), 1) > 1)
 
 
 def _outputs(c: _Flow) -> None:

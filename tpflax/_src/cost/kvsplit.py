@@ -1,0 +1,120 @@
+"""What XLA compiles for key/value kernels split on head_dim (GQA with fewer key/value heads than tensor ranks).
+
+When a pair's query heads split over ``n`` tensor ranks but its ``K < n`` key/value heads do not, the
+planner can keep the key/value kernels whole or split their head_dim. Split, XLA:CPU's SPMD partitioner
+(measured on ``(d, K, head_dim)`` kernels and ``(2, K, d, head_dim)`` stacks, K 1 and 2, model=4; the
+gemma probe's Gemma 3 blocks) does not sum partial attention scores: it
+
+* gathers the keys and values whole (one all-gather of the column's whole output per pass: every stacked
+  piece, forward), so every rank computes its query heads' scores against whole key heads;
+* reshards the keys for a rotate-half RoPE (``x1, x2 = split(x, 2, -1)``), whose halves are no shards of the
+  split head_dim: a halo exchange (collective-permutes, :func:`tpflax._src.cost.reshard.piece_permutes` of
+  head_dim in 2 pieces, once per key head) forward, and again backward with a single key head (the
+  partitioner's "involuntary full rematerialization" warnings there). An interleaved RoPE (``x[..., ::2]``)
+  reads the gathered keys and adds nothing;
+* sums the partial input gradients of a single key/value head (an all-reduce of the input, as any split
+  column), but for several heads gathers the kernel instead (its per-head gradients come out split by heads,
+  which the split head_dim does not follow);
+* gathers the query heads' partial key/value gradients, as when the kernels are kept whole.
+
+The chooser (:func:`tpflax._src.planner.builders.shard_pair`) and the estimate
+(:func:`tpflax._src.cost.comm.kv_split_items`) price the same list.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class KVSplit:
+    """One head_dim-split key/value column.
+
+    Attributes:
+        heads: key/value heads ``K`` (per stacked piece).
+        head_dim: the split dim.
+        pieces: projections stacked in the kernel (2 for a ``(2, K, d, head_dim)`` k/v stack, else 1).
+        d: its input width.
+        kernel: its elements per layer.
+        rotated: a rotate-half RoPE cuts its key piece's head_dim in halves.
+    """
+
+    heads: int
+    head_dim: int
+    pieces: int
+    d: int
+    kernel: int
+    rotated: bool
+
+    @property
+    def width(self) -> int:
+        """Output elements per token, every stacked piece."""
+        return self.pieces * self.heads * self.head_dim
+
+
+def kv_split_comms(kv: KVSplit, n: int) -> tuple[tuple[str, float, float, int, str], ...]:
+    """``(kind, elements per token, elements per step, count, why)`` of the collectives a head_dim-split
+    key/value column adds over ``n`` tensor ranks (see the module docstring).
+
+    >>> [c[:4] for c in kv_split_comms(KVSplit(2, 16, 2, 128, 2 * 2 * 128 * 16, True), 4)]
+    [('all-gather', 64, 0, 1), ('collective-permute', 20, 0, 1), ('all-gather', 0, 8192, 1), ('all-gather', 64, 0, 1)]
+    """
+    from tpflax._src.cost.reshard import piece_permutes  # here: reshard reads the estimate's Scope, which
+    # imports the planner, which imports this module
+
+    out = [("all-gather", kv.width, 0, 1, "head_dim-split key/value: gather whole heads for the scores and the "
+                                           "values (forward)")]
+    cps = piece_permutes(kv.head_dim, 2, n) if kv.rotated else None
+    if cps:
+        out.append(("collective-permute", kv.heads * sum(cps), 0, 1 + (kv.heads == 1),
+                    "head_dim-split key/value: rotate-half RoPE reshards the keys' halves "
+                    f"(forward{', and backward with one key head' if kv.heads == 1 else ''})"))
+    if kv.heads == 1:
+        out.append(("all-reduce", kv.d, 0, 1, "head_dim-split key/value: sum partial input gradients (backward)"))
+    else:
+        out.append(("all-gather", 0, kv.kernel, 1, "head_dim-split key/value of several heads: gather the kernel "
+                                                    "for its input gradient (backward)"))
+    out.append(("all-gather", kv.width, 0, 1, "head_dim-split key/value: gather the query heads' partial key/value "
+                                               "gradients (backward)"))
+    return tuple(out)
+
+
+def kv_splits(s: Any) -> dict[str, KVSplit]:
+    """The head_dim-split key/value columns of an estimate's :class:`tpflax._src.cost.scope.Scope`: a column of an
+    attention pair (its row tensor-split, a query column split on its heads) which is itself split over the tensor axes on its last dim only,
+    a ``(d, K, head_dim)``, ``(K, d, head_dim)`` or ``(pieces, K, d, head_dim)`` kernel. Its keys rotate in halves
+    where the trace cut that dim in 2 (:attr:`tpflax._src.cost.traced.Traced.fused`); untraced, the pair's first
+    such column's (rotate-half, the common RoPE)."""
+    from tpflax._src.cost.scope import body, drop_layers
+    from tpflax._src.mesh import TENSOR
+    from tpflax._src.specs import entry_axes
+
+    def split(c: str) -> list[int]:
+        t = set(s.axes(c, TENSOR))
+        return [i for i, e in enumerate(drop_layers(dec[c], s.lv.specs[c])) if t & set(entry_axes(e))]
+
+    dec, out = s.lv.decisions, {}
+    for pc in s.lv.pairs:
+        # an attention pair: its row split, and a query column split on its heads (not its last dim)
+        if not any(s.axes(r, TENSOR) for r in pc.rows) or not any(
+                split(c) and split(c) != [len(body(dec[c])) - 1] for c in pc.columns):
+            continue
+        first = True
+        for c in pc.columns:
+            b = body(dec[c])
+            if len(b) < 3 or split(c) != [len(b) - 1]:
+                continue
+            width = (s.widths or {}).get(c) or body(dec[pc.rows[0]])[-1]
+            if width not in b[:-1]:
+                continue
+            rest = list(b[:-1])
+            rest.remove(width)
+            pieces, heads = (rest[0], rest[1]) if len(rest) == 2 else (1, rest[0])
+            fused = (s.fused or {}).get(c)
+            leaf_last = len(dec[c].shape) - 1
+            rotated = (fused is not None and fused[0] == leaf_last and fused[1] == 2) if s.fused is not None else first
+            out[c] = KVSplit(heads, b[-1], pieces, width, math.prod(b), rotated)
+            first = False
+    return out
