@@ -382,21 +382,28 @@ def _mirrored_experts(facts: list[Facts]) -> list[Facts]:
     as a named one: E kernels side by side, up ``(E, d, f)`` and down ``(E, f, d)``.
     A DenseGeneral attention pair ``(d, heads, head_dim)``/``(heads, head_dim, d)``
     is not mirrored this way; an einsum one ``(heads, d, head_dim)``/``(heads,
-    head_dim, d)`` is, but its heads times head_dim make d.
+    head_dim, d)`` is, but its heads times head_dim make d, or (Gemma, where they need
+    not: 8 x 256 heads of a 2304 width) a k/v or q/k/v stack ``(2|3, heads, d, head_dim)``
+    beside it has the same ``(d, head_dim)``, or its block is named like attention.
     """
     groups: dict[str, list[int]] = defaultdict(list)
+    stacks: dict[str, set[tuple[int, int]]] = defaultdict(set)
     for i, f in enumerate(facts):
         if f.kind in ("dense", "attention") and len(f.body) == 3 and f.body[1] != f.body[2]:
             groups[f.group].append(i)
+        elif f.kind == "attention" and len(f.body) == 4:
+            stacks[f.group].add(tuple(f.body[2:]))
     norms = {f.body[-1] for f in facts if f.kind == "norm" and f.body}
     out = list(facts)
-    for idx in groups.values():
+    for group, idx in groups.items():
         bodies = {facts[i].body for i in idx}
+        named = bool(ATTN.search(group)) and not EXPERT.search(group)
         for i in idx:
             e, x, y = facts[i].body
             # (heads, d, head_dim)/(heads, head_dim, d) attention mirrors too, but there
             # heads * head_dim == d, and d (the larger) is the norms' width.
             heads = e * min(x, y) == max(x, y) and (max(x, y) in norms or not norms)
+            heads = heads or named or bool({(x, y), (y, x)} & stacks[group])
             if (e, y, x) in bodies and e not in (x, y) and not heads:
                 out[i] = dataclasses.replace(facts[i], kind="expert")
     return out
