@@ -25,7 +25,6 @@ import importlib.util
 import sys
 import types
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

@@ -804,17 +804,19 @@ def test_a_numbered_child_of_a_head_container_is_the_output_head():
 
 class Stacked(nn.Module):
     kv_heads: int = H
+    head_dim: int = HD
 
     @nn.compact
     def __call__(self, tok):
         x = nn.Embed(V, D, name="tok")(tok)
         init = nn.initializers.lecun_normal()
+        hd = self.head_dim
         for i in range(2):
             h = nn.RMSNorm(name=f"n_{i}")(x)
-            q = jnp.einsum("btd,hdk->bthk", h, self.param(f"q_{i}", init, (H, D, HD)))
-            kv = jnp.einsum("btd,nhdk->nbthk", h, self.param(f"kv_{i}", init, (2, self.kv_heads, D, HD)))
+            q = jnp.einsum("btd,hdk->bthk", h, self.param(f"q_{i}", init, (H, D, hd)))
+            kv = jnp.einsum("btd,nhdk->nbthk", h, self.param(f"kv_{i}", init, (2, self.kv_heads, D, hd)))
             k, v = (jnp.repeat(y, H // self.kv_heads, axis=2) for y in (kv[0], kv[1]))
-            o = self.param(f"o_{i}", init, (H, HD, D))
+            o = self.param(f"o_{i}", init, (H, hd, D))
             x = x + jnp.einsum("bthk,hkd->btd", attend(q, k, v), o)
             h = nn.RMSNorm(name=f"m_{i}")(x)
             x = x + nn.Dense(D, name=f"down_{i}")(jax.nn.gelu(nn.Dense(F, name=f"up_{i}")(h)))
@@ -849,6 +851,48 @@ def test_kv_stack_is_split_over_its_heads(stacked):
     want = {"kv_0": P(None, "model", None, None), "q_0": P("model", None, None), "o_0": P("model", None, None)}
     assert specs(tpflax.plan(v, MESH, model=m, sample=(TOK,)), want) == want
     assert specs(tpflax.plan(v, MESH), want) == want
+
+
+@pytest.mark.parametrize("kv_heads", [4, 1])
+def test_einsum_heads_that_do_not_make_d_are_heads_not_experts(kv_heads):
+    # Gemma: heads x head_dim need not be the width (Gemma 2 2B: 8 x 256 of 2304), so the einsum q (heads, d,
+    # head_dim) and output (heads, head_dim, d) mirror like an MoE's up and down; the k/v stack beside them
+    # sharing (d, head_dim) says attention. Read as experts, the tree split head_dim, and the compiled step
+    # all-reduced every attention logit (1.9x the hand layout's collective bytes).
+    v = abstract(Stacked(kv_heads=kv_heads, head_dim=2 * HD), TOK)
+    kv = P(None, "model", None, None) if kv_heads % MESH["model"] == 0 else P(None, None, None, None)
+    want = {"q_0": P("model", None, None), "o_0": P("model", None, None), "kv_0": kv}
+    p = tpflax.plan(v, MESH)
+    assert specs(p, want) == want
+    assert p.decisions["params/q_0"].kind != "expert"
+
+
+class NnxEinsumAttention(nnx.Module):
+    """Separate q, k, v einsums (heads, d, head_dim) in a block named like attention: no stack to tell."""
+
+    def __init__(self, rngs):
+        init = nnx.initializers.lecun_normal()
+        self.q, self.k, self.v = (nnx.Param(init(rngs.params(), (H, D, 2 * HD))) for _ in range(3))
+        self.o = nnx.Param(init(rngs.params(), (H, 2 * HD, D)))
+
+    def __call__(self, x):
+        q, k, v = (jnp.einsum("btd,hdk->bthk", x, w[...]) for w in (self.q, self.k, self.v))
+        return jnp.einsum("bthk,hkd->btd", attend(q, k, v), self.o[...])
+
+
+class NnxEinsumBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.attn = NnxEinsumAttention(rngs)
+        self.norm = nnx.RMSNorm(D, rngs=rngs)
+
+    def __call__(self, x):
+        return x + self.attn(self.norm(x))
+
+
+def test_einsum_heads_in_an_attention_block_are_heads_not_experts():
+    m = NnxEinsumBlock(nnx.Rngs(0))
+    want = {"attn/q": P("model", None, None), "attn/v": P("model", None, None), "attn/o": P("model", None, None)}
+    assert specs(tpflax.plan(nnx.state(m), MESH), want) == want
 
 
 @pytest.mark.slow

@@ -56,11 +56,11 @@ from tpflax._src.cost.comm import comm_items
 from tpflax._src.cost.experts import buffer_items, expert_items
 from tpflax._src.cost.explicit import explicit_items, row_split_mesh
 from tpflax._src.cost.grouped import grouped_conv_items
+from tpflax._src.cost.kvsplit import kv_splits
 from tpflax._src.cost.leaves import Leaves, merge, without_dead
 from tpflax._src.cost.memory import memory
 from tpflax._src.cost.peak import peak
 from tpflax._src.cost.records import MEMORY_FIELDS, Act, CommItem, Estimate, comm_table
-from tpflax._src.cost.kvsplit import kv_splits
 from tpflax._src.cost.reshard import fused_items
 from tpflax._src.cost.scope import Scope
 from tpflax._src.cost.stream import split_grad_items

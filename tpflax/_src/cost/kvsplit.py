@@ -61,7 +61,9 @@ def kv_split_comms(kv: KVSplit, n: int) -> tuple[tuple[str, float, float, int, s
     >>> [c[:4] for c in kv_split_comms(KVSplit(2, 16, 2, 128, 2 * 2 * 128 * 16, True), 4)]
     [('all-gather', 64, 0, 1), ('collective-permute', 20, 0, 1), ('all-gather', 0, 8192, 1), ('all-gather', 64, 0, 1)]
     """
-    from tpflax._src.cost.reshard import piece_permutes  # here: reshard reads the estimate's Scope, which
+    from tpflax._src.cost.reshard import (
+        piece_permutes,  # here: reshard reads the estimate's Scope, which
+    )
     # imports the planner, which imports this module
 
     out = [("all-gather", kv.width, 0, 1, "head_dim-split key/value: gather whole heads for the scores and the "

@@ -386,15 +386,18 @@ def _mirrored_experts(facts: list[Facts]) -> list[Facts]:
     A DenseGeneral attention pair ``(d, heads, head_dim)``/``(heads, head_dim, d)``
     is not mirrored this way; an einsum one ``(heads, d, head_dim)``/``(heads,
     head_dim, d)`` is. It is told apart by its heads times head_dim making d, or,
-    where they do not (Gemma 3: 4 x 256 heads on d=1152), by the key/value kernel
-    beside it: a ``(kv_heads, d, head_dim)`` or ``(2, kv_heads, d, head_dim)``
-    stack reading the same d into the same head_dim under other leading dims. An
-    expert block's kernels all lead with E.
+    where they do not (Gemma 3: 4 x 256 heads on d=1152; Gemma: 8 x 256 on 2304), by
+    the key/value kernel beside it: a ``(kv_heads, d, head_dim)`` or ``(2|3, heads, d,
+    head_dim)`` stack reading the same d into the same head_dim under other leading
+    dims, or by a block named like attention. An expert block's kernels all lead with E.
     """
     groups: dict[str, list[int]] = defaultdict(list)
+    stacks: dict[str, set[tuple[int, int]]] = defaultdict(set)
     for i, f in enumerate(facts):
         if f.kind in ("dense", "attention") and len(f.body) == 3 and f.body[1] != f.body[2]:
             groups[f.group].append(i)
+        elif f.kind == "attention" and len(f.body) == 4:
+            stacks[f.group].add(tuple(f.body[2:]))
     norms = {f.body[-1] for f in facts if f.kind == "norm" and f.body}
     kv_like: dict[str, set[tuple[tuple[int, ...], tuple[int, int]]]] = defaultdict(set)
     for f in facts:
@@ -403,13 +406,16 @@ def _mirrored_experts(facts: list[Facts]) -> list[Facts]:
     out = list(facts)
     for group, idx in groups.items():
         bodies = {facts[i].body for i in idx}
+        named = bool(ATTN.search(group)) and not EXPERT.search(group)
         for i in idx:
             e, x, y = facts[i].body
             # (heads, d, head_dim)/(heads, head_dim, d) attention mirrors too, but there
             # heads * head_dim == d, and d (the larger) is the norms' width.
             heads = e * min(x, y) == max(x, y) and (max(x, y) in norms or not norms)
-            # or a key/value projection of its block reads d into head_dim under other heads
-            heads = heads or any(lead != (e,) and pair in ((x, y), (y, x)) for lead, pair in kv_like[group])
+            # or a key/value projection (or stack) of its block reads d into head_dim under other heads,
+            # or the block is named like attention
+            heads = (heads or named or bool({(x, y), (y, x)} & stacks[group])
+                     or any(lead != (e,) and pair in ((x, y), (y, x)) for lead, pair in kv_like[group]))
             if (e, y, x) in bodies and e not in (x, y) and not heads:
                 out[i] = dataclasses.replace(facts[i], kind="expert")
     return out
