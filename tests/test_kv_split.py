@@ -133,3 +133,16 @@ def test_head_dim_split_estimate_matches_compiled(kv, rope, stacked):
     assert all(p.decisions[k].spec[-1] == "model" for k in _kv_paths(m))
     est, compiled = _estimate(m, p).comm_total, _compiled_comm(m, p)
     assert est == pytest.approx(compiled, rel=0.06), (est, compiled)
+
+
+@pytest.mark.parametrize("d, kv_width, split", [(4096, 1024, True), (1152, 256, False)])
+def test_untraced_2d_key_value_splits_where_whole_heads_are_likely(d, kv_width, split):
+    # tree-only, a 2-D key/value kernel shows no head count: Mistral-7B's 1024 features (8 heads of 128) over
+    # model=4 split into whole heads and are split like the hand layout; Gemma 3-1B's one 256-wide head is not
+    sds = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
+    attn = {"q_proj": {"kernel": sds(d, d)}, "k_proj": {"kernel": sds(d, kv_width)},
+            "v_proj": {"kernel": sds(d, kv_width)}, "o_proj": {"kernel": sds(d, d)}}
+    p = tpflax.plan({"layers_0": {"self_attn": attn}}, {"data": 2, "model": 4})
+    want = P(None, "model") if split else P(None, None)
+    assert p.decisions["layers_0/self_attn/k_proj/kernel"].spec == want
+    assert p.decisions["layers_0/self_attn/v_proj/kernel"].spec == want

@@ -297,6 +297,10 @@ def _megatron(st: State, cols: list[Linear], row: Linear, pair: Pair, unit: str,
                 col.f, body_spec(len(col.f.body), last, t_entry), "column",
                 f"column of pair {pair.id}: {why}, so its last dim ({col.f.body[last]}, head_dim) is split over "
                 f"{axis_label(t_entry, t_size)} instead; feeds {short(row.f.path)}", pair.id, "column")))
+            if whole_heads_likely(col, t_size):  # an untraced 2-D kernel wide enough for whole heads per rank
+                acts.append(ActComm("all-reduce", t_entry, col.in_size, 1,
+                                    "column: sum partial input gradients (backward)"))
+                continue
             kv = kv_view(col, col is rotated)
             acts += [ActComm(kind, t_entry, width, count, why, fixed * col.f.leaf.itemsize)
                      for kind, width, fixed, count, why in kv_split_comms(kv, t_size)]
@@ -325,6 +329,18 @@ def out_width(col: Linear) -> int:
     """Output elements per token of a column: every dim its contraction does not sum (a ``(2, K, d, head_dim)``
     key/value stack writes both pieces; a traced column's ``out_dims`` holds only its split dim)."""
     return math.prod(col.f.body) // max(col.in_size, 1)
+
+
+HEAD_DIM_GUESS = 128  # Llama, Mistral, Qwen, Gemma 3-4B+ key/value heads: 128 or 256 features
+
+
+def whole_heads_likely(col: Linear, t_size: int) -> bool:
+    """Whether an untraced 2-D key/value kernel, whose head count the tree does not show, likely splits into
+    whole heads per tensor rank: its width divides into ``t_size`` times :data:`HEAD_DIM_GUESS` (Mistral-7B's
+    1024 = 8 heads of 128 over 4 ranks: 2 heads each, a split that cuts no head). Narrower kernels (Gemma 3-1B's
+    one 256-wide head over 4 ranks) are priced as a head_dim split. Traced kernels show their heads."""
+    return (len(col.f.body) == 2 and col.heads is None and col.limit is None
+            and out_width(col) % (HEAD_DIM_GUESS * t_size) == 0)
 
 
 def kv_view(col: Linear, rotated: bool) -> KVSplit:
