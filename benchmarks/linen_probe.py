@@ -1038,48 +1038,63 @@ NAMES = ("wmt", "wmt-noann", "vit", "mixer", "scan", "resnet", "unet", "dit", "c
          "lstm", "bigru", "swin", "perceiver", "t5x", "t5x-noann")
 
 
-def main(argv=None):
+def probe_main(argv, names, build, results: str, *, title: str | None = None, intro=None, tail: str = "",
+               fsdp=fsdp_rules, per_mesh: bool = False) -> int:
+    """The command line every probe script runs: five plans per model and mesh, printed, and the markdown table
+    written to ``results/<results>`` when every model, mesh and plan ran (``--write PATH`` for another file,
+    ``--no-write`` to print only).
+
+    ``build(name)`` returns ``(Built, hand(mesh) -> rules)``; with ``per_mesh``, ``build(name, mesh)`` returns
+    ``(Built, hand, extra plan kwargs)``. ``title`` replaces the table's heading, ``intro`` its paragraph (a
+    string, or a function of this script's paragraph); ``tail`` is appended (observations by hand);
+    ``fsdp(params, mesh)`` gives the pure-FSDP rules.
+    """
     ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", nargs="*", default=list(NAMES))
+    ap.add_argument("--arch", nargs="*", default=list(names))
     ap.add_argument("--mesh", nargs="*", default=[mesh_label(m) for m in MESHES])
     ap.add_argument("--plans", nargs="*", default=list(PLANS))
-    ap.add_argument("--write", default=None, help="markdown table path (default: results/linen_probe.md "
+    ap.add_argument("--write", default=None, help=f"markdown table path (default: results/{results} "
                                                    "when every model, mesh and plan ran)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     meshes = [{k: int(v) for k, v in (kv.split("=") for kv in m.split(","))} for m in args.mesh]
     table: list[tuple[str, str, str, Any, Any]] = []
     for name in args.arch:
-        built, hand = build(name)
+        made = None if per_mesh else build(name)
         for mesh in meshes:
+            built, hand, extra = build(name, mesh) if per_mesh else (*made, {})
             calls = {"tree": {"batch": built.sample},
                      "model": {"model": built.fn, "sample": built.sample, "batch": built.sample},
                      "megatron": {"rules": hand(mesh)}, "replicated": {"rules": [(r".*", "replicate")]},
-                     "fsdp": {"rules": fsdp_rules(built.params, mesh)}}
-            plans = plan_each(built.params, mesh, {k: calls[k] for k in args.plans})
-            rows = {}
-            for pname, p in plans.items():
-                r = measure(name, mesh, pname, p, built)
-                rows[pname] = r
+                     "fsdp": {"rules": fsdp(built.params, mesh)}}
+            plans = plan_each(built.params, mesh, {k: {**extra, **v} for k, v in calls.items() if k in args.plans})
+            rows = {pname: measure(name, mesh, pname, p, built) for pname, p in plans.items()}
             ref = rows.get("megatron")
             table += [(name, mesh_label(mesh), pname, r, ref) for pname, r in rows.items()]
             for pname, r in rows.items():
                 if r.error:
-                    print(f"{name:<10}{mesh_label(mesh):<18}{pname:<11}{r.error}", flush=True)
+                    print(f"{name:<14}{mesh_label(mesh):<16}{pname:<11}{r.error}", flush=True)
                     continue
                 rel = ""
                 if ref and not ref.error:
-                    rel = (f" | vs hand: bytes {r.bytes / ref.bytes:.3f} comm "
-                           f"{(r.comm / ref.comm if ref.comm else float('nan')):.3f} flops {r.flops / ref.flops:.3f}")
+                    rel = (f" | x hand {r.bytes / ref.bytes:.3f} / "
+                           f"{(r.comm / ref.comm if ref.comm else float('nan')):.3f} / {r.flops / ref.flops:.3f}")
                 est = f" est {r.est_comm / r.comm:.3f}" if r.est_comm and r.comm else f" est {r.est_comm}"
-                print(f"{name:<10}{mesh_label(mesh):<18}{pname:<11}{r.bytes:>12.0f} B {r.comm:>12.0f} comm "
-                      f"{r.flops:>10.3g} fl{est}{rel}", flush=True)
-    everything = set(args.arch) == set(NAMES) and len(meshes) == len(MESHES) and set(args.plans) == set(PLANS)
-    path = args.write or (Path(__file__).resolve().parent / "results" / "linen_probe.md" if everything else None)
+                print(f"{name:<14}{mesh_label(mesh):<16}{pname:<11}{r.bytes:>11.0f} B {r.comm:>11.0f} comm "
+                      f"{r.flops:>10.4g} fl{est}{rel}", flush=True)
+    everything = set(args.arch) == set(names) and len(meshes) == len(MESHES) and set(args.plans) == set(PLANS)
+    path = args.write or (Path(__file__).resolve().parent / "results" / results if everything else None)
     if path and not args.no_write:
-        Path(path).write_text(_markdown(table))
+        lines = _markdown(table).split("\n")
+        lines[0] = title or lines[0]
+        lines[2] = intro(lines[2]) if callable(intro) else intro or lines[2]
+        Path(path).write_text("\n".join(lines) + tail)
         print(f"wrote {path}")
     return 0
+
+
+def main(argv=None):
+    return probe_main(argv, NAMES, build, "linen_probe.md")
 
 
 PLANS = ("tree", "model", "megatron", "replicated", "fsdp")

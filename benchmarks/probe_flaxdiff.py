@@ -20,7 +20,6 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import argparse
 import importlib.util
 import sys
 import types
@@ -153,55 +152,18 @@ def build(name: str):
 
 # ------------------------------------------------------------------ run
 def main(argv=None):
-    import linen_probe
-    from third_party import MESHES, fsdp_rules, measure, mesh_label, plan_each
+    from linen_probe import probe_main
 
     why = available()
     if why:
         print(f"probe_flaxdiff: skipped: {why}")
         return 0
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", nargs="*", default=list(NAMES))
-    ap.add_argument("--mesh", nargs="*", default=[mesh_label(m) for m in MESHES])
-    ap.add_argument("--plans", nargs="*", default=list(linen_probe.PLANS))
-    ap.add_argument("--write", default=None)
-    ap.add_argument("--no-write", action="store_true")
-    args = ap.parse_args(argv)
-    meshes = [{k: int(v) for k, v in (kv.split("=") for kv in m.split(","))} for m in args.mesh]
-    table = []
-    for name in args.arch:
-        built, hand = build(name)
-        for mesh in meshes:
-            calls = {"tree": {"batch": built.sample},
-                     "model": {"model": built.fn, "sample": built.sample, "batch": built.sample},
-                     "megatron": {"rules": hand(mesh)}, "replicated": {"rules": [(r".*", "replicate")]},
-                     "fsdp": {"rules": fsdp_rules(built.params, mesh)}}
-            plans = plan_each(built.params, mesh, {k: calls[k] for k in args.plans})
-            rows = {p: measure(name, mesh, p, plan, built) for p, plan in plans.items()}
-            ref = rows.get("megatron")
-            table += [(name, mesh_label(mesh), p, r, ref) for p, r in rows.items()]
-            for p, r in rows.items():
-                if r.error:
-                    print(f"{name:<12}{mesh_label(mesh):<16}{p:<11}{r.error}", flush=True)
-                    continue
-                rel = ""
-                if ref and not ref.error:
-                    rel = (f" | x hand {r.bytes / ref.bytes:.3f} / "
-                           f"{(r.comm / ref.comm if ref.comm else float('nan')):.3f} / {r.flops / ref.flops:.3f}")
-                est = f" est {r.est_comm / r.comm:.3f}" if r.est_comm and r.comm else f" est {r.est_comm}"
-                print(f"{name:<12}{mesh_label(mesh):<16}{p:<11}{r.bytes:>11.0f} B {r.comm:>11.0f} comm "
-                      f"{r.flops:>10.4g} fl{est}{rel}", flush=True)
-    everything = set(args.arch) == set(NAMES) and len(meshes) == len(MESHES) \
-        and set(args.plans) == set(linen_probe.PLANS)
-    path = args.write or (Path(__file__).resolve().parent / "results" / "probe_flaxdiff.md" if everything else None)
-    if path and not args.no_write:
-        text = linen_probe._markdown(table).replace(
-            "# tpflax on linen models nobody here wrote", "# tpflax on flaxdiff's diffusion models").replace(
-            "`python benchmarks/linen_probe.py` (generated).", "`python benchmarks/probe_flaxdiff.py` (generated; "
-            "flaxdiff 0.2.11, tiny configs, the diffusion MSE loss). The rest of this paragraph is linen_probe's:")
-        Path(path).write_text(text + OBSERVATIONS)
-        print(f"wrote {path}")
-    return 0
+    return probe_main(argv, NAMES, build, "probe_flaxdiff.md", title="# tpflax on flaxdiff's diffusion models",
+                      intro=lambda line: line.replace(
+                          "`python benchmarks/linen_probe.py` (generated).", "`python benchmarks/probe_flaxdiff.py` "
+                          "(generated; flaxdiff 0.2.11, tiny configs, the diffusion MSE loss). The rest of this "
+                          "paragraph is linen_probe's:"), tail=OBSERVATIONS)
+
 
 
 OBSERVATIONS = """

@@ -30,7 +30,6 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import argparse
 import importlib.util
 import sys
 import types
@@ -43,8 +42,7 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
-from linen_probe import _markdown  # noqa: E402
-from third_party import MESHES, Built, fsdp_rules, measure, mesh_label, plan_each  # noqa: E402
+from third_party import Built  # noqa: E402
 
 B, S, V = 8, 16, 1024  # the published vocab (262,144) is a power of two too
 WINDOW = 8  # local layers see half the sequence (512 of 32k published)
@@ -255,49 +253,13 @@ INTRO = ("`python benchmarks/probe_gemma.py` (generated). gemma 3.3.0's own bloc
 
 
 def main(argv=None):
+    from linen_probe import probe_main
+
     if importlib.util.find_spec("gemma") is None:
         print("gemma is not installed (pip install --no-deps gemma einops): nothing to probe")
         return 0
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", nargs="*", default=list(NAMES))
-    ap.add_argument("--mesh", nargs="*", default=[mesh_label(m) for m in MESHES])
-    ap.add_argument("--plans", nargs="*", default=list(PLANS))
-    ap.add_argument("--write", default=None)
-    ap.add_argument("--no-write", action="store_true")
-    args = ap.parse_args(argv)
-    meshes = [{k: int(v) for k, v in (kv.split("=") for kv in m.split(","))} for m in args.mesh]
-    table = []
-    for name in args.arch:
-        built, hand = build(name)
-        for mesh in meshes:
-            calls = {"tree": {"batch": built.sample},
-                     "model": {"model": built.fn, "sample": built.sample, "batch": built.sample},
-                     "megatron": {"rules": hand(mesh)}, "replicated": {"rules": [(r".*", "replicate")]},
-                     "fsdp": {"rules": fsdp_rules(built.params, mesh)}}
-            plans = plan_each(built.params, mesh, {k: calls[k] for k in args.plans})
-            rows = {pname: measure(name, mesh, pname, p, built) for pname, p in plans.items()}
-            ref = rows.get("megatron")
-            table += [(name, mesh_label(mesh), pname, r, ref) for pname, r in rows.items()]
-            for pname, r in rows.items():
-                if r.error:
-                    print(f"{name:<12}{mesh_label(mesh):<18}{pname:<11}{r.error}", flush=True)
-                    continue
-                rel = ""
-                if ref and not ref.error:
-                    rel = (f" | vs hand: bytes {r.bytes / ref.bytes:.3f} comm "
-                           f"{(r.comm / ref.comm if ref.comm else float('nan')):.3f} flops {r.flops / ref.flops:.3f}")
-                est = f" est {r.est_comm / r.comm:.3f}" if r.est_comm and r.comm else f" est {r.est_comm}"
-                print(f"{name:<12}{mesh_label(mesh):<18}{pname:<11}{r.bytes:>12.0f} B {r.comm:>12.0f} comm "
-                      f"{r.flops:>10.3g} fl{est}{rel}", flush=True)
-    everything = set(args.arch) == set(NAMES) and len(meshes) == len(MESHES) and set(args.plans) == set(PLANS)
-    path = args.write or (Path(__file__).resolve().parent / "results" / "probe_gemma.md" if everything else None)
-    if path and not args.no_write:
-        lines = _markdown(table).split("\n")
-        lines[0] = "# tpflax on google-deepmind's gemma (Gemma 3, Gemma 3n)"
-        lines[2] = INTRO
-        Path(path).write_text("\n".join(lines))
-        print(f"wrote {path}")
-    return 0
+    return probe_main(argv, NAMES, build, "probe_gemma.md",
+                      title="# tpflax on google-deepmind's gemma (Gemma 3, Gemma 3n)", intro=INTRO)
 
 
 if __name__ == "__main__":

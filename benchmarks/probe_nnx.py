@@ -37,7 +37,6 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import argparse
 import functools
 import re
 import sys
@@ -52,8 +51,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
-from linen_probe import _markdown  # noqa: E402
-from third_party import MESHES, Built, measure, mesh_label, plan_each  # noqa: E402
+from third_party import Built  # noqa: E402
 
 B, S, V = 8, 16, 1000  # vocab not a power of two, divides the tensor axis
 
@@ -503,46 +501,11 @@ DESCRIPTION = ("`python benchmarks/probe_nnx.py` (generated). Flax NNX models wr
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", nargs="*", default=list(NAMES))
-    ap.add_argument("--mesh", nargs="*", default=[mesh_label(m) for m in MESHES])
-    ap.add_argument("--plans", nargs="*", default=list(PLANS))
-    ap.add_argument("--write", default=None)
-    ap.add_argument("--no-write", action="store_true")
-    args = ap.parse_args(argv)
-    meshes = [{k: int(v) for k, v in (kv.split("=") for kv in m.split(","))} for m in args.mesh]
-    table = []
-    for name in args.arch:
-        for mesh in meshes:
-            built, hand, extra = build(name, mesh)
-            calls = {"tree": {"batch": built.sample},
-                     "model": {"model": built.fn, "sample": built.sample, "batch": built.sample},
-                     "megatron": {"rules": hand(mesh)}, "replicated": {"rules": [(r".*", "replicate")]},
-                     "fsdp": {"rules": fsdp_rules(built.params, mesh)}}
-            calls = {k: {**extra, **v} for k, v in calls.items() if k in args.plans}
-            plans = plan_each(built.params, mesh, calls)
-            rows = {p: measure(name, mesh, p, plan, built) for p, plan in plans.items()}
-            ref = rows.get("megatron")
-            table += [(name, mesh_label(mesh), p, r, ref) for p, r in rows.items()]
-            for p, r in rows.items():
-                if r.error:
-                    print(f"{name:<14}{mesh_label(mesh):<16}{p:<11}{r.error}", flush=True)
-                    continue
-                rel = ""
-                if ref and not ref.error:
-                    rel = (f" | x hand {r.bytes / ref.bytes:.3f} / {(r.comm / ref.comm if ref.comm else 0):.3f}"
-                           f" / {r.flops / ref.flops:.3f}")
-                est = f" est {r.est_comm / r.comm:.3f}" if r.est_comm and r.comm else f" est {r.est_comm}"
-                print(f"{name:<14}{mesh_label(mesh):<16}{p:<11}{r.bytes:>11.0f} B {r.comm:>11.0f} comm "
-                      f"{r.flops:>10.4g} fl{est}{rel}", flush=True)
-    everything = set(args.arch) == set(NAMES) and len(meshes) == len(MESHES) and set(args.plans) == set(PLANS)
-    path = args.write or (Path(__file__).resolve().parent / "results" / "probe_nnx.md" if everything else None)
-    if path and not args.no_write:
-        lines = _markdown(table).split("\n")
-        lines[0], lines[2] = "# tpflax on Flax NNX models written as the NNX docs write them", DESCRIPTION
-        Path(path).write_text("\n".join(lines))
-        print(f"wrote {path}")
-    return 0
+    from linen_probe import probe_main
+
+    return probe_main(argv, NAMES, build, "probe_nnx.md",
+                      title="# tpflax on Flax NNX models written as the NNX docs write them", intro=DESCRIPTION,
+                      fsdp=fsdp_rules, per_mesh=True)
 
 
 if __name__ == "__main__":

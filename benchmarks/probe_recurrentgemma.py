@@ -19,7 +19,6 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import argparse
 import functools
 import itertools
 import sys
@@ -31,8 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
-from linen_probe import _markdown  # noqa: E402
-from third_party import MESHES, Built, fsdp_rules, measure, mesh_label, plan_each  # noqa: E402
+from third_party import Built  # noqa: E402
 
 B, S, V = 8, 16, 1000  # vocab not a power of two (the published one is 256,000), divides the tensor axis
 
@@ -143,53 +141,16 @@ DESCRIPTION = ("`python benchmarks/probe_recurrentgemma.py` (generated; recurren
 
 
 def main(argv=None):
+    from linen_probe import probe_main
+
     try:
         import recurrentgemma.jax  # noqa: F401
     except ImportError as e:
         print(f"recurrentgemma is not installed ({e}); skipping. "
               "pip install --no-deps recurrentgemma einops jaxtyping 'typeguard<3' sentencepiece")
         return 0
-    names = (*configs(), "hawk-scan")
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", nargs="*", default=list(names))
-    ap.add_argument("--mesh", nargs="*", default=[mesh_label(m) for m in MESHES])
-    ap.add_argument("--plans", nargs="*", default=list(PLANS))
-    ap.add_argument("--write", default=None)
-    ap.add_argument("--no-write", action="store_true")
-    args = ap.parse_args(argv)
-    meshes = [{k: int(v) for k, v in (kv.split("=") for kv in m.split(","))} for m in args.mesh]
-    table = []
-    for name in args.arch:
-        built, hand = build(name)
-        for mesh in meshes:
-            calls = {"tree": {"batch": built.sample},
-                     "model": {"model": built.fn, "sample": built.sample, "batch": built.sample},
-                     "megatron": {"rules": hand(mesh)}, "replicated": {"rules": [(r".*", "replicate")]},
-                     "fsdp": {"rules": fsdp_rules(built.params, mesh)}}
-            plans = plan_each(built.params, mesh, {k: calls[k] for k in args.plans})
-            rows = {p: measure(name, mesh, p, plan, built) for p, plan in plans.items()}
-            ref = rows.get("megatron")
-            table += [(name, mesh_label(mesh), p, r, ref) for p, r in rows.items()]
-            for p, r in rows.items():
-                if r.error:
-                    print(f"{name:<10}{mesh_label(mesh):<16}{p:<11}{r.error}", flush=True)
-                    continue
-                rel = ""
-                if ref and not ref.error:
-                    rel = (f" | x hand {r.bytes / ref.bytes:.3f} / {(r.comm / ref.comm if ref.comm else 0):.3f}"
-                           f" / {r.flops / ref.flops:.3f}")
-                est = f" est {r.est_comm / r.comm:.3f}" if r.est_comm and r.comm else f" est {r.est_comm}"
-                print(f"{name:<10}{mesh_label(mesh):<16}{p:<11}{r.bytes:>11.0f} B {r.comm:>11.0f} comm "
-                      f"{r.flops:>10.4g} fl{est}{rel}", flush=True)
-    everything = set(args.arch) == set(names) and len(meshes) == len(MESHES) and set(args.plans) == set(PLANS)
-    path = args.write or (Path(__file__).resolve().parent / "results" / "probe_recurrentgemma.md"
-                          if everything else None)
-    if path and not args.no_write:
-        lines = _markdown(table).split("\n")
-        lines[0], lines[2] = "# tpflax on recurrentgemma's Griffin", DESCRIPTION
-        Path(path).write_text("\n".join(lines))
-        print(f"wrote {path}")
-    return 0
+    return probe_main(argv, (*configs(), "hawk-scan"), build, "probe_recurrentgemma.md",
+                      title="# tpflax on recurrentgemma's Griffin", intro=DESCRIPTION)
 
 
 if __name__ == "__main__":

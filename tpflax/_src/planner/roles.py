@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from tpflax._src.facts.classify import ATTN, COLUMN_NAMES, POS_EMBED, ROW_NAMES, Facts
 from tpflax._src.planner.builders import Linear, short
@@ -369,12 +369,17 @@ def _columns_of_a_named_row(lins: list[Linear]) -> None:
     rows = [x for x in lins if x.role == "row" and ROW_NAMES.match(role_name(x.f))]
     if len(rows) != 1 or any(x.role == "column" for x in lins):
         return
-    row = rows[0]
+    _flipped_columns(lins, rows[0], lambda lin, row: (
+        f"({lin.in_size} -> {lin.out_size}) feeds {short(row.f.path)}, the block's one row by name "
+        "(pass model= to trace it)"))
+
+
+def _flipped_columns(lins: list[Linear], row: Linear, why: Callable[[Linear, Linear], str]) -> None:
+    """Unplaced 2-D linears of the block shaped like ``row`` flipped, ``(row out, row in)``, become its columns."""
     for lin in lins:
         if lin.role is None and len(lin.f.body) == 2 and (lin.in_size, lin.out_size) == (row.out_size, row.in_size):
             lin.role = "column"
-            lin.why = (f"({lin.in_size} -> {lin.out_size}) feeds {short(row.f.path)}, the block's one row by name "
-                       "(pass model= to trace it)")
+            lin.why = why(lin, row)
 
 
 def _square_like_flipped(lins: list[Linear]) -> None:
@@ -499,12 +504,9 @@ def attention_inputs(lins: list[Linear], group: str) -> None:
     rows = [r for r in lins if r.role == "row"]
     if not ATTN.search(group.rsplit("/", 1)[-1]) or len(rows) != 1:
         return
-    row = rows[0]
-    for m in lins:
-        if m.role is None and len(m.f.body) == 2 and (m.in_size, m.out_size) == (row.out_size, row.in_size):
-            m.role = "column"
-            m.why = (f"({m.in_size} -> {m.out_size}) of an attention block projects into the input of its "
-                     f"output projection {short(row.f.path)}: an input projection (query, key or value)")
+    _flipped_columns(lins, rows[0], lambda m, row: (
+        f"({m.in_size} -> {m.out_size}) of an attention block projects into the input of its "
+        f"output projection {short(row.f.path)}: an input projection (query, key or value)"))
 
 
 def low_rank_factors(lins: list[Linear]) -> list[tuple[Linear, Linear]]:
