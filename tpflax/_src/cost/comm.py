@@ -95,10 +95,11 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
         # except where a residual also reads that input (post-norm: BERT, BART): the partial
         # gradients are then added to the residual's one by one, and it reduces each (trace.sharing)
         # a tensor-split grouped convolution is gathered whole (cost/grouped.py): its input gradient is whole
-        split_cols = [c for c in cols if s.axes(c, TENSOR) and not (s.grouped or {}).get(c)]
+        tensor_cols = [c for c in cols if s.axes(c, TENSOR) and not (s.grouped or {}).get(c)]
         # a column split only on dims its contractions batch over (Griffin's RG-LRU gates, block-diagonal by
-        # heads, on linear_x's split output) reads its input split: its input gradient comes out split, unsummed
-        split_cols = [c for c in split_cols if not _batch_split(c, dec[c], s) and c not in kvs]
+        # heads, on linear_x's split output) reads its input split: its input gradient comes out split, unsummed;
+        # a head_dim-split key/value (kvs) has its own collectives (cost/kvsplit.py)
+        split_cols = [c for c in tensor_cols if not _batch_split(c, s) and c not in kvs]
         items += [CommItem(kind, axes, s.rows_of(c) * width * s.act_item + fixed * leaf_itemsize(dec[c]),
                            n, count * k, source, f"{label[c]}: {why}")
                   for c in cols if c in kvs for kind, width, fixed, k, why in kv_split_comms(kvs[c], n)]
@@ -115,8 +116,7 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
         items += [CommItem("all-reduce", axes, _pair_act(j, dec[j], "in", s) * r, n, count, source, f"column "
                            f"{label[j]}, its joined other input: sum partial input gradients (backward)")
                   for j in split_cols for r in joined.get(j, ())]  # each other input's gradient, apart
-        items += [i for c in cols if s.axes(c, TENSOR) and not (s.grouped or {}).get(c)
-                  for i in _stream_items(c, dec[c], axes, s, count, tuple(rows))]
+        items += [i for c in tensor_cols for i in _stream_items(c, dec[c], axes, s, count, tuple(rows))]
         for c in cols:
             if not s.axes(c, TENSOR):  # GQA key/value with fewer heads than the tensor degree: gather its output gradient
                 items.append(CommItem("all-gather", axes, _pair_act(c, dec[c], "out", s), n, count, source,
@@ -128,7 +128,7 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
     return items
 
 
-def _batch_split(c: str, d: Any, s: Scope) -> bool:
+def _batch_split(c: str, s: Scope) -> bool:
     """Whether column ``c`` is split over the tensor axes only on dims its traced contractions batch over."""
     dims = s.batch_dims.get(c)
     split = {i for i, e in enumerate(s.lv.specs[c]) if set(entry_axes(e)) & set(s.axes(c, TENSOR))}

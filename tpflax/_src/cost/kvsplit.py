@@ -17,8 +17,8 @@ gemma probe's Gemma 3 blocks) does not sum partial attention scores: it
   which the split head_dim does not follow);
 * gathers the query heads' partial key/value gradients, as when the kernels are kept whole.
 
-The chooser (:func:`tpflax._src.planner.builders.shard_pair`) and the estimate
-(:func:`tpflax._src.cost.comm.kv_split_items`) price the same list.
+The chooser (:func:`tpflax._src.planner.builders.shard_pair`, through ``kv_view``) and the estimate
+(``tpflax._src.cost.comm._pair_items``, through :func:`kv_splits`) price the same list.
 """
 
 from __future__ import annotations

@@ -293,11 +293,15 @@ def _megatron(st: State, cols: list[Linear], row: Linear, pair: Pair, unit: str,
             last = len(col.f.body) - 1
             if col.f.body[last] % t_size:
                 return None
+            whole = whole_heads_likely(col, t_size)  # an untraced 2-D kernel wide enough for whole heads per rank
+            over = axis_label(t_entry, t_size)
+            what = (f"split on its output features ({col.f.body[last]}) over {over} instead: {HEAD_DIM_GUESS}-wide "
+                    "heads are likely whole on each rank" if whole else
+                    f"so its last dim ({col.f.body[last]}, head_dim) is split over {over} instead")
             props.append((col.f.path, st.proposal(
                 col.f, body_spec(len(col.f.body), last, t_entry), "column",
-                f"column of pair {pair.id}: {why}, so its last dim ({col.f.body[last]}, head_dim) is split over "
-                f"{axis_label(t_entry, t_size)} instead; feeds {short(row.f.path)}", pair.id, "column")))
-            if whole_heads_likely(col, t_size):  # an untraced 2-D kernel wide enough for whole heads per rank
+                f"column of pair {pair.id}: {why}, {what}; feeds {short(row.f.path)}", pair.id, "column")))
+            if whole:
                 acts.append(ActComm("all-reduce", t_entry, col.in_size, 1,
                                     "column: sum partial input gradients (backward)"))
                 continue
