@@ -192,6 +192,32 @@ def test_user_step_over_a_boxed_tree_places_its_bare_optimizer_state_by_the_plan
     assert held[0] == held[1], held
 
 
+def test_optimizer_state_of_the_whole_variables_is_placed_by_the_plan():
+    # tx.init(variables) on a params-only linen tree (a state keyed by "params" too): dry_run took it for a
+    # batch and split every moment's dim 0 over the data axis, so the step it compiled was not the plan's
+    m = zoo.get("mlp")
+    variables = m.abstract_variables()
+    p = tpflax.plan(variables, {"data": 2, "model": 4})
+    mesh = tpflax.make_mesh(p.mesh)
+    opt = optax.adam(1e-3)
+
+    def step(v, s, batch):
+        g = jax.grad(m.loss)(v, batch)
+        u, s = opt.update(g, s, v)
+        return optax.apply_updates(v, u), s
+
+    batch = jax.eval_shape(lambda: m.make_batch(0, 16))
+    state = jax.eval_shape(opt.init, variables)
+    # the same state placed by hand: each moment as its parameter, the step count whole
+    placed = jax.tree_util.tree_map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                                    variables, tpflax.shardings(p, mesh))
+    count = jax.ShapeDtypeStruct((), state[0].count.dtype, sharding=NamedSharding(mesh, P()))
+    by_hand = (optax.ScaleByAdamState(count=count, mu=placed, nu=placed), *state[1:])
+    held = [dry_run(step, p, mesh, (variables, s, batch), optimizer=opt, compiler_options=FAST_XLA).memory["argument"]
+            for s in (state, by_hand)]
+    assert held[0] == held[1], held
+
+
 def test_batch_that_does_not_divide_fails_before_compiling():
     m = zoo.get("mlp")
     p = tpflax.plan(m.abstract_variables(), {"data": 2, "model": 4})

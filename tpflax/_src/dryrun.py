@@ -328,18 +328,28 @@ def _shard_args(plan, mesh, args: tuple[Any, ...], optimizer: Any) -> tuple[tupl
         if leaves and all(isinstance(getattr(x, "sharding", None), NamedSharding) for x in leaves):
             shardings.append(jax.tree_util.tree_map(lambda x: x.sharding, a))
             continue
-        if optimizer is not None and params_tree is not None:
-            params, _ = split_params(plan, params_tree)
-            state, ospecs = opt_state_specs(plan, optimizer, jax.tree_util.tree_map(abstract, params))
-            # an nnx model's state made with tx.init(nnx.state(model, nnx.Param)) holds Variables; a boxed
-            # linen tree's state may be boxed (tx.init(variables["params"])) or bare (of the plan alone)
-            if jax.tree_util.tree_structure(unboxed(state)) in (jax.tree_util.tree_structure(a),
-                                                                jax.tree_util.tree_structure(unboxed(a))) \
-                    or jax.tree_util.tree_structure(state) == jax.tree_util.tree_structure(a):
-                shardings.append(named_shardings(mesh, ospecs))
-                continue
+        if optimizer is not None and params_tree is not None and (ospecs := _opt_specs(plan, optimizer, params_tree, a)):
+            shardings.append(named_shardings(mesh, ospecs))
+            continue
         shardings.append(batch_shardings(plan, mesh, a))
     return args, tuple(shardings)
+
+
+def _opt_specs(plan, optimizer: Any, params_tree: Any, a: Any) -> Any:
+    """The specs of ``a`` as the optimizer state of ``params_tree``'s trained leaves, or None when it is not
+    one. Built over what the train step differentiates (:func:`split_params`: ``variables["params"]``), or,
+    as users often write ``tx.init(variables)`` for a params-only linen tree, over the whole tree."""
+    import jax
+
+    params, _ = split_params(plan, params_tree)
+    for over in (params, params_tree) if params is not params_tree else (params,):
+        state, ospecs = opt_state_specs(plan, optimizer, jax.tree_util.tree_map(abstract, over))
+        # an nnx model's state made with tx.init(nnx.state(model, nnx.Param)) holds Variables; a boxed
+        # linen tree's state may be boxed (tx.init(variables["params"])) or bare (of the plan alone)
+        want = jax.tree_util.tree_structure(a), jax.tree_util.tree_structure(unboxed(a))
+        if jax.tree_util.tree_structure(unboxed(state)) in want or jax.tree_util.tree_structure(state) == want[0]:
+            return ospecs
+    return None
 
 
 def _refused(plan, mesh, oom: tuple[int, int], seconds: float) -> DryRun:
