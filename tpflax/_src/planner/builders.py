@@ -35,7 +35,7 @@ class Options:
     Attributes:
         fsdp_min_bytes: leaves at least this large are also sharded over fsdp
             axes; None: the chooser decides each leaf's fsdp split by cost.
-        min_channels: conv chains are channel-split only from this many channels.
+        min_channels: conv chains narrower than this stay whole unpriced (0: every chain is priced).
         tensor_min_bytes: pairs whose kernels are all smaller stay replicated.
         hardware: the :class:`tpflax._src.hardware.Hardware` candidates are priced on.
         tokens: global tokens per step the activation collectives are priced with.
@@ -46,7 +46,7 @@ class Options:
     """
 
     fsdp_min_bytes: int | None = None
-    min_channels: int = 64
+    min_channels: int = 0
     tensor_min_bytes: int = 0
     hardware: Any = None
     tokens: int = DEFAULT_TOKENS
@@ -388,7 +388,9 @@ def column_blocked(col: Linear, kind: str, row: Linear, t_entry: Entry, t_size: 
 
 
 def shard_conv_pair(st: State, a: Facts, b: Facts, a_dim: int, b_dim: int, why: str = "") -> None:
-    """Conv ``a`` (output channels, body dim ``a_dim``) feeding conv ``b`` (input channels, ``b_dim``)."""
+    """Conv ``a`` (output channels, body dim ``a_dim``) feeding conv ``b`` (input channels, ``b_dim``): split
+    on those channels or kept whole, whichever the chooser prices cheaper (``min_channels``, when set, is a
+    floor below which the pair stays whole unpriced)."""
     t_entry, t_size = st.tensor
     ch = a.body[a_dim]
     note = ""
@@ -405,12 +407,31 @@ def shard_conv_pair(st: State, a: Facts, b: Facts, a_dim: int, b_dim: int, why: 
             st.replicate(f, f"{side} of conv pair {pair.id}, but {note}: {why}tensor split skipped", pair.id, role)
         return
     over = axis_label(t_entry, t_size)
-    st.put(a, body_spec(len(a.body), a_dim, t_entry), "channel",
-           f"channel: {why}{ch} output channels split over {over}, feed {short(b.path)} (conv pair "
-           f"{pair.id})", pair.id, "column")
-    st.put(b, body_spec(len(b.body), b_dim, t_entry), "row",
-           f"input-channel: {ch} input channels split over {over}, fed by {short(a.path)} (conv pair "
-           f"{pair.id}); one all-reduce per pass", pair.id, "row")
+    split = Option("channel split", (
+        (a.path, st.proposal(a, body_spec(len(a.body), a_dim, t_entry), "channel",
+                             f"channel: {why}{ch} output channels split over {over}, feed {short(b.path)} (conv "
+                             f"pair {pair.id})", pair.id, "column")),
+        (b.path, st.proposal(b, body_spec(len(b.body), b_dim, t_entry), "row",
+                             f"input-channel: {ch} input channels split over {over}, fed by {short(a.path)} (conv "
+                             f"pair {pair.id}); one all-reduce per pass", pair.id, "row"))),
+        (ActComm("all-reduce", t_entry, math.prod(b.body) // (b.body[b_dim] * _taps(b)), 1,
+                 "input-channel conv: sum partial outputs (forward)"),
+         ActComm("all-reduce", t_entry, math.prod(a.body) // (ch * _taps(a)), 1,
+                 "channel conv: sum partial input gradients (backward)")),
+        frozenset((a.path, b.path)))
+    whole = Option("replicate", tuple(
+        (f.path, st.whole(f, f"{side} of conv pair {pair.id}: {why}kept whole on every tensor rank", pair.id, role))
+        for f, side, role in ((a, "channel", "column"), (b, "input-channel", "row"))),
+        matmul=frozenset((a.path, b.path)), whole=True)
+    st.choose("pair", [split, whole], [a, b])
+    if st.out[b.path].strategy == "replicate":
+        st.pairs[st.pairs.index(pair)] = replace(pair, sharded=False, note="kept whole: cheaper by cost")
+
+
+def _taps(f: Facts) -> int:
+    """Spatial taps of a conv kernel, laid out as flax's ``(*window, in, out)``: ``kh * kw``. What it reads
+    and writes per position is channels only."""
+    return math.prod(f.body[:-2])
 
 
 # ---------------------------------------------------------------------------

@@ -91,7 +91,7 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options,
     if heads:  # an untied head computes the logits, whatever its name: the token table is not guessed to
         st.opts = replace(st.opts, tied_guess=False)
     _experts(st, todo, widths)
-    _conv_chains(st, todo)
+    _conv_chains(st, todo, facts)
     _embeddings(st, todo, facts)
     _heads(st, todo, heads)
     _adapters(st, adapters)
@@ -356,9 +356,9 @@ _SKIP_CHAIN = re.compile(r"(proj|shortcut|downsample|skip|patch|stem|init|residu
 _UPSAMPLER = re.compile(r"(transpose|deconv|upsampl)", re.I)
 
 
-def _not_a_link(f: Facts) -> str:
-    """Why conv ``f`` is no link of a channel chain ('' when it may be one)."""
-    if _UPSAMPLER.search(f.unit_name):
+def _not_a_link(f: Facts, name: str) -> str:
+    """Why conv ``f``, called ``name`` in its block, is no link of a channel chain ('' when it may be one)."""
+    if _UPSAMPLER.search(name):
         return ("transposed (upsampling) conv: between stages, its output meets a skip connection rather than "
                 "the next conv by name")
     if len(f.body) >= 3 and f.body[-2] == 1 < f.body[-1]:
@@ -370,17 +370,39 @@ def _not_a_link(f: Facts) -> str:
     return ""
 
 
-def _conv_chains(st: State, todo: Sequence[Facts]) -> None:
-    groups: dict[str, list[Facts]] = defaultdict(list)
+def _lifted(f: Facts, units: Mapping[str, set[str]]) -> tuple[str, str]:
+    """``(name, block)`` of conv ``f`` as its block names it: a module that holds nothing but the conv (a
+    ``ConvLayer`` wrapper, ``conv1/conv``) is the conv, so the wrapper's name and parent count. A wrapper
+    at the model's top level stays as it is: the top chains stages (stem, blocks, head), not one block's
+    layers, and the order of its wrappers says nothing about what feeds what."""
+    unit, group = f.unit, f.group
+    while units.get(group) == {unit} and "/" in group:
+        parent = group.rsplit("/", 1)[0]
+        if parent in ("", f.leaf.collection):
+            break
+        unit, group = group, parent
+    return unit.rsplit("/", 1)[-1], group
+
+
+def _conv_chains(st: State, todo: Sequence[Facts], every: Sequence[Facts]) -> None:
+    units: dict[str, set[str]] = defaultdict(set)  # module path -> the layers under it
+    for f in every:
+        parts = f.unit.split("/")
+        for i in range(1, len(parts)):
+            units["/".join(parts[:i])].add(f.unit)
+    groups: dict[str, list[tuple[str, Facts]]] = defaultdict(list)
     for f in todo:
-        if f.kind == "conv" and f.path not in st.out and not _SKIP_CHAIN.search(f.unit_name):
-            why = _not_a_link(f)
+        if f.kind != "conv" or f.path in st.out:
+            continue
+        name, group = _lifted(f, units)
+        if not _SKIP_CHAIN.search(name):
+            why = _not_a_link(f, name)
             if why:
                 st.replicate(f, f"{why} (pass model= to trace where its channels go)")
                 continue
-            groups[f.group].append(f)
+            groups[group].append((name, f))
     for group in sorted(groups, key=_natural):
-        convs = sorted(groups[group], key=lambda f: _natural(f.unit_name))
+        convs = [f for _, f in sorted(groups[group], key=lambda nf: _natural(nf[0]))]
         i = 0
         while i + 1 < len(convs):
             a, b = convs[i], convs[i + 1]
