@@ -64,6 +64,7 @@ from tpflax._src.planner.roles import (
     residual_widths,
     role_name,
 )
+from tpflax._src.planner.inner import inner_features
 from tpflax._src.specs import entry_axes, normalize_entry
 
 
@@ -92,6 +93,7 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options,
         st.opts = replace(st.opts, tied_guess=False)
     _experts(st, todo, widths)
     _conv_chains(st, todo, facts)
+    inner_features(st, todo)
     _embeddings(st, todo, facts)
     _heads(st, todo, heads)
     _adapters(st, adapters)

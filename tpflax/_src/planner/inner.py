@@ -1,0 +1,72 @@
+"""Tree-only: the parameters inside a split pair's block that act on its inner features follow the split.
+
+A recurrence block (Griffin's ``recurrent_block``: ``linear_x`` and ``linear_y`` columns, ``linear_out`` its
+row) computes between its columns and its row with parameters of its own sub-modules: a depthwise temporal
+conv (``conv_1d/w`` ``(taps, F)``), per-feature decays (``rg_lru/a_param`` ``(F,)``) and block-diagonal gates
+(``rg_lru/input_gate/w`` ``(heads, F/heads, F/heads)``). The trace finds them reading the split features
+(:mod:`tpflax._src.planner.followers`); without it, left whole, each device slices its features out of
+them in the forward pass, and the backward pass gathers their gradients (and the optimizer holds them
+whole on every tensor rank). Split with the features, they cost nothing: no collective, a quarter of the
+bytes. Only leaves inside the module that holds both sides of the pair are read this way (a layer's scale
+on the residual stream sits beside its attention or MLP module, not in it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tpflax._src.facts.classify import Facts
+from tpflax._src.planner.builders import OUTPUT_SPLITS, State, axis_label, bias_follows, body_spec, short
+
+_KINDS = ("other", "dense")
+
+
+def inner_features(st: State, todo: Sequence[Facts]) -> None:
+    """Split what acts on a split pair's inner features inside its block (see the module docstring)."""
+    t_entry, t_size = st.tensor
+    if t_size == 1:
+        return
+    loose = [f for f in todo if f.kind in _KINDS and f.path not in st.out and f.path not in st.forced]
+    if not loose:
+        return
+    for pair in st.pairs:
+        if not pair.sharded or len(pair.rows) != 1 or pair.kind == "conv":
+            continue
+        row, cols = st.facts.get(pair.rows[0]), [st.facts.get(c) for c in pair.columns]
+        rp = st.out.get(pair.rows[0])
+        if row is None or rp is None or rp.strategy != "row" or len(row.body) != 2 or None in cols:
+            continue
+        if any(st.out.get(c.path) is None or st.out[c.path].strategy not in OUTPUT_SPLITS for c in cols):
+            continue
+        block = {row.group, *(c.group for c in cols)}
+        if len(block) != 1:
+            continue
+        inside = f"{block.pop()}/"
+        split = row.body_of(rp.spec)
+        dim = next((i for i, e in enumerate(split) if e is not None), None)
+        if dim is None:
+            continue
+        width = row.body[dim]
+        for f in loose:
+            if f.path not in st.out and f.unit.startswith(inside):
+                _follow(st, f, width, pair.id, short(row.path), t_entry, t_size, todo)
+
+
+def _follow(st: State, f: Facts, width: int, pair: int, row: str, t_entry, t_size: int,
+            todo: Sequence[Facts]) -> None:
+    body, over = f.body, axis_label(t_entry, t_size)
+    how = f"inside the block of pair {pair}, between its columns and {row}, whose {width} input features are split"
+    if len(body) == 1 and body[0] == width:
+        st.put(f, body_spec(1, 0, t_entry), "channel", f"per-feature parameter ({width}) {how}: split over {over} "
+                                                        "with them (pass model= to trace it)", pair)
+    elif (len(body) == 2 and body[1] == width and body[0] < width and "conv" in f.unit.rsplit("/", 1)[-1].lower()):
+        st.put(f, body_spec(2, 1, t_entry), "channel",
+               f"depthwise taps ({body[0]} x {width} features) {how}: split over {over} with them (pass model= to "
+               "trace it)", pair)
+    elif (len(body) == 3 and body[1] == body[2] and body[0] * body[1] == width and body[0] % t_size == 0):
+        st.put(f, body_spec(3, 0, t_entry), "heads",
+               f"block-diagonal gate ({body[0]} heads of {body[1]} x {body[2]}) {how}: its heads split over "
+               f"{over} with them (pass model= to trace it)", pair)
+        for b in todo:  # its (heads, F/heads) bias: split like the gate's heads
+            if b.unit == f.unit and b.kind == "bias" and b.path not in st.out and tuple(b.body) == body[:2]:
+                bias_follows(st, b, (t_entry, None), f.path, f"bias of {short(f.path)}")
