@@ -42,9 +42,9 @@ class TinyUNet(nn.Module):
     @nn.compact
     def __call__(self, x, t):
         temb = nn.Dense(32)(t)
-        h = ConvLayer(32)(x)  # ConvLayer_0: the stem
-        h = ResBlock(32, name="down_0_residual_0")(h, temb)
-        h = ResBlock(64, name="up_0_residual_0")(h, temb)
+        h = ConvLayer(64)(x)  # ConvLayer_0: the stem
+        h = ResBlock(64, name="down_0_residual_0")(h, temb)
+        h = ResBlock(128, name="up_0_residual_0")(h, temb)
         return ConvLayer(3)(h)  # ConvLayer_1: the output conv
 
 

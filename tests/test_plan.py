@@ -191,17 +191,17 @@ def test_resnet_conv_chain_is_channel_then_input_channel():
     assert spec(p, "batch_stats/block_0/bn1/mean") == P(None)
 
 
-def test_conv_pairs_are_priced_and_min_channels_is_a_floor():
+def test_conv_channel_floor_is_an_option_and_pairs_above_it_are_priced():
     tree = zoo.get("cnn").abstract_variables()  # tiny: 16/32/64 channels
     default = tpflax.plan(tree, {"model": 4})
-    d = default.decisions["params/block_0/conv1/kernel"]
+    assert default.decisions["params/block_0/conv1/kernel"].strategy == "replicate"
+    assert "min_channels=64" in default.decisions["params/block_0/conv1/kernel"].reason
+    low = tpflax.plan(tree, {"model": 4}, min_channels=0)
+    d = low.decisions["params/block_0/conv1/kernel"]
     # priced like any column -> row pair: split or whole, both costs kept on the decision
     assert d.strategy == "channel" and "chosen by cost" in d.reason
     assert sorted(a.name for a in d.alternatives) == ["channel split", "replicate"]
-    assert spec(default, "params/block_0/conv2/kernel") == P(None, None, "model", None)
-    floor = tpflax.plan(tree, {"model": 4}, min_channels=64)
-    assert floor.decisions["params/block_0/conv1/kernel"].strategy == "replicate"
-    assert "min_channels=64" in floor.decisions["params/block_0/conv1/kernel"].reason
+    assert spec(low, "params/block_0/conv2/kernel") == P(None, None, "model", None)
 
 
 def test_mlp_and_nnx_mlp_pair_up_down():

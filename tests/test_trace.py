@@ -252,12 +252,10 @@ def test_one_hot_embedding_and_tied_logits():
 #   split would cut heads in half (the GQA rule the 3-D llama kernels follow);
 #   cnn block_2/proj_conv feeds only the head through the residual and the mean:
 #   a channel -> row pair the name-skipping chain rule does not see.
-#   cnn's batch norms after a split conv1 (every block's: both sides price the conv pairs, the 16- and
-#   32-channel ones too) and block_2's proj_conv: per-channel parameters the trace splits like the
-#   channels they scale (compiled, data=2,model=4: 2.3 KB fewer collectives per step and 3 KB less peak
-#   than keeping block_2's whole; the same flops). The tree cannot tell which norm sits between the convs.
-_BN = [f"{c}/{block}/{bn}/{p}" for block, bn in [("block_0", "bn1"), ("block_1", "bn1"), ("block_2", "bn1"),
-                                                   ("block_2", "proj_bn")]
+#   cnn block_2's batch norms after its split conv1 and proj_conv: per-channel parameters the trace
+#   splits like the channels they scale (compiled, data=2,model=4: 2.3 KB fewer collectives per step
+#   and 3 KB less peak than keeping them whole; the same flops).
+_BN = [f"{c}/block_2/{bn}/{p}" for bn in ("bn1", "proj_bn")
        for c, p in [("params", "scale"), ("params", "bias"), ("batch_stats", "mean"), ("batch_stats", "var")]]
 EXPECTED = {  # the trace sees proj_conv feeding only the head; the tree cannot
     "cnn": {"params/block_2/proj_conv/kernel", "params/head/kernel", *_BN},

@@ -77,8 +77,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="override: first matching rule wins (strategy name or axes like None,model)")
     p.add_argument("--fsdp-min-bytes", type=int, default=None,
                    help="leaves this large also shard over fsdp axes (default: decided by cost per leaf)")
-    p.add_argument("--min-channels", type=positive_int, default=0,
-                   help="narrowest conv chain to split (default: every chain priced, split or whole by cost)")
+    p.add_argument("--min-channels", type=int, default=64,
+                   help="narrowest conv chain to split; wider ones are priced split vs whole (default 64)")
     p.add_argument("--fused", choices=["split", "aligned"], default="split",
                    help="fused q|k|v kernels: split in the model's order (default) or stored head-aligned")
     p.add_argument("--devices", type=positive_int, default=None,

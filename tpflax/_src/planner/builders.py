@@ -35,7 +35,7 @@ class Options:
     Attributes:
         fsdp_min_bytes: leaves at least this large are also sharded over fsdp
             axes; None: the chooser decides each leaf's fsdp split by cost.
-        min_channels: conv chains narrower than this stay whole unpriced (0: every chain is priced).
+        min_channels: conv chains narrower than this stay whole unpriced; the others are priced.
         tensor_min_bytes: pairs whose kernels are all smaller stay replicated.
         hardware: the :class:`tpflax._src.hardware.Hardware` candidates are priced on.
         tokens: global tokens per step the activation collectives are priced with.
@@ -46,7 +46,7 @@ class Options:
     """
 
     fsdp_min_bytes: int | None = None
-    min_channels: int = 0
+    min_channels: int = 64
     tensor_min_bytes: int = 0
     hardware: Any = None
     tokens: int = DEFAULT_TOKENS

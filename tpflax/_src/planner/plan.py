@@ -80,7 +80,7 @@ def _check_options(**values: Any) -> None:
 
 def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tuple[str, Any]] | None = None,
          axis_roles: Mapping[str, str] | None = None, fsdp_min_bytes: int | None = None,
-         min_channels: int = 0, tensor_min_bytes: int = 0, stacked: str | Mapping[str, int] | None = None,
+         min_channels: int = 64, tensor_min_bytes: int = 0, stacked: str | Mapping[str, int] | None = None,
          use_annotations: bool = True, model: Any = None, sample: Any = None, hardware: Any = None,
          batch: Any = None, device_memory: Any = None, trainable: Any = None, fused: str = "split") -> Plan:
     """Plan a PartitionSpec for every leaf of ``tree``.
@@ -98,8 +98,10 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
         axis_roles: roles for mesh axes with unrecognised names.
         fsdp_min_bytes: leaves this large or larger also shard over fsdp axes;
             None (the default): the chooser decides every leaf's fsdp split by cost.
-        min_channels: conv chains narrower than this stay whole; 0 (the default): the chooser prices
-            every chain split against whole, like any column -> row pair.
+        min_channels: conv chains narrower than this stay whole, unpriced; the chooser prices the
+            others split against whole, like any column -> row pair (0: every chain is priced). At
+            tiny widths a channel split's activation sums can outweigh what it divides (a speech
+            model's feature extractor runs its convs at every audio frame).
         tensor_min_bytes: column/row pairs whose kernels are all smaller stay replicated.
         stacked: regex forcing leaves to be treated as ``nn.scan`` stacks, their layers dim first;
             ``"regex:1"`` or ``{regex: 1}`` for a layers dim at index 1 (``nn.scan(...,

@@ -340,7 +340,7 @@ def suggest_mesh(model_or_tree: Any, devices: int, device_memory: Any = None, ha
                  expert_dispatch: str = "dense", optimizer_name: str | None = None,
                  ici_bandwidth: Any = None, dcn_bandwidth: Any = None, chips_per_host: int | None = None,
                  fast_domain: int | None = None, reserve: float = 0.0, rules: Any = None,
-                 fsdp_min_bytes: int | None = None, min_channels: int = 0, tensor_min_bytes: int = 0,
+                 fsdp_min_bytes: int | None = None, min_channels: int = 64, tensor_min_bytes: int = 0,
                  stacked: str | None = None, use_annotations: bool = True, trace_plan: bool = False,
                  verify: int = 0, raise_if_none: bool = True, sample: Any = None,
                  variables: Any = None, loss: Any = None) -> Suggestion:
