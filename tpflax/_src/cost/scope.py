@@ -218,7 +218,7 @@ def is_tied(path: str, d: Any, s: Scope) -> bool:
     """The token table also computes the logits (an ``attend`` call, the trace, or no head to be found)."""
     if s.tied is not None:  # the trace saw the table both looked up and contracted
         return path in s.tied
-    if d.kind != "embedding":
+    if d.kind != "embedding" or len(body(d)) != 2:  # a table of more dims is no logits kernel
         return False
     if acts_for(s.activations, d.unit + ":attend"):
         return True
