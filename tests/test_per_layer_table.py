@@ -75,6 +75,7 @@ def test_a_three_d_table_of_other_rows_stays_whole_in_the_tree():
     tree = {"params": {"embed": {"embedding": s(V, D)}, "per_layer_embedding": s(V + 4, L, W)}}
     d = tpflax.plan(tree, MESH).decisions["params/per_layer_embedding"]
     assert d.spec == P(None, None, None), d.reason
+    assert "vocab split" not in {a.name for a in d.alternatives}, d.reason  # never offered, not just priced out
 
 
 def test_the_split_tables_numbers_beat_it_whole_and_the_estimate_counts_its_lookup():
@@ -101,3 +102,22 @@ def test_the_split_tables_numbers_beat_it_whole_and_the_estimate_counts_its_look
     looks = [i for i in est.items if i.source == "params/per_layer_embedding" and "looked-up rows" in i.why]
     assert [(i.size, i.count) for i in looks] == [(4 * 16 * L * W * 4, 1)], looks
     assert est.comm_total == pytest.approx(dr.comm_total, rel=0.02), (est.comm_total, dr.comm_total)
+
+
+def test_a_traced_three_d_table_looked_up_at_positions_stays_whole():
+    # (positions, layers, width) indexed by arange: no model input reaches its indices, so no vocabulary
+    class PosNet(nn.Module):
+        @nn.compact
+        def __call__(self, ids):
+            x = nn.Embed(V, D, name="embed")(ids)
+            pos = self.param("per_layer_w", nn.initializers.normal(), (ids.shape[1], L, W))
+            per_layer = pos[jnp.arange(ids.shape[1])]  # (t, layers, width)
+            for i in range(L):
+                x = Block(name=f"layer_{i}")(x, per_layer[None, :, i, :])
+            return nn.Dense(V, use_bias=False, name="head")(x)
+
+    m = PosNet()
+    v = jax.eval_shape(m.init, jax.random.key(0), IDS)
+    d = tpflax.plan(v, MESH, batch=(IDS,), model=m.apply, sample=(IDS,)).decisions["params/per_layer_w"]
+    assert d.spec == P(None, None, None), d.reason
+    assert "vocab split" not in {a.name for a in d.alternatives}, d.reason  # never offered, not just priced out
