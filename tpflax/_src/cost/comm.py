@@ -276,7 +276,9 @@ def _layer_items(s: Scope, notes: list[str]) -> list[CommItem]:
         # a frozen parameter (plan(trainable=)) computes as a trained one does: its activation collectives stay
         if path in lv.in_pair or d.kind in ("int", "state") or not axes or d.kind == "bias":
             continue
-        if d.kind == "embedding" or (d.strategy == "vocab" and len(body(d)) >= 2):  # a table the trace found
+        # a table the trace found, or one a rule splits that the trace shows only looked up (whatever its kind)
+        if d.kind == "embedding" or (d.strategy == "vocab" and len(body(d)) >= 2) or (
+                path in s.looked and path not in s.contracted):
             new = _embedding_items(path, d, axes, s, notes=notes)
         elif s.edges is not None and path not in s.contracted:
             continue  # traced, no contraction uses it (a Conv1D's (width, channels) taps, combined elementwise)

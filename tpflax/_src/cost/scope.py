@@ -105,6 +105,7 @@ class Scope:
     loops: Mapping[str, tuple[int, bool]] | None = None  # traced parameters used inside loop bodies (Traced.loops)
     edges: frozenset[tuple[str, str]] | None = None  # traced dataflow edges (Traced.edges); None: not traced
     contracted: frozenset[str] = frozenset()  # traced parameters a contraction uses (Traced.contracted)
+    looked: frozenset[str] = frozenset()  # traced parameters a lookup reads (Traced.looked)
     batched: frozenset[str] = frozenset()  # traced expert kernels reading a dispatched buffer (Traced.batched)
     # traced tables that feed a per-example conditioning vector, with the modulations reading it (Traced.conditions)
     conditions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
