@@ -276,7 +276,9 @@ def _layer_items(s: Scope, notes: list[str]) -> list[CommItem]:
         # a frozen parameter (plan(trainable=)) computes as a trained one does: its activation collectives stay
         if path in lv.in_pair or d.kind in ("int", "state") or not axes or d.kind == "bias":
             continue
-        if d.kind == "embedding" or (d.strategy == "vocab" and len(body(d)) == 2):  # a table the trace found
+        # a table the trace found, or one a rule splits that the trace shows only looked up (whatever its kind)
+        if d.kind == "embedding" or (d.strategy == "vocab" and len(body(d)) >= 2) or (
+                path in s.looked and path not in s.contracted):
             new = _embedding_items(path, d, axes, s, notes=notes)
         elif s.edges is not None and path not in s.contracted:
             continue  # traced, no contraction uses it (a Conv1D's (width, channels) taps, combined elementwise)
@@ -295,9 +297,12 @@ def _layer_items(s: Scope, notes: list[str]) -> list[CommItem]:
 def _embedding_items(path: str, d: Any, axes: tuple[str, ...], s: Scope, *, notes: list[str]) -> list[CommItem]:
     """A vocab-split lookup sums its rows; a feature-split one gathers them; a tied output adds the head's."""
     n, b = s.size(axes), body(d)
-    acts = acts_for(s.activations, d.unit)
-    size = s.nbytes(acts[0].output) if acts else s.rows_local * b[-1] * s.act_item
     split_vocab = _split_vocab(path, d, axes, s)
+    # a table of more dims (Gemma 3n's per-layer inputs, (vocab, layers, width)) looks up all its trailing dims
+    # per row, and its unit's calls are another table's (the token table's, in the same embedder)
+    acts = acts_for(s.activations, d.unit) if len(b) == 2 else []
+    size = s.nbytes(acts[0].output) if acts else s.rows_local * (math.prod(b[1:]) if split_vocab else b[-1]) \
+        * s.act_item
     looks = (s.lookups or {}).get(path, 1)  # a table the encoder and the decoder both look up (T5)
     lv = s.lv  # a feature-split lookup keeps the residual stream split: gathered behind each norm too
     feeds_stream = _feeds_stream(path, d, axes, s)

@@ -143,7 +143,8 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
                   grouped=w.grouped, joined=w.joined, widths=w.widths, slices=w.slices,
                   buffers=w.buffers, streams=w.streams, row_axes=tuple(a for a in caxes if a not in axes),
                   target=w.target, gathers_reduce=w.backend == "tpu" and gathers_reduce(w.target, n), meets=w.meets,
-                  positional=w.positional, loops=w.loops, edges=w.edges, contracted=w.contracted, batched=w.batched,
+                  positional=w.positional, loops=w.loops, edges=w.edges, contracted=w.contracted, looked=w.looked,
+                  batched=w.batched,
                   conditions=w.conditions, batch_dims=w.batch_dims, sliced=w.sliced,
                   moments=param_moments(w.opt))
     notes.extend(product_sum_notes(lv, mesh, w, scope.experts_split))

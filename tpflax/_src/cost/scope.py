@@ -105,6 +105,7 @@ class Scope:
     loops: Mapping[str, tuple[int, bool]] | None = None  # traced parameters used inside loop bodies (Traced.loops)
     edges: frozenset[tuple[str, str]] | None = None  # traced dataflow edges (Traced.edges); None: not traced
     contracted: frozenset[str] = frozenset()  # traced parameters a contraction uses (Traced.contracted)
+    looked: frozenset[str] = frozenset()  # traced parameters a lookup reads (Traced.looked)
     batched: frozenset[str] = frozenset()  # traced expert kernels reading a dispatched buffer (Traced.batched)
     # traced tables that feed a per-example conditioning vector, with the modulations reading it (Traced.conditions)
     conditions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
@@ -218,7 +219,7 @@ def is_tied(path: str, d: Any, s: Scope) -> bool:
     """The token table also computes the logits (an ``attend`` call, the trace, or no head to be found)."""
     if s.tied is not None:  # the trace saw the table both looked up and contracted
         return path in s.tied
-    if d.kind != "embedding":
+    if d.kind != "embedding" or len(body(d)) != 2:  # a table of more dims is no logits kernel
         return False
     if acts_for(s.activations, d.unit + ":attend"):
         return True

@@ -137,6 +137,8 @@ class Traced:
         dead: parameters the outputs do not depend on (:attr:`tpflax._src.trace.records.Dataflow.dead`).
         sliced: ``{path: fraction}``, parameters read only through static slices, the part the slices cover
             (:attr:`tpflax._src.trace.records.Dataflow.sliced`): the gradient all-reduce moves that part.
+        looked: parameters a lookup reads (a gather or a one-hot matmul at integer ids): a table, whatever its
+            kind and however a rule splits it.
     """
 
     tied: frozenset[str] | None = None
@@ -174,6 +176,7 @@ class Traced:
     dead: frozenset[str] = frozenset()
     batch_dims: Mapping[str, frozenset[int]] = field(default_factory=dict)
     sliced: Mapping[str, float] = field(default_factory=dict)
+    looked: frozenset[str] = frozenset()
 
 
 def frozen_inputs(t: Traced, trainable: Mapping[str, bool]) -> frozenset[str]:
@@ -294,7 +297,8 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
                         for ks, n, c in flow.split_sums),
                   frozenset((e.src, e.dst) for e in flow.edges),
                   frozenset(u.path for u in flow.uses if u.op in ("dot", "conv")), batched,
-                  _conditions(flow, shapes, streams, rows, examples), flow.dead, _batch_dims(flow), dict(flow.sliced))
+                  _conditions(flow, shapes, streams, rows, examples), flow.dead, _batch_dims(flow), dict(flow.sliced),
+                  frozenset(u.path for u in flow.uses if u.op in ("gather", "onehot")))
 
 
 def _batch_dims(flow: Any) -> dict[str, frozenset[int]]:

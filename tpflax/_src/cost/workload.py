@@ -108,6 +108,7 @@ class Workload:
     split_sums: tuple[tuple[frozenset[tuple[str, int]], float, int], ...] = ()
     edges: frozenset[tuple[str, str]] | None = None  # traced dataflow edges, None: not traced (Traced.edges)
     contracted: frozenset[str] = frozenset()  # traced parameters a contraction uses (Traced.contracted)
+    looked: frozenset[str] = frozenset()  # traced parameters a lookup reads (Traced.looked)
     batched: frozenset[str] = frozenset()  # traced expert kernels reading a dispatched buffer (Traced.batched)
     batch_dims: Mapping[str, frozenset[int]] = field(default_factory=dict)  # Traced.batch_dims
     conditions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # (Traced.conditions)
@@ -194,7 +195,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     collectives=t.collectives, row_axes=t.row_axes, meets=t.meets,
                     positional=t.positional, loops=t.loops, remat_layers=t.remat_layers, erf=t.erf,
                     product_sums=t.product_sums, split_sums=t.split_sums,
-                    edges=t.edges, contracted=t.contracted, batched=t.batched, conditions=t.conditions, dead=t.dead,
+                    edges=t.edges, contracted=t.contracted, looked=t.looked, batched=t.batched, conditions=t.conditions, dead=t.dead,
                     batch_dims=t.batch_dims, sliced=t.sliced)
 
 

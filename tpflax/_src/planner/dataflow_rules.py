@@ -138,16 +138,22 @@ def _recurrent(c: _Flow) -> None:
 
 
 def _embeddings(c: _Flow) -> None:
-    """Gathered rows or one-hot matmuls; tied when also contracted as the logits kernel."""
+    """Gathered rows or one-hot matmuls; tied when also contracted as the logits kernel.
+
+    A table of more dims whose every use is a lookup at ids the model's inputs give (Gemma 3n's per-layer
+    inputs ``(vocab, layers, width)``, indexed by the token ids) is a vocabulary table too; one looked up at
+    positions computed from no input is left to the tree (a learned position table, kept whole)."""
     for path, us in c.uses.items():
         look = [u for u in us if u.op in ("gather", "onehot")]
         f = c.fx[path]
-        if not look or path in c.st.out or len(f.body) != 2 or len(look[0].contracted) != 1:
+        if not look or path in c.st.out or len(f.body) < 2 or len(look[0].contracted) != 1:
+            continue
+        if len(f.body) > 2 and (len(look) != len(us) or any(u.op != "gather" or u.fixed for u in look)):
             continue
         u = look[0]
         v = f.body_dim(u.contracted[0])
         d = 1 - v
-        tied = any(w.op == "dot" and f.leaf_dim(d) in w.contracted for w in us)
+        tied = len(f.body) == 2 and any(w.op == "dot" and f.leaf_dim(d) in w.contracted for w in us)
         how = "one-hot matmul" if u.op == "onehot" else "gather"
         ev = f"looked up by integer ids ({how} over dim {v}, {f.body[v]} rows)"
         if tied:

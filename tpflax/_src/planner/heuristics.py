@@ -417,9 +417,32 @@ def _conv_chains(st: State, todo: Sequence[Facts], every: Sequence[Facts]) -> No
 
 
 def _embeddings(st: State, todo: Sequence[Facts], every: Sequence[Facts]) -> None:
+    vocabs = _token_rows(every)
     for f in todo:
-        if f.kind == "embedding" and f.path not in st.out and len(f.body) == 2:
+        if f.kind != "embedding" or f.path in st.out:
+            continue
+        if len(f.body) == 2:
             shard_embedding(st, f, 0, every=every)
+        elif len(f.body) > 2 and f.body[0] in vocabs and not POS_EMBED.search(f.unit_name):
+            # as many rows as a token table: looked up by the token ids, a vocabulary table whatever its rank
+            shard_embedding(st, f, 0, f"{f.body[0]} rows, the vocabulary of {short(vocabs[f.body[0]])}: looked "
+                                      "up by the token ids, each a " + " x ".join(map(str, f.body[1:])) + " slice",
+                            every=every)
+
+
+def _token_rows(facts: Sequence[Facts]) -> dict[int, str]:
+    """``{rows: path}`` of the 2-D token tables (embeddings not named for positions or segments).
+
+    >>> import jax
+    >>> from tpflax._src.facts.classify import classify
+    >>> from tpflax._src.facts.tree import walk
+    >>> s = lambda *shape: jax.ShapeDtypeStruct(shape, "float32")
+    >>> facts = classify(walk({"tok": {"embedding": s(1000, 64)}, "pos": {"embedding": s(64, 64)}})[0])
+    >>> _token_rows(facts)
+    {1000: 'tok/embedding'}
+    """
+    return {f.body[0]: f.path for f in facts
+            if f.kind == "embedding" and len(f.body) == 2 and not POS_EMBED.search(f.unit_name)}
 
 
 def output_heads(facts: Sequence[Facts], widths: set[int] | None = None) -> dict[str, tuple[int, str]]:

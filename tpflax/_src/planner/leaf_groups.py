@@ -20,20 +20,26 @@ from tpflax._src.specs import Entry, entry_axes, used_axes
 
 def shard_embedding(st: State, f: Facts, vdim: int, evidence: str = "", tied: bool = False,
                     every: Sequence[Facts] = ()) -> None:
-    """A 2-D table looked up over body dim ``vdim``: vocab split, embedding-dim split or whole, by cost.
+    """A table looked up over body dim ``vdim``: vocab split, embedding-dim split or whole, by cost.
+
+    A table of more dims (Gemma 3n's per-layer inputs ``(vocab, layers, width)``, every layer its own
+    vector per token) is looked up like the token table: its vocab split sums the looked-up rows, all
+    their trailing dims, and it is offered only that split or whole (never tied, no feature split).
 
     ``every``: the model's leaves, whose norms of the table's width say how often a feature-split
     residual stream is gathered (:func:`~tpflax._src.cost.price.stream_gathers`).
     """
     t_entry, t_size = st.tensor
-    v, d = f.body[vdim], f.body[1 - vdim]
+    rank = len(f.body)
+    v, d = f.body[vdim], math.prod(f.body) // max(f.body[vdim], 1)
     ev = f"{evidence}; " if evidence else ""
     if t_size == 1:
         st.replicate(f, f"embedding: {ev}no tensor axis in the mesh")
         return
     over = axis_label(t_entry, t_size)
     # a table inside an attention layer (T5's relative-position bias) is never the token table
-    if not evidence and st.opts.tied_guess and not POS_EMBED.search(f.unit_name) and not ATTN.search(f.path):
+    if (rank == 2 and not evidence and st.opts.tied_guess and not POS_EMBED.search(f.unit_name)
+            and not ATTN.search(f.path)):
         tied, ev = True, "no output head in the tree, so priced as tied to the logits; "
     mm = frozenset({f.path}) if tied else frozenset()
     options = []
@@ -42,19 +48,19 @@ def shard_embedding(st: State, f: Facts, vdim: int, evidence: str = "", tied: bo
     # split divides, so it splits with them and moves nothing; split on its rows, every device would
     # sum the looked-up biases of every query-key pair (a scores-sized all-reduce, where the heads
     # split moves none), so that split is not offered
-    bias = bool(ATTN.search(f.path)) and d < v and d % t_size == 0
+    bias = rank == 2 and bool(ATTN.search(f.path)) and d < v and d % t_size == 0
     if v % t_size == 0 and not bias:
         acts = (ActComm("all-reduce", t_entry, d, 1, "sum the looked-up rows (forward)"),)
         if tied:
             acts += _logit_acts(t_entry, d, "tied output embedding")
         options.append(Option("vocab split", ((f.path, st.proposal(
-            f, body_spec(2, vdim, t_entry), "vocab",
+            f, body_spec(rank, vdim, t_entry), "vocab",
             f"vocab: {ev}{v} rows split over {over} (vocab-parallel lookup{' and logits' if tied else ''})")),),
             acts, mm))
     # The embedding-dim split only where the rows do not divide: measured on a GQA block
     # (tests/test_choose.py), splitting a 128-row token table on its features instead of its rows
     # cost XLA 60% more collectives than the priced gather (its feature-split output feeds a norm).
-    if d % t_size == 0 and not options and not bias:
+    if rank == 2 and d % t_size == 0 and not options and not bias:
         # A feature-split table hands XLA a feature-split activation to add to the residual
         # stream, which stays split through every block: gathered behind each of its norms (the
         # estimate counts the same gathers, cost.comm). They are priced at the activation dtype:
@@ -80,7 +86,8 @@ def shard_embedding(st: State, f: Facts, vdim: int, evidence: str = "", tied: bo
             f"heads: {ev}a {v} x {d} table inside an attention layer: its {d} columns (one per head) split "
             f"over {over} like the heads of the scores they are added to")),)))
     options.append(Option("replicate", ((f.path, st.whole(
-        f, f"embedding: {ev}{v} x {d} table kept whole on every tensor rank")),), (), mm, whole=True))
+        f, f"embedding: {ev}{' x '.join(map(str, f.body))} table kept whole on every tensor rank")),), (), mm,
+        whole=True))
     st.choose("embedding", options, [f])
 
 
