@@ -212,7 +212,7 @@ def gemma3n_hand(mesh):
     on the residual streams) whole, fsdp on d."""
     f = "fsdp" if "fsdp" in mesh else None
     return [(r"embedder/input_embedding$", P("model", f)),
-            (r"embedder/per_layer_input_embedding$", P("model", None, None)),
+            (r"embedder/per_layer_input_embedding$", P("model", None, f)),
             (r"embedder/per_layer_input_projection/w$", P(f, None, None)),
             (r"q_einsum/w$", P("model", f, None)), (r"kv_einsum/w$", P(None, None, f, None)),
             (r"attn_vec_einsum/w$", P("model", None, f)),
