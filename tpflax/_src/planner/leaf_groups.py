@@ -10,10 +10,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from tpflax._src.cost.price import ActComm, stream_gathers
+from tpflax._src.cost.price import OPT_COPIES, ActComm, stream_gathers
 from tpflax._src.facts.classify import ATTN, POS_EMBED, Facts
 from tpflax._src.mesh import FSDP
-from tpflax._src.planner.builders import Proposal, State, axis_label, body_spec
+from tpflax._src.planner.builders import Proposal, State, axis_label, body_spec, short
 from tpflax._src.planner.choose import Chosen, Option, fit, revise
 from tpflax._src.specs import Entry, entry_axes, used_axes
 
@@ -111,7 +111,7 @@ def shard_output_head(st: State, f: Facts, dim: int, evidence: str) -> None:
 
 
 def shard_lone_dense(st: State, f: Facts, dim: int, why: str,
-                     stream: tuple[float, int, int] | None = None) -> None:
+                     stream: tuple[float, int, int] | None = None, reached: Sequence[Facts] = ()) -> None:
     """A dense without a partner: whole, or its output body dim ``dim`` split over the tensor axis, by cost.
 
     It is priced at the rows it reads per token the chooser prices (traced, ``State.rows``): a projection of
@@ -122,6 +122,9 @@ def shard_lone_dense(st: State, f: Facts, dim: int, why: str,
     ``stream``: ``(rows over its own, width, gathers)`` when its output scales a larger activation
     elementwise (:func:`~tpflax._src.trace.spread.spread_streams`: DiT's adaLN): split, it leaves XLA a
     feature-split residual stream, gathered that often.
+    ``reached``: the trained leaves kept whole whose gradient its split output would split
+    (:func:`~tpflax._src.planner.followers.whole_reached`: the adaLN modulation kernels reading a split time
+    embedding); XLA runs their update split and gathers them back (:func:`update_gathers`).
     """
     t_entry, t_size = st.tensor
     keep = Option("replicate", ((f.path, st.whole(f, why)),), (), frozenset({f.path}), whole=True)
@@ -137,6 +140,7 @@ def shard_lone_dense(st: State, f: Facts, dim: int, why: str,
         ratio, width, gathers = stream
         acts += (ActComm("all-gather", t_entry, ratio * width, gathers, "gather the residual stream its split "
                          "output splits, for each kernel that reads or writes it"),)
+    acts += update_gathers(st, t_entry, reached)
     split = Option("column", ((f.path, st.proposal(
         f, body_spec(len(f.body), dim, t_entry), "column",
         f"column: dense without a partner reading {share:.3g} rows per token (traced); its {n} "
@@ -224,3 +228,25 @@ class _Reuse:
                                     ch.costs, ch.index, {f.path: f}, ch.tokens))
         chosen = on if ch.index == 0 else p
         st.out[f.path] = revise(chosen, reason=chosen.reason + self.words, alternatives=p.alternatives + self.alts)
+
+
+def update_gathers(st: State, t_entry: Entry, reached: Sequence[Facts]) -> tuple[ActComm, ...]:
+    """The gathers of ``reached`` leaves (kept whole on the tensor axis) once a split splits their gradient,
+    as the estimate counts them (:func:`tpflax._src.cost.stream.update_gathers`): XLA updates each split and
+    gathers the parameter and its :data:`~tpflax._src.cost.price.OPT_COPIES` moments (XLA:TPU the kernels
+    only; on GPU the estimate counts none); under the step's fsdp pinning (an fsdp axis in the mesh) the
+    gradient is gathered once, whole, and the update runs as stored. Measured on flaxdiff's SimpleMMDiT
+    (benchmarks/probe_flaxdiff.py, data=2,model=4, XLA:CPU): a split time embedding and text projection left
+    12 gathers of the four ``(64, 384)`` modulation kernels, 1.14x the hand layout's collectives. Not priced:
+    the batch reduction of those gradients on the split shard (XLA:CPU), which saves a third of what the
+    gathers cost under adamw."""
+    tpu = st.context.hardware.kind == "tpu"
+    leaves = [g for g in reached if tpu and len(g.body) >= 2]
+    if not leaves:
+        return ()
+    copies = 1 if st.mesh.group(FSDP)[1] > 1 else 1 + OPT_COPIES
+    names = ", ".join(short(g.path) for g in leaves[:3]) + (", ..." if len(leaves) > 3 else "")
+    return (ActComm("all-gather", t_entry, 0, copies, f"gather the whole leaves whose gradient its split output "
+                    f"splits ({names}): " + ("the gradient, where the step pins it" if copies == 1 else
+                                             "each and its moments, after the split update"),
+                    sum(g.leaf.nbytes for g in leaves)),)
