@@ -40,8 +40,11 @@ def gradient_items(s: Scope) -> list[CommItem]:
     steps = int(config_value(s.config, "seq_len", 0) or (x_shape[1] if len(x_shape) >= 2 else 1))
     items: list[CommItem] = []
     # a leaf whose update a tensor split splits (a split conditioning vector, a split embedder's output read by
-    # whole modulation kernels) has its gradient summed split (measured, XLA:CPU)
-    split = split_updates(s) if s.backend == "cpu" else {}
+    # whole modulation kernels) has its gradient summed split (measured, XLA:CPU; XLA:TPU for kernels, which it
+    # updates split: flaxdiff's SimpleMMDiT with its embedders split, v5e:2x4, the four (64, 384) modulation
+    # gradients summed over data as quarters, their 12 update gathers as on CPU)
+    split = {p: n for p, n in split_updates(s).items()
+             if s.backend == "cpu" or (s.backend == "tpu" and len(body(s.lv.decisions[p])) >= 2)}
     for path, d in s.lv.decisions.items():
         if d.kind in ("int", "state"):
             continue
