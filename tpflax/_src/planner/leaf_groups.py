@@ -124,7 +124,8 @@ def shard_lone_dense(st: State, f: Facts, dim: int, why: str,
     feature-split residual stream, gathered that often.
     ``reached``: the trained leaves kept whole whose gradient its split output would split
     (:func:`~tpflax._src.planner.followers.whole_reached`: the adaLN modulation kernels reading a split time
-    embedding); XLA runs their update split and gathers them back (:func:`update_gathers`).
+    embedding); XLA sums their gradient split, runs their update split and gathers them back
+    (:func:`reached_acts`).
     """
     t_entry, t_size = st.tensor
     keep = Option("replicate", ((f.path, st.whole(f, why)),), (), frozenset({f.path}), whole=True)
@@ -133,6 +134,8 @@ def shard_lone_dense(st: State, f: Facts, dim: int, why: str,
     if t_size == 1 or n % t_size or share <= 0:
         st.choose("dense", [keep], [f])
         return
+    whole, split_acts = reached_acts(st, t_entry, reached)
+    keep = Option(keep.name, keep.proposals, whole, keep.matmul, whole=True)
     over = axis_label(t_entry, t_size)
     acts = (ActComm("all-gather", t_entry, n, 1, "gather its split output (forward)"),
             ActComm("all-reduce", t_entry, math.prod(f.body) // n, 1, "sum its input gradient (backward)"))
@@ -140,7 +143,7 @@ def shard_lone_dense(st: State, f: Facts, dim: int, why: str,
         ratio, width, gathers = stream
         acts += (ActComm("all-gather", t_entry, ratio * width, gathers, "gather the residual stream its split "
                          "output splits, for each kernel that reads or writes it"),)
-    acts += update_gathers(st, t_entry, reached)
+    acts += split_acts
     split = Option("column", ((f.path, st.proposal(
         f, body_spec(len(f.body), dim, t_entry), "column",
         f"column: dense without a partner reading {share:.3g} rows per token (traced); its {n} "
@@ -230,23 +233,34 @@ class _Reuse:
         st.out[f.path] = revise(chosen, reason=chosen.reason + self.words, alternatives=p.alternatives + self.alts)
 
 
-def update_gathers(st: State, t_entry: Entry, reached: Sequence[Facts]) -> tuple[ActComm, ...]:
-    """The gathers of ``reached`` leaves (kept whole on the tensor axis) once a split splits their gradient,
-    as the estimate counts them (:func:`tpflax._src.cost.stream.update_gathers`): XLA updates each split and
-    gathers the parameter and its :data:`~tpflax._src.cost.price.OPT_COPIES` moments (XLA:TPU the kernels
-    only; on GPU the estimate counts none); under the step's fsdp pinning (an fsdp axis in the mesh) the
-    gradient is gathered once, whole, and the update runs as stored. Measured on flaxdiff's SimpleMMDiT
-    (benchmarks/probe_flaxdiff.py, data=2,model=4, XLA:CPU): a split time embedding and text projection left
-    12 gathers of the four ``(64, 384)`` modulation kernels, 1.14x the hand layout's collectives. Not priced:
-    the batch reduction of those gradients on the split shard (XLA:CPU), which saves a third of what the
-    gathers cost under adamw."""
+def reached_acts(st: State, t_entry: Entry, reached: Sequence[Facts]
+                 ) -> tuple[tuple[ActComm, ...], tuple[ActComm, ...]]:
+    """``(whole, split)``: what the ``reached`` leaves (kept whole on the tensor axis) move when a kernel stays
+    whole and when its split output splits their gradient, as the estimate counts them
+    (:func:`tpflax._src.cost.stream.split_updates`, :func:`tpflax._src.cost.stream.update_gathers`): their
+    gradient summed over the batch axes whole, or on its split shard; then XLA updates each split and gathers
+    the parameter and its :data:`~tpflax._src.cost.price.OPT_COPIES` moments, or, under the step's fsdp
+    pinning (an fsdp axis in the mesh), gathers the gradient once, whole, and runs the update as stored.
+    XLA:TPU does so for kernels only (on GPU the estimate counts none). Measured on flaxdiff's SimpleMMDiT
+    (benchmarks/probe_flaxdiff.py, data=2,model=4, XLA:CPU and compiled for v5e:2x4 alike): a split time
+    embedding and text projection left 12 gathers of the four ``(64, 384)`` modulation kernels and summed
+    their gradients as quarters, 1.14x the hand layout's collectives on CPU; under fsdp the one gather costs
+    what the smaller sum saves, and the split's memory and flops decide."""
     tpu = st.context.hardware.kind == "tpu"
     leaves = [g for g in reached if tpu and len(g.body) >= 2]
     if not leaves:
-        return ()
-    copies = 1 if st.mesh.group(FSDP)[1] > 1 else 1 + OPT_COPIES
+        return (), ()
+    t_size, total = st.tensor[1], sum(g.leaf.nbytes for g in leaves)
+    batch = st.context.batch_axes
+    pinned = st.mesh.group(FSDP)[1] > 1
     names = ", ".join(short(g.path) for g in leaves[:3]) + (", ..." if len(leaves) > 3 else "")
-    return (ActComm("all-gather", t_entry, 0, copies, f"gather the whole leaves whose gradient its split output "
-                    f"splits ({names}): " + ("the gradient, where the step pins it" if copies == 1 else
-                                             "each and its moments, after the split update"),
-                    sum(g.leaf.nbytes for g in leaves)),)
+
+    def summed(size: float, how: str) -> tuple[ActComm, ...]:
+        return (ActComm("all-reduce", batch, 0, 1, f"sum the gradients of {names} over the batch, {how}",
+                        size),) if batch else ()
+
+    gathers = ActComm("all-gather", t_entry, 0, 1 if pinned else 1 + OPT_COPIES,
+                      f"gather the whole leaves whose gradient its split output splits ({names}): " +
+                      ("the gradient, where the step pins it" if pinned else "each and its moments, after the "
+                                                                             "split update"), total)
+    return summed(total, "whole"), (*summed(total / t_size, "on the split shard"), gathers)
