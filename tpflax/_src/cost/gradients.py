@@ -39,8 +39,12 @@ def gradient_items(s: Scope) -> list[CommItem]:
     x_shape = s.batch.leaves[0][1]
     steps = int(config_value(s.config, "seq_len", 0) or (x_shape[1] if len(x_shape) >= 2 else 1))
     items: list[CommItem] = []
-    # a leaf whose update a split conditioning vector splits has its gradient summed split (measured, XLA:CPU)
-    split = split_updates(s) if s.backend == "cpu" else {}
+    # a leaf whose update a tensor split splits (a split conditioning vector, a split embedder's output read by
+    # whole modulation kernels) has its gradient summed split (measured, XLA:CPU; XLA:TPU for kernels, which it
+    # updates split: flaxdiff's SimpleMMDiT with its embedders split, v5e:2x4, the four (64, 384) modulation
+    # gradients summed over data as quarters, their 12 update gathers as on CPU)
+    split = {p: n for p, n in split_updates(s).items()
+             if s.backend == "cpu" or (s.backend == "tpu" and len(body(s.lv.decisions[p])) >= 2)}
     for path, d in s.lv.decisions.items():
         if d.kind in ("int", "state"):
             continue
@@ -78,7 +82,8 @@ def gradient_items(s: Scope) -> list[CommItem]:
                 kind, why = "all-reduce", (f"{why.split(' (')[0]}: XLA:TPU gathers a leaf over a whole slice of "
                                            f"{WHOLE_SLICE_GATHER_AR}+ devices as an all-reduce of the zero-padded shard")
             if kind == "all-reduce" and path in split:
-                size, why = size // split[path], f"{why}; split by a feature-split conditioning vector, on its shard"
+                size, why = size // split[path], (f"{why}; split by a tensor-split dim it meets "
+                                                             "(traced), summed on its shard")
             if kind == "all-reduce" and path in s.sliced:
                 # read only through static slices (UViT's pos[:, :n]): the gradient is the window's, padded with
                 # zeros, and XLA sums the window before the pad (measured, XLA:CPU: f32[1,16,64] of a (1, 4096, 64)

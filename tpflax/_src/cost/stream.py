@@ -22,6 +22,7 @@ from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.scope import body, drop_layers, layers, leaf_itemsize
 from tpflax._src.mesh import TENSOR
 from tpflax._src.specs import entry_axes, gathered_axes, used_axes, without_axes
+from tpflax._src.trace.records import reached_dims
 
 
 def update_gathers(s: Any, axes: tuple[str, ...], reached: list[str],
@@ -142,21 +143,19 @@ def conditioned_leaves(s: Any, table: str, axes: tuple[str, ...]) -> list[str]:
     for k in readers:  # a reader's input dim: of the table's width, not its output's (last) or layers dim
         d = lv.decisions[lv.rep_of.get(k, k)]
         hot |= {(k, i) for i, n in enumerate(d.shape[:-1]) if n == width and i != d.layers_dim}
-    grew = True
-    while grew:  # along the meets: the activation dim the modulation reads is theirs too
-        grew = False
-        for p, d, q, e in s.meets:
-            if (q, e) in hot and (p, d) not in hot:
-                hot.add((p, d))
-                grew = True
-    reps = {lv.rep_of.get(p, p) for p, _ in hot}
+    # along the meets: the activation dim the modulation reads is theirs too
+    reps = {lv.rep_of.get(p, p) for p, _ in reached_dims(s.meets, hot)}
     return sorted(r for r in reps if r != table and r in lv.decisions and lv.decisions[r].trainable
                   and not set(used_axes(lv.specs[r])) & set(axes))
 
 
 def split_updates(s: Any) -> dict[str, int]:
-    """``{leaf: devices}``: leaves whose update a feature-split conditioning table splits over that many
-    devices (:func:`conditioned_leaves`): XLA reduces their gradient over the batch axes on the split shard."""
+    """``{leaf: devices}``: leaves whose update a tensor split splits over that many devices: the leaves a
+    feature-split conditioning table reaches (:func:`conditioned_leaves`) and those a tensor-split kernel's
+    dims reach along the trace (:func:`split_grads`, a split time embedding's output read by whole adaLN
+    modulation kernels). XLA:CPU reduces their gradient over the batch axes on the split shard (measured on
+    flaxdiff's SimpleMMDiT, benchmarks/probe_flaxdiff.py, data=2,model=4 and fsdp=2,model=4: each modulation
+    kernel's ``(64, 384)`` gradient summed as ``f32[384,16]``)."""
     out: dict[str, int] = {}
     for table in s.conditions or {}:
         rep = s.lv.rep_of.get(table, table)
@@ -164,37 +163,43 @@ def split_updates(s: Any) -> dict[str, int]:
         axes = s.axes(rep, TENSOR) if d is not None else ()
         if axes and not set(entry_axes(drop_layers(d, s.lv.specs[rep])[0])) & set(axes):  # split on features
             out.update(dict.fromkeys(conditioned_leaves(s, table, axes), s.size(axes)))
+    for axes, reps in split_grads(s).items():
+        out.update(dict.fromkeys(reps, s.size(axes)))
     return out
 
 
-def split_grad_items(s: Any) -> list[CommItem]:
-    """Update gathers of the leaves outside pairs kept whole on the tensor axes whose gradient a tensor split
-    splits: a dim meeting (:attr:`tpflax._src.cost.traced.Traced.meets`) a split dim, or one that meets one
+def split_grads(s: Any) -> dict[tuple[str, ...], set[str]]:
+    """``{tensor axes: leaves}``: the leaves outside pairs kept whole on the tensor axes whose gradient a tensor
+    split splits: a dim meeting (:attr:`tpflax._src.cost.traced.Traced.meets`) a split dim, or one that meets one
     (Mamba's ``x_proj`` reading a split ``in_proj``'s output, ``A_log`` meeting a whole ``dt_proj``'s output
-    that a split ``out_proj`` sums; measured, data=2,model=4: 3 gathers per leaf under adamw, 160 KB).
-
-    Returns:
-        :func:`update_gathers`' items for those leaves; none untraced.
-    """
+    that a split ``out_proj`` sums). Empty untraced."""
     lv, tensor = s.lv, [a for a, r in s.mesh.roles if r == TENSOR]
     if not s.meets or not tensor:
-        return []
+        return {}
 
     def split(path: str, dim: int) -> frozenset[str]:
         spec = lv.specs.get(lv.rep_of.get(path, path), ())
         return frozenset(entry_axes(spec[dim]) if dim < len(spec) else ()) & frozenset(tensor)
 
-    hot = {(p, d): split(p, d) for p, d, _, _ in s.meets if split(p, d)}
-    grew = True
-    while grew:  # a whole dim meeting a split one: its gradient comes split, and so on along the meets
-        grew = False
-        for p, d, q, e in s.meets:
-            if (q, e) in hot and (p, d) not in hot:
-                hot[(p, d)], grew = hot[(q, e)], True
+    by_axes: dict[frozenset[str], set[tuple[str, int]]] = {}
+    for p, d, _, _ in s.meets:
+        if split(p, d):
+            by_axes.setdefault(split(p, d), set()).add((p, d))
     reached: dict[tuple[str, ...], set[str]] = {}
-    for (p, _), axes in hot.items():
-        rep = lv.rep_of.get(p, p)
-        if rep in lv.decisions and rep not in lv.in_pair and not any(
-                split(rep, i) for i in range(len(lv.specs.get(rep, ())))):
-            reached.setdefault(tuple(sorted(axes)), set()).add(rep)
-    return [i for axes, reps in reached.items() for i in update_gathers(s, axes, sorted(reps))]
+    for axes, start in by_axes.items():  # a whole dim meeting a split one: its gradient comes split, and so on
+        for p, _ in reached_dims(s.meets, start):
+            rep = lv.rep_of.get(p, p)
+            if rep in lv.decisions and rep not in lv.in_pair and not any(
+                    split(rep, i) for i in range(len(lv.specs.get(rep, ())))):
+                reached.setdefault(tuple(sorted(axes)), set()).add(rep)
+    return reached
+
+
+def split_grad_items(s: Any) -> list[CommItem]:
+    """Update gathers of the leaves whose gradient a tensor split splits (:func:`split_grads`; measured on
+    Mamba, data=2,model=4: 3 gathers per leaf under adamw, 160 KB).
+
+    Returns:
+        :func:`update_gathers`' items for those leaves; none untraced.
+    """
+    return [i for axes, reps in split_grads(s).items() for i in update_gathers(s, axes, sorted(reps))]

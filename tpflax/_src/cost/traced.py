@@ -288,7 +288,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
                   {p: n for p, n in lookups.items() if n > 1}, grouped, joined, widths,
                   {p: n for p, n in slices.items() if n > 1}, buffers, contractions, flow.remat >= 0.5,
                   scores, frozenset(flow.uses[uid].path for uid, _ in flow.biases.values()),
-                  streams, flow.collectives, flow.row_axes, _meets(flow),
+                  streams, flow.collectives, flow.row_axes, flow.meets(),
                   flow.positional(),
                   _loops(flow), flow.remat_calls if flow.remat >= 0.5 else 0,
                   frozenset(e.src for e in flow.edges if {"erf", "erfc"} & set(e.via)), product_sums,
@@ -340,18 +340,6 @@ def _loops(flow: Any) -> dict[str, tuple[int, bool]]:
         if flow.uses[uid].scan_length and path not in out:
             out[path] = (flow.uses[uid].scan_length, False)
     return out
-
-
-def _meets(flow: Any) -> tuple[tuple[str, int, str, int], ...]:
-    """Parameter dims that meet on one activation dim (:attr:`Traced.meets`), both ways for an edge."""
-    out = set()
-    for e in flow.edges:
-        out |= {(e.dst, e.dst_dim, e.src, e.src_dim), (e.src, e.src_dim, e.dst, e.dst_dim)}
-    follows = [(p, uid, al) for p, (uid, al) in (*flow.biases.items(), *flow.channelwise.items())]
-    follows += [(p, uid, al) for p, by in flow.channels.items() for uid, al in by.items()]
-    for p, uid, align in follows:
-        out |= {(p, ld, flow.uses[uid].path, kd) for ld, kd in align.items()}
-    return tuple(sorted(out))
 
 
 _THROUGH = ("convert_element_type", "copy", "reduce_precision", "optimization_barrier")

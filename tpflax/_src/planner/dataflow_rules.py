@@ -30,7 +30,7 @@ from tpflax._src.planner.builders import (
 )
 from tpflax._src.planner.decision import Pair
 from tpflax._src.planner.experts import shard_experts
-from tpflax._src.planner.followers import follow
+from tpflax._src.planner.followers import follow, whole_reached
 from tpflax._src.planner.leaf_groups import (
     fsdp,
     shard_embedding,
@@ -67,6 +67,8 @@ class _Flow:
     readers: dict[str, tuple[float, int, int]] = field(default_factory=dict)
     # low-rank adapters left out of a pair of their own: {B's use id: A's use id} (see _low_rank)
     adapters: dict[int, int] = field(default_factory=dict)
+    # the flow's meeting parameter dims (Dataflow.meets), found when a lone kernel first needs them
+    meets: tuple[tuple[str, int, str, int], ...] | None = None
 
 
 def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Dataflow,
@@ -480,7 +482,10 @@ def _outputs(c: _Flow) -> None:
         why = (f"{'conv' if u.op == 'conv' else 'dense'} without a partner (traced): "
                f"{_why_not_column(c, u)}; {_why_not_row(c, u)}")
         if u.op == "dot" and len(u.kept) == 1 and path in c.st.rows and f.stacked == 0:
-            shard_lone_dense(c.st, f, f.body_dim(u.kept[0]), why, c.streams.get(path) or c.readers.get(path))
+            if c.meets is None:
+                c.meets = c.flow.meets()
+            shard_lone_dense(c.st, f, f.body_dim(u.kept[0]), why, c.streams.get(path) or c.readers.get(path),
+                             whole_reached(c.st, c.flow, c.fx, u, c.meets))
         else:
             c.st.replicate(f, why)
 

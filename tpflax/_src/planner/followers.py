@@ -1,5 +1,6 @@
 """Leaves that follow a decided kernel in the traced plan: depthwise convolution kernels, biases,
-per-channel parameters (Mamba's ``A_log`` and ``D``), and the elementwise scales left whole."""
+per-channel parameters (Mamba's ``A_log`` and ``D``), and the elementwise scales left whole; and the leaves
+kept whole whose gradient a kernel's split would split (:func:`whole_reached`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from collections.abc import Mapping
 
 from tpflax._src.facts.classify import Facts
 from tpflax._src.planner.builders import OUTPUT_SPLITS, State, bias_follows, short
-from tpflax._src.trace.dataflow import Dataflow
+from tpflax._src.specs import entry_axes, used_axes
+from tpflax._src.trace.dataflow import Dataflow, Use
+from tpflax._src.trace.records import reached_dims
 
 
 def follow(st: State, flow: Dataflow, fx: Mapping[str, Facts]) -> None:
@@ -83,3 +86,25 @@ def _elementwise(st: State, flow: Dataflow, fx: Mapping[str, Facts]) -> None:
             continue
         st.replicate(f, "scale/shift (traced): combined elementwise with activations (a norm's or a "
                           "cell's parameter); tiny, not split over the tensor axes")
+
+
+def whole_reached(st: State, flow: Dataflow, fx: Mapping[str, Facts], u: Use,
+                  meets: tuple[tuple[str, int, str, int], ...]) -> list[Facts]:
+    """The trained leaves whose gradient splitting ``u``'s output features would split: their dims meet those
+    features along the trace (:meth:`~tpflax._src.trace.records.Dataflow.meets`; the kernels reading the
+    output, what is summed with it), and they are not split over the tensor axes (nor undecided splits: a
+    later decision is taken as whole). The kernel's own followers (its bias) split with it. The estimate
+    prices the same leaves (:func:`tpflax._src.cost.stream.split_grads`): XLA runs their update split and
+    gathers them back."""
+    mine = {u.id} | {w.id for w in flow.uses if w.path == u.path}
+    follows = {p for p, (uid, _) in (*flow.biases.items(), *flow.channelwise.items()) if uid in mine}
+    follows |= {p for p, by in flow.channels.items() if set(by) & mine}
+    tensor = set(entry_axes(st.tensor[0]))
+    out = []
+    for p in sorted({p for p, _ in reached_dims(meets, {(u.path, k) for k in u.kept})}):
+        f, q = fx.get(p), st.decided(p)
+        if p == u.path or p in follows or f is None or not f.leaf.trainable or \
+                (q is not None and used_axes(q.spec) & tensor):
+            continue
+        out.append(f)
+    return out

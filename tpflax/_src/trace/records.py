@@ -260,3 +260,36 @@ class Dataflow:
                 rows, _ = tables.get(u.path, (0, u.kept))
                 tables[u.path] = (rows + math.prod(u.looked), u.kept)
         return {p: v for p, v in tables.items() if p not in other}
+
+    def meets(self) -> tuple[tuple[str, int, str, int], ...]:
+        """``(path, dim, other path, other dim)``: parameter dims that make or read one activation dim (an edge's
+        producer and consumer dims, both ways; a bias, a depthwise kernel or a per-channel parameter and the
+        kept dim of the use they meet). Split on the other's dim, a parameter's gradient comes out split there
+        too (:func:`reached_dims`)."""
+        out = set()
+        for e in self.edges:
+            out |= {(e.dst, e.dst_dim, e.src, e.src_dim), (e.src, e.src_dim, e.dst, e.dst_dim)}
+        follows = [(p, uid, al) for p, (uid, al) in (*self.biases.items(), *self.channelwise.items())]
+        follows += [(p, uid, al) for p, by in self.channels.items() for uid, al in by.items()]
+        for p, uid, align in follows:
+            out |= {(p, ld, self.uses[uid].path, kd) for ld, kd in align.items()}
+        return tuple(sorted(out))
+
+
+def reached_dims(meets: tuple[tuple[str, int, str, int], ...], start: set[tuple[str, int]]) -> set[tuple[str, int]]:
+    """The parameter dims ``start`` reaches along :meth:`Dataflow.meets` (``start`` included): the dims whose
+    gradient a split of the start dims splits, each meeting the next on one activation dim.
+
+    >>> sorted(reached_dims((("b", 0, "a", 1), ("a", 1, "b", 0), ("c", 0, "b", 0)), {("a", 1)}))
+    [('a', 1), ('b', 0), ('c', 0)]
+    """
+    after: dict[tuple[str, int], list[tuple[str, int]]] = {}
+    for p, d, q, e in meets:
+        after.setdefault((q, e), []).append((p, d))
+    hot, todo = set(start), list(start)
+    while todo:
+        for nxt in after.get(todo.pop(), ()):
+            if nxt not in hot:
+                hot.add(nxt)
+                todo.append(nxt)
+    return hot
