@@ -11,10 +11,9 @@ that holds what one (plan, mesh) shares. Alike leaves of
 repeated layers are priced once (:mod:`tpflax._src.cost.leaves`): an item's
 ``count`` includes how many there are, and its ``source`` names their group.
 
-Rematerialisation does not re-issue tensor collectives in what XLA:CPU compiles: the
-recomputed forward reuses the reduced activations (measured on the zoo's
-nn.remat-inside-nn.scan Llama), so forward counts are 1; XLA:TPU sums a block's
-attention output again to recompute its MLP input (see :func:`_pair_items`). A scanned stack's fsdp
+Rematerialisation re-issues the forward sums a recomputed block reads: XLA (TPU and
+CPU alike) sums a block's attention output again to recompute its MLP input (see
+:func:`_pair_items`); a row feeding only a residual add is summed once. A scanned stack's fsdp
 weights are the exception: the step gathers them one layer at a time inside the
 scan body, so a remat'd body gathers each layer again in the backward loop.
 """
@@ -52,10 +51,12 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
     """A split pair sums the row side's partial outputs forward and the column side's input gradients back."""
     items: list[CommItem] = []
     dec, label = s.lv.decisions, s.lv.label
-    # XLA:TPU recomputes a remat'd block's attention output, whose summed value the MLP's
-    # recomputed input needs, so that row all-reduce runs again in the backward (measured: Llama
-    # fsdp=2,model=4 remat on, v5e:2x4); the MLP's own sum is the block output, saved
-    again = s.remat and s.backend == "tpu" and any(dec[r].kind != "attention" for pc in s.lv.pairs for r in pc.rows)
+    # XLA recomputes a remat'd block's attention output, whose summed value the MLP's recomputed
+    # input needs, so that row all-reduce runs again in the backward (measured: Llama fsdp=2,model=4
+    # remat on, v5e:2x4; on XLA:CPU the zoo's llama and llama-scan remat steps and the nnx.scan +
+    # nnx.remat probe_nnx decoder, a ``rematted_computation`` all-reduce of o's output per layer); the
+    # MLP's own sum is the block output, saved
+    again = s.remat and any(dec[r].kind != "attention" for pc in s.lv.pairs for r in pc.rows)
     # and, as traced, any other row whose sum a backward reads (a conv's, normalised next: ResNet-18 fsdp=2,model=4
     # remat on, v5e:2x4, sums each block's second conv again, +0.27 GiB); a row feeding only a residual add is not
     unread = {alike_path(p) for p in residual_outputs(s.lv, s.activations)} if again else set()

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from tpflax._src.cost.activations import layer_key
-from tpflax._src.cost.leaves import Leaves, stack_of
+from tpflax._src.cost.leaves import Leaves
 from tpflax._src.facts.classify import layer_group
 from tpflax._src.mesh import EXPERT, TENSOR, MeshShape
 from tpflax._src.specs import entry_axes
@@ -89,14 +89,18 @@ def repeated_block(path: str, stacks: Mapping[str, int] | None = None) -> str | 
 
     >>> repeated_block("layers_3/mlp/down"), repeated_block("layers/mlp/down", {"layers": 4, "layers/mlp": 4})
     ('layers_*', 'layers')
-    >>> repeated_block("mlp/down", {"layers": 4}) is None
-    True
+    >>> repeated_block("mlp/down", {"layers": 4}) is None, repeated_block("blocks/norm1", {"blocks": 4})
+    (True, 'blocks')
     """
     parts = path.split("/")
     for i, part in enumerate(parts):
+        # the outermost wins: a scanned stack's numbered members (``blocks/norm1``, ``blocks/norm2``) are not
+        # repeated blocks of their own
+        if "/".join(parts[:i + 1]) in (stacks or ()):
+            return "/".join(parts[:i + 1])
         if _INDEXED.match(part):
             return "/".join(parts[:i] + [layer_group(part)])
-    return stack_of(path, stacks)
+    return None
 
 
 def residual_bytes(lv: Leaves, activations: Any, mesh: MeshShape, shards: int, act_item: int) -> int:

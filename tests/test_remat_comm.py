@@ -1,0 +1,80 @@
+"""A remat'd block's forward sums its recompute reads, against what XLA:CPU compiles.
+
+XLA recomputes a remat'd block in the backward pass, and the recompute needs the summed output of any
+tensor-split row the rest of the block reads (a pre-norm block's first residual branch feeds the second
+branch's norm): that all-reduce runs again (``rematted_computation`` in the HLO's op names). A row feeding
+only the block's residual output is saved and summed once. Measured on XLA:CPU for the nnx.scan +
+nnx.remat decoder of ``benchmarks/probe_nnx.py`` (``scan``), the zoo's llama / llama-scan / cnn remat
+steps, and here on a small NNX stack.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from _util import FAST_XLA
+from flax import nnx
+
+import tpflax
+
+D, F, LAYERS, ROWS, T = 32, 64, 2, 4, 8
+
+
+class Block(nnx.Module):
+    """A pre-norm decoder block: the attention output's sum feeds ``norm2``, the MLP's only the block output."""
+
+    def __init__(self, rngs):
+        kw = dict(use_bias=False, rngs=rngs)
+        self.norm1, self.norm2 = nnx.RMSNorm(D, rngs=rngs), nnx.RMSNorm(D, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(4, D, use_bias=False, decode=False, rngs=rngs)
+        self.up, self.down = nnx.Linear(D, F, **kw), nnx.Linear(F, D, **kw)
+
+    def __call__(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.down(nnx.relu(self.up(self.norm2(x))))
+
+
+class Stack(nnx.Module):
+    """The Flax "scan over layers" pattern: nnx.vmap-made blocks run by nnx.scan over nnx.remat."""
+
+    def __init__(self, remat, rngs):
+        @nnx.split_rngs(splits=LAYERS)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(r):
+            return Block(r)
+
+        self.blocks, self.remat = make(rngs), remat
+
+    def __call__(self, x):
+        def run(x, blk):
+            return blk(x)
+
+        run = nnx.remat(run) if self.remat else run
+        return nnx.scan(run, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.blocks)
+
+
+def _loss(out, *_):
+    return jnp.mean(out ** 2)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_remat_resums_on_cpu_as_compiled(remat):
+    """Under remat XLA:CPU sums the attention output once more per layer, not the MLP's (the block output).
+    The estimate counts exactly the compiled all-reduces (before counting the recompute's sum on XLA:CPU it
+    priced 6 of the compiled 7 per layer under remat). Exact: every collective is an all-reduce of one
+    ``(ROWS, T, D)`` activation."""
+    m = Stack(remat, nnx.Rngs(0))
+    x = jax.ShapeDtypeStruct((ROWS, T, D), jnp.float32)
+    p = tpflax.plan(nnx.state(m), {"model": 4}, model=m, sample=(x,))
+    mesh = tpflax.make_mesh(p.mesh)
+    ts = tpflax.make_train_step(m, p, mesh, optax.sgd(0.1), sample=(x,), loss=_loss)
+    dr = tpflax.dry_run(ts, p, mesh, compiler_options=FAST_XLA)
+    e = tpflax.estimate(p, optax.sgd(0.1), model=m, sample=(x,), loss=_loss, backend="cpu")
+    one = 2 * 3 / 4 * ROWS * T * D * 4  # ring bytes of one (ROWS, T, D) f32 all-reduce over 4
+    recomputed = [c for c in dr.collectives if "rematted_computation" in c.op_name]
+    assert sum(c.count for c in recomputed) == (LAYERS if remat else 0)
+    # per layer: out's and down's forward sums, q's, k's, v's and up's input-gradient sums, out's again
+    assert dr.comm_total == pytest.approx(LAYERS * (6 + remat) * one)
+    assert e.comm_total == pytest.approx(dr.comm_total)
+    again = [i for i in e.items if "again in the remat recompute" in i.why]
+    assert [i.why.split(":")[0] for i in again] == (["row blocks/attn/out/kernel"] if remat else [])
