@@ -182,19 +182,30 @@ Fixed on this branch (before -> after, x hand bytes / comm / flops):
 - unet `tree`: cross-attention kernels oriented by the commonest norm width (32 = the text width = head_dim):
   1.791 / 2.313 / 1.751 (worse than replicated on collectives), est. 0.491 -> 1.985 / 1.133 / 2.067, est. 1.000.
 
+Fixed in the next round (same command):
+
+- unet `tree`: flaxdiff wraps every conv in a `ConvLayer` module of its own (`conv1/conv`, `conv2/conv`), so the
+  tree found no ResBlock conv1 -> conv2 chain. A wrapper holding only a conv now names it:
+  1.985 / 1.133 / 2.067 -> 1.200 / 0.731 / 1.630 (data), 1.686 / 1.459 / 2.060 -> 1.112 / 0.816 / 1.630 (fsdp).
+  The rest is the `min_channels=64` floor: the tiny blocks have 32 channels (published: 128 and up), and
+  `min_channels=0` gives 1.025 / 1.069 / 1.000 (data), 0.953 / 1.082 / 0.999 (fsdp). A floor of 0 by default was
+  measured and not taken (transformers' wav2vec2, traced: its 32-channel feature extractor split at 3.4x the
+  hand layout's collectives).
+- dit, mmdit `model`: the time and text embedders (`time_embed/layers_2`, `text_context_proj`) were split as lone
+  columns and every block's whole modulation kernels read them, so XLA updated those kernels on the split shard
+  and gathered them and both adam moments back (12 gathers in mmdit), which the chooser never priced. A lone
+  column now prices the update gathers of the whole leaves its split reaches, and the estimate sums their
+  gradients on the shard: mmdit data 0.847 / 1.143 / 0.919 (est. 1.126) -> 0.860 / 0.886 / 0.965 (est. 1.000);
+  dit data 0.831 / 1.003 / 0.935 (est. 1.083) -> 0.854 / 0.875 / 0.964 (est. 1.000); fsdp estimates 1.14 -> 1.005.
+
 Still above the hand layout (left for later):
 
-- unet `tree`: 1.985 / 1.133 / 2.067 (data), 1.686 / 1.459 / 2.060 (fsdp): the tree splits no conv pair (the hand
-  layout splits each ResBlock's conv1 -> conv2 on channels) and its collectives stay above replicated's (1.019);
-  `model` is at 0.997 / 0.997 / 1.000 (data), 0.933 / 1.048 / 0.998 (fsdp).
-- mmdit `model` data=2,model=4: 1.143x the collectives, estimate 1.13x: the time and text embedders split
-  (text_context_proj column, the time MLP) feed both modulation projections of every block; not yet analysed.
+- unet `tree`: 1.630x the flops (the 32-channel floor above); `model` fsdp=2,model=4 1.048x the collectives for
+  0.933x the bytes (the fsdp chooser's step-time trade).
 - uvit fsdp=2,model=4 `tree` 1.207x and `model` 1.194x the collectives for 0.87-0.91x the bytes: more fsdp than
   the hand layout (the 1 MiB position table, the long-skip projections); the chooser's step-time trade on the
   tpu-v5e preset, which the CPU collectives do not weigh.
 - dit/mmdit fsdp=2,model=4 `tree`: 1.105x / 1.092x the collectives for 0.94x the bytes (the same fsdp trade).
-- dit `model` data: 1.003x the collectives (within 0.3%); its estimate 1.08x.
-- Two split modulation projections of one stream (MM-DiT's, a rules layout) each price the stream's gathers.
 """
 
 
