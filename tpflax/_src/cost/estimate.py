@@ -57,7 +57,7 @@ from tpflax._src.cost.experts import buffer_items, expert_items
 from tpflax._src.cost.explicit import explicit_items, row_split_mesh
 from tpflax._src.cost.grouped import grouped_conv_items
 from tpflax._src.cost.kvsplit import kv_splits
-from tpflax._src.cost.leaves import Leaves, merge, without_dead
+from tpflax._src.cost.leaves import Leaves, merge, without_dead, without_grads
 from tpflax._src.cost.memory import memory
 from tpflax._src.cost.peak import peak
 from tpflax._src.cost.records import MEMORY_FIELDS, Act, CommItem, Estimate, comm_table
@@ -87,7 +87,7 @@ def price(decisions: Mapping[str, Any], mesh: MeshShape, w: Workload) -> Estimat
     >>> price(p.decisions, p.mesh, prepare(p, optax.sgd(0.1), (4, 8))).comm
     {'all-reduce': {'data': 128.0}}
     """
-    return price_leaves(merge(decisions, w.activations, w.opt, w.saved, w.frozen_inputs), mesh, w)
+    return price_leaves(merge(decisions, w.activations, w.opt, w.saved, w.frozen_inputs, w.no_grad), mesh, w)
 
 
 def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
@@ -135,7 +135,7 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
         notes.append(f"{slice_name(w.target, n)}: XLA:TPU reduces over these "
                      "devices as an N-dimensional all-reduce, not one ring, so it all-reduces each fsdp gradient "
                      "whole and slices it (twice a reduce-scatter's bytes; measured); pass target= for another slice")
-    scope = Scope(mesh=cmesh, lv=without_dead(lv, w.dead), batch=b, batch_axes=caxes, shards=math.prod(cmesh.sizes[a] for a in caxes),
+    scope = Scope(mesh=cmesh, lv=without_grads(without_dead(lv, w.dead), w.no_grad), batch=b, batch_axes=caxes, shards=math.prod(cmesh.sizes[a] for a in caxes),
                   act_item=w.act_item,
                   g_item=w.g_item, backend=w.backend, dispatch=w.dispatch, activations=w.activations,
                   config=w.config, tied=w.tied, parts=w.parts, rows=w.rows, fused=w.fused, remat=w.remat,
