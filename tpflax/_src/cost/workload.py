@@ -115,6 +115,7 @@ class Workload:
     dead: frozenset[str] = frozenset()  # traced parameters the outputs do not depend on (Traced.dead)
     sliced: Mapping[str, float] = field(default_factory=dict)  # (Traced.sliced)
     no_grad: frozenset[str] = frozenset()  # traced parameters without a gradient (Traced.no_grad)
+    dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)  # (Traced.dots)
 
     @property
     def saved(self) -> Mapping[str, Sequence[Act]]:
@@ -198,7 +199,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     positional=t.positional, loops=t.loops, remat_layers=t.remat_layers, erf=t.erf,
                     product_sums=t.product_sums, split_sums=t.split_sums,
                     edges=t.edges, contracted=t.contracted, looked=t.looked, batched=t.batched, conditions=t.conditions, dead=t.dead,
-                    batch_dims=t.batch_dims, sliced=t.sliced, no_grad=t.no_grad)
+                    batch_dims=t.batch_dims, sliced=t.sliced, no_grad=t.no_grad, dots=t.dots)
 
 
 def contraction_calls(plan, contractions: Sequence[tuple[str, float, tuple[int, ...], str]],
