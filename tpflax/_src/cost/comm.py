@@ -120,17 +120,10 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
         items += [i for c in tensor_cols for i in _stream_items(c, dec[c], axes, s, count, tuple(rows))]
         whole = whole_members(s) if any(not s.axes(p, TENSOR) for p in cols + rows) else {}
         for m in cols + rows:  # kept whole: a GQA key/value with fewer heads than the tensor degree, a gate
-            r = whole.get(m)
-            if r is not None:
-                side = ("in" if r.kind == "all-reduce" else "out") if m in cols else \
-                    ("out" if r.kind == "all-reduce" else "in")
-                how = {("all-reduce", "backward"): "sum its partial input gradients",
-                       ("all-gather", "backward"): "gather its output gradient",
-                       ("all-reduce", "forward"): "sum its partial outputs",
-                       ("all-gather", "forward"): "gather its input"}[r.kind, r.phase]
-                items.append(CommItem(r.kind, axes, _pair_act(m, dec[m], side, s), n, count, source,
+            if (r := whole.get(m)) is not None:
+                items.append(CommItem(r.kind, axes, _pair_act(m, dec[m], r.side, s), n, count, source,
                                       f"replicated {'column' if m in cols else 'row'} {label[m]} in a split pair: "
-                                      f"{how} ({r.phase})"))
+                                      f"{r.how}"))
         if pc.id in loose:
             items += _loose_items(s, pc, axes, n, count, source)
         _heads_note(dec, pc.id, cols, s, notes)
@@ -295,9 +288,8 @@ def _layer_items(s: Scope, notes: list[str]) -> list[CommItem]:
             # its output features split over the tensor axes (an fsdp split of them is the fsdp gather's)
             new = _column_items(path, d, axes, s)
         elif (row := lone_row(s, path, axes)) is not None:
-            new = [CommItem(row.kind, axes, row.size, s.size(axes), layers(d), path, "row layer without a column "
-                            f"partner: {'sum its partial outputs' if row.kind == 'all-reduce' else 'gather its input'}"
-                            " (forward)")]
+            new = [CommItem(row.kind, axes, row.size, s.size(axes), layers(d), path,
+                            f"row layer without a column partner: {row.how}")]
         else:
             if d.kind in ("dense", "conv") and any(e is not None for e in drop_layers(d, lv.specs[path])):
                 notes.append(f"{lv.label[path]}: {d.strategy} split without a partner is not modelled")

@@ -20,9 +20,9 @@ from typing import Any
 from tpflax._src.cost.optstate import shard_bytes
 from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.scope import body, drop_layers, layers, leaf_itemsize
+from tpflax._src.cost.whole import split_dims, whole_members
 from tpflax._src.mesh import TENSOR
 from tpflax._src.specs import entry_axes, gathered_axes, used_axes, without_axes
-from tpflax._src.cost.whole import split_dims, whole_members
 from tpflax._src.trace.records import reached_dims
 
 

@@ -45,6 +45,19 @@ class WholeRead:
     size: float
     phase: str
 
+    @property
+    def how(self) -> str:
+        """What moves, in words."""
+        what = {("all-reduce", "forward"): "sum its partial outputs", ("all-gather", "forward"): "gather its input",
+                ("all-reduce", "backward"): "sum its partial input gradients",
+                ("all-gather", "backward"): "gather its output gradient"}[self.kind, self.phase]
+        return f"{what} ({self.phase})"
+
+    @property
+    def side(self) -> str:
+        """The activation it moves: the kernel's ``"in"`` or ``"out"`` side."""
+        return "out" if (self.kind == "all-reduce") == (self.phase == "forward") else "in"
+
 
 def split_dims(s: Any, start: Callable[[str], bool] | None = None) -> dict[tuple[str, ...], set[tuple[str, int]]]:
     """``{tensor axes: (leaf, dim)}``: dims of leaves outside pairs, kept whole on the tensor axes, that a tensor
@@ -146,11 +159,8 @@ def whole_read_items(s: Any) -> list[CommItem]:
         d = s.lv.decisions[r.path]
         what = ("a whole kernel contracting split features" if r.phase == "forward"
                 else "a whole kernel whose output is read split")
-        how = {("all-reduce", "forward"): "sum its partial outputs", ("all-gather", "forward"): "gather its input",
-               ("all-reduce", "backward"): "sum its partial input gradients",
-               ("all-gather", "backward"): "gather its output gradient"}[r.kind, r.phase]
         items.append(CommItem(r.kind, r.axes, r.size, s.size(r.axes), s.lv.count[r.path] * layers(d),
-                              s.lv.label[r.path], f"{what}: {how} ({r.phase})"))
+                              s.lv.label[r.path], f"{what}: {r.how}"))
     return items
 
 
