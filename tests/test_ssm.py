@@ -128,9 +128,11 @@ def test_whole_leaves_beside_a_split_pair_price_their_update_gathers():
     # parameter and its two adam moments (160 KB here). The estimate had none of it: -28% of the compiled
     # collectives; now the gathers to the byte. XLA:CPU also sums those split gradients over the batch on their
     # shard (108 KB of data all-reduces, counted whole until the MM-DiT round: 57 KB over, which hid what follows).
-    # Not priced: x_proj, whole, contracts in_proj's split output and XLA sums its partial outputs (f32[4,16,40]
-    # per layer, forward), and dt_proj's and the scan's B/C input gradients come out partial (backward): 61 KB
-    # of model all-reduces, -10.1% of the total (12% allowed)
+    # x_proj, whole, contracts in_proj's split output and XLA sums its partial outputs (f32[4,16,40] per layer,
+    # forward), and dt_proj's output is read split, so its input gradient comes out partial (backward): priced
+    # since (cost/whole.py); before, 61 KB of model all-reduces were missing, -10.1% of the total. Still not
+    # priced: the scan's B/C input gradients, partial sums over the split d_inner of two activations' product,
+    # summed in one tuple with dt_proj's (24 KB): -3.9% of the total
     m = Mamba()
     v = jax.eval_shape(m.init, jax.random.key(0), *SAMPLE)
     p = tpflax.plan(v, MESH, rules=[HAND[0], HAND[-2], HAND[-1], (r".*", "replicate")])
@@ -141,7 +143,7 @@ def test_whole_leaves_beside_a_split_pair_price_their_update_gathers():
     assert e.comm["all-gather"]["model"] == dr.comm()["all-gather"]["model"], (e.comm, dr.comm())
     batch = sum(v for k, v in e.comm["all-reduce"].items() if "data" in k)
     assert batch == pytest.approx(dr.comm()["all-reduce"]["data"], rel=0.02), (e.comm, dr.comm())
-    assert abs(e.comm_total / dr.comm_total - 1) < 0.12, (e.comm, dr.comm())
+    assert abs(e.comm_total / dr.comm_total - 1) < 0.10, (e.comm, dr.comm())
 
 
 def test_update_gathers_count_the_optimizers_own_moments():

@@ -32,6 +32,7 @@ from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.residual import alike_path, residual_outputs
 from tpflax._src.cost.scope import Scope, body, drop_layers, is_tied, layers, leaf_itemsize
 from tpflax._src.cost.stream import conditioned_leaves, tpu_stream_gathers, update_gathers
+from tpflax._src.cost.whole import lone_read, lone_row, whole_members
 from tpflax._src.facts.classify import ATTN
 from tpflax._src.mesh import EXPERT, TENSOR
 from tpflax._src.specs import entry_axes
@@ -118,11 +119,12 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
                            f"{label[j]}, its joined other input: sum partial input gradients (backward)")
                   for j in split_cols for r in joined.get(j, ())]  # each other input's gradient, apart
         items += [i for c in tensor_cols for i in _stream_items(c, dec[c], axes, s, count, tuple(rows))]
-        for c in cols:
-            if not s.axes(c, TENSOR):  # GQA key/value with fewer heads than the tensor degree: gather its output gradient
-                items.append(CommItem("all-gather", axes, _pair_act(c, dec[c], "out", s), n, count, source,
-                                      f"replicated column {label[c]} in a split pair: gather its output "
-                                      "gradient (backward)"))
+        whole = whole_members(s) if any(not s.axes(p, TENSOR) for p in cols + rows) else {}
+        for m in cols + rows:  # kept whole: a GQA key/value with fewer heads than the tensor degree, a gate
+            if (r := whole.get(m)) is not None:
+                items.append(CommItem(r.kind, axes, _pair_act(m, dec[m], r.side, s), n, count, source,
+                                      f"replicated {'column' if m in cols else 'row'} {label[m]} in a split pair: "
+                                      f"{r.how}"))
         if pc.id in loose:
             items += _loose_items(s, pc, axes, n, count, source)
         _heads_note(dec, pc.id, cols, s, notes)
@@ -286,6 +288,9 @@ def _layer_items(s: Scope, notes: list[str]) -> list[CommItem]:
         elif d.kind in ("dense", "head") and set(axes) & set(entry_axes(lv.specs[path][-1])):
             # its output features split over the tensor axes (an fsdp split of them is the fsdp gather's)
             new = _column_items(path, d, axes, s)
+        elif (row := lone_row(s, path, axes)) is not None:
+            new = [CommItem(row.kind, axes, row.size, s.size(axes), layers(d), path,
+                            f"row layer without a column partner: {row.how}")]
         else:
             if d.kind in ("dense", "conv") and any(e is not None for e in drop_layers(d, lv.specs[path])):
                 notes.append(f"{lv.label[path]}: {d.strategy} split without a partner is not modelled")
@@ -360,10 +365,13 @@ def _column_items(path: str, d: Any, axes: tuple[str, ...], s: Scope) -> list[Co
     if d.kind == "head":  # the planner marks output heads
         return _head_items(axes, n, in_size, (a.output if a else None), s, path, "vocab-split output head")
     out_size = s.nbytes(a.output) if a else s.rows_of(path) * b[-1] * s.act_item
-    items = [CommItem("all-gather", axes, out_size, n, layers(d), path,
-                      "column layer without a row partner: gather its split output (forward)"),
-             CommItem("all-reduce", axes, in_size, n, layers(d), path,
-                      "column layer without a row partner: sum input gradients (backward)")]
+    # read by whole kernels, the split output is gathered (or their partial outputs summed) at each of them
+    # (cost/whole.py prices it there); else gathered once
+    items = [] if lone_read(s, path) else [
+        CommItem("all-gather", axes, out_size, n, layers(d), path,
+                 "column layer without a row partner: gather its split output (forward)")]
+    items.append(CommItem("all-reduce", axes, in_size, n, layers(d), path,
+                          "column layer without a row partner: sum input gradients (backward)"))
     return items + _stream_items(path, d, axes, s, layers(d))
 
 

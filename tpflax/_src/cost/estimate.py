@@ -57,13 +57,14 @@ from tpflax._src.cost.experts import buffer_items, expert_items
 from tpflax._src.cost.explicit import explicit_items, row_split_mesh
 from tpflax._src.cost.grouped import grouped_conv_items
 from tpflax._src.cost.kvsplit import kv_splits
-from tpflax._src.cost.leaves import Leaves, merge, without_dead
+from tpflax._src.cost.leaves import Leaves, merge, without_dead, without_grads
 from tpflax._src.cost.memory import memory
 from tpflax._src.cost.peak import peak
 from tpflax._src.cost.records import MEMORY_FIELDS, Act, CommItem, Estimate, comm_table
 from tpflax._src.cost.reshard import fused_items
 from tpflax._src.cost.scope import Scope
 from tpflax._src.cost.stream import split_grad_items
+from tpflax._src.cost.whole import whole_read_items
 from tpflax._src.cost.workload import Workload, prepare
 from tpflax._src.errors import EstimateError, MeshError
 from tpflax._src.mesh import EXPERT, FSDP, TENSOR, MeshShape, batch_axes
@@ -87,7 +88,7 @@ def price(decisions: Mapping[str, Any], mesh: MeshShape, w: Workload) -> Estimat
     >>> price(p.decisions, p.mesh, prepare(p, optax.sgd(0.1), (4, 8))).comm
     {'all-reduce': {'data': 128.0}}
     """
-    return price_leaves(merge(decisions, w.activations, w.opt, w.saved, w.frozen_inputs), mesh, w)
+    return price_leaves(merge(decisions, w.activations, w.opt, w.saved, w.frozen_inputs, w.no_grad), mesh, w)
 
 
 def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
@@ -135,7 +136,7 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
         notes.append(f"{slice_name(w.target, n)}: XLA:TPU reduces over these "
                      "devices as an N-dimensional all-reduce, not one ring, so it all-reduces each fsdp gradient "
                      "whole and slices it (twice a reduce-scatter's bytes; measured); pass target= for another slice")
-    scope = Scope(mesh=cmesh, lv=without_dead(lv, w.dead), batch=b, batch_axes=caxes, shards=math.prod(cmesh.sizes[a] for a in caxes),
+    scope = Scope(mesh=cmesh, lv=without_grads(without_dead(lv, w.dead), w.no_grad), batch=b, batch_axes=caxes, shards=math.prod(cmesh.sizes[a] for a in caxes),
                   act_item=w.act_item,
                   g_item=w.g_item, backend=w.backend, dispatch=w.dispatch, activations=w.activations,
                   config=w.config, tied=w.tied, parts=w.parts, rows=w.rows, fused=w.fused, remat=w.remat,
@@ -145,11 +146,11 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
                   target=w.target, gathers_reduce=w.backend == "tpu" and gathers_reduce(w.target, n), meets=w.meets,
                   positional=w.positional, loops=w.loops, edges=w.edges, contracted=w.contracted, looked=w.looked,
                   batched=w.batched,
-                  conditions=w.conditions, batch_dims=w.batch_dims, sliced=w.sliced,
+                  conditions=w.conditions, batch_dims=w.batch_dims, sliced=w.sliced, dots=w.dots,
                   moments=param_moments(w.opt))
     notes.extend(product_sum_notes(lv, mesh, w, scope.experts_split))
     every = (comm_items(scope, notes) + expert_items(scope) + buffer_items(scope) + fused_items(scope, notes)
-             + grouped_conv_items(scope) + explicit_items(w.collectives, notes) + split_grad_items(scope)
+             + grouped_conv_items(scope) + explicit_items(w.collectives, notes) + split_grad_items(scope) + whole_read_items(scope)
              + split_sum_items(scope, w.split_sums, w.fused or {}))
     items = tuple(i for i in every if i.total > 0)
     return Estimate(

@@ -67,12 +67,13 @@ class Leaves:
 
 def merge(decisions: Mapping[str, Any], activations: Mapping[str, Sequence[Act]],
           opt: OptLayout | None = None, saved: Mapping[str, Sequence[Act]] | None = None,
-          frozen: frozenset[str] = frozenset()) -> Leaves:
+          frozen: frozenset[str] = frozenset(), no_grad: frozenset[str] = frozenset()) -> Leaves:
     """Merge a plan's alike leaves (see the module docstring).
 
     ``saved``: the layer calls whose outputs the activation bytes count (``Workload.saved``: a plain
     function's parameter contractions); their splits are the column units. Default: ``activations``.
     ``frozen``: leaves whose input has no gradient (``Workload.frozen_inputs``), unlike their repeats.
+    ``no_grad``: leaves without a gradient of their own (``Workload.no_grad``), unlike their repeats.
 
     >>> import jax, tpflax
     >>> sds = jax.ShapeDtypeStruct((64, 64), "float32")
@@ -94,7 +95,7 @@ def merge(decisions: Mapping[str, Any], activations: Mapping[str, Sequence[Act]]
     count: dict[str, int] = {}
     for path, d in decisions.items():
         key = (d.group or path, specs[path], tuple(d.shape), d.bytes, d.dtype, d.kind, d.strategy, d.role,
-               path in paired, d.layers_dim, d.trainable, d.unit in recurrent, path in frozen,
+               path in paired, d.layers_dim, d.trainable, d.unit in recurrent, path in frozen, path in no_grad,
                tuple(acts_for(activations, d.unit)), tuple(acts_for(activations, d.unit + ":attend")))
         rep = reps.setdefault(key, path)
         rep_of[path] = rep
@@ -131,6 +132,19 @@ def without_dead(lv: Leaves, dead: frozenset[str]) -> Leaves:
                    label={r: lv.label[r] for r in keep}, specs={r: lv.specs[r] for r in keep},
                    pairs=tuple(pc for pc in pairs if pc.columns and pc.rows), in_pair=lv.in_pair - gone,
                    rep_of={p: r for p, r in lv.rep_of.items() if r not in gone and p not in dead})
+
+
+def without_grads(lv: Leaves, no_grad: frozenset[str]) -> Leaves:
+    """``lv`` with its ``no_grad`` leaves (:attr:`Workload.no_grad`: read only through ``stop_gradient``)
+    priced as frozen, for the collectives: they compute as before (an fsdp gather, their layer's activation
+    collectives), but their gradient is structurally zero and XLA sums, scatters and updates-then-gathers none
+    of it. :func:`merge` keeps them apart from alike trained leaves. Memory keeps them trained (the optimizer
+    still holds their state)."""
+    hit = {r for r in lv.decisions if r in no_grad and lv.decisions[r].trainable}
+    if not hit:
+        return lv
+    return replace(lv, decisions={r: replace(d, trainable=False) if r in hit else d
+                                  for r, d in lv.decisions.items()})
 
 
 def _opt_classes(opt: OptLayout, specs: Mapping[str, tuple[Entry, ...]]) -> tuple:

@@ -112,6 +112,8 @@ class Scope:
     batch_dims: Mapping[str, frozenset[int]] = field(default_factory=dict)  # traced dot batch dims (Traced)
     # traced parameters read only through static slices: {path: the part they cover} (Traced.sliced)
     sliced: Mapping[str, float] = field(default_factory=dict)
+    # traced parameters' first dot use: {path: (contracted dims, kept dims)} (Traced.dots)
+    dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
 
     def one_ring(self, devices: int) -> bool:
         """Whether XLA:TPU reduces over ``devices`` of the mesh on one ring (:func:`tpflax._src.tpu.one_ring`:

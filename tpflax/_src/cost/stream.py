@@ -20,6 +20,7 @@ from typing import Any
 from tpflax._src.cost.optstate import shard_bytes
 from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.scope import body, drop_layers, layers, leaf_itemsize
+from tpflax._src.cost.whole import split_dims, whole_members
 from tpflax._src.mesh import TENSOR
 from tpflax._src.specs import entry_axes, gathered_axes, used_axes, without_axes
 from tpflax._src.trace.records import reached_dims
@@ -172,27 +173,18 @@ def split_grads(s: Any) -> dict[tuple[str, ...], set[str]]:
     """``{tensor axes: leaves}``: the leaves outside pairs kept whole on the tensor axes whose gradient a tensor
     split splits: a dim meeting (:attr:`tpflax._src.cost.traced.Traced.meets`) a split dim, or one that meets one
     (Mamba's ``x_proj`` reading a split ``in_proj``'s output, ``A_log`` meeting a whole ``dt_proj``'s output
-    that a split ``out_proj`` sums). Empty untraced."""
-    lv, tensor = s.lv, [a for a, r in s.mesh.roles if r == TENSOR]
-    if not s.meets or not tensor:
-        return {}
-
-    def split(path: str, dim: int) -> frozenset[str]:
-        spec = lv.specs.get(lv.rep_of.get(path, path), ())
-        return frozenset(entry_axes(spec[dim]) if dim < len(spec) else ()) & frozenset(tensor)
-
-    by_axes: dict[frozenset[str], set[tuple[str, int]]] = {}
-    for p, d, _, _ in s.meets:
-        if split(p, d):
-            by_axes.setdefault(split(p, d), set()).add((p, d))
-    reached: dict[tuple[str, ...], set[str]] = {}
-    for axes, start in by_axes.items():  # a whole dim meeting a split one: its gradient comes split, and so on
-        for p, _ in reached_dims(s.meets, start):
-            rep = lv.rep_of.get(p, p)
-            if rep in lv.decisions and rep not in lv.in_pair and not any(
-                    split(rep, i) for i in range(len(lv.specs.get(rep, ())))):
-                reached.setdefault(tuple(sorted(axes)), set()).add(rep)
-    return reached
+    that a split ``out_proj`` sums), whether XLA sums or gathers around its matmul (:mod:`tpflax._src.cost.whole`:
+    the weight gradient reads the split activation as saved; measured, a whole 256 -> 256 kernel reading a
+    split 256-wide hidden: its input gathered forward, its gradient still updated split and gathered); and the
+    members kept whole in a split pair (:func:`tpflax._src.cost.whole.whole_members`), but a column whose output
+    gradient XLA gathers (a GQA key/value). Empty untraced."""
+    out: dict[tuple[str, ...], set[str]] = {}
+    for axes, dims in split_dims(s).items():
+        out[axes] = {rep for rep, _ in dims}
+    for m, r in whole_members(s).items():
+        if (r.phase, r.kind) != ("backward", "all-gather"):
+            out.setdefault(r.axes, set()).add(m)
+    return {a: reps for a, reps in out.items() if reps}
 
 
 def split_grad_items(s: Any) -> list[CommItem]:

@@ -137,6 +137,9 @@ class Traced:
         dead: parameters the outputs do not depend on (:attr:`tpflax._src.trace.records.Dataflow.dead`).
         sliced: ``{path: fraction}``, parameters read only through static slices, the part the slices cover
             (:attr:`tpflax._src.trace.records.Dataflow.sliced`): the gradient all-reduce moves that part.
+        no_grad: live parameters whose gradient is structurally zero (read only through ``stop_gradient``:
+            :attr:`tpflax._src.trace.records.Dataflow.no_grad`).
+        dots: ``{path: (contracted dims, kept dims)}`` of each parameter's first ``dot`` use without batch dims.
         looked: parameters a lookup reads (a gather or a one-hot matmul at integer ids): a table, whatever its
             kind and however a rule splits it.
     """
@@ -177,6 +180,8 @@ class Traced:
     batch_dims: Mapping[str, frozenset[int]] = field(default_factory=dict)
     sliced: Mapping[str, float] = field(default_factory=dict)
     looked: frozenset[str] = frozenset()
+    no_grad: frozenset[str] = frozenset()
+    dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
 
 
 def frozen_inputs(t: Traced, trainable: Mapping[str, bool]) -> frozenset[str]:
@@ -298,7 +303,17 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
                   frozenset((e.src, e.dst) for e in flow.edges),
                   frozenset(u.path for u in flow.uses if u.op in ("dot", "conv")), batched,
                   _conditions(flow, shapes, streams, rows, examples), flow.dead, _batch_dims(flow), dict(flow.sliced),
-                  frozenset(u.path for u in flow.uses if u.op in ("gather", "onehot")))
+                  frozenset(u.path for u in flow.uses if u.op in ("gather", "onehot")), flow.no_grad - flow.dead,
+                  _dots(flow))
+
+
+def _dots(flow: Any) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """:attr:`Traced.dots`: each parameter's first ``dot`` use without batch dims, as ``(contracted, kept)``."""
+    out: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    for u in flow.uses:
+        if u.op == "dot" and not u.batch and u.rows and u.path not in out:
+            out[u.path] = (tuple(u.contracted), tuple(u.kept))
+    return out
 
 
 def _batch_dims(flow: Any) -> dict[str, frozenset[int]]:

@@ -114,6 +114,8 @@ class Workload:
     conditions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # (Traced.conditions)
     dead: frozenset[str] = frozenset()  # traced parameters the outputs do not depend on (Traced.dead)
     sliced: Mapping[str, float] = field(default_factory=dict)  # (Traced.sliced)
+    no_grad: frozenset[str] = frozenset()  # traced parameters without a gradient (Traced.no_grad)
+    dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)  # (Traced.dots)
 
     @property
     def saved(self) -> Mapping[str, Sequence[Act]]:
@@ -178,7 +180,8 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
         settings["loss"] = getattr(loss, "__name__", type(loss).__name__)
     contractions = contraction_calls(plan, t.contractions, b.size, t.tied or frozenset()) if not activations else {}
     # a frozen model's first layers (a LoRA base behind a frozen embedding): no input gradient to sum
-    trainable = {p: d.trainable for p, d in plan.decisions.items()}
+    # (and a leaf read only through stop_gradient: Traced.no_grad, a frozen encoder behind a stopped table)
+    trainable = {p: d.trainable and p not in t.no_grad for p, d in plan.decisions.items()}
     frozen = frozen_inputs(t, trainable) if not all(trainable.values()) else frozenset()
     widths = {**(t.widths or {}), **dict.fromkeys(frozen, 0)} if frozen else t.widths
     if contractions:
@@ -196,7 +199,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     positional=t.positional, loops=t.loops, remat_layers=t.remat_layers, erf=t.erf,
                     product_sums=t.product_sums, split_sums=t.split_sums,
                     edges=t.edges, contracted=t.contracted, looked=t.looked, batched=t.batched, conditions=t.conditions, dead=t.dead,
-                    batch_dims=t.batch_dims, sliced=t.sliced)
+                    batch_dims=t.batch_dims, sliced=t.sliced, no_grad=t.no_grad, dots=t.dots)
 
 
 def contraction_calls(plan, contractions: Sequence[tuple[str, float, tuple[int, ...], str]],

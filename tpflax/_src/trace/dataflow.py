@@ -102,6 +102,51 @@ def dead_params(jaxpr: Any, paths: Sequence[str]) -> frozenset[str]:
     return frozenset(p for p, u in zip(paths, used, strict=False) if not u)
 
 
+def no_grad_params(closed: Any, paths: Sequence[str]) -> frozenset[str]:
+    """The float parameters (the first ``len(paths)`` invars of ``closed``) whose tangent reaches no output:
+    read only through ``jax.lax.stop_gradient``, or through integer ops (``argmax``). Their gradient is
+    structurally zero, so XLA compiles no gradient collective for them. Found by jax's dead-code elimination
+    of the forward's JVP, tangent outputs only: a stopped parameter's tangent is jax's symbolic zero, which
+    no equation reads. Empty if the JVP or jax's private pass fails.
+
+    >>> import jax, jax.numpy as jnp
+    >>> f = lambda a, b, x: x @ a + x @ jax.lax.stop_gradient(b)
+    >>> closed = jax.make_jaxpr(f)(jnp.ones((2, 2)), jnp.ones((2, 2)), jnp.ones((1, 2)))
+    >>> sorted(no_grad_params(closed, ["a", "b"]))
+    ['b']
+    """
+    import numpy as np
+
+    invars = closed.jaxpr.invars
+    avals = [v.aval for v in invars]
+    diff = [i for i in range(len(paths)) if np.issubdtype(getattr(avals[i], "dtype", np.int32), np.inexact)]
+    if not diff:
+        return frozenset()
+    from jax.extend.core import jaxpr_as_fun
+
+    fun = jaxpr_as_fun(closed)
+
+    def tangents_out(primals, tangents, rest):
+        def forward(*ps):
+            args = list(rest)
+            for i, x in zip(diff, ps, strict=True):
+                args[i] = x
+            return fun(*args)
+        return jax.jvp(forward, primals, tangents)[1]
+
+    spec = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals]
+    picked = [spec[i] for i in diff]
+    try:
+        from jax._src.interpreters import partial_eval as pe
+
+        jvp = jax.make_jaxpr(tangents_out)(picked, picked, spec)
+        _, used = pe.dce_jaxpr(jvp.jaxpr, [True] * len(jvp.jaxpr.outvars))
+    except Exception:  # noqa: BLE001 - a private pass, or a forward jax cannot differentiate: every leaf trains
+        return frozenset()
+    tangent_used = used[len(diff):2 * len(diff)]
+    return frozenset(paths[i] for i, u in zip(diff, tangent_used, strict=True) if not u)
+
+
 def untraceable(m: Any, e: Exception) -> str:
     shapes = ", ".join(f"{getattr(s, 'shape', '?')}:{getattr(s, 'dtype', '?')}" for s in m.sample)
     called = ("; a function model is called as fn(variables, *sample)" if m.framework == "callable" else "")
@@ -202,6 +247,7 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                     row_axes=frozenset(w.row_axes), grad_deps=dict(w.grad_deps),
                     inputs=read_groups(jaxpr, w.reads),
                     dead=dead_params(jaxpr, paths) - {u.path for u in w.uses},
+                    no_grad=no_grad_params(closed, paths),
                     sliced=_sliced(w, {p: tuple(v.aval.shape) for p, v in zip(paths, jaxpr.invars, strict=False)}))
 
 

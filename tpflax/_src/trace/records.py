@@ -204,6 +204,9 @@ class Dataflow:
             elimination of the traced program): a decoder's cross-attention when it runs without an
             encoder (``FlaxBartForCausalLM``). Their gradients are zeros, for which XLA compiles no
             collective, and no layer computes with them.
+        no_grad: float parameters whose tangent reaches no output (:func:`tpflax._src.trace.dataflow.no_grad_params`:
+            read only through ``jax.lax.stop_gradient``, a frozen encoder's kernels), dead ones included: live in
+            the forward, but their gradient is structurally zero and XLA compiles no gradient collective for them.
         sliced: ``{path: fraction}`` for parameters every read of which is a static ``slice`` (UViT's learned
             position table ``pos[:, :n]``, sized for the largest image): the part of the leaf the slices'
             window covers. Its gradient is zero outside the window, and XLA sums only the window over the
@@ -239,6 +242,7 @@ class Dataflow:
     inputs: Mapping[int, int] = field(default_factory=dict)
     dead: frozenset[str] = frozenset()
     sliced: Mapping[str, float] = field(default_factory=dict)
+    no_grad: frozenset[str] = frozenset()
 
     def positional(self) -> dict[str, tuple[int, tuple[int, ...]]]:
         """``{table: (rows looked up, its dims not indexed)}`` for tables every use of which is a lookup at

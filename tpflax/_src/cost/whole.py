@@ -1,0 +1,178 @@
+"""Whole kernels that contract a tensor-split activation, or whose output is read split, priced for the estimate.
+
+A kernel kept whole on the tensor axis beside a split pair can meet the pair's split features along the
+trace (:func:`split_dims`). Two ways, each with its collective:
+
+* its contracted dim reads split features (Mamba's ``x_proj`` reading ``in_proj``'s split ``d_inner``): each
+  device sums its slice, and XLA either all-reduces the partial outputs or gathers the input before the
+  matmul, whichever moves fewer bytes (forward);
+* its output dim is read split (Mamba's ``dt_proj``, whose output ``out_proj`` sums split; a column kept whole
+  in a split pair): the output's gradient arrives split, so the input gradient comes out in partial sums,
+  all-reduced, or the output gradient is gathered first, whichever moves fewer (backward; nothing to sum when
+  its input needs no gradient).
+
+Either way the kernel's weight gradient comes out split (its update runs split and is gathered:
+:func:`tpflax._src.cost.stream.split_grads`).
+
+Measured (XLA:CPU, data=2,model=4): the tests' Mamba (tests/test_ssm.py), ``x_proj``'s ``f32[4,16,40]``
+output all-reduced per layer forward, not its 128-wide input gathered, and ``dt_proj``'s 8-wide input gradient
+all-reduced backward, in one tuple with the B and C gradients of the selective scan (partial sums of a
+product of two activations, not priced here: 8 KB per layer); tests/test_whole_reads.py's gated MLP, whose
+8-wide whole probe reads the split hidden and whose whole expansion, a column of the pair, gates it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tpflax._src.cost.records import CommItem
+from tpflax._src.cost.scope import body, layers
+from tpflax._src.mesh import TENSOR
+from tpflax._src.specs import entry_axes
+from tpflax._src.trace.records import reached_dims
+
+
+@dataclass(frozen=True)
+class WholeRead:
+    """One collective of a whole kernel meeting split features: ``kind`` of ``size`` bytes over ``axes``."""
+
+    path: str
+    axes: tuple[str, ...]
+    kind: str
+    size: float
+    phase: str
+
+    @property
+    def how(self) -> str:
+        """What moves, in words."""
+        what = {("all-reduce", "forward"): "sum its partial outputs", ("all-gather", "forward"): "gather its input",
+                ("all-reduce", "backward"): "sum its partial input gradients",
+                ("all-gather", "backward"): "gather its output gradient"}[self.kind, self.phase]
+        return f"{what} ({self.phase})"
+
+    @property
+    def side(self) -> str:
+        """The activation it moves: the kernel's ``"in"`` or ``"out"`` side."""
+        return "out" if (self.kind == "all-reduce") == (self.phase == "forward") else "in"
+
+
+def split_dims(s: Any, start: Callable[[str], bool] | None = None) -> dict[tuple[str, ...], set[tuple[str, int]]]:
+    """``{tensor axes: (leaf, dim)}``: dims of leaves outside pairs, kept whole on the tensor axes, that a tensor
+    split reaches along :attr:`tpflax._src.cost.traced.Traced.meets` (representatives' paths, trace dims), from
+    the split dims of every leaf, or of the representatives ``start`` accepts. Empty untraced."""
+    lv, tensor = s.lv, [a for a, r in s.mesh.roles if r == TENSOR]
+    if not s.meets or not tensor:
+        return {}
+
+    def split(path: str, dim: int) -> frozenset[str]:
+        spec = lv.specs.get(lv.rep_of.get(path, path), ())
+        return frozenset(entry_axes(spec[dim]) if dim < len(spec) else ()) & frozenset(tensor)
+
+    by_axes: dict[frozenset[str], set[tuple[str, int]]] = {}
+    for p, d, _, _ in s.meets:
+        if split(p, d) and (start is None or start(lv.rep_of.get(p, p))):
+            by_axes.setdefault(split(p, d), set()).add((p, d))
+    reached: dict[tuple[str, ...], set[tuple[str, int]]] = {}
+    for axes, begin in by_axes.items():  # a whole dim meeting a split one: its gradient comes split, and so on
+        for p, dim in reached_dims(s.meets, begin):
+            rep = lv.rep_of.get(p, p)
+            if rep in lv.decisions and rep not in lv.in_pair and not any(
+                    split(rep, i) for i in range(len(lv.specs.get(rep, ())))):
+                reached.setdefault(tuple(sorted(axes)), set()).add((rep, dim))
+    return reached
+
+
+def whole_reads(s: Any, start: Callable[[str], bool] | None = None) -> list[WholeRead]:
+    """The collectives of whole kernels outside pairs whose contraction meets the split features of a pair or
+    of a dense layer split without a partner (the module docstring), or of the leaves ``start`` accepts.
+    A partnerless column's split output is gathered at each whole kernel reading it, not once
+    (:func:`lone_read`)."""
+    lv, out = s.lv, []
+    for axes, dims in split_dims(s, start=start or (lambda rep: rep in lv.in_pair or _lone(s, rep))).items():
+        for rep in sorted({r for r, _ in dims}):
+            d, use = lv.decisions[rep], (s.dots or {}).get(rep)
+            if use is None or d.layers_dim is not None or d.kind not in ("dense", "attention", "head"):
+                continue
+            in_b, out_b = _act_bytes(s, rep, d, math.prod(body(d)[i] for i in use[0]))
+            hit = {dim for r, dim in dims if r == rep}
+            if hit & set(use[0]):
+                out.append(_narrower(rep, axes, out_b, in_b, "forward"))
+            if hit & set(use[1]) and (s.widths or {}).get(rep) != 0:
+                out.append(_narrower(rep, axes, in_b, out_b, "backward"))
+    return out
+
+
+def lone_read(s: Any, path: str) -> bool:
+    """Whether a whole kernel contracts the split output of ``path``, a column without a partner: its
+    collectives (:func:`whole_reads`) stand for the column's own gather of its output."""
+    return any(r.phase == "forward" for r in whole_reads(s, start=lambda rep: rep == path))
+
+
+def lone_row(s: Any, path: str, axes: tuple[str, ...]) -> WholeRead | None:
+    """A dense layer without a partner split over ``axes`` on the dims its contraction sums (a row, traced):
+    XLA sums its partial outputs, or gathers its input, whichever moves fewer (forward; measured, a lone
+    ``(256, 64)`` row ``P('model', None)``: its ``f32[4,16,64]`` output all-reduced). None otherwise."""
+    d, use = s.lv.decisions[path], (s.dots or {}).get(path)
+    if use is None or d.layers_dim is not None or d.kind != "dense":
+        return None
+    spec = s.lv.specs[path]
+    if not any(set(entry_axes(spec[i])) & set(axes) for i in use[0] if i < len(spec)) or any(
+            set(entry_axes(spec[i])) & set(axes) for i in use[1] if i < len(spec)):
+        return None
+    in_b, out_b = _act_bytes(s, path, d, math.prod(body(d)[i] for i in use[0]))
+    return _narrower(path, axes, out_b, in_b, "forward")
+
+
+def _lone(s: Any, rep: str) -> bool:
+    """A dense layer outside pairs split over a tensor axis, not one whose output scales a residual stream
+    (DiT's adaLN, :attr:`Scope.streams`: its stream's gathers are priced with it)."""
+    d = s.lv.decisions[rep]
+    return d.kind == "dense" and rep not in (s.streams or {}) and bool(s.axes(rep, TENSOR))
+
+
+def whole_members(s: Any) -> dict[str, WholeRead]:
+    """``{member: its collective}`` for the members of a split pair kept whole on the tensor axes: a row's
+    partial outputs summed or its input gathered (forward), a column's partial input gradients summed or its
+    output gradient gathered (backward; a GQA key/value with fewer heads than the tensor degree gathers, a gate's
+    narrow expansion, 8 -> 256, sums), whichever moves fewer. A column reading the model's inputs has nothing
+    to sum."""
+    out = {}
+    for pc in s.lv.pairs:
+        axes = tuple(dict.fromkeys(a for p in pc.columns + pc.rows for a in s.axes(p, TENSOR)))
+        for m in (pc.columns + pc.rows) if axes else ():
+            d, width = s.lv.decisions[m], (s.widths or {}).get(m)
+            if s.axes(m, TENSOR) or (m in pc.columns and width == 0):
+                continue
+            in_b, out_b = _act_bytes(s, m, d, width or body(d)[0])
+            out[m] = (_narrower(m, axes, in_b, out_b, "backward") if m in pc.columns
+                      else _narrower(m, axes, out_b, in_b, "forward"))
+    return out
+
+
+def whole_read_items(s: Any) -> list[CommItem]:
+    """:func:`whole_reads` as the estimate's items, one per alike class of kernels and direction."""
+    items = []
+    for r in whole_reads(s):
+        d = s.lv.decisions[r.path]
+        what = ("a whole kernel contracting split features" if r.phase == "forward"
+                else "a whole kernel whose output is read split")
+        items.append(CommItem(r.kind, r.axes, r.size, s.size(r.axes), s.lv.count[r.path] * layers(d),
+                              s.lv.label[r.path], f"{what}: {r.how}"))
+    return items
+
+
+def _act_bytes(s: Any, path: str, d: Any, in_width: int) -> tuple[float, float]:
+    """Bytes on one device of the input and the output activation of ``path``'s contraction."""
+    rows = s.rows_of(path) * s.act_item
+    return rows * in_width, rows * (math.prod(body(d)) // max(in_width, 1))
+
+
+def _narrower(path: str, axes: tuple[str, ...], summed: float, gathered: float, phase: str) -> WholeRead:
+    """An all-reduce of ``summed`` bytes or an all-gather of ``gathered`` bytes, whichever moves fewer on a
+    ring (an all-reduce moves twice its bytes)."""
+    if 2 * summed <= gathered:
+        return WholeRead(path, axes, "all-reduce", summed, phase)
+    return WholeRead(path, axes, "all-gather", gathered, phase)
