@@ -51,6 +51,7 @@ from tpflax._src.planner.builders import (
 )
 from tpflax._src.planner.decision import Pair
 from tpflax._src.planner.experts import shard_experts
+from tpflax._src.planner.inner import inner_features
 from tpflax._src.planner.leaf_groups import fsdp, shard_embedding, shard_output_head
 from tpflax._src.planner.roles import (
     assign_roles,
@@ -64,7 +65,6 @@ from tpflax._src.planner.roles import (
     residual_widths,
     role_name,
 )
-from tpflax._src.planner.inner import inner_features
 from tpflax._src.specs import entry_axes, normalize_entry
 
 

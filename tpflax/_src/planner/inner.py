@@ -16,7 +16,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tpflax._src.facts.classify import Facts
-from tpflax._src.planner.builders import OUTPUT_SPLITS, State, axis_label, bias_follows, body_spec, short
+from tpflax._src.planner.builders import (
+    OUTPUT_SPLITS,
+    State,
+    axis_label,
+    bias_follows,
+    body_spec,
+    short,
+)
 
 _KINDS = ("other", "dense")
 
