@@ -69,13 +69,17 @@ def test_a_traced_lookup_by_ids_is_a_vocabulary_table_whatever_its_name():
     assert d.spec == P("model", None, None), d.reason
 
 
+def _whole_and_never_offered_a_vocab_split(d):
+    assert d.spec == P(None, None, None), d.reason
+    assert "vocab split" not in {a.name for a in d.alternatives}, d.reason  # never offered, not just priced out
+
+
 def test_a_three_d_table_of_other_rows_stays_whole_in_the_tree():
     # not as many rows as the token table: the tree cannot tell it is looked up by the ids
     s = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
     tree = {"params": {"embed": {"embedding": s(V, D)}, "per_layer_embedding": s(V + 4, L, W)}}
     d = tpflax.plan(tree, MESH).decisions["params/per_layer_embedding"]
-    assert d.spec == P(None, None, None), d.reason
-    assert "vocab split" not in {a.name for a in d.alternatives}, d.reason  # never offered, not just priced out
+    _whole_and_never_offered_a_vocab_split(d)
 
 
 def test_the_split_tables_numbers_beat_it_whole_and_the_estimate_counts_its_lookup():
@@ -119,8 +123,7 @@ def test_a_traced_three_d_table_looked_up_at_positions_stays_whole():
     m = PosNet()
     v = jax.eval_shape(m.init, jax.random.key(0), IDS)
     d = tpflax.plan(v, MESH, batch=(IDS,), model=m.apply, sample=(IDS,)).decisions["params/per_layer_w"]
-    assert d.spec == P(None, None, None), d.reason
-    assert "vocab split" not in {a.name for a in d.alternatives}, d.reason  # never offered, not just priced out
+    _whole_and_never_offered_a_vocab_split(d)
 
 
 def test_the_estimate_counts_the_lookup_of_a_table_a_rule_splits_whatever_its_name():

@@ -119,7 +119,9 @@ def no_grad_params(closed: Any, paths: Sequence[str]) -> frozenset[str]:
 
     invars = closed.jaxpr.invars
     avals = [v.aval for v in invars]
-    diff = [i for i in range(len(paths)) if np.issubdtype(getattr(avals[i], "dtype", np.int32), np.inexact)]
+    # jax's issubdtype: a typed PRNG key (key<fry>) is no numpy dtype
+    diff = [i for i in range(len(paths))
+            if jax.dtypes.issubdtype(getattr(avals[i], "dtype", np.int32), np.inexact)]
     if not diff:
         return frozenset()
     from jax.extend.core import jaxpr_as_fun
