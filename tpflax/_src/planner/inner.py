@@ -37,7 +37,7 @@ def inner_features(st: State, todo: Sequence[Facts]) -> None:
     if not loose:
         return
     for pair in st.pairs:
-        if not pair.sharded or len(pair.rows) != 1 or pair.kind == "conv":
+        if not pair.sharded or len(pair.rows) != 1:
             continue
         row, cols = st.facts.get(pair.rows[0]), [st.facts.get(c) for c in pair.columns]
         rp = st.out.get(pair.rows[0])
@@ -66,11 +66,11 @@ def _follow(st: State, f: Facts, width: int, pair: int, row: str, t_entry, t_siz
     if len(body) == 1 and body[0] == width:
         st.put(f, body_spec(1, 0, t_entry), "channel", f"per-feature parameter ({width}) {how}: split over {over} "
                                                         "with them (pass model= to trace it)", pair)
-    elif (len(body) == 2 and body[1] == width and body[0] < width and "conv" in f.unit.rsplit("/", 1)[-1].lower()):
+    elif len(body) == 2 and body[1] == width and body[0] < width and "conv" in f.unit_name.lower():
         st.put(f, body_spec(2, 1, t_entry), "channel",
                f"depthwise taps ({body[0]} x {width} features) {how}: split over {over} with them (pass model= to "
                "trace it)", pair)
-    elif (len(body) == 3 and body[1] == body[2] and body[0] * body[1] == width and body[0] % t_size == 0):
+    elif len(body) == 3 and body[1] == body[2] and body[0] * body[1] == width and body[0] % t_size == 0:
         st.put(f, body_spec(3, 0, t_entry), "heads",
                f"block-diagonal gate ({body[0]} heads of {body[1]} x {body[2]}) {how}: its heads split over "
                f"{over} with them (pass model= to trace it)", pair)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 from tpflax._src.cost.price import OPT_COPIES, ActComm, stream_gathers
 from tpflax._src.facts.classify import ATTN, POS_EMBED, Facts
@@ -142,7 +143,7 @@ def shard_lone_dense(st: State, f: Facts, dim: int, why: str,
         st.choose("dense", [keep], [f])
         return
     whole, split_acts = reached_acts(st, t_entry, reached)
-    keep = Option(keep.name, keep.proposals, whole, keep.matmul, whole=True)
+    keep = replace(keep, acts=whole)
     over = axis_label(t_entry, t_size)
     acts = (ActComm("all-gather", t_entry, n, 1, "gather its split output (forward)"),
             ActComm("all-reduce", t_entry, math.prod(f.body) // n, 1, "sum its input gradient (backward)"))
