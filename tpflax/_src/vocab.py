@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 Strategy = Literal["column", "row", "heads", "channel", "vocab", "expert", "fsdp", "replicate",
-                   "rule", "annotation"]
+                   "batch", "rule", "annotation"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 # What a user rule may name (``rule``/``annotation`` describe where a spec came from).
 RULE_STRATEGIES: tuple[str, ...] = ("column", "row", "heads", "channel", "vocab", "expert", "fsdp",

@@ -42,6 +42,7 @@ from tpflax._src.facts.tree import walk
 from tpflax._src.mesh import EXPERT, FSDP, TENSOR, MeshShape, mesh_shape
 from tpflax._src.planner import heuristics
 from tpflax._src.planner.builders import Options, Proposal
+from tpflax._src.planner.caches import follow_caches
 from tpflax._src.planner.checks import plan_checks
 from tpflax._src.planner.decision import Decision, Pair, Plan, check_tree_matches
 from tpflax._src.planner.fused import check_mode, fused_layouts
@@ -309,6 +310,7 @@ def _propose(facts: Sequence[Facts], ms: MeshShape, opts: Options, forced: Force
         forced_props, pairs = _forced_facts(forced.proposals, facts, pairs, own, own_pairs, ms)
         proposals.update(forced_props)
     _follow_scales(facts, proposals, forced.proposals)
+    follow_caches(facts, proposals, forced.proposals, ms)
     return proposals, pairs, sources, disagreements, doubts, opts, facts
 
 

@@ -292,17 +292,41 @@ def dynamic_slice(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int
     return [_same_dims(w, v, ranks[0])]
 
 
+def dynamic_update_slice(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    """``lax.dynamic_update_slice(buffer, update, *start)``: a key/value cache written at the decoding
+    position. Each dim of the result is that dim of both the buffer and the update, so it keeps their tags
+    (the heads the new key was split by); a dim the update is shorter along (the cache's length) is written
+    at an offset known only at run time, and escapes. Written with an activation, the result is one: the
+    cache leaf it came from is no weight its readers contract with."""
+    buf, upd = ins[0], ins[1]
+    shapes = [tuple(eqn.invars[i].aval.shape) for i in (0, 1)]
+    rank = ranks[0]
+    offset = [d for d in range(rank) if shapes[0][d] != shapes[1][d]]
+    for v in (buf, upd):
+        for d in offset:
+            w.escape(v.dim_tags(d), "written at a dynamic offset along it")
+    out = concatenate_like(w, ins[:2], rank, offset)
+    if not upd.origin or not buf.origin:  # an activation written in (or into): the result is an activation
+        out = dataclasses.replace(out, origin=(), const_of=0)
+    return [out]
+
+
 def concatenate(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
     dim = eqn.params["dimension"]
     rank = ranks[0]
     for v in ins:
         w.escape(v.dim_tags(dim), "concatenated with other values along it")
+    return [concatenate_like(w, ins, rank, [dim])]
+
+
+def concatenate_like(w: Walk, ins: list[Val], rank: int, joined: list[int]) -> Val:
+    """Values put side by side along the ``joined`` dims: their origins, their tags on the other dims."""
     origin = tuple(o for v in ins for o in v.origin)
     tags = w.pointwise([v for v in ins if v.tags is not None], rank, "")
     if tags is not None:
-        tags = tuple({} if d == dim else t for d, t in enumerate(tags))
-    return [Val(rank, origin=origin, tags=tags if tags and any(tags) else None,
-                const_of=max([v.const_of for v in ins] or [0]))]
+        tags = tuple({} if d in joined else t for d, t in enumerate(tags))
+    return Val(rank, origin=origin, tags=tags if tags and any(tags) else None,
+               const_of=max([v.const_of for v in ins] or [0]))
 
 
 def stack(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
@@ -366,7 +390,7 @@ HANDLERS: dict[str, Handler] = {
     "reduce": variadic_reduce,
     "transpose": transpose, "broadcast_in_dim": broadcast_in_dim, "squeeze": squeeze,
     "reshape": reshape, "slice": slice_, "split": split, "unstack": unstack,
-    "dynamic_slice": dynamic_slice,
+    "dynamic_slice": dynamic_slice, "dynamic_update_slice": dynamic_update_slice,
     "concatenate": concatenate, "stack": stack, "pad": pad, "rev": rev, "tile": tile, "iota": iota, "sort": sort, "top_k": top_k,
     "dot_general": contractions.dot_general, "conv_general_dilated": contractions.conv_general_dilated,
     "gather": contractions.gather,
