@@ -120,3 +120,35 @@ def test_a_cache_planned_without_its_kernels_splits_over_the_batch():
                                 "cache_index": jax.ShapeDtypeStruct((), jnp.int32)}}}
     d = tpflax.plan(cache, MESH).decisions["cache/attn/cached_key"]
     assert (d.spec, d.strategy) == (P("data", None, None, None), "batch")
+
+
+class ScanBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        x = x + nn.MultiHeadDotProductAttention(num_heads=HEADS, decode=True, name="attn")(x, x)
+        return x + nn.Dense(D, name="down")(jax.nn.gelu(nn.Dense(4 * D, name="up")(x))), None
+
+
+class ScanDecoder(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        embed = nn.Embed(VOCAB, D, name="embed")
+        stack = nn.scan(ScanBlock, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True}, length=3)
+        return embed.attend(stack(name="layers")(embed(ids), None)[0])
+
+
+def test_a_scanned_stack_s_cache_keeps_its_layers_dim_whole_and_compiles_without_cache_collectives():
+    m = ScanDecoder()
+    variables = jax.eval_shape(m.init, jax.random.key(0), jnp.ones((B, L), jnp.int32))
+    assert variables["cache"]["layers"]["attn"]["cached_key"].shape == (3, B, L, HEADS, D // HEADS)
+    plan = tpflax.plan(variables, MESH)
+    d = plan.decisions["cache/layers/attn/cached_key"]
+    assert (d.spec, d.layers_dim) == (P(None, "data", None, "model", None), 0)
+    mesh = tpflax.make_mesh(MESH)
+    shardings = tpflax.shardings(plan, mesh)
+    args = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), variables, shardings)
+    ids = jax.ShapeDtypeStruct((B, 1), jnp.int32, sharding=tpflax.batch_sharding(mesh))
+    step = jax.jit(lambda v, x: m.apply(v, x, mutable=["cache"]), out_shardings=(None, {"cache": shardings["cache"]}))
+    compiled = step.lower(args, ids).compile()
+    one_layer = 2 * B * L * D * 4 // 3  # a third of one layer's key + value cache
+    assert not [c for c in hlo.parse_collectives(compiled.as_text(), mesh) if c.bytes >= one_layer // 8]

@@ -109,30 +109,41 @@ def follow_caches(facts: Sequence[Facts], proposals: dict[str, Proposal], forced
     batch = batch_axes(ms)
     for f in caches:
         spec: list = [None] * len(f.body)
-        rows = f.body[0]
+        writers = _writers(f, kernels, proposals)
+        at = _batch_dim(f, writers)
+        rows = f.body[at]
         # all the batch axes or none, as tpflax.batch_sharding places the batch the cache was made for
         on_batch = batch if batch and rows % math.prod(ms.sizes[a] for a in batch) == 0 else ()
         if on_batch:
-            spec[0] = on_batch[0] if len(on_batch) == 1 else on_batch
+            spec[at] = on_batch[0] if len(on_batch) == 1 else on_batch
         writer = ""
-        for k in _writers(f, kernels, proposals):
+        for k in writers:
             h, d = _heads_split(f, k, proposals[k.path], ms)
             if h or d:
                 spec[-2] = (h[0] if len(h) == 1 else h) or None
                 spec[-1] = (d[0] if len(d) == 1 else d) or None
                 writer = k.path
                 break
-        where = []
+        where = [f"layers dim {at - 1} ({f.body[at - 1]}) kept whole"] if at else []
         if on_batch:
             where.append(f"its {rows} rows over {' x '.join(on_batch)} like the batch")
         if writer:
             what = "heads" if spec[-2] else "head_dim"
             where.append(f"its {what} like {writer}, which writes it")
-        reason = (f"attention {_CACHE_NAMES[f.name]} cache: " + (", ".join(where) if where else
+        reason = (f"attention {_CACHE_NAMES[f.name]} cache: " + (", ".join(where) if on_batch or writer else
                   f"kept whole: its {rows} rows divide no batch axes and no kernel beside it splits its heads"))
         strategy = "heads" if writer else ("batch" if on_batch else "replicate")
         proposals[f.path] = Proposal(spec=f.leaf_of(spec), strategy=strategy, reason=reason,
-                                     layers_dim=f.layers_dim)
+                                     layers_dim=0 if at else f.layers_dim)
+
+
+def _batch_dim(f: Facts, writers: Sequence[Facts]) -> int:
+    """The cache's batch dim: its first, or its second when the first is the layers dim of an ``nn.scan``
+    stack (a cache of shape ``(layers, batch, length, heads, head_dim)`` beside stacked writer kernels)."""
+    if len(f.body) >= 5 and not f.stacked and any(
+            k.stacked and k.leaf.shape[k.layers_at] == f.body[0] for k in writers):
+        return 1
+    return 0
 
 
 def _parent(unit: str) -> str:
