@@ -152,3 +152,11 @@ def test_a_scanned_stack_s_cache_keeps_its_layers_dim_whole_and_compiles_without
     compiled = step.lower(args, ids).compile()
     one_layer = 2 * B * L * D * 4 // 3  # a third of one layer's key + value cache
     assert not [c for c in hlo.parse_collectives(compiled.as_text(), mesh) if c.bytes >= one_layer // 8]
+
+
+def test_a_multi_query_cache_follows_its_split_head_features():
+    """One key/value head (MQA) whose kernel is split on its features: the cache's head_dim follows."""
+    tree = {"params": {"attn": {"k_proj": {"kernel": jax.ShapeDtypeStruct((D, 16), jnp.float32)}}},
+            "cache": {"attn": {"cached_key": jax.ShapeDtypeStruct((B, L, 1, 16), jnp.float32)}}}
+    plan = tpflax.plan(tree, MESH, rules=[(r"k_proj/kernel$", P(None, "model"))])
+    assert plan.decisions["cache/attn/cached_key"].spec == P("data", None, None, "model")

@@ -72,6 +72,8 @@ def _heads_split(f: Facts, k: Facts, p: Proposal, ms: MeshShape) -> tuple[tuple[
             continue
         if n == heads * dim and len(kbody) == 2 and heads % ways(axes) == 0:
             out[0] = axes  # flattened heads * head_dim split in whole heads
+        elif n == heads * dim and len(kbody) == 2 and heads == 1 and dim % ways(axes) == 0:
+            out[1] = axes  # multi-query: the one key/value head's features split
         elif n == heads and dim in kbody and heads % ways(axes) == 0 and not out[0]:
             out[0] = axes
         elif n == dim and heads in kbody and dim % ways(axes) == 0 and not out[1]:
