@@ -64,19 +64,22 @@ def split_dims(s: Any, start: Callable[[str], bool] | None = None,
     """``{tensor axes: (leaf, dim)}``: dims of leaves outside pairs, kept whole on the tensor axes, that a tensor
     split reaches along :attr:`tpflax._src.cost.traced.Traced.meets` (representatives' paths, trace dims), from
     the split dims of every leaf, or of the representatives ``start`` accepts, and (``constrained``) from the
-    dims a model's own constraint splits (:func:`constrained_dims`). Empty untraced."""
+    dims a model's own constraint splits (:func:`constrained_dims`): those reach the members of pairs the plan
+    keeps whole too (a split pair prices its whole members itself, :func:`whole_members`). Empty untraced."""
     lv = s.lv
     by_axes: dict[frozenset[str], set[tuple[str, int]]] = {}
     for p, d, _, _ in s.meets:
         if _split(s, p, d) and (start is None or start(lv.rep_of.get(p, p))):
             by_axes.setdefault(_split(s, p, d), set()).add((p, d))
-    for axes, dims in constrained_dims(s).items() if constrained else ():
-        by_axes.setdefault(frozenset(axes), set()).update(dims)
+    split_pairs = {m for pc in lv.pairs for m in pc.columns + pc.rows
+                   if any(s.axes(x, TENSOR) for x in pc.columns + pc.rows)}
+    starts = [(axes, begin, lv.in_pair) for axes, begin in by_axes.items()]
+    starts += [(frozenset(axes), begin, split_pairs) for axes, begin in constrained_dims(s).items() if constrained]
     reached: dict[tuple[str, ...], set[tuple[str, int]]] = {}
-    for axes, begin in by_axes.items():  # a whole dim meeting a split one: its gradient comes split, and so on
+    for axes, begin, paired in starts:  # a whole dim meeting a split one: its gradient comes split, and so on
         for p, dim in reached_dims(s.meets, begin):
             rep = lv.rep_of.get(p, p)
-            if rep in lv.decisions and rep not in lv.in_pair and not any(
+            if rep in lv.decisions and rep not in paired and not any(
                     _split(s, rep, i) for i in range(len(lv.specs.get(rep, ())))):
                 reached.setdefault(tuple(sorted(axes)), set()).add((rep, dim))
     return reached
