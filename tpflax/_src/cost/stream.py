@@ -194,4 +194,5 @@ def split_grad_items(s: Any) -> list[CommItem]:
     Returns:
         :func:`update_gathers`' items for those leaves; none untraced.
     """
-    return [i for axes, reps in split_grads(s).items() for i in update_gathers(s, axes, sorted(reps))]
+    why = "a leaf whole on the tensor axis whose gradient a tensor split it meets splits (a kernel's or a constraint's)"
+    return [i for axes, reps in split_grads(s).items() for i in update_gathers(s, axes, sorted(reps), why)]

@@ -117,15 +117,17 @@ def whole_reads(s: Any, start: Callable[[str], bool] | None = None) -> list[Whol
     the partial outputs or input gradients whatever their width (measured, ``tests/test_constraint_cost.py``:
     a whole 256 -> 64 kernel reading a constrained 256-wide hidden, its 64-wide output all-reduced in the loop,
     and a 64 -> 256 one, 256 wide); unrolled, it takes the narrower as above (the 256 -> 64 pair gathers the
-    64-wide hidden; a square one too). A stack's other whole kernels are not priced here."""
+    64-wide hidden; a square one too). A stack's other whole kernels are not priced here, nor kernels of other
+    kinds than dense, attention and head layers, but those a constraint pins (their first use a plain dot: a
+    stack of ``(2, 256, 64)`` kernels the tree takes for experts)."""
     lv, out = s.lv, []
     pinned = {r for dims in split_dims(s, start=lambda rep: False).values() for r, _ in dims} if start is None else ()
     for axes, dims in split_dims(s, start=start or (lambda rep: rep in lv.in_pair or _lone(s, rep)),
                                  constrained=start is None).items():
         for rep in sorted({r for r, _ in dims}):
             d, use, stack = lv.decisions[rep], (s.dots or {}).get(rep), _stack(s, rep)
-            if use is None or (stack and rep not in pinned) or d.kind not in ("dense", "attention", "head"):
-                continue
+            if use is None or (rep not in pinned and (stack or d.kind not in ("dense", "attention", "head"))):
+                continue  # a kernel a constraint pins: any kind whose matmul is a plain dot (a stack the tree calls experts)
             in_width = math.prod(d.shape[i] for i in use[0])
             rows = s.rows_of(rep) * s.act_item
             in_b, out_b = rows * in_width, rows * (math.prod(d.shape) // max(stack, 1) // max(in_width, 1))
@@ -197,7 +199,6 @@ def whole_read_items(s: Any) -> list[CommItem]:
     """:func:`whole_reads` as the estimate's items, one per alike class of kernels and direction."""
     items = []
     for r in whole_reads(s):
-        d = s.lv.decisions[r.path]
         what = ("a whole kernel contracting split features" if r.phase == "forward"
                 else "a whole kernel whose output is read split")
         items.append(CommItem(r.kind, r.axes, r.size, s.size(r.axes), s.lv.count[r.path] * max(_stack(s, r.path), 1),
