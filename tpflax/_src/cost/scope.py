@@ -114,6 +114,9 @@ class Scope:
     sliced: Mapping[str, float] = field(default_factory=dict)
     # traced parameters' first dot use: {path: (contracted dims, kept dims)} (Traced.dots)
     dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    scanned: Mapping[str, int] = field(default_factory=dict)  # traced stacks: {path: leaf dim} (Traced.scanned)
+    # traced parameter dims a model's own with_sharding_constraint lays out over mesh axes (Traced.constrained)
+    constrained: tuple[tuple[str, int, tuple[str, ...]], ...] = ()
 
     def one_ring(self, devices: int) -> bool:
         """Whether XLA:TPU reduces over ``devices`` of the mesh on one ring (:func:`tpflax._src.tpu.one_ring`:

@@ -82,11 +82,11 @@ def update_gathers(s: Any, axes: tuple[str, ...], reached: list[str],
 
 
 def zero3_axes(s: Any) -> frozenset[str]:
-    """The axes tpflax's step gathers parameters over for compute (:func:`tpflax._src.specs.fsdp_axes`) that
-    split some parameter."""
-    specs = list(s.lv.specs.values())
-    used = {a for spec in specs for a in used_axes(spec)}
-    return gathered_axes(s.mesh, specs) & used
+    """The axes tpflax's step gathers parameters over for compute (:func:`tpflax._src.specs.fsdp_axes`): where
+    there are any, the step pins every gradient to its parameter's layout, a replicated plan's too (measured,
+    fsdp=2,model=4: the Flax guide's MultiDotReluDot replicated under its own ``P('fsdp', 'model')`` constraint,
+    one gather of each whole gradient, benchmarks/probe_nnx.py ``gspmd``)."""
+    return gathered_axes(s.mesh, list(s.lv.specs.values()))
 
 
 def tpu_stream_gathers(s: Any, axes: tuple[str, ...], width: int) -> int:
@@ -194,4 +194,5 @@ def split_grad_items(s: Any) -> list[CommItem]:
     Returns:
         :func:`update_gathers`' items for those leaves; none untraced.
     """
-    return [i for axes, reps in split_grads(s).items() for i in update_gathers(s, axes, sorted(reps))]
+    why = "a leaf whole on the tensor axis whose gradient a tensor split it meets splits (a kernel's or a constraint's)"
+    return [i for axes, reps in split_grads(s).items() for i in update_gathers(s, axes, sorted(reps), why)]

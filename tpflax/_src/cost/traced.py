@@ -142,6 +142,11 @@ class Traced:
         dots: ``{path: (contracted dims, kept dims)}`` of each parameter's first ``dot`` use without batch dims.
         looked: parameters a lookup reads (a gather or a one-hot matmul at integer ids): a table, whatever its
             kind and however a rule splits it.
+        scanned: ``{path: leaf dim}``: parameters a ``scan`` slices one layer off per step
+            (:attr:`tpflax._src.trace.records.Dataflow.scanned`), whether or not the plan knows the stack.
+        constrained: ``(path, dim, mesh axes)``: parameter dims whose activation the model's own
+            ``with_sharding_constraint`` lays out over those axes (:attr:`tpflax._src.trace.records.Dataflow.constraints`;
+            priced by :func:`tpflax._src.cost.whole.constrained_dims`).
     """
 
     tied: frozenset[str] | None = None
@@ -182,6 +187,8 @@ class Traced:
     looked: frozenset[str] = frozenset()
     no_grad: frozenset[str] = frozenset()
     dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    scanned: Mapping[str, int] = field(default_factory=dict)
+    constrained: tuple[tuple[str, int, tuple[str, ...]], ...] = ()
 
 
 def frozen_inputs(t: Traced, trainable: Mapping[str, bool]) -> frozenset[str]:
@@ -304,7 +311,8 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
                   frozenset(u.path for u in flow.uses if u.op in ("dot", "conv")), batched,
                   _conditions(flow, shapes, streams, rows, examples), flow.dead, _batch_dims(flow), dict(flow.sliced),
                   frozenset(u.path for u in flow.uses if u.op in ("gather", "onehot")), flow.no_grad - flow.dead,
-                  _dots(flow))
+                  _dots(flow), dict(flow.scanned),
+                  tuple(sorted({(flow.uses[u].path, d, axes) for u, d, axes in flow.constraints})))
 
 
 def _dots(flow: Any) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:

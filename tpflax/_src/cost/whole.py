@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tpflax._src.cost.records import CommItem
-from tpflax._src.cost.scope import body, layers
+from tpflax._src.cost.scope import body
 from tpflax._src.mesh import TENSOR
 from tpflax._src.specs import entry_axes
 from tpflax._src.trace.records import reached_dims
@@ -59,50 +59,93 @@ class WholeRead:
         return "out" if (self.kind == "all-reduce") == (self.phase == "forward") else "in"
 
 
-def split_dims(s: Any, start: Callable[[str], bool] | None = None) -> dict[tuple[str, ...], set[tuple[str, int]]]:
+def split_dims(s: Any, start: Callable[[str], bool] | None = None,
+               constrained: bool = True) -> dict[tuple[str, ...], set[tuple[str, int]]]:
     """``{tensor axes: (leaf, dim)}``: dims of leaves outside pairs, kept whole on the tensor axes, that a tensor
     split reaches along :attr:`tpflax._src.cost.traced.Traced.meets` (representatives' paths, trace dims), from
-    the split dims of every leaf, or of the representatives ``start`` accepts. Empty untraced."""
-    lv, tensor = s.lv, [a for a, r in s.mesh.roles if r == TENSOR]
-    if not s.meets or not tensor:
-        return {}
-
-    def split(path: str, dim: int) -> frozenset[str]:
-        spec = lv.specs.get(lv.rep_of.get(path, path), ())
-        return frozenset(entry_axes(spec[dim]) if dim < len(spec) else ()) & frozenset(tensor)
-
+    the split dims of every leaf, or of the representatives ``start`` accepts, and (``constrained``) from the
+    dims a model's own constraint splits (:func:`constrained_dims`): those reach the members of pairs the plan
+    keeps whole too (a split pair prices its whole members itself, :func:`whole_members`). Empty untraced."""
+    lv = s.lv
     by_axes: dict[frozenset[str], set[tuple[str, int]]] = {}
     for p, d, _, _ in s.meets:
-        if split(p, d) and (start is None or start(lv.rep_of.get(p, p))):
-            by_axes.setdefault(split(p, d), set()).add((p, d))
+        if _split(s, p, d) and (start is None or start(lv.rep_of.get(p, p))):
+            by_axes.setdefault(_split(s, p, d), set()).add((p, d))
+    split_pairs = {m for pc in lv.pairs for m in pc.columns + pc.rows
+                   if any(s.axes(x, TENSOR) for x in pc.columns + pc.rows)}
+    starts = [(axes, begin, lv.in_pair) for axes, begin in by_axes.items()]
+    starts += [(frozenset(axes), begin, split_pairs) for axes, begin in constrained_dims(s).items() if constrained]
     reached: dict[tuple[str, ...], set[tuple[str, int]]] = {}
-    for axes, begin in by_axes.items():  # a whole dim meeting a split one: its gradient comes split, and so on
+    for axes, begin, paired in starts:  # a whole dim meeting a split one: its gradient comes split, and so on
         for p, dim in reached_dims(s.meets, begin):
             rep = lv.rep_of.get(p, p)
-            if rep in lv.decisions and rep not in lv.in_pair and not any(
-                    split(rep, i) for i in range(len(lv.specs.get(rep, ())))):
+            if rep in lv.decisions and rep not in paired and not any(
+                    _split(s, rep, i) for i in range(len(lv.specs.get(rep, ())))):
                 reached.setdefault(tuple(sorted(axes)), set()).add((rep, dim))
     return reached
+
+
+def constrained_dims(s: Any) -> dict[tuple[str, ...], set[tuple[str, int]]]:
+    """``{tensor axes: (leaf, dim)}``: parameter dims whose activation the model's own ``with_sharding_constraint``
+    lays out over tensor axes (:attr:`Scope.constrained`) that the plan does not split them over. XLA keeps the
+    constraint's layout there whatever the plan, so a whole kernel making or reading that activation sums or
+    gathers around its matmul (:func:`whole_reads`) and its gradient comes out split (:func:`split_dims`). Its
+    axes over the batch, and the dims the plan splits as the constraint does, cost nothing."""
+    tensor = {a for a, r in s.mesh.roles if r == TENSOR and s.mesh.sizes[a] > 1}
+    out: dict[tuple[str, ...], set[tuple[str, int]]] = {}
+    for p, d, axes in s.constrained:
+        want = tuple(sorted(set(axes) & tensor))
+        if want and not _split(s, p, d) & set(want):
+            out.setdefault(want, set()).add((p, d))
+    return out
+
+
+def _split(s: Any, path: str, dim: int) -> frozenset[str]:
+    """The tensor axes the plan splits ``path``'s (a trace path's representative) ``dim`` over."""
+    spec = s.lv.specs.get(s.lv.rep_of.get(path, path), ())
+    return frozenset(entry_axes(spec[dim]) if dim < len(spec) else ()) & frozenset(
+        a for a, r in s.mesh.roles if r == TENSOR)
 
 
 def whole_reads(s: Any, start: Callable[[str], bool] | None = None) -> list[WholeRead]:
     """The collectives of whole kernels outside pairs whose contraction meets the split features of a pair or
     of a dense layer split without a partner (the module docstring), or of the leaves ``start`` accepts.
     A partnerless column's split output is gathered at each whole kernel reading it, not once
-    (:func:`lone_read`)."""
+    (:func:`lone_read`).
+
+    Around a model's own constraint (:func:`constrained_dims`) inside a scan over stacked layers, XLA:CPU sums
+    the partial outputs or input gradients whatever their width (measured, ``tests/test_constraint_cost.py``:
+    a whole 256 -> 64 kernel reading a constrained 256-wide hidden, its 64-wide output all-reduced in the loop,
+    and a 64 -> 256 one, 256 wide); unrolled, it takes the narrower as above (the 256 -> 64 pair gathers the
+    64-wide hidden; a square one too). A stack's other whole kernels are not priced here, nor kernels of other
+    kinds than dense, attention and head layers, but those a constraint pins (their first use a plain dot: a
+    stack of ``(2, 256, 64)`` kernels the tree takes for experts)."""
     lv, out = s.lv, []
-    for axes, dims in split_dims(s, start=start or (lambda rep: rep in lv.in_pair or _lone(s, rep))).items():
+    pinned = {r for dims in split_dims(s, start=lambda rep: False).values() for r, _ in dims} if start is None else ()
+    for axes, dims in split_dims(s, start=start or (lambda rep: rep in lv.in_pair or _lone(s, rep)),
+                                 constrained=start is None).items():
         for rep in sorted({r for r, _ in dims}):
-            d, use = lv.decisions[rep], (s.dots or {}).get(rep)
-            if use is None or d.layers_dim is not None or d.kind not in ("dense", "attention", "head"):
-                continue
-            in_b, out_b = _act_bytes(s, rep, d, math.prod(body(d)[i] for i in use[0]))
+            d, use, stack = lv.decisions[rep], (s.dots or {}).get(rep), _stack(s, rep)
+            if use is None or (rep not in pinned and (stack or d.kind not in ("dense", "attention", "head"))):
+                continue  # a kernel a constraint pins: any kind whose matmul is a plain dot (a stack the tree calls experts)
+            in_width = math.prod(d.shape[i] for i in use[0])
+            rows = s.rows_of(rep) * s.act_item
+            in_b, out_b = rows * in_width, rows * (math.prod(d.shape) // max(stack, 1) // max(in_width, 1))
+            pick = _summed if stack else _narrower
             hit = {dim for r, dim in dims if r == rep}
             if hit & set(use[0]):
-                out.append(_narrower(rep, axes, out_b, in_b, "forward"))
+                out.append(pick(rep, axes, out_b, in_b, "forward"))
             if hit & set(use[1]) and (s.widths or {}).get(rep) != 0:
-                out.append(_narrower(rep, axes, in_b, out_b, "backward"))
+                out.append(pick(rep, axes, in_b, out_b, "backward"))
     return out
+
+
+def _stack(s: Any, rep: str) -> int:
+    """The layers of the stack ``rep`` is, one sliced off per step of a scan: along the plan's layers dim, else
+    the trace's (a plan made without the model keeps a stacked dim as a plain one); 0 outside a scan."""
+    d = s.lv.decisions[rep]
+    dim = d.layers_dim if d.layers_dim is not None else s.scanned.get(rep)
+    return d.shape[dim] if dim is not None else 0
 
 
 def lone_read(s: Any, path: str) -> bool:
@@ -156,10 +199,9 @@ def whole_read_items(s: Any) -> list[CommItem]:
     """:func:`whole_reads` as the estimate's items, one per alike class of kernels and direction."""
     items = []
     for r in whole_reads(s):
-        d = s.lv.decisions[r.path]
         what = ("a whole kernel contracting split features" if r.phase == "forward"
                 else "a whole kernel whose output is read split")
-        items.append(CommItem(r.kind, r.axes, r.size, s.size(r.axes), s.lv.count[r.path] * layers(d),
+        items.append(CommItem(r.kind, r.axes, r.size, s.size(r.axes), s.lv.count[r.path] * max(_stack(s, r.path), 1),
                               s.lv.label[r.path], f"{what}: {r.how}"))
     return items
 
@@ -168,6 +210,11 @@ def _act_bytes(s: Any, path: str, d: Any, in_width: int) -> tuple[float, float]:
     """Bytes on one device of the input and the output activation of ``path``'s contraction."""
     rows = s.rows_of(path) * s.act_item
     return rows * in_width, rows * (math.prod(body(d)) // max(in_width, 1))
+
+
+def _summed(path: str, axes: tuple[str, ...], summed: float, gathered: float, phase: str) -> WholeRead:
+    """An all-reduce of ``summed`` bytes, however many ``gathered`` would move."""
+    return WholeRead(path, axes, "all-reduce", summed, phase)
 
 
 def _narrower(path: str, axes: tuple[str, ...], summed: float, gathered: float, phase: str) -> WholeRead:

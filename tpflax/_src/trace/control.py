@@ -84,7 +84,8 @@ def _loop(w: Walk, body: Any, consts: list[Val], carry: list[Val], xs: list[Val]
     for _ in range(4):
         outs = w.run(body, consts + state + xs, ctx)
         new = [w.join(a, b) for a, b in zip(carry, outs[:len(carry)], strict=True)]
-        if all(same_tags(a, b) and a.fed == b.fed and a.deps == b.deps for a, b in zip(new, state, strict=True)):
+        if all(same_tags(a, b) and (a.fed, a.deps, a.live) == (b.fed, b.deps, b.live)
+               for a, b in zip(new, state, strict=True)):
             break
         state = new
     for v in outs[:len(carry)]:

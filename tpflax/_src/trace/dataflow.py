@@ -249,7 +249,7 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                     row_axes=frozenset(w.row_axes), grad_deps=dict(w.grad_deps),
                     inputs=read_groups(jaxpr, w.reads),
                     dead=dead_params(jaxpr, paths) - {u.path for u in w.uses},
-                    no_grad=no_grad_params(closed, paths),
+                    no_grad=no_grad_params(closed, paths), constraints=tuple(sorted(w.constraints)),
                     sliced=_sliced(w, {p: tuple(v.aval.shape) for p, v in zip(paths, jaxpr.invars, strict=False)}))
 
 

@@ -22,7 +22,7 @@ import dataclasses
 import math
 from typing import Any
 
-from tpflax._src.trace import collectives, contractions, control
+from tpflax._src.trace import collectives, constraints, contractions, control
 from tpflax._src.trace.interpreter import Handler, Val, Walk, is_minor
 from tpflax._src.trace.reshape import reshape
 
@@ -75,6 +75,13 @@ def elementwise(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
     iota = all(v.iota or v.rank == 0 for v in ins) and any(v.iota for v in ins) and name in (
         "add", "sub", "mul", "convert_element_type", "copy")
     return [Val(r, tags=tags, onehot=onehot, iota=iota, gains=gains) for r in ranks]
+
+
+def constrained(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    """``with_sharding_constraint``: an identity for the dataflow, whose layout is recorded
+    (:mod:`tpflax._src.trace.constraints`)."""
+    constraints.note(w, eqn, ins[0])
+    return elementwise(w, eqn, ins, ctx, ranks)
 
 
 def _gains(w: Walk, params: list[Val], acts: list[Val]) -> tuple:
@@ -398,6 +405,7 @@ HANDLERS: dict[str, Handler] = {
     **{name: control.call for name in control.CALLS},
     **collectives.HANDLERS,
     **{name: elementwise for name in ELEMENTWISE},  # last: wins over any name above
+    "sharding_constraint": constrained,
 }
 
 

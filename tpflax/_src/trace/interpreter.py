@@ -169,6 +169,8 @@ class Walk:
     row_shards: int = 1  # a shard_map body's activations hold 1/row_shards of the rows (its batch split)
     row_axes: set[str] = field(default_factory=set)  # mesh axes shard_map in_specs cut activations' rows over
     collectives: dict[tuple, tuple] = field(default_factory=dict)  # (ctx, id(eqn)) -> its Collectives
+    # (use id, param dim, mesh axes): a tagged dim a with_sharding_constraint lays out over those axes
+    constraints: set[tuple[int, int, tuple[str, ...]]] = field(default_factory=set)
     n_eqns: int = 0
     # id of a parameter's own Val (as analyze seeds it) -> its path, and per path what reads that Val: a static
     # slice's (start, limit) per dim, or None for anything else (Dataflow.sliced)
@@ -348,8 +350,10 @@ class Walk:
         key = (ctx, id(eqn), path)
         if key in self.use_key:
             u = self.uses[self.use_key[key]]
-            if u.fixed and not fixed:  # a loop's later step reads ids its first did not (a carried token)
-                self.uses[u.id] = dataclasses.replace(u, fixed=False)
+            if (u.fixed and not fixed) or (u.from_input and not from_input):
+                # a loop's later step reads what its first did not: ids carried from a step (a generated token), a
+                # carry computed from parameters (the previous layer's output: its gradient is computed)
+                self.uses[u.id] = dataclasses.replace(u, fixed=u.fixed and fixed, from_input=u.from_input and from_input)
             return u.id
         u = Use(len(self.uses), path, op, tuple(contracted), tuple(kept), tuple(batch), scan_length, rows, dtype,
                 grouped, from_input, fixed, tuple(looked))
@@ -427,12 +431,12 @@ class Walk:
     def join(self, a: Val, b: Val) -> Val:
         """What is known about a value that is ``a`` or ``b`` (loop carries, cond branches)."""
         fed = a.fed or b.fed  # ids in one branch or step are ids
-        deps = a.deps | b.deps
+        deps, live = a.deps | b.deps, a.live or b.live  # computed from parameters in one branch or step
         if a.tags is None and b.tags is None:
-            return dataclasses.replace(a, fresh=None, fed=fed, deps=deps)
+            return dataclasses.replace(a, fresh=None, fed=fed, deps=deps, live=live)
         rank = a.rank
         tags = tuple(self.merge([a.dim_tags(d), b.dim_tags(d)]) for d in range(rank))
-        return Val(rank, origin=a.origin, tags=tags if any(tags) else None, fed=fed, deps=deps)
+        return Val(rank, origin=a.origin, tags=tags if any(tags) else None, fed=fed, deps=deps, live=live)
 
 
 def opaque(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int], *,

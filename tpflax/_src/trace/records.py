@@ -211,6 +211,8 @@ class Dataflow:
             position table ``pos[:, :n]``, sized for the largest image): the part of the leaf the slices'
             window covers. Its gradient is zero outside the window, and XLA sums only the window over the
             batch axes (the pad after the all-reduce).
+        constraints: ``(use id, param dim, mesh axes)``: a kept dim whose activation a ``with_sharding_constraint``
+            lays out over those mesh axes (:mod:`tpflax._src.trace.constraints`), whatever the plan.
     """
 
     paths: tuple[str, ...]
@@ -243,6 +245,7 @@ class Dataflow:
     dead: frozenset[str] = frozenset()
     sliced: Mapping[str, float] = field(default_factory=dict)
     no_grad: frozenset[str] = frozenset()
+    constraints: tuple[tuple[int, int, tuple[str, ...]], ...] = ()
 
     def positional(self) -> dict[str, tuple[int, tuple[int, ...]]]:
         """``{table: (rows looked up, its dims not indexed)}`` for tables every use of which is a lookup at

@@ -1,0 +1,40 @@
+"""The layouts a model's own ``jax.lax.with_sharding_constraint`` calls force on its activations.
+
+For the dataflow a constraint is an identity (:func:`tpflax._src.trace.handlers.elementwise`): a model that
+annotates its activations keeps its pairs. It also pins the activation to a layout whatever the plan: a dim
+laid out over mesh axes that the kernels making or reading it are not split over makes XLA reshard into the
+constraint and out of it. The walk records, for each tagged dim a constraint lays out over mesh axes, the
+kernel dims it carries (:attr:`tpflax._src.trace.records.Dataflow.constraints`); the estimate prices the
+disagreement with the plan (:func:`tpflax._src.cost.whole.constrained_dims`).
+
+A dim left to XLA (``None``, ``P.UNCONSTRAINED``) records nothing, nor a dim that carries no kernel's
+features (the batch, a sequence): a split of those over the batch axes is the plan's batch layout.
+
+>>> import jax, jax.numpy as jnp
+>>> from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
+>>> from tpflax._src.trace.dataflow import analyze
+>>> mesh = AbstractMesh((2, 4), ("data", "model"))
+>>> def f(w, x):
+...     return jax.lax.with_sharding_constraint(x @ w, NamedSharding(mesh, P("data", "model")))
+>>> closed = jax.make_jaxpr(f)(jnp.ones((16, 32)), jnp.ones((8, 16)))
+>>> analyze(closed, ["w"]).constraints
+((0, 1, ('model',)),)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tpflax._src.trace.interpreter import Val, Walk, is_minor
+
+
+def note(w: Walk, eqn: Any, v: Val) -> None:
+    """Record the mesh axes the constraint ``eqn`` lays each tagged dim of the activation ``v`` out over."""
+    spec = getattr(eqn.params.get("sharding"), "spec", None)
+    if spec is None or v.tags is None or v.origin:
+        return
+    for d, entry in enumerate(tuple(spec)[:v.rank]):
+        axes = entry if isinstance(entry, tuple) else (entry,) if isinstance(entry, str) else ()
+        for k in v.tags[d] if axes else ():
+            if not is_minor(k):
+                w.constraints.add((*w.root(k), tuple(axes)))
