@@ -165,13 +165,17 @@ def _unconfirmed_pairs(s: Scope) -> frozenset[int]:
     feeding a skip concat; a Conformer's depthwise -> pointwise conv taken in name order). Empty untraced."""
     if s.edges is None:
         return frozenset()
+    # a pair class holds representatives: a layer's columns may stand for themselves (the first block's q/k/v,
+    # whose input has no gradient) while its row stands for every block's, so the edges are read between classes
+    rep = s.lv.rep_of
+    edges = {(rep.get(a, a), rep.get(b, b)) for a, b in s.edges}
     out = set()
     for pc in s.lv.pairs:
         members = (*pc.columns, *pc.rows)
         # a column whose output scales a larger activation (DiT's adaLN, Traced.streams) reaches the row through
         # that product, not as the activation the row sums: no edge of a pair
         if pc.columns and pc.rows and all(p in s.contracted for p in members) \
-                and not any((c, r) in s.edges for c in pc.columns if c not in (s.streams or {}) for r in pc.rows):
+                and not any((c, r) in edges for c in pc.columns if c not in (s.streams or {}) for r in pc.rows):
             out.add(pc.id)
     return frozenset(out)
 
