@@ -114,6 +114,8 @@ class Scope:
     sliced: Mapping[str, float] = field(default_factory=dict)
     # traced parameters' first dot use: {path: (contracted dims, kept dims)} (Traced.dots)
     dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    # traced edges' limits: {(path, dim, other path, other dim): gcd of the activation dims between} (Traced.limits)
+    limits: Mapping[tuple[str, int, str, int], int] = field(default_factory=dict)
 
     def one_ring(self, devices: int) -> bool:
         """Whether XLA:TPU reduces over ``devices`` of the mesh on one ring (:func:`tpflax._src.tpu.one_ring`:

@@ -140,6 +140,9 @@ class Traced:
         no_grad: live parameters whose gradient is structurally zero (read only through ``stop_gradient``:
             :attr:`tpflax._src.trace.records.Dataflow.no_grad`).
         dots: ``{path: (contracted dims, kept dims)}`` of each parameter's first ``dot`` use without batch dims.
+        limits: ``{(path, dim, other path, other dim): limit}`` per traced edge: the gcd of the activation dim
+            sizes between the two parameter dims (a GQA key kernel's output into the attention output's split
+            heads: its key/value heads, however the kernel stores them).
         looked: parameters a lookup reads (a gather or a one-hot matmul at integer ids): a table, whatever its
             kind and however a rule splits it.
     """
@@ -182,6 +185,7 @@ class Traced:
     looked: frozenset[str] = frozenset()
     no_grad: frozenset[str] = frozenset()
     dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    limits: Mapping[tuple[str, int, str, int], int] = field(default_factory=dict)
 
 
 def frozen_inputs(t: Traced, trainable: Mapping[str, bool]) -> frozenset[str]:
@@ -304,7 +308,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
                   frozenset(u.path for u in flow.uses if u.op in ("dot", "conv")), batched,
                   _conditions(flow, shapes, streams, rows, examples), flow.dead, _batch_dims(flow), dict(flow.sliced),
                   frozenset(u.path for u in flow.uses if u.op in ("gather", "onehot")), flow.no_grad - flow.dead,
-                  _dots(flow))
+                  _dots(flow), {(e.src, e.src_dim, e.dst, e.dst_dim): e.limit for e in flow.edges})
 
 
 def _dots(flow: Any) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:

@@ -116,6 +116,7 @@ class Workload:
     sliced: Mapping[str, float] = field(default_factory=dict)  # (Traced.sliced)
     no_grad: frozenset[str] = frozenset()  # traced parameters without a gradient (Traced.no_grad)
     dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)  # (Traced.dots)
+    limits: Mapping[tuple[str, int, str, int], int] = field(default_factory=dict)  # (Traced.limits)
 
     @property
     def saved(self) -> Mapping[str, Sequence[Act]]:
@@ -199,7 +200,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     positional=t.positional, loops=t.loops, remat_layers=t.remat_layers, erf=t.erf,
                     product_sums=t.product_sums, split_sums=t.split_sums,
                     edges=t.edges, contracted=t.contracted, looked=t.looked, batched=t.batched, conditions=t.conditions, dead=t.dead,
-                    batch_dims=t.batch_dims, sliced=t.sliced, no_grad=t.no_grad, dots=t.dots)
+                    batch_dims=t.batch_dims, sliced=t.sliced, no_grad=t.no_grad, dots=t.dots, limits=t.limits)
 
 
 def contraction_calls(plan, contractions: Sequence[tuple[str, float, tuple[int, ...], str]],
