@@ -32,7 +32,7 @@ from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.residual import alike_path, residual_outputs
 from tpflax._src.cost.scope import Scope, body, drop_layers, is_tied, layers, leaf_itemsize
 from tpflax._src.cost.stream import conditioned_leaves, tpu_stream_gathers, update_gathers
-from tpflax._src.cost.whole import lone_read, lone_row, whole_members
+from tpflax._src.cost.whole import lone_read, lone_row, member_items, whole_members
 from tpflax._src.facts.classify import ATTN
 from tpflax._src.mesh import EXPERT, TENSOR
 from tpflax._src.specs import entry_axes
@@ -121,17 +121,9 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
         items += [i for c in tensor_cols for i in _stream_items(c, dec[c], axes, s, count, tuple(rows))]
         whole = whole_members(s) if any(not s.axes(p, TENSOR) for p in cols + rows) else {}
         for m in cols + rows:  # kept whole: a GQA key/value with fewer heads than the tensor degree, a gate
-            if (r := whole.get(m)) is None:
-                continue
-            if r.pieces != 1:  # one piece (MQA): whole on every rank, nothing to sum but its output gradient
-                items.append(CommItem(r.kind, axes, _pair_act(m, dec[m], r.side, s), r.pieces or n, count, source,
-                                      f"replicated {'column' if m in cols else 'row'} {label[m]} in a split pair"
-                                      f"{f' (XLA splits its output in {r.pieces})' if r.pieces else ''}: {r.how}"))
-            if r.pieces and n > r.pieces:
-                items.append(CommItem("all-reduce", axes, _pair_act(m, dec[m], "out", s) / r.pieces, n // r.pieces,
-                                      count, source, f"replicated column {label[m]} in a split pair, its output in "
-                                      f"{r.pieces} piece(s) read split by {n // r.pieces} ranks each: sum each "
-                                      "piece's output gradient over them (backward)"))
+            if (r := whole.get(m)) is not None:
+                items += member_items(r, f"{'column' if m in cols else 'row'} {label[m]}", n, count, source,
+                                      _pair_act(m, dec[m], r.side, s), _pair_act(m, dec[m], "out", s))
         if pc.id in loose:
             items += _loose_items(s, pc, axes, n, count, source)
         _heads_note(dec, pc.id, cols, s, notes)

@@ -168,6 +168,22 @@ def whole_members(s: Any) -> dict[str, WholeRead]:
     return out
 
 
+def member_items(r: WholeRead, what: str, n: int, count: int, source: str, moved: float,
+                 out: float) -> list[CommItem]:
+    """A pair's member kept whole (:func:`whole_members`) as the estimate's items: its collective of ``moved``
+    bytes (the side :attr:`WholeRead.side` names) over the ``n`` ranks or its output's pieces (none for one
+    piece: whole on every rank), and each piece's output gradient (``out`` bytes whole) summed over the ranks
+    sharing it."""
+    k = r.pieces or n
+    items = [] if k == 1 else [CommItem(r.kind, r.axes, moved, k, count, source, f"replicated {what} in a split "
+                                        f"pair{f' (XLA splits its output in {k})' if k < n else ''}: {r.how}")]
+    if k < n:
+        items.append(CommItem("all-reduce", r.axes, out / k, n // k, count, source, f"replicated {what} in a split "
+                              f"pair, its output in {k} piece(s) read split by {n // k} ranks each: sum each "
+                              "piece's output gradient over them (backward)"))
+    return items
+
+
 def _pinned(s: Any, path: str) -> bool:
     """Whether tpflax's step gathers ``path`` whole for compute (split over an fsdp-gathered axis): the kernel its
     matmuls read is then whole, not a copy XLA may split in the key/value heads inside a loop or a remat'd call."""
