@@ -86,8 +86,9 @@ def test_a_lora_pair_whose_columns_are_a_class_of_their_own_is_priced_as_the_edg
     assert abs(est / got - 1) <= BOUND, (est, got)
 
 
-def _gqa(kv, *, scan, remat):
-    """An nnx decoder of ``LAYERS`` blocks, 8 query heads and ``kv`` key/value heads (``jnp.repeat``)."""
+def _gqa(kv, *, scan, remat, stacked=False):
+    """An nnx decoder of ``LAYERS`` blocks, 8 query heads and ``kv`` key/value heads (``jnp.repeat``); ``stacked``:
+    one ``(2, kv, d, head_dim)`` key/value kernel (flax's examples/gemma ``kv_einsum``), its output's batch second."""
     from flax import nnx
 
     heads, hd = 8, 8
@@ -97,12 +98,16 @@ def _gqa(kv, *, scan, remat):
             kw = dict(use_bias=False, rngs=rngs)
             self.norm = nnx.RMSNorm(D, rngs=rngs)
             self.q = nnx.LinearGeneral(D, (heads, hd), **kw)
-            self.k, self.v = nnx.LinearGeneral(D, (kv, hd), **kw), nnx.LinearGeneral(D, (kv, hd), **kw)
+            if stacked:
+                self.kv = nnx.Param(nnx.initializers.normal()(rngs.params(), (2, kv, D, hd)))
+            else:
+                self.k, self.v = nnx.LinearGeneral(D, (kv, hd), **kw), nnx.LinearGeneral(D, (kv, hd), **kw)
             self.o = nnx.LinearGeneral((heads, hd), D, axis=(-2, -1), **kw)
 
         def __call__(self, x):
             h = self.norm(x)
-            k, v = (jnp.repeat(f(h), heads // kv, axis=2) for f in (self.k, self.v))
+            kv_ = jnp.einsum("btd,ckdh->cbtkh", h, self.kv[...]) if stacked else (self.k(h), self.v(h))
+            k, v = (jnp.repeat(y, heads // kv, axis=2) for y in kv_)
             return x + self.o(nnx.dot_product_attention(self.q(h), k, v))
 
     class LM(nnx.Module):
@@ -126,14 +131,15 @@ def _gqa(kv, *, scan, remat):
     return LM(nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("kv, scan, remat", [(2, False, False), (2, True, True), (1, False, True)],
-                         ids=["K2-loop", "K2-scan-remat", "K1-remat"])
-def test_whole_gqa_key_values_are_priced_as_xla_splits_them(kv, scan, remat):
+@pytest.mark.parametrize("kv, scan, remat, stacked", [(2, False, False, False), (2, True, True, False),
+                                                      (1, False, True, False), (1, False, False, True)],
+                         ids=["K2-loop", "K2-scan-remat", "K1-remat", "K1-stacked"])
+def test_whole_gqa_key_values_are_priced_as_xla_splits_them(kv, scan, remat, stacked):
     from flax import nnx
 
-    m = _gqa(kv, scan=scan, remat=remat)
+    m = _gqa(kv, scan=scan, remat=remat, stacked=stacked)
     lead = (None,) if scan else ()
-    rules = [(r"/q/kernel$", P(*lead, None, "model", None)), (r"/[kv]/kernel$", P()),
+    rules = [(r"/q/kernel$", P(*lead, None, "model", None)), (r"/([kv]/kernel|kv)$", P()),
              (r"/o/kernel$", P(*lead, "model", None, None)), (r"embed/embedding$", P("model", None)), (r".*", P())]
     plan = tpflax.plan(nnx.state(m), MESH, rules=rules)
     est, got, _ = _compare(m, plan)

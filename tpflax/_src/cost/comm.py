@@ -123,7 +123,7 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
         for m in cols + rows:  # kept whole: a GQA key/value with fewer heads than the tensor degree, a gate
             if (r := whole.get(m)) is not None:
                 items += member_items(r, f"{'column' if m in cols else 'row'} {label[m]}", n, count, source,
-                                      _pair_act(m, dec[m], r.side, s), _pair_act(m, dec[m], "out", s))
+                                      _pair_act(m, dec[m], r.side, s))
         if pc.id in loose:
             items += _loose_items(s, pc, axes, n, count, source)
         _heads_note(dec, pc.id, cols, s, notes)

@@ -45,6 +45,7 @@ class WholeRead:
     size: float
     phase: str
     pieces: int | None = None  # a pair's whole column: its output as XLA splits it (:func:`output_pieces`)
+    out: float = 0.0  # with pieces: the column's output bytes on one device
 
     @property
     def how(self) -> str:
@@ -164,21 +165,21 @@ def whole_members(s: Any) -> dict[str, WholeRead]:
             read = _narrower(m, axes, in_b, out_b, "backward")
             if k is not None and (s.remat or d.layers_dim is not None) and not _pinned(s, m):
                 read = WholeRead(m, axes, "all-reduce", in_b, "backward")
-            out[m] = replace(read, pieces=k)
+            out[m] = replace(read, pieces=k, out=out_b)
     return out
 
 
-def member_items(r: WholeRead, what: str, n: int, count: int, source: str, moved: float,
-                 out: float) -> list[CommItem]:
+def member_items(r: WholeRead, what: str, n: int, count: int, source: str, moved: float) -> list[CommItem]:
     """A pair's member kept whole (:func:`whole_members`) as the estimate's items: its collective of ``moved``
-    bytes (the side :attr:`WholeRead.side` names) over the ``n`` ranks or its output's pieces (none for one
-    piece: whole on every rank), and each piece's output gradient (``out`` bytes whole) summed over the ranks
-    sharing it."""
+    bytes (the side :attr:`WholeRead.side` names; traced pieces: the bytes it read off the trace) over the ``n``
+    ranks or its output's pieces (none for one piece: whole on every rank), and each piece's output gradient
+    summed over the ranks sharing it."""
     k = r.pieces or n
+    moved = r.size if r.pieces else moved  # a stacked (2, K, d, head_dim) output's batch is not its first dim
     items = [] if k == 1 else [CommItem(r.kind, r.axes, moved, k, count, source, f"replicated {what} in a split "
                                         f"pair{f' (XLA splits its output in {k})' if k < n else ''}: {r.how}")]
     if k < n:
-        items.append(CommItem("all-reduce", r.axes, out / k, n // k, count, source, f"replicated {what} in a split "
+        items.append(CommItem("all-reduce", r.axes, r.out / k, n // k, count, source, f"replicated {what} in a split "
                               f"pair, its output in {k} piece(s) read split by {n // k} ranks each: sum each "
                               "piece's output gradient over them (backward)"))
     return items
