@@ -60,9 +60,9 @@ def case(name, mesh_key):
 # that learns the heads without a trace turns this xfail into a failure to remove.
 KNOWN = {("moe", (("model", 8),)): "plan splits 4 attention heads over model=8 (head_dim split); "
                                    "XLA's resharding of attention is not modelled"}
-# llama-scan data=2,model=4 was known off (0.74): the remat recompute's attention-output sums, now counted.
-# Under remat XLA:CPU still all-reduces the replicated GQA key/value input gradients (and gathers their
-# kernels' updates) instead of gathering their output gradients, which the estimate does not model: in bound.
+# llama-scan data=2,model=4 was known off (0.74): the remat recompute's attention-output sums, now counted;
+# then 0.857: under remat XLA:CPU splits the whole GQA key/value kernels in their heads, all-reduces their input
+# gradients and gathers their split updates (cost/whole.py output_pieces), now priced: 1.000.
 CASES = [pytest.param(n, tuple(s.items()), id=f"{n}-{','.join(f'{k}={v}' for k, v in s.items())}",
                       marks=[pytest.mark.xfail(reason=KNOWN[(n, tuple(s.items()))], strict=True)]
                       if (n, tuple(s.items())) in KNOWN else [])

@@ -32,7 +32,7 @@ from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.residual import alike_path, residual_outputs
 from tpflax._src.cost.scope import Scope, body, drop_layers, is_tied, layers, leaf_itemsize
 from tpflax._src.cost.stream import conditioned_leaves, tpu_stream_gathers, update_gathers
-from tpflax._src.cost.whole import lone_read, lone_row, whole_members
+from tpflax._src.cost.whole import lone_read, lone_row, member_items, whole_members
 from tpflax._src.facts.classify import ATTN
 from tpflax._src.mesh import EXPERT, TENSOR
 from tpflax._src.specs import entry_axes
@@ -122,9 +122,8 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
         whole = whole_members(s) if any(not s.axes(p, TENSOR) for p in cols + rows) else {}
         for m in cols + rows:  # kept whole: a GQA key/value with fewer heads than the tensor degree, a gate
             if (r := whole.get(m)) is not None:
-                items.append(CommItem(r.kind, axes, _pair_act(m, dec[m], r.side, s), n, count, source,
-                                      f"replicated {'column' if m in cols else 'row'} {label[m]} in a split pair: "
-                                      f"{r.how}"))
+                items += member_items(r, f"{'column' if m in cols else 'row'} {label[m]}", n, count, source,
+                                      _pair_act(m, dec[m], r.side, s))
         if pc.id in loose:
             items += _loose_items(s, pc, axes, n, count, source)
         _heads_note(dec, pc.id, cols, s, notes)
@@ -165,13 +164,17 @@ def _unconfirmed_pairs(s: Scope) -> frozenset[int]:
     feeding a skip concat; a Conformer's depthwise -> pointwise conv taken in name order). Empty untraced."""
     if s.edges is None:
         return frozenset()
+    # a pair class holds representatives: a layer's columns may stand for themselves (the first block's q/k/v,
+    # whose input has no gradient) while its row stands for every block's, so the edges are read between classes
+    rep = s.lv.rep_of
+    edges = {(rep.get(a, a), rep.get(b, b)) for a, b in s.edges}
     out = set()
     for pc in s.lv.pairs:
         members = (*pc.columns, *pc.rows)
         # a column whose output scales a larger activation (DiT's adaLN, Traced.streams) reaches the row through
         # that product, not as the activation the row sums: no edge of a pair
         if pc.columns and pc.rows and all(p in s.contracted for p in members) \
-                and not any((c, r) in s.edges for c in pc.columns if c not in (s.streams or {}) for r in pc.rows):
+                and not any((c, r) in edges for c in pc.columns if c not in (s.streams or {}) for r in pc.rows):
             out.add(pc.id)
     return frozenset(out)
 

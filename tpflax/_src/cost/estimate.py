@@ -147,7 +147,7 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
                   positional=w.positional, loops=w.loops, edges=w.edges, contracted=w.contracted, looked=w.looked,
                   batched=w.batched,
                   conditions=w.conditions, batch_dims=w.batch_dims, sliced=w.sliced, dots=w.dots,
-                  scanned=w.scanned, constrained=w.constrained, moments=param_moments(w.opt))
+                  scanned=w.scanned, constrained=w.constrained, limits=w.limits, moments=param_moments(w.opt))
     notes.extend(product_sum_notes(lv, mesh, w, scope.experts_split))
     every = (comm_items(scope, notes) + expert_items(scope) + buffer_items(scope) + fused_items(scope, notes)
              + grouped_conv_items(scope) + explicit_items(w.collectives, notes) + split_grad_items(scope) + whole_read_items(scope)

@@ -117,6 +117,8 @@ class Scope:
     scanned: Mapping[str, int] = field(default_factory=dict)  # traced stacks: {path: leaf dim} (Traced.scanned)
     # traced parameter dims a model's own with_sharding_constraint lays out over mesh axes (Traced.constrained)
     constrained: tuple[tuple[str, int, tuple[str, ...]], ...] = ()
+    # traced edges' limits: {(path, dim, other path, other dim): gcd of the activation dims between} (Traced.limits)
+    limits: Mapping[tuple[str, int, str, int], int] = field(default_factory=dict)
 
     def one_ring(self, devices: int) -> bool:
         """Whether XLA:TPU reduces over ``devices`` of the mesh on one ring (:func:`tpflax._src.tpu.one_ring`:

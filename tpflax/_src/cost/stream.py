@@ -15,6 +15,7 @@ XLA:TPU also gathers the stream itself more often than XLA:CPU (:func:`tpu_strea
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from tpflax._src.cost.optstate import shard_bytes
@@ -27,8 +28,8 @@ from tpflax._src.trace.records import reached_dims
 
 
 def update_gathers(s: Any, axes: tuple[str, ...], reached: list[str],
-                   why: str = "a leaf whole on the tensor axis whose gradient the feature-split stream splits"
-                   ) -> list[CommItem]:
+                   why: str = "a leaf whole on the tensor axis whose gradient the feature-split stream splits",
+                   pieces: Mapping[str, int] | None = None) -> list[CommItem]:
     """Gathers of the ``reached`` leaves kept whole on ``axes`` once a feature-split table splits the stream:
     the parameter and its moments after the split update; where tpflax's step gathers fsdp leaves for
     compute (:func:`zero3_axes`), the gradient once, whole over those axes, before an update as stored.
@@ -38,6 +39,8 @@ def update_gathers(s: Any, axes: tuple[str, ...], reached: list[str],
         axes: the tensor axes that split the table's features.
         reached: the other leaves with a dim of the table's feature width (the residual stream's).
         why: what splits their gradient, for the items' reason.
+        pieces: ``{leaf: pieces}`` for leaves split in fewer pieces than ``axes`` has ranks (a GQA key/value
+            kernel in its heads): gathered over that many.
 
     Returns:
         One all-gather item per alike class of leaves (on TPU of two or more dims; none on GPU).
@@ -53,13 +56,13 @@ def update_gathers(s: Any, axes: tuple[str, ...], reached: list[str],
     """
     if s.backend not in ("cpu", "tpu"):
         return []
-    lv, n = s.lv, s.size(axes)
+    lv, ranks = s.lv, s.size(axes)
     # the parameter and each optimizer moment of its shape (adam's two, sgd's momentum trace), each gathered
     moments = s.moments or {}  # None: no optimizer, no moments
     gathered = zero3_axes(s)
     items = []
     for path in reached:
-        d = lv.decisions[path]
+        d, n = lv.decisions[path], (pieces or {}).get(path, ranks)
         if s.backend == "tpu" and len(body(d)) < 2:
             continue
         if not d.trainable or set(used_axes(lv.specs[path])) & set(axes):
@@ -164,26 +167,27 @@ def split_updates(s: Any) -> dict[str, int]:
         axes = s.axes(rep, TENSOR) if d is not None else ()
         if axes and not set(entry_axes(drop_layers(d, s.lv.specs[rep])[0])) & set(axes):  # split on features
             out.update(dict.fromkeys(conditioned_leaves(s, table, axes), s.size(axes)))
-    for axes, reps in split_grads(s).items():
-        out.update(dict.fromkeys(reps, s.size(axes)))
+    for reps in split_grads(s).values():
+        out.update(reps)
     return out
 
 
-def split_grads(s: Any) -> dict[tuple[str, ...], set[str]]:
+def split_grads(s: Any) -> dict[tuple[str, ...], dict[str, int]]:
     """``{tensor axes: leaves}``: the leaves outside pairs kept whole on the tensor axes whose gradient a tensor
     split splits: a dim meeting (:attr:`tpflax._src.cost.traced.Traced.meets`) a split dim, or one that meets one
     (Mamba's ``x_proj`` reading a split ``in_proj``'s output, ``A_log`` meeting a whole ``dt_proj``'s output
     that a split ``out_proj`` sums), whether XLA sums or gathers around its matmul (:mod:`tpflax._src.cost.whole`:
     the weight gradient reads the split activation as saved; measured, a whole 256 -> 256 kernel reading a
     split 256-wide hidden: its input gathered forward, its gradient still updated split and gathered); and the
-    members kept whole in a split pair (:func:`tpflax._src.cost.whole.whole_members`), but a column whose output
-    gradient XLA gathers (a GQA key/value). Empty untraced."""
-    out: dict[tuple[str, ...], set[str]] = {}
+    members kept whole in a split pair (:func:`tpflax._src.cost.whole.whole_members`): a column in the pieces XLA
+    splits its output into (a GQA key/value's heads; none for MQA), untraced one whose output gradient XLA
+    gathers none. ``{axes: {leaf: pieces}}``; empty untraced."""
+    out: dict[tuple[str, ...], dict[str, int]] = {}
     for axes, dims in split_dims(s).items():
-        out[axes] = {rep for rep, _ in dims}
+        out[axes] = dict.fromkeys((rep for rep, _ in dims), s.size(axes))
     for m, r in whole_members(s).items():
-        if (r.phase, r.kind) != ("backward", "all-gather"):
-            out.setdefault(r.axes, set()).add(m)
+        if (r.pieces or 0) > 1 or (r.pieces is None and (r.phase, r.kind) != ("backward", "all-gather")):
+            out.setdefault(r.axes, {})[m] = r.pieces or s.size(r.axes)
     return {a: reps for a, reps in out.items() if reps}
 
 
@@ -195,4 +199,5 @@ def split_grad_items(s: Any) -> list[CommItem]:
         :func:`update_gathers`' items for those leaves; none untraced.
     """
     why = "a leaf whole on the tensor axis whose gradient a tensor split it meets splits (a kernel's or a constraint's)"
-    return [i for axes, reps in split_grads(s).items() for i in update_gathers(s, axes, sorted(reps), why)]
+    return [i for axes, reps in split_grads(s).items()
+            for i in update_gathers(s, axes, sorted(reps), why, pieces=reps)]

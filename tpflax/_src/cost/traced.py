@@ -140,6 +140,9 @@ class Traced:
         no_grad: live parameters whose gradient is structurally zero (read only through ``stop_gradient``:
             :attr:`tpflax._src.trace.records.Dataflow.no_grad`).
         dots: ``{path: (contracted dims, kept dims)}`` of each parameter's first ``dot`` use without batch dims.
+        limits: ``{(path, dim, other path, other dim): limit}`` per traced edge: the gcd of the activation dim
+            sizes between the two parameter dims (a GQA key kernel's output into the attention output's split
+            heads: its key/value heads, however the kernel stores them).
         looked: parameters a lookup reads (a gather or a one-hot matmul at integer ids): a table, whatever its
             kind and however a rule splits it.
         scanned: ``{path: leaf dim}``: parameters a ``scan`` slices one layer off per step
@@ -189,6 +192,7 @@ class Traced:
     dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     scanned: Mapping[str, int] = field(default_factory=dict)
     constrained: tuple[tuple[str, int, tuple[str, ...]], ...] = ()
+    limits: Mapping[tuple[str, int, str, int], int] = field(default_factory=dict)
 
 
 def frozen_inputs(t: Traced, trainable: Mapping[str, bool]) -> frozenset[str]:
@@ -312,7 +316,8 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
                   _conditions(flow, shapes, streams, rows, examples), flow.dead, _batch_dims(flow), dict(flow.sliced),
                   frozenset(u.path for u in flow.uses if u.op in ("gather", "onehot")), flow.no_grad - flow.dead,
                   _dots(flow), dict(flow.scanned),
-                  tuple(sorted({(flow.uses[u].path, d, axes) for u, d, axes in flow.constraints})))
+                  tuple(sorted({(flow.uses[u].path, d, axes) for u, d, axes in flow.constraints})),
+                  {(e.src, e.src_dim, e.dst, e.dst_dim): e.limit for e in flow.edges})
 
 
 def _dots(flow: Any) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:

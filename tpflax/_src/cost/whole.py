@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.scope import body
 from tpflax._src.mesh import TENSOR
-from tpflax._src.specs import entry_axes
+from tpflax._src.specs import entry_axes, gathered_axes, used_axes
 from tpflax._src.trace.records import reached_dims
 
 
@@ -44,6 +44,8 @@ class WholeRead:
     kind: str
     size: float
     phase: str
+    pieces: int | None = None  # a pair's whole column: its output as XLA splits it (:func:`output_pieces`)
+    out: float = 0.0  # with pieces: the column's output bytes on one device
 
     @property
     def how(self) -> str:
@@ -179,9 +181,18 @@ def _lone(s: Any, rep: str) -> bool:
 def whole_members(s: Any) -> dict[str, WholeRead]:
     """``{member: its collective}`` for the members of a split pair kept whole on the tensor axes: a row's
     partial outputs summed or its input gathered (forward), a column's partial input gradients summed or its
-    output gradient gathered (backward; a GQA key/value with fewer heads than the tensor degree gathers, a gate's
-    narrow expansion, 8 -> 256, sums), whichever moves fewer. A column reading the model's inputs has nothing
-    to sum."""
+    output gradient gathered (backward; a GQA key/value gathers, a gate's narrow expansion, 8 -> 256, sums),
+    whichever moves fewer. A column reading the model's inputs has nothing to sum.
+
+    Traced, a column's output is split by XLA as far as the row's split reaches it (:func:`output_pieces`: a
+    GQA key/value of ``K`` heads beside query heads split over ``n`` ranks in ``K`` pieces, each on ``n / K``
+    ranks). Its weight gradient then comes out split in those pieces, and its input gradient is summed or its
+    output gradient gathered over ``K`` ranks; inside ``jax.checkpoint`` or a scanned stack, where the kernel the
+    matmul reads is a copy XLA splits in those pieces too, XLA:CPU sums the input gradient whatever it moves,
+    unless tpflax's step gathers that kernel whole (fsdp). Measured, XLA:CPU data=2,model=4, an nnx decoder of 8
+    query heads, K 1, 2 and 4: in a Python loop ``f32[4,16,K,8]`` output gradients gathered, under ``nnx.remat``
+    or ``nnx.scan`` the ``f32[4,16,64]`` input gradients all-reduced; benchmarks/probe_nnx.py ``scan``, whose
+    fsdp=2,model=4 hand layout gathers the output gradients under both)."""
     out = {}
     for pc in s.lv.pairs:
         axes = tuple(dict.fromkeys(a for p in pc.columns + pc.rows for a in s.axes(p, TENSOR)))
@@ -190,9 +201,58 @@ def whole_members(s: Any) -> dict[str, WholeRead]:
             if s.axes(m, TENSOR) or (m in pc.columns and width == 0):
                 continue
             in_b, out_b = _act_bytes(s, m, d, width or body(d)[0])
-            out[m] = (_narrower(m, axes, in_b, out_b, "backward") if m in pc.columns
-                      else _narrower(m, axes, out_b, in_b, "forward"))
+            if m in pc.rows:
+                out[m] = _narrower(m, axes, out_b, in_b, "forward")
+                continue
+            k = output_pieces(s, m, pc.rows, axes)
+            read = _narrower(m, axes, in_b, out_b, "backward")
+            if k is not None and (s.remat or d.layers_dim is not None) and not _pinned(s, m):
+                read = WholeRead(m, axes, "all-reduce", in_b, "backward")
+            out[m] = replace(read, pieces=k, out=out_b)
     return out
+
+
+def member_items(r: WholeRead, what: str, n: int, count: int, source: str, moved: float) -> list[CommItem]:
+    """A pair's member kept whole (:func:`whole_members`) as the estimate's items: its collective of ``moved``
+    bytes (the side :attr:`WholeRead.side` names; traced pieces: the bytes it read off the trace) over the ``n``
+    ranks or its output's pieces (none for one piece: whole on every rank), and each piece's output gradient
+    summed over the ranks sharing it."""
+    k = r.pieces or n
+    moved = r.size if r.pieces else moved  # a stacked (2, K, d, head_dim) output's batch is not its first dim
+    items = [] if k == 1 else [CommItem(r.kind, r.axes, moved, k, count, source, f"replicated {what} in a split "
+                                        f"pair{f' (XLA splits its output in {k})' if k < n else ''}: {r.how}")]
+    if k < n:
+        items.append(CommItem("all-reduce", r.axes, r.out / k, n // k, count, source, f"replicated {what} in a split "
+                              f"pair, its output in {k} piece(s) read split by {n // k} ranks each: sum each "
+                              "piece's output gradient over them (backward)"))
+    return items
+
+
+def _pinned(s: Any, path: str) -> bool:
+    """Whether tpflax's step gathers ``path`` whole for compute (split over an fsdp-gathered axis): the kernel its
+    matmuls read is then whole, not a copy XLA may split in the key/value heads inside a loop or a remat'd call."""
+    spec = s.lv.specs[path]
+    return bool(set(used_axes(spec)) & gathered_axes(s.mesh, list(s.lv.specs.values())))
+
+
+def output_pieces(s: Any, col: str, rows: tuple[str, ...], axes: tuple[str, ...]) -> int | None:
+    """How many pieces XLA splits the output of ``col``, a pair's column kept whole, into: the least limit
+    (:attr:`tpflax._src.cost.traced.Traced.limits`) of the traced edges from it to a dim of ``rows`` split over
+    the ``n`` ranks of ``axes``, ``n`` if that is a multiple of ``n`` (a gate's expansion), the limit if it
+    divides ``n`` (a GQA key/value's heads; 1 for MQA: whole, its output gradient summed over every rank).
+    None untraced or where neither divides the other."""
+    rep, n = s.lv.rep_of, s.size(axes)
+
+    def split(row: str, dim: int) -> bool:
+        spec = s.lv.specs.get(row, ())
+        return dim < len(spec) and bool(set(entry_axes(spec[dim])) & set(axes))
+
+    limits = [lim for (a, _, b, bd), lim in (s.limits or {}).items()
+              if rep.get(a, a) == col and rep.get(b, b) in rows and split(rep.get(b, b), bd)]
+    if not limits:
+        return None
+    k = min(limits)
+    return n if k % n == 0 else k if n % k == 0 else None
 
 
 def whole_read_items(s: Any) -> list[CommItem]:

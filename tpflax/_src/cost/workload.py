@@ -118,6 +118,7 @@ class Workload:
     dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)  # (Traced.dots)
     scanned: Mapping[str, int] = field(default_factory=dict)  # (Traced.scanned)
     constrained: tuple[tuple[str, int, tuple[str, ...]], ...] = ()  # (Traced.constrained)
+    limits: Mapping[tuple[str, int, str, int], int] = field(default_factory=dict)  # (Traced.limits)
 
     @property
     def saved(self) -> Mapping[str, Sequence[Act]]:
@@ -202,7 +203,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     product_sums=t.product_sums, split_sums=t.split_sums,
                     edges=t.edges, contracted=t.contracted, looked=t.looked, batched=t.batched, conditions=t.conditions, dead=t.dead,
                     batch_dims=t.batch_dims, sliced=t.sliced, no_grad=t.no_grad, dots=t.dots,
-                    scanned=t.scanned, constrained=t.constrained)
+                    scanned=t.scanned, constrained=t.constrained, limits=t.limits)
 
 
 def contraction_calls(plan, contractions: Sequence[tuple[str, float, tuple[int, ...], str]],
