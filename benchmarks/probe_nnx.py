@@ -424,8 +424,9 @@ def lora_hand(mesh):
     """The frozen base Megatron, its adapters split like it: a column's B on its output, a row's A on its
     input, the other factor whole."""
     f = _f(mesh)
-    return [(r"/(q|k|v|up)/kernel$", P(f, "model")), (r"/(q|k|v|up)/lora_b$", P(None, "model")),
-            (r"/(o|down)/kernel$", P("model", f)), (r"/(o|down)/lora_a$", P("model", None)),
+    # nnx.LoRALinear keeps its factors in a ``lora`` submodule: ``q/lora/lora_b``
+    return [(r"/(q|k|v|up)/kernel$", P(f, "model")), (r"/(q|k|v|up)/lora/lora_b$", P(None, "model")),
+            (r"/(o|down)/kernel$", P("model", f)), (r"/(o|down)/lora/lora_a$", P("model", None)),
             (r"embed/embedding$", P("model", f)), (r".*", P())]
 
 
