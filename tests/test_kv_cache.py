@@ -160,3 +160,38 @@ def test_a_multi_query_cache_follows_its_split_head_features():
             "cache": {"attn": {"cached_key": jax.ShapeDtypeStruct((B, L, 1, 16), jnp.float32)}}}
     plan = tpflax.plan(tree, MESH, rules=[(r"k_proj/kernel$", P(None, "model"))])
     assert plan.decisions["cache/attn/cached_key"].spec == P("data", None, None, "model")
+
+
+class IndexedCacheAttention(nn.Module):
+    """A decode step that writes its cache with jnp's indexed update (``.at[:, i].set``: a scatter), as
+    recurrentgemma's does, instead of ``dynamic_update_slice``."""
+
+    @nn.compact
+    def __call__(self, x):
+        b = x.shape[0]
+        q, k, v = (nn.DenseGeneral((HEADS, D // HEADS), name=n)(x) for n in ("query", "key", "value"))
+        ck = self.variable("cache", "cached_key", jnp.zeros, (b, L, HEADS, D // HEADS), x.dtype)
+        cv = self.variable("cache", "cached_value", jnp.zeros, (b, L, HEADS, D // HEADS), x.dtype)
+        i = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+        ck.value = ck.value.at[:, i.value].set(k[:, 0])
+        cv.value = cv.value.at[:, i.value].set(v[:, 0])
+        return nn.DenseGeneral(D, axis=(-2, -1), name="out")(nn.dot_product_attention(q, ck.value, cv.value))
+
+
+class IndexedDecoder(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        embed = nn.Embed(VOCAB, D, name="embed")
+        x = embed(ids)
+        return embed.attend(x + IndexedCacheAttention(name="attn")(x))
+
+
+def test_a_traced_decode_step_keeps_its_pairs_through_an_indexed_cache_write():
+    m = IndexedDecoder()
+    ids = jax.ShapeDtypeStruct((B, 1), jnp.int32)
+    variables = jax.eval_shape(m.init, jax.random.key(0), ids)
+    plan = tpflax.plan(variables, MESH, model=lambda v, x: m.apply(v, x, mutable=["cache"])[0], sample=(ids,))
+    for name in ("query", "key", "value"):
+        assert plan.decisions[f"params/attn/{name}/kernel"].spec == P(None, "model", None), name
+    assert plan.decisions["params/attn/out/kernel"].spec == P("model", None, None)
+    assert plan.decisions["cache/attn/cached_key"].spec == P("data", None, "model", None)

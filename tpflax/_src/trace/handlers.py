@@ -318,6 +318,35 @@ def dynamic_update_slice(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: l
     return [out]
 
 
+def scatter(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    """``x.at[idx].set(u)`` (and ``.add``, ``.mul``, ``.min``, ``.max``): a cache written at the decoding
+    position with jnp's indexed update. As :func:`dynamic_update_slice`: each window dim of the update is
+    that dim of the result and keeps its tags; the dims written at indices, and a window shorter than the
+    operand's dim, escape."""
+    buf, upd = ins[0], ins[2]
+    dn = eqn.params["dimension_numbers"]
+    shapes = [tuple(eqn.invars[i].aval.shape) for i in (0, 2)]
+    rank = ranks[0]
+    inserted = set(dn.inserted_window_dims) | set(getattr(dn, "operand_batching_dims", ()))
+    windows = [d for d in range(rank) if d not in inserted]
+    mapping: list[int | None] = [None] * rank
+    for d, u in zip(windows, dn.update_window_dims, strict=False):
+        mapping[d] = u
+    offset = [d for d in range(rank) if mapping[d] is None or d in dn.scatter_dims_to_operand_dims
+              or shapes[1][mapping[d]] != shapes[0][d]]
+    for u in range(upd.rank):
+        if u not in dn.update_window_dims:
+            w.escape(upd.dim_tags(u), "written at indices along it")
+    placed = w.moved(upd, mapping, rank)
+    for v in (buf, placed):
+        for d in offset:
+            w.escape(v.dim_tags(d), "written at indices along it")
+    out = concatenate_like(w, [buf, placed], rank, offset)
+    if not upd.origin or not buf.origin:  # an activation written in (or into): the result is an activation
+        out = dataclasses.replace(out, origin=(), const_of=0)
+    return [out]
+
+
 def concatenate(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
     dim = eqn.params["dimension"]
     rank = ranks[0]
@@ -398,6 +427,8 @@ HANDLERS: dict[str, Handler] = {
     "transpose": transpose, "broadcast_in_dim": broadcast_in_dim, "squeeze": squeeze,
     "reshape": reshape, "slice": slice_, "split": split, "unstack": unstack,
     "dynamic_slice": dynamic_slice, "dynamic_update_slice": dynamic_update_slice,
+    **{name: scatter for name in ("scatter", "scatter-add", "scatter_add", "scatter-mul", "scatter_mul",
+                                  "scatter-min", "scatter_min", "scatter-max", "scatter_max")},
     "concatenate": concatenate, "stack": stack, "pad": pad, "rev": rev, "tile": tile, "iota": iota, "sort": sort, "top_k": top_k,
     "dot_general": contractions.dot_general, "conv_general_dilated": contractions.conv_general_dilated,
     "gather": contractions.gather,
