@@ -136,6 +136,13 @@ class Scope:
         return per_example * self.batch.size / self.shards if per_example else self.rows_local
 
     @functools.cached_property
+    def update_gathered(self) -> set[tuple[str, tuple[str, ...]]]:
+        """``(leaf, tensor axes)`` whose split update :func:`tpflax._src.cost.stream.update_gathers` has already
+        gathered in this estimate: a leaf is updated once per step, however many splits reach its gradient
+        (the feature-split stream and a GQA key/value's split heads both reach a whole key/value kernel)."""
+        return set()
+
+    @functools.cached_property
     def rows_local(self) -> float:
         return token_rows(self.batch, self.config) / self.shards
 

@@ -65,8 +65,9 @@ def update_gathers(s: Any, axes: tuple[str, ...], reached: list[str],
         d, n = lv.decisions[path], (pieces or {}).get(path, ranks)
         if s.backend == "tpu" and len(body(d)) < 2:
             continue
-        if not d.trainable or set(used_axes(lv.specs[path])) & set(axes):
+        if not d.trainable or set(used_axes(lv.specs[path])) & set(axes) or (path, axes) in s.update_gathered:
             continue
+        s.update_gathered.add((path, axes))
         if gathered:
             # the step gathers fsdp leaves for compute and pins every gradient to the parameter's layout
             # (scan_fsdp.pin): XLA gathers the split gradient there, whole over the fsdp axes, and the update
