@@ -282,6 +282,15 @@ class Dataflow:
             out |= {(p, ld, self.uses[uid].path, kd) for ld, kd in align.items()}
         return tuple(sorted(out))
 
+    def dots(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+        """``{path: (contracted dims, kept dims)}``: each parameter's first ``dot`` use without batch dims, the
+        matmul a constraint's split meets (:mod:`tpflax._src.cost.disagree`)."""
+        out: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        for u in self.uses:
+            if u.op == "dot" and not u.batch and u.rows and u.path not in out:
+                out[u.path] = (tuple(u.contracted), tuple(u.kept))
+        return out
+
 
 def reached_dims(meets: tuple[tuple[str, int, str, int], ...], start: set[tuple[str, int]]) -> set[tuple[str, int]]:
     """The parameter dims ``start`` reaches along :meth:`Dataflow.meets` (``start`` included): the dims whose
