@@ -120,19 +120,26 @@ def test_constraint_against_a_whole_plan(case):
 @pytest.mark.parametrize("d,h", [(256, 64), (256, 256)])
 def test_constraint_the_plan_agrees_with_costs_nothing(d, h):
     """A plan that splits up's output and down's input over model as the constraint does (tpflax's own, given the
-    model, on the square stack; Megatron by rules on the other, which tpflax plans replicated): the estimate is the
-    unconstrained twin's, to the byte. tpflax's own plan knows the stack and its pair: XLA's to the byte too (the
-    loss's scalar apart). The rules' plan takes the stacked kernels for experts and prices no pair (0.73 of XLA's,
-    with or without the constraint)."""
+    model, on the square stack; Megatron by rules on the other): the estimate is the unconstrained twin's, to the
+    byte. tpflax's own plan knows the stack and its pair: XLA's to the byte too (the loss's scalar apart).
+
+    The rules' plan is made from the tree, which takes the stacked kernels for experts; the estimate reads their
+    pair off the trace where tpflax's own traced plan splits them alike (``traced_facts``). Constrained, tpflax
+    splits them as the constraint does (tests/test_constraint_plan.py), so the pair's all-reduces are priced, once
+    (the tree's plan does not know the stack: XLA sums both layers'); its unconstrained twin keeps the 256 -> 64
+    bottleneck whole by cost at the chooser's default tokens and prices none (0.73 of XLA's; constrained 0.86)."""
     rules = {} if d == h else {"rules": [(r"up/kernel", P(None, None, "model")), (r"down/kernel", P(None, "model", None))]}
     model, sample, p, m, e = _run(Scanned, d, h, DATA, **rules)
     assert p.decisions["layers/up/kernel"].spec == P(None, None, "model")
     assert p.decisions["layers/down/kernel"].spec == P(None, "model", None)
     *_, twin = _run(Scanned, d, h, DATA, constrained=False, **rules)
-    assert e.comm == twin.comm
-    if rules:
-        return
     got = _compiled(model, sample, p, m)
+    if rules:
+        assert e.comm["all-reduce"]["data"] == twin.comm["all-reduce"]["data"] == 65536, (e.comm, twin.comm)
+        assert "model" not in twin.comm["all-reduce"]
+        assert 2 * e.comm["all-reduce"]["model"] == got["all-reduce"]["model"] == 24576, (e.comm, got)
+        return
+    assert e.comm == twin.comm
     total = sum(v for by in got.values() for v in by.values())
     assert total - e.comm_total == 4, (e.comm, got)
 
