@@ -10,7 +10,7 @@ whole along the trace's meets (:func:`reached_whole`), and each of those sums or
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from tpflax._src.trace.records import reached_dims
@@ -60,6 +60,32 @@ def disagreeing(constrained: Iterable[tuple[str, int, tuple[str, ...]]], tensor:
             out.setdefault(want, set()).add((p, d))
     return out
 
+
+
+def replicated(constrained: Iterable[tuple[str, int, tuple[str, ...]]], tensor: Iterable[str],
+               split: Callable[[str, int], frozenset[str]], meets: tuple[tuple[str, int, str, int], ...],
+               dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]]
+               ) -> list[tuple[str, int, tuple[str, ...], list[str]]]:
+    """``[(path, dim, tensor axes, readers)]``: the parameter dims a constraint replicates (no axes: ``None``, or
+    past a short spec's end) that ``split(path, dim)`` splits over ``tensor`` axes, each with the kernels split
+    over those axes that contract the activation (along ``meets``; ``dots``: each kernel's ``(contracted, kept)``
+    dims). XLA gathers the activation where the constraint stands and each reader's kernel whole, for the
+    backward product (:func:`tpflax._src.cost.whole.replicated_items`).
+
+    >>> meets = (("down", 0, "up", 1), ("up", 1, "down", 0))
+    >>> dots = {"up": ((0,), (1,)), "down": ((0,), (1,))}
+    >>> replicated([("up", 1, ())], {"model"}, lambda p, d: frozenset({"model"}), meets, dots)
+    [('up', 1, ('model',), ['down'])]
+    """
+    live, out = set(tensor), []
+    for p, d, axes in sorted(set(constrained)):
+        hit = split(p, d) & live
+        if axes or not hit or p not in dots:
+            continue
+        readers = sorted({q for q, e in reached_dims(meets, {(p, d)}) if q != p and q in dots
+                          and e in dots[q][0] and split(q, e) & hit})
+        out.append((p, d, tuple(sorted(hit)), readers))
+    return out
 
 def reached_whole(meets: tuple[tuple[str, int, str, int], ...], begin: set[tuple[str, int]],
                   whole: Callable[[str], bool]) -> set[tuple[str, int]]:

@@ -27,7 +27,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from tpflax._src.cost.disagree import WholeRead, disagreeing, kernel_reads, narrower, reached_whole
+from tpflax._src.cost.disagree import WholeRead, disagreeing, kernel_reads, narrower, reached_whole, replicated
 from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.scope import body
 from tpflax._src.mesh import TENSOR
@@ -162,6 +162,42 @@ def whole_members(s: Any) -> dict[str, WholeRead]:
             out[m] = (narrower(m, axes, in_b, out_b, "backward") if m in pc.columns
                       else narrower(m, axes, out_b, in_b, "forward"))
     return out
+
+
+def replicated_items(s: Any) -> list[CommItem]:
+    """The gathers XLA compiles where a model's own constraint replicates an activation dim (``None``, or past a
+    short spec's end) that the plan splits over tensor axes: the activation gathered where the constraint stands
+    (forward), and each kernel split over those axes that contracts it gathered whole, once a step, for the
+    backward product (the activation's gradient, replicated too, comes from the whole kernel).
+
+    Measured (XLA:CPU, data=2,model=4, the Flax guide's block under Megatron, ``P('data', None)`` on the hidden,
+    tests/test_constraint_plan.py): per layer the hidden ``f32[4,64]`` gathered after the relu and ``down``'s
+    ``(64, 256)`` kernel gathered in the backward, scanned or unrolled, 256 -> 64 or 64 -> 256; the pair's
+    all-reduces stay. Where the row's output is wider than twice its kernel (1,024 rows there), XLA gathers the
+    kernel in the forward instead of summing the row's partial outputs, which the pair's items still price."""
+    lv, tensor = s.lv, frozenset(a for a, r in s.mesh.roles if r == TENSOR and s.mesh.sizes[a] > 1)
+    found: dict[tuple[str, tuple[str, ...], float, str], int] = {}  # per leaf, then per class of alike leaves
+
+    def add(rep: str, axes: tuple[str, ...], size: float, why: str, stack: int) -> None:
+        key = (rep, axes, size, why)
+        found[key] = found.get(key, 0) + max(stack, 1)
+
+    for p, d, ax, readers in replicated(s.constrained, tensor, lambda q, e: _split(s, q, e), s.meets, s.dots or {}):
+        rep, use = lv.rep_of.get(p, p), s.dots[p]
+        if rep not in lv.decisions:
+            continue
+        dec, stack = lv.decisions[rep], _stack(s, rep)
+        in_width = math.prod(dec.shape[i] for i in use[0])
+        width = in_width if d in use[0] else math.prod(dec.shape) // max(stack, 1) // max(in_width, 1)
+        add(rep, ax, s.rows_of(rep) * s.act_item * width,
+            "a model's constraint replicates an activation the plan splits: gathered there", stack)
+        for qrep in {lv.rep_of.get(q, q) for q in readers} & set(lv.decisions):
+            qstack = max(_stack(s, qrep), 1)
+            add(qrep, ax, s.leaf_bytes(qrep, lv.decisions[qrep]) * s.size(ax) // qstack,
+                "it contracts an activation a model's constraint replicates: gathered whole for the backward "
+                "product", qstack)
+    return [CommItem("all-gather", ax, size, s.size(ax), n, lv.label[rep], why)
+            for (rep, ax, size, why), n in found.items()]
 
 
 def whole_read_items(s: Any) -> list[CommItem]:

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from tpflax._src.cost.disagree import disagreeing, kernel_reads, reached_whole
+from tpflax._src.cost.disagree import disagreeing, kernel_reads, reached_whole, replicated
 from tpflax._src.cost.price import OPT_COPIES, ActComm
 from tpflax._src.mesh import FSDP, TENSOR
 from tpflax._src.specs import Entry, entry_axes
@@ -64,8 +64,10 @@ def pinned(st: Any, o: Any, facts: Mapping[str, Any]) -> Any:
         spec = props[path].spec
         return frozenset(entry_axes(spec[d]) if d < len(spec) else ()) & tensor
 
-    if p is None or any(split(path, d) for path in props for d in range(len(props[path].spec))):
+    if p is None:
         return o
+    if any(split(path, d) for path in props for d in range(len(props[path].spec))):
+        return _replicated(st, o, facts, split, tensor)
     starts = disagreeing([c for c in p.constrained if c[0] in props], tensor, split)
     acts, grads = list(o.acts), dict(o.split_grads)
     for axes, begin in sorted(starts.items()):
@@ -83,6 +85,22 @@ def pinned(st: Any, o: Any, facts: Mapping[str, Any]) -> Any:
         grads.update(dict.fromkeys((f.path for f in leaves), math.prod(st.mesh.sizes[a] for a in axes)))
         acts += update_gathers(st, axes, leaves, "the whole kernels whose gradient the constraint splits")
     return replace(o, acts=tuple(acts), split_grads=tuple(sorted(grads.items())))
+
+
+def _replicated(st: Any, o: Any, facts: Mapping[str, Any], split: Any, tensor: set[str]) -> Any:
+    """A split candidate ``o`` with the gathers XLA compiles where a constraint replicates an activation dim it
+    splits (:func:`tpflax._src.cost.disagree.replicated`): the activation, and each reader's kernel whole."""
+    p, props, acts = st.pins, dict(o.proposals), list(o.acts)
+    mine = [c for c in p.constrained if c[0] in props]
+    for path, d, axes, readers in replicated(mine, tensor, split, p.meets, p.dots):
+        f, use = facts[path], p.dots[path]
+        in_w = math.prod(f.leaf.shape[i] for i in use[0])
+        acts.append(ActComm("all-gather", axes, in_w if d in use[0] else math.prod(f.body) // max(in_w, 1), 1,
+                            "an activation the model's sharding constraint replicates: gathered there (forward)"))
+        acts += [ActComm("all-gather", axes, 0, 1, "a kernel contracting an activation the model's sharding "
+                         "constraint replicates: gathered whole (backward)", facts[q].leaf.nbytes)
+                 for q in readers if q in props]
+    return replace(o, acts=tuple(acts))
 
 
 def split_updated(st: Any, leaves: Sequence[Any]) -> list[Any]:

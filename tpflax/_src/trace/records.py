@@ -212,7 +212,8 @@ class Dataflow:
             window covers. Its gradient is zero outside the window, and XLA sums only the window over the
             batch axes (the pad after the all-reduce).
         constraints: ``(use id, param dim, mesh axes)``: a kept dim whose activation a ``with_sharding_constraint``
-            lays out over those mesh axes (:mod:`tpflax._src.trace.constraints`), whatever the plan.
+            lays out over those mesh axes (:mod:`tpflax._src.trace.constraints`), whatever the plan; no axes,
+            ``()``, for a dim it replicates.
     """
 
     paths: tuple[str, ...]
