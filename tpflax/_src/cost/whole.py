@@ -27,7 +27,14 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from tpflax._src.cost.disagree import WholeRead, disagreeing, kernel_reads, narrower, reached_whole, replicated
+from tpflax._src.cost.disagree import (
+    WholeRead,
+    disagreeing,
+    kernel_reads,
+    narrower,
+    reached_whole,
+    replicated,
+)
 from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.scope import body
 from tpflax._src.mesh import TENSOR
