@@ -54,18 +54,18 @@ def pins(flow: Any) -> Pins | None:
 def pinned(st: Any, o: Any, facts: Mapping[str, Any]) -> Any:
     """``o`` (an :class:`~tpflax._src.planner.choose.Option`) with the collectives XLA compiles where its layout
     disagrees with the model's constraints (``st.pins``): a group kept whole on the tensor axes whose dims a
-    constraint splits. A candidate splitting a member already (Megatron) is left as is, as the estimate leaves a
-    split pair's whole members to the pair (:func:`tpflax._src.cost.whole.whole_members`)."""
+    constraint splits (its whole members' part the estimate leaves to a split pair's own:
+    :func:`tpflax._src.cost.whole.whole_members`), or a split group whose dims a constraint replicates."""
     p = st.pins
+    if p is None:
+        return o
     props = dict(o.proposals)
     tensor = {a for a, r in st.mesh.roles if r == TENSOR and st.mesh.sizes[a] > 1}
 
-    def split(path: str, d: int) -> frozenset[str]:
-        spec = props[path].spec
+    def split(path: str, d: int) -> frozenset[str]:  # another group's leaf: not this candidate's to price
+        spec = props[path].spec if path in props else ()
         return frozenset(entry_axes(spec[d]) if d < len(spec) else ()) & tensor
 
-    if p is None:
-        return o
     if any(split(path, d) for path in props for d in range(len(props[path].spec))):
         return _replicated(st, o, facts, split, tensor)
     starts = disagreeing([c for c in p.constrained if c[0] in props], tensor, split)
