@@ -64,7 +64,7 @@ from tpflax._src.cost.records import MEMORY_FIELDS, Act, CommItem, Estimate, com
 from tpflax._src.cost.reshard import fused_items
 from tpflax._src.cost.scope import Scope
 from tpflax._src.cost.stream import split_grad_items
-from tpflax._src.cost.whole import whole_read_items
+from tpflax._src.cost.whole import replicated_items, whole_read_items
 from tpflax._src.cost.workload import Workload, prepare
 from tpflax._src.errors import EstimateError, MeshError
 from tpflax._src.mesh import EXPERT, FSDP, TENSOR, MeshShape, batch_axes
@@ -151,6 +151,7 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
     notes.extend(product_sum_notes(lv, mesh, w, scope.experts_split))
     every = (comm_items(scope, notes) + expert_items(scope) + buffer_items(scope) + fused_items(scope, notes)
              + grouped_conv_items(scope) + explicit_items(w.collectives, notes) + split_grad_items(scope) + whole_read_items(scope)
+             + replicated_items(scope)
              + split_sum_items(scope, w.split_sums, w.fused or {}))
     items = tuple(i for i in every if i.total > 0)
     return Estimate(

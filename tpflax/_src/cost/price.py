@@ -53,6 +53,9 @@ class LeafLayout:
             XLA:TPU sums its looked-up rows' gradient over the batch and all-reduces them, split over fsdp or not
             (the estimate: :func:`tpflax._src.cost.gradients.looked_bytes`), so an fsdp split adds its gather and
             saves only memory; priced here at the table's bytes, which both options pay alike.
+        grad_split: tensor ranks its gradient comes out split over though the leaf is not (a model's own sharding
+            constraint the layout disagrees with: :mod:`tpflax._src.planner.constraints`): XLA sums it over the
+            batch on that shard.
     """
 
     shape: tuple[int, ...]
@@ -62,6 +65,7 @@ class LeafLayout:
     matmul: bool = False
     layers: int = 1
     positional: bool = False
+    grad_split: int = 1
 
 
 @dataclass(frozen=True)
@@ -300,7 +304,8 @@ def price(leaves: tuple[LeafLayout, ...], acts: tuple[ActComm, ...], ctx: Contex
                 continue
             add("reduce-scatter", f_axes, shard * nf, 1, "fsdp: scatter its gradient")
         if free:
-            add("all-reduce", free, shard, 1, "sum the gradient over the batch")
+            add("all-reduce", free, shard / x.grad_split if x.grad_split > 1 else shard, 1, "sum the gradient over the batch" +
+                (", on its split shard" if x.grad_split > 1 else ""))
     for a in acts:
         add(a.kind, _live(a.entry, mesh), ctx.tokens_local * a.width * ctx.act_item + a.fixed, a.count, a.why)
     comm = tuple(sorted(by_axis.items()))

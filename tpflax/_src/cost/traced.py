@@ -315,18 +315,9 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
                   frozenset(u.path for u in flow.uses if u.op in ("dot", "conv")), batched,
                   _conditions(flow, shapes, streams, rows, examples), flow.dead, _batch_dims(flow), dict(flow.sliced),
                   frozenset(u.path for u in flow.uses if u.op in ("gather", "onehot")), flow.no_grad - flow.dead,
-                  _dots(flow), dict(flow.scanned),
+                  flow.dots(), dict(flow.scanned),
                   tuple(sorted({(flow.uses[u].path, d, axes) for u, d, axes in flow.constraints})),
                   {(e.src, e.src_dim, e.dst, e.dst_dim): e.limit for e in flow.edges})
-
-
-def _dots(flow: Any) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
-    """:attr:`Traced.dots`: each parameter's first ``dot`` use without batch dims, as ``(contracted, kept)``."""
-    out: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
-    for u in flow.uses:
-        if u.op == "dot" and not u.batch and u.rows and u.path not in out:
-            out[u.path] = (tuple(u.contracted), tuple(u.kept))
-    return out
 
 
 def _batch_dims(flow: Any) -> dict[str, frozenset[int]]:

@@ -25,40 +25,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
+from tpflax._src.cost.disagree import (
+    WholeRead,
+    disagreeing,
+    kernel_reads,
+    narrower,
+    reached_whole,
+    replicated,
+)
 from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.scope import body
 from tpflax._src.mesh import TENSOR
 from tpflax._src.specs import entry_axes, gathered_axes, used_axes
-from tpflax._src.trace.records import reached_dims
-
-
-@dataclass(frozen=True)
-class WholeRead:
-    """One collective of a whole kernel meeting split features: ``kind`` of ``size`` bytes over ``axes``."""
-
-    path: str
-    axes: tuple[str, ...]
-    kind: str
-    size: float
-    phase: str
-    pieces: int | None = None  # a pair's whole column: its output as XLA splits it (:func:`output_pieces`)
-    out: float = 0.0  # with pieces: the column's output bytes on one device
-
-    @property
-    def how(self) -> str:
-        """What moves, in words."""
-        what = {("all-reduce", "forward"): "sum its partial outputs", ("all-gather", "forward"): "gather its input",
-                ("all-reduce", "backward"): "sum its partial input gradients",
-                ("all-gather", "backward"): "gather its output gradient"}[self.kind, self.phase]
-        return f"{what} ({self.phase})"
-
-    @property
-    def side(self) -> str:
-        """The activation it moves: the kernel's ``"in"`` or ``"out"`` side."""
-        return "out" if (self.kind == "all-reduce") == (self.phase == "forward") else "in"
 
 
 def split_dims(s: Any, start: Callable[[str], bool] | None = None,
@@ -79,11 +60,8 @@ def split_dims(s: Any, start: Callable[[str], bool] | None = None,
     starts += [(frozenset(axes), begin, split_pairs) for axes, begin in constrained_dims(s).items() if constrained]
     reached: dict[tuple[str, ...], set[tuple[str, int]]] = {}
     for axes, begin, paired in starts:  # a whole dim meeting a split one: its gradient comes split, and so on
-        for p, dim in reached_dims(s.meets, begin):
-            rep = lv.rep_of.get(p, p)
-            if rep in lv.decisions and rep not in paired and not any(
-                    _split(s, rep, i) for i in range(len(lv.specs.get(rep, ())))):
-                reached.setdefault(tuple(sorted(axes)), set()).add((rep, dim))
+        for p, dim in reached_whole(s.meets, begin, lambda p, paired=paired: _whole(s, lv.rep_of.get(p, p), paired)):
+            reached.setdefault(tuple(sorted(axes)), set()).add((lv.rep_of.get(p, p), dim))
     return reached
 
 
@@ -94,12 +72,13 @@ def constrained_dims(s: Any) -> dict[tuple[str, ...], set[tuple[str, int]]]:
     gathers around its matmul (:func:`whole_reads`) and its gradient comes out split (:func:`split_dims`). Its
     axes over the batch, and the dims the plan splits as the constraint does, cost nothing."""
     tensor = {a for a, r in s.mesh.roles if r == TENSOR and s.mesh.sizes[a] > 1}
-    out: dict[tuple[str, ...], set[tuple[str, int]]] = {}
-    for p, d, axes in s.constrained:
-        want = tuple(sorted(set(axes) & tensor))
-        if want and not _split(s, p, d) & set(want):
-            out.setdefault(want, set()).add((p, d))
-    return out
+    return disagreeing(s.constrained, tensor, lambda p, d: _split(s, p, d))
+
+
+def _whole(s: Any, rep: str, paired: Any) -> bool:
+    """A representative the plan keeps whole on the tensor axes, outside the pairs ``paired``."""
+    return rep in s.lv.decisions and rep not in paired and not any(
+        _split(s, rep, i) for i in range(len(s.lv.specs.get(rep, ()))))
 
 
 def _split(s: Any, path: str, dim: int) -> frozenset[str]:
@@ -133,12 +112,8 @@ def whole_reads(s: Any, start: Callable[[str], bool] | None = None) -> list[Whol
             in_width = math.prod(d.shape[i] for i in use[0])
             rows = s.rows_of(rep) * s.act_item
             in_b, out_b = rows * in_width, rows * (math.prod(d.shape) // max(stack, 1) // max(in_width, 1))
-            pick = _summed if stack else _narrower
-            hit = {dim for r, dim in dims if r == rep}
-            if hit & set(use[0]):
-                out.append(pick(rep, axes, out_b, in_b, "forward"))
-            if hit & set(use[1]) and (s.widths or {}).get(rep) != 0:
-                out.append(pick(rep, axes, in_b, out_b, "backward"))
+            out += kernel_reads(rep, axes, in_b, out_b, {dim for r, dim in dims if r == rep}, use, bool(stack),
+                                input_grad=(s.widths or {}).get(rep) != 0)
     return out
 
 
@@ -168,7 +143,7 @@ def lone_row(s: Any, path: str, axes: tuple[str, ...]) -> WholeRead | None:
             set(entry_axes(spec[i])) & set(axes) for i in use[1] if i < len(spec)):
         return None
     in_b, out_b = _act_bytes(s, path, d, math.prod(body(d)[i] for i in use[0]))
-    return _narrower(path, axes, out_b, in_b, "forward")
+    return narrower(path, axes, out_b, in_b, "forward")
 
 
 def _lone(s: Any, rep: str) -> bool:
@@ -202,10 +177,10 @@ def whole_members(s: Any) -> dict[str, WholeRead]:
                 continue
             in_b, out_b = _act_bytes(s, m, d, width or body(d)[0])
             if m in pc.rows:
-                out[m] = _narrower(m, axes, out_b, in_b, "forward")
+                out[m] = narrower(m, axes, out_b, in_b, "forward")
                 continue
             k = output_pieces(s, m, pc.rows, axes)
-            read = _narrower(m, axes, in_b, out_b, "backward")
+            read = narrower(m, axes, in_b, out_b, "backward")
             if k is not None and (s.remat or d.layers_dim is not None) and not _pinned(s, m):
                 read = WholeRead(m, axes, "all-reduce", in_b, "backward")
             out[m] = replace(read, pieces=k, out=out_b)
@@ -255,6 +230,42 @@ def output_pieces(s: Any, col: str, rows: tuple[str, ...], axes: tuple[str, ...]
     return n if k % n == 0 else k if n % k == 0 else None
 
 
+def replicated_items(s: Any) -> list[CommItem]:
+    """The gathers XLA compiles where a model's own constraint replicates an activation dim (``None``, or past a
+    short spec's end) that the plan splits over tensor axes: the activation gathered where the constraint stands
+    (forward), and each kernel split over those axes that contracts it gathered whole, once a step, for the
+    backward product (the activation's gradient, replicated too, comes from the whole kernel).
+
+    Measured (XLA:CPU, data=2,model=4, the Flax guide's block under Megatron, ``P('data', None)`` on the hidden,
+    tests/test_constraint_plan.py): per layer the hidden ``f32[4,64]`` gathered after the relu and ``down``'s
+    ``(64, 256)`` kernel gathered in the backward, scanned or unrolled, 256 -> 64 or 64 -> 256; the pair's
+    all-reduces stay. Where the row's output is wider than twice its kernel (1,024 rows there), XLA gathers the
+    kernel in the forward instead of summing the row's partial outputs, which the pair's items still price."""
+    lv, tensor = s.lv, frozenset(a for a, r in s.mesh.roles if r == TENSOR and s.mesh.sizes[a] > 1)
+    found: dict[tuple[str, tuple[str, ...], float, str], int] = {}  # per leaf, then per class of alike leaves
+
+    def add(rep: str, axes: tuple[str, ...], size: float, why: str, stack: int) -> None:
+        key = (rep, axes, size, why)
+        found[key] = found.get(key, 0) + max(stack, 1)
+
+    for p, d, ax, readers in replicated(s.constrained, tensor, lambda q, e: _split(s, q, e), s.meets, s.dots or {}):
+        rep, use = lv.rep_of.get(p, p), s.dots[p]
+        if rep not in lv.decisions:
+            continue
+        dec, stack = lv.decisions[rep], _stack(s, rep)
+        in_width = math.prod(dec.shape[i] for i in use[0])
+        width = in_width if d in use[0] else math.prod(dec.shape) // max(stack, 1) // max(in_width, 1)
+        add(rep, ax, s.rows_of(rep) * s.act_item * width,
+            "a model's constraint replicates an activation the plan splits: gathered there", stack)
+        for qrep in {lv.rep_of.get(q, q) for q in readers} & set(lv.decisions):
+            qstack = max(_stack(s, qrep), 1)
+            add(qrep, ax, s.leaf_bytes(qrep, lv.decisions[qrep]) * s.size(ax) // qstack,
+                "it contracts an activation a model's constraint replicates: gathered whole for the backward "
+                "product", qstack)
+    return [CommItem("all-gather", ax, size, s.size(ax), n, lv.label[rep], why)
+            for (rep, ax, size, why), n in found.items()]
+
+
 def whole_read_items(s: Any) -> list[CommItem]:
     """:func:`whole_reads` as the estimate's items, one per alike class of kernels and direction."""
     items = []
@@ -270,16 +281,3 @@ def _act_bytes(s: Any, path: str, d: Any, in_width: int) -> tuple[float, float]:
     """Bytes on one device of the input and the output activation of ``path``'s contraction."""
     rows = s.rows_of(path) * s.act_item
     return rows * in_width, rows * (math.prod(body(d)) // max(in_width, 1))
-
-
-def _summed(path: str, axes: tuple[str, ...], summed: float, gathered: float, phase: str) -> WholeRead:
-    """An all-reduce of ``summed`` bytes, however many ``gathered`` would move."""
-    return WholeRead(path, axes, "all-reduce", summed, phase)
-
-
-def _narrower(path: str, axes: tuple[str, ...], summed: float, gathered: float, phase: str) -> WholeRead:
-    """An all-reduce of ``summed`` bytes or an all-gather of ``gathered`` bytes, whichever moves fewer on a
-    ring (an all-reduce moves twice its bytes)."""
-    if 2 * summed <= gathered:
-        return WholeRead(path, axes, "all-reduce", summed, phase)
-    return WholeRead(path, axes, "all-gather", gathered, phase)

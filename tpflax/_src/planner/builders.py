@@ -20,6 +20,7 @@ from tpflax._src.facts.classify import Facts
 from tpflax._src.hardware import DEFAULT_PLAN_HARDWARE, get_hardware
 from tpflax._src.mesh import EXPERT, TENSOR, MeshShape
 from tpflax._src.planner.choose import Chosen, Option, pick
+from tpflax._src.planner.constraints import pinned
 from tpflax._src.planner.decision import Alternative, Pair
 from tpflax._src.specs import Entry, entry_axes, normalize_entry, to_pspec
 from tpflax._src.vocab import Kind, Role, Strategy
@@ -137,6 +138,7 @@ class State:
     # traced: expert kernels reading a dispatched buffer, its rows per priced token on one device (see shard_experts)
     buffers: dict[str, float] = field(default_factory=dict)
     batch_free: frozenset[str] = frozenset()  # of those, the buffers the dispatch summed the batch into
+    pins: Any = None  # traced: the model's own sharding constraints (planner/constraints.py Pins), None without
 
     @cached_property
     def context(self) -> Context:
@@ -267,7 +269,8 @@ def shard_pair(st: State, kind: str, cols: list[Linear], row: Linear) -> None:
         (lin.f.path, st.whole(lin.f, f"{lin.role} of pair {pair.id} ({lin.why}): kept whole on every tensor "
                                      "rank", pair.id, lin.role)) for lin in lins),
         matmul=frozenset(lin.f.path for lin in lins), whole=True))
-    st.choose("pair", [o for o in options if o is not None], [lin.f for lin in lins])
+    facts = {lin.f.path: lin.f for lin in lins}
+    st.choose("pair", [pinned(st, o, facts) for o in options if o is not None], [lin.f for lin in lins])
     chosen = st.out.get(row.f.path)
     if chosen is not None and chosen.strategy == "replicate":  # the chooser kept the pair whole
         st.pairs[st.pairs.index(pair)] = replace(pair, sharded=False, note="kept whole: cheaper by cost")

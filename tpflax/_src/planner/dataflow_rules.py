@@ -28,6 +28,7 @@ from tpflax._src.planner.builders import (
     shard_pair,
     short,
 )
+from tpflax._src.planner.constraints import pins
 from tpflax._src.planner.decision import Pair
 from tpflax._src.planner.experts import shard_experts
 from tpflax._src.planner.followers import follow, whole_reached
@@ -82,7 +83,8 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Datafl
     fewer, a pooled projection, is priced per row it reads). ``buffers``: the
     dispatched buffers expert kernels read (:func:`tpflax._src.planner.pricing.expert_buffers`).
     """
-    c = _start(facts, State(mesh, opts, forced=dict(skip or {}), positional=frozenset(flow.positional())), flow)
+    c = _start(facts, State(mesh, opts, forced=dict(skip or {}), positional=frozenset(flow.positional()),
+                            pins=pins(flow)), flow)
     widest = widest_rows or max((u.tokens for u in flow.uses), default=0)
     for u in flow.uses:  # what each contraction reads, for the chooser (first use of a leaf)
         if u.tokens and widest and u.path in c.fx:

@@ -11,11 +11,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import replace
 
-from tpflax._src.cost.price import OPT_COPIES, ActComm, stream_gathers
+from tpflax._src.cost.price import ActComm, stream_gathers
 from tpflax._src.facts.classify import ATTN, POS_EMBED, Facts
 from tpflax._src.mesh import FSDP
 from tpflax._src.planner.builders import Proposal, State, axis_label, body_spec, short
 from tpflax._src.planner.choose import Chosen, Option, fit, revise
+from tpflax._src.planner.constraints import split_updated, update_gathers
 from tpflax._src.specs import Entry, entry_axes, used_axes
 
 
@@ -254,21 +255,16 @@ def reached_acts(st: State, t_entry: Entry, reached: Sequence[Facts]
     embedding and text projection left 12 gathers of the four ``(64, 384)`` modulation kernels and summed
     their gradients as quarters, 1.14x the hand layout's collectives on CPU; under fsdp the one gather costs
     what the smaller sum saves, and the split's memory and flops decide."""
-    tpu = st.context.hardware.kind == "tpu"
-    leaves = [g for g in reached if tpu and len(g.body) >= 2]
+    leaves = split_updated(st, reached)
     if not leaves:
         return (), ()
     t_size, total = st.tensor[1], sum(g.leaf.nbytes for g in leaves)
     batch = st.context.batch_axes
-    pinned = st.mesh.group(FSDP)[1] > 1
     names = ", ".join(short(g.path) for g in leaves[:3]) + (", ..." if len(leaves) > 3 else "")
 
     def summed(size: float, how: str) -> tuple[ActComm, ...]:
         return (ActComm("all-reduce", batch, 0, 1, f"sum the gradients of {names} over the batch, {how}",
                         size),) if batch else ()
 
-    gathers = ActComm("all-gather", t_entry, 0, 1 if pinned else 1 + OPT_COPIES,
-                      f"gather the whole leaves whose gradient its split output splits ({names}): " +
-                      ("the gradient, where the step pins it" if pinned else "each and its moments, after the "
-                                                                             "split update"), total)
-    return summed(total, "whole"), (*summed(total / t_size, "on the split shard"), gathers)
+    gathers = update_gathers(st, t_entry, leaves, f"the whole leaves whose gradient its split output splits ({names})")
+    return summed(total, "whole"), (*summed(total / t_size, "on the split shard"), *gathers)

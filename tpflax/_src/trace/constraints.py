@@ -7,8 +7,11 @@ constraint and out of it. The walk records, for each tagged dim a constraint lay
 kernel dims it carries (:attr:`tpflax._src.trace.records.Dataflow.constraints`); the estimate prices the
 disagreement with the plan (:func:`tpflax._src.cost.whole.constrained_dims`).
 
-A dim left to XLA (``None``, ``P.UNCONSTRAINED``) records nothing, nor a dim that carries no kernel's
-features (the batch, a sequence): a split of those over the batch axes is the plan's batch layout.
+A dim the constraint replicates (``None``, or past the end of a short spec: measured, ``P('data')`` compiles as
+``P('data', None)``) records no axes, ``()``: a plan that splits its kernel dims over a tensor axis has it
+gathered (:func:`tpflax._src.cost.whole.replicated_items`). A dim left to XLA (``P.UNCONSTRAINED``) records
+nothing, nor a dim that carries no kernel's features (the batch, a sequence): a split of those over the batch
+axes is the plan's batch layout.
 
 >>> import jax, jax.numpy as jnp
 >>> from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
@@ -33,8 +36,11 @@ def note(w: Walk, eqn: Any, v: Val) -> None:
     spec = getattr(eqn.params.get("sharding"), "spec", None)
     if spec is None or v.tags is None or v.origin:
         return
-    for d, entry in enumerate(tuple(spec)[:v.rank]):
+    entries = tuple(spec)[:v.rank] + (None,) * (v.rank - len(tuple(spec)))  # a short spec replicates the rest
+    for d, entry in enumerate(entries):
+        if entry is not None and not isinstance(entry, (str, tuple)):
+            continue  # P.UNCONSTRAINED: left to XLA
         axes = entry if isinstance(entry, tuple) else (entry,) if isinstance(entry, str) else ()
-        for k in v.tags[d] if axes else ():
+        for k in v.tags[d]:
             if not is_minor(k):
                 w.constraints.add((*w.root(k), tuple(axes)))

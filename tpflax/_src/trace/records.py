@@ -212,7 +212,8 @@ class Dataflow:
             window covers. Its gradient is zero outside the window, and XLA sums only the window over the
             batch axes (the pad after the all-reduce).
         constraints: ``(use id, param dim, mesh axes)``: a kept dim whose activation a ``with_sharding_constraint``
-            lays out over those mesh axes (:mod:`tpflax._src.trace.constraints`), whatever the plan.
+            lays out over those mesh axes (:mod:`tpflax._src.trace.constraints`), whatever the plan; no axes,
+            ``()``, for a dim it replicates.
     """
 
     paths: tuple[str, ...]
@@ -281,6 +282,15 @@ class Dataflow:
         for p, uid, align in follows:
             out |= {(p, ld, self.uses[uid].path, kd) for ld, kd in align.items()}
         return tuple(sorted(out))
+
+    def dots(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+        """``{path: (contracted dims, kept dims)}``: each parameter's first ``dot`` use without batch dims, the
+        matmul a constraint's split meets (:mod:`tpflax._src.cost.disagree`)."""
+        out: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        for u in self.uses:
+            if u.op == "dot" and not u.batch and u.rows and u.path not in out:
+                out[u.path] = (tuple(u.contracted), tuple(u.kept))
+        return out
 
 
 def reached_dims(meets: tuple[tuple[str, int, str, int], ...], start: set[tuple[str, int]]) -> set[tuple[str, int]]:

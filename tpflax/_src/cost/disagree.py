@@ -1,0 +1,138 @@
+"""Where a layout disagrees with a model's own sharding constraint, and what a whole kernel meeting split features
+moves: pure over specs and widths, so the estimate (:mod:`tpflax._src.cost.whole`, over a plan) and the chooser
+(:mod:`tpflax._src.planner.constraints`, over a candidate layout of one group) price the same quantities.
+
+A dim a ``with_sharding_constraint`` lays out over tensor axes that the layout does not split it over
+(:func:`disagreeing`) is split anyway: XLA keeps the constraint's layout. Its split reaches the kernels kept
+whole along the trace's meets (:func:`reached_whole`), and each of those sums or gathers around its matmul
+(:func:`kernel_reads`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from tpflax._src.trace.records import reached_dims
+
+
+@dataclass(frozen=True)
+class WholeRead:
+    """One collective of a whole kernel meeting split features: ``kind`` of ``size`` (bytes, or elements per row
+    in the chooser) over ``axes``."""
+
+    path: str
+    axes: tuple[str, ...]
+    kind: str
+    size: float
+    phase: str
+    pieces: int | None = None  # a pair's whole column: its output as XLA splits it (whole.output_pieces)
+    out: float = 0.0  # with pieces: the column's output bytes on one device
+
+    @property
+    def how(self) -> str:
+        """What moves, in words."""
+        what = {("all-reduce", "forward"): "sum its partial outputs", ("all-gather", "forward"): "gather its input",
+                ("all-reduce", "backward"): "sum its partial input gradients",
+                ("all-gather", "backward"): "gather its output gradient"}[self.kind, self.phase]
+        return f"{what} ({self.phase})"
+
+    @property
+    def side(self) -> str:
+        """The activation it moves: the kernel's ``"in"`` or ``"out"`` side."""
+        return "out" if (self.kind == "all-reduce") == (self.phase == "forward") else "in"
+
+
+def disagreeing(constrained: Iterable[tuple[str, int, tuple[str, ...]]], tensor: Iterable[str],
+                split: Callable[[str, int], frozenset[str]]) -> dict[tuple[str, ...], set[tuple[str, int]]]:
+    """``{tensor axes: (leaf, dim)}``: the ``constrained`` parameter dims (``(path, dim, mesh axes)``) laid out over
+    ``tensor`` axes (live, size > 1) that ``split(path, dim)`` (the tensor axes the layout splits the dim over)
+    does not split them over. Axes over the batch, and dims split as the constraint says, cost nothing.
+
+    >>> disagreeing([("up", 1, ("data", "model"))], {"model"}, lambda p, d: frozenset())
+    {('model',): {('up', 1)}}
+    >>> disagreeing([("up", 1, ("data", "model"))], {"model"}, lambda p, d: frozenset({"model"}))
+    {}
+    """
+    live = set(tensor)
+    out: dict[tuple[str, ...], set[tuple[str, int]]] = {}
+    for p, d, axes in constrained:
+        want = tuple(sorted(set(axes) & live))
+        if want and not split(p, d) & set(want):
+            out.setdefault(want, set()).add((p, d))
+    return out
+
+
+
+def replicated(constrained: Iterable[tuple[str, int, tuple[str, ...]]], tensor: Iterable[str],
+               split: Callable[[str, int], frozenset[str]], meets: tuple[tuple[str, int, str, int], ...],
+               dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]]
+               ) -> list[tuple[str, int, tuple[str, ...], list[str]]]:
+    """``[(path, dim, tensor axes, readers)]``: the parameter dims a constraint replicates (no axes: ``None``, or
+    past a short spec's end) that ``split(path, dim)`` splits over ``tensor`` axes, each with the kernels split
+    over those axes that contract the activation (along ``meets``; ``dots``: each kernel's ``(contracted, kept)``
+    dims). XLA gathers the activation where the constraint stands and each reader's kernel whole, for the
+    backward product (:func:`tpflax._src.cost.whole.replicated_items`).
+
+    >>> meets = (("down", 0, "up", 1), ("up", 1, "down", 0))
+    >>> dots = {"up": ((0,), (1,)), "down": ((0,), (1,))}
+    >>> replicated([("up", 1, ())], {"model"}, lambda p, d: frozenset({"model"}), meets, dots)
+    [('up', 1, ('model',), ['down'])]
+    """
+    live, out = set(tensor), []
+    for p, d, axes in sorted(set(constrained)):
+        hit = split(p, d) & live
+        if axes or not hit or p not in dots:
+            continue
+        readers = sorted({q for q, e in reached_dims(meets, {(p, d)}) if q != p and q in dots
+                          and e in dots[q][0] and split(q, e) & hit})
+        out.append((p, d, tuple(sorted(hit)), readers))
+    return out
+
+def reached_whole(meets: tuple[tuple[str, int, str, int], ...], begin: set[tuple[str, int]],
+                  whole: Callable[[str], bool]) -> set[tuple[str, int]]:
+    """The dims of the leaves ``whole`` accepts (kept whole on the tensor axes) that a split of ``begin`` reaches
+    along the trace's meets: their gradient comes out split, and their matmuls meet split features.
+
+    >>> sorted(reached_whole((("down", 0, "up", 1), ("up", 1, "down", 0)), {("up", 1)}, lambda p: True))
+    [('down', 0), ('up', 1)]
+    """
+    return {(p, d) for p, d in reached_dims(meets, begin) if whole(p)}
+
+
+def kernel_reads(path: str, axes: tuple[str, ...], in_size: float, out_size: float, hit: set[int],
+                 use: tuple[tuple[int, ...], tuple[int, ...]], scanned: bool, input_grad: bool = True
+                 ) -> list[WholeRead]:
+    """What a whole kernel moves when split features meet its dims ``hit`` (leaf dims) in its dot ``use``
+    (``(contracted, kept)``): contracting them, the partial outputs summed or the input gathered (forward); its
+    output read split, the partial input gradients summed or the output gradient gathered (backward; none when
+    its input needs no gradient, ``input_grad``). ``in_size``/``out_size``: its input and output activations, in
+    bytes or elements per row alike. The narrower of the two (an all-reduce moves twice its bytes on a ring);
+    inside a scan over stacked layers (``scanned``) XLA:CPU sums whatever the width (measured,
+    ``tests/test_constraint_cost.py``).
+
+    >>> [(r.kind, r.phase, r.size) for r in kernel_reads("down", ("model",), 64, 256, {0}, ((0,), (1,)), False)]
+    [('all-gather', 'forward', 64)]
+    >>> [(r.kind, r.phase, r.size) for r in kernel_reads("down", ("model",), 64, 256, {0}, ((0,), (1,)), True)]
+    [('all-reduce', 'forward', 256)]
+    """
+    pick = summed if scanned else narrower
+    out = []
+    if hit & set(use[0]):
+        out.append(pick(path, axes, out_size, in_size, "forward"))
+    if hit & set(use[1]) and input_grad:
+        out.append(pick(path, axes, in_size, out_size, "backward"))
+    return out
+
+
+def summed(path: str, axes: tuple[str, ...], total: float, gathered: float, phase: str) -> WholeRead:
+    """An all-reduce of ``total`` bytes, however many ``gathered`` would move."""
+    return WholeRead(path, axes, "all-reduce", total, phase)
+
+
+def narrower(path: str, axes: tuple[str, ...], total: float, gathered: float, phase: str) -> WholeRead:
+    """An all-reduce of ``total`` bytes or an all-gather of ``gathered`` bytes, whichever moves fewer on a
+    ring (an all-reduce moves twice its bytes)."""
+    if 2 * total <= gathered:
+        return WholeRead(path, axes, "all-reduce", total, phase)
+    return WholeRead(path, axes, "all-gather", gathered, phase)
