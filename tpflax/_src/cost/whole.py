@@ -25,40 +25,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from typing import Any
 
+from tpflax._src.cost.pieces import WholeRead, column_read, narrower, pieces_of
 from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.scope import body
 from tpflax._src.mesh import TENSOR
 from tpflax._src.specs import entry_axes, gathered_axes, used_axes
 from tpflax._src.trace.records import reached_dims
-
-
-@dataclass(frozen=True)
-class WholeRead:
-    """One collective of a whole kernel meeting split features: ``kind`` of ``size`` bytes over ``axes``."""
-
-    path: str
-    axes: tuple[str, ...]
-    kind: str
-    size: float
-    phase: str
-    pieces: int | None = None  # a pair's whole column: its output as XLA splits it (:func:`output_pieces`)
-    out: float = 0.0  # with pieces: the column's output bytes on one device
-
-    @property
-    def how(self) -> str:
-        """What moves, in words."""
-        what = {("all-reduce", "forward"): "sum its partial outputs", ("all-gather", "forward"): "gather its input",
-                ("all-reduce", "backward"): "sum its partial input gradients",
-                ("all-gather", "backward"): "gather its output gradient"}[self.kind, self.phase]
-        return f"{what} ({self.phase})"
-
-    @property
-    def side(self) -> str:
-        """The activation it moves: the kernel's ``"in"`` or ``"out"`` side."""
-        return "out" if (self.kind == "all-reduce") == (self.phase == "forward") else "in"
 
 
 def split_dims(s: Any, start: Callable[[str], bool] | None = None,
@@ -133,7 +107,7 @@ def whole_reads(s: Any, start: Callable[[str], bool] | None = None) -> list[Whol
             in_width = math.prod(d.shape[i] for i in use[0])
             rows = s.rows_of(rep) * s.act_item
             in_b, out_b = rows * in_width, rows * (math.prod(d.shape) // max(stack, 1) // max(in_width, 1))
-            pick = _summed if stack else _narrower
+            pick = _summed if stack else narrower
             hit = {dim for r, dim in dims if r == rep}
             if hit & set(use[0]):
                 out.append(pick(rep, axes, out_b, in_b, "forward"))
@@ -168,7 +142,7 @@ def lone_row(s: Any, path: str, axes: tuple[str, ...]) -> WholeRead | None:
             set(entry_axes(spec[i])) & set(axes) for i in use[1] if i < len(spec)):
         return None
     in_b, out_b = _act_bytes(s, path, d, math.prod(body(d)[i] for i in use[0]))
-    return _narrower(path, axes, out_b, in_b, "forward")
+    return narrower(path, axes, out_b, in_b, "forward")
 
 
 def _lone(s: Any, rep: str) -> bool:
@@ -202,30 +176,11 @@ def whole_members(s: Any) -> dict[str, WholeRead]:
                 continue
             in_b, out_b = _act_bytes(s, m, d, width or body(d)[0])
             if m in pc.rows:
-                out[m] = _narrower(m, axes, out_b, in_b, "forward")
+                out[m] = narrower(m, axes, out_b, in_b, "forward")
                 continue
             k = output_pieces(s, m, pc.rows, axes)
-            read = _narrower(m, axes, in_b, out_b, "backward")
-            if k is not None and (s.remat or d.layers_dim is not None) and not _pinned(s, m):
-                read = WholeRead(m, axes, "all-reduce", in_b, "backward")
-            out[m] = replace(read, pieces=k, out=out_b)
+            out[m] = column_read(m, axes, in_b, out_b, k, (s.remat or d.layers_dim is not None) and not _pinned(s, m))
     return out
-
-
-def member_items(r: WholeRead, what: str, n: int, count: int, source: str, moved: float) -> list[CommItem]:
-    """A pair's member kept whole (:func:`whole_members`) as the estimate's items: its collective of ``moved``
-    bytes (the side :attr:`WholeRead.side` names; traced pieces: the bytes it read off the trace) over the ``n``
-    ranks or its output's pieces (none for one piece: whole on every rank), and each piece's output gradient
-    summed over the ranks sharing it."""
-    k = r.pieces or n
-    moved = r.size if r.pieces else moved  # a stacked (2, K, d, head_dim) output's batch is not its first dim
-    items = [] if k == 1 else [CommItem(r.kind, r.axes, moved, k, count, source, f"replicated {what} in a split "
-                                        f"pair{f' (XLA splits its output in {k})' if k < n else ''}: {r.how}")]
-    if k < n:
-        items.append(CommItem("all-reduce", r.axes, r.out / k, n // k, count, source, f"replicated {what} in a split "
-                              f"pair, its output in {k} piece(s) read split by {n // k} ranks each: sum each "
-                              "piece's output gradient over them (backward)"))
-    return items
 
 
 def _pinned(s: Any, path: str) -> bool:
@@ -251,8 +206,7 @@ def output_pieces(s: Any, col: str, rows: tuple[str, ...], axes: tuple[str, ...]
               if rep.get(a, a) == col and rep.get(b, b) in rows and split(rep.get(b, b), bd)]
     if not limits:
         return None
-    k = min(limits)
-    return n if k % n == 0 else k if n % k == 0 else None
+    return pieces_of(min(limits), n)
 
 
 def whole_read_items(s: Any) -> list[CommItem]:
@@ -275,11 +229,3 @@ def _act_bytes(s: Any, path: str, d: Any, in_width: int) -> tuple[float, float]:
 def _summed(path: str, axes: tuple[str, ...], summed: float, gathered: float, phase: str) -> WholeRead:
     """An all-reduce of ``summed`` bytes, however many ``gathered`` would move."""
     return WholeRead(path, axes, "all-reduce", summed, phase)
-
-
-def _narrower(path: str, axes: tuple[str, ...], summed: float, gathered: float, phase: str) -> WholeRead:
-    """An all-reduce of ``summed`` bytes or an all-gather of ``gathered`` bytes, whichever moves fewer on a
-    ring (an all-reduce moves twice its bytes)."""
-    if 2 * summed <= gathered:
-        return WholeRead(path, axes, "all-reduce", summed, phase)
-    return WholeRead(path, axes, "all-gather", gathered, phase)

@@ -45,6 +45,8 @@ class Option:
             (a contraction-dim split summing partial logits, a feature-split
             lookup gathering its rows), so it does not rule a whole option out
             (see :func:`best`).
+        pieces: ``((path, pieces), ...)``: leaves whose weight gradient comes out split in that many pieces
+            (:attr:`tpflax._src.cost.price.LeafLayout.pieces`).
     """
 
     name: str
@@ -53,6 +55,7 @@ class Option:
     matmul: frozenset[str] = frozenset()
     whole: bool = False
     sums_output: bool = False
+    pieces: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass
@@ -77,17 +80,18 @@ def revise(p: Any, **changes: Any) -> Any:
     return q
 
 
-def layout(f: Any, p: Any, matmul: bool, positional: bool = False) -> LeafLayout:
+def layout(f: Any, p: Any, matmul: bool, positional: bool = False, pieces: int = 1) -> LeafLayout:
     """A leaf's :class:`LeafLayout` under proposal ``p``."""
     shape = tuple(f.leaf.shape)
     spec = p.spec if len(p.spec) == len(shape) else entries(p.spec, len(shape))
-    return _layout(shape, f.leaf.itemsize, spec, f.leaf.trainable, matmul, f.layers_dim, positional)
+    return _layout(shape, f.leaf.itemsize, spec, f.leaf.trainable, matmul, f.layers_dim, positional, pieces)
 
 
 @functools.lru_cache(maxsize=1 << 14)
-def _layout(shape, item, spec, trainable, matmul, layers_dim, positional) -> LeafLayout:
+def _layout(shape, item, spec, trainable, matmul, layers_dim, positional, pieces) -> LeafLayout:
     return LeafLayout(shape, item, spec, trainable=trainable, matmul=matmul,
-                      layers=1 if layers_dim is None else shape[layers_dim], positional=positional)
+                      layers=1 if layers_dim is None else shape[layers_dim], positional=positional,
+                      pieces=pieces)
 
 
 @functools.lru_cache(maxsize=1 << 12)
@@ -98,7 +102,9 @@ def _pspec(spec):
 def _leaves(o: Option, facts: Mapping[str, Any], positional: frozenset[str]) -> tuple[LeafLayout, ...]:
     """One option's leaves as priced; ``positional``: the traced tables looked up at batch-free positions
     (:attr:`State.positional`)."""
-    return tuple(layout(facts[path], p, path in o.matmul, path in positional) for path, p in o.proposals)
+    pieces = dict(o.pieces)
+    return tuple(layout(facts[path], p, path in o.matmul, path in positional, pieces.get(path, 1))
+                 for path, p in o.proposals)
 
 
 def cost_of(o: Option, facts: Mapping[str, Any], ctx: Context, positional: frozenset[str] = frozenset()) -> Cost:
