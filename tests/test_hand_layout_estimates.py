@@ -144,3 +144,31 @@ def test_whole_gqa_key_values_are_priced_as_xla_splits_them(kv, scan, remat, sta
     plan = tpflax.plan(nnx.state(m), MESH, rules=rules)
     est, got, _ = _compare(m, plan)
     assert abs(est / got - 1) <= BOUND, (est, got)
+
+
+@pytest.mark.parametrize("kv, remat", [(2, False), (2, True), (1, True)], ids=["K2-loop", "K2-remat", "K1-remat"])
+def test_the_chooser_prices_each_key_value_option_as_the_estimate_prices_that_layout(kv, remat):
+    """Every candidate the planner weighed for a GQA attention pair (key/values kept whole, split on head_dim, the
+    pair kept whole) costs, in its Decision's alternatives, exactly the collectives the estimate prices for the
+    blocks' q/k/v/o under that layout (per block; both are sums of the same ring bytes, so equal to the byte).
+    The whole key/values were priced as one gather of their output gradient over all 4 ranks (K2: 71680 B per
+    block against the estimate's 81920; remat'd, 110592; K1: 64512 against 67584)."""
+    import re
+
+    from flax import nnx
+
+    from tpflax.hlo import ring_bytes
+
+    m = _gqa(kv, scan=False, remat=remat)
+    chosen = tpflax.plan(nnx.state(m), MESH, model=m, sample=IDS, batch=IDS)
+    block = [k for k in chosen.decisions if re.search(r"blocks/0/[qkvo]/kernel$", k)]
+    names = [a.name for a in chosen.decisions[block[0]].alternatives]
+    assert "Megatron, K/V replicated" in names
+    for name in names:
+        alts = {k: next(a for a in chosen.decisions[k].alternatives if a.name == name) for k in block}
+        rules = [(k.replace("blocks/0/", "blocks/[0-9]+/") + "$", a.spec) for k, a in alts.items()]
+        hand = tpflax.plan(nnx.state(m), MESH, rules=[*rules, (r"embed/embedding$", P("model", None)), (".*", P())])
+        e = tpflax.estimate(hand, optax.adamw(1e-3), model=m, sample=IDS, loss=_loss, backend="cpu")
+        pair = sum(ring_bytes(i.kind, i.size, i.group_size) * i.count for i in e.items
+                   if re.search(r"/[qkvo]/kernel$", i.source) or i.source.startswith("pair"))
+        assert alts[block[0]].comm_bytes == pair / LAYERS, name

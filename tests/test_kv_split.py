@@ -41,6 +41,7 @@ class Block(nn.Module):
     kv: int = 2
     rope: str = "half"
     stacked: bool = False
+    flat: bool = False  # 2-D (d, kv * hd) key/value kernels (Mistral's, Llama's in transformers)
     heads: int = 8
     hd: int = 16
     d: int = 64
@@ -54,6 +55,9 @@ class Block(nn.Module):
         if self.stacked:
             w = self.param("kv", nn.initializers.normal(0.02), (2, self.kv, self.d, self.hd))
             k, v = jnp.einsum("btd,ckdh->cbtkh", h, w)
+        elif self.flat:
+            k, v = (nn.Dense(self.kv * self.hd, use_bias=False, name=n)(h).reshape(*ids.shape, self.kv, self.hd)
+                    for n in ("key", "value"))
         else:
             k = nn.DenseGeneral((self.kv, self.hd), use_bias=False, name="key")(h)
             v = nn.DenseGeneral((self.kv, self.hd), use_bias=False, name="value")(h)
@@ -123,16 +127,31 @@ def test_interleaved_rope_adds_no_reshard():
     assert not any("RoPE" in c for c in split.collectives), split.collectives
 
 
-@pytest.mark.parametrize("kv,rope,stacked", [(2, "half", False), (2, "interleave", False), (1, "half", False),
-                                             (1, "interleave", False), (1, "half", True)])
-def test_head_dim_split_estimate_matches_compiled(kv, rope, stacked):
+@pytest.mark.parametrize("kv,rope,stacked,flat", [(2, "half", False, False), (2, "interleave", False, False),
+                                                  (1, "half", False, False), (1, "interleave", False, False),
+                                                  (1, "half", True, False), (2, "half", False, True),
+                                                  (2, "interleave", False, True)])
+def test_head_dim_split_estimate_matches_compiled(kv, rope, stacked, flat):
     # before: 1.18x, 1.36x, 1.09x, 1.31x, 0.92x the compiled collectives (partial scores summed, the
-    # input gradients of several heads summed, the RoPE halves priced as a fused kernel's pieces)
-    m = Block(kv=kv, rope=rope, stacked=stacked)
+    # input gradients of several heads summed, the RoPE halves priced as a fused kernel's pieces); 2-D
+    # kernels (flat), each head on 2 of the 4 ranks: 0.973x and 1.000x (a rotate-half RoPE's all-to-alls
+    # around its permutes are not priced)
+    m = Block(kv=kv, rope=rope, stacked=stacked, flat=flat)
     p = _plan(m, split=True)
     assert all(p.decisions[k].spec[-1] == "model" for k in _kv_paths(m))
     est, compiled = _estimate(m, p).comm_total, _compiled_comm(m, p)
     assert est == pytest.approx(compiled, rel=0.06), (est, compiled)
+
+
+def test_2d_key_values_of_two_heads_stay_whole_as_the_compiled_step_says():
+    # (64, 32) key/value kernels of 2 heads over model=4: split on their last dim, each head sits on 2 ranks
+    # (cost/kvsplit.py KVSplit.flat): gathered over them, the input gradients summed over all 4. Priced with
+    # the 3-D rule (one kernel gather) and the whole kernels as one gather of their output gradient over all
+    # 4 ranks, the chooser split them: 304772 B of collectives compiled, against 280196 B whole
+    m = Block(kv=2, rope="half", flat=True)
+    assert all(_plan(m).decisions[k].spec == P(None, None) for k in _kv_paths(m))
+    whole, split = (_compiled_comm(m, _plan(m, split=s)) for s in (False, True))
+    assert whole < split, (whole, split)
 
 
 @pytest.mark.parametrize("d, kv_width, split", [(4096, 1024, True), (1152, 256, False)])

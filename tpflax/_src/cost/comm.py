@@ -27,12 +27,13 @@ from tpflax._src.cost.activations import acts_for, layer_key
 from tpflax._src.cost.batch import config_value
 from tpflax._src.cost.gradients import gradient_items
 from tpflax._src.cost.kvsplit import kv_split_comms, kv_splits
+from tpflax._src.cost.pieces import member_items
 from tpflax._src.cost.price import stream_gathers, tpu_gather_item
 from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.residual import alike_path, residual_outputs
 from tpflax._src.cost.scope import Scope, body, drop_layers, is_tied, layers, leaf_itemsize
 from tpflax._src.cost.stream import conditioned_leaves, tpu_stream_gathers, update_gathers
-from tpflax._src.cost.whole import lone_read, lone_row, member_items, whole_members
+from tpflax._src.cost.whole import lone_read, lone_row, whole_members
 from tpflax._src.facts.classify import ATTN
 from tpflax._src.mesh import EXPERT, TENSOR
 from tpflax._src.specs import entry_axes
@@ -103,8 +104,8 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
         # a head_dim-split key/value (kvs) has its own collectives (cost/kvsplit.py)
         split_cols = [c for c in tensor_cols if not _batch_split(c, s) and c not in kvs]
         items += [CommItem(kind, axes, s.rows_of(c) * width * s.act_item + fixed * leaf_itemsize(dec[c]),
-                           n, count * k, source, f"{label[c]}: {why}")
-                  for c in cols if c in kvs for kind, width, fixed, k, why in kv_split_comms(kvs[c], n)]
+                           ranks or n, count * k, source, f"{label[c]}: {why}")
+                  for c in cols if c in kvs for kind, width, fixed, k, why, ranks in kv_split_comms(kvs[c], n)]
         alone = [c for c in split_cols if s.backend != "tpu" or c in (s.shared or ())]
         summed = [c for c in split_cols if c not in alone]
         for c in alone + summed[:1]:

@@ -11,36 +11,9 @@ whole along the trace's meets (:func:`reached_whole`), and each of those sums or
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 
+from tpflax._src.cost.pieces import WholeRead, narrower
 from tpflax._src.trace.records import reached_dims
-
-
-@dataclass(frozen=True)
-class WholeRead:
-    """One collective of a whole kernel meeting split features: ``kind`` of ``size`` (bytes, or elements per row
-    in the chooser) over ``axes``."""
-
-    path: str
-    axes: tuple[str, ...]
-    kind: str
-    size: float
-    phase: str
-    pieces: int | None = None  # a pair's whole column: its output as XLA splits it (whole.output_pieces)
-    out: float = 0.0  # with pieces: the column's output bytes on one device
-
-    @property
-    def how(self) -> str:
-        """What moves, in words."""
-        what = {("all-reduce", "forward"): "sum its partial outputs", ("all-gather", "forward"): "gather its input",
-                ("all-reduce", "backward"): "sum its partial input gradients",
-                ("all-gather", "backward"): "gather its output gradient"}[self.kind, self.phase]
-        return f"{what} ({self.phase})"
-
-    @property
-    def side(self) -> str:
-        """The activation it moves: the kernel's ``"in"`` or ``"out"`` side."""
-        return "out" if (self.kind == "all-reduce") == (self.phase == "forward") else "in"
 
 
 def disagreeing(constrained: Iterable[tuple[str, int, tuple[str, ...]]], tensor: Iterable[str],
@@ -128,11 +101,3 @@ def kernel_reads(path: str, axes: tuple[str, ...], in_size: float, out_size: flo
 def summed(path: str, axes: tuple[str, ...], total: float, gathered: float, phase: str) -> WholeRead:
     """An all-reduce of ``total`` bytes, however many ``gathered`` would move."""
     return WholeRead(path, axes, "all-reduce", total, phase)
-
-
-def narrower(path: str, axes: tuple[str, ...], total: float, gathered: float, phase: str) -> WholeRead:
-    """An all-reduce of ``total`` bytes or an all-gather of ``gathered`` bytes, whichever moves fewer on a
-    ring (an all-reduce moves twice its bytes)."""
-    if 2 * total <= gathered:
-        return WholeRead(path, axes, "all-reduce", total, phase)
-    return WholeRead(path, axes, "all-gather", gathered, phase)

@@ -53,9 +53,11 @@ class LeafLayout:
             XLA:TPU sums its looked-up rows' gradient over the batch and all-reduces them, split over fsdp or not
             (the estimate: :func:`tpflax._src.cost.gradients.looked_bytes`), so an fsdp split adds its gather and
             saves only memory; priced here at the table's bytes, which both options pay alike.
-        grad_split: tensor ranks its gradient comes out split over though the leaf is not (a model's own sharding
-            constraint the layout disagrees with: :mod:`tpflax._src.planner.constraints`): XLA sums it over the
-            batch on that shard.
+        pieces: its weight gradient comes out split in that many pieces (a GQA key/value column kept whole
+            beside split query heads: :func:`tpflax._src.cost.pieces.update_pieces`; a whole kernel a model's own
+            sharding constraint splits: :mod:`tpflax._src.planner.constraints`), so the batch axes sum
+            a piece (the estimate: :func:`tpflax._src.cost.gradients.gradient_items`); its update gathers are
+            the group's collectives.
     """
 
     shape: tuple[int, ...]
@@ -65,13 +67,14 @@ class LeafLayout:
     matmul: bool = False
     layers: int = 1
     positional: bool = False
-    grad_split: int = 1
+    pieces: int = 1
 
 
 @dataclass(frozen=True)
 class ActComm:
     """An activation collective a layout causes: ``width`` elements per token over ``entry``'s axes, plus
-    ``fixed`` bytes per execution whatever the tokens (a kernel gathered for a backward product).
+    ``fixed`` bytes per execution whatever the tokens (a kernel gathered for a backward product), among
+    ``ranks`` devices of those axes (0: all of them; a whole key/value's pieces: fewer).
 
     >>> ActComm("all-reduce", "model", 64, 1, "sum partial outputs").kind
     'all-reduce'
@@ -83,6 +86,7 @@ class ActComm:
     count: int
     why: str
     fixed: float = 0.0
+    ranks: int = 0
 
 
 @dataclass(frozen=True)
@@ -246,14 +250,15 @@ def price(leaves: tuple[LeafLayout, ...], acts: tuple[ActComm, ...], ctx: Contex
     mem = 0
     flops = 0.0
 
-    def add(kind: str, axes: tuple[str, ...], size: float, count: int, why: str) -> None:
-        n = math.prod(mesh.sizes[a] for a in axes)
+    def add(kind: str, axes: tuple[str, ...], size: float, count: int, why: str, ranks: int = 0) -> None:
+        n = ranks or math.prod(mesh.sizes[a] for a in axes)
         sent = ring_bytes(kind, size, n) * count
         if sent <= 0:
             return
         label = "+".join(axes)
         by_axis[label] = by_axis.get(label, 0.0) + sent
-        words.append(f"{kind} {fmt_bytes(size)} over {label}{f' x{count}' if count > 1 else ''} ({why})")
+        words.append(f"{kind} {fmt_bytes(size)} over {label}{f' in groups of {n}' if ranks else ''}"
+                     f"{f' x{count}' if count > 1 else ''} ({why})")
 
     for x in leaves:
         shard = _shard_bytes(x, mesh)
@@ -304,10 +309,11 @@ def price(leaves: tuple[LeafLayout, ...], acts: tuple[ActComm, ...], ctx: Contex
                 continue
             add("reduce-scatter", f_axes, shard * nf, 1, "fsdp: scatter its gradient")
         if free:
-            add("all-reduce", free, shard / x.grad_split if x.grad_split > 1 else shard, 1, "sum the gradient over the batch" +
-                (", on its split shard" if x.grad_split > 1 else ""))
+            add("all-reduce", free, shard / x.pieces, 1, "sum the gradient over the batch"
+                + (f", split in {x.pieces} pieces" if x.pieces > 1 else ""))
     for a in acts:
-        add(a.kind, _live(a.entry, mesh), ctx.tokens_local * a.width * ctx.act_item + a.fixed, a.count, a.why)
+        add(a.kind, _live(a.entry, mesh), ctx.tokens_local * a.width * ctx.act_item + a.fixed, a.count, a.why,
+            a.ranks)
     comm = tuple(sorted(by_axis.items()))
     hw = ctx.hardware
     time = flops / hw.peak_flops + mem / hw.hbm_bandwidth + sum(b / ctx.bandwidth(label.split("+")) for label, b in comm)

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from tpflax._src.cost.optstate import shard_bytes
+from tpflax._src.cost.pieces import update_pieces
 from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.scope import body, drop_layers, layers, leaf_itemsize
 from tpflax._src.cost.whole import split_dims, whole_members
@@ -187,8 +188,8 @@ def split_grads(s: Any) -> dict[tuple[str, ...], dict[str, int]]:
     for axes, dims in split_dims(s).items():
         out[axes] = dict.fromkeys((rep for rep, _ in dims), s.size(axes))
     for m, r in whole_members(s).items():
-        if (r.pieces or 0) > 1 or (r.pieces is None and (r.phase, r.kind) != ("backward", "all-gather")):
-            out.setdefault(r.axes, {})[m] = r.pieces or s.size(r.axes)
+        if (k := update_pieces(r, s.size(r.axes))) is not None:
+            out.setdefault(r.axes, {})[m] = k
     return {a: reps for a, reps in out.items() if reps}
 
 

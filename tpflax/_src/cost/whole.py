@@ -25,17 +25,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
-from tpflax._src.cost.disagree import (
-    WholeRead,
-    disagreeing,
-    kernel_reads,
-    narrower,
-    reached_whole,
-    replicated,
-)
+from tpflax._src.cost.disagree import disagreeing, kernel_reads, reached_whole, replicated
+from tpflax._src.cost.pieces import WholeRead, column_read, narrower, pieces_of
 from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.scope import body
 from tpflax._src.mesh import TENSOR
@@ -180,27 +173,8 @@ def whole_members(s: Any) -> dict[str, WholeRead]:
                 out[m] = narrower(m, axes, out_b, in_b, "forward")
                 continue
             k = output_pieces(s, m, pc.rows, axes)
-            read = narrower(m, axes, in_b, out_b, "backward")
-            if k is not None and (s.remat or d.layers_dim is not None) and not _pinned(s, m):
-                read = WholeRead(m, axes, "all-reduce", in_b, "backward")
-            out[m] = replace(read, pieces=k, out=out_b)
+            out[m] = column_read(m, axes, in_b, out_b, k, (s.remat or d.layers_dim is not None) and not _pinned(s, m))
     return out
-
-
-def member_items(r: WholeRead, what: str, n: int, count: int, source: str, moved: float) -> list[CommItem]:
-    """A pair's member kept whole (:func:`whole_members`) as the estimate's items: its collective of ``moved``
-    bytes (the side :attr:`WholeRead.side` names; traced pieces: the bytes it read off the trace) over the ``n``
-    ranks or its output's pieces (none for one piece: whole on every rank), and each piece's output gradient
-    summed over the ranks sharing it."""
-    k = r.pieces or n
-    moved = r.size if r.pieces else moved  # a stacked (2, K, d, head_dim) output's batch is not its first dim
-    items = [] if k == 1 else [CommItem(r.kind, r.axes, moved, k, count, source, f"replicated {what} in a split "
-                                        f"pair{f' (XLA splits its output in {k})' if k < n else ''}: {r.how}")]
-    if k < n:
-        items.append(CommItem("all-reduce", r.axes, r.out / k, n // k, count, source, f"replicated {what} in a split "
-                              f"pair, its output in {k} piece(s) read split by {n // k} ranks each: sum each "
-                              "piece's output gradient over them (backward)"))
-    return items
 
 
 def _pinned(s: Any, path: str) -> bool:
@@ -226,8 +200,7 @@ def output_pieces(s: Any, col: str, rows: tuple[str, ...], axes: tuple[str, ...]
               if rep.get(a, a) == col and rep.get(b, b) in rows and split(rep.get(b, b), bd)]
     if not limits:
         return None
-    k = min(limits)
-    return n if k % n == 0 else k if n % k == 0 else None
+    return pieces_of(min(limits), n)
 
 
 def replicated_items(s: Any) -> list[CommItem]:

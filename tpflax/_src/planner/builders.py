@@ -15,7 +15,8 @@ from functools import cached_property
 from typing import Any
 
 from tpflax._src.cost.kvsplit import KVSplit, kv_split_comms
-from tpflax._src.cost.price import DEFAULT_TOKENS, ActComm, Context
+from tpflax._src.cost.pieces import column_read, member_items, pieces_of, update_pieces
+from tpflax._src.cost.price import DEFAULT_TOKENS, OPT_COPIES, ActComm, Context
 from tpflax._src.facts.classify import Facts
 from tpflax._src.hardware import DEFAULT_PLAN_HARDWARE, get_hardware
 from tpflax._src.mesh import EXPERT, TENSOR, MeshShape
@@ -97,6 +98,9 @@ class Linear:
     guess: str = ""  # a row: why the tree cannot tell that it reads its columns' output (the pair stays whole)
     # traced: its head_dim output is cut in halves (a rotate-half RoPE) or not; None: untraced, unknown
     rope: bool | None = None
+    # traced: its matmul runs inside a scan or a rematerialised call (the trace's), where XLA:CPU splits the
+    # kernel's copy as it splits the output (a whole key/value column: cost/pieces.py column_read)
+    loop: bool = False
 
     def size(self, dims: Iterable[int]) -> int:
         return math.prod(self.f.body[d] for d in dims)
@@ -289,6 +293,7 @@ def _megatron(st: State, cols: list[Linear], row: Linear, pair: Pair, unit: str,
         f"{axis_label(t_entry, t_size)}, fed by {partner} (pair {pair.id}); one all-reduce of "
         "activations per pass", pair.id, "row"))]
     acts = [ActComm("all-reduce", t_entry, row.out_size, 1, "row: sum partial outputs (forward)")]
+    pieces: list[tuple[str, int]] = []
     rotated = _rotated([c for c in cols if blocked[id(c)]])
     for col in cols:
         why = blocked[id(col)]
@@ -308,14 +313,16 @@ def _megatron(st: State, cols: list[Linear], row: Linear, pair: Pair, unit: str,
                 acts.append(ActComm("all-reduce", t_entry, col.in_size, 1,
                                     "column: sum partial input gradients (backward)"))
                 continue
-            kv = kv_view(col, col is rotated)
-            acts += [ActComm(kind, t_entry, width, count, why, fixed * col.f.leaf.itemsize)
-                     for kind, width, fixed, count, why in kv_split_comms(kv, t_size)]
+            kv = kv_view(col, col is rotated, t_size)
+            acts += [ActComm(kind, t_entry, width, count, why, fixed * col.f.leaf.itemsize, ranks)
+                     for kind, width, fixed, count, why, ranks in kv_split_comms(kv, t_size)]
         elif why:
             props.append((col.f.path, st.whole(col.f, f"column of pair {pair.id}: {why}, kept whole on every "
                                                       f"tensor rank; feeds {short(row.f.path)}", pair.id, "column")))
-            acts.append(ActComm("all-gather", t_entry, out_width(col), 1,
-                                "replicated key/value column: gather its output gradient (backward)"))
+            whole_acts, k = whole_column(col, t_entry, t_size)
+            acts += whole_acts
+            if k is not None:
+                pieces.append((col.f.path, k))
         else:
             cdim = col.shard_dim("column")
             cheads = col.heads is not None
@@ -329,7 +336,30 @@ def _megatron(st: State, cols: list[Linear], row: Linear, pair: Pair, unit: str,
                                 "column: sum partial input gradients (backward)"))
     name = ("Megatron, K/V head_dim split" if kv_split else
             "Megatron, K/V replicated" if any(blocked.values()) else "Megatron split")
-    return Option(name, tuple(props), tuple(acts), frozenset(p for p, _ in props))
+    return Option(name, tuple(props), tuple(acts), frozenset(p for p, _ in props), pieces=tuple(pieces))
+
+
+def whole_column(col: Linear, t_entry: Entry, t_size: int) -> tuple[list[ActComm], int | None]:
+    """A column kept whole in a split pair (a GQA key/value with fewer heads than ``t_size``) priced as the
+    estimate prices it (:mod:`tpflax._src.cost.pieces`): traced, its output in the pieces its heads give
+    (``K`` dividing ``t_size``), each piece's output gradient summed over the ranks sharing it, its input
+    gradient summed or its output gradient gathered over the pieces (summed inside a scan or a remat'd call),
+    its update run on its piece and gathered with its :data:`OPT_COPIES` moments. Untraced (no heads known),
+    the narrower of the two over every rank. ``(collectives, the pieces its weight gradient is split in)``.
+
+    tpflax's fsdp step gathers the kernel whole for compute, which the estimate reads off the plan
+    (:func:`tpflax._src.cost.whole.whole_members`); the fsdp split is chosen after the pair, so it is not seen here.
+    """
+    k = pieces_of(col.limit or col.f.body[col.shard_dim("column")], t_size) if col.rope is not None else None
+    r = column_read(col.f.path, (), col.in_size, out_width(col), k, col.loop)
+    acts = [ActComm(i.kind, t_entry, i.size, i.count, i.why, ranks=i.group_size)
+            for i in member_items(r, f"key/value column {short(col.f.path)}", t_size, 1, col.f.path, r.size)]
+    split = update_pieces(r, t_size) if col.f.leaf.trainable else None
+    if split is not None:
+        acts.append(ActComm("all-gather", t_entry, 0, 1 + OPT_COPIES, f"replicated key/value column "
+                            f"{short(col.f.path)}: its update runs on its piece of {split}, then the parameter and "
+                            "its moments are gathered", math.prod(col.f.body) * col.f.leaf.itemsize, ranks=split))
+    return acts, split
 
 
 def out_width(col: Linear) -> int:
@@ -350,13 +380,16 @@ def whole_heads_likely(col: Linear, t_size: int) -> bool:
             and out_width(col) % (HEAD_DIM_GUESS * t_size) == 0)
 
 
-def kv_view(col: Linear, rotated: bool) -> KVSplit:
-    """A key/value column as :class:`tpflax._src.cost.kvsplit.KVSplit` prices its head_dim split. A 2-D
-    kernel shows its heads only traced (``limit``); without them it is priced as one head."""
+def kv_view(col: Linear, rotated: bool, t_size: int) -> KVSplit:
+    """A key/value column as :class:`tpflax._src.cost.kvsplit.KVSplit` prices its head_dim split over ``t_size``
+    ranks. A 2-D kernel shows its heads only traced (``limit``); without them it is priced as one head. Traced,
+    more than one dividing the ranks, each head is cut over ``t_size / heads`` ranks (``KVSplit.flat``)."""
     width = out_width(col)
     head_dim = col.f.body[-1] if len(col.f.body) >= 3 else width // (col.limit or 1)
     heads = col.f.body[col.heads] if col.heads is not None and len(col.f.body) >= 3 else (col.limit or 1)
-    return KVSplit(heads, head_dim, max(width // (heads * head_dim), 1), col.in_size, math.prod(col.f.body), rotated)
+    flat = len(col.f.body) == 2 and col.rope is not None and 1 < heads < t_size and t_size % heads == 0
+    return KVSplit(heads, head_dim, max(width // (heads * head_dim), 1), col.in_size, math.prod(col.f.body), rotated,
+                   flat=flat)
 
 
 def _rotated(blocked: Sequence[Linear]) -> Linear | None:

@@ -45,8 +45,8 @@ class Option:
             (a contraction-dim split summing partial logits, a feature-split
             lookup gathering its rows), so it does not rule a whole option out
             (see :func:`best`).
-        split_grads: ``((path, devices), ...)``: leaves whose gradient XLA sums over the batch on a shard of
-            that many tensor ranks (a model's constraint splits it: :mod:`tpflax._src.planner.constraints`).
+        pieces: ``((path, pieces), ...)``: leaves whose weight gradient comes out split in that many pieces
+            (:attr:`tpflax._src.cost.price.LeafLayout.pieces`).
     """
 
     name: str
@@ -55,7 +55,7 @@ class Option:
     matmul: frozenset[str] = frozenset()
     whole: bool = False
     sums_output: bool = False
-    split_grads: tuple[tuple[str, int], ...] = ()
+    pieces: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass
@@ -80,18 +80,18 @@ def revise(p: Any, **changes: Any) -> Any:
     return q
 
 
-def layout(f: Any, p: Any, matmul: bool, positional: bool = False, grad_split: int = 1) -> LeafLayout:
+def layout(f: Any, p: Any, matmul: bool, positional: bool = False, pieces: int = 1) -> LeafLayout:
     """A leaf's :class:`LeafLayout` under proposal ``p``."""
     shape = tuple(f.leaf.shape)
     spec = p.spec if len(p.spec) == len(shape) else entries(p.spec, len(shape))
-    return _layout(shape, f.leaf.itemsize, spec, f.leaf.trainable, matmul, f.layers_dim, positional, grad_split)
+    return _layout(shape, f.leaf.itemsize, spec, f.leaf.trainable, matmul, f.layers_dim, positional, pieces)
 
 
 @functools.lru_cache(maxsize=1 << 14)
-def _layout(shape, item, spec, trainable, matmul, layers_dim, positional, grad_split) -> LeafLayout:
+def _layout(shape, item, spec, trainable, matmul, layers_dim, positional, pieces) -> LeafLayout:
     return LeafLayout(shape, item, spec, trainable=trainable, matmul=matmul,
                       layers=1 if layers_dim is None else shape[layers_dim], positional=positional,
-                      grad_split=grad_split)
+                      pieces=pieces)
 
 
 @functools.lru_cache(maxsize=1 << 12)
@@ -102,8 +102,8 @@ def _pspec(spec):
 def _leaves(o: Option, facts: Mapping[str, Any], positional: frozenset[str]) -> tuple[LeafLayout, ...]:
     """One option's leaves as priced; ``positional``: the traced tables looked up at batch-free positions
     (:attr:`State.positional`)."""
-    split = dict(o.split_grads)
-    return tuple(layout(facts[path], p, path in o.matmul, path in positional, split.get(path, 1))
+    pieces = dict(o.pieces)
+    return tuple(layout(facts[path], p, path in o.matmul, path in positional, pieces.get(path, 1))
                  for path, p in o.proposals)
 
 

@@ -69,7 +69,7 @@ def pinned(st: Any, o: Any, facts: Mapping[str, Any]) -> Any:
     if any(split(path, d) for path in props for d in range(len(props[path].spec))):
         return _replicated(st, o, facts, split, tensor)
     starts = disagreeing([c for c in p.constrained if c[0] in props], tensor, split)
-    acts, grads = list(o.acts), dict(o.split_grads)
+    acts, grads = list(o.acts), dict(o.pieces)
     for axes, begin in sorted(starts.items()):
         hits = reached_whole(p.meets, begin, lambda path: path in props)
         for path in sorted({q for q, _ in hits}):
@@ -84,7 +84,7 @@ def pinned(st: Any, o: Any, facts: Mapping[str, Any]) -> Any:
         leaves = split_updated(st, [facts[q] for q in sorted({q for q, _ in hits})])
         grads.update(dict.fromkeys((f.path for f in leaves), math.prod(st.mesh.sizes[a] for a in axes)))
         acts += update_gathers(st, axes, leaves, "the whole kernels whose gradient the constraint splits")
-    return replace(o, acts=tuple(acts), split_grads=tuple(sorted(grads.items())))
+    return replace(o, acts=tuple(acts), pieces=tuple(sorted(grads.items())))
 
 
 def _replicated(st: Any, o: Any, facts: Mapping[str, Any], split: Any, tensor: set[str]) -> Any:
