@@ -52,14 +52,12 @@ def case(name, mesh_key):
     return p, est, dr
 
 
-# The planner splits the tiny MoE's 4 attention heads 8 ways (head_dim split); XLA then
-# reshards attention with collective-permutes and all-to-alls the estimate does not
-# model (it says so in Estimate.notes). The plan is at fault, not the byte model:
-# test_moe_with_whole_heads_matches shows the same mesh within bounds once heads are kept whole
-# (what plan(..., model=) does: the trace sees the reshape into 4 heads). strict: a planner
-# that learns the heads without a trace turns this xfail into a failure to remove.
-KNOWN = {("moe", (("model", 8),)): "plan splits 4 attention heads over model=8 (head_dim split); "
-                                   "XLA's resharding of attention is not modelled"}
+# The planner splits the tiny MoE's 4 attention heads 8 ways (head_dim split); XLA then reshards attention with
+# collective-permutes and all-to-alls the estimate does not model (it says so in Estimate.notes; 262 KB of 2.86 MB).
+# It was a strict xfail until the whole key/value kernels beside the split queries were priced in XLA:CPU's pieces
+# (cost/whole.py output_pieces): -10.9% of the compiled collectives now, inside COMM_BOUND.
+# test_moe_with_whole_heads_matches shows the same mesh with the heads kept whole.
+KNOWN: dict[tuple, str] = {}
 # llama-scan data=2,model=4 was known off (0.74): the remat recompute's attention-output sums, now counted;
 # then 0.857: under remat XLA:CPU splits the whole GQA key/value kernels in their heads, all-reduces their input
 # gradients and gathers their split updates (cost/whole.py output_pieces), now priced: 1.000.
