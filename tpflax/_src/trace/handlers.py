@@ -309,13 +309,19 @@ def dynamic_update_slice(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: l
     shapes = [tuple(eqn.invars[i].aval.shape) for i in (0, 1)]
     rank = ranks[0]
     offset = [d for d in range(rank) if shapes[0][d] != shapes[1][d]]
+    return [_written(w, buf, upd, rank, offset)]
+
+
+def _written(w: Walk, buf: Val, upd: Val, rank: int, offset: list[int]) -> Val:
+    """``upd`` (already in ``buf``'s dims) written into ``buf``: the ``offset`` dims escape, the others keep both
+    values' tags; written with an activation, the result is an activation (the buffer leaf is no weight)."""
     for v in (buf, upd):
         for d in offset:
-            w.escape(v.dim_tags(d), "written at a dynamic offset along it")
-    out = concatenate_like(w, ins[:2], rank, offset)
-    if not upd.origin or not buf.origin:  # an activation written in (or into): the result is an activation
+            w.escape(v.dim_tags(d), "written at an offset along it")
+    out = concatenate_like(w, [buf, upd], rank, offset)
+    if not upd.origin or not buf.origin:
         out = dataclasses.replace(out, origin=(), const_of=0)
-    return [out]
+    return out
 
 
 def scatter(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
@@ -338,13 +344,7 @@ def scatter(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> 
         if u not in dn.update_window_dims:
             w.escape(upd.dim_tags(u), "written at indices along it")
     placed = w.moved(upd, mapping, rank)
-    for v in (buf, placed):
-        for d in offset:
-            w.escape(v.dim_tags(d), "written at indices along it")
-    out = concatenate_like(w, [buf, placed], rank, offset)
-    if not upd.origin or not buf.origin:  # an activation written in (or into): the result is an activation
-        out = dataclasses.replace(out, origin=(), const_of=0)
-    return [out]
+    return [_written(w, buf, placed, rank, offset)]
 
 
 def concatenate(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
