@@ -92,6 +92,19 @@ def test_moe_with_whole_heads_matches():
     assert any("heads do not divide" in n for n in split.notes)
 
 
+def test_a_cpu_dry_run_skips_llvm_and_reads_the_same_numbers_as_xlas_default_compile():
+    # dry_run's CPU default (DEFAULT_COMPILER_OPTIONS) only skips LLVM's optimisations of code it never runs:
+    # the scanned, remat llama's step (a while loop, collectives on both axes) compiles to the same memory,
+    # collectives and FLOPs as with XLA's default options ({}), to the byte
+    p, _, _ = case("llama-scan", (("data", 2), ("model", 4)))
+    m, variables, _ = _acts("llama-scan")
+    mesh = tpflax.make_mesh(p.mesh)
+    ts = make_train_step(m, p, mesh, optax.adamw(1e-3), BATCH["llama-scan"], variables=variables)
+    fast, full = dry_run(ts, p, mesh), dry_run(ts, p, mesh, compiler_options={})
+    assert fast.collectives and fast.flops
+    assert (fast.memory, fast.collectives, fast.flops) == (full.memory, full.collectives, full.flops)
+
+
 def test_fsdp_step_gathers_parameters_and_reduces_gradients():
     p, est, dr = case("llama", (("fsdp", 4), ("model", 2)))
     kinds = {(c.kind, c.axis_label) for c in dr.collectives}
