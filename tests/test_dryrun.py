@@ -103,6 +103,9 @@ def test_a_cpu_dry_run_skips_llvm_and_reads_the_same_numbers_as_xlas_default_com
     fast, full = dry_run(ts, p, mesh), dry_run(ts, p, mesh, compiler_options={})
     assert fast.collectives and fast.flops
     assert (fast.memory, fast.collectives, fast.flops) == (full.memory, full.collectives, full.flops)
+    assert fast.compiler_options == (("xla_backend_optimization_level", 0),) and full.compiler_options == ()
+    assert "without LLVM's optimisations" in fast.report_lines()[0]
+    assert "LLVM" not in full.report_lines()[0] and fast.to_dict()["compiler_options"] == dict(fast.compiler_options)
 
 
 def test_fsdp_step_gathers_parameters_and_reduces_gradients():

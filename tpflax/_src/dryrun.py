@@ -59,7 +59,9 @@ class DryRun:
             scanned layer stack's matmuls count once per layer; a loop body's other
             operations stay counted once. The HLO's dot/convolution flops when the
             cost analysis reports none; None when neither has any.
-        compile_seconds: lowering + compilation wall time.
+        compile_seconds: lowering + compilation wall time (with ``compiler_options``).
+        compiler_options: the XLA options it compiled with (``DEFAULT_COMPILER_OPTIONS``
+            on CPU unless given), as sorted ``(name, value)`` pairs.
         mesh: the mesh shape.
         warnings: what XLA did not report, and similar caveats.
         platform: the device platform compiled for.
@@ -75,6 +77,7 @@ class DryRun:
     platform: str = ""
     hlo_text: str = field(default="", repr=False)
     fit: Fit | None = None
+    compiler_options: tuple[tuple[str, Any], ...] = ()
 
     def comm(self) -> dict[str, dict[str, float]]:
         """``{kind: {axis label: bytes per step}}``, the estimate's convention."""
@@ -117,7 +120,9 @@ class DryRun:
     def report_lines(self) -> list[str]:
         from tpflax._src.specs import fmt_bytes as fmt
 
-        out = [f"dry run on {self.platform or '?'} mesh {self.mesh}: compiled in {self.compile_seconds:.1f}s"]
+        out = [f"dry run on {self.platform or '?'} mesh {self.mesh}: compiled in {self.compile_seconds:.1f}s"
+               + (" without LLVM's optimisations (the numbers below do not depend on them)"
+                  if ("xla_backend_optimization_level", 0) in self.compiler_options else "")]
         for k in MEMORY_KEYS:
             v = self.memory.get(k)
             out.append(f"  {k + ' bytes':<22}{fmt(v) if v is not None else 'not reported by XLA':>16}")
@@ -133,7 +138,7 @@ class DryRun:
 
     def to_dict(self) -> dict:
         return {"memory": dict(self.memory), "flops": self.flops, "compile_seconds": self.compile_seconds,
-                "platform": self.platform, "comm_bytes_per_step": self.comm(),
+                "compiler_options": dict(self.compiler_options), "platform": self.platform, "comm_bytes_per_step": self.comm(),
                 "fit": self.fit.to_dict() if self.fit is not None else None,
                 "collectives": [c.to_dict() for c in self.collectives], "warnings": list(self.warnings)}
 
@@ -319,7 +324,8 @@ def dry_run(step: Callable[..., Any] | TrainStep, plan, mesh: Any, example_args:
     collectives = tuple(parse_collectives(text, mesh, num_devices=mesh.devices.size))
     return DryRun(memory=memory, collectives=collectives, flops=flops, compile_seconds=seconds,
                   mesh=plan.mesh, warnings=tuple(warnings), platform=platform,
-                  hlo_text=text if keep_hlo else "", fit=fit_verdict(memory, mesh.devices.flat))
+                  hlo_text=text if keep_hlo else "", fit=fit_verdict(memory, mesh.devices.flat),
+                  compiler_options=tuple(sorted(compiler_options.items())))
 
 
 def _shard_args(plan, mesh, args: tuple[Any, ...], optimizer: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
