@@ -219,6 +219,16 @@ def test_dry_run_json_is_strict_json_and_honours_strict(capsys, fast_xla):
     assert main(["dry-run", "gpt2", "--mesh", "model=3", "--json", "--strict"]) == 1
 
 
+def test_dry_run_skips_llvm_on_cpu_unless_asked_for_xlas_defaults(capsys):
+    # the same numbers either way (tests/test_dryrun.py); the JSON says which compile it was
+    runs = []
+    for extra in ([], ["--xla-defaults"]):
+        assert main(["dry-run", "mlp", "--mesh", "data=2,model=2", "--json", *extra]) == 0
+        runs.append(json.loads(capsys.readouterr().out)["dry_run"])
+    assert [r["compiler_options"] for r in runs] == [{"xla_backend_optimization_level": 0}, {}]
+    assert runs[0]["memory"] == runs[1]["memory"] and runs[0]["collectives"] == runs[1]["collectives"]
+
+
 CNNPKG = '''
 import flax.linen as nn
 import jax

@@ -120,7 +120,7 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
     except NoDefaultLoss as e:
         raise UsageError(f"{e}; on the command line: --loss package.module:function, "
                          "a function(output, *sample) -> scalar") from e
-    dr = dry_run(ts, p, mesh, progress=not args.json)
+    dr = dry_run(ts, p, mesh, progress=not args.json, compiler_options={} if args.xla_defaults else None)
     backend = args.backend or mesh.devices.flat[0].platform
     est = estimate(p, opt, batch, **model_kwargs(loaded), **loss, remat=args.remat,
                    backend=backend if backend in ("tpu", "gpu", "cpu") else "tpu",
@@ -255,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_estimate_args(d, dry=True)
     d.add_argument("--target", default=None, help="compile for a TPU slice with the TPU compiler, e.g. "
                    'tpu-v5e:16x16 (needs pip install "tpflax[tpu]"); nothing is allocated')
+    d.add_argument("--xla-defaults", action="store_true",
+                   help="compile with XLA's default options: on CPU a dry run otherwise skips LLVM's optimisations, "
+                        "which nothing it reports depends on (use this to time the real compile)")
     d.set_defaults(func=cmd_dry_run)
     g = sub.add_parser("suggest", help="rank (data, fsdp, tensor) mesh shapes for N devices and say what fits",
                        epilog="examples:\n  tpflax suggest llama-2-7b --world-size 64 --hardware tpu-v5p --batch 64\n"
