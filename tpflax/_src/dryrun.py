@@ -223,7 +223,8 @@ class Comparison:
 # What a dry run compiles with when the caller passes no options, by platform. XLA:CPU's backend
 # optimisation level only drives LLVM, which runs after every HLO pass and the buffer assignment that
 # the memory analysis reads: a dry run never runs the code, so it skips that work (the zoo's tiny train
-# steps compile in 0.6-0.7x the time, to the same memory, collectives and FLOPs: tests/test_dryrun.py).
+# steps compile in 0.5-0.7x the time, to the same memory, collectives and FLOPs: tests/test_dryrun.py,
+# benchmarks/dry_run_speed.py).
 DEFAULT_COMPILER_OPTIONS: dict[str, dict[str, Any]] = {"cpu": {"xla_backend_optimization_level": 0}}
 
 def dry_run(step: Callable[..., Any] | TrainStep, plan, mesh: Any, example_args: Sequence[Any] = (), *,
@@ -252,7 +253,7 @@ def dry_run(step: Callable[..., Any] | TrainStep, plan, mesh: Any, example_args:
             ``{"xla_backend_optimization_level": 0}``: that skips LLVM's
             optimisations of code the dry run never runs, and nothing it reads
             (the HLO, the memory analysis, collectives and FLOPs) comes after
-            them, so it reports the same numbers in about two thirds of the
+            them, so it reports the same numbers in 0.5-0.7x the
             time. Pass ``{}`` for XLA's default compile (e.g. to time it). Other
             platforms get XLA's defaults.
 
