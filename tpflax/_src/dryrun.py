@@ -122,7 +122,7 @@ class DryRun:
 
         out = [f"dry run on {self.platform or '?'} mesh {self.mesh}: compiled in {self.compile_seconds:.1f}s"
                + (" without LLVM's optimisations (the numbers below do not depend on them)"
-                  if ("xla_backend_optimization_level", 0) in self.compiler_options else "")]
+                  if set(SKIP_LLVM.items()) <= set(self.compiler_options) else "")]
         for k in MEMORY_KEYS:
             v = self.memory.get(k)
             out.append(f"  {k + ' bytes':<22}{fmt(v) if v is not None else 'not reported by XLA':>16}")
@@ -225,7 +225,9 @@ class Comparison:
 # the memory analysis reads: a dry run never runs the code, so it skips that work (the zoo's tiny train
 # steps compile in 0.5-0.7x the time, to the same memory, collectives and FLOPs: tests/test_dryrun.py,
 # benchmarks/dry_run_speed.py).
-DEFAULT_COMPILER_OPTIONS: dict[str, dict[str, Any]] = {"cpu": {"xla_backend_optimization_level": 0}}
+SKIP_LLVM: Mapping[str, Any] = {"xla_backend_optimization_level": 0}
+DEFAULT_COMPILER_OPTIONS: Mapping[str, Mapping[str, Any]] = {"cpu": SKIP_LLVM}
+
 
 def dry_run(step: Callable[..., Any] | TrainStep, plan, mesh: Any, example_args: Sequence[Any] = (), *,
             in_shardings: Any = None, out_shardings: Any = None, donate_argnums: Sequence[int] | None = None,
@@ -313,7 +315,7 @@ def dry_run(step: Callable[..., Any] | TrainStep, plan, mesh: Any, example_args:
         bar.done("does not fit" if oom else "failed")
         if oom is None:
             raise compile_error(plan, sharded, e) from e
-        return _refused(plan, mesh, oom, time.perf_counter() - t0)
+        return _refused(plan, mesh, oom, time.perf_counter() - t0, compiler_options)
     seconds = time.perf_counter() - t0
     bar.done("compiled")
     warnings: list[str] = []
@@ -372,7 +374,7 @@ def _opt_specs(plan, optimizer: Any, params_tree: Any, a: Any) -> Any:
     return None
 
 
-def _refused(plan, mesh, oom: tuple[int, int], seconds: float) -> DryRun:
+def _refused(plan, mesh, oom: tuple[int, int], seconds: float, options: Mapping[str, Any]) -> DryRun:
     """XLA:TPU refused the program for lack of HBM: its total is the peak, and the verdict is "no"."""
     from tpflax._src.specs import fmt_bytes
 
@@ -382,4 +384,5 @@ def _refused(plan, mesh, oom: tuple[int, int], seconds: float) -> DryRun:
     note = (f"XLA:TPU refused to compile: the program needs {fmt_bytes(need)} per device and the compiler "
             f"has {fmt_bytes(available)} of HBM; no memory breakdown, collectives or FLOPs exist")
     return DryRun(memory=memory, collectives=(), flops=None, compile_seconds=seconds, mesh=plan.mesh,
-                  warnings=(note,), platform="tpu", fit=fit_verdict(memory, mesh.devices.flat))
+                  warnings=(note,), platform="tpu", fit=fit_verdict(memory, mesh.devices.flat),
+                  compiler_options=tuple(sorted(options.items())))
