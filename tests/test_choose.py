@@ -257,6 +257,33 @@ def test_hardware_changes_the_prices_not_the_rules():
         _plan(GQA, DP_TP).decisions["params/self_attn/k_proj/kernel"].alternatives[0].step_time
 
 
+@pytest.mark.parametrize("mesh", [DP_TP, FSDP_TP], ids=["data_model", "fsdp_model"])
+@pytest.mark.parametrize("traced", [False, True], ids=["tree", "traced"])
+def test_a_scanned_stack_is_priced_as_its_layers_unrolled(mesh, traced):
+    """A group of leaves stacked over L scanned layers runs its activation collectives L times per step, as its
+    flops and gradients (and the estimate, and the compiled while loop). Priced once, the tree plan of an 8- or
+    32-layer GQA Llama split its 2 key/value heads' head_dim when scanned but kept them whole unrolled. Traced,
+    both with remat (XLA:CPU treats a whole key/value inside a scan or a remat'd call alike: cost/pieces.py)."""
+    from tpflax import zoo
+
+    n = 8
+    plans = {}
+    for scan in (False, True):
+        m = zoo.get("llama", n_layers=n, scan_layers=scan, remat=traced)
+        plans[scan] = tpflax.plan(m.abstract_variables(), mesh, **({"model": m} if traced else {}))
+    stacked = {k[len("params/layers/"):]: d for k, d in plans[True].decisions.items()
+               if k.startswith("params/layers/")}
+    assert stacked and any(d.alternatives for d in stacked.values())
+    for i in range(n):
+        for name, d in stacked.items():
+            u = plans[False].decisions[f"params/layers_{i}/{name}"]
+            assert (tuple(d.spec)[1:], d.strategy) == (tuple(u.spec), u.strategy), name
+            # every priced quantity is L times the unrolled layer's, exactly (a factor of 8 scales floats exactly)
+            assert [(a.name, a.bytes_per_device, a.comm_bytes, a.flops, a.step_time) for a in d.alternatives] == [
+                (a.name, n * a.bytes_per_device, n * a.comm_bytes, n * a.flops, n * a.step_time)
+                for a in u.alternatives], name
+
+
 @pytest.mark.parametrize("blocks", [1, 3])
 def test_feature_split_table_prices_the_stream_behind_every_norm(blocks):
     # a feature-split lookup leaves XLA a feature-split residual stream through every block: the

@@ -76,6 +76,10 @@ class ActComm:
     ``fixed`` bytes per execution whatever the tokens (a kernel gathered for a backward product), among
     ``ranks`` devices of those axes (0: all of them; a whole key/value's pieces: fewer).
 
+    ``count`` is per layer: a group of leaves stacked over ``L`` scanned layers runs it ``L`` times per
+    step, as the estimate counts it (:mod:`tpflax._src.cost.comm`), unless ``every_layer``
+    says its ``fixed`` bytes already hold every layer (a whole stacked leaf gathered once per step).
+
     >>> ActComm("all-reduce", "model", 64, 1, "sum partial outputs").kind
     'all-reduce'
     """
@@ -87,6 +91,7 @@ class ActComm:
     why: str
     fixed: float = 0.0
     ranks: int = 0
+    every_layer: bool = False
 
 
 @dataclass(frozen=True)
@@ -311,9 +316,11 @@ def price(leaves: tuple[LeafLayout, ...], acts: tuple[ActComm, ...], ctx: Contex
         if free:
             add("all-reduce", free, shard / x.pieces, 1, "sum the gradient over the batch"
                 + (f", split in {x.pieces} pieces" if x.pieces > 1 else ""))
+    # a scanned group runs its activation collectives once per layer, as its flops (above) and the estimate
+    layers = max((x.layers for x in leaves), default=1)
     for a in acts:
-        add(a.kind, _live(a.entry, mesh), ctx.tokens_local * a.width * ctx.act_item + a.fixed, a.count, a.why,
-            a.ranks)
+        add(a.kind, _live(a.entry, mesh), ctx.tokens_local * a.width * ctx.act_item + a.fixed,
+            a.count * (1 if a.every_layer else layers), a.why, a.ranks)
     comm = tuple(sorted(by_axis.items()))
     hw = ctx.hardware
     time = flops / hw.peak_flops + mem / hw.hbm_bandwidth + sum(b / ctx.bandwidth(label.split("+")) for label, b in comm)

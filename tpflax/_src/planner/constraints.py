@@ -98,7 +98,8 @@ def _replicated(st: Any, o: Any, facts: Mapping[str, Any], split: Any, tensor: s
         acts.append(ActComm("all-gather", axes, in_w if d in use[0] else math.prod(f.body) // max(in_w, 1), 1,
                             "an activation the model's sharding constraint replicates: gathered there (forward)"))
         acts += [ActComm("all-gather", axes, 0, 1, "a kernel contracting an activation the model's sharding "
-                         "constraint replicates: gathered whole (backward)", facts[q].leaf.nbytes)
+                         "constraint replicates: gathered whole (backward)", facts[q].leaf.nbytes,
+                         every_layer=True)
                  for q in readers if q in props]
     return replace(o, acts=tuple(acts))
 
@@ -120,4 +121,4 @@ def update_gathers(st: Any, entry: Entry, leaves: Sequence[Any], what: str) -> t
     pinned_fsdp = st.mesh.group(FSDP)[1] > 1
     how = "the gradient, where the step pins it" if pinned_fsdp else "each and its moments, after the split update"
     return (ActComm("all-gather", entry, 0, 1 if pinned_fsdp else 1 + OPT_COPIES, f"gather {what}: {how}",
-                    sum(g.leaf.nbytes for g in leaves)),)
+                    sum(g.leaf.nbytes for g in leaves), every_layer=True),)

@@ -264,7 +264,7 @@ def reached_acts(st: State, t_entry: Entry, reached: Sequence[Facts]
 
     def summed(size: float, how: str) -> tuple[ActComm, ...]:
         return (ActComm("all-reduce", batch, 0, 1, f"sum the gradients of {names} over the batch, {how}",
-                        size),) if batch else ()
+                        size, every_layer=True),) if batch else ()
 
     gathers = update_gathers(st, t_entry, leaves, f"the whole leaves whose gradient its split output splits ({names})")
     return summed(total, "whole"), (*summed(total / t_size, "on the split shard"), *gathers)
