@@ -84,14 +84,28 @@ def buffer_items(s: Scope) -> list[CommItem]:
              f"pair {pc.id}" + (f" and {pc.count - 1} alike" if pc.count > 1 else ""))
             for pc in s.lv.pairs if pc.columns and pc.rows and pc.columns[0] in s.buffered]
     # kernels no pair holds: a chain's first kernel (no traced edge from another of them) reads the dispatch,
-    # its last (no edge to another) writes the output
+    # its last (no edge to another) writes the output; one sum per buffer: the first kernels of one block
+    # read one dispatch (a gated expert MLP's gate and up), its last ones write one output. Each class's
+    # alike layers count (lv.count), as the pairs' do (measured: a 2-block GShard MoE whose experts a rule keeps
+    # whole, XLA:CPU data=2,model=4: 4 buffer sums over data, two per block)
     loose, edges = s.loose_buffered, s.edges or frozenset()
-    ends += [(p if not any((q, p) in edges for q in loose) else None,
-              p if not any((p, q) in edges for q in loose) else None, layers(dec[p]), s.lv.label[p]) for p in loose]
+    seen: set[tuple] = set()
+    for p in loose:
+        block, count = dec[p].unit.rsplit("/", 1)[0], layers(dec[p]) * s.lv.count[p]
+        first = not any((q, p) in edges for q in loose) and _once(seen, ("in", block, body(dec[p])[1]))
+        last = not any((p, q) in edges for q in loose) and _once(seen, ("out", block, body(dec[p])[-1]))
+        ends.append((p if first else None, p if last else None, count, s.lv.label[p]))
     items: list[CommItem] = []
     for c, r, count, source in ends:
         items += _buffer_sums(s, axes, c, r, count, source)
     return items
+
+
+def _once(seen: set, key: tuple) -> bool:
+    """Whether ``key`` is new to ``seen`` (and add it)."""
+    new = key not in seen
+    seen.add(key)
+    return new
 
 
 def _buffer_sums(s: Scope, axes: tuple[str, ...], c: str | None, r: str | None, count: int,
