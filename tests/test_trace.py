@@ -257,13 +257,11 @@ def test_one_hot_embedding_and_tied_logits():
 #   and 3 KB less peak than keeping them whole; the same flops).
 _BN = [f"{c}/block_2/{bn}/{p}" for bn in ("bn1", "proj_bn")
        for c, p in [("params", "scale"), ("params", "bias"), ("batch_stats", "mean"), ("batch_stats", "var")]]
-#   llama-scan's 2 key/value heads on model=4: the trace sees the scan and the remat, under which XLA:CPU all-reduces
-#   a whole key/value's input gradient (cost/pieces.py), so the chooser prices keeping them whole higher and splits
-#   their head_dim (compiled, data=2,model=4, adamw: 0.932x the bytes, 1.032x the collectives, 0.978x the flops of
-#   the tree's whole K/V; the same trade as the GQA head_dim split elsewhere, faster on the v5e preset).
+#   llama-scan's 2 key/value heads on model=4: inside the scan XLA:CPU all-reduces a whole key/value's input
+#   gradient (cost/pieces.py), so both passes split their head_dim; the tree pass reads it off the stacked 3-D
+#   kernels (it kept them whole before, pricing the stack's activation collectives once per step).
 EXPECTED = {  # the trace sees proj_conv feeding only the head; the tree cannot
     "cnn": {"params/block_2/proj_conv/kernel", "params/head/kernel", *_BN},
-    "llama-scan": {"params/layers/attn/k_proj/kernel", "params/layers/attn/v_proj/kernel"},
 }
 
 

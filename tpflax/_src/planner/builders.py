@@ -350,8 +350,11 @@ def whole_column(col: Linear, t_entry: Entry, t_size: int) -> tuple[list[ActComm
     tpflax's fsdp step gathers the kernel whole for compute, which the estimate reads off the plan
     (:func:`tpflax._src.cost.whole.whole_members`); the fsdp split is chosen after the pair, so it is not seen here.
     """
-    k = pieces_of(col.limit or col.f.body[col.shard_dim("column")], t_size) if col.rope is not None else None
-    r = column_read(col.f.path, (), col.in_size, out_width(col), k, col.loop)
+    # a scanned stack's 3-D kernel shows its heads untraced too, and runs inside the scan's loop
+    stacked = bool(col.f.stacked) and col.heads is not None
+    known = col.rope is not None or stacked
+    k = pieces_of(col.limit or col.f.body[col.shard_dim("column")], t_size) if known else None
+    r = column_read(col.f.path, (), col.in_size, out_width(col), k, col.loop or stacked)
     acts = [ActComm(i.kind, t_entry, i.size, i.count, i.why, ranks=i.group_size)
             for i in member_items(r, f"key/value column {short(col.f.path)}", t_size, 1, col.f.path, r.size)]
     split = update_pieces(r, t_size) if col.f.leaf.trainable else None
