@@ -3,9 +3,9 @@
 Run: python benchmarks/scan_pricing.py
 Writes benchmarks/results/scan_pricing.md. The zoo Llama (2 key/value heads, fewer than model=4) with L
 layers, unrolled and under ``nn.scan``, tree-only plans on data=2,model=4: the chooser's pick for the key/value
-kernels, and the adamw step of both candidate layouts (K/V replicated, the plan's; K/V head_dim split, what the
-chooser picked for the scanned stack when it counted the stack's activation collectives once per step instead of
-once per layer) compiled on 8 CPU-emulated devices. **score** is the chooser's own step time on the compiled
+kernels, and the adamw step of both candidate layouts (K/V replicated on every tensor rank; K/V split on their
+head_dim) compiled on 8 CPU-emulated devices. Inside the scan's loop XLA:CPU all-reduces a whole key/value's
+input gradient, so keeping them whole moves more there than unrolled. **score** is the chooser's own step time on the compiled
 numbers (tpu-v5e preset: flops / peak + argument bytes / HBM bandwidth + collective bytes / ICI bandwidth);
 lower is better. The ratios compare the two layouts of one model within one run.
 """
