@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import re
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -308,6 +309,37 @@ def test_a_scanned_stacks_whole_key_value_is_priced_inside_the_loop():
             three[a.name] = Three(dr.memory["argument"], dr.comm_total, dr.flops)
         best = min(three, key=lambda name: three[name].step_time(hw))
         assert best == want, three
+
+
+_PRICED = re.compile(r"^(all-gather|all-reduce) ([\d.]+) (B|KiB|MiB) over model in groups of (\d+)(?: x(\d+))? ")
+
+
+def test_an_unrolled_key_value_kept_whole_is_priced_in_its_heads_pieces_as_the_estimate_prices_it():
+    """Tree-only, an unrolled layer's 3-D key/value kernel ``(d, K, head_dim)`` shows its K heads as a scanned
+    stack's does. Kept whole beside query heads split over model=4, XLA splits its output in K=2 pieces (XLA:CPU,
+    and XLA:TPU on data=2,model=4: groups of 2 in both compiled programs): each piece's output gradient gathered
+    over 2 ranks and summed over the 2 sharing it, its update run on its piece and gathered with its moments.
+    The chooser priced it as one gather over all 4 ranks; it now lists what the traced estimate lists (which
+    matches the compiled XLA:CPU step to 4 bytes in 2.9 MB), per token. The pick is unchanged: keeping them whole
+    is still the cheaper layout unrolled (benchmarks/results/scan_pricing.md)."""
+    from tpflax import zoo
+
+    m = zoo.get("llama", n_layers=8, n_kv_heads=2)
+    p = tpflax.plan(m.abstract_variables(), DP_TP)
+    d = p.decisions["params/layers_0/attn/k_proj/kernel"]
+    whole = next(a for a in d.alternatives if a.chosen)
+    assert whole.name == "Megatron, K/V replicated" and d.spec == P(None, None, None)
+    unit = {"B": 1, "KiB": 2**10, "MiB": 2**20}
+    chooser = {(g[1], int(g[4]), int(g[5] or 1)): float(g[2]) * unit[g[3]]
+               for c in whole.collectives if "k_proj" in c and (g := _PRICED.match(c))}
+    e = tpflax.estimate(p, optax.adamw(1e-3), 8, model=m, backend="cpu")
+    est = {(i.kind, i.group_size, i.count // 8): float(i.size) for i in e.items  # counts: 8 layers
+           if "model" in i.axes and "k_proj" in i.source + i.why}
+    grad, update, piece = ("all-gather", 2, 1), ("all-gather", 2, 3), ("all-reduce", 2, 1)
+    assert set(chooser) == set(est) == {grad, update, piece}
+    # the activations' collectives in the ratio of the tokens they price (the chooser's 8192 a step, the
+    # estimate's 8 x 32), the update's gathers of the kernel and its two moments the same size
+    assert (chooser[grad], chooser[update], chooser[piece]) == (32 * est[grad], est[update], 32 * est[piece])
 
 
 @pytest.mark.parametrize("blocks", [1, 3])

@@ -344,16 +344,18 @@ def whole_column(col: Linear, t_entry: Entry, t_size: int) -> tuple[list[ActComm
     estimate prices it (:mod:`tpflax._src.cost.pieces`): traced, its output in the pieces its heads give
     (``K`` dividing ``t_size``), each piece's output gradient summed over the ranks sharing it, its input
     gradient summed or its output gradient gathered over the pieces (summed inside a scan or a remat'd call),
-    its update run on its piece and gathered with its :data:`OPT_COPIES` moments. Untraced, the same for a
-    scanned stack's 3-D kernel (its heads dim shows, and the scan is a loop:
-    benchmarks/scan_pricing.py); any other untraced kernel, the narrower of the two over every rank.
+    its update run on its piece and gathered with its :data:`OPT_COPIES` moments. Untraced, the same for a 3-D
+    kernel, whose heads dim shows (a scanned stack's is in a loop: benchmarks/scan_pricing.py; XLA:CPU, and
+    XLA:TPU on data=2,model=4, split an unrolled one in the same pieces); a 2-D kernel, whose heads do not show,
+    the narrower of the two over every rank.
     ``(collectives, the pieces its weight gradient is split in)``.
 
     tpflax's fsdp step gathers the kernel whole for compute, which the estimate reads off the plan
     (:func:`tpflax._src.cost.whole.whole_members`); the fsdp split is chosen after the pair, so it is not seen here.
     """
     stacked = bool(col.f.stacked) and col.heads is not None
-    k = pieces_of(col.limit or col.f.body[col.shard_dim("column")], t_size) if col.rope is not None or stacked else None
+    k = (pieces_of(col.limit or col.f.body[col.shard_dim("column")], t_size)
+         if col.rope is not None or col.heads is not None else None)
     r = column_read(col.f.path, (), col.in_size, out_width(col), k, col.loop or stacked)
     acts = [ActComm(i.kind, t_entry, i.size, i.count, i.why, ranks=i.group_size)
             for i in member_items(r, f"key/value column {short(col.f.path)}", t_size, 1, col.f.path, r.size)]
