@@ -403,6 +403,7 @@ def _conv_chains(st: State, todo: Sequence[Facts], every: Sequence[Facts]) -> No
                 st.replicate(f, f"{why} (pass model= to trace where its channels go)")
                 continue
             groups[group].append((name, f))
+    nested = _nested_convs(every, units)
     for group in sorted(groups, key=_natural):
         convs = [f for _, f in sorted(groups[group], key=lambda nf: _natural(nf[0]))]
         i = 0
@@ -412,8 +413,19 @@ def _conv_chains(st: State, todo: Sequence[Facts], every: Sequence[Facts]) -> No
             if b.body[-2] != ch:
                 i += 1
                 continue
+            if "/" not in group and any(c == ch and (g.startswith(f"{group}/") if group else g) for g, c in nested):
+                # the model's top level: its convs are the stem and the head around the body, whose blocks
+                # read the stem's channels (a U-Net's conv_in -> conv_out): the stem's split output would run
+                # into the body, gathered at every whole reader, forward and backward, and no row sums it
+                i += 1
+                continue
             shard_conv_pair(st, a, b, len(a.body) - 1, len(b.body) - 2)
             i += 2
+
+
+def _nested_convs(every: Sequence[Facts], units: Mapping[str, set[str]]) -> list[tuple[str, int]]:
+    """``(block, input channels)`` of every conv, its block as :func:`_lifted` names it."""
+    return [(_lifted(f, units)[1], f.body[-2]) for f in every if f.kind == "conv" and len(f.body) >= 3]
 
 
 def _embeddings(st: State, todo: Sequence[Facts], every: Sequence[Facts]) -> None:
