@@ -93,10 +93,13 @@ def merge(decisions: Mapping[str, Any], activations: Mapping[str, Sequence[Act]]
     rep_of: dict[str, str] = {}
     reps: dict[tuple, str] = {}
     count: dict[str, int] = {}
+    # a plain function's trace has no layer activations but its contractions: the shapes its layers read
+    # (a cross-attention's key reads the context's 8 tokens, its self-attention twin the image's 256)
+    calls = activations if saved is None else saved
     for path, d in decisions.items():
         key = (d.group or path, specs[path], tuple(d.shape), d.bytes, d.dtype, d.kind, d.strategy, d.role,
                path in paired, d.layers_dim, d.trainable, d.unit in recurrent, path in frozen, path in no_grad,
-               tuple(acts_for(activations, d.unit)), tuple(acts_for(activations, d.unit + ":attend")))
+               tuple(acts_for(calls, d.unit)), tuple(acts_for(activations, d.unit + ":attend")))
         rep = reps.setdefault(key, path)
         rep_of[path] = rep
         count[rep] = count.get(rep, 0) + 1

@@ -39,13 +39,16 @@ HEAD = re.compile(r"^(head|lm_head|logits|logits_dense|output|classifier|unembed
 # Column-parallel names (producers of the hidden/feature dim) and row-parallel
 # names (consumers); used only when shapes cannot decide.
 class _Names:
-    """A name pattern that also matches the name without a layer-kind affix (``q_lin`` as ``q``).
+    """A name pattern that also matches the name without a layer-kind affix (``q_lin`` as ``q``; diffusers'
+    ``to_q`` and ``to_out`` as ``q`` and ``out``).
 
     >>> ROW_NAMES.match("out_lin") is not None, COLUMN_NAMES.match("linear_q") is not None
     (True, True)
+    >>> COLUMN_NAMES.match("to_v") is not None, ROW_NAMES.match("to_out") is not None
+    (True, True)
     """
 
-    _AFFIX = re.compile(r"^(?:lin|linear|dense|proj|layer)_(?=\w)|(?<=\w)_(?:lin|linear|dense|layer|weight)$", re.I)
+    _AFFIX = re.compile(r"^(?:lin|linear|dense|proj|layer|to)_(?=\w)|(?<=\w)_(?:lin|linear|dense|layer|weight)$", re.I)
 
     def __init__(self, pattern: str) -> None:
         self.rx = re.compile(pattern, re.I)
