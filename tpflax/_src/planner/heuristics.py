@@ -64,6 +64,7 @@ from tpflax._src.planner.roles import (
     numbered_chain,
     residual_widths,
     role_name,
+    stage_widths,
 )
 from tpflax._src.specs import entry_axes, normalize_entry
 
@@ -114,12 +115,14 @@ def _pair_linears(st: State, todo: Sequence[Facts], widths: set[int], sure: bool
     def heads(group: str) -> int | None:  # the block's own tables first, else the model's
         return _agreed(h for path, h in tables.items() if path.startswith(f"{group}/")) or every
 
+    stage = stage_widths(todo, widths, sure)
     for group in sorted(groups, key=_natural):
         members = groups[group]
-        lins = [linear_view(f, members, widths) for f in members]
-        assign_roles(lins, widths, sure)
+        here, sure_here = stage(group)
+        lins = [linear_view(f, members, here) for f in members]
+        assign_roles(lins, here, sure_here)
         st.out_first.update(x.f.path for x in lins if len(x.f.body) == 2 and x.in_dims == (1,))
-        _pool(loose, group, _pair_group(st, group, lins, heads(group), widths))
+        _pool(loose, group, _pair_group(st, group, lins, heads(group), here))
     # Blocks whose layers sit in sibling subtrees (``attention/self/query`` with
     # ``attention/output/dense``, ``intermediate/dense`` with ``output/dense``): what a
     # block left unpaired meets its cousins one or two levels up, within the layer.
@@ -127,8 +130,9 @@ def _pair_linears(st: State, todo: Sequence[Facts], widths: set[int], sure: bool
         up: dict[str, list[Linear]] = defaultdict(list)
         for group in sorted(loose, key=_natural):
             lins = loose[group]
-            assign_roles(lins, widths, sure)
-            _pool(up, group, _pair_group(st, group, lins, heads(group), widths))
+            here, sure_here = stage(group)
+            assign_roles(lins, here, sure_here)
+            _pool(up, group, _pair_group(st, group, lins, heads(group), here))
         loose = up
 
 

@@ -41,6 +41,51 @@ def residual_widths(facts: Sequence[Facts]) -> tuple[set[int], bool]:
     return widths, sure
 
 
+def stage_widths(facts: Sequence[Facts], widths: set[int], sure: bool):
+    """``group -> (widths, sure)``: the model's residual widths (:func:`residual_widths`) and its stage's.
+
+    A model of several stages (a U-Net's levels, 64 then 128 channels wide; a Swin's or a ConvNeXt's stages)
+    has a residual width per stage, and the model's commonest norm width is only the widest-spread one. A
+    block's stage is the closest module above it holding two norms or more of one width (a transformer
+    block's ``norm1``/``norm2``/``norm3``): their commonest width joins the model's for that block, so the
+    128-wide level's GEGLU ``proj`` (128 -> 1024) widens its residual as the 64-wide level's does.
+
+    >>> from tpflax._src.facts.tree import Leaf
+    >>> def norm(path, w):
+    ...     return Facts(Leaf(path + "/scale", (w,), "float32", 4), "norm", 0, path, path.rsplit("/", 1)[0])
+    >>> fs = [norm(f"a/blk_{i}/norm{j}", 64) for i in range(2) for j in (1, 2)]
+    >>> fs += [norm(f"mid/blk/norm{j}", 128) for j in (1, 2)]
+    >>> of = stage_widths(fs, *residual_widths(fs))
+    >>> fs += [norm(f"mid/blk/attn/{n}_norm", 16) for n in ("q", "k")]  # of the heads: not counted
+    >>> of = stage_widths(fs, *residual_widths(fs))
+    >>> of("a/blk_0/ff"), of("mid/blk/ff"), of("mid/blk/attn"), of("other")
+    (({64}, True), ({64, 128}, True), ({64, 128}, True), ({64}, True))
+    """
+    under: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+    for f in facts:
+        # an attention's own norms (query and key norms: Gemma's, Qwen3's) are of its heads, not of a residual
+        if f.kind == "norm" and f.body and f.leaf.collection in ("", "params") and f.name == "scale" \
+                and not ATTN.search(f.group.rsplit("/", 1)[-1]):
+            parts = f.unit.split("/")
+            for i in range(1, len(parts)):
+                under["/".join(parts[:i])][f.body[-1]] += 1
+    memo: dict[str, tuple[set[int], bool]] = {}
+
+    def of(group: str) -> tuple[set[int], bool]:
+        if group not in memo:
+            memo[group] = (widths, sure)
+            parts = group.split("/")
+            for i in range(len(parts) - 1, 0, -1):  # from the block's parent: the stage around the block
+                counts = under.get("/".join(parts[:i]))
+                if counts and max(counts.values()) >= 2:
+                    top = max(counts.values())
+                    memo[group] = (widths | {w for w, n in counts.items() if n == top}, True)
+                    break
+        return memo[group]
+
+    return of
+
+
 def role_name(f: Facts) -> str:
     """The name that tells a layer's role: its own, or its parent's when its own is generic.
 
