@@ -168,23 +168,42 @@ All numbers from the table above.
   conv1 -> conv2 pair and the GEGLU pair (`ff/net_0/proj` -> `ff/net_2`) as the hand layout does, but keeps the
   self-attention's `to_q/k/v` and `to_out_0` whole: diffusers folds the heads into the batch
   (`(b, s, h, d) -> (b*h, s, d)`), and the trace reads that reshape as merging the split dim into a minor one. The
-  collectives the hand layout's head split costs there are what the traced plan saves.
-- **unet `tree`** (1.068 / 0.671 / 1.190 data, 1.047 / 0.693 / 1.190 fsdp; estimate 1.000 on both). Fixed in
-  this round: the tree pass had paired the root's `conv_in` (4 -> 64 channels) with `conv_out` (64 -> 4), mirror
-  shapes at the top level, with the whole UNet between them. XLA carried the stem's channel split into the body and
-  gathered it at every whole reader, forward and backward, which the estimate could not price: the rows were
-  1.008 / 0.964 / 0.950 (data) and 0.998 / 0.937 / 1.030 (fsdp), but the estimate was 0.722 and 0.752 of the
-  compiled collectives (10.1 MB of all-gathers over model compiled against 3.0 MB estimated). The top level's
-  convs are now no chain where the body's convs read the stem's channels (`planner/heuristics.py`,
-  `tests/test_conv_stem.py`); no other plan of the zoo, the probes or the HF benchmark moved.
-  What is left is the flops, 1.190x: tree-only, the attention's `to_q`, `to_k`, `to_v` and `to_out_0` are all
-  square and no name the tree knows calls them columns or a row, so they stay whole. Reading a `to_` prefix as
-  the layer-kind affix it is (`to_q` as `q`, `to_out` as `out`) pairs them by heads, moves no other plan of the
-  zoo, the probes or the HF benchmark, and brings these rows to 1.041 / 1.032 / 1.064 (data) and 1.023 / 1.027 /
-  1.063 (fsdp); but the estimate then prices every head-split layout here 10% high (tree 1.104, the hand layout
-  1.024 -> 1.107): the estimate pairs the kernels by name, the trace loses the pair at diffusers' heads-into-batch
-  reshape (`(b, s, h, d) -> (b*h, s, d)`), and a pair the trace cannot follow is priced with both its pair
-  collectives and its gathers. Not landed; the next round fixes that pricing first.
+  collectives the hand layout's head split costs there are what the traced plan saves. Its estimate is 2.5%
+  under in sum but not item by item: 0.22 MB of all-gathers over model estimated against 0.86 MB compiled. The
+  trace pairs the last transformer's `proj_out` (output channels) with `conv_out` (input channels) through the
+  residual add and `conv_norm_out`, so the stream after the add is split; XLA gathers it for the whole readers
+  of its gradient (`proj_in`'s and the last ResNet's convs, forward and backward), where the estimate prices the
+  updates of those whole kernels instead (their gradients split). Left for a later round: within the 10%.
+- **unet `tree`**: 1.016 / 1.058 / 1.000 (data), 1.000 / 1.043 / 1.000 (fsdp); estimate 1.000 on both. Three
+  fixes over two rounds brought it here from 0.72 of the compiled collectives estimated and 1.19x the flops:
+  - the root's `conv_in` (4 -> 64 channels) and `conv_out` (64 -> 4), mirror shapes at the top level with the
+    whole UNet between them, were paired: XLA carried the stem's channel split into the body and gathered it at
+    every whole reader, which the estimate could not price (0.722 / 0.752). The top level's convs are now no
+    chain where the body's convs read the stem's channels (`planner/heuristics.py`, `tests/test_conv_stem.py`);
+  - the attention's `to_q`, `to_k`, `to_v` and `to_out_0` are all square and no name the tree knew called them
+    columns or a row, so they stayed whole (1.19x the flops). A `to_` prefix now reads as the layer-kind affix it
+    is (`to_q` as `q`, `to_out` as `out`: `facts/classify.py`), and they pair by heads as the hand layout does.
+    With that, the estimate of every head-split layout here was 10% over the compiled collectives (tree 1.104,
+    the hand layout 1.024 -> 1.107). Not the loose pair's pricing (its sums and its gathers are what XLA
+    compiles, byte for byte) but the cost model's classes of alike leaves (`cost/leaves.py` `merge`): a plain
+    function's trace has no layer activations, only contractions, which the class key did not read, so
+    `attn1/to_k` (the image's tokens) and `attn2/to_k` (the 8-token text context), same kernel and layer group,
+    were one class priced at the self-attention's tokens. They are now priced apart
+    (`tests/test_alike_layers.py`): the hand layout's estimate is 1.000, where its 1.024 had been two errors
+    cancelling;
+  - the 128-wide middle level's GEGLU `ff/net_0/proj` (128 -> 1024) and `ff/net_2` stayed whole (the last 1.06x
+    of the flops): the tree's residual width was the model's commonest norm width, the outer levels' 64, so the
+    projection went by its name (`proj` reads as a row elsewhere). A block's stage (the module above it with two
+    norms or more of one width: a transformer block's `norm1`-`norm3`) now adds its width for that block
+    (`planner/roles.py` `stage_widths`, `tests/test_stage_widths.py`).
+
+  None of the three moved any other plan of the zoo, the linen, nnx and Gemma probes or the 168 HF benchmark
+  plans, spec for spec. What is left, 1.058x / 1.043x the hand layout's collectives: each ResNet's
+  `time_emb_proj`, whose output is added to `conv1`'s split channels, stays whole without a trace (the hand
+  layout splits it with them), and the estimate counts what that costs (1.000): its gradient comes out split
+  and XLA gathers it. Splitting it and `norm2` by rule on top of the tree plan gives the hand layout's
+  collectives byte for byte (32,712,468 on data=2,model=4). Nothing in the tree says the projection is added
+  there rather than to the block's input, which has the same width in most blocks; the trace (`model`) does.
 - **vae `model`**: 0.972 / 1.241 / 0.941 (data), 0.949 / 1.248 / 0.940 (fsdp); estimate 1.000. The autoencoder's
   mid-block attention has one head, so the hand layout keeps it whole. tpflax splits its `value -> proj_attn` pair
   on the head's features (exact: attention mixes tokens, not features), saving 151 Mflop and 384 KiB a device for
