@@ -365,7 +365,9 @@ def _column_items(path: str, d: Any, axes: tuple[str, ...], s: Scope) -> list[Co
     n, b = s.size(axes), body(d)
     acts = acts_for(s.activations, d.unit)
     a = acts[0] if acts else None
-    in_size = s.nbytes(a.inputs[0]) if a else s.rows_of(path) * b[0] * s.act_item
+    # behind frozen layers only (a trained head on a frozen model) its input has no gradient to sum
+    in_size = 0 if (s.widths or {}).get(path) == 0 else \
+        s.nbytes(a.inputs[0]) if a else s.rows_of(path) * b[0] * s.act_item
     if d.kind == "head":  # the planner marks output heads
         return _head_items(axes, n, in_size, (a.output if a else None), s, path, "vocab-split output head")
     out_size = s.nbytes(a.output) if a else s.rows_of(path) * b[-1] * s.act_item
