@@ -9,7 +9,7 @@ single-head attention in each mid block). The UNet trains with the diffusion los
 noise), the autoencoder with the reconstruction MSE. Five plans per model and mesh, measured like
 ``benchmarks/linen_probe.py``: tree-only, traced (``model=``), a hand Megatron layout, replicated, pure FSDP.
 
-    pip install --no-deps "diffusers>=0.35,<0.36" pillow     # not a tpflax dependency
+    pip install -e ".[thirdparty]"                          # transformers and diffusers, not core dependencies
     python benchmarks/probe_diffusers.py                    # every model, both meshes
     python benchmarks/probe_diffusers.py --arch unet --mesh data=2,model=4
 
@@ -37,7 +37,7 @@ def available() -> str:
     """'' if diffusers' Flax models import, else why not."""
     for mod in ("diffusers", "PIL"):
         if importlib.util.find_spec(mod) is None:
-            return f"{mod} is not installed (pip install --no-deps 'diffusers>=0.35,<0.36' pillow)"
+            return f"{mod} is not installed (pip install -e '.[thirdparty]')"
     return ""
 
 
@@ -114,33 +114,40 @@ def _mse(pred, *inputs):
     return ((pred - inputs[-1]) ** 2).mean()  # the last input is the target (the noise, or the image)
 
 
+def build_sample(name: str) -> tuple:
+    """The model's inputs as ``jax.ShapeDtypeStruct``; the last is the loss's target."""
+    import jax
+    import jax.numpy as jnp
+
+    f32 = jnp.float32
+    if name == "unet":  # latents, timesteps, the text context; the noise to predict
+        return (jax.ShapeDtypeStruct((B, *LATENT), f32), jax.ShapeDtypeStruct((B,), jnp.int32),
+                jax.ShapeDtypeStruct((B, T_CTX, D_CTX), f32), jax.ShapeDtypeStruct((B, *LATENT), f32))
+    return jax.ShapeDtypeStruct((B, *IMAGE), f32), jax.ShapeDtypeStruct((B, *IMAGE), f32)
+
+
+def apply_fn(name: str, m):
+    """``fn(variables, *sample)``: the model's output the loss reads."""
+    if name == "unet":
+        def fn(v, x, t, ctx, noise):  # the noise is the loss's target only
+            return m.apply(v, x, t, ctx).sample
+    else:
+        def fn(v, x, target):  # the posterior's mode, decoded: deterministic
+            return m.apply(v, x, sample_posterior=False).sample
+    return fn
+
+
 def build(name: str):
     """(Built, hand) for one diffusers model: concrete parameters, its loss."""
     import jax
     import jax.numpy as jnp
     from third_party import Built
 
-    f32 = jnp.float32
-    if name == "unet":
-        m = _unet()
-        sample = (jax.ShapeDtypeStruct((B, *LATENT), f32), jax.ShapeDtypeStruct((B,), jnp.int32),
-                  jax.ShapeDtypeStruct((B, T_CTX, D_CTX), f32), jax.ShapeDtypeStruct((B, *LATENT), f32))
-
-        def fn(v, x, t, ctx, noise):  # the noise is the loss's target only
-            return m.apply(v, x, t, ctx).sample
-
-        hand = unet_hand
-    else:
-        m = _vae()
-        sample = (jax.ShapeDtypeStruct((B, *IMAGE), f32), jax.ShapeDtypeStruct((B, *IMAGE), f32))
-
-        def fn(v, x, target):  # the posterior's mode, decoded: deterministic
-            return m.apply(v, x, sample_posterior=False).sample
-
-        hand = vae_hand
+    m = _unet() if name == "unet" else _vae()
+    sample = build_sample(name)
     zeros = [jnp.zeros(s.shape, s.dtype) for s in sample[:-1]]
     variables = jax.jit(m.init)(jax.random.key(0), *zeros)
-    return Built(name, m, variables, sample, fn, _mse), hand
+    return Built(name, m, variables, sample, apply_fn(name, m), _mse), (unet_hand if name == "unet" else vae_hand)
 
 
 # ------------------------------------------------------------------ run
