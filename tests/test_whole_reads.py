@@ -99,3 +99,34 @@ def test_whole_kernels_meeting_split_features(case):
     # within 2% of the total: what is left is the split softmax's float32 row sums (priced at 3 per row,
     # XLA fuses them) and the loss's scalar, 0.04% to 0.4% measured
     assert abs(e.comm_total / dr.comm_total - 1) < 0.02, (case, e.comm, dr.comm())
+
+
+class LoneRowMLP(nn.Module):
+    """``a`` whole, ``b`` split on its input rows by a rule (no column partner), ``c`` whole."""
+
+    hidden: int
+    out: int
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.Dense(self.out, name="b")(jnp.tanh(nn.Dense(self.hidden, name="a")(x)))
+        return nn.Dense(8, name="c")(jnp.tanh(y))
+
+
+@pytest.mark.parametrize("hidden,out", [(256, 64), (64, 64), (64, 256)], ids=["narrows", "square", "widens"])
+def test_a_lone_row_sums_its_partial_outputs_whatever_its_widths(hidden, out):
+    # XLA slices the whole input to the kernel's rows and all-reduces the partial outputs; it never gathers the
+    # input, which the estimate had priced where that moved fewer bytes (square: 0.76x the compiled
+    # collectives, widening: 0.41x). The input gradient comes out split: a's updates run split and are gathered
+    sample = (jax.ShapeDtypeStruct((8, 16, 32), jnp.float32),)
+    m = LoneRowMLP(hidden, out)
+    p = tpflax.plan(jax.eval_shape(m.init, jax.random.key(0), jnp.zeros((8, 16, 32))), MESH,
+                    rules=[(r"b/kernel", P("model", None)), (".*", "replicate")])
+    fn = lambda v, x: m.apply(v, x)  # noqa: E731
+    mesh = tpflax.make_mesh(MESH)
+    tx = optax.adamw(1e-3)
+    dr = tpflax.dry_run(tpflax.make_train_step(fn, p, mesh, tx, sample=sample, loss=_loss), p, mesh,
+                        compiler_options=FAST_XLA)
+    e = tpflax.estimate(p, tx, model=fn, sample=sample, loss=_loss, backend="cpu")
+    assert e.comm["all-reduce"]["model"] == dr.comm()["all-reduce"]["model"] == 2 * 3 / 4 * (4 * 16 * out * 4)
+    assert e.comm["all-gather"]["model"] == dr.comm()["all-gather"]["model"], (e.comm, dr.comm())

@@ -126,8 +126,10 @@ def lone_read(s: Any, path: str) -> bool:
 
 def lone_row(s: Any, path: str, axes: tuple[str, ...]) -> WholeRead | None:
     """A dense layer without a partner split over ``axes`` on the dims its contraction sums (a row, traced):
-    XLA sums its partial outputs, or gathers its input, whichever moves fewer (forward; measured, a lone
-    ``(256, 64)`` row ``P('model', None)``: its ``f32[4,16,64]`` output all-reduced). None otherwise."""
+    XLA slices its input, whole or split, to the kernel's rows and sums the partial outputs (forward), whatever
+    the widths: it never gathers the input (measured, XLA:CPU data=2,model=4: ``(256, 64)``, ``(64, 64)`` and
+    ``(64, 256)`` rows ``P('model', None)`` behind a whole layer, each output all-reduced; the whole layer's
+    updates, which the split input gradient reaches, are priced apart). None otherwise."""
     d, use = s.lv.decisions[path], (s.dots or {}).get(path)
     if use is None or d.layers_dim is not None or d.kind != "dense":
         return None
@@ -135,8 +137,8 @@ def lone_row(s: Any, path: str, axes: tuple[str, ...]) -> WholeRead | None:
     if not any(set(entry_axes(spec[i])) & set(axes) for i in use[0] if i < len(spec)) or any(
             set(entry_axes(spec[i])) & set(axes) for i in use[1] if i < len(spec)):
         return None
-    in_b, out_b = _act_bytes(s, path, d, math.prod(body(d)[i] for i in use[0]))
-    return narrower(path, axes, out_b, in_b, "forward")
+    _, out_b = _act_bytes(s, path, d, math.prod(body(d)[i] for i in use[0]))
+    return WholeRead(path, axes, "all-reduce", out_b, "forward")
 
 
 def _lone(s: Any, rep: str) -> bool:
