@@ -428,10 +428,13 @@ def column_blocked(col: Linear, kind: str, row: Linear, t_entry: Entry, t_size: 
     return ""
 
 
-def shard_conv_pair(st: State, a: Facts, b: Facts, a_dim: int, b_dim: int, why: str = "") -> None:
+def shard_conv_pair(st: State, a: Facts, b: Facts, a_dim: int, b_dim: int, why: str = "",
+                    extra: Sequence[Facts] = ()) -> None:
     """Conv ``a`` (output channels, body dim ``a_dim``) feeding conv ``b`` (input channels, ``b_dim``): split
     on those channels or kept whole, whichever the chooser prices cheaper (``min_channels``, when set, is a
-    floor below which the pair stays whole unpriced)."""
+    floor below which the pair stays whole unpriced). ``extra``: 2-D dense kernels whose outputs are added to
+    ``a``'s output channels (a diffusion ResNet's time-embedding projection), columns of the pair split
+    with it; their input gradients, one row per example, are summed (priced by the estimate, not here)."""
     t_entry, t_size = st.tensor
     ch = a.body[a_dim]
     note = ""
@@ -441,10 +444,12 @@ def shard_conv_pair(st: State, a: Facts, b: Facts, a_dim: int, b_dim: int, why: 
         note = f"{ch} channels < min_channels={st.opts.min_channels}"
     elif ch % t_size:
         note = f"{ch} channels not divisible by {axis_label(t_entry, t_size)}"
-    pair = st.new_pair("conv", [a], [b], ch, not note, note)
+    pair = st.new_pair("conv", [a, *extra], [b], ch, not note, note)
     why = f"{why}; " if why else ""
+    members = ((a, "channel", "column"), *((e, "added to its output channels", "column") for e in extra),
+               (b, "input-channel", "row"))
     if note:
-        for f, side, role in ((a, "channel", "column"), (b, "input-channel", "row")):
+        for f, side, role in members:
             st.replicate(f, f"{side} of conv pair {pair.id}, but {note}: {why}tensor split skipped", pair.id, role)
         return
     over = axis_label(t_entry, t_size)
@@ -454,17 +459,21 @@ def shard_conv_pair(st: State, a: Facts, b: Facts, a_dim: int, b_dim: int, why: 
                              f"pair {pair.id})", pair.id, "column")),
         (b.path, st.proposal(b, body_spec(len(b.body), b_dim, t_entry), "row",
                              f"input-channel: {ch} input channels split over {over}, fed by {short(a.path)} (conv "
-                             f"pair {pair.id}); one all-reduce per pass", pair.id, "row"))),
+                             f"pair {pair.id}); one all-reduce per pass", pair.id, "row")),
+        *((e.path, st.proposal(e, body_spec(2, 1, t_entry), "column",
+                               f"column: its {ch} outputs are added to {short(a.path)}'s output channels (by name and "
+                               f"shape: a conditioning projection in the conv's block), split with them over {over} "
+                               f"(conv pair {pair.id})", pair.id, "column")) for e in extra)),
         (ActComm("all-reduce", t_entry, math.prod(b.body) // (b.body[b_dim] * _taps(b)), 1,
                  "input-channel conv: sum partial outputs (forward)"),
          ActComm("all-reduce", t_entry, math.prod(a.body) // (ch * _taps(a)), 1,
                  "channel conv: sum partial input gradients (backward)")),
-        frozenset((a.path, b.path)))
+        frozenset((a.path, b.path, *(e.path for e in extra))))
     whole = Option("replicate", tuple(
         (f.path, st.whole(f, f"{side} of conv pair {pair.id}: {why}kept whole on every tensor rank", pair.id, role))
-        for f, side, role in ((a, "channel", "column"), (b, "input-channel", "row"))),
-        matmul=frozenset((a.path, b.path)), whole=True)
-    st.choose("pair", [split, whole], [a, b])
+        for f, side, role in members),
+        matmul=frozenset((a.path, b.path, *(e.path for e in extra))), whole=True)
+    st.choose("pair", [split, whole], [a, b, *extra])
     if st.out[b.path].strategy == "replicate":
         st.pairs[st.pairs.index(pair)] = replace(pair, sharded=False, note="kept whole: cheaper by cost")
 

@@ -356,6 +356,7 @@ def _experts(st: State, todo: Sequence[Facts], widths: set[int]) -> None:
                    f"expert: {f.body[0]} experts split over {axis_label(e_entry, e_size)}")
 
 
+_CONDITIONING = re.compile(r"(^|_)(t?emb|time)(_|$)", re.I)  # time_emb_proj, temb_proj, emb_layers
 _SKIP_CHAIN = re.compile(r"(proj|shortcut|downsample|skip|patch|stem|init|residual)", re.I)
 # a transposed (upsampling) conv changes the resolution between stages, like a downsampling one; in a U-Net
 # its output is concatenated with a skip, so the next upsampler's input is a conv's output, never its own
@@ -408,6 +409,10 @@ def _conv_chains(st: State, todo: Sequence[Facts], every: Sequence[Facts]) -> No
                 continue
             groups[group].append((name, f))
     nested = _nested_convs(every, units)
+    conditioning: dict[str, list[Facts]] = defaultdict(list)
+    for f in todo:
+        if f.kind == "dense" and len(f.body) == 2 and f.group in groups and _CONDITIONING.search(f.unit_name):
+            conditioning[f.group].append(f)
     for group in sorted(groups, key=_natural):
         convs = [f for _, f in sorted(groups[group], key=lambda nf: _natural(nf[0]))]
         i = 0
@@ -423,7 +428,10 @@ def _conv_chains(st: State, todo: Sequence[Facts], every: Sequence[Facts]) -> No
                 # into the body, gathered at every whole reader, forward and backward, and no row sums it
                 i += 1
                 continue
-            shard_conv_pair(st, a, b, len(a.body) - 1, len(b.body) - 2)
+            # a conditioning projection added to the first conv's output channels (diffusers' time_emb_proj,
+            # DDPM's temb_proj, guided diffusion's emb_layers): split with them, as the trace finds it
+            extra = [f for f in conditioning.pop(group, []) if f.body[1] == ch and f.path not in st.out]
+            shard_conv_pair(st, a, b, len(a.body) - 1, len(b.body) - 2, extra=extra)
             i += 2
 
 
