@@ -183,7 +183,7 @@ All numbers from the table above.
   updates of those whole kernels instead (their gradients split). Left for a later round: within the 10%. (The
   cross-attention's split `to_k`/`to_v` read the text context, a model input: they have no input gradient to
   sum, which the estimate counted until this round, 0.975 / 0.976 then.)
-- **unet `tree`**: 1.016 / 1.058 / 1.000 (data), 1.000 / 1.043 / 1.000 (fsdp); estimate 1.000 on both. Three
+- **unet `tree`**: 1.000 / 1.000 / 1.000 (data), 0.986 / 1.016 / 0.999 (fsdp); estimate 1.000 on both. Four
   fixes over two rounds brought it here from 0.72 of the compiled collectives estimated and 1.19x the flops:
   - the root's `conv_in` (4 -> 64 channels) and `conv_out` (64 -> 4), mirror shapes at the top level with the
     whole UNet between them, were paired: XLA carried the stem's channel split into the body and gathered it at
@@ -204,15 +204,17 @@ All numbers from the table above.
     of the flops): the tree's residual width was the model's commonest norm width, the outer levels' 64, so the
     projection went by its name (`proj` reads as a row elsewhere). A block's stage (the module above it with two
     norms or more of one width: a transformer block's `norm1`-`norm3`) now adds its width for that block
-    (`planner/roles.py` `stage_widths`, `tests/test_stage_widths.py`).
+    (`planner/roles.py` `stage_widths`, `tests/test_stage_widths.py`);
+  - each ResNet's `time_emb_proj`, whose output is added to `conv1`'s split channels, stayed whole (1.058x /
+    1.043x the collectives: its gradient came out split and XLA gathered it). A dense named for an embedding
+    or a time (`time_emb_proj`, `temb_proj`, `emb_layers`) in a conv pair's block whose output is the first
+    conv's channels now joins the pair and splits with them (`planner/heuristics.py` `_conv_chains`,
+    `tests/test_conv_stem.py`); the trace (`model`) finds it without names.
 
-  None of the three moved any other plan of the zoo, the linen, nnx and Gemma probes or the 168 HF benchmark
-  plans, spec for spec. What is left, 1.058x / 1.043x the hand layout's collectives: each ResNet's
-  `time_emb_proj`, whose output is added to `conv1`'s split channels, stays whole without a trace (the hand
-  layout splits it with them), and the estimate counts what that costs (1.000): its gradient comes out split
-  and XLA gathers it. Splitting it and `norm2` by rule on top of the tree plan gives the hand layout's
-  collectives byte for byte (32,712,468 on data=2,model=4). Nothing in the tree says the projection is added
-  there rather than to the block's input, which has the same width in most blocks; the trace (`model`) does.
+  None of the four moved any other plan of the zoo, the linen, nnx and Gemma probes or the 168 HF benchmark
+  plans, spec for spec; the last also moved flaxdiff's UNet (`results/probe_flaxdiff.md`). On data=2,model=4
+  the 0.05% of collectives left is each ResNet's `norm2`, which the tree keeps whole and the hand layout splits
+  with `conv1`; fsdp=2,model=4's 1.016x the collectives for 0.986x the bytes is not broken down here.
 - **vae `model`**: 0.972 / 1.241 / 0.941 (data), 0.949 / 1.248 / 0.940 (fsdp); estimate 1.000. The autoencoder's
   mid-block attention has one head, so the hand layout keeps it whole. tpflax splits its `value -> proj_attn` pair
   on the head's features (exact: attention mixes tokens, not features), saving 151 Mflop and 384 KiB a device for

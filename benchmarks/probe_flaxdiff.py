@@ -200,8 +200,11 @@ Fixed in the next round (same command):
 
 Still above the hand layout (left for later):
 
-- unet `tree`: 1.630x the flops (the 32-channel floor above); `model` fsdp=2,model=4 1.048x the collectives for
-  0.933x the bytes (the fsdp chooser's step-time trade).
+- unet `tree`: 1.630x the flops (the 32-channel floor above). In the thirty-first round each ResBlock's
+  `temb_projection`, added to its first conv's output channels, began to split with them as the hand layout
+  splits it (`planner/heuristics.py` `_conv_chains`): 1.200 / 0.731 / 1.630 -> 1.181 / 0.679 / 1.630 (data),
+  1.112 / 0.816 / 1.630 -> 1.100 / 0.793 / 1.630 (fsdp), estimates 1.001 and 1.000. `model` fsdp=2,model=4:
+  1.048x the collectives for 0.933x the bytes (the fsdp chooser's step-time trade).
 - uvit fsdp=2,model=4 `tree` 1.207x and `model` 1.194x the collectives for 0.87-0.91x the bytes: more fsdp than
   the hand layout (the 1 MiB position table, the long-skip projections); the chooser's step-time trade on the
   tpu-v5e preset, which the CPU collectives do not weigh.
