@@ -114,6 +114,11 @@ def _mse(pred, *inputs):
     return ((pred - inputs[-1]) ** 2).mean()  # the last input is the target (the noise, or the image)
 
 
+def model(name: str):
+    """The tiny diffusers model of ``name`` (``"unet"`` or ``"vae"``)."""
+    return _unet() if name == "unet" else _vae()
+
+
 def build_sample(name: str) -> tuple:
     """The model's inputs as ``jax.ShapeDtypeStruct``; the last is the loss's target."""
     import jax
@@ -143,7 +148,7 @@ def build(name: str):
     import jax.numpy as jnp
     from third_party import Built
 
-    m = _unet() if name == "unet" else _vae()
+    m = model(name)
     sample = build_sample(name)
     zeros = [jnp.zeros(s.shape, s.dtype) for s in sample[:-1]]
     variables = jax.jit(m.init)(jax.random.key(0), *zeros)

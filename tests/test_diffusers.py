@@ -33,7 +33,7 @@ MESH = {"data": 2, "model": 4}
 
 @pytest.fixture(scope="module")
 def unet():
-    m = probe_diffusers._unet()
+    m = probe_diffusers.model("unet")
     zeros = [jax.numpy.zeros(s.shape, s.dtype) for s in probe_diffusers.build_sample("unet")[:-1]]
     return m, jax.eval_shape(m.init, jax.random.key(0), *zeros)
 

@@ -445,6 +445,7 @@ def shard_conv_pair(st: State, a: Facts, b: Facts, a_dim: int, b_dim: int, why: 
     elif ch % t_size:
         note = f"{ch} channels not divisible by {axis_label(t_entry, t_size)}"
     pair = st.new_pair("conv", [a, *extra], [b], ch, not note, note)
+    paths = frozenset((a.path, b.path, *(e.path for e in extra)))
     why = f"{why}; " if why else ""
     members = ((a, "channel", "column"), *((e, "added to its output channels", "column") for e in extra),
                (b, "input-channel", "row"))
@@ -468,11 +469,11 @@ def shard_conv_pair(st: State, a: Facts, b: Facts, a_dim: int, b_dim: int, why: 
                  "input-channel conv: sum partial outputs (forward)"),
          ActComm("all-reduce", t_entry, math.prod(a.body) // (ch * _taps(a)), 1,
                  "channel conv: sum partial input gradients (backward)")),
-        frozenset((a.path, b.path, *(e.path for e in extra))))
+        paths)
     whole = Option("replicate", tuple(
         (f.path, st.whole(f, f"{side} of conv pair {pair.id}: {why}kept whole on every tensor rank", pair.id, role))
         for f, side, role in members),
-        matmul=frozenset((a.path, b.path, *(e.path for e in extra))), whole=True)
+        matmul=paths, whole=True)
     st.choose("pair", [split, whole], [a, b, *extra])
     if st.out[b.path].strategy == "replicate":
         st.pairs[st.pairs.index(pair)] = replace(pair, sharded=False, note="kept whole: cheaper by cost")

@@ -29,7 +29,7 @@ def residual_widths(facts: Sequence[Facts]) -> tuple[set[int], bool]:
     widths = set()
     norms: dict[int, int] = defaultdict(int)
     for f in facts:
-        if f.kind == "norm" and f.body and f.leaf.collection in ("", "params") and f.name == "scale":
+        if _is_norm_scale(f):
             norms[f.body[-1]] += 1
         elif f.kind == "embedding" and len(f.body) == 2 and not POS_EMBED.search(f.unit_name):
             widths.add(f.body[-1])
@@ -39,6 +39,11 @@ def residual_widths(facts: Sequence[Facts]) -> tuple[set[int], bool]:
         widths |= {w for w, n in norms.items() if n == top}
         sure = sure or top >= 2
     return widths, sure
+
+
+def _is_norm_scale(f: Facts) -> bool:
+    """A norm layer's trained scale: its last dim is the width the norm normalises."""
+    return f.kind == "norm" and bool(f.body) and f.leaf.collection in ("", "params") and f.name == "scale"
 
 
 def stage_widths(facts: Sequence[Facts], widths: set[int], sure: bool):
@@ -55,7 +60,6 @@ def stage_widths(facts: Sequence[Facts], widths: set[int], sure: bool):
     ...     return Facts(Leaf(path + "/scale", (w,), "float32", 4), "norm", 0, path, path.rsplit("/", 1)[0])
     >>> fs = [norm(f"a/blk_{i}/norm{j}", 64) for i in range(2) for j in (1, 2)]
     >>> fs += [norm(f"mid/blk/norm{j}", 128) for j in (1, 2)]
-    >>> of = stage_widths(fs, *residual_widths(fs))
     >>> fs += [norm(f"mid/blk/attn/{n}_norm", 16) for n in ("q", "k")]  # of the heads: not counted
     >>> of = stage_widths(fs, *residual_widths(fs))
     >>> of("a/blk_0/ff"), of("mid/blk/ff"), of("mid/blk/attn"), of("other")
@@ -64,8 +68,7 @@ def stage_widths(facts: Sequence[Facts], widths: set[int], sure: bool):
     under: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
     for f in facts:
         # an attention's own norms (query and key norms: Gemma's, Qwen3's) are of its heads, not of a residual
-        if f.kind == "norm" and f.body and f.leaf.collection in ("", "params") and f.name == "scale" \
-                and not ATTN.search(f.group.rsplit("/", 1)[-1]):
+        if _is_norm_scale(f) and not ATTN.search(f.group.rsplit("/", 1)[-1]):
             parts = f.unit.split("/")
             for i in range(1, len(parts)):
                 under["/".join(parts[:i])][f.body[-1]] += 1
@@ -76,9 +79,9 @@ def stage_widths(facts: Sequence[Facts], widths: set[int], sure: bool):
             memo[group] = (widths, sure)
             parts = group.split("/")
             for i in range(len(parts) - 1, 0, -1):  # from the block's parent: the stage around the block
-                counts = under.get("/".join(parts[:i]))
-                if counts and max(counts.values()) >= 2:
-                    top = max(counts.values())
+                counts = under.get("/".join(parts[:i]), {})
+                top = max(counts.values(), default=0)
+                if top >= 2:
                     memo[group] = (widths | {w for w, n in counts.items() if n == top}, True)
                     break
         return memo[group]
