@@ -29,6 +29,9 @@ POS_EMBED = re.compile(r"(wpe|pos|position|token_type|segment)", re.I)
 # head, Gemma 3n's ``altup_unembed_projection_0``), an embedding's projection to the model width
 NOT_A_TABLE = re.compile(r"(unembed|proj)", re.I)
 ATTN = re.compile(r"(attn|attention|self_attn|cross_attn|mha|multihead)", re.I)
+# a relative-position bias table, added to an attention's scores: T5's ``relative_attention_bias``, Swin's
+# ``relative_position_bias_table``, dalle-mini's ``rel_bias``
+REL_BIAS = re.compile(r"rel(ative)?_?(pos(ition)?_?)?(attention_?)?bias", re.I)
 ATTN_PROJ = re.compile(r"^(q|k|v|o|qkv|query|key|value|out|q_proj|k_proj|v_proj|o_proj|out_proj|"
                        r"c_attn|wq|wk|wv|wo|in_proj|kv|kv_proj|qkv_proj)$", re.I)
 CONV = re.compile(r"(conv|patch)", re.I)
