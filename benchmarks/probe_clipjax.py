@@ -214,10 +214,13 @@ All numbers from the table above unless said otherwise.
   library's layout trades 1.20x the collectives for 0.90x the bytes and 0.94x the flops. tpflax's chooser has
   no sequence-split candidate (its strategies split parameters; a stream split is priced only where a
   parameter split forces one), so the trade is not priced and not taken; left open.
-- **`siglip-off` traced**: each MAP head's query is the learnt probe times `query/kernel`, a value of parameters
-  alone, so the trace reads the scores' contraction of the keys with it as a row reading the key projection and
-  pairs `key` -> `query` on the head dim (a partial-scores all-reduce of one query's scores) where the tree and
-  the library split both on heads: 1.111 / 0.842 / 1.065 against the tree's 1.110 / 0.835 / 1.065.
+- **`siglip-off` traced**: each MAP head's query is the learnt probe, tiled over the batch, times
+  `query/kernel`: a value of parameters alone, so the trace read the scores' contraction of the keys with it as
+  a kernel reading the key projection, and paired `key` -> `query` on the head dim (the head's partial scores
+  summed over model) where the tree and the library split both on heads: 1.111 / 0.842 / 1.065 against the
+  tree's 1.110 / 0.835 / 1.065. A weight tiled or broadcast from size 1 over the batch is now a value per
+  example, as a latent array broadcast over a new batch dim was (`trace/handlers.py` `_copies`,
+  `tests/test_latent_array.py`); the traced plan is the tree's, spec for spec.
 - **Estimates** are within 6% of the compiled collectives on every row (worst: the library's layout on
   fsdp=2,model=4, 0.942, its sequence-split stream).
 """

@@ -125,3 +125,46 @@ def test_a_tree_stored_out_in_keeps_its_mlp_oriented_beside_a_gqa_key():
     assert spec["gate_proj"] == spec["up_proj"] == "P('model', None)", spec
     assert spec["down_proj"] == "P(None, 'model')", spec
     assert spec["k_proj"] != "P(None, 'model')", spec  # never its input (the residual) split
+
+
+class MAPHead(nn.Module):
+    """big_vision's multihead attention pooling: a learnt probe ``(1, 1, d)`` tiled over the batch
+    (``jnp.tile``, as big_vision and clip-jax write it) or broadcast (``jnp.broadcast_to``) queries the tokens."""
+
+    tile: bool
+
+    @nn.compact
+    def __call__(self, x):
+        b, _, d = x.shape
+        probe = self.param("probe", nn.initializers.normal(0.02), (1, 1, d))
+        probe = jnp.tile(probe, (b, 1, 1)) if self.tile else jnp.broadcast_to(probe, (b, 1, d))
+        x = nn.MultiHeadDotProductAttention(4, name="attention")(probe, x)
+        return nn.Dense(10, name="head")(x[:, 0])
+
+
+class PooledEncoder(nn.Module):
+    tile: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(32, name="embed")(x)
+        h = nn.LayerNorm()(x)
+        x = x + nn.MultiHeadDotProductAttention(4, name="self")(h, h)
+        return MAPHead(self.tile, name="MAPHead_0")(nn.LayerNorm()(x))
+
+
+def test_a_probe_tiled_or_broadcast_over_the_batch_queries_as_an_activation():
+    """The probe's queries are a value of weights alone, but one per example: the trace read the scores'
+    contraction of the keys with them as a kernel (``probe @ w_q``) reading the key projection, and paired
+    ``key`` -> ``query`` on the head dim (clip-jax's SigLIP: the head's partial scores summed over model,
+    1.01x the tree plan's collectives). Like a latent array broadcast over a new batch dim, a probe grown from
+    size 1 over the batch is per example: the attention pairs by heads, as the tree pairs it."""
+    for tile in (True, False):
+        model = PooledEncoder(tile)
+        variables = jax.eval_shape(model.init, jax.random.key(0), *SAMPLE)
+        traced = tpflax.plan(variables, MESH, model=model, sample=SAMPLE)
+        tree = tpflax.plan(variables, MESH)
+        for name in ("query", "key", "value", "out"):
+            path = f"params/MAPHead_0/attention/{name}/kernel"
+            assert tuple(traced.decisions[path].spec) == tuple(tree.decisions[path].spec), (tile, name)
+        assert tuple(traced.decisions["params/MAPHead_0/attention/query/kernel"].spec) == (None, "model", None)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from tpflax._src.trace import collectives, constraints, contractions, control
@@ -223,7 +224,9 @@ def broadcast_in_dim(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[
     mapping: list[int | None] = [None] * ranks[0]
     for i, d in enumerate(eqn.params["broadcast_dimensions"]):
         mapping[d] = i
-    return [w.moved(ins[0], mapping, ranks[0])]
+    shape, src = eqn.params["shape"], eqn.invars[0].aval.shape
+    grown = [d for d, m in enumerate(mapping) if m is not None and src[m] == 1 and shape[d] != 1]
+    return [_copies(w.moved(ins[0], mapping, ranks[0]), grown)]
 
 
 def squeeze(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
@@ -394,12 +397,25 @@ def rev(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list
 
 def tile(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
     """``jnp.tile`` (a primitive since jax 0.10): a dim repeated ``r > 1`` times holds copies, so a
-    split of it is no split of the input; the dims repeated once keep their tags."""
+    split of it is no split of the input; the dims repeated once keep their tags. A weight tiled along a
+    dim has no weight dim there, as a broadcast's new dim has none (:func:`_copies`)."""
     v = ins[0]
-    for d, r in enumerate(eqn.params["reps"]):
+    reps = eqn.params["reps"]
+    for d, r in enumerate(reps):
         if r != 1:
             w.escape(v.dim_tags(d), "tiled (repeated copies along it)")
-    return [_same_dims(w, v, ranks[0])]
+    return [_copies(_same_dims(w, v, ranks[0]), [d for d, r in enumerate(reps) if r != 1])]
+
+
+def _copies(v: Val, dims: Sequence[int]) -> Val:
+    """``v`` with no weight dim at ``dims``, which hold copies: a weight tiled or broadcast from size 1 over
+    the batch (big_vision's attention-pooling probe, ``tile(probe, (b, 1, 1))``; a class token
+    ``broadcast_to(cls, (b, 1, d))``) is a value per example, the activation of the products it meets
+    (:func:`tpflax._src.trace.contractions.dot_general`), not a kernel."""
+    if not v.origin or not dims:
+        return v
+    return dataclasses.replace(v, origin=tuple((p, tuple(None if i in dims else x for i, x in enumerate(ds)))
+                                               for p, ds in v.origin))
 
 
 def iota(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
