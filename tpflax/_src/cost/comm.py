@@ -372,10 +372,14 @@ def _column_items(path: str, d: Any, axes: tuple[str, ...], s: Scope) -> list[Co
         return _head_items(axes, n, in_size, (a.output if a else None), s, path, "vocab-split output head")
     out_size = s.nbytes(a.output) if a else s.rows_of(path) * b[-1] * s.act_item
     # read by whole kernels, the split output is gathered (or their partial outputs summed) at each of them
-    # (cost/whole.py prices it there); else gathered once
+    # (cost/whole.py prices it there); else gathered once, where it is read whole: upsampled on the way
+    # (Traced.grown), at the size it grew to
+    grown = s.grown.get(path, 1.0)
     items = [] if lone_read(s, path) else [
-        CommItem("all-gather", axes, out_size, n, layers(d), path,
-                 "column layer without a row partner: gather its split output (forward)")]
+        CommItem("all-gather", axes, out_size * grown, n, layers(d), path,
+                 "column layer without a row partner: gather its split output (forward)" if grown == 1 else
+                 f"column layer without a row partner: gather its split output, upsampled {grown:.3g}x on the "
+                 "way (forward)")]
     items.append(CommItem("all-reduce", axes, in_size, n, layers(d), path,
                           "column layer without a row partner: sum input gradients (backward)"))
     return items + _stream_items(path, d, axes, s, layers(d))

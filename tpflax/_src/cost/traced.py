@@ -193,6 +193,7 @@ class Traced:
     scanned: Mapping[str, int] = field(default_factory=dict)
     constrained: tuple[tuple[str, int, tuple[str, ...]], ...] = ()
     limits: Mapping[tuple[str, int, str, int], int] = field(default_factory=dict)
+    grown: Mapping[str, float] = field(default_factory=dict)
 
 
 def frozen_inputs(t: Traced, trainable: Mapping[str, bool]) -> frozenset[str]:
@@ -317,7 +318,19 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
                   frozenset(u.path for u in flow.uses if u.op in ("gather", "onehot")), flow.no_grad - flow.dead,
                   flow.dots(), dict(flow.scanned),
                   tuple(sorted({(flow.uses[u].path, d, axes) for u, d, axes in flow.constraints})),
-                  {(e.src, e.src_dim, e.dst, e.dst_dim): e.limit for e in flow.edges})
+                  {(e.src, e.src_dim, e.dst, e.dst_dim): e.limit for e in flow.edges},
+                  grown=_grown(flow))
+
+
+def _grown(flow: Any) -> dict[str, float]:
+    """``{path: rows its output reaches upsampled / rows it reads}`` where more than 1
+    (:attr:`tpflax._src.trace.records.Dataflow.grown`)."""
+    out: dict[str, float] = {}
+    for (uid, _), rows in flow.grown.items():
+        u = flow.uses[uid]
+        if u.rows and rows > u.rows:
+            out[u.path] = max(out.get(u.path, 1.0), rows / u.rows)
+    return out
 
 
 def _batch_dims(flow: Any) -> dict[str, frozenset[int]]:

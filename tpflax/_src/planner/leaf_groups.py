@@ -127,7 +127,8 @@ def shard_output_head(st: State, f: Facts, dim: int, evidence: str) -> None:
 
 
 def shard_lone_dense(st: State, f: Facts, dim: int, why: str,
-                     stream: tuple[float, int, int] | None = None, reached: Sequence[Facts] = ()) -> None:
+                     stream: tuple[float, int, int] | None = None, reached: Sequence[Facts] = (),
+                     grown: float = 1.0) -> None:
     """A dense without a partner: whole, or its output body dim ``dim`` split over the tensor axis, by cost.
 
     It is priced at the rows it reads per token the chooser prices (traced, ``State.rows``): a projection of
@@ -142,6 +143,10 @@ def shard_lone_dense(st: State, f: Facts, dim: int, why: str,
     (:func:`~tpflax._src.planner.followers.whole_reached`: the adaLN modulation kernels reading a split time
     embedding); XLA sums their gradient split, runs their update split and gathers them back
     (:func:`reached_acts`).
+    ``grown``: how many times its own rows its split output has where it is read whole, upsampled on the
+    way (:attr:`~tpflax._src.trace.records.Dataflow.grown`: SegFormer's per-stage heads, resized to the
+    first stage's resolution and concatenated): XLA carries the split through the interpolation and
+    gathers the upsampled output.
     """
     t_entry, t_size = st.tensor
     keep = Option("replicate", ((f.path, st.whole(f, why)),), (), frozenset({f.path}), whole=True)
@@ -153,7 +158,8 @@ def shard_lone_dense(st: State, f: Facts, dim: int, why: str,
     whole, split_acts = reached_acts(st, t_entry, reached)
     keep = replace(keep, acts=whole)
     over = axis_label(t_entry, t_size)
-    acts = (ActComm("all-gather", t_entry, n, 1, "gather its split output (forward)"),
+    acts = (ActComm("all-gather", t_entry, n * grown, 1, "gather its split output (forward)" if grown == 1 else
+                    f"gather its split output, upsampled {grown:.3g}x on the way (forward)"),
             ActComm("all-reduce", t_entry, math.prod(f.body) // n, 1, "sum its input gradient (backward)"))
     if stream:
         ratio, width, gathers = stream

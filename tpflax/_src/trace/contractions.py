@@ -54,6 +54,8 @@ def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
         # sums a head_dim: the minor part of a projection cut into (heads, head_dim)
         summed = any(is_minor(k) for v, cs in ((lhs, lc), (rhs, rc)) for d in cs for k in v.dim_tags(d))
         out = _act_dot(w, lhs, rhs, (lc, rc), (lb, rb), lf, rf, out_rank)
+        if _static(lhs) or _static(rhs):
+            _note_grown(w, out, tuple(eqn.outvars[0].aval.shape))
         _note_product(w, eqn, out, ctx, lf, rf, summed)
         _note_split_sums(w, eqn, lhs, rhs, (lc, rc), lf, rf, ctx)
         return [out]
@@ -101,6 +103,24 @@ def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
     # dot_general's output dims: batch, then lhs free, then rhs free.
     tags = tag_b + (tag_pf + tag_af if lp else tag_af + tag_pf)
     return [Val(out_rank, tags=tuple(tags) if any(tags) else None, fresh=fresh)]
+
+
+def _static(v: Val) -> bool:
+    """A value of neither parameters nor inputs (an interpolation's weight matrix, built from ``iota``)."""
+    return not (v.origin or v.live or v.fed or v.tags)
+
+
+def _note_grown(w: Walk, out: Val, shape: tuple[int, ...]) -> None:
+    """Record the rows of a tagged activation contracted with a static matrix (:func:`_static`):
+    ``jax.image.resize`` upsamples a split output so, and XLA carries the split along to where it is
+    read whole (:attr:`tpflax._src.trace.records.Dataflow.grown`)."""
+    if out.tags is None:
+        return
+    n = math.prod(shape)
+    for d, m in enumerate(out.tags):
+        for k in m:
+            if not is_minor(k) and shape[d]:
+                w.grown[k] = max(w.grown.get(k, 0), n // shape[d])
 
 
 def _per_example(v: Val) -> bool:

@@ -244,7 +244,7 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                     remat_calls=remat_calls,
                     products=_one_branch(w.products), channelwise=dict(w.channelwise),
                     split_sums=tuple((frozenset(w.root(k) for k in ks), n, c) for ks, n, c in w.split_sums),
-                    spread=_spread(w),
+                    spread=_spread(w), grown=_spread(w, w.grown),
                     collectives=tuple(c for cs in w.collectives.values() for c in cs),
                     row_axes=frozenset(w.row_axes), grad_deps=dict(w.grad_deps),
                     inputs=read_groups(jaxpr, w.reads),
@@ -266,10 +266,10 @@ def _sliced(w: Any, shapes: dict[str, tuple[int, ...]]) -> dict[str, float]:
     return out
 
 
-def _spread(w: Any) -> dict[tuple[int, int], int]:
-    """:attr:`Walk.spread` with every piece key back on its kernel dim."""
+def _spread(w: Any, by: Any = None) -> dict[tuple[int, int], int]:
+    """:attr:`Walk.spread` (or ``by``, :attr:`Walk.grown`) with every piece key back on its kernel dim."""
     out: dict[tuple[int, int], int] = {}
-    for k, rows in w.spread.items():
+    for k, rows in (w.spread if by is None else by).items():
         r = w.root(k)
         out[r] = max(out.get(r, 0), rows)
     return out

@@ -127,6 +127,8 @@ class Walk:
             it contracts per row}``.
         spread: ``{tag: rows}``: the most rows of an elementwise combination of activations the tag's
             dim reached (see :attr:`tpflax._src.trace.records.Dataflow.spread`).
+        grown: ``{tag: rows}``: the most rows the tag's dim reached through a contraction with a value of
+            neither parameters nor inputs that widens it (see :attr:`tpflax._src.trace.records.Dataflow.grown`).
     """
 
     handlers: Mapping[str, Handler]
@@ -146,6 +148,7 @@ class Walk:
     spills: dict[tuple[int, int], int] = field(default_factory=dict)
     caps: dict[tuple[int, int], int] = field(default_factory=dict)
     spread: dict[tuple[int, int], int] = field(default_factory=dict)
+    grown: dict[tuple[int, int], int] = field(default_factory=dict)
     joined: set[tuple[int, int]] = field(default_factory=set)  # tags added to an activation lacking them
     extrema: set[tuple[int, int]] = field(default_factory=set)  # tags a max or min reduced over (a softmax's)
     normed: dict[tuple[int, int], int] = field(default_factory=dict)  # tag -> width a norm reduced it over

@@ -193,6 +193,11 @@ class Dataflow:
             output was combined with elementwise (its size times the rows is the combination's size). More
             rows than the use reads is a small activation broadcast over a larger one: DiT's adaLN
             modulation, one row per example, scaling and gating the residual stream of every token.
+        grown: ``{(use id, param dim): rows}``: the most rows the kept dim's output reached through a
+            contraction with a value made of neither parameters nor inputs that has more rows than it reads: an
+            interpolation (``jax.image.resize``'s weight matrices), which carries a split along. More rows than
+            the use reads is an output upsampled before it is read whole (SegFormer's and FPN's per-stage heads),
+            where XLA gathers it.
         row_axes: the mesh axes (size > 1) a ``shard_map``'s in_specs cut an activation's rows over (its
             dims that carry no kernel's features: context-parallel attention's sequence over ``model``).
         grad_deps: ``{use id: bit mask}`` of the parameters (bit ``i`` is ``paths[i]``) the activation a
@@ -237,6 +242,7 @@ class Dataflow:
     cuts: Mapping[tuple[int, int], tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     views: frozenset[tuple[int, int]] = frozenset()
     spread: Mapping[tuple[int, int], int] = field(default_factory=dict)
+    grown: Mapping[tuple[int, int], int] = field(default_factory=dict)
     collectives: tuple[Collective, ...] = ()
     row_axes: frozenset[str] = frozenset()
     channels: Mapping[str, Mapping[int, Mapping[int, int]]] = field(default_factory=dict)
