@@ -53,7 +53,9 @@ def stage_widths(facts: Sequence[Facts], widths: set[int], sure: bool):
     has a residual width per stage, and the model's commonest norm width is only the widest-spread one. A
     block's stage is the closest module above it holding two norms or more of one width (a transformer
     block's ``norm1``/``norm2``/``norm3``): their commonest width joins the model's for that block, so the
-    128-wide level's GEGLU ``proj`` (128 -> 1024) widens its residual as the 64-wide level's does.
+    128-wide level's GEGLU ``proj`` (128 -> 1024) widens its residual as the 64-wide level's does. A block
+    whose own norms are all of one width (jax-models' ConvNeXt: ``stages00/norm`` beside ``stages00/pwconv1``
+    and ``pwconv2``, a module per block with no stage around it) adds that width.
 
     >>> from tpflax._src.facts.tree import Leaf
     >>> def norm(path, w):
@@ -64,6 +66,9 @@ def stage_widths(facts: Sequence[Facts], widths: set[int], sure: bool):
     >>> of = stage_widths(fs, *residual_widths(fs))
     >>> of("a/blk_0/ff"), of("mid/blk/ff"), of("mid/blk/attn"), of("other")
     (({64}, True), ({64, 128}, True), ({64, 128}, True), ({64}, True))
+    >>> of = stage_widths(fs + [norm("stages00/norm", 32)], *residual_widths(fs))
+    >>> sorted(of("stages00")[0])
+    [32, 64]
     """
     under: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
     for f in facts:
@@ -77,6 +82,10 @@ def stage_widths(facts: Sequence[Facts], widths: set[int], sure: bool):
     def of(group: str) -> tuple[set[int], bool]:
         if group not in memo:
             memo[group] = (widths, sure)
+            own = under.get(group, {})
+            if len(own) == 1:  # the block's own norms, of one width (a ConvNeXt block's one LayerNorm)
+                memo[group] = (widths | set(own), True)
+                return memo[group]
             parts = group.split("/")
             for i in range(len(parts) - 1, 0, -1):  # from the block's parent: the stage around the block
                 counts = under.get("/".join(parts[:i]), {})
