@@ -71,6 +71,8 @@ def elementwise(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
         _note_spread(w, tags, tuple(getattr(eqn.outvars[0].aval, "shape", ())))
         if name in ("add", "sub"):
             _note_joined(w, acts)
+        elif name == "mul":
+            _note_gated(w, [v for v in acts if v.tags is not None])
     onehot = name == "eq" and any(v.iota for v in ins) and not all(v.iota for v in ins)
     onehot = onehot or (name in VIEW and any(v.onehot for v in ins))
     iota = all(v.iota or v.rank == 0 for v in ins) and any(v.iota for v in ins) and name in (
@@ -118,6 +120,17 @@ def _note_joined(w: Walk, acts: list[Val]) -> None:
         bit = w.bits.get(w.uses[w.root(k)[0]].path, 0) if not is_minor(k) and k not in w.extrema else 0
         if not bit or any(k not in ks and not w.deps_of(v) & bit for v, ks in zip(acts, keys, strict=True)):
             w.joined.add(k)
+
+
+def _note_gated(w: Walk, acts: list[Val]) -> None:
+    """Activations multiplied whose same dim carries different kernels' tags (VAN's attention, ``u * attn``:
+    a 1x1 conv's output gating the input it was computed from): split one, and the other's gradient, the
+    split one times the output's, comes out split (:attr:`tpflax._src.trace.records.Dataflow.gated`)."""
+    for d in range(min(v.rank for v in acts)):
+        keys = [{k for k in v.dim_tags(d) if not is_minor(k)} for v in acts]
+        for i, a in enumerate(keys):
+            for b in keys[i + 1:]:
+                w.gated.update((x, y) for x in a - b for y in b - a)
 
 
 def _one_per_path(origin: Any) -> tuple:

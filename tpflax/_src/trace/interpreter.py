@@ -149,6 +149,7 @@ class Walk:
     caps: dict[tuple[int, int], int] = field(default_factory=dict)
     spread: dict[tuple[int, int], int] = field(default_factory=dict)
     grown: dict[tuple[int, int], int] = field(default_factory=dict)
+    gated: set[tuple[tuple[int, int], tuple[int, int]]] = field(default_factory=set)  # tags multiplied together
     joined: set[tuple[int, int]] = field(default_factory=set)  # tags added to an activation lacking them
     extrema: set[tuple[int, int]] = field(default_factory=set)  # tags a max or min reduced over (a softmax's)
     normed: dict[tuple[int, int], int] = field(default_factory=dict)  # tag -> width a norm reduced it over

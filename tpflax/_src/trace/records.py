@@ -198,6 +198,9 @@ class Dataflow:
             interpolation (``jax.image.resize``'s weight matrices), which carries a split along. More rows than
             the use reads is an output upsampled before it is read whole (SegFormer's and FPN's per-stage heads),
             where XLA gathers it.
+        gated: ``((use id, param dim), (use id, param dim))``: kept dims of two uses whose activations are
+            multiplied elementwise along that dim (VAN's ``u * attn``, a 1x1 conv's output gating its block's
+            input): split on one, the other's gradient comes out split there (:meth:`meets`).
         row_axes: the mesh axes (size > 1) a ``shard_map``'s in_specs cut an activation's rows over (its
             dims that carry no kernel's features: context-parallel attention's sequence over ``model``).
         grad_deps: ``{use id: bit mask}`` of the parameters (bit ``i`` is ``paths[i]``) the activation a
@@ -243,6 +246,7 @@ class Dataflow:
     views: frozenset[tuple[int, int]] = frozenset()
     spread: Mapping[tuple[int, int], int] = field(default_factory=dict)
     grown: Mapping[tuple[int, int], int] = field(default_factory=dict)
+    gated: frozenset[tuple[tuple[int, int], tuple[int, int]]] = frozenset()
     collectives: tuple[Collective, ...] = ()
     row_axes: frozenset[str] = frozenset()
     channels: Mapping[str, Mapping[int, Mapping[int, int]]] = field(default_factory=dict)
@@ -278,11 +282,14 @@ class Dataflow:
     def meets(self) -> tuple[tuple[str, int, str, int], ...]:
         """``(path, dim, other path, other dim)``: parameter dims that make or read one activation dim (an edge's
         producer and consumer dims, both ways; a bias, a depthwise kernel or a per-channel parameter and the
-        kept dim of the use they meet). Split on the other's dim, a parameter's gradient comes out split there
+        kept dim of the use they meet; two uses whose outputs are multiplied, :attr:`gated`). Split on the other's dim, a parameter's gradient comes out split there
         too (:func:`reached_dims`)."""
         out = set()
         for e in self.edges:
             out |= {(e.dst, e.dst_dim, e.src, e.src_dim), (e.src, e.src_dim, e.dst, e.dst_dim)}
+        for (ua, da), (ub, db) in self.gated:
+            a, b = self.uses[ua].path, self.uses[ub].path
+            out |= {(a, da, b, db), (b, db, a, da)}
         follows = [(p, uid, al) for p, (uid, al) in (*self.biases.items(), *self.channelwise.items())]
         follows += [(p, uid, al) for p, by in self.channels.items() for uid, al in by.items()]
         for p, uid, align in follows:
