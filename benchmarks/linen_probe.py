@@ -1039,7 +1039,7 @@ NAMES = ("wmt", "wmt-noann", "vit", "mixer", "scan", "resnet", "unet", "dit", "c
 
 
 def probe_main(argv, names, build, results: str, *, title: str | None = None, intro=None, tail: str = "",
-               fsdp=fsdp_rules, per_mesh: bool = False) -> int:
+               fsdp=fsdp_rules, per_mesh: bool = False, available=None) -> int:
     """The command line every probe script runs: five plans per model and mesh, printed, and the markdown table
     written to ``results/<results>`` when every model, mesh and plan ran (``--write PATH`` for another file,
     ``--no-write`` to print only).
@@ -1047,8 +1047,13 @@ def probe_main(argv, names, build, results: str, *, title: str | None = None, in
     ``build(name)`` returns ``(Built, hand(mesh) -> rules)``; with ``per_mesh``, ``build(name, mesh)`` returns
     ``(Built, hand, extra plan kwargs)``. ``title`` replaces the table's heading, ``intro`` its paragraph (a
     string, or a function of this script's paragraph); ``tail`` is appended (observations by hand);
-    ``fsdp(params, mesh)`` gives the pure-FSDP rules.
+    ``fsdp(params, mesh)`` gives the pure-FSDP rules. ``available()``, when given, returns why the models cannot
+    be built ('' when they can): the run is then skipped, as a success (their library is not a dependency).
     """
+    why = available() if available else ""
+    if why:
+        print(f"{results.removesuffix('.md')}: skipped: {why}")
+        return 0
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", nargs="*", default=list(names))
     ap.add_argument("--mesh", nargs="*", default=[mesh_label(m) for m in MESHES])
@@ -1135,11 +1140,14 @@ def _markdown(table) -> str:
             above.append(f"- {name} {mesh} {pname}: {' / '.join(xs)}")
         if est != "-" and abs(float(est) - 1) > 0.10:
             off.append(f"- {name} {mesh} {pname}: estimate {est} of the compiled collectives")
-    out += ["", "tpflax plans above the hand layout on some number by more than 0.5%:", ""]
-    out += above or ["- none"]
-    out += ["", "Estimates more than 10% off the compiled collectives:", ""]
-    out += off or ["- none"]
+    out += closing_lists("tpflax plans above the hand layout on some number by more than 0.5%:", above, off)
     return "\n".join(out) + "\n"
+
+
+def closing_lists(title: str, flagged: list[str], off: list[str]) -> list[str]:
+    """A probe table's two closing lists: the plans ``title`` flags, and the estimates more than 10% off."""
+    return ["", title, "", *(flagged or ["- none"]), "", "Estimates more than 10% off the compiled collectives:", "",
+            *(off or ["- none"])]
 
 
 if __name__ == "__main__":

@@ -184,12 +184,8 @@ INTRO = ("`python benchmarks/probe_clipjax.py` (generated; clip-jax 0.0.6 with j
 def main(argv=None):
     from linen_probe import probe_main
 
-    why = available()
-    if why:
-        print(f"probe_clipjax: skipped: {why}")
-        return 0
     return probe_main(argv, NAMES, build, "probe_clipjax.md", title="# tpflax on clip-jax's SigLIP", intro=INTRO,
-                      tail=OBSERVATIONS, per_mesh=True)
+                      tail=OBSERVATIONS, per_mesh=True, available=available)
 
 
 OBSERVATIONS = """

@@ -173,12 +173,8 @@ INTRO = ("`python benchmarks/probe_dalle.py` (generated; dalle-mini 0.1.5 with j
 def main(argv=None):
     from linen_probe import probe_main
 
-    why = available()
-    if why:
-        print(f"probe_dalle: skipped: {why}")
-        return 0
     return probe_main(argv, NAMES, build, "probe_dalle.md", title="# tpflax on dalle-mini's DalleBart",
-                      intro=INTRO, tail=OBSERVATIONS)
+                      intro=INTRO, tail=OBSERVATIONS, available=available)
 
 
 OBSERVATIONS = """

@@ -159,15 +159,11 @@ def build(name: str):
 def main(argv=None):
     from linen_probe import probe_main
 
-    why = available()
-    if why:
-        print(f"probe_diffusers: skipped: {why}")
-        return 0
     return probe_main(argv, NAMES, build, "probe_diffusers.md", title="# tpflax on diffusers' Flax models",
                       intro=lambda line: line.replace(
                           "`python benchmarks/linen_probe.py` (generated).", "`python benchmarks/probe_diffusers.py` "
                           "(generated; diffusers 0.35.2, tiny configs; the UNet's diffusion MSE, the autoencoder's "
-                          "reconstruction MSE). The rest of this paragraph is linen_probe's:"), tail=OBSERVATIONS)
+                          "reconstruction MSE). The rest of this paragraph is linen_probe's:"), tail=OBSERVATIONS, available=available)
 
 
 OBSERVATIONS = """

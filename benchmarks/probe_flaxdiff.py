@@ -154,15 +154,11 @@ def build(name: str):
 def main(argv=None):
     from linen_probe import probe_main
 
-    why = available()
-    if why:
-        print(f"probe_flaxdiff: skipped: {why}")
-        return 0
     return probe_main(argv, NAMES, build, "probe_flaxdiff.md", title="# tpflax on flaxdiff's diffusion models",
                       intro=lambda line: line.replace(
                           "`python benchmarks/linen_probe.py` (generated).", "`python benchmarks/probe_flaxdiff.py` "
                           "(generated; flaxdiff 0.2.11, tiny configs, the diffusion MSE loss). The rest of this "
-                          "paragraph is linen_probe's:"), tail=OBSERVATIONS)
+                          "paragraph is linen_probe's:"), tail=OBSERVATIONS, available=available)
 
 
 
