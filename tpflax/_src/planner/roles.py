@@ -54,8 +54,9 @@ def stage_widths(facts: Sequence[Facts], widths: set[int], sure: bool):
     block's stage is the closest module above it holding two norms or more of one width (a transformer
     block's ``norm1``/``norm2``/``norm3``): their commonest width joins the model's for that block, so the
     128-wide level's GEGLU ``proj`` (128 -> 1024) widens its residual as the 64-wide level's does. A block
-    whose own norms are all of one width (jax-models' ConvNeXt: ``stages00/norm`` beside ``stages00/pwconv1``
-    and ``pwconv2``, a module per block with no stage around it) adds that width.
+    whose own norms are all of one width, the narrower side of its dense kernels of that width (jax-models'
+    ConvNeXt: ``stages00/norm`` beside ``stages00/pwconv1`` (32 -> 128) and ``pwconv2``, a module per block with
+    no stage around it), adds that width; a norm over an MLP's hidden width (NormFormer's) does not.
 
     >>> from tpflax._src.facts.tree import Leaf
     >>> def norm(path, w):
@@ -66,9 +67,13 @@ def stage_widths(facts: Sequence[Facts], widths: set[int], sure: bool):
     >>> of = stage_widths(fs, *residual_widths(fs))
     >>> of("a/blk_0/ff"), of("mid/blk/ff"), of("mid/blk/attn"), of("other")
     (({64}, True), ({64, 128}, True), ({64, 128}, True), ({64}, True))
-    >>> of = stage_widths(fs + [norm("stages00/norm", 32)], *residual_widths(fs))
-    >>> sorted(of("stages00")[0])
-    [32, 64]
+    >>> def dense(path, shape):
+    ...     return Facts(Leaf(path + "/kernel", shape, "float32", 4), "dense", 0, path, path.rsplit("/", 1)[0])
+    >>> blk = [norm("stages00/norm", 32), dense("stages00/pwconv1", (32, 128)), dense("stages00/pwconv2", (128, 32))]
+    >>> mlp = [norm("mlp/ffn_ln", 128), dense("mlp/up", (32, 128)), dense("mlp/down", (128, 32))]
+    >>> of = stage_widths(fs + blk + mlp, *residual_widths(fs))
+    >>> sorted(of("stages00")[0]), sorted(of("mlp")[0])
+    ([32, 64], [64])
     """
     under: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
     for f in facts:
@@ -78,12 +83,19 @@ def stage_widths(facts: Sequence[Facts], widths: set[int], sure: bool):
             for i in range(1, len(parts)):
                 under["/".join(parts[:i])][f.body[-1]] += 1
     memo: dict[str, tuple[set[int], bool]] = {}
+    kernels: dict[str, list[tuple[int, ...]]] = defaultdict(list)
+    for f in facts:
+        if f.kind == "dense" and len(f.body) == 2:
+            kernels[f.group].append(tuple(f.body))
 
     def of(group: str) -> tuple[set[int], bool]:
         if group not in memo:
             memo[group] = (widths, sure)
             own = under.get(group, {})
-            if len(own) == 1:  # the block's own norms, of one width (a ConvNeXt block's one LayerNorm)
+            # the block's own norms, of one width (a ConvNeXt block's one LayerNorm), that its kernels widen from
+            # (a norm over an MLP's hidden width, NormFormer's, is no residual's)
+            if len(own) == 1 and (shapes := [b for b in kernels.get(group, ()) if set(own) & set(b)]) \
+                    and all(min(b) in own for b in shapes):
                 memo[group] = (widths | set(own), True)
                 return memo[group]
             parts = group.split("/")
