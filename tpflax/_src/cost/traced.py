@@ -324,12 +324,12 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
 
 def _grown(flow: Any) -> dict[str, float]:
     """``{path: rows its output reaches upsampled / rows it reads}`` where more than 1
-    (:attr:`tpflax._src.trace.records.Dataflow.grown`)."""
+    (:meth:`tpflax._src.trace.records.Dataflow.growth`)."""
     out: dict[str, float] = {}
-    for (uid, _), rows in flow.grown.items():
-        u = flow.uses[uid]
-        if u.rows and rows > u.rows:
-            out[u.path] = max(out.get(u.path, 1.0), rows / u.rows)
+    for uid, dim in flow.grown:
+        if (g := flow.growth(uid, dim)) > 1:
+            path = flow.uses[uid].path
+            out[path] = max(out.get(path, 1.0), g)
     return out
 
 

@@ -488,7 +488,7 @@ def _outputs(c: _Flow) -> None:
                 c.meets = c.flow.meets()
             shard_lone_dense(c.st, f, f.body_dim(u.kept[0]), why, c.streams.get(path) or c.readers.get(path),
                              whole_reached(c.st, c.flow, c.fx, u, c.meets),
-                             grown=max(c.flow.grown.get((u.id, u.kept[0]), 0) / max(u.rows, 1), 1.0))
+                             grown=c.flow.growth(u.id, u.kept[0]))
         else:
             c.st.replicate(f, why)
 

@@ -244,7 +244,7 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                     remat_calls=remat_calls,
                     products=_one_branch(w.products), channelwise=dict(w.channelwise),
                     split_sums=tuple((frozenset(w.root(k) for k in ks), n, c) for ks, n, c in w.split_sums),
-                    spread=_spread(w), grown=_spread(w, w.grown),
+                    spread=_on_kernel_dims(w, w.spread), grown=_on_kernel_dims(w, w.grown),
                     gated=frozenset((w.root(a), w.root(b)) for a, b in w.gated if w.root(a) != w.root(b)),
                     collectives=tuple(c for cs in w.collectives.values() for c in cs),
                     row_axes=frozenset(w.row_axes), grad_deps=dict(w.grad_deps),
@@ -267,10 +267,11 @@ def _sliced(w: Any, shapes: dict[str, tuple[int, ...]]) -> dict[str, float]:
     return out
 
 
-def _spread(w: Any, by: Any = None) -> dict[tuple[int, int], int]:
-    """:attr:`Walk.spread` (or ``by``, :attr:`Walk.grown`) with every piece key back on its kernel dim."""
+def _on_kernel_dims(w: Any, table: dict[tuple[int, int], int]) -> dict[tuple[int, int], int]:
+    """A ``{tag: rows}`` table of the walk (:attr:`Walk.spread`, :attr:`Walk.grown`) with every piece key back
+    on its kernel dim, the most rows kept."""
     out: dict[tuple[int, int], int] = {}
-    for k, rows in (w.spread if by is None else by).items():
+    for k, rows in table.items():
         r = w.root(k)
         out[r] = max(out.get(r, 0), rows)
     return out

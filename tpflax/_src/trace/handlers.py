@@ -238,8 +238,8 @@ def broadcast_in_dim(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[
     for i, d in enumerate(eqn.params["broadcast_dimensions"]):
         mapping[d] = i
     shape, src = eqn.params["shape"], eqn.invars[0].aval.shape
-    grown = [d for d, m in enumerate(mapping) if m is not None and src[m] == 1 and shape[d] != 1]
-    return [_copies(w.moved(ins[0], mapping, ranks[0]), grown)]
+    copied = [d for d, m in enumerate(mapping) if m is not None and src[m] == 1 and shape[d] != 1]
+    return [_copies(w.moved(ins[0], mapping, ranks[0]), copied)]
 
 
 def squeeze(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:

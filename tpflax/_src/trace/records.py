@@ -282,8 +282,8 @@ class Dataflow:
     def meets(self) -> tuple[tuple[str, int, str, int], ...]:
         """``(path, dim, other path, other dim)``: parameter dims that make or read one activation dim (an edge's
         producer and consumer dims, both ways; a bias, a depthwise kernel or a per-channel parameter and the
-        kept dim of the use they meet; two uses whose outputs are multiplied, :attr:`gated`). Split on the other's dim, a parameter's gradient comes out split there
-        too (:func:`reached_dims`)."""
+        kept dim of the use they meet; two uses whose outputs are multiplied, :attr:`gated`). Split on the
+        other's dim, a parameter's gradient comes out split there too (:func:`reached_dims`)."""
         out = set()
         for e in self.edges:
             out |= {(e.dst, e.dst_dim, e.src, e.src_dim), (e.src, e.src_dim, e.dst, e.dst_dim)}
@@ -295,6 +295,12 @@ class Dataflow:
         for p, uid, align in follows:
             out |= {(p, ld, self.uses[uid].path, kd) for ld, kd in align.items()}
         return tuple(sorted(out))
+
+    def growth(self, uid: int, dim: int) -> float:
+        """How many times the rows use ``uid`` reads its kept ``dim``'s output reaches, upsampled on the way
+        (:attr:`grown`); 1.0 where it does not grow."""
+        rows, u = self.grown.get((uid, dim), 0), self.uses[uid]
+        return rows / u.rows if u.rows and rows > u.rows else 1.0
 
     def dots(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
         """``{path: (contracted dims, kept dims)}``: each parameter's first ``dot`` use without batch dims, the
