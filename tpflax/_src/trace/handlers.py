@@ -51,6 +51,11 @@ CUMULATIVE = frozenset({"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"}
 def elementwise(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
     name = eqn.primitive.name
     rank = ranks[0]
+    out = tuple(getattr(eqn.outvars[0].aval, "shape", ()))
+    # lax broadcasts an operand's size-1 dims implicitly (``x + noise`` with a ``(1, h, w, 1)`` noise
+    # constant, StyleGAN2's): a parameter's size-1 dim there holds copies, not the output's features
+    ins = [_copies(v, [d for d, n in enumerate(getattr(x.aval, "shape", ())) if n == 1 and d < len(out) and out[d] != 1])
+           if v.origin else v for v, x in zip(ins, eqn.invars, strict=True)]
     full = [v for v in ins if v.rank == rank and rank > 0]
     params = [v for v in full if v.origin]
     acts = [v for v in full if not v.origin]
