@@ -213,9 +213,18 @@ def conv_general_dilated(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: l
     lspec, rspec, ospec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
     groups = eqn.params.get("feature_group_count", 1)
     out_rank = ranks[0]
+    shape_p = tuple(eqn.invars[1].aval.shape)
+    if (not lhs.origin and not rhs.origin and rhs.tags is None and groups > 1 and shape_p[rspec[1]] == 1
+            and shape_p[rspec[0]] == groups):
+        # a depthwise convolution with a constant filter (StyleGAN2's FIR blur, ``upfirdn2d``): each output
+        # channel reads its own input channel, so a split of the channels passes through, as an elementwise op's
+        tags: list[TagMap] = [{} for _ in range(out_rank)]
+        tags[ospec[0]], tags[ospec[1]] = w.merge([lhs.dim_tags(lspec[0])]), w.merge([lhs.dim_tags(lspec[1])])
+        for d in lspec[2:]:
+            w.escape(lhs.dim_tags(d), "a spatial dim of a convolution window")
+        return [Val(out_rank, tags=tuple(tags) if any(tags) else None)]
     if lhs.origin or not rhs.origin:
         return opaque(w, eqn, ins, ctx, ranks)
-    shape_p = tuple(eqn.invars[1].aval.shape)
     tags: list[TagMap] = [{} for _ in range(out_rank)]
     tags[ospec[0]] = w.merge([lhs.dim_tags(lspec[0])])
     for d in lspec[2:]:
