@@ -41,7 +41,7 @@ from tpflax._src.planner.leaf_groups import (
 from tpflax._src.planner.repeats import merge_uses
 from tpflax._src.specs import entries, to_pspec
 from tpflax._src.trace.dataflow import Dataflow, Edge, Use
-from tpflax._src.trace.spread import reader_streams, spread_streams
+from tpflax._src.trace.spread import GATHERS_PER_TOUCH, reader_streams, spread_streams
 
 _CONTRACT = ("dot", "conv")
 
@@ -187,6 +187,12 @@ def _sources_by_dim(c: _Flow, rid: int) -> dict[int, dict[int, Edge]]:
             continue
         if S.path in c.streams:
             continue  # its output scales the residual stream (DiT's adaLN): split, XLA splits the stream too
+        if 0 < S.rows < min(R.rows, c.flow.spread.get((S.id, e.src_dim), 0)):
+            # its few rows scale a larger activation on the way (StyleGAN2's style, one row per example, scales
+            # every position of a conv's input): split as the row's column, the product is split, and so is the
+            # larger activation's gradient, which XLA gathers for its whole producer (measured on StyleGAN2's
+            # generator, data=2,model=4: 2.2x the collectives of the conv-to-conv pairs); no column of the row
+            continue
         if {x.dst_use for x in c.out_edges[(S.id, e.src_dim)]} != {rid} and not _branched(c, S.id, e.src_dim) \
                 and not _narrow_readers(c, S.id, e.src_dim, rid) and not _free_rows(c, S.id, e.src_dim):
             continue  # its output also feeds a contraction already decided: not a clean pair
@@ -486,11 +492,23 @@ def _outputs(c: _Flow) -> None:
         if u.op == "dot" and len(u.kept) == 1 and path in c.st.rows and f.stacked == 0:
             if c.meets is None:
                 c.meets = c.flow.meets()
-            shard_lone_dense(c.st, f, f.body_dim(u.kept[0]), why, c.streams.get(path) or c.readers.get(path),
+            shard_lone_dense(c.st, f, f.body_dim(u.kept[0]), why,
+                             c.streams.get(path) or c.readers.get(path) or _modulates(c, u),
                              whole_reached(c.st, c.flow, c.fx, u, c.meets),
                              grown=c.flow.growth(u.id, u.kept[0]))
         else:
             c.st.replicate(f, why)
+
+
+def _modulates(c: _Flow, u: Use) -> tuple[float, int, int] | None:
+    """``(rows / its own, width, gathers)`` of the larger activation a lone kernel's output scales elementwise
+    (StyleGAN2's style, one row per example, times every position of a conv's input; not a residual stream of
+    tokens, :func:`~tpflax._src.trace.spread.spread_streams`): split, it splits that product, which XLA gathers
+    for its whole reader, and the product's gradient; else None."""
+    rows = c.flow.spread.get((u.id, u.kept[0]), 0)
+    if not u.rows or rows <= u.rows:
+        return None
+    return rows / u.rows, c.fx[u.path].leaf.shape[u.kept[0]], GATHERS_PER_TOUCH
 
 
 def _why_not_column(c: _Flow, u: Use) -> str:
