@@ -260,7 +260,8 @@ def _pair_act(path: str, d: Any, side: str, s: Scope) -> float:
         # ((out, in) Conv1D kernels too): the other dim is the activation's width
         width = b[1 - split[0]] if (side == "in") == (d.role == "column") else b[split[0]]
     elif d.kind == "conv" and len(b) >= 3:  # (..window.., in, out) channels: the window's taps are no width
-        width = b[-2] if side == "in" else b[-1]
+        # its input gradient at its input's positions (a strided conv's more, a transposed one's fewer)
+        width = b[-2] * s.in_rows.get(path, 1.0) if side == "in" else b[-1]
     elif side == "in":  # a column's input: as wide as the dims its contraction sums over, as traced (a kernel
         # stacked (2, d, f) and used as w[0], w[1] reads d), else its first dim
         width = (s.widths or {}).get(path) or b[0]

@@ -55,6 +55,7 @@ def gradient_items(s: Scope) -> list[CommItem]:
         # measured: XLA reduces the partial gradient of each whole use apart (a tied table's lookup
         # and logits, a layer called twice), then adds them
         parts = s.parts.get(path, 1) if s.parts is not None else (2 if is_tied(path, d, s) else 1)
+        parts += s.combined.get(path, 0)  # its elementwise uses' gradients (Traced.combined), reduced apart
         if s.backend == "tpu":  # XLA:TPU adds a table's lookups' scatter-adds first: one part for all
             parts -= max((s.lookups or {}).get(path, 1) - 1, 0)
         item = gather_item(d, s.backend, s.lv.specs[path], s.mesh)
@@ -95,7 +96,8 @@ def gradient_items(s: Scope) -> list[CommItem]:
                 items.append(CommItem("all-reduce" if kind == "reduce-scatter" else kind, axes, size, n,
                                       count * k * (parts - 1), label,
                                       f"used whole {parts} times (a tied table's lookup and logits, a shared "
-                                      "layer): each use's gradient is reduced separately"))
+                                      "layer, a weight also scaled per example): each use's gradient is reduced "
+                                      "separately"))
     return items + lookup_concat_items(s)
 
 

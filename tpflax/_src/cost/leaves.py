@@ -67,13 +67,16 @@ class Leaves:
 
 def merge(decisions: Mapping[str, Any], activations: Mapping[str, Sequence[Act]],
           opt: OptLayout | None = None, saved: Mapping[str, Sequence[Act]] | None = None,
-          frozen: frozenset[str] = frozenset(), no_grad: frozenset[str] = frozenset()) -> Leaves:
+          frozen: frozenset[str] = frozenset(), no_grad: frozenset[str] = frozenset(),
+          traced_rows: Mapping[str, float] | None = None) -> Leaves:
     """Merge a plan's alike leaves (see the module docstring).
 
     ``saved``: the layer calls whose outputs the activation bytes count (``Workload.saved``: a plain
     function's parameter contractions); their splits are the column units. Default: ``activations``.
     ``frozen``: leaves whose input has no gradient (``Workload.frozen_inputs``), unlike their repeats.
     ``no_grad``: leaves without a gradient of their own (``Workload.no_grad``), unlike their repeats.
+    ``traced_rows``: the rows per example each leaf reads (``Workload.rows``): leaves reading different rows are
+    unlike (a plain function's convolutions, which ``saved`` lacks: a generator's layers at each resolution).
 
     >>> import jax, tpflax
     >>> sds = jax.ShapeDtypeStruct((64, 64), "float32")
@@ -99,7 +102,8 @@ def merge(decisions: Mapping[str, Any], activations: Mapping[str, Sequence[Act]]
     for path, d in decisions.items():
         key = (d.group or path, specs[path], tuple(d.shape), d.bytes, d.dtype, d.kind, d.strategy, d.role,
                path in paired, d.layers_dim, d.trainable, d.unit in recurrent, path in frozen, path in no_grad,
-               tuple(acts_for(calls, d.unit)), tuple(acts_for(activations, d.unit + ":attend")))
+               tuple(acts_for(calls, d.unit)), tuple(acts_for(activations, d.unit + ":attend")),
+               (traced_rows or {}).get(path))
         rep = reps.setdefault(key, path)
         rep_of[path] = rep
         count[rep] = count.get(rep, 0) + 1

@@ -150,6 +150,12 @@ class Traced:
         constrained: ``(path, dim, mesh axes)``: parameter dims whose activation the model's own
             ``with_sharding_constraint`` lays out over those axes (:attr:`tpflax._src.trace.records.Dataflow.constraints`;
             priced by :func:`tpflax._src.cost.whole.constrained_dims`).
+        grown: ``{path: rows its output reaches upsampled / rows it reads}`` (:func:`_grown`).
+        in_rows: ``{path: input positions / output positions}`` of a convolution whose input gradient is not
+            as large as its output (strided: more; transposed, StyleGAN2's upsampling: fewer); its first use.
+        combined: ``{path: n}`` for parameters contracted whole and also combined whole with an activation ``n``
+            times (StyleGAN2's modulated conv weight, scaled per example for its demodulation): ``n`` more
+            gradient parts, each reduced over the batch apart (counted in no ``parts``: they are not calls).
     """
 
     tied: frozenset[str] | None = None
@@ -194,6 +200,8 @@ class Traced:
     constrained: tuple[tuple[str, int, tuple[str, ...]], ...] = ()
     limits: Mapping[tuple[str, int, str, int], int] = field(default_factory=dict)
     grown: Mapping[str, float] = field(default_factory=dict)
+    in_rows: Mapping[str, float] = field(default_factory=dict)
+    combined: Mapping[str, int] = field(default_factory=dict)
 
 
 def frozen_inputs(t: Traced, trainable: Mapping[str, bool]) -> frozenset[str]:
@@ -269,6 +277,13 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
                 lookups[u.path] = lookups.get(u.path, 0) + 1
         elif u.path not in flow.scanned and u.op == "dot":
             slices[u.path] = slices.get(u.path, 0) + 1
+    # a parameter contracted whole and also combined whole with an activation (StyleGAN2's modulated conv:
+    # its weight convolved, and scaled per example by the style for the demodulation): each combination's
+    # gradient is one more part, summed over the batch apart (measured, XLA:CPU: the weight's gradient
+    # all-reduced twice over data, replicated); not a call, its pair sums nothing more
+    combined = {path: n for path, combos in flow.combined.items() if whole.get(path) and path not in flow.scanned
+                and (n := sum(all(d in dims or size == 1 for d, size in enumerate(shapes.get(path, ())))
+                              for dims in combos))}
     # an expert kernel's batched contraction records no rows: read them off its activation
     batched = batched_paths(flow)
     per_example, buffers = batched_rows(m, batched) if batched else ({}, {})
@@ -319,7 +334,16 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
                   flow.dots(), dict(flow.scanned),
                   tuple(sorted({(flow.uses[u].path, d, axes) for u, d, axes in flow.constraints})),
                   {(e.src, e.src_dim, e.dst, e.dst_dim): e.limit for e in flow.edges},
-                  grown=_grown(flow))
+                  grown=_grown(flow), in_rows=_in_rows(flow), combined=combined)
+
+
+def _in_rows(flow: Any) -> dict[str, float]:
+    """:attr:`Traced.in_rows`: a convolution's input positions over its output's, where they differ."""
+    out: dict[str, float] = {}
+    for u in flow.uses:
+        if u.op == "conv" and u.rows and u.in_rows and u.path not in out and u.in_rows != u.rows:
+            out[u.path] = u.in_rows / u.rows
+    return out
 
 
 def _grown(flow: Any) -> dict[str, float]:

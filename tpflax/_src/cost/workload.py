@@ -93,6 +93,8 @@ class Workload:
     buffers: Mapping[str, float] | None = None
     streams: Mapping[str, tuple[float, int, int]] | None = None
     grown: Mapping[str, float] = field(default_factory=dict)  # outputs upsampled before read whole (Traced)
+    in_rows: Mapping[str, float] = field(default_factory=dict)  # a conv's input rows over its output's (Traced)
+    combined: Mapping[str, int] = field(default_factory=dict)  # gradient parts of elementwise uses (Traced)
     contractions: Mapping[str, Sequence[Act]] = field(default_factory=dict)
     scores: tuple[Scores, ...] = ()
     next_token: bool = False
@@ -197,7 +199,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     fused=t.fused, shared=t.shared, lookups=t.lookups,
                     grouped=t.grouped, joined=t.joined, widths=widths, frozen_inputs=frozen, slices=t.slices,
                     buffers=t.buffers,
-                    streams=t.streams, grown=t.grown, contractions=contractions, scores=t.scores,
+                    streams=t.streams, grown=t.grown, in_rows=t.in_rows, combined=t.combined, contractions=contractions, scores=t.scores,
                     next_token=_next_token(m) if loss is None else reads_slice(m, loss), biased=t.biased,
                     collectives=t.collectives, row_axes=t.row_axes, meets=t.meets,
                     positional=t.positional, loops=t.loops, remat_layers=t.remat_layers, erf=t.erf,

@@ -159,7 +159,7 @@ class Context:
             p = self._traced_facts(p)
             used = set().union(*(used_axes(entries(d.spec, len(d.shape))) for d in p.decisions.values()))
             lv = merge(p.decisions, self.workload.activations, self.workload.opt, self.workload.saved,
-                       self.workload.frozen_inputs, self.workload.no_grad)
+                       self.workload.frozen_inputs, self.workload.no_grad, self.workload.rows)
             alike.append(Shared(p, lv, frozenset(used), record=record))
         return alike[-1]
 

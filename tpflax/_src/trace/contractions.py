@@ -242,12 +242,14 @@ def conv_general_dilated(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: l
         else None
     out_shape = tuple(eqn.outvars[0].aval.shape)
     positions = math.prod(out_shape) // max(1, out_shape[ospec[1]])  # the rows its collectives move
+    in_shape = tuple(eqn.invars[0].aval.shape)
+    in_positions = math.prod(in_shape) // max(1, in_shape[lspec[1]])  # its input gradient's
     for n, (path, dims) in enumerate(rhs.origin):
         o, i = dims[rspec[0]], dims[rspec[1]]
         contracted = [dims[d] for d in rspec[1:] if dims[d] is not None]
         # a kernel computed from several weights (a weight norm's v and g) moves its activations once
         uid = w.use(ctx, eqn, path, "conv", contracted, [o] if o is not None else [], [], rhs.const_of,
-                    positions, grouped=moved if n == 0 else None, from_input=not lhs.live)
+                    positions, grouped=moved if n == 0 else None, from_input=not lhs.live, in_rows=in_positions)
         w.note_grad(uid, lhs)
         fresh = uid if len(rhs.origin) == 1 else None
         if groups == 1 and i is not None:

@@ -237,6 +237,7 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
     return Dataflow(paths=tuple(paths), uses=tuple(w.uses), examples=examples, edges=edges, escapes=found["escapes"],
                     outputs=frozenset(found["outputs"]), recurrent=frozenset(w.recurrent),
                     biases=dict(w.biases), elementwise=frozenset(w.elementwise),
+                    combined={p: tuple(ds) for p, ds in w.combined.items()},
                     channels={p: by for p, by in w.channels.items() if by},
                     scanned=dict(w.scanned), n_eqns=w.n_eqns, fused=found["fused"], branches=branches,
                     cuts=found["cuts"], views=frozenset(w.root(k) for k in w.views),

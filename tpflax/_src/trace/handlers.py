@@ -153,6 +153,7 @@ def _note_params(w: Walk, name: str, params: list[Val], acts: list[Val]) -> None
     for p in params:
         for path, dims in p.origin:
             w.elementwise.add(path)
+            w.combined.setdefault(path, []).append(frozenset(d for d in dims if d is not None))
             if name == "add" and len(fresh) == 1 and len(acts) == 1:
                 # Added straight to a contraction's output: that contraction's bias.
                 uid = fresh[0].fresh

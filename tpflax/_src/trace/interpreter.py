@@ -142,6 +142,7 @@ class Walk:
     biases: dict[str, tuple[int, dict[int, int]]] = field(default_factory=dict)
     channelwise: dict[str, tuple[int, dict[int, int]]] = field(default_factory=dict)
     elementwise: set[str] = field(default_factory=set)
+    combined: dict[str, list[frozenset[int]]] = field(default_factory=dict)
     channels: dict[str, dict[int, dict[int, int]]] = field(default_factory=dict)
     scanned: dict[str, int] = field(default_factory=dict)
     fused: dict[tuple[int, int], int] = field(default_factory=dict)
@@ -350,7 +351,7 @@ class Walk:
 
     def use(self, ctx: tuple, eqn: Any, path: str, op: str, contracted, kept, batch, scan_length,
             rows: int = 0, dtype: str = "", grouped: int | None = None, from_input: bool = False,
-            fixed: bool = False, looked: tuple[int, ...] = ()) -> int:
+            fixed: bool = False, looked: tuple[int, ...] = (), in_rows: int = 0) -> int:
         key = (ctx, id(eqn), path)
         if key in self.use_key:
             u = self.uses[self.use_key[key]]
@@ -360,7 +361,7 @@ class Walk:
                 self.uses[u.id] = dataclasses.replace(u, fixed=u.fixed and fixed, from_input=u.from_input and from_input)
             return u.id
         u = Use(len(self.uses), path, op, tuple(contracted), tuple(kept), tuple(batch), scan_length, rows, dtype,
-                grouped, from_input, fixed, tuple(looked))
+                grouped, from_input, fixed, tuple(looked), in_rows)
         self.uses.append(u)
         self.use_key[key] = u.id
         return u.id

@@ -34,6 +34,9 @@ class Use:
             contracted: the tokens, patches or frames the layer sees); for ``conv``, the
             positions of its output (batch times output window positions: a strided
             front end's are fewer than its input's frames); else 0.
+        in_rows: for ``conv``, the positions of its input (batch times input window positions: more than
+            ``rows`` for a strided convolution, fewer for a transposed one, StyleGAN2's upsampling), the rows
+            of its input gradient; else 0.
         dtype: for ``dot``/``onehot``, its output's dtype as traced (what its tensor-parallel
             collectives move: a bf16 model's activations even when its inputs are ids); else "".
         grouped: for a grouped ``conv`` (``feature_group_count > 1``), the elements of its
@@ -62,6 +65,7 @@ class Use:
     from_input: bool = False
     fixed: bool = False
     looked: tuple[int, ...] = ()
+    in_rows: int = 0
 
     @property
     def tokens(self) -> int:
@@ -156,6 +160,9 @@ class Dataflow:
             3x3): their output channels are their input's, which that use's kept dim made, so
             the kernel is split like that use's output and the split passes through.
         elementwise: paths combined elementwise with activations (norm scales...).
+        combined: ``{path: (leaf dims read, ...)}``, one entry per elementwise combination of the parameter
+            with an activation: each its own partial gradient, summed over the batch (StyleGAN2's
+            modulated conv weight, scaled per example by its style for the demodulation and also convolved).
         channels: ``{path: {use id: {param dim: kept param dim of the use}}}`` for parameters combined
             elementwise with an activation whose dims a use's output features made (Mamba's ``D`` times the
             conv's output, ``A_log`` times ``dt_proj``'s): per-channel parameters, split like that output.
@@ -233,6 +240,7 @@ class Dataflow:
     biases: Mapping[str, tuple[int, Mapping[int, int]]]
     elementwise: frozenset[str]
     scanned: Mapping[str, int]
+    combined: Mapping[str, tuple[frozenset[int], ...]] = field(default_factory=dict)
     n_eqns: int = 0
     fused: Mapping[tuple[int, int], int] = field(default_factory=dict)
     shared: frozenset[int] = frozenset()
