@@ -120,6 +120,13 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
                            f"{label[j]}, its joined other input: sum partial input gradients (backward)")
                   for j in split_cols for r in joined.get(j, ())]  # each other input's gradient, apart
         items += [i for c in tensor_cols for i in _stream_items(c, dec[c], axes, s, count, tuple(rows))]
+        # a split column's output read whole by a contraction outside its pair (traced: StyleGAN2's first
+        # synthesis conv, read by its toRGB row and by the next block's upsampling conv): XLA gathers it for
+        # that reader forward, and again in the backward for the reader's weight gradient (measured, XLA:CPU)
+        items += [CommItem("all-gather", axes, _pair_act(c, dec[c], "out", s), n, 2 * count, source,
+                           f"column {label[c]}: gather its split output for {label[r]}, which reads it whole "
+                           "(forward, and again for that kernel's weight gradient)")
+                  for c in tensor_cols for r in _whole_readers(c, cols + rows, s)]
         whole = whole_members(s) if any(not s.axes(p, TENSOR) for p in cols + rows) else {}
         for m in cols + rows:  # kept whole: a GQA key/value with fewer heads than the tensor degree, a gate
             if (r := whole.get(m)) is not None:
@@ -129,6 +136,28 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
             items += _loose_items(s, pc, axes, n, count, source)
         _heads_note(dec, pc.id, cols, s, notes)
     return items
+
+
+def _whole_readers(c: str, pair: list[str], s: Scope) -> list[str]:
+    """The convs outside ``pair`` that read conv column ``c``'s tensor-split output channels whole (their kernel
+    not split on its input channels), as traced; representatives, once each. Dense layers are left out: their
+    traced edges also run through activation products (CaiT's talking heads mix the scores q and k make),
+    where XLA gathers the product, not the column's output."""
+    t_axes = set(s.axes(c, TENSOR))
+    rep = s.lv.rep_of
+    spec = s.lv.specs[c]
+    out: list[str] = []
+    if s.lv.decisions[c].kind != "conv":
+        return out
+    for (src, sdim, dst, ddim) in s.limits:
+        r = rep.get(dst, dst)
+        if rep.get(src, src) != c or r in pair or r in out or r not in s.lv.specs or sdim >= len(spec) \
+                or not t_axes & set(entry_axes(spec[sdim])):
+            continue
+        if s.lv.decisions[r].kind == "conv" and ddim < len(s.lv.specs[r]) \
+                and not t_axes & set(entry_axes(s.lv.specs[r][ddim])):
+            out.append(r)
+    return out
 
 
 def _batch_split(c: str, s: Scope) -> bool:
