@@ -139,3 +139,47 @@ def test_a_transposed_conv_column_sums_its_input_gradient_at_its_input_size():
                and "/up0/" in (c.op_name or "") for c in dr.collectives), [(c.shapes, c.op_name) for c in dr.collectives]
     # and the estimate's collectives in all are within 2% of the compiled ones (0.987)
     assert abs(est.comm_total / dr.comm_total - 1) < 0.02, (est.comm_total, dr.comm_total)
+
+
+class TwoReaders(nn.Module):
+    """A synthesis conv whose output a toRGB conv and the next block's upsampling conv both read."""
+
+    @nn.compact
+    def __call__(self, latent):
+        x = jnp.broadcast_to(self.param("const", nn.initializers.normal(), (1, 4, 4, 64)), (latent.shape[0], 4, 4, 64))
+        x = ModConv(64, name="conv0")(x, latent)
+        x = ModConv(64, up=True, name="up0")(x, latent)
+        x = ModConv(64, name="conv1")(x, latent)
+        x = ModConv(64, name="conv2")(x, latent)
+        y = ModConv(3, name="rgb2")(x, latent)
+        x = ModConv(64, up=True, name="up1")(x, latent)
+        x = ModConv(64, name="conv3")(x, latent)
+        return ModConv(3, name="rgb3")(x, latent) + jnp.repeat(jnp.repeat(y, 2, 1), 2, 2)
+
+
+def _numbers(model, plan):
+    dr, est = _compiled(model, plan)
+    m = dr.memory
+    return (m["argument"] or 0) + (m["temp"] or 0) + (m["output"] or 0) - (m["alias"] or 0), dr.comm_total, dr.flops, est
+
+
+def test_a_conv_read_by_a_row_and_a_later_conv_pairs_with_the_row():
+    # conv2's output feeds rgb2 (1x1 to 3 channels) and up1. Split, paired with rgb2, it is gathered for up1;
+    # the traced plan kept both whole (not a clean pair). Measured here: 0.72x the bytes, 0.95x the collectives
+    # and 0.74x the flops of conv2 and rgb2 whole; flaxmodels' StyleGAN2 generator, 0.76x / 0.93x / 0.95x
+    from jax.sharding import PartitionSpec as P
+
+    model = TwoReaders()
+    variables = jax.eval_shape(model.init, jax.random.key(0), *SAMPLE)
+    plan = tpflax.plan(variables, MESH, batch=SAMPLE, model=model, sample=SAMPLE)
+    specs = _specs(plan)
+    assert specs["conv2/weight"] == (None, None, None, "model") and specs["rgb2/weight"] == (None, None, "model", None)
+    assert specs["up1/weight"] == (None, None, None, "model")  # free to head its own pair, with conv3
+    whole = tpflax.plan(variables, MESH, batch=SAMPLE, model=model, sample=SAMPLE,
+                        rules=[(r"conv2/weight$", P()), (r"rgb2/weight$", P())])
+    *new, est = _numbers(model, plan)
+    *old, _ = _numbers(model, whole)
+    assert all(a < b for a, b in zip(new, old, strict=True)), (new, old)
+    # the estimate counts the gather of conv2's output for up1 (forward, and again for up1's weight gradient)
+    assert any(i.kind == "all-gather" and "conv2/weight: gather its split output" in i.why for i in est.items)
+    assert abs(est.comm_total / new[1] - 1) < 0.05, (est.comm_total, new[1])

@@ -429,12 +429,14 @@ def column_blocked(col: Linear, kind: str, row: Linear, t_entry: Entry, t_size: 
 
 
 def shard_conv_pair(st: State, a: Facts, b: Facts, a_dim: int, b_dim: int, why: str = "",
-                    extra: Sequence[Facts] = ()) -> None:
+                    extra: Sequence[Facts] = (), gathered: int = 0) -> None:
     """Conv ``a`` (output channels, body dim ``a_dim``) feeding conv ``b`` (input channels, ``b_dim``): split
     on those channels or kept whole, whichever the chooser prices cheaper (``min_channels``, when set, is a
     floor below which the pair stays whole unpriced). ``extra``: 2-D dense kernels whose outputs are added to
     ``a``'s output channels (a diffusion ResNet's time-embedding projection), columns of the pair split
-    with it; their input gradients, one row per example, are summed (priced by the estimate, not here)."""
+    with it; their input gradients, one row per example, are summed (priced by the estimate, not here).
+    ``gathered``: later convs reading ``a``'s output channels whole, beside ``b`` (traced): split, that output is
+    gathered for each of them."""
     t_entry, t_size = st.tensor
     ch = a.body[a_dim]
     note = ""
@@ -468,7 +470,9 @@ def shard_conv_pair(st: State, a: Facts, b: Facts, a_dim: int, b_dim: int, why: 
         (ActComm("all-reduce", t_entry, math.prod(b.body) // (b.body[b_dim] * _taps(b)), 1,
                  "input-channel conv: sum partial outputs (forward)"),
          ActComm("all-reduce", t_entry, math.prod(a.body) // (ch * _taps(a)), 1,
-                 "channel conv: sum partial input gradients (backward)")),
+                 "channel conv: sum partial input gradients (backward)"),
+         *((ActComm("all-gather", t_entry, ch, 2 * gathered, "gather the split output channels for the later convs "
+                    "that read them whole (forward, and again for their weight gradients)"),) if gathered else ())),
         paths)
     whole = Option("replicate", tuple(
         (f.path, st.whole(f, f"{side} of conv pair {pair.id}: {why}kept whole on every tensor rank", pair.id, role))

@@ -194,7 +194,8 @@ def _sources_by_dim(c: _Flow, rid: int) -> dict[int, dict[int, Edge]]:
             # generator, data=2,model=4: 2.2x the collectives of the conv-to-conv pairs); no column of the row
             continue
         if {x.dst_use for x in c.out_edges[(S.id, e.src_dim)]} != {rid} and not _branched(c, S.id, e.src_dim) \
-                and not _narrow_readers(c, S.id, e.src_dim, rid) and not _free_rows(c, S.id, e.src_dim):
+                and not _narrow_readers(c, S.id, e.src_dim, rid) and not _free_rows(c, S.id, e.src_dim) \
+                and not _later_convs(c, S.id, e.src_dim, rid):
             continue  # its output also feeds a contraction already decided: not a clean pair
         prev = by_rdim[e.dst_dim].get(S.id)
         if prev is None or e.src_dim < prev.src_dim:
@@ -213,6 +214,22 @@ def _kept_size(c: _Flow, uid: int) -> int:
     """Elements of a contraction's kernel that survive into its output (its output features)."""
     u, f = c.cand[uid], c.fx[c.cand[uid].path]
     return math.prod(f.leaf.shape[k] for k in u.kept)
+
+
+def _later_convs(c: _Flow, sid: int, dim: int, rid: int) -> list[int]:
+    """The other contractions reading conv ``sid``'s output channels when conv ``rid`` is the first, a narrow
+    one (at most a quarter of those channels out: an image head), and all of them are undecided convs after it
+    (StyleGAN2's synthesis conv, read by its 1x1 toRGB conv and by the next block's upsampling conv): paired
+    with ``rid``, the column's split output is gathered for each of them (priced in the pair:
+    :func:`~tpflax._src.planner.builders.shard_conv_pair`'s ``gathered``), and they stay free to head pairs of
+    their own; else []. A stage's output read by the next stage's conv and its shortcut projection, both as
+    wide, stays whole (a ResNet keeps its stream whole between stages)."""
+    others = sorted({x.dst_use for x in c.out_edges[(sid, dim)]} - {rid})
+    if c.cand[sid].op != "conv" or c.cand[rid].op != "conv" or not others or min(others) < rid \
+            or 4 * _kept_size(c, rid) > _kept_size(c, sid):
+        return []
+    ok = all(c.cand[o].op == "conv" and c.cand[o].path not in c.st.out for o in others)
+    return others if ok else []
 
 
 def _narrow_readers(c: _Flow, sid: int, dim: int, rid: int) -> bool:
@@ -348,9 +365,14 @@ def _pair_row(c: _Flow, rid: int, adapters: bool = True) -> None:
         return
     lins = [_column(c, sid, e, R.path) for sid, e in sorted(cols.items())]
     if R.op == "conv" and len(lins) == 1 and c.cand[next(iter(cols))].op == "conv":
-        via = sorted({_via(e.via) for e in cols.values()}, key=len)[0]
-        shard_conv_pair(c.st, lins[0].f, fR, lins[0].out_dims[0], rb,
-                        why=f"traced: output channels reach {short(R.path)} {via}")
+        (sid, e), = cols.items()
+        via = _via(e.via)
+        later = _later_convs(c, sid, e.src_dim, rid) if {x.dst_use for x in c.out_edges[(sid, e.src_dim)]} != {rid} \
+            else []
+        why = f"traced: output channels reach {short(R.path)} {via}"
+        if later:
+            why += f", gathered for {len(later)} later conv(s) reading them whole ({short(c.cand[later[0]].path)})"
+        shard_conv_pair(c.st, lins[0].f, fR, lins[0].out_dims[0], rb, why=why, gathered=len(later))
         return
     row = Linear(fR, (rb,), tuple(fR.body_dim(k) for k in R.kept), heads=rb if len(fR.body) == 3 else None,
                  role="row", why=f"traced: its contraction sums kernel dim {rb} against that output"
