@@ -77,8 +77,10 @@ def _rows(m: Any, paths: Collection[str]) -> dict[str, tuple[int, bool]]:
     closed, leaves, n = trace_jaxpr(m)
     jaxpr = closed.jaxpr
     w = new_walk()
+    # the sample's inputs are fed (a value of neither parameters nor inputs is a constant: trace.handlers)
     args = [Val(len(getattr(v.aval, "shape", ())),
-                origin=((leaves[i], tuple(range(len(v.aval.shape)))),) if i < len(leaves) else ())
+                origin=((leaves[i], tuple(range(len(v.aval.shape)))),) if i < len(leaves) else (),
+                fed=i >= len(leaves))
             for i, v in enumerate(jaxpr.invars)]
     w.run(jaxpr, args)
     examples = m.batch_size

@@ -11,7 +11,7 @@ tagged activation dim it sums over closes an *edge* from the tag's use. A
 >>> j = jax.make_jaxpr(lambda a, b, x: (x @ a) @ b)(
 ...     jnp.zeros((4, 8)), jnp.zeros((8, 4)), jnp.zeros((2, 4))).jaxpr
 >>> w = new_walk()
->>> _ = w.run(j, [Val(2, origin=(("a", (0, 1)),)), Val(2, origin=(("b", (0, 1)),)), Val(2)])
+>>> _ = w.run(j, [Val(2, origin=(("a", (0, 1)),)), Val(2, origin=(("b", (0, 1)),)), Val(2, fed=True)])
 >>> [(u.path, u.contracted, u.kept) for u in w.uses], list(w.edges)
 ([('a', (0,), (1,)), ('b', (0,), (1,))], [(0, 1, 1, 0)])
 """
@@ -41,7 +41,9 @@ def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
         # meets a weight: it is the activation of this product, the other the kernel it uses
         lhs, rhs = (Val(lhs.rank, live=True), rhs) if _per_example(lhs) else (lhs, Val(rhs.rank, live=True))
         lp, rp = bool(lhs.origin), bool(rhs.origin)
-    if lp and rp:  # a weight computed from weights (x @ (a @ b)): still parameters
+    # a weight computed from weights (x @ (a @ b)), or from a weight and constants (NetKet's GCNN: the kernel
+    # contracted with its symmetry group's irreps): still parameters, read by the contraction with activations
+    if (lp and rp) or (lp and _static(rhs) and not rhs.onehot) or (rp and _static(lhs) and not lhs.onehot):
         origin = []
         for p, dims in lhs.origin:
             origin.append((p, tuple(dims[d] for d in lb) + tuple(dims[d] for d in lf)

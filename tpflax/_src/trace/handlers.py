@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tpflax._src.trace import collectives, constraints, contractions, control
-from tpflax._src.trace.interpreter import Handler, Val, Walk, is_minor
+from tpflax._src.trace.interpreter import Handler, Val, Walk, is_minor, opaque
 from tpflax._src.trace.reshape import reshape
 
 # Ops that keep every dim in place (n-ary, equal shapes up to rank-0 operands).
@@ -58,7 +58,9 @@ def elementwise(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
            if v.origin else v for v, x in zip(ins, eqn.invars, strict=True)]
     full = [v for v in ins if v.rank == rank and rank > 0]
     params = [v for v in full if v.origin]
-    acts = [v for v in full if not v.origin]
+    # a constant (computed from neither parameters nor inputs: NetKet's autoregressive mask, ``kernel * mask``)
+    # is no activation: a parameter combined with constants alone is still a weight
+    acts = [v for v in full if not v.origin and (v.live or v.fed or v.tags is not None or v.iota or v.onehot)]
     if name in VIEW or (params and not acts):
         # A view of parameters (a cast, a weight computed from weights) is still a parameter; one
         # parameter met twice (weight norm: ``v / norm(v)``) is one origin, with its fullest dims
@@ -437,6 +439,14 @@ def _copies(v: Val, dims: Sequence[int]) -> Val:
                                                for p, ds in v.origin))
 
 
+def bitcast_convert_type(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    """Between types of one width (``jnp.signbit``'s float64 -> int64, NetKet's ``log_cosh``) an elementwise op;
+    between widths it adds or drops a trailing dim, which tpflax does not follow."""
+    if tuple(eqn.invars[0].aval.shape) == tuple(getattr(eqn.outvars[0].aval, "shape", ())):
+        return elementwise(w, eqn, ins, ctx, ranks)
+    return opaque(w, eqn, ins, ctx, ranks)
+
+
 def iota(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
     return [Val(ranks[0], iota=True)]
 
@@ -465,6 +475,7 @@ HANDLERS: dict[str, Handler] = {
     **{name: scatter for name in ("scatter", "scatter-add", "scatter_add", "scatter-mul", "scatter_mul",
                                   "scatter-min", "scatter_min", "scatter-max", "scatter_max")},
     "concatenate": concatenate, "stack": stack, "pad": pad, "rev": rev, "tile": tile, "iota": iota, "sort": sort, "top_k": top_k,
+    "bitcast_convert_type": bitcast_convert_type,
     "dot_general": contractions.dot_general, "conv_general_dilated": contractions.conv_general_dilated,
     "gather": contractions.gather,
     "scan": control.scan, "while": control.while_, "cond": control.cond,
