@@ -405,11 +405,16 @@ def _column_items(path: str, d: Any, axes: tuple[str, ...], s: Scope) -> list[Co
     # (cost/whole.py prices it there); else gathered once, where it is read whole: upsampled on the way
     # (Traced.grown), at the size it grew to
     grown = s.grown.get(path, 1.0)
-    items = [] if lone_read(s, path) else [
-        CommItem("all-gather", axes, out_size * grown, n, layers(d), path,
-                 "column layer without a row partner: gather its split output (forward)" if grown == 1 else
-                 f"column layer without a row partner: gather its split output, upsampled {grown:.3g}x on the "
-                 "way (forward)")]
+    if path in s.reduced:  # only reduced row by row (an RBM's log-cosh sum): one value per row all-reduced
+        items = [CommItem("all-reduce", axes, s.rows_of(path) * 4, n, layers(d), path,
+                          "column layer without a row partner whose split output is only reduced row by row: "
+                          "sum each row's partial reduction (forward)")]
+    else:
+        items = [] if lone_read(s, path) else [
+            CommItem("all-gather", axes, out_size * grown, n, layers(d), path,
+                     "column layer without a row partner: gather its split output (forward)" if grown == 1 else
+                     f"column layer without a row partner: gather its split output, upsampled {grown:.3g}x on "
+                     "the way (forward)")]
     items.append(CommItem("all-reduce", axes, in_size, n, layers(d), path,
                           "column layer without a row partner: sum input gradients (backward)"))
     return items + _stream_items(path, d, axes, s, layers(d))

@@ -98,6 +98,7 @@ class Scope:
     grown: Mapping[str, float] = field(default_factory=dict)  # outputs upsampled before read whole (Traced)
     in_rows: Mapping[str, float] = field(default_factory=dict)  # a conv's input rows over its output's (Traced)
     combined: Mapping[str, int] = field(default_factory=dict)  # gradient parts of elementwise uses (Traced)
+    reduced: frozenset[str] = frozenset()  # contractions whose output is only reduced row by row (Traced)
     target: Any = None  # the TPU slice or generation (estimate(target=)), for one_ring
     gathers_reduce: bool = False  # XLA:TPU gathers over the whole mesh as all-reduces (tpflax._src.tpu.gathers_reduce)
     row_axes: tuple[str, ...] = ()  # batch axes only because a shard_map splits rows over them (cost.explicit)

@@ -156,6 +156,8 @@ class Traced:
         combined: ``{path: n}`` for parameters contracted whole and also combined whole with an activation ``n``
             times (StyleGAN2's modulated conv weight, scaled per example for its demodulation): ``n`` more
             gradient parts, each reduced over the batch apart (counted in no ``parts``: they are not calls).
+        reduced: parameters whose contraction's output is only reduced row by row
+            (:meth:`tpflax._src.trace.records.Dataflow.only_reduced`: an RBM's hidden units, summed).
     """
 
     tied: frozenset[str] | None = None
@@ -202,6 +204,7 @@ class Traced:
     grown: Mapping[str, float] = field(default_factory=dict)
     in_rows: Mapping[str, float] = field(default_factory=dict)
     combined: Mapping[str, int] = field(default_factory=dict)
+    reduced: frozenset[str] = frozenset()
 
 
 def frozen_inputs(t: Traced, trainable: Mapping[str, bool]) -> frozenset[str]:
@@ -334,7 +337,9 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
                   flow.dots(), dict(flow.scanned),
                   tuple(sorted({(flow.uses[u].path, d, axes) for u, d, axes in flow.constraints})),
                   {(e.src, e.src_dim, e.dst, e.dst_dim): e.limit for e in flow.edges},
-                  grown=_grown(flow), in_rows=_in_rows(flow), combined=combined)
+                  grown=_grown(flow), in_rows=_in_rows(flow), combined=combined,
+                  reduced=frozenset(u.path for u in flow.uses if u.op == "dot" and u.kept
+                                    and all(flow.only_reduced(u.id, k) for k in u.kept)))
 
 
 def _in_rows(flow: Any) -> dict[str, float]:

@@ -95,6 +95,7 @@ class Workload:
     grown: Mapping[str, float] = field(default_factory=dict)  # outputs upsampled before read whole (Traced)
     in_rows: Mapping[str, float] = field(default_factory=dict)  # a conv's input rows over its output's (Traced)
     combined: Mapping[str, int] = field(default_factory=dict)  # gradient parts of elementwise uses (Traced)
+    reduced: frozenset[str] = frozenset()  # contractions whose output is only reduced row by row (Traced)
     contractions: Mapping[str, Sequence[Act]] = field(default_factory=dict)
     scores: tuple[Scores, ...] = ()
     next_token: bool = False
@@ -199,7 +200,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     fused=t.fused, shared=t.shared, lookups=t.lookups,
                     grouped=t.grouped, joined=t.joined, widths=widths, frozen_inputs=frozen, slices=t.slices,
                     buffers=t.buffers,
-                    streams=t.streams, grown=t.grown, in_rows=t.in_rows, combined=t.combined, contractions=contractions, scores=t.scores,
+                    streams=t.streams, grown=t.grown, in_rows=t.in_rows, combined=t.combined, reduced=t.reduced, contractions=contractions, scores=t.scores,
                     next_token=_next_token(m) if loss is None else reads_slice(m, loss), biased=t.biased,
                     collectives=t.collectives, row_axes=t.row_axes, meets=t.meets,
                     positional=t.positional, loops=t.loops, remat_layers=t.remat_layers, erf=t.erf,

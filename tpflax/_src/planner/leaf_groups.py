@@ -128,7 +128,7 @@ def shard_output_head(st: State, f: Facts, dim: int, evidence: str) -> None:
 
 def shard_lone_dense(st: State, f: Facts, dim: int, why: str,
                      stream: tuple[float, int, int] | None = None, reached: Sequence[Facts] = (),
-                     grown: float = 1.0) -> None:
+                     grown: float = 1.0, reduced: bool = False) -> None:
     """A dense without a partner: whole, or its output body dim ``dim`` split over the tensor axis, by cost.
 
     It is priced at the rows it reads per token the chooser prices (traced, ``State.rows``): a projection of
@@ -147,6 +147,8 @@ def shard_lone_dense(st: State, f: Facts, dim: int, why: str,
     way (:attr:`~tpflax._src.trace.records.Dataflow.grown`: SegFormer's per-stage heads, resized to the
     first stage's resolution and concatenated): XLA carries the split through the interpolation and
     gathers the upsampled output.
+    ``reduced``: its output is only reduced row by row (:meth:`~tpflax._src.trace.records.Dataflow.only_reduced`:
+    NetKet's RBM sums the log-cosh of its hidden units): split, XLA all-reduces one value per row, no gather.
     """
     t_entry, t_size = st.tensor
     keep = Option("replicate", ((f.path, st.whole(f, why)),), (), frozenset({f.path}), whole=True)
@@ -158,7 +160,9 @@ def shard_lone_dense(st: State, f: Facts, dim: int, why: str,
     whole, split_acts = reached_acts(st, t_entry, reached)
     keep = replace(keep, acts=whole)
     over = axis_label(t_entry, t_size)
-    acts = (ActComm("all-gather", t_entry, n * grown, 1, "gather its split output (forward)" if grown == 1 else
+    acts = (ActComm("all-reduce", t_entry, 1, 1, "sum each row's partial reduction of its split output (forward)")
+            if reduced else
+            ActComm("all-gather", t_entry, n * grown, 1, "gather its split output (forward)" if grown == 1 else
                     f"gather its split output, upsampled {grown:.3g}x on the way (forward)"),
             ActComm("all-reduce", t_entry, math.prod(f.body) // n, 1, "sum its input gradient (backward)"))
     if stream:
@@ -169,7 +173,8 @@ def shard_lone_dense(st: State, f: Facts, dim: int, why: str,
     split = Option("column", ((f.path, st.proposal(
         f, body_spec(len(f.body), dim, t_entry), "column",
         f"column: dense without a partner reading {share:.3g} rows per token (traced); its {n} "
-        f"outputs split over {over}, gathered for what reads them whole", role="column")),),
+        f"outputs split over {over}, " + ("each row's partial reduction of them summed" if reduced else
+                                          "gathered for what reads them whole"), role="column")),),
         acts, frozenset({f.path}), sums_output=True)
     st.choose("dense", [keep, split], [f])
 

@@ -205,6 +205,9 @@ class Dataflow:
             interpolation (``jax.image.resize``'s weight matrices), which carries a split along. More rows than
             the use reads is an output upsampled before it is read whole (SegFormer's and FPN's per-stage heads),
             where XLA gathers it.
+        reduced: ``(use id, param dim)`` whose output a sum, max or min reduced over that dim, row by row (a
+            norm's statistics, an RBM's log-cosh sum over its hidden units): split, each shard reduces its part
+            and XLA all-reduces one value per row.
         gated: ``((use id, param dim), (use id, param dim))``: kept dims of two uses whose activations are
             multiplied elementwise along that dim (VAN's ``u * attn``, a 1x1 conv's output gating its block's
             input): split on one, the other's gradient comes out split there (:meth:`meets`).
@@ -255,6 +258,7 @@ class Dataflow:
     spread: Mapping[tuple[int, int], int] = field(default_factory=dict)
     grown: Mapping[tuple[int, int], int] = field(default_factory=dict)
     gated: frozenset[tuple[tuple[int, int], tuple[int, int]]] = frozenset()
+    reduced: frozenset[tuple[int, int]] = frozenset()
     collectives: tuple[Collective, ...] = ()
     row_axes: frozenset[str] = frozenset()
     channels: Mapping[str, Mapping[int, Mapping[int, int]]] = field(default_factory=dict)
@@ -309,6 +313,13 @@ class Dataflow:
         (:attr:`grown`); 1.0 where it does not grow."""
         rows, u = self.grown.get((uid, dim), 0), self.uses[uid]
         return rows / u.rows if u.rows and rows > u.rows else 1.0
+
+    def only_reduced(self, uid: int, dim: int) -> bool:
+        """Whether use ``uid``'s kept ``dim`` output is only reduced row by row (:attr:`reduced`): no contraction
+        reads it, nothing needs it whole, it is not the model's output. Split, XLA all-reduces one value per
+        row instead of gathering it."""
+        return ((uid, dim) in self.reduced and (uid, dim) not in self.escapes and (uid, dim) not in self.outputs
+                and not any(e.src_use == uid and e.src_dim == dim for e in self.edges))
 
     def dots(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
         """``{path: (contracted dims, kept dims)}``: each parameter's first ``dot`` use without batch dims, the
