@@ -10,6 +10,7 @@ and given their block's output projection as partner.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from collections import defaultdict
@@ -372,11 +373,12 @@ def _call_order(lin: Linear, lins: list[Linear]) -> tuple[str, str] | None:
     return None
 
 
-_NUMBERED = re.compile(r"^(?P<stem>[A-Za-z]\w*?)_?(?P<n>\d+)$")
+_NUMBERED = re.compile(r"^(?P<stem>[A-Za-z_]\w*?)_?(?P<n>\d+)$")
 
 
 def numbered_chain(lins: list[Linear]) -> None:
-    """A block of exactly two unoriented 2-D kernels, numbered siblings whose widths chain: column -> row.
+    """A block of two unoriented 2-D kernels, numbered siblings whose widths chain: column -> row (of three or
+    more chained in their numbers' order, the first two).
 
     A LLaVA projector (``linear_1`` ``(d_v, d_t)``, GELU, ``linear_2`` ``(d_t, d_t)``) sits alone in its
     block between two towers: neither names nor the residual widths orient it (both its widths may be
@@ -395,11 +397,22 @@ def numbered_chain(lins: list[Linear]) -> None:
     ('column', 'row')
     """
     two = [x for x in lins if len(x.f.body) == 2 and x.role is None]
-    if len(lins) != 2 or len(two) != 2:
+    if len(lins) < 2 or len(two) != len(lins):
         return
     names = [_NUMBERED.match(x.f.unit_name) for x in two]
-    if None in names or names[0]["stem"] != names[1]["stem"] or names[0]["n"] == names[1]["n"]:
+    if None in names or len({m["stem"] for m in names}) != 1 or len({m["n"] for m in names}) != len(names):
         return
+    if len(two) > 2:
+        # a sequential MLP of numbered layers (NetKet's ``MLP``: ``Dense_0`` (n, h) -> ``Dense_1`` (h, h) ->
+        # ``Dense_2`` (h, 1)): the widths chain in the numbers' order and not backwards; its first two layers
+        # are a column and a row, the others left to themselves
+        chain = sorted(two, key=lambda x: int(_NUMBERED.match(x.f.unit_name)["n"]))
+        steps = list(itertools.pairwise(chain))
+        if any(x.out_size != y.in_size for x, y in steps) or all(y.out_size == x.in_size for x, y in steps):
+            return
+        two = chain[:2]
+    what = "two chained layers alone in their block (a projector)" if len(lins) == 2 else \
+        f"{len(lins)} numbered layers chained in their numbers' order (a sequential MLP)"
     a, b = sorted(two, key=lambda x: int(_NUMBERED.match(x.f.unit_name)["n"]))
     both = a.out_size == b.in_size and b.out_size == a.in_size
     if both and _AUTO_NAME.match(a.f.unit_name) and a.f.unit_name[0].isupper():
@@ -410,8 +423,7 @@ def numbered_chain(lins: list[Linear]) -> None:
         return
     a.role, b.role = "column", "row"
     by = "numbered before" if both else "writing the input width of"
-    a.why = (f"({a.in_size} -> {a.out_size}) {by} {short(b.f.path)} ({b.in_size} -> {b.out_size}): the first "
-             "of two chained layers alone in their block (a projector)")
+    a.why = f"({a.in_size} -> {a.out_size}) {by} {short(b.f.path)} ({b.in_size} -> {b.out_size}): the first of {what}"
     b.why = f"({b.in_size} -> {b.out_size}) reads the output of {short(a.f.path)}"
     if b.out_size == a.in_size:
         a.doubt = (f"'{short(a.f.path)}' and '{short(b.f.path)}' chain both ways; taken in their numbering's "
