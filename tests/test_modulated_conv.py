@@ -62,14 +62,19 @@ class ModConv(nn.Module):
         return nn.leaky_relu(x + self.param("bias", nn.initializers.zeros, (self.features,)), 0.2)
 
 
+def _first_blocks(m: nn.Module, latent):
+    """The constant input, a modulated conv, an upsampling one and a conv after its blur: layers of ``m``, whose
+    compact ``__call__`` calls this."""
+    x = jnp.broadcast_to(m.param("const", nn.initializers.normal(), (1, 4, 4, 64)), (latent.shape[0], 4, 4, 64))
+    x = ModConv(64, name="conv0")(x, latent)
+    x = ModConv(64, up=True, name="up0")(x, latent)
+    return ModConv(64, name="conv1")(x, latent)
+
+
 class Generator(nn.Module):
     @nn.compact
     def __call__(self, latent):
-        x = jnp.broadcast_to(self.param("const", nn.initializers.normal(), (1, 4, 4, 64)), (latent.shape[0], 4, 4, 64))
-        x = ModConv(64, name="conv0")(x, latent)
-        x = ModConv(64, up=True, name="up0")(x, latent)
-        x = ModConv(64, name="conv1")(x, latent)
-        return nn.Conv(3, (1, 1), name="to_rgb")(x)
+        return nn.Conv(3, (1, 1), name="to_rgb")(_first_blocks(self, latent))
 
 
 def _loss(out, x):
@@ -146,11 +151,7 @@ class TwoReaders(nn.Module):
 
     @nn.compact
     def __call__(self, latent):
-        x = jnp.broadcast_to(self.param("const", nn.initializers.normal(), (1, 4, 4, 64)), (latent.shape[0], 4, 4, 64))
-        x = ModConv(64, name="conv0")(x, latent)
-        x = ModConv(64, up=True, name="up0")(x, latent)
-        x = ModConv(64, name="conv1")(x, latent)
-        x = ModConv(64, name="conv2")(x, latent)
+        x = ModConv(64, name="conv2")(_first_blocks(self, latent), latent)
         y = ModConv(3, name="rgb2")(x, latent)
         x = ModConv(64, up=True, name="up1")(x, latent)
         x = ModConv(64, name="conv3")(x, latent)
