@@ -184,3 +184,29 @@ def test_a_conv_read_by_a_row_and_a_later_conv_pairs_with_the_row():
     # the estimate counts the gather of conv2's output for up1 (forward, and again for up1's weight gradient)
     assert any(i.kind == "all-gather" and "conv2/weight: gather its split output" in i.why for i in est.items)
     assert abs(est.comm_total / new[1] - 1) < 0.05, (est.comm_total, new[1])
+
+
+class FilmBlock(nn.Module):
+    """A diffusion ResNet block whose time embedding scales and shifts its first conv's output (FiLM)."""
+
+    @nn.compact
+    def __call__(self, x, temb):
+        h = nn.Conv(32, (3, 3), name="conv1")(nn.swish(nn.GroupNorm(8, name="norm1")(x)))
+        scale, shift = jnp.split(nn.Dense(64, name="temb_projection")(temb)[:, None, None, :], 2, axis=-1)
+        h = nn.GroupNorm(8, name="norm2")(h) * (1 + scale) + shift
+        return x + nn.Conv(32, (3, 3), name="conv2")(nn.swish(h))
+
+
+def test_a_time_embedding_scaling_a_conv_output_stays_a_column_beside_it():
+    # the rule above keeps a kernel whose one row per example meets a larger activation out of a row's columns
+    # only where no other column of that row makes that activation: a diffusion ResNet's time embedding,
+    # scaling and shifting its first conv's output, is a column with that conv, as before this round. Left out,
+    # the two convs were a conv pair of 32 channels, under min_channels: flaxdiff's UNet traced kept 49 leaves
+    # whole that it had split
+    x, t = jax.ShapeDtypeStruct((8, 16, 16, 32), jnp.float32), jax.ShapeDtypeStruct((8, 32), jnp.float32)
+    model = FilmBlock()
+    variables = jax.eval_shape(model.init, jax.random.key(0), x, t)
+    specs = _specs(tpflax.plan(variables, MESH, model=model, sample=(x, t), batch=(x, t)))
+    assert specs["temb_projection/kernel"] == (None, "model")
+    assert specs["conv1/kernel"] == (None, None, None, "model")
+    assert specs["conv2/kernel"] == (None, None, "model", None)

@@ -187,11 +187,14 @@ def _sources_by_dim(c: _Flow, rid: int) -> dict[int, dict[int, Edge]]:
             continue
         if S.path in c.streams:
             continue  # its output scales the residual stream (DiT's adaLN): split, XLA splits the stream too
-        if 0 < S.rows < min(R.rows, c.flow.spread.get((S.id, e.src_dim), 0)):
+        if 0 < S.rows < min(R.rows, c.flow.spread.get((S.id, e.src_dim), 0)) and not _beside_column(c, S.id, e, rid):
             # its few rows scale a larger activation on the way (StyleGAN2's style, one row per example, scales
-            # every position of a conv's input): split as the row's column, the product is split, and so is the
-            # larger activation's gradient, which XLA gathers for its whole producer (measured on StyleGAN2's
-            # generator, data=2,model=4: 2.2x the collectives of the conv-to-conv pairs); no column of the row
+            # every position of a conv's input) that no other column of this row makes (its maker decided
+            # already, a row of its own pair: whole at run time): split as the row's column, the product is split,
+            # and so is the larger activation's gradient, which XLA gathers for its whole producer (measured on
+            # StyleGAN2's generator, data=2,model=4: 2.2x the collectives of the conv-to-conv pairs). Beside a
+            # column of the row that makes it (a diffusion ResNet's time embedding added to its first conv's
+            # output, a style scaling the previous conv's) it is a column with it
             continue
         if {x.dst_use for x in c.out_edges[(S.id, e.src_dim)]} != {rid} and not _branched(c, S.id, e.src_dim) \
                 and not _narrow_readers(c, S.id, e.src_dim, rid) and not _free_rows(c, S.id, e.src_dim) \
@@ -214,6 +217,18 @@ def _kept_size(c: _Flow, uid: int) -> int:
     """Elements of a contraction's kernel that survive into its output (its output features)."""
     u, f = c.cand[uid], c.fx[c.cand[uid].path]
     return math.prod(f.leaf.shape[k] for k in u.kept)
+
+
+def _beside_column(c: _Flow, sid: int, e: Edge, rid: int) -> bool:
+    """Whether the activation use ``sid``'s output (kept dim of edge ``e``) is combined with, on its way to the
+    row ``rid``, is made by another undecided contraction that also reaches ``rid`` there
+    (:attr:`~tpflax._src.trace.records.Dataflow.alongside`)."""
+    for x in c.in_edges[rid]:
+        if x.src_use == sid or x.dst_dim != e.dst_dim or c.cand[x.src_use].path in c.st.out:
+            continue
+        if ((sid, e.src_dim), (x.src_use, x.src_dim)) in c.flow.alongside:
+            return True
+    return False
 
 
 def _later_convs(c: _Flow, sid: int, dim: int, rid: int) -> list[int]:

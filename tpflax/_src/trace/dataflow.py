@@ -246,6 +246,7 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                     products=_one_branch(w.products), channelwise=dict(w.channelwise),
                     split_sums=tuple((frozenset(w.root(k) for k in ks), n, c) for ks, n, c in w.split_sums),
                     spread=_on_kernel_dims(w, w.spread), grown=_on_kernel_dims(w, w.grown),
+                    alongside=frozenset((w.root(a), w.root(b)) for a, b in w.alongside if w.root(a) != w.root(b)),
                     reduced=frozenset(w.root(k) for k in w.normed if not is_minor(k)),
                     gated=frozenset((w.root(a), w.root(b)) for a, b in w.gated if w.root(a) != w.root(b)),
                     collectives=tuple(c for cs in w.collectives.values() for c in cs),

@@ -76,6 +76,7 @@ def elementwise(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
     tags = w.pointwise([v for v in acts if v.tags is not None], rank, name)
     if tags is not None and len(acts) > 1:
         _note_spread(w, tags, tuple(getattr(eqn.outvars[0].aval, "shape", ())))
+        _note_alongside(w, [v for v in acts if v.tags is not None])
         if name in ("add", "sub"):
             _note_joined(w, acts)
         elif name == "mul":
@@ -113,6 +114,17 @@ def _note_spread(w: Walk, tags: tuple, shape: tuple[int, ...]) -> None:
         for k in m:
             if not is_minor(k) and shape[d]:
                 w.spread[k] = max(w.spread.get(k, 0), n // shape[d])
+
+
+def _note_alongside(w: Walk, acts: list[Val]) -> None:
+    """Tags that two operands of one elementwise op carry along the same dim
+    (:attr:`tpflax._src.trace.records.Dataflow.alongside`), both ways."""
+    for d in range(min(v.rank for v in acts)):
+        keys = [{k for k in v.dim_tags(d) if not is_minor(k)} for v in acts]
+        for i, a in enumerate(keys):
+            for b in keys[i + 1:]:
+                w.alongside.update((x, y) for x in a - b for y in b - a)
+                w.alongside.update((y, x) for x in a - b for y in b - a)
 
 
 def _note_joined(w: Walk, acts: list[Val]) -> None:

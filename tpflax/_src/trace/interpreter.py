@@ -149,6 +149,7 @@ class Walk:
     spills: dict[tuple[int, int], int] = field(default_factory=dict)
     caps: dict[tuple[int, int], int] = field(default_factory=dict)
     spread: dict[tuple[int, int], int] = field(default_factory=dict)
+    alongside: set[tuple[tuple[int, int], tuple[int, int]]] = field(default_factory=set)
     grown: dict[tuple[int, int], int] = field(default_factory=dict)
     gated: set[tuple[tuple[int, int], tuple[int, int]]] = field(default_factory=set)  # tags multiplied together
     joined: set[tuple[int, int]] = field(default_factory=set)  # tags added to an activation lacking them

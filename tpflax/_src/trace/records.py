@@ -200,6 +200,9 @@ class Dataflow:
             output was combined with elementwise (its size times the rows is the combination's size). More
             rows than the use reads is a small activation broadcast over a larger one: DiT's adaLN
             modulation, one row per example, scaling and gating the residual stream of every token.
+        alongside: ``((use id, param dim), (use id, param dim))``: kept dims of two uses whose outputs an
+            elementwise op combines along one dim, from two operands (a GLU's gate and up; a diffusion ResNet's
+            first conv and its time embedding, added; StyleGAN2's conv and the next layer's style, multiplied).
         grown: ``{(use id, param dim): rows}``: the most rows the kept dim's output reached through a
             contraction with a value made of neither parameters nor inputs that has more rows than it reads: an
             interpolation (``jax.image.resize``'s weight matrices), which carries a split along. More rows than
@@ -256,6 +259,7 @@ class Dataflow:
     cuts: Mapping[tuple[int, int], tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     views: frozenset[tuple[int, int]] = frozenset()
     spread: Mapping[tuple[int, int], int] = field(default_factory=dict)
+    alongside: frozenset[tuple[tuple[int, int], tuple[int, int]]] = frozenset()
     grown: Mapping[tuple[int, int], int] = field(default_factory=dict)
     gated: frozenset[tuple[tuple[int, int], tuple[int, int]]] = frozenset()
     reduced: frozenset[tuple[int, int]] = frozenset()
