@@ -220,9 +220,9 @@ def _kept_size(c: _Flow, uid: int) -> int:
 
 
 def _beside_column(c: _Flow, sid: int, e: Edge, rid: int) -> bool:
-    """Whether the activation use ``sid``'s output (kept dim of edge ``e``) is combined with, on its way to the
-    row ``rid``, is made by another undecided contraction that also reaches ``rid`` there
-    (:attr:`~tpflax._src.trace.records.Dataflow.alongside`)."""
+    """Whether another undecided contraction reaching the row ``rid`` on the same dim meets use ``sid``'s output
+    (the kept dim of edge ``e``) in an elementwise op on the way (:attr:`~tpflax._src.trace.records.Dataflow.alongside`):
+    then the larger activation that output scales is that column's, split alike."""
     for x in c.in_edges[rid]:
         if x.src_use == sid or x.dst_dim != e.dst_dim or c.cand[x.src_use].path in c.st.out:
             continue
