@@ -402,18 +402,17 @@ def numbered_chain(lins: list[Linear]) -> None:
     names = [_NUMBERED.match(x.f.unit_name) for x in two]
     if None in names or len({m["stem"] for m in names}) != 1 or len({m["n"] for m in names}) != len(names):
         return
-    if len(two) > 2:
+    chain = [x for _, x in sorted(zip((int(m["n"]) for m in names), two, strict=True), key=lambda nx: nx[0])]
+    if len(chain) > 2:
         # a sequential MLP of numbered layers (NetKet's ``MLP``: ``Dense_0`` (n, h) -> ``Dense_1`` (h, h) ->
         # ``Dense_2`` (h, 1)): the widths chain in the numbers' order and not backwards; its first two layers
         # are a column and a row, the others left to themselves
-        chain = sorted(two, key=lambda x: int(_NUMBERED.match(x.f.unit_name)["n"]))
         steps = list(itertools.pairwise(chain))
         if any(x.out_size != y.in_size for x, y in steps) or all(y.out_size == x.in_size for x, y in steps):
             return
-        two = chain[:2]
     what = "two chained layers alone in their block (a projector)" if len(lins) == 2 else \
         f"{len(lins)} numbered layers chained in their numbers' order (a sequential MLP)"
-    a, b = sorted(two, key=lambda x: int(_NUMBERED.match(x.f.unit_name)["n"]))
+    a, b = chain[:2]
     both = a.out_size == b.in_size and b.out_size == a.in_size
     if both and _AUTO_NAME.match(a.f.unit_name) and a.f.unit_name[0].isupper():
         return  # linen's auto-names number creation, not calls: a nested ``Dense(d)(Dense(d)(x))`` is reversed

@@ -43,7 +43,7 @@ def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
         lp, rp = bool(lhs.origin), bool(rhs.origin)
     # a weight computed from weights (x @ (a @ b)), or from a weight and constants (NetKet's GCNN: the kernel
     # contracted with its symmetry group's irreps): still parameters, read by the contraction with activations
-    if (lp and rp) or (lp and _static(rhs) and not rhs.onehot) or (rp and _static(lhs) and not lhs.onehot):
+    if (lp and rp) or (lp and rhs.constant) or (rp and lhs.constant):
         origin = []
         for p, dims in lhs.origin:
             origin.append((p, tuple(dims[d] for d in lb) + tuple(dims[d] for d in lf)

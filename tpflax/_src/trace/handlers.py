@@ -58,9 +58,7 @@ def elementwise(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
            if v.origin else v for v, x in zip(ins, eqn.invars, strict=True)]
     full = [v for v in ins if v.rank == rank and rank > 0]
     params = [v for v in full if v.origin]
-    # a constant (computed from neither parameters nor inputs: NetKet's autoregressive mask, ``kernel * mask``)
-    # is no activation: a parameter combined with constants alone is still a weight
-    acts = [v for v in full if not v.origin and (v.live or v.fed or v.tags is not None or v.iota or v.onehot)]
+    acts = [v for v in full if not v.origin and not v.constant]  # ``kernel * mask``: still a weight
     if name in VIEW or (params and not acts):
         # A view of parameters (a cast, a weight computed from weights) is still a parameter; one
         # parameter met twice (weight norm: ``v / norm(v)``) is one origin, with its fullest dims
@@ -75,12 +73,15 @@ def elementwise(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
     gains = _gains(w, params, acts)
     tags = w.pointwise([v for v in acts if v.tags is not None], rank, name)
     if tags is not None and len(acts) > 1:
-        _note_spread(w, tags, tuple(getattr(eqn.outvars[0].aval, "shape", ())))
-        _note_alongside(w, [v for v in acts if v.tags is not None])
+        _note_spread(w, tags, out)
+        # tags two operands carry along one dim: multiplied, each split makes the other's gradient split
+        pairs = _cross_tags([v for v in acts if v.tags is not None])
+        w.alongside.update(pairs)
+        w.alongside.update((b, a) for a, b in pairs)
         if name in ("add", "sub"):
             _note_joined(w, acts)
         elif name == "mul":
-            _note_gated(w, [v for v in acts if v.tags is not None])
+            w.gated.update(pairs)
     onehot = name == "eq" and any(v.iota for v in ins) and not all(v.iota for v in ins)
     onehot = onehot or (name in VIEW and any(v.onehot for v in ins))
     iota = all(v.iota or v.rank == 0 for v in ins) and any(v.iota for v in ins) and name in (
@@ -116,17 +117,6 @@ def _note_spread(w: Walk, tags: tuple, shape: tuple[int, ...]) -> None:
                 w.spread[k] = max(w.spread.get(k, 0), n // shape[d])
 
 
-def _note_alongside(w: Walk, acts: list[Val]) -> None:
-    """Tags that two operands of one elementwise op carry along the same dim
-    (:attr:`tpflax._src.trace.records.Dataflow.alongside`), both ways."""
-    for d in range(min(v.rank for v in acts)):
-        keys = [{k for k in v.dim_tags(d) if not is_minor(k)} for v in acts]
-        for i, a in enumerate(keys):
-            for b in keys[i + 1:]:
-                w.alongside.update((x, y) for x in a - b for y in b - a)
-                w.alongside.update((y, x) for x in a - b for y in b - a)
-
-
 def _note_joined(w: Walk, acts: list[Val]) -> None:
     """Tags added to an activation that lacks them (a branch onto the residual stream): a norm over their
     dim after this normalises the stream, whose width no column split carries on."""
@@ -141,15 +131,17 @@ def _note_joined(w: Walk, acts: list[Val]) -> None:
             w.joined.add(k)
 
 
-def _note_gated(w: Walk, acts: list[Val]) -> None:
-    """Activations multiplied whose same dim carries different kernels' tags (VAN's attention, ``u * attn``:
-    a 1x1 conv's output gating the input it was computed from): split one, and the other's gradient, the
-    split one times the output's, comes out split (:attr:`tpflax._src.trace.records.Dataflow.gated`)."""
+def _cross_tags(acts: list[Val]) -> set[tuple[tuple[int, int], tuple[int, int]]]:
+    """``(tag, tag)`` that two operands carry along the same dim, one only in the first, one only in the
+    second, in operand order (:attr:`tpflax._src.trace.records.Dataflow.alongside`; multiplied, VAN's
+    ``u * attn``, :attr:`tpflax._src.trace.records.Dataflow.gated`)."""
+    out: set[tuple[tuple[int, int], tuple[int, int]]] = set()
     for d in range(min(v.rank for v in acts)):
         keys = [{k for k in v.dim_tags(d) if not is_minor(k)} for v in acts]
         for i, a in enumerate(keys):
             for b in keys[i + 1:]:
-                w.gated.update((x, y) for x in a - b for y in b - a)
+                out.update((x, y) for x in a - b for y in b - a)
+    return out
 
 
 def _one_per_path(origin: Any) -> tuple:

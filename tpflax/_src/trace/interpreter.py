@@ -96,6 +96,12 @@ class Val:
     gains: tuple[tuple[str, tuple[int | None, ...]], ...] = ()
     deps: int = 0
 
+    @property
+    def constant(self) -> bool:
+        """Computed from neither parameters nor inputs, no ``iota`` or one-hot (NetKet's autoregressive mask, a
+        group's irreps): no activation; a parameter combined with constants alone is still a weight."""
+        return not (self.origin or self.live or self.fed or self.tags is not None or self.iota or self.onehot)
+
     def dim_tags(self, d: int) -> TagMap:
         return self.tags[d] if self.tags is not None else EMPTY
 
