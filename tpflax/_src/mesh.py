@@ -100,7 +100,8 @@ def mesh_shape(mesh: Any, axis_roles: Mapping[str, str] | None = None) -> MeshSh
         mesh: a ``{name: size}`` mapping, a ``"name=size,..."`` string, a sequence of
             ``(name, size)`` pairs, a ``jax.sharding.Mesh``/``AbstractMesh``, or a MeshShape.
         axis_roles: roles for axis names tpflax does not recognise (or to override
-            the defaults), e.g. ``{"x": "tensor", "y": "fsdp"}``.
+            the defaults), e.g. ``{"x": "tensor", "y": "fsdp"}``. An unknown axis of
+            size 1 needs none: it splits nothing.
 
     >>> str(mesh_shape({"data": 2, "model": 4}))
     'data=2,model=4'
@@ -129,8 +130,10 @@ def mesh_shape(mesh: Any, axis_roles: Mapping[str, str] | None = None) -> MeshSh
         elif name not in seen:
             problems.append(f"axis_roles names axis {name!r}, which the mesh {dict(pairs)} does not have")
     roles = []
-    for name, _ in pairs:
+    for name, size in pairs:
         role = overrides.get(name) or DEFAULT_ROLE_NAMES.get(str(name).lower())
+        if role is None and size == 1:
+            role = DATA  # shards nothing whatever its role: MaxText's meshes carry a dozen such axes
         if role is None:
             problems.append(
                 f"axis {name!r} has no known role; name it model/tensor/tp/mp, fsdp, data/dp/batch/replica "

@@ -140,8 +140,8 @@ def default_logical_rules(mesh: MeshShape) -> list[tuple[str, Any]]:
 
     Every name MaxText's ``base.yml`` gives a parameter dim is here, mapped by its mesh axis's
     role: its key/value kernels' ``kv_head_dim``, a fused ``wi``'s ``num_activations``, its MoE
-    kernels' ``embed_no_exp`` and MLA's low-rank ``q_lora``/``kv_lora`` (fsdp, like ``embed``)
-    among them, so a MaxText model's default plan warns of no unknown name; so is every parameter name
+    kernels' ``embed_no_exp`` (0.2: ``embed_moe``, ``mlp_moe``), its embedding's ``embed_vocab`` and
+    MLA's low-rank ``q_lora``/``kv_lora`` (fsdp, like ``embed``) among them, so a MaxText model's default plan warns of no unknown name; so is every parameter name
     of T5X's ``standard_logical_axis_rules`` (its relative position table's ``relpos_buckets``).
 
     >>> from tpflax._src.mesh import mesh_shape
@@ -155,11 +155,17 @@ def default_logical_rules(mesh: MeshShape) -> list[tuple[str, Any]]:
     d = mesh.group(DATA)[0]
     return [("batch", d), ("embed", f), ("mlp", t), ("heads", t), ("q_heads", t), ("kv_heads", t),
             ("vocab", t), ("joined_kv", t), ("exp", e), ("expert", e), ("kv", None), ("head_dim", None),
-            ("kv_head_dim", None), ("norm", None), ("layers", None), ("length", None), ("seq", None),
-            # MaxText's other parameter names: fused MLP, MoE, MLA and DeepSeek's two layer stacks
+            ("kv_head_dim", None), ("layers", None), ("length", None), ("seq", None),
+            # MaxText splits its norm scales over the tensor axis, as it constrains the residual stream's
+            # embed dim between layers (its ``activation_embed``); a whole scale there costs compute
+            ("norm", t),
+            # MaxText's other parameter names: fused MLP, MoE, MLA and DeepSeek's two layer stacks; since 0.2
+            # its embedding's and output head's model dim, its MoE kernels', linear attention's heads
             ("num_activations", None), ("mlp_no_fsdp", t), ("embed_no_exp", f), ("exp_with_fsdp", f),
             ("q_lora", f), ("kv_lora", f), ("q_lora_up_proj", None), ("kv_lora_up_proj", None),
-            ("dense_layers", None), ("moe_layers", None),
+            ("dense_layers", None), ("moe_layers", None), ("local_layers", None),
+            ("embed_vocab", f), ("embed_moe", f), ("mlp_moe", t), ("gdn_head", t), ("engram_dim", t),
+            ("mhc", None), ("circular_repeats", None),
             # T5X's (t5x/partitioning.py standard_logical_axis_rules), unsharded as it maps them
             ("relpos_buckets", None), ("abspos_buckets", None), ("mlp_activations", None), ("stack", None)]
 
@@ -168,44 +174,54 @@ def annotation(f: Facts, mesh: MeshShape, logical_rules) -> tuple[tuple[Entry, .
     """Spec from flax metadata; drops axes the mesh lacks or that do not divide (with warnings)."""
     leaf = f.leaf
     warnings: list[str] = []
-    spec: list[Entry] = []
-    used: set[str] = set()
+    names = tuple(leaf.names or ())
+    spec: list[Entry] = [None] * len(names)
     renamed: dict[Any, Any] = {}
     known = {lname for lname, _ in logical_rules}
-    for dim, name in enumerate(leaf.names or ()):
+    # (priority, dim, axes, logical): mesh-axis names first, then the logical rules in their order, as flax
+    # resolves them (a rule takes its dim if the dim is still free and none of its axes is taken yet: MaxText's
+    # ``mlp_moe`` rule, listed before ``embed_moe``'s, takes ``fsdp_transpose`` and ``tensor`` first).
+    tries: list[tuple[int, int, Any, bool]] = []
+    for dim, name in enumerate(names):
         # Names the mesh has are mesh axes; others are logical (NNX sharding metadata
         # holds either kind), looked up in the logical rules.
-        logical = leaf.logical or _logical_name(name, mesh, known)
-        if logical:
-            candidates = [axes for lname, axes in logical_rules if lname == name] if name is not None else []
+        if leaf.logical or _logical_name(name, mesh, known):
+            if name is not None:
+                tries += [(i, dim, axes, True) for i, (lname, axes) in enumerate(logical_rules) if lname == name]
         else:
-            candidates = [same_role_axes(name, mesh)]
-            if candidates[0] != name:
-                renamed[name] = candidates[0]
-        chosen = None
-        for axes in candidates:
-            e = entries((axes,))[0]
-            ax = [a for a in (e if isinstance(e, tuple) else (e,)) if a is not None]
-            if not ax:
-                break
-            if any(a not in mesh.sizes for a in ax):
-                if not logical:
-                    warnings.append(f"{leaf.path}: annotation names mesh axis {name!r} the mesh {mesh} lacks; "
-                                    f"dim {dim} left unsharded")
-                continue
-            if used & set(ax):
-                continue
-            size = 1
-            for a in ax:
-                size *= mesh.sizes[a]
-            if leaf.shape[dim] % size:
-                warnings.append(f"{leaf.path}: annotated dim {dim} ({leaf.shape[dim]}) is not divisible by "
-                                f"{'*'.join(ax)}={size}; left unsharded")
-                continue
-            chosen = e
-            used |= set(ax)
-            break
-        spec.append(chosen)
+            tries.append((-1, dim, same_role_axes(name, mesh), False))
+            if tries[-1][2] != name:
+                renamed[name] = tries[-1][2]
+    used: set[str] = set()
+    done: set[int] = set()
+    for _, dim, axes, logical in sorted(tries, key=lambda t: t[:2]):
+        if dim in done:
+            continue
+        e = entries((axes,))[0]
+        ax = [a for a in (e if isinstance(e, tuple) else (e,)) if a is not None]
+        if not ax:
+            done.add(dim)  # mapped to no axis: whole
+            continue
+        if any(a not in mesh.sizes for a in ax):
+            if not logical:
+                warnings.append(f"{leaf.path}: annotation names mesh axis {names[dim]!r} the mesh {mesh} lacks; "
+                                f"dim {dim} left unsharded")
+            continue
+        if used & set(ax):
+            continue
+        size = 1
+        for a in ax:
+            size *= mesh.sizes[a]
+        if leaf.shape[dim] % size:
+            warnings.append(f"{leaf.path}: annotated dim {dim} ({leaf.shape[dim]}) is not divisible by "
+                            f"{'*'.join(ax)}={size}; left unsharded")
+            continue
+        used |= set(ax)
+        done.add(dim)
+        # Axes of size 1 split nothing: dropped, as MaxText's ``remove_size_one_mesh_axis`` drops them
+        # (its rules name a dozen axes per dim, most of size 1 on any one mesh).
+        real = tuple(a for a in ax if mesh.sizes[a] > 1)
+        spec[dim] = None if not real else real[0] if len(real) == 1 else real
     kind = "logical" if leaf.logical or any(_logical_name(n, mesh, known) for n in leaf.names or ()) \
         else "mesh-axis"
     reason = f"{kind} annotation {tuple(leaf.names or ())} -> {to_pspec(spec)}"
