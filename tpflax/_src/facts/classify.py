@@ -402,8 +402,8 @@ def _mirrored_experts(facts: list[Facts]) -> list[Facts]:
     for i, f in enumerate(facts):
         if f.kind in ("dense", "attention") and len(f.body) == 3 and f.body[1] != f.body[2]:
             groups[f.group].append(i)
-        elif f.kind == "attention" and len(f.body) == 4:
-            stacks[f.group].add(tuple(f.body[2:]))
+        elif f.kind == "attention" and len(f.body) == 4:  # (n, heads, d, head_dim) or (d, n, heads, head_dim)
+            stacks[f.group].add((f.body[0], f.body[3]) if fused_projection(f.body) else tuple(f.body[2:]))
     norms = {f.body[-1] for f in facts if f.kind == "norm" and f.body}
     kv_like: dict[str, set[tuple[tuple[int, ...], tuple[int, int]]]] = defaultdict(set)
     for f in facts:
@@ -425,6 +425,16 @@ def _mirrored_experts(facts: list[Facts]) -> list[Facts]:
             if (e, y, x) in bodies and e not in (x, y) and not heads:
                 out[i] = dataclasses.replace(facts[i], kind="expert")
     return out
+
+
+def fused_projection(body: Sequence[int]) -> bool:
+    """A fused DenseGeneral's ``(d, 3, heads, head_dim)`` q/k/v (or ``(d, 2, kv_heads, head_dim)`` k/v) kernel:
+    the projections' count second, after a d no conv window is as wide as (MaxText's GPT-3 ``qkv_proj``).
+
+    >>> fused_projection((256, 3, 4, 64)), fused_projection((3, 3, 64, 64)), fused_projection((7, 3, 3, 64))
+    (True, False, False)
+    """
+    return len(body) == 4 and body[1] in (2, 3) and body[0] >= 16
 
 
 def classify_weight(f: Facts) -> Facts:
@@ -472,9 +482,11 @@ def _classify_one(leaf: Leaf, layers_at: int | None, weight: bool = False, cell:
     if len(body) == 3 and EXPERT.search(lower_path) and not ATTN.search(lower_path):
         return facts("expert")
     conv_named = any(CONV.search(p) for p in unit_parts[-2:])
-    if len(body) == 4 and not conv_named and body[0] in (2, 3) and body[0] != body[1] <= body[2]:
+    if len(body) == 4 and not conv_named and (body[0] in (2, 3) and body[0] != body[1] <= body[2]
+                                              or fused_projection(body)):
         # (3, heads, d, head_dim) q/k/v or (2, kv_heads, d, head_dim) k/v stack of an
-        # einsum: a conv window is square (3, 3, cin, cout), this is not.
+        # einsum, or a fused DenseGeneral's (d, 3, heads, head_dim): a conv window is small and
+        # square (3, 3, cin, cout), these are not.
         return facts("attention")
     if len(body) == 4 or (len(body) == 3 and conv_named):
         return facts("conv")

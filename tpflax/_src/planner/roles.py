@@ -16,7 +16,7 @@ import re
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
-from tpflax._src.facts.classify import ATTN, COLUMN_NAMES, POS_EMBED, ROW_NAMES, Facts
+from tpflax._src.facts.classify import ATTN, COLUMN_NAMES, POS_EMBED, ROW_NAMES, Facts, fused_projection
 from tpflax._src.planner.builders import Linear, short
 
 
@@ -132,6 +132,9 @@ def linear_view(f: Facts, siblings: Sequence[Facts], widths: set[int] = frozense
     name = role_name(f)
     if len(body) == 2:
         return Linear(f, (0,), (1,))
+    if len(body) == 4 and fused_projection(body):  # a fused DenseGeneral (d, n, heads, head_dim)
+        return Linear(f, (0,), (1, 2, 3), heads=2, role="column",
+                      why=f"fused (d, {body[1]}, heads, head_dim) projection of d={body[0]}")
     if len(body) == 4:  # an einsum stack (n, heads, d, head_dim): n projections of d side by side
         return Linear(f, (2,), (1, 3), heads=1, role="column",
                       why=f"stacked ({body[0]}, heads, d, head_dim) projection of d={body[2]}")
