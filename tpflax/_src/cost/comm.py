@@ -33,10 +33,17 @@ from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.residual import alike_path, residual_outputs
 from tpflax._src.cost.scope import Scope, body, drop_layers, is_tied, layers, leaf_itemsize
 from tpflax._src.cost.stream import conditioned_leaves, tpu_stream_gathers, update_gathers
-from tpflax._src.cost.whole import lone_read, lone_row, whole_members
+from tpflax._src.cost.whole import (
+    constrained_dims,
+    lone_read,
+    lone_row,
+    tensor_split,
+    whole_members,
+)
 from tpflax._src.facts.classify import ATTN
 from tpflax._src.mesh import EXPERT, TENSOR
 from tpflax._src.specs import entry_axes
+from tpflax._src.trace.records import reached_dims
 from tpflax._src.trace.spread import GATHERS_PER_TOUCH
 
 
@@ -65,7 +72,8 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
     # a residual stream kept split on its features (a lookup table split on them) takes the pairs' partial
     # sums split: XLA:TPU reduce-scatters them into it (an all-reduce's first half; the gathers of the stream
     # behind each norm, _embedding_items, are the second); XLA:CPU has no reduce-scatter pass and all-reduces
-    summing = "reduce-scatter" if s.backend == "tpu" and _stream_split(s) else "all-reduce"
+    constrained = constrained_stream(s)
+    summing = "reduce-scatter" if s.backend == "tpu" and (_stream_split(s) or any(constrained)) else "all-reduce"
     loose = _unconfirmed_pairs(s)
     if loose:
         notes.append(_loose_note(s, loose))
@@ -89,7 +97,9 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
             key = layer_key(dec[r].unit)
             redo = again and (dec[r].kind == "attention" or bool(s.activations)
                               and not {alike_path(key), alike_path(key.rsplit("/", 1)[0])} & unread)
-            if s.axes(r, TENSOR):
+            # a row split only on dims its contraction batches over (experts, E in ``BSEH,EHM->BSEM``) sums
+            # nothing: each device's outputs are whole (the weighted sum over E is a product of two activations)
+            if s.axes(r, TENSOR) and not _batch_split(r, s):
                 items.append(CommItem(summing, axes, _pair_act(r, dec[r], "out", s), n, count * (1 + redo),
                                       source, f"row {label[r]}: sum partial outputs (forward"
                                               f"{', again in the remat recompute' if redo else ''})"))
@@ -132,6 +142,7 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
             if (r := whole.get(m)) is not None:
                 items += member_items(r, f"{'column' if m in cols else 'row'} {label[m]}", n, count, source,
                                       _pair_act(m, dec[m], r.side, s))
+        items += _constrained_items(s, cols, rows, axes, constrained, count, source)
         if pc.id in loose:
             items += _loose_items(s, pc, axes, n, count, source)
         _heads_note(dec, pc.id, cols, s, notes)
@@ -161,7 +172,7 @@ def _whole_readers(c: str, pair: list[str], s: Scope) -> list[str]:
 
 
 def _batch_split(c: str, s: Scope) -> bool:
-    """Whether column ``c`` is split over the tensor axes only on dims its traced contractions batch over."""
+    """Whether ``c`` is split over the tensor axes only on dims its traced contractions batch over."""
     dims = s.batch_dims.get(c)
     split = {i for i, e in enumerate(s.lv.specs[c]) if set(entry_axes(e)) & set(s.axes(c, TENSOR))}
     return bool(dims) and bool(split) and split <= dims
@@ -233,6 +244,71 @@ def _loose_note(s: Scope, loose: frozenset[int]) -> str:
             "(gathers of the activations, or moves the kernels); priced as gathers of the column's output and "
             "the row's input gradient, unconfirmed against the compiled program. Plan with "
             "plan(..., model=fn, sample=...) to pair the layers the program connects")
+
+
+def constrained_stream(s: Scope) -> tuple[set[tuple[str, int]], dict[int, frozenset[str]]]:
+    """The parameter dims (representatives') a model's own constraint splits over tensor axes the plan keeps
+    them whole on, with every dim they meet along the trace, and ``{width: tensor axes}`` of the activation dims
+    it splits over tensor axes, tagged or not: MaxText's residual stream, its ``activation_embed`` over
+    ``tensor``, reaches the embed dims of every pair's columns (contracted) and rows (kept), past norms. A norm
+    scale the plan splits over tensor axes splits its output so (XLA propagates the scale's layout: MaxText's
+    ``norm`` rule, measured on its GPT-3, whose stream no constraint splits), unless the scale follows a
+    kernel's split channels (the trace's meets: a split conv's GroupNorm is the pair's own)."""
+    begin = {pd for dims in constrained_dims(s).values() for pd in dims}
+    dims = {(s.lv.rep_of.get(p, p), d) for p, d in reached_dims(s.meets, begin)} if begin else set()
+    tensor = {a for a, r in s.mesh.roles if r == TENSOR and s.mesh.sizes[a] > 1}
+    widths: dict[int, frozenset[str]] = {}
+    split = list(s.split_widths or ())
+    attached = {p for p, *_ in s.meets}  # a norm's scale along a kernel's channels (a split conv's GroupNorm)
+    for p, d in s.lv.decisions.items():
+        if d.kind == "norm" and body(d) and p not in attached:
+            split.append((body(d)[-1], tuple(entry_axes(drop_layers(d, s.lv.specs[p])[-1]))))
+    for width, axes in split:
+        if set(axes) & tensor:
+            widths[width] = widths.get(width, frozenset()) | (set(axes) & tensor)
+    return dims, widths
+
+
+def _constrained_items(s: Scope, cols: list[str], rows: list[str], axes: tuple[str, ...],
+                       stream: tuple[set[tuple[str, int]], dict[int, frozenset[str]]], count: int,
+                       source: str) -> list[CommItem]:
+    """A split pair whose outer dims a model's constraint splits (:func:`constrained_stream`): the stream its
+    columns contract reaches them split, gathered before their matmul, again in a remat recompute and again
+    for their weight gradient (one gather for columns reading one value: q, k and v; two where a constraint
+    makes a copy, MaxText's q input and k/v input each constrained apart); its rows' output gradient arrives
+    split, gathered once for both products. Their partial sums are the pair's own items.
+
+    Measured (XLA:CPU, data=2,model=4, tests/test_constraint_stream.py: an attention and an MLP block under
+    ``P('data', None, 'model')`` on the residual): 8 gathers of the stream per layer with remat, 6 without
+    (unrolled; 7 scanned); MaxText's decoders constrain their stream so (``results/probe_maxtext.md``)."""
+    dots, dec, label = s.dots or {}, s.lv.decisions, s.lv.label
+    dims, widths = stream
+    split = {w for w, ax in widths.items() if ax & set(axes)}
+
+    def width(p: str, side: int) -> int:  # side 0: the contracted dims, 1: the kept ones
+        return math.prod(dec[p].shape[d] for d in dots[p][side])
+
+    def whole(p: str, side: int) -> bool:  # the plan keeps those dims whole on the pair's axes
+        return not any(tensor_split(s, p, d) & set(axes) for d in dots[p][side])
+
+    writes = [r for r in rows if r in dots and whole(r, 1) and (any((r, d) in dims for d in dots[r][1])
+                                                                 or width(r, 1) in split)]
+    # a residual branch reads the stream it writes (through a norm, which ends the trace's meets)
+    written = {width(r, 1) for r in writes} | split
+    reads = [c for c in cols if c in dots and whole(c, 0) and (any((c, d) in dims for d in dots[c][0])
+                                                                or width(c, 0) in written)]
+    items = []
+    apart = len({(s.apart or {}).get(c, c) for c in reads})  # MaxText constrains q's input and k/v's apart
+    if reads and _pair_act(reads[0], dec[reads[0]], "in", s):
+        items.append(CommItem("all-gather", axes, _pair_act(reads[0], dec[reads[0]], "in", s), s.size(axes),
+                              count * (2 + s.remat) * apart, source,
+                              f"{', '.join(label[c] for c in reads)}: gather the stream a model's constraint (or a "
+                              "split norm scale) splits on the contracted features (forward, "
+                              + ("again in the remat recompute, " if s.remat else "") + "and for the weight gradient)"))
+    items += [CommItem("all-gather", axes, _pair_act(r, dec[r], "out", s), s.size(axes), count, source,
+                       f"row {label[r]}: gather the output gradient the split stream splits on its features "
+                       "(backward)") for r in writes]
+    return items
 
 
 def _stream_split(s: Scope) -> bool:

@@ -119,10 +119,11 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
                      "this estimate's layer outputs do not count; measured at 1.8-2.4x the unrolled step's "
                      "compiled peak (XLA:TPU, v5e:2x4), this estimate 42-61% under it. Remat the scanned "
                      "layers, or check with dry_run before booking")
-    if w.backend == "cpu" and (w.act_item == 2 or any(d.dtype in ("bfloat16", "float16") for d in lv.decisions.values())):
+    half = any(d.dtype in ("bfloat16", "float16") for d in lv.decisions.values())
+    if w.backend == "cpu" and half:
         notes.append("XLA:CPU runs 16-bit collectives in float32 (it converts their operands; measured on a "
-                     "bfloat16 model: 2x these bytes); the figures are in the tensors' own dtype, as a TPU "
-                     "sends them")
+                     "bfloat16 model: 2x the bytes): activations and gradients are priced so, but a 16-bit "
+                     "parameter's own gathers in its dtype, as a TPU sends them")
     per_device, unsharded = memory(lv, mesh, w, shards, notes)
     savings = {name: (100.0 * (1 - getattr(per_device, name) / getattr(unsharded, name))
                       if getattr(unsharded, name) else 0.0) for name in MEMORY_FIELDS + ("total",)}
@@ -137,8 +138,9 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
                      "devices as an N-dimensional all-reduce, not one ring, so it all-reduces each fsdp gradient "
                      "whole and slices it (twice a reduce-scatter's bytes; measured); pass target= for another slice")
     scope = Scope(mesh=cmesh, lv=without_grads(without_dead(lv, w.dead), w.no_grad), batch=b, batch_axes=caxes, shards=math.prod(cmesh.sizes[a] for a in caxes),
-                  act_item=w.act_item,
-                  g_item=w.g_item, backend=w.backend, dispatch=w.dispatch, activations=w.activations,
+                  act_item=cpu_wire(w.act_item, w.backend),
+                  g_item=cpu_wire(w.g_item, w.backend) if w.g_item else cpu_wire(2, w.backend) if half and w.backend
+                  == "cpu" else None, backend=w.backend, dispatch=w.dispatch, activations=w.activations,
                   config=w.config, tied=w.tied, parts=w.parts, rows=w.rows, fused=w.fused, remat=w.remat,
                   shared=w.shared, lookups=w.lookups,
                   grouped=w.grouped, joined=w.joined, widths=w.widths, slices=w.slices,
@@ -147,7 +149,7 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
                   target=w.target, gathers_reduce=w.backend == "tpu" and gathers_reduce(w.target, n), meets=w.meets,
                   positional=w.positional, loops=w.loops, edges=w.edges, contracted=w.contracted, looked=w.looked,
                   batched=w.batched,
-                  conditions=w.conditions, batch_dims=w.batch_dims, sliced=w.sliced, dots=w.dots,
+                  conditions=w.conditions, batch_dims=w.batch_dims, sliced=w.sliced, dots=w.dots, apart=w.apart, split_widths=w.split_widths,
                   scanned=w.scanned, constrained=w.constrained, limits=w.limits, moments=param_moments(w.opt))
     notes.extend(product_sum_notes(lv, mesh, w, scope.experts_split))
     every = (comm_items(scope, notes) + expert_items(scope) + buffer_items(scope) + fused_items(scope, notes)
@@ -161,6 +163,17 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
                           "leaves": [[n, list(s), d] for n, s, d in b.leaves]},
         notes=tuple(dict.fromkeys(notes)), settings=dict(w.settings),
         breakdown=peak(lv, mesh, w, shards, per_device))
+
+
+def cpu_wire(item: int, backend: str) -> int:
+    """Bytes per element a collective of ``item``-byte elements sends: XLA:CPU converts 16-bit operands to
+    float32 around its collectives (a bfloat16 MaxText decoder's sums and gathers of activations are float32
+    in the compiled program, ``benchmarks/results/probe_maxtext.md``); other backends send them as they are.
+
+    >>> cpu_wire(2, "cpu"), cpu_wire(2, "tpu"), cpu_wire(4, "cpu")
+    (4, 2, 4)
+    """
+    return 4 if backend == "cpu" and item == 2 else item
 
 
 def estimate(plan, optimizer: Any = None, batch: Any = None, *, config: Any = None,

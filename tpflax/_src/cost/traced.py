@@ -158,6 +158,10 @@ class Traced:
             gradient parts, each reduced over the batch apart (counted in no ``parts``: they are not calls).
         reduced: parameters whose contraction's output is only reduced row by row
             (:meth:`tpflax._src.trace.records.Dataflow.only_reduced`: an RBM's hidden units, summed).
+        split_widths: ``(width, mesh axes)`` of activation dims a model's constraint splits
+            (:attr:`tpflax._src.trace.records.Dataflow.split_widths`).
+        apart: ``{path: group path}`` of each parameter's first ``dot`` use: uses reading one value share the
+            group (:attr:`tpflax._src.trace.records.Dataflow.apart`: a model's sharding constraint makes another).
     """
 
     tied: frozenset[str] | None = None
@@ -205,6 +209,8 @@ class Traced:
     in_rows: Mapping[str, float] = field(default_factory=dict)
     combined: Mapping[str, int] = field(default_factory=dict)
     reduced: frozenset[str] = frozenset()
+    apart: Mapping[str, str] = field(default_factory=dict)
+    split_widths: frozenset[tuple[int, tuple[str, ...]]] = frozenset()
 
 
 def frozen_inputs(t: Traced, trainable: Mapping[str, bool]) -> frozenset[str]:
@@ -339,7 +345,15 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
                   {(e.src, e.src_dim, e.dst, e.dst_dim): e.limit for e in flow.edges},
                   grown=_grown(flow), in_rows=_in_rows(flow), combined=combined,
                   reduced=frozenset(u.path for u in flow.uses if u.op == "dot" and u.kept
-                                    and all(flow.only_reduced(u.id, k) for k in u.kept)))
+                                    and all(flow.only_reduced(u.id, k) for k in u.kept)),
+                  apart=_apart(flow), split_widths=flow.split_widths)
+
+
+def _apart(flow: Any) -> dict[str, str]:
+    first: dict[str, str] = {}
+    for uid, group in sorted(flow.apart.items()):
+        first.setdefault(flow.uses[uid].path, flow.uses[group].path)
+    return first
 
 
 def _in_rows(flow: Any) -> dict[str, float]:

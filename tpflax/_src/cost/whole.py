@@ -45,8 +45,8 @@ def split_dims(s: Any, start: Callable[[str], bool] | None = None,
     lv = s.lv
     by_axes: dict[frozenset[str], set[tuple[str, int]]] = {}
     for p, d, _, _ in s.meets:
-        if _split(s, p, d) and (start is None or start(lv.rep_of.get(p, p))):
-            by_axes.setdefault(_split(s, p, d), set()).add((p, d))
+        if tensor_split(s, p, d) and (start is None or start(lv.rep_of.get(p, p))):
+            by_axes.setdefault(tensor_split(s, p, d), set()).add((p, d))
     split_pairs = {m for pc in lv.pairs for m in pc.columns + pc.rows
                    if any(s.axes(x, TENSOR) for x in pc.columns + pc.rows)}
     starts = [(axes, begin, lv.in_pair) for axes, begin in by_axes.items()]
@@ -65,16 +65,16 @@ def constrained_dims(s: Any) -> dict[tuple[str, ...], set[tuple[str, int]]]:
     gathers around its matmul (:func:`whole_reads`) and its gradient comes out split (:func:`split_dims`). Its
     axes over the batch, and the dims the plan splits as the constraint does, cost nothing."""
     tensor = {a for a, r in s.mesh.roles if r == TENSOR and s.mesh.sizes[a] > 1}
-    return disagreeing(s.constrained, tensor, lambda p, d: _split(s, p, d))
+    return disagreeing(s.constrained, tensor, lambda p, d: tensor_split(s, p, d))
 
 
 def _whole(s: Any, rep: str, paired: Any) -> bool:
     """A representative the plan keeps whole on the tensor axes, outside the pairs ``paired``."""
     return rep in s.lv.decisions and rep not in paired and not any(
-        _split(s, rep, i) for i in range(len(s.lv.specs.get(rep, ()))))
+        tensor_split(s, rep, i) for i in range(len(s.lv.specs.get(rep, ()))))
 
 
-def _split(s: Any, path: str, dim: int) -> frozenset[str]:
+def tensor_split(s: Any, path: str, dim: int) -> frozenset[str]:
     """The tensor axes the plan splits ``path``'s (a trace path's representative) ``dim`` over."""
     spec = s.lv.specs.get(s.lv.rep_of.get(path, path), ())
     return frozenset(entry_axes(spec[dim]) if dim < len(spec) else ()) & frozenset(
@@ -225,7 +225,7 @@ def replicated_items(s: Any) -> list[CommItem]:
         key = (rep, axes, size, why)
         found[key] = found.get(key, 0) + max(stack, 1)
 
-    for p, d, ax, readers in replicated(s.constrained, tensor, lambda q, e: _split(s, q, e), s.meets, s.dots or {}):
+    for p, d, ax, readers in replicated(s.constrained, tensor, lambda q, e: tensor_split(s, q, e), s.meets, s.dots or {}):
         rep, use = lv.rep_of.get(p, p), s.dots[p]
         if rep not in lv.decisions:
             continue

@@ -32,11 +32,20 @@ from tpflax._src.trace.interpreter import Val, Walk, is_minor
 
 
 def note(w: Walk, eqn: Any, v: Val) -> None:
-    """Record the mesh axes the constraint ``eqn`` lays each tagged dim of the activation ``v`` out over."""
+    """Record the mesh axes the constraint ``eqn`` lays each tagged dim of the activation ``v`` out over, and
+    the widths of the dims it splits of any activation (not a constant: a residual stream past a
+    norm carries no tag: MaxText's ``activation_embed`` over ``tensor``)."""
     spec = getattr(eqn.params.get("sharding"), "spec", None)
-    if spec is None or v.tags is None or v.origin:
+    if spec is None or v.origin:
         return
     entries = tuple(spec)[:v.rank] + (None,) * (v.rank - len(tuple(spec)))  # a short spec replicates the rest
+    shape = tuple(getattr(getattr(eqn.invars[0], "aval", None), "shape", ()))
+    if not v.constant and len(shape) == v.rank:
+        for d, entry in enumerate(entries):
+            if isinstance(entry, (str, tuple)) and entry:
+                w.split_widths.add((shape[d], entry if isinstance(entry, tuple) else (entry,)))
+    if v.tags is None:
+        return
     for d, entry in enumerate(entries):
         if entry is not None and not isinstance(entry, (str, tuple)):
             continue  # P.UNCONSTRAINED: left to XLA

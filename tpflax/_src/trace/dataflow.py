@@ -54,7 +54,7 @@ from tpflax._src.model import abstract, as_model
 from tpflax._src.trace.handlers import new_walk
 from tpflax._src.trace.interpreter import Val, is_minor
 from tpflax._src.trace.records import Dataflow, Edge, Use
-from tpflax._src.trace.sharing import read_groups, shared_reads
+from tpflax._src.trace.sharing import VIEWS, read_groups, shared_reads
 
 __all__ = ["Dataflow", "Edge", "Use", "analyze", "dataflow", "trace_jaxpr"]
 
@@ -252,8 +252,10 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                     collectives=tuple(c for cs in w.collectives.values() for c in cs),
                     row_axes=frozenset(w.row_axes), grad_deps=dict(w.grad_deps),
                     inputs=read_groups(jaxpr, w.reads),
+                    apart=read_groups(jaxpr, w.reads, VIEWS - {"sharding_constraint"}),
                     dead=dead_params(jaxpr, paths) - {u.path for u in w.uses},
                     no_grad=no_grad_params(closed, paths), constraints=tuple(sorted(w.constraints)),
+                    split_widths=frozenset(w.split_widths),
                     sliced=_sliced(w, {p: tuple(v.aval.shape) for p, v in zip(paths, jaxpr.invars, strict=False)}))
 
 

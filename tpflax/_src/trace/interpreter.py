@@ -183,6 +183,7 @@ class Walk:
     collectives: dict[tuple, tuple] = field(default_factory=dict)  # (ctx, id(eqn)) -> its Collectives
     # (use id, param dim, mesh axes): a tagged dim a with_sharding_constraint lays out over those axes
     constraints: set[tuple[int, int, tuple[str, ...]]] = field(default_factory=set)
+    split_widths: set[tuple[int, tuple[str, ...]]] = field(default_factory=set)
     n_eqns: int = 0
     # id of a parameter's own Val (as analyze seeds it) -> its path, and per path what reads that Val: a static
     # slice's (start, limit) per dim, or None for anything else (Dataflow.sliced)

@@ -221,6 +221,8 @@ class Dataflow:
             computes that activation's gradient only if one of them is trained.
         inputs: ``{use id: group}`` for ``dot`` uses: uses reading one activation (or a view of it) share
             a group (:func:`tpflax._src.trace.sharing.read_groups`; a self-attention's q, k and v).
+        apart: :attr:`inputs`, a value a model's ``with_sharding_constraint`` makes counted as another
+            (MaxText constrains a block's q input and its k/v input apart: XLA gathers each split copy apart).
         dead: parameters the model's outputs do not depend on and no traced use reads (jax's dead-code
             elimination of the traced program): a decoder's cross-attention when it runs without an
             encoder (``FlaxBartForCausalLM``). Their gradients are zeros, for which XLA compiles no
@@ -235,6 +237,8 @@ class Dataflow:
         constraints: ``(use id, param dim, mesh axes)``: a kept dim whose activation a ``with_sharding_constraint``
             lays out over those mesh axes (:mod:`tpflax._src.trace.constraints`), whatever the plan; no axes,
             ``()``, for a dim it replicates.
+        split_widths: ``(width, mesh axes)``: a dim of that width of an activation computed from a parameter that
+            a ``with_sharding_constraint`` lays out over those axes, tagged or not.
     """
 
     paths: tuple[str, ...]
@@ -269,10 +273,12 @@ class Dataflow:
     examples: int = 1  # the traced sample's leading dim (its first input's)
     grad_deps: Mapping[int, int] = field(default_factory=dict)
     inputs: Mapping[int, int] = field(default_factory=dict)
+    apart: Mapping[int, int] = field(default_factory=dict)
     dead: frozenset[str] = frozenset()
     sliced: Mapping[str, float] = field(default_factory=dict)
     no_grad: frozenset[str] = frozenset()
     constraints: tuple[tuple[int, int, tuple[str, ...]], ...] = ()
+    split_widths: frozenset[tuple[int, tuple[str, ...]]] = frozenset()
 
     def positional(self) -> dict[str, tuple[int, tuple[int, ...]]]:
         """``{table: (rows looked up, its dims not indexed)}`` for tables every use of which is a lookup at

@@ -85,8 +85,9 @@ class _Index:
                         seen.add(id(inner))
                         self._add(inner, seen)
 
-    def root(self, v: Any, ctx: tuple) -> At:
-        """The value ``v`` (reached through ``ctx``) is a view of: through converts, reshapes and calls."""
+    def root(self, v: Any, ctx: tuple, views: frozenset = VIEWS) -> At:
+        """The value ``v`` (reached through ``ctx``) is a view of: through converts, reshapes and calls (the
+        ops in ``views``)."""
         for _ in range(256):
             if _literal(v):
                 return v, ctx
@@ -94,7 +95,7 @@ class _Index:
                 v, ctx = self.outer[(ctx[-1], v)], ctx[:-1]
                 continue
             eqn = self.producer.get(v)
-            if eqn is None or eqn.primitive.name not in VIEWS:
+            if eqn is None or eqn.primitive.name not in views:
                 return v, ctx
             v = eqn.invars[0]
         return v, ctx
@@ -146,9 +147,9 @@ def shared_reads(jaxpr: Any, reads: Mapping[int, tuple[Any, int, tuple]]) -> fro
                      if index.other_reader(index.root(eqn.invars[k], ctx), contractions))
 
 
-def read_groups(jaxpr: Any, reads: Mapping[int, tuple[Any, int, tuple]]) -> dict[int, int]:
-    """``{use id: group}``: contractions reading one activation (or views of it) share a group, the
-    smallest use id among them (a self-attention's q, k and v read the one normed input).
+def read_groups(jaxpr: Any, reads: Mapping[int, tuple[Any, int, tuple]], views: frozenset = VIEWS) -> dict[int, int]:
+    """``{use id: group}``: contractions reading one activation (or views of it: ops in ``views``) share a
+    group, the smallest use id among them (a self-attention's q, k and v read the one normed input).
 
     >>> import jax, jax.numpy as jnp
     >>> closed = jax.make_jaxpr(lambda w, x: (x @ w) * (x @ w.T) + (x * 2) @ w)(jnp.ones((4, 4)), jnp.ones((2, 4)))
@@ -163,6 +164,6 @@ def read_groups(jaxpr: Any, reads: Mapping[int, tuple[Any, int, tuple]]) -> dict
     out = {}
     for uid in sorted(reads):
         eqn, k, ctx = reads[uid]
-        v, c = index.root(eqn.invars[k], ctx)
+        v, c = index.root(eqn.invars[k], ctx, views)
         out[uid] = first.setdefault((id(v), c), uid)
     return out
