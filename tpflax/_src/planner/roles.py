@@ -16,7 +16,14 @@ import re
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
-from tpflax._src.facts.classify import ATTN, COLUMN_NAMES, POS_EMBED, ROW_NAMES, Facts, fused_projection
+from tpflax._src.facts.classify import (
+    ATTN,
+    COLUMN_NAMES,
+    POS_EMBED,
+    ROW_NAMES,
+    Facts,
+    fused_projection,
+)
 from tpflax._src.planner.builders import Linear, short
 
 
