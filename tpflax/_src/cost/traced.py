@@ -229,7 +229,7 @@ def frozen_inputs(t: Traced, trainable: Mapping[str, bool]) -> frozenset[str]:
     return frozenset(p for p, deps in t.grad_deps.items() if deps and not deps & trained)
 
 
-def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
+def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None) -> Traced:
     """What the cost model reads from the traced forward (see :class:`Traced`); all None when it cannot be traced.
 
     >>> import jax, jax.numpy as jnp
@@ -242,10 +242,11 @@ def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
     """
     from tpflax._src.model_cache import cached
 
-    return cached("uses", m, lambda: _traced_uses(m, shapes), tuple(sorted(shapes.items())))
+    return cached("uses", m, lambda: _traced_uses(m, shapes, mesh),
+                  (*sorted(shapes.items()), "" if mesh is None else str(mesh)))
 
 
-def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
+def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None) -> Traced:
     import jax
 
     from tpflax._src.cost.buffers import batched_paths, batched_rows
@@ -256,7 +257,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]]) -> Traced:
     from tpflax._src.trace.spread import spread_streams
 
     try:
-        flow = dataflow(m)
+        flow = dataflow(m, mesh=mesh)
     except TraceError:
         return Traced()
     leaves = jax.tree_util.tree_leaves(m.sample)

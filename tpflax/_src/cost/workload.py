@@ -168,7 +168,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
     # the dataflow says which table is tied, whether an ``attend`` call (linen) or ``x @ table.T`` in a
     # method no layer trace sees (Gemma's ``Embedder.decode``) makes the logits
     shapes = {p: tuple(d.shape) for p, d in plan.decisions.items()}
-    t = traced_uses(m, shapes) if m is not None else Traced()
+    t = traced_uses(m, shapes, plan.mesh) if m is not None else Traced()
     # a model without a config dtype computes in what its contractions come out in as traced
     # (an HF bf16 model called on integer ids), not in the batch's float dtype
     traced_act = t.act_dtype if config_value(config, "dtype") is None else None

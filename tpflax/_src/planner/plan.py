@@ -284,7 +284,7 @@ def _propose(facts: Sequence[Facts], ms: MeshShape, opts: Options, forced: Force
         from tpflax._src.planner import dataflow_rules
         from tpflax._src.trace.dataflow import dataflow
 
-        flow = dataflow(model, sample, tree)
+        flow = dataflow(model, sample, tree, ms)
         facts = traced_weights(facts, flow)
         dead = sorted(f.path for f in facts if f.path in flow.dead and f.leaf.trainable)
         if dead:  # (a training-mode BatchNorm's running statistics are read by no forward either: not trained)
@@ -528,7 +528,7 @@ def traced_facts(p: Plan, model: Any, sample: Any = None, flow: Any = None) -> P
     if {f.path for f in facts} != set(ds):
         return p
     try:
-        flow = flow if flow is not None else dataflow(model, sample, tree)
+        flow = flow if flow is not None else dataflow(model, sample, tree, p.mesh)
         opts = Options(fsdp_min_bytes=o.get("fsdp_min_bytes"), min_channels=int(o.get("min_channels", 64)),
                        tensor_min_bytes=int(o.get("tensor_min_bytes", 0)),
                        **pricing(o.get("hardware"), None, o.get("device_memory")))

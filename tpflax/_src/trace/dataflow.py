@@ -59,12 +59,15 @@ from tpflax._src.trace.sharing import VIEWS, read_groups, shared_reads
 __all__ = ["Dataflow", "Edge", "Use", "analyze", "dataflow", "trace_jaxpr"]
 
 
-def trace_jaxpr(model: Any, sample: Any = None, variables: Any = None):
+def trace_jaxpr(model: Any, sample: Any = None, variables: Any = None, mesh: Any = None):
     """``(closed jaxpr, parameter paths of its first invars, n parameter invars)``.
 
     ``model`` is anything :func:`tpflax._src.model.as_model` accepts (zoo, linen,
     nnx, or a plain ``fn(variables, *sample)``). Nothing is computed: inputs and
-    parameters are ``jax.ShapeDtypeStruct``.
+    parameters are ``jax.ShapeDtypeStruct``. ``mesh`` (a mesh shape), when no mesh
+    is set already, is the abstract mesh the forward is traced under, as the step
+    runs under its mesh: flax's ``nn.with_logical_constraint`` constrains nothing
+    without one (MaxText's GPT-3 constrains every activation so).
     """
     m = as_model(model, sample, variables)
     if m.variables is None:
@@ -73,7 +76,8 @@ def trace_jaxpr(model: Any, sample: Any = None, variables: Any = None):
     tree = unboxed(m.variables)
     abstract_tree = jax.tree_util.tree_map(abstract, tree)
     try:
-        closed = jax.make_jaxpr(m.forward)(abstract_tree, *m.sample)
+        with under_mesh(mesh):
+            closed = jax.make_jaxpr(m.forward)(abstract_tree, *m.sample)
     except Exception as e:  # noqa: BLE001 - any failure here is a model/sample mismatch
         raise TraceError(untraceable(m, e)) from e
     n = len(jax.tree_util.tree_leaves(abstract_tree))
@@ -81,6 +85,18 @@ def trace_jaxpr(model: Any, sample: Any = None, variables: Any = None):
         raise TraceError(f"the variable tree flattens to {n} arrays but walks to {len(leaves)} leaves; "
                          "pass a tree of plain arrays or flax boxes holding one array each")
     return closed, [leaf.path for leaf in leaves], n
+
+
+def under_mesh(mesh: Any):
+    """A context tracing under ``mesh``'s abstract mesh (Auto axes); nothing when ``mesh`` is None or a mesh is
+    set already (the caller's ``jax.set_mesh``)."""
+    import contextlib
+
+    if mesh is None or not jax.sharding.get_abstract_mesh().empty:
+        return contextlib.nullcontext()
+    from tpflax._src.mesh import abstract_mesh
+
+    return jax.sharding.use_abstract_mesh(abstract_mesh(mesh))
 
 
 def dead_params(jaxpr: Any, paths: Sequence[str]) -> frozenset[str]:
@@ -170,7 +186,7 @@ def untraceable(m: Any, e: Exception) -> str:
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; {fix}")
 
 
-def dataflow(model: Any, sample: Any = None, variables: Any = None) -> Dataflow:
+def dataflow(model: Any, sample: Any = None, variables: Any = None, mesh: Any = None) -> Dataflow:
     """Trace ``model`` on ``sample`` and analyse which parameter feeds which.
 
     Args:
@@ -182,6 +198,8 @@ def dataflow(model: Any, sample: Any = None, variables: Any = None) -> Dataflow:
         variables: the variable tree ``model`` takes (needed for a function;
             a linen module defaults to its abstract init); paths in the result
             match ``tpflax.plan(variables, ...).decisions``.
+        mesh: the mesh shape the step runs on: the forward is traced under it
+            (:func:`trace_jaxpr`), so a model's logical constraints are there.
 
     Returns:
         A :class:`Dataflow`.
@@ -199,10 +217,17 @@ def dataflow(model: Any, sample: Any = None, variables: Any = None) -> Dataflow:
     m = as_model(model, sample, variables)
 
     def make() -> Dataflow:
-        closed, paths, _ = trace_jaxpr(m)
+        closed, paths, _ = trace_jaxpr(m, mesh=mesh)
         return analyze(closed, paths)
 
-    return cached("dataflow", m, make)  # one trace per model, variables' and sample's shapes
+    # one trace per model, variables' and sample's shapes, and mesh
+    return cached("dataflow", m, make, (_mesh_key(mesh),))
+
+
+def _mesh_key(mesh: Any) -> str:
+    from tpflax._src.mesh import mesh_shape
+
+    return "" if mesh is None else str(mesh_shape(mesh))
 
 
 def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
