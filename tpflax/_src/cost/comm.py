@@ -273,14 +273,16 @@ def _constrained_items(s: Scope, cols: list[str], rows: list[str], axes: tuple[s
                        stream: tuple[set[tuple[str, int]], dict[int, frozenset[str]]], count: int,
                        source: str) -> list[CommItem]:
     """A split pair whose outer dims a model's constraint splits (:func:`constrained_stream`): the stream its
-    columns contract reaches them split, gathered before their matmul, again in a remat recompute and again
-    for their weight gradient (one gather for columns reading one value: q, k and v; two where a constraint
-    makes a copy, MaxText's q input and k/v input each constrained apart); its rows' output gradient arrives
-    split, gathered once for both products. Their partial sums are the pair's own items.
+    columns contract reaches them split, gathered before their matmul and again in a remat recompute (one
+    gather for columns reading one value: q, k and v; two where a constraint makes a copy, MaxText's q input
+    and k/v input each constrained apart); its rows' output gradient arrives split, gathered for the backward.
+    An attention pair gathers each again in the backward (its columns' input for their weight gradients, its
+    row's output gradient for each product); an MLP keeps them. Their partial sums are the pair's own items.
 
     Measured (XLA:CPU, data=2,model=4, tests/test_constraint_stream.py: an attention and an MLP block under
     ``P('data', None, 'model')`` on the residual): 8 gathers of the stream per layer with remat, 6 without
-    (unrolled; 7 scanned); MaxText's decoders constrain their stream so (``results/probe_maxtext.md``)."""
+    (unrolled; 7 scanned), 3 for an MLP block alone with remat; MaxText's llama3, 11 a layer (q and k/v
+    apart), gemma2 23 for 22 priced, gpt3 7 for 8 (``results/probe_maxtext.md``)."""
     dots, dec, label = s.dots or {}, s.lv.decisions, s.lv.label
     dims, widths = stream
     split = {w for w, ax in widths.items() if ax & set(axes)}
@@ -299,15 +301,19 @@ def _constrained_items(s: Scope, cols: list[str], rows: list[str], axes: tuple[s
                                                                 or width(c, 0) in written)]
     items = []
     apart = len({(s.apart or {}).get(c, c) for c in reads})  # MaxText constrains q's input and k/v's apart
+    # an attention block's gathers the backward repeats: its columns' input for their weight gradients, its
+    # row's output gradient for each product (an MLP's are kept from the forward or its recompute)
+    attn = any(dec[p].kind == "attention" or ATTN.search(p) for p in cols + rows)
     if reads and _pair_act(reads[0], dec[reads[0]], "in", s):
         items.append(CommItem("all-gather", axes, _pair_act(reads[0], dec[reads[0]], "in", s), s.size(axes),
-                              count * (2 + s.remat) * apart, source,
+                              count * (1 + s.remat + attn) * apart, source,
                               f"{', '.join(label[c] for c in reads)}: gather the stream a model's constraint (or a "
-                              "split norm scale) splits on the contracted features (forward, "
-                              + ("again in the remat recompute, " if s.remat else "") + "and for the weight gradient)"))
-    items += [CommItem("all-gather", axes, _pair_act(r, dec[r], "out", s), s.size(axes), count, source,
+                              "split norm scale) splits on the contracted features (forward"
+                              + (", again in the remat recompute" if s.remat else "")
+                              + (", and for the weight gradient" if attn else "") + ")"))
+    items += [CommItem("all-gather", axes, _pair_act(r, dec[r], "out", s), s.size(axes), count * (1 + attn), source,
                        f"row {label[r]}: gather the output gradient the split stream splits on its features "
-                       "(backward)") for r in writes]
+                       f"(backward{', once for each product' if attn else ''})") for r in writes]
     return items
 
 
