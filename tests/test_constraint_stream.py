@@ -162,3 +162,24 @@ def test_flax_logical_constraints_are_traced_under_the_plans_mesh(devices):
     estimated = sum(i.ring_bytes * i.count for i in e.items if i.kind == "all-gather" and "stream" in i.why)
     assert compiled > 0 and estimated == compiled
     assert abs(e.comm_total / dr.comm_total - 1) < 0.05
+
+
+def test_bare_partition_specs_and_reshard_trace_under_the_plans_mesh():
+    # a bare PartitionSpec needs a mesh set (jax.set_mesh), as the step sets it; the trace raised "Using
+    # PartitionSpec when you are not under a mesh context is not allowed". jax.sharding.reshard (which jax
+    # also inserts itself under a mesh: MaxText's rotary embedding) is an identity for the dataflow, as
+    # with_sharding_constraint is: the pair through it stays a pair
+    from tpflax._src.trace.dataflow import dataflow
+
+    v = {"up": jax.ShapeDtypeStruct((64, 256), jnp.float32), "down": jax.ShapeDtypeStruct((256, 64), jnp.float32)}
+
+    def fn(v, x):
+        h = jax.lax.with_sharding_constraint(jax.nn.relu(x @ v["up"]), P("data", "model"))
+        return jax.sharding.reshard(h, P()) @ v["down"]
+
+    x = jax.ShapeDtypeStruct((8, 64), jnp.float32)
+    p = tpflax.plan(v, MESH, model=fn, sample=(x,))
+    assert (p.decisions["up"].spec, p.decisions["down"].spec) == (P(None, "model"), P("model", None))
+    assert p.decisions["up"].source == "trace"
+    flow = dataflow(fn, (x,), v, MESH)
+    assert {(flow.uses[u].path, d, a) for u, d, a in flow.constraints} >= {("up", 1, ("model",)), ("up", 1, ())}

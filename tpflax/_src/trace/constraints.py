@@ -35,7 +35,7 @@ def note(w: Walk, eqn: Any, v: Val) -> None:
     """Record the mesh axes the constraint ``eqn`` lays each tagged dim of the activation ``v`` out over, and
     the widths of the dims it splits of any activation (not a constant: a residual stream past a
     norm carries no tag: MaxText's ``activation_embed`` over ``tensor``)."""
-    spec = getattr(eqn.params.get("sharding"), "spec", None)
+    spec = getattr(eqn.params.get("sharding", eqn.params.get("dst_sharding")), "spec", None)
     if spec is None or v.origin:
         return
     entries = tuple(spec)[:v.rank] + (None,) * (v.rank - len(tuple(spec)))  # a short spec replicates the rest

@@ -277,7 +277,7 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                     collectives=tuple(c for cs in w.collectives.values() for c in cs),
                     row_axes=frozenset(w.row_axes), grad_deps=dict(w.grad_deps),
                     inputs=read_groups(jaxpr, w.reads),
-                    apart=read_groups(jaxpr, w.reads, VIEWS - {"sharding_constraint"}),
+                    apart=read_groups(jaxpr, w.reads, VIEWS - {"sharding_constraint", "reshard"}),
                     dead=dead_params(jaxpr, paths) - {u.path for u in w.uses},
                     no_grad=no_grad_params(closed, paths), constraints=tuple(sorted(w.constraints)),
                     split_widths=frozenset(w.split_widths),

@@ -34,13 +34,14 @@ expm1 tanh logistic sin cos tan asin acos atan sinh cosh asinh acosh atanh atan2
 square abs erf erfc erf_inv lgamma digamma igamma select_n clamp convert_element_type copy copy_p
 stop_gradient reduce_precision and or not xor eq ne lt le gt ge nextafter real imag conj
 shift_left shift_right_logical shift_right_arithmetic population_count clz optimization_barrier
-sharding_constraint name
+sharding_constraint reshard name
 """.split())
 # Ops that only change the dtype or identity of a value: a parameter stays a parameter.
-# ``sharding_constraint`` (with_sharding_constraint) and ``name`` (checkpoint_name) are
+# ``sharding_constraint`` (with_sharding_constraint), ``reshard`` (jax.sharding.reshard, which jax itself
+# inserts under a mesh: MaxText's rotary embedding traced under one) and ``name`` (checkpoint_name) are
 # identities for dataflow: a model that annotates its activations keeps its pairs.
 VIEW = frozenset({"convert_element_type", "copy", "copy_p", "stop_gradient", "reduce_precision",
-                  "optimization_barrier", "sharding_constraint", "name"})
+                  "optimization_barrier", "sharding_constraint", "reshard", "name"})
 REDUCE = frozenset({"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and",
                     "reduce_or", "reduce_xor", "argmax", "argmin"})
 CUMULATIVE = frozenset({"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"})
@@ -487,6 +488,7 @@ HANDLERS: dict[str, Handler] = {
     **collectives.HANDLERS,
     **{name: elementwise for name in ELEMENTWISE},  # last: wins over any name above
     "sharding_constraint": constrained,
+    "reshard": constrained,
 }
 
 

@@ -36,7 +36,7 @@ from tpflax._src.trace.control import CALL_KEYS, CALLS, body_of
 
 # ops that only re-view or re-type a value: a reader through them reads the same activation
 VIEWS = frozenset({"convert_element_type", "reshape", "copy", "squeeze", "expand_dims",
-                   "transpose", "broadcast_in_dim", "sharding_constraint", "name"})
+                   "transpose", "broadcast_in_dim", "sharding_constraint", "reshard", "name"})
 
 # a value inside a call body, with the call stack it was reached through (the walk's ``ctx``): one
 # jaxpr object serves every call of a jitted helper, so its values mean nothing without the call site
