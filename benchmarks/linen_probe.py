@@ -1039,7 +1039,7 @@ NAMES = ("wmt", "wmt-noann", "vit", "mixer", "scan", "resnet", "unet", "dit", "c
 
 
 def probe_main(argv, names, build, results: str, *, title: str | None = None, intro=None, tail: str = "",
-               fsdp=fsdp_rules, per_mesh: bool = False, available=None) -> int:
+               fsdp=fsdp_rules, per_mesh: bool = False, available=None, meshes=MESHES, expand=None) -> int:
     """The command line every probe script runs: five plans per model and mesh, printed, and the markdown table
     written to ``results/<results>`` when every model, mesh and plan ran (``--write PATH`` for another file,
     ``--no-write`` to print only).
@@ -1049,6 +1049,8 @@ def probe_main(argv, names, build, results: str, *, title: str | None = None, in
     string, or a function of this script's paragraph); ``tail`` is appended (observations by hand);
     ``fsdp(params, mesh)`` gives the pure-FSDP rules. ``available()``, when given, returns why the models cannot
     be built ('' when they can): the run is then skipped, as a success (their library is not a dependency).
+    ``meshes`` are the default ``--mesh`` shapes; ``expand(shape)``, when given, is the mesh each is run on
+    (a library's own mesh, its extra axes of size 1), labelled in the table by the shape given.
     """
     why = available() if available else ""
     if why:
@@ -1056,17 +1058,18 @@ def probe_main(argv, names, build, results: str, *, title: str | None = None, in
         return 0
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", nargs="*", default=list(names))
-    ap.add_argument("--mesh", nargs="*", default=[mesh_label(m) for m in MESHES])
+    ap.add_argument("--mesh", nargs="*", default=[mesh_label(m) for m in meshes])
     ap.add_argument("--plans", nargs="*", default=list(PLANS))
     ap.add_argument("--write", default=None, help=f"markdown table path (default: results/{results} "
                                                    "when every model, mesh and plan ran)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
-    meshes = [{k: int(v) for k, v in (kv.split("=") for kv in m.split(","))} for m in args.mesh]
+    shapes = [{k: int(v) for k, v in (kv.split("=") for kv in m.split(","))} for m in args.mesh]
     table: list[tuple[str, str, str, Any, Any]] = []
     for name in args.arch:
         made = None if per_mesh else build(name)
-        for mesh in meshes:
+        for shape in shapes:
+            mesh = expand(shape) if expand else shape
             built, hand, extra = build(name, mesh) if per_mesh else (*made, {})
             calls = {"tree": {"batch": built.sample},
                      "model": {"model": built.fn, "sample": built.sample, "batch": built.sample},
@@ -1075,19 +1078,19 @@ def probe_main(argv, names, build, results: str, *, title: str | None = None, in
             plans = plan_each(built.params, mesh, {k: {**extra, **v} for k, v in calls.items() if k in args.plans})
             rows = {pname: measure(name, mesh, pname, p, built) for pname, p in plans.items()}
             ref = rows.get("megatron")
-            table += [(name, mesh_label(mesh), pname, r, ref) for pname, r in rows.items()]
+            table += [(name, mesh_label(shape), pname, r, ref) for pname, r in rows.items()]
             for pname, r in rows.items():
                 if r.error:
-                    print(f"{name:<14}{mesh_label(mesh):<16}{pname:<11}{r.error}", flush=True)
+                    print(f"{name:<14}{mesh_label(shape):<16}{pname:<11}{r.error}", flush=True)
                     continue
                 rel = ""
                 if ref and not ref.error:
                     rel = (f" | x hand {r.bytes / ref.bytes:.3f} / "
                            f"{(r.comm / ref.comm if ref.comm else float('nan')):.3f} / {r.flops / ref.flops:.3f}")
                 est = f" est {r.est_comm / r.comm:.3f}" if r.est_comm and r.comm else f" est {r.est_comm}"
-                print(f"{name:<14}{mesh_label(mesh):<16}{pname:<11}{r.bytes:>11.0f} B {r.comm:>11.0f} comm "
+                print(f"{name:<14}{mesh_label(shape):<16}{pname:<11}{r.bytes:>11.0f} B {r.comm:>11.0f} comm "
                       f"{r.flops:>10.4g} fl{est}{rel}", flush=True)
-    everything = set(args.arch) == set(names) and len(meshes) == len(MESHES) and set(args.plans) == set(PLANS)
+    everything = set(args.arch) == set(names) and len(shapes) == len(meshes) and set(args.plans) == set(PLANS)
     path = args.write or (Path(__file__).resolve().parent / "results" / results if everything else None)
     if path and not args.no_write:
         lines = _markdown(table).split("\n")
