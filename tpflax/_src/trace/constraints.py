@@ -33,7 +33,7 @@ from tpflax._src.trace.interpreter import Val, Walk, is_minor
 
 def note(w: Walk, eqn: Any, v: Val) -> None:
     """Record the mesh axes the constraint ``eqn`` lays each tagged dim of the activation ``v`` out over, and
-    the widths of the dims it splits of any activation (not a constant: a residual stream past a
+    the widths of the untagged dims it splits of any activation but a constant (a residual stream past a
     norm carries no tag: MaxText's ``activation_embed`` over ``tensor``)."""
     spec = getattr(eqn.params.get("sharding", eqn.params.get("dst_sharding")), "spec", None)
     if spec is None or v.origin:
@@ -42,7 +42,8 @@ def note(w: Walk, eqn: Any, v: Val) -> None:
     shape = tuple(getattr(getattr(eqn.invars[0], "aval", None), "shape", ()))
     if not v.constant and len(shape) == v.rank:
         for d, entry in enumerate(entries):
-            if isinstance(entry, (str, tuple)) and entry:
+            tagged = v.tags is not None and any(not is_minor(k) for k in v.tags[d])
+            if isinstance(entry, (str, tuple)) and entry and not tagged:  # a tagged dim is recorded below
                 w.split_widths.add((shape[d], entry if isinstance(entry, tuple) else (entry,)))
     if v.tags is None:
         return

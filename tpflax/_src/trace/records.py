@@ -237,8 +237,8 @@ class Dataflow:
         constraints: ``(use id, param dim, mesh axes)``: a kept dim whose activation a ``with_sharding_constraint``
             lays out over those mesh axes (:mod:`tpflax._src.trace.constraints`), whatever the plan; no axes,
             ``()``, for a dim it replicates.
-        split_widths: ``(width, mesh axes)``: a dim of that width of an activation computed from a parameter that
-            a ``with_sharding_constraint`` lays out over those axes, tagged or not.
+        split_widths: ``(width, mesh axes)``: an untagged dim of that width of an activation (not a constant)
+            that a ``with_sharding_constraint`` lays out over those axes (a tagged one is in :attr:`constraints`).
     """
 
     paths: tuple[str, ...]
