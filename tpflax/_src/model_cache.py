@@ -116,27 +116,33 @@ def _purge() -> None:
             _entries.pop(key)
 
 
-def cached(kind: str, m: Any, make: Callable[[], Any], extra: tuple = ()) -> Any:
+def cached(kind: str, m: Any, make: Callable[[], Any], extra: tuple = (), shared: tuple | None = None,
+           free: Callable[[Any], bool] = lambda value: False) -> Any:
     """``make()``, or what it returned for an earlier ``m`` whose trace is the same (see the module
     docstring); ``kind`` names what is made and ``extra`` adds to the key whatever else it reads
-    (hashable). Exceptions are not kept: a failing trace fails again."""
+    (hashable). A value ``free`` accepts did not depend on ``extra``: it is kept under ``shared`` too, which
+    is looked up first (a trace under one mesh that nothing in it depends on serves every mesh).
+    Exceptions are not kept: a failing trace fails again."""
     found = model_key(m)
     if found is None:
         return make()
-    owner, key = found
-    key = (kind, *key, extra)
+    owner, base = found
+    keys = [(kind, *base, shared)] if shared is not None else []
+    key = (kind, *base, extra)
     with _lock:
         _purge()
-        hit = _entries.get(key)
-        if hit is not None and (hit[0] is None or hit[0]() is owner):
-            _entries.move_to_end(key)
-            _counts["hits"] += 1
-            return hit[1]
+        for k in (*keys, key):
+            hit = _entries.get(k)
+            if hit is not None and (hit[0] is None or hit[0]() is owner):
+                _entries.move_to_end(k)
+                _counts["hits"] += 1
+                return hit[1]
         _counts["misses"] += 1
     value = make()
     with _lock:
-        _entries[key] = (_ref(owner, key) if owner is not None else None, value)
-        _entries.move_to_end(key)
+        for k in (key, *(keys if free(value) else ())):
+            _entries[k] = (_ref(owner, k) if owner is not None else None, value)
+            _entries.move_to_end(k)
         while len(_entries) > SIZE:
             _entries.popitem(last=False)
     return value

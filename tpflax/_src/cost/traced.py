@@ -243,7 +243,9 @@ def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None)
     from tpflax._src.model_cache import cached
 
     return cached("uses", m, lambda: _traced_uses(m, shapes, mesh),
-                  (*sorted(shapes.items()), "" if mesh is None else str(mesh)))
+                  (*sorted(shapes.items()), "" if mesh is None else str(mesh)),
+                  shared=(*sorted(shapes.items()), "any mesh"),
+                  free=lambda t: not (t.constrained or t.split_widths or t.row_axes or t.collectives))
 
 
 def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None) -> Traced:

@@ -42,6 +42,7 @@ into proposals with reasons that name the evidence. The walk itself is in
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -75,11 +76,17 @@ def trace_jaxpr(model: Any, sample: Any = None, variables: Any = None, mesh: Any
     leaves, _ = walk(m.variables)
     tree = unboxed(m.variables)
     abstract_tree = jax.tree_util.tree_map(abstract, tree)
+    context = under_mesh(mesh)
     try:
-        with under_mesh(mesh):
+        with context:
             closed = jax.make_jaxpr(m.forward)(abstract_tree, *m.sample)
     except Exception as e:  # noqa: BLE001 - any failure here is a model/sample mismatch
-        raise TraceError(untraceable(m, e)) from e
+        if isinstance(context, contextlib.nullcontext):
+            raise TraceError(untraceable(m, e)) from e
+        try:  # a model binding a concrete mesh of its own (jax.shard_map(mesh=...)) traces without ours
+            closed = jax.make_jaxpr(m.forward)(abstract_tree, *m.sample)
+        except Exception:  # noqa: BLE001 - the first failure says why
+            raise TraceError(untraceable(m, e)) from e
     n = len(jax.tree_util.tree_leaves(abstract_tree))
     if n != len(leaves):
         raise TraceError(f"the variable tree flattens to {n} arrays but walks to {len(leaves)} leaves; "
@@ -90,8 +97,6 @@ def trace_jaxpr(model: Any, sample: Any = None, variables: Any = None, mesh: Any
 def under_mesh(mesh: Any):
     """A context tracing under ``mesh``'s abstract mesh (Auto axes); nothing when ``mesh`` is None or a mesh is
     set already (the caller's ``jax.set_mesh``)."""
-    import contextlib
-
     if mesh is None or not jax.sharding.get_abstract_mesh().empty:
         return contextlib.nullcontext()
     from tpflax._src.mesh import abstract_mesh
@@ -220,8 +225,13 @@ def dataflow(model: Any, sample: Any = None, variables: Any = None, mesh: Any = 
         closed, paths, _ = trace_jaxpr(m, mesh=mesh)
         return analyze(closed, paths)
 
-    # one trace per model, variables' and sample's shapes, and mesh
-    return cached("dataflow", m, make, (_mesh_key(mesh),))
+    # one trace per model, variables' and sample's shapes, and mesh, unless nothing in it depends on the mesh
+    return cached("dataflow", m, make, (_mesh_key(mesh),), shared=("any mesh",), free=_mesh_free)
+
+
+def _mesh_free(flow: Dataflow) -> bool:
+    """Whether nothing the analysis found depends on the mesh traced under: no constraint, no shard_map."""
+    return not (flow.constraints or flow.split_widths or flow.collectives or flow.row_axes)
 
 
 def _mesh_key(mesh: Any) -> str:
