@@ -157,7 +157,7 @@ def default_logical_rules(mesh: MeshShape) -> list[tuple[str, Any]]:
             ("vocab", t), ("joined_kv", t), ("exp", e), ("expert", e), ("kv", None), ("head_dim", None),
             ("kv_head_dim", None), ("layers", None), ("length", None), ("seq", None),
             # MaxText splits its norm scales over the tensor axis, as it constrains the residual stream's
-            # embed dim between layers (its ``activation_embed``); a whole scale there costs compute
+            # embed dim between layers (its ``activation_embed``): its layout, read by default
             ("norm", t),
             # MaxText's other parameter names: fused MLP, MoE, MLA and DeepSeek's two layer stacks; since 0.2
             # its embedding's and output head's model dim, its MoE kernels', linear attention's heads
