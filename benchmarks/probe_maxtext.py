@@ -195,8 +195,8 @@ All numbers from the table above unless said otherwise; "before" is this round's
 - **Annotations read (the first four models)**: `tpflax.plan(variables, mesh)` lays out every leaf as MaxText's
   own rules do, tree-only and traced, on both meshes: the same program, 1.000 / 1.000 / 1.000. Before, the mesh
   raised "axis 'diloco' has no known role"; given roles, mixtral's MoE kernels (`embed_moe`, `mlp_moe`, names
-  MaxText 0.2 added) were whole, 3.4x the bytes and 4.1x the flops of MaxText's layout, and on fsdp=2 the
-  embedding and the output head (`embed_vocab`) held 1.2x its bytes.
+  MaxText 0.2 added) were whole: 2.58 / 5.85 / 1.02 of MaxText's layout (data=2,tensor=4) and 5.10 / 3.21 /
+  1.04 (fsdp=2,tensor=4), where the embedding and the output head (`embed_vocab`) were whole too.
 - **Annotations off (`-off`)**: tpflax's own plans are within 1.04x of MaxText's layout on every number. Traced,
   mixtral's is below it on all three (0.973 / 0.649 / 0.999 on data=2,tensor=4; 0.930 / 0.730 / 0.999 on
   fsdp=2,tensor=4): tpflax splits the 8 experts over the tensor axis where MaxText splits each expert's hidden
@@ -205,7 +205,7 @@ All numbers from the table above unless said otherwise; "before" is this round's
   table whole where MaxText splits its rows, a trade the chooser takes for 0.7-1.8% fewer collectives. Before,
   the fused `qkv_proj` `(d, layers, 3, heads, head_dim)` was taken for a conv window tree-only: 1.454 / 1.376.
 - **Estimates of MaxText's own layout**: 0.94-1.03 of the compiled collectives, mixtral's 0.77-0.81 (below).
-  With only the mesh and the names fixed, 0.38-0.65: MaxText's step splits its residual stream over `tensor`
+  With only the mesh and the names fixed, 0.46-0.65: MaxText's step splits its residual stream over `tensor`
   (`activation_embed`; on GPT-3 its split norm scales do it), so XLA gathers the stream before every column
   group and each row's output gradient, none of which was priced; and XLA:CPU runs the bfloat16 activations'
   collectives in float32, priced at half. GPT-3 writes its constraints with flax's `nn.with_logical_constraint`, which constrains nothing
