@@ -5,7 +5,7 @@ MaxText constrains its residual stream to ``('activation_batch', 'activation_nor
 layout, whose pairs keep those dims whole, XLA gathers the stream before each column group's matmul (forward,
 again in a remat recompute, and for the weight gradient) and each row's output gradient (backward); the rows'
 partial outputs and the columns' partial input gradients are summed as without the constraint. The estimate
-counted none of the gathers: 0.69 of the compiled collectives here, 0.38-0.65 on MaxText's own models
+counted none of the gathers: 0.69 of the compiled collectives here, 0.46-0.65 on MaxText's own models
 (``benchmarks/results/probe_maxtext.md``).
 """
 
