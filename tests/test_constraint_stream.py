@@ -62,34 +62,43 @@ def make(mesh, *, scan: bool, remat: bool, dtype=jnp.float32, apart: bool = Fals
     return Model()
 
 
+def loss(y, x):
+    return jnp.mean(y ** 2)
+
+
+def measured(m, x, mesh, wrap=None, **plan_kw):
+    """(plan, estimate, dry run, the stream's gathers as estimated, as compiled) of the linen module ``m``'s adamw
+    step on ``x``, planned with ``plan_kw`` (``wrap``: a context its forward runs in)."""
+    import contextlib
+
+    params = jax.eval_shape(m.init, jax.random.key(0), x)
+
+    def fn(v, x):
+        with wrap() if wrap else contextlib.nullcontext():
+            return m.apply(v, x)
+
+    p = tpflax.plan(params, MESH, model=fn, sample=(x,), batch=(x,), **plan_kw)
+    e = tpflax.estimate(p, optax.adamw(1e-3), model=fn, sample=(x,), loss=loss, backend="cpu")
+    dr = tpflax.dry_run(tpflax.make_train_step(fn, p, mesh, optax.adamw(1e-3), sample=(x,), loss=loss), p, mesh,
+                        compiler_options=FAST_XLA)
+    compiled = sum(c.ring_bytes * c.count for c in dr.collectives if c.kind == "all-gather"
+                   and c.shapes == ((B // 2, T, D),))
+    estimated = sum(i.ring_bytes * i.count for i in e.items if i.kind == "all-gather" and "stream" in i.why)
+    return p, e, dr, estimated, compiled
+
+
 @pytest.mark.parametrize("scan,remat,dtype,apart", [(True, True, jnp.float32, False), (False, False, jnp.float32, False),
                                                     (True, True, jnp.bfloat16, False), (True, True, jnp.float32, True)])
 def test_the_gathers_of_a_constrained_stream_are_estimated(devices, scan, remat, dtype, apart):
     mesh = tpflax.make_mesh(MESH)
-    m = make(mesh, scan=scan, remat=remat, dtype=dtype, apart=apart)
-    x = jax.ShapeDtypeStruct(X.shape, dtype)
-    params = jax.eval_shape(m.init, jax.random.key(0), x)
-
-    def fn(v, x):
-        return m.apply(v, x)
-
-    def loss(y, x):
-        return jnp.mean(y ** 2)
-
-    p = tpflax.plan(params, MESH, model=fn, sample=(x,), batch=(x,))
+    p, e, dr, estimated, compiled = measured(make(mesh, scan=scan, remat=remat, dtype=dtype, apart=apart),
+                                             jax.ShapeDtypeStruct(X.shape, dtype), mesh)
     assert p.decisions[next(k for k in p.decisions if k.endswith("wi/kernel"))].spec[-1] == "model"  # Megatron
-    e = tpflax.estimate(p, optax.adamw(1e-3), model=fn, sample=(x,), loss=loss, backend="cpu")
-    step = tpflax.make_train_step(fn, p, mesh, optax.adamw(1e-3), sample=(x,), loss=loss)
-    dr = tpflax.dry_run(step, p, mesh, compiler_options=FAST_XLA)
     # one (rows, D) stream, gathered over model=4: 8 gathers a layer with remat, 6 without, 3 more where q's
     # input and k/v's are constrained apart; in float32 either way, as XLA:CPU converts bfloat16 operands
     stream = B // 2 * T * D * 4 * 3 / 4
     per_layer = (8 if remat else 6) + 3 * apart
-    gathers = [i for i in e.items if i.kind == "all-gather" and "stream" in i.why]
-    assert sum(i.ring_bytes * i.count for i in gathers) == 2 * per_layer * stream
-    compiled = sum(c.ring_bytes * c.count for c in dr.collectives if c.kind == "all-gather"
-                   and c.shapes == ((B // 2, T, D),))
-    assert compiled == 2 * per_layer * stream
+    assert estimated == compiled == 2 * per_layer * stream
     # measured 0.998 each way: everything else is the pairs' sums and the data-parallel gradients
     assert abs(e.comm_total / dr.comm_total - 1) < 0.05
 
@@ -99,24 +108,9 @@ def test_norm_scales_split_on_their_features_split_the_stream_alike(devices):
     # and XLA carries the scales' split into the normed stream: the same gathers (measured there, 0.995 of its
     # compiled collectives with them, 0.72 without)
     mesh = tpflax.make_mesh(MESH)
-    m = make(mesh, scan=True, remat=True, constrain=False)
-    params = jax.eval_shape(m.init, jax.random.key(0), X)
-
-    def fn(v, x):
-        return m.apply(v, x)
-
-    def loss(y, x):
-        return jnp.mean(y ** 2)
-
-    p = tpflax.plan(params, MESH, model=fn, sample=(X,), batch=(X,), rules=[(r"n\d/scale$", P(None, "model"))])
-    e = tpflax.estimate(p, optax.adamw(1e-3), model=fn, sample=(X,), loss=loss, backend="cpu")
-    dr = tpflax.dry_run(tpflax.make_train_step(fn, p, mesh, optax.adamw(1e-3), sample=(X,), loss=loss), p, mesh,
-                        compiler_options=FAST_XLA)
-    stream = B // 2 * T * D * 4 * 3 / 4
-    compiled = sum(c.ring_bytes * c.count for c in dr.collectives if c.kind == "all-gather"
-                   and c.shapes == ((B // 2, T, D),))
-    estimated = sum(i.ring_bytes * i.count for i in e.items if i.kind == "all-gather" and "stream" in i.why)
-    assert estimated == compiled == 2 * 8 * stream
+    _, e, dr, estimated, compiled = measured(make(mesh, scan=True, remat=True, constrain=False), X, mesh,
+                                             rules=[(r"n\d/scale$", P(None, "model"))])
+    assert estimated == compiled == 2 * 8 * (B // 2 * T * D * 4 * 3 / 4)
     assert abs(e.comm_total / dr.comm_total - 1) < 0.05  # measured 0.998
 
 
@@ -142,24 +136,10 @@ def test_flax_logical_constraints_are_traced_under_the_plans_mesh(devices):
             return nn.scan(nn.remat(Block), variable_axes={"params": 0}, split_rngs={"params": True},
                            length=2)(name="layers")(x, None)[0]
 
-    m, mesh = Model(), tpflax.make_mesh(MESH)
-    params = jax.eval_shape(m.init, jax.random.key(0), X)
-
-    def fn(v, x):
-        with nn.logical_axis_rules(rules):  # as a MaxText or T5X step sets its rules
-            return m.apply(v, x)
-
-    def loss(y, x):
-        return jnp.mean(y ** 2)
-
-    p = tpflax.plan(params, MESH, model=fn, sample=(X,), batch=(X,))
-    e = tpflax.estimate(p, optax.adamw(1e-3), model=fn, sample=(X,), loss=loss, backend="cpu")
-    dr = tpflax.dry_run(tpflax.make_train_step(fn, p, mesh, optax.adamw(1e-3), sample=(X,), loss=loss), p, mesh,
-                        compiler_options=FAST_XLA)
+    mesh = tpflax.make_mesh(MESH)
+    # as a MaxText or T5X step sets its rules around the forward
+    _, e, dr, estimated, compiled = measured(Model(), X, mesh, wrap=lambda: nn.logical_axis_rules(rules))
     stream = B // 2 * T * D * 4 * 3 / 4
-    compiled = sum(c.ring_bytes * c.count for c in dr.collectives if c.kind == "all-gather"
-                   and c.shapes == ((B // 2, T, D),))
-    estimated = sum(i.ring_bytes * i.count for i in e.items if i.kind == "all-gather" and "stream" in i.why)
     assert estimated == compiled == 2 * 3 * stream  # an MLP block with remat: 3 gathers a layer
     assert abs(e.comm_total / dr.comm_total - 1) < 0.05
 
