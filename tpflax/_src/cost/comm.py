@@ -248,9 +248,10 @@ def _loose_note(s: Scope, loose: frozenset[int]) -> str:
 
 def constrained_stream(s: Scope) -> tuple[set[tuple[str, int]], dict[int, frozenset[str]]]:
     """The parameter dims (representatives') a model's own constraint splits over tensor axes the plan keeps
-    them whole on, with every dim they meet along the trace, and ``{width: tensor axes}`` of the activation dims
-    it splits over tensor axes, tagged or not: MaxText's residual stream, its ``activation_embed`` over
-    ``tensor``, reaches the embed dims of every pair's columns (contracted) and rows (kept), past norms. A norm
+    them whole on, with every dim they meet along the trace, and ``{width: tensor axes}`` of the untagged
+    activation dims it splits over tensor axes (:attr:`Scope.split_widths`): MaxText's residual stream, its
+    ``activation_embed`` over ``tensor``, reaches the embed dims of every pair's columns (contracted) and rows
+    (kept), past norms, where the stream carries no tag. A norm
     scale the plan splits over tensor axes splits its output so (XLA propagates the scale's layout: MaxText's
     ``norm`` rule, measured on its GPT-3, whose stream no constraint splits), unless the scale follows a
     kernel's split channels (the trace's meets: a split conv's GroupNorm is the pair's own)."""
