@@ -137,10 +137,11 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
         notes.append(f"{slice_name(w.target, n)}: XLA:TPU reduces over these "
                      "devices as an N-dimensional all-reduce, not one ring, so it all-reduces each fsdp gradient "
                      "whole and slices it (twice a reduce-scatter's bytes; measured); pass target= for another slice")
+    # XLA:CPU sums a 16-bit leaf's gradient in float32 too; elsewhere a gradient is in grad_dtype or its leaf's
+    g_item = cpu_wire(w.g_item, w.backend) if w.g_item else 4 if w.backend == "cpu" and half else None
     scope = Scope(mesh=cmesh, lv=without_grads(without_dead(lv, w.dead), w.no_grad), batch=b, batch_axes=caxes, shards=math.prod(cmesh.sizes[a] for a in caxes),
                   act_item=cpu_wire(w.act_item, w.backend),
-                  g_item=cpu_wire(w.g_item, w.backend) if w.g_item else cpu_wire(2, w.backend) if half and w.backend
-                  == "cpu" else None, backend=w.backend, dispatch=w.dispatch, activations=w.activations,
+                  g_item=g_item, backend=w.backend, dispatch=w.dispatch, activations=w.activations,
                   config=w.config, tied=w.tied, parts=w.parts, rows=w.rows, fused=w.fused, remat=w.remat,
                   shared=w.shared, lookups=w.lookups,
                   grouped=w.grouped, joined=w.joined, widths=w.widths, slices=w.slices,
