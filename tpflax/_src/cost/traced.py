@@ -241,9 +241,10 @@ def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None)
     (['emb'], {'emb': 2}, {'emb': 3.0})
     """
     from tpflax._src.model_cache import cached
+    from tpflax._src.trace.dataflow import mesh_key
 
     return cached("uses", m, lambda: _traced_uses(m, shapes, mesh),
-                  (*sorted(shapes.items()), "" if mesh is None else str(mesh)),
+                  (*sorted(shapes.items()), mesh_key(mesh)),
                   shared=(*sorted(shapes.items()), "any mesh"),
                   free=lambda t: not (t.constrained or t.split_widths or t.row_axes or t.collectives))
 

@@ -40,17 +40,12 @@ def note(w: Walk, eqn: Any, v: Val) -> None:
         return
     entries = tuple(spec)[:v.rank] + (None,) * (v.rank - len(tuple(spec)))  # a short spec replicates the rest
     shape = tuple(getattr(getattr(eqn.invars[0], "aval", None), "shape", ()))
-    if not v.constant and len(shape) == v.rank:
-        for d, entry in enumerate(entries):
-            tagged = v.tags is not None and any(not is_minor(k) for k in v.tags[d])
-            if isinstance(entry, (str, tuple)) and entry and not tagged:  # a tagged dim is recorded below
-                w.split_widths.add((shape[d], entry if isinstance(entry, tuple) else (entry,)))
-    if v.tags is None:
-        return
     for d, entry in enumerate(entries):
         if entry is not None and not isinstance(entry, (str, tuple)):
             continue  # P.UNCONSTRAINED: left to XLA
         axes = entry if isinstance(entry, tuple) else (entry,) if isinstance(entry, str) else ()
-        for k in v.tags[d]:
-            if not is_minor(k):
-                w.constraints.add((*w.root(k), tuple(axes)))
+        major = [k for k in v.dim_tags(d) if not is_minor(k)]
+        for k in major:
+            w.constraints.add((*w.root(k), tuple(axes)))
+        if axes and not major and not v.constant and len(shape) == v.rank:
+            w.split_widths.add((shape[d], tuple(axes)))

@@ -226,7 +226,7 @@ def dataflow(model: Any, sample: Any = None, variables: Any = None, mesh: Any = 
         return analyze(closed, paths)
 
     # one trace per model, variables' and sample's shapes, and mesh, unless nothing in it depends on the mesh
-    return cached("dataflow", m, make, (_mesh_key(mesh),), shared=("any mesh",), free=_mesh_free)
+    return cached("dataflow", m, make, (mesh_key(mesh),), shared=("any mesh",), free=_mesh_free)
 
 
 def _mesh_free(flow: Dataflow) -> bool:
@@ -234,7 +234,8 @@ def _mesh_free(flow: Dataflow) -> bool:
     return not (flow.constraints or flow.split_widths or flow.collectives or flow.row_axes)
 
 
-def _mesh_key(mesh: Any) -> str:
+def mesh_key(mesh: Any) -> str:
+    """The cache key of a trace under ``mesh`` (any form :func:`tpflax.mesh_shape` reads): '' for none."""
     from tpflax._src.mesh import mesh_shape
 
     return "" if mesh is None else str(mesh_shape(mesh))
