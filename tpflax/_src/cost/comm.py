@@ -95,7 +95,10 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
             continue
         for r in rows:
             key = layer_key(dec[r].unit)
-            redo = again and (dec[r].kind == "attention" or bool(s.activations)
+            # an expert row's outputs (its contraction batches over the experts) are weighted by the router, a
+            # product of two activations whose backward reads them: the recompute sums them again (measured,
+            # XLA:CPU data=2,model=4: tests/test_expert_split_rows.py, MaxText's mixtral)
+            redo = again and (dec[r].kind == "attention" or bool(s.batch_dims.get(r)) or bool(s.activations)
                               and not {alike_path(key), alike_path(key.rsplit("/", 1)[0])} & unread)
             # a row split only on dims its contraction batches over (experts, E in ``BSEH,EHM->BSEM``) sums
             # nothing: each device's outputs are whole (the weighted sum over E is a product of two activations)
@@ -284,7 +287,8 @@ def _constrained_items(s: Scope, cols: list[str], rows: list[str], axes: tuple[s
     ``P('data', None, 'model')`` on the residual): 8 gathers of the stream per layer with remat, 6 without
     (unrolled; 7 scanned), 3 for an MLP block alone with remat; MaxText's llama3, 11 a layer (q and k/v
     apart), gemma2 23 for 22 priced, gpt3 7 for 8 (``results/probe_maxtext.md``)."""
-    dots, dec, label = s.dots or {}, s.lv.decisions, s.lv.label
+    # an expert row (``BSEH,EHM->BSEM``, batched over the experts) writes its per-expert outputs split so too
+    dots, dec, label = {**(s.batched_dots or {}), **(s.dots or {})}, s.lv.decisions, s.lv.label
     dims, widths = stream
     split = {w for w, ax in widths.items() if ax & set(axes)}
 
@@ -298,7 +302,7 @@ def _constrained_items(s: Scope, cols: list[str], rows: list[str], axes: tuple[s
                                                                  or width(r, 1) in split)]
     # a residual branch reads the stream it writes (through a norm, which ends the trace's meets)
     written = {width(r, 1) for r in writes} | split
-    reads = [c for c in cols if c in dots and whole(c, 0) and (any((c, d) in dims for d in dots[c][0])
+    reads = [c for c in cols if c in (s.dots or {}) and whole(c, 0) and (any((c, d) in dims for d in dots[c][0])
                                                                 or width(c, 0) in written)]
     items = []
     apart = len({(s.apart or {}).get(c, c) for c in reads})  # MaxText constrains q's input and k/v's apart

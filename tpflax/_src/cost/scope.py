@@ -118,6 +118,8 @@ class Scope:
     sliced: Mapping[str, float] = field(default_factory=dict)
     # traced parameters' first dot use: {path: (contracted dims, kept dims)} (Traced.dots)
     dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    # the same of each one's first dot use with batch dims: an expert kernel's (Traced.batched_dots)
+    batched_dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     # {path: group path}: dot uses reading one value, a sharding constraint making another (Traced.apart)
     apart: Mapping[str, str] = field(default_factory=dict)
     # (width, mesh axes) of activation dims a model's constraint splits (Traced.split_widths)

@@ -331,12 +331,13 @@ class Dataflow:
         return ((uid, dim) in self.reduced and (uid, dim) not in self.escapes and (uid, dim) not in self.outputs
                 and not any(e.src_use == uid and e.src_dim == dim for e in self.edges))
 
-    def dots(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    def dots(self, batched: bool = False) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
         """``{path: (contracted dims, kept dims)}``: each parameter's first ``dot`` use without batch dims, the
-        matmul a constraint's split meets (:mod:`tpflax._src.cost.disagree`)."""
+        matmul a constraint's split meets (:mod:`tpflax._src.cost.disagree`); ``batched``: each one's first
+        ``dot`` use with batch dims instead (an expert kernel's, ``BSEH,EHM->BSEM``; its kept dims exclude them)."""
         out: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         for u in self.uses:
-            if u.op == "dot" and not u.batch and u.rows and u.path not in out:
+            if u.op == "dot" and (bool(u.batch) if batched else not u.batch and u.rows) and u.path not in out:
                 out[u.path] = (tuple(u.contracted), tuple(u.kept))
         return out
 
