@@ -65,7 +65,32 @@ def constrained_dims(s: Any) -> dict[tuple[str, ...], set[tuple[str, int]]]:
     gathers around its matmul (:func:`whole_reads`) and its gradient comes out split (:func:`split_dims`). Its
     axes over the batch, and the dims the plan splits as the constraint does, cost nothing."""
     tensor = {a for a, r in s.mesh.roles if r == TENSOR and s.mesh.sizes[a] > 1}
-    return disagreeing(s.constrained, tensor, lambda p, d: tensor_split(s, p, d))
+    return disagreeing(list(s.constrained) + _stream_ends(s, tensor), tensor, lambda p, d: tensor_split(s, p, d))
+
+
+def _stream_ends(s: Any, tensor: set[str]) -> list[tuple[str, int, tuple[str, ...]]]:
+    """``(path, dim, tensor axes)``: the dims that contract or look up a residual stream a model's constraint
+    splits past a norm, where it carries no kernel's tag (:attr:`Scope.split_widths`: MaxText's
+    ``activation_embed`` over ``tensor``): a plain matmul's one contracted dim of that width that meets no
+    other kernel's dim (the output head reading the final norm), a lookup table's features (the embedding
+    writing the stream). XLA carries the constraint's split there: a whole head sums its partial logits, and
+    either's gradient comes out split (measured, XLA:CPU data=2,tensor=4: MaxText's llama3 replicated)."""
+    widths: dict[int, tuple[str, ...]] = {}
+    for width, axes in s.split_widths or ():
+        if set(axes) & tensor:
+            widths[width] = tuple(sorted(set(widths.get(width, ())) | (set(axes) & tensor)))
+    if not widths:
+        return []
+    met = {(p, d) for p, d, *_ in s.meets} | {(q, e) for *_, q, e in s.meets}
+    dims = [(p, use[0][0]) for p, use in (s.dots or {}).items() if len(use[0]) == 1]
+    dims += [(p, len(s.lv.decisions[s.lv.rep_of.get(p, p)].shape) - 1) for p in s.looked
+             if s.lv.rep_of.get(p, p) in s.lv.decisions]
+    out = []
+    for p, d in dims:
+        shape = s.lv.decisions[s.lv.rep_of.get(p, p)].shape if s.lv.rep_of.get(p, p) in s.lv.decisions else ()
+        if d < len(shape) and shape[d] in widths and (p, d) not in met:
+            out.append((p, d, widths[shape[d]]))
+    return out
 
 
 def _whole(s: Any, rep: str, paired: Any) -> bool:
