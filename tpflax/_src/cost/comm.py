@@ -448,12 +448,17 @@ def _embedding_items(path: str, d: Any, axes: tuple[str, ...], s: Scope, *, note
     # XLA:TPU gathers the stream for the kernels that read it: a float32 stream as bfloat16
     gathered = size // s.act_item * tpu_gather_item(s.act_item, True) if s.backend == "tpu" and feeds_stream \
         else size
+    count, why = looks + stream, "them (forward) and " + (
+        "the conditioning vector for each modulation reading it" if table is not None else
+        "the feature-split residual stream behind each norm")
+    if feeds_stream and any(w == b[-1] and set(axes) <= ax for w, ax in constrained_stream(s)[1].items()):
+        # a model's constraint splits the stream so too (EasyDeL's and MaxText's hidden states): the lookup comes
+        # out in its layout, and each pair prices its own gathers of the stream (_constrained_items); left is the
+        # final norm's output, gathered for the output head (measured, tests/test_streamed_table.py)
+        count, why = 1, "the stream the model's constraint splits, behind the final norm for the output head"
     items = [CommItem("all-reduce", axes, size, n, looks, path, "vocab-split embedding: sum the looked-up rows "
                       "(forward)") if split_vocab else
-             CommItem("all-gather", axes, gathered, n, looks + stream, path, "embedding split on its features: "
-                      "gather them (forward) and " + ("the conditioning vector for each modulation reading it"
-                                                      if table is not None else
-                                                      "the feature-split residual stream behind each norm"))]
+             CommItem("all-gather", axes, gathered, n, count, path, f"embedding split on its features: gather {why}")]
     if feeds_stream:
         items += update_gathers(s, axes, [p for p, x in lv.decisions.items() if p != path and b[-1] in body(x)])
     elif table is not None and not split_vocab:

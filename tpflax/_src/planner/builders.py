@@ -143,6 +143,9 @@ class State:
     buffers: dict[str, float] = field(default_factory=dict)
     batch_free: frozenset[str] = frozenset()  # of those, the buffers the dispatch summed the batch into
     pins: Any = None  # traced: the model's own sharding constraints (planner/constraints.py Pins), None without
+    # traced: (width, mesh axes) of activation dims no kernel tags that a model's constraint splits: its residual
+    # stream past the norms (Dataflow.split_widths; MaxText's and EasyDeL's hidden states over the tensor axis)
+    streamed: frozenset[tuple[int, tuple[str, ...]]] = frozenset()
 
     @cached_property
     def context(self) -> Context:

@@ -84,7 +84,7 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Datafl
     dispatched buffers expert kernels read (:func:`tpflax._src.planner.pricing.expert_buffers`).
     """
     c = _start(facts, State(mesh, opts, forced=dict(skip or {}), positional=frozenset(flow.positional()),
-                            pins=pins(flow)), flow)
+                            pins=pins(flow), streamed=frozenset(flow.split_widths)), flow)
     widest = widest_rows or max((u.tokens for u in flow.uses), default=0)
     for u in flow.uses:  # what each contraction reads, for the chooser (first use of a leaf)
         if u.tokens and widest and u.path in c.fx:

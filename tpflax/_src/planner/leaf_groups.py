@@ -64,6 +64,18 @@ def shard_embedding(st: State, f: Facts, vdim: int, evidence: str = "", tied: bo
             f, body_spec(rank, vdim, t_entry), "vocab",
             f"vocab: {ev}{v} rows split over {over} (vocab-parallel lookup{' and logits' if tied else ''})")),),
             acts, mm))
+    # A model whose own constraint splits its residual stream's features over the tensor axis (MaxText's and
+    # EasyDeL's hidden states) pays the stream's gathers whatever the table's layout; split on its features,
+    # the table's lookup comes out in the constraint's layout, where the vocab split sums the looked-up rows
+    # and reshards them into it (measured, XLA:CPU dp=2,tp=4: EasyDeL's Llama, 0.92x the vocab split's
+    # collectives, tests/test_streamed_table.py)
+    streamed = rank == 2 and not bias and not tied and d % t_size == 0 and any(
+        w == d and set(entry_axes(t_entry)) <= set(axes) for w, axes in st.streamed)
+    if streamed:
+        options.append(Option("embed-dim split", ((f.path, st.proposal(
+            f, body_spec(2, 1 - vdim, t_entry), "vocab",
+            f"vocab: {ev}the embedding dim {d} is split over {over}, as the model's own sharding constraint "
+            f"splits the residual stream it writes")),), (), mm))
     # The embedding-dim split only where the rows do not divide: measured on a GQA block
     # (tests/test_choose.py), splitting a 128-row token table on its features instead of its rows
     # cost XLA 60% more collectives than the priced gather (its feature-split output feeds a norm).
