@@ -164,3 +164,31 @@ def test_hand_row_priced_as_compiled():
     assert row == [B * S * D * 4 / 2]  # the whole batch's outputs, f32, over data=2
     # the rest: the loss's scalar all-reduces, which the estimate prices at their ring size
     assert abs(est.comm_total - dr.comm_total) <= 0.01 * dr.comm_total
+
+
+def test_shard_map_over_the_same_devices_without_the_size_one_axes():
+    """EasyDeL builds its experts' shard_map over ``(dp, ep, tp)`` of its ``(dp, fsdp, ep, tp, sp)`` mesh: the
+    same devices, its axes of size 1 dropped. jax refuses such a shard_map under another context mesh, so the
+    step raised "another mesh"; it now runs without one. Other devices still raise."""
+    import numpy as np
+    from jax.sharding import Mesh
+
+    shape = {"data": 2, "fsdp": 1, "model": 4}
+    mesh = tpflax.make_mesh(shape)
+    fn, sample, params = _model(_hand_row(tpflax.make_mesh({"data": 2, "model": 4})))
+    plan = tpflax.plan(params, shape, model=fn, sample=sample)
+    loss = lambda out, x: (out ** 2).mean()  # noqa: E731
+    ts = tpflax.make_train_step(fn, plan, mesh, optax.sgd(0.1), sample=sample, loss=loss)
+    assert tpflax.dry_run(ts, plan, mesh, compiler_options=FAST_XLA).comm_total > 0
+    ids = jax.random.randint(jax.random.key(1), (B, S), 0, V)
+    real = jax.jit(lambda x: _LM(_hand_row(tpflax.make_mesh({"data": 2, "model": 4}))).init(jax.random.key(0), x))(ids)
+    step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings, compiler_options=FAST_XLA)
+    _, _, value = step(tpflax.shard(real, plan, mesh), jax.device_put(optax.sgd(0.1).init(real["params"]),
+                                                                      ts.in_shardings[1]), (ids,))
+    # the same float32 loss as the model's own forward: only the order of its sums differs (a 64-wide row sum and
+    # a 4-way psum; relative error a few float32 epsilons)
+    assert jnp.allclose(value, loss(jax.jit(fn)(real, ids), ids), rtol=1e-5)
+    flipped = Mesh(np.asarray(mesh.devices).reshape(2, 4)[::-1], ("data", "model"))
+    fn, _, _ = _model(_hand_row(flipped))
+    with pytest.raises(tpflax.PlanMismatchError, match="another mesh"):
+        tpflax.make_train_step(fn, plan, mesh, optax.sgd(0.1), sample=sample, loss=loss)

@@ -270,6 +270,7 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
     given = variables
     if variables is None:
         variables = _linen_own_variables(model, sample, batch)
+    context = mesh  # the step's context mesh, for a model's jax.shard_map without mesh=
     try:
         with mesh_context(mesh):
             variables, abstract_batch, loss_of = _resolve(model, plan, batch, sample, loss, variables)
@@ -283,7 +284,16 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
     except (ValueError, OptionError) as e:  # jax's: "The context mesh ... should match the mesh passed to shard_map"
         if "passed to shard_map" not in str(e) or isinstance(e, PlanMismatchError):
             raise
-        raise PlanMismatchError(_MESHES_DIFFER, [f"{str(e).splitlines()[0]}; {_FIX}"]) from e
+        # a model building its shard_map over its own mesh of the same devices, its axes of size 1 dropped
+        # (EasyDeL's experts, over (dp, ep, tp) of its (dp, fsdp, ep, tp, sp) mesh): runs without a context mesh
+        context = None
+        variables, abstract_batch, loss_of = _resolve(model, plan, batch, sample, loss, variables)
+        if given is None:
+            variables = in_plan_containers(plan, variables)
+        closed, (value, _) = jax.make_jaxpr(loss_of, return_shape=True)(bare_variables(variables), abstract_batch)
+        _check_scalar_loss(value)
+        if not all(same_devices(m, mesh) for m in shard_map_meshes(closed.jaxpr, concrete=True)):
+            raise PlanMismatchError(_MESHES_DIFFER, [f"{str(e).splitlines()[0]}; {_FIX}"]) from e
     from tpflax._src.apply.stored import has_layouts
 
     if has_layouts(plan):  # fused kernels stored head-aligned
@@ -331,7 +341,7 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
                     for (i, _), x in zip(frozen, kept, strict=True):
                         vl[i] = x
                     v = jax.tree_util.tree_unflatten(treedef, vl)
-                with mesh_context(mesh):  # a jax.shard_map without mesh= runs on the step's
+                with mesh_context(context):  # a jax.shard_map without mesh= runs on the step's
                     return loss_of(merge(v, p), batch)
 
             return run() if gather_frozen is None else gather_frozen(run)([leaves[i] for i, _ in frozen])
@@ -413,6 +423,22 @@ def mesh_context(mesh: Any) -> Any:
     if not jax.sharding.get_abstract_mesh().empty or not hasattr(mesh, "abstract_mesh"):
         return contextlib.nullcontext()
     return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
+def same_devices(a: Any, b: Any) -> bool:
+    """Whether meshes ``a`` and ``b`` lay the same devices out along the same axes of size > 1 (their axes of
+    size 1 aside): a ``jax.shard_map`` over either runs on arrays placed over the other."""
+    import numpy as np
+
+    def live(m: Any) -> tuple[tuple[tuple[str, int], ...], Any]:
+        names = [n for n in m.axis_names if m.shape[n] > 1]
+        devices = getattr(m, "devices", None)
+        ids = None if devices is None else np.vectorize(lambda d: d.id)(np.asarray(devices)).reshape(
+            [m.shape[n] for n in names])
+        return tuple((n, m.shape[n]) for n in names), ids
+
+    (axes_a, ids_a), (axes_b, ids_b) = live(a), live(b)
+    return axes_a == axes_b and (ids_a is None or ids_b is None or np.array_equal(ids_a, ids_b))
 
 
 def _check_shard_maps(jaxpr: Any, mesh: Any) -> None:

@@ -146,8 +146,9 @@ def shard_map(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -
 HANDLERS["shard_map"] = shard_map
 
 
-def shard_map_meshes(jaxpr: Any) -> list[dict[str, int]]:
-    """The meshes (``{axis: size}``) of every ``shard_map`` in ``jaxpr`` and the jaxprs it calls.
+def shard_map_meshes(jaxpr: Any, concrete: bool = False) -> list[Any]:
+    """The meshes (``{axis: size}``; ``concrete``: the mesh objects) of every ``shard_map`` in ``jaxpr`` and the
+    jaxprs it calls.
 
     >>> import jax, jax.numpy as jnp
     >>> from jax.sharding import AbstractMesh, PartitionSpec as P
@@ -161,7 +162,7 @@ def shard_map_meshes(jaxpr: Any) -> list[dict[str, int]]:
         j = body_of(todo.pop())
         for eqn in j.eqns if j is not None else ():
             if eqn.primitive.name == "shard_map" and eqn.params.get("mesh") is not None:
-                found.append(dict(eqn.params["mesh"].shape))
+                found.append(eqn.params["mesh"] if concrete else dict(eqn.params["mesh"].shape))
             for p in eqn.params.values():
                 todo.extend(x for x in (p if isinstance(p, (tuple, list)) else (p,)) if body_of(x) is not None)
     return found
