@@ -167,9 +167,10 @@ def test_hand_row_priced_as_compiled():
 
 
 def test_shard_map_over_the_same_devices_without_the_size_one_axes():
-    """EasyDeL builds its experts' shard_map over ``(dp, ep, tp)`` of its ``(dp, fsdp, ep, tp, sp)`` mesh: the
-    same devices, its axes of size 1 dropped. jax refuses such a shard_map under another context mesh, so the
-    step raised "another mesh"; it now runs without one. Other devices still raise."""
+    """EasyDeL builds its experts' shard_map over ``(dp, ep, tp)`` beside its ``(dp, fsdp, ep, tp, sp)`` mesh:
+    the same devices, its axes of size 1 dropped (or its fsdp devices named ``ep``). jax refuses such a shard_map
+    under another context mesh, so the step raised "another mesh"; it now runs without one. Devices in another
+    order still raise, as axes the step's mesh lacks do (test_shard_map_over_another_mesh)."""
     import numpy as np
     from jax.sharding import Mesh
 

@@ -284,8 +284,8 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
     except (ValueError, OptionError) as e:  # jax's: "The context mesh ... should match the mesh passed to shard_map"
         if "passed to shard_map" not in str(e) or isinstance(e, PlanMismatchError):
             raise
-        # a model building its shard_map over its own mesh of the same devices, its axes of size 1 dropped
-        # (EasyDeL's experts, over (dp, ep, tp) of its (dp, fsdp, ep, tp, sp) mesh): runs without a context mesh
+        # a model building its shard_map over its own mesh of the same devices (EasyDeL's experts, over (dp, ep,
+        # tp) beside its (dp, fsdp, ep, tp, sp) mesh): runs without a context mesh
         context = None
         variables, abstract_batch, loss_of = _resolve(model, plan, batch, sample, loss, variables)
         if given is None:
@@ -426,19 +426,19 @@ def mesh_context(mesh: Any) -> Any:
 
 
 def same_devices(a: Any, b: Any) -> bool:
-    """Whether meshes ``a`` and ``b`` lay the same devices out along the same axes of size > 1 (their axes of
-    size 1 aside): a ``jax.shard_map`` over either runs on arrays placed over the other."""
+    """Whether the mesh ``a`` of a model's ``jax.shard_map`` holds the step mesh ``b``'s devices in the same order
+    over axes ``b`` names too, however it sizes them (an abstract one: the same axes of size > 1). The shard_map
+    then runs on arrays placed over ``b``, resharded where the specs differ: EasyDeL runs its experts over
+    ``(dp, ep, tp)``, its fsdp devices as ``ep``, beside parameters placed over ``(dp, fsdp, ep, tp, sp)``. A
+    mesh over axes the step does not have is another mesh."""
     import numpy as np
 
-    def live(m: Any) -> tuple[tuple[tuple[str, int], ...], Any]:
-        names = [n for n in m.axis_names if m.shape[n] > 1]
-        devices = getattr(m, "devices", None)
-        ids = None if devices is None else np.vectorize(lambda d: d.id)(np.asarray(devices)).reshape(
-            [m.shape[n] for n in names])
-        return tuple((n, m.shape[n]) for n in names), ids
-
-    (axes_a, ids_a), (axes_b, ids_b) = live(a), live(b)
-    return axes_a == axes_b and (ids_a is None or ids_b is None or np.array_equal(ids_a, ids_b))
+    if not set(a.axis_names) <= set(b.axis_names):
+        return False
+    if getattr(a, "devices", None) is None or getattr(b, "devices", None) is None:
+        live = [tuple((n, m.shape[n]) for n in m.axis_names if m.shape[n] > 1) for m in (a, b)]
+        return live[0] == live[1]
+    return [d.id for d in np.asarray(a.devices).flat] == [d.id for d in np.asarray(b.devices).flat]
 
 
 def _check_shard_maps(jaxpr: Any, mesh: Any) -> None:
