@@ -189,6 +189,31 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
                 disagreements=tuple(disagreements))
 
 
+def _shard_map_pins(facts: Sequence[Facts], proposals: dict[str, Proposal], forced: Mapping[str, Proposal],
+                    sources: dict[str, str], flow: Any, ms: MeshShape) -> None:
+    """Lay each parameter a model's ``jax.shard_map`` takes out as its in_specs do (:attr:`Dataflow.in_specs`),
+    unless a rule or an annotation decided it: inside the body its layout is theirs, and XLA reshards any other
+    into it at every call (measured: EasyDeL's Mixtral, its experts split on the experts dim where its
+    shard_map splits their hidden dim, 2.1x the collectives of its own layout). The leaf keeps its pair and
+    role. An in_spec over an axis the plan's mesh sizes otherwise (EasyDeL's expert mesh, its fsdp devices
+    named ``ep``) pins nothing."""
+    for f in facts:
+        pins, p = flow.in_specs.get(f.path), proposals.get(f.path)
+        if not pins or p is None or f.path in forced:
+            continue
+        spec: list = [None] * len(f.leaf.shape)
+        for dim, axes, sizes in pins:
+            if dim < len(spec) and all(ms.sizes.get(a) == n for a, n in zip(axes, sizes, strict=True)):
+                spec[dim] = axes[0] if len(axes) == 1 else tuple(axes)
+        if (not any(e is not None for e in spec) or tuple(entries(p.spec, len(spec))) == tuple(spec)
+                or spec_problems(f.path, f.leaf.shape, tuple(spec), ms)):
+            continue
+        proposals[f.path] = replace(p, spec=tuple(spec), strategy="rule", fsdp=False,
+                                    reason="laid out as the model's jax.shard_map takes it (its in_specs): XLA "
+                                           "reshards any other layout into them at every call")
+        sources[f.path] = "trace"
+
+
 def _ignored_annotations(facts: list[Facts]) -> list[str]:
     """One warning per distinct (annotation, shape) that :func:`tpflax._src.facts.tree.walk` dropped for not
     naming one dim each, with the first leaf's path and how many more leaves carry it.
@@ -304,6 +329,8 @@ def _propose(facts: Sequence[Facts], ms: MeshShape, opts: Options, forced: Force
     proposals, pairs = heuristics.propose([f for f in facts if f.path not in traced], ms, opts,
                                           skip=forced.proposals, first_pair=len(tpairs) + 1, doubts=doubts)
     proposals.update(traced)
+    if flow is not None:
+        _shard_map_pins(facts, proposals, forced.proposals, sources, flow, ms)
     pairs = tpairs + pairs
     if forced.proposals:
         own, own_pairs = _unforced(facts, ms, opts, flow, widest)

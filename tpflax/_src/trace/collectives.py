@@ -21,7 +21,7 @@ import math
 from typing import Any
 
 from tpflax._src.trace.control import body_of
-from tpflax._src.trace.interpreter import Handler, Val, Walk, opaque
+from tpflax._src.trace.interpreter import Handler, Val, Walk, is_minor, opaque
 from tpflax._src.trace.records import Collective
 
 # Marks a value as varying over mesh axes (or not): no data moves, a parameter stays a parameter.
@@ -53,9 +53,12 @@ def _note(w: Walk, eqn: Any, ins: list[Val], ctx: tuple) -> None:
     vars_ = eqn.invars if which == "in" else eqn.outvars
     size = float(sum(math.prod(v.aval.shape) * v.aval.dtype.itemsize for v in vars_ if hasattr(v.aval, "dtype")))
     count = math.prod(w.lengths.get(c, 1) for c in ctx if isinstance(c, int))
-    found = [Collective(fwd, axes, size, group, count, name)]
+    again = 1 + any(c in w.rematted for c in ctx)  # a remat recompute runs the forward's again (its transpose once)
+    carries = frozenset(w.uses[w.root(k)[0]].path for v in ins[:1] for d in range(v.rank) for k in v.dim_tags(d)
+                        if not is_minor(k))
+    found = [Collective(fwd, axes, size, group, count * again, name, carries)]
     if any(v.live or v.origin for v in ins):
-        found.append(Collective(bwd, axes, size, group, count, f"{name} (backward)"))
+        found.append(Collective(bwd, axes, size, group, count, f"{name} (backward)", carries))
     w.collectives[(ctx, id(eqn))] = tuple(found)
 
 
@@ -125,22 +128,32 @@ def shard_map(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -
     mesh = eqn.params.get("mesh")
     sizes = dict(getattr(mesh, "shape", {}) or {})
     specs = tuple(eqn.params.get("in_specs") or (None,) * len(ins))
-    saved, outer, rows = dict(w.split), w.axis_sizes, w.row_shards
+    saved, outer, rows, body_rows = dict(w.split), w.axis_sizes, w.row_shards, w.body_rows
     w.axis_sizes = {**outer, **sizes}
-    for v, spec in zip(ins, specs, strict=False):
+    for v, var, spec in zip(ins, eqn.invars, specs, strict=False):
         cut = _axes(spec, v.rank)
         shards = [math.prod(sizes.get(a, 1) for a in names) for names in cut]
+        shape = tuple(getattr(getattr(var, "aval", None), "shape", ()))
+        if not v.origin and (v.live or v.fed) and len(shape) >= 2:  # an activation (outside: whole): its rows
+            w.body_rows = max(w.body_rows, math.prod(shape[:-1]))
         if v.tags is not None:  # an activation: its dims without a kernel's features are its rows
             w.row_shards = max(w.row_shards, rows * math.prod(n for d, n in enumerate(shards) if not v.tags[d]))
             w.row_axes.update(a for d, names in enumerate(cut) if not v.tags[d] for a in names if sizes.get(a, 1) > 1)
+        elif not v.origin and (v.live or v.fed) and shards:  # untagged (past a norm): its leading dim, the rows
+            w.row_shards = max(w.row_shards, rows * shards[0])
         for d, n in enumerate(shards):
             for path, dims in v.origin:
                 if n > 1 and dims[d] is not None:
                     w.split[(path, dims[d])] = w.split.get((path, dims[d]), 1) * n
+        for path, dims in v.origin:  # a parameter's layout inside the body, whatever the plan's
+            w.in_specs.setdefault(path, tuple(
+                (dims[d], tuple(a for a in names if sizes.get(a, 1) > 1), tuple(sizes[a] for a in names if
+                                                                              sizes.get(a, 1) > 1))
+                for d, names in enumerate(cut) if dims[d] is not None and any(sizes.get(a, 1) > 1 for a in names)))
     try:
         return w.run(body, ins, ctx + (id(eqn),))
     finally:
-        w.split, w.axis_sizes, w.row_shards = saved, outer, rows
+        w.split, w.axis_sizes, w.row_shards, w.body_rows = saved, outer, rows, body_rows
 
 
 HANDLERS["shard_map"] = shard_map

@@ -31,9 +31,10 @@ PRODUCT_SUM = "summed by a product of two activations (needs an all-reduce)"
 
 def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    groups = tuple(eqn.params.get("rhs_groups", ()))  # a ragged dot's kernel group dims (ragged_dot_general)
     lhs, rhs = ins
     lf = [d for d in range(lhs.rank) if d not in lc and d not in lb]
-    rf = [d for d in range(rhs.rank) if d not in rc and d not in rb]
+    rf = [d for d in range(rhs.rank) if d not in rc and d not in rb and d not in groups]
     out_rank = ranks[0]
     lp, rp = bool(lhs.origin), bool(rhs.origin)
     if lp and rp and _per_example(lhs) != _per_example(rhs):
@@ -61,10 +62,12 @@ def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
         _note_product(w, eqn, out, ctx, lf, rf, summed)
         _note_split_sums(w, eqn, lhs, rhs, (lc, rc), lf, rf, ctx)
         return [out]
+    if lp and groups:
+        return opaque(w, eqn, ins, ctx, ranks, why="a ragged dot with a parameter on the left")
     if lp:  # weight on the left: mirror so the activation is on the left
         act, par, ac, pc, ab, pb, af, pf = rhs, lhs, rc, lc, rb, lb, rf, lf
-    else:
-        act, par, ac, pc, ab, pb, af, pf = lhs, rhs, lc, rc, lb, rb, lf, rf
+    else:  # a ragged dot's group dims batch the kernel like experts, matched by no activation dim
+        act, par, ac, pc, ab, pb, af, pf = lhs, rhs, lc, tuple(rc), lb, tuple(rb) + groups, lf, rf
     if not pc and not pf:
         return [_scale(w, act, par, ab, af, out_rank)]
     shape_p = tuple(eqn.invars[0 if lp else 1].aval.shape)
@@ -72,8 +75,11 @@ def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
     tag_pf: list[TagMap] = [{} for _ in pf]
     fresh = None
     act_shape = tuple(eqn.invars[1 if lp else 0].aval.shape)
-    # the tokens the layer sees (the cost model's rows); experts' batched kernels see slices of them
-    rows = 0 if pb else math.prod(act_shape[d] for d in af) * w.row_shards
+    # the tokens the layer sees (the cost model's rows); experts' batched kernels see slices of them, a ragged
+    # dot's all of them: inside a shard_map, the tokens the body takes (its rows come routed, a token once per
+    # expert it goes to, but its input and its input's gradient move at the body's boundary), else its rows
+    rows = 0 if ab or (pb and not groups) else (w.body_rows if groups and w.body_rows else
+                                                math.prod(act_shape[d] for d in af) * w.row_shards)
     for path, dims in par.origin:
         op = "onehot" if act.onehot else "dot"
         uid = w.use(ctx, eqn, path, op, [dims[d] for d in pc if dims[d] is not None],
@@ -93,7 +99,7 @@ def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
                 continue
             for k, (limit, via) in w.merge([act.dim_tags(a)]).items():
                 w.edge(k, uid, dims[p], math.gcd(limit, size[p]), via)
-        for i, p in enumerate(pb):
+        for i, p in enumerate(pb[:len(tag_b)]):  # a ragged dot's group dims reach no output dim
             if dims[p] is not None:
                 tag_b[i][(uid, dims[p])] = (size[p], ())
         for i, p in enumerate(pf):
@@ -105,6 +111,38 @@ def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
     # dot_general's output dims: batch, then lhs free, then rhs free.
     tags = tag_b + (tag_pf + tag_af if lp else tag_af + tag_pf)
     return [Val(out_rank, tags=tuple(tags) if any(tags) else None, fresh=fresh)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _RaggedView:
+    """A ``ragged_dot_general`` equation as :func:`dot_general` reads one: its operands, its output, its dimension
+    numbers, and its kernel's group dims (``rhs_groups``)."""
+
+    source: Any
+    params: dict
+
+    @property
+    def invars(self) -> list[Any]:
+        return self.source.invars[:2]
+
+    @property
+    def outvars(self) -> list[Any]:
+        return self.source.outvars
+
+    @property
+    def primitive(self) -> Any:
+        return self.source.primitive
+
+
+def ragged_dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    """``jax.lax.ragged_dot``: rows sorted by expert, each run of them contracting its expert's slice of the kernel
+    (MaxText's and EasyDeL's experts off TPU, ``(tokens, d) x (experts, d, f)``). For the dataflow a dot whose
+    kernel batches over its group dims, as an einsum over stacked experts does, but no activation dim carries
+    them: the rows are the tokens every expert's slice sees in turn."""
+    rn = eqn.params["ragged_dot_dimension_numbers"]
+    view = w.ragged.setdefault(id(eqn), _RaggedView(eqn, {"dimension_numbers": rn.dot_dimension_numbers,
+                                                          "rhs_groups": tuple(rn.rhs_group_dimensions)}))
+    return dot_general(w, view, ins[:2], ctx, ranks)
 
 
 def _static(v: Val) -> bool:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
+
 from tpflax._src.trace.interpreter import Val, Walk, opaque, same_tags
 
 # Primitives whose body takes the equation's (trailing) inputs and gives its outputs.
@@ -37,6 +39,11 @@ def _shape(v: Any) -> tuple:
     return tuple(getattr(v.aval, "shape", ()))
 
 
+# checkpoint policies that save nothing (jax.checkpoint's default, ``nothing_saveable``): the backward recomputes
+# the whole body (:func:`tpflax._src.trace.dataflow.remat_share` counts the same)
+FULL_REMAT = (None, jax.checkpoint_policies.nothing_saveable)
+
+
 def call(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
     """Walk into the body of a call-like primitive; anything else is opaque."""
     for key in CALL_KEYS:
@@ -45,6 +52,8 @@ def call(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> lis
             continue
         skip = len(eqn.invars) - len(inner.invars)
         if skip >= 0:
+            if eqn.primitive.name in ("checkpoint", "remat", "remat2") and eqn.params.get("policy") in FULL_REMAT:
+                w.rematted.add(id(eqn))  # the backward runs its body again (a collective in it too)
             return w.run(inner, ins[skip:], ctx + (id(eqn),))
     return opaque(w, eqn, ins, ctx, ranks)
 

@@ -291,7 +291,7 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                     apart=read_groups(jaxpr, w.reads, VIEWS - {"sharding_constraint", "reshard"}),
                     dead=dead_params(jaxpr, paths) - {u.path for u in w.uses},
                     no_grad=no_grad_params(closed, paths), constraints=tuple(sorted(w.constraints)),
-                    split_widths=frozenset(w.split_widths),
+                    split_widths=frozenset(w.split_widths), in_specs=dict(w.in_specs),
                     sliced=_sliced(w, {p: tuple(v.aval.shape) for p, v in zip(paths, jaxpr.invars, strict=False)}))
 
 
@@ -402,9 +402,8 @@ def remat_share(jaxpr: Any) -> tuple[float, int]:
     >>> remat_share(jax.make_jaxpr(stack)(jnp.ones((4, 4)), jnp.ones((2, 4))).jaxpr)
     (0.8, 4)
     """
-    import jax
+    from tpflax._src.trace.control import FULL_REMAT as full
 
-    full = (None, jax.checkpoint_policies.nothing_saveable)
     counts = [0, 0, 0]  # contractions as they run, of which rematerialised; outermost remat calls as they run
 
     def visit(j: Any, inside: bool, times: int) -> None:

@@ -482,6 +482,7 @@ HANDLERS: dict[str, Handler] = {
     "concatenate": concatenate, "stack": stack, "pad": pad, "rev": rev, "tile": tile, "iota": iota, "sort": sort, "top_k": top_k,
     "bitcast_convert_type": bitcast_convert_type,
     "dot_general": contractions.dot_general, "conv_general_dilated": contractions.conv_general_dilated,
+    "ragged_dot_general": contractions.ragged_dot_general,
     "gather": contractions.gather,
     "scan": control.scan, "while": control.while_, "cond": control.cond,
     **{name: control.call for name in control.CALLS},

@@ -177,8 +177,13 @@ class Walk:
     piece_no: dict[tuple[int, int], int] = field(default_factory=dict)  # piece key -> its index in the cut
     views: set[tuple[int, int]] = field(default_factory=set)  # fused dims cut apart by a reshape (Walk.pick)
     split: dict[tuple[str, int], int] = field(default_factory=dict)  # (path, leaf dim) -> shards in a shard_map body
+    ragged: dict[int, Any] = field(default_factory=dict)  # id(ragged_dot_general eqn) -> the view dot_general reads
+    # path -> ((leaf dim, mesh axes, sizes), ...) the first shard_map it enters lays it out over (Dataflow.in_specs)
+    in_specs: dict[str, tuple[tuple[int, tuple[str, ...], tuple[int, ...]], ...]] = field(default_factory=dict)
     axis_sizes: dict[str, int] = field(default_factory=dict)  # the mesh of the shard_map body being walked
     row_shards: int = 1  # a shard_map body's activations hold 1/row_shards of the rows (its batch split)
+    body_rows: int = 0  # the rows (whole) of the activations a shard_map body takes: the tokens its ragged dots route
+    rematted: set[int] = field(default_factory=set)  # ids of the fully rematerialised calls walked into
     row_axes: set[str] = field(default_factory=set)  # mesh axes shard_map in_specs cut activations' rows over
     collectives: dict[tuple, tuple] = field(default_factory=dict)  # (ctx, id(eqn)) -> its Collectives
     # (use id, param dim, mesh axes): a tagged dim a with_sharding_constraint lays out over those axes

@@ -130,6 +130,8 @@ class Collective:
         group: devices per group.
         count: executions per step (the trip counts of the loops around it).
         source: the primitive, and ``(backward)`` for the transpose of one.
+        carries: the parameters whose kept dims its operand carries (a row's partial outputs a body sums or
+            reduce-scatters by hand).
     """
 
     kind: str
@@ -138,6 +140,7 @@ class Collective:
     group: int
     count: int
     source: str
+    carries: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -239,6 +242,9 @@ class Dataflow:
             ``()``, for a dim it replicates.
         split_widths: ``(width, mesh axes)``: an untagged dim of that width of an activation (not a constant)
             that a ``with_sharding_constraint`` lays out over those axes (a tagged one is in :attr:`constraints`).
+        in_specs: ``{path: ((leaf dim, mesh axes, their sizes), ...)}``: how the first ``shard_map`` a parameter
+            enters lays its dims out (each dim its in_spec splits, over the axes of size > 1 of that
+            shard_map's mesh): its layout inside the body, whatever the plan's.
     """
 
     paths: tuple[str, ...]
@@ -279,6 +285,7 @@ class Dataflow:
     no_grad: frozenset[str] = frozenset()
     constraints: tuple[tuple[int, int, tuple[str, ...]], ...] = ()
     split_widths: frozenset[tuple[int, tuple[str, ...]]] = frozenset()
+    in_specs: Mapping[str, tuple[tuple[int, tuple[str, ...], tuple[int, ...]], ...]] = field(default_factory=dict)
 
     def positional(self) -> dict[str, tuple[int, tuple[int, ...]]]:
         """``{table: (rows looked up, its dims not indexed)}`` for tables every use of which is a lookup at
