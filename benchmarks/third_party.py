@@ -99,7 +99,8 @@ def fsdp_rules(params: Any, mesh: dict[str, int]) -> list[tuple[str, Any]]:
         from flax.core import meta
 
         params = meta.unbox(params)  # outside any mesh context: the arrays, no sharding constraint
-    axis = "fsdp" if mesh.get("fsdp", 1) > 1 else "data"  # a library's mesh may carry fsdp=1
+    # a library's mesh may carry fsdp=1, and name its data axis otherwise (EasyDeL's dp)
+    axis = next((a for a in ("fsdp", "data", "dp", "batch") if mesh.get(a, 1) > 1), "data")
     n = mesh[axis]
     rules = []
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:

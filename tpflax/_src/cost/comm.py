@@ -78,6 +78,12 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
     if loose:
         notes.append(_loose_note(s, loose))
     kvs = kv_splits(s)
+    # a shard_map body runs its matmuls as written: a row output it reduce-scatters by hand is summed there (the
+    # explicit collective, priced as written), and the columns it takes read one input, whose gradient the
+    # shard_map's transpose sums once (measured, XLA:CPU dp=2,tp=4: EasyDeL's Mixtral experts)
+    rep_of = s.lv.rep_of
+    written = {rep_of.get(p, p) for p in s.written}
+    mapped = {rep_of.get(p, p) for p in s.shard_mapped}
     for pc in s.lv.pairs:
         cols, rows = list(pc.columns), list(pc.rows)
         axes = tuple(dict.fromkeys(a for p in cols + rows for a in s.axes(p, TENSOR)))
@@ -102,7 +108,7 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
                               and not {alike_path(key), alike_path(key.rsplit("/", 1)[0])} & unread)
             # a row split only on dims its contraction batches over (experts, E in ``BSEH,EHM->BSEM``) sums
             # nothing: each device's outputs are whole (the weighted sum over E is a product of two activations)
-            if s.axes(r, TENSOR) and not _batch_split(r, s):
+            if s.axes(r, TENSOR) and not _batch_split(r, s) and r not in written:
                 items.append(CommItem(summing, axes, _pair_act(r, dec[r], "out", s), n, count * (1 + redo),
                                       source, f"row {label[r]}: sum partial outputs (forward"
                                               f"{', again in the remat recompute' if redo else ''})"))
@@ -119,7 +125,12 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
         items += [CommItem(kind, axes, s.rows_of(c) * width * s.act_item + fixed * leaf_itemsize(dec[c]),
                            ranks or n, count * k, source, f"{label[c]}: {why}")
                   for c in cols if c in kvs for kind, width, fixed, k, why, ranks in kv_split_comms(kvs[c], n)]
-        alone = [c for c in split_cols if s.backend != "tpu" or c in (s.shared or ())]
+        # in a shard_map body the transpose of its input (replicated over the axes) sums the input's gradient
+        # once, whichever dims the kernels split (their experts too)
+        by_hand = [c for c in tensor_cols if c not in kvs]
+        by_hand = by_hand if by_hand and all(c in mapped for c in by_hand) else []
+        split_cols = by_hand or split_cols
+        alone = [] if by_hand else [c for c in split_cols if s.backend != "tpu" or c in (s.shared or ())]
         summed = [c for c in split_cols if c not in alone]
         for c in alone + summed[:1]:
             what = f"columns {', '.join(label[x] for x in summed)}" if c in summed else f"column {label[c]}"
@@ -287,7 +298,7 @@ def _constrained_items(s: Scope, cols: list[str], rows: list[str], axes: tuple[s
     ``P('data', None, 'model')`` on the residual): 8 gathers of the stream per layer with remat, 6 without
     (unrolled; 7 scanned), 3 for an MLP block alone with remat; MaxText's llama3, 11 a layer (q and k/v
     apart), gemma2 23 for 22 priced, gpt3 7 for 8 (``results/probe_maxtext.md``)."""
-    # an expert row (``BSEH,EHM->BSEM``, batched over the experts) writes its per-expert outputs split so too
+    # an expert kernel (``BSEH,EHM->BSEM``, a ragged dot: batched over the experts) reads or writes the stream so too
     dots, dec, label = {**(s.batched_dots or {}), **(s.dots or {})}, s.lv.decisions, s.lv.label
     dims, widths = stream
     split = {w for w, ax in widths.items() if ax & set(axes)}
@@ -298,11 +309,12 @@ def _constrained_items(s: Scope, cols: list[str], rows: list[str], axes: tuple[s
     def whole(p: str, side: int) -> bool:  # the plan keeps those dims whole on the pair's axes
         return not any(tensor_split(s, p, d) & set(axes) for d in dots[p][side])
 
-    writes = [r for r in rows if r in dots and whole(r, 1) and (any((r, d) in dims for d in dots[r][1])
+    written = {s.lv.rep_of.get(p, p) for p in s.written}  # its reduce-scatter's transpose gathers it, as written
+    writes = [r for r in rows if r in dots and r not in written and whole(r, 1) and (any((r, d) in dims for d in dots[r][1])
                                                                  or width(r, 1) in split)]
     # a residual branch reads the stream it writes (through a norm, which ends the trace's meets)
     written = {width(r, 1) for r in writes} | split
-    reads = [c for c in cols if c in (s.dots or {}) and whole(c, 0) and (any((c, d) in dims for d in dots[c][0])
+    reads = [c for c in cols if c in dots and whole(c, 0) and (any((c, d) in dims for d in dots[c][0])
                                                                 or width(c, 0) in written)]
     items = []
     apart = len({(s.apart or {}).get(c, c) for c in reads})  # MaxText constrains q's input and k/v's apart

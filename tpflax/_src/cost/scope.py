@@ -120,6 +120,10 @@ class Scope:
     dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     # the same of each one's first dot use with batch dims: an expert kernel's (Traced.batched_dots)
     batched_dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    # parameters a shard_map takes (Traced.shard_mapped), and those whose outputs its body reduce-scatters by
+    # hand (the explicit collective is their pair's forward sum: Collective.carries)
+    shard_mapped: frozenset[str] = frozenset()
+    written: frozenset[str] = frozenset()
     # {path: group path}: dot uses reading one value, a sharding constraint making another (Traced.apart)
     apart: Mapping[str, str] = field(default_factory=dict)
     # (width, mesh axes) of activation dims a model's constraint splits (Traced.split_widths)
@@ -207,8 +211,9 @@ class Scope:
         return math.prod(self.mesh.sizes[a] for a in axes)
 
     def nbytes(self, shape: Sequence[int]) -> float:
-        """Bytes of a traced activation on one device: batch-major shapes split over the batch axes."""
-        local = 1 / self.shards if shape and shape[0] == self.batch.size else 1.0
+        """Bytes of a traced activation on one device: batch-major shapes split over the batch axes, and those
+        whose leading dim is the batch's tokens flattened (EasyDeL's router reads ``(batch * seq, d)``)."""
+        local = 1 / self.shards if shape and shape[0] in (self.batch.size, self.rows_local * self.shards) else 1.0
         return math.prod(shape) * self.act_item * local
 
     def leaf_bytes(self, path: str, d: Any) -> int:
