@@ -33,8 +33,9 @@ class DenseMoe(nn.Module):
         return x + jnp.einsum("bted,bte->btd", jnp.einsum("btef,efd->bted", h, wo), jax.nn.softmax(x @ gate))
 
 
-def test_a_row_split_on_the_experts_it_batches_over_sums_nothing(devices):
-    m, x = DenseMoe(), jax.ShapeDtypeStruct((B, T, D), jnp.float32)
+def estimated(m, rules):
+    """(estimate, compiled collective bytes) of the linen module ``m``'s adamw step, planned with ``rules``."""
+    x = jax.ShapeDtypeStruct((B, T, D), jnp.float32)
     params = jax.eval_shape(m.init, jax.random.key(0), x)
 
     def fn(v, x):
@@ -43,16 +44,20 @@ def test_a_row_split_on_the_experts_it_batches_over_sums_nothing(devices):
     def loss(y, x):
         return jnp.mean(y ** 2)
 
-    p = tpflax.plan(params, MESH, model=fn, sample=(x,), batch=(x,),
-                    rules=[("wi", P("model", None, None)), ("wo", P("model", None, None))])
+    p = tpflax.plan(params, MESH, model=fn, sample=(x,), batch=(x,), rules=rules)
     e = tpflax.estimate(p, optax.adamw(1e-3), model=fn, sample=(x,), loss=loss, backend="cpu")
-    assert not [i for i in e.items if "sum partial outputs" in i.why]
     mesh = tpflax.make_mesh(MESH)
     dr = tpflax.dry_run(tpflax.make_train_step(fn, p, mesh, optax.adamw(1e-3), sample=(x,), loss=loss), p, mesh,
                         compiler_options=FAST_XLA)
+    return e, dr.comm_total
+
+
+def test_a_row_split_on_the_experts_it_batches_over_sums_nothing(devices):
+    e, compiled = estimated(DenseMoe(), [("wi", P("model", None, None)), ("wo", P("model", None, None))])
+    assert not [i for i in e.items if "sum partial outputs" in i.why]
     # compiled: the weighted sum's f32[4,16,64] over model and the gradients over data; measured 0.986 (the
     # softmax's row statistics, a few hundred bytes, and the gate's update gathers are not priced)
-    assert abs(e.comm_total / dr.comm_total - 1) < 0.05
+    assert abs(e.comm_total / compiled - 1) < 0.05
 
 
 def test_a_hidden_split_expert_row_sums_again_in_the_remat_and_gathers_its_output_gradient(devices):
@@ -82,22 +87,9 @@ def test_a_hidden_split_expert_row_sums_again_in_the_remat_and_gathers_its_outpu
                 x = nn.remat(Layer)(name=f"l{i}")(x)
             return x
 
-    m, x = Stack(), jax.ShapeDtypeStruct((B, T, D), jnp.float32)
-    params = jax.eval_shape(m.init, jax.random.key(0), x)
-
-    def fn(v, x):
-        return m.apply(v, x)
-
-    def loss(y, x):
-        return jnp.mean(y ** 2)
-
-    p = tpflax.plan(params, MESH, model=fn, sample=(x,), batch=(x,),
-                    rules=[("wi", P(None, None, "model")), ("wo", P(None, "model", None))])
-    e = tpflax.estimate(p, optax.adamw(1e-3), model=fn, sample=(x,), loss=loss, backend="cpu")
+    e, compiled = estimated(Stack(), [("wi", P(None, None, "model")), ("wo", P(None, "model", None))])
     whys = {i.why for i in e.items}
     assert "row params/l*/wo: sum partial outputs (forward, again in the remat recompute)" in whys
     assert "row params/l*/wo: gather the output gradient the split stream splits on its features (backward)" in whys
-    dr = tpflax.dry_run(tpflax.make_train_step(fn, p, mesh, optax.adamw(1e-3), sample=(x,), loss=loss), p, mesh,
-                        compiler_options=FAST_XLA)
     # measured 0.982: the router's and the norm's row statistics and the gate's update gathers are not priced
-    assert abs(e.comm_total / dr.comm_total - 1) < 0.05
+    assert abs(e.comm_total / compiled - 1) < 0.05

@@ -50,14 +50,15 @@ def loss(logits, ids):
     return -jnp.take_along_axis(jax.nn.log_softmax(logits), ids[..., None], -1).mean()
 
 
-def test_whole_embedding_and_head_meet_the_constrained_stream(devices):
+def built():
+    """(mesh, forward, abstract params, sample ids) of the model on ``MESH``."""
     mesh = tpflax.make_mesh(MESH)
     m, ids = make(mesh), jax.ShapeDtypeStruct((B, T), jnp.int32)
-    params = jax.eval_shape(m.init, jax.random.key(0), ids)
+    return mesh, (lambda v, ids: m.apply(v, ids)), jax.eval_shape(m.init, jax.random.key(0), ids), ids
 
-    def fn(v, ids):
-        return m.apply(v, ids)
 
+def test_whole_embedding_and_head_meet_the_constrained_stream(devices):
+    mesh, fn, params, ids = built()
     p = tpflax.plan(params, MESH, model=fn, sample=(ids,), batch=(ids,), rules=[(r".*", "replicate")])
     e = tpflax.estimate(p, optax.adamw(1e-3), model=fn, sample=(ids,), loss=loss, backend="cpu")
     why = {(i.source, i.why.split(":")[0]) for i in e.items}

@@ -17,21 +17,13 @@ import jax.numpy as jnp
 import optax
 from _util import FAST_XLA
 from jax.sharding import PartitionSpec as P
-from test_stream_ends import MESH, loss, make
+from test_stream_ends import MESH, built, loss
 
 import tpflax
 
-B, T = 8, 16
-
 
 def test_the_table_splits_its_features_as_the_constraint_splits_the_stream(devices):
-    mesh = tpflax.make_mesh(MESH)
-    m, ids = make(mesh), jax.ShapeDtypeStruct((B, T), jnp.int32)
-    params = jax.eval_shape(m.init, jax.random.key(0), ids)
-
-    def fn(v, ids):
-        return m.apply(v, ids)
-
+    mesh, fn, params, ids = built()
     chosen = tpflax.plan(params, MESH, model=fn, sample=(ids,), batch=(ids,))
     table = chosen.decisions["params/embed/embedding"]
     assert table.spec == P(None, "model"), table.reason
