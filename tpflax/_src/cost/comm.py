@@ -310,7 +310,8 @@ def _constrained_items(s: Scope, cols: list[str], rows: list[str], axes: tuple[s
         return not any(tensor_split(s, p, d) & set(axes) for d in dots[p][side])
 
     written = {s.lv.rep_of.get(p, p) for p in s.written}  # its reduce-scatter's transpose gathers it, as written
-    writes = [r for r in rows if r in dots and r not in written and whole(r, 1) and (any((r, d) in dims for d in dots[r][1])
+    # (a row split on the experts its contraction batches over writes whole per-expert outputs, combined by a product)
+    writes = [r for r in rows if r in dots and r not in written and not _batch_split(r, s) and whole(r, 1) and (any((r, d) in dims for d in dots[r][1])
                                                                  or width(r, 1) in split)]
     # a residual branch reads the stream it writes (through a norm, which ends the trace's meets)
     written = {width(r, 1) for r in writes} | split

@@ -197,6 +197,7 @@ def _shard_map_pins(facts: Sequence[Facts], proposals: dict[str, Proposal], forc
     shard_map splits their hidden dim, 2.1x the collectives of its own layout). The leaf keeps its pair and
     role. An in_spec over an axis the plan's mesh sizes otherwise (EasyDeL's expert mesh, its fsdp devices
     named ``ep``) pins nothing."""
+    roles = dict(ms.roles)
     for f in facts:
         pins, p = flow.in_specs.get(f.path), proposals.get(f.path)
         if not pins or p is None or f.path in forced:
@@ -205,10 +206,18 @@ def _shard_map_pins(facts: Sequence[Facts], proposals: dict[str, Proposal], forc
         for dim, axes, sizes in pins:
             if dim < len(spec) and all(ms.sizes.get(a) == n for a, n in zip(axes, sizes, strict=True)):
                 spec[dim] = axes[0] if len(axes) == 1 else tuple(axes)
-        if (not any(e is not None for e in spec) or tuple(entries(p.spec, len(spec))) == tuple(spec)
-                or spec_problems(f.path, f.leaf.shape, tuple(spec), ms)):
+        if not any(e is not None for e in spec):
             continue
-        proposals[f.path] = replace(p, spec=tuple(spec), strategy="rule", fsdp=False,
+        # a dim the in_specs leave whole keeps the plan's batch-axis (fsdp) split: gathered at the body's
+        # boundary, as for any compute (MaxText's experts: fsdp on their embed dim, tensor on their hidden dim)
+        now = entries(p.spec, len(spec))
+        for d, e in enumerate(spec):
+            kept = tuple(a for a in entry_axes(now[d]) if roles.get(a) not in (TENSOR, EXPERT)) if e is None else ()
+            spec[d] = e if e is not None else kept[0] if len(kept) == 1 else kept or None
+        if tuple(now) == tuple(spec) or spec_problems(f.path, f.leaf.shape, tuple(spec), ms):
+            continue
+        proposals[f.path] = replace(p, spec=tuple(spec), strategy="rule",
+                                    fsdp=any(roles.get(a) == FSDP for e in spec for a in entry_axes(e)),
                                     reason="laid out as the model's jax.shard_map takes it (its in_specs): XLA "
                                            "reshards any other layout into them at every call")
         sources[f.path] = "trace"
