@@ -9,7 +9,9 @@ constrained by name inside the model (``maybe_shard_with_logical``). Its layout 
 names through MaxText's own rules and its ``remove_size_one_mesh_axis``, as MaxText's trainer places them.
 
 The models are built from MaxText's model configs (``configs/models/*.yml``) at tiny widths with the real
-ratios (``MODELS`` below), through MaxText's own ``pyconfig``; each runs on MaxText's mesh, the CLI's
+ratios (``MODELS`` below; ``mixtral`` runs MaxText's dense einsum over the experts, ``mixtral-sparse`` its
+``sparse_matmul`` path: tokens sorted by expert into ``jax.lax.ragged_dot`` inside a ``shard_map``, with
+``megablox=False``, as off TPU), through MaxText's own ``pyconfig``; each runs on MaxText's mesh, the CLI's
 ``data=2,tensor=4`` and ``fsdp=2,tensor=4`` with the other ten axes of size 1 (``expand``). The step is
 ``tpflax.make_train_step``'s adamw step on next-token cross-entropy, as the other probes measure it.
 
@@ -46,6 +48,9 @@ MODELS = {
                    base_mlp_dim=896, vocab_size=8016),
     "mixtral": dict(model_name="mixtral-8x7b", base_num_query_heads=16, base_num_kv_heads=4, head_dim=16,
                     base_mlp_dim=896, base_moe_mlp_dim=896, vocab_size=2000, sparse_matmul=False),
+    "mixtral-sparse": dict(model_name="mixtral-8x7b", base_num_query_heads=16, base_num_kv_heads=4, head_dim=16,
+                           base_mlp_dim=896, base_moe_mlp_dim=896, vocab_size=2000, sparse_matmul=True,
+                           megablox=False),
     "gemma2": dict(model_name="gemma2-2b", base_num_query_heads=8, base_num_kv_heads=4, base_mlp_dim=1024,
                    vocab_size=28456, sliding_window_size=32),
     "gpt3": dict(model_name="gpt3-6b", base_num_query_heads=4, base_num_kv_heads=4, base_mlp_dim=1024,
@@ -180,8 +185,8 @@ def _build(name: str, mesh: dict[str, int]):
 
 
 INTRO = ("`python benchmarks/probe_maxtext.py` (generated; maxtext 0.2.4 with jax 0.10). MaxText's own models "
-         "(`MODELS` in the script: its llama3-8b, mixtral-8x7b, gemma2-2b and gpt3-6b configs at tiny widths, "
-         "2 layers, scanned), on MaxText's twelve-axis mesh (the ten axes not named of size 1); the adamw train "
+         "(`MODELS` in the script: its llama3-8b, mixtral-8x7b (its dense and its ragged-dot `sparse_matmul` "
+         "experts), gemma2-2b and gpt3-6b configs at tiny widths, 2 layers, scanned), on MaxText's twelve-axis mesh (the ten axes not named of size 1); the adamw train "
          "step of `tpflax.make_train_step` on next-token cross-entropy, compiled on 8 CPU-emulated devices and "
          "measured as `benchmarks/third_party.py` measures (`measure`). **x hand**: ratio to MaxText's own "
          "layout, its logical names through its `logical_axis_rules` (`maxtext_rules`); lower is better. "
@@ -190,34 +195,44 @@ INTRO = ("`python benchmarks/probe_maxtext.py` (generated; maxtext 0.2.4 with ja
 OBSERVATIONS = """
 ## Observations (by hand)
 
-All numbers from the table above unless said otherwise; "before" is this round's start (7151a36).
+All numbers from the table above unless said otherwise. Round 34 (7151a36 -> 8e7b578) added the probe; round 35
+(from 8e7b578) the `mixtral-sparse` rows and the estimate fixes below.
 
-- **Annotations read (the first four models)**: `tpflax.plan(variables, mesh)` lays out every leaf as MaxText's
-  own rules do, tree-only and traced, on both meshes: the same program, 1.000 / 1.000 / 1.000. Before, the mesh
-  raised "axis 'diloco' has no known role"; given roles, mixtral's MoE kernels (`embed_moe`, `mlp_moe`, names
-  MaxText 0.2 added) were whole: 2.58 / 5.85 / 1.02 of MaxText's layout (data=2,tensor=4) and 5.10 / 3.21 /
-  1.04 (fsdp=2,tensor=4), where the embedding and the output head (`embed_vocab`) were whole too.
-- **Annotations off (`-off`)**: tpflax's own plans are within 1.04x of MaxText's layout on every number. Traced,
-  mixtral's is below it on all three (0.973 / 0.649 / 0.999 on data=2,tensor=4; 0.930 / 0.730 / 0.999 on
-  fsdp=2,tensor=4): tpflax splits the 8 experts over the tensor axis where MaxText splits each expert's hidden
-  dim, so the experts' outputs are whole on each device and only their weighted sum is summed.
+- **Annotations read (the first five models)**: `tpflax.plan(variables, mesh)` lays out every leaf as MaxText's
+  own rules do, tree-only and traced, on both meshes: the same program, 1.000 / 1.000 / 1.000. Before round 34,
+  the mesh raised "axis 'diloco' has no known role"; given roles, mixtral's MoE kernels (`embed_moe`, `mlp_moe`,
+  names MaxText 0.2 added) were whole: 2.58 / 5.85 / 1.02 of MaxText's layout (data=2,tensor=4) and 5.10 / 3.21
+  / 1.04 (fsdp=2,tensor=4), where the embedding and the output head (`embed_vocab`) were whole too.
+- **Annotations off (`-off`)**: tpflax's own plans are within 1.04x of MaxText's layout on every number, and
+  traced they are below it on collectives wherever they differ:
+  - mixtral-off: 0.973 / 0.624 / 0.999 (data=2,tensor=4) and 0.930 / 0.711 / 0.999: tpflax splits the 8 experts
+    over the tensor axis where MaxText splits each expert's hidden dim, so the experts' outputs are whole on each
+    device and only their weighted sum is summed.
+  - llama3-off 1.000 / 0.946 / 0.999 and 0.999 / 0.955 / 0.999, mixtral-sparse-off 1.000 / 0.961 / 1.000 and
+    1.000 / 0.973 / 1.000 (round 35): MaxText constrains its residual stream on its features over `tensor`, and
+    tpflax now splits the token table the same way, where MaxText splits its rows (the vocab split sums the
+    looked-up rows and reshards them into the constraint's layout). gemma2's table is tied to its logits and
+    stays vocab-split.
+  - mixtral-sparse-off: its experts run in MaxText's `shard_map` over ragged dots; tpflax lays them out as its
+    in_specs do (round 35: before, the ragged dots were not traced).
 - **gpt3-off, above MaxText's layout on bytes (1.037 / 1.029)**: tpflax keeps the 128-row learned position
-  table whole where MaxText splits its rows, a trade the chooser takes for 0.7-1.8% fewer collectives. Before,
-  the fused `qkv_proj` `(d, layers, 3, heads, head_dim)` was taken for a conv window tree-only: 1.454 / 1.376.
-- **Estimates of MaxText's own layout**: 0.94-1.03 of the compiled collectives, mixtral's 0.77-0.81 (below).
-  With only the mesh and the names fixed, 0.46-0.65: MaxText's step splits its residual stream over `tensor`
-  (`activation_embed`; on GPT-3 its split norm scales do it), so XLA gathers the stream before every column
-  group and each row's output gradient, none of which was priced; and XLA:CPU runs the bfloat16 activations'
-  collectives in float32, priced at half. GPT-3 writes its constraints with flax's `nn.with_logical_constraint`, which constrains nothing
-  unless a mesh is set: the trace now runs under the plan's mesh, as the step does.
-- **Left open**:
-  - mixtral's Megatron layout, 0.77-0.81: XLA sums each expert's partial outputs (`f32[4,64,8,256]`) again in
-    the remat recompute and gathers their gradient, which the estimate does not price.
-  - the replicated and pure-FSDP rows, 0.32-0.93: whole kernels contracting a stream a constraint splits (the
-    output head sums its vocabulary-wide logits; the updated kernels are gathered) are priced only where the
-    trace's meets reach them, and the residual stream carries no tag past a norm.
-  - MaxText's MoE defaults to `sparse_matmul` (megablox, ragged dots), which is not run here
-    (`sparse_matmul=False`: the dense einsum over experts).
+  table whole where MaxText splits its rows, a trade the chooser takes for 0.7-1.8% fewer collectives. Before
+  round 34, the fused `qkv_proj` `(d, layers, 3, heads, head_dim)` was taken for a conv window tree-only:
+  1.454 / 1.376.
+- **Estimates of MaxText's layout and tpflax's plans**: 0.918-1.074 of the compiled collectives on every tree,
+  `model=` and MaxText-layout row. Round 35: mixtral's own layout 0.765 / 0.812 -> 1.006 / 0.997 (a hidden-split
+  expert row sums its outputs again in the remat recompute, and gathers their gradient under the split stream);
+  mixtral-off traced 0.964 -> 0.997. The lowest are mixtral-sparse's own layout, 0.919 / 0.945 (the reshards
+  around MaxText's `shard_map` are not priced); the highest llama3-off traced, 1.074 (the split stream's
+  gathers per pair, 11 per layer priced, measured on MaxText's own layout, where the feature-split table
+  changes a few).
+- **The replicated and pure-FSDP rows** (no hand layout uses them): 0.58-1.07, from 0.32-0.93. Round 35 finds
+  the whole embedding and output head at the ends of the constrained stream (past the norms, where it carries
+  no tag: their dims are found by the widths the constraint splits): llama3 replicated 0.507 -> 0.883, mixtral
+  0.318 -> 0.710. Two are lower in total and closer by axis: gemma2 pure-FSDP 0.781 -> 0.744 prices the data
+  axis at 18.52 MB for 18.51 compiled (62.2 before, which hid the missing tensor-axis items). Left: XLA sums the
+  output head's vocabulary-wide partial logits there (llama3: `f32[4,64,8016]`), where the estimate prices
+  gathering its 256-wide input, as XLA does on a small model of the same shape (`tests/test_stream_ends.py`).
 """
 
 
