@@ -12,8 +12,6 @@ table, once as the table's stream and once for each pair: 1.20x the compiled col
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import optax
 from _util import FAST_XLA
 from jax.sharding import PartitionSpec as P
