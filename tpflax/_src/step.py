@@ -270,7 +270,7 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
     given = variables
     if variables is None:
         variables = _linen_own_variables(model, sample, batch)
-    context = mesh  # the step's context mesh, for a model's jax.shard_map without mesh=
+    own, context = variables, mesh  # the step's context mesh, for a model's jax.shard_map without mesh=
     try:
         with mesh_context(mesh):
             variables, abstract_batch, loss_of = _resolve(model, plan, batch, sample, loss, variables)
@@ -287,7 +287,7 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
         # a model building its shard_map over its own mesh of the same devices (EasyDeL's experts, over (dp, ep,
         # tp) beside its (dp, fsdp, ep, tp, sp) mesh): runs without a context mesh
         context = None
-        variables, abstract_batch, loss_of = _resolve(model, plan, batch, sample, loss, variables)
+        variables, abstract_batch, loss_of = _resolve(model, plan, batch, sample, loss, own)
         if given is None:
             variables = in_plan_containers(plan, variables)
         closed, (value, _) = jax.make_jaxpr(loss_of, return_shape=True)(bare_variables(variables), abstract_batch)

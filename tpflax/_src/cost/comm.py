@@ -309,10 +309,11 @@ def _constrained_items(s: Scope, cols: list[str], rows: list[str], axes: tuple[s
     def whole(p: str, side: int) -> bool:  # the plan keeps those dims whole on the pair's axes
         return not any(tensor_split(s, p, d) & set(axes) for d in dots[p][side])
 
-    written = {s.lv.rep_of.get(p, p) for p in s.written}  # its reduce-scatter's transpose gathers it, as written
-    # (a row split on the experts its contraction batches over writes whole per-expert outputs, combined by a product)
-    writes = [r for r in rows if r in dots and r not in written and not _batch_split(r, s) and whole(r, 1) and (any((r, d) in dims for d in dots[r][1])
-                                                                 or width(r, 1) in split)]
+    # not a row a shard_map body reduce-scatters by hand (that collective's transpose gathers it, as written), nor
+    # one split on the experts its contraction batches over (whole per-expert outputs, which a product combines)
+    by_hand = {s.lv.rep_of.get(p, p) for p in s.written}
+    writes = [r for r in rows if r in dots and r not in by_hand and not _batch_split(r, s) and whole(r, 1)
+              and (any((r, d) in dims for d in dots[r][1]) or width(r, 1) in split)]
     # a residual branch reads the stream it writes (through a norm, which ends the trace's meets)
     written = {width(r, 1) for r in writes} | split
     reads = [c for c in cols if c in dots and whole(c, 0) and (any((c, d) in dims for d in dots[c][0])
