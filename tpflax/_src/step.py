@@ -271,15 +271,21 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
     if variables is None:
         variables = _linen_own_variables(model, sample, batch)
     own, context = variables, mesh  # the step's context mesh, for a model's jax.shard_map without mesh=
+
+    def resolved(traced: bool) -> tuple[Any, Any, Any, Any]:
+        """(variables, abstract batch, loss of them, the loss's jaxpr when ``traced``, its scalar checked)."""
+        v, abstract, fn = _resolve(model, plan, batch, sample, loss, own)
+        v = in_plan_containers(plan, v) if given is None else v
+        if not traced:
+            return v, abstract, fn, None
+        closed, (value, _) = jax.make_jaxpr(fn, return_shape=True)(bare_variables(v), abstract)
+        _check_scalar_loss(value)
+        return v, abstract, fn, closed
+
     try:
-        with mesh_context(mesh):
-            variables, abstract_batch, loss_of = _resolve(model, plan, batch, sample, loss, variables)
-            if given is None:
-                variables = in_plan_containers(plan, variables)
-            if not is_zoo(model):  # the zoo calls no shard_map: spare the extra trace (0.1 -> 0.8 s, Llama-2-7B)
-                closed, (value, _) = jax.make_jaxpr(loss_of, return_shape=True)(
-                    bare_variables(variables), abstract_batch)
-                _check_scalar_loss(value)
+        with mesh_context(mesh):  # the zoo calls no shard_map: spare the extra trace (0.1 -> 0.8 s, Llama-2-7B)
+            variables, abstract_batch, loss_of, closed = resolved(not is_zoo(model))
+            if closed is not None:
                 _check_shard_maps(closed.jaxpr, mesh)
     except (ValueError, OptionError) as e:  # jax's: "The context mesh ... should match the mesh passed to shard_map"
         if "passed to shard_map" not in str(e) or isinstance(e, PlanMismatchError):
@@ -287,11 +293,7 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
         # a model building its shard_map over its own mesh of the same devices (EasyDeL's experts, over (dp, ep,
         # tp) beside its (dp, fsdp, ep, tp, sp) mesh): runs without a context mesh
         context = None
-        variables, abstract_batch, loss_of = _resolve(model, plan, batch, sample, loss, own)
-        if given is None:
-            variables = in_plan_containers(plan, variables)
-        closed, (value, _) = jax.make_jaxpr(loss_of, return_shape=True)(bare_variables(variables), abstract_batch)
-        _check_scalar_loss(value)
+        variables, abstract_batch, loss_of, closed = resolved(True)
         if not all(same_devices(m, mesh) for m in shard_map_meshes(closed.jaxpr, concrete=True)):
             raise PlanMismatchError(_MESHES_DIFFER, [f"{str(e).splitlines()[0]}; {_FIX}"]) from e
     from tpflax._src.apply.stored import has_layouts

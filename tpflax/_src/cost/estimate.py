@@ -151,7 +151,8 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
                   positional=w.positional, loops=w.loops, edges=w.edges, contracted=w.contracted, looked=w.looked,
                   batched=w.batched,
                   conditions=w.conditions, batch_dims=w.batch_dims, sliced=w.sliced, dots=w.dots, batched_dots=w.batched_dots, shard_mapped=w.shard_mapped,
-                  written=frozenset(p for c in w.collectives if c.kind == "reduce-scatter" for p in c.carries), apart=w.apart, split_widths=w.split_widths,
+                  written=frozenset(p for c in w.collectives if c.kind == "reduce-scatter" and not c.source.endswith("(backward)")
+                                    for p in c.carries), apart=w.apart, split_widths=w.split_widths,
                   scanned=w.scanned, constrained=w.constrained, limits=w.limits, moments=param_moments(w.opt))
     notes.extend(product_sum_notes(lv, mesh, w, scope.experts_split))
     every = (comm_items(scope, notes) + expert_items(scope) + buffer_items(scope) + fused_items(scope, notes)

@@ -213,7 +213,7 @@ class Scope:
     def nbytes(self, shape: Sequence[int]) -> float:
         """Bytes of a traced activation on one device: batch-major shapes split over the batch axes, and those
         whose leading dim is the batch's tokens flattened (EasyDeL's router reads ``(batch * seq, d)``)."""
-        local = 1 / self.shards if shape and shape[0] in (self.batch.size, self.rows_local * self.shards) else 1.0
+        local = 1 / self.shards if shape and shape[0] in (self.batch.size, token_rows(self.batch, self.config)) else 1.0
         return math.prod(shape) * self.act_item * local
 
     def leaf_bytes(self, path: str, d: Any) -> int:

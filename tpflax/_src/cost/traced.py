@@ -251,7 +251,8 @@ def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None)
     return cached("uses", m, lambda: _traced_uses(m, shapes, mesh),
                   (*sorted(shapes.items()), mesh_key(mesh)),
                   shared=(*sorted(shapes.items()), "any mesh"),
-                  free=lambda t: not (t.constrained or t.split_widths or t.row_axes or t.collectives))
+                  free=lambda t: not (t.constrained or t.split_widths or t.row_axes or t.collectives
+                                           or t.shard_mapped))
 
 
 def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None) -> Traced:

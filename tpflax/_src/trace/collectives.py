@@ -134,12 +134,13 @@ def shard_map(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -
         cut = _axes(spec, v.rank)
         shards = [math.prod(sizes.get(a, 1) for a in names) for names in cut]
         shape = tuple(getattr(getattr(var, "aval", None), "shape", ()))
-        if not v.origin and (v.live or v.fed) and len(shape) >= 2:  # an activation (outside: whole): its rows
+        activation = not v.origin and (v.live or v.fed)
+        if activation and len(shape) >= 2:  # its rows (outside the body: whole)
             w.body_rows = max(w.body_rows, math.prod(shape[:-1]))
         if v.tags is not None:  # an activation: its dims without a kernel's features are its rows
             w.row_shards = max(w.row_shards, rows * math.prod(n for d, n in enumerate(shards) if not v.tags[d]))
             w.row_axes.update(a for d, names in enumerate(cut) if not v.tags[d] for a in names if sizes.get(a, 1) > 1)
-        elif not v.origin and (v.live or v.fed) and shards:  # untagged (past a norm): its leading dim, the rows
+        elif activation and shards:  # untagged (past a norm): its leading dim, the rows
             w.row_shards = max(w.row_shards, rows * shards[0])
         for d, n in enumerate(shards):
             for path, dims in v.origin:

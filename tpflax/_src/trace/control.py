@@ -39,8 +39,9 @@ def _shape(v: Any) -> tuple:
     return tuple(getattr(v.aval, "shape", ()))
 
 
-# checkpoint policies that save nothing (jax.checkpoint's default, ``nothing_saveable``): the backward recomputes
-# the whole body (:func:`tpflax._src.trace.dataflow.remat_share` counts the same)
+# rematerialised calls, and the checkpoint policies that save nothing (jax.checkpoint's default,
+# ``nothing_saveable``): the backward recomputes the whole body (:func:`tpflax._src.trace.dataflow.remat_share`)
+REMAT = ("checkpoint", "remat", "remat2")
 FULL_REMAT = (None, jax.checkpoint_policies.nothing_saveable)
 
 
@@ -52,7 +53,7 @@ def call(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> lis
             continue
         skip = len(eqn.invars) - len(inner.invars)
         if skip >= 0:
-            if eqn.primitive.name in ("checkpoint", "remat", "remat2") and eqn.params.get("policy") in FULL_REMAT:
+            if eqn.primitive.name in REMAT and eqn.params.get("policy") in FULL_REMAT:
                 w.rematted.add(id(eqn))  # the backward runs its body again (a collective in it too)
             return w.run(inner, ins[skip:], ctx + (id(eqn),))
     return opaque(w, eqn, ins, ctx, ranks)

@@ -231,7 +231,7 @@ def dataflow(model: Any, sample: Any = None, variables: Any = None, mesh: Any = 
 
 def _mesh_free(flow: Dataflow) -> bool:
     """Whether nothing the analysis found depends on the mesh traced under: no constraint, no shard_map."""
-    return not (flow.constraints or flow.split_widths or flow.collectives or flow.row_axes)
+    return not (flow.constraints or flow.split_widths or flow.collectives or flow.row_axes or flow.in_specs)
 
 
 def mesh_key(mesh: Any) -> str:
@@ -382,7 +382,6 @@ def _one_branch(products: dict) -> tuple:
 
 
 _CONTRACTIONS = ("dot_general", "conv_general_dilated")
-_REMAT = ("checkpoint", "remat", "remat2")
 
 
 def remat_share(jaxpr: Any) -> tuple[float, int]:
@@ -402,7 +401,7 @@ def remat_share(jaxpr: Any) -> tuple[float, int]:
     >>> remat_share(jax.make_jaxpr(stack)(jnp.ones((4, 4)), jnp.ones((2, 4))).jaxpr)
     (0.8, 4)
     """
-    from tpflax._src.trace.control import FULL_REMAT as full
+    from tpflax._src.trace.control import FULL_REMAT, REMAT
 
     counts = [0, 0, 0]  # contractions as they run, of which rematerialised; outermost remat calls as they run
 
@@ -411,7 +410,7 @@ def remat_share(jaxpr: Any) -> tuple[float, int]:
             if eqn.primitive.name in _CONTRACTIONS:
                 counts[0] += times
                 counts[1] += times * inside
-            remat = eqn.primitive.name in _REMAT and eqn.params.get("policy") in full
+            remat = eqn.primitive.name in REMAT and eqn.params.get("policy") in FULL_REMAT
             counts[2] += times * (remat and not inside)
             runs = times * int(eqn.params.get("length", 1)) if eqn.primitive.name == "scan" else times
             for sub in _sub_jaxprs(eqn.params.values()):
