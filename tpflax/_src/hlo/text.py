@@ -9,6 +9,7 @@ this package read HLO only through these.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -45,30 +46,40 @@ _INSTR_HEAD = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*")
 _SHAPE = re.compile(r"([a-z][a-z0-9]*)\[([<=0-9,]*)\]")
 
 
+_BRACKETS = re.compile(r'[(){}\[\]"]')
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_CLOSING = {"(": ")", "{": "}", "[": "]"}
+
+
 def _balanced(text: str, start: int) -> int:
-    """Index just past the bracket group opening at ``text[start]``."""
-    pairs = {"(": ")", "{": "}", "[": "]"}
-    stack = []
-    i = start
-    while i < len(text):
-        c = text[i]
-        if c in pairs:
-            stack.append(pairs[c])
+    """Index just past the bracket group opening at ``text[start]`` (string literals skipped: metadata,
+    backend_config). A regex jumps from bracket to bracket: an optimised module's text is megabytes."""
+    stack: list[str] = []
+    pos = start
+    while (m := _BRACKETS.search(text, pos)) is not None:
+        c, i = m.group(), m.start()
+        if c in _CLOSING:
+            stack.append(_CLOSING[c])
+        elif c == '"':
+            lit = _STRING.match(text, i)
+            if lit is None:  # an unterminated literal runs to the end
+                return len(text)
+            pos = lit.end()
+            continue
         elif stack and c == stack[-1]:
             stack.pop()
             if not stack:
                 return i + 1
-        elif c == '"':  # skip string literals (metadata, backend_config)
-            j = i + 1
-            while j < len(text) and text[j] != '"':
-                j += 2 if text[j] == "\\" else 1
-            i = j
-        i += 1
+        pos = i + 1
     return len(text)
 
 
-def _scan(hlo_text: str) -> tuple[list[_Instr], dict[str, bool], int | None]:
-    """Instructions with their computation, which computations are ENTRY, and num_partitions."""
+@functools.lru_cache(maxsize=4)
+def _scan(hlo_text: str) -> tuple[tuple[_Instr, ...], dict[str, bool], int | None]:
+    """Instructions with their computation, which computations are ENTRY, and num_partitions.
+
+    Cached on the text: a dry run reads one compiled module for its collectives and for its flops. The
+    result is shared, so callers must not change the ``entries`` dict."""
     instrs: list[_Instr] = []
     entries: dict[str, bool] = {}
     current = ""
@@ -102,7 +113,7 @@ def _scan(hlo_text: str) -> tuple[list[_Instr], dict[str, bool], int | None]:
         close = _balanced(rest, op.end() - 1)
         instrs.append(_Instr(m.group(1), shape, op.group(1), rest[op.end():close - 1],
                              rest[close:], current))
-    return instrs, entries, partitions
+    return tuple(instrs), entries, partitions
 
 
 def _attr(attrs: str, key: str) -> str | None:
