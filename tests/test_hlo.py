@@ -311,3 +311,19 @@ def test_real_gspmd_program_in_a_scan(mesh):
     cs = parse_collectives(jax.jit(jax.grad(loss)).lower(w, x).compile().as_text(), mesh)
     assert cs and all(c.count == 3 for c in cs if c.computation != "main")
     assert {c.axis_label for c in cs} <= {"model", "data", "data+model"}
+
+
+@pytest.mark.parametrize("typed", [True, False], ids=["typed-operands", "tpu-names-only"])
+def test_ragged_all_to_all_is_an_all_to_all_of_the_smaller_of_its_operand_and_output(typed):
+    # the rows it sends depend on the routing (at most its operand); its output buffer may be larger (a capacity)
+    # or smaller. The TPU compiler prints operands by name only: their shape is looked up in the computation
+    x = "f32[64,128]{1,0} %x" if typed else "%x"
+    text = module("%x = f32[64,128]{1,0} parameter(0)",
+                  "%out = f32[96,128]{1,0} broadcast(f32[] %z), dimensions={}",
+                  f"%r = f32[96,128]{{1,0}} ragged-all-to-all({x}, %out, %o, %s, %o, %s), channel_id=1, "
+                  "replica_groups={{0,1,2,3},{4,5,6,7}}")
+    (c,) = parse_collectives(text, MESH)
+    assert (c.kind, c.shapes, c.bytes, c.axes, c.group_size) == ("all-to-all", ((64, 128),), 32768, ("model",), 4)
+    assert c.ring_bytes == 3 / 4 * 32768
+    (small,) = parse_collectives(text.replace("f32[96,128]{1,0} ragged", "f32[32,128]{1,0} ragged"), MESH)
+    assert small.shapes == ((32, 128),)

@@ -197,4 +197,9 @@ def compile_error(plan, args: tuple[Any, ...], e: Exception) -> CompileError:
     msg = str(e).strip().splitlines()
     head = " ".join(msg[:6])[:1500] if msg else type(e).__name__
     problems.append(f"XLA/jax said ({type(e).__name__}): {head}")
+    missing = re.search(r"HLO opcode `?([\w-]+)`? is not supported by XLA:CPU", str(e))
+    if missing:  # EasyDeL's and MaxText's expert-parallel token dispatch: ragged-all-to-all
+        problems.append(f"XLA:CPU does not implement `{missing.group(1)}`; dry-run the plan for a TPU topology "
+                        "instead, where the TPU compiler takes it: mesh = tpflax.make_mesh(shape, "
+                        "target=\"tpu-v5e:2x4\") (libtpu: pip install \"tpflax[tpu]\")")
     return CompileError(f"the step did not compile on mesh {plan.mesh}", problems)

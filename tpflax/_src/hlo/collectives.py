@@ -2,7 +2,9 @@
 
 ``jax.jit(f).lower(*args).compile().as_text()`` is the program XLA will run;
 its ``all-reduce`` / ``all-gather`` / ``reduce-scatter`` / ``all-to-all`` /
-``collective-permute`` instructions are the step's real communication. This
+``collective-permute`` instructions are the step's real communication (a
+``ragged-all-to-all``, experts' token dispatch, is read as an all-to-all of its
+operand: the rows it sends depend on the routing, at most all of them). This
 module parses them (tuple all-reduces, ``-start``/``-done`` async pairs counted
 once, ops wrapped in ``async-start`` computations, collectives inside ``while``
 bodies multiplied by the loop's known trip count; the TPU compiler's async
@@ -70,11 +72,13 @@ def parse_collectives(hlo_text: str, mesh: Any = None, *, num_devices: int | Non
             kind, is_async = _ASYNC_PAIRS[op], True
             done = done_of.get(ins.name)
             shape_text = done.shape if done is not None else _start_result(kind, ins.shape)
-        elif op in KINDS:
-            kind, shape_text = op, ins.shape
+        elif op in KINDS or op == "ragged-all-to-all":
+            kind, shape_text = ("all-to-all" if op == "ragged-all-to-all" else op), ins.shape
             is_async = bool(ins.computation) and _called_by_async(ins.computation, instrs)
         else:
             continue
+        if op == "ragged-all-to-all":
+            shape_text = _ragged_buffer(ins, instrs)
         shapes, dtypes = _shapes(shape_text)
         nbytes = _nbytes(shapes, dtypes)
         pairs: tuple[tuple[int, int], ...] = ()
@@ -110,6 +114,20 @@ def parse_collectives(hlo_text: str, mesh: Any = None, *, num_devices: int | Non
             source_target_pairs=pairs, is_async=is_async, op_name=op_name,
             computation=ins.computation, channel_id=int(channel) if channel and channel.isdigit() else None))
     return _one_per_channel(out, _chained(instrs))
+
+
+def _ragged_buffer(ins: _Instr, instrs: tuple[_Instr, ...]) -> str:
+    """The buffer a ``ragged-all-to-all`` is priced on: the smaller of its operand (the rows it may send) and
+    its result (the output buffer they are written into). The rows it sends depend on the routing: at most all
+    of them, which the estimate's trace prices too. The TPU compiler prints operands without their shapes, so
+    the operand's is looked up by name in its computation."""
+    first = re.match(r"\s*(?:([a-z][a-z0-9]*\[[^\]]*\]\S*)\s+)?%?([\w.\-]+)", ins.operands)  # [type] name
+    if first is None:
+        return ins.shape
+    typed, name = first.groups()
+    operand = typed or next(
+        (i.shape for i in instrs if i.name == name and i.computation == ins.computation), ins.shape)
+    return operand if _nbytes(*_shapes(operand)) <= _nbytes(*_shapes(ins.shape)) else ins.shape
 
 
 def _fused_slices(instrs: list[_Instr]) -> dict[str, list[_Instr]]:

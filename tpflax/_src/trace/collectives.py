@@ -20,6 +20,7 @@ import dataclasses
 import math
 from typing import Any
 
+from tpflax._src.trace import constraints
 from tpflax._src.trace.control import body_of
 from tpflax._src.trace.interpreter import Handler, Val, Walk, is_minor, opaque
 from tpflax._src.trace.records import Collective
@@ -30,15 +31,18 @@ VIEWS = ("pvary", "pcast", "pbroadcast", "core_pvary")
 IN_PLACE = ("psum", "psum_invariant", "psum2", "pmax", "pmin", "pmean", "ppermute", "all_to_all")
 
 
-# primitive -> (kind forward, kind backward, the buffer S: "in" or "out"); psum and pvary are left
-# out: a psum over the axis a row's contraction is split on is the column -> row pair's all-reduce,
-# and pvary's transpose (a psum of a gradient) the gradient reduction, both priced by the plan's model.
+# primitive -> (kind forward, kind backward, the buffer S: "in", "out" or "first", the first operand); psum and
+# pvary are left out: a psum over the axis a row's contraction is split on is the column -> row pair's
+# all-reduce, and pvary's transpose (a psum of a gradient) the gradient reduction, both priced by the plan's model.
 PRICED = {"all_gather": ("all-gather", "reduce-scatter", "out"),
           "all_gather_invariant": ("all-gather", "reduce-scatter", "out"),
           "reduce_scatter": ("reduce-scatter", "all-gather", "in"),
           "psum_scatter": ("reduce-scatter", "all-gather", "in"),
           "ppermute": ("collective-permute", "collective-permute", "in"),
-          "all_to_all": ("all-to-all", "all-to-all", "in")}
+          "all_to_all": ("all-to-all", "all-to-all", "in"),
+          # expert-parallel token dispatch (EasyDeL's and MaxText's experts over an expert axis): its operand
+          # only; the output buffer it writes into and the offsets and sizes move nothing of their own
+          "ragged_all_to_all": ("all-to-all", "all-to-all", "first")}
 
 
 def _note(w: Walk, eqn: Any, ins: list[Val], ctx: tuple) -> None:
@@ -50,7 +54,7 @@ def _note(w: Walk, eqn: Any, ins: list[Val], ctx: tuple) -> None:
     axes = eqn.params.get("axis_name", eqn.params.get("axes", ()))
     axes = tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
     group = math.prod(w.axis_sizes.get(a, 1) for a in axes)
-    vars_ = eqn.invars if which == "in" else eqn.outvars
+    vars_ = eqn.invars[:1] if which == "first" else eqn.invars if which == "in" else eqn.outvars
     size = float(sum(math.prod(v.aval.shape) * v.aval.dtype.itemsize for v in vars_ if hasattr(v.aval, "dtype")))
     count = math.prod(w.lengths.get(c, 1) for c in ctx if isinstance(c, int))
     again = 1 + any(c in w.rematted for c in ctx)  # a remat recompute runs the forward's again (its transpose once)
@@ -90,6 +94,16 @@ def reduce_scatter(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[in
     return [dataclasses.replace(w.moved(v, [d for d in range(v.rank) if d != gone], r), origin=())]
 
 
+def ragged_all_to_all(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    """Rows of the operand sent to the ranks that take them, written into the output buffer (operand 1): each
+    row keeps its feature dims. Priced as an all-to-all of the whole operand: how many rows it sends depends
+    on the routing, all of them at most, and the compiled program's count is read the same way
+    (:func:`tpflax._src.hlo.collectives.parse_collectives`)."""
+    _note(w, eqn, ins, ctx)
+    v, r = ins[0], ranks[0]
+    return [w.moved(v, list(range(r)), r) if v.rank == r else Val(r)]
+
+
 def axis_index(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
     return [Val(r) for r in ranks]
 
@@ -99,7 +113,7 @@ HANDLERS: dict[str, Handler] = {
     **{name: in_place for name in IN_PLACE},
     "all_gather": all_gather, "all_gather_invariant": all_gather,
     "reduce_scatter": reduce_scatter, "psum_scatter": reduce_scatter,
-    "axis_index": axis_index,
+    "ragged_all_to_all": ragged_all_to_all, "axis_index": axis_index,
 }
 
 
@@ -132,6 +146,7 @@ def shard_map(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -
     w.axis_sizes = {**outer, **sizes}
     for v, var, spec in zip(ins, eqn.invars, specs, strict=False):
         cut = _axes(spec, v.rank)
+        constraints.boundary(w, v, cut, sizes)
         shards = [math.prod(sizes.get(a, 1) for a in names) for names in cut]
         shape = tuple(getattr(getattr(var, "aval", None), "shape", ()))
         activation = not v.origin and (v.live or v.fed)
@@ -152,9 +167,13 @@ def shard_map(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -
                                                                               sizes.get(a, 1) > 1))
                 for d, names in enumerate(cut) if dims[d] is not None and any(sizes.get(a, 1) > 1 for a in names)))
     try:
-        return w.run(body, ins, ctx + (id(eqn),))
+        outs = w.run(body, ins, ctx + (id(eqn),))
     finally:
         w.split, w.axis_sizes, w.row_shards, w.body_rows = saved, outer, rows, body_rows
+    for v, spec in zip(outs, tuple(eqn.params.get("out_specs") or ()), strict=False):
+        constraints.boundary(w, v, _axes(spec, v.rank), sizes)
+        w.pinned[id(v)] = v
+    return outs
 
 
 HANDLERS["shard_map"] = shard_map
