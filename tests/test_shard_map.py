@@ -2,6 +2,8 @@
 attention, a row layer written by hand with ``psum``): the trace walks the body like a call, with
 the in_specs' shards, and the collectives inside keep what each dim is."""
 
+import importlib.util
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -193,3 +195,84 @@ def test_shard_map_over_the_same_devices_without_the_size_one_axes():
     fn, _, _ = _model(_hand_row(flipped))
     with pytest.raises(tpflax.PlanMismatchError, match="another mesh"):
         tpflax.make_train_step(fn, plan, mesh, optax.sgd(0.1), sample=sample, loss=loss)
+
+
+_HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+
+
+class _Dispatch(nn.Module):
+    """A column -> row pair around a ``shard_map`` over ``data`` that takes and gives its activation with the
+    features whole (``P('data')``): a ragged all-to-all's token dispatch (EasyDeL's and MaxText's experts), or
+    an identity for XLA:CPU, which has no ragged all-to-all; ``relu``: an op between the body and the row."""
+
+    mesh: object
+    ragged: bool
+    relu: bool
+
+    @nn.compact
+    def __call__(self, ids):
+        h = nn.Dense(1024, name="up")(nn.Embed(512, 256, name="embed")(ids).reshape(-1, 256))
+
+        def body(h):
+            if not self.ragged:
+                return h * 2.0
+            n, rows = jax.lax.axis_size("data"), h.shape[0]
+            sizes = jnp.full((n,), rows // n, jnp.int32)
+            offsets = jnp.arange(n, dtype=jnp.int32) * (rows // n)
+            return jax.lax.ragged_all_to_all(h, jnp.zeros_like(h), offsets, sizes, offsets, sizes, axis_name="data")
+
+        h = jax.shard_map(body, mesh=self.mesh, in_specs=P("data"), out_specs=P("data"))(h)
+        return nn.Dense(512, name="down")(jax.nn.relu(h) if self.relu else h)
+
+
+def _dispatch(mesh, ragged, relu):
+    m, ids = _Dispatch(mesh, ragged, relu), jax.ShapeDtypeStruct((8, 64), jnp.int32)
+
+    def loss(logits, ids):
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits), ids.reshape(-1)[:, None], -1).mean()
+
+    shape = dict(mesh.shape)
+    p = tpflax.plan(jax.eval_shape(m.init, jax.random.key(0), ids), shape, model=m, sample=(ids,))
+    assert p.decisions["params/up/kernel"].spec == P(None, "model")  # the pair is split: its boundary reshards
+    return m, ids, loss, p
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["direct", "relu"])
+def test_a_boundary_that_keeps_split_features_whole_is_priced_as_compiled(relu):
+    # The column's output, split over model, enters a body that takes its features whole and leaves it whole:
+    # XLA gathers it on the way in and gathers back on the way out, for the backward, either the row's kernel
+    # (the row reads the body's output as it is) or its split input gradient (through a relu). Before, neither
+    # was priced (the estimate of the ragged dispatch on TPU was 0.69 of the compiled collectives). Measured
+    # per device: the (256, 1024) f32 activation, 3/4 of 1 MiB; the (1024, 512) f32 kernel, 3/4 of 2 MiB
+    mesh = tpflax.make_mesh({"data": 2, "model": 4})
+    m, ids, loss, p = _dispatch(mesh, False, relu)
+    ts = tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), sample=(ids,), loss=loss)
+    dr = tpflax.dry_run(ts, p, mesh, compiler_options=FAST_XLA)
+    est = tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=(ids,), loss=loss, backend="cpu")
+    gathers = sorted(c.ring_bytes * c.count for c in dr.collectives if c.kind == "all-gather")
+    assert gathers == sorted(i.total for i in est.items if i.kind == "all-gather")
+    assert gathers == [786432.0] * 2 if relu else [786432.0, 1572864.0]
+    model = [(c.kind, c.ring_bytes * c.count) for c in dr.collectives if c.axes == ("model",)]
+    assert sum(b for _, b in model) == sum(i.total for i in est.items if tuple(i.axes) == ("model",))
+
+
+@pytest.mark.skipif(not _HAS_LIBTPU, reason='libtpu is not installed (pip install "tpflax[tpu]")')
+def test_a_ragged_all_to_all_is_read_and_priced_on_tpu_and_named_on_cpu():
+    # XLA:CPU has no ragged all-to-all: the dry run's error says so and names the way out (the TPU compiler).
+    # On v5e:2x4 the compiled program reads it as an all-to-all of its operand, (256, 1024) f32 per device over
+    # data=2 (1/2 of 1 MiB), forward and backward, which the estimate's trace prices the same; the row reads the
+    # body's output as it is, so XLA:TPU gathers its float32 kernel for the backward product as bfloat16
+    cpu = tpflax.make_mesh({"data": 2, "model": 4})
+    m, ids, loss, p = _dispatch(cpu, True, False)
+    with pytest.raises(tpflax.CompileError, match="does not implement `ragged-all-to-all`.*target="):
+        tpflax.dry_run(tpflax.make_train_step(m, p, cpu, optax.adamw(1e-3), sample=(ids,), loss=loss), p, cpu)
+    mesh = tpflax.make_mesh({"data": 2, "model": 4}, target="tpu-v5e:2x4")
+    m, ids, loss, p = _dispatch(mesh, True, False)
+    dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), sample=(ids,), loss=loss), p, mesh)
+    est = tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=(ids,), loss=loss, target="tpu-v5e:2x4")
+    ragged = [c.ring_bytes * c.count for c in dr.collectives if c.op_name.endswith("ragged_all_to_all")]
+    assert ragged == [524288.0] * 2
+    assert ragged == [i.total for i in est.items if i.kind == "all-to-all"]
+    model = sorted((c.kind, c.ring_bytes * c.count) for c in dr.collectives if c.axes == ("model",))
+    assert model == sorted((i.kind, i.total) for i in est.items if tuple(i.axes) == ("model",))
+    assert ("all-gather", 786432.0) in model  # the kernel, 2 MiB as float32, gathered as 1 MiB of bfloat16

@@ -128,6 +128,8 @@ class Scope:
     apart: Mapping[str, str] = field(default_factory=dict)
     # (width, mesh axes) of activation dims a model's constraint splits (Traced.split_widths)
     split_widths: frozenset = frozenset()
+    # kernels that contract a constrained value as it is (Traced.direct)
+    direct: frozenset[str] = frozenset()
     scanned: Mapping[str, int] = field(default_factory=dict)  # traced stacks: {path: leaf dim} (Traced.scanned)
     # traced parameter dims a model's own with_sharding_constraint lays out over mesh axes (Traced.constrained)
     constrained: tuple[tuple[str, int, tuple[str, ...]], ...] = ()

@@ -165,6 +165,8 @@ class Traced:
             (:attr:`tpflax._src.trace.records.Dataflow.split_widths`).
         apart: ``{path: group path}`` of each parameter's first ``dot`` use: uses reading one value share the
             group (:attr:`tpflax._src.trace.records.Dataflow.apart`: a model's sharding constraint makes another).
+        direct: kernels that contract a value a model's constraint (or a ``shard_map``'s out_specs) laid out, as it
+            is (:attr:`tpflax._src.trace.records.Dataflow.direct`).
     """
 
     tied: frozenset[str] | None = None
@@ -216,6 +218,7 @@ class Traced:
     split_widths: frozenset[tuple[int, tuple[str, ...]]] = frozenset()
     batched_dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     shard_mapped: frozenset[str] = frozenset()
+    direct: frozenset[str] = frozenset()
 
 
 def frozen_inputs(t: Traced, trainable: Mapping[str, bool]) -> frozenset[str]:
@@ -357,7 +360,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None
                   reduced=frozenset(u.path for u in flow.uses if u.op == "dot" and u.kept
                                     and all(flow.only_reduced(u.id, k) for k in u.kept)),
                   apart=_apart(flow), split_widths=flow.split_widths, batched_dots=flow.dots(batched=True),
-                  shard_mapped=frozenset(flow.in_specs))
+                  shard_mapped=frozenset(flow.in_specs), direct=frozenset(flow.uses[u].path for u in flow.direct))
 
 
 def _apart(flow: Any) -> dict[str, str]:

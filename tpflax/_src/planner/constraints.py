@@ -35,11 +35,13 @@ class Pins:
         constrained: ``(path, leaf dim, mesh axes)`` a constraint lays out (:attr:`Dataflow.constraints`).
         meets: :meth:`tpflax._src.trace.records.Dataflow.meets`.
         dots: :meth:`tpflax._src.trace.records.Dataflow.dots`.
+        direct: the kernels that read a constrained value as it is (:attr:`Dataflow.direct`).
     """
 
     constrained: tuple[tuple[str, int, tuple[str, ...]], ...]
     meets: tuple[tuple[str, int, str, int], ...]
     dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]]
+    direct: frozenset[str] = frozenset()
 
 
 def pins(flow: Any) -> Pins | None:
@@ -48,7 +50,7 @@ def pins(flow: Any) -> Pins | None:
     if not flow.constraints:
         return None
     return Pins(tuple(sorted({(flow.uses[u].path, d, axes) for u, d, axes in flow.constraints})),
-                flow.meets(), flow.dots())
+                flow.meets(), flow.dots(), frozenset(flow.uses[u].path for u in flow.direct))
 
 
 def pinned(st: Any, o: Any, facts: Mapping[str, Any]) -> Any:
@@ -95,12 +97,16 @@ def _replicated(st: Any, o: Any, facts: Mapping[str, Any], split: Any, tensor: s
     for path, d, axes, readers in replicated(mine, tensor, split, p.meets, p.dots):
         f, use = facts[path], p.dots[path]
         in_w = math.prod(f.leaf.shape[i] for i in use[0])
-        acts.append(ActComm("all-gather", axes, in_w if d in use[0] else math.prod(f.body) // max(in_w, 1), 1,
+        width = in_w if d in use[0] else math.prod(f.body) // max(in_w, 1)
+        acts.append(ActComm("all-gather", axes, width, 1,
                             "an activation the model's sharding constraint replicates: gathered there (forward)"))
         acts += [ActComm("all-gather", axes, 0, 1, "a kernel contracting an activation the model's sharding "
                          "constraint replicates: gathered whole (backward)", facts[q].leaf.nbytes,
                          every_layer=True)
-                 for q in readers if q in props]
+                 for q in readers if q in props and q in p.direct]
+        if any(q in props and q not in p.direct for q in readers):
+            acts.append(ActComm("all-gather", axes, width, 1, "the input gradient of a kernel reading, through an "
+                                "op, an activation the model's sharding constraint replicates: gathered (backward)"))
     return replace(o, acts=tuple(acts))
 
 

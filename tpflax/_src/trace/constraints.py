@@ -31,6 +31,21 @@ from typing import Any
 from tpflax._src.trace.interpreter import Val, Walk, is_minor
 
 
+def boundary(w: Walk, v: Val, axes: list[tuple[str, ...]], sizes: dict[str, int]) -> None:
+    """Record the layout a ``shard_map``'s in_spec or out_spec gives the activation ``v`` (``axes``: per dim,
+    the mesh axes it cuts the dim over): a boundary is a constraint on what crosses it. A column's output
+    split over ``model`` that enters a body taking its features whole is gathered on the way in, and its
+    gradient on the way back out of a body that gives them whole (measured on XLA:TPU, a ragged
+    all-to-all's token dispatch between a split column and its row, ``tests/test_shard_map.py``)."""
+    if v.origin:
+        return  # a parameter: its layout in the body is :attr:`Dataflow.in_specs`
+    for d, names in enumerate(axes[:v.rank]):
+        cut = tuple(a for a in names if sizes.get(a, 1) > 1)
+        for k in v.dim_tags(d):
+            if not is_minor(k):
+                w.constraints.add((*w.root(k), cut))
+
+
 def note(w: Walk, eqn: Any, v: Val) -> None:
     """Record the mesh axes the constraint ``eqn`` lays each tagged dim of the activation ``v`` out over, and
     the widths of the untagged dims it splits of any activation but a constant (a residual stream past a

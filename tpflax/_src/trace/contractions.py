@@ -87,6 +87,8 @@ def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
                     [dims[d] for d in pb if dims[d] is not None], par.const_of, rows,
                     str(eqn.outvars[0].aval.dtype), from_input=not (act.live or act.origin))
         w.reads.setdefault(uid, (eqn, 1 if lp else 0, ctx))
+        if id(act) in w.pinned:
+            w.direct.add(uid)
         w.widths.setdefault(uid, math.prod(act_shape[a] for a in ac))
         w.note_grad(uid, act)
         fresh = uid if len(par.origin) == 1 else None

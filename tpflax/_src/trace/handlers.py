@@ -94,7 +94,9 @@ def constrained(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
     """``with_sharding_constraint``: an identity for the dataflow, whose layout is recorded
     (:mod:`tpflax._src.trace.constraints`)."""
     constraints.note(w, eqn, ins[0])
-    return elementwise(w, eqn, ins, ctx, ranks)
+    outs = elementwise(w, eqn, ins, ctx, ranks)
+    w.pinned.update((id(v), v) for v in outs[:1])
+    return outs
 
 
 def _gains(w: Walk, params: list[Val], acts: list[Val]) -> tuple:

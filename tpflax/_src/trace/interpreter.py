@@ -189,6 +189,10 @@ class Walk:
     # (use id, param dim, mesh axes): a tagged dim a with_sharding_constraint lays out over those axes
     constraints: set[tuple[int, int, tuple[str, ...]]] = field(default_factory=set)
     split_widths: set[tuple[int, tuple[str, ...]]] = field(default_factory=set)
+    # id -> the value a constraint or a shard_map's out_specs lays out (kept alive: ids are reused), and the uses
+    # that contract such a value as it is, with no op between (Dataflow.direct)
+    pinned: dict[int, Any] = field(default_factory=dict)
+    direct: set[int] = field(default_factory=set)
     n_eqns: int = 0
     # id of a parameter's own Val (as analyze seeds it) -> its path, and per path what reads that Val: a static
     # slice's (start, limit) per dim, or None for anything else (Dataflow.sliced)

@@ -245,6 +245,10 @@ class Dataflow:
         in_specs: ``{path: ((leaf dim, mesh axes, their sizes), ...)}``: how the first ``shard_map`` a parameter
             enters lays its dims out (each dim its in_spec splits, over the axes of size > 1 of that
             shard_map's mesh): its layout inside the body, whatever the plan's.
+        direct: ``dot`` uses whose activation is a value a ``with_sharding_constraint`` or a ``shard_map``'s
+            out_specs laid out, read as it is (no op between): where the constraint replicates a dim the plan
+            splits, XLA gathers such a reader's kernel whole for the backward product; with an op between (a
+            relu) it gathers the activation's gradient instead (:func:`tpflax._src.cost.whole.replicated_items`).
     """
 
     paths: tuple[str, ...]
@@ -286,6 +290,7 @@ class Dataflow:
     constraints: tuple[tuple[int, int, tuple[str, ...]], ...] = ()
     split_widths: frozenset[tuple[int, tuple[str, ...]]] = frozenset()
     in_specs: Mapping[str, tuple[tuple[int, tuple[str, ...], tuple[int, ...]], ...]] = field(default_factory=dict)
+    direct: frozenset[int] = frozenset()
 
     def positional(self) -> dict[str, tuple[int, tuple[int, ...]]]:
         """``{table: (rows looked up, its dims not indexed)}`` for tables every use of which is a lookup at
