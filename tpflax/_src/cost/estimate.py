@@ -54,7 +54,7 @@ from typing import Any
 
 from tpflax._src.cost.comm import comm_items
 from tpflax._src.cost.experts import buffer_items, expert_items
-from tpflax._src.cost.explicit import explicit_items, row_split_mesh
+from tpflax._src.cost.explicit import cpu_wire, explicit_items, row_split_mesh
 from tpflax._src.cost.grouped import grouped_conv_items
 from tpflax._src.cost.kvsplit import kv_splits
 from tpflax._src.cost.leaves import Leaves, merge, without_dead, without_grads
@@ -156,7 +156,7 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
                   scanned=w.scanned, constrained=w.constrained, limits=w.limits, moments=param_moments(w.opt))
     notes.extend(product_sum_notes(lv, mesh, w, scope.experts_split))
     every = (comm_items(scope, notes) + expert_items(scope) + buffer_items(scope) + fused_items(scope, notes)
-             + grouped_conv_items(scope) + explicit_items(w.collectives, notes) + split_grad_items(scope) + whole_read_items(scope)
+             + grouped_conv_items(scope) + explicit_items(w.collectives, notes, w.backend) + split_grad_items(scope) + whole_read_items(scope)
              + replicated_items(scope)
              + split_sum_items(scope, w.split_sums, w.fused or {}))
     items = tuple(i for i in every if i.total > 0)
@@ -166,17 +166,6 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
                           "leaves": [[n, list(s), d] for n, s, d in b.leaves]},
         notes=tuple(dict.fromkeys(notes)), settings=dict(w.settings),
         breakdown=peak(lv, mesh, w, shards, per_device))
-
-
-def cpu_wire(item: int, backend: str) -> int:
-    """Bytes per element a collective of ``item``-byte elements sends: XLA:CPU converts 16-bit operands to
-    float32 around its collectives (a bfloat16 MaxText decoder's sums and gathers of activations are float32
-    in the compiled program, ``benchmarks/results/probe_maxtext.md``); other backends send them as they are.
-
-    >>> cpu_wire(2, "cpu"), cpu_wire(2, "tpu"), cpu_wire(4, "cpu")
-    (4, 2, 4)
-    """
-    return 4 if backend == "cpu" and item == 2 else item
 
 
 def estimate(plan, optimizer: Any = None, batch: Any = None, *, config: Any = None,

@@ -33,14 +33,27 @@ from tpflax._src.cost.records import CommItem
 from tpflax._src.mesh import FSDP, TENSOR, MeshShape
 
 
-def explicit_items(collectives: Sequence, notes: list[str]) -> list[CommItem]:
-    """One :class:`CommItem` per recorded collective; a note that the other reshards into the bodies are not priced."""
+def explicit_items(collectives: Sequence, notes: list[str], backend: str = "tpu") -> list[CommItem]:
+    """One :class:`CommItem` per recorded collective (XLA:CPU moves a 16-bit buffer as float32: MaxText's bfloat16
+    expert outputs, reduce-scattered by hand, are ``f32`` in the compiled program); a note that the other reshards
+    into the bodies are not priced."""
     if collectives:
         notes.append("shard_map: the collectives its bodies call are counted as written; the reshards XLA adds "
                      "where a value's feature dims are laid out otherwise than the body's in_specs or out_specs "
                      "are not")
-    return [CommItem(c.kind, c.axes, c.size, c.group, c.count, c.source,
-                     f"{c.source} inside shard_map, as written") for c in collectives]
+    return [CommItem(c.kind, c.axes, c.size * (cpu_wire(c.item, backend) / c.item if c.item else 1), c.group,
+                     c.count, c.source, f"{c.source} inside shard_map, as written") for c in collectives]
+
+
+def cpu_wire(item: int, backend: str) -> int:
+    """Bytes per element a collective of ``item``-byte elements sends: XLA:CPU converts 16-bit operands to
+    float32 around its collectives (a bfloat16 MaxText decoder's sums and gathers of activations are float32
+    in the compiled program, ``benchmarks/results/probe_maxtext.md``); other backends send them as they are.
+
+    >>> cpu_wire(2, "cpu"), cpu_wire(2, "tpu"), cpu_wire(4, "cpu")
+    (4, 2, 4)
+    """
+    return 4 if backend == "cpu" and item == 2 else item
 
 
 def row_split_mesh(mesh: MeshShape, row_axes: Collection[str], notes: list[str]) -> MeshShape:

@@ -56,13 +56,14 @@ def _note(w: Walk, eqn: Any, ins: list[Val], ctx: tuple) -> None:
     group = math.prod(w.axis_sizes.get(a, 1) for a in axes)
     vars_ = eqn.invars[:1] if which == "first" else eqn.invars if which == "in" else eqn.outvars
     size = float(sum(math.prod(v.aval.shape) * v.aval.dtype.itemsize for v in vars_ if hasattr(v.aval, "dtype")))
+    item = max((v.aval.dtype.itemsize for v in vars_ if hasattr(v.aval, "dtype")), default=0)
     count = math.prod(w.lengths.get(c, 1) for c in ctx if isinstance(c, int))
     again = 1 + any(c in w.rematted for c in ctx)  # a remat recompute runs the forward's again (its transpose once)
     carries = frozenset(w.uses[w.root(k)[0]].path for v in ins[:1] for d in range(v.rank) for k in v.dim_tags(d)
                         if not is_minor(k))
-    found = [Collective(fwd, axes, size, group, count * again, name, carries)]
+    found = [Collective(fwd, axes, size, group, count * again, name, carries, item)]
     if any(v.live or v.origin for v in ins):
-        found.append(Collective(bwd, axes, size, group, count, f"{name} (backward)", carries))
+        found.append(Collective(bwd, axes, size, group, count, f"{name} (backward)", carries, item))
     w.collectives[(ctx, id(eqn))] = tuple(found)
 
 

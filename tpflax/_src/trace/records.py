@@ -132,6 +132,7 @@ class Collective:
         source: the primitive, and ``(backward)`` for the transpose of one.
         carries: the parameters whose kept dims its operand carries (a row's partial outputs a body sums or
             reduce-scatters by hand).
+        item: bytes per element of its buffer (0: unknown), which XLA:CPU widens to float32 from 16 bits.
     """
 
     kind: str
@@ -141,6 +142,7 @@ class Collective:
     count: int
     source: str
     carries: frozenset[str] = frozenset()
+    item: int = 0
 
 
 @dataclass(frozen=True)
