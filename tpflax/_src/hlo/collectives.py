@@ -73,12 +73,11 @@ def parse_collectives(hlo_text: str, mesh: Any = None, *, num_devices: int | Non
             done = done_of.get(ins.name)
             shape_text = done.shape if done is not None else _start_result(kind, ins.shape)
         elif op in KINDS or op == "ragged-all-to-all":
-            kind, shape_text = ("all-to-all" if op == "ragged-all-to-all" else op), ins.shape
+            ragged = op == "ragged-all-to-all"
+            kind, shape_text = ("all-to-all", _ragged_buffer(ins, instrs)) if ragged else (op, ins.shape)
             is_async = bool(ins.computation) and _called_by_async(ins.computation, instrs)
         else:
             continue
-        if op == "ragged-all-to-all":
-            shape_text = _ragged_buffer(ins, instrs)
         shapes, dtypes = _shapes(shape_text)
         nbytes = _nbytes(shapes, dtypes)
         pairs: tuple[tuple[int, int], ...] = ()

@@ -40,10 +40,16 @@ def boundary(w: Walk, v: Val, axes: list[tuple[str, ...]], sizes: dict[str, int]
     if v.origin:
         return  # a parameter: its layout in the body is :attr:`Dataflow.in_specs`
     for d, names in enumerate(axes[:v.rank]):
-        cut = tuple(a for a in names if sizes.get(a, 1) > 1)
-        for k in v.dim_tags(d):
-            if not is_minor(k):
-                w.constraints.add((*w.root(k), cut))
+        _laid_out(w, v, d, tuple(a for a in names if sizes.get(a, 1) > 1))
+
+
+def _laid_out(w: Walk, v: Val, d: int, axes: tuple[str, ...]) -> bool:
+    """Record that dim ``d`` of ``v`` is laid out over ``axes`` for every kernel dim it carries (its major tags);
+    whether it carries any."""
+    major = [k for k in v.dim_tags(d) if not is_minor(k)]
+    for k in major:
+        w.constraints.add((*w.root(k), axes))
+    return bool(major)
 
 
 def note(w: Walk, eqn: Any, v: Val) -> None:
@@ -59,8 +65,6 @@ def note(w: Walk, eqn: Any, v: Val) -> None:
         if entry is not None and not isinstance(entry, (str, tuple)):
             continue  # P.UNCONSTRAINED: left to XLA
         axes = entry if isinstance(entry, tuple) else (entry,) if isinstance(entry, str) else ()
-        major = [k for k in v.dim_tags(d) if not is_minor(k)]
-        for k in major:
-            w.constraints.add((*w.root(k), tuple(axes)))
-        if axes and not major and not v.constant and len(shape) == v.rank:
+        tagged = _laid_out(w, v, d, tuple(axes))
+        if axes and not tagged and not v.constant and len(shape) == v.rank:
             w.split_widths.add((shape[d], tuple(axes)))
