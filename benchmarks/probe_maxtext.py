@@ -219,11 +219,14 @@ All numbers from the table above unless said otherwise. Round 34 (7151a36 -> 8e7
   table whole where MaxText splits its rows, a trade the chooser takes for 0.7-1.8% fewer collectives. Before
   round 34, the fused `qkv_proj` `(d, layers, 3, heads, head_dim)` was taken for a conv window tree-only:
   1.454 / 1.376.
-- **Estimates of MaxText's layout and tpflax's plans**: 0.918-1.074 of the compiled collectives on every tree,
+- **Estimates of MaxText's layout and tpflax's plans**: 0.943-1.074 of the compiled collectives on every tree,
   `model=` and MaxText-layout row. Round 35: mixtral's own layout 0.765 / 0.812 -> 1.006 / 0.997 (a hidden-split
   expert row sums its outputs again in the remat recompute, and gathers their gradient under the split stream);
-  mixtral-off traced 0.964 -> 0.997. The lowest are mixtral-sparse's own layout, 0.919 / 0.945 (the reshards
-  around MaxText's `shard_map` are not priced); the highest llama3-off traced, 1.074 (the split stream's
+  mixtral-off traced 0.964 -> 0.997. Round 36: mixtral-sparse's own layout 0.919 / 0.945 -> 0.966 / 0.977 (the
+  bfloat16 expert outputs its `shard_map` body reduce-scatters by hand move as float32 on XLA:CPU, as the plan's
+  own collectives were already priced; what is left is an all-to-all and a permute of the expert weights around
+  the body, not priced); the lowest gemma2's own layout on data=2,tensor=4, 0.943; the highest llama3-off
+  traced, 1.074 (the split stream's
   gathers per pair, 11 per layer priced, measured on MaxText's own layout, where the feature-split table
   changes a few).
 - **The replicated and pure-FSDP rows** (no hand layout uses them): 0.58-1.07, from 0.32-0.93. Round 35 finds
