@@ -189,9 +189,10 @@ def estimate(plan, optimizer: Any = None, batch: Any = None, *, config: Any = No
             ``activations`` is None, traces them (abstractly; linen layers only).
         sample: the model's example inputs (a tuple of arrays or
             ``jax.ShapeDtypeStruct``); the batch when ``batch`` is None.
-        remat: activations are rematerialised: only layer inputs are saved. It
-            does not add collectives (XLA's recompute reuses them; see
-            ``benchmarks/results/estimate_accuracy.md``, llama-scan). Read from the
+        remat: activations are rematerialised: only layer inputs are saved. The
+            backward's recompute runs some forward collectives again (a row sum
+            a later op of the block reads, a head_dim-split key/value's gathers
+            of whole heads); the rest it reuses. Read from the
             config's ``remat`` field when the model has one, and on when most of a
             ``model=``'s traced contractions run rematerialised (``nn.remat``,
             ``nnx.remat``, ``jax.checkpoint``).

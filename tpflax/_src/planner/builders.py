@@ -101,6 +101,9 @@ class Linear:
     # traced: its matmul runs inside a scan or a rematerialised call (the trace's), where XLA:CPU splits the
     # kernel's copy as it splits the output (a whole key/value column: cost/pieces.py column_read)
     loop: bool = False
+    # traced: most of the model's matmuls run rematerialised: the backward recomputes the forward's collectives
+    # (a head_dim-split key/value's gathers, cost/kvsplit.py)
+    remat: bool = False
 
     def size(self, dims: Iterable[int]) -> int:
         return math.prod(self.f.body[d] for d in dims)
@@ -397,7 +400,7 @@ def kv_view(col: Linear, rotated: bool, t_size: int) -> KVSplit:
     heads = col.f.body[col.heads] if col.heads is not None and len(col.f.body) >= 3 else (col.limit or 1)
     flat = len(col.f.body) == 2 and col.rope is not None and 1 < heads < t_size and t_size % heads == 0
     return KVSplit(heads, head_dim, max(width // (heads * head_dim), 1), col.in_size, math.prod(col.f.body), rotated,
-                   flat=flat)
+                   flat=flat, remat=col.remat)
 
 
 def _rotated(blocked: Sequence[Linear]) -> Linear | None:
