@@ -5,11 +5,13 @@ Writes benchmarks/results/plain_step.md. For each zoo model and mesh it compiles
 CPU-emulated devices, (a) `tpflax.make_train_step` (which constrains the gathered
 weights and the batch inside the step) and (b) the hand-written step the README's
 "Apply" section teaches: `jax.value_and_grad` + `tx.update` under `jax.jit` with the
-plan's in/out shardings and `tpflax.constrain(params, plan, mesh, gathered=True)` in the
-loss, and (c) the same step with nothing constrained inside. Both are compared with
-`tpflax.estimate(..., backend="cpu")`, collective bytes per step (ring bytes one
-device sends, `tpflax.hlo`). Issue 11 asks that the estimate describe the step users
-actually write, or say which step it is for.
+plan's in/out shardings and the loss wrapped in `tpflax.gathered_loss(loss, plan, mesh)`
+(ZeRO-3, a scanned stack gathered one layer at a time), and (c) the same step with
+nothing constrained inside. All are compared with `tpflax.estimate(..., backend="cpu")`,
+collective bytes per step (ring bytes one device sends, `tpflax.hlo`). Issue 11 asks
+that the estimate describe the step users actually write, or say which step it is for.
+FLOPs are read as `tpflax.dry_run` reads them: XLA's cost analysis counts a `while`
+body once, so the dot flops of a scan's further iterations are added from the HLO.
 """
 
 from __future__ import annotations
@@ -32,13 +34,17 @@ MESHES = ({"fsdp": 4, "model": 2}, {"data": 2, "model": 4}, {"fsdp": 8})
 BATCH = 8
 
 
-def plain_comm(m, plan, mesh, tx, gathered: bool) -> tuple[float, float]:
-    """(collective bytes, flops) of a hand-written jitted step: the README's (``gathered``) or a bare one."""
-    def compute(p):
-        return tpflax.constrain(p, plan, mesh, gathered=True) if gathered else p
-
+def plain_comm(m, plan, mesh, tx, how: str) -> tuple[float, float]:
+    """(collective bytes, flops) of a hand-written jitted step: the README's (``how="readme"``: the loss in
+    ``gathered_loss``), the params pinned by ``constrain(..., gathered=True)`` in the loss (``"constrain"``),
+    or a bare one (``"bare"``)."""
     def train_step(variables, opt_state, batch):
-        loss, g = jax.value_and_grad(lambda p: m.loss({"params": compute(p)}, batch))(variables["params"])
+        loss_fn = lambda p: m.loss({"params": p}, batch)  # noqa: E731
+        if how == "readme":
+            loss_fn = tpflax.gathered_loss(loss_fn, plan, mesh)
+        elif how == "constrain":
+            loss_fn = lambda p: m.loss({"params": tpflax.constrain(p, plan, mesh, gathered=True)}, batch)  # noqa: E731
+        loss, g = jax.value_and_grad(loss_fn)(variables["params"])
         updates, opt_state = tx.update(g, opt_state, variables["params"])
         return {"params": optax.apply_updates(variables["params"], updates)}, opt_state, loss
 
@@ -49,8 +55,11 @@ def plain_comm(m, plan, mesh, tx, gathered: bool) -> tuple[float, float]:
                    out_shardings=(sh, osh, None), donate_argnums=(0, 1))
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), m.make_batch(0, BATCH))
     compiled = step.lower(av, ao, batch).compile()
-    comm = sum(hlo.summarize(hlo.parse_collectives(compiled.as_text(), mesh)).values())  # loop trips counted
-    return comm, float(compiled.cost_analysis().get("flops", 0.0))
+    text = compiled.as_text()
+    comm = sum(hlo.summarize(hlo.parse_collectives(text, mesh)).values())  # loop trips counted
+    # cost_analysis counts a while body once: add the dot flops of the loop's other trips, as dry_run does
+    flops = float(compiled.cost_analysis().get("flops", 0.0)) + hlo.dot_flops(text) - hlo.dot_flops(text, loops=False)
+    return comm, flops
 
 
 def row(name: str, shape: dict) -> dict:
@@ -60,9 +69,10 @@ def row(name: str, shape: dict) -> dict:
     tx = optax.adamw(1e-3)
     dr = tpflax.dry_run(tpflax.make_train_step(m, plan, mesh, tx, BATCH), plan, mesh)
     est = tpflax.estimate(plan, tx, model=m, batch=BATCH, backend="cpu").comm_total
-    readme, (plain, f_plain) = plain_comm(m, plan, mesh, tx, True)[0], plain_comm(m, plan, mesh, tx, False)
+    (readme, _), (pinned, _), (plain, f_plain) = (plain_comm(m, plan, mesh, tx, h)
+                                                  for h in ("readme", "constrain", "bare"))
     return {"model": name, "mesh": ",".join(f"{k}={v}" for k, v in shape.items()), "estimate": est,
-            "tpflax": dr.comm_total, "readme": readme, "plain": plain,
+            "tpflax": dr.comm_total, "readme": readme, "constrain": pinned, "plain": plain,
             "flops": f_plain / dr.flops if dr.flops else float("nan")}
 
 
@@ -79,15 +89,17 @@ def main() -> None:
              "`python benchmarks/plain_step.py`. Collective bytes per step (ring bytes one device sends), "
              f"adamw, batch {BATCH}, 8 CPU-emulated devices, jax {jax.__version__}. **tpflax** = "
              "`tpflax.make_train_step`; **README** = the README's Apply step (`jax.jit` with the plan's "
-             "in/out shardings, `tpflax.constrain(p, plan, mesh, gathered=True)` in the loss); **bare** = the same "
-             "step without that line; **estimate** = `tpflax.estimate(plan, adamw, "
+             "in/out shardings, the loss wrapped in `tpflax.gathered_loss(loss, plan, mesh)`); **constrain** = the same step with "
+             "`tpflax.constrain(p, plan, mesh, gathered=True)` on the params in the loss instead (a scanned stack "
+             "gathered whole before the scan); **bare** = the same step with neither; **bare / tpflax flops**: per-device flops, a scan's every trip counted; **estimate** = `tpflax.estimate(plan, adamw, "
              "model=m, batch=8, backend=\"cpu\")`; errors are the estimate's against each.", "",
-             "| model | mesh | estimate | tpflax step | error | README step | error | bare step | error | "
-             "bare / tpflax flops |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | mesh | estimate | tpflax step | error | README step | error | constrain step | error | "
+             "bare step | error | bare / tpflax flops |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['mesh']} | {r['estimate']:,.0f} | " + " | ".join(
-            f"{r[k]:,.0f} | {err(r['estimate'], r[k])}" for k in ("tpflax", "readme", "plain")) + f" | {r['flops']:.2f} |")
-    for k, name in (("tpflax", "tpflax's step"), ("readme", "the README's step"), ("plain", "the bare step")):
+            f"{r[k]:,.0f} | {err(r['estimate'], r[k])}" for k in ("tpflax", "readme", "constrain", "plain")) + f" | {r['flops']:.2f} |")
+    for k, name in (("tpflax", "tpflax's step"), ("readme", "the README's step"), ("constrain", "the constrain step"),
+                    ("plain", "the bare step")):
         worst = max(rows, key=lambda r: abs(r["estimate"] - r[k]) / max(r[k], 1))
         lines.append(f"\nLargest estimate error against {name}: {worst['model']} {worst['mesh']}: "
                      f"{err(worst['estimate'], worst[k])}.")

@@ -461,7 +461,8 @@ def test_batch_sharding_and_constraints():
 
 
 def test_constrain_gathered_drops_only_fsdp_axes():
-    # the README's hand-written step: params pinned for compute without their fsdp split
+    # a hand-written step of a model without scanned or remat'd layers: params pinned for compute without their
+    # fsdp split (the README teaches gathered_loss, which does this and gathers a scanned stack per layer)
     w = {"params": {"up": {"kernel": jax.ShapeDtypeStruct((64, 256), jnp.float32)}}}
     plan = tpflax.plan(w, {"fsdp": 2, "model": 4}, rules=[("kernel", P("fsdp", "model"))])
     mesh = tpflax.make_mesh({"fsdp": 2, "model": 4})

@@ -198,16 +198,18 @@ def constrain(tree: Any, plan: Plan, mesh: Any = None, *, gathered: bool = False
         mesh: the mesh (or a shape; default: the plan's).
         gathered: pin the layout for compute instead: the plan's specs without
             the fsdp axes, so XLA all-gathers the fsdp shards before use and
-            reduces the gradients back to them (ZeRO-3). Apply it to the params
-            inside the loss of a hand-written step: that is the step
+            reduces the gradients back to them (ZeRO-3). Applied to the params
+            inside the loss of a hand-written step of a model without scanned
+            or rematerialised layers, that is the step
             :func:`tpflax.make_train_step` builds and :func:`tpflax.estimate`
             models. Without it XLA chooses per op whether to gather weights or
             move activations, and its collectives can differ from the estimate
             several-fold (``benchmarks/results/plain_step.md``). A scanned
             (``nn.scan``) stack is then gathered whole, every layer at once,
-            before the scan: for such models wrap the loss in
-            :func:`gathered_loss` instead, which gathers one layer at a time
-            inside the scan.
+            before the scan, and a remat'd layer's weights outside its remat'd
+            call: wrap the loss in :func:`gathered_loss` instead (the step
+            :func:`tpflax.make_train_step` builds for every model), which
+            gathers a stack one layer at a time inside the scan.
 
     >>> import jax, jax.numpy as jnp, tpflax
     >>> p = tpflax.plan({"w": jnp.ones((8, 4))}, {"model": 2}, rules=[("w", "row")])
