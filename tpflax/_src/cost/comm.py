@@ -28,7 +28,7 @@ from tpflax._src.cost.batch import config_value
 from tpflax._src.cost.gradients import gradient_items
 from tpflax._src.cost.kvsplit import kv_split_comms, kv_splits
 from tpflax._src.cost.pieces import member_items
-from tpflax._src.cost.price import stream_gathers, tpu_gather_item
+from tpflax._src.cost.price import gathered_bytes, stream_gathers
 from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.residual import alike_path, residual_outputs
 from tpflax._src.cost.scope import Scope, body, drop_layers, is_tied, layers, leaf_itemsize
@@ -460,8 +460,7 @@ def _embedding_items(path: str, d: Any, axes: tuple[str, ...], s: Scope, *, note
         stream = stream_gathers(((p, x.kind, body(x), lv.count[p] * layers(x)) for p, x in lv.decisions.items()),
                                 b[-1]) - 1
     # XLA:TPU gathers the stream for the kernels that read it: a float32 stream as bfloat16
-    gathered = size // s.act_item * tpu_gather_item(s.act_item, True) if s.backend == "tpu" and feeds_stream \
-        else size
+    gathered = gathered_bytes(size, s.act_item, s.backend == "tpu" and feeds_stream)
     count, why = looks + stream, "them (forward) and " + (
         "the conditioning vector for each modulation reading it" if table is not None else
         "the feature-split residual stream behind each norm")

@@ -230,6 +230,16 @@ def tpu_gather_item(item: int, matmul: bool, rows: int | None = None) -> int:
     return 2 if matmul and item == 4 and rows != 1 else item
 
 
+def gathered_bytes(nbytes: int, item: int, tpu: bool, matmul: bool = True) -> int:
+    """Bytes an all-gather of ``nbytes`` of ``item``-byte elements moves: on XLA:TPU a float32 matmul operand
+    as bfloat16 (:func:`tpu_gather_item`), elsewhere (XLA:CPU) as stored.
+
+    >>> gathered_bytes(4096, 4, True), gathered_bytes(4096, 4, False), gathered_bytes(4096, 4, True, matmul=False)
+    (2048, 4096, 4096)
+    """
+    return nbytes * tpu_gather_item(item, matmul) // item if tpu else nbytes
+
+
 def tpu_reduce_scatters(body_rank: int, free: Sequence[str], ring: bool = True) -> bool:
     """Whether XLA:TPU reduce-scatters a pinned fsdp gradient (else it all-reduces it whole, then
     slices): for leaves of two or more dims (layers dim aside) that no other batch axis sums
@@ -305,7 +315,7 @@ def price(leaves: tuple[LeafLayout, ...], acts: tuple[ActComm, ...], ctx: Contex
             # Likewise a gather over every device of a 64+ device slice, which XLA:TPU runs as an
             # all-reduce (tpflax._src.tpu.gathers_reduce): the estimate doubles it, the chooser does not,
             # as it would only weigh fsdp against no fsdp harder on the pods where memory needs it most.
-            gather = shard // x.itemsize * tpu_gather_item(x.itemsize, x.matmul) if tpu else shard
+            gather = gathered_bytes(shard, x.itemsize, tpu, x.matmul)
             add("all-gather", f_axes, gather * nf, 1, "fsdp: gather the parameter")
             if tpu and (len(x.shape) - (x.layers > 1) < 2 or x.positional):  # 1-D: see the comment above
                 group = tuple(a for a in mesh.names if a in f_axes or a in free)

@@ -29,7 +29,7 @@ from typing import Any
 
 from tpflax._src.cost.disagree import disagreeing, kernel_reads, reached_whole, replicated
 from tpflax._src.cost.pieces import WholeRead, column_read, narrower, pieces_of
-from tpflax._src.cost.price import tpu_gather_item
+from tpflax._src.cost.price import gathered_bytes
 from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.scope import body, leaf_itemsize
 from tpflax._src.mesh import TENSOR
@@ -265,9 +265,9 @@ def replicated_items(s: Any) -> list[CommItem]:
         add(rep, ax, act, "a model's constraint replicates an activation the plan splits: gathered there", stack)
         for qrep in {lv.rep_of.get(q, q) for q in readers if q in s.direct} & set(lv.decisions):
             qstack, qdec = max(_stack(s, qrep), 1), lv.decisions[qrep]
-            item = leaf_itemsize(qdec)  # XLA:TPU gathers a float32 kernel for its product as bfloat16
-            moved = tpu_gather_item(item, True) if s.backend == "tpu" else item
-            add(qrep, ax, s.leaf_bytes(qrep, qdec) * s.size(ax) // qstack * moved // item,
+            # XLA:TPU gathers a float32 kernel for its product as bfloat16
+            add(qrep, ax, gathered_bytes(s.leaf_bytes(qrep, qdec) * s.size(ax) // qstack, leaf_itemsize(qdec),
+                                         s.backend == "tpu"),
                 "it contracts an activation a model's constraint replicates: gathered whole for the backward "
                 "product", qstack)
         if any(q not in s.direct for q in readers):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from tpflax._src.cost.disagree import disagreeing, kernel_reads, reached_whole, replicated
-from tpflax._src.cost.price import OPT_COPIES, ActComm, tpu_gather_item
+from tpflax._src.cost.price import OPT_COPIES, ActComm, gathered_bytes
 from tpflax._src.mesh import FSDP, TENSOR
 from tpflax._src.specs import Entry, entry_axes
 
@@ -96,9 +96,6 @@ def _replicated(st: Any, o: Any, facts: Mapping[str, Any], split: Any, tensor: s
     mine = [c for c in p.constrained if c[0] in props]
     tpu = st.context.hardware.kind == "tpu"
 
-    def moved(leaf: Any) -> int:  # XLA:TPU gathers a float32 kernel for its product as bfloat16
-        return leaf.nbytes * tpu_gather_item(leaf.itemsize, True) // leaf.itemsize if tpu else leaf.nbytes
-
     for path, d, axes, readers in replicated(mine, tensor, split, p.meets, p.dots):
         f, use = facts[path], p.dots[path]
         in_w = math.prod(f.leaf.shape[i] for i in use[0])
@@ -106,7 +103,8 @@ def _replicated(st: Any, o: Any, facts: Mapping[str, Any], split: Any, tensor: s
         acts.append(ActComm("all-gather", axes, width, 1,
                             "an activation the model's sharding constraint replicates: gathered there (forward)"))
         acts += [ActComm("all-gather", axes, 0, 1, "a kernel contracting an activation the model's sharding "
-                         "constraint replicates: gathered whole (backward)", moved(facts[q].leaf),
+                         "constraint replicates: gathered whole (backward)",
+                         gathered_bytes(facts[q].leaf.nbytes, facts[q].leaf.itemsize, tpu),  # TPU: f32 as bf16
                          every_layer=True)
                  for q in readers if q in props and q in p.direct]
         if any(q in props and q not in p.direct for q in readers):
