@@ -120,9 +120,9 @@ class Scope:
     dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     # the same of each one's first dot use with batch dims: an expert kernel's (Traced.batched_dots)
     batched_dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
-    # parameters a shard_map takes (Traced.shard_mapped), and those whose outputs its body reduce-scatters by
-    # hand (the explicit collective is their pair's forward sum: Collective.carries)
-    shard_mapped: frozenset[str] = frozenset()
+    # parameters a shard_map takes, with their in_specs (Traced.shard_mapped), and those whose outputs its body
+    # reduce-scatters by hand (the explicit collective is their pair's forward sum: Collective.carries)
+    shard_mapped: Mapping[str, tuple[tuple[int, tuple[str, ...], tuple[int, ...]], ...]] = field(default_factory=dict)
     written: frozenset[str] = frozenset()
     # {path: group path}: dot uses reading one value, a sharding constraint making another (Traced.apart)
     apart: Mapping[str, str] = field(default_factory=dict)

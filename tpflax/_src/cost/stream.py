@@ -183,14 +183,36 @@ def split_grads(s: Any) -> dict[tuple[str, ...], dict[str, int]]:
     split 256-wide hidden: its input gathered forward, its gradient still updated split and gathered); and the
     members kept whole in a split pair (:func:`tpflax._src.cost.whole.whole_members`): a column in the pieces XLA
     splits its output into (a GQA key/value's heads; none for MQA), untraced one whose output gradient XLA
-    gathers none. ``{axes: {leaf: pieces}}``; empty untraced."""
+    gathers none; and the parameters a ``shard_map`` takes split over tensor axes the plan keeps them whole on
+    (:func:`mapped_splits`). ``{axes: {leaf: pieces}}``; empty untraced."""
     out: dict[tuple[str, ...], dict[str, int]] = {}
     for axes, dims in split_dims(s).items():
         out[axes] = dict.fromkeys((rep for rep, _ in dims), s.size(axes))
+    for axes, reps in mapped_splits(s).items():
+        out.setdefault(axes, {}).update(dict.fromkeys(reps, s.size(axes)))
     for m, r in whole_members(s).items():
         if (k := update_pieces(r, s.size(r.axes))) is not None:
             out.setdefault(r.axes, {})[m] = k
     return {a: reps for a, reps in out.items() if reps}
+
+
+def mapped_splits(s: Any) -> dict[tuple[str, ...], set[str]]:
+    """``{tensor axes: leaves}``: parameters a ``shard_map`` body takes split over tensor axes (its in_specs,
+    :attr:`Scope.shard_mapped`) that the plan uses nowhere on them (a replicated plan under EasyDeL's or
+    MaxText's expert ``shard_map``). The body's transpose hands their gradient back split as the in_specs cut
+    it, so XLA sums it over the batch axes on that shard, updates it split and gathers the parameter and its
+    moments (measured, XLA:CPU dp=2,tp=4: EasyDeL's Mixtral replicated, each expert kernel summed over dp as
+    ``f32[8,256,112]`` and gathered 3 times as ``f32[8,256,448]``)."""
+    lv, out = s.lv, {}
+    tensor = {a for a, r in s.mesh.roles if r == TENSOR and s.mesh.sizes[a] > 1}
+    for path, dims in (s.shard_mapped or {}).items():
+        rep = lv.rep_of.get(path, path)
+        if rep not in lv.decisions or not lv.decisions[rep].trainable:
+            continue
+        axes = tuple(sorted({a for _, names, _ in dims for a in names} & tensor - set(used_axes(lv.specs[rep]))))
+        if axes:
+            out.setdefault(axes, set()).add(rep)
+    return out
 
 
 def split_grad_items(s: Any) -> list[CommItem]:

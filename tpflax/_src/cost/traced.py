@@ -141,8 +141,9 @@ class Traced:
             :attr:`tpflax._src.trace.records.Dataflow.no_grad`).
         dots: ``{path: (contracted dims, kept dims)}`` of each parameter's first ``dot`` use without batch dims.
         batched_dots: the same of each parameter's first ``dot`` use with batch dims (an expert kernel's).
-        shard_mapped: the parameters a ``shard_map`` takes (:attr:`tpflax._src.trace.records.Dataflow.in_specs`):
-            their matmuls run in its body, where XLA inserts no collective.
+        shard_mapped: the parameters a ``shard_map`` takes, with the layout its in_specs give them in the body
+            (:attr:`tpflax._src.trace.records.Dataflow.in_specs`): their matmuls run there, where XLA inserts no
+            collective.
         limits: ``{(path, dim, other path, other dim): limit}`` per traced edge: the gcd of the activation dim
             sizes between the two parameter dims (a GQA key kernel's output into the attention output's split
             heads: its key/value heads, however the kernel stores them).
@@ -217,7 +218,7 @@ class Traced:
     apart: Mapping[str, str] = field(default_factory=dict)
     split_widths: frozenset[tuple[int, tuple[str, ...]]] = frozenset()
     batched_dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
-    shard_mapped: frozenset[str] = frozenset()
+    shard_mapped: Mapping[str, tuple[tuple[int, tuple[str, ...], tuple[int, ...]], ...]] = field(default_factory=dict)
     direct: frozenset[str] = frozenset()
 
 
@@ -360,7 +361,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None
                   reduced=frozenset(u.path for u in flow.uses if u.op == "dot" and u.kept
                                     and all(flow.only_reduced(u.id, k) for k in u.kept)),
                   apart=_apart(flow), split_widths=flow.split_widths, batched_dots=flow.dots(batched=True),
-                  shard_mapped=frozenset(flow.in_specs), direct=frozenset(flow.uses[u].path for u in flow.direct))
+                  shard_mapped=dict(flow.in_specs), direct=frozenset(flow.uses[u].path for u in flow.direct))
 
 
 def _apart(flow: Any) -> dict[str, str]:
