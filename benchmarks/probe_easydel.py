@@ -196,8 +196,11 @@ All numbers from the table above; "before" is this round's start (8e7b578).
   nor the K/V heads: a 128-wide K/V kernel at head_dim 32 over 4 ranks is kept whole rather than risk cutting
   heads (a split is assumed safe from 128 features per rank, `HEAD_DIM_GUESS`). Pass `model=`.
 - **Estimates**: every tree, `model=` and EasyDeL-layout row within 6% of the compiled collectives (worst:
-  gemma2's own layout, 1.055). The whole-kernel baselines are lower: replicated Mixtral 0.658, replicated Phi-3
-  0.80-0.90.
+  gemma2's own layout, 1.055). The whole-kernel baselines are lower: replicated Phi-3 0.80-0.90. Replicated
+  Mixtral was 0.658 before issue 11's thirty-seventh round, now 0.986: EasyDeL's expert `shard_map` takes the
+  expert kernels split over tp, so a plan keeping them whole gets their gradient back split, sums it over dp on
+  that shard, updates it split and gathers each kernel and its two adam moments (18 gathers of
+  `f32[8,256,448]`), which the estimate now prices.
 """
 
 

@@ -310,3 +310,52 @@ def test_a_bfloat16_collective_written_by_hand_moves_float32_on_cpu():
     priced = sorted((i.kind, i.total) for i in est.items if i.source.startswith("reduce_scatter"))
     # (256 rows, 256) f32 = 256 KiB per device: 1/2 of it sent each way over data=2
     assert compiled == priced == [("all-gather", 131072.0), ("reduce-scatter", 131072.0)]
+
+
+def _mapped_mlp(mesh):
+    """An MLP pair inside a shard_map whose in_specs split its kernels over ``model`` (a column's output
+    features, a row's input features), its output summed by hand."""
+    def body(x, w1, w2):
+        return jax.lax.psum(jax.nn.relu(x @ w1) @ w2, "model")
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(P("data"), P(None, "model"), P("model", None)),
+                         out_specs=P("data"))
+
+
+class _MappedMLP(nn.Module):
+    mlp: object
+
+    @nn.compact
+    def __call__(self, ids):
+        x = nn.Embed(V, D, name="embed")(ids)
+        w1 = self.param("w1", nn.initializers.lecun_normal(), (D, 4 * D))
+        w2 = self.param("w2", nn.initializers.lecun_normal(), (4 * D, D))
+        return nn.Dense(V, use_bias=False, name="head")(x + self.mlp(nn.LayerNorm(name="ln")(x), w1, w2))
+
+
+def test_a_whole_kernel_a_shard_map_takes_split_is_updated_split_and_gathered():
+    # a plan keeping the kernels whole (replicated) under a body that takes them split over model (EasyDeL's and
+    # MaxText's expert shard_maps under a replicated plan): the body's transpose hands each gradient back split,
+    # so XLA sums it over data on its (64, 64) shard, runs adamw on the shard and gathers the kernel and its two
+    # moments over model. Before, the estimate summed both gradients whole over data and gathered nothing (0.445
+    # of the compiled collectives); the body's own psum is left unpriced under a plan that keeps its pair whole
+    shape = {"data": 2, "model": 4}
+    mesh = tpflax.make_mesh(shape)
+    m = _MappedMLP(_mapped_mlp(mesh))
+    ids = jax.ShapeDtypeStruct((B, S), jnp.int32)
+    params = jax.eval_shape(lambda x: m.init(jax.random.key(0), x), ids)
+    fn = lambda p, x: m.apply(p, x)  # noqa: E731
+    plan = tpflax.plan(params, shape, rules=[(r".*", "replicate")])
+    loss = lambda out, ids: out.mean()  # noqa: E731
+    est = tpflax.estimate(plan, optax.adamw(1e-3), model=fn, sample=(ids,), loss=loss, backend="cpu")
+    dr = tpflax.dry_run(tpflax.make_train_step(fn, plan, mesh, optax.adamw(1e-3), sample=(ids,), loss=loss), plan,
+                        mesh, compiler_options=FAST_XLA)
+
+    def by(items, kind, axes):
+        return sum(i.ring_bytes * i.count for i in items if i.kind == kind and tuple(i.axes) == axes)
+
+    # 2 kernels x 3 copies, each f32[64,256] gathered over 4 ranks: 6 x 3/4 x 65536 B
+    assert by(est.items, "all-gather", ("model",)) == by(dr.collectives, "all-gather", ("model",)) == 294912
+    # the data all-reduce: every gradient, the two kernels' as (64, 64) shards; compiled adds the f32 loss scalar
+    assert by(dr.collectives, "all-reduce", ("data",)) - by(est.items, "all-reduce", ("data",)) == 4
+    assert {i.source for i in est.items if "update runs split" in i.why} == {"params/w1", "params/w2"}
