@@ -337,8 +337,9 @@ def test_a_whole_kernel_a_shard_map_takes_split_is_updated_split_and_gathered():
     # a plan keeping the kernels whole (replicated) under a body that takes them split over model (EasyDeL's and
     # MaxText's expert shard_maps under a replicated plan): the body's transpose hands each gradient back split,
     # so XLA sums it over data on its (64, 64) shard, runs adamw on the shard and gathers the kernel and its two
-    # moments over model. Before, the estimate summed both gradients whole over data and gathered nothing (0.445
-    # of the compiled collectives); the body's own psum is left unpriced under a plan that keeps its pair whole
+    # moments over model. The body sums the pair's output as written (its psum) and its transpose the input's
+    # gradient, whatever the plan. Before, the estimate summed both gradients whole over data and priced nothing
+    # over model (0.445 of the compiled collectives)
     shape = {"data": 2, "model": 4}
     mesh = tpflax.make_mesh(shape)
     m = _MappedMLP(_mapped_mlp(mesh))
@@ -359,3 +360,5 @@ def test_a_whole_kernel_a_shard_map_takes_split_is_updated_split_and_gathered():
     # the data all-reduce: every gradient, the two kernels' as (64, 64) shards; compiled adds the f32 loss scalar
     assert by(dr.collectives, "all-reduce", ("data",)) - by(est.items, "all-reduce", ("data",)) == 4
     assert {i.source for i in est.items if "update runs split" in i.why} == {"params/w1", "params/w2"}
+    # the psum forward, the input gradient's sum backward: f32[4,16,64] each, all-reduced over 4 ranks
+    assert by(est.items, "all-reduce", ("model",)) == by(dr.collectives, "all-reduce", ("model",)) == 2 * 24576

@@ -32,7 +32,12 @@ from tpflax._src.cost.price import gathered_bytes, stream_gathers
 from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.residual import alike_path, residual_outputs
 from tpflax._src.cost.scope import Scope, body, drop_layers, is_tied, layers, leaf_itemsize
-from tpflax._src.cost.stream import conditioned_leaves, tpu_stream_gathers, update_gathers
+from tpflax._src.cost.stream import (
+    conditioned_leaves,
+    mapped_splits,
+    tpu_stream_gathers,
+    update_gathers,
+)
 from tpflax._src.cost.whole import (
     constrained_dims,
     lone_read,
@@ -87,15 +92,25 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
     for pc in s.lv.pairs:
         cols, rows = list(pc.columns), list(pc.rows)
         axes = tuple(dict.fromkeys(a for p in cols + rows for a in s.axes(p, TENSOR)))
-        if not axes:
+        inside = () if axes else _body_split(s, cols + rows)
+        if not axes and not inside:
             continue
-        n = s.size(axes)
+        n = s.size(axes or inside)
         # a layer called several times (shared weights, ALBERT) sums its partial outputs at each call;
         # a projection's joined uses (one call, several inputs) are not calls
         joined = s.joined or {}
         calls = max((s.parts or {}).get(p, 1) - len(joined.get(p, ())) for p in cols + rows)
         count = max(layers(dec[p]) for p in cols + rows) * pc.count * calls
         source = f"pair {pc.id}" + (f" and {pc.count - 1} alike" if pc.count > 1 else "")
+        if inside:
+            # the plan keeps the pair whole, but a shard_map body takes it split: it sums as the body is written
+            items += [CommItem("all-reduce", inside, _pair_act(r, dec[r], "out", s), n, count, source,
+                               f"row {label[r]}: its partial outputs summed in the shard_map body (forward)")
+                      for r in rows if r not in written]
+            items.append(CommItem("all-reduce", inside, _pair_act(cols[0], dec[cols[0]], "in", s), n, count, source,
+                                  f"columns {', '.join(label[c] for c in cols)}: the shard_map's transpose sums "
+                                  "their input's gradient (backward)"))
+            continue
         if cols[0] in s.experts_split:
             items += expert_split_items(s, pc, axes, count, source)
             continue
@@ -161,6 +176,17 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
             items += _loose_items(s, pc, axes, n, count, source)
         _heads_note(dec, pc.id, cols, s, notes)
     return items
+
+
+def _body_split(s: Scope, members: list[str]) -> tuple[str, ...]:
+    """The tensor axes a ``shard_map``'s in_specs split every one of a pair's ``members`` over, where the plan keeps
+    them whole there (:func:`tpflax._src.cost.stream.mapped_splits`); else ``()``. The body then sums the row's
+    partial outputs as written (its ``psum``) and its transpose the columns' input gradient, whatever the plan
+    (measured, XLA:CPU data=2,model=4: a replicated plan of a column -> row pair taken split by a body,
+    ``tests/test_shard_map.py``)."""
+    split = {rep: axes for axes, reps in mapped_splits(s).items() for rep in reps}
+    got = {split.get(m) for m in members}
+    return got.pop() if len(got) == 1 and None not in got else ()
 
 
 def _whole_readers(c: str, pair: list[str], s: Scope) -> list[str]:
