@@ -442,7 +442,9 @@ class Estimate:
                 continue
             out.append(f"  {name:<14}{fmt(a):>14}{fmt(b):>14}{self.savings.get(name, 0.0):>9.1f}%")
         out += self.breakdown.report_lines()
-        out.append("  communication per step (bytes each device sends, ring algorithm):")
+        # which step: tpflax's (the README's hand-written one too, its loss in gathered_loss); a bare jitted step
+        # may move 0.25x to 2.9x as much (benchmarks/results/plain_step.md)
+        out.append("  communication per step of make_train_step's step (bytes each device sends, ring algorithm):")
         if not self.items:
             out.append("    none: every leaf and the batch are whole on every device")
         for kind, by_axis in self.comm.items():
