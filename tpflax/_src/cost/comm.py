@@ -89,10 +89,11 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
     rep_of = s.lv.rep_of
     written = {rep_of.get(p, p) for p in s.written}
     mapped = {rep_of.get(p, p) for p in s.shard_mapped}
+    body_split = {rep: axes for axes, reps in mapped_splits(s).items() for rep in reps}
     for pc in s.lv.pairs:
         cols, rows = list(pc.columns), list(pc.rows)
         axes = tuple(dict.fromkeys(a for p in cols + rows for a in s.axes(p, TENSOR)))
-        inside = () if axes else _body_split(s, cols + rows)
+        inside = () if axes else _body_axes(body_split, cols + rows)
         if not axes and not inside:
             continue
         n = s.size(axes or inside)
@@ -178,13 +179,12 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
     return items
 
 
-def _body_split(s: Scope, members: list[str]) -> tuple[str, ...]:
+def _body_axes(split: dict[str, tuple[str, ...]], members: list[str]) -> tuple[str, ...]:
     """The tensor axes a ``shard_map``'s in_specs split every one of a pair's ``members`` over, where the plan keeps
-    them whole there (:func:`tpflax._src.cost.stream.mapped_splits`); else ``()``. The body then sums the row's
-    partial outputs as written (its ``psum``) and its transpose the columns' input gradient, whatever the plan
-    (measured, XLA:CPU data=2,model=4: a replicated plan of a column -> row pair taken split by a body,
+    them whole there (``split``: :func:`tpflax._src.cost.stream.mapped_splits` by leaf); else ``()``. The body then
+    sums the row's partial outputs as written (its ``psum``) and its transpose the columns' input gradient, whatever
+    the plan (measured, XLA:CPU data=2,model=4: a replicated plan of a column -> row pair taken split by a body,
     ``tests/test_shard_map.py``)."""
-    split = {rep: axes for axes, reps in mapped_splits(s).items() for rep in reps}
     got = {split.get(m) for m in members}
     return got.pop() if len(got) == 1 and None not in got else ()
 

@@ -6,7 +6,7 @@ XLA compiles the collectives as written, whatever the plan: the trace records ea
 device, and its transpose when the gradient flows back through it (an ``all_gather``'s gradient is
 reduce-scattered). ``psum`` is not priced here: over the axis a row layer's contraction is split on
 it is the column -> row pair's all-reduce, which the pair prices with the plan's layout, or as the body
-writes it where the plan keeps the pair whole (:func:`tpflax._src.cost.comm._body_split`).
+writes it where the plan keeps the pair whole (:func:`tpflax._src.cost.comm._body_axes`).
 
 An in_spec that cuts an activation's rows (its dims without a kernel's features: the sequence of
 context-parallel attention) over a tensor axis does not stay at the body's boundary. XLA's sharding

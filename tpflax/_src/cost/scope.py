@@ -17,6 +17,7 @@ from tpflax._src.cost.records import Act
 from tpflax._src.facts.tree import itemsize
 from tpflax._src.mesh import EXPERT, TENSOR, MeshShape
 from tpflax._src.specs import Entry, entry_axes, used_axes
+from tpflax._src.trace.records import InSpecs
 
 
 def grad_bytes(nbytes: int, item: int, g_item: int | None) -> int:
@@ -122,7 +123,7 @@ class Scope:
     batched_dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     # parameters a shard_map takes, with their in_specs (Traced.shard_mapped), and those whose outputs its body
     # reduce-scatters by hand (the explicit collective is their pair's forward sum: Collective.carries)
-    shard_mapped: Mapping[str, tuple[tuple[int, tuple[str, ...], tuple[int, ...]], ...]] = field(default_factory=dict)
+    shard_mapped: InSpecs = field(default_factory=dict)
     written: frozenset[str] = frozenset()
     # {path: group path}: dot uses reading one value, a sharding constraint making another (Traced.apart)
     apart: Mapping[str, str] = field(default_factory=dict)

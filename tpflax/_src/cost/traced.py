@@ -15,6 +15,7 @@ from typing import Any
 
 from tpflax._src.cost.batch import dtype_name
 from tpflax._src.errors import EstimateError
+from tpflax._src.trace.records import InSpecs
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,7 @@ class Traced:
     apart: Mapping[str, str] = field(default_factory=dict)
     split_widths: frozenset[tuple[int, tuple[str, ...]]] = frozenset()
     batched_dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
-    shard_mapped: Mapping[str, tuple[tuple[int, tuple[str, ...], tuple[int, ...]], ...]] = field(default_factory=dict)
+    shard_mapped: InSpecs = field(default_factory=dict)
     direct: frozenset[str] = frozenset()
 
 

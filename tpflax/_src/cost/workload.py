@@ -30,6 +30,7 @@ from tpflax._src.errors import EstimateError
 from tpflax._src.facts.tree import itemsize
 from tpflax._src.planner.params import planned_tree
 from tpflax._src.planner.pricing import token_batch, token_tables
+from tpflax._src.trace.records import InSpecs
 
 BACKENDS = ("tpu", "gpu", "cpu")
 DISPATCHES = ("all-to-all", "dense")
@@ -121,7 +122,7 @@ class Workload:
     no_grad: frozenset[str] = frozenset()  # traced parameters without a gradient (Traced.no_grad)
     dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)  # (Traced.dots)
     batched_dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)  # (Traced.batched_dots)
-    shard_mapped: Mapping[str, tuple[tuple[int, tuple[str, ...], tuple[int, ...]], ...]] = field(default_factory=dict)  # (Traced.shard_mapped)
+    shard_mapped: InSpecs = field(default_factory=dict)  # (Traced.shard_mapped)
     direct: frozenset[str] = frozenset()  # (Traced.direct)
     apart: Mapping[str, str] = field(default_factory=dict)  # (Traced.apart)
     split_widths: frozenset[tuple[int, tuple[str, ...]]] = frozenset()  # (Traced.split_widths)

@@ -14,6 +14,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+# {path: ((leaf dim, mesh axes, their sizes), ...)}: how a shard_map's in_specs lay a parameter out in its body
+InSpecs = Mapping[str, tuple[tuple[int, tuple[str, ...], tuple[int, ...]], ...]]
 
 @dataclass(frozen=True)
 class Use:
@@ -291,7 +293,7 @@ class Dataflow:
     no_grad: frozenset[str] = frozenset()
     constraints: tuple[tuple[int, int, tuple[str, ...]], ...] = ()
     split_widths: frozenset[tuple[int, tuple[str, ...]]] = frozenset()
-    in_specs: Mapping[str, tuple[tuple[int, tuple[str, ...], tuple[int, ...]], ...]] = field(default_factory=dict)
+    in_specs: InSpecs = field(default_factory=dict)
     direct: frozenset[int] = frozenset()
 
     def positional(self) -> dict[str, tuple[int, tuple[int, ...]]]:
