@@ -77,16 +77,8 @@ class Block(nn.Module):
         return nn.Dense(256, use_bias=False, name="head")(_attention_mlp(self, x, pos))
 
 
-class Layer(nn.Module):
-    """Block's attention and MLP as a layer of :class:`Stack`."""
-
-    kv: int = 2
-    rope: str = "half"
-    stacked: bool = False
-    flat: bool = False
-    heads: int = 8
-    hd: int = 16
-    d: int = 64
+class Layer(Block):
+    """Block's attention and MLP (its fields) as a layer of :class:`Stack`."""
 
     @nn.compact
     def __call__(self, x, pos):
