@@ -74,22 +74,25 @@ def reached_whole(meets: tuple[tuple[str, int, str, int], ...], begin: set[tuple
 
 
 def kernel_reads(path: str, axes: tuple[str, ...], in_size: float, out_size: float, hit: set[int],
-                 use: tuple[tuple[int, ...], tuple[int, ...]], scanned: bool, input_grad: bool = True
+                 use: tuple[tuple[int, ...], tuple[int, ...]], sums: bool, input_grad: bool = True
                  ) -> list[WholeRead]:
     """What a whole kernel moves when split features meet its dims ``hit`` (leaf dims) in its dot ``use``
     (``(contracted, kept)``): contracting them, the partial outputs summed or the input gathered (forward); its
     output read split, the partial input gradients summed or the output gradient gathered (backward; none when
     its input needs no gradient, ``input_grad``). ``in_size``/``out_size``: its input and output activations, in
-    bytes or elements per row alike. The narrower of the two (an all-reduce moves twice its bytes on a ring);
-    inside a scan over stacked layers (``scanned``) XLA:CPU sums whatever the width (measured,
-    ``tests/test_constraint_cost.py``).
+    bytes or elements per row alike. The narrower of the two (an all-reduce moves twice its bytes on a ring)
+    where the matmul reads the parameter as it was placed. Where it reads a value an op made of it (``sums``:
+    a dtype cast, a reshape, a scanned stack's slice), XLA lays that value out as the matmul prefers, split like
+    the features it meets, and sums whatever the width (measured, XLA:CPU and XLA:TPU data=2,model=4:
+    ``tests/test_constraint_cost.py``'s scanned kernels; ``tests/test_stream_ends.py``'s output head cast to
+    bfloat16, its ``(4, 64, 8016)`` partial logits all-reduced where the float32 head gathers its 256-wide input).
 
     >>> [(r.kind, r.phase, r.size) for r in kernel_reads("down", ("model",), 64, 256, {0}, ((0,), (1,)), False)]
     [('all-gather', 'forward', 64)]
     >>> [(r.kind, r.phase, r.size) for r in kernel_reads("down", ("model",), 64, 256, {0}, ((0,), (1,)), True)]
     [('all-reduce', 'forward', 256)]
     """
-    pick = summed if scanned else narrower
+    pick = summed if sums else narrower
     out = []
     if hit & set(use[0]):
         out.append(pick(path, axes, out_size, in_size, "forward"))

@@ -131,6 +131,8 @@ class Scope:
     split_widths: frozenset = frozenset()
     # kernels that contract a constrained value as it is (Traced.direct)
     direct: frozenset[str] = frozenset()
+    # kernels whose matmul reads them through an op, a cast or a reshape (Traced.derived)
+    derived: frozenset[str] = frozenset()
     scanned: Mapping[str, int] = field(default_factory=dict)  # traced stacks: {path: leaf dim} (Traced.scanned)
     # traced parameter dims a model's own with_sharding_constraint lays out over mesh axes (Traced.constrained)
     constrained: tuple[tuple[str, int, tuple[str, ...]], ...] = ()

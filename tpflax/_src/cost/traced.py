@@ -169,6 +169,8 @@ class Traced:
             group (:attr:`tpflax._src.trace.records.Dataflow.apart`: a model's sharding constraint makes another).
         direct: kernels that contract a value a model's constraint (or a ``shard_map``'s out_specs) laid out, as it
             is (:attr:`tpflax._src.trace.records.Dataflow.direct`).
+        derived: kernels whose first plain ``dot`` reads them through an op, a dtype cast or a reshape
+            (:meth:`tpflax._src.trace.records.Dataflow.derived_dots`).
     """
 
     tied: frozenset[str] | None = None
@@ -221,6 +223,7 @@ class Traced:
     batched_dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     shard_mapped: InSpecs = field(default_factory=dict)
     direct: frozenset[str] = frozenset()
+    derived: frozenset[str] = frozenset()
 
 
 def frozen_inputs(t: Traced, trainable: Mapping[str, bool]) -> frozenset[str]:
@@ -362,7 +365,8 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None
                   reduced=frozenset(u.path for u in flow.uses if u.op == "dot" and u.kept
                                     and all(flow.only_reduced(u.id, k) for k in u.kept)),
                   apart=_apart(flow), split_widths=flow.split_widths, batched_dots=flow.dots(batched=True),
-                  shard_mapped=dict(flow.in_specs), direct=frozenset(flow.uses[u].path for u in flow.direct))
+                  shard_mapped=dict(flow.in_specs), direct=frozenset(flow.uses[u].path for u in flow.direct),
+                  derived=flow.derived_dots())
 
 
 def _apart(flow: Any) -> dict[str, str]:

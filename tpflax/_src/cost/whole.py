@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from tpflax._src.cost.disagree import disagreeing, kernel_reads, reached_whole, replicated
@@ -121,6 +122,7 @@ def whole_reads(s: Any, start: Callable[[str], bool] | None = None) -> list[Whol
     kinds than dense, attention and head layers, but those a constraint pins (their first use a plain dot: a
     stack of ``(2, 256, 64)`` kernels the tree takes for experts)."""
     lv, out = s.lv, []
+    split = {p for p in lv.decisions if any(tensor_split(s, p, i) for i in range(len(lv.specs.get(p, ()))))}
     pinned = {r for dims in split_dims(s, start=lambda rep: False).values() for r, _ in dims} if start is None else ()
     for axes, dims in split_dims(s, start=start or (lambda rep: rep in lv.in_pair or _lone(s, rep)),
                                  constrained=start is None).items():
@@ -131,8 +133,11 @@ def whole_reads(s: Any, start: Callable[[str], bool] | None = None) -> list[Whol
             in_width = math.prod(d.shape[i] for i in use[0])
             rows = s.rows_of(rep) * s.act_item
             in_b, out_b = rows * in_width, rows * (math.prod(d.shape) // max(stack, 1) // max(in_width, 1))
-            out += kernel_reads(rep, axes, in_b, out_b, {dim for r, dim in dims if r == rep}, use, bool(stack),
-                                input_grad=(s.widths or {}).get(rep) != 0)
+            copy = bool(stack) or rep in s.derived  # the matmul reads a copy XLA lays out as it prefers
+            reads = kernel_reads(rep, axes, in_b, out_b, {dim for r, dim in dims if r == rep}, use, copy,
+                                 input_grad=(s.widths or {}).get(rep) != 0)
+            k = output_pieces(s, rep, tuple(split), axes) if copy else None
+            out += [replace(r, pieces=k) if k and r.phase == "backward" and k < s.size(axes) else r for r in reads]
     return out
 
 
@@ -203,7 +208,8 @@ def whole_members(s: Any) -> dict[str, WholeRead]:
             # measured on XLA:CPU; XLA:TPU gathers a whole key/value's output gradient over every rank and sums
             # no pieces (the zoo llama, fsdp=2,model=4 on v5e:2x4: tests/test_tpu.py, 3.3% over with pieces)
             k = output_pieces(s, m, pc.rows, axes) if s.backend == "cpu" else None
-            out[m] = column_read(m, axes, in_b, out_b, k, (s.remat or d.layers_dim is not None) and not _pinned(s, m))
+            copy = s.remat or d.layers_dim is not None or m in s.derived
+            out[m] = column_read(m, axes, in_b, out_b, k, copy and not _pinned(s, m))
     return out
 
 
@@ -283,7 +289,8 @@ def whole_read_items(s: Any) -> list[CommItem]:
     for r in whole_reads(s):
         what = ("a whole kernel contracting split features" if r.phase == "forward"
                 else "a whole kernel whose output is read split")
-        items.append(CommItem(r.kind, r.axes, r.size, s.size(r.axes), s.lv.count[r.path] * max(_stack(s, r.path), 1),
+        items.append(CommItem(r.kind, r.axes, r.size, r.pieces or s.size(r.axes),
+                              s.lv.count[r.path] * max(_stack(s, r.path), 1),
                               s.lv.label[r.path], f"{what}: {r.how}"))
     return items
 

@@ -98,8 +98,9 @@ class Linear:
     guess: str = ""  # a row: why the tree cannot tell that it reads its columns' output (the pair stays whole)
     # traced: its head_dim output is cut in halves (a rotate-half RoPE) or not; None: untraced, unknown
     rope: bool | None = None
-    # traced: its matmul runs inside a scan or a rematerialised call (the trace's), where XLA:CPU splits the
-    # kernel's copy as it splits the output (a whole key/value column: cost/pieces.py column_read)
+    # traced: its matmul reads a copy of the kernel (inside a scan or a rematerialised call, or through a cast:
+    # Dataflow.derived), which XLA splits as it splits the output (a whole key/value column: cost/pieces.py
+    # column_read)
     loop: bool = False
     # traced: most of the model's matmuls run rematerialised: the backward recomputes the forward's collectives
     # (a head_dim-split key/value's gathers, cost/kvsplit.py)

@@ -36,12 +36,14 @@ class Pins:
         meets: :meth:`tpflax._src.trace.records.Dataflow.meets`.
         dots: :meth:`tpflax._src.trace.records.Dataflow.dots`.
         direct: the kernels that read a constrained value as it is (:attr:`Dataflow.direct`).
+        derived: the kernels whose matmul reads them through an op (:meth:`Dataflow.derived_dots`).
     """
 
     constrained: tuple[tuple[str, int, tuple[str, ...]], ...]
     meets: tuple[tuple[str, int, str, int], ...]
     dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]]
     direct: frozenset[str] = frozenset()
+    derived: frozenset[str] = frozenset()
 
 
 def pins(flow: Any) -> Pins | None:
@@ -50,7 +52,8 @@ def pins(flow: Any) -> Pins | None:
     if not flow.constraints:
         return None
     return Pins(tuple(sorted({(flow.uses[u].path, d, axes) for u, d, axes in flow.constraints})),
-                flow.meets(), flow.dots(), frozenset(flow.uses[u].path for u in flow.direct))
+                flow.meets(), flow.dots(), frozenset(flow.uses[u].path for u in flow.direct),
+                flow.derived_dots())
 
 
 def pinned(st: Any, o: Any, facts: Mapping[str, Any]) -> Any:
@@ -80,7 +83,7 @@ def pinned(st: Any, o: Any, facts: Mapping[str, Any]) -> Any:
                 continue
             in_w = math.prod(f.leaf.shape[i] for i in use[0])
             for r in kernel_reads(path, axes, in_w, math.prod(f.body) // max(in_w, 1),
-                                  {d for q, d in hits if q == path}, use, f.stacked > 0):
+                                  {d for q, d in hits if q == path}, use, f.stacked > 0 or path in p.derived):
                 acts.append(ActComm(r.kind, axes, r.size, 1, f"kept whole against the model's sharding "
                                                              f"constraint: {r.how}"))
         leaves = split_updated(st, [facts[q] for q in sorted({q for q, _ in hits})])

@@ -89,6 +89,8 @@ def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
         w.reads.setdefault(uid, (eqn, 1 if lp else 0, ctx))
         if id(act) in w.pinned:
             w.direct.add(uid)
+        if id(par) not in w.raw:
+            w.derived.add(uid)
         w.widths.setdefault(uid, math.prod(act_shape[a] for a in ac))
         w.note_grad(uid, act)
         fresh = uid if len(par.origin) == 1 else None

@@ -253,6 +253,11 @@ class Dataflow:
             out_specs laid out, read as it is (no op between): where the constraint replicates a dim the plan
             splits, XLA gathers such a reader's kernel whole for the backward product; with an op between (a
             relu) it gathers the activation's gradient instead (:func:`tpflax._src.cost.whole.replicated_items`).
+        derived: ``dot`` uses whose kernel is not the parameter's own value but one an op made of it (a dtype
+            cast, Flax's ``Dense(dtype=bfloat16)``; a reshape, a negation; a scanned stack's slice). XLA's
+            sharding propagation lays such a value out as the matmul prefers, where the parameter itself keeps
+            the layout it was placed in: a whole kernel read this way that contracts split features is sliced
+            to them and its partial outputs summed, however wide (:func:`tpflax._src.cost.disagree.kernel_reads`).
     """
 
     paths: tuple[str, ...]
@@ -295,6 +300,7 @@ class Dataflow:
     split_widths: frozenset[tuple[int, tuple[str, ...]]] = frozenset()
     in_specs: InSpecs = field(default_factory=dict)
     direct: frozenset[int] = frozenset()
+    derived: frozenset[int] = frozenset()
 
     def positional(self) -> dict[str, tuple[int, tuple[int, ...]]]:
         """``{table: (rows looked up, its dims not indexed)}`` for tables every use of which is a lookup at
@@ -356,6 +362,14 @@ class Dataflow:
             if u.op == "dot" and (bool(u.batch) if batched else not u.batch and u.rows) and u.path not in out:
                 out[u.path] = (tuple(u.contracted), tuple(u.kept))
         return out
+
+    def derived_dots(self) -> frozenset[str]:
+        """The parameters whose :meth:`dots` use reads the kernel through an op (:attr:`derived`)."""
+        first: dict[str, int] = {}
+        for i, u in enumerate(self.uses):
+            if u.op == "dot" and not u.batch and u.rows:
+                first.setdefault(u.path, i)
+        return frozenset(p for p, i in first.items() if i in self.derived)
 
 
 def reached_dims(meets: tuple[tuple[str, int, str, int], ...], start: set[tuple[str, int]]) -> set[tuple[str, int]]:
