@@ -22,6 +22,7 @@ from tpflax._src.cost.scope import (
     tensor_degree,
 )
 from tpflax._src.cost.stream import split_updates
+from tpflax._src.facts.tree import itemsize
 from tpflax._src.mesh import DATA, FSDP, TENSOR, MeshShape
 from tpflax._src.specs import entries, entry_axes, local_shape, used_axes
 from tpflax._src.tpu import WHOLE_SLICE_GATHER_AR, scatters
@@ -59,10 +60,11 @@ def gradient_items(s: Scope) -> list[CommItem]:
         if s.backend == "tpu":  # XLA:TPU adds a table's lookups' scatter-adds first: one part for all
             parts -= max((s.lookups or {}).get(path, 1) - 1, 0)
         item = gather_item(d, s.backend, s.lv.specs[path], s.mesh)
-        looked = looked_bytes(d, s.lv.specs[path], s.mesh, s.positional[path], s.g_item) if (
+        g_item = _grad_item(s, path, d)
+        looked = looked_bytes(d, s.lv.specs[path], s.mesh, s.positional[path], g_item) if (
             s.backend == "tpu" and path in s.positional) else None
         for kind, axes, size, n, count, why in _gradient_templates(
-                s.lv.specs[path], s.mesh, _reduce_axes(path, s), s.leaf_bytes(path, d), leaf_itemsize(d), s.g_item,
+                s.lv.specs[path], s.mesh, _reduce_axes(path, s), s.leaf_bytes(path, d), leaf_itemsize(d), g_item,
                 s.backend, reps, item, len(body(d)), s.one_ring(_fsdp_devices(s.lv.specs[path], s.mesh)),
                 s.row_axes, tuple(d.shape),
                 whole or (s.backend == "tpu" and vocab_shard_all_reduced(d, s.lv.specs[path], s.mesh)),
@@ -99,6 +101,20 @@ def gradient_items(s: Scope) -> list[CommItem]:
                                       "layer, a weight also scaled per example): each use's gradient is reduced "
                                       "separately"))
     return items + lookup_concat_items(s)
+
+
+def _grad_item(s: Any, path: str, d: Any) -> int | None:
+    """Bytes per element ``path``'s gradient is reduced in (None: its leaf's): ``grad_dtype=`` when the step says;
+    on XLA:TPU the narrower dtype every matmul and lookup reads the leaf cast to (:attr:`Scope.cast_to`: a
+    bfloat16 model's float32 kernels and tables), whose gradient comes out of them in it and is reduced before
+    the cast back. Measured, XLA:TPU v5e:2x4 data=2,model=4, the zoo Llama computing in bfloat16 over float32
+    parameters: every kernel's and the table's gradient all-reduced as bfloat16, half the float32 bytes
+    (``tests/test_tpu.py``); XLA:CPU sums 16-bit gradients in float32 anyway."""
+    if s.g_item is not None or s.backend != "tpu":
+        return s.g_item
+    cast = (s.cast_to or {}).get(path)
+    item = itemsize(cast) if cast else None
+    return item if item and item < leaf_itemsize(d) else None
 
 
 def looked_bytes(d: Any, spec, mesh: MeshShape, positional: tuple[int, tuple[int, ...]], g_item: int | None) -> int:

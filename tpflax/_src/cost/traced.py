@@ -171,6 +171,8 @@ class Traced:
             is (:attr:`tpflax._src.trace.records.Dataflow.direct`).
         derived: kernels whose first plain ``dot`` reads them through an op, a dtype cast or a reshape
             (:meth:`tpflax._src.trace.records.Dataflow.derived_dots`).
+        cast_to: ``{path: dtype}`` of parameters every matmul and lookup reads cast to that dtype
+            (:meth:`tpflax._src.trace.records.Dataflow.cast_to`).
     """
 
     tied: frozenset[str] | None = None
@@ -224,6 +226,7 @@ class Traced:
     shard_mapped: InSpecs = field(default_factory=dict)
     direct: frozenset[str] = frozenset()
     derived: frozenset[str] = frozenset()
+    cast_to: Mapping[str, str] = field(default_factory=dict)
 
 
 def frozen_inputs(t: Traced, trainable: Mapping[str, bool]) -> frozenset[str]:
@@ -366,7 +369,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None
                                     and all(flow.only_reduced(u.id, k) for k in u.kept)),
                   apart=_apart(flow), split_widths=flow.split_widths, batched_dots=flow.dots(batched=True),
                   shard_mapped=dict(flow.in_specs), direct=frozenset(flow.uses[u].path for u in flow.direct),
-                  derived=flow.derived_dots())
+                  derived=flow.derived_dots(), cast_to=flow.cast_to())
 
 
 def _apart(flow: Any) -> dict[str, str]:

@@ -143,6 +143,9 @@ class State:
     rows: dict[str, float] = field(default_factory=dict)
     # traced: tables looked up at batch-free positions, whose rows XLA:TPU all-reduces split or not (Dataflow.positional)
     positional: frozenset[str] = frozenset()
+    # traced: {path: bytes per element} of leaves every matmul and lookup reads cast to that dtype (Dataflow.cast_to):
+    # XLA:TPU reduces their gradients in it where it is narrower (a bfloat16 model's float32 kernels)
+    casts: dict[str, int] = field(default_factory=dict)
     # traced: expert kernels reading a dispatched buffer, its rows per priced token on one device (see shard_experts)
     buffers: dict[str, float] = field(default_factory=dict)
     batch_free: frozenset[str] = frozenset()  # of those, the buffers the dispatch summed the batch into

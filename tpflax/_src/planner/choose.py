@@ -80,18 +80,20 @@ def revise(p: Any, **changes: Any) -> Any:
     return q
 
 
-def layout(f: Any, p: Any, matmul: bool, positional: bool = False, pieces: int = 1) -> LeafLayout:
-    """A leaf's :class:`LeafLayout` under proposal ``p``."""
+def layout(f: Any, p: Any, matmul: bool, positional: bool = False, pieces: int = 1, cast: int = 0) -> LeafLayout:
+    """A leaf's :class:`LeafLayout` under proposal ``p``; ``cast``: the bytes per element every matmul and lookup
+    reads it cast to (:attr:`State.casts`), its gradient's where narrower than the leaf's."""
     shape = tuple(f.leaf.shape)
     spec = p.spec if len(p.spec) == len(shape) else entries(p.spec, len(shape))
-    return _layout(shape, f.leaf.itemsize, spec, f.leaf.trainable, matmul, f.layers_dim, positional, pieces)
+    grad = cast if 0 < cast < f.leaf.itemsize else 0
+    return _layout(shape, f.leaf.itemsize, spec, f.leaf.trainable, matmul, f.layers_dim, positional, pieces, grad)
 
 
 @functools.lru_cache(maxsize=1 << 14)
-def _layout(shape, item, spec, trainable, matmul, layers_dim, positional, pieces) -> LeafLayout:
+def _layout(shape, item, spec, trainable, matmul, layers_dim, positional, pieces, grad_item) -> LeafLayout:
     return LeafLayout(shape, item, spec, trainable=trainable, matmul=matmul,
                       layers=1 if layers_dim is None else shape[layers_dim], positional=positional,
-                      pieces=pieces)
+                      pieces=pieces, grad_item=grad_item)
 
 
 @functools.lru_cache(maxsize=1 << 12)
@@ -99,17 +101,19 @@ def _pspec(spec):
     return to_pspec(spec)
 
 
-def _leaves(o: Option, facts: Mapping[str, Any], positional: frozenset[str]) -> tuple[LeafLayout, ...]:
+def _leaves(o: Option, facts: Mapping[str, Any], positional: frozenset[str],
+            casts: Mapping[str, int] | None = None) -> tuple[LeafLayout, ...]:
     """One option's leaves as priced; ``positional``: the traced tables looked up at batch-free positions
-    (:attr:`State.positional`)."""
-    pieces = dict(o.pieces)
-    return tuple(layout(facts[path], p, path in o.matmul, path in positional, pieces.get(path, 1))
+    (:attr:`State.positional`); ``casts``: :attr:`State.casts`."""
+    pieces, casts = dict(o.pieces), casts or {}
+    return tuple(layout(facts[path], p, path in o.matmul, path in positional, pieces.get(path, 1), casts.get(path, 0))
                  for path, p in o.proposals)
 
 
-def cost_of(o: Option, facts: Mapping[str, Any], ctx: Context, positional: frozenset[str] = frozenset()) -> Cost:
+def cost_of(o: Option, facts: Mapping[str, Any], ctx: Context, positional: frozenset[str] = frozenset(),
+            casts: Mapping[str, int] | None = None) -> Cost:
     """The priced cost of one option (cached by value: alike layers are priced once)."""
-    return price(_leaves(o, facts, positional), o.acts, ctx)
+    return price(_leaves(o, facts, positional, casts), o.acts, ctx)
 
 
 def _duplicates(a: Cost, b: Cost) -> bool:
@@ -167,7 +171,7 @@ def pick(st: Any, kind: str, options: Sequence[Option], facts: Mapping[str, Any]
     if share != 1.0:  # traced: a group is priced at the rows its contractions read (a pooled
         # projection's few, a decoder's shorter sequence), not at the widest layer's
         ctx = replace(ctx, tokens=max(1, round(ctx.tokens * share)))
-    laid = tuple(_leaves(o, facts, st.positional) for o in options)
+    laid = tuple(_leaves(o, facts, st.positional, st.casts) for o in options)
     costs = tuple(price(leaves, o.acts, ctx) for leaves, o in zip(laid, options, strict=True))
     index = best(costs, [o.whole for o in options], [o.sums_output for o in options])
     record = _RECORD.get()

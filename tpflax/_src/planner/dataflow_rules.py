@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from tpflax._src.facts.classify import Facts
+from tpflax._src.facts.tree import itemsize
 from tpflax._src.mesh import MeshShape, batch_axes
 from tpflax._src.planner.builders import (
     Linear,
@@ -83,7 +84,8 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Datafl
     fewer, a pooled projection, is priced per row it reads). ``buffers``: the
     dispatched buffers expert kernels read (:func:`tpflax._src.planner.pricing.expert_buffers`).
     """
-    c = _start(facts, State(mesh, opts, forced=dict(skip or {}), positional=frozenset(flow.positional()),
+    casts = {path: itemsize(dtype) for path, dtype in flow.cast_to().items()}
+    c = _start(facts, State(mesh, opts, forced=dict(skip or {}), positional=frozenset(flow.positional()), casts=casts,
                             pins=pins(flow), streamed=frozenset(flow.split_widths)), flow)
     widest = widest_rows or max((u.tokens for u in flow.uses), default=0)
     for u in flow.uses:  # what each contraction reads, for the chooser (first use of a leaf)

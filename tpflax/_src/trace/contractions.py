@@ -340,9 +340,12 @@ def gather(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> l
     dn = eqn.params["dimension_numbers"]
     indexed = set(dn.start_index_map) | set(dn.collapsed_slice_dims)
     for path, dims in operand.origin:
-        w.use(ctx, eqn, path, "gather", [dims[d] for d in sorted(indexed) if dims[d] is not None],
-              [dims[d] for d in range(operand.rank) if d not in indexed and dims[d] is not None],
-              [], operand.const_of, fixed=not ins[1].fed, looked=tuple(eqn.invars[1].aval.shape[:-1]))
+        uid = w.use(ctx, eqn, path, "gather", [dims[d] for d in sorted(indexed) if dims[d] is not None],
+                    [dims[d] for d in range(operand.rank) if d not in indexed and dims[d] is not None],
+                    [], operand.const_of, dtype=str(eqn.invars[0].aval.dtype), fixed=not ins[1].fed,
+                    looked=tuple(eqn.invars[1].aval.shape[:-1]))
+        if id(operand) not in w.raw:
+            w.derived.add(uid)
     return [Val(r) for r in ranks]
 
 

@@ -39,8 +39,8 @@ class Use:
         in_rows: for ``conv``, the positions of its input (batch times input window positions: more than
             ``rows`` for a strided convolution, fewer for a transposed one, StyleGAN2's upsampling), the rows
             of its input gradient; else 0.
-        dtype: for ``dot``/``onehot``, its output's dtype as traced (what its tensor-parallel
-            collectives move: a bf16 model's activations even when its inputs are ids); else "".
+        dtype: for ``dot``/``onehot``, its output's dtype as traced (what its tensor-parallel collectives move: a
+            bf16 model's activations even when its inputs are ids); for ``gather``, its table's; else "".
         grouped: for a grouped ``conv`` (``feature_group_count > 1``), the elements of its
             input plus its output as traced: XLA's SPMD partitioner does not split a grouped
             convolution's batch, so it gathers both over the batch axes; 0 for a depthwise one
@@ -362,6 +362,16 @@ class Dataflow:
             if u.op == "dot" and (bool(u.batch) if batched else not u.batch and u.rows) and u.path not in out:
                 out[u.path] = (tuple(u.contracted), tuple(u.kept))
         return out
+
+    def cast_to(self) -> dict[str, str]:
+        """``{path: dtype}``: parameters every ``dot`` and lookup of which reads a copy an op made of them
+        (:attr:`derived`), all in that one dtype (a ``dot``'s output, a lookup's table): a bfloat16 model's float32
+        kernels and tables. Their gradient comes out of those ops in that dtype, and is cast back after it."""
+        seen: dict[str, set[str]] = {}
+        for u in self.uses:
+            if u.op in ("dot", "gather"):
+                seen.setdefault(u.path, set()).add(u.dtype if u.id in self.derived and u.dtype else "")
+        return {p: next(iter(ds)) for p, ds in seen.items() if len(ds) == 1 and "" not in ds}
 
     def derived_dots(self) -> frozenset[str]:
         """The parameters whose :meth:`dots` use reads the kernel through an op (:attr:`derived`)."""
