@@ -24,7 +24,7 @@ product of two activations, not priced here: 8 KB per layer); tests/test_whole_r
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import replace
 from typing import Any
 
@@ -122,7 +122,7 @@ def whole_reads(s: Any, start: Callable[[str], bool] | None = None) -> list[Whol
     kinds than dense, attention and head layers, but those a constraint pins (their first use a plain dot: a
     stack of ``(2, 256, 64)`` kernels the tree takes for experts)."""
     lv, out = s.lv, []
-    split = {p for p in lv.decisions if any(tensor_split(s, p, i) for i in range(len(lv.specs.get(p, ()))))}
+    split: frozenset[str] | None = None  # the leaves split over a tensor axis, found once where needed
     pinned = {r for dims in split_dims(s, start=lambda rep: False).values() for r, _ in dims} if start is None else ()
     for axes, dims in split_dims(s, start=start or (lambda rep: rep in lv.in_pair or _lone(s, rep)),
                                  constrained=start is None).items():
@@ -136,7 +136,11 @@ def whole_reads(s: Any, start: Callable[[str], bool] | None = None) -> list[Whol
             copy = bool(stack) or rep in s.derived  # the matmul reads a copy XLA lays out as it prefers
             reads = kernel_reads(rep, axes, in_b, out_b, {dim for r, dim in dims if r == rep}, use, copy,
                                  input_grad=(s.widths or {}).get(rep) != 0)
-            k = output_pieces(s, rep, tuple(split), axes) if copy else None
+            if copy and split is None:
+                split = frozenset(p for p in lv.decisions if any(tensor_split(s, p, i)
+                                                                 for i in range(len(lv.specs.get(p, ())))))
+            # a copy's output gradient read split in pieces (a GQA key/value's heads): its sum runs over them
+            k = output_pieces(s, rep, split, axes) if copy else None
             out += [replace(r, pieces=k) if k and r.phase == "backward" and k < s.size(axes) else r for r in reads]
     return out
 
@@ -222,7 +226,7 @@ def _pinned(s: Any, path: str) -> bool:
     return bool(set(used_axes(spec)) & gathered_axes(s.mesh, list(s.lv.specs.values())))
 
 
-def output_pieces(s: Any, col: str, rows: tuple[str, ...], axes: tuple[str, ...]) -> int | None:
+def output_pieces(s: Any, col: str, rows: Collection[str], axes: tuple[str, ...]) -> int | None:
     """How many pieces XLA splits the output of ``col``, a pair's column kept whole, into: the least limit
     (:attr:`tpflax._src.cost.traced.Traced.limits`) of the traced edges from it to a dim of ``rows`` split over
     the ``n`` ranks of ``axes``, ``n`` if that is a multiple of ``n`` (a gate's expansion), the limit if it
