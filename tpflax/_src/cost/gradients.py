@@ -59,8 +59,8 @@ def gradient_items(s: Scope) -> list[CommItem]:
         parts += s.combined.get(path, 0)  # its elementwise uses' gradients (Traced.combined), reduced apart
         if s.backend == "tpu":  # XLA:TPU adds a table's lookups' scatter-adds first: one part for all
             parts -= max((s.lookups or {}).get(path, 1) - 1, 0)
-        item = gather_item(d, s.backend, s.lv.specs[path], s.mesh)
         g_item = _grad_item(s, path, d)
+        item = gather_item(d, s.backend, s.lv.specs[path], s.mesh, cast=g_item is not None and s.g_item is None)
         looked = looked_bytes(d, s.lv.specs[path], s.mesh, s.positional[path], g_item) if (
             s.backend == "tpu" and path in s.positional) else None
         for kind, axes, size, n, count, why in _gradient_templates(
@@ -231,10 +231,13 @@ def _split_axes(spec, mesh: MeshShape) -> tuple[str, ...]:
 _MATMUL_KINDS = ("dense", "attention", "expert", "head", "conv")
 
 
-def gather_item(d: Any, backend: str, spec: tuple | None = None, mesh: MeshShape | None = None) -> int:
+def gather_item(d: Any, backend: str, spec: tuple | None = None, mesh: MeshShape | None = None,
+                cast: bool = False) -> int:
     """Bytes per element an fsdp all-gather of the leaf moves (see :func:`tpu_gather_item`); with its
     ``spec`` on ``mesh``, from the rows of one layer's shard too (:func:`gather_rows`; not for
-    convolution kernels)."""
+    convolution kernels). ``cast``: the model reads it cast to a narrower dtype (:func:`_grad_item`), which
+    XLA:TPU converts to before gathering, as a matmul operand's (a bfloat16 GPT-2's float32 table, measured on
+    v5e:2x4 fsdp=8: ``bf16[1001,64]``)."""
     item = leaf_itemsize(d)
     if backend != "tpu":
         return item
@@ -242,7 +245,7 @@ def gather_item(d: Any, backend: str, spec: tuple | None = None, mesh: MeshShape
     # as often as major), which the estimate does not model: as bfloat16
     laid = spec is not None and mesh is not None and d.kind != "conv"
     rows = gather_rows(body(d), drop_layers(d, spec), mesh) if laid else None
-    return tpu_gather_item(item, d.kind in _MATMUL_KINDS, rows)
+    return tpu_gather_item(item, d.kind in _MATMUL_KINDS or cast, rows)
 
 
 def gather_rows(shape: tuple[int, ...], spec: tuple, mesh: MeshShape) -> int | None:

@@ -321,7 +321,7 @@ def price(leaves: tuple[LeafLayout, ...], acts: tuple[ActComm, ...], ctx: Contex
             # Likewise a gather over every device of a 64+ device slice, which XLA:TPU runs as an
             # all-reduce (tpflax._src.tpu.gathers_reduce): the estimate doubles it, the chooser does not,
             # as it would only weigh fsdp against no fsdp harder on the pods where memory needs it most.
-            gather = gathered_bytes(shard, x.itemsize, tpu, x.matmul)
+            gather = gathered_bytes(shard, x.itemsize, tpu, x.matmul or bool(x.grad_item))
             add("all-gather", f_axes, gather * nf, 1, "fsdp: gather the parameter")
             if tpu and (len(x.shape) - (x.layers > 1) < 2 or x.positional):  # 1-D: see the comment above
                 group = tuple(a for a in mesh.names if a in f_axes or a in free)
