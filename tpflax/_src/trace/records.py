@@ -253,11 +253,12 @@ class Dataflow:
             out_specs laid out, read as it is (no op between): where the constraint replicates a dim the plan
             splits, XLA gathers such a reader's kernel whole for the backward product; with an op between (a
             relu) it gathers the activation's gradient instead (:func:`tpflax._src.cost.whole.replicated_items`).
-        derived: ``dot`` uses whose kernel is not the parameter's own value but one an op made of it (a dtype
-            cast, Flax's ``Dense(dtype=bfloat16)``; a reshape, a negation; a scanned stack's slice). XLA's
-            sharding propagation lays such a value out as the matmul prefers, where the parameter itself keeps
-            the layout it was placed in: a whole kernel read this way that contracts split features is sliced
-            to them and its partial outputs summed, however wide (:func:`tpflax._src.cost.disagree.kernel_reads`).
+        derived: ``dot`` and ``gather`` uses whose kernel or table is not the parameter's own value but one an op
+            made of it (a dtype cast, Flax's ``Dense(dtype=bfloat16)``; a reshape, a negation; a scanned stack's
+            slice). XLA's sharding propagation lays such a value out as the matmul prefers, where the parameter
+            itself keeps the layout it was placed in: a whole kernel read this way that contracts split features
+            is sliced to them and its partial outputs summed, however wide
+            (:func:`tpflax._src.cost.disagree.kernel_reads`).
     """
 
     paths: tuple[str, ...]
