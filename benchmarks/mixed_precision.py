@@ -34,18 +34,24 @@ except ImportError:  # transformers is not installed: main() says so
     pass
 
 
-def build(name: str):
-    """(Built, hand(mesh) -> rules): ``name`` computing in bfloat16 over its float32 parameters."""
+def mixed(arch):
+    """``arch`` (an :class:`hf_build.Arch`) built computing in bfloat16 over its float32 parameters as
+    initialised: the model and apply of ``dtype=bfloat16``, the parameters of the default build."""
     import jax.numpy as jnp
     from hf_build import Built
+
+    half, full = arch.build(dtype=jnp.bfloat16), arch.build()
+    return Built(half.name, half.model, full.params, half.sample, half.fn, half.loss)
+
+
+def build(name: str):
+    """(Built, hand(mesh) -> rules): ``name`` computing in bfloat16 over its float32 parameters."""
     from megatron_rules import megatron_rules
     from third_party import vocab_of
 
     arch = BY_NAME[name]
-    half, full = arch.build(dtype=jnp.bfloat16), arch.build()
-    built = Built(half.name, half.model, full.params, half.sample, half.fn, half.loss)
     kv = arch.kwargs.get("num_key_value_heads")
-    return built, (lambda mesh: megatron_rules(arch.name, mesh, vocab=vocab_of(arch), kv_heads=kv))
+    return mixed(arch), (lambda mesh: megatron_rules(arch.name, mesh, vocab=vocab_of(arch), kv_heads=kv))
 
 
 def available() -> str:

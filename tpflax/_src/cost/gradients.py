@@ -59,8 +59,9 @@ def gradient_items(s: Scope) -> list[CommItem]:
         parts += s.combined.get(path, 0)  # its elementwise uses' gradients (Traced.combined), reduced apart
         if s.backend == "tpu":  # XLA:TPU adds a table's lookups' scatter-adds first: one part for all
             parts -= max((s.lookups or {}).get(path, 1) - 1, 0)
-        g_item = _grad_item(s, path, d)
-        item = gather_item(d, s.backend, s.lv.specs[path], s.mesh, cast=g_item is not None and s.g_item is None)
+        cast = _cast_item(s, path, d)
+        g_item = s.g_item if s.g_item is not None else cast
+        item = gather_item(d, s.backend, s.lv.specs[path], s.mesh, cast=cast is not None)
         looked = looked_bytes(d, s.lv.specs[path], s.mesh, s.positional[path], g_item) if (
             s.backend == "tpu" and path in s.positional) else None
         for kind, axes, size, n, count, why in _gradient_templates(
@@ -103,15 +104,15 @@ def gradient_items(s: Scope) -> list[CommItem]:
     return items + lookup_concat_items(s)
 
 
-def _grad_item(s: Any, path: str, d: Any) -> int | None:
-    """Bytes per element ``path``'s gradient is reduced in (None: its leaf's): ``grad_dtype=`` when the step says;
-    on XLA:TPU the narrower dtype every matmul and lookup reads the leaf cast to (:attr:`Scope.cast_to`: a
-    bfloat16 model's float32 kernels and tables), whose gradient comes out of them in it and is reduced before
-    the cast back. Measured, XLA:TPU v5e:2x4 data=2,model=4, the zoo Llama computing in bfloat16 over float32
-    parameters: every kernel's and the table's gradient all-reduced as bfloat16, half the float32 bytes
+def _cast_item(s: Any, path: str, d: Any) -> int | None:
+    """On XLA:TPU, bytes per element of the narrower dtype every matmul and lookup reads ``path`` cast to
+    (:attr:`Scope.cast_to`: a bfloat16 model's float32 kernels and tables); else None. Its gradient comes out of
+    them in that dtype and is reduced before the cast back, unless ``grad_dtype=`` says otherwise; the leaf is
+    gathered in it too. Measured, XLA:TPU v5e:2x4 data=2,model=4, the zoo Llama computing in bfloat16 over
+    float32 parameters: every kernel's and the table's gradient all-reduced as bfloat16, half the float32 bytes
     (``tests/test_tpu.py``); XLA:CPU sums 16-bit gradients in float32 anyway."""
-    if s.g_item is not None or s.backend != "tpu":
-        return s.g_item
+    if s.backend != "tpu":
+        return None
     cast = (s.cast_to or {}).get(path)
     item = itemsize(cast) if cast else None
     return item if item and item < leaf_itemsize(d) else None
@@ -235,7 +236,7 @@ def gather_item(d: Any, backend: str, spec: tuple | None = None, mesh: MeshShape
                 cast: bool = False) -> int:
     """Bytes per element an fsdp all-gather of the leaf moves (see :func:`tpu_gather_item`); with its
     ``spec`` on ``mesh``, from the rows of one layer's shard too (:func:`gather_rows`; not for
-    convolution kernels). ``cast``: the model reads it cast to a narrower dtype (:func:`_grad_item`), which
+    convolution kernels). ``cast``: the model reads it cast to a narrower dtype (:func:`_cast_item`), which
     XLA:TPU converts to before gathering, as a matmul operand's (a bfloat16 GPT-2's float32 table, measured on
     v5e:2x4 fsdp=8: ``bf16[1001,64]``)."""
     item = leaf_itemsize(d)

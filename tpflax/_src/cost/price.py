@@ -53,10 +53,10 @@ class LeafLayout:
             XLA:TPU sums its looked-up rows' gradient over the batch and all-reduces them, split over fsdp or not
             (the estimate: :func:`tpflax._src.cost.gradients.looked_bytes`), so an fsdp split adds its gather and
             saves only memory; priced here at the table's bytes, which both options pay alike.
-        grad_item: bytes per element of its gradient where narrower than ``itemsize`` (0: ``itemsize``): every
-            matmul and lookup reads it cast to a narrower dtype (:meth:`tpflax._src.trace.records.Dataflow.cast_to`:
-            a bfloat16 model's float32 kernels), and XLA:TPU reduces the gradient in that dtype (the estimate:
-            :func:`tpflax._src.cost.gradients._grad_item`; XLA:CPU reduces 16-bit gradients in float32).
+        cast_item: bytes per element of the narrower dtype every matmul and lookup reads it cast to (0: none;
+            :meth:`tpflax._src.trace.records.Dataflow.cast_to`: a bfloat16 model's float32 kernels and tables):
+            XLA:TPU gathers it and reduces its gradient in that dtype (the estimate:
+            :func:`tpflax._src.cost.gradients._cast_item`; XLA:CPU reduces 16-bit gradients in float32).
         pieces: its weight gradient comes out split in that many pieces (a GQA key/value column kept whole
             beside split query heads: :func:`tpflax._src.cost.pieces.update_pieces`; a whole kernel a model's own
             sharding constraint splits: :mod:`tpflax._src.planner.constraints`), so the batch axes sum
@@ -72,7 +72,7 @@ class LeafLayout:
     layers: int = 1
     positional: bool = False
     pieces: int = 1
-    grad_item: int = 0
+    cast_item: int = 0
 
 
 @dataclass(frozen=True)
@@ -307,7 +307,7 @@ def price(leaves: tuple[LeafLayout, ...], acts: tuple[ActComm, ...], ctx: Contex
         nf = math.prod(mesh.sizes[a] for a in f_axes)
         free = tuple(a for a in ctx.batch_axes if a not in used_axes(x.spec))
         tpu = ctx.hardware.kind == "tpu"
-        grad = shard * x.grad_item // x.itemsize if tpu and x.grad_item else shard  # the gradient's bytes
+        grad = shard * x.cast_item // x.itemsize if tpu and x.cast_item else shard  # the gradient's bytes
         if f_axes:
             # XLA:TPU gathers a float32 matmul kernel as bfloat16 and never reduce-scatters a 1-D
             # leaf's gradient: it all-reduces it whole (measured; cost.gradients models the same). The
@@ -321,7 +321,7 @@ def price(leaves: tuple[LeafLayout, ...], acts: tuple[ActComm, ...], ctx: Contex
             # Likewise a gather over every device of a 64+ device slice, which XLA:TPU runs as an
             # all-reduce (tpflax._src.tpu.gathers_reduce): the estimate doubles it, the chooser does not,
             # as it would only weigh fsdp against no fsdp harder on the pods where memory needs it most.
-            gather = gathered_bytes(shard, x.itemsize, tpu, x.matmul or bool(x.grad_item))
+            gather = gathered_bytes(shard, x.itemsize, tpu, x.matmul or bool(x.cast_item))
             add("all-gather", f_axes, gather * nf, 1, "fsdp: gather the parameter")
             if tpu and (len(x.shape) - (x.layers > 1) < 2 or x.positional):  # 1-D: see the comment above
                 group = tuple(a for a in mesh.names if a in f_axes or a in free)

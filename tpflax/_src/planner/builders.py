@@ -98,9 +98,9 @@ class Linear:
     guess: str = ""  # a row: why the tree cannot tell that it reads its columns' output (the pair stays whole)
     # traced: its head_dim output is cut in halves (a rotate-half RoPE) or not; None: untraced, unknown
     rope: bool | None = None
-    # traced: its matmul reads a copy of the kernel (inside a scan or a rematerialised call, or through a cast:
-    # Dataflow.derived), which XLA splits as it splits the output (a whole key/value column: cost/pieces.py
-    # column_read)
+    # traced: its matmul reads a copy of the kernel (inside a scan or a rematerialised call, or cast to another
+    # dtype: State.casts), which XLA splits as it splits the output (a whole key/value column: cost/pieces.py
+    # column_read, as the estimate's whole_members)
     loop: bool = False
     # traced: most of the model's matmuls run rematerialised: the backward recomputes the forward's collectives
     # (a head_dim-split key/value's gathers, cost/kvsplit.py)
@@ -143,9 +143,9 @@ class State:
     rows: dict[str, float] = field(default_factory=dict)
     # traced: tables looked up at batch-free positions, whose rows XLA:TPU all-reduces split or not (Dataflow.positional)
     positional: frozenset[str] = frozenset()
-    # traced: {path: bytes per element} of leaves every matmul and lookup reads cast to that dtype (Dataflow.cast_to):
-    # XLA:TPU reduces their gradients in it where it is narrower (a bfloat16 model's float32 kernels)
-    casts: dict[str, int] = field(default_factory=dict)
+    # traced: {path: dtype} of leaves every matmul and lookup reads cast to that dtype (Dataflow.cast_to): XLA lays
+    # a cast copy out as the matmul prefers; XLA:TPU gathers the leaf and reduces its gradient in a narrower one
+    casts: dict[str, str] = field(default_factory=dict)
     # traced: expert kernels reading a dispatched buffer, its rows per priced token on one device (see shard_experts)
     buffers: dict[str, float] = field(default_factory=dict)
     batch_free: frozenset[str] = frozenset()  # of those, the buffers the dispatch summed the batch into

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tpflax._src.cost.price import ActComm, Context, Cost, LeafLayout, compare, price
+from tpflax._src.facts.tree import itemsize
 from tpflax._src.planner.decision import Alternative
 from tpflax._src.specs import entries, fmt_bytes, to_pspec
 
@@ -80,20 +81,21 @@ def revise(p: Any, **changes: Any) -> Any:
     return q
 
 
-def layout(f: Any, p: Any, matmul: bool, positional: bool = False, pieces: int = 1, cast: int = 0) -> LeafLayout:
-    """A leaf's :class:`LeafLayout` under proposal ``p``; ``cast``: the bytes per element every matmul and lookup
-    reads it cast to (:attr:`State.casts`), its gradient's where narrower than the leaf's."""
+def layout(f: Any, p: Any, matmul: bool, positional: bool = False, pieces: int = 1, cast: str = "") -> LeafLayout:
+    """A leaf's :class:`LeafLayout` under proposal ``p``; ``cast``: the dtype every matmul and lookup reads it
+    cast to (:attr:`State.casts`), its :attr:`LeafLayout.cast_item` where narrower than the leaf's."""
     shape = tuple(f.leaf.shape)
     spec = p.spec if len(p.spec) == len(shape) else entries(p.spec, len(shape))
-    grad = cast if 0 < cast < f.leaf.itemsize else 0
-    return _layout(shape, f.leaf.itemsize, spec, f.leaf.trainable, matmul, f.layers_dim, positional, pieces, grad)
+    narrow = itemsize(cast) if cast else 0
+    narrow = narrow if 0 < narrow < f.leaf.itemsize else 0
+    return _layout(shape, f.leaf.itemsize, spec, f.leaf.trainable, matmul, f.layers_dim, positional, pieces, narrow)
 
 
 @functools.lru_cache(maxsize=1 << 14)
-def _layout(shape, item, spec, trainable, matmul, layers_dim, positional, pieces, grad_item) -> LeafLayout:
+def _layout(shape, item, spec, trainable, matmul, layers_dim, positional, pieces, cast_item) -> LeafLayout:
     return LeafLayout(shape, item, spec, trainable=trainable, matmul=matmul,
                       layers=1 if layers_dim is None else shape[layers_dim], positional=positional,
-                      pieces=pieces, grad_item=grad_item)
+                      pieces=pieces, cast_item=cast_item)
 
 
 @functools.lru_cache(maxsize=1 << 12)
@@ -102,18 +104,17 @@ def _pspec(spec):
 
 
 def _leaves(o: Option, facts: Mapping[str, Any], positional: frozenset[str],
-            casts: Mapping[str, int] | None = None) -> tuple[LeafLayout, ...]:
+            casts: Mapping[str, str] | None = None) -> tuple[LeafLayout, ...]:
     """One option's leaves as priced; ``positional``: the traced tables looked up at batch-free positions
     (:attr:`State.positional`); ``casts``: :attr:`State.casts`."""
     pieces, casts = dict(o.pieces), casts or {}
-    return tuple(layout(facts[path], p, path in o.matmul, path in positional, pieces.get(path, 1), casts.get(path, 0))
+    return tuple(layout(facts[path], p, path in o.matmul, path in positional, pieces.get(path, 1), casts.get(path, ""))
                  for path, p in o.proposals)
 
 
-def cost_of(o: Option, facts: Mapping[str, Any], ctx: Context, positional: frozenset[str] = frozenset(),
-            casts: Mapping[str, int] | None = None) -> Cost:
+def cost_of(o: Option, facts: Mapping[str, Any], ctx: Context, positional: frozenset[str] = frozenset()) -> Cost:
     """The priced cost of one option (cached by value: alike layers are priced once)."""
-    return price(_leaves(o, facts, positional, casts), o.acts, ctx)
+    return price(_leaves(o, facts, positional), o.acts, ctx)
 
 
 def _duplicates(a: Cost, b: Cost) -> bool:

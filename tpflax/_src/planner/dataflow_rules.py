@@ -16,7 +16,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from tpflax._src.facts.classify import Facts
-from tpflax._src.facts.tree import itemsize
 from tpflax._src.mesh import MeshShape, batch_axes
 from tpflax._src.planner.builders import (
     Linear,
@@ -84,8 +83,8 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Datafl
     fewer, a pooled projection, is priced per row it reads). ``buffers``: the
     dispatched buffers expert kernels read (:func:`tpflax._src.planner.pricing.expert_buffers`).
     """
-    casts = {path: itemsize(dtype) for path, dtype in flow.cast_to().items()}
-    c = _start(facts, State(mesh, opts, forced=dict(skip or {}), positional=frozenset(flow.positional()), casts=casts,
+    c = _start(facts, State(mesh, opts, forced=dict(skip or {}), positional=frozenset(flow.positional()),
+                            casts=flow.cast_to(),
                             pins=pins(flow), streamed=frozenset(flow.split_widths)), flow)
     widest = widest_rows or max((u.tokens for u in flow.uses), default=0)
     for u in flow.uses:  # what each contraction reads, for the chooser (first use of a leaf)
@@ -505,7 +504,7 @@ def _column(c: _Flow, sid: int, e: Edge, row_path: str) -> Linear:
                   limit=limit if limit and limit != fS.body[cb] else None,
                   cut=sizes if sum(sizes) == fS.body[cb] else (),
                   rope=c.flow.fused.get((sid, last), 1) > 1,
-                  loop=bool(fS.stacked) or c.flow.remat >= 0.5 or sid in c.flow.derived,
+                  loop=bool(fS.stacked) or c.flow.remat >= 0.5 or c.st.casts.get(S.path, fS.leaf.dtype) != fS.leaf.dtype,
                   remat=c.flow.remat >= 0.5)
 
 

@@ -220,7 +220,7 @@ def fsdp(st: State, facts: Sequence[Facts]) -> None:
         if used_axes(p.spec) & f_axes:
             continue
         key = (p.spec, p.strategy, f.leaf.shape, f.leaf.itemsize, f.leaf.trainable, f.stacked, f.layers_at,
-               st.rows.get(f.path), f.path in st.positional, st.casts.get(f.path, 0)) if by_cost and f.path not in st.forced else None
+               st.rows.get(f.path), f.path in st.positional, st.casts.get(f.path, "")) if by_cost and f.path not in st.forced else None
         reuse = seen.get(key) if key is not None else None
         if reuse is not None:
             reuse.apply(st, f, p)

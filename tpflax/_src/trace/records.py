@@ -358,10 +358,14 @@ class Dataflow:
         """``{path: (contracted dims, kept dims)}``: each parameter's first ``dot`` use without batch dims, the
         matmul a constraint's split meets (:mod:`tpflax._src.cost.disagree`); ``batched``: each one's first
         ``dot`` use with batch dims instead (an expert kernel's, ``BSEH,EHM->BSEM``; its kept dims exclude them)."""
-        out: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        return {p: (tuple(u.contracted), tuple(u.kept)) for p, u in self._first_dots(batched).items()}
+
+    def _first_dots(self, batched: bool = False) -> dict[str, Use]:
+        """Each parameter's first ``dot`` use without batch dims (``batched``: with them), as :meth:`dots` reads."""
+        out: dict[str, Use] = {}
         for u in self.uses:
             if u.op == "dot" and (bool(u.batch) if batched else not u.batch and u.rows) and u.path not in out:
-                out[u.path] = (tuple(u.contracted), tuple(u.kept))
+                out[u.path] = u
         return out
 
     def cast_to(self) -> dict[str, str]:
@@ -376,11 +380,7 @@ class Dataflow:
 
     def derived_dots(self) -> frozenset[str]:
         """The parameters whose :meth:`dots` use reads the kernel through an op (:attr:`derived`)."""
-        first: dict[str, int] = {}
-        for i, u in enumerate(self.uses):
-            if u.op == "dot" and not u.batch and u.rows:
-                first.setdefault(u.path, i)
-        return frozenset(p for p, i in first.items() if i in self.derived)
+        return frozenset(p for p, u in self._first_dots().items() if u.id in self.derived)
 
 
 def reached_dims(meets: tuple[tuple[str, int, str, int], ...], start: set[tuple[str, int]]) -> set[tuple[str, int]]:
