@@ -131,7 +131,9 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
         # XLA:CPU reduces the column inputs' gradients one by one (q, k and v are three
         # all-reduces); XLA:TPU adds them first and reduces their shared input's gradient once,
         # except where a residual also reads that input (post-norm: BERT, BART): the partial
-        # gradients are then added to the residual's one by one, and it reduces each (trace.sharing)
+        # gradients are then added to the residual's one by one, and it reduces each; and where each
+        # column casts the input for itself (a bfloat16 Dense over a float32 norm output): each partial
+        # gradient is converted back before the sum, and it reduces each (trace.sharing)
         # a tensor-split grouped convolution is gathered whole (cost/grouped.py): its input gradient is whole
         tensor_cols = [c for c in cols if s.axes(c, TENSOR) and not (s.grouped or {}).get(c)]
         # a column split only on dims its contractions batch over (Griffin's RG-LRU gates, block-diagonal by

@@ -88,7 +88,7 @@ class Scope:
     rows: Mapping[str, float] | None = None  # traced rows per example a parameter's contraction reads
     fused: Mapping[str, tuple[int, int | tuple[int, ...], tuple[int, ...], bool]] | None = None  # traced fused kernels
     # (param dim, pieces, pieces read whole): see cost/reshard.py
-    shared: frozenset[str] | None = None  # traced kernels whose input a residual also reads (trace.sharing)
+    shared: frozenset[str] | None = None  # traced kernels whose input gradient is reduced apart (trace.sharing)
     lookups: Mapping[str, int] | None = None  # traced tables looked up by several gathers (cost.traced.Traced)
     grouped: Mapping[str, float] | None = None  # traced grouped convolutions (cost.traced.Traced)
     joined: Mapping[str, tuple[float, ...]] | None = None  # a projection's joined other uses' rows (Traced)

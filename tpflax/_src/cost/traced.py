@@ -63,9 +63,10 @@ class Traced:
             cut the pieces apart (:attr:`tpflax._src.trace.records.Dataflow.views`).
         act_dtype: the dtype most of the contractions' rows come out in (a model that
             computes in bfloat16 from integer ids or float32 pixels).
-        shared: kernels whose input activation something other than a parameter
-            contraction also reads (a post-norm block's residual add: see
-            :mod:`tpflax._src.trace.sharing`).
+        shared: kernels whose input gradient XLA:TPU reduces apart from the other readers': something
+            other than a parameter contraction also reads their input activation (a post-norm block's
+            residual add), or each reader casts it for itself (a bfloat16 Dense over a float32 norm
+            output); see :mod:`tpflax._src.trace.sharing`.
         lookups: ``{path: n}`` for tables looked up whole by ``n > 1`` gathers (BART's
             and T5's shared table: the encoder's and the decoder's lookups); counted in
             ``parts`` too. XLA:TPU adds their scatter-adds before reducing them (one

@@ -211,10 +211,10 @@ def whole_members(s: Any) -> dict[str, WholeRead]:
                 continue
             # measured on XLA:CPU; XLA:TPU gathers a whole key/value's output gradient over every rank and sums
             # no pieces (the zoo llama, fsdp=2,model=4 on v5e:2x4: tests/test_tpu.py, 3.3% over with pieces)
-            k = output_pieces(s, m, pc.rows, axes) if s.backend == "cpu" else None
             # the matmul reads a copy XLA splits in the pieces: a loop's or a remat'd call's, unless tpflax's fsdp
             # step gathers the kernel whole for it; a dtype cast's, made after that gather
             cast = (s.cast_to or {}).get(m, d.dtype) != d.dtype
+            k = output_pieces(s, m, pc.rows, axes) if s.backend == "cpu" or cast else None
             copy = (s.remat or d.layers_dim is not None) and not _pinned(s, m) or cast
             out[m] = column_read(m, axes, in_b, out_b, k, copy)
     return out

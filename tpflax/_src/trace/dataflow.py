@@ -55,7 +55,7 @@ from tpflax._src.model import abstract, as_model
 from tpflax._src.trace.handlers import new_walk
 from tpflax._src.trace.interpreter import Val, is_minor
 from tpflax._src.trace.records import Dataflow, Edge, Use
-from tpflax._src.trace.sharing import VIEWS, read_groups, shared_reads
+from tpflax._src.trace.sharing import VIEWS, own_casts, read_groups, shared_reads
 
 __all__ = ["Dataflow", "Edge", "Use", "analyze", "dataflow", "trace_jaxpr"]
 
@@ -277,7 +277,7 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                     channels={p: by for p, by in w.channels.items() if by},
                     scanned=dict(w.scanned), n_eqns=w.n_eqns, fused=found["fused"], branches=branches,
                     cuts=found["cuts"], views=frozenset(w.root(k) for k in w.views),
-                    shared=shared_reads(jaxpr, w.reads), remat=remat,
+                    shared=shared_reads(jaxpr, w.reads) | own_casts(jaxpr, w.reads), remat=remat,
                     remat_calls=remat_calls,
                     products=_one_branch(w.products), channelwise=dict(w.channelwise),
                     split_sums=tuple((frozenset(w.root(k) for k in ks), n, c) for ks, n, c in w.split_sums),

@@ -184,8 +184,9 @@ class Dataflow:
         remat_calls: the outermost rematerialised calls as they run (a scan body's once per iteration):
             the layers a remat'd step recomputes one at a time.
         shared: use ids of contractions whose activation input something other than
-            a parameter contraction also reads (a post-norm block's residual add; see
-            :mod:`tpflax._src.trace.sharing`).
+            a parameter contraction also reads (a post-norm block's residual add), or that read
+            their own dtype cast of an input other contractions read too (a bfloat16 Dense over a
+            float32 norm output); see :mod:`tpflax._src.trace.sharing`.
         split_sums: ``(kernel dims, elements, runs)``: a product of two activations summing those kernel
             dims' features (forward: its contracted dims; backward: a side's free dims, summed into the
             other side's gradient) all-reduces that many elements per run when one is split.

@@ -11,6 +11,12 @@ BERT-base on v5e:2x4 compiles one tuple all-reduce of three ``f32[4,512,768]``
 per layer where pre-norm models compile one). The cost model reads the result
 (:func:`tpflax._src.cost.comm`).
 
+A bfloat16 Dense over a float32 input (transformers' Flax models with ``dtype=``: their RMSNorm returns
+float32) converts the input inside each projection: q, k and v read three casts of it, and their cotangents
+are three bfloat16 values, each converted back before the float32 sum. XLA:TPU all-reduces the three apart
+too (one tuple all-reduce of three ``bf16[4,32,64]`` per layer, measured on v5e:2x4: transformers' Llama in
+mixed precision, data=2,model=4), so :func:`own_casts` marks them like the post-norm reads.
+
 Views on the way (dtype converts, reshapes, transposes, calls such as ``pjit``)
 are looked through on both sides: a bfloat16 Dense converts its input first,
 and that convert is not another reader.
@@ -145,6 +151,30 @@ def shared_reads(jaxpr: Any, reads: Mapping[int, tuple[Any, int, tuple]]) -> fro
     contractions = {id(eqn) for eqn, _, _ in reads.values()}
     return frozenset(uid for uid, (eqn, k, ctx) in reads.items()
                      if index.other_reader(index.root(eqn.invars[k], ctx), contractions))
+
+
+def own_casts(jaxpr: Any, reads: Mapping[int, tuple[Any, int, tuple]]) -> frozenset[int]:
+    """Use ids whose activation is one of several dtype casts of one value that contractions read: each
+    reader converts it for itself (a bfloat16 Dense over a float32 input), so the backward's partial input
+    gradients are converted back one by one before they are added.
+
+    >>> import jax, jax.numpy as jnp
+    >>> w = {"q": jnp.ones((4, 4), jnp.bfloat16), "k": jnp.ones((4, 4), jnp.bfloat16)}
+    >>> each = lambda w, x: (x.astype(jnp.bfloat16) @ w["q"]) * (x.astype(jnp.bfloat16) @ w["k"])
+    >>> once = lambda w, x: (lambda y: (y @ w["q"]) * (y @ w["k"]))(x.astype(jnp.bfloat16))
+    >>> def cast(fn):
+    ...     closed = jax.make_jaxpr(fn)(w, jnp.ones((2, 4)))
+    ...     dots = [e for e in closed.jaxpr.eqns if e.primitive.name == "dot_general"]
+    ...     return sorted(own_casts(closed.jaxpr, {i: (e, 0, ()) for i, e in enumerate(dots)}))
+    >>> cast(each), cast(once)
+    ([0, 1], [])
+    """
+    one = read_groups(jaxpr, reads)
+    apart = read_groups(jaxpr, reads, VIEWS - {"convert_element_type"})
+    values: dict[int, set[int]] = {}
+    for uid, group in one.items():
+        values.setdefault(group, set()).add(apart[uid])
+    return frozenset(uid for uid, group in one.items() if len(values[group]) > 1)
 
 
 def read_groups(jaxpr: Any, reads: Mapping[int, tuple[Any, int, tuple]], views: frozenset = VIEWS) -> dict[int, int]:
