@@ -135,3 +135,50 @@ def test_columns_casting_their_input_each_for_itself_are_reduced_apart_on_tpu(on
     # two rows' outputs forward, and the columns' input gradients: two apart, or one
     assert sorted(len(c.shapes) for c in sums) == ([1, 1, 1, 1] if once else [1, 1, 2, 2])
     assert est.comm["all-reduce"]["model"] == dr.comm()["all-reduce"]["model"] == 24576 * (4 if once else 6)
+
+
+class _TiedHalfCast(nn.Module):
+    """GPT-Neo's table: looked up as it is (float32), its transpose cast to bfloat16 for the logits."""
+
+    @nn.compact
+    def __call__(self, ids):
+        emb = nn.Embed(1000, 64, name="wte")
+        x = emb(ids)
+        x = x + nn.Dense(64, dtype=jnp.bfloat16, name="mix")(x).astype(jnp.float32)
+        return x.astype(jnp.bfloat16) @ emb.embedding.T.astype(jnp.bfloat16)
+
+
+class _CastConvs(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(32, (3, 3), dtype=jnp.bfloat16, name="c0")(x)
+        x = nn.Conv(32, (3, 3), dtype=jnp.bfloat16, name="c1")(nn.relu(x))
+        return nn.Dense(10, dtype=jnp.bfloat16, name="head")(x.mean((1, 2)))
+
+
+@needs_libtpu
+@pytest.mark.parametrize("net,x", [(_TiedHalfCast(), jnp.ones((8, 32), jnp.int32)),
+                                   (_CastConvs(), jnp.ones((8, 16, 16, 3)))], ids=["tied-table", "convs"])
+def test_each_read_of_a_leaf_has_its_gradient_reduced_in_the_dtype_it_reads_on_tpu(net, x, devices):
+    # XLA:TPU sums a weight gradient in the dtype the op that made it computes in. A float32 table looked up as
+    # it is and cast to bfloat16 for the tied logits (transformers' GPT-Neo and XGLM in mixed precision) has two:
+    # one float32 (the lookup's) and one bfloat16 (the logits'), both priced as float32 before (1.327 of the
+    # compiled collectives here, 1.28 on GPT-Neo's data axis). A bfloat16 convolution over float32 kernels (ViT's
+    # patch embedding) sums its gradient as bfloat16, priced as float32 before (1.969 here)
+    params = jax.eval_shape(net.init, jax.random.key(0), x)
+    loss = lambda out, batch: jnp.mean(out.astype(jnp.float32) ** 2)  # noqa: E731
+    p = tpflax.plan(params, {"data": 8}, model=net.apply, sample=x)
+    mesh = tpflax.make_mesh({"data": 8}, target="tpu-v5e:2x4")
+    dr = tpflax.dry_run(tpflax.make_train_step(net.apply, p, mesh, optax.adamw(1e-3), sample=x, loss=loss), p, mesh)
+    est = tpflax.estimate(p, optax.adamw(1e-3), model=net.apply, sample=x, batch=x, loss=loss, backend="tpu",
+                          target="tpu-v5e:2x4")
+    ring = 2 * 7 / 8  # an all-reduce over 8 devices moves this much of its operand on each
+
+    operands = sorted((t, s) for c in dr.collectives for t, s in zip(c.dtypes, c.shapes, strict=True))
+    if isinstance(net, _TiedHalfCast):
+        assert [t for t, s in operands if s == (1000, 64)] == ["bf16", "f32"]
+        assert sorted(i.ring_bytes for i in est.items if "wte" in i.source) == [64000 * 2 * ring, 64000 * 4 * ring]
+    else:
+        assert [(t, s) for t, s in operands if len(s) == 4] == [("bf16", (3, 3, 3, 32)), ("bf16", (3, 3, 32, 32))]
+        assert [i.ring_bytes for i in est.items if "/c1/kernel" in i.source] == [3 * 3 * 32 * 32 * 2 * ring]
+    assert abs(est.comm_total / dr.comm_total - 1) < 0.01  # measured 1.0003 and 1.0069: the small sums' padding

@@ -96,24 +96,33 @@ def gradient_items(s: Scope) -> list[CommItem]:
                 why = f"{why}; only the {s.sliced[path]:.3g} of it its static slices read"
             items.append(CommItem(kind, axes, size, n, count * k, label, why))
             if parts > 1 and kind != "all-gather":  # the other uses' gradients: all-reduced whole (XLA:TPU)
-                items.append(CommItem("all-reduce" if kind == "reduce-scatter" else kind, axes, size, n,
+                other, note = size, ""
+                if (some := _cast_item(s, path, d, some=True)) is not None and g_item is None:
+                    # one use reads a narrower copy (GPT-Neo's float32 table looked up as it is, its bfloat16
+                    # logits): that use's gradient is reduced in the copy's dtype (measured, XLA:TPU)
+                    other, note = size // leaf_itemsize(d) * some, ", the other read's in the dtype it is cast to"
+                items.append(CommItem("all-reduce" if kind == "reduce-scatter" else kind, axes, other, n,
                                       count * k * (parts - 1), label,
                                       f"used whole {parts} times (a tied table's lookup and logits, a shared "
                                       "layer, a weight also scaled per example): each use's gradient is reduced "
-                                      "separately"))
+                                      f"separately{note}"))
     return items + lookup_concat_items(s)
 
 
-def _cast_item(s: Any, path: str, d: Any) -> int | None:
+def _cast_item(s: Any, path: str, d: Any, some: bool = False) -> int | None:
     """On XLA:TPU, bytes per element of the narrower dtype every matmul and lookup reads ``path`` cast to
     (:attr:`Scope.cast_to`: a bfloat16 model's float32 kernels and tables); else None. Its gradient comes out of
     them in that dtype and is reduced before the cast back, unless ``grad_dtype=`` says otherwise; the leaf is
     gathered in it too. Measured, XLA:TPU v5e:2x4 data=2,model=4, the zoo Llama computing in bfloat16 over
     float32 parameters: every kernel's and the table's gradient all-reduced as bfloat16, half the float32 bytes
-    (``tests/test_tpu.py``); XLA:CPU sums 16-bit gradients in float32 anyway."""
+    (``tests/test_tpu.py``); XLA:CPU sums 16-bit gradients in float32 anyway.
+
+    ``some``: of the narrower dtype some reads cast it to while the others read it as it is (:attr:`Scope.cast_some`),
+    each read's gradient reduced in its own dtype (measured, transformers' GPT-Neo in mixed precision: its float32
+    table's gradient all-reduced once as float32, the lookup's, and once as bfloat16, the tied logits')."""
     if s.backend != "tpu":
         return None
-    cast = (s.cast_to or {}).get(path)
+    cast = ((s.cast_some if some else s.cast_to) or {}).get(path)
     item = itemsize(cast) if cast else None
     return item if item and item < leaf_itemsize(d) else None
 

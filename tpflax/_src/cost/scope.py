@@ -135,6 +135,8 @@ class Scope:
     derived: frozenset[str] = frozenset()
     # parameters every matmul and lookup reads cast to one dtype: {path: dtype} (Traced.cast_to)
     cast_to: Mapping[str, str] = field(default_factory=dict)
+    # parameters some matmul or lookup reads as they are, the others cast to one dtype (Traced.cast_some)
+    cast_some: Mapping[str, str] = field(default_factory=dict)
     scanned: Mapping[str, int] = field(default_factory=dict)  # traced stacks: {path: leaf dim} (Traced.scanned)
     # traced parameter dims a model's own with_sharding_constraint lays out over mesh axes (Traced.constrained)
     constrained: tuple[tuple[str, int, tuple[str, ...]], ...] = ()

@@ -174,6 +174,8 @@ class Traced:
             (:meth:`tpflax._src.trace.records.Dataflow.derived_dots`).
         cast_to: ``{path: dtype}`` of parameters every matmul and lookup reads cast to that dtype
             (:meth:`tpflax._src.trace.records.Dataflow.cast_to`).
+        cast_some: ``{path: dtype}`` of parameters some matmul or lookup reads as they are and others cast to that
+            dtype (:meth:`tpflax._src.trace.records.Dataflow.cast_some`).
     """
 
     tied: frozenset[str] | None = None
@@ -228,6 +230,7 @@ class Traced:
     direct: frozenset[str] = frozenset()
     derived: frozenset[str] = frozenset()
     cast_to: Mapping[str, str] = field(default_factory=dict)
+    cast_some: Mapping[str, str] = field(default_factory=dict)
 
 
 def frozen_inputs(t: Traced, trainable: Mapping[str, bool]) -> frozenset[str]:
@@ -370,7 +373,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None
                                     and all(flow.only_reduced(u.id, k) for k in u.kept)),
                   apart=_apart(flow), split_widths=flow.split_widths, batched_dots=flow.dots(batched=True),
                   shard_mapped=dict(flow.in_specs), direct=frozenset(flow.uses[u].path for u in flow.direct),
-                  derived=flow.derived_dots(), cast_to=flow.cast_to())
+                  derived=flow.derived_dots(), cast_to=flow.cast_to(), cast_some=flow.cast_some())
 
 
 def _apart(flow: Any) -> dict[str, str]:

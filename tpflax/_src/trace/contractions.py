@@ -293,7 +293,10 @@ def conv_general_dilated(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: l
         contracted = [dims[d] for d in rspec[1:] if dims[d] is not None]
         # a kernel computed from several weights (a weight norm's v and g) moves its activations once
         uid = w.use(ctx, eqn, path, "conv", contracted, [o] if o is not None else [], [], rhs.const_of,
-                    positions, grouped=moved if n == 0 else None, from_input=not lhs.live, in_rows=in_positions)
+                    positions, str(eqn.outvars[0].aval.dtype), grouped=moved if n == 0 else None,
+                    from_input=not lhs.live, in_rows=in_positions)
+        if id(rhs) not in w.raw:
+            w.derived.add(uid)
         w.note_grad(uid, lhs)
         fresh = uid if len(rhs.origin) == 1 else None
         if groups == 1 and i is not None:

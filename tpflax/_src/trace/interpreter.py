@@ -193,7 +193,7 @@ class Walk:
     # that contract such a value as it is, with no op between (Dataflow.direct)
     pinned: dict[int, Any] = field(default_factory=dict)
     direct: set[int] = field(default_factory=set)
-    derived: set[int] = field(default_factory=set)  # dot uses whose kernel is not the parameter's own value
+    derived: set[int] = field(default_factory=set)  # uses whose kernel is not the parameter's own value
     n_eqns: int = 0
     # id of a parameter's own Val (as analyze seeds it) -> its path, and per path what reads that Val: a static
     # slice's (start, limit) per dim, or None for anything else (Dataflow.sliced)

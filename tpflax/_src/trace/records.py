@@ -254,7 +254,7 @@ class Dataflow:
             out_specs laid out, read as it is (no op between): where the constraint replicates a dim the plan
             splits, XLA gathers such a reader's kernel whole for the backward product; with an op between (a
             relu) it gathers the activation's gradient instead (:func:`tpflax._src.cost.whole.replicated_items`).
-        derived: ``dot`` and ``gather`` uses whose kernel or table is not the parameter's own value but one an op
+        derived: ``dot``, ``conv`` and ``gather`` uses whose kernel or table is not the parameter's own value but one an op
             made of it (a dtype cast, Flax's ``Dense(dtype=bfloat16)``; a reshape, a negation; a scanned stack's
             slice). XLA's sharding propagation lays such a value out as the matmul prefers, where the parameter
             itself keeps the layout it was placed in: a whole kernel read this way that contracts split features
@@ -370,14 +370,24 @@ class Dataflow:
         return out
 
     def cast_to(self) -> dict[str, str]:
-        """``{path: dtype}``: parameters every ``dot`` and lookup of which reads a copy an op made of them
-        (:attr:`derived`), all in that one dtype (a ``dot``'s output, a lookup's table): a bfloat16 model's float32
-        kernels and tables. Their gradient comes out of those ops in that dtype, and is cast back after it."""
+        """``{path: dtype}``: parameters every ``dot``, convolution and lookup of which reads a copy an op made of
+        them (:attr:`derived`), all in that one dtype (a ``dot``'s output, a lookup's table): a bfloat16 model's
+        float32 kernels and tables. Their gradient comes out of those ops in that dtype, and is cast back after it."""
+        return {p: next(iter(ds)) for p, ds in self._read_dtypes().items() if len(ds) == 1 and "" not in ds}
+
+    def cast_some(self) -> dict[str, str]:
+        """``{path: dtype}``: parameters some ``dot`` or lookup reads as they are and others through a copy in that
+        one dtype (GPT-Neo's float32 table: looked up as it is, its transpose cast to bfloat16 for the logits).
+        Each read's gradient comes out in its own dtype."""
+        return {p: min(ds - {""}) for p, ds in self._read_dtypes().items() if "" in ds and len(ds) == 2}
+
+    def _read_dtypes(self) -> dict[str, set[str]]:
+        """``{path: dtypes}`` its ``dot``, convolution and lookup uses read it in: a copy's (:attr:`derived`), "" as it is."""
         seen: dict[str, set[str]] = {}
         for u in self.uses:
-            if u.op in ("dot", "gather"):
+            if u.op in ("dot", "conv", "gather"):
                 seen.setdefault(u.path, set()).add(u.dtype if u.id in self.derived and u.dtype else "")
-        return {p: next(iter(ds)) for p, ds in seen.items() if len(ds) == 1 and "" not in ds}
+        return seen
 
     def derived_dots(self) -> frozenset[str]:
         """The parameters whose :meth:`dots` use reads the kernel through an op (:attr:`derived`)."""
