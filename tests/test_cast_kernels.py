@@ -148,6 +148,17 @@ class _TiedHalfCast(nn.Module):
         return x.astype(jnp.bfloat16) @ emb.embedding.T.astype(jnp.bfloat16)
 
 
+class _SharedCastTable(nn.Module):
+    """BART's and T5's shared table in mixed precision: looked up by the encoder and the decoder, and tied to the
+    logits, every read a bfloat16 copy."""
+
+    @nn.compact
+    def __call__(self, ids):
+        emb = nn.Embed(1000, 64, dtype=jnp.bfloat16, name="shared")
+        x = emb(ids) + emb(ids[:, ::-1])
+        return emb.attend(nn.Dense(64, dtype=jnp.bfloat16, name="mix")(x))
+
+
 class _CastConvs(nn.Module):
     @nn.compact
     def __call__(self, x):
@@ -158,13 +169,16 @@ class _CastConvs(nn.Module):
 
 @needs_libtpu
 @pytest.mark.parametrize("net,x", [(_TiedHalfCast(), jnp.ones((8, 32), jnp.int32)),
-                                   (_CastConvs(), jnp.ones((8, 16, 16, 3)))], ids=["tied-table", "convs"])
+                                   (_SharedCastTable(), jnp.ones((16, 16), jnp.int32)),
+                                   (_CastConvs(), jnp.ones((8, 16, 16, 3)))], ids=["tied-table", "shared-table", "convs"])
 def test_each_read_of_a_leaf_has_its_gradient_reduced_in_the_dtype_it_reads_on_tpu(net, x, devices):
     # XLA:TPU sums a weight gradient in the dtype the op that made it computes in. A float32 table looked up as
     # it is and cast to bfloat16 for the tied logits (transformers' GPT-Neo and XGLM in mixed precision) has two:
     # one float32 (the lookup's) and one bfloat16 (the logits'), both priced as float32 before (1.327 of the
     # compiled collectives here, 1.28 on GPT-Neo's data axis). A bfloat16 convolution over float32 kernels (ViT's
-    # patch embedding) sums its gradient as bfloat16, priced as float32 before (1.969 here)
+    # patch embedding) sums its gradient as bfloat16, priced as float32 before (1.969 here). A table looked up
+    # twice and tied, every read cast (BART's and T5's shared table): each lookup's scatter-add is reduced apart,
+    # where float32 it scatters both as one after all-to-alls (cost/lookups.py; BART's data axis 0.887, now 1.005)
     params = jax.eval_shape(net.init, jax.random.key(0), x)
     loss = lambda out, batch: jnp.mean(out.astype(jnp.float32) ** 2)  # noqa: E731
     p = tpflax.plan(params, {"data": 8}, model=net.apply, sample=x)
@@ -178,6 +192,11 @@ def test_each_read_of_a_leaf_has_its_gradient_reduced_in_the_dtype_it_reads_on_t
     if isinstance(net, _TiedHalfCast):
         assert [t for t, s in operands if s == (1000, 64)] == ["bf16", "f32"]
         assert sorted(i.ring_bytes for i in est.items if "wte" in i.source) == [64000 * 2 * ring, 64000 * 4 * ring]
+    elif isinstance(net, _SharedCastTable):
+        assert [t for t, s in operands if s == (1000, 64)] == ["bf16"] * 3
+        assert not [c for c in dr.collectives if c.kind == "all-to-all"]
+        assert [(i.ring_bytes, i.count) for i in est.items if "shared" in i.source] == [(64000 * 2 * ring, 1),
+                                                                                       (64000 * 2 * ring, 2)]
     else:
         assert [(t, s) for t, s in operands if len(s) == 4] == [("bf16", (3, 3, 3, 32)), ("bf16", (3, 3, 32, 32))]
         assert [i.ring_bytes for i in est.items if "/c1/kernel" in i.source] == [3 * 3 * 32 * 32 * 2 * ring]

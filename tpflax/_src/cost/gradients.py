@@ -8,7 +8,7 @@ import math
 from typing import Any
 
 from tpflax._src.cost.batch import config_value
-from tpflax._src.cost.lookups import lookup_concat_items
+from tpflax._src.cost.lookups import lookup_concat_items, scattered_as_one
 from tpflax._src.cost.price import tpu_gather_item, tpu_reduce_scatters
 from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.scope import (
@@ -57,7 +57,7 @@ def gradient_items(s: Scope) -> list[CommItem]:
         # and logits, a layer called twice), then adds them
         parts = s.parts.get(path, 1) if s.parts is not None else (2 if is_tied(path, d, s) else 1)
         parts += s.combined.get(path, 0)  # its elementwise uses' gradients (Traced.combined), reduced apart
-        if s.backend == "tpu":  # XLA:TPU adds a table's lookups' scatter-adds first: one part for all
+        if scattered_as_one(s, path, d):  # XLA:TPU adds a table's lookups' scatter-adds first: one part for all
             parts -= max((s.lookups or {}).get(path, 1) - 1, 0)
         cast = _cast_item(s, path, d)
         g_item = s.g_item if s.g_item is not None else cast

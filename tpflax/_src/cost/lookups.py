@@ -16,20 +16,33 @@ width on one device (its tensor split), for any split of the table (fsdp, model,
 * not for an untied table (two scatter-adds into zeros are reduced apart), not for one lookup;
 * at two and more examples per device; at one, the concatenation is resharded by collective-permutes
   instead (not modelled);
-* not on XLA:CPU, which scatters each lookup apart (no all-to-all).
+* not on XLA:CPU, which scatters each lookup apart (no all-to-all);
+* not for a table every read of which is cast to a narrower dtype (BART's and T5's shared table in mixed
+  precision): each lookup's bfloat16 scatter-add is reduced apart, like the logits' part (measured,
+  transformers' BART and T5 with ``dtype=bfloat16``, v5e:2x4 data=2,model=4: three ``bf16[V,64]``
+  all-reduces per step, no all-to-all).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from tpflax._src.cost.activations import acts_for
 from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.scope import Scope, body, drop_layers, is_tied, leaf_itemsize
+from tpflax._src.facts.tree import itemsize
 from tpflax._src.mesh import TENSOR
 from tpflax._src.specs import entry_axes
 
 IDS_ITEM = 4  # the concatenated ids: int32
+
+
+def scattered_as_one(s: Scope, path: str, d: Any) -> bool:
+    """Whether XLA:TPU adds the scatter-adds of ``path``'s lookups before it reduces them (see the module
+    docstring): on TPU, unless every read casts the table to a narrower dtype (:attr:`Scope.cast_to`)."""
+    cast = (s.cast_to or {}).get(path)
+    return s.backend == "tpu" and not (cast and itemsize(cast) < leaf_itemsize(d))
 
 
 def lookup_concat_items(s: Scope) -> list[CommItem]:
@@ -39,7 +52,8 @@ def lookup_concat_items(s: Scope) -> list[CommItem]:
     items: list[CommItem] = []
     for path, looks in (s.lookups or {}).items():
         d = s.lv.decisions.get(path)
-        if d is None or looks < 2 or not d.trainable or d.layers_dim is not None or not is_tied(path, d, s):
+        if d is None or looks < 2 or not d.trainable or d.layers_dim is not None or not is_tied(path, d, s) \
+                or not scattered_as_one(s, path, d):
             continue
         acts = acts_for(s.activations, d.unit)[:looks]
         if len(acts) == looks:  # each lookup's rows (global) and its output's element size
