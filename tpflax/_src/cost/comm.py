@@ -20,6 +20,7 @@ scan body, so a remat'd body gathers each layer again in the backward loop.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -46,6 +47,7 @@ from tpflax._src.cost.whole import (
     whole_members,
 )
 from tpflax._src.facts.classify import ATTN
+from tpflax._src.facts.tree import itemsize
 from tpflax._src.mesh import EXPERT, TENSOR
 from tpflax._src.specs import entry_axes
 from tpflax._src.trace.records import reached_dims
@@ -90,6 +92,10 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
     written = {rep_of.get(p, p) for p in s.written}
     mapped = {rep_of.get(p, p) for p in s.shard_mapped}
     body_split = {rep: axes for axes, reps in mapped_splits(s).items() for rep in reps}
+    # XLA:TPU's one sum of an input's partial gradients, by the value the columns read: a parallel block's
+    # attention and MLP columns (GPT-J's, read off one norm) are two pairs, one all-reduce (measured, transformers'
+    # GPT-J, v5e:2x4 data=2,model=4: one bf16[4,32,64] per layer for q, k, v and fc_in)
+    input_sums: dict[tuple[str, int], int] = {}
     for pc in s.lv.pairs:
         cols, rows = list(pc.columns), list(pc.rows)
         axes = tuple(dict.fromkeys(a for p in cols + rows for a in s.axes(p, TENSOR)))
@@ -152,6 +158,12 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
         summed = [c for c in split_cols if c not in alone]
         for c in alone + summed[:1]:
             what = f"columns {', '.join(label[x] for x in summed)}" if c in summed else f"column {label[c]}"
+            if c in summed and (at := input_sums.get(((s.apart or {}).get(c, c), count))) is not None:
+                also = f" and {', '.join(label[x] for x in summed)} (pair {pc.id}, reading the same input): sum"
+                items[at] = dataclasses.replace(items[at], why=items[at].why.replace(": sum", also, 1))
+                continue
+            if c in summed:
+                input_sums[((s.apart or {}).get(c, c), count)] = len(items)
             # a kernel contracted in slices (a stacked gate/up kernel used as w[0] and w[1]): one partial
             # input gradient per slice, each reduced apart
             k = (s.slices or {}).get(c, 1) if c in alone else 1
@@ -472,6 +484,11 @@ def _embedding_items(path: str, d: Any, axes: tuple[str, ...], s: Scope, *, note
     acts = acts_for(s.activations, d.unit) if len(b) == 2 else []
     size = s.nbytes(acts[0].output) if acts else s.rows_local * (math.prod(b[1:]) if split_vocab else b[-1]) \
         * s.act_item
+    if split_vocab and s.backend == "tpu" and s.parts is not None:
+        # XLA:TPU sums the split rows in the dtype the lookup made them in, traced: a float32 table looked up as it
+        # is in a bfloat16 model (transformers' GPT-J: f32[4,32,64], measured on v5e:2x4 data=2,model=4)
+        cast = (s.cast_to or {}).get(path)
+        size = size / s.act_item * (acts[0].itemsize if acts else itemsize(cast) if cast else leaf_itemsize(d))
     looks = (s.lookups or {}).get(path, 1)  # a table the encoder and the decoder both look up (T5)
     lv = s.lv  # a feature-split lookup keeps the residual stream split: gathered behind each norm too
     feeds_stream = _feeds_stream(path, d, axes, s)
