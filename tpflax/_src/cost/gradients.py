@@ -97,11 +97,15 @@ def gradient_items(s: Scope) -> list[CommItem]:
             items.append(CommItem(kind, axes, size, n, count * k, label, why))
             if parts > 1 and kind != "all-gather":  # the other uses' gradients: all-reduced whole (XLA:TPU)
                 other, note = size, ""
+                # read only through casts, each use's gradient is a bfloat16 value of its own, reduce-scattered
+                # beside the first (measured, XLA:TPU: the tied tables of transformers' GPT-2 on fsdp=8 and BART
+                # on fsdp=2,model=4 in mixed precision); a float32 table's dense part is all-reduced whole
+                alike = kind == "reduce-scatter" and cast is not None and s.g_item is None
                 if (some := _cast_item(s, path, d, some=True)) is not None and g_item is None:
                     # one use reads a narrower copy (GPT-Neo's float32 table looked up as it is, its bfloat16
                     # logits): that use's gradient is reduced in the copy's dtype (measured, XLA:TPU)
                     other, note = size // leaf_itemsize(d) * some, ", the other read's in the dtype it is cast to"
-                items.append(CommItem("all-reduce" if kind == "reduce-scatter" else kind, axes, other, n,
+                items.append(CommItem("all-reduce" if kind == "reduce-scatter" and not alike else kind, axes, other, n,
                                       count * k * (parts - 1), label,
                                       f"used whole {parts} times (a tied table's lookup and logits, a shared "
                                       "layer, a weight also scaled per example): each use's gradient is reduced "
