@@ -209,8 +209,10 @@ def whole_members(s: Any) -> dict[str, WholeRead]:
             if m in pc.rows:
                 out[m] = narrower(m, axes, out_b, in_b, "forward")
                 continue
-            # measured on XLA:CPU; XLA:TPU gathers a whole key/value's output gradient over every rank and sums
-            # no pieces (the zoo llama, fsdp=2,model=4 on v5e:2x4: tests/test_tpu.py, 3.3% over with pieces)
+            # measured on XLA:CPU; XLA:TPU gathers a whole float32 key/value's output gradient over every rank and
+            # sums no pieces (the zoo llama, fsdp=2,model=4 on v5e:2x4: tests/test_tpu.py, 3.3% over with pieces),
+            # but splits a cast copy in the pieces too (transformers' Mistral in mixed precision, 0.842 -> 1.001:
+            # tests/test_cast_kernels.py)
             # the matmul reads a copy XLA splits in the pieces: a loop's or a remat'd call's, unless tpflax's fsdp
             # step gathers the kernel whole for it; a dtype cast's, made after that gather
             cast = (s.cast_to or {}).get(m, d.dtype) != d.dtype
