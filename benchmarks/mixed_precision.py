@@ -86,15 +86,16 @@ First run 2026-12-05 (issue 11's thirty-eighth round), 42 architectures x 2 mesh
 - **Against the partial run on the round's starting code, one plan moved:** t5's `model=` plan on
   fsdp=2,model=4, now equal to its tree plan (-384 bytes per device, +128 bytes of collectives). The chooser now
   prices XLA:TPU's bfloat16 gradient reductions, which makes a small leaf's fsdp split cheaper.
-- **On XLA:TPU** (v5e:2x4, the `estimate`'s default backend; measured by script, not in this table):
+- **On XLA:TPU** (v5e:2x4, the `estimate`'s default backend): `mixed_precision_tpu.py` compiles the `model=`
+  plans for the TPU and checks the estimate there (`mixed_precision_tpu.md`, from the thirty-ninth round on).
   - each gradient is reduced in bfloat16 before its cast back, so the estimate of a data-parallel step had been
     twice the compiled collectives. transformers' GPT-2 and BERT on data=2,model=4: 1.497 / 1.526 -> 1.002 /
     1.005;
-  - fsdp=8: 1.99 / 2.06 -> 1.27 / 1.30. The rest is the tied table's gradient, which XLA:TPU reduce-scatters
-    once where the estimate all-reduces it whole twice: not resolved;
-  - HF Llama and Mistral on data=2,model=4: 0.63-0.66 on the tensor axis. XLA:TPU all-reduces each column's
-    bfloat16 partial input gradient apart (q, k and v in one tuple of three), where the estimate adds them
-    first, as XLA:TPU does in float32. This was already so before the round: not resolved.
+  - fsdp=8: 1.99 / 2.06 -> 1.27 / 1.30 in the thirty-eighth round, 0.967 / 1.010 in the thirty-ninth (a
+    float32 table's bfloat16 gradient shards reduce-scatter in the table's own tiles, both parts alike);
+  - HF Llama and Mistral on data=2,model=4: 0.63-0.66 on the tensor axis in the thirty-eighth round, 1.001 in
+    the thirty-ninth. Each projection casts the float32 norm output for itself, and XLA:TPU all-reduces each
+    column's bfloat16 partial input gradient apart (q, k and v in one tuple of three).
 """
 
 
