@@ -22,7 +22,7 @@ from tpflax._src.cost.scope import (
     tensor_degree,
 )
 from tpflax._src.cost.stream import split_updates
-from tpflax._src.facts.tree import itemsize
+from tpflax._src.facts.tree import narrower
 from tpflax._src.mesh import DATA, FSDP, TENSOR, MeshShape
 from tpflax._src.specs import entries, entry_axes, local_shape, used_axes
 from tpflax._src.tpu import WHOLE_SLICE_GATHER_AR, scatters
@@ -61,6 +61,7 @@ def gradient_items(s: Scope) -> list[CommItem]:
             parts -= max((s.lookups or {}).get(path, 1) - 1, 0)
         cast = _cast_item(s, path, d)
         g_item = s.g_item if s.g_item is not None else cast
+        some = _cast_item(s, path, d, some=True) if g_item is None else None
         item = gather_item(d, s.backend, s.lv.specs[path], s.mesh, cast=cast is not None)
         looked = looked_bytes(d, s.lv.specs[path], s.mesh, s.positional[path], g_item) if (
             s.backend == "tpu" and path in s.positional) else None
@@ -101,7 +102,7 @@ def gradient_items(s: Scope) -> list[CommItem]:
                 # beside the first (measured, XLA:TPU: the tied tables of transformers' GPT-2 on fsdp=8 and BART
                 # on fsdp=2,model=4 in mixed precision); a float32 table's dense part is all-reduced whole
                 alike = kind == "reduce-scatter" and cast is not None and s.g_item is None
-                if (some := _cast_item(s, path, d, some=True)) is not None and g_item is None:
+                if some is not None:
                     # one use reads a narrower copy (GPT-Neo's float32 table looked up as it is, its bfloat16
                     # logits): that use's gradient is reduced in the copy's dtype (measured, XLA:TPU)
                     other, note = size // leaf_itemsize(d) * some, ", the other read's in the dtype it is cast to"
@@ -126,9 +127,7 @@ def _cast_item(s: Any, path: str, d: Any, some: bool = False) -> int | None:
     table's gradient all-reduced once as float32, the lookup's, and once as bfloat16, the tied logits')."""
     if s.backend != "tpu":
         return None
-    cast = ((s.cast_some if some else s.cast_to) or {}).get(path)
-    item = itemsize(cast) if cast else None
-    return item if item and item < leaf_itemsize(d) else None
+    return narrower(((s.cast_some if some else s.cast_to) or {}).get(path, ""), leaf_itemsize(d)) or None
 
 
 def looked_bytes(d: Any, spec, mesh: MeshShape, positional: tuple[int, tuple[int, ...]], g_item: int | None) -> int:

@@ -31,7 +31,7 @@ from typing import Any
 from tpflax._src.cost.activations import acts_for
 from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.scope import Scope, body, drop_layers, is_tied, leaf_itemsize
-from tpflax._src.facts.tree import itemsize
+from tpflax._src.facts.tree import narrower
 from tpflax._src.mesh import TENSOR
 from tpflax._src.specs import entry_axes
 
@@ -41,8 +41,7 @@ IDS_ITEM = 4  # the concatenated ids: int32
 def scattered_as_one(s: Scope, path: str, d: Any) -> bool:
     """Whether XLA:TPU adds the scatter-adds of ``path``'s lookups before it reduces them (see the module
     docstring): on TPU, unless every read casts the table to a narrower dtype (:attr:`Scope.cast_to`)."""
-    cast = (s.cast_to or {}).get(path)
-    return s.backend == "tpu" and not (cast and itemsize(cast) < leaf_itemsize(d))
+    return s.backend == "tpu" and not narrower((s.cast_to or {}).get(path, ""), leaf_itemsize(d))
 
 
 def lookup_concat_items(s: Scope) -> list[CommItem]:

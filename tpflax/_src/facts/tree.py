@@ -337,6 +337,17 @@ def itemsize(dtype: Any) -> int | float:
     return bits / 8 if bits < 8 else int(np.dtype(dt).itemsize)
 
 
+def narrower(cast: str, item: float) -> float:
+    """Bytes per element of ``cast`` (a dtype name, "" for none) where narrower than ``item``, else 0: the width a
+    leaf of ``item`` bytes that a model reads cast (a bfloat16 model's float32 kernels) moves its gradient in.
+
+    >>> narrower("bfloat16", 4), narrower("float32", 2), narrower("", 4)
+    (2, 0, 0)
+    """
+    size = itemsize(cast) if cast else 0
+    return size if size < item else 0
+
+
 @functools.cache
 def key_kinds() -> dict[str, tuple[str, Any, jax.ShapeDtypeStruct]]:
     """``{"key<fry>": ("threefry2x32", the key dtype, one key's data), ...}`` for jax's PRNG

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tpflax._src.cost.price import ActComm, Context, Cost, LeafLayout, compare, price
-from tpflax._src.facts.tree import itemsize
+from tpflax._src.facts.tree import narrower
 from tpflax._src.planner.decision import Alternative
 from tpflax._src.specs import entries, fmt_bytes, to_pspec
 
@@ -86,9 +86,8 @@ def layout(f: Any, p: Any, matmul: bool, positional: bool = False, pieces: int =
     cast to (:attr:`State.casts`), its :attr:`LeafLayout.cast_item` where narrower than the leaf's."""
     shape = tuple(f.leaf.shape)
     spec = p.spec if len(p.spec) == len(shape) else entries(p.spec, len(shape))
-    narrow = itemsize(cast) if cast else 0
-    narrow = narrow if 0 < narrow < f.leaf.itemsize else 0
-    return _layout(shape, f.leaf.itemsize, spec, f.leaf.trainable, matmul, f.layers_dim, positional, pieces, narrow)
+    return _layout(shape, f.leaf.itemsize, spec, f.leaf.trainable, matmul, f.layers_dim, positional, pieces,
+                   narrower(cast, f.leaf.itemsize))
 
 
 @functools.lru_cache(maxsize=1 << 14)

@@ -270,6 +270,7 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
         for (s, sd, d, dd), (limit, via) in sorted(found["edges"].items()))
     sample = jaxpr.invars[len(paths):]
     examples = int(sample[0].aval.shape[0]) if sample and getattr(sample[0].aval, "shape", ()) else 1
+    inputs = read_groups(jaxpr, w.reads)
     return Dataflow(paths=tuple(paths), uses=tuple(w.uses), examples=examples, edges=edges, escapes=found["escapes"],
                     outputs=frozenset(found["outputs"]), recurrent=frozenset(w.recurrent),
                     biases=dict(w.biases), elementwise=frozenset(w.elementwise),
@@ -277,7 +278,7 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                     channels={p: by for p, by in w.channels.items() if by},
                     scanned=dict(w.scanned), n_eqns=w.n_eqns, fused=found["fused"], branches=branches,
                     cuts=found["cuts"], views=frozenset(w.root(k) for k in w.views),
-                    shared=shared_reads(jaxpr, w.reads) | own_casts(jaxpr, w.reads), remat=remat,
+                    shared=shared_reads(jaxpr, w.reads) | own_casts(jaxpr, w.reads, inputs), remat=remat,
                     remat_calls=remat_calls,
                     products=_one_branch(w.products), channelwise=dict(w.channelwise),
                     split_sums=tuple((frozenset(w.root(k) for k in ks), n, c) for ks, n, c in w.split_sums),
@@ -287,7 +288,7 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                     gated=frozenset((w.root(a), w.root(b)) for a, b in w.gated if w.root(a) != w.root(b)),
                     collectives=tuple(c for cs in w.collectives.values() for c in cs),
                     row_axes=frozenset(w.row_axes), grad_deps=dict(w.grad_deps),
-                    inputs=read_groups(jaxpr, w.reads),
+                    inputs=inputs,
                     apart=read_groups(jaxpr, w.reads, VIEWS - {"sharding_constraint", "reshard"}),
                     dead=dead_params(jaxpr, paths) - {u.path for u in w.uses},
                     no_grad=no_grad_params(closed, paths), constraints=tuple(sorted(w.constraints)),

@@ -153,7 +153,8 @@ def shared_reads(jaxpr: Any, reads: Mapping[int, tuple[Any, int, tuple]]) -> fro
                      if index.other_reader(index.root(eqn.invars[k], ctx), contractions))
 
 
-def own_casts(jaxpr: Any, reads: Mapping[int, tuple[Any, int, tuple]]) -> frozenset[int]:
+def own_casts(jaxpr: Any, reads: Mapping[int, tuple[Any, int, tuple]],
+              one: Mapping[int, int] | None = None) -> frozenset[int]:
     """Use ids whose activation is one of several dtype casts of one value that contractions read: each
     reader converts it for itself (a bfloat16 Dense over a float32 input), so the backward's partial input
     gradients are converted back one by one before they are added.
@@ -168,8 +169,10 @@ def own_casts(jaxpr: Any, reads: Mapping[int, tuple[Any, int, tuple]]) -> frozen
     ...     return sorted(own_casts(closed.jaxpr, {i: (e, 0, ()) for i, e in enumerate(dots)}))
     >>> cast(each), cast(once)
     ([0, 1], [])
+
+    ``one``: :func:`read_groups` of ``reads`` already found (:attr:`Dataflow.inputs`), else found here.
     """
-    one = read_groups(jaxpr, reads)
+    one = read_groups(jaxpr, reads) if one is None else one
     apart = read_groups(jaxpr, reads, VIEWS - {"convert_element_type"})
     values: dict[int, set[int]] = {}
     for uid, group in one.items():
