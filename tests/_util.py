@@ -8,6 +8,12 @@ import numpy as np
 # Compile options for tests that read a compiled step's numbers: XLA:CPU skips LLVM's optimisations
 # only (the same HLO passes), so memory analysis, collectives and FLOPs are the same in less time.
 FAST_XLA = {"xla_backend_optimization_level": 0}
+# Compile options for tests that run a program and compare its values only (a sharded step against the
+# unsharded one, an init, a forward): XLA:CPU's older loop emitters as well, which compile a tiny model's
+# train step in about half the time. They fuse a few reductions differently (a few hundred bytes of temp,
+# a few thousand elementwise FLOPs; the same collectives), so no test reading a compiled number uses them,
+# and neither does a test comparing two programs bit for bit whose fusions may differ (a remat'd step).
+RUN_XLA = {**FAST_XLA, "xla_cpu_use_fusion_emitters": False}
 
 
 @functools.cache
@@ -15,12 +21,12 @@ def _zoo_init(name: str, seed: int):
     from tpflax import zoo
 
     key = jax.random.key(seed)
-    return jax.device_get(jax.jit(zoo.get(name).init).lower(key).compile(FAST_XLA)(key))
+    return jax.device_get(jax.jit(zoo.get(name).init).lower(key).compile(RUN_XLA)(key))
 
 
 def zoo_init(name: str, seed: int = 0):
     """A tiny zoo model's variables on the host, for tests that only need some variables: the init is
-    compiled with FAST_XLA (3-4x quicker than ``m.init``'s optimised compile; the values may differ from
+    compiled with RUN_XLA (several times quicker than ``m.init``'s optimised compile; the values may differ from
     ``m.init(seed)``'s in a float's last bits) once per process, and each call gets its own copy."""
     return jax.tree_util.tree_map(np.array, _zoo_init(name, seed))
 

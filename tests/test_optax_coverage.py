@@ -48,12 +48,13 @@ import jax
 import numpy as np
 import optax
 import pytest
+from _util import RUN_XLA
 from jax.sharding import PartitionSpec as P
 
 import tpflax
 
 MESH = {"data": 2, "model": 4}
-FAST = {"xla_backend_optimization_level": 0}
+FAST = RUN_XLA  # the steps are run and their values compared (tests/_util.py)
 RTOL = 2e-5
 U = float(np.finfo(np.float32).eps) / 2  # float32 unit roundoff
 GRAD_ULPS = 64  # tests/test_train_step.py: gradients of the zoo models agree to 21 u G, measured

@@ -37,7 +37,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from _util import assert_bit_exact, same_bytes, zoo_init
+from _util import FAST_XLA, RUN_XLA, assert_bit_exact, same_bytes, zoo_init
 from jax.sharding import PartitionSpec as P
 
 import tpflax
@@ -47,9 +47,9 @@ from tpflax._src.facts.tree import is_box, unbox
 MODELS = ["mlp", "cnn", "gpt2", "llama", "llama-scan", "vit", "lstm", "gru", "moe", "nnx-mlp"]
 MESHES = {"model8": {"model": 8}, "data2_model4": {"data": 2, "model": 4},
           "fsdp2_model4": {"fsdp": 2, "model": 4}}
-# Backend optimisation level 0 halves LLVM time for these tiny programs; both the
-# reference and the sharded step use it, and it does not change XLA's HLO passes.
-FAST = {"xla_backend_optimization_level": 0}
+# The steps here are run and their values compared, so they compile with _util.RUN_XLA (LLVM's
+# optimisations off, the older loop emitters): the reference and the sharded step alike.
+FAST = RUN_XLA
 LR = 0.1
 U = float(np.finfo(np.float32).eps) / 2  # float32 unit roundoff
 GRAD_ULPS, LOSS_ULPS = 64, 16
@@ -499,7 +499,8 @@ def test_a_zoo_models_remat_changes_no_number_of_the_step(name):
     # model of benchmarks/tpu_aot.py: on 8 devices the remat'd step's loss and gradients are the plain
     # step's, bit for bit (the recompute is the forward's own HLO: the same sums in the same order). A
     # transformer block and a conv block; the ViT's and the MoE's fields wrap their blocks the same way
-    # (their remat is checked through the estimate below, without compiling a step)
+    # (their remat is checked through the estimate below, without compiling a step). Compiled with XLA's
+    # default emitters (FAST_XLA): the older ones fuse GPT-2's remat'd step apart from the plain one's
     shape = {"fsdp": 2, "model": 4}
     mesh, tx = tpflax.make_mesh(shape), make_tx()
     plain = zoo.get(name)
@@ -511,7 +512,7 @@ def test_a_zoo_models_remat_changes_no_number_of_the_step(name):
     for remat in (False, True):
         m = zoo.get(name, remat=remat)
         ts = tpflax.make_train_step(m, plan, mesh, tx, 4)
-        step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings, compiler_options=FAST)
+        step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings, compiler_options=FAST_XLA)
         new, opt, loss = step(sv, so, batch)
         out.append((float(loss), tpflax.unshard(new)["params"], tpflax.unshard(opt[0].trace)))
     (loss0, new0, g0), (loss1, new1, g1) = out

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _util import RUN_XLA
 
 from tpflax import zoo
 
@@ -16,8 +17,8 @@ def flat(tree) -> dict[str, tuple[int, ...]]:
 
 
 # XLA's CPU backend optimisations dominate this file's run time (3x); the tests
-# check numerics, not speed, so compile without them.
-_FAST_XLA = {"xla_backend_optimization_level": "0"}
+# check numerics, not speed, so compile without them, with the older loop emitters (tests/_util.py).
+_FAST_XLA = RUN_XLA
 
 
 def fast_jit(fn, *args):
