@@ -15,6 +15,7 @@ fsdp=8 and fsdp=2,model=4 steps keep the same set.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -73,8 +74,10 @@ def residual_outputs(lv: Leaves, activations: Any) -> list[str]:
     return out
 
 
+@functools.lru_cache(maxsize=1 << 14)
 def alike_path(path: str) -> str:
-    """A traced path with its repeated block's index as a wildcard (``layers_*/mlp/fc1``: only the block's)."""
+    """A traced path with its repeated block's index as a wildcard (``layers_*/mlp/fc1``: only the block's).
+    Cached: the estimate asks for each layer's path once per leaf it prices."""
     parts = path.split("/")
     for i, part in enumerate(parts):
         if _INDEXED.match(part):

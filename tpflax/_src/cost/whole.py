@@ -23,6 +23,7 @@ product of two activations, not priced here: 8 KB per layer); tests/test_whole_r
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Collection
 from dataclasses import replace
@@ -47,8 +48,9 @@ def split_dims(s: Any, start: Callable[[str], bool] | None = None,
     lv = s.lv
     by_axes: dict[frozenset[str], set[tuple[str, int]]] = {}
     for p, d, _, _ in s.meets:
-        if tensor_split(s, p, d) and (start is None or start(lv.rep_of.get(p, p))):
-            by_axes.setdefault(tensor_split(s, p, d), set()).add((p, d))
+        axes = tensor_split(s, p, d)
+        if axes and (start is None or start(lv.rep_of.get(p, p))):
+            by_axes.setdefault(axes, set()).add((p, d))
     split_pairs = {m for pc in lv.pairs for m in pc.columns + pc.rows
                    if any(s.axes(x, TENSOR) for x in pc.columns + pc.rows)}
     starts = [(axes, begin, lv.in_pair) for axes, begin in by_axes.items()]
@@ -104,8 +106,14 @@ def _whole(s: Any, rep: str, paired: Any) -> bool:
 def tensor_split(s: Any, path: str, dim: int) -> frozenset[str]:
     """The tensor axes the plan splits ``path``'s (a trace path's representative) ``dim`` over."""
     spec = s.lv.specs.get(s.lv.rep_of.get(path, path), ())
-    return frozenset(entry_axes(spec[dim]) if dim < len(spec) else ()) & frozenset(
-        a for a, r in s.mesh.roles if r == TENSOR)
+    return frozenset(entry_axes(spec[dim]) if dim < len(spec) else ()) & _tensor_axes(s.mesh.roles)
+
+
+@functools.cache
+def _tensor_axes(roles: tuple[tuple[str, str], ...]) -> frozenset[str]:
+    """The tensor-role axes of a mesh's ``roles`` (found once per mesh: :func:`tensor_split` asks for every
+    dim the trace meets)."""
+    return frozenset(a for a, r in roles if r == TENSOR)
 
 
 def whole_reads(s: Any, start: Callable[[str], bool] | None = None) -> list[WholeRead]:
