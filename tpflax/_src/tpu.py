@@ -365,23 +365,38 @@ def whole_tiles(shard: tuple[int, ...], split: tuple[int, ...], itemsize: int, g
     Measured on v5e:2x4 (benchmarks/tpu_aot_notes.md): bfloat16 lane shards of 128 and 384
     all-reduced, 256 and 512 reduce-scattered; bfloat16 sublane shards of 8 all-reduced, 16 and 32
     reduce-scattered. A sublane shard longer than one tile that is not whole tiles is padded to them
-    and reduce-scattered (a collective-permute then moves the rows past each device's shard): tables
-    of 4000 rows on fsdp=8 (shards of 500, reduce-scattered as 504) and of 30522 on fsdp=2,model=4.
+    and reduce-scattered (a collective-permute then moves the rows past each device's shard) unless that
+    pads a third or more of it (:func:`_unpadded`): tables of 4000 rows on fsdp=8 (shards of 500,
+    reduce-scattered as 504) and of 30522 on fsdp=2,model=4.
 
     >>> whole_tiles((96, 12, 64), (0,), 4), whole_tiles((64, 8, 64), (0,), 4), whole_tiles((768, 384), (1,), 4)
     (False, True, True)
     >>> whole_tiles((768, 384), (1,), 2), whole_tiles((8, 64), (0,), 2), whole_tiles((16, 64), (0,), 2)
     (False, False, True)
-    >>> whole_tiles((500, 256), (0,), 4), whole_tiles((12, 64), (0,), 2)
-    (True, False)
+    >>> whole_tiles((500, 256), (0,), 4), whole_tiles((12, 64), (0,), 2), whole_tiles((21, 64), (0,), 4)
+    (True, False, False)
     """
     if len(shard) < 2:
         return True
     lane, sub = device_layout(tuple(shard), itemsize)
     pack = max(1, 4 // (grad_itemsize or itemsize))
     tile = SUBLANES * pack
-    return all(not (d == lane and shard[d] % (LANES * pack) or d == sub and shard[d] % tile and shard[d] < tile)
+    return all(not (d == lane and shard[d] % (LANES * pack) or d == sub and shard[d] % tile and _unpadded(shard[d], tile))
                for d in split)
+
+
+def _unpadded(rows: int, tile: int) -> bool:
+    """Whether XLA:TPU all-reduces whole an fsdp gradient whose per-device sublane shard of ``rows`` is not
+    whole tiles, rather than pad it and reduce-scatter: shorter than a tile, or padding it to 16 rows at a
+    time (the shards XLA:TPU pads to) would leave a third or more of it padding. Measured on v5e:2x4, fsdp=8,
+    ``(64, 8 s)`` and ``(8 s, 64)`` kernels split on ``8 s``, float32 and bfloat16 alike: shards of 9, 10 and
+    17-21 rows all-reduced whole, of 11-15 (padded to 16), 22-27 (to 32), 33 (to 48) and 50 (to 64)
+    reduce-scattered; mT5's ``(64, 168)`` MLP kernels (21 rows) whole, HF Llama's 22-row shards padded.
+
+    >>> [r for r in range(1, 34) if r % 8 and not _unpadded(r, 8)]
+    [11, 12, 13, 14, 15, 22, 23, 25, 26, 27, 28, 29, 30, 31, 33]
+    """
+    return rows < tile or 3 * rows <= 2 * (-(-rows // 16) * 16)
 
 
 def scatters(shard: tuple[int, ...], split: tuple[int, ...], itemsize: int, grad_itemsize: int | None = None) -> bool:
