@@ -18,12 +18,9 @@ def flat(tree) -> dict[str, tuple[int, ...]]:
 
 # XLA's CPU backend optimisations dominate this file's run time (3x); the tests
 # check numerics, not speed, so compile without them, with the older loop emitters (tests/_util.py).
-_FAST_XLA = RUN_XLA
-
-
 def fast_jit(fn, *args):
-    """``jax.jit(fn)`` compiled for ``args`` with XLA backend optimisation off."""
-    return jax.jit(fn).lower(*args).compile(compiler_options=_FAST_XLA)
+    """``jax.jit(fn)`` compiled for ``args`` with ``RUN_XLA`` (LLVM's optimisations off, the older emitters)."""
+    return jax.jit(fn).lower(*args).compile(compiler_options=RUN_XLA)
 
 
 _ABSTRACT: dict[str, object] = {}
