@@ -47,6 +47,14 @@ class MeshShape:
     def sizes(self) -> dict[str, int]:
         return dict(self.axes)
 
+    @functools.cached_property
+    def role_axes(self) -> dict[str, frozenset[str]]:
+        """``{role: its axes}``, size-1 axes too (found once per mesh: the estimate asks for every dim it meets)."""
+        out: dict[str, set[str]] = {}
+        for n, r in self.roles:
+            out.setdefault(r, set()).add(n)
+        return {r: frozenset(ns) for r, ns in out.items()}
+
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(n for n, _ in self.axes)

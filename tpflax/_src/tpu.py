@@ -309,6 +309,7 @@ def slice_name(target: Any, devices: int) -> str:
 
 # XLA:TPU's memory tile of a 2-D+ array: 8 sublanes x 128 lanes (fewer sublanes for a dim under 8)
 LANES, SUBLANES = 128, 8
+PADDED_ROWS = 16  # XLA:TPU pads a reduce-scattered sublane shard that is not whole tiles to a multiple of it
 
 
 def lane_pad(n: int) -> int:
@@ -387,7 +388,7 @@ def whole_tiles(shard: tuple[int, ...], split: tuple[int, ...], itemsize: int, g
 
 def _unpadded(rows: int, tile: int) -> bool:
     """Whether XLA:TPU all-reduces whole an fsdp gradient whose per-device sublane shard of ``rows`` is not
-    whole tiles, rather than pad it and reduce-scatter: shorter than a tile, or padding it to 16 rows at a
+    whole tiles, rather than pad it and reduce-scatter: shorter than a tile, or padding it to :data:`PADDED_ROWS` at a
     time (the shards XLA:TPU pads to) would leave a third or more of it padding. Measured on v5e:2x4, fsdp=8,
     ``(64, 8 s)`` and ``(8 s, 64)`` kernels split on ``8 s``, float32 and bfloat16 alike: shards of 9, 10 and
     17-21 rows all-reduced whole, of 11-15 (padded to 16), 22-27 (to 32), 33 (to 48) and 50 (to 64)
@@ -396,7 +397,7 @@ def _unpadded(rows: int, tile: int) -> bool:
     >>> [r for r in range(1, 34) if r % 8 and not _unpadded(r, 8)]
     [11, 12, 13, 14, 15, 22, 23, 25, 26, 27, 28, 29, 30, 31, 33]
     """
-    return rows < tile or 3 * rows <= 2 * (-(-rows // 16) * 16)
+    return rows < tile or 3 * rows <= 2 * (-(-rows // PADDED_ROWS) * PADDED_ROWS)
 
 
 def scatters(shard: tuple[int, ...], split: tuple[int, ...], itemsize: int, grad_itemsize: int | None = None) -> bool:

@@ -23,7 +23,6 @@ product of two activations, not priced here: 8 KB per layer); tests/test_whole_r
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Collection
 from dataclasses import replace
@@ -106,14 +105,7 @@ def _whole(s: Any, rep: str, paired: Any) -> bool:
 def tensor_split(s: Any, path: str, dim: int) -> frozenset[str]:
     """The tensor axes the plan splits ``path``'s (a trace path's representative) ``dim`` over."""
     spec = s.lv.specs.get(s.lv.rep_of.get(path, path), ())
-    return frozenset(entry_axes(spec[dim]) if dim < len(spec) else ()) & _tensor_axes(s.mesh.roles)
-
-
-@functools.cache
-def _tensor_axes(roles: tuple[tuple[str, str], ...]) -> frozenset[str]:
-    """The tensor-role axes of a mesh's ``roles`` (found once per mesh: :func:`tensor_split` asks for every
-    dim the trace meets)."""
-    return frozenset(a for a, r in roles if r == TENSOR)
+    return frozenset(entry_axes(spec[dim]) if dim < len(spec) else ()) & s.mesh.role_axes.get(TENSOR, frozenset())
 
 
 def whole_reads(s: Any, start: Callable[[str], bool] | None = None) -> list[WholeRead]:
