@@ -311,7 +311,7 @@ def constrained_stream(s: Scope) -> tuple[set[tuple[str, int]], dict[int, frozen
     kernel's split channels (the trace's meets: a split conv's GroupNorm is the pair's own)."""
     begin = {pd for dims in constrained_dims(s).values() for pd in dims}
     dims = {(s.lv.rep_of.get(p, p), d) for p, d in reached_dims(s.meets, begin)} if begin else set()
-    tensor = {a for a, r in s.mesh.roles if r == TENSOR and s.mesh.sizes[a] > 1}
+    tensor = set(s.mesh.axes_with(TENSOR))
     widths: dict[int, frozenset[str]] = {}
     split = list(s.split_widths or ())
     attached = {p for p, *_ in s.meets}  # a norm's scale along a kernel's channels (a split conv's GroupNorm)

@@ -263,7 +263,7 @@ def split_sum_items(s: Scope, sums: Sequence[tuple[frozenset[tuple[str, int]], f
     all-reduces (384 KiB, 11% of the step's collectives) the pairs' items did not price. Multi-head
     attention split by heads sums only head_dims, which the trace does not count (:attr:`Workload.split_sums`).
     """
-    tensor = {a for a, r in s.mesh.roles if r == TENSOR and s.mesh.sizes[a] > 1}
+    tensor = set(s.mesh.axes_with(TENSOR))
     out = []
     rep = s.lv.rep_of
     kvs = kv_splits(s)  # a pair with a head_dim-split key/value: XLA gathers whole heads, sums no scores

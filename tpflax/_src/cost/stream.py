@@ -204,7 +204,7 @@ def mapped_splits(s: Any) -> dict[tuple[str, ...], set[str]]:
     moments (measured, XLA:CPU dp=2,tp=4: EasyDeL's Mixtral replicated, each expert kernel summed over dp as
     ``f32[8,256,112]`` and gathered 3 times as ``f32[8,256,448]``)."""
     lv, out = s.lv, {}
-    tensor = {a for a, r in s.mesh.roles if r == TENSOR and s.mesh.sizes[a] > 1}
+    tensor = set(s.mesh.axes_with(TENSOR))
     for path, dims in (s.shard_mapped or {}).items():
         rep = lv.rep_of.get(path, path)
         if rep not in lv.decisions or not lv.decisions[rep].trainable:

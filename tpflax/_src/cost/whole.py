@@ -67,7 +67,7 @@ def constrained_dims(s: Any) -> dict[tuple[str, ...], set[tuple[str, int]]]:
     constraint's layout there whatever the plan, so a whole kernel making or reading that activation sums or
     gathers around its matmul (:func:`whole_reads`) and its gradient comes out split (:func:`split_dims`). Its
     axes over the batch, and the dims the plan splits as the constraint does, cost nothing."""
-    tensor = {a for a, r in s.mesh.roles if r == TENSOR and s.mesh.sizes[a] > 1}
+    tensor = set(s.mesh.axes_with(TENSOR))
     return disagreeing(list(s.constrained) + _stream_ends(s, tensor), tensor, lambda p, d: tensor_split(s, p, d))
 
 
@@ -262,7 +262,7 @@ def replicated_items(s: Any) -> list[CommItem]:
     ``(64, 256)`` kernel gathered in the backward, scanned or unrolled, 256 -> 64 or 64 -> 256; the pair's
     all-reduces stay. Where the row's output is wider than twice its kernel (1,024 rows there), XLA gathers the
     kernel in the forward instead of summing the row's partial outputs, which the pair's items still price."""
-    lv, tensor = s.lv, frozenset(a for a, r in s.mesh.roles if r == TENSOR and s.mesh.sizes[a] > 1)
+    lv, tensor = s.lv, frozenset(s.mesh.axes_with(TENSOR))
     found: dict[tuple[str, tuple[str, ...], float, str], int] = {}  # per leaf, then per class of alike leaves
 
     def add(rep: str, axes: tuple[str, ...], size: float, why: str, stack: int) -> None:

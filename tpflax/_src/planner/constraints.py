@@ -65,7 +65,7 @@ def pinned(st: Any, o: Any, facts: Mapping[str, Any]) -> Any:
     if p is None:
         return o
     props = dict(o.proposals)
-    tensor = {a for a, r in st.mesh.roles if r == TENSOR and st.mesh.sizes[a] > 1}
+    tensor = set(st.mesh.axes_with(TENSOR))
 
     def split(path: str, d: int) -> frozenset[str]:  # another group's leaf: not this candidate's to price
         spec = props[path].spec if path in props else ()
