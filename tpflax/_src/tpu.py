@@ -309,7 +309,9 @@ def slice_name(target: Any, devices: int) -> str:
 
 # XLA:TPU's memory tile of a 2-D+ array: 8 sublanes x 128 lanes (fewer sublanes for a dim under 8)
 LANES, SUBLANES = 128, 8
-PADDED_ROWS = 16  # XLA:TPU pads a reduce-scattered sublane shard that is not whole tiles to a multiple of it
+# XLA:TPU pads a reduce-scattered sublane shard to whole tiles holding a multiple of this many elements
+# (two float32 tiles: 16 rows of 128 lanes, 8 of 256; :func:`scattered_rows`)
+PAD_ELEMENTS = 2 * SUBLANES * LANES
 
 
 def lane_pad(n: int) -> int:
@@ -333,7 +335,7 @@ def sublane_pad(k: int, itemsize: int) -> int:
 
 
 @functools.lru_cache(maxsize=1 << 12)
-def device_layout(shape: tuple[int, ...], itemsize: int) -> tuple[int, int]:
+def device_layout(shape: tuple[int, ...], itemsize: int, rows: int | None = None) -> tuple[int, int]:
     """The (lane, sublane) dims of the layout XLA:TPU gives an array of this per-device ``shape``:
     the pair of dims whose tiling pads it least, ties going to the later dims (the row-major
     ``(-1, -2)``). A sublane dim is tiled by 8, or by the power of two at or above a shorter dim
@@ -344,65 +346,112 @@ def device_layout(shape: tuple[int, ...], itemsize: int) -> tuple[int, int]:
     gradient takes it from the optimizer update in XLA's ``layout-assignment``
     (benchmarks/tpu_aot_notes.md, "What picks the gradient layout").
 
+    ``rows``: tile the sublanes by this many rows whatever the dim (a 16-bit gradient of a float32
+    kernel: :func:`whole_tiles`).
+
     >>> device_layout((80, 10, 64), 4), device_layout((64, 8, 64), 4), device_layout((96, 6, 128), 4)
     ((0, 2), (2, 1), (2, 0))
+    >>> device_layout((8, 2, 16), 4), device_layout((8, 2, 16), 2, rows=16)
+    ((2, 1), (2, 0))
     """
     def padded(lane: int, sub: int) -> int:
         rest = math.prod(n for i, n in enumerate(shape) if i not in (lane, sub))
-        return rest * sublane_pad(shape[sub], itemsize) * lane_pad(shape[lane])
+        tiled = -(-shape[sub] // rows) * rows if rows else sublane_pad(shape[sub], itemsize)
+        return rest * tiled * lane_pad(shape[lane])
 
     r = len(shape)
     pairs = [(lane, sub) for lane in reversed(range(r)) for sub in reversed(range(r)) if sub != lane]
     return min(pairs, key=lambda p: padded(*p))
 
 
-def whole_tiles(shard: tuple[int, ...], split: tuple[int, ...], itemsize: int, grad_itemsize: int | None = None) -> bool:
-    """Whether each ``split`` dim of a parameter's per-device ``shard`` is whole tiles of its gradient
-    in the parameter's :func:`device_layout`: on the lane dim a multiple of 128, on the sublane dim
-    of 8, both doubled for a 16-bit gradient (``grad_itemsize``, default ``itemsize``); any size on
-    the others. XLA:TPU reduce-scatters a pinned fsdp gradient on one ring (:func:`one_ring`) only
-    then, else it all-reduces it whole: ViT-B's ``[768, 12, 64]`` q/k/v kernels on fsdp=8 keep the
-    split 768 in the lanes (shards of 96), width 512's move it to the sublanes (shards of 64).
-    Measured on v5e:2x4 (benchmarks/tpu_aot_notes.md): bfloat16 lane shards of 128 and 384
-    all-reduced, 256 and 512 reduce-scattered; bfloat16 sublane shards of 8 all-reduced, 16 and 32
-    reduce-scattered. A sublane shard longer than one tile that is not whole tiles is padded to them
-    and reduce-scattered (a collective-permute then moves the rows past each device's shard) unless that
-    pads a third or more of it (:func:`_unpadded`): tables of 4000 rows on fsdp=8 (shards of 500,
-    reduce-scattered as 504) and of 30522 on fsdp=2,model=4.
+def whole_tiles(shard: tuple[int, ...], split: tuple[int, ...], itemsize: int, grad_itemsize: int | None = None, *,
+                devices: int) -> bool:
+    """Whether XLA:TPU reduce-scatters a pinned fsdp gradient by how its ``split`` dims of the
+    per-device ``shard`` fit the tiles of the parameter's :func:`device_layout`, rather than
+    all-reduce it whole. On the lane dim: a multiple of 128, doubled for a 16-bit gradient
+    (``grad_itemsize``, default ``itemsize``). On the sublane dim: any shard whole tiles, or one
+    whose padding (:func:`scattered_rows` ``P`` rows of ``s``) leaves the padded gradient of the
+    ``devices`` that split it at most 1.5 times the whole one's rows in 8-row tiles
+    (``2 n P <= 3 ceil8(n s)``); a shard of three dims or more, whole tiles of 8 rows, 16 for a
+    16-bit gradient (never padded: float32 ``(K, C, 8 s)`` kernels split on ``8 s`` with K = 2, 3,
+    4, 9 reduce-scatter ``s = 8`` and all-reduce 11-25 whole; the zoo Llama's ``[4, 16, 8]`` and
+    ResNet-18's ``[3, 3, 64, 8]`` shards reduce-scatter in float32, the latter is all-reduced whole
+    in bfloat16); a gradient narrower than its parameter (a float32 3-D kernel's bfloat16 gradient),
+    whole 16-row tiles of a layout tiled by 16 rows whatever the dims. On the other
+    (major) dims, a multiple of 8: ``[8, 2, 16]`` and ``[3, 128, 8]`` shards reduce-scatter,
+    ``[10, 2, 16]``, ``[12, 2, 16]``, ``[12, 4, 32]`` and ``[3, 128, 11..25]`` are all-reduced whole
+    (``[11, 8, 16]``, padded to 12 and reduce-scattered, is the one exception seen). XLA:TPU reduce-scatters on one ring
+    (:func:`one_ring`) only then: ViT-B's ``[768, 12, 64]`` q/k/v kernels on fsdp=8 keep the split 768
+    in the lanes (shards of 96), width 512's move it to the sublanes (shards of 64). Measured on
+    v5e:2x4 (benchmarks/tpu_aot_notes.md): bfloat16 lane shards of 128 and 384 all-reduced, 256 and
+    512 reduce-scattered. Sublane shards of 64 columns (16-row padding), all-reduced whole /
+    padded and reduce-scattered: fsdp=8 shards of 9, 10, 17-21 / 11-15, 22-27, 33, 50-60 rows;
+    fsdp=4 (beside model=2) of 9, 10, 17-20 / 11, 21, 22; fsdp=2 (beside model=4) of 17-20 / 9-13,
+    21, 25, 33. At 8 devices this is ``2 P <= 3 s``: less than a third of the padded shard padding.
 
-    >>> whole_tiles((96, 12, 64), (0,), 4), whole_tiles((64, 8, 64), (0,), 4), whole_tiles((768, 384), (1,), 4)
-    (False, True, True)
-    >>> whole_tiles((768, 384), (1,), 2), whole_tiles((8, 64), (0,), 2), whole_tiles((16, 64), (0,), 2)
-    (False, False, True)
-    >>> whole_tiles((500, 256), (0,), 4), whole_tiles((12, 64), (0,), 2), whole_tiles((21, 64), (0,), 4)
-    (True, False, False)
+    >>> whole_tiles((96, 12, 64), (0,), 4, devices=8), whole_tiles((64, 8, 64), (0,), 4, devices=8)
+    (False, True)
+    >>> whole_tiles((768, 384), (1,), 4, devices=8), whole_tiles((768, 384), (1,), 2, devices=8)
+    (True, False)
+    >>> whole_tiles((8, 64), (0,), 2, devices=8), whole_tiles((16, 64), (0,), 2, devices=8)
+    (False, True)
+    >>> whole_tiles((500, 256), (0,), 4, devices=8), whole_tiles((12, 64), (0,), 2, devices=8)
+    (True, True)
+    >>> [whole_tiles((s, 64), (0,), 4, devices=n) for n, s in ((8, 21), (4, 21), (2, 9), (2, 20))]
+    [False, True, True, False]
     """
     if len(shard) < 2:
         return True
-    lane, sub = device_layout(tuple(shard), itemsize)
+    narrow = max(1, itemsize // grad_itemsize) if grad_itemsize else 1
+    lane, sub = device_layout(tuple(shard), itemsize, SUBLANES * narrow if narrow > 1 else None)
     pack = max(1, 4 // (grad_itemsize or itemsize))
-    tile = SUBLANES * pack
-    return all(not (d == lane and shard[d] % (LANES * pack) or d == sub and shard[d] % tile and _unpadded(shard[d], tile))
-               for d in split)
+    if any(d == lane and shard[d] % (LANES * pack) for d in split):
+        return False
+    if any(d not in (lane, sub) and shard[d] % SUBLANES for d in split):  # a major dim: 8 at a time, unpadded
+        return False
+    if sub not in split:
+        return True
+    if narrow > 1 or len(shard) > 2:  # never padded: whole tiles of 8 rows, 16 for a 16-bit gradient
+        return shard[sub] % (SUBLANES * pack) == 0
+    padded = scattered_rows(shard, split, itemsize)
+    return padded is None or 2 * devices * padded <= 3 * (-(-devices * shard[sub] // SUBLANES) * SUBLANES)
 
 
-def _unpadded(rows: int, tile: int) -> bool:
-    """Whether XLA:TPU all-reduces whole an fsdp gradient whose per-device sublane shard of ``rows`` is not
-    whole tiles, rather than pad it and reduce-scatter: shorter than a tile, or padding it to :data:`PADDED_ROWS` at a
-    time (the shards XLA:TPU pads to) would leave a third or more of it padding. Measured on v5e:2x4, fsdp=8,
-    ``(64, 8 s)`` and ``(8 s, 64)`` kernels split on ``8 s``, float32 and bfloat16 alike: shards of 9, 10 and
-    17-21 rows all-reduced whole, of 11-15 (padded to 16), 22-27 (to 32), 33 (to 48) and 50 (to 64)
-    reduce-scattered; mT5's ``(64, 168)`` MLP kernels (21 rows) whole, HF Llama's 22-row shards padded.
+def scattered_rows(shard: tuple[int, ...], split: tuple[int, ...], itemsize: int) -> int | None:
+    """The rows XLA:TPU pads the split sublane dim of a 2-D per-device gradient ``shard`` to before
+    it reduce-scatters it, or None when the split is not on the sublanes, needs no padding or the
+    shard has more dims (which XLA:TPU never pads: :func:`whole_tiles`).
 
-    >>> [r for r in range(1, 34) if r % 8 and not _unpadded(r, 8)]
-    [11, 12, 13, 14, 15, 22, 23, 25, 26, 27, 28, 29, 30, 31, 33]
+    The padded rows are a multiple of 8 that, times the lanes (padded to 128), is a multiple of
+    :data:`PAD_ELEMENTS`: 16 rows at a time beside 128 or 384 lanes, 8 beside 256 or 512, float32
+    and bfloat16 parameters alike. XLA:TPU pads only where the padding is small enough
+    (:func:`whole_tiles`), and its collective-permutes then
+    move the ``P - s`` rows each device's padded shard is off by (``(n - 1) (P - s)`` rows in all,
+    for ``n`` devices). Measured on v5e:2x4 (benchmarks/tpu_aot_notes.md, forty-first round;
+    benchmarks/results/tpu_padded_rows.md): a ``(4000, 256)`` table's 500-row shards on fsdp=8
+    reduce-scattered as 504 rows (a 28-row permute), 22-row shards of 64 columns as 32, 21-row
+    shards of 256 columns as 24.
+
+    >>> scattered_rows((500, 256), (0,), 4), scattered_rows((22, 64), (0,), 4), scattered_rows((21, 384), (0,), 2)
+    (504, 32, 32)
+    >>> scattered_rows((16, 64), (0,), 4), scattered_rows((24, 64), (0,), 4), scattered_rows((64, 21), (1,), 4)
+    (None, 32, 32)
+    >>> scattered_rows((4, 16, 11), (2,), 4)
     """
-    return rows < tile or 3 * rows <= 2 * (-(-rows // PADDED_ROWS) * PADDED_ROWS)
+    if len(shard) != 2:
+        return None
+    lane, sub = device_layout(tuple(shard), itemsize)
+    if sub not in split:
+        return None
+    grain = math.lcm(SUBLANES, PAD_ELEMENTS // math.gcd(PAD_ELEMENTS, lane_pad(shard[lane])))
+    rows = shard[sub]
+    return None if rows % grain == 0 else -(-rows // grain) * grain
 
 
-def scatters(shard: tuple[int, ...], split: tuple[int, ...], itemsize: int, grad_itemsize: int | None = None) -> bool:
+def scatters(shard: tuple[int, ...], split: tuple[int, ...], itemsize: int, grad_itemsize: int | None = None, *,
+             devices: int) -> bool:
     """Whether XLA:TPU reduce-scatters a pinned fsdp gradient of this per-device ``shard`` on one ring
-    (:func:`one_ring`): its split dims are :func:`whole_tiles`, the shard is more than one row of
+    (:func:`one_ring`) of ``devices``: its split dims are :func:`whole_tiles`, the shard is more than one row of
     tiles (one (8, 128) tile of float32: ``[8, 16]`` of a ``[64, 16]`` kernel, the ``[16, 8]`` of a
     ``(16, 64)`` bias split on its 64; the lanes up to 128 and the other dims' product up to 8) and
     its first dim is not 1 (a ``(1, 1, c, c')`` convolution kernel, ViT's ``[1, T, d]`` position
@@ -410,14 +459,14 @@ def scatters(shard: tuple[int, ...], split: tuple[int, ...], itemsize: int, grad
     "Which gradients are all-reduced whole"): shards of 16 rows reduce-scatter, of 8 rows and one
     lane tile do not, in every kernel and bias read.
 
-    >>> scatters((8, 16), (0,), 4), scatters((16, 16), (0,), 4), scatters((8, 4, 16), (0,), 4)
-    (False, True, True)
-    >>> scatters((1, 1, 32, 256), (2,), 4), scatters((3, 3, 32, 256), (2,), 4)
+    >>> [scatters(s, (0,), 4, devices=8) for s in ((8, 16), (16, 16), (8, 4, 16))]
+    [False, True, True]
+    >>> scatters((1, 1, 32, 256), (2,), 4, devices=8), scatters((3, 3, 32, 256), (2,), 4, devices=8)
     (False, True)
     """
     if len(shard) < 2:
         return True
-    if shard[0] == 1 or not whole_tiles(shard, split, itemsize, grad_itemsize):
+    if shard[0] == 1 or not whole_tiles(shard, split, itemsize, grad_itemsize, devices=devices):
         return False
     lane, _ = device_layout(tuple(shard), itemsize)
     return shard[lane] > LANES or math.prod(n for i, n in enumerate(shard) if i != lane) > SUBLANES

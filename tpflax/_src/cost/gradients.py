@@ -25,7 +25,7 @@ from tpflax._src.cost.stream import split_updates
 from tpflax._src.facts.tree import narrower
 from tpflax._src.mesh import DATA, FSDP, TENSOR, MeshShape
 from tpflax._src.specs import entries, entry_axes, local_shape, used_axes
-from tpflax._src.tpu import WHOLE_SLICE_GATHER_AR, scatters
+from tpflax._src.tpu import WHOLE_SLICE_GATHER_AR, device_layout, scattered_rows, scatters
 
 # the largest leaf (bytes as stored) XLA:TPU gathers as an all-reduce on such a slice (_gathered_as_all_reduce)
 GATHER_AR_BYTES = 16 << 20
@@ -304,9 +304,10 @@ def _gradient_templates(spec, mesh: MeshShape, batch_axes, nbytes: int, item: in
     is the narrower dtype the model casts a 2-D leaf to, whose gradient XLA:TPU lays out in the leaf's own tiles
     (measured, v5e:2x4 fsdp=8: transformers' BERT and GPT-2 in mixed precision reduce-scatter their float32
     tables' ``bf16[1022, 8]`` and ``bf16[1001, 8]`` gradient shards, 8 sublanes of a float32 tile, where a
-    bfloat16 leaf's shard of 8 sublanes is all-reduced whole). A cast 3-D kernel is left to the 16-bit tiles:
-    the zoo Llama's ``(4, 16, 64)`` output projection is all-reduced whole as they say; its ``(64, 4, 16)``
-    q, k and v kernels are too, which neither tiling says (``tests/test_tpu.py``, 0.931 of the compiled bytes)."""
+    bfloat16 leaf's shard of 8 sublanes is all-reduced whole). A cast 3-D kernel's gradient is laid out in 16-row
+    16-bit tiles whatever its dims, and never padded (:func:`tpflax._src.tpu.whole_tiles`): the zoo Llama's
+    ``(4, 16, 64)`` output projection and ``(64, 4, 16)`` and ``(64, 2, 16)`` q, k and v kernels are all-reduced
+    whole on fsdp=8, a ``(128, 2, 16)`` kernel's 16-row shards reduce-scattered (measured, v5e:2x4)."""
     why_rep = f" at each of {reps} steps of the backward loop (used inside a scan body)" if reps > 1 else ""
     f_axes = _split_axes(spec, mesh)  # a parameter split over a data axis is gathered like fsdp
     free = tuple(a for a in batch_axes if a not in used_axes(spec))
@@ -347,12 +348,46 @@ def _gradient_templates(spec, mesh: MeshShape, batch_axes, nbytes: int, item: in
             # bytes.
             return tuple(out) + (summed(gbytes * nf, "fsdp gradient: XLA:TPU all-reduces the whole gradient over "
                                                      "the fsdp and batch axes, then slices its shard"),)
-        out.append(("reduce-scatter", f_axes, gbytes * nf, nf, reps,
-                    "fsdp gradient: reduce-scatter to the owning shard" + why_rep))
+        narrow = not cast and g_item is not None and g_item < item  # its own tiles, never padded (tpu.whole_tiles)
+        pad = _tpu_padding(shape, spec, mesh, f_axes, item, layers) if backend == "tpu" and not narrow else None
+        if pad is None:
+            out.append(("reduce-scatter", f_axes, gbytes * nf, nf, reps,
+                        "fsdp gradient: reduce-scatter to the owning shard" + why_rep))
+        else:  # XLA:TPU pads the shard's rows to whole tiles, then moves each device's rows into place
+            rows, padded = pad
+            out.append(("reduce-scatter", f_axes, gbytes * nf * padded // rows, nf, reps,
+                        f"fsdp gradient: reduce-scatter to the owning shard, its {rows} rows padded to {padded} "
+                        "(XLA:TPU)" + why_rep))
+            out.append(("collective-permute", f_axes, gbytes * (nf - 1) * (padded - rows) // rows, nf, reps,
+                        f"fsdp gradient: move the {padded - rows} rows each padded shard is off by, per device "
+                        "before it (XLA:TPU)" + why_rep))
     if free:
         out.append(("all-reduce", free, gbytes, math.prod(mesh.sizes[a] for a in free), reps,
                     "data parallel: sum the gradient over the batch axes" + why_rep))
     return tuple(out)
+
+
+def _tpu_shard(shape: tuple[int, ...], spec, mesh: MeshShape, f_axes: tuple[str, ...],
+               layers: int | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A leaf's per-device shard (one layer's, for a scanned stack) and its dims split over ``f_axes``."""
+    spec = entries(spec, len(shape))
+    if layers is not None:
+        shape, spec = shape[:layers] + shape[layers + 1:], spec[:layers] + spec[layers + 1:]
+    split = tuple(i for i, e in enumerate(spec) if set(entry_axes(e)) & set(f_axes))
+    return local_shape(shape, spec, mesh), split
+
+
+def _tpu_padding(shape: tuple[int, ...] | None, spec, mesh: MeshShape, f_axes: tuple[str, ...], item: int,
+                 layers: int | None = None) -> tuple[int, int] | None:
+    """``(rows, padded)`` of a reduce-scattered fsdp gradient whose sublane shard XLA:TPU pads
+    (:func:`tpflax._src.tpu.scattered_rows`), or None: it moves the padded shards, and
+    collective-permutes the ``n - 1`` devices' rows into place (measured, v5e:2x4 fsdp=8: a
+    ``(4000, 256)`` table's 500-row shards reduce-scattered as 504 rows and a 28-row permute)."""
+    if shape is None:
+        return None
+    shard, split = _tpu_shard(shape, spec, mesh, f_axes, layers)
+    padded = scattered_rows(shard, split, item)
+    return None if padded is None else (shard[device_layout(shard, item)[1]], padded)
 
 
 def _tpu_whole_tiles(shape: tuple[int, ...] | None, spec, mesh: MeshShape, f_axes: tuple[str, ...],
@@ -365,8 +400,5 @@ def _tpu_whole_tiles(shape: tuple[int, ...] | None, spec, mesh: MeshShape, f_axe
     one tile, all-reduced whole at each step)."""
     if shape is None:
         return True
-    spec = entries(spec, len(shape))
-    if layers is not None:
-        shape, spec = shape[:layers] + shape[layers + 1:], spec[:layers] + spec[layers + 1:]
-    split = tuple(i for i, e in enumerate(spec) if set(entry_axes(e)) & set(f_axes))
-    return scatters(local_shape(shape, spec, mesh), split, item, g_item)
+    shard, split = _tpu_shard(shape, spec, mesh, f_axes, layers)
+    return scatters(shard, split, item, g_item, devices=math.prod(mesh.sizes[a] for a in f_axes))
