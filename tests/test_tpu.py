@@ -244,6 +244,36 @@ def test_fsdp_row_shards_padding_depends_on_the_fsdp_devices_on_tpu(mesh, scatte
         (n - 1) * (padded - scattered) * 64 * 4)
 
 
+class _Stacked(nn.Module):
+    """``(3, 128, f)`` kernels read by an einsum over their first two dims, one per width."""
+
+    widths: tuple
+
+    @nn.compact
+    def __call__(self, x):
+        return sum(jnp.einsum("btkc,kcf->btf", x, self.param(f"w{f}", nn.initializers.normal(0.02), (3, 128, f))).sum(-1)
+                   for f in self.widths)
+
+
+@needs_libtpu
+def test_fsdp_shards_of_three_dims_are_never_padded_on_tpu():
+    # (3, 128, 8 s) kernels split on 8 s over fsdp=8: the parameter's layout puts 128 in the lanes and 3 on the
+    # sublanes, so the split dim is a major one. XLA:TPU reduce-scatters the 8-row shards and all-reduces the 11-
+    # and 21-row ones whole; it pads no shard of three dims (the estimate had reduce-scattered all three)
+    net, x = _Stacked((64, 88, 168)), jax.ShapeDtypeStruct((8, 32, 3, 128), jnp.float32)
+    v = jax.eval_shape(net.init, jax.random.key(0), x)
+    p = tpflax.plan(v, {"fsdp": 8}, rules=[("w", jax.sharding.PartitionSpec(None, None, "fsdp"))])
+    mesh = tpflax.make_mesh({"fsdp": 8}, target="tpu-v5e:2x4")
+    loss = lambda out, *_: jnp.mean(out ** 2)  # noqa: E731
+    dr = tpflax.dry_run(tpflax.make_train_step(net, p, mesh, optax.adamw(1e-3), sample=(x,), loss=loss), p, mesh)
+    assert [s for c in dr.collectives if c.kind == "reduce-scatter" for s in c.shapes] == [(3, 128, 8)]
+    assert {(3, 128, 88), (3, 128, 168)} <= {s for c in dr.collectives if c.kind == "all-reduce" for s in c.shapes}
+    est = tpflax.estimate(p, optax.adamw(1e-3), model=net, sample=(x,), loss=loss, backend="tpu")
+    comm = dr.comm()
+    assert est.comm["reduce-scatter"]["fsdp"] == comm["reduce-scatter"]["fsdp"]
+    assert comm["all-reduce"]["fsdp"] - est.comm["all-reduce"]["fsdp"] == 2 * 7 / 8 * 4  # the loss's scalar
+
+
 @needs_libtpu
 def test_fsdp_gradients_all_reduce_whole_where_the_slice_is_not_one_ring():
     # the same step as above on v5p:2x2x2: XLA:TPU runs its collectives over the 3-D slice as
