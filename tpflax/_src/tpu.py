@@ -366,28 +366,30 @@ def device_layout(shape: tuple[int, ...], itemsize: int, rows: int | None = None
 
 def whole_tiles(shard: tuple[int, ...], split: tuple[int, ...], itemsize: int, grad_itemsize: int | None = None, *,
                 devices: int) -> bool:
-    """Whether XLA:TPU reduce-scatters a pinned fsdp gradient by how its ``split`` dims of the
-    per-device ``shard`` fit the tiles of the parameter's :func:`device_layout`, rather than
-    all-reduce it whole. On the lane dim: a multiple of 128, doubled for a 16-bit gradient
-    (``grad_itemsize``, default ``itemsize``). On the sublane dim: any shard whole tiles, or one
-    whose padding (:func:`scattered_rows` ``P`` rows of ``s``) leaves the padded gradient of the
-    ``devices`` that split it at most 1.5 times the whole one's rows in 8-row tiles
-    (``2 n P <= 3 ceil8(n s)``); a shard of three dims or more, whole tiles of 8 rows, 16 for a
-    16-bit gradient (never padded: float32 ``(K, C, 8 s)`` kernels split on ``8 s`` with K = 2, 3,
-    4, 9 reduce-scatter ``s = 8`` and all-reduce 11-25 whole; the zoo Llama's ``[4, 16, 8]`` and
-    ResNet-18's ``[3, 3, 64, 8]`` shards reduce-scatter in float32, the latter is all-reduced whole
-    in bfloat16); a gradient narrower than its parameter (a float32 3-D kernel's bfloat16 gradient),
-    whole 16-row tiles of a layout tiled by 16 rows whatever the dims. On the other
-    (major) dims, a multiple of 8: ``[8, 2, 16]`` and ``[3, 128, 8]`` shards reduce-scatter,
-    ``[10, 2, 16]``, ``[12, 2, 16]``, ``[12, 4, 32]`` and ``[3, 128, 11..25]`` are all-reduced whole
-    (``[11, 8, 16]``, padded to 12 and reduce-scattered, is the one exception seen). XLA:TPU reduce-scatters on one ring
-    (:func:`one_ring`) only then: ViT-B's ``[768, 12, 64]`` q/k/v kernels on fsdp=8 keep the split 768
-    in the lanes (shards of 96), width 512's move it to the sublanes (shards of 64). Measured on
-    v5e:2x4 (benchmarks/tpu_aot_notes.md): bfloat16 lane shards of 128 and 384 all-reduced, 256 and
-    512 reduce-scattered. Sublane shards of 64 columns (16-row padding), all-reduced whole /
-    padded and reduce-scattered: fsdp=8 shards of 9, 10, 17-21 / 11-15, 22-27, 33, 50-60 rows;
-    fsdp=4 (beside model=2) of 9, 10, 17-20 / 11, 21, 22; fsdp=2 (beside model=4) of 17-20 / 9-13,
-    21, 25, 33. At 8 devices this is ``2 P <= 3 s``: less than a third of the padded shard padding.
+    """Whether XLA:TPU reduce-scatters a pinned fsdp gradient on one ring (:func:`one_ring`), rather
+    than all-reduce it whole, by how the ``split`` dims of its per-device ``shard`` fit the tiles of
+    the parameter's :func:`device_layout`. Measured on v5e:2x4 (benchmarks/tpu_aot_notes.md, rounds
+    36-41; benchmarks/results/tpu_padded_rows.md). Each split dim must be:
+
+    * the lane dim: a multiple of 128, 256 for a 16-bit gradient (``grad_itemsize``, default
+      ``itemsize``): bfloat16 lane shards of 128 and 384 all-reduced, 256 and 512 reduce-scattered;
+      ViT-B's ``[768, 12, 64]`` q/k/v kernels on fsdp=8 keep the split 768 in the lanes (shards of
+      96), width 512's move it to the sublanes (shards of 64);
+    * the sublane dim of a 2-D shard: whole tiles, or ``s`` rows XLA:TPU pads to ``P``
+      (:func:`scattered_rows`) when the ``devices`` padded shards are at most 1.5 times the whole
+      gradient's rows in 8-row tiles, ``2 n P <= 3 ceil8(n s)``. With 64 columns (16-row padding),
+      all-reduced whole / padded: fsdp=8 shards of 9, 10, 17-21 / 11-15, 22-27, 33, 50-60 rows;
+      fsdp=4 (beside model=2) 9, 10, 17-20 / 11, 21, 22; fsdp=2 (beside model=4) 17-20 / 9-13, 21,
+      25, 33. At 8 devices: less than a third of the padded shard padding;
+    * the sublane dim of a shard of three dims or more: whole tiles of 8 rows, 16 for a 16-bit
+      gradient, never padded (float32 ``(K, C, 8 s)`` kernels split on ``8 s``, K = 2, 3, 4, 9:
+      ``s = 8`` reduce-scattered, 11-25 all-reduced whole; ResNet-18's ``[3, 3, 64, 8]`` shards
+      reduce-scattered in float32, all-reduced whole in bfloat16);
+    * in a gradient narrower than its parameter (a float32 3-D kernel's bfloat16 gradient): the
+      sublane dim of a layout tiled by 16 rows whatever the dims, whole tiles;
+    * any other (major) dim: a multiple of 8 (``[8, 2, 16]``, ``[3, 128, 8]`` reduce-scattered;
+      ``[10, 2, 16]``, ``[12, 2, 16]``, ``[12, 4, 32]``, ``[3, 128, 11]`` all-reduced whole; seen
+      once otherwise: ``[11, 8, 16]`` padded to 12 rows and reduce-scattered).
 
     >>> whole_tiles((96, 12, 64), (0,), 4, devices=8), whole_tiles((64, 8, 64), (0,), 4, devices=8)
     (False, True)
