@@ -141,7 +141,7 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
         # column casts the input for itself (a bfloat16 Dense over a float32 norm output): each partial
         # gradient is converted back before the sum, and it reduces each (trace.sharing)
         # a tensor-split grouped convolution is gathered whole (cost/grouped.py): its input gradient is whole
-        tensor_cols = [c for c in cols if s.axes(c, TENSOR) and not (s.grouped or {}).get(c)]
+        tensor_cols = [c for c in cols if s.axes(c, TENSOR) and not (s.grouped or {}).get(c, (0, 0))[1]]
         # a column split only on dims its contractions batch over (Griffin's RG-LRU gates, block-diagonal by
         # heads, on linear_x's split output) reads its input split: its input gradient comes out split, unsummed;
         # a head_dim-split key/value (kvs) has its own collectives (cost/kvsplit.py)

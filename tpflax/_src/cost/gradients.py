@@ -224,8 +224,9 @@ def _gathered_as_all_reduce(s: Scope, d: Any, stored: int, n: int) -> bool:
 
 
 def _reduce_axes(path: str, s: Scope) -> tuple[str, ...]:
-    """The batch axes; a grouped convolution's (batch gathered: cost.grouped) every axis not splitting it."""
-    if path not in (s.grouped or {}):
+    """The batch axes; on XLA:CPU, a grouped convolution's (batch gathered: cost.grouped) every axis not
+    splitting it (XLA:TPU splits its batch: the batch axes)."""
+    if path not in (s.grouped or {}) or s.backend == "tpu":
         return s.batch_axes
     used = used_axes(s.lv.specs[path])
     return tuple(a for a in s.mesh.names if a in s.batch_axes or (a not in used and s.mesh.sizes[a] > 1))

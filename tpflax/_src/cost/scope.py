@@ -90,7 +90,7 @@ class Scope:
     # (param dim, pieces, pieces read whole): see cost/reshard.py
     shared: frozenset[str] | None = None  # traced kernels whose input gradient is reduced apart (trace.sharing)
     lookups: Mapping[str, int] | None = None  # traced tables looked up by several gathers (cost.traced.Traced)
-    grouped: Mapping[str, float] | None = None  # traced grouped convolutions (cost.traced.Traced)
+    grouped: Mapping[str, tuple[float, float]] | None = None  # traced grouped convolutions (cost.traced.Traced)
     joined: Mapping[str, tuple[float, ...]] | None = None  # a projection's joined other uses' rows (Traced)
     widths: Mapping[str, int] | None = None  # traced elements a parameter's contraction sums over (Traced)
     slices: Mapping[str, int] | None = None  # traced contractions of a parameter's slices (Traced)

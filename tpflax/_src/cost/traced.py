@@ -71,9 +71,10 @@ class Traced:
             and T5's shared table: the encoder's and the decoder's lookups); counted in
             ``parts`` too. XLA:TPU adds their scatter-adds before reducing them (one
             part for all of them, measured on BART-base, v5e:2x4); XLA:CPU reduces each.
-        grouped: ``{path: elements per example}`` of a grouped convolution's input plus
-            output: XLA gathers both over the batch axes and reduces the kernel's gradient
-            over every device (measured on RegNet, XLA:CPU).
+        grouped: ``{path: (input, input plus output) elements per example}`` of a grouped
+            convolution: XLA:CPU gathers both over the batch axes and reduces the kernel's gradient
+            over every device (measured on RegNet); XLA:TPU gathers its input over a tensor axis
+            splitting its kernel (:mod:`tpflax._src.cost.grouped`). ``(0, 0)`` for a depthwise one.
         joined: ``{path: rows of each other use / the first's}`` for a projection applied to
             several inputs whose outputs reach the same contraction (LongT5's
             transient-global keys and values; :func:`tpflax._src.planner.repeats.joined`):
@@ -185,7 +186,7 @@ class Traced:
     act_dtype: str | None = None
     shared: frozenset[str] | None = None
     lookups: Mapping[str, int] | None = None
-    grouped: Mapping[str, float] | None = None
+    grouped: Mapping[str, tuple[float, float]] | None = None
     joined: Mapping[str, tuple[float, ...]] | None = None
     widths: Mapping[str, int] | None = None
     slices: Mapping[str, int] | None = None
@@ -331,10 +332,11 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None
             by_dtype[u.dtype] = by_dtype.get(u.dtype, 0) + u.rows
     act = dtype_name(max(by_dtype, key=by_dtype.get)) if by_dtype else None
     shared = frozenset(flow.uses[u].path for u in flow.shared)
-    grouped: dict[str, float] = {}
+    grouped: dict[str, tuple[float, float]] = {}
     for u in flow.uses:
         if u.grouped is not None:
-            grouped[u.path] = grouped.get(u.path, 0) + u.grouped / examples
+            was = grouped.get(u.path, (0, 0))
+            grouped[u.path] = (was[0] + (u.grouped_in or 0) / examples, was[1] + u.grouped / examples)
     joined: dict[str, tuple[float, ...]] = {}
     for u in merge_uses(flow, shapes).uses:
         if u.op.startswith("join:"):

@@ -86,7 +86,7 @@ class Workload:
     fused: Mapping[str, tuple[int, int | tuple[int, ...], tuple[int, ...], bool]] | None = None
     shared: frozenset[str] | None = None
     lookups: Mapping[str, int] | None = None
-    grouped: Mapping[str, float] | None = None
+    grouped: Mapping[str, tuple[float, float]] | None = None
     joined: Mapping[str, tuple[float, ...]] | None = None
     widths: Mapping[str, int] | None = None
     frozen_inputs: frozenset[str] = frozenset()  # traced.frozen_inputs: no input gradient (widths 0)

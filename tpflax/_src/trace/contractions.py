@@ -294,7 +294,8 @@ def conv_general_dilated(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: l
         # a kernel computed from several weights (a weight norm's v and g) moves its activations once
         uid = w.use(ctx, eqn, path, "conv", contracted, [o] if o is not None else [], [], rhs.const_of,
                     positions, str(eqn.outvars[0].aval.dtype), grouped=moved if n == 0 else None,
-                    from_input=not lhs.live, in_rows=in_positions)
+                    from_input=not lhs.live, in_rows=in_positions,
+                    grouped_in=math.prod(in_shape) if moved and n == 0 else None)
         if id(rhs) not in w.raw:
             w.derived.add(uid)
         w.note_grad(uid, lhs)

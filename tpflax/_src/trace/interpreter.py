@@ -369,7 +369,7 @@ class Walk:
 
     def use(self, ctx: tuple, eqn: Any, path: str, op: str, contracted, kept, batch, scan_length,
             rows: int = 0, dtype: str = "", grouped: int | None = None, from_input: bool = False,
-            fixed: bool = False, looked: tuple[int, ...] = (), in_rows: int = 0) -> int:
+            fixed: bool = False, looked: tuple[int, ...] = (), in_rows: int = 0, grouped_in: int | None = None) -> int:
         key = (ctx, id(eqn), path)
         if key in self.use_key:
             u = self.uses[self.use_key[key]]
@@ -379,7 +379,7 @@ class Walk:
                 self.uses[u.id] = dataclasses.replace(u, fixed=u.fixed and fixed, from_input=u.from_input and from_input)
             return u.id
         u = Use(len(self.uses), path, op, tuple(contracted), tuple(kept), tuple(batch), scan_length, rows, dtype,
-                grouped, from_input, fixed, tuple(looked), in_rows)
+                grouped, from_input, fixed, tuple(looked), in_rows, grouped_in)
         self.uses.append(u)
         self.use_key[key] = u.id
         return u.id

@@ -45,6 +45,8 @@ class Use:
             input plus its output as traced: XLA's SPMD partitioner does not split a grouped
             convolution's batch, so it gathers both over the batch axes; 0 for a depthwise one
             (one input channel per group), whose batch it splits; else None.
+        grouped_in: for a grouped ``conv``, the elements of its input alone (XLA:TPU gathers only its
+            input, over a tensor axis splitting its kernel: :mod:`tpflax._src.cost.grouped`); else None.
         from_input: the activation it contracts is computed from no parameter (the model's
             inputs: mel features, pixels): the backward computes no gradient of it.
         fixed: for ``gather``, its indices are computed from no model input (``arange``
@@ -68,6 +70,7 @@ class Use:
     fixed: bool = False
     looked: tuple[int, ...] = ()
     in_rows: int = 0
+    grouped_in: int | None = None
 
     @property
     def tokens(self) -> int:
