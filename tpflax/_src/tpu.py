@@ -404,25 +404,27 @@ def whole_tiles(shard: tuple[int, ...], split: tuple[int, ...], itemsize: int, g
     """
     if len(shard) < 2:
         return True
-    narrow = max(1, itemsize // grad_itemsize) if grad_itemsize else 1
-    lane, sub = device_layout(tuple(shard), itemsize, SUBLANES * narrow if narrow > 1 else None)
+    narrow = bool(grad_itemsize) and grad_itemsize < itemsize  # a cast gradient: 16-row tiles whatever the dims
     pack = max(1, 4 // (grad_itemsize or itemsize))
+    lane, sub = device_layout(tuple(shard), itemsize, SUBLANES * pack if narrow else None)
     if any(d == lane and shard[d] % (LANES * pack) for d in split):
         return False
     if any(d not in (lane, sub) and shard[d] % SUBLANES for d in split):  # a major dim: 8 at a time, unpadded
         return False
     if sub not in split:
         return True
-    if narrow > 1 or len(shard) > 2:  # never padded: whole tiles of 8 rows, 16 for a 16-bit gradient
+    if narrow or len(shard) > 2:  # never padded (scattered_rows): whole tiles of 8 rows, 16 for a 16-bit gradient
         return shard[sub] % (SUBLANES * pack) == 0
     padded = scattered_rows(shard, split, itemsize)
     return padded is None or 2 * devices * padded <= 3 * (-(-devices * shard[sub] // SUBLANES) * SUBLANES)
 
 
-def scattered_rows(shard: tuple[int, ...], split: tuple[int, ...], itemsize: int) -> int | None:
+def scattered_rows(shard: tuple[int, ...], split: tuple[int, ...], itemsize: int,
+                   grad_itemsize: int | None = None) -> int | None:
     """The rows XLA:TPU pads the split sublane dim of a 2-D per-device gradient ``shard`` to before
-    it reduce-scatters it, or None when the split is not on the sublanes, needs no padding or the
-    shard has more dims (which XLA:TPU never pads: :func:`whole_tiles`).
+    it reduce-scatters it, or None when the split is not on the sublanes, needs no padding, or the
+    shard is one XLA:TPU never pads (:func:`whole_tiles`): of more dims, or a gradient narrower than
+    its parameter (``grad_itemsize``).
 
     The padded rows are a multiple of 8 that, times the lanes (padded to 128), is a multiple of
     :data:`PAD_ELEMENTS`: 16 rows at a time beside 128 or 384 lanes, 8 beside 256 or 512, float32
@@ -438,9 +440,10 @@ def scattered_rows(shard: tuple[int, ...], split: tuple[int, ...], itemsize: int
     (504, 32, 32)
     >>> scattered_rows((16, 64), (0,), 4), scattered_rows((24, 64), (0,), 4), scattered_rows((64, 21), (1,), 4)
     (None, 32, 32)
-    >>> scattered_rows((4, 16, 11), (2,), 4)
+    >>> scattered_rows((4, 16, 11), (2,), 4), scattered_rows((22, 64), (0,), 4, 2)
+    (None, None)
     """
-    if len(shard) != 2:
+    if len(shard) != 2 or (grad_itemsize and grad_itemsize < itemsize):
         return None
     lane, sub = device_layout(tuple(shard), itemsize)
     if sub not in split:

@@ -349,8 +349,7 @@ def _gradient_templates(spec, mesh: MeshShape, batch_axes, nbytes: int, item: in
             # bytes.
             return tuple(out) + (summed(gbytes * nf, "fsdp gradient: XLA:TPU all-reduces the whole gradient over "
                                                      "the fsdp and batch axes, then slices its shard"),)
-        narrow = not cast and g_item is not None and g_item < item  # its own tiles, never padded (tpu.whole_tiles)
-        pad = _tpu_padding(shape, spec, mesh, f_axes, item, layers) if backend == "tpu" and not narrow else None
+        pad = _tpu_padding(shape, spec, mesh, f_axes, item, None if cast else g_item, layers) if backend == "tpu" else None
         if pad is None:
             out.append(("reduce-scatter", f_axes, gbytes * nf, nf, reps,
                         "fsdp gradient: reduce-scatter to the owning shard" + why_rep))
@@ -379,7 +378,7 @@ def _tpu_shard(shape: tuple[int, ...], spec, mesh: MeshShape, f_axes: tuple[str,
 
 
 def _tpu_padding(shape: tuple[int, ...] | None, spec, mesh: MeshShape, f_axes: tuple[str, ...], item: int,
-                 layers: int | None = None) -> tuple[int, int] | None:
+                 g_item: int | None, layers: int | None = None) -> tuple[int, int] | None:
     """``(rows, padded)`` of a reduce-scattered fsdp gradient whose sublane shard XLA:TPU pads
     (:func:`tpflax._src.tpu.scattered_rows`), or None: it moves the padded shards, and
     collective-permutes the ``n - 1`` devices' rows into place (measured, v5e:2x4 fsdp=8: a
@@ -387,7 +386,7 @@ def _tpu_padding(shape: tuple[int, ...] | None, spec, mesh: MeshShape, f_axes: t
     if shape is None:
         return None
     shard, split = _tpu_shard(shape, spec, mesh, f_axes, layers)
-    padded = scattered_rows(shard, split, item)
+    padded = scattered_rows(shard, split, item, g_item)
     return None if padded is None else (shard[device_layout(shard, item)[1]], padded)
 
 
