@@ -453,6 +453,40 @@ def scattered_rows(shard: tuple[int, ...], split: tuple[int, ...], itemsize: int
     return None if rows % grain == 0 else -(-rows // grain) * grain
 
 
+def cast_kernel_gathered_as_stored(in_features: int, out_features: int, on_out: bool, devices: int) -> bool:
+    """Whether XLA:TPU gathers a float32 1x1 convolution kernel that the model casts to bfloat16 as float32,
+    converting after the gather (else it converts first and gathers bfloat16). ``in_features`` and
+    ``out_features`` are the kernel's on one device after the gather (a tensor split applied), ``on_out``
+    says which of them the ``devices`` split, ``on_out=False`` the input features.
+
+    XLA:TPU lays the gather's result out with the split dim major, in 1-row tiles when the shard is not whole
+    8-row tiles. Where the convolution reads the kernel with the other dim minor and that dim fits one 128-lane
+    tile, the layout change is a bitcast, the kernel's convert is fused into the convolution behind it, and
+    ``bfloat16-propagation`` does not reach the gather through the bitcast. The convolution reads a 1x1 kernel
+    with its multiple-of-128 feature dim minor when exactly one is, else the larger, the output on a tie.
+
+    Measured on v5e (benchmarks/tpu_aot_notes.md, forty-second round; benchmarks/results/tpu_conv_gathers.md:
+    chains of 1x1 convolutions in bfloat16 over float32 kernels, 93 kernels on fsdp=8, fsdp=4 and
+    fsdp=2,model=4, every gather's bytes estimated exactly): on fsdp=8
+    ``(128, 272)`` split on its output, ``(200, 128)``, ``(136, 128)``, ``(72, 72)`` and ``(32, 32)`` on their
+    input gathered as float32; ``(272, 272)`` (the other dim wider than a tile), ``(200, 96)`` and
+    ``(72, 64)`` (the split dim minor), ``(256, 64)`` (8-row shards) as bfloat16. A float32 model's
+    convolutions gather by another rule, not modelled (the estimate gathers their kernels as bfloat16).
+
+    >>> [cast_kernel_gathered_as_stored(i, o, on, 8) for i, o, on in ((128, 272, True), (32, 32, False),
+    ...                                                                (272, 272, False), (200, 96, False))]
+    [True, True, False, False]
+    >>> cast_kernel_gathered_as_stored(256, 64, False, 8), cast_kernel_gathered_as_stored(48, 48, False, 4)
+    (False, True)
+    """
+    split, other = (out_features, in_features) if on_out else (in_features, out_features)
+    if (split // devices) % SUBLANES == 0 or split % SUBLANES or other > LANES:
+        return False
+    in_aligned, out_aligned = in_features % LANES == 0, out_features % LANES == 0
+    in_minor = in_aligned if in_aligned != out_aligned else in_features > out_features
+    return in_minor == on_out
+
+
 def scatters(shard: tuple[int, ...], split: tuple[int, ...], itemsize: int, grad_itemsize: int | None = None, *,
              devices: int) -> bool:
     """Whether XLA:TPU reduce-scatters a pinned fsdp gradient of this per-device ``shard`` on one ring

@@ -25,7 +25,13 @@ from tpflax._src.cost.stream import split_updates
 from tpflax._src.facts.tree import narrower
 from tpflax._src.mesh import DATA, FSDP, TENSOR, MeshShape
 from tpflax._src.specs import entries, entry_axes, local_shape, used_axes
-from tpflax._src.tpu import WHOLE_SLICE_GATHER_AR, device_layout, scattered_rows, scatters
+from tpflax._src.tpu import (
+    WHOLE_SLICE_GATHER_AR,
+    cast_kernel_gathered_as_stored,
+    device_layout,
+    scattered_rows,
+    scatters,
+)
 
 # the largest leaf (bytes as stored) XLA:TPU gathers as an all-reduce on such a slice (_gathered_as_all_reduce)
 GATHER_AR_BYTES = 16 << 20
@@ -255,11 +261,29 @@ def gather_item(d: Any, backend: str, spec: tuple | None = None, mesh: MeshShape
     item = leaf_itemsize(d)
     if backend != "tpu":
         return item
+    if cast and d.kind == "conv" and spec is not None and mesh is not None and _cast_kernel_as_stored(d, spec, mesh):
+        return item
     # a convolution kernel takes the convolution's own layouts (ResNet-18 on v5e:2x4: the gathered dim minor
-    # as often as major), which the estimate does not model: as bfloat16
+    # as often as major), which the estimate does not model beyond a cast 1x1 kernel's: as bfloat16
     laid = spec is not None and mesh is not None and d.kind != "conv"
     rows = gather_rows(body(d), drop_layers(d, spec), mesh) if laid else None
     return tpu_gather_item(item, d.kind in _MATMUL_KINDS or cast, rows)
+
+
+def _cast_kernel_as_stored(d: Any, spec: tuple, mesh: MeshShape) -> bool:
+    """A float32 1x1 convolution kernel (its window dims all 1) cast to bfloat16, split over fsdp on one of its
+    feature dims, that XLA:TPU gathers as float32 (:func:`tpflax._src.tpu.cast_kernel_gathered_as_stored`)."""
+    shape, spec = body(d), entries(drop_layers(d, spec), len(body(d)))
+    if len(shape) < 3 or any(n != 1 for n in shape[:-2]) or leaf_itemsize(d) != 4:
+        return False
+    gathered = set(_split_axes(spec, mesh))
+    dims = [i for i, e in enumerate(spec) if gathered & set(entry_axes(e))]
+    if len(dims) != 1 or dims[0] < len(shape) - 2:
+        return False
+    local = list(local_shape(shape, spec, mesh))
+    devices = math.prod(mesh.sizes[a] for a in entry_axes(spec[dims[0]]) if a in gathered)
+    local[dims[0]] *= devices
+    return cast_kernel_gathered_as_stored(local[-2], local[-1], dims[0] == len(shape) - 1, devices)
 
 
 def gather_rows(shape: tuple[int, ...], spec: tuple, mesh: MeshShape) -> int | None:
