@@ -313,27 +313,36 @@ def test_a_grouped_convolution_splits_its_batch_on_tpu(split):
 
 
 class _Pointwise(nn.Module):
-    """A chain of 1x1 convolutions computing in bfloat16 over float32 kernels (RegNet's in mixed precision)."""
+    """A chain of 1x1 convolutions over float32 kernels, computing in ``dtype`` (bfloat16: RegNet's in mixed
+    precision)."""
 
     widths: tuple[int, ...]
+    dtype: str
 
     @nn.compact
     def __call__(self, x):
         for i, c in enumerate(self.widths):
-            x = nn.relu(nn.Conv(c, (1, 1), use_bias=False, dtype=jnp.bfloat16, name=f"c{i}")(x))
+            x = nn.relu(nn.Conv(c, (1, 1), use_bias=False, dtype=jnp.dtype(self.dtype), name=f"c{i}")(x))
         return x
 
 
 @needs_libtpu
-def test_a_cast_1x1_kernel_is_gathered_as_float32_where_its_layout_change_is_a_bitcast_on_tpu():
+@pytest.mark.parametrize("dtype, expected", [
+    ("bfloat16", {0: "f32", 1: "bf16", 2: "f32", 3: "bf16", 4: "f32", 5: "bf16", 6: "f32", 7: "bf16"}),
+    ("float32", {0: "f32", 1: "f32", 2: "f32", 3: "bf16", 4: "f32", 5: "f32", 6: "f32", 7: "bf16"}),
+])
+def test_a_1x1_kernel_is_gathered_as_float32_where_its_layout_change_is_a_bitcast_on_tpu(dtype, expected):
     # XLA:TPU converts a float32 kernel to bfloat16 before its fsdp gather, except a 1x1 convolution kernel whose
     # gathered layout (the split dim major, 1-row tiles: shards not whole 8-row tiles) is a bitcast of the one the
     # convolution reads (the other dim minor, within 128 lanes): its convert then fuses into the convolution and
-    # the gather stays float32. RegNet on fsdp=8 was 0.960 of the compiled collectives, four such kernels priced
-    # as bfloat16. Expected per kernel (in, out, split dim): 32->32 on in, float32; 32->48 on out (the wider dim
-    # is minor), bfloat16; 48->48 on in, float32; 48->128 on out (16-row shards), bfloat16; 128->200 on out
-    # (the 128 is minor), float32; 200->96 on in (the wider dim is minor), bfloat16
-    net, x = _Pointwise((32, 48, 48, 128, 200, 96)), jax.ShapeDtypeStruct((8, 4, 4, 32), jnp.float32)
+    # the gather stays float32. RegNet on fsdp=8 in mixed precision was 0.960 of the compiled collectives, four
+    # such kernels priced as bfloat16. Kernels (in -> out, split dim): 32->32 on in; 32->48 on out (bfloat16
+    # reads the 48 minor, float32 the smaller 32); 48->48 on in; 48->128 on out (16-row shards: whole tiles);
+    # 128->200 on out (the 128 is minor); 200->96 on in (bfloat16: the 200 pads less as the rows; float32: the
+    # 96 is smaller); 96->144 on out (the 96 minor: 144 pads to 256 lanes); 144->256 on out (the other dim
+    # wider than a lane tile; its 32-row shards are whole tiles too)
+    net = _Pointwise((32, 48, 48, 128, 200, 96, 144, 256), dtype)
+    x = jax.ShapeDtypeStruct((8, 4, 4, 32), jnp.float32)
     v = jax.eval_shape(net.init, jax.random.key(0), x)
     p = tpflax.plan(v, {"fsdp": 8}, model=net, sample=(x,))
     mesh = tpflax.make_mesh({"fsdp": 8}, target="tpu-v5e:2x4")
@@ -341,13 +350,13 @@ def test_a_cast_1x1_kernel_is_gathered_as_float32_where_its_layout_change_is_a_b
     dr = tpflax.dry_run(tpflax.make_train_step(net, p, mesh, optax.adamw(1e-3), sample=(x,), loss=loss), p, mesh)
     est = tpflax.estimate(p, optax.adamw(1e-3), model=net, sample=(x,), loss=loss, backend="tpu")
     got = {}
-    for i, shape in enumerate([(1, 1, 32, 32), (1, 1, 32, 48), (1, 1, 48, 48), (1, 1, 48, 128), (1, 1, 128, 200),
-                               (1, 1, 200, 96)]):
-        (gathered,) = {c for c in dr.collectives if c.kind == "all-gather" and c.shapes == (shape,)}
+    for i, shape in enumerate([(32, 32), (32, 48), (48, 48), (48, 128), (128, 200), (200, 96), (96, 144),
+                               (144, 256)]):
+        (gathered,) = {c for c in dr.collectives if c.kind == "all-gather" and c.shapes == ((1, 1) + shape,)}
         (priced,) = [e for e in est.items if e.source == f"params/c{i}/kernel" and e.kind == "all-gather"]
         assert priced.ring_bytes == gathered.ring_bytes
         got[i] = gathered.dtypes[0]
-    assert got == {0: "f32", 1: "bf16", 2: "f32", 3: "bf16", 4: "f32", 5: "bf16"}
+    assert got == expected
 
 
 @needs_libtpu

@@ -453,37 +453,56 @@ def scattered_rows(shard: tuple[int, ...], split: tuple[int, ...], itemsize: int
     return None if rows % grain == 0 else -(-rows // grain) * grain
 
 
-def cast_kernel_gathered_as_stored(in_features: int, out_features: int, on_out: bool, devices: int) -> bool:
-    """Whether XLA:TPU gathers a float32 1x1 convolution kernel that the model casts to bfloat16 as float32,
-    converting after the gather (else it converts first and gathers bfloat16). ``in_features`` and
-    ``out_features`` are the kernel's on one device after the gather (a tensor split applied), ``on_out``
-    says which of them the ``devices`` split, ``on_out=False`` the input features.
+def conv_kernel_gathered_as_stored(in_features: int, out_features: int, on_out: bool, devices: int,
+                                   cast: bool) -> bool:
+    """Whether XLA:TPU gathers a float32 1x1 convolution kernel as float32, converting it to bfloat16 after the
+    gather (else it converts first and gathers bfloat16). ``in_features`` and ``out_features`` are the
+    kernel's on one device after the gather (a tensor split applied); ``on_out`` says which of them the
+    ``devices`` split, ``on_out=False`` the input features; ``cast``: the model casts the kernel to bfloat16
+    (mixed precision), else the convolution computes in float32 (and multiplies in bfloat16 by default).
 
-    XLA:TPU lays the gather's result out with the split dim major, in 1-row tiles when the shard is not whole
-    8-row tiles. Where the convolution reads the kernel with the other dim minor and that dim fits one 128-lane
-    tile, the layout change is a bitcast, the kernel's convert is fused into the convolution behind it, and
-    ``bfloat16-propagation`` does not reach the gather through the bitcast. The convolution reads a 1x1 kernel
-    with its multiple-of-128 feature dim minor when exactly one is, else the larger, the output on a tie.
+    Every float32 gather is turned bfloat16 by XLA:TPU's ``bfloat16-propagation`` when its users read it through
+    a convert. A bitcast between the gather and the convolution stops it: then the kernel's convert is fused into
+    the convolution behind the bitcast, and the gather stays float32. The layout change is a bitcast when
+
+    * the gather lays its result out in 1-row tiles, the split dim major: its shard is not whole 8-row tiles,
+      or the split dim is the lane dim of the shard's own layout (:func:`device_layout`) and not whole 128-lane
+      tiles there (the gather transposes);
+    * the convolution reads the kernel with the other feature dim minor, within one 128-lane tile, and the split
+      dim is whole 8-row tiles. In bfloat16 the convolution reads the kernel in the layout that pads it least
+      (:func:`device_layout` of its bfloat16 ``(in, out)``, the output minor on a tie); in float32 with the
+      smaller feature dim minor, the output on a tie (two exceptions seen: ``(26, 8)`` and ``(8, 20)`` beside a
+      model split, whose larger dim is minor).
 
     Measured on v5e (benchmarks/tpu_aot_notes.md, forty-second round; benchmarks/results/tpu_conv_gathers.md:
-    chains of 1x1 convolutions in bfloat16 over float32 kernels, 93 kernels on fsdp=8, fsdp=4 and
-    fsdp=2,model=4, every gather's bytes estimated exactly): on fsdp=8
-    ``(128, 272)`` split on its output, ``(200, 128)``, ``(136, 128)``, ``(72, 72)`` and ``(32, 32)`` on their
-    input gathered as float32; ``(272, 272)`` (the other dim wider than a tile), ``(200, 96)`` and
-    ``(72, 64)`` (the split dim minor), ``(256, 64)`` (8-row shards) as bfloat16. A float32 model's
-    convolutions gather by another rule, not modelled (the estimate gathers their kernels as bfloat16).
+    chains of 1x1 convolutions over float32 kernels, in float32 and in bfloat16, on fsdp=8, fsdp=4 and
+    fsdp=2,model=4; every gather's bytes estimated exactly). In bfloat16 on fsdp=8: ``(128, 272)`` split on its
+    output, ``(200, 128)``, ``(136, 128)``, ``(72, 72)`` and ``(32, 32)`` on their input gathered as float32;
+    ``(272, 272)`` (the other dim wider than a tile), ``(200, 96)`` and ``(32, 48)`` (the split dim minor),
+    ``(256, 64)`` (8-row shards) as bfloat16, and ``(96, 144)`` on its output as float32 (its 144 would pad to 256
+    lanes: the 96 is minor). In float32 ``(32, 48)`` on its output and ``(200, 96)`` on its
+    input gather as float32 (the smaller dim minor), and ``(12, 128)`` on its output too (16-row shards, but its
+    ``(12, 16)`` shard has the 16 in the lanes); ``(16, 256)`` split in two on its output (fsdp=2 beside a
+    model split of its input) as bfloat16 (its shard's 128 lanes are a whole tile).
 
-    >>> [cast_kernel_gathered_as_stored(i, o, on, 8) for i, o, on in ((128, 272, True), (32, 32, False),
-    ...                                                                (272, 272, False), (200, 96, False))]
+    >>> [conv_kernel_gathered_as_stored(i, o, on, 8, True) for i, o, on in ((128, 272, True), (32, 32, False),
+    ...                                                                     (272, 272, False), (32, 48, True))]
     [True, True, False, False]
-    >>> cast_kernel_gathered_as_stored(256, 64, False, 8), cast_kernel_gathered_as_stored(48, 48, False, 4)
-    (False, True)
+    >>> [conv_kernel_gathered_as_stored(i, o, on, 8, False) for i, o, on in ((32, 48, True), (12, 128, True),
+    ...                                                                      (48, 128, True), (256, 64, False))]
+    [True, True, False, False]
     """
     split, other = (out_features, in_features) if on_out else (in_features, out_features)
-    if (split // devices) % SUBLANES == 0 or split % SUBLANES or other > LANES:
+    if split % SUBLANES or other > LANES:
         return False
-    in_aligned, out_aligned = in_features % LANES == 0, out_features % LANES == 0
-    in_minor = in_aligned if in_aligned != out_aligned else in_features > out_features
+    shard = (in_features, split // devices) if on_out else (split // devices, out_features)
+    lanes = device_layout(shard, 4)[0] == int(on_out)  # the split dim is the shard's lane dim
+    if (split // devices) % SUBLANES == 0 and not (lanes and (split // devices) % LANES):
+        return False  # gathered in whole tiles: the convolution's own layout, no bitcast
+    if cast:  # the bfloat16 kernel's own layout
+        in_minor = device_layout((in_features, out_features), 2)[0] == 0
+    else:
+        in_minor = in_features < out_features
     return in_minor == on_out
 
 

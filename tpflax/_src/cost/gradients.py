@@ -27,7 +27,7 @@ from tpflax._src.mesh import DATA, FSDP, TENSOR, MeshShape
 from tpflax._src.specs import entries, entry_axes, local_shape, used_axes
 from tpflax._src.tpu import (
     WHOLE_SLICE_GATHER_AR,
-    cast_kernel_gathered_as_stored,
+    conv_kernel_gathered_as_stored,
     device_layout,
     scattered_rows,
     scatters,
@@ -254,25 +254,27 @@ _MATMUL_KINDS = ("dense", "attention", "expert", "head", "conv")
 def gather_item(d: Any, backend: str, spec: tuple | None = None, mesh: MeshShape | None = None,
                 cast: bool = False) -> int:
     """Bytes per element an fsdp all-gather of the leaf moves (see :func:`tpu_gather_item`); with its
-    ``spec`` on ``mesh``, from the rows of one layer's shard too (:func:`gather_rows`; not for
-    convolution kernels). ``cast``: the model reads it cast to a narrower dtype (:func:`_cast_item`), which
-    XLA:TPU converts to before gathering, as a matmul operand's (a bfloat16 GPT-2's float32 table, measured on
-    v5e:2x4 fsdp=8: ``bf16[1001,64]``)."""
+    ``spec`` on ``mesh``, from the rows of one layer's shard too (:func:`gather_rows`; for a convolution
+    kernel, whether its gather's layout is a bitcast of the convolution's: :func:`_conv_kernel_as_stored`).
+    ``cast``: the model reads it cast to a narrower dtype (:func:`_cast_item`), which XLA:TPU converts to before
+    gathering, as a matmul operand's (a bfloat16 GPT-2's float32 table, measured on v5e:2x4 fsdp=8:
+    ``bf16[1001,64]``)."""
     item = leaf_itemsize(d)
     if backend != "tpu":
         return item
-    if cast and d.kind == "conv" and spec is not None and mesh is not None and _cast_kernel_as_stored(d, spec, mesh):
+    if d.kind == "conv" and spec is not None and mesh is not None and _conv_kernel_as_stored(d, spec, mesh, cast):
         return item
-    # a convolution kernel takes the convolution's own layouts (ResNet-18 on v5e:2x4: the gathered dim minor
-    # as often as major), which the estimate does not model beyond a cast 1x1 kernel's: as bfloat16
+    # a convolution kernel with a window takes the convolution's own layouts (ResNet-18 on v5e:2x4: the gathered
+    # dim minor as often as major), which the estimate does not model: as bfloat16
     laid = spec is not None and mesh is not None and d.kind != "conv"
     rows = gather_rows(body(d), drop_layers(d, spec), mesh) if laid else None
     return tpu_gather_item(item, d.kind in _MATMUL_KINDS or cast, rows)
 
 
-def _cast_kernel_as_stored(d: Any, spec: tuple, mesh: MeshShape) -> bool:
-    """A float32 1x1 convolution kernel (its window dims all 1) cast to bfloat16, split over fsdp on one of its
-    feature dims, that XLA:TPU gathers as float32 (:func:`tpflax._src.tpu.cast_kernel_gathered_as_stored`)."""
+def _conv_kernel_as_stored(d: Any, spec: tuple, mesh: MeshShape, cast: bool) -> bool:
+    """A float32 1x1 convolution kernel (its window dims all 1), split over fsdp on one of its feature dims, that
+    XLA:TPU gathers as float32 (:func:`tpflax._src.tpu.conv_kernel_gathered_as_stored`); ``cast``: the model
+    reads it cast to bfloat16."""
     shape, spec = body(d), entries(drop_layers(d, spec), len(body(d)))
     if len(shape) < 3 or any(n != 1 for n in shape[:-2]) or leaf_itemsize(d) != 4:
         return False
@@ -283,7 +285,7 @@ def _cast_kernel_as_stored(d: Any, spec: tuple, mesh: MeshShape) -> bool:
     local = list(local_shape(shape, spec, mesh))
     devices = math.prod(mesh.sizes[a] for a in entry_axes(spec[dims[0]]) if a in gathered)
     local[dims[0]] *= devices
-    return cast_kernel_gathered_as_stored(local[-2], local[-1], dims[0] == len(shape) - 1, devices)
+    return conv_kernel_gathered_as_stored(local[-2], local[-1], dims[0] == len(shape) - 1, devices, cast)
 
 
 def gather_rows(shape: tuple[int, ...], spec: tuple, mesh: MeshShape) -> int | None:
