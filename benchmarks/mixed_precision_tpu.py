@@ -130,14 +130,14 @@ from 1: XLA:TPU gathers four of its float32 1x1 kernels in float32 (stage 3's tw
 `(1, 1, 32, 32)`, a `(1, 1, 48, 48)`) where the estimate gathers them in bfloat16, the whole gap; not yet
 a rule then (forty-second round: it is, below). **Now 126 of 126 within 10% (0.934-1.027), mean error 1.0%.**
 
-Forty-second round: **regnet fsdp=8 0.960 -> 1.003.** XLA:TPU converts a float32 kernel to bfloat16 before its
-fsdp gather, except a 1x1 convolution kernel whose gathered layout (the split dim major, in 1-row tiles because
-its shard is not whole 8-row tiles) is a bitcast of the layout the convolution reads (the other feature dim
-minor, within one 128-lane tile): the convert then fuses into the convolution behind the bitcast, and XLA:TPU's
-`bfloat16-propagation` does not reach the gather through it (read off the per-pass HLO dumps). The convolution
-reads a 1x1 kernel with its multiple-of-128 feature dim minor when exactly one is, else the wider, the output on
-a tie (`tpu.cast_kernel_gathered_as_stored`; `benchmarks/tpu_conv_gathers.py`: 93 kernels on fsdp=8, fsdp=4 and
-fsdp=2,model=4, every gather estimated exactly). It also gathers ResNet's `(1, 1, 8, 8)` kernel as float32 (+112 and +64 B, now priced). Six rows
+Forty-second round: **regnet fsdp=8 0.960 -> 1.003.** XLA:TPU converts a float32 kernel to bfloat16 before
+its fsdp gather, except a 1x1 convolution kernel whose gathered layout (the split dim major, in 1-row tiles:
+a shard not whole 8-row tiles) is a bitcast of the layout the convolution reads (the other feature dim minor,
+within one 128-lane tile): the convert then fuses into the convolution behind the bitcast, and XLA:TPU's
+`bfloat16-propagation` does not reach the gather through it (read off the per-pass HLO dumps). In bfloat16 the
+convolution reads a 1x1 kernel in the layout that pads it least (`tpu.conv_kernel_gathered_as_stored`;
+`benchmarks/tpu_conv_gathers.py`: all 150 bfloat16 kernels on fsdp=8, fsdp=4 and fsdp=2,model=4 estimated
+exactly). It also gathers ResNet's `(1, 1, 8, 8)` kernel as float32 (+112 and +64 B, now priced). Six rows
 re-measured (`--arch regnet resnet`); no other row's estimate moved (all 126 estimated at both commits).
 **126 of 126 within 10% (0.934-1.027), mean error 1.0%.**
 """

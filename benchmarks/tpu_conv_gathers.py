@@ -4,14 +4,15 @@ Run: python benchmarks/tpu_conv_gathers.py   (needs libtpu: pip install -e ".[tp
 Writes benchmarks/results/tpu_conv_gathers.md. Each program is a chain of 1x1 convolutions over float32 kernels
 (a batch of 8 images of ``--pixels`` x ``--pixels``), tpflax's ``model=`` plan and the adamw step of
 ``tpflax.make_train_step`` compiled for a v5e slice by the TPU compiler (no TPU used). Per kernel: its split, the
-dtype the compiled program gathers it in, and the all-gather bytes compiled and estimated
-(``tpflax.estimate(..., backend="tpu")``). In mixed precision (bfloat16 compute) XLA:TPU converts a kernel before
-its gather unless the gather's layout is a bitcast of the convolution's (``tpflax._src.tpu.cast_kernel_gathered_as_stored``;
-benchmarks/tpu_aot_notes.md, forty-second round). ``--dtype float32`` computes in float32, whose convolutions gather
-by another rule the estimate does not model: its rows are a record, not a check.
+dtype the compiled program gathers it in, and the all-gather bytes compiled and estimated (kernels of one gathered
+shape, which the compiled gathers do not tell apart, as a group)
+(``tpflax.estimate(..., backend="tpu")``), in mixed precision (bfloat16 compute) and in float32. XLA:TPU converts a
+kernel to bfloat16 before its gather unless the gather's layout is a bitcast of the convolution's
+(``tpflax._src.tpu.conv_kernel_gathered_as_stored``; benchmarks/tpu_aot_notes.md, forty-second round).
 
 Options: ``--mesh fsdp=4`` (default: fsdp=8, fsdp=4 and fsdp=2,model=4), ``--chain 32,32,48`` (the channel
-widths; default: two chains of 16 and 15 kernels), ``--pixels 2``, ``--dtype float32``, ``--out -`` (print only).
+widths; default: three chains of 16, 15 and 19 kernels), ``--pixels 2``, ``--dtype float32`` (the compute dtype;
+default: both), ``--out -`` (print only).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import tpflax  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "tpu_conv_gathers.md"
 CHAINS = ((32, 32, 48, 48, 128, 272, 272, 64, 256, 64, 128, 12, 128, 40, 200, 8, 48),
-          (128, 200, 96, 200, 128, 136, 128, 72, 72, 64, 72, 56, 56, 16, 24, 16))
+          (128, 200, 96, 200, 128, 136, 128, 72, 72, 64, 72, 56, 56, 16, 24, 16),
+          (24, 40, 24, 160, 24, 96, 320, 96, 144, 16, 144, 64, 192, 64, 384, 104, 8, 80, 264, 80))
 MESHES = ("fsdp=8", "fsdp=4", "fsdp=2,model=4")
 
 
@@ -68,18 +70,23 @@ def measure(widths: tuple[int, ...], mesh: dict[str, int], pixels: int, dtype: s
     est = tpflax.estimate(p, optax.adamw(1e-3), model=net, sample=(x,), loss=loss, backend="tpu",
                           target=_target(mesh))
     fsdp = [a for a in mesh if a.startswith("fsdp")]
-    rows = []
+    gathered = {}  # kernel -> (spec, its shape on one device after the gather: tensor splits only)
     for i in range(len(widths) - 1):
-        path = f"params/c{i}/kernel"
-        spec = tuple(p.decisions[path].spec)
-        local = list(p.decisions[path].shape)
-        for d, e in enumerate(spec):  # the kernel on one device after the gather: tensor splits only
+        spec = tuple(p.decisions[f"params/c{i}/kernel"].spec)
+        local = list(p.decisions[f"params/c{i}/kernel"].shape)
+        for d, e in enumerate(spec):
             for a in (e,) if isinstance(e, str) else (e or ()):
                 local[d] //= 1 if a in fsdp else mesh[a]
-        compiled = [c for c in dr.collectives if c.kind == "all-gather" and c.shapes == (tuple(local),)
+        gathered[i] = spec, tuple(local)
+    rows = []
+    for i, (spec, local) in gathered.items():
+        # the compiled gathers name no parameter: kernels of one gathered shape are compared together
+        alike = [j for j, (_, other) in gathered.items() if other == local]
+        compiled = [c for c in dr.collectives if c.kind == "all-gather" and c.shapes == (local,)
                     and set(c.axes or ()) & set(fsdp)]
-        priced = [e for e in est.items if e.source == path and e.kind == "all-gather"]
-        rows.append((f"c{i}", tuple(local[-2:]), spec, "/".join(sorted({c.dtypes[0] for c in compiled})) or "-",
+        priced = [e for e in est.items if e.kind == "all-gather" and e.source in {f"params/c{j}/kernel" for j in alike}]
+        name = f"c{i}" if len(alike) == 1 else f"c{i} (with {', '.join(f'c{j}' for j in alike if j != i)})"
+        rows.append((name, local[-2:], spec, "/".join(sorted({c.dtypes[0] for c in compiled})) or "-",
                      sum(c.ring_bytes * c.count for c in compiled), sum(e.ring_bytes * e.count for e in priced)))
     return rows
 
@@ -89,7 +96,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mesh", nargs="*", default=list(MESHES))
     ap.add_argument("--chain", nargs="*", default=[",".join(map(str, c)) for c in CHAINS])
     ap.add_argument("--pixels", type=int, default=8)
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", nargs="*", default=["bfloat16", "float32"])
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
     import importlib.util
@@ -98,27 +105,28 @@ def main(argv=None) -> int:
         print('libtpu is not installed (pip install -e ".[tpu]")')
         return 1
     t0, lines, n, exact = time.perf_counter(), [], 0, 0
-    for label in args.mesh:
-        mesh = {k: int(v) for k, v in (kv.split("=") for kv in label.split(","))}
-        for chain in args.chain:
-            for name, (cin, cout), spec, dt, got, want in measure(tuple(map(int, chain.split(","))), mesh,
-                                                                  args.pixels, args.dtype):
-                if not got and not want:
-                    continue  # not split over fsdp: nothing gathered
-                n, exact = n + 1, exact + (got == want)
-                split = ", ".join(str(e) for e in spec[-2:])
-                lines.append(f"| {label} | {name} | {cin} -> {cout} | ({split}) | {dt} | {got:,.0f} | {want:,.0f} | "
-                             f"{'yes' if got == want else 'no'} |")
-                print(lines[-1], flush=True)
+    for compute in args.dtype:
+        for label in args.mesh:
+            mesh = {k: int(v) for k, v in (kv.split("=") for kv in label.split(","))}
+            for chain in args.chain:
+                for name, (cin, cout), spec, dt, got, want in measure(tuple(map(int, chain.split(","))), mesh,
+                                                                      args.pixels, compute):
+                    if not got and not want:
+                        continue  # not split over fsdp: nothing gathered
+                    n, exact = n + 1, exact + (got == want)
+                    split = ", ".join(str(e) for e in spec[-2:])
+                    lines.append(f"| {compute} | {label} | {name} | {cin} -> {cout} | ({split}) | {dt} | {got:,.0f} | "
+                                 f"{want:,.0f} | {'yes' if got == want else 'no'} |")
+                    print(lines[-1], flush=True)
     head = [
         "# Which 1x1 convolution kernels XLA:TPU gathers as float32", "",
-        f"`python benchmarks/tpu_conv_gathers.py` (generated; {args.dtype} compute over float32 kernels, batch 8 at "
-        f"{args.pixels}x{args.pixels} pixels). Per fsdp-gathered kernel: its split (input, output features), the "
+        f"`python benchmarks/tpu_conv_gathers.py` (generated; {' and '.join(args.dtype)} compute over float32 kernels, "
+        f"batch 8 at {args.pixels}x{args.pixels} pixels). Per fsdp-gathered kernel: its split (input, output features), the "
         "dtype the compiled program gathers it in, and the all-gather bytes per device compiled and estimated. "
         "Why: `benchmarks/tpu_aot_notes.md`, forty-second round.", "",
         f"Estimated exactly: {exact} of {n} kernels. {time.perf_counter() - t0:.0f} s.", "",
-        "| mesh | kernel | in -> out | split | gathered as | compiled B | estimated B | exact |",
-        "|---|---|---|---|---|---|---|---|"]
+        "| compute | mesh | kernel | in -> out | split | gathered as | compiled B | estimated B | exact |",
+        "|---|---|---|---|---|---|---|---|---|"]
     text = "\n".join(head + lines) + "\n"
     if args.out == "-":
         print(text)
