@@ -152,10 +152,10 @@ def main(argv=None) -> int:
     if (why := available()):
         print(why)
         return 1
-    import importlib.util
+    from tpu_compile import libtpu_missing
 
-    if importlib.util.find_spec("libtpu") is None:
-        print('libtpu is not installed (pip install -e ".[tpu]")')
+    if (why := libtpu_missing()):
+        print(why)
         return 1
     lines, ratios, t0 = [], [], time.perf_counter()
     for name in args.arch:

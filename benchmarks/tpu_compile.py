@@ -14,6 +14,13 @@ from dataclasses import dataclass
 import tpflax  # noqa: F401 - on a machine without TPUs, importing tpflax quiets libtpu's start-up warnings
 
 
+def libtpu_missing() -> str:
+    """Why the TPU compiler cannot run here ("" when it can): libtpu is not installed."""
+    import importlib.util
+
+    return "" if importlib.util.find_spec("libtpu") is not None else 'libtpu is not installed (pip install -e ".[tpu]")'
+
+
 @dataclass(frozen=True)
 class Compiled:
     """What the TPU compiler decided for one step (bytes per device)."""

@@ -99,10 +99,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", nargs="*", default=["bfloat16", "float32"])
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
-    import importlib.util
+    from tpu_compile import libtpu_missing
 
-    if importlib.util.find_spec("libtpu") is None:
-        print('libtpu is not installed (pip install -e ".[tpu]")')
+    if (why := libtpu_missing()):
+        print(why)
         return 1
     t0, lines, n, exact = time.perf_counter(), [], 0, 0
     for compute in args.dtype:
