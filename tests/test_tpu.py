@@ -360,6 +360,26 @@ def test_a_1x1_kernel_is_gathered_as_float32_where_its_layout_change_is_a_bitcas
 
 
 @needs_libtpu
+def test_a_float32_1x1_kernel_split_over_model_is_read_with_its_split_dim_minor_on_tpu():
+    # in float32 a convolution reads a 1x1 kernel with its smaller feature dim minor, unless a tensor axis splits
+    # one: then that one. A 24 -> 160 column over model=4 (local 24 -> 40) split on its input over fsdp=2, and the
+    # 160 -> 24 row back: both 40s are minor, their gathers' layouts bitcasts of it, both gathered as float32
+    P = jax.sharding.PartitionSpec
+    net, x = _Pointwise((160, 24), "float32"), jax.ShapeDtypeStruct((8, 4, 4, 24), jnp.float32)
+    v = jax.eval_shape(net.init, jax.random.key(0), x)
+    p = tpflax.plan(v, {"fsdp": 2, "model": 4}, rules=[("c0/kernel", P(None, None, "fsdp", "model")),
+                                                       ("c1/kernel", P(None, None, "model", "fsdp"))])
+    mesh = tpflax.make_mesh({"fsdp": 2, "model": 4}, target="tpu-v5e:2x4")
+    loss = lambda out, *_: jnp.mean(out ** 2)  # noqa: E731
+    dr = tpflax.dry_run(tpflax.make_train_step(net, p, mesh, optax.adamw(1e-3), sample=(x,), loss=loss), p, mesh)
+    est = tpflax.estimate(p, optax.adamw(1e-3), model=net, sample=(x,), loss=loss, backend="tpu")
+    for i, shape in enumerate([(1, 1, 24, 40), (1, 1, 40, 24)]):
+        (gathered,) = [c for c in dr.collectives if c.kind == "all-gather" and c.shapes == (shape,)]
+        (priced,) = [e for e in est.items if e.source == f"params/c{i}/kernel" and e.kind == "all-gather"]
+        assert gathered.dtypes == ("f32",) and priced.ring_bytes == gathered.ring_bytes
+
+
+@needs_libtpu
 def test_fsdp_gradients_all_reduce_whole_where_the_slice_is_not_one_ring():
     # the same step as above on v5p:2x2x2: XLA:TPU runs its collectives over the 3-D slice as
     # N-dimensional all-reduces, which it does not turn into reduce-scatters, so every gradient is

@@ -454,12 +454,13 @@ def scattered_rows(shard: tuple[int, ...], split: tuple[int, ...], itemsize: int
 
 
 def conv_kernel_gathered_as_stored(in_features: int, out_features: int, on_out: bool, devices: int,
-                                   cast: bool) -> bool:
+                                   cast: bool, tensor_split: bool | None = None) -> bool:
     """Whether XLA:TPU gathers a float32 1x1 convolution kernel as float32, converting it to bfloat16 after the
     gather (else it converts first and gathers bfloat16). ``in_features`` and ``out_features`` are the
     kernel's on one device after the gather (a tensor split applied); ``on_out`` says which of them the
     ``devices`` split, ``on_out=False`` the input features; ``cast``: the model casts the kernel to bfloat16
     (mixed precision), else the convolution computes in float32 (and multiplies in bfloat16 by default).
+    ``tensor_split``: which feature dim a tensor axis splits (None: neither; else as ``on_out``).
 
     Every float32 gather is turned bfloat16 by XLA:TPU's ``bfloat16-propagation`` when its users read it through
     a convert. A bitcast between the gather and the convolution stops it: then the kernel's convert is fused into
@@ -471,8 +472,7 @@ def conv_kernel_gathered_as_stored(in_features: int, out_features: int, on_out: 
     * the convolution reads the kernel with the other feature dim minor, within one 128-lane tile, and the split
       dim is whole 8-row tiles. In bfloat16 the convolution reads the kernel in the layout that pads it least
       (:func:`device_layout` of its bfloat16 ``(in, out)``, the output minor on a tie); in float32 with the
-      smaller feature dim minor, the output on a tie (two exceptions seen: ``(26, 8)`` and ``(8, 20)`` beside a
-      model split, whose larger dim is minor).
+      dim a tensor axis splits minor, else the smaller feature dim, the output on a tie.
 
     Measured on v5e (benchmarks/tpu_aot_notes.md, forty-second round; benchmarks/results/tpu_conv_gathers.md:
     chains of 1x1 convolutions over float32 kernels, in float32 and in bfloat16, on fsdp=8, fsdp=4 and
@@ -483,7 +483,9 @@ def conv_kernel_gathered_as_stored(in_features: int, out_features: int, on_out: 
     lanes: the 96 is minor). In float32 ``(32, 48)`` on its output and ``(200, 96)`` on its
     input gather as float32 (the smaller dim minor), and ``(12, 128)`` on its output too (16-row shards, but its
     ``(12, 16)`` shard has the 16 in the lanes); ``(16, 256)`` split in two on its output (fsdp=2 beside a
-    model split of its input) as bfloat16 (its shard's 128 lanes are a whole tile).
+    model split of its input) as bfloat16 (its shard's 128 lanes are a whole tile); a ``(24, 160)`` kernel split
+    on its input over fsdp=2 and on its output over model=4 as float32 (the model-split 40 is minor, though the
+    24 is smaller).
 
     >>> [conv_kernel_gathered_as_stored(i, o, on, 8, True) for i, o, on in ((128, 272, True), (32, 32, False),
     ...                                                                     (272, 272, False), (32, 48, True))]
@@ -491,6 +493,8 @@ def conv_kernel_gathered_as_stored(in_features: int, out_features: int, on_out: 
     >>> [conv_kernel_gathered_as_stored(i, o, on, 8, False) for i, o, on in ((32, 48, True), (12, 128, True),
     ...                                                                      (48, 128, True), (256, 64, False))]
     [True, True, False, False]
+    >>> conv_kernel_gathered_as_stored(24, 40, False, 2, False), conv_kernel_gathered_as_stored(24, 40, False, 2, False, True)
+    (False, True)
     """
     split, other = (out_features, in_features) if on_out else (in_features, out_features)
     if split % SUBLANES or other > LANES:
@@ -501,6 +505,8 @@ def conv_kernel_gathered_as_stored(in_features: int, out_features: int, on_out: 
         return False  # gathered in whole tiles: the convolution's own layout, no bitcast
     if cast:  # the bfloat16 kernel's own layout
         in_minor = device_layout((in_features, out_features), 2)[0] == 0
+    elif tensor_split is not None:
+        in_minor = not tensor_split
     else:
         in_minor = in_features < out_features
     return in_minor == on_out

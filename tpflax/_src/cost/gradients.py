@@ -285,7 +285,10 @@ def _conv_kernel_as_stored(d: Any, spec: tuple, mesh: MeshShape, cast: bool) -> 
     local = list(local_shape(shape, spec, mesh))
     devices = math.prod(mesh.sizes[a] for a in entry_axes(spec[dims[0]]) if a in gathered)
     local[dims[0]] *= devices
-    return conv_kernel_gathered_as_stored(local[-2], local[-1], dims[0] == len(shape) - 1, devices, cast)
+    tensor = [i == len(shape) - 1 for i in (len(shape) - 2, len(shape) - 1)
+              if any(mesh.sizes[a] > 1 and a not in gathered for a in entry_axes(spec[i]))]
+    return conv_kernel_gathered_as_stored(local[-2], local[-1], dims[0] == len(shape) - 1, devices, cast,
+                                          tensor[0] if len(tensor) == 1 else None)
 
 
 def gather_rows(shape: tuple[int, ...], spec: tuple, mesh: MeshShape) -> int | None:
