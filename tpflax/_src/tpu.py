@@ -460,7 +460,7 @@ def conv_kernel_gathered_as_stored(in_features: int, out_features: int, on_out: 
     kernel's on one device after the gather (a tensor split applied); ``on_out`` says which of them the
     ``devices`` split, ``on_out=False`` the input features; ``cast``: the model casts the kernel to bfloat16
     (mixed precision), else the convolution computes in float32 (and multiplies in bfloat16 by default).
-    ``tensor_split``: which feature dim a tensor axis splits (None: neither; else as ``on_out``).
+    ``tensor_split``: which feature dim a tensor axis splits, as ``on_out`` (None: neither, or both).
 
     Every float32 gather is turned bfloat16 by XLA:TPU's ``bfloat16-propagation`` when its users read it through
     a convert. A bitcast between the gather and the convolution stops it: then the kernel's convert is fused into
@@ -469,10 +469,10 @@ def conv_kernel_gathered_as_stored(in_features: int, out_features: int, on_out: 
     * the gather lays its result out in 1-row tiles, the split dim major: its shard is not whole 8-row tiles,
       or the split dim is the lane dim of the shard's own layout (:func:`device_layout`) and not whole 128-lane
       tiles there (the gather transposes);
-    * the convolution reads the kernel with the other feature dim minor, within one 128-lane tile, and the split
-      dim is whole 8-row tiles. In bfloat16 the convolution reads the kernel in the layout that pads it least
-      (:func:`device_layout` of its bfloat16 ``(in, out)``, the output minor on a tie); in float32 with the
-      dim a tensor axis splits minor, else the smaller feature dim, the output on a tie.
+    * the convolution reads the kernel with the other feature dim minor, within one 128-lane tile, and the
+      gathered dim is a multiple of 8 rows. In bfloat16 the convolution reads the kernel in the layout that
+      pads it least (:func:`device_layout` of its bfloat16 ``(in, out)``, the output minor on a tie); in
+      float32 with the dim a tensor axis splits minor, else the smaller feature dim, the output on a tie.
 
     Measured on v5e (benchmarks/tpu_aot_notes.md, forty-second round; benchmarks/results/tpu_conv_gathers.md:
     chains of 1x1 convolutions over float32 kernels, in float32 and in bfloat16, on fsdp=8, fsdp=4 and
@@ -493,8 +493,8 @@ def conv_kernel_gathered_as_stored(in_features: int, out_features: int, on_out: 
     >>> [conv_kernel_gathered_as_stored(i, o, on, 8, False) for i, o, on in ((32, 48, True), (12, 128, True),
     ...                                                                      (48, 128, True), (256, 64, False))]
     [True, True, False, False]
-    >>> conv_kernel_gathered_as_stored(24, 40, False, 2, False), conv_kernel_gathered_as_stored(24, 40, False, 2, False, True)
-    (False, True)
+    >>> [conv_kernel_gathered_as_stored(24, 40, False, 2, False, split) for split in (None, True)]
+    [False, True]
     """
     split, other = (out_features, in_features) if on_out else (in_features, out_features)
     if split % SUBLANES or other > LANES:
