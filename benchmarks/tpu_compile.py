@@ -21,6 +21,17 @@ def libtpu_missing() -> str:
     return "" if importlib.util.find_spec("libtpu") is not None else 'libtpu is not installed (pip install -e ".[tpu]")'
 
 
+def write_result(text: str, out: str) -> None:
+    """A probe's markdown ``text`` written to ``out`` (``-``: printed instead)."""
+    from pathlib import Path
+
+    if out == "-":
+        print(text)
+    else:
+        Path(out).write_text(text)
+        print(f"wrote {out}")
+
+
 @dataclass(frozen=True)
 class Compiled:
     """What the TPU compiler decided for one step (bytes per device)."""

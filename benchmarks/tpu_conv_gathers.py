@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", nargs="*", default=["bfloat16", "float32"])
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
-    from tpu_compile import libtpu_missing
+    from tpu_compile import libtpu_missing, write_result
 
     if (why := libtpu_missing()):
         print(why)
@@ -128,11 +128,7 @@ def main(argv=None) -> int:
         "| compute | mesh | kernel | in -> out | split | gathered as | compiled B | estimated B | exact |",
         "|---|---|---|---|---|---|---|---|---|"]
     text = "\n".join(head + lines) + "\n"
-    if args.out == "-":
-        print(text)
-    else:
-        Path(args.out).write_text(text)
-        print(f"wrote {args.out}")
+    write_result(text, args.out)
     return 0
 
 

@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", nargs="*", default=["float32", "bfloat16"])
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
-    from tpu_compile import libtpu_missing
+    from tpu_compile import libtpu_missing, write_result
 
     if (why := libtpu_missing()):
         print(why)
@@ -112,8 +112,7 @@ def main(argv=None) -> int:
         "leaves out the loss scalar's few bytes); the estimate prices what `tpflax._src.tpu.scattered_rows` and "
         "`whole_tiles` say (benchmarks/tpu_aot_notes.md, forty-first round). "
         f"{time.perf_counter() - t0:.0f} s.", "", *lines, ""])
-    if args.out != "-":
-        Path(args.out).write_text(text)
+    write_result(text, args.out)
     return 0
 
 

@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab", type=int, nargs="*", default=list(VOCABS))
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
-    from tpu_compile import libtpu_missing
+    from tpu_compile import libtpu_missing, write_result
 
     if (why := libtpu_missing()):
         print(why)
@@ -89,11 +89,7 @@ def main(argv=None) -> int:
         "reduce-scatters and all-reduces whole over fsdp, and the estimate's collective bytes over the compiled ones "
         "(it reduce-scatters the lookup's and all-reduces the logits').", "",
         "| vocabulary | reduce-scattered | all-reduced whole | est. / compiled |", "|---|---|---|---|", *lines]) + "\n"
-    if args.out == "-":
-        print(text)
-    else:
-        Path(args.out).write_text(text)
-        print(f"wrote {args.out}")
+    write_result(text, args.out)
     return 0
 
 
