@@ -352,7 +352,7 @@ def test_a_1x1_kernel_is_gathered_as_float32_where_its_layout_change_is_a_bitcas
     got = {}
     for i, shape in enumerate([(32, 32), (32, 48), (48, 48), (48, 128), (128, 200), (200, 96), (96, 144),
                                (144, 256)]):
-        (gathered,) = {c for c in dr.collectives if c.kind == "all-gather" and c.shapes == ((1, 1) + shape,)}
+        (gathered,) = [c for c in dr.collectives if c.kind == "all-gather" and c.shapes == ((1, 1) + shape,)]
         (priced,) = [e for e in est.items if e.source == f"params/c{i}/kernel" and e.kind == "all-gather"]
         assert priced.ring_bytes == gathered.ring_bytes
         got[i] = gathered.dtypes[0]

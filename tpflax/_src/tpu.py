@@ -499,9 +499,9 @@ def conv_kernel_gathered_as_stored(in_features: int, out_features: int, on_out: 
     split, other = (out_features, in_features) if on_out else (in_features, out_features)
     if split % SUBLANES or other > LANES:
         return False
-    shard = (in_features, split // devices) if on_out else (split // devices, out_features)
-    lanes = device_layout(shard, 4)[0] == int(on_out)  # the split dim is the shard's lane dim
-    if (split // devices) % SUBLANES == 0 and not (lanes and (split // devices) % LANES):
+    rows = split // devices  # the split dim's shard
+    lanes = device_layout((in_features, rows) if on_out else (rows, out_features), 4)[0] == int(on_out)
+    if rows % SUBLANES == 0 and not (lanes and rows % LANES):  # lanes: the split dim is the shard's lane dim
         return False  # gathered in whole tiles: the convolution's own layout, no bitcast
     if cast:  # the bfloat16 kernel's own layout
         in_minor = device_layout((in_features, out_features), 2)[0] == 0

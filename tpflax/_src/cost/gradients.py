@@ -275,20 +275,17 @@ def _conv_kernel_as_stored(d: Any, spec: tuple, mesh: MeshShape, cast: bool) -> 
     """A float32 1x1 convolution kernel (its window dims all 1), split over fsdp on one of its feature dims, that
     XLA:TPU gathers as float32 (:func:`tpflax._src.tpu.conv_kernel_gathered_as_stored`); ``cast``: the model
     reads it cast to bfloat16."""
-    shape, spec = body(d), entries(drop_layers(d, spec), len(body(d)))
-    if len(shape) < 3 or any(n != 1 for n in shape[:-2]) or leaf_itemsize(d) != 4:
+    whole, spec = body(d), drop_layers(d, spec)
+    if len(whole) < 3 or any(n != 1 for n in whole[:-2]) or leaf_itemsize(d) != 4:
         return False
-    gathered = set(_split_axes(spec, mesh))
-    dims = [i for i, e in enumerate(spec) if gathered & set(entry_axes(e))]
-    if len(dims) != 1 or dims[0] < len(shape) - 2:
+    shard, split = _tpu_shard(whole, spec, mesh, _split_axes(spec, mesh), None)
+    if len(split) != 1 or split[0] < len(whole) - 2:
         return False
-    local = list(local_shape(shape, spec, mesh))
-    devices = math.prod(mesh.sizes[a] for a in entry_axes(spec[dims[0]]) if a in gathered)
-    local[dims[0]] *= devices
-    tensor = [i == len(shape) - 1 for i in (len(shape) - 2, len(shape) - 1)
-              if any(mesh.sizes[a] > 1 and a not in gathered for a in entry_axes(spec[i]))]
-    return conv_kernel_gathered_as_stored(local[-2], local[-1], dims[0] == len(shape) - 1, devices, cast,
-                                          tensor[0] if len(tensor) == 1 else None)
+    devices = _fsdp_devices(spec, mesh)
+    gathered = [n * devices if i == split[0] else n for i, n in enumerate(shard)]
+    t_in, t_out = (gathered[i] < whole[i] for i in (-2, -1))  # split over a tensor axis
+    return conv_kernel_gathered_as_stored(gathered[-2], gathered[-1], split[0] == len(whole) - 1, devices, cast,
+                                          t_out if t_in != t_out else None)
 
 
 def gather_rows(shape: tuple[int, ...], spec: tuple, mesh: MeshShape) -> int | None:
