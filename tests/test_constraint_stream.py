@@ -163,3 +163,75 @@ def test_bare_partition_specs_and_reshard_trace_under_the_plans_mesh():
     assert p.decisions["up"].source == "trace"
     flow = dataflow(fn, (x,), v, MESH)
     assert {(flow.uses[u].path, d, a) for u, d, a in flow.constraints} >= {("up", 1, ("model",)), ("up", 1, ())}
+
+
+class BareSpecs(nn.Module):
+    """A token model constraining its activations with bare PartitionSpecs, as the JAX sharding guide writes them
+    under ``jax.set_mesh``: it traces only under a mesh of those axis names."""
+
+    axis: str = "model"
+
+    @nn.compact
+    def __call__(self, ids):
+        x = jax.lax.with_sharding_constraint(nn.Embed(512, 64, name="embed")(ids), P("data", None, None))
+        h = jax.lax.with_sharding_constraint(nn.Dense(256, name="up")(x), P("data", None, self.axis))
+        return nn.Dense(512, name="head")(x + nn.Dense(64, name="down")(nn.gelu(h)))
+
+
+IDS = jnp.zeros((8, 16), jnp.int32)
+
+
+def _token_loss(logits, ids):
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), ids[..., None], axis=-1))
+
+
+def test_a_model_constraining_with_bare_partition_specs_is_estimated_and_run_without_a_mesh_set(devices):
+    # tpflax knows the mesh, so every trace it makes of the model runs under it, as the step does: before,
+    # estimate(model=) (its init, its layer trace, its loss trace), init_sharded and suggest_mesh raised jax's
+    # "with_sharding_constraint requires a non-empty mesh in context" unless the caller had set one
+    from tpflax._src import model_cache
+
+    m, mesh = BareSpecs(), tpflax.make_mesh(MESH)
+    with jax.set_mesh(mesh):
+        want = m.init(jax.random.key(0), IDS)
+    p = tpflax.plan(want, MESH, model=m, sample=(IDS,))
+    model_cache.clear()  # no trace made under a mesh serves the calls below
+    e = tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=(IDS,), loss=_token_loss, backend="cpu")
+    got = tpflax.init_sharded(lambda k: m.init(k, IDS), p, mesh, jax.random.key(0))
+    s = tpflax.suggest_mesh(m, 8, "16GiB", sample=(IDS,), variables=want)
+    model_cache.clear()
+    with jax.set_mesh(mesh):
+        e_in = tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=(IDS,), loss=_token_loss, backend="cpu")
+    assert (e.per_device, e.comm) == (e_in.per_device, e_in.comm)  # the same trace as under the caller's mesh
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda a, b: a.tobytes() == b.tobytes(),
+                                                         jax.device_get(got), jax.device_get(want)))
+    assert got["params"]["up"]["kernel"].sharding.spec == p.decisions["params/up/kernel"].spec == P(None, "model")
+    assert s.ranked and all(set(c.mesh.names) >= {"data", "model"} for c in s.ranked)
+    dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), sample=(IDS,), loss=_token_loss),
+                        p, mesh, compiler_options=FAST_XLA)
+    assert abs(e.comm_total / dr.comm_total - 1) < 0.10  # the estimate's target
+
+
+def test_trace_activations_takes_the_mesh_a_bare_partition_spec_model_needs():
+    from tpflax._src import model_cache
+
+    m = BareSpecs()
+    with jax.set_mesh(tpflax.make_mesh(MESH)):
+        v = jax.eval_shape(m.init, jax.random.key(0), IDS)
+        want = tpflax.trace_activations(m, (IDS,), v)
+    model_cache.clear()
+    with pytest.raises(tpflax.TraceError, match=r"bare PartitionSpecs.*jax\.set_mesh.*mesh="):
+        tpflax.trace_activations(m, (IDS,), v)
+    assert tpflax.trace_activations(m, (IDS,), v, mesh=MESH) == want
+
+
+def test_a_constraint_over_an_axis_the_mesh_lacks_is_a_trace_error_naming_the_fix():
+    m = BareSpecs(axis="tp")
+    with jax.set_mesh(tpflax.make_mesh({"data": 2, "tp": 4})):
+        v = jax.eval_shape(m.init, jax.random.key(0), IDS)
+    p = tpflax.plan(v, MESH)
+    for call in (lambda: tpflax.plan(v, MESH, model=m, sample=(IDS,)),
+                 lambda: tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=(IDS,)),
+                 lambda: tpflax.estimate(p, optax.adamw(1e-3), model=BareSpecs(axis="tp"), sample=(IDS,))):
+        with pytest.raises(tpflax.TraceError, match=r"'tp'.*mesh lacks: name the mesh's axes"):
+            call()

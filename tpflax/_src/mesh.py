@@ -293,6 +293,30 @@ def abstract_mesh(mesh: Any):
         tuple(s for _, s in shape.axes), shape.names, axis_types=auto)
 
 
+def under_mesh(mesh: Any):
+    """A context tracing a model under ``mesh``'s abstract mesh (Auto axes), as its step runs under its mesh;
+    nothing when ``mesh`` is None or a mesh is set already (the caller's ``jax.set_mesh``).
+
+    A model that constrains its activations with bare ``PartitionSpec`` s
+    (``jax.lax.with_sharding_constraint(x, P("data", None, "model"))``, as the JAX sharding guide writes
+    them under ``jax.set_mesh``) traces only under a mesh of those axis names; flax's
+    ``nn.with_logical_constraint`` constrains nothing without one. So every abstract trace tpflax makes of
+    a model it knows the mesh of runs under this.
+
+    >>> import jax
+    >>> with under_mesh({"data": 2, "model": 4}):
+    ...     dict(jax.sharding.get_abstract_mesh().shape)
+    {'data': 2, 'model': 4}
+    """
+    import contextlib
+
+    import jax
+
+    if mesh is None or not jax.sharding.get_abstract_mesh().empty:
+        return contextlib.nullcontext()
+    return jax.sharding.use_abstract_mesh(abstract_mesh(mesh))
+
+
 def make_mesh(mesh: Any, devices: Sequence[Any] | None = None, *, explicit: bool = False,
               target: Any = None):
     """Build a ``jax.sharding.Mesh`` over real (or CPU-emulated) devices, or a TPU target's.

@@ -222,8 +222,7 @@ def _linen(module: Any, sample: Any, variables: Any) -> Model:
 
         inits = Model(forward=module.init, sample=sample, variables=None, framework="linen",
                       name=type(module).__name__, module=module)
-        variables = jax.tree_util.tree_map(lambda x: x, cached(
-            "init", inits, lambda: jax.eval_shape(lambda *x: module.init(jax.random.key(0), *x), *sample)))
+        variables = jax.tree_util.tree_map(lambda x: x, cached("init", inits, lambda: _abstract_init(inits)))
     # the collections beside params (a training-mode BatchNorm's batch_stats) are the call's to update:
     # applied immutable, the call raises; the train step keeps what it leaves, as an nnx module's
     mutable = state_collections(variables)
@@ -231,6 +230,20 @@ def _linen(module: Any, sample: Any, variables: Any) -> Model:
     return Model(forward=_with_collections(module.apply, mutable), sample=sample, variables=variables,
                  framework="linen", name=type(module).__name__, module=module, kwargs=kwargs,
                  forward_state=_with_state(module.apply, mutable) if mutable else None)
+
+
+def _abstract_init(inits: Model) -> Any:
+    """The variables ``module.init`` makes, abstract; a module that cannot be initialised on the sample is a
+    TraceError saying why, as a forward that cannot be traced is."""
+    from tpflax._src.errors import TpflaxError, TraceError
+    from tpflax._src.trace.dataflow import untraceable
+
+    try:
+        return jax.eval_shape(lambda *x: inits.module.init(jax.random.key(0), *x), *inits.sample)
+    except TpflaxError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure here is a model/sample mismatch
+        raise TraceError(untraceable(inits, e)) from e
 
 
 def state_collections(variables: Any) -> list[str]:

@@ -16,14 +16,14 @@ import jax
 
 from tpflax._src.cost.batch import Batch, config_value, np_dtype
 from tpflax._src.cost.records import Act
-from tpflax._src.mesh import EXPERT, TENSOR, MeshShape
+from tpflax._src.mesh import EXPERT, TENSOR, MeshShape, under_mesh
 from tpflax._src.specs import Entry, entry_axes
 
 COLLECTION_PREFIXES = ("params/", "batch_stats/")
 
 
 def trace_activations(model: Any, batch: Any = None, variables: Any = None, *,
-                      sample: Any = None) -> dict[str, list[Act]]:
+                      sample: Any = None, mesh: Any = None) -> dict[str, list[Act]]:
     """Input and output shapes of every layer call, for a global batch.
 
     Traces abstractly (``jax.make_jaxpr``) with ``flax.linen.intercept_methods``, so nothing is
@@ -37,6 +37,9 @@ def trace_activations(model: Any, batch: Any = None, variables: Any = None, *,
             themselves (a tuple of arrays / ``ShapeDtypeStruct``).
         variables: variables (abstract is fine); defaults to the model's.
         sample: the sample inputs (default: a zoo model's own).
+        mesh: the mesh (or mesh shape) the model runs on, when no mesh is set (``jax.set_mesh``): the
+            trace runs under its abstract mesh, as a model constraining its activations with bare
+            ``PartitionSpec`` s needs. Shapes do not depend on it.
 
     Returns:
         ``{layer path: [Act, ...]}`` (one Act per call, and per member of the
@@ -59,10 +62,11 @@ def trace_activations(model: Any, batch: Any = None, variables: Any = None, *,
 
     if sample is None and isinstance(batch, (tuple, list)):
         sample, batch = batch, None
-    m = as_model(model, sample, variables)
-    if isinstance(batch, int) and not isinstance(batch, bool):
-        m = m.with_batch(batch)
-    return traced_layers(m)[0]
+    with under_mesh(mesh):
+        m = as_model(model, sample, variables)
+        if isinstance(batch, int) and not isinstance(batch, bool):
+            m = m.with_batch(batch)
+        return traced_layers(m)[0]
 
 
 def traced_layers(m: Any) -> tuple[dict[str, list[Act]], float]:

@@ -52,6 +52,7 @@ from tpflax._src.mesh import (
     batch_axes,
     batch_label,
     mesh_shape,
+    under_mesh,
 )
 from tpflax._src.planner.plan import walk_once
 from tpflax._src.specs import entries, used_axes
@@ -74,6 +75,7 @@ __all__ = ["AXES", "Context", "Shared", "suggest_mesh"]
 # the cheapest to send over the slow network), the tensor axis innermost so its
 # groups are neighbouring devices on one host.
 AXES = (("data", DATA), ("fsdp", FSDP), ("expert", EXPERT), ("model", TENSOR))
+UNIT = {n: 1 for n, _ in AXES}  # the axes at size 1: what any plan of the tree would see
 WASTE = {TENSOR: "no tensor-split dim divides it: the axis would only replicate work",
          FSDP: "nothing is large enough or divisible: the same as data parallelism",
          EXPERT: "no expert dim divides it: the axis would only replicate work"}
@@ -135,7 +137,7 @@ class Context:
 
         if self.flow is None:
             try:
-                self.flow = dataflow(self.traced, None, self.tree)
+                self.flow = dataflow(self.traced, None, self.tree, UNIT)
             except TpflaxError:
                 self.flow = False
         return traced_facts(p, self.traced, flow=self.flow) if self.flow is not False else p
@@ -257,7 +259,7 @@ def _context(model_or_tree: Any, hw: Hardware, devices: int, *, sample, variable
     elif m is not None:
         notes.append("activations from the transformer formula when the config allows (trace=False / "
                      "--no-trace; the default traces the model's layer shapes once for every candidate)")
-    base = plan(tree, {n: 1 for n, _ in AXES}, **plan_kwargs)  # leaf kinds and shapes; any plan would do
+    base = plan(tree, UNIT, **plan_kwargs)  # leaf kinds and shapes; any plan would do
     has_experts = any(d.kind == "expert" for d in base.decisions.values())
     axes = tuple((n, r) for n, r in AXES if r != EXPERT or has_experts)
     annotated = any(d.source == "annotation" for d in base.decisions.values())
@@ -418,8 +420,11 @@ def suggest_mesh(model_or_tree: Any, devices: int, device_memory: Any = None, ha
     est_kwargs = dict(remat=remat, grad_dtype=grad_dtype, act_dtype=act_dtype,
                       backend=backend or ("gpu" if hw.kind == "gpu" else "tpu"), expert_dispatch=expert_dispatch,
                       optimizer_name=optimizer_name, loss=loss)
-    ctx, notes = _context(model_or_tree, hw, devices, sample=sample, variables=variables, optimizer=optimizer,
-                          batch=batch, config=config, trace=trace, plan_kwargs=plan_kwargs, est_kwargs=est_kwargs)
+    # the model's one trace runs under the candidates' axis names, each of size 1, as the base plan is made
+    with under_mesh(UNIT):
+        ctx, notes = _context(model_or_tree, hw, devices, sample=sample, variables=variables, optimizer=optimizer,
+                              batch=batch, config=config, trace=trace, plan_kwargs=plan_kwargs,
+                              est_kwargs=est_kwargs)
     if est_kwargs["backend"] == "tpu":  # the preset's slice of each count: its ring decides fsdp gradients
         ctx = replace(ctx, workload=replace(ctx.workload, target=plan_generation(hw.name)))
     if hardware is None:

@@ -51,6 +51,7 @@ import jax
 
 from tpflax._src.errors import TraceError
 from tpflax._src.facts.tree import unboxed, walk
+from tpflax._src.mesh import under_mesh
 from tpflax._src.model import abstract, as_model
 from tpflax._src.trace.handlers import new_walk
 from tpflax._src.trace.interpreter import Val, is_minor
@@ -92,16 +93,6 @@ def trace_jaxpr(model: Any, sample: Any = None, variables: Any = None, mesh: Any
         raise TraceError(f"the variable tree flattens to {n} arrays but walks to {len(leaves)} leaves; "
                          "pass a tree of plain arrays or flax boxes holding one array each")
     return closed, [leaf.path for leaf in leaves], n
-
-
-def under_mesh(mesh: Any):
-    """A context tracing under ``mesh``'s abstract mesh (Auto axes); nothing when ``mesh`` is None or a mesh is
-    set already (the caller's ``jax.set_mesh``)."""
-    if mesh is None or not jax.sharding.get_abstract_mesh().empty:
-        return contextlib.nullcontext()
-    from tpflax._src.mesh import abstract_mesh
-
-    return jax.sharding.use_abstract_mesh(abstract_mesh(mesh))
 
 
 def dead_params(jaxpr: Any, paths: Sequence[str]) -> frozenset[str]:
@@ -181,6 +172,15 @@ def untraceable(m: Any, e: Exception) -> str:
                "lack (nn.BatchNorm(use_running_average=False) updates batch_stats): pass the full variables "
                "module.init made, or the model as a function, e.g. "
                "fn = lambda v, x: module.apply(v, x, rngs={'dropout': jax.random.key(0)})")
+    elif "non-empty mesh in context" in text:
+        # jax.lax.with_sharding_constraint(x, P(...)) inside the model, traced where tpflax has no mesh
+        fix = ("the model constrains its activations with bare PartitionSpecs (jax.lax.with_sharding_constraint), "
+               "which trace only under a mesh of those axis names: call tpflax inside "
+               "`with jax.set_mesh(tpflax.make_mesh(mesh_shape)):`, or pass mesh= where the call takes one")
+    elif "is not found in mesh" in text:
+        fix = ("the model constrains its activations over a mesh axis this mesh lacks: name the mesh's axes as "
+               "the model's PartitionSpecs do (tpflax.plan(tree, {'data': 2, 'model': 4}) for P('data', None, "
+               "'model')), or call tpflax inside `with jax.set_mesh(...)` over the mesh the model is written for")
     elif "context mesh" in text:
         # jax.shard_map(f, in_specs=..., out_specs=...) without mesh= takes the mesh of the context
         fix = ("the model calls jax.shard_map without mesh=, which needs a context mesh: call tpflax inside "
