@@ -8,11 +8,13 @@ fsdp, data, expert), and builds real meshes with Auto axis types for apply.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import numbers
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -300,21 +302,62 @@ def under_mesh(mesh: Any):
     A model that constrains its activations with bare ``PartitionSpec`` s
     (``jax.lax.with_sharding_constraint(x, P("data", None, "model"))``, as the JAX sharding guide writes
     them under ``jax.set_mesh``) traces only under a mesh of those axis names; flax's
-    ``nn.with_logical_constraint`` constrains nothing without one. So every abstract trace tpflax makes of
-    a model it knows the mesh of runs under this.
+    ``nn.with_logical_constraint`` constrains nothing without one.
 
     >>> import jax
     >>> with under_mesh({"data": 2, "model": 4}):
     ...     dict(jax.sharding.get_abstract_mesh().shape)
     {'data': 2, 'model': 4}
     """
-    import contextlib
-
     import jax
 
     if mesh is None or not jax.sharding.get_abstract_mesh().empty:
         return contextlib.nullcontext()
     return jax.sharding.use_abstract_mesh(abstract_mesh(mesh))
+
+
+# The mesh the model traces of one tpflax call run under (estimate's plan mesh, suggest_mesh's axes): each trace
+# site reads it through traced_under, so each falls back on its own (a model binding a mesh of its own).
+_TRACE_MESH: contextvars.ContextVar[Any] = contextvars.ContextVar("tpflax_trace_mesh", default=None)
+
+
+@contextlib.contextmanager
+def tracing_for(mesh: Any) -> Iterator[None]:
+    """Within it, :func:`traced_under` given no mesh traces under ``mesh`` (None: as around it)."""
+    token = _TRACE_MESH.set(mesh if mesh is not None else _TRACE_MESH.get())
+    try:
+        yield
+    finally:
+        _TRACE_MESH.reset(token)
+
+
+def traced_under(mesh: Any, fn: Callable[[], Any]) -> Any:
+    """``fn()`` (one abstract trace of a model) under :func:`under_mesh` ``(mesh)``, or of the mesh
+    :func:`tracing_for` set when ``mesh`` is None: every trace tpflax makes of a model it knows the mesh of
+    runs so. A model binding a concrete mesh of its own (``jax.shard_map(mesh=...)``, which no other context
+    mesh may differ from) fails under ours: ``fn`` runs again without it, and if that fails too, the first
+    failure is raised.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jax.sharding import PartitionSpec as P
+    >>> f = lambda: jax.make_jaxpr(lambda x: jax.lax.with_sharding_constraint(x, P("model")))(jnp.ones(8))
+    >>> traced_under({"model": 4}, f).eqns[0].primitive.name
+    'sharding_constraint'
+    >>> with tracing_for({"model": 4}):
+    ...     traced_under(None, f).eqns[0].primitive.name
+    'sharding_constraint'
+    """
+    context = under_mesh(mesh if mesh is not None else _TRACE_MESH.get())
+    if isinstance(context, contextlib.nullcontext):
+        return fn()
+    try:
+        with context:
+            return fn()
+    except Exception as first:
+        try:
+            return fn()
+        except Exception:  # noqa: BLE001 - the first failure says why
+            raise first from None
 
 
 def make_mesh(mesh: Any, devices: Sequence[Any] | None = None, *, explicit: bool = False,

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import jax
 
 from tpflax._src.errors import TraceError
+from tpflax._src.mesh import traced_under
 
 Framework = Literal["zoo", "linen", "nnx", "callable"]
 
@@ -239,7 +240,8 @@ def _abstract_init(inits: Model) -> Any:
     from tpflax._src.trace.dataflow import untraceable
 
     try:
-        return jax.eval_shape(lambda *x: inits.module.init(jax.random.key(0), *x), *inits.sample)
+        return traced_under(None, lambda: jax.eval_shape(
+            lambda *x: inits.module.init(jax.random.key(0), *x), *inits.sample))
     except TpflaxError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure here is a model/sample mismatch

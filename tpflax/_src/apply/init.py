@@ -14,7 +14,7 @@ from tpflax._src.apply.stored import has_layouts, tree_layouts
 from tpflax._src.errors import OptionError, TraceError
 from tpflax._src.facts.tree import itemsize
 from tpflax._src.layout import to_storage
-from tpflax._src.mesh import under_mesh
+from tpflax._src.mesh import traced_under
 from tpflax._src.planner.plan import Plan
 
 DEFAULT_CHUNK_BYTES = 32 << 20
@@ -74,8 +74,8 @@ def init_sharded(init_fn: Callable[..., Any], plan: Plan, mesh: Any = None, *arg
             return state
         return out
 
-    with under_mesh(mesh):  # a model constraining with bare PartitionSpecs initialises under its mesh
-        return _init(as_tree, graphdefs, plan, mesh, args, chunk_bytes)
+    # a model constraining with bare PartitionSpecs initialises under its mesh
+    return traced_under(mesh, lambda: _init(as_tree, graphdefs, plan, mesh, args, chunk_bytes))
 
 
 def _init(as_tree: Callable[..., Any], graphdefs: list[Any], plan: Plan, mesh: Any, args: Sequence[Any],

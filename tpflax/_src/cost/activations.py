@@ -16,7 +16,7 @@ import jax
 
 from tpflax._src.cost.batch import Batch, config_value, np_dtype
 from tpflax._src.cost.records import Act
-from tpflax._src.mesh import EXPERT, TENSOR, MeshShape, under_mesh
+from tpflax._src.mesh import EXPERT, TENSOR, MeshShape, traced_under, tracing_for
 from tpflax._src.specs import Entry, entry_axes
 
 COLLECTION_PREFIXES = ("params/", "batch_stats/")
@@ -62,7 +62,7 @@ def trace_activations(model: Any, batch: Any = None, variables: Any = None, *,
 
     if sample is None and isinstance(batch, (tuple, list)):
         sample, batch = batch, None
-    with under_mesh(mesh):
+    with tracing_for(mesh):
         m = as_model(model, sample, variables)
         if isinstance(batch, int) and not isinstance(batch, bool):
             m = m.with_batch(batch)
@@ -86,9 +86,12 @@ def _traced_layers(m: Any) -> tuple[dict[str, list[Act]], float]:
     from tpflax._src.trace.dataflow import remat_share
 
     if m.framework == "nnx" and m.graphdef is not None:
-        with _Calls() as calls:
-            closed = _make_jaxpr(m, partial(_nnx_calls, m, calls))
-        return calls.out, remat_share(closed.jaxpr)[0]
+        def nnx_trace():  # each attempt records its own calls
+            with _Calls() as calls:
+                closed = _make_jaxpr(m, partial(_nnx_calls, m, calls))
+            return calls.out, remat_share(closed.jaxpr)[0]
+
+        return traced_under(None, nnx_trace)
     if m.module is None or m.variables is None:
         return {}, 0.0
 
@@ -113,9 +116,15 @@ def _traced_layers(m: Any) -> tuple[dict[str, list[Act]], float]:
         with nn.intercept_methods(interceptor):
             return m.module.apply(v, *xs, **dict(m.kwargs))
 
-    with _Calls() as calls:
-        closed = _make_jaxpr(m, run)
-    return calls.out, remat_share(closed.jaxpr)[0]
+    def linen_trace():  # each attempt records its own calls (the interceptor's)
+        nonlocal calls
+        with _Calls() as calls:
+            closed = _make_jaxpr(m, run)
+        return calls.out, remat_share(closed.jaxpr)[0]
+
+    calls: _Calls
+
+    return traced_under(None, linen_trace)
 
 
 def _make_jaxpr(m: Any, fn: Any) -> Any:

@@ -67,7 +67,7 @@ from tpflax._src.cost.stream import split_grad_items
 from tpflax._src.cost.whole import replicated_items, whole_read_items
 from tpflax._src.cost.workload import Workload, prepare
 from tpflax._src.errors import EstimateError, MeshError
-from tpflax._src.mesh import EXPERT, FSDP, TENSOR, MeshShape, batch_axes, under_mesh
+from tpflax._src.mesh import EXPERT, FSDP, TENSOR, MeshShape, batch_axes, tracing_for
 from tpflax._src.planner.plan import traced_facts
 from tpflax._src.specs import entries, entry_axes
 from tpflax._src.tpu import TOPOLOGIES, gathers_reduce, one_ring, parse_topology, slice_name
@@ -240,7 +240,7 @@ def estimate(plan, optimizer: Any = None, batch: Any = None, *, config: Any = No
     if not isinstance(plan, Plan):
         raise EstimateError(f"expected a tpflax.Plan, got {type(plan).__name__}; make one with "
                             "tpflax.plan(tree, mesh) or tpflax.Plan.from_json(text)")
-    with under_mesh(plan.mesh):  # the model's traces see the plan's mesh, as its step does
+    with tracing_for(plan.mesh):  # the model's traces see the plan's mesh, as its step does
         if model is not None:
             plan = traced_facts(plan, model, sample)
         w = prepare(plan, optimizer, batch, config=config, activations=activations, model=model, sample=sample,

@@ -15,6 +15,7 @@ from typing import Any
 
 from tpflax._src.cost.batch import dtype_name
 from tpflax._src.errors import EstimateError
+from tpflax._src.mesh import traced_under
 from tpflax._src.trace.records import InSpecs
 
 
@@ -468,9 +469,10 @@ def reads_slice(m: Any, loss: Any) -> bool:
     if m is None:
         return False
     try:
-        out = jax.eval_shape(m.forward, m.variables, *m.sample)
+        out = traced_under(None, lambda: jax.eval_shape(m.forward, m.variables, *m.sample))
         leaves, tree = jax.tree_util.tree_flatten(out)
-        closed = jax.make_jaxpr(lambda o, x: loss(jax.tree_util.tree_unflatten(tree, o), *x))(leaves, m.sample)
+        closed = traced_under(None, lambda: jax.make_jaxpr(
+            lambda o, x: loss(jax.tree_util.tree_unflatten(tree, o), *x))(leaves, m.sample))
     except Exception as e:  # noqa: BLE001 - the user's loss on the model's output; said once with the fix
         raise EstimateError(f"loss(output, *sample) failed on {m.name}'s abstract output "
                             f"({type(e).__name__}: {e}); pass the loss make_train_step is given") from e

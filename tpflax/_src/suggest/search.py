@@ -52,7 +52,7 @@ from tpflax._src.mesh import (
     batch_axes,
     batch_label,
     mesh_shape,
-    under_mesh,
+    tracing_for,
 )
 from tpflax._src.planner.plan import walk_once
 from tpflax._src.specs import entries, used_axes
@@ -421,7 +421,7 @@ def suggest_mesh(model_or_tree: Any, devices: int, device_memory: Any = None, ha
                       backend=backend or ("gpu" if hw.kind == "gpu" else "tpu"), expert_dispatch=expert_dispatch,
                       optimizer_name=optimizer_name, loss=loss)
     # the model's one trace runs under the candidates' axis names, each of size 1, as the base plan is made
-    with under_mesh(UNIT):
+    with tracing_for(UNIT):
         ctx, notes = _context(model_or_tree, hw, devices, sample=sample, variables=variables, optimizer=optimizer,
                               batch=batch, config=config, trace=trace, plan_kwargs=plan_kwargs,
                               est_kwargs=est_kwargs)

@@ -42,7 +42,6 @@ into proposals with reasons that name the evidence. The walk itself is in
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -51,7 +50,7 @@ import jax
 
 from tpflax._src.errors import TraceError
 from tpflax._src.facts.tree import unboxed, walk
-from tpflax._src.mesh import under_mesh
+from tpflax._src.mesh import traced_under
 from tpflax._src.model import abstract, as_model
 from tpflax._src.trace.handlers import new_walk
 from tpflax._src.trace.interpreter import Val, is_minor
@@ -77,17 +76,10 @@ def trace_jaxpr(model: Any, sample: Any = None, variables: Any = None, mesh: Any
     leaves, _ = walk(m.variables)
     tree = unboxed(m.variables)
     abstract_tree = jax.tree_util.tree_map(abstract, tree)
-    context = under_mesh(mesh)
     try:
-        with context:
-            closed = jax.make_jaxpr(m.forward)(abstract_tree, *m.sample)
+        closed = traced_under(mesh, lambda: jax.make_jaxpr(m.forward)(abstract_tree, *m.sample))
     except Exception as e:  # noqa: BLE001 - any failure here is a model/sample mismatch
-        if isinstance(context, contextlib.nullcontext):
-            raise TraceError(untraceable(m, e)) from e
-        try:  # a model binding a concrete mesh of its own (jax.shard_map(mesh=...)) traces without ours
-            closed = jax.make_jaxpr(m.forward)(abstract_tree, *m.sample)
-        except Exception:  # noqa: BLE001 - the first failure says why
-            raise TraceError(untraceable(m, e)) from e
+        raise TraceError(untraceable(m, e)) from e
     n = len(jax.tree_util.tree_leaves(abstract_tree))
     if n != len(leaves):
         raise TraceError(f"the variable tree flattens to {n} arrays but walks to {len(leaves)} leaves; "
