@@ -74,8 +74,8 @@ def reached_whole(meets: tuple[tuple[str, int, str, int], ...], begin: set[tuple
 
 
 def kernel_reads(path: str, axes: tuple[str, ...], in_size: float, out_size: float, hit: set[int],
-                 use: tuple[tuple[int, ...], tuple[int, ...]], sums: bool, input_grad: bool = True
-                 ) -> list[WholeRead]:
+                 use: tuple[tuple[int, ...], tuple[int, ...]], sums: bool, input_grad: bool = True,
+                 cast: bool = False) -> list[WholeRead]:
     """What a whole kernel moves when split features meet its dims ``hit`` (leaf dims) in its dot ``use``
     (``(contracted, kept)``): contracting them, the partial outputs summed or the input gathered (forward); its
     output read split, the partial input gradients summed or the output gradient gathered (backward; none when
@@ -93,12 +93,21 @@ def kernel_reads(path: str, axes: tuple[str, ...], in_size: float, out_size: flo
     [('all-reduce', 'forward', 256)]
     """
     pick = summed if sums else narrower
+    # both sides split (a constraint on its input and one on its output): XLA partitions the matmul by its
+    # output's split and gathers the input, whatever moves more; and backward too, but for a copy it cast
+    both = bool(hit & set(use[0]) and hit & set(use[1]))
     out = []
     if hit & set(use[0]):
-        out.append(pick(path, axes, out_size, in_size, "forward"))
+        out.append((gathered if both else pick)(path, axes, out_size, in_size, "forward"))
     if hit & set(use[1]) and input_grad:
-        out.append(pick(path, axes, in_size, out_size, "backward"))
+        out.append((gathered if both and not cast else pick)(path, axes, in_size, out_size, "backward"))
     return out
+
+
+def gathered(path: str, axes: tuple[str, ...], total: float, gathered: float, phase: str) -> WholeRead:
+    """An all-gather of ``gathered`` bytes (the input forward, the output gradient backward), however few
+    ``total`` would sum."""
+    return WholeRead(path, axes, "all-gather", gathered, phase)
 
 
 def summed(path: str, axes: tuple[str, ...], total: float, gathered: float, phase: str) -> WholeRead:

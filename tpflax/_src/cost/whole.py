@@ -33,6 +33,7 @@ from tpflax._src.cost.pieces import WholeRead, column_read, narrower, pieces_of
 from tpflax._src.cost.price import gathered_bytes
 from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.scope import body, leaf_itemsize
+from tpflax._src.facts.tree import narrower as narrower_cast
 from tpflax._src.mesh import TENSOR
 from tpflax._src.specs import entry_axes, gathered_axes, used_axes
 
@@ -135,7 +136,7 @@ def whole_reads(s: Any, start: Callable[[str], bool] | None = None) -> list[Whol
             in_b, out_b = rows * in_width, rows * (math.prod(d.shape) // max(stack, 1) // max(in_width, 1))
             copy = bool(stack) or rep in s.derived  # the matmul reads a copy XLA lays out as it prefers
             reads = kernel_reads(rep, axes, in_b, out_b, {dim for r, dim in dims if r == rep}, use, copy,
-                                 input_grad=(s.widths or {}).get(rep) != 0)
+                                 input_grad=(s.widths or {}).get(rep) != 0, cast=_cast(s, rep, d))
             if copy and split is None:
                 split = frozenset(p for p in lv.decisions if any(tensor_split(s, p, i)
                                                                  for i in range(len(lv.specs.get(p, ())))))
@@ -143,6 +144,12 @@ def whole_reads(s: Any, start: Callable[[str], bool] | None = None) -> list[Whol
             k = output_pieces(s, rep, split, axes) if copy else None
             out += [replace(r, pieces=k) if k and r.phase == "backward" and k < s.size(axes) else r for r in reads]
     return out
+
+
+def _cast(s: Any, rep: str, d: Any) -> bool:
+    """Whether a matmul reads ``rep`` cast to a narrower dtype (a bfloat16 model's float32 kernels)."""
+    item = leaf_itemsize(d)
+    return bool(narrower_cast(s.cast_to.get(rep, ""), item) or narrower_cast(s.cast_some.get(rep, ""), item))
 
 
 def _stack(s: Any, rep: str) -> int:

@@ -23,6 +23,7 @@ from typing import Any
 
 from tpflax._src.cost.disagree import disagreeing, kernel_reads, reached_whole, replicated
 from tpflax._src.cost.price import OPT_COPIES, ActComm, gathered_bytes
+from tpflax._src.facts.tree import narrower
 from tpflax._src.mesh import FSDP, TENSOR
 from tpflax._src.specs import Entry, entry_axes
 
@@ -83,7 +84,8 @@ def pinned(st: Any, o: Any, facts: Mapping[str, Any]) -> Any:
                 continue
             in_w = math.prod(f.leaf.shape[i] for i in use[0])
             for r in kernel_reads(path, axes, in_w, math.prod(f.body) // max(in_w, 1),
-                                  {d for q, d in hits if q == path}, use, f.stacked > 0 or path in p.derived):
+                                  {d for q, d in hits if q == path}, use, f.stacked > 0 or path in p.derived,
+                                  cast=bool(narrower(st.casts.get(path, ""), f.leaf.itemsize))):
                 acts.append(ActComm(r.kind, axes, r.size, 1, f"kept whole against the model's sharding "
                                                              f"constraint: {r.how}"))
         leaves = split_updated(st, [facts[q] for q in sorted({q for q, _ in hits})])
