@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import jax
 
-from tpflax._src.errors import TraceError
+from tpflax._src.errors import TpflaxError, TraceError
 from tpflax._src.mesh import traced_under
 
 Framework = Literal["zoo", "linen", "nnx", "callable"]
@@ -236,7 +236,6 @@ def _linen(module: Any, sample: Any, variables: Any) -> Model:
 def _abstract_init(inits: Model) -> Any:
     """The variables ``module.init`` makes, abstract; a module that cannot be initialised on the sample is a
     TraceError saying why, as a forward that cannot be traced is."""
-    from tpflax._src.errors import TpflaxError, TraceError
     from tpflax._src.trace.dataflow import untraceable
 
     try:

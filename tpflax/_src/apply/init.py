@@ -80,6 +80,7 @@ def init_sharded(init_fn: Callable[..., Any], plan: Plan, mesh: Any = None, *arg
 
 def _init(as_tree: Callable[..., Any], graphdefs: list[Any], plan: Plan, mesh: Any, args: Sequence[Any],
           chunk_bytes: int | None) -> Any:
+    """:func:`init_sharded`'s work, once the init function is wrapped (``as_tree``)."""
     from flax.errors import TraceContextError
 
     try:

@@ -96,6 +96,7 @@ def _traced_layers(m: Any) -> tuple[dict[str, list[Act]], float]:
         return {}, 0.0
 
     active: list[Any] = []  # the modules inside one of their methods, innermost last
+    calls: _Calls  # the calls of the current attempt (linen_trace), which the interceptor records
 
     def interceptor(next_fun, args, kw, context):
         # a module whose parents do not lead to the caller's: a clone inside a lifted transform (nn.jit...)
@@ -121,8 +122,6 @@ def _traced_layers(m: Any) -> tuple[dict[str, list[Act]], float]:
         with _Calls() as calls:
             closed = _make_jaxpr(m, run)
         return calls.out, remat_share(closed.jaxpr)[0]
-
-    calls: _Calls
 
     return traced_under(None, linen_trace)
 

@@ -87,10 +87,18 @@ def kernel_reads(path: str, axes: tuple[str, ...], in_size: float, out_size: flo
     ``tests/test_constraint_cost.py``'s scanned kernels; ``tests/test_stream_ends.py``'s output head cast to
     bfloat16, its ``(4, 64, 8016)`` partial logits all-reduced where the float32 head gathers its 256-wide input).
 
+    Both sides split (its input and its output, as a model's constraints on both lay them out): XLA partitions
+    the matmul by its output's split, gathering the input forward and the output gradient backward whatever
+    the widths, inside a scan too; backward, a matmul reading a copy ``cast`` to a narrower dtype sums its
+    partial input gradients instead (measured, XLA:CPU data=2,model=4: ``tests/test_constraint_stream.py``'s
+    64 -> 256 -> 64 MLP between constraints, unrolled and scanned, float32 and bfloat16 compute).
+
     >>> [(r.kind, r.phase, r.size) for r in kernel_reads("down", ("model",), 64, 256, {0}, ((0,), (1,)), False)]
     [('all-gather', 'forward', 64)]
     >>> [(r.kind, r.phase, r.size) for r in kernel_reads("down", ("model",), 64, 256, {0}, ((0,), (1,)), True)]
     [('all-reduce', 'forward', 256)]
+    >>> [(r.kind, r.phase, r.size) for r in kernel_reads("wo", ("model",), 256, 64, {0, 1}, ((0,), (1,)), True)]
+    [('all-gather', 'forward', 256), ('all-gather', 'backward', 64)]
     """
     pick = summed if sums else narrower
     # both sides split (a constraint on its input and one on its output): XLA partitions the matmul by its
