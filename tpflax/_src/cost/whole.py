@@ -305,7 +305,9 @@ def whole_read_items(s: Any) -> list[CommItem]:
     for r in whole_reads(s):
         what = ("a whole kernel contracting split features" if r.phase == "forward"
                 else "a whole kernel whose output is read split")
-        items.append(CommItem(r.kind, r.axes, r.size, r.pieces or s.size(r.axes),
+        # what it gathers is a matmul's operand: XLA:TPU moves a float32 one as bfloat16 (default precision)
+        size = gathered_bytes(r.size, s.act_item, s.backend == "tpu") if r.kind == "all-gather" else r.size
+        items.append(CommItem(r.kind, r.axes, size, r.pieces or s.size(r.axes),
                               s.lv.count[r.path] * max(_stack(s, r.path), 1),
                               s.lv.label[r.path], f"{what}: {r.how}"))
     return items
