@@ -255,9 +255,9 @@ All numbers from the table above unless said otherwise. Round 34 (7151a36 -> 8e7
     `P('data', None, 'model')` on data=2,model=4, bfloat16 or not, the `f32[4,64,1024]` partial outputs
     all-reduced), so the trigger is something MaxText's layer adds; not found this round.
   No tree, `model=` or MaxText-layout row moved.
-- **Round 43: a whole kernel between two constraints** (re-priced without compiling: the compiled columns and
-  every tree, `model=` and MaxText-layout row are unchanged; only the `est.` column of the replicated and
-  pure-FSDP rows moved). MaxText constrains both the stream (`activation_embed`) and the MLP's hidden
+- **Round 43: a whole kernel between two constraints** (the table regenerated: every compiled number and every
+  tree, `model=` and MaxText-layout row are unchanged; only the `est.` column of the replicated and pure-FSDP
+  rows moved). MaxText constrains both the stream (`activation_embed`) and the MLP's hidden
   (`activation_mlp`) over `tensor`, so a kernel the plan keeps whole has both its input and its output split.
   XLA then partitions the matmul by its output's split: it gathers the input forward (the 1024-wide hidden
   before `wo`, where summing its 256-wide partial outputs would move less) and, unless the matmul reads a copy
