@@ -11,12 +11,14 @@ counted none of the gathers: 0.69 of the compiled collectives here, 0.46-0.65 on
 
 from __future__ import annotations
 
+import collections
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from _util import FAST_XLA
+from _util import FAST_XLA, assert_bit_exact
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -203,8 +205,7 @@ def test_a_model_constraining_with_bare_partition_specs_is_estimated_and_run_wit
     with jax.set_mesh(mesh):
         e_in = tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=(IDS,), loss=_token_loss, backend="cpu")
     assert (e.per_device, e.comm) == (e_in.per_device, e_in.comm)  # the same trace as under the caller's mesh
-    assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda a, b: a.tobytes() == b.tobytes(),
-                                                         jax.device_get(got), jax.device_get(want)))
+    assert_bit_exact(jax.device_get(got), jax.device_get(want))
     assert got["params"]["up"]["kernel"].sharding.spec == p.decisions["params/up/kernel"].spec == P(None, "model")
     assert s.ranked and all(set(c.mesh.names) >= {"data", "model"} for c in s.ranked)
     dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), sample=(IDS,), loss=_token_loss),
@@ -265,6 +266,37 @@ def _both_sides(scan: bool, dtype):
     return Model()
 
 
+def measured_both_sides(scan: bool, dtype, target: str | None = None):
+    """(estimate, dry run) of :func:`_both_sides`'s adamw step under a replicated plan, on the CPU mesh or for the
+    TPU ``target``."""
+    m = _both_sides(scan, dtype)
+    ids = jax.ShapeDtypeStruct((8, 64), jnp.int32)
+    with jax.set_mesh(tpflax.make_mesh(MESH)):
+        params = jax.eval_shape(m.init, jax.random.key(0), ids)
+    p = tpflax.plan(params, MESH, rules=[(r".*", "replicate")])
+    e = tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=(ids,), loss=_token_loss,
+                        backend="tpu" if target else "cpu", target=target)
+    mesh = tpflax.make_mesh(MESH, target=target)
+    dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), sample=(ids,), loss=_token_loss),
+                        p, mesh, compiler_options=None if target else FAST_XLA)
+    return e, dr
+
+
+def hidden_moves(e, dr, back: str):
+    """``(compiled, their dtypes, estimated)``: the bytes by kind that move the 256-wide hidden (or its gradient),
+    compiled and as the estimate prices them (wo forward, ``back``'s backward)."""
+    compiled, dtypes, estimated = collections.Counter(), set(), collections.Counter()
+    for c in dr.collectives:
+        if c.shapes == ((4, 64, 256),):
+            compiled[c.kind] += c.ring_bytes * c.count
+            dtypes.add(c.dtypes)
+    for i in e.items:
+        if "whole kernel" in i.why and (i.source.endswith("wo/kernel") and "(forward)" in i.why
+                                        or i.source.endswith(f"{back}/kernel") and "(backward)" in i.why):
+            estimated[i.kind] += i.ring_bytes * i.count
+    return compiled, dtypes, estimated
+
+
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_a_whole_kernel_between_two_constraints_gathers_what_it_contracts(devices, scan, dtype):
@@ -273,26 +305,9 @@ def test_a_whole_kernel_between_two_constraints_gathers_what_it_contracts(device
     # the matmul reads a cast copy, its output gradient backward (wi's hidden gradient). The estimate summed the
     # narrower side, or inside a scan summed whatever the width: before, 0.868 / 1.198 (f32) and 1.079 / 1.057
     # (bf16) of the compiled collectives; MaxText's GPT-3 replicated and pure-FSDP 1.06-1.26, now 0.95-1.05
-    m, mesh = _both_sides(scan, dtype), tpflax.make_mesh(MESH)
-    ids = jax.ShapeDtypeStruct((8, 64), jnp.int32)
-    with jax.set_mesh(mesh):
-        params = jax.eval_shape(m.init, jax.random.key(0), ids)
-    p = tpflax.plan(params, MESH, rules=[(r".*", "replicate")])
-    e = tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=(ids,), loss=_token_loss, backend="cpu")
-    dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), sample=(ids,), loss=_token_loss),
-                        p, mesh, compiler_options=FAST_XLA)
-    import collections
-
+    e, dr = measured_both_sides(scan, dtype)
     hidden = 4 * 64 * 256 * 4 * 3 / 4  # one device's f32[4,64,256] on a ring of 4
-    compiled, estimated = collections.Counter(), collections.Counter()
-    for c in dr.collectives:
-        if c.shapes == ((4, 64, 256),):
-            compiled[c.kind] += c.ring_bytes * c.count
-    back = "wi" if dtype == jnp.float32 else "wo"  # the kernel whose backward moves the hidden's width
-    for i in e.items:
-        if "whole kernel" in i.why and (i.source.endswith("wo/kernel") and "(forward)" in i.why
-                                        or i.source.endswith(f"{back}/kernel") and "(backward)" in i.why):
-            estimated[i.kind] += i.ring_bytes * i.count
+    compiled, _, estimated = hidden_moves(e, dr, back="wi" if dtype == jnp.float32 else "wo")
     # forward: wo gathers the hidden; backward: wi gathers the hidden's gradient (f32) or, reading a bfloat16
     # copy, wo sums its partial input gradients
     want = {"all-gather": 4 * hidden} if dtype == jnp.float32 else {"all-gather": 2 * hidden, "all-reduce": 4 * hidden}
