@@ -978,10 +978,13 @@ def test_a_whole_kernel_between_two_constraints_gathers_its_float32_operands_as_
     # gathers the same activations as XLA:CPU (wo's hidden forward, wi's hidden gradient backward), each a matmul
     # operand at default precision, so in bfloat16. Before: priced in float32 and, forward, summed (1.021 of the
     # compiled collectives unrolled, 1.747 scanned)
-    from test_constraint_stream import hidden_moves, measured_both_sides
+    from test_constraint_stream import activation_moves, measured_both_sides
 
     e, dr = measured_both_sides(scan=False, dtype=jnp.float32, target="tpu-v5e:2x4")
-    compiled, dtypes, estimated = hidden_moves(e, dr, back="wi")
+    compiled, dtypes, estimated = activation_moves(e, dr)
     assert dtypes == {("bf16",)}
-    assert compiled == estimated == {"all-gather": 4 * 4 * 64 * 256 * 2 * 3 / 4}, (compiled, estimated)
-    assert abs(e.comm_total / dr.comm_total - 1) < 0.10  # the target; measured 0.957
+    hidden = ("all-gather", 4 * 64 * 256 * 2)  # one device's bf16[4,64,256]: wo's input, wi's output gradient
+    assert compiled[hidden] == estimated[hidden] == 4 * 4 * 64 * 256 * 2 * 3 / 4, (compiled, estimated)
+    # the target; measured 1.008 (0.957 before the weight gradients' second gathers of the stream were priced:
+    # XLA:TPU runs 7 of the 9 XLA:CPU does)
+    assert abs(e.comm_total / dr.comm_total - 1) < 0.10

@@ -11,6 +11,7 @@ whole along the trace's meets (:func:`reached_whole`), and each of those sums or
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 
 from tpflax._src.cost.pieces import WholeRead, narrower
 from tpflax._src.trace.records import reached_dims
@@ -75,41 +76,75 @@ def reached_whole(meets: tuple[tuple[str, int, str, int], ...], begin: set[tuple
 
 def kernel_reads(path: str, axes: tuple[str, ...], in_size: float, out_size: float, hit: set[int],
                  use: tuple[tuple[int, ...], tuple[int, ...]], sums: bool, input_grad: bool = True,
-                 cast: bool = False) -> list[WholeRead]:
+                 cast: bool = False, remat: bool = False, gate: bool = False) -> list[WholeRead]:
     """What a whole kernel moves when split features meet its dims ``hit`` (leaf dims) in its dot ``use``
     (``(contracted, kept)``): contracting them, the partial outputs summed or the input gathered (forward); its
     output read split, the partial input gradients summed or the output gradient gathered (backward; none when
     its input needs no gradient, ``input_grad``). ``in_size``/``out_size``: its input and output activations, in
-    bytes or elements per row alike. The narrower of the two (an all-reduce moves twice its bytes on a ring)
-    where the matmul reads the parameter as it was placed. Where it reads a value an op made of it (``sums``:
-    a dtype cast, a reshape, a scanned stack's slice), XLA lays that value out as the matmul prefers, split like
-    the features it meets, and sums whatever the width (measured, XLA:CPU and XLA:TPU data=2,model=4:
+    bytes or elements per row alike. The narrower of the two (an all-reduce moves twice its bytes) where the
+    matmul reads the parameter as it was placed. Where it reads a value an op made of it (``sums``: a dtype cast,
+    a reshape, a scanned stack's slice), XLA lays that value out as the matmul prefers, split like the features it
+    meets, and sums whatever the width (measured, XLA:CPU and XLA:TPU data=2,model=4:
     ``tests/test_constraint_cost.py``'s scanned kernels; ``tests/test_stream_ends.py``'s output head cast to
     bfloat16, its ``(4, 64, 8016)`` partial logits all-reduced where the float32 head gathers its 256-wide input).
+    Inside rematerialised layers (``remat``), the recompute sums the partial outputs again, whichever way the
+    forward went (the backward reads them: ``tests/test_expert_split_rows.py``'s experts, MaxText's mixtral's).
 
     Both sides split (its input and its output, as a model's constraints on both lay them out): XLA partitions
-    the matmul by its output's split, gathering the input forward and the output gradient backward whatever
-    the widths, inside a scan too; backward, a matmul reading a copy ``cast`` to a narrower dtype sums its
-    partial input gradients instead (measured, XLA:CPU data=2,model=4: ``tests/test_constraint_stream.py``'s
-    64 -> 256 -> 64 MLP between constraints, unrolled and scanned, float32 and bfloat16 compute).
+    the matmul by its output's split and gathers the input forward, whatever the widths, inside a scan too.
+    Backward, it gathers the output gradient for the input gradient, or sums the partial input gradients where
+    the matmul reads a copy ``cast`` to a narrower dtype; and its weight gradient, computed split, gathers the
+    narrower of its input and its output gradient once more (phase ``"weight"``). Rematerialised, the recompute
+    gathers the input again where it is no wider than the output (the weight gradient takes it), and the input
+    gradient is the narrower of the two, cast or not. The second kernel of a gated pair (``gate``: ``wi_1`` of
+    ``silu(x @ wi_0) * (x @ wi_1)``, :func:`gate_seconds`) is recomputed by summing its partial outputs instead,
+    and keeps the backward of a layer without remat. Measured, XLA:CPU data=2,model=4:
+    ``tests/test_constraint_stream.py``'s MLPs between constraints (64 -> 256 -> 64 and 256 -> 1024 -> 256, plain
+    and gated, unrolled and scanned, float32 and bfloat16 compute, with and without ``nn.remat``); MaxText's
+    gpt3, llama3, gemma2 and mixtral under their full remat, replicated.
 
     >>> [(r.kind, r.phase, r.size) for r in kernel_reads("down", ("model",), 64, 256, {0}, ((0,), (1,)), False)]
     [('all-gather', 'forward', 64)]
     >>> [(r.kind, r.phase, r.size) for r in kernel_reads("down", ("model",), 64, 256, {0}, ((0,), (1,)), True)]
     [('all-reduce', 'forward', 256)]
     >>> [(r.kind, r.phase, r.size) for r in kernel_reads("wo", ("model",), 256, 64, {0, 1}, ((0,), (1,)), True)]
-    [('all-gather', 'forward', 256), ('all-gather', 'backward', 64)]
+    [('all-gather', 'forward', 256), ('all-gather', 'backward', 64), ('all-gather', 'weight', 64)]
+    >>> [(r.kind, r.phase, r.size, r.redo) for r in kernel_reads("wi", ("model",), 64, 256, {0, 1}, ((0,), (1,)),
+    ...                                                         True, remat=True)]
+    [('all-gather', 'forward', 64, True), ('all-reduce', 'backward', 64, False)]
     """
     pick = summed if sums else narrower
-    # both sides split (a constraint on its input and one on its output): XLA partitions the matmul by its
-    # output's split and gathers the input, whatever moves more; and backward too, but for a copy it cast
     both = bool(hit & set(use[0]) and hit & set(use[1]))
+    if both and remat and gate:
+        return [gathered(path, axes, out_size, in_size, "forward"),
+                WholeRead(path, axes, "all-reduce", out_size, "recompute"),
+                *([gathered(path, axes, in_size, out_size, "backward")] if input_grad else []),
+                WholeRead(path, axes, "all-gather", min(in_size, out_size), "weight")]
     out = []
     if hit & set(use[0]):
-        out.append((gathered if both else pick)(path, axes, out_size, in_size, "forward"))
+        r = (gathered if both else pick)(path, axes, out_size, in_size, "forward")
+        out.append(replace(r, redo=remat and (in_size <= out_size if both else r.kind == "all-reduce")))
+        if remat and not both and r.kind == "all-gather":
+            out.append(WholeRead(path, axes, "all-reduce", out_size, "recompute"))
     if hit & set(use[1]) and input_grad:
-        out.append((gathered if both and not cast else pick)(path, axes, in_size, out_size, "backward"))
+        how = narrower if both and remat else summed if both and cast else gathered if both else pick
+        out.append(how(path, axes, in_size, out_size, "backward"))
+    if both and not remat:
+        out.append(WholeRead(path, axes, "all-gather", min(in_size, out_size), "weight"))
     return out
+
+
+def gate_seconds(meets: Iterable[tuple[str, int, str, int]],
+                 dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]], hit: Mapping[str, set[int]]) -> set[str]:
+    """The second kernel (in path order) of each gated pair among the kernels ``hit`` on both sides of their dot
+    (``dots``: ``(contracted, kept)``): two whose outputs meet, as ``silu(x @ wi_0) * (x @ wi_1)``'s do.
+
+    >>> dots = {"wi_0": ((0,), (1,)), "wi_1": ((0,), (1,))}
+    >>> gate_seconds((("wi_0", 1, "wi_1", 1),), dots, {"wi_0": {0, 1}, "wi_1": {0, 1}})
+    {'wi_1'}
+    """
+    both = {p for p, h in hit.items() if p in dots and h & set(dots[p][0]) and h & set(dots[p][1])}
+    return {q for p, d, q, e in meets if p in both and q in both and p < q and d in dots[p][1] and e in dots[q][1]}
 
 
 def gathered(path: str, axes: tuple[str, ...], total: float, gathered: float, phase: str) -> WholeRead:

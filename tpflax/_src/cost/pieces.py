@@ -28,14 +28,19 @@ class WholeRead:
     phase: str
     pieces: int | None = None  # a pair's whole column: its output as XLA splits it (:func:`pieces_of`)
     out: float = 0.0  # with pieces: the column's output bytes on one device
+    share: float = 1.0  # of an alike class of kernels, the share this read is of (a gated pair's second kernel)
+    redo: bool = False  # a forward collective a remat recompute runs again (:func:`tpflax._src.cost.disagree.kernel_reads`)
 
     @property
     def how(self) -> str:
         """What moves, in words."""
         what = {("all-reduce", "forward"): "sum its partial outputs", ("all-gather", "forward"): "gather its input",
                 ("all-reduce", "backward"): "sum its partial input gradients",
-                ("all-gather", "backward"): "gather its output gradient"}[self.kind, self.phase]
-        return f"{what} ({self.phase})"
+                ("all-gather", "backward"): "gather its output gradient",
+                ("all-reduce", "recompute"): "sum its partial outputs in the remat recompute",
+                ("all-gather", "weight"): "gather the narrower of its input and output gradient again for its "
+                                          "weight gradient"}[self.kind, self.phase]
+        return f"{what} ({'forward' if self.phase == 'recompute' else 'backward' if self.phase == 'weight' else self.phase})"
 
     @property
     def side(self) -> str:

@@ -28,7 +28,13 @@ from collections.abc import Callable, Collection
 from dataclasses import replace
 from typing import Any
 
-from tpflax._src.cost.disagree import disagreeing, kernel_reads, reached_whole, replicated
+from tpflax._src.cost.disagree import (
+    disagreeing,
+    gate_seconds,
+    kernel_reads,
+    reached_whole,
+    replicated,
+)
 from tpflax._src.cost.pieces import WholeRead, column_read, narrower, pieces_of
 from tpflax._src.cost.price import gathered_bytes
 from tpflax._src.cost.records import CommItem
@@ -121,22 +127,38 @@ def whole_reads(s: Any, start: Callable[[str], bool] | None = None) -> list[Whol
     and a 64 -> 256 one, 256 wide); unrolled, it takes the narrower as above (the 256 -> 64 pair gathers the
     64-wide hidden; a square one too). A stack's other whole kernels are not priced here, nor kernels of other
     kinds than dense, attention and head layers, but those a constraint pins (their first use a plain dot: a
-    stack of ``(2, 256, 64)`` kernels the tree takes for experts)."""
+    stack of ``(2, 256, 64)`` kernels the tree takes for experts; or a matmul batched over experts, MaxText's
+    ``wo`` in ``BSEH,EHM->BSEM``). Inside rematerialised layers (:attr:`Scope.remat`) the recompute runs some
+    of the forward's collectives again (:func:`tpflax._src.cost.disagree.kernel_reads`); a gated pair's second
+    kernel, in one alike class with its first, takes that class's share of the gated reads."""
     lv, out = s.lv, []
     split: frozenset[str] | None = None  # the leaves split over a tensor axis, found once where needed
     pinned = {r for dims in split_dims(s, start=lambda rep: False).values() for r, _ in dims} if start is None else ()
     for axes, dims in split_dims(s, start=start or (lambda rep: rep in lv.in_pair or _lone(s, rep)),
                                  constrained=start is None).items():
+        gates = _gate_shares(s, dims)
         for rep in sorted({r for r, _ in dims}):
-            d, use, stack = lv.decisions[rep], (s.dots or {}).get(rep), _stack(s, rep)
+            d, stack = lv.decisions[rep], _stack(s, rep)
+            # a batched matmul (an expert kernel's ``BSEH,EHM->BSEM``) only where a constraint pins it
+            use = (s.dots or {}).get(rep) or ((s.batched_dots or {}).get(rep) if rep in pinned else None)
             if use is None or (rep not in pinned and (stack or d.kind not in ("dense", "attention", "head"))):
                 continue  # a kernel a constraint pins: any kind whose matmul is a plain dot (a stack the tree calls experts)
             in_width = math.prod(d.shape[i] for i in use[0])
-            rows = s.rows_of(rep) * s.act_item
-            in_b, out_b = rows * in_width, rows * (math.prod(d.shape) // max(stack, 1) // max(in_width, 1))
-            copy = bool(stack) or rep in s.derived  # the matmul reads a copy XLA lays out as it prefers
-            reads = kernel_reads(rep, axes, in_b, out_b, {dim for r, dim in dims if r == rep}, use, copy,
-                                 input_grad=(s.widths or {}).get(rep) != 0, cast=_cast(s, rep, d))
+            rows = s.rows_of(rep) * s.act_item  # a batched matmul's rows count its batch dims (each expert's tokens)
+            out_width = (math.prod(d.shape[i] for i in use[1]) if rep not in (s.dots or {})
+                         else math.prod(d.shape) // max(stack, 1) // max(in_width, 1))
+            in_b, out_b = rows * in_width, rows * out_width
+            # the matmul reads a copy XLA lays out as it prefers; and a batched one (an expert kernel's, the router
+            # weighting its outputs) sums its partial input gradients even unrolled (tests/test_expert_split_rows.py)
+            copy = bool(stack) or rep in s.derived or rep not in (s.dots or {})
+            # the rematerialised calls are the layers: an embedding or output head runs outside them
+            args = (rep, axes, in_b, out_b, {dim for r, dim in dims if r == rep}, use, copy)
+            kw = dict(input_grad=(s.widths or {}).get(rep) != 0, cast=_cast(s, rep, d),
+                      remat=s.remat and d.kind not in ("embedding", "head"))
+            reads, share = kernel_reads(*args, **kw), gates.get(rep, 0.0)
+            if share:  # a gated pair's second kernel, alike to its first: each its own reads
+                reads = [replace(r, share=1 - share) for r in reads if share < 1]
+                reads += [replace(r, share=share) for r in kernel_reads(*args, **kw, gate=True)]
             if copy and split is None:
                 split = frozenset(p for p in lv.decisions if any(tensor_split(s, p, i)
                                                                  for i in range(len(lv.specs.get(p, ())))))
@@ -144,6 +166,21 @@ def whole_reads(s: Any, start: Callable[[str], bool] | None = None) -> list[Whol
             k = output_pieces(s, rep, split, axes) if copy else None
             out += [replace(r, pieces=k) if k and r.phase == "backward" and k < s.size(axes) else r for r in reads]
     return out
+
+
+def _gate_shares(s: Any, dims: set[tuple[str, int]]) -> dict[str, float]:
+    """``{representative: share}``: the share of its alike kernels that are the second of a gated pair
+    (:func:`tpflax._src.cost.disagree.gate_seconds`; ``wi_1`` of MaxText's ``wi_0``/``wi_1``, one class of two)."""
+    lv, dots = s.lv, {**(s.batched_dots or {}), **(s.dots or {})}
+    hit: dict[str, set[int]] = {}
+    for r, d in dims:
+        hit.setdefault(r, set()).add(d)
+    members = {r: {r} for r in hit}
+    for p, r in lv.rep_of.items():
+        if r in members:
+            members[r].add(p)
+    seconds = gate_seconds(s.meets, dots, {p: hit[r] for r, ps in members.items() for p in ps})
+    return {r: len(ps & seconds) / len(ps) for r, ps in members.items() if ps & seconds}
 
 
 def _cast(s: Any, rep: str, d: Any) -> bool:
@@ -303,13 +340,14 @@ def whole_read_items(s: Any) -> list[CommItem]:
     """:func:`whole_reads` as the estimate's items, one per alike class of kernels and direction."""
     items = []
     for r in whole_reads(s):
-        what = ("a whole kernel contracting split features" if r.phase == "forward"
+        what = ("a whole kernel contracting split features" if r.phase in ("forward", "recompute")
                 else "a whole kernel whose output is read split")
         # what it gathers is a matmul's operand: XLA:TPU moves a float32 one as bfloat16 (default precision)
         size = gathered_bytes(r.size, s.act_item, s.backend == "tpu") if r.kind == "all-gather" else r.size
-        items.append(CommItem(r.kind, r.axes, size, r.pieces or s.size(r.axes),
-                              s.lv.count[r.path] * max(_stack(s, r.path), 1),
-                              s.lv.label[r.path], f"{what}: {r.how}"))
+        n = s.lv.count[r.path] * max(_stack(s, r.path), 1) * (1 + r.redo) * r.share
+        items.append(CommItem(r.kind, r.axes, size, r.pieces or s.size(r.axes), int(n) if n == int(n) else n,
+                              s.lv.label[r.path],
+                              f"{what}: {r.how}" + (", again in the remat recompute" if r.redo else "")))
     return items
 
 

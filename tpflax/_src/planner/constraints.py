@@ -21,7 +21,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from tpflax._src.cost.disagree import disagreeing, kernel_reads, reached_whole, replicated
+from tpflax._src.cost.disagree import (
+    disagreeing,
+    gate_seconds,
+    kernel_reads,
+    reached_whole,
+    replicated,
+)
 from tpflax._src.cost.price import OPT_COPIES, ActComm, gathered_bytes
 from tpflax._src.facts.tree import narrower
 from tpflax._src.mesh import FSDP, TENSOR
@@ -38,6 +44,8 @@ class Pins:
         dots: :meth:`tpflax._src.trace.records.Dataflow.dots`.
         direct: the kernels that read a constrained value as it is (:attr:`Dataflow.direct`).
         derived: the kernels whose matmul reads them through an op (:meth:`Dataflow.derived_dots`).
+        remat: most of the model's matmuls run rematerialised (:attr:`Dataflow.remat`): the layers' forward
+            collectives run again in the recompute.
     """
 
     constrained: tuple[tuple[str, int, tuple[str, ...]], ...]
@@ -45,6 +53,7 @@ class Pins:
     dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]]
     direct: frozenset[str] = frozenset()
     derived: frozenset[str] = frozenset()
+    remat: bool = False
 
 
 def pins(flow: Any) -> Pins | None:
@@ -54,7 +63,7 @@ def pins(flow: Any) -> Pins | None:
         return None
     return Pins(tuple(sorted({(flow.uses[u].path, d, axes) for u, d, axes in flow.constraints})),
                 flow.meets(), flow.dots(), frozenset(flow.uses[u].path for u in flow.direct),
-                flow.derived_dots())
+                flow.derived_dots(), flow.remat >= 0.5)
 
 
 def pinned(st: Any, o: Any, facts: Mapping[str, Any]) -> Any:
@@ -78,6 +87,7 @@ def pinned(st: Any, o: Any, facts: Mapping[str, Any]) -> Any:
     acts, grads = list(o.acts), dict(o.pieces)
     for axes, begin in sorted(starts.items()):
         hits = reached_whole(p.meets, begin, lambda path: path in props)
+        seconds = gate_seconds(p.meets, p.dots, {q: {d for r, d in hits if r == q} for q, _ in hits})
         for path in sorted({q for q, _ in hits}):
             f, use = facts[path], p.dots.get(path)
             if use is None:
@@ -85,9 +95,10 @@ def pinned(st: Any, o: Any, facts: Mapping[str, Any]) -> Any:
             in_w = math.prod(f.leaf.shape[i] for i in use[0])
             for r in kernel_reads(path, axes, in_w, math.prod(f.body) // max(in_w, 1),
                                   {d for q, d in hits if q == path}, use, f.stacked > 0 or path in p.derived,
-                                  cast=bool(narrower(st.casts.get(path, ""), f.leaf.itemsize))):
-                acts.append(ActComm(r.kind, axes, r.size, 1, f"kept whole against the model's sharding "
-                                                             f"constraint: {r.how}"))
+                                  cast=bool(narrower(st.casts.get(path, ""), f.leaf.itemsize)),
+                                  remat=p.remat and f.kind not in ("embedding", "head"), gate=path in seconds):
+                acts.append(ActComm(r.kind, axes, r.size, 1 + r.redo, f"kept whole against the model's sharding "
+                                                                      f"constraint: {r.how}"))
         leaves = split_updated(st, [facts[q] for q in sorted({q for q, _ in hits})])
         grads.update(dict.fromkeys((f.path for f in leaves), math.prod(st.mesh.sizes[a] for a in axes)))
         acts += update_gathers(st, axes, leaves, "the whole kernels whose gradient the constraint splits")
