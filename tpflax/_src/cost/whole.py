@@ -151,10 +151,11 @@ def whole_reads(s: Any, start: Callable[[str], bool] | None = None) -> list[Whol
             # the matmul reads a copy XLA lays out as it prefers; and a batched one (an expert kernel's, the router
             # weighting its outputs) sums its partial input gradients even unrolled (tests/test_expert_split_rows.py)
             copy = bool(stack) or rep in s.derived or rep not in (s.dots or {})
-            # the rematerialised calls are the layers: an embedding or output head runs outside them
+            # the rematerialised calls are the layers: an embedding or output head runs outside them; measured
+            # around a model's own constraints only (a kernel a pair's split reaches is priced as without remat)
             args = (rep, axes, in_b, out_b, {dim for r, dim in dims if r == rep}, use, copy)
             kw = dict(input_grad=(s.widths or {}).get(rep) != 0, cast=_cast(s, rep, d),
-                      remat=s.remat and d.kind not in ("embedding", "head"))
+                      remat=s.remat and rep in pinned and d.kind not in ("embedding", "head"))
             reads, share = kernel_reads(*args, **kw), gates.get(rep, 0.0)
             if share:  # a gated pair's second kernel, alike to its first: each its own reads
                 reads = [replace(r, share=1 - share) for r in reads if share < 1]
