@@ -87,8 +87,9 @@ def kernel_reads(path: str, axes: tuple[str, ...], in_size: float, out_size: flo
     meets, and sums whatever the width (measured, XLA:CPU and XLA:TPU data=2,model=4:
     ``tests/test_constraint_cost.py``'s scanned kernels; ``tests/test_stream_ends.py``'s output head cast to
     bfloat16, its ``(4, 64, 8016)`` partial logits all-reduced where the float32 head gathers its 256-wide input).
-    Inside rematerialised layers (``remat``), the recompute sums the partial outputs again, whichever way the
-    forward went (the backward reads them: ``tests/test_expert_split_rows.py``'s experts, MaxText's mixtral's).
+    Inside rematerialised layers (``remat``), with one side split, the recompute sums the partial outputs again,
+    whichever way the forward went (the backward reads them: ``tests/test_expert_split_rows.py``'s experts,
+    MaxText's mixtral's).
 
     Both sides split (its input and its output, as a model's constraints on both lay them out): XLA partitions
     the matmul by its output's split and gathers the input forward, whatever the widths, inside a scan too.
@@ -98,10 +99,14 @@ def kernel_reads(path: str, axes: tuple[str, ...], in_size: float, out_size: flo
     gathers the input again where it is no wider than the output (the weight gradient takes it), and the input
     gradient is the narrower of the two, cast or not. The second kernel of a gated pair (``gate``: ``wi_1`` of
     ``silu(x @ wi_0) * (x @ wi_1)``, :func:`gate_seconds`) is recomputed by summing its partial outputs instead,
-    and keeps the backward of a layer without remat. Measured, XLA:CPU data=2,model=4:
-    ``tests/test_constraint_stream.py``'s MLPs between constraints (64 -> 256 -> 64 and 256 -> 1024 -> 256, plain
-    and gated, unrolled and scanned, float32 and bfloat16 compute, with and without ``nn.remat``); MaxText's
-    gpt3, llama3, gemma2 and mixtral under their full remat, replicated.
+    then gathers its output gradient and its input again. Without remat, a second kernel reading the input as it
+    is (no ``cast`` copy of its own) shares the first's gathers of it, forward and for the weight gradient.
+    Measured, XLA:CPU data=2,model=4: ``tests/test_constraint_stream.py``'s MLPs between constraints
+    (256 -> 1024 -> 256, plain and gated, unrolled and scanned, float32 and bfloat16 compute, with and without
+    ``nn.remat``; 64 -> 256 -> 64 without remat); MaxText's gpt3, llama3, gemma2 and mixtral under their full
+    remat, replicated. At 64 -> 256 -> 64 under remat XLA also gathers the stream again for the weight gradients
+    (about 0.91 of the compiled collectives: not modelled), and float32 gated pairs share some of the gathers
+    above (0.99-1.05).
 
     >>> [(r.kind, r.phase, r.size) for r in kernel_reads("down", ("model",), 64, 256, {0}, ((0,), (1,)), False)]
     [('all-gather', 'forward', 64)]
@@ -115,11 +120,13 @@ def kernel_reads(path: str, axes: tuple[str, ...], in_size: float, out_size: flo
     """
     pick = summed if sums else narrower
     both = bool(hit & set(use[0]) and hit & set(use[1]))
-    if both and remat and gate:
-        return [gathered(path, axes, out_size, in_size, "forward"),
-                WholeRead(path, axes, "all-reduce", out_size, "recompute"),
+    if both and gate and (remat or not cast):
+        # rematerialised: its own reads; else it reads its first's input as it is, and shares that kernel's
+        # gathers of it (forward and for the weight gradient): only its output gradient is its own
+        return [*([gathered(path, axes, out_size, in_size, "forward"),
+                   WholeRead(path, axes, "all-reduce", out_size, "recompute")] if remat else []),
                 *([gathered(path, axes, in_size, out_size, "backward")] if input_grad else []),
-                WholeRead(path, axes, "all-gather", min(in_size, out_size), "weight")]
+                *([WholeRead(path, axes, "all-gather", min(in_size, out_size), "weight")] if remat else [])]
     out = []
     if hit & set(use[0]):
         r = (gathered if both else pick)(path, axes, out_size, in_size, "forward")

@@ -45,7 +45,7 @@ class WholeRead:
     @property
     def side(self) -> str:
         """The activation it moves: the kernel's ``"in"`` or ``"out"`` side."""
-        return "out" if (self.kind == "all-reduce") == (self.phase == "forward") else "in"
+        return "out" if (self.kind == "all-reduce") == (self.phase in ("forward", "recompute")) else "in"
 
 
 def narrower(path: str, axes: tuple[str, ...], summed: float, gathered: float, phase: str) -> WholeRead:

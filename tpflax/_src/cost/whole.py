@@ -157,9 +157,10 @@ def whole_reads(s: Any, start: Callable[[str], bool] | None = None) -> list[Whol
             kw = dict(input_grad=(s.widths or {}).get(rep) != 0, cast=_cast(s, rep, d),
                       remat=s.remat and rep in pinned and d.kind not in ("embedding", "head"))
             reads, share = kernel_reads(*args, **kw), gates.get(rep, 0.0)
-            if share:  # a gated pair's second kernel, alike to its first: each its own reads
-                reads = [replace(r, share=1 - share) for r in reads if share < 1]
-                reads += [replace(r, share=share) for r in kernel_reads(*args, **kw, gate=True)]
+            second = kernel_reads(*args, **kw, gate=True) if share else reads
+            if second != reads:  # a gated pair's second kernel, alike to its first: each its own reads
+                reads = [replace(r, share=1 - share) for r in reads] if share < 1 else []
+                reads += [replace(r, share=share) for r in second]
             if copy and split is None:
                 split = frozenset(p for p in lv.decisions if any(tensor_split(s, p, i)
                                                                  for i in range(len(lv.specs.get(p, ())))))
@@ -345,8 +346,9 @@ def whole_read_items(s: Any) -> list[CommItem]:
                 else "a whole kernel whose output is read split")
         # what it gathers is a matmul's operand: XLA:TPU moves a float32 one as bfloat16 (default precision)
         size = gathered_bytes(r.size, s.act_item, s.backend == "tpu") if r.kind == "all-gather" else r.size
-        n = s.lv.count[r.path] * max(_stack(s, r.path), 1) * (1 + r.redo) * r.share
-        items.append(CommItem(r.kind, r.axes, size, r.pieces or s.size(r.axes), int(n) if n == int(n) else n,
+        # a share is of an alike class's members, so its count is whole
+        n = round(s.lv.count[r.path] * r.share) * max(_stack(s, r.path), 1) * (1 + r.redo)
+        items.append(CommItem(r.kind, r.axes, size, r.pieces or s.size(r.axes), n,
                               s.lv.label[r.path],
                               f"{what}: {r.how}" + (", again in the remat recompute" if r.redo else "")))
     return items
