@@ -25,7 +25,8 @@ its models import with these installed into a separate directory T, without thei
         google-resumable-media google-crc32c googleapis-common-protos proto-plus cryptography cffi \\
         contextlib2 jaxtyping beartype pydantic pydantic-core typing-inspection annotated-types chex toolz \\
         click tblib mergedeep plum-dispatch braceexpand wadler-lindig jinja2 markupsafe msgspec pyzmq \\
-        partial-json-parser fastapi starlette annotated-doc anyio opentelemetry-api uvicorn httpx httpcore h11
+        partial-json-parser fastapi starlette annotated-doc anyio opentelemetry-api uvicorn httpx httpcore h11 \\
+        attrs einops
     PYTHONPATH=T python benchmarks/probe_easydel.py
 
 (one package per ``pip install --target`` call where two share a namespace directory, ``google``). Importing
