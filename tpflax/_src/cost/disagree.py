@@ -119,7 +119,7 @@ def kernel_reads(path: str, axes: tuple[str, ...], in_size: float, out_size: flo
     [('all-gather', 'forward', 64, True), ('all-reduce', 'backward', 64, False)]
     """
     pick = summed if sums else narrower
-    both = bool(hit & set(use[0]) and hit & set(use[1]))
+    both = both_sides(hit, use)
     if both and gate and (remat or not cast):
         # rematerialised: its own reads; else it reads its first's input as it is, and shares that kernel's
         # gathers of it (forward and for the weight gradient): only its output gradient is its own
@@ -141,6 +141,16 @@ def kernel_reads(path: str, axes: tuple[str, ...], in_size: float, out_size: flo
     return out
 
 
+def both_sides(hit: set[int], use: tuple[tuple[int, ...], tuple[int, ...]]) -> bool:
+    """Whether split features meet a kernel's dims ``hit`` on both sides of its dot ``use`` (``(contracted, kept)``):
+    its input and its output split, as a model's constraints on both lay them out.
+
+    >>> both_sides({0, 1}, ((0,), (1,))), both_sides({0}, ((0,), (1,)))
+    (True, False)
+    """
+    return bool(hit & set(use[0]) and hit & set(use[1]))
+
+
 def gate_seconds(meets: Iterable[tuple[str, int, str, int]],
                  dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]], hit: Mapping[str, set[int]]) -> set[str]:
     """The second kernel (in path order) of each gated pair among the kernels ``hit`` on both sides of their dot
@@ -150,7 +160,7 @@ def gate_seconds(meets: Iterable[tuple[str, int, str, int]],
     >>> gate_seconds((("wi_0", 1, "wi_1", 1),), dots, {"wi_0": {0, 1}, "wi_1": {0, 1}})
     {'wi_1'}
     """
-    both = {p for p, h in hit.items() if p in dots and h & set(dots[p][0]) and h & set(dots[p][1])}
+    both = {p for p, h in hit.items() if p in dots and both_sides(h, dots[p])}
     return {q for p, d, q, e in meets if p in both and q in both and p < q and d in dots[p][1] and e in dots[q][1]}
 
 

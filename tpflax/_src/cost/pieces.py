@@ -40,12 +40,17 @@ class WholeRead:
                 ("all-reduce", "recompute"): "sum its partial outputs in the remat recompute",
                 ("all-gather", "weight"): "gather the narrower of its input and output gradient again for its "
                                           "weight gradient"}[self.kind, self.phase]
-        return f"{what} ({'forward' if self.phase == 'recompute' else 'backward' if self.phase == 'weight' else self.phase})"
+        return f"{what} ({'forward' if self.forward else 'backward'})"
+
+    @property
+    def forward(self) -> bool:
+        """Whether it runs in the forward pass (or its remat recompute), not in the backward."""
+        return self.phase in ("forward", "recompute")
 
     @property
     def side(self) -> str:
         """The activation it moves: the kernel's ``"in"`` or ``"out"`` side."""
-        return "out" if (self.kind == "all-reduce") == (self.phase in ("forward", "recompute")) else "in"
+        return "out" if (self.kind == "all-reduce") == self.forward else "in"
 
 
 def narrower(path: str, axes: tuple[str, ...], summed: float, gathered: float, phase: str) -> WholeRead:

@@ -29,6 +29,7 @@ from dataclasses import replace
 from typing import Any
 
 from tpflax._src.cost.disagree import (
+    both_sides,
     disagreeing,
     gate_seconds,
     kernel_reads,
@@ -144,13 +145,14 @@ def whole_reads(s: Any, start: Callable[[str], bool] | None = None) -> list[Whol
             if use is None or (rep not in pinned and (stack or d.kind not in ("dense", "attention", "head"))):
                 continue  # a kernel a constraint pins: any kind whose matmul is a plain dot (a stack the tree calls experts)
             in_width = math.prod(d.shape[i] for i in use[0])
+            batched = rep not in (s.dots or {})
             rows = s.rows_of(rep) * s.act_item  # a batched matmul's rows count its batch dims (each expert's tokens)
-            out_width = (math.prod(d.shape[i] for i in use[1]) if rep not in (s.dots or {})
+            out_width = (math.prod(d.shape[i] for i in use[1]) if batched
                          else math.prod(d.shape) // max(stack, 1) // max(in_width, 1))
             in_b, out_b = rows * in_width, rows * out_width
             # the matmul reads a copy XLA lays out as it prefers; and a batched one (an expert kernel's, the router
             # weighting its outputs) sums its partial input gradients even unrolled (tests/test_expert_split_rows.py)
-            copy = bool(stack) or rep in s.derived or rep not in (s.dots or {})
+            copy = bool(stack) or rep in s.derived or batched
             # the rematerialised calls are the layers: an embedding or output head runs outside them; measured
             # around a model's own constraints only (a kernel a pair's split reaches is priced as without remat)
             args = (rep, axes, in_b, out_b, {dim for r, dim in dims if r == rep}, use, copy)
@@ -177,6 +179,8 @@ def _gate_shares(s: Any, dims: set[tuple[str, int]]) -> dict[str, float]:
     hit: dict[str, set[int]] = {}
     for r, d in dims:
         hit.setdefault(r, set()).add(d)
+    if not any(r in dots and both_sides(h, dots[r]) for r, h in hit.items()):
+        return {}  # no kernel hit on both sides: no gated pair to find (the common case)
     members = {r: {r} for r in hit}
     for p, r in lv.rep_of.items():
         if r in members:
@@ -342,7 +346,7 @@ def whole_read_items(s: Any) -> list[CommItem]:
     """:func:`whole_reads` as the estimate's items, one per alike class of kernels and direction."""
     items = []
     for r in whole_reads(s):
-        what = ("a whole kernel contracting split features" if r.phase in ("forward", "recompute")
+        what = ("a whole kernel contracting split features" if r.forward
                 else "a whole kernel whose output is read split")
         # what it gathers is a matmul's operand: XLA:TPU moves a float32 one as bfloat16 (default precision)
         size = gathered_bytes(r.size, s.act_item, s.backend == "tpu") if r.kind == "all-gather" else r.size
