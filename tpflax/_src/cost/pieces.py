@@ -38,8 +38,9 @@ class WholeRead:
                 ("all-reduce", "backward"): "sum its partial input gradients",
                 ("all-gather", "backward"): "gather its output gradient",
                 ("all-reduce", "recompute"): "sum its partial outputs in the remat recompute",
-                ("all-gather", "weight"): "gather the narrower of its input and output gradient again for its "
-                                          "weight gradient"}[self.kind, self.phase]
+                ("all-gather", "weight"): "gather its input or its output gradient again for its weight gradient",
+                ("collective-permute", "forward"): "reshard its output's pieces out of the split it computes",
+                ("all-gather", "pieces"): "gather its pieces' gradients back into that split"}[self.kind, self.phase]
         return f"{what} ({'forward' if self.forward else 'backward'})"
 
     @property
@@ -50,6 +51,8 @@ class WholeRead:
     @property
     def side(self) -> str:
         """The activation it moves: the kernel's ``"in"`` or ``"out"`` side."""
+        if self.kind == "collective-permute" or self.phase == "pieces":
+            return "out"  # a fused output's pieces, resharded or their gradients gathered back
         return "out" if (self.kind == "all-reduce") == self.forward else "in"
 
 

@@ -168,6 +168,8 @@ class Traced:
             (:meth:`tpflax._src.trace.records.Dataflow.only_reduced`: an RBM's hidden units, summed).
         split_widths: ``(width, mesh axes)`` of activation dims a model's constraint splits
             (:attr:`tpflax._src.trace.records.Dataflow.split_widths`).
+        streamed: ``(path, dim)``: kernel dims whose output is added onto a residual stream
+            (:attr:`tpflax._src.trace.records.Dataflow.streamed`).
         apart: ``{path: group path}`` of each parameter's first ``dot`` use: uses reading one value share the
             group (:attr:`tpflax._src.trace.records.Dataflow.apart`: a model's sharding constraint makes another).
         direct: kernels that contract a value a model's constraint (or a ``shard_map``'s out_specs) laid out, as it
@@ -227,6 +229,7 @@ class Traced:
     reduced: frozenset[str] = frozenset()
     apart: Mapping[str, str] = field(default_factory=dict)
     split_widths: frozenset[tuple[int, tuple[str, ...]]] = frozenset()
+    streamed: frozenset[tuple[str, int]] = frozenset()
     batched_dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     shard_mapped: InSpecs = field(default_factory=dict)
     direct: frozenset[str] = frozenset()
@@ -374,7 +377,8 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None
                   grown=_grown(flow), in_rows=_in_rows(flow), combined=combined,
                   reduced=frozenset(u.path for u in flow.uses if u.op == "dot" and u.kept
                                     and all(flow.only_reduced(u.id, k) for k in u.kept)),
-                  apart=_apart(flow), split_widths=flow.split_widths, batched_dots=flow.dots(batched=True),
+                  apart=_apart(flow), split_widths=flow.split_widths,
+                  streamed=frozenset((flow.uses[u].path, d) for u, d in flow.streamed), batched_dots=flow.dots(batched=True),
                   shard_mapped=dict(flow.in_specs), direct=frozenset(flow.uses[u].path for u in flow.direct),
                   derived=flow.derived_dots(), cast_to=flow.cast_to(), cast_some=flow.cast_some())
 

@@ -39,6 +39,7 @@ from tpflax._src.cost.disagree import (
 from tpflax._src.cost.pieces import WholeRead, column_read, narrower, pieces_of
 from tpflax._src.cost.price import gathered_bytes
 from tpflax._src.cost.records import CommItem
+from tpflax._src.cost.reshard import piece_permutes
 from tpflax._src.cost.scope import body, leaf_itemsize
 from tpflax._src.facts.tree import narrower as narrower_cast
 from tpflax._src.mesh import TENSOR
@@ -84,8 +85,12 @@ def _stream_ends(s: Any, tensor: set[str]) -> list[tuple[str, int, tuple[str, ..
     splits past a norm, where it carries no kernel's tag (:attr:`Scope.split_widths`: MaxText's
     ``activation_embed`` over ``tensor``): a plain matmul's one contracted dim of that width that meets no
     other kernel's dim (the output head reading the final norm), a lookup table's features (the embedding
-    writing the stream). XLA carries the constraint's split there: a whole head sums its partial logits, and
-    either's gradient comes out split (measured, XLA:CPU data=2,tensor=4: MaxText's llama3 replicated)."""
+    writing the stream), a plain matmul's one output dim of that width added onto the stream
+    (:attr:`Scope.streamed`: an attention's output projection, whose sum with the residual a norm reads). XLA
+    carries the constraint's split there: a whole head sums its partial logits, a whole output projection's
+    output gradient arrives split, and each one's gradient comes out split (measured, XLA:CPU data=2,tensor=4:
+    MaxText's llama3 replicated; EasyDeL's Llama and Phi-3, which constrain the normed stream, not the
+    projection's output)."""
     widths: dict[int, tuple[str, ...]] = {}
     for width, axes in s.split_widths or ():
         if set(axes) & tensor:
@@ -93,7 +98,14 @@ def _stream_ends(s: Any, tensor: set[str]) -> list[tuple[str, int, tuple[str, ..
     if not widths:
         return []
     met = {(p, d) for p, d, *_ in s.meets} | {(q, e) for *_, q, e in s.meets}
-    dims = [(p, use[0][0]) for p, use in (s.dots or {}).items() if len(use[0]) == 1]
+    dots = s.dots or {}
+    dims = [(p, use[0][0]) for p, use in dots.items() if len(use[0]) == 1]
+    # a plain matmul's output added onto the stream (an attention's output projection onto the residual): its norm
+    # after the add leaves the stream untagged, so only the width says the constraint there splits that output
+    # (whatever it meets: Gemma 2's sandwich norm scales that output before the add)
+    streamed = sorted((p, d) for p, d in s.streamed if p in dots and dots[p][1] == (d,))
+    met -= set(streamed)
+    dims += streamed
     dims += [(p, len(s.lv.decisions[s.lv.rep_of.get(p, p)].shape) - 1) for p in s.looked
              if s.lv.rep_of.get(p, p) in s.lv.decisions]
     out = []
@@ -135,6 +147,7 @@ def whole_reads(s: Any, start: Callable[[str], bool] | None = None) -> list[Whol
     lv, out = s.lv, []
     split: frozenset[str] | None = None  # the leaves split over a tensor axis, found once where needed
     pinned = {r for dims in split_dims(s, start=lambda rep: False).values() for r, _ in dims} if start is None else ()
+    taken: set[tuple] = set()  # the input gathers priced, per activation read (:func:`_input_gather`)
     for axes, dims in split_dims(s, start=start or (lambda rep: rep in lv.in_pair or _lone(s, rep)),
                                  constrained=start is None).items():
         gates = _gate_shares(s, dims)
@@ -157,12 +170,16 @@ def whole_reads(s: Any, start: Callable[[str], bool] | None = None) -> list[Whol
             # around a model's own constraints only (a kernel a pair's split reaches is priced as without remat)
             args = (rep, axes, in_b, out_b, {dim for r, dim in dims if r == rep}, use, copy)
             kw = dict(input_grad=(s.widths or {}).get(rep) != 0, cast=_cast(s, rep, d),
-                      remat=s.remat and rep in pinned and d.kind not in ("embedding", "head"))
+                      remat=s.remat and rep in pinned and d.kind not in ("embedding", "head"),
+                      reshard=rows * _piece_permutes(s, rep, d, use, axes))
             reads, share = kernel_reads(*args, **kw), gates.get(rep, 0.0)
             second = kernel_reads(*args, **kw, gate=True) if share else reads
             if second != reads:  # a gated pair's second kernel, alike to its first: each its own reads
                 reads = [replace(r, share=1 - share) for r in reads] if share < 1 else []
                 reads += [replace(r, share=share) for r in second]
+            if not (kw["remat"] or kw["cast"]):  # kernels reading one activation gather it once (_input_gather)
+                group = (lv.rep_of.get(g := (s.apart or {}).get(rep, rep), g), axes)
+                reads = [r for r in reads if not _input_gather(r, in_b, out_b) or _first(taken, (group, r.phase, r.size))]
             if copy and split is None:
                 split = frozenset(p for p in lv.decisions if any(tensor_split(s, p, i)
                                                                  for i in range(len(lv.specs.get(p, ())))))
@@ -170,6 +187,34 @@ def whole_reads(s: Any, start: Callable[[str], bool] | None = None) -> list[Whol
             k = output_pieces(s, rep, split, axes) if copy else None
             out += [replace(r, pieces=k) if k and r.phase == "backward" and k < s.size(axes) else r for r in reads]
     return out
+
+
+def _piece_permutes(s: Any, rep: str, d: Any, use: tuple[tuple[int, ...], tuple[int, ...]],
+                    axes: tuple[str, ...]) -> int:
+    """The columns XLA's collective-permutes move to reshard the pieces of ``rep``'s output, a traced fused kernel
+    (``[q|k|v]``) cut on its one kept dim whose pieces are each split over ``axes``
+    (:func:`tpflax._src.cost.reshard.piece_permutes`); 0 for any other kernel, or pieces read whole."""
+    dim, pieces, whole, viewed = (s.fused or {}).get(rep, (None, 1, (), False))
+    if dim is None or pieces == 1 or whole or viewed or use[1] != (dim,):
+        return 0
+    return sum(piece_permutes(d.shape[dim], pieces, s.size(axes)) or ())
+
+
+def _input_gather(r: WholeRead, in_b: float, out_b: float) -> bool:
+    """Whether ``r`` gathers its kernel's input: forward, or for its weight gradient where the input is the
+    narrower side. Whole kernels reading one activation (a block's q, k and v its normed input, a gated MLP's two
+    expansions theirs: :attr:`Scope.apart`'s groups) share that gather, forward and backward, unless each reads
+    a copy of its own (a cast; a remat recompute runs each kernel's own). Measured, XLA:CPU data=2,model=4 and
+    fsdp=2,model=4: ``tests/test_constraint_stream.py``'s EasyDeL-style block, separate q/k/v and gate/up
+    kernels, one gather of the stream each; EasyDeL's Llama replicated."""
+    return r.kind == "all-gather" and (r.phase == "forward" or (r.phase == "weight" and in_b <= out_b))
+
+
+def _first(taken: set[tuple], key: tuple) -> bool:
+    """Whether ``key`` is new to ``taken``; it is added."""
+    new = key not in taken
+    taken.add(key)
+    return new
 
 
 def _gate_shares(s: Any, dims: set[tuple[str, int]]) -> dict[str, float]:
@@ -346,8 +391,9 @@ def whole_read_items(s: Any) -> list[CommItem]:
     """:func:`whole_reads` as the estimate's items, one per alike class of kernels and direction."""
     items = []
     for r in whole_reads(s):
-        what = ("a whole kernel contracting split features" if r.forward
-                else "a whole kernel whose output is read split")
+        what = ("a whole fused kernel whose pieces a constraint splits" if r.side == "out" and (
+            r.kind == "collective-permute" or r.phase == "pieces") else "a whole kernel contracting split features"
+            if r.forward else "a whole kernel whose output is read split")
         # what it gathers is a matmul's operand: XLA:TPU moves a float32 one as bfloat16 (default precision)
         size = gathered_bytes(r.size, s.act_item, s.backend == "tpu") if r.kind == "all-gather" else r.size
         # a share is of an alike class's members, so its count is whole

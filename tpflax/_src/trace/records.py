@@ -250,6 +250,9 @@ class Dataflow:
             ``()``, for a dim it replicates.
         split_widths: ``(width, mesh axes)``: an untagged dim of that width of an activation (not a constant)
             that a ``with_sharding_constraint`` lays out over those axes (a tagged one is in :attr:`constraints`).
+        streamed: ``(use id, param dim)``: a kept dim added onto an activation that does not carry it (an
+            attention's output projection onto the residual stream): past the stream's next norm it carries no
+            tag, so a constraint on the stream there records only its width (:attr:`split_widths`).
         in_specs: ``{path: ((leaf dim, mesh axes, their sizes), ...)}``: how the first ``shard_map`` a parameter
             enters lays its dims out (each dim its in_spec splits, over the axes of size > 1 of that
             shard_map's mesh): its layout inside the body, whatever the plan's.
@@ -303,6 +306,7 @@ class Dataflow:
     no_grad: frozenset[str] = frozenset()
     constraints: tuple[tuple[int, int, tuple[str, ...]], ...] = ()
     split_widths: frozenset[tuple[int, tuple[str, ...]]] = frozenset()
+    streamed: frozenset[tuple[int, int]] = frozenset()
     in_specs: InSpecs = field(default_factory=dict)
     direct: frozenset[int] = frozenset()
     derived: frozenset[int] = frozenset()
