@@ -196,19 +196,23 @@ All numbers from the table above; "before" is this round's start (8e7b578).
   the model the planner sees neither EasyDeL's hidden-state constraint (so the token table is split on its rows)
   nor the K/V heads: a 128-wide K/V kernel at head_dim 32 over 4 ranks is kept whole rather than risk cutting
   heads (a split is assumed safe from 128 features per rank, `HEAD_DIM_GUESS`). Pass `model=`.
-- **Estimates**: every tree, `model=` and EasyDeL-layout row within 6% of the compiled collectives (worst:
-  gemma2's own layout, 1.055). The whole-kernel baselines are lower: replicated Phi-3 0.83-0.92. Replicated
-  Mixtral was 0.658 before issue 11's thirty-seventh round, now 1.002: EasyDeL's expert `shard_map` takes the
-  expert kernels split over tp, so a plan keeping them whole gets their gradient back split, sums it over dp on
-  that shard, updates it split and gathers each kernel and its two adam moments (18 gathers of
-  `f32[8,256,448]`), which the estimate now prices.
-- **Rerun in round 44** (every compiled number unchanged): the replicated rows' estimates moved up by 0.8-4%
-  (llama and qwen2 0.979-0.990 -> 1.008-1.019, gemma2 0.982-0.991 -> 1.007-1.015, phi3 0.815-0.909 ->
-  0.831-0.917, mixtral 0.986 -> 1.002): the whole kernels' collectives around EasyDeL's own constraints under
-  remat and the weight gradients' second gathers (`cost/disagree.py` `kernel_reads`). Since the table was last
-  written, rounds up to 43 had moved gemma2's replicated and pure-FSDP rows from 0.926-0.965 to 0.982-0.999 and
-  phi3's replicated rows from 0.799-0.901 to 0.815-0.909 (a run at round 43's code). That run read mixtral's
-  `model=` row at 1.002 instead of 1.021; three more runs, alone and in full, read 1.021: not explained.
+- **Estimates**: every row within 6% of the compiled collectives (worst: gemma2's own layout, 1.055; the tree-only
+  llama and qwen2 rows on dp=2,tp=4, 0.944). Replicated Mixtral was 0.658 before issue 11's thirty-seventh round,
+  now 1.002: EasyDeL's expert `shard_map` takes the expert kernels split over tp, so a plan keeping them whole
+  gets their gradient back split, sums it over dp on that shard, updates it split and gathers each kernel and its
+  two adam moments (18 gathers of `f32[8,256,448]`), which the estimate now prices.
+- **Round 45** (every compiled number unchanged): the replicated rows of llama, qwen2, gemma2 and phi3 are now
+  estimated at 0.999 on both meshes (1.007-1.019 for the first three, Phi-3 0.831 and 0.917 before). Three things
+  XLA does around EasyDeL's constraints when the kernels are whole (`tests/test_constraint_block.py`): q, k and v
+  (and gate and up) gather their one normed input once, forward and for the weight gradients; `o_proj`'s output,
+  added onto the residual stream EasyDeL constrains past its next norm (after Gemma 2's sandwich norm too), is
+  split with it, so its output gradient and its input again are gathered; Phi-3's fused `qkv_proj`, whose q, k and
+  v EasyDeL constrains over tp by heads, is computed split contiguously and its pieces resharded with
+  collective-permutes (7 per layer), their gradients gathered back and its output gradient gathered twice.
+- **Round 44's rerun** had moved the replicated rows' estimates up by 0.8-4% (the whole kernels' collectives under
+  remat and the weight gradients' second gathers, `cost/disagree.py` `kernel_reads`). The mixtral `model=` row
+  reads 1.002 in some full runs and 1.021 in others (round 43's code once, round 45's once, against three runs
+  alone and in full at 1.021): something in one process's history moves that estimate by 2%; not explained.
 """
 
 
