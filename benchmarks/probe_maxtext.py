@@ -287,6 +287,13 @@ All numbers from the table above unless said otherwise. Round 34 (7151a36 -> 8e7
     XLA recomputes `wi` by summing its `f32[4,64,1024]` partial outputs (fused with a norm's row sums), while on
     fsdp=2,tensor=4, the same layout, it gathers the 256-wide input again, as the estimate says; why it chooses
     differently is not found.
+- **Round 45** (the table regenerated; every compiled number unchanged): only mixtral-sparse's replicated and
+  pure-FSDP rows moved, 0.974-0.988 -> 0.968-0.985. Its attention `out` kernel adds its output onto the residual
+  stream MaxText constrains past the next norm, so the estimate now prices that output split too (as for
+  EasyDeL's `o_proj`, `tests/test_constraint_block.py`): its input gathered forward and in the recompute and its
+  output gradient gathered, where it had summed the partial outputs. The other models' `out` was priced so
+  already (the split reached its output along the trace); the shared input gathers of kernels reading one
+  activation are not priced under remat, where each kernel's recompute runs its own: every other row is as it was.
 """
 
 
