@@ -82,15 +82,17 @@ def _loss(logits, ids):
     return jnp.mean(jax.nn.logsumexp(logits, axis=-1))
 
 
-def measured(fused: bool, kv: int = H, **kw):
-    """(estimate, dry run) of :func:`block_model`'s adamw step under a replicated plan."""
-    mesh = tpflax.make_mesh(MESH)
+def measured(fused: bool, kv: int = H, target: str | None = None, **kw):
+    """(estimate, dry run) of :func:`block_model`'s adamw step under a replicated plan, on the CPU mesh or
+    compiled for the TPU ``target``."""
+    mesh = tpflax.make_mesh(MESH, target=target)
     m, ids = block_model(mesh, fused=fused, kv=kv, **kw), jax.ShapeDtypeStruct((B, T), jnp.int32)
     params = jax.eval_shape(m.init, jax.random.key(0), ids)
     p = tpflax.plan(params, MESH, rules=[(r".*", "replicate")])
-    e = tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=(ids,), loss=_loss, backend="cpu")
+    e = tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=(ids,), loss=_loss, backend="tpu" if target else "cpu",
+                        target=target)
     dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), sample=(ids,), loss=_loss), p, mesh,
-                        compiler_options=FAST_XLA)
+                        compiler_options=None if target else FAST_XLA)
     return e, dr
 
 
