@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 from tpflax._src.cost.batch import config_value
+from tpflax._src.cost.explicit import cpu_wire
 from tpflax._src.cost.lookups import lookup_concat_items, scattered_as_one
 from tpflax._src.cost.price import tpu_gather_item, tpu_reduce_scatters
 from tpflax._src.cost.records import CommItem
@@ -52,6 +53,7 @@ def gradient_items(s: Scope) -> list[CommItem]:
     # gradients summed over data as quarters, their 12 update gathers as on CPU)
     split = {p: n for p, n in split_updates(s).items()
              if s.backend == "cpu" or (s.backend == "tpu" and len(body(s.lv.decisions[p])) >= 2)}
+    expanded = expanded_bytes(s) if s.backend == "cpu" else {}
     for path, d in s.lv.decisions.items():
         if d.kind in ("int", "state"):
             continue
@@ -65,6 +67,8 @@ def gradient_items(s: Scope) -> list[CommItem]:
         parts += s.combined.get(path, 0)  # its elementwise uses' gradients (Traced.combined), reduced apart
         if scattered_as_one(s, path, d):  # XLA:TPU adds a table's lookups' scatter-adds first: one part for all
             parts -= max((s.lookups or {}).get(path, 1) - 1, 0)
+        if path in expanded:  # the expanded kernels' gradients, summed where their matmuls make them: every use's
+            parts = 1
         cast = _cast_item(s, path, d)
         g_item = s.g_item if s.g_item is not None else cast
         some = _cast_item(s, path, d, some=True) if g_item is None else None
@@ -76,7 +80,8 @@ def gradient_items(s: Scope) -> list[CommItem]:
                 s.backend, reps, item, len(body(d)), s.one_ring(_fsdp_devices(s.lv.specs[path], s.mesh)),
                 s.row_axes, tuple(d.shape),
                 whole or (s.backend == "tpu" and vocab_shard_all_reduced(d, s.lv.specs[path], s.mesh)),
-                d.layers_dim, looked, s.g_item is None and cast is not None and len(body(d)) == 2):
+                d.layers_dim, looked, s.g_item is None and cast is not None and len(body(d)) == 2,
+                expanded.get(path)):
             if kind != "all-gather" and frozen:
                 continue
             if kind != "all-gather" and path in s.buffered:
@@ -134,6 +139,29 @@ def _cast_item(s: Any, path: str, d: Any, some: bool = False) -> int | None:
     if s.backend != "tpu":
         return None
     return narrower(((s.cast_some if some else s.cast_to) or {}).get(path, ""), leaf_itemsize(d)) or None
+
+
+def expanded_bytes(s: Scope) -> dict[str, int]:
+    """``{path: bytes}``: the gradient bytes of the kernels a parameter's matmuls read that an op made of it alone
+    (:attr:`Scope.expanded`), where they are more than its own gradient's. The matmul's weight gradient sums over
+    the batch, so XLA all-reduces it there, before the op's transpose (a scatter-add, a product with constants)
+    brings it back to the parameter's size.
+
+    Measured (XLA:CPU, data=2,model=4 and fsdp=2,model=4): NetKet's GCNN (``benchmarks/probe_netket.py``), its
+    ``DenseSymm`` kernel ``(16, 1, 64)`` looked up at its 128 symmetries' constant site permutations,
+    ``f32[16,128,1,64]`` all-reduced; its equivariant kernel ``(16, 16, 128)`` contracted with the symmetry
+    group's irreps (float64), ``f64[31,16,2,16,2]`` and ``f64[4,16,1,16,1]``; ``tests/test_expanded_kernels.py``."""
+    out: dict[str, int] = {}
+    for path, arrays in s.expanded.items():
+        d = s.lv.decisions.get(path)
+        if d is None or not d.trainable:
+            continue
+        # one read per contraction: a loop body's, walked once per pass of the walk, is one
+        size = sum(n * cpu_wire(item, s.backend) for n, item in {e: (n, item) for _, e, n, item in arrays}.values())
+        # a cast, a view, a scanned stack's slice: no more than the gradient the leaf's own sum moves
+        if size > math.prod(d.shape) * cpu_wire(leaf_itemsize(d), s.backend):
+            out[path] = size
+    return out
 
 
 def looked_bytes(d: Any, spec, mesh: MeshShape, positional: tuple[int, tuple[int, ...]], g_item: int | None) -> int:
@@ -313,7 +341,7 @@ def _gradient_templates(spec, mesh: MeshShape, batch_axes, nbytes: int, item: in
                         reps: int, gather_item: int | None = None, body_rank: int | None = None,
                         ring: bool = True, rows: tuple[str, ...] = (), shape: tuple[int, ...] | None = None,
                         whole: bool = False, layers: int | None = None, looked: int | None = None,
-                        cast: bool = False) -> tuple:
+                        cast: bool = False, expanded: int | None = None) -> tuple:
     """The gradient collectives of one leaf, without its path (repeated layers share them).
 
     ``ring``: XLA:TPU reduces over the leaf's fsdp devices on one ring (:func:`tpflax._src.tpu.one_ring`).
@@ -334,7 +362,9 @@ def _gradient_templates(spec, mesh: MeshShape, batch_axes, nbytes: int, item: in
     bfloat16 leaf's shard of 8 sublanes is all-reduced whole). A cast 3-D kernel's gradient is laid out in 16-row
     16-bit tiles whatever its dims, and never padded (:func:`tpflax._src.tpu.whole_tiles`): the zoo Llama's
     ``(4, 16, 64)`` output projection and ``(64, 4, 16)`` and ``(64, 2, 16)`` q, k and v kernels are all-reduced
-    whole on fsdp=8, a ``(128, 2, 16)`` kernel's 16-row shards reduce-scattered (measured, v5e:2x4)."""
+    whole on fsdp=8, a ``(128, 2, 16)`` kernel's 16-row shards reduce-scattered (measured, v5e:2x4).
+    ``expanded``: on CPU, the bytes of the larger kernels its matmuls read (:func:`expanded_bytes`), summed in place
+    of its own gradient."""
     why_rep = f" at each of {reps} steps of the backward loop (used inside a scan body)" if reps > 1 else ""
     f_axes = _split_axes(spec, mesh)  # a parameter split over a data axis is gathered like fsdp
     free = tuple(a for a in batch_axes if a not in used_axes(spec))
@@ -354,6 +384,11 @@ def _gradient_templates(spec, mesh: MeshShape, batch_axes, nbytes: int, item: in
     if f_axes:
         out.append(("all-gather", f_axes, nbytes // item * (gather_item or item) * nf, nf, 1,
                     "fsdp: gather the parameter for compute (the backward reuses it)"))
+    if expanded is not None:
+        return tuple(out) + ((summed(expanded, "read as a larger kernel an op made of it (a lookup at constant "
+                                               "indices, a product with constants): XLA sums that kernel's "
+                                               "gradient where its matmul makes it, before the op's transpose"),)
+                             if group else ())
     if backend == "tpu" and looked is not None:
         return tuple(out) + ((summed(looked, "looked up at batch-free positions: XLA:TPU sums the looked-up rows' "
                                              "gradient over the batch, whatever the table's split"),) if group else ())

@@ -170,6 +170,9 @@ class Traced:
             (:attr:`tpflax._src.trace.records.Dataflow.split_widths`).
         streamed: ``(path, dim)``: kernel dims whose output is added onto a residual stream
             (:attr:`tpflax._src.trace.records.Dataflow.streamed`).
+        expanded: ``{path: ((call, contraction, elements, item bytes), ...)}``: the kernels its contractions with
+            activations read that an op made of it alone (a cast, a view, NetKet's symmetry-expanded kernels:
+            :attr:`tpflax._src.trace.records.Dataflow.expanded`).
         apart: ``{path: group path}`` of each parameter's first ``dot`` use: uses reading one value share the
             group (:attr:`tpflax._src.trace.records.Dataflow.apart`: a model's sharding constraint makes another).
         direct: kernels that contract a value a model's constraint (or a ``shard_map``'s out_specs) laid out, as it
@@ -230,6 +233,7 @@ class Traced:
     apart: Mapping[str, str] = field(default_factory=dict)
     split_widths: frozenset[tuple[int, tuple[str, ...]]] = frozenset()
     streamed: frozenset[tuple[str, int]] = frozenset()
+    expanded: Mapping[str, tuple[tuple[int, int, int, int], ...]] = field(default_factory=dict)
     batched_dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     shard_mapped: InSpecs = field(default_factory=dict)
     direct: frozenset[str] = frozenset()
@@ -378,9 +382,23 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None
                   reduced=frozenset(u.path for u in flow.uses if u.op == "dot" and u.kept
                                     and all(flow.only_reduced(u.id, k) for k in u.kept)),
                   apart=_apart(flow), split_widths=flow.split_widths,
-                  streamed=frozenset((flow.uses[u].path, d) for u, d in flow.streamed), batched_dots=flow.dots(batched=True),
+                  streamed=frozenset((flow.uses[u].path, d) for u, d in flow.streamed),
+                  expanded=_expanded(flow), batched_dots=flow.dots(batched=True),
                   shard_mapped=dict(flow.in_specs), direct=frozenset(flow.uses[u].path for u in flow.direct),
                   derived=flow.derived_dots(), cast_to=flow.cast_to(), cast_some=flow.cast_some())
+
+
+def _expanded(flow: Any) -> dict[str, tuple[tuple[int, int, int, int], ...]]:
+    """:attr:`Traced.expanded`: per parameter, the kernels an op made of it that its contractions read."""
+    out: dict[str, set[tuple[int, int, int, int]]] = {}
+    readers: dict[int, set[str]] = {}
+    for uid, arr in flow.expanded.items():
+        out.setdefault(flow.uses[uid].path, set()).add(arr)
+        readers.setdefault(arr[0], set()).add(flow.uses[uid].path)
+    # a kernel several parameters make together (an LSTM's gates concatenated, a merged LoRA) is left out: its
+    # gradient's sum is not one parameter's
+    out = {p: {a for a in v if len(readers[a[0]]) == 1} for p, v in out.items()}
+    return {p: tuple(sorted(v)) for p, v in out.items() if v}
 
 
 def _apart(flow: Any) -> dict[str, str]:

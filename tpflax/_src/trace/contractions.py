@@ -54,6 +54,9 @@ def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
                            + tuple(dims[d] for d in rf)))
         return [Val(out_rank, origin=tuple(origin))]
     if not lp and not rp:
+        for v in (lhs, rhs):  # a lookup at constant indices read as a kernel (NetKet's symmetries)
+            for uid, size in w.fixed_looks.get(id(v), (None, ()))[1]:
+                w.expanded.setdefault(uid, (hash((id(eqn), ctx)), id(eqn), *size))
         # sums a head_dim: the minor part of a projection cut into (heads, head_dim)
         summed = any(is_minor(k) for v, cs in ((lhs, lc), (rhs, rc)) for d in cs for k in v.dim_tags(d))
         out = _act_dot(w, lhs, rhs, (lc, rc), (lb, rb), lf, rf, out_rank)
@@ -91,6 +94,7 @@ def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
             w.direct.add(uid)
         if id(par) not in w.raw:
             w.derived.add(uid)
+            w.expanded.setdefault(uid, (hash((id(eqn), ctx)), id(eqn), *_size(eqn.invars[0 if lp else 1].aval)))
         w.widths.setdefault(uid, math.prod(act_shape[a] for a in ac))
         w.note_grad(uid, act)
         fresh = uid if len(par.origin) == 1 else None
@@ -343,6 +347,7 @@ def gather(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> l
         return [dataclasses.replace(out, fresh=None)]
     dn = eqn.params["dimension_numbers"]
     indexed = set(dn.start_index_map) | set(dn.collapsed_slice_dims)
+    looks = []
     for path, dims in operand.origin:
         uid = w.use(ctx, eqn, path, "gather", [dims[d] for d in sorted(indexed) if dims[d] is not None],
                     [dims[d] for d in range(operand.rank) if d not in indexed and dims[d] is not None],
@@ -350,7 +355,22 @@ def gather(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> l
                     looked=tuple(eqn.invars[1].aval.shape[:-1]))
         if id(operand) not in w.raw:
             w.derived.add(uid)
-    return [Val(r) for r in ranks]
+        looks.append(uid)
+    if ins[1].fed or ins[1].live:
+        return [Val(r) for r in ranks]
+    # constant indices: the output may be a contraction's kernel (see dot_general); made as the walk marks a value
+    # computed from a parameter, so that it stays this object
+    deps = 0
+    for v in ins:
+        deps |= w.deps_of(v)
+    out = [Val(r, live=True, deps=deps) for r in ranks]
+    w.fixed_looks[id(out[0])] = (out[0], [(u, _size(eqn.outvars[0].aval)) for u in looks])
+    return out
+
+
+def _size(aval: Any) -> tuple[int, int]:
+    """(elements, item bytes) of an abstract array."""
+    return math.prod(aval.shape), aval.dtype.itemsize
 
 
 def gather_passthrough(eqn: Any, operand_rank: int, out_rank: int) -> list[int | None]:

@@ -285,7 +285,8 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                     dead=dead_params(jaxpr, paths) - {u.path for u in w.uses},
                     no_grad=no_grad_params(closed, paths), constraints=tuple(sorted(w.constraints)),
                     split_widths=frozenset(w.split_widths),
-                    streamed=frozenset(w.root(k) for k in w.joined if not is_minor(k)), in_specs=dict(w.in_specs), direct=frozenset(w.direct),
+                    streamed=frozenset(w.root(k) for k in w.joined if not is_minor(k)), expanded=dict(w.expanded),
+                    in_specs=dict(w.in_specs), direct=frozenset(w.direct),
                     derived=frozenset(w.derived),
                     sliced=_sliced(w, {p: tuple(v.aval.shape) for p, v in zip(paths, jaxpr.invars, strict=False)}))
 

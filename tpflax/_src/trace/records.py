@@ -250,6 +250,10 @@ class Dataflow:
             ``()``, for a dim it replicates.
         split_widths: ``(width, mesh axes)``: an untagged dim of that width of an activation (not a constant)
             that a ``with_sharding_constraint`` lays out over those axes (a tagged one is in :attr:`constraints`).
+        expanded: ``{use id: (call, contraction, elements, item bytes)}``: the array a contraction with activations
+            reads as its kernel where that is not the parameter's own value but one an op made of it (a cast, a view,
+            a lookup at constant indices, a product with constants); ``contraction`` tells the contractions apart,
+            ``call`` each one in the calls it was walked in (a helper's body called for two layers).
         streamed: ``(use id, param dim)``: a kept dim added onto an activation that does not carry it (an
             attention's output projection onto the residual stream): past the stream's next norm it carries no
             tag, so a constraint on the stream there records only its width (:attr:`split_widths`).
@@ -307,6 +311,7 @@ class Dataflow:
     constraints: tuple[tuple[int, int, tuple[str, ...]], ...] = ()
     split_widths: frozenset[tuple[int, tuple[str, ...]]] = frozenset()
     streamed: frozenset[tuple[int, int]] = frozenset()
+    expanded: Mapping[int, tuple[int, int, int, int]] = field(default_factory=dict)
     in_specs: InSpecs = field(default_factory=dict)
     direct: frozenset[int] = frozenset()
     derived: frozenset[int] = frozenset()
