@@ -122,12 +122,15 @@ Numbers from the table above; "before" is this round's start (7c515f8).
   now still a weight. Now below the hand layout on all three numbers on both meshes (0.854 / 0.932 / 0.853,
   data=2,model=4): the chooser also splits the output layer, whose output is only reduced (a log-softmax per
   site and a sum).
-- **gcnn**: the estimate is 0.17-0.24 of the compiled collectives, every plan (left open). In `irreps` mode the
-  kernel `(16, 1, 64)` is gathered over the symmetry group's 128 elements before its contraction, and XLA sums
-  that `(16, 128, 1, 64)` gradient over the batch, 128x the parameter; the equivariant layer's kernel is
-  projected onto the irreps as complex64 and summed so. The estimate prices the parameters' sizes. (In the
-  default `fft` mode XLA:CPU also gathers the whole batch around every FFT.) The `fsdp` rows' 1.086x comm is the
-  fsdp split of these small kernels, priced as XLA:TPU's reduce-scatter (`results/third_party.md`).
+- **gcnn**: the estimate was 0.17-0.24 of the compiled collectives on every plan before issue 11's forty-fifth
+  round, now 1.000. In `irreps` mode the `DenseSymm` kernel `(16, 1, 64)` is looked up at the symmetry group's
+  128 constant site permutations before its contraction, and XLA sums that `f32[16,128,1,64]` gradient over the
+  batch, 128x the parameter; the equivariant layer's kernel `(16, 16, 128)` is contracted with the irreps
+  (float64 constants) and summed so, `f64[31,16,2,16,2]` and `f64[4,16,1,16,1]`. The estimate now prices the
+  kernels the matmuls read where an op made them of one parameter and they are larger than its gradient
+  (`Dataflow.expanded`, `cost/gradients.py` `expanded_bytes`, `tests/test_expanded_kernels.py`). (In the default
+  `fft` mode XLA:CPU also gathers the whole batch around every FFT.) The `fsdp` rows' 1.086x comm is the fsdp
+  split of these small kernels, priced as XLA:TPU's reduce-scatter (`results/third_party.md`).
 - **Estimates** on every other row are within 1% of the compiled collectives.
 """
 
