@@ -152,14 +152,18 @@ def expanded_bytes(s: Scope) -> dict[str, int]:
     ``f32[16,128,1,64]`` all-reduced; its equivariant kernel ``(16, 16, 128)`` contracted with the symmetry
     group's irreps (float64), ``f64[31,16,2,16,2]`` and ``f64[4,16,1,16,1]``; ``tests/test_expanded_kernels.py``."""
     out: dict[str, int] = {}
+    tensor = set(s.mesh.axes_with(TENSOR))
     for path, arrays in s.expanded.items():
         d = s.lv.decisions.get(path)
-        if d is None or not d.trainable:
-            continue
-        # one read per contraction: a loop body's, walked once per pass of the walk, is one
-        size = sum(n * cpu_wire(item, s.backend) for n, item in {e: (n, item) for _, e, n, item in arrays}.values())
-        # a cast, a view, a scanned stack's slice: no more than the gradient the leaf's own sum moves
-        if size > math.prod(d.shape) * cpu_wire(leaf_itemsize(d), s.backend):
+        if d is None or not d.trainable or tensor & set(used_axes(s.lv.specs[path])):
+            continue  # a tensor-split leaf's kernel is split with it (not measured)
+        n_leaf, item_leaf = math.prod(d.shape), cpu_wire(leaf_itemsize(d), s.backend)
+        # one read per contraction (a loop body's, walked once per pass of the walk, is one); only kernels with
+        # more elements than the leaf, or in a wider dtype (the irreps' float64): not a cast copy, a view or a
+        # scanned stack's slice, whose gradient the leaf's own sum moves
+        reads = {e: (n, cpu_wire(item, s.backend)) for _, e, n, item in arrays}.values()
+        size = sum(n * item for n, item in reads if n > n_leaf or item > item_leaf)
+        if size > n_leaf * item_leaf:
             out[path] = size
     return out
 
