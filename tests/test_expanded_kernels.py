@@ -44,7 +44,16 @@ class Expanded(nn.Module):
             k2 = self.param("k2", nn.initializers.lecun_normal(), (F, F, 3 * G))
         else:
             k2 = self.param("k2", nn.initializers.lecun_normal(), (F, F, G)) @ jnp.asarray(IRREPS)  # (F, F, 3G)
-        return jnp.einsum("bfg,ofgh->boh", h, k2.reshape(F, F, G, 3)).sum(axis=(1, 2))
+        y = jnp.einsum("bfg,ofgh->boh", h, k2.reshape(F, F, G, 3))
+        # the activations and k3 taken to the irreps' space and contracted there, batched over its 3G dims: a
+        # batch dim no parameter dim makes that is not the examples' (GCNN's equivariant layers)
+        if self.plain:
+            k3 = self.param("k3", nn.initializers.lecun_normal(), (3 * G, F, F))
+        else:
+            k3 = jnp.einsum("ofg,gk->kof", self.param("k3", nn.initializers.lecun_normal(), (F, F, G)),
+                            jnp.asarray(IRREPS))
+        z = jnp.einsum("kbf,kof->bo", jnp.einsum("bfg,gk->kbf", h, jnp.asarray(IRREPS)), k3)
+        return y.sum(axis=(1, 2)) + z.sum(axis=1)
 
 
 def _loss(y, x):
@@ -66,10 +75,33 @@ def measured(plain: bool):
 @pytest.mark.parametrize("plain", [False, True], ids=["expanded", "stored"])
 def test_the_batch_sum_of_an_expanded_kernels_gradient_runs_at_its_expanded_size(devices, plain):
     # k1 (8, 4, 32) looked up at 24 constant permutations: f32[8,4,24,32] summed, 24x the parameter; k2 (8, 8, 24)
-    # times a constant (24, 72): f32[8,8,72], 3x. Stored at those sizes (``plain``), the same sums: the compiled
-    # collectives are the same either way. Before, the estimate summed the parameters' own gradients, 0.088 of the
+    # times a constant (24, 72): f32[8,8,72], 3x; k3 likewise, read batched over the 72: f32[72,8,8]. Stored at
+    # those sizes (``plain``), the same sums: the compiled
+    # collectives are the same either way. Before, the estimate summed the parameters' own gradients, 0.121 of the
     # compiled collectives for the expanded kernels
     e, dr = measured(plain)
     assert {c.kind for c in dr.collectives} == {"all-reduce"}
     # one ring over data=2 moves each float32 gradient once; the loss's float32 scalar (4 B) is not priced
-    assert e.comm_total == dr.comm_total - 4 == (F * C * G * N + F * F * 3 * G) * 4, (e.items, dr.collectives)
+    assert e.comm_total == dr.comm_total - 4 == (F * C * G * N + 2 * F * F * 3 * G) * 4, (e.items, dr.collectives)
+
+
+class Latents(nn.Module):
+    """Learned latents broadcast over the batch and read by a batched matmul (a Perceiver's cross-attention): the
+    kernel the matmul reads is larger than the parameter by the batch, which is split, not summed."""
+
+    @nn.compact
+    def __call__(self, x):
+        lat = jnp.broadcast_to(self.param("lat", nn.initializers.normal(), (8, N)), (x.shape[0], 8, N))
+        return jnp.einsum("bnd,bcd->bnc", lat, x).sum(axis=(1, 2))
+
+
+def test_a_parameter_broadcast_over_the_batch_is_summed_at_its_own_size(devices):
+    # the broadcast kernel's batch dim is the batch's split: XLA sums the parameter's own gradient, 8 x 32 floats
+    m, x = Latents(), jax.ShapeDtypeStruct((B, C, N), jnp.float32)
+    params = jax.eval_shape(m.init, jax.random.key(0), x)
+    p = tpflax.plan(params, MESH, rules=[(r".*", "replicate")])
+    e = tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=(x,), loss=_loss, backend="cpu")
+    mesh = tpflax.make_mesh(MESH)
+    dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), sample=(x,), loss=_loss), p, mesh,
+                        compiler_options=FAST_XLA)
+    assert e.comm_total == dr.comm_total - 4 == 8 * N * 4, (e.items, dr.collectives)

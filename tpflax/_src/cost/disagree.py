@@ -115,7 +115,8 @@ def kernel_reads(path: str, axes: tuple[str, ...], in_size: float, out_size: flo
     (``"pieces"``: the fused width in all, or collective-permutes of as many bytes), then the output gradient
     for the input gradient and again for the weight gradient, not the narrower input (measured, XLA:CPU
     data=2,model=4 and fsdp=2,model=4: EasyDeL's Phi-3 ``qkv_proj``, ``tests/test_constraint_block.py``'s fused
-    blocks, equal and GQA pieces). Rematerialised, the recompute reshards the pieces again, and the rest is priced
+    blocks, equal and GQA pieces). Not priced where the matmul reads a cast copy (a bfloat16 model's float32
+    kernel: not measured). Rematerialised, the recompute reshards the pieces again, and the rest is priced
     as for any kernel (the block under ``nn.remat``: 0.90 of the compiled collectives, 0.86 without the permutes;
     XLA also sums some of the recomputed outputs there, not modelled).
 

@@ -67,8 +67,8 @@ def gradient_items(s: Scope) -> list[CommItem]:
         parts += s.combined.get(path, 0)  # its elementwise uses' gradients (Traced.combined), reduced apart
         if scattered_as_one(s, path, d):  # XLA:TPU adds a table's lookups' scatter-adds first: one part for all
             parts -= max((s.lookups or {}).get(path, 1) - 1, 0)
-        if path in expanded:  # the expanded kernels' gradients, summed where their matmuls make them: every use's
-            parts = 1
+        if path in expanded:  # the expanded kernels' gradients, summed where their matmuls make them, hold every
+            parts = 1         # use's part
         cast = _cast_item(s, path, d)
         g_item = s.g_item if s.g_item is not None else cast
         some = _cast_item(s, path, d, some=True) if g_item is None else None
@@ -143,7 +143,8 @@ def _cast_item(s: Any, path: str, d: Any, some: bool = False) -> int | None:
 
 def expanded_bytes(s: Scope) -> dict[str, int]:
     """``{path: bytes}``: the gradient bytes of the kernels a parameter's matmuls read that an op made of it alone
-    (:attr:`Scope.expanded`), where they are more than its own gradient's. The matmul's weight gradient sums over
+    (:attr:`Scope.expanded`; every use of it reads one), where they are more than its own gradient's. On XLA:CPU
+    (XLA:TPU not measured). The matmul's weight gradient sums over
     the batch, so XLA all-reduces it there, before the op's transpose (a scatter-add, a product with constants)
     brings it back to the parameter's size.
 
@@ -157,11 +158,10 @@ def expanded_bytes(s: Scope) -> dict[str, int]:
         d = s.lv.decisions.get(path)
         if d is None or not d.trainable or tensor & set(used_axes(s.lv.specs[path])):
             continue  # a tensor-split leaf's kernel is split with it (not measured)
-        n_leaf, item_leaf = math.prod(d.shape), cpu_wire(leaf_itemsize(d), s.backend)
-        # one read per contraction (a loop body's, walked once per pass of the walk, is one); only kernels with
-        # more elements than the leaf, or in a wider dtype (the irreps' float64): not a cast copy, a view or a
-        # scanned stack's slice, whose gradient the leaf's own sum moves
-        reads = {e: (n, cpu_wire(item, s.backend)) for _, e, n, item in arrays}.values()
+        n_leaf, item_leaf = math.prod(d.shape), cpu_wire(leaf_itemsize(d), "cpu")
+        # only kernels with more elements than the leaf, or in a wider dtype (the irreps' float64): not a cast copy,
+        # a view or a scanned stack's slice, whose gradient the leaf's own sum moves
+        reads = [(n, cpu_wire(item, "cpu")) for _, n, item in arrays]
         size = sum(n * item for n, item in reads if n > n_leaf or item > item_leaf)
         if size > n_leaf * item_leaf:
             out[path] = size

@@ -130,7 +130,7 @@ class Scope:
     # (width, mesh axes) of activation dims a model's constraint splits (Traced.split_widths)
     split_widths: frozenset = frozenset()
     streamed: frozenset = frozenset()  # kernel dims added onto a residual stream (Traced.streamed)
-    expanded: Mapping[str, tuple[tuple[int, int, int, int], ...]] = field(default_factory=dict)  # (Traced.expanded)
+    expanded: Mapping[str, tuple[tuple[int, int, int], ...]] = field(default_factory=dict)  # (Traced.expanded)
     # kernels that contract a constrained value as it is (Traced.direct)
     direct: frozenset[str] = frozenset()
     # kernels whose matmul reads them through an op, a cast or a reshape (Traced.derived)

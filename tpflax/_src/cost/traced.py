@@ -170,7 +170,7 @@ class Traced:
             (:attr:`tpflax._src.trace.records.Dataflow.split_widths`).
         streamed: ``(path, dim)``: kernel dims whose output is added onto a residual stream
             (:attr:`tpflax._src.trace.records.Dataflow.streamed`).
-        expanded: ``{path: ((call, contraction, elements, item bytes), ...)}``: the kernels its contractions with
+        expanded: ``{path: ((contraction, elements, item bytes), ...)}``: the kernels its contractions with
             activations read that an op made of it alone (a cast, a view, NetKet's symmetry-expanded kernels:
             :attr:`tpflax._src.trace.records.Dataflow.expanded`).
         apart: ``{path: group path}`` of each parameter's first ``dot`` use: uses reading one value share the
@@ -233,7 +233,7 @@ class Traced:
     apart: Mapping[str, str] = field(default_factory=dict)
     split_widths: frozenset[tuple[int, tuple[str, ...]]] = frozenset()
     streamed: frozenset[tuple[str, int]] = frozenset()
-    expanded: Mapping[str, tuple[tuple[int, int, int, int], ...]] = field(default_factory=dict)
+    expanded: Mapping[str, tuple[tuple[int, int, int], ...]] = field(default_factory=dict)
     batched_dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     shard_mapped: InSpecs = field(default_factory=dict)
     direct: frozenset[str] = frozenset()
@@ -388,16 +388,20 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None
                   derived=flow.derived_dots(), cast_to=flow.cast_to(), cast_some=flow.cast_some())
 
 
-def _expanded(flow: Any) -> dict[str, tuple[tuple[int, int, int, int], ...]]:
+def _expanded(flow: Any) -> dict[str, tuple[tuple[int, int, int], ...]]:
     """:attr:`Traced.expanded`: per parameter, the kernels an op made of it that its contractions read."""
-    out: dict[str, set[tuple[int, int, int, int]]] = {}
+    out: dict[str, set[tuple[int, int, int]]] = {}
     readers: dict[int, set[str]] = {}
-    for uid, arr in flow.expanded.items():
-        out.setdefault(flow.uses[uid].path, set()).add(arr)
-        readers.setdefault(arr[0], set()).add(flow.uses[uid].path)
+    other = {u.path for u in flow.uses if u.id not in flow.expanded}
+    for uid, (key, n, item, batch) in flow.expanded.items():
+        if flow.examples > 1 and flow.examples in batch:  # broadcast over the examples: its batch split, not summed
+            other.add(flow.uses[uid].path)
+        out.setdefault(flow.uses[uid].path, set()).add((key, n, item))
+        readers.setdefault(key, set()).add(flow.uses[uid].path)
     # a kernel several parameters make together (an LSTM's gates concatenated, a merged LoRA) is left out: its
-    # gradient's sum is not one parameter's
-    out = {p: {a for a in v if len(readers[a[0]]) == 1} for p, v in out.items()}
+    # gradient's sum is not one parameter's; so is a parameter some use reads otherwise (as it is, or broadcast
+    # over the examples), whose gradient has that use's part too (not measured)
+    out = {p: {a for a in v if len(readers[a[0]]) == 1} for p, v in out.items() if p not in other}
     return {p: tuple(sorted(v)) for p, v in out.items() if v}
 
 

@@ -177,9 +177,15 @@ def whole_reads(s: Any, start: Callable[[str], bool] | None = None) -> list[Whol
             if second != reads:  # a gated pair's second kernel, alike to its first: each its own reads
                 reads = [replace(r, share=1 - share) for r in reads] if share < 1 else []
                 reads += [replace(r, share=share) for r in second]
-            if not (kw["remat"] or kw["cast"]):  # kernels reading one activation gather it once (_input_gather)
+            if rep in pinned and not (kw["remat"] or kw["cast"]):  # one gather of one activation (_input_gather)
                 group = (lv.rep_of.get(g := (s.apart or {}).get(rep, rep), g), axes)
-                reads = [r for r in reads if not _input_gather(r, in_b, out_b) or _first(taken, (group, r.phase, r.size))]
+                kept = []
+                for r in reads:
+                    key = (group, r.phase, r.size)
+                    if not _input_gather(r, in_b, out_b) or key not in taken:
+                        kept.append(r)
+                        taken.add(key) if _input_gather(r, in_b, out_b) else None
+                reads = kept
             if copy and split is None:
                 split = frozenset(p for p in lv.decisions if any(tensor_split(s, p, i)
                                                                  for i in range(len(lv.specs.get(p, ())))))
@@ -204,17 +210,10 @@ def _input_gather(r: WholeRead, in_b: float, out_b: float) -> bool:
     """Whether ``r`` gathers its kernel's input: forward, or for its weight gradient where the input is the
     narrower side. Whole kernels reading one activation (a block's q, k and v its normed input, a gated MLP's two
     expansions theirs: :attr:`Scope.apart`'s groups) share that gather, forward and backward, unless each reads
-    a copy of its own (a cast; a remat recompute runs each kernel's own). Measured, XLA:CPU data=2,model=4 and
-    fsdp=2,model=4: ``tests/test_constraint_stream.py``'s EasyDeL-style block, separate q/k/v and gate/up
-    kernels, one gather of the stream each; EasyDeL's Llama replicated."""
-    return r.kind == "all-gather" and (r.phase == "forward" or (r.phase == "weight" and in_b <= out_b))
-
-
-def _first(taken: set[tuple], key: tuple) -> bool:
-    """Whether ``key`` is new to ``taken``; it is added."""
-    new = key not in taken
-    taken.add(key)
-    return new
+    a copy of its own (a cast; a remat recompute runs each kernel's own). Measured around a model's own constraints
+    only (XLA:CPU data=2,model=4: ``tests/test_constraint_block.py``'s EasyDeL-style block, separate q/k/v and
+    gate/up kernels, one gather of the stream each; EasyDeL's Llama replicated, also on fsdp=2,tp=4)."""
+    return r.kind == "all-gather" and (r.phase == "forward" or (r.phase == "weight" and r.size == in_b <= out_b))
 
 
 def _gate_shares(s: Any, dims: set[tuple[str, int]]) -> dict[str, float]:
@@ -391,9 +390,9 @@ def whole_read_items(s: Any) -> list[CommItem]:
     """:func:`whole_reads` as the estimate's items, one per alike class of kernels and direction."""
     items = []
     for r in whole_reads(s):
-        what = ("a whole fused kernel whose pieces a constraint splits" if r.side == "out" and (
-            r.kind == "collective-permute" or r.phase == "pieces") else "a whole kernel contracting split features"
-            if r.forward else "a whole kernel whose output is read split")
+        what = ("a whole fused kernel whose pieces a constraint splits" if r.kind == "collective-permute"
+                or r.phase == "pieces" else "a whole kernel contracting split features" if r.forward
+                else "a whole kernel whose output is read split")
         # what it gathers is a matmul's operand: XLA:TPU moves a float32 one as bfloat16 (default precision)
         size = gathered_bytes(r.size, s.act_item, s.backend == "tpu") if r.kind == "all-gather" else r.size
         # a share is of an alike class's members, so its count is whole

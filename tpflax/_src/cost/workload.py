@@ -130,7 +130,7 @@ class Workload:
     apart: Mapping[str, str] = field(default_factory=dict)  # (Traced.apart)
     split_widths: frozenset[tuple[int, tuple[str, ...]]] = frozenset()  # (Traced.split_widths)
     streamed: frozenset[tuple[str, int]] = frozenset()  # (Traced.streamed)
-    expanded: Mapping[str, tuple[tuple[int, int, int, int], ...]] = field(default_factory=dict)  # (Traced.expanded)
+    expanded: Mapping[str, tuple[tuple[int, int, int], ...]] = field(default_factory=dict)  # (Traced.expanded)
     scanned: Mapping[str, int] = field(default_factory=dict)  # (Traced.scanned)
     constrained: tuple[tuple[str, int, tuple[str, ...]], ...] = ()  # (Traced.constrained)
     limits: Mapping[tuple[str, int, str, int], int] = field(default_factory=dict)  # (Traced.limits)

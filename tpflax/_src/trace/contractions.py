@@ -56,7 +56,7 @@ def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
     if not lp and not rp:
         for v in (lhs, rhs):  # a lookup at constant indices read as a kernel (NetKet's symmetries)
             for uid, size in w.fixed_looks.get(id(v), (None, ()))[1]:
-                w.expanded.setdefault(uid, (hash((id(eqn), ctx)), id(eqn), *size))
+                w.expanded.setdefault(uid, (w.n_eqns, *size, ()))
         # sums a head_dim: the minor part of a projection cut into (heads, head_dim)
         summed = any(is_minor(k) for v, cs in ((lhs, lc), (rhs, rc)) for d in cs for k in v.dim_tags(d))
         out = _act_dot(w, lhs, rhs, (lc, rc), (lb, rb), lf, rf, out_rank)
@@ -94,7 +94,10 @@ def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
             w.direct.add(uid)
         if id(par) not in w.raw:
             w.derived.add(uid)
-            w.expanded.setdefault(uid, (hash((id(eqn), ctx)), id(eqn), *_size(eqn.invars[0 if lp else 1].aval)))
+            # with the sizes of its batch dims no parameter dim makes: a weight broadcast over the examples
+            # (Perceiver's latents), or a product with constants batched over them (NetKet's irreps)
+            w.expanded.setdefault(uid, (w.n_eqns, *_size(eqn.invars[0 if lp else 1].aval),
+                                        tuple(shape_p[p] for p in pb if dims[p] is None)))
         w.widths.setdefault(uid, math.prod(act_shape[a] for a in ac))
         w.note_grad(uid, act)
         fresh = uid if len(par.origin) == 1 else None

@@ -250,13 +250,17 @@ class Dataflow:
             ``()``, for a dim it replicates.
         split_widths: ``(width, mesh axes)``: an untagged dim of that width of an activation (not a constant)
             that a ``with_sharding_constraint`` lays out over those axes (a tagged one is in :attr:`constraints`).
-        expanded: ``{use id: (call, contraction, elements, item bytes)}``: the array a contraction with activations
-            reads as its kernel where that is not the parameter's own value but one an op made of it (a cast, a view,
-            a lookup at constant indices, a product with constants); ``contraction`` tells the contractions apart,
-            ``call`` each one in the calls it was walked in (a helper's body called for two layers).
-        streamed: ``(use id, param dim)``: a kept dim added onto an activation that does not carry it (an
-            attention's output projection onto the residual stream): past the stream's next norm it carries no
-            tag, so a constraint on the stream there records only its width (:attr:`split_widths`).
+        expanded: ``{use id: (contraction, elements, item bytes, batch sizes)}``: the array a contraction with
+            activations reads as its kernel where that is not the parameter's own value but one an op made of it (a
+            cast, a view, a lookup at constant indices, a product with constants, a broadcast); ``contraction``, the
+            contraction's place in the walk, tells the uses one contraction makes (of several parameters) from the
+            others; ``batch sizes``: the sizes of its ``dot_general`` batch dims no parameter dim makes (the examples,
+            for a weight broadcast over them; the irreps of a product with constants batched over them).
+        streamed: ``(use id, param dim)``: a tag one operand of an add carries and the other does not (an
+            attention's output projection added onto the residual stream; also the stream's own tags there, and
+            either of two differently made sums, an LSTM's ``W_x x + W_h h``): past the stream's next norm it
+            carries no tag, so a constraint on the stream there records only its width (:attr:`split_widths`),
+            which the estimate matches (:func:`tpflax._src.cost.whole._stream_ends`).
         in_specs: ``{path: ((leaf dim, mesh axes, their sizes), ...)}``: how the first ``shard_map`` a parameter
             enters lays its dims out (each dim its in_spec splits, over the axes of size > 1 of that
             shard_map's mesh): its layout inside the body, whatever the plan's.
@@ -311,7 +315,7 @@ class Dataflow:
     constraints: tuple[tuple[int, int, tuple[str, ...]], ...] = ()
     split_widths: frozenset[tuple[int, tuple[str, ...]]] = frozenset()
     streamed: frozenset[tuple[int, int]] = frozenset()
-    expanded: Mapping[int, tuple[int, int, int, int]] = field(default_factory=dict)
+    expanded: Mapping[int, tuple[int, int, int, tuple[int, ...]]] = field(default_factory=dict)
     in_specs: InSpecs = field(default_factory=dict)
     direct: frozenset[int] = frozenset()
     derived: frozenset[int] = frozenset()
