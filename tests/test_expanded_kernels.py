@@ -60,9 +60,9 @@ def _loss(y, x):
     return jnp.mean(y ** 2)
 
 
-def measured(plain: bool):
-    """(estimate, dry run) of the adamw step under a replicated plan: every collective is a batch sum."""
-    m, x = Expanded(plain=plain), jax.ShapeDtypeStruct((B, C, N), jnp.float32)
+def measured(m: nn.Module):
+    """(estimate, dry run) of ``m``'s adamw step under a replicated plan: every collective is a batch sum."""
+    x = jax.ShapeDtypeStruct((B, C, N), jnp.float32)
     params = jax.eval_shape(m.init, jax.random.key(0), x)
     p = tpflax.plan(params, MESH, rules=[(r".*", "replicate")])
     e = tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=(x,), loss=_loss, backend="cpu")
@@ -76,10 +76,9 @@ def measured(plain: bool):
 def test_the_batch_sum_of_an_expanded_kernels_gradient_runs_at_its_expanded_size(devices, plain):
     # k1 (8, 4, 32) looked up at 24 constant permutations: f32[8,4,24,32] summed, 24x the parameter; k2 (8, 8, 24)
     # times a constant (24, 72): f32[8,8,72], 3x; k3 likewise, read batched over the 72: f32[72,8,8]. Stored at
-    # those sizes (``plain``), the same sums: the compiled
-    # collectives are the same either way. Before, the estimate summed the parameters' own gradients, 0.121 of the
-    # compiled collectives for the expanded kernels
-    e, dr = measured(plain)
+    # those sizes (``plain``), the same sums: the compiled collectives are the same either way. Before, the estimate
+    # summed the parameters' own gradients, 0.121 of the compiled collectives for the expanded kernels
+    e, dr = measured(Expanded(plain=plain))
     assert {c.kind for c in dr.collectives} == {"all-reduce"}
     # one ring over data=2 moves each float32 gradient once; the loss's float32 scalar (4 B) is not priced
     assert e.comm_total == dr.comm_total - 4 == (F * C * G * N + 2 * F * F * 3 * G) * 4, (e.items, dr.collectives)
@@ -97,11 +96,5 @@ class Latents(nn.Module):
 
 def test_a_parameter_broadcast_over_the_batch_is_summed_at_its_own_size(devices):
     # the broadcast kernel's batch dim is the batch's split: XLA sums the parameter's own gradient, 8 x 32 floats
-    m, x = Latents(), jax.ShapeDtypeStruct((B, C, N), jnp.float32)
-    params = jax.eval_shape(m.init, jax.random.key(0), x)
-    p = tpflax.plan(params, MESH, rules=[(r".*", "replicate")])
-    e = tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=(x,), loss=_loss, backend="cpu")
-    mesh = tpflax.make_mesh(MESH)
-    dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), sample=(x,), loss=_loss), p, mesh,
-                        compiler_options=FAST_XLA)
+    e, dr = measured(Latents())
     assert e.comm_total == dr.comm_total - 4 == 8 * N * 4, (e.items, dr.collectives)
