@@ -179,13 +179,7 @@ def whole_reads(s: Any, start: Callable[[str], bool] | None = None) -> list[Whol
                 reads += [replace(r, share=share) for r in second]
             if rep in pinned and not (kw["remat"] or kw["cast"]):  # one gather of one activation (_input_gather)
                 group = (lv.rep_of.get(g := (s.apart or {}).get(rep, rep), g), axes)
-                kept = []
-                for r in reads:
-                    key = (group, r.phase, r.size)
-                    if not _input_gather(r, in_b, out_b) or key not in taken:
-                        kept.append(r)
-                        taken.add(key) if _input_gather(r, in_b, out_b) else None
-                reads = kept
+                reads = [r for r in reads if not _input_gather(r, in_b, out_b) or _first(taken, (group, r.phase, r.size))]
             if copy and split is None:
                 split = frozenset(p for p in lv.decisions if any(tensor_split(s, p, i)
                                                                  for i in range(len(lv.specs.get(p, ())))))
@@ -214,6 +208,14 @@ def _input_gather(r: WholeRead, in_b: float, out_b: float) -> bool:
     only (XLA:CPU data=2,model=4: ``tests/test_constraint_block.py``'s EasyDeL-style block, separate q/k/v and
     gate/up kernels, one gather of the stream each; EasyDeL's Llama replicated, also on fsdp=2,tp=4)."""
     return r.kind == "all-gather" and (r.phase == "forward" or (r.phase == "weight" and r.size == in_b <= out_b))
+
+
+def _first(taken: set[tuple], key: tuple) -> bool:
+    """Whether ``key`` is not in ``taken`` yet; it is then added."""
+    if key in taken:
+        return False
+    taken.add(key)
+    return True
 
 
 def _gate_shares(s: Any, dims: set[tuple[str, int]]) -> dict[str, float]:

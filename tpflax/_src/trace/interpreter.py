@@ -196,9 +196,8 @@ class Walk:
     derived: set[int] = field(default_factory=set)  # uses whose kernel is not the parameter's own value
     # use id -> (the contraction's place in the walk, elements, item bytes, sizes of its batch dims no parameter dim
     # makes) of the array a contraction with activations reads as its kernel where it is not the parameter's own
-    # value (Dataflow.expanded); id -> (value,
-    # [(use id, (elements, item bytes))]) of a lookup's output at constant indices (kept alive: ids are reused),
-    # which a contraction may read
+    # value (Dataflow.expanded); and id -> (value, [(use id, (elements, item bytes))]) of a lookup's output at
+    # constant indices, which a contraction may read (the value kept alive: ids are reused)
     expanded: dict[int, tuple[int, int, int, tuple[int, ...]]] = field(default_factory=dict)
     fixed_looks: dict[int, tuple[Any, list[tuple[int, tuple[int, int]]]]] = field(default_factory=dict)
     n_eqns: int = 0
