@@ -90,21 +90,26 @@ def fsdp_rules(params: Any, mesh: dict[str, int]) -> list[tuple[str, Any]]:
 
     Leaves boxed in flax metadata (``nn.with_logical_partitioning``) are unboxed first: flattened boxed,
     each array's path ends in the box's ``value`` (a rule tpflax, whose paths end at the box, never
-    matches) and a scalar's shape is the box's. tpflax exports no unboxing helper: flax's own.
+    matches) and a scalar's shape is the box's. tpflax exports no unboxing helper: flax's own. An NNX
+    ``Variable`` (flax 0.12 flattens it to its ``value``) is taken whole, for the same reason.
     """
     import jax
     from jax.sharding import PartitionSpec as P
 
+    is_var = None
     if "flax" in sys.modules:  # a tree can hold flax boxes only if flax is loaded
+        from flax import nnx
         from flax.core import meta
 
         params = meta.unbox(params)  # outside any mesh context: the arrays, no sharding constraint
+        is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731 - an NNX Variable's path ends at it, not its value
     # a library's mesh may carry fsdp=1, and name its data axis otherwise (EasyDeL's dp)
     axis = next((a for a in ("fsdp", "data", "dp", "batch") if mesh.get(a, 1) > 1), "data")
     n = mesh[axis]
     rules = []
-    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+    for path, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_var)[0]:
         name = jax.tree_util.keystr(path, simple=True, separator="/")
+        x = x.value if is_var and is_var(x) else x
         dims = sorted((d for d in range(len(x.shape)) if x.shape[d] % n == 0 and x.shape[d] >= n),
                       key=lambda d: -x.shape[d])
         spec = [None] * len(x.shape)
