@@ -107,7 +107,11 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
         # a projection's joined uses (one call, several inputs) are not calls
         joined = s.joined or {}
         calls = max((s.parts or {}).get(p, 1) - len(joined.get(p, ())) for p in cols + rows)
-        count = max(layers(dec[p]) for p in cols + rows) * pc.count * calls
+        # every member contracted in k slices (a Python loop over an expert stack, ``w[i]`` for each expert i):
+        # k pairs, each summing and gathering as one does (measured, XLA:CPU fsdp=2,tp=4: Tunix's Qwen3 MoE, a
+        # row sum, a stream gather and an output gradient gather per expert and layer)
+        looped = min((s.slices or {}).get(p, 1) for p in cols + rows)
+        count = max(layers(dec[p]) for p in cols + rows) * pc.count * calls * looped
         source = f"pair {pc.id}" + (f" and {pc.count - 1} alike" if pc.count > 1 else "")
         if inside:
             # the plan keeps the pair whole, but a shard_map body takes it split: it sums as the body is written
@@ -166,7 +170,7 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
                 input_sums[((s.apart or {}).get(c, c), count)] = len(items)
             # a kernel contracted in slices (a stacked gate/up kernel used as w[0] and w[1]): one partial
             # input gradient per slice, each reduced apart
-            k = (s.slices or {}).get(c, 1) if c in alone else 1
+            k = (s.slices or {}).get(c, 1) // looped if c in alone else 1
             items.append(CommItem(summing, axes, _pair_act(c, dec[c], "in", s), n, count * k, source,
                                   f"{what}: sum partial input gradients (backward"
                                   f"{f', once for each of its {k} contracted slices' if k > 1 else ''})"))
