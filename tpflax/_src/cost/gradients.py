@@ -292,8 +292,8 @@ def gather_item(d: Any, backend: str, spec: tuple | None = None, mesh: MeshShape
     gathering, as a matmul operand's (a bfloat16 GPT-2's float32 table, measured on v5e:2x4 fsdp=8:
     ``bf16[1001,64]``)."""
     item = leaf_itemsize(d)
-    if backend != "tpu":
-        return item
+    if backend != "tpu":  # XLA:CPU gathers a 16-bit leaf as float32 (Tunix's bfloat16 Gemma 3, fsdp=2,tp=4)
+        return cpu_wire(item, backend)
     if d.kind == "conv" and spec is not None and mesh is not None and _conv_kernel_as_stored(d, spec, mesh, cast):
         return item
     # a convolution kernel with a window takes the convolution's own layouts (ResNet-18 on v5e:2x4: the gathered
