@@ -26,6 +26,7 @@ from typing import Any
 
 from tpflax._src.cost.activations import acts_for, layer_key
 from tpflax._src.cost.batch import config_value
+from tpflax._src.cost.explicit import cpu_wire
 from tpflax._src.cost.gradients import gradient_items
 from tpflax._src.cost.kvsplit import kv_split_comms, kv_splits
 from tpflax._src.cost.pieces import member_items
@@ -190,7 +191,7 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
             if (r := whole.get(m)) is not None:
                 items += member_items(r, f"{'column' if m in cols else 'row'} {label[m]}", n, count, source,
                                       _pair_act(m, dec[m], r.side, s))
-        items += _constrained_items(s, cols, rows, axes, constrained, count, source)
+        items += _constrained_items(s, cols, rows, axes, constrained, count, source, looped)
         if pc.id in loose:
             items += _loose_items(s, pc, axes, n, count, source)
         _heads_note(dec, pc.id, cols, s, notes)
@@ -330,7 +331,7 @@ def constrained_stream(s: Scope) -> tuple[set[tuple[str, int]], dict[int, frozen
 
 def _constrained_items(s: Scope, cols: list[str], rows: list[str], axes: tuple[str, ...],
                        stream: tuple[set[tuple[str, int]], dict[int, frozenset[str]]], count: int,
-                       source: str) -> list[CommItem]:
+                       source: str, looped: int = 1) -> list[CommItem]:
     """A split pair whose outer dims a model's constraint splits (:func:`constrained_stream`): the stream its
     columns contract reaches them split, gathered before their matmul and again in a remat recompute (one
     gather for columns reading one value: q, k and v; two where a constraint makes a copy, MaxText's q input
@@ -377,6 +378,29 @@ def _constrained_items(s: Scope, cols: list[str], rows: list[str], axes: tuple[s
     items += [CommItem("all-gather", axes, _pair_act(r, dec[r], "out", s), s.size(axes), count * (1 + attn), source,
                        f"row {label[r]}: gather the output gradient the split stream splits on its features "
                        f"(backward{', once for each product' if attn else ''})") for r in writes]
+    if looped > 1 and s.backend == "cpu" and reads and writes and width(reads[0], 1) < width(reads[0], 0):
+        items += _looped_narrow_items(s, reads, writes, axes, count, source, looped)
+    return items
+
+
+def _looped_narrow_items(s: Scope, cols: list[str], rows: list[str], axes: tuple[str, ...], count: int, source: str,
+                         looped: int) -> list[CommItem]:
+    """Experts a Python loop runs over a stacked kernel (``w[i]``), their hidden narrower than the split stream
+    their columns contract: XLA computes each slice's weight gradients split like the stream, so it gathers the
+    narrower hidden instead (each column's output gradient, each row's input) and moves each slice's gradient
+    into its kernel's own split with an all-to-all. Measured on XLA:CPU only (fsdp=2,tp=4, Tunix's Qwen3 MoE:
+    8 experts of hidden 96 and 192 under a 256-wide stream split over tp; at 384 XLA keeps the stream it
+    gathered forward, as the pair's own items say)."""
+    dec, label, n = s.lv.decisions, s.lv.label, s.size(axes)
+    items = [CommItem("all-gather", axes, _pair_act(c, dec[c], "out", s), n, count, source,
+                      f"looped expert column {label[c]}: gather its narrower output gradient for its weight "
+                      "gradient, split like the stream (backward)") for c in cols]
+    items += [CommItem("all-gather", axes, _pair_act(r, dec[r], "in", s), n, count, source,
+                       f"looped expert row {label[r]}: gather its narrower input for its weight gradient, split "
+                       "like the stream (backward)") for r in rows]
+    items += [CommItem("all-to-all", axes, math.prod(body(dec[p])) / looped * cpu_wire(leaf_itemsize(dec[p]), s.backend)
+                       / n, n, count, source, f"looped expert {label[p]}: move each slice's weight gradient from "
+                       "the stream's split into its own (backward)") for p in cols + rows]
     return items
 
 
