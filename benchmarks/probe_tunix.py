@@ -179,13 +179,23 @@ All numbers from the table above; "before" is this probe's first run, at the rou
   their hidden over `tp` and over `fsdp` on d rather than on the experts), the program is Tunix's to 0.1%
   (18,718,096 B, 25,125,668 collective bytes). Off TPU, Tunix runs its 8 experts by a Python loop, each on
   every token, so the split stream saves eight experts' inputs per layer. tpflax offers a norm scale only
-  whole or fsdp-split: a stream split on its features is not among the chooser's candidates (left open).
+  whole or fsdp-split: a stream split on its features is not among the chooser's candidates. On the compiler
+  the job runs on it would not be taken: compiled by the TPU compiler for v5e:2x4 (`tpflax.dry_run` with
+  `make_mesh(..., target="v5e:2x4")`), tpflax's `-off` plan peaks lower than Tunix's layout and moves fewer
+  bytes: qwen3-moe fsdp=2,tp=4 peak 18.6 MB against 26.7 MB, collectives 11.9 MB against 16.3 MB, flops
+  1.019x; fsdp=4,tp=2 peak 1.085x, collectives 0.933x, flops 1.007x; llama3 fsdp=2,tp=4 peak 19.8 MB
+  against 20.2 MB, collectives 6.8 MB against 8.2 MB, flops 1.005x.
 - **Estimates**: every row within 2% of the compiled collectives (0.982-1.000). Before this round's fixes:
   - qwen3-moe 0.666 and 0.866 on its own layout: its Python loop over the experts (`gate_proj[i]`) makes a
     column -> row pair per expert, each summing and gathering apart (`tests/test_looped_experts.py`); with a
     hidden (96) narrower than the split stream (256), XLA:CPU also computes each expert's weight gradients split
     like the stream, gathering the hidden and moving each slice's gradient with an all-to-all;
   - gemma3 0.871-0.892: XLA:CPU gathers its bfloat16 parameters as float32 (`tests/test_cpu_bf16_gathers.py`).
+
+  The TPU estimates of Tunix's own layout are further off: 0.881 (llama3 fsdp=2,tp=4), 0.755 and 0.940
+  (qwen3-moe) of what the TPU compiler's program moves, against 0.952-1.002 for tpflax's `-off` plans: the
+  stream its split norm scales split is priced as XLA:CPU moves it, and the looped experts' narrow-hidden rule
+  is measured on XLA:CPU only (left open).
 - **The pure-FSDP rows** were the default plan in this probe's first run: `benchmarks/third_party.py`
   `fsdp_rules` wrote its rules against paths ending `/value` (flax 0.12 flattens an NNX `Variable` to its value),
   which match no leaf. They are pure FSDP now (EasyDeL's table had the same fault; rerun).
