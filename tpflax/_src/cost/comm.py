@@ -111,8 +111,9 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
         # every member contracted in k slices (a Python loop over an expert stack, ``w[i]`` for each expert i):
         # k pairs, each summing and gathering as one does (measured, XLA:CPU fsdp=2,tp=4: Tunix's Qwen3 MoE, a
         # row sum, a stream gather and an output gradient gather per expert and layer)
-        looped = min((s.slices or {}).get(p, 1) for p in cols + rows)
-        count = max(layers(dec[p]) for p in cols + rows) * pc.count * calls * looped
+        looped = min(_per_call(s, p) for p in cols + rows)
+        once = max(layers(dec[p]) for p in cols + rows) * pc.count * calls
+        count = once * looped
         source = f"pair {pc.id}" + (f" and {pc.count - 1} alike" if pc.count > 1 else "")
         if inside:
             # the plan keeps the pair whole, but a shard_map body takes it split: it sums as the body is written
@@ -171,8 +172,8 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
                 input_sums[((s.apart or {}).get(c, c), count)] = len(items)
             # a kernel contracted in slices (a stacked gate/up kernel used as w[0] and w[1]): one partial
             # input gradient per slice, each reduced apart
-            k = (s.slices or {}).get(c, 1) // looped if c in alone else 1
-            items.append(CommItem(summing, axes, _pair_act(c, dec[c], "in", s), n, count * k, source,
+            k = _per_call(s, c) if c in alone else looped
+            items.append(CommItem(summing, axes, _pair_act(c, dec[c], "in", s), n, once * k, source,
                                   f"{what}: sum partial input gradients (backward"
                                   f"{f', once for each of its {k} contracted slices' if k > 1 else ''})"))
         items += [CommItem("all-reduce", axes, _pair_act(j, dec[j], "in", s) * r, n, count, source, f"column "
@@ -196,6 +197,12 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
             items += _loose_items(s, pc, axes, n, count, source)
         _heads_note(dec, pc.id, cols, s, notes)
     return items
+
+
+def _per_call(s: Scope, path: str) -> int:
+    """Contractions of ``path``'s slices in one call of its layer (:attr:`Scope.slices`; a Python loop over a
+    stacked layers leaf slices its layers, which ``layers`` counts already)."""
+    return max(1, (s.slices or {}).get(path, 1) // layers(s.lv.decisions[path]))
 
 
 def _body_axes(split: dict[str, tuple[str, ...]], members: list[str]) -> tuple[str, ...]:
@@ -368,9 +375,12 @@ def _constrained_items(s: Scope, cols: list[str], rows: list[str], axes: tuple[s
     # an attention block's gathers the backward repeats: its columns' input for their weight gradients, its
     # row's output gradient for each product (an MLP's are kept from the forward or its recompute)
     attn = any(dec[p].kind == "attention" or ATTN.search(p) for p in cols + rows)
+    # looped experts (count holds their slices) reading one input between them gather it once a call; reading
+    # each its own slice of a dispatched buffer (Tunix's), once each (measured, XLA:CPU: tests/test_looped_experts.py)
+    one = looped > 1 and bool(reads) and (s.slice_reads or {}).get(reads[0], 0) < (s.slices or {}).get(reads[0], 0)
     if reads and _pair_act(reads[0], dec[reads[0]], "in", s):
         items.append(CommItem("all-gather", axes, _pair_act(reads[0], dec[reads[0]], "in", s), s.size(axes),
-                              count * (1 + s.remat + attn) * apart, source,
+                              (count // looped if one else count) * (1 + s.remat + attn) * apart, source,
                               f"{', '.join(label[c] for c in reads)}: gather the stream a model's constraint (or a "
                               "split norm scale) splits on the contracted features (forward"
                               + (", again in the remat recompute" if s.remat else "")

@@ -94,6 +94,7 @@ class Scope:
     joined: Mapping[str, tuple[float, ...]] | None = None  # a projection's joined other uses' rows (Traced)
     widths: Mapping[str, int] | None = None  # traced elements a parameter's contraction sums over (Traced)
     slices: Mapping[str, int] | None = None  # traced contractions of a parameter's slices (Traced)
+    slice_reads: Mapping[str, int] | None = None  # the distinct activations those contractions read (Traced)
     buffers: Mapping[str, float] | None = None  # traced batch-free expert buffers' rows (Traced)
     streams: Mapping[str, tuple[float, int, int]] | None = None  # traced streams split by a small output (Traced)
     grown: Mapping[str, float] = field(default_factory=dict)  # outputs upsampled before read whole (Traced)

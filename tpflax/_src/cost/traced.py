@@ -87,6 +87,9 @@ class Traced:
         slices: ``{path: n}`` for parameters contracted by ``n > 1`` separate contractions of slices of
             them (that stacked gate/up kernel): each yields its own partial input gradient, which
             XLA:CPU all-reduces apart (measured on a Gemma-style MLP, data=2,model=4).
+        slice_reads: ``{path: n}`` for those parameters, the distinct activations their contractions read
+            (:attr:`Dataflow.apart`'s groups): one where every slice reads the same input (experts weighted after
+            their matmuls), as many as the slices where each reads its own (experts on their dispatched slices).
         remat: most of the model's contractions run inside a rematerialised call
             (``nn.remat``, ``nnx.remat``, ``jax.checkpoint``): the step recomputes its layers.
         remat_layers: then, the outermost rematerialised calls as they run
@@ -240,6 +243,7 @@ class Traced:
     derived: frozenset[str] = frozenset()
     cast_to: Mapping[str, str] = field(default_factory=dict)
     cast_some: Mapping[str, str] = field(default_factory=dict)
+    slice_reads: Mapping[str, int] = field(default_factory=dict)
 
 
 def frozen_inputs(t: Traced, trainable: Mapping[str, bool]) -> frozenset[str]:
@@ -385,7 +389,17 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None
                   streamed=frozenset((flow.uses[u].path, d) for u, d in flow.streamed),
                   expanded=_expanded(flow), batched_dots=flow.dots(batched=True),
                   shard_mapped=dict(flow.in_specs), direct=frozenset(flow.uses[u].path for u in flow.direct),
-                  derived=flow.derived_dots(), cast_to=flow.cast_to(), cast_some=flow.cast_some())
+                  derived=flow.derived_dots(), cast_to=flow.cast_to(), cast_some=flow.cast_some(),
+                  slice_reads=_slice_reads(flow, slices))
+
+
+def _slice_reads(flow: Any, slices: Mapping[str, int]) -> dict[str, int]:
+    """:attr:`Traced.slice_reads`: the distinct activations the contractions of each sliced parameter read."""
+    groups: dict[str, set[int]] = {}
+    for u in flow.uses:
+        if u.op == "dot" and slices.get(u.path, 0) > 1:
+            groups.setdefault(u.path, set()).add(flow.apart.get(u.id, u.id))
+    return {p: len(g) for p, g in groups.items()}
 
 
 def _expanded(flow: Any) -> dict[str, tuple[tuple[int, int, int], ...]]:

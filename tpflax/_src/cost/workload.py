@@ -91,6 +91,7 @@ class Workload:
     widths: Mapping[str, int] | None = None
     frozen_inputs: frozenset[str] = frozenset()  # traced.frozen_inputs: no input gradient (widths 0)
     slices: Mapping[str, int] | None = None
+    slice_reads: Mapping[str, int] | None = None
     buffers: Mapping[str, float] | None = None
     streams: Mapping[str, tuple[float, int, int]] | None = None
     grown: Mapping[str, float] = field(default_factory=dict)  # outputs upsampled before read whole (Traced)
@@ -209,7 +210,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     g_item=itemsize(dtype_name(grad_dtype)) if grad_dtype is not None else None,
                     settings=settings, tied=t.tied, parts=t.parts, rows=t.rows,
                     fused=t.fused, shared=t.shared, lookups=t.lookups,
-                    grouped=t.grouped, joined=t.joined, widths=widths, frozen_inputs=frozen, slices=t.slices,
+                    grouped=t.grouped, joined=t.joined, widths=widths, frozen_inputs=frozen, slices=t.slices, slice_reads=t.slice_reads,
                     buffers=t.buffers,
                     streams=t.streams, grown=t.grown, in_rows=t.in_rows, combined=t.combined, reduced=t.reduced, contractions=contractions, scores=t.scores,
                     next_token=_next_token(m) if loss is None else reads_slice(m, loss), biased=t.biased,
