@@ -212,8 +212,9 @@ All numbers from the table above; "before" is this round's start (8e7b578).
 - **Round 46: the pure-FSDP rows are pure FSDP.** Until this round they measured tpflax's default plan, tree-only
   and without `batch=`: `benchmarks/third_party.py`'s `fsdp_rules` wrote its rules against paths ending `/value`
   (flax 0.12 flattens an NNX `Variable` to its value), which match no leaf (tpflax warned "matches no leaf" in
-  each plan). Every leaf now has its largest dim split over the fsdp or data axis: 2.16-2.85x EasyDeL's bytes,
-  1.98-3.89x its collectives, 1.70-1.78x its flops (the tensor axis idle), every estimate 0.999-1.002. No other
+  each plan). Every leaf now has its largest dim split over the fsdp or data axis: 1.68-2.85x EasyDeL's bytes,
+  1.92-3.89x its collectives, 1.03-1.78x its flops (the tensor axis idle but for mixtral's expert `shard_map`),
+  every estimate 0.999-1.002. No other
   compiled number moved; mixtral `model=` on dp=2,tp=4 reads 1.002 this time (the 2% below).
 - **Round 44's rerun** had moved the replicated rows' estimates up by 0.8-4% (the whole kernels' collectives under
   remat and the weight gradients' second gathers, `cost/disagree.py` `kernel_reads`). The mixtral `model=` row

@@ -169,8 +169,8 @@ All numbers from the table above; "before" is this probe's first run, at the rou
   layout on every number and below it on collectives (0.88-0.99). Where they differ it is one choice: Tunix
   splits every RMSNorm scale over `tp`, which splits the residual stream on its features (activations a quarter
   the size, gathered before each matmul); tpflax keeps the scales whole, so the stream is whole. That trades
-  3-5% more bytes per device and up to 0.3% more flops (the norms and residual adds run whole on each tensor
-  rank) for 10-12% fewer collectives on fsdp=2,tp=4 (llama3-off 1.047 / 0.896 / 1.003, qwen2-off 1.042 / 0.904 /
+  4-6% more bytes per device and up to 0.3% more flops (the norms and residual adds run whole on each tensor
+  rank) for 9.6-11.8% fewer collectives on fsdp=2,tp=4 (llama3-off 1.047 / 0.896 / 1.003, qwen2-off 1.042 / 0.904 /
   1.002, qwen3-off 1.055 / 0.882 / 1.003), less on fsdp=4,tp=2. gemma3-off (1.032 / 0.898 / 1.047 on
   fsdp=2,tp=4) is the same trade with more flops: with Tunix's norm layout forced, tpflax's plan gives Tunix's
   program exactly.
@@ -180,11 +180,11 @@ All numbers from the table above; "before" is this probe's first run, at the rou
   (18,718,096 B, 25,125,668 collective bytes). Off TPU, Tunix runs its 8 experts by a Python loop, each on
   every token, so the split stream saves eight experts' inputs per layer. tpflax offers a norm scale only
   whole or fsdp-split: a stream split on its features is not among the chooser's candidates. On the compiler
-  the job runs on it would not be taken: compiled by the TPU compiler for v5e:2x4 (`tpflax.dry_run` with
-  `make_mesh(..., target="v5e:2x4")`), tpflax's `-off` plan peaks lower than Tunix's layout and moves fewer
-  bytes: qwen3-moe fsdp=2,tp=4 peak 18.6 MB against 26.7 MB, collectives 11.9 MB against 16.3 MB, flops
-  1.019x; fsdp=4,tp=2 peak 1.085x, collectives 0.933x, flops 1.007x; llama3 fsdp=2,tp=4 peak 19.8 MB
-  against 20.2 MB, collectives 6.8 MB against 8.2 MB, flops 1.005x.
+  the job runs on, the trade mostly goes tpflax's way: compiled by the TPU compiler for v5e:2x4
+  (`tpflax.dry_run` with `make_mesh(..., target="v5e:2x4")`), qwen3-moe-off on fsdp=2,tp=4 peaks at 18.6 MB
+  against Tunix's 26.7 MB and moves 11.9 MB of collectives against 16.3 MB (flops 1.019x); on fsdp=4,tp=2 it
+  peaks higher, 1.085x, for 0.933x the collectives (flops 1.007x); llama3-off on fsdp=2,tp=4 peaks at 19.8 MB
+  against 20.2 MB, collectives 6.8 MB against 8.2 MB (flops 1.005x).
 - **Estimates**: every row within 2% of the compiled collectives (0.982-1.000). Before this round's fixes:
   - qwen3-moe 0.666 and 0.866 on its own layout: its Python loop over the experts (`gate_proj[i]`) makes a
     column -> row pair per expert, each summing and gathering apart (`tests/test_looped_experts.py`); with a
