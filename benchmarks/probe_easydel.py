@@ -113,12 +113,11 @@ def easydel_rules(core, mesh: dict[str, int]):
     specs, _ = sanitize_partition_specs_for_shape_tree(partition_specs=specs, shape_tree=shapes,
                                                        mesh=core.config.mesh)
 
-    def entry(e):
-        axes = tuple(a for a in (e if isinstance(e, tuple) else (e,)) if a is not None and mesh.get(a, 1) > 1)
-        return None if not axes else axes[0] if len(axes) == 1 else axes
+    from third_party import mesh_entry
 
     del jax
-    return [(f"^m/{re.escape('/'.join(map(str, k)))}$", P(*map(entry, v))) for k, v in flatten_dict(specs).items()]
+    return [(f"^m/{re.escape('/'.join(map(str, k)))}$", P(*(mesh_entry(e, mesh) for e in v)))
+            for k, v in flatten_dict(specs).items()]
 
 
 _CACHE: dict = {}
@@ -138,7 +137,7 @@ def _build(name: str, mesh: dict[str, int]):
     import jax
     import jax.numpy as jnp
     from flax import nnx
-    from third_party import Built
+    from third_party import Built, next_token_loss
 
     config_name, model_name, kw = MODELS[name]
     config = getattr(ed, config_name)(**{**COMMON, **kw}, sharding_axis_dims=tuple(mesh[a] for a in AXES))
@@ -152,13 +151,9 @@ def _build(name: str, mesh: dict[str, int]):
             with config.mesh:  # EasyDeL's forward reads the mesh of a ``with mesh:`` block
                 return self.m(input_ids=ids).logits
 
-    def loss(logits, ids):
-        logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
-        return -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1).mean()
-
     m = LM(core)
     sample = (jax.ShapeDtypeStruct((B, T), jnp.int32),)
-    return Built(name, m, nnx.state(m), sample, m, loss), (lambda mesh: easydel_rules(core, mesh))
+    return Built(name, m, nnx.state(m), sample, m, next_token_loss), (lambda mesh: easydel_rules(core, mesh))
 
 
 INTRO = ("`python benchmarks/probe_easydel.py` (generated; easydel 0.3.0 with jax 0.10). EasyDeL's own NNX models "

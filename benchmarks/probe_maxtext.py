@@ -116,25 +116,14 @@ def maxtext_rules(variables, mesh: dict[str, int], config):
     import jax
     from flax.core import meta
     from jax.sharding import PartitionSpec as P
-
-    def entry(e):
-        axes = tuple(a for a in (e if isinstance(e, tuple) else (e,)) if a is not None and mesh.get(a, 1) > 1)
-        return None if not axes else axes[0] if len(axes) == 1 else axes
+    from third_party import mesh_entry
 
     rules = []
     leaves = jax.tree_util.tree_flatten_with_path(variables, is_leaf=lambda x: isinstance(x, meta.Partitioned))[0]
     for path, x in leaves:
-        spec = P(*map(entry, nn.logical_to_mesh_axes(x.names, config.logical_axis_rules)))
+        spec = P(*(mesh_entry(e, mesh) for e in nn.logical_to_mesh_axes(x.names, config.logical_axis_rules)))
         rules.append((f"^{re.escape(jax.tree_util.keystr(path, simple=True, separator='/'))}$", spec))
     return rules
-
-
-def _loss(logits, ids):
-    import jax
-    import jax.numpy as jnp
-
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
-    return -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1).mean()
 
 
 def build(name: str, mesh: dict[str, int]):
@@ -157,7 +146,7 @@ def _build(name: str, mesh: dict[str, int]):
     import jax.numpy as jnp
     from maxtext.layers import quantizations
     from maxtext.models import models
-    from third_party import Built
+    from third_party import Built, next_token_loss
 
     import tpflax
 
@@ -180,7 +169,7 @@ def _build(name: str, mesh: dict[str, int]):
         variables = jax.jit(lambda: m.init(keys, ids, jnp.broadcast_to(jnp.arange(T), ids.shape),
                                            jnp.ones_like(ids), enable_dropout=False))()
     sample = (jax.ShapeDtypeStruct((batch, T), jnp.int32),)
-    built = Built(name, m, variables, sample, fn, _loss)
+    built = Built(name, m, variables, sample, fn, next_token_loss)
     return built, (lambda mesh: maxtext_rules(variables, mesh, config))
 
 

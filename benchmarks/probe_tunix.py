@@ -89,24 +89,13 @@ def tunix_rules(state, mesh: dict[str, int]):
     (as ``nnx.get_partition_spec`` gives it to ``jax.device_put``)."""
     from flax import nnx
     from jax.sharding import PartitionSpec as P
-
-    def entry(e):
-        axes = tuple(a for a in (e if isinstance(e, tuple) else (e,)) if a is not None and mesh.get(a, 1) > 1)
-        return None if not axes else axes[0] if len(axes) == 1 else axes
+    from third_party import mesh_entry
 
     rules = []
     for path, v in nnx.to_flat_state(state):
         names = getattr(v, "sharding_names", None) or ()  # flax's name for the ``sharding=`` metadata
-        rules.append((f"^{re.escape('/'.join(map(str, path)))}$", P(*map(entry, names))))
+        rules.append((f"^{re.escape('/'.join(map(str, path)))}$", P(*(mesh_entry(e, mesh) for e in names))))
     return rules
-
-
-def _loss(logits, ids):
-    import jax
-    import jax.numpy as jnp
-
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
-    return -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1).mean()
 
 
 _CACHE: dict = {}
@@ -127,7 +116,7 @@ def _build(name: str):
     import jax
     import jax.numpy as jnp
     from flax import nnx
-    from third_party import Built
+    from third_party import Built, next_token_loss
 
     _import_models()
     module, cls, kw = MODELS[name]
@@ -146,7 +135,7 @@ def _build(name: str):
     m = LM(core)
     state = nnx.state(m, nnx.Param)
     sample = (jax.ShapeDtypeStruct((B, T), jnp.int32),)
-    return Built(name, m, state, sample, m, _loss), (lambda mesh: tunix_rules(state, mesh))
+    return Built(name, m, state, sample, m, next_token_loss), (lambda mesh: tunix_rules(state, mesh))
 
 
 INTRO = ("`python benchmarks/probe_tunix.py` (generated; google-tunix 0.1.7 with jax 0.10). Tunix's own NNX models "

@@ -79,6 +79,22 @@ def mesh_label(mesh: dict[str, int]) -> str:
     return ",".join(f"{k}={v}" for k, v in mesh.items())
 
 
+def mesh_entry(e: Any, mesh: dict[str, int]) -> Any:
+    """A library's PartitionSpec entry on ``mesh``: its mesh axes of size 1 (or not in the mesh) dropped, as
+    the libraries themselves drop them before placing (MaxText's ``remove_size_one_mesh_axis``)."""
+    axes = tuple(a for a in (e if isinstance(e, tuple) else (e,)) if a is not None and mesh.get(a, 1) > 1)
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def next_token_loss(logits: Any, ids: Any) -> Any:
+    """Next-token cross-entropy of a language model's ``logits`` on its input ``ids``, in float32."""
+    import jax
+    import jax.numpy as jnp
+
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
+    return -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1).mean()
+
+
 def vocab_of(arch: Arch) -> int:
     """The vocabulary (or class count) the hand layout splits."""
     kw = arch.kwargs
