@@ -123,16 +123,23 @@ class NoDefaultLoss(OptionError):
     """:func:`default_loss` found no loss to infer (the CLI names its ``--loss`` flag in the message)."""
 
 
-def default_loss(m: Model, variables: Any) -> Callable[..., Any]:
-    """Next-token cross-entropy when the output is logits over integer ids, else an error."""
+def _forward_failed(m: Model, e: Exception) -> OptionError:
+    return OptionError(f"running {m.name} on its sample inputs failed ({type(e).__name__}: {e}); "
+                       "check sample= and variables=")
+
+
+def default_loss(m: Model, variables: Any, out: Any = None) -> Callable[..., Any]:
+    """Next-token cross-entropy when the output is logits over integer ids, else an error. ``out``: the forward
+    pass's abstract output where the caller traced it already (else it is run abstractly here)."""
     import jax
     import jax.numpy as jnp
 
-    try:
-        out = _logits(jax.eval_shape(m.forward, variables, *m.sample))
-    except Exception as e:  # noqa: BLE001 - the user's forward pass; said once with the fix
-        raise OptionError(f"running {m.name} on its sample inputs failed ({type(e).__name__}: {e}); "
-                          "check sample= and variables=") from e
+    if out is None:
+        try:
+            out = jax.eval_shape(m.forward, variables, *m.sample)
+        except Exception as e:  # noqa: BLE001 - the user's forward pass; said once with the fix
+            raise _forward_failed(m, e) from e
+    out = _logits(out)
     ids = m.sample[0] if m.sample else None
     shape, lead = tuple(getattr(out, "shape", ())), tuple(getattr(ids, "shape", ()))
     if (len(shape) >= 3 and jnp.issubdtype(getattr(out, "dtype", jnp.int32), jnp.floating)
@@ -156,10 +163,11 @@ def _zoo_parts(model: Any, batch: Any) -> tuple[Any, Callable[..., Any]]:
     return abstract, lambda v, b: (model.loss(v, b), None)
 
 
-def _model_parts(m: Model, loss: Any, variables: Any) -> tuple[Any, Callable[..., Any]]:
-    """The sample tuple as batch, and ``(variables, sample) -> (loss(forward(...), *sample), variables
-    after the forward pass)``: an nnx module's call updates its BatchNorm statistics and RNG counts."""
-    loss = loss if loss is not None else default_loss(m, variables)
+def _model_parts(m: Model, loss: Any, variables: Any, out: Any = None) -> tuple[Any, Callable[..., Any], Any]:
+    """The sample tuple as batch, ``(variables, sample) -> (loss(forward(...), *sample), variables
+    after the forward pass)`` (an nnx module's call updates its BatchNorm statistics and RNG counts), and the
+    loss itself (``loss``, else :func:`default_loss` of the abstract output ``out``)."""
+    loss = loss if loss is not None else default_loss(m, variables, out)
     forward, forward_state = m.forward, m.forward_state
 
     def loss_of(v, sample):
@@ -168,7 +176,7 @@ def _model_parts(m: Model, loss: Any, variables: Any) -> tuple[Any, Callable[...
         out, state = forward_state(v, *sample)
         return loss(out, *sample), state
 
-    return tuple(m.sample), loss_of
+    return tuple(m.sample), loss_of, loss
 
 
 def _linen_own_variables(model: Any, sample: Any, batch: Any) -> Any:
@@ -191,13 +199,25 @@ def _linen_own_variables(model: Any, sample: Any, batch: Any) -> Any:
         return None
 
 
-def _resolve(model: Any, plan, batch: Any, sample: Any, loss: Any, variables: Any):
-    """(variables, abstract batch, loss_of(variables, batch)) for any model."""
+def _resolve(model: Any, plan, batch: Any, sample: Any, loss: Any, variables: Any, traced: bool = False):
+    """(variables, abstract batch, loss_of(variables, batch), the jaxprs the step's loss runs when ``traced``
+    (the loss checked to be a float scalar), else None) for any model.
+
+    A model's forward pass is traced once: its abstract output chooses the default loss, and the loss is traced
+    apart on it (before, the default loss ran the forward pass abstractly and the check traced it again with the
+    loss: half of ``make_train_step``'s time on transformers' GPT-2)."""
+    import jax
+
     if is_zoo(model) and loss is None:
         if sample is not None:
             batch = int(sample[0].shape[0]) if isinstance(sample, (tuple, list)) else int(sample.shape[0])
         variables = model.abstract_variables() if variables is None else variables
-        return (variables, *_zoo_parts(model, 8 if batch is None else batch))
+        abstract, fn = _zoo_parts(model, 8 if batch is None else batch)
+        if not traced:
+            return variables, abstract, fn, None
+        closed, (value, _) = jax.make_jaxpr(fn, return_shape=True)(bare_variables(variables), abstract)
+        _check_scalar_loss(value)
+        return variables, abstract, fn, (closed.jaxpr,)
     if isinstance(batch, (tuple, list)) and sample is None:
         batch, sample = None, batch  # a tuple batch is the sample inputs
     m = as_model(model, sample, variables)
@@ -208,7 +228,23 @@ def _resolve(model: Any, plan, batch: Any, sample: Any, loss: Any, variables: An
     elif batch is not None:
         raise OptionError(f"batch={type(batch).__name__} is only for zoo models; pass sample=(inputs, ...) "
                           "for this model, or batch=N to set the batch size of its sample")
-    return (m.variables, *_model_parts(m, loss, bare_variables(m.variables)))
+    bare = bare_variables(m.variables)
+    jaxprs, out = (), None
+    if traced:
+        call = m.forward if m.forward_state is None else m.forward_state
+        try:
+            closed, out = jax.make_jaxpr(call, return_shape=True)(bare, *m.sample)
+        except Exception as e:  # noqa: BLE001 - the user's forward pass: said with the fix when no loss= was given
+            if loss is not None:
+                raise
+            raise _forward_failed(m, e) from e
+        jaxprs, out = (closed.jaxpr,), (out if m.forward_state is None else out[0])
+    abstract, loss_of, chosen = _model_parts(m, loss, bare, out)
+    if not traced:
+        return m.variables, abstract, loss_of, None
+    closed, value = jax.make_jaxpr(chosen, return_shape=True)(out, *abstract)
+    _check_scalar_loss(value)
+    return m.variables, abstract, loss_of, (*jaxprs, closed.jaxpr)
 
 
 def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = None, *,
@@ -273,28 +309,23 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
     own, context = variables, mesh  # the step's context mesh, for a model's jax.shard_map without mesh=
 
     def resolved(traced: bool) -> tuple[Any, Any, Any, Any]:
-        """(variables, abstract batch, loss of them, the loss's jaxpr when ``traced``, its scalar checked)."""
-        v, abstract, fn = _resolve(model, plan, batch, sample, loss, own)
-        v = in_plan_containers(plan, v) if given is None else v
-        if not traced:
-            return v, abstract, fn, None
-        closed, (value, _) = jax.make_jaxpr(fn, return_shape=True)(bare_variables(v), abstract)
-        _check_scalar_loss(value)
-        return v, abstract, fn, closed
+        """(variables, abstract batch, loss of them, the jaxprs it runs when ``traced``, its scalar checked)."""
+        v, abstract, fn, jaxprs = _resolve(model, plan, batch, sample, loss, own, traced)
+        return (in_plan_containers(plan, v) if given is None else v), abstract, fn, jaxprs
 
     try:
         with mesh_context(mesh):  # the zoo calls no shard_map: spare the extra trace (0.1 -> 0.8 s, Llama-2-7B)
-            variables, abstract_batch, loss_of, closed = resolved(not is_zoo(model))
-            if closed is not None:
-                _check_shard_maps(closed.jaxpr, mesh)
+            variables, abstract_batch, loss_of, jaxprs = resolved(not is_zoo(model))
+            for jaxpr in jaxprs or ():
+                _check_shard_maps(jaxpr, mesh)
     except (ValueError, OptionError) as e:  # jax's: "The context mesh ... should match the mesh passed to shard_map"
         if "passed to shard_map" not in str(e) or isinstance(e, PlanMismatchError):
             raise
         # a model building its shard_map over its own mesh of the same devices (EasyDeL's experts, over (dp, ep,
         # tp) beside its (dp, fsdp, ep, tp, sp) mesh): runs without a context mesh
         context = None
-        variables, abstract_batch, loss_of, closed = resolved(True)
-        if not all(same_devices(m, mesh) for m in shard_map_meshes(closed.jaxpr, concrete=True)):
+        variables, abstract_batch, loss_of, jaxprs = resolved(True)
+        if not all(same_devices(m, mesh) for j in jaxprs for m in shard_map_meshes(j, concrete=True)):
             raise PlanMismatchError(_MESHES_DIFFER, [f"{str(e).splitlines()[0]}; {_FIX}"]) from e
     from tpflax._src.apply.stored import has_layouts
 
