@@ -6,7 +6,7 @@ import math
 import re
 from collections.abc import Mapping
 
-from tpflax._src.hlo.loops import _multipliers
+from tpflax._src.hlo.loops import text_multipliers
 from tpflax._src.hlo.text import _attr, _Instr, _scan, _shapes
 
 
@@ -48,8 +48,7 @@ def dot_flop_counts(hlo_text: str) -> tuple[float, float]:
     (1024.0, 1024.0)
     """
     instrs, entries, _ = _scan(hlo_text)
-    looped = _multipliers(instrs, entries) if entries else {}
-    once = _multipliers(instrs, entries, loops=False) if entries else {}
+    looped, once = text_multipliers(hlo_text), text_multipliers(hlo_text, loops=False)
     by_comp: dict[str, dict[str, _Instr]] = {}
     for ins in instrs:
         by_comp.setdefault(ins.computation, {})[ins.name] = ins

@@ -7,10 +7,19 @@ a ``while`` body as often as its trip count: ``known_trip_count`` in its
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 
-from tpflax._src.hlo.text import _attr, _Instr
+from tpflax._src.hlo.text import _attr, _Instr, _scan
+
+
+@functools.lru_cache(maxsize=8)
+def text_multipliers(hlo_text: str, loops: bool = True) -> Mapping[str, int]:
+    """:func:`_multipliers` of a module's text, cached on it as :func:`_scan` is: a dry run reads one module for
+    its collectives and for its FLOPs with and without the loops. Shared: callers must not change it."""
+    instrs, entries, _ = _scan(hlo_text)
+    return _multipliers(instrs, entries, loops=loops) if entries else {}
 
 
 def _multipliers(instrs: list[_Instr], entries: Mapping[str, bool], *, loops: bool = True) -> dict[str, int]:
@@ -27,15 +36,12 @@ def _multipliers(instrs: list[_Instr], entries: Mapping[str, bool], *, loops: bo
             m = re.search(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"?(\d+)', ins.attrs)
             trip = int(m.group(1)) if m else _trip_from_condition(ins, by_comp)
             trip = trip if loops else 1
-        for key in ("body", "calls", "to_apply", "condition", "true_computation", "false_computation"):
+        for key in ("body", "calls", "to_apply", "condition", "true_computation", "false_computation",
+                    "branch_computations"):
             v = _attr(ins.attrs, key) if key + "=" in ins.attrs else None  # substring first: _attr is slow
             if v:
                 for callee in re.findall(r"%?([\w.\-]+)", v):
                     edges.setdefault(ins.computation, []).append((callee, trip if key == "body" else 1))
-        v = _attr(ins.attrs, "branch_computations") if "branch_computations=" in ins.attrs else None
-        if v:
-            for callee in re.findall(r"%?([\w.\-]+)", v):
-                edges.setdefault(ins.computation, []).append((callee, 1))
     mult: dict[str, int] = {}
 
     def visit(comp: str, factor: int, depth: int = 0) -> None:

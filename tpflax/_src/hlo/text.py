@@ -116,9 +116,14 @@ def _scan(hlo_text: str) -> tuple[tuple[_Instr, ...], dict[str, bool], int | Non
     return tuple(instrs), entries, partitions
 
 
+@functools.cache
+def _key(key: str) -> re.Pattern[str]:
+    return re.compile(r"(?:^|[,\s])" + re.escape(key) + r"=")
+
+
 def _attr(attrs: str, key: str) -> str | None:
     """The raw value of ``key=`` in an attribute string (bracket-balanced)."""
-    m = re.search(r"(?:^|[,\s])" + re.escape(key) + r"=", attrs)
+    m = _key(key).search(attrs)
     if not m:
         return None
     i = m.end()
