@@ -203,9 +203,10 @@ def _resolve(model: Any, plan, batch: Any, sample: Any, loss: Any, variables: An
     """(variables, abstract batch, loss_of(variables, batch), the jaxprs the step's loss runs when ``traced``
     (the loss checked to be a float scalar), else None) for any model.
 
-    A model's forward pass is traced once: its abstract output chooses the default loss, and the loss is traced
-    apart on it (before, the default loss ran the forward pass abstractly and the check traced it again with the
-    loss: half of ``make_train_step``'s time on transformers' GPT-2)."""
+    Without ``loss=``, a model's forward pass is traced once: its abstract output chooses the default loss, and
+    the loss is traced apart on it (before, the default loss ran the forward pass abstractly and the check traced
+    it again with the loss: half of ``make_train_step``'s time on transformers' GPT-2). A given loss is traced
+    with the forward pass, once."""
     import jax
 
     if is_zoo(model) and loss is None:
@@ -229,22 +230,25 @@ def _resolve(model: Any, plan, batch: Any, sample: Any, loss: Any, variables: An
         raise OptionError(f"batch={type(batch).__name__} is only for zoo models; pass sample=(inputs, ...) "
                           "for this model, or batch=N to set the batch size of its sample")
     bare = bare_variables(m.variables)
-    jaxprs, out = (), None
-    if traced:
-        call = m.forward if m.forward_state is None else m.forward_state
-        try:
-            closed, out = jax.make_jaxpr(call, return_shape=True)(bare, *m.sample)
-        except Exception as e:  # noqa: BLE001 - the user's forward pass: said with the fix when no loss= was given
-            if loss is not None:
-                raise
-            raise _forward_failed(m, e) from e
-        jaxprs, out = (closed.jaxpr,), (out if m.forward_state is None else out[0])
-    abstract, loss_of, chosen = _model_parts(m, loss, bare, out)
-    if not traced:
-        return m.variables, abstract, loss_of, None
-    closed, value = jax.make_jaxpr(chosen, return_shape=True)(out, *abstract)
+    if not traced or loss is not None:
+        # a given loss is traced with the forward pass in one: the output stays inside the trace (it may hold
+        # Python values a loss reads, which an abstract output could not carry)
+        abstract, loss_of, _ = _model_parts(m, loss, bare)
+        if not traced:
+            return m.variables, abstract, loss_of, None
+        closed, (value, _) = jax.make_jaxpr(loss_of, return_shape=True)(bare, abstract)
+        _check_scalar_loss(value)
+        return m.variables, abstract, loss_of, (closed.jaxpr,)
+    call = m.forward if m.forward_state is None else m.forward_state
+    try:
+        closed, out = jax.make_jaxpr(call, return_shape=True)(bare, *m.sample)
+    except Exception as e:  # noqa: BLE001 - the user's forward pass; said once with the fix
+        raise _forward_failed(m, e) from e
+    out = out if m.forward_state is None else out[0]
+    abstract, loss_of, chosen = _model_parts(m, None, bare, out)
+    loss_closed, value = jax.make_jaxpr(chosen, return_shape=True)(out, *abstract)
     _check_scalar_loss(value)
-    return m.variables, abstract, loss_of, (*jaxprs, closed.jaxpr)
+    return m.variables, abstract, loss_of, (closed.jaxpr, loss_closed.jaxpr)
 
 
 def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = None, *,
