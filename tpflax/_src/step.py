@@ -214,11 +214,7 @@ def _resolve(model: Any, plan, batch: Any, sample: Any, loss: Any, variables: An
             batch = int(sample[0].shape[0]) if isinstance(sample, (tuple, list)) else int(sample.shape[0])
         variables = model.abstract_variables() if variables is None else variables
         abstract, fn = _zoo_parts(model, 8 if batch is None else batch)
-        if not traced:
-            return variables, abstract, fn, None
-        closed, (value, _) = jax.make_jaxpr(fn, return_shape=True)(bare_variables(variables), abstract)
-        _check_scalar_loss(value)
-        return variables, abstract, fn, (closed.jaxpr,)
+        return variables, abstract, fn, (_loss_jaxpr(fn, bare_variables(variables), abstract),) if traced else None
     if isinstance(batch, (tuple, list)) and sample is None:
         batch, sample = None, batch  # a tuple batch is the sample inputs
     m = as_model(model, sample, variables)
@@ -234,11 +230,7 @@ def _resolve(model: Any, plan, batch: Any, sample: Any, loss: Any, variables: An
         # a given loss is traced with the forward pass in one: the output stays inside the trace (it may hold
         # Python values a loss reads, which an abstract output could not carry)
         abstract, loss_of, _ = _model_parts(m, loss, bare)
-        if not traced:
-            return m.variables, abstract, loss_of, None
-        closed, (value, _) = jax.make_jaxpr(loss_of, return_shape=True)(bare, abstract)
-        _check_scalar_loss(value)
-        return m.variables, abstract, loss_of, (closed.jaxpr,)
+        return m.variables, abstract, loss_of, (_loss_jaxpr(loss_of, bare, abstract),) if traced else None
     call = m.forward if m.forward_state is None else m.forward_state
     try:
         closed, out = jax.make_jaxpr(call, return_shape=True)(bare, *m.sample)
@@ -246,9 +238,16 @@ def _resolve(model: Any, plan, batch: Any, sample: Any, loss: Any, variables: An
         raise _forward_failed(m, e) from e
     out = out if m.forward_state is None else out[0]
     abstract, loss_of, chosen = _model_parts(m, None, bare, out)
-    loss_closed, value = jax.make_jaxpr(chosen, return_shape=True)(out, *abstract)
-    _check_scalar_loss(value)
-    return m.variables, abstract, loss_of, (closed.jaxpr, loss_closed.jaxpr)
+    return m.variables, abstract, loss_of, (closed.jaxpr, _loss_jaxpr(chosen, out, *abstract, paired=False))
+
+
+def _loss_jaxpr(fn: Callable[..., Any], *args: Any, paired: bool = True) -> Any:
+    """The jaxpr of ``fn(*args)``, a loss (``paired``: ``(loss, state)``) checked to be one float scalar."""
+    import jax
+
+    closed, value = jax.make_jaxpr(fn, return_shape=True)(*args)
+    _check_scalar_loss(value[0] if paired else value)
+    return closed.jaxpr
 
 
 def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = None, *,
