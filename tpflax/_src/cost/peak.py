@@ -34,6 +34,8 @@ parameters and optimizer state donated) holds, per device:
   gradient is held apart, :func:`logits_grad_bytes`); on TPU under remat, a phase of their own, with the
   head's gathered kernel, before the last layer's backward starts (``Peak.loss_apart``, ``Peak.head``), by which
   the last block's and a final norm's saved outputs are dead (``Peak.tail``, :mod:`tpflax._src.cost.remat`);
+  on TPU without remat, an output layer whose features are split over fsdp: its gathered kernel beside them
+  (``Peak.head``);
 * on TPU without remat, where the last layer keeps more after its attention than its attention holds in
   flight (ViT-B/16): the end of the forward pass, in the final norm, is the peak, priced by name in place of
   the backward start (each norm's input kept, not its output, the final norm's float32 maps, no score buffer in
@@ -92,7 +94,7 @@ from tpflax._src.cost.residual import residual_bytes
 from tpflax._src.cost.scope import body, tensor_degree
 from tpflax._src.cost.scope import layers as stacked_layers
 from tpflax._src.cost.workload import Workload
-from tpflax._src.mesh import EXPERT, MeshShape
+from tpflax._src.mesh import EXPERT, FSDP, MeshShape
 from tpflax._src.specs import entry_axes
 from tpflax._src.tpu import LANES, SUBLANES, lane_pad
 
@@ -422,6 +424,13 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
     # the head's gradient after its float32 logits are freed (GPT-2 bf16 fsdp=8 remat: not in the phase).
     apart = w.backend == "tpu" and w.remat
     head_kernel, head_grad = head_bytes(lv, mesh, head) if apart and head else (0, 0)
+    if w.backend == "tpu" and not apart and head and _gathers_its_features(lv, mesh, head):
+        # XLA:TPU, remat off: an output layer whose features (the dim it contracts) are split over fsdp is gathered
+        # just before the head's matmul and held into its backward, live at the loss beside the logits: the HF
+        # Llama-2-7B-width fsdp=2,model=4 dump holds its bf16[4096,8000] lm_head at the peak (62.5 MiB, the
+        # logits' f32[4,511,8000] beside it; benchmarks/results/third_party_peak.md). A tied table is not counted:
+        # its published-width rows read over with it (GPT-2, OPT, Gemma) as often as under (BLOOM)
+        head_kernel = head_bytes(lv, mesh, head)[0]
     tail = tail_bytes(lv, w, mesh, shards) * held // w.act_item if apart else 0
     stack = score_stack(elems, held, split_probs_item(w, held), recompute - SCORES_SAVED * scores) \
         if apart and split_heads else 0
@@ -445,6 +454,27 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
                 scan_stack=scan_stack * held // w.act_item,
                 scan_logits=scan_logits(LOGITS_BUFFERS * logits, vocab_split, bool(scan_grads or scan_stack)),
                 **stem_phase(w, stem))
+
+
+def _gathers_its_features(lv: Leaves, mesh: MeshShape, head: str) -> bool:
+    """Whether ``head`` is an output layer (not a tied table) whose features, the dims its matmul contracts, are
+    split over an fsdp axis: gathered for the logits, not computed vocabulary-parallel over that axis.
+
+    >>> import jax, tpflax
+    >>> from tpflax._src.cost.leaves import merge
+    >>> tree = {"lm_head": {"kernel": jax.ShapeDtypeStruct((64, 1000), "float32")}}
+    >>> lv = lambda rule: merge(tpflax.plan(tree, {"fsdp": 2, "model": 4}, rules=[("lm_head", rule)]).decisions, {})
+    >>> mesh = tpflax.plan(tree, {"fsdp": 2, "model": 4}).mesh
+    >>> P = jax.sharding.PartitionSpec
+    >>> [_gathers_its_features(lv(r), mesh, "lm_head/kernel") for r in (P("fsdp", "model"), P(None, "fsdp"))]
+    [True, False]
+    """
+    d, spec = lv.decisions[head], lv.specs[head]
+    if d.kind != "head":
+        return False
+    roles = dict(mesh.roles)
+    fsdp = {a for a in mesh.names if roles[a] == FSDP and mesh.sizes[a] > 1}
+    return any(a in fsdp for e in spec[:-1] for a in entry_axes(e))
 
 
 def _overflow(lv: Leaves, mesh: MeshShape, w: Workload) -> int:

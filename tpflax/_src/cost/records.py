@@ -147,7 +147,8 @@ class Peak:
             layer's working set takes the larger of the two, not their sum (:attr:`layer`).
         head: XLA:TPU under remat, at the loss: the head's kernel gathered over the fsdp axes (a tied table
             held from the lookup) and, in a float32 step, its whole weight gradient, formed while the
-            logits hold theirs (:attr:`start`).
+            logits hold theirs (:attr:`start`). Without remat, an output layer's kernel gathered over the fsdp
+            axes that split its features, held from the logits into its backward (a tied table: not counted).
         score_stack: XLA:TPU under remat, a 16-bit step with the heads split over a tensor axis: the float32
             scores' freed region that the attention backward's buffers in flight cannot take, counted twice
             by the compiled temp, less the layer's recompute it hosts (``tpflax._src.cost.peak.score_stack``).
@@ -247,7 +248,7 @@ class Peak:
 
         >>> Peak(activations=6, gathered=5, logits=3, head=1).start, Peak(activations=6, gathered=5, logits=3,
         ...                                                                head=1, loss_apart=True).start
-        (14, 11)
+        (15, 11)
         >>> Peak(activations=6, gathered=5, logits=3, head=1, loss_apart=True, tail=2).start  # 6 + max(4, 5 - 2)
         10
         >>> Peak(activations=6, gathered=5, attention=4, phased=True, forward_end=12).start  # not 6 + 5 + 4
@@ -271,7 +272,7 @@ class Peak:
         if not self.loss_apart and self.forward_end:  # the whole live set of that phase, by name
             name, live = "forward end", {"forward_end": self.forward_end}
         elif not self.loss_apart:
-            name, live = "backward start", {**saved, **layer, **loss}
+            name, live = "backward start", {**saved, **layer, **loss, "head": self.head}
         elif sum(loss.values()) + self.head >= sum(last.values()) - sum(saved.values()):
             name, live = "backward start: loss", {**saved, **loss, "head": self.head}
         else:
