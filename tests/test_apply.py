@@ -641,3 +641,19 @@ def test_adafactor_moments_of_equal_dims_follow_the_dim_they_keep(split, mesh):
     for a, b in zip(jax.tree_util.tree_leaves(tpflax.unshard(got_state)), jax.tree_util.tree_leaves(want_state),
                     strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+def test_unshard_returns_a_key_array_of_its_own_that_outlives_a_donation():
+    """Typed PRNG keys have no numpy form: unshard gathers their key data and wraps it again, a new key array
+    on one device. It returned the placed array itself, still sharded, which a step donating the placed tree
+    deleted under the caller's "host copy"."""
+    mesh = tpflax.make_mesh({"data": 2, "model": 4})
+    tree = {"w": np.arange(64, dtype=np.float32).reshape(8, 8), "keys": jax.random.split(jax.random.key(0), 8)}
+    plan = tpflax.plan(tree, mesh.shape, rules=[("w", P("data", "model")), ("keys", P("model"))])
+    placed = tpflax.shard(tree, plan, mesh)
+    host = tpflax.unshard(placed)
+    assert host["keys"] is not placed["keys"] and len(host["keys"].sharding.device_set) == 1
+    jax.jit(lambda t: t, donate_argnums=0)(placed)  # deletes every placed array
+    assert placed["keys"].is_deleted() and not host["keys"].is_deleted()
+    assert jax.random.key_impl(host["keys"]) == jax.random.key_impl(tree["keys"])
+    assert same_bytes(jax.random.key_data(host["keys"]), jax.random.key_data(tree["keys"]))

@@ -484,3 +484,23 @@ def test_resume_on_another_mesh_matches_the_uninterrupted_run(tmp_path):
             np.testing.assert_allclose(first + rest, straight, rtol=1e-5)
         else:  # the same layout runs the same compiled program on the same values: bit-exact
             assert first + rest == straight
+
+
+def test_shardings_without_like_are_matched_to_the_stored_leaves_by_path(tmp_path):
+    """Restored without ``like=``, the stored tree is orbax's nested dicts, whose leaves need not come in the
+    caller's order: layers keyed 0..10 are stored as "0", "1", "10", "2", ... Each sharding goes to the leaf
+    at its path (they were paired by position: layer 10 came back with layer 2's layout), and shardings that
+    do not cover the stored leaves are a PlanMismatchError naming them, not jax's bare error."""
+    mesh = tpflax.make_mesh({"data": 2, "model": 4})
+    params = {i: jax.numpy.full((8, 8), float(i)) for i in range(11)}
+    plan = tpflax.plan(params, mesh.shape, rules=[("^[0-5]$", P("data", "model")), (".", P("model", "data"))])
+    tpflax.save_checkpoint(tmp_path / "p", tpflax.shard(params, plan, mesh))
+    want = tpflax.shardings(plan, mesh, params)
+    got = tpflax.restore_checkpoint(tmp_path / "p", shardings=want)
+    assert sorted(got, key=int) == [str(i) for i in range(11)]
+    for i in range(11):
+        assert got[str(i)].sharding == want[i], i
+        assert_bit_exact(got[str(i)], params[i])
+    with pytest.raises(tpflax.PlanMismatchError) as info:
+        tpflax.restore_checkpoint(tmp_path / "p", shardings={i: want[i] for i in range(10)})
+    assert "no sharding for stored leaf 10" in str(info.value) and "like=" in str(info.value)

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from tpflax._src.apply.put import put
+from tpflax._src.apply.put import check_values, put
 from tpflax._src.errors import SpecError
 from tpflax._src.facts.tree import keystr
 from tpflax._src.mesh import batch_pspec, device_mesh, mesh_shape, sharding_mesh
@@ -101,6 +101,7 @@ def shard_batch(batch: Any, mesh: Any, *, process_local: bool = False,
     mesh = device_mesh(mesh)
     spec = batch_spec(mesh, axis_roles=axis_roles)
     flat, treedef = jax.tree_util.tree_flatten(batch)
+    check_values(batch, flat, narrow=False, what="the batch")  # int64 ids narrow to int32, as jax does
     if process_local:  # local parts: the global dim is checked by jax when it assembles them
         shards = [NamedSharding(mesh, spec if np.ndim(x) else PartitionSpec()) for x in flat]
         out = [jax.make_array_from_process_local_data(s, np.asarray(x)) for x, s in

@@ -13,7 +13,7 @@ from typing import Any
 from jax.sharding import NamedSharding
 
 from tpflax._src.apply.bind import bind_mesh, rebox_all
-from tpflax._src.apply.put import place_tree, put
+from tpflax._src.apply.put import check_values, place_tree, put
 from tpflax._src.apply.stored import has_layouts, reorder, tree_layouts
 from tpflax._src.facts.tree import unbox
 from tpflax._src.planner.plan import Plan
@@ -54,6 +54,7 @@ def shard_module(obj: Any, plan: Plan, mesh: Any = None, *, per_shard: bool = Fa
     mesh = bind_mesh(plan, mesh)
     boxes, treedef, specs = state_leaf_specs(state, plan)
     values = [unbox(b) for b in boxes]
+    check_values(state, values, what="the optimizer's state")
     if has_layouts(plan) and not stored:  # in the model's order, as shard() takes it: laid-out leaves stored
         values = reorder(values, tree_layouts(plan, state))
     placed = put(values, [NamedSharding(mesh, s) for s in specs], per_shard=per_shard)

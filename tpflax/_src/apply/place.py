@@ -25,7 +25,7 @@ from tpflax._src.apply.bind import (
     rebox,
     rebox_all,
 )
-from tpflax._src.apply.put import place_tree
+from tpflax._src.apply.put import check_values, place_tree
 from tpflax._src.apply.stored import has_layouts, reorder, tree_layouts
 from tpflax._src.errors import TreeError
 from tpflax._src.facts.tree import is_box, unbox, walk
@@ -166,7 +166,9 @@ def unshard(tree: Any, plan: Plan | None = None) -> Any:
 
         tree = nnx.state(tree)
     boxes, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_box)
-    values = [_gather(unbox(b)) for b in boxes]
+    values = [unbox(b) for b in boxes]
+    check_values(tree, values, narrow=False, what="the tree")  # a deleted (donated) array, by its path
+    values = [_gather(x) for x in values]
     if plan is not None and has_layouts(plan):
         values = reorder(values, tree_layouts(plan, tree), back=True)
     return jax.tree_util.tree_unflatten(treedef, [rebox(b, v) for b, v in zip(boxes, values, strict=True)])
@@ -175,7 +177,9 @@ def unshard(tree: Any, plan: Plan | None = None) -> Any:
 def _gather(x: Any) -> Any:
     if isinstance(x, jax.Array):
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            return x  # typed PRNG keys have no numpy form; keep the jax array
+            # typed PRNG keys have no numpy form: their key data is gathered like any array and wrapped again, a
+            # new key array on the default device (not the placed one, which a donating step deletes)
+            return jax.random.wrap_key_data(_gather(jax.random.key_data(x)), impl=jax.random.key_impl(x))
         if not x.is_fully_addressable:
             from jax.experimental import multihost_utils
 

@@ -15,11 +15,12 @@ from typing import Any
 import jax
 import numpy as np
 from jax.sharding import NamedSharding
+from jax.tree_util import keystr
 
 from tpflax._src.apply.bind import bind_mesh, match_plan, plan_leaf_shardings, rebox_all
 from tpflax._src.apply.stored import has_layouts, reorder
 from tpflax._src.errors import TpflaxWarning, TreeError
-from tpflax._src.facts.tree import unbox, walk
+from tpflax._src.facts.tree import is_box, unbox, walk
 from tpflax._src.planner.plan import Plan
 
 
@@ -103,9 +104,7 @@ def place_tree(tree: Any, plan: Plan, mesh: Any = None, *, per_shard: bool = Fal
     mesh = bind_mesh(plan, mesh)
     boxes, treedef, shards = plan_leaf_shardings(plan, mesh, tree)
     values = [unbox(b) for b in boxes]
-    problems = _value_problems(tree, values)
-    if problems:  # raised before anything moves: never a partially placed tree
-        raise TreeError("the tree cannot be placed bit-exact", problems)
+    check_values(tree, values)
     if check_finite is not False:
         _warn_nonfinite(tree, values, everywhere=bool(check_finite))
     if has_layouts(plan):  # head-aligned fused kernels: into the stored order (new arrays)
@@ -113,27 +112,47 @@ def place_tree(tree: Any, plan: Plan, mesh: Any = None, *, per_shard: bool = Fal
     return rebox_all(boxes, put(values, shards, per_shard=per_shard, donate=donate), treedef)
 
 
-def _value_problems(tree: Any, values: Sequence[Any]) -> list[str]:
-    """Leaves that cannot be placed bit-exact: deleted arrays, 64-bit values jax would narrow."""
+def check_values(tree: Any, values: Sequence[Any], *, narrow: bool = True, what: str = "the tree") -> None:
+    """Raise TreeError, naming each leaf, when ``values`` (the unboxed leaves of ``tree``, in its flattening
+    order with flax boxes as leaves) cannot be placed or read bit-exact: a deleted array (donated to a jitted
+    step), or, with ``narrow``, a 64-bit host value jax would narrow to 32 bits. Raised before anything moves:
+    never a partially placed tree.
+
+    >>> import jax.numpy as jnp, numpy as np
+    >>> check_values({"w": np.zeros(2, np.float32)}, [np.zeros(2, np.float32)])
+    >>> x = jnp.ones(3); x.delete()
+    >>> check_values({"opt": {"mu": x}}, [x])
+    Traceback (most recent call last):
+    tpflax._src.errors.TreeError: the tree cannot be placed bit-exact
+      - opt/mu: the array (shape (3,)) was deleted, e.g. donated to a jitted step; pass the step's output or a live copy
+    """
     suspects = [i for i, x in enumerate(values) if isinstance(x, (jax.Array, np.ndarray, np.generic))
                 and (x.is_deleted() if isinstance(x, jax.Array)
-                     else jax.dtypes.canonicalize_dtype(x.dtype) != x.dtype)]
+                     else narrow and jax.dtypes.canonicalize_dtype(x.dtype) != x.dtype)]
     if not suspects:
-        return []
-    leaves, _ = walk(tree)  # paths for the message; walked only when something is wrong
+        return
+    # paths for the message, found only when something is wrong: the planned tree's as walk() names them, any
+    # other pytree's (an optimizer state with empty or non-array leaves, a batch) by its keys
+    try:
+        paths = [leaf.path for leaf in walk(tree)[0]]
+    except TreeError:
+        paths = [keystr(p, simple=True, separator="/")
+                 for p, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)[0]]
+    paths = paths if len(paths) == len(values) else None
     problems = []
     for i in suspects:
-        leaf, x = leaves[i], values[i]
+        x = values[i]
+        where = (paths[i] or "the root") if paths else f"leaf {i}"
         if isinstance(x, jax.Array):
-            problems.append(f"{leaf.path}: the array (shape {leaf.shape}) was deleted, e.g. donated to a "
+            problems.append(f"{where}: the array (shape {tuple(x.shape)}) was deleted, e.g. donated to a "
                             "jitted step; pass the step's output or a live copy")
         else:
             canon = jax.dtypes.canonicalize_dtype(x.dtype)
             problems.append(
-                f"{leaf.path}: {x.dtype} array of shape {leaf.shape} would become {canon} on device "
+                f"{where}: {x.dtype} array of shape {tuple(np.shape(x))} would become {canon} on device "
                 f"(jax_enable_x64 is off), losing bits; cast it with .astype('{canon}') and re-plan, "
                 "or enable jax.config.update('jax_enable_x64', True)")
-    return problems
+    raise TreeError(f"{what} cannot be placed bit-exact", problems)
 
 
 def _nonfinite_count(x: Any, everywhere: bool) -> int:

@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding
 
 from tpflax._src.apply import nnx as nnx_apply
 from tpflax._src.apply.bind import bind_mesh, is_graph_node, match_plan, rebox_all
-from tpflax._src.apply.put import put
+from tpflax._src.apply.put import check_values, put
 from tpflax._src.apply.stored import check_order, has_layouts, reorder, reorder_traced, tree_layouts
 from tpflax._src.errors import OptionError, PlanMismatchError
 from tpflax._src.facts.tree import is_box, keystr, unbox, walk
@@ -199,6 +199,7 @@ def shard_optimizer_state(optimizer: Any, opt_state: Any, plan: Plan, mesh: Any 
         made_from = params_for_state(optimizer, opt_state, plan, params)
         boxes, treedef, specs = state_leaf_specs(opt_state, plan, optimizer=optimizer, params=made_from)
         values = [unbox(b) for b in boxes]
+        check_values(opt_state, values, what="the optimizer state")
         if moved:  # the moments of head-aligned kernels into the stored order
             values = reorder(values, tree_layouts(plan, opt_state, optimizer=optimizer, params=made_from))
         placed = put(values, [NamedSharding(mesh, s) for s in specs])
@@ -259,6 +260,7 @@ def shard_train_state(state: Any, plan: Plan, mesh: Any = None, *, order: str = 
     tx = getattr(state, "tx", None)
     boxes, treedef, specs = state_leaf_specs(state, plan, optimizer=tx, params=params)
     values = [unbox(b) for b in boxes]
+    check_values(state, values, what="the train state")
     if check_order(order) == "model" and has_layouts(plan):
         values = reorder(values, tree_layouts(plan, state, optimizer=tx, params=params))
     placed = put(values, [NamedSharding(mesh, s) for s in specs])
