@@ -69,6 +69,14 @@ class Dropping(nn.Module):
         return nn.Dropout(0.5, deterministic=False)(nn.Dense(8)(x))
 
 
+class Widened(nn.Module):
+    """Dropping's Dense at twice the width: another model than PLAN_DROP was made for."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(16)(x)
+
+
 PLAN_DROP = tpflax.plan({"params": {"Dense_0": {"kernel": S((4, 8), "float32"), "bias": S((8,), "float32")}}},
                         {"model": 2})
 
@@ -77,6 +85,27 @@ def deleted():
     x = jnp.ones((4, 8))
     x.delete()  # what donating it to a jitted step does
     return {"a": {"kernel": x}, "b": {"kernel": np.ones((8, 4), np.float32)}}
+
+
+def adam_state_as_saved_with_x64():
+    """An adam state as a numpy checkpoint written with jax_enable_x64 on gives it back: an int64 count past
+    2**32 and float64 moments (shard_optimizer_state narrowed them to int32 and float32 without a word)."""
+    st = jax.tree_util.tree_map(np.asarray, optax.adam(1e-3).init(TREE))
+    mu = jax.tree_util.tree_map(lambda x: x.astype(np.float64), st[0].mu)
+    return (st[0]._replace(count=np.int64(2**32 + 5), mu=mu), st[1])
+
+
+def train_state(**fields):
+    from flax.training import train_state as ts
+
+    return ts.TrainState.create(apply_fn=None, params=TREE, tx=optax.adam(1e-3)).replace(**fields)
+
+
+def donated(tree_):
+    """``tree_`` after a jitted step that donated it: every array deleted."""
+    for x in jax.tree_util.tree_leaves(tree_):
+        x.delete()
+    return tree_
 
 
 def init_with_outside_rngs():
@@ -219,6 +248,25 @@ BAD = [
         tpflax.TreeError, ("step:", "int64", "int32", ".astype('int32')")),
     Bad("a donated (deleted) array", lambda: tpflax.shard(deleted(), PLAN, mesh(model=2)),
         tpflax.TreeError, ("a/kernel", "(4, 8)", "deleted", "donated", "live copy")),
+    Bad("an optimizer state with 64-bit leaves jax would narrow",
+        lambda: tpflax.shard_optimizer_state(optax.adam(1e-3), adam_state_as_saved_with_x64(), PLAN, mesh(model=2)),
+        tpflax.TreeError, ("optimizer state", "0/count", "int64", "int32", "0/mu/a/kernel", "float64",
+                           "jax_enable_x64")),
+    Bad("a train state whose step jax would narrow",
+        lambda: tpflax.shard_train_state(train_state(step=np.int64(2**32 + 5)), PLAN, mesh(model=2)),
+        tpflax.TreeError, ("train state", "step:", "int64", "int32")),
+    Bad("a donated optimizer state",
+        lambda: tpflax.shard_optimizer_state(optax.adam(1e-3), donated(
+            tpflax.shard_optimizer_state(optax.adam(1e-3), None, PLAN, mesh(model=2))), PLAN, mesh(model=2)),
+        tpflax.TreeError, ("optimizer state", "0/mu/a/kernel", "(4, 8)", "deleted", "donated")),
+    Bad("a donated train state",
+        lambda: tpflax.shard_train_state(donated(tpflax.shard_train_state(train_state(), PLAN, mesh(model=2))),
+                                         PLAN, mesh(model=2)),
+        tpflax.TreeError, ("train state", "params/a/kernel", "deleted", "donated")),
+    Bad("unshard of a donated tree", lambda: tpflax.unshard(deleted()),
+        tpflax.TreeError, ("a/kernel", "(4, 8)", "deleted", "live copy")),
+    Bad("a donated batch", lambda: tpflax.shard_batch(donated({"x": jnp.ones((4, 3))}), mesh(data=2)),
+        tpflax.TreeError, ("the batch", "x:", "(4, 3)", "deleted", "donated")),
     Bad("batch that does not split",
         lambda: tpflax.shard_batch({"x": np.ones((3, 4), np.float32)}, mesh(data=2)),
         tpflax.SpecError, ("x:", "(3, 4)", "data=2", "multiple of 2")),
@@ -292,6 +340,27 @@ BAD = [
         EstimateError, ("expected a tpflax.Plan", "NoneType", "tpflax.plan(tree, mesh)")),
     Bad("model factory string that does not import", lambda: load_model("no_such_pkg.models:make"),
         tpflax.ModelLoadError, ("'no_such_pkg.models'", "cannot import", "PYTHONPATH")),
+    Bad("device memory that is not finite (a bare OverflowError before)",
+        lambda: tpflax.suggest_mesh(tpflax.zoo.get("mlp"), 8, float("inf")),
+        tpflax.SuggestError, ("device memory", "inf", "finite number of bytes")),
+    Bad("less than a byte of device memory (read as none before)",
+        lambda: tpflax.suggest_mesh(tpflax.zoo.get("mlp"), 8, 0.5),
+        tpflax.SuggestError, ("0.5", "at least 1")),
+    Bad("an ICI bandwidth that is NaN (a bare ValueError from the ranking before)",
+        lambda: tpflax.suggest_mesh(tpflax.zoo.get("mlp"), 8, "1GiB", ici_bandwidth=float("nan")),
+        tpflax.SuggestError, ("nan", "finite rate of at least 1 byte/s")),
+    Bad("a DCN bandwidth too small to price (an Infinity in --json before)",
+        lambda: tpflax.suggest_mesh(tpflax.zoo.get("mlp"), 8, "1GiB", dcn_bandwidth=1e-320),
+        tpflax.SuggestError, ("1e-320", "at least 1 byte/s")),
+    Bad("a reserve given as text (a bare TypeError before)",
+        lambda: tpflax.suggest_mesh(tpflax.zoo.get("mlp"), 8, "1GiB", reserve="0.1"),
+        tpflax.SuggestError, ("'0.1'", "[0, 1)", "fraction of device memory")),
+    Bad("report of a plan with another mesh's estimate (rendered together before)",
+        lambda: tpflax.report(PLAN, tpflax.estimate(tpflax.plan(TREE, {"data": 2}), optax.adam(1e-3), (8, 4))),
+        tpflax.PlanMismatchError, ("estimate was made for mesh data=2", "the plan is for model=2",
+                                   "tpflax.estimate(plan")),
+    Bad("report of no width (textwrap's bare ValueError before)", lambda: tpflax.report(PLAN, width=0),
+        tpflax.OptionError, ("width 0", "positive number of columns")),
     Bad("zoo size the model does not have", lambda: tpflax.zoo.get("llama-2-7b", size="tiny"),
         tpflax.ModelLoadError, ("'llama-2-7b'", "'tiny'", "available: real")),
     Bad("report in an unknown format", lambda: tpflax.report(PLAN, fmt="xml"),
@@ -303,6 +372,13 @@ BAD = [
         lambda: tpflax.plan({"params": {"kernel": S((4, 8), "float32"), "bias": S((8,), "float32")}},
                             {"model": 2}, model=nn.Dense(8)),
         tpflax.TraceError, ("Dense", "sample=(x,)")),
+    Bad("estimate of a model function that cannot run (priced by the formula, 'pass model=', before)",
+        lambda: tpflax.estimate(PLAN, optax.adam(1e-3), model=lambda v, x: x @ v["no_such"]["kernel"],
+                                sample=(S((2, 4), "float32"),)),
+        tpflax.TraceError, ("could not trace", "KeyError", "no_such")),
+    Bad("estimate of another model than the plan's (its activations priced beside the plan's parameters before)",
+        lambda: tpflax.estimate(PLAN_DROP, optax.adam(1e-3), model=Widened(), sample=(S((2, 4), "float32"),)),
+        tpflax.PlanMismatchError, ("not the model the plan was made for", "Dense_0/kernel", "(4, 8)", "(4, 16)")),
     Bad("estimate of a model whose call needs a dropout rng (a bare flax InvalidRngError before)",
         lambda: tpflax.estimate(PLAN_DROP, None, {"x": (2, 4)}, model=Dropping(), sample=(S((2, 4), "float32"),)),
         tpflax.TraceError, ("Dropping", "InvalidRngError", "rngs={'dropout'")),

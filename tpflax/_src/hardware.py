@@ -151,8 +151,8 @@ def parse_bytes(value: Any, what: str = "device memory") -> int:
             raise SuggestError(f"{what} {value!r} cannot be parsed; write e.g. '95GiB', '16GB' or a number "
                                "of bytes (GB = 1e9 bytes, GiB = 2**30)")
         n = float(m.group(1)) * units[unit]
-    if not n > 0:
-        raise SuggestError(f"{what} {value!r} must be positive")
+    if not (1 <= n < float("inf")):  # NaN and inf too: a size is a finite count of bytes
+        raise SuggestError(f"{what} {value!r} must be a finite number of bytes, at least 1")
     return int(n)
 
 
@@ -163,9 +163,7 @@ def parse_bandwidth(value: Any, what: str) -> float:
     (50000000000.0, 50000000000.0)
     """
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value <= 0:
-            raise SuggestError(f"{what} {value!r} must be positive")
-        return float(value)
+        return _finite_rate(float(value), value, what)
     text = str(value).strip()
     m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][+-]?\d+)?)\s*([KMGT]?)(bps|b/s|B/s|Bps|)", text)
     if not m:
@@ -174,8 +172,19 @@ def parse_bandwidth(value: Any, what: str) -> float:
     n = float(m.group(1)) * scale
     if m.group(3) in ("bps", "b/s"):
         n /= 8
-    if not n > 0:
-        raise SuggestError(f"{what} {value!r} must be positive")
+    return _finite_rate(n, value, what)
+
+
+def _finite_rate(n: float, value: Any, what: str) -> float:
+    """``n`` bytes/s, or a SuggestError: NaN, inf and rates under a byte a second would price a collective at
+    no time or at infinite time (an ``Infinity`` in ``--json`` output).
+
+    >>> _finite_rate(float("nan"), "nan", "ICI bandwidth")
+    Traceback (most recent call last):
+    tpflax._src.errors.SuggestError: ICI bandwidth 'nan' must be a finite rate of at least 1 byte/s
+    """
+    if not (1 <= n < float("inf")):
+        raise SuggestError(f"{what} {value!r} must be a finite rate of at least 1 byte/s")
     return n
 
 

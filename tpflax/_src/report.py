@@ -244,11 +244,19 @@ def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool
     >>> "savings" in report(p)
     True
     """
-    from tpflax._src.errors import OptionError
+    from tpflax._src.errors import OptionError, PlanMismatchError
 
     if not isinstance(plan, Plan):
         raise OptionError(f"report() expects a tpflax.Plan, got {type(plan).__name__}; make one with "
                           "tpflax.plan(tree, mesh)")
+    for name, other in (("estimate", estimate), ("dry run", dry_run)):
+        made_for = getattr(other, "mesh", None)
+        if made_for is not None and getattr(made_for, "sizes", made_for) != plan.mesh.sizes:
+            raise PlanMismatchError(f"the {name} was made for mesh {made_for}, the plan is for {plan.mesh}: "
+                                    f"report a plan with its own {name} (tpflax.estimate(plan, ...), "
+                                    "tpflax.dry_run(step, plan, mesh))")
+    if width is not None and not (isinstance(width, int) and width > 0):
+        raise OptionError(f"width {width!r} must be a positive number of columns (or None: the terminal's)")
     if why is not None:
         from tpflax._src.why import write_why
 

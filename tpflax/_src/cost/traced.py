@@ -293,10 +293,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None
     from tpflax._src.trace.dataflow import dataflow
     from tpflax._src.trace.spread import spread_streams
 
-    try:
-        flow = dataflow(m, mesh=mesh)
-    except TraceError:
-        return Traced()
+    flow = dataflow(m, mesh=mesh)  # a model that cannot run is a TraceError, as in plan(model=)
     leaves = jax.tree_util.tree_leaves(m.sample)
     examples = leaves[0].shape[0] if leaves and getattr(leaves[0], "shape", ()) else 1
     ops: dict[str, set[str]] = {}

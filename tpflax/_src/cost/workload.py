@@ -287,7 +287,42 @@ def _model(plan, model: Any, sample: Any):
     from tpflax._src.model import as_model
 
     m = as_model(model, sample)
-    return m if m.variables is not None else m.with_variables(planned_tree(plan))
+    if m.variables is None:
+        return m.with_variables(planned_tree(plan))
+    _check_planned(plan, m)
+    return m
+
+
+def _check_planned(plan, m: Any) -> None:
+    """Raise PlanMismatchError when the model's own variables (a module's abstract init) give a leaf the plan
+    has another shape: the estimate would price one model's activations beside another's parameters.
+
+    >>> import jax, flax.linen as nn, tpflax
+    >>> from tpflax._src.model import as_model
+    >>> x = jax.ShapeDtypeStruct((8, 16), "float32")
+    >>> p = tpflax.plan(jax.eval_shape(nn.Dense(64).init, jax.random.key(0), x), {"model": 4})
+    >>> try:
+    ...     _check_planned(p, as_model(nn.Dense(128), (x,)))
+    ... except tpflax.PlanMismatchError as e:
+    ...     for line in str(e).splitlines()[1:]:
+    ...         print(line)
+      - params/bias: the plan has (64,), the model (128,)
+      - params/kernel: the plan has (16, 64), the model (16, 128)
+    """
+    from tpflax._src.errors import PlanMismatchError, TpflaxError
+    from tpflax._src.facts.tree import walk
+
+    try:
+        own = {leaf.path: tuple(leaf.shape) for leaf in walk(m.variables)[0]}
+    except TpflaxError:  # nothing to compare against
+        return
+    # a plan of the params collection alone names its leaves without the collection
+    own.update({p[len("params/"):]: s for p, s in list(own.items()) if p.startswith("params/")})
+    bad = [f"{p}: the plan has {tuple(d.shape)}, the model {own[p]}" for p, d in sorted(plan.decisions.items())
+           if p in own and own[p] != tuple(d.shape)]
+    if bad:
+        raise PlanMismatchError("model= is not the model the plan was made for: its own variables differ from "
+                                "the planned tree", bad[:8] + ([f"... and {len(bad) - 8} more"] if len(bad) > 8 else []))
 
 
 def _at_batch_shape(m: Any, batch: Any) -> tuple[Any, Any]:

@@ -407,8 +407,8 @@ def suggest_mesh(model_or_tree: Any, devices: int, device_memory: Any = None, ha
     t0 = time.perf_counter()
     if isinstance(devices, bool) or not isinstance(devices, int) or devices <= 0:
         raise SuggestError(f"devices must be a positive integer, got {devices!r}")
-    if not 0 <= reserve < 1:
-        raise SuggestError(f"reserve {reserve!r} must be a fraction in [0, 1)")
+    if isinstance(reserve, bool) or not isinstance(reserve, (int, float)) or not 0 <= reserve < 1:
+        raise SuggestError(f"reserve {reserve!r} must be a number in [0, 1): the fraction of device memory kept free")
     hw = get_hardware(hardware, device_memory=device_memory, fast_bandwidth=ici_bandwidth,
                       slow_bandwidth=dcn_bandwidth, chips_per_host=chips_per_host, fast_domain=fast_domain)
     mem_limit = int(hw.device_memory * (1 - reserve))
