@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
+
 from tpflax._src.cost.activations import trace_activations
 from tpflax._src.cost.batch import (
     Batch,
@@ -167,6 +169,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
     (4, 260)
     """
     _check_options(act_dtype, grad_dtype, backend, expert_dispatch)
+    _check_hints(config)
     sample, assumed = _sample_of(plan, model, sample, batch)
     m, batch = _at_batch_shape(_model(plan, model, sample), batch)
     if m is None:  # a bare (batch, seq) of a tree with a token table is ids, as plan(batch=) reads it
@@ -291,6 +294,26 @@ def _model(plan, model: Any, sample: Any):
         return m.with_variables(planned_tree(plan))
     _check_planned(plan, m)
     return m
+
+
+# the config hints the formula multiplies: each a positive whole number where given
+SIZE_HINTS = ("vocab", "seq_len", "d_model", "n_heads", "n_kv_heads", "head_dim", "n_layers", "d_ff")
+
+
+def _check_hints(config: Any) -> None:
+    """Raise EstimateError for a given size hint that is not a positive whole number (a negative layer count
+    gave negative activation bytes; a string one a bare TypeError from the formula).
+
+    >>> _check_hints({"n_layers": 2, "d_model": 64}), _check_hints(None)
+    (None, None)
+    >>> _check_hints({"n_layers": -2})
+    Traceback (most recent call last):
+    tpflax._src.errors.EstimateError: config n_layers=-2 must be a positive whole number
+    """
+    for name in SIZE_HINTS:
+        v = config_value(config, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
+            raise EstimateError(f"config {name}={v!r} must be a positive whole number")
 
 
 def _check_planned(plan, m: Any) -> None:
