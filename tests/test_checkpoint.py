@@ -504,3 +504,32 @@ def test_shardings_without_like_are_matched_to_the_stored_leaves_by_path(tmp_pat
     with pytest.raises(tpflax.PlanMismatchError) as info:
         tpflax.restore_checkpoint(tmp_path / "p", shardings={i: want[i] for i in range(10)})
     assert "no sharding for stored leaf 10" in str(info.value) and "like=" in str(info.value)
+
+
+def test_boxed_shardings_without_like_are_matched_by_the_boxes_paths(tmp_path):
+    """Shardings read off a placed boxed tree (``jax.tree.map(lambda x: x.sharding, placed)`` keeps each
+    ``nn.Partitioned`` or nnx ``Variable`` around its sharding) name their leaves by the box's path, as the
+    stored tree does, not by the box's field (``kernel/value``)."""
+    import flax.linen as nn
+
+    class Boxed(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(8, kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(), (None, "model")))(x)
+
+    mesh = tpflax.make_mesh({"model": 4})
+    v = Boxed().init(jax.random.key(0), jax.numpy.ones((2, 4)))
+    plan = tpflax.plan(v, mesh.shape)
+    placed = tpflax.shard(v, plan, mesh)
+    tpflax.save_checkpoint(tmp_path / "b", placed)
+    boxed = jax.tree_util.tree_map(lambda x: x.sharding, placed)
+    got = tpflax.restore_checkpoint(tmp_path / "b", shardings=boxed)
+    assert got["params"]["Dense_0"]["kernel"].sharding.spec == P(None, "model")
+    assert_bit_exact(got, tpflax.unshard(placed))
+
+    layer = nnx.Linear(4, 8, rngs=nnx.Rngs(0))
+    state = nnx.state(layer)
+    placed = tpflax.shard(state, tpflax.plan(state, mesh.shape, rules=[("kernel", "column")]), mesh)
+    tpflax.save_checkpoint(tmp_path / "n", placed)
+    got = tpflax.restore_checkpoint(tmp_path / "n", shardings=jax.tree_util.tree_map(lambda x: x.sharding, placed))
+    assert got["kernel"].sharding.spec == P(None, "model") and got["bias"].sharding.spec == P("model")

@@ -1200,3 +1200,26 @@ def test_a_scanned_stack_gathers_one_layer_at_a_time_like_its_unrolled_twin(mesh
     # both plans split them alike (a scanned stack's whole GQA key/value is priced inside the loop: test_choose)
     scanned, unrolled = (_estimate(n, mesh, n_kv_heads=4)[2].breakdown for n in ("llama-scan", "llama"))
     assert (scanned.gathered, scanned.gathered_last) == (unrolled.gathered, unrolled.gathered_last) != (0, 0)
+
+
+def test_an_untied_head_gathered_at_the_loss_is_counted_once():
+    """On TPU without remat an output layer split over fsdp on its features holds its gathered kernel at the loss
+    (Peak.head; the HF Llama-2-7B-width dump, benchmarks/results/third_party_peak.md). Where the head is itself
+    the largest block ``gathered`` holds, it is not counted again (a 512-wide model with a 32,000 vocabulary and
+    a 1024-wide MLP); where a layer is larger, it is (the same head beside a 32,768-wide MLP)."""
+    from jax.sharding import PartitionSpec as P
+
+    def breakdown(width):
+        s = lambda *shape: jax.ShapeDtypeStruct(shape, "bfloat16")  # noqa: E731
+        tree = {"lm_head": {"kernel": s(512, 32000)},  # no token table: the inputs are features
+                **{f"layers_{i}": {"up": {"kernel": s(512, width)}, "down": {"kernel": s(width, 512)}}
+                   for i in range(2)}}
+        p = tpflax.plan(tree, {"fsdp": 2, "model": 4}, rules=[("lm_head", P("fsdp", "model"))])
+        cfg = {"vocab": 32000, "d_model": 512, "n_layers": 2, "n_heads": 8, "seq_len": 256}
+        return tpflax.estimate(p, ADAM, (8, 256), config=cfg, backend="tpu").breakdown
+
+    head = 512 * 32000 // 4 * 2  # bf16, the vocabulary split over model=4, gathered over fsdp
+    small, large = breakdown(1024), breakdown(32768)
+    assert small.gathered_last == head and small.head == 0  # the head is the largest block: in ``gathered``
+    assert large.gathered_last == 2 * 512 * 32768 // 4 * 2 > head and large.head == head
+    assert large.phase() == ("backward start", large.phase()[1]) and large.phase()[1]["head"] == head

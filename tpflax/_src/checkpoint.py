@@ -445,9 +445,11 @@ def _shardings_by_path(shardings: Any, stored_paths: list[Any], item: Path) -> l
     """``shardings``' leaves in the order of the stored tree's leaves, matched by path (restored without
     ``like=``: the stored tree is orbax's nested dicts, whose order need not be the caller's: layers keyed
     0..10 are stored as "0", "1", "10", "2", ...; a ``TrainState``'s fields in another order)."""
+    # a sharding in a flax box (jax.tree.map(lambda x: x.sharding, placed) over nn.Partitioned leaves or an nnx
+    # State) is named by the box's path, as the stored leaf is, not by the box's own field (".../value")
     flat, _ = jax.tree_util.tree_flatten_with_path(
-        shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-    given = {_key_names(p): s for p, s in flat}
+        shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding) or is_box(x))
+    given = {_key_names(p): unbox(s) for p, s in flat}
     want = [_key_names(p) for p in stored_paths]
     missing = ["/".join(w) for w in want if w not in given]
     extra = sorted("/".join(g) for g in set(given) - set(want))

@@ -9,6 +9,7 @@ as a lockfile says what made it (see :func:`tpflax.diff`).
 from __future__ import annotations
 
 import json
+import numbers
 import re
 import shutil
 import textwrap
@@ -255,7 +256,7 @@ def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool
             raise PlanMismatchError(f"the {name} was made for mesh {made_for}, the plan is for {plan.mesh}: "
                                     f"report a plan with its own {name} (tpflax.estimate(plan, ...), "
                                     "tpflax.dry_run(step, plan, mesh))")
-    if width is not None and not (isinstance(width, int) and width > 0):
+    if width is not None and (isinstance(width, bool) or not isinstance(width, numbers.Integral) or width < 1):
         raise OptionError(f"width {width!r} must be a positive number of columns (or None: the terminal's)")
     if why is not None:
         from tpflax._src.why import write_why

@@ -429,8 +429,10 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
         # just before the head's matmul and held into its backward, live at the loss beside the logits: the HF
         # Llama-2-7B-width fsdp=2,model=4 dump holds its bf16[4096,8000] lm_head at the peak (62.5 MiB, the
         # logits' f32[4,511,8000] beside it; benchmarks/results/third_party_peak.md). A tied table is not counted:
-        # its published-width rows read over with it (GPT-2, OPT, Gemma) as often as under (BLOOM)
+        # its published-width rows read over with it (GPT-2, OPT, Gemma) as often as under (BLOOM). A head at least
+        # as large as the largest layer's gathered weights is that block of ``gathered`` already: not twice
         head_kernel = head_bytes(lv, mesh, head)[0]
+        head_kernel = head_kernel if head_kernel < one else 0
     tail = tail_bytes(lv, w, mesh, shards) * held // w.act_item if apart else 0
     stack = score_stack(elems, held, split_probs_item(w, held), recompute - SCORES_SAVED * scores) \
         if apart and split_heads else 0

@@ -331,7 +331,8 @@ class Peak:
         name, held = self._start_phase()
         start = {"forward end": "end of the forward pass", "stem backward": "conv stem backward",
                  "backward start: loss": "saved + logits + head",
-                 "backward start: last layer": "saved + layer - dead outputs"}.get(name, "saved + layer + logits")
+                 "backward start: last layer": "saved + layer - dead outputs"}.get(
+                     name, "saved + layer + logits" + (" + head" if held.get("head") else ""))
         start += " + the loop's gradients + its carried buffers again" if "loop_carried" in held else ""
         start += " + the logits the loss's value reads after the loop" if held.get("scan_logits") else ""
         start += f" + heap slack {fmt(held['heap_slack'])}" if "heap_slack" in held else ""
