@@ -287,7 +287,6 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None
     import jax
 
     from tpflax._src.cost.buffers import batched_paths, batched_rows
-    from tpflax._src.errors import TraceError
     from tpflax._src.planner.repeats import merge_uses
     from tpflax._src.trace.contractions import PRODUCT_SUM
     from tpflax._src.trace.dataflow import dataflow
