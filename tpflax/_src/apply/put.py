@@ -123,7 +123,7 @@ def check_values(tree: Any, values: Sequence[Any], *, narrow: bool = True, what:
     >>> x = jnp.ones(3); x.delete()
     >>> check_values({"opt": {"mu": x}}, [x])
     Traceback (most recent call last):
-    tpflax._src.errors.TreeError: the tree cannot be placed bit-exact
+    tpflax._src.errors.TreeError: the tree cannot be placed bit-exact:
       - opt/mu: the array (shape (3,)) was deleted, e.g. donated to a jitted step; pass the step's output or a live copy
     """
     suspects = [i for i, x in enumerate(values) if isinstance(x, (jax.Array, np.ndarray, np.generic))
