@@ -264,7 +264,7 @@ BAD = [
                                          PLAN, mesh(model=2)),
         tpflax.TreeError, ("train state", "params/a/kernel", "deleted", "donated")),
     Bad("unshard of a donated tree", lambda: tpflax.unshard(deleted()),
-        tpflax.TreeError, ("a/kernel", "(4, 8)", "deleted", "live copy")),
+        tpflax.TreeError, ("cannot be read back", "a/kernel", "(4, 8)", "deleted", "live copy")),
     Bad("a donated batch", lambda: tpflax.shard_batch(donated({"x": jnp.ones((4, 3))}), mesh(data=2)),
         tpflax.TreeError, ("the batch", "x:", "(4, 3)", "deleted", "donated")),
     Bad("batch that does not split",

@@ -1411,3 +1411,15 @@ def test_experts_summed_by_a_product_of_activations_are_noted_as_unpriced(combin
     zoo_moe = zoo.get("moe")
     zp = tpflax.plan(zoo_moe.abstract_variables(), {"expert": 4, "data": 2}, model=zoo_moe)
     assert not any("product of two" in n for n in estimate(zp, optax.adam(1e-3), "16x16", model=zoo_moe).notes)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "nnx-mlp"])
+def test_a_bare_batch_size_is_a_zoo_models_own_batch_without_a_sequence_length(name):
+    """A zoo model whose config has no sequence length (an MLP, a CNN, an nnx MLP) estimated at a
+    bare batch size prices its own batch of that many examples, as ``jax.eval_shape(lambda: m.make_batch(0, n))``
+    does (it asked for a shape, "pass model=", though the model was given)."""
+    m = zoo.get(name)
+    p = tpflax.plan(m.abstract_variables(), {"data": 2, "model": 4})
+    bare = tpflax.estimate(p, optax.adamw(1e-3), 16, model=m)
+    given = tpflax.estimate(p, optax.adamw(1e-3), jax.eval_shape(lambda: m.make_batch(0, 16)), model=m)
+    assert bare.per_device == given.per_device and bare.comm == given.comm and bare.peak == given.peak

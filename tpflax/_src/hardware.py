@@ -66,7 +66,16 @@ class Hardware:
     hbm_bandwidth: float = 1000 * GB
 
     def describe(self) -> str:
-        return (f"{self.name}: {self.device_memory / GiB:.0f} GiB/device, {self.fast_name} "
+        """One line for a report's header; memory in whole GiB where it is whole, else to a tenth (2 MiB was "0 GiB").
+
+        >>> get_hardware("tpu-v5p").describe().split(",")[0], get_hardware(None, device_memory="2MiB").describe()[:23]
+        ('tpu-v5p: 95 GiB/device', 'generic: 2.0 MiB/device')
+        """
+        from tpflax._src.specs import fmt_bytes
+
+        whole = self.device_memory % GiB == 0
+        memory = f"{self.device_memory // GiB} GiB" if whole else fmt_bytes(self.device_memory)
+        return (f"{self.name}: {memory}/device, {self.fast_name} "
                 f"{self.fast_bandwidth / GB:.0f} GB/s, {self.slow_name} {self.slow_bandwidth / GB:.2f} GB/s "
                 f"per device, {self.chips_per_host} per host, {self.fast_name} domain {self.fast_domain}")
 

@@ -167,7 +167,7 @@ def unshard(tree: Any, plan: Plan | None = None) -> Any:
         tree = nnx.state(tree)
     boxes, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_box)
     values = [unbox(b) for b in boxes]
-    check_values(tree, values, narrow=False, what="the tree")  # a deleted (donated) array, by its path
+    check_values(tree, values, narrow=False, what="the tree", doing="read back")  # a donated array, by its path
     values = [_gather(x) for x in values]
     if plan is not None and has_layouts(plan):
         values = reorder(values, tree_layouts(plan, tree), back=True)

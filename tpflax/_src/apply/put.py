@@ -112,7 +112,8 @@ def place_tree(tree: Any, plan: Plan, mesh: Any = None, *, per_shard: bool = Fal
     return rebox_all(boxes, put(values, shards, per_shard=per_shard, donate=donate), treedef)
 
 
-def check_values(tree: Any, values: Sequence[Any], *, narrow: bool = True, what: str = "the tree") -> None:
+def check_values(tree: Any, values: Sequence[Any], *, narrow: bool = True, what: str = "the tree",
+                 doing: str = "placed") -> None:
     """Raise TreeError, naming each leaf, when ``values`` (the unboxed leaves of ``tree``, in its flattening
     order with flax boxes as leaves) cannot be placed or read bit-exact: a deleted array (donated to a jitted
     step), or, with ``narrow``, a 64-bit host value jax would narrow to 32 bits. Raised before anything moves:
@@ -152,7 +153,7 @@ def check_values(tree: Any, values: Sequence[Any], *, narrow: bool = True, what:
                 f"{where}: {x.dtype} array of shape {tuple(np.shape(x))} would become {canon} on device "
                 f"(jax_enable_x64 is off), losing bits; cast it with .astype('{canon}') and re-plan, "
                 "or enable jax.config.update('jax_enable_x64', True)")
-    raise TreeError(f"{what} cannot be placed bit-exact", problems)
+    raise TreeError(f"{what} cannot be {doing} bit-exact", problems)
 
 
 def _nonfinite_count(x: Any, everywhere: bool) -> int:

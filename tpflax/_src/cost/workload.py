@@ -23,6 +23,7 @@ from tpflax._src.cost.batch import (
     dtype_name,
     np_dtype,
     parse_batch,
+    resolve_batch,
 )
 from tpflax._src.cost.optstate import OptLayout, opt_layout
 from tpflax._src.cost.optstate import optimizer_name as name_of
@@ -172,6 +173,8 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
     _check_hints(config)
     sample, assumed = _sample_of(plan, model, sample, batch)
     m, batch = _at_batch_shape(_model(plan, model, sample), batch)
+    if m is not None and m.zoo is not None and config_value(m.zoo.config, "seq_len") is None:
+        batch = resolve_batch(batch, m.zoo)  # a bare size: the zoo model's own batch of that many examples
     if m is None:  # a bare (batch, seq) of a tree with a token table is ids, as plan(batch=) reads it
         batch = token_batch(batch, None, _token_tables(plan))
     if m is not None and config is None:
