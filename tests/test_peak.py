@@ -1222,4 +1222,5 @@ def test_an_untied_head_gathered_at_the_loss_is_counted_once():
     small, large = breakdown(1024), breakdown(32768)
     assert small.gathered_last == head and small.head == 0  # the head is the largest block: in ``gathered``
     assert large.gathered_last == 2 * 512 * 32768 // 4 * 2 > head and large.head == head
-    assert large.phase() == ("backward start", large.phase()[1]) and large.phase()[1]["head"] == head
+    phase, held = large.phase()
+    assert phase == "backward start" and held["head"] == head

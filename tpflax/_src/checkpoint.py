@@ -390,7 +390,7 @@ def _restore_item(ocp: Any, item: Path, plan: Plan | None, mesh: Any, like: Any,
     keys = _recorded_keys(item) if like is None else {}
     targets: list[Any] = values if like is not None else [keys.get(p) for p in paths]
     if shardings is not None and like is None:
-        shard_list = _shardings_by_path(shardings, [p for p, _ in boxes], item)
+        shard_list = _shardings_by_path(shardings, paths, item)
     elif shardings is not None:
         shard_list = jax.tree_util.tree_leaves(
             shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
@@ -426,22 +426,7 @@ def _restore_item(ocp: Any, item: Path, plan: Plan | None, mesh: Any, like: Any,
     return rebox_all([b for _, b in boxes], values, treedef)
 
 
-def _key_names(path: Any) -> tuple[str, ...]:
-    """A key path as text, as orbax names the leaves it saved: dict keys, sequence indices and attribute
-    (dataclass, namedtuple) names alike.
-
-    >>> from jax.tree_util import DictKey, GetAttrKey, SequenceKey
-    >>> _key_names((GetAttrKey("opt_state"), SequenceKey(0), DictKey(10)))
-    ('opt_state', '0', '10')
-    """
-    out = []
-    for k in path:
-        name = next((getattr(k, a) for a in ("key", "idx", "name") if hasattr(k, a)), k)
-        out.append(str(name))
-    return tuple(out)
-
-
-def _shardings_by_path(shardings: Any, stored_paths: list[Any], item: Path) -> list[Any]:
+def _shardings_by_path(shardings: Any, stored_paths: list[str], item: Path) -> list[Any]:
     """``shardings``' leaves in the order of the stored tree's leaves, matched by path (restored without
     ``like=``: the stored tree is orbax's nested dicts, whose order need not be the caller's: layers keyed
     0..10 are stored as "0", "1", "10", "2", ...; a ``TrainState``'s fields in another order)."""
@@ -449,17 +434,16 @@ def _shardings_by_path(shardings: Any, stored_paths: list[Any], item: Path) -> l
     # State) is named by the box's path, as the stored leaf is, not by the box's own field (".../value")
     flat, _ = jax.tree_util.tree_flatten_with_path(
         shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding) or is_box(x))
-    given = {_key_names(p): unbox(s) for p, s in flat}
-    want = [_key_names(p) for p in stored_paths]
-    missing = ["/".join(w) for w in want if w not in given]
-    extra = sorted("/".join(g) for g in set(given) - set(want))
+    given = {keystr(p): unbox(s) for p, s in flat}  # keys as text, as orbax stores them (10 and "10" alike)
+    missing = [p for p in stored_paths if p not in given]
+    extra = sorted(set(given) - set(stored_paths))
     if missing or extra:
         raise PlanMismatchError(
             f"shardings does not lay out the tree stored in {item} leaf for leaf: pass like= (the tree the "
             "shardings are shaped like) to restore into it, or shardings with the stored paths",
             [f"no sharding for stored leaf {p}" for p in missing[:8]]
             + [f"sharding for {p}, which is not stored" for p in extra[:8]])
-    return [given[w] for w in want]
+    return [given[p] for p in stored_paths]
 
 
 def _restore_items(ocp: Any, found: Located, plan: Plan | None, mesh: Any, like: Any,

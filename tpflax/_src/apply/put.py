@@ -15,12 +15,11 @@ from typing import Any
 import jax
 import numpy as np
 from jax.sharding import NamedSharding
-from jax.tree_util import keystr
 
 from tpflax._src.apply.bind import bind_mesh, match_plan, plan_leaf_shardings, rebox_all
 from tpflax._src.apply.stored import has_layouts, reorder
 from tpflax._src.errors import TpflaxWarning, TreeError
-from tpflax._src.facts.tree import is_box, unbox, walk
+from tpflax._src.facts.tree import is_box, keystr, unbox, walk
 from tpflax._src.planner.plan import Plan
 
 
@@ -137,8 +136,7 @@ def check_values(tree: Any, values: Sequence[Any], *, narrow: bool = True, what:
     try:
         paths = [leaf.path for leaf in walk(tree)[0]]
     except TreeError:
-        paths = [keystr(p, simple=True, separator="/")
-                 for p, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)[0]]
+        paths = [keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)[0]]
     paths = paths if len(paths) == len(values) else None
     problems = []
     for i in suspects:

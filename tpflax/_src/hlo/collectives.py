@@ -51,7 +51,7 @@ def parse_collectives(hlo_text: str, mesh: Any = None, *, num_devices: int | Non
     >>> c.kind, c.bytes, c.group_size, c.ring_bytes, c.axes
     ('all-reduce', 1024, 4, 1536.0, ('model',))
     """
-    instrs, entries, partitions = _scan(hlo_text)
+    instrs, _, partitions = _scan(hlo_text)
     n_dev = num_devices or partitions
     if n_dev is None and mesh is not None:
         n_dev = math.prod(s for _, s in mesh_axes(mesh))

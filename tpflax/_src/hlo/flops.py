@@ -47,7 +47,7 @@ def dot_flop_counts(hlo_text: str) -> tuple[float, float]:
     ...                 "  ROOT %d = f32[8,4]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}\\n}")
     (1024.0, 1024.0)
     """
-    instrs, entries, _ = _scan(hlo_text)
+    instrs, _, _ = _scan(hlo_text)
     looped, once = text_multipliers(hlo_text), text_multipliers(hlo_text, loops=False)
     by_comp: dict[str, dict[str, _Instr]] = {}
     for ins in instrs:
