@@ -1413,13 +1413,16 @@ def test_experts_summed_by_a_product_of_activations_are_noted_as_unpriced(combin
     assert not any("product of two" in n for n in estimate(zp, optax.adam(1e-3), "16x16", model=zoo_moe).notes)
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "nnx-mlp"])
-def test_a_bare_batch_size_is_a_zoo_models_own_batch_without_a_sequence_length(name):
-    """A zoo model whose config has no sequence length (an MLP, a CNN, an nnx MLP) estimated at a
-    bare batch size prices its own batch of that many examples, as ``jax.eval_shape(lambda: m.make_batch(0, n))``
-    does (it asked for a shape, "pass model=", though the model was given)."""
+@pytest.mark.parametrize("name", ["mlp", "cnn", "nnx-mlp", "vit", "gpt2"])
+def test_a_bare_batch_size_is_a_zoo_models_own_batch(name):
+    """A zoo model estimated at a bare batch size prices its own batch of that many examples, as
+    ``jax.eval_shape(lambda: m.make_batch(0, n))`` does: an MLP, a CNN and an nnx MLP (no sequence length in
+    their configs: it asked for a shape, "pass model=", though the model was given), ViT (its config's
+    sequence length, patches + 1, made the batch ``(16, 17)`` float ids, not ``(16, 32, 32, 3)`` images) and
+    an LM, whose own batch is the ``(16, seq_len)`` tokens it was priced at before."""
     m = zoo.get(name)
     p = tpflax.plan(m.abstract_variables(), {"data": 2, "model": 4})
     bare = tpflax.estimate(p, optax.adamw(1e-3), 16, model=m)
     given = tpflax.estimate(p, optax.adamw(1e-3), jax.eval_shape(lambda: m.make_batch(0, 16)), model=m)
     assert bare.per_device == given.per_device and bare.comm == given.comm and bare.peak == given.peak
+    assert bare.batch == given.batch

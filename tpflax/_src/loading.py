@@ -111,4 +111,22 @@ def _loaded(name: str, made: Any) -> Loaded:
     if callable(head):
         raise ModelLoadError(f"{name}() returned ({type(head).__name__}, ...) with {len(made) - 1} more "
                              "item(s); return (fn, variables, *sample) for a function fn(variables, *sample)")
+    if _only_numbers(made):
+        raise ModelLoadError(f"{name}() returned {_short(made)}, which is neither a model nor a variable tree "
+                             "(no array or jax.ShapeDtypeStruct leaf); return a zoo model, (module, *sample), "
+                             "(fn, variables, *sample) or the variables")
     return Loaded(name, made)
+
+
+def _only_numbers(tree: Any) -> bool:
+    """True for a tree with no leaf but Python numbers, or none at all (``None``, ``{}``, ``5``): the planner
+    takes a number as a parameter, so such a tree would be planned as one, not refused. Other leaves
+    (strings, objects) are left to the planner's own error, which names each."""
+    import jax
+
+    return all(isinstance(x, (bool, int, float, complex)) for x in jax.tree.leaves(tree))
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"

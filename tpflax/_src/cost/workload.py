@@ -150,10 +150,20 @@ def _check_options(act_dtype: Any, grad_dtype: Any, backend: str, expert_dispatc
     for name, value in (("act_dtype", act_dtype), ("grad_dtype", grad_dtype)):
         if value is not None and dtype_name(value) is None:
             raise EstimateError(f"{name}={value!r} is not a dtype jax knows; use e.g. 'bfloat16' or 'float32'")
+        if value is not None and not _is_float(value):
+            raise EstimateError(f"{name}={value!r} is not a floating dtype: a training step's "
+                                f"{'gradients' if name == 'grad_dtype' else 'activations'} are floats; "
+                                "use e.g. 'bfloat16' or 'float32'")
     if backend not in BACKENDS:
         raise EstimateError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     if expert_dispatch not in DISPATCHES:
         raise EstimateError(f"expert_dispatch {expert_dispatch!r} must be 'all-to-all' or 'dense'")
+
+
+def _is_float(dtype: Any) -> bool:
+    import jax.numpy as jnp
+
+    return bool(jnp.issubdtype(jnp.dtype(dtype), jnp.floating))
 
 
 def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = None,
@@ -173,7 +183,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
     _check_hints(config)
     sample, assumed = _sample_of(plan, model, sample, batch)
     m, batch = _at_batch_shape(_model(plan, model, sample), batch)
-    if m is not None and m.zoo is not None and config_value(m.zoo.config, "seq_len") is None:
+    if m is not None and m.zoo is not None:
         batch = resolve_batch(batch, m.zoo)  # a bare size: the zoo model's own batch of that many examples
     if m is None:  # a bare (batch, seq) of a tree with a token table is ids, as plan(batch=) reads it
         batch = token_batch(batch, None, _token_tables(plan))
