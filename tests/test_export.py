@@ -165,6 +165,20 @@ def test_from_rules_replicates_and_names_uncovered_leaves():
         tpflax.from_rules(tree, [("a", P("model", None)), ("b", P(None, "model"))], {"model": 3})
 
 
+def test_from_rules_reads_strategy_rules_on_an_annotated_tree_as_regex_rules():
+    """A tree boxed in logical annotations with ``(regex, strategy)`` rules: the strategies are no mesh axes,
+    so the rules are regex rules (they were read as logical rules, matched no logical name, and every
+    leaf was replicated). A logical rule list, whose targets are mesh axes or None, is still read as one."""
+    tree = {"up": {"kernel": nn.LogicallyPartitioned(S((64, 256), "float32"), ("embed", "mlp"))},
+            "down": {"kernel": nn.LogicallyPartitioned(S((256, 64), "float32"), ("mlp", "embed"))}}
+    p = tpflax.from_rules(tree, [("up/kernel", "column"), ("down/kernel", "row")], {"model": 4})
+    assert (p.spec("up/kernel"), p.spec("down/kernel")) == (P(None, "model"), P("model", None))
+    assert p.options["rules"] and not p.options.get("logical_rules")
+    q = tpflax.from_rules(tree, [("mlp", "model"), ("embed", None)], {"model": 4})
+    assert (q.spec("up/kernel"), q.spec("down/kernel")) == (P(None, "model"), P("model", None))
+    assert q.options["logical_rules"] == [["mlp", "model"], ["embed", None]]
+
+
 def test_unknown_logical_names_are_warned_not_silently_replicated():
     tree = {"mlp": {"kernel": nn.LogicallyPartitioned(S((64, 256), "float32"), ("embed", "mlpp"))}}
     p = tpflax.plan(tree, {"model": 4})

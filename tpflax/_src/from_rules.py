@@ -23,6 +23,7 @@ from tpflax._src.facts.tree import walk
 from tpflax._src.mesh import mesh_shape
 from tpflax._src.planner.plan import Plan, plan
 from tpflax._src.planner.rules import parse_rules
+from tpflax._src.vocab import RULE_STRATEGIES
 
 
 def from_rules(tree: Any, rules: Any, mesh: Any, *, logical: bool | None = None,
@@ -37,7 +38,8 @@ def from_rules(tree: Any, rules: Any, mesh: Any, *, logical: bool | None = None,
             ``nn.LogicallyPartitioned``. A mapping is read as its items.
         mesh: ``{"data": 2, "model": 4}``, ``"data=2,model=4"`` or a jax mesh.
         logical: True for logical rules, False for regex rules; None decides: logical
-            when the tree carries logical annotations and no target is a PartitionSpec.
+            when the tree carries logical annotations and no target is a PartitionSpec or a
+            strategy name (``"column"``) that is not one of the mesh's axes.
         axis_roles: roles for mesh axes with unrecognised names.
 
     Returns:
@@ -59,7 +61,7 @@ def from_rules(tree: Any, rules: Any, mesh: Any, *, logical: bool | None = None,
     leaves, _ = walk(tree)
     if logical is None:
         logical = any(x.logical for x in leaves) and not any(
-            isinstance(r, (tuple, list)) and len(r) == 2 and isinstance(r[1], PartitionSpec) for r in pairs)
+            isinstance(r, (tuple, list)) and len(r) == 2 and _regex_target(r[1], ms) for r in pairs)
     if logical:
         uncovered = [x.path for x in leaves if x.names is None]
         p = plan(tree, ms, rules=_replicate(uncovered), logical_rules=pairs, axis_roles=axis_roles)
@@ -78,6 +80,13 @@ def from_rules(tree: Any, rules: Any, mesh: Any, *, logical: bool | None = None,
         warnings.append(f"{len(uncovered)} leaves {what} and are replicated: {shown}; add a rule "
                         "(e.g. ('.*', PartitionSpec()) last) to say so explicitly")
     return replace(p, decisions=decisions, warnings=tuple(warnings), options={**options, "imported": True})
+
+
+def _regex_target(target: Any, ms: Any) -> bool:
+    """A target only a regex rule has: a PartitionSpec, or a strategy name the mesh has no axis of."""
+    if isinstance(target, PartitionSpec):
+        return True
+    return isinstance(target, str) and target in RULE_STRATEGIES and target not in ms.sizes
 
 
 def _replicate(paths: Sequence[str]) -> list[tuple[str, str]]:
