@@ -112,3 +112,35 @@ def test_cli_batch_is_token_ids_of_that_length(plans, tmp_path, capsys):
         ids = {"x": jax.ShapeDtypeStruct(tuple(int(n) for n in text.split("x")), "int32")}
         assert seen[text]["a"]["comm"] == tpflax.estimate(a, optax.adamw(1e-3), ids).comm_total
     assert seen["8x1024"]["a"]["comm"] > seen["8x32"]["a"]["comm"]
+
+
+def test_a_head_aligned_layout_is_a_change_though_the_specs_are_equal():
+    """``fused="aligned"`` stores a fused q|k|v kernel head-aligned: the spec is the same, the bytes each device
+    holds are not, so a lockfile must see it (diff compared specs and shapes only: "same specs for every leaf")."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    d, heads = 64, 8
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            b, t, _ = x.shape
+            q, k, v = (y.reshape(b, t, heads, d // heads)
+                       for y in jnp.split(nn.Dense(3 * d, name="c_attn")(x), 3, axis=-1))
+            a = jax.nn.softmax(jnp.einsum("bthd,bshd->bhts", q, k), -1)
+            return x + nn.Dense(d, name="c_proj")(jnp.einsum("bhts,bshd->bthd", a, v).reshape(b, t, d))
+
+    x = jax.ShapeDtypeStruct((2, 8, d), "float32")
+    tree = jax.eval_shape(Block().init, jax.random.key(0), x)
+    split, aligned = (tpflax.plan(tree, "data=2,model=4", model=Block(), sample=(x,), fused=f)
+                      for f in ("split", "aligned"))
+    assert split.spec("params/c_attn/kernel") == aligned.spec("params/c_attn/kernel")
+    assert aligned.decisions["params/c_attn/kernel"].layout is not None
+    for a, b in ((split, aligned), (split.to_json(), aligned.to_json())):
+        diff = tpflax.diff(a, b)
+        assert diff.changed
+        kernel = next(c for c in diff.changes if c.paths == ("params/c_attn/kernel",))
+        assert kernel.a == "P(None, 'model')"
+        assert kernel.b == "P(None, 'model') head-aligned (dim 1: pieces 64|64|64 over 4)"
+    assert not tpflax.diff(aligned, aligned.to_json()).changed

@@ -1,4 +1,4 @@
-"""Two plans side by side: the leaves whose specs differ, and what each side costs.
+"""Two plans side by side: the leaves whose specs (or head-aligned layouts) differ, and what each side costs.
 
 ``tpflax.diff(a, b)`` takes plans or their JSON (``tpflax plan --json``
 output). A plan saved as JSON is a lockfile: ``tpflax diff plan.lock.json -
@@ -56,7 +56,7 @@ class PlanDiff:
 
     @property
     def changed(self) -> bool:
-        """True when a leaf's spec, a leaf or the mesh differs (versions alone do not count)."""
+        """True when a leaf's spec or stored layout, a leaf or the mesh differs (versions alone do not count)."""
         return bool(self.changes) or self.a.mesh != self.b.mesh
 
     @property
@@ -117,7 +117,13 @@ def _comm(plan: Plan, optimizer: Any, batch: Any, model: Any) -> float | None:
 
 
 def _spec_text(d: Any) -> str:
-    return "-" if d is None else spec_str(d.spec)
+    """The spec, and the stored order of a fused dim kept head-aligned (the bytes each device holds differ)."""
+    if d is None:
+        return "-"
+    lay = d.layout
+    if lay is None:
+        return spec_str(d.spec)
+    return f"{spec_str(d.spec)} head-aligned (dim {lay.dim}: pieces {'|'.join(map(str, lay.pieces))} over {lay.ranks})"
 
 
 def diff(a: Any, b: Any, *, optimizer: Any = None, batch: Any = None, model: Any = None) -> PlanDiff:
@@ -146,7 +152,8 @@ def diff(a: Any, b: Any, *, optimizer: Any = None, batch: Any = None, model: Any
     groups: dict[tuple, list[str]] = {}
     for path in dict.fromkeys([*pa.decisions, *pb.decisions]):
         da, db = pa.decisions.get(path), pb.decisions.get(path)
-        if da is not None and db is not None and da.spec == db.spec and da.shape == db.shape:
+        if (da is not None and db is not None and da.spec == db.spec and da.shape == db.shape
+                and da.layout == db.layout):  # a head-aligned layout stores other bytes on each device
             continue
         group = (da or db).group or path
         groups.setdefault((group, _spec_text(da), _spec_text(db)), []).append(path)
