@@ -460,6 +460,17 @@ def test_batch_sharding_and_constraints():
     assert f({"x": jnp.ones((8, 3))}).sharding.spec == P(("data", "fsdp"))
 
 
+def test_shard_batch_narrows_in_range_64_bit_inputs_as_jax_does():
+    """int64 ids within int32 and float64 inputs are placed as jax places them (32-bit); only ids that would
+    wrap are refused (tests/test_bad_inputs.py)."""
+    mesh = tpflax.make_mesh({"data": 2})
+    ids = np.array([-2**31, 5, 7, 2**31 - 1], np.int64)
+    x = np.linspace(0, 1, 8).reshape(4, 2)
+    b = tpflax.shard_batch({"ids": ids, "x": x}, mesh)
+    assert b["ids"].dtype == np.int32 and np.array_equal(np.asarray(b["ids"]), ids)
+    assert b["x"].dtype == np.float32 and np.array_equal(np.asarray(b["x"]), x.astype(np.float32))
+
+
 def test_constrain_gathered_drops_only_fsdp_axes():
     # a hand-written step of a model without scanned or remat'd layers: params pinned for compute without their
     # fsdp split (the README teaches gathered_loss, which does this and gathers a scanned stack per layer)

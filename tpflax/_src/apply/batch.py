@@ -101,7 +101,8 @@ def shard_batch(batch: Any, mesh: Any, *, process_local: bool = False,
     mesh = device_mesh(mesh)
     spec = batch_spec(mesh, axis_roles=axis_roles)
     flat, treedef = jax.tree_util.tree_flatten(batch)
-    check_values(batch, flat, narrow=False, what="the batch")  # int64 ids narrow to int32, as jax does
+    # float64 inputs and int64 ids narrow to 32 bits, as jax narrows them, unless an id would wrap
+    check_values(batch, flat, narrow="overflow", what="the batch")
     if process_local:  # local parts: the global dim is checked by jax when it assembles them
         shards = [NamedSharding(mesh, spec if np.ndim(x) else PartitionSpec()) for x in flat]
         out = [jax.make_array_from_process_local_data(s, np.asarray(x)) for x, s in

@@ -111,12 +111,14 @@ def place_tree(tree: Any, plan: Plan, mesh: Any = None, *, per_shard: bool = Fal
     return rebox_all(boxes, put(values, shards, per_shard=per_shard, donate=donate), treedef)
 
 
-def check_values(tree: Any, values: Sequence[Any], *, narrow: bool = True, what: str = "the tree",
+def check_values(tree: Any, values: Sequence[Any], *, narrow: bool | str = True, what: str = "the tree",
                  doing: str = "placed") -> None:
     """Raise TreeError, naming each leaf, when ``values`` (the unboxed leaves of ``tree``, in its flattening
     order with flax boxes as leaves) cannot be placed or read bit-exact: a deleted array (donated to a jitted
-    step), or, with ``narrow``, a 64-bit host value jax would narrow to 32 bits. Raised before anything moves:
-    never a partially placed tree.
+    step), or, with ``narrow``, a 64-bit host value jax would narrow to 32 bits. ``narrow="overflow"`` (a
+    batch's: float64 inputs and int64 ids narrow as jax narrows them) refuses only 64-bit integers whose values
+    do not fit the narrower type, which jax would wrap (``2**40 + 7`` read back as 7). Raised before anything
+    moves: never a partially placed tree.
 
     >>> import jax.numpy as jnp, numpy as np
     >>> check_values({"w": np.zeros(2, np.float32)}, [np.zeros(2, np.float32)])
@@ -127,8 +129,7 @@ def check_values(tree: Any, values: Sequence[Any], *, narrow: bool = True, what:
       - opt/mu: the array (shape (3,)) was deleted, e.g. donated to a jitted step; pass the step's output or a live copy
     """
     suspects = [i for i, x in enumerate(values) if isinstance(x, (jax.Array, np.ndarray, np.generic))
-                and (x.is_deleted() if isinstance(x, jax.Array)
-                     else narrow and jax.dtypes.canonicalize_dtype(x.dtype) != x.dtype)]
+                and (x.is_deleted() if isinstance(x, jax.Array) else _narrows(x, narrow))]
     if not suspects:
         return
     # paths for the message, found only when something is wrong: the planned tree's as walk() names them, any
@@ -145,6 +146,13 @@ def check_values(tree: Any, values: Sequence[Any], *, narrow: bool = True, what:
         if isinstance(x, jax.Array):
             problems.append(f"{where}: the array (shape {tuple(x.shape)}) was deleted, e.g. donated to a "
                             "jitted step; pass the step's output or a live copy")
+        elif narrow == "overflow":
+            canon = jax.dtypes.canonicalize_dtype(x.dtype)
+            problems.append(
+                f"{where}: {x.dtype} array of shape {tuple(np.shape(x))} holds values {np.min(x)}..{np.max(x)} "
+                f"that do not fit the {canon} jax makes of it (jax_enable_x64 is off), so they would wrap; "
+                "map them into range (e.g. ids modulo the table size) or enable "
+                "jax.config.update('jax_enable_x64', True)")
         else:
             canon = jax.dtypes.canonicalize_dtype(x.dtype)
             problems.append(
@@ -152,6 +160,19 @@ def check_values(tree: Any, values: Sequence[Any], *, narrow: bool = True, what:
                 f"(jax_enable_x64 is off), losing bits; cast it with .astype('{canon}') and re-plan, "
                 "or enable jax.config.update('jax_enable_x64', True)")
     raise TreeError(f"{what} cannot be {doing} bit-exact", problems)
+
+
+def _narrows(x: Any, narrow: bool | str) -> bool:
+    """Whether host value ``x`` loses bits on device as ``narrow`` counts it (see :func:`check_values`)."""
+    canon = jax.dtypes.canonicalize_dtype(x.dtype)
+    if not narrow or canon == x.dtype:
+        return False
+    if narrow != "overflow":
+        return True
+    if not np.issubdtype(x.dtype, np.integer) or not np.size(x):
+        return False
+    info = np.iinfo(canon)
+    return bool(np.min(x) < info.min or np.max(x) > info.max)
 
 
 def _nonfinite_count(x: Any, everywhere: bool) -> int:
