@@ -471,6 +471,30 @@ def test_shard_batch_narrows_in_range_64_bit_inputs_as_jax_does():
     assert b["x"].dtype == np.float32 and np.array_equal(np.asarray(b["x"]), x.astype(np.float32))
 
 
+def test_a_plan_on_axes_with_custom_names_places_on_its_own_mesh():
+    """Axes named ``rows``/``cols`` need ``axis_roles=`` to plan, not to build a jax Mesh: the default mesh
+    (``mesh=None``: the plan's), ``make_mesh(plan.mesh.sizes)`` (the fix PlanMismatchError names) and the batch
+    helpers given a shape and the roles all raised "axis 'rows' has no known role ... pass axis_roles=")."""
+    roles = {"rows": "data", "cols": "tensor"}
+    tree = {"up": {"kernel": np.arange(16 * 64, dtype=np.float32).reshape(16, 64)},
+            "down": {"kernel": np.arange(64 * 16, dtype=np.float32).reshape(64, 16)}}
+    plan = tpflax.plan(tree, {"rows": 2, "cols": 4}, axis_roles=roles)
+    assert plan.spec("up/kernel") == P(None, "cols")
+    placed = tpflax.shard(tree, plan)
+    assert placed["up"]["kernel"].sharding.mesh.axis_names == ("rows", "cols")
+    assert placed["up"]["kernel"].sharding.spec == P(None, "cols")
+    assert np.array_equal(np.asarray(tpflax.unshard(placed)["down"]["kernel"]), tree["down"]["kernel"])
+    made = tpflax.init_sharded(lambda: jax.tree.map(jnp.asarray, tree), plan)
+    assert made["down"]["kernel"].sharding.spec == P("cols", None)
+    state = tpflax.shard_optimizer_state(optax.adam(1e-3), None, plan)
+    assert state[0].mu["up"]["kernel"].sharding.spec == P(None, "cols")
+    mesh = tpflax.make_mesh(plan.mesh.sizes)
+    assert dict(mesh.shape) == {"rows": 2, "cols": 4}
+    assert tpflax.batch_sharding({"rows": 2, "cols": 4}, axis_roles=roles).spec == P("rows")
+    batch = tpflax.shard_batch({"x": np.ones((8, 3), np.float32)}, "rows=2,cols=4", axis_roles=roles)
+    assert batch["x"].sharding.spec == P("rows")
+
+
 def test_constrain_gathered_drops_only_fsdp_axes():
     # a hand-written step of a model without scanned or remat'd layers: params pinned for compute without their
     # fsdp split (the README teaches gathered_loss, which does this and gathers a scanned stack per layer)

@@ -235,7 +235,7 @@ def device_mesh(mesh: Any = None, want: MeshShape | None = None):
     import jax
 
     if mesh is None and want is not None:
-        mesh = want.sizes
+        mesh = want  # with its roles: axes named 'rows', 'cols' need them
     if want is not None:
         if isinstance(mesh, jax.sharding.AbstractMesh):
             raise PlanMismatchError(
@@ -269,6 +269,8 @@ def sharding_mesh(mesh: Any = None, want: MeshShape | None = None):
 
 
 def _pairs(mesh: Any) -> list[tuple[Any, Any]]:
+    if isinstance(mesh, MeshShape):
+        return list(mesh.axes)
     if isinstance(mesh, str):
         return list(parse_mesh_string(mesh).items())
     if isinstance(mesh, Mapping):
@@ -289,7 +291,7 @@ def abstract_mesh(mesh: Any):
     """A ``jax.sharding.AbstractMesh`` (Auto axis types) with the same shape: no devices needed."""
     import jax
 
-    shape = mesh_shape(mesh)
+    shape = mesh_shape(mesh, _roles_for_any_name(mesh))  # names and sizes: roles do not matter here
     auto = (jax.sharding.AxisType.Auto,) * len(shape.axes)
     return jax.sharding.AbstractMesh(
         tuple(s for _, s in shape.axes), shape.names, axis_types=auto)
@@ -391,7 +393,7 @@ def make_mesh(mesh: Any, devices: Sequence[Any] | None = None, *, explicit: bool
 
     if isinstance(mesh, jax.sharding.Mesh) and target is None:
         return mesh  # already a concrete jax Mesh
-    shape = mesh_shape(mesh)
+    shape = mesh_shape(mesh, _roles_for_any_name(mesh))
     if target is not None:
         return _target_mesh(shape, target, explicit)
     need = shape.size
@@ -416,6 +418,20 @@ def make_mesh(mesh: Any, devices: Sequence[Any] | None = None, *, explicit: bool
         pass
     grid = np.array(pool[:need], dtype=object).reshape(sizes)
     return jax.sharding.Mesh(grid, shape.names, axis_types=(kind,) * len(sizes))
+
+
+def _roles_for_any_name(mesh: Any) -> dict[str, str] | None:
+    """A jax Mesh needs axis names and sizes, not roles: a placeholder role for each name tpflax does not know
+    (``{"rows": 2, "cols": 4}``), so :func:`make_mesh` builds any mesh :func:`mesh_shape` would refuse only
+    for want of roles. None when ``mesh`` already carries roles or is not a list of axes (mesh_shape says why)."""
+    if isinstance(mesh, MeshShape):
+        return None
+    try:
+        pairs = _pairs(mesh)
+    except Exception:  # noqa: BLE001 - mesh_shape raises the MeshError naming the problem
+        return None
+    names = {n for n, _ in pairs if isinstance(n, str) and n and DEFAULT_ROLE_NAMES.get(n.lower()) is None}
+    return dict.fromkeys(sorted(names), DATA) or None
 
 
 def _target_mesh(shape: MeshShape, target: Any, explicit: bool):
