@@ -111,6 +111,26 @@ def make_half():
 
 def make_packed():
     return Block(), (S((8, 16), jnp.int32),)
+
+
+class DictIn(nn.Module):
+    @nn.compact
+    def __call__(self, batch):
+        return nn.Dense(16, name="b")(nn.relu(nn.Dense(64, name="a")(batch["x"])))
+
+
+def make_dict_input():
+    return DictIn(), {"x": S((8, 16), jnp.float32)}
+
+
+class Scaled(nn.Module):
+    @nn.compact
+    def __call__(self, t, x):
+        return nn.Dense(16, name="b")(nn.relu(nn.Dense(64, name="a")(x))) * t
+
+
+def make_scalar_first():
+    return Scaled(), S((), jnp.float32), S((8, 16), jnp.float32)
 '''
 
 
@@ -148,6 +168,18 @@ def test_estimate_of_a_user_model_reads_its_activations(userpkg, capsys):
     assert est["per_device"]["activations"] > 0, est["per_device"]
     # without --batch, the factory's own sample (8 examples) is the batch, as for plan and dry-run (it was 32)
     assert est["batch"]["size"] == 8, est["batch"]
+
+
+def test_a_user_models_batch_is_its_first_input_with_a_batch_dim(userpkg, capsys):
+    """A factory whose sample is a dict, or starts with a scalar: without --batch the batch is the leading dim of
+    the first input that has one (a traceback, 'dict' object has no attribute 'shape', and a batch of 1 before);
+    dry-run without --loss says the loss cannot be inferred from a dict input (a bare AttributeError before)."""
+    for factory in ("make_dict_input", "make_scalar_first"):
+        assert main(["estimate", f"{userpkg}:{factory}", "--mesh", "data=2,model=4", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["estimate"]["batch"]["size"] == 8
+    assert main(["dry-run", f"{userpkg}:make_dict_input", "--mesh", "data=2,model=4"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot infer a loss for DictIn" in err and "first input a dict" in err and "--loss" in err
 
 
 def test_user_model_mistakes_are_named(userpkg, capsys):

@@ -136,7 +136,12 @@ def estimate_inputs(args: argparse.Namespace, loaded):
     from tpflax._src.model import as_model
 
     if args.batch is None and loaded.sample is not None:
-        return loaded.sample, int(loaded.sample[0].shape[0])
+        # the leading dim of the first sample array that has one: inputs may be dicts, or start with a scalar
+        size = as_model(loaded.model, loaded.sample, loaded.variables).batch_size
+        if size is None:
+            raise UsageError(f"{args.model}'s sample inputs have no batch dim (every one is a scalar); pass "
+                             "--batch N")
+        return loaded.sample, size
     try:
         dims = [int(x) for x in str(args.batch or getattr(args, "default_batch", 8)).lower().split("x")]
     except ValueError:

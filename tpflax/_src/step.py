@@ -140,12 +140,14 @@ def default_loss(m: Model, variables: Any, out: Any = None) -> Callable[..., Any
         except Exception as e:  # noqa: BLE001 - the user's forward pass; said once with the fix
             raise _forward_failed(m, e) from e
     out = _logits(out)
-    ids = m.sample[0] if m.sample else None
+    first = m.sample[0] if m.sample else None
+    ids = first if hasattr(first, "dtype") and hasattr(first, "shape") else None  # not a dict of inputs
     shape, lead = tuple(getattr(out, "shape", ())), tuple(getattr(ids, "shape", ()))
     if (len(shape) >= 3 and jnp.issubdtype(getattr(out, "dtype", jnp.int32), jnp.floating)
             and ids is not None and jnp.issubdtype(ids.dtype, jnp.integer) and shape[:-1] == lead):
         return next_token_loss
-    ids_text = f"{ids.dtype}{list(lead)}" if ids is not None else "none"
+    ids_text = (f"{ids.dtype}{list(lead)}" if ids is not None
+                else "none" if first is None else f"a {type(first).__name__}")
     raise NoDefaultLoss(f"make_train_step cannot infer a loss for {m.name}: its output is "
                       f"{getattr(out, 'dtype', type(out).__name__)}{list(shape)} and its first input "
                       f"{ids_text} (next-token cross-entropy needs float logits (batch, seq, vocab) over "

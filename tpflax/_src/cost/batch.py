@@ -73,14 +73,16 @@ class Batch:
 
     @property
     def size(self) -> int:
-        return self.leaves[0][1][0] if self.leaves and self.leaves[0][1] else 1
+        """The leading dim of the first leaf that has one (a model's inputs may start with a scalar)."""
+        return next((s[0] for _, s, _ in self.leaves if s), 1)
 
     def nbytes(self) -> int:
         return sum(math.prod(s) * itemsize(d) for _, s, d in self.leaves)
 
     def label(self) -> str:
-        """``"32x1024"``: the first leaf's shape."""
-        return "x".join(map(str, self.leaves[0][1])) if self.leaves else str(self.size)
+        """``"32x1024"``: the shape of the first leaf that has dims."""
+        shaped = [s for _, s, _ in self.leaves if s]
+        return "x".join(map(str, shaped[0])) if shaped else str(self.size)
 
 
 def parse_batch(batch: Any, config: Any = None, act_dtype: str | None = None) -> Batch:
