@@ -495,6 +495,23 @@ def test_a_plan_on_axes_with_custom_names_places_on_its_own_mesh():
     assert batch["x"].sharding.spec == P("rows")
 
 
+def test_make_mesh_takes_a_device_grid_and_rebuilds_a_mesh_it_is_asked_to_change():
+    """``devices=`` as an array (``mesh.devices``, ``mesh_utils.create_device_mesh``): kept as laid out when it
+    has the mesh's shape, else its devices in order (a bare ValueError or AttributeError before). A jax Mesh
+    with ``devices=`` or ``explicit=True`` is rebuilt so (both were ignored: the Mesh came back as it was)."""
+    d = jax.devices()
+    grid = np.array(d[::-1], dtype=object).reshape(2, 4)
+    m = tpflax.make_mesh({"data": 2, "model": 4}, devices=grid)
+    assert [x.id for x in m.devices.flat] == [x.id for x in d[::-1]]
+    assert [x.id for x in tpflax.make_mesh({"model": 2}, devices=grid).devices.flat] == [d[7].id, d[6].id]
+    assert [x.id for x in tpflax.make_mesh({"data": 2, "model": 4}, devices=m.devices).devices.flat] == \
+        [x.id for x in m.devices.flat]
+    two = tpflax.make_mesh({"model": 2})
+    assert [x.id for x in tpflax.make_mesh(two, devices=d[4:6]).devices.flat] == [d[4].id, d[5].id]
+    assert tpflax.make_mesh(two, explicit=True).axis_types == (jax.sharding.AxisType.Explicit,)
+    assert tpflax.make_mesh(two) is two
+
+
 def test_constrain_gathered_drops_only_fsdp_axes():
     # a hand-written step of a model without scanned or remat'd layers: params pinned for compute without their
     # fsdp split (the README teaches gathered_loss, which does this and gathers a scanned stack per layer)

@@ -198,6 +198,9 @@ BAD = [
     Bad("the same device twice",
         lambda: tpflax.make_mesh({"model": 2}, devices=[jax.devices()[0]] * 2),
         tpflax.DeviceError, ("model=2", "device id(s) [0]", "2 distinct", "jax.devices()[:n]")),
+    Bad("device ids where devices go (a bare AttributeError before)",
+        lambda: tpflax.make_mesh({"model": 2}, devices=[0, 1]),
+        tpflax.DeviceError, ("model=2", "must be jax devices", "jax.devices()[:2]", "0 (int)")),
     # --- trees
     Bad("empty tree", lambda: tpflax.plan({}, {"model": 2}),
         tpflax.TreeError, ("empty", "model.init(...)", "nnx.state(model)")),

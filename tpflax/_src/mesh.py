@@ -371,9 +371,12 @@ def make_mesh(mesh: Any, devices: Sequence[Any] | None = None, *, explicit: bool
 
     Args:
         mesh: a mesh description accepted by :func:`mesh_shape`.
-        devices: devices to use, in order; defaults to the first ``prod(sizes)``
-            of ``jax.devices()``.
-        explicit: use Explicit axis types instead of Auto.
+        devices: devices to use, in order (a list, or an array of them such as
+            ``mesh.devices``: kept as laid out when it has the mesh's shape); defaults
+            to the first ``prod(sizes)`` of ``jax.devices()``. Given with a jax Mesh,
+            the mesh's axes over these devices.
+        explicit: use Explicit axis types instead of Auto (for a jax Mesh given:
+            its devices with Explicit axes).
         target: a TPU topology such as ``"tpu-v5e:16x16"``: the mesh is over
             that slice's abstract devices (libtpu, ``pip install "tpflax[tpu]"``),
             for :func:`tpflax.dry_run` with the TPU compiler. Nothing can be
@@ -391,13 +394,24 @@ def make_mesh(mesh: Any, devices: Sequence[Any] | None = None, *, explicit: bool
     import jax
     import numpy as np
 
-    if isinstance(mesh, jax.sharding.Mesh) and target is None:
-        return mesh  # already a concrete jax Mesh
+    if isinstance(mesh, jax.sharding.Mesh) and target is None and devices is None:
+        explicit_types = (jax.sharding.AxisType.Explicit,) * len(mesh.axis_names)
+        if not explicit or tuple(mesh.axis_types) == explicit_types:
+            return mesh  # already a concrete jax Mesh
+        return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=explicit_types)
     shape = mesh_shape(mesh, _roles_for_any_name(mesh))
     if target is not None:
         return _target_mesh(shape, target, explicit)
     need = shape.size
-    pool = list(jax.devices() if devices is None else devices)
+    sizes = tuple(s for _, s in shape.axes)
+    grid = np.asarray(devices, dtype=object) if isinstance(devices, np.ndarray) else None
+    # a device grid (mesh.devices, mesh_utils.create_device_mesh) is its devices in order, kept as laid out
+    # when it has the mesh's shape
+    pool = list(jax.devices() if devices is None else grid.ravel() if grid is not None else devices)
+    odd = [d for d in pool if not isinstance(d, jax.Device)]
+    if odd:
+        raise DeviceError(f"devices for mesh {shape} must be jax devices (e.g. jax.devices()[:{need}]), but "
+                          f"{len(odd)} are not: {odd[0]!r} ({type(odd[0]).__name__})")
     if len(pool) < need:
         raise DeviceError(
             f"mesh {shape} needs {need} devices but only {len(pool)} are available "
@@ -409,14 +423,14 @@ def make_mesh(mesh: Any, devices: Sequence[Any] | None = None, *, explicit: bool
         dup = sorted({i for i in ids if ids.count(i) > 1})
         raise DeviceError(f"devices for mesh {shape} repeat device id(s) {dup}; a mesh needs {need} distinct "
                           "devices (pass e.g. jax.devices()[:n])")
-    sizes = tuple(s for _, s in shape.axes)
     kind = jax.sharding.AxisType.Explicit if explicit else jax.sharding.AxisType.Auto
     try:
         if devices is None:
             return jax.make_mesh(sizes, shape.names, axis_types=(kind,) * len(sizes))
     except Exception:  # noqa: BLE001 - fall back to a plain reshape of the device list
         pass
-    grid = np.array(pool[:need], dtype=object).reshape(sizes)
+    if grid is None or grid.shape != sizes:
+        grid = np.array(pool[:need], dtype=object).reshape(sizes)
     return jax.sharding.Mesh(grid, shape.names, axis_types=(kind,) * len(sizes))
 
 
