@@ -115,6 +115,17 @@ def test_init_sharded_matches_plain_init_bit_exact(mesh):
     assert_bit_exact(tpflax.unshard(got), jax.device_get(m.module.init(jax.random.key(0), x)))
 
 
+def test_init_sharded_in_chunks_given_as_a_size_string_is_bit_exact(mesh):
+    """``chunk_bytes="4KiB"`` (a size as the CLI and suggest_mesh write them): several programs, the same
+    values as one (a bare TypeError before: the size was compared with ints)."""
+    m = zoo.get("mlp")
+    plan = tpflax.plan(m.abstract_variables(), DP_TP)
+    one = tpflax.init_sharded(lambda k: m.init(k), plan, mesh, jax.random.key(0), chunk_bytes=None)
+    many = tpflax.init_sharded(lambda k: m.init(k), plan, mesh, jax.random.key(0), chunk_bytes="4KiB")
+    assert_placed(many, plan, mesh)
+    assert_bit_exact(tpflax.unshard(many), tpflax.unshard(one))
+
+
 def test_init_sharded_nnx_module_comes_back_merged(mesh):
     m = zoo.get("nnx-mlp")
     plan = tpflax.plan(m.abstract_variables(), DP_TP)

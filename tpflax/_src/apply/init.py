@@ -7,12 +7,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import NamedSharding
 
 from tpflax._src.apply.bind import bind_mesh, is_graph_node, leaf_count, plan_leaf_shardings
 from tpflax._src.apply.stored import has_layouts, tree_layouts
-from tpflax._src.errors import OptionError, TraceError
-from tpflax._src.facts.tree import itemsize
+from tpflax._src.errors import OptionError, SuggestError, TraceError, TreeError
+from tpflax._src.facts.tree import itemsize, keystr
+from tpflax._src.hardware import parse_bytes
 from tpflax._src.layout import to_storage
 from tpflax._src.mesh import traced_under
 from tpflax._src.planner.plan import Plan
@@ -39,7 +41,8 @@ def init_sharded(init_fn: Callable[..., Any], plan: Plan, mesh: Any = None, *arg
             worth at most this many bytes per device (XLA drops the rest of the
             init from each). Random initialisers need ~3x their output in
             temporaries; one program for a whole model keeps several leaves'
-            temporaries alive on every device at once. None: one program.
+            temporaries alive on every device at once (a number or ``"32MiB"``).
+            None: one program.
         **kwargs: keyword arguments, closed over as static values (e.g. ``train=False``).
 
     Leaves with a ``Decision.layout`` (``plan(..., fused="aligned")``) come back in the stored
@@ -62,6 +65,7 @@ def init_sharded(init_fn: Callable[..., Any], plan: Plan, mesh: Any = None, *arg
     mesh = bind_mesh(plan, mesh)
     if not callable(init_fn):
         raise OptionError(f"init_fn must be callable (e.g. model.init), got {type(init_fn).__name__}")
+    chunk_bytes = _chunk_size(chunk_bytes)
     graphdefs: list[Any] = []
 
     def as_tree(*a):
@@ -72,6 +76,7 @@ def init_sharded(init_fn: Callable[..., Any], plan: Plan, mesh: Any = None, *arg
             graphdef, state = nnx.split(out)
             graphdefs[:] = [graphdef]
             return state
+        _check_made(out)
         return out
 
     # a model constraining with bare PartitionSpecs initialises under its mesh
@@ -110,6 +115,25 @@ def _init(as_tree: Callable[..., Any], graphdefs: list[Any], plan: Plan, mesh: A
 
         return nnx.merge(graphdefs[0], tree)
     return tree
+
+
+def _chunk_size(value: Any) -> int | None:
+    """``chunk_bytes`` as bytes (``"32MiB"`` too); None or 0: one program."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value == 0):
+        return None
+    try:
+        return parse_bytes(value, "chunk_bytes")
+    except SuggestError as e:
+        raise OptionError(f"{e}; or None for one program") from None
+
+
+def _check_made(tree: Any) -> None:
+    """A TreeError naming each leaf ``init_fn`` returned that is no array (jax's own error names none)."""
+    bad = [(keystr(path), x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+           if not isinstance(x, (jax.Array, np.ndarray, np.generic, bool, int, float, complex))]
+    if bad:
+        raise TreeError(f"init_fn returned {len(bad)} leaves that are not arrays; return only the variables",
+                        [f"{path or 'the root'}: {type(x).__name__} {x!r:.60}" for path, x in bad])
 
 
 def _chunks(abstract: Sequence[Any], shards: Sequence[NamedSharding],
