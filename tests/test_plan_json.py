@@ -138,6 +138,24 @@ def test_specs_keep_the_planned_trees_containers_through_json():
     assert isinstance(tpflax.Plan.from_json(json.dumps(data)).specs["layers"], dict)
 
 
+def test_a_plan_whose_paths_nest_in_each_other_reads_back_from_json():
+    """A tree the JSON skeleton cannot write (a NamedTuple) with keys holding '/' (``"a"`` beside ``"a/b"``):
+    the specs come back flat, keyed by path, with every decision (a bare TypeError before, or with the keys
+    in the other order a spec silently overwritten)."""
+    from typing import NamedTuple
+
+    class Pair(NamedTuple):
+        w: object
+
+    s = jax.ShapeDtypeStruct
+    for tree in ({"a": s((8, 16), "float32"), "a/b": s((16, 8), "float32"), "nt": Pair(s((4, 4), "float32"))},
+                 {"a/b": s((16, 8), "float32"), "a": s((8, 16), "float32"), "nt": Pair(s((4, 4), "float32"))}):
+        plan = tpflax.plan(tree, {"model": 2})
+        back = tpflax.Plan.from_json(plan.to_json())
+        assert back.decisions == plan.decisions
+        assert back.specs == {p: d.spec for p, d in plan.decisions.items()}
+
+
 def test_int_keys_and_nnx_state_survive_json():
     # layers kept in a dict by index, or in an nnx.List (whose state is keyed 0, 1, ...): jax tells the
     # key 0 from "0", so a reloaded plan whose specs had string keys (or nested dicts for an

@@ -324,13 +324,25 @@ class Plan:
 
 
 def _nested(decisions: Mapping[str, Decision]) -> dict:
-    """The specs as nested dicts keyed by path components (a plan JSON without its tree)."""
+    """The specs as nested dicts keyed by path components (a plan JSON without its tree); flat, keyed by the
+    whole paths, when one path is a prefix of another (keys holding '/': ``"a"`` beside ``"a/b"``), which
+    nested dicts cannot hold both of.
+
+    >>> from jax.sharding import PartitionSpec as P
+    >>> d = Decision(P(), "replicate", "", (2,), "float32", bytes=8, bytes_per_device=8)
+    >>> _nested({"x/w": d, "y": d}), _nested({"a": d, "a/b": d})
+    ({'x': {'w': P()}, 'y': P()}, {'a': P(), 'a/b': P()})
+    """
     specs: dict = {}
     for path, d in decisions.items():
         node = specs
         parts = path.split("/")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                return {p: x.spec for p, x in decisions.items()}
+        if parts[-1] in node:  # a leaf where a subtree is, or the same path twice
+            return {p: x.spec for p, x in decisions.items()}
         node[parts[-1]] = d.spec
     return specs
 
