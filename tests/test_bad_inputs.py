@@ -379,6 +379,9 @@ BAD = [
         lambda: tpflax.report(PLAN, tpflax.estimate(tpflax.plan(TREE, {"data": 2}), optax.adam(1e-3), (8, 4))),
         tpflax.PlanMismatchError, ("estimate was made for mesh data=2", "the plan is for model=2",
                                    "tpflax.estimate(plan")),
+    Bad("notebook report of a plan with another mesh's estimate (rendered together before)",
+        lambda: tpflax.show(PLAN, tpflax.estimate(tpflax.plan(TREE, {"data": 2}), optax.adam(1e-3), (8, 4))),
+        tpflax.PlanMismatchError, ("estimate was made for mesh data=2", "the plan is for model=2")),
     Bad("report of no width (textwrap's bare ValueError before)", lambda: tpflax.report(PLAN, width=0),
         tpflax.OptionError, ("width 0", "positive number of columns")),
     Bad("a negative layer count among the config hints (negative activation bytes before)",
@@ -389,6 +392,9 @@ BAD = [
         tpflax.ModelLoadError, ("'llama-2-7b'", "'tiny'", "available: real")),
     Bad("report in an unknown format", lambda: tpflax.report(PLAN, fmt="xml"),
         tpflax.OptionError, ("'xml'", "'text', 'json' or 'html'")),
+    Bad("why file that cannot be written (a bare OSError before)",
+        lambda: tpflax.report(PLAN, why="/nonexistent/dir/why.txt"),
+        tpflax.OptionError, ("why='/nonexistent/dir/why.txt'", "cannot be written", "directory that exists")),
     Bad("checkpoint that does not exist",
         lambda: tpflax.restore_checkpoint("/nonexistent/tpflax-ckpt", PLAN, mesh(model=2)),
         tpflax.CheckpointError, ("/nonexistent/tpflax-ckpt", "check the path")),
@@ -604,6 +610,12 @@ CLI = [
         ("invalid choice: 'adamx'",)),
     Cli("--act-dtype unknown", ("estimate", "gpt2", "--mesh", "model=2", "--act-dtype", "float99"), 2,
         ("act_dtype='float99'",)),
+    Cli("--json with an --html path that cannot be written (the JSON was printed, then exit 2)",
+        ("plan", "mlp", "--mesh", "model=2", "--json", "--html", "/nonexistent/dir/r.html"), 2,
+        ("/nonexistent/dir/r.html",)),
+    Cli("estimate --json with an --html path that cannot be written",
+        ("estimate", "mlp", "--mesh", "model=2", "--json", "--html", "/nonexistent/dir/r.html"), 2,
+        ("/nonexistent/dir/r.html",)),
     Cli("--grad-dtype int8", ("estimate", "gpt2", "--mesh", "model=2", "--grad-dtype", "int8"), 2,
         ("grad_dtype='int8'", "not a floating dtype")),
     Cli("--trace on a bare tree", ("plan", "test_bad_inputs:bare_tree", "--mesh", "model=2", "--trace"), 2,
@@ -697,3 +709,13 @@ def test_rule_written_against_a_boxed_leafs_value_path_says_where_the_path_ends(
         "params/Dense_0/kernel/value: a flax-boxed leaf's path ends at the box, params/Dense_0/kernel); "
         "check the regex against Plan.decisions paths")
     assert p.warnings[1] == "rule 1 ('zzz' -> row) matches no leaf; check the regex against Plan.decisions paths"
+
+
+def test_a_refused_report_writes_no_why_file(tmp_path):
+    """The why file is written once the arguments are known good (it was written, then fmt="xml" refused)."""
+    path = tmp_path / "why.txt"
+    with pytest.raises(tpflax.OptionError, match="'xml'"):
+        tpflax.report(PLAN, fmt="xml", why=path)
+    assert not path.exists()
+    tpflax.report(PLAN, why=path)
+    assert "a/kernel" in path.read_text()

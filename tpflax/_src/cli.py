@@ -57,15 +57,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
         tree = shardings(p, mesh)
         bound = f"bound to {len(jax.tree_util.tree_leaves(tree))} NamedShardings on {mesh.devices.size} " \
                 f"{jax.devices()[0].platform} devices"
+    if args.html:  # first: a path that cannot be written fails the command before anything is printed
+        from tpflax._src.html.cli import write_cli_report
+        write_cli_report(args.html, p, loaded)
     if args.json:
         print(report(p, fmt="json", why=args.why))
     else:
         print(report(p, reasons=not args.no_reasons, pairs=args.pairs, full=args.full, why=args.why))
         if bound:
             print(bound)
-    if args.html:
-        from tpflax._src.html.cli import write_cli_report
-        write_cli_report(args.html, p, loaded)
     return 1 if args.strict and p.warnings else 0
 
 
@@ -79,6 +79,9 @@ def cmd_estimate(args: argparse.Namespace) -> int:
                    **loss_kwargs(args, loaded), remat=args.remat,
                    backend=args.backend, act_dtype=args.act_dtype, grad_dtype=args.grad_dtype,
                    optimizer_name=args.optimizer)
+    if args.html:  # first: a path that cannot be written fails the command before anything is printed
+        from tpflax._src.html.cli import write_cli_report
+        write_cli_report(args.html, p, loaded, est)
     if args.json:
         print(report(p, est, fmt="json"))
     elif args.table:
@@ -86,9 +89,6 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     else:
         print(f"tpflax estimate  {args.model}  mesh {p.mesh}")
         print("\n".join(est.report_lines()))
-    if args.html:
-        from tpflax._src.html.cli import write_cli_report
-        write_cli_report(args.html, p, loaded, est)
     return 1 if args.strict and p.warnings else 0
 
 

@@ -219,6 +219,20 @@ def _wrap(lines: list[str], width: int | None, indent: str = "      ") -> list[s
             or [""]]
 
 
+
+def check_made_for(plan: Plan, **others: Any) -> None:
+    """A PlanMismatchError when an estimate or dry run (``estimate=``, ``dry_run=``) was made for another mesh
+    than ``plan``'s: a report would show its numbers under the plan's header."""
+    from tpflax._src.errors import PlanMismatchError
+
+    for key, other in others.items():
+        made_for = getattr(other, "mesh", None)
+        if made_for is not None and getattr(made_for, "sizes", made_for) != plan.mesh.sizes:
+            name = key.replace("_", " ")
+            raise PlanMismatchError(f"the {name} was made for mesh {made_for}, the plan is for {plan.mesh}: "
+                                    f"report a plan with its own {name} (tpflax.estimate(plan, ...), "
+                                    "tpflax.dry_run(step, plan, mesh))")
+
 def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool = True,
            pairs: bool = False, dry_run: Any = None, full: bool = False, width: int | None = None,
            why: Any = None) -> str:
@@ -245,20 +259,17 @@ def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool
     >>> "savings" in report(p)
     True
     """
-    from tpflax._src.errors import OptionError, PlanMismatchError
+    from tpflax._src.errors import OptionError
 
     if not isinstance(plan, Plan):
         raise OptionError(f"report() expects a tpflax.Plan, got {type(plan).__name__}; make one with "
                           "tpflax.plan(tree, mesh)")
-    for name, other in (("estimate", estimate), ("dry run", dry_run)):
-        made_for = getattr(other, "mesh", None)
-        if made_for is not None and getattr(made_for, "sizes", made_for) != plan.mesh.sizes:
-            raise PlanMismatchError(f"the {name} was made for mesh {made_for}, the plan is for {plan.mesh}: "
-                                    f"report a plan with its own {name} (tpflax.estimate(plan, ...), "
-                                    "tpflax.dry_run(step, plan, mesh))")
+    check_made_for(plan, estimate=estimate, dry_run=dry_run)
     if width is not None and (isinstance(width, bool) or not isinstance(width, numbers.Integral) or width < 1):
         raise OptionError(f"width {width!r} must be a positive number of columns (or None: the terminal's)")
-    if why is not None:
+    if fmt not in ("text", "json", "html"):
+        raise OptionError(f"fmt must be 'text', 'json' or 'html', not {fmt!r}")
+    if why is not None:  # once the arguments are known good: a refused call writes nothing
         from tpflax._src.why import write_why
 
         write_why(plan, why)
@@ -276,8 +287,6 @@ def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool
         from tpflax._src.html.page import html_report
 
         return html_report(plan, estimate)
-    if fmt != "text":
-        raise OptionError(f"fmt must be 'text', 'json' or 'html', not {fmt!r}")
     if not full and width is None:
         width = shutil.get_terminal_size((100, 24)).columns
     width = None if full else width

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tpflax._src.errors import OptionError
 from tpflax._src.specs import fmt_bytes
 
 
@@ -70,5 +71,10 @@ def why_text(plan: Any) -> str:
 
 
 def write_why(plan: Any, path: Any) -> None:
-    """Write :func:`why_text` to ``path``."""
-    Path(path).write_text(why_text(plan))
+    """Write :func:`why_text` to ``path``; an OptionError naming it when it cannot be written."""
+    text = why_text(plan)
+    try:
+        Path(path).write_text(text)
+    except OSError as e:
+        raise OptionError(f"why={str(path)!r} cannot be written ({type(e).__name__}: {e.strerror or e}); "
+                          "give a file path in a directory that exists") from e

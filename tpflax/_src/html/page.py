@@ -147,6 +147,9 @@ def _check(plan: Any, estimate: Any) -> None:
     if estimate is not None and not isinstance(estimate, Estimate):
         raise OptionError(f"estimate must be a tpflax.Estimate (from tpflax.estimate(plan, ...)), got "
                           f"{type(estimate).__name__}")
+    from tpflax._src.report import check_made_for
+
+    check_made_for(plan, estimate=estimate)
 
 
 def fragment(plan: Plan, estimate: Estimate | None = None, *, title: str | None = None) -> str:
