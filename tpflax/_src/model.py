@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import jax
 
-from tpflax._src.errors import TpflaxError, TraceError
+from tpflax._src.errors import OptionError, TpflaxError, TraceError
 from tpflax._src.mesh import traced_under
 
 Framework = Literal["zoo", "linen", "nnx", "callable"]
@@ -331,3 +331,18 @@ def _state_of(fn: Callable[..., Any]) -> Callable[..., Any]:
         return out[0], _merged(v, out[1])
 
     return forward_state
+
+
+def check_scalar_loss(value: Any) -> None:
+    """OptionError unless the loss is one float scalar (the step differentiates it; no aux outputs): the
+    check of :func:`tpflax.make_train_step`'s ``loss=``, and of :func:`tpflax.estimate`'s, which prices that step."""
+    import jax.numpy as jnp
+
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if shape == () and dtype is not None and jnp.issubdtype(dtype, jnp.floating):
+        return
+    got = f"{dtype}{list(shape)}" if shape is not None and dtype is not None else type(value).__name__
+    raise OptionError(f"loss= must return one float scalar, got {got}; make_train_step differentiates it "
+                      "and takes no auxiliary outputs (has_aux): return the loss alone and compute metrics "
+                      "in a separate jitted function")
+

@@ -25,7 +25,7 @@ from tpflax._src.cost.optstate import opt_state_specs
 from tpflax._src.errors import OptionError, PlanMismatchError
 from tpflax._src.facts.tree import is_nnx_state, keystr, unboxed, walk
 from tpflax._src.mesh import batch_pspec
-from tpflax._src.model import Model, as_model, is_zoo
+from tpflax._src.model import Model, as_model, check_scalar_loss, is_zoo
 from tpflax._src.planner.decision import Decision
 from tpflax._src.planner.params import planned_tree, split_params
 from tpflax._src.planner.state import (
@@ -248,7 +248,7 @@ def _loss_jaxpr(fn: Callable[..., Any], *args: Any, paired: bool = True) -> Any:
     import jax
 
     closed, value = jax.make_jaxpr(fn, return_shape=True)(*args)
-    _check_scalar_loss(value[0] if paired else value)
+    check_scalar_loss(value[0] if paired else value)
     return closed.jaxpr
 
 
@@ -437,19 +437,6 @@ def in_plan_containers(plan, variables: Any) -> Any:
     if treedef == plan_def or [keystr(p) for p, _ in got] != [keystr(p) for p, _ in want]:
         return variables
     return jax.tree_util.tree_unflatten(plan_def, [x for _, x in got])
-
-
-def _check_scalar_loss(value: Any) -> None:
-    """OptionError unless the loss is one float scalar (the step differentiates it; no aux outputs)."""
-    import jax.numpy as jnp
-
-    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
-    if shape == () and dtype is not None and jnp.issubdtype(dtype, jnp.floating):
-        return
-    got = f"{dtype}{list(shape)}" if shape is not None and dtype is not None else type(value).__name__
-    raise OptionError(f"loss= must return one float scalar, got {got}; make_train_step differentiates it "
-                      "and takes no auxiliary outputs (has_aux): return the loss alone and compute metrics "
-                      "in a separate jitted function")
 
 
 def mesh_context(mesh: Any) -> Any:

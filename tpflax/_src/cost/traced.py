@@ -16,6 +16,7 @@ from typing import Any
 from tpflax._src.cost.batch import dtype_name
 from tpflax._src.errors import EstimateError
 from tpflax._src.mesh import traced_under
+from tpflax._src.model import check_scalar_loss
 from tpflax._src.trace.records import InSpecs
 
 
@@ -512,6 +513,7 @@ def reads_slice(m: Any, loss: Any) -> bool:
     except Exception as e:  # noqa: BLE001 - the user's loss on the model's output; said once with the fix
         raise EstimateError(f"loss(output, *sample) failed on {m.name}'s abstract output "
                             f"({type(e).__name__}: {e}); pass the loss make_train_step is given") from e
+    check_scalar_loss(closed.out_avals[0] if len(closed.out_avals) == 1 else tuple(closed.out_avals))
     floats = [i for i, x in enumerate(leaves) if jnp.issubdtype(x.dtype, jnp.inexact)]
     if not floats:
         return False
