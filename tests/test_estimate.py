@@ -531,6 +531,25 @@ def test_a_bare_batch_size_resizes_the_sample_of_a_model():
     assert e32.per_device.inputs == 4 * e8.per_device.inputs > 0
 
 
+def test_a_models_inputs_given_as_the_batch_are_its_sample():
+    """``estimate(plan, tx, (ids,), model=module)``: the batch is the module's inputs, as ``sample=(ids,)`` says
+    (it raised "needs sample inputs: pass sample=(x,)" though the inputs were given)."""
+    import flax.linen as nn
+
+    class LM(nn.Module):
+        @nn.compact
+        def __call__(self, ids):
+            return nn.Dense(128)(nn.gelu(nn.Dense(256)(nn.Embed(128, 64)(ids))))
+
+    ids = jax.ShapeDtypeStruct((8, 16), jnp.int32)
+    p = tpflax.plan(jax.eval_shape(LM().init, jax.random.key(0), ids), {"data": 2, "model": 4},
+                    model=LM(), sample=(ids,))
+    want = estimate(p, optax.adamw(1e-3), model=LM(), sample=(ids,), backend="cpu")
+    for batch in ((ids,), ids, [ids]):
+        got = estimate(p, optax.adamw(1e-3), batch, model=LM(), backend="cpu")
+        assert (got.per_device, got.comm, got.batch["size"]) == (want.per_device, want.comm, 8)
+
+
 def test_nnx_model_layers_are_traced_like_its_linen_twin():
     # an nnx module's submodule calls are recorded like linen's intercepted ones: the same saved
     # activations for the same model written either way (it estimated none before)

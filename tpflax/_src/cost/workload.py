@@ -276,11 +276,16 @@ def _next_token(m: Any) -> bool:
 
 
 def _sample_of(plan, model: Any, sample: Any, batch: Any) -> tuple[Any, str]:
-    """``(sample, what was assumed)``: a module or function given without ``sample`` but with a
-    bare-shape batch (``(16, 1024)``) takes one input of that shape: token ids (int32) when the
-    tree has an embedding table, else float32 features. Anything else is returned as given."""
+    """``(sample, what was assumed)``: a module or function given without ``sample`` takes a batch of arrays
+    (one, or a tuple of them) as its inputs, and a bare-shape batch (``(16, 1024)``) as one input of that
+    shape: token ids (int32) when the tree has an embedding table, else float32 features. Anything else is
+    returned as given."""
     from tpflax._src.model import is_zoo
 
+    if (sample is None and model is not None and not is_zoo(model) and not getattr(model, "sample", None)
+            and _arrays(batch)):
+        # the model's inputs given as the batch (``estimate(plan, tx, (ids,), model=module)``)
+        return (tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)), ""
     shape = bare_shape(batch)
     if sample is not None or model is None or is_zoo(model) or shape is None:
         return sample, ""
@@ -290,6 +295,12 @@ def _sample_of(plan, model: Any, sample: Any, batch: Any) -> tuple[Any, str]:
     dtype = "int32" if ids else "float32"
     why = "token ids: the tree has an embedding table" if ids else "features: the tree has no embedding table"
     return (jax.ShapeDtypeStruct(shape, dtype),), f"one input {shape} {dtype} ({why}; pass sample= to change it)"
+
+
+def _arrays(batch: Any) -> bool:
+    """An array (or ``ShapeDtypeStruct``), or a non-empty tuple or list of them: a model's positional inputs."""
+    items = batch if isinstance(batch, (tuple, list)) else (batch,)
+    return bool(items) and all(hasattr(x, "shape") and hasattr(x, "dtype") for x in items)
 
 
 def _token_tables(plan) -> bool:
