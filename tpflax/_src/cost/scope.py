@@ -225,8 +225,15 @@ class Scope:
     def nbytes(self, shape: Sequence[int]) -> float:
         """Bytes of a traced activation on one device: batch-major shapes split over the batch axes, and those
         whose leading dim is the batch's tokens flattened (EasyDeL's router reads ``(batch * seq, d)``)."""
-        local = 1 / self.shards if shape and shape[0] in (self.batch.size, token_rows(self.batch, self.config)) else 1.0
+        local = 1 / self.shards if shape and shape[0] in self.batch_leads else 1.0
         return math.prod(shape) * self.act_item * local
+
+    @functools.cached_property
+    def batch_leads(self) -> frozenset[int]:
+        """The leading dims a step splits over the batch axes: every batch input's (the step splits each input's
+        leading dim: a dual encoder's 8 images and 16 captions), and the batch's tokens."""
+        return frozenset({self.batch.size, token_rows(self.batch, self.config),
+                          *(shape[0] for _, shape, _ in self.batch.leaves if shape)})
 
     def leaf_bytes(self, path: str, d: Any) -> int:
         return shard_bytes(tuple(d.shape), leaf_itemsize(d), self.lv.specs[path], self.mesh)
