@@ -238,6 +238,25 @@ def cumulative(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) 
     return [dataclasses.replace(ins[0], origin=(), fresh=None)]
 
 
+def fft(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    """``jnp.fft``: the transform mixes its last ``len(fft_lengths)`` dims (a sequence, moved last by a
+    transpose) and leaves the others in place (the batch, and a Hyena or FNO mixer's features between its
+    projections, which then pair through it).
+
+    >>> import jax, jax.numpy as jnp
+    >>> jaxpr = jax.make_jaxpr(lambda x: jax.lax.fft(x, "FFT", (8,)))(jnp.ones((2, 8), jnp.complex64))
+    >>> jaxpr.eqns[-1].params["jaxpr"].eqns[-1].primitive.name, HANDLERS["fft"].__name__
+    ('fft', 'fft')
+    """
+    rank = ranks[0]
+    mixed = range(rank - len(eqn.params["fft_lengths"]), rank)
+    for d in mixed:
+        w.escape(ins[0].dim_tags(d), "an fft mixes it")
+    # a weight's transform (a long-convolution filter's) is a weight computed from a weight: its other dims stay
+    # the filter's, which meet the features the projections split
+    return [_copies(dataclasses.replace(ins[0], fresh=None), list(mixed))]
+
+
 # -- layout ops --------------------------------------------------------------
 
 def _same_dims(w: Walk, v: Val, rank: int) -> Val:
@@ -473,7 +492,7 @@ def top_k(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> li
 
 
 HANDLERS: dict[str, Handler] = {
-    **{name: cumulative for name in CUMULATIVE},
+    **{name: cumulative for name in CUMULATIVE}, "fft": fft,
     **{name: reduce for name in REDUCE},
     "reduce": variadic_reduce,
     "transpose": transpose, "broadcast_in_dim": broadcast_in_dim, "squeeze": squeeze,
