@@ -520,6 +520,8 @@ def test_make_mesh_takes_a_device_grid_and_rebuilds_a_mesh_it_is_asked_to_change
     two = tpflax.make_mesh({"model": 2})
     assert [x.id for x in tpflax.make_mesh(two, devices=d[4:6]).devices.flat] == [d[4].id, d[5].id]
     assert tpflax.make_mesh(two, explicit=True).axis_types == (jax.sharding.AxisType.Explicit,)
+    assert tpflax.make_mesh(tpflax.make_mesh(two, explicit=True), devices=d[2:4]).axis_types == \
+        (jax.sharding.AxisType.Explicit,)
     assert tpflax.make_mesh(two) is two
 
 

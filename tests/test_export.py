@@ -177,6 +177,11 @@ def test_from_rules_reads_strategy_rules_on_an_annotated_tree_as_regex_rules():
     q = tpflax.from_rules(tree, [("mlp", "model"), ("embed", None)], {"model": 4})
     assert (q.spec("up/kernel"), q.spec("down/kernel")) == (P(None, "model"), P("model", None))
     assert q.options["logical_rules"] == [["mlp", "model"], ["embed", None]]
+    # MaxText's rule lists name axes a mesh may lack, some of them strategy names too ("fsdp", "expert"):
+    # still logical rules, the absent axes dropped
+    maxtext = [("activation_batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"), ("exp", "expert")]
+    r = tpflax.from_rules(tree, maxtext, {"data": 2, "tensor": 4})
+    assert (r.spec("up/kernel"), r.spec("down/kernel")) == (P(None, "tensor"), P("tensor", None))
 
 
 def test_unknown_logical_names_are_warned_not_silently_replicated():

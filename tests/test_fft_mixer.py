@@ -62,4 +62,4 @@ def test_the_pair_through_an_fft_is_the_cheaper_plan_on_tpu():
     (pair, kept) = runs
     assert pair.memory["peak"] < kept.memory["peak"]
     assert pair.flops < kept.flops / 2
-    assert pair.comm_total <= kept.comm_total * 1.2
+    assert pair.comm_total < kept.comm_total

@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec
 
 from tpflax._src.errors import RuleError
 from tpflax._src.facts.tree import walk
-from tpflax._src.mesh import mesh_shape
+from tpflax._src.mesh import DEFAULT_ROLE_NAMES, mesh_shape
 from tpflax._src.planner.plan import Plan, plan
 from tpflax._src.planner.rules import parse_rules
 from tpflax._src.vocab import RULE_STRATEGIES
@@ -38,8 +38,9 @@ def from_rules(tree: Any, rules: Any, mesh: Any, *, logical: bool | None = None,
             ``nn.LogicallyPartitioned``. A mapping is read as its items.
         mesh: ``{"data": 2, "model": 4}``, ``"data=2,model=4"`` or a jax mesh.
         logical: True for logical rules, False for regex rules; None decides: logical
-            when the tree carries logical annotations and no target is a PartitionSpec or a
-            strategy name (``"column"``) that is not one of the mesh's axes.
+            when the tree carries logical annotations, no target is a PartitionSpec, and a
+            rule names one of the tree's logical axes or none targets a strategy no mesh
+            axis could be called (``"column"``).
         axis_roles: roles for mesh axes with unrecognised names.
 
     Returns:
@@ -60,8 +61,10 @@ def from_rules(tree: Any, rules: Any, mesh: Any, *, logical: bool | None = None,
     pairs = list(rules.items()) if isinstance(rules, Mapping) else list(rules or ())
     leaves, _ = walk(tree)
     if logical is None:
-        logical = any(x.logical for x in leaves) and not any(
-            isinstance(r, (tuple, list)) and len(r) == 2 and _regex_target(r[1], ms) for r in pairs)
+        named = {n for x in leaves if x.names for n in x.names if isinstance(n, str)}
+        pairs_ok = [r for r in pairs if isinstance(r, (tuple, list)) and len(r) == 2]
+        logical = (any(x.logical for x in leaves) and not any(isinstance(r[1], PartitionSpec) for r in pairs_ok)
+                   and (any(r[0] in named for r in pairs_ok) or not any(_strategy_only(r[1], ms) for r in pairs_ok)))
     if logical:
         uncovered = [x.path for x in leaves if x.names is None]
         p = plan(tree, ms, rules=_replicate(uncovered), logical_rules=pairs, axis_roles=axis_roles)
@@ -82,11 +85,11 @@ def from_rules(tree: Any, rules: Any, mesh: Any, *, logical: bool | None = None,
     return replace(p, decisions=decisions, warnings=tuple(warnings), options={**options, "imported": True})
 
 
-def _regex_target(target: Any, ms: Any) -> bool:
-    """A target only a regex rule has: a PartitionSpec, or a strategy name the mesh has no axis of."""
-    if isinstance(target, PartitionSpec):
-        return True
-    return isinstance(target, str) and target in RULE_STRATEGIES and target not in ms.sizes
+def _strategy_only(target: Any, ms: Any) -> bool:
+    """A strategy name no mesh axis could be (``"column"``; not ``"fsdp"`` or ``"expert"``, which MaxText's
+    logical rules name whether the mesh has them or not)."""
+    return (isinstance(target, str) and target in RULE_STRATEGIES and target not in ms.sizes
+            and target.lower() not in DEFAULT_ROLE_NAMES)
 
 
 def _replicate(paths: Sequence[str]) -> list[tuple[str, str]]:

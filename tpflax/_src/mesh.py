@@ -399,6 +399,8 @@ def make_mesh(mesh: Any, devices: Sequence[Any] | None = None, *, explicit: bool
         if not explicit or tuple(mesh.axis_types) == explicit_types:
             return mesh  # already a concrete jax Mesh
         return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=explicit_types)
+    if isinstance(mesh, jax.sharding.Mesh) and all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+        explicit = True  # the mesh over other devices keeps its Explicit axes
     shape = mesh_shape(mesh, _roles_for_any_name(mesh))
     if target is not None:
         return _target_mesh(shape, target, explicit)

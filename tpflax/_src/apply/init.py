@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -12,12 +13,13 @@ from jax.sharding import NamedSharding
 
 from tpflax._src.apply.bind import bind_mesh, is_graph_node, leaf_count, plan_leaf_shardings
 from tpflax._src.apply.stored import has_layouts, tree_layouts
-from tpflax._src.errors import OptionError, SuggestError, TraceError, TreeError
-from tpflax._src.facts.tree import itemsize, keystr
+from tpflax._src.errors import OptionError, SuggestError, TraceError
+from tpflax._src.facts.tree import itemsize
 from tpflax._src.hardware import parse_bytes
 from tpflax._src.layout import to_storage
 from tpflax._src.mesh import traced_under
 from tpflax._src.planner.plan import Plan
+from tpflax._src.planner.state import check_state_leaves
 
 DEFAULT_CHUNK_BYTES = 32 << 20
 
@@ -76,7 +78,7 @@ def init_sharded(init_fn: Callable[..., Any], plan: Plan, mesh: Any = None, *arg
             graphdef, state = nnx.split(out)
             graphdefs[:] = [graphdef]
             return state
-        _check_made(out)
+        check_state_leaves(out, what="the tree init_fn returned")
         return out
 
     # a model constraining with bare PartitionSpecs initialises under its mesh
@@ -119,21 +121,12 @@ def _init(as_tree: Callable[..., Any], graphdefs: list[Any], plan: Plan, mesh: A
 
 def _chunk_size(value: Any) -> int | None:
     """``chunk_bytes`` as bytes (``"32MiB"`` too); None or 0: one program."""
-    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value == 0):
-        return None
+    if value is None or (isinstance(value, (numbers.Number, np.generic)) and value == 0):
+        return None  # 0, 0.0, False, np.int64(0): one program, as before
     try:
         return parse_bytes(value, "chunk_bytes")
     except SuggestError as e:
         raise OptionError(f"{e}; or None for one program") from None
-
-
-def _check_made(tree: Any) -> None:
-    """A TreeError naming each leaf ``init_fn`` returned that is no array (jax's own error names none)."""
-    bad = [(keystr(path), x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
-           if not isinstance(x, (jax.Array, np.ndarray, np.generic, bool, int, float, complex))]
-    if bad:
-        raise TreeError(f"init_fn returned {len(bad)} leaves that are not arrays; return only the variables",
-                        [f"{path or 'the root'}: {type(x).__name__} {x!r:.60}" for path, x in bad])
 
 
 def _chunks(abstract: Sequence[Any], shards: Sequence[NamedSharding],

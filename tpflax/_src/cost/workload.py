@@ -30,7 +30,7 @@ from tpflax._src.cost.optstate import optimizer_name as name_of
 from tpflax._src.cost.records import Act
 from tpflax._src.cost.traced import Scores, Traced, frozen_inputs, reads_slice, traced_uses
 from tpflax._src.errors import EstimateError
-from tpflax._src.facts.tree import itemsize
+from tpflax._src.facts.tree import itemsize, numeric_kind
 from tpflax._src.planner.params import planned_tree
 from tpflax._src.planner.pricing import token_batch, token_tables
 from tpflax._src.trace.records import InSpecs
@@ -150,7 +150,7 @@ def _check_options(act_dtype: Any, grad_dtype: Any, backend: str, expert_dispatc
     for name, value in (("act_dtype", act_dtype), ("grad_dtype", grad_dtype)):
         if value is not None and dtype_name(value) is None:
             raise EstimateError(f"{name}={value!r} is not a dtype jax knows; use e.g. 'bfloat16' or 'float32'")
-        if value is not None and not _is_float(value):
+        if value is not None and numeric_kind(dtype_name(value)) != "float":
             raise EstimateError(f"{name}={value!r} is not a floating dtype: a training step's "
                                 f"{'gradients' if name == 'grad_dtype' else 'activations'} are floats; "
                                 "use e.g. 'bfloat16' or 'float32'")
@@ -158,12 +158,6 @@ def _check_options(act_dtype: Any, grad_dtype: Any, backend: str, expert_dispatc
         raise EstimateError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     if expert_dispatch not in DISPATCHES:
         raise EstimateError(f"expert_dispatch {expert_dispatch!r} must be 'all-to-all' or 'dense'")
-
-
-def _is_float(dtype: Any) -> bool:
-    import jax.numpy as jnp
-
-    return bool(jnp.issubdtype(jnp.dtype(dtype), jnp.floating))
 
 
 def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = None,

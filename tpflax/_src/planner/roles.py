@@ -295,7 +295,7 @@ def assign_roles(lins: list[Linear], widths: set[int], sure: bool = False) -> No
             lin.role, lin.why = "row", f"'{name}' is an output projection ({i} -> {o})"
     _square_like_flipped(lins)
     _columns_of_a_named_row(lins)
-    _column_of_a_lone_row(lins)
+    _column_of_a_lone_row(lins, widths)
     # Without widths or names, a kernel whose mirror image is in the block pairs by shape.
     for lin in lins:
         if lin.role is not None or lin.in_size == lin.out_size:
@@ -465,7 +465,7 @@ def _columns_of_a_named_row(lins: list[Linear]) -> None:
         "(pass model= to trace it)"))
 
 
-def _column_of_a_lone_row(lins: list[Linear]) -> None:
+def _column_of_a_lone_row(lins: list[Linear], widths: set[int]) -> None:
     """A block whose widths place one row and nothing else: its one unplaced 2-D kernel writing the width the
     row reads is the row's column, whatever it reads (a GNN's edge MLP reads the concatenation of its nodes'
     features, ``l1`` ``(3d, f)``, whose width is no residual width; ``l2`` ``(f, d)`` narrows back to the norm's
@@ -476,13 +476,17 @@ def _column_of_a_lone_row(lins: list[Linear]) -> None:
     ...     f = Facts(Leaf(path, shape, "float32", 4), "dense", 0, path.rsplit("/", 1)[0], "b")
     ...     return Linear(f, (0,), (1,), role=role)
     >>> l1, l2 = lin("b/l1/kernel", (192, 128)), lin("b/l2/kernel", (128, 64), "row")
-    >>> _column_of_a_lone_row([l1, l2]); l1.role
+    >>> _column_of_a_lone_row([l1, l2], {64}); l1.role
     'column'
+
+    A row placed by its name alone is not enough: diffusers' GEGLU calls its input projection ``proj``.
     """
     rows = [x for x in lins if x.role == "row"]
     if len(rows) != 1 or any(x.role is not None and x is not rows[0] for x in lins):
         return
     row = rows[0]
+    if not (row.out_size in widths and row.in_size not in widths):
+        return  # placed by its name, not by the widths
     writers = [x for x in lins if x.role is None and len(x.f.body) == 2 and x.out_size == row.in_size]
     if len(writers) != 1 or len([x for x in lins if x.role is None]) != 1:
         return

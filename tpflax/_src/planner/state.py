@@ -323,8 +323,9 @@ def state_leaf_ties(tree: Any, plan: Plan, *, optimizer: Any = None,
     return [keystr(p) for p, _ in flat], [b for _, b in flat], treedef, targets
 
 
-def check_state_leaves(tree: Any) -> tuple[list[tuple[Any, Any]], Any]:
-    """``tree_flatten_with_path`` of a state (boxes as leaves); TreeError naming non-array leaves.
+def check_state_leaves(tree: Any, what: str = "the state") -> tuple[list[tuple[Any, Any]], Any]:
+    """``tree_flatten_with_path`` of a state (boxes as leaves); TreeError naming non-array leaves (``what``: how
+    the message names the tree).
 
     >>> check_state_leaves({"note": "x"})
     Traceback (most recent call last):
@@ -336,7 +337,7 @@ def check_state_leaves(tree: Any) -> tuple[list[tuple[Any, Any]], Any]:
                 for path, b in flat if getattr(unbox(b), "shape", None) is None
                 and not isinstance(unbox(b), (int, float, complex, bool, np.generic))]
     if problems:
-        raise TreeError("the state has leaves that are not arrays", problems)
+        raise TreeError(f"{what} has leaves that are not arrays", problems)
     return flat, treedef
 
 
