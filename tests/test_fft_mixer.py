@@ -63,3 +63,14 @@ def test_the_pair_through_an_fft_is_the_cheaper_plan_on_tpu():
     assert pair.memory["peak"] < kept.memory["peak"]
     assert pair.flops < kept.flops / 2
     assert pair.comm_total < kept.comm_total
+
+
+def test_the_cpu_estimate_says_it_does_not_price_xla_cpus_fft_gathers():
+    """XLA:CPU gathers every FFT operand whole (0.13 of the compiled collectives priced on the whole mixer);
+    the estimate for that backend says so, the TPU one does not (XLA:TPU partitions an FFT)."""
+    v, p = traced_plan()
+    cpu, tpu = (tpflax.estimate(p, optax.adamw(1e-3), model=LongConv(), sample=SAMPLE, loss=mean_square,
+                                backend=b) for b in ("cpu", "tpu"))
+    noted = [n for n in cpu.notes if "does not partition an FFT" in n]
+    assert len(noted) == 1 and noted[0].startswith("2 FFT(s) of activations (RFFT of float32[8, 256, 64]")
+    assert not [n for n in tpu.notes if "FFT" in n]

@@ -102,6 +102,19 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
             f"{', '.join(f'{a}={mesh.sizes[a]}' for a in axes)} (product {shards}); use a batch "
             f"that is a multiple of {shards}")
     notes: list[str] = []
+    if w.ffts and w.backend == "cpu" and (shards > 1 or any(s > 1 for a, s in mesh.sizes.items() if a not in axes)):
+        # measured (a long convolution by rfft/irfft, data=2,model=4): each FFT's operand and, backward, its
+        # output's gradient all-gathered whole, 0.13 of the compiled collectives priced; XLA:TPU splits them
+        notes.append(f"{len(w.ffts)} FFT(s) of activations ({w.ffts[0]}{', ...' if len(w.ffts) > 1 else ''}): "
+                     "XLA:CPU does not partition an FFT, it gathers each one's operand whole, and its gradient's, "
+                     "which this estimate does not price (XLA:TPU splits them over the batch and the other dims)")
+    if w.crossed and shards > 1:
+        # measured (XLA:CPU data=2,model=4, a 2-layer message-passing net over one graph): all-reduces and
+        # collective-permutes of node-sized activations, 19x the gradient sums this estimate prices
+        notes.append(f"{w.crossed[0]}{f' (and {len(w.crossed) - 1} more)' if len(w.crossed) > 1 else ''}: the step "
+                     f"splits every input's leading dim over {', '.join(axes)}, so these rows cross devices, which XLA "
+                     "does with collectives this estimate does not price (its collectives are a lower bound). A "
+                     "graph's nodes and edges are no batch of examples: batch whole graphs, or check with dry_run")
     if w.remat and w.backend == "tpu" and any(d.layers_dim is not None for d in lv.decisions.values()):
         # measured (dry runs and buffer dumps, Llama-2-7B width, benchmarks/tpu_aot_notes.md, twentieth round): the
         # loop's carried buffers are in the peak (Peak.scan_grads, Peak.scan_stack), and on fsdp-only meshes the

@@ -238,6 +238,8 @@ class Traced:
     split_widths: frozenset[tuple[int, tuple[str, ...]]] = frozenset()
     streamed: frozenset[tuple[str, int]] = frozenset()
     expanded: Mapping[str, tuple[tuple[int, int, int], ...]] = field(default_factory=dict)
+    crossed: tuple[str, ...] = ()  # (Dataflow.crossed)
+    ffts: tuple[str, ...] = ()  # (Dataflow.ffts)
     batched_dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     shard_mapped: InSpecs = field(default_factory=dict)
     direct: frozenset[str] = frozenset()
@@ -387,7 +389,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None
                   expanded=_expanded(flow), batched_dots=flow.dots(batched=True),
                   shard_mapped=dict(flow.in_specs), direct=frozenset(flow.uses[u].path for u in flow.direct),
                   derived=flow.derived_dots(), cast_to=flow.cast_to(), cast_some=flow.cast_some(),
-                  slice_reads=_slice_reads(flow, slices))
+                  slice_reads=_slice_reads(flow, slices), crossed=flow.crossed, ffts=flow.ffts)
 
 
 def _slice_reads(flow: Any, slices: Mapping[str, int]) -> dict[str, int]:

@@ -338,6 +338,15 @@ def _channel_local(w: Walk, channels: TagMap) -> tuple[int, int] | None:
 
 def gather(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
     operand = ins[0]
+    dn = eqn.params["dimension_numbers"]
+    indexed = set(dn.start_index_map) | set(dn.collapsed_slice_dims)
+    looked = math.prod(eqn.invars[1].aval.shape[:-1])
+    # one row per example picked (CLIP's pooling at each text's end token, ``x[arange(b), ends]``) stays on its
+    # device; as many rows as there are edges, gathered from the nodes, do not
+    if (not operand.origin and operand.fed and ins[1].fed and not ins[1].live and 0 in indexed
+            and looked != eqn.invars[0].aval.shape[0]):
+        w.crossed.append(f"rows of a {tuple(eqn.invars[0].aval.shape)} activation gathered at "
+                         f"{tuple(eqn.invars[1].aval.shape[:-1])} indices from the inputs")
     if not operand.origin:
         # An activation indexed by data (BigBird's random key blocks): the indexed dims
         # need every shard, but its batch and whole-slice dims (heads, head features)
@@ -348,8 +357,6 @@ def gather(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> l
                 w.escape(operand.dim_tags(d), "gathered (indexed by data)")
         out = w.moved(operand, mapping, ranks[0], keep_flags=False)
         return [dataclasses.replace(out, fresh=None)]
-    dn = eqn.params["dimension_numbers"]
-    indexed = set(dn.start_index_map) | set(dn.collapsed_slice_dims)
     looks = []
     for path, dims in operand.origin:
         uid = w.use(ctx, eqn, path, "gather", [dims[d] for d in sorted(indexed) if dims[d] is not None],

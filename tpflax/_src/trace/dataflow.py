@@ -287,7 +287,8 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                     split_widths=frozenset(w.split_widths),
                     streamed=frozenset(w.root(k) for k in w.joined if not is_minor(k)), expanded=dict(w.expanded),
                     in_specs=dict(w.in_specs), direct=frozenset(w.direct),
-                    derived=frozenset(w.derived),
+                    derived=frozenset(w.derived), crossed=tuple(dict.fromkeys(w.crossed)),
+                    ffts=tuple(w.ffts),
                     sliced=_sliced(w, {p: tuple(v.aval.shape) for p, v in zip(paths, jaxpr.invars, strict=False)}))
 
 

@@ -250,6 +250,9 @@ def fft(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list
     """
     rank = ranks[0]
     mixed = range(rank - len(eqn.params["fft_lengths"]), rank)
+    if ins[0].fed:
+        kind = eqn.params["fft_type"]
+        w.ffts.append(f"{getattr(kind, 'name', kind)} of {eqn.invars[0].aval.dtype}{list(eqn.invars[0].aval.shape)}")
     for d in mixed:
         w.escape(ins[0].dim_tags(d), "an fft mixes it")
     # a weight's transform (a long-convolution filter's) is a weight computed from a weight: its other dims stay
@@ -382,6 +385,10 @@ def scatter(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> 
     buf, upd = ins[0], ins[2]
     dn = eqn.params["dimension_numbers"]
     shapes = [tuple(eqn.invars[i].aval.shape) for i in (0, 2)]
+    if (upd.fed and not upd.origin and ins[1].fed and not ins[1].live and 0 in dn.scatter_dims_to_operand_dims
+            and shapes[1][:1] != shapes[0][:1]):
+        w.crossed.append(f"rows of a {shapes[1]} activation written into a {shapes[0]} one at indices from the "
+                         "inputs")
     rank = ranks[0]
     inserted = set(dn.inserted_window_dims) | set(getattr(dn, "operand_batching_dims", ()))
     windows = [d for d in range(rank) if d not in inserted]

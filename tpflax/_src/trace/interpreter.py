@@ -194,6 +194,10 @@ class Walk:
     pinned: dict[int, Any] = field(default_factory=dict)
     direct: set[int] = field(default_factory=set)
     derived: set[int] = field(default_factory=set)  # uses whose kernel is not the parameter's own value
+    # rows of an input-derived activation gathered or scattered along its leading dim at indices the inputs give
+    # (a GNN's ``h[senders]``, ``segment_sum(m, receivers)``): they cross the batch split
+    crossed: list[str] = field(default_factory=list)
+    ffts: list[str] = field(default_factory=list)  # FFTs of input-derived activations (XLA:CPU gathers them)
     # use id -> (the contraction's place in the walk, elements, item bytes, sizes of its batch dims no parameter dim
     # makes) of the array a contraction with activations reads as its kernel where it is not the parameter's own
     # value (Dataflow.expanded); and id -> (value, [(use id, (elements, item bytes))]) of a lookup's output at

@@ -319,6 +319,8 @@ class Dataflow:
     in_specs: InSpecs = field(default_factory=dict)
     direct: frozenset[int] = frozenset()
     derived: frozenset[int] = frozenset()
+    crossed: tuple[str, ...] = ()
+    ffts: tuple[str, ...] = ()
 
     def positional(self) -> dict[str, tuple[int, tuple[int, ...]]]:
         """``{table: (rows looked up, its dims not indexed)}`` for tables every use of which is a lookup at
