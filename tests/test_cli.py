@@ -131,6 +131,12 @@ class Scaled(nn.Module):
 
 def make_scalar_first():
     return Scaled(), S((), jnp.float32), S((8, 16), jnp.float32)
+
+
+def make_nnx_alone():
+    from flax import nnx
+
+    return nnx.Linear(16, 64, rngs=nnx.Rngs(0))
 '''
 
 
@@ -180,6 +186,17 @@ def test_a_user_models_batch_is_its_first_input_with_a_batch_dim(userpkg, capsys
     assert main(["dry-run", f"{userpkg}:make_dict_input", "--mesh", "data=2,model=4"]) == 2
     err = capsys.readouterr().err
     assert "cannot infer a loss for DictIn" in err and "first input a dict" in err and "--loss" in err
+
+
+def test_an_nnx_module_without_a_sample_is_planned_but_not_traced(userpkg, capsys):
+    """Its variables plan; tracing or running it needs its inputs, which the factory must return (the error
+    was the Python API's "pass sample=(x,)", a flag the command line does not have)."""
+    assert main(["plan", f"{userpkg}:make_nnx_alone", "--mesh", "model=4"]) == 0
+    capsys.readouterr()
+    for argv in (["plan", "--trace"], ["dry-run"]):
+        assert main([argv[0], f"{userpkg}:make_nnx_alone", "--mesh", "model=4", *argv[1:]]) == 2
+        err = capsys.readouterr().err
+        assert "returned an nnx Module without sample inputs" in err and "(module, jax.ShapeDtypeStruct" in err
 
 
 def test_user_model_mistakes_are_named(userpkg, capsys):

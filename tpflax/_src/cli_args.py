@@ -104,11 +104,14 @@ def plan_from_args(args: argparse.Namespace):
 
 
 def need_model(loaded, what: str) -> None:
-    """A UsageError when ``loaded`` is a bare variable tree."""
+    """A UsageError when ``loaded`` is a bare variable tree, or an nnx Module without sample inputs."""
     if loaded.model is None:
         raise UsageError(f"{what}: {loaded.name!r} gave only a variable tree; use a zoo name or a factory "
                          "returning a zoo model, (linen_module, *sample), (nnx_module, *sample) or "
                          "(fn, variables, *sample)")
+    if loaded.sample is None and zoo_of(loaded) is None:
+        raise UsageError(f"{what}: {loaded.name}() returned an nnx Module without sample inputs; return "
+                         "(module, jax.ShapeDtypeStruct((batch, ...), dtype), ...) so tpflax can run it")
 
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "adafactor", "lion", "rmsprop", "adagrad")
