@@ -409,7 +409,7 @@ def token_rows(b: Batch, config: Any) -> int:
     ids = [leaf[1] for leaf in b.leaves if len(leaf[1]) >= 2 and np_dtype(leaf[2]).kind in "iu"]
     if ids:  # token ids, wherever they sit in the batch (a speech model's decoder ids follow its features)
         return math.prod(ids[0])
-    x = b.leaves[0][1]
+    x = b.first_shape
     image, patch = config_value(config, "image_size"), config_value(config, "patch_size")
     if image and patch:
         return b.size * ((image // patch) ** 2 + (1 if config_value(config, "cls_token", True) else 0))

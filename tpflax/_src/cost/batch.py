@@ -72,17 +72,21 @@ class Batch:
     act_dtype: str
 
     @property
+    def first_shape(self) -> tuple[int, ...]:
+        """The shape of the first leaf that has dims (a model's inputs may start with a scalar); () if none."""
+        return next((s for _, s, _ in self.leaves if s), ())
+
+    @property
     def size(self) -> int:
-        """The leading dim of the first leaf that has one (a model's inputs may start with a scalar)."""
-        return next((s[0] for _, s, _ in self.leaves if s), 1)
+        """The leading dim of :attr:`first_shape`."""
+        return self.first_shape[0] if self.first_shape else 1
 
     def nbytes(self) -> int:
         return sum(math.prod(s) * itemsize(d) for _, s, d in self.leaves)
 
     def label(self) -> str:
-        """``"32x1024"``: the shape of the first leaf that has dims."""
-        shaped = [s for _, s, _ in self.leaves if s]
-        return "x".join(map(str, shaped[0])) if shaped else str(self.size)
+        """``"32x1024"``: :attr:`first_shape`."""
+        return "x".join(map(str, self.first_shape)) if self.first_shape else str(self.size)
 
 
 def parse_batch(batch: Any, config: Any = None, act_dtype: str | None = None) -> Batch:

@@ -94,7 +94,7 @@ def conv_maps(lv: Leaves, w: Workload, mesh: MeshShape, shards: int,
                    and path in blocks)
         return int(kept), int(counted)
     kept = 0.0
-    images = tuple(w.batch.leaves[0][1]) if w.batch.leaves else ()
+    images = w.batch.first_shape
     operand = min(w.act_item, 2) / shards  # conv inputs in bfloat16, as the conv multiplies
     for d, n in convs.values():
         for a in acts_for(w.activations, d.unit):
@@ -201,7 +201,7 @@ def conv_working(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> int:
     memory holds that working set; with a tensor axis the dumps hold a fraction of a map more)."""
     if w.backend != "tpu" or w.remat or shards < mesh.size or not _batch_first(w, shards):
         return 0
-    images = tuple(w.batch.leaves[0][1]) if w.batch.leaves else ()
+    images = w.batch.first_shape
     largest = 0
     for d in lv.decisions.values():
         if d.kind == "conv" and len(body(d)) == 4:

@@ -44,7 +44,7 @@ VOCAB_SHARD_BYTES, VOCAB_SHARD_ROWS = 17 << 20, 64
 def gradient_items(s: Scope) -> list[CommItem]:
     """fsdp all-gathers of every parameter, and gradient reductions of every trainable one (with XLA:TPU's
     all-to-alls of a tied table's lookups scattered as one: :mod:`tpflax._src.cost.lookups`)."""
-    x_shape = s.batch.leaves[0][1]
+    x_shape = s.batch.first_shape
     steps = int(config_value(s.config, "seq_len", 0) or (x_shape[1] if len(x_shape) >= 2 else 1))
     items: list[CommItem] = []
     # a leaf whose update a tensor split splits (a split conditioning vector, a split embedder's output read by

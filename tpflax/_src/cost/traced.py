@@ -287,8 +287,6 @@ def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None)
 
 
 def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None) -> Traced:
-    import jax
-
     from tpflax._src.cost.buffers import batched_paths, batched_rows
     from tpflax._src.planner.repeats import merge_uses
     from tpflax._src.trace.contractions import PRODUCT_SUM
@@ -296,8 +294,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None
     from tpflax._src.trace.spread import spread_streams
 
     flow = dataflow(m, mesh=mesh)  # a model that cannot run is a TraceError, as in plan(model=)
-    leaves = jax.tree_util.tree_leaves(m.sample)
-    examples = leaves[0].shape[0] if leaves and getattr(leaves[0], "shape", ()) else 1
+    examples = m.batch_size or 1
     ops: dict[str, set[str]] = {}
     whole: dict[str, int] = {}
     rows: dict[str, float] = {}
