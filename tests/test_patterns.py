@@ -1205,33 +1205,3 @@ def test_a_column_reading_a_concatenation_pairs_with_the_row_the_widths_place(me
     no_worse(got, numbers(m, hand, mesh, (x,), loss=loss))
     kept = numbers(m, whole, mesh, (x,), loss=loss)
     assert got[0] < kept[0] and got[2] < kept[2] / 2
-
-
-# -- a gated unit read by two rows of its width (WaveNet's residual and skip projections) ------------------
-
-class GatedTwoRows(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        skips = 0.0
-        for i in range(2):
-            h = nn.LayerNorm(name=f"ln{i}")(x)
-            z = jnp.tanh(nn.Dense(D, name=f"a{i}")(h)) * jax.nn.sigmoid(nn.Dense(D, name=f"g{i}")(h))
-            x, skips = x + nn.Dense(D, name=f"res{i}")(z), skips + nn.Dense(D, name=f"skip{i}")(z)
-        return x + skips
-
-
-def test_a_gated_units_two_square_readers_are_its_rows(mesh):
-    """``tanh(a(x)) * sigmoid(g(x))`` read by ``res`` and ``skip``, both (d, d): the product of two projections
-    is no residual stream, so readers that keep its width are rows of the pair (all four kernels stayed whole:
-    1.72x the hand layout's bytes and 3.69x its flops)."""
-    x = sds(8, 32, D)
-    m = GatedTwoRows()
-    v = abstract(m, x)
-    p = tpflax.plan(v, MESH, model=m, sample=(x,))
-    for name, spec in (("a", P(None, "model")), ("g", P(None, "model")), ("res", P("model", None)),
-                       ("skip", P("model", None))):
-        assert p.spec(f"params/{name}1/kernel") == spec, name
-    assert len({p.decisions[f"params/{n}0/kernel"].pair for n in ("a", "g", "res", "skip")}) == 1
-    loss = lambda out, x: (out ** 2).mean()  # noqa: E731
-    hand = tpflax.plan(v, MESH, rules=[(r"/(a|g)\d/kernel", "column"), (r"/(res|skip)\d/kernel", "row")])
-    no_worse(numbers(m, p, mesh, (x,), loss=loss), numbers(m, hand, mesh, (x,), loss=loss))
