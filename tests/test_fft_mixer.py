@@ -74,3 +74,7 @@ def test_the_cpu_estimate_says_it_does_not_price_xla_cpus_fft_gathers():
     noted = [n for n in cpu.notes if "does not partition an FFT" in n]
     assert len(noted) == 1 and noted[0].startswith("2 FFT(s) of activations (RFFT of float32[8, 256, 64]")
     assert not [n for n in tpu.notes if "FFT" in n]
+    # nothing split, nothing gathered: a replicated plan on a tensor axis alone
+    whole = tpflax.plan(v, {"model": 8}, rules=[(".*", "replicate")])
+    assert not [n for n in tpflax.estimate(whole, optax.adamw(1e-3), model=LongConv(), sample=SAMPLE,
+                                           loss=mean_square, backend="cpu").notes if "FFT" in n]

@@ -66,8 +66,8 @@ class MessagePassing(nn.Module):
 def test_rows_gathered_across_the_batch_split_are_named_in_a_note():
     """The step splits the node array and the edge arrays over data like a batch, so the gathered rows cross
     devices; XLA moves them with collectives the estimate does not price (19x on XLA:CPU, measured), and the
-    estimate says so (it said nothing, 0.05 of the compiled collectives). One row per example (CLIP's pooling)
-    and lookups of parameters (embeddings) are no such rows: none of the 42 transformers models gets the note."""
+    estimate says so (it said nothing, 0.05 of the compiled collectives). One row picked per example (CLIP's
+    pooling) and lookups of parameters (embeddings) are left out: none of the 42 transformers models gets it."""
     model, mesh = MessagePassing(), {"data": 2, "model": 4}
     sample = (S((256, 16), jnp.float32), S((1024,), jnp.int32), S((1024,), jnp.int32))
     v = jax.eval_shape(lambda *a: model.init(jax.random.key(0), *a), *sample)

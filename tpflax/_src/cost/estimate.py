@@ -102,7 +102,7 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
             f"{', '.join(f'{a}={mesh.sizes[a]}' for a in axes)} (product {shards}); use a batch "
             f"that is a multiple of {shards}")
     notes: list[str] = []
-    if w.ffts and w.backend == "cpu" and (shards > 1 or any(s > 1 for a, s in mesh.sizes.items() if a not in axes)):
+    if w.ffts and w.backend == "cpu" and (shards > 1 or _splits_outside(lv, axes)):
         # measured (a long convolution by rfft/irfft, data=2,model=4): each FFT's operand and, backward, its
         # output's gradient all-gathered whole, 0.13 of the compiled collectives priced; XLA:TPU splits them
         notes.append(f"{len(w.ffts)} FFT(s) of activations ({w.ffts[0]}{', ...' if len(w.ffts) > 1 else ''}): "
@@ -306,6 +306,13 @@ def split_sum_items(s: Scope, sums: Sequence[tuple[frozenset[tuple[str, int]], f
 def _experts_dim(d: Any, dim: int) -> bool:
     """Whether leaf dim ``dim`` of an expert kernel is its experts dim (body dim 0)."""
     return dim == (1 if d.layers_dim == 0 else 0)
+
+
+def _splits_outside(lv: Leaves, batch_axes: Sequence[str]) -> bool:
+    """Whether the plan splits some leaf over an axis the batch does not split (so activations split too)."""
+    from tpflax._src.specs import entry_axes
+
+    return any(a not in batch_axes for d in lv.decisions.values() for e in tuple(d.spec) for a in entry_axes(e))
 
 
 def product_sum_notes(lv: Leaves, mesh: MeshShape, w: Workload, priced: frozenset[str] = frozenset()) -> list[str]:

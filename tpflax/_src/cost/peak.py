@@ -242,7 +242,7 @@ def logits_bytes(lv: Leaves, mesh: MeshShape, w: Workload, shards: int) -> tuple
     if calls and calls[0].output and calls[0].output[-1] == vocab:
         rows = math.prod(calls[0].output[:-1])
     else:
-        rows = token_rows(w.batch, w.config) if w.batch.leaves and len(w.batch.leaves[0][1]) == 2 else w.batch.size
+        rows = token_rows(w.batch, w.config) if len(w.batch.first_shape) == 2 else w.batch.size
     return int(rows / shards * width * 4), path, held, split
 
 

@@ -341,8 +341,9 @@ def gather(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> l
     dn = eqn.params["dimension_numbers"]
     indexed = set(dn.start_index_map) | set(dn.collapsed_slice_dims)
     looked = math.prod(eqn.invars[1].aval.shape[:-1])
-    # one row per example picked (CLIP's pooling at each text's end token, ``x[arange(b), ends]``) stays on its
-    # device; as many rows as there are edges, gathered from the nodes, do not
+    # one row picked per example (CLIP's pooling at each text's end token, ``x[arange(b), ends]``) is left out:
+    # XLA:CPU moves some of it too, but CLIP's estimate stays within 10%; a graph with as many edges as nodes is
+    # missed with it (the sizes cannot tell them apart)
     if (not operand.origin and operand.fed and ins[1].fed and not ins[1].live and 0 in indexed
             and looked != eqn.invars[0].aval.shape[0]):
         w.crossed.append(f"rows of a {tuple(eqn.invars[0].aval.shape)} activation gathered at "
