@@ -291,7 +291,7 @@ def abstract_mesh(mesh: Any):
     """A ``jax.sharding.AbstractMesh`` (Auto axis types) with the same shape: no devices needed."""
     import jax
 
-    shape = mesh_shape(mesh, _roles_for_any_name(mesh))  # names and sizes: roles do not matter here
+    shape = _named_shape(mesh)
     auto = (jax.sharding.AxisType.Auto,) * len(shape.axes)
     return jax.sharding.AbstractMesh(
         tuple(s for _, s in shape.axes), shape.names, axis_types=auto)
@@ -394,14 +394,13 @@ def make_mesh(mesh: Any, devices: Sequence[Any] | None = None, *, explicit: bool
     import jax
     import numpy as np
 
-    if isinstance(mesh, jax.sharding.Mesh) and target is None and devices is None:
-        explicit_types = (jax.sharding.AxisType.Explicit,) * len(mesh.axis_names)
-        if not explicit or tuple(mesh.axis_types) == explicit_types:
+    if isinstance(mesh, jax.sharding.Mesh) and target is None:
+        was_explicit = all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+        if devices is None and (was_explicit or not explicit):
             return mesh  # already a concrete jax Mesh
-        return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=explicit_types)
-    if isinstance(mesh, jax.sharding.Mesh) and all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
-        explicit = True  # the mesh over other devices keeps its Explicit axes
-    shape = mesh_shape(mesh, _roles_for_any_name(mesh))
+        # rebuilt: over other devices (keeping Explicit axes), or over its own with Explicit ones
+        explicit, devices = explicit or was_explicit, mesh.devices if devices is None else devices
+    shape = _named_shape(mesh)
     if target is not None:
         return _target_mesh(shape, target, explicit)
     need = shape.size
@@ -436,18 +435,19 @@ def make_mesh(mesh: Any, devices: Sequence[Any] | None = None, *, explicit: bool
     return jax.sharding.Mesh(grid, shape.names, axis_types=(kind,) * len(sizes))
 
 
-def _roles_for_any_name(mesh: Any) -> dict[str, str] | None:
-    """A jax Mesh needs axis names and sizes, not roles: a placeholder role for each name tpflax does not know
-    (``{"rows": 2, "cols": 4}``), so :func:`make_mesh` builds any mesh :func:`mesh_shape` would refuse only
-    for want of roles. None when ``mesh`` already carries roles or is not a list of axes (mesh_shape says why)."""
+def _named_shape(mesh: Any) -> MeshShape:
+    """``mesh`` as a :class:`MeshShape` for building a jax mesh, which needs axis names and sizes, not roles:
+    a name tpflax does not know (``{"rows": 2, "cols": 4}``) gets a placeholder role, so :func:`make_mesh` and
+    :func:`abstract_mesh` build any mesh :func:`mesh_shape` would refuse only for want of roles. A mesh that
+    carries roles keeps them; one that is no list of axes is mesh_shape's MeshError."""
     if isinstance(mesh, MeshShape):
-        return None
+        return mesh
     try:
         pairs = _pairs(mesh)
     except Exception:  # noqa: BLE001 - mesh_shape raises the MeshError naming the problem
-        return None
+        return mesh_shape(mesh)
     names = {n for n, _ in pairs if isinstance(n, str) and n and DEFAULT_ROLE_NAMES.get(n.lower()) is None}
-    return dict.fromkeys(sorted(names), DATA) or None
+    return mesh_shape(mesh, dict.fromkeys(sorted(names), DATA) or None)
 
 
 def _target_mesh(shape: MeshShape, target: Any, explicit: bool):

@@ -345,4 +345,3 @@ def check_scalar_loss(value: Any) -> None:
     raise OptionError(f"loss= must return one float scalar, got {got}; make_train_step differentiates it "
                       "and takes no auxiliary outputs (has_aux): return the loss alone and compute metrics "
                       "in a separate jitted function")
-

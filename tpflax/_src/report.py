@@ -219,7 +219,6 @@ def _wrap(lines: list[str], width: int | None, indent: str = "      ") -> list[s
             or [""]]
 
 
-
 def check_made_for(plan: Plan, **others: Any) -> None:
     """A PlanMismatchError when an estimate or dry run (``estimate=``, ``dry_run=``) was made for another mesh
     than ``plan``'s: a report would show its numbers under the plan's header."""
@@ -232,6 +231,7 @@ def check_made_for(plan: Plan, **others: Any) -> None:
             raise PlanMismatchError(f"the {name} was made for mesh {made_for}, the plan is for {plan.mesh}: "
                                     f"report a plan with its own {name} (tpflax.estimate(plan, ...), "
                                     "tpflax.dry_run(step, plan, mesh))")
+
 
 def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool = True,
            pairs: bool = False, dry_run: Any = None, full: bool = False, width: int | None = None,

@@ -155,7 +155,7 @@ def _from_shapes(spec: dict, config: Any, act_dtype: str | None, dtype: str) -> 
         leaf_dtype = "int32" if (vocab and len(shape) == 2) or name == "y" else dtype
         leaves.append((name, shape, leaf_dtype))
     if "y" not in spec and leaves:
-        x_shape = next((s for _, s, _ in leaves if s), ())  # the first input with dims
+        x_shape = Batch(tuple(leaves), dtype).first_shape
         y = x_shape if vocab and len(x_shape) == 2 else x_shape[:1]
         leaves.append(("y", y, "int32"))
     return Batch(tuple(leaves), dtype)

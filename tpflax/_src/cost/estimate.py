@@ -69,7 +69,7 @@ from tpflax._src.cost.workload import Workload, prepare
 from tpflax._src.errors import EstimateError, MeshError
 from tpflax._src.mesh import EXPERT, FSDP, TENSOR, MeshShape, batch_axes, tracing_for
 from tpflax._src.planner.plan import traced_facts
-from tpflax._src.specs import entries, entry_axes
+from tpflax._src.specs import entries, entry_axes, used_axes
 from tpflax._src.tpu import TOPOLOGIES, gathers_reduce, one_ring, parse_topology, slice_name
 
 __all__ = ["estimate", "price", "price_leaves"]
@@ -310,9 +310,7 @@ def _experts_dim(d: Any, dim: int) -> bool:
 
 def _splits_outside(lv: Leaves, batch_axes: Sequence[str]) -> bool:
     """Whether the plan splits some leaf over an axis the batch does not split (so activations split too)."""
-    from tpflax._src.specs import entry_axes
-
-    return any(a not in batch_axes for d in lv.decisions.values() for e in tuple(d.spec) for a in entry_axes(e))
+    return any(used_axes(d.spec) - set(batch_axes) for d in lv.decisions.values())
 
 
 def product_sum_notes(lv: Leaves, mesh: MeshShape, w: Workload, priced: frozenset[str] = frozenset()) -> list[str]:

@@ -336,14 +336,14 @@ def _nested(decisions: Mapping[str, Decision]) -> dict:
     specs: dict = {}
     for path, d in decisions.items():
         node = specs
-        parts = path.split("/")
-        for part in parts[:-1]:
+        *parents, name = path.split("/")
+        for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                return {p: x.spec for p, x in decisions.items()}
-        if parts[-1] in node:  # a leaf where a subtree is, or the same path twice
+                break  # a leaf where a subtree goes
+        if not isinstance(node, dict) or name in node:  # (or a subtree where a leaf goes)
             return {p: x.spec for p, x in decisions.items()}
-        node[parts[-1]] = d.spec
+        node[name] = d.spec
     return specs
 
 
