@@ -273,15 +273,39 @@ def _free_rows(c: _Flow, sid: int, dim: int, pair: int | None = None) -> bool:
     Mamba block's ``in_proj`` output, read by ``x_proj`` and (through the scan) ``out_proj``. Split, each
     reader is a row of the pair (the first in program order prices it, the others join it,
     :func:`_join_readers`)."""
+    gated = _gated_with_a_projection(c, sid, dim, pair)
+
     def free(uid: int) -> bool:
         d, u = c.st.out.get(c.cand[uid].path), c.cand[uid]
         summed = math.prod(c.fx[u.path].leaf.shape[k] for k in u.contracted)
         return (d is None or (pair is not None and d.pair == pair)) and u.op == "dot" and \
-            len({e.dst_dim for e in c.in_edges[uid]}) == 1 and _kept_size(c, uid) < summed
+            len({e.dst_dim for e in c.in_edges[uid]}) == 1 and (gated or _kept_size(c, uid) < summed)
     # dense layers that narrow only: a reader that widens or keeps the width (an MLP's up, q/k/v) reads a
     # residual stream, not a column's inner activations; a conv stage's channels reaching its next stage's
-    # conv and shortcut projection are the channel chain's (a ResNet keeps its stream whole between stages)
+    # conv and shortcut projection are the channel chain's (a ResNet keeps its stream whole between stages).
+    # A gated unit's output (two projections' outputs multiplied: WaveNet's tanh(a) * sigmoid(g)) is no stream,
+    # whatever the width of the layers reading it
     return c.cand[sid].op == "dot" and all(free(x.dst_use) for x in c.out_edges[(sid, dim)])
+
+
+def _gated_with_a_projection(c: _Flow, sid: int, dim: int, pair: int | None = None) -> bool:
+    """Use ``sid``'s output along ``dim`` is multiplied elementwise with another dense projection's, undecided or
+    a column of ``pair`` (:attr:`Dataflow.gated`): the two halves of a gated unit, not a residual stream (which
+    a norm rescales by its own statistics, no projection). Neither half may be added to another activation
+    (:attr:`Dataflow.added`): a GLU stem's product is the stream each later block adds its output to."""
+    if (sid, dim) in c.flow.added:
+        return False
+    for a, b in c.flow.gated:
+        other = b if a == (sid, dim) else a if b == (sid, dim) else None
+        if other in c.flow.added:
+            continue
+        o = c.cand.get(other[0]) if other is not None else None
+        if o is None or o.op != "dot" or o.path == c.cand[sid].path:
+            continue
+        d = c.st.out.get(o.path)
+        if d is None or (pair is not None and d.pair == pair):
+            return True
+    return False
 
 
 def _join_readers(c: _Flow, rid: int) -> None:
