@@ -402,8 +402,8 @@ def _mirrored_experts(facts: list[Facts]) -> list[Facts]:
     for i, f in enumerate(facts):
         if f.kind in ("dense", "attention") and len(f.body) == 3 and f.body[1] != f.body[2]:
             groups[f.group].append(i)
-        elif f.kind == "attention" and len(f.body) == 4:  # (n, heads, d, head_dim) or (d, n, heads, head_dim)
-            stacks[f.group].add((f.body[0], f.body[3]) if fused_projection(f.body) else tuple(f.body[2:]))
+        elif f.kind == "attention" and (at := projection_stack(f.body)) is not None:  # (d, head_dim) it reads into
+            stacks[f.group].add((f.body[at[0]], f.body[at[2]]))
     norms = {f.body[-1] for f in facts if f.kind == "norm" and f.body}
     kv_like: dict[str, set[tuple[tuple[int, ...], tuple[int, int]]]] = defaultdict(set)
     for f in facts:
@@ -435,6 +435,30 @@ def fused_projection(body: Sequence[int]) -> bool:
     (True, False, False)
     """
     return len(body) == 4 and body[1] in (2, 3) and body[0] >= 16
+
+
+def projection_stack(body: Sequence[int]) -> tuple[int, int, int] | None:
+    """``(d, heads, head_dim)``'s dims in a 4-D stack of 2 or 3 attention projections, else None.
+
+    Three layouts: a fused DenseGeneral's ``(d, n, heads, head_dim)`` (:func:`fused_projection`), an einsum's
+    ``(n, heads, d, head_dim)`` (Gemma's ``qkv_einsum``) and ``(n, d, heads, head_dim)`` (an ``nn.Einsum``
+    written ``"bsd,cdhk->cbshk"``). A conv window is small and square, ``(3, 3, cin, cout)``: its second dim is
+    neither the stack's heads (no wider than d) nor a d (no conv window is 16 wide).
+
+    >>> projection_stack((256, 3, 4, 64)), projection_stack((3, 4, 256, 64)), projection_stack((3, 256, 4, 64))
+    ((0, 2, 3), (2, 1, 3), (1, 2, 3))
+    >>> projection_stack((3, 3, 64, 64)), projection_stack((3, 5, 3, 64))
+    (None, None)
+    """
+    if len(body) != 4:
+        return None
+    if fused_projection(body):
+        return 0, 2, 3
+    if body[0] not in (2, 3) or body[0] == body[1]:
+        return None
+    if body[1] <= body[2]:
+        return 2, 1, 3
+    return (1, 2, 3) if body[1] >= 16 else None
 
 
 def classify_weight(f: Facts) -> Facts:
@@ -482,10 +506,9 @@ def _classify_one(leaf: Leaf, layers_at: int | None, weight: bool = False, cell:
     if len(body) == 3 and EXPERT.search(lower_path) and not ATTN.search(lower_path):
         return facts("expert")
     conv_named = any(CONV.search(p) for p in unit_parts[-2:])
-    if len(body) == 4 and not conv_named and (body[0] in (2, 3) and body[0] != body[1] <= body[2]
-                                              or fused_projection(body)):
-        # (3, heads, d, head_dim) q/k/v or (2, kv_heads, d, head_dim) k/v stack of an
-        # einsum, or a fused DenseGeneral's (d, 3, heads, head_dim): a conv window is small and
+    if not conv_named and projection_stack(body) is not None:
+        # (3, heads, d, head_dim) or (3, d, heads, head_dim) q/k/v or (2, kv_heads, d, head_dim) k/v stack
+        # of an einsum, or a fused DenseGeneral's (d, 3, heads, head_dim): a conv window is small and
         # square (3, 3, cin, cout), these are not.
         return facts("attention")
     if len(body) == 4 or (len(body) == 3 and conv_named):

@@ -23,6 +23,7 @@ from tpflax._src.facts.classify import (
     ROW_NAMES,
     Facts,
     fused_projection,
+    projection_stack,
 )
 from tpflax._src.planner.builders import Linear, short
 
@@ -142,9 +143,11 @@ def linear_view(f: Facts, siblings: Sequence[Facts], widths: set[int] = frozense
     if len(body) == 4 and fused_projection(body):  # a fused DenseGeneral (d, n, heads, head_dim)
         return Linear(f, (0,), (1, 2, 3), heads=2, role="column",
                       why=f"fused (d, {body[1]}, heads, head_dim) projection of d={body[0]}")
-    if len(body) == 4:  # an einsum stack (n, heads, d, head_dim): n projections of d side by side
-        return Linear(f, (2,), (1, 3), heads=1, role="column",
-                      why=f"stacked ({body[0]}, heads, d, head_dim) projection of d={body[2]}")
+    if len(body) == 4:  # an einsum stack, (n, heads, d, head_dim) or (n, d, heads, head_dim): n projections of d
+        d_at, h_at, hd_at = projection_stack(body) or (2, 1, 3)
+        layout = "heads, d" if h_at < d_at else "d, heads"
+        return Linear(f, (d_at,), (h_at, hd_at), heads=h_at, role="column",
+                      why=f"stacked ({body[0]}, {layout}, head_dim) projection of d={body[d_at]}")
     stacked = _stacked_matrix(f, siblings, widths)
     if stacked is not None:
         return stacked
