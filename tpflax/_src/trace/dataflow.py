@@ -43,6 +43,7 @@ into proposals with reasons that name the evidence. The walk itself is in
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -286,11 +287,20 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                     no_grad=no_grad_params(closed, paths), constraints=tuple(sorted(w.constraints)),
                     split_widths=frozenset(w.split_widths),
                     streamed=frozenset(w.root(k) for k in w.joined if not is_minor(k)),
-                    added=frozenset(w.root(k) for k in w.added if not is_minor(k)), expanded=dict(w.expanded),
+                    added=_added(w), expanded=dict(w.expanded),
                     in_specs=dict(w.in_specs), direct=frozenset(w.direct),
                     derived=frozenset(w.derived), crossed=tuple(dict.fromkeys(w.crossed)),
                     ffts=tuple(w.ffts),
                     sliced=_sliced(w, {p: tuple(v.aval.shape) for p, v in zip(paths, jaxpr.invars, strict=False)}))
+
+
+def _added(w: Any) -> dict[tuple[int, int], frozenset[tuple[int, int]]]:
+    """:attr:`Dataflow.added` on roots: each added tag's partners, minor parts left out."""
+    out: dict[tuple[int, int], set[tuple[int, int]]] = defaultdict(set)
+    for k, others in w.added.items():
+        if not is_minor(k):
+            out[w.root(k)].update(w.root(o) for o in others if not is_minor(o))
+    return {k: frozenset(v - {k}) for k, v in out.items()}
 
 
 def _sliced(w: Any, shapes: dict[str, tuple[int, ...]]) -> dict[str, float]:

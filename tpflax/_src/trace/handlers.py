@@ -124,7 +124,8 @@ def _note_joined(w: Walk, acts: list[Val]) -> None:
     """Tags added to an activation that lacks them (a branch onto the residual stream): a norm over their
     dim after this normalises the stream, whose width no column split carries on."""
     keys = [{k for m in (v.tags or ()) for k in m} for v in acts]
-    w.added.update(set.union(*keys) - set.intersection(*keys))
+    for k in set.union(*keys) - set.intersection(*keys):
+        w.added.setdefault(k, set()).update(*(ks for ks in keys if k not in ks))
     for k in set.union(*keys) - set.intersection(*keys):
         # an operand lacking the tag but computed from the kernel that made it is a statistic of the tagged
         # value itself (``x - mean(x)`` in a top-k or a norm over a column's output, Gemma 3n's sparse

@@ -159,7 +159,8 @@ class Walk:
     grown: dict[tuple[int, int], int] = field(default_factory=dict)
     gated: set[tuple[tuple[int, int], tuple[int, int]]] = field(default_factory=set)  # tags multiplied together
     joined: set[tuple[int, int]] = field(default_factory=set)  # tags added to an activation lacking them
-    added: set[tuple[int, int]] = field(default_factory=set)  # the same, statistics of the tagged value too
+    # tags added to an activation lacking them, statistics of the tagged value too -> the other operands' tags
+    added: dict[tuple[int, int], set[tuple[int, int]]] = field(default_factory=dict)
     extrema: set[tuple[int, int]] = field(default_factory=set)  # tags a max or min reduced over (a softmax's)
     normed: dict[tuple[int, int], int] = field(default_factory=dict)  # tag -> width a norm reduced it over
     widths: dict[int, int] = field(default_factory=dict)  # use id -> the elements it contracts per row

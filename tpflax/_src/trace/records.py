@@ -261,9 +261,11 @@ class Dataflow:
             either of two differently made sums, an LSTM's ``W_x x + W_h h``): past the stream's next norm it
             carries no tag, so a constraint on the stream there records only its width (:attr:`split_widths`),
             which the estimate matches (:func:`tpflax._src.cost.whole._stream_ends`).
-        added: ``(use id, param dim)``: every tag one operand of an add or a subtraction carries and the other does
-            not, :attr:`streamed`'s and also those whose other operand was computed from the tagged value (a GLU
-            stem's product, onto which each later block adds its output; ``x - mean(x)``).
+        added: ``{(use id, param dim): {(use id, param dim), ...}}``: every tag one operand of an add or a
+            subtraction carries and the other does not, :attr:`streamed`'s and also those whose other operand was
+            computed from the tagged value (a GLU stem's product, onto which each later block adds its output;
+            ``x - mean(x)``), with the tags of the operands it was added to (a ResNet block's last conv: the
+            stream's).
         in_specs: ``{path: ((leaf dim, mesh axes, their sizes), ...)}``: how the first ``shard_map`` a parameter
             enters lays its dims out (each dim its in_spec splits, over the axes of size > 1 of that
             shard_map's mesh): its layout inside the body, whatever the plan's.
@@ -318,7 +320,7 @@ class Dataflow:
     constraints: tuple[tuple[int, int, tuple[str, ...]], ...] = ()
     split_widths: frozenset[tuple[int, tuple[str, ...]]] = frozenset()
     streamed: frozenset[tuple[int, int]] = frozenset()
-    added: frozenset[tuple[int, int]] = frozenset()
+    added: Mapping[tuple[int, int], frozenset[tuple[int, int]]] = field(default_factory=dict)
     expanded: Mapping[int, tuple[int, int, int, tuple[int, ...]]] = field(default_factory=dict)
     in_specs: InSpecs = field(default_factory=dict)
     direct: frozenset[int] = frozenset()
