@@ -1298,3 +1298,14 @@ def test_a_column_added_to_the_stream_is_no_column_of_the_classifier(mesh):
     loss = lambda out, x: (out ** 2).mean()  # noqa: E731
     hand = tpflax.plan(v, MESH, rules=[(r"conv1_\d/kernel", "channel"), (r"conv2_\d/kernel", "row")])
     no_worse(numbers(m, p, mesh, (x,), loss=loss), numbers(m, hand, mesh, (x,), loss=loss), slack=1.01)
+
+
+def test_a_conv_pair_is_priced_at_its_positions():
+    """The chooser prices a conv pair's activations at the conv's positions, 16 x 16 per image, not one per
+    image (the classifier's rows after the pool): its forward all-reduce is ``conv2``'s whole output per data
+    shard, 8 x 16 x 16 x 64 float32 over data=2 (it was priced at 1 KiB)."""
+    x = sds(8, 16, 16, 3)
+    m = Bottlenecks()
+    p = tpflax.plan(abstract(m, x), MESH, model=m, sample=(x,), batch=(x,))
+    split = next(a for a in p.decisions["params/conv1_0/kernel"].alternatives if a.chosen)
+    assert "all-reduce 256.0 KiB over model (input-channel conv: sum partial outputs (forward))" in split.collectives

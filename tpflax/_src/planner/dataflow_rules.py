@@ -90,6 +90,10 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Datafl
     for u in flow.uses:  # what each contraction reads, for the chooser (first use of a leaf)
         if u.tokens and widest and u.path in c.fx:
             c.st.rows.setdefault(u.path, u.tokens / widest)
+        elif u.op == "conv" and u.rows and u.path in c.fx:
+            # a conv's activations are its positions': per priced token (a matmul's row, or without one an
+            # example), a ResNet's 16x16 map is 256 of them (its pairs were priced at one position per image)
+            c.st.rows.setdefault(u.path, u.rows / (widest or max(1, flow.examples)))
     if widest:  # per priced token on one device: a batch-free buffer is whole on every device of the batch axes
         shards = math.prod(mesh.sizes[a] for a in batch_axes(mesh))
         c.st.buffers.update({p: r / widest * (shards if free else 1) for p, (r, free) in (buffers or {}).items()})
