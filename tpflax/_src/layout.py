@@ -87,7 +87,8 @@ def _take(x: Any, index: np.ndarray, dim: int) -> Any:
     return jnp.take(x, index, axis=dim)
 
 
-def _check(x: Any, lay: Interleave) -> None:
+def check_fits(x: Any, lay: Interleave) -> None:
+    """PlanFormatError unless ``x`` has ``lay``'s size on its dim."""
     shape = np.shape(x)
     if len(shape) <= lay.dim or shape[lay.dim] != lay.size:
         raise PlanFormatError(
@@ -97,11 +98,11 @@ def _check(x: Any, lay: Interleave) -> None:
 
 def to_storage(x: Any, lay: Interleave) -> Any:
     """The leaf in stored order (numpy in, numpy out; a jax array is gathered on device)."""
-    _check(x, lay)
+    check_fits(x, lay)
     return _take(x, lay.order(), lay.dim)
 
 
 def from_storage(x: Any, lay: Interleave) -> Any:
     """The leaf back in the model's order; ``from_storage(to_storage(x))`` equals ``x`` bit for bit."""
-    _check(x, lay)
+    check_fits(x, lay)
     return _take(x, lay.inverse(), lay.dim)

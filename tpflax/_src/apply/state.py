@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding
 from tpflax._src.apply import nnx as nnx_apply
 from tpflax._src.apply.bind import bind_mesh, is_graph_node, match_plan, rebox_all
 from tpflax._src.apply.put import check_values, put
-from tpflax._src.apply.stored import check_order, has_layouts, reorder, reorder_traced, tree_layouts
+from tpflax._src.apply.stored import check_order, has_layouts, reorder, tree_layouts
 from tpflax._src.errors import OptionError, PlanMismatchError
 from tpflax._src.facts.tree import is_box, keystr, unbox, walk
 from tpflax._src.planner.params import abstract_params, optimizer_params, planned_tree
@@ -208,16 +208,11 @@ def shard_optimizer_state(optimizer: Any, opt_state: Any, plan: Plan, mesh: Any 
     out_shardings = optimizer_shardings(optimizer, plan, mesh, params=abstract)
     if params is not None:  # the float leaves, as abstract_params sees them
         start = optimizer_params(plan, params)
-        lays = tree_layouts(plan, start) if moved else None
-
-        def init_stored(p):
-            if lays is not None:  # in the model's order: initialise from the stored one
-                leaves, treedef = jax.tree_util.tree_flatten(p, is_leaf=is_box)
-                p = jax.tree_util.tree_unflatten(treedef, reorder_traced(leaves, lays))
-            return optimizer.init(p)
-
+        if moved:  # in the model's order: initialise from the stored one, moved where it is (bit-exact)
+            boxes, treedef = jax.tree_util.tree_flatten(start, is_leaf=is_box)
+            start = rebox_all(boxes, reorder([unbox(b) for b in boxes], tree_layouts(plan, start)), treedef)
         with lookahead_quiet():
-            return jax.jit(init_stored, out_shardings=out_shardings)(start)
+            return jax.jit(optimizer.init, out_shardings=out_shardings)(start)
 
     def init_from_zeros():
         return optimizer.init(jax.tree_util.tree_map(lambda s: jax.numpy.zeros(s.shape, s.dtype), abstract))

@@ -9,23 +9,24 @@ path as their specs are (:func:`tpflax._src.planner.state.state_leaf_ties`),
 and a leaf shaped like its parameter (or one dim fewer, the fused dim kept:
 adafactor's factored moments) follows that parameter's layout.
 
-Host numpy arrays are reordered on the host; jax arrays by a jitted gather that
-keeps their sharding. Both are gathers: bit-exact, and the caller's arrays are
-never written.
+Host numpy arrays are reordered on the host; jax arrays on their devices, keeping
+their sharding, by pure data movement (:mod:`tpflax._src.apply.permute`: a gather
+XLA partitions over a split dim sums masked shards, which turns -0.0 into +0.0).
+Both are bit-exact, and the caller's arrays are never written.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
+from tpflax._src.apply.permute import program
 from tpflax._src.errors import OptionError
 from tpflax._src.facts.tree import unbox
-from tpflax._src.layout import Interleave, from_storage, to_storage
+from tpflax._src.layout import Interleave, check_fits, from_storage, to_storage
 from tpflax._src.planner.plan import Plan
 from tpflax._src.planner.state import below_param, kept_dims, state_leaf_ties
 
@@ -83,12 +84,6 @@ def tree_layouts(plan: Plan, tree: Any, *, optimizer: Any = None, params: Any = 
     return out
 
 
-@functools.lru_cache(maxsize=256)
-def _gather(lay: Interleave, back: bool, sharding: Any) -> Any:
-    fn = functools.partial(from_storage if back else to_storage, lay=lay)
-    return jax.jit(fn, out_shardings=sharding)
-
-
 def reorder(values: Sequence[Any], layouts: Sequence[Interleave | None], *, back: bool = False) -> list[Any]:
     """``values`` with every leaf that has a layout in stored order (``back``: in the model's order)."""
     out = list(values)
@@ -96,11 +91,16 @@ def reorder(values: Sequence[Any], layouts: Sequence[Interleave | None], *, back
         if lay is None or x is None:
             continue
         if isinstance(x, jax.Array):
-            sharding = x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding) else None
-            out[i] = _gather(lay, back, sharding)(x)
+            out[i] = _on_devices(x, lay, back)
         elif isinstance(x, (np.ndarray, np.generic)):
             out[i] = from_storage(x, lay) if back else to_storage(x, lay)
     return out
+
+
+def _on_devices(x: jax.Array, lay: Interleave, back: bool) -> jax.Array:
+    check_fits(x, lay)
+    index = lay.inverse() if back else lay.order()
+    return program(index.astype(np.int64).tobytes(), lay.dim, x.sharding)(x)
 
 
 def model_order(tree: Any, plan: Plan | None) -> Any:
@@ -113,9 +113,4 @@ def model_order(tree: Any, plan: Plan | None) -> Any:
     return jax.tree_util.tree_unflatten(treedef, reorder(flat, tree_layouts(plan, unboxed(tree)), back=True))
 
 
-def reorder_traced(values: Sequence[Any], layouts: Sequence[Interleave | None]) -> list[Any]:
-    """Inside a traced function: ``values`` (jax values or tracers) put into the stored order."""
-    return [x if lay is None else to_storage(x, lay) for x, lay in zip(values, layouts, strict=True)]
-
-
-__all__ = ["ORDERS", "check_order", "derived", "has_layouts", "model_order", "reorder", "reorder_traced", "tree_layouts"]
+__all__ = ["ORDERS", "check_order", "derived", "has_layouts", "model_order", "reorder", "tree_layouts"]
