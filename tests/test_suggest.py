@@ -367,6 +367,21 @@ def test_more_devices_hint_names_a_count_that_fits():
                                                   raise_if_none=False).ranked
 
 
+@pytest.mark.parametrize("devices, memory, batch, fewest", [(7, "600KiB", 56, 8), (3, "150KiB", 48, 16)])
+def test_more_devices_hint_names_the_smallest_power_of_two_that_fits(devices, memory, batch, fewest):
+    # the search started at the count where the sharded states alone would fit (16 and 32 here) and named
+    # that, though the activations shrink too and 8 and 16 already fit: now it walks the powers of two
+    # up from the next above the device count
+    m, adam = zoo.get("mlp"), optax.adam(1e-3)
+    assert suggest_mesh(m, fewest, memory, optimizer=adam, batch=batch).ranked
+    between = [1 << k for k in range(devices.bit_length(), fewest.bit_length() - 1)]  # 4 and 8 for 3 devices
+    assert not [n for n in between if suggest_mesh(m, n, memory, optimizer=adam, batch=batch,
+                                                   raise_if_none=False).ranked]
+    with pytest.raises(tpflax.NoFitError) as err:
+        suggest_mesh(m, devices, memory, optimizer=adam, batch=batch)
+    assert [p for p in err.value.problems if p.startswith(f"more devices: {fewest} fit, on ")], err.value.problems
+
+
 def test_a_models_own_remat_is_read_by_suggest_as_by_estimate():
     import flax.linen as nn
 

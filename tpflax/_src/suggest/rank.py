@@ -158,9 +158,9 @@ def _spent(by_kind: Mapping[str, Mapping[str, float]], kind: str) -> str:
 
 
 def devices_guess(best: Candidate, devices: int, mem_limit: int) -> int | None:
-    """Devices at which the sharded states of ``best`` would shrink enough for its peak to fit (a
-    first guess for :func:`tpflax._src.suggest.search.more_devices` to check), or None when the
-    states alone cannot make up the excess.
+    """Devices at which the sharded states of ``best`` would shrink enough for its peak to fit (the
+    bound of :func:`tpflax._src.suggest.search.more_devices`' search; the activations shrink too, so
+    fewer often fit), or None when the states alone cannot make up the excess.
     """
     m = best.memory
     over = best.peak - mem_limit

@@ -310,18 +310,25 @@ def _candidate(ctx: Context, ms: MeshShape, mem_limit: int) -> Candidate:
 def more_devices(ctx: Context, guess: int, devices: int, mem_limit: int) -> tuple[Candidate | None, tuple[int, ...]]:
     """``(the best-ranked shape that fits on the fewest devices tried, the counts tried)``.
 
-    Tries the powers of two from the first at or above ``guess`` (and above ``devices``), up to 4x
-    it: device counts a slice comes in, each shape planned and priced as the ranking does.
+    Tries the powers of two above ``devices`` in turn (device counts a slice comes in), each shape planned
+    and priced as the ranking does, so the first count some shape fits on is the smallest power of two that
+    fits. ``guess`` (where the sharded states alone would shrink enough; the activations shrink too at a
+    fixed global batch, so often fewer fit) bounds the search at 4x the power of two at or above it, and at
+    most 12 counts are tried.
     """
-    first = 1 << max(guess - 1, devices).bit_length()
-    tried = (first, 2 * first, 4 * first)
-    for n in tried:
+    first = 1 << devices.bit_length()
+    last = 4 * max(first, 1 << max(guess - 1, 0).bit_length())
+    tried: list[int] = []
+    n = first
+    while n <= last and len(tried) < 12:
+        tried.append(n)
         fits = [c for shape in _factorisations(n, len(ctx.axis_names))
                 if not (c := _candidate(ctx, mesh_shape(dict(zip(ctx.axis_names, shape, strict=True))),
                                         mem_limit)).rejected]
         if fits:
-            return min(fits, key=lambda c: (float(f"{c.comm_time:.4g}"), c.per_device, str(c.mesh))), tried
-    return None, tried
+            return min(fits, key=lambda c: (float(f"{c.comm_time:.4g}"), c.per_device, str(c.mesh))), tuple(tried)
+        n *= 2
+    return None, tuple(tried)
 
 
 def _walking_once(fn):
@@ -452,8 +459,8 @@ def suggest_mesh(model_or_tree: Any, devices: int, device_memory: Any = None, ha
     if not order and raise_if_none:
         retry = [c.mesh for c in rejected if c.rejected.startswith(("does not fit", "global batch"))]
         priced = [c for c in rejected if c.memory is not None]
-        # more devices shrink the sharded states and, at a fixed global batch, the activations too:
-        # the states' proportion is the first count tried, else the next power of two
+        # more devices shrink the sharded states and, at a fixed global batch, the activations too: the
+        # states' proportion bounds the search, which starts at the next power of two
         guess = devices_guess(min(priced, key=lambda c: c.per_device), devices, mem_limit) if priced else None
         raise no_fit(s, w.batch.size, mem_limit, smaller_batch(ctx, retry, mem_limit, lambda e: e.peak),
                      more_devices(ctx, guess or devices + 1, devices, mem_limit) if priced else None)
