@@ -525,6 +525,18 @@ def test_make_mesh_takes_a_device_grid_and_rebuilds_a_mesh_it_is_asked_to_change
     assert tpflax.make_mesh(two) is two
 
 
+def test_make_mesh_keeps_the_explicit_axes_of_an_abstract_mesh():
+    # a concrete Mesh's Explicit axes were kept, an AbstractMesh's came back Auto
+    E, A = jax.sharding.AxisType.Explicit, jax.sharding.AxisType.Auto
+    explicit = jax.sharding.AbstractMesh((2, 4), ("data", "model"), axis_types=(E, E))
+    m = tpflax.make_mesh(explicit)
+    assert m.axis_types == (E, E) and dict(m.shape) == {"data": 2, "model": 4}
+    assert tpflax.make_mesh(explicit, devices=jax.devices()[::-1]).axis_types == (E, E)
+    auto = jax.sharding.AbstractMesh((2, 4), ("data", "model"), axis_types=(A, A))
+    assert tpflax.make_mesh(auto).axis_types == (A, A)
+    assert tpflax.make_mesh(auto, explicit=True).axis_types == (E, E)
+
+
 def test_constrain_gathered_drops_only_fsdp_axes():
     # a hand-written step of a model without scanned or remat'd layers: params pinned for compute without their
     # fsdp split (the README teaches gathered_loss, which does this and gathers a scanned stack per layer)

@@ -62,6 +62,15 @@ def llama_on_v5e():
 
 
 @needs_libtpu
+def test_a_target_mesh_keeps_the_explicit_axes_of_the_mesh_given():
+    # make_mesh(AbstractMesh, target=) came back Auto, as without a target
+    E = jax.sharding.AxisType.Explicit
+    explicit = jax.sharding.AbstractMesh((2, 4), ("data", "model"), axis_types=(E, E))
+    assert tpflax.make_mesh(explicit, target="tpu-v5e:2x4").axis_types == (E, E)
+    assert tpflax.make_mesh({"data": 2, "model": 4}, target="tpu-v5e:2x4").axis_types == (jax.sharding.AxisType.Auto,) * 2
+
+
+@needs_libtpu
 def test_target_mesh_is_the_topologys_abstract_devices(llama_on_v5e):
     mesh, ts, _, allocated = llama_on_v5e
     assert mesh.devices.size == 8 and mesh.devices.flat[0].platform == "tpu"

@@ -376,7 +376,8 @@ def make_mesh(mesh: Any, devices: Sequence[Any] | None = None, *, explicit: bool
             to the first ``prod(sizes)`` of ``jax.devices()``. Given with a jax Mesh,
             the mesh's axes over these devices.
         explicit: use Explicit axis types instead of Auto (for a jax Mesh given:
-            its devices with Explicit axes).
+            its devices with Explicit axes). A jax Mesh or AbstractMesh whose axes are
+            all Explicit keeps them.
         target: a TPU topology such as ``"tpu-v5e:16x16"``: the mesh is over
             that slice's abstract devices (libtpu, ``pip install "tpflax[tpu]"``),
             for :func:`tpflax.dry_run` with the TPU compiler. Nothing can be
@@ -394,12 +395,15 @@ def make_mesh(mesh: Any, devices: Sequence[Any] | None = None, *, explicit: bool
     import jax
     import numpy as np
 
-    if isinstance(mesh, jax.sharding.Mesh) and target is None:
+    if isinstance(mesh, (jax.sharding.Mesh, jax.sharding.AbstractMesh)):
         was_explicit = all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
-        if devices is None and (was_explicit or not explicit):
-            return mesh  # already a concrete jax Mesh
-        # rebuilt: over other devices (keeping Explicit axes), or over its own with Explicit ones
-        explicit, devices = explicit or was_explicit, mesh.devices if devices is None else devices
+        if isinstance(mesh, jax.sharding.Mesh) and target is None:
+            if devices is None and (was_explicit or not explicit):
+                return mesh  # already a concrete jax Mesh
+            devices = mesh.devices if devices is None else devices
+        # rebuilt (over other devices, its own with Explicit axes, or an abstract mesh's over real or a
+        # target's devices): a mesh's Explicit axes are kept
+        explicit = explicit or was_explicit
     shape = _named_shape(mesh)
     if target is not None:
         return _target_mesh(shape, target, explicit)
