@@ -1309,3 +1309,39 @@ def test_a_conv_pair_is_priced_at_its_positions():
     p = tpflax.plan(abstract(m, x), MESH, model=m, sample=(x,), batch=(x,))
     split = next(a for a in p.decisions["params/conv1_0/kernel"].alternatives if a.chosen)
     assert "all-reduce 256.0 KiB over model (input-channel conv: sum partial outputs (forward))" in split.collectives
+
+
+# -- an inverted residual (MBConv): 1x1 expansion, depthwise conv, dense squeeze-excite, 1x1 projection -----
+
+class MBConvNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.silu(nn.Conv(32, (3, 3), name="stem")(x))  # 32 channels: under min_channels
+        for i in range(2):
+            h = nn.silu(nn.GroupNorm(8, name=f"gn0_{i}")(nn.Conv(128, (1, 1), name=f"expand_{i}")(x)))
+            h = nn.silu(nn.Conv(128, (3, 3), feature_group_count=128, name=f"dw_{i}")(h))
+            s = nn.silu(nn.Dense(8, name=f"se_reduce_{i}")(h.mean((1, 2))))
+            h = h * nn.sigmoid(nn.Dense(128, name=f"se_expand_{i}")(s))[:, None, None, :]
+            x = x + nn.Conv(32, (1, 1), name=f"project_{i}")(h)
+        return nn.Dense(16, name="fc")(x.mean((1, 2)))
+
+
+def test_an_inverted_residuals_expansion_is_split_with_its_squeeze_excite_and_projection(mesh):
+    """``expand``'s 128 channels are read by the squeeze-excite's pooled ``se_reduce`` (dense) and by ``project``
+    (a 1x1 conv), both narrowing: one pair, two rows, and ``se_expand`` a column (its gate scales the split
+    channels). ``expand`` also reads the stem's 32 channels, under ``min_channels``: taken as the stem's row it
+    was kept whole with it. Both left the block whole (3.2x the hand layout's bytes and 9.7x its flops)."""
+    x = sds(8, 16, 16, 3)
+    m = MBConvNet()
+    v = abstract(m, x)
+    p = tpflax.plan(v, MESH, model=m, sample=(x,), batch=(x,))
+    col, row = P(None, None, None, "model"), P(None, None, "model", None)
+    assert [p.spec(f"params/{n}_1/kernel") for n in ("expand", "dw", "se_reduce", "se_expand", "project")] == \
+        [col, col, P("model", None), P(None, "model"), row]
+    d = p.decisions
+    assert d["params/expand_1/kernel"].pair == d["params/se_reduce_1/kernel"].pair == d["params/project_1/kernel"].pair
+    loss = lambda out, x: (out ** 2).mean()  # noqa: E731
+    hand = tpflax.plan(v, MESH, rules=[(r"/(expand|dw)_\d/kernel", col), (r"(expand|dw|se_expand)_\d/bias", P("model")),
+                                       (r"gn0_\d", P("model")), (r"se_reduce_\d/kernel", P("model", None)),
+                                       (r"se_expand_\d/kernel", P(None, "model")), (r"project_\d/kernel", row)])
+    no_worse(numbers(m, p, mesh, (x,), loss=loss), numbers(m, hand, mesh, (x,), loss=loss), slack=1.01)

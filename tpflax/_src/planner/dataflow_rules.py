@@ -295,19 +295,24 @@ def _free_rows(c: _Flow, sid: int, dim: int, pair: int | None = None) -> bool:
     Mamba block's ``in_proj`` output, read by ``x_proj`` and (through the scan) ``out_proj``. Split, each
     reader is a row of the pair (the first in program order prices it, the others join it,
     :func:`_join_readers`)."""
-    gated = _gated_with_a_projection(c, sid, dim, pair)
+    src = c.cand[sid].op
+    gated = src == "dot" and _gated_with_a_projection(c, sid, dim, pair)  # (a conv's is a modulation: StyleGAN2's)
 
     def free(uid: int) -> bool:
         d, u = c.st.out.get(c.cand[uid].path), c.cand[uid]
-        summed = math.prod(c.fx[u.path].leaf.shape[k] for k in u.contracted)
-        return (d is None or (pair is not None and d.pair == pair)) and u.op == "dot" and \
-            len({e.dst_dim for e in c.in_edges[uid]}) == 1 and (gated or _kept_size(c, uid) < summed)
+        into = {e.dst_dim for e in c.in_edges[uid]}
+        # a conv sums its window too: it narrows when it writes fewer channels than it reads
+        summed = math.prod(c.fx[u.path].leaf.shape[k] for k in (u.contracted if u.op == "dot" else into))
+        return (d is None or (pair is not None and d.pair == pair)) and u.op in ("dot", "conv") and \
+            len(into) == 1 and (gated or _kept_size(c, uid) < summed)
     # dense layers that narrow only: a reader that widens or keeps the width (an MLP's up, q/k/v) reads a
     # residual stream, not a column's inner activations; a conv stage's channels reaching its next stage's
     # conv and shortcut projection are the channel chain's (a ResNet keeps its stream whole between stages).
     # A gated unit's output (two projections' outputs multiplied: WaveNet's tanh(a) * sigmoid(g)) is no stream,
-    # whatever the width of the layers reading it
-    return c.cand[sid].op == "dot" and all(free(x.dst_use) for x in c.out_edges[(sid, dim)])
+    # whatever the width of the layers reading it. A conv's channels read by narrowing layers only (an inverted
+    # residual's expanded channels: its squeeze-excite's pooled reduction and its 1x1 projection) are split alike
+    return (src == "dot" or src == "conv" and c.cand[sid].grouped is None) and \
+        all(free(x.dst_use) and (src == "dot" or c.cand[x.dst_use].grouped is None) for x in c.out_edges[(sid, dim)])
 
 
 def _gated_with_a_projection(c: _Flow, sid: int, dim: int, pair: int | None = None) -> bool:
@@ -405,6 +410,17 @@ def _expert_dim(c: _Flow, R: Use, by_rdim: Mapping[int, Mapping[int, Edge]]) -> 
     return expert
 
 
+def _narrow_before_its_own(c: _Flow, ch: int, rid: int) -> bool:
+    """A conv pair of ``ch`` channels, fewer than ``min_channels``, whose row ``rid`` writes channels later
+    contractions read: left undecided, so the row can head a pair of its own. An inverted residual's 1x1
+    expansion reads the stem's 32 channels and writes 128 its projection sums; taken as the stem's row, the
+    pair was kept whole under the floor and the expansion with it (1.76x the hand layout's bytes, 2.9x its
+    flops on an EfficientNet stage)."""
+    if c.st.tensor[1] == 1 or ch >= c.st.opts.min_channels:
+        return False
+    return any(c.out_edges.get((rid, d)) for d in c.cand[rid].kept)
+
+
 def _pair_row(c: _Flow, rid: int, adapters: bool = True) -> None:
     """Column -> row pairs, in program order of the row. ``adapters``: leave a low-rank adapter's
     ``A -> B`` out (:func:`_low_rank`); :func:`_adapters` pairs it if nothing else took ``B``."""
@@ -428,6 +444,8 @@ def _pair_row(c: _Flow, rid: int, adapters: bool = True) -> None:
     lins = [_column(c, sid, e, R.path) for sid, e in sorted(cols.items())]
     if R.op == "conv" and len(lins) == 1 and c.cand[next(iter(cols))].op == "conv":
         (sid, e), = cols.items()
+        if _narrow_before_its_own(c, lins[0].f.body[lins[0].out_dims[0]], rid):
+            return
         via = _via(e.via)
         later = _later_convs(c, sid, e.src_dim, rid) if {x.dst_use for x in c.out_edges[(sid, e.src_dim)]} != {rid} \
             else []
