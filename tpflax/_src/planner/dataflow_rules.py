@@ -168,6 +168,14 @@ def _embeddings(c: _Flow) -> None:
         if tied:
             ev += f"; also contracted over dim {d} as the logits kernel (tied output projection)"
         shard_embedding(c.st, f, v, f"{ev} (traced)", tied, every=list(c.fx.values()))
+    for path, f in c.fx.items():
+        # named like a table but never looked up: a learned array added to activations (DETR's ``query_embed``,
+        # its object queries). Taken for a token table from the tree, it was split over rows and priced as tied
+        # to logits; XLA then split the decoder's queries and gathered them in every layer (1.13x the
+        # collectives of it whole, which the estimate did not count)
+        if f.kind == "embedding" and path not in c.st.out and path not in c.uses and path in c.flow.elementwise:
+            c.st.replicate(f, "traced: combined elementwise with activations and never looked up by ids: a learned "
+                              "array, not a vocabulary table; kept whole on every tensor rank")
 
 
 def _link(c: _Flow) -> None:
