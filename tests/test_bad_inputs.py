@@ -117,6 +117,28 @@ def init_with_outside_rngs():
     return tpflax.init_sharded(lambda: nnx.Linear(4, 8, rngs=rngs), plan, mesh(model=2))
 
 
+def step_with_labels(nnx_module: bool):
+    """make_train_step (nnx) or plan(model=) (linen) of a classifier whose call takes its inputs only, given a
+    sample that carries the labels (an nnx module's bare TypeError before)."""
+    from flax import nnx
+
+    x, y = S((8, 4), "float32"), S((8,), "int32")
+    loss = lambda out, x, y: optax.softmax_cross_entropy_with_integer_labels(out, y).mean()  # noqa: E731
+    if nnx_module:
+        class Classifier(nnx.Module):
+            def __init__(self):
+                self.head = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+
+            def __call__(self, x):
+                return self.head(x)
+
+        m = Classifier()
+        return tpflax.make_train_step(m, tpflax.plan(m, {"model": 1}), mesh(model=1), optax.sgd(0.1),
+                                      sample=(x, y), loss=loss)
+    m = nn.Dense(3)
+    return tpflax.plan(jax.eval_shape(m.init, jax.random.key(0), x), {"model": 1}, model=m, sample=(x, y))
+
+
 class Bad(NamedTuple):
     id: str
     call: Callable[[], Any]
@@ -359,6 +381,10 @@ BAD = [
         lambda: tpflax.estimate(PLAN, optax.adam(1e-3), model=lambda v, x: x @ v["a"]["kernel"] @ v["b"]["kernel"],
                                 sample=(S((2, 4), "float32"),), loss=lambda out, x: out),
         tpflax.OptionError, ("loss= must return one float scalar", "float32[2, 4]")),
+    Bad("an nnx classifier's step given a sample with labels its call does not take", lambda: step_with_labels(True),
+        tpflax.OptionError, ("takes 2 positional arguments", "labels too", "def __call__(self, x, y=None)")),
+    Bad("a linen classifier traced on a sample with labels its call does not take", lambda: step_with_labels(False),
+        tpflax.TraceError, ("takes 2 positional arguments", "labels too", "fn(variables, *sample)")),
     Bad("estimate of something that is not a plan", lambda: tpflax.estimate(None, None, {"x": (2, 4)}),
         EstimateError, ("expected a tpflax.Plan", "NoneType", "tpflax.plan(tree, mesh)")),
     Bad("model factory string that does not import", lambda: load_model("no_such_pkg.models:make"),

@@ -333,6 +333,20 @@ def _state_of(fn: Callable[..., Any]) -> Callable[..., Any]:
     return forward_state
 
 
+def labels_hint(e: Exception, sample: Any) -> str:
+    """The fix for a model called on more sample inputs than it takes (a classifier's labels ride in the sample:
+    the step calls ``model(*sample)`` and ``loss(output, *sample)``), else "".
+
+    >>> labels_hint(TypeError("f() takes 2 positional arguments but 3 were given"), (1, 2))[:40]
+    '; the model is called on the whole sampl'
+    """
+    if not isinstance(e, TypeError) or "positional argument" not in str(e) or len(sample or ()) < 2:
+        return ""
+    return ("; the model is called on the whole sample, labels too, and the loss as loss(output, *sample): accept "
+            "them in its call (def __call__(self, x, y=None)), or pass a function fn(variables, *sample) that calls "
+            "the model on its inputs only, e.g. fn = lambda v, x, y: module.apply(v, x)")
+
+
 def check_scalar_loss(value: Any) -> None:
     """OptionError unless the loss is one float scalar (the step differentiates it; no aux outputs): the
     check of :func:`tpflax.make_train_step`'s ``loss=``, and of :func:`tpflax.estimate`'s, which prices that step."""

@@ -25,7 +25,7 @@ from tpflax._src.cost.optstate import opt_state_specs
 from tpflax._src.errors import OptionError, PlanMismatchError
 from tpflax._src.facts.tree import is_nnx_state, keystr, unboxed, walk
 from tpflax._src.mesh import batch_pspec
-from tpflax._src.model import Model, as_model, check_scalar_loss, is_zoo
+from tpflax._src.model import Model, as_model, check_scalar_loss, is_zoo, labels_hint
 from tpflax._src.planner.decision import Decision
 from tpflax._src.planner.params import planned_tree, split_params
 from tpflax._src.planner.state import (
@@ -125,7 +125,7 @@ class NoDefaultLoss(OptionError):
 
 def _forward_failed(m: Model, e: Exception) -> OptionError:
     return OptionError(f"running {m.name} on its sample inputs failed ({type(e).__name__}: {e}); "
-                       "check sample= and variables=")
+                       f"check sample= and variables={labels_hint(e, m.sample)}")
 
 
 def default_loss(m: Model, variables: Any, out: Any = None) -> Callable[..., Any]:
@@ -232,7 +232,12 @@ def _resolve(model: Any, plan, batch: Any, sample: Any, loss: Any, variables: An
         # a given loss is traced with the forward pass in one: the output stays inside the trace (it may hold
         # Python values a loss reads, which an abstract output could not carry)
         abstract, loss_of, _ = _model_parts(m, loss, bare)
-        return m.variables, abstract, loss_of, (_loss_jaxpr(loss_of, bare, abstract),) if traced else None
+        try:
+            return m.variables, abstract, loss_of, (_loss_jaxpr(loss_of, bare, abstract),) if traced else None
+        except TypeError as e:  # the model (or the loss) called with more inputs than it takes: the labels
+            if not labels_hint(e, m.sample):
+                raise
+            raise _forward_failed(m, e) from e
     call = m.forward if m.forward_state is None else m.forward_state
     try:
         closed, out = jax.make_jaxpr(call, return_shape=True)(bare, *m.sample)

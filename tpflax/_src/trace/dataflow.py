@@ -52,7 +52,7 @@ import jax
 from tpflax._src.errors import TraceError
 from tpflax._src.facts.tree import unboxed, walk
 from tpflax._src.mesh import traced_under
-from tpflax._src.model import abstract, as_model
+from tpflax._src.model import abstract, as_model, labels_hint
 from tpflax._src.trace.handlers import new_walk
 from tpflax._src.trace.interpreter import Val, is_minor
 from tpflax._src.trace.records import Dataflow, Edge, Use
@@ -181,7 +181,7 @@ def untraceable(m: Any, e: Exception) -> str:
     else:
         fix = f"pass sample= matching the model's __call__ and the full variable tree it was initialised with{called}"
     return (f"could not trace the forward pass of {m.name} with sample inputs ({shapes}): "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; {fix}")
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; {fix}{labels_hint(e, m.sample)}")
 
 
 def dataflow(model: Any, sample: Any = None, variables: Any = None, mesh: Any = None) -> Dataflow:
