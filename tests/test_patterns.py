@@ -1375,3 +1375,42 @@ def test_learned_queries_named_like_a_table_are_no_vocabulary():
     for p in (tpflax.plan(v, MESH), tpflax.plan(v, MESH, model=m, sample=(feats,))):
         assert p.spec("params/query_embed") == P(None, None), p.decisions["params/query_embed"].reason
     assert "never looked up" in p.decisions["params/query_embed"].reason
+
+
+class GatedStemIntoGLU(nn.Module):
+    """A gated stem read by a GLU MLP that widens it: gate and up head their own pair with down."""
+    @nn.compact
+    def __call__(self, x):
+        h = jnp.tanh(nn.Dense(128, name="a")(x)) * jax.nn.sigmoid(nn.Dense(128, name="g")(x))
+        h = jax.nn.silu(nn.Dense(512, name="gate")(h)) * nn.Dense(512, name="up")(h)
+        return nn.Dense(10, name="head")(nn.LayerNorm(name="ln")(nn.Dense(128, name="down")(h)))
+
+
+def test_a_gated_units_wider_readers_head_their_own_pair():
+    """Readers of a gated unit may keep its width to be its rows, not widen it: a first version made the GLU's
+    ``gate`` and ``up`` rows of ``a``/``g`` and left ``down`` whole (1.74x the bytes, 1.95x the collectives)."""
+    x = sds(128, 64)
+    m = GatedStemIntoGLU()
+    p = tpflax.plan(abstract(m, x), MESH, model=m, sample=(x,))
+    assert [p.spec(f"params/{n}/kernel") for n in ("gate", "up", "down")] == [P(None, "model")] * 2 + [P("model", None)]
+    assert p.spec("params/a/kernel") == p.spec("params/g/kernel") == P(None, None)
+
+
+class ConvAutoencoder(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Conv(64, (3, 3), name="e2")(nn.relu(nn.Conv(256, (3, 3), name="e1")(x))))
+        h = nn.relu(nn.Conv(64, (3, 3), name="d1")(nn.Conv(16, (1, 1), name="z")(h)))
+        return nn.Conv(3, (3, 3), name="d3")(nn.relu(nn.Conv(256, (3, 3), name="d2")(h)))
+
+
+def test_a_narrow_conv_pairs_row_read_by_a_wider_conv_stays_under_the_floor():
+    """``z`` -> ``d1`` (16 channels) is under ``min_channels``; ``d1``'s output is read by ``d2``, which widens it,
+    so ``d1`` heads no pair of its own and ``d2`` -> ``d3`` (256 channels) stays the pair (taking ``d1`` -> ``d2``
+    instead all-reduced a 256-channel map at every position: 1.50x the bytes, 2.08x the collectives)."""
+    x = sds(8, 16, 16, 3)
+    m = ConvAutoencoder()
+    p = tpflax.plan(abstract(m, x), MESH, model=m, sample=(x,))
+    assert (p.spec("params/d2/kernel"), p.spec("params/d3/kernel")) == (P(None, None, None, "model"),
+                                                                        P(None, None, "model", None))
+    assert p.spec("params/d1/kernel") == P(None, None, None, None)

@@ -298,26 +298,29 @@ def _narrow_readers(c: _Flow, sid: int, dim: int, rid: int) -> bool:
                               for x in edges)
 
 
-def _free_rows(c: _Flow, sid: int, dim: int, pair: int | None = None) -> bool:
+def _free_rows(c: _Flow, sid: int, dim: int, pair: int | None = None, keep: bool = False) -> bool:
     """Every contraction summing the dim is undecided (or in ``pair``) and sums one dim of its kernel: a
     Mamba block's ``in_proj`` output, read by ``x_proj`` and (through the scan) ``out_proj``. Split, each
     reader is a row of the pair (the first in program order prices it, the others join it,
-    :func:`_join_readers`)."""
+    :func:`_join_readers`). ``keep``: readers may keep the width too (none widens it)."""
     src = c.cand[sid].op
-    gated = src == "dot" and _gated_with_a_projection(c, sid, dim, pair)  # (a conv's is a modulation: StyleGAN2's)
+    # (a conv's product with a projection is a modulation, StyleGAN2's style, no gated unit)
+    gated = keep or src == "dot" and _gated_with_a_projection(c, sid, dim, pair)
 
     def free(uid: int) -> bool:
         d, u = c.st.out.get(c.cand[uid].path), c.cand[uid]
         into = {e.dst_dim for e in c.in_edges[uid]}
         # a conv sums its window too: it narrows when it writes fewer channels than it reads
         summed = math.prod(c.fx[u.path].leaf.shape[k] for k in (u.contracted if u.op == "dot" else into))
+        # a gated unit's readers may keep its width (WaveNet's residual projection), not widen it (a GLU MLP's
+        # gate and up reading a gated stem head their own pair with its down projection)
         return (d is None or (pair is not None and d.pair == pair)) and u.op in ("dot", "conv") and \
-            len(into) == 1 and (gated or _kept_size(c, uid) < summed)
+            len(into) == 1 and (_kept_size(c, uid) <= summed if gated else _kept_size(c, uid) < summed)
     # dense layers that narrow only: a reader that widens or keeps the width (an MLP's up, q/k/v) reads a
     # residual stream, not a column's inner activations; a conv stage's channels reaching its next stage's
     # conv and shortcut projection are the channel chain's (a ResNet keeps its stream whole between stages).
-    # A gated unit's output (two projections' outputs multiplied: WaveNet's tanh(a) * sigmoid(g)) is no stream,
-    # whatever the width of the layers reading it. A conv's channels read by narrowing layers only (an inverted
+    # A gated unit's output (two projections' outputs multiplied: WaveNet's tanh(a) * sigmoid(g)) is no stream:
+    # its readers may keep its width. A conv's channels read by narrowing layers only (an inverted
     # residual's expanded channels: its squeeze-excite's pooled reduction and its 1x1 projection) are split alike
     return (src == "dot" or src == "conv" and c.cand[sid].grouped is None) and \
         all(free(x.dst_use) and (src == "dot" or c.cand[x.dst_use].grouped is None) for x in c.out_edges[(sid, dim)])
@@ -426,7 +429,10 @@ def _narrow_before_its_own(c: _Flow, ch: int, rid: int) -> bool:
     flops on an EfficientNet stage)."""
     if c.st.tensor[1] == 1 or ch >= c.st.opts.min_channels:
         return False
-    return any(c.out_edges.get((rid, d)) for d in c.cand[rid].kept)
+    # only where no layer reading the row's own output widens it (a pair of its own to head: RegNet's
+    # squeeze-excite expansion, whose gate the next 1x1 conv reads at its width); a decoder's conv read by a
+    # wider one is left to the floor, as before
+    return any(c.out_edges.get((rid, d)) and _free_rows(c, rid, d, keep=True) for d in c.cand[rid].kept)
 
 
 def _pair_row(c: _Flow, rid: int, adapters: bool = True) -> None:
