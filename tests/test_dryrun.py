@@ -47,7 +47,10 @@ def case(name, mesh_key):
     p = tpflax.plan(variables, sizes, fsdp_min_bytes=1024)
     mesh = tpflax.make_mesh(p.mesh)
     ts = make_train_step(m, p, mesh, opt, BATCH[name], variables=variables)
-    dr = dry_run(ts, p, mesh, compiler_options=NO_LLVM_OPT)
+    # dry_run's CPU default is NO_LLVM_OPT (asserted): so test_a_cpu_dry_run_skips_llvm_... reads its default
+    # compile off this case instead of compiling the same program again
+    dr = dry_run(ts, p, mesh)
+    assert dr.compiler_options == tuple(NO_LLVM_OPT.items()), dr.compiler_options
     est = estimate(p, opt, ts.args[2], model=m, activations=acts, backend="cpu")
     return p, est, dr
 
@@ -97,12 +100,12 @@ def test_a_cpu_dry_run_skips_llvm_and_reads_the_same_numbers_as_xlas_default_com
     # the scanned, remat llama's step (a while loop, collectives on both axes) compiles to the same memory,
     # collectives and FLOPs as at XLA's default level (3; set explicitly: the root conftest sets 0 in XLA_FLAGS
     # for every compile of the tests), to the byte
-    p, _, _ = case("llama-scan", (("data", 2), ("model", 4)))
+    p, _, fast = case("llama-scan", (("data", 2), ("model", 4)))  # dry_run(ts, p, mesh): its default options
     m, variables, _ = _acts("llama-scan")
     mesh = tpflax.make_mesh(p.mesh)
     ts = make_train_step(m, p, mesh, optax.adamw(1e-3), BATCH["llama-scan"], variables=variables)
     xla_default = {"xla_backend_optimization_level": 3}
-    fast, full = dry_run(ts, p, mesh), dry_run(ts, p, mesh, compiler_options=xla_default)
+    full = dry_run(ts, p, mesh, compiler_options=xla_default)
     assert fast.collectives and fast.flops
     assert (fast.memory, fast.collectives, fast.flops) == (full.memory, full.collectives, full.flops)
     assert fast.compiler_options == (("xla_backend_optimization_level", 0),)
