@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _util import FAST_XLA
+from _util import COMM_XLA
 from jax.sharding import PartitionSpec as P
 
 import tpflax
@@ -140,7 +140,7 @@ def _forced_comm(m, split: bool):
 def _compiled_comm(m, plan):
     mesh = tpflax.make_mesh(MESH)
     ts = tpflax.make_train_step(m.apply, plan, mesh, optax.adamw(1e-3), sample=SAMPLE, loss=_loss)
-    return tpflax.dry_run(ts, plan, mesh, compiler_options=FAST_XLA).comm_total
+    return tpflax.dry_run(ts, plan, mesh, compiler_options=COMM_XLA).comm_total
 
 
 def _estimate(m, plan):

@@ -5,7 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from _util import FAST_XLA
+from _util import COMM_XLA
 
 import tpflax
 
@@ -55,5 +55,5 @@ def test_tree_does_not_pair_the_head_with_one_of_two_alike_skips():
     comm = {}
     for name, p in (("tree", plan), ("hand", hand)):
         ts = tpflax.make_train_step(LongSkips(), p, m, optax.adamw(1e-3), sample=X, loss=_loss, variables=v)
-        comm[name] = tpflax.dry_run(ts, p, m, compiler_options=FAST_XLA).comm_total
+        comm[name] = tpflax.dry_run(ts, p, m, compiler_options=COMM_XLA).comm_total
     assert comm["tree"] <= comm["hand"] * 1.001, comm

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from _util import FAST_XLA
+from _util import COMM_XLA
 from jax.sharding import PartitionSpec as P
 
 import tpflax
@@ -72,7 +72,7 @@ def variables():
 def _compiled(plan, mesh_shape, variables):
     mesh = tpflax.make_mesh(mesh_shape)
     step = tpflax.make_train_step(MMNet(), plan, mesh, optax.adamw(1e-3), sample=X, variables=variables, loss=_loss)
-    return tpflax.dry_run(step, plan, mesh, compiler_options=FAST_XLA).comm_total
+    return tpflax.dry_run(step, plan, mesh, compiler_options=COMM_XLA).comm_total
 
 
 def _estimate(plan):

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from _util import FAST_XLA
+from _util import COMM_XLA
 from jax.sharding import PartitionSpec as P
 
 import tpflax
@@ -62,7 +62,7 @@ def _measure(plan, mesh_shape, variables):
     mesh = tpflax.make_mesh(mesh_shape)
     step = tpflax.make_train_step(CondNet(), plan, mesh, optax.adamw(1e-3), sample=X, variables=variables,
                                   loss=_loss)
-    return est, tpflax.dry_run(step, plan, mesh, compiler_options=FAST_XLA).comm_total
+    return est, tpflax.dry_run(step, plan, mesh, compiler_options=COMM_XLA).comm_total
 
 
 @pytest.mark.parametrize("mesh_shape", [{"data": 2, "model": 4}, {"fsdp": 2, "model": 4}], ids=["dp", "fsdp"])

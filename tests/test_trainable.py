@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _util import FAST_XLA
+from _util import COMM_XLA, FAST_XLA
 
 import tpflax
 
@@ -199,7 +199,7 @@ def test_keeping_the_rank_whole_moves_fewer_bytes_when_compiled(lora):
     mesh = tpflax.make_mesh(chosen.mesh)
     comm = {}
     for name, p in (("chosen", chosen), ("split", split)):
-        dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, optax.sgd(0.1), sample=(IDS,)), p, mesh, compiler_options=FAST_XLA)
+        dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, optax.sgd(0.1), sample=(IDS,)), p, mesh, compiler_options=COMM_XLA)
         comm[name] = sum(by_axis.get("model", 0.0) for by_axis in dr.comm().values())
     # split over the rank, q's and o's adapters each move (64 tokens per device, 64) float32 activations
     # (16 KiB; a ring all-reduce over model=4 sends 2*(4-1)/4 of it, 24 KiB) forward and backward:
@@ -318,7 +318,7 @@ def test_the_traced_lora_plan_compiles_to_the_collectives_it_estimates():
 
     e = tpflax.estimate(p, tx, model=m, sample=(x,), loss=loss, backend="cpu")
     got = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, tx, sample=(x,), loss=loss), p, mesh,
-                         compiler_options=FAST_XLA).comm_total
+                         compiler_options=COMM_XLA).comm_total
     assert e.comm_total == pytest.approx(got, rel=1e-3), (e.comm_total, got)
 
 
@@ -335,7 +335,7 @@ def test_a_frozen_leaf_keeps_its_collectives_in_the_estimate(lora, traced):
     mesh = tpflax.make_mesh(p.mesh)
     tx = optax.adam(1e-2)
     e = tpflax.estimate(p, tx, model=m, sample=(IDS,), backend="cpu")
-    got = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, tx, sample=(IDS,)), p, mesh, compiler_options=FAST_XLA).comm_total
+    got = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, tx, sample=(IDS,)), p, mesh, compiler_options=COMM_XLA).comm_total
     # measured -4.8% (tree) and -3.6% (traced): XLA's own choices on a few KiB of adapter gradients
     assert e.comm_total == pytest.approx(got, rel=0.1), (e.comm_total, got)
 
@@ -410,7 +410,7 @@ def test_layers_behind_frozen_ones_sum_no_input_gradients():
     tx = optax.adam(1e-2)
     e = tpflax.estimate(p, tx, model=m, sample=(IDS,), backend="cpu")
     mesh = tpflax.make_mesh(p.mesh)
-    got = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, tx, sample=(IDS,)), p, mesh, compiler_options=FAST_XLA)
+    got = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, tx, sample=(IDS,)), p, mesh, compiler_options=COMM_XLA)
     assert not any("blocks/0/attn" in i.source and "input gradients" in i.why for i in e.items)
     # the same collectives (measured 280,704 vs 280,632 bytes: XLA:CPU's 4-byte loss scalars)
     assert e.comm["all-reduce"]["model"] == pytest.approx(got.comm()["all-reduce"]["model"], rel=1e-3)
@@ -428,7 +428,7 @@ def test_a_trained_head_on_a_frozen_model_sums_no_input_gradient():
     e = tpflax.estimate(p, tx, model=m, sample=sample, backend="cpu")
     assert not any("lm_head" in i.source and "input gradients" in i.why for i in e.items)
     mesh = tpflax.make_mesh(p.mesh)
-    got = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, tx, sample=sample), p, mesh, compiler_options=FAST_XLA)
+    got = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, tx, sample=sample), p, mesh, compiler_options=COMM_XLA)
     # the same bytes, but for XLA:CPU's 4-byte loss scalars
     assert e.comm["all-reduce"]["model"] == pytest.approx(got.comm()["all-reduce"]["model"], rel=1e-3)
 
@@ -445,7 +445,7 @@ def test_frozen_fsdp_leaves_are_gathered_for_compute(lora):
     assert not p.decisions["embed/embedding"].trainable
     tx = optax.adam(1e-2)
     mesh = tpflax.make_mesh(p.mesh)
-    got = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, tx, sample=(IDS,)), p, mesh, compiler_options=FAST_XLA)
+    got = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, tx, sample=(IDS,)), p, mesh, compiler_options=COMM_XLA)
     e = tpflax.estimate(p, tx, model=m, sample=(IDS,), backend="cpu")
     assert "collective-permute" not in got.comm()
     assert got.comm()["all-gather"]["fsdp"] == e.comm["all-gather"]["fsdp"]  # each fsdp leaf gathered once
