@@ -14,11 +14,13 @@ FAST_XLA = {"xla_backend_optimization_level": 0}
 # a few thousand elementwise FLOPs; the same collectives), so no test reading a compiled number uses them,
 # and neither does a test comparing two programs bit for bit whose fusions may differ (a remat'd step).
 RUN_XLA = {**FAST_XLA, "xla_cpu_use_fusion_emitters": False}
-# Compile options for tests that read a compiled step's collectives and nothing else (comm_total, comm(),
-# collectives): RUN_XLA. The older emitters only change how XLA:CPU fuses, after SPMD partitioning and the
-# collective passes: every such dry_run of these tests compiled the same collectives, to the byte, under
-# FAST_XLA and under RUN_XLA (all 35 of them, checked when they were switched), in about a third of the time.
-# A test reading memory or FLOPs as well keeps FAST_XLA.
+# Compile options for tests that read a compiled step's collectives and nothing else (comm_total,
+# comm(), collectives): RUN_XLA. The older emitters change how XLA:CPU fuses, after SPMD partitioning
+# and the collective passes: each dry_run switched to COMM_XLA was compiled both ways when it was
+# switched (over a hundred programs), and all gave the same collectives, to the byte, in about a third
+# of the time. A program whose collectives differed under the two (test_hand_layout_estimates' scanned
+# remat K2 case: the same bytes, split apart differently) keeps FAST_XLA, as does a test reading memory
+# or FLOPs as well.
 COMM_XLA = RUN_XLA
 
 

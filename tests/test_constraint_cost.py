@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from _util import FAST_XLA
+from _util import COMM_XLA
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -79,7 +79,7 @@ def _run(cls, d, h, mesh, constrained=True, **plan_kw):
 
 def _compiled(model, sample, p, m):
     ts = tpflax.make_train_step(model, p, m, optax.adamw(1e-3), sample=sample, loss=_loss)
-    return tpflax.dry_run(ts, p, m, compiler_options=FAST_XLA).comm()
+    return tpflax.dry_run(ts, p, m, compiler_options=COMM_XLA).comm()
 
 
 REPLICATE = {"rules": [(r".*", "replicate")]}

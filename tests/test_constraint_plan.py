@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from _util import FAST_XLA
+from _util import COMM_XLA
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -38,7 +38,7 @@ def _model(cls, mesh, constrained=True):
 def _compiled(model, variables, sample, p, mesh) -> float:
     m = tpflax.make_mesh(mesh)
     ts = tpflax.make_train_step(model, p, m, optax.adamw(1e-3), sample=sample, loss=_loss)
-    comm = tpflax.dry_run(ts, p, m, compiler_options=FAST_XLA).comm()
+    comm = tpflax.dry_run(ts, p, m, compiler_options=COMM_XLA).comm()
     return sum(v for by in comm.values() for v in by.values())
 
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from _util import FAST_XLA
+from _util import COMM_XLA
 
 import tpflax
 
@@ -41,7 +41,7 @@ def test_fsdp_gathers_of_bfloat16_kernels_move_float32_on_cpu(devices, dtype):
     e = tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=(x,), loss=_loss, backend="cpu")
     mesh = tpflax.make_mesh(MESH)
     dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), sample=(x,), loss=_loss), p, mesh,
-                        compiler_options=FAST_XLA)
+                        compiler_options=COMM_XLA)
     kernels = {(D, F), (F, D)}
     compiled = [c for c in dr.collectives if c.kind == "all-gather" and set(c.shapes) <= kernels]
     assert compiled and all(t == "f32" for c in compiled for t in c.dtypes), [(c.shapes, c.dtypes) for c in compiled]

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from _util import FAST_XLA
+from _util import COMM_XLA
 
 import tpflax
 from tpflax._src.trace.dataflow import dataflow
@@ -82,7 +82,7 @@ def test_the_estimate_counts_no_collective_for_unused_parameters():
     assert p.decisions["params/layers_0/cross_attn/q/kernel"].spec == p.decisions["params/layers_0/self_attn/q/kernel"].spec
     mesh, tx = tpflax.make_mesh(MESH), optax.adamw(1e-3)
     dr = tpflax.dry_run(tpflax.make_train_step(fn, p, mesh, tx, sample=sample, loss=_loss), p, mesh,
-                        compiler_options=FAST_XLA)
+                        compiler_options=COMM_XLA)
     e = tpflax.estimate(p, tx, model=fn, sample=sample, loss=_loss, backend="cpu")
     # counted before: the cross-attention's gradient sums over data and its pair's sums over model (+35% on
     # FlaxBartForCausalLM); now the collectives XLA compiles, the loss scalar aside

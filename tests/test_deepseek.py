@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from _util import FAST_XLA
+from _util import COMM_XLA, FAST_XLA
 from jax.sharding import PartitionSpec as P
 
 import tpflax
@@ -149,7 +149,7 @@ def test_experts_split_over_e_by_a_rule_are_priced_as_a_pair(devices):
     p = tpflax.plan(v, MESH, rules=EXPERT_SPLIT)
     assert {p.decisions[f"params/moe/experts_{n}"].role for n in ("gate", "up", "down")} == {"column", "row"}
     mesh = tpflax.make_mesh(MESH)
-    dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), sample=(TOK,)), p, mesh, compiler_options=FAST_XLA)
+    dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), sample=(TOK,)), p, mesh, compiler_options=COMM_XLA)
     est = tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=(TOK,), backend="cpu")
     got, want = est.comm["all-reduce"]["model"], dr.comm()["all-reduce"]["model"]
     # the routed output forward, the gate's and the up's input gradients backward: 3 x (4, 8, 64) f32;

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from _util import FAST_XLA
+from _util import COMM_XLA, FAST_XLA
 from jax.sharding import PartitionSpec as P
 
 import tpflax
@@ -435,7 +435,7 @@ def test_tied_table_and_forced_specs_match_the_compiled_step():
                                                              (".*", P())])}
     for name, p in plans.items():
         ts = tpflax.make_train_step(_tied_lm, p, mesh, tx, sample=sample, loss=_tied_loss)
-        got = tpflax.dry_run(ts, p, mesh, compiler_options=FAST_XLA).comm_total
+        got = tpflax.dry_run(ts, p, mesh, compiler_options=COMM_XLA).comm_total
         est = estimate(p, tx, model=_tied_lm, sample=sample, backend="cpu").comm_total
         # exact up to the loss scalar XLA reduces with the gradients (4 bytes)
         assert est == pytest.approx(got, abs=16), (name, est, got)
@@ -1271,7 +1271,8 @@ def test_experts_a_rule_keeps_whole_sum_each_blocks_buffer_once(mesh):
     p = tpflax.plan(nnx.state(model), mesh, model=model, sample=sample, rules=[(r"w_(in|gate|out)$", P())])
     tpflax_mesh = tpflax.make_mesh(mesh)
     tx = optax.adamw(1e-3)
-    run = tpflax.dry_run(tpflax.make_train_step(model, p, tpflax_mesh, tx, sample=sample), p, tpflax_mesh)
+    run = tpflax.dry_run(tpflax.make_train_step(model, p, tpflax_mesh, tx, sample=sample), p, tpflax_mesh,
+                         compiler_options=COMM_XLA)
     e = estimate(p, tx, model=model, sample=sample, backend="cpu")
     batch = "data" if "data" in mesh else "fsdp"
     buffer = 4 * 8 * 64 * 4  # experts x capacity x d x f32
@@ -1312,7 +1313,7 @@ def test_a_rules_only_plan_is_estimated_with_the_pairs_the_trace_finds():
     assert e.comm == traced.comm
     mesh = tpflax.make_mesh(mesh_sizes)
     ts = tpflax.make_train_step(m, p, mesh, tx, sample=(x,), loss=lambda out, x: jnp.mean(out ** 2), variables=v)
-    got = tpflax.dry_run(ts, p, mesh, compiler_options=FAST_XLA).comm_total
+    got = tpflax.dry_run(ts, p, mesh, compiler_options=COMM_XLA).comm_total
     assert e.comm_total == pytest.approx(got, rel=0.02), (e.comm_total, got)
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _util import FAST_XLA
+from _util import COMM_XLA, FAST_XLA
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -149,7 +149,7 @@ def test_plain_function_estimate_matches_the_compiled_step(name):
     mesh = tpflax.make_mesh(MESH)
     tx = optax.adamw(1e-3)
     ts = tpflax.make_train_step(fn, p, mesh, tx, sample=sample, loss=_loss)
-    got = tpflax.dry_run(ts, p, mesh, compiler_options=FAST_XLA).comm_total
+    got = tpflax.dry_run(ts, p, mesh, compiler_options=COMM_XLA).comm_total
     est = tpflax.estimate(p, tx, model=fn, sample=sample, backend="cpu").comm_total
     # exact up to the loss scalar XLA reduces with the gradients (4 bytes); the grouped conv split over
     # model: XLA also gathers the stem's kernel (3 x 288 B), 0.6% of the step's collectives (and, gathering
@@ -194,7 +194,7 @@ def test_convolutions_move_the_positions_they_compute(name):
     p = tpflax.plan(tree, MESH, rules=rules) if rules else tpflax.plan(tree, MESH, model=fn, sample=sample)
     assert name == "glu" or [p.decisions[k].role for k in ("conv1", "conv2")] == ["column", "row"]
     mesh, tx = tpflax.make_mesh(MESH), optax.adamw(1e-3)
-    dr = tpflax.dry_run(tpflax.make_train_step(fn, p, mesh, tx, sample=sample, loss=_loss), p, mesh, compiler_options=FAST_XLA)
+    dr = tpflax.dry_run(tpflax.make_train_step(fn, p, mesh, tx, sample=sample, loss=_loss), p, mesh, compiler_options=COMM_XLA)
     e = tpflax.estimate(p, tx, model=fn, sample=sample, backend="cpu")
     for kind in ("collective-permute", "all-to-all", "all-reduce"):
         got = sum(c.ring_bytes * c.count for c in dr.collectives if c.kind == kind and c.axes == ("model",))
@@ -367,7 +367,7 @@ def test_a_conv_pair_moves_its_maps_channels_wide():
     mesh = tpflax.make_mesh(MESH)
     ts = tpflax.make_train_step(fn, p, mesh, optax.adam(1e-3), sample=(x,),
                                 loss=lambda out, x: jnp.mean(out ** 2), variables=tree)
-    got = tpflax.dry_run(ts, p, mesh, compiler_options=FAST_XLA).comm()
+    got = tpflax.dry_run(ts, p, mesh, compiler_options=COMM_XLA).comm()
     assert sum(k.get("model", 0) for k in got.values()) == pytest.approx(2 * maps * 2 * 3 / 4, rel=0.01), got
 
 
@@ -395,7 +395,7 @@ def test_a_tree_pair_the_program_does_not_connect_is_priced_as_two_lone_layers()
     assert [p.decisions[f"params/block/{k}/kernel"].role for k in ("c_0", "c_1")] == ["column", "row"]
     mesh, tx = tpflax.make_mesh(MESH), optax.adamw(1e-3)
     ts = tpflax.make_train_step(m.apply, p, mesh, tx, sample=sample, loss=lambda out, x: jnp.mean(out ** 2))
-    dr = tpflax.dry_run(ts, p, mesh, compiler_options=FAST_XLA)
+    dr = tpflax.dry_run(ts, p, mesh, compiler_options=COMM_XLA)
     e = tpflax.estimate(p, tx, model=m.apply, sample=sample, backend="cpu")
     act = 4 * 16 * 512 * 4  # a device's 4 examples x 16 tokens x 512 features, f32
     loose = [i for i in e.items if "of its pair" in i.why]

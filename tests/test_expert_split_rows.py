@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from _util import FAST_XLA
+from _util import COMM_XLA
 from jax.sharding import PartitionSpec as P
 
 import tpflax
@@ -49,7 +49,7 @@ def estimated(m, rules):
     e = tpflax.estimate(p, optax.adamw(1e-3), model=fn, sample=(x,), loss=loss, backend="cpu")
     mesh = tpflax.make_mesh(MESH)
     dr = tpflax.dry_run(tpflax.make_train_step(fn, p, mesh, optax.adamw(1e-3), sample=(x,), loss=loss), p, mesh,
-                        compiler_options=FAST_XLA)
+                        compiler_options=COMM_XLA)
     return e, dr.comm_total
 
 

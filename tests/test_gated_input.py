@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from _util import COMM_XLA
 
 import tpflax
 
@@ -47,7 +48,7 @@ def test_a_split_output_gating_a_whole_input_splits_its_producers_gradients():
     assert specs["proj_1"] == specs["conv0"] == specs["conv_spatial"] == (None,) * 4
     mesh = tpflax.make_mesh(MESH)
     ts = tpflax.make_train_step(model, plan, mesh, optax.adamw(1e-3), sample=SAMPLE, loss=_loss)
-    dr = tpflax.dry_run(ts, plan, mesh)
+    dr = tpflax.dry_run(ts, plan, mesh, compiler_options=COMM_XLA)
     est = tpflax.estimate(plan, optax.adamw(1e-3), model=model, sample=SAMPLE, loss=_loss, backend="cpu")
     # proj_1's kernel, (1, 1, 64, 64), whole: XLA:CPU gathers it and its two adam moments back after the split
     # update; the estimate's update gathers of it are those, to the byte

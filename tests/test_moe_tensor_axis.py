@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from _util import FAST_XLA
+from _util import COMM_XLA
 from jax.sharding import PartitionSpec as P
 
 import tpflax
@@ -120,7 +120,7 @@ def test_the_estimate_matches_the_compiled_collectives(traced, devices):
     m, _, p, _ = traced
     mesh = tpflax.make_mesh(MESH)
     ts = tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), sample=(TOK,))
-    dr = tpflax.dry_run(ts, p, mesh, compiler_options=FAST_XLA)
+    dr = tpflax.dry_run(ts, p, mesh, compiler_options=COMM_XLA)
     est = tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=(TOK,), backend="cpu")
     # over model: the combine's and the dispatch transpose's f32[tokens, d] sums (and the embedding's and the
     # head's); unmodelled, the router weights' gradient sum (top-k x 4 B a token) and the loss's softmax max and sum
@@ -141,6 +141,6 @@ def test_a_rules_layout_of_batch_free_experts_is_estimated_as_compiled(rules, de
     p = tpflax.plan(v, MESH, rules=rules)
     mesh = tpflax.make_mesh(MESH)
     ts = tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), sample=(TOK,))
-    dr = tpflax.dry_run(ts, p, mesh, compiler_options=FAST_XLA)
+    dr = tpflax.dry_run(ts, p, mesh, compiler_options=COMM_XLA)
     est = tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=(TOK,), backend="cpu")
     assert abs(est.comm_total / dr.comm_total - 1) < 0.10, (est.comm, dr.comm())

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from _util import FAST_XLA
+from _util import COMM_XLA
 
 import tpflax
 
@@ -62,7 +62,7 @@ def test_stopped_params_get_no_gradient_collectives(mesh_shape):
     assert p.decisions["params/frozen_up/kernel"].spec == p.decisions["params/up/kernel"].spec
     mesh = tpflax.make_mesh(mesh_shape)
     ts = tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), sample=SAMPLE, loss=_loss)
-    dr = tpflax.dry_run(ts, p, mesh, compiler_options=FAST_XLA)
+    dr = tpflax.dry_run(ts, p, mesh, compiler_options=COMM_XLA)
     e = tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=SAMPLE, loss=_loss, backend="cpu")
     grads = [i for i in e.items if "frozen" in i.source or "embed" in i.source]
     assert not [i for i in grads if "gradient" in i.why and "input" not in i.why], grads

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _util import FAST_XLA
+from _util import COMM_XLA
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -68,7 +68,7 @@ def test_unequal_pieces_reshard_priced_as_compiled(planned):
     model, p = planned
     mesh = tpflax.make_mesh(MESH)
     tx = optax.sgd(0.1)  # adamw's step has the same collectives and compiles slower
-    dr = tpflax.dry_run(tpflax.make_train_step(model, p, mesh, tx, sample=IDS), p, mesh, compiler_options=FAST_XLA)
+    dr = tpflax.dry_run(tpflax.make_train_step(model, p, mesh, tx, sample=IDS), p, mesh, compiler_options=COMM_XLA)
     e = tpflax.estimate(p, tx, model=model, sample=IDS, backend="cpu")
 
     def est(kind):

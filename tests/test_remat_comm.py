@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from _util import FAST_XLA
+from _util import COMM_XLA
 from flax import nnx
 
 import tpflax
@@ -68,7 +68,7 @@ def test_remat_resums_on_cpu_as_compiled(remat):
     p = tpflax.plan(nnx.state(m), {"model": 4}, model=m, sample=(x,))
     mesh = tpflax.make_mesh(p.mesh)
     ts = tpflax.make_train_step(m, p, mesh, optax.sgd(0.1), sample=(x,), loss=_loss)
-    dr = tpflax.dry_run(ts, p, mesh, compiler_options=FAST_XLA)
+    dr = tpflax.dry_run(ts, p, mesh, compiler_options=COMM_XLA)
     e = tpflax.estimate(p, optax.sgd(0.1), model=m, sample=(x,), loss=_loss, backend="cpu")
     one = 2 * 3 / 4 * ROWS * T * D * 4  # ring bytes of one (ROWS, T, D) f32 all-reduce over 4
     recomputed = [c for c in dr.collectives if "rematted_computation" in c.op_name]

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from _util import FAST_XLA
+from _util import COMM_XLA
 from jax.sharding import PartitionSpec as P
 
 import tpflax
@@ -126,7 +126,7 @@ def test_estimate_follows_the_compiled_collectives(planned, devices):
     mesh = tpflax.make_mesh({"data": 2, "model": 4})
     tx = optax.adamw(1e-3)
     dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, tx, sample=IDS, loss=_loss), p, mesh,
-                        compiler_options=FAST_XLA)
+                        compiler_options=COMM_XLA)
     e = tpflax.estimate(p, tx, model=m, sample=IDS, loss=_loss, backend="cpu")
     # 0.4% under, compiled (XLA's all-reduces of the norms' mean squares, one value per row, are not
     # priced: 256 B each); the plan that kept q and k whole was priced 10% under

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from _util import FAST_XLA
+from _util import COMM_XLA, FAST_XLA
 from jax.sharding import PartitionSpec as P
 
 import tpflax
@@ -146,7 +146,8 @@ def test_shard_map_without_mesh_uses_the_steps():
     loss = lambda out, x: (out ** 2).mean()  # noqa: E731
     # a fresh model: jax would serve the step the trace made under set_mesh above
     ts = tpflax.make_train_step(_no_mesh_fn(), plan, mesh, optax.sgd(0.1), sample=sample, loss=loss)
-    assert tpflax.dry_run(ts, plan, mesh).comm_total > 0  # compiled outside any jax.set_mesh
+    # compiled outside any jax.set_mesh
+    assert tpflax.dry_run(ts, plan, mesh, compiler_options=COMM_XLA).comm_total > 0
 
 
 def test_shard_map_over_another_mesh():
@@ -182,7 +183,7 @@ def test_shard_map_over_the_same_devices_without_the_size_one_axes():
     plan = tpflax.plan(params, shape, model=fn, sample=sample)
     loss = lambda out, x: (out ** 2).mean()  # noqa: E731
     ts = tpflax.make_train_step(fn, plan, mesh, optax.sgd(0.1), sample=sample, loss=loss)
-    assert tpflax.dry_run(ts, plan, mesh, compiler_options=FAST_XLA).comm_total > 0
+    assert tpflax.dry_run(ts, plan, mesh, compiler_options=COMM_XLA).comm_total > 0
     ids = jax.random.randint(jax.random.key(1), (B, S), 0, V)
     real = jax.jit(lambda x: _LM(_hand_row(tpflax.make_mesh({"data": 2, "model": 4}))).init(jax.random.key(0), x))(ids)
     step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings, compiler_options=FAST_XLA)
@@ -247,7 +248,7 @@ def test_a_boundary_that_keeps_split_features_whole_is_priced_as_compiled(relu):
     mesh = tpflax.make_mesh({"data": 2, "model": 4})
     m, ids, loss, p = _dispatch(mesh, False, relu)
     ts = tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), sample=(ids,), loss=loss)
-    dr = tpflax.dry_run(ts, p, mesh, compiler_options=FAST_XLA)
+    dr = tpflax.dry_run(ts, p, mesh, compiler_options=COMM_XLA)
     est = tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=(ids,), loss=loss, backend="cpu")
     gathers = sorted(c.ring_bytes * c.count for c in dr.collectives if c.kind == "all-gather")
     assert gathers == sorted(i.total for i in est.items if i.kind == "all-gather")
@@ -304,7 +305,7 @@ def test_a_bfloat16_collective_written_by_hand_moves_float32_on_cpu():
 
     p = tpflax.plan(jax.eval_shape(m.init, jax.random.key(0), ids), {"data": 2, "model": 4}, model=m, sample=(ids,))
     ts = tpflax.make_train_step(m, p, mesh, optax.sgd(0.1), sample=(ids,), loss=loss)
-    dr = tpflax.dry_run(ts, p, mesh, compiler_options=FAST_XLA)
+    dr = tpflax.dry_run(ts, p, mesh, compiler_options=COMM_XLA)
     est = tpflax.estimate(p, optax.sgd(0.1), model=m, sample=(ids,), loss=loss, backend="cpu")
     compiled = sorted((c.kind, c.ring_bytes * c.count) for c in dr.collectives if "shard_map" in (c.op_name or ""))
     priced = sorted((i.kind, i.total) for i in est.items if i.source.startswith("reduce_scatter"))
@@ -350,7 +351,7 @@ def test_a_whole_kernel_a_shard_map_takes_split_is_updated_split_and_gathered():
     loss = lambda out, ids: out.mean()  # noqa: E731
     est = tpflax.estimate(plan, optax.adamw(1e-3), model=fn, sample=(ids,), loss=loss, backend="cpu")
     dr = tpflax.dry_run(tpflax.make_train_step(fn, plan, mesh, optax.adamw(1e-3), sample=(ids,), loss=loss), plan,
-                        mesh, compiler_options=FAST_XLA)
+                        mesh, compiler_options=COMM_XLA)
 
     def by(items, kind, axes):
         return sum(i.ring_bytes * i.count for i in items if i.kind == kind and tuple(i.axes) == axes)

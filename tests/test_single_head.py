@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from _util import FAST_XLA
+from _util import COMM_XLA
 from jax.sharding import PartitionSpec as P
 
 import tpflax
@@ -54,7 +54,7 @@ def test_estimate_prices_the_scores_all_reduces(devices):
     mesh = tpflax.make_mesh(MESH)
     tx = optax.adamw(1e-3)
     dr = tpflax.dry_run(tpflax.make_train_step(_fn, plan, mesh, tx, sample=X, loss=_loss), plan, mesh,
-                        compiler_options=FAST_XLA)
+                        compiler_options=COMM_XLA)
     e = tpflax.estimate(plan, tx, model=_fn, sample=X, loss=_loss, backend="cpu")
     scores = [i for i in e.items if i.why.startswith("a product of two activations")]
     # the scores (b, q, k) of one device's 4 examples in float32, forward and backward

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from _util import FAST_XLA
+from _util import COMM_XLA
 from jax.sharding import PartitionSpec as P
 
 import tpflax
@@ -96,7 +96,7 @@ def test_the_traced_plan_compiles_to_the_hand_layouts_numbers(plans):
     m, traced, _ = plans
     mesh = tpflax.make_mesh(MESH)
     ts = tpflax.make_train_step(m, traced, mesh, optax.adamw(1e-3), sample=SAMPLE, loss=_loss)
-    dr = tpflax.dry_run(ts, traced, mesh, compiler_options=FAST_XLA)
+    dr = tpflax.dry_run(ts, traced, mesh, compiler_options=COMM_XLA)
     # kept whole, A_log and D had their updates split and gathered (39 KB of model all-gathers)
     assert "all-gather" not in dr.comm(), dr.comm()
     e = tpflax.estimate(traced, optax.adamw(1e-3), model=m, sample=SAMPLE, loss=_loss, backend="cpu")
@@ -138,7 +138,7 @@ def test_whole_leaves_beside_a_split_pair_price_their_update_gathers():
     p = tpflax.plan(v, MESH, rules=[HAND[0], HAND[-2], HAND[-1], (r".*", "replicate")])
     mesh = tpflax.make_mesh(MESH)
     ts = tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), sample=SAMPLE, loss=_loss)
-    dr = tpflax.dry_run(ts, p, mesh, compiler_options=FAST_XLA)
+    dr = tpflax.dry_run(ts, p, mesh, compiler_options=COMM_XLA)
     e = tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=SAMPLE, loss=_loss, backend="cpu")
     assert e.comm["all-gather"]["model"] == dr.comm()["all-gather"]["model"], (e.comm, dr.comm())
     batch = sum(v for k, v in e.comm["all-reduce"].items() if "data" in k)
@@ -155,7 +155,7 @@ def test_update_gathers_count_the_optimizers_own_moments():
     opt = optax.sgd(1e-2, momentum=0.9)
     mesh = tpflax.make_mesh(MESH)
     ts = tpflax.make_train_step(m, p, mesh, opt, sample=SAMPLE, loss=_loss)
-    dr = tpflax.dry_run(ts, p, mesh, compiler_options=FAST_XLA)
+    dr = tpflax.dry_run(ts, p, mesh, compiler_options=COMM_XLA)
     e = tpflax.estimate(p, opt, model=m, sample=SAMPLE, loss=_loss, backend="cpu")
     assert e.comm["all-gather"]["model"] == dr.comm()["all-gather"]["model"], (e.comm, dr.comm())
 
@@ -184,5 +184,5 @@ def test_a_column_joins_a_row_only_on_the_dim_its_pair_splits():
     assert p.decisions["params/gate/kernel"].spec == P(None, None), p.decisions["params/gate/kernel"].reason
     mesh = tpflax.make_mesh(MESH)
     ts = tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), sample=SAMPLE, loss=_loss)
-    dr = tpflax.dry_run(ts, p, mesh, compiler_options=FAST_XLA)
+    dr = tpflax.dry_run(ts, p, mesh, compiler_options=COMM_XLA)
     assert "all-gather" not in dr.comm(), dr.comm()

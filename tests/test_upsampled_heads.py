@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from _util import COMM_XLA
 from jax.sharding import PartitionSpec as P
 
 import tpflax
@@ -45,7 +46,7 @@ def _loss(out, x):
 def _compiled_and_estimated(model, plan):
     mesh = tpflax.make_mesh(MESH)
     ts = tpflax.make_train_step(model, plan, mesh, optax.adamw(1e-3), sample=SAMPLE, loss=_loss)
-    dr = tpflax.dry_run(ts, plan, mesh)
+    dr = tpflax.dry_run(ts, plan, mesh, compiler_options=COMM_XLA)
     est = tpflax.estimate(plan, optax.adamw(1e-3), model=model, sample=SAMPLE, loss=_loss, backend="cpu")
     return dr.comm_total, est.comm_total
 

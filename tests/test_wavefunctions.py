@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _util import COMM_XLA
 
 import tpflax
 
@@ -91,7 +92,7 @@ def test_an_rbm_hidden_layer_split_sums_one_value_per_configuration():
     assert "each row's partial reduction" in plan.decisions["params/hidden/kernel"].reason
     mesh = tpflax.make_mesh(MESH)
     ts = tpflax.make_train_step(model, plan, mesh, optax.adamw(1e-3), sample=SAMPLE, loss=_loss)
-    dr = tpflax.dry_run(ts, plan, mesh)
+    dr = tpflax.dry_run(ts, plan, mesh, compiler_options=COMM_XLA)
     est = tpflax.estimate(plan, optax.adamw(1e-3), model=model, sample=SAMPLE, loss=_loss, backend="cpu")
     # over model: one float32 per configuration on a device (8 of them), all-reduced; nothing gathered
     compiled = [(c.kind, c.shapes) for c in dr.collectives if c.axes == ("model",)]

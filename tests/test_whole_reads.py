@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from _util import FAST_XLA
+from _util import COMM_XLA
 from jax.sharding import PartitionSpec as P
 
 import tpflax
@@ -90,7 +90,7 @@ def test_whole_kernels_meeting_split_features(case):
     p = tpflax.plan(v, MESH, rules=rules)
     mesh = tpflax.make_mesh(MESH)
     ts = tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), sample=SAMPLE, loss=_loss)
-    dr = tpflax.dry_run(ts, p, mesh, compiler_options=FAST_XLA)
+    dr = tpflax.dry_run(ts, p, mesh, compiler_options=COMM_XLA)
     e = tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=SAMPLE, loss=_loss, backend="cpu")
     assert any(why in i.why for i in e.items), [i.why for i in e.items]
     # the update gathers and the activation gathers to the byte; the split gradients' data sums within 0.1%
@@ -126,7 +126,7 @@ def test_a_lone_row_sums_its_partial_outputs_whatever_its_widths(hidden, out):
     mesh = tpflax.make_mesh(MESH)
     tx = optax.adamw(1e-3)
     dr = tpflax.dry_run(tpflax.make_train_step(fn, p, mesh, tx, sample=sample, loss=_loss), p, mesh,
-                        compiler_options=FAST_XLA)
+                        compiler_options=COMM_XLA)
     e = tpflax.estimate(p, tx, model=fn, sample=sample, loss=_loss, backend="cpu")
     assert e.comm["all-reduce"]["model"] == dr.comm()["all-reduce"]["model"] == 2 * 3 / 4 * (4 * 16 * out * 4)
     assert e.comm["all-gather"]["model"] == dr.comm()["all-gather"]["model"], (e.comm, dr.comm())

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _util import FAST_XLA
+from _util import COMM_XLA
 from jax.sharding import PartitionSpec as P
 
 import tpflax
@@ -116,7 +116,7 @@ def test_window_attention_plan_matches_megatron_when_compiled(devices):
         assert p.decisions[path].spec == d.spec, (path, p.decisions[path].spec, d.spec, p.decisions[path].reason)
     mesh = tpflax.make_mesh(MESH)
     ts = tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), sample=SAMPLE, loss=lambda out, x: jnp.mean(out ** 2))
-    dr = tpflax.dry_run(ts, p, mesh, compiler_options=FAST_XLA)
+    dr = tpflax.dry_run(ts, p, mesh, compiler_options=COMM_XLA)
     # The plan is the hand layout, so its compiled step is. 3 pieces over 4 shards are no shards of the
     # (3, heads, head_dim) view: XLA gathers the qkv output whole before the reshape and its gradient
     # whole after it (no halo-exchange permutes, no all-to-alls, as for jnp.split of the flat dim).
@@ -145,5 +145,5 @@ def test_each_stage_splits_by_its_own_tables_heads(devices):
     # einsums no collective, compiled.
     mesh = tpflax.make_mesh(MESH)
     ts = tpflax.make_train_step(m, tree, mesh, optax.adamw(1e-3), sample=x, loss=lambda out, x: jnp.mean(out ** 2))
-    dr = tpflax.dry_run(ts, tree, mesh, compiler_options=FAST_XLA)
+    dr = tpflax.dry_run(ts, tree, mesh, compiler_options=COMM_XLA)
     assert not [c for c in dr.collectives if "bhq" in (c.op_name or "")], dr.collectives
