@@ -171,8 +171,8 @@ def _embeddings(c: _Flow) -> None:
     for path, f in c.fx.items():
         # named like a table but never looked up: a learned array added to activations (DETR's ``query_embed``,
         # its object queries). Taken for a token table from the tree, it was split over rows and priced as tied
-        # to logits; XLA then split the decoder's queries and gathered them in every layer (1.13x the
-        # collectives of it whole, which the estimate did not count)
+        # to logits; XLA then split the decoder's queries and gathered them in every layer (13% of the step's
+        # collectives, which the estimate did not count)
         if f.kind == "embedding" and path not in c.st.out and path not in c.uses and path in c.flow.elementwise:
             c.st.replicate(f, "traced: combined elementwise with activations and never looked up by ids: a learned "
                               "array, not a vocabulary table; kept whole on every tensor rank")
@@ -305,7 +305,7 @@ def _free_rows(c: _Flow, sid: int, dim: int, pair: int | None = None, keep: bool
     :func:`_join_readers`). ``keep``: readers may keep the width too (none widens it)."""
     src = c.cand[sid].op
     # (a conv's product with a projection is a modulation, StyleGAN2's style, no gated unit)
-    gated = keep or src == "dot" and _gated_with_a_projection(c, sid, dim, pair)
+    keep = keep or src == "dot" and _gated_with_a_projection(c, sid, dim, pair)
 
     def free(uid: int) -> bool:
         d, u = c.st.out.get(c.cand[uid].path), c.cand[uid]
@@ -315,7 +315,7 @@ def _free_rows(c: _Flow, sid: int, dim: int, pair: int | None = None, keep: bool
         # a gated unit's readers may keep its width (WaveNet's residual projection), not widen it (a GLU MLP's
         # gate and up reading a gated stem head their own pair with its down projection)
         return (d is None or (pair is not None and d.pair == pair)) and u.op in ("dot", "conv") and \
-            len(into) == 1 and (_kept_size(c, uid) <= summed if gated else _kept_size(c, uid) < summed)
+            len(into) == 1 and (_kept_size(c, uid) <= summed if keep else _kept_size(c, uid) < summed)
     # dense layers that narrow only: a reader that widens or keeps the width (an MLP's up, q/k/v) reads a
     # residual stream, not a column's inner activations; a conv stage's channels reaching its next stage's
     # conv and shortcut projection are the channel chain's (a ResNet keeps its stream whole between stages).
@@ -423,15 +423,14 @@ def _expert_dim(c: _Flow, R: Use, by_rdim: Mapping[int, Mapping[int, Edge]]) -> 
 
 def _narrow_before_its_own(c: _Flow, ch: int, rid: int) -> bool:
     """A conv pair of ``ch`` channels, fewer than ``min_channels``, whose row ``rid`` writes channels later
-    contractions read: left undecided, so the row can head a pair of its own. An inverted residual's 1x1
+    contractions read, none widening them: left undecided, so the row can head a pair of its own. An inverted residual's 1x1
     expansion reads the stem's 32 channels and writes 128 its projection sums; taken as the stem's row, the
     pair was kept whole under the floor and the expansion with it (1.76x the hand layout's bytes, 2.9x its
     flops on an EfficientNet stage)."""
     if c.st.tensor[1] == 1 or ch >= c.st.opts.min_channels:
         return False
-    # only where no layer reading the row's own output widens it (a pair of its own to head: RegNet's
-    # squeeze-excite expansion, whose gate the next 1x1 conv reads at its width); a decoder's conv read by a
-    # wider one is left to the floor, as before
+    # (RegNet's squeeze-excite expansion, whose gate the next 1x1 conv reads at its width, heads one; a decoder's
+    # conv read by a wider one is left to the floor, as before)
     return any(c.out_edges.get((rid, d)) and _free_rows(c, rid, d, keep=True) for d in c.cand[rid].kept)
 
 

@@ -23,9 +23,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from tpflax._src.trace.dataflow import Dataflow, Edge, Use
+from tpflax._src.trace.records import remap_added
 
 CONTRACT = ("dot", "conv")
 
@@ -64,15 +65,6 @@ def joined(flow: Dataflow, uses: Sequence[Use]) -> bool:
     """
     first = _sinks(flow, uses[0].id)
     return bool(first[0]) and all(_sinks(flow, u.id) == first for u in uses[1:])
-
-
-def _merged_added(added: Mapping[tuple[int, int], frozenset[tuple[int, int]]],
-                  a: Callable[[int], int]) -> dict[tuple[int, int], frozenset[tuple[int, int]]]:
-    """:attr:`Dataflow.added` on merged uses: a merged use's partners are its uses' together."""
-    out: dict[tuple[int, int], set[tuple[int, int]]] = {}
-    for (u, d), others in added.items():
-        out.setdefault((a(u), d), set()).update((a(o), od) for o, od in others)
-    return {k: frozenset(v - {k}) for k, v in out.items()}
 
 
 def merge_uses(flow: Dataflow, shapes: Mapping[str, tuple[int, ...]]) -> Dataflow:
@@ -133,5 +125,5 @@ def merge_uses(flow: Dataflow, shapes: Mapping[str, tuple[int, ...]]) -> Dataflo
         fused={(a(k[0]), k[1]): v for k, v in flow.fused.items()},
         cuts={(a(k[0]), k[1]): v for k, v in flow.cuts.items()},
         views=frozenset((a(k[0]), k[1]) for k in flow.views),
-        added=_merged_added(flow.added, a),
+        added=remap_added(flow.added, lambda k: (a(k[0]), k[1])),
         branches={(a(k[0]), k[1]): tuple(frozenset(map(a, p)) for p in v) for k, v in flow.branches.items()})

@@ -43,7 +43,6 @@ into proposals with reasons that name the evidence. The walk itself is in
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,7 +54,7 @@ from tpflax._src.mesh import traced_under
 from tpflax._src.model import abstract, as_model, labels_hint
 from tpflax._src.trace.handlers import new_walk
 from tpflax._src.trace.interpreter import Val, is_minor
-from tpflax._src.trace.records import Dataflow, Edge, Use
+from tpflax._src.trace.records import Dataflow, Edge, Use, remap_added
 from tpflax._src.trace.sharing import VIEWS, own_casts, read_groups, shared_reads
 
 __all__ = ["Dataflow", "Edge", "Use", "analyze", "dataflow", "trace_jaxpr"]
@@ -287,20 +286,11 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                     no_grad=no_grad_params(closed, paths), constraints=tuple(sorted(w.constraints)),
                     split_widths=frozenset(w.split_widths),
                     streamed=frozenset(w.root(k) for k in w.joined if not is_minor(k)),
-                    added=_added(w), expanded=dict(w.expanded),
+                    added=remap_added(w.added, lambda k: None if is_minor(k) else w.root(k)), expanded=dict(w.expanded),
                     in_specs=dict(w.in_specs), direct=frozenset(w.direct),
                     derived=frozenset(w.derived), crossed=tuple(dict.fromkeys(w.crossed)),
                     ffts=tuple(w.ffts),
                     sliced=_sliced(w, {p: tuple(v.aval.shape) for p, v in zip(paths, jaxpr.invars, strict=False)}))
-
-
-def _added(w: Any) -> dict[tuple[int, int], frozenset[tuple[int, int]]]:
-    """:attr:`Dataflow.added` on roots: each added tag's partners, minor parts left out."""
-    out: dict[tuple[int, int], set[tuple[int, int]]] = defaultdict(set)
-    for k, others in w.added.items():
-        if not is_minor(k):
-            out[w.root(k)].update(w.root(o) for o in others if not is_minor(o))
-    return {k: frozenset(v - {k}) for k, v in out.items()}
 
 
 def _sliced(w: Any, shapes: dict[str, tuple[int, ...]]) -> dict[str, float]:

@@ -126,7 +126,6 @@ def _note_joined(w: Walk, acts: list[Val]) -> None:
     keys = [{k for m in (v.tags or ()) for k in m} for v in acts]
     for k in set.union(*keys) - set.intersection(*keys):
         w.added.setdefault(k, set()).update(*(ks for ks in keys if k not in ks))
-    for k in set.union(*keys) - set.intersection(*keys):
         # an operand lacking the tag but computed from the kernel that made it is a statistic of the tagged
         # value itself (``x - mean(x)`` in a top-k or a norm over a column's output, Gemma 3n's sparse
         # gate): a per-row value each shard all-reduces, not a stream the branch joins. A max over it is a

@@ -11,7 +11,8 @@ nothing here knows how they were found.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 # {path: ((leaf dim, mesh axes, their sizes), ...)}: how a shard_map's in_specs lay a parameter out in its body
@@ -435,3 +436,18 @@ def reached_dims(meets: tuple[tuple[str, int, str, int], ...], start: set[tuple[
                 hot.add(nxt)
                 todo.append(nxt)
     return hot
+
+
+def remap_added(added: Mapping[tuple[int, int], Iterable[tuple[int, int]]], to: Callable[[tuple[int, int]], tuple[int, int] | None]
+                ) -> dict[tuple[int, int], frozenset[tuple[int, int]]]:
+    """:attr:`Dataflow.added` with every tag mapped by ``to`` (None leaves it out): tags that map to one merge
+    their partners, and none is its own partner.
+
+    >>> remap_added({(1, 0): {(2, 0)}, (3, 0): {(1, 0)}}, lambda k: (1, k[1]) if k[0] == 3 else k)
+    {(1, 0): frozenset({(2, 0)})}
+    """
+    out: dict[tuple[int, int], set[tuple[int, int]]] = defaultdict(set)
+    for k, others in added.items():
+        if (key := to(k)) is not None:
+            out[key].update(o for o in map(to, others) if o is not None)
+    return {k: frozenset(v - {k}) for k, v in out.items()}
