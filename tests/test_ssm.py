@@ -160,6 +160,40 @@ def test_update_gathers_count_the_optimizers_own_moments():
     assert e.comm["all-gather"]["model"] == dr.comm()["all-gather"]["model"], (e.comm, dr.comm())
 
 
+class _SplitInputBlock(nn.Module):
+    # in_proj written as two kernels, in_x and in_z (d -> d_inner each), as some ports do
+    @nn.compact
+    def __call__(self, h):
+        x = nn.RMSNorm(name="norm")(h)
+        return selective_ssm(self, h, nn.Dense(DI, use_bias=False, name="in_x")(x),
+                             nn.Dense(DI, use_bias=False, name="in_z")(x))
+
+
+class _SplitInput(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        h = nn.Embed(V, D, name="embed")(ids)
+        for i in range(2):
+            h = _SplitInputBlock(name=f"layers_{i}")(h)
+        return nn.Dense(V, use_bias=False, name="lm_head")(nn.RMSNorm(name="norm_f")(h))
+
+
+def test_the_tree_splits_the_causal_conv_and_x_proj_with_the_column_beside_them():
+    # From the tree, the depthwise conv1d (4, 1, 128) follows in_x's split 128 features, x_proj (128 -> 40)
+    # joins its pair as a row and dt_proj (8 -> 128) as a column, and D, inside the block, follows: the hand
+    # layout. The tree kept the conv, x_proj, dt_proj and D whole, and XLA gathered in_x's output for them
+    # (on a sibling Mamba with a separate A_log pairing: 1.20x the hand layout's collectives)
+    m = _SplitInput()
+    v = jax.eval_shape(m.init, jax.random.key(0), *SAMPLE)
+    tree = tpflax.plan(v, MESH, batch=SAMPLE)
+    hand = tpflax.plan(v, MESH, rules=[(r"in_(x|z)/kernel$", P(None, "model")), *HAND[1:]])
+    for path, d in hand.decisions.items():
+        if "layers_" in path:
+            assert tree.decisions[path].spec == d.spec, (path, tree.decisions[path].reason)
+    d = tree.decisions
+    assert d["params/layers_0/x_proj/kernel"].pair == d["params/layers_0/in_x/kernel"].pair
+
+
 class _GatedHeads(nn.Module):
     # attention whose output is gated per head dim by a gate shared by the heads, before a (heads, head_dim,
     # d) output projection: the gate's output reaches the row only on head_dim, which its pair does not split

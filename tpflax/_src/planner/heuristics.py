@@ -45,6 +45,8 @@ from tpflax._src.planner.builders import (
     axis_label,
     bias_follows,
     body_spec,
+    join_column_of,
+    join_row,
     shard_conv_pair,
     shard_pair,
     short,
@@ -86,8 +88,9 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options,
     widths, sure = residual_widths(facts)
     adapters = low_rank_adapters(facts)
     factors = {f.path for x, y, _ in adapters for f in (x, y)}
+    _inverted_residuals(st, todo, facts)
     # Pairing looks at forced leaves too, so a forced partner still pairs its sibling.
-    _pair_linears(st, [f for f in facts if f.path not in factors], widths, sure)
+    _pair_linears(st, [f for f in facts if f.path not in factors and f.path not in st.out], widths, sure)
     paired = {p for q in st.pairs for p in (*q.columns, *q.rows)}
     heads = {p: h for p, h in output_heads(facts, widths).items() if p not in paired and p not in factors}
     if heads:  # an untied head computes the logits, whatever its name: the token table is not guessed to
@@ -167,6 +170,7 @@ def _pool(loose: dict[str, list[Linear]], group: str, left: list[Linear]) -> Non
 
 _INDEX = re.compile(r"^\D*?_?\d+$")
 _INDEXED = re.compile(r"_?\d+$")  # a layer's index in a flat block: ``proj_0`` is a ``proj``
+_NUMBER = re.compile(r"(\d+)$")
 
 
 def _table_heads(facts: Sequence[Facts]) -> dict[str, int]:
@@ -368,7 +372,7 @@ def _not_a_link(f: Facts, name: str) -> str:
     if _UPSAMPLER.search(name):
         return ("transposed (upsampling) conv: between stages, its output meets a skip connection rather than "
                 "the next conv by name")
-    if len(f.body) >= 3 and f.body[-2] == 1 < f.body[-1]:
+    if _depthwise(f):
         # the tree cannot tell the convs on either side of it apart: a chain taken in name order pairs it with
         # a conv it does not feed (a Conformer's depthwise_conv before pointwise_conv1, which feeds it), and its
         # split output then meets a whole kernel, gathered at every use
@@ -391,12 +395,122 @@ def _lifted(f: Facts, units: Mapping[str, set[str]]) -> tuple[str, str]:
     return unit.rsplit("/", 1)[-1], group
 
 
-def _conv_chains(st: State, todo: Sequence[Facts], every: Sequence[Facts]) -> None:
-    units: dict[str, set[str]] = defaultdict(set)  # module path -> the layers under it
+def _units(every: Sequence[Facts]) -> dict[str, set[str]]:
+    """``{module path: the layers under it}``."""
+    units: dict[str, set[str]] = defaultdict(set)
     for f in every:
         parts = f.unit.split("/")
         for i in range(1, len(parts)):
             units["/".join(parts[:i])].add(f.unit)
+    return units
+
+
+def _depthwise(f: Facts) -> bool:
+    """A depthwise conv kernel ``(*window, 1, channels)``: one input channel per output channel."""
+    return f.kind == "conv" and len(f.body) >= 3 and f.body[-2] == 1 < f.body[-1]
+
+
+def _io(f: Facts) -> tuple[int, int] | None:
+    """``(input, output)`` features of a 2-D dense kernel or a conv kernel ``(*window, in, out)``."""
+    if (f.kind == "dense" and len(f.body) == 2) or (f.kind == "conv" and len(f.body) >= 3 and not _depthwise(f)):
+        return f.body[-2], f.body[-1]
+    return None
+
+
+def _index(f: Facts) -> str | None:
+    """The number a layer's name ends with (``dw_3``: ``'3'``), or None."""
+    m = _NUMBER.search(f.unit_name)
+    return m[1] if m else None
+
+
+def _inverted_residuals(st: State, todo: Sequence[Facts], every: Sequence[Facts]) -> None:
+    """MobileNetV2/EfficientNet blocks: a conv widens ``c -> h``, a depthwise conv filters the ``h`` channels,
+    and a conv narrows them back ``h -> c'``, with a squeeze-excite beside (pooled ``h -> s`` then
+    ``s -> h``, scaling the ``h`` channels). The widening and narrowing convs are a column -> row pair on
+    ``h``, whatever their names (``project`` reads like a shortcut projection); the squeeze-excite's layers,
+    1x1 convs or dense kernels on the pooled vector, join it, reading ``h`` as rows and making it as columns;
+    the depthwise kernel follows the split channels. Only wider-inside blocks qualify: a ConvNeXt block
+    (depthwise on the stream ``c``, then ``c -> 4c -> c``) read the same way would pair its layers the wrong
+    way round, ``4c -> c`` before ``c -> 4c``, and its depthwise width is narrower than those outer widths."""
+    units = _units(every)
+    todo_paths = {f.path for f in todo}
+    blocks: dict[str, list[Facts]] = defaultdict(list)
+    for f in every:
+        if f.kind == "conv" and len(f.body) >= 3:
+            blocks[_lifted(f, units)[1]].append(f)
+    for block in sorted(blocks, key=_natural):
+        convs = blocks[block]
+        mine = [f for f in every if f.unit.startswith(f"{block}/") and _io(f) is not None]
+        dws = [f for f in convs if _depthwise(f)]
+        for dw in dws:
+            h = dw.body[-1]
+            peers = mine
+            if sum(f.body[-1] == h for f in dws) > 1:
+                # blocks flattened into one module (``expand_0``, ``dw_0``, ``project_0``, then ``_1``): a
+                # block is the layers of one index
+                index = _index(dw)
+                if index is None or sum(f.body[-1] == h and _index(f) == index for f in dws) != 1:
+                    continue
+                peers = [f for f in mine if _index(f) == index]
+            cols = [f for f in peers if _io(f)[1] == h and _io(f)[0] < h]
+            rows = [f for f in peers if _io(f)[0] == h and _io(f)[1] < h]
+            a = max((f for f in cols if f.kind == "conv"), key=lambda f: math.prod(f.body), default=None)
+            b = max((f for f in rows if f.kind == "conv"), key=lambda f: math.prod(f.body), default=None)
+            if a is None or b is None or any(f.path not in todo_paths or f.path in st.out for f in (*cols, *rows, dw)):
+                continue
+            why = (f"an inverted residual: {h} channels made by {short(a.path)}, filtered by the depthwise "
+                   f"{short(dw.path)}, read by {short(b.path)}")
+            shard_conv_pair(st, a, b, len(a.body) - 1, len(b.body) - 2, why=why)
+            split = st.out[b.path].strategy != "replicate"
+            for f in cols:
+                if f is not a and not (split and join_column_of(
+                        st, f, len(f.body) - 1, b, f"its {h} outputs scale {short(dw.path)}'s channels "
+                                                     "(a squeeze-excite's expansion, by shape)")):
+                    st.replicate(f, f"makes the {h} channels of conv pair {st.out[a.path].pair}, kept whole with it")
+            for f in rows:
+                if f is not b and not (split and join_row(
+                        st, f, len(f.body) - 2, a, f"reads the {h} channels of {short(dw.path)} (a "
+                                                  "squeeze-excite's reduction, by shape)")):
+                    st.replicate(f, f"reads the {h} channels of conv pair {st.out[a.path].pair}, kept whole with it")
+            _depthwise_follows(st, dw, a)
+
+
+def _depthwise_follows(st: State, f: Facts, col: Facts, where: str = "on the output of") -> None:
+    """Depthwise kernel ``f`` filters the channels column ``col`` makes (or as many, ``where`` says how it
+    meets them): split like them (a bias's rule)."""
+    bias_follows(st, f, body_spec(len(f.body), len(f.body) - 1, col.body_of(st.out[col.path].spec)[-1]), col.path,
+                 f"depthwise conv ({f.body[-1]} channels, one input channel each) {where} {short(col.path)}")
+
+
+def _beside_a_column(st: State, f: Facts, block: str, todo: Sequence[Facts]) -> bool:
+    """Depthwise kernel ``f`` in ``block`` beside a split column of the block that makes as many features as
+    it filters (a Mamba block's ``in_proj`` before its causal ``conv1d``): it follows that split, and the
+    block's unpaired dense kernels narrowing those features (``x_proj``) join the column's pair as rows.
+    Kept whole, the depthwise conv's input would be gathered from the split column on every pass. False
+    (nothing written) when no such column is decided."""
+    h = f.body[-1]
+    cols = [g for g in todo if g.group == block and _io(g) is not None and _io(g)[1] == h and _io(g)[0] < h
+            and g.path in st.out and st.out[g.path].strategy in OUTPUT_SPLITS and g.body_of(st.out[g.path].spec)[-1]]
+    if not cols:
+        return False
+    col = max(cols, key=lambda g: math.prod(g.body))
+    _depthwise_follows(st, f, col, "in the block of a column making as many features, split (by shape):")
+    pair = next(q for q in st.pairs if q.id == st.out[col.path].pair)
+    for g in todo:
+        if g.group != block or g.kind != "dense" or g.path in st.out or _io(g) is None:
+            continue
+        if _io(g)[0] == h and _io(g)[1] < h:
+            join_row(st, g, 0, col, f"reads {h} features in the block of {short(f.path)}, which is split like "
+                                    f"{short(col.path)}'s output (by shape)")
+        elif _io(g)[1] == h and _io(g)[0] < h and pair.rows:
+            join_column_of(st, g, 1, next(x for x in todo if x.path == pair.rows[0]),
+                           f"makes {h} features beside {short(col.path)}'s split ones in the block of "
+                           f"{short(f.path)} (by shape)")
+    return True
+
+
+def _conv_chains(st: State, todo: Sequence[Facts], every: Sequence[Facts]) -> None:
+    units = _units(every)
     groups: dict[str, list[tuple[str, Facts]]] = defaultdict(list)
     for f in todo:
         if f.kind != "conv" or f.path in st.out:
@@ -404,8 +518,9 @@ def _conv_chains(st: State, todo: Sequence[Facts], every: Sequence[Facts]) -> No
         name, group = _lifted(f, units)
         if not _SKIP_CHAIN.search(name):
             why = _not_a_link(f, name)
-            if why:
+            if why and not (_depthwise(f) and _beside_a_column(st, f, group, todo)):
                 st.replicate(f, f"{why} (pass model= to trace where its channels go)")
+            if why:
                 continue
             groups[group].append((name, f))
     nested = _nested_convs(every, units)

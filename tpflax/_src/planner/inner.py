@@ -37,15 +37,16 @@ def inner_features(st: State, todo: Sequence[Facts]) -> None:
     if not loose:
         return
     for pair in st.pairs:
-        if not pair.sharded or len(pair.rows) != 1:
+        if not pair.sharded or not pair.rows:
             continue
-        row, cols = st.facts.get(pair.rows[0]), [st.facts.get(c) for c in pair.columns]
-        rp = st.out.get(pair.rows[0])
-        if row is None or rp is None or rp.strategy != "row" or len(row.body) != 2 or None in cols:
+        # the pair's first row; rows joined later (a Mamba block's x_proj beside out_proj) read the same features
+        rows, cols = [st.facts.get(r) for r in pair.rows], [st.facts.get(c) for c in pair.columns]
+        row, rp = rows[0], st.out.get(pair.rows[0])
+        if row is None or rp is None or rp.strategy != "row" or len(row.body) != 2 or None in cols or None in rows:
             continue
         if any(st.out.get(c.path) is None or st.out[c.path].strategy not in OUTPUT_SPLITS for c in cols):
             continue
-        block = {row.group, *(c.group for c in cols)}
+        block = {*(r.group for r in rows), *(c.group for c in cols)}
         if len(block) != 1:
             continue
         inside = f"{block.pop()}/"
