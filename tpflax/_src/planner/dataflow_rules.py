@@ -285,11 +285,13 @@ def _narrow_readers(c: _Flow, sid: int, dim: int, rid: int) -> bool:
     output gathered."""
     edges = c.out_edges[(sid, dim)]
     vias = {x.via for x in edges if x.dst_use == rid}
-    unit = c.fx[c.cand[rid].path].unit
+    fR = c.fx[c.cand[rid].path]
 
-    def adapter(uid: int) -> bool:  # held by the row's own module (nnx.LoRALinear's ``o/lora/lora_a``)
-        u = c.fx[c.cand[uid].path].unit
-        return u == unit or u.startswith(unit + "/")
+    def adapter(uid: int) -> bool:
+        # held by the row's own module (nnx.LoRALinear's ``o/lora/lora_a``) or beside it in its parent (a
+        # wrapper's ``o_proj/base/kernel`` with ``o_proj/lora_a``, or with ``o_proj/lora_down/kernel``)
+        f = c.fx[c.cand[uid].path]
+        return f.unit == fR.unit or f.unit.startswith(fR.unit + "/") or f.group == fR.group
 
     # the same activation, read through the same ops as the row reads it, by a narrow kernel of the row's
     # own layer (a residual stream read again by a narrow output head is no adapter)
