@@ -45,6 +45,16 @@ class Fused(nn.Module):
         return x + nn.Dense(D, name="down")(nn.gelu(nn.Dense(4 * D, name="up")(x)))
 
 
+class Sliced(nn.Module):
+    """Fused's q|k|v cut by static slices, as Phi-3's ``qkv_proj`` is."""
+
+    @nn.compact
+    def __call__(self, x):
+        qkv = nn.Dense(sum(GQA), name="qkv")(x)
+        q, k, v = qkv[..., :GQA[0]], qkv[..., GQA[0]:GQA[0] + GQA[1]], qkv[..., GQA[0] + GQA[1]:]
+        return x + nn.Dense(D, name="out")(attend(q, k, v))
+
+
 class Separate(nn.Module):
     """The same block with separate q, k, v kernels."""
 
@@ -170,6 +180,23 @@ def test_scan_remat_and_fallback(devices):
     g, sv, ids = _check(Deep(), 6)
     text = str(jax.make_jaxpr(g)(sv, ids))
     assert "scan[" in text and "remat" in text and "custom_jvp_call" in text  # re-issued, not unrolled
+
+
+def test_static_slices_of_unequal_pieces_are_stored_head_aligned(devices):
+    """Slices ``[:32]``, ``[32:48]``, ``[48:]`` cut the fused dim into q, k and v. Each is a whole number of
+    pieces of its own size, so the trace took the dim for 4 equal pieces of 16: stored rank by rank, rank ``r``
+    held query heads ``r`` and ``r + 4`` beside key/value head ``r``, and XLA permuted the pieces back (Phi-3's
+    GQA block: 1.46x the collectives of the slices' own layout, the estimate 0.69 of compiled). The slices tile
+    the dim: three unequal pieces, the layout the applier runs without a reshard."""
+    m = LM((Sliced, Sliced))
+    g, sv, ids = _check(m, 4)
+    v = jax.jit(m.init)(jax.random.key(0), ids)
+    plan = tpflax.plan(v, MESH, model=m, sample=(ids,), fused="aligned")
+    for b in ("b0", "b1"):
+        assert plan.decisions[f"params/{b}/qkv/kernel"].layout == Interleave(dim=1, pieces=GQA, ranks=4)
+        assert plan.decisions[f"params/{b}/qkv/bias"].layout == Interleave(dim=0, pieces=GQA, ranks=4)
+    _, cs, *_ = _comm(m, plan, v, ids)
+    assert not [c for c in cs if c.kind == "collective-permute"], [(c.kind, c.op_name) for c in cs]
 
 
 def _comm(m, plan, v, ids):

@@ -569,7 +569,7 @@ def _column(c: _Flow, sid: int, e: Edge, row_path: str) -> Linear:
     if pieces > 1:
         cut = "unequal" if (sid, e.src_dim) in c.flow.cuts else "equal"
         sizes = tuple(c.flow.cuts[(sid, e.src_dim)][0]) if cut == "unequal" else (fS.body[cb] // pieces,) * pieces
-        why += (f"; fused: cut into {pieces} {cut} pieces after the matmul, so split naively over the fused "
+        why += (f"; fused: cut into {len(sizes)} {cut} pieces after the matmul, so split naively over the fused "
                 f"dim ({fS.body[cb]}) and XLA reshards the pieces")
     # A 3-D or 4-D kernel's traced dim is its heads when the kernel keeps a dim after it, the head_dim
     # ((d, heads, head_dim), (3, heads, d, head_dim)); kept last, it is features: a stack of 2-D

@@ -316,6 +316,21 @@ def _on_kernel_dims(w: Any, table: dict[tuple[int, int], int]) -> dict[tuple[int
     return out
 
 
+def tiles(taken: set[tuple[int, int, int]]) -> tuple[int, ...] | None:
+    """The sizes of the slices ``{(start, size, dim size)}`` in order when they cut the dim into pieces, each
+    element in exactly one; else None.
+
+    >>> tiles({(0, 128, 256), (128, 64, 256), (192, 64, 256)}), tiles({(1, 7, 8)}), tiles({(0, 4, 8), (2, 6, 8)})
+    ((128, 64, 64), None, None)
+    """
+    at, sizes = 0, []
+    for start, size, total in sorted(taken):
+        if start != at or total != next(iter(taken))[2]:
+            return None
+        at, sizes = at + size, [*sizes, size]
+    return tuple(sizes) if sizes and at == next(iter(taken))[2] else None
+
+
 def _pieces_joined(w: Any) -> tuple[dict[str, Any], dict[tuple[int, int], tuple[frozenset[int], ...]]]:
     """The walk's findings with every piece key (:meth:`Walk.piece`) back on its kernel dim.
 
@@ -351,6 +366,14 @@ def _pieces_joined(w: Any) -> tuple[dict[str, Any], dict[tuple[int, int], tuple[
                 if len(set().union(*by.values())) > 1}
     cuts = {root(k): (sizes, tuple(sorted(whole.get(root(k), ())))) for k, sizes in w.cuts.items()
             if not is_minor(k)}
+    for k, taken in w.slices.items():
+        sizes = tiles(taken)
+        if sizes is None:
+            if any(total % size or start % size for start, size, total in taken):
+                escapes.setdefault(root(k), "sliced (a split of the dim needs its other shards)")
+        elif len(set(sizes)) > 1:  # unequal pieces, split naively over the fused dim like a split's
+            cuts.setdefault(root(k), (sizes, ()))
+            fused[root(k)] = max(fused.get(root(k), 1), len(sizes))
     return {"edges": edges, "escapes": escapes, "caps": caps, "fused": fused, "cuts": cuts,
             "outputs": {root(k) for k in w.outputs}}, branches
 

@@ -305,8 +305,15 @@ def slice_(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> l
         elif strides[d] == 1 and src[d] % dst[d] == 0 and starts[d] % dst[d] == 0:
             limits[d] = dst[d]  # one of k equal pieces (q of a fused qkv): see split
             w.fuse(v.dim_tags(d), src[d] // dst[d])
+            w.slice_of(v.dim_tags(d), starts[d], dst[d], src[d])
             if dst[d] == 1:
                 picked.append((d, src[d]))
+        elif strides[d] == 1:
+            # a piece of unequal ones when the slices tile the dim (a GQA's fused [q | k | v] cut by static
+            # slices, q wider than k and v), else a split of the dim needs its other shards: decided when the
+            # walk has seen every slice (Walk.slices)
+            limits[d] = dst[d]
+            w.slice_of(v.dim_tags(d), starts[d], dst[d], src[d])
         else:
             w.escape(v.dim_tags(d), "sliced (a split of the dim needs its other shards)")
     out = w.moved(v, list(range(v.rank)), ranks[0], limit=limits)

@@ -176,6 +176,8 @@ class Walk:
     pieces: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)  # piece key -> its kernel dim
     piece_ids: dict[Any, int] = field(default_factory=dict)  # (kernel dim, piece) -> n of its key
     cuts: dict[tuple[int, int], tuple[int, ...]] = field(default_factory=dict)  # unequal pieces' sizes
+    # tag -> the static slices taken of its dim: {(start, size, dim size)} (unequal pieces when they tile it)
+    slices: dict[tuple[int, int], set[tuple[int, int, int]]] = field(default_factory=dict)
     piece_no: dict[tuple[int, int], int] = field(default_factory=dict)  # piece key -> its index in the cut
     views: set[tuple[int, int]] = field(default_factory=set)  # fused dims cut apart by a reshape (Walk.pick)
     split: dict[tuple[str, int], int] = field(default_factory=dict)  # (path, leaf dim) -> shards in a shard_map body
@@ -309,6 +311,15 @@ class Walk:
                 self.cap(k)
             else:
                 self.fused[k] = max(self.fused.get(k, 1), pieces)
+
+    def slice_of(self, m: TagMap, start: int, size: int, total: int) -> None:
+        """The tagged dims in ``m`` (of ``total`` elements) are sliced at ``[start, start + size)``."""
+        for k in m:
+            if is_minor(k):
+                if total % size or start % size:
+                    self.cap(k)
+            else:
+                self.slices.setdefault(k, set()).add((start, size, total))
 
     def piece(self, v: Val, axis: int, key: Any, index: int) -> Val:
         """``v`` with the tags of dim ``axis`` under keys of their own: one piece of an unequal split.
