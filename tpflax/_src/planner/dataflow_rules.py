@@ -288,10 +288,18 @@ def _narrow_readers(c: _Flow, sid: int, dim: int, rid: int) -> bool:
     fR = c.fx[c.cand[rid].path]
 
     def adapter(uid: int) -> bool:
-        # held by the row's own module (nnx.LoRALinear's ``o/lora/lora_a``) or beside it in its parent (a
-        # wrapper's ``o_proj/base/kernel`` with ``o_proj/lora_a``, or with ``o_proj/lora_down/kernel``)
+        # held by the row's own module (nnx.LoRALinear's ``o/lora/lora_a``), or, wherever it is held (a
+        # wrapper's ``o_proj/base/kernel`` beside ``o_proj/lora_a``), an adapter's down-projection: it feeds one
+        # contraction, whose output is summed with the row's (a router beside the row is none)
         f = c.fx[c.cand[uid].path]
-        return f.unit == fR.unit or f.unit.startswith(fR.unit + "/") or f.group == fR.group
+        if f.unit == fR.unit or f.unit.startswith(fR.unit + "/"):
+            return True
+        outs = [x for k in c.cand[uid].kept for x in c.out_edges[(uid, k)]]
+        if len({x.dst_use for x in outs}) != 1:
+            return False
+        b = outs[0].dst_use  # its up-projection: added to the row's output (where a norm ends what both reach)
+        return _low_rank(c, outs[0], b) or any(t[0] == rid for k in c.cand[b].kept
+                                               for t in c.flow.added.get((b, k), ()))
 
     # the same activation, read through the same ops as the row reads it, by a narrow kernel of the row's
     # own layer (a residual stream read again by a narrow output head is no adapter)

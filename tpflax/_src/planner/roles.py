@@ -126,13 +126,20 @@ def role_name(f: Facts) -> str:
     >>> leaf = Leaf("params/layer/attention/output/dense/kernel", (8, 8), "float32", 4)
     >>> role_name(Facts(leaf, "dense", 0, "params/layer/attention/output/dense", ""))
     'output'
+    >>> role_name(Facts(Leaf("params/moe/shared_w2/kernel", (8, 8), "float32", 4), "dense", 0, "params/moe/shared_w2", ""))
+    'w2'
     """
     name = f.unit_name
     if COLUMN_NAMES.match(name) or ROW_NAMES.match(name):
         return name
     parent = f.unit.rsplit("/", 2)[-2] if f.unit.count("/") >= 1 else ""
     # ``attention/output/dense``, ``intermediate/dense`` (BERT): the parent names the role.
-    return parent if COLUMN_NAMES.match(parent) or ROW_NAMES.match(parent) else name
+    if COLUMN_NAMES.match(parent) or ROW_NAMES.match(parent):
+        return parent
+    # a prefixed name (DeepSeek's ``shared_w1``/``shared_w2``, ``expert_gate_proj``): its known tail
+    words = name.split("_")
+    tails = ("_".join(words[i:]) for i in range(1, len(words)))
+    return next((t for t in tails if COLUMN_NAMES.match(t) or ROW_NAMES.match(t)), name)
 
 
 def linear_view(f: Facts, siblings: Sequence[Facts], widths: set[int] = frozenset()) -> Linear:
