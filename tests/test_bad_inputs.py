@@ -271,6 +271,10 @@ BAD = [
         lambda: tpflax.shard(*(lambda t: (t, tpflax.plan(t, {"model": 2})))(
             {"step": np.array(2**40, np.int64)}), mesh(model=2)),
         tpflax.TreeError, ("step:", "int64", "int32", ".astype('int32')")),
+    Bad("a Python int past int32 (a bare OverflowError from jax before)",
+        lambda: tpflax.shard(*(lambda t: (t, tpflax.plan(t, {"model": 2})))(
+            {"w": np.ones(4, np.float32), "tokens_seen": 5_000_000_000}), mesh(model=2)),
+        tpflax.TreeError, ("tokens_seen:", "Python int 5000000000", "int32", "jax_enable_x64")),
     Bad("a donated (deleted) array", lambda: tpflax.shard(deleted(), PLAN, mesh(model=2)),
         tpflax.TreeError, ("a/kernel", "(4, 8)", "deleted", "donated", "live copy")),
     Bad("an optimizer state with 64-bit leaves jax would narrow",

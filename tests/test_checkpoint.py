@@ -243,6 +243,40 @@ def test_checkpoint_errors(host_tree, tmp_path):
                                               "u": np.ones(2, np.float32)})
 
 
+def test_64_bit_host_leaves_are_refused_at_save_not_narrowed_on_restore(tmp_path):
+    """Regression: numpy int64/float64 leaves and a Python int past int32 were written as 64 bits and came
+    back as jax's 32 bits (a count of 5e9 as 705032704, 2**40 + 7 as 7) without a word. save_checkpoint now
+    refuses them as shard() does, naming each leaf, before anything is written."""
+    tree = {"w": np.arange(4.0, dtype=np.float32), "tokens_seen": 5_000_000_000,
+            "ids": np.array([2**40 + 7, 3], np.int64), "loss_ema": np.float64(0.1234567890123)}
+    for kw in ({}, {"step": 3}):
+        with pytest.raises(tpflax.TreeError) as e:
+            tpflax.save_checkpoint(tmp_path / "ck", tree, **kw)
+        for words in (("ids:", "int64", "(2,)", "int32", ".astype('int32')"),
+                      ("loss_ema:", "float64", "float32", "jax_enable_x64"),
+                      ("tokens_seen:", "5000000000", "int32")):
+            assert all(w in str(e.value) for w in words), str(e.value)
+        assert "cannot be saved bit-exact" in str(e.value)
+        assert not (tmp_path / "ck").exists()
+    assert type(tree["tokens_seen"]) is int and tree["ids"].dtype == np.int64  # the caller's tree untouched
+
+
+def test_python_scalars_are_saved_as_the_32_bit_values_jax_holds(tmp_path):
+    """A Python int / float leaf (a step count, linen's ``self.param("t", lambda _: 0.07)``) is written as the
+    int32 / float32 jax and the plan make of it: orbax wrote it as 64 bits, so the checkpoint disagreed with
+    the plan made from the very tree saved (restore refused it) and with what restore returned."""
+    tree = {"w": np.arange(8.0, dtype=np.float32), "step": 3, "temperature": 0.07, "flag": True}
+    path = tpflax.save_checkpoint(tmp_path / "ck", tree)
+    saved = tpflax.checkpoint_tree(path)
+    assert {k: str(v.dtype) for k, v in saved.items()} == {"w": "float32", "step": "int32",
+                                                           "temperature": "float32", "flag": "bool"}
+    plan = tpflax.plan(tree, {"model": 2})
+    back = tpflax.restore_checkpoint(path, plan, tpflax.make_mesh({"model": 2}))
+    assert int(back["step"]) == 3 and bool(back["flag"])
+    assert np.asarray(back["temperature"]).tobytes() == np.float32(0.07).tobytes()
+    assert back["w"].sharding.spec == plan.spec("w")
+
+
 def _spawn(path: Path, mode: str) -> subprocess.Popen:
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     return subprocess.Popen([sys.executable, str(WORKER), str(path), mode], env=env,

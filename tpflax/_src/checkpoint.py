@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from tpflax._src.apply.bind import bind_mesh, match_plan, rebox_all
+from tpflax._src.apply.put import check_values
 from tpflax._src.apply.stored import has_layouts, model_order, reorder, tree_layouts
 from tpflax._src.checkpoint_layout import (
     MARKER,
@@ -98,7 +100,8 @@ def save_checkpoint(path: str | os.PathLike, tree: Any, *, plan: Plan | None = N
 
     Args:
         path: the checkpoint directory to create, or the manager root with ``step``.
-        tree: arrays (flax boxes and nnx Variables are unwrapped to their values).
+        tree: arrays (flax boxes and nnx Variables are unwrapped to their values). Python scalars
+            are saved as the int32 / float32 jax makes of them (64-bit with ``jax_enable_x64``).
         plan: stored alongside (``tpflax.json``, or the step's custom metadata) for reference.
             A plan that stores fused kernels head-aligned (``plan(..., fused="aligned")``) must be
             passed with a tree placed by it: those leaves, and the optimizer-state leaves tied to
@@ -117,6 +120,10 @@ def save_checkpoint(path: str | os.PathLike, tree: Any, *, plan: Plan | None = N
     Raises:
         CheckpointError: ``path`` (or the step) exists and ``overwrite`` is
             False, or the save failed.
+        TreeError: a leaf restore could not give back bit-exact, as :func:`tpflax.shard`
+            refuses to place it (nothing is written): a numpy int64/float64 leaf or a Python
+            int past int32 (jax, without ``jax_enable_x64``, reads them as 32 bits), or a
+            donated array.
         OptionError: ``keep`` without ``step``, or ``keep`` < 1.
 
     >>> import jax.numpy as jnp, tempfile, os
@@ -132,6 +139,7 @@ def save_checkpoint(path: str | os.PathLike, tree: Any, *, plan: Plan | None = N
     if keep is not None and (step is None or int(keep) < 1):
         raise OptionError(f"keep={keep} needs step= (it keeps the newest steps of a CheckpointManager) "
                           "and must be >= 1")
+    _check_saveable(tree)
     tree = model_order(tree, plan)
     if step is not None:
         return _save_step(Path(path).absolute(), tree, int(step), keep, overwrite, plan)
@@ -170,10 +178,28 @@ def save_checkpoint(path: str | os.PathLike, tree: Any, *, plan: Plan | None = N
     return final
 
 
+def _check_saveable(tree: Any) -> None:
+    """TreeError, naming every leaf, for what restore could not give back bit-exact (as shard() refuses to
+    place it): a numpy 64-bit leaf or a Python int past int32, which jax (x64 off) reads back as 32 bits
+    (5e9 as 705032704), and a donated array. Checked before anything is written."""
+    values = [unbox(b) for b in jax.tree_util.tree_leaves(tree, is_leaf=is_box)]
+    check_values(tree, values, what="the tree", doing="saved")
+
+
+def _as_jax_holds(x: Any) -> Any:
+    """A Python scalar as the numpy scalar jax makes of it (int32 / float32 unless jax_enable_x64), as
+    plans record it and restore returns it; orbax would write it as 64 bits."""
+    if type(x) in (int, float, complex):
+        return np.asarray(x, jax.dtypes.canonicalize_dtype(np.asarray(x).dtype))
+    return x
+
+
 def _saveable(tree: Any) -> Any:
     """``tree`` unboxed, its zero-size leaves None: orbax refuses to write an array with no elements,
-    and there is nothing to write (``tpflax.json`` records their shapes and dtypes; restore remakes them)."""
-    return jax.tree_util.tree_map(lambda x: None if 0 in jax.numpy.shape(x) else x, unboxed(tree))
+    and there is nothing to write (``tpflax.json`` records their shapes and dtypes; restore remakes them).
+    Python scalars are written as the 32-bit values jax holds (see :func:`_as_jax_holds`)."""
+    return jax.tree_util.tree_map(lambda x: None if 0 in jax.numpy.shape(x) else _as_jax_holds(x),
+                                  unboxed(tree))
 
 
 def _save_step(root: Path, tree: Any, step: int, keep: int | None, overwrite: bool,

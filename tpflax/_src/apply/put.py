@@ -115,10 +115,10 @@ def check_values(tree: Any, values: Sequence[Any], *, narrow: bool | str = True,
                  doing: str = "placed") -> None:
     """Raise TreeError, naming each leaf, when ``values`` (the unboxed leaves of ``tree``, in its flattening
     order with flax boxes as leaves) cannot be placed or read bit-exact: a deleted array (donated to a jitted
-    step), or, with ``narrow``, a 64-bit host value jax would narrow to 32 bits. ``narrow="overflow"`` (a
-    batch's: float64 inputs and int64 ids narrow as jax narrows them) refuses only 64-bit integers whose values
-    do not fit the narrower type, which jax would wrap (``2**40 + 7`` read back as 7). Raised before anything
-    moves: never a partially placed tree.
+    step), or, with ``narrow``, a Python int out of int32 range or a 64-bit host value jax would narrow to 32
+    bits. ``narrow="overflow"`` (a batch's: float64 inputs and int64 ids narrow as jax narrows them) refuses
+    only 64-bit integers whose values do not fit the narrower type, which jax would wrap (``2**40 + 7`` read
+    back as 7). Raised before anything moves: never a partially placed tree.
 
     >>> import jax.numpy as jnp, numpy as np
     >>> check_values({"w": np.zeros(2, np.float32)}, [np.zeros(2, np.float32)])
@@ -128,8 +128,9 @@ def check_values(tree: Any, values: Sequence[Any], *, narrow: bool | str = True,
     tpflax._src.errors.TreeError: the tree cannot be placed bit-exact:
       - opt/mu: the array (shape (3,)) was deleted, e.g. donated to a jitted step; pass the step's output or a live copy
     """
-    suspects = [i for i, x in enumerate(values) if isinstance(x, (jax.Array, np.ndarray, np.generic))
-                and (x.is_deleted() if isinstance(x, jax.Array) else _narrows(x, narrow))]
+    suspects = [i for i, x in enumerate(values) if (narrow and _wraps(x)) or (
+                isinstance(x, (jax.Array, np.ndarray, np.generic))
+                and (x.is_deleted() if isinstance(x, jax.Array) else _narrows(x, narrow)))]
     if not suspects:
         return
     # paths for the message, found only when something is wrong: the planned tree's as walk() names them, any
@@ -143,7 +144,12 @@ def check_values(tree: Any, values: Sequence[Any], *, narrow: bool | str = True,
     for i in suspects:
         x = values[i]
         where = (paths[i] or "the root") if paths else f"leaf {i}"
-        if isinstance(x, jax.Array):
+        if narrow and _wraps(x):
+            canon = jax.dtypes.canonicalize_dtype(int)
+            problems.append(f"{where}: the Python int {x} does not fit the {canon} jax makes of it "
+                            "(jax_enable_x64 is off); split it into two smaller ints or enable "
+                            "jax.config.update('jax_enable_x64', True)")
+        elif isinstance(x, jax.Array):
             problems.append(f"{where}: the array (shape {tuple(x.shape)}) was deleted, e.g. donated to a "
                             "jitted step; pass the step's output or a live copy")
         elif narrow == "overflow":
@@ -160,6 +166,15 @@ def check_values(tree: Any, values: Sequence[Any], *, narrow: bool | str = True,
                 f"(jax_enable_x64 is off), losing bits; cast it with .astype('{canon}') and re-plan, "
                 "or enable jax.config.update('jax_enable_x64', True)")
     raise TreeError(f"{what} cannot be {doing} bit-exact", problems)
+
+
+def _wraps(x: Any) -> bool:
+    """Whether ``x`` is a Python int out of the range of the integer jax makes of it (int32 unless
+    jax_enable_x64): jax refuses to convert it (a bare OverflowError), an int64 copy would wrap."""
+    if type(x) is not int:
+        return False
+    info = np.iinfo(jax.dtypes.canonicalize_dtype(int))
+    return not info.min <= x <= info.max
 
 
 def _narrows(x: Any, narrow: bool | str) -> bool:
