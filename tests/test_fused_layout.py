@@ -354,3 +354,32 @@ def test_nnx_optimizer_made_from_placed_params_is_kept_with_order_stored(mesh):
     for a, b in zip(jax.tree_util.tree_leaves(tpflax.unshard(opt)), jax.tree_util.tree_leaves(tpflax.unshard(got)),
                     strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_nnx_model_and_optimizer_of_a_placed_model_keeps_its_weights_by_default(mesh):
+    """Regression: the README's NNX recipe, ``shard_optimizer_state(nnx.ModelAndOptimizer(tpflax.shard(model,
+    plan, mesh), tx), None, plan, mesh)``, put the already-stored model into the stored order a second time
+    (the default order was "model"): its fused kernel came back scrambled without a word. The placed arrays
+    are now known as stored, so the default keeps them; order="model" for them is refused."""
+    from flax import nnx
+
+    m = _nnx_attn()
+    plan = tpflax.plan(nnx.state(m), MESH, model=m, sample=(X,), fused="aligned")
+    host = tpflax.unshard(m)
+    placed = tpflax.shard(m, plan, mesh)
+    got = tpflax.shard_optimizer_state(nnx.ModelAndOptimizer(placed, optax.adam(1e-3), wrt=nnx.Param),
+                                       None, plan, mesh)
+    back = tpflax.unshard(got.model, plan)
+    assert all(np.asarray(back[n][w].get_value()).tobytes() == np.asarray(host[n][w].get_value()).tobytes()
+               for n in ("qkv", "out") for w in ("kernel", "bias"))
+    with pytest.raises(OptionError, match=r"already put into the plan's stored order(.|\n)*qkv/kernel"):
+        tpflax.shard_optimizer_state(nnx.ModelAndOptimizer(placed, optax.adam(1e-3), wrt=nnx.Param),
+                                     None, plan, mesh, order="model")
+    # a flax TrainState of tpflax-placed params
+    from flax.training import train_state
+
+    params = tpflax.shard(host, plan, mesh)
+    ts = tpflax.shard_train_state(train_state.TrainState.create(apply_fn=None, params=params,
+                                                                tx=optax.adam(1e-3)), plan, mesh)
+    assert np.asarray(tpflax.unshard(ts.params, plan)["qkv"]["kernel"].get_value()).tobytes() == \
+        np.asarray(host["qkv"]["kernel"].get_value()).tobytes()

@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from tpflax._src.apply.bind import bind_mesh, match_plan, rebox_all
 from tpflax._src.apply.put import check_values
-from tpflax._src.apply.stored import has_layouts, model_order, reorder, tree_layouts
+from tpflax._src.apply.stored import has_layouts, mark_stored, model_order, reorder, tree_layouts
 from tpflax._src.checkpoint_layout import (
     MARKER,
     STEP_METADATA,
@@ -445,8 +445,9 @@ def _restore_item(ocp: Any, item: Path, plan: Plan | None, mesh: Any, like: Any,
               for x, w, p, s, e in zip(treedef.flatten_up_to(restored), wanted, paths, shard_list, empty,
                                        strict=True)]
     if plan is not None and has_layouts(plan):  # saved in the model's order
-        values = reorder(values, [d.layout for d in decisions] if shardings is None
-                         else tree_layouts(plan, structure))
+        lays = [d.layout for d in decisions] if shardings is None else tree_layouts(plan, structure)
+        values = reorder(values, lays)
+        mark_stored(values, lays)
     if like is None:
         return jax.tree_util.tree_unflatten(treedef, values)
     return rebox_all([b for _, b in boxes], values, treedef)

@@ -12,7 +12,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from tpflax._src.apply.bind import bind_mesh, is_graph_node, leaf_count, plan_leaf_shardings
-from tpflax._src.apply.stored import has_layouts, tree_layouts
+from tpflax._src.apply.stored import has_layouts, mark_stored, tree_layouts
 from tpflax._src.errors import OptionError, SuggestError, TraceError
 from tpflax._src.facts.tree import itemsize
 from tpflax._src.hardware import parse_bytes
@@ -111,6 +111,7 @@ def _init(as_tree: Callable[..., Any], graphdefs: list[Any], plan: Plan, mesh: A
         made = jax.jit(chunk_init, out_shardings=[flat_shards[i] for i in chunk])(*args)
         for i, x in zip(chunk, made, strict=True):
             out[i] = x
+    mark_stored(out, flat_lays)
     tree = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract), out)
     if graphdefs:
         from flax import nnx

@@ -14,14 +14,21 @@ from jax.sharding import NamedSharding
 
 from tpflax._src.apply.bind import bind_mesh, rebox_all
 from tpflax._src.apply.put import check_values, place_tree, put
-from tpflax._src.apply.stored import has_layouts, reorder, tree_layouts
+from tpflax._src.apply.stored import (
+    has_layouts,
+    mark_stored,
+    reorder,
+    resolve_order,
+    tree_layouts,
+    tree_paths,
+)
 from tpflax._src.facts.tree import unbox
 from tpflax._src.planner.plan import Plan
 from tpflax._src.planner.state import state_leaf_specs
 
 
 def shard_module(obj: Any, plan: Plan, mesh: Any = None, *, per_shard: bool = False,
-                 derived: bool = False, stored: bool = False) -> Any:
+                 derived: bool = False, order: str | None = None) -> Any:
     """A copy of an nnx Module / Optimizer whose arrays are placed on the mesh.
 
     Args:
@@ -33,11 +40,13 @@ def shard_module(obj: Any, plan: Plan, mesh: Any = None, *, per_shard: bool = Fa
         derived: the state is derived from the planned parameters (an
             optimizer's moments and step), not the planned tree itself: specs
             are carried over by path as in :func:`tpflax.state_shardings`.
-        stored: with ``derived``: the state is in the plan's stored order already (an optimizer made
-            from tpflax-placed parameters, ``order="stored"``), placed as it is.
+        order: with ``derived``: the order the state is in (``order`` of :func:`tpflax.shard_optimizer_state`;
+            None: ``"stored"`` when it holds arrays tpflax put into the stored order, such as the placed
+            model of an ``nnx.ModelAndOptimizer``, else ``"model"``).
 
     Raises:
         PlanMismatchError: a module's state does not match the plan.
+        OptionError: ``order="model"`` for a state holding arrays tpflax already stored.
 
     >>> import tpflax
     >>> from flax import nnx
@@ -55,9 +64,13 @@ def shard_module(obj: Any, plan: Plan, mesh: Any = None, *, per_shard: bool = Fa
     boxes, treedef, specs = state_leaf_specs(state, plan)
     values = [unbox(b) for b in boxes]
     check_values(state, values, what="the optimizer's state")
-    if has_layouts(plan) and not stored:  # in the model's order, as shard() takes it: laid-out leaves stored
-        values = reorder(values, tree_layouts(plan, state))
+    if has_layouts(plan):
+        lays = tree_layouts(plan, state)
+        if resolve_order(order, tree_paths(state), values, lays) == "model":  # as shard() takes it: stored
+            values = reorder(values, lays)
     placed = put(values, [NamedSharding(mesh, s) for s in specs], per_shard=per_shard)
+    if has_layouts(plan):
+        mark_stored(placed, lays)
     return nnx.merge(graphdef, rebox_all(boxes, placed, treedef))
 
 

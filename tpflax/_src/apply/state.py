@@ -15,7 +15,15 @@ from jax.sharding import NamedSharding
 from tpflax._src.apply import nnx as nnx_apply
 from tpflax._src.apply.bind import bind_mesh, is_graph_node, match_plan, rebox_all
 from tpflax._src.apply.put import check_values, put
-from tpflax._src.apply.stored import check_order, has_layouts, reorder, tree_layouts
+from tpflax._src.apply.stored import (
+    check_order,
+    has_layouts,
+    mark_stored,
+    reorder,
+    resolve_order,
+    tree_layouts,
+    tree_paths,
+)
 from tpflax._src.errors import OptionError, PlanMismatchError
 from tpflax._src.facts.tree import is_box, keystr, unbox, walk
 from tpflax._src.planner.params import abstract_params, optimizer_params, planned_tree
@@ -150,7 +158,7 @@ def optimizer_shardings(optimizer: Any, plan: Plan, mesh: Any = None, *, opt_sta
 
 
 def shard_optimizer_state(optimizer: Any, opt_state: Any, plan: Plan, mesh: Any = None, *,
-                          params: Any = None, order: str = "model") -> Any:
+                          params: Any = None, order: str | None = None) -> Any:
     """Optimizer state on the mesh, its specs derived from the parameter specs.
 
     Args:
@@ -169,17 +177,23 @@ def shard_optimizer_state(optimizer: Any, opt_state: Any, plan: Plan, mesh: Any 
             what adam, adafactor, sgd and friends start from anyway. For ``optax.lookahead`` it may
             be the ``optax.LookaheadParams(fast, slow)`` pair (the state is the fast optimizer's
             either way: the slow copy is the step's second parameter tree).
-        order: which order ``opt_state`` (or ``params``) is in when the plan stores fused kernels
-            head-aligned (``plan(..., fused="aligned")``; ignored otherwise). ``"model"`` (default,
-            as :func:`tpflax.shard` takes parameters): a state loaded from a checkpoint, or made by
-            ``optimizer.init`` of unsharded parameters; its leaves tied to a laid-out parameter
-            (adam's ``mu``/``nu``) are put into the stored order. ``"stored"``: made by
-            ``optimizer.init`` of tpflax-placed parameters (``tpflax.shard``/``init_sharded``
-            output), already stored; placed as it is.
+        order: which order ``opt_state`` (or ``params``, or an ``nnx`` optimizer's state) is in when
+            the plan stores fused kernels head-aligned (``plan(..., fused="aligned")``; ignored
+            otherwise). ``"model"`` (as :func:`tpflax.shard` takes parameters): a state loaded from a
+            checkpoint, or made by ``optimizer.init`` of unsharded parameters; its leaves tied to a
+            laid-out parameter (adam's ``mu``/``nu``) are put into the stored order. ``"stored"``:
+            made by ``optimizer.init`` of tpflax-placed parameters (``tpflax.shard``/``init_sharded``
+            output), already stored; placed as it is. None (default): ``"stored"`` when the state
+            holds arrays tpflax put into the stored order (the placed model of an
+            ``nnx.ModelAndOptimizer(tpflax.shard(model, plan, mesh), tx)``, ``params=`` from
+            ``tpflax.shard``), else ``"model"``. An optax state made from placed parameters holds
+            new arrays, which cannot be told apart: pass ``order="stored"`` for it.
 
     Raises:
         PlanMismatchError: ``opt_state`` is not what ``optimizer.init`` makes
             for the planned parameters.
+        OptionError: ``order="model"`` for a state (or ``params``) holding arrays tpflax already
+            put into the stored order (moved again, they would be scrambled).
 
     >>> import jax, optax, tpflax
     >>> p = tpflax.plan({"w": jax.ShapeDtypeStruct((8, 4), "float32")}, {"model": 2},
@@ -188,9 +202,11 @@ def shard_optimizer_state(optimizer: Any, opt_state: Any, plan: Plan, mesh: Any 
     >>> st[0].nu["w"].sharding.spec
     P('model', None)
     """
-    moved = check_order(order) == "model" and has_layouts(plan)
+    if order is not None:
+        check_order(order)
+    laid = has_layouts(plan)
     if is_graph_node(optimizer):
-        return nnx_apply.shard_module(optimizer, plan, mesh, derived=True, stored=not moved)
+        return nnx_apply.shard_module(optimizer, plan, mesh, derived=True, order=order)
     mesh = bind_mesh(plan, mesh)
     if not callable(getattr(optimizer, "init", None)):
         raise OptionError(f"optimizer {optimizer!r} has no init(); pass an optax GradientTransformation "
@@ -200,17 +216,23 @@ def shard_optimizer_state(optimizer: Any, opt_state: Any, plan: Plan, mesh: Any 
         boxes, treedef, specs = state_leaf_specs(opt_state, plan, optimizer=optimizer, params=made_from)
         values = [unbox(b) for b in boxes]
         check_values(opt_state, values, what="the optimizer state")
-        if moved:  # the moments of head-aligned kernels into the stored order
-            values = reorder(values, tree_layouts(plan, opt_state, optimizer=optimizer, params=made_from))
+        if laid:  # the moments of head-aligned kernels into the stored order
+            lays = tree_layouts(plan, opt_state, optimizer=optimizer, params=made_from)
+            if resolve_order(order, tree_paths(opt_state), values, lays) == "model":
+                values = reorder(values, lays)
         placed = put(values, [NamedSharding(mesh, s) for s in specs])
+        if laid:
+            mark_stored(placed, lays)
         return rebox_all(boxes, placed, treedef)
     abstract = abstract_params(plan, params)
     out_shardings = optimizer_shardings(optimizer, plan, mesh, params=abstract)
     if params is not None:  # the float leaves, as abstract_params sees them
         start = optimizer_params(plan, params)
-        if moved:  # in the model's order: initialise from the stored one, moved where it is (bit-exact)
+        if laid:  # in the model's order: initialise from the stored one, moved where it is (bit-exact)
             boxes, treedef = jax.tree_util.tree_flatten(start, is_leaf=is_box)
-            start = rebox_all(boxes, reorder([unbox(b) for b in boxes], tree_layouts(plan, start)), treedef)
+            values, lays = [unbox(b) for b in boxes], tree_layouts(plan, start)
+            if resolve_order(order, tree_paths(start), values, lays) == "model":
+                start = rebox_all(boxes, reorder(values, lays), treedef)
         with lookahead_quiet():
             return jax.jit(optimizer.init, out_shardings=out_shardings)(start)
 
@@ -231,14 +253,15 @@ def train_state_shardings(state: Any, plan: Plan, mesh: Any = None) -> Any:
                            params=getattr(state, "params", None))
 
 
-def shard_train_state(state: Any, plan: Plan, mesh: Any = None, *, order: str = "model") -> Any:
+def shard_train_state(state: Any, plan: Plan, mesh: Any = None, *, order: str | None = None) -> Any:
     """A ``TrainState`` placed on the mesh: params per plan, optimizer state derived, step replicated.
 
     ``state.params`` is checked against the plan first (the planned tree, or
     its ``params`` collection; a mismatch raises PlanMismatchError and nothing
-    is placed). ``order``: as for :func:`shard_optimizer_state`; with ``"model"`` (default) the
+    is placed). ``order``: as for :func:`shard_optimizer_state`; with ``"model"`` the
     head-aligned kernels of a ``plan(..., fused="aligned")`` and the optimizer moments tied to
-    them are put into the stored order, as :func:`tpflax.shard` puts the parameters.
+    them are put into the stored order, as :func:`tpflax.shard` puts the parameters; None
+    (default): ``"stored"`` when ``state.params`` holds arrays tpflax placed, else ``"model"``.
 
     >>> import jax, jax.numpy as jnp, optax, tpflax
     >>> from flax.training import train_state
@@ -256,9 +279,16 @@ def shard_train_state(state: Any, plan: Plan, mesh: Any = None, *, order: str = 
     boxes, treedef, specs = state_leaf_specs(state, plan, optimizer=tx, params=params)
     values = [unbox(b) for b in boxes]
     check_values(state, values, what="the train state")
-    if check_order(order) == "model" and has_layouts(plan):
-        values = reorder(values, tree_layouts(plan, state, optimizer=tx, params=params))
+    laid = has_layouts(plan)
+    if order is not None:
+        check_order(order)
+    if laid:
+        lays = tree_layouts(plan, state, optimizer=tx, params=params)
+        if resolve_order(order, tree_paths(state), values, lays) == "model":
+            values = reorder(values, lays)
     placed = put(values, [NamedSharding(mesh, s) for s in specs])
+    if laid:
+        mark_stored(placed, lays)
     return rebox_all(boxes, placed, treedef)
 
 

@@ -13,10 +13,15 @@ Host numpy arrays are reordered on the host; jax arrays on their devices, keepin
 their sharding, by pure data movement (:mod:`tpflax._src.apply.permute`: a gather
 XLA partitions over a split dim sums masked shards, which turns -0.0 into +0.0).
 Both are bit-exact, and the caller's arrays are never written.
+
+The jax arrays tpflax puts into a stored order are remembered (weakly, with their layout), so a tree
+that holds them is known to be stored already: ``nnx.ModelAndOptimizer(tpflax.shard(model, ...), tx)``
+holds the placed model itself (:func:`resolve_order`).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,7 +30,7 @@ import numpy as np
 
 from tpflax._src.apply.permute import program
 from tpflax._src.errors import OptionError
-from tpflax._src.facts.tree import unbox
+from tpflax._src.facts.tree import is_box, keystr, unbox
 from tpflax._src.layout import Interleave, check_fits, from_storage, to_storage
 from tpflax._src.planner.plan import Plan
 from tpflax._src.planner.state import below_param, kept_dims, state_leaf_ties
@@ -48,6 +53,52 @@ def check_order(order: object) -> str:
                           "the model's order (loaded from a checkpoint, made from unsharded params), 'stored' "
                           "for one made from tpflax-placed params (optimizer.init(tpflax.shard(params, plan)))")
     return str(order)
+
+
+# id(array) -> (weak reference, layout) of every jax array tpflax put into a plan's stored order
+_STORED: dict[int, tuple[weakref.ref, Interleave]] = {}
+
+
+def mark_stored(values: Sequence[Any], layouts: Sequence[Interleave | None]) -> None:
+    """Remember the jax arrays among ``values`` that are in the stored order of their ``layouts``."""
+    for x, lay in zip(values, layouts, strict=True):
+        if lay is not None and isinstance(x, jax.Array):
+            key = id(x)
+            ref = weakref.ref(x, lambda r, key=key: _STORED.pop(key) if _STORED.get(key, (None,))[0] is r else None)
+            _STORED[key] = (ref, lay)
+
+
+def stored_layout(x: Any) -> Interleave | None:
+    """The layout whose stored order tpflax put ``x`` in, or None (not an array tpflax stored)."""
+    held = _STORED.get(id(x))
+    return held[1] if held is not None and held[0]() is x else None
+
+
+def tree_paths(tree: Any) -> list[str]:
+    """The paths of ``tree``'s leaves, flax boxes and nnx Variables as leaves (as :func:`tree_layouts` lists them)."""
+    return [keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)[0]]
+
+
+def resolve_order(order: object, paths: Sequence[str], values: Sequence[Any],
+                  layouts: Sequence[Interleave | None]) -> str:
+    """The order of a tree whose leaves are ``values``: ``order``, or with None, ``"stored"`` when a laid-out
+    leaf is an array tpflax put into the stored order (an ``nnx.ModelAndOptimizer`` of a tpflax-placed model,
+    an optimizer initialised from tpflax-placed parameters whose state holds them), else ``"model"``.
+
+    Raises:
+        OptionError: ``order="model"`` for a tree holding such arrays: moved again, they would be scrambled.
+    """
+    held = [p for p, x, lay in zip(paths, values, layouts, strict=True)
+            if lay is not None and stored_layout(x) is not None]
+    if order is None:
+        return "stored" if held else "model"
+    order = check_order(order)
+    if order == "model" and held:
+        raise OptionError(
+            "order='model', but these leaves are arrays tpflax already put into the plan's stored order "
+            "(tpflax.shard / init_sharded / restore_checkpoint output); moving them again would scramble "
+            "their heads: pass order='stored' (or leave order unset: it is detected)", held[:8])
+    return order
 
 
 def derived(lay: Interleave | None, pshape: Sequence[int], shape: Sequence[int], path: str = "",
@@ -113,4 +164,5 @@ def model_order(tree: Any, plan: Plan | None) -> Any:
     return jax.tree_util.tree_unflatten(treedef, reorder(flat, tree_layouts(plan, unboxed(tree)), back=True))
 
 
-__all__ = ["ORDERS", "check_order", "derived", "has_layouts", "model_order", "reorder", "tree_layouts"]
+__all__ = ["ORDERS", "check_order", "derived", "has_layouts", "mark_stored", "model_order", "reorder",
+           "resolve_order", "stored_layout", "tree_layouts", "tree_paths"]
