@@ -137,6 +137,30 @@ def test_init_sharded_nnx_module_comes_back_merged(mesh):
     assert_bit_exact(tpflax.unshard(model), jax.device_get(ref))
 
 
+@pytest.mark.parametrize("chunk_bytes", [None, "4KiB"])
+def test_init_sharded_advances_an_nnx_rngs_argument_as_plain_nnx_does(mesh, chunk_bytes):
+    """Regression: ``init_sharded(lambda r: Model(r), plan, mesh, rngs)`` (the form its TraceError
+    recommends) left the caller's ``nnx.Rngs`` where it was, so two towers made with one Rngs had the
+    same weights, where ``Model(rngs); Model(rngs)`` gives different ones."""
+    class Tower(nnx.Module):
+        def __init__(self, rngs):
+            self.up, self.down = nnx.Linear(16, 64, rngs=rngs), nnx.Linear(64, 16, rngs=rngs)
+
+    plain = nnx.Rngs(0, dropout=5)
+    a, b = Tower(plain), Tower(plain)
+    plan = tpflax.plan(nnx.state(a), DP_TP)
+    rngs = nnx.Rngs(0, dropout=5)
+    a2 = tpflax.init_sharded(lambda r: Tower(r), plan, mesh, rngs, chunk_bytes=chunk_bytes)
+    b2 = tpflax.init_sharded(lambda r: Tower(r), plan, mesh, rngs, chunk_bytes=chunk_bytes)
+    counts = lambda r: [int(s.count.get_value()) for s in (r.default, r.dropout)]  # noqa: E731
+    assert counts(rngs) == counts(plain) and counts(rngs)[0] > 0
+    assert_bit_exact(tpflax.unshard(a2), tpflax.unshard(a))
+    assert_bit_exact(tpflax.unshard(b2), tpflax.unshard(b))
+    assert not same_bytes(b2.up.kernel.get_value(), a2.up.kernel.get_value())
+    c = Tower(rngs)  # the caller's Rngs stays usable eagerly, on one device, as plain NNX leaves it
+    assert c.up.kernel.get_value().sharding.device_set == {jax.devices()[0]}
+
+
 def test_init_sharded_nnx_module_with_a_dropout_key(mesh):
     # nnx.Dropout keeps an RNG key in the state: sizing the init chunks read its dtype with numpy,
     # which does not know key<fry> (a raw TypeError); the key comes back replicated, bit-exact

@@ -9,7 +9,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 from tpflax._src.apply.bind import bind_mesh, is_graph_node, leaf_count, plan_leaf_shardings
 from tpflax._src.apply.stored import has_layouts, mark_stored, tree_layouts
@@ -54,6 +54,9 @@ def init_sharded(init_fn: Callable[..., Any], plan: Plan, mesh: Any = None, *arg
         PlanMismatchError: ``init_fn``'s output differs from the plan.
         TraceError: ``init_fn`` closes over an ``nnx.Rngs`` made outside it (create it inside,
             or pass it as a positional argument).
+
+    An ``nnx.Rngs`` passed as a positional argument is advanced as plain NNX advances it
+    (``Model(rngs)``), so a second ``init_sharded`` with the same ``Rngs`` makes other weights.
 
     >>> import jax, flax.linen as nn, tpflax
     >>> model = nn.Dense(8)
@@ -103,14 +106,23 @@ def _init(as_tree: Callable[..., Any], graphdefs: list[Any], plan: Plan, mesh: A
     lays = tree_layouts(plan, abstract) if has_layouts(plan) else [None] * len(boxes)
     flat_lays = [lay for b, lay in zip(boxes, lays, strict=True) for _ in range(leaf_count(b))]
     out: list[Any] = [None] * len(flat_shards)
-    for chunk in _chunks(jax.tree_util.tree_leaves(abstract), flat_shards, chunk_bytes):
-        def chunk_init(*a, chunk=chunk):
+    # an nnx.Rngs argument is advanced as plain NNX advances it: the traced copy's state after the init
+    # (the same from every chunk: each runs the whole init) is written back to the caller's
+    nodes = [i for i, a in enumerate(args) if _is_rngs(a)]
+    node_states: list[Any] = []
+    for n, chunk in enumerate(_chunks(jax.tree_util.tree_leaves(abstract), flat_shards, chunk_bytes)):
+        def chunk_init(*a, chunk=chunk, first=n == 0):
             leaves = jax.tree_util.tree_leaves(as_tree(*a))
-            return [leaves[i] if flat_lays[i] is None else to_storage(leaves[i], flat_lays[i]) for i in chunk]
+            made = [leaves[i] if flat_lays[i] is None else to_storage(leaves[i], flat_lays[i]) for i in chunk]
+            return made, [_node_state(a[i]) for i in nodes] if first else []
 
-        made = jax.jit(chunk_init, out_shardings=[flat_shards[i] for i in chunk])(*args)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        made, states = jax.jit(chunk_init, out_shardings=([flat_shards[i] for i in chunk], replicated))(*args)
+        node_states = node_states or states
         for i, x in zip(chunk, made, strict=True):
             out[i] = x
+    for i, state in zip(nodes, node_states, strict=True):
+        _write_back(args[i], state)
     mark_stored(out, flat_lays)
     tree = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract), out)
     if graphdefs:
@@ -118,6 +130,33 @@ def _init(as_tree: Callable[..., Any], graphdefs: list[Any], plan: Plan, mesh: A
 
         return nnx.merge(graphdefs[0], tree)
     return tree
+
+
+def _is_rngs(x: Any) -> bool:
+    if not is_graph_node(x):
+        return False
+    from flax import nnx
+
+    return isinstance(x, (nnx.Rngs, nnx.RngStream))
+
+
+def _node_state(node: Any) -> Any:
+    from flax import nnx
+
+    return nnx.state(node)
+
+
+def _write_back(node: Any, state: Any) -> None:
+    """``node`` (the caller's nnx.Rngs) updated to ``state``, as uncommitted arrays on the default device
+    like the ones plain NNX makes (the jitted init returned them replicated over the mesh)."""
+    from flax import nnx
+
+    def local(x: Any) -> Any:
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(np.asarray(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+        return jax.numpy.asarray(np.asarray(x))
+
+    nnx.update(node, jax.tree_util.tree_map(local, state))
 
 
 def _chunk_size(value: Any) -> int | None:
