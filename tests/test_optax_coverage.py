@@ -470,3 +470,25 @@ def test_jit_step_places_a_hand_written_lookahead_step():
         for path, x in jax.tree_util.tree_flatten_with_path(copy)[0]:
             assert x.sharding.spec == plan.decisions[key(path)].spec, key(path)
     assert np.abs(np.asarray(out.fast["params"]["up"]["kernel"]) - v["params"]["up"]["kernel"]).max() > 0
+
+
+@pytest.mark.parametrize("kind", ["masked", "multi_transform"])
+def test_a_param_whose_path_ends_another_params_is_tied_to_its_own_moments(kind):
+    """Regression: masked / multi_transform given a function tie state leaves to parameters by path. With
+    params ``mu/w`` and ``w`` (a VAE's ``mu`` head beside a root param), adam's moment of ``w``,
+    ``.../0/mu/w``, was tied to the longest matching param, ``mu/w``, and got its layout."""
+    params = {"mu": {"w": np.ones((64, 64), np.float32)}, "w": np.ones((64, 64), np.float32),
+              "b": np.ones((64,), np.float32)}
+    plan = tpflax.plan(params, MESH, rules=[("^mu/w$", "column"), ("^w$", "row")])
+    assert plan.spec("w") != plan.spec("mu/w")
+    two_d = lambda p: jax.tree_util.tree_map(lambda x: x.ndim == 2, p)  # noqa: E731
+    tx = (optax.masked(optax.adam(1e-3), two_d) if kind == "masked" else
+          optax.multi_transform({True: optax.adam(1e-3), False: optax.sgd(1e-3)}, two_d))
+    mesh = tpflax.make_mesh(MESH)
+    placed = {key(p): x.sharding.spec for p, x in
+              jax.tree_util.tree_flatten_with_path(tpflax.shard_optimizer_state(tx, None, plan, mesh))[0]}
+    made = {key(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(tpflax.optimizer_shardings(tx, plan, mesh))[0]}
+    for got in (placed, made):
+        want = {k: plan.spec("mu/w") if k.endswith(("mu/mu/w", "nu/mu/w")) else plan.spec("w")
+                for k in got if k.endswith("/w")}  # adam's mu and nu of each
+        assert len(want) == 4 and {k: got[k] for k in want} == want, got

@@ -206,26 +206,50 @@ def _suffix_index(plan: Plan) -> dict[str, str]:
     return index
 
 
-def _match_nested(path: str, index: Mapping[str, str]) -> str | None:
+def _match_nested(path: str, index: Mapping[str, str], roots: Mapping[str, int] | None = None) -> str | None:
     """:func:`_match_suffix` of ``path``, else of ``path`` without its last components: a leaf
     nested under a parameter's path (SM3 keeps a list of per-dim accumulators for each parameter)."""
     cur = path
     while True:
-        found = _match_suffix(cur, index)
+        found = _match_suffix(cur, index, roots)
         if found is not None or "/" not in cur:
             return found
         cur = cur.rsplit("/", 1)[0]
 
 
-def _match_suffix(path: str, index: Mapping[str, str]) -> str | None:
-    """The plan path that is the longest '/'-aligned suffix of ``path``."""
-    cur = path
-    while True:
-        if cur in index:
-            return index[cur]
-        if "/" not in cur:
-            return None
-        cur = cur.split("/", 1)[1]
+def _match_suffix(path: str, index: Mapping[str, str], roots: Mapping[str, int] | None = None) -> str | None:
+    """The plan path that is a '/'-aligned suffix of ``path``: the one under the prefix that most state
+    leaves end in a plan path under (``roots``, from :func:`_mirror_roots`), then the longest.
+
+    A state mirrors the parameter tree under a prefix (adam's ``0/mu``), so with params ``mu/w`` and ``w``,
+    ``0/mu/w`` is the moment of ``w`` (under ``0/mu``, where ``mu/w`` is mirrored too), not of ``mu/w``.
+
+    >>> index = {"w": "w", "mu/w": "mu/w"}
+    >>> _match_suffix("0/mu/w", index), _match_suffix("0/mu/w", index, _mirror_roots(["0/mu/w", "0/mu/mu/w"], index))
+    ('mu/w', 'w')
+    """
+    parts = path.split("/")
+    best: tuple[int, int] | None = None
+    found = None
+    for k in range(len(parts)):
+        rest = "/".join(parts[k:])
+        if rest in index:
+            rank = ((roots or {}).get("/".join(parts[:k]), 0), len(parts) - k)
+            if best is None or rank > best:
+                best, found = rank, index[rest]
+    return found
+
+
+def _mirror_roots(paths: list[str], index: Mapping[str, str]) -> dict[str, int]:
+    """{prefix: how many of ``paths`` are a plan path under it}: where a state mirrors the parameters."""
+    roots: dict[str, int] = {}
+    for path in paths:
+        parts = path.split("/")
+        for k in range(len(parts)):
+            if "/".join(parts[k:]) in index:
+                prefix = "/".join(parts[:k])
+                roots[prefix] = roots.get(prefix, 0) + 1
+    return roots
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,13 +337,14 @@ def state_leaf_ties(tree: Any, plan: Plan, *, optimizer: Any = None,
     if optimizer is not None and params is not None:
         positional = _positional_matches(optimizer, tree, params)
     index = _suffix_index(plan)
+    roots = _mirror_roots([keystr(p) for p, b in flat if getattr(unbox(b), "shape", None) is not None], index)
     targets: list[str | None] = []
     for i, (path, box) in enumerate(flat):
         if getattr(unbox(box), "shape", None) is None:
             targets.append(None)
             continue
         target = index.get(positional[i]) if positional is not None and i in positional else None
-        targets.append(target if target is not None else _match_nested(keystr(path), index))
+        targets.append(target if target is not None else _match_nested(keystr(path), index, roots))
     return [keystr(p) for p, _ in flat], [b for _, b in flat], treedef, targets
 
 
