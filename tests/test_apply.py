@@ -651,6 +651,27 @@ def test_donate_is_best_effort_as_the_docstring_says():
         assert not params["w"].is_deleted()
 
 
+def test_placement_under_jax_set_mesh_copies_the_callers_shards_and_keeps_them(mesh):
+    """Regression: under ``jax.set_mesh(mesh)`` (the README names it as a way to set the mesh), placing jax
+    arrays raised jax's bare "incompatible devices" ValueError: the copy that keeps the result from sharing
+    the caller's buffer was a jitted ``copy``, traced against the context mesh."""
+    params = jax.tree_util.tree_map(jnp.asarray, small_params())
+    plan = tpflax.plan(params, DP_TP)
+
+    def ptrs(a):
+        return {s.data.unsafe_buffer_pointer() for s in a.addressable_shards}
+
+    with jax.set_mesh(mesh):
+        placed = tpflax.shard(params, plan, mesh)
+        batch = tpflax.shard_batch(jnp.ones((8, 16)), mesh)
+        state = tpflax.shard_optimizer_state(optax.adam(1e-3), optax.adam(1e-3).init(params), plan, mesh)
+    assert_placed(placed, plan, mesh)
+    assert_bit_exact(tpflax.unshard(placed), jax.device_get(params))
+    for got, given in zip(jax.tree_util.tree_leaves(placed), jax.tree_util.tree_leaves(params), strict=True):
+        assert not ptrs(got) & ptrs(given)  # replicated leaves too: no buffer shared with the caller's
+    assert batch.sharding.spec == P("data") and int(state[0].count) == 0
+
+
 def test_mesh_mismatch_and_too_few_devices():
     params = small_params()
     plan = tpflax.plan(params, DP_TP)

@@ -56,7 +56,9 @@ def _unalias(src: Any, out: jax.Array) -> jax.Array:
 
     ``jax.device_put`` (even with ``may_alias=False``, jax 0.10) reuses the
     source buffer for the shard on the source's own device. Donating the placed
-    tree in a step would then delete the caller's array: copy those shards.
+    tree in a step would then delete the caller's array: copy those shards, with a
+    ``device_put`` onto their own device (a jitted ``copy`` is traced against the
+    context mesh of ``jax.set_mesh``, which refuses a one-device argument).
     """
     if not isinstance(src, jax.Array) or not src.is_fully_addressable:
         return out
@@ -64,7 +66,8 @@ def _unalias(src: Any, out: jax.Array) -> jax.Array:
     shards = out.addressable_shards
     if not any(s.data.unsafe_buffer_pointer() in src_ptrs for s in shards):
         return out
-    arrays = [s.data.copy() if s.data.unsafe_buffer_pointer() in src_ptrs else s.data for s in shards]
+    arrays = [jax.device_put(s.data, s.data.sharding, may_alias=False)
+              if s.data.unsafe_buffer_pointer() in src_ptrs else s.data for s in shards]
     return jax.make_array_from_single_device_arrays(out.shape, out.sharding, arrays)
 
 
