@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from tpflax._src.apply.put import check_values, put
+from tpflax._src.apply.put import check_values, owned, put, settled
 from tpflax._src.errors import SpecError
 from tpflax._src.facts.tree import keystr
 from tpflax._src.mesh import batch_pspec, device_mesh, mesh_shape, sharding_mesh
@@ -90,6 +90,9 @@ def shard_batch(batch: Any, mesh: Any, *, process_local: bool = False,
             process passes the same global batch.
         axis_roles: roles for mesh axes tpflax does not recognise by name.
 
+    The placed arrays share no memory with numpy inputs: a loader may refill its buffer as soon as
+    this returns.
+
     Raises:
         SpecError: a leaf's batch dim does not divide over the batch axes.
 
@@ -105,8 +108,9 @@ def shard_batch(batch: Any, mesh: Any, *, process_local: bool = False,
     check_values(batch, flat, narrow="overflow", what="the batch")
     if process_local:  # local parts: the global dim is checked by jax when it assembles them
         shards = [NamedSharding(mesh, spec if np.ndim(x) else PartitionSpec()) for x in flat]
-        out = [jax.make_array_from_process_local_data(s, np.asarray(x)) for x, s in
+        out = [jax.make_array_from_process_local_data(s, np.asarray(owned(x, s))) for x, s in
                zip(flat, shards, strict=True)]
+        settled(flat, shards, out)
     else:
         out = put(flat, jax.tree_util.tree_leaves(batch_shardings(batch, mesh, spec)))
     return jax.tree_util.tree_unflatten(treedef, out)

@@ -32,14 +32,40 @@ def _host_value(x: Any) -> Any:
     return np.asarray(x)
 
 
-def _from_callback(x: Any, sharding: NamedSharding) -> jax.Array:
-    """Build a global array from the slices this process's devices hold (the multi-host path)."""
+def _from_callback(x: Any, sharding: NamedSharding, *, copy: bool = True) -> jax.Array:
+    """Build a global array from the slices this process's devices hold (the multi-host path); with ``copy``,
+    slices of the caller's numpy array are copied for CPU devices (see :func:`owned`)."""
     if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
         # typed PRNG keys have no numpy form: place their key data (one trailing dim more), rewrap
         data = _from_callback(jax.random.key_data(x), sharding)
         return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
     host = _host_value(x)
+    if copy and isinstance(x, np.ndarray) and _on_cpu(sharding):
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: np.array(host[index]))
     return jax.make_array_from_callback(host.shape, sharding, lambda index: np.asarray(host[index]))
+
+
+def _on_cpu(sharding: Any) -> bool:
+    return all(d.platform == "cpu" for d in sharding.device_set)
+
+
+def owned(x: Any, sharding: Any) -> Any:
+    """``x`` to hand to a placement onto ``sharding`` whose result must not change when the caller later
+    writes to ``x``: a copy of a numpy array bound for CPU devices, whose client adopts an aligned host
+    buffer as the device buffer (no copy at all: the placed array *is* the caller's memory, measured on
+    jax 0.10). The copy is the device buffer then, so it costs no memory a placed copy would not. Bound
+    for an accelerator, ``x`` itself: the transfer copies, but asynchronously; see :func:`settled`."""
+    return np.array(x) if isinstance(x, np.ndarray) and _on_cpu(sharding) else x
+
+
+def settled(values: Sequence[Any], shards: Sequence[Any], out: Sequence[Any]) -> None:
+    """Wait for the host-to-device copies of the numpy arrays among ``values`` bound for an accelerator:
+    until they complete the transfer reads the caller's buffer, so a write to it right after the call
+    would reach the placed array."""
+    pending = [a for x, s, a in zip(values, shards, out, strict=True)
+               if isinstance(x, np.ndarray) and not _on_cpu(s)]
+    if pending:
+        jax.block_until_ready(pending)
 
 
 def _needs_callback(x: Any, sharding: NamedSharding) -> bool:
@@ -77,7 +103,8 @@ def put(values: Sequence[Any], shards: Sequence[NamedSharding], *, per_shard: bo
 
     ``per_shard=True`` builds every leaf with ``jax.make_array_from_callback``
     even on one host (what multi-host placement does everywhere). Without
-    ``donate`` no output shares a buffer with its input.
+    ``donate`` no output shares a buffer with its input, and none changes when the
+    caller writes to a numpy input after the call (:func:`owned`, :func:`settled`).
 
     >>> import numpy as np, tpflax
     >>> from jax.sharding import NamedSharding, PartitionSpec as P
@@ -89,14 +116,16 @@ def put(values: Sequence[Any], shards: Sequence[NamedSharding], *, per_shard: bo
     batch_idx = []
     for i, (x, s) in enumerate(zip(values, shards, strict=True)):
         if per_shard or _needs_callback(x, s):
-            out[i] = _from_callback(x, s)
+            out[i] = _from_callback(x, s, copy=not donate)
         else:
             batch_idx.append(i)
     if batch_idx:
-        placed = jax.device_put([values[i] for i in batch_idx], [shards[i] for i in batch_idx],
-                                donate=donate)
+        placed = jax.device_put([values[i] if donate else owned(values[i], shards[i]) for i in batch_idx],
+                                [shards[i] for i in batch_idx], donate=donate)
         for i, a in zip(batch_idx, placed, strict=True):
             out[i] = a if donate else _unalias(values[i], a)
+    if not donate:
+        settled(values, shards, out)
     return out
 
 
@@ -223,4 +252,4 @@ def _warn_nonfinite(tree: Any, values: Sequence[Any], *, everywhere: bool) -> No
                   + "; ".join(lines), TpflaxWarning, stacklevel=4)
 
 
-__all__ = ["place_tree", "put"]
+__all__ = ["owned", "place_tree", "put", "settled"]
