@@ -27,6 +27,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import tpflax
+import tpflax.zoo
 from tpflax import EstimateError
 from tpflax._src.loading import load_model
 from tpflax.cli import main
@@ -410,6 +411,10 @@ BAD = [
     Bad("a reserve given as text (a bare TypeError before)",
         lambda: tpflax.suggest_mesh(tpflax.zoo.get("mlp"), 8, "1GiB", reserve="0.1"),
         tpflax.SuggestError, ("'0.1'", "[0, 1)", "fraction of device memory")),
+    Bad("a zoo model's batch of another sequence length (ranked anyway, an AttributeError with verify= before)",
+        lambda: tpflax.suggest_mesh(tpflax.zoo.get("gpt2"), 8, "64MiB", optimizer=optax.adamw(1e-3),
+                                    batch=(12, 64), verify=1),
+        tpflax.SuggestError, ("batch (12, 64)", "gpt2", "(32,) per example", "seq_len=64", "(12, 32)")),
     Bad("report of a plan with another mesh's estimate (rendered together before)",
         lambda: tpflax.report(PLAN, tpflax.estimate(tpflax.plan(TREE, {"data": 2}), optax.adam(1e-3), (8, 4))),
         tpflax.PlanMismatchError, ("estimate was made for mesh data=2", "the plan is for model=2",

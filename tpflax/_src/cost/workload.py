@@ -368,6 +368,22 @@ def _check_planned(plan, m: Any) -> None:
                                 "the planned tree", bad[:8] + ([f"... and {len(bad) - 8} more"] if len(bad) > 8 else []))
 
 
+def fixed_length_problem(m: Any, batch: Any) -> str | None:
+    """Why a bare-shape ``batch`` (``(8, 64)``, ``"8x64"``) does not fit zoo model ``m`` (a :class:`Model`), whose
+    config fixes its inputs per example (a sequence model's ``seq_len``); None when it fits, for other models
+    and for other batches."""
+    shape = bare_shape(batch)
+    if m is None or m.zoo is None or shape is None or len(m.sample) != 1:
+        return None
+    s = m.sample[0]
+    if len(getattr(s, "shape", ())) != len(shape) or tuple(s.shape[1:]) == shape[1:]:
+        return None
+    return (f"batch {shape}: {m.name}'s config fixes its inputs at {tuple(s.shape[1:])} per "
+            f"example, which is the length it runs and is priced at; build the model at the "
+            f"batch's (zoo.get(name, seq_len={shape[1]}) for a sequence model) or pass a "
+            f"batch of ({shape[0]}, {', '.join(map(str, s.shape[1:]))})")
+
+
 def _at_batch_shape(m: Any, batch: Any) -> tuple[Any, Any]:
     """``(m, batch)`` with ``m`` traced at the shape it is estimated for: a bare-shape batch ``(8, 64)``
     sets the shape of a one-input model's sample (activations and collectives follow the sequence
@@ -382,11 +398,8 @@ def _at_batch_shape(m: Any, batch: Any) -> tuple[Any, Any]:
     s = m.sample[0]
     if len(getattr(s, "shape", ())) != len(shape) or tuple(s.shape[1:]) == shape[1:]:
         return m, batch
-    if m.zoo is not None:
-        raise EstimateError(f"batch {shape}: {m.name}'s config fixes its inputs at {tuple(s.shape[1:])} per "
-                            f"example, so the estimate would price that length; build the model at the "
-                            f"batch's (zoo.get(name, seq_len={shape[1]}) for a sequence model) or pass a "
-                            f"batch of ({shape[0]}, {', '.join(map(str, s.shape[1:]))})")
+    if (why := fixed_length_problem(m, shape)) is not None:
+        raise EstimateError(why)
     import jax
 
     return replace(m, sample=(jax.ShapeDtypeStruct(shape, s.dtype),)), batch

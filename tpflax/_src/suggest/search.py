@@ -40,7 +40,7 @@ from tpflax._src.cost.activations import traced_layers
 from tpflax._src.cost.batch import config_value, parse_batch, resolve_batch
 from tpflax._src.cost.estimate import estimate, plan_generation, price_leaves
 from tpflax._src.cost.leaves import merge
-from tpflax._src.cost.workload import Workload, prepare
+from tpflax._src.cost.workload import Workload, fixed_length_problem, prepare
 from tpflax._src.errors import SuggestError, TpflaxError
 from tpflax._src.hardware import Hardware, get_hardware
 from tpflax._src.mesh import (
@@ -214,6 +214,10 @@ def _batch(batch: Any, m: Any, config: Any, devices: int, notes: list[str]) -> A
     if batch is None:
         batch = devices
         notes.append(f"no batch given: assumed a global batch of {devices} (one example per device)")
+    # as estimate refuses it: a length other than a zoo model's own
+    why = fixed_length_problem(m, batch)
+    if why is not None:
+        raise SuggestError(f"cannot read the batch: {why}")
     try:
         batch = resolve_batch(batch, m.zoo if m is not None else None)
     except TpflaxError as e:
