@@ -776,3 +776,23 @@ def test_a_boxed_linen_model_trains_as_its_unboxed_tree(box):
     assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(new_u))
     assert not any(same_bytes(a, b) for a, b in zip(jax.tree.leaves(new_u["params"]),
                                                    jax.tree.leaves(bare["params"]), strict=True))  # all trained
+
+
+def test_a_zoo_models_step_takes_the_batch_shape_estimate_takes_and_refuses_others():
+    """Regression: ``make_train_step(zoo_model, ..., batch=(8, 32))``, the ``(batch, seq)`` that estimate and
+    suggest_mesh take (and suggest_mesh's verify= passed on), a ``"8x32"`` string, or a dict of other than
+    arrays failed with a bare AttributeError ('int' object has no attribute 'shape')."""
+    m = zoo.get("gpt2")
+    plan = tpflax.plan(m.abstract_variables(), {"data": 2, "model": 4})
+    mesh = tpflax.make_mesh(plan.mesh)
+    want = tpflax.make_train_step(m, plan, mesh, optax.adamw(1e-3), 8).args[2]
+    for batch in ((8, 32), [8, 32], "8x32"):
+        got = tpflax.make_train_step(m, plan, mesh, optax.adamw(1e-3), batch).args[2]
+        assert jax.tree_util.tree_map(lambda s: (s.shape, s.dtype, s.sharding.spec), got) == \
+            jax.tree_util.tree_map(lambda s: (s.shape, s.dtype, s.sharding.spec), want), batch
+    for batch, words in (((8, 64), ("batch (8, 64)", "(32,) per example", "seq_len=64", "batch=(8, 32)")),
+                         ("eight", ("batch='eight'", "batch=8", "(8, 32)", "make_batch(0, 8)")),
+                         ({"x": 1}, ("batch={'x': 1}", "x = 1", "make_batch(0, 8)"))):
+        with pytest.raises(tpflax.OptionError) as e:
+            tpflax.make_train_step(m, plan, mesh, optax.adamw(1e-3), batch)
+        assert all(w in str(e.value) for w in words), str(e.value)

@@ -159,10 +159,44 @@ def default_loss(m: Model, variables: Any, out: Any = None) -> Callable[..., Any
 
 def _zoo_parts(model: Any, batch: Any) -> tuple[Any, Callable[..., Any]]:
     """The zoo's own batch ``{"x", "y"}`` and ``(variables, batch) -> loss``."""
+    return _zoo_batch(model, batch), lambda v, b: (model.loss(v, b), None)
+
+
+def _zoo_batch(model: Any, batch: Any) -> Any:
+    """A zoo model's abstract batch ``{"x", "y"}`` for ``batch``: a size, a shape of its inputs as estimate takes
+    it (``(8, 32)``, ``"8x32"``), or an abstract batch itself; OptionError for anything else, or for a shape
+    whose per-example dims are not the ones the model's config fixes."""
     import jax
 
-    abstract = jax.eval_shape(lambda: model.make_batch(0, batch)) if isinstance(batch, int) else batch
-    return abstract, lambda v, b: (model.loss(v, b), None)
+    from tpflax._src.cost.batch import shape_text
+
+    def accepts() -> str:
+        return (f"batch= of a zoo model is its size (batch=8), the shape of its inputs (({per_example_text(8)}), as "
+                f"estimate takes it) or an abstract batch (jax.eval_shape(lambda: model.make_batch(0, 8)))")
+
+    def per_example_text(n: int) -> str:
+        return ", ".join(map(str, (n, *per)))
+
+    per = tuple(jax.eval_shape(lambda: model.make_batch(0, 1))["x"].shape[1:])
+    shape = batch
+    if isinstance(batch, str):
+        try:
+            shape = shape_text(batch)
+        except ValueError:
+            raise OptionError(f"batch={batch!r} is not a size or a shape; {accepts()}") from None
+    if isinstance(shape, int) and not isinstance(shape, bool):
+        shape = (shape,)
+    if isinstance(shape, (tuple, list)) and shape and all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        if len(shape) > 1 and tuple(shape[1:]) != per:
+            raise OptionError(f"batch {tuple(shape)}: {model.name}'s config fixes its inputs at {per} per example; "
+                              f"build the model at the batch's (zoo.get(name, seq_len={shape[1]}) for a sequence "
+                              f"model) or pass batch=({per_example_text(shape[0])}), or batch={shape[0]}")
+        return jax.eval_shape(lambda: model.make_batch(0, shape[0]))
+    flat = jax.tree_util.tree_flatten_with_path(batch)[0]
+    bad = [f"{keystr(p) or '<batch>'} = {x!r}" for p, x in flat if not (hasattr(x, "shape") and hasattr(x, "dtype"))]
+    if not flat or bad:
+        raise OptionError(f"batch={batch!r} is not a batch of {model.name}: {accepts()}", bad[:8])
+    return batch
 
 
 def _model_parts(m: Model, loss: Any, variables: Any, out: Any = None) -> tuple[Any, Callable[..., Any], Any]:
@@ -274,7 +308,8 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
             each copy as its own array: a donating jit cannot take one jax array twice); the loss reads the fast copy, the slow copy's other leaves
             (batch statistics) follow the fast run's.
         batch: the global batch size (sets the sample's leading dim), or for a zoo
-            model an abstract zoo batch ``{"x": ..., "y": ...}`` (default 8).
+            model an abstract zoo batch ``{"x": ..., "y": ...}`` or the shape of its inputs
+            (``(8, 32)`` or ``"8x32"``, as :func:`tpflax.estimate` takes it) (default 8).
         sample: the forward inputs (arrays or ``ShapeDtypeStruct``); the step's
             batch is this tuple. A zoo model defaults to its own.
         loss: ``loss(output, *sample) -> scalar``. Default: a zoo model's own
