@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from tpflax._src.cost.batch import size_problem
 from tpflax._src.cost.optstate import opt_state_specs
 from tpflax._src.errors import OptionError, PlanMismatchError
 from tpflax._src.facts.tree import is_nnx_state, keystr, unboxed, walk
@@ -348,6 +349,8 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
     if not (callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))):
         raise OptionError(f"optimizer {optimizer!r} is not an optax GradientTransformation (no init() and "
                           "update()); pass one, e.g. optax.adamw(1e-3)")
+    if (why := size_problem(batch)) is not None:  # before it sets a sample's leading dim
+        raise OptionError(why)
     given = variables
     if variables is None:
         variables = _linen_own_variables(model, sample, batch)

@@ -9,6 +9,7 @@ sequence length. :func:`parse_batch` turns each into a :class:`Batch`.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -113,6 +114,32 @@ def parse_batch(batch: Any, config: Any = None, act_dtype: str | None = None) ->
     if isinstance(batch, Mapping) and all(isinstance(v, (tuple, list, str)) for v in batch.values()):
         return _from_shapes(dict(batch), config, act_dtype, dtype)
     return _from_tree(batch, act_dtype, dtype)
+
+
+def size_problem(batch: Any) -> str | None:
+    """Why ``batch``, given as a size (``8``) or a bare shape (``(8, 64)``), is no batch: a size or dim that is
+    not a positive whole number; None for a good one and for any other kind of batch.
+
+    >>> size_problem(8), size_problem((8, 64)), size_problem({"x": (8, 64)})
+    (None, None, None)
+    >>> size_problem(0)
+    'batch=0 is not a positive whole number of examples; pass the global batch size, e.g. batch=8'
+    >>> size_problem((8.5, 64))
+    'batch=(8.5, 64) holds a dim that is not a positive whole number; pass a shape of positive ints, e.g. (8, 64)'
+    """
+    def number(x: Any) -> bool:
+        return isinstance(x, numbers.Number) and not isinstance(x, bool) and type(x).__name__ != "bool_"
+
+    def good(x: Any) -> bool:
+        return isinstance(x, numbers.Integral) and x >= 1
+
+    if number(batch):
+        return None if good(batch) else (f"batch={batch!r} is not a positive whole number of examples; pass the "
+                                         "global batch size, e.g. batch=8")
+    if isinstance(batch, (tuple, list)) and batch and all(map(number, batch)) and not all(map(good, batch)):
+        return (f"batch={tuple(batch)!r} holds a dim that is not a positive whole number; pass a shape of "
+                "positive ints, e.g. (8, 64)")
+    return None
 
 
 def shape_text(text: str) -> tuple[int, ...]:

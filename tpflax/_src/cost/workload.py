@@ -24,6 +24,7 @@ from tpflax._src.cost.batch import (
     np_dtype,
     parse_batch,
     resolve_batch,
+    size_problem,
 )
 from tpflax._src.cost.optstate import OptLayout, opt_layout
 from tpflax._src.cost.optstate import optimizer_name as name_of
@@ -177,6 +178,8 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
     """
     _check_options(act_dtype, grad_dtype, backend, expert_dispatch)
     _check_hints(config)
+    if (why := size_problem(batch)) is not None:  # before it sets a sample's leading dim
+        raise EstimateError(why)
     sample, assumed = _sample_of(plan, model, sample, batch)
     m, batch = _at_batch_shape(_model(plan, model, sample), batch)
     if m is not None and m.zoo is not None:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tpflax._src.cost.activations import traced_layers
-from tpflax._src.cost.batch import config_value, parse_batch, resolve_batch
+from tpflax._src.cost.batch import config_value, parse_batch, resolve_batch, size_problem
 from tpflax._src.cost.estimate import estimate, plan_generation, price_leaves
 from tpflax._src.cost.leaves import merge
 from tpflax._src.cost.workload import Workload, fixed_length_problem, prepare
@@ -214,8 +214,8 @@ def _batch(batch: Any, m: Any, config: Any, devices: int, notes: list[str]) -> A
     if batch is None:
         batch = devices
         notes.append(f"no batch given: assumed a global batch of {devices} (one example per device)")
-    # as estimate refuses it: a length other than a zoo model's own
-    why = fixed_length_problem(m, batch)
+    # as estimate refuses them: a size that is no positive int, a length other than a zoo model's own
+    why = size_problem(batch) or fixed_length_problem(m, batch)
     if why is not None:
         raise SuggestError(f"cannot read the batch: {why}")
     try:
