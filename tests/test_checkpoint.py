@@ -261,6 +261,15 @@ def test_64_bit_host_leaves_are_refused_at_save_not_narrowed_on_restore(tmp_path
     assert type(tree["tokens_seen"]) is int and tree["ids"].dtype == np.int64  # the caller's tree untouched
 
 
+@pytest.mark.parametrize("step", [-1, 1.5, "3", True])
+def test_a_step_that_is_no_step_number_is_refused_before_anything_is_written(tmp_path, step):
+    """Regression: save_checkpoint(root, tree, step=-1) let orbax write a "-1" step directory, then failed
+    with a bare KeyError(-1), leaving a root restore_checkpoint called no checkpoint; 1.5 was saved as 1."""
+    with pytest.raises(tpflax.OptionError, match=r"step=.* is not a step number: pass a whole number >= 0"):
+        tpflax.save_checkpoint(tmp_path / "run", {"w": np.ones(2, np.float32)}, step=step)
+    assert not (tmp_path / "run").exists()
+
+
 def test_python_scalars_are_saved_as_the_32_bit_values_jax_holds(tmp_path):
     """A Python int / float leaf (a step count, linen's ``self.param("t", lambda _: 0.07)``) is written as the
     int32 / float32 jax and the plan make of it: orbax wrote it as 64 bits, so the checkpoint disagreed with

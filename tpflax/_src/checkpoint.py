@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 import shutil
 from pathlib import Path
@@ -124,7 +125,8 @@ def save_checkpoint(path: str | os.PathLike, tree: Any, *, plan: Plan | None = N
             refuses to place it (nothing is written): a numpy int64/float64 leaf or a Python
             int past int32 (jax, without ``jax_enable_x64``, reads them as 32 bits), or a
             donated array.
-        OptionError: ``keep`` without ``step``, or ``keep`` < 1.
+        OptionError: ``step`` that is not a whole number >= 0, ``keep`` without ``step``, or
+            ``keep`` < 1 (nothing is written).
 
     >>> import jax.numpy as jnp, tempfile, os
     >>> d = tempfile.mkdtemp()
@@ -136,6 +138,10 @@ def save_checkpoint(path: str | os.PathLike, tree: Any, *, plan: Plan | None = N
     >>> sorted(os.listdir(os.path.join(d, "run")))
     ['1', '2']
     """
+    if step is not None and not (isinstance(step, numbers.Integral) and not isinstance(step, bool) and step >= 0):
+        # orbax would write a "-1" step directory and then fail to find it (a bare KeyError)
+        raise OptionError(f"step={step!r} is not a step number: pass a whole number >= 0 (e.g. step=0), "
+                          "or no step to save one checkpoint at path")
     if keep is not None and (step is None or int(keep) < 1):
         raise OptionError(f"keep={keep} needs step= (it keeps the newest steps of a CheckpointManager) "
                           "and must be >= 1")
