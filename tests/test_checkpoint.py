@@ -94,6 +94,31 @@ def test_nnx_state_round_trip(tmp_path):
     assert_bit_exact(tpflax.unshard(back), jax.device_get(state))
 
 
+def test_an_nnx_module_and_optimizer_are_saved_as_their_state(tmp_path):
+    """Regression: save_checkpoint(path, module) wrote flax's own ``_pytree__state`` fields as leaves, so
+    restoring with like=nnx.state(module), the usual NNX restore, failed on orbax's structure mismatch."""
+    import optax
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.up, self.down = nnx.Linear(16, 64, rngs=rngs), nnx.Linear(64, 16, rngs=rngs)
+
+    mesh = tpflax.make_mesh({"data": 2, "model": 4})
+    model = Net(nnx.Rngs(0))
+    plan = tpflax.plan(nnx.state(model), {"data": 2, "model": 4})
+    placed = tpflax.shard(model, plan, mesh)
+    path = tpflax.save_checkpoint(tmp_path / "m", placed, plan=plan)
+    assert set(tpflax.checkpoint_tree(path)) == {"up", "down"}
+    back = tpflax.restore_checkpoint(path, plan, mesh, like=nnx.state(placed))
+    assert isinstance(back, nnx.State) and back["up"]["kernel"].get_value().sharding.spec == plan.spec("up/kernel")
+    assert_bit_exact(tpflax.unshard(back), jax.device_get(nnx.state(model)))
+    opt = nnx.Optimizer(placed, optax.adam(1e-3), wrt=nnx.Param)
+    opath = tpflax.save_checkpoint(tmp_path / "o", opt)
+    assert "_pytree__state" not in str(tpflax.checkpoint_tree(opath))
+    restored = tpflax.restore_checkpoint(opath, like=nnx.state(opt))
+    assert_bit_exact(tpflax.unshard(restored), tpflax.unshard(nnx.state(opt)))
+
+
 def _key_data_or_value(x):
     return jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
 

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
-from tpflax._src.apply.bind import bind_mesh, match_plan, rebox_all
+from tpflax._src.apply.bind import bind_mesh, is_graph_node, match_plan, rebox_all
 from tpflax._src.apply.put import check_values
 from tpflax._src.apply.stored import has_layouts, mark_stored, model_order, reorder, tree_layouts
 from tpflax._src.checkpoint_layout import (
@@ -103,6 +103,8 @@ def save_checkpoint(path: str | os.PathLike, tree: Any, *, plan: Plan | None = N
         path: the checkpoint directory to create, or the manager root with ``step``.
         tree: arrays (flax boxes and nnx Variables are unwrapped to their values). Python scalars
             are saved as the int32 / float32 jax makes of them (64-bit with ``jax_enable_x64``).
+            An nnx Module or Optimizer is saved as its ``nnx.state(...)``: restore it with
+            ``like=nnx.state(obj)`` and ``nnx.update(obj, restored)``.
         plan: stored alongside (``tpflax.json``, or the step's custom metadata) for reference.
             A plan that stores fused kernels head-aligned (``plan(..., fused="aligned")``) must be
             passed with a tree placed by it: those leaves, and the optimizer-state leaves tied to
@@ -145,6 +147,10 @@ def save_checkpoint(path: str | os.PathLike, tree: Any, *, plan: Plan | None = N
     if keep is not None and (step is None or int(keep) < 1):
         raise OptionError(f"keep={keep} needs step= (it keeps the newest steps of a CheckpointManager) "
                           "and must be >= 1")
+    if is_graph_node(tree):  # its variables, not flax's own fields (``_pytree__state``) as leaves
+        from flax import nnx
+
+        tree = nnx.state(tree)
     _check_saveable(tree)
     tree = model_order(tree, plan)
     if step is not None:
