@@ -86,8 +86,9 @@ def shard_batch(batch: Any, mesh: Any, *, process_local: bool = False,
         batch: a tree of arrays with a leading batch dim.
         mesh: the mesh.
         process_local: each process passes only its own part of the global
-            batch (``jax.make_array_from_process_local_data``); by default every
-            process passes the same global batch.
+            batch (``jax.make_array_from_process_local_data``), all parts alike, so
+            the global batch dim is the part's times the process count; by default
+            every process passes the same global batch.
         axis_roles: roles for mesh axes tpflax does not recognise by name.
 
     The placed arrays share no memory with numpy inputs: a loader may refill its buffer as soon as
@@ -106,8 +107,18 @@ def shard_batch(batch: Any, mesh: Any, *, process_local: bool = False,
     flat, treedef = jax.tree_util.tree_flatten(batch)
     # float64 inputs and int64 ids narrow to 32 bits, as jax narrows them, unless an id would wrap
     check_values(batch, flat, narrow="overflow", what="the batch")
-    if process_local:  # local parts: the global dim is checked by jax when it assembles them
-        shards = [NamedSharding(mesh, spec if np.ndim(x) else PartitionSpec()) for x in flat]
+    if process_local:  # local parts of a global batch as many times longer as there are processes
+        n = jax.process_count()
+        whole = [jax.ShapeDtypeStruct((np.shape(x)[0] * n, *np.shape(x)[1:]) if np.ndim(x) else (),
+                                      getattr(x, "dtype", None) or np.asarray(x).dtype) for x in flat]
+        try:
+            shards = jax.tree_util.tree_leaves(batch_shardings(jax.tree_util.tree_unflatten(treedef, whole),
+                                                               mesh, spec))
+        except SpecError as e:
+            if n == 1:
+                raise
+            raise SpecError(f"the global batch ({n} processes' parts of this size) does not split over the "
+                            "mesh", e.problems) from None
         out = [jax.make_array_from_process_local_data(s, np.asarray(owned(x, s))) for x, s in
                zip(flat, shards, strict=True)]
         settled(flat, shards, out)
