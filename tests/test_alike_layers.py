@@ -16,6 +16,8 @@ input gradient gathered. Unpaired, ``to_out_0`` was priced as a lone row (its in
 0.80x the compiled collectives once the classes above were right.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -57,7 +59,10 @@ class Block(nn.Module):
         return x + Attention(name="attn2")(nn.LayerNorm(name="norm2")(x), ctx)
 
 
+@functools.cache
 def _setup():
+    """The block's variables (one init compile per process: every test reads them, none changes them) and its
+    apply as a plain function."""
     m = Block()
     v = jax.jit(m.init)(jax.random.key(0), *(jnp.zeros(s.shape) for s in X))
     return v, (lambda v, x, ctx: m.apply(v, x, ctx))
