@@ -48,11 +48,13 @@ class MambaBlock(nn.Module):
 
 
 class Mamba(nn.Module):
+    block: type = MambaBlock
+
     @nn.compact
     def __call__(self, ids):
         h = nn.Embed(V, D, name="embed")(ids)
         for i in range(2):
-            h = MambaBlock(name=f"layers_{i}")(h)
+            h = self.block(name=f"layers_{i}")(h)
         return nn.Dense(V, use_bias=False, name="lm_head")(nn.RMSNorm(name="norm_f")(h))
 
 
@@ -169,21 +171,12 @@ class _SplitInputBlock(nn.Module):
                              nn.Dense(DI, use_bias=False, name="in_z")(x))
 
 
-class _SplitInput(nn.Module):
-    @nn.compact
-    def __call__(self, ids):
-        h = nn.Embed(V, D, name="embed")(ids)
-        for i in range(2):
-            h = _SplitInputBlock(name=f"layers_{i}")(h)
-        return nn.Dense(V, use_bias=False, name="lm_head")(nn.RMSNorm(name="norm_f")(h))
-
-
 def test_the_tree_splits_the_causal_conv_and_x_proj_with_the_column_beside_them():
     # From the tree, the depthwise conv1d (4, 1, 128) follows in_x's split 128 features, x_proj (128 -> 40)
     # joins its pair as a row and dt_proj (8 -> 128) as a column, and D, inside the block, follows: the hand
     # layout. The tree kept the conv, x_proj, dt_proj and D whole, and XLA gathered in_x's output for them
     # (on a sibling Mamba with a separate A_log pairing: 1.20x the hand layout's collectives)
-    m = _SplitInput()
+    m = Mamba(_SplitInputBlock)
     v = jax.eval_shape(m.init, jax.random.key(0), *SAMPLE)
     tree = tpflax.plan(v, MESH, batch=SAMPLE)
     hand = tpflax.plan(v, MESH, rules=[(r"in_(x|z)/kernel$", P(None, "model")), *HAND[1:]])
