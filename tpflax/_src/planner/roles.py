@@ -119,6 +119,9 @@ def stage_widths(facts: Sequence[Facts], widths: set[int], sure: bool):
     return of
 
 
+_MLP_TAILS = ("w1", "w2", "w3", "gate_proj", "up_proj")
+
+
 def role_name(f: Facts) -> str:
     """The name that tells a layer's role: its own, or its parent's when its own is generic.
 
@@ -126,8 +129,9 @@ def role_name(f: Facts) -> str:
     >>> leaf = Leaf("params/layer/attention/output/dense/kernel", (8, 8), "float32", 4)
     >>> role_name(Facts(leaf, "dense", 0, "params/layer/attention/output/dense", ""))
     'output'
-    >>> role_name(Facts(Leaf("params/moe/shared_w2/kernel", (8, 8), "float32", 4), "dense", 0, "params/moe/shared_w2", ""))
-    'w2'
+    >>> named = lambda unit: role_name(Facts(Leaf(unit + "/kernel", (8, 8), "float32", 4), "dense", 0, unit, ""))
+    >>> named("params/moe/shared_w2"), named("params/attn/q_a_proj"), named("params/attn/query_key_value")
+    ('w2', 'q_a_proj', 'query_key_value')
     """
     name = f.unit_name
     if COLUMN_NAMES.match(name) or ROW_NAMES.match(name):
@@ -136,10 +140,11 @@ def role_name(f: Facts) -> str:
     # ``attention/output/dense``, ``intermediate/dense`` (BERT): the parent names the role.
     if COLUMN_NAMES.match(parent) or ROW_NAMES.match(parent):
         return parent
-    # a prefixed name (DeepSeek's ``shared_w1``/``shared_w2``, ``expert_gate_proj``): its known tail
-    words = name.split("_")
-    tails = ("_".join(words[i:]) for i in range(1, len(words)))
-    return next((t for t in tails if COLUMN_NAMES.match(t) or ROW_NAMES.match(t)), name)
+    # a prefixed MLP name (``shared_w1``/``shared_w3``/``shared_w2`` beside routed experts, ``shared_up_proj``):
+    # only these tails, which name nothing else; ``proj``, ``value`` or ``down_proj`` would rename MLA's
+    # ``q_a_proj`` and ``q_down_proj`` and Falcon's ``query_key_value``
+    tail = next((t for t in _MLP_TAILS if name.endswith("_" + t)), None)
+    return tail or name
 
 
 def linear_view(f: Facts, siblings: Sequence[Facts], widths: set[int] = frozenset()) -> Linear:

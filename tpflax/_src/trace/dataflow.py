@@ -53,7 +53,7 @@ from tpflax._src.facts.tree import unboxed, walk
 from tpflax._src.mesh import traced_under
 from tpflax._src.model import abstract, as_model, labels_hint
 from tpflax._src.trace.handlers import new_walk
-from tpflax._src.trace.interpreter import Val, is_minor
+from tpflax._src.trace.interpreter import SLICED, Val, is_minor
 from tpflax._src.trace.records import Dataflow, Edge, Use, remap_added
 from tpflax._src.trace.sharing import VIEWS, own_casts, read_groups, shared_reads
 
@@ -368,12 +368,11 @@ def _pieces_joined(w: Any) -> tuple[dict[str, Any], dict[tuple[int, int], tuple[
             if not is_minor(k)}
     for k, taken in w.slices.items():
         sizes = tiles(taken)
-        if sizes is None:
-            if any(total % size or start % size for start, size, total in taken):
-                escapes.setdefault(root(k), "sliced (a split of the dim needs its other shards)")
-        elif len(set(sizes)) > 1:  # unequal pieces, split naively over the fused dim like a split's
+        if sizes is not None and len(set(sizes)) > 1:  # unequal pieces, split naively over the fused dim like a split's
+            if escapes.get(root(k)) == SLICED:
+                del escapes[root(k)]
             cuts.setdefault(root(k), (sizes, ()))
-            fused[root(k)] = max(fused.get(root(k), 1), len(sizes))
+            fused[root(k)] = len(sizes)
     return {"edges": edges, "escapes": escapes, "caps": caps, "fused": fused, "cuts": cuts,
             "outputs": {root(k) for k in w.outputs}}, branches
 

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tpflax._src.trace import collectives, constraints, contractions, control
-from tpflax._src.trace.interpreter import Handler, Val, Walk, is_minor, opaque
+from tpflax._src.trace.interpreter import SLICED, Handler, Val, Walk, is_minor, opaque
 from tpflax._src.trace.reshape import reshape
 
 # Ops that keep every dim in place (n-ary, equal shapes up to rank-0 operands).
@@ -309,13 +309,13 @@ def slice_(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> l
             if dst[d] == 1:
                 picked.append((d, src[d]))
         elif strides[d] == 1:
-            # a piece of unequal ones when the slices tile the dim (a GQA's fused [q | k | v] cut by static
-            # slices, q wider than k and v), else a split of the dim needs its other shards: decided when the
-            # walk has seen every slice (Walk.slices)
+            # a split of the dim needs its other shards, unless the slices tile it (a GQA's fused [q | k | v]
+            # cut by static slices, q wider than k and v): the walk's end drops the escape then (Walk.slices)
             limits[d] = dst[d]
             w.slice_of(v.dim_tags(d), starts[d], dst[d], src[d])
+            w.escape(v.dim_tags(d), SLICED)
         else:
-            w.escape(v.dim_tags(d), "sliced (a split of the dim needs its other shards)")
+            w.escape(v.dim_tags(d), SLICED)
     out = w.moved(v, list(range(v.rank)), ranks[0], limit=limits)
     for d, n in picked:
         out = w.pick(v, out, d, n)

@@ -56,6 +56,9 @@ NOTABLE = frozenset({"mul", "div", "logistic", "tanh", "exp", "erf", "erfc", "ma
                      "dot", "integer_pow", "square", "sqrt", "rsqrt", "log"})
 
 
+SLICED = "sliced (a split of the dim needs its other shards)"  # the escape of a slice that is no equal piece
+
+
 @dataclass(frozen=True)
 class Val:
     """What the walk knows about one jaxpr value.
