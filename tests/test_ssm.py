@@ -213,3 +213,12 @@ def test_a_column_joins_a_row_only_on_the_dim_its_pair_splits():
     ts = tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), sample=SAMPLE, loss=_loss)
     dr = tpflax.dry_run(ts, p, mesh, compiler_options=COMM_XLA)
     assert "all-gather" not in dr.comm(), dr.comm()
+
+
+def test_a_rule_forcing_the_row_beside_the_causal_conv_plans():
+    # the tree's follow-up of in_x's split looked the pair's row up among the undecided leaves: forced by a rule,
+    # out_proj was not there and plan() raised a bare StopIteration
+    m = Mamba(_SplitInputBlock)
+    v = jax.eval_shape(m.init, jax.random.key(0), *SAMPLE)
+    p = tpflax.plan(v, MESH, rules=[(r"out_proj/kernel$", P("model", None))])
+    assert p.spec("params/layers_0/conv1d/kernel") == P(None, None, "model")

@@ -495,17 +495,17 @@ def _beside_a_column(st: State, f: Facts, block: str, todo: Sequence[Facts]) -> 
         return False
     col = max(cols, key=lambda g: math.prod(g.body))
     _depthwise_follows(st, f, col, "in the block of a column making as many features, split (by shape):")
-    pair = next(q for q in st.pairs if q.id == st.out[col.path].pair)
+    pair = next((q for q in st.pairs if q.id == st.out[col.path].pair), None)  # (a head is a column of none)
+    row = st.facts.get(pair.rows[0]) if pair and pair.rows else None  # (a rule may have forced it)
     for g in todo:
         if g.group != block or g.kind != "dense" or g.path in st.out or _io(g) is None:
             continue
         if _io(g)[0] == h and _io(g)[1] < h:
             join_row(st, g, 0, col, f"reads {h} features in the block of {short(f.path)}, which is split like "
                                     f"{short(col.path)}'s output (by shape)")
-        elif _io(g)[1] == h and _io(g)[0] < h and pair.rows:
-            join_column_of(st, g, 1, next(x for x in todo if x.path == pair.rows[0]),
-                           f"makes {h} features beside {short(col.path)}'s split ones in the block of "
-                           f"{short(f.path)} (by shape)")
+        elif _io(g)[1] == h and _io(g)[0] < h and row is not None:
+            join_column_of(st, g, 1, row, f"makes {h} features beside {short(col.path)}'s split ones in the "
+                                          f"block of {short(f.path)} (by shape)")
     return True
 
 

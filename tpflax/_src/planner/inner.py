@@ -42,7 +42,7 @@ def inner_features(st: State, todo: Sequence[Facts]) -> None:
         # the pair's first row; rows joined later (a Mamba block's x_proj beside out_proj) read the same features
         rows, cols = [st.facts.get(r) for r in pair.rows], [st.facts.get(c) for c in pair.columns]
         row, rp = rows[0], st.out.get(pair.rows[0])
-        if row is None or rp is None or rp.strategy != "row" or len(row.body) != 2 or None in cols or None in rows:
+        if None in rows or None in cols or rp is None or rp.strategy != "row" or len(row.body) != 2:
             continue
         if any(st.out.get(c.path) is None or st.out[c.path].strategy not in OUTPUT_SPLITS for c in cols):
             continue

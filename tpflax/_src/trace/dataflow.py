@@ -323,12 +323,13 @@ def tiles(taken: set[tuple[int, int, int]]) -> tuple[int, ...] | None:
     >>> tiles({(0, 128, 256), (128, 64, 256), (192, 64, 256)}), tiles({(1, 7, 8)}), tiles({(0, 4, 8), (2, 6, 8)})
     ((128, 64, 64), None, None)
     """
+    totals = {total for _, _, total in taken}
     at, sizes = 0, []
-    for start, size, total in sorted(taken):
-        if start != at or total != next(iter(taken))[2]:
+    for start, size, _ in sorted(taken):
+        if start != at:
             return None
         at, sizes = at + size, [*sizes, size]
-    return tuple(sizes) if sizes and at == next(iter(taken))[2] else None
+    return tuple(sizes) if len(totals) == 1 and at == totals.pop() else None
 
 
 def _pieces_joined(w: Any) -> tuple[dict[str, Any], dict[tuple[int, int], tuple[frozenset[int], ...]]]:

@@ -316,12 +316,10 @@ class Walk:
                 self.fused[k] = max(self.fused.get(k, 1), pieces)
 
     def slice_of(self, m: TagMap, start: int, size: int, total: int) -> None:
-        """The tagged dims in ``m`` (of ``total`` elements) are sliced at ``[start, start + size)``."""
+        """The tagged dims in ``m`` (of ``total`` elements) are sliced at ``[start, start + size)`` (the minor
+        parts of cut dims are capped by the caller's :meth:`fuse` or :meth:`escape`)."""
         for k in m:
-            if is_minor(k):
-                if total % size or start % size:
-                    self.cap(k)
-            else:
+            if not is_minor(k):
                 self.slices.setdefault(k, set()).add((start, size, total))
 
     def piece(self, v: Val, axis: int, key: Any, index: int) -> Val:
