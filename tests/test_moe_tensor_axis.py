@@ -162,3 +162,17 @@ def test_prefixed_names_tell_square_kernels_roles_from_the_tree():
     m = LM(SharedExperts)
     p = tpflax.plan(jax.eval_shape(m.init, jax.random.key(0), TOK), MESH, batch=(TOK,))
     assert [p.spec(f"params/moe/shared_w{i}/kernel") for i in (1, 3, 2)] == [P(None, "model")] * 2 + [P("model", None)]
+
+
+def test_rules_forcing_the_runner_up_keep_the_pairs_roles(traced):
+    # traced, the chooser splits the experts over model; rules forcing Megatron inside each expert (its
+    # runner-up) still make a column -> row pair, which the estimate prices as one (Megatron's sums). Matched
+    # only against the chooser's pick, the forced kernels were left without a pair
+    m, v, _, kernels = traced
+    *cols, row = kernels
+    rules = [(rf"moe/({'|'.join(cols)})$", P(None, None, "model")), (rf"moe/{row}$", P(None, "model", None))]
+    p = tpflax.plan(v, MESH, model=m, sample=(TOK,), batch=(TOK,), rules=rules)
+    got = {k: (p.decisions[f"params/moe/{k}"].role, p.decisions[f"params/moe/{k}"].pair) for k in kernels}
+    pid = got[row][1]
+    assert pid is not None and got == {**{c: ("column", pid) for c in cols}, row: ("row", pid)}
+    assert next(pr for pr in p.pairs if pr.id == pid).sharded
