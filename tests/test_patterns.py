@@ -496,6 +496,126 @@ def test_projection_of_joined_inputs_pairs():
     assert specs(p, want) == want
     assert "applied to 2 inputs" in p.decisions["params/k/kernel"].reason
 
+
+class Disentangled(nn.Module):
+    """DeBERTa's disentangled attention: the query and key kernels project the hidden states and the
+    relative-position embeddings (a parameter, layer-normed), whose queries and keys score against the
+    tokens' keys and queries (content-to-position and position-to-content), gathered at the relative
+    distances."""
+
+    @nn.compact
+    def __call__(self, tok):
+        x = nn.Embed(V, D, name="wte")(tok)
+        span = 4
+        rel = nn.LayerNorm(name="rel_ln")(self.param("rel", nn.initializers.normal(0.02), (2 * span, D)))
+        qp, kp = nn.DenseGeneral((H, HD), name="q"), nn.DenseGeneral((H, HD), name="k")
+        q, k, v = qp(x), kp(x), nn.DenseGeneral((H, HD), name="v")(x)
+        pq, pk = qp(rel), kp(rel)
+        i = jnp.arange(T)
+        idx = jnp.broadcast_to(jnp.clip(i[:, None] - i[None, :] + span, 0, 2 * span - 1), (x.shape[0], H, T, T))
+        c2p = jnp.take_along_axis(jnp.einsum("bqhd,rhd->bhqr", q, pk), idx, axis=-1)
+        p2c = jnp.take_along_axis(jnp.einsum("bkhd,rhd->bhkr", k, pq), idx, axis=-1).swapaxes(-1, -2)
+        s = jax.nn.softmax((jnp.einsum("bqhd,bkhd->bhqk", q, k) + c2p + p2c) / (3 * HD) ** 0.5, -1)
+        x = x + nn.DenseGeneral(D, axis=(-2, -1), name="o")(jnp.einsum("bhqk,bkhd->bqhd", s, v))
+        return nn.Dense(V, name="lm")(x)
+
+
+def test_projections_of_hidden_states_and_positions_split_over_heads():
+    # traced, q and k are contracted twice: with the hidden states (heads kept) and, projected positions being
+    # a weight, with the other side's keys and queries (heads a batch dim); both uses carry the heads to the
+    # output projection. Kept whole as "shared weights", they cost 1.18x the bytes, 1.17x the collectives and
+    # 1.14x the flops of the Megatron layout on a 2-layer DeBERTa-v2 (XLA:CPU data=2,model=4)
+    m = Disentangled()
+    p = tpflax.plan(abstract(m, TOK), MESH, model=m, sample=(TOK,))
+    want = {f"{n}/kernel": P(None, "model", None) for n in "qkv"} | {"o/kernel": P("model", None, None)}
+    assert specs(p, want) == want
+    assert "applied to 2 inputs" in p.decisions["params/q/kernel"].reason
+
+
+class MedusaHeads(nn.Module):
+    """Medusa's extra decoding heads after the final norm: ``Dense(d, V)(x + silu(Dense(d, d)(x)))`` each, their
+    logits stacked with the LM head's as the model's output."""
+
+    @nn.compact
+    def __call__(self, tok):
+        x = nn.LayerNorm(name="ln_f")(nn.Embed(V, D, name="wte")(tok))
+        outs = [nn.Dense(V, use_bias=False, name="lm_head")(x)]
+        for j in range(2):
+            h = x + nn.silu(nn.Dense(D, name=f"medusa_{j}_res")(x))
+            outs.append(nn.Dense(V, use_bias=False, name=f"medusa_{j}_out")(h))
+        return jnp.stack(outs)
+
+
+class NetNamed(nn.Module):
+    """Transformer-XL's attention (``qkv_net`` fused, ``o_net``) and Griffin's local attention (``proj_q``,
+    ``proj_k``, ``proj_v``, ``proj_final``), side by side."""
+
+    @nn.compact
+    def __call__(self, tok):
+        x = nn.Embed(V, D, name="wte")(tok)
+        b, t, _ = x.shape
+        q, k, v = jnp.split(nn.Dense(3 * D, use_bias=False, name="qkv_net")(x).reshape(b, t, 3 * H, HD), 3, axis=2)
+        x = x + nn.Dense(D, use_bias=False, name="o_net")(attend(q, k, v).reshape(b, t, D))
+        q, k, v = (nn.Dense(D, use_bias=False, name=f"proj_{n}")(x).reshape(b, t, H, HD) for n in "qkv")
+        return x + nn.Dense(D, use_bias=False, name="proj_final")(attend(q, k, v).reshape(b, t, D))
+
+
+def test_net_and_final_names_tell_roles_from_the_tree():
+    # unread, Transformer-XL's attention was left whole (1.80x the hand layout's bytes, 1.96x its flops) and
+    # Griffin's proj_q/proj_final too (1.25x, 1.40x), XLA:CPU data=2,model=4
+    m = NetNamed()
+    p = tpflax.plan(abstract(m, TOK), MESH)
+    want = {"qkv_net/kernel": P(None, "model"), "o_net/kernel": P("model", None),
+            "proj_q/kernel": P(None, "model"), "proj_final/kernel": P("model", None)}
+    assert specs(p, want) == want
+
+
+class FlatBeit(nn.Module):
+    """A BEiT layer in one module: q/k/v/out and the MLP, a relative-position bias table looked up at fixed
+    distances (its rows divide the tensor axis, as BEiT's 228 do over 4) and the layer scales ``lambda_1`` and
+    ``lambda_2`` on the row outputs."""
+
+    @nn.compact
+    def __call__(self, tok):
+        x = nn.Embed(V, D, name="wte")(tok)
+        b, t, _ = x.shape
+        h = nn.LayerNorm(name="ln1")(x)
+        q, k, v = (nn.Dense(D, name=n)(h).reshape(b, t, H, HD) for n in ("query", "key", "value"))
+        table = self.param("relative_position_bias_table", nn.initializers.zeros, (4 * T, H))
+        i = jnp.arange(T)
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k) + table[(i[:, None] - i[None, :] + T)].transpose(2, 0, 1)
+        o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), v).reshape(b, t, D)
+        x = x + self.param("lambda_1", nn.initializers.ones, (D,)) * nn.Dense(D, name="output_dense")(o)
+        h = nn.Dense(D, name="fc2")(jax.nn.gelu(nn.Dense(F, name="fc1")(nn.LayerNorm(name="ln2")(x))))
+        return x + self.param("lambda_2", nn.initializers.ones, (D,)) * h
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["tree", "traced"])
+def test_relative_position_tables_split_on_heads_and_layer_scales_stay_whole(traced):
+    # the table was split over its rows as a token table (1.08x the hand layout's collectives traced, with the
+    # lambdas split tree-only 1.33x), XLA:CPU data=2,model=4
+    m = FlatBeit()
+    kw = {"model": m, "sample": (TOK,)} if traced else {}
+    p = tpflax.plan(abstract(m, TOK), MESH, **kw)
+    want = {"relative_position_bias_table": P(None, "model"), "lambda_1": P(None), "lambda_2": P(None),
+            "query/kernel": P(None, "model"), "output_dense/kernel": P("model", None)}
+    assert specs(p, want) == want
+
+
+def test_a_pair_whose_row_writes_the_logits_is_priced_as_a_vocab_split_head():
+    # each res -> out is a column -> row pair whose row writes logits: Megatron sums the V-wide logits forward,
+    # a vocab-split head sums three values a token and its D-wide input gradient. Megatron only (before): 2.10x
+    # the hand layout's collectives, and the final norm split like the res output (XLA:CPU data=2,model=4)
+    m = MedusaHeads()
+    p = tpflax.plan(abstract(m, TOK), MESH, model=m, sample=(TOK,), batch=(TOK,))
+    want = {"medusa_0_res/kernel": P(None, None), "medusa_0_out/kernel": P(None, "model"),
+            "lm_head/kernel": P(None, "model"), "ln_f/scale": P(None)}
+    assert specs(p, want) == want
+    d = p.decisions["params/medusa_0_out/kernel"]
+    alts = {a.name: a for a in d.alternatives}
+    assert d.kind == "head" and alts["output head split"].chosen
+    assert alts["Megatron split"].comm_bytes > alts["output head split"].comm_bytes
+
 # -- 13: scan stacks whose layers dim is not first (variable_axes={'params': 1}) ------
 
 class ScanLayer(nn.Module):

@@ -49,9 +49,12 @@ class _Names:
     (True, True)
     >>> COLUMN_NAMES.match("to_v") is not None, ROW_NAMES.match("to_out") is not None
     (True, True)
+    >>> COLUMN_NAMES.match("qkv_net") is not None, ROW_NAMES.match("o_net") is not None  # Transformer-XL's
+    (True, True)
     """
 
-    _AFFIX = re.compile(r"^(?:lin|linear|dense|proj|layer|to)_(?=\w)|(?<=\w)_(?:lin|linear|dense|layer|weight)$", re.I)
+    _AFFIX = re.compile(r"^(?:lin|linear|dense|proj|layer|to)_(?=\w)|(?<=\w)_(?:lin|linear|dense|layer|weight|net)$",
+                        re.I)
 
     def __init__(self, pattern: str) -> None:
         self.rx = re.compile(pattern, re.I)
@@ -66,7 +69,7 @@ COLUMN_NAMES = _Names(
     r"linear1|lin1|ff1|ffn_up|mlp_up|in|input_proj|proj_in|gate_up)$")
 ROW_NAMES = _Names(
     r"^(o|out|o_proj|out_proj|c_proj|proj|wo|w2|down|down_proj|fc2|fc_2|fc_out|dense_4h_to_h|"
-    r"linear2|lin2|ff2|ffn_down|mlp_down|output|dense_out|proj_out|attn_out)$")
+    r"linear2|lin2|ff2|ffn_down|mlp_down|output|dense_out|proj_out|attn_out|proj_final)$")
 SCAN_NAMES = re.compile(r"(layers|scan|stack|stacked|blocks|repeat|scanned)", re.I)
 KERNEL_LEAVES = frozenset({"kernel", "w", "weight", "weights"})
 

@@ -238,8 +238,13 @@ def body_spec(rank: int, dim: int, entry: Entry) -> list[Entry]:
 # column -> row pairs
 
 
-def shard_pair(st: State, kind: str, cols: list[Linear], row: Linear) -> None:
-    """Column kernels ``cols`` feeding ``row``: one all-reduce per pass when split."""
+def shard_pair(st: State, kind: str, cols: list[Linear], row: Linear, head: tuple[int, str] | None = None) -> None:
+    """Column kernels ``cols`` feeding ``row``: one all-reduce per pass when split.
+
+    ``head``: (body dim, why) when the row's output on that dim is the model's output (traced): the row is
+    also a candidate output head, split over that dim with its columns whole (Medusa's heads,
+    ``Dense(d, V)(x + silu(Dense(d, d)(x)))``: Megatron sums V-wide logits forward, a vocab-split head
+    three values a token and its d-wide input gradient)."""
     t_entry, t_size = st.tensor
     rdim = row.shard_dim("row")
     size = row.f.body[rdim]
@@ -279,6 +284,8 @@ def shard_pair(st: State, kind: str, cols: list[Linear], row: Linear) -> None:
         # narrow inner width, narrower than the activations its all-reduces move: step time decides
         # against keeping it whole, as for any split that moves the whole output (choose.best)
         options = [o and replace(o, sums_output=True) for o in options]
+    if head is not None and row.f.body[head[0]] % t_size == 0:
+        options.append(_row_as_head(st, cols, row, pair, head))
     options.append(Option("replicate", tuple(
         (lin.f.path, st.whole(lin.f, f"{lin.role} of pair {pair.id} ({lin.why}): kept whole on every tensor "
                                      "rank", pair.id, lin.role)) for lin in lins),
@@ -288,6 +295,31 @@ def shard_pair(st: State, kind: str, cols: list[Linear], row: Linear) -> None:
     chosen = st.out.get(row.f.path)
     if chosen is not None and chosen.strategy == "replicate":  # the chooser kept the pair whole
         st.pairs[st.pairs.index(pair)] = replace(pair, sharded=False, note="kept whole: cheaper by cost")
+    elif chosen is not None and chosen.kind == "head":
+        st.pairs[st.pairs.index(pair)] = replace(pair, sharded=False, note="its row split as an output head, "
+                                                                            "its columns whole: cheaper by cost")
+
+
+def logit_acts(t_entry: Entry, d: int, what: str) -> tuple[ActComm, ...]:
+    """A vocab-split output: the split softmax's three per-token reductions and the input gradients."""
+    return (ActComm("all-reduce", t_entry, 1, 3, f"{what}: max, sum and label logit of the split softmax"),
+            ActComm("all-reduce", t_entry, d, 1, f"{what}: sum input gradients (backward)"))
+
+
+def _row_as_head(st: State, cols: list[Linear], row: Linear, pair: Pair, head: tuple[int, str]) -> Option:
+    """A pair whose row writes the model's output: the row split over that output as a vocab-split output
+    head, its columns whole (:func:`shard_pair`)."""
+    t_entry, t_size = st.tensor
+    dim, why = head
+    n = row.f.body[dim]
+    props = [(col.f.path, st.whole(col.f, f"{col.role} of pair {pair.id} ({col.why}): kept whole on every tensor "
+                                          f"rank, as {short(row.f.path)} is split as an output head", pair.id,
+                                   col.role)) for col in cols]
+    props.append((row.f.path, st.proposal(row.f, body_spec(len(row.f.body), dim, t_entry), "column",
+                                          f"{why}; {n} outputs split over {axis_label(t_entry, t_size)} "
+                                          f"(vocab-parallel logits), its pair's columns kept whole", kind="head")))
+    return Option("output head split", tuple(props), logit_acts(t_entry, row.in_size, "vocab-split output head"),
+                  frozenset(p for p, _ in props))
 
 
 def _megatron(st: State, cols: list[Linear], row: Linear, pair: Pair, unit: str, size: int,

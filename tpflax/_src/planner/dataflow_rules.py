@@ -481,7 +481,13 @@ def _pair_row(c: _Flow, rid: int, adapters: bool = True) -> None:
                  role="row", why=f"traced: its contraction sums kernel dim {rb} against that output"
                                  f"{_shared(c, R.path)}")
     kind = "attention" if any("dot" in e.via for e in cols.values()) else "mlp"
-    shard_pair(c.st, kind, lins, row)
+    out = [k for k in R.kept if (R.id, k) in c.flow.outputs and not c.out_edges.get((R.id, k))]
+    head = None
+    if out and R.op == "dot":
+        b = fR.body_dim(out[0])
+        head = (b, f"output projection (traced): its {fR.body[b]} outputs (dim {b}) are the model's output, with "
+                   "no later contraction")
+    shard_pair(c.st, kind, lins, row, head)
 
 
 def _low_rank(c: _Flow, e: Edge, rid: int) -> bool:

@@ -8,11 +8,15 @@ conv (``conv_1d/w`` ``(taps, F)``), per-feature decays (``rg_lru/a_param`` ``(F,
 them in the forward pass, and the backward pass gathers their gradients (and the optimizer holds them
 whole on every tensor rank). Split with the features, they cost nothing: no collective, a quarter of the
 bytes. Only leaves inside the module that holds both sides of the pair are read this way (a layer's scale
-on the residual stream sits beside its attention or MLP module, not in it).
+on the residual stream sits beside its attention or MLP module, not in it), and none named as a layer scale
+(BEiT's ``lambda_1``, CaiT's ``gamma_1``, timm's ``ls1``), which scales the row's output: a BEiT layer holding
+its projections and its layer scales in one module split them, 1.26x the collectives of the hand layout
+(XLA:CPU data=2,model=4).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from tpflax._src.facts.classify import Facts
@@ -26,6 +30,7 @@ from tpflax._src.planner.builders import (
 )
 
 _KINDS = ("other", "dense")
+LAYER_SCALE = re.compile(r"^(lambda|gamma|ls|layer_?scale)_?\d*$", re.I)
 
 
 def inner_features(st: State, todo: Sequence[Facts]) -> None:
@@ -56,7 +61,7 @@ def inner_features(st: State, todo: Sequence[Facts]) -> None:
             continue
         width = row.body[dim]
         for f in loose:
-            if f.path not in st.out and f.unit.startswith(inside):
+            if f.path not in st.out and f.unit.startswith(inside) and not LAYER_SCALE.match(f.unit_name):
                 _follow(st, f, width, pair.id, short(row.path), t_entry, t_size, todo)
 
 

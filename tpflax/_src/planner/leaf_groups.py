@@ -14,7 +14,7 @@ from dataclasses import replace
 from tpflax._src.cost.price import ActComm, stream_gathers
 from tpflax._src.facts.classify import ATTN, POS_EMBED, REL_BIAS, Facts
 from tpflax._src.mesh import FSDP
-from tpflax._src.planner.builders import Proposal, State, axis_label, body_spec, short
+from tpflax._src.planner.builders import Proposal, State, axis_label, body_spec, logit_acts, short
 from tpflax._src.planner.choose import Chosen, Option, fit, revise
 from tpflax._src.planner.constraints import split_updated, update_gathers
 from tpflax._src.specs import Entry, entry_axes, used_axes
@@ -57,12 +57,15 @@ def shard_embedding(st: State, f: Facts, vdim: int, evidence: str = "", tied: bo
     # ``q (k h) -> h q k``, split on its columns holds a quarter of the table and XLA:CPU compiles fewer
     # collectives than for the whole table, whose gradient the split scores leave split (measured on the
     # DalleBart probe: 0.95x the bytes, 0.995x the collectives; its row split: 1.08x the collectives)
+    # (a table named as a relative-position bias is one wherever it sits: BEiT's, Swin's and a user's own at a
+    # block's top level, looked up at fixed distances, were split over their rows, 1.08x the collectives of the
+    # heads split when the rows divide, XLA:CPU data=2,model=4)
     rel = bool(REL_BIAS.search(f.unit_name))
-    bias = rank == 2 and bool(ATTN.search(f.path)) and (d < v or rel) and d % t_size == 0
+    bias = rank == 2 and ((bool(ATTN.search(f.path)) and d < v) or rel) and d % t_size == 0
     if v % t_size == 0 and not bias:
         acts = (ActComm("all-reduce", t_entry, d, 1, "sum the looked-up rows (forward)"),)
         if tied:
-            acts += _logit_acts(t_entry, d, "tied output embedding")
+            acts += logit_acts(t_entry, d, "tied output embedding")
         options.append(Option("vocab split", ((f.path, st.proposal(
             f, body_spec(rank, vdim, t_entry), "vocab",
             f"vocab: {ev}{v} rows split over {over} (vocab-parallel lookup{' and logits' if tied else ''})")),),
@@ -106,19 +109,13 @@ def shard_embedding(st: State, f: Facts, vdim: int, evidence: str = "", tied: bo
         options.append(Option("heads split", ((f.path, st.proposal(
             f, body_spec(2, 1 - vdim, t_entry), "heads",
             f"heads: {ev}a {v} x {d} table inside an attention layer: its {d} columns (one per head) split "
-            f"over {over} like the heads of the scores they are added to" if d < v else
-            f"heads: {ev}a {v} x {d} relative-position bias inside an attention layer: its {d} columns, read "
-            f"into the scores, split over {over} with them")),)))
+            f"over {over} like the heads of the scores they are added to" if d < v and not rel else
+            f"heads: {ev}a {v} x {d} relative-position bias: its {d} columns, read into the scores, split over "
+            f"{over} with them")),)))
     options.append(Option("replicate", ((f.path, st.whole(
         f, f"embedding: {ev}{' x '.join(map(str, f.body))} table kept whole on every tensor rank")),), (), mm,
         whole=True))
     st.choose("embedding", options, [f])
-
-
-def _logit_acts(t_entry: Entry, d: int, what: str) -> tuple[ActComm, ...]:
-    """A vocab-split output: the split softmax's three per-token reductions and the input gradients."""
-    return (ActComm("all-reduce", t_entry, 1, 3, f"{what}: max, sum and label logit of the split softmax"),
-            ActComm("all-reduce", t_entry, d, 1, f"{what}: sum input gradients (backward)"))
 
 
 def shard_output_head(st: State, f: Facts, dim: int, evidence: str) -> None:
@@ -131,7 +128,7 @@ def shard_output_head(st: State, f: Facts, dim: int, evidence: str) -> None:
         split = Option("vocab split", ((f.path, st.proposal(
             f, body_spec(len(f.body), dim, t_entry), "column",
             f"{evidence}; {n} outputs split over {axis_label(t_entry, t_size)} (vocab-parallel logits)",
-            kind="head")),), _logit_acts(t_entry, d, "vocab-split output head"), mm)
+            kind="head")),), logit_acts(t_entry, d, "vocab-split output head"), mm)
         whole = Option("replicate", ((f.path, st.whole(f, f"{evidence}; kept whole on every tensor rank",
                                                        kind="head")),), (), mm, whole=True)
         st.choose("head", [split, whole], [f])

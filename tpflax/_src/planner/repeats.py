@@ -12,7 +12,9 @@ dims in the trace, and both are still one column or row of a pair:
   before the same contraction (LongT5's transient-global keys and values, of the
   tokens and of the per-block summaries, concatenated along the keys): every use
   reaches the same consumer over the same dims, so a split of the output
-  features is the same split for each.
+  features is the same split for each. Uses reading the weight differently join
+  too when one dim reaches the same consumers from each (DeBERTa's query and key
+  kernels, :func:`joined_on`).
 
 :func:`merge_uses` folds such uses into the first, so the dataflow rules pair
 the weight once; a split then holds in every call.
@@ -67,6 +69,37 @@ def joined(flow: Dataflow, uses: Sequence[Use]) -> bool:
     return bool(first[0]) and all(_sinks(flow, u.id) == first for u in uses[1:])
 
 
+def joined_on(flow: Dataflow, uses: Sequence[Use]) -> Use | None:
+    """Uses of one weight that read it differently but carry one dim alike to the same consumers: the use
+    keeping that dim, to stand for them all; None if there is no such dim.
+
+    DeBERTa's disentangled attention projects the hidden states and the relative-position embeddings with
+    the same query and key kernels. The embeddings are a parameter, so the trace sees the kernel's product
+    with them as a weight, contracted with the other side's queries or keys over head_dim, its heads a batch
+    dim. Split over heads, every use splits alike and each reaches the attention output's projection on its
+    heads, as the hidden states' projection does. A dim that any use contracts, or whose output escapes or
+    leaves the model, is no such dim.
+
+    >>> u = [Use(0, "q", "dot", (0,), (1, 2)), Use(1, "q", "dot", (2,), (), (1,)), Use(2, "o", "dot", (0, 1), (2,))]
+    >>> e = [Edge("q", 0, 1, "o", 2, 0, 4, ()), Edge("q", 1, 1, "o", 2, 0, 4, ())]
+    >>> flow = Dataflow(("q", "o"), tuple(u), tuple(e), {(0, 2): "dot"}, frozenset(), frozenset(), {}, frozenset(), {})
+    >>> joined_on(flow, u[:2]).id
+    0
+    """
+    dims = set.intersection(*({*u.kept, *u.batch} for u in uses))
+
+    def sinks(uid: int, d: int) -> frozenset:
+        return frozenset((e.dst_use, e.dst_dim) for e in flow.edges if e.src_use == uid and e.src_dim == d)
+
+    for d in sorted(dims):
+        if any((u.id, d) in flow.escapes or (u.id, d) in flow.outputs for u in uses):
+            continue
+        first = sinks(uses[0].id, d)
+        if first and all(sinks(u.id, d) == first for u in uses[1:]):
+            return next((u for u in uses if d in u.kept), None)
+    return None
+
+
 def merge_uses(flow: Dataflow, shapes: Mapping[str, tuple[int, ...]]) -> Dataflow:
     """One use for a parameter contracted once per slice or once per call of its layer.
 
@@ -96,7 +129,13 @@ def merge_uses(flow: Dataflow, shapes: Mapping[str, tuple[int, ...]]) -> Dataflo
                                                               us[0].batch) for u in us)
         sliced = bool(missing) and len(us) <= math.prod(shape[d] for d in missing)
         inside = {p for p, vs in by_path.items() if len(vs) == len(us)}
-        if len(us) < 2 or not same:
+        if len(us) < 2:
+            continue
+        if not same:
+            rep = joined_on(flow, us) if all(u.op == us[0].op for u in us) else None
+            if rep is not None:
+                alias.update({u.id: rep.id for u in us if u is not rep})
+                tag.update({u.id: "join" for u in us if u is not rep})
             continue
         how = ("alias" if sliced else None if missing else "repeat" if repeated(flow, us, inside)
                else "join" if joined(flow, us) else None)

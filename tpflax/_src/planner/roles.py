@@ -22,6 +22,7 @@ from tpflax._src.facts.classify import (
     POS_EMBED,
     ROW_NAMES,
     Facts,
+    _Names,
     fused_projection,
     projection_stack,
 )
@@ -537,8 +538,8 @@ def _square_like_flipped(lins: list[Linear]) -> None:
             lin.why += f"; stored (out, in) like {short(flipped[0].f.path)}"
 
 
-FUSED_NAMES = re.compile(r"^(qkv|query_key_value|c_attn|wqkv|w_pack|in_proj|qkv_proj|fused_qkv|kv|kv_proj|wkv|"
-                         r"gate_up|gate_up_proj|w13)$", re.I)
+FUSED_NAMES = _Names(r"^(qkv|query_key_value|c_attn|wqkv|w_pack|in_proj|qkv_proj|fused_qkv|kv|kv_proj|wkv|"
+                     r"gate_up|gate_up_proj|w13)$")
 
 
 def fused_partners(lins: list[Linear]) -> None:
