@@ -481,7 +481,10 @@ def _pair_row(c: _Flow, rid: int, adapters: bool = True) -> None:
                  role="row", why=f"traced: its contraction sums kernel dim {rb} against that output"
                                  f"{_shared(c, R.path)}")
     kind = "attention" if any("dot" in e.via for e in cols.values()) else "mlp"
-    out = [k for k in R.kept if (R.id, k) in c.flow.outputs and not c.out_edges.get((R.id, k))]
+    # its output the model's, not added to a residual stream on the way (a last block's row in a model without
+    # a head): a vocab-split head's pricing (the split softmax) is for logits
+    out = [k for k in R.kept if (R.id, k) in c.flow.outputs and not c.out_edges.get((R.id, k))
+           and (R.id, k) not in c.flow.streamed]
     head = None
     if out and R.op == "dot":
         b = fR.body_dim(out[0])
