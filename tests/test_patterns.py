@@ -602,6 +602,33 @@ def test_relative_position_tables_split_on_heads_and_layer_scales_stay_whole(tra
     assert specs(p, want) == want
 
 
+class Factorized(nn.Module):
+    """ALBERT's factorized embedding: a table of width E < D, mapped up to the encoder's D
+    (``embedding_hidden_mapping_in``) and, for the MLM head, back down to E (``pred_dense``), both at the
+    model's top level with the encoder between them."""
+
+    @nn.compact
+    def __call__(self, tok):
+        emb = nn.Embed(V, 32, name="word_embeddings")
+        x = nn.Dense(D, name="embedding_hidden_mapping_in")(nn.LayerNorm(name="embeddings_ln")(emb(tok)))
+        b, t, _ = x.shape
+        h = nn.LayerNorm(name="ln1")(x)
+        q, k, v = (nn.Dense(D, name=n)(h).reshape(b, t, H, HD) for n in ("q_proj", "k_proj", "v_proj"))
+        x = x + nn.Dense(D, name="o_proj")(attend(q, k, v).reshape(b, t, D))
+        x = x + nn.Dense(D, name="ffn_output")(jax.nn.gelu(nn.Dense(F, name="ffn")(nn.LayerNorm(name="ln2")(x))))
+        return emb.attend(nn.LayerNorm(name="pred_ln")(nn.Dense(32, name="pred_dense")(x)))
+
+
+def test_projections_between_two_stream_widths_are_no_pair():
+    # E -> D and D -> E mirror each other, and both E and D are norm widths: streams, not a block's inner
+    # features. Paired by their mirror shapes, the encoder's stream was split between them: 1.36x the
+    # collectives of the hand layout, above the replicated plan's (XLA:CPU data=2,model=4)
+    p = tpflax.plan(abstract(Factorized(), TOK), MESH)
+    want = {"embedding_hidden_mapping_in/kernel": P(None, None), "pred_dense/kernel": P(None, None),
+            "ffn/kernel": P(None, "model"), "q_proj/kernel": P(None, "model")}
+    assert specs(p, want) == want
+
+
 def test_a_pair_whose_row_writes_the_logits_is_priced_as_a_vocab_split_head():
     # each res -> out is a column -> row pair whose row writes logits: Megatron sums the V-wide logits forward,
     # a vocab-split head sums three values a token and its D-wide input gradient. Megatron only (before): 2.10x
