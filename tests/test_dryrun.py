@@ -137,13 +137,14 @@ def test_report_shows_estimated_and_compiled_memory_side_by_side():
 
 
 def test_compiler_options_reach_xla_and_leave_the_numbers_alone():
-    # without LLVM's optimisations (what case() and the slow compile tests use) XLA:CPU runs the
-    # same HLO passes: the same buffers, collectives and FLOPs, to the byte
+    # without LLVM's optimisations (dry_run's CPU default, which case() uses) XLA:CPU runs the same HLO passes
+    # as with them (XLA's own default, level 3): the same buffers, collectives and FLOPs, to the byte
     p, _, fast = case("mlp", (("model", 8),))
     m, variables, _ = _acts("mlp")
     mesh = tpflax.make_mesh(p.mesh)
     ts = make_train_step(m, p, mesh, optax.adamw(1e-3), BATCH["mlp"], variables=variables)
-    dr = dry_run(ts, p, mesh)  # XLA's defaults
+    dr = dry_run(ts, p, mesh, compiler_options={"xla_backend_optimization_level": 3})  # XLA's defaults
+    assert dr.compiler_options != fast.compiler_options
     assert (fast.memory, fast.collectives, fast.flops) == (dr.memory, dr.collectives, dr.flops)
     with pytest.raises(tpflax.CompileError):  # the options are really handed to XLA
         dry_run(ts, p, mesh, compiler_options={"xla_no_such_option": 1})
