@@ -629,6 +629,26 @@ def test_projections_between_two_stream_widths_are_no_pair():
     assert specs(p, want) == want
 
 
+class FlatAlbertLayer(nn.Module):
+    """ALBERT's layer with its attention and MLP in one module: ``query``/``key``/``value``, the attention's
+    output ``dense`` (a name no role reads), ``ffn``/``ffn_output``."""
+
+    @nn.compact
+    def __call__(self, tok):
+        x = nn.Embed(V, D, name="wte")(tok)
+        b, t, _ = x.shape
+        q, k, v = (nn.Dense(D, name=n)(x).reshape(b, t, H, HD) for n in ("query", "key", "value"))
+        x = nn.LayerNorm(name="attention_ln")(x + nn.Dense(D, name="dense")(attend(q, k, v).reshape(b, t, D)))
+        return nn.LayerNorm(name="full_ln")(x + nn.Dense(D, name="ffn_output")(jax.nn.gelu(nn.Dense(F, name="ffn")(x))))
+
+
+def test_the_one_kernel_reading_named_queries_is_their_row():
+    p = tpflax.plan(abstract(FlatAlbertLayer(), TOK), MESH)
+    want = {"query/kernel": P(None, "model"), "value/kernel": P(None, "model"), "dense/kernel": P("model", None),
+            "ffn/kernel": P(None, "model"), "ffn_output/kernel": P("model", None)}
+    assert specs(p, want) == want
+
+
 def test_a_pair_whose_row_writes_the_logits_is_priced_as_a_vocab_split_head():
     # each res -> out is a column -> row pair whose row writes logits: Megatron sums the V-wide logits forward,
     # a vocab-split head sums three values a token and its D-wide input gradient. Megatron only (before): 2.10x
