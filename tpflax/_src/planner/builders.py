@@ -284,7 +284,10 @@ def shard_pair(st: State, kind: str, cols: list[Linear], row: Linear, head: tupl
         # narrow inner width, narrower than the activations its all-reduces move: step time decides
         # against keeping it whole, as for any split that moves the whole output (choose.best)
         options = [o and replace(o, sums_output=True) for o in options]
-    if head is not None and row.f.body[head[0]] % t_size == 0:
+    # a row widening into the model's output (logits wider than what it reads), not an attention's output
+    # projection: the vocab-split head's price (the split softmax) is for logits
+    if (head is not None and kind != "attention" and row.heads is None and row.f.body[head[0]] > row.in_size
+            and row.f.body[head[0]] % t_size == 0):
         options.append(_row_as_head(st, cols, row, pair, head))
     options.append(Option("replicate", tuple(
         (lin.f.path, st.whole(lin.f, f"{lin.role} of pair {pair.id} ({lin.why}): kept whole on every tensor "

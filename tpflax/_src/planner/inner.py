@@ -60,8 +60,11 @@ def inner_features(st: State, todo: Sequence[Facts]) -> None:
         if dim is None:
             continue
         width = row.body[dim]
+        out = row.body[1 - dim]
         for f in loose:
-            if f.path not in st.out and f.unit.startswith(inside) and not LAYER_SCALE.match(f.unit_name):
+            # (a layer scale multiplies the row's output, as wide as it: a GRN's gamma of the inner width follows)
+            if f.path not in st.out and f.unit.startswith(inside) and not (
+                    LAYER_SCALE.match(f.unit_name) and tuple(f.body) == (out,)):
                 _follow(st, f, width, pair.id, short(row.path), t_entry, t_size, todo)
 
 

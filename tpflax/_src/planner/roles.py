@@ -313,12 +313,14 @@ def assign_roles(lins: list[Linear], widths: set[int], sure: bool = False) -> No
     _columns_of_a_named_row(lins)
     _column_of_a_lone_row(lins, widths)
     _row_of_named_queries(lins)
-    # Without widths or names, a kernel whose mirror image is in the block pairs by shape. One between two residual
-    # widths maps one stream onto another (ALBERT's factorized embedding E -> H and its MLM head's H -> E, both at
-    # the model's top level, the whole encoder between them): paired, the encoder's H-wide stream was split
-    # between them, 1.36x the collectives of keeping both whole (XLA:CPU data=2,model=4)
+    # Without widths or names, a kernel whose mirror image is in the block pairs by shape. One at the model's top
+    # level between two residual widths maps one stream onto another (ALBERT's factorized embedding E -> H and its
+    # MLM head's H -> E, the whole encoder between them): paired, the encoder's H-wide stream was split between
+    # them, 1.36x the collectives of keeping both whole (XLA:CPU data=2,model=4). Inside a block the same widths
+    # are a stage's MLP (Swin's first stage, 96 -> 384 -> 96, where 384 is a later stage's width)
     for lin in lins:
-        if lin.role is not None or lin.in_size == lin.out_size or {lin.in_size, lin.out_size} <= set(widths):
+        if lin.role is not None or lin.in_size == lin.out_size or (
+                "/" not in lin.f.group and {lin.in_size, lin.out_size} <= set(widths)):
             continue
         mirror = [m for m in lins if m is not lin and m.in_size == lin.out_size and m.out_size == lin.in_size]
         if mirror:
