@@ -383,3 +383,26 @@ def test_nnx_model_and_optimizer_of_a_placed_model_keeps_its_weights_by_default(
                                                                 tx=optax.adam(1e-3)), plan, mesh)
     assert np.asarray(tpflax.unshard(ts.params, plan)["qkv"]["kernel"].get_value()).tobytes() == \
         np.asarray(host["qkv"]["kernel"].get_value()).tobytes()
+
+
+def test_placing_an_already_stored_tree_again_does_not_reorder_it(plans, host, mesh):
+    """Regression: ``tpflax.shard`` of a tree tpflax had already put into the stored order (the output of
+    ``shard``, ``init_sharded``) put it into that order a second time: its fused kernels came back scrambled
+    (unshard(..., plan) no longer gave the model's weights). Arrays known as stored are now taken from their
+    order: placed again on the aligned plan they stay, bit for bit; on a plan without the layout (``"split"``)
+    they come back in the model's order."""
+    plan, odd = plans["aligned"], _signed(host)
+    placed = tpflax.shard(odd, plan, mesh, check_finite=False)
+    again = tpflax.shard(placed, plan, mesh, check_finite=False)
+    assert _bits(tpflax.unshard(again)) == _bits(_stored(odd))
+    assert _bits(tpflax.unshard(tpflax.shard(again, plan, mesh, check_finite=False), plan)) == _bits(odd)
+    assert _bits(tpflax.unshard(tpflax.shard(placed, plans["split"], mesh, check_finite=False))) == _bits(odd)
+    assert _bits(tpflax.unshard(placed)) == _bits(_stored(odd))  # the input is kept
+    made = tpflax.init_sharded(MODEL.init, plan, mesh, jax.random.key(1), X)
+    assert _bits(tpflax.unshard(tpflax.shard(made, plan, mesh), plan)) == _bits(host)
+    from flax import nnx
+
+    m = _nnx_attn()
+    nplan = tpflax.plan(nnx.state(m), MESH, model=m, sample=(X,), fused="aligned")
+    twice = tpflax.shard(tpflax.shard(m, nplan, mesh), nplan, mesh)
+    assert _bits(tpflax.unshard(twice, nplan)) == _bits(tpflax.unshard(m))

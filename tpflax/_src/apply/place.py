@@ -104,7 +104,10 @@ def shard(tree: Any, plan: Plan, mesh: Any = None, *, per_shard: bool = False,
         ``Decision.layout`` (``plan(..., fused="aligned")``) are put into the
         stored order (new arrays: numpy reordered on the host, jax arrays by a
         jitted gather; a memmap is then read whole); ``unshard(tree, plan)``
-        gives the model's order back.
+        gives the model's order back. Arrays tpflax already put into a stored
+        order (the output of ``shard``, ``init_sharded``, a restore) are known
+        as stored: placed again they are not moved a second time (on a plan
+        without the layout they are put back into the model's order).
 
     Raises:
         PlanMismatchError: the tree's paths, shapes or dtypes, or the mesh,

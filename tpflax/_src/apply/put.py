@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from tpflax._src.apply.bind import bind_mesh, match_plan, plan_leaf_shardings, rebox_all
-from tpflax._src.apply.stored import has_layouts, mark_stored, reorder
+from tpflax._src.apply.stored import has_layouts, into_plan_order, mark_stored
 from tpflax._src.errors import TpflaxWarning, TreeError
 from tpflax._src.facts.tree import is_box, keystr, unbox, walk
 from tpflax._src.planner.plan import Plan
@@ -138,12 +138,13 @@ def place_tree(tree: Any, plan: Plan, mesh: Any = None, *, per_shard: bool = Fal
     check_values(tree, values)
     if check_finite is not False:
         _warn_nonfinite(tree, values, everywhere=bool(check_finite))
-    lays = [plan.decisions[p].layout for p in match_plan(plan, walk(tree)[0])] if has_layouts(plan) else None
-    if lays:  # head-aligned fused kernels: into the stored order (new arrays)
-        values = reorder(values, lays)
+    lays = ([plan.decisions[p].layout for p in match_plan(plan, walk(tree)[0])] if has_layouts(plan)
+            else [None] * len(values))
+    # head-aligned fused kernels: into the stored order (new arrays); arrays tpflax already stored (the
+    # output of shard, init_sharded, a restore) are taken from that order, not moved a second time
+    values = into_plan_order(values, lays)
     placed = put(values, shards, per_shard=per_shard, donate=donate)
-    if lays:
-        mark_stored(placed, lays)
+    mark_stored(placed, lays)
     return rebox_all(boxes, placed, treedef)
 
 

@@ -148,6 +148,25 @@ def reorder(values: Sequence[Any], layouts: Sequence[Interleave | None], *, back
     return out
 
 
+def into_plan_order(values: Sequence[Any], layouts: Sequence[Interleave | None]) -> list[Any]:
+    """``values`` in the order ``layouts`` give (None: the model's), wherever they are now.
+
+    A jax array tpflax already put into a stored order (:func:`stored_layout`: the output of
+    :func:`tpflax.shard`, :func:`tpflax.init_sharded`, a restore) is taken from that order, not from the
+    model's: placed again on the same plan it is not moved, on a plan without the layout it is moved back.
+    Every other value is taken to be in the model's order.
+    """
+    out = list(values)
+    for i, (x, lay) in enumerate(zip(values, layouts, strict=True)):
+        held = stored_layout(x)
+        if held == lay:
+            continue
+        if held is not None:
+            x = reorder([x], [held], back=True)[0]
+        out[i] = reorder([x], [lay])[0] if lay is not None else x
+    return out
+
+
 def _on_devices(x: jax.Array, lay: Interleave, back: bool) -> jax.Array:
     check_fits(x, lay)
     index = lay.inverse() if back else lay.order()
@@ -164,5 +183,5 @@ def model_order(tree: Any, plan: Plan | None) -> Any:
     return jax.tree_util.tree_unflatten(treedef, reorder(flat, tree_layouts(plan, unboxed(tree)), back=True))
 
 
-__all__ = ["ORDERS", "check_order", "derived", "has_layouts", "mark_stored", "model_order", "reorder",
+__all__ = ["ORDERS", "check_order", "derived", "has_layouts", "into_plan_order", "mark_stored", "model_order", "reorder",
            "resolve_order", "stored_layout", "tree_layouts", "tree_paths"]
