@@ -161,6 +161,40 @@ def test_init_sharded_advances_an_nnx_rngs_argument_as_plain_nnx_does(mesh, chun
     assert c.up.kernel.get_value().sharding.device_set == {jax.devices()[0]}
 
 
+def test_init_sharded_advances_every_stream_of_nested_rngs_as_plain_nnx_does(mesh):
+    """Regression: an ``nnx.Rngs`` of several streams (params, dropout, a custom ``noise``) reached through a
+    container argument (``init_sharded(lambda a: Model(a["rngs"]), plan, mesh, {"rngs": rngs})``), used by
+    nested submodules, was not advanced: a second call made the first call's weights. Every stream is now
+    left where two ``Model(rngs)`` calls leave it, and each call's weights are the plain constructor's."""
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.a, self.drop = nnx.Linear(8, 16, rngs=rngs), nnx.Dropout(0.1, rngs=rngs)
+            self.b = nnx.Linear(16, 8, rngs=rngs)
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.blocks = nnx.List([Block(rngs), Block(rngs)])
+            self.noise = nnx.Param(jax.random.normal(rngs.noise(), (8,)))
+
+    make = lambda: nnx.Rngs(params=0, dropout=1, noise=2)  # noqa: E731
+    plain = make()
+    a, b = Model(plain), Model(plain)
+    plan = tpflax.plan(nnx.state(a), DP_TP)
+    state = lambda r: {jax.tree_util.keystr(p): np.asarray(  # noqa: E731
+        jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
+        for p, x in jax.tree_util.tree_leaves_with_path(nnx.state(r))}
+    for wrap in (lambda r: r, lambda r: {"rngs": r}, lambda r: (r,)):
+        rngs = make()
+        build = lambda arg: Model(jax.tree_util.tree_leaves(arg, is_leaf=lambda x: isinstance(x, nnx.Rngs))[0])  # noqa: E731
+        a2 = tpflax.init_sharded(build, plan, mesh, wrap(rngs))
+        b2 = tpflax.init_sharded(build, plan, mesh, wrap(rngs))
+        params = lambda m: tpflax.unshard(nnx.state(m, nnx.Param))  # noqa: E731
+        assert_bit_exact(params(a2), params(a))
+        assert_bit_exact(params(b2), params(b))
+        got, want = state(rngs), state(plain)
+        assert got.keys() == want.keys() and all(same_bytes(got[k], want[k]) for k in got), (got, want)
+
+
 def test_init_sharded_nnx_module_with_a_dropout_key(mesh):
     # nnx.Dropout keeps an RNG key in the state: sizing the init chunks read its dtype with numpy,
     # which does not know key<fry> (a raw TypeError); the key comes back replicated, bit-exact

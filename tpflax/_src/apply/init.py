@@ -55,8 +55,9 @@ def init_sharded(init_fn: Callable[..., Any], plan: Plan, mesh: Any = None, *arg
         TraceError: ``init_fn`` closes over an ``nnx.Rngs`` made outside it (create it inside,
             or pass it as a positional argument).
 
-    An ``nnx.Rngs`` passed as a positional argument is advanced as plain NNX advances it
-    (``Model(rngs)``), so a second ``init_sharded`` with the same ``Rngs`` makes other weights.
+    An ``nnx.Rngs`` passed as a positional argument (or inside one: a dict, a tuple) is advanced as
+    plain NNX advances it (``Model(rngs)``), every stream, so a second ``init_sharded`` with the same
+    ``Rngs`` makes other weights.
 
     >>> import jax, flax.linen as nn, tpflax
     >>> model = nn.Dense(8)
@@ -108,21 +109,23 @@ def _init(as_tree: Callable[..., Any], graphdefs: list[Any], plan: Plan, mesh: A
     out: list[Any] = [None] * len(flat_shards)
     # an nnx.Rngs argument is advanced as plain NNX advances it: the traced copy's state after the init
     # (the same from every chunk: each runs the whole init) is written back to the caller's
-    nodes = [i for i, a in enumerate(args) if _is_rngs(a)]
+    # (every one among the arguments, nested in a dict or tuple too)
+    nodes = _rngs_in(args)
     node_states: list[Any] = []
     for n, chunk in enumerate(_chunks(jax.tree_util.tree_leaves(abstract), flat_shards, chunk_bytes)):
         def chunk_init(*a, chunk=chunk, first=n == 0):
+            traced = _rngs_in(a)  # the traced copies, before the init advances them
             leaves = jax.tree_util.tree_leaves(as_tree(*a))
             made = [leaves[i] if flat_lays[i] is None else to_storage(leaves[i], flat_lays[i]) for i in chunk]
-            return made, [_node_state(a[i]) for i in nodes] if first else []
+            return made, [_node_state(r) for r in traced] if first else []
 
         replicated = NamedSharding(mesh, PartitionSpec())
         made, states = jax.jit(chunk_init, out_shardings=([flat_shards[i] for i in chunk], replicated))(*args)
         node_states = node_states or states
         for i, x in zip(chunk, made, strict=True):
             out[i] = x
-    for i, state in zip(nodes, node_states, strict=True):
-        _write_back(args[i], state)
+    for node, state in zip(nodes, node_states, strict=True):
+        _write_back(node, state)
     mark_stored(out, flat_lays)
     tree = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract), out)
     if graphdefs:
@@ -138,6 +141,11 @@ def _is_rngs(x: Any) -> bool:
     from flax import nnx
 
     return isinstance(x, (nnx.Rngs, nnx.RngStream))
+
+
+def _rngs_in(args: Any) -> list[Any]:
+    """The ``nnx.Rngs`` (and ``RngStream``) objects among ``args``, at any depth of their containers."""
+    return [x for x in jax.tree_util.tree_leaves(args, is_leaf=_is_rngs) if _is_rngs(x)]
 
 
 def _node_state(node: Any) -> Any:
