@@ -119,6 +119,43 @@ def test_an_nnx_module_and_optimizer_are_saved_as_their_state(tmp_path):
     assert_bit_exact(tpflax.unshard(restored), tpflax.unshard(nnx.state(opt)))
 
 
+def test_restore_like_an_nnx_module_gives_a_new_module_holding_the_checkpoint(tmp_path):
+    """Regression: ``restore_checkpoint(path, plan, mesh, like=module)`` (a module, concrete or from
+    ``nnx.eval_shape``, or an ``nnx.Optimizer``) failed with orbax's structure mismatch on flax's own
+    ``_pytree__state`` fields, wrapped as a CheckpointError. It now restores the object's state and
+    merges it into a new object of that structure, as ``tpflax.shard(module, ...)`` gives one; the
+    object passed is left as it was."""
+    import optax
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.up, self.drop = nnx.Linear(16, 64, rngs=rngs), nnx.Dropout(0.1, rngs=rngs)
+            self.down = nnx.Linear(64, 16, rngs=rngs)
+
+        def __call__(self, x):
+            return self.down(self.drop(nnx.relu(self.up(x))))
+
+    mesh = tpflax.make_mesh({"data": 2, "model": 4})
+    model, other = Net(nnx.Rngs(0, dropout=1)), Net(nnx.Rngs(5, dropout=7))
+    plan = tpflax.plan(nnx.state(model), {"data": 2, "model": 4})
+    path = tpflax.save_checkpoint(tmp_path / "m", model)
+    keys = lambda t: jax.tree_util.tree_map(_key_data_or_value, tpflax.unshard(t))  # noqa: E731
+    before = keys(other)
+    for like in (other, nnx.eval_shape(lambda: Net(nnx.Rngs(0, dropout=1)))):
+        back = tpflax.restore_checkpoint(path, plan, mesh, like=like)
+        assert isinstance(back, Net) and back is not like
+        assert back.up.kernel.get_value().sharding.spec == plan.spec("up/kernel")
+        assert_bit_exact(keys(back), keys(model))
+        back(np.ones((2, 16), np.float32))  # a usable module
+    assert_bit_exact(keys(other), before)  # like= is not written
+    assert isinstance(tpflax.restore_checkpoint(path, like=other), Net)
+    opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+    opath = tpflax.save_checkpoint(tmp_path / "o", opt)
+    got = tpflax.restore_checkpoint(opath, like=nnx.Optimizer(other, optax.adam(1e-3), wrt=nnx.Param))
+    assert isinstance(got, nnx.Optimizer)
+    assert_bit_exact(keys(got), keys(opt))
+
+
 def _key_data_or_value(x):
     return jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
 

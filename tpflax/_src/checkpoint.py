@@ -104,7 +104,7 @@ def save_checkpoint(path: str | os.PathLike, tree: Any, *, plan: Plan | None = N
         tree: arrays (flax boxes and nnx Variables are unwrapped to their values). Python scalars
             are saved as the int32 / float32 jax makes of them (64-bit with ``jax_enable_x64``).
             An nnx Module or Optimizer is saved as its ``nnx.state(...)``: restore it with
-            ``like=nnx.state(obj)`` and ``nnx.update(obj, restored)``.
+            ``like=obj`` (a new object) or ``like=nnx.state(obj)`` (its state, for ``nnx.update``).
         plan: stored alongside (``tpflax.json``, or the step's custom metadata) for reference.
             A plan that stores fused kernels head-aligned (``plan(..., fused="aligned")``) must be
             passed with a tree placed by it: those leaves, and the optimizer-state leaves tied to
@@ -415,6 +415,13 @@ def _plan_decisions(paths: list[str], stored_leaves: dict[str, Any], plan: Plan,
 
 def _restore_item(ocp: Any, item: Path, plan: Plan | None, mesh: Any, like: Any,
                   shardings: Any) -> Any:
+    if is_graph_node(like):  # an nnx Module / Optimizer: its state restored, merged into a new object
+        from flax import nnx
+
+        graphdef, state = nnx.split(like)
+        if is_graph_node(shardings):
+            shardings = nnx.state(shardings)
+        return nnx.merge(graphdef, _restore_item(ocp, item, plan, mesh, state, shardings))
     stored = _item_tree(ocp, item)
     stored_leaves = _stored_leaves(stored)
     structure = stored if like is None else like
@@ -521,7 +528,10 @@ def restore_checkpoint(path: str | os.PathLike, plan: Plan | None = None, mesh: 
         mesh: the target mesh (or a shape; defaults to the plan's).
         like: a tree (concrete or abstract) giving the structure to restore
             into (e.g. ``model.abstract_variables()``, an ``nnx.State`` or a
-            flax ``TrainState``); default: nested dicts as stored.
+            flax ``TrainState``); default: nested dicts as stored. An nnx
+            Module or Optimizer (concrete, or from ``nnx.eval_shape``) gives a
+            *new* object of its structure holding the restored state (the one
+            passed is left as it was), as :func:`tpflax.shard` gives one.
         shardings: a ``Sharding`` tree shaped like ``like`` to restore with
             instead of a plan (e.g. :func:`tpflax.train_state_shardings`, or
             :func:`tpflax.state_shardings` for ``{"params": ..., "opt_state": ...}``).
