@@ -453,6 +453,8 @@ BAD = [
     Bad("why file that cannot be written (a bare OSError before)",
         lambda: tpflax.report(PLAN, why="/nonexistent/dir/why.txt"),
         tpflax.OptionError, ("why='/nonexistent/dir/why.txt'", "cannot be written", "directory that exists")),
+    Bad("why given as no path (a bare TypeError from pathlib before)", lambda: tpflax.report(PLAN, why=True),
+        tpflax.OptionError, ("why=True", "file path")),
     Bad("checkpoint that does not exist",
         lambda: tpflax.restore_checkpoint("/nonexistent/tpflax-ckpt", PLAN, mesh(model=2)),
         tpflax.CheckpointError, ("/nonexistent/tpflax-ckpt", "check the path")),

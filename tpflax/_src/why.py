@@ -7,6 +7,7 @@ the same candidates are shown once.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,8 @@ def why_text(plan: Any) -> str:
 
 def write_why(plan: Any, path: Any) -> None:
     """Write :func:`why_text` to ``path``; an OptionError naming it when it cannot be written."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise OptionError(f"why={path!r} is no file path: give the path of a file to write (e.g. why='why.txt')")
     text = why_text(plan)
     try:
         Path(path).write_text(text)
