@@ -100,6 +100,71 @@ def _rows(m: Any, paths: Collection[str]) -> dict[str, tuple[int, bool]]:
     return out
 
 
+def ragged_buffers(m: Any, paths: Collection[str]) -> dict[str, float]:
+    """``{path: rows}`` of the ``jax.lax.ragged_dot`` kernels among ``paths`` whose tokens carry no batch dim:
+    a dropless MoE that sorts every token of the batch by expert (``jnp.argsort`` of the flattened top-k ids)
+    and gathers them in that order. XLA cannot split a sort over the dim it sorts, so it gathers the ids,
+    and the sorted tokens are summed over the batch axes (a masked gather): every device of those axes runs
+    the experts on all the tokens, and their weights' gradients need no sum over them (measured, XLA:CPU
+    data=2,model=4: the ``f32[T*k, d]`` tokens all-reduced over data at the gather and at the combine's
+    transpose, no expert weight in the gradients' all-reduce). Empty when the model cannot be traced again.
+    Kept per model and shapes: do not change the dict returned.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from tpflax._src.model import as_model
+    >>> def moe(v, x):  # x (tokens, d): sorted globally by a routing id, then the experts
+    ...     ids = jnp.argmax(x @ v["gate"], -1)
+    ...     xs = x[jnp.argsort(ids)]
+    ...     return jax.lax.ragged_dot(xs, v["w"], jnp.bincount(ids, length=3).astype(jnp.int32))
+    >>> sds = jax.ShapeDtypeStruct
+    >>> m = as_model(moe, (sds((8, 16), "float32"),), {"gate": sds((16, 3), "float32"), "w": sds((3, 16, 32), "float32")})
+    >>> ragged_buffers(m, {"w"})
+    {'w': 8}
+    """
+    from tpflax._src.model_cache import cached
+
+    return cached("ragged_buffers", m, lambda: _ragged_buffers(m, paths), tuple(sorted(paths)))
+
+
+def _ragged_buffers(m: Any, paths: Collection[str]) -> dict[str, float]:
+    from tpflax._src.errors import TraceError
+    from tpflax._src.trace.dataflow import trace_jaxpr
+    from tpflax._src.trace.handlers import new_walk
+    from tpflax._src.trace.interpreter import Val
+
+    if not m.batch_size:
+        return {}
+    try:
+        closed, leaves, n = trace_jaxpr(m)
+    except TraceError:
+        return {}
+    jaxpr = closed.jaxpr
+    w = new_walk()
+    args = [Val(len(getattr(v.aval, "shape", ())),
+                origin=((leaves[i], tuple(range(len(v.aval.shape)))),) if i < len(leaves) else (),
+                fed=i >= len(leaves))
+            for i, v in enumerate(jaxpr.invars)]
+    w.run(jaxpr, args)
+    dots: dict[int, list[tuple[bool, ...]]] = {}
+    _batch_dims(jaxpr, [_input_flags(v, m.batch_size) if i >= n else _none(v) for i, v in enumerate(jaxpr.invars)],
+                dots, m.batch_size)
+    out: dict[str, float] = {}
+    batched: set[str] = set()  # read by a contraction whose tokens keep the batch somewhere
+    for u in w.uses:
+        if u.op != "dot" or u.path not in paths or u.id not in w.reads:
+            continue
+        eqn, i, _ = w.reads[u.id]  # i: the activation's operand
+        source = getattr(eqn, "source", eqn)
+        if i != 0 or source.primitive.name != "ragged_dot_general" or id(source) not in dots or any(
+                dots[id(source)][0]):
+            batched.add(u.path)
+            continue
+        (lc, _), _ = source.params["ragged_dot_dimension_numbers"].dot_dimension_numbers
+        shape = _shape(source.invars[0])
+        out.setdefault(u.path, math.prod(k for d, k in enumerate(shape) if d not in lc))
+    return {p: r for p, r in out.items() if p not in batched}
+
+
 # -- which dims carry the batch: the sample's leading dim, followed through the forward ----------------------
 
 def _shape(v: Any) -> tuple[int, ...]:
@@ -170,6 +235,29 @@ def _batch_dims(jaxpr: Any, ins: list[tuple[bool, ...]], dots: dict, examples: i
             outs = [tuple(lhs[a] or rhs[b] for a, b in zip(lb, rb, strict=True))
                     + tuple(lhs[d] for d in range(len(lhs)) if d not in lc and d not in lb)
                     + tuple(rhs[d] for d in range(len(rhs)) if d not in rc and d not in rb)]
+        elif name == "ragged_dot_general":  # (rows, d) x (groups, d, f): the lhs's rows, then the kernel's free dims
+            dots.setdefault(id(eqn), fs[:2])
+            rn = prm["ragged_dot_dimension_numbers"]
+            (lc, rc), (lb, rb) = rn.dot_dimension_numbers
+            lhs, rhs = fs[:2]
+            skip = set(rc) | set(rb) | set(rn.rhs_group_dimensions)
+            outs = [tuple(lhs[a] or rhs[b] for a, b in zip(lb, rb, strict=True))
+                    + tuple(lhs[d] for d in range(len(lhs)) if d not in lc and d not in lb)
+                    + tuple(rhs[d] for d in range(len(rhs)) if d not in skip)]
+        elif name == "sort":  # sorted along a dim that carried the batch, every device needs all of it
+            same = [f for f in fs if len(f) == len(_shape(eqn.outvars[0]))]
+            flags = [any(x) for x in zip(*same, strict=True)] if same else list(_none(eqn.outvars[0]))
+            flags[prm["dimension"]] = False
+            outs = [tuple(flags)] * len(eqn.outvars)
+        elif name == "gather":  # the index dims carry the indices' flags, the offset dims the operand's
+            dn = prm["dimension_numbers"]
+            kept = [f for d, f in enumerate(fs[0]) if d not in dn.collapsed_slice_dims
+                    and d not in dn.operand_batching_dims]
+            index = list(fs[1][:-1])
+            o = []
+            for d in range(len(_shape(eqn.outvars[0]))):
+                o.append(kept.pop(0) if d in dn.offset_dims and kept else index.pop(0) if index else False)
+            outs = [tuple(o)]
         elif name == "reshape":
             outs = [_reshape(fs[0], _shape(eqn.invars[0]), _shape(eqn.outvars[0]))]
         elif name == "transpose":

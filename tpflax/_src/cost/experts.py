@@ -91,7 +91,8 @@ def buffer_items(s: Scope) -> list[CommItem]:
     loose, edges = s.loose_buffered, s.edges or frozenset()
     seen: set[tuple] = set()
     for p in loose:
-        block, count = dec[p].unit.rsplit("/", 1)[0], layers(dec[p]) * s.lv.count[p]
+        block = dec[p].unit.rsplit("/", 1)[0]
+        count = layers(dec[p]) * _blocks(s, p, block)
         first = not any((q, p) in edges for q in loose) and _once(seen, ("in", block, body(dec[p])[1]))
         last = not any((p, q) in edges for q in loose) and _once(seen, ("out", block, body(dec[p])[-1]))
         ends.append((p if first else None, p if last else None, count, s.lv.label[p]))
@@ -99,6 +100,17 @@ def buffer_items(s: Scope) -> list[CommItem]:
     for c, r, count, source in ends:
         items += _buffer_sums(s, axes, c, r, count, source)
     return items
+
+
+def _blocks(s: Scope, path: str, block: str) -> int:
+    """The blocks holding the alike leaves of ``path``'s class (``block``: the one holding ``path``). Leaves of one
+    block read one dispatch and write one output (a gated expert MLP's ``wi_0`` and ``wi_1``, alike, are one class
+    of two), so the buffer is summed once per block, not once per leaf."""
+    if not path.startswith(block + "/"):
+        return s.lv.count[path]
+    depth = path[len(block) + 1:].count("/") + 1
+    members = [q for q, r in s.lv.rep_of.items() if r == path] or [path]
+    return len({q.rsplit("/", depth)[0] for q in members})
 
 
 def _once(seen: set, key: tuple) -> bool:
@@ -128,5 +140,7 @@ def _buffer_bytes(path: str, width: int, s: Scope) -> float:
     """Bytes of the expert buffer ``path`` reads or writes on one device: its experts split as the kernel's
     (an expert axis holds its experts' rows only; a batch axis gathers the kernel for the work)."""
     d = s.lv.decisions[path]
+    if path not in s.batched:  # a ragged_dot's sorted tokens (cost.buffers.ragged_buffers): whole on every device
+        return s.rows_of(path) * width * s.act_item
     split = [a for a in entry_axes(drop_layers(d, s.lv.specs[path])[0]) if a not in s.batch_axes]
     return s.rows_of(path) * width * s.act_item / s.size(split)
