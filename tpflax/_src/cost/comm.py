@@ -520,8 +520,10 @@ def _embedding_items(path: str, d: Any, axes: tuple[str, ...], s: Scope, *, note
     # a table of more dims (Gemma 3n's per-layer inputs, (vocab, layers, width)) looks up all its trailing dims
     # per row, and its unit's calls are another table's (the token table's, in the same embedder)
     acts = acts_for(s.activations, d.unit) if len(b) == 2 else []
-    size = s.nbytes(acts[0].output) if acts else s.rows_local * (math.prod(b[1:]) if split_vocab else b[-1]) \
-        * s.act_item
+    # the ids its lookup gathers, traced (one codebook's of a multi-codebook input), else the batch's tokens
+    looked = s.lookup_rows.get(path)
+    rows = looked * s.batch.size / s.shards if looked else s.rows_local
+    size = s.nbytes(acts[0].output) if acts else rows * (math.prod(b[1:]) if split_vocab else b[-1]) * s.act_item
     if split_vocab and s.backend == "tpu" and s.parts is not None:
         # XLA:TPU sums the split rows in the dtype the lookup made them in, traced: a float32 table looked up as it
         # is in a bfloat16 model (transformers' GPT-J: f32[4,32,64], measured on v5e:2x4 data=2,model=4)

@@ -90,6 +90,7 @@ class Scope:
     # (param dim, pieces, pieces read whole): see cost/reshard.py
     shared: frozenset[str] | None = None  # traced kernels whose input gradient is reduced apart (trace.sharing)
     lookups: Mapping[str, int] | None = None  # traced tables looked up by several gathers (cost.traced.Traced)
+    lookup_rows: Mapping[str, float] = field(default_factory=dict)  # traced: ids per example a lookup gathers
     grouped: Mapping[str, tuple[float, float]] | None = None  # traced grouped convolutions (cost.traced.Traced)
     joined: Mapping[str, tuple[float, ...]] | None = None  # a projection's joined other uses' rows (Traced)
     widths: Mapping[str, int] | None = None  # traced elements a parameter's contraction sums over (Traced)

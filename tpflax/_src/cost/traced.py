@@ -240,6 +240,9 @@ class Traced:
     expanded: Mapping[str, tuple[tuple[int, int, int], ...]] = field(default_factory=dict)
     crossed: tuple[str, ...] = ()  # (Dataflow.crossed)
     ffts: tuple[str, ...] = ()  # (Dataflow.ffts)
+    # {table: ids per example its first lookup from the inputs gathers}: a multi-codebook model's tables each look up
+    # one codebook's ids of a (batch, codebooks, steps) input, not all of them
+    lookup_rows: Mapping[str, float] = field(default_factory=dict)
     batched_dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     shard_mapped: InSpecs = field(default_factory=dict)
     direct: frozenset[str] = frozenset()
@@ -390,7 +393,8 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None
                   expanded=_expanded(flow), batched_dots=flow.dots(batched=True),
                   shard_mapped=dict(flow.in_specs), direct=frozenset(flow.uses[u].path for u in flow.direct),
                   derived=flow.derived_dots(), cast_to=flow.cast_to(), cast_some=flow.cast_some(),
-                  slice_reads=_slice_reads(flow, slices), crossed=flow.crossed, ffts=flow.ffts)
+                  slice_reads=_slice_reads(flow, slices), crossed=flow.crossed, ffts=flow.ffts,
+                  lookup_rows=_lookup_rows(flow, examples))
 
 
 def _slice_reads(flow: Any, slices: Mapping[str, int]) -> dict[str, int]:
@@ -542,3 +546,12 @@ def _sliced(jaxpr: Any, var: Any) -> bool:
                     and _sliced(inner, inner.invars[i]):
                 return True
     return False
+
+
+def _lookup_rows(flow: Any, examples: int) -> dict[str, float]:
+    """``{table: ids per example}`` of each table's first lookup at ids from the inputs (:attr:`Traced.lookup_rows`)."""
+    out: dict[str, float] = {}
+    for u in flow.uses:
+        if u.op == "gather" and u.looked and not u.fixed and u.path not in out:
+            out[u.path] = math.prod(u.looked) / examples
+    return out
