@@ -520,16 +520,17 @@ def _embedding_items(path: str, d: Any, axes: tuple[str, ...], s: Scope, *, note
     # a table of more dims (Gemma 3n's per-layer inputs, (vocab, layers, width)) looks up all its trailing dims
     # per row, and its unit's calls are another table's (the token table's, in the same embedder)
     acts = acts_for(s.activations, d.unit) if len(b) == 2 else []
-    # the ids its lookup gathers, traced (one codebook's of a multi-codebook input), else the batch's tokens
+    looks = (s.lookups or {}).get(path, 1)  # a table the encoder and the decoder both look up (T5)
+    # the ids its lookups gather, traced (one codebook's of a multi-codebook input; the encoder's and the
+    # decoder's of a shared table: each lookup is summed apart, priced at their mean), else the batch's tokens
     looked = s.lookup_rows.get(path)
-    rows = looked * s.batch.size / s.shards if looked else s.rows_local
+    rows = looked * s.batch.size / s.shards / looks if looked else s.rows_local
     size = s.nbytes(acts[0].output) if acts else rows * (math.prod(b[1:]) if split_vocab else b[-1]) * s.act_item
     if split_vocab and s.backend == "tpu" and s.parts is not None:
         # XLA:TPU sums the split rows in the dtype the lookup made them in, traced: a float32 table looked up as it
         # is in a bfloat16 model (transformers' GPT-J: f32[4,32,64], measured on v5e:2x4 data=2,model=4)
         cast = (s.cast_to or {}).get(path)
         size = size / s.act_item * (acts[0].itemsize if acts else itemsize(cast) if cast else leaf_itemsize(d))
-    looks = (s.lookups or {}).get(path, 1)  # a table the encoder and the decoder both look up (T5)
     lv = s.lv  # a feature-split lookup keeps the residual stream split: gathered behind each norm too
     feeds_stream = _feeds_stream(path, d, axes, s)
     table = next((t for t in s.conditions or {} if lv.rep_of.get(t, t) == path), None)

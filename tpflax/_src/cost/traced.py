@@ -240,8 +240,9 @@ class Traced:
     expanded: Mapping[str, tuple[tuple[int, int, int], ...]] = field(default_factory=dict)
     crossed: tuple[str, ...] = ()  # (Dataflow.crossed)
     ffts: tuple[str, ...] = ()  # (Dataflow.ffts)
-    # {table: ids per example its first lookup from the inputs gathers}: a multi-codebook model's tables each look up
-    # one codebook's ids of a (batch, codebooks, steps) input, not all of them
+    # {table: ids per example its lookups from the inputs gather, together}: a multi-codebook model's tables each
+    # look up one codebook's ids of a (batch, codebooks, steps) input, not all of them; a shared table the
+    # encoder's ids and the decoder's
     lookup_rows: Mapping[str, float] = field(default_factory=dict)
     batched_dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     shard_mapped: InSpecs = field(default_factory=dict)
@@ -549,9 +550,9 @@ def _sliced(jaxpr: Any, var: Any) -> bool:
 
 
 def _lookup_rows(flow: Any, examples: int) -> dict[str, float]:
-    """``{table: ids per example}`` of each table's first lookup at ids from the inputs (:attr:`Traced.lookup_rows`)."""
+    """``{table: ids per example}`` its lookups at ids from the inputs gather, together (:attr:`Traced.lookup_rows`)."""
     out: dict[str, float] = {}
     for u in flow.uses:
-        if u.op == "gather" and u.looked and not u.fixed and u.path not in out:
-            out[u.path] = math.prod(u.looked) / examples
+        if u.op == "gather" and u.looked and not u.fixed:
+            out[u.path] = out.get(u.path, 0.0) + math.prod(u.looked) / examples
     return out
