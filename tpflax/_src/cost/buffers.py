@@ -67,9 +67,9 @@ def _batched_rows(m: Any, paths: Collection[str]) -> tuple[dict[str, float], dic
     return per_example, {p: r for p, (r, _) in now.items() if p not in per_example}
 
 
-def _rows(m: Any, paths: Collection[str]) -> dict[str, tuple[int, bool]]:
-    """``{path: (rows, keeps the batch)}`` of the activation the first batched ``dot_general`` of each
-    parameter reads."""
+def _walk(m: Any) -> tuple[Any, dict[int, list[tuple[bool, ...]]]]:
+    """The dataflow walk of ``m``'s forward and, per ``dot_general`` (and ``ragged_dot_general``), which dims of
+    its operands carry the batch (:func:`_batch_dims`)."""
     from tpflax._src.trace.dataflow import trace_jaxpr
     from tpflax._src.trace.handlers import new_walk
     from tpflax._src.trace.interpreter import Val
@@ -87,6 +87,14 @@ def _rows(m: Any, paths: Collection[str]) -> dict[str, tuple[int, bool]]:
     dots: dict[int, list[tuple[bool, ...]]] = {}
     _batch_dims(jaxpr, [_input_flags(v, examples) if i >= n else _none(v) for i, v in enumerate(jaxpr.invars)],
                 dots, examples)
+    return w, dots
+
+
+def _rows(m: Any, paths: Collection[str]) -> dict[str, tuple[int, bool]]:
+    """``{path: (rows, keeps the batch)}`` of the activation the first batched ``dot_general`` of each
+    parameter reads."""
+    w, dots = _walk(m)
+    examples = m.batch_size
     out: dict[str, tuple[int, bool]] = {}
     for u in w.uses:
         if u.op != "dot" or not u.batch or u.path not in paths or u.path in out or u.id not in w.reads:
@@ -128,26 +136,13 @@ def ragged_buffers(m: Any, paths: Collection[str]) -> dict[str, float]:
 
 def _ragged_buffers(m: Any, paths: Collection[str]) -> dict[str, float]:
     from tpflax._src.errors import TraceError
-    from tpflax._src.trace.dataflow import trace_jaxpr
-    from tpflax._src.trace.handlers import new_walk
-    from tpflax._src.trace.interpreter import Val
 
     if not m.batch_size:
         return {}
     try:
-        closed, leaves, n = trace_jaxpr(m)
+        w, dots = _walk(m)
     except TraceError:
         return {}
-    jaxpr = closed.jaxpr
-    w = new_walk()
-    args = [Val(len(getattr(v.aval, "shape", ())),
-                origin=((leaves[i], tuple(range(len(v.aval.shape)))),) if i < len(leaves) else (),
-                fed=i >= len(leaves))
-            for i, v in enumerate(jaxpr.invars)]
-    w.run(jaxpr, args)
-    dots: dict[int, list[tuple[bool, ...]]] = {}
-    _batch_dims(jaxpr, [_input_flags(v, m.batch_size) if i >= n else _none(v) for i, v in enumerate(jaxpr.invars)],
-                dots, m.batch_size)
     out: dict[str, float] = {}
     batched: set[str] = set()  # read by a contraction whose tokens keep the batch somewhere
     for u in w.uses:
