@@ -40,8 +40,8 @@ def shard_experts(st: State, col: Facts, row: Facts, n_exp: int, ffn: int, evide
              ("no expert axis" if e_size == 1 else f"{n_exp} experts not divisible by "
               f"{axis_label(e_entry, e_size)}"))
     # untraced, the two tensor-axis layouts tie at the tokens and Megatron is kept: measured on XLA:CPU
-    # data=2,model=4, the experts over the tensor axis cost 0.58-0.75x Megatron's collectives on a GShard or
-    # Switch dispatch, but 2.0x on tokens sorted for ragged_dot and 8x (3.7x the flops) on a Python loop over the
+    # data=2,model=4, the experts over the tensor axis cost 0.58-0.87x Megatron's collectives on a GShard or
+    # Switch dispatch, but 2.0x on tokens sorted for ragged_dot and 9x (3.7x the flops) on a Python loop over the
     # experts; the trace tells them apart
     tail = f"; {evidence}" if evidence else ""
     if not et_ok:
