@@ -16,11 +16,9 @@ from tpflax._src.apply.bind import bind_mesh, rebox_all
 from tpflax._src.apply.put import check_values, place_tree, put
 from tpflax._src.apply.stored import (
     has_layouts,
+    in_stored_order,
     mark_stored,
-    reorder,
-    resolve_order,
     tree_layouts,
-    tree_paths,
 )
 from tpflax._src.facts.tree import unbox
 from tpflax._src.planner.plan import Plan
@@ -66,8 +64,7 @@ def shard_module(obj: Any, plan: Plan, mesh: Any = None, *, per_shard: bool = Fa
     check_values(state, values, what="the optimizer's state")
     if has_layouts(plan):
         lays = tree_layouts(plan, state)
-        if resolve_order(order, tree_paths(state), values, lays) == "model":  # as shard() takes it: stored
-            values = reorder(values, lays)
+        values = in_stored_order(order, state, values, lays)  # in the model's order, as shard() takes it
     placed = put(values, [NamedSharding(mesh, s) for s in specs], per_shard=per_shard)
     if has_layouts(plan):
         mark_stored(placed, lays)

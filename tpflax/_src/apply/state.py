@@ -18,11 +18,9 @@ from tpflax._src.apply.put import check_values, put
 from tpflax._src.apply.stored import (
     check_order,
     has_layouts,
+    in_stored_order,
     mark_stored,
-    reorder,
-    resolve_order,
     tree_layouts,
-    tree_paths,
 )
 from tpflax._src.errors import OptionError, PlanMismatchError
 from tpflax._src.facts.tree import is_box, keystr, unbox, walk
@@ -218,8 +216,7 @@ def shard_optimizer_state(optimizer: Any, opt_state: Any, plan: Plan, mesh: Any 
         check_values(opt_state, values, what="the optimizer state")
         if laid:  # the moments of head-aligned kernels into the stored order
             lays = tree_layouts(plan, opt_state, optimizer=optimizer, params=made_from)
-            if resolve_order(order, tree_paths(opt_state), values, lays) == "model":
-                values = reorder(values, lays)
+            values = in_stored_order(order, opt_state, values, lays)
         placed = put(values, [NamedSharding(mesh, s) for s in specs])
         if laid:
             mark_stored(placed, lays)
@@ -231,8 +228,7 @@ def shard_optimizer_state(optimizer: Any, opt_state: Any, plan: Plan, mesh: Any 
         if laid:  # in the model's order: initialise from the stored one, moved where it is (bit-exact)
             boxes, treedef = jax.tree_util.tree_flatten(start, is_leaf=is_box)
             values, lays = [unbox(b) for b in boxes], tree_layouts(plan, start)
-            if resolve_order(order, tree_paths(start), values, lays) == "model":
-                start = rebox_all(boxes, reorder(values, lays), treedef)
+            start = rebox_all(boxes, in_stored_order(order, start, values, lays), treedef)
         with lookahead_quiet():
             return jax.jit(optimizer.init, out_shardings=out_shardings)(start)
 
@@ -284,8 +280,7 @@ def shard_train_state(state: Any, plan: Plan, mesh: Any = None, *, order: str | 
         check_order(order)
     if laid:
         lays = tree_layouts(plan, state, optimizer=tx, params=params)
-        if resolve_order(order, tree_paths(state), values, lays) == "model":
-            values = reorder(values, lays)
+        values = in_stored_order(order, state, values, lays)
     placed = put(values, [NamedSharding(mesh, s) for s in specs])
     if laid:
         mark_stored(placed, lays)

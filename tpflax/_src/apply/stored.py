@@ -148,6 +148,15 @@ def reorder(values: Sequence[Any], layouts: Sequence[Interleave | None], *, back
     return out
 
 
+def in_stored_order(order: object, tree: Any, values: Sequence[Any], layouts: Sequence[Interleave | None]
+                    ) -> list[Any]:
+    """``values`` (the unboxed leaves of ``tree``) in the plan's stored order: moved there from the model's
+    order unless ``order`` (:func:`resolve_order`: given, or detected) says they are stored already."""
+    if resolve_order(order, tree_paths(tree), values, layouts) == "model":
+        return reorder(values, layouts)
+    return list(values)
+
+
 def into_plan_order(values: Sequence[Any], layouts: Sequence[Interleave | None]) -> list[Any]:
     """``values`` in the order ``layouts`` give (None: the model's), wherever they are now.
 
@@ -183,5 +192,6 @@ def model_order(tree: Any, plan: Plan | None) -> Any:
     return jax.tree_util.tree_unflatten(treedef, reorder(flat, tree_layouts(plan, unboxed(tree)), back=True))
 
 
-__all__ = ["ORDERS", "check_order", "derived", "has_layouts", "into_plan_order", "mark_stored", "model_order", "reorder",
+__all__ = ["ORDERS", "check_order", "derived", "has_layouts", "in_stored_order", "into_plan_order",
+           "mark_stored", "model_order", "reorder",
            "resolve_order", "stored_layout", "tree_layouts", "tree_paths"]
