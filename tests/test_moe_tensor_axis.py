@@ -114,6 +114,8 @@ def test_the_tree_alone_keeps_megatron_inside_each_expert(traced):
     p = tpflax.plan(v, MESH, batch=(TOK,))
     assert p.decisions[f"params/moe/{kernels[0]}"].spec == P(None, None, "model")
     assert p.decisions[f"params/moe/{kernels[-1]}"].spec == P(None, "model", None)
+    # and says why: the tree cannot tell a dispatch from sorted or looped experts, the trace can
+    assert "untraced: experts over the tensor axis" in p.decisions[f"params/moe/{kernels[-1]}"].reason
 
 
 def test_the_estimate_matches_the_compiled_collectives(traced, devices):
