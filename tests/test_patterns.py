@@ -570,6 +570,25 @@ def test_net_and_final_names_tell_roles_from_the_tree():
     assert specs(p, want) == want
 
 
+class RlHeads(nn.Module):
+    """A DQN/actor-critic MLP whose heads are named ``*_net``: ``q_net`` is the Q-value head, no attention query."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Dense(4 * D, name="torso_0")(x))
+        h = nn.relu(nn.Dense(4 * D, name="torso_1")(h))
+        return nn.Dense(2 * D, name="q_net")(h), nn.Dense(1, name="value_net")(h)
+
+
+def test_a_q_named_head_is_not_a_fused_kernel():
+    # read as the query ``q``, the (4D, 2D) head was "fused (by shape)" with the model's (D, 4D) input layer,
+    # taken for the projection of one of its pieces back to the residual width
+    x = jax.ShapeDtypeStruct((8, D), jnp.float32)
+    p = tpflax.plan(jax.eval_shape(RlHeads().init, jax.random.key(0), x), MESH)
+    assert "fused" not in p.decisions["params/q_net/kernel"].reason
+    assert p.decisions["params/torso_0/kernel"].strategy != "row"
+
+
 class FlatBeit(nn.Module):
     """A BEiT layer in one module: q/k/v/out and the MLP, a relative-position bias table looked up at fixed
     distances (its rows divide the tensor axis, as BEiT's 228 do over 4) and the layer scales ``lambda_1`` and

@@ -582,6 +582,9 @@ def _square_like_flipped(lins: list[Linear]) -> None:
 
 FUSED_NAMES = _Names(r"^(qkv|query_key_value|c_attn|wqkv|w_pack|in_proj|qkv_proj|fused_qkv|kv|kv_proj|wkv|"
                      r"gate_up|gate_up_proj|w13)$")
+# a name that says the kernel is one projection: never fused by shape (a DQN's ``q_net`` head, whose output is twice
+# the model input's width, is no fused q/k/v pair with the input layer)
+ONE_PROJECTION = _Names(r"^(q|k|v|query|key|value|wq|wk|wv|q_proj|k_proj|v_proj)$")
 
 
 def fused_partners(lins: list[Linear]) -> None:
@@ -614,6 +617,8 @@ def fused_partners(lins: list[Linear]) -> None:
         # Several layers in one flat block (``attn_0``, ``proj_0``, ``attn_1``...): the closest name.
         fits.sort(key=lambda m: _affinity(m.f.unit_name, c.f.unit_name), reverse=True)
         name = role_name(c.f)
+        if ONE_PROJECTION.match(name) and not FUSED_NAMES.match(name):
+            continue
         if len(fits) > 1 and not FUSED_NAMES.match(name) and \
                 _affinity(fits[0].f.unit_name, c.f.unit_name) == _affinity(fits[1].f.unit_name, c.f.unit_name):
             # no name says fused and none is closer: shapes alone (UViT's output head (d, 256) at the root beside
