@@ -195,6 +195,23 @@ def test_init_sharded_advances_every_stream_of_nested_rngs_as_plain_nnx_does(mes
         assert got.keys() == want.keys() and all(same_bytes(got[k], want[k]) for k in got), (got, want)
 
 
+def test_init_sharded_with_one_rngs_passed_twice_draws_each_key_once(mesh):
+    """Regression: ``init_sharded(lambda a, b: Pair(a, b), plan, mesh, rngs, rngs)`` gave jit two copies of the
+    one Rngs: both towers drew the same keys (identical weights, where plain NNX makes different ones), and
+    the caller's Rngs was left where one copy left it. It is one object inside the init now, as in NNX."""
+    class Pair(nnx.Module):
+        def __init__(self, r1, r2):
+            self.left, self.right = nnx.Linear(16, 64, rngs=r1), nnx.Linear(16, 64, rngs=r2)
+
+    plain = nnx.Rngs(0)
+    want = Pair(plain, plain)
+    plan = tpflax.plan(nnx.state(want), DP_TP)
+    rngs = nnx.Rngs(0)
+    got = tpflax.init_sharded(lambda a, b: Pair(a, b["again"]), plan, mesh, rngs, {"again": rngs})
+    assert_bit_exact(tpflax.unshard(got), tpflax.unshard(want))
+    assert int(rngs.default.count.get_value()) == int(plain.default.count.get_value()) == 4
+
+
 def test_init_sharded_nnx_module_with_a_dropout_key(mesh):
     # nnx.Dropout keeps an RNG key in the state: sizing the init chunks read its dtype with numpy,
     # which does not know key<fry> (a raw TypeError); the key comes back replicated, bit-exact

@@ -110,17 +110,19 @@ def _init(as_tree: Callable[..., Any], graphdefs: list[Any], plan: Plan, mesh: A
     # an nnx.Rngs argument is advanced as plain NNX advances it: the traced copy's state after the init
     # (the same from every chunk: each runs the whole init) is written back to the caller's
     # (every one among the arguments, nested in a dict or tuple too)
-    nodes = _rngs_in(args)
+    # (one nnx.Rngs passed twice is one object inside the init too, as in plain NNX: jit would otherwise
+    # copy it once per place, and both copies would draw the same keys)
+    nodes, rest, rebuild = _shared_rngs(args)
     node_states: list[Any] = []
     for n, chunk in enumerate(_chunks(jax.tree_util.tree_leaves(abstract), flat_shards, chunk_bytes)):
-        def chunk_init(*a, chunk=chunk, first=n == 0):
-            traced = _rngs_in(a)  # the traced copies, before the init advances them
-            leaves = jax.tree_util.tree_leaves(as_tree(*a))
+        def chunk_init(traced, rest, chunk=chunk, first=n == 0):
+            # the traced copies of the Rngs, before the init advances them
+            leaves = jax.tree_util.tree_leaves(as_tree(*rebuild(traced, rest)))
             made = [leaves[i] if flat_lays[i] is None else to_storage(leaves[i], flat_lays[i]) for i in chunk]
             return made, [_node_state(r) for r in traced] if first else []
 
         replicated = NamedSharding(mesh, PartitionSpec())
-        made, states = jax.jit(chunk_init, out_shardings=([flat_shards[i] for i in chunk], replicated))(*args)
+        made, states = jax.jit(chunk_init, out_shardings=([flat_shards[i] for i in chunk], replicated))(nodes, rest)
         node_states = node_states or states
         for i, x in zip(chunk, made, strict=True):
             out[i] = x
@@ -143,9 +145,27 @@ def _is_rngs(x: Any) -> bool:
     return isinstance(x, (nnx.Rngs, nnx.RngStream))
 
 
-def _rngs_in(args: Any) -> list[Any]:
-    """The ``nnx.Rngs`` (and ``RngStream``) objects among ``args``, at any depth of their containers."""
-    return [x for x in jax.tree_util.tree_leaves(args, is_leaf=_is_rngs) if _is_rngs(x)]
+def _shared_rngs(args: Any) -> tuple[list[Any], list[Any], Callable[[Sequence[Any], Sequence[Any]], Any]]:
+    """``(rngs, rest, rebuild)``: the distinct ``nnx.Rngs`` (and ``RngStream``) objects among ``args``, at any
+    depth of their containers, the other leaves, and how to put ``args`` back together from (traced copies of)
+    both, each Rngs at every place it was passed."""
+    flat, treedef = jax.tree_util.tree_flatten(args, is_leaf=_is_rngs)
+    rngs: list[Any] = []
+    where: list[int | None] = []
+    for x in flat:
+        if _is_rngs(x):
+            i = next((j for j, r in enumerate(rngs) if r is x), len(rngs))
+            rngs[len(rngs):] = [x] if i == len(rngs) else []
+            where.append(i)
+        else:
+            where.append(None)
+    rest = [x for x, w in zip(flat, where, strict=True) if w is None]
+
+    def rebuild(traced: Sequence[Any], others: Sequence[Any]) -> Any:
+        it = iter(others)
+        return treedef.unflatten([next(it) if w is None else traced[w] for w in where])
+
+    return rngs, rest, rebuild
 
 
 def _node_state(node: Any) -> Any:
