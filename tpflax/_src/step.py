@@ -170,6 +170,7 @@ def _zoo_batch(model: Any, batch: Any) -> Any:
     import jax
 
     from tpflax._src.cost.batch import shape_text
+    from tpflax._src.cost.workload import fixed_inputs_message
 
     def accepts() -> str:
         return (f"batch= of a zoo model is its size (batch=8), the shape of its inputs (({per_example_text(8)}), as "
@@ -189,9 +190,7 @@ def _zoo_batch(model: Any, batch: Any) -> Any:
         shape = (shape,)
     if isinstance(shape, (tuple, list)) and shape and all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
         if len(shape) > 1 and tuple(shape[1:]) != per:
-            raise OptionError(f"batch {tuple(shape)}: {model.name}'s config fixes its inputs at {per} per example; "
-                              f"build the model at the batch's (zoo.get(name, seq_len={shape[1]}) for a sequence "
-                              f"model) or pass batch=({per_example_text(shape[0])}), or batch={shape[0]}")
+            raise OptionError(fixed_inputs_message(model.name, tuple(shape), per))
         return jax.eval_shape(lambda: model.make_batch(0, shape[0]))
     flat = jax.tree_util.tree_flatten_with_path(batch)[0]
     bad = [f"{keystr(p) or '<batch>'} = {x!r}" for p, x in flat if not (hasattr(x, "shape") and hasattr(x, "dtype"))]

@@ -382,10 +382,14 @@ def fixed_length_problem(m: Any, batch: Any) -> str | None:
     s = m.sample[0]
     if len(getattr(s, "shape", ())) != len(shape) or tuple(s.shape[1:]) == shape[1:]:
         return None
-    return (f"batch {shape}: {m.name}'s config fixes its inputs at {tuple(s.shape[1:])} per "
-            f"example, which is the length it runs and is priced at; build the model at the "
-            f"batch's (zoo.get(name, seq_len={shape[1]}) for a sequence model) or pass a "
-            f"batch of ({shape[0]}, {', '.join(map(str, s.shape[1:]))})")
+    return fixed_inputs_message(m.name, tuple(shape), tuple(s.shape[1:]))
+
+
+def fixed_inputs_message(name: str, shape: tuple[int, ...], per: tuple[int, ...]) -> str:
+    """Why batch ``shape`` does not fit zoo model ``name``, whose config fixes its inputs at ``per`` per example."""
+    return (f"batch {shape}: {name}'s config fixes its inputs at {per} per example, which is the length it runs "
+            f"and is priced at; build the model at the batch's (zoo.get(name, seq_len={shape[1]}) for a sequence "
+            f"model) or pass a batch of ({', '.join(map(str, (shape[0], *per)))}), or batch={shape[0]}")
 
 
 def _at_batch_shape(m: Any, batch: Any) -> tuple[Any, Any]:
