@@ -389,7 +389,7 @@ def fixed_inputs_message(name: str, shape: tuple[int, ...], per: tuple[int, ...]
     """Why batch ``shape`` does not fit zoo model ``name``, whose config fixes its inputs at ``per`` per example."""
     return (f"batch {shape}: {name}'s config fixes its inputs at {per} per example, which is the length it runs "
             f"and is priced at; build the model at the batch's (zoo.get(name, seq_len={shape[1]}) for a sequence "
-            f"model) or pass a batch of ({', '.join(map(str, (shape[0], *per)))}), or batch={shape[0]}")
+            f"model) or pass batch=({', '.join(map(str, (shape[0], *per)))}), or batch={shape[0]}")
 
 
 def _at_batch_shape(m: Any, batch: Any) -> tuple[Any, Any]:
