@@ -127,6 +127,7 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
         if cols[0] in s.experts_split:
             items += expert_split_items(s, pc, axes, count, source)
             continue
+        items += [i for m in cols + rows for i in ragged_split_items(s, m, count, source)]
         for r in rows:
             key = layer_key(dec[r].unit)
             # an expert row's outputs (its contraction batches over the experts) are weighted by the router, a
@@ -261,6 +262,29 @@ def expert_split_items(s: Scope, pc: Any, axes: tuple[str, ...], count: int, sou
             CommItem("all-reduce", axes, s.rows_local * d_in * s.act_item, n, count, source,
                      f"experts of {', '.join(dict.fromkeys(label[c] for c in pc.columns))} split over the tensor axis: the "
                      "dispatch's transpose sums their input gradients (backward)")]
+
+
+def ragged_split_items(s: Scope, path: str, count: int, source: str) -> list[CommItem]:
+    """A ``jax.lax.ragged_dot`` kernel split over tensor axes on its group dims (its experts, :attr:`Scope.ragged`):
+    the rows it reads carry no experts dim to split alike, so each device contracts every row with its own
+    experts' slices and leaves the other experts' rows zero. XLA sums that partial output over the axes (forward)
+    and the partial input gradient the transposed dot makes (backward); the kernel's gradient stays local. Each
+    ragged dot is summed so, the gate's and the up projection's and the down projection's alike, at the rows it
+    reads (measured, XLA:CPU data=2,model=4: a dropless MoE sorting the batch's tokens for ragged_dot, its
+    ``(E, d, f)`` and ``(E, f, d)`` kernels split ``P('model', None, None)``: per layer ``f32[tokens*k, f]``
+    twice and ``f32[tokens*k, d]`` once all-reduced over model forward, ``f32[tokens*k, f]`` once and
+    ``f32[tokens*k, d]`` twice backward)."""
+    dims = (s.ragged or {}).get(path, ())
+    tensor = s.axes(path, TENSOR)
+    spec = s.lv.specs[path]
+    axes = tuple(a for a in tensor if any(a in entry_axes(spec[k]) for k in dims if k < len(spec)))
+    if not axes:
+        return []
+    d, label, n = s.lv.decisions[path], s.lv.label[path], s.size(axes)
+    why = f"ragged dot {label} with its groups split over the tensor axis: sum its partial"
+    return [CommItem("all-reduce", axes, _pair_act(path, d, "out", s), n, count, source, f"{why} output (forward)"),
+            CommItem("all-reduce", axes, _pair_act(path, d, "in", s), n, count, source,
+                     f"{why} input gradient (backward)")]
 
 
 def _unconfirmed_pairs(s: Scope) -> frozenset[int]:

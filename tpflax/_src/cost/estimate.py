@@ -162,7 +162,7 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
                   row_axes=tuple(a for a in caxes if a not in axes),
                   target=w.target, gathers_reduce=w.backend == "tpu" and gathers_reduce(w.target, n), meets=w.meets,
                   positional=w.positional, loops=w.loops, edges=w.edges, contracted=w.contracted, looked=w.looked,
-                  batched=w.batched,
+                  batched=w.batched, ragged=w.ragged,
                   conditions=w.conditions, batch_dims=w.batch_dims, sliced=w.sliced, dots=w.dots, batched_dots=w.batched_dots, shard_mapped=w.shard_mapped, direct=w.direct, derived=w.derived, cast_to=w.cast_to, cast_some=w.cast_some,
                   written=frozenset(p for c in w.collectives if c.kind == "reduce-scatter" and not c.source.endswith("(backward)")
                                     for p in c.carries), apart=w.apart, split_widths=w.split_widths, streamed=w.streamed, expanded=w.expanded,

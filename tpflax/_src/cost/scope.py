@@ -114,6 +114,7 @@ class Scope:
     contracted: frozenset[str] = frozenset()  # traced parameters a contraction uses (Traced.contracted)
     looked: frozenset[str] = frozenset()  # traced parameters a lookup reads (Traced.looked)
     batched: frozenset[str] = frozenset()  # traced expert kernels reading a dispatched buffer (Traced.batched)
+    ragged: Mapping[str, frozenset[int]] = field(default_factory=dict)  # ragged dots' kernel group dims (Traced.ragged)
     # traced tables that feed a per-example conditioning vector, with the modulations reading it (Traced.conditions)
     conditions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     batch_dims: Mapping[str, frozenset[int]] = field(default_factory=dict)  # traced dot batch dims (Traced)

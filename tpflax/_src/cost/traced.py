@@ -142,6 +142,10 @@ class Traced:
             alike and its input gradient comes out split, not as partial sums (:mod:`tpflax._src.cost.comm`).
         batched: expert kernels contracted only with batch dims: they read a dispatched buffer
             (:func:`tpflax._src.cost.buffers.batched_paths`), whose rows are in ``rows`` or ``buffers``.
+        ragged: ``{path: dims}``: the kernel dims a ``jax.lax.ragged_dot`` takes as its groups (an expert kernel's
+            experts, ``(tokens, d) x (experts, d, f)``): no dim of the rows carries them, so a plan splitting them
+            over a tensor axis sums that contraction's output and its input gradient there
+            (:func:`tpflax._src.cost.comm.ragged_split_items`).
         dead: parameters the outputs do not depend on (:attr:`tpflax._src.trace.records.Dataflow.dead`).
         sliced: ``{path: fraction}``, parameters read only through static slices, the part the slices cover
             (:attr:`tpflax._src.trace.records.Dataflow.sliced`): the gradient all-reduce moves that part.
@@ -251,6 +255,7 @@ class Traced:
     cast_to: Mapping[str, str] = field(default_factory=dict)
     cast_some: Mapping[str, str] = field(default_factory=dict)
     slice_reads: Mapping[str, int] = field(default_factory=dict)
+    ragged: Mapping[str, frozenset[int]] = field(default_factory=dict)
 
 
 def frozen_inputs(t: Traced, trainable: Mapping[str, bool]) -> frozenset[str]:
@@ -291,7 +296,7 @@ def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None)
 
 
 def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None) -> Traced:
-    from tpflax._src.cost.buffers import batched_paths, batched_rows, ragged_buffers
+    from tpflax._src.cost.buffers import batched_paths, batched_rows, ragged_buffers, ragged_groups
     from tpflax._src.planner.repeats import merge_uses
     from tpflax._src.trace.contractions import PRODUCT_SUM
     from tpflax._src.trace.dataflow import dataflow
@@ -395,7 +400,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None
                   shard_mapped=dict(flow.in_specs), direct=frozenset(flow.uses[u].path for u in flow.direct),
                   derived=flow.derived_dots(), cast_to=flow.cast_to(), cast_some=flow.cast_some(),
                   slice_reads=_slice_reads(flow, slices), crossed=flow.crossed, ffts=flow.ffts,
-                  lookup_rows=_lookup_rows(flow, examples))
+                  lookup_rows=_lookup_rows(flow, examples), ragged=ragged_groups(flow))
 
 
 def _slice_reads(flow: Any, slices: Mapping[str, int]) -> dict[str, int]:

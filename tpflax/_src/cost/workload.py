@@ -120,6 +120,7 @@ class Workload:
     contracted: frozenset[str] = frozenset()  # traced parameters a contraction uses (Traced.contracted)
     looked: frozenset[str] = frozenset()  # traced parameters a lookup reads (Traced.looked)
     batched: frozenset[str] = frozenset()  # traced expert kernels reading a dispatched buffer (Traced.batched)
+    ragged: Mapping[str, frozenset[int]] = field(default_factory=dict)  # ragged dots' kernel group dims (Traced.ragged)
     batch_dims: Mapping[str, frozenset[int]] = field(default_factory=dict)  # Traced.batch_dims
     conditions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # (Traced.conditions)
     dead: frozenset[str] = frozenset()  # traced parameters the outputs do not depend on (Traced.dead)
@@ -233,7 +234,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     collectives=t.collectives, row_axes=t.row_axes, meets=t.meets,
                     positional=t.positional, loops=t.loops, remat_layers=t.remat_layers, erf=t.erf,
                     product_sums=t.product_sums, split_sums=t.split_sums,
-                    edges=t.edges, contracted=t.contracted, looked=t.looked, batched=t.batched, conditions=t.conditions, dead=t.dead,
+                    edges=t.edges, contracted=t.contracted, looked=t.looked, batched=t.batched, ragged=t.ragged, conditions=t.conditions, dead=t.dead,
                     batch_dims=t.batch_dims, sliced=t.sliced, no_grad=t.no_grad, dots=t.dots, batched_dots=t.batched_dots, shard_mapped=t.shard_mapped, direct=t.direct, derived=t.derived, cast_to=t.cast_to, cast_some=t.cast_some, apart=t.apart, split_widths=t.split_widths, streamed=t.streamed, expanded=t.expanded, crossed=t.crossed, ffts=t.ffts, lookup_rows=t.lookup_rows,
                     scanned=t.scanned, constrained=t.constrained, limits=t.limits)
 
