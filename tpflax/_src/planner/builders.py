@@ -149,6 +149,9 @@ class State:
     # traced: expert kernels reading a dispatched buffer, its rows per priced token on one device (see shard_experts)
     buffers: dict[str, float] = field(default_factory=dict)
     batch_free: frozenset[str] = frozenset()  # of those, the buffers the dispatch summed the batch into
+    # traced: {path: kernel dims} a ragged dot takes as its groups (cost.buffers.ragged_groups): no dim of the rows
+    # carries them, so split over the tensor axis each such dot sums its output and its input gradient
+    ragged: dict[str, frozenset[int]] = field(default_factory=dict)
     pins: Any = None  # traced: the model's own sharding constraints (planner/constraints.py Pins), None without
     # traced: (width, mesh axes) of activation dims no kernel tags that a model's constraint splits: its residual
     # stream past the norms (Dataflow.split_widths; MaxText's and EasyDeL's hidden states over the tensor axis)

@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from tpflax._src.cost.buffers import ragged_groups
 from tpflax._src.facts.classify import Facts
 from tpflax._src.mesh import MeshShape, batch_axes
 from tpflax._src.planner.builders import (
@@ -84,7 +85,7 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Datafl
     dispatched buffers expert kernels read (:func:`tpflax._src.planner.pricing.expert_buffers`).
     """
     c = _start(facts, State(mesh, opts, forced=dict(skip or {}), positional=frozenset(flow.positional()),
-                            casts=flow.cast_to(),
+                            casts=flow.cast_to(), ragged=ragged_groups(flow),
                             pins=pins(flow), streamed=frozenset(flow.split_widths)), flow)
     widest = widest_rows or max((u.tokens for u in flow.uses), default=0)
     for u in flow.uses:  # what each contraction reads, for the chooser (first use of a leaf)

@@ -80,14 +80,18 @@ def expert_buffers(model: Any, sample: Any, tree: Any, flow: Any) -> dict[str, t
     batch into (:func:`tpflax._src.cost.buffers.batched_rows`, read by the estimate too and kept per model:
     priced here, traced once). Empty without such kernels.
     """
-    from tpflax._src.cost.buffers import batched_paths, batched_rows
+    from tpflax._src.cost.buffers import batched_paths, batched_rows, ragged_buffers, ragged_groups
     from tpflax._src.model import as_model
 
     paths = batched_paths(flow)
-    if not paths:
+    ragged = frozenset(ragged_groups(flow))
+    if not paths and not ragged:
         return {}
     m = as_model(model, sample, tree)
-    per_example, whole = batched_rows(m, paths)
+    per_example, whole = batched_rows(m, paths) if paths else ({}, {})
     out = {p: (r * (m.batch_size or 1), False) for p, r in per_example.items()}
     out.update({p: (float(r), True) for p, r in whole.items()})
+    # ragged_dot experts reading tokens sorted over the whole batch: whole on every device of the batch axes, as
+    # the estimate reads them (cost.buffers.ragged_buffers)
+    out.update({p: (float(r), True) for p, r in (ragged_buffers(m, ragged) if ragged else {}).items()})
     return out
