@@ -191,3 +191,27 @@ def test_sorted_ragged_experts_split_over_the_tensor_axis_sum_every_ragged_dot(d
     # group-size gathers, a few hundred bytes)
     assert priced == compiled, (priced, compiled)
     assert abs(e.comm_total / dr.comm_total - 1) < 0.02, e.comm_total / dr.comm_total
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_the_chooser_prices_sorted_ragged_experts_over_the_tensor_axis_as_the_estimate_does(top_k):
+    """Regression: the chooser priced the experts over ``model`` as a dispatched buffer's (the combine's sum and the
+    input gradient's) at the layer's tokens, the sorted tokens at the batch's split: a tie with Megatron inside each
+    expert (+0 us), kept only by the order of the options. Each ragged dot sums its output and input gradient
+    (:func:`test_sorted_ragged_experts_split_over_the_tensor_axis_sum_every_ragged_dot`), on tokens whole on every
+    data rank: the runner-up now costs what the estimate says it adds over Megatron, to the byte."""
+    model, ids = _SortedLM(k=top_k, e=8), jax.ShapeDtypeStruct((4, 16), jnp.int32)
+    params = jax.eval_shape(model.init, jax.random.key(0), ids)
+    p = tpflax.plan(params, MESH, model=model, sample=(ids,), batch=(ids,))
+    layouts = {"Megatron in each expert": [(r"moe_\d/wi_(0|1)$", P(None, None, "model")),
+                                           (r"moe_\d/wo$", P(None, "model", None))],
+               "experts over the tensor axis": [(r"moe_\d/w(i_0|i_1|o)$", P("model", None, None))]}
+    for path in ("params/moe_0/wi_0", "params/moe_0/wi_1", "params/moe_0/wo"):
+        assert p.decisions[path].spec == tpflax.plan(params, MESH, rules=layouts["Megatron in each expert"]
+                                                     ).decisions[path].spec, p.decisions[path].reason
+    alts = {a.name: a.comm_bytes for a in p.decisions["params/moe_0/wo"].alternatives}
+    est = {k: tpflax.estimate(tpflax.plan(params, MESH, rules=r + [(r".*", "replicate")]), optax.adamw(1e-3),
+                              model=model, sample=(ids,), backend="cpu").comm_total for k, r in layouts.items()}
+    a, b = layouts
+    # one layer's group: half of the two layers' difference
+    assert alts[b] - alts[a] == (est[b] - est[a]) / 2 > 0, (alts, est)
