@@ -417,6 +417,11 @@ def make_mesh(mesh: Any, devices: Sequence[Any] | None = None, *, explicit: bool
     if odd:
         raise DeviceError(f"devices for mesh {shape} must be jax devices (e.g. jax.devices()[:{need}]), but "
                           f"{len(odd)} are not: {odd[0]!r} ({type(odd[0]).__name__})")
+    if len(pool) < need and devices is not None:  # the caller's list is short, not the process's devices
+        raise DeviceError(
+            f"mesh {shape} needs {need} devices but devices= gives {len(pool)}; pass {need} distinct devices "
+            f"(e.g. jax.devices()[:{need}]; this process sees {len(jax.devices())}), or make the axis sizes "
+            f"multiply to {len(pool)}")
     if len(pool) < need:
         raise DeviceError(
             f"mesh {shape} needs {need} devices but only {len(pool)} are available "
