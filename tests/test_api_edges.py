@@ -21,3 +21,21 @@ def test_make_mesh_with_too_few_devices_given_says_the_list_is_short():
     # a subset, in the caller's order
     m = tpflax.make_mesh({"data": 2, "model": 2}, devices=jax.devices()[::-1][:4])
     assert [d.id for d in np.ravel(m.devices)] == [7, 6, 5, 4]
+
+
+def test_batch_leaves_jax_cannot_hold_are_named_before_anything_moves():
+    # a str leaf was a bare TypeError from jax ("Argument 'wiki' of type <class 'str'> is not a valid JAX type")
+    # naming no path; an array of strings passed the divisibility check, then failed in device_put
+    mesh = tpflax.make_mesh({"data": 2, "model": 4})
+    batch = {"x": np.ones((8, 3), np.float32), "meta": {"name": "wiki", "words": np.array(["a"] * 8)}, "step": 3}
+    for call in (lambda: tpflax.shard_batch(batch, mesh), lambda: tpflax.batch_sharding(mesh, batch)):
+        with pytest.raises(tpflax.TreeError, match="the batch has leaves that are not arrays") as e:
+            call()
+        assert e.value.problems[0].startswith("meta/name: leaf of type str is not an array")
+        assert e.value.problems[1].startswith("meta/words: array of dtype <U1 (shape (8,)) is not numeric")
+        assert len(e.value.problems) == 2
+    # numbers, bools, None and numpy scalars are fine: scalars replicated, None kept
+    ok = tpflax.shard_batch({"x": np.ones((8, 3)), "s": 3, "f": 1.5, "b": True, "g": np.float32(2), "n": None},
+                            mesh)
+    assert ok["x"].sharding.spec == jax.sharding.PartitionSpec("data") and ok["s"].sharding.spec == jax.sharding.PartitionSpec()
+    assert ok["n"] is None

@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tpflax._src.apply.put import check_values, owned, put, settled
-from tpflax._src.errors import SpecError
+from tpflax._src.errors import SpecError, TreeError
 from tpflax._src.facts.tree import keystr
 from tpflax._src.mesh import batch_pspec, device_mesh, mesh_shape, sharding_mesh
 from tpflax._src.specs import entry_axes
@@ -41,6 +41,7 @@ def batch_sharding(mesh: Any, batch: Any = None, *, axis_roles: Mapping[str, str
     batch dim it lacks, which ``jax.jit`` refuses.
 
     Raises:
+        TreeError: a ``batch`` leaf is no array jax can hold (a string, an object array).
         SpecError: a ``batch`` leaf's batch dim does not divide over the batch axes.
 
     >>> import jax, tpflax
@@ -60,8 +61,10 @@ def batch_shardings(batch: Any, mesh: jax.sharding.Mesh, spec: PartitionSpec) ->
     """One ``NamedSharding`` per batch leaf: ``spec`` for arrays, replicated for scalars.
 
     Raises:
+        TreeError: a leaf is no array jax can hold (a string, an object array).
         SpecError: a leaf's batch dim does not divide over the batch axes.
     """
+    check_batch_leaves(batch)
     sizes = dict(mesh.shape)
     n = math.prod(sizes[a] for e in spec for a in entry_axes(e))
     problems = []
@@ -76,6 +79,33 @@ def batch_shardings(batch: Any, mesh: jax.sharding.Mesh, spec: PartitionSpec) ->
         raise SpecError("the batch does not split over the mesh", problems)
     return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, spec if len(getattr(x, "shape", np.shape(x)))
                                                           else PartitionSpec()), batch)
+
+
+def check_batch_leaves(batch: Any) -> None:
+    """TreeError naming every batch leaf jax cannot hold (a string, a numpy array of strings or
+    objects), before anything is placed: ``device_put`` would refuse it with no path.
+
+    >>> import numpy as np
+    >>> check_batch_leaves({"x": np.ones((4, 2)), "step": 3})
+    >>> check_batch_leaves({"x": np.ones((4, 2)), "name": "wiki"})
+    Traceback (most recent call last):
+    tpflax._src.errors.TreeError: the batch has leaves that are not arrays:
+      - name: leaf of type str is not an array; jax takes arrays and numbers only: keep it out of the batch (e.g. a static argument of the step) or encode it as numbers
+    """
+    problems = []
+    for path, x in jax.tree_util.tree_flatten_with_path(batch)[0]:
+        where = keystr(path) or "<batch>"
+        dtype = getattr(x, "dtype", None)
+        if dtype is None and not isinstance(x, (int, float, complex, bool, np.generic)):
+            problems.append(f"{where}: leaf of type {type(x).__name__} is not an array; jax takes arrays and "
+                            "numbers only: keep it out of the batch (e.g. a static argument of the step) or "
+                            "encode it as numbers")
+        elif isinstance(dtype, np.dtype) and dtype.kind in "OSUVMm":
+            problems.append(f"{where}: array of dtype {dtype} (shape {tuple(np.shape(x))}) is not numeric; jax "
+                            "arrays hold numbers, bools or PRNG keys: encode it as numbers (e.g. token ids) or "
+                            "keep it out of the batch")
+    if problems:
+        raise TreeError("the batch has leaves that are not arrays", problems)
 
 
 def shard_batch(batch: Any, mesh: Any, *, process_local: bool = False,
@@ -95,6 +125,7 @@ def shard_batch(batch: Any, mesh: Any, *, process_local: bool = False,
     this returns.
 
     Raises:
+        TreeError: a leaf is no array jax can hold (a string, an object array).
         SpecError: a leaf's batch dim does not divide over the batch axes.
 
     >>> import numpy as np, tpflax
@@ -106,6 +137,7 @@ def shard_batch(batch: Any, mesh: Any, *, process_local: bool = False,
     spec = batch_spec(mesh, axis_roles=axis_roles)
     flat, treedef = jax.tree_util.tree_flatten(batch)
     # float64 inputs and int64 ids narrow to 32 bits, as jax narrows them, unless an id would wrap
+    check_batch_leaves(batch)
     check_values(batch, flat, narrow="overflow", what="the batch")
     if process_local:  # local parts of a global batch as many times longer as there are processes
         n = jax.process_count()
