@@ -39,3 +39,17 @@ def test_batch_leaves_jax_cannot_hold_are_named_before_anything_moves():
                             mesh)
     assert ok["x"].sharding.spec == jax.sharding.PartitionSpec("data") and ok["s"].sharding.spec == jax.sharding.PartitionSpec()
     assert ok["n"] is None
+
+
+def test_suggestion_shows_sub_microsecond_comm_times():
+    # a small model's collectives take nanoseconds: shown as whole microseconds, #2 read "4.96x the
+    # communication time of #1: reduce-scatter takes 0 us over fsdp vs 0 us"
+    from tpflax import zoo
+
+    s = tpflax.suggest_mesh(zoo.get("mlp"), 8, hardware="tpu-v5e", batch=8)
+    lines = s.report_lines(top=5)
+    assert 0 < s[0].comm_time < 1e-6
+    assert not any(" 0 us" in line for line in lines), "\n".join(lines)
+    second = s[1].why
+    assert "x the communication time of #1" in second and " ns" in second, second
+    assert any(line.rstrip().endswith(" ns") for line in lines if line.lstrip().startswith("1 ")), "\n".join(lines)

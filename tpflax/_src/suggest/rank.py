@@ -149,10 +149,10 @@ def _total(by_kind: Mapping[str, Mapping[str, float]], kind: str) -> float:
 
 
 def _spent(by_kind: Mapping[str, Mapping[str, float]], kind: str) -> str:
-    """``"471.8 ms over data+fsdp"`` (its axes, largest first), or ``"0 us"``."""
+    """``"471.8 ms over data+fsdp"`` (its axes, largest first), or ``"none"``."""
     labels = by_kind.get(kind, {})
     if not labels:
-        return fmt_time(0.0)
+        return "none"
     return (f"{fmt_time(_total(by_kind, kind))} over "
             + ", ".join(sorted(labels, key=labels.__getitem__, reverse=True)))
 

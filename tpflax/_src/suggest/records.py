@@ -257,11 +257,19 @@ def _reason_kind(text: str) -> str:
 
 
 def fmt_time(s: float) -> str:
+    """A step's time to three significant digits below a millisecond: a small model's comm times are
+    nanoseconds, which whole microseconds showed as "0 us" next to a ratio of 4.96x.
+
+    >>> fmt_time(2.5), fmt_time(0.0123), fmt_time(4.2e-4), fmt_time(3.07e-6), fmt_time(7.1e-8), fmt_time(0.0)
+    ('2.50 s', '12.3 ms', '420 us', '3.07 us', '71 ns', '0 us')
+    """
     if s >= 1:
         return f"{s:.2f} s"
     if s >= 1e-3:
         return f"{s * 1e3:.1f} ms"
-    return f"{s * 1e6:.0f} us"
+    if s >= 1e-6 or s <= 0:
+        return f"{s * 1e6:.3g} us"
+    return f"{s * 1e9:.3g} ns"
 
 
 # ---------------------------------------------------------------------------
