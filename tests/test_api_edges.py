@@ -3,9 +3,11 @@ mesh suggestion's messages."""
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 import tpflax
+from tpflax import zoo
 
 
 def test_make_mesh_with_too_few_devices_given_says_the_list_is_short():
@@ -44,8 +46,6 @@ def test_batch_leaves_jax_cannot_hold_are_named_before_anything_moves():
 def test_suggestion_shows_sub_microsecond_comm_times():
     # a small model's collectives take nanoseconds: shown as whole microseconds, #2 read "4.96x the
     # communication time of #1: reduce-scatter takes 0 us over fsdp vs 0 us"
-    from tpflax import zoo
-
     s = tpflax.suggest_mesh(zoo.get("mlp"), 8, hardware="tpu-v5e", batch=8)
     lines = s.report_lines(top=5)
     assert 0 < s[0].comm_time < 1e-6
@@ -53,3 +53,14 @@ def test_suggestion_shows_sub_microsecond_comm_times():
     second = s[1].why
     assert "x the communication time of #1" in second and " ns" in second, second
     assert any(line.rstrip().endswith(" ns") for line in lines if line.lstrip().startswith("1 ")), "\n".join(lines)
+
+
+def test_no_fit_does_not_offer_levers_smaller_than_the_excess():
+    # 1 KiB per device: the params alone are 40x that; remat (activations 11 KiB) and another optimizer
+    # (state 150 KiB) were listed as what would help, as if either could close a 300 KiB gap
+    with pytest.raises(tpflax.NoFitError) as e:
+        tpflax.suggest_mesh(zoo.get("mlp"), 12, "1KiB", optimizer=optax.adam(1e-3), batch=12)
+    helps = e.value.problems
+    assert any(h.startswith("remat alone will not do: the activations are only") for h in helps), helps
+    assert any(h.startswith("a cheaper optimizer alone will not do: its state is only") for h in helps), helps
+    assert not any(h.startswith(("remat (", "a cheaper optimizer:")) for h in helps), helps

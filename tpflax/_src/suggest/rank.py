@@ -202,11 +202,16 @@ def no_fit(s: Suggestion, batch_size: int, mem_limit: int, shrink: Any = None, m
     elif m.activations:
         helps.append("a smaller global batch alone will not do: none below "
                      f"{batch_size} fits on any mesh shape (activations are {fmt_bytes(m.activations)} per device)")
+    # remat saves at most the activations, another optimizer at most its state: a lever smaller than the excess
+    # is named as not enough alone, as the device count and the batch are
     if m.activations and not s.settings.get("remat"):
-        helps.append(f"remat (rematerialise activations; they are {fmt_bytes(m.activations)} per device)")
+        helps.append(f"remat (rematerialise activations; they are {fmt_bytes(m.activations)} per device)"
+                     if m.activations > over else
+                     f"remat alone will not do: the activations are only {fmt_bytes(m.activations)} per device")
     if m.opt_state:
         helps.append(f"a cheaper optimizer: its state is {fmt_bytes(m.opt_state)} per device (adafactor factors the "
-                     "moments; sgd keeps none)")
+                     "moments; sgd keeps none)" if m.opt_state > over else
+                     f"a cheaper optimizer alone will not do: its state is only {fmt_bytes(m.opt_state)} per device")
     return NoFitError(
         f"the model fits on no mesh shape of {s.devices} devices with {fmt_bytes(mem_limit)} each: the best, "
         f"{best.mesh}, needs {fmt_bytes(best.peak)} per device at its peak ({fmt_bytes(over)} over, "
