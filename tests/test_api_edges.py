@@ -64,3 +64,15 @@ def test_no_fit_does_not_offer_levers_smaller_than_the_excess():
     assert any(h.startswith("remat alone will not do: the activations are only") for h in helps), helps
     assert any(h.startswith("a cheaper optimizer alone will not do: its state is only") for h in helps), helps
     assert not any(h.startswith(("remat (", "a cheaper optimizer:")) for h in helps), helps
+
+
+@pytest.mark.parametrize("slice_name,preset,devices", [("tpu-v5e:2x4", "tpu-v5e", 8), ("v4:2x2x2", "tpu-v4", 16)])
+def test_a_tpu_slice_given_as_hardware_says_which_preset_it_means(slice_name, preset, devices):
+    # make_mesh(target=) and estimate(target=) take slices; hardware= takes presets: the error named only the
+    # presets, leaving the caller to guess that the slice's generation is one of them
+    with pytest.raises(tpflax.SuggestError, match=rf"is a TPU slice, not a preset: pass hardware='{preset}' with "
+                                                  rf"its {devices} devices"):
+        tpflax.suggest_mesh(zoo.get("mlp"), devices, hardware=slice_name)
+    with pytest.raises(tpflax.SuggestError) as e:
+        tpflax.get_hardware("tpu-v9")
+    assert "slice" not in str(e.value)

@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--verify", action="store_true",
                    help="compile the top shapes (at most 3) on a CPU-emulated mesh (<= 64 devices) and compare")
     g.add_argument("--target", default=None, help="TPU slice for --verify, e.g. tpu-v5e:8x8 (sets --hardware; "
-                   "default: the --hardware preset's topology with --devices devices)")
+                   "default: the --hardware preset's topology with --world-size devices)")
     g.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     g.add_argument("--strict", action="store_true", help="exit 1 when XLA disagrees with the estimate on a fit")
     g.set_defaults(func=cmd_suggest)

@@ -197,6 +197,23 @@ def _finite_rate(n: float, value: Any, what: str) -> float:
     return n
 
 
+
+def _slice_hint(key: str) -> str:
+    """For a TPU slice given where a preset belongs (``"tpu-v5e:2x4"``): which preset and device count it
+    means; else ''."""
+    from tpflax._src.errors import MeshError
+    from tpflax._src.tpu import parse_topology  # tpu imports this module
+
+    if ":" not in key:
+        return ""
+    try:
+        topo = parse_topology(key)
+    except MeshError:
+        return ""
+    return (f"; {key!r} is a TPU slice, not a preset: pass hardware={topo.generation!r} with its "
+            f"{topo.devices} devices (the slice itself is make_mesh's and estimate's target=, suggest's --target)")
+
+
 def get_hardware(hardware: Any = None, *, device_memory: Any = None, fast_bandwidth: Any = None,
                  slow_bandwidth: Any = None, chips_per_host: int | None = None,
                  fast_domain: int | None = None) -> Hardware:
@@ -226,7 +243,7 @@ def get_hardware(hardware: Any = None, *, device_memory: Any = None, fast_bandwi
             key = f"tpu-{key}"
         if key not in PRESETS:
             raise SuggestError(f"unknown hardware {hardware!r}; known presets: {', '.join(PRESETS)} (or give "
-                               "device_memory / bandwidths yourself)")
+                               f"device_memory / bandwidths yourself){_slice_hint(key)}")
         hw = PRESETS[key]
     changes: dict[str, Any] = {}
     if device_memory is not None:
