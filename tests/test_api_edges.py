@@ -76,3 +76,11 @@ def test_a_tpu_slice_given_as_hardware_says_which_preset_it_means(slice_name, pr
     with pytest.raises(tpflax.SuggestError) as e:
         tpflax.get_hardware("tpu-v9")
     assert "slice" not in str(e.value)
+
+
+def test_a_tpu_slice_given_as_devices_says_which_count_it_means():
+    with pytest.raises(tpflax.SuggestError, match=r"got 'tpu-v5e:4x4'; for the slice tpu-v5e:4x4 pass devices=16, "
+                                                  r"hardware='tpu-v5e'"):
+        tpflax.suggest_mesh(zoo.get("mlp"), "tpu-v5e:4x4")
+    with pytest.raises(tpflax.SuggestError, match=r"got '8'$"):
+        tpflax.suggest_mesh(zoo.get("mlp"), "8", hardware="tpu-v5e")

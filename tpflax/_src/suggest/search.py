@@ -347,6 +347,20 @@ def _walking_once(fn):
 
 
 @_walking_once
+
+def _slice_hint(devices: str, hardware: Any) -> str:
+    """For a TPU slice given as ``devices`` (``"tpu-v5e:4x4"``): the count and preset it stands for; else ''."""
+    from tpflax._src.errors import MeshError
+    from tpflax._src.tpu import parse_topology
+
+    try:
+        topo = parse_topology(devices)
+    except MeshError:
+        return ""
+    preset = "" if hardware is not None else f", hardware={topo.generation!r}"
+    return f"; for the slice {topo.name} pass devices={topo.devices}{preset}"
+
+
 def suggest_mesh(model_or_tree: Any, devices: int, device_memory: Any = None, hardware: Any = None, *,
                  optimizer: Any = None, batch: Any = None, config: Any = None, trace: bool | None = None,
                  remat: bool = False, grad_dtype: Any = None, act_dtype: Any = None, backend: str | None = None,
@@ -417,7 +431,8 @@ def suggest_mesh(model_or_tree: Any, devices: int, device_memory: Any = None, ha
     """
     t0 = time.perf_counter()
     if isinstance(devices, bool) or not isinstance(devices, int) or devices <= 0:
-        raise SuggestError(f"devices must be a positive integer, got {devices!r}")
+        raise SuggestError(f"devices must be a positive integer, got {devices!r}"
+                           + (_slice_hint(devices, hardware) if isinstance(devices, str) else ""))
     if isinstance(reserve, bool) or not isinstance(reserve, (int, float)) or not 0 <= reserve < 1:
         raise SuggestError(f"reserve {reserve!r} must be a number in [0, 1): the fraction of device memory kept free")
     hw = get_hardware(hardware, device_memory=device_memory, fast_bandwidth=ici_bandwidth,
