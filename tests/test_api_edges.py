@@ -84,3 +84,21 @@ def test_a_tpu_slice_given_as_devices_says_which_count_it_means():
         tpflax.suggest_mesh(zoo.get("mlp"), "tpu-v5e:4x4")
     with pytest.raises(tpflax.SuggestError, match=r"got '8'$"):
         tpflax.suggest_mesh(zoo.get("mlp"), "8", hardware="tpu-v5e")
+
+
+def test_an_optimizer_state_for_another_tree_names_the_leaves_that_differ():
+    # the error said only "the state has 3 leaves; optimizer.init on the planned parameters makes 7"
+    mesh = tpflax.make_mesh({"data": 2, "model": 4})
+    params = {"embed": {"embedding": np.ones((64, 32), np.float32)},
+              "mlp": {"up": {"kernel": np.ones((32, 128), np.float32)}, "down": {"kernel": np.ones((128, 32), np.float32)}}}
+    plan = tpflax.plan(params, mesh)
+    opt = optax.adam(1e-3)
+    with pytest.raises(tpflax.PlanMismatchError) as e:
+        tpflax.shard_optimizer_state(opt, opt.init({"embed": params["embed"]}), plan, mesh)
+    assert e.value.problems[0] == "the state has 3 leaves; optimizer.init on the planned parameters makes 7"
+    assert "0/mu/mlp/up/kernel: made for the planned parameters, missing from the state" in e.value.problems
+    with pytest.raises(tpflax.PlanMismatchError) as e:
+        tpflax.shard_optimizer_state(optax.sgd(0.1, momentum=0.9), opt.init(params), plan, mesh)
+    assert "0/trace/mlp/down/kernel: made for the planned parameters, missing from the state" in e.value.problems
+    assert "0/count: in the state, not made for the planned parameters" in e.value.problems
+    assert e.value.problems[-1] == "... and 2 more"  # 6 of adam's leaves are not sgd's: 5 named

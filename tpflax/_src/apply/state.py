@@ -74,6 +74,9 @@ def _init_shape(optimizer: Any, params: Any) -> Any:
         return None
 
 
+_SHOWN = 5  # leaves named per side of a state that differs from what the optimizer makes
+
+
 def _state_problems(got: Any, want: Any) -> list[str]:
     """Every leaf where ``got`` differs from ``want`` (paths, shapes); [] when the same."""
     if want is None:
@@ -81,8 +84,17 @@ def _state_problems(got: Any, want: Any) -> list[str]:
     got_leaves = jax.tree_util.tree_flatten_with_path(got, is_leaf=is_box)[0]
     want_leaves = jax.tree_util.tree_flatten_with_path(want, is_leaf=is_box)[0]
     if len(got_leaves) != len(want_leaves):
+        # name the leaves: a count alone leaves the caller to diff two optimizer states by hand
+        got_paths = [keystr(path) for path, _ in got_leaves]
+        want_paths = [keystr(path) for path, _ in want_leaves]
+        missing = [q for q in want_paths if q not in set(got_paths)]
+        extra = [q for q in got_paths if q not in set(want_paths)]
         return [f"the state has {len(got_leaves)} leaves; optimizer.init on the planned parameters "
-                f"makes {len(want_leaves)}"]
+                f"makes {len(want_leaves)}"] + [
+                f"{q}: made for the planned parameters, missing from the state" for q in missing[:_SHOWN]] + [
+                f"{q}: in the state, not made for the planned parameters" for q in extra[:_SHOWN]] + (
+                [f"... and {hidden} more"] if (hidden := max(0, len(missing) - _SHOWN) + max(0, len(extra) - _SHOWN))
+                else [])
     problems = []
     for (path, g), (wpath, w) in zip(got_leaves, want_leaves, strict=True):
         gs, ws = tuple(np.shape(unbox(g))), tuple(np.shape(unbox(w)))
