@@ -196,19 +196,13 @@ def _finite_rate(n: float, value: Any, what: str) -> float:
         raise SuggestError(f"{what} {value!r} must be a finite rate of at least 1 byte/s")
     return n
 
-
-
 def _slice_hint(key: str) -> str:
     """For a TPU slice given where a preset belongs (``"tpu-v5e:2x4"``): which preset and device count it
     means; else ''."""
-    from tpflax._src.errors import MeshError
-    from tpflax._src.tpu import parse_topology  # tpu imports this module
+    from tpflax._src.tpu import slice_or_none  # tpu imports this module
 
-    if ":" not in key:
-        return ""
-    try:
-        topo = parse_topology(key)
-    except MeshError:
+    topo = slice_or_none(key) if ":" in key else None
+    if topo is None:
         return ""
     return (f"; {key!r} is a TPU slice, not a preset: pass hardware={topo.generation!r} with its "
             f"{topo.devices} devices (the slice itself is make_mesh's and estimate's target=, suggest's --target)")

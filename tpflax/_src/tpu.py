@@ -89,6 +89,18 @@ def known_topologies() -> list[str]:
     return [f"{g}:{t}" for g, grids in TOPOLOGIES.items() for t in grids]
 
 
+def slice_or_none(text: Any) -> Topology | None:
+    """The TPU slice ``text`` names (``"tpu-v5e:4x4"``), or None when it names none.
+
+    >>> slice_or_none("v5e:2x4").devices, slice_or_none("8")
+    (8, None)
+    """
+    try:
+        return parse_topology(text)
+    except MeshError:
+        return None
+
+
 def parse_topology(target: Any) -> Topology:
     """Validate a target name (``"tpu-v5e:16x16"``; the ``tpu-`` prefix is optional).
 

@@ -87,8 +87,9 @@ def _state_problems(got: Any, want: Any) -> list[str]:
         # name the leaves: a count alone leaves the caller to diff two optimizer states by hand
         got_paths = [keystr(path) for path, _ in got_leaves]
         want_paths = [keystr(path) for path, _ in want_leaves]
-        missing = [q for q in want_paths if q not in set(got_paths)]
-        extra = [q for q in got_paths if q not in set(want_paths)]
+        got_set, want_set = set(got_paths), set(want_paths)
+        missing = [q for q in want_paths if q not in got_set]
+        extra = [q for q in got_paths if q not in want_set]
         return [f"the state has {len(got_leaves)} leaves; optimizer.init on the planned parameters "
                 f"makes {len(want_leaves)}"] + [
                 f"{q}: made for the planned parameters, missing from the state" for q in missing[:_SHOWN]] + [

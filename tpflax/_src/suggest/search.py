@@ -346,21 +346,18 @@ def _walking_once(fn):
     return run
 
 
-@_walking_once
-
 def _slice_hint(devices: str, hardware: Any) -> str:
     """For a TPU slice given as ``devices`` (``"tpu-v5e:4x4"``): the count and preset it stands for; else ''."""
-    from tpflax._src.errors import MeshError
-    from tpflax._src.tpu import parse_topology
+    from tpflax._src.tpu import slice_or_none
 
-    try:
-        topo = parse_topology(devices)
-    except MeshError:
+    topo = slice_or_none(devices)
+    if topo is None:
         return ""
     preset = "" if hardware is not None else f", hardware={topo.generation!r}"
     return f"; for the slice {topo.name} pass devices={topo.devices}{preset}"
 
 
+@_walking_once
 def suggest_mesh(model_or_tree: Any, devices: int, device_memory: Any = None, hardware: Any = None, *,
                  optimizer: Any = None, batch: Any = None, config: Any = None, trace: bool | None = None,
                  remat: bool = False, grad_dtype: Any = None, act_dtype: Any = None, backend: str | None = None,
