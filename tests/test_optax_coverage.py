@@ -417,6 +417,22 @@ def test_the_estimate_counts_the_state_as_placed(name):
         assert params < full < params * 1.1
 
 
+def test_lbfgs_history_is_split_like_its_parameters_and_estimated_so():
+    # optax.lbfgs keeps ``memory_size`` differences of the parameters and of the updates, each leaf
+    # ``(memory_size, *param.shape)``: read as unrelated to its parameter, each was placed whole on every
+    # device (2 * memory_size copies of the model) and estimated so
+    m, v, ids, plan, mesh = setup()
+    tx = optax.lbfgs(memory_size=3)
+    state = tpflax.shard_optimizer_state(tx, None, plan, mesh, params=v)
+    flat = {key(p): x for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+    for name in ("diff_params_memory", "diff_updates_memory"):
+        for param, spec in PLANNED.items():
+            x = flat[f"0/{name}/{param}"]
+            assert x.sharding.spec == P(None, *spec), (name, param)
+    e = tpflax.estimate(plan, tx, model=m, sample=(ids,))
+    assert (e.unsharded.opt_state, e.per_device.opt_state) == device_bytes(state)
+
+
 def test_a_lookahead_step_given_plain_variables_says_how_to_pass_the_pair():
     m, v, ids, plan, mesh = setup()
     tx, state = sharded_state("lookahead_adam")

@@ -58,7 +58,7 @@ def kept_dims(pshape: tuple[int, ...], shape: tuple[int, ...], path: str = "",
     (None: a dim reduced to 1, or of another size), or None if ``shape`` is not derived from ``pshape``.
 
     A derived leaf is the parameter with some dims reduced to 1 or dropped, the others kept in
-    order: adafactor's factored moments (one dim averaged away), SM3's per-dim accumulators (all
+    order, or the parameter behind leading dims of its own (optax.lbfgs's history of differences): adafactor's factored moments (one dim averaged away), SM3's per-dim accumulators (all
     dims but one dropped), a ``keepdims`` statistic. Same rank: dim by dim, equal sizes keep. Fewer
     dims: when several ways fit (a square kernel), the leaf's state ``path`` says which: adafactor's
     ``v_row`` / ``v_col`` (:func:`factored_dim`), or ``below`` (the path under the parameter's in the
@@ -69,12 +69,17 @@ def kept_dims(pshape: tuple[int, ...], shape: tuple[int, ...], path: str = "",
     ((1,), (0,))
     >>> kept_dims((16, 4, 8), (4,)), kept_dims((16, 4, 8), (1, 4, 1)), kept_dims((16, 4), (5,))
     ((1,), (None, 1, None), None)
+    >>> kept_dims((16, 4), (10, 16, 4)), kept_dims((16, 4), (16, 4, 10))  # a history of the parameter: lbfgs's
+    ((None, 0, 1), None)
     """
     pshape, shape = tuple(pshape), tuple(shape)
     if len(shape) == len(pshape):
         return tuple(k if a == b else None for k, (a, b) in enumerate(zip(shape, pshape, strict=True)))
     if len(shape) > len(pshape):
-        return None
+        # the parameter behind leading dims of its own: a history of it (optax.lbfgs's
+        # ``(memory_size, *param.shape)`` differences), one copy per step or per model
+        extra = len(shape) - len(pshape)
+        return (None,) * extra + tuple(range(len(pshape))) if pshape and shape[extra:] == pshape else None
     drop = factored_dim(pshape, shape, path)
     if drop is not None:
         return tuple(k for k in range(len(pshape)) if k != drop)
