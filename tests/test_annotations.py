@@ -94,6 +94,29 @@ class _AnnotatedMLP(nn.Module):
 _X = S((8, 16, 64), F32)
 
 
+def test_logical_rules_naming_an_axis_the_mesh_lacks_say_so():
+    """A logical rule mapping to a mistyped axis (``("mlp", "modle")``) left the dim whole without a word, and a
+    logical name the user's rules lack was called a "mesh axis" the mesh lacks."""
+    tree = jax.eval_shape(_AnnotatedMLP().init, jax.random.key(0), _X)
+    mesh = {"data": 2, "model": 4}
+    p = tpflax.plan(tree, mesh, logical_rules=[("embed", None), ("mlp", "modle")])
+    assert p.decisions["params/up/kernel"].spec == P(None, None)
+    assert any("params/up/kernel" in w and "'mlp'" in w and "'modle'" in w for w in p.warnings), p.warnings
+    # NNX metadata does not say which names are logical: one the rules lack is neither kind
+    class Mlp(nnx.Module):
+        def __init__(self, rngs):
+            self.up = nnx.Param(nnx.initializers.normal()(rngs.params(), (64, 256)), out_sharding=("embed", "mlp"),
+                                eager_sharding=False)
+
+    p = tpflax.plan(nnx.state(nnx.eval_shape(lambda: Mlp(nnx.Rngs(0)))), mesh, logical_rules=[("mlp", "model")])
+    assert p.decisions["up"].spec == P(None, "model")
+    said = [w for w in p.warnings if w.startswith("up:") and "'embed'" in w]
+    assert said and "mesh axis 'embed'" not in said[0] and "logical_rules=" in said[0], p.warnings
+    # the documented call takes any mesh, as plan() does
+    for m in (mesh, tpflax.make_mesh(mesh), tpflax.abstract_mesh(mesh)):
+        assert dict(tpflax.default_logical_rules(m))["mlp"] == "model"
+
+
 @pytest.mark.parametrize("mesh", [{"data": 2, "model": 4}, {"fsdp": 2, "model": 4}])
 @pytest.mark.parametrize("traced", [False, True])
 def test_a_plain_bias_follows_its_annotated_kernel(mesh, traced):

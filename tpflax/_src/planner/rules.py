@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec
 
 from tpflax._src.errors import RuleError, SpecError
 from tpflax._src.facts.classify import Facts
-from tpflax._src.mesh import DATA, DEFAULT_ROLE_NAMES, EXPERT, FSDP, TENSOR, MeshShape
+from tpflax._src.mesh import DATA, DEFAULT_ROLE_NAMES, EXPERT, FSDP, TENSOR, MeshShape, mesh_shape
 from tpflax._src.planner.builders import Proposal
 from tpflax._src.specs import Entry, describe, entries, spec_problems, to_pspec, used_axes
 from tpflax._src.vocab import RULE_STRATEGIES, Source
@@ -135,7 +135,7 @@ def forced_strategy(f: Facts, strategy: str, mesh: MeshShape) -> tuple[tuple[Ent
     return at(max(free, key=lambda d: body[d]), f_entry, f_size, "fsdp")
 
 
-def default_logical_rules(mesh: MeshShape) -> list[tuple[str, Any]]:
+def default_logical_rules(mesh: Any) -> list[tuple[str, Any]]:
     """Logical-axis rules derived from the mesh roles (the MaxText/T5X vocabulary).
 
     Every name MaxText's ``base.yml`` gives a parameter dim is here, mapped by its mesh axis's
@@ -148,7 +148,10 @@ def default_logical_rules(mesh: MeshShape) -> list[tuple[str, Any]]:
     >>> rules = dict(default_logical_rules(mesh_shape({"data": 2, "model": 4})))
     >>> rules["mlp"], rules["kv_head_dim"]
     ('model', None)
+    >>> dict(default_logical_rules({"fsdp": 2, "tensor": 4}))["embed"]  # any mesh: a dict, a jax Mesh too
+    'fsdp'
     """
+    mesh = mesh_shape(mesh)
     t = mesh.group(TENSOR)[0]
     f = mesh.group(FSDP)[0]
     e = mesh.group(EXPERT)[0]
@@ -194,6 +197,7 @@ def annotation(f: Facts, mesh: MeshShape, logical_rules) -> tuple[tuple[Entry, .
                 renamed[name] = tries[-1][2]
     used: set[str] = set()
     done: set[int] = set()
+    absent: dict[int, list[str]] = {}  # dim: the mesh axes its logical rules named that the mesh lacks
     for _, dim, axes, logical in sorted(tries, key=lambda t: t[:2]):
         if dim in done:
             continue
@@ -204,8 +208,11 @@ def annotation(f: Facts, mesh: MeshShape, logical_rules) -> tuple[tuple[Entry, .
             continue
         if any(a not in mesh.sizes for a in ax):
             if not logical:
-                warnings.append(f"{leaf.path}: annotation names mesh axis {names[dim]!r} the mesh {mesh} lacks; "
-                                f"dim {dim} left unsharded")
+                warnings.append(f"{leaf.path}: annotation names {names[dim]!r}, neither an axis of the mesh "
+                                f"{mesh} nor a name the logical rules map; dim {dim} left unsharded (add a rule "
+                                f"for it to logical_rules=, or name a mesh axis)")
+            else:
+                absent.setdefault(dim, []).extend(a for a in ax if a not in mesh.sizes)
             continue
         if used & set(ax):
             continue
@@ -222,6 +229,10 @@ def annotation(f: Facts, mesh: MeshShape, logical_rules) -> tuple[tuple[Entry, .
         # (its rules name a dozen axes per dim, most of size 1 on any one mesh).
         real = tuple(a for a in ax if mesh.sizes[a] > 1)
         spec[dim] = None if not real else real[0] if len(real) == 1 else real
+    for dim, missing in absent.items():  # a later rule for the name may have taken the dim: MaxText's rule lists
+        if dim not in done:
+            warnings.append(f"{leaf.path}: the logical rules map {names[dim]!r} only to mesh axes the mesh {mesh} "
+                            f"lacks ({', '.join(map(repr, dict.fromkeys(missing)))}); dim {dim} left unsharded")
     kind = "logical" if leaf.logical or any(_logical_name(n, mesh, known) for n in leaf.names or ()) \
         else "mesh-axis"
     reason = f"{kind} annotation {tuple(leaf.names or ())} -> {to_pspec(spec)}"
