@@ -86,7 +86,8 @@ def check_batch_leaves(batch: Any) -> None:
     objects), before anything is placed: ``device_put`` would refuse it with no path.
 
     >>> import numpy as np
-    >>> check_batch_leaves({"x": np.ones((4, 2)), "step": 3})
+    >>> import ml_dtypes
+    >>> check_batch_leaves({"x": np.ones((4, 2), ml_dtypes.bfloat16), "step": 3})
     >>> check_batch_leaves({"x": np.ones((4, 2)), "name": "wiki"})
     Traceback (most recent call last):
     tpflax._src.errors.TreeError: the batch has leaves that are not arrays:
@@ -100,7 +101,8 @@ def check_batch_leaves(batch: Any) -> None:
             problems.append(f"{where}: leaf of type {type(x).__name__} is not an array; jax takes arrays and "
                             "numbers only: keep it out of the batch (e.g. a static argument of the step) or "
                             "encode it as numbers")
-        elif isinstance(dtype, np.dtype) and dtype.kind in "OSUVMm":
+        elif isinstance(dtype, np.dtype) and (dtype.kind in "OSUMm" or (dtype.kind == "V" and dtype.name.startswith("void"))):
+            # (bfloat16, the float8s and int4 are kind "V" too, named for themselves; raw or structured voids are not)
             problems.append(f"{where}: array of dtype {dtype} (shape {tuple(np.shape(x))}) is not numeric; jax "
                             "arrays hold numbers, bools or PRNG keys: encode it as numbers (e.g. token ids) or "
                             "keep it out of the batch")
