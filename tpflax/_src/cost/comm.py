@@ -112,7 +112,10 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
         # k pairs, each summing and gathering as one does (measured, XLA:CPU fsdp=2,tp=4: Tunix's Qwen3 MoE, a
         # row sum, a stream gather and an output gradient gather per expert and layer)
         looped = min(_per_call(s, p) for p in cols + rows)
-        once = max(layers(dec[p]) for p in cols + rows) * pc.count * calls
+        # a pair a loop body contracts unchanged at every step (a Universal Transformer's one block under
+        # ``nn.scan(variable_broadcast="params")``) sums and gathers at every step, as a stack does at every layer
+        steps = max(1, min((s.loops or {}).get(p, (1, False))[0] for p in cols + rows))
+        once = max(layers(dec[p]) for p in cols + rows) * pc.count * calls * steps
         count = once * looped
         source = f"pair {pc.id}" + (f" and {pc.count - 1} alike" if pc.count > 1 else "")
         if inside:

@@ -136,9 +136,15 @@ def _start(facts: Sequence[Facts], st: State, flow: Dataflow) -> _Flow:
 
 
 def _recurrent(c: _Flow) -> None:
-    """Recurrent cells: a kernel contracted at every step of a loop stays whole."""
+    """Recurrent cells: a kernel contracted at every step of a loop stays whole.
+
+    A step that reads more than one row per example is no cell's (an RNN's step reads one row per sequence)
+    but a block applied again at every step, to every token or a chunk of them each time (a Universal
+    Transformer's ``nn.scan`` over one block with ``variable_broadcast="params"``): it is planned as a layer,
+    its collectives paid at every step like a stack's at every layer (the estimate's ``cost.comm``)."""
+    per_step = max(1, c.flow.examples)
     for path, us in c.uses.items():
-        steps = [u.scan_length for u in us if u.op in _CONTRACT and u.scan_length]
+        steps = [u.scan_length for u in us if u.op in _CONTRACT and u.scan_length and not u.rows > per_step]
         if steps:
             back = any(u.id in c.flow.recurrent for u in us)
             c.st.replicate(c.fx[path], f"recurrent cell kernel (traced): contracted inside a loop body at each "
