@@ -570,6 +570,35 @@ def test_net_and_final_names_tell_roles_from_the_tree():
     assert specs(p, want) == want
 
 
+class GatedMlpLM(nn.Module):
+    """gMLP: each block's spatial gating unit mixes the tokens with a (T, T) weight, ``einsum("bnd,mn->bmd")``
+    on one half of ``proj_in``'s output, times the other half, into ``proj_out``."""
+
+    @nn.compact
+    def __call__(self, tok):
+        x = nn.Embed(V, D, name="wte")(tok)
+        for i in range(2):
+            h = nn.gelu(nn.Dense(2 * F, name=f"proj_in_{i}")(nn.LayerNorm(name=f"ln_{i}")(x)))
+            u, v = jnp.split(h, 2, axis=-1)
+            v = nn.LayerNorm(name=f"sgu_norm_{i}")(v)
+            w = self.param(f"spatial_{i}", nn.initializers.zeros, (T, T))
+            x = x + nn.Dense(D, name=f"proj_out_{i}")(u * (jnp.einsum("bnd,mn->bmd", v, w) + 1.0))
+        return nn.Dense(V, name="head")(x)
+
+
+def test_a_token_mixing_weight_is_no_output_head_and_pairs_stay_per_block():
+    # the last (T, T) weight keeps the tokens through to the logits: it was split as "vocab-parallel logits"
+    # over the sequence (2.62x the hand layout's collectives, estimated at 0.37x); and the tokens it tags ride
+    # in every later activation, which read the next block's norm as adding proj_in's split channels to them
+    # (Dataflow.added), so the second block's pair was dropped (XLA:CPU data=2,model=4)
+    m = GatedMlpLM()
+    p = tpflax.plan(abstract(m, TOK), MESH, model=m, sample=(TOK,))
+    want = {f"proj_in_{i}/kernel": P(None, "model") for i in range(2)}
+    want.update({f"proj_out_{i}/kernel": P("model", None) for i in range(2)})
+    want.update({f"spatial_{i}": P(None, None) for i in range(2)})
+    assert specs(p, want) == want
+
+
 class RlHeads(nn.Module):
     """A DQN/actor-critic MLP whose heads are named ``*_net``: ``q_net`` is the Q-value head, no attention query."""
 

@@ -490,7 +490,7 @@ def _pair_row(c: _Flow, rid: int, adapters: bool = True) -> None:
     kind = "attention" if any("dot" in e.via for e in cols.values()) else "mlp"
     # its output the model's, not added to a residual stream on the way (a last block's row in a model without
     # a head): a vocab-split head's pricing (the split softmax) is for logits
-    out = [k for k in R.kept if (R.id, k) in c.flow.outputs and not c.out_edges.get((R.id, k))
+    out = [k for k in R.kept if (R.id, k) in c.flow.features and not c.out_edges.get((R.id, k))
            and (R.id, k) not in c.flow.streamed]
     head = None
     if out and R.op == "dot":
@@ -624,7 +624,7 @@ def _outputs(c: _Flow) -> None:
                               "kept whole")
             continue
         u = cu[0]
-        heads = [k for k in u.kept if (u.id, k) in c.flow.outputs and not c.out_edges.get((u.id, k))]
+        heads = [k for k in u.kept if (u.id, k) in c.flow.features and not c.out_edges.get((u.id, k))]
         if heads and u.op == "dot":
             b = f.body_dim(heads[0])
             shard_output_head(c.st, f, b, f"output projection (traced): its {f.body[b]} outputs (dim {b}) "

@@ -157,6 +157,7 @@ def merge_uses(flow: Dataflow, shapes: Mapping[str, tuple[int, ...]]) -> Dataflo
         flow, uses=uses, edges=tuple(edges.values()),
         escapes={(a(k[0]), k[1]): v for k, v in flow.escapes.items()},
         outputs=frozenset((a(u), d) for u, d in flow.outputs),
+        features=frozenset((a(u), d) for u, d in flow.features),
         recurrent=frozenset(a(u) for u in flow.recurrent),
         biases={p: (a(u), al) for p, (u, al) in flow.biases.items()},
         channels={p: {a(u): al for u, al in by.items()} for p, by in flow.channels.items()},

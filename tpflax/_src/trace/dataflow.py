@@ -249,12 +249,14 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
     outs = w.run(jaxpr, args)
     for v in outs:
         if v.tags is not None:
-            for m in v.tags:
+            for d, m in enumerate(v.tags):
                 for k in m:
                     if is_minor(k):
                         w.cap(k)
                     else:
                         w.outputs.add(k)
+                        if d == len(v.tags) - 1:
+                            w.features.add(k)
     found, branches = _pieces_joined(w)
     remat, remat_calls = remat_share(jaxpr)
     edges = tuple(
@@ -264,7 +266,8 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
     examples = int(sample[0].aval.shape[0]) if sample and getattr(sample[0].aval, "shape", ()) else 1
     inputs = read_groups(jaxpr, w.reads)
     return Dataflow(paths=tuple(paths), uses=tuple(w.uses), examples=examples, edges=edges, escapes=found["escapes"],
-                    outputs=frozenset(found["outputs"]), recurrent=frozenset(w.recurrent),
+                    outputs=frozenset(found["outputs"]), features=frozenset(found["features"]),
+                    recurrent=frozenset(w.recurrent),
                     biases=dict(w.biases), elementwise=frozenset(w.elementwise),
                     combined={p: tuple(ds) for p, ds in w.combined.items()},
                     channels={p: by for p, by in w.channels.items() if by},
@@ -375,7 +378,7 @@ def _pieces_joined(w: Any) -> tuple[dict[str, Any], dict[tuple[int, int], tuple[
             cuts.setdefault(root(k), (sizes, ()))
             fused[root(k)] = len(sizes)
     return {"edges": edges, "escapes": escapes, "caps": caps, "fused": fused, "cuts": cuts,
-            "outputs": {root(k) for k in w.outputs}}, branches
+            "outputs": {root(k) for k in w.outputs}, "features": {root(k) for k in w.features}}, branches
 
 
 def _one_branch(products: dict) -> tuple:

@@ -123,9 +123,16 @@ def _note_spread(w: Walk, tags: tuple, shape: tuple[int, ...]) -> None:
 def _note_joined(w: Walk, acts: list[Val]) -> None:
     """Tags added to an activation that lacks them (a branch onto the residual stream): a norm over their
     dim after this normalises the stream, whose width no column split carries on."""
+    # dim by dim where the operands line up: a tag rides with the others of its own dim, not with a tag another
+    # dim carries (gMLP's token-mixing weight tags the tokens, which every later channel split shares a value with)
+    ranks = {len(v.tags) for v in acts if v.tags is not None}
+    by_dim = [[set(v.dim_tags(d)) for v in acts] for d in range(next(iter(ranks)))] if len(ranks) == 1 else \
+        [[{k for m in (v.tags or ()) for k in m} for v in acts]]
+    for dim_keys in by_dim:
+        for k in set.union(*dim_keys) - set.intersection(*dim_keys):
+            w.added.setdefault(k, set()).update(*(ks for ks in dim_keys if k not in ks))
     keys = [{k for m in (v.tags or ()) for k in m} for v in acts]
     for k in set.union(*keys) - set.intersection(*keys):
-        w.added.setdefault(k, set()).update(*(ks for ks in keys if k not in ks))
         # an operand lacking the tag but computed from the kernel that made it is a statistic of the tagged
         # value itself (``x - mean(x)`` in a top-k or a norm over a column's output, Gemma 3n's sparse
         # gate): a per-row value each shard all-reduces, not a stream the branch joins. A max over it is a

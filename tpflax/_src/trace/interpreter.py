@@ -147,6 +147,7 @@ class Walk:
     edges: dict[tuple[int, int, int, int], tuple[int, tuple[str, ...]]] = field(default_factory=dict)
     escapes: dict[tuple[int, int], str] = field(default_factory=dict)
     outputs: set[tuple[int, int]] = field(default_factory=set)
+    features: set[tuple[int, int]] = field(default_factory=set)  # of those, on an output's last dim
     recurrent: set[int] = field(default_factory=set)
     biases: dict[str, tuple[int, dict[int, int]]] = field(default_factory=dict)
     channelwise: dict[str, tuple[int, dict[int, int]]] = field(default_factory=dict)

@@ -162,6 +162,8 @@ class Dataflow:
         escapes: ``{(use id, param dim): why}`` for kept dims whose activation is
             reduced, sliced or mixed before any parameter contraction sums it.
         outputs: ``(use id, param dim)`` whose activation dim reaches the model output.
+        features: of ``outputs``, those on an output's last dim, its features (a head's logits), not its
+            tokens (gMLP's ``(seq, seq)`` token-mixing weight keeps the sequence dim through to the logits).
         recurrent: use ids whose output returns to the carry of the scan that
             applies them at every step (recurrent cells).
         biases: ``{path: (use id, {param dim: kept param dim of the use})}`` for
@@ -298,6 +300,7 @@ class Dataflow:
     remat: float = 0.0
     remat_calls: int = 0
     products: tuple[Product, ...] = ()
+    features: frozenset[tuple[int, int]] = frozenset()
     split_sums: tuple[tuple[frozenset[tuple[int, int]], int, int], ...] = ()
     channelwise: Mapping[str, tuple[int, Mapping[int, int]]] = field(default_factory=dict)
     branches: Mapping[tuple[int, int], tuple[frozenset[int], ...]] = field(default_factory=dict)
