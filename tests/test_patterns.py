@@ -599,6 +599,28 @@ def test_a_token_mixing_weight_is_no_output_head_and_pairs_stay_per_block():
     assert specs(p, want) == want
 
 
+class FusedGqa(nn.Module):
+    """DBRX's attention: one fused ``Wqkv`` (D, D + 2 * 2 * HD), cut into the query's H heads and 2 key/value
+    heads each."""
+
+    @nn.compact
+    def __call__(self, tok):
+        x = nn.Embed(V, D, name="wte")(tok)
+        b, t, _ = x.shape
+        q, k, v = jnp.split(nn.Dense(D + 4 * HD, name="Wqkv")(x), [D, D + 2 * HD], -1)
+        q, k, v = q.reshape(b, t, H, HD), jnp.repeat(k.reshape(b, t, 2, HD), 2, 2), jnp.repeat(v.reshape(b, t, 2, HD), 2, 2)
+        o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k), -1), v)
+        return nn.Dense(D, name="out_proj")(o.reshape(b, t, D))
+
+
+def test_a_fused_kernel_whose_heads_do_not_divide_says_the_heads_not_its_features():
+    # its 128 features divide model=4; the reason read "features 128 (reshaped into 2 ...) not divisible by model=4"
+    m = FusedGqa()
+    p = tpflax.plan(abstract(m, TOK), MESH, model=m, sample=(TOK,))
+    why = p.decisions["params/out_proj/kernel"].reason
+    assert "features 128 are reshaped on the way into 2" in why and "features 128 (" not in why, why
+
+
 class RlHeads(nn.Module):
     """A DQN/actor-critic MLP whose heads are named ``*_net``: ``q_net`` is the Q-value head, no attention query."""
 

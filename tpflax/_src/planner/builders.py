@@ -468,11 +468,14 @@ def column_blocked(col: Linear, kind: str, row: Linear, t_entry: Entry, t_size: 
         return (f"{n} features narrower than the attention output ({row.in_size}): GQA key/value "
                 "heads whose count a 2-D kernel does not show, so no head is cut (pass model= to trace "
                 "the heads)")
-    if n % t_size or (col.limit or n) % t_size:
+    if n % t_size:
         gqa = " (GQA key/value heads)" if col.heads is not None else ""
-        if (col.limit or n) != n:
-            gqa = f" (reshaped into {col.limit} on the way, e.g. attention heads)"
         return f"{cunit} {n}{gqa} not divisible by {axis_label(t_entry, t_size)}"
+    if (col.limit or n) % t_size:
+        # the features divide; what the model reshapes them into on the way does not (DBRX's fused Wqkv: 2
+        # key/value heads)
+        return (f"{cunit} {n} are reshaped on the way into {col.limit} (e.g. attention heads), not divisible by "
+                f"{axis_label(t_entry, t_size)}")
     return ""
 
 
