@@ -621,6 +621,27 @@ def test_a_fused_kernel_whose_heads_do_not_divide_says_the_heads_not_its_feature
     assert "features 128 are reshaped on the way into 2" in why and "features 128 (" not in why, why
 
 
+class NarrowConvDecoder(nn.Module):
+    """EnCodec's last decoder stage: an upsampling conv to 32 channels, a residual unit on them, and the output
+    conv reading their sum (so two convs feed it)."""
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.Conv(32, (3,), name="up")(x)
+        z = y + nn.Conv(32, (1,), name="block_3")(nn.elu(nn.Conv(16, (3,), name="block_1")(nn.elu(y))))
+        return nn.Conv(8, (7,), name="conv_out")(nn.elu(z))
+
+
+def test_a_conv_row_fed_by_two_convs_keeps_the_min_channels_floor():
+    # a one-column conv pair under min_channels stays whole unpriced; with two columns it was split
+    # (EnCodec: 1.22x the hand layout's collectives, XLA:CPU data=2,model=4)
+    m, x = NarrowConvDecoder(), sds(8, 64, 128)
+    p = tpflax.plan(jax.eval_shape(m.init, jax.random.key(0), x), MESH, model=m, sample=(x,))
+    for k in ("up/kernel", "block_3/kernel", "conv_out/kernel"):
+        d = p.decisions[f"params/{k}"]
+        assert d.spec == P(None, None, None) and "32 channels < min_channels=64" in d.reason, (k, d.reason)
+
+
 class RlHeads(nn.Module):
     """A DQN/actor-critic MLP whose heads are named ``*_net``: ``q_net`` is the Q-value head, no attention query."""
 

@@ -484,6 +484,15 @@ def _pair_row(c: _Flow, rid: int, adapters: bool = True) -> None:
             why += f", gathered for {len(later)} later conv(s) reading them whole ({short(c.cand[later[0]].path)})"
         shard_conv_pair(c.st, lins[0].f, fR, lins[0].out_dims[0], rb, why=why, gathered=len(later))
         return
+    if R.op == "conv" and c.st.tensor[1] > 1 and fR.body[rb] < c.st.opts.min_channels:
+        # several columns meeting a conv row (EnCodec's upsampling conv and a residual branch's last conv, into
+        # the output conv): as narrow as a one-column conv pair, it stays whole as that does (shard_conv_pair)
+        note = f"{fR.body[rb]} channels < min_channels={c.st.opts.min_channels}"
+        for lin in lins:
+            c.st.replicate(lin.f, f"column of a conv pair into {short(R.path)}, but {note}: tensor split skipped")
+        c.st.replicate(fR, f"row of a conv pair fed by {', '.join(short(x.f.path) for x in lins)}, but {note}: "
+                           "tensor split skipped")
+        return
     row = Linear(fR, (rb,), tuple(fR.body_dim(k) for k in R.kept), heads=rb if len(fR.body) == 3 else None,
                  role="row", why=f"traced: its contraction sums kernel dim {rb} against that output"
                                  f"{_shared(c, R.path)}")
