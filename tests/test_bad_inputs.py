@@ -405,7 +405,8 @@ BAD = [
                                 sample=(S((2, 4), "float32"),), loss=lambda out, x: out),
         tpflax.OptionError, ("loss= must return one float scalar", "float32[2, 4]")),
     Bad("an nnx classifier's step given a sample with labels its call does not take", lambda: step_with_labels(True),
-        tpflax.OptionError, ("takes 2 positional arguments", "labels too", "def __call__(self, x, y=None)")),
+        tpflax.OptionError, ("takes 2 positional arguments", "labels too", "def __call__(self, x, y=None)",
+                             "nnx.merge(graphdef, state)(x)")),  # the function form for nnx, too
     Bad("a linen classifier traced on a sample with labels its call does not take", lambda: step_with_labels(False),
         tpflax.TraceError, ("takes 2 positional arguments", "labels too", "fn(variables, *sample)")),
     Bad("estimate of something that is not a plan", lambda: tpflax.estimate(None, None, {"x": (2, 4)}),

@@ -344,7 +344,8 @@ def labels_hint(e: Exception, sample: Any) -> str:
         return ""
     return ("; the model is called on the whole sample, labels too, and the loss as loss(output, *sample): accept "
             "them in its call (def __call__(self, x, y=None)), or pass a function fn(variables, *sample) that calls "
-            "the model on its inputs only, e.g. fn = lambda v, x, y: module.apply(v, x)")
+            "the model on its inputs only, e.g. fn = lambda v, x, y: module.apply(v, x) (linen), or "
+            "fn = lambda state, x, y: nnx.merge(graphdef, state)(x) with graphdef, state = nnx.split(model) (nnx)")
 
 
 def check_scalar_loss(value: Any) -> None:
