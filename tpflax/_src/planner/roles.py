@@ -123,6 +123,9 @@ def stage_widths(facts: Sequence[Facts], widths: set[int], sure: bool):
 _MLP_TAILS = ("w1", "w2", "w3", "gate_proj", "up_proj")
 
 
+_FLAT_PATH = re.compile(r"(?:^|_)(?:self|attention)_(query|key|value)$|(?:^|_)(output|intermediate)_dense$")
+
+
 def role_name(f: Facts) -> str:
     """The name that tells a layer's role: its own, or its parent's when its own is generic.
 
@@ -133,6 +136,8 @@ def role_name(f: Facts) -> str:
     >>> named = lambda unit: role_name(Facts(Leaf(unit + "/kernel", (8, 8), "float32", 4), "dense", 0, unit, ""))
     >>> named("params/moe/shared_w2"), named("params/attn/q_a_proj"), named("params/attn/query_key_value")
     ('w2', 'q_a_proj', 'query_key_value')
+    >>> named("params/layer_0/attention_self_key"), named("params/layer_0/attention_output_dense")
+    ('key', 'output')
     """
     name = f.unit_name
     if COLUMN_NAMES.match(name) or ROW_NAMES.match(name):
@@ -145,7 +150,10 @@ def role_name(f: Facts) -> str:
     # only these tails, which name nothing else; ``proj``, ``value`` or ``down_proj`` would rename MLA's
     # ``q_a_proj`` and ``q_down_proj`` and Falcon's ``query_key_value``
     tail = next((t for t in _MLP_TAILS if name.endswith("_" + t)), None)
-    return tail or name
+    # BERT's module path flattened into one name (``attention_self_query``, ``attention_output_dense``,
+    # ``intermediate_dense``, a port into one linen module): its role word, as the parent rule above reads it
+    flat = _FLAT_PATH.search(name)
+    return tail or (flat[1] or flat[2] if flat else name)
 
 
 def linear_view(f: Facts, siblings: Sequence[Facts], widths: set[int] = frozenset()) -> Linear:
@@ -737,6 +745,11 @@ def low_rank_factors(lins: list[Linear]) -> list[tuple[Linear, Linear]]:
     return out
 
 
+# a bottleneck adapter (Houlsby's, Pfeiffer's: ``adapter/down_project``, ``adapter_up``) reads the output of the
+# layer beside it, no LoRA beside its input; the shapes alone cannot tell them apart, the name does
+_BOTTLENECK = re.compile(r"adapter(?!.*lora)", re.I)
+
+
 def low_rank_adapters(facts: Sequence[Facts]) -> list[tuple[Facts, Facts, Facts]]:
     """``(x, y, w)``: a low-rank adapter ``x @ y`` beside the 2-D kernel ``w`` whose output it is added to (LoRA).
 
@@ -760,6 +773,10 @@ def low_rank_adapters(facts: Sequence[Facts]) -> list[tuple[Facts, Facts, Facts]
     >>> qa, qb = facts("attn/q_a/kernel", (64, 16)), facts("attn/q_b/kernel", (16, 128))
     >>> low_rank_adapters([qa, qb, facts("attn/o/kernel", (128, 64))])
     []
+    >>> o, down, up = facts("out/dense/kernel", (64, 64)), facts("out/adapter/down_project/kernel", (64, 4)), \\
+    ...     facts("out/adapter/up_project/kernel", (4, 64))
+    >>> low_rank_adapters([o, down, up])  # a Houlsby adapter runs after the dense, on its output
+    []
     """
     mats = sorted((f for f in facts if f.kind in ("dense", "attention") and len(f.body) == 2), key=lambda f: f.path)
     shapes: dict[tuple[int, ...], list[Facts]] = defaultdict(list)
@@ -770,7 +787,7 @@ def low_rank_adapters(facts: Sequence[Facts]) -> list[tuple[Facts, Facts, Facts]
             for scope in _scopes(f.unit):
                 ups[(f.body[0], scope)].append(f)
     out, used = [], set()
-    for x in (f for f in mats if 4 * f.body[1] <= f.body[0]):
+    for x in (f for f in mats if 4 * f.body[1] <= f.body[0] and not _BOTTLENECK.search(f.unit)):
         for scope in _scopes(x.unit):  # the factors' own module first
             found = [(y, w) for y in ups.get((x.body[1], scope), ()) for w in shapes.get((x.body[0], y.body[1]), ())
                      if len({x.path, y.path, w.path} | used) == len(used) + 3 and scope in (w.group, w.unit)]
