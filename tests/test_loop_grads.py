@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 import pytest
 from _util import FAST_XLA
+from jax.sharding import PartitionSpec as P
 
 import tpflax
 from tpflax import zoo
@@ -171,3 +172,34 @@ def test_a_block_shared_by_every_step_of_a_scan_is_planned_and_priced_as_a_layer
     assert len(per_step) == 4  # the two rows' sums forward, the two column sets' backward, at each step
     # the norm's gradient, summed at each step too, is priced once: 3 KiB of the 3.4 MB
     assert abs(dr.compare(est).comm_error) < 0.01, "\n".join(dr.compare(est).report_lines())
+
+
+class PairCell(nn.Module):
+    """A recurrence whose step is an MLP on one row per sequence (``h <- h + W2 relu(W1 (h + x_t))``), scanned
+    over time batch- or time-major: each position once, whichever way the input is laid out."""
+
+    time_major: bool
+
+    @nn.compact
+    def __call__(self, x):
+        class Step(nn.Module):
+            @nn.compact
+            def __call__(self, h, xt):
+                h = h + nn.Dense(128, name="w_out")(nn.relu(nn.Dense(512, name="w_in")(h + xt)))
+                return h, h
+
+        ax = 0 if self.time_major else 1
+        scan = nn.scan(Step, variable_broadcast="params", split_rngs={"params": False}, in_axes=ax, out_axes=ax)
+        return scan(name="cell")(jnp.zeros((x.shape[1 - ax], 128)), x)[1]
+
+
+@pytest.mark.parametrize("time_major", [False, True])
+def test_a_cell_stepping_over_the_positions_stays_whole_in_either_layout(time_major):
+    # the block-as-a-layer rule compared a step's rows with the sample's leading dim: time-major, that is the
+    # time steps, and a cell's batch rows read as "more than one per example" (split, 33 collectives per step
+    # where the whole cell has one: 7x the collectives)
+    m = PairCell(time_major)
+    x = jax.ShapeDtypeStruct((STEPS, 64, 128) if time_major else (64, STEPS, 128), jnp.float32)
+    p = tpflax.plan(jax.eval_shape(m.init, jax.random.key(0), x), {"data": 2, "model": 4}, model=m, sample=(x,))
+    for k in ("params/cell/w_in/kernel", "params/cell/w_out/kernel"):
+        assert p.decisions[k].spec == P(None, None) and "recurrent cell" in p.decisions[k].reason, k

@@ -479,6 +479,24 @@ def column_blocked(col: Linear, kind: str, row: Linear, t_entry: Entry, t_size: 
     return ""
 
 
+def conv_floor(st: State, ch: int) -> str:
+    """Why a conv pair on ``ch`` channels stays whole, unpriced ('' when it is priced): no tensor axis, or
+    fewer channels than ``min_channels``."""
+    if st.tensor[1] == 1:
+        return "no tensor axis in the mesh"
+    if ch < st.opts.min_channels:
+        return f"{ch} channels < min_channels={st.opts.min_channels}"
+    return ""
+
+
+def whole_conv_pair(st: State, members: Sequence[tuple[Facts, str, str]], ch: int, note: str, why: str = "") -> None:
+    """A conv pair kept whole for ``note``: recorded unsharded, each ``(facts, side, role)`` member replicated."""
+    pair = st.new_pair("conv", [f for f, _, role in members if role == "column"],
+                       [f for f, _, role in members if role == "row"], ch, False, note)
+    for f, side, role in members:
+        st.replicate(f, f"{side} of conv pair {pair.id}, but {note}: {why}tensor split skipped", pair.id, role)
+
+
 def shard_conv_pair(st: State, a: Facts, b: Facts, a_dim: int, b_dim: int, why: str = "",
                     extra: Sequence[Facts] = (), gathered: int = 0) -> None:
     """Conv ``a`` (output channels, body dim ``a_dim``) feeding conv ``b`` (input channels, ``b_dim``): split
@@ -490,22 +508,17 @@ def shard_conv_pair(st: State, a: Facts, b: Facts, a_dim: int, b_dim: int, why: 
     gathered for each of them."""
     t_entry, t_size = st.tensor
     ch = a.body[a_dim]
-    note = ""
-    if t_size == 1:
-        note = "no tensor axis in the mesh"
-    elif ch < st.opts.min_channels:
-        note = f"{ch} channels < min_channels={st.opts.min_channels}"
-    elif ch % t_size:
+    note = conv_floor(st, ch)
+    if not note and ch % t_size:
         note = f"{ch} channels not divisible by {axis_label(t_entry, t_size)}"
-    pair = st.new_pair("conv", [a, *extra], [b], ch, not note, note)
-    paths = frozenset((a.path, b.path, *(e.path for e in extra)))
     why = f"{why}; " if why else ""
     members = ((a, "channel", "column"), *((e, "added to its output channels", "column") for e in extra),
                (b, "input-channel", "row"))
     if note:
-        for f, side, role in members:
-            st.replicate(f, f"{side} of conv pair {pair.id}, but {note}: {why}tensor split skipped", pair.id, role)
+        whole_conv_pair(st, members, ch, note, why)
         return
+    pair = st.new_pair("conv", [a, *extra], [b], ch, True)
+    paths = frozenset((a.path, b.path, *(e.path for e in extra)))
     over = axis_label(t_entry, t_size)
     split = Option("channel split", (
         (a.path, st.proposal(a, body_spec(len(a.body), a_dim, t_entry), "channel",

@@ -23,11 +23,13 @@ from tpflax._src.planner.builders import (
     Options,
     Proposal,
     State,
+    conv_floor,
     join_column_of,
     join_row,
     shard_conv_pair,
     shard_pair,
     short,
+    whole_conv_pair,
 )
 from tpflax._src.planner.constraints import pins
 from tpflax._src.planner.decision import Pair
@@ -138,17 +140,20 @@ def _start(facts: Sequence[Facts], st: State, flow: Dataflow) -> _Flow:
 def _recurrent(c: _Flow) -> None:
     """Recurrent cells: a kernel contracted at every step of a loop stays whole.
 
-    A step that reads more than one row per example is no cell's (an RNN's step reads one row per sequence)
-    but a block applied again at every step, to every token or a chunk of them each time (a Universal
-    Transformer's ``nn.scan`` over one block with ``variable_broadcast="params"``): it is planned as a layer,
-    its collectives paid at every step like a stack's at every layer (the estimate's ``cost.comm``)."""
-    per_step = max(1, c.flow.examples)
+    A loop whose steps read, all told, more rows than the model's input has positions is no cell's (an RNN's
+    steps, or a chunked recurrence's, read each position once, batch- or time-major) but a block applied again to
+    every token at every step (a Universal Transformer's ``nn.scan`` over one block with
+    ``variable_broadcast="params"``): it is planned as a layer, its collectives paid at every step like a
+    stack's at every layer (the estimate's :mod:`tpflax._src.cost.traced` rows)."""
+    positions = c.flow.positions
     for path, us in c.uses.items():
-        steps = [u.scan_length for u in us if u.op in _CONTRACT and u.scan_length and not u.rows > per_step]
+        steps = [u.scan_length for u in us if u.op in _CONTRACT and u.scan_length
+                 and not (positions and u.rows * u.scan_length > positions)]
         if steps:
             back = any(u.id in c.flow.recurrent for u in us)
-            c.st.replicate(c.fx[path], f"recurrent cell kernel (traced): contracted inside a loop body at each "
-                                       f"of its {steps[0]} steps" + ("; its output returns through the carry"
+            at = f"at each of its {max(steps)} steps" if max(steps) > 1 else "at every step"
+            c.st.replicate(c.fx[path], f"recurrent cell kernel (traced): contracted inside a loop body {at}"
+                                       + ("; its output returns through the carry"
                                                                      if back else "") +
                            "; a tensor split would need a collective at every step, so kept whole")
 
@@ -484,14 +489,11 @@ def _pair_row(c: _Flow, rid: int, adapters: bool = True) -> None:
             why += f", gathered for {len(later)} later conv(s) reading them whole ({short(c.cand[later[0]].path)})"
         shard_conv_pair(c.st, lins[0].f, fR, lins[0].out_dims[0], rb, why=why, gathered=len(later))
         return
-    if R.op == "conv" and c.st.tensor[1] > 1 and fR.body[rb] < c.st.opts.min_channels:
+    if R.op == "conv" and (note := conv_floor(c.st, fR.body[rb])):
         # several columns meeting a conv row (EnCodec's upsampling conv and a residual branch's last conv, into
         # the output conv): as narrow as a one-column conv pair, it stays whole as that does (shard_conv_pair)
-        note = f"{fR.body[rb]} channels < min_channels={c.st.opts.min_channels}"
-        for lin in lins:
-            c.st.replicate(lin.f, f"column of a conv pair into {short(R.path)}, but {note}: tensor split skipped")
-        c.st.replicate(fR, f"row of a conv pair fed by {', '.join(short(x.f.path) for x in lins)}, but {note}: "
-                           "tensor split skipped")
+        whole_conv_pair(c.st, [*((x.f, "channel", "column") for x in lins), (fR, "input-channel", "row")],
+                        fR.body[rb], note)
         return
     row = Linear(fR, (rb,), tuple(fR.body_dim(k) for k in R.kept), heads=rb if len(fR.body) == 3 else None,
                  role="row", why=f"traced: its contraction sums kernel dim {rb} against that output"

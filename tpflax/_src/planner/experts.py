@@ -118,7 +118,7 @@ def _expert_options(st: State, cols: list[Facts], row: Facts, pid: int, ffn: int
     sums = (ActComm("all-reduce", t_entry, d_out, 1, "the combine sums the experts' outputs (forward)"),
             *(ActComm("all-reduce", t_entry, d_in, 1, "sum the experts' input gradients (backward)")
               for _ in (cols[:1] if buffered else cols)), *buffer_sums(t_size))
-    if all(_experts_dim(f) in st.ragged.get(f.path, ()) for f in [*cols, row]):
+    if all(f.leaf_dim(0) in st.ragged.get(f.path, ()) for f in [*cols, row]):
         # ragged dots (sorted tokens) carry no experts dim to split alike: every dot sums its output and its input
         # gradient (the estimate's cost.comm.ragged_split_items), 2.0x Megatron's collectives measured (XLA:CPU
         # data=2,model=4, a dropless Mixtral-like MoE)
@@ -132,8 +132,3 @@ def _expert_options(st: State, cols: list[Facts], row: Facts, pid: int, ffn: int
     options.append(Option("replicate", props(((None,) * 3, (None,) * 3), ("replicate", "replicate"),
                                              "kept whole on every tensor rank"), buffer_sums(1), matmul, whole=True))
     return options
-
-
-def _experts_dim(f: Facts) -> int:
-    """The leaf dim of an expert kernel's experts (its body's first)."""
-    return 1 if f.layers_dim == 0 else 0

@@ -123,7 +123,8 @@ def stage_widths(facts: Sequence[Facts], widths: set[int], sure: bool):
 _MLP_TAILS = ("w1", "w2", "w3", "gate_proj", "up_proj")
 
 
-_FLAT_PATH = re.compile(r"(?:^|_)(?:self|attention)_(query|key|value)$|(?:^|_)(output|intermediate)_dense$")
+_FLAT_PATH = re.compile(r"^(?:attention_)?self_(query|key|value)$|^attention_self_(query|key|value)$|"
+                        r"^(?:attention_)?(output|intermediate)_dense$")
 
 
 def role_name(f: Facts) -> str:
@@ -153,7 +154,7 @@ def role_name(f: Facts) -> str:
     # BERT's module path flattened into one name (``attention_self_query``, ``attention_output_dense``,
     # ``intermediate_dense``, a port into one linen module): its role word, as the parent rule above reads it
     flat = _FLAT_PATH.search(name)
-    return tail or (flat[1] or flat[2] if flat else name)
+    return tail or (next(g for g in flat.groups() if g) if flat else name)
 
 
 def linear_view(f: Facts, siblings: Sequence[Facts], widths: set[int] = frozenset()) -> Linear:
@@ -747,7 +748,7 @@ def low_rank_factors(lins: list[Linear]) -> list[tuple[Linear, Linear]]:
 
 # a bottleneck adapter (Houlsby's, Pfeiffer's: ``adapter/down_project``, ``adapter_up``) reads the output of the
 # layer beside it, no LoRA beside its input; the shapes alone cannot tell them apart, the name does
-_BOTTLENECK = re.compile(r"adapter(?!.*lora)", re.I)
+_BOTTLENECK = re.compile(r"^(?!.*lora).*adapter", re.I)  # no ``LoRAAdapter_0``, no ``lora_adapter``
 
 
 def low_rank_adapters(facts: Sequence[Facts]) -> list[tuple[Facts, Facts, Facts]]:

@@ -198,6 +198,7 @@ def annotation(f: Facts, mesh: MeshShape, logical_rules) -> tuple[tuple[Entry, .
     used: set[str] = set()
     done: set[int] = set()
     absent: dict[int, list[str]] = {}  # dim: the mesh axes its logical rules named that the mesh lacks
+    blocked: set[int] = set()
     for _, dim, axes, logical in sorted(tries, key=lambda t: t[:2]):
         if dim in done:
             continue
@@ -215,6 +216,7 @@ def annotation(f: Facts, mesh: MeshShape, logical_rules) -> tuple[tuple[Entry, .
                 absent.setdefault(dim, []).extend(a for a in ax if a not in mesh.sizes)
             continue
         if used & set(ax):
+            blocked.add(dim)  # another dim took the axis: not for want of it
             continue
         size = 1
         for a in ax:
@@ -230,7 +232,7 @@ def annotation(f: Facts, mesh: MeshShape, logical_rules) -> tuple[tuple[Entry, .
         real = tuple(a for a in ax if mesh.sizes[a] > 1)
         spec[dim] = None if not real else real[0] if len(real) == 1 else real
     for dim, missing in absent.items():  # a later rule for the name may have taken the dim: MaxText's rule lists
-        if dim not in done:
+        if dim not in done and dim not in blocked:
             warnings.append(f"{leaf.path}: the logical rules map {names[dim]!r} only to mesh axes the mesh {mesh} "
                             f"lacks ({', '.join(map(repr, dict.fromkeys(missing)))}); dim {dim} left unsharded")
     kind = "logical" if leaf.logical or any(_logical_name(n, mesh, known) for n in leaf.names or ()) \

@@ -262,12 +262,14 @@ def fmt_time(s: float) -> str:
 
     >>> fmt_time(2.5), fmt_time(0.0123), fmt_time(4.2e-4), fmt_time(3.07e-6), fmt_time(7.1e-8), fmt_time(0.0)
     ('2.50 s', '12.3 ms', '420 us', '3.07 us', '71 ns', '0 us')
+    >>> fmt_time(9.996e-4), fmt_time(9.996e-7)
+    ('1.0 ms', '1 us')
     """
     if s >= 1:
         return f"{s:.2f} s"
-    if s >= 1e-3:
+    if s >= 1e-3 or float(f"{s * 1e6:.3g}") >= 1000:  # (9.996e-4 s rounds to 1.0 ms, not "1e+03 us")
         return f"{s * 1e3:.1f} ms"
-    if s >= 1e-6 or s <= 0:
+    if s >= 1e-6 or s <= 0 or float(f"{s * 1e9:.3g}") >= 1000:
         return f"{s * 1e6:.3g} us"
     return f"{s * 1e9:.3g} ns"
 

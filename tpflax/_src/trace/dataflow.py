@@ -183,6 +183,15 @@ def untraceable(m: Any, e: Exception) -> str:
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; {fix}{labels_hint(e, m.sample)}")
 
 
+def _positions(sample: Sequence[Any]) -> int:
+    """:attr:`Dataflow.positions` of the traced sample's invars."""
+    shape = tuple(getattr(sample[0].aval, "shape", ())) if sample else ()
+    if not shape:
+        return 0
+    ids = jax.numpy.issubdtype(sample[0].aval.dtype, jax.numpy.integer)
+    return math.prod(shape if ids or len(shape) == 1 else shape[:-1])
+
+
 def dataflow(model: Any, sample: Any = None, variables: Any = None, mesh: Any = None) -> Dataflow:
     """Trace ``model`` on ``sample`` and analyse which parameter feeds which.
 
@@ -249,13 +258,17 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
     outs = w.run(jaxpr, args)
     for v in outs:
         if v.tags is not None:
+            # an output's features are its last dim's tags (a head's logits, not the tokens a (T, T) token-mixing
+            # weight tags on the way); an output whose last dim carries none (logits laid out (B, V, T) for a
+            # CTC loss) has its features elsewhere: every dim's count
+            last = any(not is_minor(k) for k in v.tags[-1]) if v.tags else False
             for d, m in enumerate(v.tags):
                 for k in m:
                     if is_minor(k):
                         w.cap(k)
                     else:
                         w.outputs.add(k)
-                        if d == len(v.tags) - 1:
+                        if d == len(v.tags) - 1 or not last:
                             w.features.add(k)
     found, branches = _pieces_joined(w)
     remat, remat_calls = remat_share(jaxpr)
@@ -265,7 +278,8 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
     sample = jaxpr.invars[len(paths):]
     examples = int(sample[0].aval.shape[0]) if sample and getattr(sample[0].aval, "shape", ()) else 1
     inputs = read_groups(jaxpr, w.reads)
-    return Dataflow(paths=tuple(paths), uses=tuple(w.uses), examples=examples, edges=edges, escapes=found["escapes"],
+    return Dataflow(paths=tuple(paths), uses=tuple(w.uses), examples=examples, positions=_positions(sample),
+                    edges=edges, escapes=found["escapes"],
                     outputs=frozenset(found["outputs"]), features=frozenset(found["features"]),
                     recurrent=frozenset(w.recurrent),
                     biases=dict(w.biases), elementwise=frozenset(w.elementwise),

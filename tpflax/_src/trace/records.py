@@ -315,6 +315,9 @@ class Dataflow:
     row_axes: frozenset[str] = frozenset()
     channels: Mapping[str, Mapping[int, Mapping[int, int]]] = field(default_factory=dict)
     examples: int = 1  # the traced sample's leading dim (its first input's)
+    # the traced sample's first input's positions: every element of integer ids, the rows of a float input's
+    # last dim (a sequence's tokens, an image's pixels, a video's); 0 without an input
+    positions: int = 0
     grad_deps: Mapping[int, int] = field(default_factory=dict)
     inputs: Mapping[int, int] = field(default_factory=dict)
     apart: Mapping[int, int] = field(default_factory=dict)
