@@ -144,7 +144,7 @@ def _recurrent(c: _Flow) -> None:
     steps, or a chunked recurrence's, read each position once, batch- or time-major) but a block applied again to
     every token at every step (a Universal Transformer's ``nn.scan`` over one block with
     ``variable_broadcast="params"``): it is planned as a layer, its collectives paid at every step like a
-    stack's at every layer (the estimate's :mod:`tpflax._src.cost.traced` rows)."""
+    stack's at every layer (the estimate's trip count, :func:`tpflax._src.cost.comm._pair_items`)."""
     positions = c.flow.positions
     for path, us in c.uses.items():
         steps = [u.scan_length for u in us if u.op in _CONTRACT and u.scan_length

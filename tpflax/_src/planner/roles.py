@@ -123,8 +123,7 @@ def stage_widths(facts: Sequence[Facts], widths: set[int], sure: bool):
 _MLP_TAILS = ("w1", "w2", "w3", "gate_proj", "up_proj")
 
 
-_FLAT_PATH = re.compile(r"^(?:attention_)?self_(query|key|value)$|^attention_self_(query|key|value)$|"
-                        r"^(?:attention_)?(output|intermediate)_dense$")
+_FLAT_PATH = re.compile(r"^(?:attention_)?self_(query|key|value)$|^(?:attention_)?(output|intermediate)_dense$")
 
 
 def role_name(f: Facts) -> str:

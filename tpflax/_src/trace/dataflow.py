@@ -260,7 +260,7 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
         if v.tags is not None:
             # an output's features are its last dim's tags (a head's logits, not the tokens a (T, T) token-mixing
             # weight tags on the way); an output whose last dim carries none (logits laid out (B, V, T) for a
-            # CTC loss) has its features elsewhere: every dim's count
+            # CTC loss) has its features elsewhere: every dim's tags count
             last = any(not is_minor(k) for k in v.tags[-1]) if v.tags else False
             for d, m in enumerate(v.tags):
                 for k in m:
