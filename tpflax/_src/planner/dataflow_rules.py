@@ -489,9 +489,11 @@ def _pair_row(c: _Flow, rid: int, adapters: bool = True) -> None:
             why += f", gathered for {len(later)} later conv(s) reading them whole ({short(c.cand[later[0]].path)})"
         shard_conv_pair(c.st, lins[0].f, fR, lins[0].out_dims[0], rb, why=why, gathered=len(later))
         return
-    if R.op == "conv" and (note := conv_floor(c.st, fR.body[rb])):
-        # several columns meeting a conv row (EnCodec's upsampling conv and a residual branch's last conv, into
-        # the output conv): as narrow as a one-column conv pair, it stays whole as that does (shard_conv_pair)
+    if R.op == "conv" and all(c.cand[sid].op == "conv" for sid in cols) and (note := conv_floor(c.st, fR.body[rb])):
+        # several convs meeting a conv row (EnCodec's upsampling conv and a residual branch's last conv, into the
+        # output conv): as narrow as a one-column conv pair, it stays whole as that does (shard_conv_pair). A
+        # dense column beside them (a diffusion ResNet's time embedding scaling its first conv's output) is no
+        # conv chain: priced as a pair (tests/test_modulated_conv.py)
         whole_conv_pair(c.st, [*((x.f, "channel", "column") for x in lins), (fR, "input-channel", "row")],
                         fR.body[rb], note)
         return
