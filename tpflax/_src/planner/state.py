@@ -58,8 +58,9 @@ def kept_dims(pshape: tuple[int, ...], shape: tuple[int, ...], path: str = "",
     (None: a dim reduced to 1, or of another size), or None if ``shape`` is not derived from ``pshape``.
 
     A derived leaf is the parameter with some dims reduced to 1 or dropped, the others kept in
-    order, or the parameter behind leading dims of its own (optax.lbfgs's history of differences): adafactor's factored moments (one dim averaged away), SM3's per-dim accumulators (all
-    dims but one dropped), a ``keepdims`` statistic. Same rank: dim by dim, equal sizes keep. Fewer
+    order: adafactor's factored moments (one dim averaged away), SM3's per-dim accumulators (all
+    dims but one dropped), a ``keepdims`` statistic; or the parameter behind leading dims of its own
+    (optax.lbfgs's history of differences, whose leading dims are whole). Same rank: dim by dim, equal sizes keep. Fewer
     dims: when several ways fit (a square kernel), the leaf's state ``path`` says which: adafactor's
     ``v_row`` / ``v_col`` (:func:`factored_dim`), or ``below`` (the path under the parameter's in the
     state) an integer ``k``, a list holding one leaf per parameter dim (SM3's); else the way that
