@@ -196,6 +196,7 @@ def _finite_rate(n: float, value: Any, what: str) -> float:
         raise SuggestError(f"{what} {value!r} must be a finite rate of at least 1 byte/s")
     return n
 
+
 def _slice_hint(key: str) -> str:
     """For a TPU slice given where a preset belongs (``"tpu-v5e:2x4"``): which preset and device count it
     means; else ''."""

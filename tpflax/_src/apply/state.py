@@ -90,12 +90,12 @@ def _state_problems(got: Any, want: Any) -> list[str]:
         got_set, want_set = set(got_paths), set(want_paths)
         missing = [q for q in want_paths if q not in got_set]
         extra = [q for q in got_paths if q not in want_set]
-        return [f"the state has {len(got_leaves)} leaves; optimizer.init on the planned parameters "
-                f"makes {len(want_leaves)}"] + [
-                f"{q}: made for the planned parameters, missing from the state" for q in missing[:_SHOWN]] + [
-                f"{q}: in the state, not made for the planned parameters" for q in extra[:_SHOWN]] + (
-                [f"... and {hidden} more"] if (hidden := max(0, len(missing) - _SHOWN) + max(0, len(extra) - _SHOWN))
-                else [])
+        out = [f"the state has {len(got_leaves)} leaves; optimizer.init on the planned parameters "
+               f"makes {len(want_leaves)}"]
+        out += [f"{q}: made for the planned parameters, missing from the state" for q in missing[:_SHOWN]]
+        out += [f"{q}: in the state, not made for the planned parameters" for q in extra[:_SHOWN]]
+        hidden = len(missing[_SHOWN:]) + len(extra[_SHOWN:])
+        return out + ([f"... and {hidden} more"] if hidden else [])
     problems = []
     for (path, g), (wpath, w) in zip(got_leaves, want_leaves, strict=True):
         gs, ws = tuple(np.shape(unbox(g))), tuple(np.shape(unbox(w)))

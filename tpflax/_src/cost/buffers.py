@@ -35,17 +35,22 @@ def batched_paths(flow: Any) -> frozenset[str]:
     return frozenset(u.path for u in flow.uses if u.op == "dot" and u.batch and not u.rows and u.path not in rows)
 
 
+def ragged_dot(u: Any) -> bool:
+    """Whether dataflow use ``u`` is a ``jax.lax.ragged_dot``'s: a dot with batch dims and rows
+    (:mod:`tpflax._src.trace.contractions` gives a batched one no rows)."""
+    return u.op == "dot" and bool(u.batch) and bool(u.rows)
+
+
 def ragged_groups(flow: Any) -> dict[str, frozenset[int]]:
     """``{path: dims}``: the kernel dims every ``dot`` use of a parameter takes as a ``jax.lax.ragged_dot``'s groups
-    (a dot use with batch dims and rows is a ragged dot's: :mod:`tpflax._src.trace.contractions` gives a batched
-    one no rows); a kernel some other contraction also reads is left out. No dim of the rows carries the groups:
+    (:func:`ragged_dot`); a kernel some other contraction also reads is left out. No dim of the rows carries the groups:
     split over a tensor axis, each such dot's output and input gradient are partial sums
     (:func:`tpflax._src.cost.comm.ragged_split_items`). A ``shard_map`` body's are left out too: it contracts its
     own shard of the kernel with its own rows, and sums as written (EasyDeL's experts)."""
     out: dict[str, frozenset[int]] = {}
     for u in flow.uses:
         if u.op == "dot" and u.path not in flow.in_specs:
-            dims = frozenset(u.batch) if u.rows else frozenset()
+            dims = frozenset(u.batch) if ragged_dot(u) else frozenset()
             out[u.path] = out.get(u.path, dims) & dims
     return {p: d for p, d in out.items() if d}
 

@@ -296,7 +296,13 @@ def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None)
 
 
 def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None) -> Traced:
-    from tpflax._src.cost.buffers import batched_paths, batched_rows, ragged_buffers, ragged_groups
+    from tpflax._src.cost.buffers import (
+        batched_paths,
+        batched_rows,
+        ragged_buffers,
+        ragged_dot,
+        ragged_groups,
+    )
     from tpflax._src.planner.repeats import merge_uses
     from tpflax._src.trace.contractions import PRODUCT_SUM
     from tpflax._src.trace.dataflow import dataflow
@@ -341,7 +347,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None
     per_example, buffers = batched_rows(m, batched) if batched else ({}, {})
     rows.update(per_example)
     # ragged_dot experts reading tokens sorted over the whole batch: a batch-free buffer too
-    ragged = frozenset(u.path for u in flow.uses if u.op == "dot" and u.batch and u.rows)
+    ragged = frozenset(u.path for u in flow.uses if ragged_dot(u))
     if ragged and (sorted_rows := ragged_buffers(m, ragged)):
         buffers = {**buffers, **sorted_rows}
     tied = frozenset(p for p, o in ops.items() if o & {"gather", "onehot"} and "dot" in o)

@@ -150,12 +150,10 @@ def _recurrent(c: _Flow) -> None:
         steps = [u.scan_length for u in us if u.op in _CONTRACT and u.scan_length
                  and not (positions and u.rows * u.scan_length > positions)]
         if steps:
-            back = any(u.id in c.flow.recurrent for u in us)
             at = f"at each of its {max(steps)} steps" if max(steps) > 1 else "at every step"
-            c.st.replicate(c.fx[path], f"recurrent cell kernel (traced): contracted inside a loop body {at}"
-                                       + ("; its output returns through the carry"
-                                                                     if back else "") +
-                           "; a tensor split would need a collective at every step, so kept whole")
+            back = "; its output returns through the carry" if any(u.id in c.flow.recurrent for u in us) else ""
+            c.st.replicate(c.fx[path], f"recurrent cell kernel (traced): contracted inside a loop body {at}{back}; "
+                                       "a tensor split would need a collective at every step, so kept whole")
 
 
 def _embeddings(c: _Flow) -> None:
