@@ -138,7 +138,9 @@ def kv_splits(s: Any) -> dict[str, KVSplit]:
         # an attention pair: its row split, and a query column split on its heads (not its last dim)
         if not any(s.axes(r, TENSOR) for r in pc.rows):
             continue
-        flats = {c: _flat_heads(s, c, pc.rows) for c in pc.columns if len(body(dec[c])) == 2 and split(c) == [1]}
+        # a fused column cut into pieces is resharded piece by piece (cost/reshard.py fused_items), not a key/value
+        flats = {c: _flat_heads(s, c, pc.rows) for c in pc.columns
+                 if len(body(dec[c])) == 2 and split(c) == [1] and not _cut(s, c)}
         if not any(flats.values()) and not any(split(c) and split(c) != [len(body(dec[c])) - 1] for c in pc.columns):
             continue
         first = True
@@ -162,6 +164,12 @@ def kv_splits(s: Any) -> dict[str, KVSplit]:
             pieces, heads = (rest[0], rest[1]) if len(rest) == 2 else (1, rest[0])
             out[c] = KVSplit(heads, b[-1], pieces, width, math.prod(b), rotated, remat=s.remat)
     return out
+
+
+def _cut(s: Any, col: str) -> bool:
+    """Whether the trace saw ``col``'s output cut into pieces (a fused ``[q | k | v]`` kernel)."""
+    pieces = (s.fused or {}).get(col, (None, 1))[1]
+    return isinstance(pieces, tuple) or pieces > 1
 
 
 def _flat_heads(s: Any, col: str, rows: tuple[str, ...]) -> int:

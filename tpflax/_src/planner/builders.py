@@ -471,9 +471,13 @@ def column_blocked(col: Linear, kind: str, row: Linear, t_entry: Entry, t_size: 
     if n % t_size:
         gqa = " (GQA key/value heads)" if col.heads is not None else ""
         return f"{cunit} {n}{gqa} not divisible by {axis_label(t_entry, t_size)}"
-    if (col.limit or n) % t_size:
-        # the features divide; what the model reshapes them into on the way does not (DBRX's fused Wqkv: 2
-        # key/value heads)
+    # A fused [q | k | v] of a GQA cut into unequal pieces that each divide is split naively whatever heads its keys
+    # make: XLA reshards the pieces (priced) and gathers the keys' heads, the queries split by heads; the chooser
+    # weighs that against keeping it whole (DBRX's Wqkv: 2 key/value heads). Equal pieces whose heads do not divide
+    # (a Swin stage's 2 heads over 4 ranks) would cut the queries' head_dim too: XLA sums partial scores.
+    naive = len(set(col.cut)) > 1 and all(p % t_size == 0 for p in col.cut)
+    if (col.limit or n) % t_size and not naive:
+        # the features divide; what the model reshapes them into on the way does not
         return (f"{cunit} {n} are reshaped on the way into {col.limit} (e.g. attention heads), not divisible by "
                 f"{axis_label(t_entry, t_size)}")
     return ""
