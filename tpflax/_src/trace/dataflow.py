@@ -271,6 +271,11 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                         if d == len(v.tags) - 1 or not last:
                             w.features.add(k)
     found, branches = _pieces_joined(w)
+    for (uid, dim), (sizes, whole) in found["cuts"].items():
+        # pieces sliced off a view of the kernel dim (Falcon's (heads + 2) x head_dim, sliced by heads): in its units
+        n = jaxpr.invars[paths.index(w.uses[uid].path)].aval.shape[dim]
+        if sum(sizes) != n and n % sum(sizes) == 0:
+            found["cuts"][(uid, dim)] = (tuple(x * (n // sum(sizes)) for x in sizes), whole)
     remat, remat_calls = remat_share(jaxpr)
     edges = tuple(
         Edge(w.uses[s].path, s, sd, w.uses[d].path, d, dd, math.gcd(limit, found["caps"].get((s, sd), 0)), via)
@@ -389,7 +394,7 @@ def _pieces_joined(w: Any) -> tuple[dict[str, Any], dict[tuple[int, int], tuple[
         if sizes is not None and len(set(sizes)) > 1:  # unequal pieces, split naively over the fused dim like a split's
             if escapes.get(root(k)) == SLICED:
                 del escapes[root(k)]
-            cuts.setdefault(root(k), (sizes, ()))
+            cuts.setdefault(root(k), (sizes, tuple(sorted(whole.get(root(k), ())))))
             fused[root(k)] = len(sizes)
     return {"edges": edges, "escapes": escapes, "caps": caps, "fused": fused, "cuts": cuts,
             "outputs": {root(k) for k in w.outputs}, "features": {root(k) for k in w.features}}, branches

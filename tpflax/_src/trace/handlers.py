@@ -302,10 +302,16 @@ def slice_(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> l
     strides = eqn.params.get("strides") or (1,) * len(src)
     limits: dict[int, int] = {}
     picked = []
+    cut = []  # dims cut into unequal pieces: each piece's tags go on under a key of its own (see split)
     for d in range(v.rank):
         if src[d] == dst[d]:
             continue
-        if strides[d] > 1 and starts[d] < strides[d] and dst[d] * strides[d] == src[d]:
+        if (id(eqn.invars[0]), d) in w.tiled:
+            # one of the unequal pieces static slices cut the dim into (Walk.tiled): a split's piece
+            limits[d] = dst[d]
+            w.slice_of(v.dim_tags(d), starts[d], dst[d], src[d])
+            cut.append(d)
+        elif strides[d] > 1 and starts[d] < strides[d] and dst[d] * strides[d] == src[d]:
             # Every s-th element (rotate-every-two rotary): a contiguous shard of the
             # input holds exactly its own elements of the output while n divides it.
             limits[d] = dst[d]
@@ -326,6 +332,10 @@ def slice_(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> l
     out = w.moved(v, list(range(v.rank)), ranks[0], limit=limits)
     for d, n in picked:
         out = w.pick(v, out, d, n)
+    for d in cut:
+        out = w.piece(out, d, ("slice", id(eqn.invars[0]), d), w.tiled[(id(eqn.invars[0]), d)].index(starts[d]))
+        if dst[d] == 1:  # one head of a fused [q | k | v] reshaped to heads first (Falcon's MQA key): read whole
+            w.escape(out.dim_tags(d), "a piece of one element")
     return [out]
 
 

@@ -183,6 +183,9 @@ class Walk:
     # tag -> the static slices taken of its dim: {(start, size, dim size)} (unequal pieces when they tile it)
     slices: dict[tuple[int, int], set[tuple[int, int, int]]] = field(default_factory=dict)
     piece_no: dict[tuple[int, int], int] = field(default_factory=dict)  # piece key -> its index in the cut
+    # (id of a value, dim) that static slices cut into unequal pieces, each element in one -> the pieces' starts
+    # in order (:func:`tiled_slices`)
+    tiled: dict[tuple[int, int], tuple[int, ...]] = field(default_factory=dict)
     views: set[tuple[int, int]] = field(default_factory=set)  # fused dims cut apart by a reshape (Walk.pick)
     split: dict[tuple[str, int], int] = field(default_factory=dict)  # (path, leaf dim) -> shards in a shard_map body
     ragged: dict[int, Any] = field(default_factory=dict)  # id(ragged_dot_general eqn) -> the view dot_general reads
@@ -227,6 +230,7 @@ class Walk:
             env[v] = a
         for v in jaxpr.constvars:
             env[v] = Val(rank_of(v))
+        self.tiled.update(tiled_slices(jaxpr))
 
         def read(v: Any) -> Val:
             if type(v).__name__ == "Literal":
@@ -485,6 +489,38 @@ class Walk:
         rank = a.rank
         tags = tuple(self.merge([a.dim_tags(d), b.dim_tags(d)]) for d in range(rank))
         return Val(rank, origin=a.origin, tags=tags if any(tags) else None, fed=fed, deps=deps, live=live)
+
+
+def tiled_slices(jaxpr: Any) -> dict[tuple[int, int], tuple[int, ...]]:
+    """``{(id(value), dim): the pieces' starts}`` for each value of ``jaxpr`` that static slices, each along that one dim, cut into
+    unequal pieces holding every element once: Falcon's fused ``[q | k | v]`` sliced ``f[..., :-2]``,
+    ``f[..., -2:-1]``, ``f[..., -1:]``. Such slices are a split (:func:`tpflax._src.trace.handlers.slice_`).
+
+    >>> import jax, jax.numpy as jnp
+    >>> j = jax.make_jaxpr(lambda x: (x[:, :4], x[:, 4:5], x[:, 5:], x[:2]))(jnp.zeros((3, 6))).jaxpr
+    >>> [(d, starts) for (_, d), starts in tiled_slices(j).items()]
+    [(1, (0, 4, 5))]
+    """
+    taken: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    size: dict[tuple[int, int], int] = {}  # (id(value), dim) -> the dim's size
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name != "slice" or any(n > 1 for n in (eqn.params.get("strides") or ())):
+            continue
+        var = eqn.invars[0]
+        shape, starts = var.aval.shape, eqn.params["start_indices"]
+        dst = eqn.outvars[0].aval.shape
+        cut = [d for d in range(len(shape)) if dst[d] != shape[d]]
+        if len(cut) == 1:
+            taken.setdefault((id(var), cut[0]), []).append((starts[cut[0]], dst[cut[0]]))
+            size[(id(var), cut[0])] = shape[cut[0]]
+    out = {}
+    for (var, d), got in taken.items():
+        got.sort()
+        ends = [a + n for a, n in got]
+        if (len({n for _, n in got}) > 1 and got[0][0] == 0 and ends[-1] == size[(var, d)]
+                and all(got[i + 1][0] == ends[i] for i in range(len(got) - 1))):
+            out[(var, d)] = tuple(a for a, _ in got)
+    return out
 
 
 def opaque(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int], *,
