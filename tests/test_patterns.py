@@ -660,6 +660,36 @@ def test_a_fused_mqa_kernel_sliced_by_heads_pairs_with_its_output_projection(mes
     assert split[0] < kept[0] and split[2] < kept[2], (split, kept)
 
 
+class SharedHeadMtp(nn.Module):
+    """DeepSeek-V3's multi-token prediction: the main hidden and an MTP module's hidden (the next token's
+    embedding mixed in) through one shared ``lm_head``, logits stacked."""
+
+    @nn.compact
+    def __call__(self, tok):
+        emb = nn.Embed(V, D, name="wte")
+        h = emb(tok)
+        h = h + nn.Dense(D, name="down")(nn.gelu(nn.Dense(F, name="up")(h)))
+        h2 = nn.Dense(D, name="mtp_proj")(jnp.concatenate([h, emb(jnp.roll(tok, -1, axis=1))], -1))
+        head = nn.Dense(V, use_bias=False, name="lm_head")
+        return jnp.stack([head(h), head(h2)])
+
+
+def test_an_output_head_shared_by_two_outputs_is_priced_as_a_head(mesh):
+    # an lm_head called twice was kept whole by rule ("shared weights (traced): contracted 2 times"): 1.36x the
+    # bytes and 1.54x the flops of the vocab-split head of a hand layout (review_r r07, data=2,model=4)
+    m = SharedHeadMtp()
+    p = tpflax.plan(abstract(m, TOK), MESH, model=m, sample=(TOK,))
+    d = p.decisions["params/lm_head/kernel"]
+    assert d.spec == P(None, "model") and "at each of its 2 calls" in d.reason, d.reason
+    whole = tpflax.plan(abstract(m, TOK), MESH, model=m, sample=(TOK,), rules=[(r"lm_head", "replicate")])
+
+    def loss(out, tok):
+        return optax.softmax_cross_entropy_with_integer_labels(out, jnp.stack([tok, tok])).mean()
+
+    split, kept = (numbers(m, q, mesh, (TOK,), loss=loss) for q in (p, whole))
+    assert split[0] < kept[0] and split[2] < kept[2], (split, kept)
+
+
 class NarrowConvDecoder(nn.Module):
     """EnCodec's last decoder stage: an upsampling conv to 32 channels, a residual unit on them, and the output
     conv reading their sum (so two convs feed it)."""

@@ -630,17 +630,20 @@ def _outputs(c: _Flow) -> None:
         cu = [u for u in c.uses[path] if u.op in _CONTRACT]
         if not cu or (len(cu) == 1 and path in c.flow.channelwise):
             continue
+        heads = sorted(set.intersection(*(_head_dims(c, u) for u in cu)))
+        if heads:
+            # an output head, or one shared by several outputs (DeepSeek-V3's multi-token prediction: the main and
+            # the MTP hiddens through one lm_head), priced as a head
+            b = f.body_dim(heads[0])
+            calls = f", at each of its {len(cu)} calls" if len(cu) > 1 else ""
+            shard_output_head(c.st, f, b, f"output projection (traced): its {f.body[b]} outputs (dim {b}) "
+                                          f"are the model's output, with no later contraction{calls}")
+            continue
         if len(cu) > 1:
             c.st.replicate(f, f"shared weights (traced): contracted {len(cu)} times in the forward pass; "
                               "kept whole")
             continue
         u = cu[0]
-        heads = [k for k in u.kept if (u.id, k) in c.flow.features and not c.out_edges.get((u.id, k))]
-        if heads and u.op == "dot":
-            b = f.body_dim(heads[0])
-            shard_output_head(c.st, f, b, f"output projection (traced): its {f.body[b]} outputs (dim {b}) "
-                                          "are the model's output, with no later contraction")
-            continue
         why = (f"{'conv' if u.op == 'conv' else 'dense'} without a partner (traced): "
                f"{_why_not_column(c, u)}; {_why_not_row(c, u)}")
         if u.op == "dot" and len(u.kept) == 1 and path in c.st.rows and f.stacked == 0:
@@ -652,6 +655,13 @@ def _outputs(c: _Flow) -> None:
                              grown=c.flow.growth(u.id, u.kept[0]), reduced=c.flow.only_reduced(u.id, u.kept[0]))
         else:
             c.st.replicate(f, why)
+
+
+def _head_dims(c: _Flow, u: Use) -> set[int]:
+    """The kept dims of a matmul use that reach the model's output features with no later contraction."""
+    if u.op != "dot":
+        return set()
+    return {k for k in u.kept if (u.id, k) in c.flow.features and not c.out_edges.get((u.id, k))}
 
 
 def _modulates(c: _Flow, u: Use) -> tuple[float, int, int] | None:
