@@ -23,7 +23,7 @@ def _scanned_fn(variables, x):
 
 
 SCANNED = {"params": {"layers": {"up": S((3, 16, 64), F), "down": S((3, 64, 16), F)},
-                      "out": {"kernel": S((16, 10), F)}}}
+                      "out": {"kernel": S((16, 64), F)}}}  # logits wider than their input: split by cost
 
 
 def test_traced_layers_dim_comes_from_the_scan():

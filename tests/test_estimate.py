@@ -1014,12 +1014,14 @@ def test_a_vmapped_ensemble_counts_every_member(how):
     (plain, lplain), (rem, lrem) = _twin_estimates(m, LNet(), (x,))
     # the members are split over model (experts over the tensor axis, cheaper by cost than their ffn dim: the
     # compiled step sums the members' mean, not every member's output): each device runs members // 4 of them,
-    # and holds per member up, down and its output whole, then the head's output (split): f32, data halves
+    # and holds per member up, down and its output whole, then the head's output (whole: a (d, d) head's input
+    # gradient is as wide as its outputs, and splitting it is slower by step time): f32, data halves
     lp = tpflax.plan(jax.eval_shape(LNet().init, jax.random.key(0), x), {"data": 2, "model": 4}, model=LNet(),
                      sample=(x,))
     assert lp.decisions["params/members/up/kernel"].spec == P("model", None, None)
-    full = (members // 4 * 8 * (4 * d + d + d) + 8 * d // 4) * 4 // 2
-    top = (members // 4 * 8 * d + 8 * d // 4) * 4 // 2  # under remat: the top-level outputs
+    assert lp.decisions["params/head/kernel"].spec == P(None, None)
+    full = (members // 4 * 8 * (4 * d + d + d) + 8 * d) * 4 // 2
+    top = (members // 4 * 8 * d + 8 * d) * 4 // 2  # under remat: the top-level outputs
     assert plain == lplain == (top if how.startswith("remat") else full)  # the model's own remat: on
     assert rem == lrem == top
 
