@@ -107,7 +107,10 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
         # a layer called several times (shared weights, ALBERT) sums its partial outputs at each call;
         # a projection's joined uses (one call, several inputs) are not calls
         joined = s.joined or {}
-        calls = max((s.parts or {}).get(p, 1) - len(joined.get(p, ())) for p in cols + rows)
+        # each member's own calls: a layer shared by several calls (a RetinaNet head over every FPN level) sums at
+        # each, the single-call columns feeding it once each (est 1.66x the compiled before, review_r r06)
+        calls_of = {p: max(1, (s.parts or {}).get(p, 1) - len(joined.get(p, ()))) for p in cols + rows}
+        calls = max(calls_of.values())
         # every member contracted in k slices (a Python loop over an expert stack, ``w[i]`` for each expert i):
         # k pairs, each summing and gathering as one does (measured, XLA:CPU fsdp=2,tp=4: Tunix's Qwen3 MoE, a
         # row sum, a stream gather and an output gradient gather per expert and layer)
@@ -141,7 +144,8 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
             # a row split only on dims its contraction batches over (experts, E in ``BSEH,EHM->BSEM``) sums
             # nothing: each device's outputs are whole (the weighted sum over E is a product of two activations)
             if s.axes(r, TENSOR) and not _batch_split(r, s) and r not in written:
-                items.append(CommItem(summing, axes, _pair_act(r, dec[r], "out", s), n, count * (1 + redo),
+                items.append(CommItem(summing, axes, _pair_act(r, dec[r], "out", s), n,
+                                      count // calls * calls_of[r] * (1 + redo),
                                       source, f"row {label[r]}: sum partial outputs (forward"
                                               f"{', again in the remat recompute' if redo else ''})"))
         # XLA:CPU reduces the column inputs' gradients one by one (q, k and v are three
@@ -177,7 +181,8 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
             # a kernel contracted in slices (a stacked gate/up kernel used as w[0] and w[1]): one partial
             # input gradient per slice, each reduced apart
             k = _per_call(s, c) if c in alone else looped
-            items.append(CommItem(summing, axes, _pair_act(c, dec[c], "in", s), n, once * k, source,
+            items.append(CommItem(summing, axes, _pair_act(c, dec[c], "in", s), n, once // calls * calls_of[c] * k,
+                                  source,
                                   f"{what}: sum partial input gradients (backward"
                                   f"{f', once for each of its {k} contracted slices' if k > 1 else ''})"))
         items += [CommItem("all-reduce", axes, _pair_act(j, dec[j], "in", s) * r, n, count, source, f"column "
@@ -483,8 +488,8 @@ def _pair_act(path: str, d: Any, side: str, s: Scope) -> float:
         return 0.0  # it reads the model's inputs: no input gradient to sum
     # an expert kernel reads its buffer, not its layer's input (the tokens before the dispatch)
     acts = acts_for(s.activations, d.unit) if path not in (s.buffers or {}) else []
-    if acts:
-        return s.nbytes(acts[0].output if side == "out" else acts[0].inputs[0])
+    if acts:  # a layer called at several sizes (a head shared by FPN levels): its calls' mean, priced at each call
+        return sum(s.nbytes(a.output if side == "out" else a.inputs[0]) for a in acts) / len(acts)
     b = body(d)
     t_axes = set(s.axes(path, TENSOR))
     split = [i for i, e in enumerate(drop_layers(d, s.lv.specs[path])) if t_axes & set(entry_axes(e))]
