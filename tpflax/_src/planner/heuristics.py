@@ -119,13 +119,22 @@ def _pair_linears(st: State, todo: Sequence[Facts], widths: set[int], sure: bool
         return _agreed(h for path, h in tables.items() if path.startswith(f"{group}/")) or every
 
     stage = stage_widths(todo, widths, sure)
+    lefts: dict[str, list[Linear]] = {}
     for group in sorted(groups, key=_natural):
         members = groups[group]
         here, sure_here = stage(group)
         lins = [linear_view(f, members, here) for f in members]
         assign_roles(lins, here, sure_here)
         st.out_first.update(x.f.path for x in lins if len(x.f.body) == 2 and x.in_dims == (1,))
-        _pool(loose, group, _pair_group(st, group, lins, heads(group), here))
+        lefts[group] = _pair_group(st, group, lins, heads(group), here)
+    # a block's own leftovers wait there for its children's (Longformer's ``attention_output_dense`` beside
+    # ``attention_self/{query,key,value}``, one level down); else they go up
+    arriving = {_up(g) for g, left in lefts.items() if left}
+    for group, left in lefts.items():
+        if left and group in arriving:
+            loose[group] += left
+        else:
+            _pool(loose, group, left)
     # Blocks whose layers sit in sibling subtrees (``attention/self/query`` with
     # ``attention/output/dense``, ``intermediate/dense`` with ``output/dense``): what a
     # block left unpaired meets its cousins one or two levels up, within the layer.
@@ -162,10 +171,16 @@ def _blocks(todo: Sequence[Facts]) -> dict[str, list[Facts]]:
 
 def _pool(loose: dict[str, list[Linear]], group: str, left: list[Linear]) -> None:
     """Move unpaired layers to the parent block, never above a layer index nor to the root."""
+    parent = _up(group)
+    if left and parent is not None:
+        loose[parent] += left
+
+
+def _up(group: str) -> str | None:
+    """The block a block's unpaired layers go up to: its parent, never above a layer index nor to the root."""
     last = group.rsplit("/", 1)[-1]
     parent = group.rsplit("/", 1)[0] if "/" in group else ""
-    if left and "/" in parent and not _INDEX.match(last):
-        loose[parent] += left
+    return parent if "/" in parent and not _INDEX.match(last) else None
 
 
 _INDEX = re.compile(r"^\D*?_?\d+$")
