@@ -66,10 +66,10 @@ class _Names:
 COLUMN_NAMES = _Names(
     r"^(q|k|v|qkv|query|key|value|q_proj|k_proj|v_proj|kv_proj|qkv_proj|c_attn|in_proj|wq|wk|wv|"
     r"up|gate|up_proj|gate_proj|fc1|fc_1|c_fc|fc_in|wi|wi_0|wi_1|w1|w3|intermediate|dense_h_to_4h|"
-    r"linear1|lin1|ff1|ffn_up|mlp_up|in|input_proj|proj_in|gate_up)$")
+    r"linear1|lin1|ff1|ffn_up|mlp_up|in|input_proj|proj_in|gate_up|q_head|k_head|v_head)$")  # Funnel's *_head
 ROW_NAMES = _Names(
     r"^(o|out|o_proj|out_proj|c_proj|proj|wo|w2|down|down_proj|fc2|fc_2|fc_out|dense_4h_to_h|"
-    r"linear2|lin2|ff2|ffn_down|mlp_down|output|dense_out|proj_out|attn_out|proj_final)$")
+    r"linear2|lin2|ff2|ffn_down|mlp_down|output|dense_out|proj_out|attn_out|proj_final|post_proj)$")
 SCAN_NAMES = re.compile(r"(layers|scan|stack|stacked|blocks|repeat|scanned)", re.I)
 KERNEL_LEAVES = frozenset({"kernel", "w", "weight", "weights"})
 
