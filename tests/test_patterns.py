@@ -840,6 +840,31 @@ def test_funnel_transformer_attention_names_pair():
     assert specs(p, want) == want
 
 
+class GraphAttention(nn.Module):
+    """Two GATConv layers: per-head attention vectors ``(heads, channels)`` scoring a linear's heads."""
+
+    @nn.compact
+    def __call__(self, x, adj):
+        for i, heads in enumerate((4, 1)):
+            g, n, _ = x.shape
+            h = nn.Dense(heads * 64, use_bias=False, name=f"lin_{i}")(x).reshape(g, n, heads, 64)
+            a_src = self.param(f"att_src_{i}", nn.initializers.glorot_uniform(), (heads, 64))
+            a_dst = self.param(f"att_dst_{i}", nn.initializers.glorot_uniform(), (heads, 64))
+            e = jnp.einsum("gnhc,hc->gnh", h, a_dst)[:, :, None] + jnp.einsum("gnhc,hc->gnh", h, a_src)[:, None]
+            alpha = jax.nn.softmax(jnp.where(adj[..., None] > 0, nn.leaky_relu(e, 0.2), -1e9), axis=2)
+            x = nn.elu(jnp.einsum("gijh,gjhc->gihc", alpha, h).reshape(g, n, heads * 64))
+        return x
+
+
+def test_a_traced_reason_does_not_ask_for_the_model_it_was_given():
+    # GAT's (heads, channels) attention vectors are read as key/value columns whose heads a 2-D kernel does not
+    # show; the reason then asked to "pass model= to trace the heads" of a traced plan (review_r r05)
+    x, adj = sds(8, 32, 128), sds(8, 32, 32)
+    m = GraphAttention()
+    p = tpflax.plan(abstract(m, x, adj), MESH, model=m, sample=(x, adj))
+    assert not [d.reason for d in p.decisions.values() if "pass model=" in d.reason]
+
+
 class ClassFirstLM(nn.Module):
     """An LM returning its logits class-first, ``(B, V, T)``, as a CTC or a PyTorch-style loss takes them."""
 

@@ -465,9 +465,10 @@ def column_blocked(col: Linear, kind: str, row: Linear, t_entry: Entry, t_size: 
     if kind == "attention" and col.heads is None and col.limit is None and col.out_size < row.in_size:
         # A 2-D key/value kernel narrower than the attention output is GQA: its head
         # count is not in the tree, and a split that cuts heads costs a gather.
-        return (f"{n} features narrower than the attention output ({row.in_size}): GQA key/value "
-                "heads whose count a 2-D kernel does not show, so no head is cut (pass model= to trace "
-                "the heads)")
+        hint = ("the trace shows none" if col.why.startswith("traced") else
+                "a 2-D kernel does not show (pass model= to trace the heads)")
+        return (f"{n} features narrower than the attention output ({row.in_size}): taken for GQA key/value heads, "
+                f"whose count {hint}, so no head is cut")
     if n % t_size:
         gqa = " (GQA key/value heads)" if col.heads is not None else ""
         return f"{cunit} {n}{gqa} not divisible by {axis_label(t_entry, t_size)}"
