@@ -51,9 +51,11 @@ class _Names:
     (True, True)
     >>> COLUMN_NAMES.match("qkv_net") is not None, ROW_NAMES.match("o_net") is not None  # Transformer-XL's
     (True, True)
+    >>> COLUMN_NAMES.match("query_global") is not None  # Longformer's global attention's
+    True
     """
 
-    _AFFIX = re.compile(r"^(?:lin|linear|dense|proj|layer|to)_(?=\w)|(?<=\w)_(?:lin|linear|dense|layer|weight|net)$",
+    _AFFIX = re.compile(r"^(?:lin|linear|dense|proj|layer|to)_(?=\w)|(?<=\w)_(?:lin|linear|dense|layer|weight|net|global)$",
                         re.I)
 
     def __init__(self, pattern: str) -> None:
