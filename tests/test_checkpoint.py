@@ -638,3 +638,27 @@ def test_boxed_shardings_without_like_are_matched_by_the_boxes_paths(tmp_path):
     tpflax.save_checkpoint(tmp_path / "n", placed)
     got = tpflax.restore_checkpoint(tmp_path / "n", shardings=jax.tree_util.tree_map(lambda x: x.sharding, placed))
     assert got["kernel"].sharding.spec == P(None, "model") and got["bias"].sharding.spec == P("model")
+
+
+def test_restore_without_a_plan_uses_no_deprecated_single_device_sharding(tmp_path, monkeypatch):
+    """Regression: jax 0.12 deprecates jax.sharding.SingleDeviceSharding (use make_single_device_sharding);
+    checkpoint.py imported and constructed it, so every import warned and a restore with no plan built one.
+    Here the class warns as jax 0.12's does, and the restore must not touch it."""
+    import warnings
+
+    import tpflax._src.checkpoint as ckpt
+
+    class Deprecated(jax.sharding.SingleDeviceSharding):
+        def __init__(self, *a, **k):
+            warnings.warn("jax.sharding.SingleDeviceSharding is deprecated", DeprecationWarning, stacklevel=2)
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(jax.sharding, "SingleDeviceSharding", Deprecated)
+    monkeypatch.setattr(ckpt, "SingleDeviceSharding", Deprecated, raising=False)  # the old module-level import
+    w = np.arange(32, dtype=np.float32).reshape(8, 4)
+    path = tpflax.save_checkpoint(tmp_path / "c", {"w": w})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        out = tpflax.restore_checkpoint(path)
+    assert out["w"].sharding.is_fully_replicated and len(out["w"].sharding.device_set) == 1
+    np.testing.assert_array_equal(np.asarray(out["w"]), w)

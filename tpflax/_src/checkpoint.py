@@ -27,7 +27,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, SingleDeviceSharding
+from jax.sharding import NamedSharding
 
 from tpflax._src.apply.bind import bind_mesh, is_graph_node, match_plan, rebox_all
 from tpflax._src.apply.put import check_values
@@ -46,6 +46,11 @@ from tpflax._src.errors import CheckpointError, OptionError, PlanMismatchError
 from tpflax._src.facts.tree import Leaf, is_box, key_kinds, keystr, unbox, unboxed, walk
 from tpflax._src.planner.plan import Plan
 from tpflax._src.progress import Progress
+
+# jax 0.12 deprecates constructing jax.sharding.SingleDeviceSharding directly (a DeprecationWarning on
+# every restore without a plan); make_single_device_sharding is in jax 0.10.2 already, the class is
+# the fallback for any jax without it
+_one_device = getattr(jax.sharding, "make_single_device_sharding", None) or jax.sharding.SingleDeviceSharding
 
 FORMAT = "tpflax.checkpoint"
 VERSION = 1
@@ -448,7 +453,7 @@ def _restore_item(ocp: Any, item: Path, plan: Plan | None, mesh: Any, like: Any,
         shard_list = [NamedSharding(mesh, d.spec) for d in decisions]
         targets = decisions if like is None else targets
     else:
-        shard_list = [SingleDeviceSharding(jax.local_devices()[0])] * len(paths)
+        shard_list = [_one_device(jax.local_devices()[0])] * len(paths)
     # a typed PRNG key is read as the key the target (like= or the plan) has, not as its key data
     wanted = [_wanted(stored_leaves[p], t) for p, t in zip(paths, targets, strict=True)]
     empty = [0 in stored_leaves[p].shape for p in paths]  # saved as None: nothing to read
