@@ -102,3 +102,21 @@ def test_an_optimizer_state_for_another_tree_names_the_leaves_that_differ():
     assert "0/trace/mlp/down/kernel: made for the planned parameters, missing from the state" in e.value.problems
     assert "0/count: in the state, not made for the planned parameters" in e.value.problems
     assert e.value.problems[-1] == "... and 2 more"  # 6 of adam's leaves are not sgd's: 5 named
+
+
+def test_the_estimate_says_which_memory_figure_must_fit():
+    # the memory table's last row, the rows' sum, was labelled "total" right above "peak per device" with
+    # another figure (tiny llama: total 1.7 MiB over a 1.5 MiB peak), and the HTML report's headline card
+    # showed that sum as "per device per step": neither is what must fit, the peak is
+    model = zoo.get("llama")
+    plan = tpflax.plan(model.abstract_variables(), {"fsdp": 4, "model": 2})
+    est = tpflax.estimate(plan, optax.adamw(1e-3), 32, model=model)
+    assert est.per_device.total != est.peak
+    lines = est.report_lines()
+    rows = {line.split("  ")[1].strip(): line for line in lines if line.startswith("  ") and not line.startswith("   ")}
+    assert "total" not in rows, lines
+    assert rows["sum of rows"].split()[3:5] == tpflax.fmt_bytes(est.per_device.total).split()
+    assert rows["peak per device"].split()[3:5] == tpflax.fmt_bytes(est.peak).split()
+    page = tpflax.report(plan, est, fmt="html")
+    assert f"<b>{tpflax.fmt_bytes(est.peak)}</b><span>peak per device per step: what must fit at once" in page
+    assert f"<b>{tpflax.fmt_bytes(est.per_device.total)}</b>" not in page.split('class="cards"')[1].split("</div></div>")[0]

@@ -120,8 +120,9 @@ def _cards(plan: Plan, estimate: Estimate | None) -> str:
               f"parameters per device, of {fmt_bytes(plan.total_bytes)} ({plan.savings:.1f}% saved)"),
              (f"{len(plan.decisions)} leaves", f"in {n_groups} groups of alike layers")]
     if estimate is not None:
-        cards += [(fmt_bytes(estimate.per_device.total),
-                   f"per device per step, of {fmt_bytes(estimate.unsharded.total)} unsharded"),
+        # the peak, what must fit (the text report's "peak per device", suggest_mesh's fit): the card showed
+        # per_device.total, the memory rows' sum, which is neither
+        cards += [(fmt_bytes(estimate.peak), "peak per device per step: what must fit at once"),
                   (fmt_bytes(estimate.comm_total), "sent by each device per step")]
     out = "".join(f'<div class="card"><b>{esc(a)}</b><span>{esc(b)}</span></div>' for a, b in cards)
     warn = " warn" if plan.warnings else ""
