@@ -74,6 +74,22 @@ def test_console_script_help_and_devices():
     assert "bound to" in r.stdout and "8 cpu devices" in r.stdout
 
 
+
+def test_python_m_tpflax_runs_the_cli():
+    # `python -m tpflax` said "No module named tpflax.__main__; 'tpflax' is a package and cannot be directly
+    # executed": the way to run the CLI where the environment's scripts are not on PATH
+    import tpflax
+
+    r = subprocess.run([sys.executable, "-m", "tpflax", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == f"tpflax {tpflax.__version__}", r.stderr
+    r = subprocess.run([sys.executable, "-m", "tpflax", "plan", "mlp", "--mesh", "data=2,model=4", "--devices", "8",
+                        "--no-reasons"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("tpflax plan") and "8 cpu devices" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "tpflax", "plan", "mlp", "--mesh", "data=2,modl"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and r.stderr.startswith("tpflax: error: cannot parse mesh 'data=2,modl'"), r.stderr
+
 USERPKG = '''
 import flax.linen as nn
 import jax
