@@ -253,6 +253,23 @@ def test_cli_suggest_table_json_and_errors(capsys):
     assert "known presets" in capsys.readouterr().err
 
 
+def test_cli_suggest_json_when_nothing_fits_is_json_and_fails(capsys):
+    # --json printed nothing on stdout (only the text error on stderr): a script parsing the output got no JSON
+    # for the one answer it most needs to read
+    assert main(["suggest", "mlp", "--world-size", "12", "--device-memory", "1KiB", "--json"]) == 2
+    out, err = capsys.readouterr()
+    data = json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert data["error"]["type"] == "NoFitError"
+    assert data["error"]["message"].startswith("the model fits on no mesh shape of 12 devices with 1.0 KiB each")
+    assert any(p.startswith("remat alone will not do") for p in data["error"]["problems"])
+    assert data["ranked"] == [] and data["rejected"] and data["devices"] == 12
+    assert all(c["rejected"] for c in data["rejected"])
+    assert err.startswith("tpflax: error: the model fits on no mesh shape")
+    # without --json: the text error alone, stdout empty
+    assert main(["suggest", "mlp", "--world-size", "12", "--device-memory", "1KiB"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("tpflax: error: the model fits on no mesh shape")
+
 def test_verify_compiles_the_top_candidate():
     s = suggest_mesh(zoo.get("llama"), 8, "1GiB", optimizer=optax.sgd(0.1), batch=8, verify=1)
     (v,) = s.verified

@@ -161,7 +161,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     """Rank mesh shapes for ``--world-size`` devices of ``--device-memory`` each."""
     import json
 
-    from tpflax._src.errors import SuggestError
+    from tpflax._src.errors import NoFitError, SuggestError
     from tpflax._src.suggest.verify import EMULABLE, target_hardware
 
     args.world = world_size(args)
@@ -183,14 +183,23 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     kw = model_kwargs(loaded)  # a factory's model with its sample: traced and verified like a zoo model's
     if "sample" in kw:
         kw["variables"] = loaded.variables
-    s = suggest_mesh(kw.pop("model", loaded.variables), args.world,
-                     args.device_memory, args.hardware, **kw, optimizer=optimizer_from_name(args.optimizer),
-                     batch=batch, config=getattr(loaded.model, "config", None), trace=args.trace,
-                     **loss_kwargs(args, loaded),
-                     remat=args.remat, optimizer_name=args.optimizer, ici_bandwidth=args.ici_bandwidth,
-                     dcn_bandwidth=args.dcn_bandwidth, chips_per_host=args.chips_per_host,
-                     reserve=args.reserve, rules=[parse_rule(r) for r in args.rule] or None,
-                     fsdp_min_bytes=args.fsdp_min_bytes, verify=min(args.top, 3) if args.verify else 0)
+    try:
+        s = suggest_mesh(kw.pop("model", loaded.variables), args.world,
+                         args.device_memory, args.hardware, **kw, optimizer=optimizer_from_name(args.optimizer),
+                         batch=batch, config=getattr(loaded.model, "config", None), trace=args.trace,
+                         **loss_kwargs(args, loaded),
+                         remat=args.remat, optimizer_name=args.optimizer, ici_bandwidth=args.ici_bandwidth,
+                         dcn_bandwidth=args.dcn_bandwidth, chips_per_host=args.chips_per_host,
+                         reserve=args.reserve, rules=[parse_rule(r) for r in args.rule] or None,
+                         fsdp_min_bytes=args.fsdp_min_bytes, verify=min(args.top, 3) if args.verify else 0)
+    except NoFitError as e:
+        if not args.json or e.suggestion is None:
+            raise
+        # nothing fits is an answer a script reads too: the JSON (every rejected shape and why, the error and
+        # what would help), then the error on stderr and exit 2 as without --json
+        print(json.dumps({"error": {"type": type(e).__name__, "message": e.message, "problems": list(e.problems)},
+                          **e.suggestion.to_dict()}, indent=2, default=str))
+        raise
     if args.json:
         print(json.dumps(s.to_dict(), indent=2, default=str))
     else:

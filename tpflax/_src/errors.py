@@ -16,10 +16,12 @@ class TpflaxError(Exception):
 
     Attributes:
         problems: one line per problem found (the message lists them all).
+        message: the message without the problems' lines.
     """
 
     def __init__(self, message: str, problems: Iterable[str] = ()):
         self.problems = tuple(problems)
+        self.message = message.rstrip(":") if self.problems else message
         if self.problems:
             message = message.rstrip(":") + ":\n" + "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(message)
