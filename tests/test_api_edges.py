@@ -120,3 +120,25 @@ def test_the_estimate_says_which_memory_figure_must_fit():
     page = tpflax.report(plan, est, fmt="html")
     assert f"<b>{tpflax.fmt_bytes(est.peak)}</b><span>peak per device per step: what must fit at once" in page
     assert f"<b>{tpflax.fmt_bytes(est.per_device.total)}</b>" not in page.split('class="cards"')[1].split("</div></div>")[0]
+
+
+def test_optimizer_shardings_takes_an_nnx_optimizer_as_shard_optimizer_state_does():
+    # shard_optimizer_state takes an nnx.Optimizer; optimizer_shardings of one was a bare
+    # "AttributeError: 'Optimizer' object has no attribute 'init'" from flax, and of a non-optimizer a TypeError
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.up, self.down = nnx.Linear(32, 128, rngs=rngs), nnx.Linear(128, 32, rngs=rngs)
+
+    mesh = tpflax.make_mesh({"data": 2, "model": 4})
+    model = Net(nnx.Rngs(0))
+    plan = tpflax.plan(model, mesh)
+    for opt in (nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param), nnx.ModelAndOptimizer(model, optax.adam(1e-3))):
+        got = tpflax.optimizer_shardings(opt, plan, mesh)
+        placed = nnx.state(tpflax.shard_optimizer_state(opt, None, plan, mesh))
+        specs = lambda t: jax.tree_util.tree_leaves(t, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))  # noqa: E731
+        assert [s.spec for s in specs(got)] == [a.sharding.spec for a in jax.tree_util.tree_leaves(placed)]
+        assert specs(got["opt_state"][0]["mu"]["up"]["kernel"])[0].spec == plan.spec("up/kernel")
+    with pytest.raises(tpflax.OptionError, match=r"optimizer 'adamw' has no init\(\); pass an optax"):
+        tpflax.optimizer_shardings("adamw", plan, mesh)

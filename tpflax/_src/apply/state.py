@@ -147,7 +147,9 @@ def optimizer_shardings(optimizer: Any, plan: Plan, mesh: Any = None, *, opt_sta
     """``NamedSharding`` tree for ``optimizer``'s state (for ``jax.jit`` in/out shardings).
 
     Args:
-        optimizer: an optax ``GradientTransformation`` (or anything with ``init``).
+        optimizer: an optax ``GradientTransformation`` (or anything with ``init``), or an
+            ``nnx.Optimizer`` / ``nnx.ModelAndOptimizer``: then the tree is shaped like
+            ``nnx.state(optimizer)`` (as :func:`state_shardings` of it gives).
         plan: the parameters' plan.
         mesh: a ``jax.sharding.Mesh`` or ``AbstractMesh`` (or a shape), as for :func:`tpflax.shardings`.
         opt_state: the state (concrete or abstract); derived with
@@ -160,6 +162,13 @@ def optimizer_shardings(optimizer: Any, plan: Plan, mesh: Any = None, *, opt_sta
     >>> optimizer_shardings(optax.sgd(0.1, momentum=0.9), p)[0].trace["w"].spec
     P('model', None)
     """
+    if is_graph_node(optimizer):  # it has no init(): its state holds what the optax state would
+        from flax import nnx
+
+        return state_shardings(nnx.state(optimizer), plan, mesh)
+    if not callable(getattr(optimizer, "init", None)):
+        raise OptionError(f"optimizer {optimizer!r} has no init(); pass an optax GradientTransformation "
+                          "(e.g. optax.adamw(1e-3)) or an nnx.Optimizer")
     if opt_state is None:
         abstract = abstract_params(plan, params)
         opt_state = init_shape(optimizer, abstract)
