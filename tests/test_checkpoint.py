@@ -662,3 +662,35 @@ def test_restore_without_a_plan_uses_no_deprecated_single_device_sharding(tmp_pa
         out = tpflax.restore_checkpoint(path)
     assert out["w"].sharding.is_fully_replicated and len(out["w"].sharding.device_set) == 1
     np.testing.assert_array_equal(np.asarray(out["w"]), w)
+
+
+def test_derived_state_given_a_params_plan_is_told_how_to_place_it(tmp_path):
+    """Regression: an optimizer state given to shard() with its parameters' plan was told to "re-plan" every
+    leaf, and an nnx.Optimizer's checkpoint restored with the model's plan that "the planned model has no such
+    leaf"; neither said the fix, deriving the shardings from the plan. The hint's recipe restores it."""
+    import optax
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.up, self.down = nnx.Linear(16, 64, rngs=rngs), nnx.Linear(64, 16, rngs=rngs)
+
+    mesh = tpflax.make_mesh({"data": 2, "model": 4})
+    model = Net(nnx.Rngs(0))
+    plan = tpflax.plan(model, mesh)
+    params = tpflax.unshard(nnx.state(model, nnx.Param))
+    with pytest.raises(tpflax.PlanMismatchError, match=r"does not match the plan \(it is state derived from the "
+                       r"planned parameters.*tpflax.shard_optimizer_state"):
+        tpflax.shard(optax.adam(1e-3).init(params), plan, mesh)
+    with pytest.raises(tpflax.PlanMismatchError) as e:  # not every stray leaf is derived: no hint
+        tpflax.shard({"up": {"kernel": np.ones((16, 64), np.float32)}, "other": np.ones(3, np.float32)}, plan, mesh)
+    assert "derived" not in str(e.value)
+    opt = tpflax.shard_optimizer_state(nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param), None, plan, mesh)
+    path = tpflax.save_checkpoint(tmp_path / "o", opt)
+    like = nnx.Optimizer(Net(nnx.Rngs(1)), optax.adam(1e-3), wrt=nnx.Param)
+    with pytest.raises(tpflax.PlanMismatchError, match=r"\(it holds state derived from the planned parameters.*"
+                       r"shardings=tpflax.state_shardings\(like, plan, mesh\), or "
+                       r"tpflax.optimizer_shardings\(like, plan, mesh\) for an nnx.Optimizer\)"):
+        tpflax.restore_checkpoint(path, plan, mesh, like=like)
+    back = tpflax.restore_checkpoint(path, like=like, shardings=tpflax.optimizer_shardings(like, plan, mesh))
+    assert nnx.state(back)["opt_state"][0]["mu"]["up"]["kernel"].get_value().sharding.spec == plan.spec("up/kernel")
+    assert_bit_exact(tpflax.unshard(nnx.state(back)), tpflax.unshard(nnx.state(opt)))

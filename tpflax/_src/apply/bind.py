@@ -79,6 +79,27 @@ def _prefix_hint(plan: Plan, leaves: list[Leaf]) -> str:
             f"the plan is for full variables; pass them, or variables[{best!r}] exactly as planned")
 
 
+def _derived_hint(plan: Plan, leaves: list[Leaf], checkpoint: str) -> str:
+    """One line when the leaves outside the plan are state derived from the planned parameters (else "").
+
+    An optimizer state, a TrainState or an ``nnx.Optimizer``'s state holds leaves whose paths end with a
+    planned parameter's (``0/mu/up/kernel``), besides scalars (``count``): re-planning is not the fix,
+    deriving their shardings from the plan is.
+    """
+    outside = [x for x in leaves if x.path not in plan.decisions]
+    derived = [x for x in outside if any("/".join(x.path.split("/")[i:]) in plan.decisions
+                                         for i in range(1, x.path.count("/") + 1))]
+    if not derived or any(x not in derived and x.shape != () for x in outside):
+        return ""
+    if checkpoint:
+        return ("it holds state derived from the planned parameters, an optimizer's or a TrainState's: restore "
+                "it with like= that object and shardings=tpflax.state_shardings(like, plan, mesh), or "
+                "tpflax.optimizer_shardings(like, plan, mesh) for an nnx.Optimizer")
+    return ("it is state derived from the planned parameters, an optimizer's or a TrainState's: place it with "
+            "tpflax.shard_optimizer_state or tpflax.shard_train_state, or jax.device_put it with "
+            "tpflax.state_shardings(tree, plan, mesh)")
+
+
 def match_plan(plan: Plan, leaves: list[Leaf], *, checkpoint: str = "") -> list[str]:
     """The plan path of every leaf; raise PlanMismatchError naming every difference.
 
@@ -93,7 +114,7 @@ def match_plan(plan: Plan, leaves: list[Leaf], *, checkpoint: str = "") -> list[
         try:
             check_tree_matches(plan, leaves, checkpoint=checkpoint)
         except PlanMismatchError as e:
-            hint = _prefix_hint(plan, leaves)
+            hint = _prefix_hint(plan, leaves) or _derived_hint(plan, leaves, checkpoint)
             if not hint:
                 raise
             raise PlanMismatchError(f"{what} does not match the plan ({hint})", e.problems) from None
