@@ -90,6 +90,16 @@ def test_python_m_tpflax_runs_the_cli():
                        text=True)
     assert r.returncode == 2 and r.stderr.startswith("tpflax: error: cannot parse mesh 'data=2,modl'"), r.stderr
 
+
+def test_a_closed_pipe_stops_quietly():
+    # `tpflax plan ... | head`: the reader gone, the CLI said "tpflax: error: a file: Broken pipe" and exited 2,
+    # the exit code of bad input; now nothing on stderr and 141, a tool stopped by SIGPIPE's
+    p = subprocess.Popen([sys.executable, "-m", "tpflax.cli", "zoo"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    p.stdout.close()  # before the CLI has printed anything: its first write fails
+    err = p.stderr.read()
+    assert p.wait(timeout=300) == 141 and err == "", err
+
 USERPKG = '''
 import flax.linen as nn
 import jax

@@ -8,6 +8,7 @@ output alone goes to stdout.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -336,6 +337,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TpflaxError, UsageError) as e:
         print(f"tpflax: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader closed the pipe (`tpflax plan ... | head`): stop quietly, as a tool killed by SIGPIPE does;
+        # this said "tpflax: error: a file: Broken pipe" and exited 2, as for an unwritable --why path
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush writes nowhere
+        except (OSError, ValueError):  # pragma: no cover - a stdout without a file descriptor
+            pass
+        return 141
     except OSError as e:  # a path given on the command line (--why, --html) that cannot be used
         print(f"tpflax: error: {e.filename or 'a file'}: {e.strerror or e}", file=sys.stderr)
         return 2
