@@ -678,8 +678,8 @@ def test_derived_state_given_a_params_plan_is_told_how_to_place_it(tmp_path):
     model = Net(nnx.Rngs(0))
     plan = tpflax.plan(model, mesh)
     params = tpflax.unshard(nnx.state(model, nnx.Param))
-    with pytest.raises(tpflax.PlanMismatchError, match=r"does not match the plan \(it is state derived from the "
-                       r"planned parameters.*tpflax.shard_optimizer_state"):
+    with pytest.raises(tpflax.PlanMismatchError, match=r"does not match the plan \(its leaves are the planned "
+                       r"parameters' under other roots.*tpflax.shard_optimizer_state"):
         tpflax.shard(optax.adam(1e-3).init(params), plan, mesh)
     with pytest.raises(tpflax.PlanMismatchError) as e:  # not every stray leaf is derived: no hint
         tpflax.shard({"up": {"kernel": np.ones((16, 64), np.float32)}, "other": np.ones(3, np.float32)}, plan, mesh)
@@ -687,7 +687,7 @@ def test_derived_state_given_a_params_plan_is_told_how_to_place_it(tmp_path):
     opt = tpflax.shard_optimizer_state(nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param), None, plan, mesh)
     path = tpflax.save_checkpoint(tmp_path / "o", opt)
     like = nnx.Optimizer(Net(nnx.Rngs(1)), optax.adam(1e-3), wrt=nnx.Param)
-    with pytest.raises(tpflax.PlanMismatchError, match=r"\(it holds state derived from the planned parameters.*"
+    with pytest.raises(tpflax.PlanMismatchError, match=r"\(it holds the planned parameters' paths under other roots.*"
                        r"shardings=tpflax.state_shardings\(like, plan, mesh\), or "
                        r"tpflax.optimizer_shardings\(like, plan, mesh\) for an nnx.Optimizer\)"):
         tpflax.restore_checkpoint(path, plan, mesh, like=like)

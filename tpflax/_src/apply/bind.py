@@ -87,17 +87,18 @@ def _derived_hint(plan: Plan, leaves: list[Leaf], checkpoint: str) -> str:
     deriving their shardings from the plan is.
     """
     outside = [x for x in leaves if x.path not in plan.decisions]
-    derived = [x for x in outside if any("/".join(x.path.split("/")[i:]) in plan.decisions
-                                         for i in range(1, x.path.count("/") + 1))]
-    if not derived or any(x not in derived and x.shape != () for x in outside):
+    derived = {x.path for x in outside if any("/".join(x.path.split("/")[i:]) in plan.decisions
+                                              for i in range(1, x.path.count("/") + 1))}
+    if not derived or any(x.path not in derived and x.shape != () for x in outside):
         return ""
     if checkpoint:
-        return ("it holds state derived from the planned parameters, an optimizer's or a TrainState's: restore "
-                "it with like= that object and shardings=tpflax.state_shardings(like, plan, mesh), or "
-                "tpflax.optimizer_shardings(like, plan, mesh) for an nnx.Optimizer")
-    return ("it is state derived from the planned parameters, an optimizer's or a TrainState's: place it with "
-            "tpflax.shard_optimizer_state or tpflax.shard_train_state, or jax.device_put it with "
-            "tpflax.state_shardings(tree, plan, mesh)")
+        return ("it holds the planned parameters' paths under other roots, as state derived from them does (an "
+                "optimizer's, a TrainState's): restore it with like= that object and "
+                "shardings=tpflax.state_shardings(like, plan, mesh), or tpflax.optimizer_shardings(like, plan, mesh) "
+                "for an nnx.Optimizer")
+    return ("its leaves are the planned parameters' under other roots, as in state derived from them (an "
+            "optimizer's, a TrainState's): place it with tpflax.shard_optimizer_state or tpflax.shard_train_state, "
+            "or jax.device_put it with tpflax.state_shardings(tree, plan, mesh)")
 
 
 def match_plan(plan: Plan, leaves: list[Leaf], *, checkpoint: str = "") -> list[str]:
