@@ -142,3 +142,17 @@ def test_optimizer_shardings_takes_an_nnx_optimizer_as_shard_optimizer_state_doe
         assert specs(got["opt_state"][0]["mu"]["up"]["kernel"])[0].spec == plan.spec("up/kernel")
     with pytest.raises(tpflax.OptionError, match=r"optimizer 'adamw' has no init\(\); pass an optax"):
         tpflax.optimizer_shardings("adamw", plan, mesh)
+
+
+@pytest.mark.parametrize("batch,words", [
+    (True, "batch=True is not a positive whole number of examples"),
+    ((True, 16), r"batch=\(True, 16\) holds a dim that is not a positive whole number"),
+    ({}, "the batch has no array leaves"),
+])
+def test_a_bool_or_empty_batch_is_refused_not_read_as_one_example(batch, words):
+    # True was read as one example and {} as a batch of 1 ("the global batch 1 does not divide over data=2"),
+    # (True, 16) as "the global batch True"
+    plan = tpflax.plan({"w": np.ones((8, 16), np.float32)}, {"data": 2, "model": 4})
+    with pytest.raises(tpflax.EstimateError, match=words) as e:
+        tpflax.estimate(plan, None, batch)
+    assert "does not divide" not in str(e.value)

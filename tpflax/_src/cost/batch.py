@@ -111,6 +111,8 @@ def parse_batch(batch: Any, config: Any = None, act_dtype: str | None = None) ->
         raise EstimateError("estimate needs a batch: e.g. batch={'x': (32, 1024)}, sample=(x,) with model=, "
                             "or jax.eval_shape(lambda: model.make_batch(0, 32))")
     batch = _as_shape(batch, config)
+    if isinstance(batch, Mapping) and not batch:  # {} read as a shape mapping of no leaves: "global batch 1"
+        raise EstimateError("the batch has no array leaves")
     if isinstance(batch, Mapping) and all(isinstance(v, (tuple, list, str)) for v in batch.values()):
         return _from_shapes(dict(batch), config, act_dtype, dtype)
     return _from_tree(batch, act_dtype, dtype)
@@ -124,14 +126,16 @@ def size_problem(batch: Any) -> str | None:
     (None, None, None)
     >>> size_problem(0)
     'batch=0 is not a positive whole number of examples; pass the global batch size, e.g. batch=8'
+    >>> size_problem(True)
+    'batch=True is not a positive whole number of examples; pass the global batch size, e.g. batch=8'
     >>> size_problem((8.5, 64))
     'batch=(8.5, 64) holds a dim that is not a positive whole number; pass a shape of positive ints, e.g. (8, 64)'
     """
-    def number(x: Any) -> bool:
-        return isinstance(x, numbers.Number) and not isinstance(x, bool) and type(x).__name__ != "bool_"
+    def number(x: Any) -> bool:  # a bool too: batch=True was read as one example
+        return isinstance(x, numbers.Number) or type(x).__name__ == "bool_"
 
     def good(x: Any) -> bool:
-        return isinstance(x, numbers.Integral) and x >= 1
+        return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 1
 
     if number(batch):
         return None if good(batch) else (f"batch={batch!r} is not a positive whole number of examples; pass the "
