@@ -694,3 +694,20 @@ def test_derived_state_given_a_params_plan_is_told_how_to_place_it(tmp_path):
     back = tpflax.restore_checkpoint(path, like=like, shardings=tpflax.optimizer_shardings(like, plan, mesh))
     assert nnx.state(back)["opt_state"][0]["mu"]["up"]["kernel"].get_value().sharding.spec == plan.spec("up/kernel")
     assert_bit_exact(tpflax.unshard(nnx.state(back)), tpflax.unshard(nnx.state(opt)))
+
+
+def test_leaves_a_checkpoint_cannot_hold_are_named_before_anything_is_written(tmp_path, capfd):
+    """Regression: a str, an object or a jax.ShapeDtypeStruct leaf reached orbax, whose error ("saving ... failed:
+    ValueError: Unsupported type: <class 'str'> for key: ('meta', 'name')") named one leaf as a key tuple,
+    while its threads logged tracebacks ("cannot schedule new futures after shutdown") on stderr."""
+    tree = {"w": np.ones((4, 2), np.float32), "meta": {"name": "run-7", "tags": np.array(["a", "b"])},
+            "later": jax.ShapeDtypeStruct((3,), np.float32), "step": 3}
+    with pytest.raises(tpflax.TreeError, match="the tree has leaves a checkpoint cannot hold") as e:
+        tpflax.save_checkpoint(tmp_path / "c", tree)
+    assert [p.split(":")[0] for p in e.value.problems] == ["later", "meta/name", "meta/tags"]
+    assert "leaf of type str is not an array" in e.value.problems[1]
+    assert "dtype <U1" in e.value.problems[2]
+    with pytest.raises(tpflax.TreeError):
+        tpflax.save_checkpoint(tmp_path / "m", tree, step=1)
+    assert list(tmp_path.iterdir()) == []
+    assert "Traceback" not in capfd.readouterr().err

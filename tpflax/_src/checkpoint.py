@@ -42,7 +42,7 @@ from tpflax._src.checkpoint_layout import (
     manager_steps,
     sibling,
 )
-from tpflax._src.errors import CheckpointError, OptionError, PlanMismatchError
+from tpflax._src.errors import CheckpointError, OptionError, PlanMismatchError, TreeError
 from tpflax._src.facts.tree import Leaf, is_box, key_kinds, keystr, unbox, unboxed, walk
 from tpflax._src.planner.plan import Plan
 from tpflax._src.progress import Progress
@@ -199,6 +199,21 @@ def _check_saveable(tree: Any) -> None:
     """TreeError, naming every leaf, for what restore could not give back bit-exact (as shard() refuses to
     place it): a numpy 64-bit leaf or a Python int past int32, which jax (x64 off) reads back as 32 bits
     (5e9 as 705032704), and a donated array. Checked before anything is written."""
+    problems = []
+    for path, b in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)[0]:
+        x, where = unbox(b), keystr(path) or "the root"
+        dtype = getattr(x, "dtype", None)
+        if isinstance(x, jax.ShapeDtypeStruct):
+            problems.append(f"{where}: abstract leaf (jax.ShapeDtypeStruct, shape {tuple(x.shape)}) holds no values "
+                            "to save; save the arrays (tpflax.init_sharded makes them)")
+        elif dtype is None and not isinstance(x, (int, float, complex, bool, np.generic)):
+            problems.append(f"{where}: leaf of type {type(x).__name__} is not an array; checkpoints hold arrays and "
+                            "numbers: keep it out of the saved tree")
+        elif isinstance(dtype, np.dtype) and dtype.kind in "OSU":
+            problems.append(f"{where}: array of dtype {dtype} (shape {tuple(np.shape(x))}) is not numeric; keep it "
+                            "out of the saved tree or encode it as numbers")
+    if problems:  # orbax's error named one leaf by its key tuple, and its threads logged tracebacks
+        raise TreeError("the tree has leaves a checkpoint cannot hold", problems)
     values = [unbox(b) for b in jax.tree_util.tree_leaves(tree, is_leaf=is_box)]
     check_values(tree, values, what="the tree", doing="saved")
 
