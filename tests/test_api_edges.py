@@ -156,3 +156,12 @@ def test_a_bool_or_empty_batch_is_refused_not_read_as_one_example(batch, words):
     with pytest.raises(tpflax.EstimateError, match=words) as e:
         tpflax.estimate(plan, None, batch)
     assert "does not divide" not in str(e.value)
+
+
+def test_a_bad_min_channels_is_answered_with_a_channel_count():
+    # the example given was the byte threshold's: "min_channels=-1 must be a non-negative number, e.g.
+    # min_channels=262144" (a quarter of a million channels; the default is 64)
+    with pytest.raises(tpflax.OptionError) as e:
+        tpflax.plan({"w": np.ones((8, 16), np.float32)}, {"model": 4}, min_channels=-1, fsdp_min_bytes=-2)
+    assert "min_channels=-1 must be a non-negative number, e.g. min_channels=64" in e.value.problems
+    assert "fsdp_min_bytes=-2 must be a non-negative number, e.g. fsdp_min_bytes=262144" in e.value.problems

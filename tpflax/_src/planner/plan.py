@@ -68,7 +68,9 @@ __all__ = ["STRATEGIES", "Decision", "Pair", "Plan", "check_tree_matches", "defa
 
 def _check_options(**values: Any) -> None:
     """Byte and channel thresholds must be non-negative numbers (``fsdp_min_bytes`` may be None)."""
-    problems = [f"{k}={v!r} must be a non-negative number, e.g. {k}=262144" for k, v in values.items()
+    # an example of each one's own kind: min_channels counts channels (its default is 64), not bytes
+    examples = {"min_channels": 64}
+    problems = [f"{k}={v!r} must be a non-negative number, e.g. {k}={examples.get(k, 262144)}" for k, v in values.items()
                 if not (k == "fsdp_min_bytes" and v is None) and (
                     isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0)]
     if problems:
