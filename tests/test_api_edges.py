@@ -165,3 +165,27 @@ def test_a_bad_min_channels_is_answered_with_a_channel_count():
         tpflax.plan({"w": np.ones((8, 16), np.float32)}, {"model": 4}, min_channels=-1, fsdp_min_bytes=-2)
     assert "min_channels=-1 must be a non-negative number, e.g. min_channels=64" in e.value.problems
     assert "fsdp_min_bytes=-2 must be a non-negative number, e.g. fsdp_min_bytes=262144" in e.value.problems
+
+
+@pytest.mark.parametrize("explicit", [("data", "model"), ("data",)])
+def test_constrain_and_constrain_batch_take_a_mesh_with_explicit_axes(explicit):
+    # jax's explicit sharding mode: with_sharding_constraint refuses a spec naming an Explicit axis ("can only
+    # refer to Auto axes of the mesh. ... You probably meant to use `reshard` API?"), and both raised that raw
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    types = tuple(AxisType.Explicit if a in explicit else AxisType.Auto for a in ("data", "model"))
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=types)
+    params = {"up": {"kernel": np.arange(32 * 64, dtype=np.float32).reshape(32, 64)},
+              "down": {"kernel": np.arange(64 * 32, dtype=np.float32).reshape(64, 32)}}
+    plan = tpflax.plan(params, mesh, rules=[("up", "column"), ("down", "row")])
+    whole = jax.device_put(params, NamedSharding(mesh, P()))
+    out = jax.jit(lambda t: tpflax.constrain(t, plan, mesh))(whole)
+    for path, want in (("up", P(None, "model")), ("down", P("model", None))):
+        got = out[path]["kernel"]
+        assert got.sharding.is_equivalent_to(NamedSharding(mesh, want), 2), (path, got.sharding)
+        np.testing.assert_array_equal(np.asarray(got), params[path]["kernel"])
+    batch = jax.device_put(np.arange(24, dtype=np.float32).reshape(8, 3), NamedSharding(mesh, P()))
+    got = jax.jit(lambda b: tpflax.constrain_batch(b, mesh))(batch)
+    assert got.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 2), got.sharding
+    np.testing.assert_array_equal(np.asarray(got), np.arange(24).reshape(8, 3))

@@ -245,6 +245,42 @@ def device_mesh(mesh: Any = None, want: MeshShape | None = None):
     return mesh if isinstance(mesh, jax.sharding.Mesh) else make_mesh(mesh)
 
 
+def constrain_to(x: Any, sharding: Any) -> Any:
+    """``x`` laid out as ``sharding`` inside ``jax.jit``: ``with_sharding_constraint`` over Auto mesh axes,
+    ``jax.sharding.reshard`` over Explicit ones (``with_sharding_constraint`` refuses a spec naming them).
+
+    A mesh with Explicit axes (``jax.make_mesh(..., axis_types=(AxisType.Explicit, ...))``) carries their
+    layout in the array's type: it is resharded to the spec's Explicit axes first, then constrained over its
+    Auto ones.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    >>> mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit, AxisType.Auto))
+    >>> x = jax.device_put(jnp.ones((8, 4)), NamedSharding(mesh, P()))
+    >>> jax.jit(lambda a: constrain_to(a, NamedSharding(mesh, P("data", "model"))))(x).sharding.spec
+    P('data', 'model')
+    """
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh, spec = sharding.mesh, sharding.spec
+    explicit_type = getattr(jax.sharding.AxisType, "Explicit", None)
+    explicit = {n for n, t in zip(mesh.axis_names, getattr(mesh, "axis_types", ()) or (), strict=False)
+                if explicit_type is not None and t == explicit_type}
+    if not explicit:
+        return jax.lax.with_sharding_constraint(x, sharding)
+
+    def only(entry: Any, keep_explicit: bool) -> Any:
+        if entry is None or entry is PartitionSpec.UNCONSTRAINED:
+            return None
+        axes = tuple(a for a in ((entry,) if isinstance(entry, str) else entry) if (a in explicit) == keep_explicit)
+        return None if not axes else axes[0] if len(axes) == 1 else axes
+
+    x = jax.sharding.reshard(x, NamedSharding(mesh, PartitionSpec(*(only(e, True) for e in spec))))
+    auto = PartitionSpec(*(only(e, False) for e in spec))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, auto)) if any(e is not None for e in auto) else x
+
+
 def sharding_mesh(mesh: Any = None, want: MeshShape | None = None):
     """The mesh to describe a layout on: an ``AbstractMesh`` as is, anything else as :func:`device_mesh`.
 

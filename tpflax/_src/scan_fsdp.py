@@ -101,9 +101,9 @@ def zero3(loss_fn: Callable[[Any], Any], params: Any, *, decisions: Sequence[Any
 
 def pin(x: Any, stored: Any, gathered: Any) -> Any:
     """``x`` constrained to its stored sharding, then to the gathered one (see :func:`zero3`)."""
-    import jax
+    from tpflax._src.mesh import constrain_to
 
-    return jax.lax.with_sharding_constraint(jax.lax.with_sharding_constraint(x, stored), gathered)
+    return constrain_to(constrain_to(x, stored), gathered)
 
 
 def stack_target(d: Any, mesh: Any, fsdp: frozenset[str]) -> StackTarget:

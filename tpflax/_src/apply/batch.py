@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tpflax._src.apply.put import check_values, owned, put, settled
 from tpflax._src.errors import SpecError, TreeError
 from tpflax._src.facts.tree import keystr
-from tpflax._src.mesh import batch_pspec, device_mesh, mesh_shape, sharding_mesh
+from tpflax._src.mesh import batch_pspec, constrain_to, device_mesh, mesh_shape, sharding_mesh
 from tpflax._src.specs import entry_axes
 
 
@@ -169,7 +169,7 @@ def constrain_batch(batch: Any, mesh: Any, *, axis_roles: Mapping[str, str] | No
     """
     mesh = sharding_mesh(mesh)
     shards = batch_shardings(batch, mesh, batch_spec(mesh, axis_roles=axis_roles))
-    return jax.tree_util.tree_map(jax.lax.with_sharding_constraint, batch, shards)
+    return jax.tree_util.tree_map(constrain_to, batch, shards)
 
 
 __all__ = ["batch_sharding", "batch_shardings", "batch_spec", "constrain_batch", "shard_batch"]

@@ -29,6 +29,7 @@ from tpflax._src.apply.put import check_values, place_tree
 from tpflax._src.apply.stored import has_layouts, reorder, tree_layouts
 from tpflax._src.errors import TreeError
 from tpflax._src.facts.tree import is_box, unbox, walk
+from tpflax._src.mesh import constrain_to
 from tpflax._src.planner.plan import Plan
 from tpflax._src.planner.state import is_lookahead_params
 from tpflax._src.scan_fsdp import pin, zero3
@@ -232,7 +233,7 @@ def constrain(tree: Any, plan: Plan, mesh: Any = None, *, gathered: bool = False
         values = [pin(unbox(b), s, NamedSharding(s.mesh, without_axes(s.spec, fsdp)))
                   for b, s in zip(boxes, shards, strict=True)]
         return rebox_all(boxes, values, treedef)
-    values = [jax.lax.with_sharding_constraint(unbox(b), s) for b, s in zip(boxes, shards, strict=True)]
+    values = [constrain_to(unbox(b), s) for b, s in zip(boxes, shards, strict=True)]
     return rebox_all(boxes, values, treedef)
 
 
