@@ -189,3 +189,24 @@ def test_constrain_and_constrain_batch_take_a_mesh_with_explicit_axes(explicit):
     got = jax.jit(lambda b: tpflax.constrain_batch(b, mesh))(batch)
     assert got.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 2), got.sharding
     np.testing.assert_array_equal(np.asarray(got), np.arange(24).reshape(8, 3))
+
+
+def test_rules_given_as_a_string_a_compiled_regex_or_an_unconstrained_entry():
+    # rules="w=column" was iterated by character (ten "'w' is not a (regex, ...) pair" problems); a compiled
+    # regex was "not a pair"; P.UNCONSTRAINED was a bare TypeError ("'UnconstrainedSingleton' object is not
+    # iterable"); trainable=3 was flax's ValueError "Invalid format specifier '!r' for object of type 'int'"
+    import re
+
+    from jax.sharding import PartitionSpec as P
+
+    tree = {"w": np.ones((8, 16), np.float32), "b": np.ones(16, np.float32)}
+    with pytest.raises(tpflax.RuleError, match=r"rules='w=column' is not a list of \(regex, target\) pairs") as e:
+        tpflax.plan(tree, {"model": 4}, rules="w=column")
+    assert not e.value.problems
+    p = tpflax.plan(tree, {"model": 4}, rules=[(re.compile(r"^w$"), P(None, "model"))])
+    assert p.spec("w") == P(None, "model") and tpflax.Plan.from_json(p.to_json()).spec("w") == P(None, "model")
+    with pytest.raises(tpflax.RuleError) as e:
+        tpflax.plan(tree, {"model": 4}, rules=[("w", P(None, P.UNCONSTRAINED))])
+    assert e.value.problems[0].startswith("rule 0 ('w'): spec entry UNCONSTRAINED is not a mesh axis name")
+    with pytest.raises(tpflax.OptionError, match=r"trainable=3 is neither a regex nor an nnx filter"):
+        tpflax.plan(tree, {"model": 4}, trainable=3)

@@ -61,7 +61,7 @@ def _selected(leaves: Sequence[Leaf], tree: Any, trainable: Any) -> list[bool]:
 
     try:
         predicate = filterlib.to_predicate(trainable)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # flax raises ValueError for an int ("Invalid format specifier")
         raise OptionError(f"trainable={trainable!r} is neither a regex nor an nnx filter ({e}); pass e.g. "
                           "trainable=r'lora' or trainable=nnx.LoRAParam") from None
     boxed = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)[0]

@@ -10,7 +10,7 @@ rule sets never overwrite.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,15 +53,19 @@ def parse_rules(rules: Any, mesh: MeshShape) -> list[UserRule]:
     """
     if rules is None:
         return []
+    if isinstance(rules, (str, bytes)) or not isinstance(rules, (Mapping, Iterable)):
+        # a str was iterated: one "is not a pair" problem per character
+        raise RuleError(f"rules={rules!r} is not a list of (regex, target) pairs or a mapping; write e.g. "
+                        "rules=[('mlp/up', 'column'), ('norm', 'replicate')]")
     if isinstance(rules, Mapping):
         rules = list(rules.items())
     out, problems = [], []
     for i, rule in enumerate(rules):
-        if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], (str, re.Pattern))):
             problems.append(f"rule {i}: {rule!r} is not a (regex, PartitionSpec or strategy) pair")
             continue
         try:
-            rx = re.compile(rule[0])
+            rx = re.compile(rule[0])  # a compiled pattern comes back as it is
         except re.error as e:
             problems.append(f"rule {i}: regex {rule[0]!r} does not compile: {e}")
             continue
@@ -84,6 +88,11 @@ def _parse_target(i: int, rx: re.Pattern, target: Any, mesh: MeshShape) -> tuple
         return UserRule(i, rx, None, target), ""
     if target is not None and not isinstance(target, (PartitionSpec, tuple, list)):
         return None, f"{where}: target {target!r} is neither a PartitionSpec nor a strategy name"
+    bad = [e for e in (target or ()) if not (e is None or isinstance(e, str) or (
+        isinstance(e, (tuple, list)) and all(isinstance(a, str) for a in e)))]
+    if bad:  # PartitionSpec.UNCONSTRAINED was a bare TypeError ("'UnconstrainedSingleton' object is not iterable")
+        return None, (f"{where}: spec entry {bad[0]!r} is not a mesh axis name, a tuple of them or None; a plan "
+                      "holds whole layouts (P.UNCONSTRAINED leaves the layout to XLA: use None to keep the dim whole)")
     spec = entries(target)
     unknown = [a for a in used_axes(spec) if a not in mesh.sizes]
     if unknown:
