@@ -1,6 +1,8 @@
 """The less-used corners of the public API: make_mesh's devices=, batches with odd leaves, the
 mesh suggestion's messages."""
 
+import re
+
 import jax
 import numpy as np
 import optax
@@ -195,8 +197,6 @@ def test_rules_given_as_a_string_a_compiled_regex_or_an_unconstrained_entry():
     # rules="w=column" was iterated by character (ten "'w' is not a (regex, ...) pair" problems); a compiled
     # regex was "not a pair"; P.UNCONSTRAINED was a bare TypeError ("'UnconstrainedSingleton' object is not
     # iterable"); trainable=3 was flax's ValueError "Invalid format specifier '!r' for object of type 'int'"
-    import re
-
     from jax.sharding import PartitionSpec as P
 
     tree = {"w": np.ones((8, 16), np.float32), "b": np.ones(16, np.float32)}
@@ -210,3 +210,20 @@ def test_rules_given_as_a_string_a_compiled_regex_or_an_unconstrained_entry():
     assert e.value.problems[0].startswith("rule 0 ('w'): spec entry UNCONSTRAINED is not a mesh axis name")
     with pytest.raises(tpflax.OptionError, match=r"trainable=3 is neither a regex nor an nnx filter"):
         tpflax.plan(tree, {"model": 4}, trainable=3)
+
+
+def test_the_batch_and_the_mesh_swapped_are_named_as_swapped():
+    # batch_sharding takes (mesh, batch), shard_batch and constrain_batch (batch, mesh): swapped, the batch was
+    # read as a mesh and the whole array printed ("axis 'x' has size array([[1., 1., 1.], ...") or jax failed
+    mesh = tpflax.make_mesh({"data": 2, "model": 4})
+    batch = {"x": np.ones((8, 3), np.float32)}
+    calls = {"batch_sharding(mesh, batch)": lambda: tpflax.batch_sharding(batch, mesh),
+             "shard_batch(batch, mesh)": lambda: tpflax.shard_batch(mesh, batch),
+             "constrain_batch(batch, mesh)": lambda: jax.jit(lambda b: tpflax.constrain_batch(mesh, b))(batch)}
+    for right, call in calls.items():
+        with pytest.raises(tpflax.OptionError, match=rf"the batch and the mesh are swapped; pass them as "
+                                                     rf"{re.escape(right)}"):
+            call()
+    with pytest.raises(tpflax.MeshError) as e:
+        tpflax.make_mesh({"x": np.ones((8, 3))})
+    assert e.value.problems == ("axis 'x' has size ndarray of shape (8, 3); sizes must be integers >= 1",)

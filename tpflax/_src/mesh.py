@@ -130,7 +130,10 @@ def mesh_shape(mesh: Any, axis_roles: Mapping[str, str] | None = None) -> MeshSh
             problems.append(f"axis {name!r} appears twice; mesh axis names must be unique")
         seen.add(name)
         if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
-            problems.append(f"axis {name!r} has size {size!r}; sizes must be integers >= 1")
+            # an array (a batch passed where the mesh goes) is named by its type and shape, not printed whole
+            shown = (f"{type(size).__name__} of shape {tuple(size.shape)}" if hasattr(size, "shape")
+                     and getattr(size, "ndim", 0) else repr(size))
+            problems.append(f"axis {name!r} has size {shown}; sizes must be integers >= 1")
     if not pairs:
         problems.append("the mesh has no axes; give at least one, e.g. {'model': 8}")
     overrides = dict(axis_roles or {})

@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tpflax._src.apply.put import check_values, owned, put, settled
-from tpflax._src.errors import SpecError, TreeError
+from tpflax._src.errors import OptionError, SpecError, TreeError
 from tpflax._src.facts.tree import keystr
 from tpflax._src.mesh import batch_pspec, constrain_to, device_mesh, mesh_shape, sharding_mesh
 from tpflax._src.specs import entry_axes
@@ -52,9 +52,19 @@ def batch_sharding(mesh: Any, batch: Any = None, *, axis_roles: Mapping[str, str
     >>> s["x"].spec, s["step"].spec
     (P('data',), P())
     """
+    _check_order("batch_sharding(mesh, batch)", mesh, batch)
     mesh = sharding_mesh(mesh)
     spec = batch_spec(mesh, axis_roles=axis_roles)
     return NamedSharding(mesh, spec) if batch is None else batch_shardings(batch, mesh, spec)
+
+
+def _check_order(call: str, mesh: Any, batch: Any) -> None:
+    """OptionError when the batch and the mesh are passed swapped: ``batch_sharding`` takes the mesh first, as
+    jit's shardings are built, and ``shard_batch`` / ``constrain_batch`` the batch first, as they transform it;
+    swapped, the batch was read as a mesh ("axis 'x' has size array([[1., ...")."""
+    meshes = (jax.sharding.Mesh, jax.sharding.AbstractMesh)
+    if isinstance(batch, meshes) and not isinstance(mesh, meshes):
+        raise OptionError(f"the batch and the mesh are swapped; pass them as {call}")
 
 
 def batch_shardings(batch: Any, mesh: jax.sharding.Mesh, spec: PartitionSpec) -> Any:
@@ -135,6 +145,7 @@ def shard_batch(batch: Any, mesh: Any, *, process_local: bool = False,
     >>> b["x"].sharding.spec
     P('data',)
     """
+    _check_order("shard_batch(batch, mesh)", mesh, batch)
     mesh = device_mesh(mesh)
     spec = batch_spec(mesh, axis_roles=axis_roles)
     flat, treedef = jax.tree_util.tree_flatten(batch)
@@ -167,6 +178,7 @@ def constrain_batch(batch: Any, mesh: Any, *, axis_roles: Mapping[str, str] | No
     Raises:
         SpecError: a leaf's batch dim does not divide over the batch axes.
     """
+    _check_order("constrain_batch(batch, mesh)", mesh, batch)
     mesh = sharding_mesh(mesh)
     shards = batch_shardings(batch, mesh, batch_spec(mesh, axis_roles=axis_roles))
     return jax.tree_util.tree_map(constrain_to, batch, shards)
