@@ -227,3 +227,18 @@ def test_the_batch_and_the_mesh_swapped_are_named_as_swapped():
     with pytest.raises(tpflax.MeshError) as e:
         tpflax.make_mesh({"x": np.ones((8, 3))})
     assert e.value.problems == ("axis 'x' has size ndarray of shape (8, 3); sizes must be integers >= 1",)
+
+
+def test_shard_and_unshard_inside_jit_say_what_to_do_there():
+    # both raised jax's ConcretizationTypeError "The is_deleted() method was called on traced array"
+    mesh = tpflax.make_mesh({"data": 2, "model": 4})
+    params = {"w": np.ones((8, 8), np.float32)}
+    plan = tpflax.plan(params, mesh)
+    with pytest.raises(tpflax.TreeError, match=r"holds traced values .* cannot be placed: inside a jitted function "
+                                               r"lay values out with tpflax.constrain\(tree, plan, mesh\)") as e:
+        jax.jit(lambda p: tpflax.shard(p, plan, mesh))(params)
+    assert e.value.problems == ("w: traced float32[8,8]",)
+    with pytest.raises(tpflax.TreeError, match=r"cannot be read back: call it on the jitted function's output"):
+        jax.jit(lambda p: tpflax.unshard(p))(params)
+    with pytest.raises(tpflax.TreeError, match=r"the batch holds traced values"):
+        jax.jit(lambda b: tpflax.shard_batch(b, mesh))({"x": np.ones((8, 3), np.float32)})

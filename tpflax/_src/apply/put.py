@@ -165,18 +165,22 @@ def check_values(tree: Any, values: Sequence[Any], *, narrow: bool | str = True,
     tpflax._src.errors.TreeError: the tree cannot be placed bit-exact:
       - opt/mu: the array (shape (3,)) was deleted, e.g. donated to a jitted step; pass the step's output or a live copy
     """
+    traced = [i for i, x in enumerate(values) if isinstance(x, jax.core.Tracer)]
+    if traced:  # inside jit / vmap / grad: is_deleted() was jax's bare ConcretizationTypeError
+        where = _paths(tree, values)
+        shown = [f"{(where[i] or 'the root') if where else f'leaf {i}'}: traced {jax.typeof(values[i]).str_short()}"
+                 for i in traced[:5]] + ([f"... and {len(traced) - 5} more"] if len(traced) > 5 else [])
+        fix = ("inside a jitted function lay values out with tpflax.constrain(tree, plan, mesh) (or "
+               "constrain_batch), and call this on concrete arrays outside it" if doing == "placed" else
+               "call it on the jitted function's output, outside jax.jit")
+        raise TreeError(f"{what} holds traced values (this call runs inside jax.jit, vmap or grad), which cannot "
+                        f"be {doing}: {fix}", shown)
     suspects = [i for i, x in enumerate(values) if (narrow and _wraps(x)) or (
                 isinstance(x, (jax.Array, np.ndarray, np.generic))
                 and (x.is_deleted() if isinstance(x, jax.Array) else _narrows(x, narrow)))]
     if not suspects:
         return
-    # paths for the message, found only when something is wrong: the planned tree's as walk() names them, any
-    # other pytree's (an optimizer state with empty or non-array leaves, a batch) by its keys
-    try:
-        paths = [leaf.path for leaf in walk(tree)[0]]
-    except TreeError:
-        paths = [keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)[0]]
-    paths = paths if len(paths) == len(values) else None
+    paths = _paths(tree, values)
     problems = []
     for i in suspects:
         x = values[i]
@@ -203,6 +207,17 @@ def check_values(tree: Any, values: Sequence[Any], *, narrow: bool | str = True,
                 f"(jax_enable_x64 is off), losing bits; cast it with .astype('{canon}') and re-plan, "
                 "or enable jax.config.update('jax_enable_x64', True)")
     raise TreeError(f"{what} cannot be {doing} bit-exact", problems)
+
+
+def _paths(tree: Any, values: Sequence[Any]) -> list[str] | None:
+    """Paths for a message, found only when something is wrong: the planned tree's as walk() names them, any
+    other pytree's (an optimizer state with empty or non-array leaves, a batch) by its keys; None when they do
+    not line up with ``values``."""
+    try:
+        paths = [leaf.path for leaf in walk(tree)[0]]
+    except TreeError:
+        paths = [keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)[0]]
+    return paths if len(paths) == len(values) else None
 
 
 def _wraps(x: Any) -> bool:
