@@ -104,6 +104,15 @@ def in_use(vals, step: int) -> int:
     return total
 
 
+def starts(*val_lists) -> list[int]:
+    """Step 0 and every step where a value's live range starts, in order: the only steps a peak needs.
+    The live set at any step is a subset of the live set at the last of these at or before it (nothing
+    joins it in between), so ``in_use`` there (or its sum over several value lists) is at most its value
+    at that start: ``max`` over these steps is the max over every step, and the first step holding it
+    (``max(steps, key=...)``'s) is one of them. A schedule has thousands of steps and far fewer starts."""
+    return sorted({0} | {v[4] for vals in val_lists for v in vals})
+
+
 def holes(vals, step: int, heap: int, min_bytes: int) -> list[tuple[int, int, list, list]]:
     """``[(offset, size, the values that last held it before step, the first values that hold it after)]``
     for each free range of the heap at ``step`` of at least ``min_bytes`` (the heap's slack, by name:

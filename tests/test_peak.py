@@ -1160,7 +1160,7 @@ def test_vit_end_of_forward_pass_holds_what_the_rule_counts_on_v5e(tmp_path):
     from jax.sharding import Mesh
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from tpu_live import in_use, op_names
+    from tpu_live import in_use, op_names, starts
     from tpu_spaces import read
 
     m, p, e = _estimate("vit", {"fsdp": 2, "model": 4}, batch=64, image_size=64, patch_size=16, d_model=256,
@@ -1171,8 +1171,7 @@ def test_vit_end_of_forward_pass_holds_what_the_rule_counts_on_v5e(tmp_path):
     jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings,
             donate_argnums=ts.donate_argnums).lower(*ts.args).compile({"xla_dump_to": str(tmp_path)})
     spaces, names = read(str(tmp_path)), op_names(str(tmp_path))
-    steps = max(b for vals in spaces.values() for *_, b in vals) + 1
-    step = max(range(steps), key=lambda t: sum(in_use(v, t) for v in spaces.values()))
+    step = max(starts(*spaces.values()), key=lambda t: sum(in_use(v, t) for v in spaces.values()))  # the first peak
     live = [(shape, names.get(name.split("{")[0], "")) for vals in spaces.values()
             for name, _, _, shape, a, b in vals if a <= step <= b]
     c = m.config

@@ -833,8 +833,7 @@ def test_a_scanned_remat_stacks_backward_loop_carries_its_gradients_and_the_temp
     r = {"temp": dr.memory["temp"], "grads": b.scan_grads, "stack": b.scan_stack, "phase": b.phase()}
     vals, heap = tpu_live.read(str(tmp_path))
     loop = tpu_live.carried(str(tmp_path), vals)
-    steps = range(max(v[5] for v in vals) + 1)
-    peak = max(steps, key=lambda t: tpu_live.in_use(vals, t))
+    peak = max(tpu_live.starts(vals), key=lambda t: tpu_live.in_use(vals, t))  # the first peak step of all
     held = [v for v in vals if v[0] in loop and v[4] <= peak <= v[5] and v[3].startswith("bf16[")]  # not the counter
     stack = [v for v in held if len(v[3].split(",")) == 4 and v[3].endswith(",1024,4096]")]  # bf16[2,1,1024,4096]
     assert sum(v[2] for v in stack) == r["stack"] == 2 * 1024 * 4096 * 2
@@ -842,10 +841,11 @@ def test_a_scanned_remat_stacks_backward_loop_carries_its_gradients_and_the_temp
     name, terms = r["phase"]
     assert name == "backward start: last layer" and terms["scan_grads"] == r["grads"]
     assert terms["loop_carried"] == r["grads"] + r["stack"]
-    flat = max(tpu_live.in_use([v for v in vals if v[0] not in loop and not v[0].startswith("async-collective")], t)
-               for t in steps)
+    flat_vals = [v for v in vals if v[0] not in loop and not v[0].startswith("async-collective")]
+    flat = max(tpu_live.in_use(flat_vals, t) for t in tpu_live.starts(flat_vals))
     assert abs(r["temp"] - (2 * heap - flat)) < 2**20
-    without = max(tpu_live.in_use([v for v in vals if not v[0].startswith("async-collective")], t) for t in steps)
+    sync_vals = [v for v in vals if not v[0].startswith("async-collective")]
+    without = max(tpu_live.in_use(sync_vals, t) for t in tpu_live.starts(sync_vals))
     # the law read without the loop's values (ninth round) falls short by what the loop carries
     assert abs(r["temp"] - (2 * heap - without) - (r["grads"] + r["stack"])) < 2**20
 
