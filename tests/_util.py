@@ -65,6 +65,17 @@ def tiny_lm():
     return TinyLM()
 
 
+def nnx_mlp(d: int, f: int, seed: int = 0):
+    """An nnx module of two linears, ``up`` (d -> f) and ``down`` (f -> d), its variables concrete."""
+    from flax import nnx
+
+    class Mlp(nnx.Module):
+        def __init__(self, rngs):
+            self.up, self.down = nnx.Linear(d, f, rngs=rngs), nnx.Linear(f, d, rngs=rngs)
+
+    return Mlp(nnx.Rngs(seed))
+
+
 def specs(plan, suffixes):
     """``{suffix: spec}`` for the one decision whose path ends with each suffix."""
     out = {}

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from _util import nnx_mlp
 
 import tpflax
 from tpflax import zoo
@@ -129,12 +130,8 @@ def test_optimizer_shardings_takes_an_nnx_optimizer_as_shard_optimizer_state_doe
     # "AttributeError: 'Optimizer' object has no attribute 'init'" from flax, and of a non-optimizer a TypeError
     from flax import nnx
 
-    class Net(nnx.Module):
-        def __init__(self, rngs):
-            self.up, self.down = nnx.Linear(32, 128, rngs=rngs), nnx.Linear(128, 32, rngs=rngs)
-
     mesh = tpflax.make_mesh({"data": 2, "model": 4})
-    model = Net(nnx.Rngs(0))
+    model = nnx_mlp(32, 128)
     plan = tpflax.plan(model, mesh)
     for opt in (nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param), nnx.ModelAndOptimizer(model, optax.adam(1e-3))):
         got = tpflax.optimizer_shardings(opt, plan, mesh)

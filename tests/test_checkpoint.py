@@ -13,7 +13,7 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
-from _util import assert_bit_exact, zoo_init
+from _util import assert_bit_exact, nnx_mlp, zoo_init
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -670,12 +670,8 @@ def test_derived_state_given_a_params_plan_is_told_how_to_place_it(tmp_path):
     leaf"; neither said the fix, deriving the shardings from the plan. The hint's recipe restores it."""
     import optax
 
-    class Net(nnx.Module):
-        def __init__(self, rngs):
-            self.up, self.down = nnx.Linear(16, 64, rngs=rngs), nnx.Linear(64, 16, rngs=rngs)
-
     mesh = tpflax.make_mesh({"data": 2, "model": 4})
-    model = Net(nnx.Rngs(0))
+    model = nnx_mlp(16, 64)
     plan = tpflax.plan(model, mesh)
     params = tpflax.unshard(nnx.state(model, nnx.Param))
     with pytest.raises(tpflax.PlanMismatchError, match=r"does not match the plan \(its leaves are the planned "
@@ -686,7 +682,7 @@ def test_derived_state_given_a_params_plan_is_told_how_to_place_it(tmp_path):
     assert "derived" not in str(e.value)
     opt = tpflax.shard_optimizer_state(nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param), None, plan, mesh)
     path = tpflax.save_checkpoint(tmp_path / "o", opt)
-    like = nnx.Optimizer(Net(nnx.Rngs(1)), optax.adam(1e-3), wrt=nnx.Param)
+    like = nnx.Optimizer(nnx_mlp(16, 64, seed=1), optax.adam(1e-3), wrt=nnx.Param)
     with pytest.raises(tpflax.PlanMismatchError, match=r"\(it holds the planned parameters' paths under other roots.*"
                        r"shardings=tpflax.state_shardings\(like, plan, mesh\), or "
                        r"tpflax.optimizer_shardings\(like, plan, mesh\) for an nnx.Optimizer\)"):
