@@ -317,20 +317,19 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None
     widths: dict[str, int] = {}
     slices: dict[str, int] = {}
     grad_deps: dict[str, int] = {}
-    conv_calls: dict[str, int] = {}
+    calls: dict[str, int] = {}  # the uses with rows so far, by path
     for u in flow.uses:
         ops.setdefault(u.path, set()).add(u.op)
         if u.op in ("dot", "conv") and not u.from_input:
             grad_deps[u.path] = grad_deps.get(u.path, 0) | flow.grad_deps.get(u.id, -1)
-        if u.rows and not u.scan_length and u.path not in rows:  # a cell's rows repeat at every time step
-            rows[u.path] = u.rows / examples
-        elif u.rows and not u.scan_length and u.op == "conv" and conv_calls.get(u.path):
-            # a conv shared by calls of several sizes (a RetinaNet head over every FPN level): its calls' mean rows,
-            # priced at each call (cost/comm.py), add up to theirs (est 1.66x the compiled before, review_r r06)
-            conv_calls[u.path] += 1
-            rows[u.path] += (u.rows / examples - rows[u.path]) / conv_calls[u.path]
-        if u.op == "conv" and u.path not in conv_calls and u.rows and not u.scan_length:
-            conv_calls[u.path] = 1
+        if u.rows and not u.scan_length:  # a cell's rows repeat at every time step
+            calls[u.path] = calls.get(u.path, 0) + 1
+            if u.path not in rows:
+                rows[u.path] = u.rows / examples
+            elif u.op == "conv":
+                # a conv shared by calls of several sizes (a RetinaNet head over every FPN level): its calls' mean
+                # rows, priced at each call (cost/comm.py), add up to theirs (est 1.66x the compiled before)
+                rows[u.path] += (u.rows / examples - rows[u.path]) / calls[u.path]
         if u.op in ("dot", "conv") and u.path in shapes and u.path not in widths:
             # a conv's input channels are listed first, then its window's dims; none where the model's
             # inputs are read: their gradient is not computed
