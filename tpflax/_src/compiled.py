@@ -202,4 +202,10 @@ def compile_error(plan, args: tuple[Any, ...], e: Exception) -> CompileError:
         problems.append(f"XLA:CPU does not implement `{missing.group(1)}`; dry-run the plan for a TPU topology "
                         "instead, where the TPU compiler takes it: mesh = tpflax.make_mesh(shape, "
                         "target=\"tpu-v5e:2x4\") (libtpu: pip install \"tpflax[tpu]\")")
+    if type(e).__name__ == "ShardingTypeError":  # jax's explicit sharding mode: the mesh has Explicit axes
+        problems.append("the mesh has Explicit axis types (jax.make_mesh's default), under which code written for "
+                        "Auto axes (an unannotated Flax model) does not trace: build the step with "
+                        "tpflax.make_train_step or tpflax.jit_step (they run such a step with its axes Auto), "
+                        "wrap the loss in tpflax.gathered_loss, or make the mesh with tpflax.make_mesh (Auto "
+                        "axes)")
     return CompileError(f"the step did not compile on mesh {plan.mesh}", problems)

@@ -248,6 +248,65 @@ def device_mesh(mesh: Any = None, want: MeshShape | None = None):
     return mesh if isinstance(mesh, jax.sharding.Mesh) else make_mesh(mesh)
 
 
+def explicit_axes(mesh: Any) -> tuple[str, ...]:
+    """The names of ``mesh``'s Explicit axes, in mesh order (``jax.make_mesh``'s default axis type in jax 0.10).
+
+    >>> import jax
+    >>> from jax.sharding import AxisType
+    >>> explicit_axes(jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit, AxisType.Auto)))
+    ('data',)
+    """
+    import jax
+
+    kind = getattr(jax.sharding.AxisType, "Explicit", None)
+    types = getattr(mesh, "axis_types", None) or ()
+    return tuple(n for n, t in zip(getattr(mesh, "axis_names", ()), types, strict=False)
+                 if kind is not None and t == kind)
+
+
+def as_written_or_auto(fn: Callable[..., Any], mesh: Any, args: Sequence[Any],
+                       out_shardings: Any) -> Callable[..., Any]:
+    """``fn`` as it can run under ``jax.jit`` on ``mesh``: as written, or with the mesh's Explicit axes Auto.
+
+    On a mesh with Explicit axes (``jax.make_mesh``'s default) the arguments' layouts are part of their
+    types, and code written for Auto axes (every unannotated Flax model) fails to trace: a matmul whose
+    contracting dims are split is "ambiguous" without an ``out_sharding=``. Such a step runs inside
+    ``jax.sharding.auto_axes``, as it would on a mesh with Auto axes: its outputs come back laid out as
+    ``out_shardings`` says. A step that traces as written (code written for explicit mode,
+    which ``auto_axes`` would break) is kept as written, as is every step on a mesh without Explicit axes.
+
+    Args:
+        fn: the step.
+        mesh: the ``jax.sharding.Mesh`` it runs on.
+        args: its arguments (arrays or ``ShapeDtypeStruct``s with their shardings), traced to decide.
+        out_shardings: the outputs' NamedSharding tree (or one for all), or a function of their
+            ``ShapeDtypeStruct`` tree returning it.
+
+    Raises:
+        Exception: what tracing ``fn`` as written raised, when it fails with Auto axes too.
+    """
+    import jax
+
+    names = explicit_axes(mesh)
+    if not names:
+        return fn
+    try:
+        jax.eval_shape(fn, *args)
+        return fn
+    except Exception as first:  # noqa: BLE001 - re-raised below unless Auto axes trace
+        error = first
+    try:
+        if callable(out_shardings):  # from the outputs' shapes, traced with them all replicated
+            whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            out_shardings = out_shardings(jax.eval_shape(jax.sharding.auto_axes(fn, axes=names, out_sharding=whole),
+                                                         *args))
+        auto = jax.sharding.auto_axes(fn, axes=names, out_sharding=out_shardings)
+        jax.eval_shape(auto, *args)
+    except Exception:  # noqa: BLE001 - the step as written says what is wrong
+        raise error from None
+    return auto
+
+
 def constrain_to(x: Any, sharding: Any) -> Any:
     """``x`` laid out as ``sharding`` inside ``jax.jit``: ``with_sharding_constraint`` over Auto mesh axes,
     ``jax.sharding.reshard`` over Explicit ones (``with_sharding_constraint`` refuses a spec naming them).
@@ -266,10 +325,14 @@ def constrain_to(x: Any, sharding: Any) -> Any:
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
+    context = jax.sharding.get_abstract_mesh()
+    if (not context.empty and dict(context.shape) == dict(sharding.mesh.shape)
+            and tuple(context.axis_types) != tuple(sharding.mesh.axis_types)):
+        # inside jax.sharding.auto_axes (a step run by as_written_or_auto) the mesh's axes are Auto: a layout
+        # is pinned on the context mesh, whose types the arrays carry
+        sharding = NamedSharding(context, sharding.spec)
     mesh, spec = sharding.mesh, sharding.spec
-    explicit_type = getattr(jax.sharding.AxisType, "Explicit", None)
-    explicit = {n for n, t in zip(mesh.axis_names, getattr(mesh, "axis_types", ()) or (), strict=False)
-                if explicit_type is not None and t == explicit_type}
+    explicit = set(explicit_axes(mesh))
     if not explicit:
         return jax.lax.with_sharding_constraint(x, sharding)
 
@@ -405,8 +468,10 @@ def make_mesh(mesh: Any, devices: Sequence[Any] | None = None, *, explicit: bool
               target: Any = None):
     """Build a ``jax.sharding.Mesh`` over real (or CPU-emulated) devices, or a TPU target's.
 
-    Axis types are Auto unless ``explicit=True``: jax 0.10's ``jax.make_mesh``
-    defaults to Explicit, under which unannotated Flax models fail to trace.
+    Axis types are Auto unless ``explicit=True``. jax 0.10's ``jax.make_mesh``
+    defaults to Explicit, under which unannotated Flax models fail to trace in
+    a hand-written step. ``make_train_step``, ``jit_step`` and ``gathered_loss``
+    run such code with the axes Auto (:func:`as_written_or_auto`).
 
     Args:
         mesh: a mesh description accepted by :func:`mesh_shape`.

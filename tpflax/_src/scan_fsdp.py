@@ -215,8 +215,8 @@ def _constrain_here(jaxpr: Any, here: dict[Any, tuple[Any, Any]]) -> Any:
     new_eqns, renamed = [], {}
     for var, (sharded, gathered) in here.items():
         aval = var.aval
-        tmpl = jax.make_jaxpr(lambda x, s=sharded, g=gathered: jax.lax.with_sharding_constraint(
-            jax.lax.with_sharding_constraint(x, s), g))(jax.ShapeDtypeStruct(aval.shape, aval.dtype)).jaxpr
+        tmpl = jax.make_jaxpr(lambda x, s=sharded, g=gathered: pin(x, s, g))(
+            jax.ShapeDtypeStruct(aval.shape, aval.dtype, sharding=getattr(aval, "sharding", None))).jaxpr
         src = tmpl.invars[0]
         new_eqns += [e.replace(invars=[var if v is src else v for v in e.invars]) for e in tmpl.eqns]
         renamed[var] = tmpl.outvars[0]

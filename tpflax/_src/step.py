@@ -343,6 +343,7 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
     from jax.sharding import NamedSharding, PartitionSpec
 
     from tpflax._src.apply.bind import check_mesh
+    from tpflax._src.mesh import as_written_or_auto
 
     check_mesh(plan, mesh)
     if not (callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))):
@@ -451,7 +452,9 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
         var_sh, var_args = optax.LookaheadParams(var_sh, var_sh), optax.LookaheadParams(var_args, var_args)
     args = (var_args, with_shardings(opt_state, opt_sh), with_shardings(abstract_batch, batch_sh))
     loss_sh = NamedSharding(mesh, PartitionSpec())
-    return TrainStep(step, args, (var_sh, opt_sh, batch_sh), (var_sh, opt_sh, loss_sh))
+    out_sh = (var_sh, opt_sh, loss_sh)
+    # on a mesh with Explicit axes (jax.make_mesh's default) a model written for Auto axes runs with them Auto
+    return TrainStep(as_written_or_auto(step, mesh, args, out_sh), args, (var_sh, opt_sh, batch_sh), out_sh)
 
 
 def _fast_of(variables: Any) -> Any:

@@ -29,7 +29,7 @@ from tpflax._src.apply.put import check_values, place_tree
 from tpflax._src.apply.stored import has_layouts, reorder, tree_layouts
 from tpflax._src.errors import TreeError
 from tpflax._src.facts.tree import is_box, unbox, walk
-from tpflax._src.mesh import constrain_to
+from tpflax._src.mesh import as_written_or_auto, constrain_to, explicit_axes
 from tpflax._src.planner.plan import Plan
 from tpflax._src.planner.state import is_lookahead_params
 from tpflax._src.scan_fsdp import pin, zero3
@@ -263,12 +263,21 @@ def gathered_loss(loss_fn: Callable[..., Any], plan: Plan, mesh: Any = None) -> 
     mesh = bind_mesh(plan, mesh)
     fsdp = fsdp_axes(plan)
 
-    def wrapped(params: Any, *args: Any) -> Any:
+    def gathered(params: Any, *args: Any) -> Any:
         if not fsdp:
             return loss_fn(params, *args)
         leaves, _ = walk(params)
         decisions = [plan.decisions[p] for p in match_plan(plan, leaves)]
         return zero3(lambda t: loss_fn(t, *args), params, decisions=decisions, mesh=mesh, fsdp=fsdp)
+
+    if not explicit_axes(mesh):
+        return gathered
+    whole = NamedSharding(mesh, PartitionSpec())
+
+    def wrapped(params: Any, *args: Any) -> Any:
+        # on a mesh with Explicit axes, a loss written for Auto axes runs with them Auto: its outputs (the
+        # loss, and any aux) come back replicated
+        return as_written_or_auto(gathered, mesh, (params, *args), whole)(params, *args)
 
     return wrapped
 

@@ -15,6 +15,7 @@ from tpflax._src.apply.bind import bind_mesh
 from tpflax._src.apply.place import shardings
 from tpflax._src.apply.state import state_shardings
 from tpflax._src.errors import PlanMismatchError
+from tpflax._src.mesh import as_written_or_auto, explicit_axes
 from tpflax._src.planner.params import abstract_params
 from tpflax._src.planner.plan import Plan
 
@@ -50,6 +51,26 @@ def _out_shardings(step: Step, out_shape: Any) -> Any:
     return tuple(_role_shardings(step, r, o) for r, o in zip(step.out_roles, out_shape, strict=True))
 
 
+def _typed(tree: Any, shardings: Any) -> Any:
+    """``tree``'s arrays as ``ShapeDtypeStruct``s carrying ``shardings`` (one per leaf, in order, or one for all)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    sh = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    sh = sh * len(leaves) if len(sh) == 1 else sh
+    return jax.tree_util.tree_unflatten(treedef, [
+        jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=t) for x, t in zip(leaves, sh, strict=True)])
+
+
+def _filled(step: Step, shardings: Any, out_shape: Any) -> Any:
+    """``shardings`` with the outputs of no role (None) replicated: ``jax.sharding.auto_axes`` needs every one."""
+    whole = NamedSharding(step.mesh, PartitionSpec())
+    if shardings is None:
+        return jax.tree_util.tree_map(lambda _: whole, out_shape)
+    if isinstance(step.out_roles, tuple):
+        return tuple(jax.tree_util.tree_map(lambda _: whole, o) if s is None else s
+                     for s, o in zip(shardings, out_shape, strict=True))
+    return shardings
+
+
 @dataclasses.dataclass(frozen=True)
 class Step:
     """A step function compiled for a plan's mesh; see :func:`jit_step`.
@@ -81,9 +102,14 @@ class Step:
             return hit
         in_shardings = tuple(_role_shardings(self, role, a) for role, a in
                              zip(self.in_roles, args, strict=True))
-        out_shardings = _out_shardings(self, jax.eval_shape(self.fn, *args))
+        fn = self.fn
+        if explicit_axes(self.mesh):  # a step written for Auto axes runs with them Auto
+            typed = tuple(a if s is None else _typed(a, s) for a, s in zip(args, in_shardings, strict=True))
+            fn = as_written_or_auto(fn, self.mesh, typed, lambda out: _filled(self, _out_shardings(self, out), out))
+            args = typed
+        out_shardings = _out_shardings(self, jax.eval_shape(fn, *args))
         donate = tuple(i for i, r in enumerate(self.in_roles) if self.donate and r in _DONATED)
-        jitted = jax.jit(self.fn, in_shardings=in_shardings, out_shardings=out_shardings,
+        jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
                          donate_argnums=donate, compiler_options=self.compiler_options)
         self.cache[key] = jitted
         return jitted
