@@ -1982,3 +1982,51 @@ def test_a_narrow_conv_pairs_row_read_by_a_wider_conv_stays_under_the_floor():
     assert (p.spec("params/d2/kernel"), p.spec("params/d3/kernel")) == (P(None, None, None, "model"),
                                                                         P(None, None, "model", None))
     assert p.spec("params/d1/kernel") == P(None, None, None, None)
+
+
+class _Inception(nn.Module):
+    """A GoogLeNet block, its convs named as the paper's (and Caffe's) ``1x1``, ``3x3_reduce``, ``3x3``, ..."""
+
+    c1: int
+    c3r: int
+    c3: int
+    c5r: int
+    c5: int
+
+    @nn.compact
+    def __call__(self, x):
+        def conv(c, k, name):
+            return lambda h: nn.relu(nn.Conv(c, (k, k), padding="SAME", name=name)(h))
+
+        b3 = conv(self.c3, 3, "branch3x3")(conv(self.c3r, 1, "branch3x3_reduce")(x))
+        b5 = conv(self.c5, 5, "branch5x5")(conv(self.c5r, 1, "branch5x5_reduce")(x))
+        pool = conv(32, 1, "pool_proj")(nn.max_pool(x, (3, 3), (1, 1), "SAME"))
+        return jnp.concatenate([conv(self.c1, 1, "branch1x1")(x), b3, b5, pool], -1)
+
+
+class _GoogLeNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(64, (3, 3), name="stem")(x))
+        x = _Inception(64, 96, 128, 16, 32, name="inc3a")(x)
+        x = _Inception(128, 128, 192, 32, 96, name="inc3b")(x)
+        return nn.Dense(100, name="fc")(x.mean((1, 2)))
+
+
+def test_tree_only_inception_branches_chain_each_reduce_conv_into_its_own_conv():
+    """Tree-only, a block's convs chain in name order: ``branch3x3`` sorts before its own ``branch3x3_reduce``,
+    right after the sibling ``branch1x1``, and inc3b's ``branch1x1`` (128 out) was paired with ``branch3x3``
+    (128 in), a conv it does not feed: 1.92x the traced plan's collectives. Moved, a reduce conv could meet
+    the sibling before it (inc3a's ``branch1x1``, 64 out, beside ``branch3x3_reduce``'s 64 in): it starts its
+    branch, reading the block's input. Now the tree-only plan is the traced one."""
+    m, x = _GoogLeNet(), sds(8, 16, 16, 3)
+    v = abstract(m, x)
+    tree, traced = tpflax.plan(v, MESH), tpflax.plan(v, MESH, model=m, sample=(x,))
+    assert tree.specs == traced.specs
+    got = specs(tree, ["inc3b/branch1x1/kernel", "inc3b/branch3x3_reduce/kernel", "inc3b/branch3x3/kernel",
+                       "inc3a/branch1x1/kernel", "inc3a/branch3x3_reduce/kernel"])
+    assert got == {"inc3b/branch1x1/kernel": P(None, None, None, None),
+                   "inc3b/branch3x3_reduce/kernel": P(None, None, None, "model"),
+                   "inc3b/branch3x3/kernel": P(None, None, "model", None),
+                   "inc3a/branch1x1/kernel": P(None, None, None, None),
+                   "inc3a/branch3x3_reduce/kernel": P(None, None, None, "model")}

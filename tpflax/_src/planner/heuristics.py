@@ -376,6 +376,7 @@ def _experts(st: State, todo: Sequence[Facts], widths: set[int]) -> None:
 
 
 _CONDITIONING = re.compile(r"(^|_)(t?emb|time)(_|$)", re.I)  # time_emb_proj, temb_proj, emb_layers
+_REDUCES = re.compile(r"(.+?)[_-]?reduce", re.I)  # GoogLeNet's 3x3_reduce: the 1x1 conv before its 3x3
 _SKIP_CHAIN = re.compile(r"(proj|shortcut|downsample|skip|patch|stem|init|residual)", re.I)
 # a transposed (upsampling) conv changes the resolution between stages, like a downsampling one; in a U-Net
 # its output is concatenated with a skip, so the next upsampler's input is a conv's output, never its own
@@ -544,12 +545,12 @@ def _conv_chains(st: State, todo: Sequence[Facts], every: Sequence[Facts]) -> No
         if f.kind == "dense" and len(f.body) == 2 and f.group in groups and _CONDITIONING.search(f.unit_name):
             conditioning[f.group].append(f)
     for group in sorted(groups, key=_natural):
-        convs = [f for _, f in sorted(groups[group], key=lambda nf: _natural(nf[0]))]
+        convs, starts = _chain_order(groups[group])
         i = 0
         while i + 1 < len(convs):
             a, b = convs[i], convs[i + 1]
             ch = a.body[-1]
-            if b.body[-2] != ch:
+            if b.body[-2] != ch or b.path in starts:
                 i += 1
                 continue
             if "/" not in group and any(c == ch and (g.startswith(f"{group}/") if group else g) for g, c in nested):
@@ -563,6 +564,32 @@ def _conv_chains(st: State, todo: Sequence[Facts], every: Sequence[Facts]) -> No
             extra = [f for f in conditioning.pop(group, []) if f.body[1] == ch and f.path not in st.out]
             shard_conv_pair(st, a, b, len(a.body) - 1, len(b.body) - 2, extra=extra)
             i += 2
+
+
+def _chain_order(named: Sequence[tuple[str, Facts]]) -> tuple[list[Facts], set[str]]:
+    """A block's convs in the order their channels run, and the paths of those that start a branch.
+
+    By name (``conv1``, ``conv2``), except that a conv named for the one it reduces the channels of
+    (GoogLeNet's ``3x3_reduce`` before its ``3x3``) comes just before it, where the name order puts it after
+    (and pairs ``3x3`` with a sibling branch's ``1x1``). Such a conv starts its branch: it reads the block's
+    input, not the conv before it.
+
+    >>> from types import SimpleNamespace as F
+    >>> names = ["1x1", "3x3", "3x3_reduce", "5x5", "5x5_reduce"]
+    >>> order, starts = _chain_order([(n, F(path=n)) for n in names])
+    >>> [f.path for f in order], sorted(starts)
+    (['1x1', '3x3_reduce', '3x3', '5x5_reduce', '5x5'], ['3x3_reduce', '5x5_reduce'])
+    """
+    order = [n for n, _ in sorted(named, key=lambda nf: _natural(nf[0]))]
+    starts = set()
+    for n in list(order):
+        m = _REDUCES.fullmatch(n)
+        if m and m.group(1) in order:
+            order.remove(n)
+            order.insert(order.index(m.group(1)), n)
+            starts.add(n)
+    by_name = dict(named)
+    return [by_name[n] for n in order], {by_name[n].path for n in starts}
 
 
 def _nested_convs(every: Sequence[Facts], units: Mapping[str, set[str]]) -> list[tuple[str, int]]:
