@@ -851,3 +851,24 @@ def test_unshard_returns_a_key_array_of_its_own_that_outlives_a_donation():
     assert placed["keys"].is_deleted() and not host["keys"].is_deleted()
     assert jax.random.key_impl(host["keys"]) == jax.random.key_impl(tree["keys"])
     assert same_bytes(jax.random.key_data(host["keys"]), jax.random.key_data(tree["keys"]))
+
+
+def test_make_mesh_takes_axis_types_per_axis_and_keeps_a_meshs_mixed_ones():
+    """``axis_types=`` as ``jax.make_mesh`` takes it (there was only ``explicit=``, every axis or none), and a
+    jax mesh with some axes Explicit, rebuilt over other devices, keeps them (it came back all Auto)."""
+    E, A = jax.sharding.AxisType.Explicit, jax.sharding.AxisType.Auto
+    shape = {"data": 2, "model": 4}
+    assert tpflax.make_mesh(shape, axis_types=(E, A)).axis_types == (E, A)
+    assert tpflax.make_mesh(shape, axis_types=("explicit", "Auto")).axis_types == (E, A)
+    mixed = jax.sharding.AbstractMesh((2, 4), ("data", "model"), axis_types=(E, A))
+    assert tpflax.make_mesh(mixed).axis_types == (E, A)
+    concrete = tpflax.make_mesh(mixed)
+    assert tpflax.make_mesh(concrete) is concrete
+    assert tpflax.make_mesh(concrete, devices=jax.devices()[::-1]).axis_types == (E, A)
+    assert tpflax.make_mesh(concrete, axis_types=(A, A)).axis_types == (A, A)
+    with pytest.raises(tpflax.MeshError, match=r"one jax.sharding.AxisType per axis \(2\)"):
+        tpflax.make_mesh(shape, axis_types=(E,))
+    with pytest.raises(tpflax.MeshError, match="names: 'auto', 'explicit'"):
+        tpflax.make_mesh(shape, axis_types=("explicit", "sideways"))
+    with pytest.raises(tpflax.MeshError, match="explicit=True asks for every axis Explicit"):
+        tpflax.make_mesh(shape, explicit=True, axis_types=(E, A))

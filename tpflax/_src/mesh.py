@@ -465,7 +465,7 @@ def traced_under(mesh: Any, fn: Callable[[], Any]) -> Any:
 
 
 def make_mesh(mesh: Any, devices: Sequence[Any] | None = None, *, explicit: bool = False,
-              target: Any = None):
+              target: Any = None, axis_types: Sequence[Any] | None = None):
     """Build a ``jax.sharding.Mesh`` over real (or CPU-emulated) devices, or a TPU target's.
 
     Axis types are Auto unless ``explicit=True``. jax 0.10's ``jax.make_mesh``
@@ -480,16 +480,20 @@ def make_mesh(mesh: Any, devices: Sequence[Any] | None = None, *, explicit: bool
             to the first ``prod(sizes)`` of ``jax.devices()``. Given with a jax Mesh,
             the mesh's axes over these devices.
         explicit: use Explicit axis types instead of Auto (for a jax Mesh given:
-            its devices with Explicit axes). A jax Mesh or AbstractMesh whose axes are
-            all Explicit keeps them.
+            its devices with Explicit axes). A jax Mesh or AbstractMesh keeps its own
+            axis types otherwise.
+        axis_types: one ``jax.sharding.AxisType`` per axis (or its name, ``"explicit"``,
+            ``"auto"``), as ``jax.make_mesh`` takes them: a mesh with some axes
+            Explicit and others Auto.
         target: a TPU topology such as ``"tpu-v5e:16x16"``: the mesh is over
             that slice's abstract devices (libtpu, ``pip install "tpflax[tpu]"``),
             for :func:`tpflax.dry_run` with the TPU compiler. Nothing can be
             allocated on them. The mesh must use every device of the topology.
 
     Raises:
-        MeshError: an unknown target (the known ones are listed), or a mesh whose
-            size differs from the target's device count.
+        MeshError: an unknown target (the known ones are listed), a mesh whose
+            size differs from the target's device count, or ``axis_types`` that are not
+            one type per axis (or contradict ``explicit=True``).
         DeviceError: too few devices, or libtpu missing for a target.
 
     >>> m = make_mesh({"model": 1})
@@ -499,18 +503,18 @@ def make_mesh(mesh: Any, devices: Sequence[Any] | None = None, *, explicit: bool
     import jax
     import numpy as np
 
+    own = None
     if isinstance(mesh, (jax.sharding.Mesh, jax.sharding.AbstractMesh)):
-        was_explicit = all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
-        if isinstance(mesh, jax.sharding.Mesh) and target is None:
-            if devices is None and (was_explicit or not explicit):
-                return mesh  # already a concrete jax Mesh
-            devices = mesh.devices if devices is None else devices
-        # rebuilt (over other devices, its own with Explicit axes, or an abstract mesh's over real or a
-        # target's devices): a mesh's Explicit axes are kept
-        explicit = explicit or was_explicit
+        own = tuple(mesh.axis_types)
     shape = _named_shape(mesh)
+    types = _axis_types(shape, axis_types, explicit, own)
+    if isinstance(mesh, jax.sharding.Mesh) and target is None:
+        if devices is None and types == own:
+            return mesh  # already a concrete jax Mesh
+        # rebuilt over other devices, or with other axis types
+        devices = mesh.devices if devices is None else devices
     if target is not None:
-        return _target_mesh(shape, target, explicit)
+        return _target_mesh(shape, target, types)
     need = shape.size
     sizes = tuple(s for _, s in shape.axes)
     grid = np.asarray(devices, dtype=object) if isinstance(devices, np.ndarray) else None
@@ -537,15 +541,38 @@ def make_mesh(mesh: Any, devices: Sequence[Any] | None = None, *, explicit: bool
         dup = sorted({i for i in ids if ids.count(i) > 1})
         raise DeviceError(f"devices for mesh {shape} repeat device id(s) {dup}; a mesh needs {need} distinct "
                           "devices (pass e.g. jax.devices()[:n])")
-    kind = jax.sharding.AxisType.Explicit if explicit else jax.sharding.AxisType.Auto
     try:
         if devices is None:
-            return jax.make_mesh(sizes, shape.names, axis_types=(kind,) * len(sizes))
+            return jax.make_mesh(sizes, shape.names, axis_types=types)
     except Exception:  # noqa: BLE001 - fall back to a plain reshape of the device list
         pass
     if grid is None or grid.shape != sizes:
         grid = np.array(pool[:need], dtype=object).reshape(sizes)
-    return jax.sharding.Mesh(grid, shape.names, axis_types=(kind,) * len(sizes))
+    return jax.sharding.Mesh(grid, shape.names, axis_types=types)
+
+
+def _axis_types(shape: MeshShape, given: Sequence[Any] | None, explicit: bool, own: tuple[Any, ...] | None):
+    """The axis types of the mesh :func:`make_mesh` builds: ``given`` (checked), all Explicit for ``explicit``,
+    else a jax mesh's ``own``, else all Auto."""
+    import jax
+
+    kinds = jax.sharding.AxisType
+    n = len(shape.axes)
+    if given is None:
+        if explicit:
+            return (kinds.Explicit,) * n
+        return own if own is not None else (kinds.Auto,) * n
+    names = {k.name.lower(): k for k in kinds}
+    types = tuple(names.get(t.lower()) if isinstance(t, str) else t if isinstance(t, kinds) else None
+                  for t in (given if isinstance(given, (list, tuple)) else (given,)))
+    if len(types) != n or None in types:
+        raise MeshError(f"axis_types={given!r} for mesh {shape}: give one jax.sharding.AxisType per axis ({n}), "
+                        f"e.g. axis_types=({', '.join('AxisType.Explicit' if i == 0 else 'AxisType.Auto' for i in range(n))})"
+                        f" (or their names: {', '.join(repr(k) for k in names)})")
+    if explicit and any(t != kinds.Explicit for t in types):
+        raise MeshError(f"explicit=True asks for every axis Explicit but axis_types={given!r} has others; "
+                        "give one of them")
+    return types
 
 
 def _named_shape(mesh: Any) -> MeshShape:
@@ -563,7 +590,7 @@ def _named_shape(mesh: Any) -> MeshShape:
     return mesh_shape(mesh, dict.fromkeys(sorted(names), DATA) or None)
 
 
-def _target_mesh(shape: MeshShape, target: Any, explicit: bool):
+def _target_mesh(shape: MeshShape, target: Any, types: tuple[Any, ...]):
     """A mesh over a TPU topology's abstract devices, laid out along the torus when jax can."""
     import jax
     import numpy as np
@@ -578,14 +605,13 @@ def _target_mesh(shape: MeshShape, target: Any, explicit: bool):
                         f"make the axis sizes multiply to {topo.devices}, or {hint}")
     pool = topology_devices(topo)
     sizes = tuple(s for _, s in shape.axes)
-    kind = jax.sharding.AxisType.Explicit if explicit else jax.sharding.AxisType.Auto
     try:
         # ICI-aware order; refused when an axis is no product of physical axes, or
         # for v4's two devices per chip
-        return jax.make_mesh(sizes, shape.names, axis_types=(kind,) * len(sizes), devices=pool)
+        return jax.make_mesh(sizes, shape.names, axis_types=types, devices=pool)
     except (AssertionError, NotImplementedError, ValueError):
         grid = np.array(pool, dtype=object).reshape(sizes)  # id order: neighbouring chips stay together
-        return jax.sharding.Mesh(grid, shape.names, axis_types=(kind,) * len(sizes))
+        return jax.sharding.Mesh(grid, shape.names, axis_types=types)
 
 
 def emulate_cpu_devices(n: int) -> None:
