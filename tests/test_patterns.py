@@ -843,6 +843,35 @@ def test_funnel_transformer_attention_names_pair():
     assert specs(p, want) == want
 
 
+def test_deformable_attention_output_proj_is_a_row():
+    # tree-only, HF's DeformableDetrMultiscaleDeformableAttention (also Mask2Former's, DINO's) names its output
+    # projection output_proj, no known row name: value_proj -> output_proj was kept whole beside split MLPs
+    # (Deformable-DETR: 2.39x a hand layout's bytes, 1.84x its flops; review_s f06)
+    attn = {n: {"kernel": sds(D, w), "bias": sds(w)} for n, w in
+            (("value_proj", D), ("output_proj", D), ("sampling_offsets", 2 * H * 4), ("attention_weights", H * 4))}
+    p = tpflax.plan({"params": {"encoder": {"layers_0": {"self_attn": attn}}}}, MESH)
+    want = {"value_proj/kernel": P(None, "model"), "output_proj/kernel": P("model", None),
+            "sampling_offsets/kernel": P(None, None), "attention_weights/kernel": P(None, None)}
+    assert specs(p, want) == want
+
+
+def test_the_first_layer_of_a_numbered_mlp_reads_its_input_not_another_layer():
+    # tree-only, DiT's top level: final_adaLN (D -> 2D) was taken for the column feeding the timestep MLP's
+    # t_mlp_0 (2D -> D), which reads the sinusoidal features: 1.49x the hand layout's collectives (review_s f07).
+    # t_mlp_0 -> t_mlp_1 chain in their numbers' order: t_mlp_0 reads the MLP's input
+    def dense(i, o):
+        return {"kernel": sds(i, o), "bias": sds(o)}
+
+    tree = {"t_mlp_0": dense(2 * D, D), "t_mlp_1": dense(D, D), "final_adaLN": dense(D, 2 * D),
+            "final_linear": dense(D, 32), "y_embedder": {"embedding": sds(V + 1, D)},
+            "blocks_0": {"attn": {"qkv": dense(D, 3 * D), "proj": dense(D, D)},
+                         "mlp": {"fc1": dense(D, F), "fc2": dense(F, D)}}}
+    p = tpflax.plan({"params": tree}, MESH)
+    want = {"final_adaLN/kernel": P(None, None), "t_mlp_0/kernel": P(None, None), "qkv/kernel": P(None, "model"),
+            "proj/kernel": P("model", None), "fc1/kernel": P(None, "model"), "fc2/kernel": P("model", None)}
+    assert specs(p, want) == want
+
+
 class GraphAttention(nn.Module):
     """Two GATConv layers: per-head attention vectors ``(heads, channels)`` scoring a linear's heads."""
 

@@ -71,7 +71,7 @@ COLUMN_NAMES = _Names(
     r"linear1|lin1|ff1|ffn_up|mlp_up|in|input_proj|proj_in|gate_up|q_head|k_head|v_head)$")  # Funnel's *_head
 ROW_NAMES = _Names(
     r"^(o|out|o_proj|out_proj|c_proj|proj|wo|w2|down|down_proj|fc2|fc_2|fc_out|dense_4h_to_h|"
-    r"linear2|lin2|ff2|ffn_down|mlp_down|output|dense_out|proj_out|attn_out|proj_final|post_proj)$")
+    r"linear2|lin2|ff2|ffn_down|mlp_down|output|output_proj|dense_out|proj_out|attn_out|proj_final|post_proj)$")
 SCAN_NAMES = re.compile(r"(layers|scan|stack|stacked|blocks|repeat|scanned)", re.I)
 KERNEL_LEAVES = frozenset({"kernel", "w", "weight", "weights"})
 

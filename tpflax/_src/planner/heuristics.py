@@ -28,6 +28,7 @@ spec, a strategy and a reason for every leaf. The rules, in order:
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections import defaultdict
@@ -56,6 +57,7 @@ from tpflax._src.planner.experts import shard_experts
 from tpflax._src.planner.inner import inner_features
 from tpflax._src.planner.leaf_groups import fsdp, shard_embedding, shard_output_head
 from tpflax._src.planner.roles import (
+    NUMBERED,
     assign_roles,
     attention_inputs,
     attention_output,
@@ -229,8 +231,10 @@ def _pair_group(st: State, group: str, lins: list[Linear], heads: int | None = N
             st.doubts.append(f"{lin.f.path}: {lin.doubt}")
             lin.doubt = ""
     matched: dict[int, list[Linear]] = {id(r): [] for r in rows}
+    starts = _sequence_starts(lins)
     for c in cols:
-        fits = [r for r in rows if r.in_size * c.pieces == c.out_size]
+        fits = [r for r in rows if r.in_size * c.pieces == c.out_size
+                and starts.get(id(r), _stem(c)) == _stem(c)]
         if fits:  # two MLPs in one block: a_up feeds a_down, not b_down; q_0 feeds o_0, not o_1
             best = max(fits, key=lambda r: (_common_prefix(r.f.unit_name, c.f.unit_name),
                                             _common_prefix(r.f.unit_name[::-1], c.f.unit_name[::-1])))
@@ -256,6 +260,36 @@ def _pair_group(st: State, group: str, lins: list[Linear], heads: int | None = N
                 c.limit = heads  # whole heads only: a cut head costs XLA a gather of the scores
         shard_pair(st, kind, mine, row)
     return [x for x in lins if id(x) not in claimed and not HEAD.match(x.f.layer_name)]
+
+
+def _stem(x: Linear) -> str:
+    """A layer's name without its number (``t_mlp`` of ``t_mlp_0``)."""
+    m = NUMBERED.match(x.f.unit_name)
+    return m["stem"] if m else x.f.unit_name
+
+
+def _sequence_starts(lins: Sequence[Linear]) -> dict[int, str]:
+    """``{id(layer): stem}`` of the first layer of each sequential MLP of numbered layers in a block.
+
+    Layers numbered ``stem_0, stem_1, ...`` whose widths chain in their numbers' order are a sequential MLP
+    (DiT's timestep MLP ``t_mlp_0`` (256 -> 128), ``t_mlp_1`` (128 -> 128)): its first layer reads the MLP's
+    input, not a layer of another name, whatever its widths say (DiT's ``final_adaLN`` (128 -> 256) was taken
+    for the column feeding ``t_mlp_0``). Numbers another family in the block shares (``q_0``, ``o_0``,
+    ``q_1``, ``o_1``) index layers, not steps.
+    """
+    families: dict[str, dict[int, Linear]] = defaultdict(dict)
+    for x in lins:
+        m = NUMBERED.match(x.f.unit_name)
+        if m and len(x.f.body) == 2:
+            families[m["stem"]][int(m["n"])] = x
+    out = {}
+    for stem, fam in families.items():
+        steps = [fam[n] for n in sorted(fam)]
+        if len(steps) < 2 or any(set(other) == set(fam) for s, other in families.items() if s != stem):
+            continue
+        if all(a.out_size == b.in_size for a, b in itertools.pairwise(steps)):
+            out[id(steps[0])] = stem
+    return out
 
 
 def _guessed(kind: str, cols: Sequence[Linear], row: Linear, widths: set[int]) -> str:

@@ -414,7 +414,7 @@ def _call_order(lin: Linear, lins: list[Linear]) -> tuple[str, str] | None:
     return None
 
 
-_NUMBERED = re.compile(r"^(?P<stem>[A-Za-z_]\w*?)_?(?P<n>\d+)$")
+NUMBERED = re.compile(r"^(?P<stem>[A-Za-z_]\w*?)_?(?P<n>\d+)$")
 
 
 def numbered_chain(lins: list[Linear]) -> None:
@@ -440,7 +440,7 @@ def numbered_chain(lins: list[Linear]) -> None:
     two = [x for x in lins if len(x.f.body) == 2 and x.role is None]
     if len(lins) < 2 or len(two) != len(lins):
         return
-    names = [_NUMBERED.match(x.f.unit_name) for x in two]
+    names = [NUMBERED.match(x.f.unit_name) for x in two]
     if None in names or len({m["stem"] for m in names}) != 1 or len({m["n"] for m in names}) != len(names):
         return
     chain = [x for _, x in sorted(zip((int(m["n"]) for m in names), two, strict=True), key=lambda nx: nx[0])]

@@ -23,7 +23,7 @@ from tpflax._src.planner.builders import Proposal
 from tpflax._src.specs import Entry, describe, entries, spec_problems, to_pspec, used_axes
 from tpflax._src.vocab import RULE_STRATEGIES, Source
 
-ROW_LIKE = re.compile(r"^(o|out|o_proj|out_proj|c_proj|proj|wo)$", re.I)
+ROW_LIKE = re.compile(r"^(o|out|o_proj|out_proj|output_proj|c_proj|proj|wo)$", re.I)
 
 
 @dataclass(frozen=True)
