@@ -669,3 +669,22 @@ def test_walk_once_plans_every_mesh_as_plan_does():
     for m, p in zip(meshes, inside, strict=True):
         assert p.to_json() == tpflax.plan(tree, m).to_json()
     assert _walked(tree, None, None)[2] is not _walked(tree, None, None)[2]  # no cache outside the block
+
+
+def test_plan_takes_a_bare_batch_size_with_a_sample_as_estimate_does():
+    """plan(..., model=, sample=, batch=8) of a model whose input is no token ids raised "a bare batch size (8)
+    needs the model ...; pass model=" with model= given (estimate takes the same batch=8): the sample's
+    leading dim is the batch size, for the price too."""
+
+    class Mlp(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(16)(nn.gelu(nn.Dense(256)(x)))
+
+    m, x = Mlp(), jax.ShapeDtypeStruct((2, 32, 64), jnp.float32)
+    v = jax.eval_shape(m.init, jax.random.key(0), x)
+    sized = tpflax.plan(v, {"data": 2, "model": 4}, model=m, sample=(x,), batch=8)
+    shaped = tpflax.plan(v, {"data": 2, "model": 4}, model=m, sample=(x,),
+                         batch=(jax.ShapeDtypeStruct((8, 32, 64), jnp.float32),))
+    assert [d.reason for d in sized.decisions.values()] == [d.reason for d in shaped.decisions.values()]
+    assert "256 tokens per step" in sized.decisions["params/Dense_0/kernel"].reason

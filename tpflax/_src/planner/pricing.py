@@ -40,7 +40,8 @@ def pricing(hardware: Any, batch: Any, device_memory: Any) -> dict[str, Any]:
 
 
 def token_batch(batch: Any, sample: Any, tables: bool) -> Any:
-    """A bare-shape batch (``(8, 32)``, ``"8x32"``) of a model on token ids as that many ids (256
+    """A bare batch size (``8``) with a sample as the sample with that leading dim, as
+    :func:`tpflax.estimate` reads it. A bare-shape batch (``(8, 32)``, ``"8x32"``) of a model on token ids as that many ids (256
     tokens), not 8 rows of 32 features: when the model's first sample input is integer of the same
     rank, or, without a sample, when the shape is ``(batch, seq)`` and the tree has a token table
     (``tables``: an embedding that is no position or token-type table). Anything else as given.
@@ -51,9 +52,16 @@ def token_batch(batch: Any, sample: Any, tables: bool) -> Any:
     (256, 8)
     >>> token_batch("8x32", (jax.ShapeDtypeStruct((2, 16), "float32"),), True)
     '8x32'
+    >>> token_batch(8, (jax.ShapeDtypeStruct((2, 16, 64), "float32"),), False)[0].shape
+    (8, 16, 64)
     """
     import jax
     import numpy as np
+
+    if isinstance(batch, int) and not isinstance(batch, bool) and sample is not None:
+        leaves = jax.tree_util.tree_leaves(sample)
+        if leaves and all(len(getattr(x, "shape", ())) for x in leaves):
+            return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((batch, *x.shape[1:]), x.dtype), sample)
 
     shape = None if isinstance(batch, Mapping) else bare_shape(batch)
     if shape is None:
