@@ -87,8 +87,32 @@ def scan_counts(eqn: Any, body: Any) -> tuple[int, int]:
 def _loop(w: Walk, body: Any, consts: list[Val], carry: list[Val], xs: list[Val], length: int,
           ctx: tuple) -> tuple[list[Val], list[Val]]:
     """Walk a loop body until the carry's tags stop growing and its ids stop spreading (:attr:`Val.fed`);
-    returns (carry out, ys)."""
+    returns (carry out, ys). A carry started from constants is walked again from the tags it ends with."""
     consts = [dataclasses.replace(c, const_of=length or 1) if c.origin else c for c in consts]
+    seeded = [c.constant for c in carry]
+    records = (set(w.joined), {k: set(v) for k, v in w.added.items()}) if any(seeded) else None
+    state, outs = _fixed(w, body, consts, carry, xs, ctx)
+    if records and any(s and v.tags is not None for s, v in zip(seeded, state, strict=True)):
+        # a state started from constants (a selective scan's ``h = jnp.zeros(...)``, then ``h = a * h + b``) holds
+        # only what the body adds to it: the walks before it held the body's tags saw that add as a branch joining
+        # a stream (Walk.joined, Walk.added). Walked again from its tags; a carry from activations starts as it came
+        w.joined.clear()
+        w.joined.update(records[0])
+        w.added.clear()
+        w.added.update(records[1])
+        start = [v if s else c for s, v, c in zip(seeded, state, carry, strict=True)]
+        state, outs = _fixed(w, body, consts, start, xs, ctx)
+    for v in outs[:len(carry)]:
+        for m in v.tags or ():
+            for uid, _ in m:
+                if w.uses[uid].scan_length:  # applied every step and fed back: a cell
+                    w.recurrent.add(uid)
+    return outs[:len(carry)], outs[len(carry):]
+
+
+def _fixed(w: Walk, body: Any, consts: list[Val], carry: list[Val], xs: list[Val],
+           ctx: tuple) -> tuple[list[Val], list[Val]]:
+    """Walk ``body`` from ``carry`` until the carry's tags stop growing and its ids stop spreading: (state, outs)."""
     state = list(carry)
     outs: list[Val] = []
     for _ in range(4):
@@ -98,12 +122,7 @@ def _loop(w: Walk, body: Any, consts: list[Val], carry: list[Val], xs: list[Val]
                for a, b in zip(new, state, strict=True)):
             break
         state = new
-    for v in outs[:len(carry)]:
-        for m in v.tags or ():
-            for uid, _ in m:
-                if w.uses[uid].scan_length:  # applied every step and fed back: a cell
-                    w.recurrent.add(uid)
-    return outs[:len(carry)], outs[len(carry):]
+    return state, outs
 
 
 def _scan_length(eqn: Any, n_in: int) -> int:

@@ -128,11 +128,20 @@ def _note_joined(w: Walk, acts: list[Val]) -> None:
     ranks = {len(v.tags) for v in acts if v.tags is not None}
     by_dim = [[set(v.dim_tags(d)) for v in acts] for d in range(next(iter(ranks)))] if len(ranks) == 1 else \
         [[{k for m in (v.tags or ()) for k in m} for v in acts]]
+    rides: set = set()
+    strays: set = set()
     for dim_keys in by_dim:
         for k in set.union(*dim_keys) - set.intersection(*dim_keys):
+            lacking = [{t for t in ks if not is_minor(t)} for ks in dim_keys if k not in ks]
+            if all(ks and all(ks <= has for has in dim_keys if k in has) for ks in lacking):
+                # the operand lacking it is the same features, which the other carries a factor more of (a
+                # Mamba-2 head's ``y + x * D``, y mixed by its own dt per head): a skip, not a stream joined
+                rides.add(k)
+                continue
+            strays.add(k)
             w.added.setdefault(k, set()).update(*(ks for ks in dim_keys if k not in ks))
     keys = [{k for m in (v.tags or ()) for k in m} for v in acts]
-    for k in set.union(*keys) - set.intersection(*keys):
+    for k in set.union(*keys) - set.intersection(*keys) - (rides - strays):
         # an operand lacking the tag but computed from the kernel that made it is a statistic of the tagged
         # value itself (``x - mean(x)`` in a top-k or a norm over a column's output, Gemma 3n's sparse
         # gate): a per-row value each shard all-reduces, not a stream the branch joins. A max over it is a
