@@ -289,8 +289,19 @@ def test_a_per_head_skip_before_a_norm_is_no_stream_join():
     m = Mamba(_SSD)
     v = jax.eval_shape(m.init, jax.random.key(0), *SAMPLE)
     d = tpflax.plan(v, MESH, model=m, sample=SAMPLE).decisions
-    specs = {k: d[f"params/layers_0/{k}"].spec for k in ("in_x/kernel", "in_z/kernel", "out_proj/kernel", "D",
-                                                           "norm/scale")}
-    assert specs == {"in_x/kernel": P(None, "model"), "in_z/kernel": P(None, "model"),
-                     "out_proj/kernel": P("model", None), "D": P("model"), "norm/scale": P("model")}, \
-        d["params/layers_0/in_x/kernel"].reason
+    specs = {k: d[f"params/layers_0/{k}"].spec for k in ("in_x/kernel", "in_z/kernel", "in_dt/kernel", "in_dt/bias",
+                                                           "out_proj/kernel", "D", "norm/scale")}
+    assert specs == {"in_x/kernel": P(None, "model"), "in_z/kernel": P(None, "model"), "in_dt/kernel": P(None, "model"),
+                     "in_dt/bias": P("model"), "out_proj/kernel": P("model", None), "D": P("model"),
+                     "norm/scale": P("model")}, d["params/layers_0/in_x/kernel"].reason
+
+
+def test_a_traced_factor_per_head_is_split_with_the_heads():
+    # in_dt (8 outputs, one per head) reaches out_proj unreshaped: traced, keys and values show their heads or end
+    # at the scores, so it is no GQA key/value whose heads a split would cut; it was kept whole ("taken for GQA
+    # key/value heads, whose count the trace shows none"), 1.02x the hand split's bytes, 1.06x its collectives
+    m = Mamba(_SSD)
+    v = jax.eval_shape(m.init, jax.random.key(0), *SAMPLE)
+    d = tpflax.plan(v, MESH, model=m, sample=SAMPLE).decisions
+    assert d["params/layers_0/in_dt/kernel"].spec == P(None, "model"), d["params/layers_0/in_dt/kernel"].reason
+    assert d["params/layers_0/in_dt/kernel"].pair == d["params/layers_0/out_proj/kernel"].pair

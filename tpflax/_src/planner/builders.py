@@ -462,13 +462,14 @@ def column_blocked(col: Linear, kind: str, row: Linear, t_entry: Entry, t_size: 
     """Why a column of a pair cannot be split over the tensor axis ('' when it can)."""
     n = col.f.body[col.shard_dim("column")]
     cunit = "heads" if col.heads is not None else "features"
-    if kind == "attention" and col.heads is None and col.limit is None and col.out_size < row.in_size:
+    if kind == "attention" and col.heads is None and col.limit is None and col.out_size < row.in_size \
+            and not col.why.startswith("traced"):
         # A 2-D key/value kernel narrower than the attention output is GQA: its head
-        # count is not in the tree, and a split that cuts heads costs a gather.
-        hint = ("the trace shows none" if col.why.startswith("traced") else
-                "a 2-D kernel does not show (pass model= to trace the heads)")
+        # count is not in the tree, and a split that cuts heads costs a gather. Traced, keys and values show
+        # their heads (a reshape: ``limit``) or end at the scores (summed there, or merged as a minor dim); one
+        # reaching the row unreshaped is a factor per head (a Mamba-2 mixer's dt), split with the heads
         return (f"{n} features narrower than the attention output ({row.in_size}): taken for GQA key/value heads, "
-                f"whose count {hint}, so no head is cut")
+                "whose count a 2-D kernel does not show (pass model= to trace the heads), so no head is cut")
     if n % t_size:
         gqa = " (GQA key/value heads)" if col.heads is not None else ""
         return f"{cunit} {n}{gqa} not divisible by {axis_label(t_entry, t_size)}"
