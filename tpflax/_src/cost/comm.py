@@ -461,9 +461,37 @@ def _split_vocab(path: str, d: Any, axes: tuple[str, ...], s: Scope) -> bool:
 
 def _feeds_stream(path: str, d: Any, axes: tuple[str, ...], s: Scope) -> bool:
     """A lookup table split on its features over ``axes`` keeps the residual stream split; a table inside an
-    attention layer (T5's, BEiT's relative bias) feeds the scores, not the stream, and a table of a
+    attention layer (T5's, BEiT's relative bias) or a traced per-head bias of the scores (:func:`score_bias`)
+    feeds the scores, not the stream, and a table of a
     per-example conditioning vector (DiT's class embedding, :attr:`Scope.conditions`) the modulations."""
-    return not _split_vocab(path, d, axes, s) and not ATTN.search(path) and path not in _conditioning(s)
+    return not _split_vocab(path, d, axes, s) and not ATTN.search(path) and path not in _conditioning(s) \
+        and not score_bias(path, d, axes, s)
+
+
+def score_bias(path: str, d: Any, axes: tuple[str, ...], s: Scope) -> bool:
+    """A 2-D table looked up, traced, at as many ids per example as an attention's query-key pairs (a whole
+    multiple of them), one column per head, the scores' heads split over ``axes`` as its columns are:
+    Graphormer's spatial encoding (shortest-path distance -> a bias per head, added to the scores), a T5-like
+    relative bias looked up per example. Its looked-up rows are added to the head-split scores, not to the
+    residual stream: split over its columns it moves nothing (measured, XLA:CPU data=2,model=4: no
+    collective beyond the split gradient's batch sum, tests/test_estimate_traced.py)."""
+    b, rows = body(d), s.lookup_rows.get(path)
+    if len(b) != 2 or not rows or not set(axes) <= set(entry_axes(drop_layers(d, s.lv.specs[path])[1])):
+        return False
+    for sc in s.scores:
+        pairs = rows * b[-1] / sc.per_example if sc.per_example else 0
+        if pairs < 1 or pairs != int(pairs):
+            continue
+        for n, tags in sc.dims:
+            if n == b[-1] and tags and all(
+                    set(axes) <= set(entry_axes(_spec_at(s, p, i))) for p, i in tags):
+                return True
+    return False
+
+
+def _spec_at(s: Scope, path: str, dim: int) -> Any:
+    spec = s.lv.specs.get(s.lv.rep_of.get(path, path)) or ()
+    return spec[dim] if dim < len(spec) else None
 
 
 def _conditioning(s: Scope) -> set[str]:
@@ -530,6 +558,8 @@ def _layer_items(s: Scope, notes: list[str]) -> list[CommItem]:
             new = _embedding_items(path, d, axes, s, notes=notes)
         elif s.edges is not None and path not in s.contracted:
             continue  # traced, no contraction uses it (a Conv1D's (width, channels) taps, combined elementwise)
+        elif s.channel_partners(path, axes):
+            continue  # a depthwise conv between split kernels: its channels stay split (Scope.channel_partners)
         elif d.kind in ("dense", "head") and set(axes) & set(entry_axes(lv.specs[path][-1])):
             # its output features split over the tensor axes (an fsdp split of them is the fsdp gather's)
             new = _column_items(path, d, axes, s)
@@ -563,6 +593,8 @@ def _embedding_items(path: str, d: Any, axes: tuple[str, ...], s: Scope, *, note
         # is in a bfloat16 model (transformers' GPT-J: f32[4,32,64], measured on v5e:2x4 data=2,model=4)
         cast = (s.cast_to or {}).get(path)
         size = size / s.act_item * (acts[0].itemsize if acts else itemsize(cast) if cast else leaf_itemsize(d))
+    if not split_vocab and score_bias(path, d, axes, s):
+        return []  # its columns split with the scores' heads: XLA adds each device's heads to its own scores
     lv = s.lv  # a feature-split lookup keeps the residual stream split: gathered behind each norm too
     feeds_stream = _feeds_stream(path, d, axes, s)
     table = next((t for t in s.conditions or {} if lv.rep_of.get(t, t) == path), None)

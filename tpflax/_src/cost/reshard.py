@@ -151,8 +151,8 @@ def fused_items(s: Scope, notes: list[str]) -> list[CommItem]:
             continue  # stored head-aligned (plan(fused="aligned")): the step cuts the pieces per rank
         axes = tuple(a for a in entry_axes(s.lv.specs[path][dim]) if dict(s.mesh.roles)[a] == TENSOR)
         n = s.size(axes)
-        if n <= 1:
-            continue
+        if n <= 1 or any(o in (s.fused or {}) for o in s.channel_partners(path, axes)):
+            continue  # a depthwise conv on a fused kernel's split output: resharded once, at that kernel
         width = d.shape[dim]
         if viewed and isinstance(pieces, int) and pieces % n and n % pieces:
             items += _view_gathers(s, path, d, width, pieces, n, axes)

@@ -91,6 +91,7 @@ class Scope:
     shared: frozenset[str] | None = None  # traced kernels whose input gradient is reduced apart (trace.sharing)
     lookups: Mapping[str, int] | None = None  # traced tables looked up by several gathers (cost.traced.Traced)
     lookup_rows: Mapping[str, float] = field(default_factory=dict)  # traced: ids per example a lookup gathers
+    scores: tuple = ()  # traced attention-score products (cost.traced.Scores)
     grouped: Mapping[str, tuple[float, float]] | None = None  # traced grouped convolutions (cost.traced.Traced)
     joined: Mapping[str, tuple[float, ...]] | None = None  # a projection's joined other uses' rows (Traced)
     widths: Mapping[str, int] | None = None  # traced elements a parameter's contraction sums over (Traced)
@@ -216,6 +217,25 @@ class Scope:
         spec = drop_layers(d, self.lv.specs[path])
         t = set(self.axes(path, TENSOR))
         return bool(t & set(entry_axes(spec[0]))) and not any(t & set(entry_axes(e)) for e in spec[1:])
+
+    def channel_partners(self, path: str, axes: Sequence[str]) -> tuple[str, ...]:
+        """For a traced depthwise convolution (one input channel per output channel: :attr:`grouped` ``(0, 0)``)
+        whose channels ``axes`` split: the other contractions whose dims on those channels the same axes split
+        (the kernel making them, the row reading them). It mixes no channels, so its split channels pass from
+        the one to the other as they are: no gather of its output, no sum of its input gradient, and a fused
+        kernel's pieces resharded once, at the kernel that made them (measured, XLA:CPU data=2,model=4: Hyena's
+        ``in_proj -> short_filter -> split -> out_proj``, one set of collective-permutes). Empty otherwise."""
+        if (self.grouped or {}).get(path) != (0, 0):
+            return ()
+        spec, want, out = self.lv.specs[path], set(axes), []
+        for p, dim, o, odim in self.meets:
+            ospec = self.lv.specs.get(self.lv.rep_of.get(o, o))
+            if p != path or o == path or o not in self.contracted or (self.grouped or {}).get(o) == (0, 0) or \
+                    ospec is None or dim >= len(spec) or odim >= len(ospec):
+                continue
+            if want <= set(entry_axes(spec[dim])) and want <= set(entry_axes(ospec[odim])):
+                out.append(o)
+        return tuple(out)
 
     def axes(self, path: str, role: str) -> tuple[str, ...]:
         """Mesh axes of ``role`` (size > 1) that split the leaf at ``path``."""

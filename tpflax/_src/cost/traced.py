@@ -392,7 +392,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None
                   scores, frozenset(flow.uses[uid].path for uid, _ in flow.biases.values()),
                   streams, flow.collectives, flow.row_axes, flow.meets(),
                   flow.positional(),
-                  _loops(flow), flow.remat_calls if flow.remat >= 0.5 else 0,
+                  _loops(flow, m), flow.remat_calls if flow.remat >= 0.5 else 0,
                   frozenset(e.src for e in flow.edges if {"erf", "erfc"} & set(e.via)), product_sums,
                   grad_deps, tuple(flow.paths),
                   tuple((frozenset((flow.uses[u].path, d) for u, d in ks), n / examples, c)
@@ -496,10 +496,16 @@ def _conditions(flow: Any, shapes: Mapping[str, tuple[int, ...]], streams: Mappi
     return out
 
 
-def _loops(flow: Any) -> dict[str, tuple[int, bool]]:
+def _loops(flow: Any, m: Any = None) -> dict[str, tuple[int, bool]]:
     """:attr:`Traced.loops`: the largest trip count of a parameter's uses inside loop bodies, and whether
-    one of them is a lookup; a bias takes its contraction's."""
+    one of them is a lookup; a bias takes its contraction's; with the model ``m``, a parameter a scan reads as a
+    loop constant outside any contraction takes that scan's (:func:`tpflax._src.trace.loopconsts.loop_consts`)."""
+    from tpflax._src.trace.loopconsts import loop_consts
+
     out: dict[str, tuple[int, bool]] = {}
+    for path, n in (loop_consts(m) if m is not None else {}).items():
+        if n > 1:
+            out[path] = (n, False)
     for u in flow.uses:
         if u.scan_length:
             n, looked = out.get(u.path, (0, False))

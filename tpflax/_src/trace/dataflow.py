@@ -219,11 +219,14 @@ def dataflow(model: Any, sample: Any = None, variables: Any = None, mesh: Any = 
     ('params/block_0/mlp/up/kernel', 'params/block_0/mlp/down/kernel')
     """
     from tpflax._src.model_cache import cached
+    from tpflax._src.trace.loopconsts import loop_consts_of
 
     m = as_model(model, sample, variables)
 
     def make() -> Dataflow:
-        closed, paths, _ = trace_jaxpr(m, mesh=mesh)
+        closed, paths, n = trace_jaxpr(m, mesh=mesh)
+        # the parameters scans read as loop constants, for the estimate (no second trace of the model)
+        cached("loop_consts", m, lambda: loop_consts_of(closed, paths, n))
         return analyze(closed, paths)
 
     # one trace per model, variables' and sample's shapes, and mesh, unless nothing in it depends on the mesh
