@@ -239,3 +239,35 @@ def test_shard_and_unshard_inside_jit_say_what_to_do_there():
         jax.jit(lambda p: tpflax.unshard(p))(params)
     with pytest.raises(tpflax.TreeError, match=r"the batch holds traced values"):
         jax.jit(lambda b: tpflax.shard_batch(b, mesh))({"x": np.ones((8, 3), np.float32)})
+
+
+def _mlp_tree(width=32, hidden=128):
+    return {"params": {"mlp": {"up": {"kernel": jax.ShapeDtypeStruct((width, hidden), "float32")},
+                               "down": {"kernel": jax.ShapeDtypeStruct((hidden, width), "float32")}}}}
+
+
+def test_report_refuses_an_estimate_made_for_another_tree_or_plan():
+    # only the mesh was checked: an estimate of another tree (or of the same tree planned otherwise) on the same
+    # mesh was printed under this plan's table, its memory and collectives another plan's
+    mesh = {"data": 2, "model": 4}
+    plan = tpflax.plan(_mlp_tree(), mesh)
+    other = tpflax.plan(_mlp_tree(64, 256), mesh)
+    est = tpflax.estimate(other, optax.sgd(0.1), {"x": (8, 32)})
+    for fmt in ("text", "json", "html"):
+        with pytest.raises(tpflax.PlanMismatchError, match="made for another plan") as e:
+            tpflax.report(plan, est, fmt=fmt)
+    assert "params/mlp/up/kernel: float32[32, 128] P(None, 'model') in the plan, priced as " \
+           "float32[64, 256] P(None, 'model')" in e.value.problems
+    replicated = tpflax.plan(_mlp_tree(), mesh, rules=[("mlp", "replicate")])
+    with pytest.raises(tpflax.PlanMismatchError, match="made for another plan") as e:
+        tpflax.report(plan, tpflax.estimate(replicated, optax.sgd(0.1), {"x": (8, 32)}))
+    assert e.value.problems[0].endswith("priced as float32[128, 32] P(None, None)")
+    extra = tpflax.plan({**_mlp_tree(), "head": {"kernel": jax.ShapeDtypeStruct((32, 8), "float32")}}, mesh)
+    with pytest.raises(tpflax.PlanMismatchError) as e:
+        tpflax.report(plan, tpflax.estimate(extra, optax.sgd(0.1), {"x": (8, 32)}))
+    assert e.value.problems == ("head/kernel: priced, not in the plan",)
+    # its own estimate, and the plan reloaded from JSON, still report
+    own = tpflax.estimate(plan, optax.sgd(0.1), {"x": (8, 32)})
+    assert "estimate per training step" in tpflax.report(plan, own)
+    assert "estimate per training step" in tpflax.report(tpflax.Plan.from_json(plan.to_json()), own)
+

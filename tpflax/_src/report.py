@@ -226,11 +226,31 @@ def check_made_for(plan: Plan, **others: Any) -> None:
 
     for key, other in others.items():
         made_for = getattr(other, "mesh", None)
+        name = key.replace("_", " ")
+        fix = (f"report a plan with its own {name} (tpflax.estimate(plan, ...), "
+               "tpflax.dry_run(step, plan, mesh))")
         if made_for is not None and getattr(made_for, "sizes", made_for) != plan.mesh.sizes:
-            name = key.replace("_", " ")
-            raise PlanMismatchError(f"the {name} was made for mesh {made_for}, the plan is for {plan.mesh}: "
-                                    f"report a plan with its own {name} (tpflax.estimate(plan, ...), "
-                                    "tpflax.dry_run(step, plan, mesh))")
+            raise PlanMismatchError(f"the {name} was made for mesh {made_for}, the plan is for {plan.mesh}: {fix}")
+        leaves = getattr(other, "made_for", None)
+        if leaves and isinstance(leaves, tuple):
+            problems = _leaf_mismatches(leaves, plan)
+            if problems:
+                raise PlanMismatchError(f"the {name} was made for another plan than this one (its figures would be "
+                                        f"shown under this plan's table): {fix}", problems)
+
+
+def _leaf_mismatches(leaves: Sequence[tuple], plan: Plan, most: int = 5) -> list[str]:
+    """What differs between an estimate's :attr:`~tpflax.Estimate.made_for` and ``plan``'s leaves (up to ``most``)."""
+    from tpflax._src.cost.records import plan_leaves
+
+    theirs = {p: rest for p, *rest in leaves}
+    ours = {p: rest for p, *rest in plan_leaves(plan.decisions)}
+    kinds = ([f"{p}: in the plan, not priced" for p in ours if p not in theirs],
+             [f"{p}: priced, not in the plan" for p in theirs if p not in ours],
+             [f"{p}: {d}{list(s)} {spec} in the plan, priced as {theirs[p][1]}{list(theirs[p][0])} {theirs[p][2]}"
+              for p, (s, d, spec) in ours.items() if p in theirs and (s, d, spec) != tuple(theirs[p])])
+    out = [k[i] for i in range(max(map(len, kinds))) for k in kinds if i < len(k)]  # some of each kind first
+    return out[:most] + ([f"... and {len(out) - most} more"] if len(out) > most else [])
 
 
 def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool = True,

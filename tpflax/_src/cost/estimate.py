@@ -60,7 +60,7 @@ from tpflax._src.cost.kvsplit import kv_splits
 from tpflax._src.cost.leaves import Leaves, merge, without_dead, without_grads
 from tpflax._src.cost.memory import memory
 from tpflax._src.cost.peak import peak
-from tpflax._src.cost.records import MEMORY_FIELDS, Act, CommItem, Estimate, comm_table
+from tpflax._src.cost.records import MEMORY_FIELDS, Act, CommItem, Estimate, comm_table, plan_leaves
 from tpflax._src.cost.reshard import fused_items
 from tpflax._src.cost.scope import Scope
 from tpflax._src.cost.stream import split_grad_items
@@ -88,7 +88,8 @@ def price(decisions: Mapping[str, Any], mesh: MeshShape, w: Workload) -> Estimat
     >>> price(p.decisions, p.mesh, prepare(p, optax.sgd(0.1), (4, 8))).comm
     {'all-reduce': {'data': 128.0}}
     """
-    return price_leaves(merge(decisions, w.activations, w.opt, w.saved, w.frozen_inputs, w.no_grad, w.rows), mesh, w)
+    priced = price_leaves(merge(decisions, w.activations, w.opt, w.saved, w.frozen_inputs, w.no_grad, w.rows), mesh, w)
+    return replace(priced, made_for=plan_leaves(decisions))
 
 
 def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:

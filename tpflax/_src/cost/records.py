@@ -386,6 +386,16 @@ class Peak:
         return out
 
 
+def plan_leaves(decisions: Mapping[str, Any]) -> tuple[tuple[str, tuple[int, ...], str, str], ...]:
+    """``(path, shape, dtype, spec)`` of every decision: what an estimate was made for (:attr:`Estimate.made_for`).
+
+    >>> import jax, tpflax
+    >>> plan_leaves(tpflax.plan({"w": jax.ShapeDtypeStruct((8, 4), "float32")}, {"model": 2}).decisions)
+    (('w', (8, 4), 'float32', 'P(None, None)'),)
+    """
+    return tuple((p, tuple(d.shape), str(d.dtype), str(d.spec)) for p, d in decisions.items())
+
+
 @dataclass(frozen=True)
 class Estimate:
     """Memory per device and communication per training step.
@@ -401,6 +411,8 @@ class Estimate:
         notes: assumptions and anything that could not be modelled.
         settings: optimizer, backend, remat, dtypes used.
         breakdown: the per-device peak term by term (:class:`Peak`).
+        made_for: the priced plan's leaves, ``(path, shape, dtype, spec)`` each (:func:`plan_leaves`): a report
+            refuses the estimate beside another plan.
     """
 
     per_device: Memory
@@ -413,6 +425,7 @@ class Estimate:
     notes: tuple[str, ...] = ()
     settings: Mapping[str, Any] = field(default_factory=dict)
     breakdown: Peak = field(default_factory=Peak)
+    made_for: tuple[tuple[str, tuple[int, ...], str, str], ...] = field(default=(), repr=False, compare=False)
 
     @property
     def peak(self) -> int:
