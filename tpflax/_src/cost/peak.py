@@ -395,17 +395,27 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
             expert_kernel_bytes(lv, mesh, w.backend))
     stem = remat_stem(lv, w, mesh, shards) if w.remat else (0, 0, 0)  # a conv net's, for its saved set and its phase
     kept, counted = conv_maps(lv, w, mesh, shards, stem)
-    saved = dev.activations - counted + kept - (0 if w.remat else unread)
+    # from the memory table's activations (every layer's output) to what the step keeps, term by term
+    # (Peak.saved_terms: the report shows why the two figures differ)
+    terms: list[tuple[str, int]] = [("conv maps as the backward passes read them", kept - counted)]
+    terms.append(("row outputs freed at their residual add", 0 if w.remat else -unread))
     if not w.activations:  # the transformer formula counts scores too (5as/ht): they are counted above
-        saved -= formula_scores_bytes(w.batch, w.config, mesh, shards, w.remat, w.act_item)
-    saved = saved * held // w.act_item + norm_broadcasts(lv, w, shards)
+        terms.append(("attention scores, a row of their own",
+                      -formula_scores_bytes(w.batch, w.config, mesh, shards, w.remat, w.act_item)))
+    saved = dev.activations + sum(t for _, t in terms)
+    terms.append(("activations held in float32 (XLA:CPU)", saved * held // w.act_item - saved))
+    terms.append(("norm statistics and scales broadcast (XLA:CPU)", norm_broadcasts(lv, w, shards)))
+    saved = saved * held // w.act_item + terms[-1][1]
     recompute = recompute * held // w.act_item
-    saved += attention_operands(lv, mesh, w, shards) + images_relayout(lv, w, shards)
+    terms += [("attention context and q, k, v padded to the lanes", attention_operands(lv, mesh, w, shards)),
+              ("input images relaid out", images_relayout(lv, w, shards))]
+    saved += terms[-2][1] + terms[-1][1]
     logits, head, in_trace, vocab_split = logits_bytes(lv, mesh, w, shards)
     if w.saved and held == 4 and in_trace:
         # a float32 head's traced output is the float32 logits buffer counted below: not twice (the f32
         # GPT-2 step holds one f32[2, 1024, 50257]; a 16-bit step holds its 16-bit logits and the f32 ones)
-        saved -= min(logits, saved)
+        terms.append(("float32 logits, counted at the loss", -min(logits, saved)))
+        saved += terms[-1][1]
     # XLA:TPU, remat off: the backward matmul reads the forward's gathered kernel (JAX saves it as the dot's
     # residual) and the compiler keeps every layer's, live at the last layer's backward start. Ten v5e:2x4
     # dumps (benchmarks/tpu_aot_notes.md, "the async all-gathers' share at 2, 4 and 8 layers": medium zoo
@@ -455,6 +465,7 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
                 expert_phase=expert_phase, forward_end=end, scan_grads=scan_grads,
                 scan_stack=scan_stack * held // w.act_item,
                 scan_logits=scan_logits(LOGITS_BUFFERS * logits, vocab_split, bool(scan_grads or scan_stack)),
+                saved_terms=tuple((n, t) for n, t in terms if t),
                 **stem_phase(w, stem))
 
 

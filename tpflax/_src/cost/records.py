@@ -180,6 +180,8 @@ class Peak:
         scan_logits: XLA:TPU under remat, a scanned layer stack whose head's vocabulary is not split over a tensor
             axis: the float32 logits (:attr:`logits`), live through the backward loop, since the loss's value reads
             them after it (:attr:`start`; ``tpflax._src.cost.remat.scan_logits``).
+        saved_terms: ``(what, bytes)`` from :attr:`Memory.activations` (every layer's output, the memory table's
+            row) to :attr:`activations` (what the step keeps): :attr:`activations` is that row plus these.
     """
 
     arguments: int = 0
@@ -210,6 +212,7 @@ class Peak:
     scan_grads: int = 0
     scan_stack: int = 0
     scan_logits: int = 0
+    saved_terms: tuple[tuple[str, int], ...] = ()
 
     @property
     def layer(self) -> int:
@@ -324,7 +327,19 @@ class Peak:
                 "tail": self.tail, "stem": self.stem, "stem_grad": self.stem_grad, "expert_phase": self.expert_phase,
                 "forward_end": self.forward_end,
                 "scan_grads": self.scan_grads, "scan_stack": self.scan_stack, "scan_logits": self.scan_logits,
-                "total": self.total}
+                "saved_terms": dict(self.saved_terms), "total": self.total}
+
+    def _saved_from(self) -> list[str]:
+        """How :attr:`activations` differs from the memory table's activations row, when it does.
+
+        >>> Peak(activations=6, saved_terms=(("row outputs freed", -4),))._saved_from()
+        ['      = activations row 10 B - 4 B row outputs freed']
+        """
+        if not self.saved_terms:
+            return []
+        row = self.activations - sum(t for _, t in self.saved_terms)
+        return [f"      = activations row {fmt_bytes(row)}"
+                + "".join(f" {'-' if t < 0 else '+'} {fmt_bytes(abs(t))} {n}" for n, t in self.saved_terms)]
 
     def report_lines(self) -> list[str]:
         fmt = fmt_bytes
@@ -342,6 +357,7 @@ class Peak:
                "grads + last gathered layer))",
                f"    {'arguments':<36}{fmt(self.arguments):>12}  params, optimizer and model state, batch",
                f"    {'saved activations':<36}{fmt(self.activations):>12}  layer outputs kept for backward",
+               *self._saved_from(),
                f"    {'saved attention scores':<36}{fmt(self.scores):>12}  attention probabilities (none under remat)"]
         if self.experts or self.expert_work:
             out.append(f"    {'saved expert hidden':<36}{fmt(self.experts):>12}  in flight {fmt(self.expert_work)}")
