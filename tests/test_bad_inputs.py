@@ -660,7 +660,7 @@ CLI = [
     Cli("--rule that does not divide", ("plan", "gpt2", "--mesh", "model=3", "--rule", "c_fc/kernel=None,model"),
         2, ("params/h_0/mlp/c_fc/kernel", "model=3", "not divisible")),
     Cli("negative --fsdp-min-bytes", ("plan", "gpt2", "--mesh", "model=2", "--fsdp-min-bytes", "-5"), 2,
-        ("fsdp_min_bytes=-5", "non-negative")),
+        ("--fsdp-min-bytes: '-5' is not a size", "1GiB, 512KiB, 256k, 1e6")),
     Cli("more devices than exist", ("plan", "gpt2", "--mesh", "model=16", "--devices", "8"), 2,
         ("needs 16 devices", "only 8")),
     Cli("--batch that does not parse", ("estimate", "gpt2", "--mesh", "model=2", "--batch", "abc"), 2,

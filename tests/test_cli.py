@@ -356,3 +356,23 @@ def test_a_bad_loss_target_exits_2(cnnpkg, capsys, target, words):
     assert main(argv) == 2
     out, err = capsys.readouterr()
     assert out == "" and "tpflax: error:" in err and words in err
+
+
+def test_byte_sizes_are_read_alike_wherever_the_cli_takes_one(capsys):
+    # --fsdp-min-bytes was argparse's int ("invalid int value: '1GiB'") while --device-memory took 95GiB
+    for text, n in (("1GiB", 1 << 30), ("512KiB", 512 << 10), ("1e6", 10**6), ("256k", 256000), ("4.1KB", 4100),
+                    ("0", 0), ("1 GiB", 1 << 30)):
+        assert main(["plan", "mlp", "--mesh", "fsdp=8", "--fsdp-min-bytes", text, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["options"]["fsdp_min_bytes"] == n, text
+    assert main(["suggest", "mlp", "--world-size", "8", "--device-memory", "512MiB", "--fsdp-min-bytes", "1e6",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["settings"]["device_memory"] == 512 << 20
+    for argv in (["plan", "mlp", "--mesh", "fsdp=8", "--fsdp-min-bytes", "1GiBx"],
+                 ["estimate", "mlp", "--mesh", "fsdp=8", "--fsdp-min-bytes", "nan"],
+                 ["suggest", "mlp", "--world-size", "8", "--fsdp-min-bytes", "-1.5"],
+                 ["suggest", "mlp", "--world-size", "8", "--device-memory", "0"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"{argv[-2]}: {argv[-1]!r} is not a size" in err, err
+        assert "e.g. 1GiB, 512KiB, 256k, 1e6 or a number of bytes" in err

@@ -17,6 +17,7 @@ from tpflax._src.cli_args import (
     UsageError,
     add_loss_arg,
     add_model_args,
+    byte_size,
     estimate_inputs,
     loss_kwargs,
     model_kwargs,
@@ -279,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how many devices to plan for (emulated only for --verify, up to 64)")
     g.add_argument("--devices", dest="world_devices", type=positive_int, default=None,
                    help="deprecated spelling of --world-size (--devices emulates CPU devices elsewhere)")
-    g.add_argument("--device-memory", default=None,
+    g.add_argument("--device-memory", type=byte_size(), default=None, metavar="SIZE",
                    help="memory per device, e.g. 95GiB or 16GB (default: the --hardware preset's)")
     g.add_argument("--hardware", default=None, help="preset: tpu-v4, tpu-v5e, tpu-v5p, tpu-v6e, a100, h100, h200")
     g.add_argument("--top", type=positive_int, default=5, help="show this many ranked shapes (default 5)")
@@ -300,8 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reserve", type=float, default=0.0, help="fraction of device memory to keep free (default 0)")
     g.add_argument("--rule", action="append", default=[], metavar="REGEX=TARGET",
                    help="planner override, as for `tpflax plan`")
-    g.add_argument("--fsdp-min-bytes", type=int, default=None,
-                   help="leaves this large also shard over fsdp axes (default: decided by cost per leaf, "
+    g.add_argument("--fsdp-min-bytes", type=byte_size(0), default=None, metavar="SIZE",
+                   help="leaves this large (e.g. 1MiB, 256k) also shard over fsdp axes (default: decided by cost per leaf, "
                         "as `tpflax plan` decides it)")
     g.add_argument("--verify", action="store_true",
                    help="compile the top shapes (at most 3) on a CPU-emulated mesh (<= 64 devices) and compare")

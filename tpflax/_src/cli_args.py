@@ -55,6 +55,29 @@ def positive_int(text: str) -> int:
     return n
 
 
+def byte_size(minimum: int = 1):
+    """An argparse type for a byte size: ``1GiB``, ``512KiB``, ``256k``, ``1e6``, ``16GB`` or a number of bytes
+    (:func:`tpflax._src.hardware.parse_bytes`), at least ``minimum``.
+
+    >>> byte_size(0)("1GiB"), byte_size(0)("256k"), byte_size(0)("1e6"), byte_size(0)("0")
+    (1073741824, 256000, 1000000, 0)
+    """
+    def size(text: str) -> int:
+        from tpflax._src.errors import SuggestError
+        from tpflax._src.hardware import parse_bytes
+
+        try:
+            return parse_bytes(text, "size", minimum)
+        except SuggestError:
+            least = f" of at least {minimum} byte{'s' if minimum != 1 else ''}" if minimum else ""
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a size{least}; write e.g. 1GiB, 512KiB, 256k, 1e6 or a number of bytes "
+                "(k, KB = 1000; KiB = 1024)") from None
+
+    size.__name__ = "size"
+    return size
+
+
 def parse_roles(items: Sequence[str]) -> dict[str, str]:
     out = {}
     for item in items:
@@ -75,8 +98,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="role of a mesh axis with an unknown name (tensor, fsdp, data, expert)")
     p.add_argument("--rule", action="append", default=[], metavar="REGEX=TARGET",
                    help="override: first matching rule wins (strategy name or axes like None,model)")
-    p.add_argument("--fsdp-min-bytes", type=int, default=None,
-                   help="leaves this large also shard over fsdp axes (default: decided by cost per leaf)")
+    p.add_argument("--fsdp-min-bytes", type=byte_size(0), default=None, metavar="SIZE",
+                   help="leaves this large (e.g. 1MiB, 256k) also shard over fsdp axes (default: decided by cost "
+                        "per leaf)")
     p.add_argument("--min-channels", type=int, default=64,
                    help="narrowest conv chain to split; wider ones are priced split vs whole (default 64)")
     p.add_argument("--fused", choices=["split", "aligned"], default="split",

@@ -22,6 +22,7 @@ the bytes each device sends (:mod:`tpflax.estimate`, ring algorithm).
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -139,13 +140,14 @@ def known() -> list[str]:
     return list(PRESETS)
 
 
-def parse_bytes(value: Any, what: str = "device memory") -> int:
-    """``"95GiB"``, ``"16 GB"``, ``"80e9"`` or a number of bytes, as an int.
+def parse_bytes(value: Any, what: str = "device memory", minimum: int = 1) -> int:
+    """``"95GiB"``, ``"16 GB"``, ``"80e9"``, ``"256k"`` or a number of bytes, as an int.
 
-    GB/MB/KB/TB are powers of 1000 and GiB/MiB/KiB/TiB powers of 1024.
+    GB/MB/KB/TB (and k/m/g/t) are powers of 1000 and GiB/MiB/KiB/TiB powers of 1024. Text is read exactly
+    (``"4.1KB"`` is 4100 bytes, not float's 4099.99...); a size under ``minimum`` bytes is refused.
 
-    >>> parse_bytes("95GiB"), parse_bytes("16GB"), parse_bytes(1024)
-    (102005473280, 16000000000, 1024)
+    >>> parse_bytes("95GiB"), parse_bytes("16GB"), parse_bytes(1024), parse_bytes("4.1KB"), parse_bytes("0", minimum=0)
+    (102005473280, 16000000000, 1024, 4100, 0)
     """
     units = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
              "t": 10**12, "tb": 10**12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
@@ -157,11 +159,11 @@ def parse_bytes(value: Any, what: str = "device memory") -> int:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?\d+)?)\s*([A-Za-z]*)\s*", str(value))
         unit = m.group(2).lower() if m else None
         if m is None or unit not in units:
-            raise SuggestError(f"{what} {value!r} cannot be parsed; write e.g. '95GiB', '16GB' or a number "
+            raise SuggestError(f"{what} {value!r} cannot be parsed; write e.g. '95GiB', '16GB', '256k' or a number "
                                "of bytes (GB = 1e9 bytes, GiB = 2**30)")
-        n = float(m.group(1)) * units[unit]
-    if not (1 <= n < float("inf")):  # NaN and inf too: a size is a finite count of bytes
-        raise SuggestError(f"{what} {value!r} must be a finite number of bytes, at least 1")
+        n = float(Decimal(m.group(1)) * units[unit])
+    if not (minimum <= n < float("inf")):  # NaN and inf too: a size is a finite count of bytes
+        raise SuggestError(f"{what} {value!r} must be a finite number of bytes, at least {minimum}")
     return int(n)
 
 
