@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
 import sys
 
 import jax
@@ -109,3 +111,18 @@ def test_suggest_takes_world_size_and_the_old_devices_with_a_note(capsys):
     assert "--devices is deprecated: use --world-size" in old.err
     assert main(["suggest", "mlp", "--device-memory", "1GiB"]) == 2
     assert "--world-size" in capsys.readouterr().err
+
+
+def test_a_width_too_narrow_for_the_table_is_refused_and_a_narrow_terminal_clamped(gpt2_small, monkeypatch):
+    # width=5 broke the title into a letter a line (4,675 lines for GPT-2 small's 132) and the pairs' paths
+    # mid-name, while the table's rows ran to 60 columns anyway
+    for width in (5, 30, 59):
+        with pytest.raises(tpflax.OptionError, match=f"width {width} is too narrow.*at least 60 columns"):
+            tpflax.report(gpt2_small, width=width)
+    lines = tpflax.report(gpt2_small, width=60, pairs=True).splitlines()
+    assert lines[0] == "tpflax plan  mesh data=2,model=4  roles data:data," and len(lines) < 300
+    # what wraps fits (the title, reasons, totals, pairs); a table row is as wide as its columns (63 here)
+    assert max(len(x) for x in lines if not re.match(r"  \S", x)) <= 60
+    # a narrow terminal (the default width) is read as 60 columns, not refused
+    monkeypatch.setattr("shutil.get_terminal_size", lambda fallback=None: os.terminal_size((12, 24)))
+    assert tpflax.report(gpt2_small, pairs=True) == "\n".join(lines)

@@ -134,6 +134,8 @@ def table_rows(plan: Plan, full: bool = True) -> list[list[str]]:
     return rows
 
 
+# the narrowest width a report wraps to: its table's columns (kind, shape, strategy, spec, per device) take 60
+MIN_WIDTH = 60
 HEADER = ["path", "kind", "shape", "dtype", "strategy", "spec", "bytes", "per device", "reason"]
 
 
@@ -269,7 +271,7 @@ def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool
             estimate (memory and collectives, with relative errors) when both are given.
         full: one row per leaf at full width; by default repeated layers share a
             row (``h_{0..11}/mlp/c_fc/kernel ×12``) and lines fit ``width``.
-        width: columns to fit (default: the terminal's, else 100).
+        width: columns to fit, at least 60 (default: the terminal's, at least 60, else 100).
         why: a file path: also write there every candidate layout the chooser
             priced for each leaf, with its cost (see :mod:`tpflax._src.why`).
 
@@ -287,6 +289,9 @@ def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool
     check_made_for(plan, estimate=estimate, dry_run=dry_run)
     if width is not None and (isinstance(width, bool) or not isinstance(width, numbers.Integral) or width < 1):
         raise OptionError(f"width {width!r} must be a positive number of columns (or None: the terminal's)")
+    if width is not None and width < MIN_WIDTH:  # the title and pairs broke into a letter a line
+        raise OptionError(f"width {width} is too narrow for the plan's table: give at least {MIN_WIDTH} columns, "
+                          "None (the terminal's, at least that) or full=True (no width)")
     if fmt not in ("text", "json", "html"):
         raise OptionError(f"fmt must be 'text', 'json' or 'html', not {fmt!r}")
     if why is not None:  # once the arguments are known good: a refused call writes nothing
@@ -307,8 +312,8 @@ def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool
         from tpflax._src.html.page import html_report
 
         return html_report(plan, estimate)
-    if not full and width is None:
-        width = shutil.get_terminal_size((100, 24)).columns
+    if not full and width is None:  # a narrower terminal gets lines that run over, not a letter a line
+        width = max(shutil.get_terminal_size((100, 24)).columns, MIN_WIDTH)
     width = None if full else width
     out = table_lines(plan, reasons=reasons, full=full, width=width)
     shown = len(plan.decisions) if full else len(grouped(plan))
