@@ -291,3 +291,14 @@ def test_the_peak_says_how_its_saved_activations_follow_from_the_activations_row
         assert est.to_dict()["peak_breakdown"]["saved_terms"] == dict(b.saved_terms)
     assert "row outputs freed at their residual add" in dict(
         tpflax.estimate(plan, optax.adamw(1e-3), batch, model=model).breakdown.saved_terms)
+
+
+def test_shard_batch_of_an_abstract_batch_says_to_take_its_shardings():
+    # jax's bare "InvalidInputException: Argument of type <class 'jax.ShapeDtypeStruct'> is not a valid JAX type",
+    # with no path; shard() says the same of an abstract tree in its own words
+    mesh = tpflax.make_mesh({"data": 2, "model": 4})
+    batch = {"x": np.ones((8, 4), np.float32), "y": jax.ShapeDtypeStruct((8,), "int32")}
+    with pytest.raises(tpflax.TreeError, match=r"1 batch leaves are abstract \(jax.ShapeDtypeStruct, e.g. y\)") as e:
+        tpflax.shard_batch(batch, mesh)
+    assert "tpflax.batch_sharding(mesh, batch)" in str(e.value)
+    assert tpflax.batch_sharding(mesh, batch)["y"].spec == jax.sharding.PartitionSpec("data")

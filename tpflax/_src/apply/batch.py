@@ -137,7 +137,8 @@ def shard_batch(batch: Any, mesh: Any, *, process_local: bool = False,
     this returns.
 
     Raises:
-        TreeError: a leaf is no array jax can hold (a string, an object array).
+        TreeError: a leaf is no array jax can hold (a string, an object array) or is abstract
+            (``jax.ShapeDtypeStruct``: :func:`batch_sharding` gives its shardings).
         SpecError: a leaf's batch dim does not divide over the batch axes.
 
     >>> import numpy as np, tpflax
@@ -146,6 +147,12 @@ def shard_batch(batch: Any, mesh: Any, *, process_local: bool = False,
     P('data',)
     """
     _check_order("shard_batch(batch, mesh)", mesh, batch)
+    abstract = [keystr(p) or "<batch>" for p, x in jax.tree_util.tree_flatten_with_path(batch)[0]
+                if isinstance(x, jax.ShapeDtypeStruct)]
+    if abstract:  # jax's bare "Argument of type <class 'jax.ShapeDtypeStruct'> is not a valid JAX type"
+        raise TreeError(f"shard_batch() places arrays, but {len(abstract)} batch leaves are abstract "
+                        f"(jax.ShapeDtypeStruct, e.g. {abstract[0]}): pass the arrays, or take the shardings for "
+                        "jax.jit with tpflax.batch_sharding(mesh, batch)")
     mesh = device_mesh(mesh)
     spec = batch_spec(mesh, axis_roles=axis_roles)
     flat, treedef = jax.tree_util.tree_flatten(batch)
