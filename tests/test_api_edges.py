@@ -302,3 +302,21 @@ def test_shard_batch_of_an_abstract_batch_says_to_take_its_shardings():
         tpflax.shard_batch(batch, mesh)
     assert "tpflax.batch_sharding(mesh, batch)" in str(e.value)
     assert tpflax.batch_sharding(mesh, batch)["y"].spec == jax.sharding.PartitionSpec("data")
+
+
+def test_numpy_integer_batches_and_device_counts_are_counts():
+    # np.int64(8) (from np.prod, a config loaded with numpy) was read as an array leaf of shape (): a batch of
+    # one example ("the global batch 1 does not divide over data=2"), a plan priced for 1 token, and
+    # suggest_mesh refused np.int64(8) devices ("devices must be a positive integer, got np.int64(8)")
+    model = zoo.get("llama")
+    plan = tpflax.plan(model.abstract_variables(), {"data": 2, "model": 4})
+    want = tpflax.estimate(plan, optax.adam(1e-3), 8, model=model)
+    for batch in (np.int64(8), (np.int64(8), np.int32(32)), [np.int64(8)]):
+        est = tpflax.estimate(plan, optax.adam(1e-3), batch, model=model)
+        assert est.batch == want.batch and est.per_device == want.per_device, batch
+    assert tpflax.estimate(plan, None, {"x": (np.int64(8), 32)}).batch["size"] == 8
+    tree = model.abstract_variables()
+    assert tpflax.plan(tree, {"model": 8}, batch=(np.int64(8), 32)).options["tokens"] == 256
+    a = tpflax.suggest_mesh(model, np.int64(8), "1GiB", batch=np.int64(8))
+    b = tpflax.suggest_mesh(model, 8, "1GiB", batch=8)
+    assert [c.mesh for c in a.ranked] == [c.mesh for c in b.ranked] and a.settings["batch"] == b.settings["batch"]

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from tpflax._src.errors import EstimateError
 from tpflax._src.facts.tree import itemsize
 
@@ -90,6 +92,28 @@ class Batch:
         return "x".join(map(str, self.first_shape)) if self.first_shape else str(self.size)
 
 
+def plain_batch(batch: Any) -> Any:
+    """A batch given as numpy integers (``np.int64(8)``, ``(np.int64(8), 32)``, ``{"x": (np.int64(8), 32)}``)
+    with Python ints in their place; anything else as given. Read as an array leaf, ``np.int64(8)`` was a batch
+    of one example.
+
+    >>> import numpy as np
+    >>> plain_batch(np.int64(8)), plain_batch([np.int32(8), 32]), plain_batch({"x": (np.int64(8), 4), "dtype": "f"})
+    (8, (8, 32), {'x': (8, 4), 'dtype': 'f'})
+    """
+    def whole(x: Any) -> bool:
+        return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+    def dims(x: Any) -> Any:
+        return tuple(int(d) for d in x) if isinstance(x, (tuple, list)) and x and all(map(whole, x)) else x
+
+    if whole(batch):
+        return int(batch)
+    if isinstance(batch, Mapping) and batch and all(isinstance(v, (tuple, list, str)) for v in batch.values()):
+        return {k: dims(v) for k, v in batch.items()}
+    return dims(batch)
+
+
 def parse_batch(batch: Any, config: Any = None, act_dtype: str | None = None) -> Batch:
     """Normalise a batch description.
 
@@ -110,7 +134,7 @@ def parse_batch(batch: Any, config: Any = None, act_dtype: str | None = None) ->
     if batch is None:
         raise EstimateError("estimate needs a batch: e.g. batch={'x': (32, 1024)}, sample=(x,) with model=, "
                             "or jax.eval_shape(lambda: model.make_batch(0, 32))")
-    batch = _as_shape(batch, config)
+    batch = _as_shape(plain_batch(batch), config)
     if isinstance(batch, Mapping) and not batch:  # {} read as a shape mapping of no leaves: "global batch 1"
         raise EstimateError("the batch has no array leaves")
     if isinstance(batch, Mapping) and all(isinstance(v, (tuple, list, str)) for v in batch.values()):
@@ -216,6 +240,7 @@ def resolve_batch(batch: Any, zoo: Any = None) -> Any:
     >>> sorted(resolve_batch(4, zoo.get("mlp")))
     ['x', 'y']
     """
+    batch = plain_batch(batch)
     if zoo is None or not hasattr(zoo, "make_batch"):
         return batch
     dims = (batch,) if isinstance(batch, int) else tuple(batch) if isinstance(batch, (tuple, list)) else None
@@ -234,6 +259,7 @@ def resolve_batch(batch: Any, zoo: Any = None) -> Any:
 def bare_shape(batch: Any) -> tuple[int, ...] | None:
     """``batch`` as a shape when it is one (``(8, 64)``, ``"8x64"``, a zoo batch ``{"x": (8, 64), ...}``),
     else None."""
+    batch = plain_batch(batch)
     if isinstance(batch, Mapping) and "x" in batch:  # a zoo batch: its inputs' shape
         x = batch["x"]
         batch = tuple(x.shape) if hasattr(x, "shape") else x

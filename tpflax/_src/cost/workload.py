@@ -23,6 +23,7 @@ from tpflax._src.cost.batch import (
     dtype_name,
     np_dtype,
     parse_batch,
+    plain_batch,
     resolve_batch,
     size_problem,
 )
@@ -180,6 +181,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
     """
     _check_options(act_dtype, grad_dtype, backend, expert_dispatch)
     _check_hints(config)
+    batch = plain_batch(batch)  # np.int64(8) was read as an array leaf: a batch of one example
     if (why := size_problem(batch)) is not None:  # before it sets a sample's leading dim
         raise EstimateError(why)
     sample, assumed = _sample_of(plan, model, sample, batch)

@@ -32,12 +32,13 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import numbers
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tpflax._src.cost.activations import traced_layers
-from tpflax._src.cost.batch import config_value, parse_batch, resolve_batch, size_problem
+from tpflax._src.cost.batch import config_value, parse_batch, plain_batch, resolve_batch, size_problem
 from tpflax._src.cost.estimate import estimate, plan_generation, price_leaves
 from tpflax._src.cost.leaves import merge
 from tpflax._src.cost.workload import Workload, fixed_length_problem, prepare
@@ -209,6 +210,7 @@ def _model_and_tree(model_or_tree: Any, sample: Any, variables: Any) -> tuple[An
 
 
 def _batch(batch: Any, m: Any, config: Any, devices: int, notes: list[str]) -> Any:
+    batch = plain_batch(batch)  # np.int64(8): a count, not an array leaf
     if batch is None and m is not None and m.zoo is None:
         return m.sample  # the model's own inputs are the batch
     if batch is None:
@@ -427,6 +429,8 @@ def suggest_mesh(model_or_tree: Any, devices: int, device_memory: Any = None, ha
     8
     """
     t0 = time.perf_counter()
+    if isinstance(devices, numbers.Integral) and not isinstance(devices, bool) and type(devices).__name__ != "bool_":
+        devices = int(devices)  # np.int64(8), from np.prod of a slice's shape
     if isinstance(devices, bool) or not isinstance(devices, int) or devices <= 0:
         raise SuggestError(f"devices must be a positive integer, got {devices!r}"
                            + (_slice_hint(devices, hardware) if isinstance(devices, str) else ""))
