@@ -320,3 +320,17 @@ def test_numpy_integer_batches_and_device_counts_are_counts():
     a = tpflax.suggest_mesh(model, np.int64(8), "1GiB", batch=np.int64(8))
     b = tpflax.suggest_mesh(model, 8, "1GiB", batch=8)
     assert [c.mesh for c in a.ranked] == [c.mesh for c in b.ranked] and a.settings["batch"] == b.settings["batch"]
+
+
+def test_a_batch_of_no_examples_is_refused():
+    # a batch tree with a leading dim of 0 (an empty shard of a loader, `tpflax diff --batch 0x32`) was priced: the
+    # estimate's collectives and activations those of no examples, without a word (diff: "76.8 KiB -> 0 B")
+    model = zoo.get("mlp")
+    plan = tpflax.plan(model.abstract_variables(), {"data": 2, "model": 4})
+    for batch in ({"x": jax.ShapeDtypeStruct((0, 32), "float32")}, {"x": np.ones((0, 32), np.float32)}):
+        with pytest.raises(tpflax.EstimateError, match=r"no examples: its leaf x has shape \(0, 32\)"):
+            tpflax.estimate(plan, optax.adam(1e-3), batch)
+    with pytest.raises(tpflax.EstimateError, match="no examples"):
+        tpflax.estimate(plan, optax.adam(1e-3), model=model, sample=(jax.ShapeDtypeStruct((0, 32), "float32"),))
+    with pytest.raises(tpflax.EstimateError, match="no examples"):
+        tpflax.diff(plan, plan, optimizer=optax.adam(1e-3), batch={"x": jax.ShapeDtypeStruct((0, 32), "int32")})

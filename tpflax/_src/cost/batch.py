@@ -139,7 +139,12 @@ def parse_batch(batch: Any, config: Any = None, act_dtype: str | None = None) ->
         raise EstimateError("the batch has no array leaves")
     if isinstance(batch, Mapping) and all(isinstance(v, (tuple, list, str)) for v in batch.values()):
         return _from_shapes(dict(batch), config, act_dtype, dtype)
-    return _from_tree(batch, act_dtype, dtype)
+    b = _from_tree(batch, act_dtype, dtype)
+    if b.size == 0:  # every figure would be the parameters' alone, the batch's collectives and activations 0
+        name, shape, _ = next(leaf for leaf in b.leaves if leaf[1])
+        raise EstimateError(f"the batch holds no examples: its leaf {name} has shape {shape}, a leading (batch) dim "
+                            "of 0; pass the global batch the step trains on, e.g. 8 examples")
+    return b
 
 
 def size_problem(batch: Any) -> str | None:
