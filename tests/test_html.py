@@ -138,6 +138,18 @@ def test_chart_numbers_are_the_estimate(gpt2):
     assert all(abs(comm[k] - want[k]) <= 0.5 for k in want)  # data-bytes is rounded to whole bytes
 
 
+def test_memory_table_names_the_rows_sum_and_the_peak(gpt2):
+    # the text report's last memory row is "sum of rows", beside the peak; the page's table called that sum "total",
+    # read as what must fit (the tiny llama's: 1.7 MiB over a 1.5 MiB peak), with no peak beside it
+    p, est, page_text = gpt2
+    table = page_text.split("<h3>Bytes per device</h3>")[1].split("</table>")[0]
+    rows = re.findall(r"<tr><th>([^<]*)</th><th>([^<]*)</th>", table)
+    assert rows == [("category", "per device"), ("sum of rows", tpflax.fmt_bytes(est.per_device.total)),
+                    ("peak per device", tpflax.fmt_bytes(est.peak))]
+    plain = tpflax.report(p, fmt="html").split("<h3>Bytes per device</h3>")[1].split("</table>")[0]
+    assert re.findall(r"<tr><th>([^<]*)</th>", plain) == ["category", "total"]  # parameters alone: their total
+
+
 def test_model_text_is_escaped():
     evil = '<img src=x onerror="alert(1)">&'
     p = tpflax.plan({evil: {"w": jax.ShapeDtypeStruct((16, 16), "float32")}}, {"model": 2})

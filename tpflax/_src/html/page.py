@@ -45,8 +45,14 @@ def memory_section(plan: Plan, estimate: Estimate | None) -> str:
     nums = "".join(f"<tr><td>{esc(c)}</td><td>{esc(fmt_bytes(a))}</td><td>{esc(fmt_bytes(b))}</td>"
                    f"<td>{100 * (1 - a / b) if b else 0:.1f}%</td></tr>" for c, a, b in rows)
     ta, tb = sum(a for _, a, _ in rows), sum(b for _, _, b in rows)
-    nums += (f"<tr><th>total</th><th>{esc(fmt_bytes(ta))}</th><th>{esc(fmt_bytes(tb))}</th>"
+    # the rows' sum, as the text report labels it: "total" read as what must fit, which is the peak (not all
+    # the rows are live at once, and the peak's working sets are none of them)
+    label = "total" if estimate is None else "sum of rows"
+    nums += (f"<tr><th>{label}</th><th>{esc(fmt_bytes(ta))}</th><th>{esc(fmt_bytes(tb))}</th>"
              f"<th>{100 * (1 - ta / tb) if tb else 0:.1f}%</th></tr>")
+    if estimate is not None:
+        nums += (f'<tr><th>peak per device</th><th>{esc(fmt_bytes(estimate.peak))}</th><th></th>'
+                 "<th>what must fit at once</th></tr>")
     if estimate is None:
         what = ("parameters only: pass <code>tpflax.estimate(plan, optimizer, batch)</code> for gradients, "
                 "optimizer state and activations")
