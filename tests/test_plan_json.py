@@ -188,3 +188,21 @@ def test_int_keys_and_nnx_state_survive_json():
             assert x.sharding.is_equivalent_to(NamedSharding(mesh, d.spec), x.ndim), jax.tree_util.keystr(path)
     # JSON object keys are strings: a dict with an int key is written as [key, node] pairs
     assert json.loads(tpflax.plan(plain, {"model": 2}).to_json())["tree"]["d"][0][0] == 0
+
+
+def test_from_json_takes_the_loaded_document_and_says_a_path_is_not_text(tmp_path):
+    # Plan.from_json(json.load(f)) was "the JSON object must be str, bytes or bytearray, not dict", and a file's
+    # path "plan JSON does not parse: Expecting value: line 1 column 1 (char 0)"
+    tree = {"mlp": {"up": {"kernel": jax.ShapeDtypeStruct((32, 128), "float32")},
+                    "down": {"kernel": jax.ShapeDtypeStruct((128, 32), "float32")}}}
+    p = tpflax.plan(tree, {"data": 2, "model": 4})
+    path = tmp_path / "plan.json"
+    path.write_text(p.to_json())
+    doc = json.loads(path.read_text())
+    again = tpflax.Plan.from_json(doc)
+    assert again.decisions == p.decisions and again.specs == p.specs
+    assert doc == json.loads(p.to_json())  # the caller's document is left as it was
+    for given in (path, str(path)):
+        with pytest.raises(tpflax.PlanFormatError, match="takes the JSON text, not a file path") as e:
+            tpflax.Plan.from_json(given)
+        assert "Plan.from_json(pathlib.Path(path).read_text())" in str(e.value)

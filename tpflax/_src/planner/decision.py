@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -288,9 +289,10 @@ class Plan:
         }, indent=indent)
 
     @classmethod
-    def from_json(cls, text: str) -> Plan:
-        """Rebuild a plan written by :meth:`to_json` (format 1, 2 or 3); ``specs`` takes the planned tree's
-        containers back where the JSON holds them (its ``tree``), else it is a nested dict."""
+    def from_json(cls, text: str | bytes | Mapping[str, Any]) -> Plan:
+        """Rebuild a plan written by :meth:`to_json` (format 1, 2 or 3): its text, or the dict ``json.load``
+        makes of it; ``specs`` takes the planned tree's containers back where the JSON holds them (its ``tree``),
+        else it is a nested dict."""
         data = _parse_document(text)
         try:
             mesh = mesh_shape([tuple(p) for p in data["mesh"]], axis_roles=data.get("axis_roles"))
@@ -347,11 +349,20 @@ def _nested(decisions: Mapping[str, Decision]) -> dict:
     return specs
 
 
-def _parse_document(text: str) -> dict:
-    try:
-        data = json.loads(text)
-    except (TypeError, ValueError) as e:
-        raise PlanFormatError(f"plan JSON does not parse: {e}; pass the text of Plan.to_json()") from e
+def _parse_document(text: Any) -> dict:
+    """The plan document of ``text``: JSON text (str or bytes), or the object ``json.load`` made of it."""
+    if isinstance(text, os.PathLike) or (isinstance(text, str) and text.strip()[:1] not in ("{", "[", "")
+                                         and len(text) < 4096 and os.path.isfile(text)):
+        # a file's path read as JSON text: "Expecting value: line 1 column 1 (char 0)"
+        raise PlanFormatError(f"Plan.from_json takes the JSON text, not a file path ({os.fspath(text)!r}); "
+                              "read the file first: Plan.from_json(pathlib.Path(path).read_text())")
+    if isinstance(text, Mapping):  # json.load's result: the document itself
+        data = dict(text)
+    else:
+        try:
+            data = json.loads(text)
+        except (TypeError, ValueError) as e:
+            raise PlanFormatError(f"plan JSON does not parse: {e}; pass the text of Plan.to_json()") from e
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise PlanFormatError(f"not a tpflax plan: expected an object with format={FORMAT!r}")
     version = data.get("version")
