@@ -334,3 +334,26 @@ def test_a_batch_of_no_examples_is_refused():
         tpflax.estimate(plan, optax.adam(1e-3), model=model, sample=(jax.ShapeDtypeStruct((0, 32), "float32"),))
     with pytest.raises(tpflax.EstimateError, match="no examples"):
         tpflax.diff(plan, plan, optimizer=optax.adam(1e-3), batch={"x": jax.ShapeDtypeStruct((0, 32), "int32")})
+
+
+def test_optimizer_state_calls_with_arguments_swapped_say_the_order():
+    # shard_optimizer_state(opt, state, mesh, plan) was a bare "AttributeError: 'Mesh' object has no attribute
+    # 'decisions'" (optimizer_shardings: "... no attribute 'specs'"), and a state given first printed the whole
+    # state, arrays and all, as "optimizer (ScaleByAdamState(count=Array(0, ...), mu={...: Array([[0., ..."
+    mesh = tpflax.make_mesh({"data": 2, "model": 4})
+    params = {"mlp": {"up": {"kernel": np.ones((32, 128), np.float32)}, "down": {"kernel": np.ones((128, 32), np.float32)}}}
+    plan = tpflax.plan(params, mesh)
+    opt = optax.adam(1e-3)
+    state = opt.init(params)
+    order = "the order is shard_optimizer_state(optimizer, opt_state, plan, mesh)"
+    with pytest.raises(tpflax.OptionError, match="plan is a Mesh, not a tpflax.Plan") as e:
+        tpflax.shard_optimizer_state(opt, state, mesh, plan)
+    assert order in str(e.value)
+    with pytest.raises(tpflax.OptionError, match=r"plan is a Mesh.*the order is optimizer_shardings\(optimizer, plan"):
+        tpflax.optimizer_shardings(opt, mesh, plan)
+    with pytest.raises(tpflax.OptionError, match="optimizer a tuple has no init.*the arguments swapped") as e:
+        tpflax.shard_optimizer_state(state, opt, plan, mesh)
+    assert order in str(e.value) and "Array(" not in str(e.value)
+    with pytest.raises(tpflax.OptionError, match="optimizer a tuple has no init") as e:
+        tpflax.optimizer_shardings(state, plan, mesh)
+    assert "Array(" not in str(e.value)

@@ -142,6 +142,22 @@ def params_for_state(optimizer: Any, opt_state: Any, plan: Plan, params: Any = N
         "re-create it with optimizer.init(params) or pass opt_state=None", first)
 
 
+def _check_optimizer_args(call: str, optimizer: Any, plan: Any) -> None:
+    """OptionError for arguments in the wrong places: a plan that is no Plan (the mesh, swapped with it), an
+    optimizer with no ``init()`` (a state given first), named by type: a state's repr prints its arrays."""
+    if not isinstance(plan, Plan):
+        raise OptionError(f"{call}: plan is a {type(plan).__name__}, not a tpflax.Plan; make one with "
+                          f"tpflax.plan(tree, mesh) or tpflax.Plan.from_json(text) (the order is {call})")
+    if is_graph_node(optimizer) or callable(getattr(optimizer, "init", None)):
+        return
+    state = isinstance(optimizer, tuple) or any(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(optimizer))
+    short = isinstance(optimizer, (str, int, float)) and len(repr(optimizer)) <= 60
+    raise OptionError(f"{call}: optimizer {repr(optimizer) if short else 'a ' + type(optimizer).__name__} has no init()"
+                      + (", an optimizer state by the look of it (the arguments swapped?)" if state else "")
+                      + "; pass an optax GradientTransformation (e.g. optax.adamw(1e-3)) or an nnx.Optimizer "
+                      f"(the order is {call})")
+
+
 def optimizer_shardings(optimizer: Any, plan: Plan, mesh: Any = None, *, opt_state: Any = None,
                         params: Any = None) -> Any:
     """``NamedSharding`` tree for ``optimizer``'s state (for ``jax.jit`` in/out shardings).
@@ -162,13 +178,11 @@ def optimizer_shardings(optimizer: Any, plan: Plan, mesh: Any = None, *, opt_sta
     >>> optimizer_shardings(optax.sgd(0.1, momentum=0.9), p)[0].trace["w"].spec
     P('model', None)
     """
+    _check_optimizer_args("optimizer_shardings(optimizer, plan, mesh)", optimizer, plan)
     if is_graph_node(optimizer):  # it has no init(): its state holds what the optax state would
         from flax import nnx
 
         return state_shardings(nnx.state(optimizer), plan, mesh)
-    if not callable(getattr(optimizer, "init", None)):
-        raise OptionError(f"optimizer {optimizer!r} has no init(); pass an optax GradientTransformation "
-                          "(e.g. optax.adamw(1e-3)) or an nnx.Optimizer")
     if opt_state is None:
         abstract = abstract_params(plan, params)
         opt_state = init_shape(optimizer, abstract)
@@ -222,15 +236,13 @@ def shard_optimizer_state(optimizer: Any, opt_state: Any, plan: Plan, mesh: Any 
     >>> st[0].nu["w"].sharding.spec
     P('model', None)
     """
+    _check_optimizer_args("shard_optimizer_state(optimizer, opt_state, plan, mesh)", optimizer, plan)
     if order is not None:
         check_order(order)
     laid = has_layouts(plan)
     if is_graph_node(optimizer):
         return nnx_apply.shard_module(optimizer, plan, mesh, derived=True, order=order)
     mesh = bind_mesh(plan, mesh)
-    if not callable(getattr(optimizer, "init", None)):
-        raise OptionError(f"optimizer {optimizer!r} has no init(); pass an optax GradientTransformation "
-                          "(e.g. optax.adamw(1e-3)) or an nnx.Optimizer")
     if opt_state is not None:
         made_from = params_for_state(optimizer, opt_state, plan, params)
         boxes, treedef, specs = state_leaf_specs(opt_state, plan, optimizer=optimizer, params=made_from)
