@@ -357,3 +357,12 @@ def test_optimizer_state_calls_with_arguments_swapped_say_the_order():
     with pytest.raises(tpflax.OptionError, match="optimizer a tuple has no init") as e:
         tpflax.optimizer_shardings(state, plan, mesh)
     assert "Array(" not in str(e.value)
+
+
+def test_dry_run_with_plan_and_mesh_swapped_says_the_order():
+    # "MeshError: cannot read a mesh from Plan; pass a dict like {'data': 2, 'model': 4}, ...": the plan was read as
+    # the mesh, and the message asked for a mesh where one had been given
+    mesh = tpflax.make_mesh({"data": 2, "model": 4})
+    plan = tpflax.plan({"w": jax.ShapeDtypeStruct((8, 8), "float32")}, mesh)
+    with pytest.raises(tpflax.OptionError, match=r"plan is a Mesh, not a tpflax.Plan.*dry_run\(step, plan, mesh\)"):
+        tpflax.dry_run(lambda w: w, mesh, plan)
