@@ -366,3 +366,15 @@ def test_dry_run_with_plan_and_mesh_swapped_says_the_order():
     plan = tpflax.plan({"w": jax.ShapeDtypeStruct((8, 8), "float32")}, mesh)
     with pytest.raises(tpflax.OptionError, match=r"plan is a Mesh, not a tpflax.Plan.*dry_run\(step, plan, mesh\)"):
         tpflax.dry_run(lambda w: w, mesh, plan)
+
+
+def test_estimate_remat_is_a_bool():
+    # remat="false" (a config's text, a CLI value passed through) was read as truthy: the estimate of a remat'd step
+    model = zoo.get("llama")
+    plan = tpflax.plan(model.abstract_variables(), {"data": 2, "model": 4})
+    for remat in ("false", "yes", None, 1):
+        with pytest.raises(tpflax.EstimateError, match=f"remat={remat!r} must be True or False"):
+            tpflax.estimate(plan, optax.adam(1e-3), 8, model=model, remat=remat)
+    with pytest.raises(tpflax.EstimateError, match="remat=.false. must be True or False"):  # as its other options
+        tpflax.suggest_mesh(model, 8, "1GiB", remat="false")
+    assert tpflax.estimate(plan, None, 8, model=model, remat=np.bool_(True)).settings["remat"]

@@ -151,8 +151,10 @@ class Workload:
         return self.activations or self.contractions
 
 
-def _check_options(act_dtype: Any, grad_dtype: Any, backend: str, expert_dispatch: str) -> None:
-    """Raise :class:`EstimateError` for an unknown dtype, backend or dispatch."""
+def _check_options(act_dtype: Any, grad_dtype: Any, backend: str, expert_dispatch: str, remat: Any = False) -> None:
+    """Raise :class:`EstimateError` for an unknown dtype, backend or dispatch, or a remat that is no bool."""
+    if not isinstance(remat, (bool, np.bool_)):  # remat="false" (a config's text) was read as on
+        raise EstimateError(f"remat={remat!r} must be True or False (activations rematerialised or not)")
     for name, value in (("act_dtype", act_dtype), ("grad_dtype", grad_dtype)):
         if value is not None and dtype_name(value) is None:
             raise EstimateError(f"{name}={value!r} is not a dtype jax knows; use e.g. 'bfloat16' or 'float32'")
@@ -179,7 +181,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
     >>> w.batch.size, w.opt.full_bytes
     (4, 260)
     """
-    _check_options(act_dtype, grad_dtype, backend, expert_dispatch)
+    _check_options(act_dtype, grad_dtype, backend, expert_dispatch, remat)
     _check_hints(config)
     batch = plain_batch(batch)  # np.int64(8) was read as an array leaf: a batch of one example
     if (why := size_problem(batch)) is not None:  # before it sets a sample's leading dim
