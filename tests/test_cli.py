@@ -376,3 +376,11 @@ def test_byte_sizes_are_read_alike_wherever_the_cli_takes_one(capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and f"{argv[-2]}: {argv[-1]!r} is not a size" in err, err
         assert "e.g. 1GiB, 512KiB, 256k, 1e6 or a number of bytes" in err
+
+
+def test_suggest_without_memory_names_the_flags(capsys):
+    # "no device memory: pass device_memory (e.g. '95GiB') or a hardware preset": the library's keyword, no flag
+    assert main(["suggest", "mlp", "--world-size", "8"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "pass --device-memory (e.g. 16GiB) or --hardware (tpu-v4, tpu-v5e" in err
+    assert main(["suggest", "mlp", "--world-size", "8", "--hardware", "tpu-v5e"]) == 0

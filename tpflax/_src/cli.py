@@ -169,6 +169,12 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     args.world = world_size(args)
     if args.world <= 0:
         raise SuggestError(f"--world-size must be a positive integer, got {args.world}")
+    if args.device_memory is None and args.hardware is None and not args.target:
+        # the library's words ("pass device_memory (e.g. '95GiB') or a hardware preset") named no flag
+        from tpflax._src.hardware import known
+
+        raise UsageError("suggest needs each device's memory: pass --device-memory (e.g. 16GiB) or --hardware "
+                         f"({', '.join(known())}), whose preset gives it")
     if args.target:  # the TPU slice --verify compiles on; it names the hardware
         args.hardware = target_hardware(args.target, args.hardware, args.world)
     if args.verify and args.world <= EMULABLE and not args.target:
