@@ -707,3 +707,12 @@ def test_leaves_a_checkpoint_cannot_hold_are_named_before_anything_is_written(tm
         tpflax.save_checkpoint(tmp_path / "m", tree, step=1)
     assert list(tmp_path.iterdir()) == []
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_save_under_a_file_is_a_checkpoint_error(tmp_path):
+    # a file where the checkpoint's directory goes was a bare "FileExistsError: [Errno 17] File exists: '.../f'"
+    # (with step=, a CheckpointError already)
+    (tmp_path / "f").write_text("")
+    with pytest.raises(tpflax.CheckpointError, match=r"cannot save .*/f/ck: its directory .*/f cannot be made"):
+        tpflax.save_checkpoint(tmp_path / "f" / "ck", {"w": np.ones(3, np.float32)})
+    assert (tmp_path / "f").read_text() == ""

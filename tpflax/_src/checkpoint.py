@@ -167,7 +167,11 @@ def save_checkpoint(path: str | os.PathLike, tree: Any, *, plan: Plan | None = N
     tmp, old = sibling(final, TPFLAX_TMP), sibling(final, TPFLAX_OLD)
     primary = jax.process_index() == 0
     if primary:
-        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file where a parent directory goes: a bare FileExistsError naming the file alone
+            raise CheckpointError(f"cannot save {final}: its directory {final.parent} cannot be made "
+                                  f"({type(e).__name__}: {e.strerror or e}); choose a path under a directory") from e
         shutil.rmtree(tmp, ignore_errors=True)  # left by a save that died
     _sync("tpflax-ckpt-clean")
     try:
