@@ -378,3 +378,26 @@ def test_estimate_remat_is_a_bool():
     with pytest.raises(tpflax.EstimateError, match="remat=.false. must be True or False"):  # as its other options
         tpflax.suggest_mesh(model, 8, "1GiB", remat="false")
     assert tpflax.estimate(plan, None, 8, model=model, remat=np.bool_(True)).settings["remat"]
+
+
+def test_plan_reads_logical_rules_as_a_dict_and_refuses_a_bool_batch():
+    # logical_rules=3 was a bare "TypeError: 'int' object is not iterable", a {name: axes} dict (as rules= takes
+    # {regex: target}) a "not a pair" problem per key; plan(batch=True) was priced as one token, as estimate refuses
+    import flax.linen as nn
+
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return x @ self.param("w", nn.with_logical_partitioning(nn.initializers.ones, ("embed", "mlp")), (32, 128))
+
+    v = jax.eval_shape(M().init, jax.random.key(0), jax.ShapeDtypeStruct((8, 32), "float32"))
+    mesh = {"data": 2, "model": 4}
+    listed = tpflax.plan(v, mesh, logical_rules=[("mlp", "model"), ("embed", None)])
+    assert tpflax.plan(v, mesh, logical_rules={"mlp": "model", "embed": None}).decisions == listed.decisions
+    assert listed.decisions["params/w"].spec == jax.sharding.PartitionSpec(None, "model")
+    for bad in (3, "mlp=model"):
+        with pytest.raises(tpflax.RuleError, match=f"logical_rules={bad!r} is not a sequence of"):
+            tpflax.plan(v, mesh, logical_rules=bad)
+    for batch in (True, 0, 8.5):
+        with pytest.raises(tpflax.OptionError, match=rf"plan\(batch={batch!r}\): .*not a positive whole number"):
+            tpflax.plan(v, mesh, batch=batch)

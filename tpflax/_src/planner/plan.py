@@ -20,7 +20,7 @@ import functools
 import math
 import numbers
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -96,7 +96,7 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
         rules: ordered ``(regex, PartitionSpec | strategy name)`` pairs matched
             with ``re.search`` against paths; the first match wins and beats
             every heuristic.
-        logical_rules: ``(logical name, mesh axes)`` pairs for flax logical
+        logical_rules: ``(logical name, mesh axes)`` pairs (or a ``{name: axes}`` dict) for flax logical
             annotations; defaults to :func:`default_logical_rules`.
         axis_roles: roles for mesh axes with unrecognised names.
         fsdp_min_bytes: leaves this large or larger also shard over fsdp axes;
@@ -162,6 +162,8 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
     fused = check_mode(fused)
     _check_options(fsdp_min_bytes=fsdp_min_bytes, min_channels=min_channels, tensor_min_bytes=tensor_min_bytes)
     parsed = parse_rules(rules, ms)
+    if isinstance(logical_rules, Mapping):  # {name: axes}, as rules= takes {regex: target}
+        logical_rules = list(logical_rules.items())
     _check_stacked_and_logical(stacked, logical_rules)
     tree, treedef, facts = _walked(tree, trainable, stacked)
     opts = Options(fsdp_min_bytes=None if fsdp_min_bytes is None else int(fsdp_min_bytes),
@@ -289,6 +291,10 @@ def _check_stacked_and_logical(stacked: Any, logical_rules: Any) -> None:
         if any(d < 0 for d in dims):
             raise RuleError(f"stacked={stacked!r}: a layers dim must be >= 0; pass e.g. stacked={{'layers': 1}}")
     if logical_rules is not None:
+        if isinstance(logical_rules, (str, bytes)) or not isinstance(logical_rules, Iterable):
+            # an int was a bare TypeError ("'int' object is not iterable"), a string a problem per letter
+            raise RuleError(f"logical_rules={logical_rules!r} is not a sequence of (logical name, mesh axes) pairs; "
+                            "write e.g. [('mlp', 'model'), ('embed', None)] or {'mlp': 'model'}")
         bad = [f"logical_rules[{i}] = {r!r} is not a (logical name, mesh axes) pair"
                for i, r in enumerate(logical_rules) if not (isinstance(r, (tuple, list)) and len(r) == 2)]
         if bad:

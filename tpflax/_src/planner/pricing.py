@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from tpflax._src.cost.activations import token_rows
-from tpflax._src.cost.batch import bare_shape, parse_batch
+from tpflax._src.cost.batch import bare_shape, parse_batch, size_problem
 from tpflax._src.cost.price import DEFAULT_TOKENS
 from tpflax._src.errors import OptionError, TpflaxError
 from tpflax._src.facts.tree import itemsize
@@ -33,6 +33,8 @@ def pricing(hardware: Any, batch: Any, device_memory: Any) -> dict[str, Any]:
     except TpflaxError as e:
         raise OptionError(f"plan(hardware={hardware!r}, device_memory={device_memory!r}): {e}") from None
     tokens, act_item = DEFAULT_TOKENS, 4
+    if batch is not None and (why := size_problem(batch)) is not None:  # batch=True was priced as one token
+        raise OptionError(f"plan(batch={batch!r}): {why}")
     if batch is not None:
         b = parse_batch(batch, None, None)
         tokens, act_item = max(1, token_rows(b, None)), itemsize(b.act_dtype)
