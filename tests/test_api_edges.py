@@ -401,3 +401,15 @@ def test_plan_reads_logical_rules_as_a_dict_and_refuses_a_bool_batch():
     for batch in (True, 0, 8.5):
         with pytest.raises(tpflax.OptionError, match=rf"plan\(batch={batch!r}\): .*not a positive whole number"):
             tpflax.plan(v, mesh, batch=batch)
+
+
+def test_plan_byte_thresholds_take_sizes_as_text():
+    # plan(device_memory="16GB") took text while fsdp_min_bytes="1MiB" in the same call was "must be a
+    # non-negative number", and the CLI reads both as sizes
+    tree = zoo.get("llama").abstract_variables()
+    by_number = tpflax.plan(tree, {"fsdp": 8}, fsdp_min_bytes=1 << 14, tensor_min_bytes=0)
+    by_text = tpflax.plan(tree, {"fsdp": 8}, fsdp_min_bytes="16KiB", tensor_min_bytes="0")
+    assert by_text.decisions == by_number.decisions and by_text.options == by_number.options
+    assert by_text.options["fsdp_min_bytes"] == 16384
+    with pytest.raises(tpflax.OptionError, match=r"fsdp_min_bytes='lots': fsdp_min_bytes 'lots' cannot be parsed"):
+        tpflax.plan(tree, {"fsdp": 8}, fsdp_min_bytes="lots")

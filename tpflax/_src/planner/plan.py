@@ -66,6 +66,23 @@ STRATEGIES = RULE_STRATEGIES
 __all__ = ["STRATEGIES", "Decision", "Pair", "Plan", "check_tree_matches", "default_logical_rules", "plan"]
 
 
+def _size(value: Any, name: str) -> Any:
+    """A byte threshold written as text (``"1MiB"``, ``"256k"``, as ``device_memory=`` and the CLI take sizes) as
+    its int; anything else as given, for :func:`_check_options`.
+
+    >>> _size("1MiB", "fsdp_min_bytes"), _size(4096, "fsdp_min_bytes")
+    (1048576, 4096)
+    """
+    if not isinstance(value, str):
+        return value
+    from tpflax._src.hardware import parse_bytes
+
+    try:
+        return parse_bytes(value, name, minimum=0)
+    except TpflaxError as e:
+        raise OptionError("invalid planner options", [f"{name}={value!r}: {e}"]) from None
+
+
 def _check_options(**values: Any) -> None:
     """Byte and channel thresholds must be non-negative numbers (``fsdp_min_bytes`` may be None)."""
     # an example of each one's own kind: min_channels counts channels (its default is 64), not bytes
@@ -99,8 +116,8 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
         logical_rules: ``(logical name, mesh axes)`` pairs (or a ``{name: axes}`` dict) for flax logical
             annotations; defaults to :func:`default_logical_rules`.
         axis_roles: roles for mesh axes with unrecognised names.
-        fsdp_min_bytes: leaves this large or larger also shard over fsdp axes;
-            None (the default): the chooser decides every leaf's fsdp split by cost.
+        fsdp_min_bytes: leaves this large or larger also shard over fsdp axes (bytes, or text such as
+            ``"1MiB"``); None (the default): the chooser decides every leaf's fsdp split by cost.
         min_channels: conv chains narrower than this stay whole, unpriced; the chooser prices the
             others split against whole, like any column -> row pair (0: every chain is priced). At
             tiny widths a channel split's activation sums can outweigh what it divides (a speech
@@ -160,6 +177,7 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
     """
     ms = mesh_shape(mesh, axis_roles)
     fused = check_mode(fused)
+    fsdp_min_bytes, tensor_min_bytes = _size(fsdp_min_bytes, "fsdp_min_bytes"), _size(tensor_min_bytes, "tensor_min_bytes")
     _check_options(fsdp_min_bytes=fsdp_min_bytes, min_channels=min_channels, tensor_min_bytes=tensor_min_bytes)
     parsed = parse_rules(rules, ms)
     if isinstance(logical_rules, Mapping):  # {name: axes}, as rules= takes {regex: target}
