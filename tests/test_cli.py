@@ -384,3 +384,18 @@ def test_suggest_without_memory_names_the_flags(capsys):
     out, err = capsys.readouterr()
     assert out == "" and "pass --device-memory (e.g. 16GiB) or --hardware (tpu-v4, tpu-v5e" in err
     assert main(["suggest", "mlp", "--world-size", "8", "--hardware", "tpu-v5e"]) == 0
+
+
+def test_html_dash_is_stdout_not_a_file_named_dash(tmp_path, monkeypatch, capsys):
+    # `--html -` (and `--why -`) wrote a file named "-" in the working directory beside the text report
+    monkeypatch.chdir(tmp_path)
+    for cmd in ("plan", "estimate"):
+        assert main([cmd, "mlp", "--mesh", "model=4", "--html", "-"]) == 0
+        out, err = capsys.readouterr()
+        assert out.startswith("<!DOCTYPE html>") and out.rstrip().endswith("</html>") and "wrote" not in err
+    assert main(["plan", "mlp", "--mesh", "model=4", "--html", "-", "--json"]) == 2
+    assert "--html - and --json both write to stdout" in capsys.readouterr().err
+    assert main(["plan", "mlp", "--mesh", "model=4", "--why", "-"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "--why -: stdout carries the report; give --why a file path" in err
+    assert not (tmp_path / "-").exists()

@@ -44,9 +44,22 @@ EXAMPLES = """examples:
 """
 
 
+def _stdout_paths(args: argparse.Namespace) -> bool:
+    """Whether ``--html -`` asks for the page on stdout (then the command prints nothing else there); a
+    UsageError where another output wants stdout too. ``-`` was a file named ``-`` in the working directory."""
+    if getattr(args, "why", None) == "-":
+        raise UsageError("--why -: stdout carries the report; give --why a file path, e.g. --why why.txt")
+    if args.html != "-":
+        return False
+    if args.json:
+        raise UsageError("--html - and --json both write to stdout; give --html a file path, e.g. --html report.html")
+    return True
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from tpflax._src.report import report
 
+    page_only = _stdout_paths(args)
     loaded, p = plan_from_args(args)
     bound = None
     if args.devices:
@@ -62,6 +75,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.html:  # first: a path that cannot be written fails the command before anything is printed
         from tpflax._src.html.cli import write_cli_report
         write_cli_report(args.html, p, loaded)
+    if page_only:
+        if args.why:
+            report(p, why=args.why)
+        return 1 if args.strict and p.warnings else 0
     if args.json:
         print(report(p, fmt="json", why=args.why))
     else:
@@ -75,6 +92,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from tpflax._src.cost.estimate import estimate
     from tpflax._src.report import report
 
+    page_only = _stdout_paths(args)
     loaded, p = plan_from_args(args)
     batch, _ = estimate_inputs(args, loaded)
     est = estimate(p, optimizer_from_name(args.optimizer), batch, **model_kwargs(loaded),
@@ -84,6 +102,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     if args.html:  # first: a path that cannot be written fails the command before anything is printed
         from tpflax._src.html.cli import write_cli_report
         write_cli_report(args.html, p, loaded, est)
+    if page_only:
+        return 1 if args.strict and p.warnings else 0
     if args.json:
         print(report(p, est, fmt="json"))
     elif args.table:
@@ -254,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trace the model's forward pass (abstractly) and pair layers by dataflow, not names")
     p.add_argument("--no-reasons", action="store_true", help="omit the reason column")
     p.add_argument("--full", action="store_true", help="one row per leaf at full width (default: alike layers grouped)")
-    p.add_argument("--html", metavar="FILE", help="also write a self-contained visual report (HTML) to FILE")
+    p.add_argument("--html", metavar="FILE", help="also write a self-contained visual report (HTML) to FILE "
+                   "(-: to stdout, instead of the text report)")
     p.add_argument("--why", default=None, metavar="PATH",
                    help="write every candidate layout the chooser priced, with its cost, to PATH")
     p.set_defaults(func=cmd_plan)
@@ -263,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(e)
     _add_estimate_args(e, dry=False)
-    e.add_argument("--html", metavar="FILE", help="also write a self-contained visual report (HTML) to FILE")
+    e.add_argument("--html", metavar="FILE", help="also write a self-contained visual report (HTML) to FILE "
+                   "(-: to stdout, instead of the text report)")
     e.set_defaults(func=cmd_estimate)
     d = sub.add_parser("dry-run", help="compile the train step on the (CPU-emulated) mesh and compare",
                        epilog="example: tpflax dry-run llama --mesh fsdp=4,model=2 --devices 8 --batch 16",

@@ -46,11 +46,16 @@ def default_estimate(plan: Plan, model: Any = None, sample: Any = None) -> Estim
 
 
 def write_cli_report(path: str, plan: Plan, loaded: Any, est: Estimate | None = None) -> None:
-    """Write the page for a CLI-loaded model; ``est`` defaults to :func:`default_estimate`."""
+    """Write the page for a CLI-loaded model (``"-"``: to stdout); ``est`` defaults to :func:`default_estimate`."""
     if est is None:
         try:
             est = default_estimate(plan, loaded.model, loaded.sample)
         except TpflaxError as e:  # the plan is still worth a page: show parameters only, say why
             print(f"tpflax: note: the HTML report shows parameters only ({e})", file=sys.stderr)
+    if path == "-":  # the page on stdout (the command prints nothing else there)
+        from tpflax._src.html.page import html_report
+
+        sys.stdout.write(html_report(plan, est, title=loaded.name))
+        return
     write_html(path, plan, est, title=loaded.name)
     print(f"tpflax: wrote the visual report to {path}", file=sys.stderr)
