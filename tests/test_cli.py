@@ -189,7 +189,7 @@ def test_dry_run_accepts_a_user_model(userpkg, factory, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["dry_run"]["memory"]["argument"] > 0
     assert main(["dry-run", f"{userpkg}:{factory}", "--mesh", "data=2,model=4", "--batch", "4x9"]) == 2
-    assert "give only the batch size" in capsys.readouterr().err
+    assert "inputs are 4x16 for a batch of 4; pass --batch 4x16 or just --batch 4" in capsys.readouterr().err
 
 
 def test_estimate_of_a_user_model_reads_its_activations(userpkg, capsys):
@@ -399,3 +399,13 @@ def test_html_dash_is_stdout_not_a_file_named_dash(tmp_path, monkeypatch, capsys
     out, err = capsys.readouterr()
     assert out == "" and "--why -: stdout carries the report; give --why a file path" in err
     assert not (tmp_path / "-").exists()
+
+
+def test_a_user_models_batch_takes_its_inputs_shape_as_a_zoo_models_does(userpkg, capsys):
+    # --batch 8x16 for a model whose input is (8, 16) was "give only the batch size N", where a zoo model takes its
+    # own NxT; a shape that is not the input's says which it is
+    assert main(["estimate", f"{userpkg}:make_linen", "--mesh", "data=2,model=4", "--batch", "16x16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["estimate"]["batch"]["size"] == 16
+    assert main(["estimate", f"{userpkg}:make_linen", "--mesh", "data=2,model=4", "--batch", "16x32"]) == 2
+    assert (f"--batch '16x32': {userpkg}:make_linen's inputs are 16x16 for a batch of 16; pass --batch 16x16 or "
+            "just --batch 16") in capsys.readouterr().err

@@ -179,10 +179,14 @@ def estimate_inputs(args: argparse.Namespace, loaded):
     if loaded.sample is None and zoo_of(loaded) is None:
         return "x".join(map(str, dims)), dims[0]
     if loaded.sample is not None:
-        if len(dims) > 1:
-            raise UsageError(f"--batch {args.batch!r}: for {args.model} give only the batch size N; the "
-                             "other dims come from the model's sample inputs")
         sample = as_model(model, loaded.sample, loaded.variables).with_batch(dims[0]).sample
+        # as for a zoo model, NxM... that is the first input's shape is taken (8x32 was refused for a (8, 32) input)
+        first = next((tuple(x.shape) for x in jax.tree_util.tree_leaves(sample) if getattr(x, "shape", ())), None)
+        if len(dims) > 1 and tuple(dims) != first:
+            shown = (f"{args.model}'s inputs are {'x'.join(map(str, first))} for a batch of {dims[0]}; pass --batch "
+                     f"{'x'.join(map(str, first))} or just" if first else f"for {args.model} give only the batch size N:")
+            raise UsageError(f"--batch {args.batch!r}: {shown} --batch {dims[0]} (the other dims come from the "
+                             "model's sample inputs)")
         return sample, dims[0]
     seq = getattr(model.config, "seq_len", None)
     if len(dims) > 1 and seq is not None and dims[1] != seq:
