@@ -411,5 +411,6 @@ def test_plan_byte_thresholds_take_sizes_as_text():
     by_text = tpflax.plan(tree, {"fsdp": 8}, fsdp_min_bytes="16KiB", tensor_min_bytes="0")
     assert by_text.decisions == by_number.decisions and by_text.options == by_number.options
     assert by_text.options["fsdp_min_bytes"] == 16384
-    with pytest.raises(tpflax.OptionError, match=r"fsdp_min_bytes='lots': fsdp_min_bytes 'lots' cannot be parsed"):
+    with pytest.raises(tpflax.OptionError, match=r"fsdp_min_bytes='lots' must be a non-negative number of bytes or a "
+                                                 r"size such as '256KiB'"):
         tpflax.plan(tree, {"fsdp": 8}, fsdp_min_bytes="lots")

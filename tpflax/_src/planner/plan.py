@@ -79,8 +79,9 @@ def _size(value: Any, name: str) -> Any:
 
     try:
         return parse_bytes(value, name, minimum=0)
-    except TpflaxError as e:
-        raise OptionError("invalid planner options", [f"{name}={value!r}: {e}"]) from None
+    except TpflaxError:
+        raise OptionError("invalid planner options", [f"{name}={value!r} must be a non-negative number of bytes or "
+                                                      f"a size such as '256KiB', e.g. {name}=262144"]) from None
 
 
 def _check_options(**values: Any) -> None:
