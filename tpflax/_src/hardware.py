@@ -22,9 +22,9 @@ the bytes each device sends (:mod:`tpflax.estimate`, ring algorithm).
 from __future__ import annotations
 
 import re
-from decimal import Decimal
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from decimal import Decimal
 from typing import Any
 
 from tpflax._src.errors import SuggestError

@@ -38,7 +38,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tpflax._src.cost.activations import traced_layers
-from tpflax._src.cost.batch import config_value, parse_batch, plain_batch, resolve_batch, size_problem
+from tpflax._src.cost.batch import (
+    config_value,
+    parse_batch,
+    plain_batch,
+    resolve_batch,
+    size_problem,
+)
 from tpflax._src.cost.estimate import estimate, plan_generation, price_leaves
 from tpflax._src.cost.leaves import merge
 from tpflax._src.cost.workload import Workload, fixed_length_problem, prepare
