@@ -266,6 +266,12 @@ def test_report_refuses_an_estimate_made_for_another_tree_or_plan():
     with pytest.raises(tpflax.PlanMismatchError) as e:
         tpflax.report(plan, tpflax.estimate(extra, optax.sgd(0.1), {"x": (8, 32)}))
     assert e.value.problems == ("head/kernel: priced, not in the plan",)
+    # the same tree with the up projection frozen: its estimate holds no gradient or moments of it
+    frozen = tpflax.plan(_mlp_tree(), mesh, trainable="down")
+    with pytest.raises(tpflax.PlanMismatchError) as e:
+        tpflax.report(plan, tpflax.estimate(frozen, optax.sgd(0.1), {"x": (8, 32)}))
+    assert e.value.problems == ("params/mlp/up/kernel: float32[32, 128] P(None, 'model') in the plan, priced as "
+                                "float32[32, 128] P(None, 'model') frozen",)
     # its own estimate, and the plan reloaded from JSON, still report
     own = tpflax.estimate(plan, optax.sgd(0.1), {"x": (8, 32)})
     assert "estimate per training step" in tpflax.report(plan, own)

@@ -404,15 +404,16 @@ class Peak:
 
 def plan_leaves(decisions: Mapping[str, Any]) -> tuple[tuple[str, tuple[int, ...], str, str], ...]:
     """``(path, shape, dtype, spec)`` of every decision: what an estimate was made for (:attr:`Estimate.made_for`).
-    A leaf stored head-aligned (``Decision.layout``, ``plan(..., fused="aligned")``) has its layout after its spec:
-    the estimate prices no reshard of it.
+    A leaf stored head-aligned (``Decision.layout``, ``plan(..., fused="aligned")``) has its layout after its spec
+    (the estimate prices no reshard of it), a frozen one (``plan(..., trainable=)``) ``frozen`` (no gradient).
 
     >>> import jax, tpflax
     >>> plan_leaves(tpflax.plan({"w": jax.ShapeDtypeStruct((8, 4), "float32")}, {"model": 2}).decisions)
     (('w', (8, 4), 'float32', 'P(None, None)'),)
     """
     return tuple((p, tuple(d.shape), str(d.dtype),
-                  str(d.spec) + (f" stored {d.layout}" if getattr(d, "layout", None) is not None else ""))
+                  str(d.spec) + (f" stored {d.layout}" if getattr(d, "layout", None) is not None else "")
+                  + ("" if getattr(d, "trainable", True) else " frozen"))
                  for p, d in decisions.items())
 
 
