@@ -177,7 +177,8 @@ def _embeddings(c: _Flow) -> None:
         ev = f"looked up by integer ids ({how} over dim {v}, {f.body[v]} rows)"
         if tied:
             ev += f"; also contracted over dim {d} as the logits kernel (tied output projection)"
-        shard_embedding(c.st, f, v, f"{ev} (traced)", tied, every=list(c.fx.values()))
+        shard_embedding(c.st, f, v, f"{ev} (traced)", tied, every=list(c.fx.values()),
+                        score_bias=not tied and _score_bias(c, path, f.body[d]))
     for path, f in c.fx.items():
         # named like a table but never looked up: a learned array added to activations (DETR's ``query_embed``,
         # its object queries). Taken for a token table from the tree, it was split over rows and priced as tied
@@ -186,6 +187,22 @@ def _embeddings(c: _Flow) -> None:
         if f.kind == "embedding" and path not in c.st.out and path not in c.uses and path in c.flow.elementwise:
             c.st.replicate(f, "traced: combined elementwise with activations and never looked up by ids: a learned "
                               "array, not a vocabulary table; kept whole on every tensor rank")
+
+
+def _score_bias(c: _Flow, path: str, width: int) -> bool:
+    """Whether a table's lookups (``width`` columns) are a bias per head of an attention's scores: together they
+    gather a whole multiple of a traced score product's elements in ids (one row per query-key pair), and one
+    of its dims carrying the q and k kernels' head dims has ``width`` entries (Graphormer's spatial encoding:
+    a shortest-path distance's bias per head; a T5-like relative bias looked up per example). Split on its
+    columns, with the heads, each device adds its own heads' biases to its own scores: nothing moves."""
+    ids = sum(math.prod(u.looked) for u in c.uses[path] if u.op == "gather" and u.looked and not u.fixed)
+    if not ids:
+        return False
+    for x in c.flow.products:
+        n = math.prod(x.shape)
+        if n and (ids * width) % n == 0 and any(k == width and tags for k, tags in zip(x.shape, x.tags, strict=False)):
+            return True
+    return False
 
 
 def _link(c: _Flow) -> None:

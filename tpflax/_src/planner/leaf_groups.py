@@ -21,7 +21,7 @@ from tpflax._src.specs import Entry, entry_axes, used_axes
 
 
 def shard_embedding(st: State, f: Facts, vdim: int, evidence: str = "", tied: bool = False,
-                    every: Sequence[Facts] = ()) -> None:
+                    every: Sequence[Facts] = (), score_bias: bool = False) -> None:
     """A table looked up over body dim ``vdim``: vocab split, embedding-dim split or whole, by cost.
 
     A table of more dims (Gemma 3n's per-layer inputs ``(vocab, layers, width)``, every layer its own
@@ -29,7 +29,9 @@ def shard_embedding(st: State, f: Facts, vdim: int, evidence: str = "", tied: bo
     their trailing dims, and it is offered only that split or whole (never tied, no feature split).
 
     ``every``: the model's leaves, whose norms of the table's width say how often a feature-split
-    residual stream is gathered (:func:`~tpflax._src.cost.price.stream_gathers`).
+    residual stream is gathered (:func:`~tpflax._src.cost.price.stream_gathers`). ``score_bias``: the trace
+    shows its looked-up rows are a bias per head of attention scores (one column per head), as a relative bias
+    inside an attention layer is by its place.
     """
     t_entry, t_size = st.tensor
     rank = len(f.body)
@@ -61,7 +63,7 @@ def shard_embedding(st: State, f: Facts, vdim: int, evidence: str = "", tied: bo
     # block's top level, looked up at fixed distances, were split over their rows, 1.08x the collectives of the
     # heads split when the rows divide, XLA:CPU data=2,model=4)
     rel = bool(REL_BIAS.search(f.unit_name))
-    bias = rank == 2 and ((bool(ATTN.search(f.path)) and d < v) or rel) and d % t_size == 0
+    bias = rank == 2 and ((bool(ATTN.search(f.path)) and d < v) or rel or score_bias) and d % t_size == 0
     if v % t_size == 0 and not bias:
         acts = (ActComm("all-reduce", t_entry, d, 1, "sum the looked-up rows (forward)"),)
         if tied:
@@ -108,6 +110,8 @@ def shard_embedding(st: State, f: Facts, vdim: int, evidence: str = "", tied: bo
     if bias:
         options.append(Option("heads split", ((f.path, st.proposal(
             f, body_spec(2, 1 - vdim, t_entry), "heads",
+            f"heads: {ev}a {v} x {d} table looked up per query-key pair (traced): its {d} columns (one per head) "
+            f"split over {over} like the heads of the scores they are added to" if score_bias and not rel else
             f"heads: {ev}a {v} x {d} table inside an attention layer: its {d} columns (one per head) split "
             f"over {over} like the heads of the scores they are added to" if d < v and not rel else
             f"heads: {ev}a {v} x {d} relative-position bias: its {d} columns, read into the scores, split over "
