@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from tpflax._src.trace.control import body_of, scan_counts
+
 _CALLS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 
 
@@ -71,7 +73,9 @@ def _walk(jaxpr: Any, env: dict[Any, frozenset[str]], trips: int, sizes: dict[st
         prm = eqn.params
         name = eqn.primitive.name
         if name == "scan":
-            k, length, body = prm["num_consts"], prm["length"], prm["jaxpr"].jaxpr
+            # jax 0.12's scan has no num_consts and an open body jaxpr: read as the trace reads them
+            body = body_of(prm["jaxpr"])
+            k, length = scan_counts(eqn, body)[0], prm["length"]
             for v, got in zip(eqn.invars[:k], ins[:k], strict=True):
                 for p in got or ():
                     if _floating(v) and _size(v) == sizes[p]:
