@@ -420,3 +420,21 @@ def test_plan_byte_thresholds_take_sizes_as_text():
     with pytest.raises(tpflax.OptionError, match=r"fsdp_min_bytes='lots' must be a non-negative number of bytes or a "
                                                  r"size such as '256KiB'"):
         tpflax.plan(tree, {"fsdp": 8}, fsdp_min_bytes="lots")
+
+
+def test_unshard_and_make_train_step_with_a_mesh_for_the_plan_say_so():
+    """``unshard(tree, mesh)`` and ``make_train_step(model, mesh, plan, tx)`` raised bare AttributeErrors from
+    deep inside; each says what it takes, and in which order."""
+    m = zoo.get("mlp")
+    plan = tpflax.plan(m.abstract_variables(), {"model": 2})
+    mesh = tpflax.make_mesh({"model": 2})
+    with pytest.raises(tpflax.OptionError, match=r"unshard needs no mesh"):
+        tpflax.unshard({"w": np.ones(3)}, mesh)
+    with pytest.raises(tpflax.OptionError, match=r"plan is a Mesh, not a tpflax.Plan.*model, plan, mesh, optimizer"):
+        tpflax.make_train_step(m, mesh, plan, optax.sgd(0.1))
+
+
+def test_a_mesh_string_takes_spaces_around_its_equals_signs():
+    # " model = 2 " gave three "not name=size" problems ('model', '=', '2')
+    assert tpflax.plan({"w": np.ones((8, 4))}, " data = 2 , model = 4 ").mesh.sizes == {"data": 2, "model": 4}
+    assert tpflax.plan({"w": np.ones((8, 4))}, "data : 2 model=4").mesh.sizes == {"data": 2, "model": 4}

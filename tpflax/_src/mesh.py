@@ -86,7 +86,8 @@ def parse_mesh_string(text: str) -> dict[str, int]:
     """Parse ``"data=2,model=4"`` (also ``data:2 model:4``) into a dict."""
     out: dict[str, int] = {}
     problems = []
-    parts = [p for p in re.split(r"[,\s]+", text.strip()) if p]
+    # spaces around '=' or ':' ("model = 2") belong to the pair, not between pairs
+    parts = [p for p in re.split(r"[,\s]+", re.sub(r"\s*([=:])\s*", r"\1", text.strip())) if p]
     if not parts:
         raise MeshError(f"mesh {text!r} is empty; write it as name=size pairs, e.g. 'data=2,model=4'")
     for part in parts:

@@ -344,7 +344,12 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
 
     from tpflax._src.apply.bind import check_mesh
     from tpflax._src.mesh import as_written_or_auto
+    from tpflax._src.planner.plan import Plan
 
+    if not isinstance(plan, Plan):  # make_train_step(model, mesh, plan, ...): a bare AttributeError
+        raise OptionError(f"make_train_step(model, plan, mesh, optimizer): plan is a {type(plan).__name__}, not a "
+                          "tpflax.Plan; make one with tpflax.plan(tree, mesh) (the order is model, plan, mesh, "
+                          "optimizer)")
     check_mesh(plan, mesh)
     if not (callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))):
         raise OptionError(f"optimizer {optimizer!r} is not an optax GradientTransformation (no init() and "
