@@ -11,11 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _util import RUN_XLA, assert_bit_exact, tiny_lm, zoo_init
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import tpflax
-from tests._util import RUN_XLA, assert_bit_exact, tiny_lm, zoo_init
 from tpflax import zoo
 from tpflax.hlo import parse_collectives
 
