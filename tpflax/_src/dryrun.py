@@ -279,13 +279,10 @@ def dry_run(step: Callable[..., Any] | TrainStep, plan, mesh: Any, example_args:
     import jax
 
     from tpflax._src.apply.bind import check_mesh
-    from tpflax._src.errors import OptionError
     from tpflax._src.mesh import make_mesh
-    from tpflax._src.planner.plan import Plan
+    from tpflax._src.planner.decision import require_plan
 
-    if not isinstance(plan, Plan):  # before the mesh: dry_run(step, mesh, plan) read the plan as a mesh
-        raise OptionError(f"dry_run(step, plan, mesh): plan is a {type(plan).__name__}, not a tpflax.Plan; make one "
-                          "with tpflax.plan(tree, mesh) (the order is dry_run(step, plan, mesh))")
+    require_plan(plan, "dry_run(step, plan, mesh)")  # before the mesh: dry_run(step, mesh, plan) read the plan as one
     if not isinstance(mesh, jax.sharding.Mesh):
         mesh = make_mesh(mesh)
     check_mesh(plan, mesh)

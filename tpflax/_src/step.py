@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from tpflax._src.apply.step import with_shardings
 from tpflax._src.cost.batch import size_problem
 from tpflax._src.cost.optstate import opt_state_specs
 from tpflax._src.errors import OptionError, PlanMismatchError
@@ -78,24 +79,6 @@ def named_shardings(mesh, specs: Any) -> Any:
 
     return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
                                   is_leaf=lambda x: isinstance(x, PartitionSpec))
-
-
-def with_shardings(tree: Any, shardings: Any) -> Any:
-    """``tree``'s leaves as ShapeDtypeStructs carrying the matching sharding.
-
-    Leaves are matched in order, so a sharding may stand where ``tree`` has a
-    one-leaf node (an ``nnx.Param`` holding its value).
-    """
-    import jax
-    from jax.sharding import Sharding
-
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    sh = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, Sharding))
-    if len(sh) != len(leaves):
-        raise PlanMismatchError(f"{len(sh)} shardings for a tree of {len(leaves)} leaves; build the "
-                                "shardings from the same tree (plan.specs_for(tree))")
-    return jax.tree_util.tree_unflatten(treedef, [
-        jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) for x, s in zip(leaves, sh, strict=True)])
 
 
 # ---------------------------------------------------------------------------
@@ -344,12 +327,9 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
 
     from tpflax._src.apply.bind import check_mesh
     from tpflax._src.mesh import as_written_or_auto
-    from tpflax._src.planner.plan import Plan
+    from tpflax._src.planner.decision import require_plan
 
-    if not isinstance(plan, Plan):  # make_train_step(model, mesh, plan, ...): a bare AttributeError
-        raise OptionError(f"make_train_step(model, plan, mesh, optimizer): plan is a {type(plan).__name__}, not a "
-                          "tpflax.Plan; make one with tpflax.plan(tree, mesh) (the order is model, plan, mesh, "
-                          "optimizer)")
+    require_plan(plan, "make_train_step(model, plan, mesh, optimizer)")
     check_mesh(plan, mesh)
     if not (callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))):
         raise OptionError(f"optimizer {optimizer!r} is not an optax GradientTransformation (no init() and "

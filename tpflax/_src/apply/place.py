@@ -27,9 +27,10 @@ from tpflax._src.apply.bind import (
 )
 from tpflax._src.apply.put import check_values, place_tree
 from tpflax._src.apply.stored import has_layouts, reorder, tree_layouts
-from tpflax._src.errors import OptionError, TreeError
+from tpflax._src.errors import TreeError
 from tpflax._src.facts.tree import is_box, unbox, walk
 from tpflax._src.mesh import as_written_or_auto, constrain_to, explicit_axes
+from tpflax._src.planner.decision import require_plan
 from tpflax._src.planner.plan import Plan
 from tpflax._src.planner.state import is_lookahead_params
 from tpflax._src.scan_fsdp import pin, zero3
@@ -163,10 +164,9 @@ def unshard(tree: Any, plan: Plan | None = None) -> Any:
     >>> unshard({"w": jnp.arange(3)})["w"]
     array([0, 1, 2], dtype=int32)
     """
-    if plan is not None and not isinstance(plan, Plan):  # unshard(tree, mesh): a bare AttributeError
-        raise OptionError(f"unshard(tree, plan): plan is a {type(plan).__name__}, not a tpflax.Plan; unshard needs no "
-                          "mesh (the arrays carry their own shardings): call unshard(tree), or unshard(tree, plan) "
-                          "for a plan that stores fused kernels head-aligned")
+    if plan is not None:  # unshard(tree, mesh)
+        require_plan(plan, "unshard(tree, plan)", "unshard needs no mesh (the arrays carry their own shardings): call "
+                     "unshard(tree), or unshard(tree, plan) for a plan that stores fused kernels head-aligned")
     if is_lookahead_params(tree):
         return type(tree)(*(unshard(t, plan) for t in tree))
     if is_graph_node(tree):

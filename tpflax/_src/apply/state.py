@@ -24,6 +24,7 @@ from tpflax._src.apply.stored import (
 )
 from tpflax._src.errors import OptionError, PlanMismatchError
 from tpflax._src.facts.tree import is_box, keystr, unbox, walk
+from tpflax._src.planner.decision import require_plan
 from tpflax._src.planner.params import abstract_params, optimizer_params, planned_tree
 from tpflax._src.planner.plan import Plan
 from tpflax._src.planner.state import (
@@ -145,9 +146,7 @@ def params_for_state(optimizer: Any, opt_state: Any, plan: Plan, params: Any = N
 def _check_optimizer_args(call: str, optimizer: Any, plan: Any) -> None:
     """OptionError for arguments in the wrong places: a plan that is no Plan (the mesh, swapped with it), an
     optimizer with no ``init()`` (a state given first), named by type: a state's repr prints its arrays."""
-    if not isinstance(plan, Plan):
-        raise OptionError(f"{call}: plan is a {type(plan).__name__}, not a tpflax.Plan; make one with "
-                          f"tpflax.plan(tree, mesh) or tpflax.Plan.from_json(text) (the order is {call})")
+    require_plan(plan, call, "make one with tpflax.plan(tree, mesh) or tpflax.Plan.from_json(text)")
     if is_graph_node(optimizer) or callable(getattr(optimizer, "init", None)):
         return
     state = isinstance(optimizer, tuple) or any(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(optimizer))

@@ -51,13 +51,20 @@ def _out_shardings(step: Step, out_shape: Any) -> Any:
     return tuple(_role_shardings(step, r, o) for r, o in zip(step.out_roles, out_shape, strict=True))
 
 
-def _typed(tree: Any, shardings: Any) -> Any:
-    """``tree``'s arrays as ``ShapeDtypeStruct``s carrying ``shardings`` (one per leaf, in order, or one for all)."""
+def with_shardings(tree: Any, shardings: Any) -> Any:
+    """``tree``'s leaves as ShapeDtypeStructs carrying the matching sharding.
+
+    Leaves are matched in order, so a sharding may stand where ``tree`` has a
+    one-leaf node (an ``nnx.Param`` holding its value); one sharding alone stands for every leaf.
+    """
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     sh = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
     sh = sh * len(leaves) if len(sh) == 1 else sh
+    if len(sh) != len(leaves):
+        raise PlanMismatchError(f"{len(sh)} shardings for a tree of {len(leaves)} leaves; build the "
+                                "shardings from the same tree (plan.specs_for(tree))")
     return jax.tree_util.tree_unflatten(treedef, [
-        jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=t) for x, t in zip(leaves, sh, strict=True)])
+        jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s) for x, s in zip(leaves, sh, strict=True)])
 
 
 def _filled(step: Step, shardings: Any, out_shape: Any) -> Any:
@@ -104,7 +111,7 @@ class Step:
                              zip(self.in_roles, args, strict=True))
         fn = self.fn
         if explicit_axes(self.mesh):  # a step written for Auto axes runs with them Auto
-            typed = tuple(a if s is None else _typed(a, s) for a, s in zip(args, in_shardings, strict=True))
+            typed = tuple(a if s is None else with_shardings(a, s) for a, s in zip(args, in_shardings, strict=True))
             fn = as_written_or_auto(fn, self.mesh, typed, lambda out: _filled(self, _out_shardings(self, out), out))
             args = typed
         out_shardings = _out_shardings(self, jax.eval_shape(fn, *args))
@@ -186,4 +193,4 @@ def jit_step(fn: Callable[..., Any], plan: Plan, mesh: Any = None, *,
                 compiler_options=dict(compiler_options) if compiler_options else None)
 
 
-__all__ = ["ROLES", "Step", "jit_step"]
+__all__ = ["ROLES", "Step", "jit_step", "with_shardings"]

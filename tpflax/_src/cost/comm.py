@@ -51,7 +51,7 @@ from tpflax._src.facts.classify import ATTN
 from tpflax._src.facts.tree import itemsize
 from tpflax._src.mesh import EXPERT, TENSOR
 from tpflax._src.specs import entry_axes
-from tpflax._src.trace.records import reached_dims
+from tpflax._src.trace.records import reached_dims, score_bias_tags
 from tpflax._src.trace.spread import GATHERS_PER_TOUCH
 
 
@@ -478,15 +478,8 @@ def score_bias(path: str, d: Any, axes: tuple[str, ...], s: Scope) -> bool:
     b, rows = body(d), s.lookup_rows.get(path)
     if len(b) != 2 or not rows or not set(axes) <= set(entry_axes(drop_layers(d, s.lv.specs[path])[1])):
         return False
-    for sc in s.scores:
-        pairs = rows * b[-1] / sc.per_example if sc.per_example else 0
-        if pairs < 1 or pairs != int(pairs):
-            continue
-        for n, tags in sc.dims:
-            if n == b[-1] and tags and all(
-                    set(axes) <= set(entry_axes(_spec_at(s, p, i))) for p, i in tags):
-                return True
-    return False
+    return any(all(set(axes) <= set(entry_axes(_spec_at(s, p, i))) for p, i in tags)
+               for tags in score_bias_tags(rows, b[-1], ((sc.per_example, sc.dims) for sc in s.scores)))
 
 
 def _spec_at(s: Scope, path: str, dim: int) -> Any:

@@ -44,6 +44,7 @@ from tpflax._src.planner.leaf_groups import (
 from tpflax._src.planner.repeats import merge_uses
 from tpflax._src.specs import entries, to_pspec
 from tpflax._src.trace.dataflow import Dataflow, Edge, Use
+from tpflax._src.trace.records import score_bias_tags
 from tpflax._src.trace.spread import GATHERS_PER_TOUCH, reader_streams, spread_streams
 
 _CONTRACT = ("dot", "conv")
@@ -190,19 +191,11 @@ def _embeddings(c: _Flow) -> None:
 
 
 def _score_bias(c: _Flow, path: str, width: int) -> bool:
-    """Whether a table's lookups (``width`` columns) are a bias per head of an attention's scores: together they
-    gather a whole multiple of a traced score product's elements in ids (one row per query-key pair), and one
-    of its dims carrying the q and k kernels' head dims has ``width`` entries (Graphormer's spatial encoding:
-    a shortest-path distance's bias per head; a T5-like relative bias looked up per example). Split on its
-    columns, with the heads, each device adds its own heads' biases to its own scores: nothing moves."""
+    """Whether a table's lookups (``width`` columns) are a bias per head of a traced score product
+    (:func:`tpflax._src.trace.records.score_bias_tags`, which the estimate's ``cost.comm.score_bias`` reads too)."""
     ids = sum(math.prod(u.looked) for u in c.uses[path] if u.op == "gather" and u.looked and not u.fixed)
-    if not ids:
-        return False
-    for x in c.flow.products:
-        n = math.prod(x.shape)
-        if n and (ids * width) % n == 0 and any(k == width and tags for k, tags in zip(x.shape, x.tags, strict=False)):
-            return True
-    return False
+    products = ((math.prod(x.shape), zip(x.shape, x.tags, strict=False)) for x in c.flow.products)
+    return bool(score_bias_tags(ids, width, products))
 
 
 def _link(c: _Flow) -> None:

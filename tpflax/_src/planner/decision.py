@@ -22,7 +22,7 @@ import jax
 from jax.sharding import PartitionSpec
 
 from tpflax._src import export
-from tpflax._src.errors import PlanFormatError, PlanMismatchError, UnknownPathError
+from tpflax._src.errors import OptionError, PlanFormatError, PlanMismatchError, UnknownPathError
 from tpflax._src.facts.classify import layer_group, unit_of
 from tpflax._src.facts.tree import Leaf, itemsize, walk
 from tpflax._src.layout import Interleave
@@ -323,6 +323,18 @@ class Plan:
     def to_logical_axis_rules(self) -> export.LogicalAxes:
         """Logical axis names per dim and ``(logical, mesh)`` rules: see :func:`tpflax._src.export.to_logical_axis_rules`."""
         return export.to_logical_axis_rules(self)
+
+
+def require_plan(plan: Any, call: str, fix: str = "make one with tpflax.plan(tree, mesh)") -> None:
+    """OptionError unless ``plan`` is a :class:`Plan`: ``call``'s arguments given in another order (the mesh
+    where the plan goes) fail deep inside it otherwise, with a bare ``AttributeError``.
+
+    >>> require_plan({"model": 2}, "unshard(tree, plan)")
+    Traceback (most recent call last):
+    tpflax._src.errors.OptionError: unshard(tree, plan): plan is a dict, not a tpflax.Plan; make one with tpflax.plan(tree, mesh) (the order is unshard(tree, plan))
+    """
+    if not isinstance(plan, Plan):
+        raise OptionError(f"{call}: plan is a {type(plan).__name__}, not a tpflax.Plan; {fix} (the order is {call})")
 
 
 def _nested(decisions: Mapping[str, Decision]) -> dict:

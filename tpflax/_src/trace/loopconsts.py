@@ -15,9 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tpflax._src.trace.control import body_of, scan_counts
-
-_CALLS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+from tpflax._src.trace.control import CALL_KEYS, body_of, scan_counts
 
 
 def loop_consts(m: Any) -> dict[str, int]:
@@ -85,7 +83,7 @@ def _walk(jaxpr: Any, env: dict[Any, frozenset[str]], trips: int, sizes: dict[st
                 inner[bv] = frozenset()
             _walk(body, inner, trips * length, sizes, out)
             outs: list[frozenset[str] | None] = [None] * len(eqn.outvars)
-        elif (sub := next((prm[c] for c in _CALLS if c in prm), None)) is not None and \
+        elif (sub := next((prm[c] for c in CALL_KEYS if c in prm), None)) is not None and \
                 hasattr(getattr(sub, "jaxpr", sub), "invars") and \
                 len(getattr(sub, "jaxpr", sub).invars) == len(eqn.invars):
             inner_jaxpr = getattr(sub, "jaxpr", sub)

@@ -14,6 +14,7 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 # {path: ((leaf dim, mesh axes, their sizes), ...)}: how a shard_map's in_specs lay a parameter out in its body
 InSpecs = Mapping[str, tuple[tuple[int, tuple[str, ...], tuple[int, ...]], ...]]
@@ -423,6 +424,24 @@ class Dataflow:
     def derived_dots(self) -> frozenset[str]:
         """The parameters whose :meth:`dots` use reads the kernel through an op (:attr:`derived`)."""
         return frozenset(p for p, u in self._first_dots().items() if u.id in self.derived)
+
+
+def score_bias_tags(ids: float, width: int, products: Iterable[tuple[float, Iterable[tuple[int, Any]]]]) -> list[Any]:
+    """The tags of the score dims a table's lookups are a bias per head of: ``ids`` looked up, ``width`` columns
+    each, make a whole multiple of a score product's elements (one row per query-key pair), and the dim has
+    ``width`` entries and carries kernels' dims (the q and k heads). ``products``: ``(elements, ((size, tags),
+    ...))`` per score product, in ``ids``' units (per step or per example). Graphormer's spatial encoding, a
+    relative bias looked up per example: split on its columns with the heads, nothing moves.
+
+    >>> score_bias_tags(8 * 12 * 12, 4, [(8 * 4 * 12 * 12, ((8, ()), (4, ("q", "k")), (12, ()), (12, ())))])
+    [('q', 'k')]
+    """
+    out = []
+    for n, dims in products:
+        pairs = ids * width / n if n else 0
+        if pairs >= 1 and pairs == int(pairs):
+            out += [tags for k, tags in dims if k == width and tags]
+    return out
 
 
 def reached_dims(meets: tuple[tuple[str, int, str, int], ...], start: set[tuple[str, int]]) -> set[tuple[str, int]]:
