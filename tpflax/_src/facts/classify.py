@@ -55,7 +55,7 @@ class _Names:
     True
     """
 
-    _AFFIX = re.compile(r"^(?:lin|linear|dense|proj|layer|to)_(?=\w)|(?<=\w)_(?:lin|linear|dense|layer|weight|net|global)$",
+    _AFFIX = re.compile(r"^(?:lin|linear|dense|proj|layer|to)_(?=\w)|(?<=\w)_(?:lin|linear|dense|layer|weight|net|global|proj)$",
                         re.I)
 
     def __init__(self, pattern: str) -> None:
