@@ -126,3 +126,15 @@ def test_a_width_too_narrow_for_the_table_is_refused_and_a_narrow_terminal_clamp
     # a narrow terminal (the default width) is read as 60 columns, not refused
     monkeypatch.setattr("shutil.get_terminal_size", lambda fallback=None: os.terminal_size((12, 24)))
     assert tpflax.report(gpt2_small, pairs=True) == "\n".join(lines)
+
+
+def test_the_title_says_when_the_plan_was_priced_for_the_default_batch(gpt2_small):
+    # the reasons' "8192 tokens per step" was the only sign that a plan without batch= was priced for the
+    # default batch, not the user's: on a 8 x 32 step a default-priced plan kept token tables whole that the
+    # step's own batch splits (1.2-1.4x a hand layout's bytes on five probed LMs, review_s f09)
+    title = " ".join(tpflax.report(gpt2_small, width=100).split("\npath")[0].split())  # the title, wrapped
+    assert "priced for 8,192 tokens/step (the default: pass batch=)" in title
+    again = tpflax.Plan.from_json(gpt2_small.to_json())
+    assert "priced for 8,192 tokens/step" in tpflax.report(again, full=True).splitlines()[0]
+    given = tpflax.plan(zoo.get("gpt2-small").abstract_variables(), "data=2,model=4", batch=(8, 32))
+    assert "priced for" not in tpflax.report(given).splitlines()[0]

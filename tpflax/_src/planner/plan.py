@@ -201,7 +201,8 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
     warnings += _ignored_annotations(facts) if use_annotations else []
     warnings += plan_checks(facts, decisions, lrules, ms)  # unknown logical names, idle mesh axes
     options = {"fsdp_min_bytes": opts.fsdp_min_bytes, "min_channels": opts.min_channels,
-               "hardware": opts.hardware.name, "tokens": opts.tokens, "device_memory": opts.device_memory,
+               "hardware": opts.hardware.name, "tokens": opts.tokens,
+               "tokens_from": "batch" if batch is not None else "default", "device_memory": opts.device_memory,
                "tensor_min_bytes": opts.tensor_min_bytes, "stacked": stacked,
                "trainable": trainable if trainable is None or isinstance(trainable, str) else repr(trainable),
                "fused": fused,
