@@ -178,3 +178,49 @@ def test_rules_forcing_the_runner_up_keep_the_pairs_roles(traced):
     pid = got[row][1]
     assert pid is not None and got == {**{c: ("column", pid) for c in cols}, row: ("row", pid)}
     assert next(pr for pr in p.pairs if pr.id == pid).sharded
+
+
+class FlatExperts(nn.Module):
+    """DBRX's experts: ``w1``, ``v1`` and ``w2`` stored flat ``(E * f, d)`` and reshaped to ``(E, f, d)`` where they
+    are read, every token through every expert (``btd,efd->btef``), weighted by its top-2 gates."""
+
+    @nn.compact
+    def __call__(self, x):
+        w1, v1, w2 = (self.param(n, INIT, (E * F, D)).reshape(E, F, D) for n in ("w1", "v1", "w2"))
+        gates = jax.nn.softmax(nn.Dense(E, use_bias=False, name="router")(x), -1)
+        mask = jax.nn.one_hot(jax.lax.top_k(gates, 2)[1], E).sum(-2) * gates
+        h = nn.silu(jnp.einsum("btd,efd->btef", x, w1)) * jnp.einsum("btd,efd->btef", x, v1)
+        return jnp.einsum("bted,bte->btd", jnp.einsum("btef,efd->bted", h, w2), mask)
+
+
+@pytest.fixture(scope="module")
+def flat():
+    m = LM(FlatExperts)
+    v = jax.eval_shape(m.init, jax.random.key(0), TOK)
+    return m, tpflax.plan(v, MESH, model=m, sample=(TOK,), batch=(TOK,))
+
+
+def test_experts_stored_flat_split_on_the_stored_dim(flat):
+    # the reshape (E * f, d) -> (E, f, d) lost f: w1 and v1 read as dense layers without a partner (kept whole) and
+    # w2 split on d, 2.20x the bytes and 5.21x the collectives of the experts over model. f is the minor part of the
+    # stored dim, so its contraction pairs the three on it, and a split of it over model (dividing E) holds whole
+    # experts: expert parallelism on the tensor axis, as written by hand
+    _, p = flat
+    assert {k: p.decisions[f"params/moe/{k}"].spec for k in ("w1", "v1", "w2")} == dict.fromkeys(
+        ("w1", "v1", "w2"), P("model", None))
+    assert len({p.decisions[f"params/moe/{k}"].pair for k in ("w1", "v1", "w2")}) == 1
+
+
+def test_flat_experts_are_estimated_as_compiled(flat, devices):
+    # the layout by hand (the traced plan's, above): before, its estimate priced a loose pair gathering w1's output
+    # and w2's input gradient, 2.29x the compiled collectives; compiled, the combine sums f32[tokens, d] forward and
+    # w1's and v1's input gradients backward, over model
+    m, _ = flat
+    v = jax.eval_shape(m.init, jax.random.key(0), TOK)
+    p = tpflax.plan(v, MESH, rules=[(r"moe/(w1|v1|w2)$", P("model", None)), (r"embed", P("model", None)),
+                                    (r"head", P(None, "model")), (r".*", P())])
+    mesh = tpflax.make_mesh(MESH)
+    ts = tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), sample=(TOK,))
+    dr = tpflax.dry_run(ts, p, mesh, compiler_options=COMM_XLA)
+    est = tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=(TOK,), backend="cpu")
+    assert abs(est.comm_total / dr.comm_total - 1) < 0.10, (est.comm, dr.comm())

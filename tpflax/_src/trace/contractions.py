@@ -85,9 +85,16 @@ def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
                                                 math.prod(act_shape[d] for d in af) * w.row_shards)
     for path, dims in par.origin:
         op = "onehot" if act.onehot else "dot"
-        uid = w.use(ctx, eqn, path, op, [dims[d] for d in pc if dims[d] is not None],
-                    [dims[d] for d in pf if dims[d] is not None],
-                    [dims[d] for d in pb if dims[d] is not None], par.const_of, rows,
+        # the minor parts of leaf dims a reshape of the parameter cut (Val.parts): contracted or kept as their leaf dim
+        parts = par.part_of(path) if par.parts and not act.onehot else (None,) * par.rank
+        kept = [dims[d] for d in pf if dims[d] is not None]
+        batched = [dims[d] for d in pb if dims[d] is not None]
+        summed = [dims[d] for d in pc if dims[d] is not None]
+        for group, which in ((summed, pc), (kept, pf)):
+            for d in which:
+                if dims[d] is None and parts[d] is not None and parts[d][0] not in (*summed, *kept, *batched):
+                    group.append(parts[d][0])
+        uid = w.use(ctx, eqn, path, op, summed, kept, batched, par.const_of, rows,
                     str(eqn.outvars[0].aval.dtype), from_input=not (act.live or act.origin))
         w.reads.setdefault(uid, (eqn, 1 if lp else 0, ctx))
         if id(act) in w.pinned:
@@ -106,6 +113,12 @@ def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
         # inside a shard_map body the kernel is one shard: its dims are ``split`` times larger outside
         size = [n * w.split.get((path, dims[p]), 1) if dims[p] is not None else n for p, n in enumerate(shape_p)]
         for a, p in zip(ac, pc, strict=True):
+            if dims[p] is None and parts[p] is not None:
+                # the minor part of a stored dim (DBRX's ``btef,efd->bted`` summing the f of its ``(E * f, d)``): a
+                # split of the stored dim over n dividing the major size holds whole minor parts
+                for k, (limit, via) in w.merge([act.dim_tags(a)]).items():
+                    w.edge(k, uid, parts[p][0], math.gcd(limit, parts[p][2]), via)
+                continue
             if dims[p] is None:
                 continue
             for k, (limit, via) in w.merge([act.dim_tags(a)]).items():
@@ -116,6 +129,8 @@ def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
         for i, p in enumerate(pf):
             if dims[p] is not None:
                 tag_pf[i][(uid, dims[p])] = (size[p], ())
+            elif parts[p] is not None:  # kept minor part: its own key, on the leaf dim (Walk.part_key)
+                tag_pf[i][w.part_key(uid, parts[p][0])] = (parts[p][2], ())
     if act.onehot:
         return [Val(out_rank)]  # an embedding lookup: its rows are not a column's output
     tag_af = [w.merge([act.dim_tags(a)]) for a in af]

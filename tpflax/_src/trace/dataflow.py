@@ -52,6 +52,7 @@ from tpflax._src.errors import TraceError
 from tpflax._src.facts.tree import unboxed, walk
 from tpflax._src.mesh import traced_under
 from tpflax._src.model import abstract, as_model, labels_hint
+from tpflax._src.trace.contractions import PRODUCT_SUM
 from tpflax._src.trace.handlers import new_walk
 from tpflax._src.trace.interpreter import SLICED, Val, is_minor
 from tpflax._src.trace.records import Dataflow, Edge, Use, remap_added
@@ -250,6 +251,7 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
     jaxpr = closed.jaxpr
     w = new_walk()
     w.bits = {p: 1 << i for i, p in enumerate(paths)}
+    w.shapes = {p: tuple(getattr(v.aval, "shape", ())) for p, v in zip(paths, jaxpr.invars, strict=False)}
     args = []
     for i, v in enumerate(jaxpr.invars):
         rank = len(getattr(v.aval, "shape", ()))
@@ -377,7 +379,12 @@ def _pieces_joined(w: Any) -> tuple[dict[str, Any], dict[tuple[int, int], tuple[
             reach.setdefault(r, {}).setdefault((s, sd), set()).add(d)
     escapes: dict[tuple[int, int], str] = {}
     whole: dict[tuple[int, int], set[int]] = {}  # pieces that end while others reach a contraction
+    # kernel dims whose minor part (Walk.part_key) reaches a contraction: a product of two activations summing their
+    # major part (the combine of DBRX's experts stored (E * f, d), summing E) ends no split of the stored dim
+    parted = {root((s, sd)) for (s, sd, _, _) in w.edges if (s, sd) in w.parts}
     for k, why in w.escapes.items():
+        if k in w.parts or (why == PRODUCT_SUM and k in parted):
+            continue
         if k not in w.pieces or root(k) not in reach:
             escapes.setdefault(root(k), why)
         else:

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tpflax._src.trace import collectives, constraints, contractions, control
-from tpflax._src.trace.interpreter import SLICED, Handler, Val, Walk, is_minor, opaque
+from tpflax._src.trace.interpreter import SLICED, Handler, Val, Walk, is_minor, moved_parts, opaque
 from tpflax._src.trace.reshape import reshape
 
 # Ops that keep every dim in place (n-ary, equal shapes up to rank-0 operands).
@@ -66,7 +66,9 @@ def elementwise(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
         origin = _one_per_path(o for v in params for o in v.origin)
         tags = w.pointwise([v for v in full if v.tags is not None], rank, name)
         base = full[0] if full else Val(rank)
-        return [dataclasses.replace(base, origin=origin, tags=tags,
+        # a cast of one reshaped parameter keeps its parts (Val.parts); a weight computed from several does not
+        parts = base.parts if len(params) == 1 and base is params[0] else ()
+        return [dataclasses.replace(base, origin=origin, tags=tags, parts=parts,
                                     const_of=max([v.const_of for v in params] or [0]))
                 for _ in ranks]
     if params:
@@ -380,10 +382,14 @@ def dynamic_slice(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int
     v = ins[0]
     src = tuple(eqn.invars[0].aval.shape)
     sizes = tuple(eqn.params["slice_sizes"])
+    cut = {}
     for d in range(v.rank):
         if src[d] != sizes[d]:
             w.escape(v.dim_tags(d), "dynamically sliced")
-    return [_same_dims(w, v, ranks[0])]
+            cut[d] = sizes[d]
+    out = _same_dims(w, v, ranks[0])
+    # one expert of a reshaped stack (``w.reshape(E, f, d)[i]``) is no whole minor part of the stored dim
+    return [dataclasses.replace(out, parts=moved_parts(v.parts, list(range(v.rank)), cut)) if v.parts else out]
 
 
 def dynamic_update_slice(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:

@@ -51,6 +51,10 @@ def is_minor(k: tuple[int, int]) -> bool:
 # A piece key (see :meth:`Walk.piece`) is ``(use id, param dim + PIECE * n)``: no kernel has this many dims.
 PIECE = 1 << 16
 
+# A part key (see :meth:`Walk.part_key`) is ``(use id, param dim + PART)``: the minor part of a kernel dim a reshape
+# of the parameter cut (DBRX's experts stored ``(E * f, d)``, read as ``(E, f, d)``: the ``f`` of the stored dim).
+PART = 1 << 30
+
 
 NOTABLE = frozenset({"mul", "div", "logistic", "tanh", "exp", "erf", "erfc", "max", "min",
                      "dot", "integer_pow", "square", "sqrt", "rsqrt", "log"})
@@ -84,6 +88,11 @@ class Val:
             what only they make (``arange`` positions) are not.
         deps: the parameters it is computed from, as a bit mask over the traced parameter paths
             (:attr:`Walk.bits`); a value carrying ``origin`` also depends on those paths' bits.
+        parts: ``(path, per value dim (leaf dim, major value dim, major size) or None)`` for a parameter a reshape
+            cut a leaf dim of into ``(major, minor)`` (DBRX's experts stored ``(E * f, d)`` and read as ``(E, f, d)``):
+            the minor value dim is a part of that leaf dim too, which ``origin`` maps to its major dim alone. A split
+            of the stored dim over ``n`` dividing the major size holds whole minor parts (whole experts), so the
+            contractions reading the minor part meet on the leaf dim (:func:`tpflax._src.trace.contractions.dot_general`).
     """
 
     rank: int
@@ -98,6 +107,11 @@ class Val:
     fed: bool = False
     gains: tuple[tuple[str, tuple[int | None, ...]], ...] = ()
     deps: int = 0
+    parts: tuple[tuple[str, tuple[tuple[int, int, int] | None, ...]], ...] = ()
+
+    def part_of(self, path: str) -> tuple[tuple[int, int, int] | None, ...]:
+        """Per value dim, the ``(leaf dim, major value dim, major size)`` whose minor part it is (:attr:`parts`)."""
+        return next((ps for p, ps in self.parts if p == path), (None,) * self.rank)
 
     @property
     def constant(self) -> bool:
@@ -187,6 +201,8 @@ class Walk:
     # in order (:func:`tiled_slices`)
     tiled: dict[tuple[int, int], tuple[int, ...]] = field(default_factory=dict)
     views: set[tuple[int, int]] = field(default_factory=set)  # fused dims cut apart by a reshape (Walk.pick)
+    parts: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)  # part key -> its kernel dim
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # parameter path -> its stored shape
     split: dict[tuple[str, int], int] = field(default_factory=dict)  # (path, leaf dim) -> shards in a shard_map body
     ragged: dict[int, Any] = field(default_factory=dict)  # id(ragged_dot_general eqn) -> the view dot_general reads
     # path -> ((leaf dim, mesh axes, sizes), ...) the first shard_map it enters lays it out over (Dataflow.in_specs)
@@ -374,8 +390,15 @@ class Walk:
                                    picks=tuple(p for p in out.picks if p[0] != axis))
 
     def root(self, k: tuple[int, int]) -> tuple[int, int]:
-        """The ``(use id, param dim)`` a tag key stands for (a piece key's kernel dim)."""
-        return self.pieces.get(k, k)
+        """The ``(use id, param dim)`` a tag key stands for (a piece key's or a part key's kernel dim)."""
+        r = self.pieces.get(k)
+        return r if r is not None else self.parts.get(k, k)
+
+    def part_key(self, uid: int, dim: int) -> tuple[int, int]:
+        """The tag key of the minor part of kernel dim ``dim`` of use ``uid`` (:attr:`Val.parts`)."""
+        pk = (uid, dim + PART)
+        self.parts[pk] = (uid, dim)
+        return pk
 
     def escape_all(self, val: Val, why: str) -> None:
         if val.tags is not None:
@@ -471,7 +494,7 @@ class Walk:
         picks = tuple((where[a], where[b], t) for a, b, t in v.picks if a in where and b in where)
         return Val(rank, origin=origin, tags=tags, onehot=v.onehot and keep_flags,
                    iota=v.iota and keep_flags, fresh=v.fresh, const_of=v.const_of, picks=picks, fed=v.fed,
-                   deps=v.deps)
+                   deps=v.deps, parts=moved_parts(v.parts, mapping, limit))
 
     def pointwise(self, vals: list[Val], rank: int, name: str):
         """Per-dim merged tags of same-rank values combined elementwise, or None."""
@@ -489,6 +512,26 @@ class Walk:
         rank = a.rank
         tags = tuple(self.merge([a.dim_tags(d), b.dim_tags(d)]) for d in range(rank))
         return Val(rank, origin=a.origin, tags=tags if any(tags) else None, fed=fed, deps=deps, live=live)
+
+
+def moved_parts(parts: tuple, mapping: Sequence[int | None], limit: Mapping[int, int] | None = None) -> tuple:
+    """:attr:`Val.parts` with output dim ``i`` taken from input dim ``mapping[i]``. A part whose major dim does
+    not go on whole (dropped, indexed or sliced: one expert of a Python loop over them, ``w[i]``) ends: a split of
+    the stored dim no longer holds whole minor parts of what is read.
+
+    >>> moved_parts((("w", (None, (0, 0, 4), None)),), [0, 1, 2]), moved_parts((("w", (None, (0, 0, 4), None)),), [1, 2])
+    ((('w', (None, (0, 0, 4), None)),), ())
+    """
+    if not parts:
+        return ()
+    where = {m: i for i, m in enumerate(mapping) if m is not None}
+    out = []
+    for path, ps in parts:
+        new = tuple(None if m is None or ps[m] is None or ps[m][1] not in where or (limit and ps[m][1] in limit)
+                    else (ps[m][0], where[ps[m][1]], ps[m][2]) for m in mapping)
+        if any(x is not None for x in new):
+            out.append((path, new))
+    return tuple(out)
 
 
 def tiled_slices(jaxpr: Any) -> dict[tuple[int, int], tuple[int, ...]]:

@@ -21,7 +21,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from tpflax._src.trace.interpreter import Val, Walk, is_minor, minor_key
+from tpflax._src.trace.interpreter import Val, Walk, is_minor, minor_key, moved_parts
 
 
 def reshape(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
@@ -68,7 +68,7 @@ def reshape(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> 
         after = next((j for j in range(i + 1, len(src)) if src[j] != 1), None)
         if src[i] == 1 and i not in mapping and after is not None and after in mapping:
             ones.append((i, mapping.index(after)))
-    out = dataclasses.replace(out, picks=())
+    out = dataclasses.replace(out, picks=(), parts=_parts(w, v, mapping, cuts, dst))
     if (not cuts and not joins and not ones) or v.tags is None:
         return [out]
     tags = list(out.tags or ({},) * ranks[0])
@@ -95,6 +95,26 @@ def reshape(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> 
                 tags[o] = {**tags[o], k: (math.gcd(lim, src[i] * minor.pop(minor_key(k))[0]), via)}
         w.escape(minor, f"a reshape {src} -> {dst} merges it as a minor dim")
     return [dataclasses.replace(out, tags=tuple(tags) if any(tags) else None)]
+
+
+def _parts(w: Walk, v: Val, mapping: list[int | None], cuts: list[tuple[int, int, int]], dst: tuple) -> tuple:
+    """:attr:`Val.parts` of a parameter's reshape: a whole leaf dim cut into ``(major, minor)`` (DBRX's experts
+    ``(E * f, d) -> (E, f, d)``) has its minor dim recorded as a part of it, with the major dim and its size."""
+    carried = moved_parts(v.parts, mapping)
+    if not v.origin or not cuts:
+        return carried
+    out = []
+    for path, dims in v.origin:
+        shape = w.shapes.get(path)
+        ps = list(dict(carried).get(path, (None,) * len(dst)))
+        for i, o, o2 in cuts:
+            leaf = dims[i]
+            if leaf is not None and shape is not None and leaf < len(shape) and shape[leaf] == dst[o] * dst[o2] \
+                    and ps[o2] is None:
+                ps[o2] = (leaf, o, dst[o])
+        if any(x is not None for x in ps):
+            out.append((path, tuple(ps)))
+    return tuple(out) + tuple((p, ps) for p, ps in carried if p not in {q for q, _ in v.origin})
 
 
 def spill(limit: int, major: int, minor: int) -> int:
