@@ -171,6 +171,33 @@ def split_updates(s: Any) -> dict[str, int]:
             out.update(dict.fromkeys(conditioned_leaves(s, table, axes), s.size(axes)))
     for reps in split_grads(s).values():
         out.update(reps)
+    out.update(stream_reached(s))
+    return out
+
+
+def stream_reached(s: Any) -> dict[str, int]:
+    """``{leaf: devices}``: the trained leaves kept whole on the tensor axes that a feature-split lookup table's
+    residual stream reaches (a dim of the table's width: norms, a whole output head, a whole kernel reading
+    the stream), whose update :func:`update_gathers` prices split and gathered back. Their gradient comes out
+    split with the stream, and XLA sums it over the batch axes on that shard, before the update (measured,
+    XLA:CPU data=2,model=4 and fsdp=2,model=4: a Mamba-2 LM's 1003-row table split on its 128 features, its
+    whole ``(128, 1003)`` head's gradient summed over the batch as ``f32[1003,32]``, each ``(128, 32)``
+    B/C projection's as ``f32[32,32]``, each norm gain's as ``f32[32]``)."""
+    # comm prices the stream's gathers and imports this module
+    from tpflax._src.cost.comm import _feeds_stream
+
+    lv, out = s.lv, {}
+    for path, d in lv.decisions.items():
+        axes = s.axes(path, TENSOR)
+        # a table as comm._layer_items prices it: the trace's, or one a rule splits that is only looked up
+        table = d.kind == "embedding" or (d.strategy == "vocab" and len(body(d)) >= 2) or (
+            path in s.looked and path not in s.contracted)
+        if not axes or path in lv.in_pair or not table or not _feeds_stream(path, d, axes, s):
+            continue
+        width = body(d)[-1]
+        for p, x in lv.decisions.items():
+            if p != path and width in body(x) and x.trainable and not set(used_axes(lv.specs[p])) & set(axes):
+                out[p] = s.size(axes)
     return out
 
 
