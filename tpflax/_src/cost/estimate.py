@@ -55,6 +55,7 @@ from typing import Any
 from tpflax._src.cost.comm import comm_items
 from tpflax._src.cost.experts import buffer_items, expert_items
 from tpflax._src.cost.explicit import cpu_wire, explicit_items, row_split_mesh
+from tpflax._src.cost.fft import fft_items
 from tpflax._src.cost.grouped import grouped_conv_items
 from tpflax._src.cost.kvsplit import kv_splits
 from tpflax._src.cost.leaves import Leaves, merge, without_dead, without_grads
@@ -105,10 +106,11 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
     notes: list[str] = []
     if w.ffts and w.backend == "cpu" and (shards > 1 or _splits_outside(lv, axes)):
         # measured (a long convolution by rfft/irfft, data=2,model=4): each FFT's operand and, backward, its
-        # output's gradient all-gathered whole, 0.13 of the compiled collectives priced; XLA:TPU splits them
+        # output's gradient all-gathered whole (cost/fft.py prices them); XLA:TPU splits them
         notes.append(f"{len(w.ffts)} FFT(s) of activations ({w.ffts[0]}{', ...' if len(w.ffts) > 1 else ''}): "
-                     "XLA:CPU does not partition an FFT, it gathers each one's operand whole, and its gradient's, "
-                     "which this estimate does not price (XLA:TPU splits them over the batch and the other dims)")
+                     "XLA:CPU does not partition an FFT, it gathers each one's operand whole, and its gradient's; "
+                     "priced as all-gathers over the axes that split them (XLA:TPU splits them over the batch and "
+                     "the other dims)")
     if w.crossed and shards > 1:
         # measured (XLA:CPU data=2,model=4, a 2-layer message-passing net over one graph): all-reduces and
         # collective-permutes of node-sized activations, 19x the gradient sums this estimate prices
@@ -172,7 +174,7 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
     every = (comm_items(scope, notes) + expert_items(scope) + buffer_items(scope) + fused_items(scope, notes)
              + grouped_conv_items(scope) + explicit_items(w.collectives, notes, w.backend) + split_grad_items(scope) + whole_read_items(scope)
              + replicated_items(scope)
-             + split_sum_items(scope, w.split_sums, w.fused or {}))
+             + split_sum_items(scope, w.split_sums, w.fused or {}) + fft_items(scope, w.fft_reads))
     items = tuple(i for i in every if i.total > 0)
     return Estimate(
         per_device=per_device, unsharded=unsharded, savings=savings, comm=comm_table(items), items=items,

@@ -244,6 +244,9 @@ class Traced:
     expanded: Mapping[str, tuple[tuple[int, int, int], ...]] = field(default_factory=dict)
     crossed: tuple[str, ...] = ()  # (Dataflow.crossed)
     ffts: tuple[str, ...] = ()  # (Dataflow.ffts)
+    # per FFT (Dataflow.fft_reads): (operand bytes, output bytes, the (path, dim) keys of each operand dim, whether
+    # its leading dim is the batch's (then the bytes are per example), whether its output has a gradient, runs)
+    fft_reads: tuple[tuple[float, float, tuple[frozenset[tuple[str, int]], ...], bool, bool, int], ...] = ()
     # {table: ids per example its lookups from the inputs gather, together}: a multi-codebook model's tables each
     # look up one codebook's ids of a (batch, codebooks, steps) input, not all of them; a shared table the
     # encoder's ids and the decoder's
@@ -413,7 +416,21 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None
                   shard_mapped=dict(flow.in_specs), direct=frozenset(flow.uses[u].path for u in flow.direct),
                   derived=flow.derived_dots(), cast_to=flow.cast_to(), cast_some=flow.cast_some(),
                   slice_reads=_slice_reads(flow, slices), crossed=flow.crossed, ffts=flow.ffts,
+                  fft_reads=_fft_reads(flow, examples),
                   lookup_rows=_lookup_rows(flow, examples), ragged=ragged_groups(flow))
+
+
+def _fft_reads(flow: Any, examples: int) -> tuple:
+    """:attr:`Traced.fft_reads`: each traced FFT's operand and output bytes (per example where its leading dim is
+    the batch's: an activation's, not a weight's), the kernel dims each operand dim carries, by path."""
+    out = []
+    for r in flow.fft_reads:
+        batched = r.fed and bool(r.shape) and r.shape[0] == examples and 0 not in r.mixed
+        per = examples if batched else 1
+        dims = tuple(frozenset((flow.uses[u].path, d) for u, d in ks) for ks in r.tags)
+        out.append((math.prod(r.shape) * r.itemsize / per, math.prod(r.out_shape) * r.out_itemsize / per, dims,
+                    batched, r.live, r.count))
+    return tuple(out)
 
 
 def _slice_reads(flow: Any, slices: Mapping[str, int]) -> dict[str, int]:

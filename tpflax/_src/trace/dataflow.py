@@ -42,6 +42,7 @@ into proposals with reasons that name the evidence. The walk itself is in
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -317,6 +318,8 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                     in_specs=dict(w.in_specs), direct=frozenset(w.direct),
                     derived=frozenset(w.derived), crossed=tuple(dict.fromkeys(w.crossed)),
                     ffts=tuple(w.ffts),
+                    fft_reads=tuple(dataclasses.replace(r, tags=tuple(frozenset(w.root(k) for k in ks) for ks in r.tags))
+                                    for r in w.fft_reads),
                     sliced=_sliced(w, {p: tuple(v.aval.shape) for p, v in zip(paths, jaxpr.invars, strict=False)}))
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from tpflax._src.trace import collectives, constraints, contractions, control
 from tpflax._src.trace.interpreter import SLICED, Handler, Val, Walk, is_minor, moved_parts, opaque
+from tpflax._src.trace.records import FftRead
 from tpflax._src.trace.reshape import reshape
 
 # Ops that keep every dim in place (n-ary, equal shapes up to rank-0 operands).
@@ -272,6 +273,13 @@ def fft(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list
     if ins[0].fed:
         kind = eqn.params["fft_type"]
         w.ffts.append(f"{getattr(kind, 'name', kind)} of {eqn.invars[0].aval.dtype}{list(eqn.invars[0].aval.shape)}")
+    if ins[0].fed or ins[0].live:  # an activation's, or a weight's (a long convolution's filter): XLA:CPU gathers it
+        a, o = eqn.invars[0].aval, eqn.outvars[0].aval
+        w.fft_reads.append(FftRead(
+            tuple(a.shape), a.dtype.itemsize, tuple(o.shape), o.dtype.itemsize,
+            tuple(frozenset(k for k in ins[0].dim_tags(d) if not is_minor(k)) if d not in mixed else frozenset()
+                  for d in range(rank)),
+            tuple(mixed), ins[0].fed, ins[0].live, math.prod(w.lengths.get(c, 1) for c in ctx if isinstance(c, int))))
     for d in mixed:
         w.escape(ins[0].dim_tags(d), "an fft mixes it")
     # a weight's transform (a long-convolution filter's) is a weight computed from a weight: its other dims stay

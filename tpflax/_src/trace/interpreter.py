@@ -225,6 +225,7 @@ class Walk:
     # (a GNN's ``h[senders]``, ``segment_sum(m, receivers)``): they cross the batch split
     crossed: list[str] = field(default_factory=list)
     ffts: list[str] = field(default_factory=list)  # FFTs of input-derived activations (XLA:CPU gathers them)
+    fft_reads: list[Any] = field(default_factory=list)  # every FFT's operand and output (records.FftRead)
     # use id -> (the contraction's place in the walk, elements, item bytes, sizes of its batch dims no parameter dim
     # makes) of the array a contraction with activations reads as its kernel where it is not the parameter's own
     # value (Dataflow.expanded); and id -> (value, [(use id, (elements, item bytes))]) of a lookup's output at

@@ -104,6 +104,39 @@ class Product:
 
 
 @dataclass(frozen=True)
+class FftRead:
+    """One ``jnp.fft`` (``lax.fft``) of an activation or of a weight: what XLA:CPU's SPMD partitioner gathers.
+
+    It does not partition an FFT: every FFT operand split over any mesh axis is all-gathered whole (on the
+    batch axes too), the transform run whole on every device and its output sliced back (measured,
+    XLA:CPU data=2,model=4, a Hyena LM: each RFFT's and IRFFT's operand gathered over model then data,
+    and backward each transpose's, the output's gradient, alike). XLA:TPU partitions them.
+
+    Attributes:
+        shape: the operand's shape as traced (the transformed dims last).
+        itemsize: the operand's bytes per element.
+        out_shape: the output's shape (its gradient is the backward transform's operand).
+        out_itemsize: the output's bytes per element.
+        tags: per operand dim, the ``(use id, param dim)`` keys it carries (the kernel dims whose split splits
+            it); the transformed dims carry none.
+        mixed: the transformed dims.
+        fed: computed from the model's inputs: its leading dim is the batch's when it has the sample's size.
+        live: computed from parameters: the backward transforms its output's gradient.
+        count: how many times the program runs it (the trip counts of the scans around it).
+    """
+
+    shape: tuple[int, ...]
+    itemsize: int
+    out_shape: tuple[int, ...]
+    out_itemsize: int
+    tags: tuple[frozenset[tuple[int, int]], ...] = ()
+    mixed: tuple[int, ...] = ()
+    fed: bool = False
+    live: bool = False
+    count: int = 1
+
+
+@dataclass(frozen=True)
 class Edge:
     """A tagged activation dim produced by one use and summed by another.
 
@@ -335,6 +368,7 @@ class Dataflow:
     derived: frozenset[int] = frozenset()
     crossed: tuple[str, ...] = ()
     ffts: tuple[str, ...] = ()
+    fft_reads: tuple[FftRead, ...] = ()
 
     def positional(self) -> dict[str, tuple[int, tuple[int, ...]]]:
         """``{table: (rows looked up, its dims not indexed)}`` for tables every use of which is a lookup at
