@@ -33,15 +33,19 @@ def fft_items(s: Any, reads: Sequence[tuple]) -> list[CommItem]:
         whole operand when its leading dim is the batch's; none on another backend.
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn, optax, tpflax
+    >>> from jax.sharding import PartitionSpec as P
     >>> class M(nn.Module):
     ...     @nn.compact
     ...     def __call__(self, x):
-    ...         h = nn.Dense(64, name="up")(x)
-    ...         return nn.Dense(16, name="down")(jnp.fft.irfft(jnp.fft.rfft(h, axis=1), n=8, axis=1))
+    ...         h = jnp.fft.irfft(jnp.fft.rfft(nn.Dense(64, name="up")(x), axis=1), n=8, axis=1)
+    ...         return nn.Dense(16, name="down")(h)
     >>> x = jax.ShapeDtypeStruct((4, 8, 16), jnp.float32)
-    >>> v = jax.eval_shape(M().init, jax.random.key(0), x)
-    >>> p = tpflax.plan(v, {"data": 2, "model": 4}, rules=[("up", P(None, "model")), ("down", P("model", None)),
-    ...                                                     (".*", P())])  # doctest: +SKIP
+    >>> p = tpflax.plan(jax.eval_shape(M().init, jax.random.key(0), x), {"data": 2, "model": 4},
+    ...                 rules=[("up/kernel", P(None, "model")), ("up/bias", P("model")), ("down/kernel", P("model", None)),
+    ...                        (".*", P())])
+    >>> e = tpflax.estimate(p, optax.sgd(0.1), model=M(), sample=(x,), backend="cpu")
+    >>> [(i.axes, i.size) for i in e.items if "FFT" in i.why][:2]  # the rfft's operand: over model, then data
+    [(('model',), 4096.0), (('data',), 8192.0)]
     """
     if s.backend != "cpu":
         return []
