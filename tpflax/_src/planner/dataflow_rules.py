@@ -699,8 +699,10 @@ def _stream_updates(c: _Flow) -> None:
         options = [dataclasses.replace(x, acts=x.acts + (split_acts if x is o else whole if x.whole else ()))
                    for x in ch.options]
         c.st.chosen.pop(k)
+        n = len(c.st.chosen)
         pick(c.st, ch.kind, options, ch.facts)
-        c.st.chosen.insert(k, c.st.chosen.pop())
+        if len(c.st.chosen) > n:  # priced (two or more options): back in its place among the groups
+            c.st.chosen.insert(k, c.st.chosen.pop())
 
 
 def _head_dims(c: _Flow, u: Use) -> set[int]:
