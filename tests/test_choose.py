@@ -251,6 +251,22 @@ def test_plan_json_carries_alternatives_and_why_file(tmp_path):
     assert "each collective under it names its payload" in text
 
 
+def test_why_given_a_leaf_path_shows_that_leafs_candidates(tmp_path, monkeypatch, capsys):
+    # why= was a file path only: report(plan, why="params/...") failed with "cannot be written
+    # (FileNotFoundError ...)" (review_t f08), though a leaf's candidates are what a reader asks about
+    p = _plan(GQA, DP_TP)
+    monkeypatch.chdir(tmp_path)
+    for name in ("params/self_attn/k_proj/kernel", "self_attn/k_proj/kernel"):  # as the table shows it too
+        text = tpflax.report(p, why=name, width=100)
+        tail = text[text.index("candidate layouts and their costs"):]
+        assert "params/self_attn/k_proj/kernel" in tail and "head_dim split" in tail and "step time" in tail
+        assert "lm_head" not in tail  # that leaf's candidates only
+        assert json.loads(tpflax.report(p, fmt="json", why=name))["why"]["leaf"] == "params/self_attn/k_proj/kernel"
+    assert list(tmp_path.iterdir()) == []  # no file written
+    with pytest.raises(tpflax.OptionError, match="names a leaf"):
+        tpflax.report(p, fmt="html", why="self_attn/k_proj/kernel")
+
+
 def test_hardware_changes_the_prices_not_the_rules():
     gpu = _plan(GQA, DP_TP, hardware="h100")
     assert gpu.options["hardware"] == "h100"

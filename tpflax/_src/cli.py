@@ -61,6 +61,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     page_only = _stdout_paths(args)
     loaded, p = plan_from_args(args)
+    if page_only:
+        from tpflax._src.why import leaf_named
+
+        if leaf_named(p, args.why):  # before the page goes to stdout
+            raise UsageError(f"--why {args.why}: a leaf's candidates are printed after the text report, and "
+                             "--html - puts the page on stdout instead; give --why a file path, e.g. --why why.txt")
     bound = None
     if args.devices:
         import jax
@@ -277,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", metavar="FILE", help="also write a self-contained visual report (HTML) to FILE "
                    "(-: to stdout, instead of the text report)")
     p.add_argument("--why", default=None, metavar="PATH",
-                   help="write every candidate layout the chooser priced, with its cost, to PATH")
+                   help="write every candidate layout the chooser priced, with its cost, to PATH; given a "
+                   "leaf's path (as the table shows it), print that leaf's candidates after the report")
     p.set_defaults(func=cmd_plan)
     e = sub.add_parser("estimate", help="memory per device and communication per training step (pure)",
                        epilog="example: tpflax estimate gpt2 --mesh data=2,model=4 --optimizer adamw --batch 32",

@@ -277,7 +277,9 @@ def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool
             row (``h_{0..11}/mlp/c_fc/kernel ×12``) and lines fit ``width``.
         width: columns to fit, at least 60 (default: the terminal's, at least 60, else 100).
         why: a file path: also write there every candidate layout the chooser
-            priced for each leaf, with its cost (see :mod:`tpflax._src.why`).
+            priced for each leaf, with its cost (see :mod:`tpflax._src.why`). A leaf's
+            path (``"params/h_0/mlp/c_fc/kernel"``, or as the table shows it, without
+            ``params/``) instead adds that leaf's candidates to the report.
 
     >>> import jax
     >>> from tpflax import plan
@@ -298,9 +300,10 @@ def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool
                           "None (the terminal's, at least that) or full=True (no width)")
     if fmt not in ("text", "json", "html"):
         raise OptionError(f"fmt must be 'text', 'json' or 'html', not {fmt!r}")
-    if why is not None:  # once the arguments are known good: a refused call writes nothing
-        from tpflax._src.why import write_why
+    from tpflax._src.why import leaf_named, why_text, write_why
 
+    leaf = leaf_named(plan, why)
+    if why is not None and leaf is None:  # once the arguments are known good: a refused call writes nothing
         write_why(plan, why)
     if fmt == "json":
         data = json.loads(plan.to_json())
@@ -311,7 +314,12 @@ def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool
             data["dry_run"] = dry_run.to_dict()
             if estimate is not None and hasattr(dry_run, "compare"):
                 data["estimate_vs_compiled"] = dry_run.compare(estimate).to_dict()
+        if leaf is not None:
+            data["why"] = {"leaf": leaf, "text": why_text(plan, leaf)}
         return json.dumps(data, indent=2)
+    if fmt == "html" and leaf is not None:
+        raise OptionError(f"why={why!r} names a leaf: a leaf's candidates are shown in the text and JSON reports; "
+                          "give the HTML report a file path to write them to (why='why.txt')")
     if fmt == "html":  # the visual report: one self-contained page
         from tpflax._src.html.page import html_report
 
@@ -358,4 +366,6 @@ def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool
         out.append("")
         out.append(f"warnings ({len(plan.warnings)}):")
         out += _wrap([f"  ! {w}" for w in plan.warnings], width)
+    if leaf is not None:  # that leaf's priced candidates, as why= writes them for every leaf
+        out += ["", *why_text(plan, leaf).rstrip("\n").splitlines()]
     return "\n".join(out)

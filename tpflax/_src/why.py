@@ -21,8 +21,9 @@ def _spec(spec: Any) -> str:
     return f"P({inner})"
 
 
-def why_text(plan: Any) -> str:
-    """Every priced candidate of every decision group, leaf by leaf (repeated layers once).
+def why_text(plan: Any, leaf: str | None = None) -> str:
+    """Every priced candidate of every decision group, leaf by leaf (repeated layers once); of one leaf's only
+    with ``leaf`` (a path of ``plan.decisions``, :func:`leaf_named`).
 
     >>> import jax, tpflax
     >>> S = jax.ShapeDtypeStruct
@@ -41,7 +42,7 @@ def why_text(plan: Any) -> str:
            ""]
     seen: dict[tuple, list[str]] = {}
     for path, d in plan.decisions.items():
-        if not d.alternatives:
+        if not d.alternatives or leaf is not None and path != leaf:
             continue
         # members of one group (a pair's kernels) and alike layers share the candidates' costs
         key = tuple((a.group, a.name, a.bytes_per_device, a.comm_bytes, a.flops) for a in d.alternatives)
@@ -65,10 +66,32 @@ def why_text(plan: Any) -> str:
         if len(paths) > 1:
             out.append(f"{paths[0]}: the same candidates and costs for {len(paths) - 1} more leaves "
                        f"({', '.join(paths[1:4])}{', ...' if len(paths) > 4 else ''})")
-    if not seen:
+    if leaf is not None and not seen:
+        d = plan.decisions[leaf]
+        out += [f"{leaf}  {tuple(d.shape)} {d.dtype}: {_spec(d.spec)}",
+                "  no other candidate was priced for it (a rule, an annotation, a 1-device tensor axis or a "
+                "leaf with one layout decided it)", f"  reason: {d.reason}"]
+    elif not seen:
         out.append("no decision group had more than one candidate (rules, annotations or a 1-device tensor "
                    "axis decided every leaf)")
     return "\n".join(out) + "\n"
+
+
+def leaf_named(plan: Any, why: Any) -> str | None:
+    """The leaf of ``plan`` that ``why=`` names (its path, or the path under the common ``params/`` root the
+    report's table shows), else None: ``why=`` is then a file to write.
+
+    >>> import jax, tpflax
+    >>> p = tpflax.plan({"params": {"w": jax.ShapeDtypeStruct((8, 8), "float32")}}, {"model": 2})
+    >>> leaf_named(p, "params/w"), leaf_named(p, "w"), leaf_named(p, "why.txt")
+    ('params/w', 'params/w', None)
+    """
+    if not isinstance(why, str):
+        return None
+    if why in plan.decisions:
+        return why
+    under = [p for p in plan.decisions if p.split("/", 1)[-1] == why and "/" in p]
+    return under[0] if len(under) == 1 else None
 
 
 def write_why(plan: Any, path: Any) -> None:
