@@ -2113,3 +2113,85 @@ def test_a_table_looked_up_per_query_key_pair_is_split_with_the_heads():
     d = p.decisions["params/spatial/embedding"]
     assert d.spec == P(None, "model") and "looked up per query-key pair" in d.reason
     assert specs(p, ["q/kernel", "o/kernel"]) == {"q/kernel": P(None, "model"), "o/kernel": P("model", None)}
+
+
+class _Retention(nn.Module):
+    """RetNet's multi-scale retention: q and k as wide as the model, values and gate twice as wide, the output
+    projection back from 2D. ``gqa``: a GQA block instead (q as wide as the output, k/v a quarter)."""
+
+    gqa: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        b, s, _ = x.shape
+        qk, vw = (D, D // 4) if self.gqa else (D, 2 * D)
+        q = nn.Dense(qk, use_bias=False, name="q_proj")(x).reshape(b, s, H, -1)
+        k = nn.Dense(vw if self.gqa else qk, use_bias=False, name="k_proj")(x).reshape(b, s, H // 4 if self.gqa else H, -1)
+        v = nn.Dense(vw, use_bias=False, name="v_proj")(x).reshape(b, s, H // 4 if self.gqa else H, -1)
+        if self.gqa:
+            k, v = jnp.repeat(k, 4, 2), jnp.repeat(v, 4, 2)
+        o = jnp.einsum("bhqk,bkhd->bqhd", jnp.einsum("bqhd,bkhd->bhqk", q, k) * jnp.tril(jnp.ones((s, s))), v)
+        o = o.reshape(b, s, -1)
+        if not self.gqa:
+            o = nn.silu(nn.Dense(2 * D, use_bias=False, name="g_proj")(x)) * o
+        return nn.Dense(D, use_bias=False, name="out_proj")(o)
+
+
+class _RetNet(nn.Module):
+    block: str
+    gqa: bool = False
+
+    @nn.compact
+    def __call__(self, ids):
+        x = nn.Embed(V, D, name="embed")(ids)
+        return nn.Dense(V, use_bias=False, name="head")(x + _Retention(self.gqa, name=self.block)(x))
+
+
+@pytest.mark.parametrize("block", ["retention", "attn"])
+def test_a_query_narrower_than_the_attention_output_splits_with_the_heads(block):
+    # RetNet (review_t f01): q, k (D -> D) were replicated beside v, g (D -> 2D) and out (2D -> D): as
+    # ``retention/`` "without a partner" (no attention name), as ``attn/`` "taken for GQA key/value heads".
+    # GQA narrows keys and values, never the query: the tree plan is now the hand Megatron layout (it compiled
+    # to 1.12 / 1.18 / 1.12x the hand's bytes / collectives / flops, now 1.00 on each)
+    p = tpflax.plan(abstract(_RetNet(block), TOK), MESH, batch=(TOK,))
+    want = {f"{block}/{n}/kernel": P(None, "model") for n in ("q_proj", "k_proj", "v_proj", "g_proj")}
+    want[f"{block}/out_proj/kernel"] = P("model", None)
+    assert specs(p, want) == want
+    assert "a query narrower than the attention output" in p.decisions[f"params/{block}/q_proj/kernel"].reason
+    # real GQA: the query is as wide as the output, the narrow key/value stay whole (heads unknown in the tree)
+    g = tpflax.plan(abstract(_RetNet(block, gqa=True), TOK), MESH, batch=(TOK,))
+    assert specs(g, ["q_proj/kernel", "k_proj/kernel", "v_proj/kernel", "out_proj/kernel"]) == {
+        "q_proj/kernel": P(None, "model"), "k_proj/kernel": P(None, None), "v_proj/kernel": P(None, None),
+        "out_proj/kernel": P("model", None)}
+    assert "taken for GQA key/value heads" in g.decisions[f"params/{block}/k_proj/kernel"].reason
+
+
+class _SwinWindow(nn.Module):
+    """A Swin block's window attention: one fused qkv reshaped to ``(3, heads, head_dim)`` and indexed on the 3."""
+
+    heads: int
+
+    @nn.compact
+    def __call__(self, x):
+        n, t, c = x.shape
+        qkv = nn.Dense(3 * c, name="qkv")(x).reshape(n, t, 3, self.heads, c // self.heads)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        o = jnp.einsum("nhqk,nkhd->nqhd", jax.nn.softmax(jnp.einsum("nqhd,nkhd->nhqk", q, k), -1), v)
+        return x + nn.Dense(c, name="proj")(o.reshape(n, t, c))
+
+
+def test_heads_that_do_not_divide_say_so_in_a_fused_qkv_reason():
+    # Swin's 6 heads over model=4 (review_t f02): the reshape (288) -> (3, 6, 16) was read as a split running on
+    # from the 3 pieces into the heads (3 x 6 over 9 ranks) and the pick of q, k and v ended it, so the trace lost
+    # qkv -> proj and the reason said "its output is not summed by another parameter's contraction". Picked, the
+    # pieces' heads are what goes on: the pair is found, kept whole because 6 heads do not divide 4
+    x = sds(8, 16, 96)
+    for heads, want in ((6, P(None, None)), (8, P(None, "model"))):
+        m = _SwinWindow(heads)
+        p = tpflax.plan(abstract(m, x), MESH, model=m, sample=(x,), batch=(x,))
+        assert specs(p, ["qkv/kernel"]) == {"qkv/kernel": want}
+        r = p.decisions["params/qkv/kernel"].reason
+        assert "reaches proj/kernel" in r and "not summed" not in r, r
+    m = _SwinWindow(6)
+    r = tpflax.plan(abstract(m, x), MESH, model=m, sample=(x,), batch=(x,)).decisions["params/proj/kernel"].reason
+    assert "reshaped on the way into 6 (e.g. attention heads), not divisible by model=4" in r, r

@@ -28,7 +28,9 @@ POS_EMBED = re.compile(r"(wpe|pos|position|token_type|segment)", re.I)
 # a raw leaf named for a projection is a kernel even when "embed" is in its name: an unembedding (the output
 # head, Gemma 3n's ``altup_unembed_projection_0``), an embedding's projection to the model width
 NOT_A_TABLE = re.compile(r"(unembed|proj)", re.I)
-ATTN = re.compile(r"(attn|attention|self_attn|cross_attn|mha|multihead)", re.I)
+# RetNet's multi-scale retention (``retention``, ``msr``) is attention without the softmax: queries, keys, values
+# and heads. Not ``mixer``: a Mamba mixer's ``in_proj`` is no fused q/k/v, nor an MLP-Mixer's token mixing.
+ATTN = re.compile(r"(attn|attention|self_attn|cross_attn|mha|multihead|retention|(?<![a-z])msr(?![a-z]))", re.I)
 # a relative-position bias table, added to an attention's scores: T5's ``relative_attention_bias``, Swin's
 # ``relative_position_bias_table``, dalle-mini's ``rel_bias``
 REL_BIAS = re.compile(r"rel(ative)?_?(pos(ition)?_?)?(attention_?)?bias", re.I)

@@ -105,6 +105,9 @@ class Linear:
     # traced: most of the model's matmuls run rematerialised: the backward recomputes the forward's collectives
     # (a head_dim-split key/value's gathers, cost/kvsplit.py)
     remat: bool = False
+    # untraced: a query (or a column as wide as it: its key) narrower than its attention row's input: the values'
+    # head_dim is wider (RetNet's 2x values), not GQA; its heads are the row's, split with them
+    narrow_query: str = ""
 
     def size(self, dims: Iterable[int]) -> int:
         return math.prod(self.f.body[d] for d in dims)
@@ -156,6 +159,9 @@ class State:
     # traced: (width, mesh axes) of activation dims no kernel tags that a model's constraint splits: its residual
     # stream past the norms (Dataflow.split_widths; MaxText's and EasyDeL's hidden states over the tensor axis)
     streamed: frozenset[tuple[int, tuple[str, ...]]] = frozenset()
+    # traced: (leaf dims, elements per priced token, runs) of each product of two activations that sums those kernel
+    # dims (Dataflow.split_sums, the estimate's split_sum_items): a layout splitting one all-reduces its partial sums
+    split_sums: tuple[tuple[frozenset[tuple[str, int]], float, int], ...] = ()
 
     @cached_property
     def context(self) -> Context:
@@ -463,7 +469,7 @@ def column_blocked(col: Linear, kind: str, row: Linear, t_entry: Entry, t_size: 
     n = col.f.body[col.shard_dim("column")]
     cunit = "heads" if col.heads is not None else "features"
     if kind == "attention" and col.heads is None and col.limit is None and col.out_size < row.in_size \
-            and not col.why.startswith("traced"):
+            and not col.why.startswith("traced") and not col.narrow_query:
         # A 2-D key/value kernel narrower than the attention output is GQA: its head
         # count is not in the tree, and a split that cuts heads costs a gather. Traced, keys and values show
         # their heads (a reshape: ``limit``) or end at the scores (summed there, or merged as a minor dim); one
@@ -481,7 +487,7 @@ def column_blocked(col: Linear, kind: str, row: Linear, t_entry: Entry, t_size: 
     if (col.limit or n) % t_size and not naive:
         # the features divide; what the model reshapes them into on the way does not
         return (f"{cunit} {n} are reshaped on the way into {col.limit} (e.g. attention heads), not divisible by "
-                f"{axis_label(t_entry, t_size)}")
+                f"{axis_label(t_entry, t_size)}: a split would cut them (XLA sums a cut head's partial scores)")
     return ""
 
 

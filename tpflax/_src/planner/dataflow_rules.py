@@ -104,6 +104,8 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Datafl
         shards = math.prod(mesh.sizes[a] for a in batch_axes(mesh))
         c.st.buffers.update({p: r / widest * (shards if free else 1) for p, (r, free) in (buffers or {}).items()})
         c.st.batch_free = frozenset(p for p, (_, free) in (buffers or {}).items() if free)
+        c.st.split_sums = tuple((frozenset((flow.uses[u].path, d) for u, d in ks), n / widest, runs)
+                                for ks, n, runs in flow.split_sums)
     _recurrent(c)
     _embeddings(c)
     _link(c)

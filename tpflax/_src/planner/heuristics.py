@@ -58,6 +58,7 @@ from tpflax._src.planner.inner import inner_features
 from tpflax._src.planner.leaf_groups import fsdp, shard_embedding, shard_output_head
 from tpflax._src.planner.roles import (
     NUMBERED,
+    QUERY_NAMES,
     assign_roles,
     attention_inputs,
     attention_output,
@@ -254,12 +255,37 @@ def _pair_group(st: State, group: str, lins: list[Linear], heads: int | None = N
         claimed.add(id(row))
         kind = "attention" if row.f.kind == "attention" or ATTN.search(group) else "mlp"
         row.guess = _guessed(kind, mine, row, widths)
+        if kind == "attention":
+            _narrow_queries(mine, row)
         for c in mine if kind == "attention" and heads else ():
             width = c.out_size // c.pieces  # a fused [q|k|v]'s pieces each hold every head
-            if c.heads is None and c.limit is None and width == row.in_size and width % heads == 0:
+            if c.heads is None and c.limit is None and (width == row.in_size or c.narrow_query) \
+                    and width % heads == 0:
                 c.limit = heads  # whole heads only: a cut head costs XLA a gather of the scores
         shard_pair(st, kind, mine, row)
     return [x for x in lins if id(x) not in claimed and not HEAD.match(x.f.layer_name)]
+
+
+def _narrow_queries(cols: Sequence[Linear], row: Linear) -> None:
+    """Mark an attention pair's query, and the columns as wide as it, when it is narrower than the row's input.
+
+    GQA narrows keys and values, never the query: its query is as wide as the attention output. A query
+    narrower than the output projection's input means the values' head_dim is wider (RetNet's values and gate
+    twice the model width, q and k as wide as it): its heads are the row's (q . k needs the key as wide as the
+    query, so a column as wide as the query is its key), and they split with the row's heads, not kept whole
+    as GQA key/value heads (:func:`~tpflax._src.planner.builders.column_blocked`).
+    """
+    queries = [c for c in cols if c.pieces == 1 and c.heads is None and QUERY_NAMES.match(role_name(c.f))
+               and c.out_size < row.in_size]
+    if len(queries) != 1:
+        return
+    q = queries[0]
+    for c in cols:
+        if c.pieces == 1 and c.heads is None and c.out_size == q.out_size:
+            c.narrow_query = (f"{'a query' if c is q else 'as wide as the query ' + short(q.f.path)} narrower than "
+                              f"the attention output ({c.out_size} < {row.in_size}): the values' head_dim is wider, "
+                              "not GQA; its heads are the row's")
+            c.why += f"; {c.narrow_query}"
 
 
 def _stem(x: Linear) -> str:

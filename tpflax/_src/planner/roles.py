@@ -593,6 +593,8 @@ FUSED_NAMES = _Names(r"^(qkv|query_key_value|c_attn|wqkv|w_pack|in_proj|qkv_proj
 # a name that says the kernel is one projection: never fused by shape (a DQN's ``q_net`` head, whose output is twice
 # the model input's width, is no fused q/k/v pair with the input layer)
 ONE_PROJECTION = _Names(r"^(q|k|v|query|key|value|wq|wk|wv|q_proj|k_proj|v_proj)$")
+# a name that says the kernel is an attention's query (GQA narrows keys and values, never it)
+QUERY_NAMES = _Names(r"^(q|query|wq|q_proj)$")
 
 
 def fused_partners(lins: list[Linear]) -> None:

@@ -383,7 +383,9 @@ class Walk:
             if a == axis and t:
                 self.fuse(t, pieces)
                 self.views.update(self.root(k) for k in t if not is_minor(k))
-                tags[b] = self.merge([tags[b], t])
+                # a spill of the picked dim into this one (reshape.spill) ends with the pick: the dim's own tags go on
+                drop = {minor_key(k) for k in t if not is_minor(k)}
+                tags[b] = self.merge([{k: x for k, x in tags[b].items() if k not in drop}, t])
                 found = True
         if not found:
             return out

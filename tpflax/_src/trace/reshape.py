@@ -83,7 +83,10 @@ def reshape(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> 
                 tags[o] = {**tags[o], k: (dst[o] * s, via)}
                 tags[o2] = {**tags[o2], minor_key(k): (s, via)}
                 w.spills[k] = math.gcd(w.spills.get(k, 0), dst[o])
-            elif not is_minor(k):
+            if not is_minor(k):
+                # cut into single pieces (a fused qkv's (3, heads, head_dim) indexed on the 3: Walk.pick), the major
+                # dim's split is the fused kernel's naive one and what runs on is the minor dim's own (6 heads), not
+                # a spill into it (3 pieces x 6 heads over 9 ranks), whose key the pick drops
                 later[k] = (math.gcd(lim, src[i] // dst[o], dst[o2]), via)
         if later:
             picks.append((o, o2, later))
