@@ -487,7 +487,7 @@ def _pair_row(c: _Flow, rid: int, adapters: bool = True) -> None:
         c.adapters[rid] = next(iter(cols))
         return
     rb = fR.body_dim(rdim)
-    if expert is not None and _experts(c, fR, expert, rb, list(cols.values())):
+    if expert is not None and _experts(c, fR, expert, rb, list(cols.values()), expert in R.batch):
         return
     lins = [_column(c, sid, e, R.path) for sid, e in sorted(cols.items())]
     if R.op == "conv" and len(lins) == 1 and c.cand[next(iter(cols))].op == "conv":
@@ -588,21 +588,28 @@ def _shared(c: _Flow, path: str) -> str:
     return f"; shared by {n} calls of its layer, at the same place in each, so split alike in all" if n > 1 else ""
 
 
-def _experts(c: _Flow, fR: Facts, expert: int, rb: int, edges: Sequence[Edge]) -> bool:
-    """Expert pairs (E, d, f) -> (E, f, d), gate and up alike; False when the shapes do not say experts."""
+def _experts(c: _Flow, fR: Facts, expert: int, rb: int, edges: Sequence[Edge], kept: bool = False) -> bool:
+    """Expert pairs: columns (E, d, f) or (E, f, d) -> a row (E, f, d) or (E, d, f), gate and up alike; False
+    when the shapes do not say experts. ``kept``: the row's contraction batches over the experts
+    (``btef,efd->bted``, DBRX's: all three kernels stored (E, f, d)), its output keeps them."""
     E = fR.body[fR.body_dim(expert)]
+    if fR.body_dim(expert) != 0 or rb not in (1, 2):
+        return False
     fits = []
     for e in edges:
         fS = c.fx[e.src]
-        if fS.body[0] == E and fS.body_dim(e.src_dim) == 2 and rb == 1 and fS.body[2] == fR.body[1]:
-            fits.append((fS, e))
-    if len(fits) != len(edges):
+        cf = fS.body_dim(e.src_dim)
+        if len(fS.body) == 3 and fS.body[0] == E and cf in (1, 2) and fS.body[cf] == fR.body[rb]:
+            fits.append((fS, e, cf))
+    if len(fits) != len(edges) or len({cf for _, _, cf in fits}) != 1:
         return False
-    (fS, e), rest = fits[0], fits[1:]
-    shard_experts(c.st, fS, fR, E, fS.body[2],
-                  f"traced: dim 0 ({E}) is kept by {short(fS.path)} and summed by {short(fR.path)} with the "
-                  f"ffn dim, {_via(e.via)} (experts)",
-                  [(g, f"traced: also feeds {short(fR.path)} {_via(e2.via)} (gated experts)") for g, e2 in rest])
+    (fS, e, cf), rest = fits[0], fits[1:]
+    how = "batched over by" if kept else "summed by"
+    shard_experts(c.st, fS, fR, E, fS.body[cf],
+                  f"traced: dim 0 ({E}) is kept by {short(fS.path)} and {how} {short(fR.path)}"
+                  f"{'' if kept else ' with the ffn dim'}, {_via(e.via)} (experts)",
+                  [(g, f"traced: also feeds {short(fR.path)} {_via(e2.via)} (gated experts)") for g, e2, _ in rest],
+                  ffn_dims=(cf, rb), kept_experts=kept)
     return True
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 from tpflax._src.cost.price import ActComm
 from tpflax._src.facts.classify import Facts
@@ -19,9 +20,17 @@ from tpflax._src.planner.choose import Option
 
 
 def shard_experts(st: State, col: Facts, row: Facts, n_exp: int, ffn: int, evidence: str = "",
-                  gated: Sequence[tuple[Facts, str]] = ()) -> None:
+                  gated: Sequence[tuple[Facts, str]] = (), ffn_dims: tuple[int, int] = (2, 1),
+                  kept_experts: bool = False) -> None:
     """Expert kernels ``col`` (E, d, f) (and the ``gated`` second up-projections beside it, each with why)
     feeding ``row`` (E, f, d).
+
+    ``ffn_dims``: the body dims of the ffn dim in ``col`` and in ``row`` (``(2, 1)`` as above; ``(1, 1)`` for
+    DBRX's kernels, all three stored (E, f, d)). ``kept_experts``: the row's contraction batches over the
+    experts (``btef,efd->bted``, a combine by the router weights after it), so its output keeps them, and
+    Megatron inside each expert sums E times the layer's width where the experts over the tensor axis leave
+    each device its experts' outputs whole (measured, XLA:CPU data=2,model=4, DBRX-style experts: ``f32[b, t,
+    E, d]`` all-reduced at ``btef,efd->bted``, 1.19x the collectives of the experts split over model).
 
     On a mesh with an expert axis that divides E: E over it, f over the tensor axis. Without one, the
     chooser prices Megatron inside each expert (f over the tensor axis), the experts over the tensor axis
@@ -34,6 +43,7 @@ def shard_experts(st: State, col: Facts, row: Facts, n_exp: int, ffn: int, evide
     t_ok = t_size > 1 and ffn % t_size == 0
     et_ok = not e_ok and t_size > 1 and n_exp % t_size == 0
     cols = [col, *(g for g, _ in gated)]
+    cf, rf = ffn_dims
     pair = st.new_pair("expert", cols, [row], ffn, t_ok or e_ok or et_ok,
                        "" if t_ok or et_ok else f"ffn {ffn} not divisible by {axis_label(t_entry, t_size)}")
     e_txt = (f"{n_exp} experts over {axis_label(e_entry, e_size)}" if e_ok else
@@ -48,9 +58,9 @@ def shard_experts(st: State, col: Facts, row: Facts, n_exp: int, ffn: int, evide
         e_spec = e_entry if e_ok else None
         t_spec = t_entry if t_ok else None
         t_txt = f"ffn {ffn} split over {axis_label(t_entry, t_size)}" if t_ok else "ffn dim whole"
-        st.put(col, (e_spec, None, t_spec), "expert" if e_ok else ("column" if t_ok else "replicate"),
+        st.put(col, _spec(e_spec, cf, t_spec), "expert" if e_ok else ("column" if t_ok else "replicate"),
                f"expert column: {e_txt}; {t_txt}; feeds {short(row.path)} (pair {pair.id}){tail}", pair.id, "column")
-        st.put(row, (e_spec, t_spec, None), "expert" if e_ok else ("row" if t_ok else "replicate"),
+        st.put(row, _spec(e_spec, rf, t_spec), "expert" if e_ok else ("row" if t_ok else "replicate"),
                f"expert row: {e_txt}; {t_txt}; fed by {short(col.path)} (pair {pair.id}){tail}", pair.id, "row")
         for g, why in gated:
             join_column(st, g, col, why)
@@ -58,15 +68,23 @@ def shard_experts(st: State, col: Facts, row: Facts, n_exp: int, ffn: int, evide
     if not evidence:
         tail += ("; untraced: experts over the tensor axis would sum less around a dispatched buffer (GShard, "
                  "Switch) and more around sorted (ragged_dot) or looped experts; pass model= to tell")
-    st.choose("expert", _expert_options(st, cols, row, pair.id, ffn, t_ok, (e_txt, tail), [why for _, why in gated]),
-              [*cols, row])
+    st.choose("expert", _expert_options(st, cols, row, pair.id, ffn, t_ok, (e_txt, tail), [why for _, why in gated],
+                                        ffn_dims, n_exp if kept_experts else 1), [*cols, row])
     chosen = st.out.get(row.path)
     if chosen is not None and chosen.strategy == "replicate":  # the chooser kept the experts whole
         st.pairs[st.pairs.index(pair)] = replace(pair, sharded=False, note="kept whole: cheaper by cost")
 
 
+def _spec(e_entry: Any, ffn_dim: int, t_entry: Any) -> tuple:
+    """An expert kernel's body spec: ``e_entry`` on its experts (dim 0), ``t_entry`` on its ffn dim ``ffn_dim``."""
+    spec: list[Any] = [e_entry, None, None]
+    spec[ffn_dim] = t_entry
+    return tuple(spec)
+
+
 def _expert_options(st: State, cols: list[Facts], row: Facts, pid: int, ffn: int, t_ok: bool,
-                    said: tuple[str, str], gated: list[str]) -> list[Option]:
+                    said: tuple[str, str], gated: list[str], ffn_dims: tuple[int, int] = (2, 1),
+                    kept: int = 1) -> list[Option]:
     """The candidate layouts of an expert pair on a mesh without an expert axis, with the collectives each
     causes per priced token (:func:`shard_experts`).
 
@@ -79,10 +97,13 @@ def _expert_options(st: State, cols: list[Facts], row: Facts, pid: int, ffn: int
     (``btd,edf->btef``, or untraced) they sum as Megatron's do, at the tokens. A buffer the dispatch summed
     the batch into is summed over the batch axes before the experts and its gradient after them, whole
     on each device unless its experts are split (:func:`tpflax._src.cost.experts.buffer_items`).
+    ``ffn_dims``, ``kept``: :func:`shard_experts`'s ``ffn_dims``, and ``E`` when the row's output keeps the
+    experts (its ``kept_experts``; else 1): Megatron's row then sums ``kept`` times its width a token.
     """
     t_entry, t_size = st.tensor
     over = axis_label(t_entry, t_size)
-    d_in, d_out = cols[0].body[1], row.body[-1]
+    cf, rf = ffn_dims
+    d_in, d_out = cols[0].body[3 - cf], row.body[3 - rf]
     # rows per priced token on one device of the buffer each kernel reads (1: the layer's tokens, untraced or
     # no dispatch)
     rows = {f.path: st.buffers.get(f.path, 1.0) for f in [*cols, row]}
@@ -109,12 +130,15 @@ def _expert_options(st: State, cols: list[Facts], row: Facts, pid: int, ffn: int
     matmul = frozenset(f.path for f in [*cols, row])
     options = []
     if t_ok:
-        ffn_dims = {(c.path, c.leaf_dim(2)) for c in cols} | {(row.path, row.leaf_dim(1))}
-        acts = (ActComm("all-reduce", t_entry, d_out * rows[row.path], 1, "row: sum partial outputs (forward)"),
+        # a row reading no buffer whose contraction keeps the experts: its partial outputs are E per token
+        wide = kept if row.path not in st.buffers else 1
+        split_ffn = {(c.path, c.leaf_dim(cf)) for c in cols} | {(row.path, row.leaf_dim(rf))}
+        acts = (ActComm("all-reduce", t_entry, d_out * rows[row.path] * wide, 1,
+                        "row: sum partial outputs (forward)"),
                 *(ActComm("all-reduce", t_entry, d_in * rows[c.path], 1, "column: sum partial input gradients "
-                          "(backward)") for c in cols), *buffer_sums(1), *_split_sums(st, ffn_dims, cols[0]))
+                          "(backward)") for c in cols), *buffer_sums(1), *_split_sums(st, split_ffn, cols[0]))
         options.append(Option("Megatron in each expert", props(
-            ((None, None, t_entry), (None, t_entry, None)), ("column", "row"), f"ffn {ffn} split over {over}"),
+            (_spec(None, cf, t_entry), _spec(None, rf, t_entry)), ("column", "row"), f"ffn {ffn} split over {over}"),
             acts, matmul))
     sums = (ActComm("all-reduce", t_entry, d_out, 1, "the combine sums the experts' outputs (forward)"),
             *(ActComm("all-reduce", t_entry, d_in, 1, "sum the experts' input gradients (backward)")
@@ -124,8 +148,8 @@ def _expert_options(st: State, cols: list[Facts], row: Facts, pid: int, ffn: int
         # gradient (the estimate's cost.comm.ragged_split_items), 2.0x Megatron's collectives measured (XLA:CPU
         # data=2,model=4, a dropless Mixtral-like MoE)
         sums = (*(ActComm("all-reduce", t_entry, width * rows[f.path], 1, f"ragged dot: sum its partial {what}")
-                  for f in [*cols, row] for width, what in ((f.body[-1], "output (forward)"),
-                                                            (f.body[1], "input gradient (backward)"))),
+                  for f, k in [*((c, cf) for c in cols), (row, 3 - rf)]
+                  for width, what in ((f.body[k], "output (forward)"), (f.body[3 - k], "input gradient (backward)"))),
                 *buffer_sums(1))  # the sorted tokens stay whole on each device, whatever splits the experts
     options.append(Option("experts over the tensor axis", props(
         ((t_entry, None, None), (t_entry, None, None)), ("expert", "expert"),
