@@ -472,8 +472,9 @@ def _forced_facts(forced: Mapping[str, Proposal], facts: Sequence[Facts], pairs:
         members = pair.columns + pair.rows
         if members and (all(m in same for m in members)
                         or (not side.keys() & set(members)
-                            and _experts_split_alike([by_path[m] for m in members], forced, ms,
-                                                     pair.kind == "expert"))):
+                            and (_experts_split_alike([by_path[m] for m in members], forced, ms,
+                                                      pair.kind == "expert")
+                                 or _a_priced_option(members, forced, own, rank, ms)))):
             new = replace(pair, id=len(pairs) + 1)
             pairs.append(new)
             side.update({m: (new.id, "column" if m in pair.columns else "row") for m in members})
@@ -485,6 +486,27 @@ def _forced_facts(forced: Mapping[str, Proposal], facts: Sequence[Facts], pairs:
             kind = "head"
         out[path] = replace(p, pair=p.pair if p.pair is not None else pid, role=p.role or role, kind=kind)
     return out, pairs
+
+
+def _a_priced_option(members: Sequence[str], forced: Mapping[str, Proposal], own: Mapping[str, Proposal],
+                     rank: Mapping[str, int], ms: MeshShape) -> bool:
+    """Every member of a pair forced to the layout of one and the same option the chooser priced for it (its
+    runner-up: Megatron inside each expert where it split the experts over the tensor axis), split over a tensor
+    or expert axis: still that pair, priced as that option is. Matched against the pick alone, a rule writing the
+    runner-up left the kernels unpaired."""
+    common: set[str] | None = None
+    for m in members:
+        if m not in forced or m not in own:
+            return False
+        want = _tensor_split(entries(forced[m].spec, rank[m]), ms)
+        if not any(want):
+            return False
+        names = {a.name for a in own[m].alternatives if a.group != "fsdp"
+                 and _tensor_split(entries(tuple(a.spec), rank[m]), ms) == want}
+        common = names if common is None else common & names
+        if not common:
+            return False
+    return bool(common)
 
 
 def _experts_split_alike(members: Sequence[Facts], forced: Mapping[str, Proposal], ms: MeshShape,
