@@ -185,13 +185,16 @@ def test_rules_forcing_the_runner_up_keep_the_pairs_roles(traced):
 
 class FlatExperts(nn.Module):
     """DBRX's experts: ``w1``, ``v1`` and ``w2`` stored flat ``(E * f, d)`` and reshaped to ``(E, f, d)`` where they
-    are read, every token through every expert (``btd,efd->btef``), weighted by its top-2 gates."""
+    are read, every token through every expert (``btd,efd->btef``), weighted by its top-2 gates. ``n``: the
+    experts."""
+
+    n: int = E
 
     @nn.compact
     def __call__(self, x):
-        w1, v1, w2 = (self.param(n, INIT, (E * F, D)).reshape(E, F, D) for n in ("w1", "v1", "w2"))
-        gates = jax.nn.softmax(nn.Dense(E, use_bias=False, name="router")(x), -1)
-        mask = jax.nn.one_hot(jax.lax.top_k(gates, 2)[1], E).sum(-2) * gates
+        w1, v1, w2 = (self.param(k, INIT, (self.n * F, D)).reshape(self.n, F, D) for k in ("w1", "v1", "w2"))
+        gates = jax.nn.softmax(nn.Dense(self.n, use_bias=False, name="router")(x), -1)
+        mask = jax.nn.one_hot(jax.lax.top_k(gates, 2)[1], self.n).sum(-2) * gates
         h = nn.silu(jnp.einsum("btd,efd->btef", x, w1)) * jnp.einsum("btd,efd->btef", x, v1)
         return jnp.einsum("bted,bte->btd", jnp.einsum("btef,efd->bted", h, w2), mask)
 
@@ -256,6 +259,40 @@ def test_fine_grained_experts_price_the_combine_sum_megatron_adds():
     assert d.spec == P("model", None, None) and d.reason.startswith("expert column: the mesh has no expert axis")
     mega = next(a for a in d.alternatives if a.name == "Megatron in each expert")
     assert any("sums the split ffn" in c for c in mega.collectives) and mega.step_time > next(a for a in d.alternatives if a.chosen).step_time
+
+
+@pytest.fixture(scope="module")
+def halves():
+    """Four experts stored flat on model=8: half an expert per device, as a hand layout splits the stored dim."""
+    m = LM(functools.partial(FlatExperts, n=4))
+    v = jax.eval_shape(m.init, jax.random.key(0), TOK)
+    return m, tpflax.plan(v, {"model": 8}, model=m, sample=(TOK,), batch=(TOK,))
+
+
+def test_fewer_experts_than_ranks_split_into_each_expert(halves):
+    # the split of the stored dim stopped at whole experts (4 of them): over model=8 the three were kept whole,
+    # 3.93x the bytes and 5.12x the flops of the stored dim split over 8 (the reproducer's sizes). 8 ranks over
+    # (4 experts x f) rows in order hold one slice of one expert each (trace.reshape.spill), so the split runs on
+    _, p = halves
+    assert {k: p.decisions[f"params/moe/{k}"].spec for k in ("w1", "v1", "w2")} == dict.fromkeys(
+        ("w1", "v1", "w2"), P("model", None))
+
+
+def test_fewer_experts_than_ranks_are_estimated_as_compiled(halves, devices):
+    # XLA sums in two steps: over the 2 ranks of one expert (the down projection's partial outputs forward, each
+    # column's input gradient backward), then over the 4 experts (the combine forward, the input gradients again
+    # backward). Priced as one sum over 8 (and the row's none): 0.78x the compiled collectives; the layout written
+    # by hand (the traced plan's, above), 0.63x
+    m, _ = halves
+    p = tpflax.plan(jax.eval_shape(m.init, jax.random.key(0), TOK), {"model": 8},
+                    rules=[(r"moe/(w1|v1|w2)$", P("model", None)), (r"embed", P("model", None)),
+                           (r"head", P(None, "model")), (r".*", P())])
+    mesh = tpflax.make_mesh({"model": 8})
+    ts = tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), sample=(TOK,))
+    dr = tpflax.dry_run(ts, p, mesh, compiler_options=COMM_XLA)
+    est = tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=(TOK,), backend="cpu")
+    assert abs(est.comm_total / dr.comm_total - 1) < 0.10, (est.comm, dr.comm())
+    assert {i.group_size for i in est.items if "sum partial input gradients over" in i.why} == {2}
 
 
 class StackedExperts(nn.Module):

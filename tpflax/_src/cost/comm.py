@@ -133,6 +133,10 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
         if cols[0] in s.experts_split:
             items += expert_split_items(s, pc, axes, count, source)
             continue
+        halves = {parted_split(s, p) for p in cols + rows}
+        if len(halves) == 1 and (ek := halves.pop()) is not None:
+            items += _parted_items(s, pc, axes, ek, count, source)
+            continue
         items += [i for m in cols + rows for i in ragged_split_items(s, m, count, source)]
         for r in rows:
             key = layer_key(dec[r].unit)
@@ -270,6 +274,53 @@ def expert_split_items(s: Scope, pc: Any, axes: tuple[str, ...], count: int, sou
             CommItem("all-reduce", axes, s.rows_local * d_in * s.act_item, n, count, source,
                      f"experts of {', '.join(dict.fromkeys(label[c] for c in pc.columns))} split over the tensor axis: the "
                      "dispatch's transpose sums their input gradients (backward)")]
+
+
+def parted_split(s: Scope, path: str) -> tuple[int, int] | None:
+    """``(E, k)`` when 2-D ``path``'s tensor axes split a stored dim its contractions read cut into ``(E, minor)``
+    (:attr:`Scope.parted`: DBRX's experts stored ``(E * f, d)``) over ``n = E * k`` ranks, ``k > 1``: each rank holds
+    ``1 / k`` of one expert. Else None (``n`` dividing E holds whole experts: a pair as any other)."""
+    d = s.lv.decisions[path]
+    parted = (s.parted or {}).get(path)
+    if not parted or len(d.shape) != 2:
+        return None
+    t = set(s.axes(path, TENSOR))
+    spec = s.lv.specs[path]
+    for dim, n_exp in parted.items():
+        axes = tuple(a for a in entry_axes(spec[dim]) if a in t) if dim < len(spec) else ()
+        n = s.size(axes) if axes else 1
+        if n > n_exp and n % n_exp == 0:
+            return n_exp, n // n_exp
+    return None
+
+
+def _parted_items(s: Scope, pc: Any, axes: tuple[str, ...], ek: tuple[int, int], count: int,
+                  source: str) -> list[CommItem]:
+    """An expert pair stored flat ``(E * f, d)`` split over ``n = E * k`` tensor ranks (:func:`parted_split`), each
+    rank ``1 / k`` of one expert. XLA sums in two steps: over the ``k`` ranks of one expert, then over the ``E``
+    experts. The row sums its one expert's partial outputs over ``k`` (forward; the combine's sum over ``E`` is a
+    product of two activations, :func:`tpflax._src.cost.estimate.split_sum_items`), and each column's input
+    gradient is summed over ``k`` and then over ``E`` (backward): measured, XLA:CPU model=8, 4 experts, per column
+    ``f32[tokens, d]`` all-reduced over groups of 2 and again over groups of 4, and the down projection's
+    ``f32[tokens, 1, d]`` over groups of 2; priced as one sum over 8 before, 0.78x the compiled collectives."""
+    dec, label = s.lv.decisions, s.lv.label
+    n_exp, k = ek
+    items = []
+    for r in pc.rows:
+        d = dec[r]
+        width = d.shape[1 - next(iter((s.parted or {})[r]))]
+        # at the tokens its columns read: one expert's (tokens, 1, d) on each rank, not every expert's rows
+        items.append(CommItem("all-reduce", axes, s.rows_of(pc.columns[0]) * width * s.act_item, k, count, source,
+                              f"row {label[r]}: sum partial outputs over the {k} ranks holding one expert (forward)"))
+    for c in pc.columns:
+        d = dec[c]
+        width = d.shape[1 - next(iter((s.parted or {})[c]))]
+        size = s.rows_of(c) * width * s.act_item
+        items.append(CommItem("all-reduce", axes, size, k, count, source, f"column {label[c]}: sum partial input "
+                              f"gradients over the {k} ranks holding one expert (backward)"))
+        items.append(CommItem("all-reduce", axes, size, n_exp, count, source, f"column {label[c]}: then over the "
+                              f"{n_exp} experts (backward)"))
+    return items
 
 
 def ragged_split_items(s: Scope, path: str, count: int, source: str) -> list[CommItem]:

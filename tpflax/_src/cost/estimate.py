@@ -52,7 +52,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from tpflax._src.cost.comm import comm_items
+from tpflax._src.cost.comm import comm_items, parted_split
 from tpflax._src.cost.experts import buffer_items, expert_items
 from tpflax._src.cost.explicit import cpu_wire, explicit_items, row_split_mesh
 from tpflax._src.cost.fft import fft_items
@@ -168,7 +168,7 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
                   batched=w.batched, ragged=w.ragged,
                   conditions=w.conditions, batch_dims=w.batch_dims, sliced=w.sliced, dots=w.dots, batched_dots=w.batched_dots, shard_mapped=w.shard_mapped, direct=w.direct, derived=w.derived, cast_to=w.cast_to, cast_some=w.cast_some,
                   written=frozenset(p for c in w.collectives if c.kind == "reduce-scatter" and not c.source.endswith("(backward)")
-                                    for p in c.carries), apart=w.apart, split_widths=w.split_widths, streamed=w.streamed, expanded=w.expanded,
+                                    for p in c.carries), apart=w.apart, split_widths=w.split_widths, parted=w.parted, streamed=w.streamed, expanded=w.expanded,
                   scanned=w.scanned, constrained=w.constrained, limits=w.limits, moments=param_moments(w.opt))
     notes.extend(product_sum_notes(lv, mesh, w, scope.experts_split))
     every = (comm_items(scope, notes) + expert_items(scope) + buffer_items(scope) + fused_items(scope, notes)
@@ -300,8 +300,14 @@ def split_sum_items(s: Scope, sums: Sequence[tuple[frozenset[tuple[str, int]], f
                 axes |= set(entry_axes(spec[dim])) & tensor if dim < len(spec) else set()
         if axes:
             ax = tuple(sorted(axes))
+            n = math.prod(s.mesh.sizes[a] for a in ax)
+            # experts stored flat (E * f, d) split over n = E * k ranks: the combine sums over the E experts only, the
+            # k ranks of one expert having summed its f first (comm.parted_split)
+            halves = {parted_split(s, rep.get(p, p)) for p, _ in dims}
+            if len(halves) == 1 and (ek := halves.pop()) is not None:
+                n = ek[0]
             out.append(CommItem("all-reduce", ax, per_example * s.batch.size / s.shards * s.act_item,
-                                math.prod(s.mesh.sizes[a] for a in ax), runs, ", ".join(sorted({p for p, _ in dims})),
+                                n, runs, ", ".join(sorted({p for p, _ in dims})),
                                 "a product of two activations sums a split dim: all-reduce its partial sums"))
     return out
 

@@ -247,6 +247,9 @@ class Traced:
     # per FFT (Dataflow.fft_reads): (operand bytes, output bytes, the (path, dim) keys of each operand dim, whether
     # its leading dim is the batch's (then the bytes are per example), whether its output has a gradient, runs)
     fft_reads: tuple[tuple[float, float, tuple[frozenset[tuple[str, int]], ...], bool, bool, int], ...] = ()
+    # {path: {leaf dim: major size}}: a stored dim its contractions read cut into (major, minor) (DBRX's experts
+    # stored (E * f, d), read as (E, f, d); Dataflow.parted)
+    parted: Mapping[str, Mapping[int, int]] = field(default_factory=dict)
     # {table: ids per example its lookups from the inputs gather, together}: a multi-codebook model's tables each
     # look up one codebook's ids of a (batch, codebooks, steps) input, not all of them; a shared table the
     # encoder's ids and the decoder's
@@ -417,7 +420,8 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None
                   derived=flow.derived_dots(), cast_to=flow.cast_to(), cast_some=flow.cast_some(),
                   slice_reads=_slice_reads(flow, slices), crossed=flow.crossed, ffts=flow.ffts,
                   fft_reads=_fft_reads(flow, examples),
-                  lookup_rows=_lookup_rows(flow, examples), ragged=ragged_groups(flow))
+                  lookup_rows=_lookup_rows(flow, examples), ragged=ragged_groups(flow),
+                  parted=dict(getattr(flow, "parted", {}) or {}))
 
 
 def _fft_reads(flow: Any, examples: int) -> tuple:

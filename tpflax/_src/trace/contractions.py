@@ -24,6 +24,7 @@ from typing import Any
 
 from tpflax._src.trace.interpreter import TagMap, Val, Walk, is_minor, opaque
 from tpflax._src.trace.records import Product
+from tpflax._src.trace.reshape import spill
 
 # why a kept dim escapes when a product of two activations sums it (a combine ``bsed,bse->bsd``)
 PRODUCT_SUM = "summed by a product of two activations (needs an all-reduce)"
@@ -112,12 +113,18 @@ def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
             continue
         # inside a shard_map body the kernel is one shard: its dims are ``split`` times larger outside
         size = [n * w.split.get((path, dims[p]), 1) if dims[p] is not None else n for p, n in enumerate(shape_p)]
+        # a stored dim cut into (major, minor) (DBRX's ``(E * f, d)`` read as ``(E, f, d)``): a split of it holds whole
+        # minor parts over n dividing the major size, and runs on into them over more ranks where each rank still holds
+        # one slice of one major element (reshape.spill: 4 experts over 8 ranks, half an expert each)
+        for q, pt in enumerate(parts):
+            if pt is not None and dims[pt[1]] == pt[0]:
+                size[q] = size[pt[1]] = pt[2] * spill(pt[2] * shape_p[q], pt[2], shape_p[q])
+                w.parted.setdefault(path, {})[pt[0]] = pt[2]
         for a, p in zip(ac, pc, strict=True):
             if dims[p] is None and parts[p] is not None:
-                # the minor part of a stored dim (DBRX's ``btef,efd->bted`` summing the f of its ``(E * f, d)``): a
-                # split of the stored dim over n dividing the major size holds whole minor parts
+                # the minor part of a stored dim (DBRX's ``btef,efd->bted`` summing the f of its ``(E * f, d)``)
                 for k, (limit, via) in w.merge([act.dim_tags(a)]).items():
-                    w.edge(k, uid, parts[p][0], math.gcd(limit, parts[p][2]), via)
+                    w.edge(k, uid, parts[p][0], math.gcd(limit, size[p]), via)
                 continue
             if dims[p] is None:
                 continue
@@ -130,7 +137,7 @@ def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
             if dims[p] is not None:
                 tag_pf[i][(uid, dims[p])] = (size[p], ())
             elif parts[p] is not None:  # kept minor part: its own key, on the leaf dim (Walk.part_key)
-                tag_pf[i][w.part_key(uid, parts[p][0])] = (parts[p][2], ())
+                tag_pf[i][w.part_key(uid, parts[p][0])] = (size[p], ())
     if act.onehot:
         return [Val(out_rank)]  # an embedding lookup: its rows are not a column's output
     tag_af = [w.merge([act.dim_tags(a)]) for a in af]

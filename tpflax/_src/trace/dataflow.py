@@ -312,7 +312,7 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                     apart=read_groups(jaxpr, w.reads, VIEWS - {"sharding_constraint", "reshard"}),
                     dead=dead_params(jaxpr, paths) - {u.path for u in w.uses},
                     no_grad=no_grad_params(closed, paths), constraints=tuple(sorted(w.constraints)),
-                    split_widths=frozenset(w.split_widths),
+                    split_widths=frozenset(w.split_widths), parted={p: dict(d) for p, d in w.parted.items()},
                     streamed=frozenset(w.root(k) for k in w.joined if not is_minor(k)),
                     added=remap_added(w.added, lambda k: None if is_minor(k) else w.root(k)), expanded=dict(w.expanded),
                     in_specs=dict(w.in_specs), direct=frozenset(w.direct),

@@ -203,6 +203,7 @@ class Walk:
     views: set[tuple[int, int]] = field(default_factory=set)  # fused dims cut apart by a reshape (Walk.pick)
     parts: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)  # part key -> its kernel dim
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # parameter path -> its stored shape
+    parted: dict[str, dict[int, int]] = field(default_factory=dict)  # path -> {leaf dim: major size} (Dataflow.parted)
     split: dict[tuple[str, int], int] = field(default_factory=dict)  # (path, leaf dim) -> shards in a shard_map body
     ragged: dict[int, Any] = field(default_factory=dict)  # id(ragged_dot_general eqn) -> the view dot_general reads
     # path -> ((leaf dim, mesh axes, sizes), ...) the first shard_map it enters lays it out over (Dataflow.in_specs)

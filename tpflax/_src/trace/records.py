@@ -369,6 +369,7 @@ class Dataflow:
     crossed: tuple[str, ...] = ()
     ffts: tuple[str, ...] = ()
     fft_reads: tuple[FftRead, ...] = ()
+    parted: Mapping[str, Mapping[int, int]] = field(default_factory=dict)
 
     def positional(self) -> dict[str, tuple[int, tuple[int, ...]]]:
         """``{table: (rows looked up, its dims not indexed)}`` for tables every use of which is a lookup at
