@@ -438,3 +438,18 @@ def test_a_mesh_string_takes_spaces_around_its_equals_signs():
     # " model = 2 " gave three "not name=size" problems ('model', '=', '2')
     assert tpflax.plan({"w": np.ones((8, 4))}, " data = 2 , model = 4 ").mesh.sizes == {"data": 2, "model": 4}
     assert tpflax.plan({"w": np.ones((8, 4))}, "data : 2 model=4").mesh.sizes == {"data": 2, "model": 4}
+
+
+@pytest.mark.parametrize("text,where", [("data=2,,model=4", "has two commas with no axis between them"),
+                                        ("data=2,", "ends with a comma"), (",model=4", "starts with a comma"),
+                                        ("data=2, ,model=4", "has two commas")])
+def test_a_mesh_string_with_an_empty_axis_is_refused(text, where, capsys):
+    # the empty piece was dropped: "data=2,,model=4" made a data=2,model=4 mesh, "data=2," a data=2 one, silently
+    from tpflax.cli import main
+
+    with pytest.raises(tpflax.MeshError, match=rf"cannot parse mesh '{re.escape(text)}': it {where}"):
+        tpflax.make_mesh(text)
+    with pytest.raises(tpflax.MeshError, match="comma"):
+        tpflax.plan({"w": np.ones((8, 4))}, text)
+    assert main(["plan", "mlp", "--mesh", text]) == 2
+    assert f"cannot parse mesh '{text}'" in capsys.readouterr().err

@@ -87,9 +87,17 @@ def parse_mesh_string(text: str) -> dict[str, int]:
     out: dict[str, int] = {}
     problems = []
     # spaces around '=' or ':' ("model = 2") belong to the pair, not between pairs
-    parts = [p for p in re.split(r"[,\s]+", re.sub(r"\s*([=:])\s*", r"\1", text.strip())) if p]
-    if not parts:
+    pieces = [p.strip() for p in re.sub(r"\s*([=:])\s*", r"\1", text.strip()).split(",")]
+    if not any(pieces):
         raise MeshError(f"mesh {text!r} is empty; write it as name=size pairs, e.g. 'data=2,model=4'")
+    if not all(pieces):
+        # "data=2,,model=4", "data=2," or ",model=4": a pair left out, or one comma too many; not dropped,
+        # since the caller may have meant an axis there
+        where = ("starts with a comma" if not pieces[0] else "ends with a comma" if not pieces[-1]
+                 else "has two commas with no axis between them")
+        raise MeshError(f"cannot parse mesh {text!r}: it {where}; write name=size pairs separated by one comma, "
+                        "e.g. 'data=2,model=4'")
+    parts = [p for piece in pieces for p in piece.split()]
     for part in parts:
         m = re.fullmatch(r"([A-Za-z_][\w-]*)\s*[=:]\s*(-?\d+)", part)
         if not m:
