@@ -453,3 +453,31 @@ def test_a_mesh_string_with_an_empty_axis_is_refused(text, where, capsys):
         tpflax.plan({"w": np.ones((8, 4))}, text)
     assert main(["plan", "mlp", "--mesh", text]) == 2
     assert f"cannot parse mesh '{text}'" in capsys.readouterr().err
+
+
+def test_make_train_step_takes_a_numpy_integer_batch_size():
+    # np.int64(8) was read as an abstract batch of one 0-d leaf for a zoo model (the step's batch argument a
+    # scalar), and refused as "batch=int64 is only for zoo models" for any other model
+    from flax import nnx
+
+    mesh = tpflax.make_mesh({"data": 2, "model": 4})
+    m = zoo.get("mlp")
+    plan = tpflax.plan(m.abstract_variables(), mesh)
+    want = jax.tree.map(lambda x: (x.shape, x.dtype), tpflax.make_train_step(m, plan, mesh, optax.sgd(0.1), 8).args[2])
+    for batch in (np.int64(8), np.int32(8), (np.int64(8), 32)):
+        got = tpflax.make_train_step(m, plan, mesh, optax.sgd(0.1), batch=batch).args[2]
+        assert jax.tree.map(lambda x: (x.shape, x.dtype), got) == want, batch
+
+    class Lin(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(4, 8, rngs=rngs)
+
+        def __call__(self, x):
+            return self.lin(x)
+
+    mod = Lin(nnx.Rngs(0))
+    plan = tpflax.plan(nnx.state(mod), mesh)
+    sample = (jax.ShapeDtypeStruct((2, 4), "float32"),)
+    step = tpflax.make_train_step(mod, plan, mesh, optax.sgd(0.1), batch=np.int64(8), sample=sample,
+                                  loss=lambda out, x: (out ** 2).mean())
+    assert [x.shape for x in jax.tree.leaves(step.args[2])] == [(8, 4)]

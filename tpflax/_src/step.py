@@ -22,7 +22,7 @@ from functools import partial
 from typing import Any
 
 from tpflax._src.apply.step import with_shardings
-from tpflax._src.cost.batch import size_problem
+from tpflax._src.cost.batch import plain_batch, size_problem
 from tpflax._src.cost.optstate import opt_state_specs
 from tpflax._src.errors import OptionError, PlanMismatchError
 from tpflax._src.facts.tree import is_nnx_state, keystr, unboxed, walk
@@ -336,6 +336,9 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
                           "update()); pass one, e.g. optax.adamw(1e-3)")
     if (why := size_problem(batch)) is not None:  # before it sets a sample's leading dim
         raise OptionError(why)
+    # np.int64(8) (from np.prod, a numpy config) is a size as 8 is: read as a leaf, a zoo model's batch was that
+    # one 0-d array, and any other model's step refused it as "only for zoo models"
+    batch = plain_batch(batch)
     given = variables
     if variables is None:
         variables = _linen_own_variables(model, sample, batch)
