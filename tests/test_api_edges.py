@@ -481,3 +481,22 @@ def test_make_train_step_takes_a_numpy_integer_batch_size():
     step = tpflax.make_train_step(mod, plan, mesh, optax.sgd(0.1), batch=np.int64(8), sample=sample,
                                   loss=lambda out, x: (out ** 2).mean())
     assert [x.shape for x in jax.tree.leaves(step.args[2])] == [(8, 4)]
+
+
+def test_batch_leaves_disagreeing_on_the_batch_size_are_named():
+    # {"x": 8 examples, "y": 16 labels} was given one sharding per leaf, each split as if it held the batch:
+    # the mismatch surfaced (if at all) deep in the user's step
+    mesh = tpflax.make_mesh({"data": 2, "model": 4})
+    batch = {"x": np.ones((8, 3), np.float32), "y": np.ones((16,), np.int32), "step": 3}
+    calls = (lambda b: tpflax.batch_sharding(mesh, b), lambda b: tpflax.shard_batch(b, mesh),
+             lambda b: jax.jit(lambda t: tpflax.constrain_batch(t, mesh))(b))
+    for call in calls:
+        with pytest.raises(tpflax.TreeError, match=r"disagree on the batch \(leading\) size: x has 8 examples "
+                                                   r"\(shape \(8, 3\)\) but y has 16 \(shape \(16,\)\)"):
+            call(batch)
+    abstract = {"a": jax.ShapeDtypeStruct((4, 2), "float32"), "b": jax.ShapeDtypeStruct((8, 2), "float32")}
+    with pytest.raises(tpflax.TreeError, match="a has 4 examples .* but b has 8"):
+        tpflax.batch_sharding(mesh, abstract)
+    # agreeing leaves, scalars and None leaves pass as before
+    ok = tpflax.shard_batch({"x": np.ones((8, 3)), "y": np.ones(8), "step": 3, "n": None}, mesh)
+    assert ok["y"].sharding.spec == jax.sharding.PartitionSpec("data")

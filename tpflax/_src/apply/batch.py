@@ -41,7 +41,8 @@ def batch_sharding(mesh: Any, batch: Any = None, *, axis_roles: Mapping[str, str
     batch dim it lacks, which ``jax.jit`` refuses.
 
     Raises:
-        TreeError: a ``batch`` leaf is no array jax can hold (a string, an object array).
+        TreeError: a ``batch`` leaf is no array jax can hold (a string, an object array), or the leaves
+            disagree on the batch (leading) size.
         SpecError: a ``batch`` leaf's batch dim does not divide over the batch axes.
 
     >>> import jax, tpflax
@@ -55,7 +56,11 @@ def batch_sharding(mesh: Any, batch: Any = None, *, axis_roles: Mapping[str, str
     _check_order("batch_sharding(mesh, batch)", mesh, batch)
     mesh = sharding_mesh(mesh)
     spec = batch_spec(mesh, axis_roles=axis_roles)
-    return NamedSharding(mesh, spec) if batch is None else batch_shardings(batch, mesh, spec)
+    if batch is None:
+        return NamedSharding(mesh, spec)
+    check_batch_leaves(batch)
+    check_batch_sizes(batch)
+    return batch_shardings(batch, mesh, spec)
 
 
 def _check_order(call: str, mesh: Any, batch: Any) -> None:
@@ -89,6 +94,37 @@ def batch_shardings(batch: Any, mesh: jax.sharding.Mesh, spec: PartitionSpec) ->
         raise SpecError("the batch does not split over the mesh", problems)
     return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, spec if len(getattr(x, "shape", np.shape(x)))
                                                           else PartitionSpec()), batch)
+
+
+def check_batch_sizes(batch: Any) -> None:
+    """TreeError when the batch's array leaves (0-d ones aside) disagree on their leading (batch) size: each
+    is split over the batch axes as holding the same examples, so ``{"x": (8, 32), "y": (4,)}`` (labels of
+    another batch, a mask shared by every example) would be laid out as if it did, and fail or mislead later.
+
+    >>> import numpy as np
+    >>> check_batch_sizes({"x": np.ones((8, 3)), "y": np.ones(8), "step": 3})
+    >>> check_batch_sizes({"x": np.ones((8, 3)), "y": np.ones(4)})
+    Traceback (most recent call last):
+    tpflax._src.errors.TreeError: the batch's leaves disagree on the batch (leading) size: x has 8 examples (shape (8, 3)) but y has 4 (shape (4,)); give every leaf the same leading dim, and pass a leaf that is not per-example (a shared mask, a table) apart from the batch (e.g. replicated)
+    """
+    first = None
+    problems = []
+    for path, x in jax.tree_util.tree_flatten_with_path(batch)[0]:
+        shape = tuple(getattr(x, "shape", None) or np.shape(x))
+        if not shape:
+            continue
+        where = keystr(path) or "<batch>"
+        if first is None:
+            first = (where, shape)
+        elif shape[0] != first[1][0]:
+            problems.append(f"{where} has {shape[0]} (shape {shape})")
+    if problems:
+        name, shape = first
+        raise TreeError(f"the batch's leaves disagree on the batch (leading) size: {name} has {shape[0]} examples "
+                        f"(shape {shape}) but {'; '.join(problems[:4])}"
+                        f"{f' (and {len(problems) - 4} more)' if len(problems) > 4 else ''}; give every leaf the "
+                        "same leading dim, and pass a leaf that is not per-example (a shared mask, a table) apart "
+                        "from the batch (e.g. replicated)")
 
 
 def check_batch_leaves(batch: Any) -> None:
@@ -138,7 +174,8 @@ def shard_batch(batch: Any, mesh: Any, *, process_local: bool = False,
 
     Raises:
         TreeError: a leaf is no array jax can hold (a string, an object array) or is abstract
-            (``jax.ShapeDtypeStruct``: :func:`batch_sharding` gives its shardings).
+            (``jax.ShapeDtypeStruct``: :func:`batch_sharding` gives its shardings), or the leaves
+            disagree on the batch (leading) size.
         SpecError: a leaf's batch dim does not divide over the batch axes.
 
     >>> import numpy as np, tpflax
@@ -158,6 +195,7 @@ def shard_batch(batch: Any, mesh: Any, *, process_local: bool = False,
     flat, treedef = jax.tree_util.tree_flatten(batch)
     # float64 inputs and int64 ids narrow to 32 bits, as jax narrows them, unless an id would wrap
     check_batch_leaves(batch)
+    check_batch_sizes(batch)
     check_values(batch, flat, narrow="overflow", what="the batch")
     if process_local:  # local parts of a global batch as many times longer as there are processes
         n = jax.process_count()
@@ -184,8 +222,10 @@ def constrain_batch(batch: Any, mesh: Any, *, axis_roles: Mapping[str, str] | No
 
     Raises:
         SpecError: a leaf's batch dim does not divide over the batch axes.
+        TreeError: the leaves disagree on the batch (leading) size.
     """
     _check_order("constrain_batch(batch, mesh)", mesh, batch)
+    check_batch_sizes(batch)
     mesh = sharding_mesh(mesh)
     shards = batch_shardings(batch, mesh, batch_spec(mesh, axis_roles=axis_roles))
     return jax.tree_util.tree_map(constrain_to, batch, shards)
