@@ -500,3 +500,19 @@ def test_batch_leaves_disagreeing_on_the_batch_size_are_named():
     # agreeing leaves, scalars and None leaves pass as before
     ok = tpflax.shard_batch({"x": np.ones((8, 3)), "y": np.ones(8), "step": 3, "n": None}, mesh)
     assert ok["y"].sharding.spec == jax.sharding.PartitionSpec("data")
+
+
+def test_estimate_says_what_activations_takes():
+    # {"x": 3} was a bare TypeError ("'int' object is not iterable") from deep in the pricing, a list an
+    # AttributeError ("'list' object has no attribute 'get'")
+    model = zoo.get("mlp")
+    plan = tpflax.plan(model.abstract_variables(), {"data": 2, "model": 4})
+    how = r"activations= takes what tpflax.trace_activations\(model, batch\) returns"
+    for bad, problem in (({"x": 3}, "x: 3 (int) is not a list of Act"), ({"x": [(8, 256)]}, "x: holds (8, 256)"),
+                         ({0: []}, "key 0 (int) is not a layer path"), ([1, 2], None), ("up", None)):
+        with pytest.raises(tpflax.EstimateError, match=how) as e:
+            tpflax.estimate(plan, optax.sgd(0.1), 8, model=model, activations=bad)
+        assert problem is None or e.value.problems[0].startswith(problem), e.value.problems
+    acts = tpflax.trace_activations(model, 8)
+    assert tpflax.estimate(plan, optax.sgd(0.1), 8, model=model, activations=acts).per_device == \
+        tpflax.estimate(plan, optax.sgd(0.1), 8, model=model).per_device

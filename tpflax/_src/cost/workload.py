@@ -170,6 +170,28 @@ def _check_options(act_dtype: Any, grad_dtype: Any, backend: str, expert_dispatc
         raise EstimateError(f"expert_dispatch {expert_dispatch!r} must be 'all-to-all' or 'dense'")
 
 
+def _check_activations(activations: Any) -> None:
+    """EstimateError unless ``activations`` is what :func:`tpflax.trace_activations` returns (or None): a
+    mapping of layer path to a list of ``Act`` s. Anything else failed deep in the pricing with a bare
+    TypeError ("'int' object is not iterable") or AttributeError."""
+    if activations is None:
+        return
+    how = ("activations= takes what tpflax.trace_activations(model, batch) returns, {layer path: [Act, ...]} "
+           "(or None: traced from model=)")
+    if not isinstance(activations, Mapping):
+        raise EstimateError(f"activations= is {type(activations).__name__}, not a mapping; {how}")
+    bad = []
+    for key, calls in activations.items():
+        if not isinstance(key, str):
+            bad.append(f"key {key!r} ({type(key).__name__}) is not a layer path")
+        elif isinstance(calls, (str, bytes)) or not isinstance(calls, Sequence):
+            bad.append(f"{key}: {calls!r} ({type(calls).__name__}) is not a list of Act")
+        elif (odd := next((a for a in calls if not isinstance(a, Act)), None)) is not None:
+            bad.append(f"{key}: holds {odd!r} ({type(odd).__name__}), not an Act")
+    if bad:
+        raise EstimateError(f"activations= is not a trace of layer calls; {how}", bad[:8])
+
+
 def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = None,
             activations: Mapping[str, Sequence[Act]] | None = None, model: Any = None, sample: Any = None,
             remat: bool = False, grad_dtype: Any = None, act_dtype: Any = None, backend: str = "tpu",
@@ -185,6 +207,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
     """
     _check_options(act_dtype, grad_dtype, backend, expert_dispatch, remat)
     _check_hints(config)
+    _check_activations(activations)
     batch = plain_batch(batch)  # np.int64(8) was read as an array leaf: a batch of one example
     if (why := size_problem(batch)) is not None:  # before it sets a sample's leading dim
         raise EstimateError(why)
