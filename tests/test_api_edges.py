@@ -516,3 +516,22 @@ def test_estimate_says_what_activations_takes():
     acts = tpflax.trace_activations(model, 8)
     assert tpflax.estimate(plan, optax.sgd(0.1), 8, model=model, activations=acts).per_device == \
         tpflax.estimate(plan, optax.sgd(0.1), 8, model=model).per_device
+
+
+def test_report_takes_a_suggested_candidates_estimate_and_refuses_what_is_no_estimate():
+    # report(plan, x) showed any x with report_lines as the estimate (a Suggestion's ranking, a DryRun under the
+    # estimate's heading) and dropped any other x without a word (a candidate, estimate.to_dict())
+    s = tpflax.suggest_mesh(zoo.get("mlp"), 8, "1GiB", batch=8, optimizer=optax.adam(1e-3))
+    best, second = s[0], s[1]
+    own = tpflax.report(best.plan, best.estimate, reasons=False)
+    assert "estimate per training step" in own
+    assert tpflax.report(best.plan, best, reasons=False) == own
+    assert best.estimate.made_for and best.estimate.peak == best.peak and best.estimate.comm == best.comm
+    with pytest.raises(tpflax.PlanMismatchError, match=f"made for mesh {second.mesh}"):
+        tpflax.report(best.plan, second)
+    for bad, words in ((s, r"not Suggestion \(take a candidate's"), (best.estimate.to_dict(), "not dict")):
+        with pytest.raises(tpflax.OptionError, match=r"estimate= takes tpflax.estimate\(plan, ...\)'s result .*"
+                                                     + words):
+            tpflax.report(best.plan, bad)
+    with pytest.raises(tpflax.OptionError, match=r"dry_run= takes .* not Estimate \(an Estimate goes in estimate=\)"):
+        tpflax.report(best.plan, dry_run=best.estimate)

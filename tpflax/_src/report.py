@@ -259,6 +259,43 @@ def _leaf_mismatches(leaves: Sequence[tuple], plan: Plan, most: int = 5) -> list
     return out[:most] + ([f"... and {len(out) - most} more"] if len(out) > most else [])
 
 
+def _as_estimate(estimate: Any) -> Any:
+    """``estimate`` as :func:`report` shows it: an :class:`~tpflax.Estimate`, or a :func:`tpflax.suggest_mesh`
+    candidate's (``suggestion[0]``: its ``.estimate``); None as is. Anything else was shown as an estimate when it
+    had ``report_lines`` (a Suggestion's ranking, a dry run under the estimate's heading) and dropped without a
+    word when it had not (a candidate, ``estimate.to_dict()``)."""
+    from tpflax._src.cost.records import Estimate
+    from tpflax._src.errors import OptionError
+    from tpflax._src.suggest.records import Candidate
+
+    if estimate is None or isinstance(estimate, Estimate):
+        return estimate
+    if isinstance(estimate, Candidate):
+        return estimate.estimate
+    hint = (" (a DryRun goes in dry_run=)" if _is_dry_run(estimate) else
+            " (take a candidate's: suggestion[0].estimate, with suggestion[0].plan)"
+            if type(estimate).__name__ == "Suggestion" else "")
+    raise OptionError(f"estimate= takes tpflax.estimate(plan, ...)'s result (or a suggest_mesh candidate), not "
+                      f"{type(estimate).__name__}{hint}")
+
+
+def _is_dry_run(x: Any) -> bool:
+    from tpflax._src.dryrun import DryRun
+
+    return isinstance(x, DryRun)
+
+
+def _as_dry_run(dry_run: Any) -> Any:
+    """``dry_run`` as :func:`report` shows it: a :class:`~tpflax.DryRun` or None; an OptionError otherwise (it was
+    dropped, or shown as compiled, without a word)."""
+    from tpflax._src.errors import OptionError
+
+    if dry_run is None or _is_dry_run(dry_run):
+        return dry_run
+    raise OptionError(f"dry_run= takes tpflax.dry_run(step, plan, mesh)'s result, not {type(dry_run).__name__}"
+                      f"{' (an Estimate goes in estimate=)' if type(dry_run).__name__ == 'Estimate' else ''}")
+
+
 def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool = True,
            pairs: bool = False, dry_run: Any = None, full: bool = False, width: int | None = None,
            why: Any = None) -> str:
@@ -266,8 +303,7 @@ def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool
 
     Args:
         plan: the plan.
-        estimate: an object with a ``report_lines()`` method (e.g. ``tpflax.estimate``'s
-            result) or None.
+        estimate: ``tpflax.estimate``'s result, a ``tpflax.suggest_mesh`` candidate (its estimate), or None.
         fmt: ``"text"`` or ``"json"``.
         reasons: include the reason column in text.
         pairs: list the column/row pairs in text.
@@ -292,6 +328,7 @@ def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool
     if not isinstance(plan, Plan):
         raise OptionError(f"report() expects a tpflax.Plan, got {type(plan).__name__}; make one with "
                           "tpflax.plan(tree, mesh)")
+    estimate, dry_run = _as_estimate(estimate), _as_dry_run(dry_run)
     check_made_for(plan, estimate=estimate, dry_run=dry_run)
     if width is not None and (isinstance(width, bool) or not isinstance(width, numbers.Integral) or width < 1):
         raise OptionError(f"width {width!r} must be a positive number of columns (or None: the terminal's)")
