@@ -535,3 +535,22 @@ def test_report_takes_a_suggested_candidates_estimate_and_refuses_what_is_no_est
             tpflax.report(best.plan, bad)
     with pytest.raises(tpflax.OptionError, match=r"dry_run= takes .* not Estimate \(an Estimate goes in estimate=\)"):
         tpflax.report(best.plan, dry_run=best.estimate)
+
+
+def test_editing_plan_specs_leaves_the_plan_as_it_was():
+    # plan.specs was the plan's own tree: an edit of it (to tweak a layout for one's own jit) changed what
+    # tpflax.shardings(plan, mesh) gave, while shard() and the estimate kept reading the decisions
+    from jax.sharding import PartitionSpec as P
+
+    mesh = tpflax.make_mesh({"data": 2, "model": 4})
+    tree = {"params": {"up": {"kernel": jax.ShapeDtypeStruct((64, 256), "float32")},
+                       "down": {"kernel": jax.ShapeDtypeStruct((256, 64), "float32")}}}
+    plan = tpflax.plan(tree, mesh)
+    want = plan.spec("params/up/kernel")
+    assert want != P()
+    specs = plan.specs
+    specs["params"]["up"]["kernel"] = P()
+    del specs["params"]["down"]
+    assert plan.specs["params"]["up"]["kernel"] == want and "down" in plan.specs["params"]
+    assert tpflax.shardings(plan, mesh)["params"]["up"]["kernel"].spec == want
+    assert tpflax.Plan.from_json(plan.to_json()).specs == plan.specs

@@ -325,6 +325,29 @@ class Plan:
         return export.to_logical_axis_rules(self)
 
 
+def _is_spec(x: Any) -> bool:
+    return isinstance(x, PartitionSpec)
+
+
+def _set_specs(self: Plan, tree: Any) -> None:
+    """Keep the specs tree as its structure and leaves: :attr:`Plan.specs` hands out a new tree each time."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=_is_spec)
+    object.__setattr__(self, "_specs", (treedef, tuple(leaves)))
+
+
+def _get_specs(self: Plan) -> Any:
+    """The specs tree, in new containers: the caller's edits (``plan.specs["params"]["w"] = P()``, a
+    ``del``) changed the plan's own tree before, so :func:`tpflax.shardings` laid out what ``shard`` and the
+    estimate did not (they read ``decisions``)."""
+    treedef, leaves = self._specs
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+# after @dataclass has made ``specs`` a field (a property there would be read as its default): the generated
+# __init__, replace(), repr and == go through it
+Plan.specs = property(_get_specs, _set_specs, doc=Plan.__doc__ and "PartitionSpec tree shaped like the planned tree.")
+
+
 def require_plan(plan: Any, call: str, fix: str = "make one with tpflax.plan(tree, mesh)") -> None:
     """OptionError unless ``plan`` is a :class:`Plan`: ``call``'s arguments given in another order (the mesh
     where the plan goes) fail deep inside it otherwise, with a bare ``AttributeError``.
