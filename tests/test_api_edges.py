@@ -554,3 +554,13 @@ def test_editing_plan_specs_leaves_the_plan_as_it_was():
     assert plan.specs["params"]["up"]["kernel"] == want and "down" in plan.specs["params"]
     assert tpflax.shardings(plan, mesh)["params"]["up"]["kernel"].spec == want
     assert tpflax.Plan.from_json(plan.to_json()).specs == plan.specs
+
+
+def test_a_dict_with_keys_of_mixed_types_is_named():
+    # jax cannot sort {0: ..., "a": ...}: plan, shard and suggest_mesh raised jax's bare "ValueError: Comparator
+    # raised exception while sorting pytree dictionary keys" with no path
+    tree = {"params": {"emb": {0: np.ones((8, 4), np.float32), "a": np.ones((8, 4), np.float32)}}}
+    with pytest.raises(tpflax.TreeError, match=r"params/emb has keys of types int, str, which jax cannot sort"):
+        tpflax.plan(tree, {"model": 2})
+    with pytest.raises(tpflax.TreeError, match="params/emb has keys of types int, str"):
+        tpflax.suggest_mesh(tree, 2, "1GiB")

@@ -12,6 +12,7 @@ import functools
 import math
 import numbers
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -222,6 +223,22 @@ def numeric_kind(dtype: Any) -> str:
     return "int"
 
 
+def _mixed_keys(tree: Any, path: str = "") -> str:
+    """Where the first dict whose keys jax cannot sort is, and its keys' types (``"params/emb: int, str"``)."""
+    if isinstance(tree, Mapping):
+        kinds = sorted({type(k).__name__ for k in tree})
+        if len(kinds) > 1:
+            return f"{path or 'the root'} has keys of types {', '.join(kinds)}"
+        for k, v in tree.items():
+            if (found := _mixed_keys(v, f"{path}/{k}" if path else str(k))):
+                return found
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            if (found := _mixed_keys(v, f"{path}/{i}" if path else str(i))):
+                return found
+    return ""
+
+
 def walk(tree: Any) -> tuple[list[Leaf], Any]:
     """Describe every leaf of ``tree``.
 
@@ -237,7 +254,14 @@ def walk(tree: Any) -> tuple[list[Leaf], Any]:
     >>> leaves[0].path, leaves[0].shape
     ('params/w', (4, 8))
     """
-    boxed, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)
+    try:
+        boxed, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)
+    except ValueError as e:
+        if "sorting pytree dictionary keys" not in str(e):
+            raise
+        where = _mixed_keys(tree) or "a dict in it has keys of several types"
+        raise TreeError(f"jax cannot flatten the tree: {where}, which jax cannot sort; key each dict by one "
+                        "type, e.g. str(k) for every key") from None
     if not boxed:
         raise TreeError(
             "the parameter tree is empty (no array leaves); pass the params returned by "
