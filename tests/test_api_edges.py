@@ -564,3 +564,23 @@ def test_a_dict_with_keys_of_mixed_types_is_named():
         tpflax.plan(tree, {"model": 2})
     with pytest.raises(tpflax.TreeError, match="params/emb has keys of types int, str"):
         tpflax.suggest_mesh(tree, 2, "1GiB")
+
+
+def test_init_sharded_takes_python_values_among_its_positional_arguments():
+    # init_sharded(f, plan, mesh, key, 16): the 16 was traced, and jax's bare TypeError ("Shapes must be 1D
+    # sequences of concrete values of integer type") came from inside tpflax's jit; kwargs were static already
+    import flax.linen as nn
+
+    model = nn.Dense(8)
+
+    def init(key, width, scale, name):
+        assert isinstance(width, int) and scale == 1.0 and name == "w"
+        return model.init(key, jax.numpy.ones((2, width)))
+
+    mesh = tpflax.make_mesh({"model": 2})
+    plan = tpflax.plan(jax.eval_shape(model.init, jax.random.key(0), jax.numpy.ones((2, 4))), mesh,
+                       rules=[("kernel", "column")])
+    got = tpflax.init_sharded(init, plan, mesh, jax.random.key(0), 4, 1.0, "w")
+    want = model.init(jax.random.key(0), jax.numpy.ones((2, 4)))
+    assert got["params"]["kernel"].sharding.spec == jax.sharding.PartitionSpec(None, "model")
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True))

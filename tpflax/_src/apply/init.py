@@ -38,7 +38,8 @@ def init_sharded(init_fn: Callable[..., Any], plan: Plan, mesh: Any = None, *arg
             ``nnx.state(...)`` or an ``nnx.Module`` (a Module comes back merged).
         plan: the plan for the tree ``init_fn`` returns.
         mesh: the mesh (or a shape; defaults to the plan's).
-        *args: positional arguments of ``init_fn`` (arrays: rng, sample inputs).
+        *args: positional arguments of ``init_fn`` (arrays: rng, sample inputs; Python numbers,
+            bools, strings and None are closed over as static values, as ``kwargs`` are).
         chunk_bytes: compile the init as several programs, each creating leaves
             worth at most this many bytes per device (XLA drops the rest of the
             init from each). Random initialisers need ~3x their output in
@@ -85,8 +86,20 @@ def init_sharded(init_fn: Callable[..., Any], plan: Plan, mesh: Any = None, *arg
         check_state_leaves(out, what="the tree init_fn returned")
         return out
 
+    # a positional Python number, bool, string or None (``init_sharded(f, plan, mesh, key, 16)``, a ``train``
+    # flag) is closed over as kwargs are: traced, it was a bare TypeError from jax wherever it sets a shape
+    static = {i: a for i, a in enumerate(args) if a is None or isinstance(a, (bool, int, float, complex, str))}
+    init = as_tree
+    if static:
+        n = len(args)
+
+        def init(*a):
+            rest = iter(a)
+            return as_tree(*(static[i] if i in static else next(rest) for i in range(n)))
+
+        args = tuple(a for i, a in enumerate(args) if i not in static)
     # a model constraining with bare PartitionSpecs initialises under its mesh
-    return traced_under(mesh, lambda: _init(as_tree, graphdefs, plan, mesh, args, chunk_bytes))
+    return traced_under(mesh, lambda: _init(init, graphdefs, plan, mesh, args, chunk_bytes))
 
 
 def _init(as_tree: Callable[..., Any], graphdefs: list[Any], plan: Plan, mesh: Any, args: Sequence[Any],
