@@ -584,3 +584,18 @@ def test_init_sharded_takes_python_values_among_its_positional_arguments():
     want = model.init(jax.random.key(0), jax.numpy.ones((2, 4)))
     assert got["params"]["kernel"].sharding.spec == jax.sharding.PartitionSpec(None, "model")
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True))
+
+
+def test_dry_run_says_what_example_args_are():
+    # with a TrainStep, example_args were ignored: a batch of 16 given, the step's own 8 compiled, without a
+    # word; the variables dict given alone was read as its keys ("<batch>: leaf of type str is not an array")
+    m = zoo.get("mlp")
+    plan = tpflax.plan(m.abstract_variables(), {"data": 2, "model": 4})
+    mesh = tpflax.make_mesh({"data": 2, "model": 4})
+    ts = tpflax.make_train_step(m, plan, mesh, optax.sgd(0.1), 8)
+    other = tpflax.make_train_step(m, plan, mesh, optax.sgd(0.1), 16).args
+    with pytest.raises(tpflax.OptionError, match="a TrainStep carries its own arguments"):
+        tpflax.dry_run(ts, plan, mesh, other)
+    with pytest.raises(tpflax.OptionError, match=r"example_args is the step's positional arguments in a tuple.*not a "
+                                                 r"dict; for a step of one argument pass \(tree,\)"):
+        tpflax.dry_run(lambda v: v, plan, mesh, m.abstract_variables())

@@ -240,8 +240,8 @@ def dry_run(step: Callable[..., Any] | TrainStep, plan, mesh: Any, example_args:
             arguments and shardings).
         plan: the plan the parameters follow.
         mesh: a ``jax.sharding.Mesh`` (or a shape to build one) matching the plan.
-        example_args: the step's arguments: arrays or ``ShapeDtypeStruct`` trees.
-            A tree matching the plan gets the plan's shardings; an optimizer state
+        example_args: the step's arguments, a tuple of arrays or ``ShapeDtypeStruct`` trees
+            (none for a :class:`TrainStep`, which carries its own). A tree matching the plan gets the plan's shardings; an optimizer state
             (with ``optimizer=``) gets specs derived from the parameters';
             leaves carrying a ``.sharding`` keep it; anything else is treated as
             batch (dim 0 split over the data/fsdp axes; checked before compiling).
@@ -264,6 +264,7 @@ def dry_run(step: Callable[..., Any] | TrainStep, plan, mesh: Any, example_args:
 
     Raises:
         SpecError: the batch does not divide over the batch axes.
+        OptionError: ``example_args`` not a tuple, or given with a :class:`TrainStep`.
         CompileError: lowering or compiling failed; lists leaves whose sharding
             does not fit and XLA's message.
 
@@ -286,6 +287,7 @@ def dry_run(step: Callable[..., Any] | TrainStep, plan, mesh: Any, example_args:
     if not isinstance(mesh, jax.sharding.Mesh):
         mesh = make_mesh(mesh)
     check_mesh(plan, mesh)
+    _check_example_args(step, example_args)
     if isinstance(step, TrainStep):
         fn, args = step.fn, tuple(step.args)
         in_sh = step.in_shardings if in_shardings is None else in_shardings
@@ -331,6 +333,23 @@ def dry_run(step: Callable[..., Any] | TrainStep, plan, mesh: Any, example_args:
                   mesh=plan.mesh, warnings=tuple(warnings), platform=platform,
                   hlo_text=text if keep_hlo else "", fit=fit_verdict(memory, mesh.devices.flat),
                   compiler_options=tuple(sorted(compiler_options.items())))
+
+
+def _check_example_args(step: Any, example_args: Any) -> None:
+    """OptionError for ``example_args`` that are not the step's arguments: given with a :class:`TrainStep`
+    they were ignored (the step compiled with its own, a batch of another size without a word); a dict (the
+    variables alone) was read as its keys, "the batch has leaves that are not arrays: leaf of type str"."""
+    from tpflax._src.errors import OptionError
+
+    if isinstance(step, TrainStep):
+        if len(example_args):
+            raise OptionError("a TrainStep carries its own arguments: dry_run(step, plan, mesh) compiles it with them; "
+                              "drop example_args (for another batch, make the step with it: "
+                              "make_train_step(..., batch=N or sample=...))")
+        return
+    if not isinstance(example_args, (tuple, list)):
+        raise OptionError(f"example_args is the step's positional arguments in a tuple, e.g. (variables, opt_state, "
+                          f"batch), not a {type(example_args).__name__}; for a step of one argument pass (tree,)")
 
 
 def _shard_args(plan, mesh, args: tuple[Any, ...], optimizer: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
