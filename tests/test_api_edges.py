@@ -599,3 +599,19 @@ def test_dry_run_says_what_example_args_are():
     with pytest.raises(tpflax.OptionError, match=r"example_args is the step's positional arguments in a tuple.*not a "
                                                  r"dict; for a step of one argument pass \(tree,\)"):
         tpflax.dry_run(lambda v: v, plan, mesh, m.abstract_variables())
+
+
+def test_unshard_gives_arrays_one_may_edit():
+    # the gathered arrays were jax's read-only host copies: editing one ("params['w'][0] = 0", as one edits a
+    # numpy tree) was numpy's bare "assignment destination is read-only"; a numpy leaf came back writable
+    mesh = tpflax.make_mesh({"data": 2, "model": 4})
+    tree = {"w": np.arange(64 * 256, dtype=np.float32).reshape(64, 256), "b": np.ones(3, np.float32)}
+    plan = tpflax.plan(tree, mesh, rules=[("w", (None, "model"))])
+    placed = tpflax.shard(tree, plan, mesh)
+    back = tpflax.unshard(placed, plan)
+    back["w"][0, 0] = -1.0
+    back["b"][0] = -1.0
+    # the placed arrays, and what they read back as, are untouched
+    assert float(placed["w"][0, 0]) == 0.0 and float(placed["b"][0]) == 1.0
+    again = tpflax.unshard(placed, plan)
+    assert np.array_equal(again["w"], tree["w"]) and np.array_equal(again["b"], tree["b"])

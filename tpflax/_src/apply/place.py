@@ -149,7 +149,8 @@ def _no_abstract_leaves(tree: Any) -> None:
 
 
 def unshard(tree: Any, plan: Plan | None = None) -> Any:
-    """Gather every array of ``tree`` back to host numpy, bit-exact.
+    """Gather every array of ``tree`` back to host numpy, bit-exact: new, writable arrays that share no memory
+    with the placed ones.
 
     Works on any tree (params, optimizer state, boxed trees, ``nnx.State``) and on
     an ``nnx.Module`` (its ``nnx.State`` is returned). Arrays that span several
@@ -191,8 +192,13 @@ def _gather(x: Any) -> Any:
         if not x.is_fully_addressable:
             from jax.experimental import multihost_utils
 
-            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-        return np.asarray(jax.device_get(x))
+            out = np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        else:
+            out = np.asarray(jax.device_get(x))
+        # jax hands out its cached host copy (or a view of a CPU device's buffer) read-only: an edit of the
+        # result ("params['emb'][0] = 0") was numpy's bare "assignment destination is read-only", where a numpy
+        # leaf given comes back as a copy of its own
+        return out if out.flags.writeable else out.copy()
     if isinstance(x, np.ndarray):
         return x.copy()
     return x
