@@ -36,6 +36,11 @@ def test_plan_text_with_pairs(capsys):
     (["plan", "gpt2", "--mesh", "model=2", "--rule", "nonsense"], "REGEX=TARGET"),
     (["plan", "gpt2", "--mesh", "model=3", "--rule", "c_fc/kernel=None,model"], "not divisible"),
     (["estimate", "mlp", "--mesh", "data=2,model=4", "--batch", "8x999"], "inputs are 8x32"),  # was ignored
+    # an empty side (an unset shell variable) replicated every leaf, or the matched ones, without a word
+    (["plan", "mlp", "--mesh", "model=2", "--rule", "=replicate"], "has an empty REGEX, which matches every leaf"),
+    (["plan", "mlp", "--mesh", "model=2", "--rule", "up/kernel="], "has an empty TARGET"),
+    # a Python spec was split at its commas: "names mesh axis '(None'"
+    (["plan", "mlp", "--mesh", "model=2", "--rule", "up/kernel=(None,model)"], "is not a TARGET; write TARGET"),
 ])
 def test_bad_input_exits_2_with_message_on_stderr(capsys, argv, words):
     assert main(argv) == 2

@@ -26,6 +26,16 @@ def parse_rule(text: str) -> tuple[str, Any]:
         raise UsageError(f"--rule {text!r} must be REGEX=TARGET, e.g. 'mlp/up=None,model' or 'norm=replicate'")
     pattern, _, target = text.rpartition("=")
     target = target.strip()
+    how = ("write TARGET as a strategy or comma-separated axes, None for a dim left whole and a+b for several "
+           "axes on one dim, e.g. 'mlp/up=None,model' or 'mlp/up=None,data+model'")
+    # an empty side (an unset shell variable: --rule "$PAT=replicate", --rule "mlp/up=$SPEC") matched every leaf,
+    # or read as P(None) replicated the leaves, without a word
+    if not pattern:
+        raise UsageError(f"--rule {text!r} has an empty REGEX, which matches every leaf; write '.*' to mean that")
+    if not target:
+        raise UsageError(f"--rule {text!r} has an empty TARGET; {how}")
+    if any(c in target for c in "()[]'\""):  # a Python spec, P(None, "model") or (data,model): split at its commas
+        raise UsageError(f"--rule {text!r}: {target!r} is not a TARGET; {how}")
     if target in STRATEGIES:
         return pattern, target
     dims = []
