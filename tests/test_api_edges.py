@@ -615,3 +615,14 @@ def test_unshard_gives_arrays_one_may_edit():
     assert float(placed["w"][0, 0]) == 0.0 and float(placed["b"][0]) == 1.0
     again = tpflax.unshard(placed, plan)
     assert np.array_equal(again["w"], tree["w"]) and np.array_equal(again["b"], tree["b"])
+
+
+def test_a_rule_targeting_a_bare_axis_name_says_how_a_spec_names_it():
+    # ("up/kernel", "model") said only "strategy 'model' is unknown", as if no axis of that name existed
+    tree = {"up": {"kernel": jax.ShapeDtypeStruct((64, 256), "float32")}}
+    with pytest.raises(tpflax.RuleError, match=r"strategy 'model' is unknown; .*\('model' is a mesh axis: a spec "
+                                               r"names one per dim, e.g. P\(None, 'model'\)"):
+        tpflax.plan(tree, {"data": 2, "model": 4}, rules=[("up/kernel", "model")])
+    with pytest.raises(tpflax.RuleError) as e:
+        tpflax.plan(tree, {"data": 2, "model": 4}, rules=[("up/kernel", "colum")])
+    assert "mesh axis" not in str(e.value)

@@ -83,8 +83,11 @@ def _parse_target(i: int, rx: re.Pattern, target: Any, mesh: MeshShape) -> tuple
     where = f"rule {i} ({rx.pattern!r})"
     if isinstance(target, str):
         if target not in RULE_STRATEGIES:
+            # a bare axis name ("model") reads as a strategy: say it is an axis and how a spec names one
+            axis = (f" ({target!r} is a mesh axis: a spec names one per dim, e.g. P(None, {target!r}) or "
+                    f"(None, {target!r}))" if target in mesh.names else "")
             return None, (f"{where}: strategy {target!r} is unknown; use one of {', '.join(RULE_STRATEGIES)} "
-                          "or a PartitionSpec")
+                          f"or a PartitionSpec{axis}")
         return UserRule(i, rx, None, target), ""
     if target is not None and not isinstance(target, (PartitionSpec, tuple, list)):
         return None, f"{where}: target {target!r} is neither a PartitionSpec nor a strategy name"
