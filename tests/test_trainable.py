@@ -625,3 +625,14 @@ def test_an_adapter_beside_its_base_layer_in_a_wrapper_joins_the_attention_pair(
     assert p.spec("params/o_proj/base/kernel") == p.spec(f"params/o_proj/{down}") == \
         jax.sharding.PartitionSpec("model", None)
     assert p.decisions[f"params/o_proj/{down}"].pair == p.decisions["params/o_proj/base/kernel"].pair
+
+
+def test_a_callable_filter_of_one_argument_says_what_a_filter_takes():
+    # trainable=lambda path: ... (one argument) was a bare TypeError from inside the planner's walk
+    tree = {"up": {"kernel": jax.ShapeDtypeStruct((64, 256), "float32")},
+            "lora": {"a": jax.ShapeDtypeStruct((64, 4), "float32")}}
+    with pytest.raises(tpflax.OptionError, match=r"failed on leaf lora/a \(TypeError: .*a callable filter takes "
+                                                 r"\(path, value\) as nnx filters do"):
+        tpflax.plan(tree, {"model": 2}, trainable=lambda path: "lora" in path)
+    p = tpflax.plan(tree, {"model": 2}, trainable=lambda path, value: "lora" in path)
+    assert p.decisions["lora/a"].trainable and not p.decisions["up/kernel"].trainable

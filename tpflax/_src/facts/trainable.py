@@ -65,7 +65,17 @@ def _selected(leaves: Sequence[Leaf], tree: Any, trainable: Any) -> list[bool]:
         raise OptionError(f"trainable={trainable!r} is neither a regex nor an nnx filter ({e}); pass e.g. "
                           "trainable=r'lora' or trainable=nnx.LoRAParam") from None
     boxed = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)[0]
-    return [bool(predicate(tuple(_key(k) for k in path), x)) for path, x in boxed]
+    out = []
+    for path, x in boxed:
+        keys = tuple(_key(k) for k in path)
+        try:
+            out.append(bool(predicate(keys, x)))
+        except Exception as e:  # noqa: BLE001 - the caller's filter: a one-argument lambda was a bare TypeError
+            raise OptionError(f"trainable={trainable!r} failed on leaf {'/'.join(map(str, keys))} "
+                              f"({type(e).__name__}: {e}); a callable filter takes (path, value) as nnx filters do, "
+                              "path a tuple of keys: e.g. trainable=lambda path, value: 'lora' in path, or pass a "
+                              "regex (trainable=r'lora')") from e
+    return out
 
 
 def _key(k: Any) -> Any:
