@@ -716,3 +716,16 @@ def test_save_under_a_file_is_a_checkpoint_error(tmp_path):
     with pytest.raises(tpflax.CheckpointError, match=r"cannot save .*/f/ck: its directory .*/f cannot be made"):
         tpflax.save_checkpoint(tmp_path / "f" / "ck", {"w": np.ones(3, np.float32)})
     assert (tmp_path / "f").read_text() == ""
+
+
+def test_a_mesh_without_a_plan_is_refused_not_dropped(tmp_path):
+    # restore_checkpoint(path, mesh=mesh) restored everything onto device 0, the mesh ignored without a word
+    tpflax.save_checkpoint(tmp_path / "c", {"w": np.ones((8, 8), np.float32)})
+    mesh = tpflax.make_mesh({"data": 2, "model": 4})
+    with pytest.raises(tpflax.OptionError, match=r"without a plan has no layout for the mesh.*restore_checkpoint\(path, "
+                                                 r"plan, mesh\)"):
+        tpflax.restore_checkpoint(tmp_path / "c", mesh=mesh)
+    plan = tpflax.plan({"w": jax.ShapeDtypeStruct((8, 8), "float32")}, mesh, rules=[("w", ("data", "model"))])
+    assert tpflax.restore_checkpoint(tmp_path / "c", plan, mesh)["w"].sharding.spec == P("data", "model")
+    shardings = {"w": jax.sharding.NamedSharding(mesh, P("model"))}
+    assert tpflax.restore_checkpoint(tmp_path / "c", mesh=mesh, shardings=shardings)["w"].sharding.spec == P("model")

@@ -549,7 +549,7 @@ def restore_checkpoint(path: str | os.PathLike, plan: Plan | None = None, mesh: 
             ``orbax.checkpoint.CheckpointManager`` root (its latest step).
         plan: the target layout; its tree must match the checkpoint's
             (paths, shapes, dtypes). None: everything on one device.
-        mesh: the target mesh (or a shape; defaults to the plan's).
+        mesh: the target mesh (or a shape; defaults to the plan's). Only with a plan.
         like: a tree (concrete or abstract) giving the structure to restore
             into (e.g. ``model.abstract_variables()``, an ``nnx.State`` or a
             flax ``TrainState``); default: nested dicts as stored. An nnx
@@ -572,6 +572,7 @@ def restore_checkpoint(path: str | os.PathLike, plan: Plan | None = None, mesh: 
             ``item``; only a save that is still in orbax's temporary directory
             is called unfinished.
         PlanMismatchError: the checkpoint's tree differs from the plan / ``like``.
+        OptionError: ``mesh`` given without a plan or ``shardings``.
 
     A plan that stores fused kernels head-aligned (``plan(..., fused="aligned")``) gets those
     leaves in its stored order (checkpoints hold the model's order), as :func:`tpflax.shard`
@@ -589,6 +590,10 @@ def restore_checkpoint(path: str | os.PathLike, plan: Plan | None = None, mesh: 
     >>> restore_checkpoint(d, p, tpflax.make_mesh({"model": 2}))["w"].sharding.spec
     P('model',)
     """
+    if mesh is not None and plan is None and shardings is None:  # the mesh was dropped: all on one device
+        raise OptionError("restore_checkpoint(path, mesh=...) without a plan has no layout for the mesh (everything "
+                          "was restored onto one device); pass the plan, restore_checkpoint(path, plan, mesh), or "
+                          "shardings=, e.g. tpflax.shardings(plan, mesh, like)")
     ocp = _ocp()
     found = locate(Path(path).absolute(), step=step, item=item)
     if found.items:
