@@ -203,3 +203,14 @@ def test_a_mesh_axis_that_splits_nothing_is_warned_and_strict_exits_1(capsys):
     assert main(["plan", "gpt2", "--mesh", "model=3", "--strict"]) == 1
     # data axes split the batch, not parameters: no warning for them
     assert not [w for w in tpflax.plan(tree_of("gpt2"), "data=2,model=4").warnings if "splits no leaf" in w]
+
+
+def test_from_rules_with_the_rules_and_the_mesh_swapped_says_the_order():
+    # from_rules(tree, mesh, rules) read the rules as a mesh: "axis 'up' has size P(None, 'model'); sizes must be
+    # integers >= 1", and a role for an axis named 'up'
+    tree = {"up": {"kernel": jax.ShapeDtypeStruct((64, 256), "float32")}}
+    rules = [("up", P(None, "model"))]
+    for mesh in ({"data": 2, "model": 4}, "data=2,model=4", tpflax.make_mesh({"data": 2, "model": 4})):
+        with pytest.raises(tpflax.OptionError, match=r"swapped; pass them as from_rules\(tree, rules, mesh\)"):
+            tpflax.from_rules(tree, mesh, rules)
+        assert tpflax.from_rules(tree, rules, mesh).spec("up/kernel") == P(None, "model")

@@ -18,12 +18,31 @@ from typing import Any
 
 from jax.sharding import PartitionSpec
 
-from tpflax._src.errors import RuleError
+from tpflax._src.errors import OptionError, RuleError
 from tpflax._src.facts.tree import walk
-from tpflax._src.mesh import DEFAULT_ROLE_NAMES, mesh_shape
+from tpflax._src.mesh import DEFAULT_ROLE_NAMES, MeshShape, mesh_shape
 from tpflax._src.planner.plan import Plan, plan
 from tpflax._src.planner.rules import parse_rules
 from tpflax._src.vocab import RULE_STRATEGIES
+
+
+def _looks_like_mesh(x: Any) -> bool:
+    """A mesh as tpflax reads one: a jax mesh, a ``"data=2,model=4"`` string, ``{"model": 4}``."""
+    import jax
+
+    if isinstance(x, (jax.sharding.Mesh, jax.sharding.AbstractMesh, MeshShape)):
+        return True
+    if isinstance(x, str):
+        return "=" in x or ":" in x
+    return (isinstance(x, Mapping) and bool(x)
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in x.values()))
+
+
+def _check_order(rules: Any, mesh: Any) -> None:
+    """OptionError for ``from_rules(tree, mesh, rules)``: the rules were read as a mesh ("axis 'mlp/up' has size
+    P(None, 'model')")."""
+    if _looks_like_mesh(rules) and not _looks_like_mesh(mesh):
+        raise OptionError("the rules and the mesh are swapped; pass them as from_rules(tree, rules, mesh)")
 
 
 def from_rules(tree: Any, rules: Any, mesh: Any, *, logical: bool | None = None,
@@ -57,6 +76,7 @@ def from_rules(tree: Any, rules: Any, mesh: Any, *, logical: bool | None = None,
     >>> p.spec("wte/embedding"), p.spec("mlp/kernel"), p.decisions["mlp/kernel"].source
     (P('model', None), P(None, None), 'rule')
     """
+    _check_order(rules, mesh)
     ms = mesh_shape(mesh, axis_roles)
     pairs = list(rules.items()) if isinstance(rules, Mapping) else list(rules or ())
     leaves, _ = walk(tree)
