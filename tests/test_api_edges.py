@@ -626,3 +626,28 @@ def test_a_rule_targeting_a_bare_axis_name_says_how_a_spec_names_it():
     with pytest.raises(tpflax.RuleError) as e:
         tpflax.plan(tree, {"data": 2, "model": 4}, rules=[("up/kernel", "colum")])
     assert "mesh axis" not in str(e.value)
+
+
+def test_estimate_with_the_batch_where_the_optimizer_goes_says_the_order():
+    # estimate(plan, 8) said "estimate needs a batch"; estimate(plan, batch, tx) "'dict' object has no attribute
+    # 'init'"
+    plan = tpflax.plan({"w": jax.ShapeDtypeStruct((64, 256), "float32")}, {"data": 2, "model": 4})
+    for optimizer in (8, np.int64(8), (8, 64), "8x64", {"x": (8, 64)}):
+        with pytest.raises(tpflax.EstimateError, match=r"looks like a batch: the order is estimate\(plan, optimizer, "
+                                                       r"batch\)"):
+            tpflax.estimate(plan, optimizer)
+    with pytest.raises(tpflax.EstimateError, match=r"the optimizer and the batch are swapped"):
+        tpflax.estimate(plan, {"x": (8, 64)}, optax.adam(1e-3))
+    assert tpflax.estimate(plan, None, {"x": (8, 64)}).per_device.opt_state == 0
+
+
+def test_plan_with_the_mesh_first_says_the_order():
+    # plan(mesh, tree) read the tree as a mesh: "axis 'params' has size {'up': ...}; sizes must be integers >= 1"
+    tree = {"params": {"up": {"kernel": jax.ShapeDtypeStruct((64, 256), "float32")}}}
+    for mesh in (tpflax.make_mesh({"data": 2, "model": 4}), "data=2,model=4", {"data": 2, "model": 4},
+                 jax.sharding.AbstractMesh((2, 4), ("data", "model"))):
+        with pytest.raises(tpflax.OptionError, match=r"the tree is a mesh .*: the order is plan\(tree, mesh\)"):
+            tpflax.plan(mesh, tree)
+        assert list(tpflax.plan(tree, mesh).decisions) == ["params/up/kernel"]
+    with pytest.raises(tpflax.OptionError, match=r"the tree is the string 'gpt2'.*zoo.get\('gpt2'\)"):
+        tpflax.plan("gpt2", {"model": 2})

@@ -9,6 +9,7 @@ so :func:`tpflax.estimate` and :func:`tpflax.suggest_mesh` share every number.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -170,6 +171,21 @@ def _check_options(act_dtype: Any, grad_dtype: Any, backend: str, expert_dispatc
         raise EstimateError(f"expert_dispatch {expert_dispatch!r} must be 'all-to-all' or 'dense'")
 
 
+def _check_optimizer(optimizer: Any, batch: Any) -> None:
+    """EstimateError for a batch given where the optimizer goes (``estimate(plan, 8)``, ``estimate(plan,
+    {"x": (8, 64)}, optax.adam(1e-3))``): it said "estimate needs a batch", or that a dict has no ``init``."""
+    if optimizer is None or callable(getattr(optimizer, "init", None)):
+        return
+    if callable(getattr(batch, "init", None)) and callable(getattr(batch, "update", None)):
+        raise EstimateError("the optimizer and the batch are swapped; pass them as estimate(plan, optimizer, batch)")
+    if batch is not None:
+        return
+    batch_like = isinstance(optimizer, (numbers.Integral, str, tuple, list, Mapping)) or hasattr(optimizer, "shape")
+    if batch_like and not isinstance(optimizer, bool):
+        raise EstimateError(f"optimizer {optimizer!r} looks like a batch: the order is estimate(plan, optimizer, "
+                            "batch); pass the batch third or as batch=, and optimizer=None for no optimizer state")
+
+
 def _check_activations(activations: Any) -> None:
     """EstimateError unless ``activations`` is what :func:`tpflax.trace_activations` returns (or None): a
     mapping of layer path to a list of ``Act`` s. Anything else failed deep in the pricing with a bare
@@ -208,6 +224,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
     _check_options(act_dtype, grad_dtype, backend, expert_dispatch, remat)
     _check_hints(config)
     _check_activations(activations)
+    _check_optimizer(optimizer, batch)
     batch = plain_batch(batch)  # np.int64(8) was read as an array leaf: a batch of one example
     if (why := size_problem(batch)) is not None:  # before it sets a sample's leading dim
         raise EstimateError(why)

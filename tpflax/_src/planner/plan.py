@@ -176,6 +176,17 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
     >>> p.decisions["mlp/up/kernel"].spec, p.decisions["mlp/down/kernel"].spec
     (P(None, 'model'), P('model', None))
     """
+    def sizes(x: Any) -> bool:  # {"data": 2, "model": 4}
+        return isinstance(x, Mapping) and bool(x) and all(type(v) is int for v in x.values())
+
+    if isinstance(tree, (MeshShape, jax.sharding.Mesh, jax.sharding.AbstractMesh)) or (
+            isinstance(tree, str) and ("=" in tree or ":" in tree)) or (sizes(tree) and not sizes(mesh)
+                                                                      and isinstance(mesh, Mapping)):
+        # plan(mesh, tree): the tree was read as a mesh ("axis 'params' has size {...}")
+        raise OptionError(f"the tree is a mesh ({tree}): the order is plan(tree, mesh)")
+    if isinstance(tree, str):  # plan("gpt2", mesh), as the command line takes a model
+        raise OptionError(f"the tree is the string {tree!r}; pass the variables (a zoo model's: "
+                          f"tpflax.zoo.get({tree!r}).abstract_variables()), or plan(variables, mesh, model=model)")
     ms = mesh_shape(mesh, axis_roles)
     fused = check_mode(fused)
     fsdp_min_bytes, tensor_min_bytes = _size(fsdp_min_bytes, "fsdp_min_bytes"), _size(tensor_min_bytes, "tensor_min_bytes")
