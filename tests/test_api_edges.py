@@ -651,3 +651,25 @@ def test_plan_with_the_mesh_first_says_the_order():
         assert list(tpflax.plan(tree, mesh).decisions) == ["params/up/kernel"]
     with pytest.raises(tpflax.OptionError, match=r"the tree is the string 'gpt2'.*zoo.get\('gpt2'\)"):
         tpflax.plan("gpt2", {"model": 2})
+
+
+@pytest.mark.parametrize("stacked", ["", ":1", {"": 0}])
+def test_an_empty_stacked_regex_is_refused(stacked):
+    # stacked="" (a config's empty default) matched every leaf: each kernel was read as a stack of rows and the
+    # plan replicated them all, its only word an idle-axis warning
+    tree = {"up": {"kernel": jax.ShapeDtypeStruct((64, 256), "float32")},
+            "down": {"kernel": jax.ShapeDtypeStruct((256, 64), "float32")}}
+    with pytest.raises(tpflax.RuleError, match=r"has an empty regex, which matches every leaf; pass None"):
+        tpflax.plan(tree, {"data": 2, "model": 4}, stacked=stacked)
+    assert tpflax.plan(tree, {"data": 2, "model": 4}).spec("up/kernel") == jax.sharding.PartitionSpec(None, "model")
+
+
+def test_axis_roles_given_as_a_string_says_it_takes_a_mapping():
+    # axis_roles="x=tensor" (as the command line's --axis-role writes it) was dict()'s bare ValueError
+    # ("dictionary update sequence element #0 has length 1; 2 is required")
+    tree = {"w": jax.ShapeDtypeStruct((64, 256), "float32")}
+    for roles in ("x=tensor", 3):
+        with pytest.raises(tpflax.MeshError, match=r"is not a mapping of axis name to role; write e.g. "
+                                                   r"axis_roles=\{'x': 'tensor'"):
+            tpflax.plan(tree, {"x": 4}, axis_roles=roles)
+    assert tpflax.plan(tree, {"x": 4}, axis_roles=[("x", "tensor")]).mesh.roles == (("x", "tensor"),)

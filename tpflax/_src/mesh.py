@@ -145,7 +145,13 @@ def mesh_shape(mesh: Any, axis_roles: Mapping[str, str] | None = None) -> MeshSh
             problems.append(f"axis {name!r} has size {shown}; sizes must be integers >= 1")
     if not pairs:
         problems.append("the mesh has no axes; give at least one, e.g. {'model': 8}")
-    overrides = dict(axis_roles or {})
+    try:
+        if isinstance(axis_roles, (str, bytes)):
+            raise TypeError
+        overrides = dict(axis_roles or {})
+    except (TypeError, ValueError):  # a "x=tensor" string was a bare ValueError from dict()
+        raise MeshError(f"axis_roles={axis_roles!r} is not a mapping of axis name to role; write e.g. "
+                        "axis_roles={'x': 'tensor', 'y': 'fsdp'} (roles: " + ", ".join(ROLES) + ")") from None
     for name, role in overrides.items():
         if role not in ROLES:
             problems.append(f"axis_roles[{name!r}] = {role!r} is not one of {', '.join(ROLES)}")

@@ -321,6 +321,10 @@ def _check_stacked_and_logical(stacked: Any, logical_rules: Any) -> None:
                             "stacked=r'layers' or stacked={'layers': 1}") from None
         if any(d < 0 for d in dims):
             raise RuleError(f"stacked={stacked!r}: a layers dim must be >= 0; pass e.g. stacked={{'layers': 1}}")
+        if any(not r.pattern for r, _ in stacked_patterns(stacked)):
+            # "" (a config's empty default) matched every leaf: each kernel read as a stack of rows, all replicated
+            raise RuleError(f"stacked={stacked!r} has an empty regex, which matches every leaf; pass None when "
+                            "nothing is stacked, or a regex found in the stacks' paths (stacked=r'layers')")
     if logical_rules is not None:
         if isinstance(logical_rules, (str, bytes)) or not isinstance(logical_rules, Iterable):
             # an int was a bare TypeError ("'int' object is not iterable"), a string a problem per letter
