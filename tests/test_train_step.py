@@ -796,3 +796,19 @@ def test_a_zoo_models_step_takes_the_batch_shape_estimate_takes_and_refuses_othe
         with pytest.raises(tpflax.OptionError) as e:
             tpflax.make_train_step(m, plan, mesh, optax.adamw(1e-3), batch)
         assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_a_jit_step_given_its_donated_params_again_names_them_instead_of_crashing():
+    # step(params, x) twice with the same params: the first call donated them, and the second was jax 0.10's
+    # "Buffer has been deleted or donated" log line, then a segmentation fault of the whole process
+    params = {"w": jax.numpy.ones((8, 4))}
+    plan = tpflax.plan(params, {"model": 2}, rules=[("w", "row")])
+    mesh = tpflax.make_mesh({"model": 2})
+    step = tpflax.jit_step(lambda p, x: (p, (x @ p["w"]).sum()), plan, mesh, in_roles=("params", "batch"))
+    placed = tpflax.shard(params, plan, mesh)
+    out, _ = step(placed, jax.numpy.ones((2, 8)))
+    with pytest.raises(tpflax.TreeError, match=r"deleted, donated to an earlier call of it: pass that call's outputs") as e:
+        step(placed, jax.numpy.ones((2, 8)))
+    assert e.value.problems == ("argument 0/w: shape (8, 4)",)
+    _, loss = step(out, jax.numpy.ones((2, 8)))
+    assert float(loss) == 64.0

@@ -14,7 +14,8 @@ from tpflax._src.apply.batch import batch_shardings, batch_spec
 from tpflax._src.apply.bind import bind_mesh
 from tpflax._src.apply.place import shardings
 from tpflax._src.apply.state import state_shardings
-from tpflax._src.errors import PlanMismatchError
+from tpflax._src.errors import PlanMismatchError, TreeError
+from tpflax._src.facts.tree import keystr
 from tpflax._src.mesh import as_written_or_auto, explicit_axes
 from tpflax._src.planner.params import abstract_params
 from tpflax._src.planner.plan import Plan
@@ -122,11 +123,26 @@ class Step:
         return jitted
 
     def __call__(self, *args: Any) -> Any:
+        _check_live(args)
         return self.jitted(*args)(*args)
 
     def lower(self, *args: Any):
         """``jax.jit(...).lower(*args)``: for ``.compile().memory_analysis()`` and HLO text."""
         return self.jitted(*args).lower(*args)
+
+
+def _check_live(args: Sequence[Any]) -> None:
+    """TreeError naming the arguments' deleted arrays: the params a step donated, passed again instead of its
+    output. jax 0.10's XLA:CPU client then crashed the process (a segmentation fault) after logging "Buffer has
+    been deleted or donated"."""
+    dead = [f"argument {i}{'/' + keystr(path) if path else ''}: shape {tuple(x.shape)}"
+            for i, a in enumerate(args)
+            for path, x in jax.tree_util.tree_flatten_with_path(a)[0]
+            if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.is_deleted()]
+    if dead:
+        raise TreeError("the step was given arrays that were deleted, donated to an earlier call of it: pass that "
+                        "call's outputs (params, state = step(params, state, batch)), not its inputs",
+                        dead[:5] + ([f"... and {len(dead) - 5} more"] if len(dead) > 5 else []))
 
 
 def _state_role(r: Any) -> Any:
