@@ -1448,3 +1448,17 @@ def test_a_bare_batch_size_is_a_zoo_models_own_batch(name):
     given = tpflax.estimate(p, optax.adamw(1e-3), jax.eval_shape(lambda: m.make_batch(0, 16)), model=m)
     assert bare.per_device == given.per_device and bare.comm == given.comm and bare.peak == given.peak
     assert bare.batch == given.batch
+
+
+def test_a_batch_of_numbers_or_an_unknown_dtype_says_how_to_write_shapes():
+    # ((8, 64), (8,)) and {"x": (8, 64), "y": 8} were trees of 0-d leaves: "the global batch 1 does not divide";
+    # "dtype": "bf16" was numpy's bare TypeError, and "dtype": jnp.bfloat16 made the mapping a tree too
+    p = tpflax.plan({"w": jax.ShapeDtypeStruct((64, 256), "float32")}, {"data": 2, "model": 4})
+    for batch in (((8, 64), (8,)), [(8, 64)], {"x": (8, 64), "y": 8}):
+        with pytest.raises(EstimateError, match=r"holds numbers, not shapes or arrays; write the inputs' shapes as a "
+                                                r"mapping of name to shape"):
+            estimate(p, None, batch)
+    with pytest.raises(EstimateError, match=r"batch\['dtype'\] = 'bf16' is not a dtype jax knows"):
+        estimate(p, None, {"x": (8, 64), "dtype": "bf16"})
+    for dtype in ("bfloat16", jnp.bfloat16):
+        assert estimate(p, None, {"x": (8, 64), "dtype": dtype}).batch["leaves"][0] == ["x", [8, 64], "bfloat16"]

@@ -137,8 +137,10 @@ def parse_batch(batch: Any, config: Any = None, act_dtype: str | None = None) ->
     batch = _as_shape(plain_batch(batch), config)
     if isinstance(batch, Mapping) and not batch:  # {} read as a shape mapping of no leaves: "global batch 1"
         raise EstimateError("the batch has no array leaves")
-    if isinstance(batch, Mapping) and all(isinstance(v, (tuple, list, str)) for v in batch.values()):
+    if isinstance(batch, Mapping) and all(isinstance(v, (tuple, list, str)) or (k == "dtype" and isinstance(v, (type, np.dtype)))
+                                          for k, v in batch.items()):  # "dtype": jnp.bfloat16 as well as its name
         return _from_shapes(dict(batch), config, act_dtype, dtype)
+    _check_not_numbers(batch)
     b = _from_tree(batch, act_dtype, dtype)
     if b.size == 0:  # every figure would be the parameters' alone, the batch's collectives and activations 0
         name, shape, _ = next(leaf for leaf in b.leaves if leaf[1])
@@ -204,9 +206,25 @@ def _as_shape(batch: Any, config: Any) -> Any:
     return batch
 
 
+def _check_not_numbers(batch: Any) -> None:
+    """EstimateError for a batch of plain numbers in containers, shapes written as anything but a name -> shape
+    mapping (``((8, 64), (8,))``, ``{"x": (8, 64), "y": 8}``): each number was read as a 0-d array, "the global
+    batch 1 does not divide"."""
+    import jax
+
+    leaves = jax.tree_util.tree_leaves(batch)
+    if leaves and isinstance(batch, (Mapping, tuple, list)) and all(
+            isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_)) for x in leaves):
+        raise EstimateError(f"batch {batch!r} holds numbers, not shapes or arrays; write the inputs' shapes as a "
+                            "mapping of name to shape, e.g. {'x': (8, 64), 'y': (8,)}, or a bare shape (8, 64)")
+
+
 def _from_shapes(spec: dict, config: Any, act_dtype: str | None, dtype: str) -> Batch:
     vocab = config_value(config, "vocab")
-    dtype = act_dtype or str(spec.pop("dtype", dtype))
+    given = spec.pop("dtype", None)
+    if given is not None and dtype_name(given) is None:  # "bf16" was numpy's bare TypeError further on
+        raise EstimateError(f"batch['dtype'] = {given!r} is not a dtype jax knows; use e.g. 'bfloat16' or 'float32'")
+    dtype = act_dtype or str(dtype_name(given) if given is not None else dtype)
     leaves = []
     for name, shape in spec.items():
         if not (isinstance(shape, (tuple, list)) and all(isinstance(s, int) and s > 0 for s in shape)):
