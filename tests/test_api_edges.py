@@ -673,3 +673,19 @@ def test_axis_roles_given_as_a_string_says_it_takes_a_mapping():
                                                    r"axis_roles=\{'x': 'tensor'"):
             tpflax.plan(tree, {"x": 4}, axis_roles=roles)
     assert tpflax.plan(tree, {"x": 4}, axis_roles=[("x", "tensor")]).mesh.roles == (("x", "tensor"),)
+
+
+def test_make_train_step_takes_a_mesh_shape_and_dry_run_compiles_an_abstract_mesh_step():
+    # make_train_step(model, plan, {"data": 2, "model": 4}, tx) was a bare AttributeError ("'dict' object has no
+    # attribute 'size'"); a step made on an AbstractMesh was refused by jax at lowering ("Passing
+    # lowering_platforms ... is required when only AbstractMesh exists")
+    m = zoo.get("mlp")
+    plan = tpflax.plan(m.abstract_variables(), {"data": 2, "model": 4})
+    mesh = tpflax.make_mesh({"data": 2, "model": 4})
+    for shape in ({"data": 2, "model": 4}, "data=2,model=4"):
+        ts = tpflax.make_train_step(m, plan, shape, optax.sgd(0.1), 8)
+        assert ts.in_shardings[0]["params"]["block_0"]["mlp"]["up"]["kernel"].mesh.shape == mesh.shape
+    abstract = tpflax.make_train_step(m, plan, jax.sharding.AbstractMesh((2, 4), ("data", "model")), optax.sgd(0.1), 8)
+    got = tpflax.dry_run(abstract, plan, mesh)
+    want = tpflax.dry_run(tpflax.make_train_step(m, plan, mesh, optax.sgd(0.1), 8), plan, mesh)
+    assert got.memory == want.memory and got.comm() == want.comm()

@@ -290,8 +290,11 @@ def dry_run(step: Callable[..., Any] | TrainStep, plan, mesh: Any, example_args:
     _check_example_args(step, example_args)
     if isinstance(step, TrainStep):
         fn, args = step.fn, tuple(step.args)
-        in_sh = step.in_shardings if in_shardings is None else in_shardings
-        out_sh = step.out_shardings if out_shardings is None else out_shardings
+        # a step made on an AbstractMesh (a pod's shape, no devices) compiles on this mesh of that shape: its
+        # shardings named the abstract mesh, and jax refused to lower them ("Passing lowering_platforms ... is
+        # required when only AbstractMesh exists")
+        in_sh = _on_mesh(step.in_shardings, mesh) if in_shardings is None else in_shardings
+        out_sh = _on_mesh(step.out_shardings, mesh) if out_shardings is None else out_shardings
         donate = tuple(step.donate_argnums if donate_argnums is None else donate_argnums)
     else:
         fn = step
@@ -333,6 +336,20 @@ def dry_run(step: Callable[..., Any] | TrainStep, plan, mesh: Any, example_args:
                   mesh=plan.mesh, warnings=tuple(warnings), platform=platform,
                   hlo_text=text if keep_hlo else "", fit=fit_verdict(memory, mesh.devices.flat),
                   compiler_options=tuple(sorted(compiler_options.items())))
+
+
+def _on_mesh(shardings: Any, mesh: Any) -> Any:
+    """``shardings`` with each ``NamedSharding`` over an ``AbstractMesh`` laid on ``mesh`` instead (the same specs;
+    the plan checked the shapes agree); any other sharding as it is."""
+    import jax
+    from jax.sharding import NamedSharding
+
+    def one(s: Any) -> Any:
+        if isinstance(s, NamedSharding) and isinstance(s.mesh, jax.sharding.AbstractMesh):
+            return NamedSharding(mesh, s.spec)
+        return s
+
+    return jax.tree_util.tree_map(one, shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
 
 
 def _check_example_args(step: Any, example_args: Any) -> None:

@@ -283,7 +283,8 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
         model: a :mod:`tpflax.zoo` model, a linen Module (with ``sample``), an
             nnx Module (with ``sample``) or a function ``fn(variables, *sample)``.
         plan: a plan for the model's variables.
-        mesh: a ``jax.sharding.Mesh`` matching the plan.
+        mesh: a ``jax.sharding.Mesh`` matching the plan (or its shape, to build one; an
+            ``AbstractMesh`` for a step only :func:`dry_run` compiles, on a mesh of that shape).
         optimizer: an ``optax.GradientTransformation`` (or ``optax.MultiSteps``). For
             ``optax.lookahead`` the step takes and returns ``optax.LookaheadParams(fast, slow)`` in
             place of the variables, two copies of the planned tree, placed alike
@@ -325,12 +326,15 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
     import optax
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from tpflax._src.apply.bind import check_mesh
+    from tpflax._src.apply.bind import bind_mesh, check_mesh
     from tpflax._src.mesh import as_written_or_auto
     from tpflax._src.planner.decision import require_plan
 
     require_plan(plan, "make_train_step(model, plan, mesh, optimizer)")
     check_mesh(plan, mesh)
+    # a shape ({"data": 2, "model": 4}, "data=2,model=4") builds the mesh, as shard() and shardings() take it: it
+    # was a bare AttributeError ("'dict' object has no attribute 'size'"); an AbstractMesh is kept
+    mesh = bind_mesh(plan, mesh, abstract=True)
     if not (callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))):
         raise OptionError(f"optimizer {optimizer!r} is not an optax GradientTransformation (no init() and "
                           "update()); pass one, e.g. optax.adamw(1e-3)")
