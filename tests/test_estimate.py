@@ -6,6 +6,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from _util import COMM_XLA, FAST_XLA
@@ -1462,3 +1463,14 @@ def test_a_batch_of_numbers_or_an_unknown_dtype_says_how_to_write_shapes():
         estimate(p, None, {"x": (8, 64), "dtype": "bf16"})
     for dtype in ("bfloat16", jnp.bfloat16):
         assert estimate(p, None, {"x": (8, 64), "dtype": dtype}).batch["leaves"][0] == ["x", [8, 64], "bfloat16"]
+
+
+def test_trace_activations_refuses_a_batch_it_would_misread():
+    # "4x32" and True traced a batch of 1, 0 a batch of none, all without a word; (4, 32) was taken for the sample
+    # inputs (the model called on two ints); np.int64(4) is a size as 4 is
+    m = zoo.get("mlp")
+    for batch, words in (("4x32", r"batch='4x32' is a shape; .*e.g. batch=4"), ((4, 32), r"is a shape"),
+                         (0, "is not a positive whole number"), (True, "is not a positive whole number")):
+        with pytest.raises(EstimateError, match=words):
+            trace_activations(m, batch)
+    assert trace_activations(m, np.int64(4))["block_0/mlp/up"][0].output == (4, 256)

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import itertools
 import math
+import numbers
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -14,7 +15,14 @@ from typing import Any
 
 import jax
 
-from tpflax._src.cost.batch import Batch, config_value, np_dtype
+from tpflax._src.cost.batch import (
+    Batch,
+    config_value,
+    np_dtype,
+    plain_batch,
+    shape_text,
+    size_problem,
+)
 from tpflax._src.cost.records import Act
 from tpflax._src.mesh import EXPERT, TENSOR, MeshShape, traced_under, tracing_for
 from tpflax._src.specs import Entry, entry_axes
@@ -60,6 +68,8 @@ def trace_activations(model: Any, batch: Any = None, variables: Any = None, *,
     """
     from tpflax._src.model import as_model
 
+    _check_batch(batch)
+    batch = plain_batch(batch)  # np.int64(4) is a size as 4 is
     if sample is None and isinstance(batch, (tuple, list)):
         sample, batch = batch, None
     with tracing_for(mesh):
@@ -67,6 +77,25 @@ def trace_activations(model: Any, batch: Any = None, variables: Any = None, *,
         if isinstance(batch, int) and not isinstance(batch, bool):
             m = m.with_batch(batch)
         return traced_layers(m)[0]
+
+
+def _check_batch(batch: Any) -> None:
+    """EstimateError for a ``batch`` :func:`trace_activations` would misread: a size that is no positive whole
+    number (0 traced no examples, True one), a string ("4x32" traced a batch of 1), or a bare shape ((4, 32) was
+    taken for the sample inputs: the model called on two ints)."""
+    from tpflax._src.errors import EstimateError
+
+    how = ("trace_activations takes a batch size (batch=8) or the model's sample inputs (a tuple of arrays or "
+           "jax.ShapeDtypeStruct)")
+    if (why := size_problem(batch)) is not None:
+        raise EstimateError(f"{why.split(';')[0]}; {how}")
+    if isinstance(batch, str) or (isinstance(batch, (tuple, list)) and batch and all(
+            isinstance(x, numbers.Number) for x in batch)):
+        try:
+            first, what = (shape_text(batch)[0] if isinstance(batch, str) else int(batch[0])), "a shape"
+        except (ValueError, TypeError):
+            first, what = 8, "no size"
+        raise EstimateError(f"batch={batch!r} is {what}; {how}: e.g. batch={first}")
 
 
 def traced_layers(m: Any) -> tuple[dict[str, list[Act]], float]:
