@@ -638,6 +638,11 @@ def test_estimate_with_the_batch_where_the_optimizer_goes_says_the_order():
             tpflax.estimate(plan, optimizer)
     with pytest.raises(tpflax.EstimateError, match=r"the optimizer and the batch are swapped"):
         tpflax.estimate(plan, {"x": (8, 64)}, optax.adam(1e-3))
+    # an optimizer's name (as the command line takes it) is no batch: "'str' object has no attribute 'init'"
+    for batch in (None, {"x": (8, 64)}):
+        with pytest.raises(tpflax.EstimateError, match=r"optimizer 'adamw' is a name: pass the optax optimizer "
+                                                       r"itself, e.g. optax.adamw\(1e-3\)"):
+            tpflax.estimate(plan, "adamw", batch)
     assert tpflax.estimate(plan, None, {"x": (8, 64)}).per_device.opt_state == 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -171,6 +172,12 @@ def _check_options(act_dtype: Any, grad_dtype: Any, backend: str, expert_dispatc
         raise EstimateError(f"expert_dispatch {expert_dispatch!r} must be 'all-to-all' or 'dense'")
 
 
+def _optax() -> Any:
+    import optax
+
+    return optax
+
+
 def _check_optimizer(optimizer: Any, batch: Any) -> None:
     """EstimateError for a batch given where the optimizer goes (``estimate(plan, 8)``, ``estimate(plan,
     {"x": (8, 64)}, optax.adam(1e-3))``): it said "estimate needs a batch", or that a dict has no ``init``."""
@@ -178,9 +185,14 @@ def _check_optimizer(optimizer: Any, batch: Any) -> None:
         return
     if callable(getattr(batch, "init", None)) and callable(getattr(batch, "update", None)):
         raise EstimateError("the optimizer and the batch are swapped; pass them as estimate(plan, optimizer, batch)")
+    if isinstance(optimizer, str) and hasattr(_optax(), optimizer):  # "adamw", as the command line names it
+        raise EstimateError(f"optimizer {optimizer!r} is a name: pass the optax optimizer itself, e.g. "
+                            f"optax.{optimizer}(1e-3)")
     if batch is not None:
         return
-    batch_like = isinstance(optimizer, (numbers.Integral, str, tuple, list, Mapping)) or hasattr(optimizer, "shape")
+    shape_like = isinstance(optimizer, str) and bool(re.fullmatch(r"\s*\d+(\s*[xX*]\s*\d+)*\s*", optimizer))
+    batch_like = (isinstance(optimizer, (numbers.Integral, tuple, list, Mapping)) or hasattr(optimizer, "shape")
+                  or shape_like)
     if batch_like and not isinstance(optimizer, bool):
         raise EstimateError(f"optimizer {optimizer!r} looks like a batch: the order is estimate(plan, optimizer, "
                             "batch); pass the batch third or as batch=, and optimizer=None for no optimizer state")
