@@ -729,3 +729,15 @@ def test_a_mesh_without_a_plan_is_refused_not_dropped(tmp_path):
     assert tpflax.restore_checkpoint(tmp_path / "c", plan, mesh)["w"].sharding.spec == P("data", "model")
     shardings = {"w": jax.sharding.NamedSharding(mesh, P("model"))}
     assert tpflax.restore_checkpoint(tmp_path / "c", mesh=mesh, shardings=shardings)["w"].sharding.spec == P("model")
+
+
+def test_save_checkpoint_with_a_plan_or_path_of_another_kind_says_what_it_takes(tmp_path):
+    # plan={"x": 1} was a bare AttributeError ("'dict' object has no attribute 'decisions'"), a path of 123
+    # pathlib's bare TypeError; the tree and the path swapped, the same TypeError
+    tree = {"v": np.ones(3, np.float32)}
+    with pytest.raises(tpflax.OptionError, match=r"plan is a dict, not a tpflax.Plan"):
+        tpflax.save_checkpoint(tmp_path / "a", tree, plan={"x": 1})
+    for path in (123, tree):
+        with pytest.raises(tpflax.OptionError, match=r"not a directory path: the order is save_checkpoint\(path, tree"):
+            tpflax.save_checkpoint(path, tree if path is not tree else tmp_path / "b")
+    assert not any(tmp_path.iterdir())

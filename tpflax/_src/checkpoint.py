@@ -44,6 +44,7 @@ from tpflax._src.checkpoint_layout import (
 )
 from tpflax._src.errors import CheckpointError, OptionError, PlanMismatchError, TreeError
 from tpflax._src.facts.tree import Leaf, is_box, key_kinds, keystr, unbox, unboxed, walk
+from tpflax._src.planner.decision import require_plan
 from tpflax._src.planner.plan import Plan
 from tpflax._src.progress import Progress
 
@@ -152,6 +153,11 @@ def save_checkpoint(path: str | os.PathLike, tree: Any, *, plan: Plan | None = N
     if keep is not None and (step is None or int(keep) < 1):
         raise OptionError(f"keep={keep} needs step= (it keeps the newest steps of a CheckpointManager) "
                           "and must be >= 1")
+    if not isinstance(path, (str, os.PathLike)):  # an int was pathlib's bare TypeError, a tree the order swapped
+        raise OptionError(f"path is {type(path).__name__}, not a directory path: the order is "
+                          "save_checkpoint(path, tree, plan=...)")
+    if plan is not None:  # a dict was a bare AttributeError ("'dict' object has no attribute 'decisions'")
+        require_plan(plan, "save_checkpoint(path, tree, plan=plan)")
     if is_graph_node(tree):  # its variables, not flax's own fields (``_pytree__state``) as leaves
         from flax import nnx
 
