@@ -741,3 +741,19 @@ def test_save_checkpoint_with_a_plan_or_path_of_another_kind_says_what_it_takes(
         with pytest.raises(tpflax.OptionError, match=r"not a directory path: the order is save_checkpoint\(path, tree"):
             tpflax.save_checkpoint(path, tree if path is not tree else tmp_path / "b")
     assert not any(tmp_path.iterdir())
+
+
+def test_restore_takes_one_sharding_for_all_and_names_what_is_no_sharding(tmp_path):
+    # shardings=P(...) leaves failed in orbax ("the context mesh cannot be empty"), a single NamedSharding was
+    # "no sharding for stored leaf w; sharding for , which is not stored", and a path of 123 pathlib's TypeError
+    tpflax.save_checkpoint(tmp_path / "c", {"w": np.arange(64, dtype=np.float32).reshape(8, 8)})
+    mesh = tpflax.make_mesh({"model": 2})
+    with pytest.raises(tpflax.OptionError, match=r"shardings= holds a PartitionSpec at w, not a jax Sharding; pass "
+                                                 r"NamedShardings \(NamedSharding\(mesh, spec\)\)"):
+        tpflax.restore_checkpoint(tmp_path / "c", shardings={"w": P("model")})
+    with pytest.raises(tpflax.OptionError, match=r"shardings= holds str at the root"):
+        tpflax.restore_checkpoint(tmp_path / "c", shardings="model")
+    with pytest.raises(tpflax.OptionError, match=r"path is int, not a checkpoint directory"):
+        tpflax.restore_checkpoint(123)
+    got = tpflax.restore_checkpoint(tmp_path / "c", shardings=NamedSharding(mesh, P("model")))
+    assert got["w"].sharding.spec == P("model") and np.array_equal(got["w"], np.arange(64).reshape(8, 8))

@@ -464,7 +464,9 @@ def _restore_item(ocp: Any, item: Path, plan: Plan | None, mesh: Any, like: Any,
     # without like= or a plan, keys come back as the keys tpflax recorded saving them
     keys = _recorded_keys(item) if like is None else {}
     targets: list[Any] = values if like is not None else [keys.get(p) for p in paths]
-    if shardings is not None and like is None:
+    if isinstance(shardings, jax.sharding.Sharding):  # one for every leaf, as jax.jit takes one
+        shard_list = [shardings] * len(paths)
+    elif shardings is not None and like is None:
         shard_list = _shardings_by_path(shardings, paths, item)
     elif shardings is not None:
         shard_list = jax.tree_util.tree_leaves(
@@ -500,6 +502,25 @@ def _restore_item(ocp: Any, item: Path, plan: Plan | None, mesh: Any, like: Any,
     if like is None:
         return jax.tree_util.tree_unflatten(treedef, values)
     return rebox_all([b for _, b in boxes], values, treedef)
+
+
+def _check_shardings(shardings: Any) -> None:
+    """OptionError for a ``shardings=`` leaf that is no ``jax.sharding.Sharding``: a ``PartitionSpec`` failed in
+    orbax ("the context mesh cannot be empty"), a string was listed as a sharding for the path ''."""
+    if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+        return
+    flat = jax.tree_util.tree_flatten_with_path(
+        shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding) or is_box(x))[0]
+    odd = [(keystr(p) or "the root", unbox(x)) for p, x in flat
+           if not isinstance(unbox(x), jax.sharding.Sharding)]
+    if odd:
+        where, x = odd[0]
+        spec = isinstance(x, jax.sharding.PartitionSpec)
+        raise OptionError(
+            f"shardings= holds {'a PartitionSpec' if spec else type(x).__name__} at {where}"
+            f"{f' and {len(odd) - 1} more leaves' if len(odd) > 1 else ''}, not a jax Sharding; pass "
+            f"NamedShardings{' (NamedSharding(mesh, spec))' if spec else ''}, e.g. tpflax.shardings(plan, mesh, like), "
+            "one for every leaf, or one sharding for them all")
 
 
 def _shardings_by_path(shardings: Any, stored_paths: list[str], item: Path) -> list[Any]:
@@ -562,8 +583,8 @@ def restore_checkpoint(path: str | os.PathLike, plan: Plan | None = None, mesh: 
             Module or Optimizer (concrete, or from ``nnx.eval_shape``) gives a
             *new* object of its structure holding the restored state (the one
             passed is left as it was), as :func:`tpflax.shard` gives one.
-        shardings: a ``Sharding`` tree shaped like ``like`` to restore with
-            instead of a plan (e.g. :func:`tpflax.train_state_shardings`, or
+        shardings: a ``Sharding`` tree shaped like ``like`` (or one ``Sharding`` for every leaf) to
+            restore with instead of a plan (e.g. :func:`tpflax.train_state_shardings`, or
             :func:`tpflax.state_shardings` for ``{"params": ..., "opt_state": ...}``).
             With a plan made with ``fused="aligned"``, pass it as ``plan`` too: its
             head-aligned leaves, and the optimizer-state leaves tied to them, then come
@@ -596,6 +617,10 @@ def restore_checkpoint(path: str | os.PathLike, plan: Plan | None = None, mesh: 
     >>> restore_checkpoint(d, p, tpflax.make_mesh({"model": 2}))["w"].sharding.spec
     P('model',)
     """
+    if not isinstance(path, (str, os.PathLike)):  # an int was pathlib's bare TypeError
+        raise OptionError(f"path is {type(path).__name__}, not a checkpoint directory: the order is "
+                          "restore_checkpoint(path, plan, mesh)")
+    _check_shardings(shardings)
     if mesh is not None and plan is None and shardings is None:  # the mesh was dropped: all on one device
         raise OptionError("restore_checkpoint(path, mesh=...) without a plan has no layout for the mesh (everything "
                           "was restored onto one device); pass the plan, restore_checkpoint(path, plan, mesh), or "
