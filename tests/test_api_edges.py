@@ -694,3 +694,23 @@ def test_make_train_step_takes_a_mesh_shape_and_dry_run_compiles_an_abstract_mes
     got = tpflax.dry_run(abstract, plan, mesh)
     want = tpflax.dry_run(tpflax.make_train_step(m, plan, mesh, optax.sgd(0.1), 8), plan, mesh)
     assert got.memory == want.memory and got.comm() == want.comm()
+
+
+def test_an_nnx_optimizer_given_as_the_state_is_read_as_the_optimizer():
+    # optimizer_shardings(tx, plan, mesh, opt_state=nnx_opt) and shard_optimizer_state(tx, nnx_opt, plan, mesh)
+    # said "the state has 10 leaves; optimizer.init on the planned parameters makes 9"
+    from flax import nnx
+
+    mesh = tpflax.make_mesh({"data": 2, "model": 4})
+    model = nnx_mlp(32, 128)
+    plan = tpflax.plan(model, mesh)
+    tx = optax.adamw(1e-3)
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    specs = lambda t: [s.spec for s in jax.tree_util.tree_leaves(  # noqa: E731
+        t, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))]
+    assert specs(tpflax.optimizer_shardings(tx, plan, mesh, opt_state=opt)) == specs(
+        tpflax.optimizer_shardings(opt, plan, mesh))
+    placed = tpflax.shard_optimizer_state(tx, opt, plan, mesh)
+    assert isinstance(placed, nnx.Optimizer)
+    assert [a.sharding.spec for a in jax.tree_util.tree_leaves(nnx.state(placed))] == specs(
+        tpflax.optimizer_shardings(opt, plan, mesh))

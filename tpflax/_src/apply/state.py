@@ -168,7 +168,8 @@ def optimizer_shardings(optimizer: Any, plan: Plan, mesh: Any = None, *, opt_sta
         plan: the parameters' plan.
         mesh: a ``jax.sharding.Mesh`` or ``AbstractMesh`` (or a shape), as for :func:`tpflax.shardings`.
         opt_state: the state (concrete or abstract); derived with
-            ``jax.eval_shape(optimizer.init, params)`` when omitted.
+            ``jax.eval_shape(optimizer.init, params)`` when omitted. An ``nnx.Optimizer`` here is
+            read as if given as ``optimizer``.
         params: the parameters (concrete or abstract); default: from the plan.
 
     >>> import jax, optax, tpflax
@@ -178,6 +179,8 @@ def optimizer_shardings(optimizer: Any, plan: Plan, mesh: Any = None, *, opt_sta
     P('model', None)
     """
     _check_optimizer_args("optimizer_shardings(optimizer, plan, mesh)", optimizer, plan)
+    if is_graph_node(opt_state):  # an nnx.Optimizer given as the state: its own (optax's state was made to fit it)
+        optimizer = opt_state
     if is_graph_node(optimizer):  # it has no init(): its state holds what the optax state would
         from flax import nnx
 
@@ -201,7 +204,8 @@ def shard_optimizer_state(optimizer: Any, opt_state: Any, plan: Plan, mesh: Any 
         opt_state: an existing state to place (made with ``optimizer.init`` of
             the planned tree, or of its ``params`` collection when full linen
             variables were planned), or None to create it sharded with
-            ``jax.jit(optimizer.init, out_shardings=...)``.
+            ``jax.jit(optimizer.init, out_shardings=...)``. An ``nnx.Optimizer`` here is read as if
+            given as ``optimizer``.
         plan: the parameters' plan.
         mesh: the mesh (or a shape).
         params: the parameters to initialise from when ``opt_state`` is None
@@ -236,6 +240,8 @@ def shard_optimizer_state(optimizer: Any, opt_state: Any, plan: Plan, mesh: Any 
     P('model', None)
     """
     _check_optimizer_args("shard_optimizer_state(optimizer, opt_state, plan, mesh)", optimizer, plan)
+    if is_graph_node(opt_state):  # shard_optimizer_state(tx, nnx_optimizer, ...): the nnx.Optimizer is the state
+        optimizer, opt_state = opt_state, None
     if order is not None:
         check_order(order)
     laid = has_layouts(plan)
