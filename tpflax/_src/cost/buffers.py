@@ -11,8 +11,8 @@ per expert), the buffer has no batch dim: its rows do not grow with the batch, e
 batch axis holds all of it, and XLA sums the dispatch over the batch axes before the experts run,
 so the experts' work and their weights' gradients are the same on every device of those axes
 (:mod:`tpflax._src.cost.experts`). Which it is shows by following the sample's leading dim (the batch)
-through the forward (:func:`_batch_dims`: contractions, reshapes, transposes, broadcasts, reductions, calls
-and scans; elementwise ops keep it): a buffer that keeps the batch has a dim carrying it. One whose rows grow
+through the forward (:func:`tpflax._src.trace.batchflags.batch_dims`: contractions, reshapes, transposes,
+broadcasts, reductions, calls and scans; elementwise ops keep it): a buffer that keeps the batch has a dim carrying it. One whose rows grow
 with the batch without such a dim (Switch's capacity ``C = tokens / E``, a dispatch ``nd,nec->ecd`` over the
 batch's tokens as one group) has still summed the batch away (measured, XLA:CPU data=2,model=4: its
 ``f32[E, C, d]`` all-reduced over data), even where ``C`` is as long as the batch.
@@ -24,8 +24,14 @@ and shapes (:mod:`tpflax._src.model_cache`), so the second reader traces nothing
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from typing import Any
+
+from tpflax._src.trace.batchflags import batch_dims as _batch_dims
+from tpflax._src.trace.batchflags import input_flags as _input_flags
+from tpflax._src.trace.batchflags import no_flags as _none
+from tpflax._src.trace.batchflags import shape_of as _shape
+from tpflax._src.trace.batchflags import sized as _sized
 
 
 def batched_paths(flow: Any) -> frozenset[str]:
@@ -178,127 +184,3 @@ def _ragged_buffers(m: Any, paths: Collection[str]) -> dict[str, float]:
         shape = _shape(source.invars[0])
         out.setdefault(u.path, math.prod(k for d, k in enumerate(shape) if d not in lc))
     return {p: r for p, r in out.items() if p not in batched}
-
-
-# -- which dims carry the batch: the sample's leading dim, followed through the forward ----------------------
-
-def _shape(v: Any) -> tuple[int, ...]:
-    return tuple(getattr(getattr(v, "aval", None), "shape", ()))
-
-
-def _none(v: Any) -> tuple[bool, ...]:
-    return (False,) * len(_shape(v))
-
-
-def _input_flags(v: Any, examples: int | None) -> tuple[bool, ...]:
-    shape = _shape(v)
-    return tuple(d == 0 and n == examples for d, n in enumerate(shape))
-
-
-def _sized(shape: Sequence[int], examples: int | None) -> tuple[bool, ...]:
-    """A fallback where a primitive is not followed: the dims as long as the batch (a capacity as long as
-    the batch reads as one)."""
-    return tuple(n == examples for n in shape)
-
-
-def _reshape(a: tuple[bool, ...], src: Sequence[int], dst: Sequence[int]) -> tuple[bool, ...]:
-    """Flags through a reshape: the dims of each run whose sizes multiply alike on both sides share them."""
-    out: list[bool] = []
-    i = j = 0
-    while j < len(dst):
-        group_in, group_out, p, q = [i] if i < len(src) else [], [j], src[i] if i < len(src) else 1, dst[j]
-        i, j = i + 1, j + 1
-        while p != q:
-            if p < q and i < len(src):
-                group_in.append(i)
-                p, i = p * src[i], i + 1
-            elif j < len(dst):
-                group_out.append(j)
-                q, j = q * dst[j], j + 1
-            else:
-                break
-        out += [any(a[k] for k in group_in if k < len(a))] * len(group_out)
-    return tuple(out)
-
-
-def _sub(eqn: Any) -> Any:
-    """The one sub-jaxpr an equation calls with its own inputs and outputs (pjit, remat, custom_jvp/vjp,
-    shard_map), or None."""
-    for v in eqn.params.values():
-        j = getattr(v, "jaxpr", v)
-        if hasattr(j, "eqns") and len(j.invars) == len(eqn.invars) and len(j.outvars) == len(eqn.outvars):
-            return j
-    return None
-
-
-def _batch_dims(jaxpr: Any, ins: list[tuple[bool, ...]], dots: dict, examples: int | None) -> list[tuple[bool, ...]]:
-    """Walk ``jaxpr`` with the batch flags of its inputs; record each ``dot_general``'s operands' flags in
-    ``dots`` (by equation id); the flags of its outputs."""
-    env = {v: f for v, f in zip(jaxpr.invars, ins, strict=True)}
-
-    def get(v: Any) -> tuple[bool, ...]:
-        return env.get(v, _none(v)) if type(v).__name__ != "Literal" else ()
-
-    for eqn in jaxpr.eqns:
-        fs = [get(v) for v in eqn.invars]
-        outs = [_sized(_shape(o), examples) for o in eqn.outvars]
-        name, prm = eqn.primitive.name, eqn.params
-        if name == "dot_general":
-            dots.setdefault(id(eqn), fs)
-            (lc, rc), (lb, rb) = prm["dimension_numbers"]
-            lhs, rhs = fs
-            outs = [tuple(lhs[a] or rhs[b] for a, b in zip(lb, rb, strict=True))
-                    + tuple(lhs[d] for d in range(len(lhs)) if d not in lc and d not in lb)
-                    + tuple(rhs[d] for d in range(len(rhs)) if d not in rc and d not in rb)]
-        elif name == "ragged_dot_general":  # (rows, d) x (groups, d, f): the lhs's rows, then the kernel's free dims
-            dots.setdefault(id(eqn), fs[:2])
-            rn = prm["ragged_dot_dimension_numbers"]
-            (lc, rc), (lb, rb) = rn.dot_dimension_numbers
-            lhs, rhs = fs[:2]
-            skip = set(rc) | set(rb) | set(rn.rhs_group_dimensions)
-            outs = [tuple(lhs[a] or rhs[b] for a, b in zip(lb, rb, strict=True))
-                    + tuple(lhs[d] for d in range(len(lhs)) if d not in lc and d not in lb)
-                    + tuple(rhs[d] for d in range(len(rhs)) if d not in skip)]
-        elif name == "sort":  # sorted along a dim that carried the batch, every device needs all of it
-            same = [f for f in fs if len(f) == len(_shape(eqn.outvars[0]))]
-            flags = [any(x) for x in zip(*same, strict=True)] if same else list(_none(eqn.outvars[0]))
-            flags[prm["dimension"]] = False
-            outs = [tuple(flags)] * len(eqn.outvars)
-        elif name == "gather":  # the index dims carry the indices' flags, the offset dims the operand's
-            dn = prm["dimension_numbers"]
-            kept = [f for d, f in enumerate(fs[0]) if d not in dn.collapsed_slice_dims
-                    and d not in dn.operand_batching_dims]
-            index = list(fs[1][:-1])
-            o = []
-            for d in range(len(_shape(eqn.outvars[0]))):
-                o.append(kept.pop(0) if d in dn.offset_dims and kept else index.pop(0) if index else False)
-            outs = [tuple(o)]
-        elif name == "reshape":
-            outs = [_reshape(fs[0], _shape(eqn.invars[0]), _shape(eqn.outvars[0]))]
-        elif name == "transpose":
-            outs = [tuple(fs[0][d] for d in prm["permutation"])]
-        elif name == "broadcast_in_dim":
-            o = [False] * len(_shape(eqn.outvars[0]))
-            for k, d in enumerate(prm["broadcast_dimensions"]):
-                o[d] = fs[0][k]
-            outs = [tuple(o)]
-        elif "axes" in prm and name.startswith(("reduce", "arg")):
-            outs = [tuple(f for d, f in enumerate(fs[0]) if d not in prm["axes"])] * len(eqn.outvars)
-        elif name == "squeeze":
-            outs = [tuple(f for d, f in enumerate(fs[0]) if d not in prm["dimensions"])]
-        elif name == "scan":
-            body, k, c = prm["jaxpr"].jaxpr, prm["num_consts"], prm["num_carry"]
-            got = _batch_dims(body, fs[:k + c] + [f[1:] for f in fs[k + c:]], dots, examples)
-            outs = got[:c] + [(False, *f) for f in got[c:]]
-        elif (sub := _sub(eqn)) is not None:
-            outs = _batch_dims(sub, fs, dots, examples)
-        else:  # elementwise, cumulative, top_k, select, ...: an output of an input's rank keeps its flags
-            for k, o in enumerate(eqn.outvars):
-                same = [f for f in fs if len(f) == len(_shape(o))]
-                if same:
-                    outs[k] = tuple(any(x) for x in zip(*same, strict=True))
-                elif not any(fs):  # made from no array (iota, a constant): no batch
-                    outs[k] = _none(o)
-        for o, f in zip(eqn.outvars, outs, strict=True):
-            env[o] = f
-    return [get(v) for v in jaxpr.outvars]

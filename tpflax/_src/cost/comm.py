@@ -561,7 +561,7 @@ def _pair_act(path: str, d: Any, side: str, s: Scope) -> float:
     # an expert kernel reads its buffer, not its layer's input (the tokens before the dispatch)
     acts = acts_for(s.activations, d.unit) if path not in (s.buffers or {}) else []
     if acts:  # a layer called at several sizes (a head shared by FPN levels): its calls' mean, priced at each call
-        return sum(s.nbytes(a.output if side == "out" else a.inputs[0]) for a in acts) / len(acts)
+        return sum(s.nbytes(a.output if side == "out" else a.inputs[0], path) for a in acts) / len(acts)
     b = body(d)
     t_axes = set(s.axes(path, TENSOR))
     split = [i for i, e in enumerate(drop_layers(d, s.lv.specs[path])) if t_axes & set(entry_axes(e))]
@@ -683,7 +683,7 @@ def _embedding_items(path: str, d: Any, axes: tuple[str, ...], s: Scope, *, note
             CommItem("all-gather", axes, size, n, 1, path,
                      "tied embedding split on its features: gather the logits' input gradient (backward)")]
     a = attend[0] if attend else None
-    in_size = s.nbytes(a.inputs[0]) if a else s.rows_of(path) * b[-1] * s.act_item
+    in_size = s.nbytes(a.inputs[0], path) if a else s.rows_of(path) * b[-1] * s.act_item
     items += _head_items(axes, n, in_size, (a.output if a else None), s, path, "tied output embedding")
     if not attend and s.tied is None:
         notes.append(f"{path}: assumed tied to the output (no head layer found)")
@@ -696,10 +696,10 @@ def _column_items(path: str, d: Any, axes: tuple[str, ...], s: Scope) -> list[Co
     a = acts[0] if acts else None
     # behind frozen layers only (a trained head on a frozen model) its input has no gradient to sum
     in_size = 0 if (s.widths or {}).get(path) == 0 else \
-        s.nbytes(a.inputs[0]) if a else s.rows_of(path) * b[0] * s.act_item
+        s.nbytes(a.inputs[0], path) if a else s.rows_of(path) * b[0] * s.act_item
     if d.kind == "head":  # the planner marks output heads
         return _head_items(axes, n, in_size, (a.output if a else None), s, path, "vocab-split output head")
-    out_size = s.nbytes(a.output) if a else s.rows_of(path) * b[-1] * s.act_item
+    out_size = s.nbytes(a.output, path) if a else s.rows_of(path) * b[-1] * s.act_item
     # read by whole kernels, the split output is gathered (or their partial outputs summed) at each of them
     # (cost/whole.py prices it there); else gathered once, where it is read whole: upsampled on the way
     # (Traced.grown), at the size it grew to

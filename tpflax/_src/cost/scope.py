@@ -149,6 +149,8 @@ class Scope:
     constrained: tuple[tuple[str, int, tuple[str, ...]], ...] = ()
     # traced edges' limits: {(path, dim, other path, other dim): gcd of the activation dims between} (Traced.limits)
     limits: Mapping[tuple[str, int, str, int], int] = field(default_factory=dict)
+    # traced parameters whose first dot reads an activation carrying the batch in some dim (Traced.batch_read)
+    batch_read: frozenset[str] = frozenset()
 
     def one_ring(self, devices: int) -> bool:
         """Whether XLA:TPU reduces over ``devices`` of the mesh on one ring (:func:`tpflax._src.tpu.one_ring`:
@@ -245,10 +247,14 @@ class Scope:
     def size(self, axes: Sequence[str]) -> int:
         return math.prod(self.mesh.sizes[a] for a in axes)
 
-    def nbytes(self, shape: Sequence[int]) -> float:
+    def nbytes(self, shape: Sequence[int], path: str | None = None) -> float:
         """Bytes of a traced activation on one device: batch-major shapes split over the batch axes, and those
-        whose leading dim is the batch's tokens flattened (EasyDeL's router reads ``(batch * seq, d)``)."""
-        local = 1 / self.shards if shape and shape[0] in self.batch_leads else 1.0
+        whose leading dim is the batch's tokens flattened (EasyDeL's router reads ``(batch * seq, d)``); and the
+        activations of the layer at ``path`` where the trace follows the batch into them (:attr:`batch_read`): a
+        Swin window partition's ``(batch * windows, tokens, c)``, which XLA splits as it splits the batch (priced
+        whole before, the pairs' sums 2x the compiled ones on data=2,model=4)."""
+        split = shape and (shape[0] in self.batch_leads or path in self.batch_read)
+        local = 1 / self.shards if split else 1.0
         return math.prod(shape) * self.act_item * local
 
     @functools.cached_property

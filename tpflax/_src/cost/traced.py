@@ -191,6 +191,10 @@ class Traced:
             (:meth:`tpflax._src.trace.records.Dataflow.cast_to`).
         cast_some: ``{path: dtype}`` of parameters some matmul or lookup reads as they are and others cast to that
             dtype (:meth:`tpflax._src.trace.records.Dataflow.cast_some`).
+        batch_read: parameters whose first ``dot`` reads an activation a dim of which carries the batch
+            (:attr:`tpflax._src.trace.records.Dataflow.batch_reads`), wherever it sits: Swin's window attention
+            reads ``(batch * windows, tokens, c)``, split over the batch axes though its leading dim is no batch's
+            size (:meth:`tpflax._src.cost.scope.Scope.nbytes`).
     """
 
     tied: frozenset[str] | None = None
@@ -262,6 +266,7 @@ class Traced:
     cast_some: Mapping[str, str] = field(default_factory=dict)
     slice_reads: Mapping[str, int] = field(default_factory=dict)
     ragged: Mapping[str, frozenset[int]] = field(default_factory=dict)
+    batch_read: frozenset[str] = frozenset()
 
 
 def frozen_inputs(t: Traced, trainable: Mapping[str, bool]) -> frozenset[str]:
@@ -421,7 +426,16 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None
                   slice_reads=_slice_reads(flow, slices), crossed=flow.crossed, ffts=flow.ffts,
                   fft_reads=_fft_reads(flow, examples),
                   lookup_rows=_lookup_rows(flow, examples), ragged=ragged_groups(flow),
-                  parted=dict(getattr(flow, "parted", {}) or {}))
+                  parted=dict(getattr(flow, "parted", {}) or {}), batch_read=_batch_read(flow))
+
+
+def _batch_read(flow: Any) -> frozenset[str]:
+    """:attr:`Traced.batch_read`: the parameters whose first ``dot`` use reads an activation carrying the batch."""
+    first: dict[str, int] = {}
+    for u in flow.uses:
+        if u.op == "dot":
+            first.setdefault(u.path, u.id)
+    return frozenset(p for p, uid in first.items() if uid in flow.batch_reads)
 
 
 def _fft_reads(flow: Any, examples: int) -> tuple:

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -53,6 +53,7 @@ from tpflax._src.errors import TraceError
 from tpflax._src.facts.tree import unboxed, walk
 from tpflax._src.mesh import traced_under
 from tpflax._src.model import abstract, as_model, labels_hint
+from tpflax._src.trace.batchflags import batch_dims, input_flags, no_flags
 from tpflax._src.trace.contractions import PRODUCT_SUM
 from tpflax._src.trace.handlers import new_walk
 from tpflax._src.trace.interpreter import SLICED, Val, is_minor
@@ -320,7 +321,20 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                     ffts=tuple(w.ffts),
                     fft_reads=tuple(dataclasses.replace(r, tags=tuple(frozenset(w.root(k) for k in ks) for ks in r.tags))
                                     for r in w.fft_reads),
-                    sliced=_sliced(w, {p: tuple(v.aval.shape) for p, v in zip(paths, jaxpr.invars, strict=False)}))
+                    sliced=_sliced(w, {p: tuple(v.aval.shape) for p, v in zip(paths, jaxpr.invars, strict=False)}),
+                    batch_reads=_batch_reads(jaxpr, len(paths), examples, w.reads))
+
+
+def _batch_reads(jaxpr: Any, n: int, examples: int, reads: Mapping[int, tuple[Any, int, tuple]]) -> frozenset[int]:
+    """:attr:`Dataflow.batch_reads`: the ``dot`` uses (``reads``: use id -> (equation, activation operand, ctx)) whose
+    activation a dim of which carries the batch; ``n``: the parameters among ``jaxpr``'s invars, the sample after."""
+    if examples <= 1:  # a one-example sample: every size-1 dim would read as the batch
+        return frozenset()
+    dots: dict[int, list[tuple[bool, ...]]] = {}
+    batch_dims(jaxpr, [input_flags(v, examples) if i >= n else no_flags(v) for i, v in enumerate(jaxpr.invars)],
+               dots, examples)
+    return frozenset(uid for uid, (eqn, i, _) in reads.items()
+                     if id(eqn) in dots and i < len(dots[id(eqn)]) and any(dots[id(eqn)][i]))
 
 
 def _sliced(w: Any, shapes: dict[str, tuple[int, ...]]) -> dict[str, float]:

@@ -316,6 +316,10 @@ class Dataflow:
             itself keeps the layout it was placed in: a whole kernel read this way that contracts split features
             is sliced to them and its partial outputs summed, however wide
             (:func:`tpflax._src.cost.disagree.kernel_reads`).
+        batch_reads: ``dot`` uses whose activation has a dim carrying the batch (the sample's leading dim, followed
+            through the forward: :func:`tpflax._src.trace.batchflags.batch_dims`), wherever it sits: a Swin window
+            partition's ``(batch * windows, tokens, c)`` carries it in its leading dim, which is no batch's size.
+            XLA splits such an activation over the batch axes as it splits the batch. Empty for a one-example sample.
     """
 
     paths: tuple[str, ...]
@@ -370,6 +374,7 @@ class Dataflow:
     ffts: tuple[str, ...] = ()
     fft_reads: tuple[FftRead, ...] = ()
     parted: Mapping[str, Mapping[int, int]] = field(default_factory=dict)
+    batch_reads: frozenset[int] = frozenset()
 
     def positional(self) -> dict[str, tuple[int, tuple[int, ...]]]:
         """``{table: (rows looked up, its dims not indexed)}`` for tables every use of which is a lookup at

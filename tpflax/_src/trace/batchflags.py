@@ -1,0 +1,134 @@
+"""Which dims of each value carry the batch: the sample's leading dim, followed through the forward.
+
+:func:`batch_dims` walks a jaxpr with a flag per dim of each value (contractions, reshapes, transposes,
+broadcasts, reductions, gathers, sorts, calls and scans; elementwise ops keep them) and records each
+``dot_general``'s operands' flags. The cost model reads them: whether an expert's dispatched buffer kept the
+batch (:mod:`tpflax._src.cost.buffers`), and whether the activation a contraction reads carries it where its
+leading dim is no batch's (Swin's windows, ``(batch * windows, tokens, c)``: :attr:`Dataflow.batch_reads`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+def shape_of(v: Any) -> tuple[int, ...]:
+    return tuple(getattr(getattr(v, "aval", None), "shape", ()))
+
+
+def no_flags(v: Any) -> tuple[bool, ...]:
+    return (False,) * len(shape_of(v))
+
+
+def input_flags(v: Any, examples: int | None) -> tuple[bool, ...]:
+    return tuple(d == 0 and n == examples for d, n in enumerate(shape_of(v)))
+
+
+def sized(shape: Sequence[int], examples: int | None) -> tuple[bool, ...]:
+    """A fallback where a primitive is not followed: the dims as long as the batch (a capacity as long as
+    the batch reads as one)."""
+    return tuple(n == examples for n in shape)
+
+
+def reshape_flags(a: tuple[bool, ...], src: Sequence[int], dst: Sequence[int]) -> tuple[bool, ...]:
+    """Flags through a reshape: the dims of each run whose sizes multiply alike on both sides share them."""
+    out: list[bool] = []
+    i = j = 0
+    while j < len(dst):
+        group_in, group_out, p, q = [i] if i < len(src) else [], [j], src[i] if i < len(src) else 1, dst[j]
+        i, j = i + 1, j + 1
+        while p != q:
+            if p < q and i < len(src):
+                group_in.append(i)
+                p, i = p * src[i], i + 1
+            elif j < len(dst):
+                group_out.append(j)
+                q, j = q * dst[j], j + 1
+            else:
+                break
+        out += [any(a[k] for k in group_in if k < len(a))] * len(group_out)
+    return tuple(out)
+
+
+def _sub(eqn: Any) -> Any:
+    """The one sub-jaxpr an equation calls with its own inputs and outputs (pjit, remat, custom_jvp/vjp,
+    shard_map), or None."""
+    for v in eqn.params.values():
+        j = getattr(v, "jaxpr", v)
+        if hasattr(j, "eqns") and len(j.invars) == len(eqn.invars) and len(j.outvars) == len(eqn.outvars):
+            return j
+    return None
+
+
+def batch_dims(jaxpr: Any, ins: list[tuple[bool, ...]], dots: dict, examples: int | None) -> list[tuple[bool, ...]]:
+    """Walk ``jaxpr`` with the batch flags of its inputs; record each ``dot_general``'s operands' flags in
+    ``dots`` (by equation id); the flags of its outputs."""
+    env = {v: f for v, f in zip(jaxpr.invars, ins, strict=True)}
+
+    def get(v: Any) -> tuple[bool, ...]:
+        return env.get(v, no_flags(v)) if type(v).__name__ != "Literal" else ()
+
+    for eqn in jaxpr.eqns:
+        fs = [get(v) for v in eqn.invars]
+        outs = [sized(shape_of(o), examples) for o in eqn.outvars]
+        name, prm = eqn.primitive.name, eqn.params
+        if name == "dot_general":
+            dots.setdefault(id(eqn), fs)
+            (lc, rc), (lb, rb) = prm["dimension_numbers"]
+            lhs, rhs = fs
+            outs = [tuple(lhs[a] or rhs[b] for a, b in zip(lb, rb, strict=True))
+                    + tuple(lhs[d] for d in range(len(lhs)) if d not in lc and d not in lb)
+                    + tuple(rhs[d] for d in range(len(rhs)) if d not in rc and d not in rb)]
+        elif name == "ragged_dot_general":  # (rows, d) x (groups, d, f): the lhs's rows, then the kernel's free dims
+            dots.setdefault(id(eqn), fs[:2])
+            rn = prm["ragged_dot_dimension_numbers"]
+            (lc, rc), (lb, rb) = rn.dot_dimension_numbers
+            lhs, rhs = fs[:2]
+            skip = set(rc) | set(rb) | set(rn.rhs_group_dimensions)
+            outs = [tuple(lhs[a] or rhs[b] for a, b in zip(lb, rb, strict=True))
+                    + tuple(lhs[d] for d in range(len(lhs)) if d not in lc and d not in lb)
+                    + tuple(rhs[d] for d in range(len(rhs)) if d not in skip)]
+        elif name == "sort":  # sorted along a dim that carried the batch, every device needs all of it
+            same = [f for f in fs if len(f) == len(shape_of(eqn.outvars[0]))]
+            flags = [any(x) for x in zip(*same, strict=True)] if same else list(no_flags(eqn.outvars[0]))
+            flags[prm["dimension"]] = False
+            outs = [tuple(flags)] * len(eqn.outvars)
+        elif name == "gather":  # the index dims carry the indices' flags, the offset dims the operand's
+            dn = prm["dimension_numbers"]
+            kept = [f for d, f in enumerate(fs[0]) if d not in dn.collapsed_slice_dims
+                    and d not in dn.operand_batching_dims]
+            index = list(fs[1][:-1])
+            o = []
+            for d in range(len(shape_of(eqn.outvars[0]))):
+                o.append(kept.pop(0) if d in dn.offset_dims and kept else index.pop(0) if index else False)
+            outs = [tuple(o)]
+        elif name == "reshape":
+            outs = [reshape_flags(fs[0], shape_of(eqn.invars[0]), shape_of(eqn.outvars[0]))]
+        elif name == "transpose":
+            outs = [tuple(fs[0][d] for d in prm["permutation"])]
+        elif name == "broadcast_in_dim":
+            o = [False] * len(shape_of(eqn.outvars[0]))
+            for k, d in enumerate(prm["broadcast_dimensions"]):
+                o[d] = fs[0][k]
+            outs = [tuple(o)]
+        elif "axes" in prm and name.startswith(("reduce", "arg")):
+            outs = [tuple(f for d, f in enumerate(fs[0]) if d not in prm["axes"])] * len(eqn.outvars)
+        elif name == "squeeze":
+            outs = [tuple(f for d, f in enumerate(fs[0]) if d not in prm["dimensions"])]
+        elif name == "scan":
+            body, k, c = prm["jaxpr"].jaxpr, prm["num_consts"], prm["num_carry"]
+            got = batch_dims(body, fs[:k + c] + [f[1:] for f in fs[k + c:]], dots, examples)
+            outs = got[:c] + [(False, *f) for f in got[c:]]
+        elif (sub := _sub(eqn)) is not None:
+            outs = batch_dims(sub, fs, dots, examples)
+        else:  # elementwise, cumulative, top_k, select, ...: an output of an input's rank keeps its flags
+            for k, o in enumerate(eqn.outvars):
+                same = [f for f in fs if len(f) == len(shape_of(o))]
+                if same:
+                    outs[k] = tuple(any(x) for x in zip(*same, strict=True))
+                elif not any(fs):  # made from no array (iota, a constant): no batch
+                    outs[k] = no_flags(o)
+        for o, f in zip(eqn.outvars, outs, strict=True):
+            env[o] = f
+    return [get(v) for v in jaxpr.outvars]
