@@ -95,7 +95,7 @@ def _batched_rows(m: Any, paths: Collection[str]) -> tuple[dict[str, float], dic
 
 def _walk(m: Any) -> tuple[Any, dict[int, list[tuple[bool, ...]]]]:
     """The dataflow walk of ``m``'s forward and, per ``dot_general`` (and ``ragged_dot_general``), which dims of
-    its operands carry the batch (:func:`_batch_dims`)."""
+    its operands carry the batch (:func:`tpflax._src.trace.batchflags.batch_dims`)."""
     from tpflax._src.trace.dataflow import trace_jaxpr
     from tpflax._src.trace.handlers import new_walk
     from tpflax._src.trace.interpreter import Val
