@@ -714,3 +714,13 @@ def test_an_nnx_optimizer_given_as_the_state_is_read_as_the_optimizer():
     assert isinstance(placed, nnx.Optimizer)
     assert [a.sharding.spec for a in jax.tree_util.tree_leaves(nnx.state(placed))] == specs(
         tpflax.optimizer_shardings(opt, plan, mesh))
+
+
+def test_shard_batch_on_an_abstract_mesh_is_refused():
+    # an AbstractMesh (a pod planned for, not here) was made into a mesh of this host's devices and the batch
+    # placed there without a word, while shard() refuses one
+    abstract = tpflax.make_mesh({"data": 2, "model": 4}).abstract_mesh
+    with pytest.raises(tpflax.MeshError, match="AbstractMesh, which has no devices.*batch_sharding"):
+        tpflax.shard_batch({"x": np.ones((8, 3), np.float32)}, abstract)
+    spec = tpflax.batch_sharding(abstract, {"x": jax.ShapeDtypeStruct((8, 3), "float32")})["x"].spec
+    assert spec == jax.sharding.PartitionSpec("data")

@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tpflax._src.apply.put import check_values, owned, put, settled
-from tpflax._src.errors import OptionError, SpecError, TreeError
+from tpflax._src.errors import MeshError, OptionError, SpecError, TreeError
 from tpflax._src.facts.tree import keystr
 from tpflax._src.mesh import batch_pspec, constrain_to, device_mesh, mesh_shape, sharding_mesh
 from tpflax._src.specs import entry_axes
@@ -177,6 +177,7 @@ def shard_batch(batch: Any, mesh: Any, *, process_local: bool = False,
             (``jax.ShapeDtypeStruct``: :func:`batch_sharding` gives its shardings), or the leaves
             disagree on the batch (leading) size.
         SpecError: a leaf's batch dim does not divide over the batch axes.
+        MeshError: ``mesh`` is an ``AbstractMesh`` (no devices to place on).
 
     >>> import numpy as np, tpflax
     >>> b = shard_batch({"x": np.ones((4, 3))}, tpflax.make_mesh({"data": 2}))
@@ -190,6 +191,10 @@ def shard_batch(batch: Any, mesh: Any, *, process_local: bool = False,
         raise TreeError(f"shard_batch() places arrays, but {len(abstract)} batch leaves are abstract "
                         f"(jax.ShapeDtypeStruct, e.g. {abstract[0]}): pass the arrays, or take the shardings for "
                         "jax.jit with tpflax.batch_sharding(mesh, batch)")
+    if isinstance(mesh, jax.sharding.AbstractMesh):  # made into a mesh of this host's devices, placed there
+        raise MeshError(f"shard_batch() places arrays, but {mesh} is an AbstractMesh, which has no devices: pass a "
+                        "jax.sharding.Mesh (tpflax.make_mesh(...)), or take the shardings for jax.jit with "
+                        "tpflax.batch_sharding(mesh, batch)")
     mesh = device_mesh(mesh)
     spec = batch_spec(mesh, axis_roles=axis_roles)
     flat, treedef = jax.tree_util.tree_flatten(batch)
