@@ -280,6 +280,15 @@ def assign_roles(lins: list[Linear], widths: set[int], sure: bool = False) -> No
                 lin.why = (f"({i} -> {o}) widens the residual width {i}" if by_shape == "column"
                            else f"({i} -> {o}) narrows back to the residual width {o}")
                 continue
+            if named and named != by_shape and len(lin.f.body) == 2 and _named_partner(lin, lins, widths, by_shape):
+                lin.role = by_shape
+                lin.doubt = (f"'{name}' reads as {named} but ({i} -> {o}) "
+                             f"{'widens' if by_shape == 'column' else 'narrows back'} exactly what its named sibling "
+                             f"{'narrows' if by_shape == 'column' else 'widens'}; going by the shape "
+                             "(pass model= to trace it)")
+                lin.why = (f"({i} -> {o}) widens the residual width {i}" if by_shape == "column"
+                           else f"({i} -> {o}) narrows back to the residual width {o}")
+                continue
             if named and named != by_shape and len(lin.f.body) == 2 and sure and not _like_its_query(lin, lins, widths):
                 # The name and the (in, out) reading disagree, and read (out, in) they
                 # agree: a Conv1D-style kernel stored transposed. Orient it by shape, so
@@ -361,6 +370,36 @@ def _shape_pairs(lin: Linear, lins: list[Linear], widths: set[int], by_shape: st
             continue
         col, row = (lin, m) if by_shape == "column" else (m, lin)
         if col.f.body[1] in {row.f.body[0] * k for k in (1, 2, 3)}:
+            return True
+    return False
+
+
+def _named_partner(lin: Linear, lins: list[Linear], widths: set[int], by_shape: str) -> bool:
+    """``lin``'s shape contradicts its name, and a sibling whose name and shape agree is its partner by shape.
+
+    RWKV's channel-mix names its MLP ``key`` ``(d, 4d)`` and ``value`` ``(4d, d)``: both column names, but
+    ``value`` narrows back to the residual width exactly the hidden ``key`` widens to, so it is the row. Left
+    a (turned, Conv1D-style) column, nothing paired and the MLP stayed whole: 1.29x the bytes and 1.73x the
+    flops of the hand layout (XLA:CPU data=2,model=4). A tree stored (out, in) turns every kernel, so there
+    no named sibling's name agrees with its shape and this declines. An attention ``value`` is ``(d, d)`` or
+    GQA ``(d, kv)``: its shape agrees with its name, or does not decide.
+    """
+    def reads(m: Linear) -> str | None:
+        if len(m.f.body) != 2:
+            return None
+        i, o = m.f.body
+        return None if (i in widths) == (o in widths) else ("column" if i in widths else "row")
+
+    other = "row" if by_shape == "column" else "column"
+    for m in lins:
+        if m is lin or reads(m) != other:
+            continue
+        name = role_name(m.f)
+        named = "column" if COLUMN_NAMES.match(name) else ("row" if ROW_NAMES.match(name) else None)
+        if named != other:
+            continue
+        col, row = (lin, m) if by_shape == "column" else (m, lin)
+        if col.f.body[1] == row.f.body[0] and col.f.body[0] == row.f.body[1]:
             return True
     return False
 
