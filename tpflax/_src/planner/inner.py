@@ -11,7 +11,8 @@ bytes. Only leaves inside the module that holds both sides of the pair are read 
 on the residual stream sits beside its attention or MLP module, not in it), and none named as a layer scale
 (BEiT's ``lambda_1``, CaiT's ``gamma_1``, timm's ``ls1``), which scales the row's output: a BEiT layer holding
 its projections and its layer scales in one module split them, 1.26x the collectives of the hand layout
-(XLA:CPU data=2,model=4).
+(XLA:CPU data=2,model=4). Nor a vector the block holds itself as wide as the residual stream (RWKV's
+``time_mix_k``, see :func:`_beside`): it may scale the block's whole input.
 """
 
 from __future__ import annotations
@@ -65,7 +66,26 @@ def inner_features(st: State, todo: Sequence[Facts]) -> None:
             # (a layer scale multiplies the row's output, as wide as it: a GRN's gamma of the inner width follows)
             if f.path not in st.out and f.unit.startswith(inside) and not (
                     LAYER_SCALE.match(f.unit_name) and tuple(f.body) == (out,)):
+                if _beside(f, inside, out):
+                    st.replicate(f, f"per-feature parameter ({out}) held by the block of pair {pair.id} itself, as "
+                                    "wide as the residual stream its row writes: it may scale the block's whole "
+                                    "input, so kept whole (pass model= to trace it)", pair.id)
+                    continue
                 _follow(st, f, width, pair.id, short(row.path), t_entry, t_size, todo)
+
+
+def _beside(f: Facts, inside: str, out: int) -> bool:
+    """A vector the block holds itself (no sub-module of its own) as wide as the residual stream the row writes:
+    it may scale the block's input as well as its inner features, and the tree cannot tell which.
+
+    RWKV's time-mix holds ``time_mix_k/v/r`` ``(d,)``, which mix the block's (whole) input with its token
+    shift before the key/value/receptance columns, beside ``time_decay``/``time_first`` ``(d,)``, which act on
+    the columns' split outputs. Split with the features, the mixing vectors feature-split the whole stream:
+    2.12x the collectives of the hand layout (XLA:CPU data=2,model=4); whole, the decays cost each tensor
+    rank a slice and a gather of a d-wide gradient. A sub-module's vector (Griffin's ``rg_lru/a_param``) or a
+    vector of an inner width other than the residual's reads only the inner features, and still follows.
+    """
+    return len(f.body) == 1 and f.body[0] == out and f.unit == f.path and f.path.rsplit("/", 1)[0] + "/" == inside
 
 
 def _follow(st: State, f: Facts, width: int, pair: int, row: str, t_entry, t_size: int,
