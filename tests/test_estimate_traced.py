@@ -615,3 +615,19 @@ def test_a_window_partition_keeps_the_batch_split():
     e = tpflax.estimate(p, tx, model=m, sample=(x,), loss=_loss, backend="cpu")
     one = 8 // 2 * 64 * 32 * 4 * 2 * 3 / 4
     assert e.comm["all-reduce"]["model"] == got == (1 + 3) * one
+
+
+def test_a_tree_only_table_whose_split_stream_splits_a_whole_head_is_priced_with_its_gathers():
+    # the same repricing without model=: the leaves the split stream reaches are read from the tree (the head's
+    # width). Tree-only, the split was still taken on the table's own price: RWKV-4's 1003-row table, 1.70x the
+    # collectives of the hand layout (XLA:CPU data=2,model=4); priced with the head's gathers it stays whole
+    m, ids = _OddVocabLM(), jnp.zeros((8, 32), jnp.int32)
+    variables = jax.eval_shape(m.init, jax.random.key(0), ids)
+    p = tpflax.plan(variables, MESH, batch=(8, 32))
+    d = p.decisions["params/wte/embedding"]
+    assert tuple(d.spec) == (None, None)
+    split = {a.name: a for a in d.alternatives}["embed-dim split"]
+    assert [c for c in split.collectives if "head/kernel" in c] == [
+        "all-reduce 62.7 KiB over data (sum the gradients of head/kernel over the batch, on the split shard)",
+        "all-gather 250.8 KiB over model x3 (gather the whole leaves whose gradient its split output splits "
+        "(head/kernel): each and its moments, after the split update)"]

@@ -31,20 +31,19 @@ from tpflax._src.planner.builders import (
     short,
     whole_conv_pair,
 )
-from tpflax._src.planner.choose import pick
 from tpflax._src.planner.constraints import pins
 from tpflax._src.planner.decision import Pair
 from tpflax._src.planner.experts import shard_experts
 from tpflax._src.planner.followers import follow, whole_reached
 from tpflax._src.planner.leaf_groups import (
     fsdp,
-    reached_acts,
+    reprice_stream_updates,
     shard_embedding,
     shard_lone_dense,
     shard_output_head,
 )
 from tpflax._src.planner.repeats import merge_uses
-from tpflax._src.specs import entries, entry_axes, to_pspec, used_axes
+from tpflax._src.specs import entries, to_pspec
 from tpflax._src.trace.dataflow import Dataflow, Edge, Use
 from tpflax._src.trace.records import score_bias_tags
 from tpflax._src.trace.spread import GATHERS_PER_TOUCH, reader_streams, spread_streams
@@ -680,38 +679,9 @@ def _outputs(c: _Flow) -> None:
 
 
 def _stream_updates(c: _Flow) -> None:
-    """Reprice a table split on its features once the other groups are decided: its split residual stream
-    splits the gradient of every trained leaf of the stream's width kept whole (an output head whose rows do
-    not divide, a whole projection reading the stream), whose update XLA then runs split and gathers back
-    (:func:`~tpflax._src.planner.leaf_groups.reached_acts`; the estimate: :func:`tpflax._src.cost.stream.stream_reached`).
-    Priced with the table's own choice, those gathers were missed: a Mamba-2 LM's 1003-row table split on its
-    128 features (its untied ``(128, 1003)`` head and B/C projections whole) was chosen for 2.1 us less step
-    time than whole; compiled for v5e:2x4 it took 5.6 us more (data=2,model=4; 7.0 us on fsdp=2,model=4),
-    1.4x the collectives of the table kept whole."""
-    t_entry, _ = c.st.tensor
-    tensor = set(entry_axes(t_entry))
-    for k, ch in enumerate(list(c.st.chosen)):
-        o = ch.options[ch.index]
-        if ch.kind != "embedding" or o.name != "embed-dim split" or not o.sums_output or len(o.proposals) != 1:
-            continue
-        path, p = o.proposals[0]
-        f = ch.facts[path]
-        split = [i for i, e in enumerate(entries(p.spec, len(f.leaf.shape))) if set(entry_axes(e)) & tensor]
-        if len(split) != 1:
-            continue
-        width = f.leaf.shape[split[0]]
-        reached = [g for q, g in c.fx.items() if q != path and width in g.body and (d := c.st.decided(q)) is not None
-                   and not used_axes(d.spec) & tensor]
-        whole, split_acts = reached_acts(c.st, t_entry, reached)
-        if not split_acts:
-            continue
-        options = [dataclasses.replace(x, acts=x.acts + (split_acts if x is o else whole if x.whole else ()))
-                   for x in ch.options]
-        c.st.chosen.pop(k)
-        n = len(c.st.chosen)
-        pick(c.st, ch.kind, options, ch.facts)
-        if len(c.st.chosen) > n:  # priced (two or more options): back in its place among the groups
-            c.st.chosen.insert(k, c.st.chosen.pop())
+    """Reprice a table split on its features once the other groups are decided
+    (:func:`~tpflax._src.planner.leaf_groups.reprice_stream_updates`)."""
+    reprice_stream_updates(c.st, c.fx.values())
 
 
 def _head_dims(c: _Flow, u: Use) -> set[int]:

@@ -55,7 +55,12 @@ from tpflax._src.planner.builders import (
 from tpflax._src.planner.decision import Pair
 from tpflax._src.planner.experts import shard_experts
 from tpflax._src.planner.inner import inner_features
-from tpflax._src.planner.leaf_groups import fsdp, shard_embedding, shard_output_head
+from tpflax._src.planner.leaf_groups import (
+    fsdp,
+    reprice_stream_updates,
+    shard_embedding,
+    shard_output_head,
+)
 from tpflax._src.planner.roles import (
     NUMBERED,
     QUERY_NAMES,
@@ -106,6 +111,7 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options,
     _adapters(st, adapters)
     _biases(st, todo, facts)
     _leftovers(st, todo)
+    reprice_stream_updates(st, facts)
     fsdp(st, todo)
     if doubts is not None:
         doubts.extend(st.doubts)
