@@ -617,6 +617,34 @@ def test_a_window_partition_keeps_the_batch_split():
     assert e.comm["all-reduce"]["model"] == got == (1 + 3) * one
 
 
+class _PrefixLM(nn.Module):
+    """LLaVA-like: 8 projected feature tokens concatenated before 16 looked-up text tokens, one MLP pair."""
+
+    @nn.compact
+    def __call__(self, feats, ids):
+        x = jnp.concatenate([nn.Dense(64, name="proj")(feats), nn.Embed(1003, 64, name="wte")(ids)], 1)
+        x = x + nn.Dense(64, name="down")(nn.gelu(nn.Dense(256, name="up")(nn.RMSNorm(name="norm")(x))))
+        return nn.Dense(1003, use_bias=False, name="head")(nn.RMSNorm(name="norm_f")(x))
+
+
+def test_a_feature_split_tables_stream_is_gathered_at_the_streams_length():
+    # the stream starts longer than the lookup (8 prefix tokens + 16 looked up): XLA gathers the 24-token stream
+    # behind each norm; priced at the lookup's 16 tokens, LLaVA's estimate was 0.89x its compiled collectives
+    # (fsdp=2,model=4). 8 rows per device x 24 tokens x 64 floats
+    m = _PrefixLM()
+    sample = (jnp.zeros((8, 8, 32)), jnp.zeros((8, 16), jnp.int32))
+    variables = jax.eval_shape(m.init, jax.random.key(0), *sample)
+    p = tpflax.plan(variables, MESH, model=m, sample=sample, rules=[("wte", P(None, "model"))])
+    mesh, tx = tpflax.make_mesh(MESH), optax.adamw(1e-3)
+    e = tpflax.estimate(p, tx, model=m, sample=sample, loss=_loss, backend="cpu")
+    stream = [i for i in e.items if i.source == "params/wte/embedding" and i.why.startswith("embedding split")]
+    assert [i.size for i in stream] == [4 * 24 * 64 * 4]
+    ts = tpflax.make_train_step(m, p, mesh, tx, sample=sample, variables=variables, loss=_loss)
+    dr = tpflax.dry_run(ts, p, mesh, compiler_options=COMM_XLA)
+    assert e.comm["all-gather"]["model"] == pytest.approx(dr.comm()["all-gather"]["model"], rel=0.1), \
+        "\n".join(dr.compare(e).report_lines())
+
+
 def test_a_tree_only_table_whose_split_stream_splits_a_whole_head_is_priced_with_its_gathers():
     # the same repricing without model=: the leaves the split stream reaches are read from the tree (the head's
     # width). Tree-only, the split was still taken on the table's own price: RWKV-4's 1003-row table, 1.70x the
