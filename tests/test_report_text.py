@@ -10,6 +10,7 @@ import sys
 
 import jax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import tpflax
 from tpflax import zoo
@@ -138,3 +139,6 @@ def test_the_title_says_when_the_plan_was_priced_for_the_default_batch(gpt2_smal
     assert "priced for 8,192 tokens/step" in tpflax.report(again, full=True).splitlines()[0]
     given = tpflax.plan(zoo.get("gpt2-small").abstract_variables(), "data=2,model=4", batch=(8, 32))
     assert "priced for" not in tpflax.report(given).splitlines()[0]
+    # nothing priced (rules decided every leaf, or imported ones): nothing to say of the tokens
+    ruled = tpflax.from_rules(zoo.get("gpt2-small").abstract_variables(), [(".*", P())], "data=2,model=4")
+    assert ruled.options.get("tokens_from") is None and "priced for" not in tpflax.report(ruled, full=True)

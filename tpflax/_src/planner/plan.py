@@ -213,7 +213,7 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
     warnings += plan_checks(facts, decisions, lrules, ms)  # unknown logical names, idle mesh axes
     options = {"fsdp_min_bytes": opts.fsdp_min_bytes, "min_channels": opts.min_channels,
                "hardware": opts.hardware.name, "tokens": opts.tokens,
-               "tokens_from": "batch" if batch is not None else "default", "device_memory": opts.device_memory,
+               "tokens_from": _tokens_from(batch, decisions), "device_memory": opts.device_memory,
                "tensor_min_bytes": opts.tensor_min_bytes, "stacked": stacked,
                "trainable": trainable if trainable is None or isinstance(trainable, str) else repr(trainable),
                "fused": fused,
@@ -222,6 +222,14 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
     return Plan(mesh=ms, specs=jax.tree_util.tree_unflatten(treedef, specs), decisions=decisions,
                 pairs=tuple(pairs), warnings=tuple(warnings), options=options,
                 disagreements=tuple(disagreements))
+
+
+def _tokens_from(batch: Any, decisions: Mapping[str, Decision]) -> str | None:
+    """What the chooser's tokens per step came from (``Plan.options["tokens_from"]``): ``batch=``, the default,
+    or None where it priced nothing (rules or annotations decided every leaf), so a report says nothing of it."""
+    if batch is not None:
+        return "batch"
+    return "default" if any(len(d.alternatives) > 1 for d in decisions.values()) else None
 
 
 def _shard_map_pins(facts: Sequence[Facts], proposals: dict[str, Proposal], forced: Mapping[str, Proposal],
