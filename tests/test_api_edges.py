@@ -596,6 +596,9 @@ def test_dry_run_says_what_example_args_are():
     other = tpflax.make_train_step(m, plan, mesh, optax.sgd(0.1), 16).args
     with pytest.raises(tpflax.OptionError, match="a TrainStep carries its own arguments"):
         tpflax.dry_run(ts, plan, mesh, other)
+    from tpflax._src.dryrun import _check_example_args
+
+    _check_example_args(ts, None)  # no arguments, as (): was len(None), a bare TypeError
     with pytest.raises(tpflax.OptionError, match=r"example_args is the step's positional arguments in a tuple.*not a "
                                                  r"dict; for a step of one argument pass \(tree,\)"):
         tpflax.dry_run(lambda v: v, plan, mesh, m.abstract_variables())

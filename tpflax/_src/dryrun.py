@@ -359,7 +359,7 @@ def _check_example_args(step: Any, example_args: Any) -> None:
     from tpflax._src.errors import OptionError
 
     if isinstance(step, TrainStep):
-        if len(example_args):
+        if example_args is not None and len(example_args):  # None: no arguments, as () is
             raise OptionError("a TrainStep carries its own arguments: dry_run(step, plan, mesh) compiles it with them; "
                               "drop example_args (for another batch, make the step with it: "
                               "make_train_step(..., batch=N or sample=...))")

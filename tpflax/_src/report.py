@@ -266,7 +266,7 @@ def _as_estimate(estimate: Any) -> Any:
     word when it had not (a candidate, ``estimate.to_dict()``)."""
     from tpflax._src.cost.records import Estimate
     from tpflax._src.errors import OptionError
-    from tpflax._src.suggest.records import Candidate
+    from tpflax._src.suggest.records import Candidate, Suggestion
 
     if estimate is None or isinstance(estimate, Estimate):
         return estimate
@@ -274,7 +274,7 @@ def _as_estimate(estimate: Any) -> Any:
         return estimate.estimate
     hint = (" (a DryRun goes in dry_run=)" if _is_dry_run(estimate) else
             " (take a candidate's: suggestion[0].estimate, with suggestion[0].plan)"
-            if type(estimate).__name__ == "Suggestion" else "")
+            if isinstance(estimate, Suggestion) else "")
     raise OptionError(f"estimate= takes tpflax.estimate(plan, ...)'s result (or a suggest_mesh candidate), not "
                       f"{type(estimate).__name__}{hint}")
 

@@ -135,10 +135,13 @@ def _check_live(args: Sequence[Any]) -> None:
     """TreeError naming the arguments' deleted arrays: the params a step donated, passed again instead of its
     output. jax 0.10's XLA:CPU client then crashed the process (a segmentation fault) after logging "Buffer has
     been deleted or donated"."""
+    def deleted(x: Any) -> bool:
+        return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.is_deleted()
+
+    if not any(deleted(x) for x in jax.tree_util.tree_leaves(args)):  # every call: no key paths unless needed
+        return
     dead = [f"argument {i}{'/' + keystr(path) if path else ''}: shape {tuple(x.shape)}"
-            for i, a in enumerate(args)
-            for path, x in jax.tree_util.tree_flatten_with_path(a)[0]
-            if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.is_deleted()]
+            for i, a in enumerate(args) for path, x in jax.tree_util.tree_flatten_with_path(a)[0] if deleted(x)]
     if dead:
         raise TreeError("the step was given arrays that were deleted, donated to an earlier call of it: pass that "
                         "call's outputs (params, state = step(params, state, batch)), not its inputs",
