@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from _util import RUN_XLA, xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
@@ -34,9 +35,9 @@ def test_example_runs(script):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     # XLA:CPU without LLVM's optimisations and with its older loop emitters (RUN_XLA in _util.py: the
     # examples only run their programs and print, no compiled number is read; their compiles take about
-    # half the time); the example adds its device count to these flags
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-                        " --xla_cpu_use_fusion_emitters=false").strip()
+    # half the time; an XLA without them has no such flag and RUN_XLA leaves it out); the example adds its
+    # device count to these flags
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla_flags(RUN_XLA)).strip()
     proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -103,3 +103,18 @@ def test_cli_version_and_plan(capsys):
     assert info.value.code == 0 and tpflax.__version__ in capsys.readouterr().out
     assert main(["plan", "gpt2", "--mesh", "data=2,model=4", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["format"] == "tpflax.plan"
+
+
+def test_the_tests_compile_options_are_ones_this_xla_has():
+    # tests/_util.py's RUN_XLA/COMM_XLA named an option jaxlib 0.12's XLA:CPU no longer has
+    # (xla_cpu_use_fusion_emitters): every test compiling with them failed there. They keep only
+    # the options the running XLA takes, and the examples' XLA_FLAGS are spelled from them.
+    from _util import COMM_XLA, FAST_XLA, RUN_XLA, xla_flags, xla_takes
+
+    assert xla_takes("xla_backend_optimization_level", 0)
+    assert not xla_takes("xla_no_such_option", 1)
+    assert RUN_XLA.items() >= FAST_XLA.items()
+    assert xla_flags({"xla_a": False, "xla_b": 0}) == "--xla_a=false --xla_b=0"
+    f = jax.jit(lambda x: (x * 2).sum())
+    for opts in (RUN_XLA, COMM_XLA):
+        assert f.lower(jnp.arange(4.0)).compile(opts)(jnp.arange(4.0)) == 12.0
