@@ -193,7 +193,10 @@ def _passes(eqn: Any, pos: int, whole: bool, dim: int) -> bool:
     if name == "scan":
         # a whole stack scanned over its layers dim: the body sees one layer; a loop-invariant or
         # carried one is read whole
-        return whole and dim == 0 and pos >= eqn.params["num_consts"] + eqn.params["num_carry"]
+        from tpflax._src.trace.control import body_of, scan_counts
+
+        # (jax 0.12's scan has no num_consts/num_carry: counted from the shapes)
+        return whole and dim == 0 and pos >= sum(scan_counts(eqn, body_of(eqn.params["jaxpr"])))
     return name in _CALLS and "jaxpr" in eqn.params
 
 

@@ -117,7 +117,10 @@ def batch_dims(jaxpr: Any, ins: list[tuple[bool, ...]], dots: dict, examples: in
         elif name == "squeeze":
             outs = [tuple(f for d, f in enumerate(fs[0]) if d not in prm["dimensions"])]
         elif name == "scan":
-            body, k, c = prm["jaxpr"].jaxpr, prm["num_consts"], prm["num_carry"]
+            from tpflax._src.trace.control import body_of, scan_counts
+
+            body = body_of(prm["jaxpr"])
+            k, c = scan_counts(eqn, body)  # jax 0.12's scan has no num_consts/num_carry
             got = batch_dims(body, fs[:k + c] + [f[1:] for f in fs[k + c:]], dots, examples)
             outs = got[:c] + [(False, *f) for f in got[c:]]
         elif (sub := _sub(eqn)) is not None:
