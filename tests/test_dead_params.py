@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from _util import COMM_XLA
+from _util import COMM_XLA, newer_xla
 
 import tpflax
 from tpflax._src.trace.dataflow import dataflow
@@ -70,6 +70,8 @@ def test_the_trace_finds_the_parameters_no_output_depends_on():
     assert flow.dead == want
 
 
+@newer_xla("two (4, 16) float32 all-reduces over model more, of a LayerNorm's row statistics (768 bytes): compiled\n"
+           "204,868 bytes, the estimate 204,096 as on 0.10 (204,100 compiled there)")
 def test_the_estimate_counts_no_collective_for_unused_parameters():
     variables, fn, sample = _setup()
     p = tpflax.plan(variables, MESH, model=fn, sample=sample)

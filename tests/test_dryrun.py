@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from _util import FAST_XLA
+from _util import FAST_XLA, newer_xla
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -285,7 +285,12 @@ def test_cli_dry_run_and_estimate():
     assert rc == 2 and "seq_len 32" in err.getvalue()
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+# a newer XLA:CPU holds fewer float32 buffers in the bfloat16 step than the CPU rules (read off 0.10's) count
+BF16_PEAK = newer_xla("the bfloat16 step's compiled peak 6,651,664 bytes (temp 6,375,168) against 0.10's 7,458,260 "
+                      "(temp 7,181,764): the estimate +15.7%, not +3%; the float32 step's is the same on both")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.bfloat16, marks=BF16_PEAK)])
 def test_cpu_peak_counts_what_xla_cpu_holds(dtype):
     # backend="cpu": XLA:CPU computes 16-bit activations in float32, and each LayerNorm keeps its scale and
     # statistics broadcast to its input's shape (tpflax/_src/cost/peak.py held_item, norm_broadcasts).

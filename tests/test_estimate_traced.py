@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _util import COMM_XLA, FAST_XLA
+from _util import COMM_XLA, FAST_XLA, newer_xla
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -143,8 +143,15 @@ def test_joined_inputs_are_one_call_and_their_gradients_summed_apart():
     assert pair == [(8 // 2 * 4 * 64 * 4, 1)] * 2 + [(8 // 2 * 16 * 64 * 4, 1)] * 4
 
 
+# the depthwise conv's (7, 7, 1, 32) kernel gradient, split on nothing under a channel-split input: 0.10's XLA sums
+# it over data and model (10,976 bytes; the estimate prices that), a newer one over data only
+DEPTHWISE_SUM = newer_xla("the depthwise kernel's gradient all-reduced over data only, not data+model: compiled "
+                          "57,396 bytes against 0.10's 62,100 (the estimate 62,096)")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=DEPTHWISE_SUM) if n == "depthwise" else n
+                                  for n in sorted(CASES)])
 def test_plain_function_estimate_matches_the_compiled_step(name):
     fn, p, sample = _case(name)
     mesh = tpflax.make_mesh(MESH)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from _util import FAST_XLA
+from _util import FAST_XLA, newer_xla
 from jax.sharding import PartitionSpec as P
 
 import tpflax
@@ -113,7 +113,13 @@ SPLIT_STREAM = [(r"scale$", P("model")), (r"embed/embedding$", P(None, "model"))
                 (r"router/kernel$", P("model", None))]
 
 
-@pytest.mark.parametrize("hidden", [D // 2, 2 * D], ids=["narrower", "wider"])
+# a newer XLA's SPMD partitioner cannot move the narrower experts' weight-gradient slices by all-to-all ("Involuntary
+# full rematerialization" of the broadcast_in_dim in the transpose): it all-gathers them whole instead
+NO_ALL_TO_ALL = newer_xla("no all-to-all: 24 all-gathers of (1, 32, 64) and (1, 64, 32) weight slices (147,456 bytes) "
+                          "where 0.10's XLA moves them by 24 all-to-alls (36,864 bytes)")
+
+
+@pytest.mark.parametrize("hidden", [pytest.param(D // 2, marks=NO_ALL_TO_ALL), 2 * D], ids=["narrower", "wider"])
 def test_looped_experts_under_a_split_stream_gather_it_once_and_each_output_gradient_apart(devices, hidden):
     # per layer: the experts' one input (the split stream) gathered once, forward; each expert's output gradient
     # gathered apart, backward. Narrower than the stream: per expert and layer, gate's and up's output gradients and

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _util import COMM_XLA
+from _util import COMM_XLA, newer_xla
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -64,6 +64,8 @@ def test_fused_column_of_two_rows(planned):
     assert "unequal pieces" in p.decisions["params/w_in/kernel"].reason
 
 
+@newer_xla("two (4, 15) float32 all-reduces over model more, of a norm's row statistics (720 bytes): compiled "
+           "275,468 bytes against 0.10's 274,748 (the estimate 274,816)")
 def test_unequal_pieces_reshard_priced_as_compiled(planned):
     model, p = planned
     mesh = tpflax.make_mesh(MESH)

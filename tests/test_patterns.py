@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from _util import specs
+from _util import newer_xla, specs
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import NamedSharding
@@ -412,6 +412,9 @@ class RelBiasModel(nn.Module):
         return nn.Dense(V, use_bias=False, name="lm_head")(nn.LayerNorm(name="final_ln")(x))
 
 
+@newer_xla("the plan's step moves the relative bias by an (8, 8, 4) all-gather (768 bytes) and one all-to-all "
+           "(192), where 0.10's XLA made two all-to-alls (384): 400,908 collective bytes against the hand "
+           "layout's 400,716 (0.10: 399,996 against 400,380)")
 def test_a_relative_bias_wider_than_its_rows_splits_its_columns_with_the_heads(mesh):
     """A relative-position bias with more columns than rows (queries x keys*heads) is still one: split on its
     columns like the scores it is added to, tree-only and traced. Its row split was the only split offered
