@@ -14,9 +14,9 @@ nothing, nor a dim that carries no kernel's features (the batch, a sequence): a 
 axes is the plan's batch layout.
 
 >>> import jax, jax.numpy as jnp
->>> from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
+>>> from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec as P
 >>> from tpflax._src.trace.dataflow import analyze
->>> mesh = AbstractMesh((2, 4), ("data", "model"))
+>>> mesh = AbstractMesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)  # jax 0.12's default: Explicit
 >>> def f(w, x):
 ...     return jax.lax.with_sharding_constraint(x @ w, NamedSharding(mesh, P("data", "model")))
 >>> closed = jax.make_jaxpr(f)(jnp.ones((16, 32)), jnp.ones((8, 16)))
