@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tpflax._src.jaxprs import body_of, scan_counts
 from tpflax._src.specs import entries, to_pspec, without_axes
 
 # calls whose ``jaxpr`` param takes the call's inputs unchanged, in order (remat2: jax.checkpoint)
@@ -193,8 +194,6 @@ def _passes(eqn: Any, pos: int, whole: bool, dim: int) -> bool:
     if name == "scan":
         # a whole stack scanned over its layers dim: the body sees one layer; a loop-invariant or
         # carried one is read whole
-        from tpflax._src.trace.control import body_of, scan_counts
-
         # (jax 0.12's scan has no num_consts/num_carry: counted from the shapes)
         return whole and dim == 0 and pos >= sum(scan_counts(eqn, body_of(eqn.params["jaxpr"])))
     return name in _CALLS and "jaxpr" in eqn.params

@@ -34,6 +34,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from tpflax._src.jaxprs import scan_counts
 from tpflax._src.layout import Interleave, from_storage, to_storage
 
 # elementwise primitives: operands of the output's rank (lax broadcasts size-1 dims) or scalars
@@ -350,34 +351,11 @@ def _remat(eqn, ins):
     return list(zip(outs, out_marks, strict=True))
 
 
-def _scan_counts(eqn, body) -> tuple[int, int]:
-    """``(num consts, num carry)`` of a scan: its parameters, or (jax 0.12's scan has neither) its shapes, as
-    ``trace.control.scan_counts`` reads them (apply does not import trace): xs and ys have a leading length dim
-    the body's slices lack, consts and carries have the body's shapes."""
-    p = eqn.params
-    if "num_consts" in p and "num_carry" in p:
-        return int(p["num_consts"]), int(p["num_carry"])
-
-    def shape(v):
-        return tuple(v.aval.shape)
-    n_x = 0
-    for outer, inner in zip(reversed(eqn.invars), reversed(body.invars), strict=False):
-        if shape(outer) == shape(inner):
-            break
-        n_x += 1
-    n_carry = 0
-    for outer, inner in zip(eqn.outvars, body.outvars, strict=False):
-        if shape(outer) != shape(inner):
-            break
-        n_carry += 1
-    return len(eqn.invars) - n_x - n_carry, n_carry
-
-
 def _scan(eqn, ins):
     import jax
 
     p = eqn.params
-    nc, nk = _scan_counts(eqn, p["jaxpr"].jaxpr)
+    nc, nk = scan_counts(eqn, p["jaxpr"].jaxpr)  # (jax 0.12's scan has no num_consts/num_carry)
     consts, carry, xs = ins[:nc], [_natural(v) for v in ins[nc:nc + nk]], ins[nc + nk:]
     if any(m is not None and m.dim == 0 for _, m in xs):
         return None

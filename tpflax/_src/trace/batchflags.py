@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from tpflax._src.jaxprs import body_of, scan_counts
+
 
 def shape_of(v: Any) -> tuple[int, ...]:
     return tuple(getattr(getattr(v, "aval", None), "shape", ()))
@@ -117,8 +119,6 @@ def batch_dims(jaxpr: Any, ins: list[tuple[bool, ...]], dots: dict, examples: in
         elif name == "squeeze":
             outs = [tuple(f for d, f in enumerate(fs[0]) if d not in prm["dimensions"])]
         elif name == "scan":
-            from tpflax._src.trace.control import body_of, scan_counts
-
             body = body_of(prm["jaxpr"])
             k, c = scan_counts(eqn, body)  # jax 0.12's scan has no num_consts/num_carry
             got = batch_dims(body, fs[:k + c] + [f[1:] for f in fs[k + c:]], dots, examples)

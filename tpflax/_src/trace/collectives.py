@@ -20,8 +20,8 @@ import dataclasses
 import math
 from typing import Any
 
+from tpflax._src.jaxprs import body_of
 from tpflax._src.trace import constraints
-from tpflax._src.trace.control import body_of
 from tpflax._src.trace.interpreter import Handler, Val, Walk, is_minor, opaque
 from tpflax._src.trace.records import Collective
 

@@ -21,23 +21,12 @@ from typing import Any
 
 import jax
 
+from tpflax._src.jaxprs import CALL_KEYS, aval_shape, body_of, scan_counts
 from tpflax._src.trace.interpreter import Val, Walk, opaque, same_tags
 
 # Primitives whose body takes the equation's (trailing) inputs and gives its outputs.
 CALLS = ("pjit", "jit", "closed_call", "core_call", "remat", "remat2", "checkpoint",
          "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "custom_lin")
-CALL_KEYS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
-
-
-def body_of(j: Any) -> Any:
-    """The open jaxpr of a ``ClosedJaxpr`` or ``Jaxpr`` parameter (None when it is neither)."""
-    inner = getattr(j, "jaxpr", j)
-    return inner if hasattr(inner, "eqns") else None
-
-
-def _shape(v: Any) -> tuple:
-    return tuple(getattr(v.aval, "shape", ()))
-
 
 # rematerialised calls, and the checkpoint policies that save nothing (jax.checkpoint's default,
 # ``nothing_saveable``): the backward recomputes the whole body (:func:`tpflax._src.trace.dataflow.remat_share`)
@@ -57,31 +46,6 @@ def call(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> lis
                 w.rematted.add(id(eqn))  # the backward runs its body again (a collective in it too)
             return w.run(inner, ins[skip:], ctx + (id(eqn),))
     return opaque(w, eqn, ins, ctx, ranks)
-
-
-def scan_counts(eqn: Any, body: Any) -> tuple[int, int]:
-    """``(num consts, num carry)`` of a scan equation.
-
-    The body takes consts + carry + one slice of each xs and returns carry + one
-    slice of each ys; the equation's xs and ys have a leading length dim the
-    body's do not, and its consts and carries have the body's shapes. So the
-    trailing inputs whose shapes differ are xs, the leading outputs whose
-    shapes agree are carries, and the rest of the inputs are consts.
-    """
-    p = eqn.params
-    if "num_consts" in p and "num_carry" in p:
-        return int(p["num_consts"]), int(p["num_carry"])
-    n_x = 0
-    for outer, inner in zip(reversed(eqn.invars), reversed(body.invars), strict=False):
-        if _shape(outer) == _shape(inner):
-            break
-        n_x += 1
-    n_carry = 0
-    for outer, inner in zip(eqn.outvars, body.outvars, strict=False):
-        if _shape(outer) != _shape(inner):
-            break
-        n_carry += 1
-    return len(eqn.invars) - n_x - n_carry, n_carry
 
 
 def _loop(w: Walk, body: Any, consts: list[Val], carry: list[Val], xs: list[Val], length: int,
@@ -128,7 +92,7 @@ def _fixed(w: Walk, body: Any, consts: list[Val], carry: list[Val], xs: list[Val
 def _scan_length(eqn: Any, n_in: int) -> int:
     if "length" in eqn.params:
         return int(eqn.params["length"])
-    xs = [_shape(v) for v in eqn.invars[n_in:]]
+    xs = [aval_shape(v) for v in eqn.invars[n_in:]]
     return xs[0][0] if xs and xs[0] else 0
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tpflax._src.trace.control import CALL_KEYS, body_of, scan_counts
+from tpflax._src.jaxprs import CALL_KEYS, body_of, scan_counts
 
 
 def loop_consts(m: Any) -> dict[str, int]:

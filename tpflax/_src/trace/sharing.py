@@ -38,7 +38,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from tpflax._src.trace.control import CALL_KEYS, CALLS, body_of
+from tpflax._src.jaxprs import CALL_KEYS, body_of
+from tpflax._src.trace.control import CALLS
 
 # ops that only re-view or re-type a value: a reader through them reads the same activation
 VIEWS = frozenset({"convert_element_type", "reshape", "copy", "squeeze", "expand_dims",
