@@ -224,6 +224,30 @@ def test_fori_while_and_cond_bodies_are_followed():
     assert all(k.source == "trace" for k in d.values())
 
 
+class OneCarry(nn.Module):
+    """A while loop of one carry and no consts (its cond_jaxpr takes and gives as many values as the
+    equation), then a transpose; a matmul in a cond's branch."""
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("w", nn.initializers.lecun_normal(), (16, 16))
+        c = self.param("c", nn.initializers.lecun_normal(), (16, 16))
+        h = jax.lax.while_loop(lambda h: h.sum() < 100.0, lambda h: h * 2.0 + 1.0, x)
+        h = jnp.swapaxes(jax.lax.while_loop(lambda h: h.sum() < 100.0, lambda h: jnp.tanh(h @ w), h), 1, 2)
+        h = jax.lax.cond(h.sum() > 0, lambda h: h @ c, lambda h: -h, jnp.swapaxes(h, 1, 2))
+        return nn.Dense(16, name="out")(h)
+
+
+def test_batch_reads_follow_while_and_cond_bodies():
+    # the batch-flag walk took a one-carry while's cond_jaxpr for its body (the loop's value got the
+    # predicate's no dims, the transpose after it an IndexError in plan/estimate with model=), and walked no
+    # cond branch (their contractions read as carrying no batch)
+    x = sds(8, 4, 16)
+    flow = dataflow(OneCarry(), (x,))
+    read = {u.path for u in flow.uses if u.id in flow.batch_reads}
+    assert read == {"params/w", "params/c", "params/out/kernel"}
+
+
 # jax 0.12's scan has no num_consts/num_carry (and a while may one day lose its
 # nconsts): the walk derives them from the body's and the equation's shapes.
 DROPPED = ("num_consts", "num_carry", "cond_nconsts", "body_nconsts")

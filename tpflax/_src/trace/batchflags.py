@@ -53,14 +53,40 @@ def reshape_flags(a: tuple[bool, ...], src: Sequence[int], dst: Sequence[int]) -
     return tuple(out)
 
 
+# the parameters holding the body a call-like primitive runs on its own inputs (pjit: ``jaxpr``, closed_call and
+# custom_jvp/vjp: ``call_jaxpr``, ``fun_jaxpr``; remat and shard_map: ``jaxpr``); never a loop's ``cond_jaxpr``
+_CALL_KEYS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+
+
 def _sub(eqn: Any) -> Any:
     """The one sub-jaxpr an equation calls with its own inputs and outputs (pjit, remat, custom_jvp/vjp,
     shard_map), or None."""
-    for v in eqn.params.values():
-        j = getattr(v, "jaxpr", v)
+    for key in _CALL_KEYS:
+        j = getattr(eqn.params.get(key), "jaxpr", eqn.params.get(key))
         if hasattr(j, "eqns") and len(j.invars) == len(eqn.invars) and len(j.outvars) == len(eqn.outvars):
             return j
     return None
+
+
+def _joined(a: list[tuple[bool, ...]], b: list[tuple[bool, ...]]) -> list[tuple[bool, ...]]:
+    """Per value, the dims either side carries the batch on (one side's flags where the ranks differ)."""
+    return [tuple(x or y for x, y in zip(f, g, strict=True)) if len(f) == len(g) else f for f, g in zip(a, b, strict=True)]
+
+
+def _while(prm: dict, fs: list[tuple[bool, ...]], outs: list, dots: dict, examples: int | None) -> list[tuple[bool, ...]]:
+    """A ``while``'s carries: its inputs are cond consts, body consts, then the carries; the body takes body
+    consts + carries. The carries keep what they came in with and whatever the body adds, walked until no
+    flag changes (each pass only sets flags); the body's contractions are recorded on the last pass."""
+    body, n = prm["body_jaxpr"].jaxpr, len(outs)  # jax may one day leave the nconsts out (trace.control.while_)
+    cn = int(prm.get("cond_nconsts", len(prm["cond_jaxpr"].jaxpr.invars) - n))
+    bn = int(prm.get("body_nconsts", len(body.invars) - n))
+    consts, carry = fs[cn:cn + bn], fs[cn + bn:]
+    for _ in range(sum(map(len, carry)) + 1):
+        got = _joined(carry, batch_dims(body, consts + carry, {}, examples))
+        if got == carry:
+            break
+        carry = got
+    return _joined(carry, batch_dims(body, consts + carry, dots, examples))
 
 
 def batch_dims(jaxpr: Any, ins: list[tuple[bool, ...]], dots: dict, examples: int | None) -> list[tuple[bool, ...]]:
@@ -123,6 +149,13 @@ def batch_dims(jaxpr: Any, ins: list[tuple[bool, ...]], dots: dict, examples: in
             k, c = scan_counts(eqn, body)  # jax 0.12's scan has no num_consts/num_carry
             got = batch_dims(body, fs[:k + c] + [f[1:] for f in fs[k + c:]], dots, examples)
             outs = got[:c] + [(False, *f) for f in got[c:]]
+        elif name == "while":
+            outs = _while(prm, fs, outs, dots, examples)
+        elif name == "cond":  # the first input picks the branch; each takes the rest: a flag any branch sets
+            got = [batch_dims(br.jaxpr, fs[1:], dots, examples) for br in prm["branches"]]
+            outs = got[0]
+            for g in got[1:]:
+                outs = _joined(outs, g)
         elif (sub := _sub(eqn)) is not None:
             outs = batch_dims(sub, fs, dots, examples)
         else:  # elementwise, cumulative, top_k, select, ...: an output of an input's rank keeps its flags
@@ -130,8 +163,8 @@ def batch_dims(jaxpr: Any, ins: list[tuple[bool, ...]], dots: dict, examples: in
                 same = [f for f in fs if len(f) == len(shape_of(o))]
                 if same:
                     outs[k] = tuple(any(x) for x in zip(*same, strict=True))
-                elif not any(fs):  # made from no array (iota, a constant): no batch
+                elif all(len(f) == 0 for f in fs):  # made from no array, only scalars (iota, a constant): no batch
                     outs[k] = no_flags(o)
-        for o, f in zip(eqn.outvars, outs, strict=True):
-            env[o] = f
+        for o, f in zip(eqn.outvars, outs, strict=True):  # a walk that lost track of a rank: the sized fallback
+            env[o] = f if len(f) == len(shape_of(o)) else sized(shape_of(o), examples)
     return [get(v) for v in jaxpr.outvars]

@@ -327,12 +327,16 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
 
 def _batch_reads(jaxpr: Any, n: int, examples: int, reads: Mapping[int, tuple[Any, int, tuple]]) -> frozenset[int]:
     """:attr:`Dataflow.batch_reads`: the ``dot`` uses (``reads``: use id -> (equation, activation operand, ctx)) whose
-    activation a dim of which carries the batch; ``n``: the parameters among ``jaxpr``'s invars, the sample after."""
+    activation a dim of which carries the batch; ``n``: the parameters among ``jaxpr``'s invars, the sample after.
+    Empty when the flag walk meets a structure it does not know: the record only refines pricing."""
     if examples <= 1:  # a one-example sample: every size-1 dim would read as the batch
         return frozenset()
     dots: dict[int, list[tuple[bool, ...]]] = {}
-    batch_dims(jaxpr, [input_flags(v, examples) if i >= n else no_flags(v) for i, v in enumerate(jaxpr.invars)],
-               dots, examples)
+    try:
+        batch_dims(jaxpr, [input_flags(v, examples) if i >= n else no_flags(v) for i, v in enumerate(jaxpr.invars)],
+                   dots, examples)
+    except (IndexError, KeyError, ValueError):  # a structure the flag walk does not know: only a pricing refinement
+        return frozenset()
     return frozenset(uid for uid, (eqn, i, _) in reads.items()
                      if id(eqn) in dots and i < len(dots[id(eqn)]) and any(dots[id(eqn)][i]))
 
