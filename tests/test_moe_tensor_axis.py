@@ -363,3 +363,16 @@ def test_experts_stored_e_f_d_are_estimated_as_compiled(devices):
     dr = tpflax.dry_run(ts, p, mesh, compiler_options=COMM_XLA)
     est = tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=(TOK,), backend="cpu")
     assert abs(est.comm_total / dr.comm_total - 1) < 0.10, (est.comm, dr.comm())
+
+
+def test_a_stacked_dim_is_never_taken_for_the_experts():
+    # _experts read the experts' count before asking whether the dim leads the body: a stacked leaf's
+    # trailing layers dim (body_dim maps it past the body's end) raised IndexError instead of "no experts"
+    from tpflax._src.facts.classify import _classify_one
+    from tpflax._src.facts.tree import Leaf
+    from tpflax._src.planner.dataflow_rules import _experts
+
+    for at in (0, 3):
+        shape = (4, 16, 32)[:at] + (2,) + (4, 16, 32)[at:]
+        f = _classify_one(Leaf("params/moe/down", shape, "float32", 4), at)
+        assert _experts(None, f, at, 1, []) is False

@@ -591,9 +591,9 @@ def _experts(c: _Flow, fR: Facts, expert: int, rb: int, edges: Sequence[Edge], k
     """Expert pairs: columns (E, d, f) or (E, f, d) -> a row (E, f, d) or (E, d, f), gate and up alike; False
     when the shapes do not say experts. ``kept``: the row's contraction batches over the experts
     (``btef,efd->bted``, DBRX's: all three kernels stored (E, f, d)), its output keeps them."""
-    E = fR.body[fR.body_dim(expert)]
-    if fR.body_dim(expert) != 0 or rb not in (1, 2):
-        return False
+    if (fR.stacked and expert == fR.layers_at) or fR.body_dim(expert) != 0 or rb not in (1, 2):
+        return False  # the experts lead the body (a stacked leaf's layers dim is none of its body's)
+    E = fR.body[0]
     fits = []
     for e in edges:
         fS = c.fx[e.src]
