@@ -376,3 +376,21 @@ def test_a_stacked_dim_is_never_taken_for_the_experts():
         shape = (4, 16, 32)[:at] + (2,) + (4, 16, 32)[at:]
         f = _classify_one(Leaf("params/moe/down", shape, "float32", 4), at)
         assert _experts(None, f, at, 1, []) is False
+
+
+def test_experts_the_trace_keeps_whole_are_not_priced_in_halves():
+    # 6 experts over 12 ranks: the trace does not run the split on into the experts (trace.reshape.spill: 6 is no
+    # prime power, a 2-rank split of one expert cuts the limit's other divisors unevenly), and the estimate priced
+    # the layout's sums in two steps (over 2 ranks, then 6 experts) all the same: both ask spill now
+    m = LM(functools.partial(FlatExperts, n=6))
+    v = jax.eval_shape(m.init, jax.random.key(0), TOK)
+    rules = [(r"moe/(w1|v1|w2)$", P("model", None)), (r".*", P())]
+    est = tpflax.estimate(tpflax.plan(v, {"model": 12}, rules=rules), optax.adamw(1e-3), model=m, sample=(TOK,),
+                          backend="cpu")
+    assert not [i for i in est.items if "ranks holding one expert" in i.why]
+    # 4 experts over 8 ranks (4 a prime power, 2 dividing f): the two-step sums stay
+    m = LM(functools.partial(FlatExperts, n=4))
+    v = jax.eval_shape(m.init, jax.random.key(0), TOK)
+    est = tpflax.estimate(tpflax.plan(v, {"model": 8}, rules=rules), optax.adamw(1e-3), model=m, sample=(TOK,),
+                          backend="cpu")
+    assert {i.group_size for i in est.items if "ranks holding one expert" in i.why} == {2}

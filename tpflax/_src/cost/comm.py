@@ -52,6 +52,7 @@ from tpflax._src.facts.tree import itemsize
 from tpflax._src.mesh import EXPERT, TENSOR
 from tpflax._src.specs import entry_axes
 from tpflax._src.trace.records import reached_dims, score_bias_tags
+from tpflax._src.trace.reshape import spill
 from tpflax._src.trace.spread import GATHERS_PER_TOUCH
 
 
@@ -279,7 +280,8 @@ def expert_split_items(s: Scope, pc: Any, axes: tuple[str, ...], count: int, sou
 def parted_split(s: Scope, path: str) -> tuple[int, int] | None:
     """``(E, k)`` when 2-D ``path``'s tensor axes split a stored dim its contractions read cut into ``(E, minor)``
     (:attr:`Scope.parted`: DBRX's experts stored ``(E * f, d)``) over ``n = E * k`` ranks, ``k > 1``: each rank holds
-    ``1 / k`` of one expert. Else None (``n`` dividing E holds whole experts: a pair as any other)."""
+    ``1 / k`` of one expert, where the trace runs the split on into the experts (:func:`tpflax._src.trace.reshape.spill`,
+    the same test). Else None (``n`` dividing E holds whole experts: a pair as any other)."""
     d = s.lv.decisions[path]
     parted = (s.parted or {}).get(path)
     if not parted or len(d.shape) != 2:
@@ -289,7 +291,9 @@ def parted_split(s: Scope, path: str) -> tuple[int, int] | None:
     for dim, n_exp in parted.items():
         axes = tuple(a for a in entry_axes(spec[dim]) if a in t) if dim < len(spec) else ()
         n = s.size(axes) if axes else 1
-        if n > n_exp and n % n_exp == 0:
+        # the trace's own test (trace.reshape.spill): n / E ranks in each expert need n / E to divide f, and E a
+        # prime power and n / E a power of the same prime (6 experts over 12 ranks: no); else no two-step sums
+        if n > n_exp and n % n_exp == 0 and (n_exp * spill(d.shape[dim], n_exp, d.shape[dim] // n_exp)) % n == 0:
             return n_exp, n // n_exp
     return None
 
