@@ -394,3 +394,15 @@ def test_experts_the_trace_keeps_whole_are_not_priced_in_halves():
     est = tpflax.estimate(tpflax.plan(v, {"model": 8}, rules=rules), optax.adamw(1e-3), model=m, sample=(TOK,),
                           backend="cpu")
     assert {i.group_size for i in est.items if "ranks holding one expert" in i.why} == {2}
+
+
+def test_a_limit_on_another_dim_keeps_a_moved_experts_part():
+    # Val.parts of a flat-stored expert weight read (E, f, d): f (dim 1) a minor part of the experts (dim 0, 4 of them).
+    # Moved one dim right (a new leading dim) with the last output dim limited, the experts' input dim 0 was looked
+    # up in the output-keyed limit ({0: 1}, the new dim's) and the part ended; the experts' own output dim limited
+    # (sliced, one expert read) still ends it
+    from tpflax._src.trace.interpreter import moved_parts
+
+    parts = (("params/moe/w1", (None, (0, 0, 4), None)),)
+    assert moved_parts(parts, [None, 0, 1, 2], {0: 1}) == (("params/moe/w1", (None, None, (0, 1, 4), None)),)
+    assert moved_parts(parts, [None, 0, 1, 2], {1: 1}) == ()

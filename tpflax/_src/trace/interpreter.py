@@ -521,7 +521,8 @@ class Walk:
 def moved_parts(parts: tuple, mapping: Sequence[int | None], limit: Mapping[int, int] | None = None) -> tuple:
     """:attr:`Val.parts` with output dim ``i`` taken from input dim ``mapping[i]``. A part whose major dim does
     not go on whole (dropped, indexed or sliced: one expert of a Python loop over them, ``w[i]``) ends: a split of
-    the stored dim no longer holds whole minor parts of what is read.
+    the stored dim no longer holds whole minor parts of what is read; so does one whose major dim's output dim is
+    in ``limit`` (``{output dim: size}``: sliced, cut into pieces).
 
     >>> moved_parts((("w", (None, (0, 0, 4), None)),), [0, 1, 2]), moved_parts((("w", (None, (0, 0, 4), None)),), [1, 2])
     ((('w', (None, (0, 0, 4), None)),), ())
@@ -531,7 +532,9 @@ def moved_parts(parts: tuple, mapping: Sequence[int | None], limit: Mapping[int,
     where = {m: i for i, m in enumerate(mapping) if m is not None}
     out = []
     for path, ps in parts:
-        new = tuple(None if m is None or ps[m] is None or ps[m][1] not in where or (limit and ps[m][1] in limit)
+        # ``limit`` is keyed by output dim: the major's is ``where[ps[m][1]]`` (ps[m][1] is its input dim)
+        new = tuple(None if m is None or ps[m] is None or ps[m][1] not in where
+                    or (limit and where[ps[m][1]] in limit)
                     else (ps[m][0], where[ps[m][1]], ps[m][2]) for m in mapping)
         if any(x is not None for x in new):
             out.append((path, new))
