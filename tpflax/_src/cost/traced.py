@@ -426,7 +426,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None
                   slice_reads=_slice_reads(flow, slices), crossed=flow.crossed, ffts=flow.ffts,
                   fft_reads=_fft_reads(flow, examples),
                   lookup_rows=_lookup_rows(flow, examples), ragged=ragged_groups(flow),
-                  parted=dict(getattr(flow, "parted", {}) or {}), batch_read=_batch_read(flow))
+                  parted=dict(flow.parted), batch_read=_batch_read(flow))
 
 
 def _batch_read(flow: Any) -> frozenset[str]:

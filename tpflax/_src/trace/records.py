@@ -316,6 +316,12 @@ class Dataflow:
             itself keeps the layout it was placed in: a whole kernel read this way that contracts split features
             is sliced to them and its partial outputs summed, however wide
             (:func:`tpflax._src.cost.disagree.kernel_reads`).
+        ffts: words for each FFT of an activation computed from the inputs (``"RFFT of float32[4, 64]"``).
+        fft_reads: each ``fft`` of an activation or a weight as traced (:class:`FftRead`: its operand's and output's
+            shapes, and the tags of the parameter dims it reaches): XLA:CPU gathers every FFT operand whole.
+        parted: ``{path: {leaf dim: major size}}``: a stored dim a contraction reads cut into ``(major, minor)`` (DBRX's
+            experts stored ``(E * f, d)`` read as ``(E, f, d)``: ``{0: E}``), which a split of the stored dim runs on
+            into past the major size where :func:`tpflax._src.trace.reshape.spill` allows (4 experts over 8 ranks).
         batch_reads: ``dot`` uses whose activation has a dim carrying the batch (the sample's leading dim, followed
             through the forward: :func:`tpflax._src.trace.batchflags.batch_dims`), wherever it sits: a Swin window
             partition's ``(batch * windows, tokens, c)`` carries it in its leading dim, which is no batch's size.
