@@ -395,6 +395,8 @@ BAD = [
     Bad("boolean activation dtype", lambda: tpflax.estimate(PLAN, None, {"x": (2, 4)}, act_dtype=bool),
         EstimateError, ("act_dtype=<class 'bool'>", "not a floating dtype")),
     Bad("optimizer that is not an optax transformation", lambda: tpflax.estimate(PLAN, "adam", {"x": (2, 4)}),
+        EstimateError, ("optimizer 'adam' is a name", "pass the optax optimizer itself", "optax.adam(1e-3)")),
+    Bad("an object that is no optax transformation", lambda: tpflax.estimate(PLAN, object(), {"x": (2, 4)}),
         EstimateError, ("optimizer.init failed", "optax.GradientTransformation")),
     Bad("an optimizer name for a training step",  # was an EstimateError from inside the cost model
         lambda: tpflax.make_train_step(lambda v, x: x @ v["a"]["kernel"], PLAN, mesh(model=2), "adamw",
