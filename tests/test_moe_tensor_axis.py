@@ -121,12 +121,17 @@ def test_the_tree_alone_keeps_megatron_inside_each_expert(traced):
     assert "untraced: experts over the tensor axis" in p.decisions[f"params/moe/{kernels[-1]}"].reason
 
 
-def test_the_estimate_matches_the_compiled_collectives(traced, devices):
-    m, _, p, _ = traced
+def _estimated_and_compiled(m, p):
+    """``(estimate, dry run)`` of the adamw step of ``m`` under ``p`` on :data:`MESH` (XLA:CPU, collectives)."""
     mesh = tpflax.make_mesh(MESH)
     ts = tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), sample=(TOK,))
     dr = tpflax.dry_run(ts, p, mesh, compiler_options=COMM_XLA)
-    est = tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=(TOK,), backend="cpu")
+    return tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=(TOK,), backend="cpu"), dr
+
+
+def test_the_estimate_matches_the_compiled_collectives(traced, devices):
+    m, _, p, _ = traced
+    est, dr = _estimated_and_compiled(m, p)
     # over model: the combine's and the dispatch transpose's f32[tokens, d] sums (and the embedding's and the
     # head's); unmodelled, the router weights' gradient sum (top-k x 4 B a token) and the loss's softmax max and sum
     got, want = est.comm["all-reduce"]["model"], dr.comm()["all-reduce"]["model"]
@@ -144,10 +149,7 @@ def test_a_rules_layout_of_batch_free_experts_is_estimated_as_compiled(rules, de
     m = LM(Switch)
     v = jax.eval_shape(m.init, jax.random.key(0), TOK)
     p = tpflax.plan(v, MESH, rules=rules)
-    mesh = tpflax.make_mesh(MESH)
-    ts = tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), sample=(TOK,))
-    dr = tpflax.dry_run(ts, p, mesh, compiler_options=COMM_XLA)
-    est = tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=(TOK,), backend="cpu")
+    est, dr = _estimated_and_compiled(m, p)
     assert abs(est.comm_total / dr.comm_total - 1) < 0.10, (est.comm, dr.comm())
 
 
@@ -225,10 +227,7 @@ def test_flat_experts_are_estimated_as_compiled(flat, devices):
     v = jax.eval_shape(m.init, jax.random.key(0), TOK)
     p = tpflax.plan(v, MESH, rules=[(r"moe/(w1|v1|w2)$", P("model", None)), (r"embed", P("model", None)),
                                     (r"head", P(None, "model")), (r".*", P())])
-    mesh = tpflax.make_mesh(MESH)
-    ts = tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), sample=(TOK,))
-    dr = tpflax.dry_run(ts, p, mesh, compiler_options=COMM_XLA)
-    est = tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=(TOK,), backend="cpu")
+    est, dr = _estimated_and_compiled(m, p)
     assert abs(est.comm_total / dr.comm_total - 1) < 0.10, (est.comm, dr.comm())
 
 
@@ -358,10 +357,7 @@ def test_experts_stored_e_f_d_are_estimated_as_compiled(devices):
     # 0.85x the compiled collectives
     m, v = _stacked("gates")
     p = tpflax.plan(v, MESH, rules=BY_HAND)
-    mesh = tpflax.make_mesh(MESH)
-    ts = tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), sample=(TOK,))
-    dr = tpflax.dry_run(ts, p, mesh, compiler_options=COMM_XLA)
-    est = tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=(TOK,), backend="cpu")
+    est, dr = _estimated_and_compiled(m, p)
     assert abs(est.comm_total / dr.comm_total - 1) < 0.10, (est.comm, dr.comm())
 
 
