@@ -812,26 +812,3 @@ def test_a_jit_step_given_its_donated_params_again_names_them_instead_of_crashin
     assert e.value.problems == ("argument 0/w: shape (8, 4)",)
     _, loss = step(out, jax.numpy.ones((2, 8)))
     assert float(loss) == 64.0
-
-
-def test_an_input_of_another_leading_size_than_the_batch_is_replicated():
-    # a positional encoding passed beside the batch ((16, 16, D) beside a batch of 8, SAM's decoder) had its
-    # leading dim split over data like the batch's, and XLA gathered it whole again at every step: a 320 KiB
-    # all-gather over data the estimate did not price (review_t f07). It is no per-example input: replicated.
-    import flax.linen as nn
-
-    class M(nn.Module):
-        @nn.compact
-        def __call__(self, x, pe):
-            return nn.Dense(32)(x + pe.reshape(-1, 32)[: x.shape[1]])
-
-    x, pe = jax.ShapeDtypeStruct((8, 16, 32), np.float32), jax.ShapeDtypeStruct((4, 4, 32), np.float32)
-    v = jax.eval_shape(M().init, jax.random.key(0), x, pe)
-    mesh = tpflax.make_mesh({"data": 2, "model": 4})
-    plan = tpflax.plan(v, mesh)
-    ts = tpflax.make_train_step(M(), plan, mesh, optax.sgd(0.1), sample=(x, pe),
-                                loss=lambda out, *_: (out ** 2).mean())
-    xs, ps = ts.in_shardings[2]
-    assert (xs.spec, ps.spec) == (P("data"), P())
-    comm = tpflax.dry_run(ts, plan, mesh, compiler_options=RUN_XLA).comm()
-    assert "data" not in comm.get("all-gather", {}), comm  # nothing gathers the encoding back

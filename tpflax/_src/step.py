@@ -62,28 +62,14 @@ class TrainStep:
 # shardings for a step's arguments
 
 def batch_shardings(plan, mesh, batch: Any) -> Any:
-    """NamedShardings splitting dim 0 of every batch leaf over the plan's batch axes; a leaf whose leading dim
-    is not the batch's (the first leaf's, as :attr:`tpflax._src.model.Model.batch_size` reads it) is no
-    per-example input (a positional table or a mask passed beside the batch, HF's ``head_mask``) and is
-    replicated. Split over the batch axes, XLA gathered it whole again at every step (measured: a SAM decoder's
-    ``(16, 16, 128)`` positional encoding beside a batch of 8, a 320 KiB all-gather over data per step that
-    nothing priced).
+    """NamedShardings splitting dim 0 of every batch leaf over the plan's batch axes.
 
     Raises:
         SpecError: a leaf's batch dim does not divide the batch axes (before compiling).
     """
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
     from tpflax._src.apply.batch import batch_shardings as place
 
-    leaves, treedef = jax.tree_util.tree_flatten(batch)
-    leading = [getattr(x, "shape", ())[:1] for x in leaves]
-    size = next((n for n in leading if n), None)
-    per_example = [not n or n == size for n in leading]
-    placed = iter(place([x for x, b in zip(leaves, per_example, strict=True) if b], mesh, batch_pspec(plan.mesh)))
-    return jax.tree_util.tree_unflatten(treedef, [next(placed) if b else NamedSharding(mesh, PartitionSpec())
-                                                  for b in per_example])
+    return place(batch, mesh, batch_pspec(plan.mesh))
 
 
 def named_shardings(mesh, specs: Any) -> Any:
