@@ -504,7 +504,7 @@ def _looped_narrow_items(s: Scope, cols: list[str], rows: list[str], axes: tuple
 def _stream_split(s: Scope) -> bool:
     """Whether a lookup table split on its features over a tensor axis keeps the residual stream split
     (as :func:`_embedding_items` prices its gathers): not a vocab split, not a table inside attention."""
-    return any(d.kind == "embedding" and s.axes(p, TENSOR) and _feeds_stream(p, d, s.axes(p, TENSOR), s)
+    return any(d.kind == "embedding" and s.axes(p, TENSOR) and feeds_stream(p, d, s.axes(p, TENSOR), s)
                for p, d in s.lv.decisions.items())
 
 
@@ -514,7 +514,14 @@ def _split_vocab(path: str, d: Any, axes: tuple[str, ...], s: Scope) -> bool:
     return bool(set(entry_axes(drop_layers(d, s.lv.specs[path])[0])) & set(axes))
 
 
-def _feeds_stream(path: str, d: Any, axes: tuple[str, ...], s: Scope) -> bool:
+def looked_up_table(path: str, d: Any, s: Scope) -> bool:
+    """A table as the estimate prices one: the trace's (or the tree's) embedding, or a leaf a rule splits that
+    the trace shows only looked up (whatever its kind)."""
+    return d.kind == "embedding" or (d.strategy == "vocab" and len(body(d)) >= 2) or (
+        path in s.looked and path not in s.contracted)
+
+
+def feeds_stream(path: str, d: Any, axes: tuple[str, ...], s: Scope) -> bool:
     """A lookup table split on its features over ``axes`` keeps the residual stream split; a table inside an
     attention layer (T5's, BEiT's relative bias) or a traced per-head bias of the scores (:func:`score_bias`)
     feeds the scores, not the stream, and a table of a
@@ -600,9 +607,7 @@ def _layer_items(s: Scope, notes: list[str]) -> list[CommItem]:
         # a frozen parameter (plan(trainable=)) computes as a trained one does: its activation collectives stay
         if path in lv.in_pair or d.kind in ("int", "state") or not axes or d.kind == "bias":
             continue
-        # a table the trace found, or one a rule splits that the trace shows only looked up (whatever its kind)
-        if d.kind == "embedding" or (d.strategy == "vocab" and len(body(d)) >= 2) or (
-                path in s.looked and path not in s.contracted):
+        if looked_up_table(path, d, s):
             new = _embedding_items(path, d, axes, s, notes=notes)
         elif s.edges is not None and path not in s.contracted:
             continue  # traced, no contraction uses it (a Conv1D's (width, channels) taps, combined elementwise)
@@ -665,13 +670,13 @@ def _embedding_items(path: str, d: Any, axes: tuple[str, ...], s: Scope, *, note
     if not split_vocab and score_bias(path, d, axes, s):
         return []  # its columns split with the scores' heads: XLA adds each device's heads to its own scores
     lv = s.lv  # a feature-split lookup keeps the residual stream split: gathered behind each norm too
-    feeds_stream = _feeds_stream(path, d, axes, s)
+    to_stream = feeds_stream(path, d, axes, s)
     table = next((t for t in s.conditions or {} if lv.rep_of.get(t, t) == path), None)
     if table is not None and not split_vocab:
         # the split conditioning vector, gathered for each modulation that reads it (measured on the linen
         # probe's 2-block DiT: 4 gathers, the lookup's and one per adaLN kernel and the final one)
         stream = sum(layers(lv.decisions[lv.rep_of.get(k, k)]) for k in s.conditions[table])
-    elif not feeds_stream:
+    elif not to_stream:
         stream = 0
     elif s.backend == "tpu":  # XLA:TPU gathers it again for each split kernel's transpose
         stream = tpu_stream_gathers(s, axes, b[-1]) - 1  # the lookup's own item below counts one
@@ -679,12 +684,12 @@ def _embedding_items(path: str, d: Any, axes: tuple[str, ...], s: Scope, *, note
         stream = stream_gathers(((p, x.kind, body(x), lv.count[p] * layers(x)) for p, x in lv.decisions.items()),
                                 b[-1]) - 1
     # XLA:TPU gathers the stream for the kernels that read it: a float32 stream as bfloat16
-    gathered = gathered_bytes(_stream_bytes(size, b[-1], s) if feeds_stream and table is None else size,
-                              s.act_item, s.backend == "tpu" and feeds_stream)
+    gathered = gathered_bytes(_stream_bytes(size, b[-1], s) if to_stream and table is None else size,
+                              s.act_item, s.backend == "tpu" and to_stream)
     count, why = looks + stream, "them (forward) and " + (
         "the conditioning vector for each modulation reading it" if table is not None else
         "the feature-split residual stream behind each norm")
-    if feeds_stream and any(w == b[-1] and set(axes) <= ax for w, ax in constrained_stream(s)[1].items()):
+    if to_stream and any(w == b[-1] and set(axes) <= ax for w, ax in constrained_stream(s)[1].items()):
         # a model's constraint splits the stream so too (EasyDeL's and MaxText's hidden states): the lookup comes
         # out in its layout, and each pair prices its own gathers of the stream (_constrained_items); left is the
         # final norm's output, gathered for the output head (measured, tests/test_streamed_table.py)
@@ -692,7 +697,7 @@ def _embedding_items(path: str, d: Any, axes: tuple[str, ...], s: Scope, *, note
     items = [CommItem("all-reduce", axes, size, n, looks, path, "vocab-split embedding: sum the looked-up rows "
                       "(forward)") if split_vocab else
              CommItem("all-gather", axes, gathered, n, count, path, f"embedding split on its features: gather {why}")]
-    if feeds_stream:
+    if to_stream:
         items += update_gathers(s, axes, [p for p, x in lv.decisions.items() if p != path and b[-1] in body(x)])
     elif table is not None and not split_vocab:
         items += update_gathers(s, axes, conditioned_leaves(s, table, axes), "a leaf whole on the tensor axis "

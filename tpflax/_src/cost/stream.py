@@ -184,15 +184,12 @@ def stream_reached(s: Any) -> dict[str, int]:
     whole ``(128, 1003)`` head's gradient summed over the batch as ``f32[1003,32]``, each ``(128, 32)``
     B/C projection's as ``f32[32,32]``, each norm gain's as ``f32[32]``)."""
     # comm prices the stream's gathers and imports this module
-    from tpflax._src.cost.comm import _feeds_stream
+    from tpflax._src.cost.comm import feeds_stream, looked_up_table
 
     lv, out = s.lv, {}
     for path, d in lv.decisions.items():
         axes = s.axes(path, TENSOR)
-        # a table as comm._layer_items prices it: the trace's, or one a rule splits that is only looked up
-        table = d.kind == "embedding" or (d.strategy == "vocab" and len(body(d)) >= 2) or (
-            path in s.looked and path not in s.contracted)
-        if not axes or path in lv.in_pair or not table or not _feeds_stream(path, d, axes, s):
+        if not axes or path in lv.in_pair or not looked_up_table(path, d, s) or not feeds_stream(path, d, axes, s):
             continue
         width = body(d)[-1]
         for p, x in lv.decisions.items():
