@@ -115,7 +115,7 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Datafl
         _join_columns(c, rid)
     _adapters(c)
     _outputs(c)
-    _stream_updates(c)
+    reprice_stream_updates(c.st, c.fx.values())  # a feature-split table, once the other groups are decided
     follow(c.st, c.flow, c.fx)
     fsdp(c.st, [f for p, f in c.fx.items() if p in c.st.out])
     return {p: q for p, q in c.st.out.items() if p not in c.st.forced}, list(c.st.pairs)
@@ -676,12 +676,6 @@ def _outputs(c: _Flow) -> None:
                              grown=c.flow.growth(u.id, u.kept[0]), reduced=c.flow.only_reduced(u.id, u.kept[0]))
         else:
             c.st.replicate(f, why)
-
-
-def _stream_updates(c: _Flow) -> None:
-    """Reprice a table split on its features once the other groups are decided
-    (:func:`~tpflax._src.planner.leaf_groups.reprice_stream_updates`)."""
-    reprice_stream_updates(c.st, c.fx.values())
 
 
 def _head_dims(c: _Flow, u: Use) -> set[int]:
