@@ -18,8 +18,10 @@ nothing here reads a name.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
+from tpflax._src.cost.headcut import head_cut_gathers
 from tpflax._src.cost.kvsplit import kv_splits
 from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.scope import Scope, layers
@@ -155,7 +157,7 @@ def fused_items(s: Scope, notes: list[str]) -> list[CommItem]:
             continue  # a depthwise conv on a fused kernel's split output: resharded once, at that kernel
         width = d.shape[dim]
         if viewed and isinstance(pieces, int) and pieces % n and n % pieces:
-            items += _view_gathers(s, path, d, width, pieces, n, axes)
+            items += _view_gathers(s, path, d, width, pieces, n, axes, view_heads(s, path, dim))
             continue
         cut = split_columns(width, pieces, n)
         sizes = pieces if isinstance(pieces, tuple) else (width // pieces,) * pieces
@@ -182,17 +184,35 @@ def fused_items(s: Scope, notes: list[str]) -> list[CommItem]:
     return items
 
 
-def _view_gathers(s: Scope, path: str, d, width: int, pieces: int, n: int, axes: tuple[str, ...]) -> list[CommItem]:
+def view_heads(s: Scope, path: str, dim: int) -> int | None:
+    """The heads a traced fused output's view reshapes its pieces into: the gcd of its edges' limits
+    (:attr:`Scope.limits`, the activation dims on the way: ``3C``, the heads, ``C``), None untraced."""
+    g = 0
+    for (src, sdim, _, _), lim in (s.limits or {}).items():
+        if src == path and sdim == dim:
+            g = math.gcd(g, lim)
+    return g or None
+
+
+def _view_gathers(s: Scope, path: str, d, width: int, pieces: int, n: int, axes: tuple[str, ...],
+                  heads: int | None = None) -> list[CommItem]:
     """A fused output reshaped to ``(pieces, heads, head_dim)`` before it is cut (timm's ``qkv[0]``).
 
     ``n`` contiguous shards of the fused dim are no shards of a ``(pieces, ...)`` view when ``n``
     neither divides nor is divided by ``pieces`` (3 pieces over 2 or 4 devices), so XLA gathers the
-    whole output before the reshape (forward) and the pieces' gradients whole before the kernel's
-    transposed matmul (backward). Measured on XLA:CPU: ``C`` 32..128, 2..8 heads, ``n`` 2 and 4.
+    whole output before the reshape (forward) and, backward, what the ``heads`` it is reshaped into
+    leave it (:func:`tpflax._src.cost.headcut.head_cut_gathers`: with heads dividing ``n``, the pieces'
+    gradients whole before the kernel's transposed matmul; Swin's 3 or 6 heads on 4 ranks, the output
+    projection's input gradient to whole head groups, and the pieces' gradients over the groups).
+    Measured on XLA:CPU: ``C`` 32..128, 2..12 heads, ``n`` 2, 4 and 8.
     """
     row = s.rows_of(path) * s.act_item
     count = layers(d) * s.lv.count[path]
     label = s.lv.label[path]
+    cut = head_cut_gathers(width, pieces, heads, n)
+    if cut is not None:
+        return [CommItem("all-gather", axes, row * w, ranks, count, label, f"fused {label}, {heads} heads over {n} "
+                         f"shards of a reshaped view of its {pieces} pieces: gather, {why}") for w, ranks, why in cut]
     return [CommItem("all-gather", axes, row * width, n, count, label,
                      f"fused {label}: gather the output whole, {pieces} pieces of a reshaped view that {n} "
                      "shards of the fused dim do not follow (forward)"),

@@ -1,0 +1,57 @@
+"""What XLA gathers when a fused ``[q|k|v]`` split over the tensor axis is reshaped into heads it does not follow.
+
+A Swin or timm attention computes ``qkv = x @ W`` (``W``: ``(C, 3C)``) and reshapes it to
+``(..., 3, heads, head_dim)`` before picking ``q, k, v`` apart. Split naively over ``n`` tensor ranks
+(``W``'s fused dim, and the output projection's input ``C``), ``n`` contiguous shards of the fused dim
+are no shards of the ``(3, heads, head_dim)`` view when ``n`` neither divides nor is divided by the 3
+pieces, and, where ``heads`` do not divide by ``n`` either (Swin's 3 and 6 heads on 4 ranks), no shards
+of the heads. XLA:CPU then (measured, :func:`head_cut_gathers`):
+
+* forward: gathers the fused output whole before the reshape (every rank then holds every head);
+* backward: lays the attention's gradient out by the output projection's split of ``C`` cut into
+  ``(heads, head_dim)``: the ``g = gcd(heads, n)`` head groups over ``g`` ranks, the rest of the ranks
+  sharing each group. It gathers the projection's input gradient to whole head groups (``C / g`` wide,
+  over the ``n / g`` ranks of a group), and, where ``g > 1``, the pieces' gradients whole across the
+  ``g`` groups (the fused width, over ``g`` ranks) before the kernel's transposed matmul.
+
+With ``heads`` dividing by ``n`` (``g = n``) this is the gather of the whole output and of the pieces'
+gradients that :mod:`tpflax._src.cost.reshard` measured for 4 heads on 4 ranks. Fewer heads that divide
+``n`` (2 heads on 4 ranks) cut ``head_dim`` instead, and XLA sums partial attention scores: not
+modelled here (None).
+
+Pure arithmetic over sizes: the estimate (:func:`tpflax._src.cost.reshard.fused_items`) and the
+planner's candidate that cuts heads (:mod:`tpflax._src.planner.builders`) price the same collectives.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def head_cut_gathers(width: int, pieces: int, heads: int | None, n: int) -> tuple[tuple[int, int, str], ...] | None:
+    """``((result width, ranks, why), ...)``: the all-gathers one local activation row of a naively split
+    fused kernel costs per layer, ``width`` its fused dim cut into ``pieces`` equal pieces each reshaped into
+    ``heads`` heads, over ``n`` tensor ranks (a gather's result is ``width`` elements per row, among ``ranks``
+    devices). None: not this case, or not modelled (fewer heads than ranks that divide them).
+
+    Measured on XLA:CPU (data=2,model=4 and model=8; a Swin window block, widths 48..96): 3 heads on 4 ranks,
+    6 on 4, 6 on 8, 12 on 8, 3 on 2.
+
+    >>> head_cut_gathers(288, 3, 6, 4)  # Swin's 6 heads of 16 over model=4: 2 head groups of 3
+    ((288, 4, 'forward: the output whole, before the reshape into heads'), \
+(48, 2, 'backward: the output projection input gradient, to whole head groups'), \
+(288, 2, "backward: the pieces' gradients whole"))
+    >>> [w for w, _, _ in head_cut_gathers(144, 3, 3, 4)]  # 3 heads: no head group to gather the pieces over
+    [144, 48]
+    >>> head_cut_gathers(192, 3, 2, 4) is None  # 2 heads on 4 ranks cut head_dim: partial scores summed
+    True
+    """
+    if n <= 1 or pieces <= 1 or not heads or width % (pieces * heads) or width % n or (heads < n and n % heads == 0):
+        return None
+    g = math.gcd(heads, n)
+    out = [(width, n, "forward: the output whole, before the reshape into heads")]
+    if n > g:
+        out.append((width // pieces // g, n // g, "backward: the output projection input gradient, to whole head groups"))
+    if g > 1:
+        out.append((width, g, "backward: the pieces' gradients whole"))
+    return tuple(out)
