@@ -147,3 +147,52 @@ def test_each_stage_splits_by_its_own_tables_heads(devices):
     ts = tpflax.make_train_step(m, tree, mesh, optax.adamw(1e-3), sample=x, loss=lambda out, x: jnp.mean(out ** 2))
     dr = tpflax.dry_run(ts, tree, mesh, compiler_options=COMM_XLA)
     assert not [c for c in dr.collectives if "bhq" in (c.op_name or "")], dr.collectives
+
+
+def _cut_heads_plan(heads, **kw):
+    m, x = WindowBlock(dim=48, heads=heads), (jax.ShapeDtypeStruct((16, N, 48), jnp.float32),)
+    v = jax.eval_shape(m.init, jax.random.key(0), *x)
+    return m, x, v, tpflax.plan(v, MESH, model=m, sample=x, batch=x, **kw)
+
+
+def test_heads_that_do_not_divide_are_a_priced_candidate():
+    # Swin's 6 heads on model=4 (review_t F02): the fused qkv -> proj pair was kept whole by rule ("no column of the
+    # pair can be split"), unpriced, although splitting it naively (cutting heads; XLA gathers the qkv output whole
+    # for them) compiles to half the flops. Now that split is a candidate of the pair, priced with the gathers XLA
+    # compiles (cost/headcut.py), and step time decides: on the default tpu-v5e its collectives (the whole fused
+    # output gathered, 2 all-reduces) cost more than the flops it saves at this width, so the pair stays whole
+    _, _, _, p = _cut_heads_plan(6)
+    for leaf in ("qkv/kernel", "proj/kernel"):
+        d = p.decisions[f"params/attn/{leaf}"]
+        alts = {a.name: a for a in d.alternatives}
+        assert set(alts) == {"Megatron, heads cut", "replicate"}, (leaf, d.alternatives, d.reason)
+        assert d.spec == P(None, None) and alts["replicate"].chosen, (leaf, d.spec, d.reason)
+        assert alts["replicate"].step_time < alts["Megatron, heads cut"].step_time
+        assert alts["Megatron, heads cut"].flops < alts["replicate"].flops
+        assert "runner-up Megatron, heads cut" in d.reason and "6 (e.g. attention heads)" in d.reason, d.reason
+    cut = {a.name: a for a in p.decisions["params/attn/qkv/kernel"].alternatives}["Megatron, heads cut"]
+    assert cut.spec == P(None, "model")
+    assert sum("gather" in c for c in cut.collectives) == 3, cut.collectives  # forward whole; backward 2 (2 groups)
+
+
+@pytest.mark.parametrize("heads", [3, 6])
+def test_cutting_heads_that_do_not_divide_prices_what_xla_compiles(devices, heads):
+    # Where flops are dear (a device of 1 Gflop/s), the chooser cuts the heads: the traced plan is the head-cutting
+    # hand layout, and the estimate prices XLA's gathers of it (compiled, XLA:CPU): the qkv output whole forward;
+    # backward the output projection's input gradient to whole head groups (gcd(heads, 4) of them), and with 2
+    # groups the pieces' gradients across them. Before, the estimate priced 2 gathers of the whole fused output
+    # (6 heads: 1.12x the compiled gathers; 3 heads: 1.5x) and the plan kept the pair whole by rule
+    slow = tpflax.Hardware("slow", 16 * 10**9, 200e9, 3e9, 8, 256, peak_flops=1e9)
+    m, x, v, p = _cut_heads_plan(heads, hardware=slow)
+    want = {"qkv/kernel": P(None, "model"), "qkv/bias": P("model"), "proj/kernel": P("model", None)}
+    assert {k: p.decisions[f"params/attn/{k}"].spec for k in want} == want, p.decisions["params/attn/qkv/kernel"].reason
+    loss = lambda out, x: jnp.mean(out ** 2)  # noqa: E731
+    mesh = tpflax.make_mesh(MESH)
+    dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), sample=x, loss=loss), p, mesh,
+                        compiler_options=COMM_XLA)
+    e = tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=x, loss=loss, backend="cpu")
+    got, est = dr.comm(), e.comm
+    # compiled, not priced (1.8% of the gathers with 6 heads): XLA:CPU splits the whole bias table's gradient like
+    # the scores' 2 head groups, runs its adam update split and gathers it and its 2 moments back (3 x 588 B)
+    assert abs(est["all-gather"]["model"] / got["all-gather"]["model"] - 1) < 0.02, (est, got)
+    assert abs(e.comm_total / dr.comm_total - 1) < 0.02, (est, got)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
+from tpflax._src.cost.headcut import head_cut_gathers
 from tpflax._src.cost.kvsplit import KVSplit, kv_split_comms
 from tpflax._src.cost.pieces import column_read, member_items, pieces_of, update_pieces
 from tpflax._src.cost.price import DEFAULT_TOKENS, OPT_COPIES, ActComm, Context
@@ -95,6 +96,9 @@ class Linear:
     doubt: str = ""  # shapes and names disagreed: said in a plan warning
     pieces: int = 1  # a fused kernel's output holds this many projections side by side (q|k|v)
     cut: tuple[int, ...] = ()  # a fused kernel: its pieces' sizes along the fused dim, in order
+    # traced: a fused kernel whose output is reshaped to (pieces, heads, head_dim) before the pieces are cut apart
+    # (timm's and Swin's qkv.reshape(..., 3, heads, head_dim), Dataflow.views)
+    viewed: bool = False
     guess: str = ""  # a row: why the tree cannot tell that it reads its columns' output (the pair stays whole)
     # traced: its head_dim output is cut in halves (a rotate-half RoPE) or not; None: untraced, unknown
     rope: bool | None = None
@@ -270,7 +274,10 @@ def shard_pair(st: State, kind: str, cols: list[Linear], row: Linear, head: tupl
     elif row.guess:
         ok_row, note = False, f"a guess: {short(row.f.path)} {row.guess}"
     blocked = {id(c): column_blocked(c, kind, row, t_entry, t_size) for c in cols}
-    if ok_row and all(blocked.values()):
+    # a fused [q|k|v] reshaped into heads the ranks do not divide (Swin's 6 heads on 4): the split that cuts them
+    # is a candidate, priced with the gathers XLA compiles for it (cost/headcut.py)
+    cut_heads = _heads_cut(st, cols, row) if ok_row and all(blocked.values()) else None
+    if ok_row and all(blocked.values()) and cut_heads is None:
         # Splitting only the row would all-reduce activations that no column split: skip both.
         ok_row = False
         note = "no column of the pair can be split (" + "; ".join(
@@ -282,8 +289,11 @@ def shard_pair(st: State, kind: str, cols: list[Linear], row: Linear, head: tupl
             st.replicate(lin.f, f"{lin.role} of pair {pair.id} ({lin.why}) but {note}: tensor split skipped",
                          pair.id, lin.role)
         return
-    options = [_megatron(st, cols, row, pair, unit, size, blocked, kv_split=False)]
-    if any(blocked.values()):
+    if cut_heads is not None:
+        options = [_cut_heads_option(st, cols[0], row, pair, cut_heads)]
+    else:
+        options = [_megatron(st, cols, row, pair, unit, size, blocked, kv_split=False)]
+    if any(blocked.values()) and cut_heads is None:
         options.append(_megatron(st, cols, row, pair, unit, size, blocked, kv_split=True))
     # an attention pair divides its heads' scores too, whatever its width: it reads queries and keys
     # (two columns, or one fused) or sums heads (a 3-D row)
@@ -298,9 +308,10 @@ def shard_pair(st: State, kind: str, cols: list[Linear], row: Linear, head: tupl
     if (head is not None and kind != "attention" and row.heads is None and row.f.body[head[0]] > row.in_size
             and row.f.body[head[0]] % t_size == 0):
         options.append(_row_as_head(st, cols, row, pair, head))
+    heads_note = f" ({short(cols[0].f.path)}: {blocked[id(cols[0])]})" if cut_heads is not None else ""
     options.append(Option("replicate", tuple(
         (lin.f.path, st.whole(lin.f, f"{lin.role} of pair {pair.id} ({lin.why}): kept whole on every tensor "
-                                     "rank", pair.id, lin.role)) for lin in lins),
+                                     f"rank{heads_note}", pair.id, lin.role)) for lin in lins),
         matmul=frozenset(lin.f.path for lin in lins), whole=True))
     facts = {lin.f.path: lin.f for lin in lins}
     st.choose("pair", [pinned(st, o, facts) for o in options if o is not None], [lin.f for lin in lins])
@@ -310,6 +321,53 @@ def shard_pair(st: State, kind: str, cols: list[Linear], row: Linear, head: tupl
     elif chosen is not None and chosen.kind == "head":
         st.pairs[st.pairs.index(pair)] = replace(pair, sharded=False, note="its row split as an output head, "
                                                                             "its columns whole: cheaper by cost")
+
+
+def _heads_cut(st: State, cols: list[Linear], row: Linear) -> tuple[tuple[int, int, str], ...] | None:
+    """The gathers of the split that cuts heads (:func:`tpflax._src.cost.headcut.head_cut_gathers`), when the pair's
+    one column is a traced fused kernel of equal pieces reshaped to ``(pieces, heads, head_dim)`` whose heads the
+    tensor ranks do not divide (nor divide), the pieces and the ranks neither (a Swin's 3 or 6 heads on model=4);
+    None otherwise (what XLA compiles for those is not modelled: the pair stays whole by rule)."""
+    t_size = st.tensor[1]
+    if len(cols) != 1:
+        return None
+    col = cols[0]
+    pieces, heads = len(col.cut), col.limit
+    if (not col.viewed or pieces < 2 or len(set(col.cut)) != 1 or not heads or col.heads is not None
+            or len(col.f.body) != 2 or row.heads is not None or col.cut[0] != row.in_size
+            or not pieces % t_size or not t_size % pieces or not heads % t_size or not t_size % heads):
+        return None
+    return head_cut_gathers(out_width(col), pieces, heads, t_size)
+
+
+def _cut_heads_option(st: State, col: Linear, row: Linear, pair: Pair,
+                      gathers: tuple[tuple[int, int, str], ...]) -> Option:
+    """The Megatron layout of a fused ``[q|k|v]`` whose heads the tensor ranks do not divide: the fused dim split
+    naively, the output projection's input alike, cutting heads; XLA gathers the fused output whole before the
+    reshape into heads and, backward, to whole head groups (:func:`_heads_cut`). Its gathers move the whole fused
+    output, wider than the outputs it divides, so step time decides against keeping the pair whole
+    (``sums_output``, :func:`tpflax._src.planner.choose.best`). Measured on a Swin (review_t m04, data=2,model=4):
+    about half the flops per device for 2.5-3x the attention's collectives."""
+    t_entry, t_size = st.tensor
+    over = axis_label(t_entry, t_size)
+    cdim, rdim = col.shard_dim("column"), row.shard_dim("row")
+    n, heads = col.f.body[cdim], col.limit
+    fused = (col.f.leaf_dim(cdim), col.cut, col.limit)
+    props = [
+        (col.f.path, fused_as(fused, st.proposal(
+            col.f, body_spec(len(col.f.body), cdim, t_entry), "column",
+            f"column, heads cut: {col.why}; output features ({n}) split over {over} although its {heads} heads do "
+            f"not divide by it: XLA gathers the output whole before the reshape into heads (and backward to whole "
+            f"head groups); feeds {short(row.f.path)} (pair {pair.id})", pair.id, "column"))),
+        (row.f.path, st.proposal(
+            row.f, body_spec(len(row.f.body), rdim, t_entry), "row",
+            f"row, heads cut: {row.why}; input features ({row.in_size}, {heads} heads) split over {over}, fed by "
+            f"{short(col.f.path)} (pair {pair.id}); one all-reduce of activations per pass", pair.id, "row"))]
+    acts = (ActComm("all-reduce", t_entry, row.out_size, 1, "row: sum partial outputs (forward)"),
+            ActComm("all-reduce", t_entry, col.in_size, 1, "column: sum partial input gradients (backward)"),
+            *(ActComm("all-gather", t_entry, w, 1, f"fused {short(col.f.path)}, {heads} heads cut: gather, {why}",
+                      ranks=ranks if ranks != t_size else 0) for w, ranks, why in gathers))
+    return Option("Megatron, heads cut", tuple(props), acts, frozenset(p for p, _ in props), sums_output=True)
 
 
 def logit_acts(t_entry: Entry, d: int, what: str) -> tuple[ActComm, ...]:
@@ -486,8 +544,12 @@ def column_blocked(col: Linear, kind: str, row: Linear, t_entry: Entry, t_size: 
     naive = len(set(col.cut)) > 1 and all(p % t_size == 0 for p in col.cut)
     if (col.limit or n) % t_size and not naive:
         # the features divide; what the model reshapes them into on the way does not
+        # a fused [q|k|v] reshaped into heads that neither divide nor divide the ranks (a Swin's 6 heads on 4): XLA
+        # gathers the output whole instead; the split that cuts them is priced (shard_pair, _heads_cut)
+        cut = ("XLA gathers the fused output whole for the heads" if col.viewed and col.limit and t_size % col.limit
+               else "XLA sums a cut head's partial scores")
         return (f"{cunit} {n} are reshaped on the way into {col.limit} (e.g. attention heads), not divisible by "
-                f"{axis_label(t_entry, t_size)}: a split would cut them (XLA sums a cut head's partial scores)")
+                f"{axis_label(t_entry, t_size)}: a split would cut them ({cut})")
     return ""
 
 

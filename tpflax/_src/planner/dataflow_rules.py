@@ -638,6 +638,7 @@ def _column(c: _Flow, sid: int, e: Edge, row_path: str) -> Linear:
                   heads=cb if heads else None, role="column", why=why,
                   limit=limit if limit and limit != fS.body[cb] else None,
                   cut=sizes if sum(sizes) == fS.body[cb] else (),
+                  viewed=(sid, e.src_dim) in c.flow.views,
                   rope=c.flow.fused.get((sid, last), 1) > 1,
                   loop=bool(fS.stacked) or c.flow.remat >= 0.5 or c.st.casts.get(S.path, fS.leaf.dtype) != fS.leaf.dtype,
                   remat=c.flow.remat >= 0.5)
