@@ -248,6 +248,28 @@ def test_batch_reads_follow_while_and_cond_bodies():
     assert read == {"params/w", "params/c", "params/out/kernel"}
 
 
+class LateCarry(nn.Module):
+    """A time-major scan whose carry starts as zeros (no batch) and picks the batch up from the scanned input
+    on the first step: ``h = h @ v + x_t @ w``."""
+
+    @nn.compact
+    def __call__(self, x):  # (b, t, 16)
+        w = self.param("w", nn.initializers.lecun_normal(), (16, 16))
+        v = self.param("v", nn.initializers.lecun_normal(), (16, 16))
+        h0 = jnp.zeros((x.shape[0], 16), x.dtype)
+        h, _ = jax.lax.scan(lambda h, xt: (jnp.tanh(h @ v + xt @ w), None), h0, jnp.swapaxes(x, 0, 1))
+        return h
+
+
+def test_batch_reads_iterate_a_scan_carry_to_its_fixed_point():
+    # the scan's body was walked once with the carry's incoming flags: a carry that starts unbatched and gets
+    # the batch from the scanned input read as never carrying it (v's contraction missing from batch_reads),
+    # while a while loop's carry was iterated to a fixed point
+    flow = dataflow(LateCarry(), (sds(8, 5, 16),))
+    read = {u.path for u in flow.uses if u.id in flow.batch_reads}
+    assert read == {"params/w", "params/v"}
+
+
 # jax 0.12's scan has no num_consts/num_carry (and a while may one day lose its
 # nconsts): the walk derives them from the body's and the equation's shapes.
 DROPPED = ("num_consts", "num_carry", "cond_nconsts", "body_nconsts")

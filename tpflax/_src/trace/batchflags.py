@@ -89,6 +89,22 @@ def _while(prm: dict, fs: list[tuple[bool, ...]], outs: list, dots: dict, exampl
     return _joined(carry, batch_dims(body, consts + carry, dots, examples))
 
 
+def _scan(eqn: Any, body: Any, fs: list[tuple[bool, ...]], dots: dict, examples: int | None) -> list[tuple[bool, ...]]:
+    """A ``scan``'s outputs: its inputs are consts, carries, then the scanned arrays (each step takes one row of
+    them); the body gives the carries, then the stacked rows. A carry keeps what it came in with and whatever the
+    body adds (``h = h + x_t @ w`` over a batched ``x`` starts unbatched and picks the batch up on step one),
+    walked like :func:`_while`'s until no flag changes; the body's contractions are recorded on the last pass."""
+    k, c = scan_counts(eqn, body)  # jax 0.12's scan has no num_consts/num_carry
+    consts, carry, xs = fs[:k], fs[k:k + c], [f[1:] for f in fs[k + c:]]
+    for _ in range(sum(map(len, carry)) + 1):
+        got = _joined(carry, batch_dims(body, consts + carry + xs, {}, examples)[:c])
+        if got == carry:
+            break
+        carry = got
+    got = batch_dims(body, consts + carry + xs, dots, examples)
+    return _joined(carry, got[:c]) + [(False, *f) for f in got[c:]]
+
+
 def batch_dims(jaxpr: Any, ins: list[tuple[bool, ...]], dots: dict, examples: int | None) -> list[tuple[bool, ...]]:
     """Walk ``jaxpr`` with the batch flags of its inputs; record each ``dot_general``'s operands' flags in
     ``dots`` (by equation id); the flags of its outputs."""
@@ -146,9 +162,7 @@ def batch_dims(jaxpr: Any, ins: list[tuple[bool, ...]], dots: dict, examples: in
             outs = [tuple(f for d, f in enumerate(fs[0]) if d not in prm["dimensions"])]
         elif name == "scan":
             body = body_of(prm["jaxpr"])
-            k, c = scan_counts(eqn, body)  # jax 0.12's scan has no num_consts/num_carry
-            got = batch_dims(body, fs[:k + c] + [f[1:] for f in fs[k + c:]], dots, examples)
-            outs = got[:c] + [(False, *f) for f in got[c:]]
+            outs = _scan(eqn, body, fs, dots, examples)
         elif name == "while":
             outs = _while(prm, fs, outs, dots, examples)
         elif name == "cond":  # the first input picks the branch; each takes the rest: a flag any branch sets
