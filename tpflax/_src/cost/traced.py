@@ -137,6 +137,9 @@ class Traced:
         split_sums: ``(kernel dims, elements per example, runs)`` per sum of a product of two activations
             (:attr:`tpflax._src.trace.records.Dataflow.split_sums`): a plan splitting one of those dims over
             a tensor axis all-reduces that many elements (:func:`tpflax._src.cost.estimate.split_sum_items`).
+        split_grads: ``(kernel dims, other kernel dims, elements per example, runs)``
+            (:attr:`tpflax._src.trace.records.Dataflow.split_grads`): a gradient a split of the first dims and not
+            the second leaves split, gathered (:func:`tpflax._src.cost.estimate.split_grad_gathers`).
         batch_dims: ``{path: dims}``: parameter dims every contraction of it takes as ``dot_general`` batch dims
             (a block-diagonal gate's heads, ``...hi,hij->...hj``): split over a tensor axis, its input is split
             alike and its input gradient comes out split, not as partial sums (:mod:`tpflax._src.cost.comm`).
@@ -267,6 +270,7 @@ class Traced:
     slice_reads: Mapping[str, int] = field(default_factory=dict)
     ragged: Mapping[str, frozenset[int]] = field(default_factory=dict)
     batch_read: frozenset[str] = frozenset()
+    split_grads: tuple[tuple[frozenset[tuple[str, int]], frozenset[tuple[str, int]], float, int], ...] = ()
 
 
 def frozen_inputs(t: Traced, trainable: Mapping[str, bool]) -> frozenset[str]:
@@ -426,7 +430,10 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None
                   slice_reads=_slice_reads(flow, slices), crossed=flow.crossed, ffts=flow.ffts,
                   fft_reads=_fft_reads(flow, examples),
                   lookup_rows=_lookup_rows(flow, examples), ragged=ragged_groups(flow),
-                  parted=dict(flow.parted), batch_read=_batch_read(flow))
+                  parted=dict(flow.parted), batch_read=_batch_read(flow),
+                  split_grads=tuple((frozenset((flow.uses[u].path, d) for u, d in a),
+                                     frozenset((flow.uses[u].path, d) for u, d in b), n / examples, c)
+                                    for a, b, n, c in flow.split_grads))
 
 
 def _batch_read(flow: Any) -> frozenset[str]:

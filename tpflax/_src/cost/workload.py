@@ -75,6 +75,7 @@ class Workload:
         erf: from the trace (:attr:`Traced.erf`).
         product_sums: from the trace (:attr:`Traced.product_sums`): reported in the notes, not priced.
         split_sums: from the trace (:attr:`Traced.split_sums`): priced over the tensor axes.
+        split_grads: from the trace (:attr:`Traced.split_grads`): priced over the tensor axes.
     """
 
     batch: Batch
@@ -119,6 +120,7 @@ class Workload:
     erf: frozenset[str] = frozenset()
     product_sums: Mapping[str, frozenset[int]] = field(default_factory=dict)
     split_sums: tuple[tuple[frozenset[tuple[str, int]], float, int], ...] = ()
+    split_grads: tuple[tuple[frozenset[tuple[str, int]], frozenset[tuple[str, int]], float, int], ...] = ()
     edges: frozenset[tuple[str, str]] | None = None  # traced dataflow edges, None: not traced (Traced.edges)
     contracted: frozenset[str] = frozenset()  # traced parameters a contraction uses (Traced.contracted)
     looked: frozenset[str] = frozenset()  # traced parameters a lookup reads (Traced.looked)
@@ -296,7 +298,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     next_token=_next_token(m) if loss is None else reads_slice(m, loss), biased=t.biased,
                     collectives=t.collectives, row_axes=t.row_axes, meets=t.meets,
                     positional=t.positional, loops=t.loops, remat_layers=t.remat_layers, erf=t.erf,
-                    product_sums=t.product_sums, split_sums=t.split_sums,
+                    product_sums=t.product_sums, split_sums=t.split_sums, split_grads=t.split_grads,
                     edges=t.edges, contracted=t.contracted, looked=t.looked, batched=t.batched, ragged=t.ragged, conditions=t.conditions, dead=t.dead,
                     batch_dims=t.batch_dims, sliced=t.sliced, no_grad=t.no_grad, dots=t.dots, batched_dots=t.batched_dots, shard_mapped=t.shard_mapped, direct=t.direct, derived=t.derived, cast_to=t.cast_to, cast_some=t.cast_some, apart=t.apart, split_widths=t.split_widths, streamed=t.streamed, expanded=t.expanded, crossed=t.crossed, ffts=t.ffts, fft_reads=t.fft_reads, lookup_rows=t.lookup_rows, parted=t.parted,
                     scanned=t.scanned, constrained=t.constrained, limits=t.limits, batch_read=t.batch_read)

@@ -254,6 +254,31 @@ def _note_split_sums(w: Walk, eqn: Any, lhs: Val, rhs: Val, contract, lf, rf, ct
                         (keys(rhs, rf) if lhs.live else frozenset(), sizes[0])):
         if found:
             w.split_sums.append((found, size, count))
+    # backward, each side's gradient is the product of the output's gradient with the other side: a contracted
+    # dim split on the other side only comes out split in it (SAM's ``bmc,bhwc->bmhw`` with the hypernetworks'
+    # c split and the upscaled image's c whole), to be made whole again (Dataflow.split_grads)
+    ka, kb = keys(lhs, contract[0]), keys(rhs, contract[1])
+    if ka and _grad_goes_on(w, rhs, kb):
+        w.split_grads.append((ka, kb, sizes[1], count))
+    if kb and _grad_goes_on(w, lhs, ka):
+        w.split_grads.append((kb, ka, sizes[0], count))
+
+
+def _grad_goes_on(w: Walk, v: Val, own: frozenset[tuple[int, int]]) -> bool:
+    """Whether the backward carries ``v``'s gradient on past the layers whose features its contracted dims are
+    (``own``): ``v`` is computed from a parameter outside those layers' modules. A ``ConvTranspose`` over the
+    model's input only takes its kernel's (and bias's) small gradients from it, which XLA gathers instead."""
+    if not v.live:
+        return False
+    deps = w.deps_of(v)
+    if not deps:  # computed from a parameter the walk lost track of
+        return True
+    mods = {w.uses[w.root(k)[0]].path.rpartition("/")[0] for k in own}
+    mask = 0
+    for path, bit in w.bits.items():
+        if path.rpartition("/")[0] in mods:
+            mask |= bit
+    return bool(deps & ~mask)
 
 
 def _note_product(w: Walk, eqn: Any, out: Val, ctx: tuple, lf, rf, summed: bool) -> None:

@@ -188,6 +188,9 @@ class Walk:
     products: dict[tuple[tuple, int], Product] = field(default_factory=dict)  # (ctx, id(eqn)) -> Product
     # (kernel dims a product of two activations sums, elements a split of one makes it all-reduce, runs)
     split_sums: list[tuple[frozenset[tuple[int, int]], int, int]] = field(default_factory=list)
+    # (kernel dims one side of a product of two activations contracts, the other side's, that side's elements, runs)
+    split_grads: list[tuple[frozenset[tuple[int, int]], frozenset[tuple[int, int]], int, int]] = field(
+        default_factory=list)
     lengths: dict[int, int] = field(default_factory=dict)  # id(scan eqn) -> its trip count
     pending: tuple[int, ...] | None = None  # the last attention-score shape recorded, until its probs @ v
     pending_key: tuple[tuple, int] | None = None  # its key in ``products``: the softmax's ``exp`` marks it

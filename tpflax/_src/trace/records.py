@@ -230,6 +230,10 @@ class Dataflow:
         split_sums: ``(kernel dims, elements, runs)``: a product of two activations summing those kernel
             dims' features (forward: its contracted dims; backward: a side's free dims, summed into the
             other side's gradient) all-reduces that many elements per run when one is split.
+        split_grads: ``(kernel dims, other kernel dims, elements, runs)``: a product of two activations whose one side
+            contracts the first kernel dims' features against the other side's (the second, maybe none): a split
+            of the first that does not split the second leaves the other side's gradient (that many elements per
+            run) split on those features, gathered to go on (:func:`tpflax._src.cost.estimate.split_grad_gathers`).
         products: the attention scores' ``q @ k`` products (see :class:`Product`), in program
             order; of a ``cond``'s branches, the largest's.
         branches: ``{(use id, param dim): (use ids, ...) per piece}`` for kept dims cut into
@@ -346,6 +350,7 @@ class Dataflow:
     products: tuple[Product, ...] = ()
     features: frozenset[tuple[int, int]] = frozenset()
     split_sums: tuple[tuple[frozenset[tuple[int, int]], int, int], ...] = ()
+    split_grads: tuple[tuple[frozenset[tuple[int, int]], frozenset[tuple[int, int]], int, int], ...] = ()
     channelwise: Mapping[str, tuple[int, Mapping[int, int]]] = field(default_factory=dict)
     branches: Mapping[tuple[int, int], tuple[frozenset[int], ...]] = field(default_factory=dict)
     cuts: Mapping[tuple[int, int], tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
