@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
 
 import tpflax
 
@@ -85,3 +86,61 @@ def test_rows_gathered_across_the_batch_split_are_named_in_a_note():
     whole = tpflax.plan(v, {"model": 8}, rules=[(".*", "replicate")])
     assert not [n for n in tpflax.estimate(whole, optax.adamw(1e-3), model=model, sample=sample, loss=mse).notes
                 if "cross devices" in n]
+
+
+class Windows(nn.Module):
+    """Mixes 4 windows of 4 tokens apart: ``(b, 16, c)`` read as ``(b * 4, 4, c)`` (Swin's window partition)."""
+
+    @nn.compact
+    def __call__(self, x):
+        b = x.shape[0]
+        h = nn.Dense(32, name="down")(nn.gelu(nn.Dense(128, name="up")(x.reshape(b * 4, 4, 32))))
+        return h.reshape(b, 16, 32).mean(1)
+
+
+class DualWindows(nn.Module):
+    @nn.compact
+    def __call__(self, img, txt):
+        return nn.Dense(32, name="img")(img).mean(1), Windows(name="txt")(txt)
+
+
+WINDOWS = [(r"up/kernel$", P(None, "model")), (r"up/bias$", P("model")), (r"down/kernel$", P("model", None)),
+           (".*", "replicate")]
+
+
+def test_the_batch_is_followed_from_every_input_not_the_first_alone():
+    # the trace followed the batch only from inputs as long as the first (8 images): the 16 captions' windows
+    # (64, 4, 32) carried no batch, and the caption pair's sum was priced whole on every device (est 1.65x the
+    # compiled collectives; the step splits the captions over data like the images)
+    model, mesh = DualWindows(), {"data": 2, "model": 4}
+    sample = (S((8, 16, 32), jnp.float32), S((16, 16, 32), jnp.float32))
+    v = jax.eval_shape(lambda a, b: model.init(jax.random.key(0), a, b), *sample)
+    p = tpflax.plan(v, mesh, rules=WINDOWS)
+    m = tpflax.make_mesh(mesh)
+    compiled = tpflax.dry_run(tpflax.make_train_step(model, p, m, optax.adamw(1e-3), sample=sample,
+                                                     loss=contrastive), p, m).comm()
+    est = tpflax.estimate(p, optax.adamw(1e-3), model=model, sample=sample, loss=contrastive, backend="cpu").comm
+    # one forward sum of the caption pair: 32 of the 64 windows per device, (32, 4, 32) float32
+    assert est["all-reduce"]["model"] == compiled["all-reduce"]["model"] == 32 * 4 * 32 * 4 * 1.5
+
+
+class FFTCaptions(nn.Module):
+    @nn.compact
+    def __call__(self, img, txt):
+        h = nn.Dense(32, name="up")(txt)
+        return nn.Dense(32, name="img")(img).mean(1), jnp.fft.irfft(jnp.fft.rfft(h, axis=1), n=16, axis=1).mean(1)
+
+
+def test_an_fft_of_a_later_input_is_gathered_over_the_batch_as_its_input_is_split():
+    # XLA:CPU gathers an FFT's operand whole over the batch axes (cost/fft.py); one reading the 16 captions was
+    # taken for no batch's (its leading dim not the first input's 8) and no gather was priced
+    model = FFTCaptions()
+    sample = (S((8, 16, 32), jnp.float32), S((16, 16, 32), jnp.float32))
+    v = jax.eval_shape(lambda a, b: model.init(jax.random.key(0), a, b), *sample)
+    p = tpflax.plan(v, {"data": 2, "model": 4}, rules=[(".*", "replicate")])
+    est = tpflax.estimate(p, optax.adamw(1e-3), model=model, sample=sample, loss=contrastive, backend="cpu")
+    batch = [i for i in est.items if "FFT" in i.why and "over the batch" in i.why]
+    # the rfft's float32 (16, 16, 32) operand, forward, and the irfft's complex64 (16, 9, 32) one; backward, the
+    # gradients of their outputs (the same shapes the other way round)
+    assert sorted(i.size for i in batch) == sorted([16 * 16 * 32 * 4, 16 * 9 * 32 * 8] * 2)
+    assert {i.axes for i in batch} == {("data",)}

@@ -706,7 +706,7 @@ def _embedding_items(path: str, d: Any, axes: tuple[str, ...], s: Scope, *, note
     if not is_tied(path, d, s):
         return items
     if not split_vocab:  # the logits contract the split features: every device holds partial logits
-        rows = math.prod(attend[0].output[:-1]) * (1 / s.shards if attend[0].output[0] == s.batch.size else 1) \
+        rows = math.prod(attend[0].output[:-1]) * (1 / s.shards if attend[0].output[0] in s.batch_leads else 1) \
             if attend else s.rows_of(path)
         return items + [
             CommItem("all-reduce", axes, rows * b[0] * s.act_item, n, 1, path,
@@ -770,7 +770,7 @@ def _stream_items(path: str, d: Any, axes: tuple[str, ...], s: Scope, count: int
 
 def _head_items(axes, n: int, in_size: float, out_shape, s: Scope, path: str, what: str) -> list[CommItem]:
     if out_shape:
-        local = 1 / s.shards if out_shape[0] == s.batch.size else 1.0
+        local = 1 / s.shards if out_shape[0] in s.batch_leads else 1.0
         rows = math.prod(out_shape[:-1]) * local
     else:
         rows = s.rows_of(path)

@@ -428,7 +428,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None
                   shard_mapped=dict(flow.in_specs), direct=frozenset(flow.uses[u].path for u in flow.direct),
                   derived=flow.derived_dots(), cast_to=flow.cast_to(), cast_some=flow.cast_some(),
                   slice_reads=_slice_reads(flow, slices), crossed=flow.crossed, ffts=flow.ffts,
-                  fft_reads=_fft_reads(flow, examples),
+                  fft_reads=_fft_reads(flow, examples, _leads(m)),
                   lookup_rows=_lookup_rows(flow, examples), ragged=ragged_groups(flow),
                   parted=dict(flow.parted), batch_read=_batch_read(flow),
                   split_grads=tuple((frozenset((flow.uses[u].path, d) for u, d in a),
@@ -445,12 +445,22 @@ def _batch_read(flow: Any) -> frozenset[str]:
     return frozenset(p for p, uid in first.items() if uid in flow.batch_reads)
 
 
-def _fft_reads(flow: Any, examples: int) -> tuple:
+def _leads(m: Any) -> frozenset[int]:
+    """The leading dims of the sample's inputs, which the step splits over the batch axes (a dual encoder's 8 images
+    and 16 captions): a 1 aside."""
+    import jax
+
+    return frozenset(int(x.shape[0]) for x in jax.tree_util.tree_leaves(m.sample)
+                     if getattr(x, "shape", ()) and x.shape[0] > 1)
+
+
+def _fft_reads(flow: Any, examples: int, leads: frozenset[int] = frozenset()) -> tuple:
     """:attr:`Traced.fft_reads`: each traced FFT's operand and output bytes (per example where its leading dim is
-    the batch's: an activation's, not a weight's), the kernel dims each operand dim carries, by path."""
+    an input's, ``leads``, the first's when none is given: an activation's, not a weight's), the kernel dims each
+    operand dim carries, by path."""
     out = []
     for r in flow.fft_reads:
-        batched = r.fed and bool(r.shape) and r.shape[0] == examples and 0 not in r.mixed
+        batched = r.fed and bool(r.shape) and r.shape[0] in (leads or {examples}) and 0 not in r.mixed
         per = examples if batched else 1
         dims = tuple(frozenset((flow.uses[u].path, d) for u, d in ks) for ks in r.tags)
         out.append((math.prod(r.shape) * r.itemsize / per, math.prod(r.out_shape) * r.out_itemsize / per, dims,

@@ -23,8 +23,11 @@ def no_flags(v: Any) -> tuple[bool, ...]:
     return (False,) * len(shape_of(v))
 
 
-def input_flags(v: Any, examples: int | None) -> tuple[bool, ...]:
-    return tuple(d == 0 and n == examples for d, n in enumerate(shape_of(v)))
+def input_flags(v: Any, examples: int | None = None) -> tuple[bool, ...]:
+    """A sample input's flags: its leading dim, whatever its size (the step splits every input's leading dim over
+    the batch axes: a dual encoder's 8 images and 16 captions), unless it is 1; with ``examples``, only a leading
+    dim of that size (the expert buffers' rows, :mod:`tpflax._src.cost.buffers`)."""
+    return tuple(d == 0 and n > 1 and examples in (None, n) for d, n in enumerate(shape_of(v)))
 
 
 def sized(shape: Sequence[int], examples: int | None) -> tuple[bool, ...]:

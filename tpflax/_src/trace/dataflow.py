@@ -335,7 +335,7 @@ def _batch_reads(jaxpr: Any, n: int, examples: int, reads: Mapping[int, tuple[An
         return frozenset()
     dots: dict[int, list[tuple[bool, ...]]] = {}
     try:
-        batch_dims(jaxpr, [input_flags(v, examples) if i >= n else no_flags(v) for i, v in enumerate(jaxpr.invars)],
+        batch_dims(jaxpr, [input_flags(v) if i >= n else no_flags(v) for i, v in enumerate(jaxpr.invars)],
                    dots, examples)
     except (IndexError, KeyError, ValueError):  # a structure the flag walk does not know: only a pricing refinement
         return frozenset()
