@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from _util import newer_xla
+from _util import COMM_XLA, newer_xla
 from jax.sharding import PartitionSpec as P
 
 import tpflax
@@ -89,3 +89,22 @@ def test_the_cpu_estimate_prices_xla_cpus_fft_gathers():
     whole = tpflax.plan(v, {"model": 8}, rules=[(".*", "replicate")])
     e = tpflax.estimate(whole, tx, model=LongConv(), sample=SAMPLE, loss=mean_square, backend="cpu")
     assert not [n for n in e.notes if "FFT" in n] and not [i for i in e.items if "FFT" in i.why]
+
+
+def test_the_cpu_estimate_prices_fft_gathers_where_the_running_xla_compiles_them():
+    """jaxlib 0.12's XLA:CPU splits an FFT over the dims it does not transform (no gather), 0.10's gathers every FFT
+    operand whole: the estimate asks the running XLA (cost/fft.py ``cpu_gathers_ffts``, one tiny compile) and prices
+    the gathers only where it makes them. On 0.12 it priced 0.10's gathers, which that XLA does not compile."""
+    _, p = traced_plan()
+    tx = optax.adamw(1e-3)
+    cpu = tpflax.estimate(p, tx, model=LongConv(), sample=SAMPLE, loss=mean_square, backend="cpu")
+    mesh = tpflax.make_mesh(MESH)
+    dr = tpflax.dry_run(tpflax.make_train_step(LongConv(), p, mesh, tx, sample=SAMPLE, loss=mean_square), p, mesh,
+                        compiler_options=COMM_XLA)
+    gathers = dr.comm().get("all-gather", {})
+    assert bool([i for i in cpu.items if "FFT" in i.why]) == bool(gathers)
+    assert bool([n for n in cpu.notes if "does not partition an FFT" in n]) == bool(gathers)
+    assert cpu.comm_total == pytest.approx(dr.comm_total, rel=0.1), "\n".join(dr.compare(cpu).report_lines())
+    from tpflax._src.cost.fft import cpu_gathers_ffts
+
+    assert cpu_gathers_ffts() == bool(gathers)

@@ -55,7 +55,7 @@ from typing import Any
 from tpflax._src.cost.comm import comm_items, parted_split
 from tpflax._src.cost.experts import buffer_items, expert_items
 from tpflax._src.cost.explicit import cpu_wire, explicit_items, row_split_mesh
-from tpflax._src.cost.fft import fft_items
+from tpflax._src.cost.fft import cpu_gathers_ffts, fft_items
 from tpflax._src.cost.grouped import grouped_conv_items
 from tpflax._src.cost.kvsplit import kv_splits
 from tpflax._src.cost.leaves import Leaves, merge, without_dead, without_grads
@@ -104,7 +104,7 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
             f"{', '.join(f'{a}={mesh.sizes[a]}' for a in axes)} (product {shards}); use a batch "
             f"that is a multiple of {shards}")
     notes: list[str] = []
-    if w.ffts and w.backend == "cpu" and (shards > 1 or _splits_outside(lv, axes)):
+    if w.ffts and w.backend == "cpu" and (shards > 1 or _splits_outside(lv, axes)) and cpu_gathers_ffts():
         # measured (a long convolution by rfft/irfft, data=2,model=4): each FFT's operand and, backward, its
         # output's gradient all-gathered whole (cost/fft.py prices them); XLA:TPU splits them
         notes.append(f"{len(w.ffts)} FFT(s) of activations ({w.ffts[0]}{', ...' if len(w.ffts) > 1 else ''}): "

@@ -8,16 +8,49 @@ over data and model, ``IRFFT`` of ``c64[8,128,65]``): each operand gathered over
 forward and backward, 3.7 MB of the step's 7.7 MB of collectives, which the estimate lacked (0.49 of
 the compiled collectives). XLA:TPU partitions them (the same step compiled for v5e:2x4: no FFT gather),
 so only ``backend="cpu"`` prices them.
+
+Newer XLA:CPU (jaxlib 0.12) partitions an FFT over the dims it does not transform, as XLA:TPU does: no gather of
+the Hyena LM's operands at all. What the running XLA:CPU does is read off one tiny compile, once per process
+(:func:`cpu_gathers_ffts`), and the gathers are priced only where it gathers.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
 
 from tpflax._src.cost.records import CommItem
 from tpflax._src.specs import entries, entry_axes
+
+
+@functools.cache
+def cpu_gathers_ffts() -> bool:
+    """Whether the running XLA:CPU gathers an FFT's operand split on a dim it does not transform: one ``rfft`` over
+    dim 1 of a ``(4, 8)`` array split on dim 0 over two CPU devices, compiled (a fraction of a second, once per
+    process), its program read for an all-gather. jaxlib 0.10's does (every FFT operand gathered whole), 0.12's
+    does not (it splits the FFT as its operand is split). Without two CPU devices to compile for, or if the probe
+    fails, the jaxlib version decides (before 0.11: it gathers).
+
+    >>> isinstance(cpu_gathers_ffts(), bool)
+    True
+    """
+    import jax
+
+    try:
+        import jax.numpy as jnp
+        import numpy as np
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        devices = jax.devices("cpu")
+        if len(devices) >= 2:
+            mesh = Mesh(np.array(devices[:2]), ("a",))
+            f = jax.jit(lambda x: jnp.fft.rfft(x, axis=1), in_shardings=NamedSharding(mesh, PartitionSpec("a", None)))
+            return "all-gather" in f.lower(jax.ShapeDtypeStruct((4, 8), jnp.float32)).compile().as_text()
+    except Exception:  # noqa: BLE001 - a probe that cannot run: the version decides
+        pass
+    return jax.__version_info__ < (0, 11)
 
 
 def fft_items(s: Any, reads: Sequence[tuple]) -> list[CommItem]:
@@ -30,7 +63,8 @@ def fft_items(s: Any, reads: Sequence[tuple]) -> list[CommItem]:
     Returns:
         Per FFT and pass, one all-gather over the tensor axes that split its operand's dims (the kernel dims
         they carry, as the plan splits them), of the operand's batch shard, then one over the batch axes of the
-        whole operand when its leading dim is the batch's; none on another backend.
+        whole operand when its leading dim is the batch's; none on another backend, nor where the running XLA:CPU
+        partitions an FFT (:func:`cpu_gathers_ffts`).
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn, optax, tpflax
     >>> from jax.sharding import PartitionSpec as P
@@ -47,7 +81,7 @@ def fft_items(s: Any, reads: Sequence[tuple]) -> list[CommItem]:
     >>> [(i.axes, i.size) for i in e.items if "FFT" in i.why][:2]  # the rfft's operand: over model, then data
     [(('model',), 4096.0), (('data',), 8192.0)]
     """
-    if s.backend != "cpu":
+    if s.backend != "cpu" or not cpu_gathers_ffts():
         return []
     lv, out = s.lv, []
     batch = tuple(a for a in s.batch_axes if s.mesh.sizes[a] > 1)
