@@ -12,6 +12,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 import tpflax
+from tpflax._src.cost.fft import cpu_gathers_ffts
 
 S = jax.ShapeDtypeStruct
 
@@ -140,6 +141,9 @@ def test_an_fft_of_a_later_input_is_gathered_over_the_batch_as_its_input_is_spli
     p = tpflax.plan(v, {"data": 2, "model": 4}, rules=[(".*", "replicate")])
     est = tpflax.estimate(p, optax.adamw(1e-3), model=model, sample=sample, loss=contrastive, backend="cpu")
     batch = [i for i in est.items if "FFT" in i.why and "over the batch" in i.why]
+    if not cpu_gathers_ffts():  # jaxlib 0.12's XLA:CPU splits an FFT over its batch: nothing to gather
+        assert batch == []
+        return
     # the rfft's float32 (16, 16, 32) operand, forward, and the irfft's complex64 (16, 9, 32) one; backward, the
     # gradients of their outputs (the same shapes the other way round)
     assert sorted(i.size for i in batch) == sorted([16 * 16 * 32 * 4, 16 * 9 * 32 * 8] * 2)
