@@ -75,3 +75,30 @@ def test_one_kv_head_still_marks_the_pair_as_heads():
     p = _plan(kv=1)
     assert p.decisions["params/mix/wq"].spec == P("model", None, None)
     assert p.decisions["params/mix/wo"].spec == P("model", None, None)
+
+
+def test_a_per_head_gate_beside_einsum_heads_is_no_router():
+    # the router's evidence for experts (a 2-D kernel whose outputs are the 3-D kernels' leading dim) is not asked of
+    # a block holding a key/value stack: the query and output, under names no attention layer has, stay heads
+    class Gated(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            init = nn.initializers.normal()
+            wq, wo = self.param("p_in", init, (H, D, HD)), self.param("p_out", init, (H, HD, D))
+            wkv = self.param("p_kv", init, (2, 4, D, HD))
+            g = jax.nn.sigmoid(nn.Dense(H, use_bias=False, name="gate")(x))
+            q = jnp.einsum("btd,ndh->btnh", x, wq)
+            k, v = jnp.einsum("bsd,ckdh->cbskh", x, wkv)
+            p = jax.nn.softmax(jnp.einsum("btnh,bsnh->btns", q, k), axis=-1)
+            return jnp.einsum("btnh,nhd->btd", jnp.einsum("btns,bsnh->btnh", p, v) * g[..., None], wo)
+
+    class GatedNet(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return x + Gated(name="mix")(nn.RMSNorm(name="n0")(x))
+
+    params = jax.eval_shape(lambda: GatedNet().init(jax.random.key(0), jnp.zeros((2, 8, D))))
+    p = tpflax.plan(params, {"data": 2, "model": 4})
+    ds = [p.decisions[f"params/mix/{k}"] for k in ("p_in", "p_kv", "p_out")]
+    assert [d.kind for d in ds] == ["dense", "attention", "dense"]
+    assert len({d.pair for d in ds}) == 1 and (ds[0].role, ds[2].role) == ("column", "row")

@@ -577,7 +577,8 @@ def _pair_act(path: str, d: Any, side: str, s: Scope) -> float:
     t_axes = set(s.axes(path, TENSOR))
     split = [i for i, e in enumerate(drop_layers(d, s.lv.specs[path])) if t_axes & set(entry_axes(e))]
     if d.kind == "expert" and len(b) == 3:
-        width = b[1] if side == "in" else b[-1]
+        # a column's input as wide as its contraction sums, as traced: DBRX's columns are stored (E, f, d), not (E, d, f)
+        width = ((s.widths or {}).get(path) or b[1]) if side == "in" else b[-1]
     elif len(b) == 2 and len(split) == 1 and d.role in ("column", "row"):
         # the split dim is a column's output and a row's input, however the kernel is stored
         # ((out, in) Conv1D kernels too): the other dim is the activation's width

@@ -303,8 +303,9 @@ def classify(leaves: Sequence[Leaf], stacked: str | Mapping[str, int] | None = N
     stack = detect_stacked(leaves, stacked)
     weights = set(quantized_scales(leaves).values())
     blocks = recurrence_blocks(leaves, stack)
-    return _mirrored_experts([_classify_one(leaf, stack[leaf.path], leaf.path in weights,
-                                            _recurrent_module(leaf.path) not in blocks) for leaf in leaves])
+    return _routed_experts(_mirrored_experts([_classify_one(leaf, stack[leaf.path], leaf.path in weights,
+                                                            _recurrent_module(leaf.path) not in blocks)
+                                              for leaf in leaves]))
 
 
 def _recurrent_module(path: str) -> str | None:
@@ -432,6 +433,48 @@ def _mirrored_experts(facts: list[Facts]) -> list[Facts]:
             if (e, y, x) in bodies and e not in (x, y) and not heads:
                 out[i] = dataclasses.replace(facts[i], kind="expert")
     return out
+
+
+def _routed_experts(facts: list[Facts]) -> list[Facts]:
+    """Sibling 3-D kernels ``(E, x, y)`` beside a router ``(d, E)`` are experts, whatever their names.
+
+    DBRX's ``ffn`` holds ``w1``, ``v1`` and ``w2`` all stored ``(E, f, d)`` (no mirrored sibling, no expert name)
+    beside ``router`` ``(d, E)``: a 2-D kernel of the same block reading the width ``d`` the 3-D kernels carry
+    into as many outputs as they have leading elements scores one expert each. Asked of every 3-D kernel of the
+    block: at least two, each leading with the router's width ``E`` and carrying ``d`` and another width (neither
+    ``E``, nor ``E * that width == d``, an einsum attention's heads x head_dim), in a block not named like
+    attention and holding no attention kernel or q/k/v stack (an einsum attention's ``(heads, d, head_dim)`` query
+    and output beside a ``(d, heads)`` gate are heads). A scanned stack's layers dim is no body dim
+    (:attr:`Facts.body`).
+    """
+    blocks: dict[str, list[int]] = defaultdict(list)
+    scores: dict[str, set[tuple[int, int]]] = defaultdict(set)  # group -> {(d, E)} of its 2-D kernels
+    heads: set[str] = set()  # blocks with an attention kernel or a q/k/v stack: a (d, heads) gate is no router
+    for i, f in enumerate(facts):
+        if f.kind == "attention" or (len(f.body) == 4 and projection_stack(f.body) is not None):
+            heads.add(f.group)
+        if f.kind in ("dense", "expert") and len(f.body) == 3:
+            blocks[f.group].append(i)
+        elif f.kind in ("dense", "router") and len(f.body) == 2 and f.body[1] > 1:
+            scores[f.group].add(tuple(f.body))
+    out = list(facts)
+    for group, idx in blocks.items():
+        if len(idx) < 2 or ATTN.search(group) or group in heads or all(facts[i].kind == "expert" for i in idx):
+            continue
+        if any(all(_scored(facts[i].body, d, e) for i in idx) for d, e in scores[group]):
+            for i in idx:
+                out[i] = dataclasses.replace(facts[i], kind="expert")
+    return out
+
+
+def _scored(body: tuple[int, ...], d: int, e: int) -> bool:
+    """A 3-D kernel one of ``e`` experts each read from width ``d`` (:func:`_routed_experts`).
+
+    >>> _scored((6, 128, 64), 64, 6), _scored((4, 80, 16), 64, 4), _scored((4, 16, 64), 64, 4)
+    (True, False, False)
+    """
+    lead, x, y = body
+    return lead == e and d in (x, y) and e not in (x, y) and x != y and e * min(x, y) != max(x, y)
 
 
 def fused_projection(body: Sequence[int]) -> bool:

@@ -435,10 +435,30 @@ def _experts(st: State, todo: Sequence[Facts], widths: set[int]) -> None:
                 gated = [(g, f"also feeds {short(b.path)} (gated experts)") for g in fs
                          if g is not a and g.body == a.body and g.path not in st.out]
                 shard_experts(st, a, b, ea, y, gated=gated)
+        _alike_experts(st, [f for f in fs if f.path not in st.out], widths)
     for f in todo:  # lone expert tensors: split the expert dim when possible
         if f.kind == "expert" and f.path not in st.out and e_size > 1 and f.body[0] % e_size == 0:
             st.put(f, (e_entry, None, None), "expert",
                    f"expert: {f.body[0]} experts split over {axis_label(e_entry, e_size)}")
+
+
+def _alike_experts(st: State, fs: Sequence[Facts], widths: set[int]) -> None:
+    """Expert kernels of one block all stored alike ``(E, f, d)`` (DBRX's ``w1``, ``v1``, ``w2``): no mirror tells
+    the row, but every kernel splits the same dims whatever its side (the ffn dim, the one that is no residual
+    width, or the experts), so they make one pair: the kernel named like a row (``w2``) its row, else the last.
+    """
+    if len(fs) < 2 or len({f.body for f in fs}) != 1:
+        return
+    n_exp, x, y = fs[0].body
+    if (x in widths) == (y in widths):
+        return
+    cf = 2 if x in widths else 1
+    rows = [f for f in fs if ROW_NAMES.match(f.unit_name)]
+    row = rows[0] if len(rows) == 1 else sorted(fs, key=lambda f: _natural(f.path))[-1]
+    cols = [f for f in fs if f is not row]
+    shard_experts(st, cols[0], row, n_exp, fs[0].body[cf],
+                  gated=[(g, f"stored {g.body} like {short(cols[0].path)} and the row {short(row.path)}, "
+                             "another column") for g in cols[1:]], ffn_dims=(cf, cf))
 
 
 _CONDITIONING = re.compile(r"(^|_)(t?emb|time)(_|$)", re.I)  # time_emb_proj, temb_proj, emb_layers
