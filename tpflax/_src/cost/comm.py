@@ -34,6 +34,7 @@ from tpflax._src.cost.price import gathered_bytes, stream_gathers
 from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.residual import alike_path, residual_outputs
 from tpflax._src.cost.scope import Scope, body, drop_layers, is_tied, layers, leaf_itemsize
+from tpflax._src.cost.straddle import straddled_items, straddled_split
 from tpflax._src.cost.stream import (
     conditioned_leaves,
     mapped_splits,
@@ -137,6 +138,10 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
         halves = {parted_split(s, p) for p in cols + rows}
         if len(halves) == 1 and (ek := halves.pop()) is not None:
             items += _parted_items(s, pc, axes, ek, count, source)
+            continue
+        straddled = {straddled_split(s, p) for p in cols + rows}
+        if len(straddled) == 1 and (eng := straddled.pop()) is not None:
+            items += straddled_items(s, pc, axes, eng, count, source)
             continue
         items += [i for m in cols + rows for i in ragged_split_items(s, m, count, source)]
         for r in rows:

@@ -64,6 +64,7 @@ from tpflax._src.cost.peak import peak
 from tpflax._src.cost.records import MEMORY_FIELDS, Act, CommItem, Estimate, comm_table, plan_leaves
 from tpflax._src.cost.reshard import fused_items
 from tpflax._src.cost.scope import Scope
+from tpflax._src.cost.straddle import straddled_split
 from tpflax._src.cost.stream import split_grad_items
 from tpflax._src.cost.whole import replicated_items, whole_read_items
 from tpflax._src.cost.workload import Workload, prepare
@@ -308,6 +309,12 @@ def split_sum_items(s: Scope, sums: Sequence[tuple[frozenset[tuple[str, int]], f
             halves = {parted_split(s, rep.get(p, p)) for p, _ in dims}
             if len(halves) == 1 and (ek := halves.pop()) is not None:
                 n = ek[0]
+            # blocks straddling experts: gathered into g parts of whole experts, the combine sums over the parts
+            straddled = {straddled_split(s, rep.get(p, p)) for p, _ in dims}
+            if len(straddled) == 1 and (eng := straddled.pop()) is not None:
+                n = eng[2]
+                if n == 1:
+                    continue
             out.append(CommItem("all-reduce", ax, per_example * s.batch.size / s.shards * s.act_item,
                                 n, runs, ", ".join(sorted({p for p, _ in dims})),
                                 "a product of two activations sums a split dim: all-reduce its partial sums"))

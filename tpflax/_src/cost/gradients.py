@@ -22,6 +22,7 @@ from tpflax._src.cost.scope import (
     leaf_itemsize,
     tensor_degree,
 )
+from tpflax._src.cost.straddle import straddle_gather, straddled_split
 from tpflax._src.cost.stream import split_updates
 from tpflax._src.facts.tree import narrower
 from tpflax._src.mesh import DATA, FSDP, TENSOR, MeshShape
@@ -100,6 +101,9 @@ def gradient_items(s: Scope) -> list[CommItem]:
             if kind == "all-reduce" and path in split:
                 size, why = size // split[path], (f"{why}; split by a tensor-split dim it meets "
                                                              "(traced), summed on its shard")
+            if kind == "all-reduce" and (eng := straddled_split(s, path)) is not None:
+                size, why = size * eng[1] // eng[2], (f"{why}; its blocks straddle experts: summed as the "
+                                                      f"{eng[2]} part(s) of whole experts they are gathered into")
             if kind == "all-reduce" and path in s.sliced:
                 # read only through static slices (UViT's pos[:, :n]): the gradient is the window's, padded with
                 # zeros, and XLA sums the window before the pad (measured, XLA:CPU: f32[1,16,64] of a (1, 4096, 64)
@@ -122,6 +126,8 @@ def gradient_items(s: Scope) -> list[CommItem]:
                                       f"used whole {parts} times (a tied table's lookup and logits, a shared "
                                       "layer, a weight also scaled per example): each use's gradient is reduced "
                                       f"separately{note}"))
+        if (gather := straddle_gather(s, path, d, k * reps, label)) is not None:
+            items.append(gather)
     return items + lookup_concat_items(s)
 
 

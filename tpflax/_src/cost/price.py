@@ -62,6 +62,10 @@ class LeafLayout:
             sharding constraint splits: :mod:`tpflax._src.planner.constraints`), so the batch axes sum
             a piece (the estimate: :func:`tpflax._src.cost.gradients.gradient_items`); its update gathers are
             the group's collectives.
+        held: split over its tensor axes in blocks that straddle what its matmuls read whole (a flat ``(E * f, d)``
+            expert kernel read ``(E, f, d)``, its ``n`` blocks cutting experts: 6 over 4), XLA gathers the blocks
+            over ``n / held`` ranks into ``held`` parts of whole experts (``held = gcd(E, n)``), computes its matmuls
+            split ``held`` ways and sums its gradient over the batch at that part's size (0: no such gather).
     """
 
     shape: tuple[int, ...]
@@ -73,6 +77,7 @@ class LeafLayout:
     positional: bool = False
     pieces: int = 1
     cast_item: int = 0
+    held: int = 0
 
 
 @dataclass(frozen=True)
@@ -269,6 +274,7 @@ def price(leaves: tuple[LeafLayout, ...], acts: tuple[ActComm, ...], ctx: Contex
     mesh, by_axis, words = ctx.mesh, {}, []
     mem = 0
     flops = 0.0
+    r_all = dict(mesh.roles)
 
     def add(kind: str, axes: tuple[str, ...], size: float, count: int, why: str, ranks: int = 0) -> None:
         n = ranks or math.prod(mesh.sizes[a] for a in axes)
@@ -283,10 +289,16 @@ def price(leaves: tuple[LeafLayout, ...], acts: tuple[ActComm, ...], ctx: Contex
     for x in leaves:
         shard = _shard_bytes(x, mesh)
         mem += shard * (2 + OPT_COPIES) if x.trainable else shard
+        t_split = _split(x.spec, mesh, (TENSOR,))
         if x.matmul:
             per_layer = math.prod(x.shape) / x.layers
             # an expert split gathers the layer's tokens over the expert (batch) axes: no fewer flops
-            flops += 6 * ctx.tokens_local * per_layer * x.layers / _split(x.spec, mesh, (TENSOR,))
+            flops += 6 * ctx.tokens_local * per_layer * x.layers / (x.held or t_split)
+        if x.held:  # blocks straddling whole experts: gathered into held parts, as XLA reshapes them
+            t_axes = tuple(a for a in used_axes(x.spec) if r_all[a] == TENSOR and mesh.sizes[a] > 1)
+            add("all-gather", t_axes, shard * t_split / x.held, 1, "straddled blocks: gather whole experts",
+                t_split // x.held)
+            shard = shard * t_split // x.held  # its matmuls, and its gradient, as big as a part
         if not x.trainable:
             # A frozen leaf split over fsdp is still gathered for compute, but that gather is left out here
             # on purpose, as the fsdp pricing below leaves out XLA:TPU's all-reduces: the fsdp axis is there

@@ -48,6 +48,8 @@ class Option:
             (see :func:`best`).
         pieces: ``((path, pieces), ...)``: leaves whose weight gradient comes out split in that many pieces
             (:attr:`tpflax._src.cost.price.LeafLayout.pieces`).
+        held: ``((path, parts), ...)``: leaves whose split blocks XLA gathers into that many parts of whole experts
+            (:attr:`tpflax._src.cost.price.LeafLayout.held`).
     """
 
     name: str
@@ -57,6 +59,7 @@ class Option:
     whole: bool = False
     sums_output: bool = False
     pieces: tuple[tuple[str, int], ...] = ()
+    held: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass
@@ -81,20 +84,21 @@ def revise(p: Any, **changes: Any) -> Any:
     return q
 
 
-def layout(f: Any, p: Any, matmul: bool, positional: bool = False, pieces: int = 1, cast: str = "") -> LeafLayout:
+def layout(f: Any, p: Any, matmul: bool, positional: bool = False, pieces: int = 1, cast: str = "",
+           held: int = 0) -> LeafLayout:
     """A leaf's :class:`LeafLayout` under proposal ``p``; ``cast``: the dtype every matmul and lookup reads it
     cast to (:attr:`State.casts`), its :attr:`LeafLayout.cast_item` where narrower than the leaf's."""
     shape = tuple(f.leaf.shape)
     spec = p.spec if len(p.spec) == len(shape) else entries(p.spec, len(shape))
     return _layout(shape, f.leaf.itemsize, spec, f.leaf.trainable, matmul, f.layers_dim, positional, pieces,
-                   narrower(cast, f.leaf.itemsize))
+                   narrower(cast, f.leaf.itemsize), held)
 
 
 @functools.lru_cache(maxsize=1 << 14)
-def _layout(shape, item, spec, trainable, matmul, layers_dim, positional, pieces, cast_item) -> LeafLayout:
+def _layout(shape, item, spec, trainable, matmul, layers_dim, positional, pieces, cast_item, held) -> LeafLayout:
     return LeafLayout(shape, item, spec, trainable=trainable, matmul=matmul,
                       layers=1 if layers_dim is None else shape[layers_dim], positional=positional,
-                      pieces=pieces, cast_item=cast_item)
+                      pieces=pieces, cast_item=cast_item, held=held)
 
 
 @functools.lru_cache(maxsize=1 << 12)
@@ -106,9 +110,9 @@ def _leaves(o: Option, facts: Mapping[str, Any], positional: frozenset[str],
             casts: Mapping[str, str] | None = None) -> tuple[LeafLayout, ...]:
     """One option's leaves as priced; ``positional``: the traced tables looked up at batch-free positions
     (:attr:`State.positional`); ``casts``: :attr:`State.casts`."""
-    pieces, casts = dict(o.pieces), casts or {}
-    return tuple(layout(facts[path], p, path in o.matmul, path in positional, pieces.get(path, 1), casts.get(path, ""))
-                 for path, p in o.proposals)
+    pieces, casts, held = dict(o.pieces), casts or {}, dict(o.held)
+    return tuple(layout(facts[path], p, path in o.matmul, path in positional, pieces.get(path, 1), casts.get(path, ""),
+                        held.get(path, 0)) for path, p in o.proposals)
 
 
 def cost_of(o: Option, facts: Mapping[str, Any], ctx: Context, positional: frozenset[str] = frozenset()) -> Cost:

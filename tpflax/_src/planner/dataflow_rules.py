@@ -33,7 +33,7 @@ from tpflax._src.planner.builders import (
 )
 from tpflax._src.planner.constraints import pins
 from tpflax._src.planner.decision import Pair
-from tpflax._src.planner.experts import shard_experts
+from tpflax._src.planner.experts import shard_experts, shard_straddled
 from tpflax._src.planner.followers import follow, whole_reached
 from tpflax._src.planner.leaf_groups import (
     fsdp,
@@ -488,6 +488,8 @@ def _pair_row(c: _Flow, rid: int, adapters: bool = True) -> None:
     rb = fR.body_dim(rdim)
     if expert is not None and _experts(c, fR, expert, rb, list(cols.values()), expert in R.batch):
         return
+    if _straddled(c, fR, rdim, list(cols.values())):
+        return
     lins = [_column(c, sid, e, R.path) for sid, e in sorted(cols.items())]
     if R.op == "conv" and len(lins) == 1 and c.cand[next(iter(cols))].op == "conv":
         (sid, e), = cols.items()
@@ -609,6 +611,25 @@ def _experts(c: _Flow, fR: Facts, expert: int, rb: int, edges: Sequence[Edge], k
                   f"{'' if kept else ' with the ffn dim'}, {_via(e.via)} (experts)",
                   [(g, f"traced: also feeds {short(fR.path)} {_via(e2.via)} (gated experts)") for g, e2, _ in rest],
                   ffn_dims=(cf, rb), kept_experts=kept)
+    return True
+
+
+def _straddled(c: _Flow, fR: Facts, rdim: int, edges: Sequence[Edge]) -> bool:
+    """Experts stored flat ``(E * f, d)`` and read ``(E, f, d)`` (:attr:`Dataflow.parted`, every member alike) over
+    tensor ranks that cut experts (neither dividing E nor a multiple of it, sharing a factor with it): priced as XLA
+    runs the split (:func:`tpflax._src.planner.experts.shard_straddled`). A multiple or a divisor is a pair as any
+    other (whole experts, or each one's f split: the trace runs the split on into it)."""
+    t = c.st.tensor[1]
+    n_exp = c.flow.parted.get(fR.path, {}).get(rdim)
+    if n_exp is None or len(fR.body) != 2 or t <= 1 or n_exp % t == 0 or t % n_exp == 0 or math.gcd(n_exp, t) == 1:
+        return False
+    members = [(c.fx[e.src], e.src_dim) for e in edges] + [(fR, rdim)]
+    if any(len(f.body) != 2 or c.flow.parted.get(f.path, {}).get(d) != n_exp or f.leaf.shape[d] % t
+           or f.path in c.st.out for f, d in members):
+        return False
+    shard_straddled(c.st, members[:-1], members[-1], n_exp,
+                    f"traced: dim {rdim} of {short(fR.path)} and its columns' are read as ({n_exp}, "
+                    f"{fR.leaf.shape[rdim] // n_exp}) experts by a reshape")
     return True
 
 
