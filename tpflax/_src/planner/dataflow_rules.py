@@ -621,10 +621,11 @@ def _straddled(c: _Flow, fR: Facts, rdim: int, edges: Sequence[Edge]) -> bool:
     other (whole experts, or each one's f split: the trace runs the split on into it)."""
     t = c.st.tensor[1]
     n_exp = c.flow.parted.get(fR.path, {}).get(rdim)
-    if n_exp is None or len(fR.body) != 2 or t <= 1 or n_exp % t == 0 or t % n_exp == 0 or math.gcd(n_exp, t) == 1:
+    # 2-D leaves only, as the estimate reads them (cost.straddle, cost.comm.parted_split): a scanned stack is not priced so
+    if n_exp is None or len(fR.leaf.shape) != 2 or t <= 1 or n_exp % t == 0 or t % n_exp == 0 or math.gcd(n_exp, t) == 1:
         return False
     members = [(c.fx[e.src], e.src_dim) for e in edges] + [(fR, rdim)]
-    if any(len(f.body) != 2 or c.flow.parted.get(f.path, {}).get(d) != n_exp or f.leaf.shape[d] % t
+    if any(len(f.leaf.shape) != 2 or c.flow.parted.get(f.path, {}).get(d) != n_exp or f.leaf.shape[d] % t
            or f.path in c.st.out for f, d in members):
         return False
     shard_straddled(c.st, members[:-1], members[-1], n_exp,
