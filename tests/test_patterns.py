@@ -2223,6 +2223,36 @@ class _RwkvLM(nn.Module):
         return nn.Dense(V, use_bias=False, name="head")(nn.LayerNorm(name="ln_out")(x))
 
 
+class _RwkvTimeMix(nn.Module):
+    """RWKV-4's time-mix, square: ``key``, ``value`` and ``receptance`` (d, d) feed ``output`` (d, d); the
+    receptance gates the per-channel mix of the other two."""
+
+    @nn.compact
+    def __call__(self, x):
+        k, v, r = (nn.Dense(D, use_bias=False, name=n)(x) for n in ("key", "value", "receptance"))
+        return nn.Dense(D, use_bias=False, name="output")(jax.nn.sigmoid(r) * jnp.exp(k) * v)
+
+
+def test_an_unnamed_square_kernel_beside_named_columns_of_its_row_is_a_column():
+    # tree-only, RWKV's time-mix receptance had no partner and stayed whole beside the split key/value -> output
+    # pair (m07: the tree plan 1.03 / 1.07 / 1.03 of the hand layout; 1.00 / 1.00 / 1.00 as a column,
+    # XLA:CPU data=2,model=4); the channel-mix receptance (d, d) beside key (d, 4d) / value (4d, d) stays whole
+    class LM(nn.Module):
+        @nn.compact
+        def __call__(self, ids):
+            x = nn.LayerNorm(name="ln0")(nn.Embed(V, D, name="emb")(ids))
+            x = x + _RwkvTimeMix(name="blocks_0_att")(nn.LayerNorm(name="blocks_0_ln1")(x))
+            x = x + _RwkvChannelMix(name="blocks_0_ffn")(nn.LayerNorm(name="blocks_0_ln2")(x))
+            return nn.Dense(V, use_bias=False, name="head")(nn.LayerNorm(name="ln_out")(x))
+
+    v = jax.eval_shape(LM().init, jax.random.key(0), jnp.zeros((8, T), jnp.int32))
+    p = tpflax.plan(v, MESH)
+    assert p.decisions["params/blocks_0_att/receptance/kernel"].spec == P(None, "model")
+    assert p.decisions["params/blocks_0_att/receptance/kernel"].strategy == "column"
+    assert p.decisions["params/blocks_0_att/output/kernel"].spec == P("model", None)
+    assert p.decisions["params/blocks_0_ffn/receptance/kernel"].spec == P(None, None)
+
+
 def test_a_value_named_kernel_that_narrows_back_what_its_key_widens_is_the_row():
     # tree-only, 'value' (4d -> d) was taken for a column stored (out, in) and the MLP stayed whole (m07 RWKV:
     # 1.29x the bytes, 1.73x the flops of the hand layout); its shape narrows back exactly what 'key' widens

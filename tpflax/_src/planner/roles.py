@@ -328,6 +328,7 @@ def assign_roles(lins: list[Linear], widths: set[int], sure: bool = False) -> No
             lin.role, lin.why = "row", f"'{name}' is an output projection ({i} -> {o})"
     _square_like_flipped(lins)
     _columns_of_a_named_row(lins)
+    _columns_beside_named_columns(lins)
     _column_of_a_lone_row(lins, widths)
     _row_of_named_queries(lins)
     # Without widths or names, a kernel whose mirror image is in the block pairs by shape. One at the model's top
@@ -532,6 +533,38 @@ def _columns_of_a_named_row(lins: list[Linear]) -> None:
     _flipped_columns(lins, rows[0], lambda lin, row: (
         f"({lin.in_size} -> {lin.out_size}) feeds {short(row.f.path)}, the block's one row by name "
         "(pass model= to trace it)"))
+
+
+def _columns_beside_named_columns(lins: list[Linear]) -> None:
+    """A block of one named row and two or more named columns shaped as it flipped: its unplaced kernels of that
+    same shape are columns too.
+
+    RWKV's time-mix names ``key`` and ``value`` ``(d, d)`` and ``output`` ``(d, d)``; its ``receptance`` ``(d, d)``
+    gates the per-channel recurrence of the two before the row reads it, a column like them (the hand layout's).
+    Left unplaced it stayed whole beside the split pair: its gate's output gathered and its input gradient
+    summed every layer. Square kernels cannot be oriented by shape; beside named columns of the same shape and
+    the row they feed, the guess costs collectives at worst, and ``model=`` traces it.
+
+    >>> from tpflax._src.facts.tree import Leaf
+    >>> def lin(path, role=None):
+    ...     f = Facts(Leaf(path, (8, 8), "float32", 4), "dense", 0, path.rsplit("/", 1)[0], "b")
+    ...     return Linear(f, (0,), (1,), role=role)
+    >>> k, v, r = lin("b/key/kernel", "column"), lin("b/value/kernel", "column"), lin("b/receptance/kernel")
+    >>> _columns_beside_named_columns([k, v, r, lin("b/output/kernel", "row")]); r.role
+    'column'
+    """
+    rows = [x for x in lins if x.role == "row" and ROW_NAMES.match(role_name(x.f))]
+    if len(rows) != 1:
+        return
+    row = rows[0]
+    shape = (row.out_size, row.in_size)
+    cols = [x for x in lins if x.role == "column" and len(x.f.body) == 2 and COLUMN_NAMES.match(role_name(x.f))]
+    if len(cols) < 2 or any((x.in_size, x.out_size) != shape for x in cols):
+        return
+    names = " and ".join(short(x.f.path) for x in cols[:2])
+    _flipped_columns(lins, row, lambda lin, row: (
+        f"({lin.in_size} -> {lin.out_size}) beside the named columns {names} of the same shape, feeding "
+        f"{short(row.f.path)}, the block's one row by name (pass model= to trace it)"))
 
 
 _QKV = re.compile(r"^(q|k|v|query|key|value|q_proj|k_proj|v_proj|wq|wk|wv)$", re.I)
