@@ -727,3 +727,82 @@ def test_shard_batch_on_an_abstract_mesh_is_refused():
         tpflax.shard_batch({"x": np.ones((8, 3), np.float32)}, abstract)
     spec = tpflax.batch_sharding(abstract, {"x": jax.ShapeDtypeStruct((8, 3), "float32")})["x"].spec
     assert spec == jax.sharding.PartitionSpec("data")
+
+
+def test_an_input_of_another_leading_dim_than_the_batch_stays_replicated():
+    # review_t F07: a step taking images (8, ...) and a positional table (16, d) shared by every example split the
+    # table's leading 16 over data like a batch, and XLA all-gathered it back whole at every step (SAM2's pe)
+    import flax.linen as nn
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    class PosAdd(nn.Module):
+        @nn.compact
+        def __call__(self, img, pe):
+            return nn.Dense(8, name="out")(img + pe.reshape(1, *pe.shape))
+
+    S = jax.ShapeDtypeStruct
+    img, pe = S((8, 16, 4), jnp.float32), S((16, 4), jnp.float32)
+    model = PosAdd()
+    v = jax.eval_shape(lambda a, b: model.init(jax.random.key(0), a, b), img, pe)
+    mesh = tpflax.make_mesh({"data": 2, "model": 4})
+    p = tpflax.plan(v, mesh)
+    mse = lambda out, *_: jnp.mean(out ** 2)  # noqa: E731
+    # batch=8 says which is the batch: the table stays replicated, the images split
+    ts = tpflax.make_train_step(model, p, mesh, optax.sgd(0.1), batch=8, sample=(img, pe), loss=mse)
+    assert [s.spec for s in ts.in_shardings[2]] == [P("data"), P()]
+    # an explicit spec always wins, with or without batch=
+    given = S((16, 4), jnp.float32, sharding=NamedSharding(mesh, P(None, "model")))
+    ts2 = tpflax.make_train_step(model, p, mesh, optax.sgd(0.1), sample=(img, given), loss=mse)
+    assert [s.spec for s in ts2.in_shardings[2]] == [P("data"), P(None, "model")]
+    # without either each input's leading dim is split (a dual encoder's 8 images and 16 captions), and it says so
+    with pytest.warns(tpflax.TpflaxWarning, match=r"disagree on their leading dim .*pass batch=8"):
+        ts3 = tpflax.make_train_step(model, p, mesh, optax.sgd(0.1), sample=(img, pe), loss=mse)
+    assert [s.spec for s in ts3.in_shardings[2]] == [P("data"), P("data")]
+    # the step runs with the table replicated, and matches the unsharded step
+    rng = np.random.default_rng(0)
+    x, t = rng.normal(size=img.shape).astype(np.float32), rng.normal(size=pe.shape).astype(np.float32)
+    vars0 = model.init(jax.random.key(0), x, t)
+    step = jax.jit(ts.fn, in_shardings=ts.in_shardings, out_shardings=ts.out_shardings)
+    placed = tpflax.shard(vars0, p, mesh)
+    opt = tpflax.shard_optimizer_state(optax.sgd(0.1), None, p, mesh)
+    batch = tpflax.shard_batch((x, t), mesh, batch_size=8)
+    assert batch[1].sharding.spec == P()
+    _, _, loss = step(placed, opt, batch)
+    assert abs(float(loss) - float(mse(model.apply(vars0, x, t)))) < 1e-5
+
+
+def test_batch_sharding_keeps_leaves_of_another_leading_dim_replicated_given_the_batch_size():
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = tpflax.make_mesh({"data": 2, "model": 4})
+    S = jax.ShapeDtypeStruct
+    batch = {"x": S((8, 3), "float32"), "y": S((8,), "int32"), "pe": S((16, 3), "float32"), "step": S((), "int32")}
+    got = tpflax.batch_sharding(mesh, batch, batch_size=8)
+    assert {k: s.spec for k, s in got.items()} == {"x": P("data"), "y": P("data"), "pe": P(), "step": P()}
+    # without it the disagreement is refused, the message saying how to keep the table whole
+    with pytest.raises(tpflax.TreeError, match=r"x has 8 examples .* but pe has 16 .* pass batch_size=8 to keep the leaves of another"):
+        tpflax.batch_sharding(mesh, batch)
+    # a leaf's explicit spec wins, and is left out of the disagreement check
+    batch["pe"] = S((16, 4), "float32", sharding=NamedSharding(mesh, P(None, "model")))
+    assert tpflax.batch_sharding(mesh, batch)["pe"].spec == P(None, "model")
+    batch["pe"] = S((16, 3), "float32", sharding=NamedSharding(mesh, P(None, "model")))
+    with pytest.raises(tpflax.SpecError) as e:
+        tpflax.batch_sharding(mesh, batch)
+    assert list(e.value.problems) == [f"pe: its spec {P(None, 'model')} splits dim 1 of shape (16, 3) over 4 devices, "
+                                "which does not divide it"]
+    batch["pe"] = S((16, 4), "float32", sharding=NamedSharding(tpflax.make_mesh({"data": 2, "tp": 4}), P(None, "tp")))
+    with pytest.raises(tpflax.SpecError, match="names axis 'tp', which the mesh"):
+        tpflax.batch_sharding(mesh, batch)
+    # shard_batch and constrain_batch take it too
+    arrays = {"x": np.ones((8, 3), np.float32), "pe": np.arange(48, dtype=np.float32).reshape(16, 3)}
+    placed = tpflax.shard_batch(arrays, mesh, batch_size=8)
+    assert placed["pe"].sharding.spec == P() and placed["x"].sharding.spec == P("data")
+    np.testing.assert_array_equal(np.asarray(placed["pe"]), arrays["pe"])
+    out = jax.jit(lambda b: tpflax.constrain_batch(b, mesh, batch_size=8))(placed)
+    assert out["pe"].sharding.spec == P()
+    for bad in (0, -8, 8.0, True, "8"):
+        with pytest.raises(tpflax.OptionError, match="batch_size=.* must be a positive integer"):
+            tpflax.batch_sharding(mesh, batch, batch_size=bad)

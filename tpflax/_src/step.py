@@ -61,15 +61,61 @@ class TrainStep:
 # ---------------------------------------------------------------------------
 # shardings for a step's arguments
 
-def batch_shardings(plan, mesh, batch: Any) -> Any:
-    """NamedShardings splitting dim 0 of every batch leaf over the plan's batch axes.
+def batch_shardings(plan, mesh, batch: Any, size: int | None = None) -> Any:
+    """NamedShardings splitting dim 0 of every batch leaf over the plan's batch axes; a leaf carrying an
+    explicit ``NamedSharding`` keeps its spec, and given the batch ``size`` a leaf of another leading dim stays
+    replicated.
 
     Raises:
         SpecError: a leaf's batch dim does not divide the batch axes (before compiling).
     """
     from tpflax._src.apply.batch import batch_shardings as place
 
-    return place(batch, mesh, batch_pspec(plan.mesh))
+    return place(batch, mesh, batch_pspec(plan.mesh), size)
+
+
+def _with_given_specs(abstract: Any, given: Any) -> Any:
+    """``abstract`` (the step's batch) with the ``NamedSharding`` of each ``given`` sample leaf that carries one
+    (a ``jax.ShapeDtypeStruct(..., sharding=...)``): the sample's explicit layouts, which the model's abstract
+    inputs drop. ``abstract`` as is when ``given`` is not the same tree."""
+    import jax
+
+    from tpflax._src.apply.batch import explicit_spec
+
+    if given is None:
+        return abstract
+    given = tuple(given) if isinstance(given, (tuple, list)) else (given,)
+    got, treedef = jax.tree_util.tree_flatten(abstract)
+    want, given_def = jax.tree_util.tree_flatten(given)
+    if treedef != given_def or not any(explicit_spec(x) is not None for x in want):
+        return abstract
+    return jax.tree_util.tree_unflatten(treedef, [
+        jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=g.sharding) if explicit_spec(g) is not None else a
+        for a, g in zip(got, want, strict=True)])
+
+
+def _warn_uneven(batch: Any) -> None:
+    """A TpflaxWarning when the step's inputs disagree on their leading dim and no batch size says which is the
+    batch: each is split over the batch axes (a dual encoder's 8 images and 16 captions), and an input shared by
+    every example (a positional table) would be too, which XLA gathers back whole at every step."""
+    import warnings
+
+    import jax
+
+    from tpflax._src.apply.batch import explicit_spec
+    from tpflax._src.errors import TpflaxWarning
+
+    sizes = [(f"input {keystr(p)}", x.shape) for p, x in jax.tree_util.tree_flatten_with_path(batch)[0]
+             if getattr(x, "shape", ()) and explicit_spec(x) is None]
+    if len({shape[0] for _, shape in sizes}) < 2:
+        return
+    first = sizes[0][1][0]
+    others = [f"{w} {shape}" for w, shape in sizes if shape[0] != first]
+    warnings.warn(f"the step's inputs disagree on their leading dim ({sizes[0][0]} {sizes[0][1]}; "
+                  f"{', '.join(others[:4])}): each input's leading dim is split over the batch axes. If an input is "
+                  f"shared by every example (a positional table), pass batch={first} (inputs of another leading "
+                  "dim stay replicated) or give it in sample= as jax.ShapeDtypeStruct(shape, dtype, "
+                  "sharding=NamedSharding(mesh, P()))", TpflaxWarning, stacklevel=3)
 
 
 def named_shardings(mesh, specs: Any) -> Any:
@@ -295,7 +341,12 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
             model an abstract zoo batch ``{"x": ..., "y": ...}`` or the shape of its inputs
             (``(8, 32)`` or ``"8x32"``, as :func:`tpflax.estimate` takes it) (default 8).
         sample: the forward inputs (arrays or ``ShapeDtypeStruct``); the step's
-            batch is this tuple. A zoo model defaults to its own.
+            batch is this tuple. A zoo model defaults to its own. Which inputs are split over the
+            mesh's batch (data, fsdp) axes: an input given as ``jax.ShapeDtypeStruct(shape, dtype,
+            sharding=NamedSharding(mesh, spec))`` keeps its spec (an explicit spec always wins); given
+            ``batch=N``, an input whose leading dim is not N (a positional table, a per-layer mask) stays
+            replicated; without it each input's leading dim is split (a dual encoder's 8 images and 16
+            captions both), with a :class:`~tpflax.TpflaxWarning` when they disagree.
         loss: ``loss(output, *sample) -> scalar``. Default: a zoo model's own
             loss; next-token cross-entropy when the output is float logits
             ``(batch, seq, vocab)`` over int ids ``(batch, seq)`` (the first
@@ -343,6 +394,7 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
     # np.int64(8) (from np.prod, a numpy config) is a size as 8 is: read as a leaf, a zoo model's batch was that
     # one 0-d array, and any other model's step refused it as "only for zoo models"
     batch = plain_batch(batch)
+    orig_batch = batch
     given = variables
     if variables is None:
         variables = _linen_own_variables(model, sample, batch)
@@ -382,11 +434,16 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
                                 "variables= the tree you planned (e.g. one cast to bfloat16)") from e
     params, _ = split_params(plan, bare_variables(variables))  # the step trains bare arrays
     opt_state, opt_specs = opt_state_specs(plan, optimizer, params)
+    if not (is_zoo(model) and loss is None):  # a zoo's own batch {"x", "y"} holds examples only
+        abstract_batch = _with_given_specs(abstract_batch, sample if sample is not None else
+                                           orig_batch if isinstance(orig_batch, (tuple, list)) else None)
+        if not isinstance(batch, int):
+            _warn_uneven(abstract_batch)
     made = opt_state  # what the step's optimizer keeps (the step's own opt_state argument shadows it)
     # optax.lookahead updates a second, slow copy of the parameters: the step takes and returns the pair
     pair = takes_lookahead_params(opt_state)
     var_sh, opt_sh = named_shardings(mesh, var_specs), named_shardings(mesh, opt_specs)
-    batch_sh = batch_shardings(plan, mesh, abstract_batch)
+    batch_sh = batch_shardings(plan, mesh, abstract_batch, batch if isinstance(batch, int) else None)
     gather = fsdp_gather(plan, mesh, param_decisions(plan, variables)) if gather_fsdp else None
     # frozen leaves split over fsdp (a LoRA base, plan(trainable=)) are gathered for compute too: left to
     # itself XLA reads a frozen fsdp-split table by masked lookups summed over the tensor axis and

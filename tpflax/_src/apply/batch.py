@@ -7,6 +7,7 @@ and places or constrains the arrays.
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -31,7 +32,8 @@ def batch_spec(mesh: Any, *, axis_roles: Mapping[str, str] | None = None) -> Par
     return batch_pspec(mesh_shape(mesh, axis_roles))
 
 
-def batch_sharding(mesh: Any, batch: Any = None, *, axis_roles: Mapping[str, str] | None = None) -> Any:
+def batch_sharding(mesh: Any, batch: Any = None, *, batch_size: int | None = None,
+                   axis_roles: Mapping[str, str] | None = None) -> Any:
     """The ``NamedSharding`` for a training step's inputs: batch dim over the data/fsdp axes.
 
     Use it as ``jax.jit`` in_shardings for the batch, or with :func:`shard_batch`.
@@ -40,10 +42,16 @@ def batch_sharding(mesh: Any, batch: Any = None, *, axis_roles: Mapping[str, str
     replicated: a single sharding would give a scalar leaf (a step counter) the
     batch dim it lacks, which ``jax.jit`` refuses.
 
+    Which leaves are split: an explicit spec always wins (a ``jax.ShapeDtypeStruct`` leaf carrying a
+    ``NamedSharding`` keeps its spec, on ``mesh``); given ``batch_size``, a leaf whose leading dim is another
+    size (a positional table, a mask shared by every example) stays replicated; without it every leaf's
+    leading dim is the batch's, and leaves disagreeing on it are refused.
+
     Raises:
         TreeError: a ``batch`` leaf is no array jax can hold (a string, an object array), or the leaves
-            disagree on the batch (leading) size.
-        SpecError: a ``batch`` leaf's batch dim does not divide over the batch axes.
+            disagree on the batch (leading) size and no ``batch_size`` says which is the batch.
+        SpecError: a ``batch`` leaf's batch dim does not divide over the batch axes, or an explicit spec
+            names an axis ``mesh`` lacks or does not divide its dim.
 
     >>> import jax, tpflax
     >>> mesh = tpflax.make_mesh({"data": 2, "model": 4})
@@ -52,15 +60,19 @@ def batch_sharding(mesh: Any, batch: Any = None, *, axis_roles: Mapping[str, str
     >>> s = batch_sharding(mesh, {"x": jax.ShapeDtypeStruct((8, 4), "float32"), "step": jax.ShapeDtypeStruct((), "int32")})
     >>> s["x"].spec, s["step"].spec
     (P('data',), P())
+    >>> pe = jax.ShapeDtypeStruct((16, 4), "float32")  # shared by every example: no batch dim
+    >>> batch_sharding(mesh, {"x": jax.ShapeDtypeStruct((8, 4), "float32"), "pe": pe}, batch_size=8)["pe"].spec
+    P()
     """
     _check_order("batch_sharding(mesh, batch)", mesh, batch)
+    batch_size = _check_size(batch_size)
     mesh = sharding_mesh(mesh)
     spec = batch_spec(mesh, axis_roles=axis_roles)
     if batch is None:
         return NamedSharding(mesh, spec)
     check_batch_leaves(batch)
-    check_batch_sizes(batch)
-    return batch_shardings(batch, mesh, spec)
+    check_batch_sizes(batch, batch_size)
+    return batch_shardings(batch, mesh, spec, batch_size)
 
 
 def _check_order(call: str, mesh: Any, batch: Any) -> None:
@@ -72,59 +84,108 @@ def _check_order(call: str, mesh: Any, batch: Any) -> None:
         raise OptionError(f"the batch and the mesh are swapped; pass them as {call}")
 
 
-def batch_shardings(batch: Any, mesh: jax.sharding.Mesh, spec: PartitionSpec) -> Any:
+def explicit_spec(x: Any) -> PartitionSpec | None:
+    """The spec a batch leaf was given: a ``jax.ShapeDtypeStruct`` carrying a ``NamedSharding`` (an
+    array's placement is where it is, no spec asked for); None otherwise."""
+    sharding = getattr(x, "sharding", None) if isinstance(x, jax.ShapeDtypeStruct) else None
+    return sharding.spec if isinstance(sharding, NamedSharding) else None
+
+
+def batch_shardings(batch: Any, mesh: jax.sharding.Mesh, spec: PartitionSpec, size: int | None = None) -> Any:
     """One ``NamedSharding`` per batch leaf: ``spec`` for arrays, replicated for scalars.
+
+    A leaf with an explicit spec (:func:`explicit_spec`) keeps it; given ``size``, a leaf whose leading dim
+    is another size stays replicated (it holds no batch: a positional table, a shared mask).
 
     Raises:
         TreeError: a leaf is no array jax can hold (a string, an object array).
-        SpecError: a leaf's batch dim does not divide over the batch axes.
+        SpecError: a leaf's batch dim does not divide over the batch axes; an explicit spec names an axis
+            the mesh lacks, or does not divide its dim.
     """
     check_batch_leaves(batch)
     sizes = dict(mesh.shape)
     n = math.prod(sizes[a] for e in spec for a in entry_axes(e))
     problems = []
-    for path, x in jax.tree_util.tree_flatten_with_path(batch)[0]:
+    flat, treedef = jax.tree_util.tree_flatten_with_path(batch)
+    out = []
+    for path, x in flat:
         shape = tuple(getattr(x, "shape", None) or np.shape(x))
-        if shape and n > 1 and shape[0] % n:
+        where = keystr(path) or "<batch>"
+        given = explicit_spec(x)
+        if given is not None:
+            wrong = _explicit_problems(where, shape, given, sizes)
+            problems += wrong
+            out.append(None if wrong else NamedSharding(mesh, given))
+            continue
+        if not shape or (size is not None and shape[0] != size):
+            out.append(NamedSharding(mesh, PartitionSpec()))
+            continue
+        if n > 1 and shape[0] % n:
             axes = "*".join(f"{a}={sizes[a]}" for e in spec for a in entry_axes(e))
-            problems.append(f"{keystr(path) or '<batch>'}: batch dim of shape {tuple(shape)} is "
+            problems.append(f"{where}: batch dim of shape {tuple(shape)} is "
                             f"{shape[0]}, not divisible by mesh axes {axes}; use a batch size that "
                             f"is a multiple of {n}")
+        out.append(NamedSharding(mesh, spec))
     if problems:
         raise SpecError("the batch does not split over the mesh", problems)
-    return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, spec if len(getattr(x, "shape", np.shape(x)))
-                                                          else PartitionSpec()), batch)
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def check_batch_sizes(batch: Any) -> None:
-    """TreeError when the batch's array leaves (0-d ones aside) disagree on their leading (batch) size: each
-    is split over the batch axes as holding the same examples, so ``{"x": (8, 32), "y": (4,)}`` (labels of
-    another batch, a mask shared by every example) would be laid out as if it did, and fail or mislead later.
+def _explicit_problems(where: str, shape: tuple[int, ...], spec: PartitionSpec,
+                       sizes: Mapping[str, int]) -> list[str]:
+    """What keeps a leaf's explicit spec from laying it out on a mesh of axis ``sizes``."""
+    if len(spec) > len(shape):
+        return [f"{where}: its spec {spec} has {len(spec)} entries for shape {shape}; give one entry per dim"]
+    out = []
+    for k, e in enumerate(spec):
+        missing = [a for a in entry_axes(e) if a not in sizes]
+        if missing:
+            out.append(f"{where}: its spec {spec} names axis {missing[0]!r}, which the mesh "
+                       f"({', '.join(f'{a}={v}' for a, v in sizes.items())}) lacks; name the mesh's axes")
+            continue
+        m = math.prod(sizes[a] for a in entry_axes(e))
+        if m > 1 and shape[k] % m:
+            out.append(f"{where}: its spec {spec} splits dim {k} of shape {shape} over {m} devices, which does "
+                       "not divide it")
+    return out
+
+
+def check_batch_sizes(batch: Any, size: int | None = None) -> None:
+    """TreeError when the batch's array leaves (0-d ones and leaves with an explicit spec aside) disagree on
+    their leading (batch) size: each is split over the batch axes as holding the same examples, so
+    ``{"x": (8, 32), "y": (4,)}`` (labels of another batch, a mask shared by every example) would be laid out
+    as if it did, and fail or mislead later. Given the batch ``size``, leaves of another are no batch: nothing
+    to check.
 
     >>> import numpy as np
     >>> check_batch_sizes({"x": np.ones((8, 3)), "y": np.ones(8), "step": 3})
     >>> check_batch_sizes({"x": np.ones((8, 3)), "y": np.ones(4)})
     Traceback (most recent call last):
-    tpflax._src.errors.TreeError: the batch's leaves disagree on the batch (leading) size: x has 8 examples (shape (8, 3)) but y has 4 (shape (4,)); give every leaf the same leading dim, and pass a leaf that is not per-example (a shared mask, a table) apart from the batch (e.g. replicated)
+    tpflax._src.errors.TreeError: the batch's leaves disagree on the batch (leading) size: x has 8 examples (shape (8, 3)) but y has 4 (shape (4,)); give every leaf the same leading dim, or pass batch_size=8 to keep the leaves of another leading size (a shared mask, a table) replicated
+    >>> check_batch_sizes({"pe": np.ones((16, 3)), "x": np.ones((8, 3)), "y": np.ones(8)})
+    Traceback (most recent call last):
+    tpflax._src.errors.TreeError: the batch's leaves disagree on the batch (leading) size: x has 8 examples (shape (8, 3)) but pe has 16 (shape (16, 3)); give every leaf the same leading dim, or pass batch_size=8 to keep the leaves of another leading size (a shared mask, a table) replicated
     """
-    first = None
-    problems = []
+    if size is not None:
+        return
+    leaves = []
     for path, x in jax.tree_util.tree_flatten_with_path(batch)[0]:
         shape = tuple(getattr(x, "shape", None) or np.shape(x))
-        if not shape:
-            continue
-        where = keystr(path) or "<batch>"
-        if first is None:
-            first = (where, shape)
-        elif shape[0] != first[1][0]:
-            problems.append(f"{where} has {shape[0]} (shape {shape})")
-    if problems:
-        name, shape = first
-        raise TreeError(f"the batch's leaves disagree on the batch (leading) size: {name} has {shape[0]} examples "
-                        f"(shape {shape}) but {'; '.join(problems[:4])}"
-                        f"{f' (and {len(problems) - 4} more)' if len(problems) > 4 else ''}; give every leaf the "
-                        "same leading dim, and pass a leaf that is not per-example (a shared mask, a table) apart "
-                        "from the batch (e.g. replicated)")
+        if shape and explicit_spec(x) is None:
+            leaves.append((keystr(path) or "<batch>", shape))
+    counts = collections.Counter(shape[0] for _, shape in leaves)
+    if len(counts) < 2:
+        return
+    # named against the size most leaves share (the first leaf's on a tie): {"pe": (16, d), "x": (8, d),
+    # "y": (8,)} sorts the table first, which is no batch
+    most = max(counts, key=lambda n: (counts[n], -next(i for i, (_, s) in enumerate(leaves) if s[0] == n)))
+    name, shape = next(leaf for leaf in leaves if leaf[1][0] == most)
+    problems = [f"{w} has {s[0]} (shape {s})" for w, s in leaves if s[0] != most]
+    raise TreeError(f"the batch's leaves disagree on the batch (leading) size: {name} has {shape[0]} examples "
+                    f"(shape {shape}) but {'; '.join(problems[:4])}"
+                    f"{f' (and {len(problems) - 4} more)' if len(problems) > 4 else ''}; give every leaf the "
+                    f"same leading dim, or pass batch_size={shape[0]} to keep the leaves of another leading "
+                    "size (a shared mask, a table) replicated")
 
 
 def check_batch_leaves(batch: Any) -> None:
@@ -156,7 +217,7 @@ def check_batch_leaves(batch: Any) -> None:
         raise TreeError("the batch has leaves that are not arrays", problems)
 
 
-def shard_batch(batch: Any, mesh: Any, *, process_local: bool = False,
+def shard_batch(batch: Any, mesh: Any, *, process_local: bool = False, batch_size: int | None = None,
                 axis_roles: Mapping[str, str] | None = None) -> Any:
     """Place a batch with its leading dim split over the data/fsdp axes (scalars replicated).
 
@@ -167,6 +228,9 @@ def shard_batch(batch: Any, mesh: Any, *, process_local: bool = False,
             batch (``jax.make_array_from_process_local_data``), all parts alike, so
             the global batch dim is the part's times the process count; by default
             every process passes the same global batch.
+        batch_size: the (global) batch size: a leaf whose leading dim is another size (a positional
+            table, a mask shared by every example; every process passes all of it) stays replicated.
+            Default: every leaf's leading dim is the batch's, and leaves disagreeing on it are refused.
         axis_roles: roles for mesh axes tpflax does not recognise by name.
 
     The placed arrays share no memory with numpy inputs: a loader may refill its buffer as soon as
@@ -175,8 +239,9 @@ def shard_batch(batch: Any, mesh: Any, *, process_local: bool = False,
     Raises:
         TreeError: a leaf is no array jax can hold (a string, an object array) or is abstract
             (``jax.ShapeDtypeStruct``: :func:`batch_sharding` gives its shardings), or the leaves
-            disagree on the batch (leading) size.
+            disagree on the batch (leading) size and no ``batch_size`` says which is the batch.
         SpecError: a leaf's batch dim does not divide over the batch axes.
+        OptionError: ``batch_size`` is no positive integer.
         MeshError: ``mesh`` is an ``AbstractMesh`` (no devices to place on).
 
     >>> import numpy as np, tpflax
@@ -195,20 +260,28 @@ def shard_batch(batch: Any, mesh: Any, *, process_local: bool = False,
         raise MeshError(f"shard_batch() places arrays, but {mesh} is an AbstractMesh, which has no devices: pass a "
                         "jax.sharding.Mesh (tpflax.make_mesh(...)), or take the shardings for jax.jit with "
                         "tpflax.batch_sharding(mesh, batch)")
+    batch_size = _check_size(batch_size)
     mesh = device_mesh(mesh)
     spec = batch_spec(mesh, axis_roles=axis_roles)
     flat, treedef = jax.tree_util.tree_flatten(batch)
     # float64 inputs and int64 ids narrow to 32 bits, as jax narrows them, unless an id would wrap
     check_batch_leaves(batch)
-    check_batch_sizes(batch)
+    check_batch_sizes(batch, batch_size)
     check_values(batch, flat, narrow="overflow", what="the batch")
     if process_local:  # local parts of a global batch as many times longer as there are processes
         n = jax.process_count()
-        whole = [jax.ShapeDtypeStruct((np.shape(x)[0] * n, *np.shape(x)[1:]) if np.ndim(x) else (),
-                                      getattr(x, "dtype", None) or np.asarray(x).dtype) for x in flat]
+
+        def global_shape(x: Any) -> tuple[int, ...]:
+            shape = tuple(np.shape(x))
+            if not shape or (batch_size is not None and shape[0] * n != batch_size):
+                return shape  # no batch: every process passes all of it
+            return (shape[0] * n, *shape[1:])
+
+        whole = [jax.ShapeDtypeStruct(global_shape(x), getattr(x, "dtype", None) or np.asarray(x).dtype)
+                 for x in flat]
         try:
             shards = jax.tree_util.tree_leaves(batch_shardings(jax.tree_util.tree_unflatten(treedef, whole),
-                                                               mesh, spec))
+                                                               mesh, spec, batch_size))
         except SpecError as e:
             if n == 1:
                 raise
@@ -218,22 +291,37 @@ def shard_batch(batch: Any, mesh: Any, *, process_local: bool = False,
                zip(flat, shards, strict=True)]
         settled(flat, shards, out)
     else:
-        out = put(flat, jax.tree_util.tree_leaves(batch_shardings(batch, mesh, spec)))
+        out = put(flat, jax.tree_util.tree_leaves(batch_shardings(batch, mesh, spec, batch_size)))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def constrain_batch(batch: Any, mesh: Any, *, axis_roles: Mapping[str, str] | None = None) -> Any:
+def constrain_batch(batch: Any, mesh: Any, *, batch_size: int | None = None,
+                    axis_roles: Mapping[str, str] | None = None) -> Any:
     """``with_sharding_constraint`` a batch's leading dim to the data/fsdp axes (inside jit).
+
+    ``batch_size``: as for :func:`shard_batch` (leaves of another leading size stay replicated).
 
     Raises:
         SpecError: a leaf's batch dim does not divide over the batch axes.
-        TreeError: the leaves disagree on the batch (leading) size.
+        TreeError: the leaves disagree on the batch (leading) size and no ``batch_size`` says which is the batch.
+        OptionError: ``batch_size`` is no positive integer.
     """
     _check_order("constrain_batch(batch, mesh)", mesh, batch)
-    check_batch_sizes(batch)
+    batch_size = _check_size(batch_size)
+    check_batch_sizes(batch, batch_size)
     mesh = sharding_mesh(mesh)
-    shards = batch_shardings(batch, mesh, batch_spec(mesh, axis_roles=axis_roles))
+    shards = batch_shardings(batch, mesh, batch_spec(mesh, axis_roles=axis_roles), batch_size)
     return jax.tree_util.tree_map(constrain_to, batch, shards)
+
+
+def _check_size(batch_size: Any) -> int | None:
+    """``batch_size`` as an int (numpy integers too), None as is; OptionError for anything else."""
+    if batch_size is None:
+        return None
+    if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise OptionError(f"batch_size={batch_size!r} must be a positive integer (the number of examples in the "
+                          "batch), or None")
+    return int(batch_size)
 
 
 __all__ = ["batch_sharding", "batch_shardings", "batch_spec", "constrain_batch", "shard_batch"]
