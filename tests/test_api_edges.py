@@ -806,3 +806,24 @@ def test_batch_sharding_keeps_leaves_of_another_leading_dim_replicated_given_the
     for bad in (0, -8, 8.0, True, "8"):
         with pytest.raises(tpflax.OptionError, match="batch_size=.* must be a positive integer"):
             tpflax.batch_sharding(mesh, batch, batch_size=bad)
+
+
+def test_show_and_report_take_a_suggest_mesh_candidate():
+    # show(plan, candidate) was refused ("estimate must be a tpflax.Estimate ..., got Candidate") though
+    # report(plan, candidate) took it; show(candidate) and report(candidate) were refused as no Plan
+    tree = {"a": {"kernel": jax.ShapeDtypeStruct((64, 256), "float32")},
+            "b": {"kernel": jax.ShapeDtypeStruct((256, 64), "float32")}}
+    s = tpflax.suggest_mesh(tree, 8, "16GiB", optimizer=optax.adam(1e-3), batch=(8, 64))
+    c = s[0]
+    for shown in (tpflax.show(c.plan, c), tpflax.show(c)):
+        assert shown.plan is c.plan and shown.estimate is c.estimate
+        assert 'data-chart="comm"' in shown._repr_html_()
+    assert tpflax.report(c) == tpflax.report(c.plan, c.estimate)
+    # a candidate of another mesh than the plan's: named, with what to pass
+    other = next(x for x in s.ranked if x.mesh.sizes != c.mesh.sizes)
+    for call in (tpflax.show, tpflax.report):
+        with pytest.raises(tpflax.PlanMismatchError, match=r"the candidate was made for mesh .*, the plan is for .*: show the "
+                                                            r"candidate's own layout with tpflax\.(show|report)\(candidate\)"):
+            call(c.plan, other)
+    with pytest.raises(tpflax.OptionError, match="estimate= takes tpflax.estimate"):
+        tpflax.show(c.plan, s)

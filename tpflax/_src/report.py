@@ -259,6 +259,34 @@ def _leaf_mismatches(leaves: Sequence[tuple], plan: Plan, most: int = 5) -> list
     return out[:most] + ([f"... and {len(out) - most} more"] if len(out) > most else [])
 
 
+def candidate_parts(plan: Any, estimate: Any, call: str) -> tuple[Any, Any]:
+    """``(plan, estimate)`` as :func:`report` and :func:`tpflax.show` show them when either is a
+    :func:`tpflax.suggest_mesh` candidate: a candidate in the plan's place is its own layout and estimate
+    (``show(candidate)``); one in the estimate's place gives its estimate, which must be of the plan's mesh.
+
+    ``show(plan, candidate)`` was refused ("estimate must be a tpflax.Estimate ..., got Candidate") and
+    ``report(candidate)`` too ("expects a tpflax.Plan"), though ``report(plan, candidate)`` took it.
+
+    Raises:
+        PlanMismatchError: the candidate is of another mesh than the plan (naming both and what to pass).
+    """
+    from tpflax._src.errors import PlanMismatchError
+    from tpflax._src.suggest.records import Candidate
+
+    if isinstance(plan, Candidate):
+        if estimate is plan:
+            estimate = None
+        if estimate is None:
+            return plan.plan, plan.estimate
+        plan = plan.plan
+    if isinstance(estimate, Candidate) and estimate.mesh.sizes != getattr(getattr(plan, "mesh", None), "sizes", None) \
+            and isinstance(plan, Plan):
+        raise PlanMismatchError(f"the candidate was made for mesh {estimate.mesh}, the plan is for {plan.mesh}: show the "
+                                f"candidate's own layout with {call}(candidate) (its plan and estimate), or pass "
+                                f"the plan for {estimate.mesh} ({call}(candidate.plan, candidate))")
+    return plan, estimate
+
+
 def _as_estimate(estimate: Any) -> Any:
     """``estimate`` as :func:`report` shows it: an :class:`~tpflax.Estimate`, or a :func:`tpflax.suggest_mesh`
     candidate's (``suggestion[0]``: its ``.estimate``); None as is. Anything else was shown as an estimate when it
@@ -302,8 +330,9 @@ def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool
     """Render a plan (and optionally an estimate) as text or JSON.
 
     Args:
-        plan: the plan.
-        estimate: ``tpflax.estimate``'s result, a ``tpflax.suggest_mesh`` candidate (its estimate), or None.
+        plan: the plan, or a ``tpflax.suggest_mesh`` candidate (its plan, with its estimate unless one is given).
+        estimate: ``tpflax.estimate``'s result, a ``tpflax.suggest_mesh`` candidate of the plan's mesh (its
+            estimate), or None.
         fmt: ``"text"`` or ``"json"``.
         reasons: include the reason column in text.
         pairs: list the column/row pairs in text.
@@ -325,9 +354,10 @@ def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool
     """
     from tpflax._src.errors import OptionError
 
+    plan, estimate = candidate_parts(plan, estimate, "tpflax.report")
     if not isinstance(plan, Plan):
-        raise OptionError(f"report() expects a tpflax.Plan, got {type(plan).__name__}; make one with "
-                          "tpflax.plan(tree, mesh)")
+        raise OptionError(f"report() expects a tpflax.Plan (or a tpflax.suggest_mesh candidate), got "
+                          f"{type(plan).__name__}; make one with tpflax.plan(tree, mesh)")
     estimate, dry_run = _as_estimate(estimate), _as_dry_run(dry_run)
     check_made_for(plan, estimate=estimate, dry_run=dry_run)
     if width is not None and (isinstance(width, bool) or not isinstance(width, numbers.Integral) or width < 1):

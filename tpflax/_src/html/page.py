@@ -241,10 +241,14 @@ def show(plan: Plan, estimate: Any = None, *, title: str | None = None) -> HtmlR
     """The plan's visual report for a notebook: display the result (it has ``_repr_html_``).
 
     Args:
-        plan: a :class:`tpflax.Plan`.
-        estimate: ``tpflax.estimate(plan, optimizer, batch)`` for the memory and
-            communication charts; without it they show parameters only.
+        plan: a :class:`tpflax.Plan`, or a :func:`tpflax.suggest_mesh` candidate (``suggestion[0]``: its
+            plan, with its estimate unless one is given).
+        estimate: ``tpflax.estimate(plan, optimizer, batch)`` (or a candidate of the plan's mesh: its
+            estimate) for the memory and communication charts; without it they show parameters only.
         title: the heading (default ``"tpflax plan"``).
+
+    Raises:
+        PlanMismatchError: the estimate (or candidate) is of another mesh or plan.
 
     >>> import jax, optax, tpflax
     >>> p = tpflax.plan({"w": jax.ShapeDtypeStruct((64, 64), "float32")}, {"data": 2, "model": 2})
@@ -252,5 +256,10 @@ def show(plan: Plan, estimate: Any = None, *, title: str | None = None) -> HtmlR
     >>> "data-chart=\\"comm\\"" in r._repr_html_()
     True
     """
+    from tpflax._src.report import _as_estimate, candidate_parts
+
+    plan, estimate = candidate_parts(plan, estimate, "tpflax.show")
+    if isinstance(plan, Plan):  # (anything else is named by _check)
+        estimate = _as_estimate(estimate)
     _check(plan, estimate)  # now, not later when the notebook renders it
     return HtmlReport(plan, estimate, title)
