@@ -827,3 +827,29 @@ def test_show_and_report_take_a_suggest_mesh_candidate():
             call(c.plan, other)
     with pytest.raises(tpflax.OptionError, match="estimate= takes tpflax.estimate"):
         tpflax.show(c.plan, s)
+
+
+def test_a_part_of_the_planned_tree_is_told_how_to_place_it():
+    # shard(nnx.state(model, nnx.Param), plan_of_the_model, mesh) said "re-plan or pass the full tree": re-planning
+    # the module gives the same plan, and the part's leaves are exactly as planned
+    from flax import nnx
+    from jax.sharding import PartitionSpec as P
+
+    class M(nnx.Module):
+        def __init__(self, rngs):
+            self.l = nnx.Linear(16, 32, rngs=rngs)
+            self.bn = nnx.BatchNorm(32, rngs=rngs)
+
+    model = M(nnx.Rngs(0))
+    mesh = tpflax.make_mesh({"data": 2, "model": 4})
+    p = tpflax.plan(model, mesh, rules=[("l/kernel", "column")])
+    part = nnx.state(model, nnx.Param)
+    with pytest.raises(tpflax.PlanMismatchError, match=r"it holds 4 of the plan's 6 leaves, each as planned: a part of "
+                                                       r"the planned tree, such as nnx.state\(model, nnx.Param\)"):
+        tpflax.shard(part, p, mesh)
+    placed = jax.device_put(part, tpflax.state_shardings(part, p, mesh))  # what it says to do
+    assert placed["l"]["kernel"].value.sharding.spec == P(None, "model")
+    # a tree with a leaf the plan lacks gets no such hint
+    with pytest.raises(tpflax.PlanMismatchError) as e:
+        tpflax.shard({"l": {"kernel": np.ones((16, 32), np.float32)}, "x": np.ones(3, np.float32)}, p, mesh)
+    assert "a part of the planned tree" not in str(e.value)

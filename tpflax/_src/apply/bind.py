@@ -101,6 +101,24 @@ def _derived_hint(plan: Plan, leaves: list[Leaf], checkpoint: str) -> str:
             "or jax.device_put it with tpflax.state_shardings(tree, plan, mesh)")
 
 
+def _subset_hint(plan: Plan, leaves: list[Leaf], checkpoint: str) -> str:
+    """One line when the tree is a part of the planned tree, every leaf as planned (a filtered state:
+    ``nnx.state(model, nnx.Param)`` of a planned module, whose BatchNorm statistics and RNG state it leaves out).
+
+    Such a tree was refused with "re-plan or pass the full tree", which re-planning does not fix: it is a
+    part, and its layout is the plan's for its leaves."""
+    if checkpoint or not leaves or len(leaves) >= len(plan.decisions):
+        return ""
+    for x in leaves:
+        d = plan.decisions.get(x.path)
+        if d is None or tuple(d.shape) != tuple(x.shape) or d.dtype != x.dtype:
+            return ""
+    return (f"it holds {len(leaves)} of the plan's {len(plan.decisions)} leaves, each as planned: a part of the "
+            "planned tree, such as nnx.state(model, nnx.Param); pass the whole tree (nnx.state(model), the model), "
+            "or place the part with jax.device_put(tree, tpflax.state_shardings(tree, plan, mesh)), which gives "
+            "each leaf its planned spec")
+
+
 def match_plan(plan: Plan, leaves: list[Leaf], *, checkpoint: str = "") -> list[str]:
     """The plan path of every leaf; raise PlanMismatchError naming every difference.
 
@@ -115,7 +133,8 @@ def match_plan(plan: Plan, leaves: list[Leaf], *, checkpoint: str = "") -> list[
         try:
             check_tree_matches(plan, leaves, checkpoint=checkpoint)
         except PlanMismatchError as e:
-            hint = _prefix_hint(plan, leaves) or _derived_hint(plan, leaves, checkpoint)
+            hint = (_prefix_hint(plan, leaves) or _derived_hint(plan, leaves, checkpoint)
+                    or _subset_hint(plan, leaves, checkpoint))
             if not hint:
                 raise
             raise PlanMismatchError(f"{what} does not match the plan ({hint})", e.problems) from None
