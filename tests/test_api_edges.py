@@ -853,3 +853,22 @@ def test_a_part_of_the_planned_tree_is_told_how_to_place_it():
     with pytest.raises(tpflax.PlanMismatchError) as e:
         tpflax.shard({"l": {"kernel": np.ones((16, 32), np.float32)}, "x": np.ones(3, np.float32)}, p, mesh)
     assert "a part of the planned tree" not in str(e.value)
+
+
+def test_gathered_loss_takes_an_abstract_mesh_as_constrain_does():
+    # it constrains and places nothing, but refused an AbstractMesh: "an AbstractMesh has no devices to place
+    # arrays on" (constrain and shardings take one)
+    import jax.numpy as jnp
+
+    mesh = tpflax.make_mesh({"fsdp": 2, "model": 4})
+    am = jax.sharding.AbstractMesh((2, 4), ("fsdp", "model"))
+    w = {"w": jnp.arange(16 * 32, dtype=jnp.float32).reshape(16, 32) / 512, "b": jnp.ones((32,))}
+    p = tpflax.plan(w, mesh, rules=[("w", ("fsdp", "model"))])
+    loss = lambda t, x: ((x @ t["w"] + t["b"]) ** 2).mean()  # noqa: E731
+    x = jnp.ones((4, 16))
+    value, grad = jax.jit(jax.value_and_grad(tpflax.gathered_loss(loss, p, am)))(tpflax.shard(w, p, mesh), x)
+    want_value, want_grad = jax.value_and_grad(loss)(w, x)
+    assert grad["w"].sharding.spec == jax.sharding.PartitionSpec("fsdp", "model")
+    # float32 sums in another order: a few ulps
+    np.testing.assert_allclose(float(value), float(want_value), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(grad["w"]), np.asarray(want_grad["w"]), rtol=1e-5)

@@ -261,7 +261,7 @@ def gathered_loss(loss_fn: Callable[..., Any], plan: Plan, mesh: Any = None) -> 
     Args:
         loss_fn: ``loss_fn(params, *args) -> loss``; ``params`` match the plan.
         plan: the plan.
-        mesh: the mesh (or a shape; default: the plan's).
+        mesh: the mesh (or a shape; default: the plan's); an ``AbstractMesh`` too: it places nothing.
 
     >>> import jax, jax.numpy as jnp, tpflax
     >>> w = {"w": jnp.ones((3, 8, 4))}
@@ -270,7 +270,7 @@ def gathered_loss(loss_fn: Callable[..., Any], plan: Plan, mesh: Any = None) -> 
     >>> float(jax.jit(tpflax.gathered_loss(loss, p))(w, jnp.ones((2, 8))))
     524288.0
     """
-    mesh = bind_mesh(plan, mesh)
+    mesh = bind_mesh(plan, mesh, abstract=True)  # it places nothing: an AbstractMesh (a pod this host lacks) is fine
     fsdp = fsdp_axes(plan)
 
     def gathered(params: Any, *args: Any) -> Any:
