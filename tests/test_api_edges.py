@@ -872,3 +872,17 @@ def test_gathered_loss_takes_an_abstract_mesh_as_constrain_does():
     # float32 sums in another order: a few ulps
     np.testing.assert_allclose(float(value), float(want_value), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(grad["w"]), np.asarray(want_grad["w"]), rtol=1e-5)
+
+
+def test_estimate_names_an_optimizer_without_init():
+    # a misspelt name or an uncalled optax factory with a batch given failed in optax's init: "optimizer.init failed
+    # on the planned parameters: AttributeError: 'str' object has no attribute 'init'"
+    p = tpflax.plan({"w": jax.ShapeDtypeStruct((16, 32), "float32")}, {"data": 2, "model": 4})
+    with pytest.raises(tpflax.EstimateError, match=r"^optimizer 'adamx' is no optax optimizer \(it has no init\(\)\); "
+                                                   r"pass one, e.g. optax.adamw\(1e-3\), or None"):
+        tpflax.estimate(p, "adamx", {"x": (8, 16)})
+    with pytest.raises(tpflax.EstimateError, match=r"^optimizer optax.adam is the optimizer's factory: call it, "
+                                                   r"e.g. optax.adam\(1e-3\)"):
+        tpflax.estimate(p, optax.adam, {"x": (8, 16)})
+    with pytest.raises(tpflax.EstimateError, match=r"^optimizer 3.5 is no optax optimizer"):
+        tpflax.estimate(p, 3.5)
