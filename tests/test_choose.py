@@ -267,6 +267,22 @@ def test_why_given_a_leaf_path_shows_that_leafs_candidates(tmp_path, monkeypatch
         tpflax.report(p, fmt="html", why="self_attn/k_proj/kernel")
 
 
+
+def test_why_given_a_mistyped_leaf_path_names_the_close_leaves(tmp_path, monkeypatch):
+    # a mistyped leaf ("k_proj/kernal") was read as a file to write: "cannot be written (FileNotFoundError ...);
+    # give a file path in a directory that exists", nothing said of the leaf meant
+    p = _plan(GQA, DP_TP)
+    monkeypatch.chdir(tmp_path)
+    for name, meant in (("self_attn/k_proj/kernal", "'self_attn/k_proj/kernel'"),
+                        ("params/self_attn/k_proj/kernal", "'params/self_attn/k_proj/kernel'")):
+        with pytest.raises(tpflax.OptionError, match=rf"why='{name}' names no leaf of the plan \(did you mean "
+                                                     rf"{meant}.*and cannot be written as a file"):
+            tpflax.report(p, why=name)
+    # a file in a missing directory is still just that
+    with pytest.raises(tpflax.OptionError, match=r"why='missing/why.txt' cannot be written"):
+        tpflax.report(p, why="missing/why.txt")
+    assert list(tmp_path.iterdir()) == []
+
 def test_hardware_changes_the_prices_not_the_rules():
     gpu = _plan(GQA, DP_TP, hardware="h100")
     assert gpu.options["hardware"] == "h100"

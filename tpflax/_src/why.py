@@ -102,5 +102,24 @@ def write_why(plan: Any, path: Any) -> None:
     try:
         Path(path).write_text(text)
     except OSError as e:
+        close = _close_leaves(plan, str(path)) if isinstance(e, FileNotFoundError) else []
+        if close:  # a leaf's path mistyped ("h_0/mlp/c_fc/kernal"): its directory does not exist either
+            raise OptionError(f"why={str(path)!r} names no leaf of the plan (did you mean "
+                              f"{' or '.join(map(repr, close))}?) and cannot be written as a file "
+                              f"({type(e).__name__}: {e.strerror or e}); give a leaf's path, or a file path in a "
+                              "directory that exists") from e
         raise OptionError(f"why={str(path)!r} cannot be written ({type(e).__name__}: {e.strerror or e}); "
                           "give a file path in a directory that exists") from e
+
+
+def _close_leaves(plan: Any, text: str) -> list[str]:
+    """Up to 3 leaf paths of ``plan`` close to ``text`` (as :func:`leaf_named` reads them: whole, or under their
+    root), as the report's table shows them."""
+    import difflib
+
+    names = {}
+    for p in plan.decisions:
+        names.setdefault(p, p)
+        if "/" in p:
+            names.setdefault(p.split("/", 1)[-1], p)
+    return difflib.get_close_matches(text, list(names), n=3, cutoff=0.8)
