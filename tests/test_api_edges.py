@@ -803,6 +803,9 @@ def test_batch_sharding_keeps_leaves_of_another_leading_dim_replicated_given_the
     np.testing.assert_array_equal(np.asarray(placed["pe"]), arrays["pe"])
     out = jax.jit(lambda b: tpflax.constrain_batch(b, mesh, batch_size=8))(placed)
     assert out["pe"].sharding.spec == P()
+    # a short last batch given the full batch size is refused, not replicated whole
+    with pytest.raises(tpflax.TreeError, match=r"no batch leaf has batch_size=8 examples \(x has 7 \(shape \(7, 3\)\)\)"):
+        tpflax.shard_batch({"x": np.ones((7, 3), np.float32)}, mesh, batch_size=8)
     for bad in (0, -8, 8.0, True, "8"):
         with pytest.raises(tpflax.OptionError, match="batch_size=.* must be a positive integer"):
             tpflax.batch_sharding(mesh, batch, batch_size=bad)

@@ -154,8 +154,8 @@ def check_batch_sizes(batch: Any, size: int | None = None) -> None:
     """TreeError when the batch's array leaves (0-d ones and leaves with an explicit spec aside) disagree on
     their leading (batch) size: each is split over the batch axes as holding the same examples, so
     ``{"x": (8, 32), "y": (4,)}`` (labels of another batch, a mask shared by every example) would be laid out
-    as if it did, and fail or mislead later. Given the batch ``size``, leaves of another are no batch: nothing
-    to check.
+    as if it did, and fail or mislead later. Given the batch ``size``, leaves of another are no batch, but at
+    least one leaf must have it (a short last batch would otherwise be replicated whole).
 
     >>> import numpy as np
     >>> check_batch_sizes({"x": np.ones((8, 3)), "y": np.ones(8), "step": 3})
@@ -166,13 +166,20 @@ def check_batch_sizes(batch: Any, size: int | None = None) -> None:
     Traceback (most recent call last):
     tpflax._src.errors.TreeError: the batch's leaves disagree on the batch (leading) size: x has 8 examples (shape (8, 3)) but pe has 16 (shape (16, 3)); give every leaf the same leading dim, or pass batch_size=8 to keep the leaves of another leading size (a shared mask, a table) replicated
     """
-    if size is not None:
-        return
     leaves = []
     for path, x in jax.tree_util.tree_flatten_with_path(batch)[0]:
         shape = tuple(getattr(x, "shape", None) or np.shape(x))
-        if shape and explicit_spec(x) is None:
+        if shape and explicit_spec(x) is not None:
+            continue
+        if shape:
             leaves.append((keystr(path) or "<batch>", shape))
+    if size is not None:
+        # a loader's short last batch (7 of 8 examples) would be replicated whole, every leaf of "another size"
+        if leaves and not any(shape[0] == size for _, shape in leaves):
+            shown = "; ".join(f"{w} has {s[0]} (shape {s})" for w, s in leaves[:4])
+            raise TreeError(f"no batch leaf has batch_size={size} examples ({shown}): every leaf would stay "
+                            "replicated; pass the batch's own size (a short last batch: its size, or drop it)")
+        return
     counts = collections.Counter(shape[0] for _, shape in leaves)
     if len(counts) < 2:
         return
