@@ -881,11 +881,21 @@ def test_estimate_names_an_optimizer_without_init():
     # a misspelt name or an uncalled optax factory with a batch given failed in optax's init: "optimizer.init failed
     # on the planned parameters: AttributeError: 'str' object has no attribute 'init'"
     p = tpflax.plan({"w": jax.ShapeDtypeStruct((16, 32), "float32")}, {"data": 2, "model": 4})
-    with pytest.raises(tpflax.EstimateError, match=r"^optimizer 'adamx' is no optax optimizer \(it has no init\(\)\); "
-                                                   r"pass one, e.g. optax.adamw\(1e-3\), or None"):
+    with pytest.raises(tpflax.EstimateError, match=r"^optimizer 'adamx' is no optax.GradientTransformation \(it has "
+                                                   r"no init\(\)\); pass one, e.g. optax.adamw\(1e-3\), or None"):
         tpflax.estimate(p, "adamx", {"x": (8, 16)})
     with pytest.raises(tpflax.EstimateError, match=r"^optimizer optax.adam is the optimizer's factory: call it, "
                                                    r"e.g. optax.adam\(1e-3\)"):
         tpflax.estimate(p, optax.adam, {"x": (8, 16)})
-    with pytest.raises(tpflax.EstimateError, match=r"^optimizer 3.5 is no optax optimizer"):
+    with pytest.raises(tpflax.EstimateError, match=r"^optimizer 3.5 is no optax.GradientTransformation"):
         tpflax.estimate(p, 3.5)
+
+
+def test_a_nested_list_where_the_plan_has_an_array_is_named():
+    # {"w": [[1.0] * 8] * 4} listed 32 problems "w/0/0: in the tree but not in the plan (shape ()); re-plan", and
+    # re-planning the list plans 32 scalars
+    mesh = tpflax.make_mesh({"data": 2, "model": 4})
+    p = tpflax.plan({"w": jax.ShapeDtypeStruct((4, 8), "float32"), "b": jax.ShapeDtypeStruct((8,), "float32")}, mesh)
+    with pytest.raises(tpflax.PlanMismatchError, match=r"\(w is a container of 32 leaves in the tree where the plan has "
+                                                       r"an array of shape \(4, 8\): .*pass np.asarray"):
+        tpflax.shard({"w": [[1.0] * 8] * 4, "b": np.ones(8, np.float32)}, p, mesh)

@@ -101,6 +101,28 @@ def _derived_hint(plan: Plan, leaves: list[Leaf], checkpoint: str) -> str:
             "or jax.device_put it with tpflax.state_shardings(tree, plan, mesh)")
 
 
+def _container_hint(plan: Plan, leaves: list[Leaf]) -> str:
+    """One line when the tree holds a container (a nested Python list, a tuple, a dict) where the plan has an
+    array: jax reads each element as a leaf, and every one was listed as "not in the plan (shape ()); re-plan"."""
+    under: dict[str, int] = {}
+    for x in leaves:
+        if x.path in plan.decisions:
+            continue
+        parts = x.path.split("/")
+        for i in range(len(parts) - 1, 0, -1):
+            head = "/".join(parts[:i])
+            if head in plan.decisions:
+                under[head] = under.get(head, 0) + 1
+                break
+    if not under:
+        return ""
+    head, n = next(iter(under.items()))
+    more = f" (and {len(under) - 1} more such)" if len(under) > 1 else ""
+    return (f"{head} is a container of {n} leaves in the tree where the plan has an array of shape "
+            f"{tuple(plan.decisions[head].shape)}{more}: a nested Python list or tuple is no array to jax; pass "
+            "np.asarray(...) of it")
+
+
 def _subset_hint(plan: Plan, leaves: list[Leaf], checkpoint: str) -> str:
     """One line when the tree is a part of the planned tree, every leaf as planned (a filtered state:
     ``nnx.state(model, nnx.Param)`` of a planned module, whose BatchNorm statistics and RNG state it leaves out).
@@ -134,7 +156,7 @@ def match_plan(plan: Plan, leaves: list[Leaf], *, checkpoint: str = "") -> list[
             check_tree_matches(plan, leaves, checkpoint=checkpoint)
         except PlanMismatchError as e:
             hint = (_prefix_hint(plan, leaves) or _derived_hint(plan, leaves, checkpoint)
-                    or _subset_hint(plan, leaves, checkpoint))
+                    or _subset_hint(plan, leaves, checkpoint) or (_container_hint(plan, leaves) if not checkpoint else ""))
             if not hint:
                 raise
             raise PlanMismatchError(f"{what} does not match the plan ({hint})", e.problems) from None

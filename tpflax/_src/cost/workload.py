@@ -209,9 +209,9 @@ def _no_optimizer(optimizer: Any) -> None:
     name = getattr(optimizer, "__name__", "")
     if callable(optimizer) and name and hasattr(_optax(), name):  # optax.adam, not called
         raise EstimateError(f"optimizer optax.{name} is the optimizer's factory: call it, e.g. optax.{name}(1e-3)")
-    raise EstimateError(f"optimizer {repr(optimizer) if short else 'a ' + type(optimizer).__name__} is no optax "
-                        "optimizer (it has no init()); pass one, e.g. optax.adamw(1e-3), or None for no optimizer "
-                        "state")
+    raise EstimateError(f"optimizer {repr(optimizer) if short else 'of type ' + type(optimizer).__name__} is no "
+                        "optax.GradientTransformation (it has no init()); pass one, e.g. optax.adamw(1e-3), or None "
+                        "for no optimizer state")
 
 
 def _check_activations(activations: Any) -> None:
