@@ -899,3 +899,12 @@ def test_a_nested_list_where_the_plan_has_an_array_is_named():
     with pytest.raises(tpflax.PlanMismatchError, match=r"\(w is a container of 32 leaves in the tree where the plan has "
                                                        r"an array of shape \(4, 8\): .*pass np.asarray"):
         tpflax.shard({"w": [[1.0] * 8] * 4, "b": np.ones(8, np.float32)}, p, mesh)
+
+
+def test_shard_names_an_abstract_leaf_by_its_path():
+    # the leaf was named in jax's key form, "e.g. ['down']['bias']", where every other message says "down/bias"
+    mesh = tpflax.make_mesh({"data": 2, "model": 4})
+    tree = {"down": {"bias": jax.ShapeDtypeStruct((8,), "float32"), "kernel": jax.ShapeDtypeStruct((8, 8), "float32")}}
+    p = tpflax.plan(tree, mesh)
+    with pytest.raises(tpflax.TreeError, match=r"2 leaves are abstract \(jax.ShapeDtypeStruct, e.g. down/bias\)"):
+        tpflax.shard(tree, p, mesh)

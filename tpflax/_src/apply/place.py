@@ -28,7 +28,7 @@ from tpflax._src.apply.bind import (
 from tpflax._src.apply.put import check_values, place_tree
 from tpflax._src.apply.stored import has_layouts, reorder, tree_layouts
 from tpflax._src.errors import TreeError
-from tpflax._src.facts.tree import is_box, unbox, walk
+from tpflax._src.facts.tree import is_box, keystr, unbox, walk
 from tpflax._src.mesh import as_written_or_auto, constrain_to, explicit_axes
 from tpflax._src.planner.decision import require_plan
 from tpflax._src.planner.plan import Plan
@@ -140,7 +140,8 @@ def shard(tree: Any, plan: Plan, mesh: Any = None, *, per_shard: bool = False,
 
 def _no_abstract_leaves(tree: Any) -> None:
     """Raise :class:`TreeError` naming the abstract leaves (``jax.ShapeDtypeStruct``) of ``tree``."""
-    paths = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)[0]
+    # named as every other message names a leaf ("down/bias", not jax's "['down']['bias']")
+    paths = [keystr(p) or "<tree>" for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)[0]
              if isinstance(unbox(x), jax.ShapeDtypeStruct)]
     if paths:
         raise TreeError(f"shard() places arrays, but {len(paths)} leaves are abstract (jax.ShapeDtypeStruct, "
