@@ -908,3 +908,16 @@ def test_shard_names_an_abstract_leaf_by_its_path():
     p = tpflax.plan(tree, mesh)
     with pytest.raises(tpflax.TreeError, match=r"2 leaves are abstract \(jax.ShapeDtypeStruct, e.g. down/bias\)"):
         tpflax.shard(tree, p, mesh)
+
+
+def test_a_mesh_of_the_plans_axes_in_another_order_says_so():
+    # "the mesh {'model': 4, 'data': 2} differs from the plan's mesh {'data': 2, 'model': 4}": two dicts a reader
+    # takes for equal; the order is what differs
+    p = tpflax.plan({"w": jax.ShapeDtypeStruct((16, 32), "float32")}, {"data": 2, "model": 4})
+    swapped = jax.sharding.AbstractMesh((4, 2), ("model", "data"))
+    with pytest.raises(tpflax.PlanMismatchError, match=r"\(the same axes in another order: model, data where the plan "
+                                                       r"has data, model\)"):
+        tpflax.shardings(p, swapped)
+    with pytest.raises(tpflax.PlanMismatchError) as e:
+        tpflax.shardings(p, jax.sharding.AbstractMesh((4, 2), ("data", "model")))
+    assert "another order" not in str(e.value)

@@ -226,11 +226,18 @@ def check_mesh_matches(mesh: Any, want: MeshShape) -> None:
     """Raise PlanMismatchError if ``mesh``'s axis names and sizes differ from ``want``'s.
 
     >>> check_mesh_matches({"model": 2}, mesh_shape({"model": 2}))
+    >>> check_mesh_matches({"model": 4, "data": 2}, mesh_shape({"data": 2, "model": 4}))
+    Traceback (most recent call last):
+    tpflax._src.errors.PlanMismatchError: the mesh {'model': 4, 'data': 2} differs from the plan's mesh {'data': 2, 'model': 4} (the same axes in another order: model, data where the plan has data, model); build it with tpflax.make_mesh({'data': 2, 'model': 4}) or re-plan for this mesh
     """
     got = tuple((str(n), int(v)) for n, v in _pairs(mesh))  # names and sizes only: roles are the plan's
     if got != tuple(want.axes):
+        # the same axes in another order print as equal dicts: say it is the order (it sets which axis is
+        # innermost, on the fast links, which the plan's prices assumed)
+        order = (f" (the same axes in another order: {', '.join(n for n, _ in got)} where the plan has "
+                 f"{', '.join(want.names)})" if sorted(got) == sorted(want.axes) else "")
         raise PlanMismatchError(
-            f"the mesh {dict(got)} differs from the plan's mesh {want.sizes}; build it with "
+            f"the mesh {dict(got)} differs from the plan's mesh {want.sizes}{order}; build it with "
             f"tpflax.make_mesh({want.sizes}) or re-plan for this mesh")
 
 
