@@ -686,10 +686,15 @@ def test_derived_state_given_a_params_plan_is_told_how_to_place_it(tmp_path):
     with pytest.raises(tpflax.PlanMismatchError, match=r"\(it holds the planned parameters' paths under other roots.*"
                        r"shardings=tpflax.state_shardings\(like, plan, mesh\), or "
                        r"tpflax.optimizer_shardings\(like, plan, mesh\) for an nnx.Optimizer\)"):
-        tpflax.restore_checkpoint(path, plan, mesh, like=like)
+        tpflax.restore_checkpoint(path, plan, mesh)  # no like=: nothing to derive the layout from
     back = tpflax.restore_checkpoint(path, like=like, shardings=tpflax.optimizer_shardings(like, plan, mesh))
     assert nnx.state(back)["opt_state"][0]["mu"]["up"]["kernel"].get_value().sharding.spec == plan.spec("up/kernel")
     assert_bit_exact(tpflax.unshard(nnx.state(back)), tpflax.unshard(nnx.state(opt)))
+    # with like= the parameters' plan lays the state out as the recipe does (it was refused with the hint)
+    derived = tpflax.restore_checkpoint(path, plan, mesh, like=like)
+    assert jax.tree_util.tree_map(lambda x: x.sharding, nnx.state(derived)) == \
+        jax.tree_util.tree_map(lambda x: x.sharding, nnx.state(back))
+    assert_bit_exact(tpflax.unshard(nnx.state(derived)), tpflax.unshard(nnx.state(opt)))
 
 
 def test_leaves_a_checkpoint_cannot_hold_are_named_before_anything_is_written(tmp_path, capfd):
@@ -757,3 +762,29 @@ def test_restore_takes_one_sharding_for_all_and_names_what_is_no_sharding(tmp_pa
         tpflax.restore_checkpoint(123)
     got = tpflax.restore_checkpoint(tmp_path / "c", shardings=NamedSharding(mesh, P("model")))
     assert got["w"].sharding.spec == P("model") and np.array_equal(got["w"], np.arange(64).reshape(8, 8))
+
+
+def test_a_train_state_restores_onto_the_parameters_plan_given_as_like(tmp_path):
+    # restore_checkpoint(path, plan, mesh, like=train_state) was refused: "restore it with like= that object and
+    # shardings=tpflax.state_shardings(like, plan, mesh)", though like= was given and the plan is the params'
+    import jax.numpy as jnp
+    import optax
+    from flax.training import train_state
+
+    params = {"w": jnp.arange(16 * 32, dtype=jnp.float32).reshape(16, 32), "b": jnp.ones((32,))}
+    saving, restoring = tpflax.make_mesh({"data": 2, "model": 4}), tpflax.make_mesh({"model": 8})
+    p1 = tpflax.plan(params, saving, rules=[("w", "column")])
+    p2 = tpflax.plan(params, restoring, rules=[("w", "row")])
+    ts = train_state.TrainState.create(apply_fn=None, params=params, tx=optax.adam(1e-3))
+    ts = ts.apply_gradients(grads=jax.tree_util.tree_map(lambda x: x / 3, params))
+    tpflax.save_checkpoint(tmp_path / "ts", tpflax.shard_train_state(ts, p1, saving))
+    got = tpflax.restore_checkpoint(tmp_path / "ts", p2, restoring, like=ts)
+    assert type(got) is type(ts) and int(got.step) == 1
+    assert got.params["w"].sharding.spec == P("model", None) == got.opt_state[0].mu["w"].sharding.spec
+    assert got.opt_state[0].count.sharding.spec == P()
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ts), strict=True):
+        a = np.asarray(a)  # (the step: a Python int saved as the int32 jax makes of it)
+        assert a.tobytes() == np.asarray(b, a.dtype).tobytes()
+    # a like= holding a leaf neither planned nor derived is still refused
+    with pytest.raises(tpflax.PlanMismatchError):
+        tpflax.restore_checkpoint(tmp_path / "ts", p2, restoring, like={"params": params, "other": jnp.ones(3)})

@@ -476,9 +476,18 @@ def _restore_item(ocp: Any, item: Path, plan: Plan | None, mesh: Any, like: Any,
                                     f"{len(paths)}; lay it out like `like`")
     elif plan is not None:
         mesh = bind_mesh(plan, mesh)
-        decisions = _plan_decisions(paths, stored_leaves, plan, item)
-        shard_list = [NamedSharding(mesh, d.spec) for d in decisions]
-        targets = decisions if like is None else targets
+        try:
+            decisions = _plan_decisions(paths, stored_leaves, plan, item)
+        except PlanMismatchError:
+            # like= a TrainState (or {"params", "opt_state"}) with the parameters' plan: its leaves derived from
+            # them as shard_train_state places them. It was refused, saying to pass like= (given) and shardings=
+            derived = None if like is None else _derived_shardings(like, plan, mesh, len(paths))
+            if derived is None:
+                raise
+            shard_list, shardings = derived, derived
+        else:
+            shard_list = [NamedSharding(mesh, d.spec) for d in decisions]
+            targets = decisions if like is None else targets
     else:
         shard_list = [_one_device(jax.local_devices()[0])] * len(paths)
     # a typed PRNG key is read as the key the target (like= or the plan) has, not as its key data
@@ -502,6 +511,20 @@ def _restore_item(ocp: Any, item: Path, plan: Plan | None, mesh: Any, like: Any,
     if like is None:
         return jax.tree_util.tree_unflatten(treedef, values)
     return rebox_all([b for _, b in boxes], values, treedef)
+
+
+def _derived_shardings(like: Any, plan: Plan, mesh: Any, n: int) -> list[Any] | None:
+    """One sharding per leaf of ``like`` when it is state derived from the planned parameters (a TrainState,
+    ``{"params": ..., "opt_state": ...}``: every leaf outside the plan a planned path under another root, or a
+    scalar), as :func:`tpflax.shard_train_state` / :func:`tpflax.state_shardings` lay it out; else None."""
+    from tpflax._src.apply.bind import derived_leaves
+    from tpflax._src.apply.state import state_shardings
+
+    if not derived_leaves(plan, walk(like)[0]):
+        return None
+    sh = state_shardings(like, plan, mesh, optimizer=getattr(like, "tx", None), params=getattr(like, "params", None))
+    flat = jax.tree_util.tree_leaves(sh, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    return flat if len(flat) == n else None
 
 
 def _check_shardings(shardings: Any) -> None:
@@ -575,7 +598,10 @@ def restore_checkpoint(path: str | os.PathLike, plan: Plan | None = None, mesh: 
             StandardCheckpointer checkpoint), an orbax step directory, or an
             ``orbax.checkpoint.CheckpointManager`` root (its latest step).
         plan: the target layout; its tree must match the checkpoint's
-            (paths, shapes, dtypes). None: everything on one device.
+            (paths, shapes, dtypes). None: everything on one device. With ``like=`` state derived
+            from the planned parameters (a ``TrainState``, ``{"params": ..., "opt_state": ...}``),
+            the parameters' plan lays it out as :func:`tpflax.shard_train_state` /
+            :func:`tpflax.state_shardings` do.
         mesh: the target mesh (or a shape; defaults to the plan's). Only with a plan.
         like: a tree (concrete or abstract) giving the structure to restore
             into (e.g. ``model.abstract_variables()``, an ``nnx.State`` or a

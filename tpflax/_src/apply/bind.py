@@ -79,6 +79,15 @@ def _prefix_hint(plan: Plan, leaves: list[Leaf]) -> str:
             f"the plan is for full variables; pass them, or variables[{best!r}] exactly as planned")
 
 
+def derived_leaves(plan: Plan, leaves: list[Leaf]) -> bool:
+    """Whether ``leaves`` are state derived from the planned parameters: some hold a planned path under another
+    root (``0/mu/up/kernel``, ``params/up/kernel``), and every other leaf outside the plan is a scalar (``count``)."""
+    outside = [x for x in leaves if x.path not in plan.decisions]
+    derived = {x.path for x in outside if any("/".join(x.path.split("/")[i:]) in plan.decisions
+                                              for i in range(1, x.path.count("/") + 1))}
+    return bool(derived) and all(x.path in derived or x.shape == () for x in outside)
+
+
 def _derived_hint(plan: Plan, leaves: list[Leaf], checkpoint: str) -> str:
     """One line when the leaves outside the plan are state derived from the planned parameters (else "").
 
@@ -86,10 +95,7 @@ def _derived_hint(plan: Plan, leaves: list[Leaf], checkpoint: str) -> str:
     planned parameter's (``0/mu/up/kernel``), besides scalars (``count``): re-planning is not the fix,
     deriving their shardings from the plan is.
     """
-    outside = [x for x in leaves if x.path not in plan.decisions]
-    derived = {x.path for x in outside if any("/".join(x.path.split("/")[i:]) in plan.decisions
-                                              for i in range(1, x.path.count("/") + 1))}
-    if not derived or any(x.path not in derived and x.shape != () for x in outside):
+    if not derived_leaves(plan, leaves):
         return ""
     if checkpoint:
         return ("it holds the planned parameters' paths under other roots, as state derived from them does (an "
