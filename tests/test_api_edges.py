@@ -796,6 +796,10 @@ def test_batch_sharding_keeps_leaves_of_another_leading_dim_replicated_given_the
     batch["pe"] = S((16, 4), "float32", sharding=NamedSharding(tpflax.make_mesh({"data": 2, "tp": 4}), P(None, "tp")))
     with pytest.raises(tpflax.SpecError, match="names axis 'tp', which the mesh"):
         tpflax.batch_sharding(mesh, batch)
+    # over Explicit axes every abstract value carries its type's sharding (jax.eval_shape's P(None, None)): no request
+    explicit = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    typed = {"x": S((8, 3), "float32", sharding=NamedSharding(explicit, P(None, None)))}
+    assert tpflax.batch_sharding(explicit, typed)["x"].spec == P("data")
     # shard_batch and constrain_batch take it too
     arrays = {"x": np.ones((8, 3), np.float32), "pe": np.arange(48, dtype=np.float32).reshape(16, 3)}
     placed = tpflax.shard_batch(arrays, mesh, batch_size=8)

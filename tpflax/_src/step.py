@@ -343,7 +343,8 @@ def make_train_step(model: Any, plan, mesh: Any, optimizer: Any, batch: Any = No
         sample: the forward inputs (arrays or ``ShapeDtypeStruct``); the step's
             batch is this tuple. A zoo model defaults to its own. Which inputs are split over the
             mesh's batch (data, fsdp) axes: an input given as ``jax.ShapeDtypeStruct(shape, dtype,
-            sharding=NamedSharding(mesh, spec))`` keeps its spec (an explicit spec always wins); given
+            sharding=NamedSharding(mesh, spec))`` keeps its spec (an explicit spec always wins; over Auto
+            axes: over Explicit ones every abstract value carries its type's sharding); given
             ``batch=N``, an input whose leading dim is not N (a positional table, a per-layer mask) stays
             replicated; without it each input's leading dim is split (a dual encoder's 8 images and 16
             captions both), with a :class:`~tpflax.TpflaxWarning` when they disagree.

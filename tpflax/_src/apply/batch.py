@@ -85,10 +85,17 @@ def _check_order(call: str, mesh: Any, batch: Any) -> None:
 
 
 def explicit_spec(x: Any) -> PartitionSpec | None:
-    """The spec a batch leaf was given: a ``jax.ShapeDtypeStruct`` carrying a ``NamedSharding`` (an
-    array's placement is where it is, no spec asked for); None otherwise."""
+    """The spec a batch leaf was given: a ``jax.ShapeDtypeStruct`` carrying a ``NamedSharding`` over Auto mesh
+    axes (an array's placement is where it is, no spec asked for; over Explicit axes every abstract value
+    carries its type's sharding, ``jax.eval_shape``'s ``P(None, None)`` too, which asks for nothing); None
+    otherwise."""
     sharding = getattr(x, "sharding", None) if isinstance(x, jax.ShapeDtypeStruct) else None
-    return sharding.spec if isinstance(sharding, NamedSharding) else None
+    if not isinstance(sharding, NamedSharding):
+        return None
+    types = getattr(sharding.mesh, "axis_types", ())
+    if any(t == jax.sharding.AxisType.Explicit for t in types):
+        return None
+    return sharding.spec
 
 
 def batch_shardings(batch: Any, mesh: jax.sharding.Mesh, spec: PartitionSpec, size: int | None = None) -> Any:
