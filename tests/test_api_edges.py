@@ -925,3 +925,10 @@ def test_a_mesh_of_the_plans_axes_in_another_order_says_so():
     with pytest.raises(tpflax.PlanMismatchError) as e:
         tpflax.shardings(p, jax.sharding.AbstractMesh((4, 2), ("data", "model")))
     assert "another order" not in str(e.value)
+
+
+def test_make_mesh_given_a_platform_name_as_devices_says_so():
+    # devices="cpu" was read letter by letter: "but 3 are not: 'c' (str)"
+    with pytest.raises(tpflax.DeviceError, match=r"devices='cpu' is a str, not a list of jax devices; pass e.g. "
+                                                 r"jax.devices\('cpu'\)\[:2\]"):
+        tpflax.make_mesh({"data": 2}, devices="cpu")

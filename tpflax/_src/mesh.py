@@ -542,6 +542,9 @@ def make_mesh(mesh: Any, devices: Sequence[Any] | None = None, *, explicit: bool
     grid = np.asarray(devices, dtype=object) if isinstance(devices, np.ndarray) else None
     # a device grid (mesh.devices, mesh_utils.create_device_mesh) is its devices in order, kept as laid out
     # when it has the mesh's shape
+    if isinstance(devices, (str, bytes)):  # a platform name ("cpu", "tpu"): its letters were listed as devices
+        raise DeviceError(f"devices={devices!r} is a {type(devices).__name__}, not a list of jax devices; pass "
+                          f"e.g. jax.devices({devices!r})[:{need}] or jax.devices()[:{need}]")
     pool = list(jax.devices() if devices is None else grid.ravel() if grid is not None else devices)
     odd = [d for d in pool if not isinstance(d, jax.Device)]
     if odd:
