@@ -748,7 +748,7 @@ def test_shard_of_an_abstract_tree_says_what_to_use_instead():
 
     v = jax.eval_shape(nn.Dense(8).init, jax.random.key(0), jnp.ones((2, 4)))
     p = tpflax.plan(v, {"model": 2})
-    with pytest.raises(tpflax.TreeError, match=r"abstract.*\['params'\]\['bias'\].*init_sharded"):
+    with pytest.raises(tpflax.TreeError, match=r"abstract.*params/bias.*init_sharded"):
         tpflax.shard(v, p, tpflax.make_mesh({"model": 2}))
 
 
