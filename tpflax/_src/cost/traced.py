@@ -62,7 +62,8 @@ class Traced:
             is cut into equal pieces (a ``[q|k|v]`` kernel; see :mod:`tpflax._src.cost.reshard`), or
             ``(param dim, piece sizes)`` for unequal ones (a parallel block's ``[q|k|v|gate|up]``), then
             the indices of the pieces read whole (an MQA key and value), then whether a reshape
-            cut the pieces apart (:attr:`tpflax._src.trace.records.Dataflow.views`).
+            cut the pieces apart (:attr:`tpflax._src.trace.records.Dataflow.views`), then whether static
+            slices cut them, their gradients padded back (:attr:`tpflax._src.trace.records.Dataflow.padded`).
         act_dtype: the dtype most of the contractions' rows come out in (a model that
             computes in bfloat16 from integer ids or float32 pixels).
         shared: kernels whose input gradient XLA:TPU reduces apart from the other readers': something
@@ -373,7 +374,8 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None
     if ragged and (sorted_rows := ragged_buffers(m, ragged)):
         buffers = {**buffers, **sorted_rows}
     tied = frozenset(p for p, o in ops.items() if o & {"gather", "onehot"} and "dot" in o)
-    fused = {flow.uses[uid].path: (dim, *flow.cuts.get((uid, dim), (pieces, ())), (uid, dim) in flow.views)
+    fused = {flow.uses[uid].path: (dim, *flow.cuts.get((uid, dim), (pieces, ())), (uid, dim) in flow.views,
+                                   (uid, dim) in flow.padded)
              for (uid, dim), pieces in flow.fused.items()}
     by_dtype: dict[str, int] = {}
     for u in flow.uses:

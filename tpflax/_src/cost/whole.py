@@ -194,7 +194,7 @@ def _piece_permutes(s: Any, rep: str, d: Any, use: tuple[tuple[int, ...], tuple[
     """The columns XLA's collective-permutes move to reshard the pieces of ``rep``'s output, a traced fused kernel
     (``[q|k|v]``) cut on its one kept dim whose pieces are each split over ``axes``
     (:func:`tpflax._src.cost.reshard.piece_permutes`); 0 for any other kernel, or pieces read whole."""
-    dim, pieces, whole, viewed = (s.fused or {}).get(rep, (None, 1, (), False))
+    dim, pieces, whole, viewed, _ = (s.fused or {}).get(rep, (None, 1, (), False, False))
     if dim is None or pieces == 1 or whole or viewed or use[1] != (dim,):
         return 0
     return sum(piece_permutes(d.shape[dim], pieces, s.size(axes)) or ())

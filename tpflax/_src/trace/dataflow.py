@@ -298,7 +298,7 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                     combined={p: tuple(ds) for p, ds in w.combined.items()},
                     channels={p: by for p, by in w.channels.items() if by},
                     scanned=dict(w.scanned), n_eqns=w.n_eqns, fused=found["fused"], branches=branches,
-                    cuts=found["cuts"], views=frozenset(w.root(k) for k in w.views),
+                    cuts=found["cuts"], views=frozenset(w.root(k) for k in w.views), padded=frozenset(w.padded),
                     shared=shared_reads(jaxpr, w.reads) | own_casts(jaxpr, w.reads, inputs), remat=remat,
                     remat_calls=remat_calls,
                     products=_one_branch(w.products), channelwise=dict(w.channelwise),

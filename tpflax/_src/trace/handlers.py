@@ -337,6 +337,8 @@ def slice_(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> l
         elif strides[d] == 1 and src[d] % dst[d] == 0 and starts[d] % dst[d] == 0:
             limits[d] = dst[d]  # one of k equal pieces (q of a fused qkv): see split
             w.fuse(v.dim_tags(d), src[d] // dst[d])
+            # cut by a slice, whose transpose is a pad (a split's is a concatenate): Dataflow.padded
+            w.padded.update(w.root(k) for k in v.dim_tags(d) if not is_minor(k))
             w.slice_of(v.dim_tags(d), starts[d], dst[d], src[d])
             if dst[d] == 1:
                 picked.append((d, src[d]))

@@ -204,6 +204,7 @@ class Walk:
     # in order (:func:`tiled_slices`)
     tiled: dict[tuple[int, int], tuple[int, ...]] = field(default_factory=dict)
     views: set[tuple[int, int]] = field(default_factory=set)  # fused dims cut apart by a reshape (Walk.pick)
+    padded: set[tuple[int, int]] = field(default_factory=set)  # fused dims cut into equal pieces by static slices
     parts: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)  # part key -> its kernel dim
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # parameter path -> its stored shape
     parted: dict[str, dict[int, int]] = field(default_factory=dict)  # path -> {leaf dim: major size} (Dataflow.parted)

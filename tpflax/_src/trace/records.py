@@ -248,6 +248,10 @@ class Dataflow:
         views: the :attr:`fused` dims whose pieces a reshape cut apart: the output reshaped to
             ``(pieces, heads, head_dim)`` and indexed on the pieces (timm's ``qkv[0], qkv[1], qkv[2]``),
             not split on the flat dim (see :mod:`tpflax._src.cost.reshard`).
+        padded: the :attr:`fused` dims cut into equal pieces by static slices (``xz[..., :d], xz[..., d:]``,
+            Mamba's in_proj) rather than ``jnp.split``: the backward pads each piece's gradient back into
+            the fused dim, which XLA reshards otherwise than a split's concatenate (see
+            :mod:`tpflax._src.cost.reshard`).
         spread: ``{(use id, param dim): rows}``: the most rows of an activation that the kept dim's
             output was combined with elementwise (its size times the rows is the combination's size). More
             rows than the use reads is a small activation broadcast over a larger one: DiT's adaLN
@@ -355,6 +359,7 @@ class Dataflow:
     branches: Mapping[tuple[int, int], tuple[frozenset[int], ...]] = field(default_factory=dict)
     cuts: Mapping[tuple[int, int], tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     views: frozenset[tuple[int, int]] = frozenset()
+    padded: frozenset[tuple[int, int]] = frozenset()
     spread: Mapping[tuple[int, int], int] = field(default_factory=dict)
     alongside: frozenset[tuple[tuple[int, int], tuple[int, int]]] = frozenset()
     grown: Mapping[tuple[int, int], int] = field(default_factory=dict)
