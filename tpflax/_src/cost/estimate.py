@@ -297,7 +297,7 @@ def split_sum_items(s: Scope, sums: Sequence[tuple[frozenset[tuple[str, int]], f
             continue  # the combine of experts split over the tensor axis: priced with their pair (comm.expert_split_items)
         axes: set[str] = set()
         for path, dim in dims:
-            d = s.lv.decisions.get(path)
+            d = s.lv.decisions.get(rep.get(path, path))  # a layer alike an earlier one is read as its representative
             if d is not None:
                 spec = entries(d.spec, len(d.shape))
                 axes |= set(entry_axes(spec[dim])) & tensor if dim < len(spec) else set()
