@@ -695,7 +695,7 @@ def test_each_alike_layers_product_of_two_activations_sums_its_split_dim():
     p = tpflax.plan(variables, MESH, model=m, sample=(x,), rules=rules)
     mesh, tx = tpflax.make_mesh(MESH), optax.adamw(1e-3)
     e = tpflax.estimate(p, tx, model=m, sample=(x,), loss=_loss, backend="cpu")
-    sums = [i for i in e.items if i.why.startswith("a product of two activations")]
+    sums = [i for i in e.items if i.why.startswith("a product of two activations sums")]
     assert sorted(i.source.split("/")[1] for i in sums) == ["moe_0", "moe_1"], sums
     ts = tpflax.make_train_step(m, p, mesh, tx, sample=(x,), variables=variables, loss=_loss)
     dr = tpflax.dry_run(ts, p, mesh, compiler_options=COMM_XLA)
