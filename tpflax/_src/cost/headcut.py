@@ -55,3 +55,37 @@ def head_cut_gathers(width: int, pieces: int, heads: int | None, n: int) -> tupl
     if g > 1:
         out.append((width, g, "backward: the pieces' gradients whole"))
     return tuple(out)
+
+
+def split_head_gathers(widths: tuple[int, ...], heads: int | None, row_in: int,
+                       n: int) -> tuple[tuple[int, int, str], ...] | None:
+    """``((result width, ranks, why), ...)``: the all-gathers one local activation row costs per layer when separate
+    ``q``, ``k`` and ``v`` projections (output ``widths``, each reshaped into the same ``heads``) and the output
+    projection's input (``row_in``) are split naively over ``n`` tensor ranks that neither divide the heads nor are
+    divided by them (6 heads on model=4). None: not this case.
+
+    Measured on XLA:CPU (data=2,model=4, model=2 and model=8; a pre-norm block, widths 48..96, 16 tokens): 3 heads
+    on 4, 6 on 4, 12 on 8, 3 on 2. XLA lays each projection's output out in ``g = gcd(heads, n)`` head groups over
+    ``g`` ranks, the rest of the ranks sharing each group:
+
+    * forward: each projection's output gathered to whole head groups (``width / g`` over the ``n / g`` ranks of
+      a group) before the reshape into heads;
+    * backward: the output projection's input gradient gathered to whole head groups alike; the projections'
+      gradients are sliced back out of the groups (no collective).
+
+    >>> split_head_gathers((96, 96, 96), 6, 96, 4)  # 6 heads of 16 on model=4: 2 groups of 3 heads, 2 ranks each
+    ((48, 2, "forward: a projection's output to whole head groups"), \
+(48, 2, "forward: a projection's output to whole head groups"), \
+(48, 2, "forward: a projection's output to whole head groups"), \
+(48, 2, "backward: the output projection's input gradient, to whole head groups"))
+    >>> [(w, r) for w, r, _ in split_head_gathers((48, 48, 48), 3, 48, 4)]  # 3 heads: one group, all ranks
+    [(48, 4), (48, 4), (48, 4), (48, 4)]
+    >>> split_head_gathers((64, 64, 64), 2, 64, 4) is None  # 2 heads on 4 cut head_dim: partial scores summed
+    True
+    """
+    if (n <= 1 or not heads or not heads % n or not n % heads or row_in % heads
+            or any(w % heads for w in widths)):
+        return None
+    g = math.gcd(heads, n)
+    return (*((w // g, n // g, "forward: a projection's output to whole head groups") for w in widths),
+            (row_in // g, n // g, "backward: the output projection's input gradient, to whole head groups"))
