@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
-from tpflax._src.cost.headcut import head_cut_gathers
+from tpflax._src.cost.headcut import head_cut_gathers, split_head_gathers
 from tpflax._src.cost.kvsplit import KVSplit, kv_split_comms
 from tpflax._src.cost.pieces import column_read, member_items, pieces_of, update_pieces
 from tpflax._src.cost.price import DEFAULT_TOKENS, OPT_COPIES, ActComm, Context
@@ -290,7 +290,7 @@ def shard_pair(st: State, kind: str, cols: list[Linear], row: Linear, head: tupl
                          pair.id, lin.role)
         return
     if cut_heads is not None:
-        options = [_cut_heads_option(st, cols[0], row, pair, cut_heads)]
+        options = [_cut_heads_option(st, cols, row, pair, cut_heads)]
     else:
         options = [_megatron(st, cols, row, pair, unit, size, blocked, kv_split=False)]
     if any(blocked.values()) and cut_heads is None:
@@ -324,49 +324,66 @@ def shard_pair(st: State, kind: str, cols: list[Linear], row: Linear, head: tupl
 
 
 def _heads_cut(st: State, cols: list[Linear], row: Linear) -> tuple[tuple[int, int, str], ...] | None:
-    """The gathers of the split that cuts heads (:func:`tpflax._src.cost.headcut.head_cut_gathers`), when the pair's
-    one column is a traced fused kernel of equal pieces reshaped to ``(pieces, heads, head_dim)`` whose heads the
-    tensor ranks do not divide (nor divide), the pieces and the ranks neither (a Swin's 3 or 6 heads on model=4);
-    None otherwise (what XLA compiles for those is not modelled: the pair stays whole by rule)."""
+    """The gathers of the split that cuts heads, when the tensor ranks neither divide the heads nor are divided by
+    them (a Swin's 3 or 6 heads on model=4): the pair's one column a traced fused kernel of equal pieces reshaped to
+    ``(pieces, heads, head_dim)``, the pieces and the ranks neither dividing
+    (:func:`tpflax._src.cost.headcut.head_cut_gathers`), or separate traced 2-D ``q``, ``k`` and ``v`` columns as
+    wide as the row's input, each reshaped into the same heads (:func:`tpflax._src.cost.headcut.split_head_gathers`;
+    a GQA's narrower keys and values are not modelled). None otherwise: the pair stays whole by rule."""
     t_size = st.tensor[1]
-    if len(cols) != 1:
+    if row.heads is not None or not cols:
         return None
+    if len(cols) > 1:
+        heads = cols[0].limit
+        if any(c.viewed or len(c.cut) > 1 or c.heads is not None or len(c.f.body) != 2 or c.limit != heads
+               or out_width(c) != row.in_size for c in cols):
+            return None
+        return split_head_gathers(tuple(out_width(c) for c in cols), heads, row.in_size, t_size)
     col = cols[0]
     pieces, heads = len(col.cut), col.limit
     if (not col.viewed or pieces < 2 or len(set(col.cut)) != 1 or not heads or col.heads is not None
-            or len(col.f.body) != 2 or row.heads is not None or col.cut[0] != row.in_size
+            or len(col.f.body) != 2 or col.cut[0] != row.in_size
             or not pieces % t_size or not t_size % pieces or not heads % t_size or not t_size % heads):
         return None
     return head_cut_gathers(out_width(col), pieces, heads, t_size)
 
 
-def _cut_heads_option(st: State, col: Linear, row: Linear, pair: Pair,
+def _cut_heads_option(st: State, cols: list[Linear], row: Linear, pair: Pair,
                       gathers: tuple[tuple[int, int, str], ...]) -> Option:
-    """The Megatron layout of a fused ``[q|k|v]`` whose heads the tensor ranks do not divide: the fused dim split
-    naively, the output projection's input alike, cutting heads; XLA gathers the fused output whole before the
-    reshape into heads and, backward, to whole head groups (:func:`_heads_cut`). Its gathers move the whole fused
-    output, wider than the outputs it divides, so step time decides against keeping the pair whole
-    (``sums_output``, :func:`tpflax._src.planner.choose.best`). Measured on a Swin (review_t m04, data=2,model=4):
-    about half the flops per device for 2.5-3x the attention's collectives."""
+    """The Megatron layout of attention whose heads the tensor ranks do not divide: the columns' output split
+    naively, the output projection's input alike, cutting heads; XLA gathers the outputs to whole heads (a fused
+    ``[q|k|v]``'s whole, separate projections' to whole head groups) and, backward, the row's input gradient to whole
+    head groups (:func:`_heads_cut`). Its gathers move more than the outputs it divides, so step time decides
+    against keeping the pair whole (``sums_output``, :func:`tpflax._src.planner.choose.best`). Measured on a Swin
+    (review_t m04, data=2,model=4): about half the flops per device for 2.5-3x the attention's collectives."""
     t_entry, t_size = st.tensor
     over = axis_label(t_entry, t_size)
-    cdim, rdim = col.shard_dim("column"), row.shard_dim("row")
-    n, heads = col.f.body[cdim], col.limit
-    fused = (col.f.leaf_dim(cdim), col.cut, col.limit)
-    props = [
-        (col.f.path, fused_as(fused, st.proposal(
+    rdim = row.shard_dim("row")
+    heads = cols[0].limit
+    fused_col = len(cols) == 1
+    whole = ("XLA gathers the output whole before the reshape into heads (and backward to whole head groups)"
+             if fused_col else f"XLA gathers it to whole groups of gcd({heads}, {t_size}) heads before the reshape "
+                               "into heads (and the row's input gradient backward)")
+    props = []
+    for col in cols:
+        cdim = col.shard_dim("column")
+        fused = (col.f.leaf_dim(cdim), col.cut, col.limit) if fused_col else None
+        props.append((col.f.path, fused_as(fused, st.proposal(
             col.f, body_spec(len(col.f.body), cdim, t_entry), "column",
-            f"column, heads cut: {col.why}; output features ({n}) split over {over} although its {heads} heads do "
-            f"not divide by it: XLA gathers the output whole before the reshape into heads (and backward to whole "
-            f"head groups); feeds {short(row.f.path)} (pair {pair.id})", pair.id, "column"))),
-        (row.f.path, st.proposal(
-            row.f, body_spec(len(row.f.body), rdim, t_entry), "row",
-            f"row, heads cut: {row.why}; input features ({row.in_size}, {heads} heads) split over {over}, fed by "
-            f"{short(col.f.path)} (pair {pair.id}); one all-reduce of activations per pass", pair.id, "row"))]
+            f"column, heads cut: {col.why}; output features ({col.f.body[cdim]}) split over {over} although its "
+            f"{heads} heads do not divide by it: {whole}; feeds {short(row.f.path)} (pair {pair.id})", pair.id,
+            "column"))))
+    partner = ", ".join(short(c.f.path) for c in cols)
+    props.append((row.f.path, st.proposal(
+        row.f, body_spec(len(row.f.body), rdim, t_entry), "row",
+        f"row, heads cut: {row.why}; input features ({row.in_size}, {heads} heads) split over {over}, fed by "
+        f"{partner} (pair {pair.id}); one all-reduce of activations per pass", pair.id, "row")))
+    label = short(cols[0].f.path) if fused_col else partner
     acts = (ActComm("all-reduce", t_entry, row.out_size, 1, "row: sum partial outputs (forward)"),
-            ActComm("all-reduce", t_entry, col.in_size, 1, "column: sum partial input gradients (backward)"),
-            *(ActComm("all-gather", t_entry, w, 1, f"fused {short(col.f.path)}, {heads} heads cut: gather, {why}",
-                      ranks=ranks if ranks != t_size else 0) for w, ranks, why in gathers))
+            *(ActComm("all-reduce", t_entry, col.in_size, 1, "column: sum partial input gradients (backward)")
+              for col in cols),
+            *(ActComm("all-gather", t_entry, w, 1, f"{'fused ' if fused_col else ''}{label}, {heads} heads cut: "
+                      f"gather, {why}", ranks=ranks if ranks != t_size else 0) for w, ranks, why in gathers))
     return Option("Megatron, heads cut", tuple(props), acts, frozenset(p for p, _ in props), sums_output=True)
 
 
@@ -546,8 +563,10 @@ def column_blocked(col: Linear, kind: str, row: Linear, t_entry: Entry, t_size: 
         # the features divide; what the model reshapes them into on the way does not
         # a fused [q|k|v] reshaped into heads that neither divide nor divide the ranks (a Swin's 6 heads on 4): XLA
         # gathers the output whole instead; the split that cuts them is priced (shard_pair, _heads_cut)
-        cut = ("XLA gathers the fused output whole for the heads" if col.viewed and col.limit and t_size % col.limit
-               else "XLA sums a cut head's partial scores")
+        # separate q, k and v projections alike: XLA gathers each output to whole head groups
+        cut = ("XLA sums a cut head's partial scores" if not (col.limit and t_size % col.limit) else
+               "XLA gathers the fused output whole for the heads" if col.viewed else
+               "XLA gathers the output to whole head groups")
         return (f"{cunit} {n} are reshaped on the way into {col.limit} (e.g. attention heads), not divisible by "
                 f"{axis_label(t_entry, t_size)}: a split would cut them ({cut})")
     return ""
