@@ -143,6 +143,10 @@ def kv_splits(s: Any) -> dict[str, KVSplit]:
                  if len(body(dec[c])) == 2 and split(c) == [1] and not _cut(s, c)}
         if not any(flats.values()) and not any(split(c) and split(c) != [len(body(dec[c])) - 1] for c in pc.columns):
             continue
+        if pc.columns and all(flats.get(c) for c in pc.columns):
+            # the queries too are cut into head_dim slices (2 heads on 4 ranks): no key/value split, but a head
+            # split over n / heads ranks: XLA sums the partial scores (a product of two activations, priced there)
+            continue
         first = True
         for c in pc.columns:
             b = body(dec[c])
