@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
-from tpflax._src.cost.headcut import head_cut_gathers, split_head_gathers
+from tpflax._src.cost.headcut import cut_head_scores, head_cut_gathers, split_head_gathers
 from tpflax._src.cost.kvsplit import KVSplit, kv_split_comms
 from tpflax._src.cost.pieces import column_read, member_items, pieces_of, update_pieces
 from tpflax._src.cost.price import DEFAULT_TOKENS, OPT_COPIES, ActComm, Context
@@ -99,6 +99,9 @@ class Linear:
     # traced: a fused kernel whose output is reshaped to (pieces, heads, head_dim) before the pieces are cut apart
     # (timm's and Swin's qkv.reshape(..., 3, heads, head_dim), Dataflow.views)
     viewed: bool = False
+    # traced: the last dim (the keys) of the attention-score product its output feeds (0: none): what a head cut over
+    # several ranks sums per token (cost/headcut.py cut_head_scores)
+    keys: int = 0
     guess: str = ""  # a row: why the tree cannot tell that it reads its columns' output (the pair stays whole)
     # traced: its head_dim output is cut in halves (a rotate-half RoPE) or not; None: untraced, unknown
     rope: bool | None = None
@@ -338,7 +341,11 @@ def _heads_cut(st: State, cols: list[Linear], row: Linear) -> tuple[tuple[int, i
         if any(c.viewed or len(c.cut) > 1 or c.heads is not None or len(c.f.body) != 2 or c.limit != heads
                or out_width(c) != row.in_size for c in cols):
             return None
-        return split_head_gathers(tuple(out_width(c) for c in cols), heads, row.in_size, t_size)
+        gathers = split_head_gathers(tuple(out_width(c) for c in cols), heads, row.in_size, t_size)
+        keys = max(c.keys for c in cols)  # the queries' and keys' (the values feed p @ v, not the scores)
+        if gathers is None and heads and keys:
+            return cut_head_scores(heads, t_size, keys)
+        return gathers
     col = cols[0]
     pieces, heads = len(col.cut), col.limit
     if (not col.viewed or pieces < 2 or len(set(col.cut)) != 1 or not heads or col.heads is not None
@@ -362,8 +369,10 @@ def _cut_heads_option(st: State, cols: list[Linear], row: Linear, pair: Pair,
     heads = cols[0].limit
     fused_col = len(cols) == 1
     whole = ("XLA gathers the output whole before the reshape into heads (and backward to whole head groups)"
-             if fused_col else f"XLA gathers it to whole groups of gcd({heads}, {t_size}) heads before the reshape "
-                               "into heads (and the row's input gradient backward)")
+             if fused_col else f"XLA cuts each head's head_dim over {t_size // heads} ranks and sums its partial "
+                               "scores (forward and backward)" if heads < t_size else
+             f"XLA gathers it to whole groups of gcd({heads}, {t_size}) heads before the reshape into heads (and the "
+             "row's input gradient backward)")
     props = []
     for col in cols:
         cdim = col.shard_dim("column")
@@ -382,8 +391,10 @@ def _cut_heads_option(st: State, cols: list[Linear], row: Linear, pair: Pair,
     acts = (ActComm("all-reduce", t_entry, row.out_size, 1, "row: sum partial outputs (forward)"),
             *(ActComm("all-reduce", t_entry, col.in_size, 1, "column: sum partial input gradients (backward)")
               for col in cols),
-            *(ActComm("all-gather", t_entry, w, 1, f"{'fused ' if fused_col else ''}{label}, {heads} heads cut: "
-                      f"gather, {why}", ranks=ranks if ranks != t_size else 0) for w, ranks, why in gathers))
+            *(ActComm("all-reduce" if why.startswith("sum") else "all-gather", t_entry, w, 1,
+                      f"{'fused ' if fused_col else ''}{label}, {heads} heads cut: "
+                      f"{'' if why.startswith('sum') else 'gather, '}{why}", ranks=ranks if ranks != t_size else 0)
+              for w, ranks, why in gathers))
     return Option("Megatron, heads cut", tuple(props), acts, frozenset(p for p, _ in props), sums_output=True)
 
 

@@ -661,6 +661,7 @@ def _column(c: _Flow, sid: int, e: Edge, row_path: str) -> Linear:
                   limit=limit if limit and limit != fS.body[cb] else None,
                   cut=sizes if sum(sizes) == fS.body[cb] else (),
                   viewed=(sid, e.src_dim) in c.flow.views,
+                  keys=next((x.shape[-1] for x in c.flow.products if any(u == sid for t in x.tags for u, _ in t)), 0),
                   rope=c.flow.fused.get((sid, last), 1) > 1,
                   loop=bool(fS.stacked) or c.flow.remat >= 0.5 or c.st.casts.get(S.path, fS.leaf.dtype) != fS.leaf.dtype,
                   remat=c.flow.remat >= 0.5)
