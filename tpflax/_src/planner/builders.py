@@ -348,6 +348,14 @@ def _heads_cut(st: State, cols: list[Linear], row: Linear) -> tuple[tuple[int, i
         return gathers
     col = cols[0]
     pieces, heads = len(col.cut), col.limit
+    if (col.viewed and pieces > 1 and len(set(col.cut)) == 1 and heads and col.heads is None and len(col.f.body) == 2
+            and col.cut[0] == row.in_size and pieces % t_size and t_size % pieces and col.keys
+            and (sums := cut_head_scores(heads, t_size, col.keys)) is not None):
+        # fewer heads than ranks that divide them (a Swin stage's 2 heads on 4): the output gathered whole, the
+        # pieces' gradients alike, and each head's partial scores summed over its ranks (cost/reshard.py)
+        width = out_width(col)
+        return ((width, t_size, "forward: the output whole, before the reshape into heads"),
+                (width, t_size, "backward: the pieces' gradients whole"), *sums)
     if (not col.viewed or pieces < 2 or len(set(col.cut)) != 1 or not heads or col.heads is not None
             or len(col.f.body) != 2 or col.cut[0] != row.in_size
             or not pieces % t_size or not t_size % pieces or not heads % t_size or not t_size % heads):
@@ -368,7 +376,9 @@ def _cut_heads_option(st: State, cols: list[Linear], row: Linear, pair: Pair,
     rdim = row.shard_dim("row")
     heads = cols[0].limit
     fused_col = len(cols) == 1
-    whole = ("XLA gathers the output whole before the reshape into heads (and backward to whole head groups)"
+    whole = (("XLA gathers the output whole before the reshape into heads (and backward to whole head groups)"
+              if heads >= t_size else "XLA gathers the output whole before the reshape into heads (and the pieces' "
+              f"gradients backward) and sums each head's partial scores over its {t_size // heads} ranks")
              if fused_col else f"XLA cuts each head's head_dim over {t_size // heads} ranks and sums its partial "
                                "scores (forward and backward)" if heads < t_size else
              f"XLA gathers it to whole groups of gcd({heads}, {t_size}) heads before the reshape into heads (and the "
