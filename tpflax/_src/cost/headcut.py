@@ -16,8 +16,9 @@ of the heads. XLA:CPU then (measured, :func:`head_cut_gathers`):
 
 With ``heads`` dividing by ``n`` (``g = n``) this is the gather of the whole output and of the pieces'
 gradients that :mod:`tpflax._src.cost.reshard` measured for 4 heads on 4 ranks. Fewer heads that divide
-``n`` (2 heads on 4 ranks) cut ``head_dim`` instead, and XLA sums partial attention scores: not
-modelled here (None).
+``n`` (2 heads on 4 ranks) cut ``head_dim`` instead, and XLA sums partial attention scores
+(:func:`cut_head_scores`; :func:`head_cut_gathers` returns None for them). Separate ``q``, ``k``, ``v``
+projections: :func:`split_head_gathers`.
 
 Pure arithmetic over sizes: the estimate (:func:`tpflax._src.cost.reshard.fused_items`) and the
 planner's candidate that cuts heads (:mod:`tpflax._src.planner.builders`) price the same collectives.
