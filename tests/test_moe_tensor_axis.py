@@ -121,9 +121,10 @@ def test_the_tree_alone_keeps_megatron_inside_each_expert(traced):
     assert "untraced: experts over the tensor axis" in p.decisions[f"params/moe/{kernels[-1]}"].reason
 
 
-def _estimated_and_compiled(m, p):
-    """``(estimate, dry run)`` of the adamw step of ``m`` under ``p`` on :data:`MESH` (XLA:CPU, collectives)."""
-    mesh = tpflax.make_mesh(MESH)
+def _estimated_and_compiled(m, p, shape=MESH):
+    """``(estimate, dry run)`` of the adamw step of ``m`` under ``p`` on ``shape`` (:data:`MESH`; XLA:CPU,
+    collectives)."""
+    mesh = tpflax.make_mesh(shape)
     ts = tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), sample=(TOK,))
     dr = tpflax.dry_run(ts, p, mesh, compiler_options=COMM_XLA)
     return tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=(TOK,), backend="cpu"), dr
@@ -271,6 +272,35 @@ def test_six_flat_experts_over_four_ranks_are_estimated_as_compiled(devices):
     assert abs(est.comm_total / dr.comm_total - 1) < 0.10, (est.comm, dr.comm())
     gathers = [i for i in est.items if "straddle experts: gathered" in i.why]
     assert len(gathers) == 3 and {i.group_size for i in gathers} == {2}
+
+
+def test_six_flat_experts_over_four_ranks_beside_fsdp_are_estimated_as_compiled(devices):
+    # beside an fsdp split the straddling blocks were priced gathered from their fsdp shard: XLA gathers the fsdp
+    # split first, for compute, then the tensor blocks into parts (f32[192, 64] over fsdp, then f32[384, 64] over
+    # model, DBRX-style d=64, f=128): the estimate's model gathers were half the compiled, 0.91x its collectives
+    m = LM(functools.partial(FlatExperts, n=6))
+    v = jax.eval_shape(m.init, jax.random.key(0), TOK)
+    mesh = {"fsdp": 2, "model": 4}
+    p = tpflax.plan(v, mesh, rules=[(r"moe/(w1|v1|w2)$", P("model", "fsdp")), (r"embed", P("model", "fsdp")),
+                                    (r"head", P("fsdp", "model")), (r"router", P("fsdp", None)), (r".*", P())])
+    est, dr = _estimated_and_compiled(m, p, mesh)
+    gathers = [i for i in est.items if "straddle experts: gathered" in i.why]
+    assert {i.size for i in gathers} == {6 * F * D * 4 // 4 * 2} and len(gathers) == 3  # a tensor block, 2 of them
+    assert abs(est.comm["all-gather"]["model"] / dr.comm()["all-gather"]["model"] - 1) < 0.05, (est.comm, dr.comm())
+    assert abs(est.comm_total / dr.comm_total - 1) < 0.05, (est.comm, dr.comm())
+
+
+def test_the_chooser_prices_straddled_blocks_beside_fsdp_as_compiled():
+    # the chooser's price of a straddled kernel also split over fsdp gathered the parts from the fsdp shard (half the
+    # compiled gather over model) and the fsdp gather at a whole part (twice the compiled f32[192, 64] blocks)
+    from tpflax._src.cost.price import Context, LeafLayout, price
+    from tpflax._src.hardware import get_hardware
+    from tpflax._src.mesh import mesh_shape
+
+    ctx = Context(mesh_shape({"fsdp": 2, "model": 4}), get_hardware("a100"), tokens=64)
+    words = price((LeafLayout((768, 64), 4, ("model", "fsdp"), matmul=True, held=2),), (), ctx).collectives
+    assert [w.split(" (")[0] for w in words] == ["all-gather 96.0 KiB over model in groups of 2",
+                                                 "all-gather 48.0 KiB over fsdp", "reduce-scatter 96.0 KiB over fsdp"]
 
 
 class FineGrained(nn.Module):

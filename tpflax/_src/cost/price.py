@@ -312,11 +312,14 @@ def price(leaves: tuple[LeafLayout, ...], acts: tuple[ActComm, ...], ctx: Contex
             per_layer = math.prod(x.shape) / x.layers
             # an expert split gathers the layer's tokens over the expert (batch) axes: no fewer flops
             flops += 6 * ctx.tokens_local * per_layer * x.layers / (x.held or t_split)
+        part = shard  # its gradient's bytes
         if x.held:  # blocks straddling whole experts: gathered into held parts, as XLA reshapes them
             t_axes = tuple(a for a in used_axes(x.spec) if r_all[a] == TENSOR and mesh.sizes[a] > 1)
-            add("all-gather", t_axes, shard * t_split / x.held, 1, "straddled blocks: gather whole experts",
+            # the blocks the tensor split leaves, gathered over fsdp first (for compute; below at the fsdp shard)
+            block = shard * _split(x.spec, mesh, (FSDP, DATA))
+            add("all-gather", t_axes, block * t_split / x.held, 1, "straddled blocks: gather whole experts",
                 t_split // x.held)
-            shard = shard * t_split // x.held  # its matmuls, and its gradient, as big as a part
+            part = shard * t_split // x.held  # its matmuls, and its gradient, as big as a part
         if not x.trainable:
             # A frozen leaf split over fsdp is still gathered for compute, but that gather is left out here
             # on purpose, as the fsdp pricing below leaves out XLA:TPU's all-reduces: the fsdp axis is there
@@ -337,7 +340,7 @@ def price(leaves: tuple[LeafLayout, ...], acts: tuple[ActComm, ...], ctx: Contex
         nf = math.prod(mesh.sizes[a] for a in f_axes)
         free = tuple(a for a in ctx.batch_axes if a not in used_axes(x.spec))
         tpu = ctx.hardware.kind == "tpu"
-        grad = shard * x.cast_item // x.itemsize if tpu and x.cast_item else shard  # the gradient's bytes
+        grad = part * x.cast_item // x.itemsize if tpu and x.cast_item else part  # the gradient's bytes
         if f_axes:
             # XLA:TPU gathers a float32 matmul kernel as bfloat16 and never reduce-scatters a 1-D
             # leaf's gradient: it all-reduces it whole (measured; cost.gradients models the same). The
