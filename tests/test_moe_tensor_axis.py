@@ -14,6 +14,7 @@ compiled step runs.
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import flax.linen as nn
 import jax
@@ -121,13 +122,14 @@ def test_the_tree_alone_keeps_megatron_inside_each_expert(traced):
     assert "untraced: experts over the tensor axis" in p.decisions[f"params/moe/{kernels[-1]}"].reason
 
 
-def _estimated_and_compiled(m, p, shape=MESH):
+def _estimated_and_compiled(m, p, shape=MESH, target=None):
     """``(estimate, dry run)`` of the adamw step of ``m`` under ``p`` on ``shape`` (:data:`MESH`; XLA:CPU,
-    collectives)."""
-    mesh = tpflax.make_mesh(shape)
+    collectives; or compiled for a TPU ``target``)."""
+    mesh = tpflax.make_mesh(shape, target=target)
     ts = tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), sample=(TOK,))
-    dr = tpflax.dry_run(ts, p, mesh, compiler_options=COMM_XLA)
-    return tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=(TOK,), backend="cpu"), dr
+    dr = tpflax.dry_run(ts, p, mesh, compiler_options=None if target else COMM_XLA)
+    return tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=(TOK,), backend="tpu" if target else "cpu",
+                           target=target), dr
 
 
 def test_the_estimate_matches_the_compiled_collectives(traced, devices):
@@ -290,6 +292,26 @@ def test_six_flat_experts_over_four_ranks_beside_fsdp_are_estimated_as_compiled(
     assert abs(est.comm_total / dr.comm_total - 1) < 0.05, (est.comm, dr.comm())
 
 
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
+def test_six_flat_experts_over_four_ranks_beside_fsdp_are_estimated_as_tpu_compiled():
+    # XLA:TPU all-reduces each straddled kernel's gradient over fsdp as its part (f32[384, 64], d=64, f=128), no
+    # reduce-scatter of its block, and gathers the blocks into parts as bfloat16: the estimate priced a reduce-scatter
+    # of the block and a float32 gather, 0.78x the compiled collectives (v5e:2x4 fsdp=2,model=4)
+    m = LM(functools.partial(FlatExperts, n=6))
+    v = jax.eval_shape(m.init, jax.random.key(0), TOK)
+    mesh = {"fsdp": 2, "model": 4}
+    p = tpflax.plan(v, mesh, rules=[(r"moe/(w1|v1|w2)$", P("model", "fsdp")), (r"embed", P("model", "fsdp")),
+                                    (r"head", P("fsdp", "model")), (r"router", P("fsdp", None)), (r".*", P())])
+    est, dr = _estimated_and_compiled(m, p, mesh, target="tpu-v5e:2x4")
+    grads = [i for i in est.items if "summed as the 2 part" in i.why]
+    assert {(i.kind, i.size) for i in grads} == {("all-reduce", 6 * F * D * 4 // 2)} and len(grads) == 3
+    gathers = [i for i in est.items if "straddle experts: gathered" in i.why]
+    assert {i.size for i in gathers} == {6 * F * D * 2 // 4 * 2}  # a tensor block, 2 of them, bfloat16
+    for kind, axis in (("all-reduce", "fsdp"), ("all-gather", "model")):
+        assert abs(est.comm[kind][axis] / dr.comm()[kind][axis] - 1) < 0.05, (kind, axis, est.comm, dr.comm())
+    assert abs(est.comm_total / dr.comm_total - 1) < 0.10, (est.comm, dr.comm())
+
+
 def test_the_chooser_prices_straddled_blocks_beside_fsdp_as_compiled():
     # the chooser's price of a straddled kernel also split over fsdp gathered the parts from the fsdp shard (half the
     # compiled gather over model) and the fsdp gather at a whole part (twice the compiled f32[192, 64] blocks)
@@ -301,6 +323,10 @@ def test_the_chooser_prices_straddled_blocks_beside_fsdp_as_compiled():
     words = price((LeafLayout((768, 64), 4, ("model", "fsdp"), matmul=True, held=2),), (), ctx).collectives
     assert [w.split(" (")[0] for w in words] == ["all-gather 96.0 KiB over model in groups of 2",
                                                  "all-gather 48.0 KiB over fsdp", "reduce-scatter 96.0 KiB over fsdp"]
+    # XLA:TPU gathers the blocks as bfloat16, as it gathers fsdp splits (v5e:2x4: bf16[2, 192, 64])
+    ctx = Context(mesh_shape({"fsdp": 2, "model": 4}), get_hardware("tpu-v5e"), tokens=64)
+    words = price((LeafLayout((768, 64), 4, ("model", "fsdp"), matmul=True, held=2),), (), ctx).collectives
+    assert words[0].split(" (")[0] == "all-gather 48.0 KiB over model in groups of 2"
 
 
 class FineGrained(nn.Module):

@@ -317,6 +317,7 @@ def price(leaves: tuple[LeafLayout, ...], acts: tuple[ActComm, ...], ctx: Contex
             t_axes = tuple(a for a in used_axes(x.spec) if r_all[a] == TENSOR and mesh.sizes[a] > 1)
             # the blocks the tensor split leaves, gathered over fsdp first (for compute; below at the fsdp shard)
             block = shard * _split(x.spec, mesh, (FSDP, DATA))
+            block = gathered_bytes(block, x.itemsize, ctx.hardware.kind == "tpu", x.matmul or bool(x.cast_item))
             add("all-gather", t_axes, block * t_split / x.held, 1, "straddled blocks: gather whole experts",
                 t_split // x.held)
             part = shard * t_split // x.held  # its matmuls, and its gradient, as big as a part
