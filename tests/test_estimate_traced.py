@@ -1,6 +1,5 @@
 """estimate() of plain functions: rows and fused kernels read from the traced forward, checked against XLA:CPU."""
 
-import dataclasses
 import functools
 
 import flax.linen as nn
@@ -579,15 +578,10 @@ def test_a_table_whose_split_stream_splits_a_whole_head_is_priced_with_its_gathe
     # decided. The head kept whole then updates split and is gathered with its two moments (XLA:TPU too, for
     # kernels: 3 gathers of f32[64,1003] compiled for v5e:2x4), its gradient summed on the split shard: in the
     # Mamba-2 LM the split was chosen for 2.1 us less step time than the whole table and compiled for v5e:2x4 took
-    # 5.6 us more, 1.4x the collectives. Priced now with the head's gathers and sums as the estimate counts them.
-    # The v5e preset without its lane padding: with it, the split's 32-wide stream shards already lose and the
-    # split is never chosen, so never repriced (test_stream_tpu.py)
-    from tpflax._src.hardware import PRESETS
-
+    # 5.6 us more, 1.4x the collectives. Priced now with the head's gathers and sums as the estimate counts them
     m, ids = _OddVocabLM(), jnp.zeros((8, 32), jnp.int32)
     variables = jax.eval_shape(m.init, jax.random.key(0), ids)
-    unpadded = dataclasses.replace(PRESETS["tpu-v5e"], tiles=False)
-    p = tpflax.plan(variables, MESH, model=m, sample=(ids,), batch=(8, 32), hardware=unpadded)
+    p = tpflax.plan(variables, MESH, model=m, sample=(ids,), batch=(8, 32))
     alts = {a.name: a for a in p.decisions["params/wte/embedding"].alternatives}
     split, whole = alts["embed-dim split"], alts["replicate"]
     assert [c for c in split.collectives if "head/kernel" in c] == [
@@ -757,12 +751,9 @@ def test_a_tree_only_table_whose_split_stream_splits_a_whole_head_is_priced_with
     # the same repricing without model=: the leaves the split stream reaches are read from the tree (the head's
     # width). Tree-only, the split was still taken on the table's own price: RWKV-4's 1003-row table, 1.70x the
     # collectives of the hand layout (XLA:CPU data=2,model=4); priced with the head's gathers it stays whole
-    # (on the v5e preset without lane padding, as above)
-    from tpflax._src.hardware import PRESETS
-
     m, ids = _OddVocabLM(), jnp.zeros((8, 32), jnp.int32)
     variables = jax.eval_shape(m.init, jax.random.key(0), ids)
-    p = tpflax.plan(variables, MESH, batch=(8, 32), hardware=dataclasses.replace(PRESETS["tpu-v5e"], tiles=False))
+    p = tpflax.plan(variables, MESH, batch=(8, 32))
     d = p.decisions["params/wte/embedding"]
     assert tuple(d.spec) == (None, None)
     split = {a.name: a for a in d.alternatives}["embed-dim split"]
