@@ -51,10 +51,6 @@ class Hardware:
             planner's chooser scores layouts by flops / peak + bytes / bandwidth.
         hbm_bandwidth: bytes/s of device memory (spec sheet): the optimizer
             update streams every parameter, gradient and moment byte per step.
-        tiles: the device lays arrays out in (8 sublane x 128 lane) tiles, so a shard whose minor
-            dims are narrower (a 32-wide split of a 128-wide residual stream) occupies, and moves,
-            its padded size (:mod:`tpflax._src.tpu`): the TPU presets. The planner prices its
-            candidates on padded sizes there (:func:`tpflax._src.cost.price.price`).
     """
 
     name: str
@@ -69,7 +65,6 @@ class Hardware:
     source: str = ""
     peak_flops: float = 100e12
     hbm_bandwidth: float = 1000 * GB
-    tiles: bool = False
 
     def describe(self) -> str:
         """One line for a report's header; memory in whole GiB where it is whole, else to a tenth (2 MiB was "0 GiB").
@@ -101,19 +96,19 @@ PRESETS: Mapping[str, Hardware] = {
         source="cloud.google.com/tpu/docs/v4: 32 GiB HBM2, 4096-chip pod, 4 chips per host; the page "
                "gives no per-chip ICI figure: 6 ICI links x 45 GB/s one way (How to Scale Your Model, "
                "TPU chapter) = 270 GB/s, halved as for the other presets; DCN not listed, assumed 50 Gbps "
-               "per chip like v5p", peak_flops=275e12, hbm_bandwidth=1200 * GB, tiles=True),
+               "per chip like v5p", peak_flops=275e12, hbm_bandwidth=1200 * GB),
     "tpu-v5e": Hardware(
         "tpu-v5e", 16 * GB, 200 * GB, 3.125 * GB, 8, 256,
         source="cloud.google.com/tpu/docs/v5e: 16 GB HBM2, 400 GBps bidirectional ICI per chip, 8 chips "
-               "per host, 256-chip pod, 2 x 100 Gbps NIC per host (= 25 Gbps per chip)", peak_flops=197e12, hbm_bandwidth=819 * GB, tiles=True),
+               "per host, 256-chip pod, 2 x 100 Gbps NIC per host (= 25 Gbps per chip)", peak_flops=197e12, hbm_bandwidth=819 * GB),
     "tpu-v5p": Hardware(
         "tpu-v5p", 95 * GiB, 600 * GB, 6.25 * GB, 4, 6144,
         source="cloud.google.com/tpu/docs/v5p: 95 GiB HBM2e, 1200 GBps bidirectional ICI per chip, "
-               "50 Gbps DCN per chip, 4 chips per host, largest single slice 6144 chips", peak_flops=459e12, hbm_bandwidth=2765 * GB, tiles=True),
+               "50 Gbps DCN per chip, 4 chips per host, largest single slice 6144 chips", peak_flops=459e12, hbm_bandwidth=2765 * GB),
     "tpu-v6e": Hardware(
         "tpu-v6e", 32 * GB, 400 * GB, 12.5 * GB, 8, 256,
         source="cloud.google.com/tpu/docs/v6e: 32 GB HBM, 800 GBps bidirectional ICI per chip, 8 chips "
-               "per host, 256-chip pod; DCN not listed, assumed 100 Gbps per chip", peak_flops=918e12, hbm_bandwidth=1640 * GB, tiles=True),
+               "per host, 256-chip pod; DCN not listed, assumed 100 Gbps per chip", peak_flops=918e12, hbm_bandwidth=1640 * GB),
     "a100": Hardware(
         "a100", 80 * GiB, 300 * GB, 25 * GB, 8, 8, "NVLink", "InfiniBand", "gpu",
         source="NVIDIA A100 80GB SXM data sheet: 80 GB HBM2e, NVLink 600 GB/s bidirectional; DGX A100: "

@@ -29,7 +29,6 @@ from tpflax._src.hardware import Hardware
 from tpflax._src.hlo import ring_bytes
 from tpflax._src.mesh import DATA, FSDP, TENSOR, MeshShape, batch_axes
 from tpflax._src.specs import Entry, entry_axes, fmt_bytes, used_axes
-from tpflax._src.tpu import lane_pad
 
 # The global batch plan() prices activation collectives with when neither batch= nor
 # sample= says: 16 sequences of 512 tokens. Flops and activation bytes both scale
@@ -91,10 +90,6 @@ class ActComm:
     step, as the estimate counts it (:mod:`tpflax._src.cost.comm`), unless ``every_layer``
     says its ``fixed`` bytes already hold every layer (a whole stacked leaf gathered once per step).
 
-    ``lanes``: the entry splits the activation's minor (feature) dim, ``width`` wide whole, so each device's
-    shard is ``width / ranks`` wide in the lanes; on hardware that tiles (:attr:`Hardware.tiles`: XLA:TPU's
-    128-lane tiles) the shard occupies, and moves, whole tiles (:func:`price`).
-
     >>> ActComm("all-reduce", "model", 64, 1, "sum partial outputs").kind
     'all-reduce'
     """
@@ -107,7 +102,6 @@ class ActComm:
     fixed: float = 0.0
     ranks: int = 0
     every_layer: bool = False
-    lanes: bool = False
 
 
 @dataclass(frozen=True)
@@ -224,18 +218,6 @@ def _shard_bytes(x: LeafLayout, mesh: MeshShape) -> int:
     for dim in x.shape[len(x.spec):]:
         n *= dim
     return n
-
-
-def _act_bytes(a: ActComm, ctx: Context, n: int) -> float:
-    """Bytes of the activation ``a`` moves among ``n`` devices: its tokens times its width, plus its fixed
-    bytes. A shard split on its minor dim (``a.lanes``) is padded to whole 128-lane tiles on hardware that
-    tiles: a 128-wide residual stream split over model=4 keeps 32 of each tile's 128 lanes, so XLA:TPU holds
-    and moves it at the whole stream's size (a Mamba-2 LM's token table split on its features, fsdp=2,model=4
-    compiled for v5e:2x4: 1.92x the temp and argument bytes of the table kept whole, where XLA:CPU's were 0.83x)."""
-    width = a.width
-    if a.lanes and ctx.hardware.tiles and n > 1 and width:
-        width = n * lane_pad(math.ceil(width / n))
-    return ctx.tokens_local * width * ctx.act_item + a.fixed
 
 
 def tpu_gather_item(item: int, matmul: bool, rows: int | None = None) -> int:
@@ -369,8 +351,7 @@ def price(leaves: tuple[LeafLayout, ...], acts: tuple[ActComm, ...], ctx: Contex
     # a scanned group runs its activation collectives once per layer, as its flops (above) and the estimate
     layers = max((x.layers for x in leaves), default=1)
     for a in acts:
-        live = _live(a.entry, mesh)
-        add(a.kind, live, _act_bytes(a, ctx, a.ranks or math.prod(mesh.sizes[x] for x in live)),
+        add(a.kind, _live(a.entry, mesh), ctx.tokens_local * a.width * ctx.act_item + a.fixed,
             a.count * (1 if a.every_layer else layers), a.why, a.ranks)
     comm = tuple(sorted(by_axis.items()))
     hw = ctx.hardware

@@ -93,14 +93,13 @@ def shard_embedding(st: State, f: Facts, vdim: int, evidence: str = "", tied: bo
         # estimate counts the same gathers, cost.comm). They are priced at the activation dtype:
         # XLA:TPU moves a float32 stream as bfloat16 (the estimate's TPU backend says so), but it also
         # pads a split stream narrower than 128 lanes (distilbert-tok at width 64: 3.3x the hand
-        # layout's bytes per device on the TPU compiler); the bfloat16 price alone would split tables
-        # whose split the padding makes worse. The stream's shards are split on their minor dim
-        # (``lanes``): on a preset that tiles they are priced at their padded width (cost.price)
+        # layout's bytes per device on the TPU compiler), which no term here models; the bfloat16
+        # price alone would split tables whose split the padding makes worse
         gathers = stream_gathers(((g.path, g.kind, g.body, g.leaf.shape[g.layers_at] if g.stacked else 1)
                                   for g in every), d)
         acts = (ActComm("all-gather", t_entry, d, gathers,
                         "gather the looked-up features and the feature-split residual stream behind each "
-                        "norm (forward and for the weight gradients)", lanes=True),)
+                        "norm (forward and for the weight gradients)"),)
         if tied:
             acts += (ActComm("all-reduce", t_entry, v, 1, "sum partial logits over the split features"),)
         options.append(Option("embed-dim split", ((f.path, st.proposal(
