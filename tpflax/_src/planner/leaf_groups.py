@@ -91,10 +91,11 @@ def shard_embedding(st: State, f: Facts, vdim: int, evidence: str = "", tied: bo
         # A feature-split table hands XLA a feature-split activation to add to the residual
         # stream, which stays split through every block: gathered behind each of its norms (the
         # estimate counts the same gathers, cost.comm). They are priced at the activation dtype:
-        # XLA:TPU moves a float32 stream as bfloat16 (the estimate's TPU backend says so), but it also
-        # pads a split stream narrower than 128 lanes (distilbert-tok at width 64: 3.3x the hand
-        # layout's bytes per device on the TPU compiler), which no term here models; the bfloat16
-        # price alone would split tables whose split the padding makes worse
+        # XLA:TPU moves a float32 stream as bfloat16 (the estimate's TPU backend says so), and the
+        # split is not priced padded to 128 lanes: XLA:TPU lays a short sequence in the lanes, and the
+        # 3-5x "temp" some tiny split compiles report (distilbert-tok at width 64) is a block of
+        # collective descriptors, not data; by XLA's heap peak the split is smaller (benchmarks/
+        # tpu_aot_notes.md, round 57)
         gathers = stream_gathers(((g.path, g.kind, g.body, g.leaf.shape[g.layers_at] if g.stacked else 1)
                                   for g in every), d)
         acts = (ActComm("all-gather", t_entry, d, gathers,
