@@ -697,7 +697,8 @@ def _outputs(c: _Flow) -> None:
             shard_lone_dense(c.st, f, f.body_dim(u.kept[0]), why,
                              c.streams.get(path) or c.readers.get(path) or _modulates(c, u),
                              whole_reached(c.st, c.flow, c.fx, u, c.meets),
-                             grown=c.flow.growth(u.id, u.kept[0]), reduced=c.flow.only_reduced(u.id, u.kept[0]))
+                             grown=c.flow.growth(u.id, u.kept[0]), reduced=c.flow.only_reduced(u.id, u.kept[0]),
+                             resequenced=(u.id, u.kept[0]) in c.flow.resequenced)
         else:
             c.st.replicate(f, why)
 

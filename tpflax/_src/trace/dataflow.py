@@ -306,6 +306,7 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                     split_grads=tuple((frozenset(w.root(k) for k in a), frozenset(w.root(k) for k in b), n, c)
                                       for a, b, n, c in w.split_grads),
                     spread=_on_kernel_dims(w, w.spread), grown=_on_kernel_dims(w, w.grown),
+                    resequenced=frozenset(w.root(k) for k in w.resequenced if not is_minor(k)),
                     alongside=frozenset((w.root(a), w.root(b)) for a, b in w.alongside if w.root(a) != w.root(b)),
                     reduced=frozenset(w.root(k) for k in w.normed if not is_minor(k)),
                     gated=frozenset((w.root(a), w.root(b)) for a, b in w.gated if w.root(a) != w.root(b)),

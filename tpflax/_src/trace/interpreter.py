@@ -152,6 +152,8 @@ class Walk:
             dim reached (see :attr:`tpflax._src.trace.records.Dataflow.spread`).
         grown: ``{tag: rows}``: the most rows the tag's dim reached through a contraction with a value of
             neither parameters nor inputs that widens it (see :attr:`tpflax._src.trace.records.Dataflow.grown`).
+        resequenced: tags a reshape merged, as the minor part, into a dim whose major part carries no tag (the
+            rows; see :attr:`tpflax._src.trace.records.Dataflow.resequenced`).
     """
 
     handlers: Mapping[str, Handler]
@@ -175,6 +177,8 @@ class Walk:
     spread: dict[tuple[int, int], int] = field(default_factory=dict)
     alongside: set[tuple[tuple[int, int], tuple[int, int]]] = field(default_factory=set)
     grown: dict[tuple[int, int], int] = field(default_factory=dict)
+    # tags a reshape merged into a dim led by an untagged one (the rows): Dataflow.resequenced
+    resequenced: set[tuple[int, int]] = field(default_factory=set)
     gated: set[tuple[tuple[int, int], tuple[int, int]]] = field(default_factory=set)  # tags multiplied together
     joined: set[tuple[int, int]] = field(default_factory=set)  # tags added to an activation lacking them
     # tags added to an activation lacking them, statistics of the tagged value too -> the other operands' tags

@@ -264,6 +264,10 @@ class Dataflow:
             interpolation (``jax.image.resize``'s weight matrices), which carries a split along. More rows than
             the use reads is an output upsampled before it is read whole (SegFormer's and FPN's per-stage heads),
             where XLA gathers it.
+        resequenced: ``(use id, param dim)`` whose output a reshape merged, as the minor part, into a dim
+            whose major part is a row dim (no parameter tag): Hourglass's linear upsampling, ``(b, s/k, k*d)
+            -> (b, s, d)``. Split, XLA carries the split into the rows of every layer after it and reshards
+            them (all-gathers, all-to-alls and permutes far larger than one gather of the output).
         reduced: ``(use id, param dim)`` whose output a sum, max or min reduced over that dim, row by row (a
             norm's statistics, an RBM's log-cosh sum over its hidden units): split, each shard reduces its part
             and XLA all-reduces one value per row.
@@ -363,6 +367,7 @@ class Dataflow:
     spread: Mapping[tuple[int, int], int] = field(default_factory=dict)
     alongside: frozenset[tuple[tuple[int, int], tuple[int, int]]] = frozenset()
     grown: Mapping[tuple[int, int], int] = field(default_factory=dict)
+    resequenced: frozenset[tuple[int, int]] = frozenset()
     gated: frozenset[tuple[tuple[int, int], tuple[int, int]]] = frozenset()
     reduced: frozenset[tuple[int, int]] = frozenset()
     collectives: tuple[Collective, ...] = ()

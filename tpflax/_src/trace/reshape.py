@@ -59,6 +59,11 @@ def reshape(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> 
             rest = big_in[2:]
         for d in rest:
             w.escape(v.dim_tags(d), f"a reshape {src} -> {dst} merges it as a minor dim")
+        if len(big_out) > 1 and not v.dim_tags(big_in[0]):
+            # the group's lead dim is a row dim (untagged): a tagged dim regrouped with it moves part of its
+            # elements into the rows (an upsampling (b, s/k, k*d) -> (b, s, d)), and so would its split
+            for d in big_in[1:]:
+                w.resequenced.update(k for k in v.dim_tags(d) if not is_minor(k))
     # For a reshaped parameter the major dim of a merged group stands for the group.
     out = w.moved(v, mapping, ranks[0], limit=limits)
     # A size-1 dim dropped before a dim that goes on is its major part, of one element: (1 kv head,
