@@ -8,6 +8,7 @@ way they call the pair builders of :mod:`tpflax._src.planner.builders`.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
@@ -18,6 +19,9 @@ from tpflax._src.planner.builders import Proposal, State, axis_label, body_spec,
 from tpflax._src.planner.choose import Chosen, Option, fit, pick, revise
 from tpflax._src.planner.constraints import split_updated, update_gathers
 from tpflax._src.specs import Entry, entries, entry_axes, used_axes
+
+# tables named for token types or segments are looked up by ids that carry the batch, as a vocabulary is
+_LOOKED_UP_BY_IDS = re.compile(r"token_type|segment", re.I)
 
 
 def shard_embedding(st: State, f: Facts, vdim: int, evidence: str = "", tied: bool = False,
@@ -64,6 +68,18 @@ def shard_embedding(st: State, f: Facts, vdim: int, evidence: str = "", tied: bo
     # heads split when the rows divide, XLA:CPU data=2,model=4)
     rel = bool(REL_BIAS.search(f.unit_name))
     bias = rank == 2 and ((bool(ATTN.search(f.path)) and d < v) or rel or score_bias) and d % t_size == 0
+    if (rank == 2 and not evidence and not bias and not rel and POS_EMBED.search(f.unit_name) and not ATTN.search(f.path)
+            and not _LOOKED_UP_BY_IDS.search(f.unit_name)):
+        # tree-only, a table named for positions is added to every token (ViViT's (S, d) ``pos_space``,
+        # broadcast over the batch and frames) or looked up at the positions, not by ids: split on its rows it
+        # splits the sequence dim of every activation it meets, which XLA reshards layer after layer (ViViT,
+        # data=2,model=4: 1.27x the collectives of the table kept whole, the estimate 0.79 of the compiled),
+        # and the tree's tokens per step, read off the batch's leading dim, do not price that
+        st.choose("embedding", [Option("replicate", ((f.path, st.whole(
+            f, f"embedding: learned positional table ({' x '.join(map(str, f.body))}, named for positions): "
+               "added to every token or looked up at the positions, kept whole on every tensor rank (split on "
+               "its rows it would split the sequence dim of every activation)")),), (), mm, whole=True)], [f])
+        return
     if v % t_size == 0 and not bias:
         acts = (ActComm("all-reduce", t_entry, d, 1, "sum the looked-up rows (forward)"),)
         if tied:
