@@ -398,6 +398,14 @@ BAD = [
         EstimateError, ("optimizer 'adam' is a name", "pass the optax optimizer itself", "optax.adam(1e-3)")),
     Bad("an object that is no optax transformation", lambda: tpflax.estimate(PLAN, object(), {"x": (2, 4)}),
         EstimateError, ("of type object is no optax.GradientTransformation", "it has no init()")),
+    Bad("an input whose batch is not its leading dim (Transformer-XL's memory laid out (layers, batch, ...)): "
+        "was 'use a batch size that is a multiple of 2' with a batch of 8",
+        lambda: tpflax.make_train_step(lambda v, x, mems: x @ v["a"]["kernel"] + mems[0],
+                                       tpflax.plan(TREE, {"data": 2}), mesh(data=2), optax.sgd(0.1),
+                                       sample=(S((8, 4), "float32"), S((3, 8, 8), "float32")),
+                                       loss=lambda out, x, mems: out.mean()),
+        tpflax.SpecError, ("1:", "(3, 8, 8)", "leading dim (3", "taken as the batch", "lead with 8 examples",
+                           "If its batch is dim 1", "sharding=NamedSharding(mesh, P(None, 'data'))", "batch=8")),
     Bad("an optimizer name for a training step",  # was an EstimateError from inside the cost model
         lambda: tpflax.make_train_step(lambda v, x: x @ v["a"]["kernel"], PLAN, mesh(model=2), "adamw",
                                        sample=(S((2, 4), "float32"),), loss=lambda out, x: out.mean()),

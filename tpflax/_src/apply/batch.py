@@ -114,6 +114,8 @@ def batch_shardings(batch: Any, mesh: jax.sharding.Mesh, spec: PartitionSpec, si
     n = math.prod(sizes[a] for e in spec for a in entry_axes(e))
     problems = []
     flat, treedef = jax.tree_util.tree_flatten_with_path(batch)
+    leads = collections.Counter(s[0] for s in (tuple(getattr(x, "shape", None) or np.shape(x)) for _, x in flat
+                                               if explicit_spec(x) is None) if s)
     out = []
     for path, x in flat:
         shape = tuple(getattr(x, "shape", None) or np.shape(x))
@@ -129,13 +131,32 @@ def batch_shardings(batch: Any, mesh: jax.sharding.Mesh, spec: PartitionSpec, si
             continue
         if n > 1 and shape[0] % n:
             axes = "*".join(f"{a}={sizes[a]}" for e in spec for a in entry_axes(e))
-            problems.append(f"{where}: batch dim of shape {tuple(shape)} is "
-                            f"{shape[0]}, not divisible by mesh axes {axes}; use a batch size that "
-                            f"is a multiple of {n}")
+            problems.append(_undivided(where, shape, spec, axes, n, leads))
         out.append(NamedSharding(mesh, spec))
     if problems:
         raise SpecError("the batch does not split over the mesh", problems)
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _undivided(where: str, shape: tuple[int, ...], spec: PartitionSpec, axes: str, n: int,
+               leads: Mapping[int, int]) -> str:
+    """Why a leaf's leading dim does not split over the ``n`` devices of the batch ``axes``, and the fix. When the
+    other leaves lead with another size, the leaf's batch is likely another dim (Transformer-XL's memory laid out
+    (layers, batch, memory, d)): say that its leading dim is taken as the batch and how to name the batch dim."""
+    others = [m for m, _ in leads.most_common() if m != shape[0]]
+    if not others:
+        return (f"{where}: batch dim of shape {shape} is {shape[0]}, not divisible by mesh axes {axes}; use a "
+                f"batch size that is a multiple of {n}")
+    size = others[0]
+    dims = [k for k in range(1, len(shape)) if shape[k] == size]
+    entry = spec[0] if len(spec) else None
+    named = (", ".join("None" for _ in range(dims[0])) + f", {entry!r}") if dims else f"..., {entry!r}, ..."
+    at = f"dim {dims[0]}" if dims else "its batch dim"
+    return (f"{where}: its leading dim ({shape[0]}, of shape {shape}) is taken as the batch, but the other "
+            f"inputs lead with {size} examples and {shape[0]} does not divide over mesh axes {axes}. If its "
+            f"batch is {at}, say so: pass it in sample= as jax.ShapeDtypeStruct({shape}, dtype, "
+            f"sharding=NamedSharding(mesh, P({named}))), which keeps that spec; if it holds no batch (shared "
+            f"by every example), pass batch={size} to keep it replicated; or put its batch dim first")
 
 
 def _explicit_problems(where: str, shape: tuple[int, ...], spec: PartitionSpec,
