@@ -115,7 +115,8 @@ def _warn_uneven(batch: Any) -> None:
                   f"{', '.join(others[:4])}): each input's leading dim is split over the batch axes. If an input is "
                   f"shared by every example (a positional table), pass batch={first} (inputs of another leading "
                   "dim stay replicated) or give it in sample= as jax.ShapeDtypeStruct(shape, dtype, "
-                  "sharding=NamedSharding(mesh, P()))", TpflaxWarning, stacklevel=3)
+                  "sharding=NamedSharding(mesh, P())); if its batch is another dim (a memory laid out (layers, "
+                  "batch, ...)), give that dim the batch axes there (P(None, 'data'))", TpflaxWarning, stacklevel=3)
 
 
 def named_shardings(mesh, specs: Any) -> Any:
