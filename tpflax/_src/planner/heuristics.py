@@ -135,6 +135,19 @@ def _pair_linears(st: State, todo: Sequence[Facts], widths: set[int], sure: bool
         lins = [linear_view(f, members, here) for f in members]
         assign_roles(lins, here, sure_here)
         st.out_first.update(x.f.path for x in lins if len(x.f.body) == 2 and x.in_dims == (1,))
+        stacks = _stacks_below(group, groups) if "/" not in group else ()
+        mirrored = [x for x in lins if len(x.f.body) == 2 and not HEAD.match(x.f.layer_name) and x.in_size != x.out_size
+                    and any(y.in_size == x.out_size and y.out_size == x.in_size for y in lins)] if stacks else []
+        if mirrored:
+            # the model's top level between stacks of layers: its dense layers map one stage's stream onto the
+            # next (Hourglass's shorten and upsample, each side of the short stack), they do not feed each
+            # other; paired by shape across the stages, shorten was split as upsample's row (review_u F14:
+            # 1.44x the collectives of the hand layout, data=2,model=4); the others there (a head) are paired as before
+            for x in mirrored:
+                st.replicate(x.f, f"dense layer ({x.in_size} -> {x.out_size}) at the model's top level between the "
+                                  f"stacks {', '.join(stacks)}: it maps one stage's stream onto another, so it is not "
+                                  "paired by shape with its mirror image there; kept whole")
+            lins = [x for x in lins if x not in mirrored]
         lefts[group] = _pair_group(st, group, lins, heads(group), here)
     # a block's own leftovers wait there for its children's (Longformer's ``attention_output_dense`` beside
     # ``attention_self/{query,key,value}``, one level down); else they go up
@@ -155,6 +168,17 @@ def _pair_linears(st: State, todo: Sequence[Facts], widths: set[int], sure: bool
             assign_roles(lins, here, sure_here)
             _pool(up, group, _pair_group(st, group, lins, heads(group), here))
         loose = up
+
+
+def _stacks_below(root: str, groups: Mapping[str, list[Facts]]) -> tuple[str, ...]:
+    """The names of the stacks when the top-level ``root`` holds two or more stacks of numbered layers with dense layers of their own
+    (``pre_*``, ``short_*``, ``post_*``): stages, between which its own dense layers sit."""
+    stacks = sorted({m.group(1) for g in groups if g.startswith(f"{root}/")
+                     for m in [_NUMBERED.fullmatch(g[len(root) + 1:].split("/")[0])] if m})
+    return tuple(stacks) if len(stacks) >= 2 else ()
+
+
+_NUMBERED = re.compile(r"(\D+?)_?\d+")  # a numbered layer of a stack: ``pre_0`` of ``pre``
 
 
 def _blocks(todo: Sequence[Facts]) -> dict[str, list[Facts]]:
