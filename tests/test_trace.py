@@ -527,6 +527,48 @@ def test_a_split_runs_on_into_the_groups_of_a_cut_heads_dim(heads, kv, q_limit):
     assert p.decisions["params/q/kernel"].spec == want
 
 
+class HeadsThenGroups(nn.Module):
+    """GQA with 2-D kernels whose query is first viewed (heads, head_dim), then regrouped (kv heads, groups,
+    head_dim): ``jax.nn.dot_product_attention``'s XLA path does the regrouping itself; ``grouped``: by hand."""
+
+    heads: int
+    kv: int
+    how: str
+
+    @nn.compact
+    def __call__(self, x):
+        b, t, d = x.shape
+        q = nn.Dense(self.heads * 8, use_bias=False, name="q")(x).reshape(b, t, self.heads, 8)
+        k, v = (nn.Dense(self.kv * 8, use_bias=False, name=n)(x).reshape(b, t, self.kv, 8) for n in "kv")
+        if "rope" in self.how:
+            pos = jnp.arange(t, dtype=F32)
+            q, k = rotate_half(q, pos), rotate_half(k, pos)
+        if "grouped" in self.how:
+            qg = q.reshape(b, t, self.kv, self.heads // self.kv, 8)
+            p = jax.nn.softmax(jnp.einsum("bqkgd,bskd->bkgqs", qg, k), -1)
+            o = jnp.einsum("bkgqs,bskd->bqkgd", p, v)
+        else:
+            o = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        return nn.Dense(d, use_bias=False, name="o")(o.reshape(b, t, self.heads * 8))
+
+
+@pytest.mark.parametrize("heads, kv, tp, how", [(8, 2, 4, "sdpa"), (8, 2, 4, "grouped"), (8, 2, 4, "rope sdpa"),
+                                                 (8, 4, 8, "sdpa")])
+def test_query_heads_regrouped_for_fewer_kv_heads_keep_their_heads_limit(heads, kv, tp, how):
+    # q viewed (b, t, 8, 16) then (b, t, 2, 4, 16): the head_dim (the first cut's minor part), summed by q.k,
+    # capped the split at the second cut's major part (2, the kv heads) since both minor parts shared one key:
+    # q and o were replicated for 1 < kv < tp without rope (rope's concatenate hid it). 8 heads split over 4 or 8
+    # ranks cut nothing: q and o split by heads, the kv columns left to the GQA layouts (kept whole here)
+    m, x = HeadsThenGroups(heads, kv, how), sds(2, 8, 32)
+    flow = dataflow(m, (x,), abstract(m, x))
+    limit = {e.src: e.limit for e in flow.edges if e.dst == "params/o/kernel"}
+    assert limit == {"params/q/kernel": heads, "params/k/kernel": kv, "params/v/kernel": kv}
+    p = tpflax.plan(abstract(m, x), {"model": tp}, model=m, sample=(x,))
+    assert p.decisions["params/q/kernel"].spec == P(None, "model")
+    assert p.decisions["params/o/kernel"].spec == P("model", None)
+    assert p.decisions["params/k/kernel"].spec == P(None, None)
+
+
 def rotate_half(x, pos):
     """Rotary embeddings as Gemma writes them: the halves of head_dim rotated, then concatenated."""
     a, b = jnp.split(x, 2, axis=-1)

@@ -51,6 +51,10 @@ def is_minor(k: tuple[int, int]) -> bool:
 # A piece key (see :meth:`Walk.piece`) is ``(use id, param dim + PIECE * n)``: no kernel has this many dims.
 PIECE = 1 << 16
 
+# A sunk minor key (see :meth:`Walk.sink`) is ``(use id, ~param dim - SUNK * n)``: the minor part of an earlier cut of
+# a dim whose major part a later reshape cut again (a head_dim under heads regrouped ``(kv_heads, groups)``).
+SUNK = 1 << 20
+
 # A part key (see :meth:`Walk.part_key`) is ``(use id, param dim + PART)``: the minor part of a kernel dim a reshape
 # of the parameter cut (DBRX's experts stored ``(E * f, d)``, read as ``(E, f, d)``: the ``f`` of the stored dim).
 PART = 1 << 30
@@ -174,6 +178,7 @@ class Walk:
     fused: dict[tuple[int, int], int] = field(default_factory=dict)
     spills: dict[tuple[int, int], int] = field(default_factory=dict)
     caps: dict[tuple[int, int], int] = field(default_factory=dict)
+    sunk: dict[tuple[int, int], tuple[tuple[int, int], int]] = field(default_factory=dict)  # Walk.sink: key -> (tag, cap)
     spread: dict[tuple[int, int], int] = field(default_factory=dict)
     alongside: set[tuple[tuple[int, int], tuple[int, int]]] = field(default_factory=set)
     grown: dict[tuple[int, int], int] = field(default_factory=dict)
@@ -335,8 +340,20 @@ class Walk:
 
     def cap(self, k: tuple[int, int]) -> None:
         """The minor part ``k`` of a cut dim needs its other shards: its tag splits only the major part."""
-        major = minor_key(k)
-        self.caps[major] = math.gcd(self.caps.get(major, 0), self.spills.get(major, 1))
+        if k in self.sunk:
+            major, size = self.sunk[k]
+        else:
+            major = minor_key(k)
+            size = self.spills.get(major, 1)
+        self.caps[major] = math.gcd(self.caps.get(major, 0), size)
+
+    def sink(self, k: tuple[int, int], size: int) -> tuple[int, int]:
+        """A key for the live minor part of tag ``k`` whose major part a later reshape cuts again: (8 heads, head_dim)
+        regrouped (2 kv heads, 4 groups, head_dim) by a GQA. The head_dim's cap stays its own cut's major ``size`` (the
+        8 heads), not the new cut's (2): :attr:`spills` is one size per tag, the gcd of every cut's major part."""
+        sk = (k[0], ~k[1] - SUNK * (1 + len(self.sunk)))
+        self.sunk[sk] = (k, size)
+        return sk
 
     def fuse(self, m: TagMap, pieces: int) -> None:
         """The tagged dims in ``m`` are cut into ``pieces`` equal parts (a fused qkv's output)."""

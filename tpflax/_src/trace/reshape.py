@@ -85,6 +85,12 @@ def reshape(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> 
         for k, (lim, via) in w.merge([v.dim_tags(i)]).items():
             s = 1 if is_minor(k) else spill(lim, dst[o], dst[o2])
             if s > 1:
+                if k in w.spills:
+                    # an earlier cut of this tag's dim left a minor part on another dim (the head_dim of the heads
+                    # now regrouped (kv_heads, groups)): it keeps its own cut's cap under a key of its own
+                    sunk = w.sink(k, w.spills[k])
+                    tags = [{(sunk if x == minor_key(k) else x): y for x, y in t.items()} if j != o2 else t
+                            for j, t in enumerate(tags)]
                 tags[o] = {**tags[o], k: (dst[o] * s, via)}
                 tags[o2] = {**tags[o2], minor_key(k): (s, via)}
                 w.spills[k] = math.gcd(w.spills.get(k, 0), dst[o])
