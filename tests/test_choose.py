@@ -607,3 +607,35 @@ def test_a_positional_table_added_to_a_video_is_not_split_as_a_vocabulary_tree_o
     variables = jax.eval_shape(_Video().init, jax.random.key(0), *video)
     d = tpflax.plan(variables, DP_TP, batch=video).decisions["params/pos_space"]
     assert tuple(d.spec) == (None, None) and "positional table" in d.reason, (d.spec, d.reason)
+
+
+class PerHeadShared(nn.Module):
+    """A weight shared across attention heads, applied to q viewed (b, s, heads, head_dim): Performer's random
+    features (``omega``, in a non-param collection), the same matrix trained, or a per-head ``nn.Dense``."""
+
+    kind: str
+
+    @nn.compact
+    def __call__(self, ids):
+        b, s = ids.shape
+        x = nn.Embed(1000, 64, name="embed")(ids)
+        q = nn.Dense(64, name="q")(x).reshape(b, s, 8, 8)
+        if self.kind == "collection":
+            q = q @ self.variable("random", "omega", lambda: jnp.ones((8, 8))).value
+        elif self.kind == "param":
+            q = q @ self.param("omega", nn.initializers.normal(), (8, 8))
+        else:
+            q = nn.Dense(8, name="per_head")(q)
+        return nn.Dense(1000, name="head")(nn.Dense(64, name="o")(q.reshape(b, s, 64)))
+
+
+@pytest.mark.parametrize("kind", ["collection", "param", "dense"])
+def test_tokens_per_step_do_not_count_the_heads_of_a_per_head_weight(kind):
+    # the chooser's tokens came from the widest traced matmul: the shared per-head weight's rows are b * s * heads,
+    # so 8 x 64 tokens were priced as 8 x 64 x 8 and the embedding's vocab split lost to replicate (review F04)
+    ids = jax.ShapeDtypeStruct((8, 64), jnp.int32)
+    m = PerHeadShared(kind)
+    v = jax.eval_shape(m.init, jax.random.key(0), ids)
+    p = tpflax.plan(v, DP_TP, model=m, sample=(ids,), batch=(ids,))
+    assert p.options["tokens"] == 8 * 64
+    assert p.decisions["params/embed/embedding"].spec == P("model", None)

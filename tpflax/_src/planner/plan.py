@@ -377,7 +377,7 @@ def _propose(facts: Sequence[Facts], ms: MeshShape, opts: Options, forced: Force
                 f"{len(dead)} leaves no output of the traced forward pass depends on ({', '.join(dead[:3])}"
                 f"{', ...' if len(dead) > 3 else ''}): their gradients are zeros and they move no data; planned "
                 "from the tree alone. Drop them from the tree, or leave them out of training (trainable=)")
-        widest = max((u.tokens for u in flow.uses), default=0)
+        widest = max((u.token_rows for u in flow.uses), default=0)
         if batch_given:
             opts = replace(opts, tokens=_traced_tokens(opts.tokens, widest, _sample_rows(sample)))
         buffers = expert_buffers(model, sample, tree, flow)
@@ -649,7 +649,7 @@ def traced_facts(p: Plan, model: Any, sample: Any = None, flow: Any = None) -> P
         opts = replace(opts, tokens=int(o.get("tokens") or opts.tokens))
     except TpflaxError:
         return p
-    widest = max((u.tokens for u in flow.uses), default=0)
+    widest = max((u.token_rows for u in flow.uses), default=0)
     own, own_pairs = _unforced(facts, p.mesh, opts, flow, widest)
     forced = {q: Proposal(entries(ds[q].spec, len(ds[q].shape)), ds[q].strategy, ds[q].reason) for q in loose}
     found, pairs = _forced_facts(forced, facts, [], own, own_pairs, p.mesh)

@@ -84,6 +84,8 @@ def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
     # expert it goes to, but its input and its input's gradient move at the body's boundary), else its rows
     rows = 0 if ab or (pb and not groups) else (w.body_rows if groups and w.body_rows else
                                                 math.prod(act_shape[d] for d in af) * w.row_shards)
+    # of those rows, the heads: dims a reshape cut out of a matmul's output features (a weight shared across heads)
+    per_head = math.prod(act_shape[d] for d in af if any(k in w.cut for k in act.dim_tags(d)))
     for path, dims in par.origin:
         op = "onehot" if act.onehot else "dot"
         # the minor parts of leaf dims a reshape of the parameter cut (Val.parts): contracted or kept as their leaf dim
@@ -96,7 +98,8 @@ def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
                 if dims[d] is None and parts[d] is not None and parts[d][0] not in (*summed, *kept, *batched):
                     group.append(parts[d][0])
         uid = w.use(ctx, eqn, path, op, summed, kept, batched, par.const_of, rows,
-                    str(eqn.outvars[0].aval.dtype), from_input=not (act.live or act.origin))
+                    str(eqn.outvars[0].aval.dtype), from_input=not (act.live or act.origin),
+                    per_head=per_head if rows else 1)
         w.reads.setdefault(uid, (eqn, 1 if lp else 0, ctx))
         if id(act) in w.pinned:
             w.direct.add(uid)

@@ -179,6 +179,7 @@ class Walk:
     spills: dict[tuple[int, int], int] = field(default_factory=dict)
     caps: dict[tuple[int, int], int] = field(default_factory=dict)
     sunk: dict[tuple[int, int], tuple[tuple[int, int], int]] = field(default_factory=dict)  # Walk.sink: key -> (tag, cap)
+    cut: set[tuple[int, int]] = field(default_factory=set)  # tags whose dim a reshape cut into (major, minor): heads
     spread: dict[tuple[int, int], int] = field(default_factory=dict)
     alongside: set[tuple[tuple[int, int], tuple[int, int]]] = field(default_factory=set)
     grown: dict[tuple[int, int], int] = field(default_factory=dict)
@@ -450,7 +451,8 @@ class Walk:
 
     def use(self, ctx: tuple, eqn: Any, path: str, op: str, contracted, kept, batch, scan_length,
             rows: int = 0, dtype: str = "", grouped: int | None = None, from_input: bool = False,
-            fixed: bool = False, looked: tuple[int, ...] = (), in_rows: int = 0, grouped_in: int | None = None) -> int:
+            fixed: bool = False, looked: tuple[int, ...] = (), in_rows: int = 0, grouped_in: int | None = None,
+            per_head: int = 1) -> int:
         key = (ctx, id(eqn), path)
         if key in self.use_key:
             u = self.uses[self.use_key[key]]
@@ -460,7 +462,7 @@ class Walk:
                 self.uses[u.id] = dataclasses.replace(u, fixed=u.fixed and fixed, from_input=u.from_input and from_input)
             return u.id
         u = Use(len(self.uses), path, op, tuple(contracted), tuple(kept), tuple(batch), scan_length, rows, dtype,
-                grouped, from_input, fixed, tuple(looked), in_rows, grouped_in)
+                grouped, from_input, fixed, tuple(looked), in_rows, grouped_in, per_head)
         self.uses.append(u)
         self.use_key[key] = u.id
         return u.id

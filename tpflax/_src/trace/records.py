@@ -47,6 +47,9 @@ class Use:
             input plus its output as traced: XLA's SPMD partitioner does not split a grouped
             convolution's batch, so it gathers both over the batch axes; 0 for a depthwise one
             (one input channel per group), whose batch it splits; else None.
+        per_head: for ``dot``, the factor of ``rows`` from its input's dims that a reshape cut out of another
+            matmul's output features (attention heads: a weight shared across heads, Performer's random features
+            ``bshd,md->bshm`` or a per-head Dense, reads ``b * s * h`` rows for ``b * s`` tokens); else 1.
         grouped_in: for a grouped ``conv``, the elements of its input alone (XLA:TPU gathers only its
             input, over a tensor axis splitting its kernel: :mod:`tpflax._src.cost.grouped`); else None.
         from_input: the activation it contracts is computed from no parameter (the model's
@@ -73,6 +76,12 @@ class Use:
     looked: tuple[int, ...] = ()
     in_rows: int = 0
     grouped_in: int | None = None
+    per_head: int = 1
+
+    @property
+    def token_rows(self) -> int:
+        """:attr:`tokens` less the heads its rows count (:attr:`per_head`): the batch's tokens it reads."""
+        return self.tokens // max(self.per_head, 1)
 
     @property
     def tokens(self) -> int:

@@ -84,6 +84,8 @@ def reshape(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> 
         later: dict = {}  # the tags o2 takes if o is cut into single pieces (see Walk.pick)
         for k, (lim, via) in w.merge([v.dim_tags(i)]).items():
             s = 1 if is_minor(k) else spill(lim, dst[o], dst[o2])
+            if not is_minor(k):
+                w.cut.add(k)
             if s > 1:
                 if k in w.spills:
                     # an earlier cut of this tag's dim left a minor part on another dim (the head_dim of the heads
