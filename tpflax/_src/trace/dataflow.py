@@ -277,6 +277,7 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                         w.outputs.add(k)
                         if d == len(v.tags) - 1 or not last:
                             w.features.add(k)
+    concats = _concats(w)
     found, branches = _pieces_joined(w)
     for (uid, dim), (sizes, whole) in found["cuts"].items():
         # pieces sliced off a view of the kernel dim (Falcon's (heads + 2) x head_dim, sliced by heads): in its units
@@ -298,7 +299,8 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                     combined={p: tuple(ds) for p, ds in w.combined.items()},
                     channels={p: by for p, by in w.channels.items() if by},
                     scanned=dict(w.scanned), n_eqns=w.n_eqns, fused=found["fused"], branches=branches,
-                    cuts=found["cuts"], views=frozenset(w.root(k) for k in w.views), padded=frozenset(w.padded),
+                    cuts=found["cuts"], concats=concats, views=frozenset(w.root(k) for k in w.views),
+                    padded=frozenset(w.padded),
                     shared=shared_reads(jaxpr, w.reads) | own_casts(jaxpr, w.reads, inputs), remat=remat,
                     remat_calls=remat_calls,
                     products=_one_branch(w.products), channelwise=dict(w.channelwise),
@@ -326,6 +328,29 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                                     for r in w.fft_reads),
                     sliced=_sliced(w, {p: tuple(v.aval.shape) for p, v in zip(paths, jaxpr.invars, strict=False)}),
                     batch_reads=_batch_reads(jaxpr, len(paths), examples, w.reads))
+
+
+def _concats(w: Any) -> dict[tuple[int, int], tuple[int, ...]]:
+    """``{(use id, kernel dim): input sizes}`` of the kernel dims contracting, row for row, a concatenation of
+    kernels' outputs each of which reaches them (:attr:`Dataflow.concats`).
+
+    A concatenation no kernel reads so ends its inputs' chains, as any concatenation did before
+    (:func:`tpflax._src.trace.handlers.concatenate`): one reduced on the way (Inception's branches side by side,
+    averaged over the image, then the classifier) is resharded at its own, larger size, which a split of the
+    reading kernel does not pay back."""
+    srcs: dict[tuple[int, int], set[tuple[int, int]]] = {}
+    for (s, sd, d, dd) in w.edges:
+        srcs.setdefault((d, dd), set()).add((s, sd))
+    out: dict[tuple[int, int], tuple[int, ...]] = {}
+    for keys, sizes, rows in w.concats:
+        read = [dst for dst, got in srcs.items() if all(ks & got for ks in keys)]
+        if read and all(w.uses[d].op == "dot" and w.uses[d].rows == rows for d, _ in read):
+            for dst in read:
+                out.setdefault(dst, sizes)
+            continue
+        for ks in keys:
+            w.escape(dict.fromkeys(ks), "concatenated with other values along it")
+    return out
 
 
 def _batch_reads(jaxpr: Any, n: int, examples: int, reads: Mapping[int, tuple[Any, int, tuple]]) -> frozenset[int]:

@@ -455,11 +455,46 @@ def scatter(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> 
 
 
 def concatenate(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:
+    """Values side by side along ``dimension``: the tags of that dim end there, unless the inputs are different
+    kernels' outputs (:func:`_joined_columns`); those go on, and the walk's end keeps them only where a kernel
+    contracts the concatenation row for row (:func:`tpflax._src.trace.dataflow._concats`)."""
     dim = eqn.params["dimension"]
     rank = ranks[0]
+    out = concatenate_like(w, ins, rank, [dim])
+    joined = _joined_columns(w, ins, dim)
+    if joined is None:
+        for v in ins:
+            w.escape(v.dim_tags(dim), "concatenated with other values along it")
+        return [out]
+    shape = tuple(eqn.outvars[0].aval.shape)
+    w.concats.append((tuple(frozenset(v.dim_tags(dim)) for v in ins),
+                      tuple(int(x.aval.shape[dim]) for x in eqn.invars), math.prod(shape) // shape[dim]))
+    tags = list(out.tags or ({},) * rank)
+    tags[dim] = joined
+    return [dataclasses.replace(out, tags=tuple(tags))]
+
+
+def _joined_columns(w: Walk, ins: list[Val], dim: int):
+    """The tags of ``dim`` of a concatenation of different kernels' outputs side by side (a parallel block's
+    ``concat([attn_out, gelu(up)])`` read by one fused output projection), or None.
+
+    Each input's own kernel dims go on: a row kernel contracting the concatenation pairs with every column feeding
+    it, as a row contracting ``gate * up`` pairs with both. Only whole (major) tags, every input tagged along
+    ``dim``, and no tag key in two inputs (rotate-half's ``concat([-x2, x1])`` is one dim rearranged, which a split
+    cuts; the pieces of a fused in_proj cut by ``jnp.split`` have keys of their own, :meth:`Walk.piece`); anything
+    else ends the chains as before."""
+    seen: set = set()
+    maps = []
     for v in ins:
-        w.escape(v.dim_tags(dim), "concatenated with other values along it")
-    return [concatenate_like(w, ins, rank, [dim])]
+        m = v.dim_tags(dim)
+        if not m or any(is_minor(k) for k in m):
+            return None
+        keys = {k for k in m if k not in w.escapes}
+        if not keys or keys & seen:
+            return None
+        seen |= keys
+        maps.append(m)
+    return w.merge(maps)
 
 
 def concatenate_like(w: Walk, ins: list[Val], rank: int, joined: list[int]) -> Val:

@@ -218,6 +218,9 @@ class Walk:
     parts: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)  # part key -> its kernel dim
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # parameter path -> its stored shape
     parted: dict[str, dict[int, int]] = field(default_factory=dict)  # path -> {leaf dim: major size} (Dataflow.parted)
+    # kernels' outputs put side by side by a concatenate (handlers._joined_columns): per input its tag keys on the
+    # joined dim, the inputs' sizes along it and the concatenation's rows (Dataflow.concats)
+    concats: list[tuple[tuple[frozenset, ...], tuple[int, ...], int]] = field(default_factory=list)
     split: dict[tuple[str, int], int] = field(default_factory=dict)  # (path, leaf dim) -> shards in a shard_map body
     ragged: dict[int, Any] = field(default_factory=dict)  # id(ragged_dot_general eqn) -> the view dot_general reads
     # path -> ((leaf dim, mesh axes, sizes), ...) the first shard_map it enters lays it out over (Dataflow.in_specs)

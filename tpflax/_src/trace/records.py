@@ -252,6 +252,10 @@ class Dataflow:
         cuts: ``{(use id, param dim): (piece sizes, indices of the pieces read whole)}`` for the
             :attr:`fused` dims cut into unequal pieces; a piece read whole (an MQA key or value, summed
             against the queries) ends its chain while the others reach a contraction.
+        concats: ``{(use id, param dim): input sizes}``: a kernel dim that contracts a concatenation of other
+            kernels' outputs (a parallel block's ``concat([attn_out, gelu(up)])`` read by one output projection):
+            split contiguously, its shards do not follow the inputs' own, and XLA reshards the inputs (the mirror
+            of a :attr:`cuts` kernel's, priced by :func:`tpflax._src.cost.reshard.concat_items`).
         collectives: the explicit collectives of ``shard_map`` bodies that move data (see
             :class:`Collective`), forward and, for a value computed from parameters, the backward's.
         views: the :attr:`fused` dims whose pieces a reshape cut apart: the output reshaped to
@@ -371,6 +375,7 @@ class Dataflow:
     channelwise: Mapping[str, tuple[int, Mapping[int, int]]] = field(default_factory=dict)
     branches: Mapping[tuple[int, int], tuple[frozenset[int], ...]] = field(default_factory=dict)
     cuts: Mapping[tuple[int, int], tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    concats: Mapping[tuple[int, int], tuple[int, ...]] = field(default_factory=dict)
     views: frozenset[tuple[int, int]] = frozenset()
     padded: frozenset[tuple[int, int]] = frozenset()
     spread: Mapping[tuple[int, int], int] = field(default_factory=dict)
