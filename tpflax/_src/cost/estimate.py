@@ -36,7 +36,9 @@ compiled program (:func:`tpflax.dry_run`), and kept per mesh axis:
   ``"all-to-all"``: two all-to-alls of the routed tokens forward and two backward;
 * a traced fused ``[q|k|v]`` kernel split on its fused dim: XLA's halo-exchange
   collective-permutes resharding the pieces forward, all-to-alls backward
-  (:mod:`tpflax._src.cost.reshard`).
+  (:mod:`tpflax._src.cost.reshard`); its mirror, a split kernel reading a concatenation of
+  split outputs (a parallel block's output projection): all-to-alls forward, collective-permutes
+  backward (:func:`tpflax._src.cost.reshard.concat_items`).
 
 Activation sizes come from :func:`trace_activations` (exact shapes of every
 layer's input and output, from ``jax.eval_shape``; compute it once and reuse it
@@ -62,7 +64,7 @@ from tpflax._src.cost.leaves import Leaves, merge, without_dead, without_grads
 from tpflax._src.cost.memory import memory
 from tpflax._src.cost.peak import peak
 from tpflax._src.cost.records import MEMORY_FIELDS, Act, CommItem, Estimate, comm_table, plan_leaves
-from tpflax._src.cost.reshard import fused_items, split_head_items
+from tpflax._src.cost.reshard import concat_items, fused_items, split_head_items
 from tpflax._src.cost.scope import Scope
 from tpflax._src.cost.straddle import straddled_split
 from tpflax._src.cost.stream import split_grad_items
@@ -169,12 +171,12 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
                   batched=w.batched, ragged=w.ragged,
                   conditions=w.conditions, batch_dims=w.batch_dims, sliced=w.sliced, dots=w.dots, batched_dots=w.batched_dots, shard_mapped=w.shard_mapped, direct=w.direct, derived=w.derived, cast_to=w.cast_to, cast_some=w.cast_some,
                   written=frozenset(p for c in w.collectives if c.kind == "reduce-scatter" and not c.source.endswith("(backward)")
-                                    for p in c.carries), apart=w.apart, split_widths=w.split_widths, parted=w.parted, streamed=w.streamed, expanded=w.expanded,
+                                    for p in c.carries), apart=w.apart, split_widths=w.split_widths, parted=w.parted, concats=w.concats, streamed=w.streamed, expanded=w.expanded,
                   scanned=w.scanned, constrained=w.constrained, limits=w.limits, moments=param_moments(w.opt),
                   batch_read=w.batch_read)
     notes.extend(product_sum_notes(lv, mesh, w, scope.experts_split))
     every = (comm_items(scope, notes) + expert_items(scope) + buffer_items(scope) + fused_items(scope, notes)
-             + split_head_items(scope)
+             + split_head_items(scope) + concat_items(scope, notes)
              + grouped_conv_items(scope) + explicit_items(w.collectives, notes, w.backend) + split_grad_items(scope) + whole_read_items(scope)
              + replicated_items(scope)
              + split_sum_items(scope, w.split_sums, w.fused or {}) + split_grad_gathers(scope, w.split_grads, w.fused or {})

@@ -134,6 +134,7 @@ class Scope:
     # (width, mesh axes) of activation dims a model's constraint splits (Traced.split_widths)
     split_widths: frozenset = frozenset()
     parted: Mapping[str, Mapping[int, int]] = field(default_factory=dict)  # (Traced.parted)
+    concats: Mapping[str, tuple[int, tuple[int, ...]]] = field(default_factory=dict)  # (Traced.concats)
     streamed: frozenset = frozenset()  # kernel dims added onto a residual stream (Traced.streamed)
     expanded: Mapping[str, tuple[tuple[int, int, int], ...]] = field(default_factory=dict)  # (Traced.expanded)
     # kernels that contract a constrained value as it is (Traced.direct)

@@ -258,6 +258,8 @@ class Traced:
     # {path: {leaf dim: major size}}: a stored dim its contractions read cut into (major, minor) (DBRX's experts
     # stored (E * f, d), read as (E, f, d); Dataflow.parted)
     parted: Mapping[str, Mapping[int, int]] = field(default_factory=dict)
+    # {path: (kernel dim, input sizes)}: a kernel dim contracting a concatenation of kernels' outputs (Dataflow.concats)
+    concats: Mapping[str, tuple[int, tuple[int, ...]]] = field(default_factory=dict)
     # {table: ids per example its lookups from the inputs gather, together}: a multi-codebook model's tables each
     # look up one codebook's ids of a (batch, codebooks, steps) input, not all of them; a shared table the
     # encoder's ids and the decoder's
@@ -433,6 +435,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None
                   fft_reads=_fft_reads(flow, examples, _leads(m)),
                   lookup_rows=_lookup_rows(flow, examples), ragged=ragged_groups(flow),
                   parted=dict(flow.parted), batch_read=_batch_read(flow),
+                  concats={flow.uses[uid].path: (dim, sizes) for (uid, dim), sizes in flow.concats.items()},
                   split_grads=tuple((frozenset((flow.uses[u].path, d) for u, d in a),
                                      frozenset((flow.uses[u].path, d) for u, d in b), n / examples, c)
                                     for a, b, n, c in flow.split_grads))
