@@ -96,6 +96,8 @@ class Linear:
     doubt: str = ""  # shapes and names disagreed: said in a plan warning
     pieces: int = 1  # a fused kernel's output holds this many projections side by side (q|k|v)
     cut: tuple[int, ...] = ()  # a fused kernel: its pieces' sizes along the fused dim, in order
+    # traced: a row whose input is a concatenation of these sizes (Dataflow.concats): XLA reshards it into the split
+    joined: tuple[int, ...] = ()
     # traced: a fused kernel whose output is reshaped to (pieces, heads, head_dim) before the pieces are cut apart
     # (timm's and Swin's qkv.reshape(..., 3, heads, head_dim), Dataflow.views)
     viewed: bool = False
@@ -442,7 +444,7 @@ def _megatron(st: State, cols: list[Linear], row: Linear, pair: Pair, unit: str,
         f"{'heads (row side)' if heads else 'row'}: {row.why}; input {unit} ({size}) split over "
         f"{axis_label(t_entry, t_size)}, fed by {partner} (pair {pair.id}); one all-reduce of "
         "activations per pass", pair.id, "row"))]
-    acts = [ActComm("all-reduce", t_entry, row.out_size, 1, "row: sum partial outputs (forward)")]
+    acts = [ActComm("all-reduce", t_entry, row.out_size, 1, "row: sum partial outputs (forward)"), *_joined(row, t_entry, t_size)]
     pieces: list[tuple[str, int]] = []
     rotated = _rotated([c for c in cols if blocked[id(c)]])
     for col in cols:
@@ -487,6 +489,20 @@ def _megatron(st: State, cols: list[Linear], row: Linear, pair: Pair, unit: str,
     name = ("Megatron, K/V head_dim split" if kv_split else
             "Megatron, K/V replicated" if any(blocked.values()) else "Megatron split")
     return Option(name, tuple(props), tuple(acts), frozenset(p for p, _ in props), pieces=tuple(pieces))
+
+
+def _joined(row: Linear, t_entry: Entry, t_size: int) -> list[ActComm]:
+    """XLA's reshard of a row's concatenated input into its split, as the estimate prices it
+    (:func:`tpflax._src.cost.reshard.concat_items`)."""
+    from tpflax._src.cost.reshard import split_columns  # the cost model imports the planner
+
+    cut = split_columns(sum(row.joined), row.joined, t_size) if len(row.joined) > 1 else None
+    if cut is None:
+        return []
+    cps, back = cut
+    return [ActComm("all-to-all", t_entry, back, 2, "row: lay its concatenated inputs out as its split (forward)"),
+            ActComm("collective-permute", t_entry, sum(cps), 1,
+                    "row: cut its input gradient back into the concatenated inputs' shards (backward)")]
 
 
 def whole_column(col: Linear, t_entry: Entry, t_size: int) -> tuple[list[ActComm], int | None]:

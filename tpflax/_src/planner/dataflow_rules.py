@@ -513,7 +513,7 @@ def _pair_row(c: _Flow, rid: int, adapters: bool = True) -> None:
         return
     row = Linear(fR, (rb,), tuple(fR.body_dim(k) for k in R.kept), heads=rb if len(fR.body) == 3 else None,
                  role="row", why=f"traced: its contraction sums kernel dim {rb} against that output"
-                                 f"{_shared(c, R.path)}")
+                                 f"{_shared(c, R.path)}", joined=tuple(c.flow.concats.get((rid, rdim), ())))
     kind = "attention" if any("dot" in e.via for e in cols.values()) else "mlp"
     # its output the model's, not added to a residual stream on the way (a last block's row in a model without
     # a head): a vocab-split head's pricing (the split softmax) is for logits
