@@ -138,6 +138,12 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
                      "this estimate's layer outputs do not count; measured at 1.8-2.4x the unrolled step's "
                      "compiled peak (XLA:TPU, v5e:2x4), this estimate 42-61% under it. Remat the scanned "
                      "layers, or check with dry_run before booking")
+    if w.ignored:
+        names = sorted(w.ignored)
+        notes.append(f"the optimizer never reads the gradient of {len(names)} parameter(s) the plan trains "
+                     f"({names[0]}{', ...' if len(names) > 1 else ''}: optax.set_to_zero or alike): priced as "
+                     "frozen, as XLA drops their gradients and sums none of them. plan(..., trainable=) says so "
+                     "to the planner too, which then prices its layouts without their gradient sums")
     half = any(d.dtype in ("bfloat16", "float16") for d in lv.decisions.values())
     if w.backend == "cpu" and half:
         notes.append("XLA:CPU runs 16-bit collectives in float32 (it converts their operands; measured on a "

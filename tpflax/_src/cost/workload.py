@@ -29,7 +29,7 @@ from tpflax._src.cost.batch import (
     resolve_batch,
     size_problem,
 )
-from tpflax._src.cost.optstate import OptLayout, opt_layout
+from tpflax._src.cost.optstate import OptLayout, ignored_grads, opt_layout
 from tpflax._src.cost.optstate import optimizer_name as name_of
 from tpflax._src.cost.records import Act
 from tpflax._src.cost.traced import Scores, Traced, frozen_inputs, reads_slice, traced_uses
@@ -130,7 +130,8 @@ class Workload:
     conditions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # (Traced.conditions)
     dead: frozenset[str] = frozenset()  # traced parameters the outputs do not depend on (Traced.dead)
     sliced: Mapping[str, float] = field(default_factory=dict)  # (Traced.sliced)
-    no_grad: frozenset[str] = frozenset()  # traced parameters without a gradient (Traced.no_grad)
+    no_grad: frozenset[str] = frozenset()  # traced parameters without a gradient (Traced.no_grad, and ignored)
+    ignored: frozenset[str] = frozenset()  # trained parameters the optimizer's update never reads the gradient of
     dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)  # (Traced.dots)
     batched_dots: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)  # (Traced.batched_dots)
     shard_mapped: InSpecs = field(default_factory=dict)  # (Traced.shard_mapped)
@@ -292,7 +293,11 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
     contractions = contraction_calls(plan, t.contractions, b.size, t.tied or frozenset()) if not activations else {}
     # a frozen model's first layers (a LoRA base behind a frozen embedding): no input gradient to sum
     # (and a leaf read only through stop_gradient: Traced.no_grad, a frozen encoder behind a stopped table)
-    trainable = {p: d.trainable and p not in t.no_grad for p, d in plan.decisions.items()}
+    # (and one whose gradient the optimizer's update never reads: a multi_transform's set_to_zero label, whose
+    # gradient XLA drops from the step, all-reduce and all: cost/optstate.py::ignored_grads)
+    ignored = ignored_grads(plan, optimizer) if optimizer is not None else frozenset()
+    no_grad = t.no_grad | ignored
+    trainable = {p: d.trainable and p not in no_grad for p, d in plan.decisions.items()}
     frozen = frozen_inputs(t, trainable) if not all(trainable.values()) else frozenset()
     widths = {**(t.widths or {}), **dict.fromkeys(frozen, 0)} if frozen else t.widths
     # with the kernels reading the model's inputs (widths 0): no input gradient either, so unlike their repeats
@@ -314,7 +319,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     positional=t.positional, loops=t.loops, remat_layers=t.remat_layers, erf=t.erf,
                     product_sums=t.product_sums, split_sums=t.split_sums, split_grads=t.split_grads,
                     edges=t.edges, contracted=t.contracted, looked=t.looked, batched=t.batched, ragged=t.ragged, conditions=t.conditions, dead=t.dead,
-                    batch_dims=t.batch_dims, sliced=t.sliced, no_grad=t.no_grad, dots=t.dots, batched_dots=t.batched_dots, shard_mapped=t.shard_mapped, direct=t.direct, derived=t.derived, cast_to=t.cast_to, cast_some=t.cast_some, apart=t.apart, split_widths=t.split_widths, streamed=t.streamed, expanded=t.expanded, crossed=t.crossed, ffts=t.ffts, fft_reads=t.fft_reads, lookup_rows=t.lookup_rows, parted=t.parted, concats=t.concats,
+                    batch_dims=t.batch_dims, sliced=t.sliced, no_grad=no_grad, ignored=ignored, dots=t.dots, batched_dots=t.batched_dots, shard_mapped=t.shard_mapped, direct=t.direct, derived=t.derived, cast_to=t.cast_to, cast_some=t.cast_some, apart=t.apart, split_widths=t.split_widths, streamed=t.streamed, expanded=t.expanded, crossed=t.crossed, ffts=t.ffts, fft_reads=t.fft_reads, lookup_rows=t.lookup_rows, parted=t.parted, concats=t.concats,
                     scanned=t.scanned, constrained=t.constrained, limits=t.limits, batch_read=t.batch_read)
 
 
