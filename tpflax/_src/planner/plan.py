@@ -651,10 +651,18 @@ def traced_facts(p: Plan, model: Any, sample: Any = None, flow: Any = None) -> P
         return p
     widest = max((u.token_rows for u in flow.uses), default=0)
     own, own_pairs = _unforced(facts, p.mesh, opts, flow, widest)
-    forced = {q: Proposal(entries(ds[q].spec, len(ds[q].shape)), ds[q].strategy, ds[q].reason) for q in loose}
+    # a forced leaf left whole that the planner's own pair holds whole too (GQA's key/value kernels beside a split
+    # query, a LoRA's unsplit adapters): a member as it is there, so the pair is adopted as the planner's own plan
+    # has it (else its split members were priced alone: +9% model all-reduce, 4.8x the gathers, rules-planned LoRA)
+    members_of = {m for pr in own_pairs for m in (*pr.columns, *pr.rows)}
+    whole = {q for q, d in ds.items() if q not in loose and q in members_of and q in own
+             and d.source in ("rule", "annotation") and d.kind != "head"
+             and not any(_tensor_split(entries(d.spec, len(d.shape)), p.mesh))
+             and not any(_tensor_split(entries(own[q].spec, len(d.shape)), p.mesh))}
+    forced = {q: Proposal(entries(ds[q].spec, len(ds[q].shape)), ds[q].strategy, ds[q].reason) for q in loose | whole}
     found, pairs = _forced_facts(forced, facts, [], own, own_pairs, p.mesh)
     top = max([d.pair for d in ds.values() if d.pair is not None] + [pr.id for pr in p.pairs] + [0])
-    traced = {q for q, f in found.items() if f.pair is not None or f.kind == "head"}
+    traced = {q for q, f in found.items() if f.pair is not None or (f.kind == "head" and q not in whole)}
     # a tree pair is replaced only when the trace placed every member of it (else it is kept as it was)
     members: dict[int, set[str]] = {}
     for q, d in ds.items():
@@ -667,6 +675,12 @@ def traced_facts(p: Plan, model: Any, sample: Any = None, flow: Any = None) -> P
         if ds[q].pair is None or ds[q].pair in replaced:
             new[q] = replace(ds[q], pair=None if f.pair is None else top + f.pair, role=f.role,
                              kind=f.kind or ds[q].kind)
+    # a quantized kernel's dequantization scale follows it as the planner's own plan has it (_follow_scales): in
+    # its pair, on no side of it (a scale in a pair's columns took a column's items: the activation-sized sum of
+    # its partial input gradients, +62% of the model all-reduce priced for a rules-planned int8 Llama)
+    for spath, kpath in quantized_scales([f.leaf for f in facts]).items():
+        if spath in new and kpath in new and (new[spath].pair, new[spath].role) != (new[kpath].pair, None):
+            new[spath] = replace(new[spath], pair=new[kpath].pair, role=None)
     if new == ds:
         return p
     used = {d.pair for d in new.values()}
