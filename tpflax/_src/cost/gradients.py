@@ -164,11 +164,25 @@ def expanded_bytes(s: Scope) -> dict[str, int]:
     group's irreps (float64), ``f64[31,16,2,16,2]`` and ``f64[4,16,1,16,1]``; ``tests/test_expanded_kernels.py``."""
     out: dict[str, int] = {}
     tensor = set(s.mesh.axes_with(TENSOR))
+    kernels = _quantized(s)
     for path, arrays in s.expanded.items():
         d = s.lv.decisions.get(path)
-        if d is None or not d.trainable or tensor & set(used_axes(s.lv.specs[path])):
+        kernel = kernels.get(path)
+        if d is None or not d.trainable or (kernel is None and tensor & set(used_axes(s.lv.specs[path]))):
             continue  # a tensor-split leaf's kernel is split with it (not measured)
         n_leaf, item_leaf = math.prod(d.shape), cpu_wire(leaf_itemsize(d), "cpu")
+        if kernel is not None:
+            # a dequantization scale (x @ (int8 kernel * scale)): the dequantized kernel is split as the int8 one
+            # is, and XLA sums its gradient over the batch (kernel-sized, on the kernel's tensor shard) before the
+            # product with the int8 codes brings it to the scale's size (measured, XLA:CPU data=2,model=4: two
+            # int8 MLP blocks, 262,144 B of the 264,196 B data all-reduce, priced 4,096 B as the scales')
+            ks = entries(s.lv.specs[kernel], len(s.lv.decisions[kernel].shape))
+            shards = math.prod(s.mesh.sizes[a] for e in ks for a in entry_axes(e) if a in tensor)
+            n_own = n_leaf // max(1, math.prod(s.mesh.sizes[a] for a in used_axes(s.lv.specs[path]) if a in tensor))
+            size = sum(n * cpu_wire(item, "cpu") for _, n, item in arrays) // shards
+            if size > n_own * item_leaf:
+                out[path] = size
+            continue
         # only kernels with more elements than the leaf, or in a wider dtype (the irreps' float64): not a cast copy,
         # a view or a scanned stack's slice, whose gradient the leaf's own sum moves
         reads = [(n, cpu_wire(item, "cpu")) for _, n, item in arrays]
@@ -176,6 +190,18 @@ def expanded_bytes(s: Scope) -> dict[str, int]:
         if size > n_leaf * item_leaf:
             out[path] = size
     return out
+
+
+def _quantized(s: Scope) -> dict[str, str]:
+    """``{scale path: int kernel path}`` of the quantized kernels among the priced leaves
+    (:func:`tpflax._src.facts.classify.quantized_scales`)."""
+    from tpflax._src.facts.classify import quantized_scales
+    from tpflax._src.facts.tree import Leaf
+
+    ints = ("int8", "uint8", "int4", "uint4", "int16", "int32")
+    leaves = [Leaf(p, tuple(d.shape), str(d.dtype), 1, numeric="int" if str(d.dtype) in ints else "float")
+              for p, d in s.lv.decisions.items()]
+    return {sp: kp for sp, kp in quantized_scales(leaves).items() if kp in s.lv.decisions}
 
 
 def looked_bytes(d: Any, spec, mesh: MeshShape, positional: tuple[int, tuple[int, ...]], g_item: int | None) -> int:

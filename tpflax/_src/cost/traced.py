@@ -428,7 +428,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None
                                     and all(flow.only_reduced(u.id, k) for k in u.kept)),
                   apart=_apart(flow), split_widths=flow.split_widths,
                   streamed=frozenset((flow.uses[u].path, d) for u, d in flow.streamed),
-                  expanded=_expanded(flow), batched_dots=flow.dots(batched=True),
+                  expanded=_expanded(flow, _int_paths(m)), batched_dots=flow.dots(batched=True),
                   shard_mapped=dict(flow.in_specs), direct=frozenset(flow.uses[u].path for u in flow.direct),
                   derived=flow.derived_dots(), cast_to=flow.cast_to(), cast_some=flow.cast_some(),
                   slice_reads=_slice_reads(flow, slices), crossed=flow.crossed, ffts=flow.ffts,
@@ -482,8 +482,19 @@ def _slice_reads(flow: Any, slices: Mapping[str, int]) -> dict[str, int]:
     return {p: len(g) for p, g in groups.items()}
 
 
-def _expanded(flow: Any) -> dict[str, tuple[tuple[int, int, int], ...]]:
-    """:attr:`Traced.expanded`: per parameter, the kernels an op made of it that its contractions read."""
+def _int_paths(m: Any) -> frozenset[str]:
+    """The model's integer parameters (int8 kernels): no gradient."""
+    from tpflax._src.facts.tree import walk
+
+    try:
+        return frozenset(x.path for x in walk(m.variables)[0] if x.numeric != "float")
+    except Exception:  # noqa: BLE001 - no tree to read: every reader counts
+        return frozenset()
+
+
+def _expanded(flow: Any, ints: frozenset[str] = frozenset()) -> dict[str, tuple[tuple[int, int, int], ...]]:
+    """:attr:`Traced.expanded`: per parameter, the kernels an op made of it that its contractions read (with
+    integer parameters, which have no gradient: a dequantized ``int8 kernel * scale`` is the scale's)."""
     out: dict[str, set[tuple[int, int, int]]] = {}
     readers: dict[int, set[str]] = {}
     other = {u.path for u in flow.uses if u.id not in flow.expanded}
@@ -491,11 +502,12 @@ def _expanded(flow: Any) -> dict[str, tuple[tuple[int, int, int], ...]]:
         if flow.examples > 1 and flow.examples in batch:  # broadcast over the examples: its batch split, not summed
             other.add(flow.uses[uid].path)
         out.setdefault(flow.uses[uid].path, set()).add((key, n, item))
-        readers.setdefault(key, set()).add(flow.uses[uid].path)
+        if flow.uses[uid].path not in ints:
+            readers.setdefault(key, set()).add(flow.uses[uid].path)
     # a kernel several parameters make together (an LSTM's gates concatenated, a merged LoRA) is left out: its
     # gradient's sum is not one parameter's; so is a parameter some use reads otherwise (as it is, or broadcast
     # over the examples), whose gradient has that use's part too (not measured)
-    out = {p: {a for a in v if len(readers[a[0]]) == 1} for p, v in out.items() if p not in other}
+    out = {p: {a for a in v if len(readers.get(a[0], ())) == 1} for p, v in out.items() if p not in other}
     return {p: tuple(sorted(v)) for p, v in out.items() if v}
 
 
