@@ -128,3 +128,25 @@ def test_no_gradient_gather_where_the_split_gradient_stops_at_its_layer():
     e = tpflax.estimate(tpflax.plan(params, MESH, rules=HYPER), optax.adamw(1e-3), model=fn, sample=(IMG, TOK),
                         loss=_mean_square, backend="cpu")
     assert not [i for i in e.items if "split on one side only" in i.why]
+
+
+class TwoMasks(nn.Module):
+    """Two alike mask heads (``masks_0``, ``masks_1``) read the same image and tokens, their masks summed."""
+
+    @nn.compact
+    def __call__(self, img, tok):
+        return sum(Masks(True, name=f"masks_{i}")(img, tok) for i in range(2))
+
+
+def test_each_alike_layers_one_sided_split_gradient_is_gathered():
+    # the trace records each layer's product under its own paths, but the estimate keeps decisions for the first
+    # of alike layers only: masks_1's dims found no decision, no split axis, no gather (split_sum_items had the
+    # same miss, fixed by reading each path as its representative)
+    m = TwoMasks()
+    params = jax.eval_shape(m.init, jax.random.PRNGKey(0), IMG, TOK)["params"]
+    plan = tpflax.plan(params, MESH, rules=HYPER)
+    e = tpflax.estimate(plan, optax.adamw(1e-3), model=lambda p, img, tok: m.apply({"params": p}, img, tok),
+                        sample=(IMG, TOK), loss=_mean_square, backend="cpu")
+    one = [i for i in e.items if "split on one side only" in i.why]
+    assert sorted(i.source.split("/")[0] for i in one) == ["masks_0", "masks_1"], one
+    assert {(i.kind, i.size, i.group_size, i.count) for i in one} == {("all-gather", B // 2 * 16 * 16 * 16 * 4, 4, 1)}

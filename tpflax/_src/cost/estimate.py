@@ -304,12 +304,7 @@ def split_sum_items(s: Scope, sums: Sequence[tuple[frozenset[tuple[str, int]], f
             continue
         if all(rep.get(p, p) in s.experts_split and _experts_dim(s.lv.decisions[rep.get(p, p)], k) for p, k in dims):
             continue  # the combine of experts split over the tensor axis: priced with their pair (comm.expert_split_items)
-        axes: set[str] = set()
-        for path, dim in dims:
-            d = s.lv.decisions.get(rep.get(path, path))  # a layer alike an earlier one is read as its representative
-            if d is not None:
-                spec = entries(d.spec, len(d.shape))
-                axes |= set(entry_axes(spec[dim])) & tensor if dim < len(spec) else set()
+        axes = _split_axes(s, dims, tensor)
         if axes:
             ax = tuple(sorted(axes))
             n = math.prod(s.mesh.sizes[a] for a in ax)
@@ -331,10 +326,11 @@ def split_sum_items(s: Scope, sums: Sequence[tuple[frozenset[tuple[str, int]], f
 
 
 def _split_axes(s: Scope, dims: frozenset[tuple[str, int]], tensor: set[str]) -> set[str]:
-    """The tensor axes the plan splits any of the kernel ``dims`` over."""
+    """The tensor axes the plan splits any of the kernel ``dims`` over; a layer alike an earlier one is read as its
+    representative (the trace lists each layer's dims under its own paths, the alike view keeps the first's)."""
     axes: set[str] = set()
     for path, dim in dims:
-        d = s.lv.decisions.get(path)
+        d = s.lv.decisions.get(s.lv.rep_of.get(path, path))
         if d is not None:
             spec = entries(d.spec, len(d.shape))
             axes |= set(entry_axes(spec[dim])) & tensor if dim < len(spec) else set()
