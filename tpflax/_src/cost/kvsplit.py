@@ -140,7 +140,7 @@ def kv_splits(s: Any) -> dict[str, KVSplit]:
             continue
         # a fused column cut into pieces is resharded piece by piece (cost/reshard.py fused_items), not a key/value
         flats = {c: _flat_heads(s, c, pc.rows) for c in pc.columns
-                 if len(body(dec[c])) == 2 and split(c) == [1] and not _cut(s, c)}
+                 if len(body(dec[c])) == 2 and split(c) == [1] and not cut_in_pieces(s, c)}
         if not any(flats.values()) and not any(split(c) and split(c) != [len(body(dec[c])) - 1] for c in pc.columns):
             continue
         if pc.columns and all(flats.get(c) for c in pc.columns):
@@ -170,7 +170,7 @@ def kv_splits(s: Any) -> dict[str, KVSplit]:
     return out
 
 
-def _cut(s: Any, col: str) -> bool:
+def cut_in_pieces(s: Any, col: str) -> bool:
     """Whether the trace saw ``col``'s output cut into pieces (a fused ``[q | k | v]`` kernel)."""
     pieces = (s.fused or {}).get(col, (None, 1))[1]
     return isinstance(pieces, tuple) or pieces > 1

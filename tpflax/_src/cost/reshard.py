@@ -22,9 +22,9 @@ import math
 from collections.abc import Callable
 
 from tpflax._src.cost.headcut import head_cut_gathers, split_head_gathers
-from tpflax._src.cost.kvsplit import _cut, kv_splits
+from tpflax._src.cost.kvsplit import cut_in_pieces, kv_splits
 from tpflax._src.cost.records import CommItem
-from tpflax._src.cost.scope import Scope, layers
+from tpflax._src.cost.scope import Scope, body, layers
 from tpflax._src.mesh import TENSOR
 from tpflax._src.specs import entry_axes
 
@@ -320,8 +320,6 @@ def split_head_items(s: Scope) -> list[CommItem]:
     are divided by them (6 heads on model=4), with the row split alike: each output gathered to whole head groups
     forward, the row's input gradient backward (:func:`tpflax._src.cost.headcut.split_head_gathers`, measured on
     XLA:CPU). Before, nothing was priced there (0.77-0.95x the compiled collectives)."""
-    from tpflax._src.cost.scope import body
-
     items: list[CommItem] = []
     for r, raxes, n, h, widths, cols in _separate_heads(s):
         cut = split_head_gathers(tuple(widths), h, body(s.lv.decisions[r])[0], n)
@@ -356,8 +354,6 @@ def _separate_heads(s: Scope):
     """``(row, its tensor axes, ranks, heads, the columns' widths, the columns)`` of each attention pair of separate
     traced 2-D columns as wide as the row's input, split on their output over the axes that split the row's input
     (none on their input), reading one head count off the trace's edge limits (None: not one)."""
-    from tpflax._src.cost.scope import body
-
     dec, specs, rep = s.lv.decisions, s.lv.specs, s.lv.rep_of
     for pc in s.lv.pairs:
         if len(pc.rows) != 1 or len(pc.columns) < 2:
@@ -371,7 +367,7 @@ def _separate_heads(s: Scope):
         heads, widths = set(), []
         for c in pc.columns:
             b, spec = body(dec[c]), specs[c]
-            if (len(b) != 2 or _cut(s, c) or b[1] != body(dec[r])[0]
+            if (len(b) != 2 or cut_in_pieces(s, c) or b[1] != body(dec[r])[0]
                     or tuple(a for a in entry_axes(spec[-1]) if dict(s.mesh.roles)[a] == TENSOR) != raxes
                     or set(entry_axes(spec[-2])) & set(raxes)):
                 break
