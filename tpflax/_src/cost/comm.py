@@ -34,7 +34,7 @@ from tpflax._src.cost.price import gathered_bytes, stream_gathers
 from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.residual import alike_path, residual_outputs
 from tpflax._src.cost.scope import Scope, body, drop_layers, is_tied, layers, leaf_itemsize
-from tpflax._src.cost.straddle import straddled_items, straddled_split
+from tpflax._src.cost.straddle import parted_ranks, straddled_items, straddled_split
 from tpflax._src.cost.stream import (
     conditioned_leaves,
     mapped_splits,
@@ -307,14 +307,7 @@ def parted_split(s: Scope, path: str) -> tuple[int, int] | None:
     ``1 / k`` of one expert, where the trace runs the split on into the experts (:func:`tpflax._src.trace.reshape.spill`,
     the same test). Else None (``n`` dividing E holds whole experts: a pair as any other)."""
     d = s.lv.decisions[path]
-    parted = (s.parted or {}).get(path)
-    if not parted or len(d.shape) != 2:
-        return None
-    t = set(s.axes(path, TENSOR))
-    spec = s.lv.specs[path]
-    for dim, n_exp in parted.items():
-        axes = tuple(a for a in entry_axes(spec[dim]) if a in t) if dim < len(spec) else ()
-        n = s.size(axes) if axes else 1
+    for dim, n_exp, n in parted_ranks(s, path):
         # the trace's own test (trace.reshape.spill): n / E ranks in each expert need n / E to divide f, and E a
         # prime power and n / E a power of the same prime (6 experts over 12 ranks: no); else no two-step sums
         if n > n_exp and n % n_exp == 0 and (n_exp * spill(d.shape[dim], n_exp, d.shape[dim] // n_exp)) % n == 0:

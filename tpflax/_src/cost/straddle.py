@@ -11,6 +11,7 @@ part's size before slicing its own block (measured, XLA:CPU data=2,model=4, 6 ex
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 from tpflax._src.cost.optstate import shard_bytes
 from tpflax._src.cost.records import CommItem
@@ -19,18 +20,24 @@ from tpflax._src.mesh import TENSOR
 from tpflax._src.specs import entry_axes
 
 
-def straddled_split(s: Scope, path: str) -> tuple[int, int, int] | None:
-    """``(E, n, g)`` when 2-D ``path``'s tensor axes split a stored dim its contractions read cut into ``(E, f)``
-    over ``n`` ranks neither dividing ``E`` nor a multiple of it, ``g = gcd(E, n)``; else None."""
+def parted_ranks(s: Scope, path: str) -> Iterator[tuple[int, int, int]]:
+    """``(dim, E, n)`` for each stored dim of 2-D ``path`` its contractions read cut into ``(E, minor)``
+    (:attr:`Scope.parted`), ``n`` the ranks its tensor axes split that dim over (1: none); nothing for another leaf."""
     d = s.lv.decisions.get(path)
     parted = (s.parted or {}).get(path)
     if d is None or not parted or len(d.shape) != 2:
-        return None
+        return
     t = set(s.axes(path, TENSOR))
     spec = s.lv.specs[path]
     for dim, n_exp in parted.items():
         axes = tuple(a for a in entry_axes(spec[dim]) if a in t) if dim < len(spec) else ()
-        n = s.size(axes) if axes else 1
+        yield dim, n_exp, s.size(axes) if axes else 1
+
+
+def straddled_split(s: Scope, path: str) -> tuple[int, int, int] | None:
+    """``(E, n, g)`` when 2-D ``path``'s tensor axes split a stored dim its contractions read cut into ``(E, f)``
+    over ``n`` ranks neither dividing ``E`` nor a multiple of it, ``g = gcd(E, n)``; else None."""
+    for _, n_exp, n in parted_ranks(s, path):
         if n > 1 and n_exp % n and n % n_exp:
             return n_exp, n, math.gcd(n_exp, n)
     return None
