@@ -287,7 +287,7 @@ def candidate_parts(plan: Any, estimate: Any, call: str) -> tuple[Any, Any]:
     return plan, estimate
 
 
-def _as_estimate(estimate: Any) -> Any:
+def as_estimate(estimate: Any) -> Any:
     """``estimate`` as :func:`report` shows it: an :class:`~tpflax.Estimate`, or a :func:`tpflax.suggest_mesh`
     candidate's (``suggestion[0]``: its ``.estimate``); None as is. Anything else was shown as an estimate when it
     had ``report_lines`` (a Suggestion's ranking, a dry run under the estimate's heading) and dropped without a
@@ -358,7 +358,7 @@ def report(plan: Plan, estimate: Any = None, *, fmt: str = "text", reasons: bool
     if not isinstance(plan, Plan):
         raise OptionError(f"report() expects a tpflax.Plan (or a tpflax.suggest_mesh candidate), got "
                           f"{type(plan).__name__}; make one with tpflax.plan(tree, mesh)")
-    estimate, dry_run = _as_estimate(estimate), _as_dry_run(dry_run)
+    estimate, dry_run = as_estimate(estimate), _as_dry_run(dry_run)
     check_made_for(plan, estimate=estimate, dry_run=dry_run)
     if width is not None and (isinstance(width, bool) or not isinstance(width, numbers.Integral) or width < 1):
         raise OptionError(f"width {width!r} must be a positive number of columns (or None: the terminal's)")

@@ -256,10 +256,10 @@ def show(plan: Plan, estimate: Any = None, *, title: str | None = None) -> HtmlR
     >>> "data-chart=\\"comm\\"" in r._repr_html_()
     True
     """
-    from tpflax._src.report import _as_estimate, candidate_parts
+    from tpflax._src.report import as_estimate, candidate_parts
 
     plan, estimate = candidate_parts(plan, estimate, "tpflax.show")
     if isinstance(plan, Plan):  # (anything else is named by _check)
-        estimate = _as_estimate(estimate)
+        estimate = as_estimate(estimate)
     _check(plan, estimate)  # now, not later when the notebook renders it
     return HtmlReport(plan, estimate, title)
