@@ -719,6 +719,24 @@ def test_a_whole_key_value_on_a_feature_split_stream_gathers_its_output_gradient
     assert sum(i.total for i in est) == sum(c.ring_bytes * c.count for c in grads)
 
 
+
+def test_a_whole_single_key_value_head_on_a_feature_split_stream_sums_its_output_gradient_once():
+    # MQA (1 key/value head over model=4): XLA gathers no output gradient (one piece), it sums the k and v output
+    # gradients over the 4 ranks once, split stream or not (one f32[4,32,1,16] pair). Only the gather is doubled on
+    # a feature-split stream; the sum was doubled too (count 2: 2x the compiled bytes of these sums)
+    from tpflax import zoo
+
+    m = zoo.get("llama", n_layers=1, n_kv_heads=1)
+    p = tpflax.plan(m.abstract_variables(), MESH, model=m, rules=[(r"embed/embedding$", P(None, "model"))])
+    assert tuple(p.decisions["params/layers_0/attn/k_proj/kernel"].spec) == (None, None, None)
+    mesh, tx = tpflax.make_mesh(MESH), optax.adamw(1e-3)
+    dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, tx, 8), p, mesh, compiler_options=COMM_XLA)
+    e = tpflax.estimate(p, tx, 8, model=m, backend="cpu")
+    sums = [c for c in dr.collectives if c.kind == "all-reduce" and c.shapes == ((4, 32, 1, 16),) * 2]
+    est = [i for i in e.items if i.kind == "all-reduce" and "output in 1 piece(s)" in i.why and "_proj" in i.why]
+    assert [i.count for i in est] == [1, 1] and sum(c.count for c in sums) == 1, (est, sums)
+    assert sum(i.total for i in est) == sum(c.ring_bytes * c.count for c in sums)
+
 class _PrefixLM(nn.Module):
     """LLaVA-like: 8 projected feature tokens concatenated before 16 looked-up text tokens, one MLP pair."""
 

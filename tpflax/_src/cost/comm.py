@@ -213,8 +213,9 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
             if (r := whole.get(m)) is not None:
                 new = member_items(r, f"{'column' if m in cols else 'row'} {label[m]}", n, count, source,
                                    _pair_act(m, dec[m], r.side, s))
-                if m in cols and m in streamed and (r.kind, r.phase) == ("all-gather", "backward") and new:
-                    new[0] = _twice_on_split_stream(new[0])
+                if m in cols and m in streamed and (r.kind, r.phase) == ("all-gather", "backward"):
+                    # the gather only: one piece (MQA) gathers nothing, and its output gradient is summed once
+                    new = [_twice_on_split_stream(i) if i.kind == "all-gather" else i for i in new]
                 items += new
         items += _constrained_items(s, cols, rows, axes, constrained, count, source, looped)
         if pc.id in loose:
