@@ -27,9 +27,9 @@ def why_text(plan: Any, leaf: str | None = None) -> str:
 
     >>> import jax, tpflax
     >>> S = jax.ShapeDtypeStruct
-    >>> p = tpflax.plan({"pos": {"embedding": S((66, 32), "float32")}}, {"data": 2, "model": 4})
+    >>> p = tpflax.plan({"wte": {"embedding": S((1003, 32), "float32")}}, {"data": 2, "model": 4})
     >>> print(why_text(p).splitlines()[5])
-    pos/embedding  (66, 32) float32: P(None, None)
+    wte/embedding  (1003, 32) float32: P(None, None)
     """
     opts = plan.options
     out = [f"tpflax plan: candidate layouts and their costs  (mesh {plan.mesh}; priced on "
