@@ -312,7 +312,9 @@ def _stored_twins(st: State, lins: Sequence[Linear], found: Sequence[tuple[str, 
     the hidden width, its split falls on the dim its twin splits (the one that is not the residual width), and
     only there does it meet the pair's split activations; so it joins as a column oriented like its twin's
     split. Not square kernels (attention's), nor one whose twins sit in two pairs, nor one whose dims do not
-    show the residual width on exactly one side.
+    show the residual width on exactly one side, nor one stored like the row alone: that is a second reader of
+    the hidden width (three kernels reading one split hidden), and joined as a column the estimate priced its
+    output gradient gathered where XLA gathers its update (0.39x the compiled gathers, tests/test_whole_reads.py).
     """
     if not widths:
         return
@@ -324,9 +326,9 @@ def _stored_twins(st: State, lins: Sequence[Linear], found: Sequence[tuple[str, 
             continue
         twins = [(cols, row, m) for kind, cols, row in found if kind == "mlp"
                  for m in (*cols, row) if len(m.f.body) == 2 and m.f.body == x.f.body]
-        if len({id(row) for _, row, _ in twins}) != 1:
-            continue
-        cols, row, twin = next(((c, r, m) for c, r, m in twins if m is not r), twins[0])
+        if len({id(row) for _, row, _ in twins}) != 1 or all(m is r for _, r, m in twins):
+            continue  # stored like the row alone: another reader of the hidden width, which a pair can't hold
+        cols, row, twin = next((c, r, m) for c, r, m in twins if m is not r)
         split = twin.shard_dim(twin.role)
         if twin.heads is not None or x.f.body[split] in widths:
             continue
