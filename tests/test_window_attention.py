@@ -309,3 +309,32 @@ def test_a_fused_qkv_with_fewer_heads_than_ranks_prices_its_partial_scores(devic
     # the gathers: exact but for the bias table's 3 x 196 B (its update split like the scores, unpriced)
     assert abs(est["all-gather"]["model"] / got["all-gather"]["model"] - 1) < 0.01, (est, got)
     assert abs(e.comm_total / dr.comm_total - 1) < 0.02, (est, got)
+
+
+class TwoSeparate(nn.Module):
+    """Two alike blocks of separate q, k, v (2 heads) behind an input projection (each block's input needs its
+    gradient): one pair class of 2 layers."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(48, name="inp")(x)
+        for i in range(2):
+            x = x + SeparateAttention(heads=2, name=f"b{i}")(x)
+        return x
+
+
+def test_alike_blocks_with_fewer_heads_than_ranks_price_every_blocks_partial_scores(devices):
+    # Two alike attention blocks merge into one pair class; each block's cut heads sum their partial scores, but
+    # the estimate priced the first score product's only (one block's sums: est 0.5x the compiled all-reduces)
+    m, x = TwoSeparate(), (jax.ShapeDtypeStruct((16, N, 48), jnp.float32),)
+    v = jax.eval_shape(m.init, jax.random.key(0), *x)
+    hand = tpflax.plan(v, MESH, batch=x, rules=[(r"(q|k|v)/kernel$", P(None, "model")), (r"(q|k|v)/bias$", P("model")),
+                                                (r"o/kernel$", P("model", None)), (r".*", P())])
+    loss = lambda out, x: jnp.mean(out ** 2)  # noqa: E731
+    mesh = tpflax.make_mesh(MESH)
+    got = tpflax.dry_run(tpflax.make_train_step(m, hand, mesh, optax.adamw(1e-3), sample=x, loss=loss), hand, mesh,
+                         compiler_options=COMM_XLA).comm()
+    e = tpflax.estimate(hand, optax.adamw(1e-3), model=m, sample=x, loss=loss, backend="cpu")
+    sums = [i for i in e.items if "partial scores" in i.why]
+    assert sum(i.count for i in sums) == 4, sums  # 2 blocks, forward and backward
+    assert abs(e.comm["all-reduce"]["model"] / got["all-reduce"]["model"] - 1) < 1e-3, (e.comm, got)

@@ -339,15 +339,17 @@ def _cut_head_scores(s: Scope, r: str, raxes: tuple[str, ...], n: int, h: int, c
     """Fewer heads than ranks that divide them (2 heads on model=4): each head's head_dim cut over ``n / h`` ranks,
     XLA sums the partial scores of one head slice per rank over those ranks, forward (``q @ k``) and backward (the
     probabilities' gradient, ``d(out) @ v``). Measured on XLA:CPU (separate q, k, v, 16 tokens): 2 heads on 4 and
-    on 8, 4 on 8: two ``f32[b, 1, N, N]`` all-reduces over ``n / h`` ranks."""
+    on 8, 4 on 8: two ``f32[b, 1, N, N]`` all-reduces over ``n / h`` ranks. Every score product of the pair class's
+    layers counts (alike blocks merged into one class each run their own; only the first was priced before)."""
     rep, mine = s.lv.rep_of, set(cols)
+    runs: dict[float, int] = {}  # per score size, the times a step runs such a product
     for sc in s.scores or ():
         if any(rep.get(p, p) in mine for _, tags in sc.dims for p, _ in tags):
             size = sc.per_example * s.batch.size / s.shards / h * s.act_item
-            return [CommItem("all-reduce", raxes, size, n // h, sc.count, s.lv.label[r],
-                             f"{s.lv.label[r]}'s {h} heads over {n} shards: sum a head's partial scores over its "
-                             f"{n // h} ranks ({why})") for why in ("forward", "backward")]
-    return []
+            runs[size] = runs.get(size, 0) + sc.count
+    return [CommItem("all-reduce", raxes, size, n // h, count, s.lv.label[r],
+                     f"{s.lv.label[r]}'s {h} heads over {n} shards: sum a head's partial scores over its "
+                     f"{n // h} ranks ({why})") for size, count in runs.items() for why in ("forward", "backward")]
 
 
 def _separate_heads(s: Scope):
