@@ -148,3 +148,35 @@ def test_an_fft_of_a_later_input_is_gathered_over_the_batch_as_its_input_is_spli
     # gradients of their outputs (the same shapes the other way round)
     assert sorted(i.size for i in batch) == sorted([16 * 16 * 32 * 4, 16 * 9 * 32 * 8] * 2)
     assert {i.axes for i in batch} == {("data",)}
+
+
+class Positional(nn.Module):
+    """A batch ``x`` (8, 32) and a table ``pe`` (16, 32) shared by every example, through a split up/down pair."""
+
+    @nn.compact
+    def __call__(self, x, pe):
+        p = nn.Dense(32, name="down")(nn.gelu(nn.Dense(128, name="up")(pe)))
+        return nn.Dense(32, name="inp")(x) + p.mean(0)
+
+
+def test_a_batch_size_given_keeps_inputs_of_another_leading_dim_whole_as_the_step_does():
+    # make_train_step(batch=8) keeps the (16, 32) table replicated; the estimate took every input's leading dim
+    # for the batch, batch=8 or not: the pair's sums at 8 of the 16 rows, and its kernels' gradients summed over
+    # data though alike on every device (est 14,208 bytes, 1.91x the compiled 7,428)
+    model, mesh = Positional(), {"data": 2, "model": 4}
+    sample = (S((8, 32), jnp.float32), S((16, 32), jnp.float32))
+    v = jax.eval_shape(lambda a, b: model.init(jax.random.key(0), a, b), *sample)
+    p = tpflax.plan(v, mesh, rules=WINDOWS)
+    mse = lambda out, *_: (out ** 2).mean()  # noqa: E731
+    m = tpflax.make_mesh(mesh)
+    compiled = tpflax.dry_run(tpflax.make_train_step(model, p, m, optax.adamw(1e-3), sample=sample, loss=mse,
+                                                     batch=8), p, m).comm()
+    est = tpflax.estimate(p, optax.adamw(1e-3), 8, model=model, sample=sample, loss=mse, backend="cpu").comm
+    # the pair's sums at all 16 rows on every device (1,536 bytes at 8 rows before)
+    assert est["all-reduce"]["model"] == compiled["all-reduce"]["model"] == 3072
+    # over data only inp's gradient (kernel and bias: 4,224 bytes); the compiled also sums p's (32,) gradient and
+    # the loss (132 bytes)
+    assert est["all-reduce"]["data"] == (32 * 32 + 32) * 4 and compiled["all-reduce"]["data"] == 4224 + 132
+    # not given, every input's leading dim is the batch, as the step without batch= splits both
+    whole = tpflax.estimate(p, optax.adamw(1e-3), model=model, sample=sample, loss=mse, backend="cpu").comm
+    assert whole["all-reduce"]["model"] == 1536 and whole["all-reduce"]["data"] > 12_000

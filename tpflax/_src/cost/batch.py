@@ -18,6 +18,7 @@ import numpy as np
 
 from tpflax._src.errors import EstimateError
 from tpflax._src.facts.tree import itemsize
+from tpflax._src.trace.batchflags import batch_leads
 
 
 def np_dtype(name: Any):
@@ -69,10 +70,25 @@ def config_value(config: Any, name: str, default: Any = None) -> Any:
 
 @dataclass(frozen=True)
 class Batch:
-    """A training batch's leaves, as ``(name, shape, dtype name)``, and the activation dtype."""
+    """A training batch's leaves, as ``(name, shape, dtype name)``, the activation dtype, and the batch size the
+    user gave (``estimate(plan, tx, 8)``, as ``make_train_step(batch=8)`` is told; None: not given), which says
+    which leaves hold the batch (:attr:`leads`)."""
 
     leaves: tuple[tuple[str, tuple[int, ...], str], ...]
     act_dtype: str
+    given: int | None = None
+
+    @property
+    def leads(self) -> frozenset[int]:
+        """The leaves' leading dims the step splits over the batch axes: every leaf's (a dual encoder's 8 images
+        and 16 captions), a 1 aside; with :attr:`given`, only that size (the step keeps a leaf of another leading
+        dim replicated): :func:`tpflax._src.trace.batchflags.batch_leads`.
+
+        >>> b = Batch((("x", (8, 32), "float32"), ("pe", (16, 32), "float32")), "float32")
+        >>> sorted(b.leads), sorted(Batch(b.leaves, b.act_dtype, given=8).leads)
+        ([8, 16], [8])
+        """
+        return batch_leads((s for _, s, _ in self.leaves), self.given)
 
     @property
     def first_shape(self) -> tuple[int, ...]:

@@ -85,9 +85,10 @@ def gradient_items(s: Scope) -> list[CommItem]:
                 expanded.get(path)):
             if kind != "all-gather" and frozen:
                 continue
-            if kind != "all-gather" and path in s.buffered:
+            if kind != "all-gather" and (path in s.buffered or path in s.unbatched):
                 # an expert kernel reading a batch-free buffer gets the same gradient on every device of the
-                # batch axes: XLA sums the buffers instead (cost.experts.buffer_items) and slices an fsdp shard
+                # batch axes: XLA sums the buffers instead (cost.experts.buffer_items) and slices an fsdp shard;
+                # so does a kernel reading only an input the step keeps replicated (batch=N: a positional table)
                 continue
             if kind == "all-gather" and s.remat and (d.layers_dim is not None or d.group != path):
                 # a layer's leaf is gathered inside its remat'd call (scan_fsdp.zero3): again in the backward

@@ -152,6 +152,8 @@ class Scope:
     limits: Mapping[tuple[str, int, str, int], int] = field(default_factory=dict)
     # traced parameters whose first dot reads an activation carrying the batch in some dim (Traced.batch_read)
     batch_read: frozenset[str] = frozenset()
+    # traced parameters reading no batch where the batch size given leaves an input out (Traced.unbatched)
+    unbatched: frozenset[str] = frozenset()
 
     def one_ring(self, devices: int) -> bool:
         """Whether XLA:TPU reduces over ``devices`` of the mesh on one ring (:func:`tpflax._src.tpu.one_ring`:
@@ -261,9 +263,9 @@ class Scope:
     @functools.cached_property
     def batch_leads(self) -> frozenset[int]:
         """The leading dims a step splits over the batch axes: every batch input's (the step splits each input's
-        leading dim: a dual encoder's 8 images and 16 captions), and the batch's tokens."""
-        return frozenset({self.batch.size, token_rows(self.batch, self.config),
-                          *(shape[0] for _, shape, _ in self.batch.leaves if shape)})
+        leading dim: a dual encoder's 8 images and 16 captions; with the batch size given, only inputs of that
+        one: :attr:`tpflax._src.cost.batch.Batch.leads`), and the batch's tokens."""
+        return frozenset({self.batch.size, token_rows(self.batch, self.config)}) | self.batch.leads
 
     def leaf_bytes(self, path: str, d: Any) -> int:
         return shard_bytes(tuple(d.shape), leaf_itemsize(d), self.lv.specs[path], self.mesh)

@@ -195,6 +195,9 @@ class Traced:
             (:meth:`tpflax._src.trace.records.Dataflow.cast_to`).
         cast_some: ``{path: dtype}`` of parameters some matmul or lookup reads as they are and others cast to that
             dtype (:meth:`tpflax._src.trace.records.Dataflow.cast_some`).
+        unbatched: with the batch size given, the parameters (and their biases) whose every use is a ``dot`` reading
+            an activation that carries the batch only from inputs of another leading dim, which the step keeps
+            replicated: their gradients are alike on every device of the batch axes, nothing to sum.
         batch_read: parameters whose first ``dot`` reads an activation a dim of which carries the batch
             (:attr:`tpflax._src.trace.records.Dataflow.batch_reads`), wherever it sits: Swin's window attention
             reads ``(batch * windows, tokens, c)``, split over the batch axes though its leading dim is no batch's
@@ -273,6 +276,7 @@ class Traced:
     slice_reads: Mapping[str, int] = field(default_factory=dict)
     ragged: Mapping[str, frozenset[int]] = field(default_factory=dict)
     batch_read: frozenset[str] = frozenset()
+    unbatched: frozenset[str] = frozenset()
     split_grads: tuple[tuple[frozenset[tuple[str, int]], frozenset[tuple[str, int]], float, int], ...] = ()
 
 
@@ -292,8 +296,10 @@ def frozen_inputs(t: Traced, trainable: Mapping[str, bool]) -> frozenset[str]:
     return frozenset(p for p, deps in t.grad_deps.items() if deps and not deps & trained)
 
 
-def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None) -> Traced:
+def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None, batch: int | None = None) -> Traced:
     """What the cost model reads from the traced forward (see :class:`Traced`); all None when it cannot be traced.
+    ``batch``: the batch size the user gave (``estimate(plan, tx, 8)``): an input leading with another size holds
+    no batch (:func:`tpflax._src.trace.batchflags.batch_lead`), as ``make_train_step(batch=8)`` keeps it replicated.
 
     >>> import jax, jax.numpy as jnp
     >>> from tpflax._src.model import as_model
@@ -306,14 +312,17 @@ def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None)
     from tpflax._src.model_cache import cached
     from tpflax._src.trace.dataflow import mesh_key
 
-    return cached("uses", m, lambda: _traced_uses(m, shapes, mesh),
-                  (*sorted(shapes.items()), mesh_key(mesh)),
-                  shared=(*sorted(shapes.items()), "any mesh"),
+    # a size every input leads with (or none does) changes nothing: the trace as without it
+    batch = batch if batch is not None and _leads(m) != _leads(m, batch) else None
+    given = () if batch is None else (("batch", batch),)
+    return cached("uses", m, lambda: _traced_uses(m, shapes, mesh, batch),
+                  (*sorted(shapes.items()), mesh_key(mesh), *given),
+                  shared=(*sorted(shapes.items()), "any mesh", *given),
                   free=lambda t: not (t.constrained or t.split_widths or t.row_axes or t.collectives
                                            or t.shard_mapped))
 
 
-def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None) -> Traced:
+def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None, batch: int | None = None) -> Traced:
     from tpflax._src.cost.buffers import (
         batched_paths,
         batched_rows,
@@ -326,7 +335,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None
     from tpflax._src.trace.dataflow import dataflow
     from tpflax._src.trace.spread import spread_streams
 
-    flow = dataflow(m, mesh=mesh)  # a model that cannot run is a TraceError, as in plan(model=)
+    flow = dataflow(m, mesh=mesh, batch=batch)  # a model that cannot run is a TraceError, as in plan(model=)
     examples = m.batch_size or 1
     ops: dict[str, set[str]] = {}
     whole: dict[str, int] = {}
@@ -432,9 +441,9 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None
                   shard_mapped=dict(flow.in_specs), direct=frozenset(flow.uses[u].path for u in flow.direct),
                   derived=flow.derived_dots(), cast_to=flow.cast_to(), cast_some=flow.cast_some(),
                   slice_reads=_slice_reads(flow, slices), crossed=flow.crossed, ffts=flow.ffts,
-                  fft_reads=_fft_reads(flow, examples, _leads(m)),
+                  fft_reads=_fft_reads(flow, examples, _leads(m, batch)),
                   lookup_rows=_lookup_rows(flow, examples), ragged=ragged_groups(flow),
-                  parted=dict(flow.parted), batch_read=_batch_read(flow),
+                  parted=dict(flow.parted), batch_read=_batch_read(flow), unbatched=_unbatched(flow),
                   concats={flow.uses[uid].path: (dim, sizes) for (uid, dim), sizes in flow.concats.items()},
                   split_grads=tuple((frozenset((flow.uses[u].path, d) for u, d in a),
                                      frozenset((flow.uses[u].path, d) for u, d in b), n / examples, c)
@@ -450,13 +459,29 @@ def _batch_read(flow: Any) -> frozenset[str]:
     return frozenset(p for p, uid in first.items() if uid in flow.batch_reads)
 
 
-def _leads(m: Any) -> frozenset[int]:
-    """The leading dims of the sample's inputs, which the step splits over the batch axes (a dual encoder's 8 images
-    and 16 captions): a 1 aside."""
+def _unbatched(flow: Any) -> frozenset[str]:
+    """:attr:`Traced.unbatched`: the parameters every use of which is a ``dot`` reading an activation that carries no
+    batch where the batch size given leaves an input out (:attr:`tpflax._src.trace.records.Dataflow.unbatched`), and
+    their biases."""
+    if not flow.unbatched:
+        return frozenset()
+    ok: dict[str, bool] = {}
+    for u in flow.uses:
+        ok[u.path] = ok.get(u.path, True) and u.op == "dot" and u.id in flow.unbatched
+    kernels = {p for p, good in ok.items() if good}
+    return frozenset(kernels | {p for p, (uid, _) in flow.biases.items()
+                                if flow.uses[uid].path in kernels and all(u.path != p for u in flow.uses)})
+
+
+def _leads(m: Any, batch: int | None = None) -> frozenset[int]:
+    """The leading dims of the sample's inputs which the step splits over the batch axes
+    (:func:`tpflax._src.trace.batchflags.batch_leads`, as :attr:`tpflax._src.cost.scope.Scope.batch_leads` reads
+    the batch's)."""
     import jax
 
-    return frozenset(int(x.shape[0]) for x in jax.tree_util.tree_leaves(m.sample)
-                     if getattr(x, "shape", ()) and x.shape[0] > 1)
+    from tpflax._src.trace.batchflags import batch_leads
+
+    return batch_leads((tuple(getattr(x, "shape", ())) for x in jax.tree_util.tree_leaves(m.sample)), batch)
 
 
 def _fft_reads(flow: Any, examples: int, leads: frozenset[int] = frozenset()) -> tuple:

@@ -153,6 +153,7 @@ class Workload:
     constrained: tuple[tuple[str, int, tuple[str, ...]], ...] = ()  # (Traced.constrained)
     limits: Mapping[tuple[str, int, str, int], int] = field(default_factory=dict)  # (Traced.limits)
     batch_read: frozenset[str] = frozenset()  # (Traced.batch_read)
+    unbatched: frozenset[str] = frozenset()  # (Traced.unbatched)
 
     @property
     def saved(self) -> Mapping[str, Sequence[Act]]:
@@ -258,6 +259,9 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
     batch = plain_batch(batch)  # np.int64(8) was read as an array leaf: a batch of one example
     if (why := size_problem(batch)) is not None:  # before it sets a sample's leading dim
         raise EstimateError(why)
+    # the batch size given as a number (estimate(plan, tx, 8), as make_train_step(batch=8) is told): an input of
+    # another leading dim holds no batch (a positional table; the step keeps it replicated)
+    given = batch if isinstance(batch, int) and not isinstance(batch, bool) else None
     sample, assumed = _sample_of(plan, model, sample, batch)
     m, batch = _at_batch_shape(_model(plan, model, sample), batch)
     if m is not None and m.zoo is not None:
@@ -271,11 +275,11 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
     # the dataflow says which table is tied, whether an ``attend`` call (linen) or ``x @ table.T`` in a
     # method no layer trace sees (Gemma's ``Embedder.decode``) makes the logits
     shapes = {p: tuple(d.shape) for p, d in plan.decisions.items()}
-    t = traced_uses(m, shapes, plan.mesh) if m is not None else Traced()
+    t = traced_uses(m, shapes, plan.mesh, given) if m is not None else Traced()
     # a model without a config dtype computes in what its contractions come out in as traced
     # (an HF bf16 model called on integer ids), not in the batch's float dtype
     traced_act = t.act_dtype if config_value(config, "dtype") is None else None
-    b = parse_batch(batch, config, dtype_name(act_dtype) or traced_act)
+    b = replace(parse_batch(batch, config, dtype_name(act_dtype) or traced_act), given=given)
     if activations is None and m is not None:
         activations = trace_activations(m, b.size)
     activations = activations or {}
@@ -320,7 +324,8 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     product_sums=t.product_sums, split_sums=t.split_sums, split_grads=t.split_grads,
                     edges=t.edges, contracted=t.contracted, looked=t.looked, batched=t.batched, ragged=t.ragged, conditions=t.conditions, dead=t.dead,
                     batch_dims=t.batch_dims, sliced=t.sliced, no_grad=no_grad, ignored=ignored, dots=t.dots, batched_dots=t.batched_dots, shard_mapped=t.shard_mapped, direct=t.direct, derived=t.derived, cast_to=t.cast_to, cast_some=t.cast_some, apart=t.apart, split_widths=t.split_widths, streamed=t.streamed, expanded=t.expanded, crossed=t.crossed, ffts=t.ffts, fft_reads=t.fft_reads, lookup_rows=t.lookup_rows, parted=t.parted, concats=t.concats,
-                    scanned=t.scanned, constrained=t.constrained, limits=t.limits, batch_read=t.batch_read)
+                    scanned=t.scanned, constrained=t.constrained, limits=t.limits, batch_read=t.batch_read,
+                    unbatched=t.unbatched)
 
 
 def contraction_calls(plan, contractions: Sequence[tuple[str, float, tuple[int, ...], str]],
@@ -532,4 +537,5 @@ def with_batch_size(w: Workload, size: int) -> Workload:
 
     contractions = {k: [replace(a, inputs=tuple(rows(x) for x in a.inputs), output=rows(a.output)) for a in v]
                     for k, v in w.contractions.items()}
-    return replace(w, batch=replace(w.batch, leaves=leaves), activations=acts, contractions=contractions)
+    given = size if w.batch.given is not None else None
+    return replace(w, batch=replace(w.batch, leaves=leaves, given=given), activations=acts, contractions=contractions)

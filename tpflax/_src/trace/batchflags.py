@@ -9,7 +9,7 @@ leading dim is no batch's (Swin's windows, ``(batch * windows, tokens, c)``: :at
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from tpflax._src.jaxprs import body_of, scan_counts
@@ -23,11 +23,28 @@ def no_flags(v: Any) -> tuple[bool, ...]:
     return (False,) * len(shape_of(v))
 
 
+def batch_lead(n: int, size: int | None = None) -> bool:
+    """Whether an input whose leading dim is ``n`` holds the batch there, as the step splits its inputs: every
+    input's leading dim, whatever its size (a dual encoder's 8 images and 16 captions), unless it is 1; with the
+    batch size the user gave (``estimate(plan, tx, 8)``, as ``make_train_step(batch=8)`` is told), only a leading
+    dim of that size (the step keeps an input of another leading dim replicated: a positional table)."""
+    return n > 1 and size in (None, n)
+
+
+def batch_leads(shapes: Iterable[Sequence[int]], size: int | None = None) -> frozenset[int]:
+    """The leading dims of the inputs of ``shapes`` that hold the batch (:func:`batch_lead`).
+
+    >>> sorted(batch_leads([(8, 32), (16, 32), (1, 4), ()])), sorted(batch_leads([(8, 32), (16, 32)], 8))
+    ([8, 16], [8])
+    """
+    return frozenset(s[0] for s in shapes if s and batch_lead(s[0], size))
+
+
 def input_flags(v: Any, examples: int | None = None) -> tuple[bool, ...]:
-    """A sample input's flags: its leading dim, whatever its size (the step splits every input's leading dim over
-    the batch axes: a dual encoder's 8 images and 16 captions), unless it is 1; with ``examples``, only a leading
-    dim of that size (the expert buffers' rows, :mod:`tpflax._src.cost.buffers`)."""
-    return tuple(d == 0 and n > 1 and examples in (None, n) for d, n in enumerate(shape_of(v)))
+    """A sample input's flags: its leading dim where it holds the batch (:func:`batch_lead`); with ``examples``,
+    only a leading dim of that size (the batch size given; the expert buffers' rows,
+    :mod:`tpflax._src.cost.buffers`)."""
+    return tuple(d == 0 and batch_lead(n, examples) for d, n in enumerate(shape_of(v)))
 
 
 def sized(shape: Sequence[int], examples: int | None) -> tuple[bool, ...]:

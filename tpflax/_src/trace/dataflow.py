@@ -195,7 +195,8 @@ def _positions(sample: Sequence[Any]) -> int:
     return math.prod(shape if ids or len(shape) == 1 else shape[:-1])
 
 
-def dataflow(model: Any, sample: Any = None, variables: Any = None, mesh: Any = None) -> Dataflow:
+def dataflow(model: Any, sample: Any = None, variables: Any = None, mesh: Any = None,
+             batch: int | None = None) -> Dataflow:
     """Trace ``model`` on ``sample`` and analyse which parameter feeds which.
 
     Args:
@@ -209,6 +210,9 @@ def dataflow(model: Any, sample: Any = None, variables: Any = None, mesh: Any = 
             match ``tpflax.plan(variables, ...).decisions``.
         mesh: the mesh shape the step runs on: the forward is traced under it
             (:func:`trace_jaxpr`), so a model's logical constraints are there.
+        batch: the batch size the user gave (``estimate(plan, tx, 8)``): only inputs leading with it hold the
+            batch (:attr:`Dataflow.batch_reads`), as ``make_train_step(batch=8)`` keeps the others replicated;
+            None: every input's leading dim does (:func:`tpflax._src.trace.batchflags.batch_lead`).
 
     Returns:
         A :class:`Dataflow`.
@@ -230,10 +234,11 @@ def dataflow(model: Any, sample: Any = None, variables: Any = None, mesh: Any = 
         closed, paths, n = trace_jaxpr(m, mesh=mesh)
         # the parameters scans read as loop constants, for the estimate (no second trace of the model)
         cached("loop_consts", m, lambda: loop_consts_of(closed, paths, n))
-        return analyze(closed, paths)
+        return analyze(closed, paths, batch)
 
     # one trace per model, variables' and sample's shapes, and mesh, unless nothing in it depends on the mesh
-    return cached("dataflow", m, make, (mesh_key(mesh),), shared=("any mesh",), free=_mesh_free)
+    given = () if batch is None else (("batch", batch),)  # a size given: another entry (its batch_reads differ)
+    return cached("dataflow", m, make, (mesh_key(mesh), *given), shared=("any mesh", *given), free=_mesh_free)
 
 
 def _mesh_free(flow: Dataflow) -> bool:
@@ -248,8 +253,9 @@ def mesh_key(mesh: Any) -> str:
     return "" if mesh is None else str(mesh_shape(mesh))
 
 
-def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
-    """Analyse a closed jaxpr whose first ``len(paths)`` invars are the parameters at ``paths``."""
+def analyze(closed: Any, paths: Sequence[str], batch: int | None = None) -> Dataflow:
+    """Analyse a closed jaxpr whose first ``len(paths)`` invars are the parameters at ``paths`` (``batch``: the
+    batch size given, see :func:`dataflow`)."""
     jaxpr = closed.jaxpr
     w = new_walk()
     w.bits = {p: 1 << i for i, p in enumerate(paths)}
@@ -327,7 +333,8 @@ def analyze(closed: Any, paths: Sequence[str]) -> Dataflow:
                     fft_reads=tuple(dataclasses.replace(r, tags=tuple(frozenset(w.root(k) for k in ks) for ks in r.tags))
                                     for r in w.fft_reads),
                     sliced=_sliced(w, {p: tuple(v.aval.shape) for p, v in zip(paths, jaxpr.invars, strict=False)}),
-                    batch_reads=_batch_reads(jaxpr, len(paths), examples, w.reads))
+                    batch_reads=_batch_reads(jaxpr, len(paths), examples, w.reads, batch),
+                    unbatched=_unbatched(jaxpr, len(paths), examples, w.reads, batch))
 
 
 def _concats(w: Any) -> dict[tuple[int, int], tuple[int, ...]]:
@@ -353,20 +360,31 @@ def _concats(w: Any) -> dict[tuple[int, int], tuple[int, ...]]:
     return out
 
 
-def _batch_reads(jaxpr: Any, n: int, examples: int, reads: Mapping[int, tuple[Any, int, tuple]]) -> frozenset[int]:
+def _batch_reads(jaxpr: Any, n: int, examples: int, reads: Mapping[int, tuple[Any, int, tuple]],
+                 batch: int | None = None) -> frozenset[int]:
     """:attr:`Dataflow.batch_reads`: the ``dot`` uses (``reads``: use id -> (equation, activation operand, ctx)) whose
-    activation a dim of which carries the batch; ``n``: the parameters among ``jaxpr``'s invars, the sample after.
+    activation a dim of which carries the batch; ``n``: the parameters among ``jaxpr``'s invars, the sample after;
+    ``batch``: the batch size given (only inputs leading with it carry the batch).
     Empty when the flag walk meets a structure it does not know: the record only refines pricing."""
     if examples <= 1:  # a one-example sample: every size-1 dim would read as the batch
         return frozenset()
     dots: dict[int, list[tuple[bool, ...]]] = {}
     try:
-        batch_dims(jaxpr, [input_flags(v) if i >= n else no_flags(v) for i, v in enumerate(jaxpr.invars)],
+        batch_dims(jaxpr, [input_flags(v, batch) if i >= n else no_flags(v) for i, v in enumerate(jaxpr.invars)],
                    dots, examples)
     except (IndexError, KeyError, ValueError):  # a structure the flag walk does not know: only a pricing refinement
         return frozenset()
     return frozenset(uid for uid, (eqn, i, _) in reads.items()
                      if id(eqn) in dots and i < len(dots[id(eqn)]) and any(dots[id(eqn)][i]))
+
+
+def _unbatched(jaxpr: Any, n: int, examples: int, reads: Mapping[int, tuple[Any, int, tuple]],
+               batch: int | None) -> frozenset[int]:
+    """:attr:`Dataflow.unbatched`: with a batch size given, the ``dot`` uses whose activation carries a batch only
+    from inputs leading with another size (which the step keeps replicated); empty without one."""
+    if batch is None:
+        return frozenset()
+    return _batch_reads(jaxpr, n, examples, reads) - _batch_reads(jaxpr, n, examples, reads, batch)
 
 
 def _sliced(w: Any, shapes: dict[str, tuple[int, ...]]) -> dict[str, float]:

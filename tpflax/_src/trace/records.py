@@ -351,6 +351,11 @@ class Dataflow:
             through the forward: :func:`tpflax._src.trace.batchflags.batch_dims`), wherever it sits: a Swin window
             partition's ``(batch * windows, tokens, c)`` carries it in its leading dim, which is no batch's size.
             XLA splits such an activation over the batch axes as it splits the batch. Empty for a one-example sample.
+            With a batch size given (:func:`tpflax._src.trace.dataflow.dataflow`'s ``batch``), only inputs leading
+            with it carry the batch.
+        unbatched: with a batch size given, the ``dot`` uses whose activation carried a batch only from inputs of
+            another leading dim, which the step keeps replicated (a positional table): they run alike on every
+            device of the batch axes. Empty without one.
     """
 
     paths: tuple[str, ...]
@@ -410,6 +415,7 @@ class Dataflow:
     fft_reads: tuple[FftRead, ...] = ()
     parted: Mapping[str, Mapping[int, int]] = field(default_factory=dict)
     batch_reads: frozenset[int] = frozenset()
+    unbatched: frozenset[int] = frozenset()
 
     def positional(self) -> dict[str, tuple[int, tuple[int, ...]]]:
         """``{table: (rows looked up, its dims not indexed)}`` for tables every use of which is a lookup at
