@@ -226,6 +226,25 @@ def ignored_grads(plan, optimizer: Any) -> frozenset[str]:
     >>> sorted(ignored_grads(p, tx)), sorted(ignored_grads(p, optax.adam(1e-3)))
     (['b'], [])
     """
+    key = (optimizer, tuple((k, d.shape, d.dtype, d.trainable) for k, d in plan.decisions.items()))
+    try:
+        return _IGNORED[key]
+    except TypeError:  # an optimizer that does not hash: traced every time
+        return _ignored_grads(plan, optimizer)
+    except KeyError:
+        pass
+    if len(_IGNORED) >= 64:
+        _IGNORED.clear()
+    _IGNORED[key] = out = _ignored_grads(plan, optimizer)
+    return out
+
+
+# ignored_grads by (optimizer, the plan's leaves): the trace of ``update`` took 10-20 ms of every estimate,
+# 3-4x an estimate whose workload is kept (benchmarks/estimate_speed.py)
+_IGNORED: dict = {}
+
+
+def _ignored_grads(plan, optimizer: Any) -> frozenset[str]:
     import jax
 
     from tpflax._src.facts.tree import keystr
