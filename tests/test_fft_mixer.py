@@ -43,6 +43,21 @@ def traced_plan():
     return v, tpflax.plan(v, MESH, model=LongConv(), sample=SAMPLE)
 
 
+@pytest.fixture(scope="module")
+def compiled():
+    """The traced plan and its adamw step compiled for XLA:CPU, once for the module's tests that read it (COMM_XLA:
+    the same collectives, to the byte, as the default options)."""
+    v, p = traced_plan()
+    mesh = tpflax.make_mesh(MESH)
+    step = tpflax.make_train_step(LongConv(), p, mesh, optax.adamw(1e-3), sample=SAMPLE, loss=mean_square)
+    return v, p, tpflax.dry_run(step, p, mesh, compiler_options=COMM_XLA)
+
+
+def fft_gathers(dr):
+    """The compiled step's all-gathers made by an FFT (forward or its transpose), by op_name."""
+    return [c for c in dr.collectives if c.kind == "all-gather" and (c.op_name or "").endswith("/fft")]
+
+
 def test_projections_pair_through_an_fft_over_the_sequence():
     _, p = traced_plan()
     up, down = p.decisions["params/up/kernel"], p.decisions["params/down/kernel"]
@@ -68,16 +83,14 @@ def test_the_pair_through_an_fft_is_the_cheaper_plan_on_tpu():
 
 @newer_xla("XLA:CPU gathers no FFT operand: no all-gather at all (148,996 collective bytes, all all-reduces), where "
            "0.10's gathers them whole and the CPU estimate prices those gathers")
-def test_the_cpu_estimate_prices_xla_cpus_fft_gathers():
+def test_the_cpu_estimate_prices_xla_cpus_fft_gathers(compiled):
     """XLA:CPU gathers every FFT operand whole over every axis that splits it, the batch's too, and backward each
     output's gradient (its transpose's operand): the estimate priced none, 0.49 of the compiled collectives of a
     Hyena LM and 0.07 here (0.95 now); the CPU estimate prices them, the TPU one does not (XLA:TPU partitions an FFT)."""
-    v, p = traced_plan()
+    v, p, dr = compiled
     tx = optax.adamw(1e-3)
     cpu, tpu = (tpflax.estimate(p, tx, model=LongConv(), sample=SAMPLE, loss=mean_square, backend=b)
                 for b in ("cpu", "tpu"))
-    mesh = tpflax.make_mesh(MESH)
-    dr = tpflax.dry_run(tpflax.make_train_step(LongConv(), p, mesh, tx, sample=SAMPLE, loss=mean_square), p, mesh)
     assert cpu.comm["all-gather"]["data"] == pytest.approx(dr.comm()["all-gather"]["data"], rel=0.01)
     # the filter's own FFT XLA splits over model to meet the split activation, which no term prices (5%)
     assert cpu.comm_total == pytest.approx(dr.comm_total, rel=0.1), "\n".join(dr.compare(cpu).report_lines())
@@ -91,17 +104,13 @@ def test_the_cpu_estimate_prices_xla_cpus_fft_gathers():
     assert not [n for n in e.notes if "FFT" in n] and not [i for i in e.items if "FFT" in i.why]
 
 
-def test_the_cpu_estimate_prices_fft_gathers_where_the_running_xla_compiles_them():
+def test_the_cpu_estimate_prices_fft_gathers_where_the_running_xla_compiles_them(compiled):
     """jaxlib 0.12's XLA:CPU splits an FFT over the dims it does not transform (no gather), 0.10's gathers every FFT
     operand whole: the estimate asks the running XLA (cost/fft.py ``cpu_gathers_ffts``, one tiny compile) and prices
     the gathers only where it makes them. On 0.12 it priced 0.10's gathers, which that XLA does not compile."""
-    _, p = traced_plan()
-    tx = optax.adamw(1e-3)
-    cpu = tpflax.estimate(p, tx, model=LongConv(), sample=SAMPLE, loss=mean_square, backend="cpu")
-    mesh = tpflax.make_mesh(MESH)
-    dr = tpflax.dry_run(tpflax.make_train_step(LongConv(), p, mesh, tx, sample=SAMPLE, loss=mean_square), p, mesh,
-                        compiler_options=COMM_XLA)
-    gathers = dr.comm().get("all-gather", {})
+    _, p, dr = compiled
+    cpu = tpflax.estimate(p, optax.adamw(1e-3), model=LongConv(), sample=SAMPLE, loss=mean_square, backend="cpu")
+    gathers = fft_gathers(dr)
     assert bool([i for i in cpu.items if "FFT" in i.why]) == bool(gathers)
     assert bool([n for n in cpu.notes if "does not partition an FFT" in n]) == bool(gathers)
     assert cpu.comm_total == pytest.approx(dr.comm_total, rel=0.1), "\n".join(dr.compare(cpu).report_lines())
