@@ -9,12 +9,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+import pytest
 from jax.sharding import PartitionSpec as P
 
 import tpflax
 from tpflax._src.cost.fft import cpu_gathers_ffts
 
 S = jax.ShapeDtypeStruct
+# make_train_step's warning for the dual encoders' 8 images and 16 captions
+DISAGREE = r"inputs disagree on their leading dim \(input 0 \(8, 16, 32\); input 1 \(16, 16, 32\)\)"
 
 
 class Tower(nn.Module):
@@ -43,8 +46,9 @@ def test_each_inputs_leading_dim_is_split_as_the_step_splits_it():
     p = tpflax.plan(v, mesh, model=model, sample=sample)
     assert p.spec("params/txt/up/kernel") == jax.sharding.PartitionSpec(None, "model")
     m = tpflax.make_mesh(mesh)
-    compiled = tpflax.dry_run(tpflax.make_train_step(model, p, m, optax.adamw(1e-3), sample=sample,
-                                                     loss=contrastive), p, m).comm()
+    with pytest.warns(tpflax.TpflaxWarning, match=DISAGREE):
+        step = tpflax.make_train_step(model, p, m, optax.adamw(1e-3), sample=sample, loss=contrastive)
+    compiled = tpflax.dry_run(step, p, m).comm()
     est = tpflax.estimate(p, optax.adamw(1e-3), model=model, sample=sample, loss=contrastive, backend="cpu").comm
     # the towers' row sums over model, exactly: 4 per tower (forward and input gradient of each pair), the caption
     # tower's at 8 of its 16 captions per device
@@ -80,8 +84,10 @@ def test_rows_gathered_across_the_batch_split_are_named_in_a_note():
     assert len(noted) == 1 and "(256, 64) activation gathered at (1024,) indices" in noted[0]
     assert "(and 1 more)" in noted[0] and "lower bound" in noted[0] and "dry_run" in noted[0]
     m = tpflax.make_mesh(mesh)
-    compiled = tpflax.dry_run(tpflax.make_train_step(model, p, m, optax.adamw(1e-3), sample=sample, loss=mse),
-                              p, m).comm_total
+    with pytest.warns(tpflax.TpflaxWarning, match=r"inputs disagree on their leading dim \(input 0 \(256, 16\); "
+                                                  r"input 1 \(1024,\), input 2 \(1024,\)\)"):
+        step = tpflax.make_train_step(model, p, m, optax.adamw(1e-3), sample=sample, loss=mse)
+    compiled = tpflax.dry_run(step, p, m).comm_total
     assert compiled > 2 * est.comm_total  # a lower bound, by far
     # a batch that is not split: nothing crosses
     whole = tpflax.plan(v, {"model": 8}, rules=[(".*", "replicate")])
@@ -118,8 +124,9 @@ def test_the_batch_is_followed_from_every_input_not_the_first_alone():
     v = jax.eval_shape(lambda a, b: model.init(jax.random.key(0), a, b), *sample)
     p = tpflax.plan(v, mesh, rules=WINDOWS)
     m = tpflax.make_mesh(mesh)
-    compiled = tpflax.dry_run(tpflax.make_train_step(model, p, m, optax.adamw(1e-3), sample=sample,
-                                                     loss=contrastive), p, m).comm()
+    with pytest.warns(tpflax.TpflaxWarning, match=DISAGREE):
+        step = tpflax.make_train_step(model, p, m, optax.adamw(1e-3), sample=sample, loss=contrastive)
+    compiled = tpflax.dry_run(step, p, m).comm()
     est = tpflax.estimate(p, optax.adamw(1e-3), model=model, sample=sample, loss=contrastive, backend="cpu").comm
     # one forward sum of the caption pair: 32 of the 64 windows per device, (32, 4, 32) float32
     assert est["all-reduce"]["model"] == compiled["all-reduce"]["model"] == 32 * 4 * 32 * 4 * 1.5
