@@ -40,6 +40,7 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import argparse
+import hashlib
 import json
 import re
 import sys
@@ -73,6 +74,8 @@ class Numbers:
     error: str = ""
     seconds: float = 0.0
     sharded_leaves: int = 0
+    # plan_hash(plan) of the plan compiled; "" in rows measured before it was recorded
+    plan_hash: str = ""
 
 
 def mesh_label(mesh: dict[str, int]) -> str:
@@ -187,7 +190,7 @@ def measure(arch: str, mesh: dict[str, int], name: str, plan: Any, built: Built,
     held = (mem["argument"] or 0) + (mem["temp"] or 0) + (mem["output"] or 0) - (mem["alias"] or 0)
     est, err = estimate_comm(plan, built)
     return Numbers(arch, label, name, float(held), float(dr.comm_total), dr.flops, est, err,
-                   time.perf_counter() - t0, sharded_count(plan))
+                   time.perf_counter() - t0, sharded_count(plan), plan_hash(plan))
 
 
 def estimate_comm(plan: Any, built: Built) -> tuple[float | None, str]:
@@ -209,11 +212,35 @@ def sharded_count(plan: Any) -> int:
     return sum(1 for d in plan.decisions.values() if any(e is not None for e in tuple(d.spec)))
 
 
-def reestimate(rows: list[Numbers]) -> list[Numbers]:
-    """``rows`` with the estimate recomputed (planning and estimating only, no compile).
+def plan_hash(plan: Any) -> str:
+    """A short hash of ``plan``'s specs (each leaf path with its spec, sorted by path; trailing
+    unsplit dims dropped): two plans that place any leaf otherwise hash apart, a column/row swap too."""
+    def entry(e: Any) -> str:
+        return repr(tuple(e) if isinstance(e, (tuple, list)) else e)
 
-    A row whose plan splits another number of leaves than the plan its compiled numbers were read
-    from is measured again (compiled): the estimate of today's plan beside the collectives of an
+    lines = []
+    for path, d in sorted(plan.decisions.items()):
+        spec = list(tuple(d.spec))
+        while spec and spec[-1] is None:
+            spec.pop()
+        lines.append(f"{path}\t{','.join(entry(e) for e in spec)}")
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:12]
+
+
+def plan_changed(row: Numbers, plan: Any) -> bool:
+    """Whether ``plan`` is not the plan ``row``'s compiled numbers were read from: by its hash, or, for
+    a row measured before the hash was recorded, by its count of sharded leaves."""
+    if row.plan_hash:
+        return plan_hash(plan) != row.plan_hash
+    return sharded_count(plan) != row.sharded_leaves
+
+
+def reestimate(rows: list[Numbers]) -> list[Numbers]:
+    """``rows`` with the estimate recomputed, compiling again only the rows whose plan changed.
+
+    Each row's plan is made again and estimated. A row whose plan is not the one its compiled numbers
+    were read from (another :func:`plan_hash`; for a row without one, another number of sharded
+    leaves) is measured again (compiled): the estimate of today's plan beside the collectives of an
     older one compares two programs. (wav2vec2's ``model=`` plan keeps its 32-class ``lm_head``
     whole since a past round; its compiled row was the vocab-split plan's, 22 sharded leaves, so the
     re-estimate read -6% of 943,908 B where today's plan compiles to 891,012 B, 0.0% off.)
@@ -229,10 +256,11 @@ def reestimate(rows: list[Numbers]) -> list[Numbers]:
             plans = make_plans(BY_NAME[name], built, params, mesh)
             for i, r in enumerate(out):
                 if r.arch == name and r.mesh == label and not isinstance(plans[r.plan], Exception) and r.comm:
-                    if sharded_count(plans[r.plan]) != r.sharded_leaves:
+                    if plan_changed(r, plans[r.plan]):
                         out[i] = measure(name, mesh, r.plan, plans[r.plan], built)
                         print(f"{name} {label} {r.plan}: the plan changed ({r.sharded_leaves} -> "
-                              f"{out[i].sharded_leaves} sharded leaves), measured again", flush=True)
+                              f"{out[i].sharded_leaves} sharded leaves, specs {r.plan_hash or '?'} -> "
+                              f"{out[i].plan_hash}), measured again", flush=True)
                         continue
                     est, err = estimate_comm(plans[r.plan], built)
                     out[i] = replace(r, est_comm=est, error=err)
@@ -284,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                          "(benchmarks/third_party_tpu.py; needs libtpu); --arch keeps the published ones")
     ap.add_argument("--table-only", action="store_true", help="rewrite the table from the json")
     ap.add_argument("--reestimate", action="store_true",
-                    help="recompute the estimate of the rows in the json (no compile), then rewrite the table")
+                    help="recompute the estimate of the rows in the json (compiling only rows whose plan "
+                         "changed), then rewrite the table")
     ap.add_argument("--diff", action="store_true",
                     help="add the leaves where tree-only/model= differ from the hand layout (plans only)")
     args = ap.parse_args(argv)

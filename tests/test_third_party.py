@@ -145,3 +145,24 @@ def test_a_reestimate_measures_again_a_row_whose_plan_changed():
     again, kept = reestimate([stale, same])
     assert again.comm > 1.0 and again.sharded_leaves == 0 and abs(again.est_comm / again.comm - 1) < 0.01
     assert (kept.comm, kept.bytes, kept.sharded_leaves) == (1.0, 1.0, 0) and kept.est_comm == again.est_comm
+    assert again.plan_hash and not kept.plan_hash  # a row measured records its plan's specs; an old row has none
+
+
+def test_a_reestimate_tells_a_changed_plan_by_its_specs_not_its_count():
+    # a column/row swap splits as many leaves: the count missed it. A row measured records a hash of its plan's
+    # specs; one whose hash is not today's plan's is compiled again, one whose hash is kept, its count unread.
+    from dataclasses import replace
+
+    from third_party import Numbers, plan_changed, plan_hash
+
+    f32 = jax.numpy.float32
+    params = {"up": {"kernel": jax.ShapeDtypeStruct((8, 32), f32)}, "down": {"kernel": jax.ShapeDtypeStruct((32, 8), f32)}}
+    mesh = {"data": 2, "model": 4}
+    pair = tpflax.plan(params, mesh, rules=[("up", P(None, "model")), ("down", P("model", None))])
+    swapped = tpflax.plan(params, mesh, rules=[("up", P("model", None)), ("down", P(None, "model"))])
+    assert plan_hash(pair) != plan_hash(swapped) and plan_hash(pair) == plan_hash(
+        tpflax.plan(params, mesh, rules=[("up", P(None, "model")), ("down", P("model"))]))
+    row = Numbers("x", "data=2,model=4", "tree", comm=1.0, sharded_leaves=2, plan_hash=plan_hash(pair))
+    assert plan_changed(row, swapped) and not plan_changed(row, pair)
+    assert not plan_changed(replace(row, plan_hash=""), swapped)  # an old row: the count alone, which missed it
+    assert not plan_changed(replace(row, sharded_leaves=5), pair)
