@@ -92,9 +92,8 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
     # a shard_map body runs its matmuls as written: a row output it reduce-scatters by hand is summed there (the
     # explicit collective, priced as written), and the columns it takes read one input, whose gradient the
     # shard_map's transpose sums once (measured, XLA:CPU dp=2,tp=4: EasyDeL's Mixtral experts)
-    rep_of = s.lv.rep_of
-    written = {rep_of.get(p, p) for p in s.written}
-    mapped = {rep_of.get(p, p) for p in s.shard_mapped}
+    written = {s.lv.rep(p) for p in s.written}
+    mapped = {s.lv.rep(p) for p in s.shard_mapped}
     body_split = {rep: axes for axes, reps in mapped_splits(s).items() for rep in reps}
     # XLA:TPU's one sum of an input's partial gradients, by the value the columns read: a parallel block's
     # attention and MLP columns (GPT-J's, read off one norm) are two pairs, one all-reduce (measured, transformers'
@@ -260,14 +259,13 @@ def _whole_readers(c: str, pair: list[str], s: Scope) -> list[str]:
     traced edges also run through activation products (CaiT's talking heads mix the scores q and k make),
     where XLA gathers the product, not the column's output."""
     t_axes = set(s.axes(c, TENSOR))
-    rep = s.lv.rep_of
     spec = s.lv.specs[c]
     out: list[str] = []
     if s.lv.decisions[c].kind != "conv":
         return out
     for (src, sdim, dst, ddim) in s.limits:
-        r = rep.get(dst, dst)
-        if rep.get(src, src) != c or r in pair or r in out or r not in s.lv.specs or sdim >= len(spec) \
+        r = s.lv.rep(dst)
+        if s.lv.rep(src) != c or r in pair or r in out or r not in s.lv.specs or sdim >= len(spec) \
                 or not t_axes & set(entry_axes(spec[sdim])):
             continue
         if s.lv.decisions[r].kind == "conv" and ddim < len(s.lv.specs[r]) \
@@ -378,8 +376,7 @@ def _unconfirmed_pairs(s: Scope) -> frozenset[int]:
         return frozenset()
     # a pair class holds representatives: a layer's columns may stand for themselves (the first block's q/k/v,
     # whose input has no gradient) while its row stands for every block's, so the edges are read between classes
-    rep = s.lv.rep_of
-    edges = {(rep.get(a, a), rep.get(b, b)) for a, b in s.edges}
+    edges = {(s.lv.rep(a), s.lv.rep(b)) for a, b in s.edges}
     out = set()
     for pc in s.lv.pairs:
         members = (*pc.columns, *pc.rows)
@@ -427,7 +424,7 @@ def constrained_stream(s: Scope) -> tuple[set[tuple[str, int]], dict[int, frozen
     ``norm`` rule, measured on its GPT-3, whose stream no constraint splits), unless the scale follows a
     kernel's split channels (the trace's meets: a split conv's GroupNorm is the pair's own)."""
     begin = {pd for dims in constrained_dims(s).values() for pd in dims}
-    dims = {(s.lv.rep_of.get(p, p), d) for p, d in reached_dims(s.meets, begin)} if begin else set()
+    dims = {(s.lv.rep(p), d) for p, d in reached_dims(s.meets, begin)} if begin else set()
     tensor = set(s.mesh.axes_with(TENSOR))
     widths: dict[int, frozenset[str]] = {}
     split = list(s.split_widths or ())
@@ -468,7 +465,7 @@ def _constrained_items(s: Scope, cols: list[str], rows: list[str], axes: tuple[s
 
     # not a row a shard_map body reduce-scatters by hand (that collective's transpose gathers it, as written), nor
     # one split on the experts its contraction batches over (whole per-expert outputs, which a product combines)
-    by_hand = {s.lv.rep_of.get(p, p) for p in s.written}
+    by_hand = {s.lv.rep(p) for p in s.written}
     writes = [r for r in rows if r in dots and r not in by_hand and not _batch_split(r, s) and whole(r, 1)
               and (any((r, d) in dims for d in dots[r][1]) or width(r, 1) in split)]
     # a residual branch reads the stream it writes (through a norm, which ends the trace's meets)
@@ -563,12 +560,12 @@ def score_bias(path: str, d: Any, axes: tuple[str, ...], s: Scope) -> bool:
 
 
 def _spec_at(s: Scope, path: str, dim: int) -> Any:
-    spec = s.lv.specs.get(s.lv.rep_of.get(path, path)) or ()
+    spec = s.lv.specs.get(s.lv.rep(path)) or ()
     return spec[dim] if dim < len(spec) else None
 
 
 def _conditioning(s: Scope) -> set[str]:
-    return {s.lv.rep_of.get(t, t) for t in s.conditions or {}}
+    return {s.lv.rep(t) for t in s.conditions or {}}
 
 
 def _heads_note(decisions, pid: int, cols: list[str], s: Scope, notes: list[str]) -> None:
@@ -690,11 +687,11 @@ def _embedding_items(path: str, d: Any, axes: tuple[str, ...], s: Scope, *, note
         return []  # its columns split with the scores' heads: XLA adds each device's heads to its own scores
     lv = s.lv  # a feature-split lookup keeps the residual stream split: gathered behind each norm too
     to_stream = feeds_stream(path, d, axes, s)
-    table = next((t for t in s.conditions or {} if lv.rep_of.get(t, t) == path), None)
+    table = next((t for t in s.conditions or {} if lv.rep(t) == path), None)
     if table is not None and not split_vocab:
         # the split conditioning vector, gathered for each modulation that reads it (measured on the linen
         # probe's 2-block DiT: 4 gathers, the lookup's and one per adaLN kernel and the final one)
-        stream = sum(layers(lv.decisions[lv.rep_of.get(k, k)]) for k in s.conditions[table])
+        stream = sum(layers(lv.decisions[lv.rep(k)]) for k in s.conditions[table])
     elif not to_stream:
         stream = 0
     elif s.backend == "tpu":  # XLA:TPU gathers it again for each split kernel's transpose

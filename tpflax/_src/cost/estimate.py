@@ -294,15 +294,14 @@ def split_sum_items(s: Scope, sums: Sequence[tuple[frozenset[tuple[str, int]], f
     """
     tensor = set(s.mesh.axes_with(TENSOR))
     out = []
-    rep = s.lv.rep_of
     kvs = kv_splits(s)  # a pair with a head_dim-split key/value: XLA gathers whole heads, sums no scores
     gathered = {p for pc in s.lv.pairs if set(pc.columns) & set(kvs) for p in (*pc.columns, *pc.rows)}
     for dims, per_example, runs in sums:
         if any(p in fused for p, _ in dims):  # a fused kernel's cut pieces: their reshards are priced with it
             continue
-        if any(rep.get(p, p) in gathered for p, _ in dims):
+        if any(s.lv.rep(p) in gathered for p, _ in dims):
             continue
-        if all(rep.get(p, p) in s.experts_split and _experts_dim(s.lv.decisions[rep.get(p, p)], k) for p, k in dims):
+        if all(s.lv.rep(p) in s.experts_split and _experts_dim(s.lv.decisions[s.lv.rep(p)], k) for p, k in dims):
             continue  # the combine of experts split over the tensor axis: priced with their pair (comm.expert_split_items)
         axes = _split_axes(s, dims, tensor)
         if axes:
@@ -310,11 +309,11 @@ def split_sum_items(s: Scope, sums: Sequence[tuple[frozenset[tuple[str, int]], f
             n = math.prod(s.mesh.sizes[a] for a in ax)
             # experts stored flat (E * f, d) split over n = E * k ranks: the combine sums over the E experts only, the
             # k ranks of one expert having summed its f first (comm.parted_split)
-            halves = {parted_split(s, rep.get(p, p)) for p, _ in dims}
+            halves = {parted_split(s, s.lv.rep(p)) for p, _ in dims}
             if len(halves) == 1 and (ek := halves.pop()) is not None:
                 n = ek[0]
             # blocks straddling experts: gathered into g parts of whole experts, the combine sums over the parts
-            straddled = {straddled_split(s, rep.get(p, p)) for p, _ in dims}
+            straddled = {straddled_split(s, s.lv.rep(p)) for p, _ in dims}
             if len(straddled) == 1 and (eng := straddled.pop()) is not None:
                 n = eng[2]
                 if n == 1:
@@ -330,7 +329,7 @@ def _split_axes(s: Scope, dims: frozenset[tuple[str, int]], tensor: set[str]) ->
     representative (the trace lists each layer's dims under its own paths, the alike view keeps the first's)."""
     axes: set[str] = set()
     for path, dim in dims:
-        d = s.lv.decisions.get(s.lv.rep_of.get(path, path))
+        d = s.lv.decision_of(path)
         if d is not None:
             spec = entries(d.spec, len(d.shape))
             axes |= set(entry_axes(spec[dim])) & tensor if dim < len(spec) else set()
@@ -350,15 +349,14 @@ def split_grad_gathers(s: Scope, grads: Sequence[tuple[frozenset[tuple[str, int]
     :func:`split_sum_items`'s (a fused kernel's pieces, gathered heads, experts' combines, priced with their pairs).
     """
     tensor = set(s.mesh.axes_with(TENSOR))
-    rep = s.lv.rep_of
     kvs = kv_splits(s)
     gathered = {p for pc in s.lv.pairs if set(pc.columns) & set(kvs) for p in (*pc.columns, *pc.rows)}
     out = []
     for dims, other, per_example, runs in grads:
         every = dims | other
-        if any(p in fused for p, _ in every) or any(rep.get(p, p) in gathered for p, _ in every):
+        if any(p in fused for p, _ in every) or any(s.lv.rep(p) in gathered for p, _ in every):
             continue
-        if any(rep.get(p, p) in s.experts_split for p, _ in every):
+        if any(s.lv.rep(p) in s.experts_split for p, _ in every):
             continue
         ax = tuple(sorted(_split_axes(s, dims, tensor) - _split_axes(s, other, tensor)))
         if ax:
@@ -392,7 +390,7 @@ def product_sum_notes(lv: Leaves, mesh: MeshShape, w: Workload, priced: frozense
     found = []
     for path, dims in w.product_sums.items():
         d = lv.decisions.get(path)
-        if d is None or lv.rep_of.get(path, path) in priced:
+        if d is None or lv.rep(path) in priced:
             continue
         spec = entries(d.spec, len(d.shape))
         axes = sorted({a for k in dims if k < len(spec) for a in entry_axes(spec[k])} & split)

@@ -90,7 +90,7 @@ def fft_items(s: Any, reads: Sequence[tuple]) -> list[CommItem]:
         paths: set[str] = set()
         for keys in dims:
             for path, k in keys:
-                rep = lv.rep_of.get(path, path)
+                rep = lv.rep(path)
                 d = lv.decisions.get(rep)
                 if d is None:
                     continue

@@ -64,6 +64,15 @@ class Leaves:
     opt: tuple[tuple[tuple[int, ...], int, tuple[Entry, ...], int], ...] = ()
     rep_of: Mapping[str, str] = field(default_factory=dict)
 
+    def rep(self, path: str) -> str:
+        """``path``'s representative: the leaf that stands for its class of alike leaves (the trace lists each
+        layer under its own paths, the decisions keep the first alike layer's); itself when it stands alone."""
+        return self.rep_of.get(path, path)
+
+    def decision_of(self, path: str) -> Any | None:
+        """The decision that prices ``path``, its representative's; None for a path the plan does not hold."""
+        return self.decisions.get(self.rep(path))
+
 
 def merge(decisions: Mapping[str, Any], activations: Mapping[str, Sequence[Act]],
           opt: OptLayout | None = None, saved: Mapping[str, Sequence[Act]] | None = None,

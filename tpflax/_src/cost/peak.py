@@ -143,7 +143,7 @@ def score_elements(lv: Leaves, mesh: MeshShape, w: Workload, shards: int,
     for sc in w.scores:
         local = 1.0
         for n, tags in sc.dims:
-            specs = [lv.specs.get(lv.rep_of.get(p, p), ()) for p, _ in tags]
+            specs = [lv.specs.get(lv.rep(p), ()) for p, _ in tags]
             degree = max([1] + [tensor_degree(mesh, e[d]) for e, (_, d) in zip(specs, tags, strict=True)
                                 if d < len(e)])
             split |= degree > 1

@@ -341,10 +341,10 @@ def _cut_head_scores(s: Scope, r: str, raxes: tuple[str, ...], n: int, h: int, c
     probabilities' gradient, ``d(out) @ v``). Measured on XLA:CPU (separate q, k, v, 16 tokens): 2 heads on 4 and
     on 8, 4 on 8: two ``f32[b, 1, N, N]`` all-reduces over ``n / h`` ranks. Every score product of the pair class's
     layers counts (alike blocks merged into one class each run their own; only the first was priced before)."""
-    rep, mine = s.lv.rep_of, set(cols)
+    mine = set(cols)
     runs: dict[float, int] = {}  # per score size, the times a step runs such a product
     for sc in s.scores or ():
-        if any(rep.get(p, p) in mine for _, tags in sc.dims for p, _ in tags):
+        if any(s.lv.rep(p) in mine for _, tags in sc.dims for p, _ in tags):
             size = sc.per_example * s.batch.size / s.shards / h * s.act_item
             runs[size] = runs.get(size, 0) + sc.count
     return [CommItem("all-reduce", raxes, size, n // h, count, s.lv.label[r],
@@ -356,7 +356,7 @@ def _separate_heads(s: Scope):
     """``(row, its tensor axes, ranks, heads, the columns' widths, the columns)`` of each attention pair of separate
     traced 2-D columns as wide as the row's input, split on their output over the axes that split the row's input
     (none on their input), reading one head count off the trace's edge limits (None: not one)."""
-    dec, specs, rep = s.lv.decisions, s.lv.specs, s.lv.rep_of
+    dec, specs = s.lv.decisions, s.lv.specs
     for pc in s.lv.pairs:
         if len(pc.rows) != 1 or len(pc.columns) < 2:
             continue
@@ -374,7 +374,7 @@ def _separate_heads(s: Scope):
                     or set(entry_axes(spec[-2])) & set(raxes)):
                 break
             lims = [lim for (a, ad, d, dd), lim in (s.limits or {}).items()
-                    if rep.get(a, a) == c and ad == len(spec) - 1 and rep.get(d, d) == r and dd == len(specs[r]) - 2]
+                    if s.lv.rep(a) == c and ad == len(spec) - 1 and s.lv.rep(d) == r and dd == len(specs[r]) - 2]
             heads.add(math.gcd(*lims) if lims else None)
             widths.append(b[1])
         else:

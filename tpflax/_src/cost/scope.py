@@ -235,7 +235,7 @@ class Scope:
             return ()
         spec, want, out = self.lv.specs[path], set(axes), []
         for p, dim, o, odim in self.meets:
-            ospec = self.lv.specs.get(self.lv.rep_of.get(o, o))
+            ospec = self.lv.specs.get(self.lv.rep(o))
             if p != path or o == path or o not in self.contracted or (self.grouped or {}).get(o) == (0, 0) or \
                     ospec is None or dim >= len(spec) or odim >= len(ospec):
                 continue

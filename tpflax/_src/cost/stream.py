@@ -145,13 +145,13 @@ def conditioned_leaves(s: Any, table: str, axes: tuple[str, ...]) -> list[str]:
         Representative paths kept whole on ``axes``, as :func:`update_gathers` takes them.
     """
     lv, readers = s.lv, (s.conditions or {}).get(table, ())
-    width = lv.decisions[lv.rep_of.get(table, table)].shape[-1]
+    width = lv.decisions[lv.rep(table)].shape[-1]
     hot = set()
     for k in readers:  # a reader's input dim: of the table's width, not its output's (last) or layers dim
-        d = lv.decisions[lv.rep_of.get(k, k)]
+        d = lv.decisions[lv.rep(k)]
         hot |= {(k, i) for i, n in enumerate(d.shape[:-1]) if n == width and i != d.layers_dim}
     # along the meets: the activation dim the modulation reads is theirs too
-    reps = {lv.rep_of.get(p, p) for p, _ in reached_dims(s.meets, hot)}
+    reps = {lv.rep(p) for p, _ in reached_dims(s.meets, hot)}
     return sorted(r for r in reps if r != table and r in lv.decisions and lv.decisions[r].trainable
                   and not set(used_axes(lv.specs[r])) & set(axes))
 
@@ -165,7 +165,7 @@ def split_updates(s: Any) -> dict[str, int]:
     kernel's ``(64, 384)`` gradient summed as ``f32[384,16]``)."""
     out: dict[str, int] = {}
     for table in s.conditions or {}:
-        rep = s.lv.rep_of.get(table, table)
+        rep = s.lv.rep(table)
         d = s.lv.decisions.get(rep)
         axes = s.axes(rep, TENSOR) if d is not None else ()
         if axes and not set(entry_axes(drop_layers(d, s.lv.specs[rep])[0])) & set(axes):  # split on features
@@ -246,7 +246,7 @@ def mapped_splits(s: Any) -> dict[tuple[str, ...], set[str]]:
     lv, out = s.lv, {}
     tensor = set(s.mesh.axes_with(TENSOR))
     for path, dims in (s.shard_mapped or {}).items():
-        rep = lv.rep_of.get(path, path)
+        rep = lv.rep(path)
         if rep not in lv.decisions or not lv.decisions[rep].trainable:
             continue
         axes = tuple(sorted({a for _, names, _ in dims for a in names} & tensor - set(used_axes(lv.specs[rep]))))

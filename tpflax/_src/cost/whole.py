@@ -57,7 +57,7 @@ def split_dims(s: Any, start: Callable[[str], bool] | None = None,
     by_axes: dict[frozenset[str], set[tuple[str, int]]] = {}
     for p, d, _, _ in s.meets:
         axes = tensor_split(s, p, d)
-        if axes and (start is None or start(lv.rep_of.get(p, p))):
+        if axes and (start is None or start(lv.rep(p))):
             by_axes.setdefault(axes, set()).add((p, d))
     split_pairs = {m for pc in lv.pairs for m in pc.columns + pc.rows
                    if any(s.axes(x, TENSOR) for x in pc.columns + pc.rows)}
@@ -65,8 +65,8 @@ def split_dims(s: Any, start: Callable[[str], bool] | None = None,
     starts += [(frozenset(axes), begin, split_pairs) for axes, begin in constrained_dims(s).items() if constrained]
     reached: dict[tuple[str, ...], set[tuple[str, int]]] = {}
     for axes, begin, paired in starts:  # a whole dim meeting a split one: its gradient comes split, and so on
-        for p, dim in reached_whole(s.meets, begin, lambda p, paired=paired: _whole(s, lv.rep_of.get(p, p), paired)):
-            reached.setdefault(tuple(sorted(axes)), set()).add((lv.rep_of.get(p, p), dim))
+        for p, dim in reached_whole(s.meets, begin, lambda p, paired=paired: _whole(s, lv.rep(p), paired)):
+            reached.setdefault(tuple(sorted(axes)), set()).add((lv.rep(p), dim))
     return reached
 
 
@@ -106,11 +106,11 @@ def _stream_ends(s: Any, tensor: set[str]) -> list[tuple[str, int, tuple[str, ..
     streamed = sorted((p, d) for p, d in s.streamed if p in dots and dots[p][1] == (d,))
     met -= set(streamed)
     dims += streamed
-    dims += [(p, len(s.lv.decisions[s.lv.rep_of.get(p, p)].shape) - 1) for p in s.looked
-             if s.lv.rep_of.get(p, p) in s.lv.decisions]
+    dims += [(p, len(s.lv.decisions[s.lv.rep(p)].shape) - 1) for p in s.looked
+             if s.lv.rep(p) in s.lv.decisions]
     out = []
     for p, d in dims:
-        shape = s.lv.decisions[s.lv.rep_of.get(p, p)].shape if s.lv.rep_of.get(p, p) in s.lv.decisions else ()
+        shape = s.lv.decisions[s.lv.rep(p)].shape if s.lv.rep(p) in s.lv.decisions else ()
         if d < len(shape) and shape[d] in widths and (p, d) not in met:
             out.append((p, d, widths[shape[d]]))
     return out
@@ -124,7 +124,7 @@ def _whole(s: Any, rep: str, paired: Any) -> bool:
 
 def tensor_split(s: Any, path: str, dim: int) -> frozenset[str]:
     """The tensor axes the plan splits ``path``'s (a trace path's representative) ``dim`` over."""
-    spec = s.lv.specs.get(s.lv.rep_of.get(path, path), ())
+    spec = s.lv.specs.get(s.lv.rep(path), ())
     return frozenset(entry_axes(spec[dim]) if dim < len(spec) else ()) & s.mesh.role_axes.get(TENSOR, frozenset())
 
 
@@ -178,7 +178,7 @@ def whole_reads(s: Any, start: Callable[[str], bool] | None = None) -> list[Whol
                 reads = [replace(r, share=1 - share) for r in reads] if share < 1 else []
                 reads += [replace(r, share=share) for r in second]
             if rep in pinned and not (kw["remat"] or kw["cast"]):  # one gather of one activation (_input_gather)
-                group = (lv.rep_of.get(g := (s.apart or {}).get(rep, rep), g), axes)
+                group = (lv.rep((s.apart or {}).get(rep, rep)), axes)
                 reads = [r for r in reads if not _input_gather(r, in_b, out_b) or _first(taken, (group, r.phase, r.size))]
             if copy and split is None:
                 split = frozenset(p for p in lv.decisions if any(tensor_split(s, p, i)
@@ -331,14 +331,14 @@ def output_pieces(s: Any, col: str, rows: Collection[str], axes: tuple[str, ...]
     the ``n`` ranks of ``axes``, ``n`` if that is a multiple of ``n`` (a gate's expansion), the limit if it
     divides ``n`` (a GQA key/value's heads; 1 for MQA: whole, its output gradient summed over every rank).
     None untraced or where neither divides the other."""
-    rep, n = s.lv.rep_of, s.size(axes)
+    n = s.size(axes)
 
     def split(row: str, dim: int) -> bool:
         spec = s.lv.specs.get(row, ())
         return dim < len(spec) and bool(set(entry_axes(spec[dim])) & set(axes))
 
     limits = [lim for (a, _, b, bd), lim in (s.limits or {}).items()
-              if rep.get(a, a) == col and rep.get(b, b) in rows and split(rep.get(b, b), bd)]
+              if s.lv.rep(a) == col and s.lv.rep(b) in rows and split(s.lv.rep(b), bd)]
     if not limits:
         return None
     return pieces_of(min(limits), n)
@@ -366,7 +366,7 @@ def replicated_items(s: Any) -> list[CommItem]:
         found[key] = found.get(key, 0) + max(stack, 1)
 
     for p, d, ax, readers in replicated(s.constrained, tensor, lambda q, e: tensor_split(s, q, e), s.meets, s.dots or {}):
-        rep, use = lv.rep_of.get(p, p), s.dots[p]
+        rep, use = lv.rep(p), s.dots[p]
         if rep not in lv.decisions:
             continue
         dec, stack = lv.decisions[rep], _stack(s, rep)
@@ -374,7 +374,7 @@ def replicated_items(s: Any) -> list[CommItem]:
         width = in_width if d in use[0] else math.prod(dec.shape) // max(stack, 1) // max(in_width, 1)
         act = s.rows_of(rep) * s.act_item * width
         add(rep, ax, act, "a model's constraint replicates an activation the plan splits: gathered there", stack)
-        for qrep in {lv.rep_of.get(q, q) for q in readers if q in s.direct} & set(lv.decisions):
+        for qrep in {lv.rep(q) for q in readers if q in s.direct} & set(lv.decisions):
             qstack, qdec = max(_stack(s, qrep), 1), lv.decisions[qrep]
             # XLA:TPU gathers a float32 kernel for its product as bfloat16
             add(qrep, ax, gathered_bytes(s.leaf_bytes(qrep, qdec) * s.size(ax) // qstack, leaf_itemsize(qdec),
