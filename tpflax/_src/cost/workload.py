@@ -195,24 +195,25 @@ def _check_optimizer(optimizer: Any, batch: Any) -> None:
         raise EstimateError(f"optimizer {optimizer!r} is a name: pass the optax optimizer itself, e.g. "
                             f"optax.{optimizer}(1e-3)")
     if batch is not None:
-        _no_optimizer(optimizer)
+        raise _no_optimizer(optimizer)
     shape_like = isinstance(optimizer, str) and bool(re.fullmatch(r"\s*\d+(\s*[xX*]\s*\d+)*\s*", optimizer))
     batch_like = (isinstance(optimizer, (numbers.Integral, tuple, list, Mapping)) or hasattr(optimizer, "shape")
                   or shape_like)
     if batch_like and not isinstance(optimizer, bool):
         raise EstimateError(f"optimizer {optimizer!r} looks like a batch: the order is estimate(plan, optimizer, "
                             "batch); pass the batch third or as batch=, and optimizer=None for no optimizer state")
-    _no_optimizer(optimizer)
+    raise _no_optimizer(optimizer)
 
 
-def _no_optimizer(optimizer: Any) -> None:
-    """EstimateError for an optimizer with no ``init()`` (a misspelt name, an ``nnx.Optimizer``'s class): it was
-    "optimizer.init failed on the planned parameters: AttributeError: 'str' object has no attribute 'init'"."""
+def _no_optimizer(optimizer: Any) -> EstimateError:
+    """The EstimateError (returned, for the caller to raise) for an optimizer with no ``init()`` (a misspelt name, an
+    ``nnx.Optimizer``'s class): it was "optimizer.init failed on the planned parameters: AttributeError: 'str' object
+    has no attribute 'init'"."""
     short = isinstance(optimizer, (str, numbers.Number)) and len(repr(optimizer)) <= 60
     name = getattr(optimizer, "__name__", "")
     if callable(optimizer) and name and hasattr(_optax(), name):  # optax.adam, not called
-        raise EstimateError(f"optimizer optax.{name} is the optimizer's factory: call it, e.g. optax.{name}(1e-3)")
-    raise EstimateError(f"optimizer {repr(optimizer) if short else 'of type ' + type(optimizer).__name__} is no "
+        return EstimateError(f"optimizer optax.{name} is the optimizer's factory: call it, e.g. optax.{name}(1e-3)")
+    return EstimateError(f"optimizer {repr(optimizer) if short else 'of type ' + type(optimizer).__name__} is no "
                         "optax.GradientTransformation (it has no init()); pass one, e.g. optax.adamw(1e-3), or None "
                         "for no optimizer state")
 
