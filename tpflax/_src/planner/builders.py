@@ -350,19 +350,29 @@ def _heads_cut(st: State, cols: list[Linear], row: Linear) -> tuple[tuple[int, i
         return gathers
     col = cols[0]
     pieces, heads = len(col.cut), col.limit
-    if (col.viewed and pieces > 1 and len(set(col.cut)) == 1 and heads and col.heads is None and len(col.f.body) == 2
-            and col.cut[0] == row.in_size and pieces % t_size and t_size % pieces and col.keys
-            and (sums := cut_head_scores(heads, t_size, col.keys)) is not None):
+    if not _fused_into_heads(col, row) or not _neither_divides(pieces, t_size):
+        return None
+    if col.keys and (sums := cut_head_scores(heads, t_size, col.keys)) is not None:
         # fewer heads than ranks that divide them (a Swin stage's 2 heads on 4): the output gathered whole, the
         # pieces' gradients alike, and each head's partial scores summed over its ranks (cost/reshard.py)
         width = out_width(col)
         return ((width, t_size, "forward: the output whole, before the reshape into heads"),
                 (width, t_size, "backward: the pieces' gradients whole"), *sums)
-    if (not col.viewed or pieces < 2 or len(set(col.cut)) != 1 or not heads or col.heads is not None
-            or len(col.f.body) != 2 or col.cut[0] != row.in_size
-            or not pieces % t_size or not t_size % pieces or not heads % t_size or not t_size % heads):
+    if not _neither_divides(heads, t_size):
         return None
     return head_cut_gathers(out_width(col), pieces, heads, t_size)
+
+
+def _fused_into_heads(col: Linear, row: Linear) -> bool:
+    """Whether ``col`` is a traced fused 2-D kernel (``[q|k|v]``) whose output is cut into 2+ equal pieces as wide as
+    ``row``'s input, each reshaped into heads (a count the trace read) that no earlier view placed."""
+    return bool(col.viewed and len(col.cut) > 1 and len(set(col.cut)) == 1 and col.limit and col.heads is None
+                and len(col.f.body) == 2 and col.cut[0] == row.in_size)
+
+
+def _neither_divides(a: int, b: int) -> bool:
+    """Whether neither of ``a`` and ``b`` divides the other (3 pieces or 6 heads on 4 ranks)."""
+    return bool(a % b and b % a)
 
 
 def _cut_heads_option(st: State, cols: list[Linear], row: Linear, pair: Pair,
@@ -378,13 +388,7 @@ def _cut_heads_option(st: State, cols: list[Linear], row: Linear, pair: Pair,
     rdim = row.shard_dim("row")
     heads = cols[0].limit
     fused_col = len(cols) == 1
-    whole = (("XLA gathers the output whole before the reshape into heads (and backward to whole head groups)"
-              if heads >= t_size else "XLA gathers the output whole before the reshape into heads (and the pieces' "
-              f"gradients backward) and sums each head's partial scores over its {t_size // heads} ranks")
-             if fused_col else f"XLA cuts each head's head_dim over {t_size // heads} ranks and sums its partial "
-                               "scores (forward and backward)" if heads < t_size else
-             f"XLA gathers it to whole groups of gcd({heads}, {t_size}) heads before the reshape into heads (and the "
-             "row's input gradient backward)")
+    whole = _what_xla_does_to_cut_heads(fused_col, heads, t_size)
     props = []
     for col in cols:
         cdim = col.shard_dim("column")
@@ -408,6 +412,20 @@ def _cut_heads_option(st: State, cols: list[Linear], row: Linear, pair: Pair,
                       f"{'' if why.startswith('sum') else 'gather, '}{why}", ranks=ranks if ranks != t_size else 0)
               for w, ranks, why in gathers))
     return Option("Megatron, heads cut", tuple(props), acts, frozenset(p for p, _ in props), sums_output=True)
+
+
+def _what_xla_does_to_cut_heads(fused: bool, heads: int, t_size: int) -> str:
+    """The reason's clause for ``heads`` cut over ``t_size`` tensor ranks: what XLA does to a fused ``[q|k|v]``'s
+    output (``fused``) or separate projections' outputs, with fewer heads than ranks or not."""
+    if fused and heads >= t_size:
+        return "XLA gathers the output whole before the reshape into heads (and backward to whole head groups)"
+    if fused:
+        return ("XLA gathers the output whole before the reshape into heads (and the pieces' gradients backward) and "
+                f"sums each head's partial scores over its {t_size // heads} ranks")
+    if heads < t_size:
+        return f"XLA cuts each head's head_dim over {t_size // heads} ranks and sums its partial scores (forward and backward)"
+    return (f"XLA gathers it to whole groups of gcd({heads}, {t_size}) heads before the reshape into heads (and the row's "
+            "input gradient backward)")
 
 
 def logit_acts(t_entry: Entry, d: int, what: str) -> tuple[ActComm, ...]:
