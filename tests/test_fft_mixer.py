@@ -117,3 +117,25 @@ def test_the_cpu_estimate_prices_fft_gathers_where_the_running_xla_compiles_them
     from tpflax._src.cost.fft import cpu_gathers_ffts
 
     assert cpu_gathers_ffts() == bool(gathers)
+
+
+def test_a_failed_fft_probe_is_not_kept_for_the_process(monkeypatch):
+    """cost/fft.py ``cpu_gathers_ffts`` was cached whole (functools.cache): a probe that failed once (here the CPU
+    devices asked for raise, as a backend busy for a moment would) fixed the jaxlib-version fallback for the rest of
+    the process. Now the fallback answers that call only, the next call probes again, and a probe's answer is kept."""
+    from tpflax._src.cost import fft
+
+    monkeypatch.setattr(fft, "_PROBED", None)  # as in a fresh process
+    asked, devices = [], jax.devices
+
+    def flaky(*args, **kwargs):
+        asked.append(args)
+        if len(asked) == 1:
+            raise RuntimeError("the CPU backend is busy")
+        return devices(*args, **kwargs)
+
+    monkeypatch.setattr(jax, "devices", flaky)
+    assert fft.cpu_gathers_ffts() == (jax.__version_info__ < (0, 11))  # the failed probe: the version decides
+    probed = fft.cpu_gathers_ffts()
+    assert len(asked) == 2  # probed again
+    assert fft.cpu_gathers_ffts() == probed and len(asked) == 2  # the probe's answer is kept: not asked again

@@ -11,12 +11,11 @@ so only ``backend="cpu"`` prices them.
 
 Newer XLA:CPU (jaxlib 0.12) partitions an FFT over the dims it does not transform, as XLA:TPU does: no gather of
 the Hyena LM's operands at all. What the running XLA:CPU does is read off one tiny compile, once per process
-(:func:`cpu_gathers_ffts`), and the gathers are priced only where it gathers.
+(:func:`cpu_gathers_ffts`; probed again after a failed probe), and the gathers are priced only where it gathers.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -24,18 +23,24 @@ from typing import Any
 from tpflax._src.cost.records import CommItem
 from tpflax._src.specs import entries, entry_axes
 
+# what the probe of :func:`cpu_gathers_ffts` read, once it ran: None until then (a failed probe is not kept)
+_PROBED: bool | None = None
 
-@functools.cache
+
 def cpu_gathers_ffts() -> bool:
     """Whether the running XLA:CPU gathers an FFT's operand split on a dim it does not transform: one ``rfft`` over
     dim 1 of a ``(4, 8)`` array split on dim 0 over two CPU devices, compiled (a fraction of a second, once per
     process), its program read for an all-gather. jaxlib 0.10's does (every FFT operand gathered whole), 0.12's
     does not (it splits the FFT as its operand is split). Without two CPU devices to compile for, or if the probe
-    fails, the jaxlib version decides (before 0.11: it gathers).
+    fails, the jaxlib version decides (before 0.11: it gathers), for this call only: the next call probes again
+    (a probe that failed for a moment is not the answer for the whole process); a probe's answer is kept.
 
     >>> isinstance(cpu_gathers_ffts(), bool)
     True
     """
+    global _PROBED
+    if _PROBED is not None:
+        return _PROBED
     import jax
 
     try:
@@ -47,8 +52,9 @@ def cpu_gathers_ffts() -> bool:
         if len(devices) >= 2:
             mesh = Mesh(np.array(devices[:2]), ("a",))
             f = jax.jit(lambda x: jnp.fft.rfft(x, axis=1), in_shardings=NamedSharding(mesh, PartitionSpec("a", None)))
-            return "all-gather" in f.lower(jax.ShapeDtypeStruct((4, 8), jnp.float32)).compile().as_text()
-    except Exception:  # noqa: BLE001 - a probe that cannot run: the version decides
+            _PROBED = "all-gather" in f.lower(jax.ShapeDtypeStruct((4, 8), jnp.float32)).compile().as_text()
+            return _PROBED
+    except Exception:  # noqa: BLE001 - a probe that cannot run: the version decides, this time
         pass
     return jax.__version_info__ < (0, 11)
 
