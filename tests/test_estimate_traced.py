@@ -699,43 +699,42 @@ def test_each_alike_layers_product_of_two_activations_sums_its_split_dim():
     assert sum(i.total for i in sums) == sum(c.ring_bytes * c.count for c in combine)
 
 
+def _kv_on_a_split_stream(kv_heads):
+    """The zoo Llama (1 layer, ``kv_heads`` key/value heads kept whole on model=4) with its token table split on its
+    features by a rule: its compiled step (XLA:CPU) and its estimate."""
+    from tpflax import zoo
+
+    m = zoo.get("llama", n_layers=1, n_kv_heads=kv_heads)
+    p = tpflax.plan(m.abstract_variables(), MESH, model=m, rules=[(r"embed/embedding$", P(None, "model"))])
+    assert tuple(p.decisions["params/layers_0/attn/k_proj/kernel"].spec) == (None, None, None)
+    mesh, tx = tpflax.make_mesh(MESH), optax.adamw(1e-3)
+    dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, tx, 8), p, mesh, compiler_options=COMM_XLA)
+    return dr, tpflax.estimate(p, tx, 8, model=m, backend="cpu")
+
+
 def test_a_whole_key_value_on_a_feature_split_stream_gathers_its_output_gradient_twice():
     # GQA with 2 key/value heads over model=4 keeps k/v whole; XLA splits their output in the 2 heads and gathers
     # each head's output gradient over 2 ranks. On a residual stream a feature-split table keeps split, XLA:CPU
     # gathers it twice (the input gradient's and the weight gradient's, whose norm output it gathers again from the
     # split stream): 4 f32[4,32,2,16] gathers per layer, 2 where the table is whole. LLaVA (fsdp=2,model=4) missed
     # 41 KB so: est/comp 0.954 -> 0.964
-    from tpflax import zoo
-
-    m = zoo.get("llama", n_layers=1, n_kv_heads=2)
-    p = tpflax.plan(m.abstract_variables(), MESH, model=m, rules=[(r"embed/embedding$", P(None, "model"))])
-    assert tuple(p.decisions["params/layers_0/attn/k_proj/kernel"].spec) == (None, None, None)
-    mesh, tx = tpflax.make_mesh(MESH), optax.adamw(1e-3)
-    dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, tx, 8), p, mesh, compiler_options=COMM_XLA)
-    e = tpflax.estimate(p, tx, 8, model=m, backend="cpu")
+    dr, e = _kv_on_a_split_stream(2)
     grads = [c for c in dr.collectives if c.kind == "all-gather" and c.shapes == ((4, 32, 2, 16),)]
     est = [i for i in e.items if i.kind == "all-gather" and "output gradient" in i.why and "_proj" in i.why]
     assert sum(i.count for i in est) == sum(c.count for c in grads) == 4, est
     assert sum(i.total for i in est) == sum(c.ring_bytes * c.count for c in grads)
 
 
-
 def test_a_whole_single_key_value_head_on_a_feature_split_stream_sums_its_output_gradient_once():
     # MQA (1 key/value head over model=4): XLA gathers no output gradient (one piece), it sums the k and v output
     # gradients over the 4 ranks once, split stream or not (one f32[4,32,1,16] pair). Only the gather is doubled on
     # a feature-split stream; the sum was doubled too (count 2: 2x the compiled bytes of these sums)
-    from tpflax import zoo
-
-    m = zoo.get("llama", n_layers=1, n_kv_heads=1)
-    p = tpflax.plan(m.abstract_variables(), MESH, model=m, rules=[(r"embed/embedding$", P(None, "model"))])
-    assert tuple(p.decisions["params/layers_0/attn/k_proj/kernel"].spec) == (None, None, None)
-    mesh, tx = tpflax.make_mesh(MESH), optax.adamw(1e-3)
-    dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, tx, 8), p, mesh, compiler_options=COMM_XLA)
-    e = tpflax.estimate(p, tx, 8, model=m, backend="cpu")
+    dr, e = _kv_on_a_split_stream(1)
     sums = [c for c in dr.collectives if c.kind == "all-reduce" and c.shapes == ((4, 32, 1, 16),) * 2]
     est = [i for i in e.items if i.kind == "all-reduce" and "output in 1 piece(s)" in i.why and "_proj" in i.why]
     assert [i.count for i in est] == [1, 1] and sum(c.count for c in sums) == 1, (est, sums)
     assert sum(i.total for i in est) == sum(c.ring_bytes * c.count for c in sums)
+
 
 class _PrefixLM(nn.Module):
     """LLaVA-like: 8 projected feature tokens concatenated before 16 looked-up text tokens, one MLP pair."""

@@ -175,6 +175,15 @@ def test_heads_that_do_not_divide_are_a_priced_candidate():
     assert sum("gather" in c for c in cut.collectives) == 3, cut.collectives  # forward whole; backward 2 (2 groups)
 
 
+def _compiled_and_estimated(m, p, x):
+    """The compiled adamw step of ``p`` (XLA:CPU, collectives' options) and its estimate, for a loss of the output."""
+    loss = lambda out, x: jnp.mean(out ** 2)  # noqa: E731
+    mesh = tpflax.make_mesh(MESH)
+    dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), sample=x, loss=loss), p, mesh,
+                        compiler_options=COMM_XLA)
+    return dr, tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=x, loss=loss, backend="cpu")
+
+
 @pytest.mark.parametrize("heads", [3, 6])
 def test_cutting_heads_that_do_not_divide_prices_what_xla_compiles(devices, heads):
     # Where flops are dear (a device of 1 Gflop/s), the chooser cuts the heads: the traced plan is the head-cutting
@@ -186,11 +195,7 @@ def test_cutting_heads_that_do_not_divide_prices_what_xla_compiles(devices, head
     m, x, v, p = _cut_heads_plan(heads, hardware=slow)
     want = {"qkv/kernel": P(None, "model"), "qkv/bias": P("model"), "proj/kernel": P("model", None)}
     assert {k: p.decisions[f"params/attn/{k}"].spec for k in want} == want, p.decisions["params/attn/qkv/kernel"].reason
-    loss = lambda out, x: jnp.mean(out ** 2)  # noqa: E731
-    mesh = tpflax.make_mesh(MESH)
-    dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), sample=x, loss=loss), p, mesh,
-                        compiler_options=COMM_XLA)
-    e = tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=x, loss=loss, backend="cpu")
+    dr, e = _compiled_and_estimated(m, p, x)
     got, est = dr.comm(), e.comm
     # compiled, not priced (1.8% of the gathers with 6 heads): XLA:CPU splits the whole bias table's gradient like
     # the scores' 2 head groups, runs its adam update split and gathers it and its 2 moments back (3 x 588 B)
@@ -271,11 +276,7 @@ def test_cutting_separate_projections_heads_prices_what_xla_compiles(devices, he
     m, x, v, p = _separate_plan(heads, hardware=slow)
     hand = tpflax.plan(v, MESH, batch=x, rules=[(r"(q|k|v)/kernel$", P(None, "model")), (r"(q|k|v)/bias$", P("model")),
                                                 (r"o/kernel$", P("model", None)), (r".*", P())])
-    loss = lambda out, x: jnp.mean(out ** 2)  # noqa: E731
-    mesh = tpflax.make_mesh(MESH)
-    dr = tpflax.dry_run(tpflax.make_train_step(m, hand, mesh, optax.adamw(1e-3), sample=x, loss=loss), hand, mesh,
-                        compiler_options=COMM_XLA)
-    e = tpflax.estimate(hand, optax.adamw(1e-3), model=m, sample=x, loss=loss, backend="cpu")
+    dr, e = _compiled_and_estimated(m, hand, x)
     got, est = dr.comm(), e.comm
     # 2 heads: no gather, the partial scores summed (the estimate priced each projection as a head_dim-split
     # key/value instead: 3.4x the compiled collectives here, where the input needs no gradient; 1.16x in a block)
@@ -299,11 +300,7 @@ def test_a_fused_qkv_with_fewer_heads_than_ranks_prices_its_partial_scores(devic
     d = p.decisions["params/attn/qkv/kernel"]
     assert d.spec == P(None, "model") and {a.name for a in d.alternatives} == {"Megatron, heads cut", "replicate"}, d
     assert p.decisions["params/attn/proj/kernel"].spec == P("model", None)
-    loss = lambda out, x: jnp.mean(out ** 2)  # noqa: E731
-    mesh = tpflax.make_mesh(MESH)
-    dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), sample=x, loss=loss), p, mesh,
-                        compiler_options=COMM_XLA)
-    e = tpflax.estimate(p, optax.adamw(1e-3), model=m, sample=x, loss=loss, backend="cpu")
+    dr, e = _compiled_and_estimated(m, p, x)
     got, est = dr.comm(), e.comm
     assert abs(est["all-reduce"]["model"] / got["all-reduce"]["model"] - 1) < 1e-3, (est, got)
     # the gathers: exact but for the bias table's 3 x 196 B (its update split like the scores, unpriced)
@@ -330,11 +327,8 @@ def test_alike_blocks_with_fewer_heads_than_ranks_price_every_blocks_partial_sco
     v = jax.eval_shape(m.init, jax.random.key(0), *x)
     hand = tpflax.plan(v, MESH, batch=x, rules=[(r"(q|k|v)/kernel$", P(None, "model")), (r"(q|k|v)/bias$", P("model")),
                                                 (r"o/kernel$", P("model", None)), (r".*", P())])
-    loss = lambda out, x: jnp.mean(out ** 2)  # noqa: E731
-    mesh = tpflax.make_mesh(MESH)
-    got = tpflax.dry_run(tpflax.make_train_step(m, hand, mesh, optax.adamw(1e-3), sample=x, loss=loss), hand, mesh,
-                         compiler_options=COMM_XLA).comm()
-    e = tpflax.estimate(hand, optax.adamw(1e-3), model=m, sample=x, loss=loss, backend="cpu")
+    dr, e = _compiled_and_estimated(m, hand, x)
+    got = dr.comm()
     sums = [i for i in e.items if "partial scores" in i.why]
     assert sum(i.count for i in sums) == 4, sums  # 2 blocks, forward and backward
     assert abs(e.comm["all-reduce"]["model"] / got["all-reduce"]["model"] - 1) < 1e-3, (e.comm, got)
