@@ -24,6 +24,13 @@ N = WIN * WIN
 MESH = {"data": 2, "model": 4}
 
 
+# a device of 1 Gflop/s: flops are dear, so the chooser cuts heads that the tensor ranks do not divide
+SLOW = tpflax.Hardware("slow", 16 * 10**9, 200e9, 3e9, 8, 256, peak_flops=1e9)
+# separate q, k, v split on their heads, the output projection on its input: the head-cutting hand layout
+SEPARATE_HAND = [(r"(q|k|v)/kernel$", P(None, "model")), (r"(q|k|v)/bias$", P("model")),
+                 (r"o/kernel$", P("model", None)), (r".*", P())]
+
+
 def rel_index(w):
     c = np.stack(np.meshgrid(np.arange(w), np.arange(w), indexing="ij")).reshape(2, -1)
     r = (c[:, :, None] - c[:, None, :]).transpose(1, 2, 0) + (w - 1)
@@ -191,8 +198,7 @@ def test_cutting_heads_that_do_not_divide_prices_what_xla_compiles(devices, head
     # backward the output projection's input gradient to whole head groups (gcd(heads, 4) of them), and with 2
     # groups the pieces' gradients across them. Before, the estimate priced 2 gathers of the whole fused output
     # (6 heads: 1.12x the compiled gathers; 3 heads: 1.5x) and the plan kept the pair whole by rule
-    slow = tpflax.Hardware("slow", 16 * 10**9, 200e9, 3e9, 8, 256, peak_flops=1e9)
-    m, x, v, p = _cut_heads_plan(heads, hardware=slow)
+    m, x, v, p = _cut_heads_plan(heads, hardware=SLOW)
     want = {"qkv/kernel": P(None, "model"), "qkv/bias": P("model"), "proj/kernel": P("model", None)}
     assert {k: p.decisions[f"params/attn/{k}"].spec for k in want} == want, p.decisions["params/attn/qkv/kernel"].reason
     dr, e = _compiled_and_estimated(m, p, x)
@@ -272,10 +278,8 @@ def test_cutting_separate_projections_heads_prices_what_xla_compiles(devices, he
     # the output projection's input gradient alike backward; 2 heads: each head's partial scores summed over its 2
     # ranks, forward and backward. Before, the plan kept them whole by rule, and the estimate of the hand layout
     # priced no gather (0.92x the compiled collectives with 6 heads, 0.77x with 3; 2 heads: 3.4x, see below)
-    slow = tpflax.Hardware("slow", 16 * 10**9, 200e9, 3e9, 8, 256, peak_flops=1e9)
-    m, x, v, p = _separate_plan(heads, hardware=slow)
-    hand = tpflax.plan(v, MESH, batch=x, rules=[(r"(q|k|v)/kernel$", P(None, "model")), (r"(q|k|v)/bias$", P("model")),
-                                                (r"o/kernel$", P("model", None)), (r".*", P())])
+    m, x, v, p = _separate_plan(heads, hardware=SLOW)
+    hand = tpflax.plan(v, MESH, batch=x, rules=SEPARATE_HAND)
     dr, e = _compiled_and_estimated(m, hand, x)
     got, est = dr.comm(), e.comm
     # 2 heads: no gather, the partial scores summed (the estimate priced each projection as a head_dim-split
@@ -293,10 +297,9 @@ def test_a_fused_qkv_with_fewer_heads_than_ranks_prices_its_partial_scores(devic
     # partial scores over them, forward and backward, besides gathering the fused output whole. The estimate priced
     # the gathers but not the sums (est/comp 0.91), and the planner kept the pair whole by rule; the split is now a
     # priced candidate, taken where flops are dear, and its estimate prices the sums (1 compile)
-    slow = tpflax.Hardware("slow", 16 * 10**9, 200e9, 3e9, 8, 256, peak_flops=1e9)
     m, x = WindowBlock(dim=32, heads=2), (jax.ShapeDtypeStruct((16, N, 32), jnp.float32),)
     v = jax.eval_shape(m.init, jax.random.key(0), *x)
-    p = tpflax.plan(v, MESH, model=m, sample=x, batch=x, hardware=slow)
+    p = tpflax.plan(v, MESH, model=m, sample=x, batch=x, hardware=SLOW)
     d = p.decisions["params/attn/qkv/kernel"]
     assert d.spec == P(None, "model") and {a.name for a in d.alternatives} == {"Megatron, heads cut", "replicate"}, d
     assert p.decisions["params/attn/proj/kernel"].spec == P("model", None)
@@ -325,8 +328,7 @@ def test_alike_blocks_with_fewer_heads_than_ranks_price_every_blocks_partial_sco
     # the estimate priced the first score product's only (one block's sums: est 0.5x the compiled all-reduces)
     m, x = TwoSeparate(), (jax.ShapeDtypeStruct((16, N, 48), jnp.float32),)
     v = jax.eval_shape(m.init, jax.random.key(0), *x)
-    hand = tpflax.plan(v, MESH, batch=x, rules=[(r"(q|k|v)/kernel$", P(None, "model")), (r"(q|k|v)/bias$", P("model")),
-                                                (r"o/kernel$", P("model", None)), (r".*", P())])
+    hand = tpflax.plan(v, MESH, batch=x, rules=SEPARATE_HAND)
     dr, e = _compiled_and_estimated(m, hand, x)
     got = dr.comm()
     sums = [i for i in e.items if "partial scores" in i.why]

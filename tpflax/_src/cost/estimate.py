@@ -282,6 +282,13 @@ def estimate(plan, optimizer: Any = None, batch: Any = None, *, config: Any = No
     return price(plan.decisions, plan.mesh, w)
 
 
+def _gathered_heads(s: Scope) -> set[str]:
+    """The leaves of pairs with a head_dim-split key/value (:func:`kv_splits`): XLA gathers whole heads there and
+    sums no scores (:func:`split_sum_items`, :func:`split_grad_gathers`)."""
+    kvs = set(kv_splits(s))
+    return {p for pc in s.lv.pairs if set(pc.columns) & kvs for p in (*pc.columns, *pc.rows)}
+
+
 def split_sum_items(s: Scope, sums: Sequence[tuple[frozenset[tuple[str, int]], float, int]],
                     fused: Any = ()) -> list[CommItem]:
     """All-reduces of products of two activations that sum a kernel dim the plan splits over a tensor axis.
@@ -294,8 +301,7 @@ def split_sum_items(s: Scope, sums: Sequence[tuple[frozenset[tuple[str, int]], f
     """
     tensor = set(s.mesh.axes_with(TENSOR))
     out = []
-    kvs = kv_splits(s)  # a pair with a head_dim-split key/value: XLA gathers whole heads, sums no scores
-    gathered = {p for pc in s.lv.pairs if set(pc.columns) & set(kvs) for p in (*pc.columns, *pc.rows)}
+    gathered = _gathered_heads(s)
     for dims, per_example, runs in sums:
         if any(p in fused for p, _ in dims):  # a fused kernel's cut pieces: their reshards are priced with it
             continue
@@ -349,8 +355,7 @@ def split_grad_gathers(s: Scope, grads: Sequence[tuple[frozenset[tuple[str, int]
     :func:`split_sum_items`'s (a fused kernel's pieces, gathered heads, experts' combines, priced with their pairs).
     """
     tensor = set(s.mesh.axes_with(TENSOR))
-    kvs = kv_splits(s)
-    gathered = {p for pc in s.lv.pairs if set(pc.columns) & set(kvs) for p in (*pc.columns, *pc.rows)}
+    gathered = _gathered_heads(s)
     out = []
     for dims, other, per_example, runs in grads:
         every = dims | other

@@ -165,7 +165,7 @@ def expanded_bytes(s: Scope) -> dict[str, int]:
     group's irreps (float64), ``f64[31,16,2,16,2]`` and ``f64[4,16,1,16,1]``; ``tests/test_expanded_kernels.py``."""
     out: dict[str, int] = {}
     tensor = set(s.mesh.axes_with(TENSOR))
-    kernels = _quantized(s)
+    kernels = _quantized(s) if s.expanded else {}
     for path, arrays in s.expanded.items():
         d = s.lv.decisions.get(path)
         kernel = kernels.get(path)

@@ -281,8 +281,9 @@ def shard_pair(st: State, kind: str, cols: list[Linear], row: Linear, head: tupl
     blocked = {id(c): column_blocked(c, kind, row, t_entry, t_size) for c in cols}
     # a fused [q|k|v] reshaped into heads the ranks do not divide (Swin's 6 heads on 4): the split that cuts them
     # is a candidate, priced with the gathers XLA compiles for it (cost/headcut.py)
-    cut_heads = _heads_cut(st, cols, row) if ok_row and all(blocked.values()) else None
-    if ok_row and all(blocked.values()) and cut_heads is None:
+    stuck = ok_row and all(blocked.values())
+    cut_heads = _heads_cut(st, cols, row) if stuck else None
+    if stuck and cut_heads is None:
         # Splitting only the row would all-reduce activations that no column split: skip both.
         ok_row = False
         note = "no column of the pair can be split (" + "; ".join(

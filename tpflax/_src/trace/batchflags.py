@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from tpflax._src.jaxprs import body_of, scan_counts
+from tpflax._src.jaxprs import CALL_KEYS, body_of, scan_counts
 
 
 def shape_of(v: Any) -> tuple[int, ...]:
@@ -73,17 +73,12 @@ def reshape_flags(a: tuple[bool, ...], src: Sequence[int], dst: Sequence[int]) -
     return tuple(out)
 
 
-# the parameters holding the body a call-like primitive runs on its own inputs (pjit: ``jaxpr``, closed_call and
-# custom_jvp/vjp: ``call_jaxpr``, ``fun_jaxpr``; remat and shard_map: ``jaxpr``); never a loop's ``cond_jaxpr``
-_CALL_KEYS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
-
-
 def _sub(eqn: Any) -> Any:
     """The one sub-jaxpr an equation calls with its own inputs and outputs (pjit, remat, custom_jvp/vjp,
     shard_map), or None."""
-    for key in _CALL_KEYS:
-        j = getattr(eqn.params.get(key), "jaxpr", eqn.params.get(key))
-        if hasattr(j, "eqns") and len(j.invars) == len(eqn.invars) and len(j.outvars) == len(eqn.outvars):
+    for key in CALL_KEYS:
+        j = body_of(eqn.params.get(key))
+        if j is not None and len(j.invars) == len(eqn.invars) and len(j.outvars) == len(eqn.outvars):
             return j
     return None
 
