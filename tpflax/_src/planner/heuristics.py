@@ -72,6 +72,8 @@ from tpflax._src.planner.roles import (
     low_rank_adapters,
     low_rank_factors,
     numbered_chain,
+    parallel_fit,
+    parallel_partners,
     residual_widths,
     role_name,
     stage_widths,
@@ -248,6 +250,7 @@ def _pair_group(st: State, group: str, lins: list[Linear], heads: int | None = N
     residual widths; a pair :func:`_guessed` says the tree only guesses stays whole.
     """
     fused_partners(lins)
+    parallel_partners(lins)
     attention_output(lins, group)
     attention_inputs(lins, group)
     numbered_chain(lins)
@@ -264,7 +267,7 @@ def _pair_group(st: State, group: str, lins: list[Linear], heads: int | None = N
     matched: dict[int, list[Linear]] = {id(r): [] for r in rows}
     starts = _sequence_starts(lins)
     for c in cols:
-        fits = [r for r in rows if r.in_size * c.pieces == c.out_size
+        fits = [r for r in rows if (r.in_size * c.pieces == c.out_size or parallel_fit(c, r))
                 and starts.get(id(r), _stem(c)) == _stem(c)]
         if fits:  # two MLPs in one block: a_up feeds a_down, not b_down; q_0 feeds o_0, not o_1
             best = max(fits, key=lambda r: (_common_prefix(r.f.unit_name, c.f.unit_name),
@@ -284,7 +287,8 @@ def _pair_group(st: State, group: str, lins: list[Linear], heads: int | None = N
             continue
         claimed.update(id(c) for c in mine)
         claimed.add(id(row))
-        kind = "attention" if row.f.kind == "attention" or ATTN.search(group) else "mlp"
+        # a parallel block's row (its input holds the attention output) pairs as the traced planner's attention pair
+        kind = "attention" if row.f.kind == "attention" or ATTN.search(group) or row.joined else "mlp"
         row.guess = _guessed(kind, mine, row, widths)
         if kind == "attention":
             _narrow_queries(mine, row)

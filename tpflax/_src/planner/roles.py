@@ -722,6 +722,72 @@ def fused_partners(lins: list[Linear]) -> None:
                          "to the residual width")
 
 
+def parallel_partners(lins: list[Linear]) -> None:
+    """Pair a parallel block's fused input projection ``(d, 3d + f)`` with its output projection ``(d + f, d)``.
+
+    ViT-22B's (and PaLM's) parallel block reads one norm's output with one kernel holding q, k, v and the MLP's
+    up-projection side by side, ``[q | k | v | up]``, cut apart after the matmul; its one output projection reads
+    the attention output and the MLP's hidden side by side, ``concat([attn_out, gelu(up)])``. Neither ``out ==
+    in`` nor a fused kernel's ``k`` equal pieces find that row, so both stayed whole: 2.15x the bytes and 3.76x
+    the flops of the Megatron hand layout (review_u m08, data=2,model=4). The shapes say it: the column reads the
+    width ``d`` the row writes, and its output is exactly ``2d`` (k and v, as wide as q) wider than the row's
+    input, so ``f = in - d``. The pair is split as the traced planner splits it (the fused dim naively, XLA
+    resharding the pieces; the row's input alike, XLA resharding the concatenation), with the pieces ``[d, d, d,
+    f]`` and the concatenation ``[d, f]`` it prices (:func:`tpflax._src.planner.builders._joined`), in the order
+    ViT-22B and PaLM use. Only one such column and one such row in the block, the row read by no other column
+    of the block; an unplaced pair is oriented as the widening side is a column.
+
+    >>> from tpflax._src.facts.tree import Leaf
+    >>> def lin(path, shape, role=None):
+    ...     f = Facts(Leaf(path, shape, "float32", 4), "dense", 0, path.rsplit("/", 1)[0], "b")
+    ...     return Linear(f, (0,), (1,), role=role)
+    >>> cin, cout = lin("b/layer_1/kernel", (128, 896)), lin("b/layer_2/kernel", (640, 128))
+    >>> parallel_partners([cin, cout])
+    >>> cin.role, cin.cut, cout.role, cout.joined, parallel_fit(cin, cout)
+    ('column', (128, 128, 128, 512), 'row', (128, 512), True)
+    """
+    def two(x: Linear) -> bool:
+        return len(x.f.body) == 2 and x.pieces == 1 and not x.cut and not x.joined
+
+    found = []
+    for c in lins:
+        if c.role not in ("column", None) or not two(c) or any(
+                r.role == "row" and r.in_size == c.out_size for r in lins):
+            continue
+        d = c.in_size
+        for r in lins:
+            if r is c or r.role not in ("row", None) or not two(r) or r.out_size != d or r.in_size <= d \
+                    or c.out_size != r.in_size + 2 * d:
+                continue
+            if any(x is not c and x.role == "column" and x.out_size == r.in_size * x.pieces for x in lins):
+                continue  # the row reads another column's whole output (an MLP's up-projection)
+            found.append((c, r))
+    if len(found) != 1 or len({id(x) for cr in found for x in cr}) != 2:
+        return
+    (c, r), = found
+    d, f = c.in_size, r.in_size - c.in_size
+    placed = [x for x in (c, r) if x.role is None]
+    c.role, r.role = "column", "row"
+    c.cut, r.joined = (d, d, d, f), (d, f)
+    c.why = (f"{c.why + '; ' if c.why else ''}a parallel block's fused [q | k | v | up] by shape: ({d} -> {c.out_size}) is "
+             f"{2 * d} wider out than {short(r.f.path)} ({r.in_size} -> {d}) reads, [attention out | MLP hidden]; "
+             f"cut into [{d}, {d}, {d}, {f}] after the matmul, split naively over the fused dim and XLA reshards "
+             "the pieces (pass model= to trace it)")
+    r.why = (f"{r.why + '; ' if r.why else ''}reads [attention out ({d}) | MLP hidden ({f})] of the parallel block's "
+             f"fused {short(c.f.path)}, concatenated")
+    for x in placed:
+        x.doubt = (f"'{short(x.f.path)}' taken as the {x.role} of a parallel block by shape alone "
+                   f"({short(c.f.path)} ({d} -> {c.out_size}), {short(r.f.path)} ({r.in_size} -> {d})) "
+                   "(pass model= to trace it)")
+
+
+def parallel_fit(c: Linear, r: Linear) -> bool:
+    """Whether ``c`` is the parallel block's fused input projection whose pieces ``r`` reads
+    (:func:`parallel_partners`)."""
+    return len(c.cut) == 4 and len(r.joined) == 2 and c.cut == (r.joined[0],) * 3 + r.joined[1:] \
+        and c.in_size == r.out_size == r.joined[0]
+
+
 def _affinity(a: str, b: str) -> tuple[int, int]:
     return len(os.path.commonprefix([a, b])), len(os.path.commonprefix([a[::-1], b[::-1]]))
 
