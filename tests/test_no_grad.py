@@ -84,7 +84,7 @@ class TwoMLPs(nn.Module):
 def test_params_the_optimizer_zeroes_get_no_gradient_collectives():
     # frozen by optax.multi_transform + set_to_zero instead of plan(trainable=): the update never reads their
     # gradients, so XLA drops them and their data all-reduces. The estimate priced them as trained (the LoRA-Llama
-    # review: 2.04x the compiled collectives); now cost/optstate.py::ignored_grads finds them from update's jaxpr
+    # review: 2.04x the compiled collectives); now planner/optimizer.py::ignored_grads finds them from update's jaxpr
     m = TwoMLPs()
     v = jax.eval_shape(m.init, jax.random.key(0), *SAMPLE)
     ms = {"data": 2, "model": 4}

@@ -29,12 +29,13 @@ from tpflax._src.cost.batch import (
     resolve_batch,
     size_problem,
 )
-from tpflax._src.cost.optstate import OptLayout, ignored_grads, opt_layout
-from tpflax._src.cost.optstate import optimizer_name as name_of
+from tpflax._src.cost.optstate import OptLayout, opt_layout
 from tpflax._src.cost.records import Act
 from tpflax._src.cost.traced import Scores, Traced, frozen_inputs, reads_slice, traced_uses
 from tpflax._src.errors import EstimateError
 from tpflax._src.facts.tree import itemsize, numeric_kind
+from tpflax._src.planner.optimizer import ignored_grads
+from tpflax._src.planner.optimizer import optimizer_name as name_of
 from tpflax._src.planner.params import planned_tree
 from tpflax._src.planner.pricing import token_batch, token_tables
 from tpflax._src.trace.records import InSpecs
@@ -299,7 +300,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
     # a frozen model's first layers (a LoRA base behind a frozen embedding): no input gradient to sum
     # (and a leaf read only through stop_gradient: Traced.no_grad, a frozen encoder behind a stopped table)
     # (and one whose gradient the optimizer's update never reads: a multi_transform's set_to_zero label, whose
-    # gradient XLA drops from the step, all-reduce and all: cost/optstate.py::ignored_grads)
+    # gradient XLA drops from the step, all-reduce and all: planner/optimizer.py::ignored_grads)
     ignored = ignored_grads(plan, optimizer) if optimizer is not None else frozenset()
     no_grad = t.no_grad | ignored
     trainable = {p: d.trainable and p not in no_grad for p, d in plan.decisions.items()}
