@@ -640,3 +640,74 @@ def test_a_callable_filter_of_one_argument_says_what_a_filter_takes():
         tpflax.plan(tree, {"model": 2}, trainable=lambda path: "lora" in path)
     p = tpflax.plan(tree, {"model": 2}, trainable=lambda path, value: "lora" in path)
     assert p.decisions["lora/a"].trainable and not p.decisions["up/kernel"].trainable
+
+
+# ---------------------------------------------------------------------------
+# plan(optimizer=): the leaves an optax optimizer never updates are frozen as trainable= freezes them
+
+
+def _zero_the_base(train=("lora",)):
+    """LoRA frozen the optax way: the adapters under adamw, every other leaf under set_to_zero (labels by path)."""
+    def labels(tree):
+        return jax.tree_util.tree_map_with_path(
+            lambda p, _: "train" if any(t in jax.tree_util.keystr(p) for t in train) else "frozen", tree)
+
+    return optax.multi_transform({"train": optax.adamw(1e-3), "frozen": optax.set_to_zero()}, labels)
+
+
+FSDP_TP = {"fsdp": 2, "model": 4}
+
+
+def test_an_optimizer_that_zeroes_the_base_freezes_it_as_trainable_does(lora):
+    # without optimizer= the planner priced the base's gradients, moments and gradient sums (which XLA drops from
+    # the compiled multi_transform step, and the estimate already left out): plan() took no optimizer (TypeError)
+    from flax import nnx
+
+    m, _ = lora
+    tx = _zero_the_base()
+    for ms in (DP_TP, FSDP_TP):
+        plain = tpflax.plan(nnx.state(m), ms)
+        by_tx = tpflax.plan(nnx.state(m), ms, optimizer=tx)
+        by_filter = tpflax.plan(nnx.state(m), ms, trainable=nnx.LoRAParam)
+        assert {p for p, d in by_tx.decisions.items() if d.trainable} == LORA
+        assert {p: (d.spec, d.trainable) for p, d in by_tx.decisions.items()} == \
+            {p: (d.spec, d.trainable) for p, d in by_filter.decisions.items()}
+        assert all(("frozen: the optimizer (" in d.reason and "never reads its gradient" in d.reason) != d.trainable
+                   for d in by_tx.decisions.values())
+        assert by_tx.options["frozen_by_optimizer"] == len(by_tx.decisions) - len(LORA)
+    # priced as frozen: no gradient for the base in the estimate of the same optimizer (XLA keeps none)
+    e_plain, e_tx = (tpflax.estimate(p, tx, model=m, sample=(IDS,), backend="cpu") for p in (plain, by_tx))
+    assert e_tx.per_device.grads == sum(d.bytes_per_device for d in by_tx.decisions.values() if d.trainable)
+    assert e_tx.per_device.grads < e_plain.per_device.grads
+    # the chooser's choice changes where the base's gradients weighed: on fsdp the frozen norm scales split, as
+    # under trainable= (their gathers for compute are the only cost left)
+    changed = {p: (plain.decisions[p].spec, by_tx.decisions[p].spec) for p in plain.decisions
+               if plain.decisions[p].spec != by_tx.decisions[p].spec}
+    P = jax.sharding.PartitionSpec
+    assert changed == dict.fromkeys(("n1/scale", "n2/scale", "norm/scale"), (P(None), P("fsdp")))
+    # and the compiled step of the same optimizer agrees with the estimate on that plan
+    mesh = tpflax.make_mesh(by_tx.mesh)
+    dr = tpflax.dry_run(tpflax.make_train_step(m, by_tx, mesh, tx, sample=(IDS,)), by_tx, mesh,
+                        compiler_options=COMM_XLA)
+    assert dr.memory["argument"] == e_tx.per_device.arguments
+    assert dr.comm()["all-gather"]["fsdp"] == e_tx.comm["all-gather"]["fsdp"]
+    assert dr.comm()["all-reduce"]["fsdp"] == pytest.approx(e_tx.comm["all-reduce"]["fsdp"], rel=0.01)
+
+
+def test_optimizer_and_trainable_freeze_the_union_and_an_optimizer_training_nothing_is_refused(lora):
+    from flax import nnx
+
+    m, _ = lora
+    st = nnx.state(m)
+    both = tpflax.plan(st, DP_TP, trainable=r"lora_a$", optimizer=_zero_the_base(("attn",)))
+    assert {p for p, d in both.decisions.items() if d.trainable} == {p for p in LORA if "attn" in p and "lora_a" in p}
+    # a leaf trainable= froze is trainable='s (the optimizer never saw it), one it kept and the optimizer zeroes
+    # is the optimizer's
+    assert "optimizer" not in both.decisions["attn/q/lora/lora_b"].reason
+    assert "frozen: the optimizer" in both.decisions["mlp/up/lora/lora_a"].reason
+    # an optimizer that reads every gradient leaves the plan as it was
+    plain, adamw = tpflax.plan(st, DP_TP), tpflax.plan(st, DP_TP, optimizer=optax.adamw(1e-3))
+    assert {p: (d.spec, d.trainable, d.reason) for p, d in adamw.decisions.items()} == \
+        {p: (d.spec, d.trainable, d.reason) for p, d in plain.decisions.items()}
+    with pytest.raises(tpflax.OptionError, match=r"reads the gradient of none of the 14 trainable parameters"):
+        tpflax.plan(st, DP_TP, trainable=nnx.LoRAParam, optimizer=_zero_the_base(("no-such-path",)))

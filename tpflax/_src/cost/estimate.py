@@ -142,8 +142,9 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
         names = sorted(w.ignored)
         notes.append(f"the optimizer never reads the gradient of {len(names)} parameter(s) the plan trains "
                      f"({names[0]}{', ...' if len(names) > 1 else ''}: optax.set_to_zero or alike): priced as "
-                     "frozen, as XLA drops their gradients and sums none of them. plan(..., trainable=) says so "
-                     "to the planner too, which then prices its layouts without their gradient sums")
+                     "frozen, as XLA drops their gradients and sums none of them. plan(..., optimizer=) with the "
+                     "same optimizer (or trainable=) says so to the planner too, which then prices its layouts "
+                     "without their gradients, moments and gradient sums")
     half = any(d.dtype in ("bfloat16", "float16") for d in lv.decisions.values())
     if w.backend == "cpu" and half:
         notes.append("XLA:CPU runs 16-bit collectives in float32 (it converts their operands; measured on a "

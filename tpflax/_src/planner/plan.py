@@ -103,7 +103,8 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
          axis_roles: Mapping[str, str] | None = None, fsdp_min_bytes: int | None = None,
          min_channels: int = 64, tensor_min_bytes: int = 0, stacked: str | Mapping[str, int] | None = None,
          use_annotations: bool = True, model: Any = None, sample: Any = None, hardware: Any = None,
-         batch: Any = None, device_memory: Any = None, trainable: Any = None, fused: str = "split") -> Plan:
+         batch: Any = None, device_memory: Any = None, trainable: Any = None, fused: str = "split",
+         optimizer: Any = None) -> Plan:
     """Plan a PartitionSpec for every leaf of ``tree``.
 
     Args:
@@ -154,6 +155,13 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
             without gradients, optimizer state or gradient collectives (``Decision.trainable``
             False); :func:`tpflax.make_train_step` differentiates only the trainable ones.
             Default: every float parameter.
+        optimizer: the ``optax.GradientTransformation`` the run steps with. Leaves whose gradient its
+            ``update`` never reads (an ``optax.multi_transform`` label mapped to ``optax.set_to_zero()``,
+            how optax users freeze a LoRA base) are frozen as ``trainable=`` freezes them, with a reason
+            naming the optimizer; found by tracing ``update`` on the abstract parameters (an optimizer
+            whose update does not trace abstractly freezes nothing). With ``trainable=`` too, a leaf
+            trains only if both let it: the frozen leaves are the union. The step and the estimate take
+            the same optimizer; default optimizers read every gradient, so the plan is unchanged.
         fused: ``"split"`` (default): a fused ``[q|k|v]`` kernel's fused dim is split in the model's
             order, and XLA reshards the pieces after the model cuts them apart. ``"aligned"``: the
             same specs, but where every piece divides by the ranks (and they divide the heads) the
@@ -196,6 +204,12 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
         logical_rules = list(logical_rules.items())
     _check_stacked_and_logical(stacked, logical_rules)
     tree, treedef, facts = _walked(tree, trainable, stacked)
+    ignored = frozenset()
+    if optimizer is not None:  # leaves the optimizer never updates: frozen before anything is priced
+        from tpflax._src.planner.optimizer import optimizer_frozen, optimizer_name
+
+        ignored = optimizer_frozen(facts, treedef, ms, optimizer)
+        facts = [replace(f, leaf=replace(f.leaf, frozen=True)) if f.path in ignored else f for f in facts]
     opts = Options(fsdp_min_bytes=None if fsdp_min_bytes is None else int(fsdp_min_bytes),
                    min_channels=int(min_channels), tensor_min_bytes=int(tensor_min_bytes),
                    tied_guess=not any(f.kind == "dense" and HEAD.match(f.layer_name) for f in facts),
@@ -208,6 +222,10 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
     decisions = {f.path: _decision(f, proposals[f.path], sources.get(f.path, "heuristic"), ms) for f in facts}
     decisions = fused_layouts(facts, proposals, decisions, fused, ms, opts,
                               {f.path for f in facts if sources.get(f.path, "heuristic") == "heuristic"})
+    if ignored:
+        why = (f"; frozen: the optimizer ({optimizer_name(optimizer)}) never reads its gradient (optax.set_to_zero "
+               "or alike), so it has no gradient, optimizer state or gradient collective, as trainable= leaves it out")
+        decisions = {p: replace(d, reason=d.reason + why) if p in ignored else d for p, d in decisions.items()}
     warnings = [*forced.warnings, *doubts, *_replication_warnings(decisions, ms)]
     warnings += _ignored_annotations(facts) if use_annotations else []
     warnings += plan_checks(facts, decisions, lrules, ms)  # unknown logical names, idle mesh axes
@@ -217,6 +235,8 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
                "tensor_min_bytes": opts.tensor_min_bytes, "stacked": stacked,
                "trainable": trainable if trainable is None or isinstance(trainable, str) else repr(trainable),
                "fused": fused,
+               **({"optimizer": optimizer_name(optimizer), "frozen_by_optimizer": len(ignored)}
+                  if optimizer is not None else {}),
                "rules": [[r.pattern.pattern, r.strategy or spec_to_json(r.spec or ())] for r in parsed]}
     specs = [decisions[f.path].spec for f in facts]
     return Plan(mesh=ms, specs=jax.tree_util.tree_unflatten(treedef, specs), decisions=decisions,
