@@ -94,6 +94,21 @@ def test_a_plan_is_shared_only_where_the_chooser_picks_alike():
     _check_exact(s, adam, batch=jax.eval_shape(lambda: m.make_batch(0, 16)), config=m.config, backend="gpu")
 
 
+
+def test_every_candidate_plan_freezes_what_the_optimizer_never_updates():
+    # suggest_mesh(optimizer=) gives its optimizer to tpflax.plan too: a kernel under set_to_zero is planned frozen
+    # (no gradient, moments or gradient sums priced by the chooser); it was planned as trained
+    tree = mlp_tree()
+    tx = optax.multi_transform({"train": optax.adamw(1e-3), "frozen": optax.set_to_zero()},
+                               {"norm": {"scale": "train"}, "mlp": {"up": {"kernel": "frozen"},
+                                                                    "down": {"kernel": "train"}}})
+    s = suggest_mesh(tree, 8, "8GiB", optimizer=tx, batch={"x": (16, 256)}, raise_if_none=False)
+    priced = [c for c in s.candidates if c.memory is not None]
+    assert priced and all({p: d.trainable for p, d in c.plan.decisions.items()} == {
+        "params/norm/scale": True, "params/mlp/up/kernel": False, "params/mlp/down/kernel": True} for c in priced)
+    _check_exact(s, tx, batch={"x": (16, 256)}, backend="tpu")
+
+
 def test_exact_with_traced_activations_and_rules():
     m = zoo.get("llama")
     adam = optax.adam(1e-3)

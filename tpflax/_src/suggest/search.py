@@ -386,7 +386,9 @@ def suggest_mesh(model_or_tree: Any, devices: int, device_memory: Any = None, ha
         device_memory: bytes per device, or ``"95GiB"`` / ``"16GB"``; defaults to the preset's.
         hardware: a preset (``"tpu-v4"``, ``"tpu-v5e"``, ``"tpu-v5p"``, ``"tpu-v6e"``,
             ``"a100"``, ``"h100"``, ``"h200"``) or a :class:`tpflax.hardware.Hardware`.
-        optimizer: an ``optax.GradientTransformation`` (None: no optimizer state).
+        optimizer: an ``optax.GradientTransformation`` (None: no optimizer state). Also given to
+            :func:`tpflax.plan` (``optimizer=``): the leaves whose gradient it never reads (an
+            ``optax.multi_transform`` label mapped to ``optax.set_to_zero()``) are planned frozen.
         batch: the global batch (``(512, 4096)``, ``512`` for a zoo model, a dict of
             shapes, an abstract batch); default: the model's sample, else one example
             per device.
@@ -406,7 +408,8 @@ def suggest_mesh(model_or_tree: Any, devices: int, device_memory: Any = None, ha
             shapes are ranked for); ``trace_plan`` plans from the traced dataflow.
             ``fsdp_min_bytes`` None (the default, as :func:`tpflax.plan`'s): the chooser decides
             each leaf's fsdp split by cost; a number: leaves at least that large split. So
-            ``s[0].plan`` is ``tpflax.plan(tree, s[0].mesh_shape, hardware=s.hardware, batch=batch)`` (or
+            ``s[0].plan`` is ``tpflax.plan(tree, s[0].mesh_shape, hardware=s.hardware, batch=batch,
+            optimizer=optimizer)`` (or
             ``hardware=`` the preset's name, when nothing was overridden): priced at the batch the
             shapes are ranked for (the model's sample when no batch is given; without either,
             :func:`tpflax.plan`'s default tokens).
@@ -450,6 +453,8 @@ def suggest_mesh(model_or_tree: Any, devices: int, device_memory: Any = None, ha
                                    "use_annotations": use_annotations, "trace_plan": trace_plan}
     if rules:
         plan_kwargs["rules"] = rules
+    if optimizer is not None:  # the leaves it never updates are frozen in every candidate's plan, as plan(optimizer=)
+        plan_kwargs["optimizer"] = optimizer
     est_kwargs = dict(remat=remat, grad_dtype=grad_dtype, act_dtype=act_dtype,
                       backend=backend or ("gpu" if hw.kind == "gpu" else "tpu"), expert_dispatch=expert_dispatch,
                       optimizer_name=optimizer_name, loss=loss)
