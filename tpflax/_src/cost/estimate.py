@@ -55,6 +55,7 @@ from dataclasses import replace
 from typing import Any
 
 from tpflax._src.cost.comm import comm_items, parted_split
+from tpflax._src.cost.crossing import crossing_items
 from tpflax._src.cost.experts import buffer_items, expert_items
 from tpflax._src.cost.explicit import cpu_wire, explicit_items, row_split_mesh
 from tpflax._src.cost.fft import cpu_gathers_ffts, fft_items
@@ -116,11 +117,12 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
                      "the other dims)")
     if w.crossed and shards > 1:
         # measured (XLA:CPU data=2,model=4, a 2-layer message-passing net over one graph): all-reduces and
-        # collective-permutes of node-sized activations, 19x the gradient sums this estimate prices
+        # collective-permutes of node-sized activations, 19x the gradient sums; priced by cost/crossing.py
         notes.append(f"{w.crossed[0]}{f' (and {len(w.crossed) - 1} more)' if len(w.crossed) > 1 else ''}: the step "
-                     f"splits every input's leading dim over {', '.join(axes)}, so these rows cross devices, which XLA "
-                     "does with collectives this estimate does not price (its collectives are a lower bound). A "
-                     "graph's nodes and edges are no batch of examples: batch whole graphs, or check with dry_run")
+                     f"splits every input's leading dim over {', '.join(axes)}, so these rows cross devices: priced "
+                     "as XLA:CPU moves them (the indexed array permuted, gathered or summed over the batch axes, "
+                     "measured), which another compiler may do otherwise. A graph's nodes and edges are no batch "
+                     "of examples: batch whole graphs, or check with dry_run")
     if w.remat and w.backend == "tpu" and any(d.layers_dim is not None for d in lv.decisions.values()):
         # measured (dry runs and buffer dumps, Llama-2-7B width, benchmarks/tpu_aot_notes.md, twentieth round): the
         # loop's carried buffers are in the peak (Peak.scan_grads, Peak.scan_stack), and on fsdp-only meshes the
@@ -187,7 +189,7 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
              + grouped_conv_items(scope) + explicit_items(w.collectives, notes, w.backend) + split_grad_items(scope) + whole_read_items(scope)
              + replicated_items(scope)
              + split_sum_items(scope, w.split_sums, w.fused or {}) + split_grad_gathers(scope, w.split_grads, w.fused or {})
-             + fft_items(scope, w.fft_reads))
+             + fft_items(scope, w.fft_reads) + crossing_items(scope, w.crossings))
     items = tuple(i for i in every if i.total > 0)
     return Estimate(
         per_device=per_device, unsharded=unsharded, savings=savings, comm=comm_table(items), items=items,

@@ -254,6 +254,7 @@ class Traced:
     streamed: frozenset[tuple[str, int]] = frozenset()
     expanded: Mapping[str, tuple[tuple[int, int, int], ...]] = field(default_factory=dict)
     crossed: tuple[str, ...] = ()  # (Dataflow.crossed)
+    crossings: tuple = ()  # (Dataflow.crossings: trace.records.Crossing)
     ffts: tuple[str, ...] = ()  # (Dataflow.ffts)
     # per FFT (Dataflow.fft_reads): (operand bytes, output bytes, the (path, dim) keys of each operand dim, whether
     # its leading dim is the batch's (then the bytes are per example), whether its output has a gradient, runs)
@@ -440,7 +441,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None
                   expanded=_expanded(flow, _int_paths(m)), batched_dots=flow.dots(batched=True),
                   shard_mapped=dict(flow.in_specs), direct=frozenset(flow.uses[u].path for u in flow.direct),
                   derived=flow.derived_dots(), cast_to=flow.cast_to(), cast_some=flow.cast_some(),
-                  slice_reads=_slice_reads(flow, slices), crossed=flow.crossed, ffts=flow.ffts,
+                  slice_reads=_slice_reads(flow, slices), crossed=flow.crossed, crossings=flow.crossings, ffts=flow.ffts,
                   fft_reads=_fft_reads(flow, examples, _leads(m, batch)),
                   lookup_rows=_lookup_rows(flow, examples), ragged=ragged_groups(flow),
                   parted=dict(flow.parted), batch_read=_batch_read(flow), unbatched=_unbatched(flow),

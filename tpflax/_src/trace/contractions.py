@@ -398,6 +398,7 @@ def gather(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> l
             and looked != eqn.invars[0].aval.shape[0]):
         w.crossed.append(f"rows of a {tuple(eqn.invars[0].aval.shape)} activation gathered at "
                          f"{tuple(eqn.invars[1].aval.shape[:-1])} indices from the inputs")
+        w.cross("gather", ctx, eqn.invars[0].aval, eqn.outvars[0].aval, operand, operand.live)
     if not operand.origin:
         # An activation indexed by data (BigBird's random key blocks): the indexed dims
         # need every shard, but its batch and whole-slice dims (heads, head features)

@@ -328,7 +328,7 @@ def analyze(closed: Any, paths: Sequence[str], batch: int | None = None) -> Data
                     streamed=frozenset(w.root(k) for k in w.joined if not is_minor(k)),
                     added=remap_added(w.added, lambda k: None if is_minor(k) else w.root(k)), expanded=dict(w.expanded),
                     in_specs=dict(w.in_specs), direct=frozenset(w.direct),
-                    derived=frozenset(w.derived), crossed=tuple(dict.fromkeys(w.crossed)),
+                    derived=frozenset(w.derived), crossed=tuple(dict.fromkeys(w.crossed)), crossings=tuple(w.crossings),
                     ffts=tuple(w.ffts),
                     fft_reads=tuple(dataclasses.replace(r, tags=tuple(frozenset(w.root(k) for k in ks) for ks in r.tags))
                                     for r in w.fft_reads),

@@ -439,6 +439,7 @@ def scatter(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> 
             and shapes[1][:1] != shapes[0][:1]):
         w.crossed.append(f"rows of a {shapes[1]} activation written into a {shapes[0]} one at indices from the "
                          "inputs")
+        w.cross("scatter", ctx, eqn.outvars[0].aval, eqn.invars[2].aval, None, upd.live)
     rank = ranks[0]
     inserted = set(dn.inserted_window_dims) | set(getattr(dn, "operand_batching_dims", ()))
     windows = [d for d in range(rank) if d not in inserted]

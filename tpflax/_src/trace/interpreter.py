@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tpflax._src.trace.records import Product, Use
+from tpflax._src.trace.records import Crossing, Product, Use
 
 TagMap = dict  # (use id, param dim) -> (limit, via)
 
@@ -242,6 +242,10 @@ class Walk:
     # rows of an input-derived activation gathered or scattered along its leading dim at indices the inputs give
     # (a GNN's ``h[senders]``, ``segment_sum(m, receivers)``): they cross the batch split
     crossed: list[str] = field(default_factory=list)
+    crossings: list[Any] = field(default_factory=list)  # what each of them moves (records.Crossing)
+    # id -> (the value a crossing gather reads, its key): gathers of one value share its reshard (kept alive: ids are
+    # reused)
+    cross_keys: dict[int, tuple[Any, int]] = field(default_factory=dict)
     ffts: list[str] = field(default_factory=list)  # FFTs of input-derived activations (XLA:CPU gathers them)
     fft_reads: list[Any] = field(default_factory=list)  # every FFT's operand and output (records.FftRead)
     # use id -> (the contraction's place in the walk, elements, item bytes, sizes of its batch dims no parameter dim
@@ -437,6 +441,18 @@ class Walk:
         if val.tags is not None:
             for m in val.tags:
                 self.escape(m, why)
+
+    def cross(self, kind: str, ctx: tuple, whole: Any, rows: Any, read: Val | None, live: bool) -> None:
+        """Record a gather or scatter of rows across the batch split (:class:`records.Crossing`): ``whole`` and
+        ``rows`` are the abstract indexed array and moved rows, ``read`` the value a gather reads (None: a
+        scatter, which shares nothing)."""
+        key = len(self.cross_keys)
+        if read is not None:
+            key = self.cross_keys.setdefault(id(read), (read, key))[1]
+        else:
+            self.cross_keys[-1 - key] = (None, key)
+        self.crossings.append(Crossing(kind, math.prod(whole.shape), math.prod(rows.shape), whole.dtype.itemsize,
+                                       key, live, math.prod(self.lengths.get(c, 1) for c in ctx if isinstance(c, int))))
 
     def deps_of(self, v: Val) -> int:
         """``v.deps`` with the bits of the parameters it is a view of (:attr:`Val.origin`)."""

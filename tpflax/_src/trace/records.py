@@ -146,6 +146,32 @@ class FftRead:
 
 
 @dataclass(frozen=True)
+class Crossing:
+    """Rows of an input-derived activation gathered (``h[senders]``) or scattered (``segment_sum(m, receivers)``)
+    along its leading dim at indices from the inputs: the step splits that dim over the batch axes like a batch,
+    so the rows cross devices (a graph's nodes and edges; :func:`tpflax._src.cost.crossing.crossing_items`).
+
+    Attributes:
+        kind: ``"gather"`` or ``"scatter"``.
+        whole: elements of the indexed array (a gather's operand, a scatter's result).
+        rows: elements of the moved rows (a gather's output, a scatter's update).
+        itemsize: bytes per element.
+        key: which array a gather reads (gathers of one operand share its reshard); a scatter's own.
+        live: the backward moves the gradient back (a gather's operand, a scatter's update is computed from
+            parameters): a gather's gradient is scattered, a scatter's gathered.
+        count: how many times the program runs it (the trip counts of the scans around it).
+    """
+
+    kind: str
+    whole: int
+    rows: int
+    itemsize: int
+    key: int
+    live: bool = False
+    count: int = 1
+
+
+@dataclass(frozen=True)
 class Edge:
     """A tagged activation dim produced by one use and summed by another.
 
@@ -341,6 +367,7 @@ class Dataflow:
             itself keeps the layout it was placed in: a whole kernel read this way that contracts split features
             is sliced to them and its partial outputs summed, however wide
             (:func:`tpflax._src.cost.disagree.kernel_reads`).
+        crossings: each gather or scatter of ``crossed`` (:class:`Crossing`: what it moves).
         ffts: words for each FFT of an activation computed from the inputs (``"RFFT of float32[4, 64]"``).
         fft_reads: each ``fft`` of an activation or a weight as traced (:class:`FftRead`: its operand's and output's
             shapes, and the tags of the parameter dims it reaches): XLA:CPU gathers every FFT operand whole.
@@ -411,6 +438,7 @@ class Dataflow:
     direct: frozenset[int] = frozenset()
     derived: frozenset[int] = frozenset()
     crossed: tuple[str, ...] = ()
+    crossings: tuple[Crossing, ...] = ()
     ffts: tuple[str, ...] = ()
     fft_reads: tuple[FftRead, ...] = ()
     parted: Mapping[str, Mapping[int, int]] = field(default_factory=dict)
