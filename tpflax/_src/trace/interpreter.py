@@ -442,7 +442,8 @@ class Walk:
             for m in val.tags:
                 self.escape(m, why)
 
-    def cross(self, kind: str, ctx: tuple, whole: Any, rows: Any, read: Val | None, live: bool) -> None:
+    def cross(self, kind: str, ctx: tuple, whole: Any, rows: Any, read: Val | None, live: bool,
+              indices: int = 0) -> None:
         """Record a gather or scatter of rows across the batch split (:class:`records.Crossing`): ``whole`` and
         ``rows`` are the abstract indexed array and moved rows, ``read`` the value a gather reads (None: a
         scatter, which shares nothing)."""
@@ -452,7 +453,8 @@ class Walk:
         else:
             self.cross_keys[-1 - key] = (None, key)
         self.crossings.append(Crossing(kind, math.prod(whole.shape), math.prod(rows.shape), whole.dtype.itemsize,
-                                       key, live, math.prod(self.lengths.get(c, 1) for c in ctx if isinstance(c, int))))
+                                       key, live, math.prod(self.lengths.get(c, 1) for c in ctx if isinstance(c, int)),
+                                       indices))
 
     def deps_of(self, v: Val) -> int:
         """``v.deps`` with the bits of the parameters it is a view of (:attr:`Val.origin`)."""
