@@ -46,6 +46,9 @@ class Options:
         device_memory: bytes per device the plan must fit (None: no constraint).
         tied_guess: the tree has no output head, so a token table found by the
             tree heuristics is priced as tied (it also computes the logits).
+        patch_width: untraced: the width of the tokens ``tokens`` counts, those of a patch embedding reading an
+            image batch (:func:`tpflax._src.planner.pricing.patch_tokens`); its patch-merging stages read fewer
+            (:func:`tpflax._src.planner.roles.merge_stages`). 0: none.
     """
 
     fsdp_min_bytes: int | None = None
@@ -56,6 +59,7 @@ class Options:
     act_item: int = 4
     device_memory: int | None = None
     tied_guess: bool = False
+    patch_width: int = 0
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,7 @@ from tpflax._src.planner.roles import (
     linear_view,
     low_rank_adapters,
     low_rank_factors,
+    merge_stages,
     numbered_chain,
     parallel_fit,
     parallel_partners,
@@ -94,6 +95,8 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options,
     ``doubts``, when given, collects the layers whose names and shapes disagreed.
     """
     st = State(mesh, opts, forced=dict(skip or {}), first_pair=first_pair)
+    if opts.patch_width:  # an image batch's tokens: a Swin's later stages read fewer (the trace reads its rows)
+        st.rows.update(merge_stages(facts, opts.patch_width))
     todo = [f for f in facts if f.path not in st.forced]
     widths, sure = residual_widths(facts)
     adapters = low_rank_adapters(facts)
@@ -297,6 +300,9 @@ def _pair_group(st: State, group: str, lins: list[Linear], heads: int | None = N
             if c.heads is None and c.limit is None and (width == row.in_size or c.narrow_query) \
                     and width % heads == 0:
                 c.limit = heads  # whole heads only: a cut head costs XLA a gather of the scores
+                # a fused kernel of equal pieces as wide as the row's input, each into these heads: the
+                # chooser prices the split that cuts them (builders._heads_cut) against keeping it whole
+                c.viewed = c.pieces > 1 and len(set(c.cut)) == 1 and width == row.in_size
         found.append((kind, mine, row))
     _stored_twins(st, lins, found, claimed, widths)
     for kind, mine, row in found:

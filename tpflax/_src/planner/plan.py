@@ -46,7 +46,13 @@ from tpflax._src.planner.caches import follow_caches
 from tpflax._src.planner.checks import plan_checks
 from tpflax._src.planner.decision import Decision, Pair, Plan, check_tree_matches
 from tpflax._src.planner.fused import check_mode, fused_layouts
-from tpflax._src.planner.pricing import expert_buffers, pricing, token_batch, token_tables
+from tpflax._src.planner.pricing import (
+    expert_buffers,
+    patch_tokens,
+    pricing,
+    token_batch,
+    token_tables,
+)
 from tpflax._src.planner.rules import Forced, default_logical_rules, force, parse_rules
 from tpflax._src.specs import (
     bytes_per_device,
@@ -145,7 +151,10 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
             so that a plan with and without ``model=`` prices alike. A bare
             shape (``(8, 512)``, ``"8x512"``) of a model on token ids (its
             sample's first input is integer, or without one the tree has an
-            embedding table) is that many ids: 4096 tokens.
+            embedding table) is that many ids: 4096 tokens. Without ``model=``, a
+            batch of images ``(B, H, W, C)`` (or channels first) read by a patch
+            embedding (an even ``(p, p, C, D)`` conv kernel tiling the image) is
+            ``B * (H/p) * (W/p)`` tokens, a Swin's merged stages a quarter as many each.
         device_memory: bytes per device (or ``"16GB"``) the parameters, gradients
             and adam moments must fit; the chooser then moves groups to smaller
             candidates. Default: no constraint.
@@ -215,6 +224,8 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
                    tied_guess=not any(f.kind == "dense" and HEAD.match(f.layer_name) for f in facts),
                    **pricing(hardware, token_batch(batch, sample, token_tables((f.kind, f.unit_name) for f in facts)),
                              device_memory))
+    if model is None and (patches := patch_tokens(batch, [f.body for f in facts if f.kind == "conv"])):
+        opts = replace(opts, tokens=patches[0], patch_width=patches[1])  # the trace reads them off the model's rows (_traced_tokens)
     lrules = list(logical_rules) if logical_rules is not None else default_logical_rules(ms)
     forced = force(facts, parsed, ms, use_annotations, lrules)
     proposals, pairs, sources, disagreements, doubts, opts, facts = _propose(facts, ms, opts, forced, model, sample,

@@ -105,3 +105,51 @@ def expert_buffers(model: Any, sample: Any, tree: Any, flow: Any) -> dict[str, t
     # the estimate reads them (cost.buffers.ragged_buffers)
     out.update({p: (float(r), True) for p, r in (ragged_buffers(m, ragged) if ragged else {}).items()})
     return out
+
+
+def patch_tokens(batch: Any, convs: Any) -> tuple[int, int] | None:
+    """``(tokens, width)`` a batch of images makes through a patch embedding, from shapes alone: ``B * (H/p) * (W/p)``
+    tokens ``D`` wide
+    for the one patch size ``p`` of the 2-D conv kernels ``(p, p, C, D)`` (``convs``, bodies without a stacked
+    dim) that read the image's ``C`` channels (its last dim, or its second: channels first), with ``p`` even and
+    tiling ``H`` and ``W``: a patchify conv, kernel == stride (ViT, Swin, ConvNeXt's stem). None where the batch
+    is no float image (``(B, H, W, C)`` or ``(B, C, H, W)``), where no conv or convs of two sizes read it, and
+    for an odd kernel: a centred stem (ResNet's 7x7, a UNet's 3x3) whose stride the tree cannot tell. The
+    chooser otherwise counts an image batch's tokens as its images (8 for 8 images of 1024 patches each).
+
+    >>> import jax
+    >>> img = (jax.ShapeDtypeStruct((8, 32, 32, 3), "float32"),)
+    >>> patch_tokens(img, [(4, 4, 3, 48), (2, 2, 48, 96)]), patch_tokens(img, [(7, 7, 3, 64)])
+    ((512, 48), None)
+    >>> patch_tokens((jax.ShapeDtypeStruct((2, 3, 224, 224), "float32"),), [(16, 16, 3, 768)])
+    (392, 768)
+    """
+    import numpy as np
+
+    if batch is None or isinstance(batch, (int, str)) and not isinstance(batch, bool):
+        return None
+    try:
+        b = parse_batch(batch, None, None)
+    except (TpflaxError, TypeError, ValueError):
+        return None
+    if len(b.leaves) != 1:  # an image beside token ids (CLIP, a captioner): the ids count the tokens
+        return None
+    _, x, dtype = b.leaves[0]
+    try:
+        floating = np.issubdtype(np.dtype(dtype), np.floating) or str(dtype) == "bfloat16"
+    except TypeError:
+        floating = False
+    if len(x) != 4 or not floating:
+        return None
+    sizes = set()
+    for body in convs:
+        if len(body) != 4 or body[0] != body[1] or body[0] < 2 or body[0] % 2:
+            continue
+        p, c = body[0], body[2]
+        for h, w in ((x[1], x[2]),) * (x[3] == c) + ((x[2], x[3]),) * (x[1] == c):
+            if h % p == 0 and w % p == 0:
+                sizes.add(((h // p) * (w // p), body[3]))
+    if len(sizes) != 1:
+        return None
+    (n, width), = sizes
+    return x[0] * n, width

@@ -944,3 +944,57 @@ def _scopes(unit: str) -> list[str]:
     """The module holding a layer and the one above it: where its adapter's kernel may sit."""
     parent = unit.rsplit("/", 1)[0] if "/" in unit else ""
     return [parent, parent.rsplit("/", 1)[0]] if "/" in parent else [parent]
+
+
+def merge_stages(facts: Sequence[Facts], width: int) -> dict[str, float]:
+    """``{path: share}`` of the priced tokens the leaves of a Swin's later stages read: each patch merging (a 2-D
+    dense ``(4C, 2C)`` beside a norm of ``4C``: 2x2 neighbours concatenated, normed, projected) quarters the
+    tokens and doubles the width, so from the patch embedding's ``width`` on, a stage ``2^k`` times as wide reads
+    ``4^-k`` of them. A leaf's stage is the width of the norms of the closest module above it holding any (a merge's
+    own excepted), when they agree; no share without a merge from ``width``, or where they do not agree (the
+    model's root, its output head).
+
+    >>> from tpflax._src.facts.tree import Leaf
+    >>> def leaf(path, shape, kind):
+    ...     unit = path.rsplit("/", 1)[0]
+    ...     return Facts(Leaf(path, shape, "float32", 4), kind, 0, unit, unit.rsplit("/", 1)[0])
+    >>> fs = [leaf(f"s{i}_blk/{n}/scale", (w,), "norm") for i, w in enumerate((8, 16)) for n in ("n1", "n2")]
+    >>> fs += [leaf(f"s{i}_blk/fc1/kernel", (w, 4 * w), "dense") for i, w in enumerate((8, 16))]
+    >>> fs += [leaf("s0_merge/norm/scale", (32,), "norm"), leaf("s0_merge/reduction/kernel", (32, 16), "dense")]
+    >>> fs += [leaf("head/kernel", (16, 10), "dense")]
+    >>> merge_stages(fs, 8)  # doctest: +NORMALIZE_WHITESPACE
+    {'s0_merge/reduction/kernel': 0.25, 's0_blk/n1/scale': 1.0, 's0_blk/n2/scale': 1.0, 's1_blk/n1/scale': 0.25,
+     's1_blk/n2/scale': 0.25, 's0_blk/fc1/kernel': 1.0, 's1_blk/fc1/kernel': 0.25}
+    """
+    norms: dict[str, set[int]] = defaultdict(set)  # group -> its norms' widths
+    for f in facts:
+        if _is_norm_scale(f):
+            norms[f.group].add(f.body[-1])
+    merges = {f.path: f.body[0] // 4 for f in facts
+              if f.kind == "dense" and len(f.body) == 2 and f.body[0] == 2 * f.body[1] and f.body[1] % 2 == 0
+              and f.body[0] in norms.get(f.group, ())}
+    merged = set(merges.values())
+    share, c, stages = 1.0, width, {}
+    while c in merged:
+        stages[c] = share
+        c, share = 2 * c, share / 4
+    if not stages:
+        return {}
+    stages[c] = share
+    out = {p: stages[c] / 4 for p, c in merges.items() if c in stages}
+    skip = {f.group for f in facts if f.path in merges}
+    under: dict[str, set[int]] = defaultdict(set)  # module -> the widths of every norm below it, a merge's excepted
+    for f in facts:
+        if _is_norm_scale(f) and f.group not in skip:
+            parts = f.path.split("/")
+            for i in range(1, len(parts)):
+                under["/".join(parts[:i])].add(f.body[-1])
+    for f in facts:
+        if f.path in out:
+            continue
+        parts = f.path.split("/")
+        found = next((under[m] for m in ("/".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)) if under.get(m)),
+                     set())
+        if len(found) == 1 and (w := next(iter(found))) in stages:
+            out[f.path] = stages[w]
+    return out
