@@ -19,8 +19,15 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tpflax._src.apply.put import check_values, owned, put, settled
 from tpflax._src.errors import MeshError, OptionError, SpecError, TreeError
 from tpflax._src.facts.tree import keystr
-from tpflax._src.mesh import batch_pspec, constrain_to, device_mesh, mesh_shape, sharding_mesh
-from tpflax._src.specs import entry_axes
+from tpflax._src.mesh import (
+    MeshShape,
+    batch_pspec,
+    constrain_to,
+    device_mesh,
+    mesh_shape,
+    sharding_mesh,
+)
+from tpflax._src.specs import entries, entry_axes, spec_problems
 
 
 def batch_spec(mesh: Any, *, axis_roles: Mapping[str, str] | None = None) -> PartitionSpec:
@@ -111,6 +118,7 @@ def batch_shardings(batch: Any, mesh: jax.sharding.Mesh, spec: PartitionSpec, si
     """
     check_batch_leaves(batch)
     sizes = dict(mesh.shape)
+    shape_of = MeshShape(axes=tuple(sizes.items()), roles=())  # the checker reads only the axes' sizes
     n = math.prod(sizes[a] for e in spec for a in entry_axes(e))
     problems = []
     flat, treedef = jax.tree_util.tree_flatten_with_path(batch)
@@ -122,7 +130,7 @@ def batch_shardings(batch: Any, mesh: jax.sharding.Mesh, spec: PartitionSpec, si
         where = keystr(path) or "<batch>"
         given = explicit_spec(x)
         if given is not None:
-            wrong = _explicit_problems(where, shape, given, sizes)
+            wrong = spec_problems(where, shape, entries(given), shape_of)
             problems += wrong
             out.append(None if wrong else NamedSharding(mesh, given))
             continue
@@ -157,25 +165,6 @@ def _undivided(where: str, shape: tuple[int, ...], spec: PartitionSpec, axes: st
             f"batch is {at}, say so: pass it in sample= as jax.ShapeDtypeStruct({shape}, dtype, "
             f"sharding=NamedSharding(mesh, P({named}))), which keeps that spec; if it holds no batch (shared "
             f"by every example), pass batch={size} to keep it replicated; or put its batch dim first")
-
-
-def _explicit_problems(where: str, shape: tuple[int, ...], spec: PartitionSpec,
-                       sizes: Mapping[str, int]) -> list[str]:
-    """What keeps a leaf's explicit spec from laying it out on a mesh of axis ``sizes``."""
-    if len(spec) > len(shape):
-        return [f"{where}: its spec {spec} has {len(spec)} entries for shape {shape}; give one entry per dim"]
-    out = []
-    for k, e in enumerate(spec):
-        missing = [a for a in entry_axes(e) if a not in sizes]
-        if missing:
-            out.append(f"{where}: its spec {spec} names axis {missing[0]!r}, which the mesh "
-                       f"({', '.join(f'{a}={v}' for a, v in sizes.items())}) lacks; name the mesh's axes")
-            continue
-        m = math.prod(sizes[a] for a in entry_axes(e))
-        if m > 1 and shape[k] % m:
-            out.append(f"{where}: its spec {spec} splits dim {k} of shape {shape} over {m} devices, which does "
-                       "not divide it")
-    return out
 
 
 def check_batch_sizes(batch: Any, size: int | None = None) -> None:
