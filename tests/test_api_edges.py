@@ -725,6 +725,14 @@ def test_shard_batch_on_an_abstract_mesh_is_refused():
     abstract = tpflax.make_mesh({"data": 2, "model": 4}).abstract_mesh
     with pytest.raises(tpflax.MeshError, match="AbstractMesh, which has no devices.*batch_sharding"):
         tpflax.shard_batch({"x": np.ones((8, 3), np.float32)}, abstract)
+    # shard() raised a PlanMismatchError for the same mesh, shard_batch a MeshError: now one class, both of them,
+    # whose message names the concrete mesh to build
+    plan = tpflax.plan({"w": jax.ShapeDtypeStruct((8, 8), "float32")}, abstract)
+    for place in (lambda: tpflax.shard_batch({"x": np.ones((8, 3), np.float32)}, abstract),
+                  lambda: tpflax.shard({"w": np.ones((8, 8), np.float32)}, plan, abstract)):
+        with pytest.raises(tpflax.AbstractMeshError, match=r"tpflax\.make_mesh\(\{'data': 2, 'model': 4\}\)") as e:
+            place()
+        assert isinstance(e.value, tpflax.MeshError) and isinstance(e.value, tpflax.PlanMismatchError)
     spec = tpflax.batch_sharding(abstract, {"x": jax.ShapeDtypeStruct((8, 3), "float32")})["x"].spec
     assert spec == jax.sharding.PartitionSpec("data")
 

@@ -30,6 +30,7 @@ from tpflax._src.cost.records import Estimate
 from tpflax._src.diff import PlanDiff, diff
 from tpflax._src.dryrun import DryRun, dry_run
 from tpflax._src.errors import (
+                     AbstractMeshError,
                      CheckpointError,
                      CompileError,
                      DeviceError,
@@ -70,7 +71,7 @@ quiet_libtpu()
 __version__ = "0.1.0"
 
 __all__ = [
-    "EstimateError", "OptionError", "TpflaxWarning",
+    "AbstractMeshError", "EstimateError", "OptionError", "TpflaxWarning",
     "CompileError", "Decision", "DeviceError", "MeshError", "MeshShape", "ModelLoadError", "Pair",
     "Plan", "PlanFormatError", "PlanMismatchError", "RuleError", "SpecError", "TpflaxError",
     "TreeError", "UnknownPathError", "abstract_mesh", "default_logical_rules", "fmt_bytes", "make_mesh", "mesh_shape",

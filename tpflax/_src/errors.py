@@ -51,6 +51,13 @@ class PlanMismatchError(TpflaxError, ValueError):
     """A tree or mesh does not match the plan it is being used with."""
 
 
+class AbstractMeshError(MeshError, PlanMismatchError):
+    """Arrays were to be placed on a ``jax.sharding.AbstractMesh``, which has no devices (``shard``,
+    ``shard_batch``, ``init_sharded``...); build a concrete mesh with ``tpflax.make_mesh``. A :class:`MeshError`
+    (this mesh cannot hold arrays), and a :class:`PlanMismatchError` too, which the plan's placing functions
+    raised for it before."""
+
+
 class UnknownPathError(TpflaxError, KeyError):
     """A path that is not a leaf of the plan (``plan.spec(path)``, ``plan.decisions[path]``);
     a ``KeyError`` too, so ``except KeyError`` keeps working."""

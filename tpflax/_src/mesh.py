@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from tpflax._src.errors import DeviceError, MeshError, PlanMismatchError
+from tpflax._src.errors import AbstractMeshError, DeviceError, MeshError, PlanMismatchError
 
 TENSOR, FSDP, DATA, EXPERT = "tensor", "fsdp", "data", "expert"
 ROLES = (TENSOR, FSDP, DATA, EXPERT)
@@ -251,7 +251,8 @@ def device_mesh(mesh: Any = None, want: MeshShape | None = None):
             ``AbstractMesh`` is refused (it has no devices to place on).
 
     Raises:
-        PlanMismatchError: the mesh differs from ``want``, or is abstract.
+        PlanMismatchError: the mesh differs from ``want``.
+        AbstractMeshError: the mesh is abstract (a MeshError, and a PlanMismatchError as before).
         DeviceError: a shape needs more devices than there are.
 
     >>> device_mesh({"model": 1}).axis_names
@@ -263,7 +264,7 @@ def device_mesh(mesh: Any = None, want: MeshShape | None = None):
         mesh = want  # with its roles: axes named 'rows', 'cols' need them
     if want is not None:
         if isinstance(mesh, jax.sharding.AbstractMesh):
-            raise PlanMismatchError(
+            raise AbstractMeshError(
                 "an AbstractMesh has no devices to place arrays on; pass a jax.sharding.Mesh, e.g. "
                 f"tpflax.make_mesh({want.sizes})")
         check_mesh_matches(mesh, want)

@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tpflax._src.apply.put import check_values, owned, put, settled
-from tpflax._src.errors import MeshError, OptionError, SpecError, TreeError
+from tpflax._src.errors import AbstractMeshError, OptionError, SpecError, TreeError
 from tpflax._src.facts.tree import keystr
 from tpflax._src.mesh import (
     MeshShape,
@@ -266,7 +266,7 @@ def shard_batch(batch: Any, mesh: Any, *, process_local: bool = False, batch_siz
             disagree on the batch (leading) size and no ``batch_size`` says which is the batch.
         SpecError: a leaf's batch dim does not divide over the batch axes.
         OptionError: ``batch_size`` is no positive integer.
-        MeshError: ``mesh`` is an ``AbstractMesh`` (no devices to place on).
+        AbstractMeshError: ``mesh`` is an ``AbstractMesh`` (no devices to place on); a ``MeshError``.
 
     >>> import numpy as np, tpflax
     >>> b = shard_batch({"x": np.ones((4, 3))}, tpflax.make_mesh({"data": 2}))
@@ -281,9 +281,9 @@ def shard_batch(batch: Any, mesh: Any, *, process_local: bool = False, batch_siz
                         f"(jax.ShapeDtypeStruct, e.g. {abstract[0]}): pass the arrays, or take the shardings for "
                         "jax.jit with tpflax.batch_sharding(mesh, batch)")
     if isinstance(mesh, jax.sharding.AbstractMesh):  # made into a mesh of this host's devices, placed there
-        raise MeshError(f"shard_batch() places arrays, but {mesh} is an AbstractMesh, which has no devices: pass a "
-                        "jax.sharding.Mesh (tpflax.make_mesh(...)), or take the shardings for jax.jit with "
-                        "tpflax.batch_sharding(mesh, batch)")
+        raise AbstractMeshError(f"shard_batch() places arrays, but {mesh} is an AbstractMesh, which has no devices: "
+                                f"pass a jax.sharding.Mesh, e.g. tpflax.make_mesh({dict(mesh.shape)}), or take the "
+                                "shardings for jax.jit with tpflax.batch_sharding(mesh, batch)")
     batch_size = _check_size(batch_size)
     mesh = device_mesh(mesh)
     spec = batch_spec(mesh, axis_roles=axis_roles)
