@@ -672,6 +672,33 @@ def test_an_empty_stacked_regex_is_refused(stacked):
     assert tpflax.plan(tree, {"data": 2, "model": 4}).spec("up/kernel") == jax.sharding.PartitionSpec(None, "model")
 
 
+def test_a_path_under_its_collection_names_the_leaf_as_the_report_prints_it():
+    # plan.spec("up/kernel") on a linen plan raised "not a leaf of this plan" though the report's table prints it so
+    # (under the common params/ root); a mistyped one suggested nothing for the path as printed
+    import flax.linen as nn
+
+    class Mlp(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(16, name="down")(nn.relu(nn.Dense(64, name="up")(x)))
+
+    variables = jax.eval_shape(Mlp().init, jax.random.key(0), jax.ShapeDtypeStruct((4, 16), "float32"))
+    plan = tpflax.plan(variables, {"data": 2, "model": 4})
+    assert "paths under params/" in tpflax.report(plan)
+    assert plan.spec("up/kernel") == plan.spec("params/up/kernel") == jax.sharding.PartitionSpec(None, "model")
+    assert plan.decisions["down/bias"] is plan.decisions["params/down/bias"]
+    with pytest.raises(tpflax.UnknownPathError, match=r"'up/kernal' is not a leaf of this plan; did you mean "
+                                                      r"'params/up/kernel'"):
+        plan.spec("up/kernal")
+    # under two roots (a copy of the parameters kept beside them) it is ambiguous: both named, the fix said
+    two = tpflax.plan({"params": variables["params"], "ema": variables["params"]}, {"data": 2, "model": 4})
+    with pytest.raises(tpflax.UnknownPathError, match=r"'up/kernel' is not a leaf of this plan and is under more "
+                                                      r"than one root: 'ema/up/kernel' or 'params/up/kernel'; give "
+                                                      r"the full path"):
+        two.spec("up/kernel")
+    assert two.decisions.get("up/kernel") is None and "up/kernel" not in two.decisions  # a dict's get and in
+
+
 def test_axis_roles_given_as_a_string_says_it_takes_a_mapping():
     # axis_roles="x=tensor" (as the command line's --axis-role writes it) was dict()'s bare ValueError
     # ("dictionary update sequence element #0 has length 1; 2 is required")

@@ -88,10 +88,8 @@ def leaf_named(plan: Any, why: Any) -> str | None:
     """
     if not isinstance(why, str):
         return None
-    if why in plan.decisions:
-        return why
-    under = [p for p in plan.decisions if p.split("/", 1)[-1] == why and "/" in p]
-    return under[0] if len(under) == 1 else None
+    named = plan.decisions.named(why)  # the rule plan.spec(path) reads a path by
+    return named[0] if len(named) == 1 else None
 
 
 def write_why(plan: Any, path: Any) -> None:

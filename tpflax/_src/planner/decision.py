@@ -196,15 +196,41 @@ def _int_or_none(x: Any) -> int | None:
 
 class Decisions(dict):
     """``{path: Decision}``: a dict whose missing path raises :class:`UnknownPathError` naming the
-    closest known paths (``.get`` and ``in`` behave as a dict's).
+    closest known paths (``.get`` and ``in`` behave as a dict's). A path under its root (``up/kernel`` for
+    ``params/up/kernel``, as the report's table prints it under the common root) names that leaf when no other
+    root holds it.
 
     >>> Decisions({"mlp/up/kernel": 1})["mlp/up/kernal"]
     Traceback (most recent call last):
     tpflax._src.errors.UnknownPathError: 'mlp/up/kernal' is not a leaf of this plan; did you mean 'mlp/up/kernel'?
+    >>> d = Decisions({"params/up/kernel": 1, "params/norm/scale": 2, "batch_stats/norm/scale": 3})
+    >>> d["up/kernel"]
+    1
+    >>> d["norm/scale"]
+    Traceback (most recent call last):
+    tpflax._src.errors.UnknownPathError: 'norm/scale' is not a leaf of this plan and is under more than one root: 'params/norm/scale' or 'batch_stats/norm/scale'; give the full path
     """
 
+    def named(self, path: Any) -> list[str]:
+        """The leaves ``path`` names: itself if it is one, else every leaf whose path under its root is ``path``."""
+        if path in self:
+            return [path]
+        if not isinstance(path, str):
+            return []
+        return [p for p in self if "/" in p and p.split("/", 1)[1] == path]
+
     def __missing__(self, path: Any) -> Any:
-        close = difflib.get_close_matches(str(path), [str(k) for k in self], n=3, cutoff=0.6)
+        found = self.named(path)
+        if len(found) == 1:
+            return self[found[0]]
+        if found:
+            raise UnknownPathError(f"{path!r} is not a leaf of this plan and is under more than one root: "
+                                   f"{' or '.join(map(repr, found[:4]))}; give the full path")
+        names = {p: p for p in self}  # {a path, or one under its root: the leaf's path}
+        for p in self:  # a mistyped path under its root ("up/kernal") is close to the leaf's path under it
+            if "/" in p:
+                names.setdefault(p.split("/", 1)[1], p)
+        close = dict.fromkeys(names[m] for m in difflib.get_close_matches(str(path), list(names), n=3, cutoff=0.6))
         hint = (f"did you mean {' or '.join(map(repr, close))}?" if close else
                 f"its {len(self)} paths look like {next(iter(self), '')!r} (see plan.decisions)")
         raise UnknownPathError(f"{path!r} is not a leaf of this plan; {hint}")
@@ -258,8 +284,9 @@ class Plan:
         return 100.0 * (1 - self.bytes_per_device / total) if total else 0.0
 
     def spec(self, path: str) -> PartitionSpec:
-        """The leaf's PartitionSpec; :class:`tpflax.UnknownPathError` (a ``KeyError``) for a path
-        not in the plan, naming the closest ones."""
+        """The leaf's PartitionSpec: ``path`` as in ``plan.decisions``, or under its root as the report prints it
+        (``up/kernel`` for ``params/up/kernel``) when no other root holds it; :class:`tpflax.UnknownPathError`
+        (a ``KeyError``) for a path not in the plan, naming the closest ones, or under several roots."""
         return self.decisions[path].spec
 
     def specs_for(self, tree: Any) -> Any:
