@@ -297,6 +297,7 @@ def analyze(closed: Any, paths: Sequence[str], batch: int | None = None) -> Data
     sample = jaxpr.invars[len(paths):]
     examples = int(sample[0].aval.shape[0]) if sample and getattr(sample[0].aval, "shape", ()) else 1
     inputs = read_groups(jaxpr, w.reads)
+    batched = _batch_reads(jaxpr, len(paths), examples, w.reads, batch)
     return Dataflow(paths=tuple(paths), uses=tuple(w.uses), examples=examples, positions=_positions(sample),
                     edges=edges, escapes=found["escapes"],
                     outputs=frozenset(found["outputs"]), features=frozenset(found["features"]),
@@ -333,8 +334,8 @@ def analyze(closed: Any, paths: Sequence[str], batch: int | None = None) -> Data
                     fft_reads=tuple(dataclasses.replace(r, tags=tuple(frozenset(w.root(k) for k in ks) for ks in r.tags))
                                     for r in w.fft_reads),
                     sliced=_sliced(w, {p: tuple(v.aval.shape) for p, v in zip(paths, jaxpr.invars, strict=False)}),
-                    batch_reads=_batch_reads(jaxpr, len(paths), examples, w.reads, batch),
-                    unbatched=_unbatched(jaxpr, len(paths), examples, w.reads, batch))
+                    batch_reads=batched,
+                    unbatched=_unbatched(jaxpr, len(paths), examples, w.reads, batch, batched))
 
 
 def _concats(w: Any) -> dict[tuple[int, int], tuple[int, ...]]:
@@ -379,12 +380,13 @@ def _batch_reads(jaxpr: Any, n: int, examples: int, reads: Mapping[int, tuple[An
 
 
 def _unbatched(jaxpr: Any, n: int, examples: int, reads: Mapping[int, tuple[Any, int, tuple]],
-               batch: int | None) -> frozenset[int]:
+               batch: int | None, batched: frozenset[int]) -> frozenset[int]:
     """:attr:`Dataflow.unbatched`: with a batch size given, the ``dot`` uses whose activation carries a batch only
-    from inputs leading with another size (which the step keeps replicated); empty without one."""
+    from inputs leading with another size (which the step keeps replicated); empty without one. ``batched``:
+    :func:`_batch_reads` of that ``batch``, walked once by the caller."""
     if batch is None:
         return frozenset()
-    return _batch_reads(jaxpr, n, examples, reads) - _batch_reads(jaxpr, n, examples, reads, batch)
+    return _batch_reads(jaxpr, n, examples, reads) - batched
 
 
 def _sliced(w: Any, shapes: dict[str, tuple[int, ...]]) -> dict[str, float]:
