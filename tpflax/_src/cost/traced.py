@@ -314,16 +314,19 @@ def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None,
     from tpflax._src.trace.dataflow import mesh_key
 
     # a size every input leads with (or none does) changes nothing: the trace as without it
-    batch = batch if batch is not None and _leads(m) != _leads(m, batch) else None
+    leads = _leads(m, batch)
+    batch = batch if batch is not None and _leads(m) != leads else None
     given = () if batch is None else (("batch", batch),)
-    return cached("uses", m, lambda: _traced_uses(m, shapes, mesh, batch),
+    return cached("uses", m, lambda: _traced_uses(m, shapes, leads, mesh, batch),
                   (*sorted(shapes.items()), mesh_key(mesh), *given),
                   shared=(*sorted(shapes.items()), "any mesh", *given),
                   free=lambda t: not (t.constrained or t.split_widths or t.row_axes or t.collectives
                                            or t.shard_mapped))
 
 
-def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None, batch: int | None = None) -> Traced:
+def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], leads: frozenset[int], mesh: Any = None,
+                 batch: int | None = None) -> Traced:
+    """:func:`traced_uses` on a cache miss; ``leads``: :func:`_leads` of ``m`` and ``batch``."""
     from tpflax._src.cost.buffers import (
         batched_paths,
         batched_rows,
@@ -442,7 +445,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None
                   shard_mapped=dict(flow.in_specs), direct=frozenset(flow.uses[u].path for u in flow.direct),
                   derived=flow.derived_dots(), cast_to=flow.cast_to(), cast_some=flow.cast_some(),
                   slice_reads=_slice_reads(flow, slices), crossed=flow.crossed, crossings=flow.crossings, ffts=flow.ffts,
-                  fft_reads=_fft_reads(flow, examples, _leads(m, batch)),
+                  fft_reads=_fft_reads(flow, examples, leads),
                   lookup_rows=_lookup_rows(flow, examples), ragged=ragged_groups(flow),
                   parted=dict(flow.parted), batch_read=_batch_read(flow), unbatched=_unbatched(flow),
                   concats={flow.uses[uid].path: (dim, sizes) for (uid, dim), sizes in flow.concats.items()},
