@@ -186,12 +186,13 @@ def fused_items(s: Scope, notes: list[str]) -> list[CommItem]:
     [('collective-permute', 81920.0), ('all-to-all', 24576.0)]
     """
     items: list[CommItem] = []
+    tensor = s.mesh.role_axes.get(TENSOR, frozenset())
     kvs = kv_splits(s)  # a key/value split on head_dim: its RoPE halves are priced with it (cost/kvsplit.py)
     for path, d in s.lv.decisions.items():
         dim, pieces, whole, viewed, padded = (s.fused or {}).get(path, (None, 1, (), False, False))
         if dim is None or pieces == 1 or getattr(d, "layout", None) is not None or path in kvs:
             continue  # stored head-aligned (plan(fused="aligned")): the step cuts the pieces per rank
-        axes = tuple(a for a in entry_axes(s.lv.specs[path][dim]) if dict(s.mesh.roles)[a] == TENSOR)
+        axes = tuple(a for a in entry_axes(s.lv.specs[path][dim]) if a in tensor)
         n = s.size(axes)
         if n <= 1 or any(o in (s.fused or {}) for o in s.channel_partners(path, axes)):
             continue  # a depthwise conv on a fused kernel's split output: resharded once, at that kernel
@@ -248,11 +249,12 @@ def concat_items(s: Scope, notes: list[str]) -> list[CommItem]:
     over model=4, 32 + 128 + 160 columns of all-to-all and 32, 32, 32, 96 of collective-permutes per layer).
     """
     items: list[CommItem] = []
+    tensor = s.mesh.role_axes.get(TENSOR, frozenset())
     for path, (dim, sizes) in (s.concats or {}).items():
         d = s.lv.decisions.get(path)
         if d is None or getattr(d, "layout", None) is not None or dim >= len(s.lv.specs[path]):
             continue
-        axes = tuple(a for a in entry_axes(s.lv.specs[path][dim]) if dict(s.mesh.roles)[a] == TENSOR)
+        axes = tuple(a for a in entry_axes(s.lv.specs[path][dim]) if a in tensor)
         n = s.size(axes)
         width = d.shape[dim]
         if n <= 1 or sum(sizes) != width:
@@ -357,11 +359,12 @@ def _separate_heads(s: Scope):
     traced 2-D columns as wide as the row's input, split on their output over the axes that split the row's input
     (none on their input), reading one head count off the trace's edge limits (None: not one)."""
     dec, specs = s.lv.decisions, s.lv.specs
+    tensor = s.mesh.role_axes.get(TENSOR, frozenset())
     for pc in s.lv.pairs:
         if len(pc.rows) != 1 or len(pc.columns) < 2:
             continue
         r = pc.rows[0]
-        raxes = tuple(a for a in entry_axes(specs[r][-2]) if dict(s.mesh.roles)[a] == TENSOR) \
+        raxes = tuple(a for a in entry_axes(specs[r][-2]) if a in tensor) \
             if len(body(dec[r])) == 2 else ()
         n = s.size(raxes)
         if n <= 1:
@@ -370,7 +373,7 @@ def _separate_heads(s: Scope):
         for c in pc.columns:
             b, spec = body(dec[c]), specs[c]
             if (len(b) != 2 or cut_in_pieces(s, c) or b[1] != body(dec[r])[0]
-                    or tuple(a for a in entry_axes(spec[-1]) if dict(s.mesh.roles)[a] == TENSOR) != raxes
+                    or tuple(a for a in entry_axes(spec[-1]) if a in tensor) != raxes
                     or set(entry_axes(spec[-2])) & set(raxes)):
                 break
             lims = [lim for (a, ad, d, dd), lim in (s.limits or {}).items()
