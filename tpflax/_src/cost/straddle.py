@@ -34,12 +34,24 @@ def parted_ranks(s: Scope, path: str) -> Iterator[tuple[int, int, int]]:
         yield dim, n_exp, s.size(axes) if axes else 1
 
 
+def straddled_parts(n_exp: int, n: int) -> int | None:
+    """The ``g = gcd(E, n)`` parts of whole experts XLA gathers ``E`` experts stored flat into when ``n`` ranks
+    split them neither dividing ``E`` nor a multiple of it; None otherwise (one rank included).
+
+    >>> straddled_parts(6, 4), straddled_parts(8, 4), straddled_parts(2, 4), straddled_parts(6, 1)
+    (2, None, None, None)
+    """
+    return math.gcd(n_exp, n) if n_exp % n and n % n_exp else None
+
+
 def straddled_split(s: Scope, path: str) -> tuple[int, int, int] | None:
     """``(E, n, g)`` when 2-D ``path``'s tensor axes split a stored dim its contractions read cut into ``(E, f)``
-    over ``n`` ranks neither dividing ``E`` nor a multiple of it, ``g = gcd(E, n)``; else None."""
+    over ``n`` ranks neither dividing ``E`` nor a multiple of it, ``g = gcd(E, n)`` (:func:`straddled_parts`);
+    else None."""
     for _, n_exp, n in parted_ranks(s, path):
-        if n > 1 and n_exp % n and n % n_exp:
-            return n_exp, n, math.gcd(n_exp, n)
+        g = straddled_parts(n_exp, n)
+        if g is not None:
+            return n_exp, n, g
     return None
 
 

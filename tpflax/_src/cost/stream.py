@@ -23,6 +23,7 @@ from tpflax._src.cost.optstate import shard_bytes
 from tpflax._src.cost.pieces import update_pieces
 from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.scope import body, drop_layers, layers, leaf_itemsize
+from tpflax._src.cost.straddle import straddled_parts
 from tpflax._src.cost.whole import split_dims, whole_members
 from tpflax._src.mesh import TENSOR
 from tpflax._src.specs import entry_axes, gathered_axes, used_axes, without_axes
@@ -232,8 +233,9 @@ def _straddled_parts(s: Any, out: dict[tuple[str, ...], dict[str, int]]) -> None
         n = math.prod(s.mesh.sizes[a] for a in axes)
         for m in reps:
             for n_exp in ((s.parted or {}).get(m) or {}).values():
-                if n_exp % n and n % n_exp:
-                    reps[m] = math.gcd(n_exp, n)
+                g = straddled_parts(n_exp, n)
+                if g is not None:
+                    reps[m] = g
 
 
 def mapped_splits(s: Any) -> dict[tuple[str, ...], set[str]]:
