@@ -192,6 +192,7 @@ def shard_straddled(st: State, cols: Sequence[tuple[Facts, int]], row: tuple[Fac
     t_entry, t_size = st.tensor
     g = math.gcd(n_exp, t_size)
     (fr, rdim), members = row, [*cols, row]
+    roles = ["column"] * len(cols) + ["row"]
     pair = st.new_pair("expert", [f for f, _ in cols], [fr], fr.leaf.shape[rdim], True)
     over = axis_label(t_entry, t_size)
     d_out = fr.body[1 - fr.body_dim(rdim)]
@@ -211,12 +212,12 @@ def shard_straddled(st: State, cols: Sequence[tuple[Facts, int]], row: tuple[Fac
     matmul = frozenset(f.path for f, _ in members)
     split = Option("experts straddled", tuple(
         (f.path, prop(f, d, "expert", role, f"expert {role}: {words}; {evidence} (pair {pair.id})"))
-        for (f, d), role in zip(members, ["column"] * len(cols) + ["row"], strict=True)),
+        for (f, d), role in zip(members, roles, strict=True)),
         acts, matmul, held=tuple((f.path, g) for f, _ in members))
     whole = Option("replicate", tuple(
         (f.path, prop(f, d, "replicate", role, f"expert {role}: kept whole on every tensor rank; {evidence} "
                       f"(pair {pair.id})"))
-        for (f, d), role in zip(members, ["column"] * len(cols) + ["row"], strict=True)), (), matmul, whole=True)
+        for (f, d), role in zip(members, roles, strict=True)), (), matmul, whole=True)
     st.choose("expert", [split, whole], [f for f, _ in members])
     chosen = st.out.get(fr.path)
     if chosen is not None and chosen.strategy == "replicate":
