@@ -272,19 +272,17 @@ def assign_roles(lins: list[Linear], widths: set[int], sure: bool = False) -> No
         named = "column" if COLUMN_NAMES.match(name) else ("row" if ROW_NAMES.match(name) else None)
         if widths and (i in widths) != (o in widths):
             by_shape = "column" if i in widths else "row"
-            if named and named != by_shape and len(lin.f.body) == 2 and _shape_pairs(lin, lins, widths, by_shape):
+            # the name and the shape disagree, and a sibling pairs with it by its shape: unnamed, or named and agreeing
+            turned = named and named != by_shape and len(lin.f.body) == 2
+            partner = None
+            if turned and _shape_pairs(lin, lins, widths, by_shape):
+                partner = f"pairs by shape with an unnamed sibling as its {'row' if by_shape == 'column' else 'column'}"
+            elif turned and _named_partner(lin, lins, widths, by_shape):
+                partner = (f"{'widens' if by_shape == 'column' else 'narrows back'} exactly what its named sibling "
+                           f"{'narrows' if by_shape == 'column' else 'widens'}")
+            if partner is not None:
                 lin.role = by_shape
-                lin.doubt = (f"'{name}' reads as {named} but ({i} -> {o}) pairs by shape with an unnamed sibling "
-                             f"as its {'row' if by_shape == 'column' else 'column'}; going by the shape "
-                             "(pass model= to trace it)")
-                lin.why = (f"({i} -> {o}) widens the residual width {i}" if by_shape == "column"
-                           else f"({i} -> {o}) narrows back to the residual width {o}")
-                continue
-            if named and named != by_shape and len(lin.f.body) == 2 and _named_partner(lin, lins, widths, by_shape):
-                lin.role = by_shape
-                lin.doubt = (f"'{name}' reads as {named} but ({i} -> {o}) "
-                             f"{'widens' if by_shape == 'column' else 'narrows back'} exactly what its named sibling "
-                             f"{'narrows' if by_shape == 'column' else 'widens'}; going by the shape "
+                lin.doubt = (f"'{name}' reads as {named} but ({i} -> {o}) {partner}; going by the shape "
                              "(pass model= to trace it)")
                 lin.why = (f"({i} -> {o}) widens the residual width {i}" if by_shape == "column"
                            else f"({i} -> {o}) narrows back to the residual width {o}")
