@@ -156,8 +156,9 @@ def test_each_stage_splits_by_its_own_tables_heads(devices):
     assert not [c for c in dr.collectives if "bhq" in (c.op_name or "")], dr.collectives
 
 
-def _cut_heads_plan(heads, **kw):
-    m, x = WindowBlock(dim=48, heads=heads), (jax.ShapeDtypeStruct((16, N, 48), jnp.float32),)
+def _planned(m, **kw):
+    """``m``, its (16, N, 48) sample, its variables and their traced plan on MESH."""
+    x = (jax.ShapeDtypeStruct((16, N, 48), jnp.float32),)
     v = jax.eval_shape(m.init, jax.random.key(0), *x)
     return m, x, v, tpflax.plan(v, MESH, model=m, sample=x, batch=x, **kw)
 
@@ -168,7 +169,7 @@ def test_heads_that_do_not_divide_are_a_priced_candidate():
     # for them) compiles to half the flops. Now that split is a candidate of the pair, priced with the gathers XLA
     # compiles (cost/headcut.py), and step time decides: on the default tpu-v5e its collectives (the whole fused
     # output gathered, 2 all-reduces) cost more than the flops it saves at this width, so the pair stays whole
-    _, _, _, p = _cut_heads_plan(6)
+    _, _, _, p = _planned(WindowBlock(dim=48, heads=6))
     for leaf in ("qkv/kernel", "proj/kernel"):
         d = p.decisions[f"params/attn/{leaf}"]
         alts = {a.name: a for a in d.alternatives}
@@ -198,7 +199,7 @@ def test_cutting_heads_that_do_not_divide_prices_what_xla_compiles(devices, head
     # backward the output projection's input gradient to whole head groups (gcd(heads, 4) of them), and with 2
     # groups the pieces' gradients across them. Before, the estimate priced 2 gathers of the whole fused output
     # (6 heads: 1.12x the compiled gathers; 3 heads: 1.5x) and the plan kept the pair whole by rule
-    m, x, v, p = _cut_heads_plan(heads, hardware=SLOW)
+    m, x, v, p = _planned(WindowBlock(dim=48, heads=heads), hardware=SLOW)
     want = {"qkv/kernel": P(None, "model"), "qkv/bias": P("model"), "proj/kernel": P("model", None)}
     assert {k: p.decisions[f"params/attn/{k}"].spec for k in want} == want, p.decisions["params/attn/qkv/kernel"].reason
     dr, e = _compiled_and_estimated(m, p, x)
@@ -228,19 +229,13 @@ class SeparateAttention(nn.Module):
         return nn.Dense(c, name="o")(jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), v).reshape(b, N, c))
 
 
-def _separate_plan(heads, kv=0, **kw):
-    m, x = SeparateAttention(heads=heads, kv=kv), (jax.ShapeDtypeStruct((16, N, 48), jnp.float32),)
-    v = jax.eval_shape(m.init, jax.random.key(0), *x)
-    return m, x, v, tpflax.plan(v, MESH, model=m, sample=x, batch=x, **kw)
-
-
 def test_separate_projections_whose_heads_do_not_divide_are_a_priced_candidate():
     # Separate q, k and v reshaped into 6 heads on model=4 were kept whole by rule ("no column of the pair can be
     # split ... XLA sums a cut head's partial scores"), unpriced, although the split that cuts heads compiles to half
     # the flops (XLA gathers each output to whole head groups, gcd(6, 4) = 2 groups of 3 heads; no partial scores). It
     # is now the pair's candidate, priced with those gathers (cost/headcut.py split_head_gathers): 3 forward, 1 backward,
     # over the 2 ranks of a head group. On tpu-v5e at these 256 tokens its collectives cost more than it saves
-    _, _, _, p = _separate_plan(6)
+    _, _, _, p = _planned(SeparateAttention(heads=6))
     for leaf in ("q/kernel", "k/kernel", "v/kernel", "o/kernel"):
         d = p.decisions[f"params/{leaf}"]
         alts = {a.name: a for a in d.alternatives}
@@ -251,7 +246,7 @@ def test_separate_projections_whose_heads_do_not_divide_are_a_priced_candidate()
     assert cut.spec == P(None, "model")
     assert sum("gather" in c for c in cut.collectives) == 4, cut.collectives
     # a GQA whose key/value heads alone do not divide (12 query heads, 6 key/value on 4) keeps its own candidates
-    _, _, _, p = _separate_plan(12, kv=6)
+    _, _, _, p = _planned(SeparateAttention(heads=12, kv=6))
     alts = {a.name for a in p.decisions["params/q/kernel"].alternatives}
     assert alts == {"Megatron, K/V replicated", "Megatron, K/V head_dim split", "replicate"}, alts
 
@@ -260,7 +255,7 @@ def test_fewer_separate_heads_than_ranks_are_a_priced_candidate():
     # 2 heads of separate q, k and v on model=4 were kept whole by rule, unpriced. Cut, each head's head_dim spans 2
     # ranks and XLA sums a head slice's partial scores over them, forward and backward (no gathers); that split is
     # now the pair's candidate, priced with those sums: 128 local query rows x 16 keys x 4 B = 8 KiB each
-    _, _, _, p = _separate_plan(2)
+    _, _, _, p = _planned(SeparateAttention(heads=2))
     d = p.decisions["params/q/kernel"]
     alts = {a.name: a for a in d.alternatives}
     assert set(alts) == {"Megatron, heads cut", "replicate"}, d.reason
@@ -278,7 +273,7 @@ def test_cutting_separate_projections_heads_prices_what_xla_compiles(devices, he
     # the output projection's input gradient alike backward; 2 heads: each head's partial scores summed over its 2
     # ranks, forward and backward. Before, the plan kept them whole by rule, and the estimate of the hand layout
     # priced no gather (0.92x the compiled collectives with 6 heads, 0.77x with 3; 2 heads: 3.4x, see below)
-    m, x, v, p = _separate_plan(heads, hardware=SLOW)
+    m, x, v, p = _planned(SeparateAttention(heads=heads), hardware=SLOW)
     hand = tpflax.plan(v, MESH, batch=x, rules=SEPARATE_HAND)
     dr, e = _compiled_and_estimated(m, hand, x)
     got, est = dr.comm(), e.comm
