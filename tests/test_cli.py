@@ -414,3 +414,28 @@ def test_a_user_models_batch_takes_its_inputs_shape_as_a_zoo_models_does(userpkg
     assert main(["estimate", f"{userpkg}:make_linen", "--mesh", "data=2,model=4", "--batch", "16x32"]) == 2
     assert (f"--batch '16x32': {userpkg}:make_linen's inputs are 16x16 for a batch of 16; pass --batch 16x16 or "
             "just --batch 16") in capsys.readouterr().err
+
+
+def test_plan_takes_the_batch_and_hardware_its_layouts_are_priced_for(capsys):
+    # `tpflax plan` had neither: every plan was priced for 8,192 tokens on tpu-v5e, and its title's hint "pass
+    # batch=" named an argument the command line has no way to give
+    import jax
+
+    import tpflax
+    from tpflax._src.loading import load_model
+
+    assert main(["plan", "gpt2", "--mesh", "data=2,model=4"]) == 0
+    assert "priced for 8,192 tokens/step (the default: pass batch=, or --batch)" in capsys.readouterr().out
+    assert main(["plan", "gpt2", "--mesh", "data=2,model=4", "--batch", "2", "--hardware", "h100"]) == 0
+    out = capsys.readouterr().out
+    assert "priced for" not in out.splitlines()[1] and "step time on h100, 64 tokens per step" in out
+    assert main(["plan", "gpt2", "--mesh", "data=2,model=4", "--batch", "2", "--hardware", "h100", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["options"]["tokens"], data["options"]["tokens_from"], data["options"]["hardware"]) == (64, "batch",
+                                                                                                      "h100")
+    loaded = load_model("gpt2")  # as the library plans it for that batch
+    p = tpflax.plan(loaded.variables, "data=2,model=4", hardware="h100",
+                    batch=jax.eval_shape(lambda: loaded.model.make_batch(0, 2)))
+    assert data["decisions"] == json.loads(p.to_json())["decisions"]
+    assert main(["plan", "gpt2", "--mesh", "data=2,model=4", "--batch", "2x64"]) == 2
+    assert "gpt2 has seq_len 32; pass --batch 2x32 or just --batch 2" in capsys.readouterr().err

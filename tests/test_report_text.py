@@ -134,7 +134,7 @@ def test_the_title_says_when_the_plan_was_priced_for_the_default_batch(gpt2_smal
     # default batch, not the user's: on a 8 x 32 step a default-priced plan kept token tables whole that the
     # step's own batch splits (1.2-1.4x a hand layout's bytes on five probed LMs, review_s f09)
     title = " ".join(tpflax.report(gpt2_small, width=100).split("\npath")[0].split())  # the title, wrapped
-    assert "priced for 8,192 tokens/step (the default: pass batch=)" in title
+    assert "priced for 8,192 tokens/step (the default: pass batch=, or --batch)" in title
     again = tpflax.Plan.from_json(gpt2_small.to_json())
     assert "priced for 8,192 tokens/step" in tpflax.report(again, full=True).splitlines()[0]
     given = tpflax.plan(zoo.get("gpt2-small").abstract_variables(), "data=2,model=4", batch=(8, 32))

@@ -80,7 +80,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 f"{jax.devices()[0].platform} devices"
     if args.html:  # first: a path that cannot be written fails the command before anything is printed
         from tpflax._src.html.cli import write_cli_report
-        write_cli_report(args.html, p, loaded)
+        est = None
+        if args.batch:  # the page's step is the batch the plan is priced for
+            import optax
+
+            from tpflax._src.cost.estimate import estimate
+            est = estimate(p, optax.adamw(1e-3), estimate_inputs(args, loaded)[0], **model_kwargs(loaded),
+                           optimizer_name="adamw")
+        write_cli_report(args.html, p, loaded, est)
     if page_only:
         if args.why:
             report(p, why=args.why)
@@ -285,7 +292,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--why", default=None, metavar="PATH",
                    help="write every candidate layout the chooser priced, with its cost, to PATH; given a "
                    "leaf's path (as the table shows it), print that leaf's candidates after the report")
-    p.set_defaults(func=cmd_plan)
+    p.add_argument("--batch", default=None,
+                   help="global training batch the layouts are priced for, and the --html page's step: N, or "
+                   "NxSEQ / NxFEATURES (default: 8,192 tokens, 16x512; the page's step: batch 32, or a factory "
+                   "model's sample)")
+    p.add_argument("--hardware", default=None,
+                   help="preset the layouts are priced on: tpu-v4, tpu-v5e (default), tpu-v5p, tpu-v6e, a100, "
+                   "h100, h200")
+    p.set_defaults(func=cmd_plan, priced=True)
     e = sub.add_parser("estimate", help="memory per device and communication per training step (pure)",
                        epilog="example: tpflax estimate gpt2 --mesh data=2,model=4 --optimizer adamw --batch 32",
                        formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -177,7 +177,7 @@ def table_lines(plan: Plan, *, reasons: bool = True, full: bool = False, width: 
     if plan.options.get("tokens_from") == "default" and plan.options.get("tokens"):
         # the reasons' "N tokens per step" is the default, not the training batch: a tiny batch splits small
         # tables a default-priced plan keeps whole (and the other way round)
-        title += f"  priced for {plan.options['tokens']:,} tokens/step (the default: pass batch=)"
+        title += f"  priced for {plan.options['tokens']:,} tokens/step (the default: pass batch=, or --batch)"
     cols = [HEADER.index(h) for h in keep]
     rows = [[r[i] for i in cols] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(keep)]

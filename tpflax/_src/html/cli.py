@@ -1,9 +1,10 @@
 """``tpflax plan ... --html FILE``: the report with a default training-step estimate.
 
-``tpflax plan`` has no optimizer or batch flags, so the page prices one step
-the way ``tpflax estimate`` does by default: adamw, a global batch of 32 for a
-zoo model (rounded up to a multiple of the batch shards) or the model's own
-sample inputs. A bare variable tree has no batch: its page shows parameters only.
+``tpflax plan`` has no optimizer flag: the page prices one adamw step of the
+``--batch`` the plan is priced for, else the way ``tpflax estimate`` does by
+default: a global batch of 32 for a zoo model (rounded up to a multiple of the
+batch shards) or the model's own sample inputs. A bare variable tree without
+``--batch`` has no batch: its page shows parameters only.
 """
 
 from __future__ import annotations
