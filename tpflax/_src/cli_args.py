@@ -131,8 +131,10 @@ def plan_from_args(args: argparse.Namespace):
     if getattr(args, "trace", False):
         need_model(loaded, "--trace needs a model to trace")
         traced = {"model": loaded.model, "sample": loaded.sample}
-    if getattr(args, "priced", False):  # `tpflax plan --batch/--hardware`: what the chooser prices the layouts for
-        traced.update(hardware=args.hardware, batch=estimate_inputs(args, loaded)[0] if args.batch else None)
+    if getattr(args, "batch", None):  # every command's plan is priced for the batch it is given
+        traced["batch"] = estimate_inputs(args, loaded)[0]
+    if getattr(args, "priced", False):  # `tpflax plan --hardware`: what the chooser prices the layouts for
+        traced["hardware"] = args.hardware
     p = plan(loaded.variables, args.mesh, rules=[parse_rule(r) for r in args.rule],
              axis_roles=parse_roles(args.axis_role) or None, fsdp_min_bytes=args.fsdp_min_bytes,
              min_channels=args.min_channels, fused=getattr(args, "fused", "split"), **traced)
