@@ -12,8 +12,20 @@ The peak is what must fit in one device's memory for the step to run:
   report ``temp`` as 0 and only the simulated peak, and then
   ``temp = peak - (argument + output - alias)``.
 
-The fit verdict holds the peak against the device's HBM from the hardware
-presets (:mod:`tpflax._src.hardware`), split between the devices one chip exposes.
+  XLA:TPU's temp block is ``2 heap - L'`` (its HBM heap counted twice, less the
+  largest live set: ``benchmarks/tpu_aot_notes.md``), and every tuple-shaped
+  value's index table (32 to 512 bytes) sits alone in a 16 KiB slot of that heap
+  (:data:`TUPLE_SLOT`): the block counts ``2 x 16 KiB`` per tuple value that is
+  not tensor data. Where those slots are the larger part of the block (a tiny
+  program, whose arrays live on chip), that part, up to what the block adds
+  over the simulated peak, is reported apart as ``reserved`` and left out of
+  ``temp`` and ``peak``; ``peak + reserved`` is XLA's own figure, which the fit
+  verdict holds against the HBM. A program whose block is mostly data (every
+  step of more than a few MiB) reports ``reserved = 0``: its numbers are XLA's.
+
+The fit verdict holds the peak (plus ``reserved``) against the device's HBM from
+the hardware presets (:mod:`tpflax._src.hardware`), split between the devices one
+chip exposes.
 """
 
 from __future__ import annotations
@@ -26,9 +38,18 @@ from typing import Any
 
 from tpflax._src.errors import CompileError
 from tpflax._src.hlo import dot_flop_counts
+from tpflax._src.hlo.text import _attr, _scan
 from tpflax._src.specs import entry_axes, fmt_bytes
 
-MEMORY_KEYS = ("argument", "output", "temp", "alias", "generated_code", "peak")
+MEMORY_KEYS = ("argument", "output", "temp", "alias", "generated_code", "peak", "reserved")
+# the fields read off XLA's memory analysis (``peak`` and ``reserved`` are worked out from them)
+_XLA_KEYS = ("argument", "output", "temp", "alias", "generated_code")
+# XLA:TPU's HBM temp heap gives each tuple-shaped value's index table (512 bytes on v5e and v4, 32 on v5p) a
+# 16 KiB-aligned slot of its own; buffer dumps of v5e:2x4, v4:2x2x1 and v5p:2x2x2 steps from 2 to 800 MiB:
+# tpu_aot_notes.md, "Fifty-eighth round"
+TUPLE_SLOT = 16 << 10
+# a tuple's opening bracket in an HLO shape; a layout's ``T(8,128)(2,1)`` and ``S(1)`` follow a letter or a bracket
+_TUPLE_OPEN = re.compile(r"(?<![\w)])\(")
 
 
 @dataclass(frozen=True)
@@ -39,46 +60,55 @@ class Fit:
         peak: bytes the step needs per device (``DryRun.memory["peak"]``).
         device_memory: bytes of HBM per device.
         hardware: the preset the memory comes from (``"tpu-v5e"``).
+        reserved: XLA:TPU's temp slots of tuple index tables beside the peak
+            (``DryRun.memory["reserved"]``): held against the HBM with it.
     """
 
     peak: int
     device_memory: int
     hardware: str
+    reserved: int = 0
 
     @property
     def fits(self) -> bool:
-        return self.peak <= self.device_memory
+        return self.peak + self.reserved <= self.device_memory
 
     @property
     def headroom(self) -> int:
         """Free bytes per device at the peak (negative: how much too much)."""
-        return self.device_memory - self.peak
+        return self.device_memory - self.peak - self.reserved
 
     def line(self) -> str:
         """One sentence for reports.
 
         >>> Fit(3 << 30, 16 << 30, "tpu-v5e").line()
         'fits: peak 3.0 GiB of 16.0 GiB tpu-v5e HBM per device (81% free)'
+        >>> Fit(4 << 20, 16 << 30, "tpu-v5e", 2 << 20).line()
+        'fits: peak 4.0 MiB + 2.0 MiB reserved of 16.0 GiB tpu-v5e HBM per device (100% free)'
         """
-        share = f"{fmt_bytes(self.peak)} of {fmt_bytes(self.device_memory)} {self.hardware} HBM per device"
+        held = fmt_bytes(self.peak) + (f" + {fmt_bytes(self.reserved)} reserved" if self.reserved else "")
+        share = f"{held} of {fmt_bytes(self.device_memory)} {self.hardware} HBM per device"
         if self.fits:
             return f"fits: peak {share} ({100 * self.headroom / self.device_memory:.0f}% free)"
         return f"DOES NOT FIT: peak {share}, {fmt_bytes(-self.headroom)} over"
 
     def to_dict(self) -> dict:
-        return {"fits": self.fits, "peak": self.peak, "device_memory": self.device_memory,
+        return {"fits": self.fits, "peak": self.peak, "reserved": self.reserved, "device_memory": self.device_memory,
                 "hardware": self.hardware, "headroom": self.headroom}
 
 
 def fit_verdict(memory: Mapping[str, int | None], devices: Any) -> Fit | None:
-    """The peak against the HBM of ``devices`` (a TPU preset's), or None off TPU or without a peak."""
+    """The peak against the HBM of ``devices`` (a TPU preset's), or None off TPU or without a peak.
+
+    The peak is held against the HBM with ``reserved`` (XLA:TPU's temp slots of tuple index tables) beside it:
+    the whole block XLA:TPU's out-of-memory check counts."""
     from tpflax._src.tpu import hbm_per_device
 
     hbm = hbm_per_device(devices)
     peak = memory.get("peak")
     if hbm is None or peak is None:
         return None
-    return Fit(int(peak), *hbm)
+    return Fit(int(peak), *hbm, reserved=int(memory.get("reserved") or 0))
 
 
 _OOM = re.compile(r"Ran out of memory on HBM.*?required for HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds "
@@ -102,8 +132,11 @@ def tpu_out_of_memory(error: Exception) -> tuple[int, int] | None:
     return int(float(m.group(1)) * scale[m.group(2)]), int(float(m.group(3)) * scale[m.group(4)])
 
 
-def read_memory(compiled: Any, platform: str, warnings: list[str]) -> dict[str, int | None]:
-    """``{argument, output, temp, alias, generated_code, peak}`` bytes per device (None: not reported)."""
+def read_memory(compiled: Any, platform: str, warnings: list[str], hlo_text: str = "") -> dict[str, int | None]:
+    """``{argument, output, temp, alias, generated_code, peak, reserved}`` bytes per device (None: not reported).
+
+    ``hlo_text`` (``compiled.as_text()``) gives XLA:TPU's tuple values, whose index-table slots its temp
+    block counts (:func:`tuple_values`); without it nothing is reported apart (``reserved`` 0)."""
     try:
         ma = compiled.memory_analysis()
     except Exception as e:  # noqa: BLE001 - some backends do not implement it
@@ -111,7 +144,7 @@ def read_memory(compiled: Any, platform: str, warnings: list[str]) -> dict[str, 
         ma = None
     out: dict[str, int | None] = {}
     missing = []
-    for k in MEMORY_KEYS[:-1]:
+    for k in _XLA_KEYS:
         v = getattr(ma, f"{k}_size_in_bytes", None) if ma is not None else None
         zero_means_unknown = k in ("argument", "output", "generated_code") or (k == "temp" and platform == "tpu")
         if v is None or v < 0 or (v == 0 and zero_means_unknown):
@@ -122,21 +155,51 @@ def read_memory(compiled: Any, platform: str, warnings: list[str]) -> dict[str, 
             out[k] = int(v)
     if missing and missing != ["generated_code"]:  # XLA:CPU never reports generated code size
         warnings.append("XLA reported zero or -1 for " + ", ".join(missing) + " bytes; those are not compared")
-    out["peak"] = _peak(ma, out, platform, warnings)
+    slots = 2 * TUPLE_SLOT * tuple_values(hlo_text) if platform == "tpu" and hlo_text else 0
+    out["peak"], out["reserved"] = _peak(ma, out, platform, warnings, slots)
     return out
 
 
-def _peak(ma: Any, out: dict[str, int | None], platform: str, warnings: list[str]) -> int | None:
+def _peak(ma: Any, out: dict[str, int | None], platform: str, warnings: list[str],
+          slots: int = 0) -> tuple[int | None, int | None]:
+    """``(peak, reserved)``; on XLA:TPU ``temp`` is rewritten to the temporaries the peak holds (module docstring)."""
     live = None
     if out.get("argument") is not None and out.get("output") is not None:
         live = out["argument"] + out["output"] - int(out.get("alias") or 0)
     reported = int(getattr(ma, "peak_memory_in_bytes", 0) or 0) if ma is not None and platform == "tpu" else 0
+    reserved = 0 if platform == "tpu" else None
     if reported and out.get("temp") is None and live is not None:
         out["temp"] = max(reported - live, 0)
         warnings.append("XLA:TPU reported no temp bytes: temp = peak - (argument + output - alias)")
     if live is None or out.get("temp") is None:
-        return reported or None
-    return max(live + out["temp"], reported)
+        return (reported or None), reserved
+    temp = int(out["temp"])
+    if platform == "tpu" and slots and 2 * slots >= temp:  # the slots are the larger part of the temp block
+        reserved = min(slots, temp, max(live + temp - reported, 0))
+        if reserved:
+            out["temp"] = temp - reserved
+            warnings.append(f"XLA:TPU's temp block ({fmt_bytes(temp)}) counts its HBM heap's slots of tuple index "
+                            f"tables (16 KiB each, twice: {fmt_bytes(slots)}), not tensor data: "
+                            f"{fmt_bytes(reserved)} of it is reported apart as 'reserved' and left out of temp and "
+                            "the peak (the fit counts it)")
+    return max(live + int(out["temp"]), reported), reserved
+
+
+def tuple_values(hlo_text: str) -> int:
+    """How many tuple-shaped values a compiled module's buffers hold: the tuples (a nested one counts apart) in
+    the shapes of instructions outside fusion bodies, less parameters, ``get-tuple-element`` (views of another's)
+    and the entry's root (the outputs' table, allocated with them). XLA:TPU keeps each one's index table in a
+    16 KiB slot of its HBM temp heap (:data:`TUPLE_SLOT`)."""
+    instrs, entries, _ = _scan(hlo_text)
+    fused = {c for ins in instrs if ins.opcode == "fusion"
+             for c in re.findall(r"%?([\w.\-]+)", _attr(ins.attrs, "calls") or "")}
+    roots: dict[str, str] = {}
+    for ins in instrs:  # a scheduled module lists each computation's root last
+        roots[ins.computation] = ins.name
+    return sum(len(_TUPLE_OPEN.findall(ins.shape)) for ins in instrs
+               if ins.shape.startswith("(") and ins.computation not in fused
+               and ins.opcode not in ("parameter", "get-tuple-element")
+               and not (entries.get(ins.computation) and roots[ins.computation] == ins.name))
 
 
 def read_flops(compiled: Any, warnings: list[str], hlo_text: str = "") -> float | None:

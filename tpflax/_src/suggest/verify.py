@@ -147,7 +147,7 @@ def verify_suggestion(s: Suggestion, top: int = 2) -> tuple[Verification, ...]:
             out.append(Verification(c.mesh, est, None, fits_est, None, None, dr.compile_seconds,
                                     note="XLA reported no memory analysis", target=where))
             continue
-        fits_xla = peak <= c.device_memory
+        fits_xla = peak + (dr.memory.get("reserved") or 0) <= c.device_memory  # as DryRun.fit: XLA:TPU's figure
         out.append(Verification(c.mesh, est, int(peak), fits_est, fits_xla, fits_xla == fits_est,
                                 dr.compile_seconds, target=where))
     return tuple(out)
