@@ -1,14 +1,16 @@
 """What XLA:TPU reports as a tiny step's memory when a token table is split on its features (no TPU used).
 
 Run: python benchmarks/tpu_tiny_temp.py          (needs libtpu; about 2 minutes)
+     python benchmarks/tpu_tiny_temp.py --target tpu-v5p:2x2x2    (the LM on another topology)
      python benchmarks/tpu_tiny_temp.py --hf     (also the three third-party encoders; about 8 more minutes)
 
 For each program, the table kept whole over model (split over fsdp/data as planned) and split on its features
 over model, the rest of the plan as ``tpflax.plan`` chose it, the adamw step compiled for ``tpu-v5e:2x4``. Printed
 per plan: XLA:TPU's own ``temp_size_in_bytes`` and ``peak_memory_in_bytes`` (its heap simulation), tpflax's peak
-(``dry_run``: the larger of argument + output - alias + temp and that simulated peak, ``tpflax._src.compiled``)
-and the compiled collective bytes. What it showed: ``benchmarks/tpu_aot_notes.md`` (round 57, the feature-split
-table's "temp blow-up").
+and reserved bytes (``dry_run``, ``tpflax._src.compiled``: the larger of argument + output - alias + temp and that
+simulated peak, with the temp block's 16 KiB slots of tuple index tables set apart as ``reserved`` where they are
+its larger part) and the compiled collective bytes. What it showed: ``benchmarks/tpu_aot_notes.md`` (round 57, the
+feature-split table's "temp blow-up"; round 58, the slots set apart).
 """
 
 from __future__ import annotations
@@ -34,10 +36,10 @@ _RAW: dict[str, int] = {}
 _read_memory = compiled_mod.read_memory
 
 
-def _recording(compiled, platform, warnings):
+def _recording(compiled, platform, warnings, *hlo_text):
     ma = compiled.memory_analysis()
     _RAW.update(temp=int(ma.temp_size_in_bytes), peak=int(ma.peak_memory_in_bytes))
-    return _read_memory(compiled, platform, warnings)
+    return _read_memory(compiled, platform, warnings, *hlo_text)
 
 
 compiled_mod.read_memory = _recording
@@ -66,7 +68,7 @@ def _measure(fn, plan, mesh, sample, **kw) -> str:
     _RAW.clear()
     dr = tpflax.dry_run(tpflax.make_train_step(fn, plan, mesh, optax.adamw(1e-3), sample=sample, **kw), plan, mesh)
     return (f"xla temp {_RAW['temp']:>10,} xla peak {_RAW['peak']:>10,} tpflax peak {dr.memory['peak']:>10,} "
-            f"comm {dr.comm_total:>10,.0f}")
+            f"reserved {dr.memory['reserved']:>10,} comm {dr.comm_total:>10,.0f}")
 
 
 def _with(plan, params, mesh_shape, table, spec):
@@ -80,9 +82,9 @@ CONFIGS = [(1, 128, 8, 32), (2, 128, 8, 32), (3, 128, 8, 32), (2, 128, 8, 64), (
            (2, 256, 8, 32), (2, 512, 8, 32)]
 
 
-def lm_rows() -> None:
+def lm_rows(target: str = "tpu-v5e:2x4") -> None:
     ms = {"fsdp": 2, "model": 4}
-    mesh = tpflax.make_mesh(ms, target="tpu-v5e:2x4")
+    mesh = tpflax.make_mesh(ms, target=target)
     table = "params/embed/embedding"
     for layers, width, b, s in CONFIGS:
         ids = (jax.ShapeDtypeStruct((b, s), jnp.int32),)
@@ -91,7 +93,7 @@ def lm_rows() -> None:
         chosen = tpflax.plan(v, ms, batch=ids)
         for spec in (P(None, "fsdp"), P(None, "model")):
             p = _with(chosen, v, ms, table, spec)
-            print(f"LM layers={layers} width={width} batch={b}x{s} chosen {chosen.decisions[table].spec} | table "
+            print(f"{target} LM layers={layers} width={width} batch={b}x{s} chosen {chosen.decisions[table].spec} | table "
                   f"{str(spec):18s} {_measure(m, p, mesh, ids, variables=v)}", flush=True)
 
 
@@ -121,7 +123,8 @@ def hf_rows() -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hf", action="store_true", help="also the three third-party encoders (transformers)")
+    ap.add_argument("--target", default="tpu-v5e:2x4", help="the LM's topology (tpu-v4:2x2x1, tpu-v5p:2x2x2, ...)")
     args = ap.parse_args()
-    lm_rows()
+    lm_rows(args.target)
     if args.hf:
         hf_rows()
