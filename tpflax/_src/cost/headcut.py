@@ -111,3 +111,48 @@ def cut_head_scores(heads: int | None, n: int, keys: int) -> tuple[tuple[int, in
         return None
     return ((keys, n // heads, "sum a head slice's partial scores (forward)"),
             (keys, n // heads, "sum a head slice's partial probability gradients (backward)"))
+
+
+def repeated_kv_groups(heads: int | None, query_heads: int | None, n: int) -> int | None:
+    """The head groups XLA lays a GQA's key/value out in when its ``heads`` (``K``) are expanded to the query's
+    ``query_heads`` by ``jnp.repeat`` and the query is split over ``n`` tensor ranks dividing its heads, while ``K``
+    and ``n`` neither divide the other (12 query heads, 6 or 3 key/value heads on model=4): ``gcd(K, n)`` groups of
+    ``K / g`` heads, each over the ``n / g`` ranks whose query heads read them. None: not this case (``K`` dividing
+    ``n`` or divided by it is :mod:`tpflax._src.cost.pieces`' and :mod:`tpflax._src.cost.kvsplit`'s).
+
+    >>> repeated_kv_groups(6, 12, 4), repeated_kv_groups(3, 12, 4), repeated_kv_groups(2, 8, 4)
+    (2, 1, None)
+    """
+    if (n <= 1 or not heads or not query_heads or query_heads % n or query_heads % heads
+            or not (heads % n and n % heads)):
+        return None
+    return math.gcd(heads, n)
+
+
+def repeated_kv_gathers(width: float, query: float, groups: int, n: int,
+                        split: bool) -> tuple[tuple[float, int, str], ...]:
+    """``((result size, ranks, why), ...)``: the all-gathers XLA:CPU compiles for one key or value projection of
+    :func:`repeated_kv_groups` ``groups`` over ``n`` ranks, its output ``width`` and the query's (the repeated
+    key/value's) ``query`` in any unit per local row. Read off the HLO (data=2,model=4; 12 query heads of 4 over 6
+    and 3 key/value heads, a bare attention and a pre-norm block):
+
+    * backward, kept whole or split: the repeated key/value's gradient, split with the query heads, gathered to
+      whole head groups (``query / g`` over the ``n / g`` ranks of a group) before the sum over the repeats
+      (``f32[8,16,6,4]`` over 2 ranks with 6 key/value heads, ``f32[8,16,12,4]`` over 4 with 3);
+    * ``split`` (the kernel split on its output, 6 or 3 features a rank: no whole head on any): forward, its output
+      gathered to whole head groups (``width / g`` over ``n / g``) before the repeat; its partial input gradients
+      are summed, as any split column's.
+
+    Kept whole with ``g > 1``, the key/value's gradient comes out in its ``g`` groups: its output gradient is gathered
+    over them where its input needs a gradient, and its update runs split in ``g`` and is gathered
+    (:func:`tpflax._src.cost.pieces.member_items`, :func:`tpflax._src.cost.pieces.update_pieces`).
+
+    >>> [(w, r) for w, r, _ in repeated_kv_gathers(24, 48, 2, 4, split=True)]
+    [(12.0, 2), (24.0, 2)]
+    >>> [(w, r) for w, r, _ in repeated_kv_gathers(12, 48, 1, 4, split=False)]
+    [(48.0, 4)]
+    """
+    out = [(query / groups, n // groups, "backward: the repeated key/value's gradient, to whole head groups")]
+    if split:
+        out.insert(0, (width / groups, n // groups, "forward: the key/value output, to whole head groups"))
+    return tuple(out)

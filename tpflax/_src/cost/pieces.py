@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from tpflax._src.cost.headcut import repeated_kv_gathers
 from tpflax._src.cost.records import CommItem
 
 
@@ -30,6 +31,9 @@ class WholeRead:
     out: float = 0.0  # with pieces: the column's output bytes on one device
     share: float = 1.0  # of an alike class of kernels, the share this read is of (a gated pair's second kernel)
     redo: bool = False  # a forward collective a remat recompute runs again (:func:`tpflax._src.cost.disagree.kernel_reads`)
+    # a GQA key/value expanded by ``jnp.repeat`` to query heads its pieces do not follow
+    # (:func:`tpflax._src.cost.headcut.repeated_kv_groups`): the repeated output's bytes on one device
+    repeat: float = 0.0
 
     @property
     def how(self) -> str:
@@ -112,9 +116,14 @@ def member_items(r: WholeRead, what: str, n: int, count: int, source: str, moved
     """
     k = r.pieces or n
     moved = r.size if r.pieces else moved  # a stacked (2, K, d, head_dim) output's batch is not its first dim
-    items = [] if k == 1 else [CommItem(r.kind, r.axes, moved, k, count, source, f"replicated {what} in a split "
-                                        f"pair{f' (XLA splits its output in {k})' if k < n else ''}: {r.how}")]
-    if k < n:
+    items = [] if k == 1 or not moved else [CommItem(r.kind, r.axes, moved, k, count, source, f"replicated {what} in "
+                                                     f"a split pair{f' (XLA splits its output in {k})' if k < n else ''}"
+                                                     f": {r.how}")]
+    if r.repeat:  # the query heads a rank holds straddle its groups: their gradient gathered, not summed
+        items += [CommItem("all-gather", r.axes, size, ranks, count, source, f"replicated {what}, repeated to the "
+                           f"query heads, in {k} head group(s): gather, {why}")
+                  for size, ranks, why in repeated_kv_gathers(r.out, r.repeat, k, n, split=False)]
+    elif k < n:
         items.append(CommItem("all-reduce", r.axes, r.out / k, n // k, count, source, f"replicated {what} in a split "
                               f"pair, its output in {k} piece(s) read split by {n // k} ranks each: sum each "
                               "piece's output gradient over them (backward)"))

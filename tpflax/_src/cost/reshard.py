@@ -19,9 +19,15 @@ nothing here reads a name.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from typing import Any
 
-from tpflax._src.cost.headcut import head_cut_gathers, split_head_gathers
+from tpflax._src.cost.headcut import (
+    head_cut_gathers,
+    repeated_kv_gathers,
+    repeated_kv_groups,
+    split_head_gathers,
+)
 from tpflax._src.cost.kvsplit import cut_in_pieces, kv_splits
 from tpflax._src.cost.records import CommItem
 from tpflax._src.cost.scope import Scope, body, layers
@@ -335,6 +341,62 @@ def split_head_items(s: Scope) -> list[CommItem]:
         elif h and 1 < h < n and not n % h:
             items += _cut_head_scores(s, r, raxes, n, h, cols)
     return items
+
+
+def repeated_kv_items(s: Scope) -> list[CommItem]:
+    """The gathers of a GQA's key/value projections expanded by ``jnp.repeat`` to query heads split over tensor ranks
+    that the key/value heads neither divide nor are divided by (12 query heads, 6 or 3 key/value heads on model=4;
+    :func:`repeated_kv`), their 2-D kernels split on their output over those ranks: each output gathered to whole
+    head groups forward, the repeated gradient backward (:func:`tpflax._src.cost.headcut.repeated_kv_gathers`, read
+    off XLA:CPU's HLO); the partial input gradients are summed as any split column's. The same key/value kept whole
+    prices its repeated gradient with its other collectives (:func:`tpflax._src.cost.pieces.member_items`)."""
+    items: list[CommItem] = []
+    dec, specs = s.lv.decisions, s.lv.specs
+    for pc in s.lv.pairs:
+        for c in pc.columns:
+            axes = s.axes(c, TENSOR)
+            b, spec = body(dec[c]), specs[c]
+            if (not axes or len(b) != 2 or cut_in_pieces(s, c) or set(entry_axes(spec[-2])) & set(axes)
+                    or (rep := repeated_kv(s, pc, c, axes)) is None):
+                continue
+            n, (g, repeats) = s.size(axes), rep
+            out = s.rows_of(c) * s.act_item * b[1]
+            count = layers(dec[c]) * s.lv.count[c]
+            label = s.lv.label[c]
+            items += [CommItem("all-gather", axes, size, ranks, count, label,
+                               f"{label}, repeated to {repeats}x its heads over {n} shards, its heads in {g} group(s): "
+                               f"gather, {why}")
+                      for size, ranks, why in repeated_kv_gathers(out, out * repeats, g, n, split=True)]
+    return items
+
+
+def repeated_kv(s: Any, pc: Any, col: str, axes: tuple[str, ...]) -> tuple[int, int] | None:
+    """``(groups, repeats)`` of ``col``, a whole column of attention pair ``pc`` whose traced heads ``K`` (the limit
+    of its edges into the row's split dims) neither divide the ``n`` ranks of ``axes`` nor are divided by them, beside
+    a query column split over ``axes`` whose heads (its edges' limit) ``n`` and ``K`` divide: a key/value expanded
+    by ``jnp.repeat`` to the query heads (:func:`tpflax._src.cost.headcut.repeated_kv_groups`); None otherwise
+    (``jax.nn.dot_product_attention`` reshapes the query into ``(K, groups)``, which caps its limit at ``K``)."""
+    n, kv = s.size(axes), edge_limit(s, col, pc.rows, axes)
+    for q in pc.columns:
+        if q != col and set(s.axes(q, TENSOR)) == set(axes):
+            heads = edge_limit(s, q, pc.rows, axes)
+            if heads and kv and (g := repeated_kv_groups(kv, heads, n)) is not None:
+                return g, heads // kv
+    return None
+
+
+def edge_limit(s: Any, col: str, rows: Collection[str], axes: tuple[str, ...]) -> int | None:
+    """The least limit (:attr:`tpflax._src.cost.traced.Traced.limits`) of the traced edges from ``col`` to a dim of
+    ``rows`` split over ``axes``; None untraced or without one."""
+
+    def split(row: str, dim: int) -> bool:
+        spec = s.lv.specs.get(row, ())
+        return dim < len(spec) and bool(set(entry_axes(spec[dim])) & set(axes))
+
+    limits = [lim for (a, _, b, bd), lim in (s.limits or {}).items()
+              if s.lv.rep(a) == col and s.lv.rep(b) in rows and split(s.lv.rep(b), bd)]
+    return min(limits) if limits else None
+
 
 
 def _cut_head_scores(s: Scope, r: str, raxes: tuple[str, ...], n: int, h: int, cols: list[str]) -> list[CommItem]:

@@ -39,7 +39,7 @@ from tpflax._src.cost.disagree import (
 from tpflax._src.cost.pieces import WholeRead, column_read, narrower, pieces_of
 from tpflax._src.cost.price import gathered_bytes
 from tpflax._src.cost.records import CommItem
-from tpflax._src.cost.reshard import piece_permutes
+from tpflax._src.cost.reshard import edge_limit, piece_permutes, repeated_kv
 from tpflax._src.cost.scope import body, leaf_itemsize
 from tpflax._src.facts.tree import narrower as narrower_cast
 from tpflax._src.mesh import TENSOR
@@ -299,9 +299,16 @@ def whole_members(s: Any) -> dict[str, WholeRead]:
         axes = tuple(dict.fromkeys(a for p in pc.columns + pc.rows for a in s.axes(p, TENSOR)))
         for m in (pc.columns + pc.rows) if axes else ():
             d, width = s.lv.decisions[m], (s.widths or {}).get(m)
-            if s.axes(m, TENSOR) or (m in pc.columns and width == 0):
+            if s.axes(m, TENSOR):
+                continue
+            cast = (s.cast_to or {}).get(m, d.dtype) != d.dtype
+            # a GQA key/value repeated to query heads its groups do not follow: its repeated gradient is gathered,
+            # and its update run in its groups, even where its input (the model's) needs no gradient
+            rep = repeated_kv(s, pc, m, axes) if m in pc.columns and (s.backend == "cpu" or cast) else None
+            if m in pc.columns and width == 0 and rep is None:
                 continue
             in_b, out_b = _act_bytes(s, m, d, width or body(d)[0])
+            in_b = in_b if width != 0 else 0.0
             if m in pc.rows:
                 out[m] = narrower(m, axes, out_b, in_b, "forward")
                 continue
@@ -311,9 +318,11 @@ def whole_members(s: Any) -> dict[str, WholeRead]:
             # tests/test_cast_kernels.py)
             # the matmul reads a copy XLA splits in the pieces: a loop's or a remat'd call's, unless tpflax's fsdp
             # step gathers the kernel whole for it; a dtype cast's, made after that gather
-            cast = (s.cast_to or {}).get(m, d.dtype) != d.dtype
             k = output_pieces(s, m, pc.rows, axes) if s.backend == "cpu" or cast else None
             copy = (s.remat or d.layers_dim is not None) and not _pinned(s, m) or cast
+            if rep is not None:
+                out[m] = replace(column_read(m, axes, in_b, out_b, rep[0], copy), repeat=out_b * rep[1])
+                continue
             out[m] = column_read(m, axes, in_b, out_b, k, copy)
     return out
 
@@ -331,17 +340,8 @@ def output_pieces(s: Any, col: str, rows: Collection[str], axes: tuple[str, ...]
     the ``n`` ranks of ``axes``, ``n`` if that is a multiple of ``n`` (a gate's expansion), the limit if it
     divides ``n`` (a GQA key/value's heads; 1 for MQA: whole, its output gradient summed over every rank).
     None untraced or where neither divides the other."""
-    n = s.size(axes)
-
-    def split(row: str, dim: int) -> bool:
-        spec = s.lv.specs.get(row, ())
-        return dim < len(spec) and bool(set(entry_axes(spec[dim])) & set(axes))
-
-    limits = [lim for (a, _, b, bd), lim in (s.limits or {}).items()
-              if s.lv.rep(a) == col and s.lv.rep(b) in rows and split(s.lv.rep(b), bd)]
-    if not limits:
-        return None
-    return pieces_of(min(limits), n)
+    limit = edge_limit(s, col, rows, axes)
+    return None if limit is None else pieces_of(limit, s.size(axes))
 
 
 def replicated_items(s: Any) -> list[CommItem]:

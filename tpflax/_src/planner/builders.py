@@ -14,7 +14,13 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
-from tpflax._src.cost.headcut import cut_head_scores, head_cut_gathers, split_head_gathers
+from tpflax._src.cost.headcut import (
+    cut_head_scores,
+    head_cut_gathers,
+    repeated_kv_gathers,
+    repeated_kv_groups,
+    split_head_gathers,
+)
 from tpflax._src.cost.kvsplit import KVSplit, kv_split_comms
 from tpflax._src.cost.pieces import column_read, member_items, pieces_of, update_pieces
 from tpflax._src.cost.price import DEFAULT_TOKENS, OPT_COPIES, ActComm, Context
@@ -470,12 +476,27 @@ def _megatron(st: State, cols: list[Linear], row: Linear, pair: Pair, unit: str,
     acts = [ActComm("all-reduce", t_entry, row.out_size, 1, "row: sum partial outputs (forward)"), *_joined(row, t_entry, t_size)]
     pieces: list[tuple[str, int]] = []
     rotated = _rotated([c for c in cols if blocked[id(c)]])
+    # traced: the query heads a GQA's key/value may be repeated to (cost/headcut.py repeated_kv_groups)
+    query_heads = next((c.limit for c in cols if not blocked[id(c)] and c.limit), None)
     for col in cols:
         why = blocked[id(col)]
         if why and kv_split:
             last = len(col.f.body) - 1
             if col.f.body[last] % t_size:
                 return None
+            if (rep := _repeated(col, query_heads, t_size)) is not None:
+                props.append((col.f.path, st.proposal(
+                    col.f, body_spec(len(col.f.body), last, t_entry), "column",
+                    f"column of pair {pair.id}: {why}, so its output features ({col.f.body[last]}) are split over "
+                    f"{axis_label(t_entry, t_size)} instead, gathered to whole head groups; feeds "
+                    f"{short(row.f.path)}", pair.id, "column")))
+                g, repeats = rep
+                w = out_width(col)
+                acts += [ActComm("all-reduce", t_entry, col.in_size, 1, "column: sum partial input gradients (backward)"),
+                         *(ActComm("all-gather", t_entry, size, 1, f"{short(col.f.path)}, repeated to the query heads "
+                                   f"in {g} head group(s): gather, {gwhy}", ranks=ranks if ranks != t_size else 0)
+                           for size, ranks, gwhy in repeated_kv_gathers(w, w * repeats, g, t_size, split=True))]
+                continue
             whole = whole_heads_likely(col, t_size)  # an untraced 2-D kernel wide enough for whole heads per rank
             over = axis_label(t_entry, t_size)
             what = (f"split on its output features ({col.f.body[last]}) over {over} instead: {HEAD_DIM_GUESS}-wide "
@@ -494,7 +515,7 @@ def _megatron(st: State, cols: list[Linear], row: Linear, pair: Pair, unit: str,
         elif why:
             props.append((col.f.path, st.whole(col.f, f"column of pair {pair.id}: {why}, kept whole on every "
                                                       f"tensor rank; feeds {short(row.f.path)}", pair.id, "column")))
-            whole_acts, k = whole_column(col, t_entry, t_size)
+            whole_acts, k = whole_column(col, t_entry, t_size, query_heads)
             acts += whole_acts
             if k is not None:
                 pieces.append((col.f.path, k))
@@ -528,7 +549,19 @@ def _joined(row: Linear, t_entry: Entry, t_size: int) -> list[ActComm]:
                     "row: cut its input gradient back into the concatenated inputs' shards (backward)")]
 
 
-def whole_column(col: Linear, t_entry: Entry, t_size: int) -> tuple[list[ActComm], int | None]:
+def _repeated(col: Linear, query_heads: int | None, t_size: int) -> tuple[int, int] | None:
+    """``(groups, repeats)`` of a traced 2-D key/value column whose heads (``limit``) a ``jnp.repeat`` expands to
+    ``query_heads`` that ``t_size`` divides, while its own neither divide ``t_size`` nor are divided by it
+    (:func:`tpflax._src.cost.headcut.repeated_kv_groups`, as the estimate's :func:`tpflax._src.cost.reshard.repeated_kv`
+    reads the trace); None otherwise."""
+    if len(col.f.body) != 2 or col.heads is not None or not col.limit or col.rope is None:
+        return None
+    g = repeated_kv_groups(col.limit, query_heads, t_size)
+    return None if g is None else (g, query_heads // col.limit)
+
+
+def whole_column(col: Linear, t_entry: Entry, t_size: int,
+                 query_heads: int | None = None) -> tuple[list[ActComm], int | None]:
     """A column kept whole in a split pair (a GQA key/value with fewer heads than ``t_size``) priced as the
     estimate prices it (:mod:`tpflax._src.cost.pieces`): traced, its output in the pieces its heads give
     (``K`` dividing ``t_size``), each piece's output gradient summed over the ranks sharing it, its input
@@ -546,6 +579,9 @@ def whole_column(col: Linear, t_entry: Entry, t_size: int) -> tuple[list[ActComm
     k = (pieces_of(col.limit or col.f.body[col.shard_dim("column")], t_size)
          if col.rope is not None or col.heads is not None else None)
     r = column_read(col.f.path, (), col.in_size, out_width(col), k, col.loop or stacked)
+    if (rep := _repeated(col, query_heads, t_size)) is not None:  # repeated to query heads its groups do not follow
+        r = replace(column_read(col.f.path, (), col.in_size, out_width(col), rep[0], col.loop or stacked),
+                    repeat=out_width(col) * rep[1])
     acts = [ActComm(i.kind, t_entry, i.size, i.count, i.why, ranks=i.group_size)
             for i in member_items(r, f"key/value column {short(col.f.path)}", t_size, 1, col.f.path, r.size)]
     split = update_pieces(r, t_size) if col.f.leaf.trainable else None
