@@ -379,6 +379,32 @@ def test_an_unrolled_key_value_kept_whole_is_priced_in_its_heads_pieces_as_the_e
     assert (chooser[grad], chooser[update], chooser[piece]) == (32 * est[grad], est[update], 32 * est[piece])
 
 
+def test_a_whole_key_value_beside_fsdp_is_priced_with_its_gradient_gathered_once_as_the_estimate_prices_it():
+    """On a mesh with an fsdp axis tpflax's step pins every gradient to its parameter's layout: a key/value kept whole
+    beside split query heads (2 heads on model=4) has its gradient, in its 2 pieces, gathered once and its update run
+    as stored (the estimate's rule, exact on XLA:CPU fsdp=2,model=4: one ``f32[128,32]`` gather over 2 ranks per
+    key/value kernel in review_u's m18 Llama with f32 masters). The chooser priced the parameter and its 2 moments
+    gathered after a split update, 2 x 8 KiB too much per kernel: on m18 it took the K/V head_dim split, 0.973 /
+    1.030 / 0.970 of the hand layout (bytes / collectives / flops, compiled), where keeping them whole is the hand
+    layout (1.00 / 1.00 / 1.00)."""
+    from tpflax import zoo
+
+    m = zoo.get("llama", n_layers=2, n_kv_heads=2)
+    p = tpflax.plan(m.abstract_variables(), FSDP_TP)
+    d = p.decisions["params/layers_0/attn/k_proj/kernel"]
+    whole = next(a for a in d.alternatives if a.name == "Megatron, K/V replicated")
+    unit = {"B": 1, "KiB": 2**10, "MiB": 2**20}
+    chooser = {(g[1], int(g[4]), int(g[5] or 1)): float(g[2]) * unit[g[3]]
+               for c in whole.collectives if "k_proj" in c and (g := _PRICED.match(c))}
+    e = tpflax.estimate(p, optax.adamw(1e-3), 8, model=m, backend="cpu")
+    est = {(i.kind, i.group_size, i.count // 2): float(i.size) for i in e.items  # counts: 2 layers
+           if "model" in i.axes and "k_proj" in i.source + i.why}
+    grad, pinned, piece = ("all-gather", 2, 1), ("all-gather", 2, 1), ("all-reduce", 2, 1)
+    assert set(chooser) == set(est) == {grad, pinned, piece}, (chooser, est)
+    kernel = [c for c in whole.collectives if "k_proj" in c and "gradient, in 2 pieces" in c]
+    assert len(kernel) == 1 and kernel[0].startswith("all-gather 8.0 KiB over model in groups of 2 ("), kernel
+
+
 @pytest.mark.parametrize("blocks", [1, 3])
 def test_feature_split_table_prices_the_stream_behind_every_norm(blocks):
     # a feature-split lookup leaves XLA a feature-split residual stream through every block: the
