@@ -2351,3 +2351,48 @@ def test_a_value_named_kernel_that_narrows_back_what_its_key_widens_is_the_row()
     assert p.decisions["params/blocks_0_ffn/key/kernel"].spec == P(None, "model")
     assert p.decisions["params/blocks_0_ffn/value/kernel"].spec == P("model", None)
     assert p.decisions["params/blocks_0_ffn/value/kernel"].strategy == "row"
+
+
+class _TriangleUpdate(nn.Module):
+    """AlphaFold's triangle multiplicative update, square: ``gate`` multiplies the row's output, not its input."""
+    @nn.compact
+    def __call__(self, z):
+        z = nn.LayerNorm(name="norm_in")(z)
+        a = jax.nn.sigmoid(nn.Dense(16, name="a_gate")(z)) * nn.Dense(16, name="a_proj")(z)
+        b = jax.nn.sigmoid(nn.Dense(16, name="b_gate")(z)) * nn.Dense(16, name="b_proj")(z)
+        x = nn.Dense(16, name="out")(nn.LayerNorm(name="norm_out")(jnp.einsum("bikc,bjkc->bijc", a, b)))
+        return x * jax.nn.sigmoid(nn.Dense(16, name="gate")(z))
+
+
+class _SquareGLU(nn.Module):
+    """A gated MLP as wide inside as out: ``gate`` beside the named ``up`` feeds ``out``."""
+    @nn.compact
+    def __call__(self, z):
+        h = nn.LayerNorm(name="norm")(z)
+        return nn.Dense(16, name="out")(jax.nn.silu(nn.Dense(16, name="gate")(h)) * nn.Dense(16, name="up")(h))
+
+
+def test_a_lone_gate_on_its_rows_output_is_not_its_column():
+    # tree-only, the triangle update's `gate` (the block's one named column, 16 -> 16) was paired with `out` and
+    # the unnamed a/b projections that feed `out` stayed whole: the gate's split output met the row's whole one and
+    # XLA split the pair stream, gathering it at every later reader (m03 Evoformer: 1.18x the hand layout's
+    # collectives, data=2,model=4). The trace pairs a/b with `out` and keeps `gate` whole; the tree does the same.
+    class Pair(nn.Module):
+        @nn.compact
+        def __call__(self, z):
+            z = z + _TriangleUpdate(name="tri_mul")(z)
+            return z + _SquareGLU(name="glu")(z)
+
+    z = sds(2, 8, 8, 16)
+    m = Pair()
+    v = abstract(m, z)
+    tree = tpflax.plan(v, MESH, batch=(z,))
+    traced = tpflax.plan(v, MESH, model=m, sample=(z,), batch=(z,))
+    kernels = [f"params/tri_mul/{n}/kernel" for n in ("a_gate", "a_proj", "b_gate", "b_proj", "out", "gate")]
+    assert [tree.spec(k) for k in kernels] == [P(None, "model")] * 4 + [P("model", None), P(None, None)]
+    assert [tree.spec(k) for k in kernels] == [traced.spec(k) for k in kernels]
+    assert "gates the row's output" in tree.decisions["params/tri_mul/a_proj/kernel"].reason
+    assert "gate multiplying the row's output" in tree.decisions["params/tri_mul/gate/kernel"].reason
+    # a gate beside a named input projection is a gated MLP's: still the column of its row
+    glu = [f"params/glu/{n}/kernel" for n in ("gate", "up", "out")]
+    assert [tree.spec(k) for k in glu] == [P(None, "model")] * 2 + [P("model", None)]

@@ -68,6 +68,7 @@ from tpflax._src.planner.roles import (
     attention_inputs,
     attention_output,
     fused_partners,
+    gate_beside_its_row,
     linear_view,
     low_rank_adapters,
     low_rank_factors,
@@ -139,6 +140,12 @@ def _pair_linears(st: State, todo: Sequence[Facts], widths: set[int], sure: bool
         here, sure_here = stage(group)
         lins = [linear_view(f, members, here) for f in members]
         assign_roles(lins, here, sure_here)
+        gate = gate_beside_its_row(lins)
+        if gate is not None:  # a gate on the row's output: not its column, kept whole (and not pooled upwards)
+            if gate.f.path not in st.forced:
+                st.replicate(gate.f, gate.why)
+                st.doubts.append(f"{gate.f.path}: {gate.doubt}")
+            lins = [x for x in lins if x is not gate]
         st.out_first.update(x.f.path for x in lins if len(x.f.body) == 2 and x.in_dims == (1,))
         stacks = _stacks_below(group, groups) if "/" not in group else ()
         mirrored = [x for x in lins if len(x.f.body) == 2 and not HEAD.match(x.f.layer_name) and x.in_size != x.out_size

@@ -508,6 +508,63 @@ def numbered_chain(lins: list[Linear]) -> None:
                    "order (pass model= to trace it)")
 
 
+GATE_NAMES = _Names(r"^gate$")
+
+
+def gate_beside_its_row(lins: list[Linear]) -> Linear | None:
+    """A block's lone ``gate`` that multiplies its row's output rather than feeding the row: taken out of the
+    block's roles (returned, role None, to be kept whole); the unplaced kernels shaped as the row's columns become them.
+
+    A column pairs with a row only if the row reads its output. A gated MLP's ``gate`` does (``down(silu(gate(x))
+    * up(x))``), and has a named input projection beside it (``up``, or the attention's ``q``/``k``/``v`` before a
+    gated attention's output); a gate as wide in and out as the block's square row writes the width the row writes
+    too, and beside only unnamed kernels of the row's column shape it gates the row's output (AlphaFold's triangle
+    update: ``out(norm(einsum(a_gate * a_proj, b_gate * b_proj))) * sigmoid(gate(z))``). Paired as the column, its
+    split output met the row's whole one: XLA split the pair stream behind it and gathered it at every later reader
+    (the Evoformer's tree plan: 1.18x the hand layout's collectives, data=2,model=4); the trace pairs the unnamed
+    kernels with the row and keeps the gate whole. Square shapes cannot tell the two apart (a gated MLP widens, so
+    its gate writes another width than its row), so the names decide, with a doubt; ``model=`` traces it.
+
+    >>> from tpflax._src.facts.tree import Leaf
+    >>> def lin(path, role=None):
+    ...     f = Facts(Leaf(path, (8, 8), "float32", 4), "dense", 0, path.rsplit("/", 1)[0], "b")
+    ...     return Linear(f, (0,), (1,), role=role)
+    >>> a, g, out = lin("b/a_proj/kernel"), lin("b/gate/kernel", "column"), lin("b/out/kernel", "row")
+    >>> gate_beside_its_row([a, g, out]) is g, a.role, g.role
+    (True, 'column', None)
+    >>> up = lin("b/up/kernel", "column")
+    >>> g.role = "column"; a.role = None
+    >>> gate_beside_its_row([a, g, up, out]) is None  # a named input projection beside the gate: a gated MLP
+    True
+    """
+    rows = [x for x in lins if x.role == "row"]
+    cols = [x for x in lins if x.role == "column"]
+    if len(rows) != 1 or len(cols) != 1:
+        return None
+    row, gate = rows[0], cols[0]
+    if not (len(row.f.body) == 2 and ROW_NAMES.match(role_name(row.f)) and len(gate.f.body) == 2
+            and GATE_NAMES.match(role_name(gate.f)) and not ATTN.search(gate.f.unit)):
+        return None
+    if not (row.in_size == row.out_size == gate.in_size == gate.out_size):
+        return None  # a gate writing the width the row reads and not the one it writes: a gated MLP's gate
+    inputs = [x for x in lins if x.role is None and len(x.f.body) == 2
+              and (x.in_size, x.out_size) == (row.out_size, row.in_size)]
+    if not inputs:
+        return None  # nothing else could feed the row: the gate is its column
+    for x in inputs:
+        x.role = "column"
+        x.why = (f"({x.in_size} -> {x.out_size}) feeds {short(row.f.path)}, the block's one row by name, beside "
+                 f"{short(gate.f.path)}, which gates the row's output (pass model= to trace it)")
+    gate.role = None
+    gate.why = (f"'{gate.f.unit_name}' ({gate.in_size} -> {gate.out_size}) is the block's only named input projection, "
+                f"as wide in and out as its row {short(row.f.path)} and beside unnamed kernels shaped as that row's "
+                f"columns ({', '.join(short(x.f.path) for x in inputs)}): taken for a gate multiplying the row's "
+                "output, not one of its inputs; kept whole, outside the pair (pass model= to trace it)")
+    gate.doubt = (f"'{short(gate.f.path)}' taken for a gate on the output of {short(row.f.path)}, not its column "
+                  "(pass model= to trace it)")
+    return gate
+
+
 def _columns_of_a_named_row(lins: list[Linear]) -> None:
     """A block whose names place one row and nothing places a column: its unplaced kernels that read
     the width the row writes and write the width it reads are its columns.
