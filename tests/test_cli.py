@@ -439,6 +439,8 @@ def test_plan_takes_the_batch_and_hardware_its_layouts_are_priced_for(capsys):
     assert data["decisions"] == json.loads(p.to_json())["decisions"]
     assert main(["plan", "gpt2", "--mesh", "data=2,model=4", "--batch", "2x64"]) == 2
     assert "gpt2 has seq_len 32; pass --batch 2x32 or just --batch 2" in capsys.readouterr().err
+    assert main(["plan", "gpt2", "--mesh", "data=2,model=4", "--hardware", "tpu-v9"]) == 2  # named the Python call
+    assert capsys.readouterr().err.startswith("tpflax: error: --hardware tpu-v9: unknown hardware 'tpu-v9'; known presets: ")
     # `estimate` and `dry-run --batch N` estimated the step at N but planned it for 8,192 tokens
     assert main(["estimate", "gpt2", "--mesh", "data=2,model=4", "--batch", "2", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)

@@ -135,6 +135,13 @@ def plan_from_args(args: argparse.Namespace):
         traced["batch"] = estimate_inputs(args, loaded)[0]
     if getattr(args, "priced", False):  # `tpflax plan --hardware`: what the chooser prices the layouts for
         traced["hardware"] = args.hardware
+        if args.hardware is not None:  # the library's message names plan(hardware=...), not the flag
+            from tpflax._src.errors import TpflaxError
+            from tpflax._src.hardware import get_hardware
+            try:
+                get_hardware(args.hardware)
+            except TpflaxError as e:
+                raise UsageError(f"--hardware {args.hardware}: {e}") from e
     p = plan(loaded.variables, args.mesh, rules=[parse_rule(r) for r in args.rule],
              axis_roles=parse_roles(args.axis_role) or None, fsdp_min_bytes=args.fsdp_min_bytes,
              min_channels=args.min_channels, fused=getattr(args, "fused", "split"), **traced)

@@ -208,7 +208,10 @@ class Decisions(dict):
     1
     >>> d["norm/scale"]
     Traceback (most recent call last):
-    tpflax._src.errors.UnknownPathError: 'norm/scale' is not a leaf of this plan and is under more than one root: 'params/norm/scale' or 'batch_stats/norm/scale'; give the full path
+    tpflax._src.errors.UnknownPathError: 'norm/scale' is not a leaf of this plan and names more than one leaf under its first path component: 'params/norm/scale' or 'batch_stats/norm/scale'; give the full path
+    >>> Decisions({"Dense_0/kernel": 1, "Dense_1/kernel": 2})["kernal"]
+    Traceback (most recent call last):
+    tpflax._src.errors.UnknownPathError: 'kernal' is not a leaf of this plan; did you mean 'Dense_0/kernel' or 'Dense_1/kernel'?
     """
 
     def named(self, path: Any) -> list[str]:
@@ -224,13 +227,14 @@ class Decisions(dict):
         if len(found) == 1:
             return self[found[0]]
         if found:
-            raise UnknownPathError(f"{path!r} is not a leaf of this plan and is under more than one root: "
-                                   f"{' or '.join(map(repr, found[:4]))}; give the full path")
-        names = {p: p for p in self}  # {a path, or one under its root: the leaf's path}
-        for p in self:  # a mistyped path under its root ("up/kernal") is close to the leaf's path under it
+            raise UnknownPathError(f"{path!r} is not a leaf of this plan and names more than one leaf under its "
+                                   f"first path component: {' or '.join(map(repr, found[:4]))}; give the full path")
+        names: dict[str, list[str]] = {p: [p] for p in self}  # {a path, or one under its root: the leaves' paths}
+        for p in self:  # a mistyped path under its root ("up/kernal") is close to the leaves' paths under it
             if "/" in p:
-                names.setdefault(p.split("/", 1)[1], p)
-        close = dict.fromkeys(names[m] for m in difflib.get_close_matches(str(path), list(names), n=3, cutoff=0.6))
+                names.setdefault(p.split("/", 1)[1], []).append(p)
+        close = dict.fromkeys(q for m in difflib.get_close_matches(str(path), list(names), n=3, cutoff=0.6)
+                              for q in names[m])
         hint = (f"did you mean {' or '.join(map(repr, close))}?" if close else
                 f"its {len(self)} paths look like {next(iter(self), '')!r} (see plan.decisions)")
         raise UnknownPathError(f"{path!r} is not a leaf of this plan; {hint}")
