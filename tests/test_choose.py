@@ -323,6 +323,24 @@ def test_a_scanned_stack_is_priced_as_its_layers_unrolled(mesh, traced):
                 for a in u.alternatives], name
 
 
+def _kv_whole_priced(layers, mesh):
+    """The zoo Llama's (``layers`` layers, 2 kv heads) layer-0 key decision, its "K/V replicated" option, and the
+    k_proj collectives that option lists and the estimate lists, keyed (kind, group, count per layer): bytes."""
+    from tpflax import zoo
+
+    m = zoo.get("llama", n_layers=layers, n_kv_heads=2)
+    p = tpflax.plan(m.abstract_variables(), mesh)
+    d = p.decisions["params/layers_0/attn/k_proj/kernel"]
+    whole = next(a for a in d.alternatives if a.name == "Megatron, K/V replicated")
+    unit = {"B": 1, "KiB": 2**10, "MiB": 2**20}
+    chooser = {(g[1], int(g[4]), int(g[5] or 1)): float(g[2]) * unit[g[3]]
+               for c in whole.collectives if "k_proj" in c and (g := _PRICED.match(c))}
+    e = tpflax.estimate(p, optax.adamw(1e-3), 8, model=m, backend="cpu")
+    est = {(i.kind, i.group_size, i.count // layers): float(i.size) for i in e.items
+           if "model" in i.axes and "k_proj" in i.source + i.why}
+    return d, whole, chooser, est
+
+
 @pytest.mark.slow
 def test_a_scanned_stacks_whole_key_value_is_priced_inside_the_loop():
     """Tree-only, a scanned stack's 3-D key/value kernel shows its heads and runs in the scan's loop, where
@@ -359,19 +377,9 @@ def test_an_unrolled_key_value_kept_whole_is_priced_in_its_heads_pieces_as_the_e
     The chooser priced it as one gather over all 4 ranks; it now lists what the traced estimate lists (which
     matches the compiled XLA:CPU step to 4 bytes in 2.9 MB), per token. The pick is unchanged: keeping them whole
     is still the cheaper layout unrolled (benchmarks/results/scan_pricing.md)."""
-    from tpflax import zoo
 
-    m = zoo.get("llama", n_layers=8, n_kv_heads=2)
-    p = tpflax.plan(m.abstract_variables(), DP_TP)
-    d = p.decisions["params/layers_0/attn/k_proj/kernel"]
-    whole = next(a for a in d.alternatives if a.chosen)
-    assert whole.name == "Megatron, K/V replicated" and d.spec == P(None, None, None)
-    unit = {"B": 1, "KiB": 2**10, "MiB": 2**20}
-    chooser = {(g[1], int(g[4]), int(g[5] or 1)): float(g[2]) * unit[g[3]]
-               for c in whole.collectives if "k_proj" in c and (g := _PRICED.match(c))}
-    e = tpflax.estimate(p, optax.adamw(1e-3), 8, model=m, backend="cpu")
-    est = {(i.kind, i.group_size, i.count // 8): float(i.size) for i in e.items  # counts: 8 layers
-           if "model" in i.axes and "k_proj" in i.source + i.why}
+    d, whole, chooser, est = _kv_whole_priced(8, DP_TP)
+    assert whole.chosen and d.spec == P(None, None, None)
     grad, update, piece = ("all-gather", 2, 1), ("all-gather", 2, 3), ("all-reduce", 2, 1)
     assert set(chooser) == set(est) == {grad, update, piece}
     # the activations' collectives in the ratio of the tokens they price (the chooser's 8192 a step, the
@@ -387,18 +395,8 @@ def test_a_whole_key_value_beside_fsdp_is_priced_with_its_gradient_gathered_once
     gathered after a split update, 2 x 8 KiB too much per kernel: on m18 it took the K/V head_dim split, 0.973 /
     1.030 / 0.970 of the hand layout (bytes / collectives / flops, compiled), where keeping them whole is the hand
     layout (1.00 / 1.00 / 1.00)."""
-    from tpflax import zoo
 
-    m = zoo.get("llama", n_layers=2, n_kv_heads=2)
-    p = tpflax.plan(m.abstract_variables(), FSDP_TP)
-    d = p.decisions["params/layers_0/attn/k_proj/kernel"]
-    whole = next(a for a in d.alternatives if a.name == "Megatron, K/V replicated")
-    unit = {"B": 1, "KiB": 2**10, "MiB": 2**20}
-    chooser = {(g[1], int(g[4]), int(g[5] or 1)): float(g[2]) * unit[g[3]]
-               for c in whole.collectives if "k_proj" in c and (g := _PRICED.match(c))}
-    e = tpflax.estimate(p, optax.adamw(1e-3), 8, model=m, backend="cpu")
-    est = {(i.kind, i.group_size, i.count // 2): float(i.size) for i in e.items  # counts: 2 layers
-           if "model" in i.axes and "k_proj" in i.source + i.why}
+    _, whole, chooser, est = _kv_whole_priced(2, FSDP_TP)
     grad, pinned, piece = ("all-gather", 2, 1), ("all-gather", 2, 1), ("all-reduce", 2, 1)
     assert set(chooser) == set(est) == {grad, pinned, piece}, (chooser, est)
     kernel = [c for c in whole.collectives if "k_proj" in c and "gradient, in 2 pieces" in c]
