@@ -428,3 +428,49 @@ def test_a_gqa_repeated_to_query_heads_its_groups_do_not_follow_prices_what_xla_
     # on tpu-v5e at these widths keeping them whole is quicker: the traced plan is the hand layout
     for path, d in tpflax.plan(v, MESH, batch=x, rules=KV_WHOLE).decisions.items():
         assert p.decisions[path].spec == d.spec, (path, p.decisions[path].reason)
+
+
+class DotProductGQA(nn.Module):
+    """A GQA through ``jax.nn.dot_product_attention``, which groups the query's 12 heads by the 6 key/value heads
+    itself (``(N) -> (K, N / K)``): every projection's heads read K."""
+
+    kv: int = 6
+
+    @nn.compact
+    def __call__(self, x):  # (batch, N, 48)
+        b, hd = x.shape[0], 4
+        q = nn.Dense(48, name="q")(x).reshape(b, N, 12, hd)
+        k = nn.Dense(self.kv * hd, name="k")(x).reshape(b, N, self.kv, hd)
+        v = nn.Dense(self.kv * hd, name="v")(x).reshape(b, N, self.kv, hd)
+        return nn.Dense(48, name="o")(jax.nn.dot_product_attention(q, k, v).reshape(b, N, 48))
+
+
+def test_a_dot_product_gqa_whose_key_value_heads_do_not_divide_is_a_priced_candidate(devices):
+    # 12 query heads, 6 key/value heads on model=4 through jax.nn.dot_product_attention: its reshape of the query
+    # into (6, 2) heads caps every projection's split at the 6 key/value heads, which 4 ranks do not divide, so the
+    # pair was kept whole by rule (1.805 / 0.286 / 1.973 of the hand layout's bytes / collectives / flops, unpriced).
+    # Split on their outputs (q, k, v) and the output projection on its input, XLA gathers each output to whole
+    # groups of gcd(6, 4) = 2 key/value heads, as for separate projections of one width (cost/headcut.py
+    # split_head_gathers): now the pair's priced candidate. On tpu-v5e at 256 tokens its collectives cost more
+    # than the flops it saves: the pair stays whole, by step time
+    m, x, v, p = _planned(DotProductGQA())
+    for leaf in ("q/kernel", "k/kernel", "v/kernel", "o/kernel"):
+        d = p.decisions[f"params/{leaf}"]
+        alts = {a.name: a for a in d.alternatives}
+        assert set(alts) == {"Megatron, heads cut", "replicate"}, (leaf, d.reason)
+        assert d.spec == P(None, None) and alts["replicate"].chosen, (leaf, d.spec, d.reason)
+        assert alts["replicate"].step_time < alts["Megatron, heads cut"].step_time
+    cut = {a.name: a for a in p.decisions["params/q/kernel"].alternatives}["Megatron, heads cut"]
+    gathers = [c for c in cut.collectives if "gather" in c]
+    assert len(gathers) == 4 and all("in groups of 2" in c for c in gathers), gathers
+    # where flops are dear the chooser takes it; the estimate of the compiled step prices the gathers XLA compiles
+    # (2 forward at 12 and 1 at 24 features, 1 backward at 24, over 2 ranks) and the 4 all-reduces (1 compile)
+    _, _, _, p = _planned(DotProductGQA(), hardware=SLOW)
+    for path, d in tpflax.plan(v, MESH, batch=x, rules=SEPARATE_HAND).decisions.items():
+        assert p.decisions[path].spec == d.spec, (path, p.decisions[path].spec, d.spec, p.decisions[path].reason)
+    dr, e = _compiled_and_estimated(m, p, x)
+    got, est = dr.comm(), e.comm
+    assert set(got) == set(est) == {"all-reduce", "all-gather"}, (est, got)
+    for kind in got:
+        assert abs(est[kind]["model"] / got[kind]["model"] - 1) < 1e-3, (kind, est, got)
+    assert abs(e.comm_total / dr.comm_total - 1) < 0.01, (est, got)
