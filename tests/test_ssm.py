@@ -124,7 +124,7 @@ def test_a_per_channel_leaf_split_on_fsdp_is_no_lone_column():
 
 
 def test_whole_leaves_beside_a_split_pair_price_their_update_gathers():
-    # in_proj and out_proj split, the rest of the block whole (the tree plan's layout): x_proj reads
+    # in_proj and out_proj split, the rest of the block whole (the old tree-only layout): x_proj reads
     # in_proj's split output, dt_proj's output reaches the split out_proj, the conv, A_log and D meet
     # them per channel: their gradients come out split, so XLA:CPU updates them split and gathers each
     # parameter and its two adam moments (160 KB here). The estimate had none of it: -28% of the compiled
@@ -185,6 +185,24 @@ def test_the_tree_splits_the_causal_conv_and_x_proj_with_the_column_beside_them(
             assert tree.decisions[path].spec == d.spec, (path, tree.decisions[path].reason)
     d = tree.decisions
     assert d["params/layers_0/x_proj/kernel"].pair == d["params/layers_0/in_x/kernel"].pair
+
+
+def test_the_tree_splits_the_causal_conv_and_x_proj_beside_a_fused_in_proj():
+    # The canonical mixer: one in_proj (d -> 2 d_inner, [x | z]) whose row out_proj reads d_inner. The conv1d,
+    # x_proj, dt_proj and A_log followed only a column exactly d_inner wide (in_x above), so from the tree they
+    # stayed whole beside the fused in_proj's split and XLA gathered its x piece for them (a Vision-Mamba with Vim's
+    # names and an nn.Conv conv1d: 1.20x the hand layout's collectives, XLA:CPU data=2,model=4). They now follow
+    # the fused column's d_inner-wide pieces: the hand layout.
+    m = Mamba()
+    v = jax.eval_shape(m.init, jax.random.key(0), *SAMPLE)
+    tree = tpflax.plan(v, MESH, batch=SAMPLE)
+    hand = tpflax.plan(v, MESH, rules=HAND)
+    for path, d in hand.decisions.items():
+        if "layers_" in path:
+            assert tree.decisions[path].spec == d.spec, (path, tree.decisions[path].reason)
+    d = tree.decisions
+    assert d["params/layers_0/x_proj/kernel"].pair == d["params/layers_0/in_proj/kernel"].pair
+    assert d["params/layers_0/dt_proj/kernel"].pair == d["params/layers_0/out_proj/kernel"].pair
 
 
 class _GatedHeads(nn.Module):
