@@ -205,6 +205,47 @@ def test_the_tree_splits_the_causal_conv_and_x_proj_beside_a_fused_in_proj():
     assert d["params/layers_0/dt_proj/kernel"].pair == d["params/layers_0/out_proj/kernel"].pair
 
 
+class _SubScan(nn.Module):
+    # the selective scan in a sub-module of its own (a bidirectional Vision-Mamba's fwd/bwd branch), with a raw
+    # (taps, d_inner) causal conv weight, x_proj, dt_proj, A_log and D
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("conv1d_weight", nn.initializers.normal(0.2), (DC, DI))
+        xp = jnp.pad(x, ((0, 0), (DC - 1, 0), (0, 0)))
+        x = nn.silu(sum(xp[:, i:i + x.shape[1]] * w[i] for i in range(DC)))
+        dt, b, c = jnp.split(nn.Dense(DTR + 2 * DS, use_bias=False, name="x_proj")(x), [DTR, DTR + DS], -1)
+        dt = jax.nn.softplus(nn.Dense(DI, name="dt_proj")(dt))
+        a = -jnp.exp(self.param("A_log", lambda k, s: jnp.log(jnp.tile(jnp.arange(1.0, DS + 1), (DI, 1))),
+                                (DI, DS)))
+        da, dbx = jnp.exp(dt[..., None] * a), (dt * x)[..., None] * b[:, :, None, :]
+        _, hs = jax.lax.associative_scan(lambda u, w: (u[0] * w[0], w[0] * u[1] + w[1]), (da, dbx), axis=1)
+        return jnp.einsum("blds,bls->bld", hs, c) + x * self.param("D", nn.initializers.ones, (DI,))
+
+
+class _SubScanBlock(nn.Module):
+    @nn.compact
+    def __call__(self, h):
+        x, z = jnp.split(nn.Dense(2 * DI, use_bias=False, name="in_proj")(nn.RMSNorm(name="norm")(h)), 2, -1)
+        return h + nn.Dense(D, use_bias=False, name="out_proj")(_SubScan(name="scan")(x) * nn.silu(z))
+
+
+def test_the_tree_splits_a_sub_modules_scan_kernels_with_the_inner_features():
+    # The scan's kernels in a sub-module of the in_proj -> out_proj block: the conv weight and D followed the pair's
+    # split inner features, but x_proj (128 -> 40), dt_proj (8 -> 128) and A_log (128, 16) stayed whole ("dense
+    # layer without a column/row partner"): a bidirectional Vision-Mamba 1.18x the hand layout's collectives
+    # (XLA:CPU data=2,model=4). Now x_proj and A_log join the pair as rows on them, dt_proj as a column.
+    m = Mamba(_SubScanBlock)
+    v = jax.eval_shape(m.init, jax.random.key(0), *SAMPLE)
+    d = tpflax.plan(v, MESH, batch=SAMPLE).decisions
+    want = {"in_proj/kernel": P(None, "model"), "out_proj/kernel": P("model", None),
+            "scan/conv1d_weight": P(None, "model"), "scan/x_proj/kernel": P("model", None),
+            "scan/dt_proj/kernel": P(None, "model"), "scan/dt_proj/bias": P("model"),
+            "scan/A_log": P("model", None), "scan/D": P("model")}
+    for leaf, spec in want.items():
+        assert d[f"params/layers_0/{leaf}"].spec == spec, (leaf, d[f"params/layers_0/{leaf}"].reason)
+    assert d["params/layers_0/scan/x_proj/kernel"].pair == d["params/layers_0/in_proj/kernel"].pair
+
+
 class _GatedHeads(nn.Module):
     # attention whose output is gated per head dim by a gate shared by the heads, before a (heads, head_dim,
     # d) output projection: the gate's output reaches the row only on head_dim, which its pair does not split

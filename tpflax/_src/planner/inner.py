@@ -27,6 +27,8 @@ from tpflax._src.planner.builders import (
     axis_label,
     bias_follows,
     body_spec,
+    join_column_of,
+    join_row,
     short,
 )
 
@@ -71,7 +73,8 @@ def inner_features(st: State, todo: Sequence[Facts]) -> None:
                                     "wide as the residual stream its row writes: it may scale the block's whole "
                                     "input, so kept whole (pass model= to trace it)", pair.id)
                     continue
-                _follow(st, f, width, pair.id, short(row.path), t_entry, t_size, todo)
+                if not _joins(st, f, width, out, pair.id, cols[0], row):
+                    _follow(st, f, width, pair.id, short(row.path), t_entry, t_size, todo)
 
 
 def _beside(f: Facts, inside: str, out: int) -> bool:
@@ -86,6 +89,27 @@ def _beside(f: Facts, inside: str, out: int) -> bool:
     vector of an inner width other than the residual's reads only the inner features, and still follows.
     """
     return len(f.body) == 1 and f.body[0] == out and f.unit == f.path and f.path.rsplit("/", 1)[0] + "/" == inside
+
+
+def _joins(st: State, f: Facts, width: int, out: int, pair: int, col: Facts, row: Facts) -> bool:
+    """A 2-D dense kernel inside the block reading the pair's ``width`` inner features (a Mamba block's
+    ``x_proj`` ``(d_inner, dt_rank + 2 n)``, its ``A_log`` ``(d_inner, n)``) joins the pair as a row split on them;
+    one making them from fewer (``dt_proj`` ``(dt_rank, d_inner)``) joins as a column. Only where the inner width
+    is not the residual width ``out`` the row writes (an attention block's ``d -> d`` projections are not inner
+    features). :func:`tpflax._src.planner.heuristics._beside_a_column` does this beside a depthwise ``nn.Conv``
+    in the block itself; here the selective scan's kernels sit in a sub-module (a bidirectional Vision-Mamba's
+    ``fwd``/``bwd`` branches, each with a raw ``(taps, d_inner)`` conv weight): kept whole, 1.18x the hand
+    layout's collectives (XLA:CPU data=2,model=4). False (nothing written) for any other leaf."""
+    if f.kind != "dense" or len(f.body) != 2 or width == out:
+        return False
+    a, b = f.body
+    if a == width and b < width:
+        return join_row(st, f, 0, col, f"reads the {width} inner features of pair {pair} inside its block "
+                                       "(by shape; pass model= to trace it)")
+    if b == width and a < width:
+        return join_column_of(st, f, 1, row, f"makes {width} inner features of pair {pair} inside its block "
+                                             "(by shape; pass model= to trace it)")
+    return False
 
 
 def _follow(st: State, f: Facts, width: int, pair: int, row: str, t_entry, t_size: int,
