@@ -129,6 +129,70 @@ ENTRY %main (a: (f32[8], f32[8])) -> (f32[8], f32[8]) {
     assert tuple_values(text) == 4
 
 
+def test_tuple_values_leave_out_applied_computations_and_a_loops_shared_state():
+    # an argmax's variadic reduce applies a reducer whose root is an (f32[], s32[]) tuple, a sort a comparator:
+    # code, no buffers; a while loop's state is one table, shared by its operand, the loop, its body's root and
+    # the body's and condition's parameters. Counted against v5e:2x4 buffer dumps of a step with argmax (66
+    # tables, read 68 before) and with argmax, a 3-step scan and a sort (73, read 77): tpu_aot_notes.md
+    from tpflax._src.compiled import tuple_values
+
+    text = """HloModule m, is_scheduled=true
+
+%region_0 (a: f32[], b: s32[], c: f32[], d: s32[]) -> (f32[], s32[]) {
+  %a = f32[] parameter(0)
+  %b = s32[] parameter(1)
+  %c = f32[] parameter(2)
+  %d = s32[] parameter(3)
+  %gt = pred[] compare(%a, %c), direction=GT
+  %m = f32[] select(%gt, %a, %c)
+  %i = s32[] select(%gt, %b, %d)
+  ROOT %t = (f32[], s32[]) tuple(%m, %i)
+}
+
+%cmp (p0: f32[], p1: f32[], p2: s32[], p3: s32[]) -> pred[] {
+  %p0 = f32[] parameter(0)
+  %p1 = f32[] parameter(1)
+  %p2 = s32[] parameter(2)
+  %p3 = s32[] parameter(3)
+  ROOT %lt = pred[] compare(%p0, %p1), direction=LT
+}
+
+%body (s: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %s = (s32[], f32[8]{0}) parameter(0)
+  %k = s32[] get-tuple-element(%s), index=0
+  %v = f32[8]{0} get-tuple-element(%s), index=1
+  %one = s32[] constant(1)
+  %k1 = s32[] add(%k, %one)
+  %v1 = f32[8]{0} tanh(%v)
+  ROOT %next = (s32[], f32[8]{0}) tuple(%k1, %v1)
+}
+
+%cond (s: (s32[], f32[8])) -> pred[] {
+  %s = (s32[], f32[8]{0}) parameter(0)
+  %k = s32[] get-tuple-element(%s), index=0
+  %n = s32[] constant(3)
+  ROOT %lt = pred[] compare(%k, %n), direction=LT
+}
+
+ENTRY %main (x: f32[4,8], y: s32[4,8]) -> (s32[4], f32[8]) {
+  %x = f32[4,8]{1,0} parameter(0)
+  %y = s32[4,8]{1,0} parameter(1)
+  %inf = f32[] constant(-inf)
+  %zero = s32[] constant(0)
+  %r = (f32[4]{0}, s32[4]{0}) reduce(%x, %y, %inf, %zero), dimensions={1}, to_apply=%region_0
+  %o = (f32[4,8]{1,0}, s32[4,8]{1,0}) sort(%x, %y), dimensions={1}, to_apply=%cmp
+  %row = f32[8]{0} constant({0, 0, 0, 0, 0, 0, 0, 0})
+  %init = (s32[], f32[8]{0}) tuple(%zero, %row)
+  %w = (s32[], f32[8]{0}) while(%init), condition=%cond, body=%body
+  %idx = s32[4]{0} get-tuple-element(%r), index=1
+  %last = f32[8]{0} get-tuple-element(%w), index=1
+  ROOT %out = (s32[4]{0}, f32[8]{0}) tuple(%idx, %last)
+}
+"""
+    # the reduce's, the sort's and the loop's tables
+    assert tuple_values(text) == 3
+
+
 class _TinyLM(nn.Module):
     """A 2-layer pre-norm MLP LM whose 1003-row token table model=4 does not divide (``benchmarks/tpu_tiny_temp.py``)."""
 

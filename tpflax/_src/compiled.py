@@ -50,6 +50,8 @@ _XLA_KEYS = ("argument", "output", "temp", "alias", "generated_code")
 TUPLE_SLOT = 16 << 10
 # a tuple's opening bracket in an HLO shape; a layout's ``T(8,128)(2,1)`` and ``S(1)`` follow a letter or a bracket
 _TUPLE_OPEN = re.compile(r"(?<![\w)])\(")
+# the attributes naming a computation an instruction applies per element (its body emitted as code, no buffers)
+_APPLIED = ("to_apply", "comparator", "select", "scatter")
 
 
 @dataclass(frozen=True)
@@ -187,19 +189,27 @@ def _peak(ma: Any, out: dict[str, int | None], platform: str, warnings: list[str
 
 def tuple_values(hlo_text: str) -> int:
     """How many tuple-shaped values a compiled module's buffers hold: the tuples (a nested one counts apart) in
-    the shapes of instructions outside fusion bodies, less parameters, ``get-tuple-element`` (views of another's)
-    and the entry's root (the outputs' table, allocated with them). XLA:TPU keeps each one's index table in a
-    16 KiB slot of its HBM temp heap (:data:`TUPLE_SLOT`)."""
+    the shapes of instructions outside fusion bodies and the scalar computations an instruction applies (a
+    variadic reduce's ``to_apply=``, argmax's ``(f32[], s32[])``; a sort's ``comparator=``, a select-and-scatter's
+    ``select=`` and ``scatter=``: code, no buffers), less parameters, ``get-tuple-element`` (views of another's),
+    the entry's root (the outputs' table, allocated with them) and a ``while`` loop's state: the loop, its
+    body's root and its body's and condition's parameters share its operand's table (one slot per loop in the
+    buffer dumps). XLA:TPU keeps each one's index table in a 16 KiB slot of its HBM temp heap
+    (:data:`TUPLE_SLOT`)."""
     instrs, entries, _ = _scan(hlo_text)
-    fused = {c for ins in instrs if ins.opcode == "fusion"
-             for c in re.findall(r"%?([\w.\-]+)", _attr(ins.attrs, "calls") or "")}
+    fused = {c for ins in instrs
+             for key in (("calls",) if ins.opcode == "fusion" else ()) + _APPLIED
+             for c in re.findall(r"%?([\w.\-]+)", _attr(ins.attrs, key) or "")}
+    bodies = {c for ins in instrs if ins.opcode == "while"
+              for c in re.findall(r"%?([\w.\-]+)", _attr(ins.attrs, "body") or "")}
     roots: dict[str, str] = {}
     for ins in instrs:  # a scheduled module lists each computation's root last
         roots[ins.computation] = ins.name
     return sum(len(_TUPLE_OPEN.findall(ins.shape)) for ins in instrs
                if ins.shape.startswith("(") and ins.computation not in fused
-               and ins.opcode not in ("parameter", "get-tuple-element")
-               and not (entries.get(ins.computation) and roots[ins.computation] == ins.name))
+               and ins.opcode not in ("parameter", "get-tuple-element", "while")
+               and not ((entries.get(ins.computation) or ins.computation in bodies)
+                        and roots[ins.computation] == ins.name))
 
 
 def read_flops(compiled: Any, warnings: list[str], hlo_text: str = "") -> float | None:
