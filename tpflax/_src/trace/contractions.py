@@ -391,11 +391,17 @@ def gather(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> l
     dn = eqn.params["dimension_numbers"]
     indexed = set(dn.start_index_map) | set(dn.collapsed_slice_dims)
     looked = math.prod(eqn.invars[1].aval.shape[:-1])
-    # one row picked per example (CLIP's pooling at each text's end token, ``x[arange(b), ends]``) is left out:
-    # XLA:CPU moves some of it too, but CLIP's estimate stays within 10%; a graph with as many edges as nodes is
-    # missed with it (the sizes cannot tell them apart)
-    if (not operand.origin and operand.fed and ins[1].fed and not ins[1].live and 0 in indexed
-            and looked != eqn.invars[0].aval.shape[0]):
+    across = not operand.origin and operand.fed and ins[1].fed and not ins[1].live and 0 in indexed
+    if (across and len(dn.start_index_map) > 1 and 0 in dn.start_index_map
+            and not getattr(dn, "operand_batching_dims", ())
+            and eqn.invars[1].aval.shape[:1] == eqn.invars[0].aval.shape[:1]):
+        # rows picked per example at (arange(b), idx) (BERT's masked positions, CLIP's end tokens): the batch
+        # index is data, not a batching dim, so XLA moves the picked rows and their indices, not the operand
+        # (measured; the mirror of a scatter's "spread")
+        w.cross("pick", ctx, eqn.invars[0].aval, eqn.outvars[0].aval, None, operand.live,
+                indices=math.prod(eqn.invars[1].aval.shape) * eqn.invars[1].aval.dtype.itemsize)
+    elif across and looked != eqn.invars[0].aval.shape[0]:
+        # a graph with as many edges as nodes is missed here (the sizes cannot tell them apart)
         w.crossed.append(f"rows of a {tuple(eqn.invars[0].aval.shape)} activation gathered at "
                          f"{tuple(eqn.invars[1].aval.shape[:-1])} indices from the inputs")
         w.cross("gather", ctx, eqn.invars[0].aval, eqn.outvars[0].aval, operand, operand.live)

@@ -150,11 +150,13 @@ class Crossing:
     """Rows of an input-derived activation gathered (``h[senders]``) or scattered (``segment_sum(m, receivers)``)
     along its leading dim at indices from the inputs: the step splits that dim over the batch axes like a batch,
     so the rows cross devices (a graph's nodes and edges; :func:`tpflax._src.cost.crossing.crossing_items`). Or
-    rows written per example at ``(arange(b), idx)`` (Mixture-of-Depths' routed tokens put back), whose batch
-    index XLA reads as data, not as a batching dim.
+    rows written per example at ``(arange(b), idx)`` (Mixture-of-Depths' routed tokens put back), or read per
+    example there (BERT's masked positions, ``x[arange(b)[:, None], pos]``), whose batch index XLA reads as data,
+    not as a batching dim.
 
     Attributes:
-        kind: ``"gather"``, ``"scatter"`` or ``"spread"`` (the per-example write).
+        kind: ``"gather"``, ``"scatter"``, ``"spread"`` (the per-example write) or ``"pick"`` (the per-example
+            read).
         whole: elements of the indexed array (a gather's operand, a scatter's result).
         rows: elements of the moved rows (a gather's output, a scatter's update).
         itemsize: bytes per element.
@@ -162,7 +164,8 @@ class Crossing:
         live: the backward moves the gradient back (a gather's operand, a scatter's update is computed from
             parameters): a gather's gradient is scattered, a scatter's gathered.
         count: how many times the program runs it (the trip counts of the scans around it).
-        indices: bytes of a ``"spread"``'s index array (XLA moves it with the updates); 0 otherwise.
+        indices: bytes of a ``"spread"``'s or ``"pick"``'s index array (XLA moves it with the rows); 0
+            otherwise.
     """
 
     kind: str
