@@ -380,6 +380,20 @@ def test_a_tree_prices_an_image_batch_at_its_patches_and_stages():
     assert tree.decisions["params/layers_0_blocks_0/attn/qkv/kernel"].spec == P(None, None)  # 3 heads: whole
 
 
+@pytest.mark.parametrize("batch", [
+    {"image": jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32), "label": jax.ShapeDtypeStruct((8,), jnp.int32)},
+    (8, 32, 32, 3)])
+def test_a_tree_prices_an_image_batch_beside_its_labels_at_its_patches(batch):
+    # The patch tokens were read only off a batch of one leaf: the standard {"image", "label"} batch, and a bare
+    # shape (parsed as a float x and int32 labels y (8,)), were priced at 8 tokens, one per image (64x too cheap
+    # per token; review r58 vit.py). The image is now the one 4-D float leaf beside labels of one dim; token ids
+    # (an integer leaf of 2 dims, CLIP's) beside it still count the tokens themselves.
+    v = jax.eval_shape(Swin().init, jax.random.key(0), jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32))
+    assert tpflax.plan(v, MESH, batch=batch).options["tokens"] == 512
+    ids = {"image": jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32), "ids": jax.ShapeDtypeStruct((8, 16), jnp.int32)}
+    assert tpflax.plan(v, MESH, batch=ids).options["tokens"] == 8 * 16
+
+
 class ProjectedGQA(nn.Module):
     """A GQA of separate projections behind an input projection (its input needs a gradient): ``heads`` query
     heads, ``kv`` key/value heads expanded to them by ``jnp.repeat``."""

@@ -112,10 +112,13 @@ def patch_tokens(batch: Any, convs: Any) -> tuple[int, int] | None:
     tokens ``D`` wide
     for the one patch size ``p`` of the 2-D conv kernels ``(p, p, C, D)`` (``convs``, bodies without a stacked
     dim) that read the image's ``C`` channels (its last dim, or its second: channels first), with ``p`` even and
-    tiling ``H`` and ``W``: a patchify conv, kernel == stride (ViT, Swin, ConvNeXt's stem). None where the batch
-    is no float image (``(B, H, W, C)`` or ``(B, C, H, W)``), where no conv or convs of two sizes read it, and
-    for an odd kernel: a centred stem (ResNet's 7x7, a UNet's 3x3) whose stride the tree cannot tell. The
-    chooser otherwise counts an image batch's tokens as its images (8 for 8 images of 1024 patches each).
+    tiling ``H`` and ``W``: a patchify conv, kernel == stride (ViT, Swin, ConvNeXt's stem). The image is the
+    batch's one 4-D float leaf, whatever sits beside it with fewer dims (``{"image": ..., "label": (B,)}``, or
+    the int labels a bare shape ``(B, H, W, C)`` gets). None where the batch holds no float image (``(B, H, W,
+    C)`` or ``(B, C, H, W)``) or two, where an integer (or bool) leaf of 2 or more dims sits beside it (token
+    ids: CLIP, a captioner; the ids count the tokens), where no conv or convs of two sizes read it, and for an
+    odd kernel: a centred stem (ResNet's 7x7, a UNet's 3x3) whose stride the tree cannot tell. The chooser
+    otherwise counts an image batch's tokens as its images (8 for 8 images of 1024 patches each).
 
     >>> import jax
     >>> img = (jax.ShapeDtypeStruct((8, 32, 32, 3), "float32"),)
@@ -123,6 +126,11 @@ def patch_tokens(batch: Any, convs: Any) -> tuple[int, int] | None:
     ((512, 48), None)
     >>> patch_tokens((jax.ShapeDtypeStruct((2, 3, 224, 224), "float32"),), [(16, 16, 3, 768)])
     (392, 768)
+    >>> ids = jax.ShapeDtypeStruct((8, 16), "int32")
+    >>> label = jax.ShapeDtypeStruct((8,), "int32")
+    >>> [patch_tokens(b, [(4, 4, 3, 48)]) for b in ({"image": img[0], "label": label}, (8, 32, 32, 3),
+    ...                                            {"image": img[0], "ids": ids})]
+    [(512, 48), (512, 48), None]
     """
     import numpy as np
 
@@ -132,15 +140,20 @@ def patch_tokens(batch: Any, convs: Any) -> tuple[int, int] | None:
         b = parse_batch(batch, None, None)
     except (TpflaxError, TypeError, ValueError):
         return None
-    if len(b.leaves) != 1:  # an image beside token ids (CLIP, a captioner): the ids count the tokens
+    def kind(dtype: Any) -> str:
+        if str(dtype) == "bfloat16":
+            return "f"
+        try:
+            return np.dtype(dtype).kind
+        except TypeError:
+            return "?"
+
+    if any(kind(dtype) in "biu" and len(shape) >= 2 for _, shape, dtype in b.leaves):
+        return None  # token ids (or a per-token mask) beside the image (CLIP, a captioner): they count the tokens
+    images = [shape for _, shape, dtype in b.leaves if kind(dtype) == "f" and len(shape) == 4]
+    if len(images) != 1:  # no image, or two the shapes cannot tell apart
         return None
-    _, x, dtype = b.leaves[0]
-    try:
-        floating = np.issubdtype(np.dtype(dtype), np.floating) or str(dtype) == "bfloat16"
-    except TypeError:
-        floating = False
-    if len(x) != 4 or not floating:
-        return None
+    x, = images  # beside it only labels, one per image: {"image": ..., "label": (B,)}, a bare shape's y
     sizes = set()
     for body in convs:
         if len(body) != 4 or body[0] != body[1] or body[0] < 2 or body[0] % 2:
