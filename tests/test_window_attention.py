@@ -254,12 +254,16 @@ def test_separate_projections_whose_heads_do_not_divide_are_a_priced_candidate()
 def test_fewer_separate_heads_than_ranks_are_a_priced_candidate():
     # 2 heads of separate q, k and v on model=4 were kept whole by rule, unpriced. Cut, each head's head_dim spans 2
     # ranks and XLA sums a head slice's partial scores over them, forward and backward (no gathers); that split is
-    # now the pair's candidate, priced with those sums: 128 local query rows x 16 keys x 4 B = 8 KiB each
+    # now the pair's candidate, priced with those sums: 128 local query rows x 16 keys x 4 B = 8 KiB each. Its q, k
+    # and v read the model's input, so no partial input gradients are summed (none compiled); priced as compiled
+    # (25.0 KiB more collectives than whole, compiled 24.6 KiB), the cut is taken on tpu-v5e: the hand layout,
+    # 0.49/1.67/0.26 of whole's compiled bytes/collectives/flops (with the input gradients it priced, it stayed whole)
     _, _, _, p = _planned(SeparateAttention(heads=2))
     d = p.decisions["params/q/kernel"]
     alts = {a.name: a for a in d.alternatives}
     assert set(alts) == {"Megatron, heads cut", "replicate"}, d.reason
-    assert d.spec == P(None, None) and alts["replicate"].chosen, d.reason
+    assert d.spec == P(None, "model") and alts["Megatron, heads cut"].chosen, d.reason
+    assert not [c for c in alts["Megatron, heads cut"].collectives if "input gradient" in c]
     sums = [c for c in alts["Megatron, heads cut"].collectives if "partial scores" in c or "probability" in c]
     assert len(sums) == 2 and all(c.startswith("all-reduce 8.0 KiB over model in groups of 2") for c in sums), sums
     assert not [c for c in alts["Megatron, heads cut"].collectives if "gather" in c]
@@ -488,3 +492,25 @@ def test_a_dot_product_gqa_whose_key_value_heads_do_not_divide_is_a_priced_candi
     for kind in got:
         assert abs(est[kind]["model"] / got[kind]["model"] - 1) < 1e-3, (kind, est, got)
     assert abs(e.comm_total / dr.comm_total - 1) < 0.01, (est, got)
+
+
+def test_a_gqa_reading_the_model_input_prices_no_input_gradient_sum(devices):
+    # The same 12:6 GQA with no input projection: its q, k and v read the model's own input, whose gradient the
+    # step never computes (it differentiates the parameters only), so XLA compiles no sum of the columns' partial
+    # input gradients. The estimate priced none (the trace's from_input reads, Dataflow.input_reads); the chooser
+    # priced one per split column, 3 * 48 per token, and kept K/V whole: the hand layout, where splitting them
+    # compiles to 0.901/0.858/0.828 of its bytes/collectives/flops. Both now read the one fact.
+    m, x = SeparateAttention(heads=12, kv=6), (jax.ShapeDtypeStruct((16, N, 48), jnp.float32),)
+    v = jax.eval_shape(m.init, jax.random.key(0), *x)
+    p = tpflax.plan(v, MESH, model=m, sample=x, batch=x)
+    for path in ("params/k/kernel", "params/v/kernel", "params/q/kernel"):
+        assert p.decisions[path].spec == P(None, "model"), (path, p.decisions[path].reason)
+    assert not any("input gradient" in c for a in p.decisions["params/q/kernel"].alternatives for c in a.collectives)
+    got = {}
+    for name, q in (("traced", p), ("hand", tpflax.plan(v, MESH, batch=x, rules=KV_WHOLE))):
+        dr, e = _compiled_and_estimated(m, q, x)
+        mem = dr.memory
+        got[name] = ((mem.get("argument") or 0) + (mem.get("temp") or 0), dr.comm_total, dr.flops)
+        # the split's collectives as estimated (no input gradient summed; kv 6 on 4 ranks: whole head groups)
+        assert name == "hand" or abs(e.comm_total / dr.comm_total - 1) < 0.01, (name, e.comm, dr.comm())
+    assert all(t < h for t, h in zip(got["traced"], got["hand"], strict=True)), got

@@ -349,6 +349,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], leads: frozenset
     slices: dict[str, int] = {}
     grad_deps: dict[str, int] = {}
     calls: dict[str, int] = {}  # the uses with rows so far, by path
+    input_reads = flow.input_reads()  # their input needs no gradient (the chooser reads the same fact)
     for u in flow.uses:
         ops.setdefault(u.path, set()).add(u.op)
         if u.op in ("dot", "conv") and not u.from_input:
@@ -364,7 +365,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], leads: frozenset
         if u.op in ("dot", "conv") and u.path in shapes and u.path not in widths:
             # a conv's input channels are listed first, then its window's dims; none where the model's
             # inputs are read: their gradient is not computed
-            widths[u.path] = 0 if u.from_input else math.prod(
+            widths[u.path] = 0 if u.path in input_reads else math.prod(
                 shapes[u.path][d] for d in (u.contracted[:1] if u.op == "conv" else u.contracted))
         read = set(u.contracted) | set(u.kept) | set(u.batch)
         if u.path not in flow.scanned and len(read) == len(shapes.get(u.path, ())):

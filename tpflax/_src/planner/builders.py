@@ -181,6 +181,9 @@ class State:
     # traced: (leaf dims, elements per priced token, runs) of each product of two activations that sums those kernel
     # dims (Dataflow.split_sums, the estimate's split_sum_items): a layout splitting one all-reduces its partial sums
     split_sums: tuple[tuple[frozenset[tuple[str, int]], float, int], ...] = ()
+    # traced: kernels whose first contraction reads the model's own input (Dataflow.input_reads): the step computes
+    # no gradient of it, so split on their output they sum no partial input gradients (as the estimate prices them)
+    input_reads: frozenset[str] = frozenset()
 
     @cached_property
     def context(self) -> Context:
@@ -423,8 +426,7 @@ def _cut_heads_option(st: State, cols: list[Linear], row: Linear, pair: Pair,
         f"{partner} (pair {pair.id}); one all-reduce of activations per pass", pair.id, "row")))
     label = short(cols[0].f.path) if fused_col else partner
     acts = (ActComm("all-reduce", t_entry, row.out_size, 1, "row: sum partial outputs (forward)"),
-            *(ActComm("all-reduce", t_entry, col.in_size, 1, "column: sum partial input gradients (backward)")
-              for col in cols),
+            *(a for col in cols for a in input_grad_sum(st, col.f.path, col.in_size)),
             *(ActComm("all-reduce" if why.startswith("sum") else "all-gather", t_entry, w, 1,
                       f"{'fused ' if fused_col else ''}{label}, {heads} heads cut: "
                       f"{'' if why.startswith('sum') else 'gather, '}{why}", ranks=ranks if ranks != t_size else 0)
@@ -499,7 +501,7 @@ def _megatron(st: State, cols: list[Linear], row: Linear, pair: Pair, unit: str,
                     f"{short(row.f.path)}", pair.id, "column")))
                 g, repeats = rep
                 w = out_width(col)
-                acts += [ActComm("all-reduce", t_entry, col.in_size, 1, "column: sum partial input gradients (backward)"),
+                acts += [*input_grad_sum(st, col.f.path, col.in_size),
                          *(ActComm("all-gather", t_entry, size, 1, f"{short(col.f.path)}, repeated to the query heads "
                                    f"in {g} head group(s): gather, {gwhy}", ranks=ranks if ranks != t_size else 0)
                            for size, ranks, gwhy in repeated_kv_gathers(w, w * repeats, g, t_size, split=True))]
@@ -513,8 +515,7 @@ def _megatron(st: State, cols: list[Linear], row: Linear, pair: Pair, unit: str,
                 col.f, body_spec(len(col.f.body), last, t_entry), "column",
                 f"column of pair {pair.id}: {why}, {what}; feeds {short(row.f.path)}", pair.id, "column")))
             if whole:
-                acts.append(ActComm("all-reduce", t_entry, col.in_size, 1,
-                                    "column: sum partial input gradients (backward)"))
+                acts += input_grad_sum(st, col.f.path, col.in_size)
                 continue
             kv = kv_view(col, col is rotated, t_size)
             acts += [ActComm(kind, t_entry, width, count, why, fixed * col.f.leaf.itemsize, ranks)
@@ -522,7 +523,8 @@ def _megatron(st: State, cols: list[Linear], row: Linear, pair: Pair, unit: str,
         elif why:
             props.append((col.f.path, st.whole(col.f, f"column of pair {pair.id}: {why}, kept whole on every "
                                                       f"tensor rank; feeds {short(row.f.path)}", pair.id, "column")))
-            whole_acts, k = whole_column(col, t_entry, t_size, query_heads, pinned=_fsdp_mesh(st))
+            whole_acts, k = whole_column(col, t_entry, t_size, query_heads, pinned=_fsdp_mesh(st),
+                                         input_grad=col.f.path not in st.input_reads)
             acts += whole_acts
             if k is not None:
                 pieces.append((col.f.path, k))
@@ -535,11 +537,19 @@ def _megatron(st: State, cols: list[Linear], row: Linear, pair: Pair, unit: str,
                 f"{'heads (column side)' if cheads else 'column'}: {col.why}; output "
                 f"{'heads' if cheads else 'features'} ({col.f.body[cdim]}) split over "
                 f"{axis_label(t_entry, t_size)}, feeds {short(row.f.path)} (pair {pair.id})", pair.id, "column"))))
-            acts.append(ActComm("all-reduce", t_entry, col.in_size, 1,
-                                "column: sum partial input gradients (backward)"))
+            acts += input_grad_sum(st, col.f.path, col.in_size)
     name = ("Megatron, K/V head_dim split" if kv_split else
             "Megatron, K/V replicated" if any(blocked.values()) else "Megatron split")
     return Option(name, tuple(props), tuple(acts), frozenset(p for p, _ in props), pieces=tuple(pieces))
+
+
+def input_grad_sum(st: State, path: str, width: int, what: str = "column") -> list[ActComm]:
+    """A column split on its output: the all-reduce of its partial input gradients (``width`` per token, backward);
+    none where it reads the model's own input (:attr:`State.input_reads`), whose gradient the step does not compute
+    (XLA compiles no such sum; the estimate prices none: :attr:`tpflax._src.cost.traced.Traced.widths`)."""
+    if path in st.input_reads:
+        return []
+    return [ActComm("all-reduce", st.tensor[0], width, 1, f"{what}: sum partial input gradients (backward)")]
 
 
 def _joined(row: Linear, t_entry: Entry, t_size: int) -> list[ActComm]:
@@ -575,7 +585,7 @@ def _fsdp_mesh(st: State) -> bool:
 
 
 def whole_column(col: Linear, t_entry: Entry, t_size: int, query_heads: int | None = None,
-                 pinned: bool = False) -> tuple[list[ActComm], int | None]:
+                 pinned: bool = False, input_grad: bool = True) -> tuple[list[ActComm], int | None]:
     """A column kept whole in a split pair (a GQA key/value with fewer heads than ``t_size``) priced as the
     estimate prices it (:mod:`tpflax._src.cost.pieces`): traced, its output in the pieces its heads give
     (``K`` dividing ``t_size``), each piece's output gradient summed over the ranks sharing it, its input
@@ -593,13 +603,19 @@ def whole_column(col: Linear, t_entry: Entry, t_size: int, query_heads: int | No
     (:func:`tpflax._src.cost.stream.update_gathers`; measured, XLA:CPU fsdp=2,model=4, review_u's m18 Llama with f32
     masters, 8 query and 2 key/value heads: one ``f32[128,32]`` gather over 2 ranks per key/value kernel, where the
     parameter and its 2 moments were priced).
+    Not ``input_grad`` (it reads the model's own input, :attr:`State.input_reads`): no input gradient to sum, and,
+    as the estimate's :func:`tpflax._src.cost.whole.whole_members`, nothing priced but a repeated key/value's gathers.
     """
     stacked = bool(col.f.stacked) and col.heads is not None
+    rep = _repeated(col, query_heads, t_size)
+    if not input_grad and rep is None:
+        return [], None
+    in_size = col.in_size if input_grad else 0
     k = (pieces_of(col.limit or col.f.body[col.shard_dim("column")], t_size)
          if col.rope is not None or col.heads is not None else None)
-    r = column_read(col.f.path, (), col.in_size, out_width(col), k, col.loop or stacked)
-    if (rep := _repeated(col, query_heads, t_size)) is not None:  # repeated to query heads its groups do not follow
-        r = replace(column_read(col.f.path, (), col.in_size, out_width(col), rep[0], col.loop or stacked),
+    r = column_read(col.f.path, (), in_size, out_width(col), k, col.loop or stacked)
+    if rep is not None:  # repeated to query heads its groups do not follow
+        r = replace(column_read(col.f.path, (), in_size, out_width(col), rep[0], col.loop or stacked),
                     repeat=out_width(col) * rep[1])
     acts = [ActComm(i.kind, t_entry, i.size, i.count, i.why, ranks=i.group_size)
             for i in member_items(r, f"key/value column {short(col.f.path)}", t_size, 1, col.f.path, r.size)]

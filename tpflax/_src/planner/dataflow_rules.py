@@ -90,7 +90,8 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Datafl
     """
     c = _start(facts, State(mesh, opts, forced=dict(skip or {}), positional=frozenset(flow.positional()),
                             casts=flow.cast_to(), ragged=ragged_groups(flow),
-                            pins=pins(flow), streamed=frozenset(flow.split_widths)), flow)
+                            pins=pins(flow), streamed=frozenset(flow.split_widths),
+                            input_reads=flow.input_reads()), flow)
     widest = widest_rows or max((u.token_rows for u in flow.uses), default=0)
     for u in flow.uses:  # what each contraction reads, for the chooser (first use of a leaf)
         if u.tokens and widest and u.path in c.fx:

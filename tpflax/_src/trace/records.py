@@ -537,6 +537,19 @@ class Dataflow:
                 seen.setdefault(u.path, set()).add(u.dtype if u.id in self.derived and u.dtype else "")
         return seen
 
+    def input_reads(self) -> frozenset[str]:
+        """The parameters whose first contraction (``dot`` or ``conv``) reads an activation computed from no parameter
+        (:attr:`Use.from_input`: the model's own input, a bare attention block's q/k/v projections or a CNN's stem
+        reading the pixels): the step differentiates the parameters only, so no gradient of that input is computed
+        and a tensor split of the kernel sums no partial input gradients. One fact for the estimate's
+        (:attr:`tpflax._src.cost.traced.Traced.widths`: 0) and the chooser's pricing
+        (:attr:`tpflax._src.planner.builders.State.input_reads`)."""
+        first: dict[str, bool] = {}
+        for u in self.uses:
+            if u.op in ("dot", "conv"):
+                first.setdefault(u.path, u.from_input)
+        return frozenset(p for p, f in first.items() if f)
+
     def derived_dots(self) -> frozenset[str]:
         """The parameters whose :meth:`dots` use reads the kernel through an op (:attr:`derived`)."""
         return frozenset(p for p, u in self._first_dots().items() if u.id in self.derived)
