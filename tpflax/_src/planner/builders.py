@@ -448,10 +448,11 @@ def _what_xla_does_to_cut_heads(fused: bool, heads: int, t_size: int) -> str:
             "input gradient backward)")
 
 
-def logit_acts(t_entry: Entry, d: int, what: str) -> tuple[ActComm, ...]:
-    """A vocab-split output: the split softmax's three per-token reductions and the input gradients."""
+def logit_acts(t_entry: Entry, d: int, what: str, input_grad: bool = True) -> tuple[ActComm, ...]:
+    """A vocab-split output: the split softmax's three per-token reductions and the input gradients (none where it
+    reads the model's own input, ``input_grad`` False: :attr:`State.input_reads`)."""
     return (ActComm("all-reduce", t_entry, 1, 3, f"{what}: max, sum and label logit of the split softmax"),
-            ActComm("all-reduce", t_entry, d, 1, f"{what}: sum input gradients (backward)"))
+            *((ActComm("all-reduce", t_entry, d, 1, f"{what}: sum input gradients (backward)"),) if input_grad else ()))
 
 
 def _row_as_head(st: State, cols: list[Linear], row: Linear, pair: Pair, head: tuple[int, str]) -> Option:
@@ -543,13 +544,14 @@ def _megatron(st: State, cols: list[Linear], row: Linear, pair: Pair, unit: str,
     return Option(name, tuple(props), tuple(acts), frozenset(p for p, _ in props), pieces=tuple(pieces))
 
 
-def input_grad_sum(st: State, path: str, width: int, what: str = "column") -> list[ActComm]:
+def input_grad_sum(st: State, path: str, width: int,
+                   why: str = "column: sum partial input gradients (backward)") -> list[ActComm]:
     """A column split on its output: the all-reduce of its partial input gradients (``width`` per token, backward);
     none where it reads the model's own input (:attr:`State.input_reads`), whose gradient the step does not compute
     (XLA compiles no such sum; the estimate prices none: :attr:`tpflax._src.cost.traced.Traced.widths`)."""
     if path in st.input_reads:
         return []
-    return [ActComm("all-reduce", st.tensor[0], width, 1, f"{what}: sum partial input gradients (backward)")]
+    return [ActComm("all-reduce", st.tensor[0], width, 1, why)]
 
 
 def _joined(row: Linear, t_entry: Entry, t_size: int) -> list[ActComm]:
@@ -761,8 +763,8 @@ def shard_conv_pair(st: State, a: Facts, b: Facts, a_dim: int, b_dim: int, why: 
                                f"(conv pair {pair.id})", pair.id, "column")) for e in extra)),
         (ActComm("all-reduce", t_entry, math.prod(b.body) // (b.body[b_dim] * _taps(b)), 1,
                  "input-channel conv: sum partial outputs (forward)"),
-         ActComm("all-reduce", t_entry, math.prod(a.body) // (ch * _taps(a)), 1,
-                 "channel conv: sum partial input gradients (backward)"),
+         *input_grad_sum(st, a.path, math.prod(a.body) // (ch * _taps(a)),
+                        "channel conv: sum partial input gradients (backward)"),
          *((ActComm("all-gather", t_entry, ch, 2 * gathered, "gather the split output channels for the later convs "
                     "that read them whole (forward, and again for their weight gradients)"),) if gathered else ())),
         paths)

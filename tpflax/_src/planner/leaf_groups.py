@@ -15,7 +15,15 @@ from dataclasses import replace
 from tpflax._src.cost.price import ActComm, stream_gathers
 from tpflax._src.facts.classify import ATTN, POS_EMBED, REL_BIAS, Facts
 from tpflax._src.mesh import FSDP
-from tpflax._src.planner.builders import Proposal, State, axis_label, body_spec, logit_acts, short
+from tpflax._src.planner.builders import (
+    Proposal,
+    State,
+    axis_label,
+    body_spec,
+    input_grad_sum,
+    logit_acts,
+    short,
+)
 from tpflax._src.planner.choose import Chosen, Option, fit, pick, revise
 from tpflax._src.planner.constraints import split_updated, update_gathers
 from tpflax._src.specs import Entry, entries, entry_axes, used_axes
@@ -149,7 +157,7 @@ def shard_output_head(st: State, f: Facts, dim: int, evidence: str) -> None:
         split = Option("vocab split", ((f.path, st.proposal(
             f, body_spec(len(f.body), dim, t_entry), "column",
             f"{evidence}; {n} outputs split over {axis_label(t_entry, t_size)} (vocab-parallel logits)",
-            kind="head")),), logit_acts(t_entry, d, "vocab-split output head"), mm,
+            kind="head")),), logit_acts(t_entry, d, "vocab-split output head", f.path not in st.input_reads), mm,
             # its input gradient, summed per token, is wider than the outputs it divides (a value, reward or box
             # head of a few outputs): step time decides against keeping it whole (choose.best)
             sums_output=d >= n)
@@ -210,7 +218,7 @@ def shard_lone_dense(st: State, f: Facts, dim: int, why: str,
             if reduced else
             ActComm("all-gather", t_entry, n * grown, 1, "gather its split output (forward)" if grown == 1 else
                     f"gather its split output, upsampled {grown:.3g}x on the way (forward)"),
-            ActComm("all-reduce", t_entry, math.prod(f.body) // n, 1, "sum its input gradient (backward)"))
+            *input_grad_sum(st, f.path, math.prod(f.body) // n, "sum its input gradient (backward)"))
     if stream:
         ratio, width, gathers = stream
         acts += (ActComm("all-gather", t_entry, ratio * width, gathers, "gather the residual stream its split "
