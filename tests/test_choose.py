@@ -633,6 +633,35 @@ def test_a_positional_table_added_to_a_video_is_not_split_as_a_vocabulary_tree_o
     assert tuple(d.spec) == (None, None) and "positional table" in d.reason, (d.spec, d.reason)
 
 
+class _Queries(nn.Module):
+    """DETR's decoder input: 16 learned object queries, an ``nn.Embed`` read whole through ``.embedding`` and added
+    to the query stream, never looked up by ids; beside it a 1000-row token table that is looked up."""
+
+    @nn.compact
+    def __call__(self, x, ids):
+        q = nn.Embed(16, 64, name="query_embed").embedding[None]
+        t = nn.Dense(64, name="proj")(x.reshape(x.shape[0], -1, x.shape[-1])) + q + nn.Embed(1000, 64, name="tok")(ids)
+        y = nn.Dense(64, name="fc2")(jax.nn.gelu(nn.Dense(256, name="fc1")(nn.LayerNorm(name="ln")(t))))
+        return nn.Dense(10, name="head")((t + y).mean(1))
+
+
+def test_a_learned_query_table_read_whole_is_not_split_as_a_vocabulary_tree_only():
+    # Tree-only, DETR's 16 x 128 ``query_embed`` was split on its rows as a vocabulary priced at the image batch's
+    # leading dim (8 "tokens"): read whole and added to the query stream, its split comes out on the queries' dim,
+    # which XLA gathers (review_v V03, data=2,model=4: +368,640 B of all-gathers, 1.16x the collectives of the hand
+    # layout, the estimate 0.84 of the compiled). The tree cannot tell a read from a lookup: a table with no more
+    # rows than features prices the gathers of a whole read and stays whole; a 1000-row token table still splits.
+    batch = (jax.ShapeDtypeStruct((8, 4, 4, 24), jnp.float32), jax.ShapeDtypeStruct((8, 16), jnp.int32))
+    variables = jax.eval_shape(_Queries().init, jax.random.key(0), *batch)
+    p = tpflax.plan(variables, DP_TP, batch=batch[:1])
+    assert p.options["tokens"] == 8
+    d = p.decisions["params/query_embed/embedding"]
+    assert tuple(d.spec) == (None, None), (d.spec, d.reason)
+    split = next(a for a in d.alternatives if a.name == "vocab split")
+    assert any("read whole" in c for c in split.collectives), split.collectives
+    assert p.spec("params/tok/embedding") == P("model", None)
+
+
 class PerHeadShared(nn.Module):
     """A weight shared across attention heads, applied to q viewed (b, s, heads, head_dim): Performer's random
     features (``omega``, in a non-param collection), the same matrix trained, or a per-head ``nn.Dense``."""

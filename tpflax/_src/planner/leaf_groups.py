@@ -90,6 +90,15 @@ def shard_embedding(st: State, f: Facts, vdim: int, evidence: str = "", tied: bo
         return
     if v % t_size == 0 and not bias:
         acts = (ActComm("all-reduce", t_entry, d, 1, "sum the looked-up rows (forward)"),)
+        if rank == 2 and not evidence and v <= d and not POS_EMBED.search(f.unit_name):
+            # tree-only, a table with no more rows than features is as often a learned array read whole through
+            # ``.embedding`` (DETR's 16 x 128 object queries added to the query stream) as a lookup, and the tree
+            # cannot tell: split on its rows, the read comes out split on its row dim, which XLA gathers per
+            # example (measured, XLA:CPU data=2,model=4, a DETR whose stem the tree cannot count patches for:
+            # +368,640 B of all-gathers, 1.16x the collectives of the table kept whole). Priced at one whole
+            # table per token (at least one per example), the risk outweighs the few rows the split saves
+            acts += (ActComm("all-gather", t_entry, v * d, 1, "gather its row-split read, if read whole (a "
+                             "learned array, not looked up by ids)"),)
         if tied:
             acts += logit_acts(t_entry, d, "tied output embedding")
         options.append(Option("vocab split", ((f.path, st.proposal(
