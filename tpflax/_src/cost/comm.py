@@ -32,7 +32,7 @@ from tpflax._src.cost.kvsplit import kv_split_comms, kv_splits
 from tpflax._src.cost.pieces import member_items
 from tpflax._src.cost.price import gathered_bytes, stream_gathers
 from tpflax._src.cost.records import CommItem
-from tpflax._src.cost.residual import alike_path, residual_outputs
+from tpflax._src.cost.residual import alike_path, normed_later, residual_outputs
 from tpflax._src.cost.scope import Scope, body, drop_layers, is_tied, layers, leaf_itemsize
 from tpflax._src.cost.straddle import parted_ranks, straddled_items, straddled_split
 from tpflax._src.cost.stream import (
@@ -78,8 +78,11 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
     # MLP's own sum is the block output, saved
     again = s.remat and any(dec[r].kind != "attention" for pc in s.lv.pairs for r in pc.rows)
     # and, as traced, any other row whose sum a backward reads (a conv's, normalised next: ResNet-18 fsdp=2,model=4
-    # remat on, v5e:2x4, sums each block's second conv again, +0.27 GiB); a row feeding only a residual add is not
-    unread = {alike_path(p) for p in residual_outputs(s.lv, s.activations)} if again else set()
+    # remat on, v5e:2x4, sums each block's second conv again, +0.27 GiB); a row feeding only a residual add is not,
+    # unless a norm of its block reads that add later (a pre-norm block's attention output: the MLP's norm; a flat
+    # q/k/v/o Dense block, whose o is kind "dense", compiled one more o all-reduce per layer than estimated, 0.905x)
+    unread = ({alike_path(p) for p in residual_outputs(s.lv, s.activations)} - normed_later(s.lv, s.activations)
+              if again else set())
     # a residual stream kept split on its features (a lookup table split on them) takes the pairs' partial
     # sums split: XLA:TPU reduce-scatters them into it (an all-reduce's first half; the gathers of the stream
     # behind each norm, _embedding_items, are the second); XLA:CPU has no reduce-scatter pass and all-reduces

@@ -85,6 +85,41 @@ def alike_path(path: str) -> str:
     return path
 
 
+def normed_later(lv: Leaves, activations: Any) -> set[str]:
+    """The :func:`residual_outputs` (alike paths) a norm of their own block reads after them: the residual add
+    they feed is normalised later in the same call (a sequential pre-norm block's attention output, read by the
+    MLP's norm; a post-norm block's every row), so a rematerialised block's recompute, which needs that norm's
+    input for its backward, sums them again. A parallel block's rows (PaLM, GPT-J: one norm before both) and a
+    block's last row are normalised by nothing after them in the block. Read off the trace's call order (the
+    order of ``activations``), not names.
+
+    Measured (XLA:CPU data=2,model=4, tests/test_remat_rows.py): under ``nn.remat`` a pre-norm block with flat
+    q/k/v/o Dense compiles one ``rematted_computation`` all-reduce of o's output per layer, none of the MLP's;
+    a PaLM parallel block compiles none.
+    """
+    out = residual_outputs(lv, activations)
+    if not out:
+        return set()
+    stacks = lv.stacks
+    keys = list(activations)
+    where = {p: i for i, p in enumerate(keys)}
+    # every norm's leaves (alike leaves share one representative decision: ``ln1`` stands for ``ln2``)
+    normed = {alike_path(layer_key(leaf.rsplit("/", 1)[0])) for leaf in {*lv.rep_of, *lv.decisions}
+              if getattr(lv.decision_of(leaf), "kind", None) == "norm"}
+    norms = [p for p in keys if alike_path(p) in normed]
+
+    def instance(path: str) -> tuple[str | None, str]:
+        block = repeated_block(path, stacks)
+        return block, "/".join(path.split("/")[:len(block.split("/"))]) if block else ""
+
+    later = set()
+    for path in out:
+        home = instance(path)
+        if home[0] is not None and any(where[n] > where[path] and instance(n) == home for n in norms):
+            later.add(alike_path(path))
+    return later
+
+
 def repeated_block(path: str, stacks: Mapping[str, int] | None = None) -> str | None:
     """The repeated block a traced path sits in: an indexed one, index as a wildcard (``layers_*``), else
     the scanned stack holding it (``stacks``, :attr:`Leaves.stacks`: the outermost traced path whose
