@@ -17,7 +17,7 @@ from tpflax._src.cost.batch import dtype_name
 from tpflax._src.errors import EstimateError
 from tpflax._src.mesh import traced_under
 from tpflax._src.model import check_scalar_loss
-from tpflax._src.trace.records import InSpecs
+from tpflax._src.trace.records import InSpecs, frozen_reads
 
 
 @dataclass(frozen=True)
@@ -290,11 +290,7 @@ def frozen_inputs(t: Traced, trainable: Mapping[str, bool]) -> frozenset[str]:
     >>> frozen_inputs(Traced(grad_deps={"a": 1, "b": 3, "c": -1}, param_paths=("e", "a")), {"e": False, "a": True})
     frozenset({'a'})
     """
-    trained = 0
-    for i, p in enumerate(t.param_paths):
-        if trainable.get(p, True):
-            trained |= 1 << i
-    return frozenset(p for p, deps in t.grad_deps.items() if deps and not deps & trained)
+    return frozen_reads(t.grad_deps, t.param_paths, trainable)  # the chooser's fact too (Dataflow.frozen_reads)
 
 
 def traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], mesh: Any = None, batch: int | None = None) -> Traced:
@@ -347,13 +343,11 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], leads: frozenset
     lookups: dict[str, int] = {}
     widths: dict[str, int] = {}
     slices: dict[str, int] = {}
-    grad_deps: dict[str, int] = {}
+    grad_deps = flow.input_grad_deps()  # what frozen_inputs reads, as the chooser does (Dataflow.frozen_reads)
     calls: dict[str, int] = {}  # the uses with rows so far, by path
     input_reads = flow.input_reads()  # their input needs no gradient (the chooser reads the same fact)
     for u in flow.uses:
         ops.setdefault(u.path, set()).add(u.op)
-        if u.op in ("dot", "conv") and not u.from_input:
-            grad_deps[u.path] = grad_deps.get(u.path, 0) | flow.grad_deps.get(u.id, -1)
         if u.rows and not u.scan_length:  # a cell's rows repeat at every time step
             calls[u.path] = calls.get(u.path, 0) + 1
             if u.path not in rows:

@@ -181,8 +181,9 @@ class State:
     # traced: (leaf dims, elements per priced token, runs) of each product of two activations that sums those kernel
     # dims (Dataflow.split_sums, the estimate's split_sum_items): a layout splitting one all-reduces its partial sums
     split_sums: tuple[tuple[frozenset[tuple[str, int]], float, int], ...] = ()
-    # traced: kernels whose first contraction reads the model's own input (Dataflow.input_reads): the step computes
-    # no gradient of it, so split on their output they sum no partial input gradients (as the estimate prices them)
+    # traced: kernels whose first contraction reads the model's own input (Dataflow.input_reads), or whose
+    # contractions read only what frozen parameters compute (Dataflow.frozen_reads): the step computes no gradient
+    # of it, so split on their output they sum no partial input gradients (as the estimate prices them)
     input_reads: frozenset[str] = frozenset()
 
     @cached_property

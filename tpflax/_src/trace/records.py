@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -550,6 +550,25 @@ class Dataflow:
                 first.setdefault(u.path, u.from_input)
         return frozenset(p for p, f in first.items() if f)
 
+    def input_grad_deps(self) -> dict[str, int]:
+        """``{path: bit mask}`` of the parameters (bit ``i`` is ``paths[i]``) the activations a kernel's ``dot`` and
+        ``conv`` uses contract are computed from (:attr:`grad_deps`, -1 where the walk lost track), the uses reading
+        the model's own input left out (:meth:`input_reads`). See :meth:`frozen_reads`."""
+        deps: dict[str, int] = {}
+        for u in self.uses:
+            if u.op in ("dot", "conv") and not u.from_input:
+                deps[u.path] = deps.get(u.path, 0) | self.grad_deps.get(u.id, -1)
+        return deps
+
+    def frozen_reads(self, trainable: Mapping[str, bool]) -> frozenset[str]:
+        """The parameters whose contractions read only activations computed from no trained parameter
+        (``trainable``: ``{path: trained}``, a path not listed trained): a frozen LoRA base's first layers, the
+        first layer behind a frozen embedding. The step computes no gradient of those activations, so a tensor
+        split of the kernel sums no partial input gradients. One fact for the estimate
+        (:func:`tpflax._src.cost.traced.frozen_inputs`, widths 0) and the chooser
+        (:attr:`tpflax._src.planner.builders.State.input_reads`)."""
+        return frozen_reads(self.input_grad_deps(), self.paths, trainable)
+
     def derived_dots(self) -> frozenset[str]:
         """The parameters whose :meth:`dots` use reads the kernel through an op (:attr:`derived`)."""
         return frozenset(p for p, u in self._first_dots().items() if u.id in self.derived)
@@ -605,3 +624,17 @@ def remap_added(added: Mapping[tuple[int, int], Iterable[tuple[int, int]]], to: 
         if (key := to(k)) is not None:
             out[key].update(o for o in map(to, others) if o is not None)
     return {k: frozenset(v - {k}) for k, v in out.items()}
+
+
+def frozen_reads(grad_deps: Mapping[str, int], paths: Sequence[str], trainable: Mapping[str, bool]) -> frozenset[str]:
+    """The paths of ``grad_deps`` (``{path: bit mask of paths}``, :meth:`Dataflow.input_grad_deps`) whose mask names
+    parameters but no trained one (``trainable``: ``{path: trained}``, a path not listed trained).
+
+    >>> sorted(frozen_reads({"a": 1, "b": 3, "c": -1, "d": 0}, ("e", "a"), {"e": False, "a": True}))
+    ['a']
+    """
+    trained = 0
+    for i, p in enumerate(paths):
+        if trainable.get(p, True):
+            trained |= 1 << i
+    return frozenset(p for p, deps in grad_deps.items() if deps and not deps & trained)
