@@ -229,6 +229,18 @@ class SeparateAttention(nn.Module):
         return nn.Dense(c, name="o")(jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), v).reshape(b, N, c))
 
 
+def _kept_whole_beside_a_heads_cut(p):
+    """q, k, v and o each offered the heads-cut split and replicate, replicate chosen: their alternatives by name."""
+    out = []
+    for leaf in ("q/kernel", "k/kernel", "v/kernel", "o/kernel"):
+        d = p.decisions[f"params/{leaf}"]
+        alts = {a.name: a for a in d.alternatives}
+        assert set(alts) == {"Megatron, heads cut", "replicate"}, (leaf, d.reason)
+        assert d.spec == P(None, None) and alts["replicate"].chosen, (leaf, d.spec, d.reason)
+        out.append(alts)
+    return out
+
+
 def test_separate_projections_whose_heads_do_not_divide_are_a_priced_candidate():
     # Separate q, k and v reshaped into 6 heads on model=4 were kept whole by rule ("no column of the pair can be
     # split ... XLA sums a cut head's partial scores"), unpriced, although the split that cuts heads compiles to half
@@ -236,11 +248,7 @@ def test_separate_projections_whose_heads_do_not_divide_are_a_priced_candidate()
     # is now the pair's candidate, priced with those gathers (cost/headcut.py split_head_gathers): 3 forward, 1 backward,
     # over the 2 ranks of a head group. On tpu-v5e at these 256 tokens its collectives cost more than it saves
     _, _, _, p = _planned(SeparateAttention(heads=6))
-    for leaf in ("q/kernel", "k/kernel", "v/kernel", "o/kernel"):
-        d = p.decisions[f"params/{leaf}"]
-        alts = {a.name: a for a in d.alternatives}
-        assert set(alts) == {"Megatron, heads cut", "replicate"}, (leaf, d.reason)
-        assert d.spec == P(None, None) and alts["replicate"].chosen, (leaf, d.spec, d.reason)
+    for alts in _kept_whole_beside_a_heads_cut(p):
         assert alts["Megatron, heads cut"].flops < alts["replicate"].flops
     cut = {a.name: a for a in p.decisions["params/q/kernel"].alternatives}["Megatron, heads cut"]
     assert cut.spec == P(None, "model")
@@ -472,11 +480,7 @@ def test_a_dot_product_gqa_whose_key_value_heads_do_not_divide_is_a_priced_candi
     # split_head_gathers): now the pair's priced candidate. On tpu-v5e at 256 tokens its collectives cost more
     # than the flops it saves: the pair stays whole, by step time
     m, x, v, p = _planned(DotProductGQA())
-    for leaf in ("q/kernel", "k/kernel", "v/kernel", "o/kernel"):
-        d = p.decisions[f"params/{leaf}"]
-        alts = {a.name: a for a in d.alternatives}
-        assert set(alts) == {"Megatron, heads cut", "replicate"}, (leaf, d.reason)
-        assert d.spec == P(None, None) and alts["replicate"].chosen, (leaf, d.spec, d.reason)
+    for alts in _kept_whole_beside_a_heads_cut(p):
         assert alts["replicate"].step_time < alts["Megatron, heads cut"].step_time
     cut = {a.name: a for a in p.decisions["params/q/kernel"].alternatives}["Megatron, heads cut"]
     gathers = [c for c in cut.collectives if "gather" in c]
