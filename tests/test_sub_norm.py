@@ -177,10 +177,30 @@ class SRAttn(nn.Module):
 def test_a_conv_that_does_not_widen_ends_at_its_norm():
     # main paired sr (column) with kv (row) through sr_norm, whose mean/variance reduce over sr's split channels:
     # XLA gathered the normalised channels for kv (SegFormer traced: 1.36x the hand's collectives, 100,608 B of
-    # gathers against the estimate's 2,304). A conv's width is its window times its input channels, as a dense's.
+    # gathers against the estimate's 2,304). A conv's width is the input channels it reads, as a dense's.
     img = (jax.ShapeDtypeStruct((8, 16, 16, 3), jnp.float32),)
     m = SRAttn()
     p = tpflax.plan(jax.eval_shape(m.init, jax.random.key(0), *img), MESH, model=m, sample=img)
     sr, kv = (p.decisions[f"params/{n}/kernel"] for n in ("sr", "kv"))
     assert sr.role != "column" and kv.role != "row", (sr.reason, kv.reason)
     assert tuple(p.decisions["params/sr_norm/scale"].spec) == (None,)
+
+
+class WideConv(nn.Module):
+    """A U-Net-style pair: a 3x3 conv doubling the channels, a LayerNorm over them, a 3x3 conv back."""
+
+    @nn.compact
+    def __call__(self, img):
+        h = nn.relu(nn.LayerNorm(name="ln")(nn.Conv(2 * D, (3, 3), name="up")(img)))
+        return nn.Conv(D, (3, 3), name="down")(h)
+
+
+def test_a_widening_kxk_conv_still_pairs_through_its_norm():
+    # the width had counted the window (3x3 x 64 = 576 >= 128): up was taken for a conv that does not widen, its
+    # column ended at ln and up/down were kept whole (3.94x the hand layout's compiled flops). 64 -> 128 widens.
+    img = (jax.ShapeDtypeStruct((8, 8, 8, D), jnp.float32),)
+    m = WideConv()
+    p = tpflax.plan(jax.eval_shape(m.init, jax.random.key(0), *img), MESH, model=m, sample=img)
+    assert [p.spec(f"params/{n}/kernel") for n in ("up", "down")] == [P(None, None, None, "model"),
+                                                                      P(None, None, "model", None)]
+    assert p.spec("params/ln/scale") == P("model")

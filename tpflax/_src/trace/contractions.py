@@ -355,10 +355,10 @@ def conv_general_dilated(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: l
                     grouped_in=math.prod(in_shape) if moved and n == 0 else None)
         if id(rhs) not in w.raw:
             w.derived.add(uid)
-        # the elements it contracts per output (its window times the input channels a group reads), as a dense's
-        # width: a norm over its output feeds a row only if that output is wider (Walk.edge; SegFormer's k2 s2
+        # the input channels a group reads, as a dense's width (its window is not a width: a 3x3 conv 64 -> 128
+        # widens): a norm over its output feeds a row only if that output is wider (Walk.edge; SegFormer's k2 s2
         # ``sr`` conv 64 -> 64, LayerNorm(64), ``kv`` no pair: XLA gathers the normalised channels for ``kv``)
-        w.widths.setdefault(uid, math.prod(shape_p[d] for d in rspec[1:]))
+        w.widths.setdefault(uid, shape_p[rspec[1]])
         w.note_grad(uid, lhs)
         fresh = uid if len(rhs.origin) == 1 else None
         if groups == 1 and i is not None:
