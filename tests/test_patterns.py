@@ -2425,3 +2425,22 @@ def test_a_lone_gate_on_its_rows_output_is_not_its_column():
     # a gate beside a named input projection is a gated MLP's: still the column of its row
     glu = [f"params/glu/{n}/kernel" for n in ("gate", "up", "out")]
     assert [tree.spec(k) for k in glu] == [P(None, "model")] * 2 + [P("model", None)]
+
+
+class _SquareGLUUnnamedUp(nn.Module):
+    """A square gated MLP whose up-projection has a name no table knows: ``out(silu(gate(x)) * lin(x))``."""
+    @nn.compact
+    def __call__(self, z):
+        return nn.Dense(16, name="out")(jax.nn.silu(nn.Dense(16, name="gate")(z)) * nn.Dense(16, name="lin")(z))
+
+
+def test_a_square_glus_gate_beside_one_unnamed_up_projection_is_its_column():
+    # one unnamed kernel of the row's column shape beside the gate was taken for the triangle update's a/b
+    # projections: gate kept whole, lin split (1.078x Megatron's compiled collectives, 1.32x its flops, review2
+    # gate_c.py, d=256 on data=2,model=4). The triangle update has four such kernels; one is a GLU's up: Megatron.
+    z = sds(2, 8, 16)
+    m = _SquareGLUUnnamedUp()
+    tree = tpflax.plan(abstract(m, z), MESH, batch=(z,))
+    assert [tree.spec(f"params/{n}/kernel") for n in ("gate", "lin", "out")] == [P(None, "model")] * 2 + [
+        P("model", None)]
+    assert "gated MLP's gate" in tree.decisions["params/lin/kernel"].reason

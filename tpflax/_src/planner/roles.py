@@ -518,7 +518,8 @@ def gate_beside_its_row(lins: list[Linear]) -> Linear | None:
     A column pairs with a row only if the row reads its output. A gated MLP's ``gate`` does (``down(silu(gate(x))
     * up(x))``), and has a named input projection beside it (``up``, or the attention's ``q``/``k``/``v`` before a
     gated attention's output); a gate as wide in and out as the block's square row writes the width the row writes
-    too, and beside only unnamed kernels of the row's column shape it gates the row's output (AlphaFold's triangle
+    too, and beside only unnamed kernels of the row's column shape, two or more (a square GLU has one: its up
+    projection under a name the tables lack, ``lin``, a column beside the gate), it gates the row's output (AlphaFold's triangle
     update: ``out(norm(einsum(a_gate * a_proj, b_gate * b_proj))) * sigmoid(gate(z))``). Paired as the column, its
     split output met the row's whole one: XLA split the pair stream behind it and gathered it at every later reader
     (the Evoformer's tree plan: 1.18x the hand layout's collectives, data=2,model=4); the trace pairs the unnamed
@@ -529,13 +530,16 @@ def gate_beside_its_row(lins: list[Linear]) -> Linear | None:
     >>> def lin(path, role=None):
     ...     f = Facts(Leaf(path, (8, 8), "float32", 4), "dense", 0, path.rsplit("/", 1)[0], "b")
     ...     return Linear(f, (0,), (1,), role=role)
-    >>> a, g, out = lin("b/a_proj/kernel"), lin("b/gate/kernel", "column"), lin("b/out/kernel", "row")
-    >>> gate_beside_its_row([a, g, out]) is g, a.role, g.role
+    >>> a, b = lin("b/a_proj/kernel"), lin("b/b_proj/kernel")
+    >>> g, out = lin("b/gate/kernel", "column"), lin("b/out/kernel", "row")
+    >>> gate_beside_its_row([a, b, g, out]) is g, a.role, g.role
     (True, 'column', None)
     >>> up = lin("b/up/kernel", "column")
-    >>> g.role = "column"; a.role = None
-    >>> gate_beside_its_row([a, g, up, out]) is None  # a named input projection beside the gate: a gated MLP
+    >>> g.role = "column"; a.role = b.role = None
+    >>> gate_beside_its_row([a, b, g, up, out]) is None  # a named input projection beside the gate: a gated MLP
     True
+    >>> gate_beside_its_row([a, g, out]) is None, a.role  # one unnamed kernel beside it: a square GLU's up
+    (True, 'column')
     """
     rows = [x for x in lins if x.role == "row"]
     cols = [x for x in lins if x.role == "column"]
@@ -549,8 +553,14 @@ def gate_beside_its_row(lins: list[Linear]) -> Linear | None:
         return None  # a gate writing the width the row reads and not the one it writes: a gated MLP's gate
     inputs = [x for x in lins if x.role is None and len(x.f.body) == 2
               and (x.in_size, x.out_size) == (row.out_size, row.in_size)]
-    if not inputs:
-        return None  # nothing else could feed the row: the gate is its column
+    if len(inputs) == 1:
+        # one unnamed kernel beside the gate: a square GLU's up-projection under a name the tables do not know
+        # (``lin``); the gate is the row's column and so is it (the triangle update has four: a/b proj and gate)
+        x = inputs[0]
+        x.role = "column"
+        x.why = (f"({x.in_size} -> {x.out_size}) feeds {short(row.f.path)}, the block's one row by name, beside "
+                 f"{short(gate.f.path)}, the gated MLP's gate (pass model= to trace it)")
+        return None
     for x in inputs:
         x.role = "column"
         x.why = (f"({x.in_size} -> {x.out_size}) feeds {short(row.f.path)}, the block's one row by name, beside "
