@@ -730,6 +730,33 @@ def test_a_split_kernel_reading_the_model_input_sums_no_input_gradient(devices, 
     assert abs(chosen.comm_bytes / dr.comm_total - 1) < 0.03, (chosen.comm_bytes, dr.comm(), chosen.collectives)
 
 
+class _SharedTwice(nn.Module):
+    """One dense called twice: first on the model's input, then on its own (tanh'd) output, a hidden activation."""
+
+    @nn.compact
+    def __call__(self, x):
+        d = nn.Dense(128, name="hidden")
+        return jnp.sum(jnp.log(jnp.cosh(d(jnp.tanh(d(x))))), axis=-1)
+
+
+def test_a_kernel_shared_by_a_call_on_the_input_and_one_on_a_hidden_activation_sums_its_input_gradient(devices):
+    # Dataflow.input_reads looked at a kernel's first use only: shared across calls, first on the model's input,
+    # it counted as reading the input, yet its second call's input gradient is computed and summed over the split.
+    # The estimate priced the split's model all-reduce at 192 B (the bias's) against 24,768 compiled. Now a path
+    # counts only if every dot/conv use reads the input: the model all-reduce as compiled.
+    from tpflax._src.trace.dataflow import dataflow
+    m, x = _SharedTwice(), (jax.ShapeDtypeStruct((64, 128), jnp.float32),)
+    assert "params/hidden/kernel" not in dataflow(m, x).input_reads()
+    v = jax.eval_shape(m.init, jax.random.key(0), *x)
+    p = tpflax.plan(v, DP_TP, model=m, sample=x, batch=x,
+                    rules=[("hidden/kernel", P(None, "model")), ("hidden/bias", P("model"))])
+    mesh = tpflax.make_mesh(DP_TP)
+    loss = lambda out, x: jnp.mean(out ** 2)  # noqa: E731
+    dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, optax.adamw(1e-3), sample=x, loss=loss), p, mesh)
+    e = tpflax.estimate(p, optax.adamw(1e-3), x, model=m, sample=x, loss=loss, backend="cpu")
+    assert e.comm["all-reduce"]["model"] == dr.comm()["all-reduce"]["model"], (e.comm, dr.comm())
+
+
 class _FrozenEmbedMLP(nn.Module):
     """An embedding feeding an MLP pair: frozen (plan(trainable=) leaves it out), nothing trained is upstream of up."""
 

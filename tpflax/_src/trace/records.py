@@ -538,17 +538,17 @@ class Dataflow:
         return seen
 
     def input_reads(self) -> frozenset[str]:
-        """The parameters whose first contraction (``dot`` or ``conv``) reads an activation computed from no parameter
+        """The parameters whose every contraction (``dot`` or ``conv``) reads an activation computed from no parameter
         (:attr:`Use.from_input`: the model's own input, a bare attention block's q/k/v projections or a CNN's stem
         reading the pixels): the step differentiates the parameters only, so no gradient of that input is computed
         and a tensor split of the kernel sums no partial input gradients. One fact for the estimate's
         (:attr:`tpflax._src.cost.traced.Traced.widths`: 0) and the chooser's pricing
         (:attr:`tpflax._src.planner.builders.State.input_reads`)."""
-        first: dict[str, bool] = {}
-        for u in self.uses:
+        every: dict[str, bool] = {}
+        for u in self.uses:  # every use: a kernel shared across calls also reading a hidden activation sums its gradient
             if u.op in ("dot", "conv"):
-                first.setdefault(u.path, u.from_input)
-        return frozenset(p for p, f in first.items() if f)
+                every[u.path] = every.get(u.path, True) and u.from_input
+        return frozenset(p for p, f in every.items() if f)
 
     def input_grad_deps(self) -> dict[str, int]:
         """``{path: bit mask}`` of the parameters (bit ``i`` is ``paths[i]``) the activations a kernel's ``dot`` and
