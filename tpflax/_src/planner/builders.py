@@ -607,12 +607,11 @@ def whole_column(col: Linear, t_entry: Entry, t_size: int, query_heads: int | No
     masters, 8 query and 2 key/value heads: one ``f32[128,32]`` gather over 2 ranks per key/value kernel, where the
     parameter and its 2 moments were priced).
     Not ``input_grad`` (it reads the model's own input, :attr:`State.input_reads`): no input gradient to sum, and,
-    as the estimate's :func:`tpflax._src.cost.whole.whole_members`, nothing priced but a repeated key/value's gathers.
+    as the estimate's :func:`tpflax._src.cost.whole.whole_members`, only the output-gradient sums and the update
+    pieces' gathers priced.
     """
     stacked = bool(col.f.stacked) and col.heads is not None
     rep = _repeated(col, query_heads, t_size)
-    if not input_grad and rep is None:
-        return [], None
     in_size = col.in_size if input_grad else 0
     k = (pieces_of(col.limit or col.f.body[col.shard_dim("column")], t_size)
          if col.rope is not None or col.heads is not None else None)
