@@ -527,5 +527,14 @@ def test_a_gqa_reading_the_model_input_prices_no_input_gradient_sum(devices):
         mem = dr.memory
         got[name] = ((mem.get("argument") or 0) + (mem.get("temp") or 0), dr.comm_total, dr.flops)
         # the split's collectives as estimated (no input gradient summed; kv 6 on 4 ranks: whole head groups)
-        assert name == "hand" or abs(e.comm_total / dr.comm_total - 1) < 0.01, (name, e.comm, dr.comm())
+        if name == "traced":
+            assert abs(e.comm_total / dr.comm_total - 1) < 0.01, (name, e.comm, dr.comm())
+        else:
+            # Known gap, measured 65,232 / 72,820 = 0.896: the tree-only plan of these unscoped q/k/v/o pairs q with
+            # o as dense layers and leaves k and v out of the pair, so the estimate prices their gradients as split
+            # over all 4 model ranks (the traced meets) instead of XLA's gcd(6, 4) = 2 head groups: the data
+            # all-reduce of k/v 2 x 1,152 B where 2 x 2,304 are compiled, their update gathers over 4 ranks where
+            # 2 are, and the repeated key/value's output-gradient gathers (2 x f32[8,16,6,4] over 2) not at all.
+            # Pairing them (as under an "attn" scope: ProjectedGQA above, within 1%) should bring this to 1.
+            assert 0.89 < e.comm_total / dr.comm_total < 0.90, (name, e.comm, dr.comm())
     assert all(t < h for t, h in zip(got["traced"], got["hand"], strict=True)), got
