@@ -88,17 +88,17 @@ def shard_embedding(st: State, f: Facts, vdim: int, evidence: str = "", tied: bo
                "added to every token or looked up at the positions, kept whole on every tensor rank (split on "
                "its rows it would split the sequence dim of every activation)")),), (), mm, whole=True)], [f])
         return
-    if v % t_size == 0 and not bias:
+    # tree-only, a table with no more rows than features is as often a learned array read whole through
+    # ``.embedding`` (DETR's 16 x 128 object queries added to the query stream) as a lookup, and the tree cannot
+    # tell: split on its rows, a whole read comes out split on its row dim, which XLA gathers per example
+    # (measured, XLA:CPU data=2,model=4, a DETR whose stem the tree cannot count patches for: +368,640 B of
+    # all-gathers, 1.16x the collectives of the table kept whole), while a lookup moves no gather at all (a char
+    # LM's 64 x 128 table split: 3,015,684 B compiled, none gathered). No price is honest for both, so the row split
+    # is not offered: kept whole (a char LM's 64 x 128 table whole: 2,843,652 B compiled), and the reason says so
+    read_whole = (rank == 2 and not evidence and not bias and not tied and v <= d and v % t_size == 0
+                  and not POS_EMBED.search(f.unit_name))
+    if v % t_size == 0 and not bias and not read_whole:
         acts = (ActComm("all-reduce", t_entry, d, 1, "sum the looked-up rows (forward)"),)
-        if rank == 2 and not evidence and v <= d and not POS_EMBED.search(f.unit_name):
-            # tree-only, a table with no more rows than features is as often a learned array read whole through
-            # ``.embedding`` (DETR's 16 x 128 object queries added to the query stream) as a lookup, and the tree
-            # cannot tell: split on its rows, the read comes out split on its row dim, which XLA gathers per
-            # example (measured, XLA:CPU data=2,model=4, a DETR whose stem the tree cannot count patches for:
-            # +368,640 B of all-gathers, 1.16x the collectives of the table kept whole). Priced at one whole
-            # table per token (at least one per example), the risk outweighs the few rows the split saves
-            acts += (ActComm("all-gather", t_entry, v * d, 1, "gather its row-split read, if read whole (a "
-                             "learned array, not looked up by ids)"),)
         if tied:
             acts += logit_acts(t_entry, d, "tied output embedding")
         options.append(Option("vocab split", ((f.path, st.proposal(
@@ -120,7 +120,7 @@ def shard_embedding(st: State, f: Facts, vdim: int, evidence: str = "", tied: bo
     # The embedding-dim split only where the rows do not divide: measured on a GQA block
     # (tests/test_choose.py), splitting a 128-row token table on its features instead of its rows
     # cost XLA 60% more collectives than the priced gather (its feature-split output feeds a norm).
-    if rank == 2 and d % t_size == 0 and not options and not bias:
+    if rank == 2 and d % t_size == 0 and not options and not bias and not read_whole:
         # A feature-split table hands XLA a feature-split activation to add to the residual
         # stream, which stays split through every block: gathered behind each of its norms (the
         # estimate counts the same gathers, cost.comm). They are priced at the activation dtype:
@@ -151,8 +151,10 @@ def shard_embedding(st: State, f: Facts, vdim: int, evidence: str = "", tied: bo
             f"heads: {ev}a {v} x {d} relative-position bias: its {d} columns, read into the scores, split over "
             f"{over} with them")),)))
     options.append(Option("replicate", ((f.path, st.whole(
-        f, f"embedding: {ev}{' x '.join(map(str, f.body))} table kept whole on every tensor rank")),), (), mm,
-        whole=True))
+        f, f"embedding: {ev}{' x '.join(map(str, f.body))} table kept whole on every tensor rank" + (
+            ": a table no taller than it is wide may be read whole (a learned array, not looked up by ids), "
+            "which a row split makes XLA gather; its row split is not offered (pass model= to trace it)"
+            if read_whole else ""))),), (), mm, whole=True))
     st.choose("embedding", options, [f])
 
 
