@@ -692,9 +692,9 @@ def test_a_path_under_its_collection_names_the_leaf_as_the_report_prints_it():
         plan.spec("up/kernal")
     # under two roots (a copy of the parameters kept beside them) it is ambiguous: both named, the fix said
     two = tpflax.plan({"params": variables["params"], "ema": variables["params"]}, {"data": 2, "model": 4})
-    with pytest.raises(tpflax.UnknownPathError, match=r"'up/kernel' is not a leaf of this plan and is under more "
-                                                      r"than one root: 'ema/up/kernel' or 'params/up/kernel'; give "
-                                                      r"the full path"):
+    with pytest.raises(tpflax.UnknownPathError, match=r"'up/kernel' is not a leaf of this plan and names more than "
+                                                      r"one leaf under its first path component: 'ema/up/kernel' or "
+                                                      r"'params/up/kernel'; give the full path"):
         two.spec("up/kernel")
     assert two.decisions.get("up/kernel") is None and "up/kernel" not in two.decisions  # a dict's get and in
 
