@@ -131,10 +131,12 @@ def patch_tokens(batch: Any, convs: Any) -> tuple[int, int] | None:
     >>> [patch_tokens(b, [(4, 4, 3, 48)]) for b in ({"image": img[0], "label": label}, (8, 32, 32, 3),
     ...                                            {"image": img[0], "ids": ids})]
     [(512, 48), (512, 48), None]
+    >>> [patch_tokens(b, [(4, 4, 3, 48)]) for b in ("8x32x32x3", "8x512", 8)]  # the CLI's shape string, a count
+    [(512, 48), None, None]
     """
     import numpy as np
 
-    if batch is None or isinstance(batch, (int, str)) and not isinstance(batch, bool):
+    if batch is None or isinstance(batch, int):  # a count says nothing of images; "8x32x32x3" (the CLI's) may
         return None
     try:
         b = parse_batch(batch, None, None)
