@@ -445,3 +445,13 @@ def test_plan_takes_the_batch_and_hardware_its_layouts_are_priced_for(capsys):
     assert main(["estimate", "gpt2", "--mesh", "data=2,model=4", "--batch", "2", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert (data["options"]["tokens"], data["options"]["tokens_from"]) == (64, "batch")
+
+
+def test_plan_html_with_a_batch_the_step_cannot_take_writes_a_parameters_only_page(tmp_path, capsys):
+    # `tpflax plan --batch 3 --html` on data=2: the plan is priced for 3 sequences, but the page's adamw step
+    # cannot split 3 over data=2; the page's estimate raised outside the guard that leaves a parameters-only page
+    path = tmp_path / "g.html"
+    assert main(["plan", "gpt2", "--mesh", "data=2,model=4", "--batch", "3", "--html", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "the HTML report shows parameters only" in err and "does not divide" in err, err
+    assert path.read_text().startswith("<!DOCTYPE html>")

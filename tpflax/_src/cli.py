@@ -29,6 +29,8 @@ from tpflax._src.cli_args import (
     positive_int,
     with_remat,
 )
+from tpflax._src.hardware import DEFAULT_PLAN_HARDWARE
+from tpflax._src.hardware import known as known_hardware
 
 EXAMPLES = """examples:
   tpflax plan gpt2-small --mesh data=2,model=4
@@ -80,14 +82,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 f"{jax.devices()[0].platform} devices"
     if args.html:  # first: a path that cannot be written fails the command before anything is printed
         from tpflax._src.html.cli import write_cli_report
-        est = None
-        if args.batch:  # the page's step is the batch the plan is priced for
-            import optax
 
-            from tpflax._src.cost.estimate import estimate
-            est = estimate(p, optax.adamw(1e-3), estimate_inputs(args, loaded)[0], **model_kwargs(loaded),
-                           optimizer_name="adamw")
-        write_cli_report(args.html, p, loaded, est)
+        # the page's step is the batch the plan is priced for; one the step cannot take leaves a parameters-only page
+        write_cli_report(args.html, p, loaded, batch=estimate_inputs(args, loaded)[0] if args.batch else None)
     if page_only:
         if args.why:
             report(p, why=args.why)
@@ -295,11 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "leaf's path (as the table shows it), print that leaf's candidates after the report")
     p.add_argument("--batch", default=None,
                    help="global training batch the layouts are priced for, and the --html page's step: N, or "
-                   "NxSEQ / NxFEATURES (default: 8,192 tokens, 16x512; the page's step: batch 32, or a factory "
-                   "model's sample)")
+                   "NxSEQ / NxFEATURES (default: 8,192 tokens or rows, 16x512 for a model reading token ids; the "
+                   "page's step: batch 32, or a factory model's sample)")
     p.add_argument("--hardware", default=None,
-                   help="preset the layouts are priced on: tpu-v4, tpu-v5e (default), tpu-v5p, tpu-v6e, a100, "
-                   "h100, h200")
+                   help="preset the layouts are priced on: " + ", ".join(
+                       f"{h} (default)" if h == DEFAULT_PLAN_HARDWARE else h for h in known_hardware()))
     p.set_defaults(func=cmd_plan, priced=True)
     e = sub.add_parser("estimate", help="memory per device and communication per training step (pure)",
                        epilog="example: tpflax estimate gpt2 --mesh data=2,model=4 --optimizer adamw --batch 32",
@@ -332,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deprecated spelling of --world-size (--devices emulates CPU devices elsewhere)")
     g.add_argument("--device-memory", type=byte_size(), default=None, metavar="SIZE",
                    help="memory per device, e.g. 95GiB or 16GB (default: the --hardware preset's)")
-    g.add_argument("--hardware", default=None, help="preset: tpu-v4, tpu-v5e, tpu-v5p, tpu-v6e, a100, h100, h200")
+    g.add_argument("--hardware", default=None, help="preset: " + ", ".join(known_hardware()))
     g.add_argument("--top", type=positive_int, default=5, help="show this many ranked shapes (default 5)")
     g.add_argument("--all", action="store_true", help="show every ranked shape and every rejected one, with why")
     g.add_argument("--size", choices=["tiny", "real"], default=None,

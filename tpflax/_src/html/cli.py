@@ -46,11 +46,19 @@ def default_estimate(plan: Plan, model: Any = None, sample: Any = None) -> Estim
                     optimizer_name="adamw")
 
 
-def write_cli_report(path: str, plan: Plan, loaded: Any, est: Estimate | None = None) -> None:
-    """Write the page for a CLI-loaded model (``"-"``: to stdout); ``est`` defaults to :func:`default_estimate`."""
+def write_cli_report(path: str, plan: Plan, loaded: Any, est: Estimate | None = None, batch: Any = None) -> None:
+    """Write the page for a CLI-loaded model (``"-"``: to stdout); ``est`` defaults to one adamw step of ``batch``
+    (``tpflax plan --batch``), else :func:`default_estimate`."""
     if est is None:
         try:
-            est = default_estimate(plan, loaded.model, loaded.sample)
+            if batch is None:
+                est = default_estimate(plan, loaded.model, loaded.sample)
+            else:
+                import optax
+
+                from tpflax._src.cli_args import model_kwargs
+
+                est = estimate(plan, optax.adamw(1e-3), batch, **model_kwargs(loaded), optimizer_name="adamw")
         except TpflaxError as e:  # the plan is still worth a page: show parameters only, say why
             print(f"tpflax: note: the HTML report shows parameters only ({e})", file=sys.stderr)
     if path == "-":  # the page on stdout (the command prints nothing else there)
