@@ -2115,7 +2115,7 @@ class _DeepMLPBlock(nn.Module):
 def test_tree_only_a_deep_mlp_is_not_taken_for_a_parallel_block():
     """``Dense_0`` (d -> 6d) and ``Dense_2`` (4d -> d) were paired as a parallel block's fused input and output
     although ``Dense_1`` reads the first's whole output and writes the second's whole input (its role unset, the
-    role-only exclusions missed it): left whole between them, 4.2x the compiled collectives of the tree plan
+    role-only exclusions missed it): left whole between them, 3.37x the compiled collectives of the tree plan
     before (review r58 pp2, data=2,model=4). The exclusions now go by shape whatever the role."""
     x = sds(4, 8, 16)
     m = _DeepMLPBlock()

@@ -177,12 +177,14 @@ class SRAttn(nn.Module):
 def test_a_conv_that_does_not_widen_ends_at_its_norm():
     # main paired sr (column) with kv (row) through sr_norm, whose mean/variance reduce over sr's split channels:
     # XLA gathered the normalised channels for kv (SegFormer traced: 1.36x the hand's collectives, 100,608 B of
-    # gathers against the estimate's 2,304). A conv's width is the input channels it reads, as a dense's.
+    # gathers against the estimate's 2,304). A conv's width is the input channels a group reads, as a dense's.
     img = (jax.ShapeDtypeStruct((8, 16, 16, 3), jnp.float32),)
     m = SRAttn()
     p = tpflax.plan(jax.eval_shape(m.init, jax.random.key(0), *img), MESH, model=m, sample=img)
-    sr, kv = (p.decisions[f"params/{n}/kernel"] for n in ("sr", "kv"))
-    assert sr.role != "column" and kv.role != "row", (sr.reason, kv.reason)
+    specs = {n: p.decisions[f"params/{n}/kernel"].spec for n in ("sr", "kv", "query", "proj")}
+    assert specs == {"sr": P(None, None, None, None), "kv": P(None, "model"), "query": P(None, "model"),
+                     "proj": P("model", None)}, specs  # kv pairs with proj as its column, sr with nothing
+    assert "a norm over it feeds a kernel directly" in p.decisions["params/sr/kernel"].reason
     assert tuple(p.decisions["params/sr_norm/scale"].spec) == (None,)
 
 

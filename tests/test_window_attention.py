@@ -507,6 +507,12 @@ def test_a_whole_key_value_reading_the_model_input_prices_its_output_gradient_su
     v = jax.eval_shape(m.init, jax.random.key(0), *x)
     dr, e = _compiled_and_estimated(m, tpflax.plan(v, MESH, batch=x, rules=KV_WHOLE), x)
     assert abs(e.comm_total / dr.comm_total - 1) < 0.01, (e.comm, dr.comm())
+    # the chooser lists the same sums and gathers for its "K/V replicated" option (it listed none)
+    p = tpflax.plan(v, MESH, model=m, sample=x, batch=x)
+    whole = {a.name: a for a in p.decisions["params/k/kernel"].alternatives}["Megatron, K/V replicated"]
+    listed = [c for c in whole.collectives if "k/kernel" in c or "key/value column k" in c]
+    assert any("output gradient" in c for c in listed) and any("its update runs on its piece" in c for c in listed), \
+        whole.collectives
 
 
 def test_a_gqa_reading_the_model_input_prices_no_input_gradient_sum(devices):
