@@ -1,6 +1,6 @@
 """``compiled.tuple_values`` against XLA:TPU's buffer dump for steps with argmax, a scan and a sort (needs libtpu).
 
-Run: python benchmarks/tpu_tuple_count.py     (about a minute; no TPU used, compiled for tpu-v5e:2x4)
+Run: python benchmarks/tpu_tuple_count.py     (seconds; no TPU used, compiled for tpu-v5e:2x4)
 
 Per step, the count read from the optimized HLO beside the tuple index tables in the dump: the tuple-shaped values
 of the default memory space's ``preallocated-temp`` allocation in ``*jit_step*-buffer-assignment.txt``, one per
@@ -10,12 +10,16 @@ share one). What it showed: ``benchmarks/tpu_aot_notes.md``, round 58, "Review f
 
 from __future__ import annotations
 
+import argparse
 import glob
 import os
 import re
+import shutil
 import sys
 import tempfile
 
+if __name__ == "__main__":  # before the dump directory is made and jax starts: --help runs nothing
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
 DUMP = tempfile.mkdtemp(prefix="tpu_tuple_count_")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
                            f" --xla_dump_to={DUMP}")
@@ -74,6 +78,7 @@ def main() -> None:
                             keep_hlo=True)
         print(f"{'argmax, scan, sort' if loops else 'argmax':20s} tuple_values {tuple_values(dr.hlo_text):4d}  "
               f"dump tables {dump_tables(before):4d}", flush=True)
+    shutil.rmtree(DUMP, ignore_errors=True)
 
 
 if __name__ == "__main__":

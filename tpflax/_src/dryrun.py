@@ -429,7 +429,7 @@ def _refused(plan, mesh, oom: tuple[int, int], seconds: float, options: Mapping[
 
     need, available = oom
     memory: dict[str, int | None] = dict.fromkeys(MEMORY_KEYS)
-    memory["peak"] = need
+    memory["peak"], memory["reserved"] = need, 0  # reserved: 0 on TPU when nothing is set apart
     note = (f"XLA:TPU refused to compile: the program needs {fmt_bytes(need)} per device and the compiler "
             f"has {fmt_bytes(available)} of HBM; no memory breakdown, collectives or FLOPs exist")
     return DryRun(memory=memory, collectives=(), flops=None, compile_seconds=seconds, mesh=plan.mesh,

@@ -37,7 +37,9 @@ def bind_mesh(plan: Plan, mesh: Any, *, abstract: bool = False) -> jax.sharding.
 
     Raises:
         OptionError: ``plan`` is not a Plan (e.g. arguments swapped).
-        PlanMismatchError: the mesh differs from the plan's, or is abstract (without ``abstract=True``).
+        PlanMismatchError: the mesh differs from the plan's.
+        AbstractMeshError: the mesh is an ``AbstractMesh`` (without ``abstract=True``); a MeshError and a
+            PlanMismatchError.
         DeviceError: too few devices for a mesh given as a shape.
 
     >>> import jax, tpflax

@@ -114,6 +114,8 @@ def shard(tree: Any, plan: Plan, mesh: Any = None, *, per_shard: bool = False,
     Raises:
         PlanMismatchError: the tree's paths, shapes or dtypes, or the mesh,
             differ from the plan. Nothing is placed.
+        AbstractMeshError: the mesh is an ``AbstractMesh``, which holds no
+            arrays (a MeshError and a PlanMismatchError).
         TreeError: a leaf was deleted (donated), or is 64-bit while
             ``jax_enable_x64`` is off (jax would cast it, losing bits).
         DeviceError: too few devices for a mesh given as a shape.

@@ -81,8 +81,8 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
     # remat on, v5e:2x4, sums each block's second conv again, +0.27 GiB); a row feeding only a residual add is not,
     # unless a norm of its block reads that add later (a pre-norm block's attention output: the MLP's norm; a flat
     # q/k/v/o Dense block, whose o is kind "dense", compiled one more o all-reduce per layer than estimated, 0.905x)
-    unread = ({alike_path(p) for p in residual_outputs(s.lv, s.activations)} - normed_later(s.lv, s.activations)
-              if again else set())
+    outs = residual_outputs(s.lv, s.activations) if again else []
+    unread = {alike_path(p) for p in outs} - normed_later(s.lv, s.activations, outs) if again else set()
     # a residual stream kept split on its features (a lookup table split on them) takes the pairs' partial
     # sums split: XLA:TPU reduce-scatters them into it (an all-reduce's first half; the gathers of the stream
     # behind each norm, _embedding_items, are the second); XLA:CPU has no reduce-scatter pass and all-reduces

@@ -20,7 +20,6 @@ from typing import Any
 from tpflax._src.errors import EstimateError
 from tpflax._src.facts.tree import itemsize
 from tpflax._src.mesh import MeshShape
-from tpflax._src.planner.optimizer import ignored_grads, optimizer_name  # noqa: F401 - their old home
 from tpflax._src.planner.params import optimizer_params
 from tpflax._src.planner.state import init_shape, state_specs, takes_lookahead_params
 from tpflax._src.specs import Entry, bytes_per_device, entries

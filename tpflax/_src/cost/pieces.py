@@ -107,8 +107,10 @@ def column_read(path: str, axes: tuple[str, ...], in_b: float, out_b: float, k: 
 def member_items(r: WholeRead, what: str, n: int, count: int, source: str, moved: float) -> list[CommItem]:
     """A pair's member kept whole (:func:`column_read`, or a row's :func:`narrower`) as collectives: its
     collective of ``moved`` bytes (the side :attr:`WholeRead.side` names; traced pieces: the bytes it read off the
-    trace) over the ``n`` ranks or its output's pieces (none for one piece: whole on every rank), and each
-    piece's output gradient summed over the ranks sharing it.
+    trace) over the ``n`` ranks or its output's pieces (none for one piece, whole on every rank, or nothing
+    moved), and each piece's output gradient summed over the ranks sharing it; a key/value repeated to query heads
+    its groups do not follow (:attr:`WholeRead.repeat`) has its repeated gradient gathered instead
+    (:func:`tpflax._src.cost.headcut.repeated_kv_gathers`).
 
     >>> [(i.kind, i.size, i.group_size) for i in member_items(column_read("k", ("model",), 64, 16, 2, False),
     ...                                                       "column k", 4, 1, "k", 0)]

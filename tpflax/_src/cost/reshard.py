@@ -371,7 +371,8 @@ def repeated_kv_items(s: Scope) -> list[CommItem]:
 
 
 def repeated_kv(s: Any, pc: Any, col: str, axes: tuple[str, ...]) -> tuple[int, int] | None:
-    """``(groups, repeats)`` of ``col``, a whole column of attention pair ``pc`` whose traced heads ``K`` (the limit
+    """``(groups, repeats)`` of ``col``, a column of attention pair ``pc`` (kept whole, or split on its output over
+    ``axes``) whose traced heads ``K`` (the limit
     of its edges into the row's split dims) neither divide the ``n`` ranks of ``axes`` nor are divided by them, beside
     a query column split over ``axes`` whose heads (its edges' limit) ``n`` and ``K`` divide: a key/value expanded
     by ``jnp.repeat`` to the query heads (:func:`tpflax._src.cost.headcut.repeated_kv_groups`); None otherwise

@@ -85,7 +85,7 @@ def alike_path(path: str) -> str:
     return path
 
 
-def normed_later(lv: Leaves, activations: Any) -> set[str]:
+def normed_later(lv: Leaves, activations: Any, out: list[str] | None = None) -> set[str]:
     """The :func:`residual_outputs` (alike paths) a norm of their own block reads after them: the residual add
     they feed is normalised later in the same call (a sequential pre-norm block's attention output, read by the
     MLP's norm; a post-norm block's every row), so a rematerialised block's recompute, which needs that norm's
@@ -93,11 +93,11 @@ def normed_later(lv: Leaves, activations: Any) -> set[str]:
     block's last row are normalised by nothing after them in the block. Read off the trace's call order (the
     order of ``activations``), not names.
 
-    Measured (XLA:CPU data=2,model=4, tests/test_remat_rows.py): under ``nn.remat`` a pre-norm block with flat
+    Measured (XLA:CPU data=2,model=4, tests/test_remat_comm.py): under ``nn.remat`` a pre-norm block with flat
     q/k/v/o Dense compiles one ``rematted_computation`` all-reduce of o's output per layer, none of the MLP's;
-    a PaLM parallel block compiles none.
+    a PaLM parallel block compiles none. ``out``: :func:`residual_outputs`, if the caller has them.
     """
-    out = residual_outputs(lv, activations)
+    out = residual_outputs(lv, activations) if out is None else out
     if not out:
         return set()
     stacks = lv.stacks

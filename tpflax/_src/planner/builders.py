@@ -106,10 +106,11 @@ class Linear:
     doubt: str = ""  # shapes and names disagreed: said in a plan warning
     pieces: int = 1  # a fused kernel's output holds this many projections side by side (q|k|v)
     cut: tuple[int, ...] = ()  # a fused kernel: its pieces' sizes along the fused dim, in order
-    # traced: a row whose input is a concatenation of these sizes (Dataflow.concats): XLA reshards it into the split
+    # a row whose input is a concatenation of these sizes (traced: Dataflow.concats; tree-only: a parallel block's
+    # [attention out | MLP hidden], roles.parallel_partners): XLA reshards it into the split
     joined: tuple[int, ...] = ()
-    # traced: a fused kernel whose output is reshaped to (pieces, heads, head_dim) before the pieces are cut apart
-    # (timm's and Swin's qkv.reshape(..., 3, heads, head_dim), Dataflow.views)
+    # a fused kernel whose output is reshaped to (pieces, heads, head_dim) before the pieces are cut apart (timm's
+    # and Swin's qkv.reshape(..., 3, heads, head_dim); traced: Dataflow.views; tree-only: heads read off the tables)
     viewed: bool = False
     # traced: the last dim (the keys) of the attention-score product its output feeds (0: none): what a head cut over
     # several ranks sums per token (cost/headcut.py cut_head_scores)
@@ -181,10 +182,10 @@ class State:
     # traced: (leaf dims, elements per priced token, runs) of each product of two activations that sums those kernel
     # dims (Dataflow.split_sums, the estimate's split_sum_items): a layout splitting one all-reduces its partial sums
     split_sums: tuple[tuple[frozenset[tuple[str, int]], float, int], ...] = ()
-    # traced: kernels whose first contraction reads the model's own input (Dataflow.input_reads), or whose
-    # contractions read only what frozen parameters compute (Dataflow.frozen_reads): the step computes no gradient
-    # of it, so split on their output they sum no partial input gradients (as the estimate prices them)
-    input_reads: frozenset[str] = frozenset()
+    # traced: kernels whose every contraction reads the model's own input (Dataflow.input_reads), or reads only what
+    # frozen parameters compute (Dataflow.frozen_reads): the step computes no gradient of their input, so split on
+    # their output they sum no partial input gradients (as the estimate prices them)
+    no_input_grad: frozenset[str] = frozenset()
 
     @cached_property
     def context(self) -> Context:
@@ -451,7 +452,8 @@ def _what_xla_does_to_cut_heads(fused: bool, heads: int, t_size: int) -> str:
 
 def logit_acts(t_entry: Entry, d: int, what: str, input_grad: bool = True) -> tuple[ActComm, ...]:
     """A vocab-split output: the split softmax's three per-token reductions and the input gradients (none where it
-    reads the model's own input, ``input_grad`` False: :attr:`State.input_reads`)."""
+    reads the model's own input or only what frozen parameters compute, ``input_grad`` False:
+    :attr:`State.no_input_grad`)."""
     return (ActComm("all-reduce", t_entry, 1, 3, f"{what}: max, sum and label logit of the split softmax"),
             *((ActComm("all-reduce", t_entry, d, 1, f"{what}: sum input gradients (backward)"),) if input_grad else ()))
 
@@ -526,7 +528,7 @@ def _megatron(st: State, cols: list[Linear], row: Linear, pair: Pair, unit: str,
             props.append((col.f.path, st.whole(col.f, f"column of pair {pair.id}: {why}, kept whole on every "
                                                       f"tensor rank; feeds {short(row.f.path)}", pair.id, "column")))
             whole_acts, k = whole_column(col, t_entry, t_size, query_heads, pinned=_fsdp_mesh(st),
-                                         input_grad=col.f.path not in st.input_reads)
+                                         input_grad=col.f.path not in st.no_input_grad)
             acts += whole_acts
             if k is not None:
                 pieces.append((col.f.path, k))
@@ -548,9 +550,10 @@ def _megatron(st: State, cols: list[Linear], row: Linear, pair: Pair, unit: str,
 def input_grad_sum(st: State, path: str, width: int,
                    why: str = "column: sum partial input gradients (backward)") -> list[ActComm]:
     """A column split on its output: the all-reduce of its partial input gradients (``width`` per token, backward);
-    none where it reads the model's own input (:attr:`State.input_reads`), whose gradient the step does not compute
+    none where it reads the model's own input or only what frozen parameters compute (:attr:`State.no_input_grad`),
+    whose gradient the step does not compute
     (XLA compiles no such sum; the estimate prices none: :attr:`tpflax._src.cost.traced.Traced.widths`)."""
-    if path in st.input_reads:
+    if path in st.no_input_grad:
         return []
     return [ActComm("all-reduce", st.tensor[0], width, 1, why)]
 
@@ -600,25 +603,29 @@ def whole_column(col: Linear, t_entry: Entry, t_size: int, query_heads: int | No
     ``(collectives, the pieces its weight gradient is split in)``.
 
     tpflax's fsdp step gathers the kernel whole for compute, which the estimate reads off the plan
-    (:func:`tpflax._src.cost.whole.whole_members`); the fsdp split is chosen after the pair, so it is not seen here.
-    On a mesh with an fsdp axis (``pinned``) the step pins the gradient to the parameter's layout: XLA gathers the
+    (:func:`tpflax._src.cost.whole.whole_members`); the fsdp split is chosen after the pair, so only whether the
+    mesh has an fsdp axis is seen here. On a mesh with one (``pinned``) the step pins the gradient to the parameter's layout: XLA gathers the
     split gradient once and the update runs as stored, no moments gathered, as the estimate prices it
     (:func:`tpflax._src.cost.stream.update_gathers`; measured, XLA:CPU fsdp=2,model=4, review_u's m18 Llama with f32
     masters, 8 query and 2 key/value heads: one ``f32[128,32]`` gather over 2 ranks per key/value kernel, where the
     parameter and its 2 moments were priced).
-    Not ``input_grad`` (it reads the model's own input, :attr:`State.input_reads`): no input gradient to sum, and,
+    Not ``input_grad`` (it reads the model's own input, or only what frozen parameters compute:
+    :attr:`State.no_input_grad`): no input gradient to sum, and,
     as the estimate's :func:`tpflax._src.cost.whole.whole_members`, only the output-gradient sums and the update
     pieces' gathers priced.
     """
     stacked = bool(col.f.stacked) and col.heads is not None
     rep = _repeated(col, query_heads, t_size)
     in_size = col.in_size if input_grad else 0
-    k = (pieces_of(col.limit or col.f.body[col.shard_dim("column")], t_size)
-         if col.rope is not None or col.heads is not None else None)
+    if rep is not None:  # repeated to query heads its groups do not follow: in their head groups
+        k = rep[0]
+    elif col.rope is not None or col.heads is not None:
+        k = pieces_of(col.limit or col.f.body[col.shard_dim("column")], t_size)
+    else:
+        k = None
     r = column_read(col.f.path, (), in_size, out_width(col), k, col.loop or stacked)
-    if rep is not None:  # repeated to query heads its groups do not follow
-        r = replace(column_read(col.f.path, (), in_size, out_width(col), rep[0], col.loop or stacked),
-                    repeat=out_width(col) * rep[1])
+    if rep is not None:
+        r = replace(r, repeat=out_width(col) * rep[1])
     acts = [ActComm(i.kind, t_entry, i.size, i.count, i.why, ranks=i.group_size)
             for i in member_items(r, f"key/value column {short(col.f.path)}", t_size, 1, col.f.path, r.size)]
     split = update_pieces(r, t_size) if col.f.leaf.trainable else None

@@ -92,11 +92,11 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Datafl
     # parameters compute (plan(trainable=), an optimizer's frozen labels, a leaf read through stop_gradient: a
     # LoRA base's first layers, the layer behind a frozen embedding), as the estimate prices both (Workload.widths)
     trained = {f.path: f.leaf.trainable and f.path not in flow.no_grad for f in facts}
-    input_reads = flow.input_reads() | (flow.frozen_reads(trained) if not all(trained.values()) else frozenset())
+    no_input_grad = flow.input_reads() | (flow.frozen_reads(trained) if not all(trained.values()) else frozenset())
     c = _start(facts, State(mesh, opts, forced=dict(skip or {}), positional=frozenset(flow.positional()),
                             casts=flow.cast_to(), ragged=ragged_groups(flow),
                             pins=pins(flow), streamed=frozenset(flow.split_widths),
-                            input_reads=input_reads), flow)
+                            no_input_grad=no_input_grad), flow)
     widest = widest_rows or max((u.token_rows for u in flow.uses), default=0)
     for u in flow.uses:  # what each contraction reads, for the chooser (first use of a leaf)
         if u.tokens and widest and u.path in c.fx:

@@ -675,7 +675,12 @@ def _depthwise_follows(st: State, f: Facts, col: Facts, where: str = "on the out
                  f"depthwise conv ({f.body[-1]} channels, one input channel each) {where} {short(col.path)}")
 
 
-def _pieces_of(st: State, g: Facts, h: int) -> bool:
+def _pair_of(st: State, path: str):
+    """The pair whose member ``path`` was decided as (None for a leaf in no pair, an output head)."""
+    return next((q for q in st.pairs if q.id == st.out[path].pair), None)
+
+
+def _one_of_pieces(st: State, g: Facts, h: int) -> bool:
     """Decided column ``g`` makes 2 or 3 pieces of ``h`` features side by side, cut apart after the matmul, and a
     row of its pair reads ``h``: Mamba's ``in_proj`` ``(d, 2 d_inner)`` (``x, z = split(in_proj(u))``) beside its
     row ``out_proj`` ``(d_inner, d)``. Its x piece is what the block's depthwise ``conv1d`` (``d_inner``
@@ -685,7 +690,7 @@ def _pieces_of(st: State, g: Facts, h: int) -> bool:
     out = _io(g)[1]
     if out % h or out // h not in (2, 3):
         return False
-    pair = next((q for q in st.pairs if q.id == st.out[g.path].pair), None)
+    pair = _pair_of(st, g.path)
     rows = [st.facts.get(r) for r in pair.rows] if pair is not None else []
     return any(r is not None and _io(r) is not None and _io(r)[0] == h for r in rows)
 
@@ -694,14 +699,14 @@ def _beside_a_column(st: State, f: Facts, block: str, todo: Sequence[Facts]) -> 
     """Depthwise kernel ``f`` in ``block`` beside a split column of the block that makes as many features as
     it filters (a Mamba block's ``in_proj`` before its causal ``conv1d``), or that makes them as one of 2 or 3
     pieces side by side whose pair's row reads one piece (the canonical Mamba ``in_proj`` ``(d, 2 d_inner)``,
-    ``[x | z]``, and its row ``out_proj`` ``(d_inner, d)``, see :func:`_pieces_of`): it follows that split, and
+    ``[x | z]``, and its row ``out_proj`` ``(d_inner, d)``, see :func:`_one_of_pieces`): it follows that split, and
     the block's unpaired dense kernels narrowing those features (``x_proj``) join the column's pair as rows.
     Kept whole, the depthwise conv's input would be gathered from the split column on every pass. False
     (nothing written) when no such column is decided."""
     h = f.body[-1]
     cols = [g for g in todo if g.group == block and _io(g) is not None and _io(g)[0] < h
             and g.path in st.out and st.out[g.path].strategy in OUTPUT_SPLITS and g.body_of(st.out[g.path].spec)[-1]
-            and (_io(g)[1] == h or _pieces_of(st, g, h))]
+            and (_io(g)[1] == h or _one_of_pieces(st, g, h))]
     if not cols:
         return False
     col = max(cols, key=lambda g: (_io(g)[1] == h, math.prod(g.body)))
@@ -709,7 +714,7 @@ def _beside_a_column(st: State, f: Facts, block: str, todo: Sequence[Facts]) -> 
     _depthwise_follows(st, f, col, "in the block of a column making as many features, split (by shape):" if k == 1
                        else f"in the block of a fused column making {k} x {h} features side by side (its pair's row "
                             f"reads {h}), split (by shape):")
-    pair = next((q for q in st.pairs if q.id == st.out[col.path].pair), None)  # (a head is a column of none)
+    pair = _pair_of(st, col.path)  # (a head is a column of none)
     row = st.facts.get(pair.rows[0]) if pair and pair.rows else None  # (a rule may have forced it)
     for g in todo:
         if g.group != block or g.kind != "dense" or g.path in st.out or _io(g) is None:

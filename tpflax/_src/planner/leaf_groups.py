@@ -168,7 +168,7 @@ def shard_output_head(st: State, f: Facts, dim: int, evidence: str) -> None:
         split = Option("vocab split", ((f.path, st.proposal(
             f, body_spec(len(f.body), dim, t_entry), "column",
             f"{evidence}; {n} outputs split over {axis_label(t_entry, t_size)} (vocab-parallel logits)",
-            kind="head")),), logit_acts(t_entry, d, "vocab-split output head", f.path not in st.input_reads), mm,
+            kind="head")),), logit_acts(t_entry, d, "vocab-split output head", f.path not in st.no_input_grad), mm,
             # its input gradient, summed per token, is wider than the outputs it divides (a value, reward or box
             # head of a few outputs): step time decides against keeping it whole (choose.best)
             sums_output=d >= n)

@@ -543,7 +543,7 @@ class Dataflow:
         reading the pixels): the step differentiates the parameters only, so no gradient of that input is computed
         and a tensor split of the kernel sums no partial input gradients. One fact for the estimate's
         (:attr:`tpflax._src.cost.traced.Traced.widths`: 0) and the chooser's pricing
-        (:attr:`tpflax._src.planner.builders.State.input_reads`)."""
+        (:attr:`tpflax._src.planner.builders.State.no_input_grad`)."""
         every: dict[str, bool] = {}
         for u in self.uses:  # every use: a kernel shared across calls also reading a hidden activation sums its gradient
             if u.op in ("dot", "conv"):
@@ -566,7 +566,7 @@ class Dataflow:
         first layer behind a frozen embedding. The step computes no gradient of those activations, so a tensor
         split of the kernel sums no partial input gradients. One fact for the estimate
         (:func:`tpflax._src.cost.traced.frozen_inputs`, widths 0) and the chooser
-        (:attr:`tpflax._src.planner.builders.State.input_reads`)."""
+        (:attr:`tpflax._src.planner.builders.State.no_input_grad`)."""
         return frozen_reads(self.input_grad_deps(), self.paths, trainable)
 
     def derived_dots(self) -> frozenset[str]:
