@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from tpflax._src.trace.interpreter import TagMap, Val, Walk, is_minor, opaque
@@ -395,16 +396,16 @@ def gather(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> l
     dn = eqn.params["dimension_numbers"]
     indexed = set(dn.start_index_map) | set(dn.collapsed_slice_dims)
     looked = math.prod(eqn.invars[1].aval.shape[:-1])
-    across = not operand.origin and operand.fed and ins[1].fed and not ins[1].live and 0 in indexed
-    if (across and len(dn.start_index_map) > 1 and 0 in dn.start_index_map
-            and not getattr(dn, "operand_batching_dims", ())
-            and eqn.invars[1].aval.shape[:1] == eqn.invars[0].aval.shape[:1]):
-        # rows picked per example at (arange(b), idx) (BERT's masked positions, CLIP's end tokens): the batch
-        # index is data, not a batching dim, so XLA moves the picked rows and their indices, not the operand
-        # (measured; the mirror of a scatter's "spread")
-        w.cross("pick", ctx, eqn.invars[0].aval, eqn.outvars[0].aval, None, operand.live,
-                indices=math.prod(eqn.invars[1].aval.shape) * eqn.invars[1].aval.dtype.itemsize)
-    elif across and looked != eqn.invars[0].aval.shape[0]:
+    # indices computed from parameters too (Mixture-of-Depths' router's top_k): XLA compiles the same collectives
+    # whoever computed them
+    across = not operand.origin and operand.fed and ins[1].fed and 0 in indexed
+    picked = per_example_indices(dn.start_index_map, dn, eqn.invars[1].aval, eqn.invars[0].aval) if across else None
+    if picked is not None:
+        # rows picked per example at (arange(b), idx) (BERT's masked positions, CLIP's end tokens, MoD's routed
+        # tokens): the batch index is data, not a batching dim, so XLA moves the picked rows and their indices,
+        # not the operand (measured; the mirror of a scatter's "spread")
+        w.cross("pick", ctx, eqn.invars[0].aval, eqn.outvars[0].aval, None, operand.live, indices=picked)
+    elif across and not ins[1].live and looked != eqn.invars[0].aval.shape[0]:
         # a graph with as many edges as nodes is missed here (the sizes cannot tell them apart)
         w.crossed.append(f"rows of a {tuple(eqn.invars[0].aval.shape)} activation gathered at "
                          f"{tuple(eqn.invars[1].aval.shape[:-1])} indices from the inputs")
@@ -438,6 +439,32 @@ def gather(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> l
     out = [Val(r, live=True, deps=deps) for r in ranks]
     w.fixed_looks[id(out[0])] = (out[0], [(u, _size(eqn.outvars[0].aval)) for u in looks])
     return out
+
+
+def per_example_indices(index_map: Sequence[int], dn: Any, indices: Any, whole: Any) -> int | None:
+    """The bytes of the indices of a gather or scatter at ``(arange(b), idx)`` (a per-example pick or spread,
+    :mod:`tpflax._src.cost.crossing`), or None when it is not one.
+
+    Per example: two or more index dims, the batch's (dim 0) among them, no batching dims (the batch index is
+    data) and indices as long as the batch. ``index_map`` is the gather's ``start_index_map`` or the scatter's
+    ``scatter_dims_to_operand_dims``; ``indices`` and ``whole`` the abstract indices and indexed array. One rule
+    for both, so that a pick and its spread cannot drift apart.
+
+    >>> import jax, jax.numpy as jnp
+    >>> x, i = jnp.zeros((8, 32, 4)), jnp.zeros((8, 6), jnp.int32)
+    >>> eqn = jax.make_jaxpr(lambda x, i: x[jnp.arange(8)[:, None], i])(x, i).eqns[-1]
+    >>> dn = eqn.params["dimension_numbers"]
+    >>> per_example_indices(dn.start_index_map, dn, eqn.invars[1].aval, eqn.invars[0].aval)  # 8 x 6 x 2 int32
+    384
+    >>> eqn = jax.make_jaxpr(lambda x, i: x[i[0]])(x, i).eqns[-1]  # whole examples at one index each
+    >>> dn = eqn.params["dimension_numbers"]
+    >>> per_example_indices(dn.start_index_map, dn, eqn.invars[1].aval, eqn.invars[0].aval) is None
+    True
+    """
+    if (len(index_map) > 1 and 0 in index_map and not getattr(dn, "operand_batching_dims", ())
+            and tuple(indices.shape[:1]) == tuple(whole.shape[:1])):
+        return math.prod(indices.shape) * indices.dtype.itemsize
+    return None
 
 
 def _size(aval: Any) -> tuple[int, int]:

@@ -440,15 +440,14 @@ def scatter(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> 
         w.crossed.append(f"rows of a {shapes[1]} activation written into a {shapes[0]} one at indices from the "
                          "inputs")
         w.cross("scatter", ctx, eqn.outvars[0].aval, eqn.invars[2].aval, None, upd.live)
-    elif (upd.fed and not upd.origin and ins[1].fed and 0 in dn.scatter_dims_to_operand_dims
-          and len(dn.scatter_dims_to_operand_dims) > 1 and not getattr(dn, "operand_batching_dims", ())
-          and shapes[1][:1] == shapes[0][:1]):
+    elif (upd.fed and not upd.origin and ins[1].fed
+          and (spread := contractions.per_example_indices(dn.scatter_dims_to_operand_dims, dn, eqn.invars[1].aval,
+                                                          eqn.invars[0].aval)) is not None):
         # per example, written at (arange(b), idx) (Mixture-of-Depths' routed tokens back into the stream): the
         # batch index is data, not a batching dim, so XLA moves the updates as across the batch split (measured).
         # Not a write of whole rows at one index each (a sorted MoE's unsort, ``.at[order].set(y)``): XLA moves
         # those otherwise, and the ragged experts' items price them
-        w.cross("spread", ctx, eqn.outvars[0].aval, eqn.invars[2].aval, None, upd.live,
-                indices=math.prod(eqn.invars[1].aval.shape) * eqn.invars[1].aval.dtype.itemsize)
+        w.cross("spread", ctx, eqn.outvars[0].aval, eqn.invars[2].aval, None, upd.live, indices=spread)
     rank = ranks[0]
     inserted = set(dn.inserted_window_dims) | set(getattr(dn, "operand_batching_dims", ()))
     windows = [d for d in range(rank) if d not in inserted]
