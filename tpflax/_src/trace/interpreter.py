@@ -242,7 +242,8 @@ class Walk:
     # rows of an input-derived activation gathered or scattered along its leading dim at indices the inputs give
     # (a GNN's ``h[senders]``, ``segment_sum(m, receivers)``): they cross the batch split
     crossed: list[str] = field(default_factory=list)
-    crossings: list[Any] = field(default_factory=list)  # what each of them moves (records.Crossing)
+    # what each of them moves, and each per-example pick or spread (records.Crossing)
+    crossings: list[Any] = field(default_factory=list)
     # id -> (the value a crossing gather reads, its key): gathers of one value share its reshard (kept alive: ids are
     # reused)
     cross_keys: dict[int, tuple[Any, int]] = field(default_factory=dict)
@@ -445,13 +446,11 @@ class Walk:
     def cross(self, kind: str, ctx: tuple, whole: Any, rows: Any, read: Val | None, live: bool,
               indices: int = 0) -> None:
         """Record a gather or scatter of rows across the batch split (:class:`records.Crossing`): ``whole`` and
-        ``rows`` are the abstract indexed array and moved rows, ``read`` the value a gather reads (None: a
-        scatter, which shares nothing)."""
-        key = len(self.cross_keys)
+        ``rows`` are the abstract indexed array and moved rows, ``read`` the value a graph net's gather reads (None:
+        a scatter or a per-example pick, which share nothing). Gathers of one value share the first one's key."""
+        key = len(self.crossings)
         if read is not None:
             key = self.cross_keys.setdefault(id(read), (read, key))[1]
-        else:
-            self.cross_keys[-1 - key] = (None, key)
         self.crossings.append(Crossing(kind, math.prod(whole.shape), math.prod(rows.shape), whole.dtype.itemsize,
                                        key, live, math.prod(self.lengths.get(c, 1) for c in ctx if isinstance(c, int)),
                                        indices))

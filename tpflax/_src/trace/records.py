@@ -374,7 +374,8 @@ class Dataflow:
             itself keeps the layout it was placed in: a whole kernel read this way that contracts split features
             is sliced to them and its partial outputs summed, however wide
             (:func:`tpflax._src.cost.disagree.kernel_reads`).
-        crossings: each gather or scatter of ``crossed`` (:class:`Crossing`: what it moves).
+        crossings: each gather or scatter of ``crossed``, and each per-example pick or spread (rows read or
+            written at ``(arange(b), idx)``, recorded here only) (:class:`Crossing`: what it moves).
         ffts: words for each FFT of an activation computed from the inputs (``"RFFT of float32[4, 64]"``).
         fft_reads: each ``fft`` of an activation or a weight as traced (:class:`FftRead`: its operand's and output's
             shapes, and the tags of the parameter dims it reaches): XLA:CPU gathers every FFT operand whole.
