@@ -119,14 +119,11 @@ class RoutedTokens(nn.Module):
         return x.at[jnp.arange(x.shape[0])[:, None], idx].add(d)
 
 
-def test_routed_tokens_written_back_per_example_are_priced_as_xla_moves_them():
-    """``x.at[arange(b)[:, None], idx].add(d)`` indexes the batch dim with data, not as a batching dim, so XLA moves
-    the updates and their indices as across the batch split: on data=2,model=4 it permutes them onto two of the
-    model devices and all-reduces the partial stream there, and backward gathers the updates' gradient the same
-    way (measured on XLA:CPU). The estimate priced none of it (0.44 of the compiled collectives; the review's
-    Mixture-of-Depths 0.91); ``cost/crossing.py`` prices it. Left unpriced: ``top_k``'s scores, which XLA:CPU
-    all-gathers over data (half of the ``(8, 32)`` float32 scores sent per device), and the loss's scalars."""
-    model, mesh = RoutedTokens(), {"data": 2, "model": 4}
+def _routed_priced_as_compiled(model):
+    """``model``'s estimate on data=2,model=4 against its compiled adamw step: the permutes and model all-reduces
+    equal, the all-gather only ``top_k``'s scores (half of the ``(8, 32)`` float32 scores per device), the data
+    all-reduce short by the loss's scalars at most."""
+    mesh = {"data": 2, "model": 4}
     sample = (S((8, 32, 32), jnp.float32),)
     v = jax.eval_shape(lambda *a: model.init(jax.random.key(0), *a), *sample)
     mse = lambda h, *_: (h ** 2).mean()  # noqa: E731
@@ -139,6 +136,16 @@ def test_routed_tokens_written_back_per_example_are_priced_as_xla_moves_them():
     assert est.comm["all-reduce"]["model"] == compiled["all-reduce"]["model"]
     assert compiled["all-gather"] == {"data": 8 * 32 * 4 / 2}  # top_k's scores
     assert 0 <= compiled["all-reduce"]["data"] - est.comm["all-reduce"]["data"] <= 16  # the loss's scalars
+
+
+def test_routed_tokens_written_back_per_example_are_priced_as_xla_moves_them():
+    """``x.at[arange(b)[:, None], idx].add(d)`` indexes the batch dim with data, not as a batching dim, so XLA moves
+    the updates and their indices as across the batch split: on data=2,model=4 it permutes them onto two of the
+    model devices and all-reduces the partial stream there, and backward gathers the updates' gradient the same
+    way (measured on XLA:CPU). The estimate priced none of it (0.44 of the compiled collectives; the review's
+    Mixture-of-Depths 0.91); ``cost/crossing.py`` prices it. Left unpriced: ``top_k``'s scores, which XLA:CPU
+    all-gathers over data (half of the ``(8, 32)`` float32 scores sent per device), and the loss's scalars."""
+    _routed_priced_as_compiled(RoutedTokens())
 
 
 class RoutedPick(nn.Module):
@@ -160,19 +167,7 @@ def test_rows_picked_per_example_at_router_chosen_indices_are_priced_as_at_input
     estimate read 16,896 B of collective-permute, 16,384 of model all-reduce and 16,640 of data all-reduce against
     33,792 / 32,768 / 24,836 compiled. Left unpriced: ``top_k``'s scores all-gathered over data, the loss's
     scalars."""
-    model, mesh = RoutedPick(), {"data": 2, "model": 4}
-    sample = (S((8, 32, 32), jnp.float32),)
-    v = jax.eval_shape(lambda *a: model.init(jax.random.key(0), *a), *sample)
-    mse = lambda h, *_: (h ** 2).mean()  # noqa: E731
-    p = tpflax.plan(v, mesh, model=model, sample=sample)
-    est = tpflax.estimate(p, optax.adamw(1e-3), model=model, sample=sample, loss=mse, backend="cpu")
-    m = tpflax.make_mesh(mesh)
-    compiled = tpflax.dry_run(tpflax.make_train_step(model, p, m, optax.adamw(1e-3), sample=sample, loss=mse),
-                              p, m).comm()
-    assert est.comm["collective-permute"] == compiled["collective-permute"]
-    assert est.comm["all-reduce"]["model"] == compiled["all-reduce"]["model"]
-    assert compiled["all-gather"] == {"data": 8 * 32 * 4 / 2}  # top_k's scores
-    assert 0 <= compiled["all-reduce"]["data"] - est.comm["all-reduce"]["data"] <= 16  # the loss's scalars
+    _routed_priced_as_compiled(RoutedPick())
 
 
 class Windows(nn.Module):
