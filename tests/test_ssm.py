@@ -30,14 +30,19 @@ def selective_ssm(mod: nn.Module, h, x, z):
     scan with ``A_log`` and ``D``, gated by z, ``out_proj``, added to the residual ``h``
     (benchmarks/fused_xz.py calls it with other ways of computing x and z)."""
     x = nn.silu(nn.Conv(DI, (DC,), feature_group_count=DI, padding=((DC - 1, 0),), name="conv1d")(x))
+    return h + nn.Dense(D, use_bias=False, name="out_proj")(_scan(mod, x) * nn.silu(z))
+
+
+def _scan(mod: nn.Module, x):
+    """The selective scan of the conv's output ``x``, inside ``mod``'s compact call: x_proj, dt_proj, ``A_log``
+    and ``D``."""
     dt, b, c = jnp.split(nn.Dense(DTR + 2 * DS, use_bias=False, name="x_proj")(x), [DTR, DTR + DS], -1)
     dt = jax.nn.softplus(nn.Dense(DI, name="dt_proj")(dt))
     a = -jnp.exp(mod.param("A_log", lambda k, s: jnp.log(jnp.tile(jnp.arange(1.0, DS + 1), (DI, 1))),
                             (DI, DS)))
     da, dbx = jnp.exp(dt[..., None] * a), (dt * x)[..., None] * b[:, :, None, :]
     _, hs = jax.lax.associative_scan(lambda u, w: (u[0] * w[0], w[0] * u[1] + w[1]), (da, dbx), axis=1)
-    y = jnp.einsum("blds,bls->bld", hs, c) + x * mod.param("D", nn.initializers.ones, (DI,))
-    return h + nn.Dense(D, use_bias=False, name="out_proj")(y * nn.silu(z))
+    return jnp.einsum("blds,bls->bld", hs, c) + x * mod.param("D", nn.initializers.ones, (DI,))
 
 
 class MambaBlock(nn.Module):
@@ -213,13 +218,7 @@ class _SubScan(nn.Module):
         w = self.param("conv1d_weight", nn.initializers.normal(0.2), (DC, DI))
         xp = jnp.pad(x, ((0, 0), (DC - 1, 0), (0, 0)))
         x = nn.silu(sum(xp[:, i:i + x.shape[1]] * w[i] for i in range(DC)))
-        dt, b, c = jnp.split(nn.Dense(DTR + 2 * DS, use_bias=False, name="x_proj")(x), [DTR, DTR + DS], -1)
-        dt = jax.nn.softplus(nn.Dense(DI, name="dt_proj")(dt))
-        a = -jnp.exp(self.param("A_log", lambda k, s: jnp.log(jnp.tile(jnp.arange(1.0, DS + 1), (DI, 1))),
-                                (DI, DS)))
-        da, dbx = jnp.exp(dt[..., None] * a), (dt * x)[..., None] * b[:, :, None, :]
-        _, hs = jax.lax.associative_scan(lambda u, w: (u[0] * w[0], w[0] * u[1] + w[1]), (da, dbx), axis=1)
-        return jnp.einsum("blds,bls->bld", hs, c) + x * self.param("D", nn.initializers.ones, (DI,))
+        return _scan(self, x)
 
 
 class _SubScanBlock(nn.Module):
