@@ -445,6 +445,11 @@ def test_plan_takes_the_batch_and_hardware_its_layouts_are_priced_for(capsys):
     assert main(["estimate", "gpt2", "--mesh", "data=2,model=4", "--batch", "2", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert (data["options"]["tokens"], data["options"]["tokens_from"]) == (64, "batch")
+    # and without --batch they estimated at their default batch (32) while the plan was priced for 8,192 tokens
+    assert main(["estimate", "gpt2", "--mesh", "data=2,model=4", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["options"]["tokens"], data["options"]["tokens_from"]) == (32 * 32, "batch")
+    assert data["estimate"]["batch"]["size"] == 32
 
 
 def test_plan_html_with_a_batch_the_step_cannot_take_writes_a_parameters_only_page(tmp_path, capsys):

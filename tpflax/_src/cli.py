@@ -174,7 +174,7 @@ def _add_estimate_args(p: argparse.ArgumentParser, *, dry: bool) -> None:
     p.add_argument("--batch", default=None,
                    help="global batch the plan is priced for and the step is estimated at: N, or NxSEQ / "
                         "NxFEATURES (default: a factory model's own sample, else " + ("8" if dry else "32")
-                        + "; the plan then for 8,192 tokens)")
+                        + ", the plan priced for it too)")
     p.set_defaults(default_batch=8 if dry else 32)
     p.add_argument("--remat", action="store_true", help="activations are rematerialised")
     add_loss_arg(p)

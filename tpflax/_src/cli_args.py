@@ -131,7 +131,9 @@ def plan_from_args(args: argparse.Namespace):
     if getattr(args, "trace", False):
         need_model(loaded, "--trace needs a model to trace")
         traced = {"model": loaded.model, "sample": loaded.sample}
-    if getattr(args, "batch", None):  # every command's plan is priced for the batch it is given
+    # every command's plan is priced for the batch it is given; estimate and dry-run (which have a
+    # default batch) price it for the batch their step is estimated at, given or not
+    if getattr(args, "batch", None) or getattr(args, "default_batch", None):
         traced["batch"] = estimate_inputs(args, loaded)[0]
     if getattr(args, "priced", False):  # `tpflax plan --hardware`: what the chooser prices the layouts for
         traced["hardware"] = args.hardware
