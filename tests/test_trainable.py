@@ -90,6 +90,12 @@ def test_the_filter_marks_only_the_adapters_trainable(lora):
     # a regex on the paths says the same
     again = tpflax.plan(nnx.state(m), DP_TP, trainable=r"lora_[ab]$")
     assert {p: d.trainable for p, d in again.decisions.items()} == {p: d.trainable for p, d in plan.decisions.items()}
+    # the report says which leaves are frozen: in its title, and after each frozen leaf's strategy
+    text = tpflax.report(plan, full=True)
+    frozen = sum(1 for d in plan.decisions.values() if not d.trainable)
+    assert f"  {frozen} of {len(plan.decisions)} leaves frozen" in text.splitlines()[0]
+    rows = {line.split()[0]: line for line in text.splitlines()[3:] if line and not line.startswith(" ")}
+    assert {p for p in rows if "(frozen)" in rows[p]} == set(plan.decisions) - LORA
     with pytest.raises(tpflax.OptionError, match="selects none"):
         tpflax.plan(nnx.state(m), {"model": 4}, trainable="no-such-path")
     with pytest.raises(tpflax.RuleError, match="not a regex"):

@@ -104,7 +104,7 @@ def grouped(plan: Plan) -> list[tuple[list[str], Decision]]:
     """Leaves of one repeated-layer group with the same kind, shape, dtype, strategy and spec, in tree order."""
     groups: dict[tuple, list[str]] = {}
     for path, d in plan.decisions.items():
-        key = (d.group or path, d.kind, d.shape, d.dtype, d.label, tuple(d.spec))
+        key = (d.group or path, d.kind, d.shape, d.dtype, d.label, tuple(d.spec), d.trainable)
         groups.setdefault(key, []).append(path)
     return [(paths, plan.decisions[paths[0]]) for paths in groups.values()]
 
@@ -129,9 +129,15 @@ def table_rows(plan: Plan, full: bool = True) -> list[list[str]]:
         name = compact_paths(paths)
         reason = d.reason if len(paths) == 1 else _group_reason(plan, paths, name)
         rows.append([name + (f" ×{len(paths)}" if len(paths) > 1 else ""), d.kind,
-                     "x".join(map(str, d.shape)) or "()", d.dtype, d.label, spec_str(d.spec),
+                     "x".join(map(str, d.shape)) or "()", d.dtype, d.label + _frozen(d), spec_str(d.spec),
                      fmt_bytes(d.bytes), fmt_bytes(d.bytes_per_device), reason])
     return rows
+
+
+def _frozen(d: Decision) -> str:
+    """`` (frozen)`` after the strategy of a float parameter the run does not train (``trainable=``,
+    ``optimizer=``): no gradient, optimizer state or gradient collectives are priced for it."""
+    return " (frozen)" if not d.trainable and d.kind not in ("int", "state") else ""
 
 
 # the narrowest width a report wraps to: its table's columns (kind, shape, strategy, spec, per device) take 60
@@ -174,6 +180,9 @@ def table_lines(plan: Plan, *, reasons: bool = True, full: bool = False, width: 
         if root:
             title += f"  paths under {root}"
             rows = [[r[0][len(root):], *r[1:]] for r in rows]
+    frozen = sum(1 for d in plan.decisions.values() if _frozen(d))
+    if frozen:
+        title += f"  {frozen} of {len(plan.decisions)} leaves frozen"
     if plan.options.get("tokens_from") == "default" and plan.options.get("tokens"):
         # the reasons' "N tokens per step" is the default, not the training batch: a tiny batch splits small
         # tables a default-priced plan keeps whole (and the other way round)
