@@ -80,6 +80,15 @@ def test_console_script_help_and_devices():
 
 
 
+def test_plan_help_shows_the_plan_examples_only(capsys):
+    # `tpflax plan --help` repeated the top-level examples, estimate, dry-run and suggest among them
+    with pytest.raises(SystemExit):
+        main(["plan", "--help"])
+    examples = capsys.readouterr().out.split("examples:\n", 1)[1].splitlines()
+    assert examples and all(line.lstrip().startswith("tpflax plan ") for line in examples)
+    assert any("--html" in line for line in examples)
+
+
 def test_python_m_tpflax_runs_the_cli():
     # `python -m tpflax` said "No module named tpflax.__main__; 'tpflax' is a package and cannot be directly
     # executed": the way to run the CLI where the environment's scripts are not on PATH

@@ -45,6 +45,9 @@ EXAMPLES = """examples:
   tpflax plan gpt2-small --mesh data=2,model=4 --html report.html   # a visual report, one file
 """
 
+# `tpflax plan --help` shows the plan examples only (the other commands' are in their own --help)
+PLAN_EXAMPLES = "examples:\n" + "".join(line + "\n" for line in EXAMPLES.splitlines() if "tpflax plan " in line)
+
 
 def _stdout_paths(args: argparse.Namespace) -> bool:
     """Whether ``--html -`` asks for the page on stdout (then the command prints nothing else there); a
@@ -278,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tpflax {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plan", help="plan a PartitionSpec for every parameter, with reasons",
-                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=PLAN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--pairs", action="store_true", help="list the column->row pairs")
     p.add_argument("--trace", action="store_true",
