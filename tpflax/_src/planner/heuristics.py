@@ -73,6 +73,7 @@ from tpflax._src.planner.roles import (
     low_rank_adapters,
     low_rank_factors,
     merge_stages,
+    named_attention,
     numbered_chain,
     parallel_fit,
     parallel_partners,
@@ -286,9 +287,14 @@ def _pair_group(st: State, group: str, lins: list[Linear], heads: int | None = N
     # GQA key/value projections are narrower than the output projection's input:
     # in an attention block they join the attention row.
     loose = [c for c in cols if not any(c in m for m in matched.values())]
-    attn_rows = [r for r in rows if r.f.kind == "attention"] or (rows if ATTN.search(group) else [])
+    # a block of named q, k and v columns is an attention whatever its name (roles.named_attention): the row
+    # its query feeds is the attention's, and its named key and value join it
+    qkv = named_attention(cols)
+    qrow = next((r for r in rows for c in matched[id(r)] if c in qkv and QUERY_NAMES.match(role_name(c.f))), None)
+    attn_rows = [r for r in rows if r.f.kind == "attention"] or (rows if ATTN.search(group) else [qrow] if qrow else [])
     if loose and attn_rows:
-        matched[id(attn_rows[0])] += [c for c in loose if c.f.kind == "attention" or ATTN.search(group)]
+        matched[id(attn_rows[0])] += [c for c in loose if c.f.kind == "attention" or ATTN.search(group)
+                                      or (attn_rows[0] is qrow and c in qkv)]
     claimed: set[int] = set()
     found: list[tuple[str, list[Linear], Linear]] = []
     for row in rows:
@@ -298,7 +304,7 @@ def _pair_group(st: State, group: str, lins: list[Linear], heads: int | None = N
         claimed.update(id(c) for c in mine)
         claimed.add(id(row))
         # a parallel block's row (its input holds the attention output) pairs as the traced planner's attention pair
-        kind = "attention" if row.f.kind == "attention" or ATTN.search(group) or row.joined else "mlp"
+        kind = "attention" if row.f.kind == "attention" or ATTN.search(group) or row.joined or row is qrow else "mlp"
         row.guess = _guessed(kind, mine, row, widths)
         if kind == "attention":
             _narrow_queries(mine, row)
