@@ -130,3 +130,40 @@ def test_a_lone_row_sums_its_partial_outputs_whatever_its_widths(hidden, out):
     e = tpflax.estimate(p, tx, model=fn, sample=sample, loss=_loss, backend="cpu")
     assert e.comm["all-reduce"]["model"] == dr.comm()["all-reduce"]["model"] == 2 * 3 / 4 * (4 * 16 * out * 4)
     assert e.comm["all-gather"]["model"] == dr.comm()["all-gather"]["model"], (e.comm, dr.comm())
+
+
+class SharedLoop(nn.Module):
+    """One Dense called 3 times in a Python loop, its calls chained by the residual."""
+
+    @nn.compact
+    def __call__(self, x):
+        d = nn.Dense(x.shape[-1], name="d")
+        for _ in range(3):
+            x = x + d(nn.gelu(x))
+        return x
+
+
+@pytest.mark.parametrize("spec", [P(None, "model"), P("model", None)], ids=["column", "row"])
+def test_a_partnerless_layer_called_in_a_loop_sums_and_gathers_at_each_call(spec):
+    # One kernel, no partner, its 3 calls chained by the residual: XLA keeps the residual stream split and sums and
+    # gathers at each call. The estimate priced one call: split as a column, 1 of the 2 input-gradient sums (the
+    # first call reads the model's input) and 1 of the 4 stream gathers (each later call's forward and weight
+    # gradient), 0.40x the compiled collectives; as a row, 1 of the 3 output sums and none of the 5 output-gradient
+    # gathers (3 for the weight gradients, 2 for the input gradients), 0.21x. Now each call's, as compiled
+    sample = (jax.ShapeDtypeStruct((8, 8, 16), jnp.float32),)
+    m = SharedLoop()
+    p = tpflax.plan(jax.eval_shape(m.init, jax.random.key(0), *sample), MESH,
+                    rules=[(r"d/kernel", spec), (r"d/bias", P(spec[1])), (".*", "replicate")])
+    mesh = tpflax.make_mesh(MESH)
+    tx = optax.adamw(1e-3)
+    dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, tx, sample=sample, loss=_loss), p, mesh,
+                        compiler_options=COMM_XLA)
+    e = tpflax.estimate(p, tx, model=m, sample=sample, loss=_loss, backend="cpu")
+    act = 4 * 8 * 16 * 4  # one call's activation on a device: f32[4, 8, 16]
+    sums, gathers = (2, 4) if spec[1] == "model" else (3, 5)
+    # the model all-reduces: the calls' sums, and XLA's of the loss's scalar (6 B, not priced)
+    assert e.comm["all-reduce"]["model"] == sums * 2 * 3 / 4 * act == dr.comm()["all-reduce"]["model"] - 6
+    # the gathers to the byte: the calls' activations, and the split bias's update gathers (row: whole, 3 x 48 B)
+    assert e.comm["all-gather"]["model"] == dr.comm()["all-gather"]["model"], (e.comm, dr.comm())
+    assert sum(c.kind == "all-gather" and c.shapes == ((4, 8, 16),) for c in dr.collectives) == gathers
+    assert abs(e.comm_total / dr.comm_total - 1) < 0.01, (e.comm, dr.comm())

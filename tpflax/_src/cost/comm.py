@@ -240,6 +240,15 @@ def _twice_on_split_stream(item: CommItem) -> CommItem:
                                               "its weight gradient")
 
 
+def _calls(s: Scope, path: str) -> tuple[int, int, int]:
+    """``(calls, calls reading the model's input, calls reading an earlier call's output)`` of a partnerless dense
+    layer (:attr:`Scope.chained`: one ``nn.Dense`` called several times, each call summing and gathering as one
+    does); ``(1, 0, 0)`` for one call, a projection's joined uses (one call, several inputs) being none."""
+    calls = max(1, (s.parts or {}).get(path, 1) - len((s.joined or {}).get(path, ())))
+    inputs, chained = (s.chained or {}).get(path, (0, 0)) if calls > 1 else (0, 0)
+    return calls, min(inputs, calls), min(chained, calls)
+
+
 def _per_call(s: Scope, path: str) -> int:
     """Contractions of ``path``'s slices in one call of its layer (:attr:`Scope.slices`; a Python loop over a
     stacked layers leaf slices its layers, which ``layers`` counts already)."""
@@ -636,8 +645,22 @@ def _layer_items(s: Scope, notes: list[str]) -> list[CommItem]:
             # its output features split over the tensor axes (an fsdp split of them is the fsdp gather's)
             new = _column_items(path, d, axes, s)
         elif (row := lone_row(s, path, axes)) is not None:
-            new = [CommItem(row.kind, axes, row.size, s.size(axes), layers(d), path,
-                            f"row layer without a column partner: {row.how}")]
+            calls, inputs, chained = _calls(s, path)
+            new = [CommItem(row.kind, axes, row.size, s.size(axes), layers(d) * calls, path,
+                            f"row layer without a column partner: {row.how}"
+                            + (f", at each of its {calls} calls" if calls > 1 else ""))]
+            if chained:
+                # a shared row whose calls are chained through the residual (x = x + d(f(x)) in a Python loop):
+                # its split input gradient joins the residual's gradient, which XLA then keeps split on the
+                # features, and every call's output gradient arrives split: gathered for its weight gradient,
+                # and again (its replica groups spelled another way) for its input gradient where that is
+                # computed (measured, XLA:CPU data=2,model=4 and fsdp=2,model=4: 2, 3 and 4 calls after the input
+                # 3, 5 and 7 gathers; 3 calls after a whole layer 6)
+                new.append(CommItem("all-gather", axes, row.size, s.size(axes),
+                                    layers(d) * (2 * calls - inputs), path,
+                                    f"row layer without a column partner called {calls} times, chained through "
+                                    "the residual: gather each call's split output gradient for its weight "
+                                    "gradient and again for its input gradient (backward)"))
         else:
             if d.kind in ("dense", "conv") and any(e is not None for e in drop_layers(d, lv.specs[path])):
                 notes.append(f"{lv.label[path]}: {d.strategy} split without a partner is not modelled")
@@ -750,6 +773,7 @@ def _column_items(path: str, d: Any, axes: tuple[str, ...], s: Scope) -> list[Co
     if d.kind == "head":  # the planner marks output heads
         return _head_items(axes, n, in_size, (a.output if a else None), s, path, "vocab-split output head")
     out_size = s.nbytes(a.output, path) if a else s.rows_of(path) * b[-1] * s.act_item
+    calls, inputs, chained = _calls(s, path)
     # read by whole kernels, the split output is gathered (or their partial outputs summed) at each of them
     # (cost/whole.py prices it there); else gathered once, where it is read whole: upsampled on the way
     # (Traced.grown), at the size it grew to
@@ -758,14 +782,28 @@ def _column_items(path: str, d: Any, axes: tuple[str, ...], s: Scope) -> list[Co
         items = [CommItem("all-reduce", axes, s.rows_of(path) * 4, n, layers(d), path,
                           "column layer without a row partner whose split output is only reduced row by row: "
                           "sum each row's partial reduction (forward)")]
+    elif chained:
+        # a shared column whose calls are chained through the residual (x = x + d(f(x)) in a Python loop): XLA
+        # keeps the residual stream split on the features its split output adds to it, and gathers the stream for
+        # each call reading it, for its matmul (forward) and again for its weight gradient (backward; the two
+        # spelled with different replica groups, unmerged); a call reading the model's own input reads it whole,
+        # and the last call's output, read by the loss alone, stays split (measured, XLA:CPU data=2,model=4 and
+        # fsdp=2,model=4: 2, 3 and 4 calls after the input 2, 4 and 6 gathers; 3 calls after a whole layer 6)
+        items = [CommItem("all-gather", axes, out_size, n, layers(d) * 2 * (calls - inputs), path,
+                          f"column layer without a row partner called {calls} times, chained through the residual: "
+                          "gather the split stream for each call reading an activation (forward) and again for its "
+                          "weight gradient (backward)")]
     else:
         items = [] if lone_read(s, path) else [
-            CommItem("all-gather", axes, out_size * grown, n, layers(d), path,
-                     "column layer without a row partner: gather its split output (forward)" if grown == 1 else
-                     f"column layer without a row partner: gather its split output, upsampled {grown:.3g}x on "
-                     "the way (forward)")]
-    items.append(CommItem("all-reduce", axes, in_size, n, layers(d), path,
-                          "column layer without a row partner: sum input gradients (backward)"))
+            CommItem("all-gather", axes, out_size * grown, n, layers(d) * calls, path,
+                     ("column layer without a row partner: gather its split output (forward)" if grown == 1 else
+                      f"column layer without a row partner: gather its split output, upsampled {grown:.3g}x on "
+                      "the way (forward)") + (f", at each of its {calls} calls" if calls > 1 else ""))]
+    # each call sums its partial input gradients, but a call reading the model's own input, whose gradient the
+    # step never computes
+    items.append(CommItem("all-reduce", axes, in_size, n, layers(d) * (calls - inputs if calls > 1 else 1), path,
+                          "column layer without a row partner: sum input gradients (backward"
+                          + (f", at each of its {calls - inputs} calls reading an activation)" if calls > 1 else ")")))
     return items + _stream_items(path, d, axes, s, layers(d))
 
 

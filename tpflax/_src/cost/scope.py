@@ -97,6 +97,8 @@ class Scope:
     widths: Mapping[str, int] | None = None  # traced elements a parameter's contraction sums over (Traced)
     slices: Mapping[str, int] | None = None  # traced contractions of a parameter's slices (Traced)
     slice_reads: Mapping[str, int] | None = None  # the distinct activations those contractions read (Traced)
+    # traced kernels called several times: (calls reading the model's input, calls reading an earlier one's output)
+    chained: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # (Traced.chained)
     buffers: Mapping[str, float] | None = None  # traced batch-free expert buffers' rows (Traced)
     streams: Mapping[str, tuple[float, int, int]] | None = None  # traced streams split by a small output (Traced)
     grown: Mapping[str, float] = field(default_factory=dict)  # outputs upsampled before read whole (Traced)

@@ -89,6 +89,10 @@ class Traced:
         slices: ``{path: n}`` for parameters contracted by ``n > 1`` separate contractions of slices of
             them (that stacked gate/up kernel): each yields its own partial input gradient, which
             XLA:CPU all-reduces apart (measured on a Gemma-style MLP, data=2,model=4).
+        chained: ``{path: (calls reading the model's input, calls reading an earlier call's output)}`` for a
+            kernel contracted whole by several ``dot`` calls (one ``nn.Dense`` called in a Python loop,
+            ``x = x + d(f(x))``): the calls its collectives run at, and whose input needs a gradient
+            (:func:`_chained`).
         slice_reads: ``{path: n}`` for those parameters, the distinct activations their contractions read
             (:attr:`Dataflow.apart`'s groups): one where every slice reads the same input (experts weighted after
             their matmuls), as many as the slices where each reads its own (experts on their dispatched slices).
@@ -279,6 +283,7 @@ class Traced:
     batch_read: frozenset[str] = frozenset()
     unbatched: frozenset[str] = frozenset()
     split_grads: tuple[tuple[frozenset[tuple[str, int]], frozenset[tuple[str, int]], float, int], ...] = ()
+    chained: Mapping[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def frozen_inputs(t: Traced, trainable: Mapping[str, bool]) -> frozenset[str]:
@@ -446,7 +451,8 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], leads: frozenset
                   concats={flow.uses[uid].path: (dim, sizes) for (uid, dim), sizes in flow.concats.items()},
                   split_grads=tuple((frozenset((flow.uses[u].path, d) for u, d in a),
                                      frozenset((flow.uses[u].path, d) for u, d in b), n / examples, c)
-                                    for a, b, n, c in flow.split_grads))
+                                    for a, b, n, c in flow.split_grads),
+                  chained=_chained(flow, whole))
 
 
 def _batch_read(flow: Any) -> frozenset[str]:
@@ -495,6 +501,29 @@ def _fft_reads(flow: Any, examples: int, leads: frozenset[int] = frozenset()) ->
         out.append((math.prod(r.shape) * r.itemsize / per, math.prod(r.out_shape) * r.out_itemsize / per, dims,
                     batched, r.live, r.count))
     return tuple(out)
+
+
+def _chained(flow: Any, whole: Mapping[str, int]) -> dict[str, tuple[int, int]]:
+    """:attr:`Traced.chained`: for each kernel contracted whole by several plain ``dot`` calls, outside scans, how many
+    read the model's own input (no input gradient computed) and how many read, through any elementwise ops and adds,
+    the output of an earlier call of the same kernel (a shared layer in a Python loop, its calls chained by the
+    residual: ``for _ in range(3): x = x + d(gelu(x))``, calls 2 and 3).
+
+    >>> from tpflax._src.trace.dataflow import Dataflow, Edge, Use
+    >>> u = [Use(i, "d", "dot", (0,), (1,), from_input=i == 0) for i in range(3)]
+    >>> e = [Edge("d", a, 1, "d", b, 0, 48, ()) for a, b in ((0, 1), (0, 2), (1, 2))]
+    >>> _chained(Dataflow(("d",), tuple(u), tuple(e), {}, frozenset(), frozenset(), {}, frozenset(), {}), {"d": 3})
+    {'d': (1, 2)}
+    """
+    calls = {u.id: u for u in flow.uses if u.op == "dot" and not u.scan_length and whole.get(u.path, 0) > 1
+             and u.path not in flow.scanned}
+    fed = {e.dst_use for e in flow.edges if e.dst_use in calls and e.src_use in calls and e.src_use != e.dst_use
+           and e.src == e.dst and e.dst_dim in calls[e.dst_use].contracted}
+    out: dict[str, tuple[int, int]] = {}
+    for uid, u in calls.items():
+        inputs, chained = out.get(u.path, (0, 0))
+        out[u.path] = (inputs + bool(u.from_input), chained + (uid in fed))
+    return out
 
 
 def _slice_reads(flow: Any, slices: Mapping[str, int]) -> dict[str, int]:
