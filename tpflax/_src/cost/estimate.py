@@ -65,7 +65,13 @@ from tpflax._src.cost.leaves import Leaves, merge, without_dead, without_grads
 from tpflax._src.cost.memory import memory
 from tpflax._src.cost.peak import peak
 from tpflax._src.cost.records import MEMORY_FIELDS, Act, CommItem, Estimate, comm_table, plan_leaves
-from tpflax._src.cost.reshard import concat_items, fused_items, repeated_kv_items, split_head_items
+from tpflax._src.cost.reshard import (
+    concat_items,
+    fused_items,
+    repeated_kv_items,
+    split_head_items,
+    whole_kv_items,
+)
 from tpflax._src.cost.scope import Scope
 from tpflax._src.cost.straddle import straddled_split
 from tpflax._src.cost.stream import split_grad_items
@@ -185,7 +191,7 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
                   batch_read=w.batch_read, unbatched=w.unbatched)
     notes.extend(product_sum_notes(lv, mesh, w, scope.experts_split))
     every = (comm_items(scope, notes) + expert_items(scope) + buffer_items(scope) + fused_items(scope, notes)
-             + split_head_items(scope) + repeated_kv_items(scope) + concat_items(scope, notes)
+             + split_head_items(scope) + repeated_kv_items(scope) + whole_kv_items(scope) + concat_items(scope, notes)
              + grouped_conv_items(scope) + explicit_items(w.collectives, notes, w.backend) + split_grad_items(scope) + whole_read_items(scope)
              + replicated_items(scope)
              + split_sum_items(scope, w.split_sums, w.fused or {}) + split_grad_gathers(scope, w.split_grads, w.fused or {})

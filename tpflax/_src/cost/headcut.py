@@ -18,7 +18,8 @@ With ``heads`` dividing by ``n`` (``g = n``) this is the gather of the whole out
 gradients that :mod:`tpflax._src.cost.reshard` measured for 4 heads on 4 ranks. Fewer heads that divide
 ``n`` (2 heads on 4 ranks) cut ``head_dim`` instead, and XLA sums partial attention scores
 (:func:`cut_head_scores`; :func:`head_cut_gathers` returns None for them). Separate ``q``, ``k``, ``v``
-projections: :func:`split_head_gathers`.
+projections: :func:`split_head_gathers`. A GQA through ``jax.nn.dot_product_attention`` with only its query and
+output projections split, its key/value kept whole (the hand layout): :func:`whole_kv`.
 
 Pure arithmetic over sizes: the estimate (:func:`tpflax._src.cost.reshard.fused_items`) and the
 planner's candidate that cuts heads (:mod:`tpflax._src.planner.builders`) price the same collectives.
@@ -27,6 +28,7 @@ planner's candidate that cuts heads (:mod:`tpflax._src.planner.builders`) price 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 
 def head_cut_gathers(width: int, pieces: int, heads: int | None, n: int) -> tuple[tuple[int, int, str], ...] | None:
@@ -156,3 +158,68 @@ def repeated_kv_gathers(width: float, query: float, groups: int, n: int,
     if split:
         out.insert(0, (width / groups, n // groups, "forward: the key/value output, to whole head groups"))
     return tuple(out)
+
+
+@dataclass(frozen=True)
+class WholeKV:
+    """What XLA:CPU compiles for a GQA through ``jax.nn.dot_product_attention`` whose ``K`` key/value heads ``n``
+    tensor ranks neither divide nor are divided by, laid out as by hand: the query and output projections split
+    over the ranks (Megatron), the key and value kernels kept whole (:func:`whole_kv`).
+
+    Attributes:
+        groups: ``g = gcd(K, n)``: the key/value head groups XLA lays the attention out in, each over ``n / g``
+            ranks (which compute it alike).
+        gathers: ``((result size, ranks, why), ...)``, sizes in the unit of :func:`whole_kv`'s widths.
+        pieces: the pieces each key/value kernel's weight gradient comes out in (its update run on its piece and
+            the parameter and its moments gathered over that many ranks, or, pinned by tpflax's fsdp step, its
+            gradient gathered once), None: whole (one group).
+    """
+
+    groups: int
+    gathers: tuple[tuple[float, int, str], ...]
+    pieces: int | None
+
+
+def whole_kv(query: float, kv: tuple[float, ...], row_in: float, heads: int | None, n: int,
+             input_grad: tuple[bool, ...] = ()) -> WholeKV | None:
+    """The collectives of a GQA through ``jax.nn.dot_product_attention`` (which regroups the query's heads into the
+    key/value's ``K = heads``) whose query projection (output ``query`` wide) is split on its output and whose output
+    projection (input ``row_in``) is split on its input over ``n`` tensor ranks, its key and value projections
+    (outputs ``kv``) kept whole, where ``K`` and ``n`` neither divide the other (6 or 3 key/value heads on model=4);
+    widths in any unit per local row. None: not this case.
+
+    Read off XLA:CPU's HLO (data=2,model=4 and fsdp=2,model=4; 12 query heads of 4, 6 and 3 key/value heads, width 48,
+    16 tokens), ``g = gcd(K, n)``:
+
+    * forward: the query's output gathered to whole key/value head groups (``query / g`` over the ``n / g`` ranks of a
+      group; every rank of a group then computes its group's attention);
+    * backward: the output projection's input gradient gathered to whole head groups alike (``row_in / g``); each
+      whole key/value's output gradient, whole within a group, gathered over the ``g`` groups (``kv`` over ``g``
+      ranks; none for one group), so its input gradient is computed whole (no partial sums, unlike the query's);
+      none where its input needs no gradient (``input_grad``, one flag per ``kv``, default all: it reads the model's
+      own input, whose gradient the step does not compute, and its weight gradient reads its groups as they are);
+    * its weight gradient comes out in the ``g`` groups (:attr:`WholeKV.pieces`).
+
+    The planner's candidate (:mod:`tpflax._src.planner.builders`) and the estimate
+    (:func:`tpflax._src.cost.reshard.whole_kv_items`) price the same collectives with it.
+
+    >>> w = whole_kv(48, (24, 24), 48, 6, 4)  # 6 key/value heads of 4 on model=4: 2 groups of 3, 2 ranks each
+    >>> w.groups, [(s, r) for s, r, _ in w.gathers], w.pieces
+    (2, [(24.0, 2), (24.0, 2), (24, 2), (24, 2)], 2)
+    >>> [(s, r) for s, r, _ in whole_kv(48, (24, 24), 48, 6, 4, input_grad=(False, False)).gathers]  # model input
+    [(24.0, 2), (24.0, 2)]
+    >>> w = whole_kv(48, (12, 12), 48, 3, 4)  # 3 heads: one group over every rank, the key/value whole on each
+    >>> [(s, r) for s, r, _ in w.gathers], w.pieces
+    ([(48.0, 4), (48.0, 4)], None)
+    >>> whole_kv(48, (24, 24), 48, 2, 4) is None  # 2 heads on 4: each key/value in 2 pieces (cost/pieces.py)
+    True
+    """
+    if n <= 1 or not heads or not (heads % n and n % heads):
+        return None
+    g = math.gcd(heads, n)
+    gathers = [(query / g, n // g, "forward: the query's output, to whole key/value head groups"),
+               (row_in / g, n // g, "backward: the output projection's input gradient, to whole head groups")]
+    if g > 1:
+        gathers += [(w, g, "backward: a whole key/value's output gradient, over the head groups")
+                    for w, grad in zip(kv, input_grad or (True,) * len(kv), strict=True) if grad]
+    return WholeKV(g, tuple(gathers), g if g > 1 else None)

@@ -34,6 +34,10 @@ class WholeRead:
     # a GQA key/value expanded by ``jnp.repeat`` to query heads its pieces do not follow
     # (:func:`tpflax._src.cost.headcut.repeated_kv_groups`): the repeated output's bytes on one device
     repeat: float = 0.0
+    # a whole GQA key/value beside a split query that ``jax.nn.dot_product_attention`` regroups into head groups its
+    # ranks do not follow (:func:`tpflax._src.cost.headcut.whole_kv`): its gathers are the pair's
+    # (:func:`tpflax._src.cost.reshard.whole_kv_items`), none here; its update still runs in ``pieces``
+    grouped: bool = False
 
     @property
     def how(self) -> str:
@@ -116,6 +120,8 @@ def member_items(r: WholeRead, what: str, n: int, count: int, source: str, moved
     ...                                                       "column k", 4, 1, "k", 0)]
     [('all-gather', 16, 2), ('all-reduce', 8.0, 2)]
     """
+    if r.grouped:
+        return []
     k = r.pieces or n
     moved = r.size if r.pieces else moved  # a stacked (2, K, d, head_dim) output's batch is not its first dim
     items = [] if k == 1 or not moved else [CommItem(r.kind, r.axes, moved, k, count, source, f"replicated {what} in "

@@ -23,10 +23,12 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 from tpflax._src.cost.headcut import (
+    WholeKV,
     head_cut_gathers,
     repeated_kv_gathers,
     repeated_kv_groups,
     split_head_gathers,
+    whole_kv,
 )
 from tpflax._src.cost.kvsplit import cut_in_pieces, kv_splits
 from tpflax._src.cost.records import CommItem
@@ -368,6 +370,60 @@ def repeated_kv_items(s: Scope) -> list[CommItem]:
                                f"gather, {why}")
                       for size, ranks, why in repeated_kv_gathers(out, out * repeats, g, n, split=True)]
     return items
+
+
+def whole_kv_items(s: Scope) -> list[CommItem]:
+    """The gathers of a GQA through ``jax.nn.dot_product_attention`` laid out by hand: its query split on its output
+    and its output projection on its input over tensor ranks that its ``K`` key/value heads neither divide nor are
+    divided by, its narrower key and value kept whole (:func:`whole_kv_pair`): the query's output and the row's input
+    gradient gathered to whole head groups, each key/value's output gradient over the groups
+    (:func:`tpflax._src.cost.headcut.whole_kv`, as the planner's "q/o split, K/V whole" candidate prices them; the
+    key/value's update in the groups: :func:`tpflax._src.cost.whole.whole_members`)."""
+    items: list[CommItem] = []
+    dec = s.lv.decisions
+    for pc in s.lv.pairs:
+        if (found := whole_kv_pair(s, pc)) is None:
+            continue
+        r, axes, q, kvs, heads, _ = found
+        label, count = s.lv.label[r], layers(dec[r]) * s.lv.count[r]
+        out_b = {c: s.rows_of(c) * s.act_item * body(dec[c])[1] for c in (q, *kvs)}  # bytes of a local row's output
+        w = whole_kv(out_b[q], tuple(out_b[c] for c in kvs), s.rows_of(r) * s.act_item * body(dec[r])[0], heads,
+                     s.size(axes), tuple((s.widths or {}).get(c) != 0 for c in kvs))  # 0: reads the model's input
+        items += [CommItem("all-gather", axes, size, ranks, count, label,
+                           f"{label}: {s.lv.label[q]} split, {', '.join(s.lv.label[c] for c in kvs)} whole, in "
+                           f"{w.groups} key/value head group(s): gather, {why}")
+                  for size, ranks, why in (w.gathers if w else ())]
+    return items
+
+
+def whole_kv_pair(s: Any, pc: Any) -> tuple[str, tuple[str, ...], str, tuple[str, ...], int, WholeKV] | None:
+    """``(row, tensor axes, query, key/values, K, the layout in elements per row)`` of attention pair class ``pc`` laid out as
+    :func:`tpflax._src.cost.headcut.whole_kv` prices: one 2-D row split on its input over tensor axes, one 2-D
+    column as wide as its input split on its output over the same axes (the query), the other 2-D columns narrower
+    and whole on them (the key and value), every column's traced edges into the row read in the same ``K`` heads
+    (the query's capped at ``K``: ``jax.nn.dot_product_attention`` regroups it into the key/value heads; a
+    ``jnp.repeat`` leaves it its own, :func:`repeated_kv`), ``K`` and the ranks neither dividing the other; None
+    otherwise."""
+    dec, specs = s.lv.decisions, s.lv.specs
+    tensor = s.mesh.role_axes.get(TENSOR, frozenset())
+    if len(pc.rows) != 1 or len(pc.columns) < 2 or len(rb := body(dec[pc.rows[0]])) != 2:
+        return None
+    r = pc.rows[0]
+    axes = tuple(a for a in entry_axes(specs[r][-2]) if a in tensor)
+    split = [c for c in pc.columns if s.axes(c, TENSOR)]
+    kvs = tuple(c for c in pc.columns if c not in split)
+    if s.size(axes) <= 1 or len(split) != 1 or not kvs:
+        return None
+    q = split[0]
+    qb = body(dec[q])
+    if (len(qb) != 2 or qb[1] != rb[0] or tuple(a for a in entry_axes(specs[q][-1]) if a in tensor) != axes
+            or set(entry_axes(specs[q][-2])) & set(axes)
+            or any(len(body(dec[c])) != 2 or body(dec[c])[1] >= rb[0] for c in kvs)):
+        return None
+    limits = {edge_limit(s, c, pc.rows, axes) for c in pc.columns}
+    heads = limits.pop() if len(limits) == 1 else None
+    w = whole_kv(qb[1], tuple(body(dec[c])[1] for c in kvs), rb[0], heads, s.size(axes))
+    return None if w is None else (r, axes, q, kvs, heads, w)
 
 
 def repeated_kv(s: Any, pc: Any, col: str, axes: tuple[str, ...]) -> tuple[int, int] | None:

@@ -39,7 +39,7 @@ from tpflax._src.cost.disagree import (
 from tpflax._src.cost.pieces import WholeRead, column_read, narrower, pieces_of
 from tpflax._src.cost.price import gathered_bytes
 from tpflax._src.cost.records import CommItem
-from tpflax._src.cost.reshard import edge_limit, piece_permutes, repeated_kv
+from tpflax._src.cost.reshard import edge_limit, piece_permutes, repeated_kv, whole_kv_pair
 from tpflax._src.cost.scope import body, leaf_itemsize
 from tpflax._src.facts.tree import narrower as narrower_cast
 from tpflax._src.mesh import TENSOR
@@ -299,6 +299,15 @@ def whole_members(s: Any) -> dict[str, WholeRead]:
     out = {}
     for pc in s.lv.pairs:
         axes = tuple(dict.fromkeys(a for p in pc.columns + pc.rows for a in s.axes(p, TENSOR)))
+        if (found := whole_kv_pair(s, pc)) is not None:
+            # a GQA's whole key/value beside a query dot_product_attention regroups into head groups the ranks do not
+            # follow (cost/headcut.py whole_kv): its gathers are whole_kv_items', its update runs in the groups
+            _, axes, _, kvs, _, w = found
+            for m in kvs:
+                out_b = _act_bytes(s, m, s.lv.decisions[m], body(s.lv.decisions[m])[0])[1]
+                out[m] = WholeRead(m, axes, "all-gather", out_b, "backward", pieces=w.pieces or 1, out=out_b,
+                                   grouped=True)
+            continue
         for m in (pc.columns + pc.rows) if axes else ():
             d, width = s.lv.decisions[m], (s.widths or {}).get(m)
             if s.axes(m, TENSOR):

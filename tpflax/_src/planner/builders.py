@@ -20,6 +20,7 @@ from tpflax._src.cost.headcut import (
     repeated_kv_gathers,
     repeated_kv_groups,
     split_head_gathers,
+    whole_kv,
 )
 from tpflax._src.cost.kvsplit import KVSplit, kv_split_comms
 from tpflax._src.cost.pieces import column_read, member_items, pieces_of, update_pieces
@@ -311,7 +312,9 @@ def shard_pair(st: State, kind: str, cols: list[Linear], row: Linear, head: tupl
                          pair.id, lin.role)
         return
     if cut_heads is not None:
-        options = [_cut_heads_option(st, cols, row, pair, cut_heads)]
+        # a GQA through jax.nn.dot_product_attention: also the hand layout, its query and output projections split,
+        # its key/value kept whole (cost/headcut.py whole_kv)
+        options = [_cut_heads_option(st, cols, row, pair, cut_heads), _kv_whole_option(st, cols, row, pair, blocked)]
     else:
         options = [_megatron(st, cols, row, pair, unit, size, blocked, kv_split=False)]
     if any(blocked.values()) and cut_heads is None:
@@ -434,6 +437,56 @@ def _cut_heads_option(st: State, cols: list[Linear], row: Linear, pair: Pair,
                       f"{'' if why.startswith('sum') else 'gather, '}{why}", ranks=ranks if ranks != t_size else 0)
               for w, ranks, why in gathers))
     return Option("Megatron, heads cut", tuple(props), acts, frozenset(p for p, _ in props), sums_output=True)
+
+
+def _kv_whole_option(st: State, cols: list[Linear], row: Linear, pair: Pair, blocked: dict[int, str]) -> Option | None:
+    """The hand layout of a GQA through ``jax.nn.dot_product_attention`` whose ``K`` key/value heads the tensor ranks
+    neither divide nor are divided by (12 query heads, 6 key/value heads on model=4): the query split on its output
+    and the output projection on its input (Megatron), the narrower key and value kept whole, XLA computing the
+    attention in ``gcd(K, n)`` head groups. Priced with :func:`tpflax._src.cost.headcut.whole_kv`, as the estimate
+    prices that plan (:func:`tpflax._src.cost.reshard.whole_kv_items`): the query's output and the row's input
+    gradient gathered to whole head groups, each key/value's output gradient gathered over the groups and its update
+    run in them. None: not this case (traced separate 2-D columns, one as wide as the row's input, the others
+    narrower, all read in the same ``K`` heads)."""
+    t_entry, t_size = st.tensor
+    if len(cols) < 2 or row.heads is not None:
+        return None
+    query = [c for c in cols if out_width(c) == row.in_size]
+    kvs = [c for c in cols if out_width(c) < row.in_size]
+    heads = cols[0].limit
+    if (len(query) != 1 or len(kvs) != len(cols) - 1 or row.in_size % t_size
+            or any(len(c.f.body) != 2 or c.heads is not None or c.viewed or len(c.cut) > 1 or c.limit != heads
+                   or c.rope is None for c in cols)):
+        return None
+    q = query[0]
+    w = whole_kv(out_width(q), tuple(out_width(c) for c in kvs), row.in_size, heads, t_size,
+                 tuple(c.f.path not in st.no_input_grad for c in kvs))
+    if w is None:
+        return None
+    over = axis_label(t_entry, t_size)
+    groups = f"{w.groups} group(s) of {heads // w.groups} key/value head(s)"
+    props = [(q.f.path, st.proposal(
+        q.f, body_spec(2, 1, t_entry), "column",
+        f"column, K/V whole: {q.why}; output features ({q.f.body[1]}) split over {over}, gathered to whole key/value "
+        f"head groups ({groups}: XLA computes the attention in them); feeds {short(row.f.path)} (pair {pair.id})",
+        pair.id, "column"))]
+    kv_names = ", ".join(short(c.f.path) for c in kvs)
+    props += [(c.f.path, st.whole(c.f, f"column of pair {pair.id}: {blocked[id(c)] or c.why}, kept whole on every "
+                                       f"tensor rank beside the split query {short(q.f.path)} ({groups}); feeds "
+                                       f"{short(row.f.path)}", pair.id, "column")) for c in kvs]
+    props.append((row.f.path, st.proposal(
+        row.f, body_spec(len(row.f.body), row.shard_dim("row"), t_entry), "row",
+        f"row: {row.why}; input features ({row.in_size}) split over {over}, fed by {short(q.f.path)} split and "
+        f"{kv_names} whole (pair {pair.id}); one all-reduce of activations per pass", pair.id, "row")))
+    acts = [ActComm("all-reduce", t_entry, row.out_size, 1, "row: sum partial outputs (forward)"),
+            *input_grad_sum(st, q.f.path, q.in_size),
+            *(ActComm("all-gather", t_entry, size, 1, f"{short(q.f.path)} split, {kv_names} whole, in {groups}: "
+                      f"gather, {why}", ranks=ranks if ranks != t_size else 0) for size, ranks, why in w.gathers)]
+    pinned_ = _fsdp_mesh(st)
+    for c in kvs:
+        acts += update_acts(c, t_entry, w.pieces if c.f.leaf.trainable else None, pinned_)
+    pieces = tuple((c.f.path, w.pieces) for c in kvs if w.pieces and c.f.leaf.trainable)
+    return Option("q/o split, K/V whole", tuple(props), tuple(acts), frozenset(p for p, _ in props), pieces=pieces)
 
 
 def _what_xla_does_to_cut_heads(fused: bool, heads: int, t_size: int) -> str:
@@ -629,15 +682,23 @@ def whole_column(col: Linear, t_entry: Entry, t_size: int, query_heads: int | No
     acts = [ActComm(i.kind, t_entry, i.size, i.count, i.why, ranks=i.group_size)
             for i in member_items(r, f"key/value column {short(col.f.path)}", t_size, 1, col.f.path, r.size)]
     split = update_pieces(r, t_size) if col.f.leaf.trainable else None
-    if split is not None and pinned:
-        acts.append(ActComm("all-gather", t_entry, 0, 1, f"replicated key/value column {short(col.f.path)}: its "
-                            f"gradient, in {split} pieces, is gathered where the fsdp step pins it to the parameter's "
-                            "layout", math.prod(col.f.body) * col.f.leaf.itemsize, ranks=split))
-    elif split is not None:
-        acts.append(ActComm("all-gather", t_entry, 0, 1 + OPT_COPIES, f"replicated key/value column "
-                            f"{short(col.f.path)}: its update runs on its piece of {split}, then the parameter and "
-                            "its moments are gathered", math.prod(col.f.body) * col.f.leaf.itemsize, ranks=split))
+    acts += update_acts(col, t_entry, split, pinned)
     return acts, split
+
+
+def update_acts(col: Linear, t_entry: Entry, split: int | None, pinned: bool) -> list[ActComm]:
+    """A whole key/value column whose weight gradient comes out in ``split`` pieces (None: whole): its update run on
+    its piece and the parameter and its moments gathered over that many ranks, or, where tpflax's fsdp step pins the
+    gradient to the parameter's layout (``pinned``), the gradient gathered once (see :func:`whole_column`)."""
+    if split is None:
+        return []
+    if pinned:
+        return [ActComm("all-gather", t_entry, 0, 1, f"replicated key/value column {short(col.f.path)}: its "
+                        f"gradient, in {split} pieces, is gathered where the fsdp step pins it to the parameter's "
+                        "layout", math.prod(col.f.body) * col.f.leaf.itemsize, ranks=split)]
+    return [ActComm("all-gather", t_entry, 0, 1 + OPT_COPIES, f"replicated key/value column "
+                    f"{short(col.f.path)}: its update runs on its piece of {split}, then the parameter and "
+                    "its moments are gathered", math.prod(col.f.body) * col.f.leaf.itemsize, ranks=split)]
 
 
 def out_width(col: Linear) -> int:
