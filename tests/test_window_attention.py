@@ -256,7 +256,7 @@ def test_separate_projections_whose_heads_do_not_divide_are_a_priced_candidate()
     # a GQA whose key/value heads alone do not divide (12 query heads, 6 key/value on 4) keeps its own candidates
     _, _, _, p = _planned(SeparateAttention(heads=12, kv=6))
     alts = {a.name for a in p.decisions["params/q/kernel"].alternatives}
-    assert alts == {"Megatron, K/V replicated", "Megatron, K/V head_dim split", "replicate"}, alts
+    assert alts == {"Megatron, K/V replicated", "Megatron, K/V split, gathered to head groups", "replicate"}, alts
 
 
 def test_fewer_separate_heads_than_ranks_are_a_priced_candidate():
@@ -449,7 +449,10 @@ def test_a_gqa_repeated_to_query_heads_its_groups_do_not_follow_prices_what_xla_
     # (but for the biases' update gathers kept whole, 288 B, which the chooser leaves out)
     p = tpflax.plan(v, MESH, model=m, sample=x, batch=x)
     alts = {a.name: a for a in p.decisions["params/attn/q/kernel"].alternatives}
-    priced = alts["Megatron, K/V head_dim split"].comm_bytes - alts["Megatron, K/V replicated"].comm_bytes
+    # (named for what it is: split on its output features and gathered to whole head groups, not a head_dim split)
+    assert set(alts) == {"Megatron, K/V replicated", "Megatron, K/V split, gathered to head groups", "replicate"}
+    priced = (alts["Megatron, K/V split, gathered to head groups"].comm_bytes
+              - alts["Megatron, K/V replicated"].comm_bytes)
     assert abs(priced / (comm["split"] - comm["whole"]) - 1) < 0.02, (priced, comm)
     # on tpu-v5e at these widths keeping them whole is quicker: the traced plan is the hand layout
     for path, d in tpflax.plan(v, MESH, batch=x, rules=KV_WHOLE).decisions.items():

@@ -541,6 +541,7 @@ def _megatron(st: State, cols: list[Linear], row: Linear, pair: Pair, unit: str,
         "activations per pass", pair.id, "row"))]
     acts = [ActComm("all-reduce", t_entry, row.out_size, 1, "row: sum partial outputs (forward)"), *_joined(row, t_entry, t_size)]
     pieces: list[tuple[str, int]] = []
+    regrouped: list[bool] = []  # per blocked column split: repeated to query heads, gathered to head groups
     rotated = _rotated([c for c in cols if blocked[id(c)]])
     # traced: the query heads a GQA's key/value may be repeated to (cost/headcut.py repeated_kv_groups)
     query_heads = next((c.limit for c in cols if not blocked[id(c)] and c.limit), None)
@@ -550,7 +551,8 @@ def _megatron(st: State, cols: list[Linear], row: Linear, pair: Pair, unit: str,
             last = len(col.f.body) - 1
             if col.f.body[last] % t_size:
                 return None
-            if (rep := _repeated(col, query_heads, t_size)) is not None:
+            regrouped.append((rep := _repeated(col, query_heads, t_size)) is not None)
+            if rep is not None:
                 props.append((col.f.path, st.proposal(
                     col.f, body_spec(len(col.f.body), last, t_entry), "column",
                     f"column of pair {pair.id}: {why}, so its output features ({col.f.body[last]}) are split over "
@@ -595,7 +597,10 @@ def _megatron(st: State, cols: list[Linear], row: Linear, pair: Pair, unit: str,
                 f"{'heads' if cheads else 'features'} ({col.f.body[cdim]}) split over "
                 f"{axis_label(t_entry, t_size)}, feeds {short(row.f.path)} (pair {pair.id})", pair.id, "column"))))
             acts += input_grad_sum(st, col.f.path, col.in_size)
-    name = ("Megatron, K/V head_dim split" if kv_split else
+    # a key/value jnp.repeat expands to query heads its groups do not follow is split on its output features, its
+    # heads cut and gathered to whole head groups: not a head_dim split, named apart
+    name = ("Megatron, K/V split, gathered to head groups" if kv_split and regrouped and all(regrouped) else
+            "Megatron, K/V head_dim split" if kv_split else
             "Megatron, K/V replicated" if any(blocked.values()) else "Megatron split")
     return Option(name, tuple(props), tuple(acts), frozenset(p for p, _ in props), pieces=tuple(pieces))
 
