@@ -546,6 +546,24 @@ def test_a_dot_product_gqa_takes_the_hand_layout_priced_as_compiled(devices, mes
     assert abs(e.comm_total / dr.comm_total - 1) < 0.01, (est, got)
 
 
+def test_a_rule_splitting_a_leaf_over_the_batch_axis_prices_pinned_key_value_updates():
+    # A user rule putting one kernel on the data axis (data=2,model=4): tpflax's step then gathers parameters over
+    # data for compute and pins every gradient to its parameter's layout (specs.fsdp_axes), as the estimate reads it
+    # (cost/stream.py zero3_axes). The chooser asked whether the mesh had an fsdp axis, so it priced a whole
+    # key/value's update unpinned: its parameter and 2 moments gathered, where XLA:CPU compiles one gather of its
+    # gradient (measured, DotProductGQA(kv=6, inp=True): estimate/compiled 1.000, the chooser 3 gathers per kernel).
+    # With nothing split over fsdp on fsdp=2,model=4 (fsdp_min_bytes) the step pins too: the two agreed there already
+    rules = [(r"inp/kernel$", P("data", None))]
+    for m, name in ((ProjectedGQA(kv=6), "Megatron, K/V replicated"), (DotProductGQA(kv=6, inp=True),
+                                                                        "q/o split, K/V whole")):
+        _, _, _, p = _planned(m, rules=rules)
+        q = next(d for path, d in p.decisions.items() if path.endswith("q/kernel"))
+        whole = {a.name: a for a in q.alternatives}[name]
+        updates = [c for c in whole.collectives if "replicated key/value column" in c and "gradient, in" in c
+                   or "update runs" in c]
+        assert len(updates) == 2 and all("pins it" in c and " x3 " not in c for c in updates), updates
+
+
 def test_a_whole_key_value_reading_the_model_input_prices_its_output_gradient_sums_and_update_gathers(devices):
     # 8 query and 2 key/value heads over model=4, K/V kept whole, every projection reading the model's own input:
     # no input gradient to sum, but XLA still sums each key/value piece's output gradient over the ranks sharing it

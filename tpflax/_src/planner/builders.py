@@ -27,11 +27,11 @@ from tpflax._src.cost.pieces import column_read, member_items, pieces_of, update
 from tpflax._src.cost.price import DEFAULT_TOKENS, OPT_COPIES, ActComm, Context
 from tpflax._src.facts.classify import Facts
 from tpflax._src.hardware import DEFAULT_PLAN_HARDWARE, get_hardware
-from tpflax._src.mesh import EXPERT, FSDP, TENSOR, MeshShape
+from tpflax._src.mesh import EXPERT, TENSOR, MeshShape
 from tpflax._src.planner.choose import Chosen, Option, pick
 from tpflax._src.planner.constraints import pinned
 from tpflax._src.planner.decision import Alternative, Pair
-from tpflax._src.specs import Entry, entry_axes, normalize_entry, to_pspec
+from tpflax._src.specs import Entry, entry_axes, gathered_axes, normalize_entry, to_pspec
 from tpflax._src.vocab import Kind, Role, Strategy
 
 # Strategies that split a kernel's output: a bias added to that output splits alike.
@@ -642,10 +642,15 @@ def _repeated(col: Linear, query_heads: int | None, t_size: int) -> tuple[int, i
 
 
 def _fsdp_mesh(st: State) -> bool:
-    """Whether the mesh has an fsdp axis: tpflax's step then gathers fsdp-split parameters for compute and pins every
-    gradient to its parameter's layout (the estimate's :func:`tpflax._src.cost.stream.zero3_axes`, which holds for a
-    plan splitting any leaf over it; the fsdp split is chosen after the pairs)."""
-    return any(r == FSDP and st.mesh.sizes[n] > 1 for n, r in st.mesh.roles)
+    """Whether tpflax's step gathers parameters for compute and pins every gradient to its parameter's layout: the axes
+    it gathers over (:func:`tpflax._src.specs.gathered_axes`, as the step's :func:`tpflax._src.specs.fsdp_axes` and the
+    estimate's :func:`tpflax._src.cost.stream.zero3_axes` read them) are the mesh's fsdp axes larger than 1, whatever
+    the plan splits over them (the fsdp split is chosen after the pairs; measured, XLA:CPU fsdp=2,model=4 with
+    ``fsdp_min_bytes`` leaving nothing split over fsdp: each whole key/value kernel's gradient still gathered once), and
+    any other batch axis a user rule or annotation splits a leaf over (a rule putting one kernel on ``data``, on
+    data=2,model=4: the step gathers over ``data`` and pins every gradient; the chooser priced the key/value updates
+    unpinned, 3 gathers for the compiled 1)."""
+    return bool(gathered_axes(st.mesh, [p.spec for p in st.forced.values()]))
 
 
 def whole_column(col: Linear, t_entry: Entry, t_size: int, query_heads: int | None = None,
@@ -661,8 +666,8 @@ def whole_column(col: Linear, t_entry: Entry, t_size: int, query_heads: int | No
     ``(collectives, the pieces its weight gradient is split in)``.
 
     tpflax's fsdp step gathers the kernel whole for compute, which the estimate reads off the plan
-    (:func:`tpflax._src.cost.whole.whole_members`); the fsdp split is chosen after the pair, so only whether the
-    mesh has an fsdp axis is seen here. On a mesh with one (``pinned``) the step pins the gradient to the parameter's layout: XLA gathers the
+    (:func:`tpflax._src.cost.whole.whole_members`). Where it gathers parameters for compute (``pinned``:
+    :func:`_fsdp_mesh`, an fsdp axis, split or not) the step pins the gradient to the parameter's layout: XLA gathers the
     split gradient once and the update runs as stored, no moments gathered, as the estimate prices it
     (:func:`tpflax._src.cost.stream.update_gathers`; measured, XLA:CPU fsdp=2,model=4, review_u's m18 Llama with f32
     masters, 8 query and 2 key/value heads: one ``f32[128,32]`` gather over 2 ranks per key/value kernel, where the
