@@ -13,7 +13,8 @@ repeated layers are priced once (:mod:`tpflax._src.cost.leaves`): an item's
 
 Rematerialisation re-issues the forward sums a recomputed block reads: XLA (TPU and
 CPU alike) sums a block's attention output again to recompute its MLP input (see
-:func:`_pair_items`); a row feeding only a residual add is summed once. A scanned stack's fsdp
+:func:`_pair_items`, :class:`tpflax._src.cost.residual.Recompute`, which the chooser prices alike); a row
+feeding only a residual add that no later norm of its block reads is summed once. A scanned stack's fsdp
 weights are the exception: the step gathers them one layer at a time inside the
 scan body, so a remat'd body gathers each layer again in the backward loop.
 """
@@ -32,7 +33,7 @@ from tpflax._src.cost.kvsplit import kv_split_comms, kv_splits
 from tpflax._src.cost.pieces import member_items
 from tpflax._src.cost.price import gathered_bytes, stream_gathers
 from tpflax._src.cost.records import CommItem
-from tpflax._src.cost.residual import alike_path, normed_later, residual_outputs
+from tpflax._src.cost.residual import Recompute, norm_layers, row_layers
 from tpflax._src.cost.scope import Scope, body, drop_layers, is_tied, layers, leaf_itemsize
 from tpflax._src.cost.straddle import parted_ranks, straddled_items, straddled_split
 from tpflax._src.cost.stream import (
@@ -71,18 +72,14 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
     """A split pair sums the row side's partial outputs forward and the column side's input gradients back."""
     items: list[CommItem] = []
     dec, label = s.lv.decisions, s.lv.label
-    # XLA recomputes a remat'd block's attention output, whose summed value the MLP's recomputed
-    # input needs, so that row all-reduce runs again in the backward (measured: Llama fsdp=2,model=4
-    # remat on, v5e:2x4; on XLA:CPU the zoo's llama and llama-scan remat steps and the nnx.scan +
-    # nnx.remat probe_nnx decoder, a ``rematted_computation`` all-reduce of o's output per layer); the
-    # MLP's own sum is the block output, saved
-    again = s.remat and any(dec[r].kind != "attention" for pc in s.lv.pairs for r in pc.rows)
-    # and, as traced, any other row whose sum a backward reads (a conv's, normalised next: ResNet-18 fsdp=2,model=4
-    # remat on, v5e:2x4, sums each block's second conv again, +0.27 GiB); a row feeding only a residual add is not,
-    # unless a norm of its block reads that add later (a pre-norm block's attention output: the MLP's norm; a flat
-    # q/k/v/o Dense block, whose o is kind "dense", compiled one more o all-reduce per layer than estimated, 0.905x)
-    outs = residual_outputs(s.lv, s.activations) if again else []
-    unread = {alike_path(p) for p in outs} - normed_later(s.lv, s.activations, outs) if again else set()
+    # the rows a remat'd block's recompute sums again (Recompute: the chooser prices them alike). Measured: Llama
+    # fsdp=2,model=4 remat on, v5e:2x4, o's sum again per layer; on XLA:CPU the zoo's llama and llama-scan remat steps
+    # and the nnx.scan + nnx.remat probe_nnx decoder, a ``rematted_computation`` all-reduce of o's output per layer;
+    # ResNet-18 fsdp=2,model=4 remat on, v5e:2x4, each block's second conv, normalised next (+0.27 GiB); a flat
+    # q/k/v/o Dense block, whose o is kind "dense", one more o all-reduce per layer (0.905x before)
+    redone = Recompute(s.activations, norm_layers(s.lv), s.lv.stacks,
+                       any(dec[r].kind != "attention" for pc in s.lv.pairs for r in pc.rows)) if s.remat else None
+    unread = redone.unread(row_layers(s.lv)) if redone is not None and redone.again else frozenset()
     # a residual stream kept split on its features (a lookup table split on them) takes the pairs' partial
     # sums split: XLA:TPU reduce-scatters them into it (an all-reduce's first half; the gathers of the stream
     # behind each norm, _embedding_items, are the second); XLA:CPU has no reduce-scatter pass and all-reduces
@@ -152,8 +149,7 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
             # an expert row's outputs (its contraction batches over the experts) are weighted by the router, a
             # product of two activations whose backward reads them: the recompute sums them again (measured,
             # XLA:CPU data=2,model=4: tests/test_expert_split_rows.py, MaxText's mixtral)
-            redo = again and (dec[r].kind == "attention" or bool(s.batch_dims.get(r)) or bool(s.activations)
-                              and not {alike_path(key), alike_path(key.rsplit("/", 1)[0])} & unread)
+            redo = redone is not None and redone.summed_again(key, dec[r].kind, bool(s.batch_dims.get(r)), unread)
             # a row split only on dims its contraction batches over (experts, E in ``BSEH,EHM->BSEM``) sums
             # nothing: each device's outputs are whole (the weighted sum over E is a product of two activations)
             if s.axes(r, TENSOR) and not _batch_split(r, s) and r not in written:

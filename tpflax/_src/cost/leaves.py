@@ -19,6 +19,7 @@ from typing import Any
 from tpflax._src.cost.activations import acts_for, layer_key
 from tpflax._src.cost.optstate import OptLayout, opt_entries
 from tpflax._src.cost.records import Act
+from tpflax._src.cost.residual import stack_lengths
 from tpflax._src.specs import Entry, entries
 
 
@@ -125,7 +126,8 @@ def merge(decisions: Mapping[str, Any], activations: Mapping[str, Sequence[Act]]
                   label={r: (decisions[r].group or r) if n > 1 else r for r, n in count.items()},
                   specs={r: specs[r] for r in count}, pairs=tuple(pair_classes.values()),
                   in_pair=frozenset(rep_of[p] for p in paired), column_units=_column_units(decisions, specs, activations if saved is None else saved),
-                  stacks=stack_lengths(decisions),
+                  stacks=stack_lengths((d.unit, d.shape[d.layers_dim] if d.layers_dim is not None else None)
+                                       for d in decisions.values()),
                   recurrent=recurrent, opt=_opt_classes(opt, specs) if opt is not None else (), rep_of=rep_of)
 
 
@@ -168,28 +170,9 @@ def _opt_classes(opt: OptLayout, specs: Mapping[str, tuple[Entry, ...]]) -> tupl
     return tuple((shape, item, e, n) for (shape, item, e), n in classes.items())
 
 
-def stack_lengths(decisions: Mapping[str, Any]) -> dict[str, int]:
-    """``{traced layer path: layers}`` for layers inside a scanned stack (every leaf below has ``layers_dim``).
-
-    A linen trace records a scanned body's calls once (or twice), not once per layer.
-
-    >>> import jax, tpflax
-    >>> t = {"params": {"layers": {"up": {"kernel": jax.ShapeDtypeStruct((6, 8, 16), "float32")}},
-    ...                 "head": {"kernel": jax.ShapeDtypeStruct((16, 4), "float32")}}}
-    >>> stack_lengths(tpflax.plan(t, {"data": 1}, stacked="layers").decisions)
-    {'layers': 6, 'layers/up': 6}
-    """
-    seen: dict[str, set] = {}
-    for d in decisions.values():
-        parts = layer_key(d.unit).split("/")
-        n = d.shape[d.layers_dim] if d.layers_dim is not None else None
-        for i in range(1, len(parts) + 1):
-            seen.setdefault("/".join(parts[:i]), set()).add(n)
-    return {k: next(iter(v)) for k, v in seen.items() if len(v) == 1 and None not in v}
-
-
 def stack_of(path: str, stacks: Mapping[str, int] | None) -> str | None:
-    """The scanned stack a traced path is in: its outermost prefix in ``stacks`` (:func:`stack_lengths`), else None.
+    """The scanned stack a traced path is in: its outermost prefix in ``stacks``
+    (:func:`tpflax._src.cost.residual.stack_lengths`), else None.
 
     >>> stack_of("layers/mlp/down", {"layers": 4, "layers/mlp": 4}), stack_of("head", {"layers": 4})
     ('layers', None)

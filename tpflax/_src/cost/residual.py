@@ -11,6 +11,10 @@ stream: the embedding's all-reduce and the ``ffn_norm``/``attention_norm`` fusio
 outputs (``f32[4, 4096, 2752]``) and q, k, v and the attention output in bfloat16; no
 ``[4, 4096, 4096]`` buffer from ``o_proj`` or ``down_proj`` lives past its residual add. The bf16
 fsdp=8 and fsdp=2,model=4 steps keep the same set.
+
+Under remat the same reading says which split rows' sums the recompute runs again (:class:`Recompute`), one rule
+for the estimate and the chooser. It reads layer paths, kinds and calls, never a plan (:class:`Leaves` only in
+the estimate's adapters), and imports no planner module: the planner may import it.
 """
 
 from __future__ import annotations
@@ -18,26 +22,24 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from tpflax._src.cost.activations import layer_key
-from tpflax._src.cost.leaves import Leaves
 from tpflax._src.facts.classify import layer_group
 from tpflax._src.mesh import EXPERT, TENSOR, MeshShape
 from tpflax._src.specs import entry_axes
+
+if TYPE_CHECKING:  # the cost model's Leaves import the planner; this module is priced by it too
+    from tpflax._src.cost.leaves import Leaves
 
 _INDEXED = re.compile(r"^\D*?_?\d+$")
 ROW_KINDS = ("attention", "dense", "expert")  # matmul layers whose row member feeds a residual add
 
 
 def residual_outputs(lv: Leaves, activations: Any) -> list[str]:
-    """Traced paths whose output feeds only a residual add: each row projection of a column -> row
-    pair inside a repeated block that holds a norm (a pre- or post-norm residual block; a plain stack
-    of dense layers feeds the row output to the next layer, which reads it), and its parent when the
-    parent returns that output (same shape, traced right after it; a repeated block, ``layers_3``,
-    adds its residual and is not such a parent). A scanned stack is a repeated block too (``layers``,
-    :func:`repeated_block`): the trace maps its body's contractions to the stacked leaves.
+    """Traced paths whose output feeds only a residual add: :func:`residual_layers` of ``lv``'s pairs' rows.
 
     >>> import jax, tpflax
     >>> from tpflax import zoo
@@ -49,20 +51,43 @@ def residual_outputs(lv: Leaves, activations: Any) -> list[str]:
     >>> residual_outputs(merge(p.decisions, acts), acts)[:4]
     ['layers_0/attn/o_proj', 'layers_0/attn', 'layers_0/mlp/down_proj', 'layers_0/mlp']
     """
+    return residual_layers(row_layers(lv), norm_layers(lv), lv.stacks, activations)
+
+
+def row_layers(lv: Leaves) -> dict[str, str]:
+    """``{layer path: kind}`` of the rows of ``lv``'s column -> row pairs."""
+    return {layer_key(d.unit): d.kind for d in lv.decisions.values()
+            if d.role == "row" and d.pair is not None and d.kind in ROW_KINDS}
+
+
+def norm_layers(lv: Leaves) -> frozenset[str]:
+    """The layer paths of ``lv``'s norms, every alike one too (``ln1`` stands for ``ln2`` in ``lv.decisions``)."""
+    return frozenset(layer_key(leaf.rsplit("/", 1)[0]) for leaf in {*lv.rep_of, *lv.decisions}
+                     if getattr(lv.decision_of(leaf), "kind", None) == "norm")
+
+
+def residual_layers(rows: Mapping[str, str], norms: Collection[str], stacks: Mapping[str, int],
+                    activations: Mapping[str, Sequence[Any]]) -> list[str]:
+    """Traced paths whose output feeds only a residual add: each row projection of a column -> row
+    pair (``rows``: ``{layer path: kind}``) inside a repeated block that holds a norm (``norms``: layer paths;
+    a pre- or post-norm residual block; a plain stack of dense layers feeds the row output to the next layer,
+    which reads it), and its parent when the parent returns that output (same shape, traced right after it; a
+    repeated block, ``layers_3``, adds its residual and is not such a parent). A scanned stack is a repeated block
+    too (``layers``, :func:`repeated_block` of ``stacks``): the trace maps its body's contractions to the stacked
+    leaves.
+    """
     traced = {alike_path(p) for p in activations}
-    stacks = lv.stacks
-    normed = {repeated_block(layer_key(d.unit), stacks) for d in lv.decisions.values() if d.kind == "norm"} - {None}
-    rows = set()
-    for d in lv.decisions.values():
-        key = layer_key(d.unit)
+    normed = {repeated_block(n, stacks) for n in norms} - {None}
+    alike_rows = set()
+    for key, kind in rows.items():
         if alike_path(key) not in traced:  # a parameter of the traced module itself (an expert layer's ``wo``)
             key = key.rsplit("/", 1)[0]
-        if d.role == "row" and d.pair is not None and d.kind in ROW_KINDS and repeated_block(key, stacks) in normed:
-            rows.add(alike_path(key))
+        if kind in ROW_KINDS and repeated_block(key, stacks) in normed:
+            alike_rows.add(alike_path(key))
     keys = list(activations)
     out = []
     for i, path in enumerate(keys):
-        if alike_path(path) not in rows:
+        if alike_path(path) not in alike_rows:
             continue
         out.append(path)
         parent = path.rsplit("/", 1)[0]
@@ -85,39 +110,78 @@ def alike_path(path: str) -> str:
     return path
 
 
-def normed_later(lv: Leaves, activations: Any, out: list[str] | None = None) -> set[str]:
-    """The :func:`residual_outputs` (alike paths) a norm of their own block reads after them: the residual add
-    they feed is normalised later in the same call (a sequential pre-norm block's attention output, read by the
-    MLP's norm; a post-norm block's every row), so a rematerialised block's recompute, which needs that norm's
-    input for its backward, sums them again. A parallel block's rows (PaLM, GPT-J: one norm before both) and a
-    block's last row are normalised by nothing after them in the block. Read off the trace's call order (the
-    order of ``activations``), not names.
+@dataclass(frozen=True)
+class Recompute:
+    """Which split rows' sums a rematerialised step's recompute runs again, read off the trace's layer calls: one
+    rule for the estimate (:func:`tpflax._src.cost.comm.comm_items`) and the chooser
+    (:func:`tpflax._src.planner.builders.shard_pair`), each giving what it knows.
+
+    XLA recomputes a remat'd block's forward in the backward, as far as the backward needs it. It sums a split
+    row's partial outputs again where the recompute needs their sum: an attention output projection's (the MLP's
+    recomputed input reads it), an expert row's (the router weights its outputs, a product whose backward reads
+    them), and, with the layer calls traced, any row but a residual output (:func:`residual_layers`) whose add no
+    norm of its own block call reads after it, in the trace's call order (a sequential pre-norm block's attention
+    output is read by the MLP's norm, a post-norm block's every row by the next norm; a parallel block's rows,
+    PaLM's or GPT-J's, and a block's last row feed only the block output, which the next block saves).
 
     Measured (XLA:CPU data=2,model=4, tests/test_remat_comm.py): under ``nn.remat`` a pre-norm block with flat
     q/k/v/o Dense compiles one ``rematted_computation`` all-reduce of o's output per layer, none of the MLP's;
-    a PaLM parallel block compiles none. ``out``: :func:`residual_outputs`, if the caller has them.
+    a post-norm block one of each row's; a PaLM parallel block none.
+
+    Attributes:
+        activations: the layer calls as :func:`tpflax._src.cost.activations.trace_activations` returns them, in
+            call order (empty for a plain function: only attention and expert rows are summed again).
+        norms: the layer paths of the model's norms.
+        stacks: the scanned stacks' layer paths (:func:`stack_lengths`).
+        again: the model has a row besides attention output projections (an MLP's): an attention-only stack's
+            outputs feed only the blocks' adds.
     """
-    out = residual_outputs(lv, activations) if out is None else out
-    if not out:
-        return set()
-    stacks = lv.stacks
-    keys = list(activations)
-    where = {p: i for i, p in enumerate(keys)}
-    # every norm's leaves (alike leaves share one representative decision: ``ln1`` stands for ``ln2``)
-    normed = {alike_path(layer_key(leaf.rsplit("/", 1)[0])) for leaf in {*lv.rep_of, *lv.decisions}
-              if getattr(lv.decision_of(leaf), "kind", None) == "norm"}
-    norms = [p for p in keys if alike_path(p) in normed]
 
-    def instance(path: str) -> tuple[str | None, str]:
-        block = repeated_block(path, stacks)
-        return block, "/".join(path.split("/")[:len(block.split("/"))]) if block else ""
+    activations: Mapping[str, Sequence[Any]]
+    norms: frozenset[str]
+    stacks: Mapping[str, int]
+    again: bool = True
 
-    later = set()
-    for path in out:
-        home = instance(path)
-        if home[0] is not None and any(where[n] > where[path] and instance(n) == home for n in norms):
-            later.add(alike_path(path))
-    return later
+    def unread(self, rows: Mapping[str, str]) -> frozenset[str]:
+        """The :func:`residual_layers` of ``rows`` (alike paths) no norm of their own block call reads after
+        them: the rows whose sum the recompute does not need."""
+        out = residual_layers(rows, self.norms, self.stacks, self.activations)
+        if not out:
+            return frozenset()
+        where = {p: i for i, p in enumerate(self.activations)}
+        normed = {alike_path(n) for n in self.norms}
+        norms = [p for p in self.activations if alike_path(p) in normed]
+
+        def instance(path: str) -> tuple[str | None, str]:
+            block = repeated_block(path, self.stacks)
+            return block, "/".join(path.split("/")[:len(block.split("/"))]) if block else ""
+
+        later = {alike_path(p) for p in out
+                 if instance(p)[0] is not None and any(where[n] > where[p] and instance(n) == instance(p) for n in norms)}
+        return frozenset(alike_path(p) for p in out) - later
+
+    def summed_again(self, key: str, kind: str, batched: bool, unread: frozenset[str]) -> bool:
+        """Whether the recompute sums the row at layer path ``key`` again (``batched``: its contraction batches over
+        experts; ``unread``: :meth:`unread` of the rows, or of this one)."""
+        return self.again and (kind == "attention" or batched or bool(self.activations)
+                               and not {alike_path(key), alike_path(key.rsplit("/", 1)[0])} & unread)
+
+
+def stack_lengths(units: Iterable[tuple[str, int | None]]) -> dict[str, int]:
+    """``{traced layer path: layers}`` for layers inside a scanned stack, from each leaf's ``(unit, layers)``
+    (its stacked dim's size, None without one): every leaf below such a path has one, of that size.
+
+    A linen trace records a scanned body's calls once (or twice), not once per layer.
+
+    >>> stack_lengths([("params/layers/up", 6), ("params/head", None)])
+    {'layers': 6, 'layers/up': 6}
+    """
+    seen: dict[str, set] = {}
+    for unit, n in units:
+        parts = layer_key(unit).split("/")
+        for i in range(1, len(parts) + 1):
+            seen.setdefault("/".join(parts[:i]), set()).add(n)
+    return {k: next(iter(v)) for k, v in seen.items() if len(v) == 1 and None not in v}
 
 
 def repeated_block(path: str, stacks: Mapping[str, int] | None = None) -> str | None:
