@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
+from tpflax._src.cost.activations import layer_key
 from tpflax._src.cost.headcut import (
     cut_head_scores,
     head_cut_gathers,
@@ -25,6 +26,7 @@ from tpflax._src.cost.headcut import (
 from tpflax._src.cost.kvsplit import KVSplit, kv_split_comms
 from tpflax._src.cost.pieces import column_read, member_items, pieces_of, update_pieces
 from tpflax._src.cost.price import DEFAULT_TOKENS, OPT_COPIES, ActComm, Context
+from tpflax._src.cost.residual import Recompute
 from tpflax._src.facts.classify import Facts
 from tpflax._src.hardware import DEFAULT_PLAN_HARDWARE, get_hardware
 from tpflax._src.mesh import EXPERT, TENSOR, MeshShape
@@ -187,6 +189,9 @@ class State:
     # frozen parameters compute (Dataflow.frozen_reads): the step computes no gradient of their input, so split on
     # their output they sum no partial input gradients (as the estimate prices them)
     no_input_grad: frozenset[str] = frozenset()
+    # traced, most matmuls rematerialised: which split rows' sums the recompute runs again (cost/residual.py
+    # Recompute, the estimate's rule; planner/pricing.py recompute)
+    recompute: Recompute | None = None
 
     @cached_property
     def context(self) -> Context:
@@ -430,7 +435,7 @@ def _cut_heads_option(st: State, cols: list[Linear], row: Linear, pair: Pair,
         f"row, heads cut: {row.why}; input features ({row.in_size}, {heads} heads) split over {over}, fed by "
         f"{partner} (pair {pair.id}); one all-reduce of activations per pass", pair.id, "row")))
     label = short(cols[0].f.path) if fused_col else partner
-    acts = (ActComm("all-reduce", t_entry, row.out_size, 1, "row: sum partial outputs (forward)"),
+    acts = (row_sum(st, row.f, row.out_size),
             *(a for col in cols for a in input_grad_sum(st, col.f.path, col.in_size)),
             *(ActComm("all-reduce" if why.startswith("sum") else "all-gather", t_entry, w, 1,
                       f"{'fused ' if fused_col else ''}{label}, {heads} heads cut: "
@@ -539,7 +544,7 @@ def _megatron(st: State, cols: list[Linear], row: Linear, pair: Pair, unit: str,
         f"{'heads (row side)' if heads else 'row'}: {row.why}; input {unit} ({size}) split over "
         f"{axis_label(t_entry, t_size)}, fed by {partner} (pair {pair.id}); one all-reduce of "
         "activations per pass", pair.id, "row"))]
-    acts = [ActComm("all-reduce", t_entry, row.out_size, 1, "row: sum partial outputs (forward)"), *_joined(row, t_entry, t_size)]
+    acts = [row_sum(st, row.f, row.out_size), *_joined(row, t_entry, t_size)]
     pieces: list[tuple[str, int]] = []
     regrouped: list[bool] = []  # per blocked column split: repeated to query heads, gathered to head groups
     rotated = _rotated([c for c in cols if blocked[id(c)]])
@@ -603,6 +608,18 @@ def _megatron(st: State, cols: list[Linear], row: Linear, pair: Pair, unit: str,
             "Megatron, K/V head_dim split" if kv_split else
             "Megatron, K/V replicated" if any(blocked.values()) else "Megatron split")
     return Option(name, tuple(props), tuple(acts), frozenset(p for p, _ in props), pieces=tuple(pieces))
+
+
+def row_sum(st: State, row: Facts, width: float, batched: bool = False) -> ActComm:
+    """A split row's all-reduce of its partial outputs (``width`` per token, forward), run again in a remat'd
+    block's recompute where :class:`tpflax._src.cost.residual.Recompute` says the estimate prices it so (``batched``:
+    the row's contraction batches over experts)."""
+    redo = st.recompute is not None
+    if redo:
+        key = layer_key(row.unit)
+        redo = st.recompute.summed_again(key, row.kind, batched, st.recompute.unread({key: row.kind}))
+    return ActComm("all-reduce", st.tensor[0], width, 1 + redo,
+                   f"row: sum partial outputs (forward{', again in the remat recompute' if redo else ''})")
 
 
 def input_grad_sum(st: State, path: str, width: int,

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from tpflax._src.cost.buffers import ragged_groups
+from tpflax._src.cost.residual import Recompute
 from tpflax._src.facts.classify import Facts
 from tpflax._src.mesh import MeshShape, batch_axes
 from tpflax._src.planner.builders import (
@@ -79,14 +80,16 @@ class _Flow:
 
 def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Dataflow,
             skip: Mapping[str, Proposal] | None = None, widest_rows: int = 0,
-            buffers: Mapping[str, tuple[float, bool]] | None = None) -> tuple[dict[str, Proposal], list[Pair]]:
+            buffers: Mapping[str, tuple[float, bool]] | None = None,
+            recomputed: Recompute | None = None) -> tuple[dict[str, Proposal], list[Pair]]:
     """Proposals for the leaves the dataflow explains; ``(proposals, pairs)``.
 
     Leaves in ``skip`` (rules, annotations) and leaves the trace says nothing
     about are left to the tree heuristics. ``widest_rows``: the rows the widest
     traced layer reads, what the chooser's ``tokens`` count (a layer reading
     fewer, a pooled projection, is priced per row it reads). ``buffers``: the
-    dispatched buffers expert kernels read (:func:`tpflax._src.planner.pricing.expert_buffers`).
+    dispatched buffers expert kernels read (:func:`tpflax._src.planner.pricing.expert_buffers`). ``recomputed``: which
+    split rows' sums a remat'd step runs again (:func:`tpflax._src.planner.pricing.recompute`).
     """
     # no input gradient is computed where a kernel reads the model's own input, nor where it reads only what frozen
     # parameters compute (plan(trainable=), an optimizer's frozen labels, a leaf read through stop_gradient: a
@@ -96,7 +99,7 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Datafl
     c = _start(facts, State(mesh, opts, forced=dict(skip or {}), positional=frozenset(flow.positional()),
                             casts=flow.cast_to(), ragged=ragged_groups(flow),
                             pins=pins(flow), streamed=frozenset(flow.split_widths),
-                            no_input_grad=no_input_grad), flow)
+                            no_input_grad=no_input_grad, recompute=recomputed), flow)
     widest = widest_rows or max((u.token_rows for u in flow.uses), default=0)
     for u in flow.uses:  # what each contraction reads, for the chooser (first use of a leaf)
         if u.tokens and widest and u.path in c.fx:

@@ -16,7 +16,7 @@ from typing import Any
 from tpflax._src.cost.price import ActComm
 from tpflax._src.facts.classify import Facts
 from tpflax._src.mesh import EXPERT, batch_axes
-from tpflax._src.planner.builders import State, axis_label, body_spec, join_column, short
+from tpflax._src.planner.builders import State, axis_label, body_spec, join_column, row_sum, short
 from tpflax._src.planner.choose import Option
 
 
@@ -134,8 +134,7 @@ def _expert_options(st: State, cols: list[Facts], row: Facts, pid: int, ffn: int
         # a row reading no buffer whose contraction keeps the experts: its partial outputs are E per token
         wide = kept if row.path not in st.buffers else 1
         split_ffn = {(c.path, c.leaf_dim(cf)) for c in cols} | {(row.path, row.leaf_dim(rf))}
-        acts = (ActComm("all-reduce", t_entry, d_out * rows[row.path] * wide, 1,
-                        "row: sum partial outputs (forward)"),
+        acts = (row_sum(st, row, d_out * rows[row.path] * wide, batched=True),
                 *(ActComm("all-reduce", t_entry, d_in * rows[c.path], 1, "column: sum partial input gradients "
                           "(backward)") for c in cols), *buffer_sums(1), *_split_sums(st, split_ffn, cols[0]))
         options.append(Option("Megatron in each expert", props(

@@ -50,6 +50,7 @@ from tpflax._src.planner.pricing import (
     expert_buffers,
     patch_tokens,
     pricing,
+    recompute,
     token_batch,
     token_tables,
 )
@@ -413,7 +414,8 @@ def _propose(facts: Sequence[Facts], ms: MeshShape, opts: Options, forced: Force
             opts = replace(opts, tokens=_traced_tokens(opts.tokens, widest, _sample_rows(sample)))
         buffers = expert_buffers(model, sample, tree, flow)
         traced, tpairs = dataflow_rules.propose(facts, ms, opts, flow, skip=forced.proposals, widest_rows=widest,
-                                                buffers=buffers)
+                                                buffers=buffers,
+                                                recomputed=recompute(model, sample, tree, ms, flow, facts))
         tree_only = heuristics.propose(facts, ms, opts, skip=forced.proposals)[0]
         disagreements = dataflow_rules.disagreements(traced, tree_only)
         sources.update({path: "trace" for path in traced})

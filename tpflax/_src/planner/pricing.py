@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tpflax._src.cost.activations import token_rows
+from tpflax._src.cost.activations import layer_key, token_rows, trace_activations
 from tpflax._src.cost.batch import bare_shape, parse_batch, size_problem
 from tpflax._src.cost.price import DEFAULT_TOKENS
+from tpflax._src.cost.residual import Recompute, stack_lengths
 from tpflax._src.errors import OptionError, TpflaxError
+from tpflax._src.facts.classify import Facts
 from tpflax._src.facts.tree import itemsize
 from tpflax._src.hardware import DEFAULT_PLAN_HARDWARE, get_hardware, parse_bytes
 
@@ -105,6 +107,27 @@ def expert_buffers(model: Any, sample: Any, tree: Any, flow: Any) -> dict[str, t
     # the estimate reads them (cost.buffers.ragged_buffers)
     out.update({p: (float(r), True) for p, r in (ragged_buffers(m, ragged) if ragged else {}).items()})
     return out
+
+
+def recompute(model: Any, sample: Any, tree: Any, mesh: Any, flow: Any, facts: Sequence[Facts]) -> Recompute | None:
+    """What tells the chooser which split rows' sums a remat'd step's recompute runs again, as the estimate reads it
+    (:class:`tpflax._src.cost.residual.Recompute`): the layer calls (traced once per model, kept for the
+    estimate), the norms' and the scanned stacks' layer paths, and whether a traced contraction of another's output
+    (an edge's reader) is no attention layer (the estimate asks that of the plan's rows, not all found yet here).
+    A model whose layer calls do not trace is priced as a plain function (attention and expert rows only).
+    None unless most of the model's matmuls run rematerialised (:attr:`Dataflow.remat`)."""
+    if flow.remat < 0.5:
+        return None
+    kinds = {f.path: f.kind for f in facts}
+    try:
+        calls = trace_activations(model, variables=tree, sample=sample, mesh=mesh)
+    except TpflaxError:  # the dataflow traced; only the layer interception failed
+        calls = {}
+    return Recompute(calls,
+                     frozenset(layer_key(f.path.rsplit("/", 1)[0]) for f in facts if f.kind == "norm"),
+                     stack_lengths((f.unit, f.leaf.shape[f.layers_dim] if f.layers_dim is not None else None)
+                                   for f in facts),
+                     any(kinds.get(e.dst, "attention") != "attention" for e in flow.edges))
 
 
 def patch_tokens(batch: Any, convs: Any) -> tuple[int, int] | None:
