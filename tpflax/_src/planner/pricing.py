@@ -113,7 +113,8 @@ def recompute(model: Any, sample: Any, tree: Any, mesh: Any, flow: Any, facts: S
     """What tells the chooser which split rows' sums a remat'd step's recompute runs again, as the estimate reads it
     (:class:`tpflax._src.cost.residual.Recompute`): the layer calls (traced once per model, kept for the
     estimate), the norms' and the scanned stacks' layer paths, and whether a traced contraction of another's output
-    (an edge's reader) is no attention layer (the estimate asks that of the plan's rows, not all found yet here).
+    (an edge's reader) is neither an attention layer nor a table's ``attend`` (the estimate asks that of the plan's
+    rows, not all found yet here; a tied head reading an attention-only stack is no row).
     A model whose layer calls do not trace is priced as a plain function (attention and expert rows only).
     None unless most of the model's matmuls run rematerialised (:attr:`Dataflow.remat`)."""
     if flow.remat < 0.5:
@@ -127,7 +128,7 @@ def recompute(model: Any, sample: Any, tree: Any, mesh: Any, flow: Any, facts: S
                      frozenset(layer_key(f.path.rsplit("/", 1)[0]) for f in facts if f.kind == "norm"),
                      stack_lengths((f.unit, f.leaf.shape[f.layers_dim] if f.layers_dim is not None else None)
                                    for f in facts),
-                     any(kinds.get(e.dst, "attention") != "attention" for e in flow.edges))
+                     any(kinds.get(e.dst, "attention") not in ("attention", "embedding") for e in flow.edges))
 
 
 def patch_tokens(batch: Any, convs: Any) -> tuple[int, int] | None:
