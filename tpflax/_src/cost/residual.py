@@ -114,7 +114,7 @@ def alike_path(path: str) -> str:
 class Recompute:
     """Which split rows' sums a rematerialised step's recompute runs again, read off the trace's layer calls: one
     rule for the estimate (:func:`tpflax._src.cost.comm.comm_items`) and the chooser
-    (:func:`tpflax._src.planner.builders.shard_pair`), each giving what it knows.
+    (:func:`tpflax._src.planner.builders.row_sum`), each giving what it knows.
 
     XLA recomputes a remat'd block's forward in the backward, as far as the backward needs it. It sums a split
     row's partial outputs again where the recompute needs their sum: an attention output projection's (the MLP's
