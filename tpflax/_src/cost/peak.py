@@ -322,10 +322,13 @@ def norm_broadcasts(lv: Leaves, w: Workload, shards: int) -> int:
     """
     if w.backend != "cpu":
         return 0
-    running = {layer_key(p.rsplit("/", 1)[0]) for p, d in lv.decisions.items() if not d.trainable}  # BatchNorm's
+    # BatchNorm's running statistics (model state); a frozen norm (plan(trainable=), plan(optimizer=)) is no such
+    # layer: the backward still reads its broadcasts for the input gradient the layers before it need (counted
+    # as running before: the linen LoRA-Llama's peak under plan(optimizer=) estimated at 0.855x the compiled)
+    running = {layer_key(p.rsplit("/", 1)[0]) for p, d in lv.decisions.items() if d.kind == "state"}
     # alike leaves merged into one, and the layers a scanned norm holds (a scan's body may be traced once)
     units = {d.unit: (lv.count[p], stacked_layers(d)) for p, d in lv.decisions.items()
-             if d.kind == "norm" and d.trainable and layer_key(d.unit) not in running}
+             if d.kind == "norm" and layer_key(d.unit) not in running}
     blocks = top_level(w.activations)
     total = 0
     for unit, (n, stack) in units.items():
@@ -374,7 +377,7 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
     if w.remat:
         # the backward pass of one layer recomputes what it would have saved without remat
         full, _ = activation_bytes(lv.column_units, w.saved, w.batch, w.config, mesh, shards, False,
-                                   w.act_item, [], lv.stacks)
+                                   w.act_item, [], lv.stacks, lv.adapters)
         # a config's layer count, else the trace's remat'd calls (a bare module's nn.remat blocks)
         layers = config_value(w.config, "n_layers") or w.remat_layers or 1
         recompute = int(max(full - dev.activations - unread, 0) / layers + SCORES_SAVED * scores)
@@ -385,7 +388,7 @@ def peak(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, dev: Memory) -> 
             # phase), where the whole net's at once read +4..+40% (benchmarks/tpu_aot_notes.md, nineteenth round)
             last = {p: v for p, v in w.saved.items() if p.startswith(blocks[-1] + "/")}
             recompute, _ = activation_bytes(lv.column_units, last, w.batch, w.config, mesh, shards, False,
-                                            w.act_item, [], lv.stacks)
+                                            w.act_item, [], lv.stacks, lv.adapters)
     hidden, n_exp = expert_hidden_bytes(lv, mesh, w, shards)
     expert_phase = 0
     if w.remat and n_exp and w.backend == "tpu":
