@@ -449,15 +449,19 @@ def token_rows(b: Batch, config: Any) -> int:
 
 def activation_bytes(column_units: Mapping[str, Sequence[Entry]], activations: Mapping[str, Sequence[Act]],
                      b: Batch, config: Any, mesh: MeshShape, shards: int, remat: bool, act_item: int,
-                     notes: list[str], stacks: Mapping[str, int] | None = None) -> tuple[int, int]:
+                     notes: list[str], stacks: Mapping[str, int] | None = None,
+                     adapters: Mapping[str, int] | None = None) -> tuple[int, int]:
     """Saved activations on the fullest device and unsharded (an estimate).
 
     ``column_units``: per traced layer path, the entries of its leaves' split last dims.
     ``stacks``: traced paths inside a scanned stack and its layer count (a linen trace
     records a scanned body once or twice, whatever the layer count; it runs once per layer).
+    ``adapters``: ``{traced path: rank}`` of low-rank adapters called inside their base layer
+    (:func:`tpflax._src.cost.leaves.adapter_units`): each keeps its rank-wide ``x @ a``, not its output.
     """
     if activations:
-        return _traced_bytes(column_units, layer_runs(activations, stacks), mesh, shards, remat, act_item)
+        return _traced_bytes(column_units, layer_runs(activations, stacks), mesh, shards, remat, act_item,
+                             adapters or {})
     d_model, n_layers = config_value(config, "d_model"), config_value(config, "n_layers")
     seq = config_value(config, "seq_len")
     if not (d_model and n_layers and seq):
@@ -515,7 +519,7 @@ def formula_scores_bytes(b: Batch, config: Any, mesh: MeshShape, shards: int, re
 
 
 def _traced_bytes(column_units, activations, mesh: MeshShape, shards: int, remat: bool,
-                  act_item: int) -> tuple[int, int]:
+                  act_item: int, adapters: Mapping[str, int]) -> tuple[int, int]:
     roles = dict(mesh.roles)
     col_units = {}  # layers whose output features are split over tensor/expert axes (the last such leaf)
     for unit, ents in column_units.items():
@@ -533,7 +537,13 @@ def _traced_bytes(column_units, activations, mesh: MeshShape, shards: int, remat
         if remat and path not in kept:
             continue  # only top-level (block) outputs are kept under remat
         split = member_split(path) if members and calls and calls[0].members > 1 else 1
+        rank = adapters.get(path)
         for a in calls:
+            if rank is not None:  # x @ a, whole on every tensor rank (the rank is never split)
+                nbytes = math.prod(a.output[:-1]) * rank * act_item
+                full += nbytes
+                dev += nbytes / shards / split
+                continue
             nbytes = math.prod(a.output) * act_item
             full += nbytes
             dev += nbytes / shards / col_units.get(path, col_units.get(path.split(":")[0], 1)) / split

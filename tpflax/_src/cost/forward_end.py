@@ -89,7 +89,7 @@ def norm_dups(lv: Leaves, w: Workload, shards: int) -> int:
 def _bytes(lv: Leaves, w: Workload, mesh: MeshShape, shards: int, paths) -> int:
     calls = {p: w.activations[p] for p in paths if p in w.activations}
     return activation_bytes(lv.column_units, calls, w.batch, w.config, mesh, shards, False, w.act_item, [],
-                            lv.stacks)[0] if calls else 0
+                            lv.stacks, lv.adapters)[0] if calls else 0
 
 
 def erf_hidden_layers(w: Workload) -> list[str]:

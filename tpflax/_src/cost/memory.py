@@ -39,6 +39,6 @@ def memory(lv: Leaves, mesh: MeshShape, w: Workload, shards: int, notes: list[st
     inputs_dev = sum(math.prod(s) // (shards if s and s[0] % shards == 0 else 1) * itemsize(d)
                      for _, s, d in b.leaves)
     acts_dev, acts_full = activation_bytes(lv.column_units, w.saved, b, w.config, mesh, shards, w.remat,
-                                           w.act_item, notes, lv.stacks)
+                                           w.act_item, notes, lv.stacks, lv.adapters)
     return (Memory(params, grads, opt, acts_dev, state, inputs_dev),
             Memory(params_full, grads_full, opt_full, acts_full, state_full, inputs))

@@ -60,7 +60,8 @@ def tail_bytes(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> int:
     # norm's
     tail = {p: w.activations[p][-1:] for p in order[order.index(blocks[-1]):]
             if w.activations[p] and w.activations[p][-1].output == stream}
-    return activation_bytes(lv.column_units, tail, w.batch, w.config, mesh, shards, True, w.act_item, [])[0]
+    return activation_bytes(lv.column_units, tail, w.batch, w.config, mesh, shards, True, w.act_item, [],
+                            adapters=lv.adapters)[0]
 
 
 def images_relayout(lv: Leaves, w: Workload, shards: int) -> int:
@@ -142,7 +143,7 @@ def scan_loop(lv: Leaves, w: Workload, mesh: MeshShape, shards: int) -> tuple[in
             item = leaf_itemsize(d)
             grads += grad_bytes(shard_bytes(tuple(d.shape), item, lv.specs[path], mesh) * lv.count[path], item, w.g_item)
     stack = activation_bytes(lv.column_units, {b: w.saved[b] for b in blocks if b in w.saved}, w.batch, w.config,
-                             mesh, shards, True, w.act_item, [], lv.stacks)[0]
+                             mesh, shards, True, w.act_item, [], lv.stacks, lv.adapters)[0]
     return grads, stack
 
 
