@@ -186,7 +186,7 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
                   batched=w.batched, ragged=w.ragged,
                   conditions=w.conditions, batch_dims=w.batch_dims, sliced=w.sliced, dots=w.dots, batched_dots=w.batched_dots, shard_mapped=w.shard_mapped, direct=w.direct, derived=w.derived, cast_to=w.cast_to, cast_some=w.cast_some,
                   written=frozenset(p for c in w.collectives if c.kind == "reduce-scatter" and not c.source.endswith("(backward)")
-                                    for p in c.carries), apart=w.apart, split_widths=w.split_widths, parted=w.parted, concats=w.concats, streamed=w.streamed, expanded=w.expanded,
+                                    for p in c.carries), apart=w.apart, split_widths=w.split_widths, parted=w.parted, concats=w.concats, concat_again=w.concat_again, streamed=w.streamed, expanded=w.expanded,
                   scanned=w.scanned, constrained=w.constrained, limits=w.limits, moments=param_moments(w.opt),
                   batch_read=w.batch_read, unbatched=w.unbatched)
     notes.extend(product_sum_notes(lv, mesh, w, scope.experts_split))

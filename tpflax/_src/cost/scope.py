@@ -137,6 +137,7 @@ class Scope:
     split_widths: frozenset = frozenset()
     parted: Mapping[str, Mapping[int, int]] = field(default_factory=dict)  # (Traced.parted)
     concats: Mapping[str, tuple[int, tuple[int, ...]]] = field(default_factory=dict)  # (Traced.concats)
+    concat_again: Mapping[str, str] = field(default_factory=dict)  # (Traced.concat_again)
     streamed: frozenset = frozenset()  # kernel dims added onto a residual stream (Traced.streamed)
     expanded: Mapping[str, tuple[tuple[int, int, int], ...]] = field(default_factory=dict)  # (Traced.expanded)
     # kernels that contract a constrained value as it is (Traced.direct)

@@ -268,6 +268,8 @@ class Traced:
     parted: Mapping[str, Mapping[int, int]] = field(default_factory=dict)
     # {path: (kernel dim, input sizes)}: a kernel dim contracting a concatenation of kernels' outputs (Dataflow.concats)
     concats: Mapping[str, tuple[int, tuple[int, ...]]] = field(default_factory=dict)
+    # {path: path}: a concats kernel reading the same concatenation as an earlier one (Dataflow.concat_again)
+    concat_again: Mapping[str, str] = field(default_factory=dict)
     # {table: ids per example its lookups from the inputs gather, together}: a multi-codebook model's tables each
     # look up one codebook's ids of a (batch, codebooks, steps) input, not all of them; a shared table the
     # encoder's ids and the decoder's
@@ -449,6 +451,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], leads: frozenset
                   lookup_rows=_lookup_rows(flow, examples), ragged=ragged_groups(flow),
                   parted=dict(flow.parted), batch_read=_batch_read(flow), unbatched=_unbatched(flow),
                   concats={flow.uses[uid].path: (dim, sizes) for (uid, dim), sizes in flow.concats.items()},
+                  concat_again={flow.uses[u].path: flow.uses[f].path for (u, _), (f, _) in flow.concat_again.items()},
                   split_grads=tuple((frozenset((flow.uses[u].path, d) for u, d in a),
                                      frozenset((flow.uses[u].path, d) for u, d in b), n / examples, c)
                                     for a, b, n, c in flow.split_grads),

@@ -151,6 +151,7 @@ class Workload:
     fft_reads: tuple = ()  # (Traced.fft_reads)
     parted: Mapping[str, Mapping[int, int]] = field(default_factory=dict)  # (Traced.parted)
     concats: Mapping[str, tuple[int, tuple[int, ...]]] = field(default_factory=dict)  # (Traced.concats)
+    concat_again: Mapping[str, str] = field(default_factory=dict)  # (Traced.concat_again)
     lookup_rows: Mapping[str, float] = field(default_factory=dict)  # (Traced.lookup_rows)
     scanned: Mapping[str, int] = field(default_factory=dict)  # (Traced.scanned)
     constrained: tuple[tuple[str, int, tuple[str, ...]], ...] = ()  # (Traced.constrained)
@@ -328,7 +329,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     positional=t.positional, loops=t.loops, remat_layers=t.remat_layers, erf=t.erf,
                     product_sums=t.product_sums, split_sums=t.split_sums, split_grads=t.split_grads,
                     edges=t.edges, contracted=t.contracted, looked=t.looked, batched=t.batched, ragged=t.ragged, conditions=t.conditions, dead=t.dead,
-                    batch_dims=t.batch_dims, sliced=t.sliced, no_grad=no_grad, ignored=ignored, dots=t.dots, batched_dots=t.batched_dots, shard_mapped=t.shard_mapped, direct=t.direct, derived=t.derived, cast_to=t.cast_to, cast_some=t.cast_some, apart=t.apart, split_widths=t.split_widths, streamed=t.streamed, expanded=t.expanded, crossed=t.crossed, crossings=t.crossings, ffts=t.ffts, fft_reads=t.fft_reads, lookup_rows=t.lookup_rows, parted=t.parted, concats=t.concats,
+                    batch_dims=t.batch_dims, sliced=t.sliced, no_grad=no_grad, ignored=ignored, dots=t.dots, batched_dots=t.batched_dots, shard_mapped=t.shard_mapped, direct=t.direct, derived=t.derived, cast_to=t.cast_to, cast_some=t.cast_some, apart=t.apart, split_widths=t.split_widths, streamed=t.streamed, expanded=t.expanded, crossed=t.crossed, crossings=t.crossings, ffts=t.ffts, fft_reads=t.fft_reads, lookup_rows=t.lookup_rows, parted=t.parted, concats=t.concats, concat_again=t.concat_again,
                     scanned=t.scanned, constrained=t.constrained, limits=t.limits, batch_read=t.batch_read,
                     unbatched=t.unbatched)
 

@@ -165,6 +165,7 @@ def merge_uses(flow: Dataflow, shapes: Mapping[str, tuple[int, ...]]) -> Dataflo
         fused={(a(k[0]), k[1]): v for k, v in flow.fused.items()},
         cuts={(a(k[0]), k[1]): v for k, v in flow.cuts.items()},
         concats={(a(k[0]), k[1]): v for k, v in flow.concats.items()},
+        concat_again={(a(k[0]), k[1]): (a(v[0]), v[1]) for k, v in flow.concat_again.items()},
         views=frozenset((a(k[0]), k[1]) for k in flow.views),
         added=remap_added(flow.added, lambda k: (a(k[0]), k[1])),
         branches={(a(k[0]), k[1]): tuple(frozenset(map(a, p)) for p in v) for k, v in flow.branches.items()})

@@ -124,7 +124,10 @@ def dot_general(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
             if pt is not None and dims[pt[1]] == pt[0]:
                 size[q] = size[pt[1]] = pt[2] * spill(pt[2] * shape_p[q], pt[2], shape_p[q])
                 w.parted.setdefault(path, {})[pt[0]] = pt[2]
+        at = w.concat_vals.get(id(act))
         for a, p in zip(ac, pc, strict=True):
+            if at is not None and a == at[2] and dims[p] is not None:
+                w.concat_reads.setdefault(at[1], set()).add((uid, dims[p]))
             if dims[p] is None and parts[p] is not None:
                 # the minor part of a stored dim (DBRX's ``btef,efd->bted`` summing the f of its ``(E * f, d)``)
                 for k, (limit, via) in w.merge([act.dim_tags(a)]).items():

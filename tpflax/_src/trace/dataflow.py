@@ -283,7 +283,7 @@ def analyze(closed: Any, paths: Sequence[str], batch: int | None = None) -> Data
                         w.outputs.add(k)
                         if d == len(v.tags) - 1 or not last:
                             w.features.add(k)
-    concats = _concats(w)
+    concats, again = _concats(w)
     found, branches = _pieces_joined(w)
     for (uid, dim), (sizes, whole) in found["cuts"].items():
         # pieces sliced off a view of the kernel dim (Falcon's (heads + 2) x head_dim, sliced by heads): in its units
@@ -306,7 +306,7 @@ def analyze(closed: Any, paths: Sequence[str], batch: int | None = None) -> Data
                     combined={p: tuple(ds) for p, ds in w.combined.items()},
                     channels={p: by for p, by in w.channels.items() if by},
                     scanned=dict(w.scanned), n_eqns=w.n_eqns, fused=found["fused"], branches=branches,
-                    cuts=found["cuts"], concats=concats, views=frozenset(w.root(k) for k in w.views),
+                    cuts=found["cuts"], concats=concats, concat_again=again, views=frozenset(w.root(k) for k in w.views),
                     padded=frozenset(w.padded),
                     shared=shared_reads(jaxpr, w.reads) | own_casts(jaxpr, w.reads, inputs), remat=remat,
                     remat_calls=remat_calls,
@@ -338,9 +338,10 @@ def analyze(closed: Any, paths: Sequence[str], batch: int | None = None) -> Data
                     unbatched=_unbatched(jaxpr, len(paths), examples, w.reads, batch, batched))
 
 
-def _concats(w: Any) -> dict[tuple[int, int], tuple[int, ...]]:
+def _concats(w: Any) -> tuple[dict[tuple[int, int], tuple[int, ...]], dict[tuple[int, int], tuple[int, int]]]:
     """``{(use id, kernel dim): input sizes}`` of the kernel dims contracting, row for row, a concatenation of
-    kernels' outputs each of which reaches them (:attr:`Dataflow.concats`).
+    kernels' outputs each of which reaches them (:attr:`Dataflow.concats`), and ``{(use id, kernel dim): the first
+    of them}`` for the later ones reading the same concatenation (:attr:`Dataflow.concat_again`).
 
     A concatenation no kernel reads so ends its inputs' chains, as any concatenation did before
     (:func:`tpflax._src.trace.handlers.concatenate`): one reduced on the way (Inception's branches side by side,
@@ -350,15 +351,21 @@ def _concats(w: Any) -> dict[tuple[int, int], tuple[int, ...]]:
     for (s, sd, d, dd) in w.edges:
         srcs.setdefault((d, dd), set()).add((s, sd))
     out: dict[tuple[int, int], tuple[int, ...]] = {}
-    for keys, sizes, rows in w.concats:
-        read = [dst for dst, got in srcs.items() if all(ks & got for ks in keys)]
+    again: dict[tuple[int, int], tuple[int, int]] = {}
+    for i, (keys, sizes, rows) in enumerate(w.concats):
+        # the kernels contracting the concatenation itself (or a cast of it) where any does, not those its inputs
+        # reach on other paths too (xLSTM's q, k and v, concatenated for the gates, and on to proj_down)
+        direct = w.concat_reads.get(i)
+        read = [dst for dst, got in srcs.items() if all(ks & got for ks in keys) and (not direct or dst in direct)]
         if read and all(w.uses[d].op == "dot" and w.uses[d].rows == rows for d, _ in read):
-            for dst in read:
+            for dst in sorted(read):
                 out.setdefault(dst, sizes)
+                if dst != min(read):
+                    again.setdefault(dst, min(read))
             continue
         for ks in keys:
             w.escape(dict.fromkeys(ks), "concatenated with other values along it")
-    return out
+    return out, again
 
 
 def _batch_reads(jaxpr: Any, n: int, examples: int, reads: Mapping[int, tuple[Any, int, tuple]],

@@ -69,9 +69,12 @@ def elementwise(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
         base = full[0] if full else Val(rank)
         # a cast of one reshaped parameter keeps its parts (Val.parts); a weight computed from several does not
         parts = base.parts if len(params) == 1 and base is params[0] else ()
-        return [dataclasses.replace(base, origin=origin, tags=tags, parts=parts,
+        outs = [dataclasses.replace(base, origin=origin, tags=tags, parts=parts,
                                     const_of=max([v.const_of for v in params] or [0]))
                 for _ in ranks]
+        if id(base) in w.concat_vals and not params:  # a cast of a concatenation: still read as it (Dataflow.concats)
+            w.concat_vals.update((id(o), (o, *w.concat_vals[id(base)][1:])) for o in outs)
+        return outs
     if params:
         _note_params(w, name, params, acts)
     gains = _gains(w, params, acts)
@@ -476,11 +479,16 @@ def concatenate(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
             w.escape(v.dim_tags(dim), "concatenated with other values along it")
         return [out]
     shape = tuple(eqn.outvars[0].aval.shape)
-    w.concats.append((tuple(frozenset(v.dim_tags(dim)) for v in ins),
+    keys = [set(v.dim_tags(dim)) for v in ins]
+    # each input's own keys: a key several inputs carry (the column they are all computed from: xLSTM's q, k and v,
+    # from one conv output) says nothing of which input is where
+    w.concats.append((tuple(frozenset(k - set().union(*keys[:i], *keys[i + 1:])) for i, k in enumerate(keys)),
                       tuple(int(x.aval.shape[dim]) for x in eqn.invars), math.prod(shape) // shape[dim]))
     tags = list(out.tags or ({},) * rank)
     tags[dim] = joined
-    return [dataclasses.replace(out, tags=tuple(tags))]
+    got = dataclasses.replace(out, tags=tuple(tags))
+    w.concat_vals[id(got)] = (got, len(w.concats) - 1, dim)
+    return [got]
 
 
 def _joined_columns(w: Walk, ins: list[Val], dim: int):
@@ -489,21 +497,21 @@ def _joined_columns(w: Walk, ins: list[Val], dim: int):
 
     Each input's own kernel dims go on: a row kernel contracting the concatenation pairs with every column feeding
     it, as a row contracting ``gate * up`` pairs with both. Only whole (major) tags, every input tagged along
-    ``dim``, and no tag key in two inputs (rotate-half's ``concat([-x2, x1])`` is one dim rearranged, which a split
-    cuts; the pieces of a fused in_proj cut by ``jnp.split`` have keys of their own, :meth:`Walk.piece`); anything
-    else ends the chains as before."""
-    seen: set = set()
+    ``dim``, and each input with a tag key in no other input (rotate-half's ``concat([-x2, x1])`` is one dim
+    rearranged, which a split cuts; the pieces of a fused in_proj cut by ``jnp.split`` have keys of their own,
+    :meth:`Walk.piece`); a key several inputs carry besides their own goes on with them (the column they are all
+    computed from: xLSTM's ``proj_up``, on the heads of its headwise q, k and v, split alike); anything else ends
+    the chains as before."""
     maps = []
     for v in ins:
         m = v.dim_tags(dim)
         if not m or any(is_minor(k) for k in m):
             return None
-        keys = {k for k in m if k not in w.escapes}
-        if not keys or keys & seen:
+        maps.append({k for k in m if k not in w.escapes})
+    for i, keys in enumerate(maps):
+        if not keys - set().union(*maps[:i], *maps[i + 1:]):
             return None
-        seen |= keys
-        maps.append(m)
-    return w.merge(maps)
+    return w.merge(v.dim_tags(dim) for v in ins)
 
 
 def concatenate_like(w: Walk, ins: list[Val], rank: int, joined: list[int]) -> Val:

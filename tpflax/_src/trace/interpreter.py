@@ -221,6 +221,10 @@ class Walk:
     # kernels' outputs put side by side by a concatenate (handlers._joined_columns): per input its tag keys on the
     # joined dim, the inputs' sizes along it and the concatenation's rows (Dataflow.concats)
     concats: list[tuple[tuple[frozenset, ...], tuple[int, ...], int]] = field(default_factory=list)
+    # id of a concatenation's output (or a cast of it) -> (the value, kept alive: ids are reused; its index in
+    # ``concats``; its joined dim), and per index the (use id, kernel dim) contracting that value's joined dim as it is
+    concat_vals: dict[int, tuple[Any, int, int]] = field(default_factory=dict)
+    concat_reads: dict[int, set[tuple[int, int]]] = field(default_factory=dict)
     split: dict[tuple[str, int], int] = field(default_factory=dict)  # (path, leaf dim) -> shards in a shard_map body
     ragged: dict[int, Any] = field(default_factory=dict)  # id(ragged_dot_general eqn) -> the view dot_general reads
     # path -> ((leaf dim, mesh axes, sizes), ...) the first shard_map it enters lays it out over (Dataflow.in_specs)
@@ -282,7 +286,7 @@ class Walk:
             ins = [read(v) for v in eqn.invars]
             if self.raw:
                 self.note_raw_reads(eqn, ins)
-            outs = self.eqn(eqn, ins, ctx)
+            outs = made = self.eqn(eqn, ins, ctx)
             if any(i.live or i.origin for i in ins):
                 outs = [o if o.live else dataclasses.replace(o, live=True) for o in outs]
             if any(i.fed for i in ins):
@@ -292,6 +296,9 @@ class Walk:
                 deps |= self.deps_of(i)
             if deps:
                 outs = [o if o.deps | deps == o.deps else dataclasses.replace(o, deps=o.deps | deps) for o in outs]
+            for a, o in zip(made, outs, strict=True):
+                if a is not o and id(a) in self.concat_vals:  # the flags' copy is the concatenation's value now
+                    self.concat_vals[id(o)] = (o, *self.concat_vals.pop(id(a))[1:])
             for v, o in zip(eqn.outvars, outs, strict=True):
                 if type(v).__name__ != "DropVar":
                     env[v] = o

@@ -289,6 +289,9 @@ class Dataflow:
             kernels' outputs (a parallel block's ``concat([attn_out, gelu(up)])`` read by one output projection):
             split contiguously, its shards do not follow the inputs' own, and XLA reshards the inputs (the mirror
             of a :attr:`cuts` kernel's, priced by :func:`tpflax._src.cost.reshard.concat_items`).
+        concat_again: ``{(use id, param dim): (use id, param dim)}``: a :attr:`concats` kernel dim contracting the same
+            concatenation as an earlier one (xLSTM's ``fgate`` beside ``igate``, both reading ``concat([q, k, v])``):
+            split alike, XLA reshards the concatenation once for both.
         collectives: the explicit collectives of ``shard_map`` bodies that move data (see
             :class:`Collective`), forward and, for a value computed from parameters, the backward's.
         views: the :attr:`fused` dims whose pieces a reshape cut apart: the output reshaped to
@@ -416,6 +419,7 @@ class Dataflow:
     branches: Mapping[tuple[int, int], tuple[frozenset[int], ...]] = field(default_factory=dict)
     cuts: Mapping[tuple[int, int], tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     concats: Mapping[tuple[int, int], tuple[int, ...]] = field(default_factory=dict)
+    concat_again: Mapping[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
     views: frozenset[tuple[int, int]] = frozenset()
     padded: frozenset[tuple[int, int]] = frozenset()
     spread: Mapping[tuple[int, int], int] = field(default_factory=dict)
