@@ -41,7 +41,9 @@ def inner_features(st: State, todo: Sequence[Facts]) -> None:
     t_entry, t_size = st.tensor
     if t_size == 1:
         return
-    loose = [f for f in todo if f.kind in _KINDS and f.path not in st.out and f.path not in st.forced]
+    # (and a block-diagonal kernel the classifier takes for attention by its 3 dims: xLSTM's headwise q/k/v)
+    loose = [f for f in todo if (f.kind in _KINDS or f.kind == "attention" and _square_blocks(f.body))
+             and f.path not in st.out and f.path not in st.forced]
     if not loose:
         return
     for pair in st.pairs:
@@ -77,6 +79,11 @@ def inner_features(st: State, todo: Sequence[Facts]) -> None:
                     _follow(st, f, width, pair.id, short(row.path), t_entry, t_size, todo)
 
 
+def _square_blocks(body: Sequence[int]) -> bool:
+    """``(heads, n, n)``: a block-diagonal kernel's, one square block per head."""
+    return len(body) == 3 and body[1] == body[2] and body[0] > 1
+
+
 def _beside(f: Facts, inside: str, out: int) -> bool:
     """A vector the block holds itself (no sub-module of its own) as wide as the residual stream the row writes:
     it may scale the block's input as well as its inner features, and the tree cannot tell which.
@@ -106,6 +113,12 @@ def _joins(st: State, f: Facts, width: int, out: int, pair: int, col: Facts, row
     if a == width and b < width:
         return join_row(st, f, 0, col, f"reads the {width} inner features of pair {pair} inside its block "
                                        "(by shape; pass model= to trace it)")
+    if a in (2 * width, 3 * width) and b < width:
+        # several views of them concatenated (xLSTM's gates on [q | k | v], each as wide as the inner features):
+        # split contiguously, XLA reshards the concatenation (cost.reshard.concat_items), as the hand layout does;
+        # kept whole, every tensor rank gathers it whole (1.45x the hand layout's collectives, data=2,model=4)
+        return join_row(st, f, 0, col, f"reads {a // width} views of the {width} inner features of pair {pair} "
+                                       "concatenated, inside its block (by shape; pass model= to trace it)")
     if b == width and a < width:
         return join_column_of(st, f, 1, row, f"makes {width} inner features of pair {pair} inside its block "
                                              "(by shape; pass model= to trace it)")
