@@ -819,7 +819,8 @@ def fused_partners(lins: list[Linear]) -> None:
 
 
 def parallel_partners(lins: list[Linear]) -> None:
-    """Pair a parallel block's fused input projection ``(d, 3d + f)`` with its output projection ``(d + f, d)``.
+    """Pair a parallel block's fused input projection ``(d, 3d + f)`` (gated: ``(d, 3d + 2f)``; fewer key/value
+    heads: narrower, :func:`parallel_cut`) with its output projection ``(d + f, d)``.
 
     ViT-22B's (and PaLM's) parallel block reads one norm's output with one kernel holding q, k, v and the MLP's
     up-projection side by side, ``[q | k | v | up]``, cut apart after the matmul; its one output projection reads
@@ -834,7 +835,10 @@ def parallel_partners(lins: list[Linear]) -> None:
     by no other layer of the block and the row reading no other layer's whole output, by shape whatever their
     roles: a residual MLP ``d -> 6d -> 4d -> d`` has ``6d = 4d + 2d`` too, but its middle layer reads the first's
     output and writes the last's input (pairing first and last left it whole between them: 3.37x the compiled
-    collectives, review r58 pp2); an unplaced pair is oriented as the widening side is a column.
+    collectives, review r58 pp2); an unplaced pair is oriented as the widening side is a column. PaLM's gated
+    ``[q | k | v | gate | up]`` ``(d, 3d + 2f)`` (``silu(gate) * up`` into the row) found no row either: 2.80x
+    the bytes and 3.62x the flops of the Megatron layout (r59 treegaps g01, data=2,model=4); its cut is ``[d, d,
+    d, f, f]``, and multi-query or grouped keys and values ``w`` wide each make ``[d, w, w, ...]``.
 
     >>> from tpflax._src.facts.tree import Leaf
     >>> def lin(path, shape, role=None):
@@ -855,23 +859,27 @@ def parallel_partners(lins: list[Linear]) -> None:
             continue  # something reads the column's whole output, whatever its role (a deeper MLP's middle layer)
         d = c.in_size
         for r in lins:
-            if r is c or r.role not in ("row", None) or not two(r) or r.out_size != d or r.in_size <= d \
-                    or c.out_size != r.in_size + 2 * d:
+            if r is c or r.role not in ("row", None) or not two(r) or r.out_size != d or r.in_size <= d:
+                continue
+            cut = parallel_cut(d, c.out_size, r.in_size)
+            if cut is None:
                 continue
             if any(x is not c and x is not r and x.out_size == r.in_size * x.pieces for x in lins):
                 continue  # the row reads another layer's whole output, whatever its role (an MLP's up-projection)
-            found.append((c, r))
+            found.append((c, r, cut))
     if len(found) != 1:
         return
-    (c, r), = found
+    (c, r, cut), = found
     d, f = c.in_size, r.in_size - c.in_size
     placed = [x for x in (c, r) if x.role is None]
     c.role, r.role = "column", "row"
-    c.cut, r.joined = (d, d, d, f), (d, f)
-    c.why = (f"{c.why + '; ' if c.why else ''}a parallel block's fused [q | k | v | up] by shape: ({d} -> {c.out_size}) is "
-             f"{2 * d} wider out than {short(r.f.path)} ({r.in_size} -> {d}) reads, [attention out | MLP hidden]; "
-             f"cut into [{d}, {d}, {d}, {f}] after the matmul, split naively over the fused dim and XLA reshards "
-             "the pieces (pass model= to trace it)")
+    c.cut, r.joined = cut, (d, f)
+    names = "q | k | v | " + ("gate | up" if len(cut) == 5 else "up")
+    kv = "" if cut[1] == d else f" (keys and values {cut[1]} wide each: fewer key/value heads)"
+    c.why = (f"{c.why + '; ' if c.why else ''}a parallel block's fused [{names}] by shape: ({d} -> {c.out_size}) "
+             f"beside {short(r.f.path)} ({r.in_size} -> {d}), which reads [attention out | MLP hidden]{kv}; "
+             f"cut into [{', '.join(map(str, cut))}] after the matmul, split naively over the fused dim and XLA "
+             "reshards the pieces (pass model= to trace it)")
     r.why = (f"{r.why + '; ' if r.why else ''}reads [attention out ({d}) | MLP hidden ({f})] of the parallel block's "
              f"fused {short(c.f.path)}, concatenated")
     for x in placed:
@@ -883,8 +891,37 @@ def parallel_partners(lins: list[Linear]) -> None:
 def parallel_fit(c: Linear, r: Linear) -> bool:
     """Whether ``c`` is the parallel block's fused input projection whose pieces ``r`` reads
     (:func:`parallel_partners`)."""
-    return len(c.cut) == 4 and len(r.joined) == 2 and c.cut == (r.joined[0],) * 3 + r.joined[1:] \
-        and c.in_size == r.out_size == r.joined[0]
+    return len(r.joined) == 2 and c.in_size == r.out_size == r.joined[0] \
+        and c.cut == parallel_cut(c.in_size, c.out_size, r.in_size)
+
+
+def parallel_cut(d: int, out: int, joined: int) -> tuple[int, ...] | None:
+    """The pieces ``[q, k, v, up]`` or ``[q, k, v, gate, up]`` of a parallel block's fused input projection ``(d,
+    out)`` whose output projection reads ``joined = d + f`` (:func:`parallel_partners`); None when the widths fit
+    neither, or both.
+
+    Keys and values are each ``w`` wide, ``d`` (one per query head) or fewer heads' (multi-query, grouped): a
+    divisor of ``d``. Ungated ``out = d + 2w + f``, gated ``out = d + 2w + 2f``; with ``w = d`` the two never
+    meet (``f > 0``); a shape both read with narrower keys is no proof of either and is left alone.
+
+    >>> parallel_cut(128, 896, 640), parallel_cut(128, 1408, 640)  # ViT-22B's; PaLM's (gated) with every head
+    ((128, 128, 128, 512), (128, 128, 128, 512, 512))
+    >>> parallel_cut(64, 64 + 2 * 16 + 2 * 128, 64 + 128)  # multi-query (one head of 16), gated
+    (64, 16, 16, 128, 128)
+    >>> parallel_cut(128, 128 + 2 * 16 + 512, 640), parallel_cut(64, 64 + 2 * 24 + 128, 192)  # 16 | 128; 24 not | 64
+    ((128, 16, 16, 512), None)
+    """
+    f = joined - d
+    if f <= 0:
+        return None
+    fits = []
+    for ups in ((f,), (f, f)):
+        w, odd = divmod(out - d - sum(ups), 2)
+        if not odd and 0 < w <= d and d % w == 0:
+            fits.append((d, w, w, *ups))
+    full = [cut for cut in fits if cut[1] == d]  # every query head its own key/value head: the first to try
+    fits = full or fits
+    return fits[0] if len(fits) == 1 else None
 
 
 def _affinity(a: str, b: str) -> tuple[int, int]:
