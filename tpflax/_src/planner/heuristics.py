@@ -511,7 +511,33 @@ def _common_prefix(a: str, b: str) -> int:
 # ---------------------------------------------------------------------------
 # experts, convs, embeddings, heads
 
+# an expert stack's up-projections as MoE code names them beyond the dense names: T5X's / MaxText's ``wi_gate`` and
+# ``wi_up``, ``w_gate``, ``w_up``, ``ffn_up``...
+_EXPERT_IN = re.compile(r"^(?:wi|w|ffn|mlp|fc)_?(?:gate|up|in)$", re.I)
+_EXPERT_OUT = re.compile(r"^(?:wi|w|ffn|mlp|fc)_?(?:down|out)$", re.I)
+
+
+def _expert_in(f: Facts) -> bool:
+    """Named like an expert stack's up-projection (a column), and not like its down-projection."""
+    n = f.unit_name
+    return bool(COLUMN_NAMES.match(n) or _EXPERT_IN.match(n)) and not _expert_out(f)
+
+
+def _expert_out(f: Facts) -> bool:
+    return bool(ROW_NAMES.match(f.unit_name) or _EXPERT_OUT.match(f.unit_name))
+
+
 def _experts(st: State, todo: Sequence[Facts], widths: set[int]) -> None:
+    """Pair a block's stacked expert kernels ``(E, d, f)`` -> ``(E, f, d)`` (mirrored shapes).
+
+    The column reads the residual width (or is named like one); square experts (``d == f``: every kernel
+    ``(E, d, d)``, each the mirror of every other) are oriented by names alone: a column named like an
+    up-projection (``wi_gate``, ``wi_up``, ``w1``, ``gate``...) into the one row named like a down-projection
+    (``wo``, ``w2``, ``down``...), and only the other up-projections join it. By shape alone each mirrored
+    any other, so T5X's ``wi_0``, ``wi_1``, ``wo`` paired ``wi_0`` with ``wi_1`` as its row and joined ``wo``
+    as a gate, and ``wi_gate``, ``wi_up``, ``wo`` (neither side named) stayed whole: 1.81x the bytes and 3.55x
+    the flops of the Megatron layout (review_v V06, data=2,model=4).
+    """
     groups: dict[str, list[Facts]] = defaultdict(list)
     for f in todo:
         if f.kind == "expert" and f.path not in st.out:
@@ -524,13 +550,18 @@ def _experts(st: State, todo: Sequence[Facts], widths: set[int]) -> None:
             for b in fs:
                 if b is a or b.body != (ea, y, x) or a.path in st.out or b.path in st.out:
                     continue
+                if x == y:  # square: no shape says which side widens, the names must
+                    if not (_expert_in(a) and _expert_out(b)) or \
+                            sum(_expert_out(g) for g in fs if g.body == a.body) != 1:
+                        continue
                 # a: (E, x, y) widens when x is the residual width (or by name).
-                if not ((x in widths and y not in widths) or COLUMN_NAMES.match(a.unit_name)
-                        or (not widths and x < y)):
+                elif not ((x in widths and y not in widths) or COLUMN_NAMES.match(a.unit_name)
+                          or (not widths and x < y)):
                     continue
                 # gated experts: gate and up, both (E, d, f), feed the one down
                 gated = [(g, f"also feeds {short(b.path)} (gated experts)") for g in fs
-                         if g is not a and g.body == a.body and g.path not in st.out]
+                         if g is not a and g is not b and g.body == a.body and g.path not in st.out
+                         and (x != y or _expert_in(g))]
                 shard_experts(st, a, b, ea, y, gated=gated)
         _alike_experts(st, [f for f in fs if f.path not in st.out], widths)
     for f in todo:  # lone expert tensors: split the expert dim when possible
