@@ -1671,7 +1671,7 @@ class _SquareMoE(nn.Module):
 
 
 @pytest.mark.parametrize("names", [("wi_gate", "wi_up", "wo"), ("wi_0", "wi_1", "wo"), ("w1", "w3", "w2"),
-                                   ("w_a", "w_b", "w_c")])
+                                   ("ffn_0_gate", "ffn_0_up", "ffn_0_down"), ("w_a", "w_b", "w_c")])
 def test_tree_only_square_experts_are_paired_by_their_names(names):
     """Square experts have every kernel ``(E, d, d)``, each the mirror of every other, so no shape says which side
     widens: ``wi_gate``/``wi_up``/``wo`` (no dense name) stayed whole, 1.81x the bytes and 3.55x the flops of the

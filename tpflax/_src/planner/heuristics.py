@@ -512,9 +512,9 @@ def _common_prefix(a: str, b: str) -> int:
 # experts, convs, embeddings, heads
 
 # an expert stack's up-projections as MoE code names them beyond the dense names: T5X's / MaxText's ``wi_gate`` and
-# ``wi_up``, ``w_gate``, ``w_up``, ``ffn_up``...
-_EXPERT_IN = re.compile(r"^(?:wi|w|ffn|mlp|fc)_?(?:gate|up|in)$", re.I)
-_EXPERT_OUT = re.compile(r"^(?:wi|w|ffn|mlp|fc)_?(?:down|out)$", re.I)
+# ``wi_up``, ``w_gate``, ``w_up``, ``ffn_up``, ``ffn_0_gate``...
+_EXPERT_IN = re.compile(r"^(?:wi|w|ffn|mlp|fc)(?:_?\d+)?_?(?:gate|up|in)$", re.I)
+_EXPERT_OUT = re.compile(r"^(?:wi|w|ffn|mlp|fc)(?:_?\d+)?_?(?:down|out)$", re.I)
 
 
 def _expert_in(f: Facts) -> bool:
