@@ -112,6 +112,9 @@ class Linear:
     # a row whose input is a concatenation of these sizes (traced: Dataflow.concats; tree-only: a parallel block's
     # [attention out | MLP hidden], roles.parallel_partners): XLA reshards it into the split
     joined: tuple[int, ...] = ()
+    # a row reading the outer product of two columns' ``outer`` features each, flattened with the first's major
+    # (tree-only: AlphaFold's outer product mean, roles.outer_product_partners); 0: none
+    outer: int = 0
     # a fused kernel whose output is reshaped to (pieces, heads, head_dim) before the pieces are cut apart (timm's
     # and Swin's qkv.reshape(..., 3, heads, head_dim); traced: Dataflow.views; tree-only: heads read off the tables)
     viewed: bool = False

@@ -75,6 +75,7 @@ from tpflax._src.planner.roles import (
     merge_stages,
     named_attention,
     numbered_chain,
+    outer_product_partners,
     parallel_fit,
     parallel_partners,
     residual_widths,
@@ -262,6 +263,11 @@ def _pair_group(st: State, group: str, lins: list[Linear], heads: int | None = N
     """
     fused_partners(lins)
     parallel_partners(lins)
+    minor = outer_product_partners(lins)
+    if minor is not None:  # an outer product's minor side: whole, each rank's share of the major's features meets it
+        if minor.f.path not in st.forced:
+            st.replicate(minor.f, minor.why)
+        lins = [x for x in lins if x is not minor]
     attention_output(lins, group)
     attention_inputs(lins, group)
     numbered_chain(lins)
@@ -278,7 +284,7 @@ def _pair_group(st: State, group: str, lins: list[Linear], heads: int | None = N
     matched: dict[int, list[Linear]] = {id(r): [] for r in rows}
     starts = _sequence_starts(lins)
     for c in cols:
-        fits = [r for r in rows if (r.in_size * c.pieces == c.out_size or parallel_fit(c, r))
+        fits = [r for r in rows if (r.in_size * c.pieces == c.out_size or parallel_fit(c, r) or r.outer == c.out_size)
                 and starts.get(id(r), _stem(c)) == _stem(c)]
         if fits:  # two MLPs in one block: a_up feeds a_down, not b_down; q_0 feeds o_0, not o_1
             best = max(fits, key=lambda r: (_common_prefix(r.f.unit_name, c.f.unit_name),

@@ -888,6 +888,61 @@ def parallel_partners(lins: list[Linear]) -> None:
                    "(pass model= to trace it)")
 
 
+def outer_product_partners(lins: list[Linear]) -> Linear | None:
+    """Pair the first of two kernels ``(d, c)`` whose outer product a row ``(c * c, e)`` reads with that row; the
+    second is returned (to be kept whole).
+
+    AlphaFold's outer product mean: ``a`` and ``b`` (both ``(d, c)``) project the MSA, ``einsum("bsic,bsjd->bijcd",
+    a, b)`` takes their outer product and ``out`` ``(c * c, e)`` reads it flattened, ``a``'s features the major
+    ones. No shape pairs them (nothing reads ``c``), so all three stayed whole, the one block whose flops the
+    Evoformer's tree plan did not split: 1.074x the Megatron hand layout's flops (review_u m03, data=2,model=4),
+    which splits ``a``'s ``c`` and ``out``'s ``c * c`` rows alike, in contiguous blocks of ``c / t`` whole rows of
+    ``b``'s, and keeps ``b`` whole. Taken by shape whatever the names, but only two such kernels, alike, and the
+    one row, with no other kernel of the block reading ``c`` or writing ``c * c``; the first by name (``a``,
+    ``left``, ``linear_1``) is taken as the major (AlphaFold's and OpenFold's order).
+
+    >>> from tpflax._src.facts.tree import Leaf
+    >>> def lin(path, shape, role=None):
+    ...     f = Facts(Leaf(path, shape, "float32", 4), "dense", 0, path.rsplit("/", 1)[0], "b")
+    ...     return Linear(f, (0,), (1,), role=role)
+    >>> a, b, out = lin("b/a/kernel", (64, 8)), lin("b/b/kernel", (64, 8)), lin("b/out/kernel", (64, 32))
+    >>> outer_product_partners([out, b, a]) is b, a.role, out.role, out.outer
+    (True, 'column', 'row', 8)
+    >>> a.role = out.role = None; out.outer = 0
+    >>> outer_product_partners([a, b, out, lin("b/c/kernel", (64, 8))]) is None  # three alike: q, k, v?
+    True
+    """
+    def two(x: Linear) -> bool:
+        return len(x.f.body) == 2 and x.pieces == 1 and not x.cut and not x.joined
+
+    pairs = [x for x in lins if two(x) and x.role in ("column", None) and x.out_size > 1]
+    for x in pairs:
+        alike = [y for y in lins if len(y.f.body) == 2 and (y.in_size, y.out_size) == (x.in_size, x.out_size)]
+        c = x.out_size
+        rows = [r for r in lins if r.in_size == c * c and all(r is not y for y in alike)]  # d may be c * c
+        if len(alike) != 2 or not all(two(y) and y.role in ("column", None) for y in alike) or len(rows) != 1 \
+                or not two(rows[0]) or rows[0].role not in ("row", None) or any(y.in_size == c for y in lins) \
+                or any(y.out_size * y.pieces == c * c for y in lins):
+            continue
+        (r,), (major, other) = rows, sorted(alike, key=lambda y: _natural(y.f.path))
+        major.role, r.role, r.outer, other.role = "column", "row", c, None
+        major.why = (f"{major.why + '; ' if major.why else ''}the major side of an outer product ({major.in_size} -> {c}, "
+                     f"beside {short(other.f.path)}) that {short(r.f.path)} ({c * c} -> {r.out_size}) reads flattened")
+        r.why = (f"{r.why + '; ' if r.why else ''}reads the outer product of {short(major.f.path)} and "
+                 f"{short(other.f.path)} ({c} x {c}) flattened, {short(major.f.path)}'s features the major ones")
+        other.why = (f"dense layer ({other.in_size} -> {c}): the minor side of an outer product that {short(r.f.path)} "
+                     f"reads flattened beside {short(major.f.path)}, whose features are split; kept whole, each "
+                     "device taking the product of its share of those with all of these (pass model= to trace it)")
+        major.doubt = (f"'{short(major.f.path)}' and '{short(r.f.path)}' taken as an outer product's major side and "
+                       f"reader by shape alone ({c} and {c} x {c} features) (pass model= to trace it)")
+        return other
+    return None
+
+
+def _natural(s: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
 def parallel_fit(c: Linear, r: Linear) -> bool:
     """Whether ``c`` is the parallel block's fused input projection whose pieces ``r`` reads
     (:func:`parallel_partners`)."""
