@@ -8,6 +8,8 @@ precomputed index array, and an output projection.
 
 from __future__ import annotations
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -616,3 +618,54 @@ def test_a_gqa_reading_the_model_input_prices_no_input_gradient_sum(devices):
         assert {k: set(a) for k, a in est_c.items()} == {k: set(a) for k, a in got_c.items()}, (name, est_c, got_c)
         assert abs(e.comm_total / dr.comm_total - 1) < 0.01, (name, est_c, got_c)
     assert all(t < h for t, h in zip(got["traced"], got["hand"], strict=True)), got
+
+
+class Mlp(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return x + nn.Dense(64, name="fc2")(nn.gelu(nn.Dense(256, name="fc1")(x)))
+
+
+class ImageTower(nn.Module):
+    """A ViT's front: a 4x4 patch embedding (3 -> 64), a class token prepended, an MLP block."""
+
+    @nn.compact
+    def __call__(self, img):
+        x = nn.Conv(64, (4, 4), (4, 4), name="patch_embed")(img)
+        x = x.reshape(x.shape[0], -1, 64)
+        cls = self.param("cls_token", nn.initializers.zeros, (1, 1, 64))
+        x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, 64)), x], 1)
+        return Mlp(name="block")(x)[:, 0]
+
+
+class TwoTowers(nn.Module):
+    """CLIP in small: a text tower on token ids, the image tower, each pooled."""
+
+    @nn.compact
+    def __call__(self, ids, img):
+        t = Mlp(name="block")(nn.Embed(1000, 64, name="tok")(ids))[:, 0]
+        return (t * ImageTower(name="vision")(img)).sum()
+
+
+def test_a_tree_prices_a_class_token_and_each_tower_at_its_own_tokens():
+    # A tree-only plan counted a ViT's tokens as its patches alone (8 * 64 = 512, not the 8 * 65 rows its blocks
+    # read with the class token), and a tree fed token ids beside an image (CLIP's text and vision towers) priced
+    # both towers at the ids' tokens. The class token (a leaf named for one, as wide as the patches) now counts
+    # once per image, and beside ids the image's tower (the widest module holding the patch embedding and no token
+    # table) is priced at its own tokens, the ids counting the text's: the reasons say the rows each block reads
+    # (as the trace counts them; no plan of benchmarks/third_party.py changed: CLIP at 256 or 136 tokens picks alike).
+    img = jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32)
+    ids = jax.ShapeDtypeStruct((8, 16), jnp.int32)
+
+    def tokens(p, path):
+        return int(re.search(r"(\d+) tokens per step", p.decisions[path].reason).group(1))
+
+    vit = tpflax.plan(jax.eval_shape(ImageTower().init, jax.random.key(0), img), MESH, batch=(img,))
+    assert vit.options["tokens"] == 8 * 65 == tokens(vit, "params/block/fc1/kernel")
+    m = TwoTowers()
+    v = jax.eval_shape(m.init, jax.random.key(0), ids, img)
+    tree = tpflax.plan(v, MESH, batch=(ids, img))
+    assert tree.options["tokens"] == 8 * 16 == tokens(tree, "params/block/fc1/kernel")
+    assert tokens(tree, "params/vision/block/fc1/kernel") == 8 * 65
+    assert {p: d.spec for p, d in tree.decisions.items()} == {
+        p: d.spec for p, d in tpflax.plan(v, MESH, model=m, sample=(ids, img), batch=(ids, img)).decisions.items()}

@@ -58,6 +58,9 @@ class Options:
         patch_width: untraced: the width of the tokens ``tokens`` counts, those of a patch embedding reading an
             image batch (:func:`tpflax._src.planner.pricing.patch_tokens`); its patch-merging stages read fewer
             (:func:`tpflax._src.planner.roles.merge_stages`). 0: none.
+        towers: untraced: ``(module, share)`` of the modules whose leaves read ``share`` of ``tokens``: the
+            image tower of a tree fed token ids beside an image (CLIP's ``vision_model``), ``tokens`` counting
+            the ids (:func:`tpflax._src.planner.pricing.image_tokens`).
     """
 
     fsdp_min_bytes: int | None = None
@@ -69,6 +72,7 @@ class Options:
     device_memory: int | None = None
     tied_guess: bool = False
     patch_width: int = 0
+    towers: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,8 @@ class State:
     out_first: set[str] = field(default_factory=set)  # 2-D kernels stored (out, in): biases follow dim 0
     # traced: rows each leaf's contraction reads, per priced token (a group is priced at its leaves' rows)
     rows: dict[str, float] = field(default_factory=dict)
+    # untraced: the share of the tokens each leaf of a tower reads (Options.towers), where ``rows`` holds none
+    scale: dict[str, float] = field(default_factory=dict)
     # traced: tables looked up at batch-free positions, whose rows XLA:TPU all-reduces split or not (Dataflow.positional)
     positional: frozenset[str] = frozenset()
     # traced: {path: dtype} of leaves every matmul and lookup reads cast to that dtype (Dataflow.cast_to): XLA lays

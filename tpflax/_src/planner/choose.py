@@ -178,7 +178,7 @@ def pick(st: Any, kind: str, options: Sequence[Option], facts: Mapping[str, Any]
                 st.out[path] = p
         return
     ctx = st.context
-    share = max((st.rows[p] for p in paths if p in st.rows), default=1.0)
+    share = max((st.rows[p] for p in paths if p in st.rows), default=max(st.scale.get(p, 1.0) for p in paths))
     if share != 1.0:  # traced: a group is priced at the rows its contractions read (a pooled
         # projection's few, a decoder's shorter sequence), not at the widest layer's
         ctx = replace(ctx, tokens=max(1, round(ctx.tokens * share)))

@@ -99,7 +99,10 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options,
     """
     st = State(mesh, opts, forced=dict(skip or {}), first_pair=first_pair)
     if opts.patch_width:  # an image batch's tokens: a Swin's later stages read fewer (the trace reads its rows)
-        st.rows.update(merge_stages(facts, opts.patch_width))
+        # beside token ids, the image's tower reads its share of the ids' tokens (CLIP's vision_model)
+        st.scale.update({f.path: s for f in facts for t, s in opts.towers if f.path.startswith(t + "/")})
+        inside = [f for f in facts if f.path in st.scale] if opts.towers else facts
+        st.rows.update({p: v * st.scale.get(p, 1.0) for p, v in merge_stages(inside, opts.patch_width).items()})
     todo = [f for f in facts if f.path not in st.forced]
     widths, sure = residual_widths(facts)
     adapters = low_rank_adapters(facts)

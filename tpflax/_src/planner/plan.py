@@ -48,7 +48,7 @@ from tpflax._src.planner.decision import Decision, Pair, Plan, check_tree_matche
 from tpflax._src.planner.fused import check_mode, fused_layouts
 from tpflax._src.planner.pricing import (
     expert_buffers,
-    patch_tokens,
+    image_tokens,
     pricing,
     recompute,
     token_batch,
@@ -225,8 +225,10 @@ def plan(tree: Any, mesh: Any, *, rules: Any = None, logical_rules: Sequence[tup
                    tied_guess=not any(f.kind == "dense" and HEAD.match(f.layer_name) for f in facts),
                    **pricing(hardware, token_batch(batch, sample, token_tables((f.kind, f.unit_name) for f in facts)),
                              device_memory))
-    if model is None and (patches := patch_tokens(batch, [f.body for f in facts if f.kind == "conv"])):
-        opts = replace(opts, tokens=patches[0], patch_width=patches[1])  # the trace reads them off the model's rows (_traced_tokens)
+    if model is None and (patches := image_tokens(batch, facts)):  # the trace reads them off the model's rows
+        tokens, width, tower = patches  # (_traced_tokens)
+        opts = (replace(opts, patch_width=width, towers=((tower, tokens / opts.tokens),)) if tower else
+                replace(opts, tokens=tokens, patch_width=width))
     lrules = list(logical_rules) if logical_rules is not None else default_logical_rules(ms)
     forced = force(facts, parsed, ms, use_annotations, lrules)
     proposals, pairs, sources, disagreements, doubts, opts, facts = _propose(facts, ms, opts, forced, model, sample,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -158,6 +160,13 @@ def patch_tokens(batch: Any, convs: Any) -> tuple[int, int] | None:
     >>> [patch_tokens(b, [(4, 4, 3, 48)]) for b in ("8x32x32x3", "8x512", 8)]  # the CLI's shape string, a count
     [(512, 48), None, None]
     """
+    got = _patches(batch, convs, False)
+    return None if got is None else (got[0] * got[1], got[2])
+
+
+def _patches(batch: Any, convs: Any, beside_ids: bool) -> tuple[int, int, int] | None:
+    """``(images, patches per image, width)`` of :func:`patch_tokens`; ``beside_ids``: token ids beside the image
+    do not stop it (:func:`image_tokens` prices the image's own tower)."""
     import numpy as np
 
     if batch is None or isinstance(batch, int):  # a count says nothing of images; "8x32x32x3" (the CLI's) may
@@ -174,7 +183,7 @@ def patch_tokens(batch: Any, convs: Any) -> tuple[int, int] | None:
         except TypeError:
             return "?"
 
-    if any(kind(dtype) in "biu" and len(shape) >= 2 for _, shape, dtype in b.leaves):
+    if not beside_ids and any(kind(dtype) in "biu" and len(shape) >= 2 for _, shape, dtype in b.leaves):
         return None  # token ids (or a per-token mask) beside the image (CLIP, a captioner): they count the tokens
     images = [shape for _, shape, dtype in b.leaves if kind(dtype) == "f" and len(shape) == 4]
     if len(images) != 1:  # no image, or two the shapes cannot tell apart
@@ -191,4 +200,55 @@ def patch_tokens(batch: Any, convs: Any) -> tuple[int, int] | None:
     if len(sizes) != 1:
         return None
     (n, width), = sizes
-    return x[0] * n, width
+    return x[0], n, width
+
+
+# leaves of one row each that a ViT prepends to its patches: a class token (ViT's ``cls_token``, CLIP's
+# ``class_embedding``), DeiT's distillation token
+_EXTRA_TOKEN = re.compile(r"^(cls|class|dist|distillation)(_token|_embedding|_emb)?$", re.I)
+
+
+def image_tokens(batch: Any, facts: Any) -> tuple[int, int, str] | None:
+    """``(tokens, width, tower)`` the image of an untraced tree's batch makes through its patch embedding
+    (:func:`patch_tokens`), a class token (or DeiT's distillation token: a leaf named for one, as wide as the
+    patches) counted once per image: ``B * ((H/p) * (W/p) + 1)``, a ViT's or CLIP's rows. ``tower``: where
+    token ids sit beside the image (CLIP, a captioner), the module whose leaves read the image's tokens, the
+    widest one holding the patch embedding and no token table (CLIP's ``vision_model``), the ids counting the
+    rest's; ``""`` without ids. None where :func:`patch_tokens` reads no patches, or ids sit beside an image
+    whose tower cannot be told from theirs (no token table, or one module holding both).
+
+    >>> import jax
+    >>> from tpflax._src.facts.tree import Leaf
+    >>> from tpflax._src.facts.classify import Facts
+    >>> def f(path, shape, kind):
+    ...     return Facts(Leaf(path, shape, "float32", 4), kind, 0, path.rsplit("/", 1)[0], "")
+    >>> fs = [f("vision/patch/kernel", (8, 8, 3, 64), "conv"), f("vision/cls", (64,), "other"),
+    ...       f("text/tok/embedding", (1000, 64), "embedding")]
+    >>> img = jax.ShapeDtypeStruct((8, 32, 32, 3), "float32")
+    >>> image_tokens((img,), fs), image_tokens((jax.ShapeDtypeStruct((8, 16), "int32"), img), fs)
+    ((136, 64, ''), (136, 64, 'vision'))
+    >>> image_tokens((jax.ShapeDtypeStruct((8, 16), "int32"), img), fs[:2]) is None  # no table: the ids count
+    True
+    """
+    from tpflax._src.facts.classify import POS_EMBED
+
+    convs = [f for f in facts if f.kind == "conv"]
+    got = _patches(batch, [f.body for f in convs], True)
+    if got is None:
+        return None
+    images, n, width = got
+    tower = ""
+    if _patches(batch, [f.body for f in convs], False) is None:  # token ids beside the image
+        patch = [f.path.split("/") for f in convs if _patches(batch, [f.body], True) == got]
+        tables = [f.path for f in facts if f.kind == "embedding" and not POS_EMBED.search(f.unit_name)
+                  and not _EXTRA_TOKEN.match(f.path.rsplit("/", 1)[-1])]
+        top = [p for p in ("/".join(patch[0][:i]) for i in range(1, len(patch[0])))
+               if all(q[:p.count("/") + 1] == p.split("/") for q in patch)
+               and not any(t.startswith(p + "/") for t in tables)]
+        if not tables or not top:
+            return None
+        tower = top[0]
+    inside = [f for f in facts if not tower or f.path.startswith(tower + "/")]
+    extra = sum(1 for f in inside if _EXTRA_TOKEN.match(f.path.rsplit("/", 1)[-1])
+                and math.prod(f.body) == width)
+    return images * (n + extra), width, tower
