@@ -665,6 +665,25 @@ def test_a_fused_mqa_kernel_sliced_by_heads_pairs_with_its_output_projection(mes
     assert split[0] < kept[0] and split[2] < kept[2], (split, kept)
 
 
+def test_tree_only_a_fused_gqa_or_mqa_kernel_pairs_with_its_output_projection():
+    # tree-only, a fused q/k/v kernel (d, d + 2 kv) was no 2 or 3 equal pieces of its row's input: Falcon-7B's MQA
+    # query_key_value (here at the model's root beside its dense) and Falcon-40B's grouped one (HF's names) were
+    # "dense layer without a column/row partner", the attention whole: Falcon with 2 kv groups and with 1 kv head,
+    # 1.38x / 1.37x the bytes and 1.58x / 1.54x the flops of the hand layout (review_w W04, data=2,model=4)
+    p = tpflax.plan(abstract(FalconMqa(), TOK), MESH, batch=(TOK,))
+    assert specs(p, {"query_key_value/kernel": None, "dense/kernel": None}) == {
+        "query_key_value/kernel": P(None, "model"), "dense/kernel": P("model", None)}
+    assert "grouped keys and values (16 each)" in p.decisions["params/query_key_value/kernel"].reason
+    # HF Falcon-40B's names, 2 kv groups of head_dim 8 beside 8 query heads: (d, d + 2 * 2 * 8), 1.5 d
+    block = {"self_attention": {"query_key_value": {"kernel": sds(D, D + 2 * 16)}, "dense": {"kernel": sds(D, D)}},
+             "mlp": {"dense_h_to_4h": {"kernel": sds(D, F)}, "dense_4h_to_h": {"kernel": sds(F, D)}},
+             "ln_attn": {"scale": sds(D)}}
+    p = tpflax.plan({"params": {"h_0": block, "h_1": block}}, MESH, batch=(TOK,))
+    want = {"h_0/self_attention/query_key_value/kernel": P(None, "model"),
+            "h_0/self_attention/dense/kernel": P("model", None)}
+    assert specs(p, want) == want
+
+
 class SharedHeadMtp(nn.Module):
     """DeepSeek-V3's multi-token prediction: the main hidden and an MTP module's hidden (the next token's
     embedding mixed in) through one shared ``lm_head``, logits stacked."""

@@ -63,12 +63,14 @@ from tpflax._src.planner.leaf_groups import (
 )
 from tpflax._src.planner.roles import (
     NUMBERED,
+    QKV_NAMES,
     QUERY_NAMES,
     assign_roles,
     attention_inputs,
     attention_output,
     fused_partners,
     gate_beside_its_row,
+    gqa_fit,
     linear_view,
     low_rank_adapters,
     low_rank_factors,
@@ -287,7 +289,8 @@ def _pair_group(st: State, group: str, lins: list[Linear], heads: int | None = N
     matched: dict[int, list[Linear]] = {id(r): [] for r in rows}
     starts = _sequence_starts(lins)
     for c in cols:
-        fits = [r for r in rows if (r.in_size * c.pieces == c.out_size or parallel_fit(c, r) or r.outer == c.out_size)
+        fits = [r for r in rows if (r.in_size * c.pieces == c.out_size or parallel_fit(c, r) or gqa_fit(c, r)
+                                    or r.outer == c.out_size)
                 and starts.get(id(r), _stem(c)) == _stem(c)]
         if fits:  # two MLPs in one block: a_up feeds a_down, not b_down; q_0 feeds o_0, not o_1
             best = max(fits, key=lambda r: (_common_prefix(r.f.unit_name, c.f.unit_name),
@@ -445,8 +448,9 @@ def _guessed(kind: str, cols: Sequence[Linear], row: Linear, widths: set[int]) -
     """
     if kind != "mlp" or row.in_size != row.out_size or row.in_size not in widths:
         return ""
-    if any(ATTN.search(c.f.unit_name) for c in cols) or ROW_NAMES.match(_INDEXED.sub("", role_name(row.f))):
-        return ""
+    if any(ATTN.search(c.f.unit_name) or QKV_NAMES.match(role_name(c.f)) for c in cols) or \
+            ROW_NAMES.match(_INDEXED.sub("", role_name(row.f))):
+        return ""  # a fused q/k/v column (Falcon's flat h_N/query_key_value beside h_N/dense) says attention too
     if all(c.out_size == row.in_size for c in cols):
         # the shapes chain: each column's whole output is as wide as the row's input (a VLM's projector
         # ``linear_1`` (vision -> text width) then ``linear_2``), no pieces guessed

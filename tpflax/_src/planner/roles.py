@@ -833,6 +833,8 @@ def fused_partners(lins: list[Linear]) -> None:
             continue
         fits = [m for m in lins if m is not c and len(m.f.body) == 2 and m.role != "column"
                 and m.out_size == c.in_size and c.out_size % m.in_size == 0 and c.out_size // m.in_size in (2, 3)]
+        if not fits and _grouped_qkv(c, lins):
+            continue
         # Several layers in one flat block (``attn_0``, ``proj_0``, ``attn_1``...): the closest name.
         fits.sort(key=lambda m: _affinity(m.f.unit_name, c.f.unit_name), reverse=True)
         name = role_name(c.f)
@@ -857,6 +859,58 @@ def fused_partners(lins: list[Linear]) -> None:
                 m.role = "row"
                 m.why = (f"({m.in_size} -> {m.out_size}) projects one piece of the fused {short(c.f.path)} back "
                          "to the residual width")
+
+
+QKV_NAMES = _Names(r"^(qkv|query_key_value|c_attn|wqkv|w_pack|qkv_proj|fused_qkv)$")
+
+
+def _grouped_qkv(c: Linear, lins: list[Linear]) -> bool:
+    """A fused q/k/v kernel of grouped-query or multi-query attention, ``(d, d + 2 kv)``, beside its output
+    projection ``(d, d)``: paired as a column cut into ``[d, kv, kv]`` (whatever its layout: Falcon's per-group
+    ``[q_1..q_R k v]``, ChatGLM's and Phi-3's ``[q | k | v]``, split over the fused dim contiguously, XLA
+    resharding the pieces after the cut, as the traced planner splits it); the output projection is its row
+    (:func:`gqa_fit`). Only a name that says q/k/v (``query_key_value``, ``qkv_proj``, ``wqkv``...) makes one:
+    the pieces are no equal multiple of the row's input, so the shapes alone say nothing.
+
+    Review_w W04: Falcon's ``query_key_value`` (Falcon-7B's one kv head, d + 2 head_dim; 40B's kv groups) was
+    "dense layer without a column/row partner" from the tree, the attention whole on every tensor rank:
+    1.37-1.39x the bytes and 1.55-1.58x the flops per device of the hand layout (data=2,model=4).
+
+    >>> from tpflax._src.facts.tree import Leaf
+    >>> def lin(path, shape, role=None):
+    ...     f = Facts(Leaf(path, shape, "float32", 4), "dense", 0, path.rsplit("/", 1)[0], "a")
+    ...     return Linear(f, (0,), (1,), role=role)
+    >>> qkv, out = lin("a/query_key_value/kernel", (128, 160), "column"), lin("a/dense/kernel", (128, 128))
+    >>> fused_partners([qkv, out])
+    >>> qkv.cut, out.role, gqa_fit(qkv, out)
+    ((128, 16, 16), 'row', True)
+    """
+    name = role_name(c.f)
+    if not QKV_NAMES.match(name):
+        return False
+    fits = [m for m in lins if m is not c and len(m.f.body) == 2 and m.role in (None, "row")
+            and m.out_size == c.in_size and m.in_size < c.out_size < 3 * m.in_size
+            and (c.out_size - m.in_size) % 2 == 0 and m.in_size % ((c.out_size - m.in_size) // 2) == 0]
+    if len(fits) != 1:
+        return False
+    m = fits[0]
+    d, kv = m.in_size, (c.out_size - m.in_size) // 2
+    c.cut = (d, kv, kv)
+    stored = "; stored (out, in)" if c.in_dims == (1,) else ""
+    c.why = (f"fused ('{name}' names a fused q/k/v kernel): ({c.in_size} -> {c.out_size}) holds the queries ({d}) "
+             f"and grouped keys and values ({kv} each) side by side, cut apart after the matmul; the fused dim is "
+             f"split contiguously and XLA reshards the pieces after the cut (pass model= to trace it){stored}")
+    if m.role is None:
+        m.role = "row"
+        m.why = (f"({m.in_size} -> {m.out_size}) projects the attention output of the fused {short(c.f.path)} back "
+                 "to the residual width")
+    return True
+
+
+def gqa_fit(c: Linear, r: Linear) -> bool:
+    """Whether ``c`` is a fused grouped q/k/v kernel whose attention output ``r`` projects (:func:`_grouped_qkv`)."""
+    return len(c.cut) == 3 and c.cut[1] == c.cut[2] < c.cut[0] == r.in_size and sum(c.cut) == c.out_size \
+        and c.in_size == r.out_size
 
 
 def parallel_partners(lins: list[Linear]) -> None:
