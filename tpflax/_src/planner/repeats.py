@@ -33,22 +33,35 @@ from tpflax._src.trace.records import remap_added
 CONTRACT = ("dot", "conv")
 
 
-def _position(flow: Dataflow, uid: int, inside: set[str]) -> tuple:
-    """Where a use sits in its call: its partners inside the repeated layer, and the dims."""
-    outs = frozenset((e.src_dim, e.dst, e.dst_dim) for e in flow.edges if e.src_use == uid and e.dst in inside)
-    ins = frozenset((e.src, e.src_dim, e.dst_dim) for e in flow.edges if e.dst_use == uid and e.src in inside)
+def _position(flow: Dataflow, uid: int, inside: set[str], call: Mapping[int, int]) -> tuple:
+    """Where a use sits in its call: its partners inside the repeated layer, in the same call, and the dims."""
+    at = call.get(uid)
+    outs = frozenset((e.src_dim, e.dst, e.dst_dim) for e in flow.edges
+                     if e.src_use == uid and e.dst in inside and call.get(e.dst_use) == at)
+    ins = frozenset((e.src, e.src_dim, e.dst_dim) for e in flow.edges
+                    if e.dst_use == uid and e.src in inside and call.get(e.src_use) == at)
     return outs, ins
 
 
-def repeated(flow: Dataflow, uses: Sequence[Use], inside: set[str]) -> bool:
+def _across(e: Edge, call: Mapping[int, int]) -> bool:
+    """The edge joins two different calls of one layer (its call ``k``'s output read by call ``k + 1``)."""
+    return e.src_use in call and e.dst_use in call and call[e.src_use] != call[e.dst_use]
+
+
+def repeated(flow: Dataflow, uses: Sequence[Use], inside: set[str], call: Mapping[int, int] | None = None) -> bool:
     """Uses of one weight at the same place of N calls of its layer (with a partner there).
 
     ``inside``: the weights contracted as often, the layer's own. Edges to other
     weights differ from call to call (the first call reads the embedding's
     projection, the others the previous call's output) and are not compared.
+    ``call``: each use of those weights' call (its rank among its weight's uses):
+    an edge from one call to another (calls chained back to back, ``down(up(down(up(x))))``
+    with no norm between, call 1's ``down`` feeding call 2's ``up``) is the
+    previous call's output, not the layer's own place, and is not compared either.
     """
-    first = _position(flow, uses[0].id, inside)
-    return bool(first[0] or first[1]) and all(_position(flow, u.id, inside) == first for u in uses[1:])
+    call = call if call is not None else {}
+    first = _position(flow, uses[0].id, inside, call)
+    return bool(first[0] or first[1]) and all(_position(flow, u.id, inside, call) == first for u in uses[1:])
 
 
 def _sinks(flow: Dataflow, uid: int) -> tuple:
@@ -121,6 +134,8 @@ def merge_uses(flow: Dataflow, shapes: Mapping[str, tuple[int, ...]]) -> Dataflo
             by_path[u.path].append(u)
     alias: dict[int, int] = {}
     tag: dict[int, str] = {}
+    call = {u.id: i for us in by_path.values() for i, u in enumerate(us)}
+    repeats: dict[int, int] = {}  # the uses of layers merged as repeated calls: their call
     for path, us in by_path.items():
         shape = shapes.get(path, ())
         covered = set(us[0].contracted) | set(us[0].kept) | set(us[0].batch)
@@ -137,8 +152,10 @@ def merge_uses(flow: Dataflow, shapes: Mapping[str, tuple[int, ...]]) -> Dataflo
                 alias.update({u.id: rep.id for u in us if u is not rep})
                 tag.update({u.id: "join" for u in us if u is not rep})
             continue
-        how = ("alias" if sliced else None if missing else "repeat" if repeated(flow, us, inside)
+        how = ("alias" if sliced else None if missing else "repeat" if repeated(flow, us, inside, call)
                else "join" if joined(flow, us) else None)
+        if how == "repeat":
+            repeats.update({u.id: call[u.id] for u in us})
         if how:
             alias.update({u.id: us[0].id for u in us[1:]})
             tag.update({u.id: how for u in us[1:]})
@@ -150,6 +167,11 @@ def merge_uses(flow: Dataflow, shapes: Mapping[str, tuple[int, ...]]) -> Dataflo
 
     edges: dict[tuple, Edge] = {}
     for e in flow.edges:
+        if _across(e, repeats):
+            # one call's output read by the next call of the same layer (no norm between): merged, it would read
+            # as the layer feeding itself (its row a column of its own column); each call reads the previous
+            # call's output as the first call reads its input, whole after the row's sum
+            continue
         e2 = dataclasses.replace(e, src_use=a(e.src_use), dst_use=a(e.dst_use))
         edges.setdefault((e2.src_use, e2.src_dim, e2.dst_use, e2.dst_dim), e2)
     uses = tuple(dataclasses.replace(u, op=f"{tag[u.id]}:{alias[u.id]}") if u.id in alias else u for u in flow.uses)
