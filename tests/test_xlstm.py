@@ -128,14 +128,3 @@ def test_the_tree_splits_the_headwise_kernels_and_the_gates_with_the_inner_featu
     assert spec["igate/kernel"] == spec["fgate/kernel"] == P("model", None)
     assert p.decisions["params/block/q_proj/kernel"].pair == p.decisions["params/block/proj_down/kernel"].pair
 
-
-def test_gates_reading_the_input_are_no_columns_of_the_row_their_heads_scale():
-    # igate/fgate (d, heads) on the block's input: one value per head, multiplied into the mLSTM's decay matrix,
-    # taken as proj_down's columns (split over their 4 outputs). They make none of its 2 I features: split, XLA summed
-    # their partial input gradients (1.19x the collectives of the layout keeping them whole, data=2,model=4)
-    m = XLSTM(gated_input=True)
-    p = tpflax.plan(abstract(m, *SAMPLE), MESH, model=m, sample=SAMPLE)
-    spec = {path.removeprefix("params/block/"): d.spec for path, d in p.decisions.items()}
-    assert spec["igate/kernel"] == spec["fgate/kernel"] == P(None, None)
-    assert spec["q_proj/kernel"] == spec["k_proj/kernel"] == spec["v_proj/kernel"] == P("model", None, None)
-    assert spec["proj_up/kernel"] == P(None, "model") and spec["proj_down/kernel"] == P("model", None)

@@ -233,8 +233,6 @@ def _sources_by_dim(c: _Flow, rid: int) -> dict[int, dict[int, Edge]]:
             continue
         if S.path in c.streams:
             continue  # its output scales the residual stream (DiT's adaLN): split, XLA splits the stream too
-        if _narrow_gate(c, S, e, rid):
-            continue
         if 0 < S.rows < min(R.rows, c.flow.spread.get((S.id, e.src_dim), 0)) and not _beside_column(c, S.id, e, rid):
             # its few rows scale a larger activation on the way (StyleGAN2's style, one row per example, scales
             # every position of a conv's input) that no other column of this row makes (its maker decided
@@ -260,34 +258,6 @@ def _sources_by_dim(c: _Flow, rid: int) -> dict[int, dict[int, Edge]]:
         for sid in [s for s in srcs if c.cand[s].path in c.flow.channelwise or c.cand[s].grouped == 0]:
             del srcs[sid]
     return {d: srcs for d, srcs in by_rdim.items() if srcs}
-
-
-def _out_size(c: _Flow, u: Use) -> int:
-    """Elements per row of a contraction's output its kernel makes: its kept and batch dims."""
-    shape = c.fx[u.path].leaf.shape
-    return math.prod(shape[k] for k in (*u.kept, *u.batch) if k < len(shape))
-
-
-def _narrow_gate(c: _Flow, S: Use, e: Edge, rid: int) -> bool:
-    """Use ``S`` makes fewer features per row than the row ``rid`` sums on ``e``'s dim, and its output is multiplied
-    elementwise with one of another contraction that makes them all (:attr:`Dataflow.gated`): a gate, one value per
-    head scaling a head's features on the way (xLSTM's ``igate``/``fgate`` ``(d, heads)`` reading the block's input,
-    through the mLSTM's decay matrix). It makes none of the row's features, so it is no column of the row: split,
-    XLA sums its partial input gradients over the tensor ranks for a kernel of ``d x heads``; whole, it runs on every
-    rank and only its tiny output gradient is gathered (review_v V11's variant, XLA:CPU data=2,model=4: 1.19x the
-    collectives of the layout keeping the gates whole). A head split's column (a block-diagonal kernel's heads are
-    its batch dims) makes them all."""
-    R = c.cand[rid]
-    width = c.fx[R.path].leaf.shape[e.dst_dim] if e.dst_dim < len(c.fx[R.path].leaf.shape) else 0
-    if S.op != "dot" or not width or _out_size(c, S) >= width:
-        return False
-    for x in c.in_edges[rid]:
-        X = c.cand[x.src_use]
-        if x.src_use != S.id and x.dst_dim == e.dst_dim and X.op in ("dot", "conv") and \
-                _out_size(c, X) >= width and {((S.id, e.src_dim), (x.src_use, x.src_dim)),
-                                               ((x.src_use, x.src_dim), (S.id, e.src_dim))} & c.flow.gated:
-            return True
-    return False
 
 
 def _drop_added_to_others(c: _Flow, by_rdim: dict[int, dict[int, Edge]]) -> None:
@@ -453,8 +423,8 @@ def _join_columns(c: _Flow, rid: int) -> None:
         if S.path in c.st.out or S.path in c.streams or S.path in c.flow.channelwise or \
                 (S.id, e.src_dim) in c.flow.escapes or (S.id, e.src_dim) in c.flow.outputs or \
                 {x.dst_use for x in c.out_edges[(S.id, e.src_dim)]} != {rid} or \
-                e.dst_dim >= len(dr.spec) or dr.spec[e.dst_dim] != c.st.tensor[0] or _narrow_gate(c, S, e, rid):
-            continue  # (a dim of the row's kernel the pair does not split: its split would be gathered; a gate)
+                e.dst_dim >= len(dr.spec) or dr.spec[e.dst_dim] != c.st.tensor[0]:
+            continue  # (last: it reaches a dim of the row's kernel the pair does not split: its split would be gathered)
         fS = c.fx[S.path]
         join_column_of(c.st, fS, fS.body_dim(e.src_dim), c.fx[c.cand[rid].path],
                        f"traced: its output reaches {short(c.cand[rid].path)} {_via(e.via)}")
