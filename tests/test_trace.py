@@ -523,8 +523,11 @@ def test_a_split_runs_on_into_the_groups_of_a_cut_heads_dim(heads, kv, q_limit):
     limit = {e.src: e.limit for e in flow.edges if e.dst == "params/o/kernel"}
     assert limit == {"params/q/kernel": q_limit, "params/k/kernel": kv, "params/v/kernel": kv}
     p = tpflax.plan(abstract(m, x), {"model": 4}, model=m, sample=(x,))
-    want = P(None, "model") if q_limit % 4 == 0 else P(None, None)
-    assert p.decisions["params/q/kernel"].spec == want
+    # 12 heads as (6, 2): q is still split, by the priced "q/o split, K/V whole" layout (the hand layout), which
+    # gathers its output to whole key/value head groups; k and v stay whole
+    assert p.decisions["params/q/kernel"].spec == P(None, "model")
+    assert p.decisions["params/k/kernel"].spec == (P(None, "model") if kv % 4 == 0 else P(None, None))
+    assert ("K/V whole" in p.decisions["params/q/kernel"].reason) == (q_limit % 4 != 0)
 
 
 class HeadsThenGroups(nn.Module):
