@@ -236,13 +236,16 @@ def _twice_on_split_stream(item: CommItem) -> CommItem:
                                               "its weight gradient")
 
 
-def _calls(s: Scope, path: str) -> tuple[int, int, int]:
-    """``(calls, calls reading the model's input, calls reading an earlier call's output)`` of a partnerless dense
-    layer (:attr:`Scope.chained`: one ``nn.Dense`` called several times, each call summing and gathering as one
-    does); ``(1, 0, 0)`` for one call, a projection's joined uses (one call, several inputs) being none."""
+def _calls(s: Scope, path: str) -> tuple[int, int, int, int]:
+    """``(calls, calls reading the model's input, calls reading an earlier call's output, calls adding their
+    output back onto the stream their input comes from)`` of a partnerless dense layer (:attr:`Scope.chained`:
+    one ``nn.Dense`` called several times, each call summing and gathering as one does; :attr:`Scope.residual`);
+    ``(1, 0, 0, 0)`` for one call not added back, a projection's joined uses (one call, several inputs) being
+    none."""
     calls = max(1, (s.parts or {}).get(path, 1) - len((s.joined or {}).get(path, ())))
     inputs, chained = (s.chained or {}).get(path, (0, 0)) if calls > 1 else (0, 0)
-    return calls, min(inputs, calls), min(chained, calls)
+    resid = (s.residual or {}).get(path, (0, ()))[0]
+    return calls, min(inputs, calls), min(chained, calls), min(resid, calls)
 
 
 def _per_call(s: Scope, path: str) -> int:
@@ -641,10 +644,20 @@ def _layer_items(s: Scope, notes: list[str]) -> list[CommItem]:
             # its output features split over the tensor axes (an fsdp split of them is the fsdp gather's)
             new = _column_items(path, d, axes, s)
         elif (row := lone_row(s, path, axes)) is not None:
-            calls, inputs, chained = _calls(s, path)
+            calls, inputs, chained, resid = _calls(s, path)
             new = [CommItem(row.kind, axes, row.size, s.size(axes), layers(d) * calls, path,
                             f"row layer without a column partner: {row.how}"
                             + (f", at each of its {calls} calls" if calls > 1 else ""))]
+            if resid and not chained:
+                # a row whose output is added back onto the stream its input comes from (h = inp(x);
+                # h = h + d(gelu(h)); or one layer called on several activations of that stream, all added onto
+                # it): XLA keeps the stream's gradient split on the features the split input gradient adds to it,
+                # so the calls' one output gradient arrives split, gathered for the weight gradients and again for
+                # the input gradients (measured, XLA:CPU data=2,model=4 and fsdp=2,model=4: 1 and 2 calls, 2 gathers)
+                new.append(CommItem("all-gather", axes, row.size, s.size(axes), layers(d) * 2, path,
+                                    "row layer without a column partner added back onto the stream it reads: "
+                                    "gather its split output gradient for its weight gradient and again for its "
+                                    "input gradient (backward)"))
             if chained:
                 # a shared row whose calls are chained through the residual (x = x + d(f(x)) in a Python loop):
                 # its split input gradient joins the residual's gradient, which XLA then keeps split on the
@@ -769,7 +782,7 @@ def _column_items(path: str, d: Any, axes: tuple[str, ...], s: Scope) -> list[Co
     if d.kind == "head":  # the planner marks output heads
         return _head_items(axes, n, in_size, (a.output if a else None), s, path, "vocab-split output head")
     out_size = s.nbytes(a.output, path) if a else s.rows_of(path) * b[-1] * s.act_item
-    calls, inputs, chained = _calls(s, path)
+    calls, inputs, chained, resid = _calls(s, path)
     # read by whole kernels, the split output is gathered (or their partial outputs summed) at each of them
     # (cost/whole.py prices it there); else gathered once, where it is read whole: upsampled on the way
     # (Traced.grown), at the size it grew to
@@ -778,7 +791,10 @@ def _column_items(path: str, d: Any, axes: tuple[str, ...], s: Scope) -> list[Co
         items = [CommItem("all-reduce", axes, s.rows_of(path) * 4, n, layers(d), path,
                           "column layer without a row partner whose split output is only reduced row by row: "
                           "sum each row's partial reduction (forward)")]
-    elif chained:
+    elif chained or resid:
+        # a column whose output is added back onto the stream its input comes from (h = inp(x);
+        # h = h + d(gelu(h)), each call of one layer applied to several activations of that stream; measured,
+        # XLA:CPU data=2,model=4 and fsdp=2,model=4: 1 call 2 gathers, 2 unchained calls 4) prices as the chain:
         # a shared column whose calls are chained through the residual (x = x + d(f(x)) in a Python loop): XLA
         # keeps the residual stream split on the features its split output adds to it, and gathers the stream for
         # each call reading it, for its matmul (forward) and again for its weight gradient (backward; the two
@@ -786,8 +802,9 @@ def _column_items(path: str, d: Any, axes: tuple[str, ...], s: Scope) -> list[Co
         # and the last call's output, read by the loss alone, stays split (measured, XLA:CPU data=2,model=4 and
         # fsdp=2,model=4: 2, 3 and 4 calls after the input 2, 4 and 6 gathers; 3 calls after a whole layer 6)
         items = [CommItem("all-gather", axes, out_size, n, layers(d) * 2 * (calls - inputs), path,
-                          f"column layer without a row partner called {calls} times, chained through the residual: "
-                          "gather the split stream for each call reading an activation (forward) and again for its "
+                          (f"column layer without a row partner called {calls} times, chained through the residual: "
+                           if chained else "column layer without a row partner added back onto the stream it reads: ")
+                          + "gather the split stream for each call reading an activation (forward) and again for its "
                           "weight gradient (backward)")]
     else:
         items = [] if lone_read(s, path) else [

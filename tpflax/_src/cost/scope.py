@@ -99,6 +99,9 @@ class Scope:
     slice_reads: Mapping[str, int] | None = None  # the distinct activations those contractions read (Traced)
     # traced kernels called several times: (calls reading the model's input, calls reading an earlier one's output)
     chained: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # (Traced.chained)
+    # traced kernels whose calls add their output back onto the stream their input comes from: (calls, the dims
+    # they and that stream meet on) (Traced.residual)
+    residual: Mapping[str, tuple[int, frozenset]] = field(default_factory=dict)
     buffers: Mapping[str, float] | None = None  # traced batch-free expert buffers' rows (Traced)
     streams: Mapping[str, tuple[float, int, int]] | None = None  # traced streams split by a small output (Traced)
     grown: Mapping[str, float] = field(default_factory=dict)  # outputs upsampled before read whole (Traced)

@@ -219,8 +219,29 @@ def split_grads(s: Any) -> dict[tuple[str, ...], dict[str, int]]:
     for m, r in whole_members(s).items():
         if (k := update_pieces(r, s.size(r.axes))) is not None:
             out.setdefault(r.axes, {})[m] = k
+    _residual_splits(s, out)
     _straddled_parts(s, out)
     return {a: reps for a, reps in out.items() if reps}
+
+
+def _residual_splits(s: Any, out: dict[tuple[str, ...], dict[str, int]]) -> None:
+    """The leaves kept whole on the tensor axes that a split kernel's output added back onto the stream its own
+    input comes from (:attr:`Scope.residual`) reaches along the trace's meets, from the stream's dims and the
+    kernel's kept ones: XLA keeps that stream (or its gradient) split as the kernel's output (or input gradient)
+    is, so the layer writing the stream and the kernel's whole bias get their gradient split, updated split and
+    gathered (measured, XLA:CPU data=2,model=4, ``h = inp(x); h = h + d(gelu(h))``: ``inp``'s kernel and bias
+    gathered 3 times each with ``d`` a lone column, and ``d``'s whole bias too with it a lone row)."""
+    lv = s.lv
+    for path, (_, dims) in (s.residual or {}).items():
+        rep = lv.rep(path)
+        axes = tuple(sorted(s.axes(rep, TENSOR))) if rep in lv.specs and rep not in lv.in_pair else ()
+        if not axes:
+            continue
+        for p, _ in reached_dims(s.meets, set(dims)):
+            r = lv.rep(p)
+            if (r in lv.decisions and lv.decisions[r].trainable and r not in lv.in_pair
+                    and not set(used_axes(lv.specs[r])) & set(axes)):
+                out.setdefault(axes, {}).setdefault(r, s.size(axes))
 
 
 def _straddled_parts(s: Any, out: dict[tuple[str, ...], dict[str, int]]) -> None:

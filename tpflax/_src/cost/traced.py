@@ -93,6 +93,11 @@ class Traced:
             kernel contracted whole by several ``dot`` calls (one ``nn.Dense`` called in a Python loop,
             ``x = x + d(f(x))``): the calls its collectives run at, and whose input needs a gradient
             (:func:`_chained`).
+        residual: ``{path: (calls, dims)}`` for a kernel whose ``calls`` plain ``dot`` calls each add their output
+            back onto the stream their own input is computed from (``h = inp(x); h = h + d(gelu(h))``; also
+            the later calls of a layer chained through the residual): ``dims``, the kernel's kept dims and the
+            stream's tags there (``(path, dim)``), which XLA keeps split as the kernel's split output or
+            gradient is (:func:`_residual`).
         slice_reads: ``{path: n}`` for those parameters, the distinct activations their contractions read
             (:attr:`Dataflow.apart`'s groups): one where every slice reads the same input (experts weighted after
             their matmuls), as many as the slices where each reads its own (experts on their dispatched slices).
@@ -286,6 +291,7 @@ class Traced:
     unbatched: frozenset[str] = frozenset()
     split_grads: tuple[tuple[frozenset[tuple[str, int]], frozenset[tuple[str, int]], float, int], ...] = ()
     chained: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    residual: Mapping[str, tuple[int, frozenset[tuple[str, int]]]] = field(default_factory=dict)
 
 
 def frozen_inputs(t: Traced, trainable: Mapping[str, bool]) -> frozenset[str]:
@@ -455,7 +461,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], leads: frozenset
                   split_grads=tuple((frozenset((flow.uses[u].path, d) for u, d in a),
                                      frozenset((flow.uses[u].path, d) for u, d in b), n / examples, c)
                                     for a, b, n, c in flow.split_grads),
-                  chained=_chained(flow, whole))
+                  chained=_chained(flow, whole), residual=_residual(flow))
 
 
 def _batch_read(flow: Any) -> frozenset[str]:
@@ -526,6 +532,35 @@ def _chained(flow: Any, whole: Mapping[str, int]) -> dict[str, tuple[int, int]]:
     for uid, u in calls.items():
         inputs, chained = out.get(u.path, (0, 0))
         out[u.path] = (inputs + bool(u.from_input), chained + (uid in fed))
+    return out
+
+
+def _residual(flow: Any) -> dict[str, tuple[int, frozenset[tuple[str, int]]]]:
+    """:attr:`Traced.residual`: plain ``dot`` calls, outside scans, whose output is added (:attr:`Dataflow.added`)
+    onto a stream carrying a tag that also reaches the call's contracted input (an edge): the call's output is
+    added back to the stream its input comes from. Per kernel, the calls and the dims they and the stream meet on.
+
+    >>> from tpflax._src.trace.dataflow import Dataflow, Edge, Use
+    >>> u = [Use(0, "inp", "dot", (0,), (1,)), Use(1, "d", "dot", (0,), (1,))]
+    >>> f = Dataflow(("inp", "d"), tuple(u), (Edge("inp", 0, 1, "d", 1, 0, 16, ("tanh",)),), {}, frozenset(),
+    ...              frozenset(), {}, frozenset(), {}, added={(1, 1): frozenset({(0, 1)})})
+    >>> n, dims = _residual(f)["d"]
+    >>> n, sorted(dims)
+    (1, [('d', 1), ('inp', 1)])
+    """
+    feeds: dict[int, set[tuple[int, int]]] = {}
+    for e in flow.edges:
+        if e.dst_dim in flow.uses[e.dst_use].contracted:
+            feeds.setdefault(e.dst_use, set()).add((e.src_use, e.src_dim))
+    out: dict[str, tuple[int, frozenset[tuple[str, int]]]] = {}
+    for u in flow.uses:
+        if u.op != "dot" or u.scan_length or u.batch or u.path in flow.scanned or u.id not in feeds:
+            continue
+        met = {(k, t) for k in u.kept for t in flow.added.get((u.id, k), ()) if t in feeds[u.id]}
+        if met:
+            n, dims = out.get(u.path, (0, frozenset()))
+            out[u.path] = (n + 1, dims | {(u.path, k) for k, _ in met}
+                           | {(flow.uses[t].path, td) for _, (t, td) in met})
     return out
 
 
