@@ -312,7 +312,11 @@ def split_sum_items(s: Scope, sums: Sequence[tuple[frozenset[tuple[str, int]], f
     out = []
     gathered = _gathered_heads(s)
     for dims, per_example, runs in sums:
-        if any(p in fused for p, _ in dims):  # a fused kernel's cut pieces: their reshards are priced with it
+        # a fused kernel's cut pieces: their reshards are priced with it; the dims of other kernels the product
+        # sums still split it (Mamba's scan: C's gradient sums d_inner, in_proj's fused [x | z] but also dt_proj's
+        # and the conv's channels, and is all-reduced on the hand layout; measured, XLA:CPU data=2,model=4)
+        dims = frozenset((p, k) for p, k in dims if p not in fused)
+        if not dims:
             continue
         if any(s.lv.rep(p) in gathered for p, _ in dims):
             continue

@@ -145,7 +145,7 @@ class Traced:
             features, the table splits that small activation, not the residual stream
             (:func:`tpflax._src.cost.stream.conditioned_leaves`).
         split_sums: ``(kernel dims, elements per example, runs)`` per sum of a product of two activations
-            (:attr:`tpflax._src.trace.records.Dataflow.split_sums`): a plan splitting one of those dims over
+            (:attr:`tpflax._src.trace.records.Dataflow.split_sums`, and its ``broadcast_sums``): a plan splitting one of those dims over
             a tensor axis all-reduces that many elements (:func:`tpflax._src.cost.estimate.split_sum_items`).
         split_grads: ``(kernel dims, other kernel dims, elements per example, runs)``
             (:attr:`tpflax._src.trace.records.Dataflow.split_grads`): a gradient a split of the first dims and not
@@ -436,7 +436,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], leads: frozenset
                   frozenset(e.src for e in flow.edges if {"erf", "erfc"} & set(e.via)), product_sums,
                   grad_deps, tuple(flow.paths),
                   tuple((frozenset((flow.uses[u].path, d) for u, d in ks), n / examples, c)
-                        for ks, n, c in flow.split_sums),
+                        for ks, n, c in flow.split_sums + flow.broadcast_sums),
                   frozenset((e.src, e.dst) for e in flow.edges),
                   frozenset(u.path for u in flow.uses if u.op in ("dot", "conv")), batched,
                   _conditions(flow, shapes, streams, rows, examples), flow.dead, _batch_dims(flow), dict(flow.sliced),

@@ -89,11 +89,30 @@ def elementwise(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
             _note_joined(w, acts)
         elif name == "mul":
             w.gated.update(pairs)
+            _note_broadcast_sums(w, eqn, ins, ctx, out)
     onehot = name == "eq" and any(v.iota for v in ins) and not all(v.iota for v in ins)
     onehot = onehot or (name in VIEW and any(v.onehot for v in ins))
     iota = all(v.iota or v.rank == 0 for v in ins) and any(v.iota for v in ins) and name in (
         "add", "sub", "mul", "convert_element_type", "copy")
     return [Val(r, tags=tags, onehot=onehot, iota=iota, gains=gains) for r in ranks]
+
+
+def _note_broadcast_sums(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, out: tuple[int, ...]) -> None:
+    """A product of two activations one of which lax broadcasts along a dim whose features the other carries
+    (Mamba's scan, ``(dt * x)[..., None] * B[:, :, None, :]``, B copied over d_inner): backward, that
+    operand's gradient sums those features, all-reduced at its size when they are split (measured, XLA:CPU
+    data=2,model=4, the hand layout: B's gradient ``f32[4, 16, 16]`` summed over the split d_inner per layer).
+    Recorded apart from the contractions' such sums (:attr:`Dataflow.broadcast_sums`)."""
+    count = math.prod(w.lengths.get(c, 1) for c in ctx if isinstance(c, int))
+    for i, (v, x) in enumerate(zip(ins, eqn.invars, strict=True)):
+        shape = tuple(getattr(x.aval, "shape", ()))
+        if not v.live or v.origin or len(shape) != len(out):
+            continue
+        copied = [d for d, n in enumerate(shape) if n == 1 and out[d] != 1]
+        found = frozenset(k for j, o in enumerate(ins) if j != i and not o.origin and o.tags is not None
+                          for d in copied for k in o.dim_tags(d) if not is_minor(k))
+        if found:
+            w.broadcast_sums.append((found, math.prod(shape), count))
 
 
 def constrained(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:

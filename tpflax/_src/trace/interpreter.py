@@ -198,6 +198,8 @@ class Walk:
     products: dict[tuple[tuple, int], Product] = field(default_factory=dict)  # (ctx, id(eqn)) -> Product
     # (kernel dims a product of two activations sums, elements a split of one makes it all-reduce, runs)
     split_sums: list[tuple[frozenset[tuple[int, int]], int, int]] = field(default_factory=list)
+    # the same, of an elementwise product one side of which lax broadcasts along the other's features
+    broadcast_sums: list[tuple[frozenset[tuple[int, int]], int, int]] = field(default_factory=list)
     # (kernel dims one side of a product of two activations contracts, the other side's, that side's elements, runs)
     split_grads: list[tuple[frozenset[tuple[int, int]], frozenset[tuple[int, int]], int, int]] = field(
         default_factory=list)

@@ -272,6 +272,12 @@ class Dataflow:
         split_sums: ``(kernel dims, elements, runs)``: a product of two activations summing those kernel
             dims' features (forward: its contracted dims; backward: a side's free dims, summed into the
             other side's gradient) all-reduces that many elements per run when one is split.
+        broadcast_sums: the same for an elementwise product one side of which lax broadcasts along kernel dims the
+            other carries (Mamba's scan copying B over d_inner): backward, that side's gradient sums them. The
+            estimate prices them with :attr:`split_sums`; the planner does not read them yet (its chooser, seeing
+            a MoE's ``h * gates[..., None]`` sum the ffn dim, took a stacked experts' split over the tensor axis
+            that compiles to 1.026x Megatron's collectives, the experts' own estimate being 0.958 of compiled:
+            ``tests/test_moe_tensor_axis.py``).
         split_grads: ``(kernel dims, other kernel dims, elements, runs)``: a product of two activations whose one side
             contracts the first kernel dims' features against the other side's (the second, maybe none): a split
             of the first that does not split the second leaves the other side's gradient (that many elements per
@@ -414,6 +420,7 @@ class Dataflow:
     products: tuple[Product, ...] = ()
     features: frozenset[tuple[int, int]] = frozenset()
     split_sums: tuple[tuple[frozenset[tuple[int, int]], int, int], ...] = ()
+    broadcast_sums: tuple[tuple[frozenset[tuple[int, int]], int, int], ...] = ()
     split_grads: tuple[tuple[frozenset[tuple[int, int]], frozenset[tuple[int, int]], int, int], ...] = ()
     channelwise: Mapping[str, tuple[int, Mapping[int, int]]] = field(default_factory=dict)
     branches: Mapping[tuple[int, int], tuple[frozenset[int], ...]] = field(default_factory=dict)
