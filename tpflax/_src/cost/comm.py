@@ -169,6 +169,7 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
         # heads, on linear_x's split output) reads its input split: its input gradient comes out split, unsummed;
         # a head_dim-split key/value (kvs) has its own collectives (cost/kvsplit.py)
         split_cols = [c for c in tensor_cols if not _batch_split(c, s) and c not in kvs]
+        by_call = {c: b for c in split_cols if (b := _joined_calls(s, c, dec[c], calls_of[c])) is not None}
         items += [CommItem(kind, axes, s.rows_of(c) * width * s.act_item + fixed * leaf_itemsize(dec[c]),
                            ranks or n, count * k, source, f"{label[c]}: {why}")
                   for c in cols if c in kvs for kind, width, fixed, k, why, ranks in kv_split_comms(kvs[c], n)]
@@ -190,13 +191,15 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
             # a kernel contracted in slices (a stacked gate/up kernel used as w[0] and w[1]): one partial
             # input gradient per slice, each reduced apart
             k = _per_call(s, c) if c in alone else looped
-            items.append(CommItem(summing, axes, _pair_act(c, dec[c], "in", s), n, once // calls * calls_of[c] * k,
+            own = by_call[c][0] if c in by_call else _pair_act(c, dec[c], "in", s)
+            items.append(CommItem(summing, axes, own, n, once // calls * calls_of[c] * k,
                                   source,
                                   f"{what}: sum partial input gradients (backward"
                                   f"{f', once for each of its {k} contracted slices' if k > 1 else ''})"))
-        items += [CommItem("all-reduce", axes, _pair_act(j, dec[j], "in", s) * r, n, count, source, f"column "
-                           f"{label[j]}, its joined other input: sum partial input gradients (backward)")
-                  for j in split_cols for r in joined.get(j, ())]  # each other input's gradient, apart
+        items += [CommItem("all-reduce", axes, by_call[j][1][i] if j in by_call else _pair_act(j, dec[j], "in", s) * r,
+                           n, count, source, f"column {label[j]}, its joined other input: sum partial input "
+                                             "gradients (backward)")
+                  for j in split_cols for i, r in enumerate(joined.get(j, ()))]  # each other input's gradient, apart
         items += [i for c in tensor_cols for i in _stream_items(c, dec[c], axes, s, count, tuple(rows))]
         # a split column's output read whole by a contraction outside its pair (traced: StyleGAN2's first
         # synthesis conv, read by its toRGB row and by the next block's upsampling conv): XLA gathers it for
@@ -590,6 +593,27 @@ def _heads_note(decisions, pid: int, cols: list[str], s: Scope, notes: list[str]
         notes.append(f"attention pair {pid}: {n_heads} heads do not divide the tensor degree {degree}, so "
                      "head_dim is split and XLA adds resharding collectives that are not modelled; use a "
                      "tensor degree that divides the heads")
+
+
+def _joined_calls(s: Scope, path: str, d: Any, calls: int) -> tuple[float, list[float]] | None:
+    """A column whose joined other inputs (``Scope.joined``) are read by calls of its own layer, traced: the input
+    gradient bytes of its own calls (their mean) and of each joined call, each at its own shape; None otherwise.
+
+    DeBERTa's shared query and key projections are called on the tokens and on the relative-position table (a
+    parameter, read by no example): their calls' mean, the tokens' 128 rows and the table's 32 taken for 16 (split
+    over the batch as the tokens are), priced each input gradient at 72 rows and the joined one at nothing;
+    XLA:CPU all-reduces each apart, f32[4,32,128] and f32[32,128] (measured, data=2,model=4: the model all-reduces
+    0.82x the compiled ones). A joined input reading no batch rows (ratio 0) is whole on every device."""
+    extra = (s.joined or {}).get(path, ())
+    if not extra or path in (s.buffers or {}) or (s.widths or {}).get(path) == 0:
+        return None
+    acts = acts_for(s.activations, d.unit)
+    if len(acts) != calls + len(extra):
+        return None
+    own = [s.nbytes(a.inputs[0], path) for a in acts[:calls]]
+    others = [s.nbytes(a.inputs[0], path) if r else math.prod(a.inputs[0]) * s.act_item
+              for a, r in zip(acts[calls:], extra, strict=True)]
+    return sum(own) / len(own), others
 
 
 def _pair_act(path: str, d: Any, side: str, s: Scope) -> float:
