@@ -616,13 +616,31 @@ def _joined_calls(s: Scope, path: str, d: Any, calls: int) -> tuple[float, list[
     return sum(own) / len(own), others
 
 
+def _members_summed(path: str, d: Any, side: str, acts: list[Any], s: Scope) -> int:
+    """How many members' partial outputs a row called inside ``nnx.vmap`` / ``nn.vmap`` over its stacked kernel sums
+    at once: every member's (each has its own weights, so its own output), where the stacked dim is not split over
+    the tensor axes; 1 otherwise. The traced calls are one member's shapes, repeated per member.
+
+    Measured, XLA:CPU data=2,model=4: an NNX MoE whose 8 experts (w1, w3, w2 stacked by ``nnx.vmap``) run densely
+    over every token by ``nnx.vmap(in_axes=(0, None))``, split on their ffn dim (the tree-only plan): one
+    f32[8,4,32,128] all-reduce of w2's outputs per layer, priced at one expert's f32[4,32,128] (est/comp 0.72,
+    review_w W08). Their input gradient, the tokens read by every member, is summed over the members on the device
+    first: one f32[4,32,128] each, as priced."""
+    members = max(a.members for a in acts)
+    if side != "out" or members <= 1:
+        return 1
+    spec = drop_layers(d, s.lv.specs[path])
+    return 1 if spec and set(s.axes(path, TENSOR)) & set(entry_axes(spec[0])) else members
+
+
 def _pair_act(path: str, d: Any, side: str, s: Scope) -> float:
     if side == "in" and (s.widths or {}).get(path) == 0:
         return 0.0  # it reads the model's inputs: no input gradient to sum
     # an expert kernel reads its buffer, not its layer's input (the tokens before the dispatch)
     acts = acts_for(s.activations, d.unit) if path not in (s.buffers or {}) else []
     if acts:  # a layer called at several sizes (a head shared by FPN levels): its calls' mean, priced at each call
-        return sum(s.nbytes(a.output if side == "out" else a.inputs[0], path) for a in acts) / len(acts)
+        mean = sum(s.nbytes(a.output if side == "out" else a.inputs[0], path) for a in acts) / len(acts)
+        return mean * _members_summed(path, d, side, acts, s)
     b = body(d)
     t_axes = set(s.axes(path, TENSOR))
     split = [i for i, e in enumerate(drop_layers(d, s.lv.specs[path])) if t_axes & set(entry_axes(e))]
