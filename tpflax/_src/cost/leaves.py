@@ -136,12 +136,17 @@ def merge(decisions: Mapping[str, Any], activations: Mapping[str, Sequence[Act]]
 def adapter_units(decisions: Mapping[str, Any]) -> dict[str, int]:
     """``{traced layer path: rank}`` of the low-rank adapters called as layers of their own inside the layer
     whose kernel they sit beside (``nnx.LoRALinear``'s ``lora``): a module of exactly two 2-D leaves
-    ``(i, r) @ (r, o)``, ``r`` narrower than both, inside a module that holds an ``(i, o)`` leaf.
+    ``(i, r) @ (r, o)``, ``r`` narrower than both, inside a module that holds an ``(i, o)`` leaf, and named as a
+    LoRA adapter is (:func:`lora_named`: ``nnx.LoRA``'s ``lora_a`` / ``lora_b``).
 
     Its output is summed into the parent's and nothing else reads it, so the backward keeps the narrow
     ``x @ a`` (for ``b``'s gradient) instead (:func:`tpflax._src.cost.activations.activation_bytes`); counted
     at its full width, an NNX LoRA-Llama's saved activations were twice the projections', its estimated peak
-    1.37x the compiled (XLA:CPU, data=2,model=4).
+    1.35-1.42x the compiled (XLA:CPU, data=2,model=4 and fsdp=2,model=4). The shape alone does not say so: a
+    low-rank gate ``x + tanh(x @ k) * sigmoid(gate(x))`` has an adapter's shapes, but its output is read by a
+    multiply, which keeps it at its full width (taken for an adapter, a stack of four estimated at 0.42x the
+    compiled peak, 0.60x otherwise); the names are what ``nnx.LoRA`` guarantees, as the leaves carry no
+    ``LoRAParam`` type here (a plan's decisions), nor the trace's readers of the module's output.
 
     >>> from types import SimpleNamespace as N
     >>> d = {"q/kernel": N(shape=(64, 32), layers_dim=None), "q/lora/lora_a": N(shape=(64, 4), layers_dim=None),
@@ -149,6 +154,8 @@ def adapter_units(decisions: Mapping[str, Any]) -> dict[str, int]:
     >>> adapter_units(d)
     {'q/lora': 4}
     >>> adapter_units({k: v for k, v in d.items() if k != "q/kernel"})  # no base kernel beside: a bottleneck
+    {}
+    >>> adapter_units({k.replace("lora/lora_", "gate/"): v for k, v in d.items()})  # adapter-shaped, not named one
     {}
     """
     bodies: dict[str, list[tuple[int, ...]]] = {}
@@ -160,7 +167,7 @@ def adapter_units(decisions: Mapping[str, Any]) -> dict[str, int]:
             bodies.setdefault(path.rsplit("/", 1)[0], []).append(shape)
     out = {}
     for unit, shapes in bodies.items():
-        if "/" not in unit or len(shapes) != 2 or any(len(x) != 2 for x in shapes):
+        if "/" not in unit or len(shapes) != 2 or any(len(x) != 2 for x in shapes) or not lora_named(unit, decisions):
             continue
         a, b = shapes if shapes[0][1] == shapes[1][0] else shapes[::-1]
         if a[1] != b[0] or a[1] >= min(a[0], b[1]):
@@ -168,6 +175,19 @@ def adapter_units(decisions: Mapping[str, Any]) -> dict[str, int]:
         if (a[0], b[1]) in bodies.get(unit.rsplit("/", 1)[0], ()):
             out[layer_key(unit)] = a[1]
     return out
+
+
+def lora_named(unit: str, decisions: Mapping[str, Any]) -> bool:
+    """The module ``unit``'s leaves are named as a LoRA adapter's: ``lora_a`` and ``lora_b`` (``nnx.LoRA``, the
+    leaves of ``nnx.LoRALinear``'s ``lora``), or ``lora_A`` / ``lora_B`` (PEFT's spelling).
+
+    >>> lora_named("q/lora", {"q/lora/lora_a": 0, "q/lora/lora_b": 0, "q/kernel": 0})
+    True
+    >>> lora_named("q/gate", {"q/gate/a": 0, "q/gate/b": 0})
+    False
+    """
+    names = {p.rsplit("/", 1)[1].lower() for p in decisions if p.rsplit("/", 1)[0] == unit}
+    return names == {"lora_a", "lora_b"}
 
 
 def without_dead(lv: Leaves, dead: frozenset[str]) -> Leaves:
