@@ -722,8 +722,8 @@ def test_optimizer_and_trainable_freeze_the_union_and_an_optimizer_training_noth
 def test_an_nnx_lora_adapter_keeps_its_rank_wide_product_not_its_output():
     # nnx.LoRALinear calls its adapter as a layer of its own (``lora``), whose output is summed into the layer's:
     # the backward keeps x @ A (rank wide) for B's gradient, not that output. Counted at its full width, the saved
-    # activations held every adapted projection twice (an NNX LoRA-Llama's estimated peak 1.18-1.37x the compiled
-    # on XLA:CPU, data=2,model=4; 1.04x now)
+    # activations held every adapted projection twice (an NNX LoRA-Llama's estimated peak 1.33-1.42x the compiled
+    # on XLA:CPU, data=2,model=4 and fsdp=2,model=4, with and without plan(optimizer=); 0.99-1.06x now)
     from flax import nnx
 
     class Net(nnx.Module):

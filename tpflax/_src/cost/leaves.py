@@ -142,7 +142,7 @@ def adapter_units(decisions: Mapping[str, Any]) -> dict[str, int]:
     Its output is summed into the parent's and nothing else reads it, so the backward keeps the narrow
     ``x @ a`` (for ``b``'s gradient) instead (:func:`tpflax._src.cost.activations.activation_bytes`); counted
     at its full width, an NNX LoRA-Llama's saved activations were twice the projections', its estimated peak
-    1.35-1.42x the compiled (XLA:CPU, data=2,model=4 and fsdp=2,model=4). The shape alone does not say so: a
+    1.33-1.42x the compiled (XLA:CPU, data=2,model=4 and fsdp=2,model=4). The shape alone does not say so: a
     low-rank gate ``x + tanh(x @ k) * sigmoid(gate(x))`` has an adapter's shapes, but its output is read by a
     multiply, which keeps it at its full width (taken for an adapter, a stack of four estimated at 0.42x the
     compiled peak, 0.60x otherwise); the names are what ``nnx.LoRA`` guarantees, as the leaves carry no
