@@ -271,6 +271,19 @@ def test_fused_conv1d_kernels_pair_in_the_tree():
         "0/attn/query_key_value/kernel": P(None, "model"), "0/attn/dense/kernel": P("model", None)}
 
 
+def test_a_fused_qkv_name_of_gqa_with_half_the_key_value_heads_is_three_pieces():
+    # Falcon-style GQA whose K/V heads are half the query heads: query_key_value (d, d + 2 * d/2) = (d, 2d). A q/k/v
+    # name means three pieces, but roles.fused_partners read it as 2 equal projections ("holds 2 projections of 64",
+    # BLOOM's layout) before it tried the grouped reading (review_a r1_gqa_half.py 4); now [d, d/2, d/2] (no compile)
+    block = {"ln_attn": {"scale": sds(D)},
+             "attn": {"query_key_value": {"kernel": sds(D, 2 * D)}, "dense": {"kernel": sds(D, D)}}}
+    p = tpflax.plan({"wte": {"embedding": sds(V, D)}, "h": {str(i): block for i in range(2)}}, MESH)
+    assert specs(p, ["0/attn/query_key_value/kernel", "0/attn/dense/kernel"]) == {
+        "0/attn/query_key_value/kernel": P(None, "model"), "0/attn/dense/kernel": P("model", None)}
+    reason = p.decisions["h/0/attn/query_key_value/kernel"].reason
+    assert f"({D} -> {2 * D}) holds the queries ({D}) and grouped keys and values ({D // 2} each)" in reason, reason
+
+
 @pytest.mark.slow
 def test_fused_qkv_compiles_better_than_replicated(fused, mesh):
     m, v = fused
@@ -971,6 +984,27 @@ def test_two_numbered_towers_in_one_block_each_pair_their_first_two_layers():
             **{f"{t}_1/kernel": P("model", None) for t in ("actor", "critic")},
             **{f"{t}_head/kernel": P(None, None) for t in ("actor", "critic")}}
     assert specs(p, want) == want
+
+
+class _TwoInputsAndAnMLP(nn.Module):
+    """Two inputs embedded side by side (proj_0, proj_1: nothing chains them) and a numbered MLP (mlp_0, mlp_1)."""
+    @nn.compact
+    def __call__(self, a, b):
+        h = nn.Dense(64, name="proj_0")(a) + nn.Dense(64, name="proj_1")(b)
+        return nn.Dense(10, name="mlp_1")(nn.gelu(nn.Dense(256, name="mlp_0")(h)))
+
+
+def test_numbered_towers_say_their_chain_is_read_off_names_and_widths():
+    # roles._towers said proj_1 "reads the output of proj_0" where the two embed separate inputs (review_a r5): the
+    # tree knows names and widths, not dataflow. The reason says so, with a doubt naming the pair
+    a, b = sds(64, 32), sds(64, 64)
+    p = tpflax.plan(abstract(_TwoInputsAndAnMLP(), a, b), MESH, batch=(a, b))
+    reason = p.decisions["params/proj_1/kernel"].reason
+    assert "reads the output of" not in reason
+    assert reason.startswith("row: (64 -> 64) numbered after proj_0/kernel and reading the width it writes (64): "
+                             "taken as reading its output by names and widths alone; "), reason
+    assert any("'proj_0/kernel' and 'proj_1/kernel' taken as one MLP's column and row by their numbers and widths "
+               "alone" in w for w in p.warnings), p.warnings
 
 
 class GraphAttention(nn.Module):
@@ -2605,6 +2639,40 @@ def test_tree_only_an_outer_product_mean_splits_its_major_side_and_its_reader():
     assert [tree.spec(k) for k in kernels] == [traced.spec(k) for k in kernels]
     assert tree.spec("params/a/bias") == P("model")
     assert "minor side of an outer product" in tree.decisions["params/b/kernel"].reason
+
+
+def test_an_outer_products_minor_side_says_its_pair_stays_whole_when_it_does():
+    # kept whole (tensor_min_bytes), the pair's minor side `b` still said `a`'s "features are split", and `a`, which
+    # narrows 64 -> 8, "widens the residual width 64": both written before the pair was decided (review_a r6)
+    m = sds(2, 4, 8, 64)
+    tree = tpflax.plan(abstract(_OuterProductMean(), m), MESH, batch=(m,), tensor_min_bytes="1MiB")
+    assert all(d.spec == P(*(None,) * len(d.spec)) for d in tree.decisions.values())
+    assert tree.decisions["params/b/kernel"].reason == (
+        "dense layer (64 -> 8): the minor side of an outer product that out/kernel reads flattened beside a/kernel; "
+        "kept whole whatever the pair's layout (when a/kernel's features are split, each device takes the product "
+        "of its share of those with all of these) (pass model= to trace it)")
+    assert tree.decisions["params/a/kernel"].reason.startswith(
+        "column of pair 1 ((64 -> 8) reads the residual width 64, narrowing it; the major side"), \
+        tree.decisions["params/a/kernel"].reason
+
+
+class _GaussianPolicy(nn.Module):
+    """A Gaussian policy: 256 = 16 x 16 observations, a hidden layer, two heads of 16 (no outer product)."""
+    @nn.compact
+    def __call__(self, obs):
+        h = nn.tanh(nn.Dense(512, name="hidden")(obs))
+        return nn.Dense(16, name="mean")(h), nn.Dense(16, name="log_std")(h)
+
+
+def test_a_hidden_layer_feeding_two_heads_is_no_outer_products_reader():
+    # roles.outer_product_partners took `hidden` (256 -> 512) for the reader of the heads' outer product, 256 being
+    # 16 x 16, and split it on its input (review_a r2: tree-only 1.16x the bytes, 2.73x the collectives, 1.09x the
+    # flops of the hand layout). It writes the heads' input width: it feeds them, so no outer product is taken
+    obs = sds(64, 256)
+    tree = tpflax.plan(abstract(_GaussianPolicy(), obs), MESH, batch=(obs,))
+    kernels = [f"params/{n}/kernel" for n in ("hidden", "mean", "log_std")]
+    assert [tree.spec(k) for k in kernels] == [P(None, None)] * 3
+    assert not [k for k in kernels if "outer product" in tree.decisions[k].reason]
 
 
 class _SquareGLUUnnamedUp(nn.Module):

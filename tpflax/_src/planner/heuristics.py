@@ -76,6 +76,7 @@ from tpflax._src.planner.roles import (
     low_rank_factors,
     merge_stages,
     named_attention,
+    natural,
     numbered_chain,
     outer_product_partners,
     parallel_fit,
@@ -85,10 +86,6 @@ from tpflax._src.planner.roles import (
     stage_widths,
 )
 from tpflax._src.specs import entry_axes, normalize_entry
-
-
-def _natural(s: str) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
 def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options,
@@ -142,7 +139,7 @@ def _pair_linears(st: State, todo: Sequence[Facts], widths: set[int], sure: bool
 
     stage = stage_widths(todo, widths, sure)
     lefts: dict[str, list[Linear]] = {}
-    for group in sorted(groups, key=_natural):
+    for group in sorted(groups, key=natural):
         members = groups[group]
         here, sure_here = stage(group)
         lins = [linear_view(f, members, here) for f in members]
@@ -181,7 +178,7 @@ def _pair_linears(st: State, todo: Sequence[Facts], widths: set[int], sure: bool
     # block left unpaired meets its cousins one or two levels up, within the layer.
     for _ in range(2):
         up: dict[str, list[Linear]] = defaultdict(list)
-        for group in sorted(loose, key=_natural):
+        for group in sorted(loose, key=natural):
             lins = loose[group]
             here, sure_here = stage(group)
             assign_roles(lins, here, sure_here)
@@ -556,7 +553,7 @@ def _experts(st: State, todo: Sequence[Facts], widths: set[int]) -> None:
         if f.kind == "expert" and f.path not in st.out:
             groups[f.group].append(f)
     e_entry, e_size = st.mesh.group(EXPERT)
-    for group in sorted(groups, key=_natural):
+    for group in sorted(groups, key=natural):
         fs = groups[group]
         for a in fs:
             ea, x, y = a.body
@@ -595,7 +592,7 @@ def _alike_experts(st: State, fs: Sequence[Facts], widths: set[int]) -> None:
         return
     cf = 2 if x in widths else 1
     rows = [f for f in fs if ROW_NAMES.match(f.unit_name)]
-    row = rows[0] if len(rows) == 1 else sorted(fs, key=lambda f: _natural(f.path))[-1]
+    row = rows[0] if len(rows) == 1 else sorted(fs, key=lambda f: natural(f.path))[-1]
     cols = [f for f in fs if f is not row]
     shard_experts(st, cols[0], row, n_exp, fs[0].body[cf],
                   gated=[(g, f"stored {g.body} like {short(cols[0].path)} and the row {short(row.path)}, "
@@ -681,7 +678,7 @@ def _inverted_residuals(st: State, todo: Sequence[Facts], every: Sequence[Facts]
     for f in every:
         if f.kind == "conv" and len(f.body) >= 3:
             blocks[_lifted(f, units)[1]].append(f)
-    for block in sorted(blocks, key=_natural):
+    for block in sorted(blocks, key=natural):
         convs = blocks[block]
         mine = [f for f in every if f.unit.startswith(f"{block}/") and _io(f) is not None]
         dws = [f for f in convs if _depthwise(f)]
@@ -797,7 +794,7 @@ def _conv_chains(st: State, todo: Sequence[Facts], every: Sequence[Facts]) -> No
     for f in todo:
         if f.kind == "dense" and len(f.body) == 2 and f.group in groups and _CONDITIONING.search(f.unit_name):
             conditioning[f.group].append(f)
-    for group in sorted(groups, key=_natural):
+    for group in sorted(groups, key=natural):
         convs, starts = _chain_order(groups[group])
         i = 0
         while i + 1 < len(convs):
@@ -833,7 +830,7 @@ def _chain_order(named: Sequence[tuple[str, Facts]]) -> tuple[list[Facts], set[s
     >>> [f.path for f in order], sorted(starts)
     (['1x1', '3x3_reduce', '3x3', '5x5_reduce', '5x5'], ['3x3_reduce', '5x5_reduce'])
     """
-    order = [n for n, _ in sorted(named, key=lambda nf: _natural(nf[0]))]
+    order = [n for n, _ in sorted(named, key=lambda nf: natural(nf[0]))]
     starts = set()
     for n in list(order):
         m = _REDUCES.fullmatch(n)

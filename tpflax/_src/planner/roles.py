@@ -284,8 +284,7 @@ def assign_roles(lins: list[Linear], widths: set[int], sure: bool = False) -> No
                 lin.role = by_shape
                 lin.doubt = (f"'{name}' reads as {named} but ({i} -> {o}) {partner}; going by the shape "
                              "(pass model= to trace it)")
-                lin.why = (f"({i} -> {o}) widens the residual width {i}" if by_shape == "column"
-                           else f"({i} -> {o}) narrows back to the residual width {o}")
+                lin.why = _residual_why(by_shape, i, o)
                 continue
             if turned and sure and not _like_its_query(lin, lins, widths):
                 # The name and the (in, out) reading disagree, and read (out, in) they
@@ -318,8 +317,7 @@ def assign_roles(lins: list[Linear], widths: set[int], sure: bool = False) -> No
                              f"the norm widths {sorted(widths)} say {by_shape} (pass model= to trace it)")
                 continue
             lin.role = by_shape
-            lin.why = (f"({i} -> {o}) widens the residual width {i}" if lin.role == "column"
-                       else f"({i} -> {o}) narrows back to the residual width {o}")
+            lin.why = _residual_why(by_shape, i, o)
         elif COLUMN_NAMES.match(name):
             lin.role, lin.why = "column", f"'{name}' is an input projection ({i} -> {o})"
         elif ROW_NAMES.match(name):
@@ -345,6 +343,21 @@ def assign_roles(lins: list[Linear], widths: set[int], sure: bool = False) -> No
                        f"the widening side is column")
 
 
+
+
+def _residual_why(role: str, i: int, o: int) -> str:
+    """Why a kernel ``(i -> o)`` with the residual width on one side only is a column (reads it) or a row (writes
+    it): it widens or narrows that width as its shape says.
+
+    >>> _residual_why("column", 64, 256), _residual_why("column", 64, 8)
+    ('(64 -> 256) widens the residual width 64', '(64 -> 8) reads the residual width 64, narrowing it')
+    >>> _residual_why("row", 256, 64), _residual_why("row", 8, 64)
+    ('(256 -> 64) narrows back to the residual width 64', '(8 -> 64) writes the residual width 64, widening back to it')
+    """
+    if role == "column":
+        return f"({i} -> {o}) widens the residual width {i}" if o > i else f"({i} -> {o}) reads the residual width {i}, narrowing it"
+    return f"({i} -> {o}) narrows back to the residual width {o}" if i > o else \
+        f"({i} -> {o}) writes the residual width {o}, widening back to it"
 
 
 def _shape_pairs(lin: Linear, lins: list[Linear], widths: set[int], by_shape: str) -> bool:
@@ -546,7 +559,11 @@ def _towers(two: list[Linear], names: list[re.Match | None]) -> None:
         a.why = (f"({a.in_size} -> {a.out_size}) writing the input width of {short(b.f.path)} ({b.in_size} -> "
                  f"{b.out_size}): the first of {len(chain)} numbered layers chained in their numbers' order (a "
                  "sequential MLP beside others in its block)")
-        b.why = f"({b.in_size} -> {b.out_size}) reads the output of {short(a.f.path)}"
+        # the tree knows names and widths, not dataflow: two inputs embedded side by side chain the same way
+        b.why = (f"({b.in_size} -> {b.out_size}) numbered after {short(a.f.path)} and reading the width it writes "
+                 f"({a.out_size}): taken as reading its output by names and widths alone")
+        a.doubt = (f"'{short(a.f.path)}' and '{short(b.f.path)}' taken as one MLP's column and row by their numbers "
+                   "and widths alone (pass model= to trace it)")
 
 
 GATE_NAMES = _Names(r"^gate$")
@@ -770,13 +787,13 @@ def _square_like_flipped(lins: list[Linear]) -> None:
 
 FUSED_NAMES = _Names(r"^(qkv|query_key_value|c_attn|wqkv|w_pack|in_proj|qkv_proj|fused_qkv|kv|kv_proj|wkv|"
                      r"gate_up|gate_up_proj|w13)$")
-# a name that says the kernel is one projection: never fused by shape (a DQN's ``q_net`` head, whose output is twice
-# the model input's width, is no fused q/k/v pair with the input layer)
-ONE_PROJECTION = _Names(r"^(q|k|v|query|key|value|wq|wk|wv|q_proj|k_proj|v_proj)$")
 # a name that says the kernel is an attention's query (GQA narrows keys and values, never it)
 QUERY_NAMES = _Names(r"^(q|query|wq|q_proj)$")
 KEY_NAMES = _Names(r"^(k|key|wk|k_proj)$")
 VALUE_NAMES = _Names(r"^(v|value|wv|v_proj)$")
+# a name that says the kernel is one projection (a query, key or value): never fused by shape (a DQN's ``q_net``
+# head, whose output is twice the model input's width, is no fused q/k/v pair with the input layer)
+ONE_PROJECTION = _Names("|".join(n.rx.pattern for n in (QUERY_NAMES, KEY_NAMES, VALUE_NAMES)))
 
 
 def named_attention(cols: Sequence[Linear]) -> tuple[Linear, ...]:
@@ -833,7 +850,8 @@ def fused_partners(lins: list[Linear]) -> None:
             continue
         fits = [m for m in lins if m is not c and len(m.f.body) == 2 and m.role != "column"
                 and m.out_size == c.in_size and c.out_size % m.in_size == 0 and c.out_size // m.in_size in (2, 3)]
-        if not fits and _grouped_qkv(c, lins):
+        # a q/k/v name means three pieces: (d, 2d) is GQA's [d, d/2, d/2] before it is two equal projections
+        if (not fits or QKV_NAMES.match(role_name(c.f))) and _grouped_qkv(c, lins):
             continue
         # Several layers in one flat block (``attn_0``, ``proj_0``, ``attn_1``...): the closest name.
         fits.sort(key=lambda m: _affinity(m.f.unit_name, c.f.unit_name), reverse=True)
@@ -884,6 +902,10 @@ def _grouped_qkv(c: Linear, lins: list[Linear]) -> bool:
     >>> fused_partners([qkv, out])
     >>> qkv.cut, out.role, gqa_fit(qkv, out)
     ((128, 16, 16), 'row', True)
+    >>> qkv, out = lin("a/query_key_value/kernel", (128, 256), "column"), lin("a/dense/kernel", (128, 128))
+    >>> fused_partners([qkv, out])  # K/V heads half the query heads: (d, 2d), three pieces, not two
+    >>> qkv.cut, qkv.pieces, out.role, gqa_fit(qkv, out)
+    ((128, 64, 64), 1, 'row', True)
     """
     name = role_name(c.f)
     if not QKV_NAMES.match(name):
@@ -994,7 +1016,11 @@ def outer_product_partners(lins: list[Linear]) -> Linear | None:
     which splits ``a``'s ``c`` and ``out``'s ``c * c`` rows alike, in contiguous blocks of ``c / t`` whole rows of
     ``b``'s, and keeps ``b`` whole. Taken by shape whatever the names, but only two such kernels, alike, and the
     one row, with no other kernel of the block reading ``c`` or writing ``c * c``; the first by name (``a``,
-    ``left``, ``linear_1``) is taken as the major (AlphaFold's and OpenFold's order).
+    ``left``, ``linear_1``) is taken as the major (AlphaFold's and OpenFold's order). A row that writes the pair's
+    input width feeds them rather than reading their product: a Gaussian policy's ``hidden`` (256 -> 512) before its
+    heads ``mean`` and ``log_std`` (512 -> 16), 256 = 16 x 16, taken as one cost 1.16x the bytes and 2.73x the
+    collectives of the hand layout (XLA:CPU data=2,model=4); the tree sees no order in a flat block, so that shape
+    rules it out.
 
     >>> from tpflax._src.facts.tree import Leaf
     >>> def lin(path, shape, role=None):
@@ -1006,6 +1032,10 @@ def outer_product_partners(lins: list[Linear]) -> Linear | None:
     >>> a.role = out.role = None; out.outer = 0
     >>> outer_product_partners([a, b, out, lin("b/c/kernel", (64, 8))]) is None  # three alike: q, k, v?
     True
+    >>> hidden, mean, log_std = (lin(f"p/{n}/kernel", s) for n, s in
+    ...                          (("hidden", (256, 512)), ("mean", (512, 16)), ("log_std", (512, 16))))
+    >>> outer_product_partners([hidden, mean, log_std]) is None, hidden.role, mean.role
+    (True, None, None)
     """
     def two(x: Linear) -> bool:
         return len(x.f.body) == 2 and x.pieces == 1 and not x.cut and not x.joined
@@ -1017,24 +1047,27 @@ def outer_product_partners(lins: list[Linear]) -> Linear | None:
         rows = [r for r in lins if r.in_size == c * c and all(r is not y for y in alike)]  # d may be c * c
         if len(alike) != 2 or not all(two(y) and y.role in ("column", None) for y in alike) or len(rows) != 1 \
                 or not two(rows[0]) or rows[0].role not in ("row", None) or any(y.in_size == c for y in lins) \
-                or any(y.out_size * y.pieces == c * c for y in lins):
-            continue
-        (r,), (major, other) = rows, sorted(alike, key=lambda y: _natural(y.f.path))
+                or any(y.out_size * y.pieces == c * c for y in lins) or rows[0].out_size == x.in_size:
+            continue  # the last: the row writes what the pair reads, so it feeds them (a policy's hidden layer
+            # 256 -> 512 before its heads 512 -> 16, 256 = 16 * 16) rather than reading their product
+        (r,), (major, other) = rows, sorted(alike, key=lambda y: natural(y.f.path))
         major.role, r.role, r.outer, other.role = "column", "row", c, None
         major.why = (f"{major.why + '; ' if major.why else ''}the major side of an outer product ({major.in_size} -> {c}, "
                      f"beside {short(other.f.path)}) that {short(r.f.path)} ({c * c} -> {r.out_size}) reads flattened")
         r.why = (f"{r.why + '; ' if r.why else ''}reads the outer product of {short(major.f.path)} and "
                  f"{short(other.f.path)} ({c} x {c}) flattened, {short(major.f.path)}'s features the major ones")
         other.why = (f"dense layer ({other.in_size} -> {c}): the minor side of an outer product that {short(r.f.path)} "
-                     f"reads flattened beside {short(major.f.path)}, whose features are split; kept whole, each "
-                     "device taking the product of its share of those with all of these (pass model= to trace it)")
+                     f"reads flattened beside {short(major.f.path)}; kept whole whatever the pair's layout (when "
+                     f"{short(major.f.path)}'s features are split, each device takes the product of its share of "
+                     "those with all of these) (pass model= to trace it)")
         major.doubt = (f"'{short(major.f.path)}' and '{short(r.f.path)}' taken as an outer product's major side and "
                        f"reader by shape alone ({c} and {c} x {c} features) (pass model= to trace it)")
         return other
     return None
 
 
-def _natural(s: str) -> list:
+def natural(s: str) -> list:
+    """A sort key ordering the numbers in ``s`` by value: ``layers_2`` before ``layers_10``."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
