@@ -669,3 +669,66 @@ def test_a_tree_prices_a_class_token_and_each_tower_at_its_own_tokens():
     assert tokens(tree, "params/vision/block/fc1/kernel") == 8 * 65
     assert {p: d.spec for p, d in tree.decisions.items()} == {
         p: d.spec for p, d in tpflax.plan(v, MESH, model=m, sample=(ids, img), batch=(ids, img)).decisions.items()}
+
+
+class _RematGQABlock(nn.Module):
+    """A pre-norm block of :class:`DotProductGQA`'s attention (12 query, 6 key/value heads) and an MLP."""
+
+    @nn.compact
+    def __call__(self, x):
+        b, hd = x.shape[0], 4
+        h = nn.RMSNorm(name="n1")(x)
+        q = nn.Dense(48, name="q")(h).reshape(b, N, 12, hd)
+        k = nn.Dense(24, name="k")(h).reshape(b, N, 6, hd)
+        v = nn.Dense(24, name="v")(h).reshape(b, N, 6, hd)
+        x = x + nn.Dense(48, name="o")(jax.nn.dot_product_attention(q, k, v).reshape(b, N, 48))
+        return x + nn.Dense(48, name="wo")(nn.gelu(nn.Dense(96, name="wi")(nn.RMSNorm(name="n2")(x))))
+
+
+class _RematGQAStack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(48, name="inp")(x)
+        for i in range(2):
+            x = nn.remat(_RematGQABlock)(name=f"layers_{i}")(x)
+        return x
+
+
+def test_the_whole_key_value_option_prices_the_rows_sum_again_in_a_remat_recompute():
+    # "q/o split, K/V whole" (builders._kv_whole_option) wrote its row's forward all-reduce by hand, once, where the
+    # estimate (and the other candidates, builders.row_sum) count it again in a remat'd block's recompute (review_a
+    # r4_kvwhole_remat.py): the candidates were priced on different footings (no compile)
+    m, x = _RematGQAStack(), jax.ShapeDtypeStruct((16, N, 48), jnp.float32)
+    v = jax.eval_shape(m.init, jax.random.key(0), x)
+    p = tpflax.plan(v, "data=2,model=4", model=m, sample=(x,), batch=(x,))
+    alts = {a.name: a for a in p.decisions["params/layers_0/o/kernel"].alternatives if a.group == "pair"}
+    sums = {n: [c for c in a.collectives if "sum partial outputs" in c] for n, a in alts.items()}
+    again = ["all-reduce 24.0 KiB over model x2 (row: sum partial outputs (forward, again in the remat recompute))"]
+    assert sums == {"Megatron, heads cut": again, "q/o split, K/V whole": again, "replicate": []}, sums
+
+
+class FlatCaptioner(nn.Module):
+    """A captioner with no tower module: the patch embedding, class token and vision MLP at the root beside the
+    text's token table and MLP."""
+
+    @nn.compact
+    def __call__(self, ids, img):
+        x = nn.Conv(64, (4, 4), (4, 4), name="patch_embed")(img).reshape(img.shape[0], -1, 64)
+        cls = self.param("cls_token", nn.initializers.zeros, (1, 1, 64))
+        x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, 64)), x], 1)
+        v = Mlp(name="vis_block")(x)[:, 0]
+        return (Mlp(name="txt_block")(nn.Embed(1000, 64, name="tok_embed")(ids))[:, 0] * v).sum()
+
+
+def test_a_flat_captioner_has_no_image_tower_to_price():
+    # pricing.image_tokens says None where one module holds both the image's leaves and the token table, but for a
+    # flat captioner it returned the patch conv's own layer as the "tower" (review_a r8): its one kernel priced at
+    # the image's tokens, the vision blocks beside it at the ids'. The patch layer alone is no tower: the ids count
+    from tpflax._src.planner.plan import _walked
+    from tpflax._src.planner.pricing import image_tokens
+    img = jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32)
+    ids = jax.ShapeDtypeStruct((8, 16), jnp.int32)
+    _, _, facts = _walked(jax.eval_shape(FlatCaptioner().init, jax.random.key(0), ids, img), None, None)
+    assert image_tokens((ids, img), facts) is None
+    _, _, facts = _walked(jax.eval_shape(TwoTowers().init, jax.random.key(0), ids, img), None, None)
+    assert image_tokens((ids, img), facts) == (8 * 65, 64, "params/vision")  # CLIP's vision tower: still one

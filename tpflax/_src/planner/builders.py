@@ -55,8 +55,9 @@ class Options:
         device_memory: bytes per device the plan must fit (None: no constraint).
         tied_guess: the tree has no output head, so a token table found by the
             tree heuristics is priced as tied (it also computes the logits).
-        patch_width: untraced: the width of the tokens ``tokens`` counts, those of a patch embedding reading an
-            image batch (:func:`tpflax._src.planner.pricing.patch_tokens`); its patch-merging stages read fewer
+        patch_width: untraced: the width of the patch tokens an image batch makes through its patch embedding
+            (:func:`tpflax._src.planner.pricing.image_tokens`), which ``tokens`` counts (beside token ids, the
+            image tower's share of them: ``towers``); its patch-merging stages read fewer
             (:func:`tpflax._src.planner.roles.merge_stages`). 0: none.
         towers: untraced: ``(module, share)`` of the modules whose leaves read ``share`` of ``tokens``: the
             image tower of a tree fed token ids beside an image (CLIP's ``vision_model``), ``tokens`` counting
@@ -492,7 +493,7 @@ def _kv_whole_option(st: State, cols: list[Linear], row: Linear, pair: Pair, blo
         row.f, body_spec(len(row.f.body), row.shard_dim("row"), t_entry), "row",
         f"row: {row.why}; input features ({row.in_size}) split over {over}, fed by {short(q.f.path)} split and "
         f"{kv_names} whole (pair {pair.id}); one all-reduce of activations per pass", pair.id, "row")))
-    acts = [ActComm("all-reduce", t_entry, row.out_size, 1, "row: sum partial outputs (forward)"),
+    acts = [row_sum(st, row.f, row.out_size),
             *input_grad_sum(st, q.f.path, q.in_size),
             *(ActComm("all-gather", t_entry, size, 1, f"{short(q.f.path)} split, {kv_names} whole, in {groups}: "
                       f"gather, {why}", ranks=ranks if ranks != t_size else 0) for size, ranks, why in w.gathers)]

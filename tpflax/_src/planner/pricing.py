@@ -133,40 +133,35 @@ def recompute(model: Any, sample: Any, tree: Any, mesh: Any, flow: Any, facts: S
                      any(kinds.get(e.dst, "attention") not in ("attention", "embedding") for e in flow.edges))
 
 
-def patch_tokens(batch: Any, convs: Any) -> tuple[int, int] | None:
-    """``(tokens, width)`` a batch of images makes through a patch embedding, from shapes alone: ``B * (H/p) * (W/p)``
-    tokens ``D`` wide
-    for the one patch size ``p`` of the 2-D conv kernels ``(p, p, C, D)`` (``convs``, bodies without a stacked
-    dim) that read the image's ``C`` channels (its last dim, or its second: channels first), with ``p`` even and
-    tiling ``H`` and ``W``: a patchify conv, kernel == stride (ViT, Swin, ConvNeXt's stem). The image is the
-    batch's one 4-D float leaf, whatever sits beside it with fewer dims (``{"image": ..., "label": (B,)}``, or
-    the int labels a bare shape ``(B, H, W, C)`` gets). None where the batch holds no float image (``(B, H, W,
-    C)`` or ``(B, C, H, W)``) or two, where an integer (or bool) leaf of 2 or more dims sits beside it (token
-    ids: CLIP, a captioner; the ids count the tokens), where no conv or convs of two sizes read it, and for an
+def _patches(batch: Any, convs: Any, beside_ids: bool) -> tuple[int, int, int] | None:
+    """``(images, patches per image, width)`` a batch of images makes through a patch embedding, from shapes
+    alone: ``B`` images of ``(H/p) * (W/p)`` patches ``D`` wide for the one patch size ``p`` of the 2-D conv kernels
+    ``(p, p, C, D)`` (``convs``, bodies without a stacked dim) that read the image's ``C`` channels (its last dim,
+    or its second: channels first), with ``p`` even and tiling ``H`` and ``W``: a patchify conv, kernel == stride
+    (ViT, Swin, ConvNeXt's stem). The image is the batch's one 4-D float leaf, whatever sits beside it with fewer
+    dims (``{"image": ..., "label": (B,)}``, or the int labels a bare shape ``(B, H, W, C)`` gets). None where the
+    batch holds no float image (``(B, H, W, C)`` or ``(B, C, H, W)``) or two, where an integer (or bool) leaf of 2
+    or more dims sits beside it (token ids: CLIP, a captioner; the ids count the tokens) unless ``beside_ids``
+    (:func:`image_tokens` prices the image's own tower), where no conv or convs of two sizes read it, and for an
     odd kernel: a centred stem (ResNet's 7x7, a UNet's 3x3) whose stride the tree cannot tell. The chooser
     otherwise counts an image batch's tokens as its images (8 for 8 images of 1024 patches each).
 
     >>> import jax
     >>> img = (jax.ShapeDtypeStruct((8, 32, 32, 3), "float32"),)
-    >>> patch_tokens(img, [(4, 4, 3, 48), (2, 2, 48, 96)]), patch_tokens(img, [(7, 7, 3, 64)])
-    ((512, 48), None)
-    >>> patch_tokens((jax.ShapeDtypeStruct((2, 3, 224, 224), "float32"),), [(16, 16, 3, 768)])
-    (392, 768)
+    >>> _patches(img, [(4, 4, 3, 48), (2, 2, 48, 96)], False), _patches(img, [(7, 7, 3, 64)], False)
+    ((8, 64, 48), None)
+    >>> _patches((jax.ShapeDtypeStruct((2, 3, 224, 224), "float32"),), [(16, 16, 3, 768)], False)
+    (2, 196, 768)
     >>> ids = jax.ShapeDtypeStruct((8, 16), "int32")
     >>> label = jax.ShapeDtypeStruct((8,), "int32")
-    >>> [patch_tokens(b, [(4, 4, 3, 48)]) for b in ({"image": img[0], "label": label}, (8, 32, 32, 3),
-    ...                                            {"image": img[0], "ids": ids})]
-    [(512, 48), (512, 48), None]
-    >>> [patch_tokens(b, [(4, 4, 3, 48)]) for b in ("8x32x32x3", "8x512", 8)]  # the CLI's shape string, a count
-    [(512, 48), None, None]
+    >>> [_patches(b, [(4, 4, 3, 48)], False) for b in ({"image": img[0], "label": label}, (8, 32, 32, 3),
+    ...                                               {"image": img[0], "ids": ids})]
+    [(8, 64, 48), (8, 64, 48), None]
+    >>> _patches({"image": img[0], "ids": ids}, [(4, 4, 3, 48)], True)
+    (8, 64, 48)
+    >>> [_patches(b, [(4, 4, 3, 48)], False) for b in ("8x32x32x3", "8x512", 8)]  # the CLI's shape string, a count
+    [(8, 64, 48), None, None]
     """
-    got = _patches(batch, convs, False)
-    return None if got is None else (got[0] * got[1], got[2])
-
-
-def _patches(batch: Any, convs: Any, beside_ids: bool) -> tuple[int, int, int] | None:
-    """``(images, patches per image, width)`` of :func:`patch_tokens`; ``beside_ids``: token ids beside the image
-    do not stop it (:func:`image_tokens` prices the image's own tower)."""
     import numpy as np
 
     if batch is None or isinstance(batch, int):  # a count says nothing of images; "8x32x32x3" (the CLI's) may
@@ -210,12 +205,13 @@ _EXTRA_TOKEN = re.compile(r"^(cls|class|dist|distillation)(_token|_embedding|_em
 
 def image_tokens(batch: Any, facts: Any) -> tuple[int, int, str] | None:
     """``(tokens, width, tower)`` the image of an untraced tree's batch makes through its patch embedding
-    (:func:`patch_tokens`), a class token (or DeiT's distillation token: a leaf named for one, as wide as the
+    (:func:`_patches`), a class token (or DeiT's distillation token: a leaf named for one, as wide as the
     patches) counted once per image: ``B * ((H/p) * (W/p) + 1)``, a ViT's or CLIP's rows. ``tower``: where
     token ids sit beside the image (CLIP, a captioner), the module whose leaves read the image's tokens, the
     widest one holding the patch embedding and no token table (CLIP's ``vision_model``), the ids counting the
-    rest's; ``""`` without ids. None where :func:`patch_tokens` reads no patches, or ids sit beside an image
-    whose tower cannot be told from theirs (no token table, or one module holding both).
+    rest's; ``""`` without ids. None where :func:`_patches` reads no patches, or ids sit beside an image
+    whose tower cannot be told from theirs (no token table, or one module holding both: a flat captioner's
+    ``patch_embed`` and blocks at the root beside its ``tok_embed``, the patch layer alone being no tower).
 
     >>> import jax
     >>> from tpflax._src.facts.tree import Leaf
@@ -228,6 +224,10 @@ def image_tokens(batch: Any, facts: Any) -> tuple[int, int, str] | None:
     >>> image_tokens((img,), fs), image_tokens((jax.ShapeDtypeStruct((8, 16), "int32"), img), fs)
     ((136, 64, ''), (136, 64, 'vision'))
     >>> image_tokens((jax.ShapeDtypeStruct((8, 16), "int32"), img), fs[:2]) is None  # no table: the ids count
+    True
+    >>> flat = [f("root/patch_embed/kernel", (8, 8, 3, 64), "conv"), f("root/cls_token", (1, 1, 64), "other"),
+    ...         f("root/vis_block_0/fc1/kernel", (64, 256), "dense"), f("root/tok_embed/embedding", (1000, 64), "embedding")]
+    >>> image_tokens((jax.ShapeDtypeStruct((8, 16), "int32"), img), flat) is None  # one module holds both
     True
     """
     from tpflax._src.facts.classify import POS_EMBED
@@ -242,7 +242,8 @@ def image_tokens(batch: Any, facts: Any) -> tuple[int, int, str] | None:
         patch = [f.path.split("/") for f in convs if _patches(batch, [f.body], True) == got]
         tables = [f.path for f in facts if f.kind == "embedding" and not POS_EMBED.search(f.unit_name)
                   and not _EXTRA_TOKEN.match(f.path.rsplit("/", 1)[-1])]
-        top = [p for p in ("/".join(patch[0][:i]) for i in range(1, len(patch[0])))
+        # the patch embedding's own layer is no tower: above it, a module holding the image's leaves and no table
+        top = [p for p in ("/".join(patch[0][:i]) for i in range(1, len(patch[0]) - 1))
                if all(q[:p.count("/") + 1] == p.split("/") for q in patch)
                and not any(t.startswith(p + "/") for t in tables)]
         if not tables or not top:

@@ -72,7 +72,10 @@ def elementwise(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int])
         outs = [dataclasses.replace(base, origin=origin, tags=tags, parts=parts,
                                     const_of=max([v.const_of for v in params] or [0]))
                 for _ in ranks]
-        if id(base) in w.concat_vals and not params:  # a cast of a concatenation: still read as it (Dataflow.concats)
+        if id(base) in w.concat_vals and not params:
+            # a view (a cast) of a concatenation's value: each output is recorded in Walk.concat_vals as the same
+            # concatenation along the same dim (the tuple holds the output itself, so its id stays its own), so the
+            # contraction that reads the cast finds the concatenation's pieces (contractions.py, Dataflow.concats)
             w.concat_vals.update((id(o), (o, *w.concat_vals[id(base)][1:])) for o in outs)
         return outs
     if params:
