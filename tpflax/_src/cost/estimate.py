@@ -68,6 +68,7 @@ from tpflax._src.cost.records import MEMORY_FIELDS, Act, CommItem, Estimate, com
 from tpflax._src.cost.reshard import (
     concat_items,
     fused_items,
+    grouped_qkv_items,
     repeated_kv_items,
     split_head_items,
     whole_kv_items,
@@ -191,7 +192,7 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
                   batch_read=w.batch_read, unbatched=w.unbatched)
     notes.extend(product_sum_notes(lv, mesh, w, scope.experts_split))
     every = (comm_items(scope, notes) + expert_items(scope) + buffer_items(scope) + fused_items(scope, notes)
-             + split_head_items(scope) + repeated_kv_items(scope) + whole_kv_items(scope) + concat_items(scope, notes)
+             + split_head_items(scope) + grouped_qkv_items(scope) + repeated_kv_items(scope) + whole_kv_items(scope) + concat_items(scope, notes)
              + grouped_conv_items(scope) + explicit_items(w.collectives, notes, w.backend) + split_grad_items(scope) + whole_read_items(scope)
              + replicated_items(scope)
              + split_sum_items(scope, w.split_sums, w.fused or {}) + split_grad_gathers(scope, w.split_grads, w.fused or {})

@@ -60,6 +60,35 @@ def head_cut_gathers(width: int, pieces: int, heads: int | None, n: int) -> tupl
     return tuple(out)
 
 
+def grouped_qkv_moves(d: int, width: int, groups: int | None, n: int) -> tuple[tuple[str, int, int, str], ...] | None:
+    """``((kind, elements per local row, ranks, why), ...)``: the collectives one local activation row costs per
+    layer when a Falcon-style fused ``query_key_value`` kernel ``(d, width)``, ``width = d + 2 kv``, laid out per
+    key/value group as ``[q_1 .. q_R k v]`` and reshaped to ``(groups, R + 2, head_dim)``, is split naively over
+    ``n`` tensor ranks, ``2 groups`` of them (2 groups on model=4), its output projection's input split alike: each
+    group's ``R + 2`` heads lie over its 2 ranks, whole heads each. XLA moves the queries into a split of their
+    ``R`` heads with 3 one-head collective-permutes and hands both ranks of the group its key and value with an
+    all-reduce (2 heads), forward, and mirrors both backward. Measured on XLA:CPU (Falcon, head_dim 16, data=2,
+    model=4, 2 groups of 2, 4 and 6 queries): 64 or 48 + 32 elements a row forward, 48 + 32 backward; priced
+    48 + 32 each way (0.91-1.00x). None: not this case (groups not half the ranks, a share cutting a head, no
+    key/value beside the queries); separate projections, equal fused pieces and one group (MQA, cut into unequal
+    pieces) are priced elsewhere.
+
+    >>> [(k, w, r) for k, w, r, _ in grouped_qkv_moves(128, 192, 2, 4)]  # 2 groups of [4 q | k | v] x 16, model=4
+    [('collective-permute', 48, 2), ('all-reduce', 32, 2), ('collective-permute', 48, 2), ('all-reduce', 32, 2)]
+    >>> grouped_qkv_moves(128, 256, 4, 4) is None  # 4 groups on 4 ranks: a group a rank, nothing moves
+    True
+    """
+    if not groups or groups < 2 or n != 2 * groups or width <= d or width % n or (width - d) % (2 * groups):
+        return None
+    head_dim = (width - d) // (2 * groups)
+    if (width // n) % head_dim or (d // groups) % head_dim:
+        return None
+    r = n // groups
+    return tuple((kind, w, r, f"{way}: {why}") for way in ("forward", "backward") for kind, w, why in (
+        ("collective-permute", 3 * head_dim, "the queries moved into a split of their heads"),
+        ("all-reduce", 2 * head_dim, "the group's key and value to both of its ranks")))
+
+
 def split_head_gathers(widths: tuple[int, ...], heads: int | None, row_in: int,
                        n: int) -> tuple[tuple[int, int, str], ...] | None:
     """``((result width, ranks, why), ...)``: the all-gathers one local activation row costs per layer when separate

@@ -17,6 +17,7 @@ from typing import Any
 from tpflax._src.cost.activations import layer_key
 from tpflax._src.cost.headcut import (
     cut_head_scores,
+    grouped_qkv_moves,
     head_cut_gathers,
     repeated_kv_gathers,
     repeated_kv_groups,
@@ -362,14 +363,16 @@ def shard_pair(st: State, kind: str, cols: list[Linear], row: Linear, head: tupl
                                                                             "its columns whole: cheaper by cost")
 
 
-def _heads_cut(st: State, cols: list[Linear], row: Linear) -> tuple[tuple[int, int, str], ...] | None:
+def _heads_cut(st: State, cols: list[Linear], row: Linear) -> tuple[tuple, ...] | None:
     """The gathers of the split that cuts heads, when the tensor ranks neither divide the heads nor are divided by
     them (a Swin's 3 or 6 heads on model=4): the pair's one column a traced fused kernel of equal pieces reshaped to
     ``(pieces, heads, head_dim)``, the pieces and the ranks neither dividing
     (:func:`tpflax._src.cost.headcut.head_cut_gathers`), or separate traced 2-D ``q``, ``k`` and ``v`` columns as
     wide as the row's input, each reshaped into the same heads (:func:`tpflax._src.cost.headcut.split_head_gathers`;
     a GQA's narrower keys and values where ``jax.nn.dot_product_attention`` regroups the query into their heads, which
-    the ranks neither divide nor are divided by). None otherwise: the pair stays whole by rule."""
+    the ranks neither divide nor are divided by), or a Falcon-style fused ``[q_1..q_R k v]`` per key/value group
+    whose groups are half the ranks (:func:`tpflax._src.cost.headcut.grouped_qkv_moves`: ``(kind, width, ranks,
+    why)`` each). None otherwise: the pair stays whole by rule."""
     t_size = st.tensor[1]
     if row.heads is not None or not cols:
         return None
@@ -391,6 +394,12 @@ def _heads_cut(st: State, cols: list[Linear], row: Linear) -> tuple[tuple[int, i
         return gathers
     col = cols[0]
     pieces, heads = len(col.cut), col.limit
+    if (len(col.cut) <= 1 and not col.viewed and col.heads is None and len(col.f.body) == 2
+            and col.in_size == row.in_size
+            and (moves := grouped_qkv_moves(col.in_size, out_width(col), heads, t_size)) is not None):
+        # a Falcon-style [q_1..q_R k v] per key/value group, the groups half the ranks (2 on model=4): split naively,
+        # each group's heads lie whole over its 2 ranks; XLA moves queries and hands both its key and value
+        return moves
     if not _fused_into_heads(col, row) or not _neither_divides(pieces, t_size):
         return None
     if col.keys and (sums := cut_head_scores(heads, t_size, col.keys)) is not None:
@@ -417,7 +426,7 @@ def _neither_divides(a: int, b: int) -> bool:
 
 
 def _cut_heads_option(st: State, cols: list[Linear], row: Linear, pair: Pair,
-                      gathers: tuple[tuple[int, int, str], ...]) -> Option:
+                      gathers: tuple[tuple, ...]) -> Option:
     """The Megatron layout of attention whose heads the tensor ranks do not divide: the columns' output split
     naively, the output projection's input alike, cutting heads; XLA gathers the outputs to whole heads (a fused
     ``[q|k|v]``'s whole, separate projections' to whole head groups) and, backward, the row's input gradient to whole
@@ -429,15 +438,19 @@ def _cut_heads_option(st: State, cols: list[Linear], row: Linear, pair: Pair,
     rdim = row.shard_dim("row")
     heads = cols[0].limit
     fused_col = len(cols) == 1
-    whole = _what_xla_does_to_cut_heads(fused_col, heads, t_size)
+    grouped = len(gathers[0]) == 4  # (kind, width, ranks, why): a grouped fused q/k/v (cost/headcut.grouped_qkv_moves)
+    whole = (f"its {heads} key/value groups over {t_size // heads} ranks each, whole heads each: XLA moves the queries "
+             "into a split of their heads and hands each rank its group's key and value (forward and backward)"
+             if grouped else _what_xla_does_to_cut_heads(fused_col, heads, t_size))
     props = []
     for col in cols:
         cdim = col.shard_dim("column")
         fused = (col.f.leaf_dim(cdim), col.cut, col.limit) if fused_col else None
         props.append((col.f.path, fused_as(fused, st.proposal(
             col.f, body_spec(len(col.f.body), cdim, t_entry), "column",
-            f"column, heads cut: {col.why}; output features ({col.f.body[cdim]}) split over {over} although its "
-            f"{heads} heads do not divide by it: {whole}; feeds {short(row.f.path)} (pair {pair.id})", pair.id,
+            f"column, heads cut: {col.why}; output features ({col.f.body[cdim]}) split over {over} "
+            f"{'in' if grouped else 'although its'} {heads} {'groups' if grouped else 'heads do not divide by it'}: "
+            f"{whole}; feeds {short(row.f.path)} (pair {pair.id})", pair.id,
             "column"))))
     partner = ", ".join(short(c.f.path) for c in cols)
     props.append((row.f.path, st.proposal(
@@ -450,8 +463,13 @@ def _cut_heads_option(st: State, cols: list[Linear], row: Linear, pair: Pair,
             *(ActComm("all-reduce" if why.startswith("sum") else "all-gather", t_entry, w, 1,
                       f"{'fused ' if fused_col else ''}{label}, {heads} heads cut: "
                       f"{'' if why.startswith('sum') else 'gather, '}{why}", ranks=ranks if ranks != t_size else 0)
-              for w, ranks, why in gathers))
-    return Option("Megatron, heads cut", tuple(props), acts, frozenset(p for p, _ in props), sums_output=True)
+              for w, ranks, why in (() if grouped else gathers)),
+            *(ActComm(kind, t_entry, w, 1, f"fused {label}, {heads} key/value groups over {t_size} ranks: {why}",
+                      ranks=ranks if ranks != t_size else 0)
+              for kind, w, ranks, why in (gathers if grouped else ())))
+    # a grouped fused q/k/v moves a few heads a token, narrower than the output it divides (as an MQA's naive cut
+    # into unequal pieces): the Megatron rule against keeping it whole holds; a head cut gathers whole outputs
+    return Option("Megatron, heads cut", tuple(props), acts, frozenset(p for p, _ in props), sums_output=not grouped)
 
 
 def _kv_whole_option(st: State, cols: list[Linear], row: Linear, pair: Pair, blocked: dict[int, str]) -> Option | None:
