@@ -76,6 +76,8 @@ class _Flow:
     adapters: dict[int, int] = field(default_factory=dict)
     # the flow's meeting parameter dims (Dataflow.meets), found when a lone kernel first needs them
     meets: tuple[tuple[str, int, str, int], ...] | None = None
+    # kernels contracted at every step of a loop body, off its recurrence: {path: "at each of its N steps"}
+    looped: dict[str, str] = field(default_factory=dict)
 
 
 def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Dataflow,
@@ -123,6 +125,7 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Datafl
         _join_branches(c, rid)
         _join_columns(c, rid)
     _adapters(c)
+    _loop_leftovers(c)
     _outputs(c)
     reprice_stream_updates(c.st, c.fx.values())  # a feature-split table, once the other groups are decided
     follow(c.st, c.flow, c.fx)
@@ -152,7 +155,16 @@ def _start(facts: Sequence[Facts], st: State, flow: Dataflow) -> _Flow:
 
 
 def _recurrent(c: _Flow) -> None:
-    """Recurrent cells: a kernel contracted at every step of a loop stays whole.
+    """Recurrent cells: a kernel contracted at every step of a loop whose output returns through the carry stays
+    whole; one whose output does not (a world model's prior and posterior MLPs beside its GRU, read off the
+    hidden state inside the same ``nn.scan`` body) is a candidate for a column -> row pair like any other, left
+    whole only if no pair takes it (:func:`_loop_leftovers`).
+
+    A split cell kernel splits the carry, gathered for the next step's contraction at every step; a pair off the
+    recurrence sums its partial outputs at every step, but divides its weight gradient, which XLA:CPU sums over
+    the batch axes at every step of the backward loop (:func:`tpflax._src.cost.gradients.loop_reps`): measured on
+    a DreamerV3 RSSM (data=2,model=4), keeping the prior/posterior pairs whole was 1.38 / 1.42 / 1.39 of the hand
+    layout's bytes / collectives / flops that splits them (review_w W01).
 
     A loop whose steps read, all told, more rows than the model's input has positions is no cell's (an RNN's
     steps, or a chunked recurrence's, read each position once, batch- or time-major) but a block applied again to
@@ -163,11 +175,26 @@ def _recurrent(c: _Flow) -> None:
     for path, us in c.uses.items():
         steps = [u.scan_length for u in us if u.op in _CONTRACT and u.scan_length
                  and not (positions and u.rows * u.scan_length > positions)]
-        if steps:
-            at = f"at each of its {max(steps)} steps" if max(steps) > 1 else "at every step"
-            back = "; its output returns through the carry" if any(u.id in c.flow.recurrent for u in us) else ""
-            c.st.replicate(c.fx[path], f"recurrent cell kernel (traced): contracted inside a loop body {at}{back}; "
-                                       "a tensor split would need a collective at every step, so kept whole")
+        if not steps:
+            continue
+        at = f"at each of its {max(steps)} steps" if max(steps) > 1 else "at every step"
+        if any(u.id in c.flow.recurrent for u in us):
+            c.st.replicate(c.fx[path], f"recurrent cell kernel (traced): contracted inside a loop body {at}; its "
+                                       "output returns through the carry; a tensor split would need a collective "
+                                       "at every step, so kept whole")
+        else:
+            c.looped[path] = at
+
+
+def _loop_leftovers(c: _Flow) -> None:
+    """Kernels contracted in a loop body off its recurrence (:func:`_recurrent`) that no pair took: kept whole.
+    Split alone, their output is gathered for what reads it whole at every step (a GRU's input projection, read
+    by the cell through a norm), which the lone-layer pricing counts once per step, not per loop step."""
+    for path, at in c.looped.items():
+        if path not in c.st.out:
+            c.st.replicate(c.fx[path], f"loop body kernel (traced): contracted inside a loop body {at}, off its "
+                                       "recurrence, without a column/row partner; split alone, its output would "
+                                       "be gathered at every step, so kept whole")
 
 
 def _embeddings(c: _Flow) -> None:
