@@ -187,7 +187,7 @@ def test_a_pair_off_the_recurrence_inside_a_scan_body_is_split(rssm_variables):
     for k in ("gru/ir/kernel", "gru/hr/kernel", "gru/in/kernel", "gru/hn/kernel", "img_in/kernel"):
         assert spec[k] == P(None, None), (k, p.decisions[f"params/rssm/{k}"].reason)
     assert "returns through the carry" in p.decisions["params/rssm/gru/hz/kernel"].reason
-    assert "off its recurrence" in p.decisions["params/rssm/img_in/kernel"].reason
+    assert "no column/row pair takes it" in p.decisions["params/rssm/img_in/kernel"].reason
 
 
 def test_rssm_compiled_no_worse_than_hand_and_estimated(rssm_variables):
@@ -204,3 +204,30 @@ def test_rssm_compiled_no_worse_than_hand_and_estimated(rssm_variables):
             est = tpflax.estimate(p, opt, model=Rssm(), sample=ACT, loss=loss, backend="cpu")
             assert abs(dr.compare(est).comm_error) < 0.10, "\n".join(dr.compare(est).report_lines())
     assert all(t <= h for t, h in zip(*got, strict=True)), got
+
+
+class NormedMlpCell(nn.Module):
+    """``h <- LayerNorm(h + W2 relu(W1 (h + x_t)))`` over time: the norm reduces over the row's output features before
+    the carry, so no split reaches it and the pair sums its output at each step like a layer's."""
+
+    @nn.compact
+    def __call__(self, x):
+        class Step(nn.Module):
+            @nn.compact
+            def __call__(self, h, xt):
+                y = nn.Dense(RH, name="w_out")(nn.relu(nn.Dense(4 * RH, name="w_in")(h + xt)))
+                h = nn.LayerNorm(name="ln")(h + y)
+                return h, h
+
+        scan = nn.scan(Step, variable_broadcast="params", split_rngs={"params": False}, in_axes=1, out_axes=1)
+        return scan(name="cell")(jnp.zeros((x.shape[0], RH)), x)[1]
+
+
+def test_a_pair_feeding_the_carry_through_a_norm_is_split():
+    # measured at width 128 (512 inner), 64 x 16 rows, data=2,model=4, XLA:CPU: kept whole (before) 6.09 MB /
+    # 8.45 MB / 405 Mflop; split 2.98 MB / 2.92 MB / 102 Mflop, the estimate's collectives exact
+    x = jax.ShapeDtypeStruct((RB, RT, RH), jnp.float32)
+    v = jax.eval_shape(NormedMlpCell().init, jax.random.key(0), x)
+    p = tpflax.plan(v, {"data": 2, "model": 4}, model=NormedMlpCell(), sample=(x,))
+    assert p.decisions["params/cell/w_in/kernel"].spec == P(None, "model")
+    assert p.decisions["params/cell/w_out/kernel"].spec == P("model", None)

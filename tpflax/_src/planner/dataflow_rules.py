@@ -187,14 +187,17 @@ def _recurrent(c: _Flow) -> None:
 
 
 def _loop_leftovers(c: _Flow) -> None:
-    """Kernels contracted in a loop body off its recurrence (:func:`_recurrent`) that no pair took: kept whole.
-    Split alone, their output is gathered for what reads it whole at every step (a GRU's input projection, read
-    by the cell through a norm), which the lone-layer pricing counts once per step, not per loop step."""
+    """Kernels contracted in a loop body whose output does not return through the carry (:func:`_recurrent`) that
+    no pair took: kept whole. Split alone, their output is gathered for what reads it whole at every step (a GRU's
+    input projection, read by the cell through a norm; the first layer of an MLP cell whose second adds into the
+    carry), which the lone-layer pricing counts once, not at each loop step (a DreamerV3 RSSM's ``img_in`` split:
+    est/comp 1.28)."""
     for path, at in c.looped.items():
         if path not in c.st.out:
-            c.st.replicate(c.fx[path], f"loop body kernel (traced): contracted inside a loop body {at}, off its "
-                                       "recurrence, without a column/row partner; split alone, its output would "
-                                       "be gathered at every step, so kept whole")
+            c.st.replicate(c.fx[path], f"recurrent cell kernel (traced): contracted inside a loop body {at}; its "
+                                       "output does not itself return through the carry, but no column/row pair "
+                                       "takes it; split alone, its output would be gathered at every step, so "
+                                       "kept whole")
 
 
 def _embeddings(c: _Flow) -> None:
