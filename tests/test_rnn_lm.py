@@ -88,19 +88,28 @@ def test_bias_of_an_unread_head_follows_its_kernel():
     assert "tied" not in plan.decisions["decoder/bias"].reason
 
 
-def _numbers(m, plan):
+def _numbers(m, plan, seen: dict):
+    """The compiled step's bytes held, collective bytes and FLOPs; compiled once per program: a plan whose step
+    lowers to the same StableHLO text as one already compiled (in ``seen``) compiles to the same numbers."""
     mesh = tpflax.make_mesh(MESH)
     step = tpflax.make_train_step(_fn(m), plan, mesh, optax.adamw(1e-3), sample=IDS, loss=_loss)
-    dr = tpflax.dry_run(step, plan, mesh, compiler_options=FAST_XLA)
-    mem = dr.memory
-    held = mem["argument"] + mem["temp"] + mem["output"] - (mem["alias"] or 0)
-    return held, dr.comm_total, dr.flops
+    text = jax.jit(step.fn, in_shardings=step.in_shardings, out_shardings=step.out_shardings,
+                   donate_argnums=step.donate_argnums).lower(*step.args).as_text()
+    if text not in seen:
+        dr = tpflax.dry_run(step, plan, mesh, compiler_options=FAST_XLA)
+        mem = dr.memory
+        held = mem["argument"] + mem["temp"] + mem["output"] - (mem["alias"] or 0)
+        seen[text] = held, dr.comm_total, dr.flops
+    return seen[text]
 
 
 def test_compiled_step_no_worse_than_hand(devices):
     m = LstmLM()
     params = _params(m)
-    hand = _numbers(m, tpflax.plan(params, MESH, rules=HAND))
+    # today the tree plan and the traced one are the hand layout, leaf for leaf: their steps lower to the same
+    # program, compiled once (~2 compiles saved); a plan that differs lowers to another program, compiled apart
+    seen: dict = {}
+    hand = _numbers(m, tpflax.plan(params, MESH, rules=HAND), seen)
     for kw in ({}, {"model": _fn(m), "sample": IDS}):
-        got = _numbers(m, tpflax.plan(params, MESH, batch=IDS, **kw))
+        got = _numbers(m, tpflax.plan(params, MESH, batch=IDS, **kw), seen)
         assert all(g <= h for g, h in zip(got, hand, strict=True)), (kw.keys(), got, hand)
