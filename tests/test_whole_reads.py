@@ -132,6 +132,19 @@ def test_a_lone_row_sums_its_partial_outputs_whatever_its_widths(hidden, out):
     assert e.comm["all-gather"]["model"] == dr.comm()["all-gather"]["model"], (e.comm, dr.comm())
 
 
+def _d_split_as(m, spec):
+    """(estimate, dry run) of ``m``'s adamw step on (8, 8, 16) inputs, its layer ``d`` split by ``spec``, the rest
+    whole; collectives compiled with ``COMM_XLA``."""
+    sample = (jax.ShapeDtypeStruct((8, 8, 16), jnp.float32),)
+    p = tpflax.plan(jax.eval_shape(m.init, jax.random.key(0), *sample), MESH,
+                    rules=[(r"d/kernel", spec), (r"d/bias", P(spec[1])), (".*", "replicate")])
+    tx = optax.adamw(1e-3)
+    mesh = tpflax.make_mesh(MESH)
+    dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, tx, sample=sample, loss=_loss), p, mesh,
+                        compiler_options=COMM_XLA)
+    return tpflax.estimate(p, tx, model=m, sample=sample, loss=_loss, backend="cpu"), dr
+
+
 class SharedLoop(nn.Module):
     """One Dense called 3 times in a Python loop, its calls chained by the residual."""
 
@@ -150,15 +163,7 @@ def test_a_partnerless_layer_called_in_a_loop_sums_and_gathers_at_each_call(spec
     # first call reads the model's input) and 1 of the 4 stream gathers (each later call's forward and weight
     # gradient), 0.40x the compiled collectives; as a row, 1 of the 3 output sums and none of the 5 output-gradient
     # gathers (3 for the weight gradients, 2 for the input gradients), 0.21x. Now each call's, as compiled
-    sample = (jax.ShapeDtypeStruct((8, 8, 16), jnp.float32),)
-    m = SharedLoop()
-    p = tpflax.plan(jax.eval_shape(m.init, jax.random.key(0), *sample), MESH,
-                    rules=[(r"d/kernel", spec), (r"d/bias", P(spec[1])), (".*", "replicate")])
-    mesh = tpflax.make_mesh(MESH)
-    tx = optax.adamw(1e-3)
-    dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, tx, sample=sample, loss=_loss), p, mesh,
-                        compiler_options=COMM_XLA)
-    e = tpflax.estimate(p, tx, model=m, sample=sample, loss=_loss, backend="cpu")
+    e, dr = _d_split_as(SharedLoop(), spec)
     act = 4 * 8 * 16 * 4  # one call's activation on a device: f32[4, 8, 16]
     sums, gathers = (2, 4) if spec[1] == "model" else (3, 5)
     # the model all-reduces: the calls' sums, and XLA's of the loss's scalar (6 B, not priced)
@@ -191,15 +196,7 @@ def test_a_partnerless_layer_added_back_to_the_stream_it_reads_gathers_the_split
     # activations of the stream, both added onto it: the stream's one gradient arrives split, gathered for the
     # weight gradients and again for the input gradients, and `d`'s whole bias is updated split; the estimate
     # priced neither: 0.69x. Now as compiled
-    sample = (jax.ShapeDtypeStruct((8, 8, 16), jnp.float32),)
-    m = Residual(calls)
-    p = tpflax.plan(jax.eval_shape(m.init, jax.random.key(0), *sample), MESH,
-                    rules=[(r"d/kernel", spec), (r"d/bias", P(spec[1])), (".*", "replicate")])
-    mesh = tpflax.make_mesh(MESH)
-    tx = optax.adamw(1e-3)
-    dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, tx, sample=sample, loss=_loss), p, mesh,
-                        compiler_options=COMM_XLA)
-    e = tpflax.estimate(p, tx, model=m, sample=sample, loss=_loss, backend="cpu")
+    e, dr = _d_split_as(Residual(calls), spec)
     gathers = 2 * calls if spec[1] == "model" else 2  # each column call's input twice; the rows' one gradient twice
     assert sum(c.kind == "all-gather" and c.shapes == ((4, 8, 16),) for c in dr.collectives) == gathers
     assert e.comm["all-gather"]["model"] == dr.comm()["all-gather"]["model"], (e.comm, dr.comm())

@@ -365,24 +365,31 @@ def grouped_qkv_items(s: Scope) -> list[CommItem]:
     (:func:`tpflax._src.cost.headcut.grouped_qkv_moves`, the price the planner's candidate pays). Before, only the
     pair's sums were priced: est/comp 0.898 on Falcon g2 data=2,model=4."""
     items: list[CommItem] = []
+    dec = s.lv.decisions
+    for _, c, axes, b in _split_2d_columns(s):
+        n = s.size(axes)
+        cut = grouped_qkv_moves(b[0], b[1], view_heads(s, c, len(dec[c].shape) - 1), n)
+        if cut is None:
+            continue
+        row = s.rows_of(c) * s.act_item
+        count = layers(dec[c]) * s.lv.count[c]
+        label = s.lv.label[c]
+        items += [CommItem(kind, axes, row * w, ranks, count, label,
+                           f"fused {label}, key/value groups over {n} shards: {why}")
+                  for kind, w, ranks, why in cut]
+    return items
+
+
+def _split_2d_columns(s: Scope):
+    """``(pair class, column, tensor axes, body)`` of each pair column with a 2-D body split on its output over
+    tensor axes, not cut in pieces and not split on its input over them."""
     dec, specs = s.lv.decisions, s.lv.specs
     for pc in s.lv.pairs:
         for c in pc.columns:
             axes = s.axes(c, TENSOR)
-            b, spec = body(dec[c]), specs[c]
-            if not axes or len(b) != 2 or cut_in_pieces(s, c) or set(entry_axes(spec[-2])) & set(axes):
-                continue
-            n = s.size(axes)
-            cut = grouped_qkv_moves(b[0], b[1], view_heads(s, c, len(dec[c].shape) - 1), n)
-            if cut is None:
-                continue
-            row = s.rows_of(c) * s.act_item
-            count = layers(dec[c]) * s.lv.count[c]
-            label = s.lv.label[c]
-            items += [CommItem(kind, axes, row * w, ranks, count, label,
-                               f"fused {label}, key/value groups over {n} shards: {why}")
-                      for kind, w, ranks, why in cut]
-    return items
+            b = body(dec[c])
+            if axes and len(b) == 2 and not cut_in_pieces(s, c) and not set(entry_axes(specs[c][-2])) & set(axes):
+                yield pc, c, axes, b
 
 
 def repeated_kv_items(s: Scope) -> list[CommItem]:
@@ -393,22 +400,18 @@ def repeated_kv_items(s: Scope) -> list[CommItem]:
     off XLA:CPU's HLO); the partial input gradients are summed as any split column's. The same key/value kept whole
     prices its repeated gradient with its other collectives (:func:`tpflax._src.cost.pieces.member_items`)."""
     items: list[CommItem] = []
-    dec, specs = s.lv.decisions, s.lv.specs
-    for pc in s.lv.pairs:
-        for c in pc.columns:
-            axes = s.axes(c, TENSOR)
-            b, spec = body(dec[c]), specs[c]
-            if (not axes or len(b) != 2 or cut_in_pieces(s, c) or set(entry_axes(spec[-2])) & set(axes)
-                    or (rep := repeated_kv(s, pc, c, axes)) is None):
-                continue
-            n, (g, repeats) = s.size(axes), rep
-            out = s.rows_of(c) * s.act_item * b[1]
-            count = layers(dec[c]) * s.lv.count[c]
-            label = s.lv.label[c]
-            items += [CommItem("all-gather", axes, size, ranks, count, label,
-                               f"{label}, repeated to {repeats}x its heads over {n} shards, its heads in {g} group(s): "
-                               f"gather, {why}")
-                      for size, ranks, why in repeated_kv_gathers(out, out * repeats, g, n, split=True)]
+    dec = s.lv.decisions
+    for pc, c, axes, b in _split_2d_columns(s):
+        if (rep := repeated_kv(s, pc, c, axes)) is None:
+            continue
+        n, (g, repeats) = s.size(axes), rep
+        out = s.rows_of(c) * s.act_item * b[1]
+        count = layers(dec[c]) * s.lv.count[c]
+        label = s.lv.label[c]
+        items += [CommItem("all-gather", axes, size, ranks, count, label,
+                           f"{label}, repeated to {repeats}x its heads over {n} shards, its heads in {g} group(s): "
+                           f"gather, {why}")
+                  for size, ranks, why in repeated_kv_gathers(out, out * repeats, g, n, split=True)]
     return items
 
 
