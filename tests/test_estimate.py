@@ -1169,6 +1169,35 @@ def test_a_vmapped_ensemble_row_split_on_its_features_sums_every_members_output(
     assert sum(i.total for i in e_.items if i.kind == "all-reduce" and i.axes == ("model",)) == pytest.approx(got, rel=0.02)
 
 
+
+def test_a_per_example_vmapped_mlp_sharing_its_kernels_sums_every_examples_output():
+    # nn.vmap over the examples with the parameters broadcast (variable_axes={"params": None}): the row's kernel is
+    # 2-D, so its split contracted dim was read as a split stacked dim and the sum priced for one example's output
+    # (est/comp 0.487, the re-read); every example's partial output is summed, as for a stacked ensemble
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(16, name="down")(nn.gelu(nn.Dense(64, name="up")(x)))
+
+    class PerExample(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            vm = nn.vmap(MLP, in_axes=0, out_axes=0, variable_axes={"params": None}, split_rngs={"params": False})
+            return x + vm(name="mlp")(x)
+
+    m, mesh_sizes, sample = PerExample(), {"data": 2, "model": 4}, (jax.ShapeDtypeStruct((8, 8, 16), F32),)
+    rules = [(r"up/kernel", P(None, "model")), (r"up/bias", P("model")), (r"down/kernel", P("model", None)),
+             (".*", "replicate")]
+    p = tpflax.plan(jax.eval_shape(m.init, jax.random.key(0), *sample), mesh_sizes, rules=rules)
+    mesh, tx = tpflax.make_mesh(mesh_sizes), optax.adamw(1e-3)
+    loss = lambda out, *_: jnp.mean(out ** 2)  # noqa: E731
+    e_ = estimate(p, tx, model=m, sample=sample, loss=loss, backend="cpu")
+    row = [i.size for i in e_.items if i.kind == "all-reduce" and "down/kernel: sum partial outputs" in i.why]
+    assert row == [4 * 8 * 16 * 4]  # a device's 4 examples x 8 tokens x 16 features, f32 (was one example's)
+    run = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, tx, sample=sample, loss=loss), p, mesh,
+                         compiler_options=COMM_XLA)
+    assert abs(e_.comm_total / run.comm_total - 1) < 0.01
+
 def _compiled_and_estimated(model, sample, mesh_sizes, loss=None):
     """``(plan, dry run, estimate)`` of an nnx model's adamw step on 8 CPU devices."""
     from flax import nnx

@@ -626,11 +626,11 @@ def _members_summed(path: str, d: Any, side: str, acts: list[Any], s: Scope) -> 
     f32[8,4,32,128] all-reduce of w2's outputs per layer, priced at one expert's f32[4,32,128] (est/comp 0.72,
     review_w W08). Their input gradient, the tokens read by every member, is summed over the members on the device
     first: one f32[4,32,128] each, as priced."""
-    members = max(a.members for a in acts)
+    members = max(a.members for a in acts)  # (a kernel shared by per-example members sums every example's too)
     if side != "out" or members <= 1:
         return 1
-    spec = drop_layers(d, s.lv.specs[path])
-    return 1 if spec and set(s.axes(path, TENSOR)) & set(entry_axes(spec[0])) else members
+    spec = drop_layers(d, s.lv.specs[path])  # a kernel shared by the members (2-D) has no stacked dim to split
+    return 1 if len(spec) >= 3 and set(s.axes(path, TENSOR)) & set(entry_axes(spec[0])) else members
 
 
 def _pair_act(path: str, d: Any, side: str, s: Scope) -> float:
