@@ -93,9 +93,11 @@ def test_the_filter_marks_only_the_adapters_trainable(lora):
     # the report says which leaves are frozen: in its title, and after each frozen leaf's strategy
     text = tpflax.report(plan, full=True)
     frozen = sum(1 for d in plan.decisions.values() if not d.trainable)
-    assert f"  {frozen} of {len(plan.decisions)} leaves frozen" in text.splitlines()[0]
-    rows = {line.split()[0]: line for line in text.splitlines()[3:] if line and not line.startswith(" ")}
-    assert {p for p in rows if "(frozen)" in rows[p]} == set(plan.decisions) - LORA
+    assert f"  {frozen} of {len(plan.decisions)} leaves frozen (path*)" in text.splitlines()[0]
+    rows = [w[0] for w in map(str.split, text.splitlines()) if w and w[0].rstrip("*") in plan.decisions]
+    assert len(rows) == len(plan.decisions) and {p[:-1] for p in rows if p.endswith("*")} == set(plan.decisions) - LORA
+    # and the narrowest report still fits its width
+    assert max(map(len, tpflax.report(plan, width=60).splitlines())) <= 60
     with pytest.raises(tpflax.OptionError, match="selects none"):
         tpflax.plan(nnx.state(m), {"model": 4}, trainable="no-such-path")
     with pytest.raises(tpflax.RuleError, match="not a regex"):

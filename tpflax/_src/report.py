@@ -128,16 +128,16 @@ def table_rows(plan: Plan, full: bool = True) -> list[list[str]]:
     for paths, d in ([([p], d) for p, d in plan.decisions.items()] if full else grouped(plan)):
         name = compact_paths(paths)
         reason = d.reason if len(paths) == 1 else _group_reason(plan, paths, name)
-        rows.append([name + (f" ×{len(paths)}" if len(paths) > 1 else ""), d.kind,
-                     "x".join(map(str, d.shape)) or "()", d.dtype, d.label + _frozen(d), spec_str(d.spec),
+        rows.append([name + _frozen(d) + (f" ×{len(paths)}" if len(paths) > 1 else ""), d.kind,
+                     "x".join(map(str, d.shape)) or "()", d.dtype, d.label, spec_str(d.spec),
                      fmt_bytes(d.bytes), fmt_bytes(d.bytes_per_device), reason])
     return rows
 
 
 def _frozen(d: Decision) -> str:
-    """`` (frozen)`` after the strategy of a float parameter the run does not train (``trainable=``,
-    ``optimizer=``): no gradient, optimizer state or gradient collectives are priced for it."""
-    return " (frozen)" if not d.trainable and d.kind not in ("int", "state") else ""
+    """``*`` after the path of a float parameter the run does not train (``trainable=``, ``optimizer=``; the
+    title says what it means): no gradient, optimizer state or gradient collectives are priced for it."""
+    return "*" if not d.trainable and d.kind not in ("int", "state") else ""
 
 
 # the narrowest width a report wraps to: its table's columns (kind, shape, strategy, spec, per device) take 60
@@ -182,7 +182,7 @@ def table_lines(plan: Plan, *, reasons: bool = True, full: bool = False, width: 
             rows = [[r[0][len(root):], *r[1:]] for r in rows]
     frozen = sum(1 for d in plan.decisions.values() if _frozen(d))
     if frozen:
-        title += f"  {frozen} of {len(plan.decisions)} leaves frozen"
+        title += f"  {frozen} of {len(plan.decisions)} leaves frozen (path*)"
     if plan.options.get("tokens_from") == "default" and plan.options.get("tokens"):
         # the reasons' "N tokens per step" is the default, not the training batch: a tiny batch splits small
         # tables a default-priced plan keeps whole (and the other way round)
