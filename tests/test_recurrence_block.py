@@ -231,3 +231,31 @@ def test_a_pair_feeding_the_carry_through_a_norm_is_split():
     p = tpflax.plan(v, {"data": 2, "model": 4}, model=NormedMlpCell(), sample=(x,))
     assert p.decisions["params/cell/w_in/kernel"].spec == P(None, "model")
     assert p.decisions["params/cell/w_out/kernel"].spec == P("model", None)
+
+
+def test_a_vocab_head_inside_the_scanned_step_is_an_output_head():
+    # an RNN LM whose logits Dense runs inside the nn.scan body (flax's seq2seq example's layout): its output is the
+    # model's, yet it was kept whole as a loop-body kernel no pair takes (2.2x the collectives and flops of splitting
+    # its vocabulary, the re-read's rnnlm.py at V=4096, H=256); the GRU's own kernels stay whole
+    V, H = 512, 64
+
+    class Step(nn.Module):
+        @nn.compact
+        def __call__(self, h, xt):
+            h, _ = nn.GRUCell(H, name="gru")(h, xt)
+            return h, nn.Dense(V, name="head")(h)
+
+    class LM(nn.Module):
+        @nn.compact
+        def __call__(self, ids):
+            x = nn.Embed(V, H, name="emb")(ids)
+            scan = nn.scan(Step, variable_broadcast="params", split_rngs={"params": False}, in_axes=1, out_axes=1)
+            return scan(name="cell")(jnp.zeros((x.shape[0], H)), x)[1]
+
+    ids = jax.ShapeDtypeStruct((8, 16), jnp.int32)
+    m = LM()
+    p = tpflax.plan(jax.eval_shape(m.init, jax.random.key(0), ids), {"data": 2, "model": 4}, model=m, sample=(ids,),
+                    batch=(ids,))
+    head = p.decisions["params/cell/head/kernel"]
+    assert head.spec == P(None, "model") and head.reason.startswith("output projection (traced)"), head.reason
+    assert p.decisions["params/cell/gru/ir/kernel"].spec == P(None, None)

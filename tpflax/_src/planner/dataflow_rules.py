@@ -187,17 +187,20 @@ def _recurrent(c: _Flow) -> None:
 
 
 def _loop_leftovers(c: _Flow) -> None:
-    """Kernels contracted in a loop body whose output does not return through the carry (:func:`_recurrent`) that
-    no pair took: kept whole. Split alone, their output is gathered for what reads it whole at every step (a GRU's
+    """Kernels contracted in a loop body whose output the trace does not see return through the carry
+    (:func:`_recurrent`; a norm on the way hides it) that no pair took and that make no model output: kept whole. Split alone, their output is gathered for what reads it whole at every step (a GRU's
     input projection, read by the cell through a norm; the first layer of an MLP cell whose second adds into the
     carry), which the lone-layer pricing counts once, not at each loop step (a DreamerV3 RSSM's ``img_in`` split:
     est/comp 1.28)."""
     for path, at in c.looped.items():
-        if path not in c.st.out:
-            c.st.replicate(c.fx[path], f"recurrent cell kernel (traced): contracted inside a loop body {at}; its "
-                                       "output does not itself return through the carry, but no column/row pair "
-                                       "takes it; split alone, its output would be gathered at every step, so "
-                                       "kept whole")
+        if path in c.st.out:
+            continue
+        cu = [u for u in c.uses[path] if u.op in _CONTRACT]
+        if cu and set.intersection(*(_head_dims(c, u) for u in cu)):
+            continue  # its output is the model's (a vocab head in the scanned step): an output head (_outputs)
+        c.st.replicate(c.fx[path], f"recurrent cell kernel (traced): contracted inside a loop body {at}, and no "
+                                   "column/row pair takes it; split alone, its output would be gathered at every "
+                                   "step, so kept whole")
 
 
 def _embeddings(c: _Flow) -> None:
