@@ -355,7 +355,7 @@ def test_a_pair_whose_calls_are_chained_back_to_back_splits_as_one_call():
     # too, found no pair, and kept both whole ("shared weights (traced): contracted 2 times"): the review's
     # tied-reuse model at 2.04x the hand layout's bytes, 1.32x its collectives, 3.01x its flops. The edge from one
     # call into the next is the previous call's output, read whole after the row's sum: the pair of each call
-    # splits as Megatron's, as it does with a norm between (compiled: the hand layout's numbers, estimate 0.999)
+    # splits as Megatron's, as it does with a norm between (compiled: the hand layout's numbers, estimate 0.996)
     m = ChainedPair()
     x = sds(8, T, D)
     p = tpflax.plan(abstract(m, x), MESH, model=m, sample=(x,))
@@ -369,7 +369,7 @@ def test_a_pair_whose_calls_are_chained_back_to_back_splits_as_one_call():
     dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, tx, sample=(x,), loss=loss), p, mesh,
                         compiler_options=NO_LLVM_OPT)
     e = tpflax.estimate(p, tx, model=m, sample=(x,), loss=loss, backend="cpu")
-    assert abs(e.comm_total / dr.comm_total - 1) < 0.1, (e.comm, dr.comm())
+    assert abs(e.comm_total / dr.comm_total - 1) < 0.02, (e.comm, dr.comm())
 
 
 def test_albert_attention_output_pairs_in_the_tree():
@@ -1012,7 +1012,7 @@ def test_two_numbered_towers_in_one_block_each_pair_their_first_two_layers():
     # tree-only, a PPO actor-critic (actor_0, actor_1, actor_head beside critic_0, critic_1, critic_head) was left
     # whole: "dense layer without a column/row partner in its block", as numbered layers were chained only in a
     # block of one family (review_w w12, data=2,model=4 at batch 64: 3.63x the bytes, 2.39x the collectives and
-    # 3.63x the flops per device of this Megatron layout, which the traced plan chooses too)
+    # 3.62x the flops per device of this Megatron layout, which the traced plan chooses too)
     obs = sds(64, 32)
     p = tpflax.plan(abstract(ActorCritic(), obs), MESH, batch=(obs,))
     want = {**{f"{t}_0/kernel": P(None, "model") for t in ("actor", "critic")},
@@ -2707,7 +2707,9 @@ def test_a_hidden_layer_feeding_two_heads_is_no_outer_products_reader():
     obs = sds(64, 256)
     tree = tpflax.plan(abstract(_GaussianPolicy(), obs), MESH, batch=(obs,))
     kernels = [f"params/{n}/kernel" for n in ("hidden", "mean", "log_std")]
-    assert [tree.spec(k) for k in kernels] == [P(None, None)] * 3
+    # what was fixed: hidden is not split on its input (as a reader) and no reason names an outer product; the
+    # tree still keeps all three whole (3.79x / 3.84x / 3.99x the hand layout, a known gap: one column, two rows)
+    assert tree.spec("params/hidden/kernel")[0] is None
     assert not [k for k in kernels if "outer product" in tree.decisions[k].reason]
 
 

@@ -38,8 +38,6 @@ class Headwise(nn.Module):
 
 
 class MLSTM(nn.Module):
-    gated_input: bool = False  # the gates read the block's normed input (xLSTM-7B's), not [q | k | v]
-
     @nn.compact
     def __call__(self, u):
         b, s, _ = u.shape
@@ -48,7 +46,7 @@ class MLSTM(nn.Module):
         x, z = xz[..., :I], xz[..., I:]
         xc = jax.nn.silu(nn.Conv(I, (4,), feature_group_count=I, padding=((3, 0),), name="conv1d")(x))
         q, k, v = Headwise(name="q_proj")(xc), Headwise(name="k_proj")(xc), Headwise(name="v_proj")(x)
-        qkv = un if self.gated_input else jnp.concatenate([q, k, v], -1)
+        qkv = jnp.concatenate([q, k, v], -1)
         ig = nn.Dense(NH, name="igate")(qkv).transpose(0, 2, 1)
         fg = nn.Dense(NH, name="fgate")(qkv).transpose(0, 2, 1)
         hq, hk, hv = (t.reshape(b, s, NH, DH).transpose(0, 2, 1, 3) for t in (q, k, v))
@@ -65,11 +63,9 @@ class MLSTM(nn.Module):
 
 
 class XLSTM(nn.Module):
-    gated_input: bool = False
-
     @nn.compact
     def __call__(self, ids):
-        x = MLSTM(self.gated_input, name="block")(nn.Embed(V, D, name="embed")(ids))
+        x = MLSTM(name="block")(nn.Embed(V, D, name="embed")(ids))
         return nn.Dense(V, use_bias=False, name="head")(nn.LayerNorm(name="norm_f")(x))
 
 
@@ -114,13 +110,13 @@ def test_the_traced_plan_is_the_megatron_layout_and_its_estimate_the_compiled():
     # the gates share one reshard of the concatenation each way: priced per gate it was twice the compiled
     # all-to-alls and the backward's collective-permutes (est/comp 1.33 on v18's two blocks)
     assert e.comm.get("all-to-all") == dr.comm().get("all-to-all"), (e.comm, dr.comm())
-    assert abs(e.comm_total / dr.comm_total - 1) < 0.05, (e.comm, dr.comm())
+    assert abs(e.comm_total / dr.comm_total - 1) < 0.02, (e.comm, dr.comm())
 
 
 def test_the_tree_splits_the_headwise_kernels_and_the_gates_with_the_inner_features():
     # the (heads, I/heads, I/heads) kernels read as attention kernels without a partner and the gates (3 I, heads)
     # as dense layers without one: whole, every tensor rank gathered [q | k | v] (1.34x the hand layout's bytes,
-    # 1.77x its collectives on v18's two blocks, data=2,model=4)
+    # 1.76x its collectives on v18's two blocks, data=2,model=4)
     p = tpflax.plan(abstract(XLSTM(), *SAMPLE), MESH)
     spec = {path.removeprefix("params/block/"): d.spec for path, d in p.decisions.items()}
     assert spec["proj_up/kernel"] == P(None, "model") and spec["proj_down/kernel"] == P("model", None)
