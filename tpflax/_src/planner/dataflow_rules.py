@@ -195,8 +195,7 @@ def _loop_leftovers(c: _Flow) -> None:
     for path, at in c.looped.items():
         if path in c.st.out:
             continue
-        cu = [u for u in c.uses[path] if u.op in _CONTRACT]
-        if cu and set.intersection(*(_head_dims(c, u) for u in cu)):
+        if _output_dims(c, _contractions(c, path)):
             continue  # its output is the model's (a vocab head in the scanned step): an output head (_outputs)
         c.st.replicate(c.fx[path], f"recurrent cell kernel (traced): contracted inside a loop body {at}, and no "
                                    "column/row pair takes it; split alone, its output would be gathered at every "
@@ -709,15 +708,25 @@ def _column(c: _Flow, sid: int, e: Edge, row_path: str) -> Linear:
                   remat=c.flow.remat >= 0.5)
 
 
+def _contractions(c: _Flow, path: str) -> list[Use]:
+    """A parameter's traced uses that contract it (dot, conv)."""
+    return [u for u in c.uses[path] if u.op in _CONTRACT]
+
+
+def _output_dims(c: _Flow, cu: list[Use]) -> list[int]:
+    """The param dims every one of the contractions ``cu`` carries to the model's output, sorted (none: ``[]``)."""
+    return sorted(set.intersection(*(_head_dims(c, u) for u in cu))) if cu else []
+
+
 def _outputs(c: _Flow) -> None:
     """Output heads (logits) and contractions left without a partner."""
     for path, f in c.fx.items():
         if path in c.st.out:
             continue
-        cu = [u for u in c.uses[path] if u.op in _CONTRACT]
+        cu = _contractions(c, path)
         if not cu or (len(cu) == 1 and path in c.flow.channelwise):
             continue
-        heads = sorted(set.intersection(*(_head_dims(c, u) for u in cu)))
+        heads = _output_dims(c, cu)
         if heads:
             # an output head, or one shared by several outputs (DeepSeek-V3's multi-token prediction: the main and
             # the MTP hiddens through one lm_head), priced as a head
