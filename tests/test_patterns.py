@@ -2707,10 +2707,17 @@ def test_a_hidden_layer_feeding_two_heads_is_no_outer_products_reader():
     obs = sds(64, 256)
     tree = tpflax.plan(abstract(_GaussianPolicy(), obs), MESH, batch=(obs,))
     kernels = [f"params/{n}/kernel" for n in ("hidden", "mean", "log_std")]
-    # what was fixed: hidden is not split on its input (as a reader) and no reason names an outer product; the
-    # tree still keeps all three whole (3.79x / 3.84x / 3.99x the hand layout, a known gap: one column, two rows)
-    assert tree.spec("params/hidden/kernel")[0] is None
+    # what was fixed: hidden is not split on its input (as a reader) and no reason names an outer product
     assert not [k for k in kernels if "outer product" in tree.decisions[k].reason]
+    # one column, two rows: the tree paired a column with one row only, so all three stayed whole (3.79x / 3.84x /
+    # 3.99x the hand layout's bytes / collectives / flops). Both heads are now rows of hidden's pair, priced together
+    # by the chooser: the hand layout (1.00x / 1.00x / 1.00x compiled, with a tower of two Dense(256) before hidden too)
+    assert [tree.spec(k) for k in kernels] == [P(None, "model"), P("model", None), P("model", None)]
+    assert tree.spec("params/hidden/bias") == P("model")
+    assert [tree.spec(f"params/{n}/bias") for n in ("mean", "log_std")] == [P(None)] * 2
+    d = tree.decisions["params/log_std/kernel"]
+    assert d.pair == tree.decisions["params/hidden/kernel"].pair == tree.decisions["params/mean/kernel"].pair
+    assert "one of its 2 rows" in d.reason and "chosen by cost" in d.reason, d.reason
 
 
 class _SquareGLUUnnamedUp(nn.Module):

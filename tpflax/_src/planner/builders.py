@@ -288,8 +288,12 @@ def body_spec(rank: int, dim: int, entry: Entry) -> list[Entry]:
 # column -> row pairs
 
 
-def shard_pair(st: State, kind: str, cols: list[Linear], row: Linear, head: tuple[int, str] | None = None) -> None:
+def shard_pair(st: State, kind: str, cols: list[Linear], row: Linear, head: tuple[int, str] | None = None,
+               more: Sequence[Linear] = ()) -> None:
     """Column kernels ``cols`` feeding ``row``: one all-reduce per pass when split.
+
+    ``more``: other rows reading the columns' whole output beside ``row``, stored like it (a Gaussian policy's
+    ``log_std`` beside its ``mean``): split alike, each summing its own partial outputs, or kept whole with the pair.
 
     ``head``: (body dim, why) when the row's output on that dim is the model's output (traced): the row is
     also a candidate output head, split over that dim with its columns whole (Medusa's heads,
@@ -299,7 +303,7 @@ def shard_pair(st: State, kind: str, cols: list[Linear], row: Linear, head: tupl
     rdim = row.shard_dim("row")
     size = row.f.body[rdim]
     unit = "heads" if row.heads is not None else "features"
-    small = max(x.f.leaf.nbytes for x in [*cols, row]) < st.opts.tensor_min_bytes
+    small = max(x.f.leaf.nbytes for x in [*cols, row, *more]) < st.opts.tensor_min_bytes
     ok_row = t_size > 1 and size % t_size == 0 and not small
     note = ""
     if t_size == 1:
@@ -320,8 +324,8 @@ def shard_pair(st: State, kind: str, cols: list[Linear], row: Linear, head: tupl
         ok_row = False
         note = "no column of the pair can be split (" + "; ".join(
             f"{short(c.f.path)}: {blocked[id(c)]}" for c in cols) + ")"
-    pair = st.new_pair(kind, [c.f for c in cols], [row.f], size, ok_row, note)
-    lins = [*cols, row]
+    pair = st.new_pair(kind, [c.f for c in cols], [row.f, *(r.f for r in more)], size, ok_row, note)
+    lins = [*cols, row, *more]
     if not ok_row:
         for lin in lins:
             st.replicate(lin.f, f"{lin.role} of pair {pair.id} ({lin.why}) but {note}: tensor split skipped",
@@ -345,7 +349,9 @@ def shard_pair(st: State, kind: str, cols: list[Linear], row: Linear, head: tupl
         options = [o and replace(o, sums_output=True) for o in options]
     # a row widening into the model's output (logits wider than what it reads), not an attention's output
     # projection: the vocab-split head's price (the split softmax) is for logits
-    if (head is not None and kind != "attention" and row.heads is None and row.f.body[head[0]] > row.in_size
+    if more:
+        options = [o and _with_rows(st, o, more, cols, pair) for o in options]
+    if (not more and head is not None and kind != "attention" and row.heads is None and row.f.body[head[0]] > row.in_size
             and row.f.body[head[0]] % t_size == 0):
         options.append(_row_as_head(st, cols, row, pair, head))
     heads_note = f" ({short(cols[0].f.path)}: {blocked[id(cols[0])]})" if cut_heads is not None else ""
@@ -361,6 +367,24 @@ def shard_pair(st: State, kind: str, cols: list[Linear], row: Linear, head: tupl
     elif chosen is not None and chosen.kind == "head":
         st.pairs[st.pairs.index(pair)] = replace(pair, sharded=False, note="its row split as an output head, "
                                                                             "its columns whole: cheaper by cost")
+
+
+def _with_rows(st: State, o: Option, more: Sequence[Linear], cols: Sequence[Linear], pair: Pair) -> Option:
+    """The split option ``o`` with the pair's other rows (:func:`shard_pair`'s ``more``) split on their inputs too,
+    each row's all-reduce of its partial outputs priced."""
+    t_entry, t_size = st.tensor
+    partner = ", ".join(short(c.f.path) for c in cols)
+    props, acts = [], []
+    for r in more:
+        rdim = r.shard_dim("row")
+        props.append((r.f.path, st.proposal(
+            r.f, body_spec(len(r.f.body), rdim, t_entry), "row",
+            f"row: {r.why}; input features ({r.f.body[rdim]}) split over {axis_label(t_entry, t_size)}, fed by "
+            f"{partner} (pair {pair.id}, one of its {len(pair.rows)} rows); one all-reduce of activations per pass",
+            pair.id, "row")))
+        acts.append(row_sum(st, r.f, r.out_size))
+    return replace(o, proposals=(*o.proposals, *props), acts=(*o.acts, *acts),
+                   matmul=o.matmul | {r.f.path for r in more})
 
 
 def _heads_cut(st: State, cols: list[Linear], row: Linear) -> tuple[tuple, ...] | None:

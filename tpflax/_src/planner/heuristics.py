@@ -68,6 +68,7 @@ from tpflax._src.planner.roles import (
     assign_roles,
     attention_inputs,
     attention_output,
+    fan_out_readers,
     fused_partners,
     gate_beside_its_row,
     gqa_fit,
@@ -272,6 +273,7 @@ def _pair_group(st: State, group: str, lins: list[Linear], heads: int | None = N
         lins = [x for x in lins if x is not minor]
     attention_output(lins, group)
     attention_inputs(lins, group)
+    fan_out_readers(lins)
     numbered_chain(lins)
     if any(x.role == "row" for x in lins):
         lins = _drop_low_rank_downs(st, lins)
@@ -326,10 +328,32 @@ def _pair_group(st: State, group: str, lins: list[Linear], heads: int | None = N
                 # chooser prices the split that cuts them (builders._heads_cut) against keeping it whole
                 c.viewed = c.pieces > 1 and len(set(c.cut)) == 1 and width == row.in_size
         found.append((kind, mine, row))
+    more = _more_readers(rows, found, claimed)
     _stored_twins(st, lins, found, claimed, widths)
     for kind, mine, row in found:
-        shard_pair(st, kind, mine, row)
+        shard_pair(st, kind, mine, row, more=more.get(id(row), ()))
     return [x for x in lins if id(x) not in claimed and not HEAD.match(x.f.layer_name)]
+
+
+def _more_readers(rows: Sequence[Linear], found: Sequence[tuple[str, list[Linear], Linear]],
+                  claimed: set[int]) -> dict[int, list[Linear]]:
+    """``{id(row): the other rows reading its columns' output}``: unpaired rows of an MLP pair's row's shape that
+    read its columns' whole output too, each narrowing it (a Gaussian policy's ``mean`` and ``log_std`` both reading
+    ``hidden``, :func:`roles.fan_out_readers`; an MLP's hidden read by two down-projections). Left out, they stayed
+    whole and the column with them; joined, they are rows of the one pair, each summing its partial outputs, priced
+    with it (:func:`tpflax._src.planner.builders.shard_pair`). Their ids join ``claimed``."""
+    out: dict[int, list[Linear]] = {}
+    for kind, mine, row in found:
+        if kind != "mlp" or row.joined or row.outer or row.heads is not None or row.guess \
+                or any(c.pieces != 1 or c.out_size != row.in_size for c in mine):
+            continue
+        extra = [r for r in rows if r is not row and id(r) not in claimed and r.f.body == row.f.body
+                 and r.in_dims == row.in_dims and r.heads is None and not r.joined and not r.outer
+                 and r.out_size < r.in_size]
+        if extra:
+            out[id(row)] = extra
+            claimed.update(id(r) for r in extra)
+    return out
 
 
 def _stored_twins(st: State, lins: Sequence[Linear], found: Sequence[tuple[str, list[Linear], Linear]],
