@@ -753,7 +753,8 @@ def test_a_grouped_fused_qkv_over_twice_its_groups_is_split_by_cost_and_its_move
     want = {"query_key_value/kernel": P(None, "model"), "dense/kernel": P("model", None)}
     p = tpflax.plan(abstract(m, TOK), MESH, model=m, sample=(TOK,))
     assert specs(p, {k: None for k in want}) == want
-    assert "2 key/value groups over 2 ranks each" in p.decisions["params/query_key_value/kernel"].reason
+    assert "2 key/value groups of [2 queries | key | value] over 2 ranks each" in \
+        p.decisions["params/query_key_value/kernel"].reason
     hand = tpflax.plan(abstract(m, TOK), MESH, rules=[(r"query_key_value", P(None, "model")),
                                                       (r"dense", P("model", None)), (r".*", P())])
     est = tpflax.estimate(hand, optax.adamw(1e-3), model=m, sample=(TOK,), backend="cpu")
@@ -763,6 +764,28 @@ def test_a_grouped_fused_qkv_over_twice_its_groups_is_split_by_cost_and_its_move
     # priced 160 of the 176 elements a row XLA moves for 2 queries a group (cost/headcut.grouped_qkv_moves), under 1%
     # of this step's collectives: 0.993 (0.929 before, the moves unpriced)
     assert 0.97 <= est.comm_total / comp <= 1.03, (est.comm_total, comp)
+
+
+def test_a_grouped_fused_qkvs_reasons_count_its_groups_and_query_heads_apart():
+    # the reasons took the trace's 2 key/value groups for heads: the split pair said "heads cut" and "(64, 2 heads)"
+    # though no head is cut and there are 4 query heads, and on model=8 (whole by rule) "reshaped on the way into 2
+    # (e.g. attention heads) ... a split would cut them (XLA sums a cut head's partial scores)"
+    m = FalconGrouped()
+    v = abstract(m, TOK)
+    p = tpflax.plan(v, MESH, model=m, sample=(TOK,))
+    col, row = (p.decisions[f"params/{n}/kernel"] for n in ("query_key_value", "dense"))
+    assert col.reason.startswith("column, key/value groups split: ") and row.reason.startswith(
+        "row, key/value groups split: "), (col.reason, row.reason)
+    assert "input features (64, 4 query heads in 2 key/value groups) split over model=4" in row.reason, row.reason
+    assert "Megatron, key/value groups split" in col.reason and "heads cut" not in col.reason + row.reason
+    # model=8: 4 ranks a group, a reshard the chooser has no price for: whole, and the reason says why in those terms
+    p8 = tpflax.plan(v, {"data": 1, "model": 8}, model=m, sample=(TOK,))
+    assert specs(p8, {"query_key_value/kernel": None, "dense/kernel": None}) == {
+        "query_key_value/kernel": P(None, None), "dense/kernel": P(None, None)}
+    assert ("features 128 are 2 key/value groups of [2 queries | key | value] (16-wide heads, 4 query heads in all), "
+            "which model=8 does not divide: split, each rank holds 16 features (4 ranks a group), a reshard only "
+            "priced for groups over 2 ranks each, so the split is no candidate") in \
+        p8.decisions["params/query_key_value/kernel"].reason, p8.decisions["params/query_key_value/kernel"].reason
 
 
 class SharedHeadMtp(nn.Module):

@@ -60,6 +60,24 @@ def head_cut_gathers(width: int, pieces: int, heads: int | None, n: int) -> tupl
     return tuple(out)
 
 
+def grouped_qkv_layout(d: int, width: int, groups: int | None) -> tuple[int, int] | None:
+    """``(queries per group, head_dim)`` of a Falcon-style fused ``query_key_value`` kernel ``(d, width)`` laid out
+    per key/value group as ``[q_1 .. q_R k v]`` and reshaped to ``(groups, R + 2, head_dim)``, ``width = d + 2 kv``;
+    None when the widths do not make that layout.
+
+    >>> grouped_qkv_layout(128, 192, 2)  # 2 groups of [4 q | k | v], 16 wide
+    (4, 16)
+    >>> grouped_qkv_layout(128, 384, 3) is None  # equal [q | k | v] pieces
+    True
+    """
+    if not groups or groups < 2 or width <= d or (width - d) % (2 * groups):
+        return None
+    head_dim = (width - d) // (2 * groups)
+    if d % (groups * head_dim) or width != groups * (d // (groups * head_dim) + 2) * head_dim:
+        return None
+    return d // (groups * head_dim), head_dim
+
+
 def grouped_qkv_moves(d: int, width: int, groups: int | None, n: int) -> tuple[tuple[str, int, int, str], ...] | None:
     """``((kind, elements per local row, ranks, why), ...)``: the collectives one local activation row costs per
     layer when a Falcon-style fused ``query_key_value`` kernel ``(d, width)``, ``width = d + 2 kv``, laid out per
@@ -78,10 +96,11 @@ def grouped_qkv_moves(d: int, width: int, groups: int | None, n: int) -> tuple[t
     >>> grouped_qkv_moves(128, 256, 4, 4) is None  # 4 groups on 4 ranks: a group a rank, nothing moves
     True
     """
-    if not groups or groups < 2 or n != 2 * groups or width <= d or width % n or (width - d) % (2 * groups):
+    layout = grouped_qkv_layout(d, width, groups)
+    if layout is None or n != 2 * groups or width % n:
         return None
-    head_dim = (width - d) // (2 * groups)
-    if (width // n) % head_dim or (d // groups) % head_dim:
+    head_dim = layout[1]
+    if (width // n) % head_dim:
         return None
     r = n // groups
     return tuple((kind, w, r, f"{way}: {why}") for way in ("forward", "backward") for kind, w, why in (

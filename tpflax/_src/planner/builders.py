@@ -17,6 +17,7 @@ from typing import Any
 from tpflax._src.cost.activations import layer_key
 from tpflax._src.cost.headcut import (
     cut_head_scores,
+    grouped_qkv_layout,
     grouped_qkv_moves,
     head_cut_gathers,
     repeated_kv_gathers,
@@ -437,6 +438,16 @@ def _heads_cut(st: State, cols: list[Linear], row: Linear) -> tuple[tuple, ...] 
     return head_cut_gathers(out_width(col), pieces, heads, t_size)
 
 
+def _grouped(col: Linear, row: Linear) -> tuple[int, int] | None:
+    """``(queries per group, head_dim)`` when ``col`` is a traced Falcon-style fused 2-D ``query_key_value`` laid out
+    per key/value group ``[q_1..q_R k v]`` (its ``limit`` the groups, :func:`tpflax._src.cost.headcut.grouped_qkv_layout`)
+    projected back by ``row``; else None."""
+    if len(col.cut) > 1 or col.viewed or col.heads is not None or len(col.f.body) != 2 or not col.limit \
+            or col.in_size != row.in_size:
+        return None
+    return grouped_qkv_layout(col.in_size, out_width(col), col.limit)
+
+
 def _fused_into_heads(col: Linear, row: Linear) -> bool:
     """Whether ``col`` is a traced fused 2-D kernel (``[q|k|v]``) whose output is cut into 2+ equal pieces as wide as
     ``row``'s input, each reshaped into heads (a count the trace read) that no earlier view placed."""
@@ -463,23 +474,27 @@ def _cut_heads_option(st: State, cols: list[Linear], row: Linear, pair: Pair,
     heads = cols[0].limit
     fused_col = len(cols) == 1
     grouped = len(gathers[0]) == 4  # (kind, width, ranks, why): a grouped fused q/k/v (cost/headcut.grouped_qkv_moves)
-    whole = (f"its {heads} key/value groups over {t_size // heads} ranks each, whole heads each: XLA moves the queries "
-             "into a split of their heads and hands each rank its group's key and value (forward and backward)"
-             if grouped else _what_xla_does_to_cut_heads(fused_col, heads, t_size))
+    # grouped, the trace's count is of key/value groups, each of several query heads, none of them cut
+    per, _ = (_grouped(cols[0], row) or (0, 0)) if grouped else (0, 0)
+    how = "key/value groups split" if grouped else "heads cut"
+    whole = (f"its {heads} key/value groups of [{per} queries | key | value] over {t_size // heads} ranks each, whole "
+             "heads on each rank: XLA moves the queries into a split of their heads and hands each rank its group's "
+             "key and value (forward and backward)" if grouped else _what_xla_does_to_cut_heads(fused_col, heads, t_size))
     props = []
     for col in cols:
         cdim = col.shard_dim("column")
         fused = (col.f.leaf_dim(cdim), col.cut, col.limit) if fused_col else None
         props.append((col.f.path, fused_as(fused, st.proposal(
             col.f, body_spec(len(col.f.body), cdim, t_entry), "column",
-            f"column, heads cut: {col.why}; output features ({col.f.body[cdim]}) split over {over} "
-            f"{'in' if grouped else 'although its'} {heads} {'groups' if grouped else 'heads do not divide by it'}: "
+            f"column, {how}: {col.why}; output features ({col.f.body[cdim]}) split over {over}"
+            f"{'' if grouped else f' although its {heads} heads do not divide by it'}: "
             f"{whole}; feeds {short(row.f.path)} (pair {pair.id})", pair.id,
             "column"))))
     partner = ", ".join(short(c.f.path) for c in cols)
+    heads_in = f"{heads * per} query heads in {heads} key/value groups" if grouped else f"{heads} heads"
     props.append((row.f.path, st.proposal(
         row.f, body_spec(len(row.f.body), rdim, t_entry), "row",
-        f"row, heads cut: {row.why}; input features ({row.in_size}, {heads} heads) split over {over}, fed by "
+        f"row, {how}: {row.why}; input features ({row.in_size}, {heads_in}) split over {over}, fed by "
         f"{partner} (pair {pair.id}); one all-reduce of activations per pass", pair.id, "row")))
     label = short(cols[0].f.path) if fused_col else partner
     acts = (row_sum(st, row.f, row.out_size),
@@ -493,7 +508,7 @@ def _cut_heads_option(st: State, cols: list[Linear], row: Linear, pair: Pair,
               for kind, w, ranks, why in (gathers if grouped else ())))
     # a grouped fused q/k/v moves a few heads a token, narrower than the output it divides (as an MQA's naive cut
     # into unequal pieces): the Megatron rule against keeping it whole holds; a head cut gathers whole outputs
-    return Option("Megatron, heads cut", tuple(props), acts, frozenset(p for p, _ in props), sums_output=not grouped)
+    return Option(f"Megatron, {how}", tuple(props), acts, frozenset(p for p, _ in props), sums_output=not grouped)
 
 
 def _kv_whole_option(st: State, cols: list[Linear], row: Linear, pair: Pair, blocked: dict[int, str]) -> Option | None:
@@ -843,6 +858,20 @@ def column_blocked(col: Linear, kind: str, row: Linear, t_entry: Entry, t_size: 
     # weighs that against keeping it whole (DBRX's Wqkv: 2 key/value heads). Equal pieces whose heads do not divide
     # (a Swin stage's 2 heads over 4 ranks) would cut the queries' head_dim too: XLA sums partial scores.
     naive = len(set(col.cut)) > 1 and all(p % t_size == 0 for p in col.cut)
+    grouped = _grouped(col, row)
+    if grouped is not None and col.limit % t_size:
+        # Falcon's [q_1..q_R k v] per key/value group (the trace reads the groups, not the query heads): say which
+        groups, (per, head_dim) = col.limit, grouped
+        share = n // t_size
+        what = (f"{groups} key/value groups of [{per} queries | key | value] ({head_dim}-wide heads, {groups * per} "
+                f"query heads in all), which {axis_label(t_entry, t_size)} does not divide")
+        if grouped_qkv_moves(col.in_size, n, groups, t_size) is not None:
+            return (f"{cunit} {n} are {what}: split, each group lies over {t_size // groups} ranks, {share} features "
+                    "(whole heads) a rank")
+        spread = f"{t_size // groups} ranks a group" if t_size % groups == 0 else f"{groups} groups over {t_size} ranks"
+        cut = f", cutting its {head_dim}-wide heads" if share % head_dim else ""
+        return (f"{cunit} {n} are {what}: split, each rank holds {share} features ({spread}{cut}), a reshard only "
+                "priced for groups over 2 ranks each, so the split is no candidate")
     if (col.limit or n) % t_size and not naive:
         # the features divide; what the model reshapes them into on the way does not
         # a fused [q|k|v] reshaped into heads that neither divide nor divide the ranks (a Swin's 6 heads on 4): XLA
