@@ -2680,7 +2680,10 @@ class _OuterProductMean(nn.Module):
         m = nn.LayerNorm(name="norm")(m)
         a, b = nn.Dense(8, name="a")(m), nn.Dense(8, name="b")(m)
         o = jnp.einsum("bsic,bsjd->bijcd", a, b) / m.shape[1]
-        return nn.Dense(32, name="out")(o.reshape(o.shape[:3] + (64,)))
+        return nn.Dense(self.e, name=self.out)(o.reshape(o.shape[:3] + (64,)))
+
+    e: int = 32
+    out: str = "out"
 
 
 def test_tree_only_an_outer_product_mean_splits_its_major_side_and_its_reader():
@@ -2715,6 +2718,30 @@ def test_an_outer_products_minor_side_says_its_pair_stays_whole_when_it_does():
         tree.decisions["params/a/kernel"].reason
 
 
+@pytest.mark.parametrize("d,names", [(64, ("a", "b", "out")), (128, ("a", "b", "out")),
+                                     (128, ("Dense_0", "Dense_1", "Dense_2"))])
+def test_an_outer_product_mean_as_wide_out_as_in_pairs_by_its_readers_name_or_number(d, names):
+    # the guard against the policy's misfire (a row writing the width the pair reads feeds it) was shape-only: an
+    # outer product mean with c_z = c_m ('out' (64 -> d) beside 'a', 'b' (d -> 8)) stayed whole tree-only, 2.36x /
+    # 0.47x / 3.13x the hand layout's bytes / collectives / flops at d=128 (XLA:CPU data=2,model=4; d=64: 2.36x /
+    # 0.47x / 3.13x too); now 1.00x / 1.00x / 1.00x, the hand layout. The reader's name ('out' names an output
+    # projection) or linen's numbering (Dense_2 created after Dense_0 and Dense_1) says it reads their product
+    if names[0] == "a":
+        mod = _OuterProductMean(e=d)
+    else:  # unnamed: linen numbers a, b, out in creation order
+        class Unnamed(nn.Module):
+            @nn.compact
+            def __call__(self, m):
+                a, b = nn.Dense(8)(m), nn.Dense(8)(m)
+                o = jnp.einsum("bsic,bsjd->bijcd", a, b) / m.shape[1]
+                return nn.Dense(d)(o.reshape(o.shape[:3] + (64,)))
+        mod = Unnamed()
+    m = sds(2, 4, 8, d)
+    tree = tpflax.plan(abstract(mod, m), MESH, batch=(m,))
+    assert [tree.spec(f"params/{n}/kernel") for n in names] == [P(None, "model"), P(None, None), P("model", None)]
+    assert "minor side of an outer product" in tree.decisions[f"params/{names[1]}/kernel"].reason
+
+
 class _GaussianPolicy(nn.Module):
     """A Gaussian policy: 256 = 16 x 16 observations, a hidden layer, two heads of 16 (no outer product)."""
     @nn.compact
@@ -2741,6 +2768,15 @@ def test_a_hidden_layer_feeding_two_heads_is_no_outer_products_reader():
     d = tree.decisions["params/log_std/kernel"]
     assert d.pair == tree.decisions["params/hidden/kernel"].pair == tree.decisions["params/mean/kernel"].pair
     assert "one of its 2 rows" in d.reason and "chosen by cost" in d.reason, d.reason
+
+    class Unnamed(nn.Module):  # linen numbers hidden, mean, log_std Dense_0, _1, _2: no outer product's reader either
+        @nn.compact
+        def __call__(self, obs):
+            h = nn.tanh(nn.Dense(512)(obs))
+            return nn.Dense(16)(h), nn.Dense(16)(h)
+    tree = tpflax.plan(abstract(Unnamed(), obs), MESH, batch=(obs,))
+    assert [tree.spec(f"params/Dense_{i}/kernel") for i in range(3)] == [
+        P(None, "model"), P("model", None), P("model", None)]
 
 
 class _SquareGLUUnnamedUp(nn.Module):

@@ -1020,7 +1020,9 @@ def outer_product_partners(lins: list[Linear]) -> Linear | None:
     input width feeds them rather than reading their product: a Gaussian policy's ``hidden`` (256 -> 512) before its
     heads ``mean`` and ``log_std`` (512 -> 16), 256 = 16 x 16, taken as one cost 1.16x the bytes and 2.73x the
     collectives of the hand layout (XLA:CPU data=2,model=4); the tree sees no order in a flat block, so that shape
-    rules it out.
+    rules it out unless more than shapes says the row reads the product (:func:`_after`: its name, ``out``, or
+    linen's numbering): an outer product mean whose output is as wide as its input (``c_z = c_m``), ``out`` (64 ->
+    64) beside ``a`` and ``b`` (64 -> 8), stayed whole by that rule where the trace splits it (review r59).
 
     >>> from tpflax._src.facts.tree import Leaf
     >>> def lin(path, shape, role=None):
@@ -1036,6 +1038,9 @@ def outer_product_partners(lins: list[Linear]) -> Linear | None:
     ...                          (("hidden", (256, 512)), ("mean", (512, 16)), ("log_std", (512, 16))))
     >>> outer_product_partners([hidden, mean, log_std]) is None, hidden.role, mean.role
     (True, None, None)
+    >>> a, b, out = lin("b/a/kernel", (128, 8)), lin("b/b/kernel", (128, 8)), lin("b/out/kernel", (64, 128))
+    >>> outer_product_partners([out, b, a]) is b, a.role, out.role  # c_z = c_m: 'out' names the reader
+    (True, 'column', 'row')
     """
     def two(x: Linear) -> bool:
         return len(x.f.body) == 2 and x.pieces == 1 and not x.cut and not x.joined
@@ -1047,9 +1052,10 @@ def outer_product_partners(lins: list[Linear]) -> Linear | None:
         rows = [r for r in lins if r.in_size == c * c and all(r is not y for y in alike)]  # d may be c * c
         if len(alike) != 2 or not all(two(y) and y.role in ("column", None) for y in alike) or len(rows) != 1 \
                 or not two(rows[0]) or rows[0].role not in ("row", None) or any(y.in_size == c for y in lins) \
-                or any(y.out_size * y.pieces == c * c for y in lins) or rows[0].out_size == x.in_size:
-            continue  # the last: the row writes what the pair reads, so it feeds them (a policy's hidden layer
-            # 256 -> 512 before its heads 512 -> 16, 256 = 16 * 16) rather than reading their product
+                or any(y.out_size * y.pieces == c * c and y is not rows[0] for y in lins) \
+                or (rows[0].out_size == x.in_size and not _after(rows[0], alike)):
+            continue  # the last: the row writes what the pair reads, so it may feed them (a policy's hidden layer
+            # 256 -> 512 before its heads 512 -> 16, 256 = 16 * 16) rather than read their product
         (r,), (major, other) = rows, sorted(alike, key=lambda y: natural(y.f.path))
         major.role, r.role, r.outer, other.role = "column", "row", c, None
         major.why = (f"{major.why + '; ' if major.why else ''}the major side of an outer product ({major.in_size} -> {c}, "
@@ -1064,6 +1070,36 @@ def outer_product_partners(lins: list[Linear]) -> Linear | None:
                        f"reader by shape alone ({c} and {c} x {c} features) (pass model= to trace it)")
         return other
     return None
+
+
+def _after(r: Linear, pair: Sequence[Linear]) -> bool:
+    """Whether more than shapes says ``r`` reads the outer product of ``pair`` rather than feeding it, when it writes
+    the width the pair reads (:func:`outer_product_partners`): its name calls it an output projection (``out``,
+    ``linear_out``), or linen numbered it after both (``Dense_2`` after ``Dense_0`` and ``Dense_1``: creation order,
+    the call order of a layer per statement).
+
+    >>> from tpflax._src.facts.tree import Leaf
+    >>> def lin(path, shape):
+    ...     return Linear(Facts(Leaf(path, shape, "float32", 4), "dense", 0, path.rsplit("/", 1)[0], "p"), (0,), (1,))
+    >>> a, b = lin("p/Dense_0/kernel", (64, 8)), lin("p/Dense_1/kernel", (64, 8))
+    >>> _after(lin("p/Dense_2/kernel", (64, 64)), [a, b]), _after(lin("p/out/kernel", (64, 64)), [a, b])
+    (True, True)
+    >>> hidden, mean, log_std = (lin(f"p/Dense_{i}/kernel", s) for i, s in
+    ...                          enumerate([(256, 512), (512, 16), (512, 16)]))
+    >>> _after(hidden, [mean, log_std]), _after(lin("p/hidden/kernel", (256, 512)), [mean, log_std])
+    (False, False)
+    """
+    if ROW_NAMES.match(role_name(r.f)):
+        return True
+    me = _AUTO_NAME.match(r.f.unit_name)
+    parent = r.f.unit.rsplit("/", 1)[0]
+    if me is None:
+        return False
+    for y in pair:
+        it = _AUTO_NAME.match(y.f.unit_name)
+        if it is None or it["kind"] != me["kind"] or y.f.unit.rsplit("/", 1)[0] != parent or int(it["n"]) > int(me["n"]):
+            return False
+    return True
 
 
 def fan_out_readers(lins: list[Linear]) -> None:
