@@ -2723,8 +2723,8 @@ def test_an_outer_products_minor_side_says_its_pair_stays_whole_when_it_does():
 def test_an_outer_product_mean_as_wide_out_as_in_pairs_by_its_readers_name_or_number(d, names):
     # the guard against the policy's misfire (a row writing the width the pair reads feeds it) was shape-only: an
     # outer product mean with c_z = c_m ('out' (64 -> d) beside 'a', 'b' (d -> 8)) stayed whole tree-only, 2.36x /
-    # 0.47x / 3.13x the hand layout's bytes / collectives / flops at d=128 (XLA:CPU data=2,model=4; d=64: 2.36x /
-    # 0.47x / 3.13x too); now 1.00x / 1.00x / 1.00x, the hand layout. The reader's name ('out' names an output
+    # 0.47x / 3.12x the hand layout's bytes / collectives / flops at d=128 (XLA:CPU data=2,model=4, adamw; d=64:
+    # 2.36x / 0.47x / 3.13x); now 1.00x / 1.00x / 1.00x, the hand layout. The reader's name ('out' names an output
     # projection) or linen's numbering (Dense_2 created after Dense_0 and Dense_1) says it reads their product
     if names[0] == "a":
         mod = _OuterProductMean(e=d)

@@ -339,9 +339,10 @@ def _more_readers(rows: Sequence[Linear], found: Sequence[tuple[str, list[Linear
                   claimed: set[int]) -> dict[int, list[Linear]]:
     """``{id(row): the other rows reading its columns' output}``: unpaired rows of an MLP pair's row's shape that
     read its columns' whole output too, each narrowing it (a Gaussian policy's ``mean`` and ``log_std`` both reading
-    ``hidden``, :func:`roles.fan_out_readers`; an MLP's hidden read by two down-projections). Left out, they stayed
-    whole and the column with them; joined, they are rows of the one pair, each summing its partial outputs, priced
-    with it (:func:`tpflax._src.planner.builders.shard_pair`). Their ids join ``claimed``."""
+    ``hidden``, :func:`roles.fan_out_readers`; an MLP's hidden read by two down-projections). Left out, the chooser
+    priced the pair without their sums (``inner.py`` joins a block's such readers after the choice); joined, they are
+    rows of the one pair, each summing its partial outputs, priced with it
+    (:func:`tpflax._src.planner.builders.shard_pair`). Their ids join ``claimed``."""
     out: dict[int, list[Linear]] = {}
     for kind, mine, row in found:
         if kind != "mlp" or row.joined or row.outer or row.heads is not None or row.guess \
