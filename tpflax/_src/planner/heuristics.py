@@ -328,8 +328,8 @@ def _pair_group(st: State, group: str, lins: list[Linear], heads: int | None = N
                 # chooser prices the split that cuts them (builders._heads_cut) against keeping it whole
                 c.viewed = c.pieces > 1 and len(set(c.cut)) == 1 and width == row.in_size
         found.append((kind, mine, row))
+    _stored_twins(st, lins, found, claimed, widths)  # first: a twin of a column is no extra reader of its row
     more = _more_readers(rows, found, claimed)
-    _stored_twins(st, lins, found, claimed, widths)
     for kind, mine, row in found:
         shard_pair(st, kind, mine, row, more=more.get(id(row), ()))
     return [x for x in lins if id(x) not in claimed and not HEAD.match(x.f.layer_name)]
