@@ -736,8 +736,18 @@ def _outputs(c: _Flow) -> None:
                                           f"are the model's output, with no later contraction{calls}")
             continue
         if len(cu) > 1:
-            c.st.replicate(f, f"shared weights (traced): contracted {len(cu)} times in the forward pass; "
-                              "kept whole")
+            chain = _chained_calls(c, path, cu) if path in c.st.rows and f.stacked == 0 else None
+            if chain is None:
+                c.st.replicate(f, f"shared weights (traced): contracted {len(cu)} times in the forward pass; "
+                                  "kept whole")
+                continue
+            u = cu[0]
+            # its rows priced at every call's: each call's matmul runs split (the calls' flops), and each sums and
+            # gathers as counted by _chained_calls
+            c.st.rows[path] = c.st.rows[path] * sum(x.tokens for x in cu) / max(1, u.tokens)
+            shard_lone_dense(c.st, f, f.body_dim(u.kept[0]),
+                             f"shared weights (traced): one dense contracted {len(cu)} times in the forward pass, "
+                             "each call after the first reading an earlier call's output", calls=chain)
             continue
         u = cu[0]
         why = (f"{'conv' if u.op == 'conv' else 'dense'} without a partner (traced): "
@@ -752,6 +762,33 @@ def _outputs(c: _Flow) -> None:
                              resequenced=(u.id, u.kept[0]) in c.flow.resequenced)
         else:
             c.st.replicate(f, why)
+
+
+def _chained_calls(c: _Flow, path: str, cu: list[Use]) -> tuple[int, int, int] | None:
+    """``(calls, input-gradient sums, output gathers)`` of a kernel without a partner whose plain ``dot`` calls
+    are chained: each call reads the model's input or, through elementwise ops, an earlier call's output (one
+    ``nn.Dense`` in a Python loop, ``x = d(gelu(x))``, or added back, ``x = x + d(gelu(x))``), split as a column,
+    as XLA runs it: each call not reading the model's input sums its partial input gradient; without a residual,
+    each call whose output a contraction reads gathers it (measured, XLA:CPU data=2,model=4: 2, 3 and 4 calls,
+    1, 2 and 3 gathers and as many sums); added back onto the stream its input comes from, XLA keeps that
+    stream split and gathers it for each call reading it and again for that call's weight gradient (the
+    estimate's :func:`tpflax._src.cost.comm._column_items`). None for calls of other shapes, in scans, or
+    one not reading the input nor an earlier call."""
+    u0 = cu[0]
+    if any(u.op != "dot" or u.scan_length or u.batch or len(u.kept) != 1 or u.kept != u0.kept
+           or u.contracted != u0.contracted or not u.tokens for u in cu):
+        return None
+    ids = {u.id for u in cu}
+    fed = {e.dst_use for e in c.flow.edges if e.src == e.dst == path and e.src_use in ids and e.dst_use in ids
+           and e.src_use != e.dst_use and e.dst_dim in c.flow.uses[e.dst_use].contracted}
+    if any(not u.from_input and u.id not in fed for u in cu):
+        return None
+    calls, inputs = len(cu), sum(bool(u.from_input) for u in cu)
+    sums = 0 if path in c.st.no_input_grad else calls - inputs
+    if any((u.id, u.kept[0]) in c.flow.added for u in cu):
+        return calls, sums, 2 * (calls - inputs)
+    read = {e.src_use for e in c.flow.edges if e.src_use in ids and e.src_dim == u0.kept[0]}
+    return calls, sums, len(read)
 
 
 def _head_dims(c: _Flow, u: Use) -> set[int]:

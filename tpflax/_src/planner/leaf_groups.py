@@ -183,7 +183,8 @@ def shard_output_head(st: State, f: Facts, dim: int, evidence: str) -> None:
 
 def shard_lone_dense(st: State, f: Facts, dim: int, why: str,
                      stream: tuple[float, int, int] | None = None, reached: Sequence[Facts] = (),
-                     grown: float = 1.0, reduced: bool = False, resequenced: bool = False) -> None:
+                     grown: float = 1.0, reduced: bool = False, resequenced: bool = False,
+                     calls: tuple[int, int, int] | None = None) -> None:
     """A dense without a partner: whole, or its output body dim ``dim`` split over the tensor axis, by cost.
 
     It is priced at the rows it reads per token the chooser prices (traced, ``State.rows``): a projection of
@@ -209,6 +210,9 @@ def shard_lone_dense(st: State, f: Facts, dim: int, why: str,
     ``(b, s/k, k*d) -> (b, s, d)``): XLA carries the split into the sequence dim of every layer after it
     and reshards them there (measured on a compiled adamw step, data=2,model=4: 3.3 MB of all-gathers plus
     all-to-alls and permutes where one gather of the output is 98 KB), so it is kept whole.
+    ``calls``: ``(calls, input-gradient sums, output gathers)`` of one kernel called several times in a chain
+    (:func:`~tpflax._src.planner.dataflow_rules._chained_calls`), its ``State.rows`` every call's: the split is
+    priced with that many sums and gathers per step, as the estimate counts them, not one of each.
     """
     t_entry, t_size = st.tensor
     keep = Option("replicate", ((f.path, st.whole(f, why)),), (), frozenset({f.path}), whole=True)
@@ -225,11 +229,22 @@ def shard_lone_dense(st: State, f: Facts, dim: int, why: str,
     whole, split_acts = reached_acts(st, t_entry, reached)
     keep = replace(keep, acts=whole)
     over = axis_label(t_entry, t_size)
-    acts = (ActComm("all-reduce", t_entry, 1, 1, "sum each row's partial reduction of its split output (forward)")
-            if reduced else
-            ActComm("all-gather", t_entry, n * grown, 1, "gather its split output (forward)" if grown == 1 else
-                    f"gather its split output, upsampled {grown:.3g}x on the way (forward)"),
-            *input_grad_sum(st, f.path, math.prod(f.body) // n, "sum its input gradient (backward)"))
+    if calls is not None:
+        # the rows priced are every call's (share): a width per token counts once per call, so each collective's
+        # width is scaled by its count over the calls
+        n_calls, sums, gathers = calls
+        acts = (*((ActComm("all-gather", t_entry, n * gathers / n_calls, 1,
+                           f"gather its split output {gathers} times over its {n_calls} calls (forward, and for "
+                           "the weight gradients where its calls add back onto their input)"),) if gathers else ()),
+                *((ActComm("all-reduce", t_entry, math.prod(f.body) // n * sums / n_calls, 1,
+                           f"sum its input gradient at each of its {sums} calls reading an activation "
+                           "(backward)"),) if sums else ()))
+    else:
+        acts = (ActComm("all-reduce", t_entry, 1, 1, "sum each row's partial reduction of its split output "
+                        "(forward)") if reduced else
+                ActComm("all-gather", t_entry, n * grown, 1, "gather its split output (forward)" if grown == 1 else
+                        f"gather its split output, upsampled {grown:.3g}x on the way (forward)"),
+                *input_grad_sum(st, f.path, math.prod(f.body) // n, "sum its input gradient (backward)"))
     if stream:
         ratio, width, gathers = stream
         acts += (ActComm("all-gather", t_entry, ratio * width, gathers, "gather the residual stream its split "
@@ -237,7 +252,8 @@ def shard_lone_dense(st: State, f: Facts, dim: int, why: str,
     acts += split_acts
     split = Option("column", ((f.path, st.proposal(
         f, body_spec(len(f.body), dim, t_entry), "column",
-        f"column: dense without a partner reading {share:.3g} rows per token (traced); its {n} "
+        (f"column: dense without a partner called {calls[0]} times in a chain (traced); its {n} " if calls else
+         f"column: dense without a partner reading {share:.3g} rows per token (traced); its {n} ") +
         f"outputs split over {over}, " + ("each row's partial reduction of them summed" if reduced else
                                           "gathered for what reads them whole"), role="column")),),
         acts, frozenset({f.path}), sums_output=True)
