@@ -207,3 +207,28 @@ def test_remat_resum_tips_a_cut_heads_pair_whole():
                         sample=(x,), batch=(x,))
         specs[remat] = (p.decisions["params/layers_0/qkv/kernel"].spec, p.decisions["params/layers_0/proj/kernel"].spec)
     assert specs == {False: (P(None, "model"), P("model", None)), True: (P(None, None), P(None, None))}
+
+
+def test_unread_rows_of_a_deep_stack_take_one_pass(monkeypatch):
+    """``Recompute.unread`` reads a deep model's layer calls once, not once per (row, norm) pair: an 80-layer
+    Llama's ``suggest_mesh`` (the README's 256-device example) spent a third of its pricing there, pairwise
+    (~1,200 ``repeated_block`` calls per layer over 46 candidates). The answer is the same: a pre-norm block's
+    attention output is read by its MLP norm (summed again), its MLP output by no norm of its own block."""
+    from tpflax._src.cost import residual
+    from tpflax._src.cost.records import Act
+
+    layers, act = 80, Act(((2, 8, 16),), (2, 8, 16), "float32", 4)
+    calls = {"embed": [act]}
+    for i in range(layers):
+        for name in ("attention_norm", "attn/q_proj", "attn/o_proj", "attn", "ffn_norm", "mlp/up_proj",
+                     "mlp/down_proj", "mlp"):
+            calls[f"layers_{i}/{name}"] = [act]
+        calls[f"layers_{i}"] = [act]
+    norms = frozenset(f"layers_{i}/{n}" for i in range(layers) for n in ("attention_norm", "ffn_norm"))
+    seen = []
+    counted = residual.repeated_block
+    monkeypatch.setattr(residual, "repeated_block", lambda *a: seen.append(a) or counted(*a))
+    unread = residual.Recompute(calls, norms, {}).unread({"layers_0/attn/o_proj": "attention",
+                                                          "layers_0/mlp/down_proj": "dense"})
+    assert unread == {"layers_*/mlp/down_proj", "layers_*/mlp"}
+    assert len(seen) <= 2 * len(calls)  # pairwise: 26,242 for these 721 calls
