@@ -678,3 +678,25 @@ def test_a_depthwise_conv_reading_a_stream_is_no_column():
     assert spec == {f"block_{i}/{n}/kernel": s for i in range(2)
                     for n, s in (("dwconv", P(None, None, None, None)), ("pwconv1", P(None, "model")),
                                  ("pwconv2", P("model", None)))}
+
+
+class CausalConv1D(nn.Module):
+    """A WaveNet-like stack of 1-D convs over (batch, time, channels), with no matmul anywhere."""
+
+    @nn.compact
+    def __call__(self, x):
+        for i in range(2):
+            y = nn.Conv(128, (2,), padding=((1, 0),), name=f"dilated_{i}")(x)
+            x = x + nn.Conv(x.shape[-1], (1,), name=f"res_{i}")(jnp.tanh(y))
+        return x
+
+
+def test_a_1d_conv_model_is_priced_at_its_positions_not_positions_times_length():
+    # a (batch, seq, channels) batch already counts each position as a token (cost.activations.token_rows), so
+    # its convs read one row per token; they were priced per example, seq times too many (a WaveNet, batch 8 x
+    # 1024: "8388608 tokens per step" in every reason, 1024x the positions it trains on)
+    m, x = CausalConv1D(), sds(4, 64, 32)
+    p = tpflax.plan(abstract(m, x), {"data": 2, "model": 4}, model=m, sample=(x,), batch=(x,))
+    priced = {d.reason.rsplit(" tokens per step", 1)[0].rsplit(" ", 1)[-1]
+              for d in p.decisions.values() if "tokens per step" in d.reason}
+    assert priced == {str(4 * 64)}

@@ -81,7 +81,7 @@ class _Flow:
 
 
 def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Dataflow,
-            skip: Mapping[str, Proposal] | None = None, widest_rows: int = 0,
+            skip: Mapping[str, Proposal] | None = None, widest_rows: int = 0, sample_rows: int = 0,
             buffers: Mapping[str, tuple[float, bool]] | None = None,
             recomputed: Recompute | None = None) -> tuple[dict[str, Proposal], list[Pair]]:
     """Proposals for the leaves the dataflow explains; ``(proposals, pairs)``.
@@ -89,7 +89,10 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Datafl
     Leaves in ``skip`` (rules, annotations) and leaves the trace says nothing
     about are left to the tree heuristics. ``widest_rows``: the rows the widest
     traced layer reads, what the chooser's ``tokens`` count (a layer reading
-    fewer, a pooled projection, is priced per row it reads). ``buffers``: the
+    fewer, a pooled projection, is priced per row it reads). ``sample_rows``: the traced sample's
+    rows counted as the chooser counts a batch's tokens (:func:`tpflax._src.cost.activations.token_rows`:
+    an image batch's examples, a ``(batch, seq, features)`` batch's positions); where no traced layer
+    reads token rows, a conv is priced per that row. ``buffers``: the
     dispatched buffers expert kernels read (:func:`tpflax._src.planner.pricing.expert_buffers`). ``recomputed``: which
     split rows' sums a remat'd step runs again (:func:`tpflax._src.planner.pricing.recompute`).
     """
@@ -107,9 +110,12 @@ def propose(facts: Sequence[Facts], mesh: MeshShape, opts: Options, flow: Datafl
         if u.tokens and widest and u.path in c.fx:
             c.st.rows.setdefault(u.path, u.tokens / widest)
         elif u.op == "conv" and u.rows and u.path in c.fx:
-            # a conv's activations are its positions': per priced token (a matmul's row, or without one an
-            # example), a ResNet's 16x16 map is 256 of them (its pairs were priced at one position per image)
-            c.st.rows.setdefault(u.path, u.rows / (widest or max(1, flow.examples)))
+            # a conv's activations are its positions': per priced token (a matmul's row, or without one a
+            # row of the sample as the chooser's tokens count it), a ResNet's 16x16 map is 256 of them per
+            # image (its pairs were priced at one position per image); a WaveNet's (batch, seq, channels)
+            # input already counts each position as a token, so its convs read one row per token (per
+            # example they were priced at seq x the tokens: 6.7x the hand layout's collectives)
+            c.st.rows.setdefault(u.path, u.rows / (widest or sample_rows or max(1, flow.examples)))
     if widest:  # per priced token on one device: a batch-free buffer is whole on every device of the batch axes
         shards = math.prod(mesh.sizes[a] for a in batch_axes(mesh))
         c.st.buffers.update({p: r / widest * (shards if free else 1) for p, (r, free) in (buffers or {}).items()})

@@ -416,7 +416,7 @@ def _propose(facts: Sequence[Facts], ms: MeshShape, opts: Options, forced: Force
             opts = replace(opts, tokens=_traced_tokens(opts.tokens, widest, _sample_rows(sample)))
         buffers = expert_buffers(model, sample, tree, flow)
         traced, tpairs = dataflow_rules.propose(facts, ms, opts, flow, skip=forced.proposals, widest_rows=widest,
-                                                buffers=buffers,
+                                                sample_rows=_sample_rows(sample), buffers=buffers,
                                                 recomputed=recompute(model, sample, tree, ms, flow, facts))
         tree_only = heuristics.propose(facts, ms, opts, skip=forced.proposals)[0]
         disagreements = dataflow_rules.disagreements(traced, tree_only)
@@ -428,7 +428,7 @@ def _propose(facts: Sequence[Facts], ms: MeshShape, opts: Options, forced: Force
         _shard_map_pins(facts, proposals, forced.proposals, sources, flow, ms)
     pairs = tpairs + pairs
     if forced.proposals:
-        own, own_pairs = _unforced(facts, ms, opts, flow, widest)
+        own, own_pairs = _unforced(facts, ms, opts, flow, widest, _sample_rows(sample) if flow is not None else 0)
         forced_props, pairs = _forced_facts(forced.proposals, facts, pairs, own, own_pairs, ms)
         proposals.update(forced_props)
     _follow_scales(facts, proposals, forced.proposals)
@@ -464,7 +464,7 @@ def _follow_scales(facts: Sequence[Facts], proposals: dict[str, Proposal], force
 
 
 def _unforced(facts: Sequence[Facts], ms: MeshShape, opts: Options, flow: Any,
-              widest: int | None) -> tuple[dict[str, Proposal], list[Pair]]:
+              widest: int | None, sample_rows: int = 0) -> tuple[dict[str, Proposal], list[Pair]]:
     """The planner's own proposals and pairs for every leaf, as if nothing were forced (the trace's
     first, then the tree heuristics'): what a forced leaf is, whoever chose its spec."""
     own: dict[str, Proposal] = {}
@@ -472,7 +472,7 @@ def _unforced(facts: Sequence[Facts], ms: MeshShape, opts: Options, flow: Any,
     if flow is not None:
         from tpflax._src.planner import dataflow_rules
 
-        own, pairs = dataflow_rules.propose(facts, ms, opts, flow, widest_rows=widest)
+        own, pairs = dataflow_rules.propose(facts, ms, opts, flow, widest_rows=widest, sample_rows=sample_rows)
     rest, more = heuristics.propose([f for f in facts if f.path not in own], ms, opts, first_pair=len(pairs) + 1)
     return {**rest, **own}, pairs + more
 
@@ -685,7 +685,7 @@ def traced_facts(p: Plan, model: Any, sample: Any = None, flow: Any = None) -> P
     except TpflaxError:
         return p
     widest = max((u.token_rows for u in flow.uses), default=0)
-    own, own_pairs = _unforced(facts, p.mesh, opts, flow, widest)
+    own, own_pairs = _unforced(facts, p.mesh, opts, flow, widest, _sample_rows(sample))
     # a forced leaf left whole that the planner's own pair holds whole too (GQA's key/value kernels beside a split
     # query, a LoRA's unsplit adapters): a member as it is there, so the pair is adopted as the planner's own plan
     # has it (else its split members were priced alone: +9% model all-reduce, 4.8x the gathers, rules-planned LoRA)
