@@ -680,6 +680,34 @@ def test_a_depthwise_conv_reading_a_stream_is_no_column():
                                  ("pwconv2", P("model", None)))}
 
 
+class SparseAutoencoder(nn.Module):
+    """An interpretability SAE as its authors write it: raw W_enc/W_dec, and the features returned beside
+    the reconstruction (the loss's L1 term reads them, weighted by the decoder rows' norms)."""
+
+    @nn.compact
+    def __call__(self, x):
+        d, m = x.shape[-1], 16 * x.shape[-1]
+        we = self.param("W_enc", nn.initializers.lecun_normal(), (d, m))
+        be = self.param("b_enc", nn.initializers.zeros_init(), (m,))
+        wd = self.param("W_dec", nn.initializers.lecun_normal(), (m, d))
+        bd = self.param("b_dec", nn.initializers.zeros_init(), (d,))
+        f = jax.nn.relu((x - bd) @ we + be)
+        return f @ wd + bd, f, jnp.linalg.norm(wd, axis=1)
+
+
+def test_a_column_whose_output_is_also_returned_still_pairs_with_its_row():
+    # the features f are a model output and W_dec's input: W_enc/W_dec are a Megatron pair (the hand layout).
+    # Before, the returned f kept W_enc out of every pair, W_dec became a vocab-parallel output head over the
+    # 64 reconstructed features and W_enc stayed whole: 3.25 / 6.25 / 1.50 of the pair's bytes / collectives /
+    # flops compiled (D 256, M 4096, batch 512, data=2,model=4; review_x x08_sae.py)
+    m, x = SparseAutoencoder(), sds(256, 64)
+    p = tpflax.plan(abstract(m, x), {"data": 2, "model": 4}, model=m, sample=(x,), batch=(x,))
+    specs = {k.rsplit("/", 1)[-1]: (d.spec, d.strategy) for k, d in p.decisions.items()}
+    assert specs == {"W_enc": (P(None, "model"), "column"), "b_enc": (P("model"), "column"),
+                     "W_dec": (P("model", None), "row"), "b_dec": (P(None), "replicate")}
+    assert p.decisions["params/W_dec"].pair == p.decisions["params/W_enc"].pair is not None
+
+
 class CausalConv1D(nn.Module):
     """A WaveNet-like stack of 1-D convs over (batch, time, channels), with no matmul anywhere."""
 

@@ -267,7 +267,7 @@ def _sources_by_dim(c: _Flow, rid: int) -> dict[int, dict[int, Edge]]:
         S = c.cand[e.src_use]
         if S.path in c.st.out or S.path == R.path:
             continue
-        if (S.id, e.src_dim) in c.flow.escapes or (S.id, e.src_dim) in c.flow.outputs:
+        if (S.id, e.src_dim) in c.flow.escapes or _summed_into_output(c, S.id, e.src_dim):
             continue
         if S.path in c.streams:
             continue  # its output scales the residual stream (DiT's adaLN): split, XLA splits the stream too
@@ -332,6 +332,14 @@ def _narrow_gate(c: _Flow, S: Use, e: Edge, rid: int) -> bool:
                                                ((x.src_use, x.src_dim), (S.id, e.src_dim))} & c.flow.gated:
             return True
     return False
+def _summed_into_output(c: _Flow, sid: int, dim: int) -> bool:
+    """Use ``sid``'s output along ``dim`` reaches the model's output added to an activation (a residual stream, a
+    scan's carry, whose next step's projection it also reaches): no column there. Returned as it is, it stays one:
+    a sparse autoencoder returns its features beside the reconstruction its decoder makes of them; split, they
+    leave split and the loss sums them where they lie (kept out of the pair, the decoder was taken as a
+    vocab-parallel output head and the encoder kept whole: 3.25 / 6.25 / 1.50 of the hand layout's bytes /
+    collectives / flops, data=2,model=4)."""
+    return (sid, dim) in c.flow.outputs and (sid, dim) in c.flow.added
 
 
 def _drop_added_to_others(c: _Flow, by_rdim: dict[int, dict[int, Edge]]) -> None:
