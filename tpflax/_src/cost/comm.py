@@ -204,7 +204,10 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
         # a split column's output read whole by a contraction outside its pair (traced: StyleGAN2's first
         # synthesis conv, read by its toRGB row and by the next block's upsampling conv): XLA gathers it for
         # that reader forward, and again in the backward for the reader's weight gradient (measured, XLA:CPU)
-        items += [CommItem("all-gather", axes, _pair_act(c, dec[c], "out", s), n, 2 * count, source,
+        # (what is gathered is what the reader reads, where narrower than the column's output: a WaveNet's gated
+        # half of its dilated conv's fused [tanh | sigmoid] output)
+        items += [CommItem("all-gather", axes, min(_pair_act(c, dec[c], "out", s), _pair_act(r, dec[r], "in", s)
+                                                   or _pair_act(c, dec[c], "out", s)), n, 2 * count, source,
                            f"column {label[c]}: gather its split output for {label[r]}, which reads it whole "
                            "(forward, and again for that kernel's weight gradient)")
                   for c in tensor_cols for r in _whole_readers(c, cols + rows, s)]
@@ -275,17 +278,25 @@ def _whole_readers(c: str, pair: list[str], s: Scope) -> list[str]:
     t_axes = set(s.axes(c, TENSOR))
     spec = s.lv.specs[c]
     out: list[str] = []
-    if s.lv.decisions[c].kind != "conv":
+    if not _conv(s, c):
         return out
     for (src, sdim, dst, ddim) in s.limits:
         r = s.lv.rep(dst)
         if s.lv.rep(src) != c or r in pair or r in out or r not in s.lv.specs or sdim >= len(spec) \
                 or not t_axes & set(entry_axes(spec[sdim])):
             continue
-        if s.lv.decisions[r].kind == "conv" and ddim < len(s.lv.specs[r]) \
+        if _conv(s, r) and ddim < len(s.lv.specs[r]) \
                 and not t_axes & set(entry_axes(s.lv.specs[r][ddim])):
             out.append(r)
     return out
+
+
+def _conv(s: Scope, path: str) -> bool:
+    """A conv kernel: by the tree, or traced as one (a 1-D conv's ``(k, in, out)`` kernel, which the tree takes for a
+    DenseGeneral's: a WaveNet's gated output, read whole by its skip conv, was gathered by XLA and not priced, 0.82 of
+    the compiled collectives): contracted by the trace, in no dot."""
+    return s.lv.decisions[path].kind == "conv" or (
+        path in s.contracted and path not in s.dots and path not in s.batched_dots)
 
 
 def _batch_split(c: str, s: Scope) -> bool:
