@@ -38,8 +38,6 @@ class Headwise(nn.Module):
 
 
 class MLSTM(nn.Module):
-    gated_input: bool = False  # the gates read the block's normed input (xLSTM-7B's), not [q | k | v]
-
     @nn.compact
     def __call__(self, u):
         b, s, _ = u.shape
@@ -48,7 +46,7 @@ class MLSTM(nn.Module):
         x, z = xz[..., :I], xz[..., I:]
         xc = jax.nn.silu(nn.Conv(I, (4,), feature_group_count=I, padding=((3, 0),), name="conv1d")(x))
         q, k, v = Headwise(name="q_proj")(xc), Headwise(name="k_proj")(xc), Headwise(name="v_proj")(x)
-        qkv = un if self.gated_input else jnp.concatenate([q, k, v], -1)
+        qkv = jnp.concatenate([q, k, v], -1)
         ig = nn.Dense(NH, name="igate")(qkv).transpose(0, 2, 1)
         fg = nn.Dense(NH, name="fgate")(qkv).transpose(0, 2, 1)
         hq, hk, hv = (t.reshape(b, s, NH, DH).transpose(0, 2, 1, 3) for t in (q, k, v))
@@ -65,11 +63,9 @@ class MLSTM(nn.Module):
 
 
 class XLSTM(nn.Module):
-    gated_input: bool = False
-
     @nn.compact
     def __call__(self, ids):
-        x = MLSTM(self.gated_input, name="block")(nn.Embed(V, D, name="embed")(ids))
+        x = MLSTM(name="block")(nn.Embed(V, D, name="embed")(ids))
         return nn.Dense(V, use_bias=False, name="head")(nn.LayerNorm(name="norm_f")(x))
 
 
@@ -128,16 +124,3 @@ def test_the_tree_splits_the_headwise_kernels_and_the_gates_with_the_inner_featu
     assert spec["igate/kernel"] == spec["fgate/kernel"] == P("model", None)
     assert p.decisions["params/block/q_proj/kernel"].pair == p.decisions["params/block/proj_down/kernel"].pair
 
-
-def test_gates_reading_the_input_are_no_columns_of_the_row_their_heads_scale():
-    # igate/fgate (d, heads) on the block's normed input (xLSTM-7B's layout): one value per head, added into the
-    # decay matrix that scales the q @ k scores, were taken as proj_down's columns split over their 4 outputs, so
-    # XLA summed their partial input gradients: 1.19x the collectives of the gates kept whole (0.995x the bytes,
-    # 0.996x the flops; review_v V11's variant, two blocks, data=2,model=4). Mamba-2's in_dt, an operand of the
-    # heads' time-mixing product, stays a column (tests/test_ssm.py)
-    m = XLSTM(gated_input=True)
-    p = tpflax.plan(abstract(m, *SAMPLE), MESH, model=m, sample=SAMPLE)
-    spec = {path.removeprefix("params/block/"): d.spec for path, d in p.decisions.items()}
-    assert spec["igate/kernel"] == spec["fgate/kernel"] == P(None, None), p.decisions["params/block/igate/kernel"].reason
-    assert spec["q_proj/kernel"] == spec["k_proj/kernel"] == spec["v_proj/kernel"] == P("model", None, None)
-    assert spec["proj_up/kernel"] == P(None, "model") and spec["proj_down/kernel"] == P("model", None)

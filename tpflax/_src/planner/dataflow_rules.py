@@ -271,8 +271,6 @@ def _sources_by_dim(c: _Flow, rid: int) -> dict[int, dict[int, Edge]]:
             continue
         if S.path in c.streams:
             continue  # its output scales the residual stream (DiT's adaLN): split, XLA splits the stream too
-        if _narrow_gate(c, S, e, rid):
-            continue
         if 0 < S.rows < min(R.rows, c.flow.spread.get((S.id, e.src_dim), 0)) and not _beside_column(c, S.id, e, rid):
             # its few rows scale a larger activation on the way (StyleGAN2's style, one row per example, scales
             # every position of a conv's input) that no other column of this row makes (its maker decided
@@ -300,38 +298,6 @@ def _sources_by_dim(c: _Flow, rid: int) -> dict[int, dict[int, Edge]]:
     return {d: srcs for d, srcs in by_rdim.items() if srcs}
 
 
-def _out_size(c: _Flow, u: Use) -> int:
-    """Elements per row of a contraction's output its kernel makes: its kept and batch dims."""
-    shape = c.fx[u.path].leaf.shape
-    return math.prod(shape[k] for k in (*u.kept, *u.batch) if k < len(shape))
-
-
-def _narrow_gate(c: _Flow, S: Use, e: Edge, rid: int) -> bool:
-    """Use ``S`` makes fewer features per row than the row ``rid`` sums on ``e``'s dim, its output is multiplied
-    elementwise (:attr:`Dataflow.gated`) with that of a contraction making them all, and it is no operand of a
-    product of two activations (:attr:`Dataflow.products`): a gate, one value per head broadcast over what other
-    kernels' heads already make (xLSTM-7B's ``igate``/``fgate`` ``(d, heads)`` on the block's input, added into
-    the decay matrix that scales the ``q @ k`` scores). It makes none of the row's features, so it is no column of
-    the row: split, XLA sums its partial input gradients over the tensor ranks for a ``d x heads`` kernel; whole,
-    it runs on every rank and only its tiny output gradient is gathered (XLA:CPU data=2,model=4, xLSTM-7B's
-    layout: 1.19x the collectives of the gates kept whole, 0.995x the bytes, 0.996x the flops). A narrow output
-    that is itself an operand of a product is used per head (Mamba-2's ``in_dt``, one value per head, makes the
-    time-mixing matrix its heads' ``x`` is contracted with): a column, split with the heads, as the hand layout
-    has it. A head split's column (a block-diagonal kernel's heads are batch dims: heads x head_dim features)
-    makes them all."""
-    R = c.cand[rid]
-    width = c.fx[R.path].leaf.shape[e.dst_dim] if e.dst_dim < len(c.fx[R.path].leaf.shape) else 0
-    if S.op != "dot" or not width or _out_size(c, S) >= width:
-        return False
-    if any((S.id, e.src_dim) in tag for x in c.flow.products for tag in x.tags):
-        return False
-    for x in c.in_edges[rid]:
-        X = c.cand[x.src_use]
-        if x.src_use != S.id and x.dst_dim == e.dst_dim and X.op in ("dot", "conv") and \
-                _out_size(c, X) >= width and {((S.id, e.src_dim), (x.src_use, x.src_dim)),
-                                               ((x.src_use, x.src_dim), (S.id, e.src_dim))} & c.flow.gated:
-            return True
-    return False
 def _summed_into_output(c: _Flow, sid: int, dim: int) -> bool:
     """Use ``sid``'s output along ``dim`` reaches the model's output added to an activation (a residual stream, a
     scan's carry, whose next step's projection it also reaches): no column there. Returned as it is, it stays one:
@@ -505,8 +471,8 @@ def _join_columns(c: _Flow, rid: int) -> None:
         if S.path in c.st.out or S.path in c.streams or S.path in c.flow.channelwise or \
                 (S.id, e.src_dim) in c.flow.escapes or (S.id, e.src_dim) in c.flow.outputs or \
                 {x.dst_use for x in c.out_edges[(S.id, e.src_dim)]} != {rid} or \
-                e.dst_dim >= len(dr.spec) or dr.spec[e.dst_dim] != c.st.tensor[0] or _narrow_gate(c, S, e, rid):
-            continue  # (a dim of the row's kernel the pair does not split: its split would be gathered; a gate)
+                e.dst_dim >= len(dr.spec) or dr.spec[e.dst_dim] != c.st.tensor[0]:
+            continue  # (last: it reaches a dim of the row's kernel the pair does not split: its split would be gathered)
         fS = c.fx[S.path]
         join_column_of(c.st, fS, fS.body_dim(e.src_dim), c.fx[c.cand[rid].path],
                        f"traced: its output reaches {short(c.cand[rid].path)} {_via(e.via)}")
