@@ -707,6 +707,32 @@ def test_the_whole_key_value_option_prices_the_rows_sum_again_in_a_remat_recompu
     assert sums == {"Megatron, heads cut": again, "q/o split, K/V whole": again, "replicate": []}, sums
 
 
+def test_a_remat_whole_key_value_gqa_prices_what_the_recompute_runs_again():
+    # "q/o split, K/V whole" under nn.remat (data=2,model=4, 12:6): XLA:CPU's recompute gathers the query's output
+    # to whole head groups again, and the backward sums k's and v's partial input gradients over the 2 groups
+    # (f32[8,16,48] x 2 per layer over 2 ranks) instead of gathering their output gradients. Priced as without
+    # remat, the estimate was 0.852 of the compiled collectives (model all-reduces 0.79, review_a r4); both now go
+    # through Recompute.whole_kv_again, for the estimate and the chooser's candidate alike (1 compile)
+    m, x = _RematGQAStack(), (jax.ShapeDtypeStruct((16, N, 48), jnp.float32),)
+    v = jax.eval_shape(m.init, jax.random.key(0), *x)
+    p = tpflax.plan(v, MESH, model=m, sample=x, batch=x)
+    alts = {a.name: a for a in p.decisions["params/layers_0/o/kernel"].alternatives if a.group == "pair"}
+    assert alts["q/o split, K/V whole"].chosen
+    kv = [c for c in alts["q/o split, K/V whole"].collectives if "head group" in c]
+    assert sum("again in the remat recompute" in c for c in kv) == 1, kv
+    assert sum(c.startswith("all-reduce") and "input gradient, summed over the head groups" in c for c in kv) == 2, kv
+    loss = lambda out, x: jnp.mean(out ** 2)  # noqa: E731
+    mesh, tx = tpflax.make_mesh(MESH), optax.adamw(1e-3)
+    dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, tx, sample=x, loss=loss), p, mesh, compiler_options=COMM_XLA)
+    e = tpflax.estimate(p, tx, model=m, sample=x, loss=loss, backend="cpu")
+    got, est = dr.comm(), e.comm
+    # the model all-reduces exact (2 layers x 5); the gathers (2 layers x 3 query-sized ones of 6,144 B and the whole
+    # k/v leaves' update gathers) within 288 B: the biases' update gathers, priced apart from the compiled ones
+    assert est["all-reduce"]["model"] == got["all-reduce"]["model"], (est, got)
+    assert abs(est["all-gather"]["model"] - got["all-gather"]["model"]) <= 288, (est, got)
+    assert abs(e.comm_total / dr.comm_total - 1) < 0.01, (est, got)
+
+
 class FlatCaptioner(nn.Module):
     """A captioner with no tower module: the patch embedding, class token and vision MLP at the root beside the
     text's token table and MLP."""

@@ -33,7 +33,7 @@ from tpflax._src.cost.kvsplit import kv_split_comms, kv_splits
 from tpflax._src.cost.pieces import member_items
 from tpflax._src.cost.price import gathered_bytes, stream_gathers
 from tpflax._src.cost.records import CommItem
-from tpflax._src.cost.residual import Recompute, norm_layers, row_layers
+from tpflax._src.cost.residual import row_layers, scope_recompute
 from tpflax._src.cost.scope import Scope, body, drop_layers, is_tied, layers, leaf_itemsize
 from tpflax._src.cost.straddle import parted_ranks, straddled_items, straddled_split
 from tpflax._src.cost.stream import (
@@ -77,8 +77,7 @@ def _pair_items(s: Scope, notes: list[str]) -> list[CommItem]:
     # and the nnx.scan + nnx.remat probe_nnx decoder, a ``rematted_computation`` all-reduce of o's output per layer;
     # ResNet-18 fsdp=2,model=4 remat on, v5e:2x4, each block's second conv, normalised next (+0.27 GiB); a flat
     # q/k/v/o Dense block, whose o is kind "dense", one more o all-reduce per layer (0.905x before)
-    redone = Recompute(s.activations, norm_layers(s.lv), s.lv.stacks,
-                       any(dec[r].kind != "attention" for pc in s.lv.pairs for r in pc.rows)) if s.remat else None
+    redone = scope_recompute(s)
     unread = redone.unread(row_layers(s.lv)) if redone is not None and redone.again else frozenset()
     # a residual stream kept split on its features (a lookup table split on them) takes the pairs' partial
     # sums split: XLA:TPU reduce-scatters them into it (an all-reduce's first half; the gathers of the stream

@@ -218,6 +218,8 @@ class WholeKV:
         groups: ``g = gcd(K, n)``: the key/value head groups XLA lays the attention out in, each over ``n / g``
             ranks (which compute it alike).
         gathers: ``((result size, ranks, why), ...)``, sizes in the unit of :func:`whole_kv`'s widths.
+        sums: ``((size, ranks, why), ...)``: all-reduces, in the same unit (a remat'd step's key/value input
+            gradients, :meth:`tpflax._src.cost.residual.Recompute.whole_kv_again`).
         pieces: the pieces each key/value kernel's weight gradient comes out in (its update run on its piece and
             the parameter and its moments gathered over that many ranks, or, pinned by tpflax's fsdp step, its
             gradient gathered once), None: whole (one group).
@@ -226,10 +228,12 @@ class WholeKV:
     groups: int
     gathers: tuple[tuple[float, int, str], ...]
     pieces: int | None
+    sums: tuple[tuple[float, int, str], ...] = ()
 
 
 def whole_kv(query: float, kv: tuple[float, ...], row_in: float, heads: int | None, n: int,
-             input_grad: tuple[bool, ...] = ()) -> WholeKV | None:
+             input_grad: tuple[bool, ...] = (), again: tuple[bool, bool] = (False, False),
+             kv_in: tuple[float, ...] = ()) -> WholeKV | None:
     """The collectives of a GQA through ``jax.nn.dot_product_attention`` (which regroups the query's heads into the
     key/value's ``K = heads``) whose query projection (output ``query`` wide) is split on its output and whose output
     projection (input ``row_in``) is split on its input over ``n`` tensor ranks, its key and value projections
@@ -246,7 +250,10 @@ def whole_kv(query: float, kv: tuple[float, ...], row_in: float, heads: int | No
       ranks; none for one group), so its input gradient is computed whole (no partial sums, unlike the query's);
       none where its input needs no gradient (``input_grad``, one flag per ``kv``, default all: it reads the model's
       own input, whose gradient the step does not compute, and its weight gradient reads its groups as they are);
-    * its weight gradient comes out in the ``g`` groups (:attr:`WholeKV.pieces`).
+    * its weight gradient comes out in the ``g`` groups (:attr:`WholeKV.pieces`);
+    * rematerialised (``again``, :meth:`tpflax._src.cost.residual.Recompute.whole_kv_again`): the query's output
+      gathered again in the recompute; and where the backward sums each key/value's input gradient (``kv_in`` wide)
+      over the ``g`` groups, that all-reduce instead of its output gradient's gather.
 
     The planner's candidate (:mod:`tpflax._src.planner.builders`) and the estimate
     (:func:`tpflax._src.cost.reshard.whole_kv_items`) price the same collectives with it.
@@ -261,13 +268,27 @@ def whole_kv(query: float, kv: tuple[float, ...], row_in: float, heads: int | No
     ([(48.0, 4), (48.0, 4)], None)
     >>> whole_kv(48, (24, 24), 48, 2, 4) is None  # 2 heads on 4: each key/value in 2 pieces (cost/pieces.py)
     True
+    >>> w = whole_kv(48, (24, 24), 48, 6, 4, again=(True, True), kv_in=(48, 48))  # remat'd, kernels replicated
+    >>> [(s, r) for s, r, _ in w.gathers], [(s, r) for s, r, _ in w.sums]
+    ([(24.0, 2), (24.0, 2), (24.0, 2)], [(48, 2), (48, 2)])
     """
     if n <= 1 or not heads or not (heads % n and n % heads):
         return None
     g = math.gcd(heads, n)
     gathers = [(query / g, n // g, "forward: the query's output, to whole key/value head groups"),
                (row_in / g, n // g, "backward: the output projection's input gradient, to whole head groups")]
+    if again[0]:
+        gathers.insert(1, (query / g, n // g, "again in the remat recompute: the query's output, to whole key/value "
+                                              "head groups"))
+    summed = again[1] and len(kv_in) == len(kv)
+    sums = []
     if g > 1:
-        gathers += [(w, g, "backward: a whole key/value's output gradient, over the head groups")
-                    for w, grad in zip(kv, input_grad or (True,) * len(kv), strict=True) if grad]
-    return WholeKV(g, tuple(gathers), g if g > 1 else None)
+        grads = [(w, win) for w, win, grad in zip(kv, kv_in if summed else kv, input_grad or (True,) * len(kv),
+                                                  strict=True) if grad]
+        if summed:
+            sums = [(win, g, "backward (remat'd): a whole key/value's partial input gradient, summed over the head "
+                             "groups") for _, win in grads]
+        else:
+            gathers += [(w, g, "backward: a whole key/value's output gradient, over the head groups")
+                        for w, _ in grads]
+    return WholeKV(g, tuple(gathers), g if g > 1 else None, tuple(sums))

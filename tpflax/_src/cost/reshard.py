@@ -33,6 +33,7 @@ from tpflax._src.cost.headcut import (
 )
 from tpflax._src.cost.kvsplit import cut_in_pieces, kv_splits
 from tpflax._src.cost.records import CommItem
+from tpflax._src.cost.residual import scope_recompute
 from tpflax._src.cost.scope import Scope, body, layers
 from tpflax._src.mesh import TENSOR
 from tpflax._src.specs import entry_axes
@@ -430,12 +431,18 @@ def whole_kv_items(s: Scope) -> list[CommItem]:
         r, axes, q, kvs, heads, _ = found
         label, count = s.lv.label[r], layers(dec[r]) * s.lv.count[r]
         out_b = {c: s.rows_of(c) * s.act_item * body(dec[c])[1] for c in (q, *kvs)}  # bytes of a local row's output
+        # rematerialised: what the recompute runs again (Recompute, the rule the row sums follow too)
+        again = redone.whole_kv_again(not any(entry_axes(e) for c in kvs for e in s.lv.specs[c])) \
+            if (redone := scope_recompute(s)) is not None else (False, False)
         w = whole_kv(out_b[q], tuple(out_b[c] for c in kvs), s.rows_of(r) * s.act_item * body(dec[r])[0], heads,
-                     s.size(axes), tuple((s.widths or {}).get(c) != 0 for c in kvs))  # 0: reads the model's input
-        items += [CommItem("all-gather", axes, size, ranks, count, label,
-                           f"{label}: {s.lv.label[q]} split, {', '.join(s.lv.label[c] for c in kvs)} whole, in "
-                           f"{w.groups} key/value head group(s): gather, {why}")
+                     s.size(axes), tuple((s.widths or {}).get(c) != 0 for c in kvs),  # 0: reads the model's input
+                     again, tuple(s.rows_of(c) * s.act_item * body(dec[c])[0] for c in kvs))
+        what = f"{label}: {s.lv.label[q]} split, {', '.join(s.lv.label[c] for c in kvs)} whole, in {w.groups if w else 0}" \
+               " key/value head group(s)"
+        items += [CommItem("all-gather", axes, size, ranks, count, label, f"{what}: gather, {why}")
                   for size, ranks, why in (w.gathers if w else ())]
+        items += [CommItem("all-reduce", axes, size, ranks, count, label, f"{what}: {why}")
+                  for size, ranks, why in (w.sums if w else ())]
     return items
 
 

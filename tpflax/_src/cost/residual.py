@@ -172,6 +172,31 @@ class Recompute:
                                and not {alike_path(key), alike_path(key.rsplit("/", 1)[0])} & unread)
 
 
+    def whole_kv_again(self, kv_replicated: bool) -> tuple[bool, bool]:
+        """How the recompute re-runs a GQA laid out with its key/value kernels whole and its query split
+        (:func:`tpflax._src.cost.headcut.whole_kv`): ``(the query's output gathered to whole head groups again,
+        each key/value's input gradient summed over the head groups instead of its output gradient gathered)``;
+        ``kv_replicated``: the key/value kernels are whole on every device (no fsdp split).
+
+        Measured (XLA:CPU, ``nn.remat`` pre-norm blocks, 12 query heads of 4 over ``jax.nn.dot_product_attention``,
+        width 48, 16 tokens): the recompute's ``rematted_computation`` gathers the query's output again per layer
+        with 6 key/value heads on data=2,model=4 and on fsdp=2,model=4 and with 3 on data=2,model=4. With 6 heads
+        on data=2,model=4 the backward sums k's and v's input gradients over the 2 groups (one all-reduce of
+        ``f32[8,16,48]`` x 2 per layer) and gathers no output gradient; on fsdp=2,model=4 (the kernels gathered
+        over fsdp) it gathers them as without remat."""
+        return True, kv_replicated
+
+
+def scope_recompute(s: Any) -> Recompute | None:
+    """The estimate's :class:`Recompute` of a :class:`tpflax._src.cost.scope.Scope`: its layer calls, norms and stacks,
+    and whether a pair's row is not an attention layer; None unless the step is rematerialised."""
+    if not s.remat:
+        return None
+    lv = s.lv
+    return Recompute(s.activations, norm_layers(lv), lv.stacks,
+                     any(lv.decisions[r].kind != "attention" for pc in lv.pairs for r in pc.rows))
+
+
 def stack_lengths(units: Iterable[tuple[str, int | None]]) -> dict[str, int]:
     """``{traced layer path: layers}`` for layers inside a scanned stack, from each leaf's ``(unit, layers)``
     (its stacked dim's size, None without one): every leaf below such a path has one, of that size.

@@ -531,8 +531,11 @@ def _kv_whole_option(st: State, cols: list[Linear], row: Linear, pair: Pair, blo
                    or c.rope is None for c in cols)):
         return None
     q = query[0]
+    pinned_ = _fsdp_mesh(st)
+    # rematerialised: what the recompute runs again, as the estimate prices it (Recompute.whole_kv_again)
+    again = st.recompute.whole_kv_again(not pinned_) if st.recompute is not None else (False, False)
     w = whole_kv(out_width(q), tuple(out_width(c) for c in kvs), row.in_size, heads, t_size,
-                 tuple(c.f.path not in st.no_input_grad for c in kvs))
+                 tuple(c.f.path not in st.no_input_grad for c in kvs), again, tuple(c.in_size for c in kvs))
     if w is None:
         return None
     over = axis_label(t_entry, t_size)
@@ -553,8 +556,9 @@ def _kv_whole_option(st: State, cols: list[Linear], row: Linear, pair: Pair, blo
     acts = [row_sum(st, row.f, row.out_size),
             *input_grad_sum(st, q.f.path, q.in_size),
             *(ActComm("all-gather", t_entry, size, 1, f"{short(q.f.path)} split, {kv_names} whole, in {groups}: "
-                      f"gather, {why}", ranks=ranks if ranks != t_size else 0) for size, ranks, why in w.gathers)]
-    pinned_ = _fsdp_mesh(st)
+                      f"gather, {why}", ranks=ranks if ranks != t_size else 0) for size, ranks, why in w.gathers),
+            *(ActComm("all-reduce", t_entry, size, 1, f"{short(q.f.path)} split, {kv_names} whole, in {groups}: {why}",
+                      ranks=ranks if ranks != t_size else 0) for size, ranks, why in w.sums)]
     for c in kvs:
         acts += update_acts(c, t_entry, w.pieces if c.f.leaf.trainable else None, pinned_)
     pieces = tuple((c.f.path, w.pieces) for c in kvs if w.pieces and c.f.leaf.trainable)
