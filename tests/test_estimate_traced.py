@@ -379,6 +379,37 @@ def test_a_conv_pair_moves_its_maps_channels_wide():
     assert sum(k.get("model", 0) for k in got.values()) == pytest.approx(2 * maps * 2 * 3 / 4, rel=0.01), got
 
 
+class _LossOnlyColumn(nn.Module):
+    """A lone Dense whose output only the loss reads: added onto the model's input, or the last layer."""
+
+    last: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        if self.last:
+            return nn.Dense(16, name="d")(nn.gelu(nn.Dense(16, name="a")(x)))
+        return x + nn.Dense(16, name="d")(x)
+
+
+@pytest.mark.parametrize("last", [False, True])
+def test_a_lone_column_read_only_by_the_loss_gathers_nothing(last):
+    # its kernel split P(None, 'model'), the tokens over data: XLA leaves the output split for the loss, which
+    # reduces it where it lies (one 4-byte all-reduce under a mean-square loss). The estimate gathered the whole
+    # output (x + Dense(x): 1,808 B against the compiled 282, 6.4x)
+    m, sample = _LossOnlyColumn(last), (jax.ShapeDtypeStruct((8, 8, 16), F32),)
+    variables = jax.eval_shape(m.init, jax.random.key(0), *sample)
+    p = tpflax.plan(variables, MESH, rules=[(r"d/kernel", P(None, "model")), (r"d/bias", P("model")), (".*", P())])
+    mesh, tx = tpflax.make_mesh(MESH), optax.adamw(1e-3)
+    loss = lambda out, x: jnp.mean(out ** 2)  # noqa: E731
+    dr = tpflax.dry_run(tpflax.make_train_step(m, p, mesh, tx, sample=sample, loss=loss), p, mesh,
+                        compiler_options=COMM_XLA)
+    e = tpflax.estimate(p, tx, model=m, sample=sample, loss=loss, backend="cpu")
+    assert not [i for i in e.items if i.kind == "all-gather"], e.items
+    # the model axis: nothing, or the column's input gradient sum behind the whole layer (4 x 8 x 16 f32), besides
+    # the loss scalar (6 B in a ring of 4)
+    assert dr.comm_total - e.comm_total == pytest.approx(10, abs=6), (e.comm, dr.comm())
+
+
 def test_a_tree_pair_the_program_does_not_connect_is_priced_as_two_lone_layers():
     # two Dense layers numbered c_0, c_1 alone in a block, both reading x: the tree pairs c_0 -> c_1 (chained
     # widths), but no dataflow edge joins them. XLA gathers c_0's split output (forward) and c_1's split input

@@ -292,6 +292,9 @@ class Traced:
     split_grads: tuple[tuple[frozenset[tuple[str, int]], frozenset[tuple[str, int]], float, int], ...] = ()
     chained: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     residual: Mapping[str, tuple[int, frozenset[tuple[str, int]]]] = field(default_factory=dict)
+    # (path, param dim): a contraction's kept dims whose activation dim reaches the model's output, escaping into
+    # no product on the way (Dataflow.outputs less Dataflow.escapes)
+    to_output: frozenset[tuple[str, int]] = frozenset()
 
 
 def frozen_inputs(t: Traced, trainable: Mapping[str, bool]) -> frozenset[str]:
@@ -461,7 +464,8 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], leads: frozenset
                   split_grads=tuple((frozenset((flow.uses[u].path, d) for u, d in a),
                                      frozenset((flow.uses[u].path, d) for u, d in b), n / examples, c)
                                     for a, b, n, c in flow.split_grads),
-                  chained=_chained(flow, whole), residual=_residual(flow))
+                  chained=_chained(flow, whole), residual=_residual(flow),
+                  to_output=frozenset((flow.uses[u].path, d) for u, d in flow.outputs if (u, d) not in flow.escapes))
 
 
 def _batch_read(flow: Any) -> frozenset[str]:
