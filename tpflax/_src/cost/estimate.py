@@ -76,7 +76,7 @@ from tpflax._src.cost.reshard import (
 from tpflax._src.cost.scope import Scope
 from tpflax._src.cost.straddle import straddled_split
 from tpflax._src.cost.stream import split_grad_items
-from tpflax._src.cost.whole import replicated_items, whole_read_items
+from tpflax._src.cost.whole import replicated_items, whole_members, whole_read_items
 from tpflax._src.cost.workload import Workload, prepare
 from tpflax._src.errors import EstimateError, MeshError
 from tpflax._src.mesh import EXPERT, FSDP, TENSOR, MeshShape, batch_axes, tracing_for
@@ -196,7 +196,7 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
              + split_head_items(scope) + grouped_qkv_items(scope) + repeated_kv_items(scope) + whole_kv_items(scope) + concat_items(scope, notes)
              + grouped_conv_items(scope) + explicit_items(w.collectives, notes, w.backend) + split_grad_items(scope) + whole_read_items(scope)
              + replicated_items(scope)
-             + split_sum_items(scope, w.split_sums, w.fused or {}) + split_grad_gathers(scope, w.split_grads, w.fused or {})
+             + split_sum_items(scope, w.split_sums, w.fused or {}, w.broadcast_from) + split_grad_gathers(scope, w.split_grads, w.fused or {})
              + fft_items(scope, w.fft_reads) + crossing_items(scope, w.crossings))
     items = tuple(i for i in every if i.total > 0)
     return Estimate(
@@ -301,7 +301,7 @@ def _gathered_heads(s: Scope) -> set[str]:
 
 
 def split_sum_items(s: Scope, sums: Sequence[tuple[frozenset[tuple[str, int]], float, int]],
-                    fused: Any = ()) -> list[CommItem]:
+                    fused: Any = (), sides: Mapping[int, frozenset[tuple[str, int]]] | None = None) -> list[CommItem]:
     """All-reduces of products of two activations that sum a kernel dim the plan splits over a tensor axis.
 
     A single-head attention (a VAE's mid-block) with q and k split over their channels computes its scores
@@ -309,11 +309,23 @@ def split_sum_items(s: Scope, sums: Sequence[tuple[frozenset[tuple[str, int]], f
     probabilities (backward): measured, tiny FlaxAutoencoderKL, data=2,model=4, four scores-sized
     all-reduces (384 KiB, 11% of the step's collectives) the pairs' items did not price. Multi-head
     attention split by heads sums only head_dims, which the trace does not count (:attr:`Workload.split_sums`).
+
+    ``sides``: for a broadcast sum, the kernel dims of the side it forms the gradient of
+    (:attr:`Workload.broadcast_from`). Where that side is the output of a member its split pair keeps whole, whose
+    output gradient :func:`tpflax._src.cost.whole.whole_members` sums already, it is that sum: a per-token scalar
+    gate ``gelu(up(y)) * sigmoid(gate(y))`` beside ``up`` split on its ffn dim, priced twice before (XLA:CPU
+    data=2,model=4: one ``f32[4,8]`` all-reduce, est/comp 1.011).
     """
     tensor = set(s.mesh.axes_with(TENSOR))
     out = []
     gathered = _gathered_heads(s)
-    for dims, per_example, runs in sums:
+    # the members whose pieces' output gradients pieces.member_items sums over the ranks sharing each
+    summed = {m for m, r in whole_members(s).items()
+              if not r.grouped and not r.repeat and r.pieces and r.pieces < s.size(r.axes)} if sides else set()
+    for i, (dims, per_example, runs) in enumerate(sums):
+        side = {s.lv.rep(p) for p, _ in (sides or {}).get(i, ())}
+        if side and side <= summed:
+            continue  # the whole member's output-gradient sum (whole_members) is this one
         # a fused kernel's cut pieces: their reshards are priced with it; the dims of other kernels the product
         # sums still split it (Mamba's scan: C's gradient sums d_inner, in_proj's fused [x | z] but also dt_proj's
         # and the conv's channels, and is all-reduced on the hand layout; measured, XLA:CPU data=2,model=4)

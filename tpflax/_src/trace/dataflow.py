@@ -313,6 +313,7 @@ def analyze(closed: Any, paths: Sequence[str], batch: int | None = None) -> Data
                     products=_one_branch(w.products), channelwise=dict(w.channelwise),
                     split_sums=tuple((frozenset(w.root(k) for k in ks), n, c) for ks, n, c in w.split_sums),
                     broadcast_sums=tuple((frozenset(w.root(k) for k in ks), n, c) for ks, n, c in w.broadcast_sums),
+                    broadcast_sides=tuple(frozenset(w.root(k) for k in ks) for ks in w.broadcast_sides),
                     split_grads=tuple((frozenset(w.root(k) for k in a), frozenset(w.root(k) for k in b), n, c)
                                       for a, b, n, c in w.split_grads),
                     spread=_on_kernel_dims(w, w.spread), grown=_on_kernel_dims(w, w.grown),

@@ -116,6 +116,7 @@ def _note_broadcast_sums(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, out: tup
                           for d in copied for k in o.dim_tags(d) if not is_minor(k))
         if found:
             w.broadcast_sums.append((found, math.prod(shape), count))
+            w.broadcast_sides.append(frozenset(k for d in range(len(shape)) for k in v.dim_tags(d) if not is_minor(k)))
 
 
 def constrained(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> list[Val]:

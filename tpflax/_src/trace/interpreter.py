@@ -200,6 +200,8 @@ class Walk:
     split_sums: list[tuple[frozenset[tuple[int, int]], int, int]] = field(default_factory=list)
     # the same, of an elementwise product one side of which lax broadcasts along the other's features
     broadcast_sums: list[tuple[frozenset[tuple[int, int]], int, int]] = field(default_factory=list)
+    # per broadcast sum, the kernel dims the broadcast side carries (whose gradient it sums into)
+    broadcast_sides: list[frozenset[tuple[int, int]]] = field(default_factory=list)
     # (kernel dims one side of a product of two activations contracts, the other side's, that side's elements, runs)
     split_grads: list[tuple[frozenset[tuple[int, int]], frozenset[tuple[int, int]], int, int]] = field(
         default_factory=list)

@@ -463,6 +463,8 @@ class Dataflow:
     parted: Mapping[str, Mapping[int, int]] = field(default_factory=dict)
     batch_reads: frozenset[int] = frozenset()
     unbatched: frozenset[int] = frozenset()
+    # per broadcast sum (in order), the kernel dims its broadcast side carries: whose gradient the sum forms
+    broadcast_sides: tuple[frozenset[tuple[int, int]], ...] = ()
 
     def positional(self) -> dict[str, tuple[int, tuple[int, ...]]]:
         """``{table: (rows looked up, its dims not indexed)}`` for tables every use of which is a lookup at
