@@ -102,6 +102,9 @@ class Scope:
     # traced kernels whose calls add their output back onto the stream their input comes from: (calls, the dims
     # they and that stream meet on) (Traced.residual)
     residual: Mapping[str, tuple[int, frozenset]] = field(default_factory=dict)
+    # of those, the sums per row the norms their calls read the stream through take, over the calls
+    # (Traced.residual_norms)
+    residual_norms: Mapping[str, int] = field(default_factory=dict)
     buffers: Mapping[str, float] | None = None  # traced batch-free expert buffers' rows (Traced)
     streams: Mapping[str, tuple[float, int, int]] | None = None  # traced streams split by a small output (Traced)
     grown: Mapping[str, float] = field(default_factory=dict)  # outputs upsampled before read whole (Traced)

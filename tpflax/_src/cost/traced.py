@@ -98,6 +98,8 @@ class Traced:
             the later calls of a layer chained through the residual): ``dims``, the kernel's kept dims and the
             stream's tags there (``(path, dim)``), which XLA keeps split as the kernel's split output or
             gradient is (:func:`_residual`).
+        residual_norms: ``{path: sums}`` for those kernels whose calls read that stream through a norm, the sums
+            per row the norms all-reduce each way, over the calls (:func:`_residual_norms`).
         slice_reads: ``{path: n}`` for those parameters, the distinct activations their contractions read
             (:attr:`Dataflow.apart`'s groups): one where every slice reads the same input (experts weighted after
             their matmuls), as many as the slices where each reads its own (experts on their dispatched slices).
@@ -298,6 +300,7 @@ class Traced:
     # {index into split_sums: (path, param dim) of the broadcast side}: a broadcast sum (Dataflow.broadcast_sums)
     # forms the gradient of the side lax broadcast, whose kernel dims these are (Dataflow.broadcast_sides)
     broadcast_from: Mapping[int, frozenset[tuple[str, int]]] = field(default_factory=dict)
+    residual_norms: Mapping[str, int] = field(default_factory=dict)
 
 
 def frozen_inputs(t: Traced, trainable: Mapping[str, bool]) -> frozenset[str]:
@@ -470,7 +473,8 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], leads: frozenset
                   chained=_chained(flow, whole), residual=_residual(flow),
                   to_output=frozenset((flow.uses[u].path, d) for u, d in flow.outputs if (u, d) not in flow.escapes),
                   broadcast_from={len(flow.split_sums) + i: frozenset((flow.uses[u].path, d) for u, d in side)
-                                  for i, side in enumerate(flow.broadcast_sides) if side})
+                                  for i, side in enumerate(flow.broadcast_sides) if side},
+                  residual_norms=_residual_norms(flow))
 
 
 def _batch_read(flow: Any) -> frozenset[str]:
@@ -546,8 +550,9 @@ def _chained(flow: Any, whole: Mapping[str, int]) -> dict[str, tuple[int, int]]:
 
 def _residual(flow: Any) -> dict[str, tuple[int, frozenset[tuple[str, int]]]]:
     """:attr:`Traced.residual`: plain ``dot`` calls, outside scans, whose output is added (:attr:`Dataflow.added`)
-    onto a stream carrying a tag that also reaches the call's contracted input (an edge): the call's output is
-    added back to the stream its input comes from. Per kernel, the calls and the dims they and the stream meet on.
+    onto a stream carrying a tag that also reaches the call's contracted input (an edge, or a norm the call
+    contracts straight, :attr:`Dataflow.norm_fed`: a pre-norm ``h + d(LayerNorm(h))``): the call's output is added
+    back to the stream its input comes from. Per kernel, the calls and the dims they and the stream meet on.
 
     >>> from tpflax._src.trace.dataflow import Dataflow, Edge, Use
     >>> u = [Use(0, "inp", "dot", (0,), (1,)), Use(1, "d", "dot", (0,), (1,))]
@@ -557,19 +562,53 @@ def _residual(flow: Any) -> dict[str, tuple[int, frozenset[tuple[str, int]]]]:
     >>> n, sorted(dims)
     (1, [('d', 1), ('inp', 1)])
     """
+    out: dict[str, tuple[int, frozenset[tuple[str, int]]]] = {}
+    for u, met in _residual_calls(flow):
+        n, dims = out.get(u.path, (0, frozenset()))
+        out[u.path] = (n + 1, dims | {(u.path, k) for k, _ in met} | {(flow.uses[t].path, td) for _, (t, td) in met})
+    return out
+
+
+def _residual_norms(flow: Any) -> dict[str, int]:
+    """:attr:`Traced.residual_norms`: of :func:`_residual`'s kernels, those whose calls read the stream they add
+    back onto through a norm (:attr:`Dataflow.norm_fed`), with the sums per row those norms take (a LayerNorm's
+    mean and mean square, an RMSNorm's mean square), over the calls. XLA keeps the stream split on its features
+    there, so each such norm all-reduces its sums forward and the same number backward (measured, XLA:CPU
+    data=2,model=4, ``h = inp(x); h = h + d(LayerNorm(h))`` with ``d`` a lone column or row: ``f32[4,8]`` twice
+    each way; with an RMSNorm once).
+
+    >>> from tpflax._src.trace.dataflow import Dataflow, Use
+    >>> u = [Use(0, "inp", "dot", (0,), (1,)), Use(1, "d", "dot", (0,), (1,))]
+    >>> f = Dataflow(("inp", "d"), tuple(u), (), {(0, 1): "normed"}, frozenset(), frozenset(), {}, frozenset(), {},
+    ...              added={(1, 1): frozenset({(0, 1)})}, norm_fed=frozenset({(0, 1, 1, 0, 2)}))
+    >>> _residual_norms(f), _residual(f)["d"][0]
+    ({'d': 2}, 1)
+    """
+    normed = {(d, dd, s, sd): n for s, sd, d, dd, n in flow.norm_fed}
+    out: dict[str, int] = {}
+    for u, met in _residual_calls(flow):
+        sums = max((min(2, normed.get((u.id, c, *t), 0)) for _, t in met for c in u.contracted), default=0)
+        if sums:
+            out[u.path] = out.get(u.path, 0) + sums
+    return out
+
+
+def _residual_calls(flow: Any) -> list[tuple[Any, set[tuple[int, tuple[int, int]]]]]:
+    """The plain ``dot`` calls of :func:`_residual`, each with the ``(kept dim, stream tag)`` it adds back on."""
     feeds: dict[int, set[tuple[int, int]]] = {}
     for e in flow.edges:
         if e.dst_dim in flow.uses[e.dst_use].contracted:
             feeds.setdefault(e.dst_use, set()).add((e.src_use, e.src_dim))
-    out: dict[str, tuple[int, frozenset[tuple[str, int]]]] = {}
+    for s, sd, d, dd, _ in flow.norm_fed:
+        if dd in flow.uses[d].contracted:
+            feeds.setdefault(d, set()).add((s, sd))
+    out = []
     for u in flow.uses:
         if u.op != "dot" or u.scan_length or u.batch or u.path in flow.scanned or u.id not in feeds:
             continue
         met = {(k, t) for k in u.kept for t in flow.added.get((u.id, k), ()) if t in feeds[u.id]}
         if met:
-            n, dims = out.get(u.path, (0, frozenset()))
-            out[u.path] = (n + 1, dims | {(u.path, k) for k, _ in met}
-                           | {(flow.uses[t].path, td) for _, (t, td) in met})
+            out.append((u, met))
     return out
 
 

@@ -337,7 +337,9 @@ def analyze(closed: Any, paths: Sequence[str], batch: int | None = None) -> Data
                                     for r in w.fft_reads),
                     sliced=_sliced(w, {p: tuple(v.aval.shape) for p, v in zip(paths, jaxpr.invars, strict=False)}),
                     batch_reads=batched,
-                    unbatched=_unbatched(jaxpr, len(paths), examples, w.reads, batch, batched))
+                    unbatched=_unbatched(jaxpr, len(paths), examples, w.reads, batch, batched),
+                    norm_fed=frozenset((*w.root(k), d, dd, w.stats.get(k, 0)) for k, d, dd in w.norm_fed
+                                       if not is_minor(k)))
 
 
 def _concats(w: Any) -> tuple[dict[tuple[int, int], tuple[int, ...]], dict[tuple[int, int], tuple[int, int]]]:

@@ -253,6 +253,8 @@ def reduce(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> l
             for k in tags:
                 if not is_minor(k):
                     w.normed[k] = min(w.normed.get(k, width), width)
+                    if name == "reduce_sum":
+                        w.stats[k] = w.stats.get(k, 0) + 1
         else:
             w.escape(tags, f"{name} reduces over it (a norm, a mean or a softmax over features needs the "
                            "whole dim)")

@@ -191,6 +191,9 @@ class Walk:
     added: dict[tuple[int, int], set[tuple[int, int]]] = field(default_factory=dict)
     extrema: set[tuple[int, int]] = field(default_factory=set)  # tags a max or min reduced over (a softmax's)
     normed: dict[tuple[int, int], int] = field(default_factory=dict)  # tag -> width a norm reduced it over
+    stats: dict[tuple[int, int], int] = field(default_factory=dict)  # tag -> the sums a norm reduced it by
+    # (tag, use id, use dim): a norm over the tag's dim contracted straight by that use, where the tag ends (edge)
+    norm_fed: set[tuple[tuple[int, int], int, int]] = field(default_factory=set)
     widths: dict[int, int] = field(default_factory=dict)  # use id -> the elements it contracts per row
     bits: dict[str, int] = field(default_factory=dict)  # parameter path -> its bit in Val.deps
     grad_deps: dict[int, int] = field(default_factory=dict)  # use id -> Val.deps of the activation it reads
@@ -512,6 +515,7 @@ class Walk:
             # statistics cost one small all-reduce per row. Through an activation product (OLMo-2's q norm,
             # then q.k) it goes on whatever its width.
             self.escapes.setdefault(k, "a norm over it feeds a kernel directly (a column that does not widen)")
+            self.norm_fed.add((k, dst, dst_dim))
             return
         key = (k[0], k[1], dst, dst_dim)
         old = self.edges.get(key)

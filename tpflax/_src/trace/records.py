@@ -400,6 +400,10 @@ class Dataflow:
         unbatched: with a batch size given, the ``dot`` uses whose activation carried a batch only from inputs of
             another leading dim, which the step keeps replicated (a positional table): they run alike on every
             device of the batch axes. Empty without one.
+        norm_fed: ``(use id, param dim, use id, param dim, sums)``: a kept dim a norm reduced over (its ``sums``
+            per row: a LayerNorm's mean and mean square 2, an RMSNorm's 1) whose normalised value the second use
+            contracts straight on its dim, where the tag ends (an :attr:`escapes` entry, no :attr:`edges` one): a
+            pre-norm branch ``h + d(LayerNorm(h))`` reading the stream ``h`` writes.
     """
 
     paths: tuple[str, ...]
@@ -465,6 +469,7 @@ class Dataflow:
     unbatched: frozenset[int] = frozenset()
     # per broadcast sum (in order), the kernel dims its broadcast side carries: whose gradient the sum forms
     broadcast_sides: tuple[frozenset[tuple[int, int]], ...] = ()
+    norm_fed: frozenset[tuple[int, int, int, int, int]] = frozenset()
 
     def positional(self) -> dict[str, tuple[int, tuple[int, ...]]]:
         """``{table: (rows looked up, its dims not indexed)}`` for tables every use of which is a lookup at
