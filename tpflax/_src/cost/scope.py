@@ -105,6 +105,8 @@ class Scope:
     # of those, the sums per row the norms their calls read the stream through take, over the calls
     # (Traced.residual_norms)
     residual_norms: Mapping[str, int] = field(default_factory=dict)
+    # traced kernels whose outputs only reach the model's output elementwise, read by the loss (Traced.loss_read)
+    loss_read: frozenset[str] = frozenset()
     buffers: Mapping[str, float] | None = None  # traced batch-free expert buffers' rows (Traced)
     streams: Mapping[str, tuple[float, int, int]] | None = None  # traced streams split by a small output (Traced)
     grown: Mapping[str, float] = field(default_factory=dict)  # outputs upsampled before read whole (Traced)
