@@ -181,6 +181,7 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
                   shared=w.shared, lookups=w.lookups, lookup_rows=w.lookup_rows, scores=w.scores,
                   grouped=w.grouped, joined=w.joined, widths=w.widths, slices=w.slices, slice_reads=w.slice_reads, chained=w.chained, residual=w.residual,
                   residual_norms=w.residual_norms, loss_read=w.loss_read,
+                  downstream=w.downstream,
                   buffers=w.buffers, streams=w.streams, grown=w.grown, in_rows=w.in_rows, combined=w.combined, reduced=w.reduced,
                   row_axes=tuple(a for a in caxes if a not in axes),
                   target=w.target, gathers_reduce=w.backend == "tpu" and gathers_reduce(w.target, n), meets=w.meets,

@@ -242,6 +242,17 @@ def _residual_splits(s: Any, out: dict[tuple[str, ...], dict[str, int]]) -> None
             if (r in lv.decisions and lv.decisions[r].trainable and r not in lv.in_pair
                     and not set(used_axes(lv.specs[r])) & set(axes)):
                 out.setdefault(axes, {}).setdefault(r, s.size(axes))
+    for path in s.downstream or {}:
+        # the stream split from here on reaches every whole leaf of its width (its norms, the writers' biases, a
+        # head), as a feature-split table's does (stream_reached)
+        rep = lv.rep(path)
+        axes = tuple(sorted(s.axes(rep, TENSOR))) if rep in lv.specs and rep not in lv.in_pair else ()
+        if not axes:
+            continue
+        width = body(lv.decisions[rep])[-1]
+        for p, x in lv.decisions.items():
+            if p != rep and width in body(x) and x.trainable and not set(used_axes(lv.specs[p])) & set(axes):
+                out.setdefault(axes, {}).setdefault(p, s.size(axes))
 
 
 def _straddled_parts(s: Any, out: dict[tuple[str, ...], dict[str, int]]) -> None:

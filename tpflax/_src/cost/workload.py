@@ -105,6 +105,7 @@ class Workload:
     residual: Mapping[str, tuple[int, frozenset]] = field(default_factory=dict)  # (Traced.residual)
     residual_norms: Mapping[str, int] = field(default_factory=dict)  # (Traced.residual_norms)
     loss_read: frozenset[str] = frozenset()  # (Traced.loss_read)
+    downstream: Mapping[str, tuple[int, int, int]] = field(default_factory=dict)  # (Traced.downstream)
     buffers: Mapping[str, float] | None = None
     streams: Mapping[str, tuple[float, int, int]] | None = None
     grown: Mapping[str, float] = field(default_factory=dict)  # outputs upsampled before read whole (Traced)
@@ -326,7 +327,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     settings=settings, tied=t.tied, parts=t.parts, rows=t.rows,
                     fused=t.fused, shared=t.shared, lookups=t.lookups,
                     grouped=t.grouped, joined=t.joined, widths=widths, frozen_inputs=frozen, slices=t.slices, slice_reads=t.slice_reads,
-                    chained=t.chained, residual=t.residual, residual_norms=t.residual_norms, loss_read=t.loss_read,
+                    chained=t.chained, residual=t.residual, residual_norms=t.residual_norms, loss_read=t.loss_read, downstream=t.downstream,
                     buffers=t.buffers,
                     streams=t.streams, grown=t.grown, in_rows=t.in_rows, combined=t.combined, reduced=t.reduced, contractions=contractions, scores=t.scores,
                     next_token=_next_token(m) if loss is None else reads_slice(m, loss), biased=t.biased,

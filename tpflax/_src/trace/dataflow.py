@@ -339,7 +339,8 @@ def analyze(closed: Any, paths: Sequence[str], batch: int | None = None) -> Data
                     batch_reads=batched,
                     unbatched=_unbatched(jaxpr, len(paths), examples, w.reads, batch, batched),
                     norm_fed=frozenset((*w.root(k), d, dd, w.stats.get(k, 0)) for k, d, dd in w.norm_fed
-                                       if not is_minor(k)))
+                                       if not is_minor(k)),
+                    stream_ends=tuple((frozenset(w.root(k) for k in ks), n) for ks, n in w.stream_ends))
 
 
 def _concats(w: Any) -> tuple[dict[tuple[int, int], tuple[int, ...]], dict[tuple[int, int], tuple[int, int]]]:

@@ -256,6 +256,9 @@ def reduce(w: Walk, eqn: Any, ins: list[Val], ctx: tuple, ranks: list[int]) -> l
                     if name == "reduce_sum":
                         w.stats[k] = w.stats.get(k, 0) + 1
         else:
+            if name == "reduce_sum" and (ended := frozenset(k for k in tags if not is_minor(k) and k in w.joined
+                                                            and k not in w.escapes)):
+                w.stream_ends.append((ended, len(w.uses)))  # a norm over a joined stream: where its tags end
             w.escape(tags, f"{name} reduces over it (a norm, a mean or a softmax over features needs the "
                            "whole dim)")
     if v.origin and v.tags is None and name in _STATS:

@@ -194,6 +194,9 @@ class Walk:
     stats: dict[tuple[int, int], int] = field(default_factory=dict)  # tag -> the sums a norm reduced it by
     # (tag, use id, use dim): a norm over the tag's dim contracted straight by that use, where the tag ends (edge)
     norm_fed: set[tuple[tuple[int, int], int, int]] = field(default_factory=set)
+    # the joined tags (a residual stream's writers) each sum over a joined dim first ends (a norm over the stream),
+    # with the uses recorded before it
+    stream_ends: list[tuple[frozenset[tuple[int, int]], int]] = field(default_factory=list)
     widths: dict[int, int] = field(default_factory=dict)  # use id -> the elements it contracts per row
     bits: dict[str, int] = field(default_factory=dict)  # parameter path -> its bit in Val.deps
     grad_deps: dict[int, int] = field(default_factory=dict)  # use id -> Val.deps of the activation it reads

@@ -404,6 +404,9 @@ class Dataflow:
             per row: a LayerNorm's mean and mean square 2, an RMSNorm's 1) whose normalised value the second use
             contracts straight on its dim, where the tag ends (an :attr:`escapes` entry, no :attr:`edges` one): a
             pre-norm branch ``h + d(LayerNorm(h))`` reading the stream ``h`` writes.
+        stream_ends: per sum over a dim carrying tags added onto an activation lacking them (a norm over a residual
+            stream, :attr:`added`), the tags that first end there, and the uses recorded before it (a use recorded
+            later, a kernel reading the norm's output): one entry per norm of the stream, in order.
     """
 
     paths: tuple[str, ...]
@@ -470,6 +473,7 @@ class Dataflow:
     # per broadcast sum (in order), the kernel dims its broadcast side carries: whose gradient the sum forms
     broadcast_sides: tuple[frozenset[tuple[int, int]], ...] = ()
     norm_fed: frozenset[tuple[int, int, int, int, int]] = frozenset()
+    stream_ends: tuple[tuple[frozenset[tuple[int, int]], int], ...] = ()
 
     def positional(self) -> dict[str, tuple[int, tuple[int, ...]]]:
         """``{table: (rows looked up, its dims not indexed)}`` for tables every use of which is a lookup at
