@@ -400,3 +400,24 @@ def test_a_partnerless_layer_on_the_stream_keeps_the_stream_split_through_the_bl
     assert e.comm["all-reduce"]["model"] == dr.comm()["all-reduce"]["model"], (e.comm, dr.comm())
     # the loss's scalar rides in the data all-reduce here (4 B, not priced)
     assert e.comm["all-reduce"]["data"] == dr.comm()["all-reduce"]["data"] - 4, (e.comm, dr.comm())
+
+
+class ThenWhole(nn.Module):
+    """A lone Dense added onto the stream, then a whole one added after it: ``h + d(gelu(h))``, ``h + d2(gelu(h))``."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(16, name="inp")(x)
+        h = h + nn.Dense(16, name="d")(nn.gelu(h))
+        return h + nn.Dense(16, name="d2")(nn.gelu(h))
+
+
+def test_a_whole_layer_writing_the_stream_a_lone_column_split_gathers_its_output_gradient_twice():
+    # `d` split as a column keeps the stream split (as above); `d2`, whole, reads it gathered (priced as a whole
+    # kernel contracting split features) and writes onto it, so its output gradient arrives split: XLA gathers it
+    # for d2's weight gradient and again for its input gradient, and updates d2's bias split. The estimate priced
+    # neither: 0.81x the compiled collectives
+    e, dr = _d_split_as(ThenWhole(), P(None, "model"))
+    assert sum(c.kind == "all-gather" and c.shapes == ((4, 8, 16),) for c in dr.collectives) == 5
+    assert e.comm["all-gather"]["model"] == dr.comm()["all-gather"]["model"], (e.comm, dr.comm())
+    assert abs(e.comm_total / dr.comm_total - 1) < 0.01, (e.comm, dr.comm())

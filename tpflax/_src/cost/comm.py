@@ -53,7 +53,7 @@ from tpflax._src.cost.whole import (
 from tpflax._src.facts.classify import ATTN
 from tpflax._src.facts.tree import itemsize
 from tpflax._src.mesh import EXPERT, TENSOR
-from tpflax._src.specs import entry_axes
+from tpflax._src.specs import entry_axes, used_axes
 from tpflax._src.trace.records import reached_dims, score_bias_tags
 from tpflax._src.trace.reshape import spill
 from tpflax._src.trace.spread import GATHERS_PER_TOUCH
@@ -241,7 +241,14 @@ def _twice_on_split_stream(item: CommItem) -> CommItem:
                                               "its weight gradient")
 
 
-def _calls(s: Scope, path: str) -> tuple[int, int, int, int]:
+def downstream_of(s: Scope, path: str, row: bool) -> tuple[int, int, int, tuple[str, ...], bool] | None:
+    """:attr:`Scope.downstream` of ``path``, a lone layer split as a row (``row``) or a column: a column's split output
+    splits the stream it joins; a row's split input does only where it reads that stream (or no kernel)."""
+    v = (s.downstream or {}).get(path)
+    return v if v and (not row or v[4]) else None
+
+
+def _calls(s: Scope, path: str, row: bool = False) -> tuple[int, int, int, int]:
     """``(calls, calls reading the model's input, calls reading an earlier call's output, calls adding their
     output back onto the stream their input comes from)`` of a partnerless dense layer (:attr:`Scope.chained`:
     one ``nn.Dense`` called several times, each call summing and gathering as one does; :attr:`Scope.residual`);
@@ -251,7 +258,7 @@ def _calls(s: Scope, path: str) -> tuple[int, int, int, int]:
     inputs, chained = (s.chained or {}).get(path, (0, 0)) if calls > 1 else (0, 0)
     # a call whose output joins a stream running on through norms adds it back onto what it reads, as far as XLA
     # is concerned: the stream comes out split there too (Traced.downstream)
-    resid = max((s.residual or {}).get(path, (0, ()))[0], (s.downstream or {}).get(path, (0,))[0])
+    resid = max((s.residual or {}).get(path, (0, ()))[0], (downstream_of(s, path, row) or (0,))[0])
     return calls, min(inputs, calls), min(chained, calls), min(resid, calls)
 
 
@@ -704,7 +711,7 @@ def _layer_items(s: Scope, notes: list[str]) -> list[CommItem]:
             # its output features split over the tensor axes (an fsdp split of them is the fsdp gather's)
             new = _column_items(path, d, axes, s)
         elif (row := lone_row(s, path, axes)) is not None:
-            calls, inputs, chained, resid = _calls(s, path)
+            calls, inputs, chained, resid = _calls(s, path, row=True)
             # a call reading the model's own input (whole) whose output the next call reads, with no residual
             # between (d(gelu(d(x)))): XLA keeps that output split on its features, as the next call contracts it,
             # and computes the call as a column: it moves the kernel's shard into the column layout (an
@@ -730,7 +737,7 @@ def _layer_items(s: Scope, notes: list[str]) -> list[CommItem]:
                                     "row layer without a column partner added back onto the stream it reads: "
                                     "gather its split output gradient for its weight gradient and again for its "
                                     "input gradient (backward)"))
-            new += _residual_norm_items(path, d, axes, s) + _downstream_items(path, d, axes, s, row.size)
+            new += _residual_norm_items(path, d, axes, s) + _downstream_items(path, d, axes, s, row.size, row=True)
             if chained:
                 # a shared row whose calls are chained through the residual (x = x + d(f(x)) in a Python loop):
                 # its split input gradient joins the residual's gradient, which XLA then keeps split on the
@@ -909,7 +916,8 @@ def _loss_only(s: Scope, path: str, axes: tuple[str, ...]) -> bool:
     return bool(split) and split <= out
 
 
-def _downstream_items(path: str, d: Any, axes: tuple[str, ...], s: Scope, size: float) -> list[CommItem]:
+def _downstream_items(path: str, d: Any, axes: tuple[str, ...], s: Scope, size: float,
+                      row: bool = False) -> list[CommItem]:
     """A lone split layer whose output joins a residual stream that runs on through norms (:attr:`Scope.downstream`):
     XLA keeps the stream split on its features from there on, as a feature-split table's (``size``: one call's
     output, the stream's bytes on a device). Each later norm sums its statistics per row across the split (a
@@ -917,19 +925,22 @@ def _downstream_items(path: str, d: Any, axes: tuple[str, ...], s: Scope, size: 
     gathered value serves their weight gradients too); each later layer writing the stream gets its output gradient
     split, gathered. Measured, XLA:CPU data=2,model=4: a lone Dense, column or row, added onto the stream before two
     pre-norm Megatron MLP blocks and a final norm, 3 norm gathers, 2 writer gathers and 6 norm all-reduces of two
-    ``f32[4,8]``; a post-norm on the model's output, read by the loss alone, its all-reduces and no gather. The
+    ``f32[4,8]``; a post-norm on the model's output, read by the loss alone, its all-reduces and no gather; a whole
+    Dense added onto the stream after it, its output gradient gathered twice (weight and input gradients). The
     whole leaves of the stream's width are updated split (:func:`tpflax._src.cost.stream.split_grads`)."""
-    _, norms, gathers = (s.downstream or {}).get(path, (0, 0, 0))
-    if not norms:
-        return []
+    _, norms, gathers, writers, _ = downstream_of(s, path, row) or (0, 0, 0, (), True)
+    lv = s.lv
+    for w in writers:  # a split writer (a row) gathers its output gradient once, a whole one twice
+        r = lv.rep(w)
+        gathers += 1 + (r in lv.specs and not set(used_axes(lv.specs[r])) & set(axes))
     n, k = s.size(axes), layers(d)
     return [CommItem("all-gather", axes, size, n, k * gathers, path,
                      "split layer whose output joins the residual stream: XLA keeps the stream split, gathered behind "
-                     "each later norm a kernel reads (forward) and for each later writer's output gradient "
-                     "(backward)")] * bool(gathers) + [
+                     "each later norm a kernel reads (forward) and for each later writer's output gradient, a whole "
+                     "one's twice (backward)")] * bool(gathers) + [
             CommItem("all-reduce", axes, s.rows_of(path) * 4 * 2, n, k * 2 * norms, path,
                      "split layer whose output joins the residual stream: each later norm sums its statistics per "
-                     "row across the split stream (forward and backward)")]
+                     "row across the split stream (forward and backward)")] * bool(norms)
 
 
 def _residual_norm_items(path: str, d: Any, axes: tuple[str, ...], s: Scope) -> list[CommItem]:

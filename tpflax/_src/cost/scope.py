@@ -107,9 +107,9 @@ class Scope:
     residual_norms: Mapping[str, int] = field(default_factory=dict)
     # traced kernels whose outputs only reach the model's output elementwise, read by the loss (Traced.loss_read)
     loss_read: frozenset[str] = frozenset()
-    # traced kernels whose output joins a residual stream that runs on through norms: (calls, the norms of the
-    # stream after them, the later calls writing it) (Traced.downstream)
-    downstream: Mapping[str, tuple[int, int, int]] = field(default_factory=dict)
+    # traced kernels whose output joins a residual stream that runs on through norms or later writers: (calls, the
+    # norms of the stream after them, those a kernel reads, the later writers' paths) (Traced.downstream)
+    downstream: Mapping[str, tuple[int, int, int, tuple[str, ...], bool]] = field(default_factory=dict)
     buffers: Mapping[str, float] | None = None  # traced batch-free expert buffers' rows (Traced)
     streams: Mapping[str, tuple[float, int, int]] | None = None  # traced streams split by a small output (Traced)
     grown: Mapping[str, float] = field(default_factory=dict)  # outputs upsampled before read whole (Traced)

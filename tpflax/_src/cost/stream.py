@@ -242,12 +242,14 @@ def _residual_splits(s: Any, out: dict[tuple[str, ...], dict[str, int]]) -> None
             if (r in lv.decisions and lv.decisions[r].trainable and r not in lv.in_pair
                     and not set(used_axes(lv.specs[r])) & set(axes)):
                 out.setdefault(axes, {}).setdefault(r, s.size(axes))
-    for path in s.downstream or {}:
+    for path, (*_, fed) in (s.downstream or {}).items():
         # the stream split from here on reaches every whole leaf of its width (its norms, the writers' biases, a
-        # head), as a feature-split table's does (stream_reached)
+        # head), as a feature-split table's does (stream_reached): behind a column's split output, or a row's
+        # split input where it reads the stream (comm.downstream_of)
         rep = lv.rep(path)
         axes = tuple(sorted(s.axes(rep, TENSOR))) if rep in lv.specs and rep not in lv.in_pair else ()
-        if not axes:
+        spec = drop_layers(lv.decisions[rep], lv.specs[rep]) if axes else ()
+        if not axes or not (fed or (spec and set(entry_axes(spec[-1])) & set(axes))):
             continue
         width = body(lv.decisions[rep])[-1]
         for p, x in lv.decisions.items():

@@ -100,9 +100,10 @@ class Traced:
             gradient is (:func:`_residual`).
         loss_read: kernels whose every call is a plain ``dot`` whose output reaches the model's output through
             elementwise ops only, read by nothing else (:func:`_loss_read`).
-        downstream: ``{path: (calls, norms, gathers)}`` for kernels whose ``calls`` plain ``dot`` calls each add their
-            output onto a residual stream that runs on through ``norms`` norms, ``gathers`` of it: behind each norm
-            a kernel reads, and for each later call adding onto it (:func:`_downstream`).
+        downstream: ``{path: (calls, norms, gathers, writers)}`` for kernels whose ``calls`` plain ``dot`` calls each
+            add their output onto a residual stream that runs on through ``norms`` norms (``gathers`` of them a
+            kernel reads) or later calls of other kernels adding onto it (``writers``, their paths), and whether
+            every call reads its input off that stream or off no kernel (``fed``; :func:`_downstream`).
         residual_norms: ``{path: sums}`` for those kernels whose calls read that stream through a norm, the sums
             per row the norms all-reduce each way, over the calls (:func:`_residual_norms`).
         slice_reads: ``{path: n}`` for those parameters, the distinct activations their contractions read
@@ -307,7 +308,7 @@ class Traced:
     broadcast_from: Mapping[int, frozenset[tuple[str, int]]] = field(default_factory=dict)
     residual_norms: Mapping[str, int] = field(default_factory=dict)
     loss_read: frozenset[str] = frozenset()
-    downstream: Mapping[str, tuple[int, int, int]] = field(default_factory=dict)
+    downstream: Mapping[str, tuple[int, int, int, tuple[str, ...], bool]] = field(default_factory=dict)
 
 
 def frozen_inputs(t: Traced, trainable: Mapping[str, bool]) -> frozenset[str]:
@@ -607,24 +608,28 @@ def _loss_read(flow: Any) -> frozenset[str]:
     return frozenset(p for p, good in ok.items() if good)
 
 
-def _downstream(flow: Any) -> dict[str, tuple[int, int, int]]:
+def _downstream(flow: Any) -> dict[str, tuple[int, int, int, tuple[str, ...], bool]]:
     """:attr:`Traced.downstream`: plain ``dot`` calls, outside scans, whose output joins a residual stream
-    (:attr:`Dataflow.added`) that later norms reduce (:attr:`Dataflow.stream_ends`), with the norms of the stream
-    from the call on and the gathers of it XLA then makes (below). Split on
+    (:attr:`Dataflow.added`) that later norms reduce (:attr:`Dataflow.stream_ends`) or later calls of other kernels
+    add onto, with the norms of the stream from the call on, those a kernel reads, those writers, and whether the
+    call reads its input off the stream (or off no kernel). Split on
     that output (a column without a partner) or on its input (a row), XLA keeps the whole stream split on its
     features from there on, as a feature-split table's: gathered behind each norm for its readers and for each
     later writer's output gradient (measured, XLA:CPU data=2,model=4: a lone Dense added onto the stream before
-    two pre-norm Megatron MLP blocks, 3 norms and 2 writers after it, 5 gathers of the stream beyond its own).
+    two pre-norm Megatron MLP blocks, 3 norms and 2 writers after it, 5 gathers of the stream beyond its own; a
+    whole Dense added after it, ``h + d2(gelu(h))``, 2 gathers of its output gradient). A row reading a hidden its
+    own block's column writes sums its partial outputs whole onto the stream: nothing more (``fed`` False).
 
     >>> from tpflax._src.trace.dataflow import Dataflow, Use
     >>> u = [Use(i, p, "dot", (0,), (1,)) for i, p in enumerate(("d", "up", "down"))]
     >>> f = Dataflow(("d", "up", "down"), tuple(u), (), {}, frozenset(), frozenset(), {}, frozenset(), {},
     ...              added={(0, 1): frozenset({(2, 1)}), (2, 1): frozenset({(0, 1)})},
     ...              stream_ends=((frozenset({(0, 1)}), 1), (frozenset({(2, 1)}), 3)))
-    >>> _downstream(f)["d"]  # 2 norms; gathered behind the first (up reads it) and for down's output gradient
-    (1, 2, 2)
+    >>> _downstream(f)["d"]  # 2 norms, the first read (by up); down writes the stream after d
+    (1, 2, 1, ('down',), True)
     """
-    out: dict[str, tuple[int, int, int]] = {}
+    out: dict[str, tuple[int, int, int, tuple[str, ...], bool]] = {}
+    residual = {c.id for c, _ in _residual_calls(flow)}
     for u in flow.uses:
         if u.op != "dot" or u.scan_length or u.batch or u.path in flow.scanned:
             continue
@@ -636,13 +641,19 @@ def _downstream(flow: Any) -> dict[str, tuple[int, int, int]]:
                     reach.add(t)
                     todo.append(t)
         ends = [n for ks, n in flow.stream_ends if ks & reach]
-        if ends:
+        # the later calls of other kernels adding onto the stream (a call of this kernel's own is its chain's)
+        writers = tuple(flow.uses[w].path for w in sorted({t[0] for t in reach} - {u.id})
+                        if flow.uses[w].path != u.path)
+        if ends or writers:
             # a norm a kernel reads after (a use recorded later: a sequential model's next block or its head) is
             # gathered for it; a final norm on the model's output is not (post-norm, read by the loss alone)
             read = sum(any(x.op == "dot" for x in flow.uses[n:]) for n in ends)
-            calls, norms, gathers = out.get(u.path, (0, 0, 0))
-            later = len({t[0] for t in reach} - {u.id})
-            out[u.path] = (calls + 1, max(norms, len(ends)), max(gathers, read + later))
+            # its input read off the stream it adds to (a residual), or off no kernel (the model's input, a lookup):
+            # split as a row, its input splits the stream; a row reading a hidden of its own block does not
+            fed = u.id in residual or not any(e.dst_use == u.id for e in flow.edges)
+            calls, norms, gathers, was, fed_was = out.get(u.path, (0, 0, 0, (), True))
+            out[u.path] = (calls + 1, max(norms, len(ends)), max(gathers, read), max(was, writers, key=len),
+                           fed_was and fed)
     return out
 
 

@@ -105,7 +105,7 @@ class Workload:
     residual: Mapping[str, tuple[int, frozenset]] = field(default_factory=dict)  # (Traced.residual)
     residual_norms: Mapping[str, int] = field(default_factory=dict)  # (Traced.residual_norms)
     loss_read: frozenset[str] = frozenset()  # (Traced.loss_read)
-    downstream: Mapping[str, tuple[int, int, int]] = field(default_factory=dict)  # (Traced.downstream)
+    downstream: Mapping[str, tuple[int, int, int, tuple[str, ...], bool]] = field(default_factory=dict)  # (Traced.downstream)
     buffers: Mapping[str, float] | None = None
     streams: Mapping[str, tuple[float, int, int]] | None = None
     grown: Mapping[str, float] = field(default_factory=dict)  # outputs upsampled before read whole (Traced)
