@@ -887,7 +887,7 @@ def _column_items(path: str, d: Any, axes: tuple[str, ...], s: Scope) -> list[Co
                           + "gather the split stream for each call reading an activation (forward) and again for its "
                           "weight gradient (backward)")]
     else:
-        items = [] if lone_read(s, path) or _loss_only(s, path, axes) or path in s.loss_read else [
+        items = [] if lone_read(s, path) or path in s.loss_read else [
             CommItem("all-gather", axes, out_size * grown, n, layers(d) * calls, path,
                      ("column layer without a row partner: gather its split output (forward)" if grown == 1 else
                       f"column layer without a row partner: gather its split output, upsampled {grown:.3g}x on "
@@ -899,21 +899,6 @@ def _column_items(path: str, d: Any, axes: tuple[str, ...], s: Scope) -> list[Co
                           "column layer without a row partner: sum input gradients (backward"
                           + (f", at each of its {calls - inputs} calls reading an activation)" if calls > 1 else ")")))
     return items + _stream_items(path, d, axes, s, layers(d))
-
-
-def _loss_only(s: Scope, path: str, axes: tuple[str, ...]) -> bool:
-    """Whether the split output of ``path``, a column without a partner, reaches only the model's output, traced:
-    no contraction reads it (:attr:`Scope.edges`) and every dim split over ``axes`` reaches the output through no
-    product (:attr:`Scope.to_output`). XLA leaves it split for the loss, which reduces it where it lies (a scalar
-    or per-row all-reduces), and gathers nothing: measured, XLA:CPU data=2,model=4, ``x + Dense(16)(x)`` on the
-    model's input, ``x + Dense(16)(gelu(x))`` and a last ``Dense(16)`` behind a whole one, its kernel split
-    ``P(None, 'model')``: a 4-byte all-reduce under a mean-square loss, four per-row ones under a log-softmax
-    (priced with a gather of the whole output before: 6.4x the compiled collectives)."""
-    if s.edges is None or any(s.lv.rep(a) == path for a, _ in s.edges):
-        return False
-    split = {i for i, e in enumerate(s.lv.specs[path]) if set(entry_axes(e)) & set(axes)}
-    out = {dim for p, dim in s.to_output if s.lv.rep(p) == path}
-    return bool(split) and split <= out
 
 
 def _downstream_items(path: str, d: Any, axes: tuple[str, ...], s: Scope, size: float,

@@ -191,8 +191,7 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
                   written=frozenset(p for c in w.collectives if c.kind == "reduce-scatter" and not c.source.endswith("(backward)")
                                     for p in c.carries), apart=w.apart, split_widths=w.split_widths, parted=w.parted, concats=w.concats, concat_again=w.concat_again, streamed=w.streamed, expanded=w.expanded,
                   scanned=w.scanned, constrained=w.constrained, limits=w.limits, moments=param_moments(w.opt),
-                  batch_read=w.batch_read, unbatched=w.unbatched,
-                  to_output=w.to_output)
+                  batch_read=w.batch_read, unbatched=w.unbatched)
     notes.extend(product_sum_notes(lv, mesh, w, scope.experts_split))
     every = (comm_items(scope, notes) + expert_items(scope) + buffer_items(scope) + fused_items(scope, notes)
              + split_head_items(scope) + grouped_qkv_items(scope) + repeated_kv_items(scope) + whole_kv_items(scope) + concat_items(scope, notes)

@@ -168,8 +168,6 @@ class Scope:
     batch_read: frozenset[str] = frozenset()
     # traced parameters reading no batch where the batch size given leaves an input out (Traced.unbatched)
     unbatched: frozenset[str] = frozenset()
-    # traced (path, param dim) whose activation dim reaches the model's output, through no product (Traced.to_output)
-    to_output: frozenset[tuple[str, int]] = frozenset()
 
     def one_ring(self, devices: int) -> bool:
         """Whether XLA:TPU reduces over ``devices`` of the mesh on one ring (:func:`tpflax._src.tpu.one_ring`:

@@ -300,9 +300,6 @@ class Traced:
     split_grads: tuple[tuple[frozenset[tuple[str, int]], frozenset[tuple[str, int]], float, int], ...] = ()
     chained: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     residual: Mapping[str, tuple[int, frozenset[tuple[str, int]]]] = field(default_factory=dict)
-    # (path, param dim): a contraction's kept dims whose activation dim reaches the model's output, escaping into
-    # no product on the way (Dataflow.outputs less Dataflow.escapes)
-    to_output: frozenset[tuple[str, int]] = frozenset()
     # {index into split_sums: (path, param dim) of the broadcast side}: a broadcast sum (Dataflow.broadcast_sums)
     # forms the gradient of the side lax broadcast, whose kernel dims these are (Dataflow.broadcast_sides)
     broadcast_from: Mapping[int, frozenset[tuple[str, int]]] = field(default_factory=dict)
@@ -479,7 +476,6 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], leads: frozenset
                                      frozenset((flow.uses[u].path, d) for u, d in b), n / examples, c)
                                     for a, b, n, c in flow.split_grads),
                   chained=_chained(flow, whole), residual=_residual(flow),
-                  to_output=frozenset((flow.uses[u].path, d) for u, d in flow.outputs if (u, d) not in flow.escapes),
                   broadcast_from={len(flow.split_sums) + i: frozenset((flow.uses[u].path, d) for u, d in side)
                                   for i, side in enumerate(flow.broadcast_sides) if side},
                   residual_norms=_residual_norms(flow), loss_read=_loss_read(flow),

@@ -162,7 +162,6 @@ class Workload:
     limits: Mapping[tuple[str, int, str, int], int] = field(default_factory=dict)  # (Traced.limits)
     batch_read: frozenset[str] = frozenset()  # (Traced.batch_read)
     unbatched: frozenset[str] = frozenset()  # (Traced.unbatched)
-    to_output: frozenset[tuple[str, int]] = frozenset()  # (Traced.to_output)
     broadcast_from: Mapping[int, frozenset[tuple[str, int]]] = field(default_factory=dict)  # (Traced.broadcast_from)
 
     @property
@@ -337,7 +336,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     edges=t.edges, contracted=t.contracted, looked=t.looked, batched=t.batched, ragged=t.ragged, conditions=t.conditions, dead=t.dead,
                     batch_dims=t.batch_dims, sliced=t.sliced, no_grad=no_grad, ignored=ignored, dots=t.dots, batched_dots=t.batched_dots, shard_mapped=t.shard_mapped, direct=t.direct, derived=t.derived, cast_to=t.cast_to, cast_some=t.cast_some, apart=t.apart, split_widths=t.split_widths, streamed=t.streamed, expanded=t.expanded, crossed=t.crossed, crossings=t.crossings, ffts=t.ffts, fft_reads=t.fft_reads, lookup_rows=t.lookup_rows, parted=t.parted, concats=t.concats, concat_again=t.concat_again,
                     scanned=t.scanned, constrained=t.constrained, limits=t.limits, batch_read=t.batch_read,
-                    unbatched=t.unbatched, to_output=t.to_output, broadcast_from=t.broadcast_from)
+                    unbatched=t.unbatched, broadcast_from=t.broadcast_from)
 
 
 def contraction_calls(plan, contractions: Sequence[tuple[str, float, tuple[int, ...], str]],
