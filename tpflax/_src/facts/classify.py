@@ -62,9 +62,18 @@ class _Names:
 
     def __init__(self, pattern: str) -> None:
         self.rx = re.compile(pattern, re.I)
+        self._seen: dict[str, re.Match | None] = {}
 
     def match(self, name: str) -> re.Match | None:
-        return self.rx.match(name) or self.rx.match(self._AFFIX.sub("", name))
+        # memoised by name: the role passes ask each layer's name many times, and a deep stack's layers share them
+        try:
+            return self._seen[name]
+        except KeyError:
+            pass
+        if len(self._seen) >= 1 << 14:
+            self._seen.clear()
+        m = self._seen[name] = self.rx.match(name) or self.rx.match(self._AFFIX.sub("", name))
+        return m
 
 
 COLUMN_NAMES = _Names(

@@ -10,10 +10,11 @@ and given their block's output projection as partner.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 
 from tpflax._src.facts.classify import (
@@ -139,10 +140,16 @@ def role_name(f: Facts) -> str:
     >>> named("params/layer_0/attention_self_key"), named("params/layer_0/attention_output_dense")
     ('key', 'output')
     """
-    name = f.unit_name
+    unit = f.unit
+    return _role_name(unit.rsplit("/", 1)[-1], unit.rsplit("/", 2)[-2] if "/" in unit else "")
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _role_name(name: str, parent: str) -> str:
+    """:func:`role_name` of a unit named ``name`` in a module named ``parent``: a function of the two names, asked
+    of every layer of every block by several role passes, so a deep stack's alike layers match the patterns once."""
     if COLUMN_NAMES.match(name) or ROW_NAMES.match(name):
         return name
-    parent = f.unit.rsplit("/", 2)[-2] if f.unit.count("/") >= 1 else ""
     # ``attention/output/dense``, ``intermediate/dense`` (BERT): the parent names the role.
     if COLUMN_NAMES.match(parent) or ROW_NAMES.match(parent):
         return parent
@@ -1046,9 +1053,12 @@ def outer_product_partners(lins: list[Linear]) -> Linear | None:
         return len(x.f.body) == 2 and x.pieces == 1 and not x.cut and not x.joined
 
     pairs = [x for x in lins if two(x) and x.role in ("column", None) and x.out_size > 1]
+    widths = {y.in_size for y in lins}  # asked once: most blocks have no kernel reading any c * c
     for x in pairs:
-        alike = [y for y in lins if len(y.f.body) == 2 and (y.in_size, y.out_size) == (x.in_size, x.out_size)]
         c = x.out_size
+        if c * c not in widths or c in widths:
+            continue  # no row reads c * c, or a kernel reads c (both ruled out below)
+        alike = [y for y in lins if len(y.f.body) == 2 and (y.in_size, y.out_size) == (x.in_size, x.out_size)]
         rows = [r for r in lins if r.in_size == c * c and all(r is not y for y in alike)]  # d may be c * c
         if len(alike) != 2 or not all(two(y) and y.role in ("column", None) for y in alike) or len(rows) != 1 \
                 or not two(rows[0]) or rows[0].role not in ("row", None) or any(y.in_size == c for y in lins) \
@@ -1132,9 +1142,10 @@ def fan_out_readers(lins: list[Linear]) -> None:
     def two(x: Linear) -> bool:
         return len(x.f.body) == 2 and x.pieces == 1 and not x.cut and not x.joined and x.outer == 0
 
+    reading = Counter(y.in_size for y in lins)  # asked once: most widths have fewer than two readers
     for x in lins:
         o = x.out_size
-        if not two(x) or x.role not in ("column", None):
+        if reading[o] - (x.in_size == o) < 2 or not two(x) or x.role not in ("column", None):
             continue
         readers = [y for y in lins if y is not x and y.in_size == o]
         if len(readers) < 2 or not all(two(y) and y.role in ("row", None) and y.f.body == readers[0].f.body
