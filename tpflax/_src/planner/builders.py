@@ -8,6 +8,7 @@ writes :class:`Proposal` s into a :class:`State`.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -100,6 +101,12 @@ class Proposal:
     fused: tuple[int, tuple[int, ...], int | None] | None = None
 
 
+@functools.lru_cache(maxsize=1 << 12)
+def _size(body: tuple[int, ...], dims: tuple[int, ...]) -> int:
+    """The product of ``body``'s ``dims`` (the role passes ask each layer's widths many times, alike layers alike)."""
+    return math.prod(body[d] for d in dims)
+
+
 @dataclass
 class Linear:
     """A linear layer's view of a kernel: which body dims it reads and writes."""
@@ -143,15 +150,15 @@ class Linear:
     narrow_query: str = ""
 
     def size(self, dims: Iterable[int]) -> int:
-        return math.prod(self.f.body[d] for d in dims)
+        return _size(self.f.body, tuple(dims))
 
     @property
     def in_size(self) -> int:
-        return self.size(self.in_dims)
+        return _size(self.f.body, self.in_dims)
 
     @property
     def out_size(self) -> int:
-        return self.size(self.out_dims)
+        return _size(self.f.body, self.out_dims)
 
     def shard_dim(self, role: Role) -> int:
         """Body dim that the tensor axis splits for this role."""
@@ -233,8 +240,9 @@ class State:
         """This pass's proposal for ``path``, or the user rule's or annotation's that forced it."""
         return self.out.get(path) or self.forced.get(path)
 
-    @property
+    @cached_property
     def tensor(self) -> tuple[Entry, int]:
+        """The tensor axes' spec entry and size (asked by every pair's builders: once per pass)."""
         return self.mesh.group(TENSOR)
 
     def put(self, f: Facts, body_spec: Sequence[Entry], strategy: Strategy, reason: str,

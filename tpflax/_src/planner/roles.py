@@ -14,7 +14,7 @@ import functools
 import itertools
 import os
 import re
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 from tpflax._src.facts.classify import (
@@ -1142,10 +1142,10 @@ def fan_out_readers(lins: list[Linear]) -> None:
     def two(x: Linear) -> bool:
         return len(x.f.body) == 2 and x.pieces == 1 and not x.cut and not x.joined and x.outer == 0
 
-    reading = Counter(y.in_size for y in lins)  # asked once: most widths have fewer than two readers
+    reading = [y.in_size for y in lins]  # asked once: most widths have fewer than two readers
     for x in lins:
         o = x.out_size
-        if reading[o] - (x.in_size == o) < 2 or not two(x) or x.role not in ("column", None):
+        if reading.count(o) - (x.in_size == o) < 2 or not two(x) or x.role not in ("column", None):
             continue
         readers = [y for y in lins if y is not x and y.in_size == o]
         if len(readers) < 2 or not all(two(y) and y.role in ("row", None) and y.f.body == readers[0].f.body
