@@ -319,6 +319,8 @@ def classify(leaves: Sequence[Leaf], stacked: str | Mapping[str, int] | None = N
 
 def _recurrent_module(path: str) -> str | None:
     """The deepest module on ``path`` named like a recurrent layer (``.../RNN_0/cell``), or None."""
+    if not RECURRENT.search(path.rpartition("/")[0]):  # one search of the modules for most leaves, not one a module
+        return None
     parts = path.split("/")
     named = [i for i in range(len(parts) - 1) if RECURRENT.search(parts[i])]
     return "/".join(parts[:named[-1] + 1]) if named else None
