@@ -27,6 +27,7 @@ from typing import Any
 
 from tpflax._src.cost.activations import acts_for, layer_key
 from tpflax._src.cost.batch import config_value
+from tpflax._src.cost.chain import chain_collectives
 from tpflax._src.cost.explicit import cpu_wire
 from tpflax._src.cost.gradients import gradient_items
 from tpflax._src.cost.kvsplit import kv_split_comms, kv_splits
@@ -871,6 +872,23 @@ def _column_items(path: str, d: Any, axes: tuple[str, ...], s: Scope) -> list[Co
         items = [CommItem("all-reduce", axes, s.rows_of(path) * 4, n, layers(d), path,
                           "column layer without a row partner whose split output is only reduced row by row: "
                           "sum each row's partial reduction (forward)")]
+    elif (chain := s.chain.get(path) if calls > 1 else None) is not None:
+        # one kernel called several times in a chain: its gathers and sums as the planner's chooser counts them,
+        # each call at its own rows (cost/chain.py, measured there)
+        g_rows, gathers, s_rows, sums = chain_collectives(chain, in_size > 0)
+        rows0 = chain[0].rows
+        items = [CommItem("all-gather", axes, out_size * g_rows / rows0 / gathers, n, layers(d) * gathers, path,
+                          f"column layer without a row partner called {calls} times in a chain: "
+                          + ("gather the split stream for each call reading an activation (forward) and again for "
+                             "its weight gradient (backward)" if any(c.added for c in chain) else
+                             f"gather the split output of each of its {gathers} calls a contraction reads (forward)"))
+                 ] if gathers else []
+        items += _residual_norm_items(path, d, axes, s) + _downstream_items(path, d, axes, s, out_size)
+        if sums:
+            items.append(CommItem("all-reduce", axes, in_size * s_rows / rows0 / sums, n, layers(d) * sums, path,
+                                  "column layer without a row partner: sum input gradients (backward, at each of "
+                                  f"its {sums} calls reading an activation, at its own rows)"))
+        return items + _stream_items(path, d, axes, s, layers(d))
     elif chained or resid:
         # a column whose output is added back onto the stream its input comes from (h = inp(x);
         # h = h + d(gelu(h)), each call of one layer applied to several activations of that stream; measured,

@@ -179,7 +179,7 @@ def price_leaves(lv: Leaves, mesh: MeshShape, w: Workload) -> Estimate:
                   g_item=g_item, backend=w.backend, dispatch=w.dispatch, activations=w.activations,
                   config=w.config, tied=w.tied, parts=w.parts, rows=w.rows, fused=w.fused, remat=w.remat,
                   shared=w.shared, lookups=w.lookups, lookup_rows=w.lookup_rows, scores=w.scores,
-                  grouped=w.grouped, joined=w.joined, widths=w.widths, slices=w.slices, slice_reads=w.slice_reads, chained=w.chained, residual=w.residual,
+                  grouped=w.grouped, joined=w.joined, widths=w.widths, slices=w.slices, slice_reads=w.slice_reads, chained=w.chained, chain=w.chain, residual=w.residual,
                   residual_norms=w.residual_norms, loss_read=w.loss_read,
                   downstream=w.downstream,
                   buffers=w.buffers, streams=w.streams, grown=w.grown, in_rows=w.in_rows, combined=w.combined, reduced=w.reduced,

@@ -99,6 +99,7 @@ class Scope:
     slice_reads: Mapping[str, int] | None = None  # the distinct activations those contractions read (Traced)
     # traced kernels called several times: (calls reading the model's input, calls reading an earlier one's output)
     chained: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # (Traced.chained)
+    chain: Mapping[str, tuple] = field(default_factory=dict)  # (Traced.chain: cost.chain.ChainCall per call)
     # traced kernels whose calls add their output back onto the stream their input comes from: (calls, the dims
     # they and that stream meet on) (Traced.residual)
     residual: Mapping[str, tuple[int, frozenset]] = field(default_factory=dict)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tpflax._src.cost.batch import dtype_name
+from tpflax._src.cost.chain import ChainCall, chain_calls
 from tpflax._src.errors import EstimateError
 from tpflax._src.mesh import traced_under
 from tpflax._src.model import check_scalar_loss
@@ -93,6 +94,10 @@ class Traced:
             kernel contracted whole by several ``dot`` calls (one ``nn.Dense`` called in a Python loop,
             ``x = x + d(f(x))``): the calls its collectives run at, and whose input needs a gradient
             (:func:`_chained`).
+        chain: ``{path: calls}`` for a kernel whose plain ``dot`` calls form a chain
+            (:func:`tpflax._src.cost.chain.chain_calls`): each call's rows, whether it reads the model's input,
+            the rows a contraction reads its output at, and whether it adds it back onto its input's stream; the
+            column split's collectives are priced from them as the planner's chooser prices them.
         residual: ``{path: (calls, dims)}`` for a kernel whose ``calls`` plain ``dot`` calls each add their output
             back onto the stream their own input is computed from (``h = inp(x); h = h + d(gelu(h))``; also
             the later calls of a layer chained through the residual): ``dims``, the kernel's kept dims and the
@@ -299,6 +304,7 @@ class Traced:
     unbatched: frozenset[str] = frozenset()
     split_grads: tuple[tuple[frozenset[tuple[str, int]], frozenset[tuple[str, int]], float, int], ...] = ()
     chained: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    chain: Mapping[str, tuple[ChainCall, ...]] = field(default_factory=dict)
     residual: Mapping[str, tuple[int, frozenset[tuple[str, int]]]] = field(default_factory=dict)
     # {index into split_sums: (path, param dim) of the broadcast side}: a broadcast sum (Dataflow.broadcast_sums)
     # forms the gradient of the side lax broadcast, whose kernel dims these are (Dataflow.broadcast_sides)
@@ -475,7 +481,7 @@ def _traced_uses(m: Any, shapes: Mapping[str, tuple[int, ...]], leads: frozenset
                   split_grads=tuple((frozenset((flow.uses[u].path, d) for u, d in a),
                                      frozenset((flow.uses[u].path, d) for u, d in b), n / examples, c)
                                     for a, b, n, c in flow.split_grads),
-                  chained=_chained(flow, whole), residual=_residual(flow),
+                  chained=_chained(flow, whole), chain=_chain(flow, whole), residual=_residual(flow),
                   broadcast_from={len(flow.split_sums) + i: frozenset((flow.uses[u].path, d) for u, d in side)
                                   for i, side in enumerate(flow.broadcast_sides) if side},
                   residual_norms=_residual_norms(flow), loss_read=_loss_read(flow),
@@ -551,6 +557,16 @@ def _chained(flow: Any, whole: Mapping[str, int]) -> dict[str, tuple[int, int]]:
         inputs, chained = out.get(u.path, (0, 0))
         out[u.path] = (inputs + bool(u.from_input), chained + (uid in fed))
     return out
+
+
+def _chain(flow: Any, whole: Mapping[str, int]) -> dict[str, tuple[ChainCall, ...]]:
+    """:attr:`Traced.chain`: the kernels contracted whole by several plain ``dot`` calls, outside scans, whose calls
+    form a chain (:func:`tpflax._src.cost.chain.chain_calls`, the planner's test too)."""
+    uses: dict[str, list[Any]] = {}
+    for u in flow.uses:
+        if u.op == "dot" and whole.get(u.path, 0) > 1 and u.path not in flow.scanned:
+            uses.setdefault(u.path, []).append(u)
+    return {p: c for p, us in uses.items() if (c := chain_calls(flow, us)) is not None}
 
 
 def _residual(flow: Any) -> dict[str, tuple[int, frozenset[tuple[str, int]]]]:

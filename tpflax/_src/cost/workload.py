@@ -102,6 +102,7 @@ class Workload:
     slices: Mapping[str, int] | None = None
     slice_reads: Mapping[str, int] | None = None
     chained: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # (Traced.chained)
+    chain: Mapping[str, tuple] = field(default_factory=dict)  # (Traced.chain)
     residual: Mapping[str, tuple[int, frozenset]] = field(default_factory=dict)  # (Traced.residual)
     residual_norms: Mapping[str, int] = field(default_factory=dict)  # (Traced.residual_norms)
     loss_read: frozenset[str] = frozenset()  # (Traced.loss_read)
@@ -326,7 +327,7 @@ def prepare(plan, optimizer: Any = None, batch: Any = None, *, config: Any = Non
                     settings=settings, tied=t.tied, parts=t.parts, rows=t.rows,
                     fused=t.fused, shared=t.shared, lookups=t.lookups,
                     grouped=t.grouped, joined=t.joined, widths=widths, frozen_inputs=frozen, slices=t.slices, slice_reads=t.slice_reads,
-                    chained=t.chained, residual=t.residual, residual_norms=t.residual_norms, loss_read=t.loss_read, downstream=t.downstream,
+                    chained=t.chained, chain=t.chain, residual=t.residual, residual_norms=t.residual_norms, loss_read=t.loss_read, downstream=t.downstream,
                     buffers=t.buffers,
                     streams=t.streams, grown=t.grown, in_rows=t.in_rows, combined=t.combined, reduced=t.reduced, contractions=contractions, scores=t.scores,
                     next_token=_next_token(m) if loss is None else reads_slice(m, loss), biased=t.biased,

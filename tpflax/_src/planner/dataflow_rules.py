@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from tpflax._src.cost.buffers import ragged_groups
+from tpflax._src.cost.chain import chain_calls, chain_collectives
 from tpflax._src.cost.residual import Recompute
 from tpflax._src.facts.classify import Facts
 from tpflax._src.mesh import MeshShape, batch_axes
@@ -780,31 +781,19 @@ def _outputs(c: _Flow) -> None:
             c.st.replicate(f, why)
 
 
-def _chained_calls(c: _Flow, path: str, cu: list[Use]) -> tuple[int, int, int] | None:
-    """``(calls, input-gradient sums, output gathers)`` of a kernel without a partner whose plain ``dot`` calls
-    are chained: each call but the first reads, through elementwise ops, an earlier call's output (one
-    ``nn.Dense`` in a Python loop, ``x = d(gelu(x))``, or added back, ``x = x + d(gelu(x))``), split as a column,
-    as XLA runs it: each call not reading the model's input sums its partial input gradient; without a residual,
-    each call whose output a contraction reads gathers it (measured, XLA:CPU data=2,model=4: 2, 3 and 4 calls,
-    1, 2 and 3 gathers and as many sums); added back onto the stream its input comes from, XLA keeps that
-    stream split and gathers it for each call reading it and again for that call's weight gradient (the
-    estimate's :func:`tpflax._src.cost.comm._column_items`). None for calls of other shapes, in scans, or
-    two or more reading no earlier call."""
-    u0 = cu[0]
-    if any(u.op != "dot" or u.scan_length or u.batch or len(u.kept) != 1 or u.kept != u0.kept
-           or u.contracted != u0.contracted or not u.tokens for u in cu):
+def _chained_calls(c: _Flow, path: str, cu: list[Use]) -> tuple[int, float, float, int, int] | None:
+    """``(calls, input-gradient sums, output gathers, as counted, as calls of the first's rows)`` of a kernel
+    without a partner whose plain ``dot`` calls are chained: each call but the first reads, through elementwise
+    ops, an earlier call's output (one ``nn.Dense`` in a Python loop, ``x = d(gelu(x))``, or added back,
+    ``x = x + d(gelu(x))``), split as a column, as XLA runs it and the estimate prices it (both through
+    :func:`tpflax._src.cost.chain.chain_collectives`, each call at its own rows). None for calls of other shapes,
+    in scans, or two or more reading no earlier call."""
+    chain = chain_calls(c.flow, cu)
+    if chain is None:
         return None
-    ids = {u.id for u in cu}
-    fed = {e.dst_use for e in c.flow.edges if e.src == e.dst == path and e.src_use in ids and e.dst_use in ids
-           and e.src_use != e.dst_use and e.dst_dim in c.flow.uses[e.dst_use].contracted}
-    if sum(u.id not in fed for u in cu) > 1:
-        return None  # calls on unrelated activations (d(a) * d(b)): no chain
-    calls, inputs = len(cu), sum(bool(u.from_input) for u in cu)
-    sums = 0 if path in c.st.no_input_grad else calls - inputs
-    if any((u.id, u.kept[0]) in c.flow.added for u in cu):
-        return calls, sums, 2 * (calls - inputs)
-    read = {e.src_use for e in c.flow.edges if e.src_use in ids and e.src_dim == u0.kept[0]}
-    return calls, sums, len(read)
+    g_rows, gathers, s_rows, sums = chain_collectives(chain, path not in c.st.no_input_grad)
+    per = sum(x.rows for x in chain) / len(chain)
+    return len(chain), s_rows / per, g_rows / per, sums, gathers
 
 
 def _head_dims(c: _Flow, u: Use) -> set[int]:

@@ -184,7 +184,7 @@ def shard_output_head(st: State, f: Facts, dim: int, evidence: str) -> None:
 def shard_lone_dense(st: State, f: Facts, dim: int, why: str,
                      stream: tuple[float, int, int] | None = None, reached: Sequence[Facts] = (),
                      grown: float = 1.0, reduced: bool = False, resequenced: bool = False,
-                     calls: tuple[int, int, int] | None = None) -> None:
+                     calls: tuple[int, float, float, int, int] | None = None) -> None:
     """A dense without a partner: whole, or its output body dim ``dim`` split over the tensor axis, by cost.
 
     It is priced at the rows it reads per token the chooser prices (traced, ``State.rows``): a projection of
@@ -210,9 +210,10 @@ def shard_lone_dense(st: State, f: Facts, dim: int, why: str,
     ``(b, s/k, k*d) -> (b, s, d)``): XLA carries the split into the sequence dim of every layer after it
     and reshards them there (measured on a compiled adamw step, data=2,model=4: 3.3 MB of all-gathers plus
     all-to-alls and permutes where one gather of the output is 98 KB), so it is kept whole.
-    ``calls``: ``(calls, input-gradient sums, output gathers)`` of one kernel called several times in a chain
-    (:func:`~tpflax._src.planner.dataflow_rules._chained_calls`), its ``State.rows`` every call's: the split is
-    priced with that many sums and gathers per step, as the estimate counts them, not one of each.
+    ``calls``: ``(calls, input-gradient sums, output gathers, as counted, as calls of the first's rows)`` of one
+    kernel called several times in a chain (:func:`~tpflax._src.planner.dataflow_rules._chained_calls`), its
+    ``State.rows`` every call's: the split is priced with that many sums and gathers per step, each at its own
+    rows, as the estimate counts them (:func:`tpflax._src.cost.chain.chain_collectives`), not one of each.
     """
     t_entry, t_size = st.tensor
     keep = Option("replicate", ((f.path, st.whole(f, why)),), (), frozenset({f.path}), whole=True)
@@ -232,7 +233,7 @@ def shard_lone_dense(st: State, f: Facts, dim: int, why: str,
     if calls is not None:
         # the rows priced are every call's (share): a width per token counts once per call, so each collective's
         # width is scaled by its count over the calls
-        n_calls, sums, gathers = calls
+        n_calls, sums, gathers, n_sums, n_gathers = calls
         batch = st.context.batch_axes
         if batch and f.leaf.trainable and n_calls > 1:
             # each call's weight gradient is reduced over the batch axes apart, as the estimate counts it
@@ -245,10 +246,10 @@ def shard_lone_dense(st: State, f: Facts, dim: int, why: str,
             keep = replace(keep, acts=keep.acts + again(f.leaf.nbytes))
             split_acts = (*split_acts, *again(f.leaf.nbytes / t_size))
         acts = (*((ActComm("all-gather", t_entry, n * gathers / n_calls, 1,
-                           f"gather its split output {gathers} times over its {n_calls} calls (forward, and for "
+                           f"gather its split output {n_gathers} times over its {n_calls} calls (forward, and for "
                            "the weight gradients where its calls add back onto their input)"),) if gathers else ()),
                 *((ActComm("all-reduce", t_entry, math.prod(f.body) // n * sums / n_calls, 1,
-                           f"sum its input gradient at each of its {sums} calls reading an activation "
+                           f"sum its input gradient at each of its {n_sums} calls reading an activation "
                            "(backward)"),) if sums else ()))
     else:
         acts = (ActComm("all-reduce", t_entry, 1, 1, "sum each row's partial reduction of its split output "
