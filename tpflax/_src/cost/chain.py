@@ -43,16 +43,30 @@ def chain_calls(flow: Any, uses: Sequence[Any]) -> tuple[ChainCall, ...] | None:
            or u.contracted != u0.contracted or not u.tokens for u in uses):
         return None
     path, ids = u0.path, {u.id for u in uses}
-    fed = {e.dst_use for e in flow.edges if e.src == e.dst == path and e.src_use in ids and e.dst_use in ids
-           and e.src_use != e.dst_use and e.dst_dim in flow.uses[e.dst_use].contracted}
-    if sum(u.id not in fed for u in uses) > 1:
+    # an earlier call's output reaching a later call's contraction straight, or through a norm that reduces over
+    # it (:attr:`Dataflow.norm_fed`: ``x = d(LayerNorm(x))``, where the trace's edges stop)
+    links = [(e.src_use, e.src_dim, e.dst_use, e.dst_dim) for e in flow.edges if e.src == e.dst == path]
+    normed = [(a, ad, b, bd) for a, ad, b, bd, _ in getattr(flow, "norm_fed", ())]
+    added = any(flow.added.get((u.id, u.kept[0])) for u in uses)
+    for ls in (links, links + normed):
+        fed = {b for a, _, b, bd in ls if a in ids and b in ids and a != b and bd in flow.uses[b].contracted}
+        if sum(u.id not in fed for u in uses) <= 1:
+            break
+        # a chain through norms added back onto its stream (pre-norm, x = x + d(gelu(LN(x)))) is left out: XLA
+        # gathers its stream once per call there (measured, 256 wide), not as a residual chain without norms
+        if added:
+            return None
+    else:
         return None
     read: dict[int, int] = {}
-    for e in flow.edges:
-        if e.src_use in ids and e.src_dim == u0.kept[0]:
-            rows = flow.uses[e.dst_use].tokens or flow.uses[e.src_use].tokens
-            read[e.src_use] = min(read.get(e.src_use, rows), rows)
-    return tuple(ChainCall(u.tokens, bool(u.from_input), read.get(u.id, 0), (u.id, u.kept[0]) in flow.added)
+    reads = [(e.src_use, e.src_dim, e.dst_use) for e in flow.edges]
+    reads += [(a, ad, b) for a, ad, b, _, _ in getattr(flow, "norm_fed", ())]
+    for a, ad, b in reads:
+        if a in ids and ad == u0.kept[0]:
+            rows = flow.uses[b].tokens or flow.uses[a].tokens
+            read[a] = min(read.get(a, rows), rows)
+    # added back onto a stream that carries tags (a norm's own adds carry none)
+    return tuple(ChainCall(u.tokens, bool(u.from_input), read.get(u.id, 0), bool(flow.added.get((u.id, u.kept[0]))))
                  for u in uses)
 
 
