@@ -244,7 +244,12 @@ def _twice_on_split_stream(item: CommItem) -> CommItem:
 
 def downstream_of(s: Scope, path: str, row: bool) -> tuple[int, int, int, tuple[str, ...], bool] | None:
     """:attr:`Scope.downstream` of ``path``, a lone layer split as a row (``row``) or a column: a column's split output
-    splits the stream it joins; a row's split input does only where it reads that stream (or no kernel)."""
+    splits the stream it joins; a row's split input does only where it reads that stream (or no kernel). None for a
+    column whose split output scales the stream (DiT's adaLN, :attr:`Scope.streams`): :func:`_stream_items` prices
+    the stream it splits (counted again here, a DiT's tree plan with its adaLN kernels split was 1.20x the
+    compiled collectives, re-run r60)."""
+    if path in (s.streams or {}):
+        return None
     v = (s.downstream or {}).get(path)
     return v if v and (not row or v[4]) else None
 
@@ -259,7 +264,8 @@ def _calls(s: Scope, path: str, row: bool = False) -> tuple[int, int, int, int]:
     inputs, chained = (s.chained or {}).get(path, (0, 0)) if calls > 1 else (0, 0)
     # a call whose output joins a stream running on through norms adds it back onto what it reads, as far as XLA
     # is concerned: the stream comes out split there too (Traced.downstream)
-    resid = max((s.residual or {}).get(path, (0, ()))[0], (downstream_of(s, path, row) or (0,))[0])
+    resid = 0 if path in (s.streams or {}) else \
+        max((s.residual or {}).get(path, (0, ()))[0], (downstream_of(s, path, row) or (0,))[0])
     return calls, min(inputs, calls), min(chained, calls), min(resid, calls)
 
 
