@@ -47,7 +47,13 @@ def chain_calls(flow: Any, uses: Sequence[Any]) -> tuple[ChainCall, ...] | None:
     # it (:attr:`Dataflow.norm_fed`: ``x = d(LayerNorm(x))``, where the trace's edges stop)
     links = [(e.src_use, e.src_dim, e.dst_use, e.dst_dim) for e in flow.edges if e.src == e.dst == path]
     normed = [(a, ad, b, bd) for a, ad, b, bd, _ in getattr(flow, "norm_fed", ())]
-    added = any(flow.added.get((u.id, u.kept[0])) for u in uses)
+    feeds: dict[int, set[tuple[int, int]]] = {}
+    for e in flow.edges:
+        feeds.setdefault(e.dst_use, set()).add((e.src_use, e.src_dim))
+    for a, ad, b, _, _ in getattr(flow, "norm_fed", ()):
+        feeds.setdefault(b, set()).add((a, ad))
+    onto = {u.id: bool(flow.added.get((u.id, u.kept[0]), frozenset()) & feeds.get(u.id, set())) for u in uses}
+    added = any(onto.values())
     for ls in (links, links + normed):
         fed = {b for a, _, b, bd in ls if a in ids and b in ids and a != b and bd in flow.uses[b].contracted}
         if sum(u.id not in fed for u in uses) <= 1:
@@ -66,7 +72,7 @@ def chain_calls(flow: Any, uses: Sequence[Any]) -> tuple[ChainCall, ...] | None:
             rows = flow.uses[b].tokens or flow.uses[a].tokens
             read[a] = min(read.get(a, rows), rows)
     # added back onto a stream that carries tags (a norm's own adds carry none)
-    return tuple(ChainCall(u.tokens, bool(u.from_input), read.get(u.id, 0), bool(flow.added.get((u.id, u.kept[0]))))
+    return tuple(ChainCall(u.tokens, bool(u.from_input), read.get(u.id, 0), onto[u.id])
                  for u in uses)
 
 

@@ -632,9 +632,10 @@ def _downstream(flow: Any) -> dict[str, tuple[int, int, int, tuple[str, ...], bo
     whole Dense added after it, ``h + d2(gelu(h))``, 2 gathers of its output gradient). A row reading a hidden its
     own block's column writes sums its partial outputs whole onto the stream: nothing more (``fed`` False).
 
-    >>> from tpflax._src.trace.dataflow import Dataflow, Use
+    >>> from tpflax._src.trace.dataflow import Dataflow, Edge, Use
     >>> u = [Use(i, p, "dot", (0,), (1,)) for i, p in enumerate(("d", "up", "down"))]
-    >>> f = Dataflow(("d", "up", "down"), tuple(u), (), {}, frozenset(), frozenset(), {}, frozenset(), {},
+    >>> up_down = (Edge("up", 1, 1, "down", 2, 0, 16),)  # down reads up's output: it depends on the stream
+    >>> f = Dataflow(("d", "up", "down"), tuple(u), up_down, {}, frozenset(), frozenset(), {}, frozenset(), {},
     ...              added={(0, 1): frozenset({(2, 1)}), (2, 1): frozenset({(0, 1)})},
     ...              stream_ends=((frozenset({(0, 1)}), 1), (frozenset({(2, 1)}), 3)))
     >>> _downstream(f)["d"]  # 2 norms, the first read (by up); down writes the stream after d
@@ -642,6 +643,7 @@ def _downstream(flow: Any) -> dict[str, tuple[int, int, int, tuple[str, ...], bo
     """
     out: dict[str, tuple[int, int, int, tuple[str, ...], bool]] = {}
     residual = {c.id for c, _ in _residual_calls(flow)}
+    links = [(e.src_use, e.dst_use) for e in flow.edges] + [(a, b) for a, _, b, _, _ in flow.norm_fed]
     for u in flow.uses:
         if u.op != "dot" or u.scan_length or u.batch or u.path in flow.scanned:
             continue
@@ -654,9 +656,23 @@ def _downstream(flow: Any) -> dict[str, tuple[int, int, int, tuple[str, ...], bo
                     todo.append(t)
         ends = [n for ks, n in flow.stream_ends if ks & reach]
         # the later calls of other kernels adding onto the stream (a call of this kernel's own is its chain's)
+        # ... that compute from this call's output (a sibling summed with it, d(x) + e(x), writes no stream after it)
+        stream, todo = set(reach), list(reach)
+        while todo:
+            for t in flow.added.get(todo.pop(), ()):
+                if t not in stream:
+                    stream.add(t)
+                    todo.append(t)
+        # (a norm on the stream feeds the use recorded next, Dataflow.stream_ends: the trace links no edge there)
+        dep = {n for ks, n in flow.stream_ends if ks & stream and n < len(flow.uses)}
+        front = {t[0] for t in stream} | dep
+        while front:
+            front = {b for a, b in links if a in front and b not in dep and b > u.id}
+            dep |= front
         writers = tuple(flow.uses[w].path for w in sorted({t[0] for t in reach} - {u.id})
-                        if flow.uses[w].path != u.path)
-        if ends or writers:
+                        if flow.uses[w].path != u.path and w in dep)
+        siblings = any(flow.uses[w].path != u.path for w in {t[0] for t in reach} - {u.id})
+        if ends or writers or siblings:
             # a norm a kernel reads after (a use recorded later: a sequential model's next block or its head) is
             # gathered for it; a final norm on the model's output is not (post-norm, read by the loss alone)
             read = sum(any(x.op == "dot" for x in flow.uses[n:]) for n in ends)
@@ -664,7 +680,7 @@ def _downstream(flow: Any) -> dict[str, tuple[int, int, int, tuple[str, ...], bo
             # split as a row, its input splits the stream; a row reading a hidden of its own block does not
             fed = u.id in residual or not any(e.dst_use == u.id for e in flow.edges)
             calls, norms, gathers, was, fed_was = out.get(u.path, (0, 0, 0, (), True))
-            out[u.path] = (calls + 1, max(norms, len(ends)), max(gathers, read), max(was, writers, key=len),
+            out[u.path] = (calls + bool(ends or writers), max(norms, len(ends)), max(gathers, read), max(was, writers, key=len),
                            fed_was and fed)
     return out
 
