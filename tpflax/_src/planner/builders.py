@@ -356,10 +356,10 @@ def shard_pair(st: State, kind: str, cols: list[Linear], row: Linear, head: tupl
         # narrow inner width, narrower than the activations its all-reduces move: step time decides
         # against keeping it whole, as for any split that moves the whole output (choose.best)
         options = [o and replace(o, sums_output=True) for o in options]
+    if more:  # the column's other row readers (heuristics._more_readers), each summing its partial outputs
+        options = [o and _with_rows(st, o, more, cols, pair) for o in options]
     # a row widening into the model's output (logits wider than what it reads), not an attention's output
     # projection: the vocab-split head's price (the split softmax) is for logits
-    if more:
-        options = [o and _with_rows(st, o, more, cols, pair) for o in options]
     if (not more and head is not None and kind != "attention" and row.heads is None and row.f.body[head[0]] > row.in_size
             and row.f.body[head[0]] % t_size == 0):
         options.append(_row_as_head(st, cols, row, pair, head))

@@ -782,12 +782,13 @@ def _outputs(c: _Flow) -> None:
 
 
 def _chained_calls(c: _Flow, path: str, cu: list[Use]) -> tuple[int, float, float, int, int] | None:
-    """``(calls, input-gradient sums, output gathers, as counted, as calls of the first's rows)`` of a kernel
+    """``(calls, input-gradient sums, output gathers, sums counted, gathers counted)`` of a kernel
     without a partner whose plain ``dot`` calls are chained: each call but the first reads, through elementwise
     ops, an earlier call's output (one ``nn.Dense`` in a Python loop, ``x = d(gelu(x))``, or added back,
     ``x = x + d(gelu(x))``), split as a column, as XLA runs it and the estimate prices it (both through
-    :func:`tpflax._src.cost.chain.chain_collectives`, each call at its own rows). None for calls of other shapes,
-    in scans, or two or more reading no earlier call."""
+    :func:`tpflax._src.cost.chain.chain_collectives`, each call at its own rows). The sums and gathers are in calls
+    of the chain's mean rows (``State.rows`` holds that mean); the counts go into the reason. None for calls of
+    other shapes, in scans, or two or more reading no earlier call."""
     chain = chain_calls(c.flow, cu)
     if chain is None:
         return None

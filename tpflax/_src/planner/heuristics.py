@@ -384,7 +384,7 @@ def _stored_twins(st: State, lins: Sequence[Linear], found: Sequence[tuple[str, 
         twins = [(cols, row, m) for kind, cols, row in found if kind == "mlp"
                  for m in (*cols, row) if len(m.f.body) == 2 and m.f.body == x.f.body]
         if len({id(row) for _, row, _ in twins}) != 1 or all(m is r for _, r, m in twins):
-            continue  # stored like the row alone: another reader of the hidden width, which a pair can't hold
+            continue  # stored like the row alone: another reader of the hidden width (_more_readers may join it)
         cols, row, twin = next((c, r, m) for c, r, m in twins if m is not r)
         split = twin.shard_dim(twin.role)
         if twin.heads is not None or x.f.body[split] in widths:

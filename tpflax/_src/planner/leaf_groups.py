@@ -210,7 +210,7 @@ def shard_lone_dense(st: State, f: Facts, dim: int, why: str,
     ``(b, s/k, k*d) -> (b, s, d)``): XLA carries the split into the sequence dim of every layer after it
     and reshards them there (measured on a compiled adamw step, data=2,model=4: 3.3 MB of all-gathers plus
     all-to-alls and permutes where one gather of the output is 98 KB), so it is kept whole.
-    ``calls``: ``(calls, input-gradient sums, output gathers, as counted, as calls of the first's rows)`` of one
+    ``calls``: ``(calls, input-gradient sums, output gathers, sums counted, gathers counted)`` of one
     kernel called several times in a chain (:func:`~tpflax._src.planner.dataflow_rules._chained_calls`), its
     ``State.rows`` every call's: the split is priced with that many sums and gathers per step, each at its own
     rows, as the estimate counts them (:func:`tpflax._src.cost.chain.chain_collectives`), not one of each.
