@@ -418,6 +418,15 @@ def test_a_lone_row_whose_call_on_the_input_feeds_its_next_call_moves_its_kernel
     assert abs(e.comm_total / dr.comm_total - 1) < 0.01, (e.comm, dr.comm())
 
 
+def _gathers_priced_exactly(m, gathers):
+    """``m``'s lone ``d`` split as a column: XLA makes ``gathers`` f32[4,8,16] all-gathers, the estimate prices the
+    model axis's gathers to the byte, and its total within 1% (the loss's scalars)."""
+    e, dr = _d_split_as(m, P(None, "model"))
+    assert sum(c.kind == "all-gather" and c.shapes == ((4, 8, 16),) for c in dr.collectives) == gathers
+    assert e.comm["all-gather"]["model"] == dr.comm()["all-gather"]["model"], (e.comm, dr.comm())
+    assert abs(e.comm_total / dr.comm_total - 1) < 0.01, (e.comm, dr.comm())
+
+
 class Gated(nn.Module):
     """A lone Dense's output multiplying the stream its input comes from: ``h = inp(x); h * d(gelu(h))``."""
 
@@ -432,10 +441,7 @@ def test_a_lone_column_gating_the_stream_it_reads_is_added_back_as_far_as_xla_is
     # for the column's matmul and again for its weight gradient, and updates `inp` split, as for h + d(gelu(h)).
     # The estimate priced one gather of the output (0.83x the compiled collectives; 0.66x once a column read by the
     # loss alone gathered nothing, had the product with the stream not been told apart)
-    e, dr = _d_split_as(Gated(), P(None, "model"))
-    assert sum(c.kind == "all-gather" and c.shapes == ((4, 8, 16),) for c in dr.collectives) == 2
-    assert e.comm["all-gather"]["model"] == dr.comm()["all-gather"]["model"], (e.comm, dr.comm())
-    assert abs(e.comm_total / dr.comm_total - 1) < 0.01, (e.comm, dr.comm())
+    _gathers_priced_exactly(Gated(), 2)
 
 
 class Streamed(nn.Module):
@@ -490,10 +496,7 @@ def test_a_whole_layer_writing_the_stream_a_lone_column_split_gathers_its_output
     # kernel contracting split features) and writes onto it, so its output gradient arrives split: XLA gathers it
     # for d2's weight gradient and again for its input gradient, and updates d2's bias split. The estimate priced
     # neither: 0.81x the compiled collectives
-    e, dr = _d_split_as(ThenWhole(), P(None, "model"))
-    assert sum(c.kind == "all-gather" and c.shapes == ((4, 8, 16),) for c in dr.collectives) == 5
-    assert e.comm["all-gather"]["model"] == dr.comm()["all-gather"]["model"], (e.comm, dr.comm())
-    assert abs(e.comm_total / dr.comm_total - 1) < 0.01, (e.comm, dr.comm())
+    _gathers_priced_exactly(ThenWhole(), 5)
 
 
 class Beside(nn.Module):
